@@ -1,0 +1,21 @@
+"""xLSTM language models on MLX (Metal, Linux CPU, CUDA).
+
+Public API::
+
+    model = xlstm_metal.load_model(path, dtype=None)      # -> nn.Module
+    model, tokenizer = xlstm_metal.load(path)
+    logits, state = model(input_ids, state=None)          # input_ids [B, S] int -> logits [B, S, V]
+    xlstm_metal.save_model(model, path)
+"""
+
+# Must run before anything imports mlx: binds MLX's cblas calls to OpenBLAS on Linux.
+from . import _blas
+
+_blas.preload()
+
+from .config import xLSTMConfig  # noqa: E402
+from .loading import load, load_model, save_model  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["xLSTMConfig", "load", "load_model", "save_model", "__version__"]

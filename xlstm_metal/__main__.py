@@ -1,0 +1,3 @@
+from xlstm_metal.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""The `xlstm-metal` command line: one subcommand per module in this package.
+
+Each subcommand module defines ``add_parser(subparsers)`` (registering its parser, with
+``set_defaults(func=run)``) and ``run(args) -> int``. Bad input raises :class:`UsageError`,
+which prints ``xlstm-metal: error: <message>`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: Subcommand modules, in the order `--help` lists them.
+SUBCOMMANDS = ("generate", "chat", "train", "bench")
+
+
+class UsageError(Exception):
+    """Bad user input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xlstm_metal import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="xlstm-metal", description="xLSTM language models on MLX (Metal, CPU, CUDA)."
+    )
+    parser.add_argument("--version", action="version", version=f"xlstm-metal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"xlstm_metal.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"xlstm_metal.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"xlstm-metal: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
