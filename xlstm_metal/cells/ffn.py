@@ -1,0 +1,22 @@
+"""The SwiGLU feed-forward cell of xLSTM-Large blocks."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import xLSTMConfig
+
+
+class FeedForward(nn.Module):
+    """proj_down(silu(proj_up_gate(x)) * proj_up(x)). x: [B, S, E] -> [B, S, E]."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        E, F, bias = config.embedding_dim, config.ffn_dim, config.use_bias
+        self.proj_up_gate = nn.Linear(E, F, bias=bias)
+        self.proj_up = nn.Linear(E, F, bias=bias)
+        self.proj_down = nn.Linear(F, E, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.proj_down(nn.silu(self.proj_up_gate(x)) * self.proj_up(x))

@@ -1,0 +1,114 @@
+"""The cells of an xLSTM-Large mLSTM layer: projection -> kernel -> output.
+
+Projection and output cells hold parameters (named as in Hugging Face checkpoints); the kernel
+cells hold none and are the only place the recurrence is computed, so kernels swap freely.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import xLSTMConfig
+from ..kernels import get_mlstm_kernel, resolve_kernel_name
+from ..kernels.mlstm import MLSTMState, zero_state
+from .norms import MultiHeadLayerNorm, soft_cap
+
+
+def state_dtype_of(config: xLSTMConfig) -> mx.Dtype:
+    return getattr(mx, config.inference_state_dtype)
+
+
+class mLSTMProjectionCell(nn.Module):
+    """x [B, S, E] -> q, k [B, NH, S, DQK], v [B, NH, S, DV], o~ [B, S, NH * DV],
+    i~, f~ [B, NH, S] (soft-capped gate pre-activations)."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        E, NH, bias = config.embedding_dim, config.num_heads, config.use_bias
+        self.num_heads = NH
+        self.gate_soft_cap = config.gate_soft_cap
+        self.q = nn.Linear(E, config.qk_dim, bias=bias)
+        self.k = nn.Linear(E, config.qk_dim, bias=bias)
+        self.v = nn.Linear(E, config.v_dim, bias=bias)
+        self.ogate_preact = nn.Linear(E, config.v_dim, bias=bias)
+        # Gate projections always carry a bias: it sets how open the gates start.
+        self.igate_preact = nn.Linear(E, NH, bias=True)
+        self.fgate_preact = nn.Linear(E, NH, bias=True)
+
+    def _heads(self, x: mx.array) -> mx.array:
+        B, S, _ = x.shape
+        return x.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array):
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        o_preact = self.ogate_preact(x)
+        i = soft_cap(self.igate_preact(x), self.gate_soft_cap).transpose(0, 2, 1)
+        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap).transpose(0, 2, 1)
+        return q, k, v, o_preact, i, f
+
+
+class _KernelCell(nn.Module):
+    """Holds kernel settings, no parameters: (q, k, v, i, f, state) -> (h, new_state)."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        self.eps = config.eps
+        self.chunk_size = config.chunk_size
+        self.state_dtype = state_dtype_of(config)
+
+    def _run(self, kernel_name: str, q, k, v, i, f, state):
+        kernel = get_mlstm_kernel(kernel_name)
+        return kernel(q, k, v, i, f, state, eps=self.eps, chunk_size=self.chunk_size, state_dtype=self.state_dtype)
+
+
+class mLSTMParallelKernelCell(_KernelCell):
+    """Chunkwise or parallel (quadratic) kernel: prefill and training.
+
+    q, k: [B, NH, S, DQK]; v: [B, NH, S, DV]; i, f: [B, NH, S]; state: (C, n, m) or None.
+    Returns h [B, NH, S, DV] and (C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1]).
+    """
+
+    def __init__(self, config: xLSTMConfig, kernel: str | None = None):
+        super().__init__(config)
+        self.kernel = resolve_kernel_name(kernel or config.chunkwise_kernel)
+
+    def __call__(self, q, k, v, i, f, state: MLSTMState | None = None):
+        return self._run(self.kernel, q, k, v, i, f, state)
+
+
+class mLSTMRecurrentKernelCell(_KernelCell):
+    """Step kernel for one token, sequence kernel (a loop of steps) for several.
+
+    Same shapes as :class:`mLSTMParallelKernelCell`.
+    """
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__(config)
+        self.step_kernel = resolve_kernel_name(config.step_kernel)
+        self.sequence_kernel = resolve_kernel_name(config.sequence_kernel)
+
+    def __call__(self, q, k, v, i, f, state: MLSTMState | None = None):
+        name = self.step_kernel if q.shape[2] == 1 else self.sequence_kernel
+        return self._run(name, q, k, v, i, f, state)
+
+
+class mLSTMOutputCell(nn.Module):
+    """h [B, NH, S, DV], o~ [B, S, NH * DV] -> out_proj(sigmoid(o~) * MultiHeadLayerNorm(h)) [B, S, E]."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        self.multihead_norm = MultiHeadLayerNorm(
+            config.num_heads, config.v_head_dim, eps=config.norm_eps,
+            force_float32=config.norm_reduction_force_float32,
+        )
+        self.out_proj = nn.Linear(config.v_dim, config.embedding_dim, bias=config.use_bias)
+
+    def __call__(self, h: mx.array, o_preact: mx.array) -> mx.array:
+        h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
+        return self.out_proj(mx.sigmoid(o_preact) * h_norm)
+
+
+def mlstm_zero_state(config: xLSTMConfig, batch_size: int) -> MLSTMState:
+    """Zero (C, n, m) for one mLSTM layer of ``config``."""
+    return zero_state(batch_size, config.num_heads, config.qk_head_dim, config.v_head_dim, state_dtype_of(config))

@@ -1,0 +1,48 @@
+"""Normalisation cells and the soft cap. Reductions run in float32 (bf16 norms gave NaNs in
+another MLX port); the result is cast back to the input dtype before the weight is applied."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def soft_cap(x: mx.array, cap: float | None) -> mx.array:
+    """cap * tanh(x / cap); identity when cap is None."""
+    return x if cap is None else cap * mx.tanh(x / cap)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last axis. x: [..., D]."""
+
+    def __init__(self, dims: int, eps: float = 1e-6, force_float32: bool = True):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+        self.force_float32 = force_float32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        dtype = x.dtype
+        xf = x.astype(mx.float32) if self.force_float32 else x
+        normed = mx.fast.rms_norm(xf, None, self.eps).astype(dtype)
+        return normed * self.weight
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """Layer norm per head (biased variance, no bias), then the flattened [NH * DH] weight.
+
+    x: [B, S, NH, DH] -> [B, S, NH * DH].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, force_float32: bool = True):
+        super().__init__()
+        self.weight = mx.ones((num_heads * head_dim,))
+        self.eps = eps
+        self.force_float32 = force_float32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, S, NH, DH = x.shape
+        dtype = x.dtype
+        xf = x.astype(mx.float32) if self.force_float32 else x
+        normed = mx.fast.layer_norm(xf, None, None, self.eps).astype(dtype)
+        return normed.reshape(B, S, NH * DH) * self.weight

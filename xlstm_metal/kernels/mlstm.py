@@ -1,0 +1,244 @@
+"""mLSTM recurrence math in pure MLX ops: the reference every fast kernel is tested against.
+
+Shapes (per call): q, k ``[B, NH, S, DQK]``, v ``[B, NH, S, DV]``, gate pre-activations
+i, f ``[B, NH, S]``; state ``(C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1])``; output
+h ``[B, NH, S, DV]`` in q's dtype. All math runs in float32; the returned state is cast to
+``state_dtype``. ``state=None`` means zeros. The four kernels agree to float32 round-off and
+the final state of any of them continues exactly in any other (the stabilizer m included).
+
+Notation follows ../shared/docs/xlstm-reference.md section 2: lf = logsigmoid(f~), b = inclusive
+cumsum of lf within a chunk, g = b at the chunk's end, a_t = g - b_t + i~_t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+MLSTMState = tuple[mx.array, mx.array, mx.array]
+
+# Input-gate pre-activation used for padded time steps: exp(_NEG - m) == 0 for any reachable m,
+# and a finite value keeps gradients free of inf - inf.
+_NEG = -1e30
+
+
+def log_sigmoid(x: mx.array) -> mx.array:
+    """log(sigmoid(x)) computed stably as -softplus(-x)."""
+    return -mx.logaddexp(mx.zeros_like(x), -x)
+
+
+def zero_state(
+    batch_size: int, num_heads: int, qk_head_dim: int, v_head_dim: int, dtype: mx.Dtype = mx.float32
+) -> MLSTMState:
+    """The empty mLSTM state (C, n, m) of one layer."""
+    return (
+        mx.zeros((batch_size, num_heads, qk_head_dim, v_head_dim), dtype=dtype),
+        mx.zeros((batch_size, num_heads, qk_head_dim), dtype=dtype),
+        mx.zeros((batch_size, num_heads, 1), dtype=dtype),
+    )
+
+
+def _state_f32(q: mx.array, v: mx.array, state: MLSTMState | None) -> MLSTMState:
+    if state is None:
+        B, NH, _, DQK = q.shape
+        return zero_state(B, NH, DQK, v.shape[-1])
+    C, n, m = state
+    return C.astype(mx.float32), n.astype(mx.float32), m.astype(mx.float32)
+
+
+def _cast_state(state: MLSTMState, dtype: mx.Dtype | None) -> MLSTMState:
+    return state if dtype is None else tuple(s.astype(dtype) for s in state)
+
+
+# --------------------------------------------------------------------------------------- step
+def mlstm_step(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    state_dtype: mx.Dtype | None = mx.float32,
+) -> tuple[mx.array, MLSTMState]:
+    """One recurrent step (S must be 1). Returns h [B, NH, 1, DV] and the new state."""
+    if q.shape[2] != 1:
+        raise ValueError(f"mlstm_step takes one time step, got S={q.shape[2]}")
+    C, n, m = _state_f32(q, v, state)
+    dqk = q.shape[-1]
+    qs = q[:, :, 0].astype(mx.float32) * (dqk**-0.5)  # [B, NH, DQK]
+    kt = k[:, :, 0].astype(mx.float32)
+    vt = v[:, :, 0].astype(mx.float32)
+    it = i.astype(mx.float32)  # [B, NH, 1]
+    lf = log_sigmoid(f.astype(mx.float32))
+
+    m_new = mx.maximum(lf + m, it)
+    f_act = mx.exp(lf + m - m_new)
+    i_act = mx.exp(it - m_new)
+    C = f_act[..., None] * C + i_act[..., None] * (kt[..., :, None] * vt[..., None, :])
+    n = f_act * n + i_act * kt
+
+    num = (qs[:, :, None, :] @ C)[:, :, 0]  # [B, NH, DV]
+    qn = mx.sum(qs * n, axis=-1, keepdims=True)  # [B, NH, 1]
+    den = mx.maximum(mx.abs(qn), mx.exp(-m_new)) + eps
+    h = (num / den)[:, :, None, :]
+    return h.astype(q.dtype), _cast_state((C, n, m_new), state_dtype)
+
+
+# ----------------------------------------------------------------------------------- sequence
+def mlstm_sequence(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    state_dtype: mx.Dtype | None = mx.float32,
+) -> tuple[mx.array, MLSTMState]:
+    """A loop of :func:`mlstm_step` over the sequence axis."""
+    state = _state_f32(q, v, state)
+    hs = []
+    for t in range(q.shape[2]):
+        h, state = mlstm_step(
+            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
+            i[:, :, t : t + 1], f[:, :, t : t + 1], state, eps=eps, state_dtype=None,
+        )
+        hs.append(h)
+    return mx.concatenate(hs, axis=2), _cast_state(state, state_dtype)
+
+
+# ----------------------------------------------------------------------------------- parallel
+def _parallel_outputs(
+    q: mx.array, k: mx.array, v: mx.array, b: mx.array, ig: mx.array,
+    C0: mx.array, n0: mx.array, m0: mx.array, eps: float,
+) -> mx.array:
+    """Quadratic (parallel) form over the last sequence axis, from the entering state.
+
+    q (already scaled by 1/sqrt(DQK)), k [..., L, DQK]; v [..., L, DV]; b = inclusive cumsum of
+    logsigmoid(f~) [..., L]; ig = i~ [..., L]; C0 [..., DQK, DV], n0 [..., DQK], m0 [..., 1].
+    Leading axes are batch-like (B, NH, and the chunk axis for the chunkwise kernel).
+    """
+    L = q.shape[-2]
+    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    log_d = b[..., :, None] - b[..., None, :] + ig[..., None, :]
+    log_d = mx.where(causal, log_d, -mx.inf)
+    m_intra = mx.max(log_d, axis=-1)  # finite: the diagonal is always there
+    m_inter = b + m0
+    m_comb = mx.maximum(m_inter, m_intra)  # [..., L]
+
+    scores = (q @ mx.swapaxes(k, -1, -2)) * mx.exp(log_d - m_comb[..., None])
+    q_inter = q * mx.exp(m_inter - m_comb)[..., None]
+    num = q_inter @ C0 + scores @ v
+    den = (q_inter @ n0[..., None])[..., 0] + mx.sum(scores, axis=-1)
+    den = mx.maximum(mx.abs(den), mx.exp(-m_comb)) + eps
+    return num / den[..., None]
+
+
+def mlstm_parallel(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    state_dtype: mx.Dtype | None = mx.float32,
+) -> tuple[mx.array, MLSTMState]:
+    """Quadratic form over the whole sequence (memory O(S^2)); the final state in closed form."""
+    C0, n0, m0 = _state_f32(q, v, state)
+    dqk = q.shape[-1]
+    qf = q.astype(mx.float32) * (dqk**-0.5)
+    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+    ig = i.astype(mx.float32)
+    b = mx.cumsum(log_sigmoid(f.astype(mx.float32)), axis=-1)
+    h = _parallel_outputs(qf, kf, vf, b, ig, C0, n0, m0, eps)
+
+    # Final state: C_S = sum_j exp(b_S - b_j + i_j - m_S) k_j v_j^T + exp(b_S + m0 - m_S) C0.
+    g = b[..., -1:]  # [B, NH, 1]
+    a = g - b + ig
+    m_new = mx.maximum(g + m0, mx.max(a, axis=-1, keepdims=True))
+    w = mx.exp(a - m_new)[..., None] * kf  # [B, NH, S, DQK]
+    decay = mx.exp(g + m0 - m_new)
+    C = decay[..., None] * C0 + mx.swapaxes(w, -1, -2) @ vf
+    n = decay * n0 + mx.sum(w, axis=-2)
+    return h.astype(q.dtype), _cast_state((C, n, m_new), state_dtype)
+
+
+# ---------------------------------------------------------------------------------- chunkwise
+def mlstm_chunkwise(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    state_dtype: mx.Dtype | None = mx.float32,
+) -> tuple[mx.array, MLSTMState]:
+    """Chunkwise form: states recurrent across chunks (phase 1), outputs parallel within (phase 2).
+
+    Any sequence length: the last chunk is padded with steps that neither write (i~ = -inf) nor
+    decay (logsigmoid(f~) = 0) the state, so the returned state is exact.
+    """
+    B, NH, S, dqk = q.shape
+    dv = v.shape[-1]
+    L = min(chunk_size, S)
+    pad = (-S) % L
+    NC = (S + pad) // L
+
+    lf = log_sigmoid(f.astype(mx.float32))
+    ig = i.astype(mx.float32)
+    qf = q.astype(mx.float32) * (dqk**-0.5)
+    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+    if pad:
+        seq_pad = [(0, 0), (0, 0), (0, pad), (0, 0)]
+        qf, kf, vf = (mx.pad(x, seq_pad) for x in (qf, kf, vf))
+        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
+        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
+
+    qc = qf.reshape(B, NH, NC, L, dqk)
+    kc = kf.reshape(B, NH, NC, L, dqk)
+    vc = vf.reshape(B, NH, NC, L, dv)
+    b = mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)
+    ig = ig.reshape(B, NH, NC, L)
+    g = b[..., -1]  # [B, NH, NC]
+    a = g[..., None] - b + ig
+    a_max = mx.max(a, axis=-1)  # [B, NH, NC]
+
+    # Phase 1. Each chunk's contribution, stabilized by its own a_max, in one batched matmul;
+    # the sequential part is then only a rescale-and-add per chunk.
+    kw = kc * mx.exp(a - a_max[..., None])[..., None]
+    contrib_C = mx.swapaxes(kw, -1, -2) @ vc  # [B, NH, NC, DQK, DV]
+    contrib_n = mx.sum(kw, axis=-2)  # [B, NH, NC, DQK]
+
+    C, n, m = _state_f32(q, v, state)
+    entering_C, entering_n, entering_m = [], [], []
+    for c in range(NC):
+        entering_C.append(C)
+        entering_n.append(n)
+        entering_m.append(m)
+        g_c, a_c = g[..., c : c + 1], a_max[..., c : c + 1]  # [B, NH, 1]
+        m_next = mx.maximum(g_c + m, a_c)
+        decay, scale = mx.exp(g_c + m - m_next), mx.exp(a_c - m_next)
+        C = decay[..., None] * C + scale[..., None] * contrib_C[:, :, c]
+        n = decay * n + scale * contrib_n[:, :, c]
+        m = m_next
+
+    # Phase 2: every chunk in parallel from the state entering it.
+    h = _parallel_outputs(
+        qc, kc, vc, b, ig,
+        mx.stack(entering_C, axis=2), mx.stack(entering_n, axis=2), mx.stack(entering_m, axis=2),
+        eps,
+    )
+    h = h.reshape(B, NH, NC * L, dv)[:, :, :S]
+    return h.astype(q.dtype), _cast_state((C, n, m), state_dtype)

@@ -1,0 +1,290 @@
+"""Loading and saving checkpoints.
+
+A checkpoint is a directory with ``config.json`` (or, for NX-AI's 2024 xLSTM, ``config.yaml``)
+and ``model.safetensors``, or shards listed in ``model.safetensors.index.json``. Hugging Face key
+names load as they are; NX-AI's native xLSTMLarge names (``embedding.weight``, fused
+``qkv_opreact`` / ``ifgate_preact`` / ``proj_up_gate_z``) are mapped onto them. Loading is strict:
+every missing, unexpected or mis-shaped tensor is listed in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ConfigError, xLSTMConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+#: Above this many bytes, save_model writes shards plus an index.
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or the tensors."""
+
+
+# ------------------------------------------------------------------------------ locating
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a Hugging Face id downloaded through huggingface_hub."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model path {path} is a file; give the checkpoint directory")
+    text = str(path_or_id)
+    if not _HF_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"model directory not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            text, allow_patterns=["*.json", "*.safetensors", "*.yaml", "*.model", "*.txt"]
+        )
+    except Exception as err:  # offline, unknown repo, auth: all end the same way for the user
+        raise CheckpointError(
+            f"model directory not found: {path}, and downloading Hugging Face model {text!r} failed "
+            f"({type(err).__name__}: {err}). Are you offline? Pass a local checkpoint directory."
+        ) from None
+    return Path(local)
+
+
+# ------------------------------------------------------------------------------ reading
+def read_config_dict(directory: Path) -> dict[str, Any]:
+    """The checkpoint's config: config.json, else config.yaml (NX-AI's 2024 xLSTM)."""
+    config_path = directory / CONFIG_NAME
+    if config_path.is_file():
+        try:
+            data = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{config_path} must hold a JSON object")
+        return data
+    if (directory / "config.yaml").is_file():
+        from .models import xlstm_2024
+
+        return xlstm_2024.read_config(directory)
+    raise CheckpointError(f"no {CONFIG_NAME} in checkpoint directory {directory}")
+
+
+def _load_file(path: Path) -> dict[str, mx.array]:
+    if not path.is_file():
+        raise CheckpointError(f"weight file missing: {path}")
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"cannot read weight file {path} (corrupted or truncated?): {err}") from None
+
+
+def read_weights(directory: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint directory, single file or sharded."""
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: {err!r}") from None
+        weights: dict[str, mx.array] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_weights = _load_file(directory / shard)
+            listed = {k for k, v in weight_map.items() if v == shard}
+            missing = sorted(listed - set(shard_weights))
+            if missing:
+                raise CheckpointError(f"shard {directory / shard} lacks tensors its index lists: {missing[:10]}")
+            weights.update(shard_weights)
+        return weights
+    if (directory / WEIGHTS_NAME).is_file():
+        return _load_file(directory / WEIGHTS_NAME)
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint directory {directory}")
+
+
+def sanitize_xlstm_large(weights: dict[str, mx.array], config: xLSTMConfig) -> dict[str, mx.array]:
+    """Map NX-AI's native xLSTMLarge names and fused layouts onto Hugging Face names."""
+    out: dict[str, mx.array] = {}
+    qk, v, nh, ffn = config.qk_dim, config.v_dim, config.num_heads, config.ffn_dim
+
+    def split(key: str, value: mx.array, names: list[str], sizes: list[int]) -> None:
+        if value.shape[0] != sum(sizes):
+            raise CheckpointError(
+                f"fused tensor {key} has {value.shape[0]} rows, expected {sum(sizes)} ({'|'.join(names)})"
+            )
+        stem, leaf = key.rsplit(".", 2)[0], key.rsplit(".", 1)[1]
+        offsets = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
+        for name, start, stop in zip(names, offsets, offsets[1:]):
+            out[f"{stem}.{name}.{leaf}"] = value[start:stop]
+
+    for key, value in weights.items():
+        if key == "embedding.weight":
+            out["backbone.embeddings.weight"] = value
+        elif ".mlstm_layer.qkv_opreact." in key:
+            split(key, value, ["q", "k", "v", "ogate_preact"], [qk, qk, v, v])
+        elif ".mlstm_layer.ifgate_preact." in key:
+            split(key, value, ["igate_preact", "fgate_preact"], [nh, nh])
+        elif ".ffn.proj_up_gate_z." in key:
+            split(key, value, ["proj_up_gate", "proj_up"], [ffn, ffn])
+        else:
+            out[key] = value
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load_weights_strict(model: nn.Module, weights: dict[str, mx.array], source: str | os.PathLike) -> None:
+    """Set every parameter of ``model`` from ``weights`` (same names), or raise one
+    CheckpointError listing all missing, unexpected and mis-shaped tensors."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(weights[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(weights)
+        if tuple(weights[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            problems.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join(shown))
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not match the model:\n  " + "\n  ".join(problems))
+    model.update(tree_unflatten(list(weights.items())))
+
+
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    if dtype is None:
+        return weights
+    return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+
+
+def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(mx, dtype)
+
+
+# ------------------------------------------------------------------------------ public API
+def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> nn.Module:
+    """Load a checkpoint directory (or Hugging Face id) into an MLX model.
+
+    Weights keep the checkpoint's dtype unless ``dtype`` ("float32", "bfloat16", "float16") is
+    given. The architecture (xLSTM-Large, or NX-AI's 2024 sLSTM/mLSTM xLSTM) is detected from
+    the config and the weight names.
+    """
+    directory = resolve_model_path(path)
+    target = _parse_dtype(dtype)
+    config_dict = read_config_dict(directory)
+    weights = read_weights(directory)
+
+    from .models import xlstm_2024_available
+
+    if xlstm_2024_available():
+        from .models import xlstm_2024
+
+        if xlstm_2024.is_xlstm_2024_config(config_dict):
+            return xlstm_2024.model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
+
+    try:
+        config = xLSTMConfig.from_dict(config_dict)
+    except ConfigError as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
+    from .models.xlstm_large import xLSTMLarge
+
+    model = xLSTMLarge(config)
+    load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path: str | os.PathLike, dtype: str | mx.Dtype | None = None):
+    """(model, tokenizer) from a checkpoint directory; tokenizer is None where it has none."""
+    directory = resolve_model_path(path)
+    model = load_model(directory, dtype=dtype)
+    tokenizer = None
+    try:
+        from .generation.tokenizer import load_tokenizer
+    except ImportError:
+        return model, None
+    tokenizer = load_tokenizer(directory)
+    return model, tokenizer
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
+    tmp = path.parent / f".{path.stem}.partial.safetensors"
+    mx.save_safetensors(str(tmp), arrays, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (shards + index above ``max_shard_bytes``).
+
+    Files are written atomically; an existing checkpoint in ``path`` is only replaced with
+    ``overwrite=True``.
+    """
+    directory = Path(path)
+    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds a checkpoint ({', '.join(existing)}); pass overwrite=True")
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for key, value in weights.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+
+    old_shards = set(directory.glob("model-*-of-*.safetensors"))
+    if len(shards) == 1:
+        _atomic_save_safetensors(directory / WEIGHTS_NAME, shards[0])
+        if (directory / INDEX_NAME).exists():
+            (directory / INDEX_NAME).unlink()
+        written = set()
+    else:
+        weight_map, written = {}, set()
+        for number, shard in enumerate(shards, start=1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save_safetensors(directory / name, shard)
+            written.add(directory / name)
+            weight_map.update({key: name for key in shard})
+        total = sum(v.nbytes for v in weights.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
+        if (directory / WEIGHTS_NAME).exists():
+            (directory / WEIGHTS_NAME).unlink()
+    for stale in old_shards - written:
+        stale.unlink()
+    _atomic_write_text(directory / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2))
+    return directory

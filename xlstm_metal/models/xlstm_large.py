@@ -1,0 +1,96 @@
+"""xLSTM-Large (the NX-AI/xLSTM-7b architecture): embeddings -> mLSTM blocks -> out_norm ->
+lm_head -> soft-capped logits. Parameter names equal Hugging Face checkpoint keys."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..blocks.xlstm_large import mLSTMBlock
+from ..cells.mlstm import mlstm_zero_state
+from ..cells.norms import RMSNorm, soft_cap
+from ..config import xLSTMConfig
+from ..kernels.mlstm import MLSTMState
+
+ModelState = list[MLSTMState]
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.blocks = [mLSTMBlock(config) for _ in range(config.num_blocks)]
+        if config.add_out_norm:
+            self.out_norm = RMSNorm(
+                config.embedding_dim, eps=config.norm_eps, force_float32=config.norm_reduction_force_float32
+            )
+
+    def __call__(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
+        x = self.embeddings(input_ids)
+        new_state = []
+        for index, block in enumerate(self.blocks):
+            x, block_state = block(x, None if state is None else state[index])
+            new_state.append(block_state)
+        if "out_norm" in self:
+            x = self.out_norm(x)
+        return x, new_state
+
+
+class xLSTMLarge(nn.Module):
+    """input_ids [B, S] (int) , state | None -> (logits [B, S, V], state).
+
+    ``state`` is a list with one (C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1]) per block.
+    """
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
+
+    @property
+    def args(self) -> xLSTMConfig:
+        return self.config
+
+    @property
+    def blocks(self) -> list[mLSTMBlock]:
+        return self.backbone.blocks
+
+    def make_state(self, batch_size: int = 1) -> ModelState:
+        """The zero state for ``batch_size`` rows."""
+        return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]
+
+    def __call__(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
+        x, state = self.backbone(input_ids, state)
+        if self.config.tie_word_embeddings:
+            logits = self.backbone.embeddings.as_linear(x)
+        else:
+            logits = self.lm_head(x)
+        return soft_cap(logits, self.config.output_logit_soft_cap), state
+
+    def wiring(self) -> str:
+        """The blocks and each block's cells, as text."""
+        c = self.config
+        lines = [
+            f"xLSTMLarge: {c.num_blocks} blocks, E={c.embedding_dim}, heads={c.num_heads}, "
+            f"DQK={c.qk_head_dim}, DV={c.v_head_dim}, FFN={c.ffn_dim}, vocab={c.vocab_size}",
+            "  backbone.embeddings: Embedding",
+        ]
+        for index, block in enumerate(self.backbone.blocks):
+            neuron = block.mlstm_layer
+            cells = ", ".join(
+                f"{name}={type(cell).__name__}"
+                + (f"({cell.kernel})" if name == "parallel_kernel" else "")
+                + (f"({cell.step_kernel}/{cell.sequence_kernel})" if name == "recurrent_kernel" else "")
+                for name, cell in neuron.cells.items()
+            )
+            lines.append(f"  blocks.{index}: mLSTMBlock[norm_mlstm=RMSNorm, mlstm_layer=mLSTMNeuron[{cells}], "
+                         f"norm_ffn=RMSNorm, ffn=FeedForward(SwiGLU)]")
+        if c.add_out_norm:
+            lines.append("  backbone.out_norm: RMSNorm")
+        lines.append("  lm_head: " + ("tied to embeddings" if c.tie_word_embeddings else "Linear")
+                     + f" -> soft cap {c.output_logit_soft_cap}")
+        return "\n".join(lines)
