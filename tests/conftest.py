@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny xLSTM-Large configs and checkpoints built in-process (no downloads)."""
+
+import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from xlstm_metal.config import xLSTMConfig
+from xlstm_metal.loading import save_model
+from xlstm_metal.models.xlstm_large import xLSTMLarge
+
+
+def tiny_config(**overrides) -> xLSTMConfig:
+    """E=64, 2 heads (DQK=16, DV=32), 2 blocks, vocab 97, chunk 16."""
+    fields = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+    fields.update(overrides)
+    return xLSTMConfig(**fields)
+
+
+def randomize_gates(model: xLSTMLarge, seed: int = 0) -> xLSTMLarge:
+    """Gate biases spread so some heads' gates are wide open and others nearly shut."""
+    rng = np.random.default_rng(seed)
+    for block in model.backbone.blocks:
+        layer = block.mlstm_layer
+        nh = layer.igate_preact.bias.shape[0]
+        layer.igate_preact.bias = mx.array(rng.uniform(-6, 6, nh).astype(np.float32))
+        layer.fgate_preact.bias = mx.array(rng.uniform(-4, 8, nh).astype(np.float32))
+        layer.multihead_norm.weight = mx.array(rng.uniform(0.5, 1.5, layer.multihead_norm.weight.shape).astype(np.float32))
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides) -> xLSTMLarge:
+    mx.random.seed(seed)
+    model = randomize_gates(xLSTMLarge(tiny_config(**overrides)), seed)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny random xLSTM-Large checkpoint directory (config.json + model.safetensors)."""
+    path = tmp_path / "tiny"
+    save_model(tiny_model(), path)
+    return path

@@ -1,0 +1,62 @@
+"""Checkpoints written by transformers' xLSTMForCausalLM.save_pretrained load and give its logits."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers import xLSTMConfig as HFxLSTMConfig
+from transformers import xLSTMForCausalLM
+
+from xlstm_metal import load_model, save_model
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    config = HFxLSTMConfig(
+        vocab_size=101, hidden_size=128, num_hidden_layers=2, num_heads=2, chunk_size=16,  # E % 128 == 0: transformers and NX-AI agree on qk_dim
+        autocast_kernel_dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = xLSTMForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate_preact.bias"):
+                param.copy_(torch.empty_like(param).uniform_(-5, 7, generator=gen))
+            elif param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_checkpoint_gives_hf_logits(hf_model, tmp_path, sharded):
+    out = tmp_path / "hf"
+    hf_model.save_pretrained(out, max_shard_size="40KB" if sharded else "5GB")
+    assert (out / "model.safetensors.index.json").exists() == sharded
+    ids = np.random.default_rng(1).integers(0, 101, size=(2, 45))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    model = load_model(out)
+    logits, _ = model(mx.array(ids.astype(np.int32)))
+    assert rel_err(np.array(logits), ref) <= 1e-4
+
+
+def test_our_checkpoint_loads_in_transformers(hf_model, tmp_path):
+    """save_model writes the exact HF format: transformers reads it back to the same logits."""
+    src = tmp_path / "hf"
+    hf_model.save_pretrained(src)
+    ours = load_model(src)
+    save_model(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == "xlstm" and config["hidden_size"] == 128
+    reloaded = xLSTMForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.tensor(np.random.default_rng(2).integers(0, 101, size=(1, 20)))
+    with torch.no_grad():
+        assert rel_err(reloaded(ids).logits.numpy(), hf_model(ids).logits.numpy()) <= 1e-6
