@@ -1,0 +1,592 @@
+"""xLSTMRunner: prompt -> tokens, for any model following the package contract
+``model(input_ids [B, S], state) -> (logits [B, S, V], state)``.
+
+Prefill feeds the prompt in bounded pieces (the model's chunkwise kernel runs on each, the state
+carries over), so memory does not grow with the prompt length. Decode runs one compiled step
+per token (forward of one token + sampling, all on device); the host only reads the sampled
+ids, one step behind the device (the next step is queued before the current token is read).
+
+Batches of prompts with different lengths: each row is prefilled alone, the per-row states are
+concatenated along the batch axis, and all rows decode together. Rows never mix, so each row's
+output equals what the prompt gets alone (sampling uses per-row keys, see sampling.make_keys).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .sampling import SamplingParams, make_keys, mark_seen, sample, seen_from_ids, split_keys
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+#: Default prefill piece: long enough to keep the chunkwise kernel efficient, short enough that
+#: the piece's logits [S, V] stay small (S * 50304 * 4 bytes = 400 MB at 2048).
+DEFAULT_PREFILL_CHUNK = 2048
+
+Prompt = str | Sequence[int] | mx.array
+Stop = str | int | Sequence[str | int] | None
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed step.
+
+    token: the id generated at this step (a stop id included; None for a closing chunk that
+        only flushes held-back text).
+    text: new text that is safe to show (may be ""; never a broken UTF-8 character; stop
+        strings and stop/EOS tokens are not shown).
+    finish_reason: None while generating, then "stop" (EOS / stop id / stop string) or
+        "length" (max_tokens reached).
+    """
+
+    token: int | None
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float
+
+
+@dataclass
+class _Session:
+    """Recurrent state of a conversation: ``state`` covers every token of ``history`` except
+    ``pending`` (the last sampled token, fed at the start of the next call)."""
+
+    state: Any = None
+    pending: list[int] = field(default_factory=list)
+    history: list[int] = field(default_factory=list)
+    keys: mx.array | None = None
+
+
+class _RowTracker:
+    """Per-row bookkeeping on the host: stop ids, stop strings, streamed text."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop_ids: set[int], stop_strings: list[str],
+                 context: Sequence[int] = ()):
+        self.stop_ids = stop_ids
+        self.stop_strings = stop_strings
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+        self.detok: StreamingDetokenizer | None = tokenizer.detokenizer(context=context) if tokenizer else None
+        self.tokens: list[int] = []
+        self.text = ""  # everything decoded so far (stop strings included)
+        self.emitted = 0  # characters of self.text already handed out
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> str:
+        """Record ``token``; returns text now safe to show."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self._flush(final=True)
+        self.tokens.append(token)
+        if self.detok is not None:
+            self.text += self.detok.add(token)
+        return self._flush(final=False)
+
+    def finish(self) -> str:
+        """Generation ended for length: everything still held back."""
+        if self.finish_reason is None:
+            self.finish_reason = "length"
+        return self._flush(final=True)
+
+    def _flush(self, final: bool) -> str:
+        if self.detok is not None and final:
+            self.text += self.detok.finalize()
+        if self.stop_strings:
+            hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop_strings) if i >= 0]
+            if hits:
+                cut = min(hits)
+                piece, self.emitted = self.text[self.emitted:cut], len(self.text)
+                self.finish_reason = "stop"
+                return piece
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece
+
+
+def default_dtype() -> str:
+    """bfloat16 on a GPU (Metal / CUDA), float32 on CPU (MLX's CPU half matmul is a slow fallback)."""
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+def _peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def _split_stop(stop: Stop) -> tuple[set[int], list[str]]:
+    if stop is None:
+        return set(), []
+    items = [stop] if isinstance(stop, (str, int)) else list(stop)
+    ids, strings = set(), []
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"stop items must be str or int, got {item!r}")
+        if isinstance(item, int):
+            ids.add(item)
+        elif isinstance(item, str):
+            if not item:
+                raise ValueError("stop strings must not be empty")
+            strings.append(item)
+        else:
+            raise TypeError(f"stop items must be str or int, got {type(item).__name__}")
+    return ids, strings
+
+
+def _concat_states(states: list[Any]) -> Any:
+    """Per-row states (list per block of tuples of [1, ...] arrays) -> one [B, ...] state."""
+    if len(states) == 1:
+        return states[0]
+    return [
+        tuple(mx.concatenate([s[b][j] for s in states], axis=0) for j in range(len(states[0][b])))
+        for b in range(len(states[0]))
+    ]
+
+
+class xLSTMRunner:
+    """Generation with an xLSTM model.
+
+    Args:
+        model: a loaded model (``model(input_ids, state) -> (logits, state)``), or a checkpoint
+            directory / Hugging Face id to load.
+        tokenizer: needed for text prompts, stop strings and streamed text; loaded with the
+            model when ``model`` is a path.
+        dtype: weight dtype when loading from a path ("float32" / "bfloat16" / "float16";
+            default: :func:`default_dtype`).
+        prefill_chunk_size: prompt tokens per forward during prefill (default:
+            min(config.max_inference_chunksize, 2048)).
+        compile: compile the decode step with ``mx.compile``.
+
+    Stateful use (chat): ``stream(..., keep_state=True)`` / :meth:`generate_next_token`
+    continue from the runner's session state and feed only the new tokens;
+    :meth:`reset_state` starts over.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | os.PathLike,
+        tokenizer: Tokenizer | None = None,
+        *,
+        dtype: str | None = None,
+        prefill_chunk_size: int | None = None,
+        compile: bool = True,
+    ):
+        if isinstance(model, (str, os.PathLike)):
+            from ..loading import load
+
+            model, loaded_tokenizer = load(model, dtype=dtype or default_dtype())
+            tokenizer = tokenizer or loaded_tokenizer
+        if not callable(model):
+            raise TypeError(f"model must be a callable MLX model or a path, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = getattr(model, "config", None)
+        if prefill_chunk_size is None:
+            prefill_chunk_size = min(getattr(self.config, "max_inference_chunksize", DEFAULT_PREFILL_CHUNK),
+                                     DEFAULT_PREFILL_CHUNK)
+        if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0:
+            raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
+        self.prefill_chunk_size = prefill_chunk_size
+        self.compile = compile
+        self._steps: dict[SamplingParams, Any] = {}
+        self._session = _Session()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def vocab_size(self) -> int:
+        size = getattr(self.config, "vocab_size", None)
+        if size is None:
+            raise AttributeError("model.config has no vocab_size")
+        return int(size)
+
+    def _eos_ids(self) -> set[int]:
+        if self.tokenizer is not None:
+            return set(self.tokenizer.eos_token_ids)
+        eos = getattr(self.config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {eos} if isinstance(eos, int) else set(eos)
+
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        """A prompt (text, id list or 1-D / [1, S] array) -> list of ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or a tokenizer")
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if isinstance(prompt, mx.array):
+            if prompt.ndim == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.ndim != 1:
+                raise ValueError(f"an array prompt must be 1-D or [1, S], got shape {tuple(prompt.shape)}")
+            return [int(i) for i in prompt.tolist()]
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
+        return SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p), float(repetition_penalty))
+
+    def prefill(self, ids: Sequence[int], state: Any = None) -> tuple[mx.array, Any]:
+        """Feed ``ids`` (one row) in pieces of ``prefill_chunk_size``.
+
+        Returns the logits of the last token [1, V] and the state after all of ``ids``.
+        """
+        if not len(ids):
+            raise ValueError("nothing to feed: the prompt is empty")
+        n, step = len(ids), self.prefill_chunk_size
+        logits = None
+        for start in range(0, n, step):
+            piece = mx.array([list(ids[start:start + step])], dtype=mx.int32)
+            logits, state = self.model(piece, state)
+            logits = logits[:, -1]
+            if start + step < n:
+                # Materialise the carried state so the graph (and memory) stays one piece long.
+                mx.eval(state)
+        return logits, state
+
+    def _step_fn(self, params: SamplingParams):
+        """One decode step, compiled per sampling configuration:
+        (tokens [B], state, keys [B, 2], seen [B, V]) -> (next tokens [B], state, keys, seen)."""
+        fn = self._steps.get(params)
+        if fn is not None:
+            return fn
+        model = self.model
+
+        def step(tokens, state, keys, seen):
+            logits, state = model(tokens[:, None], state)
+            use = None
+            if not params.greedy:
+                keys, use = split_keys(keys)
+            nxt = sample(logits[:, -1], params, use, seen if params.uses_history else None)
+            if params.uses_history:
+                seen = mark_seen(seen, nxt)
+            return nxt, state, keys, seen
+
+        # The weights are implicit inputs (not constants), so a later weight update is seen.
+        fn = mx.compile(step, inputs=model.state) if self.compile else step
+        self._steps[params] = fn
+        return fn
+
+    def _first_token(self, logits, params, keys, seen):
+        use = None
+        if not params.greedy:
+            keys, use = split_keys(keys)
+        tok = sample(logits, params, use, seen if params.uses_history else None)
+        if params.uses_history:
+            seen = mark_seen(seen, tok)
+        return tok, keys, seen
+
+    def _decode(self, logits, state, params, keys, seen, max_tokens) -> Iterator[tuple[list[int], Any, Any]]:
+        """Yields (tokens of this step per row, state before feeding them, keys after)."""
+        tok, keys, seen = self._first_token(logits, params, keys, seen)
+        mx.async_eval(tok)
+        step = self._step_fn(params)
+        for t in range(max_tokens):
+            if t + 1 < max_tokens:
+                # Queue the next step before reading this token: the device never waits on us.
+                nxt, new_state, new_keys, new_seen = step(tok, state, keys, seen)
+                mx.async_eval(nxt, new_state, new_keys, new_seen)
+            host = tok.tolist()
+            yield host, state, keys
+            if t + 1 < max_tokens:
+                tok, state, keys, seen = nxt, new_state, new_keys, new_seen
+
+    def _start_keys(self, seed, batch_size, params, session_keys=None):
+        if params.greedy:
+            return mx.zeros((batch_size, 2), dtype=mx.uint32)
+        if seed is None and session_keys is not None:
+            return session_keys
+        return make_keys(seed, batch_size)
+
+    # ------------------------------------------------------------------ public API
+    def reset_state(self) -> None:
+        """Forget the conversation: the next stateful call starts from the zero state."""
+        self._session = _Session()
+
+    @property
+    def session_tokens(self) -> list[int]:
+        """Every token of the conversation so far (prompts and generated, stop tokens included)."""
+        return list(self._session.history)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Stop = None,
+        keep_state: bool = False,
+    ) -> Iterator[GenerationChunk]:
+        """Generate for one prompt, yielding a :class:`GenerationChunk` per token.
+
+        With ``keep_state`` the prompt continues the session (only its tokens, plus the last
+        token of the previous call, are fed; text prompts after the first are encoded without
+        BOS) and the session advances as tokens are yielded, so stopping early (even with
+        Ctrl-C) leaves it consistent.
+        """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
+        stop_ids, stop_strings = _split_stop(stop)
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        session = self._session if keep_state else _Session()
+        ids = self.encode(prompt, add_special_tokens=not session.history)
+        feed = session.pending + ids
+        history = session.history + ids
+        if not feed:
+            raise ValueError("the prompt is empty")
+        if max_tokens == 0 and not keep_state:
+            return
+
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        logits, state = self.prefill(feed, session.state)
+        keys = self._start_keys(seed, 1, params, session.keys if keep_state else None)
+        seen = seen_from_ids([history], self.vocab_size) if params.uses_history else mx.zeros((1, 1), mx.bool_)
+        if max_tokens == 0:
+            mx.eval(state)
+            self._session = _Session(state, [], history, keys)
+            return
+        tracker = _RowTracker(self.tokenizer, stop_ids | self._eos_ids(), stop_strings, context=history[-8:])
+        prompt_time = gen_start = None
+        n = 0
+        for host, fed_state, step_keys in self._decode(logits, state, params, keys, seen, max_tokens):
+            token = host[0]
+            now = time.perf_counter()
+            if prompt_time is None:
+                prompt_time, gen_start = now - tic, now
+            n += 1
+            history = history + [token]
+            if keep_state:
+                self._session = _Session(fed_state, [token], history, step_keys)
+            text = tracker.add(token)
+            if tracker.finish_reason is None and n == max_tokens:
+                text += tracker.finish()
+            elapsed = now - gen_start
+            yield GenerationChunk(
+                token=token,
+                text=text,
+                finish_reason=tracker.finish_reason,
+                prompt_tokens=len(feed),
+                generation_tokens=n,
+                prompt_tps=len(feed) / prompt_time if prompt_time > 0 else float("inf"),
+                generation_tps=(n - 1) / elapsed if elapsed > 0 else 0.0,
+                peak_memory_gb=_peak_memory_gb(),
+            )
+            if tracker.finish_reason is not None:
+                return
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | Sequence[int] | None = None,
+        stop: Stop = None,
+    ) -> list[int] | list[list[int]]:
+        """Generated ids for one prompt (-> list[int]) or a batch (list of prompts ->
+        list[list[int]]; prompts may differ in length).
+
+        Generation of a row ends at an EOS / stop id (not included in the result), at a stop
+        string (the ids up to the token that completed it), or after ``max_tokens``. With
+        ``temperature=0`` the result is greedy. ``seed``: an int gives row r the seed
+        ``seed + r``; a list gives one seed per row.
+        """
+        single = isinstance(prompts, (str, mx.array)) or (
+            isinstance(prompts, Sequence) and all(isinstance(i, int) for i in prompts) and len(prompts) > 0
+        )
+        rows = [self.encode(prompts)] if single else [self.encode(p) for p in prompts]
+        if not rows:
+            raise ValueError("no prompts given")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        for r, ids in enumerate(rows):
+            if not ids:
+                raise ValueError(f"prompt {r} is empty")
+        params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
+        stop_ids, stop_strings = _split_stop(stop)
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if max_tokens == 0:
+            return [] if single else [[] for _ in rows]
+
+        logits_rows, states = [], []
+        for ids in rows:
+            logits, state = self.prefill(ids)
+            logits_rows.append(logits)
+            states.append(state)
+            if len(rows) > 1:
+                mx.eval(logits, state)
+        logits = mx.concatenate(logits_rows, axis=0) if len(rows) > 1 else logits_rows[0]
+        state = _concat_states(states)
+        keys = self._start_keys(seed, len(rows), params)
+        seen = seen_from_ids(rows, self.vocab_size) if params.uses_history else mx.zeros((len(rows), 1), mx.bool_)
+        stops = stop_ids | self._eos_ids()
+        trackers = [_RowTracker(self.tokenizer if stop_strings else None, stops, stop_strings, ids[-8:])
+                    for ids in rows]
+        for host, _, _ in self._decode(logits, state, params, keys, seen, max_tokens):
+            for tracker, token in zip(trackers, host):
+                if tracker.finish_reason is None:
+                    tracker.add(token)
+            if all(t.finish_reason is not None for t in trackers):
+                break
+        results = [t.tokens for t in trackers]
+        return results[0] if single else results
+
+    def generate_next_token(
+        self,
+        input_ids: Prompt | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+    ) -> int:
+        """Stateful single step: feed ``input_ids`` (after the previously returned token) into
+        the session and return the next token, which is fed on the next call."""
+        params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
+        session = self._session
+        ids = [] if input_ids is None else self.encode(input_ids, add_special_tokens=not session.history)
+        feed = session.pending + ids
+        if not feed:
+            raise ValueError("nothing to feed: give input_ids (the session is empty)")
+        history = session.history + ids
+        logits, state = self.prefill(feed, session.state)
+        keys = self._start_keys(seed, 1, params, session.keys)
+        seen = seen_from_ids([history], self.vocab_size) if params.uses_history else None
+        tok, keys, _ = self._first_token(logits, params, keys, seen)
+        mx.eval(tok, state, keys)
+        token = int(tok.item())
+        self._session = _Session(state, [token], history + [token], keys)
+        return token
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Architecture, sizes, parameter count, dtype and weight memory of the model."""
+        return model_info(self.model)
+
+
+# ---------------------------------------------------------------------- model description
+def _block_list(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        for holder in (getattr(model, "backbone", None), model):
+            if holder is not None and isinstance(holder, nn.Module):
+                for value in holder.children().values():
+                    if isinstance(value, list) and value and all(isinstance(v, nn.Module) for v in value):
+                        return list(value)
+        return []
+    return list(blocks)
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """Generic description of a model that follows the package contract."""
+    params = tree_flatten(model.parameters())
+    count = sum(v.size for _, v in params)
+    nbytes = sum(v.nbytes for _, v in params)
+    dtypes = Counter()
+    for _, v in params:
+        dtypes[str(v.dtype).replace("mlx.core.", "")] += v.size
+    config = getattr(model, "config", None)
+    blocks = _block_list(model)
+    info: dict[str, Any] = {"architecture": type(model).__name__, "num_blocks": len(blocks)}
+    kinds = Counter(type(b).__name__ for b in blocks)
+    info["block_types"] = dict(kinds)
+    for name in ("embedding_dim", "num_heads", "qk_head_dim", "v_head_dim", "ffn_dim", "vocab_size",
+                 "chunk_size", "inference_state_dtype"):
+        value = getattr(config, name, None)
+        if value is not None:
+            info[name] = value
+    info["parameters"] = int(count)
+    info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
+    info["weights_bytes"] = int(nbytes)
+    state_fn = getattr(model, "make_state", None)
+    if callable(state_fn):
+        state = state_fn(1)
+        info["state_bytes_per_row"] = int(sum(a.nbytes for _, a in tree_flatten(state)))
+    return info
+
+
+def format_model_info(info: dict[str, Any]) -> str:
+    """:func:`model_info` as aligned text."""
+
+    def fmt(key: str, value: Any) -> str:
+        if key.endswith("_bytes") or key.endswith("_bytes_per_row"):
+            return f"{value / 2**20:,.2f} MiB"
+        if key == "parameters":
+            return f"{value:,} ({value / 1e6:,.2f} M)"
+        if isinstance(value, dict):
+            return ", ".join(f"{n} x {k}" for k, n in value.items())
+        return str(value)
+
+    width = max(len(k) for k in info)
+    return "\n".join(f"{k:<{width}}  {fmt(k, v)}" for k, v in info.items())
+
+
+def wiring_text(model: nn.Module) -> str:
+    """The model's blocks and each block's cells, as text. Uses ``model.wiring()`` /
+    ``model.describe()`` when the model provides one, else walks the module tree (identical
+    consecutive blocks are shown once with their index range)."""
+    for name in ("wiring", "describe"):
+        fn = getattr(model, name, None)
+        if callable(fn):
+            text = fn()
+            if isinstance(text, str) and text:
+                return text
+    lines = [type(model).__name__]
+    _walk(model, "", lines, "  ")
+    return "\n".join(lines)
+
+
+def _signature(module: nn.Module) -> str:
+    parts = []
+    for name, child in module.children().items():
+        if isinstance(child, nn.Module):
+            parts.append(f"{name}:{type(child).__name__}({_signature(child)})")
+        elif isinstance(child, (list, tuple)):
+            parts.append(f"{name}:[{','.join(_signature(c) if isinstance(c, nn.Module) else '?' for c in child)}]")
+    return ";".join(parts)
+
+
+def _describe_leaf(module: nn.Module) -> str:
+    shapes = [f"{k}{tuple(v.shape)}" for k, v in module.items() if isinstance(v, mx.array)]
+    return f"{type(module).__name__}" + (f" [{', '.join(shapes)}]" if shapes else "")
+
+
+def _walk(module: nn.Module, prefix: str, lines: list[str], indent: str) -> None:
+    for name, child in module.children().items():
+        if isinstance(child, nn.Module):
+            lines.append(f"{indent}{prefix}{name}: {_describe_leaf(child)}")
+            _walk(child, "", lines, indent + "  ")
+        elif isinstance(child, (list, tuple)):
+            mods = [c for c in child if isinstance(c, nn.Module)]
+            # Group consecutive identical blocks: a 32-block model prints one block.
+            groups: list[tuple[int, int, nn.Module]] = []
+            for i, m in enumerate(mods):
+                if groups and type(m) is type(groups[-1][2]) and _signature(m) == _signature(groups[-1][2]):
+                    groups[-1] = (groups[-1][0], i, groups[-1][2])
+                else:
+                    groups.append((i, i, m))
+            for first, last, m in groups:
+                label = f"{name}.{first}" if first == last else f"{name}.{first}-{last}"
+                lines.append(f"{indent}{label}: {_describe_leaf(m)}")
+                _walk(m, "", lines, indent + "  ")
