@@ -1,0 +1,132 @@
+"""`xlstm-metal chat`: a conversation that keeps the model's recurrent state across turns.
+
+Each turn feeds only its own tokens (the state already holds the transcript), so a turn costs
+the same however long the conversation is. The turn is fed as typed plus a newline; the model
+is a plain language model, so its reply continues the transcript.
+Commands: /reset (forget the conversation), /quit; Ctrl-D quits; Ctrl-C stops a reply (at the
+prompt, it quits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, TextIO
+
+from . import UsageError
+from .generate import (
+    add_model_arguments,
+    load_runner,
+    print_model_description,
+    read_prompt,
+    sampling_kwargs,
+    stats_line,
+    stream_to,
+    validate_sampling,
+)
+
+HELP = "commands: /reset clears the conversation, /quit or Ctrl-D exits, Ctrl-C stops a reply"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("chat", help="chat with a model (keeps the recurrent state across turns)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.set_defaults(func=run, interactive=True)
+    return parser
+
+
+def turn_text(line: str, transcript_ends_with_newline: bool) -> str:
+    """What a typed line adds to the transcript: the line and a newline, starting on a new
+    line when the previous reply did not end with one."""
+    return ("" if transcript_ends_with_newline else "\n") + line + "\n"
+
+
+def read_line(prompt: str) -> str:
+    """input(), showing the prompt only to a person at a terminal (piped output stays clean)."""
+    return input(prompt if sys.stdin.isatty() else "")
+
+
+def _ends_with_newline(runner) -> bool:
+    """Whether the transcript the model has seen so far ends a line (True when empty)."""
+    text = runner.tokenizer.decode(runner.session_tokens[-4:])
+    return not text or text.endswith("\n")
+
+
+def chat_loop(
+    runner,
+    args: argparse.Namespace,
+    first_turn: str | None = None,
+    input_fn: Callable[[str], str] = read_line,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Read turns until /quit, Ctrl-D or Ctrl-C at the prompt; stream each reply."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if runner.tokenizer is None:
+        raise UsageError("chat needs a tokenizer (tokenizer.json in the model directory)")
+    try:  # line editing and history where the platform has it
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+    kwargs = sampling_kwargs(args)
+    print(HELP, file=err)
+    pending = first_turn
+    while True:
+        if pending is not None:
+            line, pending = pending, None
+        else:
+            try:
+                line = input_fn("> ")
+            except EOFError:
+                out.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                out.write("\n")
+                return 0
+        command = line.strip()
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            runner.reset_state()
+            print("(conversation reset)", file=err)
+            continue
+        if command == "/help":
+            print(HELP, file=err)
+            continue
+        if not command:
+            continue
+        text = turn_text(line.rstrip("\n"), _ends_with_newline(runner))
+        reply = []
+        last = None
+        try:
+            for chunk in runner.stream(text, keep_state=True, **kwargs):
+                if chunk.text:
+                    out.write(chunk.text)
+                    out.flush()
+                    reply.append(chunk.text)
+                last = chunk
+        except KeyboardInterrupt:
+            # The runner's session already holds every token shown; the next turn continues it.
+            out.write("\n")
+            print("(reply interrupted)", file=err)
+            continue
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if not "".join(reply).endswith("\n"):
+            out.write("\n")
+        out.flush()
+        if args.verbose and last is not None:
+            print(stats_line(last), file=err)
+
+
+def run(args: argparse.Namespace) -> int:
+    validate_sampling(args)
+    prompt = read_prompt(args)
+    runner, _ = load_runner(args)
+    print_model_description(args, runner)
+    return chat_loop(runner, args, first_turn=prompt)
+
+
+__all__ = ["add_parser", "run", "chat_loop", "stream_to"]

@@ -1,0 +1,185 @@
+"""`xlstm-metal generate`: stream a completion of a prompt (or chat with --interactive)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import UsageError
+
+DESCRIPTION = """\
+Generate text with an xLSTM model. The model is a local checkpoint directory, a Hugging Face id
+(downloaded through huggingface_hub), or, without --model, the small model shipped with the
+package. Output streams to stdout; --verbose adds speed and memory figures on stderr."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` and `chat`."""
+    parser.add_argument("--model", "-m", help="checkpoint directory or Hugging Face id (default: the packaged model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
+    parser.add_argument("--prompt", "-p", help="prompt text; '-' reads it from stdin")
+    parser.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
+    parser.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
+    parser.add_argument("--temperature", "--temp", type=float, default=0.0,
+                        help="sampling temperature; 0 = greedy (default 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages tokens already seen (1 = off)")
+    parser.add_argument("--seed", type=int, help="random seed (reproducible sampling)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when this text appears (repeatable); EOS always stops")
+    parser.add_argument("--prefill-chunk-size", type=int,
+                        help="prompt tokens per forward pass during prefill (default min(2048, config))")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="print prompt / generation tok/s and peak memory to stderr")
+    parser.add_argument("--info", action="store_true",
+                        help="print the model's blocks, dims, heads, parameter count, dtype and memory")
+    parser.add_argument("--show-wiring", action="store_true", help="print the model's blocks and their cells")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("generate", help="generate text from a prompt", description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--interactive", "-i", action="store_true",
+                        help="chat: keep the recurrent state across turns (same as `xlstm-metal chat`)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+# ---------------------------------------------------------------------- argument checks
+def validate_sampling(args: argparse.Namespace) -> None:
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p <= 1:
+        raise UsageError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if not (args.repetition_penalty > 0 and math.isfinite(args.repetition_penalty)):
+        raise UsageError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
+    if args.prefill_chunk_size is not None and args.prefill_chunk_size <= 0:
+        raise UsageError(f"--prefill-chunk-size must be > 0, got {args.prefill_chunk_size}")
+    if any(s == "" for s in args.stop):
+        raise UsageError("--stop must not be empty")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give either --prompt or --prompt-file, not both")
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt from --prompt / --prompt - (stdin) / --prompt-file, or None."""
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"prompt file not found: {path}") from None
+        except IsADirectoryError:
+            raise UsageError(f"prompt file {path} is a directory") from None
+        except UnicodeDecodeError as err:
+            raise UsageError(f"prompt file {path} is not UTF-8 text: {err}") from None
+        except OSError as err:
+            raise UsageError(f"cannot read prompt file {path}: {err.strerror or err}") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
+# ---------------------------------------------------------------------- loading
+def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
+    """(runner, tokenizer) for args.model (default: the packaged model), or UsageError."""
+    from ..config import ConfigError
+    from ..generation import DEFAULT_MODEL_DIR, TokenizerError, default_dtype, xLSTMRunner
+    from ..loading import CheckpointError, load
+
+    if args.model is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise UsageError(
+                f"no --model given and the packaged default model is not installed ({DEFAULT_MODEL_DIR}); "
+                "pass --model DIR or a Hugging Face id"
+            )
+        source: Any = DEFAULT_MODEL_DIR
+    else:
+        source = args.model
+    dtype = args.dtype or default_dtype()
+    try:
+        model, tokenizer = load(source, dtype=dtype)
+    except (CheckpointError, ConfigError, TokenizerError) as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(f"cannot load model {source}: {err}") from None
+    if tokenizer is None and need_tokenizer:
+        raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
+    try:
+        runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=args.prefill_chunk_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return runner, tokenizer
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=list(args.stop) or None)
+
+
+def stats_line(chunk) -> str:
+    return (f"prompt: {chunk.prompt_tokens} tokens, {chunk.prompt_tps:,.1f} tok/s | "
+            f"generation: {chunk.generation_tokens} tokens, {chunk.generation_tps:,.1f} tok/s | "
+            f"peak memory: {chunk.peak_memory_gb:.3f} GB")
+
+
+def print_model_description(args: argparse.Namespace, runner) -> None:
+    from ..generation.runner import format_model_info, wiring_text
+
+    if args.info:
+        print(format_model_info(runner.get_model_info()))
+    if args.show_wiring:
+        print(wiring_text(runner.model))
+
+
+def stream_to(out, chunks) -> Any:
+    """Write each chunk's text as it comes; returns the last chunk (or None)."""
+    last = None
+    for chunk in chunks:
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+        last = chunk
+    return last
+
+
+# ---------------------------------------------------------------------- entry point
+def run(args: argparse.Namespace) -> int:
+    validate_sampling(args)
+    interactive = bool(getattr(args, "interactive", False))
+    prompt = read_prompt(args)
+    describe_only = (args.info or args.show_wiring) and prompt is None and not interactive
+    if prompt is None and not interactive and not describe_only:
+        raise UsageError("give a prompt: --prompt TEXT, --prompt - (stdin), --prompt-file FILE, or --interactive")
+    runner, _ = load_runner(args, need_tokenizer=not describe_only)
+    print_model_description(args, runner)
+    if describe_only:
+        return 0
+    if interactive:
+        from .chat import chat_loop
+
+        return chat_loop(runner, args, first_turn=prompt)
+    try:
+        last = stream_to(sys.stdout, runner.stream(prompt, **sampling_kwargs(args)))
+    except ValueError as err:  # e.g. a prompt that encodes to nothing
+        raise UsageError(str(err)) from None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose and last is not None:
+        print(stats_line(last), file=sys.stderr)
+    return 0
