@@ -1,0 +1,124 @@
+"""`xlstm-metal bench` and xlstm_metal.benchmark: shapes, exactness of the measured paths, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from xlstm_metal import benchmark as bm
+from xlstm_metal.cli import main
+from xlstm_metal.models.xlstm_large import xLSTMLarge
+
+TINY = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, "max_inference_chunksize": 32}))
+    return path
+
+
+def test_named_shapes_have_the_published_sizes():
+    # Lazy modules: parameter shapes without allocating 7B weights.
+    counts = {name: bm.count_parameters(xLSTMLarge(bm.shape_config(name))) for name in bm.SHAPES}
+    assert abs(counts["7b"] / 1e9 - 6.87) < 0.01
+    assert abs(counts["1.3b"] / 1e9 - 1.42) < 0.01
+    assert abs(counts["125m"] / 1e6 - 164.1) < 0.1  # incl. the untied 50304 x 768 head
+    c = bm.shape_config("7b")
+    assert (c.embedding_dim, c.num_heads, c.num_blocks, c.vocab_size) == (4096, 8, 32, 50304)
+    assert bm.shape_config("125m", inference_state_dtype="bfloat16").inference_state_dtype == "bfloat16"
+
+
+def test_random_model_draws_in_target_dtype_with_checkpoint_names():
+    config = bm.shape_config("125m", num_blocks=1, vocab_size=128)
+    model = bm.random_model(config, dtype="bfloat16", seed=1)
+    params = dict(tree_flatten(model.parameters()))
+    assert set(params) == set(dict(tree_flatten(xLSTMLarge(config).parameters())))
+    assert all(p.dtype == mx.bfloat16 for p in params.values())
+    w = np.array(params["backbone.blocks.0.ffn.proj_up.weight"].astype(mx.float32))
+    assert abs(w.std() * np.sqrt(768) - 1.0) < 0.05  # N(0, 1/fan_in)
+    assert np.allclose(np.array(params["backbone.blocks.0.mlstm_layer.igate_preact.bias"].astype(mx.float32)), -10)
+    fb = np.array(params["backbone.blocks.0.mlstm_layer.fgate_preact.bias"].astype(mx.float32))
+    assert fb[0] == 3 and fb[-1] == 6
+    again = bm.random_model(config, dtype="bfloat16", seed=1)
+    assert mx.array_equal(again.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(ValueError, match="dtype"):
+        bm.random_model(config, dtype="int8")
+
+
+def test_chunked_prefill_equals_one_forward():
+    config = bm.shape_config("125m", **TINY)
+    model = bm.random_model(config, seed=2)
+    ids = mx.random.randint(0, 97, (2, 70), key=mx.random.key(3)).astype(mx.int32)
+    full_logits, full_state = model(ids)
+    last, state = bm.prefill(model, ids, chunk=32)  # 32 + 32 + 6 tokens, state carried
+    np.testing.assert_allclose(np.array(last), np.array(full_logits[:, -1]), rtol=1e-4, atol=1e-4)
+    for (c0, n0, m0), (c1, n1, m1) in zip(full_state, state):
+        np.testing.assert_allclose(np.array(c1), np.array(c0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(n1), np.array(n0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(m1), np.array(m0), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_step_is_greedy_and_matches_eager():
+    config = bm.shape_config("125m", **TINY)
+    model = bm.random_model(config, seed=4)
+    tok = mx.array([[5], [11], [42]], dtype=mx.int32)
+    s_eager = s_comp = model.make_state(3)
+    eager, compiled = bm.make_decode_step(model, compiled=False), bm.make_decode_step(model, compiled=True)
+    t_eager = t_comp = tok
+    for _ in range(6):
+        logits, _ = model(t_eager, s_eager)
+        t_eager, s_eager = eager(t_eager, s_eager)
+        assert mx.array_equal(t_eager[:, 0], mx.argmax(logits[:, -1], axis=-1))
+        t_comp, s_comp = compiled(t_comp, s_comp)
+        assert mx.array_equal(t_comp, t_eager)
+    np.testing.assert_allclose(np.array(s_comp[-1][0]), np.array(s_eager[-1][0]), rtol=1e-5, atol=1e-6)
+
+
+def test_long_prefill_memory_is_bounded_by_the_chunk():
+    config = bm.shape_config("125m", embedding_dim=128, num_heads=2, num_blocks=2, vocab_size=256,
+                             chunk_size=32, max_inference_chunksize=256)
+    model = bm.random_model(config, seed=5)
+    short = bm.measure_prefill(model, 256, warmup=True)
+    long = bm.measure_prefill(model, 256 * 8, warmup=True)
+    assert long["length"] == 2048 and long["tok_s"] > 0
+    # 8x the tokens, about the same peak: activations are freed chunk by chunk.
+    assert long["peak_mem_gb"] < 1.5 * short["peak_mem_gb"], (short, long)
+
+
+def test_cli_json_records(tiny_config_file, capsys):
+    rc = main(["bench", "--config", str(tiny_config_file), "--prefill-lengths", "40,100",
+               "--decode-batches", "1,3", "--decode-tokens", "5", "--json"])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(r["kind"], r["batch"], r["length"]) for r in lines] == [
+        ("prefill", 1, 40), ("prefill", 1, 100), ("decode", 1, 5), ("decode", 3, 5)]
+    weights_gib = 119880 * 4 / 2**30
+    for r in lines:
+        assert r["tok_s"] > 0 and r["peak_mem_gb"] >= weights_gib * 0.9
+        assert r["dtype"] == "float32" and r["params"] == 119880
+        assert r["tok_s"] == pytest.approx(r["batch"] * r["length"] / r["seconds"])
+    assert lines[0]["chunk"] == 32 and lines[0]["ttft_s"] > 0
+
+
+def test_cli_table_and_errors(tiny_config_file, capsys, tmp_path):
+    assert main(["bench", "--config", str(tiny_config_file), "--prefill-lengths", "20",
+                 "--decode-batches", "2", "--decode-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill" in out and "decode" in out and "tok/s" in out
+    assert main(["bench", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**TINY, "num_heads": 3}))
+    assert main(["bench", "--config", str(bad)]) == 2
+    assert "num_heads" in capsys.readouterr().err
+    assert main(["bench", "--shape", "9b"]) == 2
+    assert main(["bench", "--config", str(tiny_config_file), "--decode-tokens", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--prefill-lengths", "a,b"])
+    assert exc.value.code == 2

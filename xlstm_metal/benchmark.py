@@ -1,0 +1,299 @@
+"""Speed benchmarks of xLSTM-Large models with random weights (no download needed).
+
+Measures prefill tokens/s and time to first token at several prompt lengths, decode tokens/s at
+several batch sizes, and peak memory of each. Used by ``xlstm-metal bench`` and the side-by-side
+scripts under ``benchmarks/``.
+
+Prefill runs the backbone over the prompt in chunks of ``prefill_chunk`` tokens, carrying the
+recurrent state between chunks, and the LM head on the last position only, so memory stays
+bounded for any prompt length (the logits of a 131,072-token prompt alone would take 13 GB).
+Decode runs one compiled greedy step (all blocks, LM head, argmax) per token, scheduled with
+``mx.async_eval`` so the host builds step t+1 while the device computes step t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import xLSTMConfig
+from .models.xlstm_large import xLSTMLarge
+
+#: Named model shapes (xLSTM-Large architecture; vocab 50304 as NX-AI's tokenizer).
+SHAPES: dict[str, dict[str, int]] = {
+    "7b": dict(embedding_dim=4096, num_heads=8, num_blocks=32, vocab_size=50304),
+    "1.3b": dict(embedding_dim=2048, num_heads=4, num_blocks=24, vocab_size=50304),
+    "125m": dict(embedding_dim=768, num_heads=4, num_blocks=12, vocab_size=50304),
+}
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_GIB = 2**30
+
+
+def default_dtype() -> str:
+    """bfloat16 on a GPU; float32 on the CPU (MLX's CPU half-precision matmul is a slow fallback)."""
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+def shape_config(shape: str | Path, **overrides: Any) -> xLSTMConfig:
+    """A named shape ("7b", "1.3b", "125m"), a config.json file or a checkpoint directory."""
+    if str(shape).lower() in SHAPES:
+        fields: dict[str, Any] = dict(SHAPES[str(shape).lower()])
+        fields.update(overrides)
+        return xLSTMConfig(**fields)
+    path = Path(shape)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{shape!r} is neither a named shape ({', '.join(SHAPES)}) nor a config file"
+        )
+    config = xLSTMConfig.from_file(path)
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+
+def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0) -> xLSTMLarge:
+    """An xLSTM-Large model with random weights drawn directly in ``dtype``.
+
+    The module's own float32 initialisers stay lazy and are never evaluated: each parameter is
+    replaced by one drawn in the target dtype, and blocks are evaluated one at a time, so a 7B
+    model in bfloat16 peaks near its 14 GB rather than the 28 GB a float32 copy would take.
+    Scales follow NX-AI's initialisation (weights ~ N(0, 1/fan_in), input-gate bias -10,
+    forget-gate biases from 3 to 6) so activations and gates look like a trained model's.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    target = getattr(mx, dtype)
+    model = xLSTMLarge(config)
+    key = mx.random.key(seed)
+    E = config.embedding_dim
+
+    def draw(name: str, p: mx.array, index: int) -> mx.array:
+        k = mx.random.fold_in(key, index) if hasattr(mx.random, "fold_in") else mx.random.key(seed * 100003 + index)
+        if name.endswith("igate_preact.bias"):
+            return mx.full(p.shape, -10.0, dtype=target)
+        if name.endswith("fgate_preact.bias"):
+            return mx.linspace(3.0, 6.0, p.shape[0]).astype(target)
+        if name.endswith(".bias"):
+            return mx.zeros(p.shape, dtype=target)
+        if "norm" in name:
+            return mx.ones(p.shape, dtype=target)
+        if name.endswith("embeddings.weight"):
+            return mx.random.normal(p.shape, dtype=target, key=k) * math.sqrt(2.0 / (5 * E))
+        return mx.random.normal(p.shape, dtype=target, key=k) * (p.shape[-1] ** -0.5)
+
+    flat = tree_flatten(model.parameters())
+    new = [(name, draw(name, p, index)) for index, (name, p) in enumerate(flat)]
+    model.update(tree_unflatten(new))
+    del flat, new
+    # Evaluate block by block: bounded transient memory while drawing.
+    for block in model.backbone.blocks:
+        mx.eval(block.parameters())
+    mx.eval(model.parameters())
+    return model
+
+
+# ------------------------------------------------------------------------------------ forward
+def prefill(
+    model: xLSTMLarge, input_ids: mx.array, state: list | None = None, chunk: int | None = None
+) -> tuple[mx.array, list]:
+    """Run a prompt [B, S] through the model in chunks carrying the state.
+
+    Returns the logits of the last position [B, V] and the state. Between chunks the state is
+    evaluated (one sync per chunk of thousands of tokens) so each chunk's activations are freed
+    before the next is built.
+    """
+    config = model.config
+    chunk = chunk or config.max_inference_chunksize
+    S = input_ids.shape[1]
+    x = None
+    for start in range(0, S, chunk):
+        x, state = model.backbone(input_ids[:, start : start + chunk], state)
+        if start + chunk < S:
+            mx.eval(state)
+    last = x[:, -1, :]
+    if config.tie_word_embeddings:
+        logits = model.backbone.embeddings.as_linear(last)
+    else:
+        logits = model.lm_head(last)
+    cap = config.output_logit_soft_cap
+    if cap is not None:
+        logits = cap * mx.tanh(logits / cap)
+    return logits, state
+
+
+def make_decode_step(model: xLSTMLarge, compiled: bool = True) -> Callable:
+    """(tokens [B, 1] int32, state) -> (next tokens [B, 1] int32, state): one greedy step."""
+
+    def step(tokens: mx.array, state: list) -> tuple[mx.array, list]:
+        logits, state = model(tokens, state)
+        return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True).astype(mx.int32), state
+
+    return mx.compile(step, inputs=model.state) if compiled else step
+
+
+# ------------------------------------------------------------------------------- measurements
+def _sync() -> None:
+    mx.synchronize() if hasattr(mx, "synchronize") else None
+
+
+def _peak_gib() -> float:
+    return mx.get_peak_memory() / _GIB
+
+
+def measure_prefill(
+    model: xLSTMLarge,
+    length: int,
+    batch: int = 1,
+    chunk: int | None = None,
+    repeats: int = 1,
+    warmup: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prefill ``batch`` x ``length`` random tokens; best of ``repeats``.
+
+    Returns kind, batch, length, seconds, tok_s, ttft_s (prefill plus the first greedy token)
+    and peak_mem_gb (GiB, peak since the measurement started, weights included).
+    """
+    V = model.config.vocab_size
+    ids = mx.random.randint(0, V, (batch, length), key=mx.random.key(seed)).astype(mx.int32)
+    mx.eval(ids)
+    chunk = chunk or model.config.max_inference_chunksize
+    if warmup:
+        # Shapes up to one chunk: compiles/caches the kernels the timed run uses.
+        w = ids[:, : min(length, chunk)]
+        logits, state = prefill(model, w, chunk=chunk)
+        mx.eval(logits, state)
+        if length > chunk and length % chunk:
+            logits, state = prefill(model, ids[:, : length % chunk], chunk=chunk)
+            mx.eval(logits, state)
+        del logits, state
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        _sync()
+        t0 = time.perf_counter()
+        logits, state = prefill(model, ids, chunk=chunk)
+        first = mx.argmax(logits, axis=-1)
+        mx.eval(first, state)
+        best = min(best, time.perf_counter() - t0)
+        del logits, state, first
+    return {
+        "kind": "prefill",
+        "batch": batch,
+        "length": length,
+        "seconds": best,
+        "tok_s": batch * length / best,
+        "ttft_s": best,
+        "peak_mem_gb": _peak_gib(),
+        "chunk": chunk,
+    }
+
+
+def measure_decode(
+    model: xLSTMLarge,
+    batch: int,
+    tokens: int = 64,
+    compiled: bool = True,
+    warmup: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Greedy decode of ``tokens`` steps for ``batch`` rows from a zero state.
+
+    The mLSTM state has a fixed size, so a step costs the same at any context length.
+    Returns kind, batch, length (= tokens), seconds, tok_s (batch * tokens / seconds),
+    ms_per_step and peak_mem_gb.
+    """
+    step = make_decode_step(model, compiled=compiled)
+    V = model.config.vocab_size
+    tok = mx.random.randint(0, V, (batch, 1), key=mx.random.key(seed)).astype(mx.int32)
+    state = model.make_state(batch)
+    mx.eval(tok, state)
+    for _ in range(max(1, warmup)):
+        tok, state = step(tok, state)
+        mx.eval(tok, state)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok, state = step(tok, state)
+        mx.async_eval(tok, state)
+    mx.eval(tok, state)
+    seconds = time.perf_counter() - t0
+    return {
+        "kind": "decode",
+        "batch": batch,
+        "length": tokens,
+        "seconds": seconds,
+        "tok_s": batch * tokens / seconds,
+        "ms_per_step": 1000 * seconds / tokens,
+        "peak_mem_gb": _peak_gib(),
+        "compiled": compiled,
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and BLAS: what every reported figure needs beside it."""
+    from . import __version__, _blas
+
+    info: dict[str, Any] = {
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "xlstm_metal": __version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    try:
+        info["device_name"] = mx.device_info().get("device_name") if mx.default_device() == mx.gpu else None
+    except Exception:  # device_info is missing on some backends
+        info["device_name"] = None
+    if mx.default_device() == mx.cpu:
+        blas = _blas.info()
+        info["blas"] = blas["blas"]
+        info["blas_core"] = blas["core"]
+    return info
+
+
+def run_suite(
+    config: xLSTMConfig,
+    *,
+    dtype: str,
+    prefill_lengths: Iterable[int] = (),
+    decode_batches: Iterable[int] = (),
+    decode_tokens: int = 64,
+    prefill_batch: int = 1,
+    prefill_chunk: int | None = None,
+    repeats: int = 1,
+    compiled: bool = True,
+    seed: int = 0,
+    model: xLSTMLarge | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Build a random model once, then yield one record per measurement (prefill first)."""
+    if model is None:
+        model = random_model(config, dtype=dtype, seed=seed)
+    common = {
+        "dtype": dtype,
+        "state_dtype": config.inference_state_dtype,
+        "params": count_parameters(model),
+        "embedding_dim": config.embedding_dim,
+        "num_blocks": config.num_blocks,
+    }
+    for length in prefill_lengths:
+        yield {**measure_prefill(model, length, batch=prefill_batch, chunk=prefill_chunk,
+                                 repeats=repeats, seed=seed), **common}
+    for batch in decode_batches:
+        yield {**measure_decode(model, batch, tokens=decode_tokens, compiled=compiled, seed=seed), **common}

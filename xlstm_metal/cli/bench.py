@@ -1,0 +1,128 @@
+"""`xlstm-metal bench`: prefill / decode speed and memory of random-weight xLSTM models.
+
+Examples::
+
+    xlstm-metal bench --shape 125m --prefill-lengths 512 --decode-batches 1,8
+    xlstm-metal bench --shape 7b --dtype bfloat16 --prefill-lengths 2048,16384,131072 \\
+        --decode-batches 1,16,64 --json
+    xlstm-metal bench --config path/to/config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import UsageError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="prefill/decode tokens/s, time to first token and peak memory (random weights)",
+        description="Benchmark an xLSTM-Large model of a named shape or config file with random "
+        "weights (nothing is downloaded). Prefill runs in chunks carrying the state, so long "
+        "prompts use bounded memory; decode runs a compiled greedy step.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--shape", default="125m", help="named shape: 7b, 1.3b or 125m (default: 125m)")
+    src.add_argument("--config", help="config.json file (or checkpoint directory) giving the shape")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="recurrent state dtype (default: the config's, float32)")
+    p.add_argument("--prefill-lengths", type=_int_list, default=[512],
+                   help="comma-separated prompt lengths (default: 512)")
+    p.add_argument("--prefill-batch", type=int, default=1, help="rows per prefill (default: 1)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per forward during prefill (default: config max_inference_chunksize)")
+    p.add_argument("--decode-batches", type=_int_list, default=[1],
+                   help="comma-separated decode batch sizes (default: 1)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default: 32)")
+    p.add_argument("--repeats", type=int, default=1, help="prefill repeats, best kept (default: 1)")
+    p.add_argument("--no-compile", action="store_true", help="do not mx.compile the decode step")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep separate projection weights (default: fuse them at load time)")
+    p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.set_defaults(func=run)
+    return p
+
+
+def _table(records: list[dict[str, Any]], env: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=", ".join(
+        f"{k}={env[k]}" for k in ("device", "device_name", "mlx", "blas_core") if env.get(k)))
+    for col in ("kind", "batch", "length", "tok/s", "TTFT / step", "peak mem (GiB)"):
+        table.add_column(col, justify="right" if col != "kind" else "left")
+    for r in records:
+        latency = f"{r['ttft_s'] * 1000:.1f} ms" if r["kind"] == "prefill" else f"{r['ms_per_step']:.2f} ms"
+        table.add_row(r["kind"], str(r["batch"]), str(r["length"]), f"{r['tok_s']:,.1f}", latency,
+                      f"{r['peak_mem_gb']:.2f}")
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from .. import benchmark as bm
+
+    if args.device:
+        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    for name in ("prefill_batch", "decode_tokens", "repeats"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.prefill_chunk is not None and args.prefill_chunk <= 0:
+        raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    overrides = {"inference_state_dtype": args.state_dtype} if args.state_dtype else {}
+    source = args.config or args.shape
+    try:
+        config = bm.shape_config(source, **overrides)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:  # ConfigError and bad JSON
+        raise UsageError(f"{source}: {err}") from None
+    dtype = args.dtype or bm.default_dtype()
+
+    from tqdm import tqdm
+
+    env = bm.environment()
+    steps = len(args.prefill_lengths) + len(args.decode_batches)
+    records = []
+    with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None) as bar:
+        bar.set_postfix_str("building random model")
+        model = bm.random_model(config, dtype=dtype, seed=args.seed)
+        if not args.no_fuse and hasattr(model, "fuse"):
+            model.fuse()
+        bar.update(1)
+        for record in bm.run_suite(
+            config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
+            decode_batches=args.decode_batches, decode_tokens=args.decode_tokens,
+            prefill_batch=args.prefill_batch, prefill_chunk=args.prefill_chunk,
+            repeats=args.repeats, compiled=not args.no_compile, seed=args.seed,
+        ):
+            record = {**record, "shape": str(source), "fused": not args.no_fuse and hasattr(model, "fuse"),
+                      **env}
+            records.append(record)
+            if args.json:
+                print(json.dumps(record), flush=True)
+            bar.update(1)
+    if not args.json:
+        _table(records, env, f"xlstm-metal bench: {source}, {dtype} weights, "
+                             f"{config.inference_state_dtype} state")
+    return 0
