@@ -1,0 +1,348 @@
+"""`xlstm-metal train`: train or fine-tune an xLSTM language model on text.
+
+    xlstm-metal train DATA... --out runs/my-model [--config preset|config.json | --init-from CKPT]
+                      [--tokenizer tokenizer.json | --vocab-size 4096] [--steps N | --max-time S]
+
+DATA are text files, directories of them, or JSON Lines files (``--text-field``). Without
+--tokenizer a byte-level BPE is trained on the training data. The run directory gets
+``checkpoint-<step>/`` (Hugging Face format + optimizer/data state), ``metrics.jsonl``,
+``loss.png`` and, with --export, the model with the best validation loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import UsageError
+
+#: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
+PRESETS: dict[str, dict] = {
+    # For tests and smoke runs: trains in seconds on a CPU.
+    "tiny": dict(embedding_dim=64, num_heads=2, num_blocks=2, chunk_size=16),
+    # The shipped default model (~4.3M parameters with a 4096-token vocabulary).
+    "pydoc-4m": dict(embedding_dim=256, num_heads=4, num_blocks=4, tie_word_embeddings=True, chunk_size=64),
+    # GPT-2-small-like width and depth (~125M parameters with a 50k vocabulary).
+    "xlstm-125m": dict(embedding_dim=768, num_heads=4, num_blocks=12, chunk_size=64),
+}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train or fine-tune a model on text", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", nargs="*", help="text files, directories, or .jsonl files (default on --resume: the run's data)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png)")
+    src = p.add_argument_group("model")
+    src.add_argument("--config", default=None,
+                     help=f"config JSON (xLSTM-Large fields) or a preset: {', '.join(PRESETS)} (default: tiny)")
+    src.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune this checkpoint directory")
+    src.add_argument("--kernel", default="chunkwise", help="mLSTM kernel for training (default: chunkwise)")
+    tok = p.add_argument_group("tokenizer")
+    tok.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory); default: the checkpoint's, or train a BPE")
+    tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a BPE trained here (default 4096)")
+    d = p.add_argument_group("data")
+    d.add_argument("--text-field", default="text", help="field of JSON Lines records holding the text")
+    d.add_argument("--val-fraction", type=float, default=0.02, help="held-out fraction of the tokens (default 0.02)")
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--batch-size", type=int, default=16)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 unless --max-time)")
+    o.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                   help="train for this long: the step count is sized from measured step time")
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--min-lr-ratio", type=float, default=0.1)
+    o.add_argument("--warmup", type=int, default=100)
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (weights stay float32); use float32 on CPUs")
+    o.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--eval-every", type=int, default=200)
+    r.add_argument("--eval-batches", type=int, default=16)
+    r.add_argument("--save-every", type=int, default=500)
+    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
+    r.add_argument("--export", default=None, metavar="DIR",
+                   help="write the best-validation model (+ tokenizer, generation_config.json) here")
+    r.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _config_dict(spec: str) -> dict:
+    path = Path(spec).expanduser()
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"config file {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"config file {path} must hold a JSON object")
+        return data
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    raise UsageError(f"--config {spec!r} is neither a JSON file nor a preset ({', '.join(PRESETS)})")
+
+
+def _build_model(config: dict, kernel: str, seed: int):
+    """A fresh model from a config dict (xLSTM-Large; NX-AI 2024 xLSTM when that module exists)."""
+    import mlx.core as mx
+
+    from ..config import ConfigError, xLSTMConfig
+    from ..models import xlstm_2024_available
+
+    if xlstm_2024_available():
+        from ..models import xlstm_2024
+
+        if xlstm_2024.is_xlstm_2024_config(config):
+            if not hasattr(xlstm_2024, "model_from_config"):
+                raise UsageError("this build cannot create a 2024 xLSTM from a config for training")
+            mx.random.seed(seed)
+            return xlstm_2024.model_from_config(config)
+    from ..models.xlstm_large import xLSTMLarge
+    from ..training.trainer import init_xlstm_large
+
+    try:
+        cfg = xLSTMConfig.from_dict({**config, "chunkwise_kernel": kernel})
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    model = xLSTMLarge(cfg)
+    init_xlstm_large(model, seed)
+    return model
+
+
+
+def _special_ids(tokenizer, config) -> tuple[int | None, int | None]:
+    """BOS / EOS ids wrapped around each document: the tokenizer's <|bos|>/<|eos|>-style
+    tokens when it has them, else the model config's ids."""
+    from ..training.data import BOS_TOKEN, EOS_TOKEN
+
+    bos = tokenizer.token_to_id(BOS_TOKEN)
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+    return bos, eos
+
+
+def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, overwrite: bool) -> Path:
+    """Write the best-validation weights as a shippable checkpoint (atomic directory swap)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+    from ..loading import save_model
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--export directory {out} is not empty; pass --overwrite to replace it")
+    current = dict(tree_flatten(model.parameters()))
+    weights = best_params or current
+    target = getattr(mx, dtype)
+    model.update(tree_unflatten([(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v)
+                                 for k, v in weights.items()]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_model(model, tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        cfg = model.config
+        gen = {"bos_token_id": getattr(cfg, "bos_token_id", None), "eos_token_id": getattr(cfg, "eos_token_id", None),
+               "pad_token_id": getattr(cfg, "pad_token_id", None), "do_sample": True, "temperature": 0.8,
+               "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 200}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.update(tree_unflatten(list(current.items())))
+    return out
+
+
+# ------------------------------------------------------------------------------ run
+def run(args) -> int:
+    from .. import _blas  # noqa: F401  (xlstm_metal's __init__ preloads the BLAS before mlx)
+    import mlx.core as mx
+
+    from ..loading import CheckpointError, load_model
+    from ..training.checkpoint import ResumeError, latest_checkpoint, read_trainer_state
+    from ..training.data import (
+        DataError,
+        load_documents,
+        load_tokenizer_file,
+        save_tokenizer,
+        split_stream,
+        tokenize_documents,
+        tokenizer_config_dict,
+        train_bpe_tokenizer,
+    )
+    from ..training.trainer import Trainer, TrainingConfig, count_parameters
+
+    out = Path(args.out).expanduser()
+    resume_ckpt = None
+    data_paths = list(args.data)
+    if args.resume:
+        try:
+            resume_ckpt = latest_checkpoint(out)
+            saved = read_trainer_state(resume_ckpt)
+        except ResumeError as err:
+            raise UsageError(str(err)) from None
+        cfg = TrainingConfig(**saved["training_config"])
+        data_paths = data_paths or saved.get("data", [])
+        val_fraction, text_field = saved.get("val_fraction", args.val_fraction), saved.get("text_field", args.text_field)
+    else:
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
+        if args.config and args.init_from:
+            raise UsageError("give --config (new model) or --init-from (fine-tuning), not both")
+        steps = args.steps if args.steps is not None else (None if args.max_time else 1000)
+        cfg = TrainingConfig(
+            seq_len=args.seq_len, batch_size=args.batch_size, steps=steps, max_time=args.max_time, lr=args.lr,
+            min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip, dtype=args.dtype, eval_every=args.eval_every, eval_batches=args.eval_batches,
+            save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
+        )
+        val_fraction, text_field = args.val_fraction, args.text_field
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not data_paths:
+        raise UsageError("no training data given")
+
+    # Everything that can fail on bad input happens before anything is written to --out.
+    try:
+        docs = load_documents(data_paths, text_field)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    try:
+        if resume_ckpt is not None:
+            model = load_model(resume_ckpt, dtype="float32")
+            tokenizer_src = resume_ckpt
+        elif args.init_from:
+            model = load_model(args.init_from, dtype="float32")
+            tokenizer_src = args.tokenizer or args.init_from
+        else:
+            model = None
+            tokenizer_src = args.tokenizer
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="xlstm-train-tok-"))
+    try:
+        try:
+            if tokenizer_src is not None:
+                tokenizer = load_tokenizer_file(tokenizer_src)
+                src = Path(tokenizer_src)
+                src_dir = src if src.is_dir() else src.parent
+                shutil.copyfile(src_dir / "tokenizer.json" if src.is_dir() else src, tok_dir / "tokenizer.json")
+                if (src_dir / "tokenizer_config.json").is_file():
+                    shutil.copyfile(src_dir / "tokenizer_config.json", tok_dir / "tokenizer_config.json")
+            else:
+                print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(docs)} documents",
+                      file=sys.stderr)
+                tokenizer = train_bpe_tokenizer((d.text for d in docs), args.vocab_size)
+                save_tokenizer(tokenizer, tok_dir, tokenizer_config_dict(tokenizer))
+        except DataError as err:
+            raise UsageError(str(err)) from None
+
+        vocab = tokenizer.get_vocab_size()
+        if model is None:
+            config = _config_dict(args.config or "tiny")
+            config.setdefault("vocab_size", int(math.ceil(vocab / 64) * 64))
+            model = _build_model(config, args.kernel, cfg.seed)
+        elif hasattr(model.config, "chunkwise_kernel"):
+            _set_training_kernel(model, args.kernel)
+        model_vocab = int(model.config.vocab_size)
+        if model_vocab < vocab:
+            raise UsageError(
+                f"the model's vocab_size ({model_vocab}) is smaller than the tokenizer's vocabulary ({vocab}): "
+                "token ids would fall outside the embedding; raise vocab_size in the config or use another tokenizer"
+            )
+        bos, eos = _special_ids(tokenizer, model.config)
+        for name, value in (("BOS", bos), ("EOS", eos)):
+            if value is not None and not 0 <= value < model_vocab:
+                raise UsageError(f"{name} token id {value} is outside the model's vocabulary ({model_vocab})")
+
+        doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
+        train_stream, val_stream = split_stream(doc_tokens, val_fraction, cfg.seed)
+        extra = {"data": [str(Path(p).resolve()) for p in data_paths], "val_fraction": val_fraction,
+                 "text_field": text_field}
+        try:
+            trainer = Trainer(model, train_stream, val_stream, cfg, out, tok_dir,
+                              progress=not args.no_progress, extra_state=extra)
+        except (DataError, ValueError) as err:
+            raise UsageError(str(err)) from None
+        if resume_ckpt is not None:
+            try:
+                trainer.resume_from(resume_ckpt)
+            except (ResumeError, ValueError) as err:
+                raise UsageError(str(err)) from None
+        elif out.exists() and args.overwrite:
+            for child in out.iterdir():
+                if child.name.startswith("checkpoint-") or child.name in ("metrics.jsonl", "loss.png"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+        n_params = count_parameters(model)
+        print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
+              f"/ {len(val_stream):,} validation tokens; {cfg.batch_size} x {cfg.seq_len} tokens per step, "
+              f"device {mx.default_device()}", file=sys.stderr)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - t0
+        best = f"best validation loss {result.best_val_loss:.4f} (perplexity {math.exp(result.best_val_loss):.2f}) at step {result.best_step}"
+        print(f"done: {result.step} steps, {result.tokens:,} tokens in {wall:.0f} s ({result.tokens / max(wall, 1e-9):,.0f} tok/s); "
+              f"{best}; checkpoint {result.checkpoint or trainer.out_dir}", file=sys.stderr)
+        summary = {"params": n_params, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
+                   "best_val_loss": result.best_val_loss, "best_val_ppl": math.exp(result.best_val_loss),
+                   "best_step": result.best_step, "train_tokens": int(len(train_stream)),
+                   "val_tokens": int(len(val_stream)), "device": str(mx.default_device()),
+                   "mlx": mx.__version__, "argv": sys.argv}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if args.export:
+            path = _export(model, trainer.best_params, Path(args.export).expanduser(), tok_dir,
+                           args.export_dtype, args.overwrite)
+            print(f"exported the step-{result.best_step} model to {path}", file=sys.stderr)
+    finally:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+    return 0
+
+
+def _set_training_kernel(model, kernel: str) -> None:
+    """Point a loaded xLSTM-Large's parallel kernel cells at ``kernel`` (default: the MLX
+    chunkwise reference, which MLX differentiates)."""
+    from ..kernels import resolve_kernel_name
+
+    try:
+        name = resolve_kernel_name(kernel)
+    except KeyError as err:
+        raise UsageError(f"--kernel: {err.args[0]}") from None
+    model.config.chunkwise_kernel = kernel
+    for block in getattr(model, "blocks", []):
+        cell = getattr(getattr(block, "mlstm_layer", None), "parallel_kernel_cell", None)
+        if cell is not None:
+            cell.kernel = name

@@ -1,0 +1,305 @@
+"""Training data: text sources -> tokens -> packed [B, S+1] windows, with a held-out split.
+
+Sources are text files, directories (walked recursively, hidden entries skipped) and JSON
+Lines files (``*.jsonl``) whose records hold the text under a field (``text`` by default).
+Documents are tokenized, wrapped as ``[BOS] doc [EOS]`` and concatenated in a seeded shuffled
+order; the last ``val_fraction`` of that token stream is the validation split (so validation
+is made of documents the model never trains on, bar the one document cut at the boundary).
+
+Training windows are non-overlapping slices of ``seq_len + 1`` tokens (inputs = first S,
+targets = last S). Each epoch starts the slicing at a seeded random offset and visits the
+windows in a seeded random order, so the data position is just (epoch, batch index): a run
+resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+#: Special tokens of tokenizers trained here; their ids (0, 1, 2) match xLSTMConfig's defaults.
+BOS_TOKEN, PAD_TOKEN, EOS_TOKEN = "<|bos|>", "<|pad|>", "<|eos|>"
+SPECIAL_TOKENS = (BOS_TOKEN, PAD_TOKEN, EOS_TOKEN)
+_SNIFF_BYTES = 8192
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file or the setting."""
+
+
+# ------------------------------------------------------------------------------ reading text
+@dataclass(frozen=True)
+class Document:
+    source: str  # file path, or "path:line" for a JSON Lines record
+    text: str
+
+
+def _check_text_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    if b"\x00" in head:
+        raise DataError(f"{path} looks binary (it contains NUL bytes); give text, JSON Lines or a directory of them")
+
+
+def _read_text(path: Path) -> str:
+    _check_text_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); binary file?") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    _check_text_file(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{number}: record has no {text_field!r} field (has {keys}); set --text-field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
+        yield Document(f"{path}:{number}", text)
+
+
+def _files_under(directory: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+    return files
+
+
+def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[Document]:
+    """Documents of text files, ``*.jsonl`` files and directories of them, in a stable order.
+
+    Raises DataError for a missing path, an empty directory, a binary or non-UTF-8 file, or a
+    JSON Lines record without the text field.
+    """
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            files = _files_under(path)
+            if not files:
+                raise DataError(f"directory {path} holds no files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DataError(f"data path not found: {path}")
+        for file in files:
+            if file.suffix == ".jsonl":
+                yield from _read_jsonl(file, text_field)
+            else:
+                yield Document(str(file), _read_text(file))
+
+
+def load_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> list[Document]:
+    """All non-blank documents of ``paths`` (see :func:`iter_documents`); DataError if none."""
+    paths = list(paths)
+    if not paths:
+        raise DataError("no training data given")
+    docs = [d for d in iter_documents(paths, text_field) if d.text.strip()]
+    if not docs:
+        raise DataError(f"no text found in {', '.join(map(str, paths))} (all files empty)")
+    return docs
+
+
+# ------------------------------------------------------------------------------ tokenizers
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``.
+
+    Ids 0, 1, 2 are ``<|bos|>``, ``<|pad|>``, ``<|eos|>``. Byte-level: any text encodes, and
+    decoding restores it exactly.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"tokenizer vocab size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def tokenizer_config_dict(tokenizer, model_max_length: int = 1_000_000) -> dict:
+    """tokenizer_config.json contents for a tokenizer trained by :func:`train_bpe_tokenizer`."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike, config: dict | None = None) -> None:
+    """Write tokenizer.json (+ tokenizer_config.json when ``config`` is given) atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "tokenizer.json", tokenizer.to_str())
+    if config is not None:
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+
+
+def load_tokenizer_file(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json file or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises plain Exception subclasses for bad files
+        raise DataError(f"cannot read tokenizer {path}: {err}") from None
+
+
+# ------------------------------------------------------------------------------ token streams
+def tokenize_documents(
+    tokenizer, docs: list[Document], bos_id: int | None, eos_id: int | None, batch: int = 256
+) -> list[np.ndarray]:
+    """Token ids of each document as int32 arrays, ``[bos] ids [eos]`` (either may be None)."""
+    out = []
+    for start in range(0, len(docs), batch):
+        encodings = tokenizer.encode_batch([d.text for d in docs[start : start + batch]], add_special_tokens=False)
+        for enc in encodings:
+            ids = enc.ids
+            if bos_id is not None:
+                ids = [bos_id] + ids
+            if eos_id is not None:
+                ids = ids + [eos_id]
+            out.append(np.asarray(ids, dtype=np.int32))
+    return out
+
+
+def split_stream(
+    doc_tokens: list[np.ndarray], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) token streams: documents shuffled (seeded), the last
+    ``val_fraction`` of the concatenated tokens held out."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(doc_tokens))
+    stream = np.concatenate([doc_tokens[i] for i in order]) if doc_tokens else np.zeros(0, np.int32)
+    n_val = int(round(len(stream) * val_fraction))
+    return stream[: len(stream) - n_val], stream[len(stream) - n_val :]
+
+
+@dataclass
+class DataPosition:
+    """Where the training batches are: the next batch is ``batch`` of ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+class PackedBatches:
+    """Batches of packed windows over one token stream.
+
+    ``next()`` -> (inputs [B, S] int32, targets [B, S] int32) as numpy arrays; ``position``
+    says which batch comes next and can be set to resume.
+    """
+
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, name: str = "training"):
+        if seq_len < 2:
+            raise DataError(f"sequence length must be >= 2, got {seq_len}")
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        self.stream = np.ascontiguousarray(stream, dtype=np.int32)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        # The worst-case offset (seq_len - 1) must still leave one full batch.
+        usable = len(self.stream) - 1 - (seq_len - 1)
+        if usable // seq_len < batch_size:
+            raise DataError(
+                f"{name} split has {len(self.stream)} tokens: too few for one batch of {batch_size} x "
+                f"{seq_len + 1} tokens; give more data, or lower --batch-size / --seq-len"
+            )
+        self.position = DataPosition()
+        self._epoch_cache: tuple[int, int, np.ndarray] | None = None
+
+    def _epoch_plan(self, epoch: int) -> tuple[int, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self.seq_len))
+            n_windows = (len(self.stream) - 1 - offset) // self.seq_len
+            self._epoch_cache = (epoch, offset, rng.permutation(n_windows))
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        _, order = self._epoch_plan(self.position.epoch if epoch is None else epoch)
+        return len(order) // self.batch_size
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        pos = self.position
+        if pos.batch >= self.batches_per_epoch(pos.epoch):
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+        offset, order = self._epoch_plan(pos.epoch)
+        starts = offset + order[pos.batch * self.batch_size : (pos.batch + 1) * self.batch_size] * self.seq_len
+        windows = self.stream[starts[:, None] + np.arange(self.seq_len + 1)[None, :]]
+        pos.batch += 1
+        return windows[:, :-1], windows[:, 1:]
+
+
+def validation_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Consecutive non-overlapping [N, seq_len + 1] windows of the validation stream."""
+    if seq_len < 2:
+        raise DataError(f"sequence length must be >= 2, got {seq_len}")
+    n = (len(stream) - 1) // seq_len
+    if n < 1:
+        raise DataError(
+            f"validation split has {len(stream)} tokens: too few for one window of {seq_len + 1}; "
+            "raise --val-fraction, give more data, or lower --seq-len"
+        )
+    if max_windows is not None:
+        n = min(n, max_windows)
+    starts = np.arange(n) * seq_len
+    return stream[starts[:, None] + np.arange(seq_len + 1)[None, :]]

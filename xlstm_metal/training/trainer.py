@@ -1,0 +1,463 @@
+"""The training loop: AdamW, warmup + cosine schedule, clipping, compiled step, eval, checkpoints.
+
+Works for any model following the project contract ``model(input_ids [B, S]) -> (logits
+[B, S, V], state)`` with a ``config`` attribute that ``save_model`` can write.
+
+Mixed precision: parameters stay float32 (the optimizer's master copy); with
+``compute_dtype="bfloat16"`` the loss function casts them for the forward/backward pass, so
+gradients arrive in float32. MLX's half-precision matmul is a slow fallback on CPUs: use
+float32 there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .checkpoint import read_trainer_state, restore_optimizer, save_checkpoint
+from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of one training run (saved in every checkpoint; a resumed run reuses them)."""
+
+    seq_len: int = 512
+    batch_size: int = 16
+    steps: int | None = 1000            # total optimizer steps; None: set from max_time
+    max_time: float | None = None       # seconds of training (incl. eval); sizes `steps` when None
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0              # global-norm clipping; 0 disables
+    beta1: float = 0.9
+    beta2: float = 0.95
+    dtype: str = "float32"              # compute dtype: float32 | bfloat16 | float16
+    eval_every: int = 200
+    eval_batches: int = 16
+    save_every: int = 500
+    keep: int = 2                       # checkpoints kept
+    log_every: int = 10
+    seed: int = 0
+    probe_steps: int = 20               # steps timed to size a max_time run
+
+    def validate(self) -> None:
+        problems = []
+        if self.seq_len < 2:
+            problems.append(f"sequence length must be >= 2, got {self.seq_len}")
+        for name in ("batch_size", "eval_every", "eval_batches", "save_every", "log_every", "probe_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is None and self.max_time is None:
+            problems.append("give the number of steps or a time budget (max_time)")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.max_time is not None and self.max_time <= 0:
+            problems.append(f"max_time must be > 0, got {self.max_time}")
+        if self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps and self.steps > 1):
+            problems.append(f"warmup ({self.warmup}) must be in [0, steps)")
+        if self.max_time is not None and self.steps is None and self.warmup <= self.probe_steps:
+            problems.append(f"with a time budget, warmup ({self.warmup}) must exceed the probe steps ({self.probe_steps})")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            problems.append("weight decay and gradient clipping must be >= 0")
+        if self.dtype not in _DTYPES:
+            problems.append(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------ model init
+def init_xlstm_large(model, seed: int = 0) -> None:
+    """Initialise a fresh xLSTM-Large for training from scratch.
+
+    Projections: normal(0, sqrt(2 / (5 E))) ("small init"); the layers writing into the
+    residual stream (out_proj, proj_down): normal(0, 2 / (num_blocks sqrt(E))). Gate weights
+    start at zero, forget-gate biases spread over [3, 6] across heads (long memory first),
+    input-gate biases at -10 (xLSTM 7B: keeps early training stable). Norm weights stay 1.
+    """
+    cfg = model.config
+    E, NH = cfg.embedding_dim, cfg.num_heads
+    small = math.sqrt(2 / (5 * E))
+    wang = 2 / (cfg.num_blocks * math.sqrt(E))
+    key = mx.random.key(seed)
+    new = []
+    for index, (name, p) in enumerate(tree_flatten(model.parameters())):
+        k = mx.random.fold_in(key, index) if hasattr(mx.random, "fold_in") else mx.random.split(key, index + 2)[-1]
+        if "norm" in name:
+            value = mx.ones_like(p)
+        elif name.endswith(("igate_preact.weight", "fgate_preact.weight")):
+            value = mx.zeros_like(p)
+        elif name.endswith("igate_preact.bias"):
+            value = mx.full(p.shape, -10.0)
+        elif name.endswith("fgate_preact.bias"):
+            value = mx.linspace(3.0, 6.0, NH)
+        elif name.endswith(".bias"):
+            value = mx.zeros_like(p)
+        elif name.endswith(("out_proj.weight", "proj_down.weight")):
+            value = mx.random.normal(p.shape, key=k) * wang
+        else:
+            value = mx.random.normal(p.shape, key=k) * small
+        new.append((name, value.astype(p.dtype)))
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+
+
+def count_parameters(model) -> int:
+    return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+
+# ------------------------------------------------------------------------------ pieces
+def _no_decay(path: str, _value: mx.array) -> bool:
+    """Norm weights, biases and embeddings are not decayed (decay would pull norms to 0)."""
+    return "norm" in path or path.endswith(".bias") or "embeddings" in path
+
+
+def make_optimizer(cfg: TrainingConfig) -> optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only; the learning rate is set per step."""
+    decayed = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
+    plain = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=0.0)
+    return optim.MultiOptimizer([plain, decayed], [_no_decay])
+
+
+def make_schedule(cfg: TrainingConfig, total_steps: int) -> Callable[[int], mx.array]:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    warm = max(cfg.warmup, 1)
+    decay_steps = max(total_steps - 1 - cfg.warmup, 1)  # the last step runs at the floor
+    return optim.join_schedules(
+        [optim.linear_schedule(cfg.lr / warm, cfg.lr, warm),
+         optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)],
+        [cfg.warmup],
+    )
+
+
+def _set_learning_rate(optimizer, lr: mx.array) -> None:
+    for sub in getattr(optimizer, "optimizers", [optimizer]):
+        sub.learning_rate = lr
+
+
+def make_loss_fn(model, compute_dtype: mx.Dtype) -> Callable:
+    """(params, inputs [B, S], targets [B, S]) -> mean next-token cross-entropy (float32)."""
+
+    def cast(p):
+        return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
+
+    def loss_fn(params, inputs, targets):
+        model.update(params if compute_dtype == mx.float32 else tree_map(cast, params))
+        logits, _ = model(inputs)
+        return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
+
+    return loss_fn
+
+
+def stream_fingerprint(stream: np.ndarray) -> str:
+    """Identifies a token stream (to refuse resuming on different data)."""
+    return f"{len(stream)}:{hashlib.sha1(np.ascontiguousarray(stream[:1_000_000]).tobytes()).hexdigest()[:16]}"
+
+
+# ------------------------------------------------------------------------------ metrics
+def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Loss curve PNG (train loss per logged step, validation loss at each eval), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train), lw=1, label="train loss", color="tab:blue")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, lw=1.5, label="validation loss", color="tab:orange")
+        best = min(val, key=lambda sv: sv[1])
+        ax.annotate(f"best {best[1]:.3f} (ppl {math.exp(best[1]):.1f})", best, textcoords="offset points",
+                    xytext=(0, 12), ha="center", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "xlstm-metal train")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------------------ trainer
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    elapsed: float
+    losses: list[tuple[int, float]] = field(default_factory=list)   # (step, train loss) logged
+    evals: list[tuple[int, float]] = field(default_factory=list)    # (step, validation loss)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    checkpoint: Path | None = None
+
+
+class Trainer:
+    """Trains ``model`` on packed token streams.
+
+    Args:
+        model: the model (parameters float32).
+        train_stream, val_stream: int32 token streams (see ``data.split_stream``).
+        cfg: the run's settings.
+        out_dir: where checkpoints, metrics.jsonl and loss.png go.
+        tokenizer_dir: a directory with tokenizer.json (+ tokenizer_config.json), copied into
+            each checkpoint.
+        progress: show a tqdm bar.
+    """
+
+    def __init__(self, model, train_stream: np.ndarray, val_stream: np.ndarray, cfg: TrainingConfig,
+                 out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, progress: bool = True,
+                 extra_state: dict[str, Any] | None = None):
+        cfg.validate()
+        self.model, self.cfg = model, cfg
+        self.out_dir, self.tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+        self.progress = progress
+        self.extra_state = dict(extra_state or {})
+        self.batches = PackedBatches(train_stream, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.val = validation_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+        self.fingerprint = stream_fingerprint(train_stream)
+        self.compute_dtype = _DTYPES[cfg.dtype]
+        self.optimizer = make_optimizer(cfg)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.total_steps = cfg.steps
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.best_params: dict | None = None
+        self.records: list[dict[str, Any]] = []
+        self._train_step = None
+        self._eval_step = None
+
+    # -------------------------------------------------------------- state
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
+            "data_fingerprint": self.fingerprint,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "training_config": asdict(self.cfg),
+            **self.extra_state,
+        }
+
+    def resume_from(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint``: weights must already be loaded into the model; this
+        restores optimizer, RNG, step, schedule and data position."""
+        state = read_trainer_state(checkpoint)
+        if state.get("data_fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{checkpoint} was trained on different data (token stream {state.get('data_fingerprint')}, "
+                f"now {self.fingerprint}); resume with the same data and tokenizer"
+            )
+        restore_optimizer(checkpoint, self.optimizer)
+        self.step = int(state["step"])
+        self.total_steps = state["total_steps"]
+        self.tokens = int(state["tokens"])
+        self.elapsed = float(state["elapsed"])
+        self.batches.position = DataPosition(**state["data_position"])
+        self.best_val_loss, self.best_step = state.get("best_val_loss"), state.get("best_step")
+        # Metrics logged after the checkpoint belong to the abandoned run.
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r.get("step", 0) <= self.step]
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    # -------------------------------------------------------------- compiled steps
+    def _build_steps(self) -> None:
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
+        loss_fn = make_loss_fn(model, self.compute_dtype)
+        grad_fn = mx.value_and_grad(loss_fn)
+        optimizer.init(model.trainable_parameters())
+        state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def train_step(inputs, targets):
+            params = model.trainable_parameters()
+            loss, grads = grad_fn(params, inputs, targets)
+            model.update(params)  # the float32 masters back in place of the cast copies
+            if cfg.grad_clip > 0:
+                grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+            else:
+                grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+            optimizer.update(model, grads)
+            return loss, grad_norm
+
+        @partial(mx.compile, inputs=[model.state], outputs=[model.state])
+        def eval_step(inputs, targets):
+            params = model.trainable_parameters()
+            loss = loss_fn(params, inputs, targets)
+            model.update(params)
+            return loss
+
+        self._train_step, self._eval_step = train_step, eval_step
+
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy over the held-out windows (nats/token)."""
+        if self._eval_step is None:
+            self._build_steps()
+        total, count = mx.array(0.0), 0
+        for start in range(0, len(self.val), self.cfg.batch_size):
+            window = mx.array(self.val[start : start + self.cfg.batch_size])
+            loss = self._eval_step(window[:, :-1], window[:, 1:])
+            total = total + loss * window.shape[0]
+            count += window.shape[0]
+            mx.eval(total)
+        return (total / count).item()
+
+    # -------------------------------------------------------------- loop
+    def _log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        plot_metrics(self.records, self.out_dir / "loss.png",
+                     title=f"xlstm-metal train: {count_parameters(self.model) / 1e6:.2f}M params")
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                               self.tokenizer_dir, keep=self.cfg.keep)
+
+    def _size_from_time(self, step_time: float, start_step: int, spent: float) -> int:
+        """Total steps that fit the time budget, eval passes (~1/3 of a step per batch) included."""
+        cfg = self.cfg
+        eval_cost = len(self.val) / cfg.batch_size * step_time / 3
+        per_step = step_time + eval_cost / cfg.eval_every
+        remaining = cfg.max_time - spent
+        return max(start_step + int(0.97 * remaining / per_step), cfg.warmup + 1, start_step + 1)
+
+    def train(self) -> TrainResult:
+        """Run to ``total_steps`` (or the time budget); returns losses and evals."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self._train_step is None:
+            self._build_steps()
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
+                   dynamic_ncols=True, desc="train")
+        t_start = time.perf_counter() - self.elapsed
+        window_losses: list[mx.array] = []
+        t_window, steps_window = time.perf_counter(), 0
+        probe_t0 = None
+        schedule = make_schedule(cfg, self.total_steps) if self.total_steps else None
+        last_saved = self.step
+
+        while self.total_steps is None or self.step < self.total_steps:
+            if cfg.max_time is not None and time.perf_counter() - t_start > cfg.max_time:
+                break  # hard stop: the budget ran out (eval costs more than estimated)
+            if self.total_steps is None:
+                lr = make_schedule(cfg, cfg.warmup + 1)(self.step)  # still in warmup: total not needed
+            else:
+                lr = schedule(self.step)
+            _set_learning_rate(self.optimizer, lr)
+            # RNG a function of (seed, step): a resumed run draws what an uninterrupted one would.
+            mx.random.seed((cfg.seed * 1_000_003 + self.step) % (1 << 63))
+            x, y = self.batches.next()
+            loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
+            mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
+            self.step += 1
+            self.tokens += tokens_per_step
+            steps_window += 1
+            window_losses.append(loss)
+            bar.update(1)
+
+            # Time budget: time steps 3..3+probe (after compilation) and size the run.
+            if self.total_steps is None:
+                if self.step == result.step + 2:
+                    probe_t0 = time.perf_counter()
+                elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
+                    step_time = (time.perf_counter() - probe_t0) / cfg.probe_steps
+                    self.total_steps = self._size_from_time(step_time, self.step, time.perf_counter() - t_start)
+                    schedule = make_schedule(cfg, self.total_steps)
+                    bar.total = self.total_steps
+                    bar.refresh()
+
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                losses = mx.stack(window_losses).tolist()  # one host sync per log window
+                tok_s = steps_window * tokens_per_step / max(now - t_window, 1e-9)
+                self.elapsed = now - t_start
+                lr_value = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
+                first = self.step - len(losses) + 1
+                result.losses.extend((first + j, v) for j, v in enumerate(losses))
+                self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr_value,
+                           "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
+                           "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
+                bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
+                window_losses, t_window, steps_window = [], now, 0
+
+            done = self.total_steps is not None and self.step >= self.total_steps
+            if self.step % cfg.eval_every == 0 or done:
+                val_loss = self.evaluate()
+                result.evals.append((self.step, val_loss))
+                self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
+                           "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
+                           "elapsed_s": time.perf_counter() - t_start})
+                if self.best_val_loss is None or val_loss < self.best_val_loss:
+                    self.best_val_loss, self.best_step = val_loss, self.step
+                    self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
+                bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                self._plot()
+                t_window = time.perf_counter()  # eval time is not training throughput
+            if self.step % cfg.save_every == 0 and not done:
+                self.elapsed = time.perf_counter() - t_start
+                self.save()
+                last_saved = self.step
+                t_window = time.perf_counter()
+        bar.close()
+
+        self.elapsed = time.perf_counter() - t_start
+        if window_losses:  # stopped by the time budget between log points
+            losses = mx.stack(window_losses).tolist()
+            result.losses.extend((self.step - len(losses) + 1 + j, v) for j, v in enumerate(losses))
+        if not result.evals or result.evals[-1][0] != self.step:
+            val_loss = self.evaluate()
+            result.evals.append((self.step, val_loss))
+            self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
+                       "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens, "elapsed_s": self.elapsed})
+            if self.best_val_loss is None or val_loss < self.best_val_loss:
+                self.best_val_loss, self.best_step = val_loss, self.step
+                self.best_params = dict(tree_flatten(self.model.parameters()))
+        if self.step != last_saved or not (self.out_dir / f"checkpoint-{self.step:07d}").is_dir():
+            result.checkpoint = self.save()
+        self._plot()
+        result.step, result.tokens, result.elapsed = self.step, self.tokens, self.elapsed
+        result.best_val_loss, result.best_step = self.best_val_loss, self.best_step
+        return result
