@@ -65,6 +65,38 @@ def test_prefill_pieces_are_bounded_and_exact(model):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_prefill_memory_stays_flat(model):
+    def peak_of_prefill(runner, n):
+        mx.eval(model.parameters())
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(*runner.prefill([i % 97 for i in range(n)]))
+        return mx.get_peak_memory() - base
+
+    chunked = xLSTMRunner(model, prefill_chunk_size=64)
+    assert peak_of_prefill(chunked, 2048) < 1.5 * peak_of_prefill(chunked, 256)
+    # Without pieces the same prompt needs several times the memory: the bound is real.
+    whole = xLSTMRunner(model, prefill_chunk_size=4096)
+    assert peak_of_prefill(whole, 2048) > 4 * peak_of_prefill(chunked, 2048)
+
+
+def test_prefill_uses_last_only_logits_when_the_model_offers_them(model):
+    seen = []
+
+    class LastOnly:
+        config = model.config
+
+        def __call__(self, ids, state=None, last_only=False):
+            seen.append(last_only)
+            logits, state = model(ids, state)
+            return (logits[:, -1:] if last_only else logits), state
+
+    assert xLSTMRunner(LastOnly(), prefill_chunk_size=8).generate(PROMPT, max_tokens=5) == \
+        argmax_loop(model, PROMPT, 5)
+    assert seen[:3] == [True, True, True]  # the three prefill pieces
+
+
 def test_batched_equals_one_by_one(model):
     prompts = [PROMPT, PROMPT[:3], PROMPT[7:19]]
     runner = xLSTMRunner(model, prefill_chunk_size=8)

@@ -13,6 +13,7 @@ output equals what the prompt gets alone (sampling uses per-row keys, see sampli
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections import Counter
@@ -196,6 +197,12 @@ class xLSTMRunner:
             raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
         self.prefill_chunk_size = prefill_chunk_size
         self.compile = compile
+        # Models that can return only the last position's logits ([B, 1, V]) skip the
+        # lm_head over the rest of each prefill piece (a quarter of the FLOPs of a 162M model).
+        try:
+            self._last_only = "last_only" in inspect.signature(model.__call__).parameters
+        except (TypeError, ValueError):
+            self._last_only = False
         self._steps: dict[SamplingParams, Any] = {}
         self._session = _Session()
 
@@ -247,7 +254,10 @@ class xLSTMRunner:
         logits = None
         for start in range(0, n, step):
             piece = mx.array([list(ids[start:start + step])], dtype=mx.int32)
-            logits, state = self.model(piece, state)
+            if self._last_only:
+                logits, state = self.model(piece, state, last_only=True)
+            else:
+                logits, state = self.model(piece, state)
             logits = logits[:, -1]
             if start + step < n:
                 # Materialise the carried state so the graph (and memory) stays one piece long.
@@ -273,7 +283,12 @@ class xLSTMRunner:
             return nxt, state, keys, seen
 
         # The weights are implicit inputs (not constants), so a later weight update is seen.
-        fn = mx.compile(step, inputs=model.state) if self.compile else step
+        if not self.compile:
+            fn = step
+        elif isinstance(model, nn.Module):
+            fn = mx.compile(step, inputs=model.state)
+        else:
+            fn = mx.compile(step)
         self._steps[params] = fn
         return fn
 
