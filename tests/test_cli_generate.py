@@ -220,3 +220,13 @@ def test_default_model_is_used_without_model_flag(ckpt, runner, capsys, monkeypa
     monkeypatch.setattr(generation, "DEFAULT_MODEL_DIR", ckpt)
     code, out, _ = run_cli(capsys, "generate", "--prompt", "the quick", "--max-tokens", "5")
     assert code == 0 and out == expected_text(runner, "the quick", max_tokens=5) + "\n"
+
+
+def test_runner_from_path_loads_model_and_tokenizer(ckpt, runner):
+    from_path = xLSTMRunner(str(ckpt))
+    assert from_path.tokenizer is not None and from_path.tokenizer.eos_token_ids == [2]
+    assert from_path.get_model_info()["dtype"] == "float32"  # CPU default
+    assert from_path.generate("the quick", max_tokens=6) == runner.generate("the quick", max_tokens=6)
+    half = xLSTMRunner(ckpt, dtype="bfloat16")
+    assert half.get_model_info()["dtype"] == "bfloat16"
+    assert len(half.generate("the quick", max_tokens=3)) <= 3
