@@ -38,7 +38,9 @@ print(json.dumps({"gflops": 2 * 512**3 / best / 1e9, "err": err, "info": _blas.i
 
 
 def _probe(**env) -> dict:
-    full = {**os.environ, **env}
+    # One BLAS thread: the comparison then holds on a busy 2-core machine too (OpenBLAS's
+    # spinning worker threads lose most of their speed when cores are oversubscribed).
+    full = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **env}
     for key in ("XLSTM_METAL_NO_OPENBLAS", "XLSTM_METAL_BLAS"):
         if key not in env:
             full.pop(key, None)
@@ -73,6 +75,7 @@ def test_missing_blas_warns_clearly():
         "from xlstm_metal import _blas\n"  # already preloaded once by the package import
         "_blas.LOADED = None\n"
         "_blas._openblas_candidates = lambda: []\n"
+        "del sys.modules['mlx.core']\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    assert _blas.preload() is None\n"
@@ -101,3 +104,26 @@ def test_renamed_gfortran_has_standard_soname(tmp_path, monkeypatch):
     assert rpath.stdout.strip() == str(bundled[0].parent)
     # A second call reuses the cached copy.
     assert _blas._renamed_gfortran(bundled[0]) == alias
+
+
+def test_preload_is_invisible_to_other_libraries():
+    # Regression: a globally loaded OpenBLAS interposed its cblas_sgemm_batch on PyTorch's MKL
+    # and every batched torch matmul segfaulted. The renamed copy is loaded RTLD_LOCAL.
+    pytest.importorskip("torch")
+    code = (
+        "import xlstm_metal, ctypes\n"
+        "from xlstm_metal import _blas\n"
+        "assert _blas.LOADED is not None, _blas.REASON\n"
+        "import torch, mlx.core as mx\n"
+        "a = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0))\n"
+        "ref = torch.einsum('bij,bjk->bik', a.double(), a.double()).float()\n"
+        "assert torch.allclose(a @ a, ref, atol=1e-3)\n"
+        "x = mx.array(a.numpy())\n"
+        "assert abs(float(mx.max(mx.abs((x @ x) - mx.array(ref.numpy()))))) < 1e-3\n"
+        "main = ctypes.CDLL(None)\n"
+        "assert not hasattr(main, 'openblas_get_corename'), 'OpenBLAS leaked into the global scope'\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLSTM_METAL_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])

