@@ -18,5 +18,15 @@ class FeedForward(nn.Module):
         self.proj_up = nn.Linear(E, F, bias=bias)
         self.proj_down = nn.Linear(F, E, bias=bias)
 
+    def fuse(self) -> None:
+        """Inference fast path: one matmul for gate|up (see :func:`fuse_linears`)."""
+        from .mlstm import fuse_linears
+
+        fuse_linears(self, [self.proj_up_gate, self.proj_up])
+
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj_down(nn.silu(self.proj_up_gate(x)) * self.proj_up(x))
+        from .mlstm import fused_outputs
+
+        fused = fused_outputs(self, x)
+        gate, up = fused if fused is not None else (self.proj_up_gate(x), self.proj_up(x))
+        return self.proj_down(nn.silu(gate) * up)

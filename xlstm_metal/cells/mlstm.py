@@ -40,12 +40,58 @@ class mLSTMProjectionCell(nn.Module):
         B, S, _ = x.shape
         return x.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
 
+    def _layers(self) -> list[nn.Linear]:
+        return [self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact]
+
+    def fuse(self) -> None:
+        """Inference fast path: one matmul for q|k|v|o|i|f instead of six (see :func:`fuse_linears`)."""
+        fuse_linears(self, self._layers())
+
     def __call__(self, x: mx.array):
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
-        o_preact = self.ogate_preact(x)
-        i = soft_cap(self.igate_preact(x), self.gate_soft_cap).transpose(0, 2, 1)
-        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap).transpose(0, 2, 1)
+        fused = fused_outputs(self, x)
+        if fused is None:
+            outs = [layer(x) for layer in self._layers()]
+        else:
+            outs = fused
+        q, k, v, o_preact, i, f = outs
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        i = soft_cap(i, self.gate_soft_cap).transpose(0, 2, 1)
+        f = soft_cap(f, self.gate_soft_cap).transpose(0, 2, 1)
         return q, k, v, o_preact, i, f
+
+
+def fuse_linears(owner: nn.Module, layers: list[nn.Linear]) -> None:
+    """Concatenate the weights of ``layers`` (same input) into one [sum(out), in] matrix.
+
+    The layers' weights become row views of the fused matrix, so memory does not grow and the
+    parameter names (checkpoint keys) stay as they are. The fused matrix lives outside the
+    parameter tree; when any layer's weight is replaced later (loading, training updates),
+    :func:`fused_outputs` notices and the owner falls back to the separate layers.
+    """
+    weight = mx.concatenate([layer.weight for layer in layers], axis=0)
+    mx.eval(weight)
+    start, bounds = 0, []
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = weight[start : start + rows]
+        bounds.append(start + rows)
+        start += rows
+    mx.eval([layer.weight for layer in layers])
+    object.__setattr__(owner, "_fused", (weight, bounds[:-1], [layer.weight for layer in layers], layers))
+
+
+def fused_outputs(owner: nn.Module, x: mx.array) -> list[mx.array] | None:
+    """Each fused layer's output from one matmul, or None when not fused or stale."""
+    fused = getattr(owner, "_fused", None)
+    if fused is None:
+        return None
+    weight, bounds, views, layers = fused
+    if any(layer.weight is not view for layer, view in zip(layers, views)):
+        object.__setattr__(owner, "_fused", None)  # weights were replaced: the fused copy is stale
+        return None
+    outs = mx.split(x @ weight.T, bounds, axis=-1)
+    # Biases are added per layer so each output keeps the dtype the separate layer gives.
+    return [out + layer.bias if "bias" in layer else out for out, layer in zip(outs, layers)]
 
 
 class _KernelCell(nn.Module):

@@ -57,6 +57,19 @@ class xLSTMLarge(nn.Module):
     def blocks(self) -> list[mLSTMBlock]:
         return self.backbone.blocks
 
+    def fuse(self) -> "xLSTMLarge":
+        """Fuse each block's q|k|v|o|i|f and gate|up projections into one matmul each.
+
+        For inference: no extra memory (the separate weights become views of the fused ones),
+        checkpoint names and saving unchanged, results equal to float round-off. If weights are
+        replaced afterwards (loading, training), the affected layers fall back to the separate
+        matmuls by themselves; call ``fuse()`` again to re-fuse. Returns the model.
+        """
+        for block in self.backbone.blocks:
+            block.mlstm_layer.projection_cell.fuse()
+            block.ffn.fuse()
+        return self
+
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
         return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]

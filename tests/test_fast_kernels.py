@@ -1,0 +1,112 @@
+"""Fast paths against their references: fused projections (q|k|v|o|i|f, gate|up), bf16 state."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from xlstm_metal import benchmark as bm
+from xlstm_metal.loading import load_model, save_model
+
+from conftest import tiny_model
+
+
+def _run(model, ids, state=None):
+    logits, state = model(ids, state)
+    mx.eval(logits, state)
+    return logits, state
+
+
+def _close(a, b, tol):
+    np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"use_bias": True}])
+def test_fused_model_matches_unfused(kwargs):
+    ref, fused = tiny_model(seed=3, **kwargs), tiny_model(seed=3, **kwargs)
+    fused.fuse()
+    assert getattr(fused.blocks[0].mlstm_layer.projection_cell, "_fused", None) is not None
+    assert getattr(fused.blocks[0].ffn, "_fused", None) is not None
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 37)), dtype=mx.int32)
+    (l0, s0), (l1, s1) = _run(ref, ids), _run(fused, ids)
+    _close(l1, l0, 1e-5)
+    # Decode steps continue from the prefill state identically.
+    t = mx.array([[3], [4]], dtype=mx.int32)
+    for _ in range(3):
+        (l0, s0), (l1, s1) = _run(ref, t, s0), _run(fused, t, s1)
+        _close(l1, l0, 1e-5)
+    for a, b in zip(s0, s1):
+        for x, y in zip(a, b):
+            _close(y, x, 1e-5)
+
+
+def test_fuse_keeps_memory_names_and_saved_checkpoint(tmp_path):
+    model = tiny_model(seed=5)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    active = mx.get_active_memory()
+    model.fuse()
+    mx.clear_cache()
+    # Views of the fused matrices: no second copy of the projection weights.
+    assert mx.get_active_memory() <= active + 4096
+    after = dict(tree_flatten(model.parameters()))
+    assert set(after) == set(before)
+    for k, v in after.items():
+        np.testing.assert_array_equal(np.array(v), before[k])
+    save_model(model, tmp_path / "m")
+    reloaded = load_model(tmp_path / "m")
+    for k, v in tree_flatten(reloaded.parameters()):
+        np.testing.assert_array_equal(np.array(v), before[k])
+
+
+def test_replaced_weights_fall_back_to_separate_layers():
+    model = tiny_model(seed=6).fuse()
+    other = tiny_model(seed=7)
+    # Loading new weights into a fused model must not use the stale fused copy.
+    model.load_weights(list(tree_flatten(other.parameters())))
+    ids = mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32)
+    _close(_run(model, ids)[0], _run(other, ids)[0], 1e-6)
+    assert model.blocks[0].mlstm_layer.projection_cell._fused is None
+
+
+def test_gradients_through_a_fused_model_equal_the_reference():
+    ref, fused = tiny_model(seed=8), tiny_model(seed=8).fuse()
+    ids = mx.array([[1, 2, 3, 4, 5, 6]], dtype=mx.int32)
+
+    def loss(model):
+        logits, _ = model(ids[:, :-1])
+        return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
+
+    g0 = dict(tree_flatten(nn.value_and_grad(ref, loss)(ref)[1]))
+    g1 = dict(tree_flatten(nn.value_and_grad(fused, loss)(fused)[1]))
+    key = "backbone.blocks.0.mlstm_layer.q.weight"
+    assert float(mx.abs(g0[key]).max()) > 0
+    for k in g0:
+        _close(g1[k], g0[k], 1e-5)
+
+
+def test_fused_bfloat16_and_bfloat16_state():
+    config = bm.shape_config("125m", embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97)
+    ref = bm.random_model(config, dtype="bfloat16", seed=9)
+    fused = bm.random_model(config, dtype="bfloat16", seed=9).fuse()
+    ids = mx.array([[5, 6, 7, 8, 9, 10, 11, 12]], dtype=mx.int32)
+    l0, _ = _run(ref, ids)
+    l1, _ = _run(fused, ids)
+    assert l1.dtype == l0.dtype == mx.bfloat16
+    _close(l1, l0, 0.05)
+    # bf16 recurrent state: the state is stored in bf16 and stays close to the float32 one.
+    cfg16 = bm.shape_config("125m", embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97,
+                            inference_state_dtype="bfloat16")
+    m32 = bm.random_model(config, seed=10)
+    m16 = bm.random_model(cfg16, seed=10)
+    s32, s16 = m32.make_state(1), m16.make_state(1)
+    assert s16[0][0].dtype == mx.bfloat16
+    t = mx.array([[3]], dtype=mx.int32)
+    for _ in range(8):
+        (a, s32), (b, s16) = _run(m32, t, s32), _run(m16, t, s16)
+    assert s16[0][0].dtype == mx.bfloat16
+    _close(b, a, 0.1)
