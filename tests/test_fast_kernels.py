@@ -110,3 +110,67 @@ def test_fused_bfloat16_and_bfloat16_state():
         (a, s32), (b, s16) = _run(m32, t, s32), _run(m16, t, s16)
     assert s16[0][0].dtype == mx.bfloat16
     _close(b, a, 0.1)
+
+
+# ------------------------------------------------------------------ chunkwise_scan kernel
+def _inputs(seed, B=2, NH=3, S=77, D=8, DV=16, with_state=True):
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape, scale=1.0, shift=0.0):
+        return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32))
+
+    q, k, v = arr(B, NH, S, D), arr(B, NH, S, D), arr(B, NH, S, DV)
+    i, f = arr(B, NH, S, scale=4), arr(B, NH, S, scale=4, shift=2)
+    state = (arr(B, NH, D, DV), arr(B, NH, D), arr(B, NH, 1)) if with_state else None
+    return q, k, v, i, f, state
+
+
+def _rel_close(a, b, rtol=2e-4):
+    a, b = np.array(a), np.array(b)
+    scale = np.maximum(np.abs(b), 1.0)
+    assert np.max(np.abs(a - b) / scale) < rtol, np.max(np.abs(a - b) / scale)
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64, 128])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_chunkwise_scan_matches_reference_kernels(chunk, with_state):
+    from xlstm_metal.kernels import get_mlstm_kernel
+    from xlstm_metal.kernels.fast import mlstm_chunkwise_scan
+
+    q, k, v, i, f, state = _inputs(chunk, with_state=with_state)
+    h, s = mlstm_chunkwise_scan(q, k, v, i, f, state, chunk_size=chunk)
+    for ref_name in ("chunkwise", "sequence"):
+        h_ref, s_ref = get_mlstm_kernel(ref_name)(q, k, v, i, f, state, chunk_size=chunk)
+        _rel_close(h, h_ref)
+        for x, y in zip(s, s_ref):
+            _rel_close(x, y)
+
+
+def test_chunkwise_scan_state_continues_in_other_kernels():
+    from xlstm_metal.kernels import get_mlstm_kernel
+    from xlstm_metal.kernels.fast import mlstm_chunkwise_scan
+
+    q, k, v, i, f, state = _inputs(1, S=100)
+    h_full, s_full = get_mlstm_kernel("chunkwise")(q, k, v, i, f, state, chunk_size=16)
+    cut = 45
+    h1, s1 = mlstm_chunkwise_scan(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], i[:, :, :cut], f[:, :, :cut],
+                                  state, chunk_size=16)
+    h2, s2 = get_mlstm_kernel("sequence")(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], i[:, :, cut:],
+                                          f[:, :, cut:], s1)
+    _rel_close(mx.concatenate([h1, h2], axis=2), h_full)
+    for x, y in zip(s2, s_full):
+        _rel_close(x, y)
+
+
+def test_model_with_chunkwise_scan_matches_default():
+    import xlstm_metal.kernels.fast  # noqa: F401  (registers the kernel name)
+
+    ref = tiny_model(seed=11)
+    fast = tiny_model(seed=11, chunkwise_kernel="chunkwise_scan")
+    assert fast.blocks[0].mlstm_layer.parallel_kernel_cell.kernel == "chunkwise_scan"
+    ids = mx.array(np.random.default_rng(1).integers(0, 97, (2, 70)), dtype=mx.int32)
+    (l0, s0), (l1, s1) = _run(ref, ids), _run(fast, ids)
+    _close(l1, l0, 1e-4)
+    for a, b in zip(s0, s1):
+        for x, y in zip(a, b):
+            _close(y, x, 1e-4)

@@ -1,0 +1,15 @@
+"""Faster kernels, each beside the pure-ops reference it is tested against.
+
+Importing this package registers them with the kernel registry under their own names, so a
+config selects one by name (``chunkwise_kernel="chunkwise_scan"``); the references stay the
+default.
+"""
+
+from __future__ import annotations
+
+from .. import register_mlstm_kernel
+from .chunkwise import mlstm_chunkwise_scan
+
+register_mlstm_kernel("chunkwise_scan", mlstm_chunkwise_scan)
+
+__all__ = ["mlstm_chunkwise_scan"]
