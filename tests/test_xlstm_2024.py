@@ -31,6 +31,7 @@ from xlstm_metal.models.xlstm_2024 import (
     create_xlstm_model,
     is_xlstm_2024_config,
     model_from_checkpoint,
+    model_from_config,
     read_config,
     xLSTMLMConfig,
     xLSTMLMModel,
@@ -304,6 +305,7 @@ def test_auto_wiring_ignores_wrong_slstm_at():
     assert rel_err(np_(ours(mx.array(ids))[0]), torch_logits(model, ids)) <= TOL
     text = ours.wiring()
     assert "blocks.0-1: mLSTM block" in text and "blocks.2: sLSTM block" in text
+    assert "mLSTM block (at [0, 1]): x + xlstm(xlstm_norm(x))" in text and "sLSTM block (at [2])" in text
     assert "fgate->i~" in text and "weight layout vanilla" in text
 
 
@@ -421,6 +423,23 @@ def test_create_xlstm_model_signature():
         create_xlstm_model(V, 2, (1, 1), 32, 6, 4)
     with pytest.raises(ValueError, match="signature"):
         create_xlstm_model(V, 2, (0, 0), 32, 8, 4)
+
+
+def test_model_from_config_and_weight_decay_split():
+    _, cfg = official(seed=14)
+    d = dataclasses.asdict(cfg)
+    mx.random.seed(4)
+    a = model_from_config(d)
+    mx.random.seed(4)
+    b = model_from_config(d)
+    c = model_from_config(d, seed=99)
+    pa, pb, pc = (dict(tree_flatten(m.parameters())) for m in (a, b, c))
+    key = "xlstm_block_stack.blocks.0.xlstm.proj_up.weight"
+    assert np.array_equal(np_(pa[key]), np_(pb[key])) and not np.array_equal(np_(pa[key]), np_(pc[key]))
+    # Same split as NX-AI's get_weight_decay_optim_group_param_names.
+    decay_ref, no_decay_ref = TxLSTMLMModel(cfg).get_weight_decay_optim_group_param_names()
+    assert {k for k in pa if a.decays(k)} == set(decay_ref)
+    assert {k for k in pa if not a.decays(k)} == set(no_decay_ref)
 
 
 def test_init_matches_nxai_scheme():

@@ -397,9 +397,14 @@ class xLSTMLMModel(Module2024):
                 runs[-1] = (runs[-1][0], i, kind)
             else:
                 runs.append((i, i, kind))
+        names = {"m": "mLSTM", "s": "sLSTM"}
         for first, last, kind in runs:
             where = f"blocks.{first}" if first == last else f"blocks.{first}-{last}"
-            lines.append(f"  xlstm_block_stack.{where}: {_describe_block(self.blocks[first])}")
+            lines.append(f"  xlstm_block_stack.{where}: {names[kind]} block")
+        for kind in ("m", "s"):  # each block kind's cells once (all blocks of a kind are alike)
+            at = [i for i, k in enumerate(cfg.block_map) if k == kind]
+            if at:
+                lines.append(f"  {names[kind]} block (at {at}): {_describe_block(self.blocks[at[0]])}")
         if "post_blocks_norm" in self.xlstm_block_stack:
             lines.append(f"  xlstm_block_stack.post_blocks_norm: LayerNorm({E}, scale 1+w)")
         lines.append(
@@ -408,6 +413,14 @@ class xLSTMLMModel(Module2024):
         return "\n".join(lines)
 
     describe = wiring
+
+    def decays(self, path: str) -> bool:
+        """NX-AI's weight-decay split for a parameter path: decay names holding "weight" but not
+        "norm" (so no biases, norms, ``_recurrent_kernel_``, ``learnable_skip``); the token
+        embedding only with ``config.weight_decay_on_embedding``."""
+        if path.startswith("token_embedding."):
+            return bool(self.config.weight_decay_on_embedding)
+        return "weight" in path and "norm" not in path
 
     # ------------------------------------------------------------------ initialisation
     def reset_parameters(self, seed: int = 0) -> None:
@@ -513,7 +526,7 @@ def _describe_block(block) -> str:
         c = n.mlstm_cell
         qb = n.q_proj.weight.shape[-1]
         return (
-            f"mLSTM block: x + xlstm(xlstm_norm(x))\n"
+            f"x + xlstm(xlstm_norm(x))\n"
             f"      xlstm_norm: LayerNorm({n.proj_up.weight.shape[1]})\n"
             f"      xlstm (mLSTMNeuron2024): proj_up Linear {n.proj_up.weight.shape[1]} -> 2x{n.inner_dim} [x_m | z]\n"
             f"        conv1d: CausalConv1d({n.inner_dim}, k={n.conv1d.kernel_size}) + SiLU -> x_c\n"
@@ -528,7 +541,7 @@ def _describe_block(block) -> str:
     E = cell.num_heads * cell.head_dim
     conv = f"conv1d: CausalConv1d({E}, k={n.conv1d_kernel_size}) + SiLU -> x_c; " if n.conv1d_kernel_size else ""
     text = (
-        f"sLSTM block: x + xlstm(xlstm_norm(x)){' ; x + ffn(ffn_norm(x))' if 'ffn' in block else ''}\n"
+        f"x + xlstm(xlstm_norm(x)){' ; x + ffn(ffn_norm(x))' if 'ffn' in block else ''}\n"
         f"      xlstm_norm: LayerNorm({E})\n"
         f"      xlstm (sLSTMNeuron): {conv}gates LinearHeadwise {E} per head: fgate->i~, igate->f~ (from "
         f"{'x_c' if conv else 'x'}), zgate->z~, ogate->o~ (from x)\n"
@@ -637,6 +650,21 @@ def model_from_checkpoint(
     return model
 
 
+def model_from_config(
+    config: dict[str, Any] | xLSTMLMConfig,
+    *,
+    seed: int | None = None,
+    mlstm_kernel: str = "chunkwise",
+    chunk_size: int = 64,
+) -> xLSTMLMModel:
+    """A freshly initialised model (NX-AI's init) from a config dict or object, for training.
+    ``seed=None`` draws the init seed from MLX's global generator (``mx.random.seed``)."""
+    cfg = config if isinstance(config, xLSTMLMConfig) else xLSTMLMConfig.from_dict(config)
+    if seed is None:
+        seed = int(mx.random.randint(0, 2**31 - 1, ()).item())
+    return xLSTMLMModel(cfg, mlstm_kernel=mlstm_kernel, chunk_size=chunk_size, seed=seed)
+
+
 # ========================================================================= 2024-style API
 def create_xlstm_model(
     vocab_size: int,
@@ -708,6 +736,7 @@ __all__ = [
     "is_xlstm_2024_config",
     "read_config",
     "model_from_checkpoint",
+    "model_from_config",
     "detect_block_kinds",
     "create_xlstm_model",
 ]
