@@ -24,7 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import kernels as _kernels  # noqa: F401
 from .config import xLSTMConfig
+from .kernels import fast as _fast_kernels  # noqa: F401  (registers chunkwise_scan)
 from .models.xlstm_large import xLSTMLarge
 
 #: Named model shapes (xLSTM-Large architecture; vocab 50304 as NX-AI's tokenizer).

@@ -43,6 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="recurrent state dtype (default: the config's, float32)")
+    p.add_argument("--kernel", default=None,
+                   help="prefill kernel: chunkwise (reference), chunkwise_scan (no per-chunk loop), "
+                   "parallel (default: the config's)")
+    p.add_argument("--chunk-size", type=int, default=None, help="kernel chunk size (default: the config's)")
     p.add_argument("--prefill-lengths", type=_int_list, default=[512],
                    help="comma-separated prompt lengths (default: 512)")
     p.add_argument("--prefill-batch", type=int, default=1, help="rows per prefill (default: 1)")
@@ -89,7 +93,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
-    overrides = {"inference_state_dtype": args.state_dtype} if args.state_dtype else {}
+    overrides: dict[str, Any] = {"inference_state_dtype": args.state_dtype} if args.state_dtype else {}
+    if args.kernel:
+        overrides["chunkwise_kernel"] = args.kernel
+    if args.chunk_size is not None:
+        if args.chunk_size <= 0:
+            raise UsageError(f"--chunk-size must be positive, got {args.chunk_size}")
+        overrides["chunk_size"] = args.chunk_size
     source = args.config or args.shape
     try:
         config = bm.shape_config(source, **overrides)
