@@ -468,3 +468,19 @@ def test_runner_generates_like_argmax_loop():
         expect.append(nxt)
         ids.append(nxt)
     assert got == expect
+
+
+def test_bfloat16_load_runs_close_to_float32(tmp_path):
+    model, cfg = official(seed=15)
+    path = save_official(model, cfg, tmp_path / "bf16")
+    ours32, ours16 = load_model(path), load_model(path, dtype="bfloat16")
+    assert ours16.blocks[1].xlstm.slstm_cell._recurrent_kernel_.dtype == mx.bfloat16
+    ids = mx.array(ids_for(S=16, seed=15))
+    ref = np_(ours32(ids)[0])
+    out, state = ours16(ids[:, :10], ours16.make_state(2))
+    assert state[0][3].dtype == mx.bfloat16 and state[0][0].dtype == mx.float32
+    step, _ = ours16(ids[:, 10:11], state)
+    assert out.dtype == mx.bfloat16
+    for got, want in ((np_(out), ref[:, :10]), (np_(step), ref[:, 10:11])):  # bf16: ~3 digits
+        assert rel_err(got, want) < 0.15
+        assert np.mean(np.abs(got - want)) < 0.06 * np.mean(np.abs(want))

@@ -366,8 +366,10 @@ class xLSTMLMModel(Module2024):
         return self.xlstm_block_stack.blocks
 
     def make_state(self, batch_size: int = 1) -> ModelState:
-        """The zero state for ``batch_size`` rows (equal to ``state=None``)."""
-        return [block.zero_state(batch_size) for block in self.blocks]
+        """The zero state for ``batch_size`` rows (equal to ``state=None``). Conv windows hold
+        activations, so they take the weights' dtype; the recurrent states are float32."""
+        dtype = self.token_embedding.weight.dtype
+        return [block.zero_state(batch_size, dtype) for block in self.blocks]
 
     def __call__(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
         if input_ids.ndim != 2:

@@ -60,9 +60,9 @@ class mLSTMNeuron2024(Module2024):
         self.proj_down = nn.Linear(inner_dim, embedding_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
-    def zero_state(self, batch_size: int) -> tuple[mx.array, ...]:
+    def zero_state(self, batch_size: int, conv_dtype: mx.Dtype = mx.float32) -> tuple[mx.array, ...]:
         DH = self.mlstm_cell.head_dim
-        return mlstm_zero_state(batch_size, self.num_heads, DH, DH) + (self.conv1d.zero_state(batch_size),)
+        return mlstm_zero_state(batch_size, self.num_heads, DH, DH) + (self.conv1d.zero_state(batch_size, conv_dtype),)
 
     def __call__(self, x: mx.array, state: tuple | None = None) -> tuple[mx.array, tuple]:
         cell_state, conv_state = (None, None) if state is None else (tuple(state[:3]), state[3])

@@ -49,10 +49,10 @@ class sLSTMNeuron(Module2024):
         self.group_norm = MultiHeadLayerNorm(num_heads, E // num_heads, weight=group_norm_weight)
         self.dropout = nn.Dropout(dropout)
 
-    def zero_state(self, batch_size: int) -> tuple[mx.array, ...]:
+    def zero_state(self, batch_size: int, conv_dtype: mx.Dtype = mx.float32) -> tuple[mx.array, ...]:
         state = self.slstm_cell.zero_state(batch_size)
         if self.conv1d_kernel_size > 0:
-            state = state + (self.conv1d.zero_state(batch_size),)
+            state = state + (self.conv1d.zero_state(batch_size, conv_dtype),)
         return state
 
     def __call__(self, x: mx.array, state: tuple | None = None) -> tuple[mx.array, tuple]:
