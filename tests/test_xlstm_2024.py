@@ -407,6 +407,13 @@ def test_config_roundtrip_and_detection():
     assert not is_xlstm_2024_config({"model_type": "xlstm", "embedding_dim": 64, "num_blocks": 2})
     only_s = xLSTMLMConfig.from_dict({"num_blocks": 3, "slstm_block": {}, "vocab_size": 5})
     assert only_s.slstm_at == [0, 1, 2]  # no mlstm_block: all sLSTM, as in NX-AI
+    from xlstm_metal.config import ConfigError
+
+    for bad, match in (({"slstm_at": "some"}, "slstm_at must be"), ({"slstm_at": [5]}, r"positions \[5\] are outside"),
+                       ({"num_blocks": 0}, "num_blocks must be a positive integer"),
+                       ({"slstm_block": {"slstm": {"num_heads": 3}}}, "num_heads 3 must divide embedding_dim 32")):
+        with pytest.raises(ConfigError, match=match):
+            xLSTMLMConfig.from_dict({**d, **bad})
 
 
 def test_create_xlstm_model_signature():

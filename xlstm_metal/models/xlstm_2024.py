@@ -109,7 +109,9 @@ class xLSTMLMConfig:
             self.slstm_at = "all"
         if self.slstm_at == "all":
             self.slstm_at = list(range(self.num_blocks))
-        self.slstm_at = sorted(int(i) for i in self.slstm_at)
+        if isinstance(self.slstm_at, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.slstm_at):
+            raise ConfigError(f"slstm_at must be a list of block indices or 'all', got {self.slstm_at!r}")
+        self.slstm_at = sorted(self.slstm_at)
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
