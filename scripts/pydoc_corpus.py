@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Convert Debian's python3.11-doc HTML (Sphinx output) into a plain-text JSONL corpus.
+"""Convert Sphinx HTML documentation from Debian packages into a plain-text JSONL corpus.
 
-Each HTML page becomes one JSON line ``{"text": ..., "source": <relative path>}``. Only the
-page body (``<div role="main">``) is kept; navigation, scripts, permalink markers and the
-search page are dropped. Paragraphs are separated by blank lines, code blocks (``<pre>``) keep
-their line breaks. The documentation is under the PSF License (see
-/usr/share/doc/python3.11-doc/copyright and the HTML's copyright.html / license.html).
+Default sources: python3.11-doc (/usr/share/doc/python3.11/html, PSF License) and
+python-django-doc (/usr/share/doc/python-django-doc/html, BSD-3-Clause; its release notes are
+left out). Each HTML page becomes one JSON line ``{"text": ..., "source": <path>}``. Only the
+page body (``role="main"``, or Django's ``id="yui-main"``) is kept; navigation, scripts,
+permalink markers, Windows duplicates of console examples and index/search pages are dropped.
+Paragraphs are separated by blank lines; code blocks (``<pre>``) keep their line breaks.
 
-Usage: python scripts/pydoc_corpus.py [--html DIR] --out corpus.jsonl
+Usage: python scripts/pydoc_corpus.py [--html DIR ...] [--skip-dir NAME ...] --out corpus.jsonl
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import re
 import sys
 from pathlib import Path
 
-DEFAULT_HTML = "/usr/share/doc/python3.11/html"
+DEFAULT_HTML = ["/usr/share/doc/python3.11/html", "/usr/share/doc/python-django-doc/html"]
+DEFAULT_SKIP_DIRS = ["releases"]
 # Pages with no prose: indices, search, the licence text (kept out of the training data).
 SKIP = {"genindex", "py-modindex", "search", "contents", "license", "copyright", "bugs", "about"}
 BLOCK = {"p", "div", "section", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "pre",
          "table", "tr", "blockquote", "ul", "ol", "dl", "br", "hr", "figure", "caption"}
-DROP = {"script", "style", "nav", "form", "head", "title", "button"}
+DROP = {"script", "style", "nav", "form", "head", "title", "button", "label"}
+DROP_CLASSES = ("headerlink", "c-content-win")
 
 
 class _BodyText(html.parser.HTMLParser):
@@ -41,13 +44,13 @@ class _BodyText(html.parser.HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if self.depth == 0:
-            if a.get("role") == "main":
+            if a.get("role") == "main" or a.get("id") == "yui-main":
                 self.depth = 1
             return
         if tag not in ("br", "hr", "img", "input", "meta", "link", "wbr"):
             self.depth += 1
         cls = a.get("class") or ""
-        if self.drop or tag in DROP or "headerlink" in cls:
+        if self.drop or tag in DROP or any(c in cls.split() for c in DROP_CLASSES):
             if tag not in ("br", "hr", "img", "input", "meta", "link", "wbr"):
                 self.drop += 1
             return
@@ -91,34 +94,38 @@ def page_text(raw: str) -> str:
     return text.strip()
 
 
-def build(html_dir: Path, out: Path) -> tuple[int, int]:
-    pages = sorted(p for p in html_dir.rglob("*.html")
-                   if not any(part.startswith("_") for part in p.relative_to(html_dir).parts))
-    if not pages:
-        raise SystemExit(f"no HTML pages under {html_dir} (apt-get install python3.11-doc)")
+def build(html_dirs: list[Path], out: Path, skip_dirs: list[str]) -> tuple[int, int]:
     tmp = out.with_name(out.name + ".tmp")
     n_docs = n_chars = 0
     with open(tmp, "w", encoding="utf-8") as fh:
-        for page in pages:
-            rel = page.relative_to(html_dir).as_posix()
-            if page.stem in SKIP and "/" not in rel:
-                continue
-            text = page_text(page.read_text(encoding="utf-8", errors="replace"))
-            if len(text) < 200:
-                continue
-            fh.write(json.dumps({"text": text, "source": rel}, ensure_ascii=False) + "\n")
-            n_docs += 1
-            n_chars += len(text)
+        for html_dir in html_dirs:
+            pages = sorted(p for p in html_dir.rglob("*.html")
+                           if not any(part.startswith("_") or part in skip_dirs
+                                      for part in p.relative_to(html_dir).parts))
+            if not pages:
+                raise SystemExit(f"no HTML pages under {html_dir} (apt-get install python3.11-doc python-django-doc)")
+            for page in pages:
+                rel = page.relative_to(html_dir).as_posix()
+                if page.stem in SKIP and "/" not in rel:
+                    continue
+                text = page_text(page.read_text(encoding="utf-8", errors="replace"))
+                if len(text) < 200:
+                    continue
+                fh.write(json.dumps({"text": text, "source": f"{html_dir}/{rel}"}, ensure_ascii=False) + "\n")
+                n_docs += 1
+                n_chars += len(text)
     os.replace(tmp, out)
     return n_docs, n_chars
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--html", default=DEFAULT_HTML, type=Path)
+    ap.add_argument("--html", action="append", type=Path, help="Sphinx HTML directory (repeatable)")
+    ap.add_argument("--skip-dir", action="append", help="directory names to leave out (default: releases)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
-    n_docs, n_chars = build(args.html, args.out)
+    html_dirs = args.html or [Path(p) for p in DEFAULT_HTML]
+    n_docs, n_chars = build(html_dirs, args.out, args.skip_dir if args.skip_dir is not None else DEFAULT_SKIP_DIRS)
     print(f"wrote {args.out}: {n_docs} documents, {n_chars / 1e6:.1f} M characters", file=sys.stderr)
     return 0
 

@@ -433,7 +433,10 @@ class Trainer:
                 if self.best_val_loss is None or val_loss < self.best_val_loss:
                     self.best_val_loss, self.best_step = val_loss, self.step
                     self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
-                bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
+                train_part = f"train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s, " if last else ""
+                bar.write(f"step {self.step} ({self.tokens:,} tokens, {time.perf_counter() - t_start:.0f} s): "
+                          f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                 self._plot()
                 t_window = time.perf_counter()  # eval time is not training throughput
             if self.step % cfg.save_every == 0 and not done:
