@@ -122,3 +122,37 @@ def test_cli_table_and_errors(tiny_config_file, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--prefill-lengths", "a,b"])
     assert exc.value.code == 2
+
+
+def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    main_variant = "chunkwise_scan/64, fused, compiled step"
+    best = [
+        {"side": "ours", "variant": main_variant, "kind": "prefill", "batch": 1, "length": 512, "tok_s": 300.0,
+         "ttft_s": 1.7, "peak_mem_gb": 0.7},
+        {"side": "ours", "variant": main_variant, "kind": "decode", "batch": 1, "length": 16, "tok_s": 30.0,
+         "ms_per_step": 33.0, "peak_mem_gb": 0.6},
+        {"side": "official", "variant": "eager", "kind": "prefill", "batch": 1, "length": 512, "tok_s": 100.0,
+         "ttft_s": 5.1, "peak_mem_gb": None},
+        {"side": "official", "variant": "eager", "kind": "decode", "batch": 1, "length": 16, "tok_s": 25.0,
+         "ms_per_step": 40.0, "peak_mem_gb": None},
+    ]
+    res = {"preset": "cpu", "preset_config": {"shape": "125m", "dtype": "float32"}, "command": "x", "date": "d",
+           "host": {}, "records": best + [{"side": "ours", "kind": "profile", "what": "batch 1 x 1 tokens",
+                                           "ms": {"q|k|v projection": 3.0, "ffn": 1.0}}], "best": best}
+    (tmp_path / "cpu.json").write_text(json.dumps(res))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    text = report.render()
+    # prefill 3.00x >= 2x: met; decode 1.20x < 1.5x: 1.25x short; H100 rows not measured.
+    assert "| CPU 125m float32: prefill 512 tokens vs official | >= 2.0 x official | 3.00 x official | **met** |" in text
+    assert "1.20 x official | not met: 1.25x short |" in text
+    assert text.count("not measured") == 4
+    assert "| prefill | 1 | 512 | 300.0 | 0.70 | 100.0 | eager | n/a | **3.00x** |" in text
+    assert "| q\\|k\\|v projection | 3.00 | 75% |" in text
+    assert (tmp_path / "cpu.png").is_file()

@@ -1,0 +1,223 @@
+"""Regenerate BENCHMARKS.md (and its plots) from the side-by-side results.
+
+    python benchmarks/report.py            # reads benchmarks/results/{h100,cpu}.json
+
+Every figure in BENCHMARKS.md comes from those files, which benchmarks/side_by_side.py writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (preset, kind, batch, length, target, what it is compared with, unit)
+TARGETS = [
+    ("h100", "decode", 1, None, 190.0, "tok/s", "decode, batch 1 (official with CUDA graph: 121.5 in the anchors)"),
+    ("h100", "decode", 16, None, 2400.0, "tok/s", "decode, batch 16 (official: 1,274 in the anchors)"),
+    ("h100", "prefill", 1, 16384, 45000.0, "tok/s", "prefill, 16,384 tokens"),
+    ("h100", "prefill_mem", 1, 131072, 24.0, "GiB", "prefill of 131,072 tokens in one call, peak memory"),
+    ("cpu", "prefill_ratio", 1, 512, 2.0, "x official", "CPU 125m float32: prefill 512 tokens vs official"),
+    ("cpu", "decode_ratio", 1, None, 1.5, "x official", "CPU 125m float32: decode batch 1 vs official"),
+]
+
+
+def _load(preset: str) -> dict | None:
+    path = RESULTS / f"{preset}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _main_ours(res: dict, kind: str, batch: int, length: int | None) -> dict | None:
+    rows = [r for r in res["best"] if r["side"] == "ours" and r["kind"] == kind and r["batch"] == batch
+            and (length is None or r["length"] == length) and r.get("variant", "").endswith("compiled step")]
+    return max(rows, key=lambda r: r["tok_s"]) if rows else None
+
+
+def _official(res: dict, kind: str, batch: int, length: int | None) -> dict | None:
+    rows = [r for r in res["best"] if r["side"] == "official" and r["kind"] == kind and r["batch"] == batch
+            and (length is None or r["length"] == length)]
+    return max(rows, key=lambda r: r["tok_s"]) if rows else None
+
+
+def _env(res: dict, side: str) -> dict:
+    for r in res["records"]:
+        if r.get("side") == side and r.get("kind") == "env":
+            return r
+    return {}
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def target_rows(results: dict[str, dict]) -> list[str]:
+    lines = ["| target | goal | measured | status |", "| --- | --- | --- | --- |"]
+    for preset, kind, batch, length, goal, unit, what in TARGETS:
+        res = results.get(preset)
+        value = None
+        if res is not None:
+            if kind in ("decode", "prefill"):
+                r = _main_ours(res, kind, batch, length)
+                value = r and r["tok_s"]
+            elif kind == "prefill_mem":
+                r = _main_ours(res, "prefill", batch, length)
+                value = r and r["peak_mem_gb"]
+            else:
+                base = kind.split("_")[0]
+                r, t = _main_ours(res, base, batch, length), _official(res, base, batch, length)
+                value = r and t and r["tok_s"] / t["tok_s"]
+        if value is None:
+            status = "not measured"
+        elif (kind == "prefill_mem" and value <= goal) or (kind != "prefill_mem" and value >= goal):
+            status = "**met**"
+        else:
+            gap = (value - goal) if kind == "prefill_mem" else (goal / value)
+            status = f"not met: {'+' if kind == 'prefill_mem' else ''}{gap:.2f}{' GiB over' if kind == 'prefill_mem' else 'x short'}"
+        goal_s = f"{'<=' if kind == 'prefill_mem' else '>='} {goal:,.1f} {unit}"
+        lines.append(f"| {what} | {goal_s} | {_fmt(value, 2)} {unit if value is not None else ''} | {status} |")
+    return lines
+
+
+def side_by_side_rows(res: dict) -> list[str]:
+    lines = ["| kind | batch | length | ours tok/s | ours peak GiB | official tok/s | official variant | official peak GiB | ours / official |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    ours = sorted((r for r in res["best"] if r["side"] == "ours" and r.get("variant", "").endswith("compiled step")),
+                  key=lambda r: (r["kind"] != "prefill", r["batch"], r["length"]))
+    for r in ours:
+        t = _official(res, r["kind"], r["batch"], r["length"] if r["kind"] == "prefill" else None)
+        ratio = f"**{r['tok_s'] / t['tok_s']:.2f}x**" if t else "n/a"
+        lines.append(f"| {r['kind']} | {r['batch']} | {r['length']} | {_fmt(r['tok_s'])} | {_fmt(r['peak_mem_gb'], 2)} | "
+                     f"{_fmt(t and t['tok_s'])} | {t.get('variant') if t else 'not run'} | "
+                     f"{_fmt(t and t.get('peak_mem_gb'), 2)} | {ratio} |")
+    return lines
+
+
+def all_rows(res: dict) -> list[str]:
+    lines = ["| side | variant | kind | batch | length | tok/s | ms/step or TTFT | peak GiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(res["best"], key=lambda r: (r["side"], r.get("variant") or "", r["kind"], r["batch"], r["length"])):
+        lat = r.get("ms_per_step") if r["kind"] == "decode" else (r.get("ttft_s") or 0) * 1000
+        lines.append(f"| {r['side']} | {r.get('variant')} | {r['kind']} | {r['batch']} | {r['length']} | "
+                     f"{_fmt(r['tok_s'])} | {_fmt(lat, 2)} ms | {_fmt(r.get('peak_mem_gb'), 2)} |")
+    errors = [r for r in res["records"] if "error" in r]
+    for r in errors:
+        lines.append(f"| {r['side']} | {r.get('variant')} | {r['kind']} | {r.get('batch')} | {r.get('length')} | "
+                     f"error: {r['error'][:120]} | | |")
+    return lines
+
+
+def profile_rows(res: dict) -> list[str]:
+    out = []
+    for r in res["records"]:
+        if r.get("kind") != "profile":
+            continue
+        ms = r["ms"]
+        parts = {k: v for k, v in ms.items() if not k.startswith("whole")}
+        total = sum(parts.values())
+        out.append(f"\n{r['what']} (each part timed alone and synchronised, summed over all blocks; "
+                   f"sum {total:,.2f} ms" + (f", whole compiled step {ms[k]:,.2f} ms" if (k := "whole step (compiled, measured)") in ms else "") + "):\n")
+        out.append("| part | ms | share |")
+        out.append("| --- | ---: | ---: |")
+        for name, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+            cell = name.replace("|", "\\|")
+            out.append(f"| {cell} | {v:,.2f} | {100 * v / total:.0f}% |")
+    return out
+
+
+def plot(res: dict, preset: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for r in sorted((r for r in res["best"] if r["side"] == "ours" and r.get("variant", "").endswith("compiled step")),
+                    key=lambda r: (r["kind"] != "prefill", r["batch"], r["length"])):
+        t = _official(res, r["kind"], r["batch"], r["length"] if r["kind"] == "prefill" else None)
+        label = f"{r['kind']}\n{'len ' + str(r['length']) if r['kind'] == 'prefill' else 'batch ' + str(r['batch'])}"
+        rows.append((label, r["tok_s"], t["tok_s"] if t else 0.0))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="xlstm-metal (MLX)")
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="NX-AI xlstm (PyTorch), best variant")
+    ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s (log)")
+    ax.set_title(f"{preset}: {res['preset_config']['shape']} shape, {res['preset_config']['dtype']} weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / f"{preset}.png"
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return os.path.relpath(path, ROOT)
+
+
+NOTES = Path(__file__).with_name("NOTES.md")
+
+
+def render() -> str:
+    results = {p: r for p in ("h100", "cpu") if (r := _load(p)) is not None}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`, which",
+        "`benchmarks/side_by_side.py` writes (do not edit by hand; analysis lives in",
+        "`benchmarks/NOTES.md` and is included below). Random weights of the named shapes; both",
+        "implementations measured in separate processes on the same machine, in the same run.",
+        "Prefill = embeddings + all blocks + LM head on the last position + argmax; decode = one",
+        "greedy step per token from a zero state (cost is independent of context length).",
+        "`peak GiB` includes the weights. Single-user `xlstm-metal bench` gives the same",
+        "measurements for our side alone.",
+        "",
+        "## Targets",
+        "",
+        *target_rows(results),
+    ]
+    if NOTES.exists():
+        lines += ["", NOTES.read_text().strip()]
+    for preset, res in results.items():
+        ours_env, off_env = _env(res, "ours"), _env(res, "official")
+        loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]
+        lines += [
+            "",
+            f"## {preset}: {res['preset_config']['shape']} shape, {res['preset_config']['dtype']} weights, float32 state",
+            "",
+            f"- date: {res['date']}; command: `{res['command']}`",
+            f"- ours: MLX {ours_env.get('mlx')} on {ours_env.get('device')} {ours_env.get('device_name') or ''}"
+            + (f", BLAS {ours_env.get('blas_core')} ({Path(ours_env['blas']).name})" if ours_env.get("blas") else ""),
+            f"- official: xlstm {off_env.get('xlstm')}, torch {off_env.get('torch')} on {off_env.get('device')}",
+            f"- host: {res['host']}" + (f"; 1-min load average at each side's start: {', '.join(f'{x:.1f}' for x in loads)}"
+                                      if loads else ""),
+            "",
+        ]
+        png = plot(res, preset)
+        if png:
+            lines += [f"![{preset}]({png})", ""]
+        lines += ["### Side by side", "", *side_by_side_rows(res), "", "### Every measurement (best over rounds)", "",
+                  *all_rows(res)]
+        prof = profile_rows(res)
+        if prof:
+            lines += ["", "### Profile of our side", *prof]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    text = render()
+    out = ROOT / "BENCHMARKS.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
