@@ -60,27 +60,34 @@ class GenerationChunk:
 
 @dataclass
 class _Session:
-    """Recurrent state of a conversation: ``state`` covers every token of ``history`` except
-    ``pending`` (the last sampled token, fed at the start of the next call)."""
+    """Recurrent state of a conversation: ``state`` covers the first ``length`` tokens of
+    ``history`` except ``pending`` (the last sampled token, fed at the start of the next call).
+    ``history`` may grow past ``length`` (a stream appends to it), so a session is one
+    immutable snapshot and replacing it is a single assignment (safe under Ctrl-C)."""
 
     state: Any = None
     pending: list[int] = field(default_factory=list)
     history: list[int] = field(default_factory=list)
+    length: int = 0
     keys: mx.array | None = None
+
+    def tokens(self) -> list[int]:
+        return self.history[: self.length]
 
 
 class _RowTracker:
-    """Per-row bookkeeping on the host: stop ids, stop strings, streamed text."""
+    """Per-row bookkeeping on the host: stop ids, stop strings, streamed text. Keeps only the
+    text not yet handed out, so each token costs O(1) however long the generation."""
 
     def __init__(self, tokenizer: Tokenizer | None, stop_ids: set[int], stop_strings: list[str],
                  context: Sequence[int] = ()):
         self.stop_ids = stop_ids
         self.stop_strings = stop_strings
+        # A stop string may still be completing in the last len-1 characters: hold them back.
         self.hold = max((len(s) for s in stop_strings), default=1) - 1
         self.detok: StreamingDetokenizer | None = tokenizer.detokenizer(context=context) if tokenizer else None
         self.tokens: list[int] = []
-        self.text = ""  # everything decoded so far (stop strings included)
-        self.emitted = 0  # characters of self.text already handed out
+        self.buffer = ""  # decoded, not yet handed out
         self.finish_reason: str | None = None
 
     def add(self, token: int) -> str:
@@ -90,7 +97,7 @@ class _RowTracker:
             return self._flush(final=True)
         self.tokens.append(token)
         if self.detok is not None:
-            self.text += self.detok.add(token)
+            self.buffer += self.detok.add(token)
         return self._flush(final=False)
 
     def finish(self) -> str:
@@ -101,16 +108,15 @@ class _RowTracker:
 
     def _flush(self, final: bool) -> str:
         if self.detok is not None and final:
-            self.text += self.detok.finalize()
+            self.buffer += self.detok.finalize()
         if self.stop_strings:
-            hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop_strings) if i >= 0]
+            hits = [i for i in (self.buffer.find(s) for s in self.stop_strings) if i >= 0]
             if hits:
-                cut = min(hits)
-                piece, self.emitted = self.text[self.emitted:cut], len(self.text)
+                piece, self.buffer = self.buffer[: min(hits)], ""
                 self.finish_reason = "stop"
                 return piece
-        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        piece, self.emitted = self.text[self.emitted:end], end
+        end = len(self.buffer) if final else max(0, len(self.buffer) - self.hold)
+        piece, self.buffer = self.buffer[:end], self.buffer[end:]
         return piece
 
 
@@ -331,7 +337,7 @@ class xLSTMRunner:
     @property
     def session_tokens(self) -> list[int]:
         """Every token of the conversation so far (prompts and generated, stop tokens included)."""
-        return list(self._session.history)
+        return self._session.tokens()
 
     def stream(
         self,
@@ -360,9 +366,9 @@ class xLSTMRunner:
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         session = self._session if keep_state else _Session()
-        ids = self.encode(prompt, add_special_tokens=not session.history)
+        ids = self.encode(prompt, add_special_tokens=not session.length)
         feed = session.pending + ids
-        history = session.history + ids
+        history = session.tokens() + ids
         if not feed:
             raise ValueError("the prompt is empty")
         if max_tokens == 0 and not keep_state:
@@ -375,7 +381,7 @@ class xLSTMRunner:
         seen = seen_from_ids([history], self.vocab_size) if params.uses_history else mx.zeros((1, 1), mx.bool_)
         if max_tokens == 0:
             mx.eval(state)
-            self._session = _Session(state, [], history, keys)
+            self._session = _Session(state, [], history, len(history), keys)
             return
         tracker = _RowTracker(self.tokenizer, stop_ids | self._eos_ids(), stop_strings, context=history[-8:])
         prompt_time = gen_start = None
@@ -386,9 +392,9 @@ class xLSTMRunner:
             if prompt_time is None:
                 prompt_time, gen_start = now - tic, now
             n += 1
-            history = history + [token]
+            history.append(token)
             if keep_state:
-                self._session = _Session(fed_state, [token], history, step_keys)
+                self._session = _Session(fed_state, [token], history, len(history), step_keys)
             text = tracker.add(token)
             if tracker.finish_reason is None and n == max_tokens:
                 text += tracker.finish()
@@ -481,18 +487,19 @@ class xLSTMRunner:
         the session and return the next token, which is fed on the next call."""
         params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
         session = self._session
-        ids = [] if input_ids is None else self.encode(input_ids, add_special_tokens=not session.history)
+        ids = [] if input_ids is None else self.encode(input_ids, add_special_tokens=not session.length)
         feed = session.pending + ids
         if not feed:
             raise ValueError("nothing to feed: give input_ids (the session is empty)")
-        history = session.history + ids
+        history = session.tokens() + ids
         logits, state = self.prefill(feed, session.state)
         keys = self._start_keys(seed, 1, params, session.keys)
         seen = seen_from_ids([history], self.vocab_size) if params.uses_history else None
         tok, keys, _ = self._first_token(logits, params, keys, seen)
         mx.eval(tok, state, keys)
         token = int(tok.item())
-        self._session = _Session(state, [token], history + [token], keys)
+        history.append(token)
+        self._session = _Session(state, [token], history, len(history), keys)
         return token
 
     def get_model_info(self) -> dict[str, Any]:

@@ -186,25 +186,29 @@ class StreamingDetokenizer:
             else DecodeStream(skip_special_tokens=skip_special_tokens)
         self._context = context
         self.ids: list[int] = []
-        self.text = ""
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """All text returned so far."""
+        return "".join(self._pieces)
 
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         piece = self._stream.step(self._tokenizer.backend, int(token_id))
         if piece is None:
             return ""
-        self.text += piece
+        self._pieces.append(piece)
         return piece
 
     def finalize(self) -> str:
         """Text not yet returned (e.g. trailing bytes that never formed a valid character,
         shown as U+FFFD); after this, ``self.text`` equals the decode of all ids."""
-        full = self._full_text()
-        if full.startswith(self.text):
-            rest = full[len(self.text):]
-        else:  # a decoder that rewrites earlier text (rare); emit nothing rather than garbage
-            rest = ""
-        self.text += rest
+        full, shown = self._full_text(), self.text
+        # A decoder that rewrote earlier text (rare) gets nothing more rather than garbage.
+        rest = full[len(shown):] if full.startswith(shown) else ""
+        if rest:
+            self._pieces.append(rest)
         return rest
 
     def _full_text(self) -> str:
