@@ -104,8 +104,17 @@ class LinearHeadwise(Module2024):
 
     def __call__(self, x: mx.array) -> mx.array:
         lead = x.shape[:-1]
-        xh = x.reshape(*lead, self.num_heads, 1, -1)  # [..., NH, 1, in/NH]
-        y = (xh @ mx.swapaxes(self.weight, -1, -2)).reshape(*lead, -1)  # [..., NH*out/NH]
+        NH, d = self.num_heads, self.weight.shape[-1]
+        wt = mx.swapaxes(self.weight, -1, -2)  # [NH, in/NH, out/NH]
+        if d <= 16:
+            # Many tiny blocks (the mLSTM's 4x4 q/k/v): NH matmuls over all tokens. A per-token
+            # batched matmul made 65k 1x4 @ 4x4 products at S=512: 20x slower (measured).
+            xh = mx.swapaxes(x.reshape(-1, NH, d), 0, 1)  # [NH, T, d]
+            y = mx.swapaxes(xh @ wt, 0, 1).reshape(*lead, -1)
+        else:
+            # Few wide blocks (sLSTM heads): per-token [1, d] @ [d, out] products measured faster
+            # than the head-major form on CPU.
+            y = (x.reshape(*lead, NH, 1, d) @ wt).reshape(*lead, -1)  # [..., NH*out/NH]
         if "bias" in self:
             y = y + self.bias
         return y
