@@ -21,7 +21,6 @@ from .generate import (
     read_prompt,
     sampling_kwargs,
     stats_line,
-    stream_to,
     validate_sampling,
 )
 
@@ -129,4 +128,4 @@ def run(args: argparse.Namespace) -> int:
     return chat_loop(runner, args, first_turn=prompt)
 
 
-__all__ = ["add_parser", "run", "chat_loop", "stream_to"]
+__all__ = ["add_parser", "run", "chat_loop"]
