@@ -183,6 +183,17 @@ def render() -> str:
     ]
     if NOTES.exists():
         lines += ["", NOTES.read_text().strip()]
+    blas = RESULTS / "blas.json"
+    if blas.exists():
+        data = json.loads(blas.read_text())
+        lines += ["", "## Linux CPU: MLX with OpenBLAS vs its bundled netlib BLAS (125m, float32)", "",
+                  f"- date: {data['date']}; command: `{data['command']}` (same machine as the cpu section)", "",
+                  "| BLAS | GEMM 1024^3 GFLOP/s | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s | load avg |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for run in data["runs"]:
+            get = {(r["kind"], r["batch"]): r["tok_s"] for r in run["records"]}
+            lines.append(f"| {run['label']} | {run['gemm_gflops']:.1f} | {_fmt(get.get(('prefill', 1)))} | "
+                         f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]

@@ -156,3 +156,19 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
     assert "| prefill | 1 | 512 | 300.0 | 0.70 | 100.0 | eager | n/a | **3.00x** |" in text
     assert "| q\\|k\\|v projection | 3.00 | 75% |" in text
     assert (tmp_path / "cpu.png").is_file()
+
+
+def test_random_weights_never_materialise_a_float32_model():
+    config = bm.shape_config("125m", num_blocks=4)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = bm.random_model(config, dtype="bfloat16")
+    final = mx.get_active_memory() - base
+    peak = mx.get_peak_memory() - base
+    n = bm.count_parameters(model)
+    assert final == pytest.approx(2 * n, rel=0.01)
+    largest = 50304 * 768  # the embedding / LM head
+    # A float32 copy of the model would add 2 bytes per parameter; we add one array's draw.
+    assert peak <= final + 4 * largest * 1.1, (peak / 1e6, final / 1e6)
+    assert peak < 4 * n

@@ -97,13 +97,15 @@ def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0) -> 
         return mx.random.normal(p.shape, dtype=target, key=k) * (p.shape[-1] ** -0.5)
 
     flat = tree_flatten(model.parameters())
-    new = [(name, draw(name, p, index)) for index, (name, p) in enumerate(flat)]
+    new = []
+    for index, (name, p) in enumerate(flat):
+        # One array at a time: the transient (random bits, float32 draw) never exceeds the
+        # largest single matrix (the embedding), so peak ~ final size + that.
+        value = draw(name, p, index)
+        mx.eval(value)
+        new.append((name, value))
+    del flat
     model.update(tree_unflatten(new))
-    del flat, new
-    # Evaluate block by block: bounded transient memory while drawing.
-    for block in model.backbone.blocks:
-        mx.eval(block.parameters())
-    mx.eval(model.parameters())
     return model
 
 
