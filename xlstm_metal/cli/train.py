@@ -99,32 +99,33 @@ def _config_dict(spec: str) -> dict:
     raise UsageError(f"--config {spec!r} is neither a JSON file nor a preset ({', '.join(PRESETS)})")
 
 
-def _build_model(config: dict, kernel: str, seed: int):
-    """A fresh model from a config dict (xLSTM-Large; NX-AI 2024 xLSTM when that module exists)."""
-    import mlx.core as mx
-
+def _build_model(config: dict, kernel: str, seed: int, vocab: int):
+    """A freshly initialised model from a config dict: xLSTM-Large fields, or NX-AI's nested
+    2024 xLSTM config (mlstm_block / slstm_block / slstm_at; NX-AI's init). A missing
+    vocab_size becomes the tokenizer's vocabulary rounded up to a multiple of 64."""
     from ..config import ConfigError, xLSTMConfig
     from ..models import xlstm_2024_available
 
-    if xlstm_2024_available():
-        from ..models import xlstm_2024
-
-        if xlstm_2024.is_xlstm_2024_config(config):
-            if not hasattr(xlstm_2024, "model_from_config"):
-                raise UsageError("this build cannot create a 2024 xLSTM from a config for training")
-            mx.random.seed(seed)
-            return xlstm_2024.model_from_config(config)
-    from ..models.xlstm_large import xLSTMLarge
-    from ..training.trainer import init_xlstm_large
-
+    padded_vocab = int(math.ceil(vocab / 64) * 64)
     try:
-        cfg = xLSTMConfig.from_dict({**config, "chunkwise_kernel": kernel})
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    model = xLSTMLarge(cfg)
+        if xlstm_2024_available():
+            from ..models import xlstm_2024
+
+            if xlstm_2024.is_xlstm_2024_config(config):
+                section = config["model"] if isinstance(config.get("model"), dict) and "vocab_size" not in config else config
+                if section.get("vocab_size") in (None, -1):
+                    section["vocab_size"] = padded_vocab
+                return xlstm_2024.model_from_config(section, seed=seed, mlstm_kernel=kernel,
+                                                    chunk_size=int(section.get("chunk_size", 64)))
+        from ..models.xlstm_large import xLSTMLarge
+        from ..training.trainer import init_xlstm_large
+
+        config.setdefault("vocab_size", padded_vocab)
+        model = xLSTMLarge(xLSTMConfig.from_dict({**config, "chunkwise_kernel": kernel}))
+    except (ConfigError, TypeError, KeyError) as err:
+        raise UsageError(f"bad model config: {err}") from None
     init_xlstm_large(model, seed)
     return model
-
 
 
 def _special_ids(tokenizer, config) -> tuple[int | None, int | None]:
@@ -272,9 +273,7 @@ def run(args) -> int:
 
         vocab = tokenizer.get_vocab_size()
         if model is None:
-            config = _config_dict(args.config or "tiny")
-            config.setdefault("vocab_size", int(math.ceil(vocab / 64) * 64))
-            model = _build_model(config, args.kernel, cfg.seed)
+            model = _build_model(_config_dict(args.config or "tiny"), args.kernel, cfg.seed, vocab)
         elif hasattr(model.config, "chunkwise_kernel"):
             _set_training_kernel(model, args.kernel)
         model_vocab = int(model.config.vocab_size)

@@ -131,11 +131,18 @@ def _no_decay(path: str, _value: mx.array) -> bool:
     return "norm" in path or path.endswith(".bias") or "embeddings" in path
 
 
-def make_optimizer(cfg: TrainingConfig) -> optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only; the learning rate is set per step."""
+def make_optimizer(cfg: TrainingConfig, model=None) -> optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only; the learning rate is set per step.
+
+    A model with a ``decays(path) -> bool`` method (the 2024 xLSTM: NX-AI's split) chooses
+    which parameters decay; otherwise norms, biases and embeddings do not."""
     decayed = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
     plain = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=0.0)
-    return optim.MultiOptimizer([plain, decayed], [_no_decay])
+    if model is not None and callable(getattr(model, "decays", None)):
+        no_decay = lambda path, _value: not model.decays(path)  # noqa: E731
+    else:
+        no_decay = _no_decay
+    return optim.MultiOptimizer([plain, decayed], [no_decay])
 
 
 def make_schedule(cfg: TrainingConfig, total_steps: int) -> Callable[[int], mx.array]:
@@ -246,7 +253,7 @@ class Trainer:
         self.val = validation_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
         self.fingerprint = stream_fingerprint(train_stream)
         self.compute_dtype = _DTYPES[cfg.dtype]
-        self.optimizer = make_optimizer(cfg)
+        self.optimizer = make_optimizer(cfg, model)
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0

@@ -1,0 +1,177 @@
+"""`xlstm-metal train` end to end: run, export, resume, fine-tune, 2024 xLSTM, bad input; the shipped model."""
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import xlstm_metal
+from xlstm_metal.cli import main
+from xlstm_metal.loading import load_model, read_weights
+
+SENTENCES = [
+    "The interpreter reads a line of input and executes it.",
+    "A list is a mutable sequence of items, written between square brackets.",
+    "Functions are defined with the def keyword, followed by the name and the parameters.",
+    "A dictionary maps keys to values; keys must be hashable.",
+    "Exceptions are raised with the raise statement and handled by try and except.",
+    "Modules are files containing Python definitions and statements.",
+]
+
+
+def make_corpus(root, seed=0):
+    """A directory with text files and a JSON Lines file of English-like sentences."""
+    rng = np.random.default_rng(seed)
+    root.mkdir()
+    (root / "sub").mkdir()
+    for i in range(3):
+        text = "\n".join(" ".join(rng.choice(SENTENCES, 4)) for _ in range(40))
+        (root / f"doc{i}.txt").write_text(text)
+    with open(root / "sub" / "records.jsonl", "w") as fh:
+        for _ in range(30):
+            fh.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 5)), "id": 1}) + "\n")
+    return root
+
+
+BASE = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--warmup", "2",
+        "--log-every", "1", "--lr", "3e-3", "--no-progress", "--val-fraction", "0.1"]
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 12-step run with checkpoints at 6 and 12 and an export."""
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = make_corpus(tmp / "corpus")
+    out, export = tmp / "run", tmp / "export"
+    rc = main(["train", str(corpus), "--out", str(out), *BASE, "--steps", "12", "--eval-every", "6",
+               "--save-every", "6", "--keep", "3", "--export", str(export)])
+    assert rc == 0
+    return tmp, corpus, out, export
+
+
+def test_train_run_writes_checkpoints_metrics_and_export(trained):
+    tmp, corpus, out, export = trained
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint-0000006", "checkpoint-0000012", "loss.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in (out / "checkpoint-0000012").iterdir()) == [
+        "config.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "trainer_state.json"]
+    losses = [loss for _, loss in train_losses(out)]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [6, 12]
+    assert summary["best_val_loss"] == min(e["val_loss"] for e in evals)
+    assert evals[0]["val_ppl"] == pytest.approx(math.exp(evals[0]["val_loss"]))
+
+    # The export is the best-validation checkpoint's weights, loadable with its tokenizer.
+    model, tokenizer = xlstm_metal.load(export)
+    best = read_weights(out / f"checkpoint-{summary['best_step']:07d}")
+    exported = read_weights(export)
+    assert exported.keys() == best.keys()
+    for k in best:
+        np.testing.assert_array_equal(np.array(exported[k]), np.array(best[k]), err_msg=k)
+    ids = tokenizer.encode("A list is a mutable sequence")
+    assert tokenizer.decode(ids[1:] if ids[0] == tokenizer.bos_token_id else ids) == "A list is a mutable sequence"
+    gen = json.loads((export / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 0
+
+
+def test_cli_resume_continues_exactly(trained):
+    tmp, corpus, out, _ = trained
+    import shutil
+
+    resumed = tmp / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoint-0000012")  # as if the run died after step 6's checkpoint
+    assert main(["train", "--out", str(resumed), "--resume", "--no-progress"]) == 0  # data from the checkpoint
+    assert train_losses(resumed) == train_losses(out)
+
+
+def test_fine_tune_from_export(trained, tmp_path):
+    tmp, corpus, out, export = trained
+    run = tmp_path / "ft"
+    assert main(["train", str(corpus), "--out", str(run), "--init-from", str(export), "--seq-len", "32",
+                 "--batch-size", "4", "--steps", "3", "--warmup", "1", "--log-every", "1", "--no-progress",
+                 "--val-fraction", "0.1", "--eval-every", "3"]) == 0
+    fresh_first = train_losses(out)[0][1]
+    assert train_losses(run)[0][1] < fresh_first - 1.0  # starts from the trained weights
+    assert (run / "checkpoint-0000003" / "tokenizer.json").read_text() == (export / "tokenizer.json").read_text()
+
+
+def test_train_2024_xlstm_from_config(tmp_path):
+    config = {"embedding_dim": 32, "num_blocks": 2, "slstm_at": [1], "context_length": 32,
+              "mlstm_block": {"mlstm": {"num_heads": 2}},
+              "slstm_block": {"slstm": {"num_heads": 2}, "feedforward": {"proj_factor": 1.3}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    corpus = make_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    args = [a for a in BASE if a not in ("--config", "tiny")]
+    # Short sequences: the sLSTM recurrence is a loop over time, compiled for CPU per length.
+    assert main(["train", str(corpus), "--out", str(run), *args, "--config", str(tmp_path / "cfg.json"),
+                 "--steps", "8", "--eval-every", "8", "--seq-len", "8", "--batch-size", "8", "--lr", "1e-2"]) == 0
+    losses = [loss for _, loss in train_losses(run)]
+    assert np.mean(losses[-2:]) < losses[0] - 0.5
+    model = load_model(run / "checkpoint-0000008")
+    assert type(model).__name__ == "xLSTMLMModel" and model.config.slstm_at == [1]
+
+
+@pytest.mark.parametrize("case", ["empty_dir", "binary", "seq_len", "vocab", "jsonl_field", "not_empty_out"])
+def test_bad_input_exits_2_without_checkpoint(case, tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = ["train", str(corpus), "--out", str(out), *BASE, "--steps", "2", "--warmup", "1"]
+    if case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        args[1], expected = str(tmp_path / "empty"), "holds no files"
+    elif case == "binary":
+        (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200))
+        expected = "image.png looks binary"
+    elif case == "seq_len":
+        args += ["--seq-len", "1"]
+        expected = "sequence length must be >= 2"
+    elif case == "vocab":
+        (tmp_path / "small.json").write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1,
+                                                         "vocab_size": 128}))
+        args += ["--config", str(tmp_path / "small.json")]
+        expected = "vocab_size (128) is smaller than the tokenizer's vocabulary"
+    elif case == "jsonl_field":
+        args += ["--text-field", "body"]
+        expected = "record has no 'body' field"
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = "is not empty"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "xlstm-metal: error:" in err and expected in err, err
+    leftovers = [p.name for p in out.iterdir()] if out.exists() else []
+    assert leftovers in ([], ["notes.txt"])  # nothing written, the user's file untouched
+
+
+# ------------------------------------------------------------------------------ shipped model
+def test_default_model_is_small_and_has_learnt_english():
+    from xlstm_metal.assets import default_model_path
+
+    path = default_model_path()
+    files = sorted(p.name for p in path.iterdir() if not p.name.startswith("_"))
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert sum(p.stat().st_size for p in path.iterdir()) <= 10 * 1024**2
+    model, tokenizer = xlstm_metal.load(path, dtype="float32")
+    assert type(model).__name__ == "xLSTMLarge" and model.config.vocab_size == 4096
+    text = ("The for statement in Python differs a bit from what you may be used to in C. Rather than "
+            "always iterating over an arithmetic progression of numbers, it iterates over the items of "
+            "any sequence, such as a list or a string, in the order that they appear in the sequence.")
+    ids = mx.array([tokenizer.encode(text)])
+    logits, _ = model(ids[:, :-1])
+    loss = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="mean").item()
+    assert loss < 4.0, loss  # uniform guessing: ln(4096) = 8.3; the shipped model: ~2-3 on such text
