@@ -62,7 +62,7 @@ def test_kernel_matches_nxai_vanilla():
 
 def test_step_equals_sequence_and_compiled_equals_eager():
     wx, R = random_inputs(S=7, seed=1)
-    h_seq, st_seq = slstm_sequence(mx.array(wx), mx.array(R))
+    h_seq, st_seq = slstm_sequence(mx.array(wx), mx.array(R), compiled=True)
     state, hs = slstm_zero_state(2, 2, 8), []
     for t in range(wx.shape[1]):
         h, state = slstm_step(mx.array(wx[:, t]), mx.array(R), state, compiled=False)

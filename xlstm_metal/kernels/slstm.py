@@ -55,9 +55,11 @@ def _step(wx_t: mx.array, R: mx.array, c: mx.array, n: mx.array, m: mx.array, h:
     return _pointwise(wx_t + ry, c, n, m)
 
 
-# Fusing the ~15 element-wise ops of a step: measured 1.75x faster at B=1 (NH=4, DH=64, S=256:
-# 157 vs 275 us/step) and 5% at B=8 on a 2-core CPU, mlx 0.32.4; compiled functions stay
-# differentiable.
+# ``compiled=True`` fuses the ~15 element-wise ops of a step: 1.75x faster for a plain forward
+# at B=1 (NH=4, DH=64, S=256: 157 vs 275 us/step; 5% at B=8; 2-core CPU, mlx 0.32.4). It is off
+# by default because nesting it in traced code costs far more than it saves (measured: a
+# compiled training step of a 2-block model at S=16 took 18 s to compile instead of 0.2 s, and
+# eager mx.grad ran 1.5x slower); the runner and trainer compile the whole step anyway.
 _step_compiled = mx.compile(_step)
 
 
@@ -68,7 +70,7 @@ def _state_f32(state: SLSTMState | None, B: int, NH: int, DH: int) -> SLSTMState
 
 
 def slstm_step(
-    wx: mx.array, R: mx.array, state: SLSTMState | None = None, *, compiled: bool = True
+    wx: mx.array, R: mx.array, state: SLSTMState | None = None, *, compiled: bool = False
 ) -> tuple[mx.array, SLSTMState]:
     """One step. wx [B, NH, 4, DH] (W x + b), R [NH, DH, 4 DH] -> (h [B, NH, DH], state)."""
     B, NH, G, DH = wx.shape
@@ -81,7 +83,7 @@ def slstm_step(
 
 
 def slstm_sequence(
-    wx: mx.array, R: mx.array, state: SLSTMState | None = None, *, compiled: bool = True
+    wx: mx.array, R: mx.array, state: SLSTMState | None = None, *, compiled: bool = False
 ) -> tuple[mx.array, SLSTMState]:
     """The recurrence over a sequence. wx [B, S, NH, 4, DH], R [NH, DH, 4 DH]
     -> (h [B, S, NH, DH], final state). The sLSTM has no parallel form: h_{t-1} enters the gates."""
