@@ -6,16 +6,18 @@
 #   4. install:   copy the export into xlstm_metal/assets/default_model/
 #
 # Usage: bash scripts/build_default_model.sh [all|corpus|tokenizer|train|install]
-# Environment: WORK (default .train_data), RUN (default $WORK/run), MAX_TIME (seconds of training,
-# default 420), DTYPE (default float32), PYTHON (default python3).
-# The shipped model was trained on an NVIDIA H100 (MLX CUDA build) with MAX_TIME=420; on a
-# CPU the same command runs, far slower.
+# Environment: WORK (default .train_data), RUN (default $WORK/run), STEPS (default 2600, the
+# shipped run), MAX_TIME (seconds: size the run from measured speed instead of STEPS),
+# DTYPE (default float32), PYTHON (default python3).
+# The shipped model was trained on an NVIDIA H100 (MLX 0.32.4 CUDA build) with these defaults
+# (see MODEL_CARD.md); on a CPU the same command runs, far slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-.train_data}
 RUN=${RUN:-$WORK/run}
-MAX_TIME=${MAX_TIME:-420}
+STEPS=${STEPS:-2600}
+MAX_TIME=${MAX_TIME:-}
 DTYPE=${DTYPE:-float32}
 stage=${1:-all}
 mkdir -p "$WORK"
@@ -34,10 +36,11 @@ tokenizer() {
 
 train() {
   rm -rf "$RUN"
+  if [ -n "$MAX_TIME" ]; then length=(--max-time "$MAX_TIME"); else length=(--steps "$STEPS"); fi
   "$PYTHON" -m xlstm_metal train "$WORK/corpus.jsonl" --tokenizer "$WORK/tokenizer" \
-    --config pydoc-4m --seq-len 512 --batch-size 32 --max-time "$MAX_TIME" \
+    --config pydoc-4m --seq-len 512 --batch-size 32 "${length[@]}" \
     --lr 2e-3 --min-lr-ratio 0.05 --warmup 200 --weight-decay 0.1 --grad-clip 1.0 --dtype "$DTYPE" \
-    --val-fraction 0.02 --eval-every 250 --eval-batches 16 --save-every 100000 --keep 1 --log-every 25 \
+    --val-fraction 0.02 --eval-every 200 --eval-batches 16 --save-every 100000 --keep 1 --log-every 25 \
     --seed 0 --out "$RUN" --export "$RUN/export" --export-dtype bfloat16 --no-progress
 }
 
