@@ -254,3 +254,20 @@ def test_generic_wiring_groups_identical_blocks(model):
     assert "blocks.0-1: mLSTMBlock" in text and "blocks.0:" not in text
     assert "mlstm_layer: mLSTMNeuron" in text and "lm_head: Linear [weight(97, 64)]" in text
 
+
+
+def test_2024_mixed_model_batched_chat_and_info():
+    from xlstm_metal.models.xlstm_2024 import create_xlstm_model
+
+    model = create_xlstm_model(97, 3, (1, 1), 32, 8, 4, seed=5)  # mLSTM, sLSTM, mLSTM
+    runner = xLSTMRunner(model, prefill_chunk_size=3)
+    prompts = [PROMPT[:9], PROMPT[4:6], PROMPT[10:15]]
+    assert runner.generate(prompts, max_tokens=6) == [runner.generate(p, max_tokens=6) for p in prompts]
+    first = [c.token for c in runner.stream(prompts[0], max_tokens=4, keep_state=True)]
+    second = [c.token for c in runner.stream(prompts[1], max_tokens=4, keep_state=True)]
+    assert runner.session_tokens == prompts[0] + first + prompts[1] + second
+    assert xLSTMRunner(model).generate(runner.session_tokens[:-4], max_tokens=4) == second
+    info = runner.get_model_info()
+    assert info["num_blocks"] == 3 and sum(info["block_types"].values()) == 3
+    assert info["mlstm_num_heads"] == 4 and info["slstm_num_heads"] == 4 and info["slstm_at"] == [1]
+    assert info["parameters"] == sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -537,6 +537,14 @@ def model_info(model: nn.Module) -> dict[str, Any]:
         value = getattr(config, name, None)
         if value is not None:
             info[name] = value
+    if "num_heads" not in info:
+        # 2024 xLSTM configs nest the heads per block kind (mlstm_block.mlstm.num_heads ...).
+        for kind in ("mlstm", "slstm"):
+            layer = getattr(getattr(config, f"{kind}_block", None), kind, None)
+            if getattr(layer, "num_heads", None) is not None and any(kind in k.lower() for k in kinds):
+                info[f"{kind}_num_heads"] = layer.num_heads
+    if getattr(config, "slstm_at", None) is not None:
+        info["slstm_at"] = list(config.slstm_at)
     info["parameters"] = int(count)
     info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
     info["weights_bytes"] = int(nbytes)
