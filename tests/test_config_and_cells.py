@@ -146,3 +146,13 @@ def test_forward_is_one_lazy_graph():
     assert step_logits.shape == (2, 1, 97)
     with pytest.raises(ValueError, match="input_ids must have shape"):
         model(ids[0])
+
+
+def test_last_only_logits_equal_the_last_position():
+    model = tiny_model()
+    ids = mx.array(np.arange(30, dtype=np.int32).reshape(2, 15) % 97)
+    full, full_state = model(ids)
+    last, last_state = model(ids, last_only=True)
+    assert last.shape == (2, 1, 97)
+    np.testing.assert_allclose(np.array(last), np.array(full[:, -1:]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.array(last_state[-1][0]), np.array(full_state[-1][0]))

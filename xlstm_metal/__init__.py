@@ -14,8 +14,9 @@ from . import _blas
 _blas.preload()
 
 from .config import xLSTMConfig  # noqa: E402
+from .generation import xLSTMRunner  # noqa: E402
 from .loading import load, load_model, save_model  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["xLSTMConfig", "load", "load_model", "save_model", "__version__"]
+__all__ = ["xLSTMConfig", "xLSTMRunner", "load", "load_model", "save_model", "__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -23,14 +24,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
     parser.add_argument("--prompt", "-p", help="prompt text; '-' reads it from stdin")
     parser.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
-    parser.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
-    parser.add_argument("--temperature", "--temp", type=float, default=0.0,
-                        help="sampling temperature; 0 = greedy (default 0)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top probability")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="> 1 discourages tokens already seen (1 = off)")
+    # Sampling defaults (None here) come from the checkpoint's generation_config.json, as in
+    # transformers, else from BUILTIN_SAMPLING; see apply_generation_defaults.
+    parser.add_argument("--max-tokens", "-n", type=int,
+                        help="tokens to generate at most (default: max_new_tokens of the model's "
+                             "generation_config.json, else 256)")
+    parser.add_argument("--temperature", "--temp", type=float,
+                        help="sampling temperature; 0 = greedy (default: the model's generation_config.json "
+                             "when it sets do_sample, else 0)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
+    parser.add_argument("--min-p", type=float, help="drop tokens below min_p * top probability")
+    parser.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already seen (1 = off)")
     parser.add_argument("--seed", type=int, help="random seed (reproducible sampling)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable); EOS always stops")
@@ -54,19 +59,58 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- argument checks
+#: Used where neither the command line nor the model's generation_config.json says otherwise.
+BUILTIN_SAMPLING = dict(max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+#: generation_config.json key -> our argument, for the sampling keys (read when do_sample is true).
+_GENERATION_CONFIG_KEYS = dict(temperature="temperature", top_k="top_k", top_p="top_p", min_p="min_p",
+                               repetition_penalty="repetition_penalty")
+
+
+def _check_sampling_values(values: dict[str, Any], source: str) -> None:
+    def bad(name: str, rule: str) -> UsageError:
+        flag = "--" + name.replace("_", "-")
+        return UsageError(f"{flag} must be {rule}, got {values[name]}{source}")
+
+    checks = dict(
+        max_tokens=(lambda x: x >= 0, ">= 0"),
+        temperature=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0"),
+        top_k=(lambda x: x >= 0, ">= 0"),
+        top_p=(lambda x: 0 < x <= 1, "in (0, 1]"),
+        min_p=(lambda x: 0 <= x <= 1, "in [0, 1]"),
+        repetition_penalty=(lambda x: x > 0 and math.isfinite(x), "a finite number > 0"),
+    )
+    for name, (ok, rule) in checks.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise bad(name, rule)
+
+
+def apply_generation_defaults(args: argparse.Namespace, model_dir: Path | None) -> None:
+    """Fill sampling arguments the user left out: the model's generation_config.json (its
+    sampling keys only when it sets do_sample), then BUILTIN_SAMPLING."""
+    from_file: dict[str, Any] = {}
+    path = None if model_dir is None else Path(model_dir) / "generation_config.json"
+    if path is not None and path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read {path}: {err}") from None
+        if isinstance(config, dict):
+            if config.get("max_new_tokens") is not None:
+                from_file["max_tokens"] = config["max_new_tokens"]
+            if config.get("do_sample"):
+                from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
+                                  if config.get(key) is not None})
+            _check_sampling_values(from_file, f" (from {path})")
+    for name, value in BUILTIN_SAMPLING.items():
+        if getattr(args, name) is None:
+            setattr(args, name, from_file.get(name, value))
+
+
 def validate_sampling(args: argparse.Namespace) -> None:
-    if args.max_tokens < 0:
-        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not 0 <= args.min_p <= 1:
-        raise UsageError(f"--min-p must be in [0, 1], got {args.min_p}")
-    if not (args.repetition_penalty > 0 and math.isfinite(args.repetition_penalty)):
-        raise UsageError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
+    _check_sampling_values({name: getattr(args, name) for name in BUILTIN_SAMPLING}, "")
     if args.prefill_chunk_size is not None and args.prefill_chunk_size <= 0:
         raise UsageError(f"--prefill-chunk-size must be > 0, got {args.prefill_chunk_size}")
     if any(s == "" for s in args.stop):
@@ -119,11 +163,21 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         raise UsageError(f"cannot load model {source}: {err}") from None
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
+    apply_generation_defaults(args, _local_dir(source))
     try:
         runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=args.prefill_chunk_size)
     except ValueError as err:
         raise UsageError(str(err)) from None
     return runner, tokenizer
+
+
+def _local_dir(source: Any) -> Path | None:
+    from ..loading import CheckpointError, resolve_model_path
+
+    try:
+        return resolve_model_path(source)  # a Hugging Face id is in the local cache by now
+    except CheckpointError:
+        return None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

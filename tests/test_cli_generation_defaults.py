@@ -1,0 +1,44 @@
+"""`generate` takes sampling defaults from the checkpoint's generation_config.json, flags win."""
+
+import json
+import shutil
+
+import pytest
+from test_cli_generate import ckpt, expected_text, run_cli, runner  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def sampling_ckpt(ckpt, tmp_path):  # noqa: F811
+    path = tmp_path / "sampling"
+    shutil.copytree(ckpt, path)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.9, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.2,
+         "max_new_tokens": 12, "bos_token_id": 0, "eos_token_id": 2}))
+    return path
+
+
+def test_generation_config_supplies_defaults(sampling_ckpt, runner, capsys):  # noqa: F811
+    code, out, _ = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "the quick", "--seed", "3")
+    assert code == 0
+    kw = dict(max_tokens=12, temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=3)
+    assert out == expected_text(runner, "the quick", **kw) + "\n"
+    # An explicit flag wins over the file: --temp 0 is greedy.
+    code, out, _ = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "the quick", "--temp", "0", "-n", "9")
+    assert code == 0
+    assert out == expected_text(runner, "the quick", max_tokens=9, temperature=0.0, top_k=20, top_p=0.95,
+                                repetition_penalty=1.2) + "\n"
+
+
+def test_without_do_sample_only_length_is_taken(sampling_ckpt, runner, capsys):  # noqa: F811
+    (sampling_ckpt / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.9,
+                                                                      "max_new_tokens": 7}))
+    code, out, _ = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "the quick")
+    assert code == 0
+    assert out == expected_text(runner, "the quick", max_tokens=7) + "\n"
+
+
+def test_bad_generation_config_is_named(sampling_ckpt, capsys):
+    (sampling_ckpt / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 3}))
+    code, _, err = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "x")
+    assert code == 2
+    assert "--top-p must be in (0, 1], got 3" in err and "generation_config.json" in err
