@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 import xlstm_metal  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx

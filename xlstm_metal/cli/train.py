@@ -72,7 +72,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--save-every", type=int, default=500)
     r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (its saved settings and data paths are used)")
     r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
     r.add_argument("--export", default=None, metavar="DIR",
                    help="write the best-validation model (+ tokenizer, generation_config.json) here")
@@ -147,7 +147,7 @@ def _special_ids(tokenizer, config) -> tuple[int | None, int | None]:
 def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, overwrite: bool) -> Path:
     """Write the best-validation weights as a shippable checkpoint (atomic directory swap)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+    from mlx.utils import tree_flatten, tree_unflatten
 
     from ..loading import save_model
 
@@ -186,8 +186,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
 
 # ------------------------------------------------------------------------------ run
 def run(args) -> int:
-    from .. import _blas  # noqa: F401  (xlstm_metal's __init__ preloads the BLAS before mlx)
-    import mlx.core as mx
+    import mlx.core as mx  # xlstm_metal's __init__ has preloaded the BLAS by now
 
     from ..loading import CheckpointError, load_model
     from ..training.checkpoint import ResumeError, latest_checkpoint, read_trainer_state
@@ -325,7 +324,11 @@ def run(args) -> int:
         if args.export:
             path = _export(model, trainer.best_params, Path(args.export).expanduser(), tok_dir,
                            args.export_dtype, args.overwrite)
-            print(f"exported the step-{result.best_step} model to {path}", file=sys.stderr)
+            if trainer.best_params is not None:
+                print(f"exported the step-{result.best_step} model (best validation loss) to {path}", file=sys.stderr)
+            else:  # the best evaluation happened before a resume; its weights are not in memory
+                print(f"exported the final step-{result.step} model to {path} (the best validation loss was at "
+                      f"step {result.best_step}, before the resume)", file=sys.stderr)
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
     return 0

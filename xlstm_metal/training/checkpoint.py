@@ -71,6 +71,7 @@ def save_checkpoint(
             arrays[f"{_RNG_KEY}.{index}"] = key
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), arrays)
         atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp directories are 0700
         if final.exists():  # a checkpoint of the same step (re-saved at the end): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -208,6 +208,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp files are 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -264,6 +265,8 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self._train_step = None
         self._eval_step = None
+        #: Wall clock of the loop (seconds); replaceable, e.g. by a fake clock in tests.
+        self.clock: Callable[[], float] = time.perf_counter
 
     # -------------------------------------------------------------- state
     def trainer_state(self) -> dict[str, Any]:
@@ -379,15 +382,15 @@ class Trainer:
         result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
                    dynamic_ncols=True, desc="train")
-        t_start = time.perf_counter() - self.elapsed
+        t_start = self.clock() - self.elapsed
         window_losses: list[mx.array] = []
-        t_window, steps_window = time.perf_counter(), 0
+        t_window, steps_window = self.clock(), 0
         probe_t0 = None
         schedule = make_schedule(cfg, self.total_steps) if self.total_steps else None
         last_saved = self.step
 
         while self.total_steps is None or self.step < self.total_steps:
-            if cfg.max_time is not None and time.perf_counter() - t_start > cfg.max_time:
+            if cfg.max_time is not None and self.clock() - t_start > cfg.max_time:
                 break  # hard stop: the budget ran out (eval costs more than estimated)
             if self.total_steps is None:
                 lr = make_schedule(cfg, cfg.warmup + 1)(self.step)  # still in warmup: total not needed
@@ -408,16 +411,16 @@ class Trainer:
             # Time budget: time steps 3..3+probe (after compilation) and size the run.
             if self.total_steps is None:
                 if self.step == result.step + 2:
-                    probe_t0 = time.perf_counter()
+                    probe_t0 = self.clock()
                 elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
-                    step_time = (time.perf_counter() - probe_t0) / cfg.probe_steps
-                    self.total_steps = self._size_from_time(step_time, self.step, time.perf_counter() - t_start)
+                    step_time = (self.clock() - probe_t0) / cfg.probe_steps
+                    self.total_steps = self._size_from_time(step_time, self.step, self.clock() - t_start)
                     schedule = make_schedule(cfg, self.total_steps)
                     bar.total = self.total_steps
                     bar.refresh()
 
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                now = time.perf_counter()
+                now = self.clock()
                 losses = mx.stack(window_losses).tolist()  # one host sync per log window
                 tok_s = steps_window * tokens_per_step / max(now - t_window, 1e-9)
                 self.elapsed = now - t_start
@@ -436,24 +439,24 @@ class Trainer:
                 result.evals.append((self.step, val_loss))
                 self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
                            "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
-                           "elapsed_s": time.perf_counter() - t_start})
+                           "elapsed_s": self.clock() - t_start})
                 if self.best_val_loss is None or val_loss < self.best_val_loss:
                     self.best_val_loss, self.best_step = val_loss, self.step
                     self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
                 last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
                 train_part = f"train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s, " if last else ""
-                bar.write(f"step {self.step} ({self.tokens:,} tokens, {time.perf_counter() - t_start:.0f} s): "
+                bar.write(f"step {self.step} ({self.tokens:,} tokens, {self.clock() - t_start:.0f} s): "
                           f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                 self._plot()
-                t_window = time.perf_counter()  # eval time is not training throughput
+                t_window = self.clock()  # eval time is not training throughput
             if self.step % cfg.save_every == 0 and not done:
-                self.elapsed = time.perf_counter() - t_start
+                self.elapsed = self.clock() - t_start
                 self.save()
                 last_saved = self.step
-                t_window = time.perf_counter()
+                t_window = self.clock()
         bar.close()
 
-        self.elapsed = time.perf_counter() - t_start
+        self.elapsed = self.clock() - t_start
         if window_losses:  # stopped by the time budget between log points
             losses = mx.stack(window_losses).tolist()
             result.losses.extend((self.step - len(losses) + 1 + j, v) for j, v in enumerate(losses))
