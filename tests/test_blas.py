@@ -127,3 +127,18 @@ def test_preload_is_invisible_to_other_libraries():
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLSTM_METAL_")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+def test_blas_threads_default_and_override():
+    code = (
+        "import os, xlstm_metal\n"
+        "from xlstm_metal import _blas\n"
+        "print(_blas.info()['threads'], max(1, (os.cpu_count() or 2) // 2))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLSTM_METAL_", "OPENBLAS_"))}
+    got, expected = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   timeout=60).stdout.split()
+    assert got == expected
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "XLSTM_METAL_BLAS_THREADS": "3"},
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    assert out[0] == "3"

@@ -17,7 +17,8 @@ Which OpenBLAS:
   dies with SIGILL on CPUs without AVX-512.
 * other Linux machines (aarch64): PyPI ``cmeel-openblas``.
 * ``XLSTM_METAL_BLAS=/path/to/libblas.so`` picks any library that exports the cblas API;
-  ``XLSTM_METAL_NO_OPENBLAS=1`` turns the preload off.
+  ``XLSTM_METAL_NO_OPENBLAS=1`` turns the preload off; ``XLSTM_METAL_BLAS_THREADS=N`` sets
+  OpenBLAS's threads (default: half the cores, see :func:`blas_threads`).
 
 Both OpenBLAS wheels need ``libgfortran.so.5``, which many machines lack. If the system has
 none, the copy that MLX's own wheel bundles (under a hashed name the linker cannot match) is
@@ -212,6 +213,20 @@ def _load(path: Path, soname: str) -> None:
     if not hasattr(lib, "cblas_sgemm"):
         raise OSError(f"{path} does not export cblas_sgemm")
     _HANDLES.append(lib)
+    if hasattr(lib, "openblas_set_num_threads"):
+        lib.openblas_set_num_threads(ctypes.c_int(blas_threads()))
+
+
+def blas_threads() -> int:
+    """Threads for MLX's OpenBLAS: XLSTM_METAL_BLAS_THREADS, else OPENBLAS_NUM_THREADS, else half
+    the cores (at least 1). MLX's own CPU stream thread and Python need the other half: with
+    every core given to OpenBLAS, its spinning workers fight them, and on a busy 2-core machine
+    prefill and decode ran 10-16x slower than with one BLAS thread (BENCHMARKS.md)."""
+    for name in ("XLSTM_METAL_BLAS_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def preload() -> str | None:
@@ -276,12 +291,14 @@ def preload() -> str | None:
 def info() -> dict:
     """What was loaded: blas (path or None), core (OpenBLAS's kernel family for this CPU),
     gfortran ("system", the renamed copy, or None), soname (MLX's BLAS name), reason (why none)."""
-    core = None
+    core, threads = None, None
     if LOADED is not None and _HANDLES:
         try:
             fn = _HANDLES[-1].openblas_get_corename
             fn.restype = ctypes.c_char_p
             core = fn().decode()
+            threads = int(_HANDLES[-1].openblas_get_num_threads())
         except AttributeError:
-            core = None
-    return {"blas": LOADED, "core": core, "gfortran": GFORTRAN, "soname": SONAME, "reason": REASON}
+            pass
+    return {"blas": LOADED, "core": core, "threads": threads, "gfortran": GFORTRAN, "soname": SONAME,
+            "reason": REASON}
