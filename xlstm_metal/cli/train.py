@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     src = p.add_argument_group("model")
     src.add_argument("--config", default=None,
                      help=f"config JSON (xLSTM-Large fields) or a preset: {', '.join(PRESETS)} (default: tiny)")
-    src.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune this checkpoint directory")
+    src.add_argument("--init-from", default=None, metavar="CKPT",
+                     help="fine-tune this checkpoint directory ('default': the packaged model)")
     src.add_argument("--kernel", default="chunkwise", help="mLSTM kernel for training (default: chunkwise)")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory); default: the checkpoint's, or train a BPE")
@@ -244,6 +245,10 @@ def run(args) -> int:
             model = load_model(resume_ckpt, dtype="float32")
             tokenizer_src = resume_ckpt
         elif args.init_from:
+            if args.init_from == "default":
+                from ..assets import default_model_path
+
+                args.init_from = str(default_model_path())
             model = load_model(args.init_from, dtype="float32")
             tokenizer_src = args.tokenizer or args.init_from
         else:
@@ -305,6 +310,9 @@ def run(args) -> int:
                 if child.name.startswith("checkpoint-") or child.name in ("metrics.jsonl", "loss.png"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
 
+        if cfg.dtype != "float32" and mx.default_device() == mx.cpu:
+            print(f"warning: {cfg.dtype} compute on a CPU is slow in MLX (no fast half-precision matmul); "
+                  "--dtype float32 is faster there", file=sys.stderr)
         n_params = count_parameters(model)
         print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
               f"/ {len(val_stream):,} validation tokens; {cfg.batch_size} x {cfg.seq_len} tokens per step, "
