@@ -306,6 +306,25 @@ dataset:
     assert rel_err(np_(ours(mx.array(ids))[0]), torch_logits(model, ids)) <= TOL
 
 
+def test_readme_style_yaml_without_vocab_size(tmp_path):
+    """NX-AI's README config is a block-stack config (no vocab_size; sLSTM backend "cuda"):
+    the vocabulary comes from token_embedding.weight, the sLSTM layout from the kernel's shape."""
+    model, cfg = official(seed=16, slstm_at=(1,), num_blocks=2, m_heads=4, s_heads=4)
+    path = tmp_path / "readme"
+    path.mkdir()
+    save_file(state_dict(model), str(path / "model.safetensors"))
+    (path / "config.yaml").write_text(
+        "mlstm_block:\n  mlstm:\n    conv1d_kernel_size: 4\n    qkv_proj_blocksize: 4\n    num_heads: 4\n"
+        "slstm_block:\n  slstm:\n    backend: cuda\n    num_heads: 4\n    conv1d_kernel_size: 4\n"
+        "    bias_init: powerlaw_blockdependent\n  feedforward:\n    proj_factor: 1.3\n    act_fn: gelu\n"
+        "context_length: ${dataset.context_length}\nnum_blocks: 2\nembedding_dim: 32\nslstm_at: [1]\n"
+    )
+    ours = load_model(path)
+    assert ours.config.vocab_size == V and ours.blocks[1].xlstm.slstm_cell.layout == "vanilla"
+    ids = ids_for(seed=16)
+    assert rel_err(np_(ours(mx.array(ids))[0]), torch_logits(model, ids)) <= TOL
+
+
 def test_auto_wiring_ignores_wrong_slstm_at():
     """The block types come from the weight names, not the config's slstm_at."""
     model, cfg = official(seed=9, slstm_at=(2,), num_blocks=3)
@@ -403,9 +422,9 @@ def test_wiring_errors(tmp_path):
         model_from_checkpoint({**d, "slstm_block": None, "slstm_at": []}, weights)
     bad_yaml = tmp_path / "y"
     bad_yaml.mkdir()
-    (bad_yaml / "config.yaml").write_text("model:\n  num_blocks: 3\n  slstm_at: [1]\n  vocab_size: ${nowhere.v}\n")
+    (bad_yaml / "config.yaml").write_text("model:\n  num_blocks: ${nowhere.n}\n  slstm_at: [1]\n")
     save_file(state_dict(model), str(bad_yaml / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"vocab_size: unresolved interpolation"):
+    with pytest.raises(CheckpointError, match=r"num_blocks: unresolved interpolation"):
         load_model(bad_yaml)
     with pytest.raises(CheckpointError, match="no config.json or config.yaml"):
         read_config(tmp_path)

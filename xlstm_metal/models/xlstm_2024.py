@@ -194,6 +194,8 @@ class xLSTMLMConfig:
                 if nested is not None:
                     value = build(nested, value, f"{where}.{f.name}" if where else f.name)
                 elif isinstance(value, str) and value.startswith("${"):
+                    if klass is cls and f.name in _INFERABLE:
+                        continue  # filled from the weights (vocab_size) or unused here (context_length)
                     raise ConfigError(f"{where + '.' if where else ''}{f.name}: unresolved interpolation {value!r}")
                 kwargs[f.name] = value
             return klass(**kwargs)
@@ -212,6 +214,9 @@ _NESTED = {
     (sLSTMBlockConfig, "feedforward"): FeedForwardConfig,
 }
 _MARKERS = ("mlstm_block", "slstm_block", "slstm_at", "_block_map")
+# Top-level fields an unresolved ``${...}`` may leave out: vocab_size is read from the weights
+# when loading, context_length does not shape the model.
+_INFERABLE = ("vocab_size", "context_length")
 
 
 def _model_section(d: dict[str, Any]) -> dict[str, Any]:
@@ -611,7 +616,8 @@ def model_from_checkpoint(
     """Build the model a 2024 checkpoint describes and load its weights strictly.
 
     The block type at each position comes from the weight names (auto-wiring; the config's
-    ``slstm_at`` is replaced by it), the sLSTM weight layout from the recurrent kernel's shape.
+    ``slstm_at`` is replaced by it), the sLSTM weight layout from the recurrent kernel's shape,
+    and a missing vocab_size from ``token_embedding.weight``.
     Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
     """
     from ..loading import CheckpointError, load_weights_strict
@@ -637,6 +643,10 @@ def model_from_checkpoint(
         if R is not None and R.ndim == 3 and R.shape[1] != R.shape[2]:
             config.slstm_block.slstm.backend = "vanilla" if R.shape[1] == 4 * R.shape[2] else "cuda"
     config.slstm_at = slstm_at
+    emb = weights.get("token_embedding.weight")
+    if (isinstance(config.vocab_size, bool) or not isinstance(config.vocab_size, int) or config.vocab_size <= 0) \
+            and emb is not None and emb.ndim == 2:
+        config.vocab_size = int(emb.shape[0])  # NX-AI's block-stack YAMLs leave it to the caller
     try:
         config.validate()
         model = xLSTMLMModel(config, mlstm_kernel=mlstm_kernel, chunk_size=chunk_size, init=False)
