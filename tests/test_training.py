@@ -266,3 +266,27 @@ def test_time_budget_sizes_the_run(tmp_path):
     assert all(a < b for a, b in zip(lrs[: cfg.warmup], lrs[1 : cfg.warmup + 1]))
     assert all(a >= b for a, b in zip(lrs[cfg.warmup :], lrs[cfg.warmup + 1 :]))
     assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-5)  # cosine floor at the last step
+
+
+def test_corpus_script_extracts_sphinx_page_bodies():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pydoc_corpus", Path(__file__).parent.parent / "scripts" / "pydoc_corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    page = """<html><head><title>T</title><script>var x;</script></head><body>
+    <div role="navigation">Previous topic</div>
+    <div class="body" role="main"><section><h1>3. Numbers<a class="headerlink" href="#n">\u00b6</a></h1>
+    <p>The interpreter acts as a
+    simple calculator:</p>
+    <div class="highlight"><pre><span>&gt;&gt;&gt; </span>2 + 2
+4</pre></div><ul><li>one</li><li>two</li></ul></section></div>
+    <div class="footer">Copyright</div></body></html>"""
+    assert corpus.page_text(page) == (
+        "3. Numbers\n\nThe interpreter acts as a simple calculator:\n\n>>> 2 + 2\n4\n\n- one\n\n- two")
+    django = ('<div id="bd"><div id="yui-main"><div class="yui-b"><p>Let\u2019s learn by example.</p>'
+              '<label>&#xf17c;</label><section class="c-content-win"><pre>py -m django</pre></section>'
+              '<section class="c-content-unix"><pre>$ python -m django</pre></section></div></div>'
+              '<div class="yui-b" id="sidebar">Contents</div></div>')
+    assert corpus.page_text(django) == "Let\u2019s learn by example.\n\n$ python -m django"
