@@ -21,6 +21,7 @@ def test_round_trip_single_file(tiny_model_dir):
     model = load_model(tiny_model_dir)
     np.testing.assert_array_equal(logits_of(model), logits_of(tiny_model()))
     assert not (tiny_model_dir / "model.safetensors.index.json").exists()
+    assert (tiny_model_dir / "config.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_round_trip_sharded(tmp_path):
