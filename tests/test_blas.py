@@ -133,7 +133,7 @@ def test_blas_threads_default_and_override():
     code = (
         "import os, xlstm_metal\n"
         "from xlstm_metal import _blas\n"
-        "print(_blas.info()['threads'], max(1, (os.cpu_count() or 2) // 2))\n"
+        "print(_blas.info()['threads'], max(1, os.cpu_count() or 1))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLSTM_METAL_", "OPENBLAS_"))}
     got, expected = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -18,7 +18,7 @@ Which OpenBLAS:
 * other Linux machines (aarch64): PyPI ``cmeel-openblas``.
 * ``XLSTM_METAL_BLAS=/path/to/libblas.so`` picks any library that exports the cblas API;
   ``XLSTM_METAL_NO_OPENBLAS=1`` turns the preload off; ``XLSTM_METAL_BLAS_THREADS=N`` sets
-  OpenBLAS's threads (default: half the cores, see :func:`blas_threads`).
+  OpenBLAS's threads (default: every core, see :func:`blas_threads`).
 
 Both OpenBLAS wheels need ``libgfortran.so.5``, which many machines lack. If the system has
 none, the copy that MLX's own wheel bundles (under a hashed name the linker cannot match) is
@@ -218,15 +218,15 @@ def _load(path: Path, soname: str) -> None:
 
 
 def blas_threads() -> int:
-    """Threads for MLX's OpenBLAS: XLSTM_METAL_BLAS_THREADS, else OPENBLAS_NUM_THREADS, else half
-    the cores (at least 1). MLX's own CPU stream thread and Python need the other half: with
-    every core given to OpenBLAS, its spinning workers fight them, and on a busy 2-core machine
-    prefill and decode ran 10-16x slower than with one BLAS thread (BENCHMARKS.md)."""
+    """Threads for MLX's OpenBLAS: XLSTM_METAL_BLAS_THREADS, else OPENBLAS_NUM_THREADS, else
+    every core. On an idle 2-core machine 2 threads ran prefill/decode 1.6x faster than 1; on a
+    machine busy with other jobs OpenBLAS's spinning workers collapse (10-16x slower than one
+    thread, BENCHMARKS.md): set XLSTM_METAL_BLAS_THREADS=1 there."""
     for name in ("XLSTM_METAL_BLAS_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, os.cpu_count() or 1)
 
 
 def preload() -> str | None:
