@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = [sys.executable, "-m", "xlstm_metal", "bench", "--shape", "125m", "--prefill-lengths", "512",
+BENCH = [sys.executable, "-m", "xlstm_metal", "bench", "--shape", "125m", "--prefill-lengths", "256",
          "--decode-batches", "1,8", "--decode-tokens", "16", "--json"]
 GEMM = (
     "import json, time, xlstm_metal, mlx.core as mx\n"

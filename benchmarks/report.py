@@ -28,7 +28,40 @@ TARGETS = [
 
 def _load(preset: str) -> dict | None:
     path = RESULTS / f"{preset}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    # Tag each record with its round: every worker run starts with a "load" (or "env") record.
+    counts: dict[str, int] = {}
+    for r in res["records"]:
+        side = r.get("side")
+        if r.get("kind") == "load" or (r.get("kind") == "env" and not any(
+                x.get("kind") == "load" for x in res["records"])):
+            counts[side] = counts.get(side, 0) + 1
+        r["round"] = max(1, counts.get(side, 1))
+    return res
+
+
+def _rounds(res: dict) -> list[int]:
+    return sorted({r["round"] for r in res["records"] if "tok_s" in r})
+
+
+def _round_loads(res: dict, rnd: int) -> str:
+    loads = [f"{r['side']} {r['loadavg_1m']:.1f}" for r in res["records"]
+             if r.get("kind") == "load" and r["round"] == rnd]
+    return ", ".join(loads)
+
+
+def _in_round(res: dict, rnd: int) -> dict:
+    return {**res, "best": [r for r in res["records"] if r.get("round") == rnd and "tok_s" in r]}
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
 def _main_ours(res: dict, kind: str, batch: int, length: int | None) -> dict | None:
@@ -68,8 +101,13 @@ def target_rows(results: dict[str, dict]) -> list[str]:
                 value = r and r["peak_mem_gb"]
             else:
                 base = kind.split("_")[0]
-                r, t = _main_ours(res, base, batch, length), _official(res, base, batch, length)
-                value = r and t and r["tok_s"] / t["tok_s"]
+                per_round = []
+                for rnd in _rounds(res):
+                    sub = _in_round(res, rnd)
+                    r, t = _main_ours(sub, base, batch, length), _official(sub, base, batch, length)
+                    if r and t:
+                        per_round.append(r["tok_s"] / t["tok_s"])
+                value = _median(per_round)
         if value is None:
             status = "not measured"
         elif (kind == "prefill_mem" and value <= goal) or (kind != "prefill_mem" and value >= goal):
@@ -188,7 +226,7 @@ def render() -> str:
         data = json.loads(blas.read_text())
         lines += ["", "## Linux CPU: MLX with OpenBLAS vs its bundled netlib BLAS (125m, float32)", "",
                   f"- date: {data['date']}; command: `{data['command']}` (same machine as the cpu section)", "",
-                  "| BLAS | GEMM 1024^3 GFLOP/s | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s | load avg |",
+                  "| BLAS | GEMM 1024^3 GFLOP/s | prefill 256 tok/s | decode b1 tok/s | decode b8 tok/s | load avg |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for run in data["runs"]:
             get = {(r["kind"], r["batch"]): r["tok_s"] for r in run["records"]}
@@ -212,8 +250,16 @@ def render() -> str:
         png = plot(res, preset)
         if png:
             lines += [f"![{preset}]({png})", ""]
-        lines += ["### Side by side", "", *side_by_side_rows(res), "", "### Every measurement (best over rounds)", "",
-                  *all_rows(res)]
+        rounds = _rounds(res)
+        if len(rounds) > 1:
+            for rnd in rounds:
+                lines += [f"### Side by side, round {rnd} (1-min load average at start: {_round_loads(res, rnd)})", "",
+                          *side_by_side_rows(_in_round(res, rnd)), ""]
+            lines += ["The targets above use the median over rounds of each round's ratio: the two sides of",
+                      "one round ran minutes apart, rounds far apart.", ""]
+        else:
+            lines += ["### Side by side", "", *side_by_side_rows(res), ""]
+        lines += ["### Every measurement (best over rounds)", "", *all_rows(res)]
         prof = profile_rows(res)
         if prof:
             lines += ["", "### Profile of our side", *prof]

@@ -86,7 +86,7 @@ def worker_ours(args) -> None:
         except Exception as err:
             _emit(out, {**common, "kind": "decode", "batch": batch, "error": repr(err)[:500]})
     if args.profile and time.time() < deadline:
-        for record in profile_ours(model, bm, deadline):
+        for record in profile_ours(model, bm, deadline, prefill_tokens=min(max(args.prefill), 2048)):
             _emit(out, {"side": "ours", "kind": "profile", **record})
     if args.variants and time.time() < deadline:
         # Same model, other settings: what each fast path is worth.
@@ -131,7 +131,7 @@ def worker_ours(args) -> None:
                 _emit(out, {"side": "ours", "variant": f"{kern}/{cs}", "kind": "prefill", "error": repr(err)[:500]})
 
 
-def profile_ours(model, bm, deadline):
+def profile_ours(model, bm, deadline, prefill_tokens=2048):
     """Time each part of one decode step and of one prefill chunk in isolation (synchronised),
     summed over the blocks: which kernels take the time."""
     import mlx.core as mx
@@ -150,7 +150,7 @@ def profile_ours(model, bm, deadline):
     blk = model.blocks[0]
     layer = blk.mlstm_layer
     dt = model.lm_head.weight.dtype
-    for batch, seq in ((1, 1), (16, 1), (1, 2048)):
+    for batch, seq in ((1, 1), (16, 1), (1, prefill_tokens)):
         if time.time() > deadline:
             return
         x = mx.random.normal((batch, seq, c.embedding_dim)).astype(dt)
@@ -316,7 +316,8 @@ def _run_worker(side: str, args, preset: dict, budget: float, jsonl: Path) -> li
     if args.profile:
         cmd.append("--profile")
     if args.variants:
-        cmd += ["--variants", "--variant-length", str(args.variant_length)]
+        cmd += ["--variants", "--variant-length", str(args.variant_length),
+                "--kernel-variants", ",".join(f"{k}/{c}" for k, c in args.kernel_variants)]
     start = jsonl.stat().st_size if jsonl.exists() else 0
     with open(jsonl, "a") as fh:  # other load on the machine skews CPU figures: keep it beside them
         fh.write(json.dumps({"side": side, "kind": "load", "loadavg_1m": os.getloadavg()[0]}) + "\n")
@@ -367,6 +368,7 @@ def main() -> int:
     p.add_argument("--sides", default="ours,official")
     p.add_argument("--budget", type=float, default=None, help="seconds per side and round")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default: the preset's)")
     p.add_argument("--kernel", default="chunkwise_scan")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=16384)
@@ -404,7 +406,7 @@ def main() -> int:
     sides = [s for s in args.sides.split(",") if s]
     from tqdm import tqdm
 
-    for _ in tqdm(range(preset["rounds"]), desc="rounds", file=sys.stderr):
+    for _ in tqdm(range(args.rounds or preset["rounds"]), desc="rounds", file=sys.stderr):
         for side in sides:
             records += _run_worker(side, args, preset, budget, jsonl)
             result = {
