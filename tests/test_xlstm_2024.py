@@ -125,6 +125,8 @@ def test_logits_and_prefill_step_match_nxai(name):
     ref = torch_logits(model, ids)
     logits, _ = ours(mx.array(ids))
     assert rel_err(np_(logits), ref) <= TOL
+    last, _ = ours(mx.array(ids), last_only=True)
+    assert last.shape == (ids.shape[0], 1, V) and rel_err(np_(last), ref[:, -1:]) <= TOL
     # Prefill 13 tokens, then one token at a time: equals the one full forward.
     out, state = ours(mx.array(ids[:, :13]))
     outs = [np_(out)]

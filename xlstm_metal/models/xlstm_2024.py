@@ -378,13 +378,19 @@ class xLSTMLMModel(Module2024):
         dtype = self.token_embedding.weight.dtype
         return [block.zero_state(batch_size, dtype) for block in self.blocks]
 
-    def __call__(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
+    def __call__(
+        self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False
+    ) -> tuple[mx.array, ModelState]:
+        """``last_only=True`` returns logits [B, 1, V] of the last position only (prefill needs
+        no more, and skips most of the lm_head work)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
         x = self.token_embedding(input_ids)
         if "emb_dropout" in self:
             x = self.emb_dropout(x)
         x, state = self.xlstm_block_stack(x, state)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(x) if "lm_head" in self else self.token_embedding.as_linear(x)
         return logits, state
 
