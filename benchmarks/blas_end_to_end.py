@@ -36,7 +36,9 @@ def run(label: str, env: dict) -> dict:
 
 
 def main() -> int:
-    results = [run("OpenBLAS (default)", {}), run("netlib reference BLAS", {"XLSTM_METAL_NO_OPENBLAS": "1"})]
+    results = [run("OpenBLAS (default: every core)", {}),
+               run("OpenBLAS, 1 thread", {"XLSTM_METAL_BLAS_THREADS": "1"}),
+               run("netlib reference BLAS", {"XLSTM_METAL_NO_OPENBLAS": "1"})]
     out = ROOT / "benchmarks" / "results" / "blas.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -157,7 +157,7 @@ def profile_rows(res: dict) -> list[str]:
         parts = {k: v for k, v in ms.items() if not k.startswith("whole")}
         total = sum(parts.values())
         out.append(f"\n{r['what']} (each part timed alone and synchronised, summed over all blocks; "
-                   f"sum {total:,.2f} ms" + (f", whole compiled step {ms[k]:,.2f} ms" if (k := "whole step (compiled, measured)") in ms else "") + "):\n")
+                   f"sum {total:,.2f} ms):\n")
         out.append("| part | ms | share |")
         out.append("| --- | ---: | ---: |")
         for name, v in sorted(parts.items(), key=lambda kv: -kv[1]):
@@ -261,6 +261,11 @@ def render() -> str:
             lines += ["### Side by side", "", *side_by_side_rows(res), ""]
         lines += ["### Every measurement (best over rounds)", "", *all_rows(res)]
         prof = profile_rows(res)
+        extra = _load(f"{preset}_profile")
+        if extra is not None:
+            loads = [f"{r['loadavg_1m']:.1f}" for r in extra["records"] if r.get("kind") == "load"]
+            prof += ["", f"From a separate run of our side alone ({extra['date']}, `{extra['command']}`, load average "
+                     f"{', '.join(loads)}):", *profile_rows(extra), "", "Variants in that run:", "", *all_rows(extra)]
         if prof:
             lines += ["", "### Profile of our side", *prof]
     return "\n".join(lines) + "\n"

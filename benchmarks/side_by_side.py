@@ -172,9 +172,6 @@ def profile_ours(model, bm, deadline, prefill_tokens=2048):
         per_block = {name: t * nb for name, t in parts.items()}
         last = x[:, -1:]
         per_block["lm_head"] = timeit(lambda: model.lm_head(last), n)
-        if seq == 1:
-            per_block["whole step (compiled, measured)"] = timeit(
-                lambda: bm.make_decode_step(model)(mx.zeros((batch, 1), mx.int32), model.make_state(batch))[0], n)
         yield {"what": f"batch {batch} x {seq} tokens", "ms": {k: 1000 * v for k, v in per_block.items()}}
 
 
@@ -369,6 +366,7 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=None, help="seconds per side and round")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None, help="rounds (default: the preset's)")
+    p.add_argument("--append", action="store_true", help="add rounds to the results already in --out")
     p.add_argument("--kernel", default="chunkwise_scan")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=16384)
@@ -399,10 +397,12 @@ def main() -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
-    if jsonl.exists():
+    records: list[dict] = []
+    if args.append and jsonl.exists():  # more rounds on top of an earlier run's
+        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    elif jsonl.exists():
         jsonl.unlink()
     budget = args.budget or (240.0 if args.preset == "h100" else 300.0)
-    records: list[dict] = []
     sides = [s for s in args.sides.split(",") if s]
     from tqdm import tqdm
 
