@@ -85,13 +85,18 @@ def mlstm_chunkwise_scan(
     w = mx.where(cols < rows, mx.exp(mx.minimum(log_w, 0.0)), 0.0)  # [B, NH, NC+1, NC]
     decay0 = mx.exp(P + m0 - m)  # [B, NH, NC+1]
 
-    C_all = decay0[..., None, None] * C0[:, :, None] + (
-        w @ contrib_C.reshape(B, NH, NC, dqk * dv)
-    ).reshape(B, NH, NC + 1, dqk, dv)
-    n_all = decay0[..., None] * n0[:, :, None] + w @ contrib_n
-    m_all = m[..., None]  # [B, NH, NC+1, 1]
-
-    h = _parallel_outputs(qc, kc, vc, b, ig, C_all[:, :, :NC], n_all[:, :, :NC], m_all[:, :, :NC], eps)
+    X = contrib_C.reshape(B, NH, NC, dqk * dv)
+    # Entering states (rows 0..NC-1) and the final state (row NC) are computed separately: a
+    # final state sliced out of the entering-states buffer would keep that whole buffer
+    # (NC x DQK x DV per head) alive for as long as the state lives, in every layer.
+    C_enter = decay0[..., :NC, None, None] * C0[:, :, None] + (w[..., :NC, :] @ X).reshape(B, NH, NC, dqk, dv)
+    n_enter = decay0[..., :NC, None] * n0[:, :, None] + w[..., :NC, :] @ contrib_n
+    m_enter = m[..., :NC, None]  # [B, NH, NC, 1]
+    h = _parallel_outputs(qc, kc, vc, b, ig, C_enter, n_enter, m_enter, eps)
     h = h.reshape(B, NH, NC * L, dv)[:, :, :S]
-    final = (C_all[:, :, NC], n_all[:, :, NC], m_all[:, :, NC])
-    return h.astype(q.dtype), _cast_state(final, state_dtype)
+
+    w_last = w[..., NC : NC + 1, :]  # [B, NH, 1, NC]
+    C_final = decay0[..., NC, None, None] * C0 + (w_last @ X).reshape(B, NH, dqk, dv)
+    n_final = decay0[..., NC, None] * n0 + (w_last @ contrib_n)[..., 0, :]
+    m_final = m[..., NC : NC + 1]  # [B, NH, 1]
+    return h.astype(q.dtype), _cast_state((C_final, n_final, m_final), state_dtype)
