@@ -303,6 +303,8 @@ def run_suite(
         "params": count_parameters(model),
         "embedding_dim": config.embedding_dim,
         "num_blocks": config.num_blocks,
+        "kernel": config.chunkwise_kernel,
+        "chunk_size": config.chunk_size,
     }
     for length in prefill_lengths:
         yield {**measure_prefill(model, length, batch=prefill_batch, chunk=prefill_chunk,

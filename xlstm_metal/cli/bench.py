@@ -43,9 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="recurrent state dtype (default: the config's, float32)")
-    p.add_argument("--kernel", default=None,
-                   help="prefill kernel: chunkwise (reference), chunkwise_scan (no per-chunk loop), "
-                   "parallel (default: the config's)")
+    p.add_argument("--kernel", default="chunkwise_scan",
+                   help="prefill kernel: chunkwise_scan (default; no per-chunk loop, 2.8x the reference "
+                   "on an H100 at 16k tokens, see BENCHMARKS.md), chunkwise (the reference), parallel, "
+                   "or 'config' for the config's")
     p.add_argument("--chunk-size", type=int, default=None, help="kernel chunk size (default: the config's)")
     p.add_argument("--prefill-lengths", type=_int_list, default=[512],
                    help="comma-separated prompt lengths (default: 512)")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
     overrides: dict[str, Any] = {"inference_state_dtype": args.state_dtype} if args.state_dtype else {}
-    if args.kernel:
+    if args.kernel and args.kernel != "config":
         overrides["chunkwise_kernel"] = args.kernel
     if args.chunk_size is not None:
         if args.chunk_size <= 0:
