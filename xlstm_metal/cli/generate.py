@@ -164,6 +164,8 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
     apply_generation_defaults(args, _local_dir(source))
+    if callable(getattr(model, "fuse", None)):
+        model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up: fewer launches per token
     try:
         runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=args.prefill_chunk_size)
     except ValueError as err:

@@ -61,3 +61,6 @@ __all__ = [
     "mlstm_sequence",
     "mlstm_step",
 ]
+
+# Registers the fast kernels (chunkwise_scan, ...) so any config can name them.
+from . import fast  # noqa: E402,F401
