@@ -12,7 +12,7 @@ cumsum of lf within a chunk, g = b at the chunk's end, a_t = g - b_t + i~_t.
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -173,6 +173,64 @@ def mlstm_parallel(
 
 
 # ---------------------------------------------------------------------------------- chunkwise
+
+class ChunkedInputs(NamedTuple):
+    """Kernel inputs cut into chunks of L steps, in float32. q is scaled by 1/sqrt(DQK).
+
+    q, k [B, NH, NC, L, DQK]; v [B, NH, NC, L, DV]; b (cumsum of logsigmoid(f~)), i, a
+    [B, NH, NC, L]; g, a_max [B, NH, NC]; each chunk's contribution to the state, stabilized
+    by its own a_max: contrib_C [B, NH, NC, DQK, DV], contrib_n [B, NH, NC, DQK].
+    """
+
+    q: mx.array
+    k: mx.array
+    v: mx.array
+    b: mx.array
+    i: mx.array
+    g: mx.array
+    a_max: mx.array
+    contrib_C: mx.array
+    contrib_n: mx.array
+
+    @property
+    def num_chunks(self) -> int:
+        return self.q.shape[2]
+
+
+def chunk_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array, chunk_size: int) -> ChunkedInputs:
+    """Pad to whole chunks and compute what every chunkwise kernel needs before its
+    inter-chunk recurrence. Padded steps neither write (i~ = -inf) nor decay
+    (logsigmoid(f~) = 0) the state, so states stay exact for any sequence length."""
+    B, NH, S, dqk = q.shape
+    dv = v.shape[-1]
+    L = min(chunk_size, S)
+    pad = (-S) % L
+    NC = (S + pad) // L
+
+    lf = log_sigmoid(f.astype(mx.float32))
+    ig = i.astype(mx.float32)
+    qf = q.astype(mx.float32) * (dqk**-0.5)
+    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+    if pad:
+        seq_pad = [(0, 0), (0, 0), (0, pad), (0, 0)]
+        qf, kf, vf = (mx.pad(x, seq_pad) for x in (qf, kf, vf))
+        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
+        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
+
+    kc = kf.reshape(B, NH, NC, L, dqk)
+    vc = vf.reshape(B, NH, NC, L, dv)
+    b = mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)
+    ig = ig.reshape(B, NH, NC, L)
+    g = b[..., -1]
+    a = g[..., None] - b + ig
+    a_max = mx.max(a, axis=-1)
+    # One batched matmul for all chunks' contributions; the recurrence then only rescales.
+    kw = kc * mx.exp(a - a_max[..., None])[..., None]
+    return ChunkedInputs(
+        q=qf.reshape(B, NH, NC, L, dqk), k=kc, v=vc, b=b, i=ig, g=g, a_max=a_max,
+        contrib_C=mx.swapaxes(kw, -1, -2) @ vc, contrib_n=mx.sum(kw, axis=-2),
+    )
+
 def mlstm_chunkwise(
     q: mx.array,
     k: mx.array,
@@ -190,55 +248,27 @@ def mlstm_chunkwise(
     Any sequence length: the last chunk is padded with steps that neither write (i~ = -inf) nor
     decay (logsigmoid(f~) = 0) the state, so the returned state is exact.
     """
-    B, NH, S, dqk = q.shape
+    B, NH, S, _ = q.shape
     dv = v.shape[-1]
-    L = min(chunk_size, S)
-    pad = (-S) % L
-    NC = (S + pad) // L
-
-    lf = log_sigmoid(f.astype(mx.float32))
-    ig = i.astype(mx.float32)
-    qf = q.astype(mx.float32) * (dqk**-0.5)
-    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
-    if pad:
-        seq_pad = [(0, 0), (0, 0), (0, pad), (0, 0)]
-        qf, kf, vf = (mx.pad(x, seq_pad) for x in (qf, kf, vf))
-        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
-        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
-
-    qc = qf.reshape(B, NH, NC, L, dqk)
-    kc = kf.reshape(B, NH, NC, L, dqk)
-    vc = vf.reshape(B, NH, NC, L, dv)
-    b = mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)
-    ig = ig.reshape(B, NH, NC, L)
-    g = b[..., -1]  # [B, NH, NC]
-    a = g[..., None] - b + ig
-    a_max = mx.max(a, axis=-1)  # [B, NH, NC]
-
-    # Phase 1. Each chunk's contribution, stabilized by its own a_max, in one batched matmul;
-    # the sequential part is then only a rescale-and-add per chunk.
-    kw = kc * mx.exp(a - a_max[..., None])[..., None]
-    contrib_C = mx.swapaxes(kw, -1, -2) @ vc  # [B, NH, NC, DQK, DV]
-    contrib_n = mx.sum(kw, axis=-2)  # [B, NH, NC, DQK]
-
+    ch = chunk_inputs(q, k, v, i, f, chunk_size)
     C, n, m = _state_f32(q, v, state)
     entering_C, entering_n, entering_m = [], [], []
-    for c in range(NC):
+    for c in range(ch.num_chunks):
         entering_C.append(C)
         entering_n.append(n)
         entering_m.append(m)
-        g_c, a_c = g[..., c : c + 1], a_max[..., c : c + 1]  # [B, NH, 1]
+        g_c, a_c = ch.g[..., c : c + 1], ch.a_max[..., c : c + 1]  # [B, NH, 1]
         m_next = mx.maximum(g_c + m, a_c)
         decay, scale = mx.exp(g_c + m - m_next), mx.exp(a_c - m_next)
-        C = decay[..., None] * C + scale[..., None] * contrib_C[:, :, c]
-        n = decay * n + scale * contrib_n[:, :, c]
+        C = decay[..., None] * C + scale[..., None] * ch.contrib_C[:, :, c]
+        n = decay * n + scale * ch.contrib_n[:, :, c]
         m = m_next
 
     # Phase 2: every chunk in parallel from the state entering it.
     h = _parallel_outputs(
-        qc, kc, vc, b, ig,
+        ch.q, ch.k, ch.v, ch.b, ch.i,
         mx.stack(entering_C, axis=2), mx.stack(entering_n, axis=2), mx.stack(entering_m, axis=2),
         eps,
     )
-    h = h.reshape(B, NH, NC * L, dv)[:, :, :S]
+    h = h.reshape(B, NH, -1, dv)[:, :, :S]
     return h.astype(q.dtype), _cast_state((C, n, m), state_dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..mlstm import _NEG, MLSTMState, _cast_state, _parallel_outputs, _state_f32, log_sigmoid
+from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_inputs
 
 
 def mlstm_chunkwise_scan(
@@ -46,32 +46,8 @@ def mlstm_chunkwise_scan(
     """
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
-    L = min(chunk_size, S)
-    pad = (-S) % L
-    NC = (S + pad) // L
-
-    lf = log_sigmoid(f.astype(mx.float32))
-    ig = i.astype(mx.float32)
-    qf = q.astype(mx.float32) * (dqk**-0.5)
-    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
-    if pad:
-        seq_pad = [(0, 0), (0, 0), (0, pad), (0, 0)]
-        qf, kf, vf = (mx.pad(x, seq_pad) for x in (qf, kf, vf))
-        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
-        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
-
-    qc = qf.reshape(B, NH, NC, L, dqk)
-    kc = kf.reshape(B, NH, NC, L, dqk)
-    vc = vf.reshape(B, NH, NC, L, dv)
-    b = mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)
-    ig = ig.reshape(B, NH, NC, L)
-    g = b[..., -1]  # [B, NH, NC]
-    a = g[..., None] - b + ig
-    a_max = mx.max(a, axis=-1)  # [B, NH, NC]
-
-    kw = kc * mx.exp(a - a_max[..., None])[..., None]
-    contrib_C = mx.swapaxes(kw, -1, -2) @ vc  # [B, NH, NC, DQK, DV]
-    contrib_n = mx.sum(kw, axis=-2)  # [B, NH, NC, DQK]
+    ch = chunk_inputs(q, k, v, i, f, chunk_size)
+    NC, g, a_max = ch.num_chunks, ch.g, ch.a_max
 
     C0, n0, m0 = _state_f32(q, v, state)  # m0 [B, NH, 1]
     # Rows c = 0..NC: the state entering each chunk, then the final state.
@@ -85,18 +61,18 @@ def mlstm_chunkwise_scan(
     w = mx.where(cols < rows, mx.exp(mx.minimum(log_w, 0.0)), 0.0)  # [B, NH, NC+1, NC]
     decay0 = mx.exp(P + m0 - m)  # [B, NH, NC+1]
 
-    X = contrib_C.reshape(B, NH, NC, dqk * dv)
+    X = ch.contrib_C.reshape(B, NH, NC, dqk * dv)
     # Entering states (rows 0..NC-1) and the final state (row NC) are computed separately: a
     # final state sliced out of the entering-states buffer would keep that whole buffer
     # (NC x DQK x DV per head) alive for as long as the state lives, in every layer.
     C_enter = decay0[..., :NC, None, None] * C0[:, :, None] + (w[..., :NC, :] @ X).reshape(B, NH, NC, dqk, dv)
-    n_enter = decay0[..., :NC, None] * n0[:, :, None] + w[..., :NC, :] @ contrib_n
+    n_enter = decay0[..., :NC, None] * n0[:, :, None] + w[..., :NC, :] @ ch.contrib_n
     m_enter = m[..., :NC, None]  # [B, NH, NC, 1]
-    h = _parallel_outputs(qc, kc, vc, b, ig, C_enter, n_enter, m_enter, eps)
-    h = h.reshape(B, NH, NC * L, dv)[:, :, :S]
+    h = _parallel_outputs(ch.q, ch.k, ch.v, ch.b, ch.i, C_enter, n_enter, m_enter, eps)
+    h = h.reshape(B, NH, -1, dv)[:, :, :S]
 
     w_last = w[..., NC : NC + 1, :]  # [B, NH, 1, NC]
     C_final = decay0[..., NC, None, None] * C0 + (w_last @ X).reshape(B, NH, dqk, dv)
-    n_final = decay0[..., NC, None] * n0 + (w_last @ contrib_n)[..., 0, :]
+    n_final = decay0[..., NC, None] * n0 + (w_last @ ch.contrib_n)[..., 0, :]
     m_final = m[..., NC : NC + 1]  # [B, NH, 1]
     return h.astype(q.dtype), _cast_state((C_final, n_final, m_final), state_dtype)
