@@ -8,7 +8,6 @@ and unknown fields are ignored, so any checkpoint's config.json loads.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,16 +143,9 @@ class xLSTMConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "xLSTMConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        from .jsonfiles import read_json_object
+
+        return cls.from_dict(read_json_object(path, ConfigError))
 
     def to_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` form (with both names of aliased fields)."""

@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, xLSTMConfig
+from .jsonfiles import read_json_object
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -66,13 +67,7 @@ def read_config_dict(directory: Path) -> dict[str, Any]:
     """The checkpoint's config: config.json, else config.yaml (NX-AI's 2024 xLSTM)."""
     config_path = directory / CONFIG_NAME
     if config_path.is_file():
-        try:
-            data = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{config_path} must hold a JSON object")
-        return data
+        return read_json_object(config_path, CheckpointError)
     if (directory / "config.yaml").is_file():
         from .models import xlstm_2024
 

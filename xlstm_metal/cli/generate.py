@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..jsonfiles import read_json_object
 from . import UsageError
 
 DESCRIPTION = """\
@@ -93,17 +93,13 @@ def apply_generation_defaults(args: argparse.Namespace, model_dir: Path | None) 
     from_file: dict[str, Any] = {}
     path = None if model_dir is None else Path(model_dir) / "generation_config.json"
     if path is not None and path.is_file():
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read {path}: {err}") from None
-        if isinstance(config, dict):
-            if config.get("max_new_tokens") is not None:
-                from_file["max_tokens"] = config["max_new_tokens"]
-            if config.get("do_sample"):
-                from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
-                                  if config.get(key) is not None})
-            _check_sampling_values(from_file, f" (from {path})")
+        config = read_json_object(path, UsageError)
+        if config.get("max_new_tokens") is not None:
+            from_file["max_tokens"] = config["max_new_tokens"]
+        if config.get("do_sample"):
+            from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
+                              if config.get(key) is not None})
+        _check_sampling_values(from_file, f" (from {path})")
     for name, value in BUILTIN_SAMPLING.items():
         if getattr(args, name) is None:
             setattr(args, name, from_file.get(name, value))

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..jsonfiles import read_json_object
 from . import UsageError
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -86,15 +87,7 @@ def add_parser(subparsers) -> None:
 def _config_dict(spec: str) -> dict:
     path = Path(spec).expanduser()
     if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UsageError(f"config file {path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"config file {path} must hold a JSON object")
-        return data
+        return read_json_object(path, UsageError)
     if spec in PRESETS:
         return dict(PRESETS[spec])
     raise UsageError(f"--config {spec!r} is neither a JSON file nor a preset ({', '.join(PRESETS)})")

@@ -9,13 +9,14 @@ order of precedence).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
+
+from ..jsonfiles import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -25,15 +26,7 @@ class TokenizerError(ValueError):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path, TokenizerError) if path.is_file() else {}
 
 
 def _as_id_list(value: Any) -> list[int] | None:

@@ -1,0 +1,24 @@
+"""Reading the JSON files of checkpoints, configs and runs, with errors that name the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` naming the file if it is missing, not JSON, or
+    not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
