@@ -87,12 +87,12 @@ def _check_sampling_values(values: dict[str, Any], source: str) -> None:
             raise bad(name, rule)
 
 
-def apply_generation_defaults(args: argparse.Namespace, model_dir: Path | None) -> None:
+def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None:
     """Fill sampling arguments the user left out: the model's generation_config.json (its
     sampling keys only when it sets do_sample), then BUILTIN_SAMPLING."""
     from_file: dict[str, Any] = {}
-    path = None if model_dir is None else Path(model_dir) / "generation_config.json"
-    if path is not None and path.is_file():
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
         config = read_json_object(path, UsageError)
         if config.get("max_new_tokens") is not None:
             from_file["max_tokens"] = config["max_new_tokens"]
@@ -139,7 +139,7 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     """(runner, tokenizer) for args.model (default: the packaged model), or UsageError."""
     from ..config import ConfigError
     from ..generation import DEFAULT_MODEL_DIR, TokenizerError, default_dtype, xLSTMRunner
-    from ..loading import CheckpointError, load
+    from ..loading import CheckpointError, load, resolve_model_path
 
     if args.model is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
@@ -152,14 +152,15 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         source = args.model
     dtype = args.dtype or default_dtype()
     try:
-        model, tokenizer = load(source, dtype=dtype)
+        directory = resolve_model_path(source)  # downloads a Hugging Face id once
+        model, tokenizer = load(directory, dtype=dtype)
     except (CheckpointError, ConfigError, TokenizerError) as err:
         raise UsageError(str(err)) from None
     except OSError as err:
         raise UsageError(f"cannot load model {source}: {err}") from None
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
-    apply_generation_defaults(args, _local_dir(source))
+    apply_generation_defaults(args, directory)
     if callable(getattr(model, "fuse", None)):
         model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up: fewer launches per token
     try:
@@ -167,15 +168,6 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     except ValueError as err:
         raise UsageError(str(err)) from None
     return runner, tokenizer
-
-
-def _local_dir(source: Any) -> Path | None:
-    from ..loading import CheckpointError, resolve_model_path
-
-    try:
-        return resolve_model_path(source)  # a Hugging Face id is in the local cache by now
-    except CheckpointError:
-        return None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
