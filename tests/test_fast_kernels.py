@@ -174,3 +174,21 @@ def test_model_with_chunkwise_scan_matches_default():
     for a, b in zip(s0, s1):
         for x, y in zip(a, b):
             _close(y, x, 1e-4)
+
+
+@pytest.mark.parametrize("batch,chunk", [(1, 40), (2, 1024)])
+def test_model_prefill_matches_one_forward(batch, chunk):
+    """prefill() in pieces (evaluated layer by layer once a piece reaches 2,048 tokens) gives the
+    last logits and the state of one plain forward pass."""
+    model = tiny_model(seed=13)
+    S = 2500 if batch == 2 else 130
+    ids = mx.array(np.random.default_rng(2).integers(0, 97, (batch, S)), dtype=mx.int32)
+    logits, state = model(ids)
+    last, state_p = model.prefill(ids, chunk_size=chunk)
+    assert last.shape == (batch, 97)
+    _close(last, logits[:, -1], 1e-4)
+    for a, b in zip(state, state_p):
+        for x, y in zip(a, b):
+            _close(y, x, 1e-4)
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
+        model.prefill(ids[0])

@@ -146,7 +146,7 @@ def test_registry_maps_official_names():
     assert resolve_kernel_name("chunkwise--triton_limit_chunk") == "chunkwise"
     assert resolve_kernel_name("parallel--native_autograd") == "parallel"
     assert resolve_kernel_name("native_sequence__triton") == "sequence"
-    assert resolve_kernel_name("triton") == "step"
+    assert resolve_kernel_name("triton") == "step_fused"
     assert {"chunkwise", "parallel", "sequence", "step"} <= set(available_mlstm_kernels())
     with pytest.raises(KeyError, match="unknown mLSTM kernel 'bogus'"):
         resolve_kernel_name("bogus")

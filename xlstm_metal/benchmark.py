@@ -4,8 +4,8 @@ Measures prefill tokens/s and time to first token at several prompt lengths, dec
 several batch sizes, and peak memory of each. Used by ``xlstm-metal bench`` and the side-by-side
 scripts under ``benchmarks/``.
 
-Prefill runs the backbone over the prompt in chunks of ``prefill_chunk`` tokens, carrying the
-recurrent state between chunks, and the LM head on the last position only, so memory stays
+Prefill is :meth:`xLSTMLarge.prefill`: pieces of ``prefill_chunk`` tokens carrying the recurrent
+state, evaluated layer by layer, and the LM head on the last position only, so memory stays
 bounded for any prompt length (the logits of a 131,072-token prompt alone would take 13 GB).
 Decode runs one compiled greedy step (all blocks, LM head, argmax) per token, scheduled with
 ``mx.async_eval`` so the host builds step t+1 while the device computes step t.
@@ -113,37 +113,9 @@ def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0) -> 
 def prefill(
     model: xLSTMLarge, input_ids: mx.array, state: list | None = None, chunk: int | None = None
 ) -> tuple[mx.array, list]:
-    """Run a prompt [B, S] through the model in chunks carrying the state.
-
-    Returns the logits of the last position [B, V] and the state. Each layer of each chunk is
-    evaluated before the next is built (one sync per layer per chunk of thousands of tokens),
-    so peak memory is the weights plus one layer's activations for one chunk.
-    """
-    config = model.config
-    chunk = chunk or config.max_inference_chunksize
-    S = input_ids.shape[1]
-    backbone = model.backbone
-    state = list(state) if state is not None else [None] * len(backbone.blocks)
-    x = None
-    for start in range(0, S, chunk):
-        x = backbone.embeddings(input_ids[:, start : start + chunk])
-        for index, block in enumerate(backbone.blocks):
-            x, state[index] = block(x, state[index])
-            # One layer at a time: without this the device runs ahead through many layers
-            # whose chunkwise intermediates (NC x DQK x DV per head) are all alive at once
-            # (H100, 7B, 16k tokens: 52 GiB peak in one graph).
-            mx.eval(x, state[index])
-    if "out_norm" in backbone:
-        x = backbone.out_norm(x)
-    last = x[:, -1, :]
-    if config.tie_word_embeddings:
-        logits = model.backbone.embeddings.as_linear(last)
-    else:
-        logits = model.lm_head(last)
-    cap = config.output_logit_soft_cap
-    if cap is not None:
-        logits = cap * mx.tanh(logits / cap)
-    return logits, state
+    """Prompt [B, S] -> (logits of the last position [B, V], state): :meth:`xLSTMLarge.prefill`,
+    pieces of ``chunk`` tokens evaluated layer by layer (bounded memory for any length)."""
+    return model.prefill(input_ids, state, chunk_size=chunk)
 
 
 def make_decode_step(model: xLSTMLarge, compiled: bool = True) -> Callable:

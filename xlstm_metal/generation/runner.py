@@ -256,6 +256,8 @@ class xLSTMRunner:
         if not len(ids):
             raise ValueError("nothing to feed: the prompt is empty")
         n, step = len(ids), self.prefill_chunk_size
+        if callable(getattr(self.model, "prefill", None)):  # bounded memory, layer by layer
+            return self.model.prefill(mx.array([list(ids)], dtype=mx.int32), state, chunk_size=step)
         logits = None
         for start in range(0, n, step):
             piece = mx.array([list(ids[start:start + step])], dtype=mx.int32)

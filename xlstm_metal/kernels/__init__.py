@@ -3,7 +3,8 @@
 Names are ours ("chunkwise", "parallel", "sequence", "step", plus fast kernels registered by
 ``xlstm_metal.kernels.fast``) or NX-AI's (``chunkwise--triton_limit_chunk``,
 ``native_sequence__native``, ``native``/``triton`` ...), which map onto the MLX kernel of the
-same form, since NX-AI's Triton/CUDA kernels do not exist here.
+same form, since NX-AI's Triton/CUDA kernels do not exist here (``triton``, their fused step,
+maps onto our fused step kernel, which is the reference step off CUDA).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def resolve_kernel_name(name: str) -> str:
         return "parallel"
     if name.startswith("native_sequence__"):
         return "sequence"
-    if name in ("native", "triton"):
+    if name == "native":
         return "step"
+    if name == "triton":  # NX-AI's fused step kernel: ours is the CUDA one (the reference elsewhere)
+        return "step_fused"
     raise KeyError(f"unknown mLSTM kernel {name!r}; available: {', '.join(sorted(_MLSTM_KERNELS))}")
 
 

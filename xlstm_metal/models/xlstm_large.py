@@ -14,6 +14,10 @@ from ..kernels.mlstm import MLSTMState
 
 ModelState = list[MLSTMState]
 
+# Pieces of at least this many tokens (batch x length) are evaluated layer by layer in
+# prefill(); shorter ones as one graph, whose per-layer syncs would cost more than they save.
+_PER_LAYER_EVAL_TOKENS = 2048
+
 
 class Backbone(nn.Module):
     def __init__(self, config: xLSTMConfig):
@@ -68,11 +72,48 @@ class xLSTMLarge(nn.Module):
         for block in self.backbone.blocks:
             block.mlstm_layer.projection_cell.fuse()
             block.ffn.fuse()
+            kernel_cell = block.mlstm_layer.recurrent_kernel_cell
+            if kernel_cell.step_kernel == "step":
+                # The fused step kernel on CUDA; the same reference ops on CPU and Metal.
+                kernel_cell.step_kernel = "step_fused"
         return self
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
         return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]
+
+    def prefill(
+        self, input_ids: mx.array, state: ModelState | None = None, *, chunk_size: int | None = None
+    ) -> tuple[mx.array, ModelState]:
+        """Feed a prompt of any length with bounded memory: input_ids [B, S] -> (logits of the
+        last position [B, V], state after the prompt).
+
+        The prompt goes through in pieces of ``chunk_size`` tokens (default: the config's
+        ``max_inference_chunksize``) carrying the state, and each layer of each piece is
+        evaluated before the next is built (pieces of 2,048+ tokens), so peak memory is the
+        weights plus one layer's activations for one piece (one lazy graph over all layers kept every layer's chunkwise
+        intermediates alive: 56 GiB for 16k tokens of the 7B shape on an H100). For inference
+        only: the per-layer evaluation is a host sync, so this is not for mx.compile or grad.
+        """
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+        chunk_size = chunk_size or self.config.max_inference_chunksize
+        backbone = self.backbone
+        state = list(state) if state is not None else [None] * len(backbone.blocks)
+        x = None
+        for start in range(0, input_ids.shape[1], chunk_size):
+            x = backbone.embeddings(input_ids[:, start : start + chunk_size])
+            per_layer = x.shape[0] * x.shape[1] >= _PER_LAYER_EVAL_TOKENS
+            for index, block in enumerate(backbone.blocks):
+                x, state[index] = block(x, state[index])
+                if per_layer:
+                    mx.eval(x, state[index])
+            mx.eval(x, state)
+        x = x[:, -1:]
+        if "out_norm" in backbone:
+            x = backbone.out_norm(x)
+        logits = self.backbone.embeddings.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return soft_cap(logits, self.config.output_logit_soft_cap)[:, 0], state
 
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False

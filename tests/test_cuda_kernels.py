@@ -1,0 +1,108 @@
+"""The fused CUDA kernels against their pure-ops references.
+
+These run only where MLX has its CUDA backend (the GPU machine: `python -m pytest
+tests/test_cuda_kernels.py`); elsewhere the fused entry points fall back to the reference, which
+the CPU tests at the end check.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from xlstm_metal.kernels.fast.step import cuda_available, mlstm_step_fused
+from xlstm_metal.kernels.mlstm import mlstm_step
+
+from conftest import tiny_model
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _inputs(seed, B=2, NH=3, DQK=24, DV=40, dtype=mx.float32, gate_scale=4.0, with_state=True):
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dt)
+
+    q, k, v = arr(B, NH, 1, DQK), arr(B, NH, 1, DQK), arr(B, NH, 1, DV)
+    i, f = arr(B, NH, 1, scale=gate_scale), arr(B, NH, 1, scale=gate_scale, shift=2.0)
+    state = (arr(B, NH, DQK, DV, dt=mx.float32), arr(B, NH, DQK, dt=mx.float32),
+             arr(B, NH, 1, dt=mx.float32)) if with_state else None
+    return q, k, v, i, f, state
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _check(out, ref, tol):
+    (h, s), (h_ref, s_ref) = out, ref
+    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+    assert _rel(h, h_ref) <= tol, _rel(h, h_ref)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert _rel(x, y) <= tol, _rel(x, y)
+
+
+@cuda
+@pytest.mark.parametrize("DQK,DV", [(24, 40), (16, 32), (256, 512), (7, 130)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_fused_step_matches_reference(DQK, DV, with_state):
+    inputs = _inputs(DQK + DV, DQK=DQK, DV=DV, with_state=with_state)
+    _check(mlstm_step_fused(*inputs), mlstm_step(*inputs), 1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("gate_scale", [15.0, 40.0])
+def test_fused_step_saturated_gates(gate_scale):
+    inputs = _inputs(1, gate_scale=gate_scale)
+    _check(mlstm_step_fused(*inputs), mlstm_step(*inputs), 1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("state_dtype", [mx.float32, mx.bfloat16])
+def test_fused_step_bfloat16_inputs_and_state(state_dtype):
+    inputs = _inputs(2, B=4, NH=8, DQK=64, DV=128, dtype=mx.bfloat16)
+    out = mlstm_step_fused(*inputs, state_dtype=state_dtype)
+    ref = mlstm_step(*inputs, state_dtype=state_dtype)
+    # Both compute in float32; only the final bf16 rounding of h / state may differ by 1 ulp.
+    _check(out, ref, 1e-2 if state_dtype == mx.bfloat16 else 1e-5)
+    assert out[0].dtype == mx.bfloat16 and out[1][0].dtype == state_dtype
+
+
+@cuda
+def test_fused_steps_continue_and_compile():
+    q, k, v, i, f, state = _inputs(3, B=1, NH=2, DQK=32, DV=64)
+    step = mx.compile(lambda *a: mlstm_step_fused(*a))
+    s_fused, s_ref = state, state
+    for t in range(20):
+        rng = np.random.default_rng(100 + t)
+        new = [mx.array(rng.standard_normal(x.shape).astype(np.float32)) for x in (q, k, v, i, f)]
+        h_f, s_fused = step(*new, s_fused)
+        h_r, s_ref = mlstm_step(*new, s_ref)
+    _check((h_f, s_fused), (h_r, s_ref), 1e-5)
+
+
+@cuda
+def test_fused_model_decode_matches_reference():
+    ref, fast = tiny_model(seed=7), tiny_model(seed=7)
+    fast.fuse()
+    assert fast.blocks[0].mlstm_layer.recurrent_kernel_cell.step_kernel == "step_fused"
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (3, 21)), dtype=mx.int32)
+    (_, s0), (_, s1) = ref(ids), fast(ids)
+    tok = mx.array([[1], [2], [3]], dtype=mx.int32)
+    for _ in range(5):
+        (l0, s0), (l1, s1) = ref(tok, s0), fast(tok, s1)
+        assert _rel(l1, l0) <= 1e-5
+        tok = mx.argmax(l0[:, -1:], axis=-1).astype(mx.int32)
+
+
+def test_fused_step_off_cuda_is_the_reference():
+    if cuda_available():
+        pytest.skip("on CUDA the fused kernel runs (tested above)")
+    inputs = _inputs(5)
+    h, s = mlstm_step_fused(*inputs)
+    h_ref, s_ref = mlstm_step(*inputs)
+    np.testing.assert_array_equal(np.array(h), np.array(h_ref))
+    for x, y in zip(s, s_ref):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
