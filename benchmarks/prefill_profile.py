@@ -95,8 +95,8 @@ def main() -> None:
                   "kernel_peak_gb": (mx.get_peak_memory() - base) / 2**30})
 
     # bf16 GEMM rate on the block's projection shapes: what the matmuls alone would allow.
-    fused_w = layer.projection_cell._fused[0]
-    ffn_w = block.ffn._fused[0]
+    fused_w = layer["_fused_projection"]
+    ffn_w = block.ffn["_fused_gate_up"]
     flops = 2 * S * E * (fused_w.shape[0] + ffn_w.shape[0]) + 2 * S * (layer.out_proj.weight.size
                                                                    + block.ffn.proj_down.weight.size)
     ms = 1000 * timeit(lambda: [x @ fused_w.T, x @ ffn_w.T,

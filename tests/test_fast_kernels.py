@@ -28,8 +28,8 @@ def _close(a, b, tol):
 def test_fused_model_matches_unfused(kwargs):
     ref, fused = tiny_model(seed=3, **kwargs), tiny_model(seed=3, **kwargs)
     fused.fuse()
-    assert getattr(fused.blocks[0].mlstm_layer.projection_cell, "_fused", None) is not None
-    assert getattr(fused.blocks[0].ffn, "_fused", None) is not None
+    assert "_fused_projection" in fused.blocks[0].mlstm_layer
+    assert "_fused_gate_up" in fused.blocks[0].ffn
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 37)), dtype=mx.int32)
     (l0, s0), (l1, s1) = _run(ref, ids), _run(fused, ids)
     _close(l1, l0, 1e-5)
@@ -70,7 +70,26 @@ def test_replaced_weights_fall_back_to_separate_layers():
     model.load_weights(list(tree_flatten(other.parameters())))
     ids = mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32)
     _close(_run(model, ids)[0], _run(other, ids)[0], 1e-6)
-    assert model.blocks[0].mlstm_layer.projection_cell._fused is None
+    assert "_fused_projection" not in model.blocks[0].mlstm_layer
+    assert "_fused_gate_up" not in model.blocks[0].ffn
+
+
+def test_compiled_step_keeps_and_uses_the_fused_matrices():
+    """mx.compile(inputs=model.state) swaps every array in the state for a tracer; the fused
+    matrices must survive that (they once silently fell back to six separate matmuls) and be
+    inputs, not constants: a later update() must be seen by the compiled step."""
+    model = tiny_model(seed=6).fuse()
+    step = bm.make_decode_step(model)
+    tok = mx.array([[5]], dtype=mx.int32)
+    mx.eval(step(tok, model.make_state(1)))
+    assert "_fused_projection" in model.blocks[0].mlstm_layer and "_fused_gate_up" in model.blocks[0].ffn
+    # Zeroing the fused q|k|v|o|i|f matrix in place of the model changes the compiled step's output
+    # only if the compiled graph reads the fused matrix.
+    before = np.array(step(tok, model.make_state(1))[1][0][0])
+    layer = model.blocks[0].mlstm_layer
+    layer["_fused_projection"] = mx.zeros_like(layer["_fused_projection"])
+    after = np.array(step(tok, model.make_state(1))[1][0][0])
+    assert np.abs(before).max() > 0 and np.abs(after).max() == 0
 
 
 def test_gradients_through_a_fused_model_equal_the_reference():

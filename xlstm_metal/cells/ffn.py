@@ -6,6 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import xLSTMConfig
+from .activations import silu
+from .mlstm import fuse_linears, fused_linear_outputs
 
 
 class FeedForward(nn.Module):
@@ -20,13 +22,14 @@ class FeedForward(nn.Module):
 
     def fuse(self) -> None:
         """Inference fast path: one matmul for gate|up (see :func:`fuse_linears`)."""
-        from .mlstm import fuse_linears
+        self._fused_gate_up = fuse_linears([self.proj_up_gate, self.proj_up])
 
-        fuse_linears(self, [self.proj_up_gate, self.proj_up])
+    def unfuse(self) -> None:
+        self.pop("_fused_gate_up", None)
 
     def __call__(self, x: mx.array) -> mx.array:
-        from .mlstm import fused_outputs
-
-        fused = fused_outputs(self, x)
-        gate, up = fused if fused is not None else (self.proj_up_gate(x), self.proj_up(x))
-        return self.proj_down(nn.silu(gate) * up)
+        if "_fused_gate_up" in self:
+            gate, up = fused_linear_outputs(x, self["_fused_gate_up"], [self.proj_up_gate, self.proj_up])
+        else:
+            gate, up = self.proj_up_gate(x), self.proj_up(x)
+        return self.proj_down(silu(gate) * up)

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from ..config import xLSTMConfig
 from ..kernels import get_mlstm_kernel, resolve_kernel_name
 from ..kernels.mlstm import MLSTMState, zero_state
+from .activations import sigmoid
 from .norms import MultiHeadLayerNorm, soft_cap
 
 
@@ -43,16 +44,16 @@ class mLSTMProjectionCell(nn.Module):
     def _layers(self) -> list[nn.Linear]:
         return [self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact]
 
-    def fuse(self) -> None:
-        """Inference fast path: one matmul for q|k|v|o|i|f instead of six (see :func:`fuse_linears`)."""
-        fuse_linears(self, self._layers())
+    def fuse(self) -> mx.array:
+        """One [sum(out), E] matrix for q|k|v|o|i|f (see :func:`fuse_linears`); the owner (the
+        neuron) keeps it and passes it back to each call."""
+        return fuse_linears(self._layers())
 
-    def __call__(self, x: mx.array):
-        fused = fused_outputs(self, x)
-        if fused is None:
+    def __call__(self, x: mx.array, fused_weight: mx.array | None = None):
+        if fused_weight is None:
             outs = [layer(x) for layer in self._layers()]
         else:
-            outs = fused
+            outs = fused_linear_outputs(x, fused_weight, self._layers())
         q, k, v, o_preact, i, f = outs
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         i = soft_cap(i, self.gate_soft_cap).transpose(0, 2, 1)
@@ -60,35 +61,32 @@ class mLSTMProjectionCell(nn.Module):
         return q, k, v, o_preact, i, f
 
 
-def fuse_linears(owner: nn.Module, layers: list[nn.Linear]) -> None:
+def fuse_linears(layers: list[nn.Linear]) -> mx.array:
     """Concatenate the weights of ``layers`` (same input) into one [sum(out), in] matrix.
 
-    The layers' weights become row views of the fused matrix, so memory does not grow and the
-    parameter names (checkpoint keys) stay as they are. The fused matrix lives outside the
-    parameter tree; when any layer's weight is replaced later (loading, training updates),
-    :func:`fused_outputs` notices and the owner falls back to the separate layers.
+    The layers' weights become row views of it, so memory does not grow and the parameter names
+    (checkpoint keys) stay as they are. The caller stores the matrix in its module under a
+    private key (``_fused_...``): part of ``module.state``, so ``mx.compile(..., inputs=
+    model.state)`` takes it as an input rather than a constant, and not of ``parameters()``, so it
+    is neither saved nor trained. :meth:`xLSTMLarge.update` drops it when weights are replaced.
     """
     weight = mx.concatenate([layer.weight for layer in layers], axis=0)
     mx.eval(weight)
-    start, bounds = 0, []
+    start = 0
     for layer in layers:
         rows = layer.weight.shape[0]
         layer.weight = weight[start : start + rows]
-        bounds.append(start + rows)
         start += rows
     mx.eval([layer.weight for layer in layers])
-    object.__setattr__(owner, "_fused", (weight, bounds[:-1], [layer.weight for layer in layers], layers))
+    return weight
 
 
-def fused_outputs(owner: nn.Module, x: mx.array) -> list[mx.array] | None:
-    """Each fused layer's output from one matmul, or None when not fused or stale."""
-    fused = getattr(owner, "_fused", None)
-    if fused is None:
-        return None
-    weight, bounds, views, layers = fused
-    if any(layer.weight is not view for layer, view in zip(layers, views)):
-        object.__setattr__(owner, "_fused", None)  # weights were replaced: the fused copy is stale
-        return None
+def fused_linear_outputs(x: mx.array, weight: mx.array, layers: list[nn.Linear]) -> list[mx.array]:
+    """Each of ``layers``' outputs from one matmul with their fused ``weight``."""
+    bounds, start = [], 0
+    for layer in layers[:-1]:
+        start += layer.weight.shape[0]
+        bounds.append(start)
     outs = mx.split(x @ weight.T, bounds, axis=-1)
     # Biases are added per layer so each output keeps the dtype the separate layer gives.
     return [out + layer.bias if "bias" in layer else out for out, layer in zip(outs, layers)]
@@ -152,7 +150,7 @@ class mLSTMOutputCell(nn.Module):
 
     def __call__(self, h: mx.array, o_preact: mx.array) -> mx.array:
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
-        return self.out_proj(mx.sigmoid(o_preact) * h_norm)
+        return self.out_proj(sigmoid(o_preact) * h_norm)
 
 
 def mlstm_zero_state(config: xLSTMConfig, batch_size: int) -> MLSTMState:

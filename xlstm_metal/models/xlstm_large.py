@@ -65,18 +65,32 @@ class xLSTMLarge(nn.Module):
         """Fuse each block's q|k|v|o|i|f and gate|up projections into one matmul each.
 
         For inference: no extra memory (the separate weights become views of the fused ones),
-        checkpoint names and saving unchanged, results equal to float round-off. If weights are
-        replaced afterwards (loading, training), the affected layers fall back to the separate
-        matmuls by themselves; call ``fuse()`` again to re-fuse. Returns the model.
+        checkpoint names and saving unchanged, results equal to float round-off. Replacing
+        weights through :meth:`update` (``load_weights``, optimizers, ``nn.value_and_grad``)
+        un-fuses the model, so a stale fused copy is never used; weights assigned directly
+        (``layer.weight = ...``) are not noticed: call :meth:`unfuse` first. Also selects the
+        fused step kernel (CUDA; the same reference ops elsewhere). Returns the model.
         """
         for block in self.backbone.blocks:
-            block.mlstm_layer.projection_cell.fuse()
+            block.mlstm_layer.fuse()
             block.ffn.fuse()
             kernel_cell = block.mlstm_layer.recurrent_kernel_cell
             if kernel_cell.step_kernel == "step":
                 # The fused step kernel on CUDA; the same reference ops on CPU and Metal.
                 kernel_cell.step_kernel = "step_fused"
         return self
+
+    def unfuse(self) -> "xLSTMLarge":
+        """Back to separate projection matmuls (the weights keep their current values)."""
+        for block in self.backbone.blocks:
+            block.mlstm_layer.unfuse()
+            block.ffn.unfuse()
+        return self
+
+    def update(self, parameters: dict, strict: bool = True) -> "xLSTMLarge":
+        """nn.Module.update, after dropping fused projections (they would be stale)."""
+        self.unfuse()
+        return super().update(parameters, strict=strict)
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""

@@ -49,8 +49,16 @@ class mLSTMNeuron(nn.Module):
             "output": self.output_cell,
         }
 
+    def fuse(self) -> None:
+        """Inference fast path: one matmul for q|k|v|o|i|f, kept under a private key."""
+        self._fused_projection = self.projection_cell.fuse()
+
+    def unfuse(self) -> None:
+        self.pop("_fused_projection", None)
+
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
-        q, k, v, o_preact, i, f = self.projection_cell(x)
+        fused = self["_fused_projection"] if "_fused_projection" in self else None
+        q, k, v, o_preact, i, f = self.projection_cell(x, fused)
         kernel_cell = self.recurrent_kernel_cell if x.shape[1] == 1 else self.parallel_kernel_cell
         h, state = kernel_cell(q, k, v, i, f, state)
         return self.output_cell(h, o_preact), state

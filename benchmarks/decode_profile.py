@@ -1,0 +1,115 @@
+"""Where a decode step's time goes (7B shape by default): the matrix products alone, per shape
+and weight layout, against the whole compiled step.
+
+    python benchmarks/decode_profile.py --shape 7b --batches 1,16,64 --out $OUT/decode_profile.jsonl
+
+Records (one JSON object per line):
+- ``matmul``: x [B, K] times each block's weight of one kind (fused q|k|v|o|i|f, out_proj, fused
+  gate|up, proj_down) for all blocks in one evaluation, as ``x @ W.T`` (the checkpoint layout
+  [N, K]) and ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
+- ``step``: the compiled greedy step of the whole model (as ``xlstm-metal bench``) and a compiled
+  chain of only the blocks' four matmuls, ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
+import mlx.core as mx  # noqa: E402
+
+from xlstm_metal import benchmark as bm  # noqa: E402
+
+
+def timeit(fn, repeats: int) -> float:
+    mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="7b")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dtype = bm.default_dtype()
+    config = bm.shape_config(args.shape)
+    model = bm.random_model(config, dtype=dtype).fuse()
+    out = open(args.out, "w") if args.out else None
+
+    def emit(record: dict) -> None:
+        line = json.dumps({"shape": args.shape, "dtype": dtype, **record})
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    blocks = model.blocks
+    kinds = {
+        "q|k|v|o|i|f": [b.mlstm_layer["_fused_projection"] for b in blocks],
+        "out_proj": [b.mlstm_layer.out_proj.weight for b in blocks],
+        "gate|up": [b.ffn["_fused_gate_up"] for b in blocks],
+        "proj_down": [b.ffn.proj_down.weight for b in blocks],
+    }
+    E = config.embedding_dim
+    for B in map(int, args.batches.split(",")):
+        for kind, weights in kinds.items():
+            K = weights[0].shape[1]
+            x = mx.random.normal((B, K)).astype(weights[0].dtype)
+            nbytes = sum(w.nbytes for w in weights)
+            ms = 1000 * timeit(lambda: [x @ w.T for w in weights], args.repeats) / len(weights)
+            emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ W.T", "N": weights[0].shape[0],
+                  "K": K, "ms_per_block": ms, "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
+            if B == 1:
+                wts = [mx.contiguous(w.T) for w in weights]
+                mx.eval(wts)
+                ms = 1000 * timeit(lambda: [x @ w for w in wts], args.repeats) / len(weights)
+                emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ Wt", "ms_per_block": ms,
+                      "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
+                del wts
+
+        def chain(x):
+            for b in blocks:
+                h = x @ b.mlstm_layer["_fused_projection"].T
+                x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
+                g = x @ b.ffn["_fused_gate_up"].T
+                x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
+            return x
+
+        chain_c = mx.compile(chain)
+        x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
+        ms = 1000 * timeit(lambda: chain_c(x), args.repeats)
+        emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)", "ms": ms})
+
+        step = bm.make_decode_step(model)
+        tok = mx.zeros((B, 1), dtype=mx.int32)
+        state = model.make_state(B)
+        mx.eval(state)
+        ms = 1000 * timeit(lambda: step(tok, state), args.repeats)
+        emit({"kind": "step", "batch": B, "what": "whole compiled step (sync each)", "ms": ms})
+        for kernel in ("step", "step_fused"):
+            for b in blocks:
+                b.mlstm_layer.recurrent_kernel_cell.step_kernel = kernel
+            r = bm.measure_decode(model, B, tokens=args.steps)
+            emit({"kind": "step", "batch": B, "what": f"measure_decode ({kernel})", "ms": r["ms_per_step"]})
+
+
+if __name__ == "__main__":
+    main()
