@@ -1,6 +1,12 @@
 """Shared fixtures: tiny xLSTM-Large configs and checkpoints built in-process (no downloads)."""
 
-import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
+import os
+
+# Full float32 matmuls on every device: parity is checked to float32 round-off, and MLX may
+# otherwise run float32 GEMMs as TF32 on GPUs (one fused vs six separate matmuls then differ ~1e-4).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import xlstm_metal  # noqa: E402,F401,I001  (first: preloads the BLAS before mlx is imported)
 
 import mlx.core as mx
 import numpy as np

@@ -71,6 +71,24 @@ def test_fused_step_bfloat16_inputs_and_state(state_dtype):
 
 
 @cuda
+def test_fused_step_reads_strided_views():
+    """q, k, v, i, f come as transposed views of the projection output, the state may be a
+    slice: the kernel reads them through their strides, without copies."""
+    rng = np.random.default_rng(9)
+    B, NH, DQK, DV = 3, 4, 32, 96
+    proj = mx.array(rng.standard_normal((B, 1, NH, 2 * DQK + DV + 2)).astype(np.float32))
+    q = proj[..., :DQK].transpose(0, 2, 1, 3)
+    k = proj[..., DQK : 2 * DQK].transpose(0, 2, 1, 3)
+    v = proj[..., 2 * DQK : 2 * DQK + DV].transpose(0, 2, 1, 3)
+    i = proj[..., -2].transpose(0, 2, 1) * 3
+    f = proj[..., -1].transpose(0, 2, 1) * 3 + 2
+    big = mx.array(rng.standard_normal((B, NH, DQK, 2 * DV)).astype(np.float32))
+    state = (big[..., ::2], mx.array(rng.standard_normal((NH, B, DQK)).astype(np.float32)).transpose(1, 0, 2),
+             mx.array(rng.standard_normal((B, NH, 1)).astype(np.float32)))
+    _check(mlstm_step_fused(q, k, v, i, f, state), mlstm_step(q, k, v, i, f, state), 1e-5)
+
+
+@cuda
 def test_fused_steps_continue_and_compile():
     q, k, v, i, f, state = _inputs(3, B=1, NH=2, DQK=32, DV=64)
     step = mx.compile(lambda *a: mlstm_step_fused(*a))

@@ -96,6 +96,16 @@ class xLSTMLarge(nn.Module):
         """The zero state for ``batch_size`` rows."""
         return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]
 
+    def _compiled_blocks(self) -> list:
+        """Each block's forward compiled once per model (traced again only for new shapes):
+        fused elementwise ops, and no Python graph building per prefill piece. The weights are
+        compile inputs, not constants, so later updates are seen."""
+        compiled = self.__dict__.get("_prefill_blocks")
+        if compiled is None or len(compiled) != len(self.backbone.blocks):
+            compiled = [mx.compile(block.__call__, inputs=block.state) for block in self.backbone.blocks]
+            object.__setattr__(self, "_prefill_blocks", compiled)  # outside the module tree
+        return compiled
+
     def prefill(
         self, input_ids: mx.array, state: ModelState | None = None, *, chunk_size: int | None = None
     ) -> tuple[mx.array, ModelState]:
@@ -105,20 +115,22 @@ class xLSTMLarge(nn.Module):
         The prompt goes through in pieces of ``chunk_size`` tokens (default: the config's
         ``max_inference_chunksize``) carrying the state, and each layer of each piece is
         evaluated before the next is built (pieces of 2,048+ tokens), so peak memory is the
-        weights plus one layer's activations for one piece (one lazy graph over all layers kept every layer's chunkwise
-        intermediates alive: 56 GiB for 16k tokens of the 7B shape on an H100). For inference
-        only: the per-layer evaluation is a host sync, so this is not for mx.compile or grad.
+        weights plus one layer's activations for one piece (one lazy graph over all layers kept
+        every layer's chunkwise intermediates alive: 56 GiB for 16k tokens of the 7B shape on an
+        H100). For inference only: the per-layer evaluation is a host sync, so this is not for
+        mx.compile or grad.
         """
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
         chunk_size = chunk_size or self.config.max_inference_chunksize
         backbone = self.backbone
-        state = list(state) if state is not None else [None] * len(backbone.blocks)
+        state = list(state) if state is not None else self.make_state(input_ids.shape[0])
+        blocks = self._compiled_blocks()
         x = None
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
             per_layer = x.shape[0] * x.shape[1] >= _PER_LAYER_EVAL_TOKENS
-            for index, block in enumerate(backbone.blocks):
+            for index, block in enumerate(blocks):
                 x, state[index] = block(x, state[index])
                 if per_layer:
                     mx.eval(x, state[index])

@@ -27,6 +27,8 @@ _TILE_ROWS = 4  # TD: row groups per block (threads along y); TJ * TD must be a 
 
 _SOURCE = """
     const int bh = blockIdx.z;
+    const int b = bh / NH;
+    const int hd = bh % NH;
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
     const int tid = ty * TJ + tx;
@@ -35,24 +37,31 @@ _SOURCE = """
     __shared__ float s_red[NT];
 
     // Gates, as in the reference: logsigmoid(f~), stabiliser m, then exp(...) <= 1.
-    const float ig = static_cast<float>(i[bh]);
-    const float fg = static_cast<float>(f[bh]);
-    const float m_old = static_cast<float>(m[bh]);
+    // Inputs are read through their strides: q, k, v, i, f arrive as transposed views of the
+    // projection output, and copying them to row-contiguous arrays cost five extra launches.
+    const float ig = static_cast<float>(i[b * i_strides[0] + hd * i_strides[1]]);
+    const float fg = static_cast<float>(f[b * f_strides[0] + hd * f_strides[1]]);
+    const float m_old = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
     const float lf = fminf(fg, 0.0f) - log1pf(expf(-fabsf(fg)));
     const float m_new = fmaxf(lf + m_old, ig);
     const float fa = expf(lf + m_old - m_new);
     const float ia = expf(ig - m_new);
     const float scale = 1.0f / sqrtf(static_cast<float>(DQK));
 
+    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
+    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
+    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+    const int64_t c_base = b * C_strides[0] + hd * C_strides[1];
+    // Outputs are new row-contiguous arrays.
     const size_t qk_off = static_cast<size_t>(bh) * DQK;
     const size_t v_off = static_cast<size_t>(bh) * DV;
 
     // n' = fa n + ia k and the head's scalar q.n' (every block of the head computes it).
     float part = 0.0f;
     for (int d = tid; d < DQK; d += NT) {
-        const float kd = static_cast<float>(k[qk_off + d]);
-        const float nd = fa * static_cast<float>(n[qk_off + d]) + ia * kd;
-        part += (static_cast<float>(q[qk_off + d]) * scale) * nd;
+        const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+        const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
+        part += (static_cast<float>(q[q_off + d * q_strides[3]]) * scale) * nd;
         if (blockIdx.x == 0) {
             n_out[qk_off + d] = static_cast<ST>(nd);
         }
@@ -69,15 +78,15 @@ _SOURCE = """
     // C' = fa C + ia k v^T for this block's columns, and q.C' summed over the rows.
     float acc = 0.0f;
     if (j < DV) {
-        const float vj = ia * static_cast<float>(v[v_off + j]);
+        const float vj = ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + j * v_strides[3]]);
         const size_t c_off = static_cast<size_t>(bh) * DQK * DV + j;
+        const int64_t c_in = c_base + j * C_strides[3];
         #pragma unroll 4
         for (int d = ty; d < DQK; d += TD) {
-            const size_t idx = c_off + static_cast<size_t>(d) * DV;
-            const float kd = static_cast<float>(k[qk_off + d]);
-            const float c = fa * static_cast<float>(C[idx]) + kd * vj;
-            C_out[idx] = static_cast<ST>(c);
-            acc += (static_cast<float>(q[qk_off + d]) * scale) * c;
+            const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+            const float c = fa * static_cast<float>(C[c_in + d * C_strides[2]]) + kd * vj;
+            C_out[c_off + static_cast<size_t>(d) * DV] = static_cast<ST>(c);
+            acc += (static_cast<float>(q[q_off + d * q_strides[3]]) * scale) * c;
         }
     }
     s_red[tid] = acc;
@@ -105,6 +114,7 @@ def _kernel(eps: float):
             input_names=["q", "k", "v", "i", "f", "C", "n", "m"],
             output_names=["h", "C_out", "n_out", "m_out"],
             source=_SOURCE.replace("EPS", f"{float(eps)!r}f"),
+            ensure_row_contiguous=False,
         )
         _kernels[eps] = kernel
     return kernel
@@ -146,7 +156,7 @@ def mlstm_step_fused(
     tj = min(_TILE_COLUMNS, 1 << max(dv - 1, 0).bit_length())  # power of 2 covering small DV
     h, C_new, n_new, m_new = _kernel(eps)(
         inputs=[q, k, v, i, f, C, n, m],
-        template=[("HT", q.dtype), ("ST", out_dtype), ("DQK", dqk), ("DV", dv),
+        template=[("HT", q.dtype), ("ST", out_dtype), ("NH", NH), ("DQK", dqk), ("DV", dv),
                   ("TJ", tj), ("TD", _TILE_ROWS)],
         grid=(-(-dv // tj) * tj, _TILE_ROWS, B * NH),
         threadgroup=(tj, _TILE_ROWS, 1),
