@@ -228,3 +228,26 @@ def test_prefill_sees_weight_updates_and_refusing():
     assert float(mx.abs(first - reference).max()) > 1e-2
     _close(model.prefill(ids, chunk_size=16)[0], reference, 1e-5)
     _close(model.fuse().prefill(ids, chunk_size=16)[0], reference, 1e-5)
+
+
+def test_prefill_follows_kernel_changes(monkeypatch):
+    """A kernel chosen after an earlier prefill is used (compiled traces bake the kernel in)."""
+    from xlstm_metal import kernels
+    from xlstm_metal.kernels import get_mlstm_kernel
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return get_mlstm_kernel("chunkwise")(*args, **kwargs)
+
+    monkeypatch.setitem(kernels._MLSTM_KERNELS, "test_counting", counting)
+    model = tiny_model(seed=3)
+    ids = mx.array(np.random.default_rng(1).integers(0, 97, (1, 40)), dtype=mx.int32)
+    first, _ = model.prefill(ids)
+    assert not calls
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "test_counting"
+    again, _ = model.prefill(ids)
+    assert len(calls) == len(model.blocks)
+    _close(again, first, 1e-5)

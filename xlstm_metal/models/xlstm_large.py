@@ -100,11 +100,16 @@ class xLSTMLarge(nn.Module):
         """Each block's forward compiled once per model (traced again only for new shapes):
         fused elementwise ops, and no Python graph building per prefill piece. The weights are
         compile inputs, not constants, so later updates are seen."""
-        compiled = self.__dict__.get("_prefill_blocks")
-        if compiled is None or len(compiled) != len(self.backbone.blocks):
-            compiled = [mx.compile(block.__call__, inputs=block.state) for block in self.backbone.blocks]
-            object.__setattr__(self, "_prefill_blocks", compiled)  # outside the module tree
-        return compiled
+        # Kernel settings are baked into a trace: compile again when any of them changes.
+        settings = tuple(
+            (cell.kernel, cell.chunk_size, cell.eps, cell.state_dtype)
+            for cell in (block.mlstm_layer.parallel_kernel_cell for block in self.backbone.blocks)
+        )
+        cached = self.__dict__.get("_prefill_blocks")
+        if cached is None or cached[0] != settings:
+            cached = (settings, [mx.compile(block.__call__, inputs=block.state) for block in self.backbone.blocks])
+            object.__setattr__(self, "_prefill_blocks", cached)  # outside the module tree
+        return cached[1]
 
     def prefill(
         self, input_ids: mx.array, state: ModelState | None = None, *, chunk_size: int | None = None
