@@ -70,14 +70,27 @@ def fuse_linears(layers: list[nn.Linear]) -> mx.array:
     model.state)`` takes it as an input rather than a constant, and not of ``parameters()``, so it
     is neither saved nor trained. :meth:`xLSTMLarge.update` drops it when weights are replaced.
     """
-    weight = mx.concatenate([layer.weight for layer in layers], axis=0)
-    mx.eval(weight)
+    weight = gemv_layout(mx.concatenate([layer.weight for layer in layers], axis=0))
     start = 0
     for layer in layers:
         rows = layer.weight.shape[0]
         layer.weight = weight[start : start + rows]
         start += rows
     mx.eval([layer.weight for layer in layers])
+    return weight
+
+
+def gemv_layout(weight: mx.array) -> mx.array:
+    """``weight`` [out, in], evaluated; on the CPU stored as a contiguous [in, out] array and
+    returned as its transposed view. MLX's CPU matmul with one row (decoding) reads a
+    column-major weight 1.4-1.7x faster (x @ W with W [in, out] contiguous: LM head 20.5 ->
+    11.8 ms, gate|up of 12 blocks 19.3 -> 12.8 ms, 125m shape); GPUs read the row-major layout
+    faster, so it stays there."""
+    if mx.default_device() == mx.cpu:
+        weight = mx.contiguous(weight.T)
+        mx.eval(weight)
+        return weight.T
+    mx.eval(weight)
     return weight
 
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..blocks.xlstm_large import mLSTMBlock
-from ..cells.mlstm import mlstm_zero_state
+from ..cells.mlstm import gemv_layout, mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
 from ..kernels.mlstm import MLSTMState
@@ -69,15 +69,20 @@ class xLSTMLarge(nn.Module):
         weights through :meth:`update` (``load_weights``, optimizers, ``nn.value_and_grad``)
         un-fuses the model, so a stale fused copy is never used; weights assigned directly
         (``layer.weight = ...``) are not noticed: call :meth:`unfuse` first. Also selects the
-        fused step kernel (CUDA; the same reference ops elsewhere). Returns the model.
+        fused step kernel (CUDA; the same reference ops elsewhere) and, on the CPU, the weight
+        layout its matrix-vector products read fastest (:func:`gemv_layout`). Returns the model.
         """
         for block in self.backbone.blocks:
             block.mlstm_layer.fuse()
             block.ffn.fuse()
+            for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down):
+                layer.weight = gemv_layout(layer.weight)
             kernel_cell = block.mlstm_layer.recurrent_kernel_cell
             if kernel_cell.step_kernel == "step":
                 # The fused step kernel on CUDA; the same reference ops on CPU and Metal.
                 kernel_cell.step_kernel = "step_fused"
+        if "lm_head" in self:
+            self.lm_head.weight = gemv_layout(self.lm_head.weight)
         return self
 
     def unfuse(self) -> "xLSTMLarge":
