@@ -220,14 +220,16 @@ def test_prefill_sees_weight_updates_and_refusing():
     """prefill() keeps its compiled blocks; the weights are their inputs, so loading new weights
     (which un-fuses) and fusing again are both seen."""
     model, other = tiny_model(seed=1).fuse(), tiny_model(seed=2)
-    ids = mx.array(np.random.default_rng(0).integers(0, 97, (1, 50)), dtype=mx.int32)
-    first, _ = model.prefill(ids, chunk_size=16)
-    _close(first, model(ids)[0][:, -1], 1e-5)
+    # One piece of 2 x 1024 tokens: long enough for the compiled blocks.
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 1024)), dtype=mx.int32)
+    first, _ = model.prefill(ids)
+    assert model.__dict__.get("_prefill_blocks") is not None
+    _close(first, model(ids)[0][:, -1], 1e-4)
     model.load_weights(list(tree_flatten(other.parameters())))
     reference = other(ids)[0][:, -1]
     assert float(mx.abs(first - reference).max()) > 1e-2
-    _close(model.prefill(ids, chunk_size=16)[0], reference, 1e-5)
-    _close(model.fuse().prefill(ids, chunk_size=16)[0], reference, 1e-5)
+    _close(model.prefill(ids)[0], reference, 1e-4)
+    _close(model.fuse().prefill(ids)[0], reference, 1e-4)
 
 
 def test_prefill_follows_kernel_changes(monkeypatch):
@@ -243,11 +245,11 @@ def test_prefill_follows_kernel_changes(monkeypatch):
 
     monkeypatch.setitem(kernels._MLSTM_KERNELS, "test_counting", counting)
     model = tiny_model(seed=3)
-    ids = mx.array(np.random.default_rng(1).integers(0, 97, (1, 40)), dtype=mx.int32)
-    first, _ = model.prefill(ids)
+    ids = mx.array(np.random.default_rng(1).integers(0, 97, (2, 1024)), dtype=mx.int32)
+    first, _ = model.prefill(ids)  # compiled blocks (a 2,048-token piece), traced with "chunkwise"
     assert not calls
     for block in model.blocks:
         block.mlstm_layer.parallel_kernel_cell.kernel = "test_counting"
     again, _ = model.prefill(ids)
-    assert len(calls) == len(model.blocks)
-    _close(again, first, 1e-5)
+    assert len(calls) == len(model.blocks)  # traced again with the new kernel
+    _close(again, first, 1e-4)

@@ -14,9 +14,11 @@ from ..kernels.mlstm import MLSTMState
 
 ModelState = list[MLSTMState]
 
-# Pieces of at least this many tokens (batch x length) are evaluated layer by layer in
-# prefill(); shorter ones as one graph, whose per-layer syncs would cost more than they save.
-_PER_LAYER_EVAL_TOKENS = 2048
+# prefill() runs pieces of at least this many tokens (batch x length) through compiled blocks,
+# evaluated layer by layer. Shorter pieces (chat turns, short prompts) run eagerly as one graph:
+# tracing a new shape (~0.15 s on a 2-core CPU, seconds when the CPU compiler first builds the
+# kernels) and per-layer syncs would cost more than they save.
+_LONG_PIECE_TOKENS = 2048
 
 
 class Backbone(nn.Module):
@@ -123,8 +125,8 @@ class xLSTMLarge(nn.Module):
         last position [B, V], state after the prompt).
 
         The prompt goes through in pieces of ``chunk_size`` tokens (default: the config's
-        ``max_inference_chunksize``) carrying the state, and each layer of each piece is
-        evaluated before the next is built (pieces of 2,048+ tokens), so peak memory is the
+        ``max_inference_chunksize``) carrying the state; pieces of 2,048+ tokens go through
+        compiled blocks, each layer evaluated before the next is built, so peak memory is the
         weights plus one layer's activations for one piece (one lazy graph over all layers kept
         every layer's chunkwise intermediates alive: 56 GiB for 16k tokens of the 7B shape on an
         H100). For inference only: the per-layer evaluation is a host sync, so this is not for
@@ -135,14 +137,14 @@ class xLSTMLarge(nn.Module):
         chunk_size = chunk_size or self.config.max_inference_chunksize
         backbone = self.backbone
         state = list(state) if state is not None else self.make_state(input_ids.shape[0])
-        blocks = self._compiled_blocks()
         x = None
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
-            per_layer = x.shape[0] * x.shape[1] >= _PER_LAYER_EVAL_TOKENS
+            long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS
+            blocks = self._compiled_blocks() if long_piece else backbone.blocks
             for index, block in enumerate(blocks):
                 x, state[index] = block(x, state[index])
-                if per_layer:
+                if long_piece:
                     mx.eval(x, state[index])
             mx.eval(x, state)
         x = x[:, -1:]
