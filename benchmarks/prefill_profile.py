@@ -59,7 +59,7 @@ def main() -> None:
     layer = block.mlstm_layer
     S, E = args.length, config.embedding_dim
     x = (mx.random.normal((1, S, E)) * 0.5).astype(getattr(mx, dtype))
-    q, k, v, o, i, f = layer.projection_cell(block.norm_mlstm(x))
+    q, k, v, o, i, f = layer.projection_cell(block.norm_mlstm(x), layer.get("_fused_projection"))
     mx.eval(x, q, k, v, o, i, f)
     out = open(args.out, "w") if args.out else None
 
@@ -76,7 +76,7 @@ def main() -> None:
     parts = {
         "block (all parts)": lambda: block(x),
         "rms norm": lambda: block.norm_mlstm(x),
-        "q|k|v|o|i|f projection": lambda: layer.projection_cell(x),
+        "q|k|v|o|i|f projection": lambda: layer.projection_cell(x, layer.get("_fused_projection")),
         "output cell (norm, gate, out_proj)": lambda: layer.output_cell(h, o),
         "ffn (gate|up, down)": lambda: block.ffn(x),
     }

@@ -253,3 +253,13 @@ def test_prefill_follows_kernel_changes(monkeypatch):
     again, _ = model.prefill(ids)
     assert len(calls) == len(model.blocks)  # traced again with the new kernel
     _close(again, first, 1e-4)
+
+
+def test_unfuse_restores_separate_weights():
+    ref, model = tiny_model(seed=4), tiny_model(seed=4).fuse().unfuse()
+    layer = model.blocks[0].mlstm_layer
+    assert "_fused_projection" not in layer and "_fused_gate_up" not in model.blocks[0].ffn
+    ids = mx.array([[1, 2, 3, 4, 5, 6, 7]], dtype=mx.int32)
+    _close(_run(model, ids)[0], _run(ref, ids)[0], 1e-5)
+    for name, value in tree_flatten(ref.parameters()):
+        np.testing.assert_array_equal(np.array(dict(tree_flatten(model.parameters()))[name]), np.array(value))

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from .activations import silu
-from .mlstm import fuse_linears, fused_linear_outputs
+from .mlstm import fuse_linears, fused_linear_outputs, unfuse_linears
 
 
 class FeedForward(nn.Module):
@@ -25,7 +25,8 @@ class FeedForward(nn.Module):
         self._fused_gate_up = fuse_linears([self.proj_up_gate, self.proj_up])
 
     def unfuse(self) -> None:
-        self.pop("_fused_gate_up", None)
+        if self.pop("_fused_gate_up", None) is not None:
+            unfuse_linears([self.proj_up_gate, self.proj_up])
 
     def __call__(self, x: mx.array) -> mx.array:
         if "_fused_gate_up" in self:

@@ -49,6 +49,9 @@ class mLSTMProjectionCell(nn.Module):
         neuron) keeps it and passes it back to each call."""
         return fuse_linears(self._layers())
 
+    def unfuse(self) -> None:
+        unfuse_linears(self._layers())
+
     def __call__(self, x: mx.array, fused_weight: mx.array | None = None):
         if fused_weight is None:
             outs = [layer(x) for layer in self._layers()]
@@ -78,6 +81,14 @@ def fuse_linears(layers: list[nn.Linear]) -> mx.array:
         start += rows
     mx.eval([layer.weight for layer in layers])
     return weight
+
+
+def unfuse_linears(layers: list[nn.Linear]) -> None:
+    """Give ``layers`` their own row-major weights again. As views into a fused matrix (column
+    slices of it on the CPU) the separate matmuls would copy them on every call."""
+    for layer in layers:
+        layer.weight = mx.contiguous(layer.weight)
+    mx.eval([layer.weight for layer in layers])
 
 
 def gemv_layout(weight: mx.array) -> mx.array:

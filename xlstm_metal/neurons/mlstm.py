@@ -54,7 +54,8 @@ class mLSTMNeuron(nn.Module):
         self._fused_projection = self.projection_cell.fuse()
 
     def unfuse(self) -> None:
-        self.pop("_fused_projection", None)
+        if self.pop("_fused_projection", None) is not None:
+            self.projection_cell.unfuse()
 
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
         fused = self["_fused_projection"] if "_fused_projection" in self else None
