@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +25,6 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
-
-
-def timeit(fn, repeats: int) -> float:
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,13 +60,13 @@ def main() -> None:
             K = weights[0].shape[1]
             x = mx.random.normal((B, K)).astype(weights[0].dtype)
             nbytes = sum(w.nbytes for w in weights)
-            ms = 1000 * timeit(lambda: [x @ w.T for w in weights], args.repeats) / len(weights)
+            ms = 1000 * bm.median_seconds(lambda: [x @ w.T for w in weights], args.repeats) / len(weights)
             emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ W.T", "N": weights[0].shape[0],
                   "K": K, "ms_per_block": ms, "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
             if B == 1:
                 wts = [mx.contiguous(w.T) for w in weights]
                 mx.eval(wts)
-                ms = 1000 * timeit(lambda: [x @ w for w in wts], args.repeats) / len(weights)
+                ms = 1000 * bm.median_seconds(lambda: [x @ w for w in wts], args.repeats) / len(weights)
                 emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ Wt", "ms_per_block": ms,
                       "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
                 del wts
@@ -95,14 +81,14 @@ def main() -> None:
 
         chain_c = mx.compile(chain)
         x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
-        ms = 1000 * timeit(lambda: chain_c(x), args.repeats)
+        ms = 1000 * bm.median_seconds(lambda: chain_c(x), args.repeats)
         emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)", "ms": ms})
 
         step = bm.make_decode_step(model)
         tok = mx.zeros((B, 1), dtype=mx.int32)
         state = model.make_state(B)
         mx.eval(state)
-        ms = 1000 * timeit(lambda: step(tok, state), args.repeats)
+        ms = 1000 * bm.median_seconds(lambda: step(tok, state), args.repeats)
         emit({"kind": "step", "batch": B, "what": "whole compiled step (sync each)", "ms": ms})
         for kernel in ("step", "step_fused"):
             for b in blocks:

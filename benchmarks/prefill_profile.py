@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,19 +24,6 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels import get_mlstm_kernel  # noqa: E402
-
-
-def timeit(fn, repeats: int) -> float:
-    """Median seconds of fn() evaluated, after one warm-up call."""
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -82,7 +67,7 @@ def main() -> None:
     }
     for name, fn in parts.items():
         emit({"part": name, "kernel": config.chunkwise_kernel, "chunk_size": config.chunk_size,
-              "ms": 1000 * timeit(fn, args.repeats)})
+              "ms": 1000 * bm.median_seconds(fn, args.repeats)})
 
     for kernel_name in args.kernels.split(","):
         kernel = get_mlstm_kernel(kernel_name)
@@ -90,7 +75,7 @@ def main() -> None:
             mx.clear_cache()
             mx.reset_peak_memory()
             base = mx.get_active_memory()
-            ms = 1000 * timeit(lambda: kernel(q, k, v, i, f, None, chunk_size=chunk), args.repeats)
+            ms = 1000 * bm.median_seconds(lambda: kernel(q, k, v, i, f, None, chunk_size=chunk), args.repeats)
             emit({"part": "mLSTM kernel", "kernel": kernel_name, "chunk_size": chunk, "ms": ms,
                   "kernel_peak_gb": (mx.get_peak_memory() - base) / 2**30})
 
@@ -99,7 +84,7 @@ def main() -> None:
     ffn_w = block.ffn["_fused_gate_up"]
     flops = 2 * S * E * (fused_w.shape[0] + ffn_w.shape[0]) + 2 * S * (layer.out_proj.weight.size
                                                                    + block.ffn.proj_down.weight.size)
-    ms = 1000 * timeit(lambda: [x @ fused_w.T, x @ ffn_w.T,
+    ms = 1000 * bm.median_seconds(lambda: [x @ fused_w.T, x @ ffn_w.T,
                                 x[..., : layer.out_proj.weight.shape[1]] @ layer.out_proj.weight.T,
                                 mx.zeros((1, S, block.ffn.proj_down.weight.shape[1]), x.dtype)
                                 @ block.ffn.proj_down.weight.T], args.repeats)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -131,6 +132,19 @@ def make_decode_step(model: xLSTMLarge, compiled: bool = True) -> Callable:
 # ------------------------------------------------------------------------------- measurements
 def _sync() -> None:
     mx.synchronize() if hasattr(mx, "synchronize") else None
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of evaluating ``fn()`` (synchronised), after one warm-up call."""
+    mx.eval(fn())
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync()
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _peak_gib() -> float:

@@ -150,8 +150,12 @@ class xLSTMLarge(nn.Module):
         x = x[:, -1:]
         if "out_norm" in backbone:
             x = backbone.out_norm(x)
+        return self._logits(x)[:, 0], state
+
+    def _logits(self, x: mx.array) -> mx.array:
+        """Normed hidden states [B, S, E] -> soft-capped logits [B, S, V]."""
         logits = self.backbone.embeddings.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
-        return soft_cap(logits, self.config.output_logit_soft_cap)[:, 0], state
+        return soft_cap(logits, self.config.output_logit_soft_cap)
 
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False
@@ -163,11 +167,7 @@ class xLSTMLarge(nn.Module):
         x, state = self.backbone(input_ids, state)
         if last_only:
             x = x[:, -1:]
-        if self.config.tie_word_embeddings:
-            logits = self.backbone.embeddings.as_linear(x)
-        else:
-            logits = self.lm_head(x)
-        return soft_cap(logits, self.config.output_logit_soft_cap), state
+        return self._logits(x), state
 
     def wiring(self) -> str:
         """The blocks and each block's cells, as text."""
