@@ -24,6 +24,7 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels import get_mlstm_kernel  # noqa: E402
+from xlstm_metal.kernels.fast import chunkwise_fused as fused  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     p.add_argument("--shape", default="7b")
     p.add_argument("--dtype", default=None)
     p.add_argument("--length", type=int, default=16384)
-    p.add_argument("--kernels", default="chunkwise_scan,chunkwise")
+    p.add_argument("--kernels", default="chunkwise_scan,chunkwise_fused,chunkwise")
     p.add_argument("--chunk-sizes", default="64,128,256")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
@@ -78,6 +79,20 @@ def main() -> None:
             ms = 1000 * bm.median_seconds(lambda: kernel(q, k, v, i, f, None, chunk_size=chunk), args.repeats)
             emit({"part": "mLSTM kernel", "kernel": kernel_name, "chunk_size": chunk, "ms": ms,
                   "kernel_peak_gb": (mx.get_peak_memory() - base) / 2**30})
+            if kernel_name == "chunkwise_fused" and fused.fused_chunkwise_supported(q, v, chunk):
+                # Its three phases alone: gate prep (MLX ops), the states and outputs kernels.
+                gates = fused.chunk_gates(i, f, chunk)
+                states = fused.chunk_states(k, v, *gates, None)
+                mx.eval(gates, states)
+                phases = {
+                    "fused: gate prep": lambda: fused.chunk_gates(i, f, chunk),
+                    "fused: states kernel": lambda: fused.chunk_states(k, v, *gates, None),
+                    "fused: outputs kernel": lambda: fused.chunk_outputs(
+                        q, k, v, *gates, *states[:3], config.eps, q.dtype),
+                }
+                for name, fn in phases.items():
+                    emit({"part": name, "kernel": kernel_name, "chunk_size": chunk,
+                          "ms": 1000 * bm.median_seconds(fn, args.repeats)})
 
     # bf16 GEMM rate on the block's projection shapes: what the matmuls alone would allow.
     fused_w = layer["_fused_projection"]

@@ -127,3 +127,109 @@ def test_fused_step_off_cuda_is_the_reference():
     np.testing.assert_array_equal(np.array(h), np.array(h_ref))
     for x, y in zip(s, s_ref):
         np.testing.assert_array_equal(np.array(x), np.array(y))
+
+
+# ------------------------------------------------------------------------- fused chunkwise
+from xlstm_metal.kernels.fast.chunkwise import mlstm_chunkwise_scan  # noqa: E402
+from xlstm_metal.kernels.fast.chunkwise_fused import _launch, mlstm_chunkwise_fused  # noqa: E402
+from xlstm_metal.kernels.mlstm import mlstm_chunkwise  # noqa: E402
+
+
+def _seq_inputs(seed, B, NH, S, DQK, DV, gate_scale=3.0, with_state=True):
+    """bf16 q, k, v as strided views of one projection output (as the model makes them)."""
+    rng = np.random.default_rng(seed)
+    proj = mx.array(rng.standard_normal((B, S, NH, 2 * DQK + DV)).astype(np.float32)).astype(mx.bfloat16)
+    q = proj[..., :DQK].transpose(0, 2, 1, 3)
+    k = proj[..., DQK : 2 * DQK].transpose(0, 2, 1, 3)
+    v = proj[..., 2 * DQK :].transpose(0, 2, 1, 3)
+    gates = mx.array(rng.standard_normal((B, S, 2 * NH)).astype(np.float32)) * gate_scale
+    i = gates[..., :NH].transpose(0, 2, 1)
+    f = (gates[..., NH:] + 2.0).transpose(0, 2, 1)
+    state = None
+    if with_state:
+        state = (mx.array(rng.standard_normal((B, NH, DQK, DV)).astype(np.float32)),
+                 mx.array(rng.standard_normal((B, NH, DQK)).astype(np.float32)),
+                 mx.array(rng.standard_normal((B, NH, 1)).astype(np.float32)))
+    return q, k, v, i, f, state
+
+
+def _fused_f32(q, k, v, i, f, state, chunk):
+    """The fused kernels with h written in float32, so every bit of the math is compared."""
+    return _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32)
+
+
+@cuda
+@pytest.mark.parametrize("B,NH,S,DQK,DV,chunk", [
+    (2, 2, 300, 64, 128, 64), (1, 2, 512, 128, 64, 128), (1, 1, 77, 64, 64, 16),
+    (1, 3, 5, 64, 64, 32), (1, 8, 1000, 256, 512, 128),
+])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state):
+    q, k, v, i, f, state = _seq_inputs(S + DQK, B, NH, S, DQK, DV, with_state=with_state)
+    ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
+                          state, chunk_size=64)
+    # float32 round-off: h to 2e-5 of its largest value (the exponentials and the order of the
+    # sums differ from MLX's ops), the states to 1e-5.
+    (h, s), (h_ref, s_ref) = _fused_f32(q, k, v, i, f, state, chunk), ref
+    assert h.shape == h_ref.shape and _rel(h, h_ref) <= 2e-5, _rel(h, h_ref)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and _rel(x, y) <= 1e-5, _rel(x, y)
+
+
+@cuda
+@pytest.mark.parametrize("gate_scale", [15.0, 40.0])
+def test_fused_chunkwise_saturated_gates(gate_scale):
+    q, k, v, i, f, state = _seq_inputs(3, 1, 2, 200, 64, 64, gate_scale=gate_scale)
+    ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
+                          state, chunk_size=64)
+    # As between the reference kernels (tests/test_kernels.py): states exact, h to 1e-3 where
+    # |q.n| nearly cancels at saturated gates.
+    (h, s), (h_ref, s_ref) = _fused_f32(q, k, v, i, f, state, 64), ref
+    assert _rel(h, h_ref) <= 1e-3
+    for x, y in zip(s, s_ref):
+        assert _rel(x, y) <= 1e-5
+
+
+@cuda
+def test_fused_chunkwise_bf16_output_continues_and_compiles():
+    q, k, v, i, f, state = _seq_inputs(4, 1, 4, 384, 64, 128)
+    run = mx.compile(lambda *a: mlstm_chunkwise_fused(*a, chunk_size=128))
+    h, s = run(q, k, v, i, f, state)
+    assert h.dtype == mx.bfloat16 and h.shape == (1, 4, 384, 128)
+    h_ref, s_ref = mlstm_chunkwise_scan(q, k, v, i, f, state, chunk_size=128)
+    assert _rel(h, h_ref) <= 1e-2  # both round float32 results to bf16
+    for x, y in zip(s, s_ref):
+        assert _rel(x, y) <= 1e-5
+    # Two pieces carrying the state equal one call.
+    h1, s1 = mlstm_chunkwise_fused(q[:, :, :200], k[:, :, :200], v[:, :, :200], i[:, :, :200], f[:, :, :200], state)
+    h2, s2 = mlstm_chunkwise_fused(q[:, :, 200:], k[:, :, 200:], v[:, :, 200:], i[:, :, 200:], f[:, :, 200:], s1)
+    assert _rel(mx.concatenate([h1, h2], axis=2), h) <= 1e-2
+    for x, y in zip(s2, s):
+        assert _rel(x, y) <= 1e-5
+
+
+@cuda
+def test_fused_chunkwise_model_prefill_matches_reference():
+    from xlstm_metal.benchmark import random_model, shape_config
+
+    config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
+    ids = mx.array(np.random.default_rng(1).integers(0, 101, (2, 300)), dtype=mx.int32)
+    logits = {}
+    for kernel in ("chunkwise", "chunkwise_fused"):
+        model = random_model(config, dtype="bfloat16", seed=5).fuse()
+        for block in model.blocks:
+            block.mlstm_layer.parallel_kernel_cell.kernel = kernel
+            block.mlstm_layer.parallel_kernel_cell.chunk_size = 64
+        logits[kernel], _ = model.prefill(ids)
+    assert _rel(logits["chunkwise_fused"], logits["chunkwise"]) <= 2e-2
+
+
+def test_fused_chunkwise_elsewhere_is_the_scan_kernel():
+    q, k, v, i, f, state = _seq_inputs(6, 1, 2, 70, 64, 64)
+    if cuda_available():
+        q, k, v = (x.astype(mx.float32) for x in (q, k, v))  # float32 inputs take the ops path
+    h, s = mlstm_chunkwise_fused(q, k, v, i, f, state, chunk_size=32)
+    h_ref, s_ref = mlstm_chunkwise_scan(q, k, v, i, f, state, chunk_size=32)
+    np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(h_ref.astype(mx.float32)))
+    for x, y in zip(s, s_ref):
+        np.testing.assert_array_equal(np.array(x), np.array(y))

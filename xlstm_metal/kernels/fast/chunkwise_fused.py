@@ -1,0 +1,559 @@
+"""Chunkwise mLSTM as two fused CUDA kernels on the tensor cores (``mx.fast.cuda_kernel``),
+beside its references :func:`xlstm_metal.kernels.mlstm.mlstm_chunkwise` (the math) and
+:func:`xlstm_metal.kernels.fast.chunkwise.mlstm_chunkwise_scan` (the fastest pure-ops form).
+
+Why: the ops forms materialise float32 copies of q, k, v, the L x L decay matrices and the
+scores of every chunk, one launch each; at 16k tokens on an H100 that costs more per block
+than the block's projections' matmuls. Here the per-chunk work stays in registers and shared
+memory:
+
+- ``states`` kernel (phase 1): one thread block per (batch*head, 64 rows of C, 64 columns of
+  C) walks the chunks in order with its tile of C in registers, writes the state entering each
+  chunk (C, n, m), then applies the chunk: C <- exp(g + m - m') C + sum_t exp(a_t - m') k_t v_t^T
+  with m' = max(g + m, max_t a_t), the reference loop's recurrence exactly.
+- ``outputs`` kernel (phase 2): one thread block per (batch*head, chunk, 64 value columns)
+  computes the chunk's q k^T, the stabilised decay mask, and h = (q C + (S * D) v) / den, as
+  in the reference's ``_parallel_outputs``.
+
+Exactness: the matmuls run as bf16 x bf16 -> float32 ``mma.sync`` (products exact, float32
+sums). q, k and v are bf16 already, so they enter exactly; float32 operands (the state C, the
+weighted scores, the gate-weighted values) are split as x = hi + mid + lo into three bf16
+terms (24 significant bits, float32's precision) and multiplied term by term. Results agree
+with the references to float32 round-off (tests/test_cuda_kernels.py).
+
+Runs for bf16 inputs with DQK and DV multiples of 64 and chunk sizes 16..128 (multiples of 16)
+on CUDA; anything else (CPU, Metal, float32 or float16 inputs, other sizes) runs
+:func:`mlstm_chunkwise_scan`, so a config naming this kernel works everywhere.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..mlstm import _NEG, MLSTMState, _cast_state, _state_f32, log_sigmoid
+from .chunkwise import mlstm_chunkwise_scan
+from .step import cuda_available
+
+_TILE = 64  # rows / columns of C per thread block; value columns per output block
+_SLAB = 32  # DQK columns of q, k and C staged in shared memory at a time (outputs kernel)
+
+_HEADER = """
+// D (16x8, float32) += A (16x16, bf16, row-major) * B (16x8, bf16, column-major).
+__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(lo))
+        | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+
+// x = hi + mid + lo exactly to float32 precision (each term bf16).
+__device__ __forceinline__ void split3(float x, __nv_bfloat16* parts) {
+    parts[0] = __float2bfloat16_rn(x);
+    float r = x - __bfloat162float(parts[0]);
+    parts[1] = __float2bfloat16_rn(r);
+    r -= __bfloat162float(parts[1]);
+    parts[2] = __float2bfloat16_rn(r);
+}
+
+// The three bf16x2 registers (hi, mid, lo) of the float pair (x0, x1); x0 in the low half.
+__device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t* out) {
+    __nv_bfloat16 p0[3], p1[3];
+    split3(x0, p0);
+    split3(x1, p1);
+    out[0] = pack_bf16(p0[0], p1[0]);
+    out[1] = pack_bf16(p0[1], p1[1]);
+    out[2] = pack_bf16(p0[2], p1[2]);
+}
+
+__device__ __forceinline__ uint32_t pack_pair(const __nv_bfloat16* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+"""
+
+# Global loads: 16 bytes (8 bf16) at a time when a row's elements are contiguous and aligned
+# (always so for the model's projection views), else element by element.
+_LOADS = """
+template <typename In, typename Str>
+__device__ __forceinline__ bool rows_vectorizable(const In* base, const Str& st) {
+    return st[3] == 1 && st[2] % 8 == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0;
+}
+
+// Eight elements x[row t][col e..e+7] (row offset precomputed) as bf16, zeros when !in.
+template <typename In>
+__device__ __forceinline__ void load8(const In* row, int64_t col_stride, bool vec, bool in, __nv_bfloat16* out) {
+    if (!in) {
+        #pragma unroll
+        for (int u = 0; u < 8; ++u) out[u] = __float2bfloat16_rn(0.0f);
+    } else if (vec) {
+        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(row);
+    } else {
+        #pragma unroll
+        for (int u = 0; u < 8; ++u) out[u] = static_cast<__nv_bfloat16>(row[u * col_stride]);
+    }
+}
+"""
+
+# Phase 1. Grid: x = DV/64 tiles of 128 threads, y = DQK/64 tiles, z = B*NH. Warp w owns rows
+# 16w..16w+15 of the block's 64-row tile of C; its accumulators hold C as mma fragments:
+# acc[nt][0..1] = C[16w+g][8nt+2tq+{0,1}], acc[nt][2..3] = the same columns of row 16w+g+8.
+# The update's A operand is (w_t k_t)^T, split in three bf16 terms by the warp that owns those
+# rows (no work repeated across warps); B is v, exact in bf16.
+_STATES_SOURCE = """
+    constexpr int NT = 128;
+    constexpr int PAD = 8;  // bf16 elements of row padding: keeps fragment reads off shared banks
+    const int S = k_shape[2];
+    const int NC = bcum_shape[2];
+    const int bh = blockIdx.z;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int d0 = blockIdx.y * 64;
+    const int j0 = blockIdx.x * 64;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int tq = lane & 3;
+    const bool first_col_tile = blockIdx.x == 0;
+
+    __shared__ __align__(16) __nv_bfloat16 ks[L][64 + PAD];  // k[t][d0 + dd]
+    __shared__ __align__(16) __nv_bfloat16 vt[64][L + PAD];  // v[t][j0 + jj], transposed
+    __shared__ float as_[L];                                  // a_t
+    __shared__ float ws[L];                                   // exp(a_t - m')
+
+    const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + d0 * k_strides[3];
+    const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
+    const bool k_vec = rows_vectorizable(kb, k_strides);
+    const bool v_vec = rows_vectorizable(vb, v_strides);
+    const size_t state_off = static_cast<size_t>(bh) * DQK * DV;
+    const size_t chunk_off = static_cast<size_t>(bh) * NC;
+
+    float acc[8][4];
+    const int rr = warp * 16 + g;
+    const int r0 = d0 + rr;
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        const int col = j0 + nt * 8 + 2 * tq;
+        acc[nt][0] = C0[state_off + static_cast<size_t>(r0) * DV + col];
+        acc[nt][1] = C0[state_off + static_cast<size_t>(r0) * DV + col + 1];
+        acc[nt][2] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col];
+        acc[nt][3] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1];
+    }
+    // n[d0 + tid / 2], kept by the first column tile (both threads of a row hold it).
+    float n_reg = first_col_tile ? n0[static_cast<size_t>(bh) * DQK + d0 + (tid >> 1)] : 0.0f;
+    float m = m0[bh];
+
+    for (int c = 0; c < NC; ++c) {
+        // The state entering chunk c.
+        float* Ce = C_enter + (chunk_off + c) * DQK * DV;
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const int col = j0 + nt * 8 + 2 * tq;
+            *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
+            *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+        }
+        if (first_col_tile && (tid & 1) == 0) n_enter[(chunk_off + c) * DQK + d0 + (tid >> 1)] = n_reg;
+        if (first_col_tile && blockIdx.y == 0 && tid == 0) m_enter[chunk_off + c] = m;
+
+        // Stage k[t][d0:d0+64], v[t][j0:j0+64] (zeros past the sequence) and the gates
+        // a_t = g - b_t + i~_t of chunk c.
+        const float* bc = bcum + (chunk_off + c) * L;
+        const float* ic = igc + (chunk_off + c) * L;
+        const float gc = bc[L - 1];
+        for (int t = tid; t < L; t += NT) as_[t] = gc - bc[t] + ic[t];
+        for (int idx = tid; idx < L * 8; idx += NT) {
+            const int t = idx >> 3;
+            const int e = (idx & 7) * 8;
+            const int ts = c * L + t;
+            load8(kb + ts * k_strides[2] + e * k_strides[3], k_strides[3], k_vec, ts < S, &ks[t][e]);
+            __align__(16) __nv_bfloat16 tmp[8];
+            load8(vb + ts * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, ts < S, tmp);
+            #pragma unroll
+            for (int u = 0; u < 8; ++u) vt[e + u][t] = tmp[u];
+        }
+        __syncthreads();
+        // m' = max(g + m, max_t a_t) (every warp reduces on its own), weights exp(a_t - m').
+        float amax = -INFINITY;
+        for (int t = lane; t < L; t += 32) amax = fmaxf(amax, as_[t]);
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float m_next = fmaxf(gc + m, amax);
+        const float decay = expf(gc + m - m_next);
+        for (int t = tid; t < L; t += NT) ws[t] = expf(as_[t] - m_next);
+        __syncthreads();
+
+        if (first_col_tile) {  // n <- decay n + sum_t w_t k_t: two threads per row, half the steps each
+            const int d = tid >> 1;
+            float s = 0.0f;
+            for (int t = (tid & 1) * (L / 2); t < (tid & 1 ? L : L / 2); ++t) s += ws[t] * __bfloat162float(ks[t][d]);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            n_reg = decay * n_reg + s;
+        }
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
+        }
+        // C += (w k)^T v: A[d][t] = w_t k[t][d] in three bf16 terms, B[t][j] = v[t][j].
+        #pragma unroll
+        for (int kk = 0; kk < L / 16; ++kk) {
+            const int t0 = kk * 16 + 2 * tq;
+            const float w0 = ws[t0], w1 = ws[t0 + 1], w8 = ws[t0 + 8], w9 = ws[t0 + 9];
+            uint32_t p0[3], p1[3], p2[3], p3[3];
+            split3_pair(w0 * __bfloat162float(ks[t0][rr]), w1 * __bfloat162float(ks[t0 + 1][rr]), p0);
+            split3_pair(w0 * __bfloat162float(ks[t0][rr + 8]), w1 * __bfloat162float(ks[t0 + 1][rr + 8]), p1);
+            split3_pair(w8 * __bfloat162float(ks[t0 + 8][rr]), w9 * __bfloat162float(ks[t0 + 9][rr]), p2);
+            split3_pair(w8 * __bfloat162float(ks[t0 + 8][rr + 8]), w9 * __bfloat162float(ks[t0 + 9][rr + 8]), p3);
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const uint32_t b0 = pack_pair(&vt[nt * 8 + g][t0]);
+                const uint32_t b1 = pack_pair(&vt[nt * 8 + g][t0 + 8]);
+                #pragma unroll
+                for (int p = 0; p < 3; ++p) {
+                    const uint32_t a[4] = {p0[p], p1[p], p2[p], p3[p]};
+                    mma_bf16(acc[nt], a, b0, b1);
+                }
+            }
+        }
+        m = m_next;
+        __syncthreads();
+    }
+
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        const int col = j0 + nt * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
+        *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+    }
+    if (first_col_tile && (tid & 1) == 0) n_final[static_cast<size_t>(bh) * DQK + d0 + (tid >> 1)] = n_reg;
+    if (first_col_tile && blockIdx.y == 0 && tid == 0) m_final[bh] = m;
+"""
+
+# Phase 2. Grid: x = DV/64 tiles of 2L threads (L/16 warps), y = NC chunks, z = B*NH. Warp w
+# owns rows (time steps) 16w..16w+15 of the chunk. sacc holds S = q k^T as mma fragments over
+# the chunk's L columns, nacc the block's 64 value columns of the numerator. The entering
+# state's slab is split into three bf16 terms once, in shared memory, for all warps.
+_OUTPUTS_SOURCE = """
+    constexpr int NW = L / 16;
+    constexpr int NT = 32 * NW;
+    constexpr int KS = SLAB;
+    constexpr int PAD = 8;
+    const int S = q_shape[2];
+    const int NC = bcum_shape[2];
+    const int bh = blockIdx.z;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int c = blockIdx.y;
+    const int j0 = blockIdx.x * 64;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int tq = lane & 3;
+    const float scale = rsqrtf(static_cast<float>(DQK));
+
+    // q and k slabs during the DQK loop, then the chunk's 64 value columns (transposed).
+    constexpr int QK_BYTES = 2 * L * (KS + PAD) * 2;
+    constexpr int V_BYTES = 64 * (L + PAD) * 2;
+    __shared__ __align__(16) unsigned char raw[QK_BYTES > V_BYTES ? QK_BYTES : V_BYTES];
+    auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
+    auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
+    auto vt = reinterpret_cast<__nv_bfloat16 (*)[L + PAD]>(raw);
+    __shared__ __align__(16) __nv_bfloat16 Ct[3][64][KS + PAD];  // C[d][j] transposed, hi/mid/lo
+    __shared__ float ns[KS];
+    __shared__ float bs[L];
+    __shared__ float is[L];
+    __shared__ float qn_s[L];
+
+    const size_t chunk = static_cast<size_t>(bh) * NC + c;
+    const __nv_bfloat16* qb = q + b * q_strides[0] + hd * q_strides[1] + static_cast<int64_t>(c) * L * q_strides[2];
+    const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + static_cast<int64_t>(c) * L * k_strides[2];
+    const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + static_cast<int64_t>(c) * L * v_strides[2]
+                            + j0 * v_strides[3];
+    const bool q_vec = rows_vectorizable(qb, q_strides);
+    const bool k_vec = rows_vectorizable(kb, k_strides);
+    const bool v_vec = rows_vectorizable(vb, v_strides);
+    const int rows_left = S - c * L;  // rows of this chunk inside the sequence
+    const float* Ce = C_enter + chunk * DQK * DV + j0;
+    const float* ne = n_enter + chunk * DQK;
+    const float m0 = m_enter[chunk];
+
+    for (int t = tid; t < L; t += NT) {
+        bs[t] = bcum[chunk * L + t];
+        is[t] = igc[chunk * L + t];
+    }
+
+    float sacc[L / 8][4];
+    float nacc[8][4];
+    #pragma unroll
+    for (int nt = 0; nt < L / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.0f;
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) nacc[nt][0] = nacc[nt][1] = nacc[nt][2] = nacc[nt][3] = 0.0f;
+    float qn_part = 0.0f;  // q[row] . n over half the columns: row = tid / 2
+    const int qn_row = tid >> 1;
+    const int qn_half = tid & 1;
+    const int rr = warp * 16 + g;
+
+    for (int d0 = 0; d0 < DQK; d0 += KS) {
+        for (int idx = tid; idx < L * (KS / 8); idx += NT) {
+            const int t = idx / (KS / 8);
+            const int e = (idx % (KS / 8)) * 8;
+            const bool in = t < rows_left;
+            load8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in, &qs[t][e]);
+            load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in, &kst[t][e]);
+        }
+        for (int idx = tid; idx < KS * 16; idx += NT) {
+            const int d = idx >> 4;
+            const int e = (idx & 15) * 4;
+            const float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
+            const float cs[4] = {cv.x, cv.y, cv.z, cv.w};
+            #pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                __nv_bfloat16 parts[3];
+                split3(cs[u], parts);
+                Ct[0][e + u][d] = parts[0];
+                Ct[1][e + u][d] = parts[1];
+                Ct[2][e + u][d] = parts[2];
+            }
+        }
+        for (int d = tid; d < KS; d += NT) ns[d] = ne[d0 + d];
+        __syncthreads();
+
+        #pragma unroll
+        for (int e = 0; e < KS / 2; ++e)
+            qn_part += __bfloat162float(qs[qn_row][qn_half * (KS / 2) + e]) * ns[qn_half * (KS / 2) + e];
+
+        #pragma unroll
+        for (int kk = 0; kk < KS / 16; ++kk) {
+            const int e0 = kk * 16 + 2 * tq;
+            uint32_t a[4];
+            a[0] = pack_pair(&qs[rr][e0]);
+            a[1] = pack_pair(&qs[rr + 8][e0]);
+            a[2] = pack_pair(&qs[rr][e0 + 8]);
+            a[3] = pack_pair(&qs[rr + 8][e0 + 8]);
+            // S += q k^T: B[d][s] = k[s][d], exact bf16.
+            #pragma unroll
+            for (int nt = 0; nt < L / 8; ++nt)
+                mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
+            // num += q C: B[d][j] = C[d][j] in three bf16 terms.
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                #pragma unroll
+                for (int p = 0; p < 3; ++p)
+                    mma_bf16(nacc[nt], a, pack_pair(&Ct[p][nt * 8 + g][e0]), pack_pair(&Ct[p][nt * 8 + g][e0 + 8]));
+            }
+        }
+        __syncthreads();
+    }
+    qn_part += __shfl_xor_sync(0xffffffffu, qn_part, 1);
+    if (qn_half == 0) qn_s[qn_row] = qn_part * scale;
+
+    // Stage the chunk's value columns, transposed (the q/k slab space is free now).
+    for (int idx = tid; idx < L * 8; idx += NT) {
+        const int t = idx >> 3;
+        const int e = (idx & 7) * 8;
+        __align__(16) __nv_bfloat16 tmp[8];
+        load8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left, tmp);
+        #pragma unroll
+        for (int u = 0; u < 8; ++u) vt[e + u][t] = tmp[u];
+    }
+    __syncthreads();
+
+    // Decay mask, stabiliser and denominator of rows rr (h = 0) and rr + 8 (h = 1).
+    float inter[2], den[2];
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = rr + 8 * h;
+        float mx_ = -INFINITY;
+        #pragma unroll
+        for (int nt = 0; nt < L / 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int s = nt * 8 + 2 * tq + e;
+                if (s <= r) mx_ = fmaxf(mx_, bs[r] - bs[s] + is[s]);
+            }
+        }
+        mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 1));
+        mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 2));
+        const float m_inter = bs[r] + m0;
+        const float m_comb = fmaxf(m_inter, mx_);
+        inter[h] = expf(m_inter - m_comb);
+        float sum = 0.0f;
+        #pragma unroll
+        for (int nt = 0; nt < L / 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int s = nt * 8 + 2 * tq + e;
+                const float w = s <= r ? expf(bs[r] - bs[s] + is[s] - m_comb) : 0.0f;
+                const float sc = sacc[nt][2 * h + e] * scale * w;
+                sacc[nt][2 * h + e] = sc;
+                sum += sc;
+            }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float dn = inter[h] * qn_s[r] + sum;
+        den[h] = fmaxf(fabsf(dn), expf(-m_comb)) + EPS;
+    }
+
+    // num = inter * (q C) + scores v; scores (float32) split in three bf16 terms.
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        nacc[nt][0] *= scale * inter[0];
+        nacc[nt][1] *= scale * inter[0];
+        nacc[nt][2] *= scale * inter[1];
+        nacc[nt][3] *= scale * inter[1];
+    }
+    #pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+        uint32_t a0[3], a1[3], a2[3], a3[3];
+        split3_pair(sacc[2 * kk][0], sacc[2 * kk][1], a0);
+        split3_pair(sacc[2 * kk][2], sacc[2 * kk][3], a1);
+        split3_pair(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a2);
+        split3_pair(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a3);
+        const int s0 = kk * 16 + 2 * tq;
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const uint32_t b0 = pack_pair(&vt[nt * 8 + g][s0]);
+            const uint32_t b1 = pack_pair(&vt[nt * 8 + g][s0 + 8]);
+            #pragma unroll
+            for (int p = 0; p < 3; ++p) {
+                const uint32_t a[4] = {a0[p], a1[p], a2[p], a3[p]};
+                mma_bf16(nacc[nt], a, b0, b1);
+            }
+        }
+    }
+
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int ts = c * L + rr + 8 * h;
+        if (ts < S) {
+            HT* out = h_out + (static_cast<size_t>(bh) * S + ts) * DV + j0;
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int col = nt * 8 + 2 * tq;
+                out[col] = static_cast<HT>(nacc[nt][2 * h] / den[h]);
+                out[col + 1] = static_cast<HT>(nacc[nt][2 * h + 1] / den[h]);
+            }
+        }
+    }
+"""
+
+_kernels: dict[tuple[str, float], object] = {}
+
+
+def _kernel(which: str, eps: float = 0.0):
+    key = (which, eps)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        if which == "states":
+            kernel = mx.fast.cuda_kernel(
+                name="xlstm_mlstm_chunk_states",
+                input_names=["k", "v", "bcum", "igc", "C0", "n0", "m0"],
+                output_names=["C_enter", "n_enter", "m_enter", "C_final", "n_final", "m_final"],
+                source=_STATES_SOURCE, header=_HEADER + _LOADS, ensure_row_contiguous=False,
+            )
+        else:
+            kernel = mx.fast.cuda_kernel(
+                name=f"xlstm_mlstm_chunk_outputs_{len(_kernels)}",
+                input_names=["q", "k", "v", "bcum", "igc", "C_enter", "n_enter", "m_enter"],
+                output_names=["h_out"],
+                source=_OUTPUTS_SOURCE.replace("EPS", f"{float(eps)!r}f").replace("SLAB", str(_SLAB)),
+                header=_HEADER + _LOADS, ensure_row_contiguous=False,
+            )
+        _kernels[key] = kernel
+    return kernel
+
+
+def fused_chunkwise_supported(q: mx.array, v: mx.array, chunk_size: int) -> bool:
+    """Whether :func:`mlstm_chunkwise_fused` runs its CUDA kernels for these inputs."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    return (cuda_available() and q.dtype == mx.bfloat16 and dqk % _TILE == 0 and dv % _TILE == 0
+            and chunk_size % 16 == 0 and 16 <= chunk_size <= 128)
+
+
+def mlstm_chunkwise_fused(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 128,
+    state_dtype: mx.Dtype | None = mx.float32,
+) -> tuple[mx.array, MLSTMState]:
+    """Same contract as :func:`xlstm_metal.kernels.mlstm.mlstm_chunkwise`.
+
+    q, k [B, NH, S, DQK]; v [B, NH, S, DV] (any strides); i, f [B, NH, S]; state (C, n, m) or
+    None. Returns h [B, NH, S, DV] (q's dtype) and the final (C, n, m) in ``state_dtype``.
+    """
+    if not fused_chunkwise_supported(q, v, chunk_size):
+        return mlstm_chunkwise_scan(q, k, v, i, f, state, eps=eps, chunk_size=chunk_size,
+                                    state_dtype=state_dtype)
+    return _launch(q, k.astype(q.dtype), v.astype(q.dtype), i, f, state, eps, chunk_size, q.dtype,
+                   state_dtype)
+
+
+def _launch(q, k, v, i, f, state, eps: float, L: int, h_dtype: mx.Dtype, state_dtype):
+    """Both kernels for bf16 q, k, v; h in ``h_dtype`` (float32 lets tests see every bit)."""
+    bcum, igc = chunk_gates(i, f, L)
+    C_enter, n_enter, m_enter, final = chunk_states(k, v, bcum, igc, state)
+    h = chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, eps, h_dtype)
+    return h, _cast_state(final, state_dtype)
+
+
+def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
+    """i, f [B, NH, S] -> (cumsum of logsigmoid(f~) within chunks, i~), both [B, NH, NC, L]
+    float32, padded so that padded steps neither write (i~ = -1e30) nor decay the state."""
+    B, NH, S = i.shape
+    NC = -(-S // L)
+    pad = NC * L - S
+    lf = log_sigmoid(f.astype(mx.float32))
+    ig = i.astype(mx.float32)
+    if pad:
+        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
+        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
+    return (mx.contiguous(mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)),
+            mx.contiguous(ig.reshape(B, NH, NC, L)))
+
+
+def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state: MLSTMState | None):
+    """Phase 1 kernel: the (C, n, m) entering every chunk ([B, NH, NC, DQK, DV], [B, NH, NC,
+    DQK], [B, NH, NC], float32) and the final state."""
+    B, NH, _, dqk = k.shape
+    dv = v.shape[-1]
+    NC, L = bcum.shape[2:]
+    C0, n0, m0 = (mx.contiguous(s) for s in _state_f32(k, v, state))
+    C_enter, n_enter, m_enter, C_fin, n_fin, m_fin = _kernel("states")(
+        inputs=[k, v, bcum, igc, C0, n0, m0],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv)],
+        grid=(dv // _TILE * 128, dqk // _TILE, B * NH),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC),
+                       (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
+        output_dtypes=[mx.float32] * 6,
+    )
+    return C_enter, n_enter, m_enter, (C_fin, n_fin, m_fin)
+
+
+def chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, eps: float, h_dtype: mx.Dtype) -> mx.array:
+    """Phase 2 kernel: h [B, NH, S, DV] in ``h_dtype`` from the entering states."""
+    B, NH, S, dqk = q.shape
+    dv = v.shape[-1]
+    NC, L = bcum.shape[2:]
+    (h,) = _kernel("outputs", eps)(
+        inputs=[q, k, v, bcum, igc, C_enter, n_enter, m_enter],
+        template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv)],
+        grid=(dv // _TILE * 2 * L, NC, B * NH),
+        threadgroup=(2 * L, 1, 1),
+        output_shapes=[(B, NH, S, dv)],
+        output_dtypes=[h_dtype],
+    )
+    return h
