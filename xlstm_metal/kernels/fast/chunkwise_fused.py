@@ -40,7 +40,7 @@ _SLAB = 32  # DQK columns of q, k and C staged in shared memory at a time (outpu
 _HEADER = """
 // D (16x8, float32) += A (16x16, bf16, row-major) * B (16x8, bf16, column-major).
 __device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -73,6 +73,18 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t* out) {
 
 __device__ __forceinline__ uint32_t pack_pair(const __nv_bfloat16* p) {
     return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Four 8x8 bf16 tiles from shared memory, transposed: lane l gives the address of row (l & 7)
+// of tile (l >> 3); register i receives tile i as an mma fragment of its transpose.
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const __nv_bfloat16* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+}
+
+__device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
 """
 
@@ -122,7 +134,7 @@ _STATES_SOURCE = """
     const bool first_col_tile = blockIdx.x == 0;
 
     __shared__ __align__(16) __nv_bfloat16 ks[L][64 + PAD];  // k[t][d0 + dd]
-    __shared__ __align__(16) __nv_bfloat16 vt[64][L + PAD];  // v[t][j0 + jj], transposed
+    __shared__ __align__(16) __nv_bfloat16 vs[L][64 + PAD];  // v[t][j0 + jj]
     __shared__ float as_[L];                                  // a_t
     __shared__ float ws[L];                                   // exp(a_t - m')
 
@@ -144,8 +156,10 @@ _STATES_SOURCE = """
         acc[nt][2] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col];
         acc[nt][3] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1];
     }
-    // n[d0 + tid / 2], kept by the first column tile (both threads of a row hold it).
-    float n_reg = first_col_tile ? n0[static_cast<size_t>(bh) * DQK + d0 + (tid >> 1)] : 0.0f;
+    // n of rows r0 and r0 + 8 (every block keeps it; the first column tile writes it).
+    float n_reg0 = n0[static_cast<size_t>(bh) * DQK + r0];
+    float n_reg1 = n0[static_cast<size_t>(bh) * DQK + r0 + 8];
+    const bool writes_n = first_col_tile && tq == 0;
     float m = m0[bh];
 
     for (int c = 0; c < NC; ++c) {
@@ -157,7 +171,10 @@ _STATES_SOURCE = """
             *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
             *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
         }
-        if (first_col_tile && (tid & 1) == 0) n_enter[(chunk_off + c) * DQK + d0 + (tid >> 1)] = n_reg;
+        if (writes_n) {
+            n_enter[(chunk_off + c) * DQK + r0] = n_reg0;
+            n_enter[(chunk_off + c) * DQK + r0 + 8] = n_reg1;
+        }
         if (first_col_tile && blockIdx.y == 0 && tid == 0) m_enter[chunk_off + c] = m;
 
         // Stage k[t][d0:d0+64], v[t][j0:j0+64] (zeros past the sequence) and the gates
@@ -171,10 +188,7 @@ _STATES_SOURCE = """
             const int e = (idx & 7) * 8;
             const int ts = c * L + t;
             load8(kb + ts * k_strides[2] + e * k_strides[3], k_strides[3], k_vec, ts < S, &ks[t][e]);
-            __align__(16) __nv_bfloat16 tmp[8];
-            load8(vb + ts * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, ts < S, tmp);
-            #pragma unroll
-            for (int u = 0; u < 8; ++u) vt[e + u][t] = tmp[u];
+            load8(vb + ts * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, ts < S, &vs[t][e]);
         }
         __syncthreads();
         // m' = max(g + m, max_t a_t) (every warp reduces on its own), weights exp(a_t - m').
@@ -187,39 +201,50 @@ _STATES_SOURCE = """
         for (int t = tid; t < L; t += NT) ws[t] = expf(as_[t] - m_next);
         __syncthreads();
 
-        if (first_col_tile) {  // n <- decay n + sum_t w_t k_t: two threads per row, half the steps each
-            const int d = tid >> 1;
-            float s = 0.0f;
-            for (int t = (tid & 1) * (L / 2); t < (tid & 1 ? L : L / 2); ++t) s += ws[t] * __bfloat162float(ks[t][d]);
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            n_reg = decay * n_reg + s;
-        }
         #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
         }
-        // C += (w k)^T v: A[d][t] = w_t k[t][d] in three bf16 terms, B[t][j] = v[t][j].
+        // C += (w k)^T v: A[d][t] = w_t k[t][d] in three bf16 terms, B[t][j] = v[t][j]; both
+        // read with ldmatrix.trans from the row-major tiles. n += (w k)^T 1 from the same A.
+        const int lrow = lane & 7;
+        const int ltile = lane >> 3;
+        float nsum0 = 0.0f, nsum1 = 0.0f;  // rows rr and rr + 8
         #pragma unroll
         for (int kk = 0; kk < L / 16; ++kk) {
             const int t0 = kk * 16 + 2 * tq;
-            const float w0 = ws[t0], w1 = ws[t0 + 1], w8 = ws[t0 + 8], w9 = ws[t0 + 9];
-            uint32_t p0[3], p1[3], p2[3], p3[3];
-            split3_pair(w0 * __bfloat162float(ks[t0][rr]), w1 * __bfloat162float(ks[t0 + 1][rr]), p0);
-            split3_pair(w0 * __bfloat162float(ks[t0][rr + 8]), w1 * __bfloat162float(ks[t0 + 1][rr + 8]), p1);
-            split3_pair(w8 * __bfloat162float(ks[t0 + 8][rr]), w9 * __bfloat162float(ks[t0 + 9][rr]), p2);
-            split3_pair(w8 * __bfloat162float(ks[t0 + 8][rr + 8]), w9 * __bfloat162float(ks[t0 + 9][rr + 8]), p3);
+            uint32_t kf[4];  // tiles (d 0-7 | 8-15) x (t 0-7 | 8-15) of A = k^T
+            ldsm_x4_trans(kf, &ks[kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
+            const float2 w01 = make_float2(ws[t0], ws[t0 + 1]);
+            const float2 w89 = make_float2(ws[t0 + 8], ws[t0 + 9]);
+            uint32_t p[4][3];
             #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                const uint32_t b0 = pack_pair(&vt[nt * 8 + g][t0]);
-                const uint32_t b1 = pack_pair(&vt[nt * 8 + g][t0 + 8]);
+            for (int r = 0; r < 4; ++r) {
+                const float2 kv = unpack_bf16(kf[r]);
+                const float2 w = r < 2 ? w01 : w89;
+                const float x0 = w.x * kv.x, x1 = w.y * kv.y;
+                if (r & 1) nsum1 += x0 + x1; else nsum0 += x0 + x1;
+                split3_pair(x0, x1, p[r]);
+            }
+            #pragma unroll
+            for (int np = 0; np < 4; ++np) {  // pairs of 8-column tiles
+                uint32_t vf[4];  // (t 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
+                ldsm_x4_trans(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
                 #pragma unroll
-                for (int p = 0; p < 3; ++p) {
-                    const uint32_t a[4] = {p0[p], p1[p], p2[p], p3[p]};
-                    mma_bf16(acc[nt], a, b0, b1);
+                for (int q3 = 0; q3 < 3; ++q3) {
+                    const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
+                    mma_bf16(acc[2 * np], a, vf[0], vf[1]);
+                    mma_bf16(acc[2 * np + 1], a, vf[2], vf[3]);
                 }
             }
         }
+        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 1);
+        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 2);
+        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 1);
+        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 2);
+        n_reg0 = decay * n_reg0 + nsum0;
+        n_reg1 = decay * n_reg1 + nsum1;
         m = m_next;
         __syncthreads();
     }
@@ -230,7 +255,10 @@ _STATES_SOURCE = """
         *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
         *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
     }
-    if (first_col_tile && (tid & 1) == 0) n_final[static_cast<size_t>(bh) * DQK + d0 + (tid >> 1)] = n_reg;
+    if (writes_n) {
+        n_final[static_cast<size_t>(bh) * DQK + r0] = n_reg0;
+        n_final[static_cast<size_t>(bh) * DQK + r0 + 8] = n_reg1;
+    }
     if (first_col_tile && blockIdx.y == 0 && tid == 0) m_final[bh] = m;
 """
 
@@ -259,12 +287,12 @@ _OUTPUTS_SOURCE = """
 
     // q and k slabs during the DQK loop, then the chunk's 64 value columns (transposed).
     constexpr int QK_BYTES = 2 * L * (KS + PAD) * 2;
-    constexpr int V_BYTES = 64 * (L + PAD) * 2;
+    constexpr int V_BYTES = L * (64 + PAD) * 2;
     __shared__ __align__(16) unsigned char raw[QK_BYTES > V_BYTES ? QK_BYTES : V_BYTES];
     auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
     auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
-    auto vt = reinterpret_cast<__nv_bfloat16 (*)[L + PAD]>(raw);
-    __shared__ __align__(16) __nv_bfloat16 Ct[3][64][KS + PAD];  // C[d][j] transposed, hi/mid/lo
+    auto vs = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
+    __shared__ __align__(16) __nv_bfloat16 Cs[3][KS][64 + PAD];  // C[d][j]: hi, mid, lo terms
     __shared__ float ns[KS];
     __shared__ float bs[L];
     __shared__ float is[L];
@@ -298,6 +326,8 @@ _OUTPUTS_SOURCE = """
     const int qn_row = tid >> 1;
     const int qn_half = tid & 1;
     const int rr = warp * 16 + g;
+    const int lrow = lane & 7;
+    const int ltile = lane >> 3;
 
     for (int d0 = 0; d0 < DQK; d0 += KS) {
         for (int idx = tid; idx < L * (KS / 8); idx += NT) {
@@ -312,14 +342,12 @@ _OUTPUTS_SOURCE = """
             const int e = (idx & 15) * 4;
             const float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
             const float cs[4] = {cv.x, cv.y, cv.z, cv.w};
+            uint32_t lo[3], hi[3];
+            split3_pair(cs[0], cs[1], lo);
+            split3_pair(cs[2], cs[3], hi);
             #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                __nv_bfloat16 parts[3];
-                split3(cs[u], parts);
-                Ct[0][e + u][d] = parts[0];
-                Ct[1][e + u][d] = parts[1];
-                Ct[2][e + u][d] = parts[2];
-            }
+            for (int p = 0; p < 3; ++p)
+                *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
         }
         for (int d = tid; d < KS; d += NT) ns[d] = ne[d0 + d];
         __syncthreads();
@@ -340,12 +368,16 @@ _OUTPUTS_SOURCE = """
             #pragma unroll
             for (int nt = 0; nt < L / 8; ++nt)
                 mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
-            // num += q C: B[d][j] = C[d][j] in three bf16 terms.
+            // num += q C: B[d][j] = C[d][j] in three bf16 terms (ldmatrix.trans, row-major).
             #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
+            for (int p = 0; p < 3; ++p) {
                 #pragma unroll
-                for (int p = 0; p < 3; ++p)
-                    mma_bf16(nacc[nt], a, pack_pair(&Ct[p][nt * 8 + g][e0]), pack_pair(&Ct[p][nt * 8 + g][e0 + 8]));
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t cf[4];
+                    ldsm_x4_trans(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                    mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
+                    mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
+                }
             }
         }
         __syncthreads();
@@ -353,14 +385,11 @@ _OUTPUTS_SOURCE = """
     qn_part += __shfl_xor_sync(0xffffffffu, qn_part, 1);
     if (qn_half == 0) qn_s[qn_row] = qn_part * scale;
 
-    // Stage the chunk's value columns, transposed (the q/k slab space is free now).
+    // Stage the chunk's value columns (the q/k slab space is free now).
     for (int idx = tid; idx < L * 8; idx += NT) {
         const int t = idx >> 3;
         const int e = (idx & 7) * 8;
-        __align__(16) __nv_bfloat16 tmp[8];
-        load8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left, tmp);
-        #pragma unroll
-        for (int u = 0; u < 8; ++u) vt[e + u][t] = tmp[u];
+        load8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left, &vs[t][e]);
     }
     __syncthreads();
 
@@ -416,15 +445,15 @@ _OUTPUTS_SOURCE = """
         split3_pair(sacc[2 * kk][2], sacc[2 * kk][3], a1);
         split3_pair(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a2);
         split3_pair(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a3);
-        const int s0 = kk * 16 + 2 * tq;
         #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            const uint32_t b0 = pack_pair(&vt[nt * 8 + g][s0]);
-            const uint32_t b1 = pack_pair(&vt[nt * 8 + g][s0 + 8]);
+        for (int np = 0; np < 4; ++np) {
+            uint32_t vf[4];  // (s 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
+            ldsm_x4_trans(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
             #pragma unroll
             for (int p = 0; p < 3; ++p) {
                 const uint32_t a[4] = {a0[p], a1[p], a2[p], a3[p]};
-                mma_bf16(nacc[nt], a, b0, b1);
+                mma_bf16(nacc[2 * np], a, vf[0], vf[1]);
+                mma_bf16(nacc[2 * np + 1], a, vf[2], vf[3]);
             }
         }
     }
