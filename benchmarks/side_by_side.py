@@ -33,7 +33,7 @@ PRESETS = {
     "cpu": dict(shape="125m", dtype="float32", prefill=[512], decode=[1, 8], decode_tokens=16,
                 chunk_size=64, rounds=2, official_decode_tokens=16, official_prefill=[512]),
     "h100": dict(shape="7b", dtype="bfloat16", prefill=[2048, 16384, 131072], decode=[1, 16, 64],
-                 decode_tokens=64, chunk_size=256, rounds=1, official_decode_tokens=32, official_prefill=[2048, 16384]),
+                 decode_tokens=64, chunk_size=64, rounds=1, official_decode_tokens=32, official_prefill=[2048, 16384]),
 }
 
 SHAPES = {
@@ -367,7 +367,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None, help="rounds (default: the preset's)")
     p.add_argument("--append", action="store_true", help="add rounds to the results already in --out")
-    p.add_argument("--kernel", default="chunkwise_scan")
+    p.add_argument("--kernel", default="chunkwise_fused")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="our kernel chunk size (default: the preset's; 256 on the H100, the fastest "
                    "of 64/128/256 at 16k tokens there)")
@@ -375,7 +375,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--variants", action="store_true")
     p.add_argument("--variant-length", type=int, default=16384)
-    p.add_argument("--kernel-variants", default="chunkwise/64,chunkwise_scan/128,chunkwise_scan/256")
+    p.add_argument("--kernel-variants", default="chunkwise_scan/256,chunkwise_fused/32")
     # worker-only arguments
     p.add_argument("--worker", choices=("ours", "official"))
     p.add_argument("--worker-out")

@@ -102,7 +102,7 @@ def test_cli_json_records(tiny_config_file, capsys):
     for r in lines:
         assert r["tok_s"] > 0 and r["peak_mem_gb"] >= weights_gib * 0.9
         assert r["dtype"] == "float32" and r["params"] == 119880
-        assert r["kernel"] == "chunkwise_scan" and r["chunk_size"] == 16
+        assert r["kernel"] == "chunkwise_fused" and r["chunk_size"] == 16
         assert r["tok_s"] == pytest.approx(r["batch"] * r["length"] / r["seconds"])
     assert lines[0]["chunk"] == 32 and lines[0]["ttft_s"] > 0
 

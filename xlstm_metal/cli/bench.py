@@ -43,10 +43,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="recurrent state dtype (default: the config's, float32)")
-    p.add_argument("--kernel", default="chunkwise_scan",
-                   help="prefill kernel: chunkwise_scan (default; no per-chunk loop, 2.8x the reference "
-                   "on an H100 at 16k tokens, see BENCHMARKS.md), chunkwise (the reference), parallel, "
-                   "or 'config' for the config's")
+    p.add_argument("--kernel", default="chunkwise_fused",
+                   help="prefill kernel: chunkwise_fused (default; CUDA tensor-core kernels for bf16 at "
+                   "chunk sizes up to 64, chunkwise_scan otherwise), chunkwise_scan (pure ops, no per-chunk "
+                   "loop), chunkwise (the reference), parallel, or 'config' for the config's; see "
+                   "BENCHMARKS.md")
     p.add_argument("--chunk-size", type=int, default=None, help="kernel chunk size (default: the config's)")
     p.add_argument("--prefill-lengths", type=_int_list, default=[512],
                    help="comma-separated prompt lengths (default: 512)")

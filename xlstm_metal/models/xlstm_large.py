@@ -10,6 +10,7 @@ from ..blocks.xlstm_large import mLSTMBlock
 from ..cells.mlstm import gemv_layout, mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
+from ..kernels.fast.step import cuda_available
 from ..kernels.mlstm import MLSTMState
 
 ModelState = list[MLSTMState]
@@ -71,8 +72,10 @@ class xLSTMLarge(nn.Module):
         weights through :meth:`update` (``load_weights``, optimizers, ``nn.value_and_grad``)
         un-fuses the model, so a stale fused copy is never used; weights assigned directly
         (``layer.weight = ...``) are not noticed: call :meth:`unfuse` first. Also selects the
-        fused step kernel (CUDA; the same reference ops elsewhere) and, on the CPU, the weight
-        layout its matrix-vector products read fastest (:func:`gemv_layout`). Returns the model.
+        fused step kernel (CUDA; the same reference ops elsewhere), on CUDA the fused chunkwise
+        kernels for prefill in place of the ops forms (``chunkwise``, ``chunkwise_scan``) and, on
+        the CPU, the weight layout its matrix-vector products read fastest
+        (:func:`gemv_layout`). Returns the model.
         """
         for block in self.backbone.blocks:
             block.mlstm_layer.fuse()
@@ -83,6 +86,9 @@ class xLSTMLarge(nn.Module):
             if kernel_cell.step_kernel == "step":
                 # The fused step kernel on CUDA; the same reference ops on CPU and Metal.
                 kernel_cell.step_kernel = "step_fused"
+            prefill_cell = block.mlstm_layer.parallel_kernel_cell
+            if cuda_available() and prefill_cell.kernel in ("chunkwise", "chunkwise_scan"):
+                prefill_cell.kernel = "chunkwise_fused"
         if "lm_head" in self:
             self.lm_head.weight = gemv_layout(self.lm_head.weight)
         return self

@@ -21,8 +21,9 @@ weighted scores, the gate-weighted values) are split as x = hi + mid + lo into t
 terms (24 significant bits, float32's precision) and multiplied term by term. Results agree
 with the references to float32 round-off (tests/test_cuda_kernels.py).
 
-Runs for bf16 inputs with DQK and DV multiples of 64 and chunk sizes 16..128 (multiples of 16)
-on CUDA; anything else (CPU, Metal, float32 or float16 inputs, other sizes) runs
+Runs for bf16 inputs with DQK and DV multiples of 64 and chunk sizes 16, 32, 48 or 64 on CUDA
+(64 is fastest on an H100: larger chunks would need more than the 48 KB of static shared
+memory per block); anything else (CPU, Metal, float32 or float16 inputs, other sizes) runs
 :func:`mlstm_chunkwise_scan`, so a config naming this kernel works everywhere.
 """
 
@@ -34,7 +35,8 @@ from ..mlstm import _NEG, MLSTMState, _cast_state, _state_f32, log_sigmoid
 from .chunkwise import mlstm_chunkwise_scan
 from .step import cuda_available
 
-_TILE = 64  # rows / columns of C per thread block; value columns per output block
+_TILE = 64  # rows of C per states block; value columns per outputs block
+_STATES_COLS = 64  # columns of C per states block (H100, 16k tokens of the 7B shape: 1.52 ms vs 2.03 at 32)
 _SLAB = 32  # DQK columns of q, k and C staged in shared memory at a time (outputs kernel)
 
 _HEADER = """
@@ -96,47 +98,63 @@ __device__ __forceinline__ bool rows_vectorizable(const In* base, const Str& st)
     return st[3] == 1 && st[2] % 8 == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0;
 }
 
-// Eight elements x[row t][col e..e+7] (row offset precomputed) as bf16, zeros when !in.
+// Eight consecutive elements of a row (x[0], x[col_stride], ...) as bf16x8; zeros when !in.
 template <typename In>
-__device__ __forceinline__ void load8(const In* row, int64_t col_stride, bool vec, bool in, __nv_bfloat16* out) {
+__device__ __forceinline__ uint4 load8(const In* x, int64_t col_stride, bool vec, bool in) {
+    if (!in) return make_uint4(0u, 0u, 0u, 0u);
+    if (vec) return *reinterpret_cast<const uint4*>(x);
+    uint32_t w[4];
+    #pragma unroll
+    for (int u = 0; u < 4; ++u)
+        w[u] = pack_bf16(static_cast<__nv_bfloat16>(x[2 * u * col_stride]),
+                         static_cast<__nv_bfloat16>(x[(2 * u + 1) * col_stride]));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The same eight elements stored straight into shared memory (16-byte aligned destination).
+template <typename In>
+__device__ __forceinline__ void stage8(const In* x, int64_t col_stride, bool vec, bool in, __nv_bfloat16* out) {
     if (!in) {
-        #pragma unroll
-        for (int u = 0; u < 8; ++u) out[u] = __float2bfloat16_rn(0.0f);
+        *reinterpret_cast<uint4*>(out) = make_uint4(0u, 0u, 0u, 0u);
     } else if (vec) {
-        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(row);
+        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(x);
     } else {
         #pragma unroll
-        for (int u = 0; u < 8; ++u) out[u] = static_cast<__nv_bfloat16>(row[u * col_stride]);
+        for (int u = 0; u < 8; ++u) out[u] = static_cast<__nv_bfloat16>(x[u * col_stride]);
     }
 }
 """
 
-# Phase 1. Grid: x = DV/64 tiles of 128 threads, y = DQK/64 tiles, z = B*NH. Warp w owns rows
+# Phase 1. Grid: x = DV/JT tiles of 128 threads, y = DQK/64 tiles, z = B*NH. Warp w owns rows
 # 16w..16w+15 of the block's 64-row tile of C; its accumulators hold C as mma fragments:
 # acc[nt][0..1] = C[16w+g][8nt+2tq+{0,1}], acc[nt][2..3] = the same columns of row 16w+g+8.
 # The update's A operand is (w_t k_t)^T, split in three bf16 terms by the warp that owns those
-# rows (no work repeated across warps); B is v, exact in bf16.
+# rows; B is v, exact in bf16. The chunks run in sequence, so each iteration's latency counts:
+# the next chunk's k, v and gates are loaded into registers while this one computes, and the
+# shared tiles are double-buffered (one barrier per chunk).
 _STATES_SOURCE = """
     constexpr int NT = 128;
-    constexpr int PAD = 8;  // bf16 elements of row padding: keeps fragment reads off shared banks
+    constexpr int PAD = 8;  // bf16 elements of row padding: keeps ldmatrix rows on distinct banks
+    constexpr int KV = (L * 8 + NT - 1) / NT;       // 16-byte k loads per thread per chunk
+    constexpr int VV = (L * JT / 8 + NT - 1) / NT;  // 16-byte v loads per thread per chunk
     const int S = k_shape[2];
     const int NC = bcum_shape[2];
     const int bh = blockIdx.z;
     const int b = bh / NH;
     const int hd = bh % NH;
     const int d0 = blockIdx.y * 64;
-    const int j0 = blockIdx.x * 64;
+    const int j0 = blockIdx.x * JT;
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int lane = tid & 31;
     const int g = lane >> 2;
     const int tq = lane & 3;
-    const bool first_col_tile = blockIdx.x == 0;
+    const int lrow = lane & 7;
+    const int ltile = lane >> 3;
 
-    __shared__ __align__(16) __nv_bfloat16 ks[L][64 + PAD];  // k[t][d0 + dd]
-    __shared__ __align__(16) __nv_bfloat16 vs[L][64 + PAD];  // v[t][j0 + jj]
-    __shared__ float as_[L];                                  // a_t
-    __shared__ float ws[L];                                   // exp(a_t - m')
+    __shared__ __align__(16) __nv_bfloat16 ks[2][L][64 + PAD];  // k[t][d0 + dd]
+    __shared__ __align__(16) __nv_bfloat16 vs[2][L][JT + PAD];  // v[t][j0 + jj]
+    __shared__ float as_[2][L];                                 // a_t = g - b_t + i~_t
 
     const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + d0 * k_strides[3];
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
@@ -145,11 +163,11 @@ _STATES_SOURCE = """
     const size_t state_off = static_cast<size_t>(bh) * DQK * DV;
     const size_t chunk_off = static_cast<size_t>(bh) * NC;
 
-    float acc[8][4];
+    float acc[JT / 8][4];
     const int rr = warp * 16 + g;
     const int r0 = d0 + rr;
     #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < JT / 8; ++nt) {
         const int col = j0 + nt * 8 + 2 * tq;
         acc[nt][0] = C0[state_off + static_cast<size_t>(r0) * DV + col];
         acc[nt][1] = C0[state_off + static_cast<size_t>(r0) * DV + col + 1];
@@ -159,14 +177,41 @@ _STATES_SOURCE = """
     // n of rows r0 and r0 + 8 (every block keeps it; the first column tile writes it).
     float n_reg0 = n0[static_cast<size_t>(bh) * DQK + r0];
     float n_reg1 = n0[static_cast<size_t>(bh) * DQK + r0 + 8];
-    const bool writes_n = first_col_tile && tq == 0;
+    const bool writes_n = blockIdx.x == 0 && tq == 0;
+    const bool writes_m = blockIdx.x == 0 && blockIdx.y == 0 && tid == 0;
     float m = m0[bh];
 
+    // Registers holding the next chunk: k, v (zeros past the sequence), b_t, i~_t, g.
+    uint4 kpre[KV], vpre[VV];
+    float bpre = 0.0f, ipre = 0.0f, gpre = 0.0f;
+    auto prefetch = [&](int c) {
+        #pragma unroll
+        for (int u = 0; u < KV; ++u) {
+            const int idx = tid + u * NT;
+            const int ts = idx < L * 8 ? c * L + (idx >> 3) : S;
+            kpre[u] = load8(kb + ts * k_strides[2] + ((idx & 7) * 8) * k_strides[3], k_strides[3], k_vec, ts < S);
+        }
+        #pragma unroll
+        for (int u = 0; u < VV; ++u) {
+            const int idx = tid + u * NT;
+            const int ts = idx < L * JT / 8 ? c * L + idx / (JT / 8) : S;
+            vpre[u] = load8(vb + ts * v_strides[2] + ((idx % (JT / 8)) * 8) * v_strides[3], v_strides[3], v_vec, ts < S);
+        }
+        const float* bc = bcum + (chunk_off + c) * L;
+        gpre = bc[L - 1];
+        if (tid < L) {
+            bpre = bc[tid];
+            ipre = igc[(chunk_off + c) * L + tid];
+        }
+    };
+    prefetch(0);
+
     for (int c = 0; c < NC; ++c) {
+        const int buf = c & 1;
         // The state entering chunk c.
         float* Ce = C_enter + (chunk_off + c) * DQK * DV;
         #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < JT / 8; ++nt) {
             const int col = j0 + nt * 8 + 2 * tq;
             *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
             *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
@@ -175,49 +220,47 @@ _STATES_SOURCE = """
             n_enter[(chunk_off + c) * DQK + r0] = n_reg0;
             n_enter[(chunk_off + c) * DQK + r0 + 8] = n_reg1;
         }
-        if (first_col_tile && blockIdx.y == 0 && tid == 0) m_enter[chunk_off + c] = m;
+        if (writes_m) m_enter[chunk_off + c] = m;
 
-        // Stage k[t][d0:d0+64], v[t][j0:j0+64] (zeros past the sequence) and the gates
-        // a_t = g - b_t + i~_t of chunk c.
-        const float* bc = bcum + (chunk_off + c) * L;
-        const float* ic = igc + (chunk_off + c) * L;
-        const float gc = bc[L - 1];
-        for (int t = tid; t < L; t += NT) as_[t] = gc - bc[t] + ic[t];
-        for (int idx = tid; idx < L * 8; idx += NT) {
-            const int t = idx >> 3;
-            const int e = (idx & 7) * 8;
-            const int ts = c * L + t;
-            load8(kb + ts * k_strides[2] + e * k_strides[3], k_strides[3], k_vec, ts < S, &ks[t][e]);
-            load8(vb + ts * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, ts < S, &vs[t][e]);
+        // This chunk's tiles from the registers, then the next chunk's loads go in flight.
+        #pragma unroll
+        for (int u = 0; u < KV; ++u) {
+            const int idx = tid + u * NT;
+            if (idx < L * 8) *reinterpret_cast<uint4*>(&ks[buf][idx >> 3][(idx & 7) * 8]) = kpre[u];
         }
+        #pragma unroll
+        for (int u = 0; u < VV; ++u) {
+            const int idx = tid + u * NT;
+            if (idx < L * JT / 8) *reinterpret_cast<uint4*>(&vs[buf][idx / (JT / 8)][(idx % (JT / 8)) * 8]) = vpre[u];
+        }
+        const float gc = gpre;
+        if (tid < L) as_[buf][tid] = gc - bpre + ipre;
+        if (c + 1 < NC) prefetch(c + 1);
         __syncthreads();
-        // m' = max(g + m, max_t a_t) (every warp reduces on its own), weights exp(a_t - m').
+
+        // m' = max(g + m, max_t a_t) (every warp reduces on its own); C and n decay.
         float amax = -INFINITY;
-        for (int t = lane; t < L; t += 32) amax = fmaxf(amax, as_[t]);
+        #pragma unroll
+        for (int t = lane; t < L; t += 32) amax = fmaxf(amax, as_[buf][t]);
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         const float m_next = fmaxf(gc + m, amax);
         const float decay = expf(gc + m - m_next);
-        for (int t = tid; t < L; t += NT) ws[t] = expf(as_[t] - m_next);
-        __syncthreads();
-
         #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < JT / 8; ++nt) {
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
         }
         // C += (w k)^T v: A[d][t] = w_t k[t][d] in three bf16 terms, B[t][j] = v[t][j]; both
         // read with ldmatrix.trans from the row-major tiles. n += (w k)^T 1 from the same A.
-        const int lrow = lane & 7;
-        const int ltile = lane >> 3;
         float nsum0 = 0.0f, nsum1 = 0.0f;  // rows rr and rr + 8
         #pragma unroll
         for (int kk = 0; kk < L / 16; ++kk) {
             const int t0 = kk * 16 + 2 * tq;
             uint32_t kf[4];  // tiles (d 0-7 | 8-15) x (t 0-7 | 8-15) of A = k^T
-            ldsm_x4_trans(kf, &ks[kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
-            const float2 w01 = make_float2(ws[t0], ws[t0 + 1]);
-            const float2 w89 = make_float2(ws[t0 + 8], ws[t0 + 9]);
+            ldsm_x4_trans(kf, &ks[buf][kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
+            const float2 w01 = make_float2(expf(as_[buf][t0] - m_next), expf(as_[buf][t0 + 1] - m_next));
+            const float2 w89 = make_float2(expf(as_[buf][t0 + 8] - m_next), expf(as_[buf][t0 + 9] - m_next));
             uint32_t p[4][3];
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
@@ -228,9 +271,9 @@ _STATES_SOURCE = """
                 split3_pair(x0, x1, p[r]);
             }
             #pragma unroll
-            for (int np = 0; np < 4; ++np) {  // pairs of 8-column tiles
+            for (int np = 0; np < JT / 16; ++np) {  // pairs of 8-column tiles
                 uint32_t vf[4];  // (t 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
-                ldsm_x4_trans(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                ldsm_x4_trans(vf, &vs[buf][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
                 #pragma unroll
                 for (int q3 = 0; q3 < 3; ++q3) {
                     const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
@@ -246,11 +289,10 @@ _STATES_SOURCE = """
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
         m = m_next;
-        __syncthreads();
     }
 
     #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < JT / 8; ++nt) {
         const int col = j0 + nt * 8 + 2 * tq;
         *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
         *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
@@ -259,7 +301,7 @@ _STATES_SOURCE = """
         n_final[static_cast<size_t>(bh) * DQK + r0] = n_reg0;
         n_final[static_cast<size_t>(bh) * DQK + r0 + 8] = n_reg1;
     }
-    if (first_col_tile && blockIdx.y == 0 && tid == 0) m_final[bh] = m;
+    if (writes_m) m_final[bh] = m;
 """
 
 # Phase 2. Grid: x = DV/64 tiles of 2L threads (L/16 warps), y = NC chunks, z = B*NH. Warp w
@@ -334,8 +376,8 @@ _OUTPUTS_SOURCE = """
             const int t = idx / (KS / 8);
             const int e = (idx % (KS / 8)) * 8;
             const bool in = t < rows_left;
-            load8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in, &qs[t][e]);
-            load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in, &kst[t][e]);
+            stage8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in, &qs[t][e]);
+            stage8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in, &kst[t][e]);
         }
         for (int idx = tid; idx < KS * 16; idx += NT) {
             const int d = idx >> 4;
@@ -389,7 +431,7 @@ _OUTPUTS_SOURCE = """
     for (int idx = tid; idx < L * 8; idx += NT) {
         const int t = idx >> 3;
         const int e = (idx & 7) * 8;
-        load8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left, &vs[t][e]);
+        stage8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left, &vs[t][e]);
     }
     __syncthreads();
 
@@ -503,7 +545,7 @@ def fused_chunkwise_supported(q: mx.array, v: mx.array, chunk_size: int) -> bool
     """Whether :func:`mlstm_chunkwise_fused` runs its CUDA kernels for these inputs."""
     dqk, dv = q.shape[-1], v.shape[-1]
     return (cuda_available() and q.dtype == mx.bfloat16 and dqk % _TILE == 0 and dv % _TILE == 0
-            and chunk_size % 16 == 0 and 16 <= chunk_size <= 128)
+            and chunk_size % 16 == 0 and 16 <= chunk_size <= 64)
 
 
 def mlstm_chunkwise_fused(
@@ -515,7 +557,7 @@ def mlstm_chunkwise_fused(
     state: MLSTMState | None = None,
     *,
     eps: float = 1e-6,
-    chunk_size: int = 128,
+    chunk_size: int = 64,
     state_dtype: mx.Dtype | None = mx.float32,
 ) -> tuple[mx.array, MLSTMState]:
     """Same contract as :func:`xlstm_metal.kernels.mlstm.mlstm_chunkwise`.
@@ -562,8 +604,8 @@ def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state:
     C0, n0, m0 = (mx.contiguous(s) for s in _state_f32(k, v, state))
     C_enter, n_enter, m_enter, C_fin, n_fin, m_fin = _kernel("states")(
         inputs=[k, v, bcum, igc, C0, n0, m0],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv)],
-        grid=(dv // _TILE * 128, dqk // _TILE, B * NH),
+        template=[("NH", NH), ("L", L), ("JT", _STATES_COLS), ("DQK", dqk), ("DV", dv)],
+        grid=(dv // _STATES_COLS * 128, dqk // _TILE, B * NH),
         threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC),
                        (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
