@@ -369,8 +369,8 @@ def main() -> int:
     p.add_argument("--append", action="store_true", help="add rounds to the results already in --out")
     p.add_argument("--kernel", default="chunkwise_fused")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="our kernel chunk size (default: the preset's; 256 on the H100, the fastest "
-                   "of 64/128/256 at 16k tokens there)")
+                   help="our kernel chunk size (default: the preset's; 64 on the H100, the largest "
+                   "chunkwise_fused runs and its fastest there)")
     p.add_argument("--prefill-chunk", type=int, default=16384)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--variants", action="store_true")

@@ -17,7 +17,7 @@ memory:
 
 Exactness: the matmuls run as bf16 x bf16 -> float32 ``mma.sync`` (products exact, float32
 sums). q, k and v are bf16 already, so they enter exactly; float32 operands (the state C, the
-weighted scores, the gate-weighted values) are split as x = hi + mid + lo into three bf16
+weighted scores, the gate-weighted keys) are split as x = hi + mid + lo into three bf16
 terms (24 significant bits, float32's precision) and multiplied term by term. Results agree
 with the references to float32 round-off (tests/test_cuda_kernels.py).
 
