@@ -197,6 +197,21 @@ class ChunkedInputs(NamedTuple):
         return self.q.shape[2]
 
 
+def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
+    """i, f [B, NH, S] -> (b = cumsum of logsigmoid(f~) within chunks, i~), both [B, NH, NC, L]
+    float32, padded to whole chunks of L steps with steps that neither write (i~ = -1e30) nor
+    decay (logsigmoid(f~) = 0) the state."""
+    B, NH, S = i.shape
+    pad = (-S) % L
+    NC = (S + pad) // L
+    lf = log_sigmoid(f.astype(mx.float32))
+    ig = i.astype(mx.float32)
+    if pad:
+        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
+        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
+    return mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1), ig.reshape(B, NH, NC, L)
+
+
 def chunk_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array, chunk_size: int) -> ChunkedInputs:
     """Pad to whole chunks and compute what every chunkwise kernel needs before its
     inter-chunk recurrence. Padded steps neither write (i~ = -inf) nor decay
@@ -207,20 +222,15 @@ def chunk_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array
     pad = (-S) % L
     NC = (S + pad) // L
 
-    lf = log_sigmoid(f.astype(mx.float32))
-    ig = i.astype(mx.float32)
     qf = q.astype(mx.float32) * (dqk**-0.5)
     kf, vf = k.astype(mx.float32), v.astype(mx.float32)
     if pad:
         seq_pad = [(0, 0), (0, 0), (0, pad), (0, 0)]
         qf, kf, vf = (mx.pad(x, seq_pad) for x in (qf, kf, vf))
-        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
-        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
 
     kc = kf.reshape(B, NH, NC, L, dqk)
     vc = vf.reshape(B, NH, NC, L, dv)
-    b = mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)
-    ig = ig.reshape(B, NH, NC, L)
+    b, ig = chunk_gates(i, f, L)
     g = b[..., -1]
     a = g[..., None] - b + ig
     a_max = mx.max(a, axis=-1)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..mlstm import _NEG, MLSTMState, _cast_state, _state_f32, log_sigmoid
+from ..mlstm import MLSTMState, _cast_state, _state_f32
+from ..mlstm import chunk_gates as _chunk_gates
 from .chunkwise import mlstm_chunkwise_scan
 from .step import cuda_available
 
@@ -109,19 +110,6 @@ __device__ __forceinline__ uint4 load8(const In* x, int64_t col_stride, bool vec
         w[u] = pack_bf16(static_cast<__nv_bfloat16>(x[2 * u * col_stride]),
                          static_cast<__nv_bfloat16>(x[(2 * u + 1) * col_stride]));
     return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// The same eight elements stored straight into shared memory (16-byte aligned destination).
-template <typename In>
-__device__ __forceinline__ void stage8(const In* x, int64_t col_stride, bool vec, bool in, __nv_bfloat16* out) {
-    if (!in) {
-        *reinterpret_cast<uint4*>(out) = make_uint4(0u, 0u, 0u, 0u);
-    } else if (vec) {
-        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(x);
-    } else {
-        #pragma unroll
-        for (int u = 0; u < 8; ++u) out[u] = static_cast<__nv_bfloat16>(x[u * col_stride]);
-    }
 }
 """
 
@@ -376,8 +364,8 @@ _OUTPUTS_SOURCE = """
             const int t = idx / (KS / 8);
             const int e = (idx % (KS / 8)) * 8;
             const bool in = t < rows_left;
-            stage8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in, &qs[t][e]);
-            stage8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in, &kst[t][e]);
+            *reinterpret_cast<uint4*>(&qs[t][e]) = load8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
+            *reinterpret_cast<uint4*>(&kst[t][e]) = load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
         }
         for (int idx = tid; idx < KS * 16; idx += NT) {
             const int d = idx >> 4;
@@ -431,7 +419,7 @@ _OUTPUTS_SOURCE = """
     for (int idx = tid; idx < L * 8; idx += NT) {
         const int t = idx >> 3;
         const int e = (idx & 7) * 8;
-        stage8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left, &vs[t][e]);
+        *reinterpret_cast<uint4*>(&vs[t][e]) = load8(vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left);
     }
     __syncthreads();
 
@@ -581,18 +569,9 @@ def _launch(q, k, v, i, f, state, eps: float, L: int, h_dtype: mx.Dtype, state_d
 
 
 def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
-    """i, f [B, NH, S] -> (cumsum of logsigmoid(f~) within chunks, i~), both [B, NH, NC, L]
-    float32, padded so that padded steps neither write (i~ = -1e30) nor decay the state."""
-    B, NH, S = i.shape
-    NC = -(-S // L)
-    pad = NC * L - S
-    lf = log_sigmoid(f.astype(mx.float32))
-    ig = i.astype(mx.float32)
-    if pad:
-        lf = mx.pad(lf, [(0, 0), (0, 0), (0, pad)])
-        ig = mx.pad(ig, [(0, 0), (0, 0), (0, pad)], constant_values=_NEG)
-    return (mx.contiguous(mx.cumsum(lf.reshape(B, NH, NC, L), axis=-1)),
-            mx.contiguous(ig.reshape(B, NH, NC, L)))
+    """The reference's gate prep (:func:`xlstm_metal.kernels.mlstm.chunk_gates`), as the
+    row-contiguous arrays the kernels index directly: (b, i~), both [B, NH, NC, L] float32."""
+    return tuple(mx.contiguous(x) for x in _chunk_gates(i, f, L))
 
 
 def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state: MLSTMState | None):
