@@ -11,8 +11,12 @@ import argparse
 import importlib
 import sys
 
-#: Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("generate", "chat", "train", "bench")
+#: Subcommand modules, in the order `--help` lists them. A module not (yet) present is skipped,
+#: so each feature registers its command by adding its module here.
+SUBCOMMANDS = (
+    "generate", "chat", "serve", "train", "convert", "bench", "top", "tune", "profile", "judge",
+    "plot", "mad", "evolve", "mlxlm",
+)
 
 
 class UsageError(Exception):
