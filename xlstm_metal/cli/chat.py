@@ -16,6 +16,7 @@ from typing import Callable, TextIO
 from . import UsageError
 from .generate import (
     add_model_arguments,
+    check_utf8,
     load_runner,
     print_model_description,
     read_prompt,
@@ -84,6 +85,9 @@ def chat_loop(
             except KeyboardInterrupt:
                 out.write("\n")
                 return 0
+            except UnicodeDecodeError as error:  # stdin decoded strictly (a UTF-8 locale)
+                raise UsageError(f"input is not UTF-8 text (byte 0x{error.object[error.start]:02x})") from None
+            check_utf8(line, "input")  # other locales hand undecodable bytes on as surrogates
         command = line.strip()
         if command in ("/quit", "/exit"):
             return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already seen (1 = off)")
     parser.add_argument("--seed", type=int, help="random seed (reproducible sampling)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop when this text appears (repeatable); EOS always stops")
+                        help="stop when this text appears (repeatable; \\n, \\t, \\r and \\\\ are read as "
+                             "newline, tab, carriage return and backslash); EOS always stops")
     parser.add_argument("--prefill-chunk-size", type=int,
                         help="prompt tokens per forward pass during prefill (default min(2048, config))")
     parser.add_argument("--verbose", "-v", action="store_true",
@@ -105,12 +107,36 @@ def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None
             setattr(args, name, from_file.get(name, value))
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE_RE = re.compile(r"\\([ntr\\])")
+
+
+def unescape_stop(text: str) -> str:
+    """``--stop`` text with ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` read as newline, tab, carriage
+    return and one backslash (shells pass ``"\\n"`` on as two characters); any other backslash
+    stays as typed."""
+    return _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(1)], text)
+
+
+def check_utf8(text: str, source: str) -> str:
+    """``text`` unchanged, or UsageError when it holds bytes that were not UTF-8 (Python keeps
+    such bytes of argv / stdin as lone surrogates, which no tokenizer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character U+{ord(bad):04X}"
+        raise UsageError(f"{source} is not UTF-8 text ({byte} at character {err.start})") from None
+    return text
+
+
 def validate_sampling(args: argparse.Namespace) -> None:
     _check_sampling_values({name: getattr(args, name) for name in BUILTIN_SAMPLING}, "")
     if args.prefill_chunk_size is not None and args.prefill_chunk_size <= 0:
         raise UsageError(f"--prefill-chunk-size must be > 0, got {args.prefill_chunk_size}")
     if any(s == "" for s in args.stop):
         raise UsageError("--stop must not be empty")
+    args.stop = [check_utf8(unescape_stop(s), "--stop") for s in args.stop]
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("give either --prompt or --prompt-file, not both")
 
@@ -130,8 +156,21 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         except OSError as err:
             raise UsageError(f"cannot read prompt file {path}: {err.strerror or err}") from None
     if args.prompt == "-":
-        return sys.stdin.read()
-    return args.prompt
+        return read_stdin_text()
+    return None if args.prompt is None else check_utf8(args.prompt, "--prompt")
+
+
+def read_stdin_text() -> str:
+    """All of stdin as UTF-8 text (UsageError naming the first bad byte otherwise)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a replaced sys.stdin (io.StringIO) already holds text
+        return check_utf8(sys.stdin.read(), "the prompt on stdin")
+    data = raw.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"the prompt on stdin is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                         f"offset {err.start})") from None
 
 
 # ---------------------------------------------------------------------- loading

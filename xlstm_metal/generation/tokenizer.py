@@ -140,6 +140,10 @@ class Tokenizer:
         continues an earlier prompt (chat turns after the first)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:  # lone surrogates (undecodable bytes Python kept from argv / stdin) are not text
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text is not valid Unicode: {err.reason} at character {err.start}") from None
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
