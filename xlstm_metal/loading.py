@@ -185,6 +185,11 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> 
     config_dict = read_config_dict(directory)
     weights = read_weights(directory)
 
+    if config_dict.get("model_type") == "xlstm_lab":  # an architecture-lab model (xlstm_metal.lab)
+        from .lab.model import model_from_checkpoint
+
+        return model_from_checkpoint(config_dict, _cast(weights, target), directory)
+
     from .models import xlstm_2024_available
 
     if xlstm_2024_available():
