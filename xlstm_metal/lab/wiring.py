@@ -266,7 +266,7 @@ class WiredBlock(Module2024):
         else:
             cell, _, port = ref.rpartition(".")
             if cell not in cells:
-                raise WiringError(f"{where}: no cell named {ref if not cell else cell!r}; "
+                raise WiringError(f"{where}: no cell named {(cell or ref)!r}; "
                                   f"cells: {', '.join(cells)}")
         ports = cells[cell].output_ports if kind == "from" else cells[cell].input_ports
         label = "output" if kind == "from" else "input"
