@@ -1,0 +1,102 @@
+"""`xlstm-metal profile`: list, show and check HyperProfiles.
+
+    xlstm-metal profile list
+    xlstm-metal profile show fast-bf16
+    xlstm-metal profile check exact-fp32 --model path/to/checkpoint [--reference mlx|nxai]
+
+`check` runs the model under the profile beside the float32 reference, prints the relative
+error of each block's output and state and of the logits, and exits 1 when any exceeds the
+profile's tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import UsageError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("profile", help="list, show and check HyperProfiles (numerics + speed settings)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="profile_command", metavar="ACTION")
+    sub.add_parser("list", help="the profiles known by name (shipped and tuned)")
+    show = sub.add_parser("show", help="print a profile's JSON")
+    show.add_argument("name", help="profile name or .json file")
+    check = sub.add_parser("check", help="compare a model under the profile with the float32 reference")
+    check.add_argument("name", help="profile name or .json file")
+    check.add_argument("--model", "-m", default=None, help="checkpoint directory (default: the packaged model)")
+    check.add_argument("--reference", choices=("auto", "mlx", "nxai"), default="auto",
+                       help="float32 reference: NX-AI's PyTorch model when installed (auto), or ours")
+    check.add_argument("--decode-steps", type=int, default=4, help="decode steps compared after the prompt")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..profiles import ProfileError, list_profiles, load_profile, user_profile_dir
+
+    try:
+        if args.profile_command == "list":
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="HyperProfiles", caption=f"tuned profiles: {user_profile_dir()}")
+            for col in ("name", "version", "dtype", "state", "kernels (chunkwise / sequence / step)", "chunk",
+                        "tolerance", "device"):
+                table.add_column(col)
+            for prof in list_profiles():
+                k = prof.kernels
+                dev = (prof.device or {}).get("device_name") or (prof.device or {}).get("device") or "any"
+                table.add_row(prof.name, str(prof.version), prof.dtype, prof.state_dtype,
+                              f"{k['chunkwise']} / {k['sequence']} / {k['step']}", str(prof.chunk_size or "model"),
+                              f"{prof.max_rel_error:g}", str(dev))
+            Console().print(table)
+            return 0
+        if args.profile_command == "show":
+            print(json.dumps(load_profile(args.name).to_dict(), indent=2))
+            return 0
+        if args.profile_command == "check":
+            return _check(args, load_profile(args.name))
+    except ProfileError as err:
+        raise UsageError(str(err)) from None
+    raise UsageError("give an action: profile list | show NAME | check NAME --model M")
+
+
+def _check(args: argparse.Namespace, profile) -> int:
+    from ..config import ConfigError
+    from ..loading import CheckpointError, resolve_model_path
+    from ..profiles.check import check_profile
+
+    if args.decode_steps < 0:
+        raise UsageError(f"--decode-steps must be >= 0, got {args.decode_steps}")
+    if args.model is None:
+        from ..assets import default_model_path
+
+        source = default_model_path()
+    else:
+        try:
+            source = resolve_model_path(args.model)
+        except CheckpointError as err:
+            raise UsageError(str(err)) from None
+    try:
+        result = check_profile(source, profile, reference=args.reference, decode_steps=args.decode_steps)
+    except (CheckpointError, ConfigError) as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"profile {profile.name} (v{profile.version}) against {result.reference} reference; "
+              f"tolerance {result.tolerance:g} (max relative error)")
+        print(f"{'':10} {'output':>12} {'state':>12}")
+        for name, out, state in result.rows():
+            flag = "ok" if max(out, state or 0.0) <= result.tolerance else "FAIL"
+            state_text = f"{state:12.3e}" if state is not None else " " * 12
+            print(f"{name:10} {out:12.3e} {state_text}  {flag}")
+        print(("PASS" if result.passed else "FAIL") + f": max error {result.max_error:.3e} "
+              f"{'<=' if result.passed else '>'} {result.tolerance:g}")
+    return 0 if result.passed else 1
