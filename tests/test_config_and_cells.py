@@ -21,14 +21,18 @@ from xlstm_metal.neurons.mlstm import mLSTMNeuron
 SEVEN_B = dict(hidden_size=4096, num_heads=8, num_hidden_layers=32, vocab_size=50304)
 
 
-def test_aliases_defaults_and_unknown_fields():
-    config = xLSTMConfig.from_dict({**SEVEN_B, "some_future_field": 1, "model_type": "xlstm"})
+def test_aliases_defaults_and_standard_fields():
+    hf = {"model_type": "xlstm", "torch_dtype": "bfloat16", "quantization_config": {"bits": 4},
+          "_name_or_path": "NX-AI/xLSTM-7b"}
+    config = xLSTMConfig.from_dict({**SEVEN_B, **hf})
     assert (config.embedding_dim, config.num_blocks) == (4096, 32)
     assert (config.qk_head_dim, config.v_head_dim, config.ffn_dim) == (256, 512, 10944)
     assert config.gate_soft_cap == 15.0 and config.output_logit_soft_cap == 30.0
-    assert config.extra["some_future_field"] == 1
+    assert config.extra["quantization_config"] == {"bits": 4}  # kept aside, written back
     out = config.to_dict()
-    assert out["hidden_size"] == out["embedding_dim"] == 4096 and out["some_future_field"] == 1
+    assert out["hidden_size"] == out["embedding_dim"] == 4096 and out["torch_dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="unknown config field.*'some_future_field'"):
+        xLSTMConfig.from_dict({**SEVEN_B, "some_future_field": 1})
 
 
 def test_seven_b_parameter_count():

@@ -1,20 +1,46 @@
 """Configuration of xLSTM-Large models (the NX-AI/xLSTM-7b architecture).
 
 Field names and defaults follow Hugging Face's ``config.json`` for ``model_type: "xlstm"`` and
-NX-AI's ``xLSTMLargeConfig``; ``hidden_size`` / ``num_hidden_layers`` are accepted as aliases
-and unknown fields are ignored, so any checkpoint's config.json loads.
+NX-AI's ``xLSTMLargeConfig``; ``hidden_size`` / ``num_hidden_layers`` are accepted as aliases.
+Every field's type is checked (the error names the field). A field this class does not model
+is an error naming the closest known field (a typo such as ``num_hedas`` would otherwise be
+ignored), unless it is one of :data:`PASSTHROUGH_FIELDS` (Hugging Face's standard config keys
+and keys other parts of this package read), which are kept aside and saved again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 _STATE_DTYPES = ("float32", "bfloat16", "float16")
 _ALIASES = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
+
+#: config.json keys that pass quietly without being xLSTMConfig fields (kept in ``extra`` and
+#: written back by ``to_dict``). Add a key here when a feature stores its own setting in
+#: config.json; keys starting with "_" (``_name_or_path``, ``_commit_hash``) always pass.
+PASSTHROUGH_FIELDS: set[str] = {
+    # Hugging Face PretrainedConfig (transformers 4.x and 5.x) and its generation leftovers
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "auto_map", "quantization", "quantization_config", "model_file", "sep_token_id",
+    "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "output_hidden_states",
+    "output_attentions", "return_dict", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "id2label", "label2id", "problem_type", "finetuning_task",
+    "tokenizer_class", "prefix", "task_specific_params", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "initializer_range", "max_position_embeddings",
+    "attn_implementation", "base_model_tp_plan", "base_model_pp_plan",
+}
 
 
 class ConfigError(ValueError):
@@ -91,14 +117,25 @@ class xLSTMConfig:
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name != "extra" and not _matches(getattr(self, f.name), hints[f.name]):
+                value = getattr(self, f.name)
+                raise ConfigError(f"config field '{f.name}' must be {_describe(hints[f.name])}, got {value!r} "
+                                  f"({_json_kind(value)})")
         for name in ("embedding_dim", "num_heads", "num_blocks", "vocab_size", "chunk_size",
                      "ffn_round_up_to_multiple_of", "max_inference_chunksize"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
-        for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)!r}")
+        for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "norm_eps", "eps"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"config field '{name}' must be a finite number > 0, got {value!r}")
+        for name in ("gate_soft_cap", "output_logit_soft_cap"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"config field '{name}' must be a finite number > 0 or null, got {value!r}")
         if self.qk_dim <= 0 or self.qk_dim % self.num_heads:
             raise ConfigError(
                 f"qk_dim = int(embedding_dim * qk_dim_factor) = {self.qk_dim} is not divisible by "
@@ -134,6 +171,14 @@ class xLSTMConfig:
                 if data.get(name) is None:
                     data[name] = value
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = [k for k in data if k not in names and k not in PASSTHROUGH_FIELDS and not str(k).startswith("_")]
+        if unknown:
+            candidates = sorted(names | set(_ALIASES))
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
+                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(f"unknown config field(s): {', '.join(hints)}")
         missing = [n for n in ("embedding_dim", "num_heads", "num_blocks", "vocab_size") if data.get(n) is None]
         if missing:
             raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
@@ -156,3 +201,44 @@ class xLSTMConfig:
         out["model_type"] = "xlstm"
         out.setdefault("architectures", ["xLSTMForCausalLM"])
         return out
+
+
+# ---------------------------------------------------------------------- type checks
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value has the annotated type (JSON's view: true is not a number, 3 is
+    a float, 3.0 is not an int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {type(None): "null", bool: "a boolean (true/false)", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, str(hint))
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a value's type, for error messages."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)

@@ -76,22 +76,44 @@ def read_config_dict(directory: Path) -> dict[str, Any]:
 
 
 def _load_file(path: Path) -> dict[str, mx.array]:
+    """The tensors of one safetensors file; CheckpointError naming it if it is missing or corrupt.
+
+    The header is validated by the ``safetensors`` library first (offsets inside the file,
+    sizes matching shapes and dtypes): ``mx.load`` alone accepts some broken headers, such as
+    negative shapes."""
     if not path.is_file():
         raise CheckpointError(f"weight file missing: {path}")
+    from safetensors import safe_open
+
     try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.keys()
         return mx.load(str(path))
-    except (RuntimeError, ValueError) as err:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # SafetensorError, MLX's RuntimeError, a Rust panic: all mean "corrupt"
         raise CheckpointError(f"cannot read weight file {path} (corrupted or truncated?): {err}") from None
+
+
+def _shard_names(index_path: Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index (tensor name -> shard file name)."""
+    index = read_json_object(index_path, CheckpointError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index: 'weight_map' must be a non-empty "
+                              f"object mapping tensor names to shard files")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index_path}: tensor {key!r} maps to {shard!r}, which is not a file name "
+                                  f"in the checkpoint directory")
+    return weight_map
 
 
 def read_weights(directory: Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint directory, single file or sharded."""
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index: {err!r}") from None
+        weight_map = _shard_names(index_path)
         weights: dict[str, mx.array] = {}
         for shard in sorted(set(weight_map.values())):
             shard_weights = _load_file(directory / shard)
@@ -104,6 +126,27 @@ def read_weights(directory: Path) -> dict[str, mx.array]:
     if (directory / WEIGHTS_NAME).is_file():
         return _load_file(directory / WEIGHTS_NAME)
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint directory {directory}")
+
+
+def non_finite_tensors(arrays: dict[str, mx.array]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or +-inf.
+
+    One all-finite reduction per tensor, stacked, and a single host sync for all of them: run
+    once at load time, never in the forward pass."""
+    names = [k for k, v in arrays.items() if mx.issubdtype(v.dtype, mx.inexact)]
+    if not names:
+        return []
+    finite = mx.stack([mx.all(mx.isfinite(arrays[k])) for k in names]).tolist()
+    return [k for k, ok in zip(names, finite) if not ok]
+
+
+def check_finite(model: nn.Module, source: str | os.PathLike) -> None:
+    """CheckpointError naming every parameter of ``model`` that holds NaN or inf."""
+    bad = non_finite_tensors(dict(tree_flatten(model.parameters())))
+    if bad:
+        shown = bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
+        raise CheckpointError(f"checkpoint {source} holds NaN or infinite values in {len(bad)} tensor(s):\n    "
+                              + "\n    ".join(shown))
 
 
 def sanitize_xlstm_large(weights: dict[str, mx.array], config: xLSTMConfig) -> dict[str, mx.array]:
@@ -173,41 +216,50 @@ def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
 
 
 # ------------------------------------------------------------------------------ public API
-def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> nn.Module:
+def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
+               check_finite_weights: bool = True) -> nn.Module:
     """Load a checkpoint directory (or Hugging Face id) into an MLX model.
 
     Weights keep the checkpoint's dtype unless ``dtype`` ("float32", "bfloat16", "float16") is
     given. The architecture (xLSTM-Large, or NX-AI's 2024 sLSTM/mLSTM xLSTM) is detected from
-    the config and the weight names.
+    the config and the weight names. Weights holding NaN or inf are a CheckpointError naming
+    the tensors (one pass over the weights; ``check_finite_weights=False`` skips it).
     """
     directory = resolve_model_path(path)
     target = _parse_dtype(dtype)
     config_dict = read_config_dict(directory)
-    weights = read_weights(directory)
-
-    if config_dict.get("model_type") == "xlstm_lab":  # an architecture-lab model (xlstm_metal.lab)
-        from .lab.model import model_from_checkpoint
-
-        return model_from_checkpoint(config_dict, _cast(weights, target), directory)
-
+    # The config is checked before the (possibly large) weights are read.
     from .models import xlstm_2024_available
 
-    if xlstm_2024_available():
+    kind = "large"
+    if config_dict.get("model_type") == "xlstm_lab":  # an architecture-lab model (xlstm_metal.lab)
+        kind = "lab"
+    elif xlstm_2024_available():
         from .models import xlstm_2024
 
         if xlstm_2024.is_xlstm_2024_config(config_dict):
-            return xlstm_2024.model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
+            kind = "2024"
+    if kind == "large":
+        try:
+            config = xLSTMConfig.from_dict(config_dict)
+        except ConfigError as err:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
+    weights = read_weights(directory)
+    if kind == "lab":
+        from .lab.model import model_from_checkpoint
 
-    try:
-        config = xLSTMConfig.from_dict(config_dict)
-    except ConfigError as err:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
-    from .models.xlstm_large import xLSTMLarge
+        model = model_from_checkpoint(config_dict, _cast(weights, target), directory)
+    elif kind == "2024":
+        model = xlstm_2024.model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
+    else:
+        from .models.xlstm_large import xLSTMLarge
 
-    model = xLSTMLarge(config)
-    load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory)
-    mx.eval(model.parameters())
-    model.eval()
+        model = xLSTMLarge(config)
+        load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory)
+        mx.eval(model.parameters())
+        model.eval()
+    if check_finite_weights:
+        check_finite(model, directory)
     return model
 
 
@@ -221,6 +273,12 @@ def load(path: str | os.PathLike, dtype: str | mx.Dtype | None = None):
     except ImportError:
         return model, None
     tokenizer = load_tokenizer(directory)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokenizer is not None and isinstance(vocab, int) and tokenizer.vocab_size > vocab:
+        raise CheckpointError(
+            f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{vocab}: token ids would fall outside the embedding"
+        )
     return model, tokenizer
 
 

@@ -87,7 +87,9 @@ class Tokenizer:
             raise TokenizerError(f"no {TOKENIZER_FILE} in {directory}")
         try:
             hf = _HFTokenizer.from_file(str(tok_path))
-        except Exception as err:  # the Rust side raises plain Exception subclasses
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # plain Exceptions from the Rust side, and its panics (BaseException)
             raise TokenizerError(f"cannot read {tok_path}: {err}") from None
         config = _read_json(directory / "config.json")
         gen_config = _read_json(directory / "generation_config.json")
