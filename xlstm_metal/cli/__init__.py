@@ -18,6 +18,9 @@ SUBCOMMANDS = (
     "generate", "chat", "serve", "train", "convert", "bench", "top", "tune", "profile", "judge",
     "plot", "mad", "evolve", "mlxlm",
 )
+#: Commands that run as jobs: they publish status records for `xlstm-metal top` and run the
+#: memory watchdog (--mem-soft / --mem-hard / --mem-log; exit code 3 at the hard limit).
+JOB_COMMANDS = ("generate", "chat", "serve", "train", "convert", "bench", "tune")
 
 
 class UsageError(Exception):
@@ -40,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
+        if name in JOB_COMMANDS:
+            from ..monitor import add_job_arguments
+
+            add_job_arguments(sub.choices[name])
     return parser
 
 
@@ -49,11 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..monitor import MemoryLimitExceeded
+
     try:
-        return int(args.func(args) or 0)
+        with _job(args):
+            return int(args.func(args) or 0)
     except UsageError as err:
         print(f"xlstm-metal: error: {err}", file=sys.stderr)
         return 2
+    except MemoryLimitExceeded as err:
+        print(f"\nxlstm-metal: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -65,3 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
+
+
+def _job(args: argparse.Namespace):
+    """The status record + memory watchdog of a job command (a no-op context otherwise)."""
+    import contextlib
+
+    if args.command not in JOB_COMMANDS:
+        return contextlib.nullcontext()
+    from ..monitor import job_from_args
+
+    try:
+        return job_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None

@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from ..monitor import current_job
 from . import UsageError
 
 
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     env = bm.environment()
     steps = len(args.prefill_lengths) + len(args.decode_batches)
     records = []
+    job = current_job()  # status record for `xlstm-metal top`, memory watchdog
+    job.update(phase="load", model=str(source))
     with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("building random model")
         model = bm.random_model(config, dtype=dtype, seed=args.seed)
@@ -131,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
             record = {**record, "shape": str(source), "fused": not args.no_fuse and hasattr(model, "fuse"),
                       **env}
             records.append(record)
+            job.update(phase=record["kind"], done=len(records), total=steps, unit="runs", tokens_per_s=record["tok_s"],
+                       **{f"{record['kind']}_tps": record["tok_s"]})
+            job.check()  # memory watchdog: stop between runs at the hard limit
             if args.json:
                 print(json.dumps(record), flush=True)
             bar.update(1)

@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Callable, TextIO
 
+from ..monitor import current_job
 from . import UsageError
 from .generate import (
     add_model_arguments,
@@ -104,7 +105,8 @@ def chat_loop(
         reply = []
         last = None
         try:
-            for chunk in runner.stream(text, keep_state=True, **kwargs):
+            for chunk in current_job().track_generation(runner.stream(text, keep_state=True, **kwargs),
+                                                        kwargs["max_tokens"]):
                 if chunk.text:
                     out.write(chunk.text)
                     out.flush()

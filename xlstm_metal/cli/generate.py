@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonfiles import read_json_object
+from ..monitor import current_job
 from . import UsageError
 
 DESCRIPTION = """\
@@ -206,6 +207,7 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=args.prefill_chunk_size)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    current_job().shrink_prefill_on_soft(runner)  # memory watchdog: smaller pieces near the limit
     return runner, tokenizer
 
 
@@ -258,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
 
         return chat_loop(runner, args, first_turn=prompt)
     try:
-        last = stream_to(sys.stdout, runner.stream(prompt, **sampling_kwargs(args)))
+        chunks = runner.stream(prompt, **sampling_kwargs(args))
+        last = stream_to(sys.stdout, current_job().track_generation(chunks, args.max_tokens))
     except ValueError as err:  # e.g. a prompt that encodes to nothing
         raise UsageError(str(err)) from None
     sys.stdout.write("\n")

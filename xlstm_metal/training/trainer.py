@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..monitor import current_job
 from .checkpoint import read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
 
@@ -376,6 +377,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        job = current_job()  # status record for `xlstm-metal top`, memory watchdog
+        job.update(phase="train", unit="steps")
         if self._train_step is None:
             self._build_steps()
         tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -407,6 +410,11 @@ class Trainer:
             steps_window += 1
             window_losses.append(loss)
             bar.update(1)
+            job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
+            if job.stopping():  # memory watchdog's hard limit: save a checkpoint that resumes exactly, stop
+                self.elapsed = self.clock() - t_start
+                bar.close()
+                job.check(note=f"checkpoint {self.save()} (continue with --resume)")
 
             # Time budget: time steps 3..3+probe (after compilation) and size the run.
             if self.total_steps is None:
@@ -431,10 +439,12 @@ class Trainer:
                            "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
                            "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
                 bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
+                job.update(loss=float(np.mean(losses)), lr=lr_value)
                 window_losses, t_window, steps_window = [], now, 0
 
             done = self.total_steps is not None and self.step >= self.total_steps
             if self.step % cfg.eval_every == 0 or done:
+                job.update(phase="eval")
                 val_loss = self.evaluate()
                 result.evals.append((self.step, val_loss))
                 self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,

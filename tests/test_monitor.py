@@ -1,0 +1,282 @@
+"""Status records and the memory watchdog (issue 14): limits, soft/hard actions, CSV, records,
+commands, dead pids; generate and train stopped at a hard limit (exit 3, train resumes exactly)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import pytest
+from test_train_cli import BASE, make_corpus
+
+from xlstm_metal.cli import main
+from xlstm_metal.loading import load_model, read_weights
+from xlstm_metal.monitor import (
+    MemoryLimitExceeded,
+    MemoryWatchdog,
+    WatchdogConfig,
+    current_job,
+    job_status,
+    parse_limit,
+    read_jobs,
+    send_command,
+)
+from xlstm_metal.monitor.records import record_path
+from xlstm_metal.monitor.watchdog import CSV_FIELDS, MemorySample
+
+GB = 10**9
+
+
+@pytest.fixture(autouse=True)
+def runtime(tmp_path, monkeypatch):
+    """Records of this test only (other jobs on the machine stay out)."""
+    path = tmp_path / "runtime"
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(path))
+    return path
+
+
+def test_parse_limit():
+    assert parse_limit("12", 100 * GB) == 12 * GB
+    assert parse_limit("12GB", 100 * GB) == 12 * GB
+    assert parse_limit("512mb", 100 * GB) == 512 * 10**6
+    assert parse_limit("1.5GiB", 100 * GB) == int(1.5 * 2**30)
+    assert parse_limit("80%", 50 * GB) == 40 * GB
+    for bad in ("", "x", "12XB", "0", "-3GB", "120%", "0%"):
+        with pytest.raises(ValueError):
+            parse_limit(bad, GB, "--mem-hard")
+
+
+def test_config_precedence_and_errors(tmp_path):
+    total = 100 * GB
+    cfg = WatchdogConfig.from_sources(env={}, total=total)
+    assert (cfg.soft, cfg.hard, cfg.enabled, cfg.action, cfg.poll_s) == (80 * GB, 90 * GB, True, "stop", 0.25)
+    env = {"XLSTM_MEM_SOFT_PCT": "50", "XLSTM_MEM_HARD_PCT": "60", "XLSTM_MEM_POLL_MS": "100"}
+    cfg = WatchdogConfig.from_sources(env=env, total=total)
+    assert (cfg.soft, cfg.hard, cfg.poll_s) == (50 * GB, 60 * GB, 0.1)
+    env["XLSTM_MEM_HARD_MB"] = "70000"  # MB wins over percent
+    assert WatchdogConfig.from_sources(env=env, total=total).hard == 70 * GB
+    cfg = WatchdogConfig.from_sources("10GB", "20%", env=env, total=total)  # flags win over both
+    assert (cfg.soft, cfg.hard, cfg.soft_source, cfg.hard_source) == (10 * GB, 20 * GB, "--mem-soft 10GB",
+                                                                      "--mem-hard 20%")
+    # A low hard limit alone pulls the default soft limit under it.
+    cfg = WatchdogConfig.from_sources(None, "9GB", env={}, total=total)
+    assert cfg.hard == 9 * GB and cfg.soft == 8 * GB
+    assert not WatchdogConfig.from_sources(env={"XLSTM_MEM_WATCHDOG": "0"}, total=total).enabled
+    assert WatchdogConfig.from_sources(env={"XLSTM_MEM_ACTION": "warn"}, total=total).action == "warn"
+    for kwargs, env, word in (
+        (dict(soft="30GB", hard="20GB"), {}, "below the hard limit"),
+        ({}, {"XLSTM_MEM_ACTION": "explode"}, "XLSTM_MEM_ACTION"),
+        ({}, {"XLSTM_MEM_POLL_MS": "fast"}, "XLSTM_MEM_POLL_MS"),
+        ({}, {"XLSTM_MEM_SOFT_PCT": "200"}, "XLSTM_MEM_SOFT_PCT"),
+        (dict(log=str(tmp_path)), {}, "is a directory"),
+        (dict(log=str(tmp_path / "no" / "x.csv")), {}, "does not exist"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            WatchdogConfig.from_sources(env=env, total=total, **kwargs)
+    foreign = tmp_path / "notes.csv"
+    foreign.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a memory log of ours"):
+        WatchdogConfig.from_sources(log=str(foreign), env={}, total=total)
+
+
+class Script:
+    """A sampler returning scripted usage values (``next()`` moves on; a re-sample within one
+    step sees the same value); clear_cache subtracts ``freed``."""
+
+    def __init__(self, values, freed=0):
+        self.values, self.freed, self.cleared, self.i = list(values), freed, 0, 0
+
+    def sample(self):
+        v = self.values[min(self.i, len(self.values) - 1)] - self.freed * self.cleared
+        return MemorySample(time.time(), v, v, v // 2, v // 4, v)
+
+    def clear(self):
+        self.cleared += 1
+
+    def step(self, wd):
+        wd.sample()
+        self.i += 1
+
+
+def watchdog(tmp_path, values, freed=0, soft=500, hard=1000, **kw):
+    script = Script(values, freed)
+    cfg = WatchdogConfig(soft, hard, 10_000, log_path=tmp_path / "mem.csv")
+    return MemoryWatchdog(cfg, sampler=script.sample, clear_cache=script.clear, warn=kw.pop("warn", None), **kw), script
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert tuple(rows[0]) == CSV_FIELDS
+    return [dict(zip(CSV_FIELDS, r)) for r in rows[1:]]
+
+
+def test_soft_action_fires_before_hard_and_csv_has_one_row_per_sample(tmp_path, capsys):
+    wd, script = watchdog(tmp_path, [100, 600, 700, 1200, 1300])
+    shrunk = []
+    wd.on_soft(lambda: shrunk.append(True))
+    for i in range(5):
+        script.step(wd)
+        if i == 1:  # soft crossed: cache cleared at once, callbacks wait for the safe point
+            assert script.cleared == 1 and wd.over_soft_limit() and not wd.stop_requested and not shrunk
+            wd.run_soft_callbacks()
+            assert shrunk == [True]
+    assert wd.stop_requested and wd.samples == 5
+    err = wd.error("checkpoint x")
+    assert isinstance(err, MemoryLimitExceeded) and err.exit_code == 3
+    assert "hard limit" in str(err) and "checkpoint x" in str(err) and "stopped cleanly" in str(err)
+    wd.close()
+    rows = read_csv(tmp_path / "mem.csv")
+    assert len(rows) == wd.samples == 5
+    assert [r["usage_bytes"] for r in rows] == ["100", "600", "700", "1200", "1300"]
+    assert [r["event"] for r in rows] == ["", "soft", "", "hard", ""]
+    assert [r["state"] for r in rows] == ["ok", "soft", "soft", "hard", "hard"]
+    warnings = capsys.readouterr().err
+    assert warnings.count("soft limit") == 1  # warned once
+    # A second run appends to our own CSV (nothing lost), header once.
+    wd, _ = watchdog(tmp_path, [100])
+    wd.sample()
+    wd.close()
+    assert len(read_csv(tmp_path / "mem.csv")) == 6
+
+
+def test_over_both_limits_at_once_soft_first_and_cache_clearing_can_avoid_the_stop(tmp_path):
+    wd, script = watchdog(tmp_path, [1200, 1200])
+    wd.sample()
+    assert script.cleared == 1 and wd.stop_requested
+    assert read_csv(tmp_path / "mem.csv")[0]["event"] == "soft+hard"
+    wd.close()
+    (tmp_path / "mem.csv").unlink()
+    # Clearing the cache frees 300: usage 900 < hard, so the job goes on.
+    wd, script = watchdog(tmp_path, [1200, 1200], freed=300)
+    wd.sample()
+    assert script.cleared == 1 and wd.over_soft_limit() and not wd.stop_requested
+    wd.close()
+
+
+def test_refuse_mode_until_back_under_soft_and_hysteresis(tmp_path):
+    wd, script = watchdog(tmp_path, [1100, 800, 480, 440, 600], hard_action="refuse")
+    states = []
+    for _ in range(5):
+        script.step(wd)
+        states.append((wd.refusing(), wd.over_soft_limit(), wd.stop_requested))
+    # 1100: hard -> refuse; 800: still over soft; 480: under soft (accept) but above 90% of it
+    # (soft state stays); 440: below 450 -> soft over; 600: soft again.
+    assert states == [(True, True, False), (True, True, False), (False, True, False), (False, False, False),
+                      (False, True, False)]
+    wd.close()
+
+
+def wait_for(predicate, timeout=20.0, step=0.05):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+def test_record_lifecycle_and_clear_cache_command(runtime):
+    cfg = WatchdogConfig(GB * 1000, GB * 2000, GB * 3000, poll_s=0.02)
+    with job_status("generate", model="tiny", watchdog=cfg, interval=0.05) as job:
+        assert current_job() is job
+        job.update(phase="decode", done=5, total=20, tokens=5, decode_tps=12.5, prefill_tps=float("inf"))
+        with pytest.raises(TypeError, match="bogus"):
+            job.update(bogus=1)
+        path = record_path(os.getpid(), runtime)
+        rec = wait_for(lambda: [r for r in read_jobs(runtime) if r.get("done") == 5])[0]
+        assert rec["pid"] == os.getpid() and rec["command"] == "generate" and rec["model"] == "tiny"
+        assert rec["phase"] == "decode" and rec["progress"] == 0.25 and rec["decode_tps"] == 12.5
+        assert rec["prefill_tps"] is None  # inf is not JSON
+        assert rec["memory"]["hard_limit"] == GB * 2000 and rec["memory"]["rss"] > 0
+        assert rec["memory"]["samples"] >= 1
+        # The rate comes from the tokens counter.
+        job.update(tokens=105)
+        rec = wait_for(lambda: [r for r in read_jobs(runtime) if r.get("tokens") == 105])[0]
+        assert rec["tokens_per_s"] > 0
+        # Nested job_status yields the running job (one record per process).
+        with job_status("other") as inner:
+            assert inner is job
+        # top asks for a cache clear; the publisher thread does it and reports it.
+        _ = mx.ones((256, 1024)) + 1
+        mx.eval(_)
+        del _
+        send_command(os.getpid(), "clear_cache", runtime)
+        rec = wait_for(lambda: [r for r in read_jobs(runtime) if r.get("last_command")])[0]
+        assert rec["last_command"]["command"] == "clear_cache" and rec["last_command"]["ok"]
+        assert rec["last_command"]["cache_after"] == 0 == mx.get_cache_memory()
+        assert path.exists()
+    assert not path.exists()  # removed on exit
+    assert current_job().watchdog is None
+    with pytest.raises(ProcessLookupError):
+        send_command(os.getpid(), "clear_cache", runtime)
+    with pytest.raises(ValueError, match="unknown job command"):
+        send_command(os.getpid(), "format_disk", runtime)
+
+
+def test_dead_and_reused_pids_are_skipped_and_cleaned(runtime):
+    runtime.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (runtime / f"{dead.pid}.json").write_text(json.dumps({"pid": dead.pid, "command": "train"}))
+    (runtime / f"{dead.pid}.cmd").write_text("{}")
+    # Our own pid, but the record is from an older process that had it.
+    (runtime / f"{os.getpid()}.json").write_text(json.dumps({"pid": os.getpid(), "process_started": 1.0}))
+    (runtime / "junk.json").write_text("not json")
+    assert read_jobs(runtime) == []
+    assert sorted(p.name for p in runtime.iterdir()) == ["junk.json"]
+
+
+def test_sigterm_removes_the_record(runtime, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import time\nfrom xlstm_metal.monitor import job_status\n"
+        "with job_status('bench', model='x', interval=0.05):\n    print('ready', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert wait_for(lambda: read_jobs(runtime))[0]["command"] == "bench"
+        proc.terminate()
+        assert proc.wait(20) == 128 + 15
+    finally:
+        proc.kill()
+    assert list(runtime.glob("*.json")) == []
+
+
+# ---------------------------------------------------------------------- commands at the hard limit
+def test_generate_over_a_hard_limit_exits_3_after_the_soft_warning(tmp_path, capsys):
+    log = tmp_path / "gen.csv"
+    code = main(["generate", "--prompt", "def f", "-n", "50", "--mem-soft", "1MB", "--mem-hard", "2MB",
+                 "--mem-log", str(log)])
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert "soft limit 1.0 MB (--mem-soft 1MB)" in err and "hard limit 2.0 MB (--mem-hard 2MB)" in err
+    assert err.index("soft limit") < err.index("hard limit") and "stopped cleanly" in err
+    assert "RSS" in err and "MLX active" in err  # the usage is named
+    assert 0 < len(out.strip())  # what was generated before the stop is printed
+    rows = read_csv(log)
+    assert rows and rows[0]["event"] == "soft+hard" and all(int(r["usage_bytes"]) > 2 * 10**6 for r in rows)
+    assert main(["generate", "--prompt", "x", "--mem-hard", "lots"]) == 2
+    assert "--mem-hard must be a size" in capsys.readouterr().err
+
+
+def test_train_over_a_hard_limit_saves_a_checkpoint_that_resumes_exactly(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    args = [str(corpus), *BASE, "--steps", "4", "--eval-every", "4", "--save-every", "100"]
+    assert main(["train", "--out", str(tmp_path / "full"), *args]) == 0
+    code = main(["train", "--out", str(tmp_path / "cut"), *args, "--mem-hard", "2MB"])
+    err = capsys.readouterr().err
+    assert code == 3
+    ckpt = tmp_path / "cut" / "checkpoint-0000001"
+    assert "hard limit 2.0 MB" in err and str(ckpt) in err and "--resume" in err
+    load_model(ckpt)  # loadable
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    full = read_weights(tmp_path / "full" / "checkpoint-0000004")
+    resumed = read_weights(tmp_path / "cut" / "checkpoint-0000004")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert mx.array_equal(full[key], resumed[key]).item(), key

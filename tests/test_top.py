@@ -1,0 +1,166 @@
+"""`xlstm-metal top` (issue 14): a running generate job with a tiny model is listed with tokens/s
+(--json --once, --json stream, text), the terminal UI (textual's Pilot) shows it, asks its MLX
+cache to be cleared, sorts, and kills it after a confirmation; in a real pseudo-terminal
+(pexpect) it says that no job runs and quits on q."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_model
+from test_tokenizer import train_tiny_tokenizer
+
+from xlstm_metal.cli import main
+from xlstm_metal.cli.top import main as xltop_main
+from xlstm_metal.loading import save_model
+from xlstm_metal.monitor import read_jobs
+from xlstm_metal.monitor.top import sparkline
+
+
+def wait_for(predicate, timeout=60.0, step=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A `generate` job (tiny random model, greedy: no EOS for 5,000+ tokens) publishing into a
+    runtime directory of its own; yields (process, runtime dir, env)."""
+    tmp = tmp_path_factory.mktemp("top")
+    ckpt, runtime = tmp / "ckpt", tmp / "runtime"
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(2, vocab_size=hf.get_vocab_size()), ckpt)
+    hf.save(str(ckpt / "tokenizer.json"))
+    env = {**os.environ, "XLSTM_RUNTIME_DIR": str(runtime), "XLSTM_STATUS_INTERVAL": "0.25"}
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_metal", "generate", "-m", str(ckpt), "-p", "the quick",
+                             "-n", "1000000", "--temp", "0"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or any(j.get("phase") == "decode" for j in read_jobs(runtime)))
+        assert proc.poll() is None, proc.stderr.read()
+        yield proc, runtime, env
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def top_json(env, *args):
+    out = subprocess.run([sys.executable, "-m", "xlstm_metal", "top", "--json", *args], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_json_once_lists_the_job_with_tokens_per_s(job):
+    proc, runtime, env = job
+    [snap] = top_json(env, "--once")
+    assert set(snap) == {"time", "interval", "machine", "jobs"}
+    [rec] = snap["jobs"]
+    assert rec["pid"] == proc.pid and rec["command"] == "generate" and rec["phase"] == "decode"
+    assert rec["tokens_per_s"] > 0 and rec["decode_tps"] > 0 and rec["done"] > 0 and rec["total"] == 1000000
+    assert rec["memory"]["rss"] > 0 and rec["memory"]["hard_limit"] > rec["memory"]["soft_limit"] > 0
+    m = snap["machine"]
+    assert m["cpu_count"] >= 1 and 0 < m["ram_used"] < m["ram_total"] and m["mlx"]["device"] in ("cpu", "metal", "cuda")
+    # A stream of N objects: the job's progress moves on between them.
+    snaps = top_json(env, "--interval", "0.5", "--count", "2")
+    assert len(snaps) == 2 and snaps[1]["jobs"][0]["done"] > snaps[0]["jobs"][0]["done"]
+
+
+def test_text_snapshot_and_xltop(job, capsys, monkeypatch):
+    proc, runtime, _ = job
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(runtime))
+    assert main(["top", "--once"]) == 0
+    out = capsys.readouterr().out
+    assert "PID" in out and "TOK/S" in out and f"{proc.pid}  generate" in out and "decode" in out
+    assert xltop_main(["--once", "--sort", "memory"]) == 0
+    assert str(proc.pid) in capsys.readouterr().out
+    assert xltop_main(["--interval", "0"]) == 2
+    assert "--interval must be between" in capsys.readouterr().err
+    assert main(["top", "--count", "3"]) == 2  # --count needs --json
+
+
+def test_sparkline():
+    assert sparkline([0, 1, 2, 4]) == "▁▃▅█"
+    assert sparkline([0, 0]) == "▁▁"
+    assert sparkline([50, 0, 10, 20], width=3) == "▁▅█"  # the last 3 values, scaled to their max
+    assert sparkline([]) == ""
+
+
+def test_terminal_ui_shows_the_job_clears_its_cache_and_kills_it(job, monkeypatch):
+    from textual.widgets import DataTable, Static
+
+    from xlstm_metal.monitor.tui import ConfirmKill, TopApp
+
+    proc, runtime, _ = job
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(runtime))
+
+    async def drive():
+        app = TopApp(interval=0.3, directory=runtime)
+        async with app.run_test(size=(220, 40)) as pilot:
+            table = app.query_one("#jobs", DataTable)
+            for _ in range(100):
+                if table.row_count:
+                    break
+                await pilot.pause(0.1)
+            assert table.row_count == 1
+            row = table.get_row_at(0)
+            assert row[0] == str(proc.pid) and row[1] == "generate" and float(row[5].replace(",", "")) > 0
+            assert "no jobs running" not in str(app.query_one("#machine", Static).render())
+            assert app.selected_pid() == proc.pid
+
+            await pilot.press("c")  # the job clears its MLX cache and says so in its record
+            for _ in range(100):
+                rec = next(iter(read_jobs(runtime)), {})
+                if rec.get("last_command"):
+                    break
+                await pilot.pause(0.1)
+            assert rec["last_command"]["command"] == "clear_cache" and rec["last_command"]["ok"]
+
+            await pilot.press("s")
+            assert app.sort_key == "command"
+            await pilot.press("minus")
+            assert app.interval == 0.6
+
+            await pilot.press("k")  # asks first; n keeps the job
+            assert isinstance(app.screen, ConfirmKill)
+            await pilot.press("n")
+            await pilot.pause(0.3)
+            assert proc.poll() is None and not isinstance(app.screen, ConfirmKill)
+
+            await pilot.press("k")
+            await pilot.press("y")
+            assert proc.wait(30) == 128 + 15  # SIGTERM: the job unwinds and exits
+            for _ in range(50):
+                if not table.row_count:
+                    break
+                await pilot.pause(0.2)
+            assert table.row_count == 0 and app.query_one("#empty", Static).display
+            assert "no jobs running" in str(app.query_one("#empty", Static).render())
+            await pilot.press("q")
+        assert list(runtime.glob("*.json")) == []  # the killed job removed its record
+
+    asyncio.run(drive())
+
+
+def test_pseudo_terminal_no_jobs_and_quit(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "XLSTM_RUNTIME_DIR": str(tmp_path / "empty"), "TERM": "xterm-256color"}
+    child = pexpect.spawn(sys.executable, ["-m", "xlstm_metal", "top", "--interval", "0.5"], env=env,
+                          dimensions=(30, 140), timeout=60, encoding="utf-8")
+    try:
+        child.expect("no jobs running")
+        child.expect("Quit")  # the footer lists the keys
+        child.send("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

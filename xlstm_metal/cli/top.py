@@ -1,0 +1,106 @@
+"""`xlstm-metal top` (also the `xltop` command): a live monitor of every running xlstm-metal job.
+
+Every job (generate, chat, serve, train, bench, convert, tune) publishes a status record about
+once a second; top lists them with the machine's CPU, RAM and GPUs. Keys in the terminal UI:
+up/down select, s sort (pid, command, tok/s, memory, progress), r reverse, k kill the selected
+job (SIGTERM, asks first), c ask it to clear its MLX cache, + / - refresh faster / slower,
+q quit.
+
+    xlstm-metal top                      # full-screen terminal UI
+    xlstm-metal top --once               # one text snapshot
+    xlstm-metal top --json --interval 2  # one JSON object per line (NDJSON), for scripts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import UsageError
+
+DESCRIPTION = __doc__
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per interval (NDJSON): time, interval, machine, jobs")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
+                        help="seconds between refreshes (default 1; the UI's + / - change it)")
+    parser.add_argument("--count", type=int, default=None, metavar="N", help="with --json: stop after N objects")
+    parser.add_argument("--sort", choices=("pid", "command", "tokens_per_s", "memory", "progress"), default="pid",
+                        help="row order (default pid)")
+    parser.add_argument("--clear-cache", type=int, metavar="PID", help="ask job PID to clear its MLX cache, then exit")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("top", help="live monitor of running xlstm-metal jobs (also: xltop)",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..monitor.records import send_command
+    from ..monitor.top import MAX_INTERVAL, MIN_INTERVAL, Monitor, render_text, sort_jobs
+
+    if not MIN_INTERVAL <= args.interval <= MAX_INTERVAL:
+        raise UsageError(f"--interval must be between {MIN_INTERVAL} and {MAX_INTERVAL} seconds, got {args.interval}")
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count must be >= 1, got {args.count}")
+    if args.count is not None and not args.json:
+        raise UsageError("--count goes with --json")
+    if args.clear_cache is not None:
+        try:
+            send_command(args.clear_cache, "clear_cache")
+        except ProcessLookupError as err:
+            raise UsageError(str(err)) from None
+        print(f"asked {args.clear_cache} to clear its MLX cache", file=sys.stderr)
+        return 0
+    monitor = Monitor()
+    if args.json or args.once:
+        count = 1 if args.once else args.count
+        n = 0
+        try:
+            while True:
+                snapshot = monitor.poll(args.interval)
+                snapshot["jobs"] = sort_jobs(snapshot["jobs"], args.sort, args.sort in ("tokens_per_s", "memory", "progress"))
+                if args.json:
+                    print(json.dumps(snapshot, default=str), flush=True)
+                else:
+                    sys.stdout.write(render_text(snapshot))
+                    sys.stdout.flush()
+                n += 1
+                if count is not None and n >= count:
+                    return 0
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+    if not (sys.stdout.isatty() and sys.stdin.isatty()):
+        raise UsageError("the live view needs a terminal; use --once or --json when piping")
+    from ..monitor.tui import TopApp
+
+    app = TopApp(interval=args.interval, monitor=monitor)
+    app.sort_key = args.sort
+    app.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `xltop` console script: `xlstm-metal top` under its own name."""
+    parser = argparse.ArgumentParser(prog="xltop", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        print(f"xltop: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Job status publishing: what every xlstm-metal command tells `xlstm-metal top`.
+
+One background thread per job samples memory for the watchdog (every ``XLSTM_MEM_POLL_MS``),
+writes the job's status record (every ``XLSTM_STATUS_INTERVAL`` seconds, default 1) and runs
+commands sent by ``top`` (clear MLX's cache). The job's own code only assigns fields::
+
+    from xlstm_metal.monitor import current_job, job_status
+
+    with job_status("generate", model="path/to/ckpt") as job:   # the CLI does this for you
+        job.update(phase="prefill", total=200)
+        for n, chunk in enumerate(stream, 1):
+            job.update(phase="decode", done=n, tokens=n, decode_tps=chunk.generation_tps)
+            job.check()            # safe point: soft callbacks; MemoryLimitExceeded at the hard limit
+
+Inside a command, deeper code reaches the job with :func:`current_job` (a no-op job when none
+runs, e.g. in library use). ``update`` is a dict update (about a microsecond); ``check`` reads
+two flags; neither touches the GPU, the file system or the host-device boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import mlx.core as mx
+import psutil
+
+from .records import RECORD_VERSION, atomic_write_json, record_path, runtime_dir, take_command
+from .watchdog import MemoryWatchdog, WatchdogConfig, device_kind
+
+#: Fields :meth:`JobStatus.update` accepts.
+FIELDS = frozenset({
+    "phase",          # load | prefill | decode | train | eval | save | idle | bench | convert | serve ...
+    "done", "total",  # progress, in ``unit``
+    "unit",           # "tokens" (default), "steps", "requests", "tensors", "trials", ...
+    "tokens",         # tokens processed so far (the publisher derives tokens_per_s from it)
+    "tokens_per_s",   # set explicitly when the job measures it itself (overrides the derived rate)
+    "prefill_tps", "decode_tps",
+    "step", "loss", "lr",
+    "model", "device", "message",
+})
+DEFAULT_INTERVAL = 1.0
+
+
+class JobStatus:
+    """Publishes one job's status record and runs its memory watchdog.
+
+    Args:
+        command: the subcommand ("generate", "train", ...).
+        model: what the job works on (checkpoint path, shape, ...).
+        watchdog: limits (default: from the environment, see :mod:`.watchdog`); None or
+            ``enabled=False`` turns the watchdog off.
+        hard_action: "stop" (raise :class:`MemoryLimitExceeded` at :meth:`check`) or "refuse"
+            (servers: see ``job.watchdog.refusing()``).
+        interval: seconds between records (default ``$XLSTM_STATUS_INTERVAL`` or 1).
+        directory: where records go (default :func:`records.runtime_dir`).
+    """
+
+    def __init__(self, command: str, model: str | None = None, *, watchdog: WatchdogConfig | None = None,
+                 hard_action: str = "stop", interval: float | None = None, directory: Path | None = None,
+                 argv: list[str] | None = None):
+        self.command = command
+        self.pid = os.getpid()
+        self.argv = list(sys.argv if argv is None else argv)
+        self.interval = float(interval or os.environ.get("XLSTM_STATUS_INTERVAL") or DEFAULT_INTERVAL)
+        self.directory = directory or runtime_dir()
+        self.path = record_path(self.pid, self.directory)
+        self.fields: dict[str, Any] = {"phase": "load", "model": model, "unit": "tokens"}
+        self.watchdog = MemoryWatchdog(watchdog, hard_action=hard_action) if watchdog and watchdog.enabled else None
+        self._device = device_kind()
+        info = mx.device_info()
+        self._device_name = str(info.get("device_name") or info.get("name") or self._device)
+        self._process = psutil.Process()
+        self._started = time.time()
+        self._process_started = self._process.create_time()
+        self._owner = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rate = (time.monotonic(), 0)
+        self._last_command: dict[str, Any] | None = None
+        self._publisher_cpu = 0.0
+        self._publishes = 0
+        self._old_sigterm: Any = None
+
+    # ------------------------------------------------------------------ job side (cheap)
+    def update(self, **fields: Any) -> None:
+        """Set status fields (see :data:`FIELDS`); the next record carries them."""
+        if not FIELDS.issuperset(fields):
+            raise TypeError(f"unknown status field(s): {', '.join(sorted(set(fields) - FIELDS))}")
+        self.fields.update(fields)
+
+    def check(self, note: str = "") -> None:
+        """A safe point (call between steps, on the job's main thread): runs soft-limit
+        callbacks; raises :class:`MemoryLimitExceeded` when the hard limit asks the job to stop
+        (``note`` is added to the message, e.g. where a checkpoint went)."""
+        wd = self.watchdog
+        if wd is None:
+            return
+        wd.run_soft_callbacks()
+        if wd.stop_requested and threading.get_ident() == self._owner:
+            raise wd.error(note)
+
+    def stopping(self) -> bool:
+        """True once the hard limit asks the job to stop (lets a job save before :meth:`check`)."""
+        return self.watchdog is not None and self.watchdog.stop_requested
+
+    def on_soft(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` at the next :meth:`check` after the soft limit is crossed."""
+        if self.watchdog is not None:
+            self.watchdog.on_soft(callback)
+
+    def shrink_prefill_on_soft(self, runner: Any, floor: int = 128) -> None:
+        """At the soft limit, halve ``runner.prefill_chunk_size`` (not below ``floor``): the
+        next prompt is fed in smaller pieces."""
+        def shrink() -> None:
+            runner.prefill_chunk_size = max(floor, runner.prefill_chunk_size // 2)
+        self.on_soft(shrink)
+
+    def track_generation(self, chunks: Iterable[Any], total: int | None = None) -> Iterator[Any]:
+        """Pass a runner's stream of GenerationChunks through, publishing progress and speed;
+        after each chunk is handed on, a safe point (:meth:`check`)."""
+        base = self.fields.get("tokens") or 0  # cumulative over chat turns: a steady rate
+        self.update(phase="prefill", done=0, total=total, unit="tokens")
+        for chunk in chunks:
+            self.update(phase="decode", done=chunk.generation_tokens, tokens=base + chunk.generation_tokens,
+                        prefill_tps=chunk.prompt_tps, decode_tps=chunk.generation_tps)
+            yield chunk
+            self.check()
+        self.update(phase="idle")
+
+    # ------------------------------------------------------------------ publisher thread
+    def record(self) -> dict[str, Any]:
+        """The status record as published now."""
+        # JSON has no inf / nan (a prompt fed in no measurable time has an infinite rate).
+        fields = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.fields.items()}
+        now, mono = time.time(), time.monotonic()
+        tokens = fields.get("tokens")
+        if fields.get("tokens_per_s") is None:
+            t0, n0 = self._rate
+            rate = (tokens - n0) / (mono - t0) if tokens is not None and mono > t0 and tokens >= n0 else 0.0
+            fields["tokens_per_s"] = rate
+        self._rate = (mono, tokens or 0)
+        wd = self.watchdog
+        s = wd.last if wd is not None else None
+        if s is None:
+            rss = self._process.memory_info().rss
+            active, cache, peak = mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory()
+            usage = max(rss, active + cache) if self._device != "cuda" else active + cache
+        else:
+            rss, active, cache, peak, usage = s.rss, s.active, s.cache, s.peak, s.usage
+        done, total = fields.get("done"), fields.get("total")
+        return {
+            "version": RECORD_VERSION, "pid": self.pid, "process_started": self._process_started,
+            "host": socket.gethostname(), "command": self.command, "argv": self.argv,
+            "started": self._started, "updated": now, "interval": self.interval,
+            **fields,
+            "progress": (done / total) if done is not None and total else None,
+            "device": fields.get("device") or self._device, "device_name": self._device_name,
+            "memory": {
+                "usage": usage, "rss": rss, "mlx_active": active, "mlx_cache": cache, "mlx_peak": peak,
+                "soft_limit": wd.config.soft if wd else None, "hard_limit": wd.config.hard if wd else None,
+                "state": ("hard" if wd.over_hard_limit() else "soft" if wd.over_soft_limit() else "ok") if wd else "off",
+                "samples": wd.samples if wd else 0,
+            },
+            "last_command": self._last_command,
+            "publisher_cpu_s": self._publisher_cpu, "publishes": self._publishes,
+        }
+
+    def publish(self) -> None:
+        """Write the record now (atomically)."""
+        atomic_write_json(self.path, self.record())
+        self._publishes += 1
+
+    def _run_command(self) -> None:
+        cmd = take_command(self.pid, self.directory)
+        if cmd is None:
+            return
+        name = cmd.get("command")
+        entry: dict[str, Any] = {"command": name, "at": time.time()}
+        if name == "clear_cache":
+            before = mx.get_cache_memory()
+            mx.clear_cache()  # MLX's allocator is thread-safe
+            entry.update(cache_before=before, cache_after=mx.get_cache_memory(), ok=True)
+        else:
+            entry.update(ok=False, error=f"unknown command {name!r}")
+        self._last_command = entry
+
+    def _loop(self) -> None:
+        cpu0 = time.thread_time()
+        poll = self.watchdog.config.poll_s if self.watchdog else self.interval
+        tick = min(poll, self.interval)
+        next_publish = time.monotonic() + self.interval
+        while not self._stop.wait(tick):
+            try:
+                if self.watchdog is not None:
+                    self.watchdog.sample()
+                if time.monotonic() >= next_publish:
+                    next_publish += self.interval
+                    self._run_command()
+                    self._publisher_cpu = time.thread_time() - cpu0
+                    self.publish()
+            except OSError as err:  # e.g. the runtime directory vanished: keep the job running
+                print(f"xlstm-metal: status record not written: {err}", file=sys.stderr)
+                next_publish = time.monotonic() + 10 * self.interval
+
+    # ------------------------------------------------------------------ lifetime
+    def start(self) -> "JobStatus":
+        global _CURRENT
+        if self.watchdog is not None:
+            self.watchdog.sample()  # know the memory state before the first step
+        self.publish()
+        self._thread = threading.Thread(target=self._loop, name="xlstm-status", daemon=True)
+        self._thread.start()
+        atexit.register(self._remove)
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # SIGTERM (kill, top's kill key) unwinds like Ctrl-C does, so the record is removed.
+            self._old_sigterm = signal.signal(signal.SIGTERM, _terminate)
+        _CURRENT = self
+        return self
+
+    def _remove(self) -> None:
+        for path in (self.path, self.path.with_suffix(".cmd")):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        global _CURRENT
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._remove()
+        atexit.unregister(self._remove)
+        if self.watchdog is not None:
+            self.watchdog.close()
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+        if _CURRENT is self:
+            _CURRENT = None
+
+    def __enter__(self) -> "JobStatus":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+class _NoJob:
+    """What :func:`current_job` returns outside a job: every call is a no-op."""
+
+    watchdog = None
+    command = None
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def check(self, note: str = "") -> None:
+        pass
+
+    def stopping(self) -> bool:
+        return False
+
+    def on_soft(self, callback: Callable[[], None]) -> None:
+        pass
+
+    def shrink_prefill_on_soft(self, runner: Any, floor: int = 128) -> None:
+        pass
+
+    def track_generation(self, chunks: Iterable[Any], total: int | None = None) -> Iterable[Any]:
+        return chunks
+
+
+_CURRENT: JobStatus | None = None
+_NO_JOB = _NoJob()
+
+
+def current_job() -> JobStatus | _NoJob:
+    """The job this process is running (a no-op stand-in when none)."""
+    return _CURRENT or _NO_JOB
+
+
+@contextlib.contextmanager
+def job_status(command: str, model: str | None = None, *, watchdog: WatchdogConfig | None | str = "env",
+               hard_action: str = "stop", interval: float | None = None) -> Iterator[JobStatus]:
+    """Publish a status record (and run the memory watchdog) for the duration of the block.
+
+    ``watchdog="env"`` reads the limits from the environment; pass a :class:`WatchdogConfig`
+    or None (off). Re-entrant: inside a running job this yields that job (``model`` updates it).
+    """
+    if _CURRENT is not None:
+        if model is not None:
+            _CURRENT.update(model=model)
+        yield _CURRENT
+        return
+    config = WatchdogConfig.from_sources() if watchdog == "env" else watchdog
+    with JobStatus(command, model, watchdog=config, hard_action=hard_action, interval=interval) as job:
+        yield job
+
+
+# ---------------------------------------------------------------------- command line
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The memory watchdog's flags (every job command has them)."""
+    group = parser.add_argument_group(
+        "memory watchdog", "Stops the job cleanly (exit code 3) at the hard limit; at the soft limit clears "
+        "MLX's cache and shrinks prefill pieces. Sizes: 12GB, 512MB, or N%% of the device's memory.")
+    group.add_argument("--mem-soft", metavar="SIZE",
+                       help="soft limit (default: $XLSTM_MEM_SOFT_MB / _PCT, else 80%%)")
+    group.add_argument("--mem-hard", metavar="SIZE",
+                       help="hard limit (default: $XLSTM_MEM_HARD_MB / _PCT, else 90%%)")
+    group.add_argument("--mem-log", metavar="FILE.csv", help="write every memory sample to this CSV (appends to one of ours)")
+    group.add_argument("--no-mem-watchdog", action="store_true", help="turn the watchdog off (XLSTM_MEM_WATCHDOG=0)")
+
+
+def job_from_args(args: argparse.Namespace) -> JobStatus:
+    """A (not yet started) job for a parsed command line; ValueError on bad limits."""
+    env = dict(os.environ)
+    if getattr(args, "no_mem_watchdog", False):
+        env["XLSTM_MEM_WATCHDOG"] = "0"
+    config = WatchdogConfig.from_sources(getattr(args, "mem_soft", None), getattr(args, "mem_hard", None),
+                                         getattr(args, "mem_log", None), env=env)
+    model = next((str(getattr(args, name)) for name in ("model", "init_from", "config", "shape", "source", "input")
+                  if getattr(args, name, None)), "packaged model" if args.command in ("generate", "chat") else None)
+    return JobStatus(args.command, model, watchdog=config,
+                     hard_action="refuse" if args.command == "serve" else "stop")

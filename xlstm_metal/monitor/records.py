@@ -1,0 +1,142 @@
+"""Status records of running jobs: one JSON file per process in a per-user runtime directory.
+
+A job writes ``<pid>.json`` about once a second (atomically: a temporary file, then
+``os.replace``) and removes it on exit. Readers (``xlstm-metal top``) list the directory, skip
+and delete the records of processes that no longer exist (a job killed with SIGKILL cannot
+clean up), and talk back to a job through ``<pid>.cmd`` files that the job's publisher thread
+polls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+#: Version of the record layout (``record["version"]``).
+RECORD_VERSION = 1
+#: Commands a job accepts through its command file.
+COMMANDS = ("clear_cache",)
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """The per-user directory holding the records: ``$XLSTM_RUNTIME_DIR``, else
+    ``$XDG_RUNTIME_DIR/xlstm-metal``, else ``<tmp>/xlstm-metal-<uid>`` (mode 0700)."""
+    explicit = os.environ.get("XLSTM_RUNTIME_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif os.environ.get("XDG_RUNTIME_DIR") and os.access(os.environ["XDG_RUNTIME_DIR"], os.W_OK):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "xlstm-metal"
+    else:
+        uid = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+        path = Path(tempfile.gettempdir()) / f"xlstm-metal-{uid}"
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def record_path(pid: int, directory: Path | None = None) -> Path:
+    return (directory or runtime_dir()) / f"{pid}.json"
+
+
+def command_path(pid: int, directory: Path | None = None) -> Path:
+    return (directory or runtime_dir()) / f"{pid}.cmd"
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data, separators=(",", ":"), allow_nan=False))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def process_started(pid: int) -> float | None:
+    """Start time of process ``pid`` (seconds since the epoch), None if it does not exist."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return -1.0  # alive, owned by someone else
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    started = process_started(int(record["pid"]))
+    if started is None:
+        return False
+    # A reused pid belongs to a process started after the record's job.
+    recorded = record.get("process_started")
+    return started < 0 or recorded is None or abs(started - float(recorded)) < 1.0
+
+
+def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[str, Any]]:
+    """The records of running jobs, sorted by pid. Records of dead processes are skipped and,
+    with ``clean``, deleted together with their command files; unreadable files are skipped."""
+    directory = directory or runtime_dir(create=False)
+    jobs = []
+    try:
+        entries = list(directory.glob("*.json"))
+    except OSError:
+        return []
+    now = time.time()
+    for path in entries:
+        try:
+            record = json.loads(path.read_text())
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # vanished between listing and reading, or not one of ours
+        if not isinstance(record, dict) or path.stem != str(pid):
+            continue
+        if not _alive(record):
+            if clean:
+                for stale in (path, command_path(pid, directory)):
+                    try:
+                        stale.unlink()
+                    except OSError:
+                        pass
+            continue
+        record["age_s"] = max(0.0, now - float(record.get("updated", now)))
+        jobs.append(record)
+    return sorted(jobs, key=lambda r: r["pid"])
+
+
+def send_command(pid: int, command: str, directory: Path | None = None) -> Path:
+    """Ask job ``pid`` to run ``command`` (one of :data:`COMMANDS`); its publisher thread picks
+    the file up within one poll interval and reports ``last_command`` in its record."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown job command {command!r} (known: {', '.join(COMMANDS)})")
+    directory = directory or runtime_dir()
+    if not record_path(pid, directory).is_file():
+        raise ProcessLookupError(f"no running xlstm-metal job with pid {pid}")
+    path = command_path(pid, directory)
+    atomic_write_json(path, {"command": command, "sent": time.time(), "from_pid": os.getpid()})
+    return path
+
+
+def take_command(pid: int, directory: Path) -> dict[str, Any] | None:
+    """The pending command of job ``pid`` (the file is removed), or None."""
+    path = command_path(pid, directory)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        data = None
+    try:
+        path.unlink()
+    except OSError:
+        pass
+    return data if isinstance(data, dict) else None
