@@ -49,9 +49,9 @@ def main() -> None:
 
     blocks = model.blocks
     kinds = {
-        "q|k|v|o|i|f": [b.mlstm_layer["_fused_projection"] for b in blocks],
+        "q|k|v|o|i|f": [b.mlstm_layer["_fused_projection"][0]["weight"] for b in blocks],
         "out_proj": [b.mlstm_layer.out_proj.weight for b in blocks],
-        "gate|up": [b.ffn["_fused_gate_up"] for b in blocks],
+        "gate|up": [b.ffn["_fused_gate_up"][0]["weight"] for b in blocks],
         "proj_down": [b.ffn.proj_down.weight for b in blocks],
     }
     E = config.embedding_dim
@@ -73,9 +73,9 @@ def main() -> None:
 
         def chain(x):
             for b in blocks:
-                h = x @ b.mlstm_layer["_fused_projection"].T
+                h = x @ b.mlstm_layer["_fused_projection"][0]["weight"].T
                 x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
-                g = x @ b.ffn["_fused_gate_up"].T
+                g = x @ b.ffn["_fused_gate_up"][0]["weight"].T
                 x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
             return x
 

@@ -45,7 +45,7 @@ def main() -> None:
     layer = block.mlstm_layer
     S, E = args.length, config.embedding_dim
     x = (mx.random.normal((1, S, E)) * 0.5).astype(getattr(mx, dtype))
-    q, k, v, o, i, f = layer.projection_cell(block.norm_mlstm(x), layer.get("_fused_projection"))
+    q, k, v, o, i, f = layer.project(block.norm_mlstm(x))
     mx.eval(x, q, k, v, o, i, f)
     out = open(args.out, "w") if args.out else None
 
@@ -62,8 +62,8 @@ def main() -> None:
     parts = {
         "block (all parts)": lambda: block(x),
         "rms norm": lambda: block.norm_mlstm(x),
-        "q|k|v|o|i|f projection": lambda: layer.projection_cell(x, layer.get("_fused_projection")),
-        "output cell (norm, gate, out_proj)": lambda: layer.output_cell(h, o),
+        "q|k|v|o|i|f projection": lambda: layer.project(x),
+        "output cell (norm, gate, out_proj)": lambda: layer.output(h, o),
         "ffn (gate|up, down)": lambda: block.ffn(x),
     }
     for name, fn in parts.items():
@@ -95,8 +95,8 @@ def main() -> None:
                           "ms": 1000 * bm.median_seconds(fn, args.repeats)})
 
     # bf16 GEMM rate on the block's projection shapes: what the matmuls alone would allow.
-    fused_w = layer["_fused_projection"]
-    ffn_w = block.ffn["_fused_gate_up"]
+    fused_w = layer["_fused_projection"][0]["weight"]
+    ffn_w = block.ffn["_fused_gate_up"][0]["weight"]
     flops = 2 * S * E * (fused_w.shape[0] + ffn_w.shape[0]) + 2 * S * (layer.out_proj.weight.size
                                                                    + block.ffn.proj_down.weight.size)
     ms = 1000 * bm.median_seconds(lambda: [x @ fused_w.T, x @ ffn_w.T,

@@ -155,7 +155,7 @@ def profile_ours(model, bm, deadline, prefill_tokens=2048):
             return
         x = mx.random.normal((batch, seq, c.embedding_dim)).astype(dt)
         state = model.make_state(batch)[0]
-        q, k, v, o, i, f = layer.projection_cell(x, layer.get("_fused_projection"))
+        q, k, v, o, i, f = layer.project(x)
         mx.eval(x, q, k, v, o, i, f, state)
         kcell = layer.recurrent_kernel_cell if seq == 1 else layer.parallel_kernel_cell
         h, _ = kcell(q, k, v, i, f, state)
@@ -163,10 +163,10 @@ def profile_ours(model, bm, deadline, prefill_tokens=2048):
         n = 20 if seq == 1 else 3
         parts = {
             "rms norms (2/block)": 2 * timeit(lambda: blk.norm_mlstm(x), n),
-            "q|k|v|o|i|f projection": timeit(lambda: layer.projection_cell(x, layer.get("_fused_projection")), n),
+            "q|k|v|o|i|f projection": timeit(lambda: layer.project(x), n),
             f"mLSTM kernel ({kcell.step_kernel if seq == 1 else kcell.kernel})":
                 timeit(lambda: kcell(q, k, v, i, f, state), n),
-            "output (norm, gate, out_proj)": timeit(lambda: layer.output_cell(h, o), n),
+            "output (norm, gate, out_proj)": timeit(lambda: layer.output(h, o), n),
             "ffn (gate|up, down)": timeit(lambda: blk.ffn(x), n),
         }
         per_block = {name: t * nb for name, t in parts.items()}

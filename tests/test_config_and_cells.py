@@ -1,6 +1,7 @@
 """Config parsing/validation and each cell, neuron and block on its own."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import tiny_config, tiny_model
@@ -83,8 +84,11 @@ def test_norms_and_soft_cap():
 def test_projection_cell_shapes_and_cap():
     config = tiny_config()
     cell = mLSTMProjectionCell(config)
-    cell.igate_preact.bias = mx.full((2,), 1000.0)
-    q, k, v, o, i, f = cell(mx.ones((3, 5, 64)))
+    layers = nn.Module()
+    for name, layer in mLSTMProjectionCell.make_layers(config).items():
+        setattr(layers, name, layer)
+    layers.igate_preact.bias = mx.full((2,), 1000.0)
+    q, k, v, o, i, f = cell(layers, mx.ones((3, 5, 64)))
     assert q.shape == k.shape == (3, 2, 5, 16) and v.shape == (3, 2, 5, 32)
     assert o.shape == (3, 5, 64) and i.shape == f.shape == (3, 2, 5)
     assert float(mx.max(i)) <= 15.0 + 1e-4  # soft-capped
@@ -106,12 +110,15 @@ def test_kernel_cells_dispatch_and_agree():
 
 def test_output_cell_applies_gate_after_norm():
     config = tiny_config()
-    cell = mLSTMOutputCell(config)
+    cell = mLSTMOutputCell()
+    layers = nn.Module()
+    for name, layer in mLSTMOutputCell.make_layers(config).items():
+        setattr(layers, name, layer)
     h = mx.array(np.random.default_rng(2).standard_normal((1, 2, 4, 32)).astype(np.float32))
-    closed = cell(h, mx.full((1, 4, 64), -1e4))  # sigmoid(-1e4) = 0: output is the bias-free zero
+    closed = cell(layers, h, mx.full((1, 4, 64), -1e4))  # sigmoid(-1e4) = 0: output is the bias-free zero
     np.testing.assert_allclose(np.array(closed), 0.0, atol=1e-6)
-    open_ = cell(h, mx.full((1, 4, 64), 1e4))
-    expected = cell.out_proj(cell.multihead_norm(h.transpose(0, 2, 1, 3)))
+    open_ = cell(layers, h, mx.full((1, 4, 64), 1e4))
+    expected = layers.out_proj(layers.multihead_norm(h.transpose(0, 2, 1, 3)))
     np.testing.assert_allclose(np.array(open_), np.array(expected), rtol=1e-5, atol=1e-6)
 
 
@@ -122,9 +129,10 @@ def test_neuron_parameters_carry_checkpoint_names_once():
         "q.weight", "k.weight", "v.weight", "ogate_preact.weight", "igate_preact.weight", "igate_preact.bias",
         "fgate_preact.weight", "fgate_preact.bias", "multihead_norm.weight", "out_proj.weight",
     ])
-    # The cells hold the very same layers, so an update through the neuron reaches them.
+    # The cells read their layers from the neuron, so an update through the neuron reaches them.
     neuron.update({"q": {"weight": mx.zeros((32, 64))}})
-    assert float(mx.abs(neuron.projection_cell.q.weight).sum()) == 0.0
+    q = neuron.project(mx.ones((1, 3, 64)))[0]
+    assert float(mx.abs(q).sum()) == 0.0
 
 
 def test_model_wiring_text():

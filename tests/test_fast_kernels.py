@@ -53,7 +53,7 @@ def test_fuse_keeps_memory_names_and_saved_checkpoint(tmp_path):
     mx.clear_cache()
     # Views of the fused matrices: no second copy of the projection weights (a copy would add
     # all of fused_bytes; the slack covers allocator granularity, ~30 KB on CUDA).
-    fused_bytes = sum(b.mlstm_layer["_fused_projection"].nbytes + b.ffn["_fused_gate_up"].nbytes
+    fused_bytes = sum(b.mlstm_layer["_fused_projection"][0]["weight"].nbytes + b.ffn["_fused_gate_up"][0]["weight"].nbytes
                       for b in model.blocks)
     assert mx.get_active_memory() <= active + max(4096, fused_bytes // 4)
     after = dict(tree_flatten(model.parameters()))
@@ -90,7 +90,7 @@ def test_compiled_step_keeps_and_uses_the_fused_matrices():
     # only if the compiled graph reads the fused matrix.
     before = np.array(step(tok, model.make_state(1))[1][0][0])
     layer = model.blocks[0].mlstm_layer
-    layer["_fused_projection"] = mx.zeros_like(layer["_fused_projection"])
+    layer["_fused_projection"][0]["weight"] = mx.zeros_like(layer["_fused_projection"][0]["weight"])
     after = np.array(step(tok, model.make_state(1))[1][0][0])
     assert np.abs(before).max() > 0 and np.abs(after).max() == 0
 

@@ -26,16 +26,9 @@ from xlstm import (
 )
 
 from xlstm_metal import load_model, save_model
-from xlstm_metal.loading import CheckpointError
-from xlstm_metal.models.xlstm_2024 import (
-    create_xlstm_model,
-    is_xlstm_2024_config,
-    model_from_checkpoint,
-    model_from_config,
-    read_config,
-    xLSTMLMConfig,
-    xLSTMLMModel,
-)
+from xlstm_metal.config_2024 import is_xlstm_2024_config, read_config, xLSTMLMConfig
+from xlstm_metal.loading import CheckpointError, model_from_checkpoint
+from xlstm_metal.models.xlstm_2024 import create_xlstm_model, model_from_config, xLSTMLMModel
 
 TOL = 1e-4
 V = 61

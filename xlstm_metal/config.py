@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 _STATE_DTYPES = ("float32", "bfloat16", "float16")
 _ALIASES = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
 
@@ -43,8 +45,6 @@ PASSTHROUGH_FIELDS: set[str] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config that cannot describe a model; the message names the field."""
 
 
 def round_up(value: float, multiple: int) -> int:

@@ -20,18 +20,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, xLSTMConfig
+from .config import xLSTMConfig
+from .config_2024 import is_xlstm_2024_config, read_config as read_config_2024, xLSTMLMConfig
+from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
+from .models.xlstm_2024 import xLSTMLMModel
+from .models.xlstm_large import xLSTMLarge
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 #: Above this many bytes, save_model writes shards plus an index.
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or the tensors."""
 
 
 # ------------------------------------------------------------------------------ locating
@@ -69,9 +69,7 @@ def read_config_dict(directory: Path) -> dict[str, Any]:
     if config_path.is_file():
         return read_json_object(config_path, CheckpointError)
     if (directory / "config.yaml").is_file():
-        from .models import xlstm_2024
-
-        return xlstm_2024.read_config(directory)
+        return read_config_2024(directory)
     raise CheckpointError(f"no {CONFIG_NAME} in checkpoint directory {directory}")
 
 
@@ -215,6 +213,100 @@ def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     return getattr(mx, dtype)
 
 
+# ------------------------------------------------------------------------------ 2024 xLSTM
+_BLOCK_KEY = re.compile(r"^xlstm_block_stack\.blocks\.(\d+)\.(.+)$")
+
+
+def detect_block_kinds(weights: dict[str, Any], source: str = "<weights>") -> list[str]:
+    """"m" / "s" per block position, read from the weight names (``...blocks.{i}.xlstm.mlstm_cell.*``
+    marks an mLSTM block, ``...xlstm.slstm_cell.*`` an sLSTM block)."""
+    kinds: dict[int, set[str]] = {}
+    for key in weights:
+        match = _BLOCK_KEY.match(key)
+        if not match:
+            continue
+        index, rest = int(match.group(1)), match.group(2)
+        found = kinds.setdefault(index, set())
+        if rest.startswith("xlstm.mlstm_cell."):
+            found.add("m")
+        elif rest.startswith("xlstm.slstm_cell."):
+            found.add("s")
+    if not kinds:
+        raise CheckpointError(f"checkpoint {source} holds no xlstm_block_stack.blocks.* tensors")
+    count = max(kinds) + 1
+    problems = []
+    absent = [i for i in range(count) if i not in kinds]
+    if absent:
+        problems.append(f"no tensors for blocks {absent}")
+    unknown = [i for i, k in sorted(kinds.items()) if not k]
+    if unknown:
+        problems.append(f"blocks {unknown} have neither xlstm.mlstm_cell.* nor xlstm.slstm_cell.* tensors")
+    both = [i for i, k in sorted(kinds.items()) if len(k) > 1]
+    if both:
+        problems.append(f"blocks {both} have both mLSTM and sLSTM cell tensors")
+    if problems:
+        raise CheckpointError(f"checkpoint {source}: cannot tell the block types: " + "; ".join(problems))
+    return ["".join(kinds[i]) for i in range(count)]
+
+
+def model_from_checkpoint(
+    config_dict: dict[str, Any],
+    weights: dict[str, mx.array],
+    dtype: mx.Dtype | str | None = None,
+    *,
+    source: str | os.PathLike = "<weights>",
+    mlstm_kernel: str = "chunkwise",
+    chunk_size: int = 64,
+) -> xLSTMLMModel:
+    """Build the NX-AI 2024 xLSTM a checkpoint describes and load its weights strictly.
+
+    The block type at each position comes from the weight names (auto-wiring; the config's
+    ``slstm_at`` is replaced by it), the sLSTM weight layout from the recurrent kernel's shape,
+    and a missing vocab_size from ``token_embedding.weight``.
+    Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
+    """
+    try:
+        config = xLSTMLMConfig.from_dict(config_dict)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    kinds = detect_block_kinds(weights, str(source))
+    if len(kinds) != config.num_blocks:
+        raise CheckpointError(
+            f"checkpoint {source}: the weights hold {len(kinds)} blocks, the config says num_blocks={config.num_blocks}"
+        )
+    slstm_at = [i for i, k in enumerate(kinds) if k == "s"]
+    if slstm_at and config.slstm_block is None:
+        raise CheckpointError(f"checkpoint {source}: sLSTM blocks at {slstm_at} but the config has no slstm_block")
+    mlstm_at = [i for i, k in enumerate(kinds) if k == "m"]
+    if mlstm_at and config.mlstm_block is None:
+        raise CheckpointError(f"checkpoint {source}: mLSTM blocks at {mlstm_at} but the config has no mlstm_block")
+    if slstm_at:
+        # "cuda" stores R as [NH, DH, 4 DH], "vanilla" as [NH, 4 DH, DH]: the shape says which.
+        R = weights.get(f"xlstm_block_stack.blocks.{slstm_at[0]}.xlstm.slstm_cell._recurrent_kernel_")
+        if R is not None and R.ndim == 3 and R.shape[1] != R.shape[2]:
+            config.slstm_block.slstm.backend = "vanilla" if R.shape[1] == 4 * R.shape[2] else "cuda"
+    config.slstm_at = slstm_at
+    emb = weights.get("token_embedding.weight")
+    if (isinstance(config.vocab_size, bool) or not isinstance(config.vocab_size, int) or config.vocab_size <= 0) \
+            and emb is not None and emb.ndim == 2:
+        config.vocab_size = int(emb.shape[0])  # NX-AI's block-stack YAMLs leave it to the caller
+    try:
+        config.validate()
+        model = xLSTMLMModel(config, mlstm_kernel=mlstm_kernel, chunk_size=chunk_size, init=False)
+    except (ConfigError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    weights = dict(weights)
+    if config.tie_weights:
+        weights.pop("lm_head.weight", None)  # NX-AI's state_dict lists the tied tensor twice
+    if dtype is not None:
+        target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    load_weights_strict(model, weights, source)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
 # ------------------------------------------------------------------------------ public API
 def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
                check_finite_weights: bool = True) -> nn.Module:
@@ -229,16 +321,11 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     target = _parse_dtype(dtype)
     config_dict = read_config_dict(directory)
     # The config is checked before the (possibly large) weights are read.
-    from .models import xlstm_2024_available
-
     kind = "large"
     if config_dict.get("model_type") == "xlstm_lab":  # an architecture-lab model (xlstm_metal.lab)
         kind = "lab"
-    elif xlstm_2024_available():
-        from .models import xlstm_2024
-
-        if xlstm_2024.is_xlstm_2024_config(config_dict):
-            kind = "2024"
+    elif is_xlstm_2024_config(config_dict):
+        kind = "2024"
     if kind == "large":
         try:
             config = xLSTMConfig.from_dict(config_dict)
@@ -246,14 +333,12 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
             raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
     weights = read_weights(directory)
     if kind == "lab":
-        from .lab.model import model_from_checkpoint
+        from .lab.model import model_from_checkpoint as lab_model_from_checkpoint
 
-        model = model_from_checkpoint(config_dict, _cast(weights, target), directory)
+        model = lab_model_from_checkpoint(config_dict, _cast(weights, target), directory)
     elif kind == "2024":
-        model = xlstm_2024.model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
+        model = model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
     else:
-        from .models.xlstm_large import xLSTMLarge
-
         model = xLSTMLarge(config)
         load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory)
         mx.eval(model.parameters())

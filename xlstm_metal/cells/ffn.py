@@ -7,7 +7,9 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from .activations import silu
-from .mlstm import fuse_linears, fused_linear_outputs, unfuse_linears
+from .fused import FusedLayers
+
+_GATE_UP = FusedLayers("_fused_gate_up", ("proj_up_gate", "proj_up"))
 
 
 class FeedForward(nn.Module):
@@ -21,16 +23,12 @@ class FeedForward(nn.Module):
         self.proj_down = nn.Linear(F, E, bias=bias)
 
     def fuse(self) -> None:
-        """Inference fast path: one matmul for gate|up (see :func:`fuse_linears`)."""
-        self._fused_gate_up = fuse_linears([self.proj_up_gate, self.proj_up])
+        """Inference fast path: one matmul for gate|up (see :mod:`xlstm_metal.cells.fused`)."""
+        _GATE_UP.fuse(self)
 
     def unfuse(self) -> None:
-        if self.pop("_fused_gate_up", None) is not None:
-            unfuse_linears([self.proj_up_gate, self.proj_up])
+        _GATE_UP.unfuse(self)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "_fused_gate_up" in self:
-            gate, up = fused_linear_outputs(x, self["_fused_gate_up"], [self.proj_up_gate, self.proj_up])
-        else:
-            gate, up = self.proj_up_gate(x), self.proj_up(x)
+        gate, up = _GATE_UP.outputs(self, x)
         return self.proj_down(silu(gate) * up)

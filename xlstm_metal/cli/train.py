@@ -98,19 +98,17 @@ def _build_model(config: dict, kernel: str, seed: int, vocab: int):
     2024 xLSTM config (mlstm_block / slstm_block / slstm_at; NX-AI's init). A missing
     vocab_size becomes the tokenizer's vocabulary rounded up to a multiple of 64."""
     from ..config import ConfigError, xLSTMConfig
-    from ..models import xlstm_2024_available
+    from ..config_2024 import is_xlstm_2024_config
+    from ..models.xlstm_2024 import model_from_config
 
     padded_vocab = int(math.ceil(vocab / 64) * 64)
     try:
-        if xlstm_2024_available():
-            from ..models import xlstm_2024
-
-            if xlstm_2024.is_xlstm_2024_config(config):
-                section = config["model"] if isinstance(config.get("model"), dict) and "vocab_size" not in config else config
-                if section.get("vocab_size") in (None, -1):
-                    section["vocab_size"] = padded_vocab
-                return xlstm_2024.model_from_config(section, seed=seed, mlstm_kernel=kernel,
-                                                    chunk_size=int(section.get("chunk_size", 64)))
+        if is_xlstm_2024_config(config):
+            section = config["model"] if isinstance(config.get("model"), dict) and "vocab_size" not in config else config
+            if section.get("vocab_size") in (None, -1):
+                section["vocab_size"] = padded_vocab
+            return model_from_config(section, seed=seed, mlstm_kernel=kernel,
+                                     chunk_size=int(section.get("chunk_size", 64)))
         from ..models.xlstm_large import xLSTMLarge
         from ..training.trainer import init_xlstm_large
 

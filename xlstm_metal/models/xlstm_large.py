@@ -7,7 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..blocks.xlstm_large import mLSTMBlock
-from ..cells.mlstm import gemv_layout, mlstm_zero_state
+from ..cells.fused import fusion_kind, gemv_layout
+from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
 from ..kernels.fast.step import cuda_available
@@ -20,6 +21,13 @@ ModelState = list[MLSTMState]
 # tracing a new shape (~0.15 s on a 2-core CPU, seconds when the CPU compiler first builds the
 # kernels) and per-layer syncs would cost more than they save.
 _LONG_PIECE_TOKENS = 2048
+
+
+def _gemv_layout(layer: nn.Module) -> None:
+    """The CPU's fast matrix-vector layout for a plain float Linear (others are left as they are)."""
+    kind = fusion_kind(layer)
+    if kind is not None and kind[0] == "linear":
+        layer.weight = gemv_layout(layer.weight)
 
 
 class Backbone(nn.Module):
@@ -67,6 +75,8 @@ class xLSTMLarge(nn.Module):
     def fuse(self) -> "xLSTMLarge":
         """Fuse each block's q|k|v|o|i|f and gate|up projections into one matmul each.
 
+        Layers that compute alike fuse (float ``nn.Linear`` layers together, quantized layers of
+        equal bits and group size together); other modules in the tree run as they are.
         For inference: no extra memory (the separate weights become views of the fused ones),
         checkpoint names and saving unchanged, results equal to float round-off. Replacing
         weights through :meth:`update` (``load_weights``, optimizers, ``nn.value_and_grad``)
@@ -81,7 +91,7 @@ class xLSTMLarge(nn.Module):
             block.mlstm_layer.fuse()
             block.ffn.fuse()
             for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down):
-                layer.weight = gemv_layout(layer.weight)
+                _gemv_layout(layer)
             kernel_cell = block.mlstm_layer.recurrent_kernel_cell
             if kernel_cell.step_kernel == "step":
                 # The fused step kernel on CUDA; the same reference ops on CPU and Metal.
@@ -90,7 +100,7 @@ class xLSTMLarge(nn.Module):
             if cuda_available() and prefill_cell.kernel in ("chunkwise", "chunkwise_scan"):
                 prefill_cell.kernel = "chunkwise_fused"
         if "lm_head" in self:
-            self.lm_head.weight = gemv_layout(self.lm_head.weight)
+            _gemv_layout(self.lm_head)
         return self
 
     def unfuse(self) -> "xLSTMLarge":
@@ -104,6 +114,11 @@ class xLSTMLarge(nn.Module):
         """nn.Module.update, after dropping fused projections (they would be stale)."""
         self.unfuse()
         return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLarge":
+        """nn.Module.update_modules (``nn.quantize``, adapters), after dropping fused projections."""
+        self.unfuse()
+        return super().update_modules(modules, strict=strict)
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""

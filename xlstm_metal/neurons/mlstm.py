@@ -18,9 +18,12 @@ from ..kernels.mlstm import MLSTMState
 class mLSTMNeuron(nn.Module):
     """The mLSTM layer of an xLSTM-Large block. x [B, S, E] -> (y [B, S, E], (C, n, m)).
 
-    The cells own the parameters. The neuron registers their layers under the checkpoint's
-    names (``mlstm_layer.q``, ``mlstm_layer.out_proj`` ...) so a checkpoint loads by plain key
-    mapping; the cells themselves are kept outside the parameter tree (same objects, one copy).
+    The neuron holds the cells' parameter layers in the module tree under the checkpoint's names
+    (``mlstm_layer.q``, ``mlstm_layer.out_proj`` ...), so a checkpoint loads by plain key
+    mapping, and each call passes itself to the cells, which read their layers from it: there is
+    no second reference to a layer, and a layer replaced in the tree (``nn.quantize``, a LoRA
+    wrapper, ``update_modules``, ``load_weights``) is the one that runs. The cells themselves
+    hold no arrays.
 
     Dispatch: the parallel kernel cell (chunkwise by default) for S > 1, the recurrent kernel
     cell (step) for S == 1, unless the config names other kernels.
@@ -28,16 +31,13 @@ class mLSTMNeuron(nn.Module):
 
     def __init__(self, config: xLSTMConfig):
         super().__init__()
-        cells = {
-            "projection_cell": mLSTMProjectionCell(config),
-            "parallel_kernel_cell": mLSTMParallelKernelCell(config),
-            "recurrent_kernel_cell": mLSTMRecurrentKernelCell(config),
-            "output_cell": mLSTMOutputCell(config),
-        }
-        for name, cell in cells.items():
-            object.__setattr__(self, name, cell)
-            for layer_name, layer in cell.children().items():
-                setattr(self, layer_name, layer)
+        self.projection_cell = mLSTMProjectionCell(config)
+        self.parallel_kernel_cell = mLSTMParallelKernelCell(config)
+        self.recurrent_kernel_cell = mLSTMRecurrentKernelCell(config)
+        self.output_cell = mLSTMOutputCell()
+        for layers in (mLSTMProjectionCell.make_layers(config), mLSTMOutputCell.make_layers(config)):
+            for name, layer in layers.items():
+                setattr(self, name, layer)
 
     @property
     def cells(self) -> dict[str, nn.Module]:
@@ -50,16 +50,23 @@ class mLSTMNeuron(nn.Module):
         }
 
     def fuse(self) -> None:
-        """Inference fast path: one matmul for q|k|v|o|i|f, kept under a private key."""
-        self._fused_projection = self.projection_cell.fuse()
+        """Inference fast path: one matmul per group of q|k|v|o|i|f that computes alike (all
+        float, or quantized alike), kept under a private key (``_fused_projection``)."""
+        self.projection_cell.fusion.fuse(self)
 
     def unfuse(self) -> None:
-        if self.pop("_fused_projection", None) is not None:
-            self.projection_cell.unfuse()
+        self.projection_cell.fusion.unfuse(self)
+
+    def project(self, x: mx.array):
+        """x [B, S, E] -> q, k, v, o~, i~, f~ (see :class:`mLSTMProjectionCell`)."""
+        return self.projection_cell(self, x)
+
+    def output(self, h: mx.array, o_preact: mx.array) -> mx.array:
+        """h [B, NH, S, DV], o~ [B, S, NH * DV] -> y [B, S, E] (see :class:`mLSTMOutputCell`)."""
+        return self.output_cell(self, h, o_preact)
 
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
-        fused = self["_fused_projection"] if "_fused_projection" in self else None
-        q, k, v, o_preact, i, f = self.projection_cell(x, fused)
+        q, k, v, o_preact, i, f = self.project(x)
         kernel_cell = self.recurrent_kernel_cell if x.shape[1] == 1 else self.parallel_kernel_cell
         h, state = kernel_cell(q, k, v, i, f, state)
-        return self.output_cell(h, o_preact), state
+        return self.output(h, o_preact), state

@@ -1,0 +1,10 @@
+"""The library's errors for bad input. The command line prints them without a traceback and exits
+with code 2."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model; the message names the field."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or the tensors."""
