@@ -328,7 +328,7 @@ def _equivalent_config(cfg) -> LabConfig:
 
     if isinstance(cfg, xLSTMConfig):
         return config_from_xlstm_large(cfg)
-    from ..models.xlstm_2024 import xLSTMLMConfig
+    from ..config_2024 import xLSTMLMConfig
 
     if isinstance(cfg, xLSTMLMConfig):
         return config_from_xlstm_2024(cfg)
