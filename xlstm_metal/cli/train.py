@@ -50,37 +50,80 @@ def add_parser(subparsers) -> None:
     src.add_argument("--kernel", default="chunkwise", help="mLSTM kernel for training (default: chunkwise)")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory); default: the checkpoint's, or train a BPE")
-    tok.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a BPE trained here (default 4096)")
+    tok.add_argument("--vocab-size", type=int, help="vocabulary of a BPE trained here (default 4096)")
     d = p.add_argument_group("data")
-    d.add_argument("--text-field", default="text", help="field of JSON Lines records holding the text")
-    d.add_argument("--val-fraction", type=float, default=0.02, help="held-out fraction of the tokens (default 0.02)")
-    d.add_argument("--seq-len", type=int, default=512)
-    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--text-field", help="field of JSON Lines records holding the text (default: text)")
+    d.add_argument("--val-fraction", type=float, help="held-out fraction of the tokens (default 0.02)")
+    d.add_argument("--seq-len", type=int, help="tokens per training sequence (default 512)")
+    d.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 unless --max-time)")
+    o.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default 1000 unless --max-time); with --resume: the new total, which "
+                        "extends the run (the cosine restarts at the checkpoint's step from its learning rate)")
     o.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
                    help="train for this long: the step count is sized from measured step time")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--min-lr-ratio", type=float, default=0.1)
-    o.add_argument("--warmup", type=int, default=100)
-    o.add_argument("--weight-decay", type=float, default=0.1)
-    o.add_argument("--grad-clip", type=float, default=1.0)
-    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (weights stay float32); use float32 on CPUs")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--lr", type=float, help="peak learning rate (default 1e-3); with --resume: the rate the "
+                                            "cosine restarts from at the checkpoint's step")
+    o.add_argument("--min-lr-ratio", type=float, help="the cosine ends at lr * this (default 0.1)")
+    o.add_argument("--warmup", type=int, help="linear warmup steps (default min(100, steps / 10); with --max-time, "
+                                              "of the step count the time budget allows)")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default 0.1)")
+    o.add_argument("--grad-clip", type=float, help="global gradient-norm clip, 0 = off (default 1.0)")
+    o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (weights stay float32; default float32); use float32 on CPUs")
+    o.add_argument("--seed", type=int, help="seed of initialisation, data order and sampling (default 0)")
     r = p.add_argument_group("run")
-    r.add_argument("--eval-every", type=int, default=200)
-    r.add_argument("--eval-batches", type=int, default=16)
-    r.add_argument("--save-every", type=int, default=500)
-    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (its saved settings and data paths are used)")
+    r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
+    r.add_argument("--eval-batches", type=int, help="validation batches per pass (default 16)")
+    r.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
+    r.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
+    r.add_argument("--log-every", type=int, help="steps between metrics.jsonl records (default 10)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint with its saved settings and data "
+                        "paths; --steps, --lr, --eval-every, --save-every, --keep, --log-every may change, the "
+                        "other settings of the run may not")
     r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
     r.add_argument("--export", default=None, metavar="DIR",
                    help="write the best-validation model (+ tokenizer, generation_config.json) here")
     r.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+#: Defaults of the settings a run saves: applied to a new run; a resumed run keeps its own.
+RUN_DEFAULTS: dict = dict(vocab_size=4096, text_field="text", val_fraction=0.02, seq_len=512, batch_size=16, lr=1e-3,
+                          min_lr_ratio=0.1, warmup=None, weight_decay=0.1, grad_clip=1.0, dtype="float32", seed=0,
+                          eval_every=200, eval_batches=16, save_every=500, keep=2, log_every=10)
+#: Settings --resume may change (the schedule is extended / re-rated: TrainingConfig.reschedule_*).
+RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every")
+#: Settings fixed by the run being resumed: giving one with --resume is an error naming it.
+RESUME_FIXED = ("config", "init_from", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
+                "batch_size", "max_time", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
+                "eval_batches")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite: bool) -> None:
+    """Every output path is usable before any work starts (UsageError naming it otherwise)."""
+    for flag, path in (("--out", out), ("--export", export)):
+        if path is None:
+            continue
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} is a file, not a directory")
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+            raise UsageError(f"{flag} {path} cannot be created: {existing} is not a writable directory")
+    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
+    if export is not None:
+        out_abs, export_abs = out.resolve(), export.resolve()
+        if export_abs == out_abs or export_abs in out_abs.parents:
+            raise UsageError(f"--export {export} would replace the run directory --out {out}; export elsewhere")
+        if export.exists() and any(export.iterdir()) and not overwrite:
+            raise UsageError(f"--export directory {export} is not empty; pass --overwrite to replace it")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -184,6 +227,7 @@ def run(args) -> int:
     from ..training.checkpoint import ResumeError, latest_checkpoint, read_trainer_state
     from ..training.data import (
         DataError,
+        atomic_write_text,
         load_documents,
         load_tokenizer_file,
         save_tokenizer,
@@ -195,20 +239,42 @@ def run(args) -> int:
     from ..training.trainer import Trainer, TrainingConfig, count_parameters
 
     out = Path(args.out).expanduser()
+    export = Path(args.export).expanduser() if args.export else None
+    _check_output_paths(out, export, args.resume, args.overwrite)
     resume_ckpt = None
     data_paths = list(args.data)
     if args.resume:
+        fixed = [_flag(name) for name in RESUME_FIXED if getattr(args, name) is not None]
+        if fixed:
+            raise UsageError(f"--resume continues the run with its saved settings; {', '.join(fixed)} cannot "
+                             f"change (only {', '.join(map(_flag, RESUME_CHANGEABLE))} can): start a new run "
+                             "in another --out instead")
         try:
             resume_ckpt = latest_checkpoint(out)
             saved = read_trainer_state(resume_ckpt)
         except ResumeError as err:
             raise UsageError(str(err)) from None
         cfg = TrainingConfig(**saved["training_config"])
-        data_paths = data_paths or saved.get("data", [])
-        val_fraction, text_field = saved.get("val_fraction", args.val_fraction), saved.get("text_field", args.text_field)
+        for name in ("eval_every", "save_every", "keep", "log_every"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        step, total = saved["step"], saved["total_steps"]
+        if args.steps is not None and args.steps <= step:
+            raise UsageError(f"--steps {args.steps} must be greater than the checkpoint's step {step} "
+                             f"({resume_ckpt}): it is the run's new total")
+        if args.steps is None and total is not None and step >= total:
+            raise UsageError(f"the run in {out} is finished (step {step} of {total}); pass --steps N with "
+                             f"N > {step} to train it further")
+        saved_data = saved.get("data", [])
+        if not isinstance(saved_data, list) or not all(isinstance(p, str) for p in saved_data):
+            raise UsageError(f"{resume_ckpt / 'trainer_state.json'}: 'data' must be a list of paths")
+        data_paths = data_paths or saved_data
+        val_fraction = saved.get("val_fraction", RUN_DEFAULTS["val_fraction"])
+        text_field = saved.get("text_field", RUN_DEFAULTS["text_field"])
     else:
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
+        for name, value in RUN_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
         if args.config and args.init_from:
             raise UsageError("give --config (new model) or --init-from (fine-tuning), not both")
         steps = args.steps if args.steps is not None else (None if args.max_time else 1000)
@@ -257,11 +323,14 @@ def run(args) -> int:
                 src_dir = src if src.is_dir() else src.parent
                 shutil.copyfile(src_dir / "tokenizer.json" if src.is_dir() else src, tok_dir / "tokenizer.json")
                 if (src_dir / "tokenizer_config.json").is_file():
+                    read_json_object(src_dir / "tokenizer_config.json", DataError)  # copied on: must be sound
                     shutil.copyfile(src_dir / "tokenizer_config.json", tok_dir / "tokenizer_config.json")
             else:
                 print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(docs)} documents",
                       file=sys.stderr)
-                tokenizer = train_bpe_tokenizer((d.text for d in docs), args.vocab_size)
+                # tokenizers draws its progress bars on stdout; piped, they are blank lines.
+                tokenizer = train_bpe_tokenizer((d.text for d in docs), args.vocab_size,
+                                                show_progress=not args.no_progress and sys.stdout.isatty())
                 save_tokenizer(tokenizer, tok_dir, tokenizer_config_dict(tokenizer))
         except DataError as err:
             raise UsageError(str(err)) from None
@@ -293,7 +362,7 @@ def run(args) -> int:
             raise UsageError(str(err)) from None
         if resume_ckpt is not None:
             try:
-                trainer.resume_from(resume_ckpt)
+                trainer.resume_from(resume_ckpt, steps=args.steps, lr=args.lr)
             except (ResumeError, ValueError) as err:
                 raise UsageError(str(err)) from None
         elif out.exists() and args.overwrite:
@@ -305,24 +374,28 @@ def run(args) -> int:
             print(f"warning: {cfg.dtype} compute on a CPU is slow in MLX (no fast half-precision matmul); "
                   "--dtype float32 is faster there", file=sys.stderr)
         n_params = count_parameters(model)
+        warmup = (f"warmup {cfg.warmup_for(trainer.total_steps)} steps" if trainer.total_steps or cfg.warmup is not None
+                  else f"warmup min({cfg.warmup_for(None)}, steps / 10), steps sized from --max-time")
         print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
               f"/ {len(val_stream):,} validation tokens; {cfg.batch_size} x {cfg.seq_len} tokens per step, "
-              f"device {mx.default_device()}", file=sys.stderr)
+              f"{warmup}, device {mx.default_device()}", file=sys.stderr)
         t0 = time.perf_counter()
+        start_step, start_tokens = trainer.step, trainer.tokens
         result = trainer.train()
         wall = time.perf_counter() - t0
+        new_tokens = result.tokens - start_tokens  # this session's, not the resumed run's earlier ones
         best = f"best validation loss {result.best_val_loss:.4f} (perplexity {math.exp(result.best_val_loss):.2f}) at step {result.best_step}"
-        print(f"done: {result.step} steps, {result.tokens:,} tokens in {wall:.0f} s ({result.tokens / max(wall, 1e-9):,.0f} tok/s); "
-              f"{best}; checkpoint {result.checkpoint or trainer.out_dir}", file=sys.stderr)
+        print(f"done: {result.step - start_step} steps (to step {result.step}), {new_tokens:,} tokens in {wall:.0f} s "
+              f"({new_tokens / max(wall, 1e-9):,.0f} tok/s); {best}; checkpoint {result.checkpoint or trainer.out_dir}",
+              file=sys.stderr)
         summary = {"params": n_params, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
                    "best_val_loss": result.best_val_loss, "best_val_ppl": math.exp(result.best_val_loss),
                    "best_step": result.best_step, "train_tokens": int(len(train_stream)),
                    "val_tokens": int(len(val_stream)), "device": str(mx.default_device()),
                    "mlx": mx.__version__, "argv": sys.argv}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if args.export:
-            path = _export(model, trainer.best_params, Path(args.export).expanduser(), tok_dir,
-                           args.export_dtype, args.overwrite)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if export is not None:
+            path = _export(model, trainer.best_params, export, tok_dir, args.export_dtype, args.overwrite)
             if trainer.best_params is not None:
                 print(f"exported the step-{result.best_step} model (best validation loss) to {path}", file=sys.stderr)
             else:  # the best evaluation happened before a resume; its weights are not in memory

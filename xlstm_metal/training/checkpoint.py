@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,25 +92,99 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path:
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, checked field by field (ResumeError naming the file
+    and the field otherwise)."""
+    from ..jsonfiles import read_json_object
+
     path = checkpoint / STATE_FILE
+    if not path.is_file() and not path.is_dir():
+        raise ResumeError(f"{checkpoint} has no {STATE_FILE}: not a training checkpoint")
+    state = read_json_object(path, ResumeError)
+
+    def bad(field: str, rule: str) -> ResumeError:
+        return ResumeError(f"{path}: '{field}' must be {rule}, got {state.get(field)!r} (corrupted file?)")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for field in ("step", "tokens"):
+        if not is_int(state.get(field)):
+            raise bad(field, "an integer >= 0")
+    if state.get("total_steps") is not None and not is_int(state["total_steps"]):
+        raise bad("total_steps", "an integer >= 0 or null")
+    elapsed = state.get("elapsed")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not elapsed >= 0:
+        raise bad("elapsed", "a number >= 0")
+    position = state.get("data_position")
+    if not isinstance(position, dict) or set(position) != {"epoch", "batch"} or not all(
+            is_int(v) for v in position.values()):
+        raise bad("data_position", "an object {epoch, batch} of integers >= 0")
+    if not isinstance(state.get("training_config"), dict):
+        raise bad("training_config", "an object")
+    from .trainer import TrainingConfig
+
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ResumeError(f"{checkpoint} has no {STATE_FILE}: not a training checkpoint") from None
-    except json.JSONDecodeError as err:
-        raise ResumeError(f"{path} is not valid JSON: {err}") from None
+        TrainingConfig(**state["training_config"]).validate()
+    except (TypeError, ValueError) as err:
+        raise ResumeError(f"{path}: bad 'training_config': {err}") from None
+    return state
 
 
-def restore_optimizer(checkpoint: Path, optimizer) -> None:
+def restore_optimizer(checkpoint: Path, optimizer, parameters: dict | None = None) -> None:
     """Set ``optimizer``'s state from ``checkpoint/optimizer.safetensors``.
 
-    The MLX RNG key saved beside it is informational: the trainer reseeds the RNG from
-    (seed, step) before every step, so a resumed run draws the same random numbers anyway.
+    With ``parameters`` (the model's trainable parameters) the saved state must match the
+    state the optimizer gives them: same names and shapes, all finite (ResumeError naming the
+    file otherwise). The MLX RNG key saved beside it is informational: the trainer reseeds the
+    RNG from (seed, step) before every step, so a resumed run draws the same random numbers
+    anyway.
     """
+    from ..loading import CheckpointError, _load_file, non_finite_tensors
+
     path = checkpoint / OPTIMIZER_FILE
     if not path.is_file():
         raise ResumeError(f"{checkpoint} has no {OPTIMIZER_FILE}")
-    arrays = mx.load(str(path))
+    try:
+        arrays = _load_file(path)
+    except CheckpointError as err:
+        raise ResumeError(str(err)) from None
     for key in [k for k in arrays if k.startswith(_RNG_KEY)]:
         arrays.pop(key)
+    if parameters is not None:
+        optimizer.init(parameters)
+        expected = dict(tree_flatten(optimizer.state))
+        missing = sorted(set(expected) - set(arrays))
+        unexpected = sorted(set(arrays) - set(expected))
+        misshaped = sorted(k for k in set(expected) & set(arrays) if arrays[k].shape != expected[k].shape)
+        if missing or unexpected or misshaped:
+            raise ResumeError(f"{path} does not match the model's optimizer state (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, mis-shaped {misshaped[:5]})")
+        bad = non_finite_tensors(arrays)
+        if bad:
+            raise ResumeError(f"{path} holds NaN or infinite values in {', '.join(bad[:10])}")
     optimizer.state = tree_unflatten(list(arrays.items()))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl. A last line cut short (a write interrupted by a
+    crash) is dropped; any other line that is not a JSON object is a ResumeError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ResumeError(f"cannot read {path}: {err}") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            if number == len(lines):  # no newline after it: the append was interrupted
+                print(f"warning: dropping the incomplete last line of {path}", file=sys.stderr)
+                continue
+            raise ResumeError(f"{path} line {number} is not a metrics record (corrupted file?): {line[:80]!r}")
+        records.append(record)
+    return records

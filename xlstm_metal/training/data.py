@@ -199,7 +199,9 @@ def load_tokenizer_file(path: str | os.PathLike):
         raise DataError(f"tokenizer file not found: {path}")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises plain Exception subclasses for bad files
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # plain Exceptions from tokenizers, and its Rust panics (BaseException)
         raise DataError(f"cannot read tokenizer {path}: {err}") from None
 
 

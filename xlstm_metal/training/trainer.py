@@ -29,10 +29,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..monitor import current_job
-from .checkpoint import read_trainer_state, restore_optimizer, save_checkpoint
+from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+#: Longest automatic warmup (steps); shorter runs warm up for a tenth of their steps.
+AUTO_WARMUP_CAP = 100
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TrainingConfig:
     max_time: float | None = None       # seconds of training (incl. eval); sizes `steps` when None
     lr: float = 1e-3
     min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    warmup: int = 100
+    warmup: int | None = None           # None: min(100, steps // 10), see warmup_for
     weight_decay: float = 0.1
     grad_clip: float = 1.0              # global-norm clipping; 0 disables
     beta1: float = 0.9
@@ -58,6 +60,23 @@ class TrainingConfig:
     log_every: int = 10
     seed: int = 0
     probe_steps: int = 20               # steps timed to size a max_time run
+    # From step ``reschedule_step`` the schedule starts at ``reschedule_lr`` (see make_schedule):
+    # set for a resumed run given new --steps / --lr and for a time budget once it is sized.
+    # 0: the plain schedule.
+    reschedule_step: int = 0
+    reschedule_lr: float | None = None
+
+    def warmup_for(self, total_steps: int | None) -> int:
+        """Warmup steps of a run of ``total_steps``: ``warmup`` when set, else min(100,
+        total_steps // 10), so short runs leave warmup too. A time budget whose step count is
+        not known yet ramps as if the warmup were twice the probe (2 + probe_steps steps, capped
+        at 100) until the probe has sized the run; the ramp then continues to the peak at
+        min(100, steps // 10), but not before that (unless the run is shorter than 4 probes)."""
+        if self.warmup is not None:
+            return self.warmup
+        if total_steps is None:
+            return min(AUTO_WARMUP_CAP, 2 * (self.probe_steps + 2))
+        return min(AUTO_WARMUP_CAP, total_steps // 10)
 
     def validate(self) -> None:
         problems = []
@@ -72,9 +91,11 @@ class TrainingConfig:
             problems.append(f"steps must be >= 1, got {self.steps}")
         if self.max_time is not None and self.max_time <= 0:
             problems.append(f"max_time must be > 0, got {self.max_time}")
-        if self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps and self.steps > 1):
+        if self.warmup is not None and (
+                self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps and self.steps > 1)):
             problems.append(f"warmup ({self.warmup}) must be in [0, steps)")
-        if self.max_time is not None and self.steps is None and self.warmup <= self.probe_steps:
+        if self.max_time is not None and self.steps is None and self.warmup is not None \
+                and self.warmup <= self.probe_steps:
             problems.append(f"with a time budget, warmup ({self.warmup}) must exceed the probe steps ({self.probe_steps})")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
@@ -146,15 +167,36 @@ def make_optimizer(cfg: TrainingConfig, model=None) -> optim.Optimizer:
     return optim.MultiOptimizer([plain, decayed], [no_decay])
 
 
-def make_schedule(cfg: TrainingConfig, total_steps: int) -> Callable[[int], mx.array]:
-    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
-    warm = max(cfg.warmup, 1)
-    decay_steps = max(total_steps - 1 - cfg.warmup, 1)  # the last step runs at the floor
-    return optim.join_schedules(
-        [optim.linear_schedule(cfg.lr / warm, cfg.lr, warm),
-         optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)],
-        [cfg.warmup],
-    )
+def make_schedule(cfg: TrainingConfig, total_steps: int | None) -> Callable[[int], mx.array | float]:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step.
+
+    ``total_steps=None`` (a time budget not sized yet): the warmup ramp alone. With
+    ``cfg.reschedule_step`` (a resumed run given new --steps / --lr, or a time budget once
+    sized) the schedule from that step starts at ``cfg.reschedule_lr``: a linear ramp to lr at
+    the end of the warmup if it is not over yet, else straight into the cosine."""
+    warmup = cfg.warmup_for(total_steps)
+    if total_steps is None:
+        return optim.linear_schedule(cfg.lr / max(warmup, 1), cfg.lr, max(warmup, 1))
+    start = cfg.reschedule_step
+    lr0 = cfg.reschedule_lr if start else cfg.lr / max(warmup, 1)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if start < warmup:
+        ramp = optim.linear_schedule(lr0, cfg.lr, warmup - start)
+        peak_at, peak = warmup, cfg.lr
+    else:
+        ramp, peak_at, peak = None, start, lr0
+    decay = optim.cosine_decay(peak, max(total_steps - 1 - peak_at, 1), floor)  # the last step runs at the floor
+
+    def schedule(step: int):
+        if step >= peak_at:
+            return decay(step - peak_at)
+        return ramp(max(step - start, 0))  # steps before `start` are never run again
+
+    return schedule
+
+
+def _as_float(value: mx.array | float) -> float:
+    return float(value.item() if isinstance(value, mx.array) else value)
 
 
 def _set_learning_rate(optimizer, lr: mx.array) -> None:
@@ -192,8 +234,9 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    if train:
-        ax.plot(*zip(*train), lw=1, label="train loss", color="tab:blue")
+    if train:  # markers where there are few points: a line through one point draws nothing
+        ax.plot(*zip(*train), lw=1, label="train loss", color="tab:blue", marker="o" if len(train) < 50 else None,
+                ms=3)
     if val:
         ax.plot(*zip(*val), "o-", ms=3, lw=1.5, label="validation loss", color="tab:orange")
         best = min(val, key=lambda sv: sv[1])
@@ -284,28 +327,58 @@ class Trainer:
             **self.extra_state,
         }
 
-    def resume_from(self, checkpoint: Path) -> None:
+    def resume_from(self, checkpoint: Path, *, steps: int | None = None, lr: float | None = None) -> None:
         """Continue from ``checkpoint``: weights must already be loaded into the model; this
-        restores optimizer, RNG, step, schedule and data position."""
+        restores optimizer, RNG, step, schedule and data position.
+
+        ``steps`` (the new total, beyond the checkpoint's step) and ``lr`` (the new peak) extend
+        or re-rate the run. Past the warmup the cosine restarts at the checkpoint's step, from
+        the learning rate the old schedule had there (``steps`` alone: no jump) or from ``lr``,
+        and decays to ``lr * min_lr_ratio`` at the new last step. Inside the warmup the ramp
+        continues (its length kept) and the cosine spans the new length. The changed settings
+        are saved with the next checkpoints, so resuming again continues the new schedule.
+        """
         state = read_trainer_state(checkpoint)
         if state.get("data_fingerprint") != self.fingerprint:
             raise ValueError(
                 f"{checkpoint} was trained on different data (token stream {state.get('data_fingerprint')}, "
                 f"now {self.fingerprint}); resume with the same data and tokenizer"
             )
-        restore_optimizer(checkpoint, self.optimizer)
+        metrics = self.out_dir / "metrics.jsonl"
+        kept = read_metrics(metrics) if metrics.is_file() else None
+        restore_optimizer(checkpoint, self.optimizer, self.model.trainable_parameters())
         self.step = int(state["step"])
         self.total_steps = state["total_steps"]
+        if steps is not None or lr is not None:
+            self._reschedule(steps, lr)
         self.tokens = int(state["tokens"])
         self.elapsed = float(state["elapsed"])
         self.batches.position = DataPosition(**state["data_position"])
         self.best_val_loss, self.best_step = state.get("best_val_loss"), state.get("best_step")
-        # Metrics logged after the checkpoint belong to the abandoned run.
-        metrics = self.out_dir / "metrics.jsonl"
-        if metrics.is_file():
-            kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if kept is not None:  # metrics logged after the checkpoint belong to the abandoned run
             self.records = [r for r in kept if r.get("step", 0) <= self.step]
             atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def _reschedule(self, steps: int | None, lr: float | None) -> None:
+        cfg, step, old_total = self.cfg, self.step, self.total_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= step):
+            raise ValueError(f"steps ({steps}) must be greater than the checkpoint's step ({step})")
+        if lr is not None and not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        lr_now = _as_float(make_schedule(cfg, old_total)(step))
+        warmup = cfg.warmup_for(old_total)
+        cfg.warmup = warmup  # the ramp keeps its length whatever the new total
+        # Inside the warmup the ramp continues from where it is (to the new peak); past it the
+        # cosine restarts from the rate reached (no jump) or from the new --lr.
+        start_lr = lr if lr is not None and step >= warmup else lr_now
+        if lr is not None:
+            cfg.lr = lr
+        if steps is not None:
+            cfg.steps, cfg.max_time = steps, None  # a step count replaces a time budget
+            cfg.warmup = min(warmup, steps - 1)
+        cfg.reschedule_step, cfg.reschedule_lr = step, start_lr
+        cfg.validate()
+        self.total_steps = steps if steps is not None else old_total
 
     # -------------------------------------------------------------- compiled steps
     def _build_steps(self) -> None:
@@ -370,7 +443,8 @@ class Trainer:
         eval_cost = len(self.val) / cfg.batch_size * step_time / 3
         per_step = step_time + eval_cost / cfg.eval_every
         remaining = cfg.max_time - spent
-        return max(start_step + int(0.97 * remaining / per_step), cfg.warmup + 1, start_step + 1)
+        floor = cfg.warmup + 1 if cfg.warmup is not None else 0  # an explicit warmup is completed
+        return max(start_step + int(0.97 * remaining / per_step), floor, start_step + 1)
 
     def train(self) -> TrainResult:
         """Run to ``total_steps`` (or the time budget); returns losses and evals."""
@@ -383,8 +457,13 @@ class Trainer:
             self._build_steps()
         tokens_per_step = cfg.batch_size * cfg.seq_len
         result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
-                   dynamic_ncols=True, desc="train")
+        if self.total_steps is not None and self.step >= self.total_steps:  # a finished run: nothing to do
+            result.best_val_loss, result.best_step = self.best_val_loss, self.best_step
+            return result
+        # A time budget's step count is known after the probe; until then the bar counts to its end.
+        probe_end = self.step + 2 + cfg.probe_steps
+        bar = tqdm(total=self.total_steps or probe_end, initial=self.step, unit="step", disable=not self.progress,
+                   dynamic_ncols=True, desc="train" if self.total_steps else "train (timing steps)")
         t_start = self.clock() - self.elapsed
         window_losses: list[mx.array] = []
         t_window, steps_window = self.clock(), 0
@@ -396,7 +475,7 @@ class Trainer:
             if cfg.max_time is not None and self.clock() - t_start > cfg.max_time:
                 break  # hard stop: the budget ran out (eval costs more than estimated)
             if self.total_steps is None:
-                lr = make_schedule(cfg, cfg.warmup + 1)(self.step)  # still in warmup: total not needed
+                lr = make_schedule(cfg, None)(self.step)  # the warmup ramp: the total is not needed yet
             else:
                 lr = schedule(self.step)
             _set_learning_rate(self.optimizer, lr)
@@ -423,8 +502,16 @@ class Trainer:
                 elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
                     step_time = (self.clock() - probe_t0) / cfg.probe_steps
                     self.total_steps = self._size_from_time(step_time, self.step, self.clock() - t_start)
+                    if cfg.warmup is None:
+                        # The ramp continues from where the probe left it to the peak at a tenth
+                        # of the sized run, not earlier than the probe's own ramp would have.
+                        ramp_lr = _as_float(make_schedule(cfg, None)(self.step))
+                        total = self.total_steps
+                        cfg.warmup = max(min(cfg.warmup_for(None), total // 2), cfg.warmup_for(total), self.step + 1)
+                        cfg.reschedule_step, cfg.reschedule_lr = self.step, ramp_lr
                     schedule = make_schedule(cfg, self.total_steps)
                     bar.total = self.total_steps
+                    bar.set_description_str("train")
                     bar.refresh()
 
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:

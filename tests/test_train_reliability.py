@@ -1,0 +1,249 @@
+"""`xlstm-metal train` on damaged run directories, output paths, --resume with new --steps/--lr,
+run-length-scaled warmup, and what it draws and prints (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_train_cli import make_corpus
+from test_training import fresh_model, pattern_stream, small_cfg
+
+from xlstm_metal.cli import main
+from xlstm_metal.training import Trainer, TrainingConfig
+from xlstm_metal.training.trainer import make_schedule, plot_metrics
+
+RUN = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--log-every", "1",
+       "--lr", "3e-3", "--val-fraction", "0.1", "--eval-every", "4", "--eval-batches", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 4-step run (checkpoint at step 4), default warmup."""
+    tmp = tmp_path_factory.mktemp("rel")
+    corpus = make_corpus(tmp / "corpus")
+    out = tmp / "run"
+    assert main(["train", str(corpus), "--out", str(out), *RUN, "--steps", "4"]) == 0
+    return tmp, corpus, out
+
+
+def copy_run(run_dir, tmp_path):
+    _, corpus, out = run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return corpus, copy
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def usage_error(capsys, argv, *words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "xlstm-metal: error: " in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------ damaged run directories
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+def _garbage_line(path):
+    records = path.read_text().splitlines()
+    path.write_text("\n".join([records[0], '{"kind": "tra', *records[1:]]) + "\n")
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("config.json", _truncate),
+    ("model.safetensors", _truncate),
+    ("tokenizer.json", _truncate),
+    ("tokenizer_config.json", _truncate),
+    ("optimizer.safetensors", _truncate),
+    ("trainer_state.json", _truncate),
+    ("metrics.jsonl", _garbage_line),
+])
+def test_each_damaged_file_of_a_run_is_named(run_dir, tmp_path, capsys, name, damage):
+    corpus, run = copy_run(run_dir, tmp_path)
+    (checkpoint,) = sorted(run.glob("checkpoint-*"))
+    path = run / name if name == "metrics.jsonl" else checkpoint / name
+    damage(path)
+    before = sorted(p.name for p in run.iterdir())
+    usage_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "6"], name)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing new was written
+
+
+@pytest.mark.parametrize("field, value", [("step", "4"), ("data_position", {"epoch": 0}),
+                                          ("training_config", {"seq_len": 32, "bogus": 1}), ("elapsed", -1)])
+def test_trainer_state_fields_are_checked(run_dir, tmp_path, capsys, field, value):
+    _, run = copy_run(run_dir, tmp_path)
+    (checkpoint,) = sorted(run.glob("checkpoint-*"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state[field] = value
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    usage_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "6"], "trainer_state.json", field)
+
+
+def test_optimizer_state_that_does_not_fit_the_model(run_dir, tmp_path, capsys):
+    _, run = copy_run(run_dir, tmp_path)
+    (checkpoint,) = sorted(run.glob("checkpoint-*"))
+    arrays = mx.load(str(checkpoint / "optimizer.safetensors"))
+    key = next(k for k in arrays if k.endswith(".m"))
+    arrays[key] = mx.zeros((3,))
+    mx.save_safetensors(str(checkpoint / "optimizer.safetensors"), arrays)
+    usage_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "6"], "optimizer.safetensors",
+                "mis-shaped", key)
+
+
+def test_interrupted_last_metrics_line_is_dropped(run_dir, tmp_path, capsys):
+    _, run = copy_run(run_dir, tmp_path)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "st')  # a crash mid-append: no newline
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5"]) == 0
+    assert "incomplete last line" in capsys.readouterr().err
+    assert [r["step"] for r in lines(run / "metrics.jsonl")] == [1, 2, 3, 4, 4, 5, 5]
+
+
+# ------------------------------------------------------------------------------ output paths
+def test_output_paths_are_checked_before_training(run_dir, tmp_path, capsys):
+    _, corpus, _ = run_dir
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    out = tmp_path / "new"
+    usage_error(capsys, ["train", str(corpus), "--out", str(out), *RUN, "--steps", "2", "--export", str(busy)],
+                "--export directory", "not empty")
+    assert not out.exists() and (busy / "keep.txt").read_text() == "mine"
+    usage_error(capsys, ["train", str(corpus), "--out", str(busy / "keep.txt"), *RUN, "--steps", "2"], "is a file")
+    usage_error(capsys, ["train", str(corpus), "--out", str(out), *RUN, "--steps", "2", "--export", str(out),
+                         "--overwrite"], "would replace the run directory")
+    _, run = copy_run(run_dir, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    usage_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "6", "--export", str(busy)],
+                "--export directory", "not empty")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------ --resume
+def test_resume_rejects_settings_it_cannot_change_by_name(run_dir, tmp_path, capsys):
+    _, run = copy_run(run_dir, tmp_path)
+    usage_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "6", "--batch-size", "8", "--seed", "1"],
+                "--batch-size, --seed cannot change")
+
+
+def test_resuming_a_finished_run_changes_nothing(run_dir, tmp_path, capsys):
+    _, run = copy_run(run_dir, tmp_path)
+    metrics = (run / "metrics.jsonl").read_text()
+    usage_error(capsys, ["train", "--out", str(run), "--resume"], "is finished (step 4 of 4)", "--steps")
+    assert (run / "metrics.jsonl").read_text() == metrics  # no duplicate eval line
+    usage_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "4"], "--steps 4 must be greater")
+
+
+def test_resume_extends_the_run_with_steps_and_lr(run_dir, tmp_path, capsys):
+    _, run = copy_run(run_dir, tmp_path)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "8", "--eval-every", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "done: 4 steps (to step 8), 512 tokens" in err  # this session's tokens, not the whole run's
+    train = [r for r in lines(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    floor = 3e-3 * 0.1
+    # The 4-step run ended at the floor; --steps alone continues from the rate it reached.
+    assert train[3]["lr"] == pytest.approx(floor, rel=1e-5)
+    assert [r["lr"] for r in train[4:]] == pytest.approx([floor] * 4, rel=1e-5)
+    state = json.loads((run / "checkpoint-0000008" / "trainer_state.json").read_text())
+    assert state["total_steps"] == 8 and state["training_config"]["steps"] == 8
+    # --lr restarts the cosine at the checkpoint's step from the new rate, down to its floor.
+    assert main(["train", "--out", str(run), "--resume", "--steps", "12", "--lr", "1e-2"]) == 0
+    train = [r for r in lines(run / "metrics.jsonl") if r["kind"] == "train"]
+    lrs = [r["lr"] for r in train[8:]]
+    assert [r["step"] for r in train[8:]] == [9, 10, 11, 12]
+    cosine = [1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + np.cos(np.pi * k / 3)) for k in range(4)]
+    assert lrs == pytest.approx(cosine, rel=1e-4)
+
+
+def test_reschedule_is_saved_so_a_second_resume_continues_it(tmp_path):
+    stream = pattern_stream(3000)
+    cfg = small_cfg(steps=6, warmup=2, eval_every=100, save_every=3, keep=5)
+    trainer = Trainer(fresh_model(), stream[:2500], stream[2500:], cfg, tmp_path / "r", tmp_path, progress=False)
+    trainer.train()
+    resumed = Trainer(fresh_model(), stream[:2500], stream[2500:], TrainingConfig(**vars(cfg)), tmp_path / "r",
+                      tmp_path, progress=False)
+    resumed.resume_from(tmp_path / "r" / "checkpoint-0000006", steps=12, lr=1e-2)
+    assert (resumed.cfg.reschedule_step, resumed.cfg.reschedule_lr) == (6, 1e-2)
+    schedule = make_schedule(resumed.cfg, 12)
+    assert float(schedule(6)) == pytest.approx(1e-2) and float(schedule(11)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match=r"steps \(5\) must be greater than the checkpoint's step \(6\)"):
+        Trainer(fresh_model(), stream[:2500], stream[2500:], TrainingConfig(**vars(cfg)), tmp_path / "r", tmp_path,
+                progress=False).resume_from(tmp_path / "r" / "checkpoint-0000006", steps=5)
+
+
+# ------------------------------------------------------------------------------ run-length defaults
+def test_warmup_scales_with_the_run():
+    cfg = TrainingConfig()
+    assert [cfg.warmup_for(n) for n in (5, 30, 300, 1000, 50_000)] == [0, 3, 30, 100, 100]
+    assert TrainingConfig(warmup=7).warmup_for(5000) == 7
+    TrainingConfig(steps=5).validate()  # the old fixed warmup of 100 refused this
+    lrs = [float(make_schedule(TrainingConfig(steps=300, lr=1.0), 300)(s)) for s in range(300)]
+    assert lrs[30] == pytest.approx(1.0) and lrs[29] < 1.0 and lrs[0] == pytest.approx(1 / 30) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_short_cli_run_with_default_warmup_reaches_its_data_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = usage_error(capsys, ["train", str(empty), "--out", str(tmp_path / "o"), "--steps", "5"])
+    assert "warmup" not in err and str(empty) in err
+
+
+def test_time_budget_run_leaves_warmup_and_shows_a_total(tmp_path, capsys):
+    stream = pattern_stream(4000)
+    cfg = small_cfg(steps=None, max_time=1.0, warmup=None, probe_steps=8, eval_every=10_000, log_every=1)
+    trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], cfg, tmp_path / "t", tmp_path, progress=True)
+    ticks = iter(range(10**6))
+    trainer.clock = lambda: next(ticks) * 0.01
+    result = trainer.train()
+    total = trainer.total_steps
+    warmup = cfg.warmup_for(total)
+    # Sized at step 10 (2 + 8 probe steps) to ~45 steps: a tenth of that would end inside the
+    # probe, so the ramp keeps the probe's rate (twice the probe: 20 steps) to the peak.
+    assert 40 <= total <= 50 and warmup == 20 and result.step == total
+    lrs = [r["lr"] for r in lines(tmp_path / "t" / "metrics.jsonl") if r["kind"] == "train"]
+    assert lrs[0] == pytest.approx(cfg.lr / 20, rel=1e-5)
+    assert lrs[warmup] == pytest.approx(cfg.lr, rel=1e-5) == max(lrs)  # the peak is reached ...
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1]))  # ... rising without a jump
+    steps_up = [b - a for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1])]
+    assert max(steps_up) == pytest.approx(min(steps_up), rel=1e-3)  # one slope: no jump at the sizing
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))  # then the cosine ...
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-5)  # ... to the floor
+    err = capsys.readouterr().err
+    assert "train (timing steps)" in err and "/10 " in err  # the probe's length before sizing: 2 + 8
+    assert f"/{total} " in err
+
+
+# ------------------------------------------------------------------------------ output
+def test_loss_plot_marks_single_points(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    plot_metrics([{"kind": "train", "step": 3, "loss": 2.5}, {"kind": "eval", "step": 3, "val_loss": 2.7}],
+                 tmp_path / "loss.png")
+    (fig,) = figures
+    plotted = fig.axes[0].get_lines()
+    assert len(plotted) == 2
+    for line in plotted:
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")
+    plt.close(fig)
+
+
+def test_no_progress_prints_no_blank_lines(run_dir, tmp_path, capfd):
+    _, corpus, _ = run_dir
+    assert main(["train", str(corpus), "--out", str(tmp_path / "o"), *RUN, "--steps", "1"]) == 0
+    out = capfd.readouterr().out
+    assert out.strip() and all(line.strip() for line in out.splitlines()), repr(out)
