@@ -178,9 +178,19 @@ def sanitize_xlstm_large(weights: dict[str, mx.array], config: xLSTMConfig) -> d
     return out
 
 
-def load_weights_strict(model: nn.Module, weights: dict[str, mx.array], source: str | os.PathLike) -> None:
+def load_weights_strict(
+    model: nn.Module, weights: dict[str, mx.array], source: str | os.PathLike,
+    quantization: dict[str, Any] | None = None,
+) -> None:
     """Set every parameter of ``model`` from ``weights`` (same names), or raise one
-    CheckpointError listing all missing, unexpected and mis-shaped tensors."""
+    CheckpointError listing all missing, unexpected and mis-shaped tensors.
+
+    Layers the weights hold quantized (``.scales``, packed ``.weight``) are first replaced by
+    quantized layers, following the checkpoint's ``quantization`` entry where given."""
+    if quantization is not None or any(key.endswith(".scales") for key in weights):
+        from .quantization import apply_quantization
+
+        apply_quantization(model, quantization, weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -203,6 +213,17 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     if dtype is None:
         return weights
     return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+
+
+def _pop_quantization(config_dict: dict[str, Any], directory: Path) -> dict[str, Any] | None:
+    """The checkpoint's ``quantization`` (or ``quantization_config``) entry, removed from the
+    config dict (the module tree, not the config, describes a loaded model's quantization)."""
+    from .quantization import QuantizationError, config_quantization
+
+    try:
+        return config_quantization(config_dict, str(directory / CONFIG_NAME))
+    except QuantizationError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
@@ -313,13 +334,17 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     """Load a checkpoint directory (or Hugging Face id) into an MLX model.
 
     Weights keep the checkpoint's dtype unless ``dtype`` ("float32", "bfloat16", "float16") is
-    given. The architecture (xLSTM-Large, or NX-AI's 2024 sLSTM/mLSTM xLSTM) is detected from
-    the config and the weight names. Weights holding NaN or inf are a CheckpointError naming
-    the tensors (one pass over the weights; ``check_finite_weights=False`` skips it).
+    given (a quantized checkpoint's packed weights stay packed; their scales take ``dtype``).
+    A config with a ``quantization`` entry (mlx-lm's format, as ``xlstm-metal convert -q``
+    writes it) gives a model with the same layers quantized. The architecture (xLSTM-Large, or
+    NX-AI's 2024 sLSTM/mLSTM xLSTM) is detected from the config and the weight names. Weights
+    holding NaN or inf are a CheckpointError naming the tensors (one pass over the weights;
+    ``check_finite_weights=False`` skips it).
     """
     directory = resolve_model_path(path)
     target = _parse_dtype(dtype)
     config_dict = read_config_dict(directory)
+    quantization = _pop_quantization(config_dict, directory)
     # The config is checked before the (possibly large) weights are read.
     kind = "large"
     if config_dict.get("model_type") == "xlstm_lab":  # an architecture-lab model (xlstm_metal.lab)
@@ -340,7 +365,7 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
         model = model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
     else:
         model = xLSTMLarge(config)
-        load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory)
+        load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory, quantization)
         mx.eval(model.parameters())
         model.eval()
     if check_finite_weights:
@@ -430,5 +455,11 @@ def save_model(
             (directory / WEIGHTS_NAME).unlink()
     for stale in old_shards - written:
         stale.unlink()
-    _atomic_write_text(directory / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2))
+    config = model.config.to_dict()
+    from .quantization import quantization_config
+
+    quantization = quantization_config(model)
+    if quantization is not None:  # mlx-lm writes both names; transformers reads the second
+        config["quantization"] = config["quantization_config"] = quantization
+    _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     return directory

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 #: Subcommand modules, in the order `--help` lists them. A module not (yet) present is skipped,
 #: so each feature registers its command by adding its module here.
@@ -25,6 +26,21 @@ JOB_COMMANDS = ("generate", "chat", "serve", "train", "convert", "bench", "tune"
 
 class UsageError(Exception):
     """Bad user input: printed without a traceback, exit code 2."""
+
+
+def read_text_file(path: str | Path, label: str) -> str:
+    """The UTF-8 text of ``path``; UsageError naming ``label`` (e.g. "prompt file") otherwise."""
+    path = Path(path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{label} not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{label} {path} is a directory") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{label} {path} is not UTF-8 text: {err}") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {label} {path}: {err.strerror or err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

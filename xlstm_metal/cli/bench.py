@@ -122,6 +122,14 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("building random model")
         model = bm.random_model(config, dtype=dtype, seed=args.seed)
+        quantization = config.extra.get("quantization") or config.extra.get("quantization_config")
+        if quantization:  # a quantized checkpoint's config: the same layers quantized the same way
+            from ..quantization import QuantizationError, Recipe, quantize_model
+
+            try:
+                quantize_model(model, recipe=Recipe.from_config(quantization))
+            except (QuantizationError, KeyError, TypeError) as err:
+                raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
         if not args.no_fuse and hasattr(model, "fuse"):
             model.fuse()
         bar.update(1)
@@ -141,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(record), flush=True)
             bar.update(1)
     if not args.json:
-        _table(records, env, f"xlstm-metal bench: {source}, {dtype} weights, "
+        weights = f"{dtype} weights" if not quantization else (
+            f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales")
+        _table(records, env, f"xlstm-metal bench: {source}, {weights}, "
                              f"{config.inference_state_dtype} state")
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..jsonfiles import read_json_object
 from ..monitor import current_job
-from . import UsageError
+from . import UsageError, read_text_file
 
 DESCRIPTION = """\
 Generate text with an xLSTM model. The model is a local checkpoint directory, a Hugging Face id
@@ -145,17 +145,7 @@ def validate_sampling(args: argparse.Namespace) -> None:
 def read_prompt(args: argparse.Namespace) -> str | None:
     """The prompt from --prompt / --prompt - (stdin) / --prompt-file, or None."""
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"prompt file not found: {path}") from None
-        except IsADirectoryError:
-            raise UsageError(f"prompt file {path} is a directory") from None
-        except UnicodeDecodeError as err:
-            raise UsageError(f"prompt file {path} is not UTF-8 text: {err}") from None
-        except OSError as err:
-            raise UsageError(f"cannot read prompt file {path}: {err.strerror or err}") from None
+        return read_text_file(args.prompt_file, "prompt file")
     if args.prompt == "-":
         return read_stdin_text()
     return None if args.prompt is None else check_utf8(args.prompt, "--prompt")

@@ -1,0 +1,125 @@
+"""Quantization fidelity of a checkpoint: `xlstm-metal convert --check` for 8, 6, 4 (and 3) bits
+at group sizes 32 and 64 and mixed recipes, on held-out text. Prints a Markdown table and writes
+benchmarks/results/quantization_fidelity_<name>.json.
+
+    python benchmarks/quantization_fidelity.py --corpus .train_data/corpus.jsonl     # packaged model
+    python benchmarks/quantization_fidelity.py --model ckpt --text heldout.txt
+
+With --corpus (the JSON Lines corpus `scripts/build_default_model.sh corpus` writes), the text is
+the start of the validation split `xlstm-metal train` holds out (documents shuffled with --seed,
+the last --val-fraction of the tokens), so the model never trained on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import xlstm_metal  # noqa: F401  (first: binds MLX to OpenBLAS on Linux)
+from xlstm_metal.assets import DEFAULT_MODEL_DIR
+from xlstm_metal.benchmark import environment
+from xlstm_metal.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = [
+    ("8-bit, group 64", ["--q-bits", "8", "--q-group-size", "64"]),
+    ("8-bit, group 32", ["--q-bits", "8", "--q-group-size", "32"]),
+    ("6-bit, group 64", ["--q-bits", "6", "--q-group-size", "64"]),
+    ("6-bit, group 32", ["--q-bits", "6", "--q-group-size", "32"]),
+    ("4-bit, group 64", ["--q-bits", "4", "--q-group-size", "64"]),
+    ("4-bit, group 32", ["--q-bits", "4", "--q-group-size", "32"]),
+    ("mixed-4-6, group 64", ["--q-recipe", "mixed-4-6", "--q-group-size", "64"]),
+    ("mixed-4-8, group 32", ["--q-recipe", "mixed-4-8", "--q-group-size", "32"]),
+    ("3-bit, group 32", ["--q-bits", "3", "--q-group-size", "32"]),
+]
+
+
+def heldout_text(model_dir: Path, corpus: Path, tokens: int, val_fraction: float, seed: int) -> str:
+    """The first ``tokens`` tokens of the validation split, from the first whole document on."""
+    from xlstm_metal.training.data import (
+        BOS_TOKEN, EOS_TOKEN, load_documents, load_tokenizer_file, split_stream, tokenize_documents,
+    )
+
+    tok = load_tokenizer_file(model_dir)
+    bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
+    streams = tokenize_documents(tok, load_documents([str(corpus)]), bos, eos)
+    _, val = split_stream(streams, val_fraction, seed)
+    ids = val.tolist()
+    ids = ids[ids.index(eos) + 1 :]  # the first document may have been cut at the split
+    docs, current = [], []
+    for token in ids[: tokens + 64]:
+        if token == eos:
+            docs.append(tok.decode(current, skip_special_tokens=True))
+            current = []
+        elif token != bos:
+            current.append(token)
+    if current:
+        docs.append(tok.decode(current, skip_special_tokens=True))
+    return "\n\n".join(docs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="checkpoint (default: the packaged model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", type=Path, help="training corpus (JSON Lines): use its held-out split")
+    src.add_argument("--text", type=Path, help="a held-out text file")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of text compared (default: 8192)")
+    p.add_argument("--greedy", type=int, default=256, help="greedy tokens compared (default: 256)")
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="default", help="results file suffix (default: default)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text_path = args.text
+        if args.corpus is not None:
+            text_path = Path(tmp) / "heldout.txt"
+            text_path.write_text(heldout_text(Path(args.model), args.corpus, args.tokens, args.val_fraction, args.seed))
+        rows = []
+        for label, flags in SETTINGS:
+            out = io.StringIO()
+            command = ["convert", args.model, str(Path(tmp) / "out"), "-q", *flags, "--overwrite",
+                       "--check", str(text_path), "--check-tokens", str(args.tokens),
+                       "--check-greedy", str(args.greedy), "--json"]
+            with contextlib.redirect_stdout(out):
+                code = cli_main(command)
+            if code:
+                raise SystemExit(f"convert failed ({code}): {' '.join(command)}")
+            summary = json.loads(out.getvalue().strip().splitlines()[-1])
+            rows.append({"setting": label, "flags": " ".join(flags), **summary})
+            print(f"{label}: done", file=sys.stderr)
+
+    first = rows[0]["check"]
+    lines = [
+        f"held-out text: {first['tokens'] + 1} tokens; source perplexity {first['ppl_reference']:.3f} "
+        f"({rows[0]['source_bits_per_weight']:.0f}-bit weights, {rows[0]['parameters'] / 1e6:.2f}M parameters)",
+        "",
+        "| setting | bits/weight | weights MB | perplexity | change | mean KL (nats) | top-1 agree | "
+        f"greedy agree / {args.greedy} | identical prefix |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        c = row["check"]
+        lines.append(
+            f"| {row['setting']} | {row['bits_per_weight']:.2f} | {row['weight_bytes'] / 1e6:.2f} | "
+            f"{c['ppl_candidate']:.3f} | {c['ppl_candidate'] / c['ppl_reference'] - 1:+.2%} | {c['kl']:.5f} | "
+            f"{c['top1']:.2%} | {c['greedy_agree']} | {c['greedy_prefix']} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    record = {"environment": environment(), "model": args.model, "command": " ".join(sys.argv), "rows": rows,
+              "table": table}
+    path = ROOT / "benchmarks" / "results" / f"quantization_fidelity_{args.name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

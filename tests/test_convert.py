@@ -1,0 +1,255 @@
+"""`xlstm-metal convert`: dtype and quantized round trips, the 2024 xLSTM, --check figures, bad
+input (exit 2, nothing written)."""
+
+import json
+import math
+import shutil
+
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_model
+from mlx.utils import tree_flatten
+from test_tokenizer import train_tiny_tokenizer
+
+import xlstm_metal
+from xlstm_metal.assets import DEFAULT_MODEL_DIR
+from xlstm_metal.cli import main
+from xlstm_metal.generation import load_tokenizer, xLSTMRunner
+from xlstm_metal.loading import load_model, save_model
+from xlstm_metal.quantization import dequantize_model, fidelity, quantization_config, quantize_model
+
+IDS = mx.array([[0, 5, 17, 33, 2, 90, 41, 8, 64, 3, 77, 12]])
+
+# Written for this test (not from the packaged model's training corpus): held-out prose in the
+# style of the Python documentation the model was trained on.
+HELD_OUT = """\
+The pathlib module offers classes representing filesystem paths with semantics appropriate for
+different operating systems. A path object can be created from a string, joined with other parts
+using the slash operator, and queried for its name, suffix and parent directory. Reading the
+contents of a file is as simple as calling the read_text method, which opens the file, returns its
+contents as a string and closes it again. When a program needs to write data, it should open the
+file in a with statement, so that the file is closed even if an exception is raised inside the
+block. The open function returns a file object whose methods depend on the mode: in text mode, the
+write method accepts strings and encodes them with the given encoding, while in binary mode it
+accepts bytes-like objects. If the file does not exist, opening it for reading raises
+FileNotFoundError; a program that expects this case can catch the exception and create a default
+configuration instead. The json module converts between Python objects and their JSON text form:
+dumps returns a string, and loads parses one back into dictionaries, lists, strings and numbers.
+Django uses settings modules to configure a project; each setting is a module-level constant, and
+the framework reads them once at start-up. A view function takes a request object and returns a
+response, and the URL configuration maps each path to the view that handles it. Templates separate
+the presentation from the logic: the template language offers variables, filters and tags, and a
+context dictionary supplies the values a template displays.
+"""
+
+
+@pytest.fixture(scope="module")
+def tok_ckpt(tmp_path_factory):
+    """A tiny xLSTM-Large checkpoint with a tokenizer and generation config (float32)."""
+    path = tmp_path_factory.mktemp("src")
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(3, vocab_size=hf.get_vocab_size(), tie_word_embeddings=False), path)
+    hf.save(str(path / "tokenizer.json"))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.0}))
+    return path
+
+
+def convert(*argv):
+    return main(["convert", *map(str, argv)])
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_float_dtype_round_trip(tok_ckpt, tmp_path, dtype, capsys):
+    assert convert(tok_ckpt, tmp_path / "out", "--dtype", dtype) == 0
+    assert f"{dtype} float weights" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert (out / "tokenizer.json").read_bytes() == (tok_ckpt / "tokenizer.json").read_bytes()
+    model = load_model(out)
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {getattr(mx, dtype)}
+    expected, _ = load_model(tok_ckpt, dtype=dtype)(IDS)
+    assert mx.array_equal(model(IDS)[0], expected)
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags, bits", [(["-q", "--q-bits", "4"], 4), (["-q", "--q-bits", "8", "--q-group-size", "32"], 8),
+                                         (["-q", "--q-recipe", "mixed-4-8"], 4)])
+def test_quantized_round_trip_loads_and_generates(tok_ckpt, tmp_path, flags, bits, capsys):
+    out = tmp_path / "q"
+    assert convert(tok_ckpt, out, *flags) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == bits and config["quantization_config"] == config["quantization"]
+    if "mixed-4-8" in flags:
+        assert config["quantization"]["lm_head"]["bits"] == 8 and "recipe mixed-4-8" in printed
+    assert config["quantization"]["backbone.blocks.0.mlstm_layer.igate_preact"] is False
+
+    # The written checkpoint equals the same quantization done in memory.
+    in_memory = load_model(tok_ckpt)
+    assert quantize_model(in_memory, recipe=(None if "mixed-4-8" not in flags else "mixed-4-8"),
+                          bits=None if "mixed-4-8" in flags else bits,
+                          group_size=32 if "32" in flags else None) == config["quantization"]
+    loaded, tokenizer = xlstm_metal.load(out)
+    assert mx.array_equal(loaded(IDS)[0], in_memory(IDS)[0])
+    size = (out / "model.safetensors").stat().st_size
+    assert f"{size / 1e6:.2f} MB" in printed and "bits per weight (source: 32.00)" in printed
+
+    # generate (CLI, fused, greedy) writes what the runner gives with the loaded checkpoint.
+    expected = tokenizer.decode(xLSTMRunner(loaded, tokenizer).generate("the model", max_tokens=12, temperature=0))
+    assert main(["generate", "-m", str(out), "--prompt", "the model", "-n", "12", "--temp", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith(expected.strip())
+
+
+def test_quantized_checkpoint_in_chat_and_bench(tok_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    assert convert(tok_ckpt, out, "-q") == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/quit\n"))
+    assert main(["chat", "-m", str(out), "-n", "5", "--temp", "0"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--config", str(out), "--prefill-lengths", "16", "--decode-tokens", "4", "--json"]) == 0
+    assert '"prefill' in capsys.readouterr().out
+
+
+def test_overwrite_replaces_and_quantized_source_dequantizes(tok_ckpt, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert convert(tok_ckpt, out, "-q", "--q-bits", "8") == 0
+    assert convert(tok_ckpt, out, "-q", "--q-bits", "4", "--overwrite") == 0
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert leftovers(tmp_path) == []
+    # A quantized source converted without -q is written dequantized, with equal logits.
+    assert convert(out, tmp_path / "float") == 0
+    assert "the source is quantized: dequantizing" in capsys.readouterr().err
+    restored = load_model(tmp_path / "float")
+    assert quantization_config(restored) is None
+    assert mx.allclose(restored(IDS)[0], load_model(out)(IDS)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_2024_xlstm_converts(tmp_path, capsys):
+    model = xlstm_metal.create_xlstm_model(vocab_size=100, num_layers=2, signature=(1, 1), inp_dim=64,
+                                           head_dim=16, head_num=4, seed=1)
+    save_model(model, tmp_path / "src")
+    assert convert(tmp_path / "src", tmp_path / "q", "-q", "--q-bits", "8", "--q-group-size", "32") == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization"]["xlstm_block_stack.blocks.0.xlstm.mlstm_cell.igate"] is False
+    loaded = load_model(tmp_path / "q")
+    assert type(loaded).__name__ == "xLSTMLMModel"
+    assert type(loaded.token_embedding).__name__ == "QuantizedEmbedding"
+    quantize_model(model, bits=8, group_size=32)
+    ids = mx.array([[1, 5, 9, 33, 70, 2]])
+    assert mx.array_equal(loaded(ids)[0], model(ids)[0])
+    reference = load_model(tmp_path / "src")(ids)[0]
+    assert mx.allclose(loaded(ids)[0], reference, atol=0.05) and not mx.array_equal(loaded(ids)[0], reference)
+
+
+def test_check_figures(tok_ckpt, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(HELD_OUT)
+    assert convert(tok_ckpt, tmp_path / "same", "--check", text, "--check-greedy", "40", "--json") == 0
+    same = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["check"]
+    # The perplexity the check reports is the model's, computed here in one pass.
+    ids = load_tokenizer(tok_ckpt).encode(HELD_OUT)
+    logits = load_model(tok_ckpt)(mx.array([ids[:-1]]))[0][0].astype(mx.float32)
+    nll = mx.logsumexp(logits, -1) - mx.take_along_axis(logits, mx.array(ids[1:])[:, None], -1)[:, 0]
+    assert same["tokens"] == len(ids) - 1
+    assert same["ppl_reference"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert same["ppl_candidate"] == pytest.approx(same["ppl_reference"], rel=1e-6)
+    assert abs(same["kl"]) < 1e-6 and same["top1"] == 1.0
+    assert same["greedy_agree"] == same["greedy_prefix"] == same["greedy_tokens"] == 40
+
+    assert convert(tok_ckpt, tmp_path / "q2", "-q", "--q-bits", "2", "--q-group-size", "32", "--check", text,
+                   "--check-greedy", "40") == 0
+    printed = capsys.readouterr().out
+    assert "perplexity  source" in printed and "greedy agreement" in printed
+    reference, candidate = load_model(tok_ckpt), load_model(tmp_path / "q2")
+    low = fidelity(reference, candidate, ids, greedy_tokens=40, piece=37)  # pieces carry the state
+    assert low["ppl_reference"] == pytest.approx(same["ppl_reference"], rel=1e-4)
+    assert low["kl"] > 1e-3 and low["ppl_candidate"] != pytest.approx(low["ppl_reference"], rel=1e-3)
+    assert f"{low['ppl_candidate']:.4f}" in printed and f"{low['kl']:.5f}" in printed
+
+
+def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
+    """The packaged (trained) model: 8-bit costs < 1% perplexity, 4-bit costs more than 8-bit."""
+    reference = load_model(DEFAULT_MODEL_DIR, dtype="float32")
+    ids = load_tokenizer(DEFAULT_MODEL_DIR).encode(HELD_OUT)
+    results = {}
+    for bits in (8, 4):
+        candidate = load_model(DEFAULT_MODEL_DIR, dtype="float32")
+        quantize_model(candidate, bits=bits, group_size=64)
+        results[bits] = fidelity(reference, candidate, ids, greedy_tokens=32)
+    base = results[8]["ppl_reference"]
+    assert 5 < base < 200  # a trained model on in-domain prose
+    assert abs(results[8]["ppl_candidate"] / base - 1) < 0.01
+    assert results[4]["kl"] > results[8]["kl"] > 0
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["{missing}", "{out}"], "model directory not found"),
+    (["{src}", "{out}", "--q-bits", "4"], "only apply with -q"),
+    (["{src}", "{out}", "-q", "--q-recipe", "mixed-4"], "unknown recipe"),
+    (["{src}", "{out}", "-q", "--q-recipe", "{typo}"], "no quantizable layer"),
+    (["{src}", "{out}", "-q", "--q-recipe", "{badjson}"], "not valid JSON"),
+    (["{src}", "{out}", "-q", "--q-group-size", "128"], "no layer could be quantized"),
+    (["{src}", "{out}", "--check", "{missing}"], "--check file not found"),
+    (["{src}", "{out}", "--check", "{empty}"], "fewer than 2 tokens"),
+    (["{src}", "{out}", "--check-tokens", "10"], "needs --check"),
+    (["{notok}", "{out}", "--check", "{text}"], "has no tokenizer.json"),
+    (["{existing}", "{out}"], "no config.json"),  # a directory that is not a checkpoint
+    (["{src}", "{existing}"], "already exists; pass --overwrite"),
+    (["{src}", "{file}", "--overwrite"], "is not a directory"),
+    (["{src}", "{src}", "--overwrite"], "is the source checkpoint"),
+    (["{noconfig}", "{out}"], "no config.json"),
+    (["{src}", "{out}", "-q", "--q-bits", "7"], "invalid choice"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tok_ckpt, tmp_path, capsys, argv_tail, message):
+    src = tmp_path / "src"
+    shutil.copytree(tok_ckpt, src)
+    names = {
+        "src": src, "out": tmp_path / "out", "missing": tmp_path / "missing", "file": tmp_path / "file.txt",
+        "existing": tmp_path / "existing", "noconfig": tmp_path / "noconfig", "notok": tmp_path / "notok",
+        "typo": tmp_path / "typo.json", "badjson": tmp_path / "bad.json", "empty": tmp_path / "empty.txt",
+        "text": tmp_path / "text.txt",
+    }
+    names["file"].write_text("x")
+    names["existing"].mkdir()
+    (names["existing"] / "keep.txt").write_text("mine")
+    names["noconfig"].mkdir()
+    shutil.copytree(tok_ckpt, names["notok"], ignore=shutil.ignore_patterns("tokenizer.json"))
+    names["typo"].write_text(json.dumps({"backbone.blocks.*.ffn.proj_dwn": 4}))
+    names["badjson"].write_text("{bits: 4")
+    names["empty"].write_text("")
+    names["text"].write_text(HELD_OUT)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    src_files = {p.name: p.read_bytes() for p in src.iterdir()}
+    try:
+        code = convert(*[a.format(**names) for a in argv_tail])
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT, no temporary directory
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == src_files
+    assert (names["existing"] / "keep.txt").read_text() == "mine" and names["file"].read_text() == "x"
+
+
+def test_help_says_cpu_quantization_saves_memory_not_time(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "On CPUs quantization saves memory, not time" in text and "--q-recipe" in text
+
+
+def test_dequantize_then_requantize_matches(tok_ckpt):
+    model = load_model(tok_ckpt)
+    quantize_model(model, bits=8)
+    expected, _ = model(IDS)
+    dequantize_model(model)
+    np.testing.assert_allclose(np.array(model(IDS)[0]), np.array(expected), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,273 @@
+"""`xlstm-metal convert SRC OUT`: change a checkpoint's dtype and/or quantize it.
+
+    xlstm-metal convert NX-AI/xLSTM-7b xlstm-7b-4bit -q                 # 4-bit, group 64
+    xlstm-metal convert ckpt out --dtype bfloat16                       # cast only
+    xlstm-metal convert ckpt out -q --q-recipe mixed-4-6 --check val.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import UsageError, read_text_file
+
+#: Files copied from the source checkout besides the weights and config.
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+)
+
+DESCRIPTION = """\
+Convert a checkpoint: an xLSTM-Large checkpoint in Hugging Face format (directory or Hugging Face
+id), NX-AI's native xLSTMLarge state dict (a directory with config.json and safetensors under
+NX-AI's names), or a 2024 xLSTMLMModel directory (config.json or config.yaml). Writes OUT with
+config.json, model.safetensors and the source's tokenizer and generation config; it loads with
+xlstm_metal.load / load_model and in generate, chat and bench.
+
+-q quantizes the weights (MLX affine quantization, mlx-lm's format: config.json gets a
+"quantization" entry, the safetensors hold packed weights with .scales and .biases). The input
+and forget gate projections stay in float by default (one output per head; they drive
+exponential gates). A quantized SRC converted without -q is written dequantized.
+"""
+
+EPILOG = """\
+recipes (--q-recipe):
+  mixed-B-H      B-bit body, embeddings and LM head at H bits (e.g. mixed-4-6, mixed-3-6)
+  FILE.json      per-layer overrides: {"bits": 4, "group_size": 64,
+                 "backbone.blocks.*.ffn.proj_down": 6, "lm_head": {"bits": 8}, "backbone.embeddings": false}
+                 (exact layer paths or glob patterns; "float_gates": false quantizes the i/f gates too)
+
+On CPUs quantization saves memory, not time: MLX's quantized matmul on a CPU is several times
+slower than a float32 matmul through OpenBLAS (2.5-6x at batch 1, 25-50x at 512 rows measured on
+a 2-core x86 machine; BENCHMARKS.md). Quantize for Metal and NVIDIA GPUs, or to fit memory.
+
+--check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
+next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from ..quantization import BITS, GROUP_SIZES
+
+    p = subparsers.add_parser(
+        "convert", help="convert a checkpoint's dtype, or quantize it (-q)", description=DESCRIPTION,
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SRC", help="checkpoint directory or Hugging Face id")
+    p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the float weights and of the quantization scales (default: the source's)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    p.add_argument("--q-bits", type=int, choices=BITS, default=None,
+                   help="bits per quantized weight (default: 4, or the recipe's)")
+    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=None,
+                   help="weights sharing one scale and bias (default: 64)")
+    p.add_argument("--q-recipe", metavar="RECIPE", default=None,
+                   help="mixed precision: mixed-B-H or a JSON file of per-layer overrides (see below)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--check", metavar="TEXTFILE", default=None,
+                   help="after converting, compare SRC and OUT on this UTF-8 text (see below)")
+    p.add_argument("--check-tokens", type=int, default=8192,
+                   help="use at most this many tokens of TEXTFILE (default: 8192)")
+    p.add_argument("--check-greedy", type=int, default=256,
+                   help="tokens decoded greedily by both models for --check (default: 256)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary (and the --check figures) as one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------ checks
+def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UsageError(f"OUT {out} exists and is not a directory")
+        if not overwrite:
+            raise UsageError(f"OUT {out} already exists; pass --overwrite to replace it")
+        if source_dir is not None and out.resolve() == source_dir.resolve():
+            raise UsageError(f"OUT {out} is the source checkpoint; write to another directory")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create OUT {out}: {parent} is not a writable directory")
+
+
+def _read_check_ids(args: argparse.Namespace, source_dir: Path) -> list[int] | None:
+    """The --check text's token ids (first --check-tokens), read before any work is done."""
+    if args.check is None:
+        for flag in ("check_tokens", "check_greedy"):
+            if getattr(args, flag) != {"check_tokens": 8192, "check_greedy": 256}[flag]:
+                raise UsageError(f"--{flag.replace('_', '-')} needs --check TEXTFILE")
+        return None
+    if args.check_tokens < 2:
+        raise UsageError(f"--check-tokens must be at least 2, got {args.check_tokens}")
+    if args.check_greedy < 1:
+        raise UsageError(f"--check-greedy must be positive, got {args.check_greedy}")
+    from ..generation.tokenizer import TokenizerError, load_tokenizer
+
+    text = read_text_file(args.check, "--check file")
+    try:
+        tokenizer = load_tokenizer(source_dir)
+    except TokenizerError as err:
+        raise UsageError(f"--check: {err}") from None
+    if tokenizer is None:
+        raise UsageError(f"--check needs a tokenizer, and {source_dir} has no tokenizer.json")
+    ids = tokenizer.encode(text)[: args.check_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"--check file {args.check} holds fewer than 2 tokens")
+    return ids
+
+
+def _recipe(args: argparse.Namespace):
+    from ..quantization import QuantizationError, make_recipe
+
+    given = [f for f, v in (("--q-bits", args.q_bits), ("--q-group-size", args.q_group_size),
+                            ("--q-recipe", args.q_recipe)) if v is not None]
+    if not args.quantize:
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with -q/--quantize")
+        return None
+    try:
+        return make_recipe(args.q_recipe, args.q_bits, args.q_group_size)
+    except QuantizationError as err:
+        raise UsageError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------ run
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..loading import CheckpointError, load_model, read_config_dict, resolve_model_path, save_model
+    from ..quantization import (
+        QuantizationError, bits_per_weight, dequantize_model, parameter_count, quantization_config, quantize_model,
+    )
+
+    out = Path(args.out).expanduser()
+    _check_output(out, None, args.overwrite)  # before a download
+    recipe = _recipe(args)
+    try:
+        source_dir = resolve_model_path(args.source)
+        read_config_dict(source_dir)  # a directory without config fails here, before loading
+    except CheckpointError as err:
+        raise UsageError(f"cannot read SRC {args.source}: {err}") from None
+    _check_output(out, source_dir, args.overwrite)
+    check_ids = _read_check_ids(args, source_dir)
+
+    print(f"reading {source_dir}", file=sys.stderr)
+    try:
+        model = load_model(source_dir, dtype=args.dtype)
+    except CheckpointError as err:
+        raise UsageError(f"cannot load SRC {args.source}: {err}") from None
+    source_bpw = bits_per_weight(model)
+    if quantization_config(model) is not None:
+        print("the source is quantized: dequantizing" + (" (quantizing again adds error)" if recipe else ""),
+              file=sys.stderr)
+        dequantize_model(model)
+    if recipe is not None:
+        from ..quantization import plan
+
+        try:
+            todo = sum(1 for v in plan(model, recipe).values() if v is not False)
+            with tqdm(total=todo, desc="quantizing", unit="layer", file=sys.stderr, disable=None) as bar:
+                quantize_model(model, recipe=recipe, progress=lambda path: bar.update(1))
+        except QuantizationError as err:
+            raise UsageError(str(err)) from None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.convert-"))
+    try:
+        print(f"writing {out}", file=sys.stderr)
+        save_model(model, tmp, overwrite=True)
+        for name in COPIED_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp / name)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    quantization = quantization_config(model)
+    summary: dict[str, Any] = {
+        "source": str(args.source), "out": str(out), "dtype": _dtype_name(model),
+        "bits": None if quantization is None else quantization["bits"],
+        "group_size": None if quantization is None else quantization["group_size"],
+        "recipe": None if recipe is None else recipe.name, "parameters": parameter_count(model),
+        "weight_bytes": size, "bits_per_weight": bits_per_weight(model), "source_bits_per_weight": source_bpw,
+    }
+    what = "float" if quantization is None else (
+        f"{quantization['bits']}-bit, group {quantization['group_size']}"
+        + (f", recipe {recipe.name}" if recipe is not None and recipe.name != "uniform" else ""))
+    if not args.json:
+        print(f"wrote {out}: {what}, {summary['dtype']} float weights, {summary['parameters'] / 1e6:.2f}M "
+              f"parameters, {size / 1e6:.2f} MB, {summary['bits_per_weight']:.2f} bits per weight "
+              f"(source: {source_bpw:.2f})")
+    if check_ids is not None:
+        del model
+        summary["check"] = _run_check(source_dir, out, check_ids, args)
+        if not args.json:
+            print(format_check(summary["check"], args.check))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _dtype_name(model) -> str:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    return "/".join(sorted(str(d).removeprefix("mlx.core.") for d in dtypes)) or "no"
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_check(source_dir: Path, out: Path, ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from ..loading import load_model
+    from ..quantization import fidelity
+
+    reference = load_model(source_dir)
+    candidate = load_model(out)
+    total = len(ids) - 1 + 2 * args.check_greedy
+    with tqdm(total=total, desc="checking", unit="tok", file=sys.stderr, disable=None) as bar:
+        return fidelity(reference, candidate, ids, greedy_tokens=args.check_greedy, progress=bar.update)
+
+
+def format_check(result: dict[str, Any], text_name: str) -> str:
+    """The --check table."""
+    change = result["ppl_candidate"] / result["ppl_reference"] - 1
+    n = result["greedy_tokens"]
+    return "\n".join([
+        f"check on {text_name} ({result['tokens']} predicted tokens):",
+        f"  perplexity  source {result['ppl_reference']:.4f}   result {result['ppl_candidate']:.4f}   "
+        f"({change:+.2%})",
+        f"  mean KL(source || result)  {result['kl']:.5f} nats/token",
+        f"  top-1 agreement            {result['top1']:.2%}",
+        f"  greedy agreement           {result['greedy_agree']}/{n} tokens "
+        f"(identical for the first {result['greedy_prefix']})",
+    ])
