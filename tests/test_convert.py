@@ -6,6 +6,7 @@ import math
 import shutil
 
 import io
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -173,7 +174,9 @@ def test_check_figures(tok_ckpt, tmp_path, capsys):
     low = fidelity(reference, candidate, ids, greedy_tokens=40, piece=37)  # pieces carry the state
     assert low["ppl_reference"] == pytest.approx(same["ppl_reference"], rel=1e-4)
     assert low["kl"] > 1e-3 and low["ppl_candidate"] != pytest.approx(low["ppl_reference"], rel=1e-3)
-    assert f"{low['ppl_candidate']:.4f}" in printed and f"{low['kl']:.5f}" in printed
+    shown = re.search(r"result ([\d.]+) .*\n  mean KL\(source \|\| result\)\s+([\d.]+)", printed)
+    assert float(shown.group(1)) == pytest.approx(low["ppl_candidate"], rel=1e-4)
+    assert float(shown.group(2)) == pytest.approx(low["kl"], rel=1e-3, abs=1e-5)
 
 
 def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
@@ -184,7 +187,7 @@ def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
     for bits in (8, 4):
         candidate = load_model(DEFAULT_MODEL_DIR, dtype="float32")
         quantize_model(candidate, bits=bits, group_size=64)
-        results[bits] = fidelity(reference, candidate, ids, greedy_tokens=32)
+        results[bits] = fidelity(reference, candidate, ids, greedy_tokens=8)
     base = results[8]["ppl_reference"]
     assert 5 < base < 200  # a trained model on in-domain prose
     assert abs(results[8]["ppl_candidate"] / base - 1) < 0.01

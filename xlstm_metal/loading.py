@@ -278,8 +278,10 @@ def model_from_checkpoint(
     source: str | os.PathLike = "<weights>",
     mlstm_kernel: str = "chunkwise",
     chunk_size: int = 64,
+    quantization: dict[str, Any] | None = None,
 ) -> xLSTMLMModel:
-    """Build the NX-AI 2024 xLSTM a checkpoint describes and load its weights strictly.
+    """Build the NX-AI 2024 xLSTM a checkpoint describes and load its weights strictly
+    (quantized as ``quantization``, the checkpoint's mlx-lm entry, and the weights say).
 
     The block type at each position comes from the weight names (auto-wiring; the config's
     ``slstm_at`` is replaced by it), the sLSTM weight layout from the recurrent kernel's shape,
@@ -322,7 +324,7 @@ def model_from_checkpoint(
     if dtype is not None:
         target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
         weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    load_weights_strict(model, weights, source)
+    load_weights_strict(model, weights, source, quantization)
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -362,7 +364,8 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
 
         model = lab_model_from_checkpoint(config_dict, _cast(weights, target), directory)
     elif kind == "2024":
-        model = model_from_checkpoint(config_dict, _cast(weights, target), source=directory)
+        model = model_from_checkpoint(config_dict, _cast(weights, target), source=directory,
+                                      quantization=quantization)
     else:
         model = xLSTMLarge(config)
         load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory, quantization)

@@ -44,9 +44,10 @@ recipes (--q-recipe):
                  "backbone.blocks.*.ffn.proj_down": 6, "lm_head": {"bits": 8}, "backbone.embeddings": false}
                  (exact layer paths or glob patterns; "float_gates": false quantizes the i/f gates too)
 
-On CPUs quantization saves memory, not time: MLX's quantized matmul on a CPU is several times
-slower than a float32 matmul through OpenBLAS (2.5-6x at batch 1, 25-50x at 512 rows measured on
-a 2-core x86 machine; BENCHMARKS.md). Quantize for Metal and NVIDIA GPUs, or to fit memory.
+On CPUs quantization saves memory, not time: MLX's quantized matmul on a CPU is no faster than
+a float32 matmul through OpenBLAS at batch 1 (7B-sized layers; 6-11x slower for small layers)
+and 5-43x slower at 512 rows (measured on a 2-core x86 machine; BENCHMARKS.md). Quantize for
+Metal and NVIDIA GPUs, or to fit memory.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
 next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens.
