@@ -10,7 +10,8 @@ Two measurements on the packaged model (or --model):
    of wall time (its own ``time.thread_time``, reported in each record). This bound holds
    whatever the machine's load.
 
-    PYTHONPATH=. python benchmarks/monitor_overhead.py --tokens 400 --repeats 5
+    PYTHONPATH=. python benchmarks/monitor_overhead.py --tokens 400 --repeats 5 \
+        --out benchmarks/results/monitor_overhead.json && python benchmarks/report.py
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=400)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the result here (benchmarks/results/monitor_overhead.json feeds "
+                                 "BENCHMARKS.md through report.py)")
     args = p.parse_args()
     os.environ.setdefault("XLSTM_RUNTIME_DIR", tempfile.mkdtemp(prefix="xlstm-overhead-"))
     runner = xLSTMRunner(args.model)
@@ -92,12 +95,20 @@ def main() -> int:
     thread_frac = sum(t["publisher_cpu_s"] for t in threads) / sum(t["wall_s"] for t in threads)
     accounted = hook_us * 1e-6 * plain_m + thread_frac
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/monitor_overhead.py " + " ".join(sys.argv[1:]),
+        "loadavg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
         "device": str(mx.default_device()), "mlx": mx.__version__, "model": args.model, "tokens": args.tokens,
         "repeats": args.repeats, "decode_tok_s_plain": plain_m, "decode_tok_s_tracked": tracked_m,
         "direct_overhead_pct": 100 * (plain_m - tracked_m) / plain_m, "hook_us_per_token": hook_us,
         "publisher_cpu_fraction": thread_frac, "accounted_overhead_pct": 100 * accounted,
         "runs_plain": plain, "runs_tracked": tracked,
     }
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(tmp, args.out)
     if args.json:
         print(json.dumps(result))
     else:

@@ -201,6 +201,29 @@ def plot(res: dict, preset: str) -> str | None:
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
+def monitor_rows() -> list[str]:
+    """What publishing job status (issue 14) costs a decode: results/monitor_overhead.json."""
+    path = RESULTS / "monitor_overhead.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    budget = (0.01 - d["publisher_cpu_fraction"]) / (d["hook_us_per_token"] * 1e-6)
+    return [
+        "", "## Job status publishing", "",
+        f"- date: {d['date']}; command: `{d['command']}`; MLX {d['mlx']} on {d['device']}, packaged model, "
+        f"{d['cpu_count']} cores, 1-min load average {d['loadavg_1m']:.1f} at the end", "",
+        "| measure | value |", "| --- | ---: |",
+        f"| decode tok/s, `runner.stream` alone (median of {d['repeats']} x {d['tokens']} tokens) | {d['decode_tok_s_plain']:,.1f} |",
+        f"| decode tok/s, inside `job_status` + `track_generation` | {d['decode_tok_s_tracked']:,.1f} |",
+        f"| direct difference (noise on a loaded machine) | {d['direct_overhead_pct']:+.2f}% |",
+        f"| hook per token (`update` + `check` + generator layer, 200,000 calls) | {d['hook_us_per_token']:.2f} us |",
+        f"| publisher thread CPU / wall time (records every 1 s, memory samples every 250 ms) | "
+        f"{100 * d['publisher_cpu_fraction']:.3f}% |",
+        f"| accounted overhead at the plain decode rate | {d['accounted_overhead_pct']:.3f}% |",
+        f"| decode rate at which the accounted overhead would reach 1% | {budget:,.0f} tok/s |",
+    ]
+
+
 def render() -> str:
     results = {p: r for p in ("h100", "cpu") if (r := _load(p)) is not None}
     lines = [
@@ -232,6 +255,7 @@ def render() -> str:
             get = {(r["kind"], r["batch"]): r["tok_s"] for r in run["records"]}
             lines.append(f"| {run['label']} | {run['gemm_gflops']:.1f} | {_fmt(get.get(('prefill', 1)))} | "
                          f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
+    lines += monitor_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]

@@ -15,6 +15,7 @@ from test_train_cli import BASE, make_corpus
 from xlstm_metal.cli import main
 from xlstm_metal.loading import load_model, read_weights
 from xlstm_metal.monitor import (
+    JobStatus,
     MemoryLimitExceeded,
     MemoryWatchdog,
     WatchdogConfig,
@@ -168,6 +169,12 @@ def test_refuse_mode_until_back_under_soft_and_hysteresis(tmp_path):
     assert states == [(True, True, False), (True, True, False), (False, True, False), (False, False, False),
                       (False, True, False)]
     wd.close()
+    # What `serve` reads through its job (a no-op job never refuses).
+    job = JobStatus("serve", watchdog=None, hard_action="refuse", directory=tmp_path)
+    assert not job.refusing() and not current_job().refusing()
+    job.watchdog, script.i = wd, 0
+    script.step(wd)
+    assert job.refusing() and not job.stopping()
 
 
 def wait_for(predicate, timeout=20.0, step=0.05):

@@ -95,6 +95,45 @@ def test_sparkline():
     assert sparkline([]) == ""
 
 
+def test_json_stream_takes_commands_on_stdin(tmp_path):
+    """`top --json` with a piped stdin: clear_cache PID, interval S, kill PID, quit."""
+    runtime = tmp_path / "runtime"
+    env = {**os.environ, "XLSTM_RUNTIME_DIR": str(runtime), "XLSTM_STATUS_INTERVAL": "0.2"}
+    script = tmp_path / "job.py"
+    script.write_text("import time\nfrom xlstm_metal.monitor import job_status\n"
+                      "with job_status('convert', model='x'):\n    time.sleep(120)\n")
+    job = subprocess.Popen([sys.executable, str(script)], env=env)
+    top = subprocess.Popen([sys.executable, "-m", "xlstm_metal", "top", "--json", "--interval", "0.3"], env=env,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def until(predicate):
+            for line in top.stdout:
+                snap = json.loads(line)
+                if predicate(snap):
+                    return snap
+            raise AssertionError("top ended: " + top.stderr.read())
+
+        until(lambda s: any(j["pid"] == job.pid for j in s["jobs"]))
+        top.stdin.write(f"clear_cache {job.pid}\ninterval 0.5\nbogus\n")
+        top.stdin.flush()
+        snap = until(lambda s: any(j.get("last_command") for j in s["jobs"]))
+        assert snap["jobs"][0]["last_command"]["command"] == "clear_cache"
+        until(lambda s: s["interval"] == 0.5)
+        top.stdin.write(f"kill {job.pid}\n")
+        top.stdin.flush()
+        assert job.wait(30) == 128 + 15
+        until(lambda s: s["jobs"] == [])
+        top.stdin.write("quit\n")
+        top.stdin.flush()
+        assert top.wait(30) == 0
+        err = top.stderr.read()
+        assert f"asked {job.pid} to clear" in err and f"sent SIGTERM to {job.pid}" in err
+        assert "unknown command 'bogus'" in err and "interval 0.5 s" in err
+    finally:
+        job.kill()
+        top.kill()
+
+
 def test_terminal_ui_shows_the_job_clears_its_cache_and_kills_it(job, monkeypatch):
     from textual.widgets import DataTable, Static
 
@@ -164,3 +203,26 @@ def test_pseudo_terminal_no_jobs_and_quit(tmp_path):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_readme_monitoring_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The commands of the README's monitoring section, run in a fresh directory."""
+    import re
+    import shlex
+
+    readme = (__import__("pathlib").Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Monitoring"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["xlstm-metal", "top"], ["xlstm-metal", "top"],
+                                         ["xlstm-metal", "generate"]]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(tmp_path / "runtime"))
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    out = capsys.readouterr().out
+    assert "no jobs running" in out
+    snapshot = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert snapshot["jobs"] == [] and snapshot["machine"]["ram_total"] > 0
+    rows = (tmp_path / "mem.csv").read_text().splitlines()
+    assert rows[0].startswith("time,elapsed_s,usage_bytes") and len(rows) >= 2

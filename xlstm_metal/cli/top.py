@@ -9,13 +9,18 @@ q quit.
     xlstm-metal top                      # full-screen terminal UI
     xlstm-metal top --once               # one text snapshot
     xlstm-metal top --json --interval 2  # one JSON object per line (NDJSON), for scripts
+
+With --json and a piped stdin, top reads commands, one a line: kill PID, clear_cache PID,
+interval S, quit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
+import threading
 import time
 
 from . import UsageError
@@ -25,7 +30,8 @@ DESCRIPTION = __doc__
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per interval (NDJSON): time, interval, machine, jobs")
+                        help="print one JSON object per interval (NDJSON): time, interval, machine, jobs; "
+                             "a piped stdin takes commands (kill PID, clear_cache PID, interval S, quit)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between refreshes (default 1; the UI's + / - change it)")
@@ -63,10 +69,13 @@ def run(args: argparse.Namespace) -> int:
     monitor = Monitor()
     if args.json or args.once:
         count = 1 if args.once else args.count
-        n = 0
+        commands: queue.Queue[str] = queue.Queue()
+        if args.json and not args.once and not sys.stdin.isatty():
+            threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
+        interval, n = args.interval, 0
         try:
             while True:
-                snapshot = monitor.poll(args.interval)
+                snapshot = monitor.poll(interval)
                 snapshot["jobs"] = sort_jobs(snapshot["jobs"], args.sort, args.sort in ("tokens_per_s", "memory", "progress"))
                 if args.json:
                     print(json.dumps(snapshot, default=str), flush=True)
@@ -76,7 +85,17 @@ def run(args: argparse.Namespace) -> int:
                 n += 1
                 if count is not None and n >= count:
                     return 0
-                time.sleep(args.interval)
+                deadline = time.monotonic() + interval
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        line = commands.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if line is None or line in ("quit", "q", "exit"):
+                        if line is not None:
+                            return 0
+                        continue  # stdin ended: keep streaming
+                    interval = _run_command(line, interval)
         except KeyboardInterrupt:
             return 0
     if not (sys.stdout.isatty() and sys.stdin.isatty()):
@@ -87,6 +106,41 @@ def run(args: argparse.Namespace) -> int:
     app.sort_key = args.sort
     app.run()
     return 0
+
+
+def _read_commands(commands: "queue.Queue[str | None]") -> None:
+    """With --json and a piped stdin: one command a line (kill PID, clear_cache PID, interval S,
+    quit), as the seed's xltop took them."""
+    for line in sys.stdin:
+        if line.strip():
+            commands.put(line.strip())
+    commands.put(None)
+
+
+def _run_command(line: str, interval: float) -> float:
+    """Run one stdin command; answers go to stderr (stdout stays NDJSON). Returns the interval."""
+    from ..monitor.records import send_command
+    from ..monitor.top import MAX_INTERVAL, MIN_INTERVAL, kill_job
+
+    word, _, rest = line.partition(" ")
+    try:
+        if word in ("kill", "K"):
+            kill_job(int(rest))
+            print(f"xltop: sent SIGTERM to {int(rest)}", file=sys.stderr)
+        elif word in ("clear_cache", "empty_cache", "c"):
+            send_command(int(rest), "clear_cache")
+            print(f"xltop: asked {int(rest)} to clear its MLX cache", file=sys.stderr)
+        elif word == "interval":
+            value = float(rest)
+            if not MIN_INTERVAL <= value <= MAX_INTERVAL:
+                raise ValueError(f"interval must be between {MIN_INTERVAL} and {MAX_INTERVAL}")
+            print(f"xltop: interval {value:g} s", file=sys.stderr)
+            return value
+        else:
+            print(f"xltop: unknown command {line!r} (kill PID, clear_cache PID, interval S, quit)", file=sys.stderr)
+    except (ValueError, ProcessLookupError, PermissionError) as err:
+        print(f"xltop: {line!r}: {err}", file=sys.stderr)
+    return interval
 
 
 def main(argv: list[str] | None = None) -> int:

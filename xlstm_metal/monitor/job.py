@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -50,6 +51,8 @@ FIELDS = frozenset({
     "model", "device", "message",
 })
 DEFAULT_INTERVAL = 1.0
+#: tokens_per_s is measured over this many records.
+RATE_WINDOW = 4
 
 
 class JobStatus:
@@ -61,7 +64,7 @@ class JobStatus:
         watchdog: limits (default: from the environment, see :mod:`.watchdog`); None or
             ``enabled=False`` turns the watchdog off.
         hard_action: "stop" (raise :class:`MemoryLimitExceeded` at :meth:`check`) or "refuse"
-            (servers: see ``job.watchdog.refusing()``).
+            (servers: see :meth:`refusing`).
         interval: seconds between records (default ``$XLSTM_STATUS_INTERVAL`` or 1).
         directory: where records go (default :func:`records.runtime_dir`).
     """
@@ -72,6 +75,8 @@ class JobStatus:
         self.command = command
         self.pid = os.getpid()
         self.argv = list(sys.argv if argv is None else argv)
+        if self.argv and self.argv[0].endswith(("xlstm_metal/__main__.py", "xlstm_metal\\__main__.py")):
+            self.argv[0] = "xlstm-metal"  # `python -m xlstm_metal` reads as the command it is
         self.interval = float(interval or os.environ.get("XLSTM_STATUS_INTERVAL") or DEFAULT_INTERVAL)
         self.directory = directory or runtime_dir()
         self.path = record_path(self.pid, self.directory)
@@ -86,7 +91,7 @@ class JobStatus:
         self._owner = threading.get_ident()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._rate = (time.monotonic(), 0)
+        self._rates: deque[tuple[float, int]] = deque([(time.monotonic(), 0)], maxlen=RATE_WINDOW + 1)
         self._last_command: dict[str, Any] | None = None
         self._publisher_cpu = 0.0
         self._publishes = 0
@@ -104,7 +109,7 @@ class JobStatus:
         callbacks; raises :class:`MemoryLimitExceeded` when the hard limit asks the job to stop
         (``note`` is added to the message, e.g. where a checkpoint went)."""
         wd = self.watchdog
-        if wd is None:
+        if wd is None or not wd.pending:
             return
         wd.run_soft_callbacks()
         if wd.stop_requested and threading.get_ident() == self._owner:
@@ -113,6 +118,11 @@ class JobStatus:
     def stopping(self) -> bool:
         """True once the hard limit asks the job to stop (lets a job save before :meth:`check`)."""
         return self.watchdog is not None and self.watchdog.stop_requested
+
+    def refusing(self) -> bool:
+        """For servers (``hard_action="refuse"``, which `serve` gets): the hard limit was reached
+        and usage is not yet back under the soft limit; answer new requests with 503 meanwhile."""
+        return self.watchdog is not None and self.watchdog.refusing()
 
     def on_soft(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` at the next :meth:`check` after the soft limit is crossed."""
@@ -131,11 +141,14 @@ class JobStatus:
         after each chunk is handed on, a safe point (:meth:`check`)."""
         base = self.fields.get("tokens") or 0  # cumulative over chat turns: a steady rate
         self.update(phase="prefill", done=0, total=total, unit="tokens")
-        for chunk in chunks:
-            self.update(phase="decode", done=chunk.generation_tokens, tokens=base + chunk.generation_tokens,
-                        prefill_tps=chunk.prompt_tps, decode_tps=chunk.generation_tps)
+        fields, wd = self.fields, self.watchdog
+        for chunk in chunks:  # per token: one dict update and one flag read (update() minus its checks)
+            n = chunk.generation_tokens
+            fields.update(phase="decode", done=n, tokens=base + n, prefill_tps=chunk.prompt_tps,
+                          decode_tps=chunk.generation_tps)
             yield chunk
-            self.check()
+            if wd is not None and wd.pending:
+                self.check()
         self.update(phase="idle")
 
     # ------------------------------------------------------------------ publisher thread
@@ -145,11 +158,13 @@ class JobStatus:
         fields = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.fields.items()}
         now, mono = time.time(), time.monotonic()
         tokens = fields.get("tokens")
+        if tokens is not None and self._rates and tokens < self._rates[-1][1]:
+            self._rates.clear()  # the counter restarted
+        self._rates.append((mono, tokens or 0))
         if fields.get("tokens_per_s") is None:
-            t0, n0 = self._rate
-            rate = (tokens - n0) / (mono - t0) if tokens is not None and mono > t0 and tokens >= n0 else 0.0
-            fields["tokens_per_s"] = rate
-        self._rate = (mono, tokens or 0)
+            # Over the last few records: a training step longer than the interval still shows a rate.
+            (t0, n0), (t1, n1) = self._rates[0], self._rates[-1]
+            fields["tokens_per_s"] = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         wd = self.watchdog
         s = wd.last if wd is not None else None
         if s is None:
@@ -276,6 +291,9 @@ class _NoJob:
         pass
 
     def stopping(self) -> bool:
+        return False
+
+    def refusing(self) -> bool:
         return False
 
     def on_soft(self, callback: Callable[[], None]) -> None:

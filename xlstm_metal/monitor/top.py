@@ -55,15 +55,18 @@ class Monitor:
 
 
 # ---------------------------------------------------------------------- formatting
-def sparkline(values: Iterable[float], width: int = 16) -> str:
-    """Block characters scaled from 0 to the largest value; the last ``width`` values."""
+def sparkline(values: Iterable[float], width: int = 16, floor: float | None = 0.0) -> str:
+    """Block characters for the last ``width`` values, scaled from ``floor`` (None: their
+    minimum, for series such as memory that move little around a large level) to their max."""
     vals = list(values)[-width:]
     if not vals:
         return ""
     top = max(vals)
-    if top <= 0:
-        return SPARK[0] * len(vals)
-    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] for v in vals)
+    low = min(vals) if floor is None else floor
+    if top - low <= 0.01 * abs(top):  # flat (or all zero)
+        return SPARK[0 if top <= 0 else 3] * len(vals)
+    steps = len(SPARK) - 1
+    return "".join(SPARK[max(0, min(steps, int((v - low) / (top - low) * steps + 0.5)))] for v in vals)
 
 
 def size(n: float | None) -> str:
@@ -109,7 +112,7 @@ def job_cells(job: dict[str, Any], history: dict[str, deque] | None = None) -> t
     return (
         str(job["pid"]), str(job.get("command") or "-"), model, str(job.get("phase") or "-"), progress,
         _num(job.get("tokens_per_s"), ",.1f"), sparkline(history.get("tokens_per_s", ())), usage,
-        sparkline(history.get("memory", ())),
+        sparkline(history.get("memory", ()), floor=None),
         f"{size(mem.get('mlx_active'))}/{size(mem.get('mlx_peak'))}/{size(mem.get('mlx_cache'))}",
         size(mem.get("rss")), _num(job.get("step"), ","), _num(job.get("loss"), ".4f"), _num(job.get("lr"), ".2e"),
         str(job.get("device_name") or job.get("device") or "-"),

@@ -246,6 +246,9 @@ class MemoryWatchdog:
         self._warned_soft = self._warned_hard = False
         self._soft_callbacks: list[Callable[[], None]] = []
         self._soft_pending = False
+        #: True while the job has something to do at its next safe point (soft callbacks to
+        #: run, or a stop): the one attribute a safe point reads.
+        self.pending = False
         self._t0 = time.time()
         self._log = self._log_writer = None
         self._cache_limit: int | None = None
@@ -292,6 +295,7 @@ class MemoryWatchdog:
         if self._refusing and cfg.soft is not None and s.usage < cfg.soft:
             self._refusing = False
             event.append("accepting")
+        self.pending = self._soft_pending or self.stop_requested
         with self._lock:
             self.last = s
             self.samples += 1
@@ -333,6 +337,7 @@ class MemoryWatchdog:
     def run_soft_callbacks(self) -> None:
         if self._soft_pending:
             self._soft_pending = False
+            self.pending = self.stop_requested
             for callback in self._soft_callbacks:
                 callback()
 
