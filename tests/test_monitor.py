@@ -10,10 +10,11 @@ import time
 
 import mlx.core as mx
 import pytest
+from conftest import tiny_model
 from test_train_cli import BASE, make_corpus
 
 from xlstm_metal.cli import main
-from xlstm_metal.loading import load_model, read_weights
+from xlstm_metal.loading import load_model, read_weights, save_model
 from xlstm_metal.monitor import (
     JobStatus,
     MemoryLimitExceeded,
@@ -287,3 +288,12 @@ def test_train_over_a_hard_limit_saves_a_checkpoint_that_resumes_exactly(tmp_pat
     assert full.keys() == resumed.keys()
     for key in full:
         assert mx.array_equal(full[key], resumed[key]).item(), key
+
+
+def test_convert_over_a_hard_limit_exits_3_and_writes_nothing(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_model(tiny_model(3, tie_word_embeddings=False), src)
+    code = main(["convert", str(src), str(out), "-q", "--mem-hard", "2MB"])
+    err = capsys.readouterr().err
+    assert code == 3 and "hard limit 2.0 MB" in err and f"nothing was written to {out}" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["runtime", "src"]

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..monitor import current_job
 from . import UsageError, read_text_file
 
 #: Files copied from the source checkout besides the weights and config.
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             todo = sum(1 for v in plan(model, recipe).values() if v is not False)
             with tqdm(total=todo, desc="quantizing", unit="layer", file=sys.stderr, disable=None) as bar:
-                quantize_model(model, recipe=recipe, progress=lambda path: bar.update(1))
+                quantize_model(model, recipe=recipe, progress=lambda path: _layer_done(bar, out))
         except QuantizationError as err:
             raise UsageError(str(err)) from None
 
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.convert-"))
     try:
         print(f"writing {out}", file=sys.stderr)
+        current_job().update(phase="save")
         save_model(model, tmp, overwrite=True)
         for name in COPIED_FILES:
             if (source_dir / name).is_file():
@@ -223,6 +225,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_done(bar, out: Path) -> None:
+    """One layer quantized: progress bar, `top`'s status record, and a memory-watchdog safe
+    point (at the hard limit the command stops here; OUT is not touched)."""
+    bar.update(1)
+    job = current_job()
+    job.update(phase="quantize", done=bar.n, total=bar.total, unit="layers")
+    job.check(note=f"nothing was written to {out}")
+
+
 def _dtype_name(model) -> str:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -255,8 +266,14 @@ def _run_check(source_dir: Path, out: Path, ids: list[int], args: argparse.Names
     reference = load_model(source_dir)
     candidate = load_model(out)
     total = len(ids) - 1 + 2 * args.check_greedy
+    job = current_job()  # `xlstm-metal top` shows the check's progress
+    job.update(phase="check", done=0, total=total, unit="tokens", tokens=0)
     with tqdm(total=total, desc="checking", unit="tok", file=sys.stderr, disable=None) as bar:
-        return fidelity(reference, candidate, ids, greedy_tokens=args.check_greedy, progress=bar.update)
+        def progress(n: int) -> None:
+            bar.update(n)
+            job.update(done=bar.n, tokens=bar.n)
+            job.check(note=f"{out} is written; the check did not finish")
+        return fidelity(reference, candidate, ids, greedy_tokens=args.check_greedy, progress=progress)
 
 
 def format_check(result: dict[str, Any], text_name: str) -> str:
