@@ -220,11 +220,14 @@ def check_profile(
     decode_steps: int = 4,
     batch: int = 2,
     seed: int = 0,
+    reference_cache: dict | None = None,
 ) -> CheckResult:
     """Compare ``profile`` on this model with the float32 reference (see the module docstring).
 
     ``model_or_path``: a checkpoint directory or a model (not modified; its weights are taken
-    as float32). ``reference``: "auto", "mlx" or "nxai".
+    as float32). ``reference``: "auto", "mlx" or "nxai". ``reference_cache``: a dict kept across
+    calls on the same model, so the reference runs once per input shape (``tune`` checks every
+    trial).
     """
     from ..config import xLSTMConfig
 
@@ -247,10 +250,16 @@ def check_profile(
 
     subject = apply_profile(_copy_model(base), profile)
     outs, logits, state = _run_ours(subject, prompt, decode)
-    if reference == "nxai":
-        ref_outs, ref_logits, ref_state = _run_nxai(base, prompt, decode)
-    else:
-        ref_outs, ref_logits, ref_state = _run_ours(reference_model(base), prompt, decode)
+    key = (reference, prompt.shape, decode.shape, seed)
+    cached = None if reference_cache is None else reference_cache.get(key)
+    if cached is None:
+        if reference == "nxai":
+            cached = _run_nxai(base, prompt, decode)
+        else:
+            cached = _run_ours(reference_model(base), prompt, decode)
+        if reference_cache is not None:
+            reference_cache[key] = cached
+    ref_outs, ref_logits, ref_state = cached
     block_out = [rel_err(a, b) for a, b in zip(outs, ref_outs)]
     block_state = [max(rel_err(a, b) for a, b in zip(s, r)) for s, r in zip(state, ref_state)]
     return CheckResult(profile=profile, reference="nxai-torch-float32" if reference == "nxai" else "mlx-float32",

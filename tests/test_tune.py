@@ -1,0 +1,188 @@
+"""`xlstm-metal tune`: seeded repeats, best.json, resume, tolerance rejection, GA vs random,
+the Ray backend, the train objective."""
+
+import csv
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from xlstm_metal.assets import DEFAULT_MODEL_DIR
+from xlstm_metal.cli import main
+from xlstm_metal.profiles import apply_profile, load_profile
+from xlstm_metal.tuning import FunctionObjective, SweepSettings, run_sweep, search
+from xlstm_metal.tuning.sweep import best_record
+
+pytest.importorskip("optuna")
+
+
+@pytest.fixture(autouse=True)
+def _profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+
+
+def _records(path):
+    return [json.loads(line) for line in (path / "trials.jsonl").read_text().splitlines()]
+
+
+def _strip(records):
+    return [(r["number"], r["status"], r["value"], r["params"]) for r in records]
+
+
+def test_seeded_sweep_repeats_exactly_and_best_is_best_of_trials(tmp_path):
+    settings = dict(mode="ga", population=3, generations=3, seed=7, progress=False)
+    a = run_sweep(FunctionObjective("rastrigin", 3), tmp_path / "a", SweepSettings(**settings))
+    b = run_sweep(FunctionObjective("rastrigin", 3), tmp_path / "b", SweepSettings(**settings))
+    assert len(a.trials) == 9 and _strip(a.trials) == _strip(b.trials)
+    assert _strip(_records(tmp_path / "a")) == _strip(a.trials)
+    c = run_sweep(FunctionObjective("rastrigin", 3), tmp_path / "c", SweepSettings(**{**settings, "seed": 8}))
+    assert _strip(c.trials) != _strip(a.trials)
+    # best.json is the minimum of trials.jsonl, recomputed here from the parameters.
+    best = json.loads((tmp_path / "a" / "best.json").read_text())
+    values = []
+    for r in _records(tmp_path / "a"):
+        xs = np.array([r["params"][f"x{i}"] for i in range(3)])
+        f = 10 * 3 + float(np.sum(xs**2 - 10 * np.cos(2 * np.pi * xs)))
+        assert math.isclose(r["value"], f, rel_tol=1e-12)
+        values.append((f, r["number"]))
+    assert (best["value"], best["number"]) == min(values)
+    rows = list(csv.DictReader((tmp_path / "a" / "summary.csv").open()))
+    assert [int(r["number"]) for r in rows] == list(range(9)) and float(rows[3]["value"]) == a.trials[3]["value"]
+    meta = json.loads((tmp_path / "a" / "run_meta.json").read_text())
+    assert meta["sampler"] == "NSGAIISampler" and meta["budget"] == 9 and meta["trials"] == 9
+
+
+def test_resume_continues_the_same_sweep(tmp_path):
+    full = run_sweep(FunctionObjective("sphere", 2), tmp_path / "full", SweepSettings(trials=6, seed=3, progress=False))
+    run_sweep(FunctionObjective("sphere", 2), tmp_path / "part", SweepSettings(trials=3, seed=3, progress=False))
+    resumed = run_sweep(FunctionObjective("sphere", 2), tmp_path / "part", SweepSettings(trials=6, seed=3, progress=False),
+                        resume=True)
+    assert _strip(resumed.trials) == _strip(full.trials)
+    assert len(json.loads((tmp_path / "part" / "run_meta.json").read_text())["resumed"]) == 1
+
+
+def test_genetic_search_beats_random_at_equal_budget():
+    ga, rnd = [], []
+    for seed in range(5):
+        for mode, out in (("ga", ga), ("random", rnd)):
+            records = search(FunctionObjective("sphere", 4), SweepSettings(mode=mode, population=8, generations=5,
+                                                                             seed=seed))
+            assert len(records) == 40
+            out.append(best_record(records, "minimize")["value"])
+    assert np.mean(ga) < 0.6 * np.mean(rnd)
+    assert sum(g < r for g, r in zip(ga, rnd)) >= 4
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:]
+            if any(name in line for name in ("raylet", "gcs_server", "ray::", "default_worker.py"))}
+
+
+@pytest.mark.slow
+def test_ray_backend_runs_trials_at_once_and_leaves_nothing(tmp_path):
+    pytest.importorskip("ray")
+    before = _ray_processes()
+    objective = FunctionObjective("sphere", 2, rendezvous=str(tmp_path / "meet"), peers=2, rendezvous_timeout=90)
+    result = run_sweep(objective, tmp_path / "out", SweepSettings(trials=2, backend="ray", workers=2,
+                                                                   cpus_per_trial=1, progress=False))
+    assert [r["status"] for r in result.trials] == ["complete", "complete"]
+    assert all(r["metrics"]["met_peers"] for r in result.trials)  # each waited for the other: concurrent
+    assert len({r["worker"]["pid"] for r in result.trials}) == 2
+    a, b = result.trials
+    assert a["started"] < b["finished"] and b["started"] < a["finished"]
+    assert _ray_processes() - before == set()
+
+
+def test_speed_cli_checks_tolerance_saves_outputs_and_profile(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n\nimport os\n")
+    out = tmp_path / "speed"
+    argv = ["tune", "--objective", "speed", "--model", str(DEFAULT_MODEL_DIR), "--out", str(out), "--trials", "3",
+            "--seed", "1", "--prefill-length", "64", "--decode-tokens", "4", "--repeats", "1", "--save-outputs",
+            "--prompt-file", str(prompts), "--max-new-tokens", "6", "--profile-name", "mine", "--no-progress"]
+    assert main(argv) == 0
+    records = _records(out)
+    assert len(records) == 3
+    for r in records:
+        assert r["status"] == "complete"
+        assert r["metrics"]["max_rel_error"] <= 1e-4  # exact-fp32's contract on the CPU
+        assert r["value"] == pytest.approx(math.sqrt(r["metrics"]["prefill_tok_s"] * r["metrics"]["decode_tok_s"]))
+        lines = (out / "outputs" / f"trial-{r['number']:04d}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["prompt"] for x in lines] == ["def add(a, b):", "import os"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["value"] == max(r["value"] for r in records)
+    # Greedy outputs do not depend on the (numerically equivalent) settings.
+    texts = {(out / "outputs" / f"trial-{r['number']:04d}.jsonl").read_text().replace(str(r["number"]), "")
+             for r in records}
+    assert len(texts) == 1
+    saved = load_profile("mine")
+    assert saved.kernels["chunkwise"] == best["params"]["kernel"] and saved.chunk_size == best["params"]["chunk_size"]
+    assert json.loads((out / "profile.json").read_text())["name"] == "mine"
+    # The same command again: the output directory and the saved profile are refused.
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_trials_outside_the_tolerance_are_rejected_not_ranked(tmp_path, capsys):
+    strict = load_profile("exact-fp32").replace(name="strict", tolerance={"max_rel_error": 1e-15})
+    (tmp_path / "strict.json").write_text(json.dumps(strict.to_dict()))
+    out = tmp_path / "rej"
+    code = main(["tune", "--objective", "speed", "--shape", str(DEFAULT_MODEL_DIR / "config.json"), "--out", str(out),
+                 "--trials", "2", "--profile", str(tmp_path / "strict.json"), "--prefill-length", "32",
+                 "--decode-tokens", "2", "--repeats", "1", "--no-progress"])
+    assert code == 1 and "no trial completed" in capsys.readouterr().err
+    records = _records(out)
+    assert [r["status"] for r in records] == ["rejected", "rejected"]
+    assert all(r["value"] is None and r["metrics"]["max_rel_error"] > 1e-15 for r in records)
+    assert not (out / "best.json").exists()
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    base = ["tune", "--objective", "speed", "--shape", "125m", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "x"), "--save-outputs"]) == 2
+    assert "--prompt-file" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x"), "--mode", "ga", "--population", "1"]) == 2
+    assert main(["tune", "--objective", "train", "--out", str(tmp_path / "y")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x"), "--profile", "nope"]) == 2
+
+
+@pytest.mark.slow
+def test_train_objective_is_seeded_and_respects_the_parameter_budget(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "self", "print", "(", ")", ":"]
+    text = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(300))
+    (tmp_path / "data.txt").write_text(text)
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["tune", "--objective", "train", "--data", str(tmp_path / "data.txt"), "--out", str(out),
+                     "--trials", "2", "--seed", "2", "--token-budget", "1500", "--seq-len", "16", "--vocab-size", "300",
+                     "--param-budget", "60000", "--max-depth", "2", "--no-progress"]) == 0
+        runs.append(_records(out))
+    assert _strip(runs[0]) == _strip(runs[1])  # same parameters and the same validation losses
+    for r in runs[0]:
+        if r["status"] == "complete":
+            assert r["metrics"]["params"] <= 60000 and 0 < r["value"] < 10
+            assert (tmp_path / "a" / "trials" / f"trial-{r['number']:04d}" / "metrics.jsonl").is_file()
+        else:
+            assert r["status"] == "rejected" and "budget" in r["reason"]
+    assert any(r["status"] == "complete" for r in runs[0])
+
+
+def test_profile_init_sets_gates_for_training_from_scratch():
+    from conftest import tiny_model
+
+    from xlstm_metal.tuning import init_gates
+
+    model = tiny_model()
+    init_gates(model, {"igate_bias": -3.0, "fgate_bias": [1.0, 2.0], "gate_weight_std": 0.0})
+    layer = model.blocks[0].mlstm_layer
+    assert np.allclose(np.array(layer.igate_preact.bias), -3.0)
+    assert np.allclose(np.array(layer.fgate_preact.bias), [1.0, 2.0]) and not np.array(layer.fgate_preact.weight).any()
+    apply_profile(model, "exact-fp32")

@@ -1,0 +1,265 @@
+"""`xlstm-metal tune`: search inference settings (speed) or training hyperparameters (train).
+
+    xlstm-metal tune --objective speed --shape 125m --out runs/tune-speed --mode ga --population 8 --generations 4
+    xlstm-metal tune --objective speed --model ckpt --out runs/t --save-outputs --prompt-file prompts.txt
+    xlstm-metal tune --objective train --data corpus/ --out runs/tune-train --trials 20 --token-budget 200000
+    xlstm-metal tune ... --backend ray --workers 4 --cpus-per-trial 2      # or --ray-address HOST:PORT
+    xlstm-metal tune ... --out runs/t --resume                             # continue an interrupted sweep
+
+Every speed trial is checked against the float32 reference within the tolerance of --profile
+(default: exact-fp32 on CPUs, fast-bf16 on GPUs) and rejected when it fails; the winner is saved
+as a profile for this device (--profile-name, default tuned-<device>), usable as
+`--profile NAME` by generate, chat, serve, bench and train. Outputs in --out: run_meta.json,
+trials.jsonl, summary.csv, best.json, study.db (Optuna), outputs/ with --save-outputs,
+profile.json (speed), trials/trial-NNNN/ training runs (train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from . import UsageError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("tune", help="tune inference settings or training hyperparameters (Optuna, Ray)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objective", choices=("speed", "train"), required=True)
+    p.add_argument("--out", required=True, help="run directory")
+    s = p.add_argument_group("search")
+    s.add_argument("--mode", choices=("random", "ga"), default="random",
+                   help="random search or the genetic NSGA-II sampler (default: random)")
+    s.add_argument("--trials", type=int, default=None,
+                   help="trial budget (default: population x generations, in either mode)")
+    s.add_argument("--population", type=int, default=10, help="trials per generation (ga)")
+    s.add_argument("--generations", type=int, default=5, help="generations (ga)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out, and a saved profile of the same name")
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", choices=("local", "ray"), default="local")
+    b.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    b.add_argument("--workers", type=int, default=2, help="trials at once on Ray (default 2)")
+    b.add_argument("--cpus-per-trial", type=float, default=1.0)
+    b.add_argument("--gpus-per-trial", type=float, default=0.0)
+    o = p.add_argument_group("outputs")
+    o.add_argument("--save-outputs", action="store_true",
+                   help="write each trial's greedy continuations of --prompt-file to outputs/trial-NNNN.jsonl")
+    o.add_argument("--prompt-file", default=None,
+                   help="prompts: one per line, or JSON Lines with a 'prompt' field")
+    o.add_argument("--max-new-tokens", type=int, default=32, help="tokens per continuation (default 32)")
+    o.add_argument("--no-progress", action="store_true")
+    sp = p.add_argument_group("speed objective")
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--model", "-m", default=None, help="checkpoint directory")
+    src.add_argument("--shape", default=None, help="random weights of a named shape (7b, 1.3b, 125m) or config.json")
+    sp.add_argument("--metric", choices=("prefill", "decode", "both"), default="both",
+                    help="prefill tok/s, decode tok/s, or their geometric mean (default)")
+    sp.add_argument("--prefill-length", type=int, default=512)
+    sp.add_argument("--decode-batch", type=int, default=1)
+    sp.add_argument("--decode-tokens", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=2, help="prefill timings per trial, best kept")
+    sp.add_argument("--profile", default=None,
+                    help="base profile: weight dtype and tolerance (default: exact-fp32 on CPUs, fast-bf16 on GPUs)")
+    sp.add_argument("--profile-name", default=None, help="name of the saved winner (default: tuned-<device>)")
+    tr = p.add_argument_group("train objective")
+    tr.add_argument("--data", nargs="+", default=None, help="text files, directories or .jsonl files")
+    tr.add_argument("--text-field", default="text")
+    tr.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train a BPE into --out)")
+    tr.add_argument("--vocab-size", type=int, default=512, help="vocabulary of a BPE trained here (default 512)")
+    tr.add_argument("--token-budget", type=int, default=100_000, help="training tokens per trial")
+    tr.add_argument("--param-budget", type=int, default=2_000_000, help="largest model (parameters)")
+    tr.add_argument("--seq-len", type=int, default=64)
+    tr.add_argument("--val-fraction", type=float, default=0.1)
+    tr.add_argument("--max-depth", type=int, default=4, help="largest number of blocks searched")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a file: JSON Lines records' "prompt" (or "text") field, else one per non-empty line."""
+    import json
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"prompt file not found: {file}") from None
+    except (IsADirectoryError, UnicodeDecodeError, OSError) as err:
+        raise UsageError(f"cannot read prompt file {file}: {err}") from None
+    prompts = []
+    if file.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{file}:{n}: not JSON: {err}") from None
+            value = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise UsageError(f"{file}:{n}: a record needs a string 'prompt' (or 'text') field")
+            prompts.append(value)
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {file} holds no prompts")
+    return prompts
+
+
+def _device_slug() -> str:
+    import mlx.core as mx
+
+    from ..benchmark import environment
+
+    env = environment()
+    name = env.get("device_name") if mx.default_device() == mx.gpu else env.get("processor") or env.get("machine")
+    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{kind}-{name or ''}".lower()).strip("-")
+    return f"tuned-{slug}"
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..profiles import ProfileError, load_profile, save_profile, shipped_profile_names, user_profile_dir
+    from ..tuning import SpeedObjective, SweepError, SweepSettings, TrainObjective, run_sweep
+    from ..tuning.sweep import check_out_dir
+
+    _positive(args, "trials", "population", "generations", "workers", "cpus_per_trial", "max_new_tokens",
+              "prefill_length", "decode_batch", "decode_tokens", "repeats", "vocab_size", "token_budget",
+              "param_budget", "seq_len", "max_depth")
+    if args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.ray_address and args.backend != "ray":
+        raise UsageError("--ray-address needs --backend ray")
+    if args.save_outputs and not args.prompt_file:
+        raise UsageError("--save-outputs needs --prompt-file")
+    if args.prompt_file and not args.save_outputs:
+        raise UsageError("--prompt-file is only read with --save-outputs")
+    if args.mode == "ga" and args.population < 2:
+        raise UsageError(f"--population must be >= 2 for --mode ga, got {args.population}")
+    if args.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("--backend ray needs Ray: pip install 'xlstm-metal[tune]'") from None
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UsageError("tune needs Optuna: pip install 'xlstm-metal[tune]'") from None
+    out = Path(args.out).expanduser()
+    try:
+        check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
+    except SweepError as err:
+        raise UsageError(str(err)) from None
+    prompts = read_prompts(args.prompt_file) if args.save_outputs else None
+
+    import mlx.core as mx
+
+    default_profile = "fast-bf16" if mx.default_device() == mx.gpu else "exact-fp32"
+    try:
+        base = load_profile(args.profile or default_profile)
+    except ProfileError as err:
+        raise UsageError(str(err)) from None
+    profile_path = None
+    if args.objective == "speed":
+        speed_only = ("data", "tokenizer")
+        for name in speed_only:
+            if getattr(args, name):
+                raise UsageError(f"--{name} belongs to --objective train")
+        if args.save_outputs and not args.model:
+            raise UsageError("--save-outputs with --objective speed needs --model (a checkpoint with a tokenizer)")
+        model = None
+        if args.model:
+            from ..loading import CheckpointError, resolve_model_path
+
+            try:
+                model = str(resolve_model_path(args.model))
+            except CheckpointError as err:
+                raise UsageError(str(err)) from None
+            if args.save_outputs and not (Path(model) / "tokenizer.json").is_file():
+                raise UsageError(f"--save-outputs: {model} has no tokenizer.json")
+        elif args.shape:
+            from ..benchmark import shape_config
+
+            try:
+                shape_config(args.shape)
+            except (FileNotFoundError, ValueError) as err:
+                raise UsageError(f"--shape: {err}") from None
+        name = args.profile_name or _device_slug()
+        if name in shipped_profile_names():
+            raise UsageError(f"--profile-name {name!r} is a shipped profile's name; choose another")
+        profile_path = user_profile_dir() / f"{name}.json"
+        if profile_path.exists() and not args.overwrite and not args.resume:
+            raise UsageError(f"profile {profile_path} exists; pass --overwrite to replace it or --profile-name")
+        objective = SpeedObjective(model=model, shape=args.shape or "125m", base_profile=base.source or base.name,
+                                   metric=args.metric, prefill_length=args.prefill_length,
+                                   decode_batch=args.decode_batch, decode_tokens=args.decode_tokens,
+                                   repeats=args.repeats, seed=args.seed)
+    else:
+        for flag in ("model", "shape", "profile_name"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} belongs to --objective speed")
+        if not args.data:
+            raise UsageError("--objective train needs --data")
+        if not 0 < args.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        from ..training.data import DataError, load_documents, load_tokenizer_file
+
+        try:
+            load_documents(args.data, args.text_field)
+            if args.tokenizer:
+                load_tokenizer_file(args.tokenizer)
+        except DataError as err:
+            raise UsageError(str(err)) from None
+        objective = TrainObjective(data=tuple(str(Path(d).resolve()) for d in args.data),
+                                   tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+                                   vocab_size=args.vocab_size, token_budget=args.token_budget,
+                                   param_budget=args.param_budget, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                                   text_field=args.text_field, seed=args.seed, base_profile=base.source or base.name,
+                                   max_depth=args.max_depth, runs_dir=str((out / "trials").resolve()))
+    settings = SweepSettings(mode=args.mode, trials=args.trials, population=args.population,
+                             generations=args.generations, seed=args.seed, backend=args.backend,
+                             ray_address=args.ray_address, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
+                             gpus_per_trial=args.gpus_per_trial, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                             progress=not args.no_progress)
+    try:
+        result = run_sweep(objective, out, settings, resume=args.resume, overwrite=args.overwrite,
+                           argv=["xlstm-metal", *sys.argv[1:]])
+    except SweepError as err:
+        raise UsageError(str(err)) from None
+    counts = {}
+    for r in result.trials:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if result.best is None:
+        print(f"no trial completed ({summary}); see {out / 'trials.jsonl'}", file=sys.stderr)
+        return 1
+    best = result.best
+    print(f"{len(result.trials)} trials ({summary}); best {objective.metric} {best['value']:.6g} "
+          f"(trial {best['number']}): {best['params']}", file=sys.stderr)
+    if args.objective == "speed":
+        import json
+
+        winner = objective.profile_for(best["params"], name=profile_path.stem)
+        winner = winner.replace(description=f"{winner.description}; {objective.metric} {best['value']:.1f} tok/s "
+                                            f"in {out}")
+        from ..training.data import atomic_write_text
+
+        atomic_write_text(out / "profile.json", json.dumps(winner.to_dict(), indent=2) + "\n")
+        try:
+            path = save_profile(winner, profile_path, overwrite=True)
+        except ProfileError as err:
+            raise UsageError(str(err)) from None
+        print(f"saved the winner as profile {winner.name!r}: {path} (use --profile {winner.name})", file=sys.stderr)
+    return 0

@@ -1,0 +1,131 @@
+"""Judging generated text: likelihood under a judge model and surface statistics.
+
+For each record (``text`` and an optional ``prompt``):
+
+- ``mean_logprob``: mean natural-log probability of the text's tokens under the judge model,
+  each conditioned on the prompt and the text before it; ``perplexity`` = exp(-mean_logprob).
+- ``distinct_1/2/3``: unique n-grams / all n-grams of the text's words (whitespace split).
+- ``repeated_4gram_share``: the share of the text's word 4-grams that repeat an earlier one
+  (0: none repeats; near 1: a loop).
+- ``longest_repeated_span``: the longest run of words that occurs twice (overlaps allowed).
+- ``chars``, ``words``, ``tokens``: lengths.
+
+Texts of any length are scored in pieces carrying the recurrent state, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+#: Tokens per forward pass while scoring (the state carries across pieces).
+SCORE_PIECE = 1024
+
+
+def distinct_n(words: Sequence[str], n: int) -> float:
+    """Unique n-grams / n-grams (0 for a text shorter than n words)."""
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(words: Sequence[str], n: int = 4) -> float:
+    """Share of the n-grams that repeat an earlier one: (all - unique) / all."""
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def longest_repeated_span(words: Sequence[str]) -> int:
+    """Length of the longest word sequence that occurs at least twice (binary search on the
+    length with hashed windows: O(n log n))."""
+    ids: dict[str, int] = {}
+    seq = [ids.setdefault(w, len(ids)) for w in words]
+    n = len(seq)
+
+    def repeats(length: int) -> bool:
+        seen = set()
+        for i in range(n - length + 1):
+            window = tuple(seq[i : i + length])
+            if window in seen:
+                return True
+            seen.add(window)
+        return False
+
+    lo, hi = 0, n - 1
+    while lo < hi:  # largest length with a repeat; repeats() is monotone in the length
+        mid = (lo + hi + 1) // 2
+        if repeats(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(lo, 0)
+
+
+def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int]) -> np.ndarray:
+    """Log-probabilities [len(text_ids)] of each text token given the prompt and the text before
+    it. With no prompt the first text token is only a context (it has no prediction)."""
+    ids = list(prompt_ids) + list(text_ids)
+    start = len(prompt_ids)  # position of the first scored token
+    if start == 0:
+        start = 1
+    state = None
+    out: list[np.ndarray] = []
+    prev_logits = None  # logits of the last position of the previous piece
+    for begin in range(0, len(ids), SCORE_PIECE):
+        piece = ids[begin : begin + SCORE_PIECE]
+        logits, state = model(mx.array([piece], dtype=mx.int32), state)
+        logp = logits[0].astype(mx.float32)
+        logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+        # Position p predicts token p + 1; the first token of this piece is predicted by the
+        # previous piece's last position.
+        targets = np.arange(begin, begin + len(piece))
+        if prev_logits is not None:
+            preds = mx.concatenate([prev_logits[None], logp[:-1]], axis=0)
+            pos = targets
+        else:
+            preds = logp[:-1]
+            pos = targets[1:]
+        mask = pos >= start
+        if mask.any():
+            picked = mx.take_along_axis(preds, mx.array(np.array(ids)[pos][:, None].astype(np.int32)), axis=-1)[:, 0]
+            out.append(np.array(picked)[mask])
+        prev_logits = logp[-1]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
+    """The ratings of one record (see the module docstring)."""
+    text = record["text"]
+    prompt = record.get("prompt") or ""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+    text_ids = tokenizer.encode(text, add_special_tokens=not prompt)
+    lp = token_logprobs(model, prompt_ids, text_ids) if text_ids else np.zeros(0)
+    words = text.split()
+    mean = float(lp.mean()) if lp.size else float("nan")
+    return {
+        "mean_logprob": mean,
+        "perplexity": math.exp(-mean) if lp.size else float("nan"),
+        "scored_tokens": int(lp.size),
+        "distinct_1": distinct_n(words, 1),
+        "distinct_2": distinct_n(words, 2),
+        "distinct_3": distinct_n(words, 3),
+        "repeated_4gram_share": repeated_ngram_share(words, 4),
+        "longest_repeated_span": longest_repeated_span(words),
+        "chars": len(text),
+        "words": len(words),
+        "tokens": len(text_ids),
+    }
+
+
+def judge(model, tokenizer, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratings for every record, each with the record's own fields (other than text) first."""
+    out = []
+    for record in records:
+        keep = {k: v for k, v in record.items() if k != "text"}
+        out.append({**keep, **judge_record(model, tokenizer, record)})
+    return out
+
+
+__all__ = ["distinct_n", "judge", "judge_record", "longest_repeated_span", "repeated_ngram_share", "token_logprobs"]

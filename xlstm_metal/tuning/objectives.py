@@ -1,0 +1,401 @@
+"""What a tuning sweep optimises: one trial's parameters -> a result record.
+
+An objective defines its search space on an Optuna trial (:meth:`suggest`) and evaluates a
+parameter dict (:meth:`evaluate`) anywhere: in this process or in a Ray worker, so it holds only
+picklable settings; loaded models and data are cached per process.
+
+- :class:`SpeedObjective`: inference settings of this machine (kernel, chunk size, prompt piece
+  length, step kernel, state dtype, fused projections, OpenBLAS threads on CPUs) for the best
+  prefill and/or decode tokens/s. Every trial first runs :func:`~xlstm_metal.profiles.check.check_profile`
+  against the float32 reference; one outside the base profile's tolerance is rejected.
+- :class:`TrainObjective`: learning rate, warmup, weight decay, batch size, width and depth
+  within a parameter budget, for the lowest validation loss after a fixed number of tokens.
+- :class:`FunctionObjective`: a known test function (sphere, Rastrigin) over a box, to compare
+  samplers and check a backend's parallelism without a model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Per-process caches (models, references, data), keyed by an objective's cache_key().
+_CACHE: dict[Any, Any] = {}
+
+REJECTED = "rejected"
+COMPLETE = "complete"
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Objective:
+    """Base class: ``direction`` is "maximize" or "minimize"; ``metric`` names the value."""
+
+    name = "objective"
+    direction = "maximize"
+    metric = "value"
+
+    def suggest(self, trial) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def evaluate(self, params: dict[str, Any], prompts: list[str] | None = None,
+                 max_new_tokens: int = 32) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        return {"objective": self.name, "direction": self.direction, "metric": self.metric}
+
+    def prepare(self, out_dir: Path) -> None:
+        """Work done once in the driver before any trial (e.g. training a tokenizer)."""
+
+    def can_generate(self) -> bool:
+        return False
+
+
+# ------------------------------------------------------------------------------ speed
+@dataclass
+class SpeedObjective(Objective):
+    """Inference speed of ``model`` (a checkpoint directory) or of a random-weight ``shape``.
+
+    ``metric``: "prefill" (tok/s of a ``prefill_length`` prompt), "decode" (tok/s at
+    ``decode_batch`` rows) or "both" (their geometric mean). ``base_profile`` gives the weight
+    dtype and the tolerance every trial must meet.
+    """
+
+    model: str | None = None
+    shape: str = "125m"
+    base_profile: str = "exact-fp32"
+    metric: str = "both"
+    prefill_length: int = 512
+    decode_batch: int = 1
+    decode_tokens: int = 32
+    repeats: int = 2
+    seed: int = 0
+    kernels: tuple[str, ...] = ()
+    chunk_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    prefill_chunks: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    #: Default: float32, plus bfloat16 when the base profile's tolerance (>= 1e-2) could admit
+    #: its rounding (~4e-3 per step, compounding over blocks).
+    state_dtypes: tuple[str, ...] = ()
+    name: str = field(default="speed", init=False)
+    direction: str = field(default="maximize", init=False)
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("prefill", "decode", "both"):
+            raise ValueError(f"metric must be prefill, decode or both, got {self.metric!r}")
+        if not self.kernels:
+            from ..kernels.fast.step import cuda_available
+
+            self.kernels = ("chunkwise", "chunkwise_scan", "parallel") + (("chunkwise_fused",) if cuda_available() else ())
+        if not self.state_dtypes:
+            from ..profiles import load_profile
+
+            loose = load_profile(self.base_profile).max_rel_error >= 1e-2
+            self.state_dtypes = ("float32", "bfloat16") if loose else ("float32",)
+
+    def cache_key(self) -> tuple:
+        return ("speed", self.model, None if self.model else self.shape, self.seed)
+
+    def suggest(self, trial) -> dict[str, Any]:
+        import mlx.core as mx
+
+        params = {
+            "kernel": trial.suggest_categorical("kernel", list(self.kernels)),
+            "chunk_size": trial.suggest_categorical("chunk_size", list(self.chunk_sizes)),
+            "prefill_chunk": trial.suggest_categorical("prefill_chunk", list(self.prefill_chunks)),
+            "step_kernel": trial.suggest_categorical("step_kernel", ["step", "step_fused"]),
+            "state_dtype": trial.suggest_categorical("state_dtype", list(self.state_dtypes)),
+            "fuse": trial.suggest_categorical("fuse", [True, False]),
+        }
+        if mx.default_device() == mx.cpu:
+            params["blas_threads"] = trial.suggest_int("blas_threads", 1, max(1, os.cpu_count() or 1))
+        return params
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "model": self.model, "shape": None if self.model else self.shape,
+                "base_profile": self.base_profile, "prefill_length": self.prefill_length,
+                "decode_batch": self.decode_batch, "decode_tokens": self.decode_tokens, "repeats": self.repeats,
+                "space": {"kernel": list(self.kernels), "chunk_size": list(self.chunk_sizes),
+                          "prefill_chunk": list(self.prefill_chunks), "step_kernel": ["step", "step_fused"],
+                          "state_dtype": list(self.state_dtypes), "fuse": [True, False],
+                          "blas_threads": "1..cpu_count (CPU only)"}}
+
+    def can_generate(self) -> bool:
+        return self.model is not None
+
+    def profile_for(self, params: dict[str, Any], name: str = "trial"):
+        """The trial's settings as a HyperProfile on top of the base profile."""
+        from ..benchmark import environment
+        from ..profiles import load_profile
+
+        base = load_profile(self.base_profile)
+        return base.replace(
+            name=name, version=1,
+            description=f"tuned by `xlstm-metal tune --objective speed` from {base.name}",
+            kernels={**base.kernels, "chunkwise": params["kernel"], "step": params["step_kernel"]},
+            chunk_size=params["chunk_size"], prefill_chunk=params["prefill_chunk"],
+            state_dtype=params["state_dtype"], fuse=params["fuse"], blas_threads=params.get("blas_threads"),
+            device=environment())
+
+    def _base(self):
+        key = self.cache_key()
+        if key not in _CACHE:
+            if self.model is not None:
+                from ..loading import load_model
+
+                model = load_model(self.model, dtype="float32")
+            else:
+                from ..benchmark import random_model, shape_config
+
+                model = random_model(shape_config(self.shape), dtype="float32", seed=self.seed)
+            _CACHE[key] = {"model": model, "reference": {}}
+        return _CACHE[key]
+
+    def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
+        from .. import benchmark as bm
+        from ..profiles import apply_profile, load_profile
+        from ..profiles.check import _copy_model, check_profile
+
+        base = self._base()
+        profile = self.profile_for(params)
+        check = check_profile(base["model"], profile, reference="mlx", decode_steps=2, batch=1, seed=self.seed,
+                              reference_cache=base["reference"])
+        record: dict[str, Any] = {"max_rel_error": check.max_error, "tolerance": check.tolerance}
+        if not check.passed:
+            return {**record, "status": REJECTED, "value": None,
+                    "reason": f"error {check.max_error:.3e} > tolerance {check.tolerance:g} of profile "
+                              f"{load_profile(self.base_profile).name}"}
+        model = apply_profile(_copy_model(base["model"]), profile)
+        if self.metric in ("prefill", "both"):
+            p = bm.measure_prefill(model, self.prefill_length, chunk=params["prefill_chunk"], repeats=self.repeats,
+                                   seed=self.seed)
+            record.update(prefill_tok_s=p["tok_s"], ttft_s=p["ttft_s"], prefill_peak_mem_gb=p["peak_mem_gb"])
+        if self.metric in ("decode", "both"):
+            d = bm.measure_decode(model, self.decode_batch, tokens=self.decode_tokens, seed=self.seed)
+            record.update(decode_tok_s=d["tok_s"], ms_per_step=d["ms_per_step"], decode_peak_mem_gb=d["peak_mem_gb"])
+        value = {"prefill": lambda: record["prefill_tok_s"], "decode": lambda: record["decode_tok_s"],
+                 "both": lambda: math.sqrt(record["prefill_tok_s"] * record["decode_tok_s"])}[self.metric]()
+        record.update(status=COMPLETE, value=value)
+        if prompts:
+            record["outputs"] = _greedy(model, self.model, prompts, max_new_tokens, params["prefill_chunk"])
+        return record
+
+
+def _greedy(model, tokenizer_dir, prompts: list[str], max_new_tokens: int,
+            prefill_chunk: int | None = None) -> list[dict[str, str]]:
+    """Greedy continuations of ``prompts`` (one {"prompt", "text"} record per prompt) with the
+    tokenizer of ``tokenizer_dir``."""
+    from ..generation import xLSTMRunner
+    from ..generation.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=prefill_chunk)
+    out = []
+    for prompt in prompts:
+        ids = runner.generate(prompt, max_tokens=max_new_tokens, temperature=0.0)
+        out.append({"prompt": prompt, "text": tokenizer.decode(ids)})
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+@dataclass
+class TrainObjective(Objective):
+    """Validation loss after ``token_budget`` training tokens of a fresh xLSTM-Large.
+
+    ``data``: text / directory / JSON Lines paths; ``tokenizer``: a tokenizer.json (``prepare``
+    trains a byte-level BPE of ``vocab_size`` into the run directory when None). Widths, heads
+    and depths whose parameter count exceeds ``param_budget`` are rejected.
+    """
+
+    data: tuple[str, ...] = ()
+    tokenizer: str | None = None
+    vocab_size: int = 512
+    token_budget: int = 100_000
+    param_budget: int = 2_000_000
+    seq_len: int = 64
+    val_fraction: float = 0.1
+    text_field: str = "text"
+    seed: int = 0
+    base_profile: str = "exact-fp32"
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    heads: tuple[int, ...] = (1, 2, 4)
+    max_depth: int = 4
+    batches: tuple[int, ...] = (4, 8, 16, 32)
+    runs_dir: str | None = None
+    name: str = field(default="train", init=False)
+    direction: str = field(default="minimize", init=False)
+    metric: str = field(default="val_loss", init=False)
+
+    def cache_key(self) -> tuple:
+        return ("train", self.data, self.tokenizer, self.seq_len, self.val_fraction, self.seed, self.text_field)
+
+    def prepare(self, out_dir: Path) -> None:
+        from ..training.data import load_documents, save_tokenizer, tokenizer_config_dict, train_bpe_tokenizer
+
+        if self.runs_dir is None:
+            self.runs_dir = str(out_dir / "trials")
+        if self.tokenizer is None:
+            target = out_dir / "tokenizer"
+            if not (target / "tokenizer.json").is_file():
+                docs = load_documents(self.data, self.text_field)
+                tok = train_bpe_tokenizer((d.text for d in docs), self.vocab_size, show_progress=False)
+                save_tokenizer(tok, target, tokenizer_config_dict(tok))
+            self.tokenizer = str(target / "tokenizer.json")
+
+    def suggest(self, trial) -> dict[str, Any]:
+        return {
+            "lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True),
+            "warmup_fraction": trial.suggest_float("warmup_fraction", 0.0, 0.3),
+            "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.2),
+            "batch_size": trial.suggest_categorical("batch_size", list(self.batches)),
+            "embedding_dim": trial.suggest_categorical("embedding_dim", list(self.widths)),
+            "num_heads": trial.suggest_categorical("num_heads", list(self.heads)),
+            "num_blocks": trial.suggest_int("num_blocks", 1, self.max_depth),
+        }
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "data": list(self.data), "tokenizer": self.tokenizer,
+                "token_budget": self.token_budget, "param_budget": self.param_budget, "seq_len": self.seq_len,
+                "base_profile": self.base_profile,
+                "space": {"lr": "1e-4..3e-2 (log)", "warmup_fraction": "0..0.3", "weight_decay": "0..0.2",
+                          "batch_size": list(self.batches), "embedding_dim": list(self.widths),
+                          "num_heads": list(self.heads), "num_blocks": f"1..{self.max_depth}"}}
+
+    def can_generate(self) -> bool:
+        return True
+
+    def _data(self):
+        key = self.cache_key()
+        if key not in _CACHE:
+            from ..training.data import load_documents, load_tokenizer_file, split_stream, tokenize_documents
+
+            tokenizer = load_tokenizer_file(self.tokenizer)
+            docs = load_documents(self.data, self.text_field)
+            from ..training.data import BOS_TOKEN, EOS_TOKEN
+
+            stream = tokenize_documents(tokenizer, docs, tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN))
+            train, val = split_stream(stream, self.val_fraction, self.seed)
+            _CACHE[key] = (tokenizer, train, val)
+        return _CACHE[key]
+
+    def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
+        import mlx.core as mx
+
+        from ..config import ConfigError, xLSTMConfig
+        from ..models.xlstm_large import xLSTMLarge
+        from ..profiles import apply_profile, load_profile
+        from ..training.trainer import Trainer, TrainingConfig, count_parameters, init_xlstm_large
+
+        tokenizer, train_stream, val_stream = self._data()
+        vocab = int(math.ceil(tokenizer.get_vocab_size() / 64) * 64)
+        E, NH = params["embedding_dim"], params["num_heads"]
+        try:
+            config = xLSTMConfig(embedding_dim=E, num_heads=NH, num_blocks=params["num_blocks"], vocab_size=vocab,
+                                 tie_word_embeddings=True, chunk_size=min(64, self.seq_len))
+        except ConfigError as err:
+            return {"status": REJECTED, "value": None, "reason": f"invalid shape: {err}"}
+        profile = load_profile(self.base_profile)
+        config = apply_profile(config, profile.replace(chunk_size=None, prefill_chunk=None,
+                                                       kernels={**profile.kernels, "chunkwise": "chunkwise"}))
+        mx.random.seed(self.seed)
+        model = xLSTMLarge(config)
+        n_params = count_parameters(model)
+        if n_params > self.param_budget:
+            return {"status": REJECTED, "value": None, "params": n_params,
+                    "reason": f"{n_params:,} parameters > budget {self.param_budget:,}"}
+        init_xlstm_large(model, self.seed)
+        init_gates(model, profile.init)
+        batch = params["batch_size"]
+        steps = max(2, self.token_budget // (batch * self.seq_len))
+        warmup = min(int(params["warmup_fraction"] * steps), steps - 1)
+        cfg = TrainingConfig(seq_len=self.seq_len, batch_size=batch, steps=steps, lr=params["lr"], warmup=warmup,
+                             weight_decay=params["weight_decay"], eval_every=max(1, steps // 4), eval_batches=8,
+                             save_every=steps + 1, keep=1, log_every=max(1, steps // 20), seed=self.seed)
+        run_dir = Path(self.runs_dir or ".") / f"trial-{params.get('_trial', 0):04d}"
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # a trial interrupted earlier and run again
+        run_dir.mkdir(parents=True)
+        tok_dir = Path(self.tokenizer) if Path(self.tokenizer).is_dir() else Path(self.tokenizer).parent
+        trainer = Trainer(model, train_stream, val_stream, cfg, run_dir, tok_dir, progress=False)
+        result = trainer.train()
+        record = {"status": COMPLETE, "value": float(result.best_val_loss), "val_loss": float(result.best_val_loss),
+                  "val_ppl": math.exp(result.best_val_loss), "params": n_params, "steps": steps,
+                  "tokens": int(result.tokens), "run_dir": str(run_dir)}
+        if prompts:
+            record["outputs"] = _greedy(model, tok_dir, prompts, max_new_tokens)
+        return record
+
+
+def init_gates(model, init: dict[str, Any]) -> None:
+    """Set an xLSTM-Large's gate initialisation from a profile's ``init``: input-gate biases,
+    forget-gate biases spread linearly over [low, high] across heads, gate weights
+    N(0, gate_weight_std) (zero when 0)."""
+    import mlx.core as mx
+
+    key = mx.random.key(0)
+    for index, block in enumerate(model.blocks):
+        layer = block.mlstm_layer
+        nh = layer.igate_preact.bias.shape[0]
+        layer.igate_preact.bias = mx.full((nh,), float(init["igate_bias"]))
+        lo, hi = init["fgate_bias"]
+        layer.fgate_preact.bias = mx.linspace(float(lo), float(hi), nh)
+        std = float(init["gate_weight_std"])
+        for j, gate in enumerate((layer.igate_preact, layer.fgate_preact)):
+            w = gate.weight
+            gate.weight = (mx.random.normal(w.shape, key=mx.random.fold_in(key, 2 * index + j)) * std if std > 0
+                           else mx.zeros(w.shape)).astype(w.dtype)
+    mx.eval(model.parameters())
+
+
+# ------------------------------------------------------------------------------ test functions
+@dataclass
+class FunctionObjective(Objective):
+    """Minimise a known function of ``dims`` floats in [-5.12, 5.12]: "sphere" (sum x^2) or
+    "rastrigin" (10 d + sum x^2 - 10 cos 2 pi x); both have their minimum 0 at x = 0.
+
+    ``rendezvous``: a directory where each trial leaves a file and waits (up to
+    ``rendezvous_timeout`` s) until ``peers`` files exist; the record says whether it met them,
+    which shows that a backend ran that many trials at once.
+    """
+
+    function: str = "sphere"
+    dims: int = 4
+    rendezvous: str | None = None
+    peers: int = 2
+    rendezvous_timeout: float = 60.0
+    name: str = field(default="function", init=False)
+    direction: str = field(default="minimize", init=False)
+    metric: str = field(default="f", init=False)
+
+    def suggest(self, trial) -> dict[str, Any]:
+        return {f"x{i}": trial.suggest_float(f"x{i}", -5.12, 5.12) for i in range(self.dims)}
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "function": self.function, "dims": self.dims}
+
+    def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
+        xs = [params[f"x{i}"] for i in range(self.dims)]
+        if self.function == "sphere":
+            value = sum(x * x for x in xs)
+        elif self.function == "rastrigin":
+            value = 10 * len(xs) + sum(x * x - 10 * math.cos(2 * math.pi * x) for x in xs)
+        else:
+            raise ValueError(f"unknown function {self.function!r}")
+        record: dict[str, Any] = {"status": COMPLETE, "value": value}
+        if self.rendezvous:
+            path = Path(self.rendezvous)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / f"{os.getpid()}-{params.get('_trial', 0)}").write_text("")
+            deadline = time.monotonic() + self.rendezvous_timeout
+            while len(list(path.iterdir())) < self.peers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            record["met_peers"] = len(list(path.iterdir())) >= self.peers
+        return record

@@ -1,0 +1,423 @@
+"""A tuning sweep: Optuna asks for parameters, an objective evaluates them, here or on Ray.
+
+Search: ``mode="random"`` (Optuna's RandomSampler) or ``mode="ga"`` (its genetic NSGA-II
+sampler, ``population`` trials per generation). Both are seeded per trial, so a sweep with the
+same seed and objective repeats exactly, and a resumed one never redraws a finished point. The
+study lives in ``OUT/study.db`` (Optuna's SQLite storage), so ``resume=True`` continues an
+interrupted sweep; trials that were running when it stopped are marked ``interrupted``.
+
+Backends: ``local`` runs trials one after another in this process; ``ray`` runs ``workers``
+trials at once as Ray tasks with ``cpus_per_trial`` / ``gpus_per_trial`` each, on a local
+cluster started (and shut down) here, or on the cluster at ``ray_address``.
+
+Outputs in OUT, rewritten atomically after every trial: ``run_meta.json`` (settings, objective,
+environment, argv), ``trials.jsonl`` (one record per finished trial), ``summary.csv`` (the same,
+flat), ``best.json`` (the best complete trial) and, with prompts, ``outputs/trial-NNNN.jsonl``
+(greedy continuations; the format ``xlstm-metal judge --outputs`` reads).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .objectives import COMPLETE, REJECTED, Objective
+
+OUTPUT_FILES = ("run_meta.json", "trials.jsonl", "summary.csv", "best.json", "study.db", "study.db-wal", "study.db-shm",
+                "profile.json")
+OUTPUT_DIRS = ("outputs", "trials", "tokenizer")
+STUDY_NAME = "xlstm-metal-tune"
+
+
+class SweepError(ValueError):
+    """Bad sweep settings or output directory; the message names the problem."""
+
+
+@dataclass
+class SweepSettings:
+    """How to search (see the module docstring). ``trials``: the budget (default: population x
+    generations, for either mode, so both searches get the same number of trials)."""
+
+    mode: str = "random"
+    trials: int | None = None
+    population: int = 10
+    generations: int = 5
+    seed: int = 0
+    backend: str = "local"
+    ray_address: str | None = None
+    workers: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    prompts: list[str] | None = None
+    max_new_tokens: int = 32
+    progress: bool = True
+
+    @property
+    def budget(self) -> int:
+        return self.trials if self.trials is not None else self.population * self.generations
+
+    def validate(self) -> None:
+        if self.mode not in ("random", "ga"):
+            raise SweepError(f"mode must be 'random' or 'ga', got {self.mode!r}")
+        if self.backend not in ("local", "ray"):
+            raise SweepError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        for name in ("population", "generations", "workers", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise SweepError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mode == "ga" and self.population < 2:
+            raise SweepError(f"the genetic search needs population >= 2, got {self.population}")
+        if self.trials is not None and self.trials < 1:
+            raise SweepError(f"trials must be >= 1, got {self.trials}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise SweepError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if self.ray_address is not None and self.backend != "ray":
+            raise SweepError("ray_address needs backend 'ray'")
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------ files
+def _atomic_write(path: Path, text: str) -> None:
+    from ..training.data import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: resuming needs OUT/study.db; a new run needs an empty (or new) OUT
+    unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SweepError(f"--out {out_dir} is a file")
+    if resume:
+        if not (out_dir / "study.db").is_file():
+            raise SweepError(f"nothing to resume: {out_dir / 'study.db'} does not exist")
+        return
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise SweepError(f"--out {out_dir} is not empty; use --resume to continue that sweep or --overwrite")
+
+
+def _clear(out_dir: Path) -> None:
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------ one trial
+def run_trial(objective: Objective, params: dict[str, Any], number: int, prompts: list[str] | None,
+              max_new_tokens: int) -> dict[str, Any]:
+    """Evaluate one trial (here or in a Ray worker): the objective's record plus timing and
+    where it ran; an exception becomes status "error" with its message."""
+    started = time.time()
+    try:
+        record = objective.evaluate({**params, "_trial": number}, prompts=prompts, max_new_tokens=max_new_tokens)
+    except Exception as err:  # a trial's failure must not end the sweep
+        record = {"status": "error", "value": None, "reason": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(limit=5)}
+    finished = time.time()
+    record.update(started=started, finished=finished, duration_s=finished - started,
+                  worker={"pid": os.getpid(), "host": socket.gethostname()})
+    return record
+
+
+def _trial_record(trial) -> dict[str, Any]:
+    """A finished Optuna trial as the trials.jsonl record."""
+    import optuna
+
+    rec = dict(trial.user_attrs.get("record", {}))
+    status = rec.pop("status", None)
+    if status is None:
+        status = {optuna.trial.TrialState.FAIL: "interrupted"}.get(trial.state, trial.state.name.lower())
+    out = {"number": trial.number, "status": status,
+           "value": trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
+           "params": dict(trial.params)}
+    rec.pop("value", None)
+    out["reason"] = rec.pop("reason", None)
+    for key in ("started", "finished", "duration_s", "worker"):
+        out[key] = rec.pop(key, None)
+    out["metrics"] = rec
+    return out
+
+
+def best_record(records: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
+    """The complete record with the best value (ties: the earliest trial)."""
+    done = [r for r in records if r["status"] == COMPLETE and r["value"] is not None]
+    if not done:
+        return None
+    sign = -1 if direction == "maximize" else 1
+    return min(done, key=lambda r: (sign * r["value"], r["number"]))
+
+
+def _summary_csv(records: list[dict[str, Any]]) -> str:
+    param_keys = sorted({k for r in records for k in r["params"]})
+    metric_keys = sorted({k for r in records for k, v in r["metrics"].items()
+                          if not isinstance(v, (dict, list)) and k != "traceback"})
+    cols = ["number", "status", "value", *[f"param_{k}" for k in param_keys], *metric_keys, "duration_s", "reason"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(cols)
+    for r in records:
+        writer.writerow([r["number"], r["status"], "" if r["value"] is None else r["value"],
+                         *[r["params"].get(k, "") for k in param_keys],
+                         *["" if r["metrics"].get(k) is None else r["metrics"].get(k) for k in metric_keys],
+                         "" if r["duration_s"] is None else round(r["duration_s"], 4), r["reason"] or ""])
+    return buf.getvalue()
+
+
+def write_outputs(study, objective: Objective, out_dir: Path) -> SweepResult:
+    """trials.jsonl, summary.csv and best.json from the study's finished trials."""
+    import optuna
+
+    finished = [t for t in study.get_trials(deepcopy=False)
+                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+    records = [_json_safe(_trial_record(t)) for t in sorted(finished, key=lambda t: t.number)]
+    _atomic_write(out_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    _atomic_write(out_dir / "summary.csv", _summary_csv(records))
+    best = best_record(records, objective.direction)
+    if best is not None:
+        best = {"objective": objective.name, "metric": objective.metric, "direction": objective.direction, **best}
+        _atomic_write(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
+    return SweepResult(out_dir=out_dir, trials=records, best=best)
+
+
+# ------------------------------------------------------------------------------ the sweep
+def _sampler(settings: SweepSettings, number: int):
+    """A sampler seeded by (seed, trial number): the same point for the same trial, resumed or
+    not. The genetic sampler reads its population from the study, so it keeps no state."""
+    import optuna
+
+    seed = (settings.seed * 1_000_003 + number) % (2**32)
+    if settings.mode == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.NSGAIISampler(population_size=settings.population, seed=seed)
+
+
+def _ask(study, objective: Objective, settings: SweepSettings):
+    number = len(study.get_trials(deepcopy=False))
+    study.sampler = _sampler(settings, number)
+    trial = study.ask()
+    return trial, objective.suggest(trial)
+
+
+def _tell(study, trial, record: dict[str, Any], out_dir: Path) -> None:
+    import optuna
+
+    outputs = record.pop("outputs", None)
+    if outputs is not None:
+        lines = "".join(json.dumps({"trial": trial.number, **o}) + "\n" for o in outputs)
+        (out_dir / "outputs").mkdir(exist_ok=True)
+        _atomic_write(out_dir / "outputs" / f"trial-{trial.number:04d}.jsonl", lines)
+    trial.set_user_attr("record", _json_safe(record))
+    if record.get("status") == COMPLETE and record.get("value") is not None:
+        study.tell(trial, float(record["value"]))
+    else:  # rejected (outside tolerance, over budget) or error: recorded, never ranked
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def search(objective: Objective, settings: SweepSettings | None = None) -> list[dict[str, Any]]:
+    """The same search as :func:`run_sweep` (samplers, seeding, local backend) in memory: no
+    files, no SQLite. Returns the trial records in order (status, value, params, metrics)."""
+    import optuna
+
+    settings = settings or SweepSettings()
+    settings.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=objective.direction, sampler=_sampler(settings, 0))
+    records = []
+    while len(study.get_trials(deepcopy=False)) < settings.budget:
+        trial, params = _ask(study, objective, settings)
+        record = run_trial(objective, params, trial.number, settings.prompts, settings.max_new_tokens)
+        record.pop("outputs", None)
+        trial.set_user_attr("record", _json_safe(record))
+        if record.get("status") == COMPLETE and record.get("value") is not None:
+            study.tell(trial, float(record["value"]))
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        records.append(_json_safe(_trial_record(study.trials[trial.number])))
+    return records
+
+
+def _meta(objective: Objective, settings: SweepSettings, argv: list[str] | None) -> dict[str, Any]:
+    import optuna
+
+    from ..benchmark import environment
+
+    return {"objective": objective.meta(), "settings": {k: v for k, v in asdict(settings).items() if k != "prompts"},
+            "prompts": len(settings.prompts or []), "budget": settings.budget,
+            "sampler": "RandomSampler" if settings.mode == "random" else "NSGAIISampler",
+            "optuna": optuna.__version__, "environment": environment(), "argv": argv or sys.argv,
+            "started": time.time()}
+
+
+def sqlite_storage(path: Path):
+    """Optuna's SQLite storage at ``path`` in WAL mode without an fsync per commit (Optuna
+    commits ~15 times per trial; at 16 ms per fsync here that was most of a cheap trial's time).
+    A crash can lose the last commits, never corrupt the file."""
+    import optuna
+    from sqlalchemy import event
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}")
+
+    def pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # pooled connections were opened without the pragmas
+    return storage
+
+
+def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
+              resume: bool = False, overwrite: bool = False, argv: list[str] | None = None) -> SweepResult:
+    """Run (or resume) a sweep of ``objective`` into ``out_dir``; returns every record and the best."""
+    import optuna
+
+    settings = settings or SweepSettings()
+    settings.validate()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, resume=resume, overwrite=overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _clear(out_dir)
+    objective.prepare(out_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = sqlite_storage(out_dir / "study.db")
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=objective.direction,
+                                sampler=_sampler(settings, 0), load_if_exists=resume)
+    meta_path = out_dir / "run_meta.json"
+    if resume and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("objective", {}).get("objective") != objective.name:
+            raise SweepError(f"{out_dir} holds a {meta['objective'].get('objective')} sweep, not {objective.name}")
+        meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
+        meta["budget"] = settings.budget
+    else:
+        meta = _meta(objective, settings, argv)
+    _atomic_write(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # interrupted by the last stop
+
+    from tqdm import tqdm
+
+    done = len(study.get_trials(deepcopy=False))
+    result = write_outputs(study, objective, out_dir)
+    with tqdm(total=settings.budget, initial=min(done, settings.budget), desc=f"tune {objective.name}",
+              unit="trial", file=sys.stderr, disable=None if settings.progress else True) as bar:
+        def finished(trial, record):
+            nonlocal result
+            _tell(study, trial, record, out_dir)
+            result = write_outputs(study, objective, out_dir)
+            bar.update(1)
+            if result.best is not None:
+                bar.set_postfix_str(f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})")
+
+        if settings.backend == "local":
+            while len(study.get_trials(deepcopy=False)) < settings.budget:
+                trial, params = _ask(study, objective, settings)
+                finished(trial, run_trial(objective, params, trial.number, settings.prompts, settings.max_new_tokens))
+        else:
+            _run_on_ray(study, objective, settings, finished)
+    meta["finished"] = time.time()
+    meta["trials"] = len(result.trials)
+    _atomic_write(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
+    return result
+
+
+def _run_on_ray(study, objective: Objective, settings: SweepSettings, finished) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("--backend ray needs Ray: pip install 'xlstm-metal[tune]'") from None
+    started_here = not ray.is_initialized()
+    before = _child_pids()
+    if started_here:
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, log_to_driver=False)
+        else:
+            # A small local cluster of our own: no dashboard, a small object store.
+            cpus = max(1, int(round(settings.cpus_per_trial * settings.workers)))
+            ray.init(address="local", num_cpus=cpus, num_gpus=int(settings.gpus_per_trial * settings.workers) or None,
+                     include_dashboard=False, log_to_driver=False, object_store_memory=80 * 1024 * 1024)
+    try:
+        remote = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial, max_retries=0)(run_trial)
+        pending: dict[Any, Any] = {}
+        objective_ref = ray.put(objective)
+        while True:
+            while len(pending) < settings.workers and len(study.get_trials(deepcopy=False)) < settings.budget:
+                trial, params = _ask(study, objective, settings)
+                ref = remote.remote(objective_ref, params, trial.number, settings.prompts, settings.max_new_tokens)
+                pending[ref] = trial
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                trial = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except Exception as err:  # the worker died: the trial is an error, the sweep goes on
+                    record = {"status": "error", "value": None, "reason": f"{type(err).__name__}: {err}"}
+                finished(trial, record)
+    finally:
+        if started_here:
+            ours = _children_since(before)
+            ray.shutdown()
+            _reap(ours)
+
+
+def _child_pids() -> set[int]:
+    import psutil  # a dependency of Ray
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _children_since(before: set[int]) -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+
+def _reap(processes: list, timeout: float = 30.0) -> None:
+    """Wait for the processes of the Ray cluster started here to end after ray.shutdown()
+    (workers exit asynchronously); any still running after ``timeout`` is killed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+__all__ = ["SweepError", "SweepResult", "SweepSettings", "best_record", "run_sweep", "run_trial", "search",
+           "write_outputs",
+           "REJECTED"]
