@@ -226,3 +226,48 @@ def test_readme_monitoring_commands_run_as_written(tmp_path, monkeypatch, capsys
     assert snapshot["jobs"] == [] and snapshot["machine"]["ram_total"] > 0
     rows = (tmp_path / "mem.csv").read_text().splitlines()
     assert rows[0].startswith("time,elapsed_s,usage_bytes") and len(rows) >= 2
+
+
+def test_nvml_gpus_and_metal_info_are_shown(monkeypatch, tmp_path):
+    """GPU rows through a stand-in for nvidia-ml-py (no NVIDIA GPU here): utilisation, memory,
+    and each job's GPU memory by pid; MLX's Metal device info in the machine text."""
+    import types
+
+    from xlstm_metal.monitor.machine import Machine
+    from xlstm_metal.monitor.top import Monitor, machine_text
+
+    class Mem:
+        used, total = 40 * 10**9, 141 * 10**9
+
+    class Util:
+        gpu = 87
+
+    class Proc:
+        def __init__(self, pid, used):
+            self.pid, self.usedGpuMemory = pid, used
+
+    nv = types.SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0, nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetName=lambda h: b"NVIDIA H200" if h == 0 else "NVIDIA H200",
+        nvmlDeviceGetUtilizationRates=lambda h: Util, nvmlDeviceGetMemoryInfo=lambda h: Mem,
+        nvmlDeviceGetTemperature=lambda h, kind: 51, nvmlDeviceGetPowerUsage=lambda h: 312_000,
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [Proc(os.getpid(), 3 * 10**9)] if h == 1 else [],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(tmp_path))
+    machine = Machine()
+    gpus = machine.gpus()
+    assert [(g["index"], g["name"], g["utilization"], g["memory_used"], g["power_w"]) for g in gpus] == [
+        (0, "NVIDIA H200", 87.0, 40 * 10**9, 312.0), (1, "NVIDIA H200", 87.0, 40 * 10**9, 312.0)]
+    from xlstm_metal.monitor import job_status
+
+    with job_status("serve", watchdog=None, interval=0.05):
+        snap = Monitor(tmp_path, machine).poll(1.0)
+    [job] = snap["jobs"]
+    assert job["gpu_memory"] == 3 * 10**9 and "processes" not in snap["machine"]["gpus"][0]
+    text = machine_text(snap["machine"])
+    assert "GPU 1 NVIDIA H200: util 87%  memory 40.0G/141.0G  51°C  312 W" in text
+    metal = {**snap["machine"], "gpus": [], "mlx": {"version": "0.32", "device": "metal", "device_name": "Apple M3 Max",
+                                                      "memory_size": 128 * 10**9,
+                                                      "max_recommended_working_set_size": 96 * 10**9}}
+    assert "MLX 0.32 metal: Apple M3 Max, memory 128.0G, recommended working set 96.0G" in machine_text(metal)

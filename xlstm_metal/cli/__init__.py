@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
-        if name in JOB_COMMANDS:
+        if name in JOB_COMMANDS and "--mem-hard" not in sub.choices[name]._option_string_actions:
             from ..monitor import add_job_arguments
 
             add_job_arguments(sub.choices[name])

@@ -142,14 +142,16 @@ class JobStatus:
         base = self.fields.get("tokens") or 0  # cumulative over chat turns: a steady rate
         self.update(phase="prefill", done=0, total=total, unit="tokens")
         fields, wd = self.fields, self.watchdog
-        for chunk in chunks:  # per token: one dict update and one flag read (update() minus its checks)
-            n = chunk.generation_tokens
-            fields.update(phase="decode", done=n, tokens=base + n, prefill_tps=chunk.prompt_tps,
-                          decode_tps=chunk.generation_tps)
-            yield chunk
-            if wd is not None and wd.pending:
-                self.check()
-        self.update(phase="idle")
+        try:
+            for chunk in chunks:  # per token: one dict update and one flag read (update() minus its checks)
+                n = chunk.generation_tokens
+                fields.update(phase="decode", done=n, tokens=base + n, prefill_tps=chunk.prompt_tps,
+                              decode_tps=chunk.generation_tps)
+                yield chunk
+                if wd is not None and wd.pending:
+                    self.check()
+        finally:  # also when the consumer stops early (Ctrl-C in chat)
+            fields["phase"] = "idle"
 
     # ------------------------------------------------------------------ publisher thread
     def record(self) -> dict[str, Any]:
