@@ -18,7 +18,7 @@ Which OpenBLAS:
 * other Linux machines (aarch64): PyPI ``cmeel-openblas``.
 * ``XLSTM_METAL_BLAS=/path/to/libblas.so`` picks any library that exports the cblas API;
   ``XLSTM_METAL_NO_OPENBLAS=1`` turns the preload off; ``XLSTM_METAL_BLAS_THREADS=N`` sets
-  OpenBLAS's threads (default: every core, see :func:`blas_threads`).
+  OpenBLAS's threads (default: the cores other processes leave idle, see :func:`blas_threads`).
 
 Both OpenBLAS wheels need ``libgfortran.so.5``, which many machines lack. If the system has
 none, the copy that MLX's own wheel bundles (under a hashed name the linker cannot match) is
@@ -33,11 +33,13 @@ import hashlib
 import importlib.util
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +51,11 @@ GFORTRAN: str | None = None
 REASON: str | None = None
 #: The netlib BLAS name libmlx.so depends on, which the OpenBLAS copy is renamed to.
 SONAME: str | None = None
+#: How the thread count was chosen ("XLSTM_METAL_BLAS_THREADS", "OPENBLAS_NUM_THREADS", or the
+#: measured load: "idle cores: 1.0 of 2").
+THREADS_REASON: str | None = None
+#: Length of the window in which other processes' CPU use is measured at import (seconds).
+LOAD_WINDOW_S = 0.1
 
 _GFORTRAN_SONAME = "libgfortran.so.5"
 # Loaded libraries stay loaded as long as the process: keep their handles.
@@ -207,26 +214,96 @@ def _renamed_blas(src: Path, soname: str) -> Path:
     return _renamed_copy(src, soname, rpath=None)
 
 
-def _load(path: Path, soname: str) -> None:
+def _load(path: Path, soname: str, probe: "_LoadProbe | None" = None) -> None:
     copy = _renamed_blas(path, soname)
     lib = ctypes.CDLL(str(copy))  # RTLD_LOCAL: only MLX binds to it, through its soname
     if not hasattr(lib, "cblas_sgemm"):
         raise OSError(f"{path} does not export cblas_sgemm")
     _HANDLES.append(lib)
     if hasattr(lib, "openblas_set_num_threads"):
-        lib.openblas_set_num_threads(ctypes.c_int(blas_threads()))
+        lib.openblas_set_num_threads(ctypes.c_int(blas_threads(probe)))
 
 
-def blas_threads() -> int:
-    """Threads for MLX's OpenBLAS: XLSTM_METAL_BLAS_THREADS, else OPENBLAS_NUM_THREADS, else
-    every core. On an idle 2-core machine 2 threads ran prefill/decode 1.6x faster than 1; on a
-    machine busy with other jobs OpenBLAS's spinning workers collapse (10-16x slower than one
-    thread, BENCHMARKS.md): set XLSTM_METAL_BLAS_THREADS=1 there."""
+def _usable_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpu_ticks(cpus: list[int]) -> tuple[float, float] | None:
+    """(busy, total) clock ticks of ``cpus`` so far, from /proc/stat (None where unreadable)."""
+    try:
+        with open("/proc/stat") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    wanted = {f"cpu{i}" for i in cpus}
+    busy = total = 0.0
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in wanted:
+            # user nice system idle iowait irq softirq steal (guest time is inside user)
+            values = [float(v) for v in fields[1:9]]
+            total += sum(values)
+            busy += sum(values) - values[3] - values[4]
+    return (busy, total) if total else None
+
+
+def _own_cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+class _LoadProbe:
+    """Measures how many of this process's usable cores other processes keep busy, over a
+    window that overlaps the preload's own work (that work is subtracted)."""
+
+    def __init__(self) -> None:
+        self.cpus = _usable_cpus()
+        self.t0 = time.monotonic()
+        self.own0 = _own_cpu_seconds()
+        self.ticks0 = _cpu_ticks(self.cpus)
+
+    def idle_cores(self) -> float | None:
+        if self.ticks0 is None:
+            return None
+        time.sleep(max(0.0, LOAD_WINDOW_S - (time.monotonic() - self.t0)))
+        ticks1, wall = _cpu_ticks(self.cpus), time.monotonic() - self.t0
+        if ticks1 is None or ticks1[1] <= self.ticks0[1] or wall <= 0:
+            return None
+        share = (ticks1[0] - self.ticks0[0]) / (ticks1[1] - self.ticks0[1])  # busy fraction of all cpus
+        busy_cores = share * len(self.cpus) - (_own_cpu_seconds() - self.own0) / wall
+        return min(float(len(self.cpus)), max(0.0, len(self.cpus) - busy_cores))
+
+
+def threads_for_idle_cores(idle: float, cpus: int) -> int:
+    """OpenBLAS threads for ``idle`` free cores: one per core other processes leave free.
+
+    OpenBLAS's workers spin while they wait for each other; one that shares its core with a
+    busy process stalls every GEMM (measured 10-40x slower than one thread, BENCHMARKS.md),
+    so a core counts as free only when at least 80% of it is idle."""
+    return max(1, min(cpus, int(idle + 0.2)))
+
+
+def blas_threads(probe: "_LoadProbe | None" = None) -> int:
+    """Threads for MLX's OpenBLAS: XLSTM_METAL_BLAS_THREADS, else OPENBLAS_NUM_THREADS, else the
+    cores that other processes leave idle, measured over LOAD_WINDOW_S at import (every usable
+    core on an idle machine: 2 threads ran prefill/decode 1.6x faster than 1 on an idle 2-core
+    machine; 1 thread on a 2-core machine with one core busy, where 2 threads collapse)."""
+    global THREADS_REASON
     for name in ("XLSTM_METAL_BLAS_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
+            THREADS_REASON = name
             return int(value)
-    return max(1, os.cpu_count() or 1)
+    probe = probe or _LoadProbe()
+    idle = probe.idle_cores()
+    if idle is None:
+        THREADS_REASON = "every usable core (the load could not be read)"
+        return len(probe.cpus)
+    THREADS_REASON = f"idle cores at import: {idle:.1f} of {len(probe.cpus)}"
+    return threads_for_idle_cores(idle, len(probe.cpus))
 
 
 def preload() -> str | None:
@@ -250,6 +327,9 @@ def preload() -> str | None:
         )
         return None
     errors: list[str] = []
+    # The load is measured while the preload works; its own CPU time is subtracted.
+    probe = _LoadProbe() if not any(os.environ.get(n, "").isdigit() for n in
+                                    ("XLSTM_METAL_BLAS_THREADS", "OPENBLAS_NUM_THREADS")) else None
     try:
         SONAME = _mlx_blas_soname()
     except (OSError, subprocess.SubprocessError) as err:
@@ -269,7 +349,7 @@ def preload() -> str | None:
             errors.append(str(err))  # a BLAS without Fortran parts may still load
         for path in candidates:
             try:
-                _load(path, SONAME)
+                _load(path, SONAME, probe)
             except (OSError, subprocess.SubprocessError) as err:
                 errors.append(f"{path}: {err}")
                 continue
@@ -290,7 +370,8 @@ def preload() -> str | None:
 
 def info() -> dict:
     """What was loaded: blas (path or None), core (OpenBLAS's kernel family for this CPU),
-    gfortran ("system", the renamed copy, or None), soname (MLX's BLAS name), reason (why none)."""
+    threads (OpenBLAS's) and threads_reason (how they were chosen), gfortran ("system", the
+    renamed copy, or None), soname (MLX's BLAS name), reason (why none)."""
     core, threads = None, None
     if LOADED is not None and _HANDLES:
         try:
@@ -300,5 +381,5 @@ def info() -> dict:
             threads = int(_HANDLES[-1].openblas_get_num_threads())
         except AttributeError:
             pass
-    return {"blas": LOADED, "core": core, "threads": threads, "gfortran": GFORTRAN, "soname": SONAME,
-            "reason": REASON}
+    return {"blas": LOADED, "core": core, "threads": threads, "threads_reason": THREADS_REASON,
+            "gfortran": GFORTRAN, "soname": SONAME, "reason": REASON}

@@ -263,6 +263,7 @@ def environment() -> dict[str, Any]:
         blas = _blas.info()
         info["blas"] = blas["blas"]
         info["blas_core"] = blas["core"]
+        info["blas_threads"] = blas["threads"]
     return info
 
 
