@@ -1,0 +1,226 @@
+"""Every `xlstm-metal` command in README.md's code blocks, run as a shell runs it (offline, on the
+packaged model), checking what the README says it does.
+
+Each command of the README is a key of RUN (run here, with a check of the README's promise) or
+of SKIPPED (with the reason). A command that is in neither (a new one, or one whose text
+changed) fails test_every_readme_command_is_run_or_skipped: add it to one of the tables.
+Placeholders (``path/or/hf-id``, ``ckpt``, ``p.txt``, ``data/``, ...) are replaced by the
+packaged model or small files made here; PLACEHOLDERS lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from xlstm_metal.generation import DEFAULT_MODEL_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+
+
+# ------------------------------------------------------------------------------ parsing
+def readme_commands(text: str) -> list[str]:
+    """Shell lines of the README's fenced code blocks (not python ones) that run `xlstm-metal`,
+    comments removed, backslash continuations joined."""
+    commands = []
+    for lang, body in re.findall(r"^```([\w-]*)\n(.*?)^```", text, flags=re.S | re.M):
+        if lang.lower() in ("python", "py", "json", "yaml", "toml", "text"):
+            continue
+        for line in re.sub(r"\\\n\s*", " ", body).splitlines():
+            tokens = shlex.split(line, comments=True)
+            if "xlstm-metal" in tokens:
+                commands.append(normalize(line))
+    return commands
+
+
+OPERATORS = ("&&", "||", "|", ";")
+
+
+def normalize(command: str) -> str:
+    """A command as its shell words (quoting and spacing as written do not matter)."""
+    return join_words(shlex.split(command, comments=True))
+
+
+def join_words(tokens: list[str]) -> str:
+    return " ".join(t if t in OPERATORS else shlex.quote(t) for t in tokens)
+
+
+# ------------------------------------------------------------------------------ running
+PROMPT = "To read a text file in Python,"
+
+
+def placeholders(tmp: Path) -> dict[str, str]:
+    """README placeholder word -> what it stands for here (files made in ``tmp`` if it exists)."""
+    if not tmp.is_dir():
+        return {"path/or/hf-id": str(DEFAULT_MODEL_DIR), "ckpt": str(DEFAULT_MODEL_DIR)}
+    (tmp / "p.txt").write_text(PROMPT, encoding="utf-8")
+    (tmp / "more.jsonl").write_text("".join(
+        json.dumps({"text": f"Open the file with open(path). Line {i} reads the file and closes it."}) + "\n"
+        for i in range(200)))
+    return {"path/or/hf-id": str(DEFAULT_MODEL_DIR), "ckpt": str(DEFAULT_MODEL_DIR), "p.txt": str(tmp / "p.txt"),
+            "more.jsonl": str(tmp / "more.jsonl")}
+
+
+@dataclass
+class Run:
+    """How to run one README command and what to check."""
+
+    check: Callable[[subprocess.CompletedProcess, Path], None]
+    stdin: str | None = None
+    replace: dict[str, str] = field(default_factory=dict)  # word -> word (e.g. a shorter run)
+    extra: list[str] = field(default_factory=list)  # appended to the xlstm-metal words
+    slow: bool = False
+
+
+def shell_line(command: str, tmp: Path, case: Run) -> str:
+    """The README line with placeholders replaced; segments that install the package are
+    dropped (the package under test is what runs)."""
+    words = {**placeholders(tmp), **case.replace}
+    segments: list[list[str]] = [[]]
+    for token in shlex.split(command):
+        if token in OPERATORS:
+            segments += [[token], []]
+        else:
+            segments[-1].append(words.get(token, token))
+    out: list[str] = []
+    for segment in segments:
+        if segment[:4] == ["python3", "-m", "pip", "install"]:
+            continue  # with the operator that follows it
+        if segment and segment[0] in OPERATORS and (not out or out[-1] in OPERATORS):
+            continue
+        if segment and segment[0] == "xlstm-metal":
+            segment = segment + case.extra
+        out += segment
+    return join_words(out)
+
+
+def run_readme(command: str, tmp: Path, case: Run) -> subprocess.CompletedProcess:
+    shim = tmp / "bin" / "xlstm-metal"  # the command a `pip install` puts on PATH, for this checkout
+    shim.parent.mkdir(exist_ok=True)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m xlstm_metal "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "XLSTM_METAL_BLAS_THREADS": os.environ.get("XLSTM_METAL_BLAS_THREADS", "1")}
+    proc = subprocess.run(["bash", "-c", shell_line(command, tmp, case)], input=case.stdin, capture_output=True,
+                          text=True, cwd=tmp, env=env, timeout=600)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+# ------------------------------------------------------------------------------ checks
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def streams_text(proc, tmp):
+    """generate prints a completion (text, then one newline) and nothing else on stdout."""
+    ok(proc)
+    assert proc.stdout.endswith("\n") and proc.stdout.strip(), repr(proc.stdout)
+
+
+def verbose_seeded_sampling(proc, tmp):
+    """-v adds prompt / generation speed and peak memory on stderr; -n caps the tokens."""
+    streams_text(proc, tmp)
+    stats = re.search(r"prompt: (\d+) tokens, [\d,.]+ tok/s \| generation: (\d+) tokens, [\d,.]+ tok/s \| "
+                      r"peak memory: [\d.]+ GB", proc.stderr)
+    assert stats, proc.stderr
+    assert int(stats.group(1)) > 1 and 1 <= int(stats.group(2)) <= 200
+
+
+def stops_at_blank_line(proc, tmp):
+    """--stop "\\n\\n" ends the reply before the first blank line."""
+    streams_text(proc, tmp)
+    assert "\n\n" not in proc.stdout[:-1], repr(proc.stdout)
+
+
+def describes_model(proc, tmp):
+    """--info lists blocks, sizes, memory; --show-wiring the blocks and their cells."""
+    ok(proc)
+    out = proc.stdout
+    for word in ("num_blocks", "embedding_dim", "parameters", "weights_bytes", "state_bytes_per_row",
+                 "blocks.0: mLSTMBlock", "lm_head"):
+        assert word in out, out
+
+
+def chats(proc, tmp):
+    """chat answers each turn, /reset forgets the conversation, Ctrl-D (end of input) quits."""
+    ok(proc)
+    assert "(conversation reset)" in proc.stderr and "/reset" in proc.stderr  # the help line
+    assert proc.stdout.strip(), repr(proc.stdout)
+
+
+def fine_tunes(proc, tmp):
+    """train --init-from default fine-tunes the packaged model on JSON Lines, keeping its shape
+    and tokenizer, and writes a checkpoint in --out."""
+    ok(proc)
+    (checkpoint,) = sorted((tmp / "runs" / "ft").glob("checkpoint-*"))
+    packaged = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    tuned = json.loads((checkpoint / "config.json").read_text())
+    assert {k: tuned[k] for k in ("embedding_dim", "num_blocks", "vocab_size")} == \
+        {k: packaged[k] for k in ("embedding_dim", "num_blocks", "vocab_size")}
+    assert (checkpoint / "tokenizer.json").read_bytes() == (DEFAULT_MODEL_DIR / "tokenizer.json").read_bytes()
+    assert (tmp / "runs" / "ft" / "metrics.jsonl").is_file() and (tmp / "runs" / "ft" / "loss.png").is_file()
+
+
+# ------------------------------------------------------------------------------ the tables
+RUN: dict[str, Run] = {
+    normalize('python3 -m pip install -e . && xlstm-metal generate --prompt "The Python interpreter"'):
+        Run(streams_text, extra=["-n", "24"]),
+    normalize('xlstm-metal generate --prompt "To open a file in Python,"'): Run(streams_text, extra=["-n", "24"]),
+    normalize("xlstm-metal generate -m path/or/hf-id --prompt-file p.txt -n 200 --temp 0.8 --top-p 0.95 --seed 1 -v"):
+        Run(verbose_seeded_sampling, replace={"200": "40"}),
+    normalize('echo "Once upon" | xlstm-metal generate --prompt - --stop "\\n\\n"'): Run(stops_at_blank_line),
+    normalize("xlstm-metal generate --info --show-wiring"): Run(describes_model),
+    normalize("xlstm-metal chat -m ckpt"): Run(chats, stdin="What is a list?\n/reset\nHello\n", extra=["-n", "16"]),
+    normalize("xlstm-metal train more.jsonl --text-field text --init-from default --out runs/ft --steps 500"):
+        Run(fine_tunes, replace={"500": "2"},
+            extra=["--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--no-progress"], slow=True),
+}
+
+SKIPPED: dict[str, str] = {
+    normalize("xlstm-metal train data/ --out runs/m --config pydoc-4m --max-time 600 --export runs/m/export"):
+        "a 10-minute training run from scratch (its point is the time budget); tests/test_train_cli.py and "
+        "tests/test_train_reliability.py run the same flags (--max-time, --export, --config) on tiny runs",
+    normalize("xlstm-metal bench --shape 125m --prefill-lengths 512,2048 --decode-batches 1,8 --json"):
+        "builds and times a 125M-parameter model (minutes on a CPU, not the packaged model); tests/test_bench.py "
+        "runs these flags on a tiny config",
+}
+
+
+def test_every_readme_command_is_run_or_skipped():
+    commands = readme_commands(README.read_text(encoding="utf-8"))
+    assert commands, "no xlstm-metal commands found in README.md"
+    unknown = [c for c in commands if c not in RUN and c not in SKIPPED]
+    assert not unknown, ("README.md commands that this test neither runs nor skips (add each to RUN with a "
+                         f"check, or to SKIPPED with the reason): {unknown}")
+    stale = [c for c in (*RUN, *SKIPPED) if c not in commands]
+    assert not stale, f"commands no longer in README.md (remove them here): {stale}"
+    assert not set(RUN) & set(SKIPPED) and all(reason.strip() for reason in SKIPPED.values())
+
+
+def test_parser_reads_blocks_comments_pipes_and_continuations():
+    text = ("```bash\nxlstm-metal generate -p 'a b'   # a comment\necho hi | xlstm-metal chat \\\n  -m x\n"
+            "pip install x\n```\n```python\nos.system('xlstm-metal generate')\n```\n")
+    assert readme_commands(text) == ["xlstm-metal generate -p 'a b'", "echo hi | xlstm-metal chat -m x"]
+    line = "python3 -m pip install -e . && xlstm-metal generate -m ckpt"
+    assert shell_line(normalize(line), Path("/nonexistent"), Run(ok, extra=["-n", "3"])) == \
+        f"xlstm-metal generate -m {DEFAULT_MODEL_DIR} -n 3"
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, marks=[pytest.mark.slow] if RUN[c].slow else [])
+                                     for c in RUN])
+def test_readme_command(command, tmp_path):
+    case = RUN[command]
+    case.check(run_readme(command, tmp_path, case), tmp_path)
