@@ -47,6 +47,8 @@ def add_parser(subparsers) -> None:
                      help=f"config JSON (xLSTM-Large fields) or a preset: {', '.join(PRESETS)} (default: tiny)")
     src.add_argument("--init-from", default=None, metavar="CKPT",
                      help="fine-tune this checkpoint directory ('default': the packaged model)")
+    src.add_argument("--arch", default=None, metavar="SPEC", help="an architecture-lab model instead: shipped arch "
+                     "name or YAML/JSON arch / wiring spec (width: its embedding_dim, default 128)")
     src.add_argument("--kernel", default="chunkwise", help="mLSTM kernel for training (default: chunkwise)")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory); default: the checkpoint's, or train a BPE")
@@ -275,8 +277,8 @@ def run(args) -> int:
         for name, value in RUN_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-        if args.config and args.init_from:
-            raise UsageError("give --config (new model) or --init-from (fine-tuning), not both")
+        if sum(bool(v) for v in (args.config, args.init_from, args.arch)) > 1:
+            raise UsageError("give one of --config / --arch (new model) or --init-from (fine-tuning)")
         steps = args.steps if args.steps is not None else (None if args.max_time else 1000)
         cfg = TrainingConfig(
             seq_len=args.seq_len, batch_size=args.batch_size, steps=steps, max_time=args.max_time, lr=args.lr,
@@ -336,6 +338,13 @@ def run(args) -> int:
             raise UsageError(str(err)) from None
 
         vocab = tokenizer.get_vocab_size()
+        if model is None and args.arch:
+            from ..lab import WiringError, training_model
+
+            try:
+                model = training_model(args.arch, vocab, cfg.seed)
+            except WiringError as err:
+                raise UsageError(f"--arch {args.arch}: {err}") from None
         if model is None:
             model = _build_model(_config_dict(args.config or "tiny"), args.kernel, cfg.seed, vocab)
         elif hasattr(model.config, "chunkwise_kernel"):

@@ -13,14 +13,14 @@ evolutionary architecture search.
 
 from .cells import CellError, LabCell, build_cell, cell_types, register_cell
 from .library import arch_names, block_spec_names, load_arch, load_spec
-from .model import LabConfig, LabModel, build_model, load_wired, wired_equivalent
+from .model import LabConfig, LabModel, build_model, load_wired, training_model, wired_equivalent
 from .spec import Wiring, WiringError, WiringSpec, topological_stages
 from .wiring import WiredBlock, build_block
 
 __all__ = [
     "CellError", "LabCell", "build_cell", "cell_types", "register_cell",
     "arch_names", "block_spec_names", "load_arch", "load_spec",
-    "LabConfig", "LabModel", "build_model", "load_wired", "wired_equivalent",
+    "LabConfig", "LabModel", "build_model", "load_wired", "training_model", "wired_equivalent",
     "Wiring", "WiringError", "WiringSpec", "topological_stages",
     "WiredBlock", "build_block",
 ]

@@ -72,9 +72,13 @@ class LabConfig:
         return len(self.blocks)
 
     @classmethod
-    def from_arch(cls, arch: str | dict, *, vocab_size: int, embedding_dim: int, **kwargs: Any) -> "LabConfig":
-        """From an architecture name, file or dict (see :func:`load_arch`)."""
+    def from_arch(cls, arch: str | dict, *, vocab_size: int, embedding_dim: int,
+                  block_defaults: dict[str, Any] | None = None, **kwargs: Any) -> "LabConfig":
+        """From an architecture name, file or dict (see :func:`load_arch`). ``block_defaults``
+        (e.g. ``{"num_heads": 4}``) go to every block whose entry does not set them."""
         data = load_arch(arch)
+        for entry in data["blocks"]:
+            entry["params"] = {**(block_defaults or {}), **entry["params"]}
         options = {k: data[k] for k in ("out_norm", "norm_eps", "tie_word_embeddings", "output_logit_soft_cap",
                                          "layout") if k in data}
         options.update(kwargs)
@@ -257,6 +261,15 @@ def model_from_checkpoint(config_dict: dict[str, Any], weights: dict[str, mx.arr
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def training_model(arch: str | dict, vocab_size: int, seed: int = 0) -> LabModel:
+    """A fresh model of ``arch`` for ``xlstm-metal train --arch``: the arch's ``embedding_dim``
+    (default 128) and ``vocab_size`` (default: ``vocab_size`` rounded up to a multiple of 64)."""
+    data = load_arch(arch)
+    dim = data.get("embedding_dim", 128)
+    vocab = data.get("vocab_size") or -(-vocab_size // 64) * 64
+    return build_model(data, vocab_size=vocab, embedding_dim=dim, seed=seed)
 
 
 # ------------------------------------------------------------------ the hand-written models

@@ -1,0 +1,102 @@
+"""MAD tasks: seeded generators with MAD-Lab's settings and semantics; the tiny preset solves
+in-context recall with mLSTM and attention, and not without token mixing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xlstm_metal  # noqa: F401
+from xlstm_metal.lab import mad
+from xlstm_metal.lab.mad import IGNORE, PAPER_TASKS, PRESETS, TASKS, generate, task_names
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_generators_are_deterministic_per_seed(name):
+    task = PRESETS["tiny"].task(name)
+    a = generate(task, 8, seed=3, training=False)
+    b = generate(task, 8, seed=3, training=False)
+    c = generate(task, 8, seed=4, training=False)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].shape == a[1].shape and a[0].shape[0] == 8
+    assert a[0].min() >= 0 and a[0].max() < task.settings["vocab_size"]
+    scored = a[1][a[1] != IGNORE]
+    assert scored.size > 0 and scored.max() < task.settings["vocab_size"]
+
+
+def test_paper_settings_are_mad_labs():
+    s = PAPER_TASKS
+    assert s["in_context_recall"].settings == dict(vocab_size=16, seq_len=128, multi_query=True, noise_vocab_size=0)
+    assert s["noisy_in_context_recall"].settings["frac_noise"] == 0.2
+    assert s["fuzzy_in_context_recall"].settings["k_motif_size"] == 3
+    assert s["selective_copying"].settings == dict(vocab_size=16, seq_len=256, num_tokens_to_copy=16)
+    assert (s["memorization"].settings["vocab_size"], s["memorization"].num_train) == (256, 256)
+    assert all(t.num_test == 1280 for t in s.values())
+    assert PRESETS["paper"].batch_size == 128 and PRESETS["paper"].lr == 5e-4 and PRESETS["paper"].epochs == 200
+    for name, task in s.items():
+        x, y = generate(task, 2, seed=0, training=False)
+        # MAD-Lab drops the last token of the recall sequences (the shift of next-token prediction)
+        assert x.shape[1] in (task.settings["seq_len"] - 1, task.settings["seq_len"]), name
+
+
+def test_in_context_recall_targets_are_the_values_of_repeated_keys():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = mad.in_context_recall(vocab_size=16, seq_len=64, multi_query=True, noise_vocab_size=0,
+                                     is_training=False, rng=rng)
+        pairs = {}
+        for t in range(0, len(x) - 1, 2):
+            k, v = x[t], x[t + 1]
+            assert k < 8 <= v  # keys 0..7, values 8..15
+            if y[t] != IGNORE:  # predicting the value after a key seen before
+                assert k in pairs and y[t] == pairs[k] == v
+            pairs[k] = v
+    x, y = mad.in_context_recall(vocab_size=16, seq_len=64, multi_query=True, noise_vocab_size=0, rng=rng)
+    assert np.array_equal(x[1:], y[:-1])  # training: next-token targets
+
+
+def test_noisy_recall_noise_and_selective_copy_and_compression_and_memorization():
+    rng = np.random.default_rng(1)
+    x, y = mad.noisy_in_context_recall(vocab_size=32, noise_vocab_size=16, seq_len=128, frac_noise=0.2,
+                                       multi_query=True, is_training=False, rng=rng)
+    assert np.any(x >= 16) and np.all(y[x >= 16] == IGNORE)
+    x, y = mad.selective_copying(vocab_size=16, seq_len=64, num_tokens_to_copy=8, rng=rng)
+    copy_at = int(np.flatnonzero(x == 15)[0])
+    tokens = x[:copy_at][x[:copy_at] != 14]
+    assert np.array_equal(y[y != IGNORE], tokens) and len(tokens) == 8
+    x, y = mad.compression(vocab_size=16, seq_len=32, rng=rng)
+    assert np.array_equal(x, y) and x[-1] == 15
+    kv = mad.generate_kv_map(63, seed=5)
+    x, y = mad.memorization(vocab_size=64, seq_len=32, kv_map=kv, rng=rng)
+    for t in range(1, 32, 2):
+        assert x[t] == 63 and y[t] == kv[(x[t - 1],)][0] and y[t - 1] == IGNORE
+
+
+def test_task_names_and_errors():
+    assert task_names(None) == list(TASKS)
+    assert task_names("in-context-recall,memorization") == ["in_context_recall", "memorization"]
+    with pytest.raises(ValueError, match="unknown MAD task"):
+        task_names("recall")
+
+
+def _recall(arch):
+    return mad.run_task(arch, "in_context_recall", "tiny", seed=0)
+
+
+@pytest.mark.slow
+def test_tiny_in_context_recall_mlstm_solves_it():
+    result = _recall("mlstm")
+    assert result.accuracy > 0.9, result
+
+
+@pytest.mark.slow
+def test_tiny_in_context_recall_attention_solves_it():
+    result = _recall("attention")
+    assert result.accuracy > 0.9, result
+
+
+@pytest.mark.slow
+def test_tiny_in_context_recall_swiglu_only_stays_near_chance():
+    result = _recall("swiglu-only")
+    assert result.accuracy < 2.5 * result.chance, result

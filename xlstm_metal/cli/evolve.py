@@ -1,0 +1,90 @@
+"""`xlstm-metal evolve`: evolutionary architecture search (STAR-style genomes) scored on MAD tasks
+under a parameter budget.
+
+Example::
+
+    xlstm-metal evolve --budget 200000 --population 6 --generations 3 --tasks in_context_recall \\
+        --out runs/evolve
+    xlstm-metal mad --arch runs/evolve/best-1.yaml --preset tiny      # score the winner on all tasks
+
+Writes best-1.yaml ... (architectures `mad --arch` and `train --arch` read), history.jsonl (one
+line per scored candidate: genome, blocks, parameters, scores), summary.json and evolution.png.
+Parameters are counted at the preset's width with the task vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import UsageError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("evolve", help="evolutionary architecture search scored on MAD tasks",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=int, required=True, help="maximum trainable parameters of a candidate")
+    p.add_argument("--population", type=int, default=6, help="candidates per generation (default: 6)")
+    p.add_argument("--generations", type=int, default=3, help="generations (default: 3)")
+    p.add_argument("--tasks", default="in_context_recall", help="comma-separated MAD tasks scored "
+                   "(default: in_context_recall)")
+    p.add_argument("--preset", choices=("tiny", "paper"), default="tiny", help="MAD preset (default: tiny)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's training epochs per task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search, data and initialisation (default: 0)")
+    p.add_argument("--min-blocks", type=int, default=2, help="fewest blocks of a candidate (default: 2)")
+    p.add_argument("--max-blocks", type=int, default=6, help="most blocks of a candidate (default: 6)")
+    p.add_argument("--start", default="mlstm,attention,hybrid",
+                   help="architectures in the first population (default: mlstm,attention,hybrid; '' for none)")
+    p.add_argument("--top", type=int, default=3, help="best architectures written (default: 3)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..lab.evolve import evolve, mad_score_fn, write_outputs
+    from ..lab.mad import PRESETS, task_names
+
+    try:
+        tasks = task_names(args.tasks)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for name in ("budget", "population", "generations", "min_blocks", "max_blocks", "top"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.population < 2:
+        raise UsageError("--population must be at least 2")
+    if args.min_blocks > args.max_blocks:
+        raise UsageError(f"--min-blocks {args.min_blocks} exceeds --max-blocks {args.max_blocks}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if (out / "summary.json").exists() and not args.overwrite:
+        raise UsageError(f"{out} holds a search already; pass --overwrite to replace it")
+    preset = PRESETS[args.preset]
+    vocab = max(preset.task(t).settings["vocab_size"] for t in tasks)
+    start = [s for s in args.start.split(",") if s.strip()]
+
+    def report(cand) -> None:
+        print(f"gen {cand.generation} fitness {cand.fitness:.3f} params {cand.parameters:,}: "
+              f"{' '.join(b['spec'] for b in cand.arch['blocks'])}", file=sys.stderr)
+
+    try:
+        result = evolve(mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs), budget=args.budget,
+                        population=args.population, generations=args.generations, seed=args.seed,
+                        min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim,
+                        num_heads=preset.num_heads, vocab_size=vocab, start=start, on_candidate=report,
+                        progress=sys.stderr.isatty())
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    written = write_outputs(result, out, top=args.top, meta={
+        "tasks": tasks, "preset": args.preset, "budget": args.budget, "seed": args.seed})
+    best = result.best[0]
+    print(f"best fitness {best.fitness:.3f} with {best.parameters:,} parameters: "
+          f"{' '.join(b['spec'] for b in best.arch['blocks'])}")
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0

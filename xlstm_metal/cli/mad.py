@@ -1,0 +1,148 @@
+"""`xlstm-metal mad`: train and score an architecture on the MAD synthetic tasks.
+
+Examples::
+
+    xlstm-metal mad --arch mlstm --tasks in_context_recall --preset tiny
+    xlstm-metal mad --arch my_block.yaml --preset tiny --seed 1 --json
+    xlstm-metal mad --arch hybrid --show-wiring hybrid.png        # text + graph, no training
+
+``--arch`` takes a shipped architecture (mlstm, slstm, attention, hybrid, swiglu-only, ...), a
+shipped block spec name (a two-block model of it), or a YAML/JSON file: an architecture
+(``blocks: [...]``) or a block wiring spec (``cells``/``connections``). Results go to
+``--out`` (results.json and accuracy.png; an existing one is replaced only with --overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import UsageError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..lab.library import arch_names
+
+    p = subparsers.add_parser(
+        "mad", help="train and score an architecture on the MAD synthetic tasks",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--arch", required=True, help=f"architecture name ({', '.join(arch_names())}), block spec "
+                   "name, or a YAML/JSON architecture / wiring spec file")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six): in_context_recall, "
+                   "fuzzy_in_context_recall, noisy_in_context_recall, selective_copying, compression, memorization")
+    p.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
+                   help="tiny: minutes per task on a 2-core CPU; paper: MAD-Lab's settings (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation (default: 0)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON (a list: one object per task with task, accuracy, ...)")
+    p.add_argument("--out", default=None, help="directory for results.json and accuracy.png "
+                   "(default: mad-runs/ARCH-PRESET-seedN)")
+    p.add_argument("--plot-format", choices=("png", "svg"), default="png", help="plot file type (default: png)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--show-wiring", nargs="?", const="-", default=None, metavar="FILE",
+                   help="print the model's wiring and exit; with FILE (.png/.svg) also draw each distinct block")
+    p.set_defaults(func=run)
+    return p
+
+
+def _arch_label(arch: str) -> str:
+    return Path(arch).stem if arch.endswith((".yaml", ".yml", ".json")) else arch
+
+
+def run(args) -> int:
+    from ..lab.mad import PRESETS, aggregate, plot_results, run_task, task_names
+    from ..lab.model import LabConfig, LabModel
+    from ..lab.spec import WiringError
+
+    try:
+        tasks = task_names(args.tasks)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    preset = PRESETS[args.preset]
+    # Build the model once up front: a bad spec fails here, before any training.
+    try:
+        config = LabConfig.from_arch(args.arch, vocab_size=16, embedding_dim=preset.dim,
+                                     block_defaults={"num_heads": preset.num_heads})
+        model = LabModel(config)
+    except WiringError as err:
+        raise UsageError(f"--arch {args.arch}: {err}") from None
+
+    if args.show_wiring is not None:
+        print(model.wiring())
+        if args.show_wiring != "-":
+            _draw(model, Path(args.show_wiring), args.overwrite)
+        return 0
+
+    label = _arch_label(args.arch)
+    out = Path(args.out) if args.out else Path("mad-runs") / f"{label}-{args.preset}-seed{args.seed}"
+    results_path, plot_path = out / "results.json", out / f"accuracy.{args.plot_format}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if results_path.exists() and not args.overwrite:
+        raise UsageError(f"{results_path} exists; pass --overwrite to replace it")
+
+    from tqdm import tqdm
+
+    results = []
+    for name in tqdm(tasks, desc=f"MAD {label}", unit="task", disable=args.json or not sys.stderr.isatty()):
+        results.append(run_task(args.arch, name, preset, seed=args.seed, progress=sys.stderr.isatty(),
+                                epochs=args.epochs))
+        r = results[-1]
+        print(f"{r.task}: accuracy {r.accuracy:.3f} (chance {r.chance:.3f}, {r.steps} steps, {r.seconds:.0f}s)",
+              file=sys.stderr)
+    mean = aggregate(results)
+    payload = [{"arch": label, "preset": args.preset, "seed": args.seed, **r.to_dict()} for r in results]
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
+                                            "aggregate": mean, "tasks": payload}, indent=2))
+    plot_results(results, plot_path, f"MAD {label} ({args.preset}, seed {args.seed})")
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        width = max(len(r.task) for r in results)
+        print(f"{'task':<{width}}  accuracy  chance")
+        for r in results:
+            print(f"{r.task:<{width}}  {r.accuracy:8.3f}  {r.chance:6.3f}")
+        print(f"{'aggregate':<{width}}  {mean:8.3f}")
+    print(f"wrote {results_path} and {plot_path}", file=sys.stderr)
+    return 0
+
+
+def _draw(model, path: Path, overwrite: bool) -> None:
+    from ..lab.render import render_wiring
+
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UsageError(f"--show-wiring {path}: give a .png, .svg or .pdf file")
+    seen: dict[str, Path] = {}
+    targets = []
+    for index, block in enumerate(model.blocks):
+        key = block.describe()
+        if key in seen:
+            continue
+        target = path if not seen else path.with_name(f"{path.stem}-block{index}{path.suffix}")
+        seen[key] = target
+        targets.append((index, block, target))
+    for _, _, target in targets:
+        if target.exists() and not overwrite:
+            raise UsageError(f"{target} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise UsageError(f"--show-wiring {path}: directory {path.parent} does not exist")
+    for index, block, target in targets:
+        render_wiring(block, target, f"block {index}: {block.resolved.name}")
+        print(f"wrote {target}", file=sys.stderr)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,213 @@
+"""Evolutionary architecture search over genomes (STAR-style), scored on MAD tasks under a
+parameter budget.
+
+Loop: a population of genomes (seeded with shipped architectures and random ones) is scored;
+each generation keeps the best (elitism), fills up with children of tournament-selected parents
+(one-point crossover, then mutation), and scores the new ones. A candidate above the parameter
+budget is repaired by mutation (dropping blocks first) until it fits; scores are cached by
+genome. Fitness is the mean MAD accuracy over the chosen tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .genome import Genome, crossover, genome_of, mutate, normalise, random_genome, spec_of
+from .library import load_arch
+from .mad import run_task
+from .model import LabConfig, LabModel
+
+ScoreFn = Callable[[dict[str, Any]], dict[str, float]]
+
+
+@dataclass
+class Candidate:
+    genome: Genome
+    arch: dict[str, Any]
+    parameters: int
+    scores: dict[str, float] = field(default_factory=dict)
+    generation: int = 0
+
+    @property
+    def fitness(self) -> float:
+        return float(np.mean(list(self.scores.values()))) if self.scores else -math.inf
+
+    def record(self) -> dict[str, Any]:
+        return {"generation": self.generation, "genome": [list(g) for g in self.genome],
+                "blocks": [b["spec"] + (f"({_short(b['params'])})" if b["params"] else "") for b in self.arch["blocks"]],
+                "parameters": self.parameters, "scores": self.scores, "fitness": self.fitness}
+
+
+def _short(params: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def count_parameters(arch: dict[str, Any], vocab_size: int, dim: int, num_heads: int) -> int:
+    """Trainable parameters of ``arch`` at a width and vocabulary (built, not estimated)."""
+    model = LabModel(LabConfig.from_arch(arch, vocab_size=vocab_size, embedding_dim=dim,
+                                         block_defaults={"num_heads": num_heads}))
+    return model.num_parameters()
+
+
+def mad_score_fn(tasks: list[str], preset: str = "tiny", *, seed: int = 0, epochs: int | None = None,
+                 progress: bool = False) -> ScoreFn:
+    """Score = accuracy per MAD task of a freshly trained model."""
+    def score(arch: dict[str, Any]) -> dict[str, float]:
+        return {t: run_task(arch, t, preset, seed=seed, epochs=epochs, progress=progress).accuracy for t in tasks}
+
+    return score
+
+
+@dataclass
+class SearchResult:
+    best: list[Candidate]
+    history: list[dict[str, Any]]
+
+
+def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int = 3, seed: int = 0,
+           min_blocks: int = 2, max_blocks: int = 6, elite: int = 2, dim: int = 64, num_heads: int = 4,
+           vocab_size: int = 16, start: list[str] | None = None, on_candidate: Callable[[Candidate], None] | None = None,
+           progress: bool = False) -> SearchResult:
+    """Search; returns the candidates ranked by fitness and the history (one record per scored
+    candidate). ``start``: architectures (names) put into the first population."""
+    if population < 2:
+        raise ValueError("population must be at least 2")
+    if budget <= 0:
+        raise ValueError("the parameter budget must be positive")
+    rng = np.random.default_rng(seed)
+    cache: dict[tuple, Candidate] = {}
+    history: list[dict[str, Any]] = []
+
+    def fit(genome: Genome) -> tuple[Genome, int] | None:
+        genome = normalise(genome)
+        for _ in range(50):
+            params = count_parameters(spec_of(genome), vocab_size, dim, num_heads)
+            if params <= budget:
+                return genome, params
+            if len(genome) > min_blocks:  # drop the largest contributor first: any block will do
+                genome = genome[:-1]
+            else:
+                genome = mutate(genome, rng, min_blocks=min_blocks, max_blocks=max_blocks)
+        return None
+
+    def make(genome: Genome, generation: int) -> Candidate | None:
+        fitted = fit(genome)
+        if fitted is None:
+            return None
+        genome, params = fitted
+        key = tuple(map(tuple, genome))
+        if key in cache:
+            return cache[key]
+        cand = Candidate(genome, spec_of(genome, f"evolved-{len(cache)}"), params, generation=generation)
+        cand.scores = score(cand.arch)
+        cache[key] = cand
+        history.append(cand.record())
+        if on_candidate is not None:
+            on_candidate(cand)
+        return cand
+
+    first: list[Genome] = []
+    for name in start or []:
+        try:
+            first.append(genome_of(load_arch(name)))
+        except ValueError:
+            continue
+    while len(first) < population:
+        first.append(random_genome(rng, int(rng.integers(min_blocks, max_blocks + 1))))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=population * generations, desc="evolve", unit="candidate")
+    pop = []
+    for g in first[:population]:
+        cand = make(g, 0)
+        if bar is not None:
+            bar.update(1)
+        if cand is not None:
+            pop.append(cand)
+    if not pop:
+        raise ValueError(f"no architecture fits the parameter budget of {budget:,}")
+    for generation in range(1, generations):
+        pop.sort(key=lambda c: c.fitness, reverse=True)
+        nxt = pop[:elite]
+        tries = 0
+        while len(nxt) < population and tries < population * 10:
+            tries += 1
+            a = max(rng.choice(len(pop), 2, replace=True), key=lambda i: pop[i].fitness)
+            b = max(rng.choice(len(pop), 2, replace=True), key=lambda i: pop[i].fitness)
+            child = crossover(pop[a].genome, pop[b].genome, rng, max_blocks=max_blocks) if rng.random() < 0.5 \
+                else list(pop[a].genome)
+            child = mutate(child, rng, min_blocks=min_blocks, max_blocks=max_blocks)
+            cand = make(child, generation)
+            if cand is not None and all(cand is not c for c in nxt):
+                nxt.append(cand)
+                if bar is not None:
+                    bar.update(1)
+        pop = nxt
+    if bar is not None:
+        bar.close()
+    ranked = sorted(cache.values(), key=lambda c: c.fitness, reverse=True)
+    return SearchResult(ranked, history)
+
+
+def write_outputs(result: SearchResult, out: Path, *, top: int = 3, meta: dict[str, Any] | None = None) -> list[Path]:
+    """best-N.yaml (architectures ``xlstm-metal mad --arch`` reads), history.jsonl,
+    summary.json and evolution.png in ``out``."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for rank, cand in enumerate(result.best[:top], start=1):
+        arch = {"name": f"evolved-best-{rank}",
+                "description": f"fitness {cand.fitness:.4f} ({_short(cand.scores)}), {cand.parameters:,} parameters",
+                "blocks": cand.arch["blocks"], "genome": cand.arch["genome"]}
+        written.append(_atomic(out / f"best-{rank}.yaml", yaml.safe_dump(arch, sort_keys=False)))
+    written.append(_atomic(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history)))
+    summary = {**(meta or {}), "best": [c.record() for c in result.best[:top]], "evaluated": len(result.history)}
+    written.append(_atomic(out / "summary.json", json.dumps(summary, indent=2)))
+    written.append(plot_history(result.history, out / "evolution.png"))
+    return written
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    gens = [h["generation"] for h in history]
+    fits = [h["fitness"] for h in history]
+    sizes = [h["parameters"] for h in history]
+    sc = ax.scatter(range(len(history)), fits, c=gens, cmap="viridis", s=18 + 60 * np.asarray(sizes) / max(sizes))
+    best = np.maximum.accumulate(fits)
+    ax.plot(range(len(history)), best, color="#c0392b", lw=1.2, label="best so far")
+    ax.set_xlabel("candidate (in order scored)")
+    ax.set_ylabel("MAD fitness (mean accuracy)")
+    fig.colorbar(sc, ax=ax, label="generation")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("evolutionary search (marker size ~ parameters)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _atomic(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["evolve", "mad_score_fn", "write_outputs", "count_parameters", "Candidate", "SearchResult"]
