@@ -112,7 +112,8 @@ def run_readme(command: str, tmp: Path, case: Run) -> subprocess.CompletedProces
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "XLSTM_METAL_BLAS_THREADS": os.environ.get("XLSTM_METAL_BLAS_THREADS", "1")}
+           "XLSTM_METAL_BLAS_THREADS": os.environ.get("XLSTM_METAL_BLAS_THREADS", "1"),
+           "XLSTM_RUNTIME_DIR": str(tmp / "runtime")}  # status records of `top`: this test's own
     proc = subprocess.run(["bash", "-c", shell_line(command, tmp, case)], input=case.stdin, capture_output=True,
                           text=True, cwd=tmp, env=env, timeout=600)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -174,6 +175,28 @@ def fine_tunes(proc, tmp):
     assert (tmp / "runs" / "ft" / "metrics.jsonl").is_file() and (tmp / "runs" / "ft" / "loss.png").is_file()
 
 
+def top_snapshot(proc, tmp):
+    """top --once prints one text snapshot of the machine and the jobs, then exits."""
+    ok(proc)
+    assert "CPU" in proc.stdout and "RAM" in proc.stdout and "MLX" in proc.stdout, proc.stdout
+
+
+def top_json(proc, tmp):
+    """top --json --once prints one JSON object: {"time", "interval", "machine", "jobs": [...]}."""
+    ok(proc)
+    snapshot = json.loads(proc.stdout)
+    assert {"time", "interval", "machine", "jobs"} <= set(snapshot) and isinstance(snapshot["jobs"], list)
+
+
+def memory_log(proc, tmp):
+    """--mem-hard sets the watchdog's limit, --mem-log writes its samples as CSV."""
+    streams_text(proc, tmp)
+    rows = (tmp / "mem.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "hard_bytes" in header and len(rows) >= 2
+    assert {int(r.split(",")[header.index("hard_bytes")]) for r in rows[1:]} == {12 * 10**9}
+
+
 # ------------------------------------------------------------------------------ the tables
 RUN: dict[str, Run] = {
     normalize('python3 -m pip install -e . && xlstm-metal generate --prompt "The Python interpreter"'):
@@ -188,6 +211,12 @@ RUN: dict[str, Run] = {
         Run(fine_tunes, replace={"500": "2"},
             extra=["--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--no-progress"], slow=True),
 }
+
+RUN.update({
+    normalize("xlstm-metal top --once"): Run(top_snapshot),
+    normalize("xlstm-metal top --json --once"): Run(top_json),
+    normalize('xlstm-metal generate --prompt "def f" -n 20 --mem-hard 12GB --mem-log mem.csv'): Run(memory_log),
+})
 
 SKIPPED: dict[str, str] = {
     normalize("xlstm-metal train data/ --out runs/m --config pydoc-4m --max-time 600 --export runs/m/export"):
