@@ -297,3 +297,23 @@ def test_convert_over_a_hard_limit_exits_3_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 3 and "hard limit 2.0 MB" in err and f"nothing was written to {out}" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["runtime", "src"]
+
+
+def test_tune_stops_between_trials_at_the_hard_limit_and_resumes(tmp_path):
+    pytest.importorskip("optuna")
+    from xlstm_metal.tuning import FunctionObjective, SweepSettings, run_sweep
+
+    def settings():
+        return SweepSettings(trials=4, seed=3, progress=False)
+
+    full = run_sweep(FunctionObjective("sphere", 2), tmp_path / "full", settings())
+    over = WatchdogConfig(soft=1, hard=2, total=GB, poll_s=0.05)  # any process is over 2 bytes
+    with job_status("tune", watchdog=over) as job:
+        with pytest.raises(MemoryLimitExceeded, match="continue with --resume"):
+            run_sweep(FunctionObjective("sphere", 2), tmp_path / "cut", settings())
+        assert job.fields["phase"] == "tune" and job.fields["done"] == 1 and job.fields["unit"] == "trials"
+    lines = (tmp_path / "cut" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # stopped after the first trial
+    resumed = run_sweep(FunctionObjective("sphere", 2), tmp_path / "cut", settings(), resume=True)
+    strip = [(r["number"], r["status"], r["value"], r["params"]) for r in resumed.trials]
+    assert strip == [(r["number"], r["status"], r["value"], r["params"]) for r in full.trials]

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..monitor import MemoryLimitExceeded, current_job
 from .objectives import COMPLETE, REJECTED, Objective
 
 OUTPUT_FILES = ("run_meta.json", "trials.jsonl", "summary.csv", "best.json", "study.db", "study.db-wal", "study.db-shm",
@@ -137,6 +138,8 @@ def run_trial(objective: Objective, params: dict[str, Any], number: int, prompts
     started = time.time()
     try:
         record = objective.evaluate({**params, "_trial": number}, prompts=prompts, max_new_tokens=max_new_tokens)
+    except MemoryLimitExceeded:
+        raise  # the memory watchdog stops the whole sweep (resumable), not just this trial
     except Exception as err:  # a trial's failure must not end the sweep
         record = {"status": "error", "value": None, "reason": f"{type(err).__name__}: {err}",
                   "traceback": traceback.format_exc(limit=5)}
@@ -338,6 +341,10 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
             bar.update(1)
             if result.best is not None:
                 bar.set_postfix_str(f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})")
+            job = current_job()  # `xlstm-metal top`; between trials a memory-watchdog safe point
+            best = result.best and f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})"
+            job.update(phase="tune", done=len(result.trials), total=settings.budget, unit="trials", message=best)
+            job.check(note=f"finished trials are in {out_dir}; continue with --resume")
 
         if settings.backend == "local":
             while len(study.get_trials(deepcopy=False)) < settings.budget:
