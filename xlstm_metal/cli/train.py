@@ -225,8 +225,9 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
 def run(args) -> int:
     import mlx.core as mx  # xlstm_metal's __init__ has preloaded the BLAS by now
 
+    from ..distributed import DistributedError
     from ..loading import CheckpointError, load_model
-    from ..training.checkpoint import ResumeError, latest_checkpoint, read_trainer_state
+    from ..training.checkpoint import ResumeError, read_trainer_state
     from ..training.data import (
         DataError,
         atomic_write_text,
@@ -242,7 +243,9 @@ def run(args) -> int:
 
     out = Path(args.out).expanduser()
     export = Path(args.export).expanduser() if args.export else None
-    _check_output_paths(out, export, args.resume, args.overwrite)
+    group, main = _launched_group()
+    # Rank 0 owns --out and --export: it alone checks and writes them.
+    _from_rank0(group, lambda: _check_output_paths(out, export, args.resume, args.overwrite))
     resume_ckpt = None
     data_paths = list(args.data)
     if args.resume:
@@ -251,8 +254,9 @@ def run(args) -> int:
             raise UsageError(f"--resume continues the run with its saved settings; {', '.join(fixed)} cannot "
                              f"change (only {', '.join(map(_flag, RESUME_CHANGEABLE))} can): start a new run "
                              "in another --out instead")
+        # Rank 0 finds the checkpoint; ranks without the same files receive a copy.
+        resume_ckpt = _from_rank0(group, lambda: _latest(out))
         try:
-            resume_ckpt = latest_checkpoint(out)
             saved = read_trainer_state(resume_ckpt)
         except ResumeError as err:
             raise UsageError(str(err)) from None
@@ -291,10 +295,16 @@ def run(args) -> int:
         cfg.validate()
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if group is not None and cfg.batch_size % group.size():
+        raise UsageError(f"the batch size ({cfg.batch_size}) is the global batch and must be divisible by the "
+                         f"number of processes ({group.size()})")
     if not data_paths:
         raise UsageError("no training data given")
 
     # Everything that can fail on bad input happens before anything is written to --out.
+    saved_paths = [str(Path(p).resolve()) for p in data_paths]
+    if group is not None:
+        data_paths = [_from_rank0(group, lambda p=p: p) for p in data_paths]
     try:
         docs = load_documents(data_paths, text_field)
     except DataError as err:
@@ -308,6 +318,7 @@ def run(args) -> int:
                 from ..assets import default_model_path
 
                 args.init_from = str(default_model_path())
+            args.init_from = _from_rank0(group, lambda: args.init_from)
             model = load_model(args.init_from, dtype="float32")
             tokenizer_src = args.tokenizer or args.init_from
         else:
@@ -315,6 +326,8 @@ def run(args) -> int:
             tokenizer_src = args.tokenizer
     except CheckpointError as err:
         raise UsageError(str(err)) from None
+    if group is not None and tokenizer_src is not None:
+        tokenizer_src = _from_rank0(group, lambda: tokenizer_src)
 
     tok_dir = Path(tempfile.mkdtemp(prefix="xlstm-train-tok-"))
     try:
@@ -328,11 +341,19 @@ def run(args) -> int:
                     read_json_object(src_dir / "tokenizer_config.json", DataError)  # copied on: must be sound
                     shutil.copyfile(src_dir / "tokenizer_config.json", tok_dir / "tokenizer_config.json")
             else:
-                print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(docs)} documents",
-                      file=sys.stderr)
-                # tokenizers draws its progress bars on stdout; piped, they are blank lines.
-                tokenizer = train_bpe_tokenizer((d.text for d in docs), args.vocab_size,
-                                                show_progress=not args.no_progress and sys.stdout.isatty())
+                if main:
+                    print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(docs)} documents",
+                          file=sys.stderr)
+                    # tokenizers draws its progress bars on stdout; piped, they are blank lines.
+                    tokenizer = train_bpe_tokenizer((d.text for d in docs), args.vocab_size,
+                                                    show_progress=not args.no_progress and sys.stdout.isatty())
+                if group is not None:  # one tokenizer for all ranks: rank 0's
+                    from tokenizers import Tokenizer
+
+                    from ..distributed import broadcast_bytes
+
+                    text = broadcast_bytes(tokenizer.to_str().encode() if main else None, group)
+                    tokenizer = tokenizer if main else Tokenizer.from_str(text.decode())
                 save_tokenizer(tokenizer, tok_dir, tokenizer_config_dict(tokenizer))
         except DataError as err:
             raise UsageError(str(err)) from None
@@ -362,11 +383,12 @@ def run(args) -> int:
 
         doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
         train_stream, val_stream = split_stream(doc_tokens, val_fraction, cfg.seed)
-        extra = {"data": [str(Path(p).resolve()) for p in data_paths], "val_fraction": val_fraction,
-                 "text_field": text_field}
+        extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field}
+        if group is not None:
+            _same_start(group, model, train_stream, val_stream, cfg)
         try:
             trainer = Trainer(model, train_stream, val_stream, cfg, out, tok_dir,
-                              progress=not args.no_progress, extra_state=extra)
+                              progress=not args.no_progress, extra_state=extra, group=group)
         except (DataError, ValueError) as err:
             raise UsageError(str(err)) from None
         if resume_ckpt is not None:
@@ -374,24 +396,32 @@ def run(args) -> int:
                 trainer.resume_from(resume_ckpt, steps=args.steps, lr=args.lr)
             except (ResumeError, ValueError) as err:
                 raise UsageError(str(err)) from None
-        elif out.exists() and args.overwrite:
+        elif main and out.exists() and args.overwrite:
             for child in out.iterdir():
                 if child.name.startswith("checkpoint-") or child.name in ("metrics.jsonl", "loss.png"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
 
-        if cfg.dtype != "float32" and mx.default_device() == mx.cpu:
+        if main and cfg.dtype != "float32" and mx.default_device() == mx.cpu:
             print(f"warning: {cfg.dtype} compute on a CPU is slow in MLX (no fast half-precision matmul); "
                   "--dtype float32 is faster there", file=sys.stderr)
         n_params = count_parameters(model)
         warmup = (f"warmup {cfg.warmup_for(trainer.total_steps)} steps" if trainer.total_steps or cfg.warmup is not None
                   else f"warmup min({cfg.warmup_for(None)}, steps / 10), steps sized from --max-time")
-        print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
-              f"/ {len(val_stream):,} validation tokens; {cfg.batch_size} x {cfg.seq_len} tokens per step, "
-              f"{warmup}, device {mx.default_device()}", file=sys.stderr)
+        world = f"; {group.size()} processes ({cfg.batch_size // group.size()} rows each)" if group else ""
+        if main:
+            print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
+                  f"/ {len(val_stream):,} validation tokens; {cfg.batch_size} x {cfg.seq_len} tokens per step, "
+                  f"{warmup}, device {mx.default_device()}{world}", file=sys.stderr)
         t0 = time.perf_counter()
         start_step, start_tokens = trainer.step, trainer.tokens
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except DistributedError as err:
+            print(f"xlstm-metal: error: {err}", file=sys.stderr)
+            return 1
         wall = time.perf_counter() - t0
+        if not main:
+            return 0
         new_tokens = result.tokens - start_tokens  # this session's, not the resumed run's earlier ones
         best = f"best validation loss {result.best_val_loss:.4f} (perplexity {math.exp(result.best_val_loss):.2f}) at step {result.best_step}"
         print(f"done: {result.step - start_step} steps (to step {result.step}), {new_tokens:,} tokens in {wall:.0f} s "
@@ -401,7 +431,8 @@ def run(args) -> int:
                    "best_val_loss": result.best_val_loss, "best_val_ppl": math.exp(result.best_val_loss),
                    "best_step": result.best_step, "train_tokens": int(len(train_stream)),
                    "val_tokens": int(len(val_stream)), "device": str(mx.default_device()),
-                   "mlx": mx.__version__, "argv": sys.argv}
+                   "mlx": mx.__version__, "argv": sys.argv,
+                   "world_size": group.size() if group else 1}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if export is not None:
             path = _export(model, trainer.best_params, export, tok_dir, args.export_dtype, args.overwrite)
@@ -413,6 +444,80 @@ def run(args) -> int:
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
     return 0
+
+
+# ------------------------------------------------------------------------------ distributed
+def _launched_group():
+    """(group, is rank 0): the ``mlx.launch`` group (None in a single process)."""
+    from ..distributed import launched, world
+
+    if not launched() or world().size() == 1:
+        return None, True
+    import signal
+
+    def stop(signum, _frame):
+        # mlx.launch ends the other ranks with SIGTERM when one fails: unwind (so a checkpoint
+        # being written is removed, never left half-written) instead of dying on the spot.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return world(), world().rank() == 0
+
+
+def _latest(out: Path) -> Path:
+    from ..training.checkpoint import ResumeError, latest_checkpoint
+
+    try:
+        return latest_checkpoint(out)
+    except ResumeError as err:
+        raise UsageError(str(err)) from None
+
+
+_SCRATCH: list[Path] = []
+
+
+def _from_rank0(group, fn):
+    """``fn()`` (a path or None; may raise UsageError) decided on rank 0: every rank gets the
+    result, as a local copy of the files where its own differ (see distributed.share_path).
+    Rank 0's UsageError stops all ranks; only rank 0 prints it."""
+    if group is None:
+        return fn()
+    import atexit
+
+    from ..distributed import broadcast_json, remove_scratch, scratch_dir, share_path
+
+    error, value = None, None
+    if group.rank() == 0:
+        try:
+            value = fn()
+        except UsageError as err:
+            error = str(err)
+    error = broadcast_json(error, group)
+    if error is not None:
+        if group.rank() == 0:
+            raise UsageError(error)
+        raise SystemExit(2)
+    if not _SCRATCH:
+        _SCRATCH.append(scratch_dir())
+        atexit.register(remove_scratch, _SCRATCH[0])
+    return share_path(value, group, _SCRATCH[0])
+
+
+def _same_start(group, model, train_stream, val_stream, cfg) -> None:
+    """Every rank starts from rank 0's weights, on the same data and settings."""
+    from dataclasses import asdict
+
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from ..distributed import DistributedError, broadcast_arrays, check_same
+    from ..training.trainer import stream_fingerprint
+
+    try:
+        check_same("the training data and settings", json.dumps(
+            [stream_fingerprint(train_stream), stream_fingerprint(val_stream), asdict(cfg)], sort_keys=True), group)
+    except DistributedError as err:
+        raise UsageError(str(err)) from None
+    model.update(tree_unflatten(list(broadcast_arrays(dict(tree_flatten(model.parameters())), group).items())))
 
 
 def _set_training_kernel(model, kernel: str) -> None:

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..distributed import DistributedError, agree, is_main, size_and_rank
 from ..monitor import current_job
 from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
@@ -284,15 +285,29 @@ class Trainer:
         tokenizer_dir: a directory with tokenizer.json (+ tokenizer_config.json), copied into
             each checkpoint.
         progress: show a tqdm bar.
+        group: an ``mx.distributed`` group for data-parallel training (``mlx.launch``). Every
+            rank builds the same trainer (same model, streams and settings); each takes its
+            ``batch_size / group.size()`` rows of every global batch, gradients are averaged
+            across ranks inside the compiled step, and rank 0 alone writes checkpoints, metrics
+            and plots. The weights after each step equal one process's with the same global batch.
     """
 
     def __init__(self, model, train_stream: np.ndarray, val_stream: np.ndarray, cfg: TrainingConfig,
                  out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, progress: bool = True,
-                 extra_state: dict[str, Any] | None = None):
+                 extra_state: dict[str, Any] | None = None, group: mx.distributed.Group | None = None):
         cfg.validate()
+        self.group = group if group is not None and group.size() > 1 else None
+        self.world, self.rank = size_and_rank(self.group)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"the batch size ({cfg.batch_size}) is the global batch and must be divisible by the "
+                             f"number of processes ({self.world})")
+        self.is_main = is_main(self.group)
+        # This rank's rows of each global batch.
+        rows = cfg.batch_size // self.world
+        self.rows = slice(self.rank * rows, (self.rank + 1) * rows)
         self.model, self.cfg = model, cfg
         self.out_dir, self.tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
-        self.progress = progress
+        self.progress = progress and self.is_main
         self.extra_state = dict(extra_state or {})
         self.batches = PackedBatches(train_stream, cfg.seq_len, cfg.batch_size, cfg.seed)
         self.val = validation_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
@@ -345,7 +360,7 @@ class Trainer:
                 f"now {self.fingerprint}); resume with the same data and tokenizer"
             )
         metrics = self.out_dir / "metrics.jsonl"
-        kept = read_metrics(metrics) if metrics.is_file() else None
+        kept = read_metrics(metrics) if self.is_main and metrics.is_file() else None  # rank 0 owns it
         restore_optimizer(checkpoint, self.optimizer, self.model.trainable_parameters())
         self.step = int(state["step"])
         self.total_steps = state["total_steps"]
@@ -387,12 +402,17 @@ class Trainer:
         grad_fn = mx.value_and_grad(loss_fn)
         optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state, mx.random.state]
+        group = self.group
 
         @partial(mx.compile, inputs=state, outputs=state)
         def train_step(inputs, targets):
             params = model.trainable_parameters()
             loss, grads = grad_fn(params, inputs, targets)
             model.update(params)  # the float32 masters back in place of the cast copies
+            if group is not None:
+                # Equal row counts per rank: the mean of the ranks' means is the global mean.
+                grads = nn.average_gradients(grads, group=group)
+                loss = mx.distributed.all_sum(loss, group=group) / group.size()
             if cfg.grad_clip > 0:
                 grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
             else:
@@ -415,25 +435,41 @@ class Trainer:
             self._build_steps()
         total, count = mx.array(0.0), 0
         for start in range(0, len(self.val), self.cfg.batch_size):
-            window = mx.array(self.val[start : start + self.cfg.batch_size])
+            rows = self.val[start : start + self.cfg.batch_size]
+            # Each rank evaluates its share of the rows (a share may be empty at the end).
+            rows = np.array_split(rows, self.world)[self.rank]
+            if len(rows) == 0:
+                continue
+            window = mx.array(rows)
             loss = self._eval_step(window[:, :-1], window[:, 1:])
             total = total + loss * window.shape[0]
             count += window.shape[0]
             mx.eval(total)
+        if self.group is not None:
+            sums = mx.distributed.all_sum(mx.stack([total, mx.array(float(count))]), group=self.group)
+            total, count = sums[0], sums[1]
         return (total / count).item()
 
     # -------------------------------------------------------------- loop
     def _log(self, record: dict[str, Any]) -> None:
+        record["world_size"] = self.world
         self.records.append(record)
+        if not self.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def _plot(self) -> None:
+        if not self.is_main:
+            return
         plot_metrics(self.records, self.out_dir / "loss.png",
                      title=f"xlstm-metal train: {count_parameters(self.model) / 1e6:.2f}M params")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0 only; the others return None)."""
+        if not self.is_main:
+            return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                self.tokenizer_dir, keep=self.cfg.keep)
 
@@ -447,7 +483,31 @@ class Trainer:
         return max(start_step + int(0.97 * remaining / per_step), floor, start_step + 1)
 
     def train(self) -> TrainResult:
-        """Run to ``total_steps`` (or the time budget); returns losses and evals."""
+        """Run to ``total_steps`` (or the time budget); returns losses and evals.
+
+        Distributed: a failed collective (another process died or hung up) raises
+        :class:`~xlstm_metal.distributed.DistributedError` naming the step and the last complete
+        checkpoint; checkpoints are written whole or not at all, so that one resumes.
+        """
+        if self.group is None:
+            return self._train()
+        try:
+            return self._train()
+        except RuntimeError as err:
+            from .checkpoint import checkpoint_dirs
+
+            if not self.is_main:
+                where = "rank 0 holds the checkpoints"
+            elif done := checkpoint_dirs(self.out_dir):
+                where = f"the last complete checkpoint is {done[-1]}: continue with --resume (any number of processes)"
+            else:
+                where = "no checkpoint was written"
+            raise DistributedError(
+                f"rank {self.rank} of {self.world}: training stopped at step {self.step + 1}: a collective "
+                f"operation failed ({err}); another process has probably died; {where}"
+            ) from None
+
+    def _train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -472,7 +532,8 @@ class Trainer:
         last_saved = self.step
 
         while self.total_steps is None or self.step < self.total_steps:
-            if cfg.max_time is not None and self.clock() - t_start > cfg.max_time:
+            # Every rank stops at the same step: rank clocks differ a little.
+            if cfg.max_time is not None and agree(float(self.clock() - t_start > cfg.max_time), self.group):
                 break  # hard stop: the budget ran out (eval costs more than estimated)
             if self.total_steps is None:
                 lr = make_schedule(cfg, None)(self.step)  # the warmup ramp: the total is not needed yet
@@ -482,6 +543,7 @@ class Trainer:
             # RNG a function of (seed, step): a resumed run draws what an uninterrupted one would.
             mx.random.seed((cfg.seed * 1_000_003 + self.step) % (1 << 63))
             x, y = self.batches.next()
+            x, y = x[self.rows], y[self.rows]  # this rank's share of the global batch
             loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
             mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
             self.step += 1
@@ -490,7 +552,9 @@ class Trainer:
             window_losses.append(loss)
             bar.update(1)
             job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
-            if job.stopping():  # memory watchdog's hard limit: save a checkpoint that resumes exactly, stop
+            # Memory watchdog's hard limit (on any rank: all stop at the same step): save a
+            # checkpoint that resumes exactly, stop.
+            if job.stopping() if self.group is None else agree(float(job.stopping()), self.group):
                 self.elapsed = self.clock() - t_start
                 bar.close()
                 job.check(note=f"checkpoint {self.save()} (continue with --resume)")
@@ -501,7 +565,8 @@ class Trainer:
                     probe_t0 = self.clock()
                 elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
                     step_time = (self.clock() - probe_t0) / cfg.probe_steps
-                    self.total_steps = self._size_from_time(step_time, self.step, self.clock() - t_start)
+                    total = self._size_from_time(step_time, self.step, self.clock() - t_start)
+                    self.total_steps = int(agree(float(total), self.group, op="min"))  # one count for all ranks
                     if cfg.warmup is None:
                         # The ramp continues from where the probe left it to the peak at a tenth
                         # of the sized run, not earlier than the probe's own ramp would have.
@@ -542,8 +607,9 @@ class Trainer:
                     self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
                 last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
                 train_part = f"train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s, " if last else ""
-                bar.write(f"step {self.step} ({self.tokens:,} tokens, {self.clock() - t_start:.0f} s): "
-                          f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if self.is_main:
+                    bar.write(f"step {self.step} ({self.tokens:,} tokens, {self.clock() - t_start:.0f} s): "
+                              f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                 self._plot()
                 t_window = self.clock()  # eval time is not training throughput
             if self.step % cfg.save_every == 0 and not done:

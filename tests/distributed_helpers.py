@@ -1,0 +1,44 @@
+"""Starting local multi-process runs for the distributed tests: free ports, mlx.launch, ring env."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+
+
+def free_port(count: int = 2) -> int:
+    """A port P with P .. P+count-1 free on 127.0.0.1 (the ring backend takes one per rank)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 60000 - count)
+        sockets = []
+        try:
+            for p in range(port, port + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def launch_cmd(n: int, command: list[str]) -> list[str]:
+    """``mlx.launch -n N -p PORT --backend ring -- command`` on this machine."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    return [str(launcher), "-n", str(n), "-p", str(free_port(n)), "--backend", "ring", "--", *map(str, command)]
+
+
+def ring_env(rank: int, n: int, port: int, tmp: Path) -> dict[str, str]:
+    """The environment mlx.launch gives rank ``rank`` of ``n`` local ring processes (for tests
+    that start, watch or kill the ranks themselves)."""
+    hostfile = tmp / f"ring-{port}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+    return {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}

@@ -1,0 +1,223 @@
+"""Several processes, one model: MLX's own distributed layer (``mx.distributed``).
+
+Processes are started by ``mlx.launch`` (the ring backend over TCP on CPUs and Macs, NCCL on
+NVIDIA GPUs, MPI where installed)::
+
+    mlx.launch -n 2 -- $(command -v xlstm-metal) train data/ --out runs/m     # data parallel
+    mlx.launch --hostfile hosts.json -- $(command -v xlstm-metal) generate --prompt "..."
+
+Outside ``mlx.launch`` :func:`world` is a group of one and everything here is a no-op, so the
+same code runs in one process.
+
+- Data parallel training (:class:`xlstm_metal.training.Trainer` with ``group=``): every rank
+  holds the whole model, takes its rows of each global batch, and gradients are averaged with
+  ``mlx.nn.average_gradients`` inside the compiled step.
+- Helpers every rank calls at the same point: :func:`broadcast_bytes`, :func:`broadcast_json`,
+  :func:`broadcast_arrays`, :func:`check_same`, :func:`share_path`.
+
+A collective whose peer died raises ``RuntimeError`` in MLX (the ring backend: "connection to a
+peer was lost"); callers turn it into :class:`DistributedError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+#: Bytes per collective when shipping files and byte strings.
+_CHUNK = 64 << 20
+#: Files at most this large are hashed whole to decide whether a rank already has them; larger
+#: ones by size and their first and last MiB.
+_HASH_WHOLE = 64 << 20
+
+
+class DistributedError(RuntimeError):
+    """The processes of a distributed run disagree or lost contact; the message says which."""
+
+
+_WORLD: mx.distributed.Group | None = None
+
+
+def world() -> mx.distributed.Group:
+    """The global group: all processes ``mlx.launch`` started (size 1 outside it)."""
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = mx.distributed.init()
+    return _WORLD
+
+
+def launched() -> bool:
+    """True when this process was started as one of several by ``mlx.launch`` (or mpirun)."""
+    if any(os.environ.get(k) for k in ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR")):
+        return True
+    return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def size_and_rank(group: mx.distributed.Group | None) -> tuple[int, int]:
+    return (1, 0) if group is None else (group.size(), group.rank())
+
+
+def is_main(group: mx.distributed.Group | None) -> bool:
+    """Rank 0 (or no group): the process that writes files and prints."""
+    return group is None or group.rank() == 0
+
+
+# ------------------------------------------------------------------------------ collectives
+def _bcast(array: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Rank 0's ``array`` on every rank (every rank passes an array of the same shape/dtype)."""
+    if group.rank() != 0:
+        array = mx.zeros_like(array)
+    out = mx.distributed.all_sum(array, group=group)
+    mx.eval(out)
+    return out
+
+
+def broadcast_bytes(data: bytes | None, group: mx.distributed.Group) -> bytes:
+    """Rank 0's ``data`` on every rank (the others pass None)."""
+    if group.size() == 1:
+        return data or b""
+    length = int(_bcast(mx.array([len(data) if group.rank() == 0 else 0], dtype=mx.int64), group).item())
+    out = bytearray()
+    for start in range(0, length, _CHUNK):
+        n = min(_CHUNK, length - start)
+        piece = np.frombuffer(data[start : start + n], dtype=np.uint8) if group.rank() == 0 else np.zeros(n, np.uint8)
+        out += bytes(np.asarray(_bcast(mx.array(piece), group)))
+    return bytes(out)
+
+
+def broadcast_json(value: Any, group: mx.distributed.Group) -> Any:
+    """Rank 0's JSON-serialisable ``value`` on every rank."""
+    if group.size() == 1:
+        return value
+    text = json.dumps(value).encode() if group.rank() == 0 else None
+    return json.loads(broadcast_bytes(text, group).decode())
+
+
+def broadcast_arrays(arrays: dict[str, mx.array], group: mx.distributed.Group) -> dict[str, mx.array]:
+    """Rank 0's values of ``arrays`` on every rank (same names, shapes and dtypes everywhere),
+    in buckets of at most 64 MiB per collective."""
+    if group.size() == 1:
+        return arrays
+    out: dict[str, mx.array] = {}
+    bucket: list[str] = []
+
+    def flush():
+        flat = _bcast(mx.concatenate([arrays[k].reshape(-1) for k in bucket]), group)
+        start = 0
+        for k in bucket:
+            out[k] = flat[start : start + arrays[k].size].reshape(arrays[k].shape)
+            start += arrays[k].size
+        bucket.clear()
+
+    nbytes = 0
+    for name, array in arrays.items():
+        if bucket and (arrays[bucket[0]].dtype != array.dtype or nbytes + array.nbytes > _CHUNK):
+            flush()
+            nbytes = 0
+        bucket.append(name)
+        nbytes += array.nbytes
+    if bucket:
+        flush()
+    mx.eval(list(out.values()))
+    return out
+
+
+def check_same(what: str, value: str, group: mx.distributed.Group) -> None:
+    """Raise :class:`DistributedError` unless every rank passes the same ``value`` (a short
+    description of ``what`` each rank holds: a fingerprint, a config)."""
+    if group.size() == 1:
+        return
+    digest = hashlib.sha256(value.encode()).digest()
+    gathered = mx.distributed.all_gather(mx.array(np.frombuffer(digest, np.uint8)[None]), group=group)
+    rows = np.asarray(gathered)
+    differ = [r for r in range(rows.shape[0]) if not np.array_equal(rows[r], rows[0])]
+    if differ:
+        raise DistributedError(
+            f"the processes disagree on {what}: rank(s) {', '.join(map(str, differ))} differ from rank 0 "
+            f"(rank {group.rank()} has {value[:200]!r})"
+        )
+
+
+def agree(value: float, group: mx.distributed.Group | None, op: str = "max") -> float:
+    """One value for all ranks: the max (or min) of each rank's ``value``."""
+    if group is None or group.size() == 1:
+        return value
+    fn = mx.distributed.all_max if op == "max" else mx.distributed.all_min
+    return float(fn(mx.array([value], dtype=mx.float32), group=group).item())
+
+
+# ------------------------------------------------------------------------------ files
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= _HASH_WHOLE:
+            h.update(fh.read())
+        else:
+            h.update(fh.read(1 << 20))
+            fh.seek(size - (1 << 20))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, str] | None:
+    """{relative file name: digest} of a file or directory (hidden entries skipped); None if
+    ``path`` does not exist here."""
+    if path.is_file():
+        return {"": _file_digest(path)}
+    if not path.is_dir():
+        return None
+    found = {}
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            file = Path(root) / name
+            found[str(file.relative_to(path))] = _file_digest(file)
+    return found
+
+
+def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scratch: Path) -> Path | None:
+    """Rank 0's file or directory ``path`` on every rank.
+
+    A rank that already sees identical content under the same path (one machine, a shared file
+    system, a copy) uses it as it is; any other rank receives the files from rank 0 into a new
+    directory under ``scratch`` and gets that path. Every rank passes the same ``path`` (ranks
+    other than 0 may pass None). Returns None when rank 0 passed None.
+    """
+    if group.size() == 1:
+        return None if path is None else Path(path)
+    ours = _manifest(Path(path)) if path is not None else None
+    theirs = broadcast_json(None if path is None else {"path": str(path), "files": ours}, group)
+    if theirs is None:
+        return None
+    local = Path(theirs["path"])
+    need = 0 if group.rank() == 0 else int(_manifest(local) != theirs["files"])
+    needed = mx.distributed.all_gather(mx.array([need], dtype=mx.int32), group=group)
+    if not np.asarray(needed).any():
+        return local
+    target = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-")) / (local.name or "data")
+    for rel in theirs["files"]:
+        src = local / rel if rel else local
+        data = broadcast_bytes(src.read_bytes() if group.rank() == 0 else None, group)
+        if need:
+            dest = target / rel if rel else target
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+    return local if group.rank() == 0 else target
+
+
+def scratch_dir() -> Path:
+    """A temporary directory for files received from rank 0 (the caller removes it)."""
+    return Path(tempfile.mkdtemp(prefix="xlstm-dist-"))
+
+
+def remove_scratch(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
