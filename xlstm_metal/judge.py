@@ -63,15 +63,18 @@ def longest_repeated_span(words: Sequence[str]) -> int:
     return max(lo, 0)
 
 
-def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int]) -> np.ndarray:
+def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int], *,
+                   return_greedy: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Log-probabilities [len(text_ids)] of each text token given the prompt and the text before
-    it. With no prompt the first text token is only a context (it has no prediction)."""
+    it. With no prompt the first text token is only a context (it has no prediction).
+    ``return_greedy``: also whether each scored token was the model's argmax (bool array)."""
     ids = list(prompt_ids) + list(text_ids)
     start = len(prompt_ids)  # position of the first scored token
     if start == 0:
         start = 1
     state = None
     out: list[np.ndarray] = []
+    greedy: list[np.ndarray] = []
     prev_logits = None  # logits of the last position of the previous piece
     for begin in range(0, len(ids), SCORE_PIECE):
         piece = ids[begin : begin + SCORE_PIECE]
@@ -89,10 +92,16 @@ def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int]) ->
             pos = targets[1:]
         mask = pos >= start
         if mask.any():
-            picked = mx.take_along_axis(preds, mx.array(np.array(ids)[pos][:, None].astype(np.int32)), axis=-1)[:, 0]
+            target = mx.array(np.array(ids)[pos][:, None].astype(np.int32))
+            picked = mx.take_along_axis(preds, target, axis=-1)[:, 0]
             out.append(np.array(picked)[mask])
+            if return_greedy:
+                greedy.append(np.array(mx.argmax(preds, axis=-1) == target[:, 0])[mask])
         prev_logits = logp[-1]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    logprobs = np.concatenate(out) if out else np.zeros(0, np.float32)
+    if return_greedy:
+        return logprobs, (np.concatenate(greedy) if greedy else np.zeros(0, bool))
+    return logprobs
 
 
 def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""`xlstm-metal judge`: rate generated texts under a judge model.
+
+    xlstm-metal judge --model ckpt --outputs runs/tune/outputs --out runs/ratings
+    xlstm-metal judge --outputs samples.jsonl --out ratings/          # the packaged model judges
+
+--outputs: JSON Lines files (or directories of them, e.g. a tune run's outputs/) whose records
+hold "text" and optionally "prompt"; other fields are kept. For each record: mean log-probability
+and perplexity of the text given the prompt, distinct-1/2/3, share of repeated 4-grams, longest
+repeated span, lengths. Writes ratings.jsonl and ratings.csv to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from . import UsageError
+
+RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
+                 "repeated_4gram_share", "longest_repeated_span", "chars", "words", "tokens")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("judge", help="rate generated texts: log-probability, perplexity, diversity, repetition",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", default=None, help="judge model checkpoint (default: the packaged model)")
+    p.add_argument("--outputs", nargs="+", required=True, metavar="FILE_OR_DIR",
+                   help="JSON Lines files with 'text' (+ optional 'prompt') records, or directories of them")
+    p.add_argument("--out", required=True, help="directory for ratings.jsonl and ratings.csv")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="judge model dtype (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing ratings in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_records(sources: list[str]) -> list[dict]:
+    """Records of every JSON Lines file (directories: their *.jsonl, sorted), each with a
+    "source" (file name) and "line" added; UsageError naming the file and line when bad."""
+    files: list[Path] = []
+    for spec in sources:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise UsageError(f"--outputs directory {path} has no .jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"--outputs: no such file or directory: {path}")
+    records = []
+    for file in files:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read {file}: {err}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{file}:{n}: not JSON: {err}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UsageError(f"{file}:{n}: a record needs a string 'text' field")
+            if record.get("prompt") is not None and not isinstance(record["prompt"], str):
+                raise UsageError(f"{file}:{n}: 'prompt' must be a string")
+            records.append({"source": file.name, "line": n, **record})
+    if not records:
+        raise UsageError("no records in --outputs")
+    return records
+
+
+def ratings_csv(rows: list[dict]) -> str:
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in RATING_FIELDS and k != "prompt"]
+    cols = [*extra, *RATING_FIELDS]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..config import ConfigError
+    from ..judge import judge_record
+    from ..loading import CheckpointError, load
+    from ..training.data import atomic_write_text
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    targets = [out / "ratings.jsonl", out / "ratings.csv"]
+    if any(t.exists() for t in targets) and not args.overwrite:
+        raise UsageError(f"{out} already holds ratings; pass --overwrite to replace them")
+    records = read_records(args.outputs)
+    if args.model is None:
+        from ..assets import default_model_path
+
+        source = default_model_path()
+    else:
+        source = args.model
+    try:
+        model, tokenizer = load(source, dtype=args.dtype)
+    except (CheckpointError, ConfigError, OSError) as err:
+        raise UsageError(f"cannot load judge model {source}: {err}") from None
+    if tokenizer is None:
+        raise UsageError(f"judge model {source} has no tokenizer.json")
+    rows = []
+    for record in tqdm(records, desc="judge", unit="text", file=sys.stderr,
+                       disable=True if args.no_progress else None):
+        keep = {k: v for k, v in record.items() if k != "text"}
+        rows.append({**keep, **judge_record(model, tokenizer, record)})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(targets[0], "".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+    atomic_write_text(targets[1], ratings_csv(rows))
+    ppl = [r["perplexity"] for r in rows if r["scored_tokens"]]
+    mean_ppl = sum(ppl) / len(ppl) if ppl else float("nan")
+    print(f"judged {len(rows)} texts with {source}: mean perplexity {mean_ppl:.2f}; "
+          f"ratings in {targets[0]} and {targets[1]}", file=sys.stderr)
+    return 0

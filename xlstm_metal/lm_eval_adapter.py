@@ -1,0 +1,121 @@
+"""An lm-evaluation-harness model adapter: ``--model xlstm-metal``.
+
+Importing this module registers the adapter in lm_eval's model registry. lm-eval 0.4.x finds
+models only in its own registry (it reads no plug-in entry points), so from the shell run its CLI
+through ``xlstm-metal-lm-eval``, which registers the adapter and then hands every argument to
+lm_eval's own command line::
+
+    pip install 'xlstm-metal[eval]'
+    xlstm-metal-lm-eval --model xlstm-metal --model_args pretrained=PATH,dtype=float32 \\
+        --tasks lambada_openai --batch_size 1
+    xlstm-metal-lm-eval run --model xlstm-metal --model_args pretrained=PATH \\
+        --include_path my_tasks/ --tasks my_task           # a local task YAML
+
+or from Python: ``import xlstm_metal.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model=
+"xlstm-metal", model_args="pretrained=PATH", tasks=[...])``.
+
+model_args: ``pretrained`` (checkpoint directory or Hugging Face id; default the packaged
+model), ``dtype`` (float32 default), ``profile`` (a HyperProfile name or file),
+``max_length`` (context window for rolling log-likelihoods; the recurrent state carries across
+pieces anyway). Log-likelihoods are exact sums of the model's token log-probabilities (context
+with BOS, continuation without); generation is greedy unless ``temperature`` > 0 is asked for.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+
+@register_model("xlstm-metal", "xlstm_metal")
+class XLSTMMetalLM(LM):
+    """lm_eval's LM interface over an xLSTM-Metal model."""
+
+    def __init__(self, pretrained: str | None = None, dtype: str = "float32", profile: str | None = None,
+                 max_length: int | None = None, batch_size: int | str | None = 1, **kwargs: Any):
+        super().__init__()
+        from .generation import xLSTMRunner
+        from .loading import load
+
+        if pretrained is None:
+            from .assets import default_model_path
+
+            pretrained = str(default_model_path())
+        model, tokenizer = load(pretrained, dtype=dtype)
+        if tokenizer is None:
+            raise ValueError(f"{pretrained} has no tokenizer.json; lm-eval needs one")
+        if profile:
+            from .profiles import apply_profile
+
+            apply_profile(model, profile)
+        self.model, self.tok = model, tokenizer
+        self.runner = xLSTMRunner(model, tokenizer)
+        self.max_length = int(max_length) if max_length else None
+        self.pretrained = str(pretrained)
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, context: str, continuation: str) -> tuple[float, bool]:
+        from .judge import token_logprobs
+
+        # Without a BOS token and a context the first continuation token has no prediction and
+        # is only context (token_logprobs).
+        ctx = self.tok.encode(context, add_special_tokens=True)
+        cont = self.tok.encode(continuation, add_special_tokens=False)
+        if not cont:
+            return 0.0, True
+        lp, greedy = token_logprobs(self.model, ctx, cont, return_greedy=True)
+        return float(np.sum(lp)), bool(np.all(greedy))
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        return [self._score(*req.args[:2]) for req in requests]
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        from .judge import token_logprobs
+
+        out = []
+        for req in requests:
+            (text,) = req.args[:1]
+            ids = self.tok.encode(text, add_special_tokens=True)
+            bos = ids[:1] if ids and ids[0] == self.tok.bos_token_id else []
+            body = ids[len(bos):]
+            out.append(float(np.sum(token_logprobs(self.model, bos, body))) if body else 0.0)
+        return out
+
+    def generate_until(self, requests) -> list[str]:
+        out = []
+        for req in requests:
+            context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+            until = gen_kwargs.pop("until", None)
+            if isinstance(until, str):
+                until = [until]
+            max_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
+            temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+            if not gen_kwargs.pop("do_sample", temperature > 0):
+                temperature = 0.0
+            ids = self.runner.generate(context, max_tokens=max_tokens, temperature=temperature,
+                                       seed=0, stop=list(until) if until else None)
+            text = self.tok.decode(ids)
+            for stop in until or []:  # the stop string itself is not part of the answer
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            out.append(text)
+        return out
+
+    def get_model_info(self) -> dict:
+        return {"model": "xlstm-metal", "pretrained": self.pretrained}
+
+
+def main() -> None:
+    """``xlstm-metal-lm-eval``: lm_eval's command line with ``--model xlstm-metal`` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm-eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
