@@ -1,0 +1,105 @@
+"""`xlstm-metal plot`: the plotted data of tune sweeps, training runs and benchmarks."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from xlstm_metal.cli import main
+from xlstm_metal.plotting import PlotError, plot_bench, plot_inputs, plot_training, plot_tune
+
+
+def _axis(fig, title):
+    return next(ax for ax in fig.axes if ax.get_title() == title)
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_tune_plot_data(tmp_path):
+    d = tmp_path / "tune"
+    d.mkdir()
+    (d / "run_meta.json").write_text(json.dumps({"objective": {"objective": "speed", "metric": "both",
+                                                               "direction": "maximize"}}))
+    trials = [
+        {"number": 0, "status": "complete", "value": 10.0, "params": {"chunk_size": 16, "kernel": "chunkwise"},
+         "metrics": {"prefill_tok_s": 100.0, "decode_tok_s": 1.0}},
+        {"number": 1, "status": "rejected", "value": None, "params": {"chunk_size": 64, "kernel": "parallel"},
+         "metrics": {}},
+        {"number": 2, "status": "complete", "value": 30.0, "params": {"chunk_size": 32, "kernel": "parallel"},
+         "metrics": {"prefill_tok_s": 300.0, "decode_tok_s": 3.0}},
+        {"number": 3, "status": "complete", "value": 20.0, "params": {"chunk_size": 64, "kernel": "chunkwise"},
+         "metrics": {"prefill_tok_s": 200.0, "decode_tok_s": 2.0}},
+    ]
+    _write_jsonl(d / "trials.jsonl", trials)
+    fig = plot_tune(d)
+    best = _axis(fig, "best so far")
+    assert list(best.lines[0].get_xdata()) == [0, 2, 3] and list(best.lines[0].get_ydata()) == [10, 30, 30]
+    assert list(best.lines[2].get_xdata()) == [1]  # the rejected trial, marked, not ranked
+    scatter = _axis(fig, "prefill vs decode").collections[0].get_offsets()
+    assert np.array_equal(np.asarray(scatter), [[100, 1], [300, 3], [200, 2]])
+    chunk = np.asarray(_axis(fig, "chunk_size").collections[0].get_offsets())
+    assert np.array_equal(chunk, [[16, 10], [32, 30], [64, 20]])
+    kernel_ax = _axis(fig, "kernel")
+    assert [t.get_text() for t in kernel_ax.get_xticklabels()] == ["chunkwise", "parallel"]
+    assert np.array_equal(np.asarray(kernel_ax.collections[0].get_offsets()), [[0, 10], [1, 30], [0, 20]])
+
+
+def test_training_runs_overlaid(tmp_path):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        run = tmp_path / name
+        run.mkdir()
+        _write_jsonl(run / "metrics.jsonl", [
+            {"kind": "train", "step": 10, "loss": 5.0 * scale, "lr": 1e-3, "tokens": 1000},
+            {"kind": "train", "step": 20, "loss": 4.0 * scale, "lr": 5e-4, "tokens": 2000},
+            {"kind": "eval", "step": 20, "val_loss": 4.5 * scale},
+        ])
+    fig = plot_training([tmp_path / "a", tmp_path / "b"])
+    loss = _axis(fig, "loss")
+    assert [line.get_label() for line in loss.lines] == ["a train", "a validation", "b train", "b validation"]
+    assert list(loss.lines[2].get_ydata()) == [10.0, 8.0]
+    ppl = _axis(fig, "validation perplexity")
+    assert list(ppl.lines[1].get_xdata()) == [2000] and math.isclose(ppl.lines[1].get_ydata()[0], math.exp(9.0))
+    assert list(_axis(fig, "learning rate").lines[0].get_ydata()) == [1e-3, 5e-4]
+    assert list(_axis(fig, "training loss by tokens").lines[0].get_xdata()) == [1000, 2000]
+
+
+def test_bench_plot_medians_per_side(tmp_path):
+    _write_jsonl(tmp_path / "bench.jsonl", [
+        {"kind": "prefill", "batch": 1, "length": 512, "tok_s": 100.0},
+        {"kind": "prefill", "batch": 1, "length": 2048, "tok_s": 150.0},
+        {"kind": "decode", "batch": 1, "length": 32, "tok_s": 10.0},
+        {"kind": "decode", "batch": 8, "length": 32, "tok_s": 60.0},
+    ])
+    (tmp_path / "side.json").write_text(json.dumps({"records": [
+        {"side": "ours", "kind": "decode", "batch": 1, "tok_s": 20.0},
+        {"side": "ours", "kind": "decode", "batch": 1, "tok_s": 24.0},
+        {"side": "ours", "kind": "decode", "batch": 1, "tok_s": 100.0},
+        {"side": "official", "kind": "decode", "batch": 1, "tok_s": 15.0},
+        {"side": "ours", "kind": "env", "device": "cpu"},
+    ]}))
+    fig = plot_bench([tmp_path / "bench.jsonl"])
+    pre = _axis(fig, "prefill")
+    assert list(pre.lines[0].get_xdata()) == [512, 2048] and list(pre.lines[0].get_ydata()) == [100, 150]
+    dec = _axis(fig, "decode")
+    assert list(dec.lines[0].get_xdata()) == [1, 8]
+    fig = plot_bench([tmp_path / "side.json"])
+    lines = {line.get_label(): list(line.get_ydata()) for line in _axis(fig, "decode").lines}
+    assert lines == {"official": [15.0], "ours": [24.0]}  # the median of three rounds
+
+
+def test_plot_cli(tmp_path, capsys):
+    _write_jsonl(tmp_path / "b.jsonl", [{"kind": "decode", "batch": 1, "tok_s": 3.0}])
+    assert main(["plot", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "o.svg")]) == 0
+    assert (tmp_path / "o.svg").read_text().lstrip().startswith("<?xml")
+    assert main(["plot", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "o.svg")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "o.gif")]) == 2
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "p.png")]) == 2
+    with pytest.raises(PlotError, match="mix kinds"):
+        run = tmp_path / "r"
+        run.mkdir()
+        _write_jsonl(run / "metrics.jsonl", [{"kind": "train", "step": 1, "loss": 1.0}])
+        plot_inputs([run, tmp_path / "b.jsonl"])

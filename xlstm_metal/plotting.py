@@ -1,0 +1,303 @@
+"""Plots of tune sweeps, training runs and benchmarks (matplotlib, Agg backend).
+
+Each ``plot_*`` function returns the figure, so callers (and tests) can read the plotted data
+back from its axes; :func:`save_figure` writes it atomically.
+
+- :func:`plot_tune`: a tune directory (trials.jsonl): the objective against each parameter,
+  prefill against decode tokens/s (speed sweeps), and the best value so far by trial.
+- :func:`plot_training`: runs (metrics.jsonl): training and validation loss, validation
+  perplexity and learning rate against step, and loss against tokens; runs overlaid.
+- :func:`plot_bench`: ``xlstm-metal bench --json`` output and ``benchmarks/results`` JSON:
+  prefill tokens/s against prompt length and decode tokens/s against batch, one line per side
+  (ours / official) and variant, the median of repeated measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+class PlotError(ValueError):
+    """An input that cannot be plotted; the message names it."""
+
+
+# ------------------------------------------------------------------------------ reading
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlotError(f"cannot read {path}: {err}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PlotError(f"{path}:{n}: not JSON: {err}") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def classify(path: str | os.PathLike) -> str:
+    """"tune", "train" or "bench" for an input path (PlotError if none fits)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "trials.jsonl").is_file():
+            return "tune"
+        if (p / "metrics.jsonl").is_file():
+            return "train"
+        raise PlotError(f"{p}: a directory with neither trials.jsonl (tune) nor metrics.jsonl (training run)")
+    if not p.is_file():
+        raise PlotError(f"no such file or directory: {p}")
+    if p.name == "trials.jsonl":
+        return "tune"
+    if p.name == "metrics.jsonl":
+        return "train"
+    if p.suffix in (".json", ".jsonl"):
+        return "bench"
+    raise PlotError(f"{p}: expected a tune directory, a training run (metrics.jsonl) or bench JSON")
+
+
+def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Prefill/decode records of a bench file: JSON Lines of records, or a JSON object with
+    "records" (benchmarks/side_by_side.py), or a JSON list."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        records = _jsonl(p)
+    else:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PlotError(f"cannot read {p}: {err}") from None
+        records = data.get("records", []) if isinstance(data, dict) else data if isinstance(data, list) else []
+    out = [r for r in records if isinstance(r, dict) and r.get("kind") in ("prefill", "decode")
+           and isinstance(r.get("tok_s"), (int, float))]
+    if not out:
+        raise PlotError(f"{p} holds no prefill/decode records with tok_s")
+    return out
+
+
+# ------------------------------------------------------------------------------ tune
+def _numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
+    """A tune directory's trials: objective vs each parameter, prefill vs decode, best so far."""
+    d = Path(directory)
+    path = d / "trials.jsonl" if d.is_dir() else d
+    records = _jsonl(path)
+    meta_path = path.parent / "run_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    objective = meta.get("objective", {})
+    metric = objective.get("metric", "value")
+    maximize = objective.get("direction", "maximize") == "maximize"
+    done = [r for r in records if r.get("status") == "complete" and r.get("value") is not None]
+    if not done:
+        raise PlotError(f"{path}: no complete trial to plot")
+    params = sorted({k for r in records for k in r.get("params", {})})
+    speed = any("prefill_tok_s" in r.get("metrics", {}) and "decode_tok_s" in r.get("metrics", {}) for r in done)
+    panels = len(params) + 1 + (1 if speed else 0)
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    flat = list(axes.flat)
+    # Best so far, in trial order.
+    ax = flat[0]
+    order = sorted(done, key=lambda r: r["number"])
+    best, xs, ys = None, [], []
+    for r in order:
+        v = r["value"]
+        best = v if best is None else (max(best, v) if maximize else min(best, v))
+        xs.append(r["number"])
+        ys.append(best)
+    ax.plot(xs, ys, "-", drawstyle="steps-post", color="tab:blue", label="best so far")
+    ax.plot([r["number"] for r in order], [r["value"] for r in order], "o", ms=3, color="tab:gray", alpha=0.6,
+            label="trial")
+    rejected = [r["number"] for r in records if r.get("status") != "complete"]
+    if rejected:
+        ax.plot(rejected, [ys[0]] * len(rejected), "x", color="tab:red", label=f"rejected/failed ({len(rejected)})")
+    ax.set(title="best so far", xlabel="trial", ylabel=metric)
+    ax.legend(fontsize=7)
+    index = 1
+    if speed:
+        ax = flat[index]
+        index += 1
+        pts = [(r["metrics"]["prefill_tok_s"], r["metrics"]["decode_tok_s"]) for r in done
+               if "prefill_tok_s" in r["metrics"]]
+        ax.scatter([p for p, _ in pts], [q for _, q in pts], s=14, color="tab:green")
+        ax.set(title="prefill vs decode", xlabel="prefill tok/s", ylabel="decode tok/s")
+    for name in params:
+        ax = flat[index]
+        index += 1
+        pairs = [(r["params"].get(name), r["value"]) for r in done if name in r["params"]]
+        values = [p for p, _ in pairs]
+        if _numeric(values):
+            ax.scatter(values, [v for _, v in pairs], s=14)
+            if len(set(values)) > 1 and min(values) > 0 and max(values) / min(values) > 50:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({str(v) for v in values})
+            pos = {c: i for i, c in enumerate(cats)}
+            ax.scatter([pos[str(v)] for v in values], [v for _, v in pairs], s=14)
+            ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=7)
+        ax.set(title=name, xlabel=name, ylabel=metric)
+    for ax in flat[index:]:
+        ax.axis("off")
+    fig.suptitle(title or f"tune {objective.get('objective', '')}: {path.parent}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ training
+def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -> Figure:
+    """Training runs overlaid: loss and lr against step, loss against tokens, validation
+    perplexity against tokens."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
+    (ax_loss, ax_tok), (ax_ppl, ax_lr) = axes
+    count = 0
+    for run in runs:
+        p = Path(run)
+        path = p / "metrics.jsonl" if p.is_dir() else p
+        records = _jsonl(path)
+        label = path.parent.name
+        train = [r for r in records if r.get("kind") == "train" and "loss" in r]
+        evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
+        if not train and not evals:
+            raise PlotError(f"{path}: no train or eval records")
+        count += 1
+        color = f"C{(count - 1) % 10}"
+        if train:
+            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], "-", color=color, lw=1,
+                         label=f"{label} train")
+            if all("tokens" in r for r in train):
+                ax_tok.plot([r["tokens"] for r in train], [r["loss"] for r in train], "-", color=color, lw=1,
+                            label=f"{label} train")
+            if all("lr" in r for r in train):
+                ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], "-", color=color, label=label)
+        if evals:
+            ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", ms=3, color=color,
+                         label=f"{label} validation")
+            tokens = _tokens_at(train, evals)
+            if tokens:
+                ax_ppl.plot(tokens, [math.exp(r["val_loss"]) for r in evals], "o-", ms=3, color=color, label=label)
+    ax_loss.set(title="loss", xlabel="step", ylabel="loss")
+    ax_tok.set(title="training loss by tokens", xlabel="tokens", ylabel="loss")
+    ax_ppl.set(title="validation perplexity", xlabel="tokens", ylabel="perplexity")
+    ax_lr.set(title="learning rate", xlabel="step", ylabel="lr")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title or f"training: {count} run(s)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _tokens_at(train: list[dict], evals: list[dict]) -> list[float] | None:
+    """Tokens seen at each evaluation: the eval record's own, else interpolated from the
+    training records' (step, tokens)."""
+    if all("tokens" in r for r in evals):
+        return [r["tokens"] for r in evals]
+    pts = [(r["step"], r["tokens"]) for r in train if "tokens" in r]
+    if not pts:
+        return None
+    per_step = pts[-1][1] / pts[-1][0] if pts[-1][0] else 0
+    return [r["step"] * per_step for r in evals]
+
+
+# ------------------------------------------------------------------------------ bench
+def _series_label(source: str, record: dict[str, Any]) -> str:
+    parts = [record.get("side") or source]
+    if record.get("variant"):
+        parts.append(str(record["variant"]))
+    return " / ".join(parts)
+
+
+def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> Figure:
+    """Prefill tok/s against prompt length and decode tok/s against batch size."""
+    fig, (ax_pre, ax_dec) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    sources = list(files)
+    for file in sources:
+        source = Path(file).stem
+        groups: dict[tuple[str, str], dict[int, list[float]]] = {}
+        for r in read_bench(file):
+            label = _series_label(source if len(sources) > 1 or not r.get("side") else "ours", r)
+            if len(sources) > 1 and r.get("side"):
+                label = f"{source}: {label}"
+            x = r.get("length") if r["kind"] == "prefill" else r.get("batch")
+            if x is None:
+                continue
+            groups.setdefault((r["kind"], label), {}).setdefault(int(x), []).append(float(r["tok_s"]))
+        for (kind, label), points in sorted(groups.items()):
+            xs = sorted(points)
+            ax = ax_pre if kind == "prefill" else ax_dec
+            ax.plot(xs, [statistics.median(points[x]) for x in xs], "o-", ms=4, label=label)
+    ax_pre.set(title="prefill", xlabel="prompt length (tokens)", ylabel="tokens/s", xscale="log")
+    ax_dec.set(title="decode", xlabel="batch size", ylabel="tokens/s", xscale="log")
+    for ax in (ax_pre, ax_dec):
+        if ax.lines:
+            ax.legend(fontsize=7)
+            ys = [y for line in ax.lines for y in line.get_ydata() if y > 0]
+            if ys and max(ys) / min(ys) > 50:  # e.g. a CPU beside a GPU
+                ax.set_yscale("log")
+    fig.suptitle(title or "benchmarks: " + ", ".join(Path(f).name for f in sources), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ dispatch
+def plot_inputs(inputs: list[str | os.PathLike], title: str | None = None) -> Figure:
+    """One figure for inputs of one kind (tune: one directory; training runs; bench files)."""
+    if not inputs:
+        raise PlotError("nothing to plot")
+    kinds = {classify(p) for p in inputs}
+    if len(kinds) > 1:
+        raise PlotError(f"inputs mix kinds ({', '.join(sorted(kinds))}); plot each kind separately")
+    kind = kinds.pop()
+    if kind == "tune":
+        if len(inputs) > 1:
+            raise PlotError("plot one tune directory at a time")
+        return plot_tune(inputs[0], title)
+    if kind == "train":
+        return plot_training(inputs, title)
+    return plot_bench(inputs, title)
+
+
+def save_figure(fig: Figure, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``fig`` to ``out`` (.png, .svg or .pdf) through a temporary file."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise PlotError(f"--out must end in .png, .svg or .pdf, got {out.name}")
+    if out.exists() and not overwrite:
+        raise PlotError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=out.suffix[1:].lower())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out
+
+
+__all__ = ["PlotError", "classify", "plot_bench", "plot_inputs", "plot_training", "plot_tune", "read_bench",
+           "save_figure"]
