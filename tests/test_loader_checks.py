@@ -61,15 +61,15 @@ def test_unknown_field_suggests_the_closest_name(tiny_model_dir, capsys):
 def test_standard_hugging_face_fields_pass_quietly(tiny_model_dir):
     standard = {"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm", "torch_dtype": "float32",
                 "dtype": "float32", "transformers_version": "4.57.0", "bos_token_id": 0, "eos_token_id": [2, 3],
-                "pad_token_id": 1, "quantization": {"group_size": 64, "bits": 4}, "quantization_config": {},
-                "model_file": "model.safetensors", "auto_map": {"AutoConfig": "x.Config"}, "use_cache": True,
+                "pad_token_id": 1, "model_file": "model.safetensors", "auto_map": {"AutoConfig": "x.Config"}, "use_cache": True,
                 "_name_or_path": "NX-AI/xLSTM-7b", "_commit_hash": "abc"}
     assert set(standard) - {"bos_token_id", "eos_token_id", "pad_token_id"} - {k for k in standard if k[0] == "_"} \
         <= PASSTHROUGH_FIELDS
+    assert {"quantization", "quantization_config"} <= PASSTHROUGH_FIELDS  # read by the quantized loader
     edit_config(tiny_model_dir, **standard)
     model = load_model(tiny_model_dir)
     assert model.config.eos_token_id == [2, 3] and model.config.extra["auto_map"] == standard["auto_map"]
-    assert model.config.to_dict()["quantization"] == standard["quantization"]
+    assert model.config.to_dict()["model_file"] == "model.safetensors"
 
 
 def test_non_finite_weights_are_named(tiny_model_dir, capsys):
