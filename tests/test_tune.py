@@ -178,7 +178,7 @@ def test_train_objective_is_seeded_and_respects_the_parameter_budget(tmp_path):
 def test_profile_init_sets_gates_for_training_from_scratch():
     from conftest import tiny_model
 
-    from xlstm_metal.tuning import init_gates
+    from xlstm_metal.profiles import init_gates
 
     model = tiny_model()
     init_gates(model, {"igate_bias": -3.0, "fgate_bias": [1.0, 2.0], "gate_weight_std": 0.0})

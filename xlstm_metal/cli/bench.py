@@ -17,6 +17,7 @@ from typing import Any
 
 from ..monitor import current_job
 from . import UsageError
+from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="recurrent state dtype (default: the config's, float32)")
-    p.add_argument("--kernel", default="chunkwise_fused",
+    p.add_argument("--kernel", default=None,
                    help="prefill kernel: chunkwise_fused (default; CUDA tensor-core kernels for bf16 at "
                    "chunk sizes up to 64, chunkwise_scan otherwise), chunkwise_scan (pure ops, no per-chunk "
                    "loop), chunkwise (the reference), parallel, or 'config' for the config's; see "
@@ -63,6 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true",
                    help="keep separate projection weights (default: fuse them at load time)")
     p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
+    add_profile_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.set_defaults(func=run)
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from .. import benchmark as bm
+    from ..profiles import config_overrides
 
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -96,9 +99,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
-    overrides: dict[str, Any] = {"inference_state_dtype": args.state_dtype} if args.state_dtype else {}
-    if args.kernel and args.kernel != "config":
-        overrides["chunkwise_kernel"] = args.kernel
+    profile = profile_from_args(args, dtype=args.dtype, state_dtype=args.state_dtype, chunk_size=args.chunk_size,
+                                prefill_chunk=args.prefill_chunk, fuse=False if args.no_fuse else None,
+                                chunkwise_kernel=None if args.kernel in (None, "config") else args.kernel)
+    overrides: dict[str, Any] = config_overrides(profile) if profile else {}
+    if args.state_dtype:
+        overrides["inference_state_dtype"] = args.state_dtype
+    kernel = args.kernel or (None if profile else "chunkwise_fused")
+    if kernel and kernel != "config":
+        overrides["chunkwise_kernel"] = kernel
     if args.chunk_size is not None:
         if args.chunk_size <= 0:
             raise UsageError(f"--chunk-size must be positive, got {args.chunk_size}")
@@ -110,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     except ValueError as err:  # ConfigError and bad JSON
         raise UsageError(f"{source}: {err}") from None
-    dtype = args.dtype or bm.default_dtype()
+    dtype = profile.dtype if profile else args.dtype or bm.default_dtype()
+    fused = profile.fuse if profile else not args.no_fuse
+    prefill_chunk = profile.prefill_chunk if profile else args.prefill_chunk
 
     from tqdm import tqdm
 
@@ -130,16 +141,19 @@ def run(args: argparse.Namespace) -> int:
                 quantize_model(model, recipe=Recipe.from_config(quantization))
             except (QuantizationError, KeyError, TypeError) as err:
                 raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
-        if not args.no_fuse and hasattr(model, "fuse"):
+        if profile is not None:
+            apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
+        elif fused and hasattr(model, "fuse"):
             model.fuse()
         bar.update(1)
         for record in bm.run_suite(
             config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
             decode_batches=args.decode_batches, decode_tokens=args.decode_tokens,
-            prefill_batch=args.prefill_batch, prefill_chunk=args.prefill_chunk,
+            prefill_batch=args.prefill_batch, prefill_chunk=prefill_chunk,
             repeats=args.repeats, compiled=not args.no_compile, seed=args.seed,
         ):
-            record = {**record, "shape": str(source), "fused": not args.no_fuse and hasattr(model, "fuse"),
+            record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse"),
+                      "profile": profile.name if profile else None,
                       **env}
             records.append(record)
             job.update(phase=record["kind"], done=len(records), total=steps, unit="runs", tokens_per_s=record["tok_s"],

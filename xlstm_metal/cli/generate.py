@@ -12,6 +12,7 @@ from typing import Any
 from ..jsonfiles import read_json_object
 from ..monitor import current_job
 from . import UsageError, read_text_file
+from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 DESCRIPTION = """\
 Generate text with an xLSTM model. The model is a local checkpoint directory, a Hugging Face id
@@ -44,6 +45,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "newline, tab, carriage return and backslash); EOS always stops")
     parser.add_argument("--prefill-chunk-size", type=int,
                         help="prompt tokens per forward pass during prefill (default min(2048, config))")
+    add_profile_argument(parser)
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="print prompt / generation tok/s and peak memory to stderr")
     parser.add_argument("--info", action="store_true",
@@ -180,7 +182,8 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         source: Any = DEFAULT_MODEL_DIR
     else:
         source = args.model
-    dtype = args.dtype or default_dtype()
+    profile = profile_from_args(args, dtype=args.dtype, prefill_chunk=args.prefill_chunk_size)
+    dtype = profile.dtype if profile else args.dtype or default_dtype()
     try:
         directory = resolve_model_path(source)  # downloads a Hugging Face id once
         model, tokenizer = load(directory, dtype=dtype)
@@ -191,10 +194,13 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
     apply_generation_defaults(args, directory)
-    if callable(getattr(model, "fuse", None)):
+    if profile is not None:
+        apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
+    elif callable(getattr(model, "fuse", None)):
         model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up: fewer launches per token
     try:
-        runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=args.prefill_chunk_size)
+        runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=profile.prefill_chunk if profile else
+                             args.prefill_chunk_size)
     except ValueError as err:
         raise UsageError(str(err)) from None
     current_job().shrink_prefill_on_soft(runner)  # memory watchdog: smaller pieces near the limit

@@ -35,6 +35,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--profile NAME|FILE`` for commands that run a model (generate, chat, serve, bench, train)."""
+    parser.add_argument("--profile", default=None, metavar="NAME|FILE",
+                        help="HyperProfile: dtype, state dtype, kernels, chunk sizes, eps, soft caps "
+                             "(`xlstm-metal profile list`); explicit flags win over it")
+
+
+def profile_from_args(args: argparse.Namespace, **flags):
+    """The --profile (None without one) with every flag the user gave (not None) replacing the
+    profile's field: dtype, state_dtype, chunk_size, prefill_chunk, fuse, or chunkwise_kernel
+    (-> kernels["chunkwise"]). UsageError for an unknown or invalid profile."""
+    from ..profiles import ProfileError, load_profile
+
+    if not getattr(args, "profile", None):
+        return None
+    changes = {k: v for k, v in flags.items() if v is not None}
+    try:
+        profile = load_profile(args.profile)
+        kernel = changes.pop("chunkwise_kernel", None)
+        if kernel is not None:
+            changes["kernels"] = {**profile.kernels, "chunkwise": kernel}
+        return profile.replace(**changes) if changes else profile
+    except ProfileError as err:
+        raise UsageError(str(err)) from None
+
+
+def apply_cli_profile(model, profile):
+    """apply_profile with UsageError for a profile the model cannot take."""
+    from ..profiles import ProfileError, apply_profile
+
+    try:
+        return apply_profile(model, profile)
+    except ProfileError as err:
+        raise UsageError(str(err)) from None
+
+
+def apply_training_profile(model, profile, kernel: str, from_scratch: bool) -> None:
+    """``train --profile``: the profile's chunk size, eps values and soft caps on the model
+    (weights stay float32 for the optimizer, the training kernel is ``kernel``); for a model
+    trained from scratch also its gate initialisation."""
+    from ..profiles import init_gates
+
+    apply_cli_profile(model, profile.replace(dtype="float32", fuse=False,
+                                             kernels={**profile.kernels, "chunkwise": kernel}))
+    if from_scratch:
+        init_gates(model, profile.init)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..profiles import ProfileError, list_profiles, load_profile, user_profile_dir
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..jsonfiles import read_json_object
 from . import UsageError
+from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
 PRESETS: dict[str, dict] = {
@@ -74,6 +75,7 @@ def add_parser(subparsers) -> None:
     o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (weights stay float32; default float32); use float32 on CPUs")
     o.add_argument("--seed", type=int, help="seed of initialisation, data order and sampling (default 0)")
+    add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
     r.add_argument("--eval-batches", type=int, help="validation batches per pass (default 16)")
@@ -260,6 +262,9 @@ def run(args) -> int:
             saved = read_trainer_state(resume_ckpt)
         except ResumeError as err:
             raise UsageError(str(err)) from None
+        if args.profile:
+            raise UsageError("--profile applies to a new run; a resumed run keeps its settings")
+        profile = None
         cfg = TrainingConfig(**saved["training_config"])
         for name in ("eval_every", "save_every", "keep", "log_every"):
             if getattr(args, name) is not None:
@@ -278,6 +283,9 @@ def run(args) -> int:
         val_fraction = saved.get("val_fraction", RUN_DEFAULTS["val_fraction"])
         text_field = saved.get("text_field", RUN_DEFAULTS["text_field"])
     else:
+        profile = profile_from_args(args)
+        if profile is not None and args.dtype is None:
+            args.dtype = profile.dtype  # the compute dtype; weights stay float32
         for name, value in RUN_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -366,10 +374,13 @@ def run(args) -> int:
                 model = training_model(args.arch, vocab, cfg.seed)
             except WiringError as err:
                 raise UsageError(f"--arch {args.arch}: {err}") from None
+        from_scratch = model is None
         if model is None:
             model = _build_model(_config_dict(args.config or "tiny"), args.kernel, cfg.seed, vocab)
         elif hasattr(model.config, "chunkwise_kernel"):
             _set_training_kernel(model, args.kernel)
+        if profile is not None:  # numerics of the profile; its gate init for a new model
+            apply_training_profile(model, profile, args.kernel, from_scratch and not args.arch)
         model_vocab = int(model.config.vocab_size)
         if model_vocab < vocab:
             raise UsageError(

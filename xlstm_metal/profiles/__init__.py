@@ -340,11 +340,33 @@ def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
             layer.chunk_size = profile.chunk_size
 
 
+def init_gates(model, init: dict[str, Any]) -> None:
+    """Set an xLSTM-Large's gate initialisation from a profile's ``init``: input-gate biases,
+    forget-gate biases spread linearly over [low, high] across heads, gate weights
+    N(0, gate_weight_std) (zero when 0)."""
+    import mlx.core as mx
+
+    key = mx.random.key(0)
+    for index, block in enumerate(model.blocks):
+        layer = block.mlstm_layer
+        nh = layer.igate_preact.bias.shape[0]
+        layer.igate_preact.bias = mx.full((nh,), float(init["igate_bias"]))
+        lo, hi = init["fgate_bias"]
+        layer.fgate_preact.bias = mx.linspace(float(lo), float(hi), nh)
+        std = float(init["gate_weight_std"])
+        for j, gate in enumerate((layer.igate_preact, layer.fgate_preact)):
+            w = gate.weight
+            gate.weight = (mx.random.normal(w.shape, key=mx.random.fold_in(key, 2 * index + j)) * std if std > 0
+                           else mx.zeros(w.shape)).astype(w.dtype)
+    mx.eval(model.parameters())
+
+
 __all__ = [
     "HyperProfile",
     "ProfileError",
     "apply_profile",
     "config_overrides",
+    "init_gates",
     "list_profiles",
     "load_profile",
     "profile_from_dict",

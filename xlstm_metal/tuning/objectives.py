@@ -289,7 +289,7 @@ class TrainObjective(Objective):
 
         from ..config import ConfigError, xLSTMConfig
         from ..models.xlstm_large import xLSTMLarge
-        from ..profiles import apply_profile, load_profile
+        from ..profiles import apply_profile, init_gates, load_profile
         from ..training.trainer import Trainer, TrainingConfig, count_parameters, init_xlstm_large
 
         tokenizer, train_stream, val_stream = self._data()
@@ -332,27 +332,6 @@ class TrainObjective(Objective):
         if prompts:
             record["outputs"] = _greedy(model, tok_dir, prompts, max_new_tokens)
         return record
-
-
-def init_gates(model, init: dict[str, Any]) -> None:
-    """Set an xLSTM-Large's gate initialisation from a profile's ``init``: input-gate biases,
-    forget-gate biases spread linearly over [low, high] across heads, gate weights
-    N(0, gate_weight_std) (zero when 0)."""
-    import mlx.core as mx
-
-    key = mx.random.key(0)
-    for index, block in enumerate(model.blocks):
-        layer = block.mlstm_layer
-        nh = layer.igate_preact.bias.shape[0]
-        layer.igate_preact.bias = mx.full((nh,), float(init["igate_bias"]))
-        lo, hi = init["fgate_bias"]
-        layer.fgate_preact.bias = mx.linspace(float(lo), float(hi), nh)
-        std = float(init["gate_weight_std"])
-        for j, gate in enumerate((layer.igate_preact, layer.fgate_preact)):
-            w = gate.weight
-            gate.weight = (mx.random.normal(w.shape, key=mx.random.fold_in(key, 2 * index + j)) * std if std > 0
-                           else mx.zeros(w.shape)).astype(w.dtype)
-    mx.eval(model.parameters())
 
 
 # ------------------------------------------------------------------------------ test functions
