@@ -68,8 +68,15 @@ def placeholders(tmp: Path) -> dict[str, str]:
     (tmp / "more.jsonl").write_text("".join(
         json.dumps({"text": f"Open the file with open(path). Line {i} reads the file and closes it."}) + "\n"
         for i in range(200)))
+    (tmp / "samples.jsonl").write_text(json.dumps({"prompt": "import", "text": " os"}) + "\n"
+                                       + json.dumps({"text": "loop loop loop loop loop"}) + "\n")
+    runs = tmp / "runs" / "tune"  # a finished tune directory for `plot runs/tune`
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "trials.jsonl").write_text("".join(json.dumps(
+        {"number": i, "status": "complete", "value": v, "params": {"chunk_size": c}, "metrics": {}}) + "\n"
+        for i, (v, c) in enumerate([(3.0, 16), (5.0, 64)])))
     return {"path/or/hf-id": str(DEFAULT_MODEL_DIR), "ckpt": str(DEFAULT_MODEL_DIR), "p.txt": str(tmp / "p.txt"),
-            "more.jsonl": str(tmp / "more.jsonl")}
+            "more.jsonl": str(tmp / "more.jsonl"), "samples.jsonl": str(tmp / "samples.jsonl")}
 
 
 @dataclass
@@ -113,7 +120,8 @@ def run_readme(command: str, tmp: Path, case: Run) -> subprocess.CompletedProces
     env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "XLSTM_METAL_BLAS_THREADS": os.environ.get("XLSTM_METAL_BLAS_THREADS", "1"),
-           "XLSTM_RUNTIME_DIR": str(tmp / "runtime")}  # status records of `top`: this test's own
+           "XLSTM_RUNTIME_DIR": str(tmp / "runtime"),  # status records of `top`: this test's own
+           "XLSTM_METAL_PROFILES": str(tmp / "profiles")}  # profiles `tune` saves: this test's own
     proc = subprocess.run(["bash", "-c", shell_line(command, tmp, case)], input=case.stdin, capture_output=True,
                           text=True, cwd=tmp, env=env, timeout=600)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -218,7 +226,60 @@ RUN.update({
     normalize('xlstm-metal generate --prompt "def f" -n 20 --mem-hard 12GB --mem-log mem.csv'): Run(memory_log),
 })
 
+def lists_profiles(proc, tmp):
+    """profile list shows the shipped profiles."""
+    ok(proc)
+    assert all(name in proc.stdout for name in ("exact-fp32", "fast-bf16", "nxai-parity")), proc.stdout
+
+
+def profile_passes(proc, tmp):
+    """profile check prints each block's error and PASS (exit 0) within the tolerance."""
+    ok(proc)
+    assert "block 0" in proc.stdout and "logits" in proc.stdout and "PASS" in proc.stdout, proc.stdout
+
+
+def tunes_speed(proc, tmp):
+    """tune writes its outputs and saves the winner as a profile for this device."""
+    ok(proc)
+    out = tmp / "runs" / "tune-speed"  # runs/tune holds the finished sweep `plot` reads
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    best = json.loads((out / "best.json").read_text())
+    assert len(trials) == 4 and best["value"] == max(t["value"] for t in trials if t["status"] == "complete")
+    assert (out / "summary.csv").is_file() and (out / "run_meta.json").is_file()
+    assert len(list((tmp / "profiles").glob("tuned-*.json"))) == 1
+
+
+def judges(proc, tmp):
+    """judge writes one rating per record to ratings.jsonl and ratings.csv."""
+    ok(proc)
+    rows = [json.loads(line) for line in (tmp / "runs" / "ratings" / "ratings.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["distinct_1"] == 0.2 and rows[0]["perplexity"] > 1
+    assert (tmp / "runs" / "ratings" / "ratings.csv").is_file()
+
+
+def plots(proc, tmp):
+    """plot writes the image."""
+    ok(proc)
+    assert (tmp / "tune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+RUN.update({
+    normalize("xlstm-metal profile list"): Run(lists_profiles),
+    normalize("xlstm-metal profile check nxai-parity --model ckpt"): Run(profile_passes),
+    normalize('xlstm-metal generate --profile exact-fp32 --prompt "import os"'): Run(streams_text, extra=["-n", "12"]),
+    normalize("xlstm-metal tune --objective speed --model ckpt --out runs/tune --mode ga --population 4 "
+              "--generations 2"):
+        Run(tunes_speed, replace={"4": "2", "runs/tune": "runs/tune-speed"},
+            extra=["--prefill-length", "32", "--decode-tokens", "2", "--repeats", "1", "--no-progress"], slow=True),
+    normalize("xlstm-metal judge --model ckpt --outputs samples.jsonl --out runs/ratings"): Run(judges),
+    normalize("xlstm-metal plot runs/tune --out tune.png"): Run(plots),
+})
+
 SKIPPED: dict[str, str] = {
+    normalize("xlstm-metal tune --objective train --data corpus/ --out runs/tune-train --trials 20 --backend ray "
+              "--workers 2"):
+        "20 training runs on a Ray cluster (minutes); tests/test_tune.py runs the train objective and the Ray "
+        "backend on tiny budgets",
     normalize("xlstm-metal train data/ --out runs/m --config pydoc-4m --max-time 600 --export runs/m/export"):
         "a 10-minute training run from scratch (its point is the time budget); tests/test_train_cli.py and "
         "tests/test_train_reliability.py run the same flags (--max-time, --export, --config) on tiny runs",

@@ -88,20 +88,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.profile_command == "list":
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(title="HyperProfiles", caption=f"tuned profiles: {user_profile_dir()}")
-            for col in ("name", "version", "dtype", "state", "kernels (chunkwise / sequence / step)", "chunk",
-                        "tolerance", "device"):
-                table.add_column(col)
+            rows = [("name", "version", "dtype", "state", "kernels (chunkwise / sequence / step)", "chunk",
+                     "tolerance", "device")]
             for prof in list_profiles():
                 k = prof.kernels
                 dev = (prof.device or {}).get("device_name") or (prof.device or {}).get("device") or "any"
-                table.add_row(prof.name, str(prof.version), prof.dtype, prof.state_dtype,
-                              f"{k['chunkwise']} / {k['sequence']} / {k['step']}", str(prof.chunk_size or "model"),
-                              f"{prof.max_rel_error:g}", str(dev))
-            Console().print(table)
+                rows.append((prof.name, str(prof.version), prof.dtype, prof.state_dtype,
+                             f"{k['chunkwise']} / {k['sequence']} / {k['step']}", str(prof.chunk_size or "model"),
+                             f"{prof.max_rel_error:g}", str(dev)))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for row in rows:  # plain columns: names are never cut, pipes stay readable
+                print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            print(f"(tuned profiles are saved in {user_profile_dir()})")
             return 0
         if args.profile_command == "show":
             print(json.dumps(load_profile(args.name).to_dict(), indent=2))
