@@ -59,7 +59,7 @@ def test_mad_run_json_results_and_plot(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["task"] for r in rows] == ["memorization"] and 0.0 <= rows[0]["accuracy"] <= 1.0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["aggregate"] == rows[0]["accuracy"] and saved["tasks"][0]["steps"] == 16
+    assert saved["aggregate"] == rows[0]["accuracy"] and saved["tasks"][0]["steps"] == 8
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert main(args) == 2  # results exist: no overwrite
     assert "--overwrite" in capsys.readouterr().err

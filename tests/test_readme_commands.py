@@ -205,6 +205,13 @@ def memory_log(proc, tmp):
     assert {int(r.split(",")[header.index("hard_bytes")]) for r in rows[1:]} == {12 * 10**9}
 
 
+def draws_wiring(proc, tmp):
+    """mad --show-wiring prints the lab model's wiring and draws one graph per distinct block."""
+    ok(proc)
+    assert "LabModel hybrid" in proc.stdout and "matrix_memory" in proc.stdout, proc.stdout
+    assert (tmp / "hybrid.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ------------------------------------------------------------------------------ the tables
 RUN: dict[str, Run] = {
     normalize('python3 -m pip install -e . && xlstm-metal generate --prompt "The Python interpreter"'):
@@ -280,6 +287,7 @@ SKIPPED: dict[str, str] = {
               "--workers 2"):
         "20 training runs on a Ray cluster (minutes); tests/test_tune.py runs the train objective and the Ray "
         "backend on tiny budgets",
+
     normalize("xlstm-metal train data/ --out runs/m --config pydoc-4m --max-time 600 --export runs/m/export"):
         "a 10-minute training run from scratch (its point is the time budget); tests/test_train_cli.py and "
         "tests/test_train_reliability.py run the same flags (--max-time, --export, --config) on tiny runs",
@@ -287,6 +295,20 @@ SKIPPED: dict[str, str] = {
         "builds and times a 125M-parameter model (minutes on a CPU, not the packaged model); tests/test_bench.py "
         "runs these flags on a tiny config",
 }
+
+# The architecture lab.
+RUN.update({
+    normalize("xlstm-metal mad --arch hybrid --show-wiring hybrid.png"): Run(draws_wiring),
+})
+SKIPPED.update({
+    normalize("xlstm-metal mad --arch mlstm --tasks in_context_recall --preset tiny"):
+        "trains a model for minutes; tests/test_lab_mad.py runs this task at the tiny preset (slow tests) and "
+        "tests/test_lab_cli.py the command with its flags on a short task",
+    normalize("xlstm-metal evolve --budget 200000 --tasks in_context_recall --out runs/evolve"):
+        "trains many candidates (minutes each); tests/test_lab_cli.py runs evolve on a short task",
+    normalize("xlstm-metal train data/ --out runs/lab --arch runs/evolve/best-1.yaml"):
+        "needs the evolve run above; tests/test_lab_cli.py trains an --arch model and reloads it",
+})
 
 
 def test_every_readme_command_is_run_or_skipped():

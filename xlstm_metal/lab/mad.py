@@ -274,6 +274,7 @@ class Preset:
     lr: float
     weight_decay: float = 0.0
     min_lr: float = 1e-6
+    warmup: float = 0.0  # fraction of the steps with a linear warm-up
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def task(self, name: str) -> TaskSpec:
@@ -288,13 +289,13 @@ PRESETS = {
     # MAD-Lab's training settings: width 128, batch 128, 200 epochs, AdamW lr 5e-4, cosine to 1e-6.
     "paper": Preset("paper", dim=128, num_heads=4, batch_size=128, epochs=200, lr=5e-4),
     # Minutes on a 2-core CPU: shorter sequences and fewer examples, same task definitions.
-    "tiny": Preset("tiny", dim=64, num_heads=4, batch_size=32, epochs=4, lr=3e-3, task_overrides={
-        "in_context_recall": dict(seq_len=64, num_train=4_096, num_test=256),
-        "fuzzy_in_context_recall": dict(seq_len=64, num_train=4_096, num_test=256),
-        "noisy_in_context_recall": dict(seq_len=64, num_train=4_096, num_test=256),
-        "selective_copying": dict(seq_len=64, num_tokens_to_copy=8, num_train=4_096, num_test=256),
-        "compression": dict(seq_len=16, num_train=4_096, num_test=256),
-        "memorization": dict(vocab_size=64, num_train=256, num_test=256, epochs=64),
+    "tiny": Preset("tiny", dim=64, num_heads=4, batch_size=64, epochs=12, lr=3e-3, warmup=0.05, task_overrides={
+        "in_context_recall": dict(seq_len=32, num_train=8_192, num_test=256),
+        "fuzzy_in_context_recall": dict(seq_len=48, num_train=8_192, num_test=256),
+        "noisy_in_context_recall": dict(seq_len=48, num_train=8_192, num_test=256),
+        "selective_copying": dict(seq_len=48, num_tokens_to_copy=8, num_train=8_192, num_test=256),
+        "compression": dict(seq_len=16, num_train=8_192, num_test=256),
+        "memorization": dict(vocab_size=64, num_train=256, num_test=256, epochs=200),
     }),
 }
 
@@ -414,7 +415,10 @@ def run_task(arch, task_name: str, preset: Preset | str = "tiny", *, seed: int =
 
     steps_per_epoch = max(1, task.num_train // preset.batch_size)
     total = steps_per_epoch * epochs
-    schedule = optim.cosine_decay(preset.lr, total, preset.min_lr)
+    warm = int(preset.warmup * total)
+    schedule = optim.cosine_decay(preset.lr, total - warm, preset.min_lr)
+    if warm:
+        schedule = optim.join_schedules([optim.linear_schedule(preset.lr / warm, preset.lr, warm), schedule], [warm])
     opt = optim.AdamW(learning_rate=schedule, weight_decay=preset.weight_decay)
 
     def forward(x):

@@ -162,7 +162,7 @@ class WiringSpec:
 
     @property
     def name(self) -> str:
-        return str(self.data.get("name") or Path(self.source).stem)
+        return str(self.data.get("name") or (Path(self.source).stem if self.source != "<spec>" else "wiring"))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "WiringSpec":
