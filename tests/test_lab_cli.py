@@ -65,12 +65,14 @@ def test_mad_run_json_results_and_plot(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evolve_cli(tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["evolve", "--budget", "100", "--out", str(out), "--tasks", "memorization"]) == 2
     assert "budget" in capsys.readouterr().err
     assert main(["evolve", "--budget", "2000000", "--population", "2", "--generations", "2", "--tasks",
-                 "memorization", "--epochs", "1", "--start", "mlstm", "--out", str(out), "--top", "2"]) == 0
+                 "memorization", "--epochs", "1", "--start", "mlstm", "--min-blocks", "2", "--max-blocks", "2",
+                 "--out", str(out), "--top", "2"]) == 0
     assert "best fitness" in capsys.readouterr().out
     assert {"best-1.yaml", "best-2.yaml", "history.jsonl", "summary.json", "evolution.png"} <= {
         p.name for p in out.iterdir()}
