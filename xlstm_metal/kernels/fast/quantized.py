@@ -1,28 +1,299 @@
-"""Quantized matrix products: x @ dequantize(w).T for MLX's quantized layouts.
+"""Quantized matrix products on NVIDIA GPUs, beside MLX's reference ``mx.quantized_matmul``.
 
-The reference is MLX's own ``mx.quantized_matmul`` (what CPUs and Metal run). Faster kernels
-for particular devices sit beside it here and are tested against it.
+:func:`quantized_matmul` computes ``x @ dequantize(w).T`` for weights in MLX's affine layout
+(``mx.quantize``: ``w`` [N, K * bits / 32] uint32, each word packing 32 / bits values, lowest
+bits first; ``scales`` and ``biases`` [N, K / group_size]; value = scale * q + bias). CPU and
+Metal run the reference; on CUDA:
+
+- **decode** (at most 64 rows of x): one fused kernel dequantizes the weights in registers and
+  multiplies on the tensor cores (``mma.sync`` m16n8k16, float32 accumulation). Weights are the
+  A operand (16 output features per warp), x the B operand (8 rows per tile, up to 8 tiles), so
+  one row of x wastes 7/8 of a small tile rather than 15/16. Each thread reads one 16-byte
+  word group of two weight rows per step (32 four-bit or 16 eight-bit values), the eight warps
+  of a block split K and add their partial sums through shared memory. The order in which a
+  thread feeds its k values to the mma is free (a dot product does not care) as long as x uses
+  the same order: four-bit values pair as (e, e + 4) within a word, so two values become a
+  bf16/fp16 pair with one shift and one mask (the 128.0 / 1024.0 exponent trick, exact), and
+  x's pairs are regrouped to match with one byte permute.
+- **prefill** (more rows): the weights are dequantized to x's dtype and multiplied by MLX's
+  (cuBLAS) matmul; the dequantization is one pass over the weights, small next to a GEMM with
+  thousands of rows.
+
+The fast path takes bfloat16 or float16 x with scales and biases of the same dtype, bits 4 or 8
+and group sizes 32, 64 or 128; anything else (float32 x, other bits, other modes) runs the
+reference, so a call is always valid.
+
+:class:`FastQuantizedLinear` is ``nn.QuantizedLinear`` with this function in its ``__call__``
+(same parameters and checkpoint keys); :func:`use_fast_quantized_layers` switches a model's
+affine quantized layers to it in place.
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
+import mlx.nn as nn
+
+from .step import cuda_available
+
+#: Rows of x up to which the fused decode kernel runs (8 rows per tensor-core tile, 8 tiles).
+DECODE_MAX_ROWS = 64
+_WARPS = 8  # warps per block: they split K for the block's 16 output features
+_FAST_BITS = (4, 8)
+_FAST_GROUPS = (32, 64, 128)
+
+_HEADER = """
+template <typename T> struct QPair;
+template <> struct QPair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t MAGIC = 0x43004300u;  // (128.0, 128.0): 128 + q is exact for q < 128
+  static __device__ __forceinline__ T2 bias2() { return __float2bfloat162_rn(128.0f); }
+  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+  static __device__ __forceinline__ T2 splat(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
+};
+template <> struct QPair<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t MAGIC = 0x64006400u;  // (1024.0, 1024.0)
+  static __device__ __forceinline__ T2 bias2() { return __float2half2_rn(1024.0f); }
+  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+  static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
+};
+
+template <typename T2> __device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2> __device__ __forceinline__ T2 from_u32(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
+// D += A (16x16, row) * B (16x8, col), float32 accumulators.
+template <typename T> __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two dequantized weights (one 32-bit pair register) of a thread's 16-byte weight chunk, for
+// mma step `step` and pair `half` (0: k pair 2*tig, 1: k pair 2*tig + 8 of the 16 logical k).
+// 4 bits: pair p = 2*step + half holds word p/4's values (p%4, p%4 + 4).
+// 8 bits: pair p holds word p/2's bytes (2*(p%2), 2*(p%2) + 1).
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t dequant_pair(const uint4& wv, int p, typename QPair<T>::T2 s2,
+                                                 typename QPair<T>::T2 b2, float s, float b) {
+  using Q = QPair<T>;
+  const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+  if constexpr (BITS == 4) {
+    const uint32_t v = ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | Q::MAGIC;
+    const typename Q::T2 q = __hsub2(from_u32<typename Q::T2>(v), Q::bias2());
+    return as_u32(__hfma2(q, s2, b2));
+  } else {
+    const uint32_t w = words[p >> 1];
+    const int e = 2 * (p & 1);
+    // Byte e of w as the low byte of the float 2^23 + q: exact, then subtract 2^23.
+    const float lo = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + e)) - 8388608.0f;
+    const float hi = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + e + 1)) - 8388608.0f;
+    return as_u32(Q::pack(fmaf(s, lo, b), fmaf(s, hi, b)));
+  }
+}
+
+// x's pair for the same k values as dequant_pair(p). xv holds the thread's chunk of x as
+// consecutive pairs (element 2i in the low half of xv[i]).
+template <int BITS>
+__device__ __forceinline__ uint32_t x_pair(const uint32_t* xv, int p) {
+  if constexpr (BITS == 4) {
+    // values (8*wd + e, 8*wd + e + 4), wd = p/4, e = p%4: halves of xv[4wd + e/2] and xv[4wd + e/2 + 2]
+    const int i = 4 * (p >> 2) + ((p & 3) >> 1);
+    return __byte_perm(xv[i], xv[i + 2], (p & 1) ? 0x7632 : 0x5410);
+  } else {
+    return xv[p];
+  }
+}
+"""
+
+_SOURCE = """
+    // x [M, K] (T), w [N, K*BITS/32] (uint32), scales/biases [N, K/G] (T) -> y [M, N] (T).
+    using Q = QPair<T>;
+    constexpr int VALS = 128 / BITS;        // values in a thread's 16-byte weight chunk
+    constexpr int STEPS = VALS / 4;         // mma steps per chunk (4 k values per thread each)
+    constexpr int SPAN = 4 * VALS;          // k covered by one warp per chunk
+    const int M = x_shape[0];
+    const int K = x_shape[1];
+    const int N = w_shape[0];
+    const int WPR = K / (32 / BITS);        // uint32 words per weight row
+    const int GPR = K / G;                  // groups per row
+    const int nspans = (K + SPAN - 1) / SPAN;
+
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;                // mma group: weight rows g, g+8; x row g of a tile
+    const int tig = lane & 3;
+    const int row0 = blockIdx.x * 16 + g;
+    const int row1 = row0 + 8;
+    const bool ok0 = row0 < N, ok1 = row1 < N;
+
+    float acc[MT][4];
+    #pragma unroll
+    for (int t = 0; t < MT; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f; }
+
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    for (int sp = warp; sp < nspans; sp += WARPS) {
+      const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
+      const bool kin = kc < K;
+      const uint4 wa = (kin && ok0) ? *reinterpret_cast<const uint4*>(w + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
+      const uint4 wb = (kin && ok1) ? *reinterpret_cast<const uint4*>(w + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
+      const int gi = kin ? kc / G : 0;
+      const T zt = static_cast<T>(0.0f);
+      const T sa = (kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
+      const T ba = (kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
+      const T sb = (kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
+      const T bb = (kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
+      const typename Q::T2 sa2 = Q::splat(sa), ba2 = Q::splat(ba), sb2 = Q::splat(sb), bb2 = Q::splat(bb);
+      const float saf = static_cast<float>(sa), baf = static_cast<float>(ba);
+      const float sbf = static_cast<float>(sb), bbf = static_cast<float>(bb);
+
+      // A fragments of every step: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
+      uint32_t af[STEPS][4];
+      #pragma unroll
+      for (int j = 0; j < STEPS; ++j) {
+        af[j][0] = dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf);
+        af[j][1] = dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf);
+        af[j][2] = dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf);
+        af[j][3] = dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf);
+      }
+      #pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const int m = t * 8 + g;
+        uint32_t xv[VALS / 2];
+        if (kin && m < M) {
+          const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
+          #pragma unroll
+          for (int i = 0; i < VALS / 8; ++i) {
+            const uint4 u = xp[i];
+            xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
+          }
+        } else {
+          #pragma unroll
+          for (int i = 0; i < VALS / 2; ++i) xv[i] = 0u;
+        }
+        #pragma unroll
+        for (int j = 0; j < STEPS; ++j) {
+          mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+        }
+      }
+    }
+
+    // Sum the warps' partial tiles. acc[t] = {(row g, col 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
+    __shared__ float red[WARPS * MT * 4 * 32];
+    #pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      #pragma unroll
+      for (int c = 0; c < 4; ++c) red[((warp * MT + t) * 4 + c) * 32 + lane] = acc[t][c];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
+      float sum = 0.0f;
+      #pragma unroll
+      for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
+      const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
+      const int n = blockIdx.x * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
+      const int m = t * 8 + 2 * (l & 3) + (c & 1);
+      if (n < N && m < M) y[(size_t)m * N + n] = static_cast<T>(sum);
+    }
+"""
+
+_kernel_cache: list = []
 
 
-def quantized_matmul(
-    x: mx.array,
-    w: mx.array,
-    scales: mx.array,
-    biases: mx.array | None,
-    *,
-    group_size: int,
-    bits: int,
-    mode: str = "affine",
-) -> mx.array:
-    """x [..., in] @ dequantize(w, scales, biases).T -> [..., out].
+def _kernel():
+    if not _kernel_cache:
+        _kernel_cache.append(mx.fast.cuda_kernel(
+            name="xlstm_quantized_matmul_decode",
+            input_names=["x", "w", "scales", "biases"],
+            output_names=["y"],
+            source=_SOURCE,
+            header=_HEADER,
+        ))
+    return _kernel_cache[0]
 
-    w: packed [out, in * bits / 32] uint32; scales, biases: [out, in / group_size].
-    """
-    return mx.quantized_matmul(
-        x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+
+def fast_path_supported(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
+                        group_size: int, bits: int, mode: str = "affine") -> bool:
+    """True when :func:`quantized_matmul` runs its own CUDA path (else MLX's reference)."""
+    return (
+        cuda_available()
+        and mode == "affine"
+        and biases is not None
+        and bits in _FAST_BITS
+        and group_size in _FAST_GROUPS
+        and x.dtype in (mx.bfloat16, mx.float16)
+        and scales.dtype == x.dtype
+        and biases.dtype == x.dtype
+        and w.dtype == mx.uint32
+        and w.ndim == 2
+        and x.shape[-1] == w.shape[1] * 32 // bits
+        and x.shape[-1] % group_size == 0
     )
+
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
+                     group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """x [..., K] @ dequantize(w, scales, biases).T -> [..., N].
+
+    w: packed [N, K * bits / 32] uint32; scales, biases: [N, K / group_size]. On the fast path
+    the result has x's dtype; otherwise this is ``mx.quantized_matmul(..., transpose=True)`` (the
+    reference: CPU, Metal, and the CUDA cases the kernels do not cover).
+    """
+    if not fast_path_supported(x, w, scales, biases, group_size, bits, mode):
+        return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True,
+                                   group_size=group_size, bits=bits, mode=mode)
+    lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
+    M = math.prod(lead)
+    if M == 0:
+        return mx.zeros((*lead, N), dtype=x.dtype)
+    if M > DECODE_MAX_ROWS:
+        # Prefill: dequantize once, then the GEMM runs on cuBLAS in x's dtype.
+        return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).T
+    tiles = -(-M // 8)
+    (y,) = _kernel()(
+        inputs=[x.reshape(M, K), w, scales, biases],
+        template=[("T", x.dtype), ("BITS", bits), ("G", group_size), ("MT", tiles), ("WARPS", _WARPS)],
+        grid=(-(-N // 16) * 32 * _WARPS, 1, 1),
+        threadgroup=(32 * _WARPS, 1, 1),
+        output_shapes=[(M, N)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, N)
+
+
+class FastQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` whose product runs :func:`quantized_matmul` (the fused CUDA
+    kernels on NVIDIA GPUs, MLX's reference elsewhere). Same parameters, same checkpoint keys."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                             group_size=self.group_size, bits=self.bits, mode=getattr(self, "mode", "affine"))
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+    # The same math as the base class: fuse() may group it with plain quantized layers.
+    __call__.computes_as = nn.QuantizedLinear.__call__
+
+
+def use_fast_quantized_layers(model: nn.Module) -> int:
+    """Switch every affine ``nn.QuantizedLinear`` in ``model`` to :class:`FastQuantizedLinear`
+    in place (the class changes; the module object, its arrays and its place in the tree stay,
+    so nothing is copied and parameter names are unchanged). Returns the number switched."""
+    switched = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear and getattr(module, "mode", "affine") == "affine":
+            module.__class__ = FastQuantizedLinear
+            switched += 1
+    return switched

@@ -1,0 +1,183 @@
+"""quantized_matmul (xlstm_metal/kernels/fast/quantized.py) against x @ dequantize(w).T.
+
+The CUDA tests run only where MLX has its CUDA backend (the GPU machine: `python -m pytest
+tests/test_quantized_matmul.py`); the CPU tests check the reference fallback and the layer
+dispatch (FastQuantizedLinear, use_fast_quantized_layers) that CPU and Metal run.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from xlstm_metal.kernels.fast.quantized import (
+    DECODE_MAX_ROWS,
+    FastQuantizedLinear,
+    fast_path_supported,
+    quantized_matmul,
+    use_fast_quantized_layers,
+)
+from xlstm_metal.kernels.fast.step import cuda_available
+
+from conftest import tiny_model
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _quantized(seed, N, K, group_size, bits, dtype):
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K)).astype(dtype)
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    return wq, scales, biases
+
+
+def _x(seed, shape, dtype):
+    rng = np.random.default_rng(seed + 1000)
+    return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def _reference64(x, wq, scales, biases, group_size, bits) -> np.ndarray:
+    """x @ dequantize(w).T in float64 (the dequantized weights as MLX rounds them)."""
+    w = np.array(mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits).astype(mx.float32), dtype=np.float64)
+    xs = np.array(x.astype(mx.float32), dtype=np.float64)
+    return xs @ w.T
+
+
+def _rel_fro(out, ref: np.ndarray) -> float:
+    o = np.array(out.astype(mx.float32), dtype=np.float64)
+    assert np.isfinite(o).all()
+    return float(np.linalg.norm(o - ref) / np.linalg.norm(ref))
+
+
+# ----------------------------------------------------------------------------------- CUDA
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 33, 64, 65, 300])
+def test_cuda_matches_dequantized_reference(bits, group_size, M):
+    # N not a multiple of 16 (a partial tile of output features); K not a multiple of the
+    # warp's span (128 values at 4 bits, 64 at 8): the last span is partial.
+    N, K = 200, 3 * group_size + (group_size if group_size == 32 else 0)
+    wq, scales, biases = _quantized(M + bits + group_size, N, K, group_size, bits, mx.bfloat16)
+    x = _x(M, (M, K), mx.bfloat16)
+    assert fast_path_supported(x, wq, scales, biases, group_size, bits)
+    out = quantized_matmul(x, wq, scales, biases, group_size=group_size, bits=bits)
+    assert out.shape == (M, N) and out.dtype == mx.bfloat16
+    # bf16 operands, float32 accumulation, bf16 output: ~2^-9 relative rounding.
+    assert _rel_fro(out, _reference64(x, wq, scales, biases, group_size, bits)) < 5e-3
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_float16_and_batched_leading_axes(bits):
+    wq, scales, biases = _quantized(3, 96, 512, 64, bits, mx.float16)
+    x = _x(3, (2, 3, 512), mx.float16)
+    out = quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
+    assert out.shape == (2, 3, 96) and out.dtype == mx.float16
+    ref = _reference64(x.reshape(6, 512), wq, scales, biases, 64, bits).reshape(2, 3, 96)
+    assert _rel_fro(out, ref) < 2e-3  # fp16 keeps 3 more mantissa bits than bf16
+
+
+@cuda
+def test_cuda_layer_shapes_agree_with_mlx_quantized_matmul():
+    """A 7B-like projection (K = 4096, many groups) against MLX's own quantized product."""
+    for bits in (4, 8):
+        wq, scales, biases = _quantized(bits, 1040, 4096, 64, bits, mx.bfloat16)
+        for M in (1, 16, 64):
+            x = _x(M, (M, 4096), mx.bfloat16)
+            out = quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
+            ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=bits)
+            ref64 = _reference64(x, wq, scales, biases, 64, bits)
+            assert _rel_fro(out, ref64) < 5e-3
+            assert _rel_fro(ref, ref64) < 5e-3
+
+
+@cuda
+def test_cuda_strided_x_compiled_and_repeated():
+    wq, scales, biases = _quantized(5, 64, 256, 32, 4, mx.bfloat16)
+    base = _x(5, (256, 4), mx.bfloat16)
+    x = base.T  # a transposed view: [4, 256] with strides (1, 4)
+    fn = mx.compile(lambda a: quantized_matmul(a, wq, scales, biases, group_size=32, bits=4))
+    ref = _reference64(x, wq, scales, biases, 32, 4)
+    for _ in range(3):  # same inputs, same answer: no race between the warps' partial sums
+        assert _rel_fro(fn(x), ref) < 5e-3
+    out1, out2 = quantized_matmul(x, wq, scales, biases, group_size=32, bits=4), fn(x)
+    assert np.array_equal(np.array(out1.astype(mx.float32)), np.array(out2.astype(mx.float32)))
+
+
+@cuda
+def test_cuda_unsupported_cases_use_the_reference():
+    wq, scales, biases = _quantized(6, 32, 128, 64, 4, mx.bfloat16)
+    x32 = _x(6, (2, 128), mx.float32)
+    assert not fast_path_supported(x32, wq, scales, biases, 64, 4)
+    out = quantized_matmul(x32, wq, scales, biases, group_size=64, bits=4)
+    ref = mx.quantized_matmul(x32, wq, scales, biases, transpose=True, group_size=64, bits=4)
+    assert np.array_equal(np.array(out), np.array(ref))
+    wq3, s3, b3 = _quantized(6, 32, 128, 64, 3, mx.bfloat16)
+    assert not fast_path_supported(x32.astype(mx.bfloat16), wq3, s3, b3, 64, 3)
+
+
+@cuda
+def test_cuda_quantized_model_decode_and_prefill_match_reference():
+    """A quantized bf16 model: logits through the fast layers equal those of MLX's own
+    quantized layers (decode rows take the fused kernel, a long prompt the dequantize+GEMM)."""
+    mx.random.seed(0)
+    ref_model = tiny_model(embedding_dim=128, num_heads=2, num_blocks=2, vocab_size=256)
+    ref_model.set_dtype(mx.bfloat16)
+    nn.quantize(ref_model, group_size=32, bits=4)
+    fast_model = tiny_model(embedding_dim=128, num_heads=2, num_blocks=2, vocab_size=256)
+    nn.quantize(fast_model, group_size=32, bits=4)
+    fast_model.update(ref_model.parameters())
+    assert use_fast_quantized_layers(fast_model) > 0
+    for S in (1, DECODE_MAX_ROWS + 36):
+        ids = mx.array(np.random.default_rng(S).integers(0, 256, (1, S)).astype(np.int32))
+        ref, _ = ref_model(ids)
+        out, _ = fast_model(ids)
+        ref64 = np.array(ref.astype(mx.float32), dtype=np.float64)
+        assert _rel_fro(out, ref64) < 2e-2
+
+
+# ------------------------------------------------------------------------------------ CPU
+@pytest.mark.skipif(cuda_available(), reason="the CPU fallback")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_off_cuda_is_mlx_quantized_matmul(bits):
+    wq, scales, biases = _quantized(7, 48, 128, 64, bits, mx.float32)
+    x = _x(7, (3, 128), mx.float32)
+    assert not fast_path_supported(x, wq, scales, biases, 64, bits)
+    out = quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
+    ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=bits)
+    assert np.array_equal(np.array(out), np.array(ref))
+    assert _rel_fro(out, _reference64(x, wq, scales, biases, 64, bits)) < 1e-5
+
+
+def test_fast_quantized_linear_keeps_keys_and_values():
+    mx.random.seed(1)
+    model = tiny_model()
+    nn.quantize(model, group_size=32, bits=4)
+    ids = mx.array([[0, 5, 9, 3, 7]])
+    before, _ = model(ids)
+    keys = [k for k, _ in tree_flatten(model.parameters())]
+    n_quantized = sum(type(m) is nn.QuantizedLinear for _, m in model.named_modules())
+    assert n_quantized > 0
+    assert use_fast_quantized_layers(model) == n_quantized
+    assert sum(isinstance(m, FastQuantizedLinear) for _, m in model.named_modules()) == n_quantized
+    assert not any(type(m) is nn.QuantizedLinear for _, m in model.named_modules())
+    assert [k for k, _ in tree_flatten(model.parameters())] == keys
+    after, _ = model(ids)
+    assert np.array_equal(np.array(before), np.array(after))
+    assert use_fast_quantized_layers(model) == 0  # already switched
+
+
+def test_fast_quantized_linear_is_what_runs():
+    """The switched layer's own arrays drive the output (module tree as the source of truth)."""
+    layer = nn.QuantizedLinear(64, 16, bias=True, group_size=32, bits=4)
+    use_fast_quantized_layers(layer_holder := nn.Sequential(layer))
+    assert isinstance(layer_holder.layers[0], FastQuantizedLinear)
+    x = _x(8, (2, 64), mx.float32)
+    y = layer_holder(x)
+    ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                              group_size=32, bits=4) + layer.bias
+    assert np.allclose(np.array(y), np.array(ref), atol=1e-6)
+    layer.bias = layer.bias + 1.0
+    assert np.allclose(np.array(layer_holder(x)), np.array(ref) + 1.0, atol=1e-5)
