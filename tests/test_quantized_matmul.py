@@ -14,7 +14,9 @@ from mlx.utils import tree_flatten
 from xlstm_metal.kernels.fast.quantized import (
     DECODE_MAX_ROWS,
     FastQuantizedLinear,
+    dequantized_matmul,
     fast_path_supported,
+    fused_quantized_matmul,
     quantized_matmul,
     use_fast_quantized_layers,
 )
@@ -54,7 +56,7 @@ def _rel_fro(out, ref: np.ndarray) -> float:
 @cuda
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 5, 8, 9, 33, 64, 65, 300])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 33, 64, 300])
 def test_cuda_matches_dequantized_reference(bits, group_size, M):
     # N not a multiple of 16 (a partial tile of output features); K not a multiple of the
     # warp's span (128 values at 4 bits, 64 at 8): the last span is partial.
@@ -62,10 +64,13 @@ def test_cuda_matches_dequantized_reference(bits, group_size, M):
     wq, scales, biases = _quantized(M + bits + group_size, N, K, group_size, bits, mx.bfloat16)
     x = _x(M, (M, K), mx.bfloat16)
     assert fast_path_supported(x, wq, scales, biases, group_size, bits)
-    out = quantized_matmul(x, wq, scales, biases, group_size=group_size, bits=bits)
-    assert out.shape == (M, N) and out.dtype == mx.bfloat16
-    # bf16 operands, float32 accumulation, bf16 output: ~2^-9 relative rounding.
-    assert _rel_fro(out, _reference64(x, wq, scales, biases, group_size, bits)) < 5e-3
+    ref = _reference64(x, wq, scales, biases, group_size, bits)
+    path = fused_quantized_matmul if M <= DECODE_MAX_ROWS else dequantized_matmul
+    for fn in (path, quantized_matmul):
+        out = fn(x, wq, scales, biases, group_size=group_size, bits=bits)
+        assert out.shape == (M, N) and out.dtype == mx.bfloat16
+        # bf16 operands, float32 accumulation, bf16 output: ~2^-9 relative rounding.
+        assert _rel_fro(out, ref) < 5e-3
 
 
 @cuda
@@ -73,7 +78,7 @@ def test_cuda_matches_dequantized_reference(bits, group_size, M):
 def test_cuda_float16_and_batched_leading_axes(bits):
     wq, scales, biases = _quantized(3, 96, 512, 64, bits, mx.float16)
     x = _x(3, (2, 3, 512), mx.float16)
-    out = quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
+    out = fused_quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
     assert out.shape == (2, 3, 96) and out.dtype == mx.float16
     ref = _reference64(x.reshape(6, 512), wq, scales, biases, 64, bits).reshape(2, 3, 96)
     assert _rel_fro(out, ref) < 2e-3  # fp16 keeps 3 more mantissa bits than bf16
@@ -86,7 +91,7 @@ def test_cuda_layer_shapes_agree_with_mlx_quantized_matmul():
         wq, scales, biases = _quantized(bits, 1040, 4096, 64, bits, mx.bfloat16)
         for M in (1, 16, 64):
             x = _x(M, (M, 4096), mx.bfloat16)
-            out = quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
+            out = fused_quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits)
             ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=bits)
             ref64 = _reference64(x, wq, scales, biases, 64, bits)
             assert _rel_fro(out, ref64) < 5e-3
@@ -98,11 +103,11 @@ def test_cuda_strided_x_compiled_and_repeated():
     wq, scales, biases = _quantized(5, 64, 256, 32, 4, mx.bfloat16)
     base = _x(5, (256, 4), mx.bfloat16)
     x = base.T  # a transposed view: [4, 256] with strides (1, 4)
-    fn = mx.compile(lambda a: quantized_matmul(a, wq, scales, biases, group_size=32, bits=4))
+    fn = mx.compile(lambda a: fused_quantized_matmul(a, wq, scales, biases, group_size=32, bits=4))
     ref = _reference64(x, wq, scales, biases, 32, 4)
     for _ in range(3):  # same inputs, same answer: no race between the warps' partial sums
         assert _rel_fro(fn(x), ref) < 5e-3
-    out1, out2 = quantized_matmul(x, wq, scales, biases, group_size=32, bits=4), fn(x)
+    out1, out2 = fused_quantized_matmul(x, wq, scales, biases, group_size=32, bits=4), fn(x)
     assert np.array_equal(np.array(out1.astype(mx.float32)), np.array(out2.astype(mx.float32)))
 
 
@@ -121,7 +126,7 @@ def test_cuda_unsupported_cases_use_the_reference():
 @cuda
 def test_cuda_quantized_model_decode_and_prefill_match_reference():
     """A quantized bf16 model: logits through the fast layers equal those of MLX's own
-    quantized layers (decode rows take the fused kernel, a long prompt the dequantize+GEMM)."""
+    quantized layers (one row takes the fused kernel, a long prompt the dequantize+GEMM)."""
     mx.random.seed(0)
     ref_model = tiny_model(embedding_dim=128, num_heads=2, num_blocks=2, vocab_size=256)
     ref_model.set_dtype(mx.bfloat16)
@@ -181,3 +186,46 @@ def test_fast_quantized_linear_is_what_runs():
     assert np.allclose(np.array(y), np.array(ref), atol=1e-6)
     layer.bias = layer.bias + 1.0
     assert np.allclose(np.array(layer_holder(x)), np.array(ref) + 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fuse_switches_quantized_layers_and_keeps_results(bits):
+    """fuse() on a quantized model: every quantized linear layer (fused projections, out_proj,
+    proj_down, lm_head) runs quantized_matmul, keys stay, logits equal the unfused model's."""
+    model = tiny_model(seed=2, tie_word_embeddings=False)
+    nn.quantize(model, group_size=32, bits=bits)
+    ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    ref, _ = model(ids)
+    keys = [k for k, _ in tree_flatten(model.parameters())]
+    model.fuse()
+    assert [k for k, _ in tree_flatten(model.parameters())] == keys
+    for block in model.backbone.blocks:
+        for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down, block.ffn.proj_up,
+                      block.mlstm_layer.q):
+            assert isinstance(layer, FastQuantizedLinear)
+    assert isinstance(model.lm_head, FastQuantizedLinear)
+    out, _ = model(ids)
+    assert np.allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-4)
+    # Decoding continues from prefill state alike.
+    state = model.make_state(1)
+    _, state = model(ids[:, :4], state)
+    step, _ = model(ids[:, 4:5], state)
+    assert np.allclose(np.array(step[0, -1]), np.array(ref[0, 4]), rtol=1e-3, atol=1e-3)
+
+
+def test_fused_kernel_refuses_too_many_rows():
+    wq, scales, biases = _quantized(9, 16, 64, 32, 4, mx.bfloat16)
+    x = _x(9, (DECODE_MAX_ROWS + 1, 64), mx.bfloat16)
+    with pytest.raises(ValueError, match="rows"):
+        fused_quantized_matmul(x, wq, scales, biases, group_size=32, bits=4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_matmul_matches_reference(bits):
+    """The prefill path (dequantize, then a GEMM in x's dtype) on any device."""
+    wq, scales, biases = _quantized(10, 48, 128, 32, bits, mx.float32)
+    x = _x(10, (2, 5, 128), mx.float32)
+    out = dequantized_matmul(x, wq, scales, biases, group_size=32, bits=bits)
+    ref = _reference64(x.reshape(10, 128), wq, scales, biases, 32, bits).reshape(2, 5, 48)
+    assert out.shape == (2, 5, 48) and out.dtype == mx.float32
+    assert _rel_fro(out, ref) < 1e-5

@@ -288,6 +288,7 @@ def run_suite(
         "dtype": dtype,
         "state_dtype": config.inference_state_dtype,
         "params": count_parameters(model),
+        "weights_gb": sum(p.nbytes for _, p in tree_flatten(model.parameters())) / 1e9,
         "embedding_dim": config.embedding_dim,
         "num_blocks": config.num_blocks,
         "kernel": config.chunkwise_kernel,

@@ -63,6 +63,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="do not mx.compile the decode step")
     p.add_argument("--no-fuse", action="store_true",
                    help="keep separate projection weights (default: fuse them at load time)")
+    p.add_argument("--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+                   help="quantize the random model's linear layers and embeddings to this many bits "
+                   "(affine, MLX's layout; the i/f gate projections stay in float)")
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=None,
+                   help="quantization group size (default 64; implies --q-bits 4 when that is not given)")
     p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
     add_profile_argument(p)
     p.add_argument("--seed", type=int, default=0)
@@ -122,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = profile.dtype if profile else args.dtype or bm.default_dtype()
     fused = profile.fuse if profile else not args.no_fuse
     prefill_chunk = profile.prefill_chunk if profile else args.prefill_chunk
+    quantization = config.extra.get("quantization") or config.extra.get("quantization_config")
+    if args.q_bits is not None or args.q_group_size is not None:
+        if quantization:
+            raise UsageError(f"{source} is already quantized ({quantization.get('bits')}-bit); "
+                             "--q-bits / --q-group-size apply to float configs")
+        quantization = {"bits": args.q_bits or 4, "group_size": args.q_group_size or 64}
+        if config.embedding_dim % quantization["group_size"]:
+            raise UsageError(f"--q-group-size {quantization['group_size']} does not divide the embedding "
+                             f"dimension {config.embedding_dim} of {source}")
 
     from tqdm import tqdm
 
@@ -133,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str("building random model")
         model = bm.random_model(config, dtype=dtype, seed=args.seed)
-        quantization = config.extra.get("quantization") or config.extra.get("quantization_config")
-        if quantization:  # a quantized checkpoint's config: the same layers quantized the same way
+        if quantization:  # --q-bits, or a quantized checkpoint's config: those layers quantized so
+            bar.set_postfix_str("quantizing")
             from ..quantization import QuantizationError, Recipe, quantize_model
 
             try:
@@ -154,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         ):
             record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse"),
                       "profile": profile.name if profile else None,
+                      "q_bits": quantization["bits"] if quantization else None,
+                      "q_group_size": quantization["group_size"] if quantization else None,
                       **env}
             records.append(record)
             job.update(phase=record["kind"], done=len(records), total=steps, unit="runs", tokens_per_s=record["tok_s"],
@@ -165,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         weights = f"{dtype} weights" if not quantization else (
             f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales")
+        if records:
+            weights += f", {records[0]['weights_gb']:.2f} GB"
         _table(records, env, f"xlstm-metal bench: {source}, {weights}, "
                              f"{config.inference_state_dtype} state")
     return 0

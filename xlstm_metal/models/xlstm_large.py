@@ -11,6 +11,7 @@ from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
+from ..kernels.fast.quantized import use_fast_quantized_layers
 from ..kernels.fast.step import cuda_available
 from ..kernels.mlstm import MLSTMState
 
@@ -85,8 +86,12 @@ class xLSTMLarge(nn.Module):
         fused step kernel (CUDA; the same reference ops elsewhere), on CUDA the fused chunkwise
         kernels for prefill in place of the ops forms (``chunkwise``, ``chunkwise_scan``) and, on
         the CPU, the weight layout its matrix-vector products read fastest
-        (:func:`gemv_layout`). Returns the model.
+        (:func:`gemv_layout`). Quantized linear layers (``nn.QuantizedLinear``) become
+        :class:`~xlstm_metal.kernels.fast.quantized.FastQuantizedLinear` in place (same arrays and
+        keys): fused dequantize-multiply kernels on CUDA, MLX's quantized matmul elsewhere.
+        Returns the model.
         """
+        use_fast_quantized_layers(self)
         for block in self.backbone.blocks:
             block.mlstm_layer.fuse()
             block.ffn.fuse()

@@ -37,7 +37,9 @@ import mlx.nn as nn
 
 from .step import cuda_available
 
-#: Rows of x up to which the fused decode kernel runs (8 rows per tensor-core tile, 8 tiles).
+#: Most rows of x the fused kernel takes (8 rows per tensor-core tile, 8 tiles); more rows take
+#: dequantize + GEMM. On an H200 (7B decode, BENCHMARKS.md) the fused kernel beat MLX's quantized
+#: matmul 6-8x at 16 and 64 rows, and dequantize + GEMM beat it at 256 rows and more.
 DECODE_MAX_ROWS = 64
 _WARPS = 8  # warps per block: they split K for the block's 16 output features
 _FAST_BITS = (4, 8)
@@ -143,21 +145,49 @@ _SOURCE = """
     for (int t = 0; t < MT; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f; }
 
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
-    for (int sp = warp; sp < nspans; sp += WARPS) {
+    const T zt = static_cast<T>(0.0f);
+    // One chunk: 16 bytes of weights from each of rows g, g+8 and their group's scale/bias.
+    // Loads of the next chunk are issued before the current one is used (two chunks in flight
+    // per thread): one chunk alone left the loads' latency exposed (~1 TB/s at one row).
+    uint4 wa, wb;
+    T sa, ba, sb, bb;
+    auto load_chunk = [&](int sp, uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {
       const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
-      const bool kin = kc < K;
-      const uint4 wa = (kin && ok0) ? *reinterpret_cast<const uint4*>(w + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
-      const uint4 wb = (kin && ok1) ? *reinterpret_cast<const uint4*>(w + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
+      const bool kin = sp < nspans && kc < K;
       const int gi = kin ? kc / G : 0;
-      const T zt = static_cast<T>(0.0f);
-      const T sa = (kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
-      const T ba = (kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
-      const T sb = (kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
-      const T bb = (kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
+      wa_ = (kin && ok0) ? *reinterpret_cast<const uint4*>(w + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
+      wb_ = (kin && ok1) ? *reinterpret_cast<const uint4*>(w + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
+      sa_ = (kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
+      ba_ = (kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
+      sb_ = (kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
+      bb_ = (kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
+    };
+    auto load_x = [&](int sp, int t, uint32_t* xv) {
+      const int kc = sp * SPAN + tig * VALS;
+      const int m = t * 8 + g;
+      if (kc < K && m < M) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
+        #pragma unroll
+        for (int i = 0; i < VALS / 8; ++i) {
+          const uint4 u = xp[i];
+          xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
+        }
+      } else {
+        #pragma unroll
+        for (int i = 0; i < VALS / 2; ++i) xv[i] = 0u;
+      }
+    };
+    load_chunk(warp, wa, wb, sa, ba, sb, bb);
+    for (int sp = warp; sp < nspans; sp += WARPS) {
+      uint32_t xv[VALS / 2];
+      load_x(sp, 0, xv);
+      uint4 nwa, nwb;
+      T nsa, nba, nsb, nbb;
+      load_chunk(sp + WARPS, nwa, nwb, nsa, nba, nsb, nbb);
+
       const typename Q::T2 sa2 = Q::splat(sa), ba2 = Q::splat(ba), sb2 = Q::splat(sb), bb2 = Q::splat(bb);
       const float saf = static_cast<float>(sa), baf = static_cast<float>(ba);
       const float sbf = static_cast<float>(sb), bbf = static_cast<float>(bb);
-
       // A fragments of every step: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
       uint32_t af[STEPS][4];
       #pragma unroll
@@ -169,24 +199,13 @@ _SOURCE = """
       }
       #pragma unroll
       for (int t = 0; t < MT; ++t) {
-        const int m = t * 8 + g;
-        uint32_t xv[VALS / 2];
-        if (kin && m < M) {
-          const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
-          #pragma unroll
-          for (int i = 0; i < VALS / 8; ++i) {
-            const uint4 u = xp[i];
-            xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
-          }
-        } else {
-          #pragma unroll
-          for (int i = 0; i < VALS / 2; ++i) xv[i] = 0u;
-        }
+        if (t > 0) load_x(sp, t, xv);
         #pragma unroll
         for (int j = 0; j < STEPS; ++j) {
           mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
         }
       }
+      wa = nwa; wb = nwb; sa = nsa; ba = nba; sb = nsb; bb = nbb;
     }
 
     // Sum the warps' partial tiles. acc[t] = {(row g, col 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
@@ -246,30 +265,45 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
                      group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """x [..., K] @ dequantize(w, scales, biases).T -> [..., N].
 
-    w: packed [N, K * bits / 32] uint32; scales, biases: [N, K / group_size]. On the fast path
-    the result has x's dtype; otherwise this is ``mx.quantized_matmul(..., transpose=True)`` (the
-    reference: CPU, Metal, and the CUDA cases the kernels do not cover).
+    w: packed [N, K * bits / 32] uint32; scales, biases: [N, K / group_size]. On CUDA (bf16 or
+    fp16 x, bits 4 or 8, affine): up to :data:`DECODE_MAX_ROWS` rows of x the fused kernel,
+    more rows dequantize + GEMM. Everywhere else this is ``mx.quantized_matmul(...,
+    transpose=True)`` (the reference: CPU, Metal, the other cases).
     """
-    if not fast_path_supported(x, w, scales, biases, group_size, bits, mode):
-        return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True,
-                                   group_size=group_size, bits=bits, mode=mode)
+    if fast_path_supported(x, w, scales, biases, group_size, bits, mode):
+        rows = math.prod(x.shape[:-1])
+        if rows == 0:
+            return mx.zeros((*x.shape[:-1], w.shape[0]), dtype=x.dtype)
+        if rows <= DECODE_MAX_ROWS:
+            return fused_quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+        return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+    return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True,
+                               group_size=group_size, bits=bits, mode=mode)
+
+
+def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
+                           group_size: int, bits: int) -> mx.array:
+    """The fused dequantize + tensor-core kernel (CUDA only; x of at most
+    :data:`DECODE_MAX_ROWS` rows; the cases :func:`fast_path_supported` accepts)."""
     lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
     M = math.prod(lead)
-    if M == 0:
-        return mx.zeros((*lead, N), dtype=x.dtype)
-    if M > DECODE_MAX_ROWS:
-        # Prefill: dequantize once, then the GEMM runs on cuBLAS in x's dtype.
-        return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).T
-    tiles = -(-M // 8)
+    if not 0 < M <= DECODE_MAX_ROWS:
+        raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
     (y,) = _kernel()(
         inputs=[x.reshape(M, K), w, scales, biases],
-        template=[("T", x.dtype), ("BITS", bits), ("G", group_size), ("MT", tiles), ("WARPS", _WARPS)],
+        template=[("T", x.dtype), ("BITS", bits), ("G", group_size), ("MT", -(-M // 8)), ("WARPS", _WARPS)],
         grid=(-(-N // 16) * 32 * _WARPS, 1, 1),
         threadgroup=(32 * _WARPS, 1, 1),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
     )
     return y.reshape(*lead, N)
+
+
+def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
+                       group_size: int, bits: int) -> mx.array:
+    """Prefill: the weights dequantized to x's dtype (one pass over them), then MLX's GEMM."""
+    return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype).T
 
 
 class FastQuantizedLinear(nn.QuantizedLinear):
