@@ -187,3 +187,23 @@ def test_random_weights_never_materialise_a_float32_model():
     # A float32 copy of the model would add 2 bytes per parameter; we add one array's draw.
     assert peak <= final + 4 * largest * 1.1, (peak / 1e6, final / 1e6)
     assert peak < 4 * n
+
+
+def test_cli_quantized_bench(tiny_config_file, capsys):
+    """--q-bits / --q-group-size quantize the random model (MLX's affine layout) before timing."""
+    assert main(["bench", "--config", str(tiny_config_file), "--prefill-lengths", "20",
+                 "--decode-batches", "1", "--decode-tokens", "3", "--json"]) == 0
+    (float_rec, _) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert float_rec["q_bits"] is None and float_rec["weights_gb"] == pytest.approx(119880 * 4 / 1e9)
+    assert main(["bench", "--config", str(tiny_config_file), "--prefill-lengths", "20",
+                 "--decode-batches", "1", "--decode-tokens", "3", "--q-bits", "8", "--q-group-size", "32",
+                 "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(r["q_bits"], r["q_group_size"]) for r in recs] == [(8, 32), (8, 32)]
+    # 8 bits + a float32 scale and bias per 32 weights: ~1/3 of float32 for the quantized layers.
+    assert 0.2 * float_rec["weights_gb"] < recs[0]["weights_gb"] < 0.6 * float_rec["weights_gb"]
+    assert recs[1]["tok_s"] > 0
+    # A group size the embedding width (64) is no multiple of, and a bad bit width: exit 2.
+    assert main(["bench", "--config", str(tiny_config_file), "--q-group-size", "128"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--config", str(tiny_config_file), "--q-bits", "7"])
