@@ -116,8 +116,12 @@ def test_quantized_checkpoint_in_chat_and_bench(tok_ckpt, tmp_path, capsys, monk
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/quit\n"))
     assert main(["chat", "-m", str(out), "-n", "5", "--temp", "0"]) == 0
     capsys.readouterr()
-    assert main(["bench", "--config", str(out), "--prefill-lengths", "16", "--decode-tokens", "4", "--json"]) == 0
-    assert '"prefill' in capsys.readouterr().out
+    assert main(["bench", "--config", str(out), "--prefill-lengths", "16", "--decode-tokens", "4"]) == 0
+    assert "4-bit weights (group 64)" in " ".join(capsys.readouterr().out.split())
+    assert main(["generate", "-m", str(out), "--info"]) == 0
+    info = capsys.readouterr().out
+    params = sum(v.size for _, v in tree_flatten(load_model(tok_ckpt).parameters()))
+    assert f"{params:,}" in info and "4-bit, group 64" in info and "uint32" not in info
 
 
 def test_overwrite_replaces_and_quantized_source_dequantizes(tok_ckpt, tmp_path, capsys):
@@ -204,6 +208,7 @@ def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
     (["{src}", "{out}", "--check", "{missing}"], "--check file not found"),
     (["{src}", "{out}", "--check", "{empty}"], "fewer than 2 tokens"),
     (["{src}", "{out}", "--check-tokens", "10"], "needs --check"),
+    (["{src}", "{out}", "--check-dtype", "bfloat16"], "--check-dtype needs --check"),
     (["{notok}", "{out}", "--check", "{text}"], "has no tokenizer.json"),
     (["{existing}", "{out}"], "no config.json"),  # a directory that is not a checkpoint
     (["{src}", "{existing}"], "already exists; pass --overwrite"),

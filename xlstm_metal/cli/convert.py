@@ -51,7 +51,8 @@ and 5-43x slower at 512 rows (measured on a 2-core x86 machine; BENCHMARKS.md). 
 Metal and NVIDIA GPUs, or to fit memory.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
-next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens.
+next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens, with
+both models' stored weights computed in --check-dtype.
 """
 
 
@@ -80,6 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="use at most this many tokens of TEXTFILE (default: 8192)")
     p.add_argument("--check-greedy", type=int, default=256,
                    help="tokens decoded greedily by both models for --check (default: 256)")
+    p.add_argument("--check-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype of both models for --check (default: float32, so the figures "
+                        "measure the stored weights, not half-precision arithmetic)")
     p.add_argument("--json", action="store_true",
                    help="print the summary (and the --check figures) as one JSON object on stdout")
     p.set_defaults(func=run)
@@ -104,8 +108,9 @@ def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
 def _read_check_ids(args: argparse.Namespace, source_dir: Path) -> list[int] | None:
     """The --check text's token ids (first --check-tokens), read before any work is done."""
     if args.check is None:
-        for flag in ("check_tokens", "check_greedy"):
-            if getattr(args, flag) != {"check_tokens": 8192, "check_greedy": 256}[flag]:
+        defaults = {"check_tokens": 8192, "check_greedy": 256, "check_dtype": "float32"}
+        for flag, default in defaults.items():
+            if getattr(args, flag) != default:
                 raise UsageError(f"--{flag.replace('_', '-')} needs --check TEXTFILE")
         return None
     if args.check_tokens < 2:
@@ -263,8 +268,8 @@ def _run_check(source_dir: Path, out: Path, ids: list[int], args: argparse.Names
     from ..loading import load_model
     from ..quantization import fidelity
 
-    reference = load_model(source_dir)
-    candidate = load_model(out)
+    reference = load_model(source_dir, dtype=args.check_dtype)
+    candidate = load_model(out, dtype=args.check_dtype)
     total = len(ids) - 1 + 2 * args.check_greedy
     job = current_job()  # `xlstm-metal top` shows the check's progress
     job.update(phase="check", done=0, total=total, unit="tokens", tokens=0)

@@ -547,8 +547,15 @@ def model_info(model: nn.Module) -> dict[str, Any]:
                 info[f"{kind}_num_heads"] = layer.num_heads
     if getattr(config, "slstm_at", None) is not None:
         info["slstm_at"] = list(config.slstm_at)
-    info["parameters"] = int(count)
+    from ..quantization import bits_per_weight, parameter_count, quantization_config
+
+    quantization = quantization_config(model)
+    info["parameters"] = int(count) if quantization is None else parameter_count(model)  # packed ones unpacked
+    dtypes.pop("uint32", None)  # packed quantized weights: described by "quantization"
     info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
+    if quantization is not None:
+        info["quantization"] = (f"{quantization['bits']}-bit, group {quantization['group_size']}, "
+                                f"{bits_per_weight(model):.2f} bits per weight")
     info["weights_bytes"] = int(nbytes)
     state_fn = getattr(model, "make_state", None)
     if callable(state_fn):
