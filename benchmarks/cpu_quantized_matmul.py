@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
                 print(f"{row['rows']:>5} {row['in']:>5}x{row['out']:<6} {row['kind']:>16} {row['ms']:>10.3f} "
                       f"{row['slowdown']:>10.2f} {row['loadavg_1m']:>5.1f}", flush=True)
-    record = {"environment": environment(), "blas_threads": os.environ.get("XLSTM_METAL_BLAS_THREADS", "all cores"), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
+              "blas_threads": os.environ.get("XLSTM_METAL_BLAS_THREADS", "all cores"),
+              "command": " ".join(["python benchmarks/cpu_quantized_matmul.py", *(argv or sys.argv[1:])]),
               "results": results}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

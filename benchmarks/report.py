@@ -224,6 +224,40 @@ def monitor_rows() -> list[str]:
     ]
 
 
+def quantization_rows() -> list[str]:
+    """Issue 11: `convert --check` fidelity (results/quantization_fidelity_*.json) and MLX's CPU
+    quantized matmul against float32 OpenBLAS (results/cpu_quantized_matmul.json)."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("quantization_fidelity_*.json")):
+        d = json.loads(path.read_text())
+        env, first = d["environment"], d["rows"][0]
+        lines += [
+            "", f"## Quantization fidelity: {d['model']} (`xlstm-metal convert -q --check`)", "",
+            f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']}",
+            f"- text: {first['check']['tokens'] + 1} tokens the model never trained on; both models computed in "
+            f"float32 from their stored weights; source: {first['source_bits_per_weight']:.0f}-bit weights, "
+            f"{first['parameters'] / 1e6:.2f}M parameters, perplexity {first['check']['ppl_reference']:.3f}", "",
+            *d["table"].splitlines()[2:],
+        ]
+    path = RESULTS / "cpu_quantized_matmul.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        env = d["environment"]
+        lines += [
+            "", "## CPU: MLX quantized matmul vs float32 through OpenBLAS", "",
+            f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']} "
+            f"({env['processor']}), BLAS {env.get('blas_core')}, BLAS threads: {d['blas_threads']}",
+            "- x [rows, in] @ W; float32 with W stored [out, in] (as nn.Linear) and [in, out] (as fuse() "
+            "stores it on CPUs), the faster one is 1.00x; median of the timed calls; other agents shared "
+            "the 2 cores (1-min load average per row)", "",
+            "| rows | in x out | kind | ms | x float32 | load |", "| ---: | --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in d["results"]:
+            lines.append(f"| {r['rows']} | {r['in']} x {r['out']} | {r['kind']} | {r['ms']:,.3f} | "
+                         f"{r['slowdown']:.2f} | {r['loadavg_1m']:.1f} |")
+    return lines
+
+
 def render() -> str:
     results = {p: r for p in ("h100", "cpu") if (r := _load(p)) is not None}
     lines = [
@@ -256,6 +290,7 @@ def render() -> str:
             lines.append(f"| {run['label']} | {run['gemm_gflops']:.1f} | {_fmt(get.get(('prefill', 1)))} | "
                          f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
     lines += monitor_rows()
+    lines += quantization_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]
