@@ -226,8 +226,9 @@ def monitor_rows() -> list[str]:
 
 def quantization_rows() -> list[str]:
     """Issue 11: `convert --check` fidelity (results/quantization_fidelity_*.json) and MLX's CPU
-    quantized matmul against float32 OpenBLAS (results/cpu_quantized_matmul.json)."""
+    quantized matmul against float32 OpenBLAS (results/cpu_quantized_matmul*.json)."""
     lines: list[str] = []
+    spans: dict[tuple[str, str], list[float]] = {}
     for path in sorted(RESULTS.glob("quantization_fidelity_*.json")):
         d = json.loads(path.read_text())
         env, first = d["environment"], d["rows"][0]
@@ -239,14 +240,13 @@ def quantization_rows() -> list[str]:
             f"{first['parameters'] / 1e6:.2f}M parameters, perplexity {first['check']['ppl_reference']:.3f}", "",
             *d["table"].splitlines()[2:],
         ]
-    path = RESULTS / "cpu_quantized_matmul.json"
-    if path.exists():
+    for path in sorted(RESULTS.glob("cpu_quantized_matmul*.json")):
         d = json.loads(path.read_text())
         env = d["environment"]
         lines += [
-            "", "## CPU: MLX quantized matmul vs float32 through OpenBLAS", "",
+            "", f"## CPU: MLX quantized matmul vs float32 through OpenBLAS (BLAS threads: {d['blas_threads']})", "",
             f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']} "
-            f"({env['processor']}), BLAS {env.get('blas_core')}, BLAS threads: {d['blas_threads']}",
+            f"({env['processor']}), BLAS {env.get('blas_core')}",
             "- x [rows, in] @ W; float32 with W stored [out, in] (as nn.Linear) and [in, out] (as fuse() "
             "stores it on CPUs), the faster one is 1.00x; median of the timed calls; other agents shared "
             "the 2 cores (1-min load average per row)", "",
@@ -255,6 +255,18 @@ def quantization_rows() -> list[str]:
         for r in d["results"]:
             lines.append(f"| {r['rows']} | {r['in']} x {r['out']} | {r['kind']} | {r['ms']:,.3f} | "
                          f"{r['slowdown']:.2f} | {r['loadavg_1m']:.1f} |")
+            if "bit" in r["kind"]:
+                key = ("decode" if r["rows"] == 1 else "prefill", "large" if r["in"] >= 1024 else "small")
+                spans.setdefault(key, []).append(r["slowdown"])
+    if spans:
+        def span(key: tuple[str, str]) -> str:
+            values = spans.get(key, [])
+            return f"{min(values):.2f}-{max(values):.2f}x" if values else "n/a"
+
+        lines += ["", "Over these runs, quantized time / float32 time: batch 1, 7B-sized layers "
+                  f"{span(('decode', 'large'))}; batch 1, the packaged model's layers {span(('decode', 'small'))}; "
+                  f"512 rows {span(('prefill', 'large'))} (7B-sized) and {span(('prefill', 'small'))} (small). "
+                  "On CPUs quantization saves memory, not time."]
     return lines
 
 

@@ -45,14 +45,15 @@ recipes (--q-recipe):
                  "backbone.blocks.*.ffn.proj_down": 6, "lm_head": {"bits": 8}, "backbone.embeddings": false}
                  (exact layer paths or glob patterns; "float_gates": false quantizes the i/f gates too)
 
-On CPUs quantization saves memory, not time: MLX's quantized matmul on a CPU is no faster than
-a float32 matmul through OpenBLAS at batch 1 (7B-sized layers; 6-11x slower for small layers)
-and 5-43x slower at 512 rows (measured on a 2-core x86 machine; BENCHMARKS.md). Quantize for
-Metal and NVIDIA GPUs, or to fit memory.
+On CPUs quantization saves memory, not time: measured on a 2-core x86 machine, MLX's quantized
+matmul took 0.5-1.6x the time of a float32 matmul through OpenBLAS for 7B-sized layers at batch 1,
+6-11x for small layers, and 15-200x at 512 rows (BENCHMARKS.md). Quantize for Metal and NVIDIA
+GPUs, or to fit memory.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
 next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens, with
-both models' stored weights computed in --check-dtype.
+both models' stored weights computed in --check-dtype (on CPUs the result's quantized weights are
+dequantized for this: the same products, far faster).
 """
 
 
@@ -268,8 +269,16 @@ def _run_check(source_dir: Path, out: Path, ids: list[int], args: argparse.Names
     from ..loading import load_model
     from ..quantization import fidelity
 
+    import mlx.core as mx
+
+    from ..quantization import dequantize_model
+
     reference = load_model(source_dir, dtype=args.check_dtype)
     candidate = load_model(out, dtype=args.check_dtype)
+    if mx.default_device() == mx.cpu:
+        # Same weights, same products to float round-off; MLX's CPU quantized matmul takes 15-200x
+        # float32's time over a text's many rows (BENCHMARKS.md).
+        dequantize_model(candidate)
     total = len(ids) - 1 + 2 * args.check_greedy
     job = current_job()  # `xlstm-metal top` shows the check's progress
     job.update(phase="check", done=0, total=total, unit="tokens", tokens=0)
