@@ -100,3 +100,18 @@ def test_tiny_in_context_recall_attention_solves_it():
 def test_tiny_in_context_recall_swiglu_only_stays_near_chance():
     result = _recall("swiglu-only")
     assert result.accuracy < 2.5 * result.chance, result
+
+
+def test_autoencoder_trains_every_parameter_of_the_encoder():
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.lab.model import build_model
+
+    model = build_model("slstm", vocab_size=16, embedding_dim=16, block_defaults={"num_heads": 2})
+    net = mad.AutoEncoder(model, 8)
+    names = dict(tree_flatten(net.trainable_parameters()))
+    assert "encoder.backbone.blocks.0.xlstm.slstm_cell._recurrent_kernel_" in names
+    assert len([k for k in names if k.startswith("encoder.")]) == len(tree_flatten(model.trainable_parameters()))
+    import mlx.core as mx
+
+    assert net(mx.array([[1, 2, 3, 4, 5, 6, 7, 15]])).shape == (1, 8, 16)

@@ -95,6 +95,8 @@ def _spec(cells, connections, **extra):
      r"cell 'a' has no output port 'q'"),
     (_spec({"a": {"type": "linear_projection", "dim": 4}, "b": {"type": "linear_projection", "dim": 4, "share": "c"}},
            [{"from": "a", "to": "b"}]), r"shares the featurizer of unknown cell 'c'"),
+    (_spec({"a": {"type": "rmsnorm", "dim": 4}, "b": {"type": "linear_projection", "dim": 4, "share": "a"}},
+           [{"from": "a", "to": "b"}]), r"only linear projections share featurizers \('a' is a rmsnorm\)"),
     (_spec({"a": {"type": "linear_projection", "dim": 4}},
            [{"from": "a", "to": "out.y", "mask": [[1, 0], [0, 1]]}]), r"mask has shape \(2, 2\).*\[4, 4\]"),
 ])

@@ -27,6 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..cells.norms import RMSNorm
+from ..cells.xlstm_2024 import Module2024
 from .model import LabModel, build_model
 
 IGNORE = -100
@@ -335,9 +336,10 @@ def sincos_positions(length: int, dim: int) -> mx.array:
     return mx.array(np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32))
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(Module2024):
     """MAD's auto-encoder backbone: the lab model encodes, the last position is the code, an MLP
-    decoder with position embeddings predicts every token. ids [B, S] -> logits [B, S, V]."""
+    decoder with position embeddings predicts every token. ids [B, S] -> logits [B, S, V].
+    (A Module2024, like the lab model, so the sLSTM's ``_recurrent_kernel_`` is a parameter.)"""
 
     def __init__(self, encoder: LabModel, seq_len: int):
         super().__init__()

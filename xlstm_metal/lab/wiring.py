@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cells.xlstm_2024 import Module2024
-from .cells import CellError, build_cell
+from .cells import CellError, build_cell, cell_types
 from .spec import RESERVED, ResolvedSpec, WiringError, WiringSpec, strongly_connected, topological_stages
 
 
@@ -110,6 +110,10 @@ class WiredBlock(Module2024):
                     raise WiringError(f"cell {name!r} shares the featurizer of unknown cell {share['cell']!r}")
                 if share["cell"] == name:
                     raise WiringError(f"cell {name!r} cannot share its own featurizer")
+                for cell_name, type_name in ((name, body["type"]), (share["cell"], src["type"])):
+                    if not getattr(cell_types().get(type_name), "shareable", False):
+                        raise WiringError(f"cell {name!r} shares {share['cell']!r}: only linear projections share "
+                                          f"featurizers ({cell_name!r} is a {type_name})")
                 rows = share.get("features")
                 params["shared_rows"] = rows if rows is not None else -1  # -1: all (set below)
             try:
@@ -130,8 +134,6 @@ class WiredBlock(Module2024):
                 continue
             src = share if isinstance(share, str) else share["cell"]
             a, b = cells[src], cells[name]
-            if not (getattr(a, "shareable", False) and getattr(b, "shareable", False)):
-                raise WiringError(f"cell {name!r} shares {src!r}: only linear projections share featurizers")
             if getattr(a, "heads", 1) > 1 or getattr(b, "heads", 1) > 1:
                 raise WiringError(f"cell {name!r} shares {src!r}: headwise projections cannot be shared")
             if body.get("share") and isinstance(r.cells[src].get("share"), (str, dict)):
