@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
               "model": os.path.relpath(args.model, ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model,
               "command": " ".join(["python benchmarks/quantization_fidelity.py", *sys.argv[1:]]),
+              "text": (f"the validation split `xlstm-metal train` holds out of {args.corpus} (--val-fraction "
+                       f"{args.val_fraction}, --seed {args.seed}) from its first whole document: text the model "
+                       "never trained on") if args.corpus is not None else str(args.text),
               "rows": rows,
               "table": table}
     path = ROOT / "benchmarks" / "results" / f"quantization_fidelity_{args.name}.json"

@@ -235,10 +235,14 @@ def quantization_rows() -> list[str]:
         lines += [
             "", f"## Quantization fidelity: {d['model']} (`xlstm-metal convert -q --check`)", "",
             f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']}",
-            f"- text: {first['check']['tokens'] + 1} tokens the model never trained on; both models computed in "
+            f"- text: {first['check']['tokens'] + 1} tokens of {d['text']}; both models computed in "
             f"float32 from their stored weights; source: {first['source_bits_per_weight']:.0f}-bit weights, "
             f"{first['parameters'] / 1e6:.2f}M parameters, perplexity {first['check']['ppl_reference']:.3f}", "",
             *d["table"].splitlines()[2:],
+            "",
+            "Perplexity, KL and top-1 agreement are teacher-forced over the whole text; the greedy columns "
+            f"decode {d['rows'][0]['check']['greedy_tokens']} tokens from the text's first 32 with each model, and "
+            "one flipped near-tie sends the two continuations apart, so they are the noisiest figures.",
         ]
     for path in sorted(RESULTS.glob("cpu_quantized_matmul*.json")):
         d = json.loads(path.read_text())
