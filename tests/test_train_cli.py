@@ -63,7 +63,7 @@ def test_train_run_writes_checkpoints_metrics_and_export(trained):
     assert names == ["checkpoint-0000006", "checkpoint-0000012", "loss.png", "metrics.jsonl", "summary.json"]
     assert sorted(p.name for p in (out / "checkpoint-0000012").iterdir()) == [
         "config.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "trainer_state.json"]
+        "trainer_state.json", "xlstm_mlx_lm.py"]
     losses = [loss for _, loss in train_losses(out)]
     assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
     summary = json.loads((out / "summary.json").read_text())
@@ -83,6 +83,12 @@ def test_train_run_writes_checkpoints_metrics_and_export(trained):
     assert tokenizer.decode(ids[1:] if ids[0] == tokenizer.bos_token_id else ids) == "A list is a mutable sequence"
     gen = json.loads((export / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 0
+    # The export opens in transformers: strict config, and AutoTokenizer adds BOS as we do.
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert AutoConfig.from_pretrained(export).model_type == "xlstm"
+    assert AutoTokenizer.from_pretrained(export)("A list").input_ids == tokenizer.encode("A list")
+    assert tokenizer.encode("A list")[0] == tokenizer.bos_token_id
 
 
 def test_cli_resume_continues_exactly(trained):
@@ -164,7 +170,7 @@ def test_default_model_is_small_and_has_learnt_english():
     path = default_model_path()
     files = sorted(p.name for p in path.iterdir() if not p.name.startswith("_"))
     assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+                     "tokenizer_config.json", "xlstm_mlx_lm.py"]
     assert sum(p.stat().st_size for p in path.iterdir()) <= 10 * 1024**2
     model, tokenizer = xlstm_metal.load(path, dtype="float32")
     assert type(model).__name__ == "xLSTMLarge" and model.config.vocab_size == 4096

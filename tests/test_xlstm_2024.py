@@ -374,7 +374,8 @@ def test_save_roundtrip_and_nxai_loads_our_checkpoint(tmp_path):
         mlstm_block=TmLSTMBlockConfig(mlstm=TmLSTMLayerConfig(**d["mlstm_block"]["mlstm"])),
         slstm_block=TsLSTMBlockConfig(slstm=TsLSTMLayerConfig(**d["slstm_block"]["slstm"]),
                                       feedforward=TFeedForwardConfig(**d["slstm_block"]["feedforward"])),
-        **{k: v for k, v in d.items() if k not in ("mlstm_block", "slstm_block")},
+        # model_file names the mlx-lm model file (for mlx_lm.load), not an NX-AI field.
+        **{k: v for k, v in d.items() if k not in ("mlstm_block", "slstm_block", "model_file")},
     )
     from safetensors.torch import load_file
 

@@ -23,6 +23,28 @@ from .errors import ConfigError
 
 _STATE_DTYPES = ("float32", "bfloat16", "float16")
 _ALIASES = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
+#: config.json key holding our own kernel choice. The standard fields get NX-AI kernel names that
+#: transformers' strict xLSTMConfig accepts (without the ``xlstm`` package it knows only these).
+OUR_KEY = "xlstm_metal"
+_KERNEL_FIELDS = ("chunkwise_kernel", "sequence_kernel", "step_kernel")
+_FLOAT_FIELDS = ("norm_eps", "qk_dim_factor", "v_dim_factor", "eps", "ffn_proj_factor",
+                 "gate_soft_cap", "output_logit_soft_cap")
+
+
+def nxai_kernel_name(field_name: str, kernel: str) -> str:
+    """The NX-AI kernel name config.json's ``field_name`` gets for our ``kernel``: the native
+    PyTorch kernel of the same form (transformers checks these fields against NX-AI's names)."""
+    if field_name == "sequence_kernel":
+        return "native_sequence__native"
+    if field_name == "step_kernel":
+        return "native"
+    from .kernels import resolve_kernel_name
+
+    try:
+        parallel = resolve_kernel_name(kernel) == "parallel"
+    except KeyError:
+        parallel = False
+    return "parallel--native_autograd" if parallel else "chunkwise--native_autograd"
 
 #: config.json keys that pass quietly without being xLSTMConfig fields (kept in ``extra`` and
 #: written back by ``to_dict``). Add a key here when a feature stores its own setting in
@@ -165,6 +187,14 @@ class xLSTMConfig:
     def from_dict(cls, data: dict[str, Any]) -> "xLSTMConfig":
         """Build from a Hugging Face / NX-AI config dict (aliases resolved, unknown keys kept aside)."""
         data = dict(data)
+        ours = data.get(OUR_KEY)
+        if isinstance(ours, dict):
+            # Our kernel choice wins over the NX-AI name written beside it, unless that field was
+            # edited since (then it no longer is the name to_dict derives from ours).
+            for name in _KERNEL_FIELDS:
+                value = ours.get(name)
+                if isinstance(value, str) and data.get(name) in (None, nxai_kernel_name(name, value)):
+                    data[name] = value
         for alias, name in _ALIASES.items():
             if alias in data:
                 value = data.pop(alias)
@@ -193,9 +223,17 @@ class xLSTMConfig:
         return cls.from_dict(read_json_object(path, ConfigError))
 
     def to_dict(self) -> dict[str, Any]:
-        """The Hugging Face ``config.json`` form (with both names of aliased fields)."""
+        """The Hugging Face ``config.json`` form (with both names of aliased fields), valid for
+        transformers' ``xLSTMConfig``: kernel fields hold NX-AI names, our own kernel choice is
+        kept under ``"xlstm_metal"`` (read back by :meth:`from_dict`)."""
         out = {k: v for k, v in self.extra.items() if k not in ("transformers_version",)}
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        out[OUR_KEY] = {**(out.get(OUR_KEY) or {}), **{name: out[name] for name in _KERNEL_FIELDS}}
+        for name in _KERNEL_FIELDS:
+            out[name] = nxai_kernel_name(name, out[name])
+        for name in _FLOAT_FIELDS:  # transformers rejects an int where it declares a float
+            if isinstance(out[name], int) and not isinstance(out[name], bool):
+                out[name] = float(out[name])
         out["hidden_size"] = self.embedding_dim
         out["num_hidden_layers"] = self.num_blocks
         out["model_type"] = "xlstm"

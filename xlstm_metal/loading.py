@@ -413,20 +413,30 @@ def save_model(
     model: nn.Module,
     path: str | os.PathLike,
     *,
+    tokenizer: Any = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (shards + index above ``max_shard_bytes``).
+    """Write a checkpoint: ``config.json``, ``model.safetensors`` (shards + index above
+    ``max_shard_bytes``), the mlx-lm model file, and with ``tokenizer`` (our ``Tokenizer``, a
+    ``tokenizers.Tokenizer`` or a directory holding ``tokenizer.json``) ``tokenizer.json`` +
+    ``tokenizer_config.json``. The checkpoint opens in transformers (xLSTM-Large), mlx-lm
+    (``trust_remote_code=True``) and here; see :mod:`xlstm_metal.checkpoint_files`.
 
     Files are written atomically; an existing checkpoint in ``path`` is only replaced with
     ``overwrite=True``.
     """
+    from .checkpoint_files import mlx_lm_config, tokenizer_files, transformers_weights, write_shim
+
     directory = Path(path)
     existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{directory} already holds a checkpoint ({', '.join(existing)}); pass overwrite=True")
+    # Tokenizer problems surface before anything is written.
+    tokenizer_texts = tokenizer_files(tokenizer, model.config) if tokenizer is not None else {}
     directory.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
+    weights.update(transformers_weights(model.config, weights))
     mx.eval(weights)
 
     shards: list[dict[str, mx.array]] = [{}]
@@ -458,11 +468,14 @@ def save_model(
             (directory / WEIGHTS_NAME).unlink()
     for stale in old_shards - written:
         stale.unlink()
-    config = model.config.to_dict()
+    config = mlx_lm_config(model.config.to_dict())
     from .quantization import quantization_config
 
     quantization = quantization_config(model)
     if quantization is not None:  # mlx-lm writes both names; transformers reads the second
         config["quantization"] = config["quantization_config"] = quantization
+    for name, text in tokenizer_texts.items():
+        _atomic_write_text(directory / name, text)
+    write_shim(directory, _atomic_write_text)
     _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     return directory

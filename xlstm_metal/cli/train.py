@@ -200,10 +200,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_model(model, tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        save_model(model, tmp, tokenizer=tokenizer_dir, overwrite=True)
         cfg = model.config
         gen = {"bos_token_id": getattr(cfg, "bos_token_id", None), "eos_token_id": getattr(cfg, "eos_token_id", None),
                "pad_token_id": getattr(cfg, "pad_token_id", None), "do_sample": True, "temperature": 0.8,

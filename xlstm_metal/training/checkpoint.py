@@ -30,7 +30,6 @@ from .data import atomic_write_text
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _RNG_KEY = "__mx_random_state__"
 
 
@@ -63,10 +62,7 @@ def save_checkpoint(
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".checkpoint-{step:07d}."))
     try:
-        save_model(model, tmp)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        save_model(model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
         arrays = dict(tree_flatten(optimizer.state))
         for index, key in enumerate(mx.random.state):
             arrays[f"{_RNG_KEY}.{index}"] = key

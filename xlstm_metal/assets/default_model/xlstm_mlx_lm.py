@@ -1,0 +1,12 @@
+"""mlx-lm model file of an xLSTM checkpoint written by xlstm-metal.
+
+mlx_lm.load(path, trust_remote_code=True) imports this file; the model code is the
+xlstm-metal package's (pip install xlstm-metal).
+"""
+
+try:
+    from xlstm_metal.mlx_lm_model import Model, ModelArgs  # noqa: F401
+except ImportError as err:  # pragma: no cover - only without the package
+    raise ImportError(
+        "this xLSTM checkpoint needs the xlstm-metal package: pip install xlstm-metal"
+    ) from err

@@ -1,0 +1,144 @@
+"""The files beside the weights that let other tools open our checkpoints.
+
+:func:`xlstm_metal.save_model` writes them, so every writer (``train`` and its export,
+``convert``, user code) gives the same checkpoint:
+
+- ``config.json``: for xLSTM-Large in the form transformers' ``xLSTMConfig`` accepts (see
+  :meth:`xLSTMConfig.to_dict`); for every model a ``model_file`` entry naming the mlx-lm shim.
+- ``xlstm_mlx_lm.py`` (:data:`MLX_LM_SHIM`): ``mlx_lm.load(path, trust_remote_code=True)``
+  imports it and gets :mod:`xlstm_metal.mlx_lm_model`.
+- ``tokenizer.json`` + ``tokenizer_config.json``: where the model wants a BOS token, the
+  tokenizer's post-processor inserts it, so ``tokenizers``, transformers' ``AutoTokenizer`` and
+  mlx-lm encode exactly as :class:`xlstm_metal.generation.tokenizer.Tokenizer` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+#: The mlx-lm model file every checkpoint carries (config.json's ``model_file``).
+MLX_LM_SHIM = "xlstm_mlx_lm.py"
+SHIM_SOURCE = '''"""mlx-lm model file of an xLSTM checkpoint written by xlstm-metal.
+
+mlx_lm.load(path, trust_remote_code=True) imports this file; the model code is the
+xlstm-metal package's (pip install xlstm-metal).
+"""
+
+try:
+    from xlstm_metal.mlx_lm_model import Model, ModelArgs  # noqa: F401
+except ImportError as err:  # pragma: no cover - only without the package
+    raise ImportError(
+        "this xLSTM checkpoint needs the xlstm-metal package: pip install xlstm-metal"
+    ) from err
+'''
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def mlx_lm_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the ``model_file`` entry mlx-lm needs to load the checkpoint."""
+    return {**config, "model_file": MLX_LM_SHIM}
+
+
+def write_shim(directory: Path, write_text: Callable[[Path, str], None]) -> None:
+    write_text(directory / MLX_LM_SHIM, SHIM_SOURCE)
+
+
+def _backend_of(tokenizer: Any):
+    """(tokenizers.Tokenizer, our Tokenizer or None, source tokenizer_config dict)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .generation.tokenizer import Tokenizer, TokenizerError
+    from .jsonfiles import read_json_object
+
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.backend, tokenizer, {}
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer, None, {}
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = Path(tokenizer).expanduser()
+        directory = path if path.is_dir() else path.parent
+        if not (directory / TOKENIZER_FILE).is_file():
+            raise TokenizerError(f"no {TOKENIZER_FILE} in {directory}")
+        tok_config_path = directory / TOKENIZER_CONFIG_FILE
+        tok_config = read_json_object(tok_config_path, TokenizerError) if tok_config_path.is_file() else {}
+        ours = Tokenizer.from_dir(directory)
+        return ours.backend, ours, tok_config
+    raise TypeError(
+        "tokenizer must be an xlstm_metal Tokenizer, a tokenizers.Tokenizer or a directory holding "
+        f"tokenizer.json, got {type(tokenizer).__name__}"
+    )
+
+
+def _adds_bos(backend, bos_id: int) -> bool:
+    return backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+
+
+def tokenizer_files(tokenizer: Any, model_config: Any) -> dict[str, str]:
+    """{file name: text} of ``tokenizer.json`` and ``tokenizer_config.json`` for a checkpoint.
+
+    BOS: inserted when the model config says so (``force_bos_token_insert``, xLSTM-Large),
+    else when the tokenizer does (our Tokenizer's ``add_bos``, ``add_bos_token``); the id is the
+    config's ``bos_token_id``, else the tokenizer's. Special tokens and ``add_bos_token`` are
+    written to tokenizer_config.json, over the source's other settings (chat template ...).
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    backend, ours, tok_config = _backend_of(tokenizer)
+    backend = HFTokenizer.from_str(backend.to_str())  # a copy: the caller's tokenizer stays as it is
+
+    def config_value(name: str):
+        return getattr(model_config, name, None)
+
+    bos_id = config_value("bos_token_id")
+    if bos_id is None and ours is not None:
+        bos_id = ours.bos_token_id
+    add_bos = config_value("force_bos_token_insert")
+    if add_bos is None:
+        add_bos = ours.add_bos if ours is not None else bool(tok_config.get("add_bos_token", False))
+    add_bos = bool(add_bos) and bos_id is not None
+    if add_bos and not _adds_bos(backend, bos_id):
+        bos = backend.id_to_token(bos_id)
+        if bos is None:
+            raise ValueError(f"bos_token_id {bos_id} is not in the tokenizer's vocabulary")
+        template = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
+        )
+        existing = backend.post_processor
+        backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+
+    out_config = dict(tok_config)
+    out_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    eos_ids = config_value("eos_token_id")
+    if eos_ids is None and ours is not None:
+        eos_ids = ours.eos_token_ids
+    eos_id = eos_ids[0] if isinstance(eos_ids, (list, tuple)) and eos_ids else eos_ids
+    pad_id = config_value("pad_token_id")
+    if pad_id is None and ours is not None:
+        pad_id = ours.pad_token_id
+    for name, token_id in (("bos_token", bos_id), ("eos_token", eos_id), ("pad_token", pad_id)):
+        token = backend.id_to_token(token_id) if isinstance(token_id, int) else None
+        if token is not None:
+            out_config[name] = token
+    out_config["add_bos_token"] = add_bos
+    out_config.setdefault("add_eos_token", False)
+    out_config.setdefault("clean_up_tokenization_spaces", False)
+    out_config.setdefault("model_max_length", 1_000_000)
+    return {TOKENIZER_FILE: backend.to_str(), TOKENIZER_CONFIG_FILE: json.dumps(out_config, indent=2)}
+
+
+def transformers_weights(config: Any, weights: dict) -> dict:
+    """Tensors to store beside the parameters for transformers: its ``xLSTMForCausalLM`` does
+    not tie the LM head to the embeddings, so a tied xLSTM-Large checkpoint also carries
+    ``lm_head.weight`` (our loaders and :func:`sanitize` drop it again)."""
+    from .config import xLSTMConfig
+
+    tied = isinstance(config, xLSTMConfig) and config.tie_word_embeddings
+    float_embeddings = "backbone.embeddings.weight" in weights and "backbone.embeddings.scales" not in weights
+    if tied and float_embeddings and "lm_head.weight" not in weights:
+        return {"lm_head.weight": weights["backbone.embeddings.weight"]}
+    return {}

@@ -1,0 +1,180 @@
+"""xLSTM models for mlx-lm: ``mlx_lm.load(path, trust_remote_code=True)`` on a checkpoint we wrote.
+
+Every checkpoint :func:`xlstm_metal.save_model` writes carries a small model file
+(``xlstm_mlx_lm.py``, named by config.json's ``model_file``) that imports :class:`Model` and
+:class:`ModelArgs` from here, so ``mlx_lm.generate``, ``batch_generate``, ``stream_generate``,
+the server, ``convert`` and ``lora`` run xLSTM-Large and the 2024 xLSTM with this package's code.
+
+mlx-lm's protocol, as its recurrent models (Mamba) follow it:
+
+- ``Model(args)(inputs [B, S], cache) -> logits [B, S, V]``; the cache is updated in place.
+- ``make_cache()``: one mlx-lm ``ArraysCache`` per block holding that block's recurrent state
+  arrays, so ``save_prompt_cache`` / ``load_prompt_cache`` and the batching server work.
+- Padded batches: mlx-lm right-pads prompts of different lengths and tells the caches the real
+  lengths (``prepare``); ``create_ssm_mask`` gives the valid positions and ``advance`` moves on.
+  Padded positions never enter a state: every state array of a row (mLSTM C, n, m; sLSTM c, n,
+  m, h; conv windows) stays bit-for-bit what it was.
+- ``sanitize`` maps NX-AI's native names; ``quant_predicate`` keeps the input and forget gate
+  projections in float (they have only NH outputs and drive exponential gates).
+
+The model classes here are subclasses of :class:`xlstm_metal.models.xlstm_large.xLSTMLarge` and
+the 2024 ``xLSTMLMModel`` with mlx-lm's call signature: same parameters, same checkpoint names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import create_ssm_mask
+from mlx_lm.models.cache import ArraysCache
+
+from .config import xLSTMConfig
+from .loading import sanitize_xlstm_large
+from .models.xlstm_2024 import is_xlstm_2024_config, xLSTMLMConfig, xLSTMLMModel
+from .models.xlstm_large import xLSTMLarge
+
+#: Gate projections kept in float by quant_predicate (xLSTM-Large; 2024 mLSTM and sLSTM).
+FLOAT_GATES = ("igate_preact", "fgate_preact", "igate", "fgate")
+
+
+@dataclass
+class ModelArgs:
+    """config.json as read by mlx-lm; the architecture is decided from it (see :class:`Model`)."""
+
+    model_type: str = "xlstm"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
+        return cls(model_type=str(params.get("model_type", "xlstm")), config=dict(params))
+
+
+class Model(nn.Module):
+    """``Model(args)``: the xLSTM model config.json describes, with mlx-lm's interface.
+
+    ``Model(args)`` returns an instance of a subclass: the xLSTM-Large one or the 2024 one,
+    chosen from the config, so each keeps its own model class's parameters and methods.
+    """
+
+    def __new__(cls, args: ModelArgs | None = None, *rest, **kwargs):
+        if cls is Model:
+            if args is None:
+                raise TypeError("Model(args) needs the ModelArgs of a config.json")
+            cls = Model2024 if is_xlstm_2024_config(args.config) else ModelLarge
+        return super().__new__(cls)
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, inputs: mx.array, state):
+        """The wrapped model's own ``(input_ids, state) -> (logits, state)``."""
+        return super(Model, self).__call__(inputs, state)
+
+    def __call__(self, inputs: mx.array, cache: list[ArraysCache] | None = None) -> mx.array:
+        """inputs [B, S] int -> logits [B, S, V]; ``cache`` (from :meth:`make_cache`) is
+        read and updated in place. Logits of padded positions are zeros."""
+        if not cache:
+            logits, _ = self._forward(inputs, None)
+            return logits
+        state = None if cache[0].empty() else [tuple(c.cache) for c in cache]
+        mask = create_ssm_mask(inputs, cache[0])
+        if mask is None:
+            logits, state = self._forward(inputs, state)
+        else:
+            logits, state = self._masked_forward(inputs, state, mask)
+        for c, block_state in zip(cache, state):
+            c.cache = list(block_state)
+            c.advance(inputs.shape[1])
+        return logits
+
+    def _masked_forward(self, inputs: mx.array, state, mask: mx.array):
+        """A padded piece: each row runs only its valid positions, so padding never touches a
+        state. mlx-lm's masks mark one contiguous run per row (right padding: a prefix; left
+        padding: a suffix); the piece is cut at every run boundary and each cut runs the rows
+        valid there, with the model's own kernels (chunkwise for several tokens).
+
+        The cut points are planned on the host (one read of the [B, S] mask): only padded
+        prompt pieces of a batch come here, never a decode step.
+        """
+        valid = np.array(mask).astype(bool)
+        B, S = valid.shape
+        runs = []
+        for row in valid:
+            where = np.flatnonzero(row)
+            if where.size and where[-1] - where[0] + 1 != where.size:
+                raise ValueError("a padding mask must mark one contiguous run of positions per row")
+            runs.append((int(where[0]), int(where[-1]) + 1) if where.size else (0, 0))
+        cuts = sorted({0, S, *(p for run in runs for p in run)})
+        if state is None:
+            state = self.make_state(B)
+        state = [tuple(block_state) for block_state in state]
+        pieces = []
+        for a, b in zip(cuts, cuts[1:]):
+            rows = [r for r, (start, stop) in enumerate(runs) if start <= a and b <= stop]
+            if not rows:
+                continue
+            if len(rows) == B:
+                logits, state = self._forward(inputs[:, a:b], state)
+            else:
+                idx = mx.array(rows)
+                sub = [tuple(x[idx] for x in block_state) for block_state in state]
+                logits, sub = self._forward(inputs[idx, a:b], sub)
+                state = [tuple(_put_rows(x, idx, y) for x, y in zip(old, new)) for old, new in zip(state, sub)]
+            pieces.append((rows, a, b, logits))
+        if not pieces:  # all padding: nothing to compute
+            return mx.zeros((B, S, self.config.vocab_size)), state
+        out = mx.zeros((B, S, pieces[0][3].shape[-1]), dtype=pieces[0][3].dtype)
+        for rows, a, b, logits in pieces:
+            if len(rows) == B:
+                out[:, a:b] = logits
+            else:
+                out[mx.array(rows), a:b] = logits
+        return out, state
+
+    # ------------------------------------------------------------------ mlx-lm hooks
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The blocks (mlx-lm's LoRA wraps the Linear layers of the last ``num_layers``)."""
+        return self.blocks
+
+    def make_cache(self) -> list[ArraysCache]:
+        """One ArraysCache per block, as many slots as that block's state has arrays."""
+        return [ArraysCache(len(block_state)) for block_state in self.make_state(1)]
+
+    def quant_predicate(self, path: str, module: nn.Module) -> bool:
+        """``mlx_lm.convert -q``: quantize every layer but the i/f gate projections."""
+        return path.rsplit(".", 1)[-1] not in FLOAT_GATES
+
+
+def _put_rows(x: mx.array, idx: mx.array, rows: mx.array) -> mx.array:
+    """``x`` with rows ``idx`` replaced by ``rows``."""
+    x = mx.array(x)
+    x[idx] = rows
+    return x
+
+
+class ModelLarge(Model, xLSTMLarge):
+    """xLSTM-Large (NX-AI/xLSTM-7b architecture) for mlx-lm."""
+
+    def __init__(self, args: ModelArgs):
+        xLSTMLarge.__init__(self, xLSTMConfig.from_dict(args.config))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """NX-AI's native xLSTMLarge names and fused layouts -> ours; drops a tied LM head."""
+        return sanitize_xlstm_large(weights, self.config)
+
+
+class Model2024(Model, xLSTMLMModel):
+    """NX-AI's 2024 xLSTM (sLSTM + mLSTM blocks at the positions config.json's ``slstm_at``
+    names) for mlx-lm."""
+
+    def __init__(self, args: ModelArgs):
+        xLSTMLMModel.__init__(self, xLSTMLMConfig.from_dict(args.config), init=False)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """NX-AI's state_dict lists a tied LM head twice; the names are ours already."""
+        if self.config.tie_weights:
+            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+        return weights
