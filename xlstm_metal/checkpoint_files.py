@@ -24,11 +24,16 @@ MLX_LM_SHIM = "xlstm_mlx_lm.py"
 SHIM_SOURCE = '''"""mlx-lm model file of an xLSTM checkpoint written by xlstm-metal.
 
 mlx_lm.load(path, trust_remote_code=True) imports this file; the model code is the
-xlstm-metal package's (pip install xlstm-metal).
+xlstm-metal package's (pip install xlstm-metal). On Linux CPUs, `xlstm-metal mlx-lm ...` runs
+mlx-lm's commands with OpenBLAS bound (mlx-lm imports mlx before this file can).
 """
 
+import warnings
+
 try:
-    from xlstm_metal.mlx_lm_model import Model, ModelArgs  # noqa: F401
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*mlx was imported before xlstm_metal")
+        from xlstm_metal.mlx_lm_model import Model, ModelArgs  # noqa: F401
 except ImportError as err:  # pragma: no cover - only without the package
     raise ImportError(
         "this xLSTM checkpoint needs the xlstm-metal package: pip install xlstm-metal"
@@ -73,8 +78,38 @@ def _backend_of(tokenizer: Any):
     )
 
 
-def _adds_bos(backend, bos_id: int) -> bool:
-    return backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+def insert_bos(backend, bos_id: int) -> None:
+    """Make the ``tokenizers.Tokenizer`` ``backend`` put ``bos_id`` first in every encoding (with
+    special tokens), in its post-processor, unless it already does."""
+    from tokenizers import processors
+
+    if backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]:
+        return
+    bos = backend.id_to_token(bos_id)
+    if bos is None:
+        raise ValueError(f"bos_token_id {bos_id} is not in the tokenizer's vocabulary")
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)])
+    existing = backend.post_processor
+    backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+
+
+def chat_template(add_bos: bool) -> str:
+    """A plain chat format (``User: ...`` / ``Assistant:``) for models without one; the server
+    uses it (checkpoints do not get it: mlx-lm's generate would then wrap every prompt in it).
+
+    Shaped for prompt caching: the assistant's text follows ``Assistant:`` exactly as the model
+    generated it and ends with EOS, as generation does, so a client that re-sends the whole
+    conversation gets back the tokens the model already consumed and the server's cache of the
+    last turn matches.
+    """
+    return ("{{ bos_token }}" if add_bos else "") + (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}{{ message['content'] }}{{ '\\n\\n' }}"
+        "{%- elif message['role'] == 'user' %}{{ 'User: ' }}{{ message['content'] }}{{ '\\nAssistant:' }}"
+        "{%- elif message['role'] == 'assistant' %}{{ message['content'] }}"
+        "{%- if eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+        "{%- endif %}{%- endfor %}"
+    )
 
 
 def tokenizer_files(tokenizer: Any, model_config: Any) -> dict[str, str]:
@@ -86,7 +121,6 @@ def tokenizer_files(tokenizer: Any, model_config: Any) -> dict[str, str]:
     written to tokenizer_config.json, over the source's other settings (chat template ...).
     """
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import processors
 
     backend, ours, tok_config = _backend_of(tokenizer)
     backend = HFTokenizer.from_str(backend.to_str())  # a copy: the caller's tokenizer stays as it is
@@ -101,15 +135,8 @@ def tokenizer_files(tokenizer: Any, model_config: Any) -> dict[str, str]:
     if add_bos is None:
         add_bos = ours.add_bos if ours is not None else bool(tok_config.get("add_bos_token", False))
     add_bos = bool(add_bos) and bos_id is not None
-    if add_bos and not _adds_bos(backend, bos_id):
-        bos = backend.id_to_token(bos_id)
-        if bos is None:
-            raise ValueError(f"bos_token_id {bos_id} is not in the tokenizer's vocabulary")
-        template = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
-        )
-        existing = backend.post_processor
-        backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    if add_bos:
+        insert_bos(backend, bos_id)
 
     out_config = dict(tok_config)
     out_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")

@@ -65,6 +65,7 @@ PASSTHROUGH_FIELDS: set[str] = {
     "suppress_tokens", "begin_suppress_tokens", "initializer_range", "max_position_embeddings",
     "attn_implementation", "base_model_tp_plan", "base_model_pp_plan",
 }
+PASSTHROUGH_FIELDS.add(OUR_KEY)  # our kernel choice beside the NX-AI names (see to_dict)
 
 
 

@@ -41,6 +41,10 @@ from .models.xlstm_large import xLSTMLarge
 FLOAT_GATES = ("igate_preact", "fgate_preact", "igate", "fgate")
 
 
+#: Keys mlx-lm adds to config.json's dict at load time (its own runtime settings).
+MLX_LM_RUNTIME_KEYS = ("quantize_activations",)
+
+
 @dataclass
 class ModelArgs:
     """config.json as read by mlx-lm; the architecture is decided from it (see :class:`Model`)."""
@@ -50,7 +54,8 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
-        return cls(model_type=str(params.get("model_type", "xlstm")), config=dict(params))
+        config = {k: v for k, v in params.items() if k not in MLX_LM_RUNTIME_KEYS}
+        return cls(model_type=str(params.get("model_type", "xlstm")), config=config)
 
 
 class Model(nn.Module):
@@ -178,3 +183,16 @@ class Model2024(Model, xLSTMLMModel):
         if self.config.tie_weights:
             weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
         return weights
+
+
+def from_xlstm_metal(model: nn.Module) -> Model:
+    """The mlx-lm view of a model :func:`xlstm_metal.load_model` built: the same module tree and
+    weights (nothing copied), with mlx-lm's call signature and hooks. Use the returned object in
+    place of ``model`` (it shares ``model``'s modules)."""
+    for base, cls in ((xLSTMLarge, ModelLarge), (xLSTMLMModel, Model2024)):
+        if isinstance(model, base):
+            view = dict.__new__(cls)  # an nn.Module is a dict of its children, plus attributes
+            dict.update(view, model)
+            view.__dict__.update(model.__dict__)
+            return view
+    raise TypeError(f"no mlx-lm interface for {type(model).__name__}: xLSTMLarge or the 2024 xLSTMLMModel")

@@ -1,0 +1,289 @@
+"""`xlstm-metal serve` on 127.0.0.1: plain, concurrent and streaming requests against mlx-lm's
+stream_generate, bad requests, a client that disconnects mid-stream, the CLI; and
+`xlstm-metal mlx-lm`. A tiny random model in a temp dir; nothing downloads."""
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+from test_tokenizer import train_tiny_tokenizer
+
+from xlstm_metal import save_model
+
+mlx_lm = pytest.importorskip("mlx_lm")
+from mlx_lm import stream_generate  # noqa: E402
+
+from xlstm_metal.mlx_lm_model import ModelLarge  # noqa: E402
+from xlstm_metal.serve import make_server, server_args  # noqa: E402
+
+PROMPTS = ["the cat sat on", "hello there my good friend, how", "a", "def f(x):\n    return"]
+
+
+def write_checkpoint(path):
+    """A tiny xLSTM-Large with a BPE tokenizer and no EOS: replies run to max_tokens."""
+    tok = train_tiny_tokenizer()
+    return save_model(tiny_model(5, vocab_size=tok.get_vocab_size(), eos_token_id=None), path, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return mlx_lm.load(str(ckpt), trust_remote_code=True)
+
+
+def post(url, path, body, timeout=60):
+    """(status, parsed JSON or text) of a POST; ``body`` bytes are sent as they are."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def expected_text(reference, prompt, max_tokens):
+    model, tokenizer = reference
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
+
+
+def chat_prompt(reference, messages):
+    """Token ids of a chat as the server renders it: the checkpoint has no chat template, so the
+    server uses ours (BOS first, as the model's config asks)."""
+    from xlstm_metal.checkpoint_files import chat_template
+
+    return reference[1].apply_chat_template(messages, chat_template=chat_template(True), add_generation_prompt=True)
+
+
+def stream_events(url, path, body):
+    """The parsed ``data:`` events of an SSE response (until [DONE])."""
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        for raw in response:
+            line = raw.decode().strip()
+            if line == "data: [DONE]":
+                break
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_plain_requests_equal_stream_generate(server, reference):
+    status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0})
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 20)
+    assert body["usage"]["completion_tokens"] == 20
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a cat."}]
+    status, body = post(server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 12})
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == expected_text(reference, chat_prompt(reference, messages), 12)
+    status, models = post(server.url, "/v1/models", b"{}")  # GET below; POST to it is not an endpoint
+    assert status == 404
+    with urllib.request.urlopen(server.url + "/v1/models") as response:
+        assert json.loads(response.read())["data"][0]["id"].endswith("ckpt")
+    with urllib.request.urlopen(server.url + "/health") as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+
+
+def test_streaming_equals_stream_generate(server, reference):
+    events = stream_events(server.url, "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 16, "stream": True})
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    prompt = chat_prompt(reference, [{"role": "user", "content": PROMPTS[1]}])
+    assert text == expected_text(reference, prompt, 16)
+    assert len(events) > 2 and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_concurrent_requests_are_batched(server, reference, monkeypatch):
+    batch_sizes = []
+    call = ModelLarge.__call__
+
+    def counting(self, inputs, cache=None):
+        batch_sizes.append(inputs.shape[0])
+        return call(self, inputs, cache)
+
+    monkeypatch.setattr(ModelLarge, "__call__", counting)
+    results = {}
+
+    def ask(prompt):
+        results[prompt] = post(server.url, "/v1/completions", {"prompt": prompt, "max_tokens": 48, "temperature": 0})
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    for prompt in PROMPTS:
+        status, body = results[prompt]
+        assert status == 200 and body["choices"][0]["text"] == expected_text(reference, prompt, 48), prompt
+    assert max(batch_sizes) >= 2  # requests ran together in one batch
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", "Invalid JSON"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": ["x"]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "content"),
+    ("/v1/chat/completions", {"prompt": "no messages"}, "messages"),
+    ("/v1/chat/completions", [1, 2], "dictionary"),
+    ("/v1/nowhere", {"prompt": "x"}, "not found"),
+]
+
+
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, reference):
+    for path, body, words in BAD_REQUESTS:
+        status, answer = post(server.url, path, body)
+        assert 400 <= status < 500, (path, body, status)
+        assert isinstance(answer, dict) and words.lower() in answer["error"].lower(), (body, answer)
+    status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[2], 8)
+
+
+def test_a_disconnecting_stream_frees_its_slot(ckpt):
+    """One decode slot: a client that leaves mid-stream must give it back, or the next
+    request would wait for the first one's 100,000 tokens."""
+    with make_server(server_args(ckpt, port=0, dtype="float32", decode_concurrency=1)).start() as srv:
+        host, port = srv.httpd.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": PROMPTS[0], "max_tokens": 100_000, "stream": True}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += response.read1(4096)
+        response.close()  # the client leaves: the socket closes mid-stream
+        conn.close()
+        started = time.monotonic()
+        status, body = post(srv.url, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 5}, timeout=60)
+        assert status == 200 and body["usage"]["completion_tokens"] == 5
+        assert time.monotonic() - started < 30
+
+
+def test_chat_page_is_served(server):
+    with urllib.request.urlopen(server.url + "/") as response:
+        page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+    for element in ('id="prompt"', 'id="send"', 'id="stop"', 'id="new-chat"', 'id="temperature"', 'id="top-p"',
+                    'id="max-tokens"', "/v1/chat/completions"):
+        assert element in page
+    assert "http://" not in page and "https://" not in page  # no CDN: the page is self-contained
+
+
+def test_serve_cli_refuses_a_missing_model(tmp_path, capsys):
+    from xlstm_metal.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_cli_serves_then_stops_on_ctrl_c(ckpt):
+    process = subprocess.Popen([sys.executable, "-m", "xlstm_metal", "serve", "--model", str(ckpt), "--port", "0"],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = None
+        for line in process.stderr:
+            if line.startswith("serving on "):
+                url = line.split()[2]
+                break
+        assert url is not None, "the server did not start"
+        status, body = post(url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_mlx_lm_command_trusts_only_our_model_file(ckpt, reference, tmp_path, capsys):
+    from xlstm_metal.checkpoint_files import MLX_LM_SHIM
+    from xlstm_metal.cli import main
+
+    def run(model, *extra):
+        return main(["mlx-lm", "generate", "--model", str(model), "--prompt", PROMPTS[0], "--max-tokens", "12",
+                     "--temp", "0", *extra])
+
+    assert run(ckpt) == 0  # no --trust-remote-code needed: the model file is ours
+    assert expected_text(reference, PROMPTS[0], 12) in capsys.readouterr().out
+    other = tmp_path / "other"  # a model file that is not ours still needs the flag
+    other.mkdir()
+    for f in ckpt.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / MLX_LM_SHIM).write_text((ckpt / MLX_LM_SHIM).read_text() + "\n# changed\n")
+    assert run(other) == 2
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert run(other, "--trust-remote-code") == 0
+
+
+@pytest.mark.slow
+def test_mlx_lm_command_binds_openblas_first(ckpt, reference):
+    """As the console script runs it (a fresh interpreter, xlstm_metal.cli first): mlx-lm
+    generates, and MLX got OpenBLAS, not the reference BLAS mlx-lm's own entry point leaves."""
+    script = ("import sys; from xlstm_metal.cli import main; "
+              f"rc = main(['mlx-lm', 'generate', '--model', {str(ckpt)!r}, '--prompt', {PROMPTS[1]!r}, "
+              "'--max-tokens', '10', '--temp', '0']); "
+              "from xlstm_metal import _blas; print('BLAS', _blas.LOADED, _blas.REASON); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected_text(reference, PROMPTS[1], 10) in done.stdout
+    blas = done.stdout.strip().splitlines()[-1]
+    if sys.platform.startswith("linux") and not os.environ.get("XLSTM_METAL_NO_OPENBLAS"):
+        assert "openblas" in blas.lower() and "imported before" not in blas, blas
+
+
+def test_mlx_lm_model_type_xlstm_loads_transformers_checkpoints(tmp_path):
+    """With the model type registered (as `xlstm-metal mlx-lm` does), a checkpoint written by
+    transformers (no model file) loads in mlx-lm and gives transformers' logits."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm.utils import load_model
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+
+    from xlstm_metal.cli.mlxlm import register_model_type
+
+    torch.manual_seed(0)
+    hf = xLSTMForCausalLM(xLSTMConfig(vocab_size=101, hidden_size=128, num_hidden_layers=2, num_heads=2,
+                                      chunk_size=16, autocast_kernel_dtype="float32")).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    register_model_type()
+    model, _ = load_model(tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(0, 101, size=(1, 21))
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids)).logits.numpy()
+    got = np.array(model(mx.array(ids.astype(np.int32))))
+    assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-4

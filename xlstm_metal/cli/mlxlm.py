@@ -1,0 +1,98 @@
+"""`xlstm-metal mlx-lm {generate,server,lora,convert} ...`: mlx-lm's commands with xLSTM in place.
+
+The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
+
+- OpenBLAS is bound to MLX (Linux CPUs) before mlx-lm imports mlx (``xlstm_metal`` is imported
+  first; mlx-lm's own entry points import mlx before any model file could).
+- mlx-lm's model type ``xlstm`` is this package's model module, so Hugging Face xLSTM
+  checkpoints (transformers' format, NX-AI/xLSTM-7b) load in mlx-lm without a model file.
+- A checkpoint written by xlstm-metal names its model file (``xlstm_mlx_lm.py``); when that file
+  is exactly the one this package writes (it only imports this package's model code),
+  ``--trust-remote-code`` is added for it. Any other model file still needs the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from . import UsageError
+
+COMMANDS = ("generate", "server", "lora", "convert")
+#: The option naming the model, per command (convert also takes --hf-path).
+MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--model",),
+                 "convert": ("--hf-path", "--model")}
+
+DESCRIPTION = """\
+Run mlx-lm's generate, server, lora or convert on xLSTM models. Everything after the command
+goes to mlx-lm (see `xlstm-metal mlx-lm generate --help`). Checkpoints written by xlstm-metal
+load without --trust-remote-code when their model file is this package's own."""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("mlx-lm", help="mlx-lm's generate / server / lora / convert with xLSTM support",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mlx_lm_command", choices=COMMANDS, metavar="{" + ",".join(COMMANDS) + "}",
+                        help="the mlx-lm command to run")
+    parser.add_argument("mlx_lm_args", nargs=argparse.REMAINDER, help="arguments for that mlx-lm command")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def model_argument(command: str, args: list[str]) -> str | None:
+    """The model path given to mlx-lm's ``command`` (``--model X`` or ``--model=X``), or None."""
+    options = MODEL_OPTIONS[command]
+    for index, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in options:
+            if eq:
+                return value
+            return args[index + 1] if index + 1 < len(args) else None
+    return None
+
+
+def writes_our_shim(path: str | None) -> bool:
+    """True when ``path`` is a checkpoint directory whose model file is exactly ours."""
+    from ..checkpoint_files import MLX_LM_SHIM, SHIM_SOURCE
+
+    if path is None:
+        return False
+    directory = Path(path).expanduser()
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        shim = (directory / MLX_LM_SHIM).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_file") == MLX_LM_SHIM and shim == SHIM_SOURCE
+
+
+def register_model_type() -> None:
+    """Make mlx-lm's ``model_type: xlstm`` lookup find this package's model module."""
+    from .. import mlx_lm_model
+
+    sys.modules.setdefault("mlx_lm.models.xlstm", mlx_lm_model)
+
+
+def run(args: argparse.Namespace) -> int:
+    import xlstm_metal  # noqa: F401  (binds OpenBLAS before mlx-lm imports mlx)
+
+    try:
+        module = importlib.import_module(f"mlx_lm.{args.mlx_lm_command}")
+    except ImportError as err:
+        raise UsageError(f"mlx-lm is not installed ({err}); pip install 'xlstm-metal[serve]'") from None
+    register_model_type()
+    forwarded = list(args.mlx_lm_args)
+    if "--trust-remote-code" not in forwarded and writes_our_shim(model_argument(args.mlx_lm_command, forwarded)):
+        forwarded.append("--trust-remote-code")
+    saved = sys.argv
+    sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
+    try:
+        module.main()
+    except (ValueError, FileNotFoundError) as err:  # mlx-lm's messages for bad paths and settings
+        raise UsageError(f"mlx-lm {args.mlx_lm_command}: {err}") from None
+    finally:
+        sys.argv = saved
+    return 0

@@ -1,0 +1,86 @@
+"""`xlstm-metal serve`: an OpenAI-compatible HTTP server (mlx-lm's) and a chat page at /."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import UsageError
+
+DESCRIPTION = """\
+Serve an xLSTM model over HTTP: /v1/completions and /v1/chat/completions (OpenAI's API,
+streaming with "stream": true), /v1/models, /health, and a chat page at /. Built on mlx-lm's
+server: concurrent requests are batched, and prompt prefixes are cached (a recurrent state per
+block, whatever the conversation's length), so a chat client that re-sends the conversation
+pays only for the new turn. Without --model the small packaged model is served."""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", help="checkpoint directory or Hugging Face id (default: the packaged model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
+    parser.add_argument("--adapter-path", help="LoRA adapters trained with mlx_lm.lora (or `xlstm-metal mlx-lm lora`)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request (default: 512)")
+    parser.add_argument("--temp", type=float, default=0.0, help="default temperature (default: 0, greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="default top_p (default: 1.0)")
+    parser.add_argument("--decode-concurrency", type=int, default=32,
+                        help="requests decoded together in one batch (default: 32)")
+    parser.add_argument("--prompt-concurrency", type=int, default=8,
+                        help="prompts prefilled together in one batch (default: 8)")
+    parser.add_argument("--prompt-cache-size", type=int, default=10,
+                        help="conversation states kept for prefix reuse (default: 10; 0 turns caching off)")
+    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass (default: 2048)")
+    parser.add_argument("--allowed-origins", default="*", help="CORS origins, comma-separated (default: *)")
+    parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="server log level (default: WARNING)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    for name in ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prompt_cache_size < 0:
+        raise UsageError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
+    if args.temp < 0:
+        raise UsageError(f"--temp must be >= 0, got {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from ..generation import DEFAULT_MODEL_DIR
+
+    try:
+        from ..serve import ServeError, make_server, server_args
+    except ImportError as err:
+        raise UsageError(f"serving needs mlx-lm ({err}): pip install 'xlstm-metal[serve]'") from None
+
+    if args.model is None and not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise UsageError(f"no --model given and the packaged default model is not installed ({DEFAULT_MODEL_DIR})")
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
+    cli_args = server_args(
+        args.model or DEFAULT_MODEL_DIR, host=args.host, port=args.port, dtype=args.dtype,
+        adapter_path=args.adapter_path, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+        decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
+        prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,
+        allowed_origins=args.allowed_origins.split(","), log_level=args.log_level,
+    )
+    print(f"loading {cli_args.model} ...", file=sys.stderr, flush=True)
+    try:
+        server = make_server(cli_args)
+    except ServeError as err:
+        raise UsageError(str(err)) from None
+    print(f"serving on {server.url}  (chat page: {server.url}/ , API: {server.url}/v1)  Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    server.serve_forever()  # Ctrl-C: KeyboardInterrupt after the server closed
+    return 0

@@ -1,0 +1,290 @@
+"""`xlstm-metal serve`: an OpenAI-compatible HTTP server and a chat page, on mlx-lm's server.
+
+mlx-lm's server implements the protocol (``/v1/completions``, ``/v1/chat/completions`` with
+and without SSE streaming, ``/v1/models``, ``/health``), batches concurrent requests and keeps
+an LRU prompt cache. This package adds what an xLSTM needs around it:
+
+- :class:`ModelProvider` loads through :func:`xlstm_metal.load_model` (every checkpoint format
+  we read: Hugging Face, NX-AI native, the 2024 xLSTM, sharded, quantized) and serves it through
+  :mod:`xlstm_metal.mlx_lm_model`; the tokenizer gets the BOS insertion and a chat template
+  where the checkpoint lacks them.
+- :class:`APIHandler` serves the chat page at ``/`` and refuses malformed requests (wrong types
+  of ``messages``, ``prompt`` or ``stop``) with a 400 JSON error before they reach the
+  generation thread, which a bad request must never stop.
+- :func:`make_server` / :func:`serve` start it on a host and port.
+
+Recurrent states make the prompt cache cheap: an entry is one fixed-size state per block
+whatever the conversation length, so a client re-sending the whole conversation pays only for
+the new turn (BENCHMARKS.md, "Serving: prompt cache").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import threading
+from http.server import ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import server as mlx_server
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+
+#: The chat page, shipped in the package (one file: HTML, CSS and JavaScript, no CDN).
+CHAT_PAGE = "chat.html"
+#: The POST endpoints of mlx-lm's server.
+POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
+
+
+class ServeError(ValueError):
+    """A model or server setting that cannot be served; the message names it."""
+
+
+def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespace:
+    """The settings mlx-lm's server reads (its ``cli_args``), with mlx-lm's defaults."""
+    args = dict(
+        model=str(model), adapter_path=None, host=DEFAULT_HOST, port=DEFAULT_PORT, allowed_origins=["*"],
+        draft_model=None, num_draft_tokens=3, trust_remote_code=False, log_level="INFO", chat_template="",
+        use_default_chat_template=False, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=512,
+        chat_template_args={}, decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048,
+        prompt_cache_size=10, prompt_cache_bytes=None, kv_bits=None, kv_group_size=64,
+        quantized_kv_start=mlx_server.DEFAULT_QUANTIZED_KV_START, pipeline=False, dtype=None,
+    )
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise TypeError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, dtype: str | None = None):
+    """(mlx-lm model, mlx-lm TokenizerWrapper) for a checkpoint, through our loader.
+
+    ``dtype`` defaults to float32 on CPUs and bfloat16 on GPUs (MLX's half-precision CPU matmul
+    is slow). Raises :class:`ServeError` naming the problem.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_tokenizer as mlx_lm_tokenizer
+
+    from ..checkpoint_files import chat_template, insert_bos
+    from ..config import ConfigError
+    from ..generation.runner import default_dtype
+    from ..generation.tokenizer import TokenizerError, load_tokenizer
+    from ..loading import CheckpointError, load_model, resolve_model_path
+    from ..mlx_lm_model import from_xlstm_metal
+
+    try:
+        directory = resolve_model_path(path)
+        ours = load_tokenizer(directory)
+        if ours is None:
+            raise ServeError(f"model {path} has no tokenizer.json; serving text needs one")
+        model = from_xlstm_metal(load_model(directory, dtype=dtype or default_dtype()))
+    except (CheckpointError, ConfigError, TokenizerError, TypeError) as err:
+        raise ServeError(str(err)) from None
+    if adapter_path is not None:
+        try:
+            model = load_adapters(model, adapter_path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ServeError(f"cannot load adapters from {adapter_path}: {err}") from None
+    elif callable(getattr(model, "fuse", None)):
+        model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up per block
+    model.eval()
+    tokenizer = mlx_lm_tokenizer(directory, {}, eos_token_ids=ours.eos_token_ids or None)
+    hf = tokenizer._tokenizer
+    if ours.add_bos:  # checkpoints we did not write may leave BOS to the caller
+        insert_bos(hf.backend_tokenizer, ours.bos_token_id)
+    if not tokenizer.has_chat_template:
+        hf.chat_template = chat_template(ours.add_bos)
+        tokenizer.has_chat_template = True
+    return model, tokenizer
+
+
+class ModelProvider(mlx_server.ModelProvider):
+    """mlx-lm's model provider, loading through :func:`load_for_serving`. A request's ``model``
+    naming the served model (its path, its id in /v1/models, or mlx-lm's ``default_model``)
+    gets it; another path is loaded in its place, as mlx-lm does."""
+
+    def __init__(self, cli_args: argparse.Namespace):
+        super().__init__(cli_args)
+        #: Set once the generation thread has loaded the model (or failed: ``load_error``).
+        self.ready = threading.Event()
+        self.load_error: Exception | None = None
+        served = str(cli_args.model)
+        for alias in {served, str(Path(served).expanduser().resolve()), Path(served).name}:
+            self._model_map.setdefault(alias, served)
+            self._adapter_map.setdefault(alias, cli_args.adapter_path)
+            self._draft_model_map.setdefault(alias, None)
+
+    def load_default(self):
+        """Runs first in mlx-lm's generation thread (MLX streams belong to a thread, so the
+        model is loaded there); a failure is kept for :func:`make_server` to report."""
+        try:
+            super().load_default()
+        except Exception as err:  # reported by make_server; the thread keeps serving errors
+            self.load_error = err
+        finally:
+            self.ready.set()
+
+    def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        if draft_model_path is not None:
+            raise ServeError("speculative decoding (draft models) is not supported for xLSTM")
+        self.reset()
+        gc.collect()
+        mx.clear_cache()
+        model, tokenizer = load_for_serving(model_path, adapter_path, self.cli_args.dtype)
+        self.model_key = (model_path, adapter_path, draft_model_path)
+        self.model, self.tokenizer = model, tokenizer
+        self.processor = None
+        self.draft_model = None
+        self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object with role and content")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{index}].role must be a string")
+        content = message.get("content")
+        parts_ok = isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+        )
+        if not (isinstance(content, str) or parts_ok or (content is None and message["role"] == "assistant")):
+            raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+
+
+class APIHandler(mlx_server.APIHandler):
+    """mlx-lm's request handler, plus the chat page at ``/`` and stricter request checks."""
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] in ("/", "/index.html", "/chat"):
+            page = resources.files(__package__).joinpath(CHAT_PAGE).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.wfile.write(page)
+            return
+        if self.path.startswith("/v1/models") or self.path == "/health":
+            super().do_GET()
+        else:
+            self._not_found()
+
+    def do_POST(self):
+        if self.path not in POST_PATHS:
+            self._not_found()
+            return
+        super().do_POST()
+
+    def _not_found(self) -> None:
+        body = json.dumps({"error": f"not found: {self.path}"}).encode()
+        self._set_completion_headers(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def handle_models_request(self):
+        """The served model (mlx-lm's version also lists the Hugging Face cache's mlx models, and
+        fails when there is no such cache)."""
+        served = str(self.response_generator.cli_args.model)
+        path = Path(served).expanduser()
+        model_id = str(path.resolve()) if path.exists() else served
+        body = json.dumps({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}]}).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def validate_model_parameters(self) -> None:
+        super().validate_model_parameters()
+        body = self.body
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+        ):
+            raise ValueError("stop must be a string or a list of strings")
+        if self.path in ("/v1/chat/completions", "/chat/completions"):
+            _check_messages(body.get("messages"))
+        elif self.path == "/v1/completions" and not isinstance(body.get("prompt"), str):
+            raise ValueError("prompt must be a string")
+        if self.stream_options is not None and not isinstance(self.stream_options, dict):
+            raise ValueError("stream_options must be an object")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logging.debug("%s - %s", self.address_string(), format % args)
+
+
+class Server:
+    """A running server: ``url``, ``close()``; a context manager."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, generator: mlx_server.ResponseGenerator):
+        self.httpd, self.generator = httpd, generator
+        host, port = httpd.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        self._thread: threading.Thread | None = None
+
+    def serve_forever(self) -> None:
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.close()
+
+    def start(self) -> "Server":
+        """Serve from a background thread (tests, notebooks)."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.httpd.server_close()
+        if self.generator.generation_available():
+            self.generator.stop_and_join()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_server(cli_args: argparse.Namespace) -> Server:
+    """Load the model (errors surface here, as :class:`ServeError`), bind ``host:port``
+    (port 0: any free port) and return the :class:`Server`, not yet serving."""
+    try:
+        httpd = ThreadingHTTPServer((cli_args.host, cli_args.port), _handler_factory(None))
+    except OSError as err:
+        raise ServeError(f"cannot listen on {cli_args.host}:{cli_args.port}: {err.strerror or err}") from None
+    httpd.daemon_threads = True
+    provider = ModelProvider(cli_args)
+    generator = mlx_server.ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    provider.ready.wait()
+    if provider.load_error is not None:
+        generator.stop_and_join()
+        httpd.server_close()
+        err = provider.load_error
+        raise ServeError(str(err) if isinstance(err, ServeError) else f"cannot load {cli_args.model}: {err}")
+    httpd.RequestHandlerClass = _handler_factory(generator)
+    return Server(httpd, generator)
+
+
+def _handler_factory(generator):
+    fingerprint = mlx_server.get_system_fingerprint()
+
+    def handler(*args, **kwargs):
+        return APIHandler(generator, *args, system_fingerprint=fingerprint, **kwargs)
+
+    return handler
