@@ -34,7 +34,8 @@ from mlx_lm.models.cache import ArraysCache
 
 from .config import xLSTMConfig
 from .loading import sanitize_xlstm_large
-from .models.xlstm_2024 import is_xlstm_2024_config, xLSTMLMConfig, xLSTMLMModel
+from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
+from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
 
 #: Gate projections kept in float by quant_predicate (xLSTM-Large; 2024 mLSTM and sLSTM).

@@ -19,9 +19,10 @@ from typing import Any
 from ..monitor import current_job
 from . import UsageError, read_text_file
 
-#: Files copied from the source checkout besides the weights and config.
+#: Files copied from the source checkout besides the weights, config and tokenizer.json +
+#: tokenizer_config.json (save_model writes those two, with the BOS handling other tools need).
 COPIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
 )
 
@@ -193,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"writing {out}", file=sys.stderr)
         current_job().update(phase="save")
-        save_model(model, tmp, overwrite=True)
+        tokenizer_source = source_dir if (source_dir / "tokenizer.json").is_file() else None
+        save_model(model, tmp, tokenizer=tokenizer_source, overwrite=True)
         for name in COPIED_FILES:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)

@@ -75,11 +75,15 @@ def run(args: argparse.Namespace) -> int:
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,
         allowed_origins=args.allowed_origins.split(","), log_level=args.log_level,
     )
+    from ..monitor import current_job
+
     print(f"loading {cli_args.model} ...", file=sys.stderr, flush=True)
+    current_job().update(phase="load", model=str(cli_args.model))
     try:
         server = make_server(cli_args)
     except ServeError as err:
         raise UsageError(str(err)) from None
+    current_job().update(phase="idle", unit="requests")
     print(f"serving on {server.url}  (chat page: {server.url}/ , API: {server.url}/v1)  Ctrl-C stops",
           file=sys.stderr, flush=True)
     server.serve_forever()  # Ctrl-C: KeyboardInterrupt after the server closed

@@ -180,14 +180,22 @@ class APIHandler(mlx_server.APIHandler):
             self._not_found()
 
     def do_POST(self):
+        from ..monitor import current_job
+
         if self.path not in POST_PATHS:
-            self._not_found()
-            return
-        super().do_POST()
+            self._error(404, f"not found: {self.path}")
+        elif current_job().refusing():  # the memory watchdog's hard limit (see README, Monitoring)
+            self._error(503, "the server is over its memory limit; retry later")
+        else:
+            current_job().update(phase="serve")
+            super().do_POST()
 
     def _not_found(self) -> None:
-        body = json.dumps({"error": f"not found: {self.path}"}).encode()
-        self._set_completion_headers(404)
+        self._error(404, f"not found: {self.path}")
+
+    def _error(self, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        self._set_completion_headers(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -1,0 +1,119 @@
+"""The chat page in a real browser: headless Chromium (Debian's chromium + chromium-driver, which
+.ci/run installs) driven by Selenium against `xlstm-metal serve` on 127.0.0.1. The streamed
+greedy reply equals the API's; the stop button stops a long reply; new chat clears."""
+
+import json
+import shutil
+import time
+import urllib.request
+
+import pytest
+from test_serve import write_checkpoint
+
+pytest.importorskip("mlx_lm")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from xlstm_metal.serve import make_server, server_args  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                          "(apt-get install chromium chromium-driver; .ci/run does)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("page") / "ckpt")
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def set_field(browser, element_id, value):
+    field = browser.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(str(value))
+
+
+def replies(browser):
+    return browser.find_elements(By.CSS_SELECTOR, ".message.assistant")
+
+
+def api_reply(url, messages, max_tokens):
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["choices"][0]["message"]["content"]
+
+
+def test_streamed_greedy_reply_equals_the_api_and_stop_stops(server, browser):
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 30).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    set_field(browser, "temperature", 0)
+    set_field(browser, "top-p", 1)
+    set_field(browser, "max-tokens", 60)
+    browser.find_element(By.ID, "prompt").send_keys("Tell me about cats.")
+    browser.find_element(By.ID, "send").click()
+    reply = WebDriverWait(browser, 30).until(lambda b: replies(b)[0] if replies(b) else None)
+    lengths = set()
+    deadline = time.monotonic() + 60
+    while reply.get_attribute("data-state") == "streaming" and time.monotonic() < deadline:
+        lengths.add(len(reply.find_element(By.CLASS_NAME, "content").text))
+        time.sleep(0.01)
+    assert reply.get_attribute("data-state") == "done"
+    streamed = reply.find_element(By.CLASS_NAME, "content").get_attribute("textContent")
+    expected = api_reply(server.url, [{"role": "user", "content": "Tell me about cats."}], 60)
+    assert streamed == expected and len(expected) > 20
+    assert len(lengths - {0}) >= 2  # the text grew while it streamed in
+
+    # The second turn re-sends the conversation; with greedy sampling it equals the API's answer.
+    browser.find_element(By.ID, "prompt").send_keys("And dogs?")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 60).until(lambda b: len(replies(b)) == 2
+                                     and replies(b)[1].get_attribute("data-state") == "done")
+    second = replies(browser)[1].find_element(By.CLASS_NAME, "content").get_attribute("textContent")
+    history = [{"role": "user", "content": "Tell me about cats."}, {"role": "assistant", "content": expected},
+               {"role": "user", "content": "And dogs?"}]
+    assert second == api_reply(server.url, history, 60)
+
+    # Stop: a reply of up to 100,000 tokens ends when the button is pressed, and stays ended.
+    browser.find_element(By.ID, "new-chat").click()
+    assert not replies(browser)
+    set_field(browser, "max-tokens", 100000)
+    browser.find_element(By.ID, "prompt").send_keys("Write a very long story.")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(
+        lambda b: replies(b) and len(replies(b)[0].find_element(By.CLASS_NAME, "content").text) > 20)
+    assert browser.find_element(By.ID, "send").get_attribute("disabled") is not None
+    browser.find_element(By.ID, "stop").click()
+    reply = replies(browser)[0]
+    WebDriverWait(browser, 10).until(lambda b: reply.get_attribute("data-state") == "stopped")
+    text = reply.find_element(By.CLASS_NAME, "content").get_attribute("textContent")
+    time.sleep(1.0)
+    assert reply.find_element(By.CLASS_NAME, "content").get_attribute("textContent") == text
+    assert browser.find_element(By.ID, "send").get_attribute("disabled") is None
+    # The server gave the slot back: the next turn streams to completion.
+    set_field(browser, "max-tokens", 8)
+    browser.find_element(By.ID, "prompt").send_keys("Shorter, please.")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 60).until(lambda b: len(replies(b)) == 2
+                                     and replies(b)[1].get_attribute("data-state") == "done")
