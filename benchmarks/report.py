@@ -201,6 +201,42 @@ def plot(res: dict, preset: str) -> str | None:
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
+def serve_prompt_cache_rows() -> list[str]:
+    """The section of benchmarks/serve_prompt_cache.py's results (if any)."""
+    path = RESULTS / "serve_prompt_cache.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    cached, uncached = data["runs"]["cached"], data["runs"]["uncached"]
+    entry = max((r["cache_bytes"] / r["cache_entries"] for r in cached if r["cache_entries"]), default=0)
+    lines = ["", "## Serving: prompt cache on a 20-turn conversation", "",
+             f"- date: {data['date']}; command: `{data['command']}`; {data['model']}, greedy, "
+             f"{data['max_tokens']} new tokens per turn",
+             f"- MLX {data['mlx']} on {data['device']}, mlx-lm {data['mlx_lm']}; host {data['host']}, "
+             f"1-min load average {data['loadavg_1m']:.1f} at the start",
+             "- `xlstm-metal serve` with its prompt cache (10 entries) and with `--prompt-cache-size 0`, side by "
+             "side; the client re-sends the whole conversation each turn, both servers get the same turns in "
+             "alternation (same replies).",
+             f"- a cache entry is {entry / 1024:.0f} KiB (one recurrent state per block) whatever the "
+             "conversation's length", "",
+             f"![prompt cache](benchmarks/results/{path.with_suffix('.png').name})", "",
+             "| turn | prompt tokens | fed, cached server | fed, uncached | first token, cached ms | "
+             "first token, uncached ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for a, b in zip(cached, uncached):
+        lines.append(f"| {a['turn']} | {a['prompt_tokens']:,} | {a['fed_tokens']:,} | {b['fed_tokens']:,} | "
+                     f"{a['ttft_s'] * 1000:.0f} | {b['ttft_s'] * 1000:.0f} |")
+    fed_a, fed_b = sum(r["fed_tokens"] for r in cached), sum(r["fed_tokens"] for r in uncached)
+    ttft_a, ttft_b = sum(r["ttft_s"] for r in cached), sum(r["ttft_s"] for r in uncached)
+    lines += [f"| all | {sum(r['prompt_tokens'] for r in cached):,} | {fed_a:,} | {fed_b:,} | "
+              f"{ttft_a * 1000:.0f} | {ttft_b * 1000:.0f} |", "",
+              f"The cached server fed {fed_a:,} of {fed_b:,} prompt tokens ({fed_a / fed_b:.1%}): each turn's "
+              "new user message and chat markup, plus the previous reply where its text re-tokenizes to "
+              "other tokens than the model generated (then the server resumes from an earlier state). "
+              "Times are from a shared 2-core machine; the token counts do not depend on load."]
+    return lines
+
+
 def monitor_rows() -> list[str]:
     """What publishing job status (issue 14) costs a decode: results/monitor_overhead.json."""
     path = RESULTS / "monitor_overhead.json"
@@ -307,6 +343,7 @@ def render() -> str:
                          f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
     lines += monitor_rows()
     lines += quantization_rows()
+    lines += serve_prompt_cache_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]

@@ -3,7 +3,8 @@
 A chat client re-sends the whole conversation every turn. With the prompt cache (mlx-lm's LRU
 cache of our recurrent states: one fixed-size state per block, whatever the conversation's
 length) the server feeds only the tokens it has not seen; without it (--prompt-cache-size 0)
-it feeds the whole conversation each time. Both runs use the same greedy conversation.
+it feeds the whole conversation each time. Both servers run side by side and get the same greedy
+conversation, turn by turn in alternation.
 
     python benchmarks/serve_prompt_cache.py [--model DIR] [--turns 20] [--max-tokens 48]
 
@@ -45,24 +46,51 @@ def post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def conversation(url: str, turns: int, max_tokens: int, generator) -> list[dict]:
-    messages, records = [], []
+def streamed_turn(url: str, messages: list[dict], max_tokens: int) -> tuple[str, dict, float, float]:
+    """(reply, usage, seconds to the first token, seconds in all) of one streamed request."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first, text, usage = None, "", {}
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            for choice in event.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter() - start
+                    text += piece
+    return text, usage, first or float("nan"), time.perf_counter() - start
+
+
+def conversation(servers: dict, turns: int, max_tokens: int) -> dict[str, list[dict]]:
+    """The same greedy conversation against each server, turn by turn in alternation (so both
+    meet the same load on a shared machine); every server gets the first server's history."""
+    messages, records = [], {name: [] for name in servers}
     for turn in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
-        start = time.perf_counter()
-        answer = post(url, {"messages": messages, "max_tokens": max_tokens, "temperature": 0})
-        seconds = time.perf_counter() - start
-        usage = answer["usage"]
-        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-        records.append({
-            "turn": turn + 1, "prompt_tokens": usage["prompt_tokens"], "cached_tokens": cached,
-            "fed_tokens": usage["prompt_tokens"] - cached, "completion_tokens": usage["completion_tokens"],
-            "seconds": seconds, "finish_reason": answer["choices"][0]["finish_reason"],
-            "cache_entries": len(generator.prompt_cache), "cache_bytes": generator.prompt_cache.nbytes,
-        })
-        messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"] or ""})
-        print(f"turn {turn + 1:2d}: prompt {usage['prompt_tokens']:5d}  cached {cached:5d}  "
-              f"{seconds * 1000:7.1f} ms", file=sys.stderr)
+        replies = {}
+        for name, server in servers.items():
+            reply, usage, ttft, seconds = streamed_turn(server.url, messages, max_tokens)
+            cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            replies[name] = reply
+            records[name].append({
+                "turn": turn + 1, "prompt_tokens": usage["prompt_tokens"], "cached_tokens": cached,
+                "fed_tokens": usage["prompt_tokens"] - cached, "completion_tokens": usage["completion_tokens"],
+                "ttft_s": ttft, "seconds": seconds, "cache_entries": len(server.generator.prompt_cache),
+                "cache_bytes": server.generator.prompt_cache.nbytes,
+            })
+            print(f"turn {turn + 1:2d} {name:9s}: prompt {usage['prompt_tokens']:5d}  cached {cached:5d}  "
+                  f"first token {ttft * 1000:7.1f} ms  all {seconds * 1000:7.1f} ms", file=sys.stderr)
+        first = next(iter(replies.values()))
+        records[next(iter(servers))][-1]["same_reply_everywhere"] = all(r == first for r in replies.values())
+        messages.append({"role": "assistant", "content": first})
     return records
 
 
@@ -77,9 +105,9 @@ def plot(result: dict, path: Path) -> None:
         runs = result["runs"][name]
         turns = [r["turn"] for r in runs]
         left.plot(turns, [r["fed_tokens"] for r in runs], style, label=name, markersize=3)
-        right.plot(turns, [r["seconds"] * 1000 for r in runs], style, label=name, markersize=3)
+        right.plot(turns, [r["ttft_s"] * 1000 for r in runs], style, label=name, markersize=3)
     left.set(xlabel="turn", ylabel="prompt tokens fed", title="tokens the server fed per turn")
-    right.set(xlabel="turn", ylabel="ms per request", title=f"request time ({result['max_tokens']} new tokens)")
+    right.set(xlabel="turn", ylabel="ms", title="time to the first token")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -111,12 +139,16 @@ def main() -> int:
         "mlx_lm": mlx_lm.__version__, "host": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
         "loadavg_1m": os.getloadavg()[0], "runs": {},
     }
-    for name, cache_size in (("cached", 10), ("uncached", 0)):
-        print(f"{name} run (--prompt-cache-size {cache_size})", file=sys.stderr)
-        with make_server(server_args(model, port=0, prompt_cache_size=cache_size)).start() as server:
-            post(server.url, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4})
-            server.generator.prompt_cache.trim_to(n_sequences=0)
-            result["runs"][name] = conversation(server.url, args.turns, args.max_tokens, server.generator)
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        servers = {}
+        for name, cache_size in (("cached", 10), ("uncached", 0)):
+            servers[name] = stack.enter_context(
+                make_server(server_args(model, port=0, prompt_cache_size=cache_size)).start())
+            post(servers[name].url, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4})
+            servers[name].generator.prompt_cache.trim_to(n_sequences=0)
+        result["runs"] = conversation(servers, args.turns, args.max_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

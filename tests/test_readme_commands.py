@@ -284,6 +284,33 @@ RUN.update({
     normalize("xlstm-metal plot runs/tune --out tune.png"): Run(plots),
 })
 
+def mlx_lm_generates(proc, tmp):
+    """`xlstm-metal mlx-lm generate` runs mlx-lm's generate on our checkpoint (no
+    --trust-remote-code: its model file is ours) and prints the completion between rulers."""
+    ok(proc)
+    assert proc.stdout.count("==========") == 2 and "Generation:" in proc.stdout, proc.stdout
+
+
+def mlx_lm_converts(proc, tmp):
+    """`xlstm-metal mlx-lm convert -q --q-bits 4` writes a 4-bit checkpoint (the i/f gate
+    projections stay float) that loads here too."""
+    ok(proc)
+    from xlstm_metal import load_model
+
+    config = json.loads((tmp / "runs" / "m" / "q4" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["model_file"] == "xlstm_mlx_lm.py"
+    model = load_model(tmp / "runs" / "m" / "q4")
+    assert type(model.backbone.blocks[0].mlstm_layer.q).__name__ == "QuantizedLinear"
+    assert type(model.backbone.blocks[0].mlstm_layer.igate_preact).__name__ == "Linear"
+
+
+RUN.update({  # README "Use with mlx-lm"
+    normalize('xlstm-metal mlx-lm generate --model runs/m/export --prompt "The for statement" --max-tokens 40'):
+        Run(mlx_lm_generates, replace={"runs/m/export": str(DEFAULT_MODEL_DIR)}),
+    normalize("xlstm-metal mlx-lm convert --hf-path runs/m/export --mlx-path runs/m/q4 -q --q-bits 4"):
+        Run(mlx_lm_converts, replace={"runs/m/export": str(DEFAULT_MODEL_DIR)}),
+})
+
 SKIPPED: dict[str, str] = {
     normalize("xlstm-metal convert NX-AI/xLSTM-7b xlstm-7b-4bit -q --q-bits 4 --q-group-size 64"):
         "downloads the 14 GB xLSTM-7b; tests/test_convert.py runs these flags on tiny checkpoints",
@@ -291,7 +318,16 @@ SKIPPED: dict[str, str] = {
               "--workers 2"):
         "20 training runs on a Ray cluster (minutes); tests/test_tune.py runs the train objective and the Ray "
         "backend on tiny budgets",
-
+    normalize("xlstm-metal serve"): "serves until stopped; tests/test_serve.py starts `xlstm-metal serve`, "
+                                    "sends requests and stops it with Ctrl-C (SIGINT)",
+    normalize("xlstm-metal serve --model runs/m/export --host 0.0.0.0 --port 8000"):
+        "serves until stopped on every interface; tests/test_serve.py runs the server on 127.0.0.1",
+    normalize("xlstm-metal mlx-lm lora --model runs/m/export --train --data data/ --iters 100 "
+              "--adapter-path runs/m/lora"):
+        "needs a data/ directory of train/valid JSON Lines; tests/test_mlx_lm.py runs mlx-lm's lora for 3 "
+        "iterations on tiny models and checks that the adapters change the output",
+    normalize("xlstm-metal mlx-lm server --model runs/m/export --port 8081"):
+        "serves until stopped; tests/test_serve.py serves the same model module through `xlstm-metal serve`",
     normalize("xlstm-metal train data/ --out runs/m --config pydoc-4m --max-time 600 --export runs/m/export"):
         "a 10-minute training run from scratch (its point is the time budget); tests/test_train_cli.py and "
         "tests/test_train_reliability.py run the same flags (--max-time, --export, --config) on tiny runs",
