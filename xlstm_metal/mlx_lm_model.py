@@ -33,15 +33,13 @@ from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
 from .config import xLSTMConfig
-from .loading import sanitize_xlstm_large
 from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
+from .loading import sanitize_xlstm_large
 from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
 
 #: Gate projections kept in float by quant_predicate (xLSTM-Large; 2024 mLSTM and sLSTM).
 FLOAT_GATES = ("igate_preact", "fgate_preact", "igate", "fgate")
-
-
 #: Keys mlx-lm adds to config.json's dict at load time (its own runtime settings).
 MLX_LM_RUNTIME_KEYS = ("quantize_activations",)
 
@@ -66,10 +64,8 @@ class Model(nn.Module):
     chosen from the config, so each keeps its own model class's parameters and methods.
     """
 
-    def __new__(cls, args: ModelArgs | None = None, *rest, **kwargs):
+    def __new__(cls, args: ModelArgs):
         if cls is Model:
-            if args is None:
-                raise TypeError("Model(args) needs the ModelArgs of a config.json")
             cls = Model2024 if is_xlstm_2024_config(args.config) else ModelLarge
         return super().__new__(cls)
 
@@ -90,8 +86,9 @@ class Model(nn.Module):
             logits, state = self._forward(inputs, state)
         else:
             logits, state = self._masked_forward(inputs, state, mask)
-        for c, block_state in zip(cache, state):
-            c.cache = list(block_state)
+        for index, c in enumerate(cache):
+            if state is not None:  # None: a piece of padding only, before any state existed
+                c.cache = list(state[index])
             c.advance(inputs.shape[1])
         return logits
 
@@ -113,9 +110,6 @@ class Model(nn.Module):
                 raise ValueError("a padding mask must mark one contiguous run of positions per row")
             runs.append((int(where[0]), int(where[-1]) + 1) if where.size else (0, 0))
         cuts = sorted({0, S, *(p for run in runs for p in run)})
-        if state is None:
-            state = self.make_state(B)
-        state = [tuple(block_state) for block_state in state]
         pieces = []
         for a, b in zip(cuts, cuts[1:]):
             rows = [r for r, (start, stop) in enumerate(runs) if start <= a and b <= stop]
@@ -125,8 +119,10 @@ class Model(nn.Module):
                 logits, state = self._forward(inputs[:, a:b], state)
             else:
                 idx = mx.array(rows)
-                sub = [tuple(x[idx] for x in block_state) for block_state in state]
+                sub = None if state is None else [tuple(x[idx] for x in block_state) for block_state in state]
                 logits, sub = self._forward(inputs[idx, a:b], sub)
+                if state is None:  # rows not run yet hold the zero state (what state=None means)
+                    state = [tuple(mx.zeros((B, *y.shape[1:]), y.dtype) for y in block_state) for block_state in sub]
                 state = [tuple(_put_rows(x, idx, y) for x, y in zip(old, new)) for old, new in zip(state, sub)]
             pieces.append((rows, a, b, logits))
         if not pieces:  # all padding: nothing to compute
