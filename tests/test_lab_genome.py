@@ -68,3 +68,18 @@ def test_evolve_respects_the_budget_and_climbs_a_score(tmp_path):
     assert genome_of(best) == result.best[0].genome
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert len(lines) == len(result.history) and json.loads(lines[0])["scores"]
+
+
+def test_evolve_through_the_tuning_machinery():
+    from xlstm_metal.lab.evolve import evolve_optuna
+
+    def score(arch):
+        names = [b["spec"] for b in arch["blocks"]]
+        return {"mlstm_share": names.count("mlstm") / len(names)}
+
+    budget = count_parameters(load_arch("hybrid"), 16, 16, 4)
+    result = evolve_optuna(score, budget=budget, population=4, generations=3, seed=0, dim=16, vocab_size=16,
+                           min_blocks=2, max_blocks=3)
+    assert result.history and all(h["parameters"] <= budget for h in result.history)
+    assert result.best[0].fitness == max(h["fitness"] for h in result.history) > 0
+    assert 2 <= len(result.best[0].genome) <= 3

@@ -9,7 +9,8 @@ Example::
 
 Writes best-1.yaml ... (architectures `mad --arch` and `train --arch` read), history.jsonl (one
 line per scored candidate: genome, blocks, parameters, scores), summary.json and evolution.png.
-Parameters are counted at the preset's width with the task vocabulary.
+Parameters are counted at the preset's width with the task vocabulary. ``--engine optuna``
+runs the search through the tuning machinery (Optuna's NSGA-II genetic sampler).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-blocks", type=int, default=6, help="most blocks of a candidate (default: 6)")
     p.add_argument("--start", default="mlstm,attention,hybrid",
                    help="architectures in the first population (default: mlstm,attention,hybrid; '' for none)")
+    p.add_argument("--engine", choices=("star", "optuna"), default="star",
+                   help="star: STAR-style mutation and crossover of genomes (default); optuna: the tuning "
+                   "machinery's NSGA-II genetic sampler over fixed-length genomes (needs optuna)")
     p.add_argument("--top", type=int, default=3, help="best architectures written (default: 3)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -44,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..lab.evolve import evolve, mad_score_fn, write_outputs
+    from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, write_outputs
     from ..lab.mad import PRESETS, task_names
 
     try:
@@ -73,12 +77,19 @@ def run(args) -> int:
         print(f"gen {cand.generation} fitness {cand.fitness:.3f} params {cand.parameters:,}: "
               f"{' '.join(b['spec'] for b in cand.arch['blocks'])}", file=sys.stderr)
 
+    common = dict(budget=args.budget, population=args.population, generations=args.generations, seed=args.seed,
+                  min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim, num_heads=preset.num_heads,
+                  vocab_size=vocab, on_candidate=report, progress=sys.stderr.isatty())
+    score = mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs)
     try:
-        result = evolve(mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs), budget=args.budget,
-                        population=args.population, generations=args.generations, seed=args.seed,
-                        min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim,
-                        num_heads=preset.num_heads, vocab_size=vocab, start=start, on_candidate=report,
-                        progress=sys.stderr.isatty())
+        if args.engine == "optuna":
+            try:
+                import optuna  # noqa: F401
+            except ImportError:
+                raise UsageError("--engine optuna needs optuna (pip install optuna)") from None
+            result = evolve_optuna(score, **common)
+        else:
+            result = evolve(score, start=start, **common)
     except ValueError as err:
         raise UsageError(str(err)) from None
     written = write_outputs(result, out, top=args.top, meta={

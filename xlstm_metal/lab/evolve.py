@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .genome import Genome, crossover, genome_of, mutate, normalise, random_genome, spec_of
+from .genome import _SIZES as GENE_SIZES
+from .genome import OPERATORS, Genome, crossover, genome_of, mutate, normalise, random_genome, spec_of
 from .library import load_arch
 from .mad import run_task
 from .model import LabConfig, LabModel
@@ -159,6 +160,70 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
     return SearchResult(ranked, history)
 
 
+# ------------------------------------------------------------------ the tuning machinery
+def _genome_from_params(params: dict[str, Any], max_blocks: int) -> Genome:
+    genome = []
+    for i in range(max_blocks):
+        op = params[f"op{i}"]
+        if op == "none":
+            continue
+        genome.append((OPERATORS.index(op), params[f"heads{i}"], params[f"kv{i}"], params[f"qk{i}"], params[f"exp{i}"]))
+    return normalise(genome)
+
+
+def evolve_optuna(score: ScoreFn, *, budget: int, population: int = 6, generations: int = 3, seed: int = 0,
+                  min_blocks: int = 2, max_blocks: int = 6, dim: int = 64, num_heads: int = 4,
+                  vocab_size: int = 16, on_candidate: Callable[[Candidate], None] | None = None,
+                  progress: bool = False) -> SearchResult:
+    """The same search through ``xlstm_metal.tuning`` (Optuna's NSGA-II genetic sampler, seeded):
+    a genome is ``max_blocks`` slots of (operator or "none", heads, kv, qk, expansion); a trial
+    with fewer than ``min_blocks`` blocks or above the budget fails (Optuna then breeds from
+    the others)."""
+    from ..tuning import SweepSettings, search
+    from ..tuning.objectives import COMPLETE, Objective
+
+    if budget <= 0:
+        raise ValueError("the parameter budget must be positive")
+    cache: dict[tuple, Candidate] = {}
+    history: list[dict[str, Any]] = []
+
+    class ArchitectureObjective(Objective):
+        name, direction, metric = "architecture", "maximize", "mad"
+
+        def suggest(self, trial) -> dict[str, Any]:
+            out = {}
+            for i in range(max_blocks):
+                choices = list(OPERATORS) + (["none"] if i >= min_blocks else [])
+                out[f"op{i}"] = trial.suggest_categorical(f"op{i}", choices)
+                for gene, n in zip(("heads", "kv", "qk", "exp"), GENE_SIZES[1:]):
+                    out[f"{gene}{i}"] = trial.suggest_int(f"{gene}{i}", 0, n - 1)
+            return out
+
+        def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
+            genome = _genome_from_params(params, max_blocks)
+            params_count = count_parameters(spec_of(genome), vocab_size, dim, num_heads)
+            if params_count > budget:
+                return {"status": "over_budget", "value": None, "parameters": params_count,
+                        "reason": f"{params_count:,} parameters > budget {budget:,}"}
+            key = tuple(map(tuple, genome))
+            if key not in cache:
+                cand = Candidate(genome, spec_of(genome, f"evolved-{len(cache)}"), params_count,
+                                 generation=int(params.get("_trial", 0)) // population)
+                cand.scores = score(cand.arch)
+                cache[key] = cand
+                history.append(cand.record())
+                if on_candidate is not None:
+                    on_candidate(cand)
+            cand = cache[key]
+            return {"status": COMPLETE, "value": cand.fitness, "parameters": params_count, "scores": cand.scores}
+
+    search(ArchitectureObjective(), SweepSettings(mode="ga", population=population, generations=generations,
+                                                  seed=seed, progress=progress))
+    if not cache:
+        raise ValueError(f"no architecture fits the parameter budget of {budget:,}")
+    return SearchResult(sorted(cache.values(), key=lambda c: c.fitness, reverse=True), history)
+
+
 def write_outputs(result: SearchResult, out: Path, *, top: int = 3, meta: dict[str, Any] | None = None) -> list[Path]:
     """best-N.yaml (architectures ``xlstm-metal mad --arch`` reads), history.jsonl,
     summary.json and evolution.png in ``out``."""
@@ -210,4 +275,4 @@ def _atomic(path: Path, text: str) -> Path:
     return path
 
 
-__all__ = ["evolve", "mad_score_fn", "write_outputs", "count_parameters", "Candidate", "SearchResult"]
+__all__ = ["evolve", "evolve_optuna", "mad_score_fn", "write_outputs", "count_parameters", "Candidate", "SearchResult"]
