@@ -22,3 +22,23 @@ def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> d
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-empty line of the JSON Lines file ``path``; ``error``
+    naming the file (and line) if it is unreadable or a line is not JSON."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise error(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{n}: not JSON: {err}") from None
+    return out

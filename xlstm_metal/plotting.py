@@ -35,21 +35,9 @@ class PlotError(ValueError):
 
 # ------------------------------------------------------------------------------ reading
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise PlotError(f"cannot read {path}: {err}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PlotError(f"{path}:{n}: not JSON: {err}") from None
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    from .jsonfiles import read_jsonl
+
+    return [record for _, record in read_jsonl(path, PlotError) if isinstance(record, dict)]
 
 
 def classify(path: str | os.PathLike) -> str:

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..jsonfiles import read_jsonl
 from . import UsageError
 
 RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
@@ -56,17 +57,7 @@ def read_records(sources: list[str]) -> list[dict]:
             raise UsageError(f"--outputs: no such file or directory: {path}")
     records = []
     for file in files:
-        try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"cannot read {file}: {err}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{file}:{n}: not JSON: {err}") from None
+        for n, record in read_jsonl(file, UsageError):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UsageError(f"{file}:{n}: a record needs a string 'text' field")
             if record.get("prompt") is not None and not isinstance(record["prompt"], str):

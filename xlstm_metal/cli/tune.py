@@ -82,29 +82,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts of a file: JSON Lines records' "prompt" (or "text") field, else one per non-empty line."""
-    import json
+    from ..jsonfiles import read_jsonl
 
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"prompt file not found: {file}") from None
-    except (IsADirectoryError, UnicodeDecodeError, OSError) as err:
-        raise UsageError(f"cannot read prompt file {file}: {err}") from None
     prompts = []
     if file.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{file}:{n}: not JSON: {err}") from None
+        for n, record in read_jsonl(file, UsageError):
             value = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 raise UsageError(f"{file}:{n}: a record needs a string 'prompt' (or 'text') field")
             prompts.append(value)
     else:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"prompt file not found: {file}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read prompt file {file}: {err}") from None
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"prompt file {file} holds no prompts")

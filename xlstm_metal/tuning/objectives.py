@@ -30,10 +30,6 @@ REJECTED = "rejected"
 COMPLETE = "complete"
 
 
-def _now() -> float:
-    return time.time()
-
-
 class Objective:
     """Base class: ``direction`` is "maximize" or "minimize"; ``metric`` names the value."""
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import MemoryLimitExceeded, current_job
-from .objectives import COMPLETE, REJECTED, Objective
+from .objectives import COMPLETE, Objective
 
 OUTPUT_FILES = ("run_meta.json", "trials.jsonl", "summary.csv", "best.json", "study.db", "study.db-wal", "study.db-shm",
                 "profile.json")
@@ -426,5 +426,4 @@ def _reap(processes: list, timeout: float = 30.0) -> None:
 
 
 __all__ = ["SweepError", "SweepResult", "SweepSettings", "best_record", "run_sweep", "run_trial", "search",
-           "write_outputs",
-           "REJECTED"]
+           "write_outputs"]
