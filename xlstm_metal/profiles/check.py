@@ -181,7 +181,7 @@ def _load_float32(source) -> Any:
     return source
 
 
-def _copy_model(model, dtype: str = "float32"):
+def copy_model(model, dtype: str = "float32"):
     """A new model of the same class and config holding ``model``'s weights in ``dtype``."""
     from mlx.utils import tree_flatten
 
@@ -202,7 +202,7 @@ def reference_model(model):
     """Float32 copy with the reference kernels and float32 state (the checkpoint's eps/caps)."""
     from ..config import xLSTMConfig
 
-    ref = _copy_model(model)
+    ref = copy_model(model)
     if isinstance(ref.config, xLSTMConfig):
         from . import HyperProfile as _P
 
@@ -221,13 +221,15 @@ def check_profile(
     batch: int = 2,
     seed: int = 0,
     reference_cache: dict | None = None,
+    subject: Any = None,
 ) -> CheckResult:
     """Compare ``profile`` on this model with the float32 reference (see the module docstring).
 
     ``model_or_path``: a checkpoint directory or a model (not modified; its weights are taken
     as float32). ``reference``: "auto", "mlx" or "nxai". ``reference_cache``: a dict kept across
     calls on the same model, so the reference runs once per input shape (``tune`` checks every
-    trial).
+    trial). ``subject``: the model already under ``profile`` to check (default: a copy of the
+    base model with the profile applied), so a caller can check the very model it then runs.
     """
     from ..config import xLSTMConfig
 
@@ -248,7 +250,8 @@ def check_profile(
     prompt = rng.integers(0, vocab, size=(batch, 2 * chunk + 7))
     decode = rng.integers(0, vocab, size=(batch, decode_steps))
 
-    subject = apply_profile(_copy_model(base), profile)
+    if subject is None:
+        subject = apply_profile(copy_model(base), profile)
     outs, logits, state = _run_ours(subject, prompt, decode)
     key = (reference, prompt.shape, decode.shape, seed)
     cached = None if reference_cache is None else reference_cache.get(key)

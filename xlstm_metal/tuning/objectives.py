@@ -156,18 +156,18 @@ class SpeedObjective(Objective):
     def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
         from .. import benchmark as bm
         from ..profiles import apply_profile, load_profile
-        from ..profiles.check import _copy_model, check_profile
+        from ..profiles.check import check_profile, copy_model
 
         base = self._base()
         profile = self.profile_for(params)
+        model = apply_profile(copy_model(base["model"]), profile)  # checked, then measured
         check = check_profile(base["model"], profile, reference="mlx", decode_steps=2, batch=1, seed=self.seed,
-                              reference_cache=base["reference"])
+                              reference_cache=base["reference"], subject=model)
         record: dict[str, Any] = {"max_rel_error": check.max_error, "tolerance": check.tolerance}
         if not check.passed:
             return {**record, "status": REJECTED, "value": None,
                     "reason": f"error {check.max_error:.3e} > tolerance {check.tolerance:g} of profile "
                               f"{load_profile(self.base_profile).name}"}
-        model = apply_profile(_copy_model(base["model"]), profile)
         if self.metric in ("prefill", "both"):
             p = bm.measure_prefill(model, self.prefill_length, chunk=params["prefill_chunk"], repeats=self.repeats,
                                    seed=self.seed)
