@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import tiny_model
+from test_monitor import wait_for
 from test_tokenizer import train_tiny_tokenizer
 
 from xlstm_metal.cli import main
@@ -19,16 +20,6 @@ from xlstm_metal.cli.top import main as xltop_main
 from xlstm_metal.loading import save_model
 from xlstm_metal.monitor import read_jobs
 from xlstm_metal.monitor.top import sparkline
-
-
-def wait_for(predicate, timeout=60.0, step=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("timed out")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,8 @@ def job(tmp_path_factory):
                              "-n", "1000000", "--temp", "0"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: proc.poll() is not None or any(j.get("phase") == "decode" for j in read_jobs(runtime)))
+        wait_for(lambda: proc.poll() is not None or any(j.get("phase") == "decode" for j in read_jobs(runtime)),
+                 timeout=120)
         assert proc.poll() is None, proc.stderr.read()
         yield proc, runtime, env
     finally:
