@@ -317,3 +317,22 @@ def test_tune_stops_between_trials_at_the_hard_limit_and_resumes(tmp_path):
     resumed = run_sweep(FunctionObjective("sphere", 2), tmp_path / "cut", settings(), resume=True)
     strip = [(r["number"], r["status"], r["value"], r["params"]) for r in resumed.trials]
     assert strip == [(r["number"], r["status"], r["value"], r["params"]) for r in full.trials]
+
+
+def test_serve_answers_503_over_the_hard_limit_until_back_under_soft(tmp_path):
+    pytest.importorskip("mlx_lm")
+    from test_serve import post, write_checkpoint
+
+    from xlstm_metal.serve import make_server, server_args
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    wd, script = watchdog(tmp_path, [100, 1200, 800, 400], hard_action="refuse")
+    with job_status("serve", watchdog=None, hard_action="refuse") as job:
+        job.watchdog = wd  # scripted usage: under, over hard, over soft, under soft
+        with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+            answers = []
+            for _ in range(4):
+                script.step(wd)
+                answers.append(post(srv.url, "/v1/completions", {"prompt": "the cat", "max_tokens": 3}))
+    assert [status for status, _ in answers] == [200, 503, 503, 200]
+    assert "memory limit" in answers[1][1]["error"] and answers[3][1]["choices"][0]["text"]
