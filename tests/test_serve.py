@@ -248,6 +248,9 @@ def test_mlx_lm_command_trusts_only_our_model_file(ckpt, reference, tmp_path, ca
     assert run(other) == 2
     assert "trust_remote_code" in capsys.readouterr().err
     assert run(other, "--trust-remote-code") == 0
+    capsys.readouterr()
+    assert main(["mlx-lm", "convert", "-q"]) == 2
+    assert "--hf-path" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mlx-lm is not installed ({err}); pip install 'xlstm-metal[serve]'") from None
     register_model_type()
     forwarded = list(args.mlx_lm_args)
-    if "--trust-remote-code" not in forwarded and writes_our_shim(model_argument(args.mlx_lm_command, forwarded)):
+    model = model_argument(args.mlx_lm_command, forwarded)
+    if args.mlx_lm_command == "convert" and model is None and not {"-h", "--help"} & set(forwarded):
+        raise UsageError("mlx-lm convert needs the model to convert: --hf-path DIR (or --model DIR)")
+    if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved = sys.argv
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
