@@ -334,5 +334,7 @@ def test_serve_answers_503_over_the_hard_limit_until_back_under_soft(tmp_path):
             for _ in range(4):
                 script.step(wd)
                 answers.append(post(srv.url, "/v1/completions", {"prompt": "the cat", "max_tokens": 3}))
+            # Two requests answered, 3 tokens each (this checkpoint has no EOS), none streaming now.
+            assert (job.fields["done"], job.fields["tokens"], job.fields["phase"]) == (2, 6, "idle")
     assert [status for status, _ in answers] == [200, 503, 503, 200]
     assert "memory limit" in answers[1][1]["error"] and answers[3][1]["choices"][0]["text"]

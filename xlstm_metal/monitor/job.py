@@ -96,6 +96,8 @@ class JobStatus:
         self._publisher_cpu = 0.0
         self._publishes = 0
         self._old_sigterm: Any = None
+        self._count_lock = threading.Lock()
+        self._active = 0
 
     # ------------------------------------------------------------------ job side (cheap)
     def update(self, **fields: Any) -> None:
@@ -128,6 +130,25 @@ class JobStatus:
         """Run ``callback`` at the next :meth:`check` after the soft limit is crossed."""
         if self.watchdog is not None:
             self.watchdog.on_soft(callback)
+
+    def track_requests(self, responses: Iterable[Any]) -> Iterator[Any]:
+        """Servers: pass one request's stream of generated pieces (one token each) through,
+        counting requests (``done``) and tokens, from any handler thread; the phase is
+        "serve" while a request streams, "idle" otherwise."""
+        fields = self.fields
+        with self._count_lock:
+            self._active += 1
+            fields.update(phase="serve", done=(fields.get("done") or 0) + 1, unit="requests")
+        try:
+            for piece in responses:
+                with self._count_lock:
+                    fields["tokens"] = (fields.get("tokens") or 0) + 1
+                yield piece
+        finally:
+            with self._count_lock:
+                self._active -= 1
+                if not self._active:
+                    fields["phase"] = "idle"
 
     def shrink_prefill_on_soft(self, runner: Any, floor: int = 128) -> None:
         """At the soft limit, halve ``runner.prefill_chunk_size`` (not below ``floor``): the
@@ -307,6 +328,9 @@ class _NoJob:
 
     def track_generation(self, chunks: Iterable[Any], total: int | None = None) -> Iterable[Any]:
         return chunks
+
+    def track_requests(self, responses: Iterable[Any]) -> Iterable[Any]:
+        return responses
 
 
 _CURRENT: JobStatus | None = None

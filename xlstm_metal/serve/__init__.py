@@ -161,6 +161,16 @@ def _check_messages(messages: Any) -> None:
             raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
 
 
+class ResponseGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's generator; each request's tokens are counted for `xlstm-metal top`."""
+
+    def generate(self, request, generation_args, progress_callback=None):
+        from ..monitor import current_job
+
+        ctx, responses = super().generate(request, generation_args, progress_callback)
+        return ctx, current_job().track_requests(responses)
+
+
 class APIHandler(mlx_server.APIHandler):
     """mlx-lm's request handler, plus the chat page at ``/`` and stricter request checks."""
 
@@ -278,7 +288,7 @@ def make_server(cli_args: argparse.Namespace) -> Server:
         raise ServeError(f"cannot listen on {cli_args.host}:{cli_args.port}: {err.strerror or err}") from None
     httpd.daemon_threads = True
     provider = ModelProvider(cli_args)
-    generator = mlx_server.ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    generator = ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
     provider.ready.wait()
     if provider.load_error is not None:
         generator.stop_and_join()
