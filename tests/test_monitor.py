@@ -239,6 +239,15 @@ def test_dead_and_reused_pids_are_skipped_and_cleaned(runtime):
     assert sorted(p.name for p in runtime.iterdir()) == ["junk.json"]
 
 
+def test_an_unusable_runtime_directory_does_not_stop_the_job(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(blocker / "sub"))  # under a file: cannot be made
+    assert main(["generate", "--prompt", "def f", "-n", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "warning: no status record" in err
+
+
 def test_sigterm_removes_the_record(runtime, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(

@@ -78,8 +78,12 @@ class JobStatus:
         if self.argv and self.argv[0].endswith(("xlstm_metal/__main__.py", "xlstm_metal\\__main__.py")):
             self.argv[0] = "xlstm-metal"  # `python -m xlstm_metal` reads as the command it is
         self.interval = float(interval or os.environ.get("XLSTM_STATUS_INTERVAL") or DEFAULT_INTERVAL)
-        self.directory = directory or runtime_dir()
-        self.path = record_path(self.pid, self.directory)
+        try:
+            self.directory: Path | None = directory or runtime_dir()
+        except OSError as err:  # the job runs on without a record (and with its watchdog)
+            print(f"xlstm-metal: warning: no status record for `xlstm-metal top`: {err}", file=sys.stderr)
+            self.directory = None
+        self.path = record_path(self.pid, self.directory) if self.directory else None
         self.fields: dict[str, Any] = {"phase": "load", "model": model, "unit": "tokens"}
         self.watchdog = MemoryWatchdog(watchdog, hard_action=hard_action) if watchdog and watchdog.enabled else None
         self._device = device_kind()
@@ -217,10 +221,14 @@ class JobStatus:
 
     def publish(self) -> None:
         """Write the record now (atomically)."""
+        if self.path is None:
+            return
         atomic_write_json(self.path, self.record())
         self._publishes += 1
 
     def _run_command(self) -> None:
+        if self.directory is None:
+            return
         cmd = take_command(self.pid, self.directory)
         if cmd is None:
             return
@@ -269,6 +277,8 @@ class JobStatus:
         return self
 
     def _remove(self) -> None:
+        if self.path is None:
+            return
         for path in (self.path, self.path.with_suffix(".cmd")):
             try:
                 path.unlink()

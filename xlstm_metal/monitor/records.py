@@ -37,6 +37,9 @@ def runtime_dir(create: bool = True) -> Path:
         path = Path(tempfile.gettempdir()) / f"xlstm-metal-{uid}"
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+            # A shared temporary directory: never write records into someone else's folder.
+            raise PermissionError(f"{path} belongs to another user; set XLSTM_RUNTIME_DIR")
     return path
 
 
