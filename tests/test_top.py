@@ -78,6 +78,13 @@ def test_text_snapshot_and_xltop(job, capsys, monkeypatch):
     assert xltop_main(["--interval", "0"]) == 2
     assert "--interval must be between" in capsys.readouterr().err
     assert main(["top", "--count", "3"]) == 2  # --count needs --json
+    assert main(["top", "--json", "--once", "--count", "3"]) == 2
+    assert "--count goes with --json" in capsys.readouterr().err
+    assert main(["top", "--clear-cache", str(proc.pid)]) == 0
+    assert f"asked {proc.pid} to clear its MLX cache" in capsys.readouterr().err
+    assert wait_for(lambda: [j for j in read_jobs(runtime) if j.get("last_command")])
+    assert main(["top", "--clear-cache", "999999999"]) == 2
+    assert "no running xlstm-metal job with pid 999999999" in capsys.readouterr().err
 
 
 def test_sparkline():
@@ -148,12 +155,14 @@ def test_terminal_ui_shows_the_job_clears_its_cache_and_kills_it(job, monkeypatc
             assert "no jobs running" not in str(app.query_one("#machine", Static).render())
             assert app.selected_pid() == proc.pid
 
+            before = (next(iter(read_jobs(runtime)), {}).get("last_command") or {}).get("at", 0)
             await pilot.press("c")  # the job clears its MLX cache and says so in its record
             for _ in range(100):
                 rec = next(iter(read_jobs(runtime)), {})
-                if rec.get("last_command"):
+                if (rec.get("last_command") or {}).get("at", 0) > before:
                     break
                 await pilot.pause(0.1)
+            assert rec["last_command"]["at"] > before
             assert rec["last_command"]["command"] == "clear_cache" and rec["last_command"]["ok"]
 
             await pilot.press("s")

@@ -37,7 +37,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between refreshes (default 1; the UI's + / - change it)")
     parser.add_argument("--count", type=int, default=None, metavar="N", help="with --json: stop after N objects")
     parser.add_argument("--sort", choices=("pid", "command", "tokens_per_s", "memory", "progress"), default="pid",
-                        help="row order (default pid)")
+                        help="row order (default pid; tokens_per_s, memory and progress: largest first)")
     parser.add_argument("--clear-cache", type=int, metavar="PID", help="ask job PID to clear its MLX cache, then exit")
 
 
@@ -51,14 +51,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..monitor.records import send_command
-    from ..monitor.top import MAX_INTERVAL, MIN_INTERVAL, Monitor, render_text, sort_jobs
+    from ..monitor.top import DESCENDING, MAX_INTERVAL, MIN_INTERVAL, Monitor, render_text, sort_jobs
 
     if not MIN_INTERVAL <= args.interval <= MAX_INTERVAL:
         raise UsageError(f"--interval must be between {MIN_INTERVAL} and {MAX_INTERVAL} seconds, got {args.interval}")
     if args.count is not None and args.count < 1:
         raise UsageError(f"--count must be >= 1, got {args.count}")
-    if args.count is not None and not args.json:
-        raise UsageError("--count goes with --json")
+    if args.count is not None and (not args.json or args.once):
+        raise UsageError("--count goes with --json (a stream), not with --once or the live view")
     if args.clear_cache is not None:
         try:
             send_command(args.clear_cache, "clear_cache")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             while True:
                 snapshot = monitor.poll(interval)
-                snapshot["jobs"] = sort_jobs(snapshot["jobs"], args.sort, args.sort in ("tokens_per_s", "memory", "progress"))
+                snapshot["jobs"] = sort_jobs(snapshot["jobs"], args.sort, args.sort in DESCENDING)
                 if args.json:
                     print(json.dumps(snapshot, default=str), flush=True)
                 else:
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..monitor.tui import TopApp
 
     app = TopApp(interval=args.interval, monitor=monitor)
-    app.sort_key = args.sort
+    app.sort_key, app.reverse = args.sort, args.sort in DESCENDING
     app.run()
     return 0
 

@@ -19,6 +19,7 @@ HISTORY = 60              # samples of history kept per job (sparklines)
 SPARK = "▁▂▃▄▅▆▇█"
 MIN_INTERVAL, MAX_INTERVAL = 0.2, 60.0
 SORT_KEYS = ("pid", "command", "tokens_per_s", "memory", "progress")
+DESCENDING = ("tokens_per_s", "memory", "progress")  # sorted largest first
 COLUMNS = ("PID", "COMMAND", "MODEL", "PHASE", "PROGRESS", "TOK/S", "TOK/S HISTORY", "MEMORY", "MEM HISTORY",
            "MLX ACT/PEAK/CACHE", "RSS", "STEP", "LOSS", "LR", "DEVICE", "UP")
 

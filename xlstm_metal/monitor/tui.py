@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from .top import (
     COLUMNS,
+    DESCENDING,
     MAX_INTERVAL,
     MIN_INTERVAL,
     NO_JOBS,
@@ -164,7 +165,7 @@ class TopApp(App):
     # ------------------------------------------------------------------ actions
     def action_sort(self) -> None:
         self.sort_key = SORT_KEYS[(SORT_KEYS.index(self.sort_key) + 1) % len(SORT_KEYS)]
-        self.reverse = self.sort_key in ("tokens_per_s", "memory", "progress")  # biggest first
+        self.reverse = self.sort_key in DESCENDING
         self.refresh_data()
 
     def action_reverse(self) -> None:
