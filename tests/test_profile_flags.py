@@ -67,3 +67,19 @@ def test_train_profile_sets_numerics_and_gate_init(custom, tmp_path):
     bias = np.array(model.blocks[0].mlstm_layer.igate_preact.bias)
     assert np.allclose(bias, -4.0, atol=1e-3)  # the profile's gate init (lr 1e-9: two steps move nothing)
     assert np.allclose(np.array(model.blocks[0].mlstm_layer.fgate_preact.bias), [1.0, 2.0], atol=1e-3)
+
+
+def test_serve_loads_the_model_under_the_profile(custom, capsys):
+    pytest.importorskip("mlx_lm")
+    from xlstm_metal.serve import ServeError, load_for_serving, server_args
+
+    model, _ = load_for_serving(DEFAULT_MODEL_DIR, profile=str(custom))
+    cell = model.blocks[0].mlstm_layer.parallel_kernel_cell
+    assert (cell.kernel, cell.chunk_size, cell.state_dtype) == ("parallel", 8, mx.bfloat16)
+    with pytest.raises(ServeError, match="unknown profile"):
+        load_for_serving(DEFAULT_MODEL_DIR, profile="nope")
+    args = build_parser().parse_args(["serve", "--profile", str(custom), "--dtype", "bfloat16"])
+    assert args.profile == str(custom)
+    assert server_args(DEFAULT_MODEL_DIR, profile=load_profile(custom)).profile.name == "custom"
+    assert main(["serve", "--profile", "nope", "--port", "0"]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from . import UsageError
+from .profile import add_profile_argument, profile_from_args
 
 DESCRIPTION = """\
 Serve an xLSTM model over HTTP: /v1/completions and /v1/chat/completions (OpenAI's API,
@@ -24,6 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
+    add_profile_argument(parser)
     parser.add_argument("--adapter-path", help="LoRA adapters trained with mlx_lm.lora (or `xlstm-metal mlx-lm lora`)")
     parser.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request (default: 512)")
     parser.add_argument("--temp", type=float, default=0.0, help="default temperature (default: 0, greedy)")
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
     cli_args = server_args(
         args.model or DEFAULT_MODEL_DIR, host=args.host, port=args.port, dtype=args.dtype,
+        profile=profile_from_args(args, dtype=args.dtype),
         adapter_path=args.adapter_path, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,

@@ -54,7 +54,7 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
         use_default_chat_template=False, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=512,
         chat_template_args={}, decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048,
         prompt_cache_size=10, prompt_cache_bytes=None, kv_bits=None, kv_group_size=64,
-        quantized_kv_start=mlx_server.DEFAULT_QUANTIZED_KV_START, pipeline=False, dtype=None,
+        quantized_kv_start=mlx_server.DEFAULT_QUANTIZED_KV_START, pipeline=False, dtype=None, profile=None,
     )
     unknown = set(overrides) - set(args)
     if unknown:
@@ -63,11 +63,13 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
     return argparse.Namespace(**args)
 
 
-def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, dtype: str | None = None):
+def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, dtype: str | None = None,
+                     profile: Any = None):
     """(mlx-lm model, mlx-lm TokenizerWrapper) for a checkpoint, through our loader.
 
     ``dtype`` defaults to float32 on CPUs and bfloat16 on GPUs (MLX's half-precision CPU matmul
-    is slow). Raises :class:`ServeError` naming the problem.
+    is slow). ``profile``: a HyperProfile (or its name / file) applied to the model; its dtype
+    then decides. Raises :class:`ServeError` naming the problem.
     """
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_tokenizer as mlx_lm_tokenizer
@@ -84,7 +86,17 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
         ours = load_tokenizer(directory)
         if ours is None:
             raise ServeError(f"model {path} has no tokenizer.json; serving text needs one")
-        model = from_xlstm_metal(load_model(directory, dtype=dtype or default_dtype()))
+        if profile is not None:
+            from ..profiles import ProfileError, apply_profile, load_profile
+
+            try:
+                profile = load_profile(profile)
+                inner = apply_profile(load_model(directory, dtype=profile.dtype), profile)
+            except ProfileError as err:
+                raise ServeError(str(err)) from None
+        else:
+            inner = load_model(directory, dtype=dtype or default_dtype())
+        model = from_xlstm_metal(inner)
     except (CheckpointError, ConfigError, TokenizerError, TypeError) as err:
         raise ServeError(str(err)) from None
     if adapter_path is not None:
@@ -92,8 +104,8 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
             model = load_adapters(model, adapter_path)
         except (OSError, ValueError, KeyError) as err:
             raise ServeError(f"cannot load adapters from {adapter_path}: {err}") from None
-    elif callable(getattr(model, "fuse", None)):
-        model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up per block
+    elif profile is None and callable(getattr(model, "fuse", None)):
+        model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up per block (a profile decides itself)
     model.eval()
     tokenizer = mlx_lm_tokenizer(directory, {}, eos_token_ids=ours.eos_token_ids or None)
     hf = tokenizer._tokenizer
@@ -137,7 +149,8 @@ class ModelProvider(mlx_server.ModelProvider):
         self.reset()
         gc.collect()
         mx.clear_cache()
-        model, tokenizer = load_for_serving(model_path, adapter_path, self.cli_args.dtype)
+        model, tokenizer = load_for_serving(model_path, adapter_path, self.cli_args.dtype,
+                                            getattr(self.cli_args, "profile", None))
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model, self.tokenizer = model, tokenizer
         self.processor = None
