@@ -347,3 +347,16 @@ def test_serve_answers_503_over_the_hard_limit_until_back_under_soft(tmp_path):
             assert (job.fields["done"], job.fields["tokens"], job.fields["phase"]) == (2, 6, "idle")
     assert [status for status, _ in answers] == [200, 503, 503, 200]
     assert "memory limit" in answers[1][1]["error"] and answers[3][1]["choices"][0]["text"]
+
+
+def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):
+    out = tmp_path / "mad"
+    assert main(["mad", "--arch", "mlstm", "--tasks", "memorization", "--epochs", "1", "--out", str(out),
+                 "--mem-hard", "2MB"]) == 3
+    assert "0 of 1 tasks were scored" in capsys.readouterr().err and not (out / "results.json").exists()
+    out = tmp_path / "ev"
+    assert main(["evolve", "--budget", "2000000", "--population", "2", "--generations", "2", "--tasks",
+                 "memorization", "--epochs", "1", "--start", "mlstm", "--min-blocks", "2", "--max-blocks", "2",
+                 "--out", str(out), "--mem-hard", "2MB"]) == 3
+    err = capsys.readouterr().err
+    assert "hard limit 2.0 MB" in err and "1 candidates were scored" in err and not (out / "summary.json").exists()

@@ -21,7 +21,7 @@ SUBCOMMANDS = (
 )
 #: Commands that run as jobs: they publish status records for `xlstm-metal top` and run the
 #: memory watchdog (--mem-soft / --mem-hard / --mem-log; exit code 3 at the hard limit).
-JOB_COMMANDS = ("generate", "chat", "serve", "train", "convert", "bench", "tune")
+JOB_COMMANDS = ("generate", "chat", "serve", "train", "convert", "bench", "tune", "mad", "evolve")
 
 
 class UsageError(Exception):

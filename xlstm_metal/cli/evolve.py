@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..monitor import current_job
 from . import UsageError
 
 
@@ -73,9 +74,15 @@ def run(args) -> int:
     vocab = max(preset.task(t).settings["vocab_size"] for t in tasks)
     start = [s for s in args.start.split(",") if s.strip()]
 
+    job, scored = current_job(), [0]  # `xlstm-metal top`; after each candidate a memory-watchdog safe point
+
     def report(cand) -> None:
         print(f"gen {cand.generation} fitness {cand.fitness:.3f} params {cand.parameters:,}: "
               f"{' '.join(b['spec'] for b in cand.arch['blocks'])}", file=sys.stderr)
+        scored[0] += 1
+        job.update(phase="evolve", done=scored[0], total=args.population * args.generations, unit="candidates",
+                   message=f"generation {cand.generation}, last fitness {cand.fitness:.3f}")
+        job.check(note=f"{scored[0]} candidates were scored; nothing was written")
 
     common = dict(budget=args.budget, population=args.population, generations=args.generations, seed=args.seed,
                   min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim, num_heads=preset.num_heads,

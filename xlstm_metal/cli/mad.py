@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..monitor import current_job
 from . import UsageError
 
 
@@ -90,7 +91,10 @@ def run(args) -> int:
     from tqdm import tqdm
 
     results = []
+    job = current_job()  # `xlstm-metal top`; between tasks a memory-watchdog safe point
     for name in tqdm(tasks, desc=f"MAD {label}", unit="task", disable=args.json or not sys.stderr.isatty()):
+        job.update(phase="mad", done=len(results), total=len(tasks), unit="tasks", message=f"task {name}")
+        job.check(note=f"{len(results)} of {len(tasks)} tasks were scored; nothing was written")
         results.append(run_task(args.arch, name, preset, seed=args.seed, progress=sys.stderr.isatty(),
                                 epochs=args.epochs))
         r = results[-1]

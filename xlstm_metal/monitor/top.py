@@ -152,7 +152,7 @@ def sort_jobs(jobs: list[dict[str, Any]], key: str, reverse: bool = False) -> li
     return sorted(jobs, key=value, reverse=reverse)
 
 
-NO_JOBS = "no jobs running (xlstm-metal generate, chat, serve, train, bench, convert and tune show up here)"
+NO_JOBS = "no jobs running (xlstm-metal generate, chat, serve, train, bench, convert, tune, mad and evolve show up here)"
 
 
 def render_text(snapshot: dict[str, Any], width: int | None = None) -> str:
