@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .genome import _SIZES as GENE_SIZES
-from .genome import OPERATORS, Genome, crossover, genome_of, mutate, normalise, random_genome, spec_of
+from .genome import GENE_SIZES, OPERATORS, Genome, crossover, genome_of, mutate, normalise, random_genome, spec_of
 from .library import load_arch
 from .mad import run_task
 from .model import LabConfig, LabModel

@@ -30,7 +30,7 @@ OPERATORS = ("mlstm", "attention", "linear_attention", "gated_conv", "linear_rec
 HEADS = (1, 2, 4)
 KV_GROUPS = (1, 2)
 EXPANSIONS = (2.0, 2.667, 4.0)
-_SIZES = (len(OPERATORS), len(HEADS), len(KV_GROUPS), 2, len(EXPANSIONS))
+GENE_SIZES = (len(OPERATORS), len(HEADS), len(KV_GROUPS), 2, len(EXPANSIONS))
 _HEADED = {"mlstm", "attention", "linear_attention", "slstm"}
 _KV = {"mlstm", "attention", "linear_attention"}
 
@@ -60,8 +60,8 @@ def validate_genome(genome: Genome) -> None:
     if not genome:
         raise ValueError("a genome needs at least one block")
     for index, gene in enumerate(genome):
-        if len(gene) != len(_SIZES) or any(not 0 <= int(v) < n for v, n in zip(gene, _SIZES)):
-            raise ValueError(f"gene {index} {tuple(gene)} is outside the ranges {_SIZES}")
+        if len(gene) != len(GENE_SIZES) or any(not 0 <= int(v) < n for v, n in zip(gene, GENE_SIZES)):
+            raise ValueError(f"gene {index} {tuple(gene)} is outside the ranges {GENE_SIZES}")
 
 
 def spec_of(genome: Genome, name: str = "genome") -> dict[str, Any]:
@@ -110,7 +110,7 @@ def genome_of(arch: dict[str, Any]) -> Genome:
 
 
 def random_genome(rng: np.random.Generator, num_blocks: int) -> Genome:
-    return normalise([tuple(int(rng.integers(n)) for n in _SIZES) for _ in range(num_blocks)])
+    return normalise([tuple(int(rng.integers(n)) for n in GENE_SIZES) for _ in range(num_blocks)])
 
 
 def mutate(genome: Genome, rng: np.random.Generator, rate: float = 0.3, *, min_blocks: int = 1,
@@ -120,17 +120,17 @@ def mutate(genome: Genome, rng: np.random.Generator, rate: float = 0.3, *, min_b
     out = [list(g) for g in genome]
     changed = False
     for gene in out:
-        for j, n in enumerate(_SIZES):
+        for j, n in enumerate(GENE_SIZES):
             if rng.random() < rate:
                 gene[j] = int(rng.integers(n))
                 changed = True
     if not changed or normalise([tuple(g) for g in out]) == normalise(genome):
         # Nothing that matters changed (e.g. the heads of a SwiGLU): change an operator.
         gene = out[int(rng.integers(len(out)))]
-        gene[0] = (gene[0] + 1 + int(rng.integers(_SIZES[0] - 1))) % _SIZES[0]
+        gene[0] = (gene[0] + 1 + int(rng.integers(GENE_SIZES[0] - 1))) % GENE_SIZES[0]
     roll = rng.random()
     if roll < 0.1 and len(out) < max_blocks:
-        out.insert(int(rng.integers(len(out) + 1)), [int(rng.integers(n)) for n in _SIZES])
+        out.insert(int(rng.integers(len(out) + 1)), [int(rng.integers(n)) for n in GENE_SIZES])
     elif roll < 0.2 and len(out) > min_blocks:
         out.pop(int(rng.integers(len(out))))
     return normalise([tuple(g) for g in out])
