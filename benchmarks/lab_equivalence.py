@@ -107,13 +107,18 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--slstm-dim", type=int, default=256)
+    p.add_argument("--models", default="large,slstm", help="which comparisons: large, slstm (default: both)")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
     args = p.parse_args()
     start = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = os.getloadavg()[0]
-    rows = compare(f"xLSTM-Large {args.shape}", _large(args.shape), args.prefill, args.decode, args.repeats)
-    rows += compare(f"sLSTM 2024 E={args.slstm_dim} x4", _slstm(args.slstm_dim, 4, 4096), args.prefill // 4,
-                    args.decode, args.repeats)
+    rows = []
+    models = args.models.split(",")
+    if "large" in models:
+        rows += compare(f"xLSTM-Large {args.shape}", _large(args.shape), args.prefill, args.decode, args.repeats)
+    if "slstm" in models:
+        rows += compare(f"sLSTM 2024 E={args.slstm_dim} x4", _slstm(args.slstm_dim, 4, 4096), args.prefill // 4,
+                        args.decode, args.repeats)
     if args.json:
         meta = {"date": start, "command": "python " + " ".join(sys.argv), "cpu_count": os.cpu_count(),
                 "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "repeats": args.repeats}

@@ -310,6 +310,33 @@ def quantization_rows() -> list[str]:
     return lines
 
 
+def lab_rows() -> list[str]:
+    """Wired (architecture lab) against hand-written blocks: results/lab_equivalence.json."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("lab_equivalence*.json")):
+        lines += _lab_run(json.loads(path.read_text()), first=not lines)
+    return lines
+
+
+def _lab_run(d: dict, first: bool) -> list[str]:
+    env = d["environment"]
+    lines = [
+        *(["", "## Architecture lab: wired blocks against the hand-written ones"] if first else []), "",
+        f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']}, "
+        f"{d['cpu_count']} cores, BLAS threads {env['blas_threads']}, 1-min load average {d['loadavg_1m_start']:.1f} "
+        f"at the start, {d['loadavg_1m_end']:.1f} at the end (a machine shared with other jobs, so rates are "
+        f"tokens per CPU second of the process; the sides run interleaved). Random weights, float32; median of "
+        f"{d['repeats']} interleaved repeats. Target: wired >= 0.9x hand-written.", "",
+        "| model | case | tokens | hand-written tok/CPU-s | wired tok/CPU-s | wired / hand-written | same, wall clock "
+        "| logits rel. diff |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {r['case']} | {r['tokens']} | {r['hand_tok_s']:,.1f} | {r['wired_tok_s']:,.1f} "
+                     f"| {r['speed_ratio']:.2f}x | {r['speed_ratio_wall']:.2f}x | {r['logits_rel_diff']:.1e} |")
+    return lines
+
+
 def render() -> str:
     results = {p: r for p in ("h100", "cpu") if (r := _load(p)) is not None}
     lines = [
@@ -344,6 +371,7 @@ def render() -> str:
     lines += monitor_rows()
     lines += quantization_rows()
     lines += serve_prompt_cache_rows()
+    lines += lab_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]
