@@ -229,7 +229,7 @@ def test_checkpoint_round_trip(tmp_path):
     ckpt = result.checkpoint
     assert ckpt.name == "checkpoint-0000003"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
+        "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "xlstm_mlx_lm.py"]
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp leftovers
     loaded = load_model(ckpt)
     ids = mx.array(stream[None, :40])
