@@ -290,3 +290,19 @@ def test_mlx_lm_model_type_xlstm_loads_transformers_checkpoints(tmp_path):
         expected = hf(torch.tensor(ids)).logits.numpy()
     got = np.array(model(mx.array(ids.astype(np.int32))))
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-4
+
+
+def test_serving_adds_bos_and_a_chat_template_where_the_checkpoint_lacks_them(tmp_path):
+    """A checkpoint written elsewhere (a plain tokenizer.json, force_bos_token_insert in the
+    config): the server still starts prompts with BOS, as our tokenizer does, and can chat."""
+    from xlstm_metal.generation.tokenizer import load_tokenizer
+    from xlstm_metal.serve import load_for_serving
+
+    path = write_checkpoint(tmp_path / "ckpt")
+    train_tiny_tokenizer().save(str(path / "tokenizer.json"))  # no BOS in its post-processor
+    (path / "tokenizer_config.json").unlink()
+    assert train_tiny_tokenizer().encode("a cat").ids[0] != 0
+    _, tokenizer = load_for_serving(path, dtype="float32")
+    assert tokenizer.encode("a cat") == load_tokenizer(path).encode("a cat") and tokenizer.encode("a cat")[0] == 0
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert chat[0] == 0 and tokenizer.decode(chat[1:]) == "User: hi\nAssistant:"

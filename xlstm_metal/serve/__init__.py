@@ -109,8 +109,17 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
     model.eval()
     tokenizer = mlx_lm_tokenizer(directory, {}, eos_token_ids=ours.eos_token_ids or None)
     hf = tokenizer._tokenizer
-    if ours.add_bos:  # checkpoints we did not write may leave BOS to the caller
-        insert_bos(hf.backend_tokenizer, ours.bos_token_id)
+    if ours.add_bos and hf.encode("a")[:1] != [ours.bos_token_id]:  # checkpoints we did not write
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise ServeError(f"the tokenizer of {path} does not insert the BOS token its model expects")
+        insert_bos(backend, ours.bos_token_id)
+    # Special tokens as our tokenizer reads them (config.json / generation_config.json too), so
+    # the chat template writes the right BOS and EOS.
+    for name, token_id in (("bos_token", ours.bos_token_id), ("eos_token", (ours.eos_token_ids or [None])[0])):
+        current = getattr(hf, name, None)
+        if token_id is not None and (current is None or hf.convert_tokens_to_ids(current) != token_id):
+            setattr(hf, name, hf.convert_ids_to_tokens(token_id))
     if not tokenizer.has_chat_template:
         hf.chat_template = chat_template(ours.add_bos)
         tokenizer.has_chat_template = True
