@@ -101,7 +101,7 @@ RUN_DEFAULTS: dict = dict(vocab_size=4096, text_field="text", val_fraction=0.02,
 #: Settings --resume may change (the schedule is extended / re-rated: TrainingConfig.reschedule_*).
 RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every")
 #: Settings fixed by the run being resumed: giving one with --resume is an error naming it.
-RESUME_FIXED = ("config", "init_from", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
+RESUME_FIXED = ("config", "init_from", "arch", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
                 "batch_size", "max_time", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
                 "eval_batches")
 
