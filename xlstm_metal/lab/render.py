@@ -38,7 +38,10 @@ def render_wiring(block: WiredBlock, path: str | Path, title: str | None = None)
         src = f"in.{s_port}" if s_cell == "in" else s_cell
         dst = f"out.{d_port}" if d_cell == "out" else d_cell
         syn = block.synapses[index]
-        rad = 0.35 if index in delayed else (0.12 if abs(pos[src][1] - pos[dst][1]) > 0.1 else 0.0)
+        span = abs(pos[dst][0] - pos[src][0]) / 3.0  # columns crossed
+        # Long edges (residuals) arc over the columns between, so they do not run behind the boxes.
+        rad = 0.35 if index in delayed else (-0.3 / span if span > 1 else
+                                             (0.12 if abs(pos[src][1] - pos[dst][1]) > 0.1 else 0.0))
         arrow = FancyArrowPatch(
             pos[src], pos[dst], arrowstyle="-|>", mutation_scale=8, shrinkA=22, shrinkB=22, lw=0.7,
             color="#c0392b" if syn.polarity < 0 else "#555555",
