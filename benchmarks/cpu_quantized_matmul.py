@@ -45,7 +45,7 @@ def measure(rows: int, n_in: int, n_out: int, bits: list[int], group_size: int, 
     x = mx.random.normal((rows, n_in), key=key)
     w = mx.random.normal((n_out, n_in), key=mx.random.key(1)) * n_in**-0.5
     mx.eval(x, w)
-    # Float32 both ways: W [out, in] as nn.Linear stores it, and the [in, out] copy fuse() makes
+    # Float32 both ways: W [out, in] as nn.Linear stores it, and the [in, out] copy fuse_projections() makes
     # on CPUs for decoding (cells.mlstm.gemv_layout); the faster one is the baseline.
     wt = mx.contiguous(w.T)
     mx.eval(wt)

@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     dtype = bm.default_dtype()
     config = bm.shape_config(args.shape)
-    model = bm.random_model(config, dtype=dtype).fuse()
+    model = bm.random_model(config, dtype=dtype).fuse_projections()
     out = open(args.out, "w") if args.out else None
 
     def emit(record: dict) -> None:

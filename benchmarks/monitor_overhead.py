@@ -82,7 +82,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("XLSTM_RUNTIME_DIR", tempfile.mkdtemp(prefix="xlstm-overhead-"))
     runner = xLSTMRunner(args.model)
-    runner.model.fuse()
+    runner.model.fuse_projections()
     decode_rate(runner, 32, False)  # compile
     plain, tracked, threads = [], [], []
     for _ in range(args.repeats):

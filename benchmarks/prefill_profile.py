@@ -40,7 +40,7 @@ def main() -> None:
 
     dtype = args.dtype or bm.default_dtype()
     config = bm.shape_config(args.shape, num_blocks=1)
-    model = bm.random_model(config, dtype=dtype).fuse()
+    model = bm.random_model(config, dtype=dtype).fuse_projections()
     block = model.blocks[0]
     layer = block.mlstm_layer
     S, E = args.length, config.embedding_dim

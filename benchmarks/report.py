@@ -287,7 +287,7 @@ def quantization_rows() -> list[str]:
             "", f"## CPU: MLX quantized matmul vs float32 through OpenBLAS (BLAS threads: {d['blas_threads']})", "",
             f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']} "
             f"({env['processor']}), BLAS {env.get('blas_core')}",
-            "- x [rows, in] @ W; float32 with W stored [out, in] (as nn.Linear) and [in, out] (as fuse() "
+            "- x [rows, in] @ W; float32 with W stored [out, in] (as nn.Linear) and [in, out] (as fuse_projections() "
             "stores it on CPUs), the faster one is 1.00x; median of the timed calls; other agents shared "
             "the 2 cores (1-min load average per row)", "",
             "| rows | in x out | kind | ms | x float32 | load |", "| ---: | --- | --- | ---: | ---: | ---: |",

@@ -65,7 +65,7 @@ def worker_ours(args) -> None:
                              max_inference_chunksize=args.prefill_chunk)
     t0 = time.time()
     model = bm.random_model(config, dtype=args.dtype)
-    model.fuse()
+    model.fuse_projections()
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0,
                 "weights_gb": mx.get_active_memory() / 2**30})
     common = {"side": "ours", "variant": f"{kernel}/{args.chunk_size}, fused, compiled step"}

@@ -89,7 +89,7 @@ def test_info_and_wiring(ckpt, capsys):
     for line in ("num_blocks             2", "num_heads              2", "embedding_dim          64",
                  "dtype                  float32"):
         assert line in out
-    assert model.fuse().wiring() in out  # the CLI shows the model as it runs: fused
+    assert model.fuse_projections().wiring() in out  # the CLI shows the model as it runs: fused
 
 
 def test_chat_keeps_state_and_equals_one_pass(ckpt, runner, capsys, monkeypatch):

@@ -105,7 +105,7 @@ def test_fused_steps_continue_and_compile():
 def test_fused_model_decode_matches_reference():
     # Both fused (same matmuls; TF32 float32 GEMMs on the GPU differ by algorithm), so only the
     # step kernel differs between the two.
-    ref, fast = tiny_model(seed=7).fuse(), tiny_model(seed=7).fuse()
+    ref, fast = tiny_model(seed=7).fuse_projections(), tiny_model(seed=7).fuse_projections()
     assert fast.blocks[0].mlstm_layer.recurrent_kernel_cell.step_kernel == "step_fused"
     for block in ref.blocks:
         block.mlstm_layer.recurrent_kernel_cell.step_kernel = "step"
@@ -216,7 +216,7 @@ def test_fused_chunkwise_model_prefill_matches_reference():
     ids = mx.array(np.random.default_rng(1).integers(0, 101, (2, 300)), dtype=mx.int32)
     logits = {}
     for kernel in ("chunkwise", "chunkwise_fused"):
-        model = random_model(config, dtype="bfloat16", seed=5).fuse()
+        model = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
         for block in model.blocks:
             block.mlstm_layer.parallel_kernel_cell.kernel = kernel
             block.mlstm_layer.parallel_kernel_cell.chunk_size = 64

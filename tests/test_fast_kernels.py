@@ -27,7 +27,7 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("kwargs", [{}, {"use_bias": True}])
 def test_fused_model_matches_unfused(kwargs):
     ref, fused = tiny_model(seed=3, **kwargs), tiny_model(seed=3, **kwargs)
-    fused.fuse()
+    fused.fuse_projections()
     assert "_fused_projection" in fused.blocks[0].mlstm_layer
     assert "_fused_gate_up" in fused.blocks[0].ffn
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 37)), dtype=mx.int32)
@@ -49,7 +49,7 @@ def test_fuse_keeps_memory_names_and_saved_checkpoint(tmp_path):
     mx.eval(model.parameters())
     mx.clear_cache()
     active = mx.get_active_memory()
-    model.fuse()
+    model.fuse_projections()
     mx.clear_cache()
     # Views of the fused matrices: no second copy of the projection weights (a copy would add
     # all of fused_bytes; the slack covers allocator granularity, ~30 KB on CUDA).
@@ -67,7 +67,7 @@ def test_fuse_keeps_memory_names_and_saved_checkpoint(tmp_path):
 
 
 def test_replaced_weights_fall_back_to_separate_layers():
-    model = tiny_model(seed=6).fuse()
+    model = tiny_model(seed=6).fuse_projections()
     other = tiny_model(seed=7)
     # Loading new weights into a fused model must not use the stale fused copy.
     model.load_weights(list(tree_flatten(other.parameters())))
@@ -81,7 +81,7 @@ def test_compiled_step_keeps_and_uses_the_fused_matrices():
     """mx.compile(inputs=model.state) swaps every array in the state for a tracer; the fused
     matrices must survive that (they once silently fell back to six separate matmuls) and be
     inputs, not constants: a later update() must be seen by the compiled step."""
-    model = tiny_model(seed=6).fuse()
+    model = tiny_model(seed=6).fuse_projections()
     step = bm.make_decode_step(model)
     tok = mx.array([[5]], dtype=mx.int32)
     mx.eval(step(tok, model.make_state(1)))
@@ -96,7 +96,7 @@ def test_compiled_step_keeps_and_uses_the_fused_matrices():
 
 
 def test_gradients_through_a_fused_model_equal_the_reference():
-    ref, fused = tiny_model(seed=8), tiny_model(seed=8).fuse()
+    ref, fused = tiny_model(seed=8), tiny_model(seed=8).fuse_projections()
     ids = mx.array([[1, 2, 3, 4, 5, 6]], dtype=mx.int32)
 
     def loss(model):
@@ -114,7 +114,7 @@ def test_gradients_through_a_fused_model_equal_the_reference():
 def test_fused_bfloat16_and_bfloat16_state():
     config = bm.shape_config("125m", embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97)
     ref = bm.random_model(config, dtype="bfloat16", seed=9)
-    fused = bm.random_model(config, dtype="bfloat16", seed=9).fuse()
+    fused = bm.random_model(config, dtype="bfloat16", seed=9).fuse_projections()
     ids = mx.array([[5, 6, 7, 8, 9, 10, 11, 12]], dtype=mx.int32)
     l0, _ = _run(ref, ids)
     l1, _ = _run(fused, ids)
@@ -219,7 +219,7 @@ def test_model_prefill_matches_one_forward(batch, chunk):
 def test_prefill_sees_weight_updates_and_refusing():
     """prefill() keeps its compiled blocks; the weights are their inputs, so loading new weights
     (which un-fuses) and fusing again are both seen."""
-    model, other = tiny_model(seed=1).fuse(), tiny_model(seed=2)
+    model, other = tiny_model(seed=1).fuse_projections(), tiny_model(seed=2)
     # One piece of 2 x 1024 tokens: long enough for the compiled blocks.
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 1024)), dtype=mx.int32)
     first, _ = model.prefill(ids)
@@ -229,7 +229,7 @@ def test_prefill_sees_weight_updates_and_refusing():
     reference = other(ids)[0][:, -1]
     assert float(mx.abs(first - reference).max()) > 1e-2
     _close(model.prefill(ids)[0], reference, 1e-4)
-    _close(model.fuse().prefill(ids)[0], reference, 1e-4)
+    _close(model.fuse_projections().prefill(ids)[0], reference, 1e-4)
 
 
 def test_prefill_follows_kernel_changes(monkeypatch):
@@ -256,7 +256,7 @@ def test_prefill_follows_kernel_changes(monkeypatch):
 
 
 def test_unfuse_restores_separate_weights():
-    ref, model = tiny_model(seed=4), tiny_model(seed=4).fuse().unfuse()
+    ref, model = tiny_model(seed=4), tiny_model(seed=4).fuse_projections().unfuse_projections()
     layer = model.blocks[0].mlstm_layer
     assert "_fused_projection" not in layer and "_fused_gate_up" not in model.blocks[0].ffn
     ids = mx.array([[1, 2, 3, 4, 5, 6, 7]], dtype=mx.int32)

@@ -239,3 +239,17 @@ def test_lora_three_iterations_change_the_output(ckpt, tmp_path):
 
     served, _ = load_for_serving(ckpt, adapter_path=str(adapters), dtype="float32")
     assert rel_err(np.array(served(ids)), np.array(tuned(ids))) <= 1e-5
+    # mlx_lm fuse folds the adapters into the weights (it calls fuse() on every module that has
+    # one: our inference fast path is named fuse_projections so it stays out of the way); the
+    # fused checkpoint loads in xlstm-metal with the adapted model's logits.
+    fused_dir = tmp_path / "fused"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(ckpt), "--adapter-path", str(adapters),
+         "--save-path", str(fused_dir), "--trust-remote-code"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    from xlstm_metal import load_model
+
+    fused = load_model(fused_dir)
+    assert rel_err(np.array(fused(ids)[0]), np.array(tuned(ids))) <= 1e-5

@@ -89,7 +89,7 @@ def test_quantized_xlstm_large_equals_dequantized_float_in_every_path(bits, grou
     next_tokens, _ = step(IDS[:, :1], model.make_state(1))
     assert int(next_tokens[0, 0]) == int(mx.argmax(expected[0, 0]))
 
-    model.fuse()                                                              # fused projections
+    model.fuse_projections()                                                              # fused projections
     _close(model(IDS)[0], expected)
     _close(_decode(model, IDS)[0], expected)
     _close(model.prefill(IDS)[0], expected[:, -1])
@@ -106,7 +106,7 @@ def test_fused_quantized_equals_unfused_with_float_gates(bits):
     assert isinstance(layer.q, nn.QuantizedLinear) and type(layer.igate_preact) is nn.Linear
     unfused = model(IDS)[0]
     _close(unfused, reference(IDS)[0])
-    model.fuse()
+    model.fuse_projections()
     groups = layer["_fused_projection"]
     assert len(groups) == 2 and set(groups[0]) == {"weight", "scales", "biases"} and set(groups[1]) == {"weight"}
     assert groups[0]["weight"].dtype == mx.uint32
@@ -129,6 +129,10 @@ def test_quantized_2024_xlstm_equals_dequantized_float():
     _close(_decode(model, IDS)[0], expected)
     compiled = mx.compile(lambda ids: model(ids)[0], inputs=model.state)
     _close(compiled(IDS), expected)
+    # The zero state's conv windows take the activations' dtype, not the packed uint32 weight's.
+    state = model.make_state(1)
+    assert state[0][-1].dtype == mx.float32
+    _close(_decode(model, IDS, state)[0], expected)
 
 
 # ----------------------------------------------------------------------------------- adapters
@@ -188,7 +192,7 @@ def test_fused_model_runs_adapters_it_cannot_fuse():
     assert "backbone.blocks.0.mlstm_layer.q" in wrapped
     expected = model(IDS)[0]
     assert np.abs(_np(expected) - _np(plain)).max() > 1e-4
-    model.fuse()  # nothing of q|k|v|o|i|f is a plain Linear any more: no group fuses
+    model.fuse_projections()  # nothing of q|k|v|o|i|f is a plain Linear any more: no group fuses
     assert model.blocks[0].mlstm_layer["_fused_projection"] == []
     _close(model(IDS)[0], expected, 1e-5)
 
@@ -208,7 +212,7 @@ class _Zeros(nn.Module):
 def test_swapped_projection_changes_the_output(name, fused):
     model = _large()
     if fused:
-        model.fuse()
+        model.fuse_projections()
     before = model(IDS)[0]
     layer = model.blocks[0].mlstm_layer
     model.blocks[0].mlstm_layer.update_modules({name: _Zeros(layer[name].weight.shape[0])})

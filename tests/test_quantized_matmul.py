@@ -197,7 +197,7 @@ def test_fuse_switches_quantized_layers_and_keeps_results(bits):
     ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     ref, _ = model(ids)
     keys = [k for k, _ in tree_flatten(model.parameters())]
-    model.fuse()
+    model.fuse_projections()
     assert [k for k, _ in tree_flatten(model.parameters())] == keys
     for block in model.backbone.blocks:
         for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down, block.ffn.proj_up,

@@ -245,7 +245,7 @@ def quantize_model(
         raise QuantizationError("give bits/group_size through the Recipe, not beside it")
     if quantization_config(model) is not None:
         raise QuantizationError("the model is already quantized; dequantize_model() it first")
-    unfuse = getattr(model, "unfuse", None)
+    unfuse = getattr(model, "unfuse_projections", None)
     if callable(unfuse):
         unfuse()  # fused projections are views of the float weights being replaced
     decisions = plan(model, recipe)
@@ -398,7 +398,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         mx.eval(layer.parameters())
         replacements.append((path, layer))
     if replacements:
-        unfuse = getattr(model, "unfuse", None)
+        unfuse = getattr(model, "unfuse_projections", None)
         if callable(unfuse):
             unfuse()
         model.update_modules(tree_unflatten(replacements))

@@ -22,11 +22,11 @@ class FeedForward(nn.Module):
         self.proj_up = nn.Linear(E, F, bias=bias)
         self.proj_down = nn.Linear(F, E, bias=bias)
 
-    def fuse(self) -> None:
+    def fuse_projections(self) -> None:
         """Inference fast path: one matmul for gate|up (see :mod:`xlstm_metal.cells.fused`)."""
         _GATE_UP.fuse(self)
 
-    def unfuse(self) -> None:
+    def unfuse_projections(self) -> None:
         _GATE_UP.unfuse(self)
 
     def __call__(self, x: mx.array) -> mx.array:

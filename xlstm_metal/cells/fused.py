@@ -157,5 +157,5 @@ class FusedLayers:
         layers = self.layers(owner)
         fused = owner.get(self.key) if self.key in owner else None
         if fused is not None and owner.__dict__.get(self.key + "_ids") != layer_ids(layers):
-            fused = None  # a layer was replaced in the tree since fuse(): run what the tree holds
+            fused = None  # a layer was replaced in the tree since fuse_projections(): run what the tree holds
         return fused_outputs(x, fused, layers)

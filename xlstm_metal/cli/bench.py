@@ -157,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
         if profile is not None:
             apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
-        elif fused and hasattr(model, "fuse"):
-            model.fuse()
+        elif fused and hasattr(model, "fuse_projections"):
+            model.fuse_projections()
         bar.update(1)
         for record in bm.run_suite(
             config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             prefill_batch=args.prefill_batch, prefill_chunk=prefill_chunk,
             repeats=args.repeats, compiled=not args.no_compile, seed=args.seed,
         ):
-            record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse"),
+            record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse_projections"),
                       "profile": profile.name if profile else None,
                       "q_bits": quantization["bits"] if quantization else None,
                       "q_group_size": quantization["group_size"] if quantization else None,

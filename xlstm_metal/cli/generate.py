@@ -196,8 +196,8 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     apply_generation_defaults(args, directory)
     if profile is not None:
         apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
-    elif callable(getattr(model, "fuse", None)):
-        model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up: fewer launches per token
+    elif callable(getattr(model, "fuse_projections", None)):
+        model.fuse_projections()  # one matmul for q|k|v|o|i|f and one for gate|up: fewer launches per token
     try:
         runner = xLSTMRunner(model, tokenizer, prefill_chunk_size=profile.prefill_chunk if profile else
                              args.prefill_chunk_size)

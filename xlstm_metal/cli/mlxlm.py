@@ -1,4 +1,4 @@
-"""`xlstm-metal mlx-lm {generate,server,lora,convert} ...`: mlx-lm's commands with xLSTM in place.
+"""`xlstm-metal mlx-lm {generate,server,lora,fuse,convert} ...`: mlx-lm's commands with xLSTM in place.
 
 The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
 
@@ -21,19 +21,19 @@ from pathlib import Path
 
 from . import UsageError
 
-COMMANDS = ("generate", "server", "lora", "convert")
+COMMANDS = ("generate", "server", "lora", "fuse", "convert")
 #: The option naming the model, per command (convert also takes --hf-path).
-MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--model",),
+MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--model",), "fuse": ("--model",),
                  "convert": ("--hf-path", "--model")}
 
 DESCRIPTION = """\
-Run mlx-lm's generate, server, lora or convert on xLSTM models. Everything after the command
+Run mlx-lm's generate, server, lora, fuse or convert on xLSTM models. Everything after the command
 goes to mlx-lm (see `xlstm-metal mlx-lm generate --help`). Checkpoints written by xlstm-metal
 load without --trust-remote-code when their model file is this package's own."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("mlx-lm", help="mlx-lm's generate / server / lora / convert with xLSTM support",
+    parser = subparsers.add_parser("mlx-lm", help="mlx-lm's generate / server / lora / fuse / convert with xLSTM support",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mlx_lm_command", choices=COMMANDS, metavar="{" + ",".join(COMMANDS) + "}",
                         help="the mlx-lm command to run")

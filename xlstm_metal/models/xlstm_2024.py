@@ -123,8 +123,10 @@ class xLSTMLMModel(Module2024):
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows (equal to ``state=None``). Conv windows hold
-        activations, so they take the weights' dtype; the recurrent states are float32."""
-        dtype = self.token_embedding.weight.dtype
+        activations, so they take the embedding's output dtype (a quantized embedding's packed
+        weight is uint32: its scales carry the dtype); the recurrent states are float32."""
+        embedding = self.token_embedding
+        dtype = (embedding.scales if "scales" in embedding else embedding.weight).dtype
         return [block.zero_state(batch_size, dtype) for block in self.blocks]
 
     def __call__(

@@ -73,7 +73,7 @@ class xLSTMLarge(nn.Module):
     def blocks(self) -> list[mLSTMBlock]:
         return self.backbone.blocks
 
-    def fuse(self) -> "xLSTMLarge":
+    def fuse_projections(self) -> "xLSTMLarge":
         """Fuse each block's q|k|v|o|i|f and gate|up projections into one matmul each.
 
         Layers that compute alike fuse (float ``nn.Linear`` layers together, quantized layers of
@@ -82,7 +82,7 @@ class xLSTMLarge(nn.Module):
         checkpoint names and saving unchanged, results equal to float round-off. Replacing
         weights through :meth:`update` (``load_weights``, optimizers, ``nn.value_and_grad``)
         un-fuses the model, so a stale fused copy is never used; weights assigned directly
-        (``layer.weight = ...``) are not noticed: call :meth:`unfuse` first. Also selects the
+        (``layer.weight = ...``) are not noticed: call :meth:`unfuse_projections` first. Also selects the
         fused step kernel (CUDA; the same reference ops elsewhere), on CUDA the fused chunkwise
         kernels for prefill in place of the ops forms (``chunkwise``, ``chunkwise_scan``) and, on
         the CPU, the weight layout its matrix-vector products read fastest
@@ -93,8 +93,8 @@ class xLSTMLarge(nn.Module):
         """
         use_fast_quantized_layers(self)
         for block in self.backbone.blocks:
-            block.mlstm_layer.fuse()
-            block.ffn.fuse()
+            block.mlstm_layer.fuse_projections()
+            block.ffn.fuse_projections()
             for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down):
                 _gemv_layout(layer)
             kernel_cell = block.mlstm_layer.recurrent_kernel_cell
@@ -108,21 +108,21 @@ class xLSTMLarge(nn.Module):
             _gemv_layout(self.lm_head)
         return self
 
-    def unfuse(self) -> "xLSTMLarge":
+    def unfuse_projections(self) -> "xLSTMLarge":
         """Back to separate projection matmuls (the weights keep their current values)."""
         for block in self.backbone.blocks:
-            block.mlstm_layer.unfuse()
-            block.ffn.unfuse()
+            block.mlstm_layer.unfuse_projections()
+            block.ffn.unfuse_projections()
         return self
 
     def update(self, parameters: dict, strict: bool = True) -> "xLSTMLarge":
         """nn.Module.update, after dropping fused projections (they would be stale)."""
-        self.unfuse()
+        self.unfuse_projections()
         return super().update(parameters, strict=strict)
 
     def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLarge":
         """nn.Module.update_modules (``nn.quantize``, adapters), after dropping fused projections."""
-        self.unfuse()
+        self.unfuse_projections()
         return super().update_modules(modules, strict=strict)
 
     def make_state(self, batch_size: int = 1) -> ModelState:

@@ -49,12 +49,12 @@ class mLSTMNeuron(nn.Module):
             "output": self.output_cell,
         }
 
-    def fuse(self) -> None:
+    def fuse_projections(self) -> None:
         """Inference fast path: one matmul per group of q|k|v|o|i|f that computes alike (all
         float, or quantized alike), kept under a private key (``_fused_projection``)."""
         self.projection_cell.fusion.fuse(self)
 
-    def unfuse(self) -> None:
+    def unfuse_projections(self) -> None:
         self.projection_cell.fusion.unfuse(self)
 
     def project(self, x: mx.array):

@@ -302,15 +302,15 @@ def _apply_xlstm_large(model, profile: HyperProfile) -> None:
     cfg = model.config
     _cast_weights(model, profile.dtype)
     if profile.fuse:
-        model.fuse()
+        model.fuse_projections()
     else:
-        model.unfuse()
+        model.unfuse_projections()
     for block in model.blocks:
         layer = block.mlstm_layer
         for cell in (layer.parallel_kernel_cell, layer.recurrent_kernel_cell):
             cell.eps, cell.chunk_size = cfg.eps, cfg.chunk_size
             cell.state_dtype = getattr(mx, cfg.inference_state_dtype)
-        # After fuse(), which would otherwise pick its own fast kernels.
+        # After fuse_projections(), which would otherwise pick its own fast kernels.
         layer.parallel_kernel_cell.kernel = resolve_kernel_name(cfg.chunkwise_kernel)
         layer.recurrent_kernel_cell.step_kernel = resolve_kernel_name(cfg.step_kernel)
         layer.recurrent_kernel_cell.sequence_kernel = resolve_kernel_name(cfg.sequence_kernel)

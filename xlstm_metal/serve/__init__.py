@@ -104,8 +104,8 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
             model = load_adapters(model, adapter_path)
         except (OSError, ValueError, KeyError) as err:
             raise ServeError(f"cannot load adapters from {adapter_path}: {err}") from None
-    elif profile is None and callable(getattr(model, "fuse", None)):
-        model.fuse()  # one matmul for q|k|v|o|i|f and one for gate|up per block (a profile decides itself)
+    elif profile is None and callable(getattr(model, "fuse_projections", None)):
+        model.fuse_projections()  # one matmul for q|k|v|o|i|f and one for gate|up per block (a profile decides itself)
     model.eval()
     tokenizer = mlx_lm_tokenizer(directory, {}, eos_token_ids=ours.eos_token_ids or None)
     hf = tokenizer._tokenizer

@@ -317,7 +317,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
             y = y + self["bias"]
         return y
 
-    # The same math as the base class: fuse() may group it with plain quantized layers.
+    # The same math as the base class: fuse_projections() may group it with plain quantized layers.
     __call__.computes_as = nn.QuantizedLinear.__call__
 
 
