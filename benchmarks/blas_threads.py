@@ -83,7 +83,7 @@ def main() -> int:
     from xlstm_metal import _blas
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-              "cpus": cpus, "processor": _blas.info().get("core"), "mlx": mx.__version__, "rows": rows}
+              "cpus": cpus, "blas_core": _blas.info().get("core"), "mlx": mx.__version__, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
