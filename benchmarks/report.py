@@ -237,6 +237,34 @@ def serve_prompt_cache_rows() -> list[str]:
     return lines
 
 
+def distributed_rows() -> list[str]:
+    """Two mlx.launch processes beside one on this CPU: results/distributed_cpu.json."""
+    path = RESULTS / "distributed_cpu.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    lines = ["", "## Two processes on one CPU (`mlx.launch`, ring backend)", "",
+             f"- MLX {d['mlx']}, {d['backend']}; {d['machine']}"]
+    for half in ("training_run", "inference_run"):
+        if d.get(half):
+            run = d[half]
+            load = ", ".join(f"{x:.1f}" for x in run.get("loadavg_1m", []))
+            lines.append(f"- {half.split('_')[0]}: {run['date']}, `{run['command']}`; 1-min load average {load}")
+    lines += ["", "| run | processes | split | tokens/s |", "| --- | ---: | --- | ---: |"]
+    for t in d.get("training", []):
+        split = "data parallel" if t["processes"] > 1 else "none"
+        lines.append(f"| train pydoc-4m shape, global batch 8 x 256 (median over logged windows) | "
+                     f"{t['processes']} | {split} | {t['tok_s']:,.0f} |")
+    for r in d.get("inference", []):
+        what = f"prefill {r['length']} tokens" if r["kind"] == "prefill" else f"decode, batch {r['batch']}"
+        lines.append(f"| {what}, 125m shape, float32 | {r['processes']} | {r['parallel']} | {r['tok_s']:,.1f} |")
+    lines += ["", "Both processes share the same 2 cores and memory bandwidth (and, here, the machine with other "
+              "jobs), so the second process adds no compute: these figures are the cost of the split and of "
+              "the ring's loopback traffic, not a speed-up. Across machines each process brings its own "
+              "device (README, \"Several processes and machines\")."]
+    return lines
+
+
 def monitor_rows() -> list[str]:
     """What publishing job status (issue 14) costs a decode: results/monitor_overhead.json."""
     path = RESULTS / "monitor_overhead.json"
@@ -372,6 +400,7 @@ def render() -> str:
     lines += quantization_rows()
     lines += serve_prompt_cache_rows()
     lines += lab_rows()
+    lines += distributed_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]

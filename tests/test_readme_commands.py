@@ -25,6 +25,8 @@ import pytest
 
 from xlstm_metal.generation import DEFAULT_MODEL_DIR
 
+from distributed_helpers import free_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 
@@ -119,6 +121,10 @@ def run_readme(command: str, tmp: Path, case: Run) -> subprocess.CompletedProces
     shim.parent.mkdir(exist_ok=True)
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m xlstm_metal "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    # mlx.launch (installed with MLX) on free ports: tests run side by side with other jobs.
+    launcher = shim.parent / "mlx.launch"
+    launcher.write_text(f'#!/bin/sh\nexec "{Path(sys.executable).parent / "mlx.launch"}" -p {free_port(4)} "$@"\n')
+    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "XLSTM_METAL_BLAS_THREADS": os.environ.get("XLSTM_METAL_BLAS_THREADS", "1"),
@@ -212,6 +218,26 @@ def draws_wiring(proc, tmp):
     ok(proc)
     assert "LabModel hybrid" in proc.stdout and "matrix_memory" in proc.stdout, proc.stdout
     assert (tmp / "hybrid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def trains_data_parallel(proc, tmp):
+    """Two processes train one run: one checkpoint directory and metrics.jsonl written by rank 0,
+    every record marked with world_size 2."""
+    ok(proc)
+    run = tmp / "runs" / "dp"
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-0000003"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and {r["world_size"] for r in records} == {2}
+    assert proc.stderr.count("done: 3 steps") == 1
+
+
+def generates_like_one_process(proc, tmp):
+    """Under mlx.launch -n 2 the text is printed once and equals a single process's."""
+    streams_text(proc, tmp)
+    assert "exited with code" not in proc.stderr, proc.stderr
+    single = subprocess.run([sys.executable, "-m", "xlstm_metal", "generate", "--prompt", "def main():", "-n", "12",
+                             "--temp", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.stdout == single.stdout
 
 
 # ------------------------------------------------------------------------------ the tables
@@ -311,7 +337,20 @@ RUN.update({  # README "Use with mlx-lm"
         Run(mlx_lm_converts, replace={"runs/m/export": str(DEFAULT_MODEL_DIR)}),
 })
 
+RUN.update({  # several processes (README: Several processes and machines)
+    normalize("mlx.launch -n 2 -- xlstm-metal train more.jsonl --out runs/dp --config tiny --batch-size 8 "
+              "--seq-len 64 --steps 300"): Run(trains_data_parallel, replace={"300": "3"}, slow=True),
+    normalize('mlx.launch -n 2 -- xlstm-metal generate --prompt "def main():" -n 40 --temp 0'):
+        Run(generates_like_one_process, replace={"40": "12"}, slow=True),
+    normalize('mlx.launch -n 2 -- xlstm-metal generate --parallel pipeline --prompt "def main():" -n 40 --temp 0'):
+        Run(generates_like_one_process, replace={"40": "12"}, slow=True),
+})
+
+
 SKIPPED: dict[str, str] = {
+    normalize("mlx.launch -n 2 -- xlstm-metal bench --shape 125m --parallel tensor --json"):
+        "times a 125M-parameter model in two processes (minutes on a CPU); tests/test_distributed_inference.py "
+        "checks tensor-parallel results and benchmarks/distributed_cpu.py runs this command",
     normalize("xlstm-metal convert NX-AI/xLSTM-7b xlstm-7b-4bit -q --q-bits 4 --q-group-size 64"):
         "downloads the 14 GB xLSTM-7b; tests/test_convert.py runs these flags on tiny checkpoints",
     normalize("xlstm-metal tune --objective train --data corpus/ --out runs/tune-train --trials 20 --backend ray "

@@ -72,6 +72,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_profile_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    from ..distributed import add_parallel_argument
+
+    add_parallel_argument(p)  # under mlx.launch: tensor or pipeline parallel
     p.set_defaults(func=run)
     return p
 
@@ -95,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from .. import benchmark as bm
+    from ..distributed import parallel_fields, parallelize, print_on_rank0_only, world
     from ..profiles import config_overrides
+
+    print_on_rank0_only()  # under mlx.launch every rank measures; rank 0 reports
 
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -144,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     records = []
     job = current_job()  # status record for `xlstm-metal top`, memory watchdog
     job.update(phase="load", model=str(source))
-    with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None) as bar:
+    main = world().rank() == 0
+    with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None if main else True) as bar:
         bar.set_postfix_str("building random model")
         model = bm.random_model(config, dtype=dtype, seed=args.seed)
         if quantization:  # --q-bits, or a quantized checkpoint's config: those layers quantized so
@@ -155,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
                 quantize_model(model, recipe=Recipe.from_config(quantization))
             except (QuantizationError, KeyError, TypeError) as err:
                 raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
+        try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
+            model = parallelize(model, args.parallel)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         if profile is not None:
             apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
         elif fused and hasattr(model, "fuse_projections"):
@@ -170,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                       "profile": profile.name if profile else None,
                       "q_bits": quantization["bits"] if quantization else None,
                       "q_group_size": quantization["group_size"] if quantization else None,
-                      **env}
+                      **env, **parallel_fields(model)}
             records.append(record)
             job.update(phase=record["kind"], done=len(records), total=steps, unit="runs", tokens_per_s=record["tok_s"],
                        **{f"{record['kind']}_tps": record["tok_s"]})

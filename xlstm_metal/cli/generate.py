@@ -51,6 +51,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--info", action="store_true",
                         help="print the model's blocks, dims, heads, parameter count, dtype and memory")
     parser.add_argument("--show-wiring", action="store_true", help="print the model's blocks and their cells")
+    from ..distributed import add_parallel_argument
+
+    add_parallel_argument(parser)  # under mlx.launch: tensor or pipeline parallel
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -194,6 +197,13 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
     apply_generation_defaults(args, directory)
+    from ..distributed import parallelize, print_on_rank0_only
+
+    try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
+        model = parallelize(model, getattr(args, "parallel", None))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print_on_rank0_only()  # every rank generates the same tokens; rank 0 prints them
     if profile is not None:
         apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
     elif callable(getattr(model, "fuse_projections", None)):

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--allowed-origins", default="*", help="CORS origins, comma-separated (default: *)")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="server log level (default: WARNING)")
+    from ..distributed import add_parallel_argument
+
+    add_parallel_argument(parser)  # under mlx.launch: rank 0 serves HTTP, every rank computes
     parser.set_defaults(func=run)
     return parser
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation import DEFAULT_MODEL_DIR
 
     try:
-        from ..serve import ServeError, make_server, server_args
+        from ..serve import ServeError, follow, make_server, server_args
     except ImportError as err:
         raise UsageError(f"serving needs mlx-lm ({err}): pip install 'xlstm-metal[serve]'") from None
 
@@ -76,8 +79,16 @@ def run(args: argparse.Namespace) -> int:
         adapter_path=args.adapter_path, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,
-        allowed_origins=args.allowed_origins.split(","), log_level=args.log_level,
+        allowed_origins=args.allowed_origins.split(","), log_level=args.log_level, parallel=args.parallel,
     )
+    from ..distributed import world
+
+    if world().rank() != 0:  # mlx.launch: rank 0 alone listens; the others follow its requests
+        try:
+            follow(cli_args)
+        except ServeError as err:
+            raise UsageError(str(err)) from None
+        return 0
     from ..monitor import current_job
 
     print(f"loading {cli_args.model} ...", file=sys.stderr, flush=True)

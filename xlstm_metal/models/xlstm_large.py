@@ -73,6 +73,11 @@ class xLSTMLarge(nn.Module):
     def blocks(self) -> list[mLSTMBlock]:
         return self.backbone.blocks
 
+    def _mlstm_blocks(self) -> list[mLSTMBlock]:
+        """The mLSTM blocks this process holds: a pipeline-parallel split
+        (:func:`xlstm_metal.distributed.pipeline_model`) puts parameter-free gaps in the others' places."""
+        return [block for block in self.backbone.blocks if isinstance(block, mLSTMBlock)]
+
     def fuse_projections(self) -> "xLSTMLarge":
         """Fuse each block's q|k|v|o|i|f and gate|up projections into one matmul each.
 
@@ -92,7 +97,7 @@ class xLSTMLarge(nn.Module):
         Returns the model.
         """
         use_fast_quantized_layers(self)
-        for block in self.backbone.blocks:
+        for block in self._mlstm_blocks():
             block.mlstm_layer.fuse_projections()
             block.ffn.fuse_projections()
             for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down):
@@ -110,7 +115,7 @@ class xLSTMLarge(nn.Module):
 
     def unfuse_projections(self) -> "xLSTMLarge":
         """Back to separate projection matmuls (the weights keep their current values)."""
-        for block in self.backbone.blocks:
+        for block in self._mlstm_blocks():
             block.mlstm_layer.unfuse_projections()
             block.ffn.unfuse_projections()
         return self
@@ -136,7 +141,7 @@ class xLSTMLarge(nn.Module):
         # Kernel settings are baked into a trace: compile again when any of them changes.
         settings = tuple(
             (cell.kernel, cell.chunk_size, cell.eps, cell.state_dtype)
-            for cell in (block.mlstm_layer.parallel_kernel_cell for block in self.backbone.blocks)
+            for cell in (block.mlstm_layer.parallel_kernel_cell for block in self._mlstm_blocks())
         )
         cached = self.__dict__.get("_prefill_blocks")
         if cached is None or cached[0] != settings:
@@ -204,6 +209,9 @@ class xLSTMLarge(nn.Module):
             "  backbone.embeddings: Embedding",
         ]
         for index, block in enumerate(self.backbone.blocks):
+            if not isinstance(block, mLSTMBlock):  # pipeline parallel: held by another process
+                lines.append(f"  blocks.{index}: {type(block).__name__} (held by another process)")
+                continue
             neuron = block.mlstm_layer
             cells = ", ".join(
                 f"{name}={type(cell).__name__}"

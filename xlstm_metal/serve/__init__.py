@@ -55,6 +55,7 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
         chat_template_args={}, decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048,
         prompt_cache_size=10, prompt_cache_bytes=None, kv_bits=None, kv_group_size=64,
         quantized_kv_start=mlx_server.DEFAULT_QUANTIZED_KV_START, pipeline=False, dtype=None, profile=None,
+        parallel=None,  # ours: "tensor" | "pipeline" | None under mlx.launch (xlstm_metal.distributed)
     )
     unknown = set(overrides) - set(args)
     if unknown:
@@ -64,18 +65,21 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
 
 
 def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, dtype: str | None = None,
-                     profile: Any = None):
+                     profile: Any = None, parallel: str | None = None):
     """(mlx-lm model, mlx-lm TokenizerWrapper) for a checkpoint, through our loader.
 
     ``dtype`` defaults to float32 on CPUs and bfloat16 on GPUs (MLX's half-precision CPU matmul
     is slow). ``profile``: a HyperProfile (or its name / file) applied to the model; its dtype
-    then decides. Raises :class:`ServeError` naming the problem.
+    then decides. Under ``mlx.launch`` the model is split across the processes first
+    (:func:`xlstm_metal.distributed.parallelize`: ``parallel`` "tensor", "pipeline" or None for
+    the model's default). Raises :class:`ServeError` naming the problem.
     """
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_tokenizer as mlx_lm_tokenizer
 
     from ..checkpoint_files import chat_template, insert_bos
     from ..config import ConfigError
+    from ..distributed import parallelize, world
     from ..generation.runner import default_dtype
     from ..generation.tokenizer import TokenizerError, load_tokenizer
     from ..loading import CheckpointError, load_model, resolve_model_path
@@ -86,18 +90,20 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
         ours = load_tokenizer(directory)
         if ours is None:
             raise ServeError(f"model {path} has no tokenizer.json; serving text needs one")
+        if adapter_path is not None and world().size() > 1:
+            raise ServeError("adapters are not supported with several processes (mlx.launch)")
         if profile is not None:
             from ..profiles import ProfileError, apply_profile, load_profile
 
             try:
                 profile = load_profile(profile)
-                inner = apply_profile(load_model(directory, dtype=profile.dtype), profile)
+                inner = apply_profile(parallelize(load_model(directory, dtype=profile.dtype), parallel), profile)
             except ProfileError as err:
                 raise ServeError(str(err)) from None
         else:
-            inner = load_model(directory, dtype=dtype or default_dtype())
+            inner = parallelize(load_model(directory, dtype=dtype or default_dtype()), parallel)
         model = from_xlstm_metal(inner)
-    except (CheckpointError, ConfigError, TokenizerError, TypeError) as err:
+    except (CheckpointError, ConfigError, TokenizerError, TypeError, ValueError) as err:
         raise ServeError(str(err)) from None
     if adapter_path is not None:
         try:
@@ -159,7 +165,8 @@ class ModelProvider(mlx_server.ModelProvider):
         gc.collect()
         mx.clear_cache()
         model, tokenizer = load_for_serving(model_path, adapter_path, self.cli_args.dtype,
-                                            getattr(self.cli_args, "profile", None))
+                                            profile=getattr(self.cli_args, "profile", None),
+                                            parallel=getattr(self.cli_args, "parallel", None))
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model, self.tokenizer = model, tokenizer
         self.processor = None
@@ -319,6 +326,21 @@ def make_server(cli_args: argparse.Namespace) -> Server:
         raise ServeError(str(err) if isinstance(err, ServeError) else f"cannot load {cli_args.model}: {err}")
     httpd.RequestHandlerClass = _handler_factory(generator)
     return Server(httpd, generator)
+
+
+def follow(cli_args: argparse.Namespace) -> None:
+    """Ranks other than 0 under ``mlx.launch``: load this rank's part of the model and take part in
+    every generation rank 0's server runs (mlx-lm's generation loop shares each request with all
+    ranks); no HTTP server. Returns when the generation loop ends; raises :class:`ServeError`
+    when the model cannot be loaded."""
+    provider = ModelProvider(cli_args)
+    generator = mlx_server.ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    provider.ready.wait()
+    if provider.load_error is not None:
+        generator.stop_and_join()
+        err = provider.load_error
+        raise ServeError(str(err) if isinstance(err, ServeError) else f"cannot load {cli_args.model}: {err}")
+    generator.join()
 
 
 def _handler_factory(generator):

@@ -1,23 +1,5 @@
-"""Several processes, one model: MLX's own distributed layer (``mx.distributed``).
-
-Processes are started by ``mlx.launch`` (the ring backend over TCP on CPUs and Macs, NCCL on
-NVIDIA GPUs, MPI where installed)::
-
-    mlx.launch -n 2 -- $(command -v xlstm-metal) train data/ --out runs/m     # data parallel
-    mlx.launch --hostfile hosts.json -- $(command -v xlstm-metal) generate --prompt "..."
-
-Outside ``mlx.launch`` :func:`world` is a group of one and everything here is a no-op, so the
-same code runs in one process.
-
-- Data parallel training (:class:`xlstm_metal.training.Trainer` with ``group=``): every rank
-  holds the whole model, takes its rows of each global batch, and gradients are averaged with
-  ``mlx.nn.average_gradients`` inside the compiled step.
-- Helpers every rank calls at the same point: :func:`broadcast_bytes`, :func:`broadcast_json`,
-  :func:`broadcast_arrays`, :func:`check_same`, :func:`share_path`.
-
-A collective whose peer died raises ``RuntimeError`` in MLX (the ring backend: "connection to a
-peer was lost"); callers turn it into :class:`DistributedError`.
-"""
+"""Collectives and helpers every rank calls at the same point (broadcasts, consistency checks,
+shipping rank 0's files), on ``mx.distributed``."""
 
 from __future__ import annotations
 

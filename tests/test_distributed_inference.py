@@ -1,0 +1,132 @@
+"""Tensor- and pipeline-parallel inference under `mlx.launch` (2 local processes, ring backend):
+logits, prefill, recurrent states and greedy tokens equal the unsplit model's (float32)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xlstm_metal.distributed import parallelize, stage_bounds
+from xlstm_metal.distributed.tensor import _check_shardable, tensor_parallel_supported
+
+from conftest import tiny_model  # noqa: E402
+from distributed_helpers import launch_cmd  # noqa: E402
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+PROMPT = "def read_file(path):"
+
+
+@pytest.fixture(scope="module")
+def split_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("split") / "results.json"
+    proc = subprocess.run(launch_cmd(2, [sys.executable, WORKER, out]), capture_output=True, text=True, timeout=480)
+    assert out.is_file(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", ["tensor", "tensor_fused", "tensor_tied"])
+def test_tensor_parallel_equals_the_full_model(split_results, case):
+    """Heads, FFN width and vocabulary split across 2 processes (the tied case with a padded
+    vocabulary shard; the fused case fused after splitting, from a model fused before it)."""
+    r = split_results[case]
+    assert split_results["world_size"] == 2 and r["parallel"]["mode"] == "tensor"
+    assert r["logits"] <= 1e-5 and r["prefill"] <= 1e-5 and r["state"] <= 1e-5, r
+    assert r["tokens_equal"], r
+
+
+@pytest.mark.parametrize("case", ["pipeline", "pipeline_2024"])
+def test_pipeline_parallel_equals_the_full_model_exactly(split_results, case):
+    """Three blocks over 2 processes (2 + 1), xLSTM-Large and the 2024 xLSTM (mLSTM + sLSTM)."""
+    r = split_results[case]
+    assert r["parallel"]["mode"] == "pipeline" and tuple(r["parallel"]["blocks"]) == (0, 2)
+    assert r["logits"] == 0.0 and r["prefill"] == 0.0 and r["state"] == 0.0, r  # same ops, moved state
+    assert r["tokens_equal"], r
+
+
+def generate(*extra, launch=False):
+    cmd = [sys.executable, "-m", "xlstm_metal", "generate", "--prompt", PROMPT, "-n", "12", "--temp", "0", *extra]
+    proc = subprocess.run(launch_cmd(2, cmd) if launch else cmd, capture_output=True, text=True, timeout=480)
+    assert "Traceback" not in proc.stderr and "exited with code" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow  # three generate runs, two of them under mlx.launch
+def test_generate_under_mlx_launch_prints_the_single_process_text():
+    """The packaged model, greedy: tensor and pipeline parallel print what one process prints,
+    once (rank 0)."""
+    single = generate().stdout
+    assert single.strip()
+    for mode in ("tensor", "pipeline"):
+        assert generate("--parallel", mode, launch=True).stdout == single, mode
+
+
+def test_parallel_flag_needs_several_processes():
+    proc = subprocess.run([sys.executable, "-m", "xlstm_metal", "generate", "--prompt", "x", "--parallel", "tensor"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--parallel tensor splits the model across processes" in proc.stderr and "mlx.launch -n" in proc.stderr
+
+
+def test_split_plans_and_refusals():
+    assert stage_bounds(3, 2) == [(0, 2), (2, 3)]
+    assert stage_bounds(8, 3) == [(0, 3), (3, 6), (6, 8)]
+    with pytest.raises(ValueError, match="cannot split 2 blocks across 3 processes"):
+        stage_bounds(2, 3)
+    model = tiny_model()  # 2 heads, FFN 192
+    _check_shardable(model, 2)
+    with pytest.raises(ValueError, match=r"num_heads \(2\) is not divisible by the number of processes \(3\)"):
+        _check_shardable(model, 3)
+    from xlstm_metal.models.xlstm_2024 import create_xlstm_model
+
+    other = create_xlstm_model(vocab_size=61, num_layers=2, inp_dim=32, head_dim=16, head_num=2)
+    assert tensor_parallel_supported(model) and not tensor_parallel_supported(other)
+    with pytest.raises(ValueError, match="tensor parallelism covers xLSTM-Large models"):
+        _check_shardable(other, 2)
+    assert parallelize(model, None) is model  # one process: nothing to split
+    with pytest.raises(ValueError, match="splits the model across processes"):
+        parallelize(model, "pipeline")
+
+
+def test_rank0_files_reach_a_rank_without_them(split_results):
+    """share_path (train's data, --init-from, --resume): a rank seeing the same files keeps its
+    path; a rank without them receives rank 0's, byte for byte, in a directory of its own."""
+    rank0, rank1 = split_results["share_path"]
+    assert rank0 == {"kept_own": True, "moved": False, "files": ["a.txt", "sub/b.bin"], "equal": True}
+    assert rank1 == {"kept_own": True, "moved": True, "files": ["a.txt", "sub/b.bin"], "equal": True}
+
+
+@pytest.mark.slow  # a 2-process server, then the same completion in this process
+def test_serve_under_mlx_launch_answers_like_one_process():
+    """`mlx.launch -n 2 -- xlstm-metal serve`: rank 0 listens, both ranks compute (tensor
+    parallel); a greedy completion equals mlx-lm's stream_generate on the unsplit model."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from xlstm_metal.generation import DEFAULT_MODEL_DIR
+    from xlstm_metal.serve import load_for_serving
+
+    cmd = launch_cmd(2, [sys.executable, "-m", "xlstm_metal", "serve", "--port", "0", "--dtype", "float32"])
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = None
+        for line in server.stderr:  # ends if the launch fails
+            if "serving on " in line:
+                url = line.split("serving on ")[1].split()[0]
+                break
+        assert url is not None, "the server did not start"
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 10, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            served = json.loads(response.read())["choices"][0]["text"]
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+    model, tokenizer = load_for_serving(DEFAULT_MODEL_DIR, dtype="float32")
+    expected = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=10))
+    assert served == expected and served
