@@ -10,7 +10,9 @@ bool, "tokens": [...]}}`` to OUT.json; tests/test_distributed_inference.py check
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS)
@@ -21,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_model  # noqa: E402
 
-from xlstm_metal.distributed import agree, pipeline_model, shard_model, world  # noqa: E402
+from xlstm_metal.distributed import agree, broadcast_json, pipeline_model, shard_model, world  # noqa: E402
 
 
 def rel(a: mx.array, b: mx.array) -> float:
@@ -108,17 +110,38 @@ def shipped_files(tmp: Path) -> dict:
             "equal": equal}
 
 
+def lazy_pipeline_load(tmp: Path) -> dict:
+    """The largest fraction of the checkpoint's bytes any rank held at once while loading: with
+    load_model(prepare=pipeline_model) (the blocks of the other ranks are never read) and when
+    splitting a loaded model."""
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.loading import load_model, save_model
+
+    group = world()
+    path = tmp / "ckpt"
+    if group.rank() == 0:
+        save_model(tiny_model(seed=7, embedding_dim=128, num_blocks=6, vocab_size=64), path)
+    broadcast_json(None, group)  # saved before anyone reads
+    fractions = {}
+    for name, load in (("split_after_load", lambda: pipeline_model(load_model(path))),
+                       ("prepare", lambda: load_model(path, prepare=pipeline_model))):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        model = load()
+        fractions[name] = mx.get_peak_memory() - base
+        del model
+    full = sum(v.nbytes for _, v in tree_flatten(load_model(path).parameters()))
+    return {name: agree(peak / full, group) for name, peak in fractions.items()}
+
+
 def main() -> None:
-    out, names = Path(sys.argv[1]), sys.argv[2:] or [*CASES, "share_path"]
+    out, names = Path(sys.argv[1]), sys.argv[2:] or [*CASES, "share_path"]  # share_path: also the lazy load
     group = world()
     results = {"world_size": group.size()}
     if "share_path" in names:
         names.remove("share_path")
-        import shutil
-        import tempfile
-
-        from xlstm_metal.distributed import broadcast_json
-
         tmp = Path(broadcast_json(tempfile.mkdtemp() if group.rank() == 0 else None, group))  # one for all
         mine = shipped_files(tmp)
         broadcast_json(None, group)  # every rank is done with the files
@@ -131,6 +154,11 @@ def main() -> None:
         padded[: len(texts[0])] = np.frombuffer(texts[0], np.uint8)
         rows = np.array(mx.distributed.all_gather(mx.array(padded)[None], group=group))
         results["share_path"] = [json.loads(bytes(rows[r][: sizes[r]]).decode()) for r in range(group.size())]
+        tmp = Path(broadcast_json(tempfile.mkdtemp() if group.rank() == 0 else None, group))
+        results["lazy_pipeline_load"] = lazy_pipeline_load(tmp)
+        broadcast_json(None, group)
+        if group.rank() == 0:
+            shutil.rmtree(tmp)
     rng = np.random.default_rng(0)
     for name in names:
         build, split = CASES[name]

@@ -130,3 +130,12 @@ def test_serve_under_mlx_launch_answers_like_one_process():
     model, tokenizer = load_for_serving(DEFAULT_MODEL_DIR, dtype="float32")
     expected = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=10))
     assert served == expected and served
+
+
+def test_a_pipeline_rank_reads_only_its_blocks(split_results):
+    """load_model(prepare=pipeline_model), as generate/serve load under mlx.launch: 3 of 6
+    blocks per rank, so a rank's peak while loading stays well under the checkpoint's size;
+    loading everything first and splitting after peaks at the whole model."""
+    fractions = split_results["lazy_pipeline_load"]
+    assert fractions["split_after_load"] >= 1.0, fractions
+    assert fractions["prepare"] < 0.75, fractions

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -332,7 +332,8 @@ def model_from_checkpoint(
 
 # ------------------------------------------------------------------------------ public API
 def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-               check_finite_weights: bool = True) -> nn.Module:
+               check_finite_weights: bool = True,
+               prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
     """Load a checkpoint directory (or Hugging Face id) into an MLX model.
 
     Weights keep the checkpoint's dtype unless ``dtype`` ("float32", "bfloat16", "float16") is
@@ -341,7 +342,9 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     writes it) gives a model with the same layers quantized. The architecture (xLSTM-Large, or
     NX-AI's 2024 sLSTM/mLSTM xLSTM) is detected from the config and the weight names. Weights
     holding NaN or inf are a CheckpointError naming the tensors (one pass over the weights;
-    ``check_finite_weights=False`` skips it).
+    ``check_finite_weights=False`` skips it). ``prepare(model) -> model`` runs on the model before
+    its weights are read (xLSTM-Large; the others after): a split across processes
+    (:mod:`xlstm_metal.distributed`) then reads only this process's part of the checkpoint.
     """
     directory = resolve_model_path(path)
     target = _parse_dtype(dtype)
@@ -369,17 +372,24 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     else:
         model = xLSTMLarge(config)
         load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory, quantization)
+        if prepare is not None:  # the weights are still lazy: what it drops is never read
+            model = prepare(model)
+            prepare = None
         mx.eval(model.parameters())
         model.eval()
+    if prepare is not None:
+        model = prepare(model)
     if check_finite_weights:
         check_finite(model, directory)
     return model
 
 
-def load(path: str | os.PathLike, dtype: str | mx.Dtype | None = None):
-    """(model, tokenizer) from a checkpoint directory; tokenizer is None where it has none."""
+def load(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
+         prepare: Callable[[nn.Module], nn.Module] | None = None):
+    """(model, tokenizer) from a checkpoint directory; tokenizer is None where it has none.
+    ``prepare``: see :func:`load_model`."""
     directory = resolve_model_path(path)
-    model = load_model(directory, dtype=dtype)
+    model = load_model(directory, dtype=dtype, prepare=prepare)
     tokenizer = None
     try:
         from .generation.tokenizer import load_tokenizer

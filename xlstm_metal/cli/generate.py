@@ -187,22 +187,23 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         source = args.model
     profile = profile_from_args(args, dtype=args.dtype, prefill_chunk=args.prefill_chunk_size)
     dtype = profile.dtype if profile else args.dtype or default_dtype()
+    from ..distributed import parallelize, print_on_rank0_only
+
+    def split(model):  # several mlx.launch processes: each reads and keeps only its part
+        return parallelize(model, getattr(args, "parallel", None))
+
     try:
         directory = resolve_model_path(source)  # downloads a Hugging Face id once
-        model, tokenizer = load(directory, dtype=dtype)
+        model, tokenizer = load(directory, dtype=dtype, prepare=split)
     except (CheckpointError, ConfigError, TokenizerError) as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:  # the model cannot be split that way
         raise UsageError(str(err)) from None
     except OSError as err:
         raise UsageError(f"cannot load model {source}: {err}") from None
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
     apply_generation_defaults(args, directory)
-    from ..distributed import parallelize, print_on_rank0_only
-
-    try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
-        model = parallelize(model, getattr(args, "parallel", None))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     print_on_rank0_only()  # every rank generates the same tokens; rank 0 prints them
     if profile is not None:
         apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not

@@ -92,16 +92,20 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
             raise ServeError(f"model {path} has no tokenizer.json; serving text needs one")
         if adapter_path is not None and world().size() > 1:
             raise ServeError("adapters are not supported with several processes (mlx.launch)")
+
+        def split(model):  # several mlx.launch processes: each reads and keeps only its part
+            return parallelize(model, parallel)
+
         if profile is not None:
             from ..profiles import ProfileError, apply_profile, load_profile
 
             try:
                 profile = load_profile(profile)
-                inner = apply_profile(parallelize(load_model(directory, dtype=profile.dtype), parallel), profile)
+                inner = apply_profile(load_model(directory, dtype=profile.dtype, prepare=split), profile)
             except ProfileError as err:
                 raise ServeError(str(err)) from None
         else:
-            inner = parallelize(load_model(directory, dtype=dtype or default_dtype()), parallel)
+            inner = load_model(directory, dtype=dtype or default_dtype(), prepare=split)
         model = from_xlstm_metal(inner)
     except (CheckpointError, ConfigError, TokenizerError, TypeError, ValueError) as err:
         raise ServeError(str(err)) from None
