@@ -6,6 +6,7 @@ a timeout so a hung collective fails the test instead of hanging it.
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -153,5 +154,54 @@ def test_a_dead_rank_stops_the_others_and_leaves_no_partial_checkpoint(tmp_path)
     for ckpt in ckpts:
         assert {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= {
             p.name for p in ckpt.iterdir()}
+        load_model(ckpt)
+        json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    """The pid of the process mlx.launch started as ``rank`` for the run writing to ``marker``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"MLX_RANK={rank}".encode() in environ and marker.encode() in cmdline and b"xlstm_metal" in cmdline:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc (Linux)")
+def test_under_mlx_launch_a_killed_rank_stops_the_run_cleanly(tmp_path):
+    """The same through mlx.launch, which stops the other processes (SIGTERM) once one fails:
+    they unwind with a message, and every checkpoint left is complete."""
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "launched-run"
+    cmd = launch_cmd(2, xlstm_cmd("train", corpus, "--out", out, *ARGS, "--steps", "500", "--save-every", "1",
+                                  "--eval-every", "1000"))
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-0000003").exists():
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        pid = _rank_pid(1, str(out))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    assert "Node with rank 1 was killed" in err or "Node with rank 1 exited" in err, err[-2000:]
+    assert ("another process has probably died" in err or "rank 0 stopped by signal 15" in err), err[-2000:]
+    assert "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    ckpts = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert ckpts
+    for ckpt in ckpts:
         load_model(ckpt)
         json.loads((ckpt / "trainer_state.json").read_text())

@@ -466,6 +466,8 @@ def _launched_group():
     def stop(signum, _frame):
         # mlx.launch ends the other ranks with SIGTERM when one fails: unwind (so a checkpoint
         # being written is removed, never left half-written) instead of dying on the spot.
+        print(f"xlstm-metal: error: rank {world().rank()} stopped by signal {signum} (mlx.launch stops every "
+              "process when one fails); checkpoints are whole or absent: continue with --resume", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
