@@ -9,6 +9,7 @@ import io
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import tiny_model
@@ -263,3 +264,18 @@ def test_dequantize_then_requantize_matches(tok_ckpt):
     expected, _ = model(IDS)
     dequantize_model(model)
     np.testing.assert_allclose(np.array(model(IDS)[0]), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_output_loads_in_mlx_lm_with_equal_logits(tok_ckpt, tmp_path):
+    """The quantization entry is mlx-lm's format: mlx_lm.load rebuilds the same quantized layers
+    (per-layer overrides and float gates included) and gives our logits exactly."""
+    import mlx_lm
+
+    out = tmp_path / "q"
+    assert convert(tok_ckpt, out, "-q", "--q-recipe", "mixed-4-8", "--q-group-size", "32") == 0
+    model, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)
+    kinds = {p: (m.bits, m.group_size) for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    assert kinds["lm_head"] == (8, 32) and kinds["backbone.blocks.0.mlstm_layer.q"] == (4, 32)
+    assert "backbone.blocks.0.mlstm_layer.igate_preact" not in kinds
+    ids = tokenizer.encode("the model reads a file")
+    np.testing.assert_array_equal(np.array(model(mx.array([ids]))), np.array(load_model(out)(mx.array([ids]))[0]))
