@@ -8,9 +8,10 @@ Metal run the reference; on CUDA:
 - **decode** (at most 64 rows of x): one fused kernel dequantizes the weights in registers and
   multiplies on the tensor cores (``mma.sync`` m16n8k16, float32 accumulation). Weights are the
   A operand (16 output features per warp), x the B operand (8 rows per tile, up to 8 tiles), so
-  one row of x wastes 7/8 of a small tile rather than 15/16. Each thread reads one 16-byte
-  word group of two weight rows per step (32 four-bit or 16 eight-bit values), the eight warps
-  of a block split K and add their partial sums through shared memory. The order in which a
+  one row of x wastes 7/8 of a small tile rather than 15/16. Each thread reads 16-byte chunks
+  of two weight rows (32 four-bit or 16 eight-bit values each), issuing the next chunk's loads
+  before it uses the current one; the eight warps of a block split K and add their partial
+  sums through shared memory. The order in which a
   thread feeds its k values to the mma is free (a dot product does not care) as long as x uses
   the same order: four-bit values pair as (e, e + 4) within a word, so two values become a
   bf16/fp16 pair with one shift and one mask (the 128.0 / 1024.0 exponent trick, exact), and
