@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Rebuilds the default model shipped in xlstm_metal/assets/default_model/, end to end, offline:
 #   1. corpus:    Debian's python3.11-doc (PSF License) + python-django-doc (BSD-3-Clause) HTML -> text
-#   2. tokenizer: byte-level BPE, 4096 tokens, trained on that corpus
-#   3. model:     `xlstm-metal train` (preset pydoc-4m), best-validation weights exported in bfloat16
-#   4. install:   copy the export into xlstm_metal/assets/default_model/
+#   2. tokenizer: the packaged byte-level BPE (4096 tokens; RETRAIN_TOKENIZER=1 trains one on the
+#                 corpus instead, as the first build did)
+#   3. model:     `xlstm-metal train` (preset pydoc-15m), best-validation weights exported in float32
+#   4. quantize:  `xlstm-metal convert -q --q-recipe mixed-4-6` (4-bit blocks, 6-bit tied
+#                 embedding/LM head, float gates, bfloat16 scales): ~9 MB
+#   5. install:   copy the quantized export into xlstm_metal/assets/default_model/
 #
-# Usage: bash scripts/build_default_model.sh [all|corpus|tokenizer|train|install]
-# Environment: WORK (default .train_data), RUN (default $WORK/run), STEPS (default 2600, the
+# Usage: bash scripts/build_default_model.sh [all|corpus|tokenizer|train|quantize|install]
+# Environment: WORK (default .train_data), RUN (default $WORK/run), STEPS (default 1400, the
 # shipped run), MAX_TIME (seconds: size the run from measured speed instead of STEPS),
-# DTYPE (default float32), PYTHON (default python3).
-# The shipped model was trained on an NVIDIA H100 (MLX 0.32.4 CUDA build) with these defaults
+# DTYPE (default float32), RECIPE (default mixed-4-6), PYTHON (default python3).
+# The shipped model was trained on an NVIDIA H200 (MLX 0.32.4 CUDA build) with these defaults
 # (see MODEL_CARD.md); on a CPU the same command runs, far slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-.train_data}
 RUN=${RUN:-$WORK/run}
-STEPS=${STEPS:-2600}
+STEPS=${STEPS:-1400}
 MAX_TIME=${MAX_TIME:-}
 DTYPE=${DTYPE:-float32}
+RECIPE=${RECIPE:-mixed-4-6}
 stage=${1:-all}
 mkdir -p "$WORK"
 
@@ -31,24 +35,39 @@ corpus() {
 }
 
 tokenizer() {
-  "$PYTHON" scripts/train_tokenizer.py "$WORK/corpus.jsonl" --vocab-size 4096 --out "$WORK/tokenizer"
+  if [ -n "${RETRAIN_TOKENIZER:-}" ]; then
+    "$PYTHON" scripts/train_tokenizer.py "$WORK/corpus.jsonl" --vocab-size 4096 --out "$WORK/tokenizer"
+  else
+    mkdir -p "$WORK/tokenizer"
+    cp xlstm_metal/assets/default_model/tokenizer.json xlstm_metal/assets/default_model/tokenizer_config.json \
+      "$WORK/tokenizer/"
+  fi
 }
 
 train() {
   rm -rf "$RUN"
   if [ -n "$MAX_TIME" ]; then length=(--max-time "$MAX_TIME"); else length=(--steps "$STEPS"); fi
   "$PYTHON" -m xlstm_metal train "$WORK/corpus.jsonl" --tokenizer "$WORK/tokenizer" \
-    --config pydoc-4m --seq-len 512 --batch-size 32 "${length[@]}" \
-    --lr 2e-3 --min-lr-ratio 0.05 --warmup 200 --weight-decay 0.1 --grad-clip 1.0 --dtype "$DTYPE" \
-    --val-fraction 0.02 --eval-every 200 --eval-batches 16 --save-every 100000 --keep 1 --log-every 25 \
-    --seed 0 --out "$RUN" --export "$RUN/export" --export-dtype bfloat16 --no-progress
+    --config pydoc-15m --seq-len 512 --batch-size 32 "${length[@]}" \
+    --lr 1.2e-3 --min-lr-ratio 0.05 --warmup 150 --weight-decay 0.1 --grad-clip 1.0 --dtype "$DTYPE" \
+    --val-fraction 0.02 --eval-every 100 --eval-batches 16 --save-every 100000 --keep 1 --log-every 50 \
+    --seed 0 --out "$RUN" --export "$RUN/export" --export-dtype float32 --no-progress
+}
+
+quantize() {
+  "$PYTHON" -m xlstm_metal convert "$RUN/export" "$RUN/quantized" -q --q-recipe "$RECIPE" --dtype bfloat16 \
+    --overwrite
 }
 
 install_model() {
   dest=xlstm_metal/assets/default_model
   mkdir -p "$dest"
-  for f in config.json model.safetensors tokenizer.json tokenizer_config.json generation_config.json; do
-    cp "$RUN/export/$f" "$dest/$f"
+  for f in config.json model.safetensors generation_config.json xlstm_mlx_lm.py; do
+    cp "$RUN/quantized/$f" "$dest/$f"
+  done
+  # The tokenizer as the stage above gave it (train's copy drops tokenizer.json's BOS template).
+  for f in tokenizer.json tokenizer_config.json; do
+    cmp -s "$WORK/tokenizer/$f" "$dest/$f" || cp "$WORK/tokenizer/$f" "$dest/$f"
   done
   du -ch "$dest"/* | tail -1
 }
@@ -57,7 +76,8 @@ case "$stage" in
   corpus) corpus ;;
   tokenizer) tokenizer ;;
   train) train ;;
+  quantize) quantize ;;
   install) install_model ;;
-  all) corpus; tokenizer; train; install_model ;;
-  *) echo "unknown stage $stage (all|corpus|tokenizer|train|install)" >&2; exit 2 ;;
+  all) corpus; tokenizer; train; quantize; install_model ;;
+  *) echo "unknown stage $stage (all|corpus|tokenizer|train|quantize|install)" >&2; exit 2 ;;
 esac

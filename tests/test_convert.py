@@ -188,7 +188,9 @@ def test_check_figures(tok_ckpt, tmp_path, capsys):
 
 def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
     """The packaged (trained) model: 8-bit costs < 1% perplexity, 4-bit costs more than 8-bit.
-    (A packaged model shipped quantized is dequantized first: that float model is the reference.)"""
+    (A packaged model shipped quantized is dequantized first: that float model is the reference.
+    The shipped one is 4-bit with group 64, so the candidates use group 32: a grid its weights do
+    not already lie on.)"""
 
     def packaged_float():
         return dequantize_model(load_model(DEFAULT_MODEL_DIR, dtype="float32"))
@@ -198,7 +200,7 @@ def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
     results = {}
     for bits in (8, 4):
         candidate = packaged_float()
-        quantize_model(candidate, bits=bits, group_size=64)
+        quantize_model(candidate, bits=bits, group_size=32)
         results[bits] = fidelity(reference, candidate, ids, greedy_tokens=8)
     base = results[8]["ppl_reference"]
     assert 5 < base < 200  # a trained model on in-domain prose

@@ -181,3 +181,58 @@ def test_default_model_is_small_and_has_learnt_english():
     logits, _ = model(ids[:, :-1])
     loss = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="mean").item()
     assert loss < 4.0, loss  # uniform guessing: ln(4096) = 8.3; the shipped model: ~2-3 on such text
+
+
+def test_fine_tune_from_quantized_checkpoint_trains_float_weights(trained, tmp_path):
+    """A quantized --init-from (the packaged model ships quantized) is fine-tuned dequantized:
+    packed weights cannot be trained, so every layer must come back as float and change."""
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.loading import save_model
+    from xlstm_metal.quantization import dequantize_model, quantize_model
+
+    tmp, corpus, out, export = trained
+    model = load_model(export, dtype="float32")
+    quantize_model(model, bits=8, group_size=32)
+    qdir = tmp_path / "quantized"
+    save_model(model, qdir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (qdir / name).write_text((export / name).read_text())
+    saved = json.loads((qdir / "config.json").read_text())
+    assert "quantization" in saved or "quantization_config" in saved
+    run = tmp_path / "ft"
+    assert main(["train", str(corpus), "--out", str(run), "--init-from", str(qdir), "--seq-len", "32",
+                 "--batch-size", "4", "--steps", "2", "--warmup", "1", "--log-every", "1", "--no-progress",
+                 "--val-fraction", "0.1", "--eval-every", "2"]) == 0
+    start = dequantize_model(load_model(qdir, dtype="float32"))
+    weights = read_weights(run / "checkpoint-0000002")
+    assert not any(k.endswith((".scales", ".biases")) for k in weights)
+    q_key = "backbone.blocks.0.mlstm_layer.q.weight"
+    before = np.array(dict(tree_flatten(start.parameters()))[q_key])
+    after = np.array(weights[q_key])
+    assert after.shape == before.shape and after.dtype == np.float32
+    assert not np.allclose(after, before)  # the q projection was trained, not frozen
+
+
+def test_default_model_ships_quantized_and_runs_dequantized_on_cpu():
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.assets import default_model_path, for_this_device
+    from xlstm_metal.quantization import quantization_config
+
+    path = default_model_path()
+    config = json.loads((path / "config.json").read_text())
+    q = config.get("quantization") or config["quantization_config"]
+    assert q["bits"] == 4 and q["group_size"] == 64 and q["backbone.embeddings"]["bits"] == 6
+    model, tokenizer = xlstm_metal.load(path, dtype="float32")
+    assert quantization_config(model) is not None
+    ids = mx.array([tokenizer.encode("A dictionary maps keys to values.")])
+    quantized_logits, _ = model(ids)
+    for_this_device(model)
+    if mx.default_device() == mx.cpu:
+        assert quantization_config(model) is None
+        assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+        assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))
+    logits, _ = model(ids)
+    a, b = np.array(logits), np.array(quantized_logits)
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()

@@ -203,6 +203,10 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         raise UsageError(f"cannot load model {source}: {err}") from None
     if tokenizer is None and need_tokenizer:
         raise UsageError(f"model {source} has no tokenizer.json; text generation needs one")
+    if args.model is None:
+        from ..assets import for_this_device
+
+        for_this_device(model)  # quantized on disk; dequantized on CPUs, where that is faster
     apply_generation_defaults(args, directory)
     print_on_rank0_only()  # every rank generates the same tokens; rank 0 prints them
     if profile is not None:

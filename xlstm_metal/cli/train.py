@@ -29,8 +29,10 @@ from .profile import add_profile_argument, apply_training_profile, profile_from_
 PRESETS: dict[str, dict] = {
     # For tests and smoke runs: trains in seconds on a CPU.
     "tiny": dict(embedding_dim=64, num_heads=2, num_blocks=2, chunk_size=16),
-    # The shipped default model (~4.3M parameters with a 4096-token vocabulary).
+    # The previous default model (~4.3M parameters with a 4096-token vocabulary).
     "pydoc-4m": dict(embedding_dim=256, num_heads=4, num_blocks=4, tie_word_embeddings=True, chunk_size=64),
+    # The shipped default model (~15M parameters; shipped quantized, see MODEL_CARD.md).
+    "pydoc-15m": dict(embedding_dim=512, num_heads=4, num_blocks=4, tie_word_embeddings=True, chunk_size=64),
     # GPT-2-small-like width and depth (~125M parameters with a 50k vocabulary).
     "xlstm-125m": dict(embedding_dim=768, num_heads=4, num_blocks=12, chunk_size=64),
 }
@@ -325,6 +327,12 @@ def run(args) -> int:
                 args.init_from = str(default_model_path())
             args.init_from = _from_rank0(group, lambda: args.init_from)
             model = load_model(args.init_from, dtype="float32")
+            from ..quantization import dequantize_model, quantization_config
+
+            if quantization_config(model) is not None:
+                # Packed weights cannot be trained (nn.QuantizedLinear freezes them): fine-tune the
+                # dequantized float32 weights (the packaged default model ships quantized).
+                dequantize_model(model)
             tokenizer_src = args.tokenizer or args.init_from
         else:
             model = None
