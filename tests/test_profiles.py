@@ -128,3 +128,22 @@ def test_bf16_profile_error_is_bounded_and_nonzero(tmp_path):
     result = check_profile(tmp_path / "m", "fast-bf16", reference="mlx")
     assert 1e-4 < result.max_error < 0.1 and result.passed
     assert np.isfinite(result.logits_error)
+
+
+def test_copy_and_float_load_of_a_quantized_checkpoint(tmp_path):
+    """The packaged model ships quantized: copies stay quantized alike, the float32 load used by
+    `profile check` dequantizes."""
+    from xlstm_metal.profiles.check import _load_float32, copy_model
+    from xlstm_metal.quantization import quantization_config, quantize_model
+
+    model = tiny_model()
+    quantize_model(model, bits=4, group_size=32)
+    ids = mx.array([[1, 5, 9, 2, 7]])
+    ref, _ = model(ids)
+    copy = copy_model(model)
+    assert quantization_config(copy) == quantization_config(model)
+    assert np.allclose(np.array(copy(ids)[0]), np.array(ref), atol=1e-5)
+    save_model(model, tmp_path / "q")
+    loaded = _load_float32(tmp_path / "q")
+    assert quantization_config(loaded) is None
+    assert np.allclose(np.array(loaded(ids)[0]), np.array(ref), rtol=1e-4, atol=1e-4)

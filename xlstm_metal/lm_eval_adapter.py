@@ -41,11 +41,16 @@ class XLSTMMetalLM(LM):
         from .generation import xLSTMRunner
         from .loading import load
 
-        if pretrained is None:
+        packaged = pretrained is None
+        if packaged:
             from .assets import default_model_path
 
             pretrained = str(default_model_path())
         model, tokenizer = load(pretrained, dtype=dtype)
+        if packaged:
+            from .assets import for_this_device
+
+            for_this_device(model)  # quantized on disk, dequantized on CPUs
         if tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer.json; lm-eval needs one")
         if profile:

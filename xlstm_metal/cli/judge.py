@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot load judge model {source}: {err}") from None
     if tokenizer is None:
         raise UsageError(f"judge model {source} has no tokenizer.json")
+    if args.model is None:
+        from ..assets import for_this_device
+
+        for_this_device(model)  # the packaged model: quantized on disk, dequantized on CPUs
     rows = []
     for record in tqdm(records, desc="judge", unit="text", file=sys.stderr,
                        disable=True if args.no_progress else None):

@@ -174,16 +174,22 @@ def _run_nxai(model, prompt: np.ndarray, decode: np.ndarray):
 
 # ------------------------------------------------------------------------------ check
 def _load_float32(source) -> Any:
+    """A checkpoint in float32; a quantized one dequantized (profiles compare kernels and
+    numerics on float weights, and NX-AI's reference takes no packed weights)."""
     from ..loading import load_model
+    from ..quantization import dequantize_model
 
     if isinstance(source, (str, Path)):
-        return load_model(source, dtype="float32")
+        return dequantize_model(load_model(source, dtype="float32"))
     return source
 
 
 def copy_model(model, dtype: str = "float32"):
-    """A new model of the same class and config holding ``model``'s weights in ``dtype``."""
+    """A new model of the same class and config holding ``model``'s weights in ``dtype`` (a
+    quantized model's copy is quantized alike: packed weights kept, scales and biases cast)."""
     from mlx.utils import tree_flatten
+
+    from ..quantization import apply_quantization, quantization_config
 
     config = dataclasses.replace(model.config) if dataclasses.is_dataclass(model.config) else model.config
     if hasattr(model, "backbone"):
@@ -193,6 +199,9 @@ def copy_model(model, dtype: str = "float32"):
     target = getattr(mx, dtype)
     weights = [(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in tree_flatten(model.parameters())]
+    quantization = quantization_config(model)
+    if quantization is not None:
+        apply_quantization(new, quantization, dict(weights))
     new.load_weights(weights)
     mx.eval(new.parameters())
     return new
