@@ -4,7 +4,6 @@ sLSTM block configs, ``slstm_at``), read from config.json or NX-AI's config.yaml
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 from .cells.slstm import LAYOUTS
 from .cells.xlstm_2024 import round_up_dim
 from .errors import CheckpointError, ConfigError
+from .jsonfiles import read_json_object
 
 @dataclass
 class mLSTMLayerConfig:
@@ -242,11 +242,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     json_path, yaml_path = directory / "config.json", directory / "config.yaml"
     if json_path.is_file():
-        try:
-            data = json.loads(json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{json_path} is not valid JSON: {err}") from None
-        source = json_path
+        data, source = read_json_object(json_path, CheckpointError), json_path
     elif yaml_path.is_file():
         import yaml
 
