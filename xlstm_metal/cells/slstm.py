@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..kernels.fast.slstm_fused import kernel_supported, slstm_recurrence
 from ..kernels.slstm import SLSTMState, slstm_sequence, slstm_step, slstm_zero_state
 from .xlstm_2024 import Module2024
 
 LAYOUTS = ("cuda", "vanilla")
+KERNELS = ("reference", "fused")
 
 
 class sLSTMCell(Module2024):
@@ -25,12 +27,19 @@ class sLSTMCell(Module2024):
 
     __call__(wx [B, S, NH, 4, DH] input-gate projections W x without bias, state (c, n, m, h)
     each [B, NH, DH] or None) -> (h [B, S, NH, DH], state).
+
+    ``kernel``: "reference" (the pure-ops recurrence of :mod:`xlstm_metal.kernels.slstm`) or
+    "fused" (the CUDA kernels of :mod:`xlstm_metal.kernels.fast.slstm_fused`, with their own
+    backward; where they cannot run, i.e. off CUDA, the reference runs).
     """
 
     _exposed_params = ("_recurrent_kernel_", "_bias_")
 
-    def __init__(self, hidden_size: int, num_heads: int, layout: str = "cuda"):
+    def __init__(self, hidden_size: int, num_heads: int, layout: str = "cuda", kernel: str = "reference"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown sLSTM kernel {kernel!r}; choose from {KERNELS}")
+        self.kernel = kernel
         if num_heads <= 0 or hidden_size % num_heads:
             raise ValueError(f"sLSTM hidden size {hidden_size} must be a multiple of num_heads {num_heads}")
         if layout not in LAYOUTS:
@@ -71,8 +80,15 @@ class sLSTMCell(Module2024):
     def zero_state(self, batch_size: int) -> SLSTMState:
         return slstm_zero_state(batch_size, self.num_heads, self.head_dim)
 
+    def uses_fused_kernel(self) -> bool:
+        """Whether calls run the fused CUDA kernels (kernel "fused" on a CUDA device)."""
+        return self.kernel == "fused" and kernel_supported(self.num_heads, self.head_dim)
+
     def __call__(self, wx: mx.array, state: SLSTMState | None = None) -> tuple[mx.array, SLSTMState]:
         dtype = wx.dtype
+        if self.uses_fused_kernel():
+            # One launch per sequence (or decode step); the bias is added in the kernel.
+            return slstm_recurrence(wx, self.recurrent_kernel(), state, bias=self.gate_bias(), backend="cuda")
         # Biases are added in float32 (NX-AI keeps sLSTM biases in float32 under mixed precision).
         wx = wx.astype(mx.float32) + self.gate_bias().astype(mx.float32)
         R = self.recurrent_kernel()
@@ -83,4 +99,4 @@ class sLSTMCell(Module2024):
         return h.astype(dtype), state
 
 
-__all__ = ["sLSTMCell", "LAYOUTS"]
+__all__ = ["sLSTMCell", "KERNELS", "LAYOUTS"]

@@ -1,0 +1,281 @@
+"""The fused sLSTM (xlstm_metal.kernels.fast.slstm_fused) against the pure-ops reference.
+
+CPU: the custom function with its ops forward and backward equals the reference and mx.vjp
+of the reference (every input, incl. R, bias and the state), the cell's dispatch, the launch
+plan. CUDA (skipped elsewhere, like tests/test_cuda_kernels.py): the kernels against the
+reference computed on the CPU stream (exact float32) — outputs and states, gradients, steps
+vs the sequence, bf16 inputs, a model's logits and gradients.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from xlstm_metal.cells.slstm import sLSTMCell
+from xlstm_metal.kernels.fast import slstm_fused as sf
+from xlstm_metal.kernels.fast.slstm_fused import kernel_supported, slstm_recurrence
+from xlstm_metal.kernels.fast.step import cuda_available
+from xlstm_metal.kernels.slstm import slstm_sequence, slstm_step
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _rel(a, b) -> float:
+    a = np.array(a.astype(mx.float32), dtype=np.float64)
+    b = np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _inputs(seed, B=2, S=7, NH=2, DH=8, dtype=mx.float32, with_state=True):
+    rng = np.random.default_rng(seed)
+    wx = rng.normal(size=(B, S, NH, 4, DH)).astype(np.float32) * 2.0
+    wx[..., 0, :] += rng.uniform(-4, 4, size=(NH, DH)).astype(np.float32)  # input gates far apart
+    R = rng.normal(size=(NH, DH, 4 * DH)).astype(np.float32) * (1.5 / np.sqrt(DH))
+    bias = rng.normal(size=(NH, 4, DH)).astype(np.float32)
+    state = None
+    if with_state:
+        c, m, h = (rng.normal(size=(B, NH, DH)).astype(np.float32) for _ in range(3))
+        n = np.abs(rng.normal(size=(B, NH, DH))).astype(np.float32) + 0.5
+        state = tuple(mx.array(x) for x in (c, n, m, h))
+    return mx.array(wx).astype(dtype), mx.array(R), mx.array(bias), state
+
+
+def _reference(wx, R, state, bias):
+    return slstm_sequence(wx.astype(mx.float32) + bias, R, state)
+
+
+def _loss_fn(fn, weights):
+    """Scalar loss over h and every final state entry, so each gradient path is exercised."""
+
+    def loss(wx, R, bias, c, n, m, h):
+        hs, final = fn(wx, R, (c, n, m, h), bias)
+        total = mx.sum(hs.astype(mx.float32) * weights[0])
+        for x, w in zip(final, weights[1:]):
+            total = total + mx.sum(x * w)
+        return total
+
+    return loss
+
+
+def _loss_weights(seed, B, S, NH, DH):
+    rng = np.random.default_rng(seed)
+    return [mx.array(rng.normal(size=s).astype(np.float32)) for s in [(B, S, NH, DH)] + [(B, NH, DH)] * 4]
+
+
+def _grads(fn, wx, R, bias, state, weights):
+    B, S, NH, _, DH = wx.shape
+    if state is None:
+        z = mx.zeros((B, NH, DH))
+        state = (z, z, z, z)
+    return mx.grad(_loss_fn(fn, weights), argnums=tuple(range(7)))(wx, R, bias, *state)
+
+
+def _ops(wx, R, state, bias):
+    return slstm_recurrence(wx, R, state, bias=bias, backend="ops")
+
+
+def _cuda(wx, R, state, bias):
+    return slstm_recurrence(wx, R, state, bias=bias, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("with_state", [True, False])
+def test_ops_custom_function_equals_reference_and_its_vjp(with_state):
+    wx, R, bias, state = _inputs(0, with_state=with_state)
+    h, st = _ops(wx, R, state, bias)
+    h_ref, st_ref = _reference(wx, R, state, bias)
+    assert _rel(h, h_ref) == 0.0
+    for a, b in zip(st, st_ref):
+        assert _rel(a, b) == 0.0
+    weights = _loss_weights(1, *h.shape)
+    for g, g_ref in zip(_grads(_ops, wx, R, bias, state, weights), _grads(_reference, wx, R, bias, state, weights)):
+        assert g.shape == g_ref.shape
+        assert _rel(g, g_ref) <= 1e-5, _rel(g, g_ref)
+
+
+def test_ops_vjp_through_saturated_gates_and_fresh_rows():
+    """Large gate inputs clamp exp(.) at 1 and flip max(i, lf) between steps; row 1 starts
+    from the empty state (n == 0) while row 0 continues."""
+    wx, R, bias, state = _inputs(2, B=2, S=6)
+    wx = wx * 6.0
+    state = tuple(mx.concatenate([s[:1], mx.zeros_like(s[1:])], axis=0) for s in state)
+    weights = _loss_weights(3, 2, 6, 2, 8)
+    for g, g_ref in zip(_grads(_ops, wx, R, bias, state, weights), _grads(_reference, wx, R, bias, state, weights)):
+        assert _rel(g, g_ref) <= 1e-5, _rel(g, g_ref)
+
+
+def test_ops_vjp_of_every_saved_output():
+    """The custom function returns every step's (h, c, n, m) and the gate pre-activations;
+    cotangents on all of them reach the inputs as the reference's autodiff says."""
+    wx, R, bias, state = _inputs(4, B=1, S=5)
+    fn = sf._recurrence("ops")
+    rng = np.random.default_rng(5)
+    outs = fn(wx, bias.reshape(2, 4, 8), R, *state)
+    weights = [mx.array(rng.normal(size=o.shape).astype(np.float32)) for o in outs]
+
+    def via_custom(wx, bias, R, c, n, m, h):
+        return sum(mx.sum(o * w) for o, w in zip(fn(wx, bias, R, c, n, m, h), weights))
+
+    def via_reference(wx, bias, R, c, n, m, h):
+        outs = sf._forward_ops(wx, bias, R, c, n, m, h)  # the reference steps, plain autodiff
+        return sum(mx.sum(o * w) for o, w in zip(outs, weights))
+
+    args = (wx, bias, R, *state)
+    g = mx.grad(via_custom, argnums=tuple(range(7)))(*args)
+    g_ref = mx.grad(via_reference, argnums=tuple(range(7)))(*args)
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) <= 1e-5, _rel(a, b)
+
+
+def test_cell_dispatch_off_cuda_runs_the_reference():
+    cell = sLSTMCell(16, 2, kernel="fused")
+    rng = np.random.default_rng(6)
+    cell.set_from_compute_layout(mx.array(rng.normal(size=(2, 8, 32)).astype(np.float32) * 0.3),
+                                 mx.array(rng.normal(size=(2, 4, 8)).astype(np.float32)))
+    wx = mx.array(rng.normal(size=(3, 5, 2, 4, 8)).astype(np.float32))
+    assert cell.uses_fused_kernel() == cuda_available()
+    h, st = cell(wx)
+    ref = sLSTMCell(16, 2, kernel="reference")
+    ref.update(cell.parameters())
+    h_ref, st_ref = ref(wx)
+    assert _rel(h, h_ref) <= (1e-5 if cuda_available() else 0.0)
+    h1, _ = cell(wx[:, :1], st)  # the step path
+    h1_ref, _ = ref(wx[:, :1], st_ref)
+    assert _rel(h1, h1_ref) <= (1e-5 if cuda_available() else 0.0)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown sLSTM kernel"):
+        sLSTMCell(16, 2, kernel="triton")
+    wx, R, bias, _ = _inputs(7)
+    with pytest.raises(ValueError, match="unknown sLSTM backend"):
+        slstm_recurrence(wx, R, bias=bias, backend="metal")
+    with pytest.raises(ValueError, match="4 gates"):
+        slstm_recurrence(wx[:, :, :, :3], R)
+    with pytest.raises(ValueError, match="recurrent kernel must have shape"):
+        slstm_recurrence(wx, R[:, :, :8])
+    if not cuda_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            slstm_recurrence(wx, R, backend="cuda")
+
+
+@pytest.mark.parametrize("B,NH,DH", [(1, 4, 256), (16, 4, 256), (40, 4, 256), (300, 4, 256), (3, 2, 8),
+                                     (5, 3, 7), (2, 1, 512), (9, 16, 64)])
+def test_launch_plan_fits_the_kernels(B, NH, DH):
+    """Every launch: all blocks resident (<= _MAX_BLOCKS), each row chunk's pointwise threads
+    exist (BC U <= threads), static shared memory <= 48 KB, and the row groups cover the batch."""
+    for row_floats in (DH + 4 * sf._units(DH), 4 * DH + sf._units(DH)):
+        U, bc, chunks = sf._plan(B, NH, DH, row_floats)
+        assert DH % U == 0 and U <= sf._MAX_UNITS
+        assert NH * (DH // U) * chunks <= sf._MAX_BLOCKS
+        assert bc * U <= 4 * U * sf._LANES
+        assert bc * row_floats * 4 <= 48 * 1024
+        groups = sf._row_groups(B, bc, chunks)
+        assert groups[0][0] == 0 and groups[-1][1] == B
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert all(-(-(hi - lo) // bc) <= chunks for lo, hi in groups)
+
+
+# ----------------------------------------------------------------------------------- CUDA
+def _on_cpu(fn, *args):
+    with mx.stream(mx.cpu):
+        out = fn(*args)
+        mx.eval(out)
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("B,S,NH,DH", [(2, 9, 2, 8), (3, 17, 3, 24), (1, 33, 4, 256), (17, 12, 4, 64),
+                                       (2, 5, 2, 7), (40, 6, 4, 256), (2, 4, 1, 512)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_kernel_forward_matches_reference(B, S, NH, DH, with_state):
+    wx, R, bias, state = _inputs(B + S + DH, B=B, S=S, NH=NH, DH=DH, with_state=with_state)
+    assert kernel_supported(NH, DH)
+    h, st = _cuda(wx, R, state, bias)
+    h_ref, st_ref = _on_cpu(_reference, wx, R, state, bias)
+    assert h.dtype == mx.float32 and _rel(h, h_ref) <= 1e-5, _rel(h, h_ref)
+    for a, b in zip(st, st_ref):
+        assert a.shape == b.shape and _rel(a, b) <= 1e-5, _rel(a, b)
+
+
+@cuda
+@pytest.mark.parametrize("B,S,NH,DH", [(2, 9, 2, 8), (3, 11, 2, 32), (2, 16, 4, 256), (20, 5, 4, 64)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_kernel_gradients_match_reference(B, S, NH, DH, with_state):
+    wx, R, bias, state = _inputs(10 + B + DH, B=B, S=S, NH=NH, DH=DH, with_state=with_state)
+    weights = _loss_weights(11, B, S, NH, DH)
+    g = _grads(_cuda, wx, R, bias, state, weights)
+    g_ref = _on_cpu(lambda: _grads(_reference, wx, R, bias, state, weights))
+    names = ("wx", "R", "bias", "c0", "n0", "m0", "h0")
+    for name, a, b in zip(names, g, g_ref):
+        assert a.shape == b.shape
+        assert _rel(a, b) <= 1e-4, (name, _rel(a, b))
+
+
+@cuda
+def test_kernel_steps_equal_the_sequence_and_compile():
+    wx, R, bias, state = _inputs(12, B=3, S=10, NH=4, DH=64)
+    h_seq, st_seq = _cuda(wx, R, state, bias)
+    step = mx.compile(lambda x, s: _cuda(x, R, s, bias))
+    st, hs = state, []
+    for t in range(wx.shape[1]):
+        h, st = step(wx[:, t : t + 1], st)
+        hs.append(h)
+    assert _rel(mx.concatenate(hs, axis=1), h_seq) <= 1e-6
+    for a, b in zip(st, st_seq):
+        assert _rel(a, b) <= 1e-6
+    # and the reference step agrees
+    h_ref, _ = _on_cpu(lambda: slstm_step(wx[:, 0].astype(mx.float32) + bias, R, state))
+    assert _rel(hs[0][:, 0], h_ref) <= 1e-5
+
+
+@cuda
+def test_kernel_bfloat16_inputs():
+    wx, R, bias, state = _inputs(13, B=4, S=20, NH=4, DH=128, dtype=mx.bfloat16)
+    h, st = _cuda(wx, R, state, bias)
+    assert h.dtype == mx.bfloat16 and st[0].dtype == mx.float32
+    h_ref, st_ref = _on_cpu(_reference, wx, R, state, bias)
+    assert _rel(h, h_ref) <= 1e-2  # the reference's h is float32; ours is rounded to bf16
+    for a, b in zip(st, st_ref):
+        assert _rel(a, b) <= 1e-5
+    weights = _loss_weights(14, 4, 20, 4, 128)
+    g = _grads(_cuda, wx, R, bias, state, weights)
+    g_ref = _on_cpu(lambda: _grads(_reference, wx, R, bias, state, weights))
+    assert g[0].dtype == mx.bfloat16
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) <= 1e-2
+
+
+@cuda
+def test_model_with_fused_slstm_matches_reference():
+    from xlstm_metal.models.xlstm_2024 import create_xlstm_model
+
+    ref = create_xlstm_model(97, 4, (1, 1), 64, 16, 4, seed=3)
+    fast = create_xlstm_model(97, 4, (1, 1), 64, 16, 4, seed=3)
+    for block in fast.blocks:
+        if "slstm_cell" in block.xlstm:
+            block.xlstm.slstm_cell.kernel = "fused"
+            assert block.xlstm.slstm_cell.uses_fused_kernel()
+    ids = mx.array(np.random.default_rng(15).integers(0, 97, (2, 24)), dtype=mx.int32)
+    (l0, s0), (l1, s1) = ref(ids), fast(ids)
+    assert _rel(l1, l0) <= 1e-4
+    tok = ids[:, -1:]
+    for _ in range(4):
+        (l0, s0), (l1, s1) = ref(tok, s0), fast(tok, s1)
+        assert _rel(l1, l0) <= 1e-4
+        tok = mx.argmax(l0[:, -1:], axis=-1).astype(mx.int32)
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    def grads(model):
+        def loss(x, y):
+            logits, _ = model(x)
+            return nn.losses.cross_entropy(logits, y, reduction="mean")
+
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(ids[:, :-1], ids[:, 1:])[1]))
+
+    g0, g1 = grads(ref), grads(fast)
+    assert set(g0) == set(g1)
+    for key, value in g0.items():
+        assert _rel(g1[key], value) <= 1e-3, key
