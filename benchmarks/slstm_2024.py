@@ -1,0 +1,375 @@
+"""The 2024 xLSTM[7:1] (~350M parameters) beside NX-AI's official ``xlstm.xLSTMLMModel``:
+training tokens/s (forward + backward + clipping + AdamW) and greedy decode tokens/s at batch 1.
+
+Both sides are built from one config (NX-AI's ``xLSTMLMModelConfig`` layout, ``CONFIG`` below:
+embedding 1024, 48 blocks, sLSTM at every 8th position, tied embeddings, vocab 50304) and, with
+``--same-weights`` (default), the same weights: the official side initialises its model
+(NX-AI's ``reset_parameters``) and writes them as safetensors, ours loads them by name.
+
+Each side runs in its own process, one after the other. Training: float32 master weights,
+bf16 compute (theirs: ``torch.autocast``; ours: the trainer's cast-in-the-loss step, compiled),
+AdamW, global-norm clipping at 1.0, random tokens, ``--batch`` x ``--seq``; the first step
+(compilation / autotuning) is not timed. Decode: bf16 weights, one greedy token per step from a
+zero state (theirs: ``model.step`` under ``inference_mode``; ours: the compiled step of
+``xlstm_metal.benchmark.measure_decode``).
+
+The official sLSTM ``cuda`` backend compiles its kernel at run time (torch cpp extension,
+ninja + nvcc); where that fails or takes longer than ``--cuda-build-timeout`` the ``vanilla``
+backend (PyTorch ops) runs, and the result says which ran (``official.slstm_backend``).
+
+    python benchmarks/slstm_2024.py --out results/xlstm71_350m.json
+    python benchmarks/slstm_2024.py --tiny --out /tmp/x.json      # a small config, any device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# NX-AI's xLSTMLMModelConfig fields (dataclasses.asdict layout); sLSTM at 3, 11, ..., 43.
+CONFIG = {
+    "vocab_size": 50304,
+    "embedding_dim": 1024,
+    "num_blocks": 48,
+    "context_length": 2048,
+    "tie_weights": True,
+    "slstm_at": [3, 11, 19, 27, 35, 43],
+    "mlstm_block": {"mlstm": {"conv1d_kernel_size": 4, "qkv_proj_blocksize": 4, "num_heads": 4, "proj_factor": 2.0}},
+    "slstm_block": {
+        "slstm": {"backend": "cuda", "num_heads": 4, "conv1d_kernel_size": 4, "bias_init": "powerlaw_blockdependent"},
+        "feedforward": {"proj_factor": 1.3, "act_fn": "gelu"},
+    },
+}
+TINY = dict(CONFIG, vocab_size=512, embedding_dim=128, num_blocks=8, context_length=256, slstm_at=[3, 7])
+
+
+def _emit(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+# -------------------------------------------------------------------------------- official
+def _official_config(d: dict, backend: str, batch: int):
+    from xlstm import (FeedForwardConfig, mLSTMBlockConfig, mLSTMLayerConfig, sLSTMBlockConfig,
+                       sLSTMLayerConfig, xLSTMLMModelConfig)
+
+    s = dict(d["slstm_block"]["slstm"], backend=backend)
+    if backend == "cuda":
+        s["batch_size"] = batch  # the CUDA kernel is compiled for one batch size
+    return xLSTMLMModelConfig(
+        **{k: v for k, v in d.items() if k not in ("mlstm_block", "slstm_block")},
+        mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(**d["mlstm_block"]["mlstm"])),
+        slstm_block=sLSTMBlockConfig(slstm=sLSTMLayerConfig(**s),
+                                     feedforward=FeedForwardConfig(**d["slstm_block"]["feedforward"])),
+    )
+
+
+def worker_official(args) -> None:
+    import torch
+    import torch.nn.functional as F
+    from xlstm import xLSTMLMModel
+
+    out = Path(args.worker_out)
+    deadline = time.time() + args.budget
+    cfg_dict = json.loads(args.config)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    backend = args.official_backend
+    model = xLSTMLMModel(_official_config(cfg_dict, backend, args.batch)).to(dev)
+    model.reset_parameters()
+    n_params = sum(p.numel() for p in model.parameters())
+    _emit(out, {"side": "official", "kind": "model", "slstm_backend": backend, "params": n_params,
+                "torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"})
+    if args.weights:
+        from safetensors.torch import save_file
+
+        seen, sd = set(), {}
+        for k, v in model.state_dict().items():
+            if v.data_ptr() in seen:  # tied weights once
+                continue
+            seen.add(v.data_ptr())
+            sd[k] = v.detach().float().cpu().contiguous()
+        save_file(sd, args.weights)
+        json.dump({**cfg_dict, "slstm_block": {**cfg_dict["slstm_block"], "slstm": {
+            **cfg_dict["slstm_block"]["slstm"], "backend": backend}}}, open(args.weights + ".json", "w"))
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    V, B, S = cfg_dict["vocab_size"], args.batch, args.seq
+    if "train" in args.measure:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=dev == "cuda")
+        ids = torch.randint(0, V, (B, S + 1), device=dev)
+        model.train()
+
+        def step():
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                logits = model(ids[:, :-1])
+                loss = F.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.train_steps + 1):
+            if i > 1 and time.time() + 1.5 * times[-1] > deadline - args.decode_reserve:
+                break
+            sync()
+            t0 = time.perf_counter()
+            loss = step()
+            sync()
+            dt = time.perf_counter() - t0
+            if i == 0:
+                _emit(out, {"side": "official", "kind": "train_first_step", "seconds": dt, "loss": float(loss)})
+            else:
+                times.append(dt)
+        med = _median(times)
+        _emit(out, {"side": "official", "kind": "train", "batch": B, "seq": S, "steps": len(times),
+                    "seconds": med, "tok_s": B * S / med, "step_seconds": times,
+                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None})
+        del opt
+        model.zero_grad(set_to_none=True)
+    if "decode" in args.measure and time.time() < deadline - 5:
+        model = model.to(torch.bfloat16).eval() if dev == "cuda" else model.eval()
+        tok = torch.randint(0, V, (1, 1), device=dev)
+        with torch.inference_mode():
+            state = None
+            for _ in range(args.warmup_tokens):
+                logits, state = model.step(tok, state)
+                tok = logits[:, -1:].argmax(-1)
+            sync()
+            t0 = time.perf_counter()
+            n = 0
+            state = None
+            while n < args.decode_tokens and time.time() < deadline:
+                logits, state = model.step(tok, state)
+                tok = logits[:, -1:].argmax(-1)
+                n += 1
+            tok.cpu()
+            dt = time.perf_counter() - t0
+        _emit(out, {"side": "official", "kind": "decode", "batch": 1, "tokens": n, "seconds": dt, "tok_s": n / dt})
+
+
+# ------------------------------------------------------------------------------------ ours
+def worker_ours(args) -> None:
+    import xlstm_metal  # noqa: F401  (BLAS before mlx)
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    import xlstm_metal.kernels.fast  # noqa: F401  (registers the fast mLSTM kernels)
+    from xlstm_metal import benchmark as bm
+    from xlstm_metal.config_2024 import xLSTMLMConfig
+    from xlstm_metal.loading import model_from_checkpoint
+    from xlstm_metal.models.xlstm_2024 import xLSTMLMModel
+    from xlstm_metal.training.trainer import TrainingConfig, make_loss_fn, make_optimizer
+
+    out = Path(args.worker_out)
+    deadline = time.time() + args.budget
+    cfg_dict = json.loads(args.config)
+    if args.weights and Path(args.weights).is_file():
+        cfg_dict = json.load(open(args.weights + ".json"))  # the layout the official side wrote
+        weights = mx.load(args.weights)
+        model = model_from_checkpoint(cfg_dict, weights, mlstm_kernel=args.mlstm_kernel)
+        same = True
+    else:
+        model = xLSTMLMModel(xLSTMLMConfig.from_dict(cfg_dict), mlstm_kernel=args.mlstm_kernel)
+        same = False
+    cells = [b.xlstm.slstm_cell for b in model.blocks if "slstm_cell" in b.xlstm]
+    for cell in cells:
+        cell.kernel = args.slstm_kernel
+    mx.eval(model.parameters())
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    _emit(out, {"side": "ours", "kind": "model", "params": n_params, "same_weights": same,
+                "slstm_kernel": args.slstm_kernel, "fused_active": bool(cells and cells[0].uses_fused_kernel()),
+                "mlstm_kernel": args.mlstm_kernel, **bm.environment()})
+
+    V, B, S = cfg_dict["vocab_size"], args.batch, args.seq
+    if "train" in args.measure:
+        tcfg = TrainingConfig(seq_len=S, batch_size=B, lr=1e-4, weight_decay=0.1, grad_clip=1.0, dtype="bfloat16")
+        optimizer = make_optimizer(tcfg, model)
+        loss_fn = make_loss_fn(model, mx.bfloat16)
+        grad_fn = mx.value_and_grad(loss_fn)
+        optimizer.init(model.trainable_parameters())
+        state = [model.state, optimizer.state]
+
+        def train_step(inputs, targets):
+            params = model.trainable_parameters()
+            loss, grads = grad_fn(params, inputs, targets)
+            model.update(params)
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            optimizer.update(model, grads)
+            return loss
+
+        step = mx.compile(train_step, inputs=state, outputs=state) if args.compile else train_step
+        ids = mx.random.randint(0, V, (B, S + 1), key=mx.random.key(0)).astype(mx.int32)
+        mx.eval(ids)
+        mx.reset_peak_memory()
+        times = []
+        for i in range(args.train_steps + 1):
+            if i > 1 and time.time() + 1.5 * times[-1] > deadline - args.decode_reserve:
+                break
+            mx.synchronize()
+            t0 = time.perf_counter()
+            loss = step(ids[:, :-1], ids[:, 1:])
+            mx.eval(loss, state)
+            mx.synchronize()
+            dt = time.perf_counter() - t0
+            if i == 0:
+                _emit(out, {"side": "ours", "kind": "train_first_step", "seconds": dt, "loss": float(loss)})
+            else:
+                times.append(dt)
+        med = _median(times)
+        _emit(out, {"side": "ours", "kind": "train", "batch": B, "seq": S, "steps": len(times), "seconds": med,
+                    "tok_s": B * S / med, "step_seconds": times, "peak_mem_gb": mx.get_peak_memory() / 2**30})
+        del optimizer, state, step
+    if "decode" in args.measure and time.time() < deadline - 5:
+        model.set_dtype(mx.bfloat16)
+        rec = bm.measure_decode(model, 1, tokens=args.decode_tokens, warmup=args.warmup_tokens)
+        rec["tok_s_fp"] = rec.pop("tok_s")
+        _emit(out, {"side": "ours", **rec, "tok_s": rec["tok_s_fp"]})
+
+
+# ---------------------------------------------------------------------------------- driver
+def _run_worker(side: str, args, extra: list[str], budget: float, log) -> list[dict]:
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
+        wout = fh.name
+    cmd = [sys.executable, __file__, "--worker", side, "--worker-out", wout, "--budget", str(budget),
+           "--config", json.dumps(args.config_dict), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--train-steps", str(args.train_steps), "--decode-tokens", str(args.decode_tokens),
+           "--warmup-tokens", str(args.warmup_tokens), "--measure", args.measure,
+           "--decode-reserve", str(args.decode_reserve), *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=budget + 5, capture_output=True, text=True)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as err:
+        rc, tail = "timeout", str(err)[-500:]
+    records = [json.loads(x) for x in Path(wout).read_text().splitlines() if x.strip()]
+    os.unlink(wout)
+    log.write(f"--- {side} {' '.join(extra)} rc={rc} {time.time() - t0:.1f}s\n{tail}\n")
+    log.flush()
+    if rc != 0:
+        records.append({"side": side, "kind": "error", "rc": rc, "tail": tail[-1500:]})
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--tiny", action="store_true", help="a small config (smoke test on any device)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--train-steps", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--warmup-tokens", type=int, default=4)
+    p.add_argument("--measure", default="train,decode")
+    p.add_argument("--sides", default="official,ours")
+    p.add_argument("--official-backend", choices=["auto", "cuda", "vanilla"], default="auto")
+    p.add_argument("--cuda-build-timeout", type=float, default=60.0,
+                   help="seconds the official sLSTM CUDA kernel may take to build before vanilla runs")
+    p.add_argument("--slstm-kernel", choices=["fused", "reference"], default="fused")
+    p.add_argument("--mlstm-kernel", default="chunkwise")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--same-weights", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--budget", type=float, default=60.0, help="seconds per side")
+    p.add_argument("--decode-reserve", type=float, default=10.0)
+    # worker arguments
+    p.add_argument("--worker", choices=["official", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        (worker_official if args.worker == "official" else worker_ours)(args)
+        return 0
+    if args.out is None:
+        p.error("--out is required")
+    if args.out.exists():
+        p.error(f"{args.out} exists; choose another --out")
+    args.config_dict = TINY if args.tiny else CONFIG
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(args.out.with_suffix(".log"), "w")
+    records: list[dict] = []
+    tmp = tempfile.mkdtemp(prefix="slstm2024_")
+    weights = os.path.join(tmp, "official.safetensors") if args.same_weights else None
+    sides = args.sides.split(",")
+    if "official" in sides:
+        backend = args.official_backend
+        if backend in ("auto", "cuda"):
+            probe = _probe_cuda_backend(args, log)
+            records.append(probe)
+            backend = "cuda" if probe["ok"] else ("vanilla" if args.official_backend == "auto" else "cuda")
+        extra = ["--official-backend", backend] + (["--weights", weights] if weights else [])
+        records += _run_worker("official", args, extra, args.budget, log)
+    if "ours" in sides:
+        extra = ["--slstm-kernel", args.slstm_kernel, "--mlstm-kernel", args.mlstm_kernel]
+        extra += ["--weights", weights] if weights else []
+        extra += [] if args.compile else ["--no-compile"]
+        records += _run_worker("ours", args, extra, args.budget, log)
+    if weights:
+        for f in (weights, weights + ".json"):
+            if os.path.exists(f):
+                os.unlink(f)
+    result = {"config": args.config_dict, "args": {k: str(v) for k, v in vars(args).items() if k != "config_dict"},
+              "records": records, "ratios": _ratios(records)}
+    tmp_out = args.out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(result, indent=1))
+    os.replace(tmp_out, args.out)
+    print(json.dumps(result["ratios"]))
+    return 0
+
+
+def _probe_cuda_backend(args, log) -> dict:
+    """Build the official sLSTM CUDA kernel (as its cell does) within --cuda-build-timeout."""
+    code = (
+        "import torch, time; from xlstm import sLSTMLayer, sLSTMLayerConfig; t=time.time(); "
+        "l = sLSTMLayer(sLSTMLayerConfig(embedding_dim=1024, num_heads=4, backend='cuda', batch_size=%d)).cuda(); "
+        "y = l(torch.randn(%d, 8, 1024, device='cuda')); torch.cuda.synchronize(); print('built', time.time()-t)"
+        % (args.batch, args.batch)
+    )
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], timeout=args.cuda_build_timeout, capture_output=True, text=True)
+        ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr)[-1500:]
+    except subprocess.TimeoutExpired:
+        ok, tail = False, f"not built within {args.cuda_build_timeout} s"
+    log.write(f"--- cuda backend probe ok={ok} {time.time() - t0:.1f}s\n{tail}\n")
+    return {"side": "official", "kind": "cuda_backend_probe", "ok": ok, "seconds": time.time() - t0, "tail": tail[-800:]}
+
+
+def _ratios(records: list[dict]) -> dict:
+    def pick(side, kind):
+        r = [x for x in records if x.get("side") == side and x.get("kind") == kind]
+        return r[-1]["tok_s"] if r and "tok_s" in r[-1] else None
+
+    out = {}
+    for kind in ("train", "decode"):
+        o, t = pick("ours", kind), pick("official", kind)
+        out[kind] = {"ours_tok_s": o, "official_tok_s": t, "ratio": (o / t) if o and t else None}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
