@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--exchange", choices=["barrier", "tagged"], default="barrier",
+                   help="exchange used for the decode-step timing (S = 1 exchanges nothing)")
     p.add_argument("--reference-seq", type=int, default=512,
                    help="sequence length for the (slow) reference; its time is scaled to --seq")
     args = p.parse_args(argv)
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     from xlstm_metal.benchmark import environment, median_seconds
+    from xlstm_metal.kernels.fast import slstm_fused as sf
     from xlstm_metal.kernels.fast.slstm_fused import kernel_supported, slstm_recurrence
     from xlstm_metal.kernels.slstm import slstm_sequence, slstm_step
 
@@ -63,10 +66,14 @@ def main(argv=None) -> int:
         return mx.grad(loss, argnums=(0, 1, 2))(x, R, bias)
 
     records = {"env": environment(), "shape": dict(B=B, S=S, NH=NH, DH=DH), "backend": backend}
-    t = median_seconds(fused_fwd, args.repeats)
-    records["fused_forward_ms"] = 1e3 * t
-    t = median_seconds(lambda: grad_of("fused", wx), args.repeats)
-    records["fused_forward_backward_ms"] = 1e3 * t
+    for exchange in ("barrier", "tagged"):
+        sf.EXCHANGE = exchange
+        t = median_seconds(fused_fwd, args.repeats)
+        records[f"fused_forward_ms_{exchange}"] = 1e3 * t
+        t = median_seconds(lambda: grad_of("fused", wx), args.repeats)
+        records[f"fused_forward_backward_ms_{exchange}"] = 1e3 * t
+        print(exchange, records[f"fused_forward_ms_{exchange}"], records[f"fused_forward_backward_ms_{exchange}"], flush=True)
+    sf.EXCHANGE = args.exchange
     Sr = min(S, args.reference_seq)
     xr = wx[:, :Sr]
     t = median_seconds(lambda: ref_fwd(xr), max(1, args.repeats // 2))

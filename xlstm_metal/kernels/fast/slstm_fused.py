@@ -43,6 +43,11 @@ _MAX_UNITS = 16  # U: units per block (4U gate columns); threads per block = 32 
 _MAX_HEAD_DIM = 512  # R slice per thread = DH / 8 floats in registers
 _MAX_BLOCKS = 128  # blocks of one launch, all resident at once (H100/H200: 132 SMs)
 _SMEM_FLOATS = 11 * 1024  # static shared memory per block used for rows (44 KB of 48)
+# How the blocks of a head hand each other a step's values: "barrier" (write, fence, atomic
+# counter, spin, read back) or "tagged" (each value in one 8-byte word with its step number,
+# polled directly). Both are tested; the faster one on the GPU is the default.
+EXCHANGE = "barrier"
+_XCHG = {"barrier": 0, "tagged": 1}
 
 _HEADER = """
 // Blocks of one (head, row chunk) wait here until all NBLK of them finished step `round`.
@@ -62,6 +67,23 @@ __device__ __forceinline__ void slstm_barrier(int* counter, int target, bool& ga
         __threadfence();
     }
     __syncthreads();
+}
+
+// Tagged exchange (XCHG = 1): a value travels with the step that wrote it in one 8-byte word,
+// so a reader polls the word itself; no fence, counter or second read per step.
+__device__ __forceinline__ void slstm_put(unsigned long long* p, float v, int tag) {
+    const unsigned long long w = (static_cast<unsigned long long>(static_cast<unsigned>(tag)) << 32)
+                                 | static_cast<unsigned long long>(__float_as_uint(v));
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" :: "l"(p), "l"(w) : "memory");
+}
+
+__device__ __forceinline__ float slstm_get(const unsigned long long* p, int tag, bool& gave_up) {
+    unsigned long long w;
+    int spins = 0;
+    do {
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+    } while (static_cast<int>(w >> 32) != tag && !gave_up && (++spins < (1 << 22) || !(gave_up = true)));
+    return __uint_as_float(static_cast<unsigned>(w & 0xffffffffull));
 }
 
 __device__ __forceinline__ float slstm_logsig(float x) {
@@ -166,6 +188,10 @@ _FORWARD = """
             cs[oidx] = c;
             ns[oidx] = n;
             ms[oidx] = m;
+            if (XCHG == 1 && t + 1 < S) {
+                slstm_put(reinterpret_cast<unsigned long long*>(xbuf)
+                          + ((static_cast<size_t>(t & 1) * B + brow) * NH + hd) * DH + unit, h, t + 1);
+            }
             const size_t ridx = ((static_cast<size_t>(brow) * S + t) * NH + hd) * 4 * DH + unit;
             raw[ridx] = ai;
             raw[ridx + DH] = af;
@@ -173,10 +199,20 @@ _FORWARD = """
             raw[ridx + 3 * DH] = ao;
         }
         if (t + 1 < S) {
-            slstm_barrier(&bar[bc * NH + hd], (t + 1) * NBLK, gave_up);
-            for (int e = tid; e < rows * DH; e += NT) {
-                const int bb = e / DH, j = e % DH;
-                s_h[bb][j] = __ldcg(&hs[((static_cast<size_t>(b0 + bb) * S + t) * NH + hd) * DH + j]);
+            if (XCHG == 1) {
+                // s_h is free: the matvec that read it ended at the __syncthreads above.
+                const unsigned long long* xb = reinterpret_cast<const unsigned long long*>(xbuf)
+                                               + (static_cast<size_t>(t & 1) * B * NH + hd) * DH;
+                for (int e = tid; e < rows * DH; e += NT) {
+                    const int bb = e / DH, j = e % DH;
+                    s_h[bb][j] = slstm_get(xb + static_cast<size_t>(b0 + bb) * NH * DH + j, t + 1, gave_up);
+                }
+            } else {
+                slstm_barrier(&bar[bc * NH + hd], (t + 1) * NBLK, gave_up);
+                for (int e = tid; e < rows * DH; e += NT) {
+                    const int bb = e / DH, j = e % DH;
+                    s_h[bb][j] = __ldcg(&hs[((static_cast<size_t>(b0 + bb) * S + t) * NH + hd) * DH + j]);
+                }
             }
             __syncthreads();
         }
@@ -280,15 +316,32 @@ _BACKWARD = """
             dC = dc * fa;
             dN = dn * fa;
             dM = dlf;
-            draw[ridx] = d_i + draws_in[ridx];
-            draw[ridx + DH] = d_f + draws_in[ridx + DH];
-            draw[ridx + 2 * DH] = d_z + draws_in[ridx + 2 * DH];
-            draw[ridx + 3 * DH] = d_o + draws_in[ridx + 3 * DH];
+            const float dg[4] = {d_i + draws_in[ridx], d_f + draws_in[ridx + DH],
+                                 d_z + draws_in[ridx + 2 * DH], d_o + draws_in[ridx + 3 * DH]};
+            #pragma unroll
+            for (int g = 0; g < 4; ++g) {
+                draw[ridx + g * DH] = dg[g];
+                if (XCHG == 1) {
+                    slstm_put(reinterpret_cast<unsigned long long*>(xbuf)
+                              + ((static_cast<size_t>(t & 1) * B + brow) * NH + hd) * 4 * DH + g * DH + unit,
+                              dg[g], S - t);
+                }
+            }
         }
-        slstm_barrier(&bar[bc * NH + hd], (S - t) * NBLK, gave_up);
-        for (int e = tid; e < rows * 4 * DH; e += NT) {
-            const int bb = e / (4 * DH), k = e % (4 * DH);
-            s_d[bb][k] = __ldcg(&draw[((static_cast<size_t>(b0 + bb) * S + t) * NH + hd) * 4 * DH + k]);
+        if (XCHG == 1) {
+            // s_d is free: the matvec that read it ended at its __syncthreads.
+            const unsigned long long* xb = reinterpret_cast<const unsigned long long*>(xbuf)
+                                           + (static_cast<size_t>(t & 1) * B * NH + hd) * 4 * DH;
+            for (int e = tid; e < rows * 4 * DH; e += NT) {
+                const int bb = e / (4 * DH), k = e % (4 * DH);
+                s_d[bb][k] = slstm_get(xb + static_cast<size_t>(b0 + bb) * NH * 4 * DH + k, S - t, gave_up);
+            }
+        } else {
+            slstm_barrier(&bar[bc * NH + hd], (S - t) * NBLK, gave_up);
+            for (int e = tid; e < rows * 4 * DH; e += NT) {
+                const int bb = e / (4 * DH), k = e % (4 * DH);
+                s_d[bb][k] = __ldcg(&draw[((static_cast<size_t>(b0 + bb) * S + t) * NH + hd) * 4 * DH + k]);
+            }
         }
         __syncthreads();
     }
@@ -323,14 +376,14 @@ def _kernel(which: str):
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_slstm_forward",
                 input_names=["wx", "bias", "R", "c0", "n0", "m0", "h0"],
-                output_names=["hs", "cs", "ns", "ms", "raw", "bar"],
+                output_names=["hs", "cs", "ns", "ms", "raw", "bar", "xbuf"],
                 source=_FORWARD, header=_HEADER,
             )
         else:
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_slstm_backward",
                 input_names=["raw", "cs", "ns", "ms", "c0", "n0", "m0", "R", "dhs", "dcs", "dns", "dms", "draws_in"],
-                output_names=["draw", "dh0", "dc0", "dn0", "dm0", "bar"],
+                output_names=["draw", "dh0", "dc0", "dn0", "dm0", "bar", "xbuf"],
                 source=_BACKWARD, header=_HEADER,
             )
         _kernels[which] = kernel
@@ -365,6 +418,7 @@ def _row_groups(B: int, bc: int, chunks: int) -> list[tuple[int, int]]:
 
 def _forward_cuda(wx, bias, R, c0, n0, m0, h0):
     B, S, NH, _, DH = wx.shape
+    exchange = EXCHANGE
     U, bc, chunks = _plan(B, NH, DH, DH + 4 * _units(DH))
     nblk = DH // U
     outs = []
@@ -374,11 +428,13 @@ def _forward_cuda(wx, bias, R, c0, n0, m0, h0):
         part = (lambda x: x) if (lo, hi) == (0, B) else (lambda x: x[lo:hi])
         outs.append(_kernel("forward")(
             inputs=[part(wx), bias, R, part(c0), part(n0), part(m0), part(h0)],
-            template=[("NH", NH), ("DH", DH), ("U", U), ("KS", _LANES), ("BC", bc), ("NBLK", nblk)],
+            template=[("NH", NH), ("DH", DH), ("U", U), ("KS", _LANES), ("BC", bc), ("NBLK", nblk),
+                      ("XCHG", _XCHG[exchange])],
             grid=(nblk * 4 * U * _LANES, NH, nch),
             threadgroup=(4 * U * _LANES, 1, 1),
-            output_shapes=[(rows, S, NH, DH)] * 4 + [(rows, S, NH, 4, DH), (nch * NH,)],
-            output_dtypes=[mx.float32] * 5 + [mx.int32],
+            output_shapes=[(rows, S, NH, DH)] * 4 + [(rows, S, NH, 4, DH), (nch * NH,),
+                                                     (2, rows, NH, DH) if exchange == "tagged" else (1,)],
+            output_dtypes=[mx.float32] * 5 + [mx.int32, mx.uint64],
             # The barrier counters must start at 0 (S = 1 never touches them).
             init_value=0 if S > 1 else None,
         )[:5])
@@ -389,6 +445,7 @@ def _forward_cuda(wx, bias, R, c0, n0, m0, h0):
 
 def _backward_cuda(raw, cs, ns, ms, c0, n0, m0, R, dhs, dcs, dns, dms, draws_in):
     B, S, NH, _, DH = raw.shape
+    exchange = EXCHANGE
     U, bc, chunks = _plan(B, NH, DH, 4 * DH + _units(DH))
     nblk = DH // U
     outs = []
@@ -399,11 +456,13 @@ def _backward_cuda(raw, cs, ns, ms, c0, n0, m0, R, dhs, dcs, dns, dms, draws_in)
         outs.append(_kernel("backward")(
             inputs=[part(x) for x in (raw, cs, ns, ms, c0, n0, m0)] + [R]
             + [part(x) for x in (dhs, dcs, dns, dms, draws_in)],
-            template=[("NH", NH), ("DH", DH), ("U", U), ("KS", _LANES), ("BC", bc), ("NBLK", nblk)],
+            template=[("NH", NH), ("DH", DH), ("U", U), ("KS", _LANES), ("BC", bc), ("NBLK", nblk),
+                      ("XCHG", _XCHG[exchange])],
             grid=(nblk * 4 * U * _LANES, NH, nch),
             threadgroup=(4 * U * _LANES, 1, 1),
-            output_shapes=[(rows, S, NH, 4, DH)] + [(rows, NH, DH)] * 4 + [(nch * NH,)],
-            output_dtypes=[mx.float32] * 5 + [mx.int32],
+            output_shapes=[(rows, S, NH, 4, DH)] + [(rows, NH, DH)] * 4 + [(nch * NH,),
+                                                                          (2, rows, NH, 4 * DH) if exchange == "tagged" else (1,)],
+            output_dtypes=[mx.float32] * 5 + [mx.int32, mx.uint64],
             init_value=0,
         )[:5])
     if len(outs) == 1:
