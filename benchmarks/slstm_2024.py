@@ -309,6 +309,7 @@ def main(argv=None) -> int:
     if args.out.exists():
         p.error(f"{args.out} exists; choose another --out")
     args.config_dict = TINY if args.tiny else CONFIG
+    started = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = open(args.out.with_suffix(".log"), "w")
     records: list[dict] = []
@@ -332,7 +333,9 @@ def main(argv=None) -> int:
         for f in (weights, weights + ".json"):
             if os.path.exists(f):
                 os.unlink(f)
-    result = {"config": args.config_dict, "args": {k: str(v) for k, v in vars(args).items() if k != "config_dict"},
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+              "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+              "config": args.config_dict, "args": {k: str(v) for k, v in vars(args).items() if k != "config_dict"},
               "records": records, "ratios": _ratios(records)}
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(result, indent=1))

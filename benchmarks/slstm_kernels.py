@@ -65,7 +65,8 @@ def main(argv=None) -> int:
 
         return mx.grad(loss, argnums=(0, 1, 2))(x, R, bias)
 
-    records = {"env": environment(), "shape": dict(B=B, S=S, NH=NH, DH=DH), "backend": backend}
+    records = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": "python benchmarks/slstm_kernels.py " + " ".join(sys.argv[1:]), "env": environment(), "shape": dict(B=B, S=S, NH=NH, DH=DH), "backend": backend}
     for exchange in ("barrier", "tagged"):
         sf.EXCHANGE = exchange
         t = median_seconds(fused_fwd, args.repeats)
