@@ -434,6 +434,75 @@ def cuda_quantized_rows() -> list[str]:
     return lines
 
 
+def slstm_2024_rows() -> list[str]:
+    """Issue 19 item 4: the 2024 xLSTM[7:1] beside NX-AI's xLSTMLMModel (results/xlstm71_350m.json,
+    benchmarks/slstm_2024.py) and the sLSTM kernels alone (results/slstm_kernels.json)."""
+    path = RESULTS / "xlstm71_350m.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    recs = d["records"]
+
+    def get(side, kind):
+        r = [x for x in recs if x.get("side") == side and x.get("kind") == kind]
+        return r[-1] if r else {}
+
+    om, tm = get("ours", "model"), get("official", "model")
+    probe = get("official", "cuda_backend_probe")
+    cfg = d["config"]
+    lines = ["", "## H200: the 2024 xLSTM[7:1] (357M) beside NX-AI's xLSTMLMModel (issue 19 item 4)", "",
+             f"- date: {d['date']}; {d.get('round', '')}; command: `{d['command']}`; file: "
+             "`benchmarks/results/xlstm71_350m.json`",
+             f"- device: {tm.get('device', om.get('device_name'))}; ours: MLX {om.get('mlx')}, sLSTM kernel "
+             f"`{om.get('slstm_kernel')}` (fused CUDA kernels active: {om.get('fused_active')}), mLSTM kernel "
+             f"`{om.get('mlstm_kernel')}`; official: xlstm 2.0.6, torch {tm.get('torch')}",
+             f"- official sLSTM backend that ran: **{tm.get('slstm_backend')}**"
+             + (f" (its `cuda` backend: {'built' if probe.get('ok') else 'did not build'} in "
+                f"{probe.get('seconds', 0):.0f} s{'' if probe.get('ok') else ': ' + _first_error(probe.get('tail', ''))})"
+                if probe else ""),
+             f"- model: embedding {cfg['embedding_dim']}, {cfg['num_blocks']} blocks, sLSTM at {cfg['slstm_at']}, "
+             f"vocab {cfg['vocab_size']}, tied embeddings; {om.get('params', 0) / 1e6:.1f}M parameters on both "
+             f"sides; same weights: {om.get('same_weights')}",
+             "", "| | ours | official | ratio | target |", "| --- | ---: | ---: | ---: | ---: |"]
+    for kind, label in (("train", "training tok/s"), ("decode", "decode tok/s, batch 1")):
+        o, t = get("ours", kind), get("official", kind)
+        ratio = o["tok_s"] / t["tok_s"] if o.get("tok_s") and t.get("tok_s") else None
+        if kind == "train" and o:
+            label += f" (batch {o['batch']} x {o['seq']}, fwd+bwd+clip+AdamW)"
+        lines.append(f"| {label} | {_fmt(o.get('tok_s'))} | {_fmt(t.get('tok_s'))} | "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | >= 1.5x |")
+    ot, tt = get("ours", "train"), get("official", "train")
+    if ot.get("peak_mem_gb") or tt.get("peak_mem_gb"):
+        lines.append(f"| training peak GiB | {_fmt(ot.get('peak_mem_gb'))} | {_fmt(tt.get('peak_mem_gb'))} | | |")
+    errors = [x for x in recs if x.get("kind") == "error"]
+    for e in errors:
+        lines.append(f"\n{e['side']} side failed (rc {e['rc']}): `{_first_error(e.get('tail', ''))}`")
+    kpath = RESULTS / "slstm_kernels.json"
+    if kpath.exists():
+        k = json.loads(kpath.read_text())
+        sh = k["shape"]
+        lines += ["", f"The sLSTM recurrence alone (B={sh['B']}, S={sh['S']}, NH={sh['NH']}, DH={sh['DH']}, bf16 "
+                  f"gate inputs; {k['date']}; {k.get('round', '')}; `{k['command']}`; file "
+                  "`benchmarks/results/slstm_kernels.json`; reference timed at "
+                  f"{k['reference_seq']} steps and scaled):", "",
+                  "| | fused, barrier exchange | fused, tagged exchange | reference (ops) |",
+                  "| --- | ---: | ---: | ---: |",
+                  f"| forward ms | {_fmt(k.get('fused_forward_ms_barrier'), 2)} | {_fmt(k.get('fused_forward_ms_tagged'), 2)} "
+                  f"| {_fmt(k.get('reference_forward_ms_scaled'), 1)} |",
+                  f"| forward + backward ms | {_fmt(k.get('fused_forward_backward_ms_barrier'), 2)} | "
+                  f"{_fmt(k.get('fused_forward_backward_ms_tagged'), 2)} | "
+                  f"{_fmt(k.get('reference_forward_backward_ms_scaled'), 1)} |",
+                  f"| decode step (B=1) us | {_fmt(k.get('fused_step_us'))} | | {_fmt(k.get('reference_step_us'))} |"]
+    return lines
+
+
+def _first_error(tail: str) -> str:
+    """The last line of a traceback or log tail that names an error."""
+    lines = [x.strip() for x in tail.splitlines() if x.strip()]
+    named = [x for x in lines if "Error" in x or "error" in x or "not built" in x]
+    return (named or lines or [""])[-1][:200].replace("`", "'")
+
+
 def render() -> str:
     results = {p: r for p in ("h100", "cpu") if (r := _load(p)) is not None}
     lines = [
@@ -471,6 +540,7 @@ def render() -> str:
     lines += lab_rows()
     lines += distributed_rows()
     lines += cuda_quantized_rows()
+    lines += slstm_2024_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]
