@@ -249,6 +249,33 @@ _BACKWARD = """
     const int rows = min(BC, B - b0);
     float dC = 0.0f, dN = 0.0f, dM = 0.0f;  // d loss / d (c_t, n_t, m_t) through step t + 1
     bool gave_up = false;
+    // One step's inputs of this thread's unit: raw gates, the previous state, the output
+    // cotangents (h, c, n, m) and the raw-gate cotangents; loaded a step ahead.
+    float v[15];
+    auto load_step = [&](int tt) {
+        const size_t oidx = ((static_cast<size_t>(brow) * S + tt) * NH + hd) * DH + unit;
+        const size_t ridx = ((static_cast<size_t>(brow) * S + tt) * NH + hd) * 4 * DH + unit;
+        #pragma unroll
+        for (int g = 0; g < 4; ++g) {
+            v[g] = raw[ridx + g * DH];
+            v[11 + g] = draws_in[ridx + g * DH];
+        }
+        if (tt > 0) {
+            const size_t pidx = oidx - static_cast<size_t>(NH) * DH;
+            v[4] = cs[pidx];
+            v[5] = ns[pidx];
+            v[6] = ms[pidx];
+        } else {
+            v[4] = c0[sidx];
+            v[5] = n0[sidx];
+            v[6] = m0[sidx];
+        }
+        v[7] = dhs[oidx];
+        v[8] = dcs[oidx];
+        v[9] = dns[oidx];
+        v[10] = dms[oidx];
+    };
+    if (pact) load_step(S - 1);
 
     for (int t = S - 1; t >= 0; --t) {
         if (t < S - 1) {
@@ -266,24 +293,15 @@ _BACKWARD = """
             __syncthreads();
         }
         if (pact) {
-            const size_t oidx = ((static_cast<size_t>(brow) * S + t) * NH + hd) * DH + unit;
             const size_t ridx = ((static_cast<size_t>(brow) * S + t) * NH + hd) * 4 * DH + unit;
-            const float ai = raw[ridx], af = raw[ridx + DH], az = raw[ridx + 2 * DH], ao = raw[ridx + 3 * DH];
-            float cp, np_, mp;
-            if (t > 0) {
-                const size_t pidx = oidx - static_cast<size_t>(NH) * DH;
-                cp = cs[pidx];
-                np_ = ns[pidx];
-                mp = ms[pidx];
-            } else {
-                cp = c0[sidx];
-                np_ = n0[sidx];
-                mp = m0[sidx];
-            }
-            float dh = dhs[oidx] + (t < S - 1 ? s_dh[pb][pu] : 0.0f);
-            float dc = dC + dcs[oidx];
-            float dn = dN + dns[oidx];
-            const float dm = dM + dms[oidx];
+            const float ai = v[0], af = v[1], az = v[2], ao = v[3];
+            const float cp = v[4], np_ = v[5], mp = v[6];
+            float dh = v[7] + (t < S - 1 ? s_dh[pb][pu] : 0.0f);
+            float dc = dC + v[8];
+            float dn = dN + v[9];
+            const float dm = dM + v[10];
+            const float din[4] = {v[11], v[12], v[13], v[14]};
+            if (t > 0) load_step(t - 1);  // in flight during the exchange
             // Forward again (the reference's order of operations).
             const float ls = slstm_logsig(af);
             const float lf = mp + ls;
@@ -316,8 +334,7 @@ _BACKWARD = """
             dC = dc * fa;
             dN = dn * fa;
             dM = dlf;
-            const float dg[4] = {d_i + draws_in[ridx], d_f + draws_in[ridx + DH],
-                                 d_z + draws_in[ridx + 2 * DH], d_o + draws_in[ridx + 3 * DH]};
+            const float dg[4] = {d_i + din[0], d_f + din[1], d_z + din[2], d_o + din[3]};
             #pragma unroll
             for (int g = 0; g < 4; ++g) {
                 draw[ridx + g * DH] = dg[g];
