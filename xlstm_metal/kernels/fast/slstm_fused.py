@@ -409,8 +409,11 @@ def _kernel(which: str):
 
 # ------------------------------------------------------------------------------- launch plan
 def _units(DH: int) -> int:
-    """U: the largest divisor of DH up to ``_MAX_UNITS`` (units per block)."""
-    return max(u for u in range(1, min(DH, _MAX_UNITS) + 1) if DH % u == 0)
+    """U: the largest divisor of DH up to ``_MAX_UNITS`` (units per block); 8 above DH = 256,
+    where the backward needs ~160 registers per thread (its R slice is DH / 8 floats) and a
+    block of 32 U threads must stay within the SM's 64K registers."""
+    limit = _MAX_UNITS if DH <= 256 else _MAX_UNITS // 2
+    return max(u for u in range(1, min(DH, limit) + 1) if DH % u == 0)
 
 
 def kernel_supported(NH: int, DH: int) -> bool:
