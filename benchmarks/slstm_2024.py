@@ -3,10 +3,12 @@ training tokens/s (forward + backward + clipping + AdamW) and greedy decode toke
 
 Both sides are built from one config (NX-AI's ``xLSTMLMModelConfig`` layout, ``CONFIG`` below:
 embedding 1024, 48 blocks, sLSTM at every 8th position, tied embeddings, vocab 50304) and, with
-``--same-weights`` (default), the same weights: the official side initialises its model
-(NX-AI's ``reset_parameters``) and writes them as safetensors, ours loads them by name.
+``--same-weights`` (default), the same weights: ours initialises its model (NX-AI's
+initialisation, :mod:`xlstm_metal.models.xlstm_2024_init`) and writes it as safetensors, the
+official side loads it by name (its sLSTM weights through its cell's ``*_ext2int`` layout maps).
 
-Each side runs in its own process, one after the other. Training: float32 master weights,
+Each side runs in its own process, one after the other: ours first, while the official sLSTM
+CUDA kernel builds in the background, then the official. Training: float32 master weights,
 bf16 compute (theirs: ``torch.autocast``; ours: the trainer's cast-in-the-loss step, compiled),
 AdamW, global-norm clipping at 1.0, random tokens, ``--batch`` x ``--seq``; the first step
 (compilation / autotuning) is not timed. Decode: bf16 weights, one greedy token per step from a
@@ -57,6 +59,13 @@ def _emit(path: Path, record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _token_ids(V: int, B: int, S: int):
+    """The same random tokens on both sides (with the same weights the first losses agree)."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, V, (B, S + 1)).astype(np.int32)
+
+
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
@@ -92,20 +101,11 @@ def worker_official(args) -> None:
     model = xLSTMLMModel(_official_config(cfg_dict, backend, args.batch)).to(dev)
     model.reset_parameters()
     n_params = sum(p.numel() for p in model.parameters())
-    _emit(out, {"side": "official", "kind": "model", "slstm_backend": backend, "params": n_params,
-                "torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"})
     if args.weights:
-        from safetensors.torch import save_file
-
-        seen, sd = set(), {}
-        for k, v in model.state_dict().items():
-            if v.data_ptr() in seen:  # tied weights once
-                continue
-            seen.add(v.data_ptr())
-            sd[k] = v.detach().float().cpu().contiguous()
-        save_file(sd, args.weights)
-        json.dump({**cfg_dict, "slstm_block": {**cfg_dict["slstm_block"], "slstm": {
-            **cfg_dict["slstm_block"]["slstm"], "backend": backend}}}, open(args.weights + ".json", "w"))
+        _load_official_weights(model, args.weights)
+    _emit(out, {"side": "official", "kind": "model", "slstm_backend": backend, "params": n_params,
+                "same_weights": bool(args.weights), "torch": torch.__version__,
+                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"})
 
     def sync():
         if dev == "cuda":
@@ -115,7 +115,7 @@ def worker_official(args) -> None:
     if "train" in args.measure:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=dev == "cuda")
-        ids = torch.randint(0, V, (B, S + 1), device=dev)
+        ids = torch.tensor(_token_ids(V, B, S), device=dev).long()
         model.train()
 
         def step():
@@ -140,7 +140,7 @@ def worker_official(args) -> None:
             sync()
             dt = time.perf_counter() - t0
             if i == 0:
-                _emit(out, {"side": "official", "kind": "train_first_step", "seconds": dt, "loss": float(loss)})
+                _emit(out, {"side": "official", "kind": "train_first_step", "seconds": dt, "loss": loss.item()})
             else:
                 times.append(dt)
         med = _median(times)
@@ -151,6 +151,9 @@ def worker_official(args) -> None:
         model.zero_grad(set_to_none=True)
     if "decode" in args.measure and time.time() < deadline - 5:
         model = model.to(torch.bfloat16).eval() if dev == "cuda" else model.eval()
+        for module in model.modules():  # the CUDA sLSTM kernel keeps its compiled dtypes (bias float32)
+            if module.__class__.__name__ == "sLSTMCell_cuda":
+                module.parameters_to_dtype()
         tok = torch.randint(0, V, (1, 1), device=dev)
         with torch.inference_mode():
             state = None
@@ -170,6 +173,25 @@ def worker_official(args) -> None:
         _emit(out, {"side": "official", "kind": "decode", "batch": 1, "tokens": n, "seconds": dt, "tok_s": n / dt})
 
 
+def _load_official_weights(model, path: str) -> None:
+    """Our safetensors (NX-AI names; sLSTM weights in the "cuda" layout, i.e. NX-AI's external
+    view) into the official model, through each sLSTM cell's own layout map."""
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    state = {}
+    for key, value in load_file(path).items():
+        if key.endswith("slstm_cell._recurrent_kernel_") or key.endswith("slstm_cell._bias_"):
+            cell = model.get_submodule(key.rsplit(".", 1)[0])
+            value = (cell._recurrent_kernel_ext2int(value) if key.endswith("_recurrent_kernel_")
+                     else cell._bias_ext2int(value))
+        state[key] = value.reshape(own[key].shape).to(own[key].dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_weights else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"weights do not match the official model: missing {missing}, unexpected {unexpected}")
+
+
 # ------------------------------------------------------------------------------------ ours
 def worker_ours(args) -> None:
     import xlstm_metal  # noqa: F401  (BLAS before mlx)
@@ -180,27 +202,21 @@ def worker_ours(args) -> None:
     import xlstm_metal.kernels.fast  # noqa: F401  (registers the fast mLSTM kernels)
     from xlstm_metal import benchmark as bm
     from xlstm_metal.config_2024 import xLSTMLMConfig
-    from xlstm_metal.loading import model_from_checkpoint
     from xlstm_metal.models.xlstm_2024 import xLSTMLMModel
     from xlstm_metal.training.trainer import TrainingConfig, make_loss_fn, make_optimizer
 
     out = Path(args.worker_out)
     deadline = time.time() + args.budget
     cfg_dict = json.loads(args.config)
-    if args.weights and Path(args.weights).is_file():
-        cfg_dict = json.load(open(args.weights + ".json"))  # the layout the official side wrote
-        weights = mx.load(args.weights)
-        model = model_from_checkpoint(cfg_dict, weights, mlstm_kernel=args.mlstm_kernel)
-        same = True
-    else:
-        model = xLSTMLMModel(xLSTMLMConfig.from_dict(cfg_dict), mlstm_kernel=args.mlstm_kernel)
-        same = False
+    model = xLSTMLMModel(xLSTMLMConfig.from_dict(cfg_dict), mlstm_kernel=args.mlstm_kernel, seed=0)
+    if args.weights:  # for the official side: float32, NX-AI's names, the config's sLSTM layout
+        mx.save_safetensors(args.weights, {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())})
     cells = [b.xlstm.slstm_cell for b in model.blocks if "slstm_cell" in b.xlstm]
     for cell in cells:
         cell.kernel = args.slstm_kernel
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    _emit(out, {"side": "ours", "kind": "model", "params": n_params, "same_weights": same,
+    _emit(out, {"side": "ours", "kind": "model", "params": n_params, "same_weights": bool(args.weights),
                 "slstm_kernel": args.slstm_kernel, "fused_active": bool(cells and cells[0].uses_fused_kernel()),
                 "mlstm_kernel": args.mlstm_kernel, **bm.environment()})
 
@@ -222,7 +238,7 @@ def worker_ours(args) -> None:
             return loss
 
         step = mx.compile(train_step, inputs=state, outputs=state) if args.compile else train_step
-        ids = mx.random.randint(0, V, (B, S + 1), key=mx.random.key(0)).astype(mx.int32)
+        ids = mx.array(_token_ids(V, B, S))
         mx.eval(ids)
         mx.reset_peak_memory()
         times = []
@@ -314,25 +330,28 @@ def main(argv=None) -> int:
     log = open(args.out.with_suffix(".log"), "w")
     records: list[dict] = []
     tmp = tempfile.mkdtemp(prefix="slstm2024_")
-    weights = os.path.join(tmp, "official.safetensors") if args.same_weights else None
     sides = args.sides.split(",")
-    if "official" in sides:
-        backend = args.official_backend
-        if backend in ("auto", "cuda"):
-            probe = _probe_cuda_backend(args, log)
-            records.append(probe)
-            backend = "cuda" if probe["ok"] else ("vanilla" if args.official_backend == "auto" else "cuda")
-        extra = ["--official-backend", backend] + (["--weights", weights] if weights else [])
-        records += _run_worker("official", args, extra, args.budget, log)
+    both = "ours" in sides and "official" in sides
+    weights = os.path.join(tmp, "weights.safetensors") if args.same_weights and both else None
+    probe = None
+    if "official" in sides and args.official_backend in ("auto", "cuda"):
+        probe = _CudaBuildProbe(args)  # builds while our side runs
     if "ours" in sides:
         extra = ["--slstm-kernel", args.slstm_kernel, "--mlstm-kernel", args.mlstm_kernel]
         extra += ["--weights", weights] if weights else []
         extra += [] if args.compile else ["--no-compile"]
         records += _run_worker("ours", args, extra, args.budget, log)
-    if weights:
-        for f in (weights, weights + ".json"):
-            if os.path.exists(f):
-                os.unlink(f)
+    if "official" in sides:
+        backend = args.official_backend
+        if probe is not None:
+            rec = probe.wait(log)
+            records.append(rec)
+            backend = "cuda" if rec["ok"] else ("vanilla" if args.official_backend == "auto" else "cuda")
+        extra = ["--official-backend", backend]
+        extra += ["--weights", weights] if weights and os.path.exists(weights) else []
+        records += _run_worker("official", args, extra, args.budget, log)
+    if weights and os.path.exists(weights):
+        os.unlink(weights)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
               "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "config": args.config_dict, "args": {k: str(v) for k, v in vars(args).items() if k != "config_dict"},
@@ -344,22 +363,37 @@ def main(argv=None) -> int:
     return 0
 
 
-def _probe_cuda_backend(args, log) -> dict:
-    """Build the official sLSTM CUDA kernel (as its cell does) within --cuda-build-timeout."""
-    code = (
+class _CudaBuildProbe:
+    """Builds the official sLSTM CUDA kernel (as its cell does, torch cpp extension) in a
+    background process, capped at --cuda-build-timeout seconds from its start."""
+
+    CODE = (
         "import torch, time; from xlstm import sLSTMLayer, sLSTMLayerConfig; t=time.time(); "
-        "l = sLSTMLayer(sLSTMLayerConfig(embedding_dim=1024, num_heads=4, backend='cuda', batch_size=%d)).cuda(); "
-        "y = l(torch.randn(%d, 8, 1024, device='cuda')); torch.cuda.synchronize(); print('built', time.time()-t)"
-        % (args.batch, args.batch)
+        "l = sLSTMLayer(sLSTMLayerConfig(embedding_dim=%d, num_heads=%d, backend='cuda', batch_size=%d)).cuda(); "
+        "x = torch.randn(%d, 8, %d, device='cuda'); y = l(x); torch.cuda.synchronize(); print('built', time.time()-t)"
     )
-    t0 = time.time()
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], timeout=args.cuda_build_timeout, capture_output=True, text=True)
-        ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr)[-1500:]
-    except subprocess.TimeoutExpired:
-        ok, tail = False, f"not built within {args.cuda_build_timeout} s"
-    log.write(f"--- cuda backend probe ok={ok} {time.time() - t0:.1f}s\n{tail}\n")
-    return {"side": "official", "kind": "cuda_backend_probe", "ok": ok, "seconds": time.time() - t0, "tail": tail[-800:]}
+
+    def __init__(self, args):
+        c = args.config_dict
+        code = self.CODE % (c["embedding_dim"], c["slstm_block"]["slstm"]["num_heads"], args.batch, args.batch,
+                            c["embedding_dim"])
+        self.cap = args.cuda_build_timeout
+        self.t0 = time.time()
+        env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "4"))
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+
+    def wait(self, log) -> dict:
+        try:
+            out, _ = self.proc.communicate(timeout=max(1.0, self.cap - (time.time() - self.t0)))
+            ok, tail = self.proc.returncode == 0, out[-1500:]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            ok, tail = False, (out or "")[-1000:] + f"\nnot built within {self.cap} s"
+        seconds = time.time() - self.t0
+        log.write(f"--- cuda backend build ok={ok} {seconds:.1f}s\n{tail}\n")
+        return {"side": "official", "kind": "cuda_backend_probe", "ok": ok, "seconds": seconds, "tail": tail[-800:]}
 
 
 def _ratios(records: list[dict]) -> dict:
