@@ -59,6 +59,21 @@ def _emit(path: Path, record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _exit_with_parent() -> None:
+    """A worker stops when the driver is gone (a killed driver must not leave the GPU busy)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _token_ids(V: int, B: int, S: int):
     """The same random tokens on both sides (with the same weights the first losses agree)."""
     import numpy as np
@@ -318,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        _exit_with_parent()
         (worker_official if args.worker == "official" else worker_ours)(args)
         return 0
     if args.out is None:
