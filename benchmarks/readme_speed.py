@@ -52,6 +52,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--old-rev", default="02a6d4d~1",
                    help="git revision of the older checkout (default: the commit before pydoc-15m)")
+    p.add_argument("--old-tree", type=Path, help="an older checkout already on disk (instead of --old-rev)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--configs", default="this,this-old-model,old,this-no-forward",
                    help="comma-separated subset of: this, this-old-model, old, this-no-forward")
@@ -67,10 +68,16 @@ def main() -> int:
     env = {"XLSTM_METAL_BLAS_THREADS": args.threads} if args.threads else {}
     from tqdm import tqdm
 
+    if args.old_tree is not None and not (args.old_tree / "xlstm_metal").is_dir():
+        p.error(f"--old-tree: {args.old_tree} holds no xlstm_metal package")
     with tempfile.TemporaryDirectory(prefix="readme_speed-") as tmp:
-        old = Path(tmp)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        old = args.old_tree
+        if old is None:
+            old = Path(tmp)
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev], capture_output=True)
+            if archive.returncode != 0:
+                p.error(f"--old-rev: git archive {args.old_rev} failed: {archive.stderr.decode()[-300:]}")
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
         old_model = str(old / "xlstm_metal" / "assets" / "default_model")
         configs = {
             "this": (ROOT, [], {}),
@@ -85,7 +92,8 @@ def main() -> int:
                 runs.append({"config": name, "round": rnd + 1, **run_once(tree, extra, {**env, **cfg_env})})
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     result = {"command": "python benchmarks/readme_speed.py " + " ".join(sys.argv[1:]),
-              "readme_command": "xlstm-metal " + " ".join(COMMAND[2:]), "old_rev": args.old_rev,
+              "readme_command": "xlstm-metal " + " ".join(COMMAND[2:]),
+              "old": str(args.old_tree) if args.old_tree else args.old_rev,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
               "threads": args.threads or "automatic", "runs": runs}
     if args.out is not None:
