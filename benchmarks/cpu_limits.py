@@ -1,6 +1,6 @@
-"""Decode at batch 1 on the CPU against the machine's memory-bandwidth limit (issue 19 item 5).
+"""Decode and prefill on the CPU against this machine's limits (issue 19 item 5).
 
-A decode step at batch 1 reads every weight once (the embedding table: one row, unless the LM
+**Decode.** A decode step at batch 1 reads every weight once (the embedding table: one row, unless the LM
 head is tied to it) plus the recurrent state, so it cannot take less than
 ``bytes read per step / read bandwidth``. This script measures both, in turns, several rounds:
 
@@ -12,9 +12,16 @@ head is tied to it) plus the recurrent state, so it cannot take less than
   ``fuse_projections()``, float32) of a random model of the named shape, or of a checkpoint
   directory (``--model``, e.g. the packaged model, dequantized on the CPU as ``generate`` runs it).
 
-    python benchmarks/cpu_decode_limit.py --shape 125m --rounds 3 --out benchmarks/results/cpu_decode_limit.json
+**Prefill** (``--prefill N``) is compute-bound: 2 FLOP per weight per token in the blocks' matrix
+products (the LM head runs on the last position only; the mLSTM kernel adds ~3% at the 125m
+shape, not counted). Its ceiling is ``peak FLOP/s / FLOP per token``, with the peak measured as
+the best of ``likwid-bench -t peakflops_sp_avx512_fma`` (single precision FMAs from L1, one thread
+per core) and a 2,048^3 float32 GEMM through MLX's OpenBLAS; our prefill of N tokens is measured
+beside it.
 
-Prints a Markdown table (round, load average, bandwidths, bytes per step, limit, ours, % of limit).
+    python benchmarks/cpu_limits.py --shape 125m --rounds 3 --prefill 512 --out benchmarks/results/cpu_limits.json
+
+Prints Markdown tables (round, load average, bandwidth / peak, limit, ours, % of limit).
 """
 
 from __future__ import annotations
@@ -74,6 +81,41 @@ def likwid_bandwidth(threads: int) -> dict[str, float] | None:
     return {"kernel": kernel, "read_gbs": float(match.group(1)) / 1e3}
 
 
+def likwid_peak(threads: int) -> float | None:
+    """likwid-bench's single-precision FMA peak kernel (GFLOP/s), or None without likwid."""
+    exe = shutil.which("likwid-bench")
+    if exe is None:
+        return None
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    kernel = "peakflops_sp_avx512_fma" if "avx512f" in flags else "peakflops_sp_avx_fma"
+    out = subprocess.run([exe, "-t", kernel, "-w", f"N:32kB:{threads}"], capture_output=True, text=True,
+                         timeout=300)
+    match = re.search(r"MFlops/s:\s+([\d.]+)", out.stdout)
+    return float(match.group(1)) / 1e3 if out.returncode == 0 and match else None
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """Best float32 n^3 GEMM rate through MLX (OpenBLAS on Linux)."""
+    import mlx.core as mx
+
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def prefill_flops_per_token(model) -> int:
+    """2 FLOP per weight of the blocks' matrix products (what prefill multiplies every token by)."""
+    from mlx.utils import tree_flatten
+
+    return 2 * sum(p.size for name, p in tree_flatten(model.parameters())
+                   if name.startswith("backbone.blocks.") and name.endswith(".weight") and p.ndim == 2)
+
+
 def decode_bytes(model) -> dict[str, int]:
     """Bytes a batch-1 decode step reads: every weight the step multiplies by (the embedding
     table only through a tied LM head, else one row of it) and the recurrent state."""
@@ -94,6 +136,7 @@ def main() -> int:
     p.add_argument("--model", help="a checkpoint directory instead (quantized ones are dequantized)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=32, help="decode steps per measurement")
+    p.add_argument("--prefill", type=int, default=0, help="also measure prefill of this many tokens against the compute ceiling")
     p.add_argument("--out", type=Path, help="JSON file (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
@@ -118,6 +161,7 @@ def main() -> int:
         name = args.shape
     model.fuse_projections()
     nbytes = decode_bytes(model)
+    flops = prefill_flops_per_token(model)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env = bm.environment()
     rows = []
@@ -132,15 +176,27 @@ def main() -> int:
         read = max(v["read_gbs"] for v in bw.values())
         ours = bm.measure_decode(model, 1, tokens=args.tokens)
         limit_ms = nbytes["total"] / (read * 1e9) * 1e3
-        rows.append({"round": rnd + 1, "loadavg_1m": load, "loadavg_1m_end": os.getloadavg()[0],
-                     "bandwidth": bw, "read_gbs": read, "limit_ms": limit_ms, "limit_tok_s": 1e3 / limit_ms,
-                     "ours_ms": ours["ms_per_step"], "ours_tok_s": ours["tok_s"],
-                     "fraction_of_limit": limit_ms / ours["ms_per_step"],
-                     "utc": time.strftime("%H:%M:%S", time.gmtime())})
+        row = {"round": rnd + 1, "loadavg_1m": load,
+               "bandwidth": bw, "read_gbs": read, "limit_ms": limit_ms, "limit_tok_s": 1e3 / limit_ms,
+               "ours_ms": ours["ms_per_step"], "ours_tok_s": ours["tok_s"],
+               "fraction_of_limit": limit_ms / ours["ms_per_step"],
+               "utc": time.strftime("%H:%M:%S", time.gmtime())}
+        if args.prefill:
+            peaks = {"gemm_2048": gemm_gflops()}
+            lk_peak = likwid_peak(threads)
+            if lk_peak is not None:
+                peaks[f"likwid_{threads}"] = lk_peak
+            pre = bm.measure_prefill(model, args.prefill, repeats=2)
+            peak = max(peaks.values())
+            row["prefill"] = {"peaks_gflops": peaks, "peak_gflops": peak, "flops_per_token": flops,
+                              "ceiling_tok_s": peak * 1e9 / flops, "ours_tok_s": pre["tok_s"],
+                              "ours_gflops": pre["tok_s"] * flops / 1e9}
+        row["loadavg_1m_end"] = os.getloadavg()[0]
+        rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    result = {"command": "python benchmarks/cpu_decode_limit.py " + " ".join(sys.argv[1:]), "model": name,
+    result = {"command": "python benchmarks/cpu_limits.py " + " ".join(sys.argv[1:]), "model": name,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": env,
-              "bytes_per_step": nbytes, "rounds": rows}
+              "bytes_per_step": nbytes, "prefill_flops_per_token": flops, "rounds": rows}
     if args.out is not None:
         tmp = args.out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=1))
@@ -156,6 +212,15 @@ def main() -> int:
               f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% |")
     if rows:
         print(f"median ours / limit: {100 * statistics.median(r['fraction_of_limit'] for r in rows):.0f}%")
+    if args.prefill and rows:
+        print(f"\nprefill {args.prefill} tokens: {flops / 1e6:.1f} MFLOP per token")
+        print("| round | load | peak GFLOP/s (best method) | ceiling tok/s | ours tok/s | ours GFLOP/s |")
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+        for r in rows:
+            pf = r["prefill"]
+            best = max(pf["peaks_gflops"], key=pf["peaks_gflops"].get)
+            print(f"| {r['round']} | {r['loadavg_1m']:.1f} | {pf['peak_gflops']:.1f} ({best}) | "
+                  f"{pf['ceiling_tok_s']:.0f} | {pf['ours_tok_s']:.1f} | {pf['ours_gflops']:.1f} |")
     return 0
 
 
