@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PRESETS = {
     "cpu": dict(shape="125m", dtype="float32", prefill=[512], decode=[1, 8], decode_tokens=16,
-                chunk_size=64, rounds=2, official_decode_tokens=16, official_prefill=[512]),
+                chunk_size=64, rounds=2, official_decode_tokens=16, official_prefill=[512],
+                kernel="chunkwise_scan"),  # chunkwise_fused is CUDA-only (it runs chunkwise_scan elsewhere)
     "h100": dict(shape="7b", dtype="bfloat16", prefill=[2048, 16384, 131072], decode=[1, 16, 64],
                  decode_tokens=64, chunk_size=64, rounds=1, official_decode_tokens=32, official_prefill=[2048, 16384]),
 }
@@ -367,7 +368,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None, help="rounds (default: the preset's)")
     p.add_argument("--append", action="store_true", help="add rounds to the results already in --out")
-    p.add_argument("--kernel", default="chunkwise_fused")
+    p.add_argument("--kernel", default=None, help="our prefill kernel (default: the preset's, else chunkwise_fused)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="our kernel chunk size (default: the preset's; 64 on the H100, the largest "
                    "chunkwise_fused runs and its fastest there)")
@@ -397,6 +398,7 @@ def main() -> int:
 
     preset = PRESETS[args.preset]
     args.chunk_size = args.chunk_size or preset["chunk_size"]
+    args.kernel = args.kernel or preset.get("kernel", "chunkwise_fused")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")

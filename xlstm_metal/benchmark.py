@@ -264,6 +264,7 @@ def environment() -> dict[str, Any]:
         info["blas"] = blas["blas"]
         info["blas_core"] = blas["core"]
         info["blas_threads"] = blas["threads"]
+        info["gemv_forward"] = blas["gemv_forward"]
     return info
 
 

@@ -1,0 +1,97 @@
+"""One-row float32 products on the CPU: OpenBLAS's GEMV (the forwarder in xlstm_metal/_blas.py)
+against its GEMM path, for each weight layout, on the matrices a decode step reads.
+
+MLX's CPU matmul calls only ``cblas_sgemm``; for a [1, K] x [K, N] product OpenBLAS's GEMM packs
+the whole weight first. The forwarder sends such products to ``cblas_sgemv`` instead;
+``_blas.set_gemv_forward`` switches it in this process, so both run interleaved on the same
+arrays. Layouts: W [out, in] row-major (``nn.Linear``, ``x @ W.T``) and W^T [in, out] row-major
+(what ``fuse_projections()`` stores on CPUs, ``x @ Wt``). Each figure is the wall time of all
+copies of one matrix in a decode step (12 blocks of the 125m shape, 4 of the packaged
+pydoc-15m), best and median of --repeats rounds; GB/s = weight bytes / time.
+
+    python benchmarks/cpu_gemv.py --repeats 7 --out benchmarks/results/cpu_gemv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# (name, out, in, copies per decode step)
+MATRICES = [
+    ("125m q|k|v|o|i|f", 2312, 768, 12), ("125m out_proj", 768, 768, 12), ("125m gate|up", 4224, 768, 12),
+    ("125m proj_down", 768, 2112, 12), ("125m lm_head", 50304, 768, 1),
+    ("pydoc-15m q|k|v|o|i|f", 1544, 512, 4), ("pydoc-15m out_proj", 512, 512, 4),
+    ("pydoc-15m gate|up", 2816, 512, 4), ("pydoc-15m proj_down", 512, 1408, 4),
+    ("pydoc-15m lm_head (tied)", 4096, 512, 1),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, help="JSON file (written atomically)")
+    args = p.parse_args()
+    if args.out is not None and not args.out.parent.is_dir():
+        p.error(f"--out: folder {args.out.parent} does not exist")
+
+    import xlstm_metal  # noqa: F401  (binds MLX's BLAS before mlx is imported)
+    import mlx.core as mx
+
+    from xlstm_metal import _blas, benchmark
+
+    mx.set_default_device(mx.cpu)
+    if _blas.info()["gemv_forward"] is not True:
+        p.error(f"the GEMV forwarder is not active here: {_blas.info()['gemv_forward_reason'] or _blas.info()['reason']}")
+    data = {}
+    for name, n_out, n_in, copies in MATRICES:
+        ws = [mx.random.normal((n_out, n_in)) for _ in range(copies)]
+        wts = [mx.contiguous(w.T) for w in ws]
+        x = mx.random.normal((1, n_in))
+        mx.eval(ws, wts, x)
+        data[name] = (ws, wts, x, copies * n_out * n_in * 4)
+    times: dict[tuple[str, str, bool], list[float]] = {}
+    load0 = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        for forward in (True, False):
+            _blas.set_gemv_forward(forward)
+            for name, (ws, wts, x, _) in data.items():
+                for layout, fn in (("W [out, in]", lambda: [x @ w.T for w in ws]),
+                                   ("W^T [in, out]", lambda: [x @ w for w in wts])):
+                    mx.eval(fn())
+                    t = time.perf_counter()
+                    mx.eval(fn())
+                    times.setdefault((name, layout, forward), []).append(time.perf_counter() - t)
+    _blas.set_gemv_forward(True)
+    rows = []
+    for (name, layout, forward), ts in times.items():
+        nbytes = data[name][3]
+        rows.append({"matrix": name, "layout": layout, "path": "GEMV (forwarded)" if forward else "GEMM (OpenBLAS)",
+                     "mbytes": nbytes / 1e6, "best_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts),
+                     "best_gbs": nbytes / min(ts) / 1e9, "median_gbs": nbytes / statistics.median(ts) / 1e9})
+    result = {"command": "python benchmarks/cpu_gemv.py " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": benchmark.environment(),
+              "loadavg_1m": [load0, os.getloadavg()[0]], "rows": rows}
+    if args.out is not None:
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.out)
+    print(f"BLAS threads {result['environment'].get('blas_threads')}, load {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    print("| matrix (copies per step) | MB | layout | GEMV ms (GB/s) | GEMM ms (GB/s) | GEMM / GEMV |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for name, _, _, copies in MATRICES:
+        for layout in ("W [out, in]", "W^T [in, out]"):
+            g = next(r for r in rows if r["matrix"] == name and r["layout"] == layout and r["path"].startswith("GEMV"))
+            m = next(r for r in rows if r["matrix"] == name and r["layout"] == layout and r["path"].startswith("GEMM"))
+            print(f"| {name} (x{copies}) | {g['mbytes']:.1f} | {layout} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) | "
+                  f"{m['median_ms']:.2f} ({m['median_gbs']:.1f}) | {m['median_ms'] / g['median_ms']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
