@@ -299,6 +299,28 @@ def worker_official(args) -> None:
             except Exception as err:
                 _emit(out, {"side": "official", "variant": name, "kind": "decode", "batch": batch,
                             "error": repr(err)[:500]})
+    if not cuda and torch.get_num_threads() > 1:
+        # On a shared CPU PyTorch's threads can stall behind other jobs (ours picks its BLAS
+        # threads from the idle cores); one thread as well, and the ratios take its best variant.
+        torch.set_num_threads(1)
+        for length in args.prefill:
+            if time.time() > deadline:
+                break
+            ids = torch.randint(0, cfg.vocab_size, (1, length), device=dev, generator=gen)
+            t = time.perf_counter()
+            prefill(ids)
+            seconds = time.perf_counter() - t
+            _emit(out, {"side": "official", "variant": "eager, 1 thread", "kind": "prefill", "batch": 1,
+                        "length": length, "seconds": seconds, "tok_s": length / seconds, "ttft_s": seconds,
+                        "peak_mem_gb": None})
+        for batch in args.decode:
+            if time.time() > deadline:
+                break
+            seconds = decode_eager(batch, args.official_decode_tokens)
+            _emit(out, {"side": "official", "variant": "eager, 1 thread", "kind": "decode", "batch": batch,
+                        "length": args.official_decode_tokens, "seconds": seconds,
+                        "tok_s": batch * args.official_decode_tokens / seconds,
+                        "ms_per_step": 1000 * seconds / args.official_decode_tokens, "peak_mem_gb": None})
 
 
 # ---------------------------------------------------------------------------------- driver
