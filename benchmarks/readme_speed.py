@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def main() -> int:
                 runs.append({"config": name, "round": rnd + 1, **run_once(tree, extra, {**env, **cfg_env})})
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     result = {"command": "python benchmarks/readme_speed.py " + " ".join(sys.argv[1:]),
-              "readme_command": "xlstm-metal " + " ".join(COMMAND[2:]),
+              "readme_command": "xlstm-metal " + shlex.join(COMMAND[2:]),
               "old": str(args.old_tree) if args.old_tree else args.old_rev,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
               "threads": args.threads or "automatic", "runs": runs}

@@ -503,6 +503,128 @@ def _first_error(tail: str) -> str:
     return (named or lines or [""])[-1][:200].replace("`", "'")
 
 
+def _bw(r: dict, which: str) -> str:
+    """A round's read bandwidth by method: "numpy_1", "numpy_all" (one thread per core), "likwid"."""
+    for key, value in r["bandwidth"].items():
+        if (which == "numpy_all" and key.startswith("numpy_") and key != "numpy_1") or key.startswith(which):
+            return f"{value['read_gbs']:.1f}"
+    return "-"
+
+
+def cpu_limits_rows() -> list[str]:
+    """Decode and prefill against this machine's limits: results/cpu_limits*.json
+    (benchmarks/cpu_limits.py)."""
+    files = sorted(RESULTS.glob("cpu_limits*.json"))
+    if not files:
+        return []
+    lines = ["", "## CPU: decode and prefill against this machine's limits (issue 19 item 5)"]
+    for path in files:
+        d = json.loads(path.read_text())
+        env, b = d["environment"], d["bytes_per_step"]
+        lines += ["", f"### {Path(d['model']).name} (`results/{path.name}`)", "",
+                  f"- date: {d['date']}; command: `{d['command']}`",
+                  f"- MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
+                  f"{env.get('blas_threads')} thread(s), one-row products through GEMV: {env.get('gemv_forward')}",
+                  f"- a decode step reads {b['total'] / 1e6:.1f} MB ({b['weights'] / 1e6:.1f} MB of weights, "
+                  f"{b['state'] / 1e6:.1f} MB of state); limit = that / the round's highest read bandwidth", "",
+                  "| round (UTC) | load start / end | read GB/s: numpy 1 thread / all threads / likwid | limit tok/s "
+                  "| ours tok/s | ours / limit |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        for r in d["rounds"]:
+            lines.append(f"| {r['round']} ({r['utc']}) | {r['loadavg_1m']:.1f} / {r['loadavg_1m_end']:.1f} | "
+                         f"{_bw(r, 'numpy_1')} / {_bw(r, 'numpy_all')} / {_bw(r, 'likwid')} | "
+                         f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% |")
+        pre = [r for r in d["rounds"] if "prefill" in r]
+        if pre:
+            lines += ["", f"Prefill ({d['prefill_flops_per_token'] / 1e6:.1f} MFLOP per token in the blocks' matrix "
+                      "products; ceiling = the round's highest measured GFLOP/s / that):", "",
+                      "| round | load | peak GFLOP/s: GEMM 2048^3 / likwid SP FMA | ceiling tok/s | ours tok/s | ours GFLOP/s |",
+                      "| --- | ---: | --- | ---: | ---: | ---: |"]
+            for r in pre:
+                pf = r["prefill"]
+                lk = [v for k, v in pf["peaks_gflops"].items() if k.startswith("likwid")]
+                lines.append(f"| {r['round']} | {r['loadavg_1m']:.1f} | {pf['peaks_gflops']['gemm_2048']:.1f} / "
+                             f"{f'{lk[0]:.1f}' if lk else '-'} | {pf['ceiling_tok_s']:.0f} | {pf['ours_tok_s']:.1f} | "
+                             f"{pf['ours_gflops']:.1f} |")
+    return lines
+
+
+def cpu_gemv_rows() -> list[str]:
+    """One-row products, forwarded GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
+    files = sorted(RESULTS.glob("cpu_gemv*.json"))
+    if not files:
+        return []
+    lines = ["", "## CPU: one-row products through OpenBLAS's GEMV vs its GEMM path (`benchmarks/cpu_gemv.py`)"]
+    for path in files:
+        d = json.loads(path.read_text())
+        env = d["environment"]
+        lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; BLAS {env.get('blas_core')}, "
+                  f"{env.get('blas_threads')} thread(s); 1-min load average {d['loadavg_1m'][0]:.1f} at the start, "
+                  f"{d['loadavg_1m'][1]:.1f} at the end. Median ms of all copies of the matrix in one decode "
+                  "step (GB/s of weights); sets under the 32 MB L3 stay cached between repeats here, so "
+                  "their GB/s overstate a real step's", "",
+                  "| matrix (copies per step) | MB | layout | GEMV ms (GB/s) | GEMM ms (GB/s) | GEMM / GEMV |",
+                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+        seen = []
+        for r in d["rows"]:
+            key = (r["matrix"], r["layout"])
+            if key in seen:
+                continue
+            seen.append(key)
+            g = next(x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("GEMV"))
+            m = next(x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("GEMM"))
+            name = r["matrix"].replace("|", "\\|")
+            lines.append(f"| {name} | {g['mbytes']:.1f} | {r['layout']} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) "
+                         f"| {m['median_ms']:.2f} ({m['median_gbs']:.1f}) | {m['median_ms'] / g['median_ms']:.2f}x |")
+    return lines
+
+
+def cpu_perf_rows() -> list[str]:
+    """CPU time by class of work, sampled with perf: results/cpu_perf_*.json (benchmarks/cpu_perf_profile.py)."""
+    files = sorted(RESULTS.glob("cpu_perf_*.json"))
+    if not files:
+        return []
+    runs = [json.loads(f.read_text()) for f in files]
+    classes = list(dict.fromkeys(k for d in runs for k in d["classes"]))
+    head = [f"{d['workload']} ({d['shape']}, BLAS threads {d['blas_threads']}, load {d['loadavg_1m'][0]:.1f})"
+            for d in runs]
+    lines = ["", "## CPU: where the time goes, by class of work (`benchmarks/cpu_perf_profile.py`, perf samples)", "",
+             "Share of the process's CPU samples (all threads) while it decodes, prefills or runs the README's "
+             "command in a loop:", ""]
+    lines += [f"- {h}: {d['date']}, `{d['command']}`" for h, d in zip(head, runs)]
+    lines += ["", "| class | " + " | ".join(f"{d['workload']} ({d['shape'].split(' ')[0]})" for d in runs) + " |",
+              "| --- |" + " ---: |" * len(runs)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{d['classes'].get(c, 0.0):.1f}%" for d in runs) + " |")
+    return lines
+
+
+def readme_speed_rows() -> list[str]:
+    """The README's first command in turns against an older checkout: results/readme_speed*.json."""
+    files = sorted(RESULTS.glob("readme_speed*.json"))
+    if not files:
+        return []
+    names = {"this": "this tree (pydoc-15m, dequantized to float32)",
+             "this-old-model": "this tree, `--model` pydoc-4m",
+             "old": "the older checkout (pydoc-4m, its code)",
+             "this-no-forward": "this tree, `XLSTM_METAL_GEMV_FORWARD=0`"}
+    lines = ["", "## CPU: the README's first command (issue 11 item 6, `benchmarks/readme_speed.py`)"]
+    for path in files:
+        d = json.loads(path.read_text())
+        lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; `{d['readme_command']}`, "
+                  f"older checkout {d.get('old', d.get('old_rev'))}; BLAS threads {d['threads']}; configurations in turns each round", "",
+                  "| configuration | generation tok/s per round | median | 1-min load average per run |",
+                  "| --- | --- | ---: | --- |"]
+        for key in dict.fromkeys(r["config"] for r in d["runs"]):
+            runs = [r for r in d["runs"] if r["config"] == key]
+            rates = [r["tok_s"] for r in runs if "tok_s" in r]
+            med = _median(rates)
+            shown = ", ".join(f"{x:.1f}" for x in rates) or "failed"
+            loads = ", ".join(f"{r['loadavg_1m']:.1f}" for r in runs)
+            lines.append(f"| {names.get(key, key)} | {shown} | {_fmt(med)} | {loads} |")
+    return lines
+
+
 def render() -> str:
     results = {p: r for p in ("h100", "cpu") if (r := _load(p)) is not None}
     lines = [
@@ -534,6 +656,10 @@ def render() -> str:
             get = {(r["kind"], r["batch"]): r["tok_s"] for r in run["records"]}
             lines.append(f"| {run['label']} | {run['gemm_gflops']:.1f} | {_fmt(get.get(('prefill', 1)))} | "
                          f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
+    lines += cpu_limits_rows()
+    lines += cpu_gemv_rows()
+    lines += cpu_perf_rows()
+    lines += readme_speed_rows()
     lines += monitor_rows()
     lines += quantization_rows()
     lines += serve_prompt_cache_rows()

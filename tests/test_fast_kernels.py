@@ -24,7 +24,7 @@ def _close(a, b, tol):
     np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"use_bias": True}])
+@pytest.mark.parametrize("kwargs", [{}, {"use_bias": True}, {"tie_word_embeddings": True}])
 def test_fused_model_matches_unfused(kwargs):
     ref, fused = tiny_model(seed=3, **kwargs), tiny_model(seed=3, **kwargs)
     fused.fuse_projections()
@@ -41,6 +41,23 @@ def test_fused_model_matches_unfused(kwargs):
     for a, b in zip(s0, s1):
         for x, y in zip(a, b):
             _close(y, x, 1e-5)
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the layout is the CPU's")
+def test_cpu_fuse_stores_the_lm_head_for_matrix_vector_products(tmp_path):
+    # The LM head (tied to the embeddings or not) is stored [in, out]: what OpenBLAS's GEMV
+    # reads fastest for one row; the gather of a tied table reads rows of the transposed view.
+    for tied in (False, True):
+        model = tiny_model(seed=8, tie_word_embeddings=tied)
+        before = np.array(model.backbone.embeddings.weight)
+        model.fuse_projections()
+        head = model.backbone.embeddings.weight if tied else model.lm_head.weight
+        assert memoryview(head).strides == (4, 4 * head.shape[0])  # column-major [V, E]
+        np.testing.assert_array_equal(np.array(model.backbone.embeddings.weight), before)
+        ids = mx.array([[5, 0, 96, 5]], dtype=mx.int32)
+        np.testing.assert_array_equal(np.array(model.backbone.embeddings(ids))[0], before[[5, 0, 96, 5]])
+        save_model(model, tmp_path / f"m{tied}")
+        np.testing.assert_array_equal(np.array(load_model(tmp_path / f"m{tied}").backbone.embeddings.weight), before)
 
 
 def test_fuse_keeps_memory_names_and_saved_checkpoint(tmp_path):
