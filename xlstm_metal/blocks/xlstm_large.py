@@ -8,6 +8,7 @@ import mlx.nn as nn
 from ..cells.ffn import FeedForward
 from ..cells.norms import RMSNorm
 from ..config import xLSTMConfig
+from ..kernels.fast.decode import add_rms_norm
 from ..kernels.mlstm import MLSTMState
 from ..neurons.mlstm import mLSTMNeuron
 
@@ -24,6 +25,28 @@ class mLSTMBlock(nn.Module):
         self.ffn = FeedForward(config)
 
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
+        if self.fused_step(x):
+            x, y, state = self.step(x, None, state)
+            return x + y, state
         y, state = self.mlstm_layer(self.norm_mlstm(x), state)
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
+
+    def fused_step(self, x: mx.array) -> bool:
+        """True for one token once ``fuse_projections()`` selected the fused step kernel: then
+        :meth:`step` runs (fewer CUDA launches, the same math)."""
+        return x.shape[1] == 1 and self.mlstm_layer.recurrent_kernel_cell.takes_raw_gates
+
+    def step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None = None):
+        """One token, the block's input being ``x + pending`` ([B, 1, E]; ``pending`` the previous
+        block's FFN output, or None) -> (x', ffn output, state): the block's output is
+        ``x' + ffn output``. Each residual add runs with the RMSNorm that reads it
+        (:func:`~xlstm_metal.kernels.fast.decode.add_rms_norm`: one CUDA launch), so a chain of
+        blocks leaves each FFN residual to the next block's norm."""
+        if pending is None:
+            xn = self.norm_mlstm(x)
+        else:
+            x, xn = add_rms_norm(x, pending, self.norm_mlstm)
+        y, state = self.mlstm_layer(xn, state)
+        x, xn = add_rms_norm(x, y, self.norm_ffn)
+        return x, self.ffn(xn), state

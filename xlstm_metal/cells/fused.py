@@ -94,10 +94,14 @@ def layer_ids(layers: Sequence[nn.Module]) -> tuple[int, ...]:
     return tuple(id(layer) for layer in layers)
 
 
-def fused_outputs(x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module]) -> list[mx.array]:
-    """Each layer's output for input ``x`` [..., in]: one matmul per fused group, the other layers
-    called as they are. ``fused=None`` calls every layer."""
+def fused_outputs_unbiased(
+    x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module]
+) -> tuple[list[mx.array], list[mx.array | None]]:
+    """:func:`fused_outputs` with the biases of the fused layers left out: (outputs, biases),
+    ``biases[j]`` the bias still to add to ``outputs[j]`` (None where there is none or the layer
+    was called as it stands). A fused kernel that reads the raw outputs adds them itself."""
     outs: list[mx.array | None] = [None] * len(layers)
+    biases: list[mx.array | None] = [None] * len(layers)
     if fused is not None:
         for (kind, members), group in zip(fusion_groups(layers), fused):
             if kind[0] == "linear":
@@ -112,9 +116,17 @@ def fused_outputs(x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[
                 start += layers[j].weight.shape[0]
                 bounds.append(start)
             for j, out in zip(members, mx.split(y, bounds, axis=-1)):
-                # Biases are added per layer so each output keeps the dtype the separate layer gives.
-                outs[j] = out + layers[j].bias if "bias" in layers[j] else out
-    return [layer(x) if out is None else out for layer, out in zip(layers, outs)]
+                outs[j] = out
+                biases[j] = layers[j].bias if "bias" in layers[j] else None
+    return [layer(x) if out is None else out for layer, out in zip(layers, outs)], biases
+
+
+def fused_outputs(x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module]) -> list[mx.array]:
+    """Each layer's output for input ``x`` [..., in]: one matmul per fused group, the other layers
+    called as they are. ``fused=None`` calls every layer."""
+    outs, biases = fused_outputs_unbiased(x, fused, layers)
+    # Biases are added per layer so each output keeps the dtype the separate layer gives.
+    return [out if bias is None else out + bias for out, bias in zip(outs, biases)]
 
 
 def gemv_layout(weight: mx.array) -> mx.array:
@@ -152,10 +164,19 @@ class FusedLayers:
             unfuse_layers(self.layers(owner))
         owner.__dict__.pop(self.key + "_ids", None)
 
-    def outputs(self, owner: nn.Module, x: mx.array) -> list[mx.array]:
-        """Each named layer's output for ``x``, through the fused arrays while they are current."""
+    def _current(self, owner: nn.Module) -> tuple[list[nn.Module], list[FusedGroup] | None]:
         layers = self.layers(owner)
         fused = owner.get(self.key) if self.key in owner else None
         if fused is not None and owner.__dict__.get(self.key + "_ids") != layer_ids(layers):
             fused = None  # a layer was replaced in the tree since fuse_projections(): run what the tree holds
+        return layers, fused
+
+    def outputs(self, owner: nn.Module, x: mx.array) -> list[mx.array]:
+        """Each named layer's output for ``x``, through the fused arrays while they are current."""
+        layers, fused = self._current(owner)
         return fused_outputs(x, fused, layers)
+
+    def outputs_unbiased(self, owner: nn.Module, x: mx.array) -> tuple[list[mx.array], list[mx.array | None]]:
+        """:meth:`outputs` as (outputs, biases still to add) (see :func:`fused_outputs_unbiased`)."""
+        layers, fused = self._current(owner)
+        return fused_outputs_unbiased(x, fused, layers)

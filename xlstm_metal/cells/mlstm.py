@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from ..kernels import get_mlstm_kernel, resolve_kernel_name
+from ..kernels.fast.decode import mlstm_step_gated, output_norm_gate
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
 from .fused import FusedLayers
@@ -56,6 +57,21 @@ class mLSTMProjectionCell(nn.Module):
     def _heads(self, x: mx.array) -> mx.array:
         B, S, _ = x.shape
         return x.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+    def project_raw_gates(self, layers: nn.Module, x: mx.array):
+        """As :meth:`__call__`, for kernels that take the gates raw (the fused decode step):
+        q, k, v, o~ and i, f [B, NH, S] *before* their bias and soft cap, with the biases still
+        to add ([NH] each, or None for both when the projections added them)."""
+        (q, k, v, o_preact, i, f), biases = self.fusion.outputs_unbiased(layers, x)
+        q, k, v, o_preact = (out if bias is None else out + bias
+                             for out, bias in zip((q, k, v, o_preact), biases))
+        i_bias, f_bias = biases[4:]
+        if (i_bias is None) != (f_bias is None):
+            i = i if i_bias is None else i + i_bias
+            f = f if f_bias is None else f + f_bias
+            i_bias = f_bias = None
+        return (self._heads(q), self._heads(k), self._heads(v), o_preact,
+                i.transpose(0, 2, 1), f.transpose(0, 2, 1), i_bias, f_bias)
 
     def __call__(self, layers: nn.Module, x: mx.array):
         q, k, v, o_preact, i, f = self.fusion.outputs(layers, x)
@@ -109,6 +125,18 @@ class mLSTMRecurrentKernelCell(_KernelCell):
         name = self.step_kernel if q.shape[2] == 1 else self.sequence_kernel
         return self._run(name, q, k, v, i, f, state)
 
+    @property
+    def takes_raw_gates(self) -> bool:
+        """True when the step kernel is the fused one (``fuse_projections()`` selects it), which
+        also runs the gates' bias and soft cap: :meth:`step_raw_gates`."""
+        return self.step_kernel == "step_fused"
+
+    def step_raw_gates(self, q, k, v, i_raw, f_raw, i_bias, f_bias, gate_soft_cap, state=None):
+        """One step from raw gate projections (:func:`~xlstm_metal.kernels.fast.decode.mlstm_step_gated`:
+        one CUDA launch for gates and step; the reference ops elsewhere)."""
+        return mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap,
+                                eps=self.eps, state_dtype=self.state_dtype)
+
 
 class mLSTMOutputCell(nn.Module):
     """h [B, NH, S, DV], o~ [B, S, NH * DV] -> out_proj(sigmoid(o~) * MultiHeadLayerNorm(h)) [B, S, E].
@@ -130,6 +158,11 @@ class mLSTMOutputCell(nn.Module):
     def __call__(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
         h_norm = layers.multihead_norm(h.transpose(0, 2, 1, 3))
         return layers.out_proj(sigmoid(o_preact) * h_norm)
+
+    def step(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
+        """:meth:`__call__` for one token, the norm and output gate as one CUDA launch
+        (:func:`~xlstm_metal.kernels.fast.decode.output_norm_gate`; the same ops elsewhere)."""
+        return layers.out_proj(output_norm_gate(h, o_preact, layers.multihead_norm))
 
 
 def mlstm_zero_state(config: xLSTMConfig, batch_size: int) -> MLSTMState:

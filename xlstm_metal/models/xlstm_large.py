@@ -11,6 +11,7 @@ from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
+from ..kernels.fast.decode import add_rms_norm
 from ..kernels.fast.quantized import use_fast_quantized_layers
 from ..kernels.fast.step import cuda_available
 from ..kernels.mlstm import MLSTMState
@@ -43,6 +44,8 @@ class Backbone(nn.Module):
 
     def __call__(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
         x = self.embeddings(input_ids)
+        if all(isinstance(block, mLSTMBlock) and block.fused_step(x) for block in self.blocks):
+            return self._step(x, state)
         new_state = []
         for index, block in enumerate(self.blocks):
             x, block_state = block(x, None if state is None else state[index])
@@ -50,6 +53,17 @@ class Backbone(nn.Module):
         if "out_norm" in self:
             x = self.out_norm(x)
         return x, new_state
+
+    def _step(self, x: mx.array, state: ModelState | None) -> tuple[mx.array, ModelState]:
+        """One token through :meth:`mLSTMBlock.step`: each block's FFN residual is added by the
+        next block's (or the out norm's) fused add + RMSNorm."""
+        new_state, pending = [], None
+        for index, block in enumerate(self.blocks):
+            x, pending, block_state = block.step(x, pending, None if state is None else state[index])
+            new_state.append(block_state)
+        if "out_norm" in self:
+            return add_rms_norm(x, pending, self.out_norm)[1], new_state
+        return x + pending, new_state
 
 
 class xLSTMLarge(nn.Module):

@@ -66,7 +66,18 @@ class mLSTMNeuron(nn.Module):
         return self.output_cell(self, h, o_preact)
 
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
+        if x.shape[1] == 1 and self.recurrent_kernel_cell.takes_raw_gates:
+            return self.step(x, state)
         q, k, v, o_preact, i, f = self.project(x)
         kernel_cell = self.recurrent_kernel_cell if x.shape[1] == 1 else self.parallel_kernel_cell
         h, state = kernel_cell(q, k, v, i, f, state)
         return self.output(h, o_preact), state
+
+    def step(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
+        """One token through the fused decode kernels (x [B, 1, E]): the gates' bias and soft cap
+        inside the step kernel, the norm and output gate in one launch; the same math as
+        :meth:`__call__` (and the same ops off CUDA)."""
+        q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias = self.projection_cell.project_raw_gates(self, x)
+        h, state = self.recurrent_kernel_cell.step_raw_gates(
+            q, k, v, i_raw, f_raw, i_bias, f_bias, self.projection_cell.gate_soft_cap, state)
+        return self.output_cell.step(self, h, o_preact), state

@@ -1,0 +1,240 @@
+"""The fused decode kernels (xlstm_metal/kernels/fast/decode.py) against their ops references.
+
+The kernel tests run only where MLX has its CUDA backend (the GPU machine); elsewhere every entry
+point is its reference, and the tests at the end check that the restructured decode path
+(``mLSTMBlock.step``, ``mLSTMNeuron.step``) computes exactly what the plain forward computes.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from xlstm_metal.cells.norms import MultiHeadLayerNorm, RMSNorm
+from xlstm_metal.kernels.fast.decode import add_rms_norm, gate_preactivation, mlstm_step_gated, output_norm_gate
+from xlstm_metal.kernels.fast.step import cuda_available
+from xlstm_metal.kernels.mlstm import mlstm_step
+
+from conftest import tiny_model
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _arr(rng, *shape, scale=1.0, shift=0.0, dtype=mx.float32):
+    return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dtype)
+
+
+def _gate_inputs(seed, B=2, NH=3, DQK=24, DV=40, dtype=mx.float32, bias=True):
+    rng = np.random.default_rng(seed)
+    q, k, v = _arr(rng, B, NH, 1, DQK, dtype=dtype), _arr(rng, B, NH, 1, DQK, dtype=dtype), _arr(rng, B, NH, 1, DV, dtype=dtype)
+    # Raw gates as strided views of a projection output [B, 1, 2 NH], as the model passes them.
+    raw = _arr(rng, B, 1, 2 * NH, scale=8.0, dtype=dtype)
+    i_raw, f_raw = raw[..., :NH].transpose(0, 2, 1), raw[..., NH:].transpose(0, 2, 1)
+    i_bias = _arr(rng, NH, scale=3.0, dtype=dtype) if bias else None
+    f_bias = _arr(rng, NH, scale=3.0, shift=3.0, dtype=dtype) if bias else None
+    state = (_arr(rng, B, NH, DQK, DV), _arr(rng, B, NH, DQK), _arr(rng, B, NH, 1))
+    return (q, k, v, i_raw, f_raw, i_bias, f_bias), state
+
+
+def _reference_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, state, cap, state_dtype=mx.float32):
+    i = gate_preactivation(i_raw, i_bias, cap)
+    f = gate_preactivation(f_raw, f_bias, cap)
+    return mlstm_step(q, k, v, i, f, state, state_dtype=state_dtype)
+
+
+def _check(out, ref, tol_h, tol_state):
+    (h, s), (h_ref, s_ref) = out, ref
+    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+    assert _rel(h, h_ref) <= tol_h, _rel(h, h_ref)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert _rel(x, y) <= tol_state, _rel(x, y)
+
+
+@cuda
+@pytest.mark.parametrize("cap", [15.0, None])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("DQK,DV", [(24, 40), (256, 512)])
+def test_step_gated_matches_reference_float32(cap, bias, DQK, DV):
+    args, state = _gate_inputs(DQK + DV + bias, DQK=DQK, DV=DV, bias=bias)
+    out = mlstm_step_gated(*args, state, gate_soft_cap=cap)
+    _check(out, _reference_gated(*args, state, cap), 1e-5, 1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_step_gated_rounds_gates_like_the_reference(dtype):
+    # The gates are rounded to the projection dtype after each op, as the ops path holds them;
+    # the state stays float32, so it agrees to float32 round-off.
+    args, state = _gate_inputs(3, NH=8, DQK=64, DV=128, dtype=dtype)
+    out = mlstm_step_gated(*args, state, gate_soft_cap=15.0)
+    _check(out, _reference_gated(*args, state, 15.0), 1e-2, 1e-5)
+
+
+@cuda
+def test_step_gated_zero_state_and_compile():
+    args, state = _gate_inputs(4)
+    ref = _reference_gated(*args, None, 15.0)
+    _check(mlstm_step_gated(*args, None, gate_soft_cap=15.0), ref, 1e-5, 1e-5)
+    fn = mx.compile(lambda *a: mlstm_step_gated(*a, None, gate_soft_cap=15.0))
+    _check(fn(*args), ref, 1e-5, 1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
+@pytest.mark.parametrize("NH,DV", [(3, 40), (8, 512), (4, 1000)])
+def test_output_norm_gate_matches_reference(dtype, tol, NH, DV):
+    rng = np.random.default_rng(NH * DV)
+    B = 3
+    h = _arr(rng, B, NH, 1, DV, scale=2.0, shift=0.5, dtype=dtype)
+    proj = _arr(rng, B, 1, NH * DV + 7, scale=3.0, dtype=dtype)
+    o = proj[..., 5 : 5 + NH * DV]  # a strided view, as split from the projection output
+    norm = MultiHeadLayerNorm(NH, DV)
+    norm.weight = _arr(rng, NH * DV, scale=0.3, shift=1.0, dtype=dtype)
+    out = output_norm_gate(h, o, norm)
+    ref = mx.sigmoid(o) * norm(h.transpose(0, 2, 1, 3))
+    assert out.shape == ref.shape == (B, 1, NH * DV) and out.dtype == ref.dtype
+    assert _rel(out, ref) <= tol, _rel(out, ref)
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (16, 1, 4096), (3, 1, 200), (2, 5, 64)])
+def test_add_rms_norm_matches_reference(dtype, tol, shape):
+    rng = np.random.default_rng(shape[0] * shape[-1])
+    x, y = _arr(rng, *shape, dtype=dtype), _arr(rng, *shape, scale=0.5, dtype=dtype)
+    norm = RMSNorm(shape[-1])
+    norm.weight = _arr(rng, shape[-1], scale=0.3, shift=1.0, dtype=dtype)
+    s, n = add_rms_norm(x, y, norm)
+    s_ref = x + y
+    n_ref = norm(s_ref)
+    assert s.dtype == s_ref.dtype and n.dtype == n_ref.dtype
+    assert mx.array_equal(s, s_ref)  # one rounding of x + y, as the add
+    assert _rel(n, n_ref) <= tol, _rel(n, n_ref)
+
+
+class _Wrapped(nn.Module):
+    """A user's module around a layer (not fusable: called as it stands)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x):
+        return self.inner(x)
+
+
+def _pair(dtype: str, wrap_f: bool = False):
+    """Two fused tiny models with the same weights: one on the fused decode path (its default
+    after fuse_projections), one forced onto the reference ops."""
+    fast, ref = tiny_model(seed=11), tiny_model(seed=11)
+    for m in (fast, ref):
+        if dtype != "float32":
+            m.set_dtype(getattr(mx, dtype))
+        if wrap_f:
+            layer = m.blocks[0].mlstm_layer
+            layer.fgate_preact = _Wrapped(layer.fgate_preact)
+        m.fuse_projections()
+    for block in ref.blocks:
+        block.mlstm_layer.recurrent_kernel_cell.step_kernel = "step"
+    assert fast.blocks[0].mlstm_layer.recurrent_kernel_cell.takes_raw_gates
+    assert not ref.blocks[0].mlstm_layer.recurrent_kernel_cell.takes_raw_gates
+    return fast, ref
+
+
+def _decode(model, steps=6, compiled=False):
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (3, 9)), dtype=mx.int32)
+    _, state = model(ids)
+    step = (lambda t, s: model(t, s))
+    if compiled:
+        step = mx.compile(step, inputs=model.state)
+    tok, out = mx.array([[1], [2], [3]], dtype=mx.int32), []
+    for n in range(steps):
+        logits, state = step(tok, state)
+        out.append(logits)
+        tok = mx.array([[n % 97], [(5 * n) % 97], [(7 * n + 1) % 97]], dtype=mx.int32)  # same tokens for both
+    return out, state
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_decode_path_matches_reference_float32(compiled):
+    fast, ref = _pair("float32")
+    (l1, s1), (l0, s0) = _decode(fast, compiled=compiled), _decode(ref, compiled=compiled)
+    for a, b in zip(l1, l0):
+        assert _rel(a, b) <= 1e-5
+    for a, b in zip(s1, s0):
+        for x, y in zip(a, b):
+            assert _rel(x, y) <= 1e-5
+
+
+@cuda
+def test_fused_decode_path_bfloat16():
+    fast, ref = _pair("bfloat16")
+    (l1, _), (l0, _) = _decode(fast, compiled=True), _decode(ref, compiled=True)
+    for a, b in zip(l1, l0):
+        assert _rel(a, b) <= 3e-2
+
+
+def test_fused_decode_path_is_the_reference_off_cuda():
+    if cuda_available():
+        pytest.skip("on CUDA the kernels run (tested above)")
+    # Off CUDA every fused entry point runs the reference ops in the same order, so the
+    # restructured step (raw gates, norm + gate, residual adds moved into the next norm)
+    # gives the plain forward's bits.
+    fast, ref = _pair("float32")
+    for compiled in (False, True):
+        (l1, s1), (l0, s0) = _decode(fast, compiled=compiled), _decode(ref, compiled=compiled)
+        for a, b in zip(l1, l0):
+            assert mx.array_equal(a, b)
+        for a, b in zip(s1, s0):
+            assert all(mx.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_fused_decode_path_runs_what_the_tree_holds():
+    # A projection swapped for a module that returns zeros changes the fused path's output, and
+    # a replaced norm is what runs (the fused add + norm applies only to RMSNorm itself).
+    fast, _ = _pair("float32")
+    tok = mx.array([[3]], dtype=mx.int32)
+    base, _ = fast(tok)
+
+    class Zeros(nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def __call__(self, x):
+            return mx.zeros(x.shape[:-1] + (self.out,), dtype=x.dtype)
+
+    layer = fast.blocks[1].mlstm_layer
+    layer.igate_preact = Zeros(layer.igate_preact.weight.shape[0])
+    swapped, _ = fast(tok)
+    assert not mx.allclose(swapped, base, atol=1e-6)
+
+    class Doubled(RMSNorm):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    block = fast.blocks[0]
+    doubled = Doubled(block.norm_ffn.weight.shape[0])
+    doubled.weight = block.norm_ffn.weight
+    block.norm_ffn = doubled
+    changed, _ = fast(tok)
+    assert not mx.allclose(changed, swapped, atol=1e-6)
+
+
+def test_gate_biases_split_between_fused_and_called_layers():
+    # i fused with q, k, v, o but f wrapped (called as it stands, bias included): the raw-gate
+    # path adds i's bias itself and matches the plain forward.
+    fast, ref = _pair("float32", wrap_f=True)
+    layer = fast.blocks[0].mlstm_layer
+    _, biases = layer.projection_cell.fusion.outputs_unbiased(layer, mx.zeros((1, 1, 64)))
+    assert biases[4] is not None and biases[5] is None
+    (l1, _), (l0, _) = _decode(fast, steps=3), _decode(ref, steps=3)
+    for a, b in zip(l1, l0):
+        assert _rel(a, b) <= 1e-5
