@@ -7,7 +7,7 @@ over ``model.state``), exports the traced graph (``mx.export_to_dot``) and count
 for a model with 1 and with 2 blocks; the difference is the cost of one block. Views (reshape,
 transpose, slice, split, broadcast, ...) launch nothing and are listed apart.
 
-    python benchmarks/decode_primitives.py [--pretend-cuda] [--batch 1] [--dtype bfloat16]
+    python benchmarks/decode_primitives.py [--pretend-cuda] [--batch 1] [--dtype bfloat16] [--q-bits 4]
 
 ``--pretend-cuda`` traces the CUDA code path on a machine without a GPU: it uses the lead's
 /work/notes/cuda_check.py (or ``--cuda-check PATH``) to stand in for ``mx.fast.cuda_kernel``;
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 #: Primitives that only make a view (no kernel) when their input is row-contiguous, as it is here.
 VIEWS = {"Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "Split", "Broadcast", "AsStrided",
-         "StopGradient", "Flatten", "Unflatten", "BroadcastAxes"}
+         "StopGradient", "Flatten", "Unflatten", "BroadcastAxes", "Contiguous"}
 
 
 def _install_pretend_cuda(path: str) -> None:
@@ -57,14 +57,20 @@ def _install_pretend_cuda(path: str) -> None:
     mx.fast.cuda_kernel = kernel
 
 
-def count_step(blocks: int, batch: int, dtype: str, embedding_dim: int, num_heads: int) -> collections.Counter:
+def count_step(blocks: int, batch: int, dtype: str, embedding_dim: int, num_heads: int,
+               q_bits: int | None = None) -> collections.Counter:
     import mlx.core as mx  # noqa: PLC0415
 
     from xlstm_metal import benchmark as bm  # noqa: PLC0415
 
     config = bm.shape_config("7b", num_blocks=blocks, embedding_dim=embedding_dim, num_heads=num_heads,
                              vocab_size=512)
-    model = bm.random_model(config, dtype=dtype).fuse_projections()
+    model = bm.random_model(config, dtype=dtype)
+    if q_bits:  # as `xlstm-metal bench --q-bits`: gate projections stay in float (the default recipe)
+        from xlstm_metal.quantization import quantize_model  # noqa: PLC0415
+
+        quantize_model(model, bits=q_bits, group_size=64)
+    model.fuse_projections()
     step = bm.make_decode_step(model, compiled=True)
     state = model.make_state(batch)
     tokens = mx.zeros((batch, 1), dtype=mx.int32)
@@ -85,16 +91,17 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--embedding-dim", type=int, default=512, help="small dims: the count does not depend on them")
     p.add_argument("--num-heads", type=int, default=8)
+    p.add_argument("--q-bits", type=int, default=None, help="quantize (group 64) before counting")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.pretend_cuda:
         _install_pretend_cuda(args.cuda_check)
-    one, two = (count_step(n, args.batch, args.dtype, args.embedding_dim, args.num_heads) for n in (1, 2))
+    one, two = (count_step(n, args.batch, args.dtype, args.embedding_dim, args.num_heads, args.q_bits) for n in (1, 2))
     block = two - one
     kernels = {k: v for k, v in sorted(block.items()) if k not in VIEWS}
     views = {k: v for k, v in sorted(block.items()) if k in VIEWS}
     rest = {k: v for k, v in sorted(one.items()) if k not in VIEWS}
-    record = {"batch": args.batch, "dtype": args.dtype, "pretend_cuda": args.pretend_cuda,
+    record = {"batch": args.batch, "dtype": args.dtype, "q_bits": args.q_bits, "pretend_cuda": args.pretend_cuda,
               "kernels_per_block": sum(kernels.values()), "per_block": kernels, "views_per_block": views,
               "kernels_one_block_model": sum(rest.values()), "one_block_model": rest}
     if args.json:

@@ -181,6 +181,28 @@ def test_fused_decode_path_bfloat16():
         assert _rel(a, b) <= 3e-2
 
 
+@cuda
+@pytest.mark.parametrize("batch,length", [(2, 300), (1, 2100)])
+def test_fused_prefill_epilogues_match_ops(monkeypatch, batch, length):
+    # Prefill of a fused model runs the norm + output gate and the add + RMSNorm kernels (the
+    # second shape goes through the compiled blocks); with them switched to their ops
+    # everything else (projections, chunkwise kernel) is the same.
+    import xlstm_metal.kernels.fast.decode as decode
+    from xlstm_metal.benchmark import random_model, shape_config
+
+    config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
+    ids = mx.array(np.random.default_rng(1).integers(0, 101, (batch, length)), dtype=mx.int32)
+    fast = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
+    logits, state = fast.prefill(ids)
+    monkeypatch.setattr(decode, "_kernels_on", lambda: False)
+    ref = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
+    logits_ref, state_ref = ref.prefill(ids)
+    assert _rel(logits, logits_ref) <= 2e-2
+    for a, b in zip(state, state_ref):
+        for x, y in zip(a, b):
+            assert _rel(x, y) <= 2e-2
+
+
 def test_fused_decode_path_is_the_reference_off_cuda():
     if cuda_available():
         pytest.skip("on CUDA the kernels run (tested above)")

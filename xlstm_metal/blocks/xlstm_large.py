@@ -29,6 +29,9 @@ class mLSTMBlock(nn.Module):
             x, y, state = self.step(x, None, state)
             return x + y, state
         y, state = self.mlstm_layer(self.norm_mlstm(x), state)
+        if self.mlstm_layer.fused:  # inference fast path: the residual add inside the norm's launch
+            x, xn = add_rms_norm(x, y, self.norm_ffn)
+            return x + self.ffn(xn), state
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 

@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from ..kernels import get_mlstm_kernel, resolve_kernel_name
-from ..kernels.fast.decode import mlstm_step_gated, output_norm_gate
+from ..kernels.fast.decode import fused_decode_enabled, mlstm_step_gated, output_norm_gate
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
 from .fused import FusedLayers
@@ -129,7 +129,7 @@ class mLSTMRecurrentKernelCell(_KernelCell):
     def takes_raw_gates(self) -> bool:
         """True when the step kernel is the fused one (``fuse_projections()`` selects it), which
         also runs the gates' bias and soft cap: :meth:`step_raw_gates`."""
-        return self.step_kernel == "step_fused"
+        return self.step_kernel == "step_fused" and fused_decode_enabled()
 
     def step_raw_gates(self, q, k, v, i_raw, f_raw, i_bias, f_bias, gate_soft_cap, state=None):
         """One step from raw gate projections (:func:`~xlstm_metal.kernels.fast.decode.mlstm_step_gated`:
@@ -159,9 +159,10 @@ class mLSTMOutputCell(nn.Module):
         h_norm = layers.multihead_norm(h.transpose(0, 2, 1, 3))
         return layers.out_proj(sigmoid(o_preact) * h_norm)
 
-    def step(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
-        """:meth:`__call__` for one token, the norm and output gate as one CUDA launch
-        (:func:`~xlstm_metal.kernels.fast.decode.output_norm_gate`; the same ops elsewhere)."""
+    def fused(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
+        """:meth:`__call__` with the norm and output gate as one CUDA launch
+        (:func:`~xlstm_metal.kernels.fast.decode.output_norm_gate`; the same ops elsewhere).
+        Inference only (no gradient through the kernel)."""
         return layers.out_proj(output_norm_gate(h, o_preact, layers.multihead_norm))
 
 

@@ -71,7 +71,15 @@ class mLSTMNeuron(nn.Module):
         q, k, v, o_preact, i, f = self.project(x)
         kernel_cell = self.recurrent_kernel_cell if x.shape[1] == 1 else self.parallel_kernel_cell
         h, state = kernel_cell(q, k, v, i, f, state)
+        if self.fused:  # inference fast path: norm and output gate in one launch on CUDA
+            return self.output_cell.fused(self, h, o_preact), state
         return self.output(h, o_preact), state
+
+    @property
+    def fused(self) -> bool:
+        """True between ``fuse_projections()`` and ``unfuse_projections()`` (or ``update()``): the
+        inference fast path, whose fused kernels have no gradient."""
+        return self.projection_cell.fusion.key in self
 
     def step(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
         """One token through the fused decode kernels (x [B, 1, E]): the gates' bias and soft cap
@@ -80,4 +88,4 @@ class mLSTMNeuron(nn.Module):
         q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias = self.projection_cell.project_raw_gates(self, x)
         h, state = self.recurrent_kernel_cell.step_raw_gates(
             q, k, v, i_raw, f_raw, i_bias, f_bias, self.projection_cell.gate_soft_cap, state)
-        return self.output_cell.step(self, h, o_preact), state
+        return self.output_cell.fused(self, h, o_preact), state

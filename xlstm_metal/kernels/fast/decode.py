@@ -15,9 +15,15 @@ Each computes in float32 and rounds where the reference rounds (every intermedia
 holds in bf16/fp16 is rounded to it here too), so results agree with the ops to float32
 round-off and at most an ulp of the narrow dtype where a transcendental differs in its last bit.
 Elsewhere (CPU, Metal) every function here runs its reference ops.
+
+``XLSTM_METAL_FUSED_DECODE=0`` (or :func:`set_fused_decode`) switches them off: the model then
+runs the first fused step kernel and the ops around it, as before these kernels (for
+comparisons; compiled steps and prefill traces keep what they were traced with).
 """
 
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,14 +31,25 @@ import mlx.nn as nn
 from ...cells.activations import sigmoid
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm, soft_cap
 from ..mlstm import MLSTMState, mlstm_step, zero_state
-from .step import _SOURCE as _STEP_SOURCE
-from .step import _TILE_COLUMNS, _TILE_ROWS, cuda_available
+from .step import cuda_available
 
-_STEP_GATE_LINES = (
-    "    const float ig = static_cast<float>(i[b * i_strides[0] + hd * i_strides[1]]);\n"
-    "    const float fg = static_cast<float>(f[b * f_strides[0] + hd * f_strides[1]]);\n"
-)
-assert _STEP_GATE_LINES in _STEP_SOURCE  # the fused step kernel's gate reads, replaced below
+_enabled = os.environ.get("XLSTM_METAL_FUSED_DECODE", "1") != "0"
+
+
+def fused_decode_enabled() -> bool:
+    """Whether the model uses these kernels (default on; ``XLSTM_METAL_FUSED_DECODE=0`` off)."""
+    return _enabled
+
+
+def set_fused_decode(enabled: bool) -> None:
+    """Switch the kernels of this module on or off for functions traced from now on."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def _kernels_on() -> bool:
+    return _enabled and cuda_available()
+
 
 _GATE_HEADER = """
 // Rounds x to T and back, as the reference does when it holds a value in T.
@@ -55,9 +72,123 @@ __device__ __forceinline__ float xl_gate(float a, float bias, bool has_bias, flo
 }
 """
 
-_GATE_LINES = """
+# The step of :mod:`.step` with the gates computed inside, and laid out for bytes in flight: a
+# block covers TX * V value columns of one (batch row, head) with TX x TD threads, each thread V
+# adjacent columns (V = 4: one 16-byte load of a float32 state row) and DQK / TD rows, all its
+# loads issued before use. On the 7B shape (DQK 256, DV 512) that is 16 blocks per head (128 at
+# batch 1) and eight 16-byte loads in flight per thread; the first kernel had 64 blocks at batch 1
+# and four 4-byte loads per thread, so at batch 1 it waited on latency, not bandwidth.
+_STEP_GATED_SOURCE = """
+    const int bh = blockIdx.z;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int tid = ty * TX + tx;
+    constexpr int NT = TX * TD;
+    constexpr int COLS = TX * V;  // value columns per block
+    const int j0 = blockIdx.x * COLS + tx * V;
+    __shared__ float s_red[NT * V];
+
+    // Gates, as the projection cell and the reference step compute them.
     const float ig = xl_gate<GT>(static_cast<float>(i[b * i_strides[0] + hd * i_strides[1]]), IBIAS, HAS_BIAS, CAP);
     const float fg = xl_gate<GT>(static_cast<float>(f[b * f_strides[0] + hd * f_strides[1]]), FBIAS, HAS_BIAS, CAP);
+    const float m_old = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
+    const float lf = fminf(fg, 0.0f) - log1pf(expf(-fabsf(fg)));
+    const float m_new = fmaxf(lf + m_old, ig);
+    const float fa = expf(lf + m_old - m_new);
+    const float ia = expf(ig - m_new);
+    const float scale = 1.0f / sqrtf(static_cast<float>(DQK));
+
+    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
+    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
+    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+    const size_t qk_off = static_cast<size_t>(bh) * DQK;
+    const size_t v_off = static_cast<size_t>(bh) * DV;
+
+    // n' = fa n + ia k and the head's scalar q.n' (every block of the head computes it).
+    float part = 0.0f;
+    for (int d = tid; d < DQK; d += NT) {
+        const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+        const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
+        part += (static_cast<float>(q[q_off + d * q_strides[3]]) * scale) * nd;
+        if (blockIdx.x == 0) n_out[qk_off + d] = static_cast<ST>(nd);
+    }
+    s_red[tid] = part;
+    __syncthreads();
+    for (int s = NT / 2; s > 0; s >>= 1) {
+        if (tid < s) s_red[tid] += s_red[tid + s];
+        __syncthreads();
+    }
+    const float qn = s_red[0];
+    __syncthreads();
+
+    // C' = fa C + ia k v^T for this thread's V columns (C row-contiguous), and q.C' over its rows.
+    float acc[V];
+    #pragma unroll
+    for (int c = 0; c < V; ++c) acc[c] = 0.0f;
+    if (j0 < DV) {
+        float vj[V];
+        #pragma unroll
+        for (int c = 0; c < V; ++c) {
+            vj[c] = j0 + c < DV ? ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + (j0 + c) * v_strides[3]]) : 0.0f;
+        }
+        const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+        // RB rows at a time: every load of the batch is issued before the first store (C and
+        // C_out could alias as far as the compiler knows, so it would not move loads past stores).
+        constexpr int RB = 8;
+        for (int d0 = ty; d0 < DQK; d0 += TD * RB) {
+            float cv[RB][V];
+            float kd[RB], qd[RB];
+            #pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                const int d = d0 + r * TD;
+                if (d < DQK) {
+                    kd[r] = static_cast<float>(k[k_off + d * k_strides[3]]);
+                    qd[r] = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
+                    const size_t off = c_base + static_cast<size_t>(d) * DV;
+                    if (LOAD4) {
+                        const float4 c4 = *reinterpret_cast<const float4*>(C + off);
+                        cv[r][0] = c4.x; cv[r][1] = c4.y; cv[r][2] = c4.z; cv[r][3] = c4.w;
+                    } else {
+                        #pragma unroll
+                        for (int c = 0; c < V; ++c) cv[r][c] = j0 + c < DV ? static_cast<float>(C[off + c]) : 0.0f;
+                    }
+                }
+            }
+            #pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                const int d = d0 + r * TD;
+                if (d < DQK) {
+                    const size_t off = c_base + static_cast<size_t>(d) * DV;
+                    #pragma unroll
+                    for (int c = 0; c < V; ++c) {
+                        cv[r][c] = fa * cv[r][c] + kd[r] * vj[c];
+                        acc[c] += qd[r] * cv[r][c];
+                    }
+                    if (LOAD4) {
+                        *reinterpret_cast<float4*>(C_out + off) = make_float4(cv[r][0], cv[r][1], cv[r][2], cv[r][3]);
+                    } else {
+                        #pragma unroll
+                        for (int c = 0; c < V; ++c) if (j0 + c < DV) C_out[off + c] = static_cast<ST>(cv[r][c]);
+                    }
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int c = 0; c < V; ++c) s_red[ty * COLS + tx * V + c] = acc[c];
+    __syncthreads();
+    for (int col = tid; col < COLS; col += NT) {
+        const int j = blockIdx.x * COLS + col;
+        if (j < DV) {
+            float num = 0.0f;
+            for (int t = 0; t < TD; ++t) num += s_red[t * COLS + col];
+            const float den = fmaxf(fabsf(qn), expf(-m_new)) + EPS;
+            h[v_off + j] = static_cast<HT>(num / den);
+        }
+    }
+    if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
 """
 
 _step_kernels: dict[tuple, object] = {}
@@ -67,8 +198,8 @@ def _step_kernel(eps: float, cap: float, has_bias: bool):
     key = (eps, cap, has_bias)
     kernel = _step_kernels.get(key)
     if kernel is None:
-        source = _STEP_SOURCE.replace("EPS", f"{float(eps)!r}f").replace(_STEP_GATE_LINES, _GATE_LINES)
-        source = source.replace("HAS_BIAS", "true" if has_bias else "false").replace("CAP", f"{float(cap)!r}f")
+        source = _STEP_GATED_SOURCE.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
+        source = source.replace("HAS_BIAS", "true" if has_bias else "false")
         for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
             read = f"static_cast<float>({bias}[hd * {bias}_strides[0]])" if has_bias else "0.0f"
             source = source.replace(name, read)
@@ -115,7 +246,7 @@ def mlstm_step_gated(
         raise ValueError("mlstm_step_gated: give both gate biases or neither")
     has_bias = i_bias is not None
     fused = (
-        cuda_available()
+        _kernels_on()
         and q.shape[2] == 1
         and i_raw.dtype == f_raw.dtype
         and (not has_bias or (i_bias.dtype == i_raw.dtype and f_bias.dtype == i_raw.dtype))
@@ -130,15 +261,20 @@ def mlstm_step_gated(
     if state is None:
         state = zero_state(B, NH, dqk, dv, out_dtype)
     C, n, m = state
-    tj = min(_TILE_COLUMNS, 1 << max(dv - 1, 0).bit_length())
+    # The kernel indexes C as row-contiguous (a no-op for the kernel's own output and for zeros).
+    C = mx.contiguous(C)
+    vec = 4 if dv % 4 == 0 else 1
+    tx = 32 // vec  # 32 value columns per block
+    td = 32 if vec == 4 else 8
     cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
     inputs = [q, k, v, i_raw, f_raw] + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
     h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias)(
         inputs=inputs,
         template=[("HT", q.dtype), ("ST", out_dtype), ("GT", i_raw.dtype), ("NH", NH), ("DQK", dqk),
-                  ("DV", dv), ("TJ", tj), ("TD", _TILE_ROWS)],
-        grid=(-(-dv // tj) * tj, _TILE_ROWS, B * NH),
-        threadgroup=(tj, _TILE_ROWS, 1),
+                  ("DV", dv), ("TX", tx), ("TD", td), ("V", vec),
+                  ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)],
+        grid=(-(-dv // (tx * vec)) * tx, td, B * NH),
+        threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
         output_dtypes=[q.dtype, out_dtype, out_dtype, out_dtype],
     )
@@ -161,19 +297,24 @@ __device__ __forceinline__ float xl_block_sum(float v, float* s_warp) {
 """
 
 _NORM_GATE_SOURCE = """
-    // One block per (batch row, head): LayerNorm over the head's DV values of h (float32,
-    // biased variance, no bias), rounded to T, times the norm weight (in T), times sigmoid(o~)
-    // (in T), as MultiHeadLayerNorm and the output cell compute it.
+    // One block per (token, head): LayerNorm over the head's DV values of h (float32, biased
+    // variance, no bias), rounded to T, times the norm weight (in T), times sigmoid(o~) (in T),
+    // as MultiHeadLayerNorm and the output cell compute it.
     constexpr int MAXV = (DV + NTHREADS - 1) / NTHREADS;
     __shared__ float s_warp[32];
-    const int b = blockIdx.y;
-    const int hd = blockIdx.x;
+    const int S = h_shape[2];
+    const int hd = blockIdx.y;
+    const int b = blockIdx.x / S;
+    const int t = blockIdx.x % S;
+    const int64_t h_off = b * h_strides[0] + hd * h_strides[1] + t * h_strides[2];
+    const int64_t o_off = b * o_strides[0] + t * o_strides[1];
+    const size_t out_off = static_cast<size_t>(blockIdx.x) * NH * DV;
     float xs[MAXV];
     float sum = 0.0f;
     #pragma unroll
     for (int r = 0; r < MAXV; ++r) {
         const int j = threadIdx.x + r * NTHREADS;
-        xs[r] = j < DV ? static_cast<float>(h[b * h_strides[0] + hd * h_strides[1] + j * h_strides[3]]) : 0.0f;
+        xs[r] = j < DV ? static_cast<float>(h[h_off + j * h_strides[3]]) : 0.0f;
         sum += xs[r];
     }
     const float mean = xl_block_sum(sum, s_warp) / DV;
@@ -192,9 +333,9 @@ _NORM_GATE_SOURCE = """
             const int col = hd * DV + j;
             const float normed = static_cast<float>(static_cast<T>((xs[r] - mean) * rstd));
             const float scaled = static_cast<float>(static_cast<T>(normed * static_cast<float>(w[col * w_strides[0]])));
-            const float og = static_cast<float>(o[b * o_strides[0] + col * o_strides[2]]);
+            const float og = static_cast<float>(o[o_off + col * o_strides[2]]);
             const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-og))));
-            out[static_cast<size_t>(b) * NH * DV + col] = static_cast<T>(gate * scaled);
+            out[out_off + col] = static_cast<T>(gate * scaled);
         }
     }
 """
@@ -217,24 +358,24 @@ def _norm_gate_kernel(eps: float):
     return kernel
 
 
-def output_norm_gate(h: mx.array, o_preact: mx.array, norm) -> mx.array:
-    """h [B, NH, 1, DV], o~ [B, 1, NH * DV] (any strides), ``norm`` the layer's
+def output_norm_gate(h: mx.array, o_preact: mx.array, norm: nn.Module) -> mx.array:
+    """h [B, NH, S, DV], o~ [B, S, NH * DV] (any strides), ``norm`` the layer's
     :class:`~xlstm_metal.cells.norms.MultiHeadLayerNorm` -> ``sigmoid(o~) * norm(h)``
-    [B, 1, NH * DV] in h's dtype, as :class:`~xlstm_metal.cells.mlstm.mLSTMOutputCell` computes it;
-    one launch on CUDA when h, o~ and the norm weight share a dtype, otherwise (and off CUDA) the
-    reference ops."""
+    [B, S, NH * DV] in h's dtype, as :class:`~xlstm_metal.cells.mlstm.mLSTMOutputCell` computes it;
+    one launch on CUDA when h, o~ and the norm weight share a dtype, otherwise (and off CUDA, or
+    for any other norm module) the reference ops. No gradient: for inference."""
     B, NH, S, DV = h.shape
     weight = norm.get("weight") if isinstance(norm, nn.Module) else None
-    if not (cuda_available() and type(norm) is MultiHeadLayerNorm and S == 1 and o_preact.dtype == h.dtype and weight.dtype == h.dtype
-            and o_preact.shape == (B, 1, NH * DV) and weight.shape == (NH * DV,)):
+    if not (_kernels_on() and type(norm) is MultiHeadLayerNorm and o_preact.dtype == h.dtype
+            and weight.dtype == h.dtype and o_preact.shape == (B, S, NH * DV) and weight.shape == (NH * DV,)):
         return sigmoid(o_preact) * norm(h.transpose(0, 2, 1, 3))
     threads = min(1024, max(32, 32 * -(-min(DV, 256) // 32)))
     (out,) = _norm_gate_kernel(norm.eps)(
         inputs=[h, o_preact, weight],
         template=[("T", h.dtype), ("NH", NH), ("DV", DV), ("NTHREADS", threads)],
-        grid=(NH * threads, B, 1),
+        grid=(B * S * threads, NH, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(B, 1, NH * DV)],
+        output_shapes=[(B, S, NH * DV)],
         output_dtypes=[h.dtype],
     )
     return out
@@ -297,7 +438,7 @@ def add_rms_norm(x: mx.array, y: mx.array, norm: nn.Module) -> tuple[mx.array, m
     and off CUDA, or for any other module, the two ops."""
     E = x.shape[-1]
     weight = norm.get("weight") if isinstance(norm, nn.Module) else None
-    if not (cuda_available() and type(norm) is RMSNorm and x.dtype == y.dtype == weight.dtype
+    if not (_kernels_on() and type(norm) is RMSNorm and x.dtype == y.dtype == weight.dtype
             and x.shape == y.shape and weight.shape == (E,)
             and x.dtype in (mx.bfloat16, mx.float16, mx.float32)):
         s = x + y

@@ -1,0 +1,86 @@
+"""Decode and prefill with the fused decode kernels (xlstm_metal/kernels/fast/decode.py) on and
+off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings run the same ops).
+
+    python benchmarks/fused_decode.py --shape 7b --batches 1,16,64 --prefill-lengths 512,2048,16384 \\
+        [--q-bits 4] --deadline 60 --out $OUT/fused_decode.jsonl
+
+For each measurement the setting alternates (on, off, on, off ... over ``--rounds``), each with a
+freshly compiled step / prefill trace; one JSON object per line: setting, kind, batch, length,
+tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
+after it, so a time-limited run still returns what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
+import mlx.core as mx  # noqa: E402
+
+from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.kernels.fast import decode  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="7b")
+    p.add_argument("--dtype", default=None, help="weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--prefill-lengths", default="2048,16384")
+    p.add_argument("--q-bits", type=int, default=None, help="quantize (group 64, gates in float) first")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    start = time.perf_counter()
+    dtype = args.dtype or bm.default_dtype()
+    config = bm.shape_config(args.shape)
+    model = bm.random_model(config, dtype=dtype)
+    if args.q_bits:
+        from xlstm_metal.quantization import quantize_model  # noqa: PLC0415
+
+        quantize_model(model, bits=args.q_bits, group_size=64)
+    model.fuse_projections()
+    out = open(args.out, "a") if args.out else None
+
+    def late() -> bool:
+        return args.deadline is not None and time.perf_counter() - start > args.deadline
+
+    def emit(record: dict) -> None:
+        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": args.q_bits, **record})
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    def run(kind: str, size: int) -> None:
+        for _ in range(args.rounds):
+            for on in (True, False):
+                if late():
+                    return
+                decode.set_fused_decode(on)
+                model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
+                if kind == "decode":
+                    r = bm.measure_decode(model, size, tokens=args.tokens)
+                else:
+                    r = bm.measure_prefill(model, size)
+                emit({"setting": "fused decode kernels" if on else "off", **r})
+
+    for batch in map(int, filter(None, args.batches.split(","))):
+        run("decode", batch)
+    for length in map(int, filter(None, args.prefill_lengths.split(","))):
+        run("prefill", length)
+    decode.set_fused_decode(True)
+    emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
+
+
+if __name__ == "__main__":
+    main()
