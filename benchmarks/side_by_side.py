@@ -35,6 +35,11 @@ PRESETS = {
                 kernel="chunkwise_scan"),  # chunkwise_fused is CUDA-only (it runs chunkwise_scan elsewhere)
     "h100": dict(shape="7b", dtype="bfloat16", prefill=[2048, 16384, 131072], decode=[1, 16, 64],
                  decode_tokens=64, chunk_size=64, rounds=1, official_decode_tokens=32, official_prefill=[2048, 16384]),
+    # The H200 targets of issue 19 add the time to first token of a 512-token prompt, and issue 11
+    # item 5 the quantized decode (--quantized 4,8 measures it on our side, after the rest).
+    "h200": dict(shape="7b", dtype="bfloat16", prefill=[512, 2048, 16384, 131072], decode=[1, 16, 64],
+                 decode_tokens=64, chunk_size=64, rounds=1, official_decode_tokens=32,
+                 official_prefill=[512, 2048, 16384]),
 }
 
 SHAPES = {
@@ -89,6 +94,26 @@ def worker_ours(args) -> None:
     if args.profile and time.time() < deadline:
         for record in profile_ours(model, bm, deadline, prefill_tokens=min(max(args.prefill), 2048)):
             _emit(out, {"side": "ours", "kind": "profile", **record})
+    for bits in args.quantized:
+        # The same model quantized (group 64, gate projections in float: the default recipe), as
+        # `xlstm-metal bench --q-bits`: decode at batch 1 (issue 11 item 5), after everything else.
+        if time.time() > deadline:
+            break
+        from mlx.utils import tree_flatten
+
+        from xlstm_metal.quantization import dequantize_model, quantize_model
+
+        try:
+            dequantize_model(model)
+            quantize_model(model, bits=bits, group_size=64)
+            model.fuse_projections()
+            r = bm.measure_decode(model, 1, tokens=args.decode_tokens)
+            _emit(out, {"side": "ours", "variant": f"{bits}-bit g64 weights, fused, compiled (quantized)",
+                        "q_bits": bits, "weights_gb": sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9,
+                        **r})
+        except Exception as err:
+            _emit(out, {"side": "ours", "variant": f"{bits}-bit g64", "kind": "decode", "batch": 1,
+                        "error": repr(err)[:500]})
     if args.variants and time.time() < deadline:
         # Same model, other settings: what each fast path is worth.
         extra = [("decode", 1, dict(compiled=False), "fused, eager step"),
@@ -335,6 +360,8 @@ def _run_worker(side: str, args, preset: dict, budget: float, jsonl: Path) -> li
            "--prefill-chunk", str(args.prefill_chunk)]
     if args.profile:
         cmd.append("--profile")
+    if args.quantized and side == "ours":
+        cmd += ["--quantized", ",".join(map(str, args.quantized))]
     if args.variants:
         cmd += ["--variants", "--variant-length", str(args.variant_length),
                 "--kernel-variants", ",".join(f"{k}/{c}" for k, c in args.kernel_variants)]
@@ -399,6 +426,8 @@ def main() -> int:
     p.add_argument("--variants", action="store_true")
     p.add_argument("--variant-length", type=int, default=16384)
     p.add_argument("--kernel-variants", default="chunkwise_scan/256,chunkwise_fused/32")
+    p.add_argument("--quantized", default="", help="our side: then decode batch 1 with the weights "
+                   "quantized to these bits (comma-separated, e.g. 4,8; group 64)")
     # worker-only arguments
     p.add_argument("--worker", choices=("ours", "official"))
     p.add_argument("--worker-out")
@@ -411,6 +440,7 @@ def main() -> int:
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args()
     args.kernel_variants = [(k.split("/")[0], int(k.split("/")[1])) for k in args.kernel_variants.split(",") if k]
+    args.quantized = [int(b) for b in args.quantized.split(",") if b]
 
     if args.worker:
         args.prefill = [int(x) for x in args.prefill.split(",") if x]
