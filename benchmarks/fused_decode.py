@@ -2,7 +2,7 @@
 off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings run the same ops).
 
     python benchmarks/fused_decode.py --shape 7b --batches 1,16,64 --prefill-lengths 512,2048,16384 \\
-        [--q-bits 4] --deadline 60 --out $OUT/fused_decode.jsonl
+        [--q-bits 4 --q-batches 1] --deadline 60 --out $OUT/fused_decode.jsonl
 
 For each measurement the setting alternates (on, off, on, off ... over ``--rounds``), each with a
 freshly compiled step / prefill trace; one JSON object per line: setting, kind, batch, length,
@@ -35,7 +35,9 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prefill-lengths", default="2048,16384")
-    p.add_argument("--q-bits", type=int, default=None, help="quantize (group 64, gates in float) first")
+    p.add_argument("--q-bits", default="", help="afterwards, the same model quantized to these bits "
+                   "(comma-separated; group 64, gate projections in float): decode at --q-batches")
+    p.add_argument("--q-batches", default="1")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
     p.add_argument("--out", default=None)
@@ -44,18 +46,15 @@ def main() -> None:
     dtype = args.dtype or bm.default_dtype()
     config = bm.shape_config(args.shape)
     model = bm.random_model(config, dtype=dtype)
-    if args.q_bits:
-        from xlstm_metal.quantization import quantize_model  # noqa: PLC0415
-
-        quantize_model(model, bits=args.q_bits, group_size=64)
     model.fuse_projections()
+    q_bits = None
     out = open(args.out, "a") if args.out else None
 
     def late() -> bool:
         return args.deadline is not None and time.perf_counter() - start > args.deadline
 
     def emit(record: dict) -> None:
-        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": args.q_bits, **record})
+        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": q_bits, **record})
         print(line, flush=True)
         if out:
             out.write(line + "\n")
@@ -78,6 +77,17 @@ def main() -> None:
         run("decode", batch)
     for length in map(int, filter(None, args.prefill_lengths.split(","))):
         run("prefill", length)
+    for bits in map(int, filter(None, args.q_bits.split(","))):
+        if late():
+            break
+        from xlstm_metal.quantization import dequantize_model, quantize_model  # noqa: PLC0415
+
+        dequantize_model(model)
+        quantize_model(model, bits=bits, group_size=64)
+        model.fuse_projections()
+        q_bits = bits
+        for batch in map(int, filter(None, args.q_batches.split(","))):
+            run("decode", batch)
     decode.set_fused_decode(True)
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 

@@ -85,6 +85,63 @@ def test_step_gated_zero_state_and_compile():
     _check(fn(*args), ref, 1e-5, 1e-5)
 
 
+def _inproj_inputs(seed, B, dtype, NH=3, DQK=24, DV=40, E=96):
+    rng = np.random.default_rng(seed)
+    (q, k, v, _, _, i_bias, f_bias), state = _gate_inputs(seed, B=B, NH=NH, DQK=DQK, DV=DV, dtype=dtype)
+    x = _arr(rng, B, 1, E, dtype=dtype)
+    w_if = _arr(rng, 2 * NH, E, scale=E ** -0.5 * 6, dtype=dtype)
+    y = x @ w_if.T  # what the gate projections' matmul gives
+    i_raw, f_raw = y[..., :NH].transpose(0, 2, 1), y[..., NH:].transpose(0, 2, 1)
+    return (q, k, v), (x, w_if), (i_raw, f_raw, i_bias, f_bias), state
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_step_gated_takes_the_gate_product(B):
+    # x and W_if in place of the raw gates: the same step as from x @ W_if.T (on CUDA the kernel
+    # sums the two dot products itself; elsewhere it is that matmul).
+    qkv, (x, w_if), (i_raw, f_raw, i_bias, f_bias), state = _inproj_inputs(B, B, mx.float32)
+    out = mlstm_step_gated(*qkv, None, None, i_bias, f_bias, state, x=x, w_if=w_if)
+    _check(out, _reference_gated(*qkv, i_raw, f_raw, i_bias, f_bias, state, 15.0), 1e-5, 1e-5)
+    with pytest.raises(ValueError):
+        mlstm_step_gated(*qkv, i_raw, f_raw, i_bias, f_bias, state, x=x, w_if=w_if)
+
+
+@cuda
+def test_step_gated_gate_product_bfloat16():
+    qkv, (x, w_if), (i_raw, f_raw, i_bias, f_bias), state = _inproj_inputs(9, 2, mx.bfloat16, NH=8, DQK=64, DV=128, E=512)
+    out = mlstm_step_gated(*qkv, None, None, i_bias, f_bias, state, x=x, w_if=w_if)
+    _check(out, _reference_gated(*qkv, i_raw, f_raw, i_bias, f_bias, state, 15.0), 2e-2, 1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decode_with_float_gates_matches_ops(monkeypatch, bits):
+    # Quantized q|k|v|o, float i|f (the default recipe): at batch 1 the gate product runs inside
+    # the step kernel; the same model with the decode kernels switched to their ops agrees.
+    import xlstm_metal.kernels.fast.decode as decode
+    from xlstm_metal.quantization import quantize_model
+
+    def model():
+        m = tiny_model(seed=3)
+        quantize_model(m, bits=bits, group_size=32)
+        return m.fuse_projections()
+
+    fast = model()
+    layer = fast.blocks[0].mlstm_layer
+    assert type(layer.igate_preact) is nn.Linear and len(layer["_fused_projection"]) == 2
+    tok = mx.array([[5]], dtype=mx.int32)
+    out_fast, state = [], None
+    for _ in range(4):
+        logits, state = fast(tok, state)
+        out_fast.append(logits)
+    monkeypatch.setattr(decode, "_kernels_on", lambda: False)
+    ref = model()
+    state = None
+    for a in out_fast:
+        logits, state = ref(tok, state)
+        assert _rel(a, logits) <= 1e-4, _rel(a, logits)
+
+
 @cuda
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
 @pytest.mark.parametrize("NH,DV", [(3, 40), (8, 512), (4, 1000)])
@@ -255,7 +312,7 @@ def test_gate_biases_split_between_fused_and_called_layers():
     # path adds i's bias itself and matches the plain forward.
     fast, ref = _pair("float32", wrap_f=True)
     layer = fast.blocks[0].mlstm_layer
-    _, biases = layer.projection_cell.fusion.outputs_unbiased(layer, mx.zeros((1, 1, 64)))
+    _, biases, _ = layer.projection_cell.fusion.outputs_unbiased(layer, mx.zeros((1, 1, 64)))
     assert biases[4] is not None and biases[5] is None
     (l1, _), (l0, _) = _decode(fast, steps=3), _decode(ref, steps=3)
     for a, b in zip(l1, l0):

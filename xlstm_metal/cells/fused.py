@@ -95,15 +95,27 @@ def layer_ids(layers: Sequence[nn.Module]) -> tuple[int, ...]:
 
 
 def fused_outputs_unbiased(
-    x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module]
-) -> tuple[list[mx.array], list[mx.array | None]]:
-    """:func:`fused_outputs` with the biases of the fused layers left out: (outputs, biases),
-    ``biases[j]`` the bias still to add to ``outputs[j]`` (None where there is none or the layer
-    was called as it stands). A fused kernel that reads the raw outputs adds them itself."""
+    x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module], defer: Sequence[int] = ()
+) -> tuple[list[mx.array | None], list[mx.array | None], mx.array | None]:
+    """:func:`fused_outputs` with the biases of the fused layers left out: (outputs, biases,
+    deferred), ``biases[j]`` the bias still to add to ``outputs[j]`` (None where there is none or
+    the layer was called as it stands). A fused kernel that reads the raw outputs adds them itself.
+
+    ``defer``: indices of layers whose product a kernel computes itself when they form exactly one
+    float group: their outputs are None and ``deferred`` is that group's fused weight [out, in]
+    (None, and every output computed, otherwise)."""
     outs: list[mx.array | None] = [None] * len(layers)
     biases: list[mx.array | None] = [None] * len(layers)
+    deferred = None
+    done = [False] * len(layers)
     if fused is not None:
         for (kind, members), group in zip(fusion_groups(layers), fused):
+            for j in members:
+                biases[j] = layers[j].bias if "bias" in layers[j] else None
+                done[j] = True
+            if defer and kind[0] == "linear" and list(members) == list(defer):
+                deferred = group["weight"]
+                continue
             if kind[0] == "linear":
                 y = x @ group["weight"].T
             else:
@@ -117,14 +129,13 @@ def fused_outputs_unbiased(
                 bounds.append(start)
             for j, out in zip(members, mx.split(y, bounds, axis=-1)):
                 outs[j] = out
-                biases[j] = layers[j].bias if "bias" in layers[j] else None
-    return [layer(x) if out is None else out for layer, out in zip(layers, outs)], biases
+    return [layer(x) if not fused_j else out for layer, out, fused_j in zip(layers, outs, done)], biases, deferred
 
 
 def fused_outputs(x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module]) -> list[mx.array]:
     """Each layer's output for input ``x`` [..., in]: one matmul per fused group, the other layers
     called as they are. ``fused=None`` calls every layer."""
-    outs, biases = fused_outputs_unbiased(x, fused, layers)
+    outs, biases, _ = fused_outputs_unbiased(x, fused, layers)
     # Biases are added per layer so each output keeps the dtype the separate layer gives.
     return [out if bias is None else out + bias for out, bias in zip(outs, biases)]
 
@@ -176,7 +187,8 @@ class FusedLayers:
         layers, fused = self._current(owner)
         return fused_outputs(x, fused, layers)
 
-    def outputs_unbiased(self, owner: nn.Module, x: mx.array) -> tuple[list[mx.array], list[mx.array | None]]:
-        """:meth:`outputs` as (outputs, biases still to add) (see :func:`fused_outputs_unbiased`)."""
+    def outputs_unbiased(self, owner: nn.Module, x: mx.array, defer: Sequence[int] = ()):
+        """:meth:`outputs` as (outputs, biases still to add, deferred group's weight) (see
+        :func:`fused_outputs_unbiased`)."""
         layers, fused = self._current(owner)
-        return fused_outputs_unbiased(x, fused, layers)
+        return fused_outputs_unbiased(x, fused, layers, defer)

@@ -58,20 +58,27 @@ class mLSTMProjectionCell(nn.Module):
         B, S, _ = x.shape
         return x.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3)
 
-    def project_raw_gates(self, layers: nn.Module, x: mx.array):
+    def project_raw_gates(self, layers: nn.Module, x: mx.array, defer_gates: bool = False):
         """As :meth:`__call__`, for kernels that take the gates raw (the fused decode step):
         q, k, v, o~ and i, f [B, NH, S] *before* their bias and soft cap, with the biases still
-        to add ([NH] each, or None for both when the projections added them)."""
-        (q, k, v, o_preact, i, f), biases = self.fusion.outputs_unbiased(layers, x)
+        to add ([NH] each, or None for both when the projections added them), and ``w_if``.
+
+        ``defer_gates``: when i and f form a float group of their own (quantized models keep the
+        gate projections in float), leave their product to the kernel: i, f are None and ``w_if``
+        [2 NH, E] is their fused weight (otherwise ``w_if`` is None)."""
+        (q, k, v, o_preact, i, f), biases, w_if = self.fusion.outputs_unbiased(
+            layers, x, defer=(4, 5) if defer_gates else ())
         q, k, v, o_preact = (out if bias is None else out + bias
                              for out, bias in zip((q, k, v, o_preact), biases))
         i_bias, f_bias = biases[4:]
-        if (i_bias is None) != (f_bias is None):
+        if w_if is None and (i_bias is None) != (f_bias is None):
             i = i if i_bias is None else i + i_bias
             f = f if f_bias is None else f + f_bias
             i_bias = f_bias = None
+        if w_if is not None:
+            return self._heads(q), self._heads(k), self._heads(v), o_preact, None, None, i_bias, f_bias, w_if
         return (self._heads(q), self._heads(k), self._heads(v), o_preact,
-                i.transpose(0, 2, 1), f.transpose(0, 2, 1), i_bias, f_bias)
+                i.transpose(0, 2, 1), f.transpose(0, 2, 1), i_bias, f_bias, None)
 
     def __call__(self, layers: nn.Module, x: mx.array):
         q, k, v, o_preact, i, f = self.fusion.outputs(layers, x)
@@ -131,11 +138,12 @@ class mLSTMRecurrentKernelCell(_KernelCell):
         also runs the gates' bias and soft cap: :meth:`step_raw_gates`."""
         return self.step_kernel == "step_fused" and fused_decode_enabled()
 
-    def step_raw_gates(self, q, k, v, i_raw, f_raw, i_bias, f_bias, gate_soft_cap, state=None):
-        """One step from raw gate projections (:func:`~xlstm_metal.kernels.fast.decode.mlstm_step_gated`:
-        one CUDA launch for gates and step; the reference ops elsewhere)."""
+    def step_raw_gates(self, q, k, v, i_raw, f_raw, i_bias, f_bias, gate_soft_cap, state=None, x=None, w_if=None):
+        """One step from raw gate projections, or from x and the gates' weight ``w_if``
+        (:func:`~xlstm_metal.kernels.fast.decode.mlstm_step_gated`: one CUDA launch for gates and
+        step; the reference ops elsewhere)."""
         return mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap,
-                                eps=self.eps, state_dtype=self.state_dtype)
+                                eps=self.eps, state_dtype=self.state_dtype, x=x, w_if=w_if)
 
 
 class mLSTMOutputCell(nn.Module):

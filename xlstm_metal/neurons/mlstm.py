@@ -12,6 +12,7 @@ from ..cells.mlstm import (
     mLSTMRecurrentKernelCell,
 )
 from ..config import xLSTMConfig
+from ..kernels.fast.decode import gate_product_in_kernel
 from ..kernels.mlstm import MLSTMState
 
 
@@ -85,7 +86,8 @@ class mLSTMNeuron(nn.Module):
         """One token through the fused decode kernels (x [B, 1, E]): the gates' bias and soft cap
         inside the step kernel, the norm and output gate in one launch; the same math as
         :meth:`__call__` (and the same ops off CUDA)."""
-        q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias = self.projection_cell.project_raw_gates(self, x)
+        q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias, w_if = self.projection_cell.project_raw_gates(
+            self, x, defer_gates=gate_product_in_kernel(x))
         h, state = self.recurrent_kernel_cell.step_raw_gates(
-            q, k, v, i_raw, f_raw, i_bias, f_bias, self.projection_cell.gate_soft_cap, state)
+            q, k, v, i_raw, f_raw, i_bias, f_bias, self.projection_cell.gate_soft_cap, state, x=x, w_if=w_if)
         return self.output_cell.fused(self, h, o_preact), state

@@ -90,9 +90,10 @@ _STEP_GATED_SOURCE = """
     const int j0 = blockIdx.x * COLS + tx * V;
     __shared__ float s_red[NT * V];
 
+INPROJ_PROLOGUE
     // Gates, as the projection cell and the reference step compute them.
-    const float ig = xl_gate<GT>(static_cast<float>(i[b * i_strides[0] + hd * i_strides[1]]), IBIAS, HAS_BIAS, CAP);
-    const float fg = xl_gate<GT>(static_cast<float>(f[b * f_strides[0] + hd * f_strides[1]]), FBIAS, HAS_BIAS, CAP);
+    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
+    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
     const float m_old = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
     const float lf = fminf(fg, 0.0f) - log1pf(expf(-fabsf(fg)));
     const float m_new = fmaxf(lf + m_old, ig);
@@ -191,11 +192,44 @@ _STEP_GATED_SOURCE = """
     if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
 """
 
+# With the gate projections' product inside (quantized models keep those in float, one more
+# matmul launch per block otherwise): i~, f~ = x . W_if[hd], x . W_if[NH + hd], summed in float32
+# and rounded to GT as the matmul's output; x [B, 1, E] and W_if [2 NH, E] row-contiguous.
+_INPROJ_PROLOGUE = """
+    float pi = 0.0f, pf = 0.0f;
+    {
+        const size_t xb = static_cast<size_t>(b) * E;
+        const size_t wi = static_cast<size_t>(hd) * E;
+        const size_t wf = static_cast<size_t>(NH + hd) * E;
+        for (int e = tid; e < E; e += NT) {
+            const float xe = static_cast<float>(x[xb + e]);
+            pi += xe * static_cast<float>(w[wi + e]);
+            pf += xe * static_cast<float>(w[wf + e]);
+        }
+        s_red[tid] = pi;
+        __syncthreads();
+        for (int s = NT / 2; s > 0; s >>= 1) {
+            if (tid < s) s_red[tid] += s_red[tid + s];
+            __syncthreads();
+        }
+        pi = xl_round<GT>(s_red[0]);
+        __syncthreads();
+        s_red[tid] = pf;
+        __syncthreads();
+        for (int s = NT / 2; s > 0; s >>= 1) {
+            if (tid < s) s_red[tid] += s_red[tid + s];
+            __syncthreads();
+        }
+        pf = xl_round<GT>(s_red[0]);
+        __syncthreads();
+    }
+"""
+
 _step_kernels: dict[tuple, object] = {}
 
 
-def _step_kernel(eps: float, cap: float, has_bias: bool):
-    key = (eps, cap, has_bias)
+def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool):
+    key = (eps, cap, has_bias, inproj)
     kernel = _step_kernels.get(key)
     if kernel is None:
         source = _STEP_GATED_SOURCE.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
@@ -203,9 +237,14 @@ def _step_kernel(eps: float, cap: float, has_bias: bool):
         for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
             read = f"static_cast<float>({bias}[hd * {bias}_strides[0]])" if has_bias else "0.0f"
             source = source.replace(name, read)
+        source = source.replace("INPROJ_PROLOGUE", _INPROJ_PROLOGUE if inproj else "")
+        for name, gate, value in (("IRAW", "i", "pi"), ("FRAW", "f", "pf")):
+            read = value if inproj else f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
+            source = source.replace(name, read)
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_mlstm_step_gated_{len(_step_kernels)}",
-            input_names=["q", "k", "v", "i", "f"] + (["ib", "fb"] if has_bias else []) + ["C", "n", "m"],
+            input_names=["q", "k", "v"] + (["x", "w"] if inproj else ["i", "f"]) + (["ib", "fb"] if has_bias else [])
+            + ["C", "n", "m"],
             output_names=["h", "C_out", "n_out", "m_out"],
             source=source,
             header=_GATE_HEADER,
@@ -221,12 +260,18 @@ def gate_preactivation(raw: mx.array, bias: mx.array | None, cap: float | None) 
     return soft_cap(raw if bias is None else raw + bias[:, None], cap)
 
 
+def gate_product_in_kernel(x: mx.array) -> bool:
+    """Whether :func:`mlstm_step_gated` takes the gate projections' product for input ``x``
+    [B, 1, E] itself (CUDA, at most 4 rows: each block of a head repeats the two dot products)."""
+    return _kernels_on() and x.shape[0] <= 4 and x.shape[1] == 1
+
+
 def mlstm_step_gated(
     q: mx.array,
     k: mx.array,
     v: mx.array,
-    i_raw: mx.array,
-    f_raw: mx.array,
+    i_raw: mx.array | None,
+    f_raw: mx.array | None,
     i_bias: mx.array | None,
     f_bias: mx.array | None,
     state: MLSTMState | None = None,
@@ -234,23 +279,38 @@ def mlstm_step_gated(
     gate_soft_cap: float | None = 15.0,
     eps: float = 1e-6,
     state_dtype: mx.Dtype | None = mx.float32,
+    x: mx.array | None = None,
+    w_if: mx.array | None = None,
 ) -> tuple[mx.array, MLSTMState]:
     """One mLSTM step from raw gate projections: :func:`xlstm_metal.kernels.mlstm.mlstm_step` of
     ``gate_preactivation(i_raw, i_bias, cap)`` and the same for f.
 
     q, k [B, NH, 1, DQK]; v [B, NH, 1, DV]; i_raw, f_raw [B, NH, 1] (any strides); i_bias, f_bias
     [NH] or None (both or neither, same dtype as the raw gates); state (C, n, m) or None.
+    Or, in place of i_raw and f_raw, x [B, 1, E] and w_if [2 NH, E]: the raw gates are
+    ``x @ w_if.T`` (i's rows first), computed inside the kernel.
     Returns h [B, NH, 1, DV] (q's dtype) and the new state in ``state_dtype``.
     """
     if (i_bias is None) != (f_bias is None):
         raise ValueError("mlstm_step_gated: give both gate biases or neither")
+    if (w_if is None) == (i_raw is None and f_raw is None) or (w_if is not None and x is None):
+        raise ValueError("mlstm_step_gated: give i_raw and f_raw, or x and w_if")
     has_bias = i_bias is not None
+    NH = q.shape[1]
+    inproj = w_if is not None
+    gate_dtype = x.dtype if inproj else i_raw.dtype
     fused = (
         _kernels_on()
         and q.shape[2] == 1
-        and i_raw.dtype == f_raw.dtype
-        and (not has_bias or (i_bias.dtype == i_raw.dtype and f_bias.dtype == i_raw.dtype))
+        and (not inproj or (w_if.dtype == x.dtype and w_if.shape == (2 * NH, x.shape[-1])
+                            and x.shape == (q.shape[0], 1, x.shape[-1])))
+        and (inproj or i_raw.dtype == f_raw.dtype)
+        and (not has_bias or (i_bias.dtype == gate_dtype and f_bias.dtype == gate_dtype))
     )
+    if inproj and not fused:
+        y = x @ w_if.T  # [B, 1, 2 NH]
+        i_raw, f_raw = y[..., :NH].transpose(0, 2, 1), y[..., NH:].transpose(0, 2, 1)
+        inproj = False
     if not fused:
         i = gate_preactivation(i_raw, i_bias, gate_soft_cap)
         f = gate_preactivation(f_raw, f_bias, gate_soft_cap)
@@ -267,11 +327,12 @@ def mlstm_step_gated(
     tx = 32 // vec  # 32 value columns per block
     td = 32 if vec == 4 else 8
     cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
-    inputs = [q, k, v, i_raw, f_raw] + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
-    h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias)(
+    gates = [mx.contiguous(x), mx.contiguous(w_if)] if inproj else [i_raw, f_raw]
+    inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
+    h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj)(
         inputs=inputs,
-        template=[("HT", q.dtype), ("ST", out_dtype), ("GT", i_raw.dtype), ("NH", NH), ("DQK", dqk),
-                  ("DV", dv), ("TX", tx), ("TD", td), ("V", vec),
+        template=[("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk),
+                  ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
                   ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)],
         grid=(-(-dv // (tx * vec)) * tx, td, B * NH),
         threadgroup=(tx, td, 1),
