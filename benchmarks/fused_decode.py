@@ -4,9 +4,10 @@ off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings
     python benchmarks/fused_decode.py --shape 7b --batches 1,16,64 --prefill-lengths 512,2048,16384 \\
         [--q-bits 4 --q-batches 1] --deadline 60 --out $OUT/fused_decode.jsonl
 
-For each measurement the setting alternates (on, off, on, off ... over ``--rounds``), each with a
-freshly compiled step / prefill trace; one JSON object per line: setting, kind, batch, length,
-tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
+For each measurement the settings alternate (over ``--rounds``), each with a freshly compiled
+step / prefill trace: decode with the kernels on and off; prefill also with the GPU's queued
+layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
+One JSON object per line: setting, kind, batch, length, tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
 after it, so a time-limited run still returns what it measured.
 """
 
@@ -26,6 +27,7 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels.fast import decode  # noqa: E402
+from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
 
 
 def main() -> None:
@@ -60,18 +62,26 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
+    queue_layers = xlarge._queue_layers
+    # (name, fused decode kernels, prefill queues layers on a GPU)
+    settings = {"decode": [("fused decode kernels", True, True), ("off", False, True)],
+                "prefill": [("fused kernels, layers queued", True, True),
+                            ("fused kernels, layer by layer", True, False), ("off", False, False)]}
+
     def run(kind: str, size: int) -> None:
         for _ in range(args.rounds):
-            for on in (True, False):
+            for name, on, queued in settings[kind]:
                 if late():
                     return
                 decode.set_fused_decode(on)
+                xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
                 if kind == "decode":
                     r = bm.measure_decode(model, size, tokens=args.tokens)
                 else:
                     r = bm.measure_prefill(model, size)
-                emit({"setting": "fused decode kernels" if on else "off", **r})
+                emit({"setting": name, **r})
+        xlarge._queue_layers = queue_layers
 
     for batch in map(int, filter(None, args.batches.split(","))):
         run("decode", batch)

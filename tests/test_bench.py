@@ -161,13 +161,24 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
            "host": {}, "records": best + [{"side": "ours", "kind": "profile", "what": "batch 1 x 1 tokens",
                                            "ms": {"q|k|v projection": 3.0, "ffn": 1.0}}], "best": best}
     (tmp_path / "cpu.json").write_text(json.dumps(res))
+    # H200: time to first token (lower is better) and quantized decode (found by q_bits).
+    h200 = [{"side": "ours", "variant": "chunkwise_fused/64, fused, compiled step", "kind": "prefill", "batch": 1,
+             "length": 512, "tok_s": 17066.0, "ttft_s": 0.030, "peak_mem_gb": 13.0},
+            {"side": "ours", "variant": "4-bit g64 weights, fused, compiled (quantized)", "q_bits": 4,
+             "kind": "decode", "batch": 1, "length": 64, "tok_s": 300.0, "ms_per_step": 3.3, "peak_mem_gb": 4.0}]
+    (tmp_path / "h200.json").write_text(json.dumps(
+        {"preset": "h200", "preset_config": {"shape": "7b", "dtype": "bfloat16"}, "command": "y", "date": "d",
+         "host": {}, "records": h200, "best": h200}))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(report, "ROOT", tmp_path)
     text = report.render()
     # prefill 3.00x >= 2x: met; decode 1.20x < 1.5x: 1.25x short; H100 rows not measured.
     assert "| CPU 125m float32: prefill 512 tokens vs official | >= 2.0 x official | 3.00 x official | **met** |" in text
     assert "1.20 x official | not met: 1.25x short |" in text
-    assert text.count("| not measured |") == 4
+    assert "| <= 25.0 ms | 30.00 ms | not met: 1.20x over |" in text
+    assert "| H200 decode batch 1, 4-bit weights (issue 11) | >= 450.0 tok/s | 300.00 tok/s | not met: 1.50x short |" in text
+    # 4 H100 rows, and of the H200's 8 all but the two above (the quantized row is not the main decode).
+    assert text.count("| not measured |") == 4 + 6
     assert "| prefill | 1 | 512 | 300.0 | 0.70 | 100.0 | eager | n/a | **3.00x** |" in text
     assert "| q\\|k\\|v projection | 3.00 | 75% |" in text
     assert (tmp_path / "cpu.png").is_file()

@@ -317,3 +317,21 @@ def test_gate_biases_split_between_fused_and_called_layers():
     (l1, _), (l0, _) = _decode(fast, steps=3), _decode(ref, steps=3)
     for a, b in zip(l1, l0):
         assert _rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("length", [40, 2100])
+def test_prefill_with_layers_queued_equals_layer_by_layer(monkeypatch, length):
+    # The GPU's prefill queues each layer (async_eval) and waits for the one before; the same ops
+    # in the same order as evaluating layer by layer, so the same bits (forced here on any device).
+    import xlstm_metal.models.xlstm_large as xl
+
+    model = tiny_model(seed=2).fuse_projections()
+    ids = mx.array(np.random.default_rng(4).integers(0, 97, (1, length)), dtype=mx.int32)
+    monkeypatch.setattr(xl, "_queue_layers", lambda: False)
+    ref, ref_state = model.prefill(ids, chunk_size=2048)
+    monkeypatch.setattr(xl, "_queue_layers", lambda: True)
+    out, state = model.prefill(ids, chunk_size=2048)
+    assert mx.array_equal(out, ref)
+    for a, b in zip(state, ref_state):
+        assert all(mx.array_equal(x, y) for x, y in zip(a, b))
+
