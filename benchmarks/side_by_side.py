@@ -176,25 +176,49 @@ def profile_ours(model, bm, deadline, prefill_tokens=2048):
     blk = model.blocks[0]
     layer = blk.mlstm_layer
     dt = model.lm_head.weight.dtype
-    for batch, seq in ((1, 1), (16, 1), (1, prefill_tokens)):
+    from xlstm_metal.kernels.fast.decode import add_rms_norm, gate_product_in_kernel
+
+    for batch, seq in ((1, 1), (16, 1), (64, 1), (1, prefill_tokens)):
         if time.time() > deadline:
             return
         x = mx.random.normal((batch, seq, c.embedding_dim)).astype(dt)
+        y = mx.random.normal((batch, seq, c.embedding_dim)).astype(dt)
         state = model.make_state(batch)[0]
-        q, k, v, o, i, f = layer.project(x)
-        mx.eval(x, q, k, v, o, i, f, state)
-        kcell = layer.recurrent_kernel_cell if seq == 1 else layer.parallel_kernel_cell
-        h, _ = kcell(q, k, v, i, f, state)
-        mx.eval(h)
         n = 20 if seq == 1 else 3
-        parts = {
-            "rms norms (2/block)": 2 * timeit(lambda: blk.norm_mlstm(x), n),
-            "q|k|v|o|i|f projection": timeit(lambda: layer.project(x), n),
-            f"mLSTM kernel ({kcell.step_kernel if seq == 1 else kcell.kernel})":
-                timeit(lambda: kcell(q, k, v, i, f, state), n),
-            "output (norm, gate, out_proj)": timeit(lambda: layer.output(h, o), n),
-            "ffn (gate|up, down)": timeit(lambda: blk.ffn(x), n),
-        }
+        if seq == 1 and blk.fused_step(x):
+            # The fused decode path (mLSTMBlock.step): the parts it launches, one block.
+            defer = gate_product_in_kernel(x)
+            q, k, v, o, i, f, ib, fb, w_if = layer.projection_cell.project_raw_gates(layer, x, defer_gates=defer)
+            kcell = layer.recurrent_kernel_cell
+            cap = layer.projection_cell.gate_soft_cap
+            mx.eval(x, y, q, k, v, o, state)
+            h, _ = kcell.step_raw_gates(q, k, v, i, f, ib, fb, cap, state, x=x, w_if=w_if)
+            mx.eval(h)
+            parts = {
+                "rms norm + residual add (2/block)": 2 * timeit(lambda: add_rms_norm(x, y, blk.norm_ffn), n),
+                "q|k|v|o(|i|f) projection": timeit(
+                    lambda: layer.projection_cell.project_raw_gates(layer, x, defer_gates=defer)[:4], n),
+                "mLSTM step kernel (gates inside)": timeit(
+                    lambda: kcell.step_raw_gates(q, k, v, i, f, ib, fb, cap, state, x=x, w_if=w_if), n),
+                "output (norm + gate kernel, out_proj)": timeit(lambda: layer.output_cell.fused(layer, h, o), n),
+                "ffn (gate|up, down)": timeit(lambda: blk.ffn(x), n),
+            }
+        else:
+            q, k, v, o, i, f = layer.project(x)
+            mx.eval(x, q, k, v, o, i, f, state)
+            kcell = layer.recurrent_kernel_cell if seq == 1 else layer.parallel_kernel_cell
+            h, _ = kcell(q, k, v, i, f, state)
+            mx.eval(h)
+            output = layer.output_cell.fused if layer.fused else layer.output
+            parts = {
+                "rms norms (2/block)": 2 * timeit(lambda: blk.norm_mlstm(x), n),
+                "q|k|v|o|i|f projection": timeit(lambda: layer.project(x), n),
+                f"mLSTM kernel ({kcell.step_kernel if seq == 1 else kcell.kernel})":
+                    timeit(lambda: kcell(q, k, v, i, f, state), n),
+                "output (norm, gate, out_proj)": timeit(
+                    (lambda: output(layer, h, o)) if layer.fused else (lambda: output(h, o)), n),
+                "ffn (gate|up, down)": timeit(lambda: blk.ffn(x), n),
+            }
         per_block = {name: t * nb for name, t in parts.items()}
         last = x[:, -1:]
         per_block["lm_head"] = timeit(lambda: model.lm_head(last), n)
