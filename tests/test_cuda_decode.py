@@ -56,14 +56,46 @@ def _check(out, ref, tol_h, tol_state):
         assert _rel(x, y) <= tol_state, _rel(x, y)
 
 
+def _h_float64(q, k, v, i_raw, f_raw, i_bias, f_bias, state, cap):
+    """The step's h in float64 (numpy), the yardstick for float32 round-off."""
+    q, k, v, i, f = (np.array(a.astype(mx.float32), dtype=np.float64) for a in (q, k, v, i_raw, f_raw))
+    if i_bias is not None:
+        i = i + np.array(i_bias, dtype=np.float64)[:, None]
+        f = f + np.array(f_bias, dtype=np.float64)[:, None]
+    if cap is not None:
+        i, f = cap * np.tanh(i / cap), cap * np.tanh(f / cap)
+    C, n, m = (np.array(x, dtype=np.float64) for x in state)
+    lf = -np.logaddexp(0, -f)
+    m_new = np.maximum(lf + m, i)
+    fa, ia = np.exp(lf + m - m_new), np.exp(i - m_new)
+    qs, kt, vt = q[:, :, 0] / np.sqrt(q.shape[-1]), k[:, :, 0], v[:, :, 0]
+    C = fa[..., None] * C + ia[..., None] * (kt[..., :, None] * vt[..., None, :])
+    n = fa * n + ia * kt
+    num = np.einsum("bhd,bhdv->bhv", qs, C)
+    den = np.maximum(np.abs(np.sum(qs * n, -1, keepdims=True)), np.exp(-m_new)) + 1e-6
+    return (num / den)[:, :, None]
+
+
+def _err64(h, h64) -> float:
+    return float(np.max(np.abs(np.array(h, dtype=np.float64) - h64)) / np.max(np.abs(h64)))
+
+
 @cuda
 @pytest.mark.parametrize("cap", [15.0, None])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("DQK,DV", [(24, 40), (256, 512)])
 def test_step_gated_matches_reference_float32(cap, bias, DQK, DV):
     args, state = _gate_inputs(DQK + DV + bias, DQK=DQK, DV=DV, bias=bias)
-    out = mlstm_step_gated(*args, state, gate_soft_cap=cap)
-    _check(out, _reference_gated(*args, state, cap), 1e-5, 1e-5)
+    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=cap), _reference_gated(*args, state, cap)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype and _rel(x, y) <= 1e-5, _rel(x, y)
+    # h = q.C / max(|q.n|, exp(-m)) amplifies the sums' round-off where |q.n| is small (these
+    # wide gates make it so at DQK 256): there the float32 reference itself sits 2.2e-5 from the
+    # float64 result, so the kernel is held to the float64 truth: within 1e-5 of it, or within
+    # twice the reference's own error where that is larger.
+    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+    h64 = _h_float64(*args, state, cap)
+    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
 
 
 @cuda
