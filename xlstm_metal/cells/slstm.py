@@ -28,14 +28,15 @@ class sLSTMCell(Module2024):
     __call__(wx [B, S, NH, 4, DH] input-gate projections W x without bias, state (c, n, m, h)
     each [B, NH, DH] or None) -> (h [B, S, NH, DH], state).
 
-    ``kernel``: "reference" (the pure-ops recurrence of :mod:`xlstm_metal.kernels.slstm`) or
-    "fused" (the CUDA kernels of :mod:`xlstm_metal.kernels.fast.slstm_fused`, with their own
-    backward; where they cannot run, i.e. off CUDA, the reference runs).
+    ``kernel``: "fused" (default: the CUDA kernels of :mod:`xlstm_metal.kernels.fast.slstm_fused`,
+    with their own backward, on NVIDIA GPUs; elsewhere, and for head sizes they do not take,
+    the reference runs) or "reference" (always the pure-ops recurrence of
+    :mod:`xlstm_metal.kernels.slstm`).
     """
 
     _exposed_params = ("_recurrent_kernel_", "_bias_")
 
-    def __init__(self, hidden_size: int, num_heads: int, layout: str = "cuda", kernel: str = "reference"):
+    def __init__(self, hidden_size: int, num_heads: int, layout: str = "cuda", kernel: str = "fused"):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown sLSTM kernel {kernel!r}; choose from {KERNELS}")
