@@ -53,10 +53,12 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal.benchmark import SHAPES, environment  # noqa: E402
 
-#: ours: the generation path; ours-ops: the same in bf16 with the pure-ops reference kernels
-#: (chunkwise / step: tells kernel drift from the rest); ours-float32: float32 weights, reference
-#: kernels (checks the weight transfer: it should match the reference to float32 round-off).
-SIDES = ("official", "ours", "ours-ops", "ours-float32")
+#: ours: the generation path (bf16 weights, float32 residual stream and state); ours-ops: the same
+#: with the pure-ops reference kernels (chunkwise / step: tells kernel drift from the rest);
+#: ours-bf16-residual: ours with the residual stream in bf16, as NX-AI's bf16 model keeps it;
+#: ours-float32: float32 weights, reference kernels (checks the weight transfer: it should match
+#: the reference to float32 round-off).
+SIDES = ("official", "ours", "ours-ops", "ours-bf16-residual", "ours-float32")
 
 
 class UsageError(Exception):
@@ -204,10 +206,10 @@ def run_torch(model, prompt: np.ndarray, steps: int, feed: np.ndarray | None, de
 
 
 # ------------------------------------------------------------------------------ our side
-def our_model(state_dict: dict, nxai_cfg, dtype: str, fast_kernels: bool = True):
+def our_model(state_dict: dict, nxai_cfg, dtype: str):
     """Our xLSTMLarge from NX-AI's state dict (torch tensors, NX-AI names), weights in ``dtype``,
-    set up as ``xlstm-metal generate`` runs it (fused projections, fast kernels on CUDA), or with
-    the pure-ops reference kernels (``fast_kernels=False``)."""
+    set up as ``xlstm-metal generate`` runs it (fused projections, fast kernels on CUDA, float32
+    residual stream)."""
     from xlstm_metal.config import xLSTMConfig
     from xlstm_metal.connectors import from_nxai_state_dict
     from xlstm_metal.loading import load_weights_strict
@@ -223,12 +225,7 @@ def our_model(state_dict: dict, nxai_cfg, dtype: str, fast_kernels: bool = True)
     load_weights_strict(model, weights, "NX-AI state dict")
     del weights
     mx.eval(model.parameters())
-    model.fuse_projections()
-    if not fast_kernels:
-        for block in model.blocks:
-            block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise"
-            block.mlstm_layer.recurrent_kernel_cell.step_kernel = "step"
-    return model
+    return model.fuse_projections()
 
 
 def run_ours(model, prompt: np.ndarray, steps: int, feed: np.ndarray) -> np.ndarray:
@@ -247,6 +244,46 @@ def run_ours(model, prompt: np.ndarray, steps: int, feed: np.ndarray) -> np.ndar
             break
         logits, state = step(mx.array([[int(feed[t])]], dtype=mx.int32), state)
     return np.stack(out)
+
+
+def set_kernels(model, kernels: dict[str, str]) -> None:
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = kernels["prefill"]
+        block.mlstm_layer.recurrent_kernel_cell.step_kernel = kernels["step"]
+
+
+def residual_cost(model, prompt: np.ndarray, log) -> dict[str, Any]:
+    """What the float32 residual stream costs: prefill tokens/s of ``prompt`` and one decode
+    step's time, with the residual in float32 and in the weights' dtype (best of 3 each,
+    settings interleaved)."""
+    from xlstm_metal.benchmark import make_decode_step
+
+    ids = mx.array(prompt[None].astype(np.int32))
+    out: dict[str, Any] = {"prompt_tokens": int(len(prompt))}
+    best: dict[str, dict[str, float]] = {"float32": {}, "weights": {}}
+    for _ in range(3):
+        for name, dtype in (("float32", mx.float32), ("weights", None)):
+            model.residual_dtype = dtype
+            t = time.perf_counter()
+            _, state = model.prefill(ids)
+            mx.eval(state)
+            prefill_s = time.perf_counter() - t
+            step = make_decode_step(model)
+            tok = mx.zeros((1, 1), dtype=mx.int32)
+            tok, state = step(tok, state)
+            mx.eval(tok, state)  # traces and warms the compiled step
+            t = time.perf_counter()
+            for _ in range(16):
+                tok, state = step(tok, state)
+                mx.eval(tok)
+            step_ms = (time.perf_counter() - t) / 16 * 1000
+            b = best[name]
+            b["prefill_tok_s"] = max(b.get("prefill_tok_s", 0.0), len(prompt) / prefill_s)
+            b["decode_step_ms"] = min(b.get("decode_step_ms", float("inf")), step_ms)
+    model.residual_dtype = mx.float32
+    out.update({f"residual_{k}": v for k, v in best.items()})
+    log(f"cost: {out}")
+    return out
 
 
 def kernels_of(model) -> dict[str, str]:
@@ -385,7 +422,7 @@ def measure(args) -> dict[str, Any]:
         off_cfg = nxai_config(shape, triton=cuda, kernel_dtype="bfloat16", state_dtype="float32" if cuda else "bfloat16")
         with torch.device("meta"):
             official = TorchLarge(off_cfg).eval()
-        official = official.to_empty(device=device).to(torch.bfloat16)
+        official = official.to(torch.bfloat16).to_empty(device=device)
         official.load_state_dict(sd32)  # copy_ rounds float32 -> bf16 to nearest even
         del ref_model
         torch_free(device)
@@ -415,25 +452,45 @@ def measure(args) -> dict[str, Any]:
     del sd32
     torch_free(device)
 
-    for side, dtype, weights, fast in (("ours", "bfloat16", ours_sd, True), ("ours-ops", "bfloat16", ours_sd, False),
-                                       ("ours-float32", "float32", sd32_host, False)):
-        if side not in args.sides or not refs:
-            continue
-        t = time.time()
-        model = our_model(weights, nxai_config(shape, triton=True, kernel_dtype="bfloat16"), dtype, fast)
-        log(f"{side}: model ready in {time.time() - t:.1f}s, kernels {kernels_of(model)}")
+    def run_our_side(model, side: str, dtype: str, refs) -> None:
         kernels = kernels_of(model)
-        setup = f"{dtype.replace('bfloat16', 'bf16')}, {kernels['prefill']} / {kernels['step']} step, float32 state"
+        residual = "bf16" if dtype != "float32" and model.residual_dtype is None else "float32"
+        setup = f"{dtype}, {kernels['prefill']} / {kernels['step']} step, float32 state, {residual} residual"
         for length, (ref_logits, ref_tokens) in refs.items():
             if time.time() > deadline:
                 add({"length": length, "side": side, "skipped": "time budget"})
                 continue
             t = time.time()
+            mx.reset_peak_memory()
             logits = run_ours(model, stream[:length], args.steps, ref_tokens)
             row = {"length": length, "side": side, "setup": setup, "seconds": time.time() - t,
                    "metrics": compare(logits, ref_logits, ref_tokens), "peak_gb": mx.get_peak_memory() / 2**30}
             add(row)
             log(f"{side} {length}: rel L2 {row['metrics']['last_rel_l2']:.4f}, agree {row['metrics']['agree']}")
+
+    # The bf16 variants share one model (settings switched between runs): one weight transfer.
+    variants = {"ours": (True, mx.float32), "ours-ops": (False, mx.float32), "ours-bf16-residual": (True, None)}
+    wanted = [side for side in variants if side in args.sides]
+    if wanted and refs:
+        t = time.time()
+        model = our_model(ours_sd, nxai_config(shape, triton=True, kernel_dtype="bfloat16"), "bfloat16")
+        fast_kernels = kernels_of(model)
+        log(f"ours: bf16 model ready in {time.time() - t:.1f}s, kernels {fast_kernels}")
+        for side in wanted:
+            fast, residual = variants[side]
+            set_kernels(model, fast_kernels if fast else {"prefill": "chunkwise", "step": "step"})
+            model.residual_dtype = residual
+            run_our_side(model, side, "bf16", refs)
+        if args.cost:
+            record["cost"] = residual_cost(model, stream[: min(refs)], log)
+        del model
+        gc.collect()
+        mx.clear_cache()
+    del ours_sd
+    if "ours-float32" in args.sides and refs:
+        model = our_model(sd32_host, nxai_config(shape, triton=True, kernel_dtype="bfloat16"), "float32")
+        set_kernels(model, {"prefill": "chunkwise", "step": "step"})
+        run_our_side(model, "ours-float32", "float32", refs)
         del model
         gc.collect()
         mx.clear_cache()
@@ -453,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=float("inf"), help="seconds; later runs are skipped past it")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--plot", type=Path, help="per-step error plot (.png/.svg/.pdf)")
+    p.add_argument("--cost", action="store_true",
+                   help="also time our prefill (shortest length) and decode step with the residual in float32 and in bf16")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --plot files")
     args = p.parse_args(argv)
     try:

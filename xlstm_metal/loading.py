@@ -377,6 +377,7 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
             prepare = None
         mx.eval(model.parameters())
         model.eval()
+        model.residual_dtype = mx.float32  # inference: see xLSTMLarge.residual_dtype
     if prepare is not None:
         model = prepare(model)
     if check_finite_weights:

@@ -25,15 +25,17 @@ class mLSTMBlock(nn.Module):
         self.ffn = FeedForward(config)
 
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
+        """x: the residual stream, in the weights' dtype or (see ``xLSTMLarge.residual_dtype``)
+        float32; the layers compute in the norms' dtype and their outputs add into x's."""
         if self.fused_step(x):
             x, y, state = self.step(x, None, state)
             return x + y, state
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state)
+        y, state = self.mlstm_layer(_normed(self.norm_mlstm(x), self.norm_mlstm), state)
         if self.mlstm_layer.fused:  # inference fast path: the residual add inside the norm's launch
             x, xn = add_rms_norm(x, y, self.norm_ffn)
-            return x + self.ffn(xn), state
+            return x + self.ffn(_normed(xn, self.norm_ffn)), state
         x = x + y
-        return x + self.ffn(self.norm_ffn(x)), state
+        return x + self.ffn(_normed(self.norm_ffn(x), self.norm_ffn)), state
 
     def fused_step(self, x: mx.array) -> bool:
         """True for one token once ``fuse_projections()`` selected the fused step kernel: then
@@ -50,6 +52,13 @@ class mLSTMBlock(nn.Module):
             xn = self.norm_mlstm(x)
         else:
             x, xn = add_rms_norm(x, pending, self.norm_mlstm)
-        y, state = self.mlstm_layer(xn, state)
+        y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
         x, xn = add_rms_norm(x, y, self.norm_ffn)
-        return x, self.ffn(xn), state
+        return x, self.ffn(_normed(xn, self.norm_ffn)), state
+
+
+def _normed(out: mx.array, norm: RMSNorm) -> mx.array:
+    """A norm's output in its weight's dtype: a float32 residual stream under bf16 weights is
+    normalised in float32 and rounded once, and the projections then run in bf16 (a float32
+    input would promote their matmuls to float32)."""
+    return out if out.dtype == norm.weight.dtype else out.astype(norm.weight.dtype)

@@ -48,28 +48,43 @@ class Backbone(nn.Module):
                 config.embedding_dim, eps=config.norm_eps, force_float32=config.norm_reduction_force_float32
             )
 
-    def __call__(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
+    def __call__(
+        self, input_ids: mx.array, state: ModelState | None = None, residual_dtype: mx.Dtype | None = None
+    ) -> tuple[mx.array, ModelState]:
+        """input_ids [B, S] -> (normed hidden states [B, S, E] in the embeddings' dtype, state);
+        the residual stream between the blocks runs in ``residual_dtype`` (None: the embeddings')."""
         x = self.embeddings(input_ids)
+        dtype = x.dtype
+        x = to_residual(x, residual_dtype)
         if all(isinstance(block, mLSTMBlock) and block.fused_step(x) for block in self.blocks):
-            return self._step(x, state)
+            return self._step(x, state, dtype)
         new_state = []
         for index, block in enumerate(self.blocks):
             x, block_state = block(x, None if state is None else state[index])
             new_state.append(block_state)
+        return self.finish(x, dtype), new_state
+
+    def finish(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
+        """The residual stream after the last block -> out_norm(x) (if any), rounded to ``dtype``."""
         if "out_norm" in self:
             x = self.out_norm(x)
-        return x, new_state
+        return x if x.dtype == dtype else x.astype(dtype)
 
-    def _step(self, x: mx.array, state: ModelState | None) -> tuple[mx.array, ModelState]:
+    def _step(self, x: mx.array, state: ModelState | None, dtype: mx.Dtype) -> tuple[mx.array, ModelState]:
         """One token through :meth:`mLSTMBlock.step`: each block's FFN residual is added by the
-        next block's (or the out norm's) fused add + RMSNorm."""
+        next block's (or the out norm's) fused add + RMSNorm. Returns the normed hidden state in
+        ``dtype``."""
         new_state, pending = [], None
         for index, block in enumerate(self.blocks):
             x, pending, block_state = block.step(x, pending, None if state is None else state[index])
             new_state.append(block_state)
-        if "out_norm" in self:
-            return add_rms_norm(x, pending, self.out_norm)[1], new_state
-        return x + pending, new_state
+        x = add_rms_norm(x, pending, self.out_norm)[1] if "out_norm" in self else x + pending
+        return (x if x.dtype == dtype else x.astype(dtype)), new_state
+
+
+def to_residual(x: mx.array, residual_dtype: mx.Dtype | None) -> mx.array:
+    """Embeddings [B, S, E] -> the residual stream's dtype (unchanged for None or float32 weights)."""
+    return x if residual_dtype is None or x.dtype == residual_dtype else x.astype(residual_dtype)
 
 
 class xLSTMLarge(nn.Module):
@@ -81,6 +96,12 @@ class xLSTMLarge(nn.Module):
     def __init__(self, config: xLSTMConfig):
         super().__init__()
         self.config = config
+        #: dtype of the residual stream between blocks: None keeps the weights' dtype (training
+        #: computes so); float32 (set by :func:`~xlstm_metal.load_model` and
+        #: :meth:`fuse_projections`, dropped with them by :meth:`update`) spares bf16 weights a
+        #: rounding at each of the 2 x num_blocks residual adds, the largest part of bf16 drift
+        #: from the float32 model (NX-AI's bf16 model rounds there; benchmarks/bf16_fidelity.py).
+        self.residual_dtype: mx.Dtype | None = None
         self.backbone = Backbone(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
@@ -117,6 +138,7 @@ class xLSTMLarge(nn.Module):
         Returns the model.
         """
         use_fast_quantized_layers(self)
+        self.residual_dtype = mx.float32
         for block in self._mlstm_blocks():
             block.mlstm_layer.fuse_projections()
             block.ffn.fuse_projections()
@@ -148,8 +170,11 @@ class xLSTMLarge(nn.Module):
         return self
 
     def update(self, parameters: dict, strict: bool = True) -> "xLSTMLarge":
-        """nn.Module.update, after dropping fused projections (they would be stale)."""
+        """nn.Module.update, after dropping fused projections (they would be stale) and the
+        float32 residual stream (training, which replaces weights through here, keeps its
+        activations in the weights' dtype)."""
         self.unfuse_projections()
+        self.residual_dtype = None
         return super().update(parameters, strict=strict)
 
     def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLarge":
@@ -203,6 +228,8 @@ class xLSTMLarge(nn.Module):
         gpu = _queue_layers()
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
+            dtype = x.dtype
+            x = to_residual(x, self.residual_dtype)
             long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS
             blocks = self._compiled_blocks() if long_piece else backbone.blocks
             previous = None
@@ -216,10 +243,7 @@ class xLSTMLarge(nn.Module):
                 elif long_piece:
                     mx.eval(x, state[index])
             mx.eval(x, state)
-        x = x[:, -1:]
-        if "out_norm" in backbone:
-            x = backbone.out_norm(x)
-        return self._logits(x)[:, 0], state
+        return self._logits(backbone.finish(x[:, -1:], dtype))[:, 0], state
 
     def _logits(self, x: mx.array) -> mx.array:
         """Normed hidden states [B, S, E] -> soft-capped logits [B, S, V]."""
@@ -233,7 +257,7 @@ class xLSTMLarge(nn.Module):
         no more, and the lm_head over every position is ~1/4 of a small model's prefill)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
-        x, state = self.backbone(input_ids, state)
+        x, state = self.backbone(input_ids, state, self.residual_dtype)
         if last_only:
             x = x[:, -1:]
         return self._logits(x), state

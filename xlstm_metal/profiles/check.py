@@ -75,16 +75,26 @@ def _parts(model):
     """(embed, blocks, head) of an xLSTM-Large or 2024 model: x = embed(ids); x, s = block(x, s)
     for each block; logits = head(x)."""
     from ..cells.norms import soft_cap
+    from ..models.xlstm_large import to_residual
 
     if hasattr(model, "backbone"):
         bb = model.backbone
+        residual = getattr(model, "residual_dtype", None)  # xLSTM-Large: as its own forward runs
+        dtypes = []
+
+        def embed(ids):
+            x = bb.embeddings(ids)
+            dtypes.append(x.dtype)
+            return to_residual(x, residual)
 
         def head(x):
-            if "out_norm" in bb:
+            if hasattr(bb, "finish"):
+                x = bb.finish(x, dtypes[-1])
+            elif "out_norm" in bb:
                 x = bb.out_norm(x)
             return model._logits(x) if hasattr(model, "_logits") else soft_cap(model.lm_head(x), model.config.output_logit_soft_cap)
 
-        return bb.embeddings, bb.blocks, head
+        return embed, bb.blocks, head
     stack = model.xlstm_block_stack
 
     def head2024(x):
