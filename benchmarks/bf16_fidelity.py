@@ -368,7 +368,7 @@ def measure(args) -> dict[str, Any]:
     record: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["python benchmarks/bf16_fidelity.py", *sys.argv[1:]]),
-        "shape_name": args.shape, "shape": shape, "seed": args.seed, "steps": args.steps,
+        "round": args.round, "shape_name": args.shape, "shape": shape, "seed": args.seed, "steps": args.steps,
         "environment": {**environment(), "torch": torch.__version__, "xlstm": xlstm.__version__,
                         "torch_device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                         "torch_threads": torch.get_num_threads(), "tf32": False},
@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=float("inf"), help="seconds; later runs are skipped past it")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--plot", type=Path, help="per-step error plot (.png/.svg/.pdf)")
+    p.add_argument("--round", default=None, help="a label stored with the results (e.g. the GPU round)")
     p.add_argument("--cost", action="store_true",
                    help="also time our prefill (shortest length) and decode step with the residual in float32 and in bf16")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --plot files")

@@ -527,6 +527,43 @@ def slstm_2024_rows() -> list[str]:
     return lines
 
 
+def bf16_fidelity_rows() -> list[str]:
+    """Issue 19 item 6: bf16 against float32 on the same weights, NX-AI's and ours
+    (results/bf16_fidelity_*.json, written by benchmarks/bf16_fidelity.py)."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("bf16_fidelity_*.json")):
+        d = json.loads(path.read_text())
+        env = d["environment"]
+        by = {(r["length"], r["side"]): r.get("metrics") for r in d["rows"]}
+        verdicts = []
+        for length in sorted({r["length"] for r in d["rows"]}):
+            ours, official = by.get((length, "ours")), by.get((length, "official"))
+            if ours and official and ours["finite"] and official["finite"]:
+                met = ours["last_rel_l2"] <= official["last_rel_l2"]
+                verdicts.append(f"{length:,} tokens: ours {ours['last_rel_l2']:.4f} vs official "
+                                f"{official['last_rel_l2']:.4f} ({'met' if met else '**not met**'})")
+        cost = d.get("cost")
+        lines += [
+            "", f"## bf16 fidelity at length: {d['shape_name']} shape ({path.name})", "",
+            f"- date: {d['date']}" + (f"; round {d['round']}" if d.get("round") else "") + f"; command: `{d['command']}`",
+            f"- ours: MLX {env['mlx']} on {env['device']} {env.get('device_name') or ''}; official: xlstm "
+            f"{env['xlstm']}, torch {env['torch']} on {env['torch_device']}",
+            f"- reference: {d['reference']}; same weights on every side (NX-AI's initialisation, seed {d['seed']}, "
+            "cast once to bf16); each side fed the reference's greedy tokens",
+            f"- target (our last-logit error <= the official's): {'; '.join(verdicts) or 'no pair measured'}",
+            "",
+            *d["table"].splitlines(),
+        ]
+        if cost:
+            f32, w = cost["residual_float32"], cost["residual_weights"]
+            lines += ["", f"Cost of the float32 residual stream (ours, best of 3, {cost['prompt_tokens']:,}-token prefill, "
+                      "decode batch 1):", "",
+                      "| residual | prefill tok/s | decode step ms |", "| --- | ---: | ---: |",
+                      f"| float32 | {f32['prefill_tok_s']:,.0f} | {f32['decode_step_ms']:.3f} |",
+                      f"| bf16 (weights' dtype) | {w['prefill_tok_s']:,.0f} | {w['decode_step_ms']:.3f} |"]
+    return lines
+
+
 def _first_error(tail: str) -> str:
     """The last line of a traceback or log tail that names an error."""
     lines = [x.strip() for x in tail.splitlines() if x.strip()]
@@ -698,6 +735,7 @@ def render() -> str:
     lines += distributed_rows()
     lines += cuda_quantized_rows()
     lines += slstm_2024_rows()
+    lines += bf16_fidelity_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]
