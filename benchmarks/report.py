@@ -554,6 +554,8 @@ def bf16_fidelity_rows() -> list[str]:
             "",
             *d["table"].splitlines(),
         ]
+        if path.with_suffix(".png").exists():
+            lines += ["", f"![{path.stem}](benchmarks/results/{path.with_suffix('.png').name})"]
         if cost:
             f32, w = cost["residual_float32"], cost["residual_weights"]
             lines += ["", f"Cost of the float32 residual stream (ours, best of 3, {cost['prompt_tokens']:,}-token prefill, "
