@@ -551,6 +551,7 @@ def bf16_fidelity_rows() -> list[str]:
             f"- reference: {d['reference']}; same weights on every side (NX-AI's initialisation, seed {d['seed']}, "
             "cast once to bf16); each side fed the reference's greedy tokens",
             f"- target (our last-logit error <= the official's): {'; '.join(verdicts) or 'no pair measured'}",
+            *(["- the run was stopped by its time limit after these rows"] if d.get("partial") else []),
             "",
             *d["table"].splitlines(),
         ]
