@@ -382,7 +382,7 @@ def measure(args) -> dict[str, Any]:
     def add(row: dict[str, Any]) -> None:
         # Written after every row (atomically), so a run stopped by a time limit keeps what it measured.
         record["rows"].append(row)
-        write_json(args.out, {**record, "partial": True})
+        write_json(args.out, {**record, "partial": True, "table": table(record)})
 
     deadline = time.time() + args.budget
     rng = np.random.default_rng(args.seed)
@@ -485,7 +485,7 @@ def measure(args) -> dict[str, Any]:
             run_our_side(model, side, "bf16", refs)
         if args.cost and time.time() < deadline:
             record["cost"] = residual_cost(model, stream[: min(refs)], log)
-            write_json(args.out, {**record, "partial": True})
+            write_json(args.out, {**record, "partial": True, "table": table(record)})
         del model
         gc.collect()
         mx.clear_cache()
