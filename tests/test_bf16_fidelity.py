@@ -16,6 +16,9 @@ from xlstm.xlstm_large.model import xLSTMLargeConfig
 
 import xlstm_metal.cells.mlstm as cells_mlstm
 from xlstm_metal import load_model
+from xlstm_metal.cells.norms import RMSNorm
+from xlstm_metal.kernels.fast.decode import add_rms_norm
+from xlstm_metal.kernels.fast.step import cuda_available
 
 # rel. L2 error of all logits (2 x 96 positions) of this seed's model, bf16 vs float32:
 # 0.0097 with the float32 residual stream, 0.0131 with the residual in bf16 (as NX-AI's bf16
@@ -133,3 +136,22 @@ def test_benchmark_script_same_weights_both_sides(tmp_path):
     assert bench.main(["--shape", "7:2:2:128", "--out", str(tmp_path / "g.json")]) == 2
     assert bench.main(["--lengths", "1", "--out", str(tmp_path / "g.json")]) == 2
     assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (16, 1, 4096), (3, 1, 200), (2, 5, 64)])
+def test_add_rms_norm_with_float32_residual(shape):
+    """The fused add + RMSNorm with a float32 residual x beside bf16 y and weight: s = x + y in
+    float32 exactly as the add, norm(s) as RMSNorm's float32 path rounded once to bf16."""
+    rng = np.random.default_rng(shape[0] * shape[-1])
+    x = mx.array(rng.standard_normal(shape).astype(np.float32))
+    y = mx.array((0.5 * rng.standard_normal(shape)).astype(np.float32)).astype(mx.bfloat16)
+    norm = RMSNorm(shape[-1])
+    norm.weight = mx.array((1.0 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)).astype(mx.bfloat16)
+    s, n = add_rms_norm(x, y, norm)
+    s_ref = x + y
+    n_ref = norm(s_ref).astype(mx.bfloat16)
+    assert s.dtype == mx.float32 and n.dtype == mx.bfloat16
+    assert mx.array_equal(s, s_ref)
+    a, b = np.array(n.astype(mx.float32), np.float64), np.array(n_ref.astype(mx.float32), np.float64)
+    assert np.max(np.abs(a - b)) / np.max(np.abs(b)) <= 1e-2

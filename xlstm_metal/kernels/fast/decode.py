@@ -444,8 +444,9 @@ def output_norm_gate(h: mx.array, o_preact: mx.array, norm: nn.Module) -> mx.arr
 
 # ------------------------------------------------------------------------ residual + RMSNorm
 _ADD_NORM_SOURCE = """
-    // One block per row: s = x + y (in T), then rms_norm(s) * w as MLX's fast.rms_norm computes
-    // it (float32 sum of squares, s * rsqrt(mean + eps) rounded to T, times w in T).
+    // One block per row: s = x + y (in ST), then rms_norm(s) * w as MLX's fast.rms_norm computes
+    // it (float32 sum of squares, s * rsqrt(mean + eps) rounded to ST, times w, rounded to T).
+    // ST == T, or ST float32 (a float32 residual stream under T weights: RMSNorm's float32 path).
     constexpr int MAXV = (E + NTHREADS - 1) / NTHREADS;
     __shared__ float s_warp[32];
     const size_t row = blockIdx.x;
@@ -456,7 +457,7 @@ _ADD_NORM_SOURCE = """
     for (int r = 0; r < MAXV; ++r) {
         const int j = threadIdx.x + r * NTHREADS;
         if (j < E) {
-            const T s = static_cast<T>(static_cast<float>(x[base + j]) + static_cast<float>(y[base + j]));
+            const ST s = static_cast<ST>(static_cast<float>(x[base + j]) + static_cast<float>(y[base + j]));
             sum_out[base + j] = s;
             xs[r] = static_cast<float>(s);
             sq += xs[r] * xs[r];
@@ -469,7 +470,7 @@ _ADD_NORM_SOURCE = """
     for (int r = 0; r < MAXV; ++r) {
         const int j = threadIdx.x + r * NTHREADS;
         if (j < E) {
-            const float normed = static_cast<float>(static_cast<T>(xs[r] * rn));
+            const float normed = static_cast<float>(static_cast<ST>(xs[r] * rn));
             norm_out[base + j] = static_cast<T>(normed * static_cast<float>(w[j]));
         }
     }
@@ -495,24 +496,30 @@ def _add_norm_kernel(eps: float):
 def add_rms_norm(x: mx.array, y: mx.array, norm: nn.Module) -> tuple[mx.array, mx.array]:
     """x, y [..., E], ``norm`` an :class:`~xlstm_metal.cells.norms.RMSNorm` over E -> (s = x + y,
     norm(s)): a residual add and the pre-norm that reads it, one launch on CUDA when x, y and the
-    norm weight share a dtype (then ``norm`` is ``mx.fast.rms_norm(s, weight, eps)``); otherwise,
-    and off CUDA, or for any other module, the two ops."""
+    norm weight share a dtype (then ``norm`` is ``mx.fast.rms_norm(s, weight, eps)``), or when x
+    is a float32 residual stream beside y and weight in bf16/float16 (then s is float32 and the
+    norm, RMSNorm's float32 path, is rounded once to the weight's dtype); otherwise, and off
+    CUDA, or for any other module, the two ops."""
     E = x.shape[-1]
     weight = norm.get("weight") if isinstance(norm, nn.Module) else None
-    if not (_kernels_on() and type(norm) is RMSNorm and x.dtype == y.dtype == weight.dtype
+    if not (_kernels_on() and type(norm) is RMSNorm and y.dtype == weight.dtype
+            and x.dtype in (weight.dtype, mx.float32)
             and x.shape == y.shape and weight.shape == (E,)
-            and x.dtype in (mx.bfloat16, mx.float16, mx.float32)):
+            and weight.dtype in (mx.bfloat16, mx.float16, mx.float32)):
         s = x + y
-        return s, norm(s)
+        normed = norm(s)
+        if x.dtype == mx.float32 and isinstance(weight, mx.array) and weight.dtype in (mx.bfloat16, mx.float16):
+            normed = normed.astype(weight.dtype)  # as the kernel returns it
+        return s, normed
     eps = norm.eps
     threads = 1024 if E >= 4096 else max(32, 32 * -(-min(E, 1024) // 32))
     rows = x.size // E
     s, normed = _add_norm_kernel(eps)(
         inputs=[x, y, weight],
-        template=[("T", x.dtype), ("E", E), ("NTHREADS", threads)],
+        template=[("ST", x.dtype), ("T", weight.dtype), ("E", E), ("NTHREADS", threads)],
         grid=(rows * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[x.shape, x.shape],
-        output_dtypes=[x.dtype, x.dtype],
+        output_dtypes=[x.dtype, weight.dtype],
     )
     return s, normed
