@@ -231,10 +231,14 @@ def worker_ours(args) -> None:
     for cell in cells:
         cell.kernel = args.slstm_kernel
     slstm_fused.EXCHANGE = args.exchange
+    for block in model.blocks:
+        if "mlstm_cell" in block.xlstm:
+            block.xlstm.step_kernel = args.mlstm_step_kernel
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     _emit(out, {"side": "ours", "kind": "model", "params": n_params, "same_weights": bool(args.weights),
-                "slstm_kernel": args.slstm_kernel, "exchange": args.exchange, "fused_active": bool(cells and cells[0].uses_fused_kernel()),
+                "slstm_kernel": args.slstm_kernel, "exchange": args.exchange,
+                "mlstm_step_kernel": args.mlstm_step_kernel, "fused_active": bool(cells and cells[0].uses_fused_kernel()),
                 "mlstm_kernel": args.mlstm_kernel, **bm.environment()})
 
     V, B, S = cfg_dict["vocab_size"], args.batch, args.seq
@@ -334,6 +338,8 @@ def main(argv=None) -> int:
                    help="seconds the official sLSTM CUDA kernel may take to build before vanilla runs")
     p.add_argument("--slstm-kernel", choices=["fused", "reference"], default="fused")
     p.add_argument("--mlstm-kernel", default="chunkwise")
+    p.add_argument("--mlstm-step-kernel", choices=["step", "step_fused"], default="step_fused",
+                   help="our mLSTM decode step: the reference ops or one fused CUDA launch")
     p.add_argument("--exchange", choices=["tagged", "barrier"], default="tagged",
                    help="how the fused sLSTM kernels' blocks exchange a step's values")
     p.add_argument("--train-modes", default="eager,compiled",
@@ -386,7 +392,8 @@ def main(argv=None) -> int:
         probe = _CudaBuildProbe(args)  # builds while our side runs
     if "ours" in sides:
         extra = ["--slstm-kernel", args.slstm_kernel, "--mlstm-kernel", args.mlstm_kernel,
-                 "--exchange", args.exchange, "--train-modes", args.train_modes]
+                 "--exchange", args.exchange, "--train-modes", args.train_modes,
+                 "--mlstm-step-kernel", args.mlstm_step_kernel]
         extra += ["--weights", weights] if weights else []
         records += _run_worker("ours", args, extra, args.budget, log)
         write()

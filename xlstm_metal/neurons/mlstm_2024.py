@@ -7,7 +7,9 @@
     y         = proj_down((h + learnable_skip * x_c) * silu(z))
 
 Sequence mode runs a parallel-form kernel (chunkwise by default); a single token (S == 1)
-runs the recurrent step. Both continue exactly from each other's state.
+runs the recurrent step: ``step_kernel`` "step" (the reference ops) or "step_fused" (one CUDA
+launch on NVIDIA GPUs, :func:`xlstm_metal.kernels.fast.step.mlstm_step_fused`; the reference
+elsewhere). Both continue exactly from each other's state.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import mlx.nn as nn
 
 from ..cells.xlstm_2024 import CausalConv1d, LinearHeadwise, Module2024, mLSTMCell2024
 from ..kernels import get_mlstm_kernel, mlstm_step
+from ..kernels.fast.step import mlstm_step_fused
 from ..kernels.mlstm import zero_state as mlstm_zero_state
+
+STEP_KERNELS = {"step": mlstm_step, "step_fused": mlstm_step_fused}
 
 
 class mLSTMNeuron2024(Module2024):
@@ -38,8 +43,12 @@ class mLSTMNeuron2024(Module2024):
         dropout: float = 0.0,
         kernel: str = "chunkwise",
         chunk_size: int = 64,
+        step_kernel: str = "step",
     ):
         super().__init__()
+        if step_kernel not in STEP_KERNELS:
+            raise ValueError(f"unknown mLSTM step kernel {step_kernel!r}; choose from {tuple(STEP_KERNELS)}")
+        self.step_kernel = step_kernel
         if conv1d_kernel_size < 1:
             raise ValueError(f"the 2024 mLSTM layer needs conv1d_kernel_size >= 1, got {conv1d_kernel_size}")
         if inner_dim % qkv_proj_blocksize:
@@ -71,7 +80,7 @@ class mLSTMNeuron2024(Module2024):
         x_c, conv_state = self.conv1d(x_m, conv_state)
         x_c = nn.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
-        kernel = mlstm_step if x.shape[1] == 1 else self._kernel
+        kernel = STEP_KERNELS[self.step_kernel] if x.shape[1] == 1 else self._kernel
         h, cell_state = self.mlstm_cell(q, k, v, cell_state, kernel, self.chunk_size)
         y = self.proj_down((h + self.learnable_skip * x_c) * nn.silu(z))
         return self.dropout(y), tuple(cell_state) + (conv_state,)
