@@ -11,7 +11,8 @@ transpose, slice, split, broadcast, ...) launch nothing and are listed apart.
 
 ``--pretend-cuda`` traces the CUDA code path on a machine without a GPU: it uses the lead's
 /work/notes/cuda_check.py (or ``--cuda-check PATH``) to stand in for ``mx.fast.cuda_kernel``;
-each custom kernel then appears as one ``Depends`` node over its inputs (counted as a kernel).
+each custom kernel, and each of MLX's fast norms (one kernel on a GPU, several ops on a CPU
+stream), then appears as one ``Depends`` node over its inputs (counted as a kernel).
 Without it the step of this machine's device is counted (on a CPU, set
 ``XLSTM_METAL_FAST_ACTIVATIONS=0`` to count the GPU's activation ops).
 """
@@ -55,6 +56,14 @@ def _install_pretend_cuda(path: str) -> None:
 
     cuda_check.install()
     mx.fast.cuda_kernel = kernel
+
+    # MLX's fast norms are one kernel each on a GPU, but on a CPU stream they are built from their
+    # fallback ops (square, sum, rsqrt ...): stand in for them as one node too.
+    def one_node(x, *args, **kwargs):
+        return mx.depends([mx.full(x.shape, 0.0, dtype=x.dtype)], [x])[0]
+
+    mx.fast.rms_norm = one_node
+    mx.fast.layer_norm = one_node
 
 
 def count_step(blocks: int, batch: int, dtype: str, embedding_dim: int, num_heads: int,

@@ -2,13 +2,15 @@
 
 On an NVIDIA GPU a decode step is bound by the number of kernels MLX launches, not by bytes
 (benchmarks/NOTES.md): every primitive of the compiled step is one kernel node. Per block the
-reference launches 15 (`benchmarks/decode_primitives.py --pretend-cuda`): two RMSNorms and their
-residual adds, four matmuls, two soft-capped gate chains, the step kernel, a cast, the
-multi-head LayerNorm, the output gate and the SwiGLU product. These kernels fold the small ones:
+reference launches 16 (17 with quantized projections and float gates;
+`benchmarks/decode_primitives.py --pretend-cuda`): two RMSNorms and their residual adds, four
+matmuls (five), two soft-capped gate chains, the step kernel, two casts, the multi-head
+LayerNorm, the output gate and the SwiGLU product. These kernels fold the small ones, to 9:
 
-- :func:`mlstm_step_gated`: the fused step kernel (:mod:`.step`) with the i/f gate bias and soft
-  cap computed inside it from the raw projection outputs (2 launches fewer);
-- :func:`output_norm_gate`: ``sigmoid(o~) * MultiHeadLayerNorm(h)`` in one launch (from 3);
+- :func:`mlstm_step_gated`: the fused step kernel (:mod:`.step`, re-laid out for bytes in flight)
+  with the i/f gate bias and soft cap computed inside it from the raw projection outputs, and,
+  for a float gate projection beside quantized ones, at <= 4 rows, that product too;
+- :func:`output_norm_gate`: ``sigmoid(o~) * MultiHeadLayerNorm(h)`` in one launch (from 4);
 - :func:`add_rms_norm`: a residual add and the RMSNorm that follows it in one launch (from 2).
 
 Each computes in float32 and rounds where the reference rounds (every intermediate the reference
