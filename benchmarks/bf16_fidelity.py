@@ -384,6 +384,32 @@ def measure(args) -> dict[str, Any]:
         record["rows"].append(row)
         write_json(args.out, {**record, "partial": True, "table": table(record)})
 
+    def run_side(side: str, setup: str, logits_of, after=None, extra=None) -> None:
+        """Each measured length: ``logits_of(length, reference tokens)`` against the reference."""
+        for length, (ref_logits, ref_tokens) in refs.items():
+            if time.time() > deadline:
+                add({"length": length, "side": side, "skipped": "time budget"})
+                continue
+            t = time.time()
+            logits = logits_of(length, ref_tokens)
+            row = {"length": length, "side": side, "setup": setup, "seconds": time.time() - t,
+                   "metrics": compare(logits, ref_logits, ref_tokens), **(extra() if extra else {})}
+            add(row)
+            log(f"{side} {length}: rel L2 {row['metrics']['last_rel_l2']:.4f}, agree {row['metrics']['agree']}")
+            if after is not None:
+                after()
+
+    def run_our_side(model, side: str, dtype: str) -> None:
+        kernels = kernels_of(model)
+        residual = "bf16" if dtype != "float32" and model.residual_dtype is None else "float32"
+        setup = f"{dtype}, {kernels['prefill']} / {kernels['step']} step, float32 state, {residual} residual"
+
+        def logits_of(length: int, ref_tokens: np.ndarray) -> np.ndarray:
+            mx.reset_peak_memory()
+            return run_ours(model, stream[:length], args.steps, ref_tokens)
+
+        run_side(side, setup, logits_of, extra=lambda: {"peak_gb": mx.get_peak_memory() / 2**30})
+
     deadline = time.time() + args.budget
     rng = np.random.default_rng(args.seed)
     stream = rng.integers(0, shape["vocab_size"], size=max(args.lengths))
@@ -430,18 +456,12 @@ def measure(args) -> dict[str, Any]:
         torch_free(device)
         setup = (f"bf16, {off_cfg.chunkwise_kernel} / {off_cfg.step_kernel} step, "
                  f"{off_cfg.inference_state_dtype.replace('bfloat16', 'bf16')} state")
-        for length, (ref_logits, ref_tokens) in refs.items():
-            if time.time() > deadline:
-                add({"length": length, "side": "official", "skipped": "time budget"})
-                continue
-            t = time.time()
+        def official_logits(length: int, ref_tokens: np.ndarray) -> np.ndarray:
             logits, _ = run_torch(official, stream[:length], args.steps, ref_tokens, device)
             torch_sync(device)
-            row = {"length": length, "side": "official", "setup": setup, "seconds": time.time() - t,
-                   "metrics": compare(logits, ref_logits, ref_tokens)}
-            add(row)
-            log(f"official {length}: rel L2 {row['metrics']['last_rel_l2']:.4f}, agree {row['metrics']['agree']}")
-            torch_free(device)
+            return logits
+
+        run_side("official", setup, official_logits, after=lambda: torch_free(device))
         ours_sd = {k: v.detach() for k, v in official.state_dict().items()}  # the very bf16 weights
         del official
     else:
@@ -453,22 +473,6 @@ def measure(args) -> dict[str, Any]:
     sd32_host = {k: v.cpu() for k, v in sd32.items()} if "ours-float32" in args.sides else None
     del sd32
     torch_free(device)
-
-    def run_our_side(model, side: str, dtype: str, refs) -> None:
-        kernels = kernels_of(model)
-        residual = "bf16" if dtype != "float32" and model.residual_dtype is None else "float32"
-        setup = f"{dtype}, {kernels['prefill']} / {kernels['step']} step, float32 state, {residual} residual"
-        for length, (ref_logits, ref_tokens) in refs.items():
-            if time.time() > deadline:
-                add({"length": length, "side": side, "skipped": "time budget"})
-                continue
-            t = time.time()
-            mx.reset_peak_memory()
-            logits = run_ours(model, stream[:length], args.steps, ref_tokens)
-            row = {"length": length, "side": side, "setup": setup, "seconds": time.time() - t,
-                   "metrics": compare(logits, ref_logits, ref_tokens), "peak_gb": mx.get_peak_memory() / 2**30}
-            add(row)
-            log(f"{side} {length}: rel L2 {row['metrics']['last_rel_l2']:.4f}, agree {row['metrics']['agree']}")
 
     # The bf16 variants share one model (settings switched between runs): one weight transfer.
     variants = {"ours": (True, mx.float32), "ours-ops": (False, mx.float32), "ours-bf16-residual": (True, None)}
@@ -482,7 +486,7 @@ def measure(args) -> dict[str, Any]:
             fast, residual = variants[side]
             set_kernels(model, fast_kernels if fast else {"prefill": "chunkwise", "step": "step"})
             model.residual_dtype = residual
-            run_our_side(model, side, "bf16", refs)
+            run_our_side(model, side, "bf16")
         if args.cost and time.time() < deadline:
             record["cost"] = residual_cost(model, stream[: min(refs)], log)
             write_json(args.out, {**record, "partial": True, "table": table(record)})
@@ -493,7 +497,7 @@ def measure(args) -> dict[str, Any]:
     if "ours-float32" in args.sides and refs:
         model = our_model(sd32_host, nxai_config(shape, triton=True, kernel_dtype="bfloat16"), "float32")
         set_kernels(model, {"prefill": "chunkwise", "step": "step"})
-        run_our_side(model, "ours-float32", "float32", refs)
+        run_our_side(model, "ours-float32", "float32")
         del model
         gc.collect()
         mx.clear_cache()
