@@ -301,22 +301,24 @@ _BACKWARD = """
         v[10] = dms[oidx];
     };
     if (pact) load_step(S - 1);
+    // s_dh = R d raw of the step in s_d (the part of d h_{t-1} that comes through the gates).
+    auto recurrent_dh = [&]() {
+        for (int bb = 0; bb < rows; ++bb) {
+            float acc = 0.0f;
+            #pragma unroll
+            for (int r = 0; r < PRB; ++r) {
+                const int k = ks + KSB * r;
+                if (PRB * KSB == 4 * DH || k < 4 * DH) acc = fmaf(Rb[r], s_d[bb][k], acc);
+            }
+            #pragma unroll
+            for (int off = KSB / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+            if (ks == 0) s_dh[bb][ul] = acc;
+        }
+        __syncthreads();
+    };
 
     for (int t = S - 1; t >= 0; --t) {
-        if (t < S - 1) {
-            for (int bb = 0; bb < rows; ++bb) {
-                float acc = 0.0f;
-                #pragma unroll
-                for (int r = 0; r < PRB; ++r) {
-                    const int k = ks + KSB * r;
-                    if (PRB * KSB == 4 * DH || k < 4 * DH) acc = fmaf(Rb[r], s_d[bb][k], acc);
-                }
-                #pragma unroll
-                for (int off = KSB / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-                if (ks == 0) s_dh[bb][ul] = acc;
-            }
-            __syncthreads();
-        }
+        if (t < S - 1) recurrent_dh();
         if (pact) {
             const size_t ridx = ((static_cast<size_t>(brow) * S + t) * NH + hd) * 4 * DH + unit;
             const float ai = v[0], af = v[1], az = v[2], ao = v[3];
@@ -385,19 +387,7 @@ _BACKWARD = """
         }
         __syncthreads();
     }
-    // d h_{-1} = R d raw_0.
-    for (int bb = 0; bb < rows; ++bb) {
-        float acc = 0.0f;
-        #pragma unroll
-        for (int r = 0; r < PRB; ++r) {
-            const int k = ks + KSB * r;
-            if (PRB * KSB == 4 * DH || k < 4 * DH) acc = fmaf(Rb[r], s_d[bb][k], acc);
-        }
-        #pragma unroll
-        for (int off = KSB / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (ks == 0) s_dh[bb][ul] = acc;
-    }
-    __syncthreads();
+    recurrent_dh();  // d h_{-1} = R d raw_0
     if (pact) {
         dh0[sidx] = s_dh[pb][pu];
         dc0[sidx] = dC;
@@ -459,58 +449,47 @@ def _row_groups(B: int, bc: int, chunks: int) -> list[tuple[int, int]]:
     return [(b, min(B, b + step)) for b in range(0, B, step)]
 
 
-def _forward_cuda(wx, bias, R, c0, n0, m0, h0):
-    B, S, NH, _, DH = wx.shape
-    exchange = EXCHANGE
-    U, bc, chunks = _plan(B, NH, DH, DH + 4 * _units(DH))
+def _launch(which: str, inputs: list, whole: set[int], S: int, NH: int, DH: int, row_floats: int,
+            row_shapes: list[tuple], init_value: float | None) -> tuple:
+    """Runs kernel ``which`` over the batch in as few launches as keep every block resident.
+    ``inputs[i]`` for i in ``whole`` goes to every launch, the others are split along rows;
+    ``row_shapes`` are the five float32 outputs' shapes without their leading row axis."""
+    B = inputs[0].shape[0]
+    tagged = EXCHANGE == "tagged"
+    U, bc, chunks = _plan(B, NH, DH, row_floats)
     nblk = DH // U
+    width = DH if which == "forward" else 4 * DH  # floats a block hands on per row and step
     outs = []
     for lo, hi in _row_groups(B, bc, chunks):
-        rows = hi - lo
-        nch = -(-rows // bc)
-        part = (lambda x: x) if (lo, hi) == (0, B) else (lambda x: x[lo:hi])
-        outs.append(_kernel("forward")(
-            inputs=[part(wx), bias, R, part(c0), part(n0), part(m0), part(h0)],
+        rows, nch = hi - lo, -(-(hi - lo) // bc)
+        part = [x if i in whole or (lo, hi) == (0, B) else x[lo:hi] for i, x in enumerate(inputs)]
+        outs.append(_kernel(which)(
+            inputs=part,
             template=[("NH", NH), ("DH", DH), ("U", U), ("KS", _LANES), ("BC", bc), ("NBLK", nblk),
-                      ("XCHG", _XCHG[exchange])],
+                      ("XCHG", _XCHG[EXCHANGE])],
             grid=(nblk * 4 * U * _LANES, NH, nch),
             threadgroup=(4 * U * _LANES, 1, 1),
-            output_shapes=[(rows, S, NH, DH)] * 4 + [(rows, S, NH, 4, DH), (nch * NH,),
-                                                     (2, rows, NH, DH) if exchange == "tagged" else (1,)],
+            output_shapes=[(rows, *shape) for shape in row_shapes]
+            + [(nch * NH,), (2, rows, NH, width) if tagged else (1,)],
             output_dtypes=[mx.float32] * 5 + [mx.int32, mx.uint64],
-            # The barrier counters must start at 0 (S = 1 never touches them).
-            init_value=0 if S > 1 else None,
+            init_value=init_value,
         )[:5])
     if len(outs) == 1:
         return tuple(outs[0])
     return tuple(mx.concatenate([o[i] for o in outs], axis=0) for i in range(5))
+
+
+def _forward_cuda(wx, bias, R, c0, n0, m0, h0):
+    _, S, NH, _, DH = wx.shape
+    # The exchange words and barrier counters must start at 0 (S = 1 exchanges nothing).
+    return _launch("forward", [wx, bias, R, c0, n0, m0, h0], {1, 2}, S, NH, DH, DH + 4 * _units(DH),
+                   [(S, NH, DH)] * 4 + [(S, NH, 4, DH)], 0 if S > 1 else None)
 
 
 def _backward_cuda(raw, cs, ns, ms, c0, n0, m0, R, dhs, dcs, dns, dms, draws_in):
-    B, S, NH, _, DH = raw.shape
-    exchange = EXCHANGE
-    U, bc, chunks = _plan(B, NH, DH, 4 * DH + _units(DH))
-    nblk = DH // U
-    outs = []
-    for lo, hi in _row_groups(B, bc, chunks):
-        rows = hi - lo
-        nch = -(-rows // bc)
-        part = (lambda x: x) if (lo, hi) == (0, B) else (lambda x: x[lo:hi])
-        outs.append(_kernel("backward")(
-            inputs=[part(x) for x in (raw, cs, ns, ms, c0, n0, m0)] + [R]
-            + [part(x) for x in (dhs, dcs, dns, dms, draws_in)],
-            template=[("NH", NH), ("DH", DH), ("U", U), ("KS", _LANES), ("BC", bc), ("NBLK", nblk),
-                      ("XCHG", _XCHG[exchange])],
-            grid=(nblk * 4 * U * _LANES, NH, nch),
-            threadgroup=(4 * U * _LANES, 1, 1),
-            output_shapes=[(rows, S, NH, 4, DH)] + [(rows, NH, DH)] * 4 + [(nch * NH,),
-                                                                          (2, rows, NH, 4 * DH) if exchange == "tagged" else (1,)],
-            output_dtypes=[mx.float32] * 5 + [mx.int32, mx.uint64],
-            init_value=0,
-        )[:5])
-    if len(outs) == 1:
-        return tuple(outs[0])
-    return tuple(mx.concatenate([o[i] for o in outs], axis=0) for i in range(5))
+    _, S, NH, _, DH = raw.shape
+    return _launch("backward", [raw, cs, ns, ms, c0, n0, m0, R, dhs, dcs, dns, dms, draws_in], {7}, S, NH, DH,
+                   4 * DH + _units(DH), [(S, NH, 4, DH)] + [(NH, DH)] * 4, 0)
 
 
 # ---------------------------------------------------------------------------- ops versions
