@@ -10,6 +10,10 @@ copies of one matrix in a decode step (12 blocks of the 125m shape, 4 of the pac
 pydoc-15m), best and median of --repeats rounds; GB/s = weight bytes / time.
 
     python benchmarks/cpu_gemv.py --repeats 7 --out benchmarks/results/cpu_gemv.json
+
+``--other-formats`` adds, for the pydoc-15m matrices, the same product with the weights in bfloat16 and float16
+(MLX's own CPU matmul: no BLAS) and quantized to 4 and 6 bits (``mx.quantized_matmul``, group 64):
+fewer bytes, but is it faster here?
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ MATRICES = [
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--other-formats", action="store_true", help="also bfloat16, float16, 4- and 6-bit weights")
     p.add_argument("--out", type=Path, help="JSON file (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
@@ -55,7 +60,19 @@ def main() -> int:
         x = mx.random.normal((1, n_in))
         mx.eval(ws, wts, x)
         data[name] = (ws, wts, x, copies * n_out * n_in * 4)
+    other: dict[str, dict] = {}
+    if args.other_formats:
+        for name, (ws, wts, x, _) in data.items():
+            if not name.startswith("pydoc-15m"):  # the packaged model's question; 125m's are slow to run
+                continue
+            forms = {"bfloat16 W^T [in, out]": ([w.astype(mx.bfloat16) for w in wts], x.astype(mx.bfloat16)),
+                     "float16 W^T [in, out]": ([w.astype(mx.float16) for w in wts], x.astype(mx.float16))}
+            for bits in (4, 6):
+                forms[f"{bits}-bit g64"] = ([mx.quantize(w, 64, bits) for w in ws], x)
+            mx.eval([f[0] for f in forms.values()])
+            other[name] = forms
     times: dict[tuple[str, str, bool], list[float]] = {}
+    other_times: dict[tuple[str, str], list[float]] = {}
     load0 = os.getloadavg()[0]
     for _ in range(args.repeats):
         for forward in (True, False):
@@ -67,6 +84,19 @@ def main() -> int:
                     t = time.perf_counter()
                     mx.eval(fn())
                     times.setdefault((name, layout, forward), []).append(time.perf_counter() - t)
+        _blas.set_gemv_forward(True)
+        for name, forms in other.items():
+            for form, (weights, xin) in forms.items():
+                if "bit" in form:
+                    bits = int(form.split("-")[0])
+                    fn = lambda weights=weights, xin=xin, bits=bits: [  # noqa: E731
+                        mx.quantized_matmul(xin, *q, transpose=True, group_size=64, bits=bits) for q in weights]
+                else:
+                    fn = lambda weights=weights, xin=xin: [xin @ w for w in weights]  # noqa: E731
+                mx.eval(fn())
+                t = time.perf_counter()
+                mx.eval(fn())
+                other_times.setdefault((name, form), []).append(time.perf_counter() - t)
     _blas.set_gemv_forward(True)
     rows = []
     for (name, layout, forward), ts in times.items():
@@ -74,6 +104,9 @@ def main() -> int:
         rows.append({"matrix": name, "layout": layout, "path": "GEMV (forwarded)" if forward else "GEMM (OpenBLAS)",
                      "mbytes": nbytes / 1e6, "best_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts),
                      "best_gbs": nbytes / min(ts) / 1e9, "median_gbs": nbytes / statistics.median(ts) / 1e9})
+    for (name, form), ts in other_times.items():
+        rows.append({"matrix": name, "layout": form, "path": "MLX (no BLAS)", "mbytes": data[name][3] / 1e6,
+                     "best_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts)})
     result = {"command": "python benchmarks/cpu_gemv.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": benchmark.environment(),
               "loadavg_1m": [load0, os.getloadavg()[0]], "rows": rows}
@@ -90,6 +123,13 @@ def main() -> int:
             m = next(r for r in rows if r["matrix"] == name and r["layout"] == layout and r["path"].startswith("GEMM"))
             print(f"| {name} (x{copies}) | {g['mbytes']:.1f} | {layout} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) | "
                   f"{m['median_ms']:.2f} ({m['median_gbs']:.1f}) | {m['median_ms'] / g['median_ms']:.2f}x |")
+    if other_times:
+        print("\n| matrix | other format | ms | x float32 GEMV (W^T) |\n| --- | --- | ---: | ---: |")
+        for r in rows:
+            if r["path"] == "MLX (no BLAS)":
+                ref = next(x for x in rows if x["matrix"] == r["matrix"] and x["layout"] == "W^T [in, out]"
+                           and x["path"].startswith("GEMV"))
+                print(f"| {r['matrix']} | {r['layout']} | {r['median_ms']:.2f} | {r['median_ms'] / ref['median_ms']:.1f}x |")
     return 0
 
 
