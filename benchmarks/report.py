@@ -592,7 +592,7 @@ def cpu_limits_rows() -> list[str]:
     for path in files:
         d = json.loads(path.read_text())
         env, b = d["environment"], d["bytes_per_step"]
-        lines += ["", f"### {Path(d['model']).name} (`results/{path.name}`)", "",
+        lines += ["", f"### {path.stem.removeprefix('cpu_limits_').replace('_', ', ')} (`results/{path.name}`)", "",
                   f"- date: {d['date']}; command: `{d['command']}`",
                   f"- MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
                   f"{env.get('blas_threads')} thread(s), one-row products through GEMV: {env.get('gemv_forward')}",
@@ -672,6 +672,7 @@ def cpu_perf_rows() -> list[str]:
     if not files:
         return []
     runs = [json.loads(f.read_text()) for f in files]
+    tags = [f.stem.removeprefix(f"cpu_perf_{d['workload']}").strip("_").replace("_", " ") for f, d in zip(files, runs)]
     classes = list(dict.fromkeys(k for d in runs for k in d["classes"]))
     head = [f"{d['workload']} ({d['shape']}, BLAS threads {d['blas_threads']}, load {d['loadavg_1m'][0]:.1f})"
             for d in runs]
@@ -679,7 +680,8 @@ def cpu_perf_rows() -> list[str]:
              "Share of the process's CPU samples (all threads) while it decodes, prefills or runs the README's "
              "command in a loop:", ""]
     lines += [f"- {h}: {d['date']}, `{d['command']}`" for h, d in zip(head, runs)]
-    lines += ["", "| class | " + " | ".join(f"{d['workload']} ({d['shape'].split(' ')[0]})" for d in runs) + " |",
+    lines += ["", "| class | " + " | ".join(f"{d['workload']} ({d['shape'].split(' ')[0]}{', ' + t if t else ''})"
+                                       for d, t in zip(runs, tags)) + " |",
               "| --- |" + " ---: |" * len(runs)]
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(f"{d['classes'].get(c, 0.0):.1f}%" for d in runs) + " |")
