@@ -83,7 +83,6 @@ _FORWARD_HANDLE: ctypes.CDLL | None = None
 #: y = alpha op(A) x + beta y (x: B's column, y: C's column). beta == 0 clears y first: MLX
 #: hands over uninitialised memory, and a scaled NaN would stay NaN.
 GEMV_FORWARD_SOURCE = r"""
-#include <dlfcn.h>
 #include <stddef.h>
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
@@ -95,15 +94,11 @@ static sgemv_fn real_sgemv;
 int xlstm_gemv_forward = 1;
 long xlstm_gemv_calls = 0;
 
-__attribute__((constructor)) static void resolve(void) {
-  void *blas = dlopen(XLSTM_BLAS_SONAME, RTLD_LAZY | RTLD_NOLOAD);
-  if (blas) {
-    real_sgemm = (sgemm_fn)dlsym(blas, "cblas_sgemm");
-    real_sgemv = (sgemv_fn)dlsym(blas, "cblas_sgemv");
-  }
+/* OpenBLAS's own functions, handed over by the loader before anything calls cblas_sgemm. */
+void xlstm_gemv_bind(void *sgemm, void *sgemv) {
+  real_sgemm = (sgemm_fn)sgemm;
+  real_sgemv = (sgemv_fn)sgemv;
 }
-
-int xlstm_gemv_forward_ready(void) { return real_sgemm != NULL && real_sgemv != NULL; }
 
 static void clear(float *y, int n, int inc) {
   for (int j = 0; j < n; j++) y[(size_t)j * inc] = 0.0f;
@@ -311,9 +306,10 @@ def _gemv_forwarder(blas: Path, soname: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
         src, out = Path(tmp) / "gemv_forward.c", Path(tmp) / soname
         src.write_text(GEMV_FORWARD_SOURCE)
-        cmd = [cc, "-O2", "-shared", "-fPIC", f'-DXLSTM_BLAS_SONAME="{blas.name}"', str(src), "-o", str(out),
-               f"-Wl,-soname,{soname}", "-Wl,--no-as-needed", f"-L{blas.parent}", f"-l:{blas.name}",
-               f"-Wl,-rpath,{blas.parent}", "-ldl"]
+        # Linked against the BLAS copy so that every symbol it does not define (cblas_dgemm,
+        # the Fortran routines MLX's LAPACK calls) resolves there for whoever binds to it.
+        cmd = [cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(out), f"-Wl,-soname,{soname}",
+               "-Wl,--no-as-needed", f"-L{blas.parent}", f"-l:{blas.name}", f"-Wl,-rpath,{blas.parent}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"building the GEMV forwarder failed: {done.stderr.strip()[-500:]}")
@@ -333,8 +329,9 @@ def _load_forwarded(path: Path, soname: str) -> tuple[ctypes.CDLL, ctypes.CDLL]:
     _HANDLES.append(blas)
     forwarder = ctypes.CDLL(str(forwarder_path))
     _HANDLES.append(forwarder)
-    if not forwarder.xlstm_gemv_forward_ready():
-        raise OSError("the GEMV forwarder could not find cblas_sgemm / cblas_sgemv in the BLAS")
+    # Before mlx is imported, so no call can reach the forwarder unbound.
+    forwarder.xlstm_gemv_bind(ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p),
+                              ctypes.cast(blas.cblas_sgemv, ctypes.c_void_p))
     return blas, forwarder
 
 
@@ -347,8 +344,8 @@ def _load(path: Path, soname: str, probe: "_LoadProbe | None" = None) -> None:
         try:
             lib, forwarder = _load_forwarded(path, soname)
         except (OSError, subprocess.SubprocessError) as err:
-            # A forwarder that loaded but cannot resolve its BLAS keeps the netlib soname taken;
-            # it passes every call through, so MLX still works (slowly) and the reason is kept.
+            # No compiler, or a build or load failure: OpenBLAS takes MLX's soname itself, as
+            # before the forwarder (plain GEMM for one-row products); info() keeps the reason.
             GEMV_FORWARD_REASON = str(err)
     if lib is None:
         copy = _renamed_blas(path, soname)
