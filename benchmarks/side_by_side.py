@@ -13,7 +13,9 @@ on the last position + argmax (what generation needs); decode = one greedy step 
 LM head, argmax) per token from a zero state. Ours: chunked prefill carrying the state, fused
 projections, compiled step. Theirs: ``xLSTMLarge`` in inference mode with the Triton kernels
 on CUDA (``chunkwise--triton_limit_chunk``, ``native_sequence__triton``, ``triton``) or the
-native PyTorch kernels on CPU, decode both eager and with one step captured in a CUDA graph.
+native PyTorch kernels on CPU, decode both eager and with one step captured in a CUDA graph; on a
+CPU also with one PyTorch thread (its default threads stall behind other jobs on a shared
+machine), the ratios taking the official's better variant.
 """
 
 from __future__ import annotations
