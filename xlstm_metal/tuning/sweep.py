@@ -395,8 +395,9 @@ def _run_on_ray(study, objective: Objective, settings: SweepSettings, finished) 
     finally:
         if started_here:
             ours = _children_since(before)
+            raylets = _raylet_pids(ours)  # named while they still run
             ray.shutdown()
-            _reap(ours)
+            _reap(ours + _late_workers(raylets, {proc.pid for proc in ours}))
 
 
 def _child_pids() -> set[int]:
@@ -409,6 +410,36 @@ def _children_since(before: set[int]) -> list:
     import psutil
 
     return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+
+def _raylet_pids(processes: list) -> set[str]:
+    import psutil
+
+    pids = set()
+    for proc in processes:
+        try:
+            if proc.name() == "raylet":
+                pids.add(str(proc.pid))
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _late_workers(raylets: set[str], known: set[int]) -> list:
+    """Workers our raylet started after our processes were listed (it keeps a pool of idle
+    ones): orphaned by ray.shutdown(), they carry RAY_RAYLET_PID in their environment."""
+    import psutil
+
+    late = []
+    if not raylets:
+        return late
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in known and proc.environ().get("RAY_RAYLET_PID") in raylets:
+                late.append(proc)
+        except psutil.Error:  # gone, or another user's process
+            pass
+    return late
 
 
 def _reap(processes: list, timeout: float = 30.0) -> None:
