@@ -475,9 +475,9 @@ def slstm_2024_rows() -> list[str]:
              f"`{om.get('slstm_kernel')}` (fused CUDA kernels active: {om.get('fused_active')}), mLSTM kernel "
              f"`{om.get('mlstm_kernel')}`; official: xlstm 2.0.6, torch {tm.get('torch')}",
              f"- official sLSTM backend that ran: **{tm.get('slstm_backend')}**"
-             + (f" (its `cuda` backend: {'built' if probe.get('ok') else 'did not build'} in "
-                f"{probe.get('seconds', 0):.0f} s{'' if probe.get('ok') else ': ' + _first_error(probe.get('tail', ''))})"
-                if probe else ""),
+             + (" (its `cuda` backend built at run time by torch's cpp extension)" if probe.get("ok") else
+                f" (its `cuda` backend did not build within {probe.get('seconds', 0):.0f} s: "
+                f"{_first_error(probe.get('tail', ''))})" if probe else ""),
              f"- model: embedding {cfg['embedding_dim']}, {cfg['num_blocks']} blocks, sLSTM at {cfg['slstm_at']}, "
              f"vocab {cfg['vocab_size']}, tied embeddings; {om.get('params', 0) / 1e6:.1f}M parameters on both "
              f"sides; same weights: {om.get('same_weights')}",

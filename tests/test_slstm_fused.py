@@ -362,7 +362,7 @@ def test_report_renders_the_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = "\n".join(report.slstm_2024_rows())
     assert "official sLSTM backend that ran: **vanilla**" in text
-    assert "did not build in 70 s: RuntimeError: Ninja is required" in text
+    assert "did not build within 70 s: RuntimeError: Ninja is required" in text
     assert "| 30,000.0 | 2,000.0 | 15.00x | >= 1.5x |" in text
     assert "| decode tok/s, batch 1 | 300.0 | 100.0 | 3.00x | >= 1.5x |" in text
     assert "357.0M parameters" not in text and "356.9M parameters" in text

@@ -45,11 +45,10 @@ _MAX_BLOCKS = 128  # blocks of one launch, all resident at once (H100/H200: 132 
 _SMEM_FLOATS = 11 * 1024  # static shared memory per block used for rows (44 KB of 48)
 # How the blocks of a head hand each other a step's values: "barrier" (write, fence, atomic
 # counter, spin, read back) or "tagged" (each value in one 8-byte word with its step number,
-# polled directly). Both are tested. On an H200 (B=4, S=2048, NH=4, DH=256) "tagged" took 4.97 ms
-# forward and 12.4 ms forward + backward, "barrier" 7.15 and 14.1 ms (GPU round R1, when tagged
-# words were polled one at a time; now in groups of 4, not yet run on a GPU: barrier stays the
-# default until it is).
-EXCHANGE = "barrier"
+# polled directly, in groups of 4 words). Both are tested on an H200 (GPU rounds R1 and R2). At
+# B=4, S=2048, NH=4, DH=256 "tagged" took 4.97 ms forward and 12.4 ms forward + backward, "barrier"
+# 7.15 and 14.1 ms (R1, tagged words then polled one at a time).
+EXCHANGE = "tagged"
 _XCHG = {"barrier": 0, "tagged": 1}
 
 _HEADER = """
