@@ -176,9 +176,15 @@ def torch_free(device) -> None:
         torch.cuda.empty_cache()
 
 
+#: NX-AI's model takes the prompt in pieces of this many tokens, the state carried (its native
+#: float32 chunkwise kernel ran out of the H200's 140 GB on 131,072 tokens in one call, R2).
+TORCH_PIECE = 16384
+
+
 def run_torch(model, prompt: np.ndarray, steps: int, feed: np.ndarray | None, device) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill ``prompt`` [S], then ``steps - 1`` single-token steps fed ``feed`` (or the model's
-    own argmax when None). Returns logits [steps, V] float32 and the argmax tokens [steps]."""
+    """Prefill ``prompt`` [S] (in pieces of :data:`TORCH_PIECE` tokens, the state carried), then
+    ``steps - 1`` single-token steps fed ``feed`` (or the model's own argmax when None). Returns
+    logits [steps, V] float32 and the argmax tokens [steps]."""
     import torch
 
     cap = model.config.output_logit_soft_cap
@@ -189,10 +195,13 @@ def run_torch(model, prompt: np.ndarray, steps: int, feed: np.ndarray | None, de
 
     out, tokens = [], []
     with torch.inference_mode():
-        ids = torch.as_tensor(prompt[None].astype(np.int64), device=device)
-        x, state = model.backbone(model.embedding(ids), None)
-        logits = head(x[:, -1:])[0, -1]  # the lm_head on the last position only
-        del x
+        state = None
+        for start in range(0, len(prompt), TORCH_PIECE):
+            ids = torch.as_tensor(prompt[None, start : start + TORCH_PIECE].astype(np.int64), device=device)
+            x, state = model.backbone(model.embedding(ids), state)
+            last = x[:, -1:]
+            del x
+        logits = head(last)[0, -1]  # the lm_head on the last position only
         for t in range(steps):
             row = logits.float().cpu().numpy()
             out.append(row)
@@ -391,7 +400,14 @@ def measure(args) -> dict[str, Any]:
                 add({"length": length, "side": side, "skipped": "time budget"})
                 continue
             t = time.time()
-            logits = logits_of(length, ref_tokens)
+            try:
+                logits = logits_of(length, ref_tokens)
+            except Exception as err:  # e.g. out of memory: reported, the next run goes on
+                add({"length": length, "side": side, "skipped": f"{type(err).__name__}: {str(err)[:160]}"})
+                log(f"{side} {length}: {type(err).__name__}")
+                if after is not None:
+                    after()
+                continue
             row = {"length": length, "side": side, "setup": setup, "seconds": time.time() - t,
                    "metrics": compare(logits, ref_logits, ref_tokens), **(extra() if extra else {})}
             add(row)
@@ -431,8 +447,14 @@ def measure(args) -> dict[str, Any]:
             add({"length": length, "side": "reference", "skipped": "time budget"})
             continue
         t = time.time()
-        logits, tokens = run_torch(ref_model, stream[:length], args.steps, None, device)
-        torch_sync(device)
+        try:
+            logits, tokens = run_torch(ref_model, stream[:length], args.steps, None, device)
+            torch_sync(device)
+        except Exception as err:  # e.g. out of memory: this length is reported, the others run
+            add({"length": length, "side": "reference", "skipped": f"{type(err).__name__}: {str(err)[:160]}"})
+            log(f"reference {length}: {type(err).__name__}")
+            torch_free(device)
+            continue
         refs[length] = (logits, tokens)
         log(f"reference {length}: {time.time() - t:.1f}s")
         top2 = np.sort(logits, axis=-1)[:, -2:]
