@@ -41,6 +41,8 @@ def main() -> None:
                    "(comma-separated; group 64, gate projections in float): decode at --q-batches")
     p.add_argument("--q-batches", default="1")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--bf16-residual", action="store_true",
+                   help="decode also with the residual stream in the weights' dtype (fuse_projections() sets float32)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -63,17 +65,22 @@ def main() -> None:
             out.flush()
 
     queue_layers = xlarge._queue_layers
-    # (name, fused decode kernels, prefill queues layers on a GPU)
-    settings = {"decode": [("fused decode kernels", True, True), ("off", False, True)],
-                "prefill": [("fused kernels, layers queued", True, True),
-                            ("fused kernels, layer by layer", True, False), ("off", False, False)]}
+    residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
+    # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype)
+    settings = {"decode": [("fused decode kernels", True, True, residual), ("off", False, True, residual)],
+                "prefill": [("fused kernels, layers queued", True, True, residual),
+                            ("fused kernels, layer by layer", True, False, residual),
+                            ("off", False, False, residual)]}
+    if args.bf16_residual:
+        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None))
 
     def run(kind: str, size: int) -> None:
         for _ in range(args.rounds):
-            for name, on, queued in settings[kind]:
+            for name, on, queued, residual_dtype in settings[kind]:
                 if late():
                     return
                 decode.set_fused_decode(on)
+                model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
                 if kind == "decode":
@@ -82,6 +89,7 @@ def main() -> None:
                     r = bm.measure_prefill(model, size)
                 emit({"setting": name, **r})
         xlarge._queue_layers = queue_layers
+        model.residual_dtype = residual
 
     for batch in map(int, filter(None, args.batches.split(","))):
         run("decode", batch)
@@ -95,6 +103,7 @@ def main() -> None:
         dequantize_model(model)
         quantize_model(model, bits=bits, group_size=64)
         model.fuse_projections()
+        residual = model.residual_dtype
         q_bits = bits
         for batch in map(int, filter(None, args.q_batches.split(","))):
             run("decode", batch)
