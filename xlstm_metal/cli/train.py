@@ -52,7 +52,9 @@ def add_parser(subparsers) -> None:
                      help="fine-tune this checkpoint directory ('default': the packaged model)")
     src.add_argument("--arch", default=None, metavar="SPEC", help="an architecture-lab model instead: shipped arch "
                      "name or YAML/JSON arch / wiring spec (width: its embedding_dim, default 128)")
-    src.add_argument("--kernel", default="chunkwise", help="mLSTM kernel for training (default: chunkwise)")
+    src.add_argument("--kernel", default=None,
+                     help="mLSTM kernel for training (default: chunkwise_fused on CUDA GPUs, its fused kernels "
+                          "with their own backward; chunkwise elsewhere)")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory); default: the checkpoint's, or train a BPE")
     tok.add_argument("--vocab-size", type=int, help="vocabulary of a BPE trained here (default 4096)")
@@ -77,6 +79,9 @@ def add_parser(subparsers) -> None:
     o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (weights stay float32; default float32); use float32 on CPUs")
     o.add_argument("--seed", type=int, help="seed of initialisation, data order and sampling (default 0)")
+    o.add_argument("--recompute", choices=["none", "head", "blocks"],
+                   help="recompute activations in the backward pass instead of keeping them: the LM head and "
+                        "loss, or every block too (same losses, less memory, ~1/3 more compute; default none)")
     add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
@@ -99,9 +104,9 @@ def add_parser(subparsers) -> None:
 #: Defaults of the settings a run saves: applied to a new run; a resumed run keeps its own.
 RUN_DEFAULTS: dict = dict(vocab_size=4096, text_field="text", val_fraction=0.02, seq_len=512, batch_size=16, lr=1e-3,
                           min_lr_ratio=0.1, warmup=None, weight_decay=0.1, grad_clip=1.0, dtype="float32", seed=0,
-                          eval_every=200, eval_batches=16, save_every=500, keep=2, log_every=10)
+                          eval_every=200, eval_batches=16, save_every=500, keep=2, log_every=10, recompute="none")
 #: Settings --resume may change (the schedule is extended / re-rated: TrainingConfig.reschedule_*).
-RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every")
+RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every", "kernel", "recompute")
 #: Settings fixed by the run being resumed: giving one with --resume is an error naming it.
 RESUME_FIXED = ("config", "init_from", "arch", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
                 "batch_size", "max_time", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
@@ -242,6 +247,8 @@ def run(args) -> int:
     )
     from ..training.trainer import Trainer, TrainingConfig, count_parameters
 
+    if args.kernel is None:
+        args.kernel = default_training_kernel()
     out = Path(args.out).expanduser()
     export = Path(args.export).expanduser() if args.export else None
     group, main = _launched_group()
@@ -265,7 +272,7 @@ def run(args) -> int:
             raise UsageError("--profile applies to a new run; a resumed run keeps its settings")
         profile = None
         cfg = TrainingConfig(**saved["training_config"])
-        for name in ("eval_every", "save_every", "keep", "log_every"):
+        for name in ("eval_every", "save_every", "keep", "log_every", "recompute"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         step, total = saved["step"], saved["total_steps"]
@@ -296,6 +303,7 @@ def run(args) -> int:
             min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, dtype=args.dtype, eval_every=args.eval_every, eval_batches=args.eval_batches,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
+            recompute=args.recompute,
         )
         val_fraction, text_field = args.val_fraction, args.text_field
     try:
@@ -536,6 +544,14 @@ def _same_start(group, model, train_stream, val_stream, cfg) -> None:
     except DistributedError as err:
         raise UsageError(str(err)) from None
     model.update(tree_unflatten(list(broadcast_arrays(dict(tree_flatten(model.parameters())), group).items())))
+
+
+def default_training_kernel() -> str:
+    """chunkwise_fused where its CUDA kernels run (MLX's CUDA backend, GPU default device);
+    elsewhere the reference chunkwise kernel, which MLX differentiates."""
+    from ..kernels.fast.step import cuda_available
+
+    return "chunkwise_fused" if cuda_available() else "chunkwise"
 
 
 def _set_training_kernel(model, kernel: str) -> None:

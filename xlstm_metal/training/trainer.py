@@ -34,6 +34,8 @@ from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, sav
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+#: What TrainingConfig.recompute may name.
+RECOMPUTE = ("none", "head", "blocks")
 #: Longest automatic warmup (steps); shorter runs warm up for a tenth of their steps.
 AUTO_WARMUP_CAP = 100
 
@@ -60,6 +62,9 @@ class TrainingConfig:
     keep: int = 2                       # checkpoints kept
     log_every: int = 10
     seed: int = 0
+    # Activations recomputed in the backward pass instead of kept: "none", "head" (LM head and
+    # loss) or "blocks" (every block, and the head). Same numbers, less memory, more compute.
+    recompute: str = "none"
     probe_steps: int = 20               # steps timed to size a max_time run
     # From step ``reschedule_step`` the schedule starts at ``reschedule_lr`` (see make_schedule):
     # set for a resumed run given new --steps / --lr and for a time budget once it is sized.
@@ -102,6 +107,8 @@ class TrainingConfig:
             problems.append(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             problems.append("weight decay and gradient clipping must be >= 0")
+        if self.recompute not in RECOMPUTE:
+            problems.append(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if problems:
@@ -205,14 +212,62 @@ def _set_learning_rate(optimizer, lr: mx.array) -> None:
         sub.learning_rate = lr
 
 
-def make_loss_fn(model, compute_dtype: mx.Dtype) -> Callable:
-    """(params, inputs [B, S], targets [B, S]) -> mean next-token cross-entropy (float32)."""
+def _checkpointed(modules: list[nn.Module], fn: Callable) -> Callable:
+    """``fn(*args)`` under ``mx.checkpoint``: only its inputs and the modules' parameters are
+    kept for the backward pass, which recomputes the rest."""
+
+    def inner(params, *args):
+        for module, p in zip(modules, params):
+            module.update(p)
+        return fn(*args)
+
+    run = mx.checkpoint(inner)
+    return lambda *args: run([m.trainable_parameters() for m in modules], *args)
+
+
+def _recomputing_forward(model, recompute: str) -> Callable | None:
+    """(inputs [B, S], targets [B, S]) -> loss for an xLSTM-Large whose blocks ("blocks") and
+    LM head + loss ("head", "blocks") run under ``mx.checkpoint``; None for other models or
+    ``recompute="none"``: the plain forward."""
+    backbone = getattr(model, "backbone", None)
+    if recompute == "none" or backbone is None or not hasattr(model, "_logits"):
+        return None
+    head_modules = [backbone.out_norm] if "out_norm" in backbone else []
+    head_modules.append(backbone.embeddings if model.config.tie_word_embeddings else model.lm_head)
+
+    def head(x, targets):
+        if "out_norm" in backbone:
+            x = backbone.out_norm(x)
+        return nn.losses.cross_entropy(model._logits(x).astype(mx.float32), targets, reduction="mean")
+
+    blocks = [_checkpointed([b], lambda x, b=b: b(x)[0]) if recompute == "blocks" else (lambda x, b=b: b(x)[0])
+              for b in backbone.blocks]
+
+    def forward(inputs, targets):
+        x = backbone.embeddings(inputs)
+        for block in blocks:
+            x = block(x)
+        # targets (integers) are no input of the checkpoint: it differentiates every input.
+        return _checkpointed(head_modules, lambda x: head(x, targets))(x)
+
+    return forward
+
+
+def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none") -> Callable:
+    """(params, inputs [B, S], targets [B, S]) -> mean next-token cross-entropy (float32).
+
+    ``recompute`` (see :class:`TrainingConfig`): the same loss with activations recomputed
+    in the backward pass (xLSTM-Large; other models run their plain forward)."""
 
     def cast(p):
         return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
 
+    forward = _recomputing_forward(model, recompute)
+
     def loss_fn(params, inputs, targets):
         model.update(params if compute_dtype == mx.float32 else tree_map(cast, params))
+        if forward is not None:
+            return forward(inputs, targets)
         logits, _ = model(inputs)
         return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
 
@@ -398,7 +453,7 @@ class Trainer:
     # -------------------------------------------------------------- compiled steps
     def _build_steps(self) -> None:
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
-        loss_fn = make_loss_fn(model, self.compute_dtype)
+        loss_fn = make_loss_fn(model, self.compute_dtype, cfg.recompute)
         grad_fn = mx.value_and_grad(loss_fn)
         optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state, mx.random.state]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_inputs
+from ..mlstm import ChunkedInputs, MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_inputs
 
 
 def mlstm_chunkwise_scan(
@@ -44,21 +44,43 @@ def mlstm_chunkwise_scan(
     q, k [B, NH, S, DQK]; v [B, NH, S, DV]; i, f [B, NH, S]; state (C, n, m) or None.
     Returns h [B, NH, S, DV] (q's dtype) and the final (C, n, m) in ``state_dtype``.
     """
-    B, NH, S, dqk = q.shape
+    B, NH, S, _ = q.shape
     dv = v.shape[-1]
     ch = chunk_inputs(q, k, v, i, f, chunk_size)
-    NC, g, a_max = ch.num_chunks, ch.g, ch.a_max
-
     C0, n0, m0 = _state_f32(q, v, state)  # m0 [B, NH, 1]
-    # Rows c = 0..NC: the state entering each chunk, then the final state.
-    P = mx.concatenate([mx.zeros((B, NH, 1)), mx.cumsum(g, axis=-1)], axis=-1)  # [B, NH, NC+1]
-    src = a_max - P[..., 1:]  # a*_j - P_{j+1}, [B, NH, NC]
-    excl = mx.concatenate([mx.full((B, NH, 1), -mx.inf), mx.cummax(src, axis=-1)], axis=-1)
-    m = P + mx.maximum(m0, excl)  # [B, NH, NC+1]
+    C_enter, n_enter, m_enter, final = scan_states(ch, C0, n0, m0)
+    h = _parallel_outputs(ch.q, ch.k, ch.v, ch.b, ch.i, C_enter, n_enter, m_enter, eps)
+    h = h.reshape(B, NH, -1, dv)[:, :, :S]
+    return h.astype(q.dtype), _cast_state(final, state_dtype)
+
+
+def chunk_prefix(g: mx.array) -> mx.array:
+    """P [B, NH, NC+1]: the summed log forget gates before each chunk (P_0 = 0) and of all chunks."""
+    B, NH, _ = g.shape
+    return mx.concatenate([mx.zeros((B, NH, 1)), mx.cumsum(g, axis=-1)], axis=-1)
+
+
+def chunk_weights(P: mx.array, a_max: mx.array, m: mx.array) -> mx.array:
+    """w [B, NH, NC+1, NC]: weight of chunk j's stabilised contribution X_j in the state entering
+    chunk c (rows c = 0..NC, the last row the final state): exp(P_c - P_{j+1} + a*_j - m_c) for
+    j < c, else 0. P [B, NH, NC+1], a_max [B, NH, NC], m [B, NH, NC+1] (every exponent <= 0)."""
+    NC = a_max.shape[-1]
     rows = mx.arange(NC + 1)[:, None]
     cols = mx.arange(NC)[None, :]
     log_w = P[..., :, None] - P[..., None, 1:] + a_max[..., None, :] - m[..., :, None]
-    w = mx.where(cols < rows, mx.exp(mx.minimum(log_w, 0.0)), 0.0)  # [B, NH, NC+1, NC]
+    return mx.where(cols < rows, mx.exp(mx.minimum(log_w, 0.0)), 0.0)
+
+
+def scan_states(ch: ChunkedInputs, C0: mx.array, n0: mx.array, m0: mx.array):
+    """The (C, n, m) entering every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK], [B, NH, NC,
+    1]) and the final (C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1]), in closed form."""
+    B, NH, NC, dqk, dv = *ch.contrib_C.shape[:3], ch.q.shape[-1], ch.v.shape[-1]
+    # Rows c = 0..NC: the state entering each chunk, then the final state.
+    P = chunk_prefix(ch.g)  # [B, NH, NC+1]
+    src = ch.a_max - P[..., 1:]  # a*_j - P_{j+1}, [B, NH, NC]
+    excl = mx.concatenate([mx.full((B, NH, 1), -mx.inf), mx.cummax(src, axis=-1)], axis=-1)
+    m = P + mx.maximum(m0, excl)  # [B, NH, NC+1]
+    w = chunk_weights(P, ch.a_max, m)  # [B, NH, NC+1, NC]
     decay0 = mx.exp(P + m0 - m)  # [B, NH, NC+1]
 
     X = ch.contrib_C.reshape(B, NH, NC, dqk * dv)
@@ -68,11 +90,9 @@ def mlstm_chunkwise_scan(
     C_enter = decay0[..., :NC, None, None] * C0[:, :, None] + (w[..., :NC, :] @ X).reshape(B, NH, NC, dqk, dv)
     n_enter = decay0[..., :NC, None] * n0[:, :, None] + w[..., :NC, :] @ ch.contrib_n
     m_enter = m[..., :NC, None]  # [B, NH, NC, 1]
-    h = _parallel_outputs(ch.q, ch.k, ch.v, ch.b, ch.i, C_enter, n_enter, m_enter, eps)
-    h = h.reshape(B, NH, -1, dv)[:, :, :S]
 
     w_last = w[..., NC : NC + 1, :]  # [B, NH, 1, NC]
     C_final = decay0[..., NC, None, None] * C0 + (w_last @ X).reshape(B, NH, dqk, dv)
     n_final = decay0[..., NC, None] * n0 + (w_last @ ch.contrib_n)[..., 0, :]
     m_final = m[..., NC : NC + 1]  # [B, NH, 1]
-    return h.astype(q.dtype), _cast_state((C_final, n_final, m_final), state_dtype)
+    return C_enter, n_enter, m_enter, (C_final, n_final, m_final)

@@ -24,7 +24,8 @@ with the references to float32 round-off (tests/test_cuda_kernels.py).
 Runs for bf16 inputs with DQK and DV multiples of 64 and chunk sizes 16, 32, 48 or 64 on CUDA
 (64 is fastest on an H100: larger chunks would need more than the 48 KB of static shared
 memory per block); anything else (CPU, Metal, float32 or float16 inputs, other sizes) runs
-:func:`mlstm_chunkwise_scan`, so a config naming this kernel works everywhere.
+:func:`mlstm_chunkwise_scan`, so a config naming this kernel works everywhere. Either way it is
+differentiable (training): ``mx.custom_function`` with the vjp of :mod:`.chunkwise_grad`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import mlx.core as mx
 
 from ..mlstm import MLSTMState, _cast_state, _state_f32
 from ..mlstm import chunk_gates as _chunk_gates
-from .chunkwise import mlstm_chunkwise_scan
 from .step import cuda_available
 
 _TILE = 64  # rows of C per states block; value columns per outputs block
@@ -552,12 +552,14 @@ def mlstm_chunkwise_fused(
 
     q, k [B, NH, S, DQK]; v [B, NH, S, DV] (any strides); i, f [B, NH, S]; state (C, n, m) or
     None. Returns h [B, NH, S, DV] (q's dtype) and the final (C, n, m) in ``state_dtype``.
+    Differentiable: the backward (``chunkwise_grad``) recomputes the entering states with the
+    states kernel and keeps no per-chunk state from the forward.
     """
-    if not fused_chunkwise_supported(q, v, chunk_size):
-        return mlstm_chunkwise_scan(q, k, v, i, f, state, eps=eps, chunk_size=chunk_size,
-                                    state_dtype=state_dtype)
-    return _launch(q, k.astype(q.dtype), v.astype(q.dtype), i, f, state, eps, chunk_size, q.dtype,
-                   state_dtype)
+    from .chunkwise_grad import chunkwise_differentiable
+
+    # Differentiable (training) through its own vjp; the forward is the kernels' (or the scan's).
+    return chunkwise_differentiable(q, k, v, i, f, state, eps=eps, chunk_size=chunk_size, state_dtype=state_dtype,
+                                    fused=fused_chunkwise_supported(q, v, chunk_size))
 
 
 def _launch(q, k, v, i, f, state, eps: float, L: int, h_dtype: mx.Dtype, state_dtype):

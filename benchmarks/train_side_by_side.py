@@ -1,0 +1,306 @@
+"""Training throughput, xlstm-metal beside NX-AI's official PyTorch ``xlstm`` (issue 19 item 3).
+
+One full train step (forward, backward, global-norm clipping at 1.0, AdamW) of an xLSTM-Large
+shape on random tokens, float32 master weights with bfloat16 compute, each side in its own
+process (its own allocator and peak-memory counter):
+
+- ours: the compiled step ``xlstm-metal train`` runs (``Trainer``: parameters cast to bf16 inside
+  the loss, AdamW on the float32 masters, ``--kernel`` / ``--recompute`` variants);
+- official: ``xLSTMLarge(mode="train")`` with the Triton kernels
+  (``chunkwise--triton_limit_chunk``), ``torch.autocast(bfloat16)``, ``clip_grad_norm_``,
+  fused ``torch.optim.AdamW``; optionally the model under ``torch.compile``.
+
+    python benchmarks/train_side_by_side.py --out results/train_h200.json            # 1.3b, 4 x 2048
+    python benchmarks/train_side_by_side.py --shape 125m --batch 1 --seq-len 256 --steps 3   # smoke run
+
+tokens/s = batch x seq_len / median step time over the timed steps (after --warmup steps that
+compile); peak memory = the allocator's peak over the whole run, weights and optimizer state
+included (MLX ``mx.get_peak_memory``, PyTorch ``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "7b": dict(embedding_dim=4096, num_heads=8, num_blocks=32, vocab_size=50304),
+    "1.3b": dict(embedding_dim=2048, num_heads=4, num_blocks=24, vocab_size=50304),
+    "125m": dict(embedding_dim=768, num_heads=4, num_blocks=12, vocab_size=50304),
+}
+_GB = 1e9
+
+
+def _emit(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def _summary(times: list[float], tokens: int) -> dict:
+    med = statistics.median(times)
+    return {"step_s": med, "step_s_all": times, "tok_s": tokens / med}
+
+
+# ----------------------------------------------------------------------------------- ours
+def worker_ours(args) -> None:
+    import xlstm_metal  # noqa: F401  (BLAS before mlx)
+    import mlx.core as mx
+    import numpy as np
+
+    from xlstm_metal.benchmark import environment, shape_config
+    from xlstm_metal.models.xlstm_large import xLSTMLarge
+    from xlstm_metal.training.trainer import Trainer, TrainingConfig, count_parameters, init_xlstm_large
+
+    out = Path(args.worker_out)
+    deadline = time.time() + args.budget
+    _emit(out, {"side": "ours", "kind": "env", **environment()})
+    if args.profile_kernels:  # first: its peak memory is the kernel's alone
+        kernel_profile(args, out)
+    B, S = args.batch, args.seq_len
+    t0 = time.time()
+    model = xLSTMLarge(shape_config(args.shape, chunk_size=args.chunk_size))
+    init_xlstm_large(model, 0)
+    vocab = model.config.vocab_size
+    stream = np.random.default_rng(0).integers(0, vocab, size=B * (S + 1) * (args.steps + 4), dtype=np.int32)
+    _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
+    for variant in filter(None, args.variants.split(",")):
+        if time.time() > deadline:
+            break
+        kernel, recompute = variant.split("/")
+        for block in model.blocks:
+            block.mlstm_layer.parallel_kernel_cell.kernel = kernel
+        cfg = TrainingConfig(seq_len=S, batch_size=B, steps=args.steps + args.warmup, dtype="bfloat16",
+                             recompute=recompute, eval_batches=1, lr=1e-4)
+        record = {"side": "ours", "kind": "train_step", "variant": f"{kernel}, recompute {recompute}",
+                  "kernel": kernel, "recompute": recompute, "batch": B, "seq_len": S, "shape": args.shape}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = Trainer(model, stream, stream[: 2 * B * (S + 1)], cfg, tmp, tmp, progress=False)
+                trainer._build_steps()
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                times, losses = [], []
+                for step in range(args.warmup + args.steps):
+                    x, y = trainer.batches.next()
+                    t = time.perf_counter()
+                    loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                    mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                    dt = time.perf_counter() - t
+                    losses.append(loss.item())
+                    if step >= args.warmup:
+                        times.append(dt)
+                    elif step == 0:
+                        record["first_step_s"] = dt
+                    if time.time() > deadline and len(times) >= 2:
+                        break
+                record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB, losses=losses)
+                del trainer
+        except Exception as err:  # e.g. out of memory: report it and go on
+            record["error"] = repr(err)[:800]
+        _emit(out, record)
+        mx.clear_cache()
+
+
+def kernel_profile(args, out: Path) -> None:
+    """One layer's mLSTM kernel alone at the run's shape (bf16 q, k, v): forward, and forward +
+    backward (a loss on h), compiled, median of 10 after a warm-up; peak memory of each."""
+    import mlx.core as mx
+
+    from xlstm_metal.benchmark import shape_config, median_seconds
+    from xlstm_metal.kernels import get_mlstm_kernel
+
+    config = shape_config(args.shape)
+    B, S, NH = args.batch, args.seq_len, config.num_heads
+    dqk, dv = config.qk_head_dim, config.v_head_dim
+    mx.random.seed(0)
+    q, k = (mx.random.normal((B, NH, S, dqk)).astype(mx.bfloat16) for _ in range(2))
+    v = mx.random.normal((B, NH, S, dv)).astype(mx.bfloat16)
+    i = mx.random.normal((B, NH, S)).astype(mx.bfloat16) - 5
+    f = mx.random.normal((B, NH, S)).astype(mx.bfloat16) + 3
+    w = mx.random.normal((B, NH, S, dv))
+    mx.eval(q, k, v, i, f, w)
+    for name in args.profile_kernels.split(","):
+        kernel = get_mlstm_kernel(name)
+
+        def loss(q, k, v, i, f, kernel=kernel):
+            h, _ = kernel(q, k, v, i, f, None, chunk_size=args.chunk_size)
+            return mx.sum(h.astype(mx.float32) * w)
+
+        fwd = mx.compile(lambda *a, kernel=kernel: kernel(*a, None, chunk_size=args.chunk_size)[0])
+        both = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+        record = {"side": "ours", "kind": "kernel_profile", "kernel": name, "shape": args.shape, "batch": B,
+                  "seq_len": S, "chunk_size": args.chunk_size}
+        try:
+            for part, fn in (("forward", fwd), ("forward+backward", both)):
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                record[f"{part}_ms"] = 1000 * median_seconds(lambda fn=fn: fn(q, k, v, i, f), 10)
+                record[f"{part}_peak_gb"] = mx.get_peak_memory() / _GB
+        except Exception as err:
+            record["error"] = repr(err)[:800]
+        _emit(out, record)
+
+
+# ------------------------------------------------------------------------------- official
+def worker_official(args) -> None:
+    import torch
+    import torch.nn.functional as F
+    import xlstm
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    out = Path(args.worker_out)
+    deadline = time.time() + args.budget
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    _emit(out, {"side": "official", "kind": "env", "torch": torch.__version__, "xlstm": xlstm.__version__,
+                "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()})
+    B, S = args.batch, args.seq_len
+    cfg = xLSTMLargeConfig(
+        **SHAPES[args.shape], mode="train", chunk_size=args.chunk_size, return_last_states=True,  # False breaks its mLSTM layer
+        chunkwise_kernel="chunkwise--triton_limit_chunk" if cuda else "chunkwise--native_autograd",
+        sequence_kernel="native_sequence__triton" if cuda else "native_sequence__native",
+        step_kernel="triton" if cuda else "native", autocast_kernel_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    t0 = time.time()
+    with torch.device(dev):
+        model = xLSTMLarge(cfg)
+    _emit(out, {"side": "official", "kind": "build", "seconds": time.time() - t0,
+                "params": sum(p.numel() for p in model.parameters())})
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    for compiled in args.official_compile.split(","):
+        if time.time() > deadline:
+            break
+        compiled = compiled == "on"
+        record = {"side": "official", "kind": "train_step", "batch": B, "seq_len": S, "shape": args.shape,
+                  "variant": "Triton chunkwise--triton_limit_chunk, autocast bf16, fused AdamW"
+                             + (", torch.compile" if compiled else ", eager"),
+                  "compiled": compiled}
+        try:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                    fused=cuda)
+            net = torch.compile(model) if compiled else model
+
+            def step(x, y):
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    logits = net(x)
+                    if isinstance(logits, tuple):
+                        logits = logits[0]
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss, grad_norm
+
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times, losses = [], []
+            for i in range(args.warmup + args.steps):
+                ids = torch.randint(0, cfg.vocab_size, (B, S + 1), device=dev, generator=gen)
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                loss, _ = step(ids[:, :-1], ids[:, 1:])
+                losses.append(loss.item())  # synchronises
+                dt = time.perf_counter() - t
+                if i >= args.warmup:
+                    times.append(dt)
+                elif i == 0:
+                    record["first_step_s"] = dt
+                if time.time() > deadline and len(times) >= 2:
+                    break
+            record.update(_summary(times, B * S), losses=losses,
+                          peak_mem_gb=torch.cuda.max_memory_allocated() / _GB if cuda else None)
+            del opt
+        except Exception as err:
+            record["error"] = repr(err)[:800]
+        _emit(out, record)
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------- driver
+def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(jsonl),
+           "--shape", args.shape, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size),
+           "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
+           "--profile-kernels", args.profile_kernels]
+    try:
+        proc = subprocess.run(cmd, timeout=budget + 90, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[{side}] exit {proc.returncode}: {proc.stderr[-3000:]}", file=sys.stderr)
+    except subprocess.TimeoutExpired:
+        print(f"[{side}] timed out after {budget + 90:.0f} s", file=sys.stderr)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--variants", default="chunkwise_fused/none",
+                   help="ours: comma-separated KERNEL/RECOMPUTE (recompute: none, head, blocks)")
+    p.add_argument("--official-compile", default="off", help="official: comma-separated off/on (torch.compile)")
+    p.add_argument("--profile-kernels", default="",
+                   help="ours: first time these kernels alone (one layer, forward and forward + backward), "
+                        "e.g. chunkwise_fused,chunkwise_scan")
+    p.add_argument("--sides", default="ours,official")
+    p.add_argument("--budget", type=float, default=120, help="seconds per side (a side stops starting work after)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "ours":
+        worker_ours(args)
+        return 0
+    if args.worker == "official":
+        worker_official(args)
+        return 0
+    if args.out.exists() and not args.overwrite:
+        print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = args.out.with_suffix(".jsonl")
+    if jsonl.exists():
+        jsonl.unlink()
+    for side in args.sides.split(","):
+        _run_worker(side, args, args.budget, jsonl)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    steps = [r for r in records if r.get("kind") == "train_step" and "tok_s" in r]
+    best = {side: max((r for r in steps if r["side"] == side), key=lambda r: r["tok_s"], default=None)
+            for side in ("ours", "official")}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+              "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "records": records}
+    if best["ours"] and best["official"]:
+        result["ratio_tok_s"] = best["ours"]["tok_s"] / best["official"]["tok_s"]
+    tmp = tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp")
+    with tmp:
+        json.dump(result, tmp, indent=1)
+    os.replace(tmp.name, args.out)
+    for r in steps:
+        print(f"{r['side']:9s} {r['variant']:70s} {r['tok_s']:10,.0f} tok/s  peak {r['peak_mem_gb']} GB")
+    if "ratio_tok_s" in result:
+        print(f"ratio (best of each side): {result['ratio_tok_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The chunkwise kernel's own vjp (kernels/fast/chunkwise_grad.py) against MLX's autodiff of the
+reference, and training through it (kernel ``chunkwise_fused``).
+
+On the CPU the forward is ``chunkwise_scan`` but the custom vjp runs (the tests check it is the
+one called); on CUDA the forward is the fused kernels (tests marked ``cuda`` skip elsewhere).
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import xlstm_metal  # noqa: F401  (BLAS preload before mlx use)
+from xlstm_metal.kernels.fast import chunkwise_grad
+from xlstm_metal.kernels.fast.chunkwise_fused import fused_chunkwise_supported, mlstm_chunkwise_fused
+from xlstm_metal.kernels.fast.step import cuda_available
+from xlstm_metal.kernels.mlstm import mlstm_chunkwise
+from xlstm_metal.models.xlstm_large import xLSTMLarge
+from xlstm_metal.training.checkpoint import checkpoint_dirs
+from xlstm_metal.training.trainer import Trainer, TrainingConfig, init_xlstm_large
+
+from conftest import tiny_config
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _inputs(seed, B=2, NH=3, S=37, DQK=8, DV=12, gate_scale=3.0, dtype=mx.float32):
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape, scale=1.0, shift=0.0, dt=mx.float32):
+        return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dt)
+
+    q, k, v = arr(B, NH, S, DQK, dt=dtype), arr(B, NH, S, DQK, dt=dtype), arr(B, NH, S, DV, dt=dtype)
+    i, f = arr(B, NH, S, scale=gate_scale), arr(B, NH, S, scale=gate_scale, shift=2.0)
+    state = (arr(B, NH, DQK, DV), arr(B, NH, DQK), arr(B, NH, 1))
+    weights = (arr(B, NH, S, DV), arr(B, NH, DQK, DV), arr(B, NH, DQK))
+    return [q, k, v, i, f, *state], weights
+
+
+def _grads(kernel, args, weights, *, with_state, continued, chunk):
+    """Gradients w.r.t. (q, k, v, i, f, C0, n0, m0) of a loss on h and, with ``continued``, on
+    the h of a second segment that starts from the returned state (the reference runs it)."""
+    wh = weights[0]
+
+    def loss(q, k, v, i, f, C0, n0, m0):
+        h, state = kernel(q, k, v, i, f, (C0, n0, m0) if with_state else None, chunk_size=chunk)
+        total = mx.sum(h.astype(mx.float32) * wh)
+        if continued:
+            h2, _ = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=chunk)
+            total = total + mx.sum(h2.astype(mx.float32) * wh)
+        return total
+
+    return mx.grad(loss, argnums=tuple(range(8)))(*args)
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+@pytest.fixture
+def counted_backward(monkeypatch):
+    """Counts calls of the custom vjp (so a test knows MLX did not differentiate the forward)."""
+    calls = []
+    original = chunkwise_grad._backward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chunkwise_grad, "_backward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("S,chunk", [(37, 16), (64, 16), (20, 64)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_custom_vjp_equals_autodiff_of_reference(S, chunk, with_state, counted_backward):
+    """Against MLX's autodiff of the loop reference to 5e-5 (the ops kernels' own spread:
+    autodiff of chunkwise_scan or of the quadratic form differs from it by up to ~4e-5) and of
+    chunkwise_scan, whose forward the CPU path shares, to 1e-5."""
+    from xlstm_metal.kernels.fast.chunkwise import mlstm_chunkwise_scan
+
+    args, weights = _inputs(S + chunk, S=S)
+    ours = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=False, chunk=chunk)
+    assert counted_backward, "the custom vjp did not run"
+    for kernel, tol in ((mlstm_chunkwise, 5e-5), (mlstm_chunkwise_scan, 1e-5)):
+        ref = _grads(kernel, args, weights, with_state=with_state, continued=False, chunk=chunk)
+        for name, a, b in zip("q k v i f C0 n0 m0".split(), ours, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            if not with_state and name in ("C0", "n0", "m0"):
+                continue  # no state given: the zeros made inside get no gradient
+            assert _rel(a, b) <= tol, (kernel.__name__, name, _rel(a, b))
+    assert float(mx.max(mx.abs(ours[4]))) > 1e-3  # the forget gates do get gradient
+
+
+@pytest.mark.parametrize("gate_scale", [1.0, 12.0])
+def test_gradient_through_the_returned_state(gate_scale, counted_backward):
+    """A second segment continuing from the returned state: gradients reach the first segment's
+    inputs through (C, n, m) as through the reference. Saturated gates (i~ up to ~30) make the
+    stabiliser m take over from the running max. Both sides' forward states differ by float32
+    round-off, which the second segment amplifies a little: tolerance 3e-5."""
+    args, weights = _inputs(5, gate_scale=gate_scale)
+    ours = _grads(mlstm_chunkwise_fused, args, weights, with_state=True, continued=True, chunk=16)
+    ref = _grads(mlstm_chunkwise, args, weights, with_state=True, continued=True, chunk=16)
+    assert counted_backward
+    for name, a, b in zip("q k v i f C0 n0 m0".split(), ours, ref):
+        assert _rel(a, b) <= 3e-5, (name, _rel(a, b))
+
+
+def test_custom_vjp_under_compile():
+    args, weights = _inputs(11)
+    eager = _grads(mlstm_chunkwise_fused, args, weights, with_state=True, continued=False, chunk=16)
+
+    compiled = mx.compile(lambda *a: _grads(mlstm_chunkwise_fused, list(a), weights, with_state=True,
+                                            continued=False, chunk=16))(*args)
+    for a, b in zip(compiled, eager):
+        assert _rel(a, b) <= 1e-6
+
+
+def _train_losses(tmp_path, kernel, recompute="none", dtype="float32", steps=4, chunk=16, **shape):
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 97, 6000).astype(np.int32)
+    model = xLSTMLarge(tiny_config(chunkwise_kernel=kernel, chunk_size=chunk, **shape))
+    init_xlstm_large(model, 0)
+    cfg = TrainingConfig(seq_len=40, batch_size=2, steps=steps, lr=3e-3, warmup=1, eval_every=100, eval_batches=1,
+                         save_every=1000, log_every=1, dtype=dtype, recompute=recompute)
+    trainer = Trainer(model, stream[:5000], stream[5000:], cfg, tmp_path / f"{kernel}-{recompute}", tmp_path,
+                      progress=False)
+    return [loss for _, loss in trainer.train().losses]
+
+
+def test_training_through_the_custom_vjp_matches_the_reference(tmp_path, counted_backward):
+    reference = _train_losses(tmp_path, "chunkwise")
+    fast = _train_losses(tmp_path, "chunkwise_fused")
+    assert counted_backward
+    assert len(fast) == 4 and fast[0] > math.log(97) - 1
+    np.testing.assert_allclose(fast, reference, rtol=2e-5)
+
+
+def test_recomputed_activations_give_the_same_losses(tmp_path):
+    plain = _train_losses(tmp_path, "chunkwise_fused", steps=3)
+    for recompute in ("head", "blocks"):
+        assert _train_losses(tmp_path, "chunkwise_fused", recompute, steps=3) == plain, recompute
+
+
+def test_bad_recompute_setting_is_refused():
+    with pytest.raises(ValueError, match="recompute must be one of none, head, blocks"):
+        TrainingConfig(recompute="all").validate()
+
+
+# ------------------------------------------------------------------------------------ CUDA
+@cuda
+@pytest.mark.parametrize("S,with_state", [(256, False), (200, True)])
+def test_fused_custom_vjp_equals_autodiff_of_reference(S, with_state):
+    """bf16 q, k, v (the fused kernels' inputs) at head sizes the kernels take; float32 gates
+    and state. Gradients w.r.t. bf16 inputs are bf16 on both sides: equal to one bf16 ulp."""
+    args, weights = _inputs(S, B=2, NH=2, S=S, DQK=64, DV=128, dtype=mx.bfloat16)
+    assert fused_chunkwise_supported(args[0], args[2], 64)
+    ours = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=False, chunk=64)
+    ref = _grads(mlstm_chunkwise, args, weights, with_state=with_state, continued=False, chunk=64)
+    for name, a, b in zip("q k v i f C0 n0 m0".split(), ours, ref):
+        assert a.dtype == b.dtype, name
+        if not with_state and name in ("C0", "n0", "m0"):
+            continue
+        if a.dtype == mx.bfloat16:
+            a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+            assert np.all(np.abs(a32 - b32) <= 2**-7 * np.abs(b32) + 1e-6 * np.abs(b32).max()), name
+        else:
+            assert _rel(a, b) <= 2e-5, (name, _rel(a, b))
+
+
+@cuda
+def test_fused_training_matches_the_reference_on_cuda(tmp_path):
+    # DQK 64, DV 128: sizes the fused kernels take.
+    shape = dict(embedding_dim=256, num_heads=2, chunk=32)
+    reference = _train_losses(tmp_path, "chunkwise", dtype="bfloat16", **shape)
+    fast = _train_losses(tmp_path, "chunkwise_fused", dtype="bfloat16", **shape)
+    np.testing.assert_allclose(fast, reference, rtol=2e-3)
+    assert checkpoint_dirs(tmp_path / "chunkwise_fused-none")

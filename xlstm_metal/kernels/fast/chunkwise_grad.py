@@ -1,0 +1,188 @@
+"""Gradients of the chunkwise mLSTM for the fused kernels: ``mx.custom_function`` with its own vjp.
+
+``mx.fast.cuda_kernel`` has no vjp, so :func:`mlstm_chunkwise_fused` runs through
+:func:`chunkwise_differentiable`: the forward is the fused CUDA kernels (``chunkwise_scan``
+where they do not run: CPU, Metal, other dtypes or sizes) and keeps nothing but its inputs and
+outputs; the backward recomputes what it needs from them and never holds a layer's per-chunk
+states longer than its own few steps:
+
+1. the state entering every chunk (C, n, m), again by the fused states kernel (or the
+   closed form of :func:`~xlstm_metal.kernels.fast.chunkwise.scan_states`);
+2. phase 2 (outputs within each chunk from the entering state, the reference's
+   ``_parallel_outputs``) differentiated by ``mx.vjp`` with the stabiliser m held fixed:
+   dq, the intra-chunk parts of dk, dv and of the gates, and the cotangents dC_c, dn_c of the
+   entering states;
+3. phase 1 (the states) by hand. C_c = exp(P_c + m_0 - m_c) C_0 + sum_{j<c} w_cj X_j with
+   X_j = sum_t exp(a_jt - a*_j) k_jt v_jt^T, so with G_j = sum_{c>j} w_cj dC_c (one matmul over
+   chunks, the final state's cotangent the last row):
+   dk_jt += e_jt (G_j v_jt + Gn_j), dv_jt += e_jt G_j^T k_jt, e_jt = exp(a_jt - a*_j);
+   the log weight of (j, t) gets k_jt . dk_jt (its input gate and, negated, the cumulative
+   forget gate at t), the cumulative forget gate at the end of chunk c-1 gets
+   <dC_c, C_c> + <dn_c, n_c>; the chunk cumsums and logsigmoid are then differentiated by
+   ``mx.vjp`` of the reference's gate prep.
+
+Why holding m fixed is exact: (C, n, m) stands for (C e^m, n e^m) and h = C q / max(|n q|,
+e^{-m}) does not change when m moves with C and n, so every path through m carries zero
+gradient; the reference's autodiff, which differentiates through the max that picks m,
+gives the same numbers to float32 round-off (tests/test_chunkwise_grad.py). The same holds for
+a returned state's m when whatever uses the state reads it as that product (the kernels
+continuing from it do); the cotangent of the returned m alone is not propagated.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_gates, chunk_inputs
+from .chunkwise import chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
+
+_functions: dict[tuple[float, int, bool], Callable] = {}
+
+
+def _chunked(x: mx.array, L: int, NC: int) -> mx.array:
+    """[B, NH, S, D] -> [B, NH, NC, L, D], zero-padded to NC * L steps."""
+    B, NH, S, D = x.shape
+    if NC * L != S:
+        x = mx.pad(x, [(0, 0), (0, 0), (0, NC * L - S), (0, 0)])
+    return x.reshape(B, NH, NC, L, D)
+
+
+def _unchunked(x: mx.array, S: int) -> mx.array:
+    B, NH, NC, L, D = x.shape
+    return x.reshape(B, NH, NC * L, D)[:, :, :S]
+
+
+def _forward(q, k, v, i, f, C0, n0, m0, eps: float, L: int, fused: bool):
+    """h [B, NH, S, DV] (q's dtype) and the final state (float32)."""
+    if not fused:
+        h, final = mlstm_chunkwise_scan(q, k, v, i, f, (C0, n0, m0), eps=eps, chunk_size=L, state_dtype=None)
+        return (h, *final)
+    from .chunkwise_fused import chunk_gates as kernel_gates
+    from .chunkwise_fused import chunk_outputs, chunk_states
+
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    bcum, igc = kernel_gates(i, f, L)
+    C_enter, n_enter, m_enter, final = chunk_states(k, v, bcum, igc, (C0, n0, m0))
+    h = chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, eps, q.dtype)
+    return (h, *final)
+
+
+def _entering_states(q, k, v, i, f, C0, n0, m0, L: int, fused: bool):
+    """(C, n, m) entering every chunk: [B, NH, NC, DQK, DV], [B, NH, NC, DQK], [B, NH, NC]."""
+    if fused:
+        from .chunkwise_fused import chunk_gates as kernel_gates
+        from .chunkwise_fused import chunk_states
+
+        C_enter, n_enter, m_enter, _ = chunk_states(k.astype(q.dtype), v.astype(q.dtype), *kernel_gates(i, f, L),
+                                                    (C0, n0, m0))
+        return C_enter, n_enter, m_enter
+    C_enter, n_enter, m_enter, _ = scan_states(chunk_inputs(q, k, v, i, f, L), C0, n0, m0)
+    return C_enter, n_enter, m_enter[..., 0]
+
+
+def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool):
+    q, k, v, i, f, C0, n0, m0 = primals
+    dh, dC_f, dn_f, _dm_f = cotangents
+    _h, C_f, n_f, m_f = outputs
+    B, NH, S, dqk = q.shape
+    NC = -(-S // L)
+    f32 = mx.float32
+    C_enter, n_enter, m_enter = (mx.stop_gradient(x) for x in _entering_states(q, k, v, i, f, C0, n0, m0, L, fused))
+    bcum, igc = chunk_gates(i, f, L)  # [B, NH, NC, L]
+
+    # Phase 2 (outputs within each chunk), m held fixed.
+    m_fixed = m_enter[..., None]
+
+    def outputs_phase(qf, kf, vf, b, ig, Ce, ne):
+        qc = _chunked(qf * (dqk**-0.5), L, NC)
+        return _parallel_outputs(qc, _chunked(kf, L, NC), _chunked(vf, L, NC), b, ig, Ce, ne, m_fixed, eps)
+
+    kf, vf = k.astype(f32), v.astype(f32)
+    (_, grads) = mx.vjp(outputs_phase, [q.astype(f32), kf, vf, bcum, igc, C_enter, n_enter],
+                        [_chunked(dh.astype(f32), L, NC)])
+    dq, dk, dv, db, dig, dC_enter, dn_enter = grads
+
+    # Phase 1 (states across chunks): rows c = 0..NC of the cotangents, the final state last.
+    g = bcum[..., -1]
+    a = g[..., None] - bcum + igc  # [B, NH, NC, L]
+    a_max = mx.max(a, axis=-1)
+    P = chunk_prefix(g)
+    m_all = mx.concatenate([m_enter, m_f.astype(f32)], axis=-1)  # [B, NH, NC+1]
+    w = chunk_weights(P, a_max, m_all)  # [B, NH, NC+1, NC]
+    dC_all = mx.concatenate([dC_enter, dC_f.astype(f32)[:, :, None]], axis=2).reshape(B, NH, NC + 1, -1)
+    dn_all = mx.concatenate([dn_enter, dn_f.astype(f32)[:, :, None]], axis=2)
+    wT = mx.swapaxes(w, -1, -2)
+    G = (wT @ dC_all).reshape(dC_enter.shape)  # [B, NH, NC, DQK, DV]
+    Gn = wT @ dn_all  # [B, NH, NC, DQK]
+    e = mx.exp(a - a_max[..., None])[..., None]  # [B, NH, NC, L, 1]
+    kc, vc = _chunked(kf, L, NC), _chunked(vf, L, NC)
+    dk1 = e * (vc @ mx.swapaxes(G, -1, -2) + Gn[..., None, :])
+    dv1 = e * (kc @ G)
+    dk = dk + _unchunked(dk1, S)
+    dv = dv + _unchunked(dv1, S)
+    da = mx.sum(kc * dk1, axis=-1)  # [B, NH, NC, L]: the log weight of step (j, t)
+
+    decay0 = mx.exp(P + m0 - m_all)  # [B, NH, NC+1]
+    dC0 = (decay0[..., None, :] @ dC_all).reshape(C0.shape)
+    dn0 = (decay0[..., None, :] @ dn_all)[..., 0, :]
+    dm0 = (mx.sum(dC0 * C0, axis=(-2, -1)) + mx.sum(dn0 * n0, axis=-1))[..., None]
+
+    # Cumulative log forget gate F (global) at the end of chunk c-1 weighs the whole state
+    # entering chunk c; at step (j, t) it is minus the log weight of that step's write.
+    E = mx.sum(dC_enter * C_enter, axis=(-2, -1)) + mx.sum(dn_enter * n_enter, axis=-1)  # [B, NH, NC]
+    E_f = mx.sum(dC_f.astype(f32) * C_f, axis=(-2, -1)) + mx.sum(dn_f.astype(f32) * n_f, axis=-1)
+    E_ends = mx.concatenate([E[..., 1:], E_f[..., None]], axis=-1)  # chunk j's last step: c = j + 1
+    last = (mx.arange(L) == L - 1).astype(f32)
+    dF = E_ends[..., None] * last - da  # [B, NH, NC, L]
+    # F[j, t] = (sum of the earlier chunks' last b) + b[j, t]: back to the chunk cumsums b.
+    R = mx.sum(dF, axis=-1)
+    later = mx.cumsum(R, axis=-1, reverse=True) - R
+    db = db + dF + later[..., None] * last
+    dig = dig + da
+    _, (di, df) = mx.vjp(lambda i_, f_: chunk_gates(i_, f_, L), [i, f], [db, dig])
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), di.astype(i.dtype), df.astype(f.dtype),
+            dC0.astype(C0.dtype), dn0.astype(n0.dtype), dm0.astype(m0.dtype))
+
+
+def _differentiable(eps: float, L: int, fused: bool) -> Callable:
+    key = (float(eps), int(L), bool(fused))
+    fn = _functions.get(key)
+    if fn is None:
+
+        @mx.custom_function
+        def fn(q, k, v, i, f, C0, n0, m0):
+            return _forward(q, k, v, i, f, C0, n0, m0, eps, L, fused)
+
+        @fn.vjp
+        def fn_vjp(primals, cotangents, outputs):
+            return _backward(primals, cotangents, outputs, eps, L, fused)
+
+        _functions[key] = fn
+    return fn
+
+
+def chunkwise_differentiable(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    state_dtype: mx.Dtype | None = mx.float32,
+    fused: bool = False,
+) -> tuple[mx.array, MLSTMState]:
+    """Same contract as :func:`xlstm_metal.kernels.mlstm.mlstm_chunkwise`, differentiable by
+    the vjp above. ``fused``: forward by the CUDA kernels (the caller checks they run).
+
+    q, k [B, NH, S, DQK]; v [B, NH, S, DV]; i, f [B, NH, S]; state (C, n, m) or None.
+    Returns h [B, NH, S, DV] (q's dtype) and the final (C, n, m) in ``state_dtype``.
+    """
+    L = chunk_size if fused else min(chunk_size, q.shape[2])
+    C0, n0, m0 = _state_f32(q, v, state)
+    h, C, n, m = _differentiable(eps, L, fused)(q, k, v, i, f, C0, n0, m0)
+    return h, _cast_state((C, n, m), state_dtype)
