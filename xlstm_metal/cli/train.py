@@ -79,9 +79,10 @@ def add_parser(subparsers) -> None:
     o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (weights stay float32; default float32); use float32 on CPUs")
     o.add_argument("--seed", type=int, help="seed of initialisation, data order and sampling (default 0)")
-    o.add_argument("--recompute", choices=["none", "head", "blocks"],
-                   help="recompute activations in the backward pass instead of keeping them: the LM head and "
-                        "loss, or every block too (same losses, less memory, ~1/3 more compute; default none)")
+    o.add_argument("--recompute", choices=["none", "head", "mlstm", "ffn", "blocks"],
+                   help="recompute activations in the backward pass instead of keeping them (same losses, less "
+                        "memory, more compute): the LM head and loss; with them the mLSTM or the FFN half of "
+                        "every block; or whole blocks (~1/3 more compute); default none")
     add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")

@@ -35,7 +35,7 @@ from .data import DataPosition, PackedBatches, atomic_write_text, validation_win
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 #: What TrainingConfig.recompute may name.
-RECOMPUTE = ("none", "head", "blocks")
+RECOMPUTE = ("none", "head", "mlstm", "ffn", "blocks")
 #: Longest automatic warmup (steps); shorter runs warm up for a tenth of their steps.
 AUTO_WARMUP_CAP = 100
 
@@ -63,7 +63,8 @@ class TrainingConfig:
     log_every: int = 10
     seed: int = 0
     # Activations recomputed in the backward pass instead of kept: "none", "head" (LM head and
-    # loss) or "blocks" (every block, and the head). Same numbers, less memory, more compute.
+    # loss), "mlstm" / "ffn" (that half of every block, its pre-norm included, and the head) or
+    # "blocks" (every block, and the head). Same numbers, less memory, more compute.
     recompute: str = "none"
     probe_steps: int = 20               # steps timed to size a max_time run
     # From step ``reschedule_step`` the schedule starts at ``reschedule_lr`` (see make_schedule):
@@ -245,10 +246,39 @@ def _checkpointed(modules: list[nn.Module], fn: Callable) -> Callable:
     return lambda *args: run([m.trainable_parameters() for m in modules], *args)
 
 
+def _block_runner(block: nn.Module, recompute: str) -> Callable:
+    """x [B, S, E] -> the block's output, with the part ``recompute`` names under checkpoint."""
+    from ..blocks.xlstm_large import mLSTMBlock
+
+    if recompute == "blocks" or (recompute in ("mlstm", "ffn") and not isinstance(block, mLSTMBlock)):
+        return _checkpointed([block], lambda x: block(x)[0])
+    if recompute not in ("mlstm", "ffn"):
+        return lambda x: block(x)[0]
+
+    # mLSTMBlock.__call__ (pre-norm mLSTM layer, residual, pre-norm FFN, residual) with one half
+    # under checkpoint.
+    def mlstm(x):
+        return block.mlstm_layer(block.norm_mlstm(x))[0]
+
+    def ffn(x):
+        return block.ffn(block.norm_ffn(x))
+
+    if recompute == "mlstm":
+        mlstm = _checkpointed([block.norm_mlstm, block.mlstm_layer], mlstm)
+    else:
+        ffn = _checkpointed([block.norm_ffn, block.ffn], ffn)
+
+    def run(x):
+        x = x + mlstm(x)
+        return x + ffn(x)
+
+    return run
+
+
 def _recomputing_forward(model, recompute: str) -> Callable | None:
-    """(inputs [B, S], targets [B, S]) -> loss for an xLSTM-Large whose blocks ("blocks") and
-    LM head + loss ("head", "blocks") run under ``mx.checkpoint``; None for other models or
-    ``recompute="none"``: the plain forward."""
+    """(inputs [B, S], targets [B, S]) -> loss for an xLSTM-Large with the LM head + loss and the
+    parts of each block that ``recompute`` names under ``mx.checkpoint``; None for other models
+    or ``recompute="none"``: the plain forward."""
     backbone = getattr(model, "backbone", None)
     if recompute == "none" or backbone is None or not hasattr(model, "_logits"):
         return None
@@ -260,8 +290,7 @@ def _recomputing_forward(model, recompute: str) -> Callable | None:
             x = backbone.out_norm(x)
         return cross_entropy(model._logits(x), targets)
 
-    blocks = [_checkpointed([b], lambda x, b=b: b(x)[0]) if recompute == "blocks" else (lambda x, b=b: b(x)[0])
-              for b in backbone.blocks]
+    blocks = [_block_runner(b, recompute) for b in backbone.blocks]
 
     def forward(inputs, targets):
         x = backbone.embeddings(inputs)
