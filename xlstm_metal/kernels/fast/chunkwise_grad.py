@@ -38,7 +38,7 @@ import mlx.core as mx
 from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_gates, chunk_inputs
 from .chunkwise import chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
 
-_functions: dict[tuple[float, int, bool], Callable] = {}
+_functions: dict[tuple[float, int, bool, bool], Callable] = {}
 
 
 def _chunked(x: mx.array, L: int, NC: int) -> mx.array:
@@ -82,7 +82,7 @@ def _entering_states(q, k, v, i, f, C0, n0, m0, L: int, fused: bool):
     return C_enter, n_enter, m_enter[..., 0]
 
 
-def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool):
+def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool, has_state: bool):
     q, k, v, i, f, C0, n0, m0 = primals
     dh, dC_f, dn_f, _dm_f = cotangents
     _h, C_f, n_f, m_f = outputs
@@ -124,13 +124,18 @@ def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool):
     dv = dv + _unchunked(dv1, S)
     da = mx.sum(kc * dk1, axis=-1)  # [B, NH, NC, L]: the log weight of step (j, t)
 
-    decay0 = mx.exp(P + m0 - m_all)  # [B, NH, NC+1]
-    dC0 = (decay0[..., None, :] @ dC_all).reshape(C0.shape)
-    dn0 = (decay0[..., None, :] @ dn_all)[..., 0, :]
-    dm0 = (mx.sum(dC0 * C0, axis=(-2, -1)) + mx.sum(dn0 * n0, axis=-1))[..., None]
+    if has_state:
+        decay0 = mx.exp(P + m0 - m_all)  # [B, NH, NC+1]
+        dC0 = (decay0[..., None, :] @ dC_all).reshape(C0.shape)
+        dn0 = (decay0[..., None, :] @ dn_all)[..., 0, :]
+        dm0 = (mx.sum(dC0 * C0, axis=(-2, -1)) + mx.sum(dn0 * n0, axis=-1))[..., None]
+    else:  # the zero state made by the caller: its gradient is never read
+        dC0, dn0, dm0 = mx.zeros_like(C0), mx.zeros_like(n0), mx.zeros_like(m0)
 
     # Cumulative log forget gate F (global) at the end of chunk c-1 weighs the whole state
-    # entering chunk c; at step (j, t) it is minus the log weight of that step's write.
+    # entering chunk c; at step (j, t) it is minus the log weight of that step's write. (Also
+    # the gradient w.r.t. the entering m if phase 2 took it as an input, but that path runs
+    # through the max that picks m: more round-off, ~1e-4 at saturated gates.)
     E = mx.sum(dC_enter * C_enter, axis=(-2, -1)) + mx.sum(dn_enter * n_enter, axis=-1)  # [B, NH, NC]
     E_f = mx.sum(dC_f.astype(f32) * C_f, axis=(-2, -1)) + mx.sum(dn_f.astype(f32) * n_f, axis=-1)
     E_ends = mx.concatenate([E[..., 1:], E_f[..., None]], axis=-1)  # chunk j's last step: c = j + 1
@@ -146,8 +151,8 @@ def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool):
             dC0.astype(C0.dtype), dn0.astype(n0.dtype), dm0.astype(m0.dtype))
 
 
-def _differentiable(eps: float, L: int, fused: bool) -> Callable:
-    key = (float(eps), int(L), bool(fused))
+def _differentiable(eps: float, L: int, fused: bool, has_state: bool) -> Callable:
+    key = (float(eps), int(L), bool(fused), bool(has_state))
     fn = _functions.get(key)
     if fn is None:
 
@@ -157,7 +162,7 @@ def _differentiable(eps: float, L: int, fused: bool) -> Callable:
 
         @fn.vjp
         def fn_vjp(primals, cotangents, outputs):
-            return _backward(primals, cotangents, outputs, eps, L, fused)
+            return _backward(primals, cotangents, outputs, eps, L, fused, has_state)
 
         _functions[key] = fn
     return fn
@@ -184,5 +189,5 @@ def chunkwise_differentiable(
     """
     L = chunk_size if fused else min(chunk_size, q.shape[2])
     C0, n0, m0 = _state_f32(q, v, state)
-    h, C, n, m = _differentiable(eps, L, fused)(q, k, v, i, f, C0, n0, m0)
+    h, C, n, m = _differentiable(eps, L, fused, state is not None)(q, k, v, i, f, C0, n0, m0)
     return h, _cast_state((C, n, m), state_dtype)
