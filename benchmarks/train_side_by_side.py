@@ -186,7 +186,7 @@ def worker_official(args) -> None:
         if compiled not in names:
             raise SystemExit(f"--official-compile: {compiled!r} is not one of {', '.join(names)}")
         record = {"side": "official", "kind": "train_step", "batch": B, "seq_len": S, "shape": args.shape,
-                  "variant": "Triton chunkwise--triton_limit_chunk, autocast bf16, fused AdamW, " + names[compiled],
+                  "variant": f"{cfg.chunkwise_kernel}, autocast bf16, {'fused ' if cuda else ''}AdamW, {names[compiled]}",
                   "compiled": compiled}
         try:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -251,6 +251,41 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
         print(f"[{side}] timed out after {budget + 90:.0f} s", file=sys.stderr)
 
 
+def markdown(records: list[dict]) -> str:
+    """The table BENCHMARKS.md shows: every measured variant, tokens/s relative to the official's
+    best (eager or compiled)."""
+    env = {r["side"]: r for r in records if r.get("kind") == "env"}
+    builds = {r["side"]: r for r in records if r.get("kind") == "build"}
+    steps = [r for r in records if r.get("kind") == "train_step"]
+    official = max((r["tok_s"] for r in steps if r["side"] == "official" and "tok_s" in r), default=None)
+    lines = []
+    if "ours" in env:
+        e = env["ours"]
+        lines.append(f"- ours: MLX {e.get('mlx')}, xlstm-metal {e.get('xlstm_metal')}, {e.get('device_name') or e.get('device')}"
+                     + (f", {builds['ours']['params'] / 1e9:.3f}B parameters" if "ours" in builds else ""))
+    if "official" in env:
+        e = env["official"]
+        lines.append(f"- official: xlstm {e.get('xlstm')}, torch {e.get('torch')}, {e.get('device')}"
+                     + (f", {builds['official']['params'] / 1e9:.3f}B parameters" if "official" in builds else ""))
+    lines += ["", "| side | variant | tokens/s | step (ms) | peak memory (GB) | vs official |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in steps:
+        if "tok_s" not in r:
+            lines.append(f"| {r['side']} | {r['variant']} | failed: {r.get('error', '?')[:120]} | | | |")
+            continue
+        ratio = f"{r['tok_s'] / official:.2f}x" if official else "-"
+        peak = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
+        lines.append(f"| {r['side']} | {r['variant']} | {r['tok_s']:,.0f} | {1000 * r['step_s']:.1f} | {peak} | {ratio} |")
+    kernels = [r for r in records if r.get("kind") == "kernel_profile" and "forward_ms" in r]
+    if kernels:
+        lines += ["", "One layer's mLSTM kernel alone (bf16 q, k, v; compiled; median of 10):", "",
+                  "| kernel | forward (ms) | forward + backward (ms) | peak (GB) |", "| --- | ---: | ---: | ---: |"]
+        for r in kernels:
+            lines.append(f"| {r['kernel']} | {r['forward_ms']:.2f} | {r.get('forward+backward_ms', float('nan')):.2f} | "
+                         f"{r.get('forward+backward_peak_gb', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
@@ -270,9 +305,13 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=120, help="seconds per side (a side stops starting work after)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--markdown", type=Path, metavar="JSONL", help="print the tables of a run's records (.jsonl) and exit")
     p.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.markdown is not None:
+        print(markdown([json.loads(line) for line in args.markdown.read_text().splitlines() if line.strip()]))
+        return 0
     if args.worker == "ours":
         worker_ours(args)
         return 0
@@ -300,10 +339,7 @@ def main() -> int:
     with tmp:
         json.dump(result, tmp, indent=1)
     os.replace(tmp.name, args.out)
-    for r in steps:
-        print(f"{r['side']:9s} {r['variant']:70s} {r['tok_s']:10,.0f} tok/s  peak {r['peak_mem_gb']} GB")
-    if "ratio_tok_s" in result:
-        print(f"ratio (best of each side): {result['ratio_tok_s']:.2f}x")
+    print(markdown(records))
     return 0
 
 
