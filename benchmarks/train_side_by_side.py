@@ -66,6 +66,9 @@ def worker_ours(args) -> None:
     _emit(out, {"side": "ours", "kind": "env", **environment()})
     if args.profile_kernels:  # first: its peak memory is the kernel's alone
         kernel_profile(args, out)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        return
     B, S = args.batch, args.seq_len
     t0 = time.time()
     model = xLSTMLarge(shape_config(args.shape, chunk_size=args.chunk_size))
@@ -73,7 +76,7 @@ def worker_ours(args) -> None:
     vocab = model.config.vocab_size
     stream = np.random.default_rng(0).integers(0, vocab, size=B * (S + 1) * (args.steps + 4), dtype=np.int32)
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
-    for variant in filter(None, args.variants.split(",")):
+    for variant in variants:
         if time.time() > deadline:
             break
         kernel, recompute = variant.split("/")
