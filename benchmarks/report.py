@@ -714,6 +714,17 @@ def readme_speed_rows() -> list[str]:
     return lines
 
 
+def training_rows() -> list[str]:
+    """Training throughput beside the official (results/train_h200.json, train_side_by_side.py)."""
+    path = RESULTS / "train_h200.json"
+    if not path.exists():
+        return []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_side_by_side import report_section
+
+    return report_section(json.loads(path.read_text()))
+
+
 def render() -> str:
     results = {p: r for p in ("h200", "h100", "cpu") if (r := _load(p)) is not None}
     lines = [
@@ -757,6 +768,7 @@ def render() -> str:
     lines += cuda_quantized_rows()
     lines += slstm_2024_rows()
     lines += bf16_fidelity_rows()
+    lines += training_rows()
     for preset, res in results.items():
         ours_env, off_env = _env(res, "ours"), _env(res, "official")
         loads = [r["loadavg_1m"] for r in res["records"] if r.get("kind") == "load"]

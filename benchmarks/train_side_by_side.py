@@ -289,6 +289,39 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: Issue 19 item 3: tokens/s >= 1.25x the official's at no more than its peak memory.
+TARGET_RATIO = 1.25
+
+
+def report_section(result: dict) -> list[str]:
+    """BENCHMARKS.md's training section from a result file (``benchmarks/report.py`` calls it)."""
+    records = result["records"]
+    steps = [r for r in records if r.get("kind") == "train_step" and "tok_s" in r]
+    off = max((r for r in steps if r["side"] == "official"), key=lambda r: r["tok_s"], default=None)
+    ours = [r for r in steps if r["side"] == "ours"]
+    lines = ["", f"## {result.get('title', 'Training throughput')}", "",
+             f"- {result['date']}, {result.get('where', '')}".rstrip(", "),
+             f"- command: `{result['command']}`",
+             f"- one train step: forward, backward, global-norm clipping (1.0), AdamW; {result['shape']} shape, "
+             f"batch {result['batch']} x {result['seq_len']} tokens, float32 master weights, bf16 compute; random "
+             "tokens; tokens/s from the median step after warm-up; peak = the allocator's peak over the run "
+             "(weights and optimizer state included)", ""]
+    lines += markdown(records).splitlines()
+    if off is not None and ours:
+        fits = [r for r in ours if r.get("peak_mem_gb") is not None and r["peak_mem_gb"] <= off["peak_mem_gb"]]
+        best = max(fits or ours, key=lambda r: r["tok_s"])
+        ratio = best["tok_s"] / off["tok_s"]
+        met = ratio >= TARGET_RATIO and best["peak_mem_gb"] <= off["peak_mem_gb"]
+        status = "**met**" if met else (
+            f"not met: {TARGET_RATIO / ratio:.2f}x short" if ratio < TARGET_RATIO
+            else f"not met: peak {best['peak_mem_gb']:.1f} GB > {off['peak_mem_gb']:.1f} GB")
+        lines += ["", "| target | goal | measured | status |", "| --- | --- | --- | --- |",
+                  f"| training tokens/s at <= the official's peak memory ({off['peak_mem_gb']:.1f} GB) | "
+                  f">= {TARGET_RATIO}x official ({TARGET_RATIO * off['tok_s']:,.0f} tok/s) | {best['tok_s']:,.0f} tok/s "
+                  f"= {ratio:.2f}x, peak {best['peak_mem_gb']:.1f} GB ({best['variant']}) | {status} |"]
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
@@ -307,6 +340,8 @@ def main() -> int:
     p.add_argument("--sides", default="ours,official")
     p.add_argument("--budget", type=float, default=120, help="seconds per side (a side stops starting work after)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
+    p.add_argument("--title", default="Training throughput", help="section title in BENCHMARKS.md")
+    p.add_argument("--where", default="", help="where the run happened (round, machine), for BENCHMARKS.md")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--markdown", type=Path, metavar="JSONL", help="print the tables of a run's records (.jsonl) and exit")
     p.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
@@ -335,6 +370,7 @@ def main() -> int:
     best = {side: max((r for r in steps if r["side"] == side), key=lambda r: r["tok_s"], default=None)
             for side in ("ours", "official")}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+              "title": args.title, "where": args.where,
               "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "records": records}
     if best["ours"] and best["official"]:
         result["ratio_tok_s"] = best["ours"]["tok_s"] / best["official"]["tok_s"]
