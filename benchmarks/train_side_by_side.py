@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -241,17 +242,29 @@ def worker_official(args) -> None:
 
 # ---------------------------------------------------------------------------------- driver
 def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
+    """One side in its own process, its records appended to ``jsonl``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--worker-out", str(jsonl),
            "--shape", args.shape, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size),
            "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
            "--profile-kernels", args.profile_kernels]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(signum, _frame):  # killed from outside (a time limit): end the worker too, keep its records
+        proc.kill()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        proc = subprocess.run(cmd, timeout=budget + 90, capture_output=True, text=True)
+        _, err = proc.communicate(timeout=budget + 90)
         if proc.returncode != 0:
-            print(f"[{side}] exit {proc.returncode}: {proc.stderr[-3000:]}", file=sys.stderr)
+            print(f"[{side}] exit {proc.returncode}: {err[-3000:]}", file=sys.stderr)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         print(f"[{side}] timed out after {budget + 90:.0f} s", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def markdown(records: list[dict]) -> str:
@@ -322,6 +335,24 @@ def report_section(result: dict) -> list[str]:
     return lines
 
 
+def write_result(args, jsonl: Path) -> list[dict]:
+    """The run's records (``jsonl``) with its settings, as ``args.out`` (atomically)."""
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    steps = [r for r in records if r.get("kind") == "train_step" and "tok_s" in r]
+    best = {side: max((r for r in steps if r["side"] == side), key=lambda r: r["tok_s"], default=None)
+            for side in ("ours", "official")}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+              "title": args.title, "where": args.where,
+              "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "records": records}
+    if best["ours"] and best["official"]:
+        result["ratio_tok_s"] = best["ours"]["tok_s"] / best["official"]["tok_s"]
+    tmp = tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp")
+    with tmp:
+        json.dump(result, tmp, indent=1)
+    os.replace(tmp.name, args.out)
+    return records
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
@@ -339,6 +370,7 @@ def main() -> int:
                         "e.g. chunkwise_fused,chunkwise_scan")
     p.add_argument("--sides", default="ours,official")
     p.add_argument("--budget", type=float, default=120, help="seconds per side (a side stops starting work after)")
+    p.add_argument("--official-budget", type=float, default=None, help="the official side's, if not --budget")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
     p.add_argument("--title", default="Training throughput", help="section title in BENCHMARKS.md")
     p.add_argument("--where", default="", help="where the run happened (round, machine), for BENCHMARKS.md")
@@ -363,21 +395,12 @@ def main() -> int:
     jsonl = args.out.with_suffix(".jsonl")
     if jsonl.exists():
         jsonl.unlink()
-    for side in args.sides.split(","):
-        _run_worker(side, args, args.budget, jsonl)
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    steps = [r for r in records if r.get("kind") == "train_step" and "tok_s" in r]
-    best = {side: max((r for r in steps if r["side"] == side), key=lambda r: r["tok_s"], default=None)
-            for side in ("ours", "official")}
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-              "title": args.title, "where": args.where,
-              "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "records": records}
-    if best["ours"] and best["official"]:
-        result["ratio_tok_s"] = best["ours"]["tok_s"] / best["official"]["tok_s"]
-    tmp = tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp")
-    with tmp:
-        json.dump(result, tmp, indent=1)
-    os.replace(tmp.name, args.out)
+    try:
+        for side in args.sides.split(","):
+            budget = args.official_budget if side == "official" and args.official_budget else args.budget
+            _run_worker(side, args, budget, jsonl)
+    finally:  # also when stopped from outside: what was measured is kept
+        records = write_result(args, jsonl)
     print(markdown(records))
     return 0
 
