@@ -65,6 +65,8 @@ def worker_ours(args) -> None:
     out = Path(args.worker_out)
     deadline = time.time() + args.budget
     _emit(out, {"side": "ours", "kind": "env", **environment()})
+    if args.grad_check:
+        grad_check(args, out)
     if args.profile_kernels:  # first: its peak memory is the kernel's alone
         kernel_profile(args, out)
     variants = [v for v in args.variants.split(",") if v]
@@ -153,6 +155,51 @@ def kernel_profile(args, out: Path) -> None:
         except Exception as err:
             record["error"] = repr(err)[:800]
         _emit(out, record)
+
+
+def grad_check(args, out: Path) -> None:
+    """Gradients of ``chunkwise_fused`` (its custom vjp; on CUDA the fused kernels) against MLX's
+    autodiff of the reference and of ``chunkwise_scan``, eager, at the run's head sizes (the
+    train step's kernel instances, so their compilation is shared): max |a - b| / max |b| per
+    input; the scan-vs-reference spread calibrates (float32 GEMMs may run as TF32 here)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from xlstm_metal.benchmark import shape_config
+    from xlstm_metal.kernels.fast.chunkwise import mlstm_chunkwise_scan
+    from xlstm_metal.kernels.fast.chunkwise_fused import fused_chunkwise_supported, mlstm_chunkwise_fused
+    from xlstm_metal.kernels.mlstm import mlstm_chunkwise
+
+    config = shape_config(args.shape)
+    B, NH, S, dqk, dv = 1, 2, 256, config.qk_head_dim, config.v_head_dim
+    rng = np.random.default_rng(0)
+
+    def arr(*shape, scale=1.0, shift=0.0, dtype=mx.float32):
+        return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dtype)
+
+    q, k, v = (arr(B, NH, S, d, dtype=mx.bfloat16) for d in (dqk, dqk, dv))
+    i, f, w = arr(B, NH, S, scale=3.0), arr(B, NH, S, scale=3.0, shift=2.0), arr(B, NH, S, dv)
+
+    def grads(kernel):
+        def loss(q, k, v, i, f):
+            h, _ = kernel(q, k, v, i, f, None, chunk_size=args.chunk_size)
+            return mx.sum(h.astype(mx.float32) * w)
+
+        return mx.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, i, f)
+
+    def rel(a, b):
+        a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+        return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+    t0 = time.time()
+    ours, ref, scan = grads(mlstm_chunkwise_fused), grads(mlstm_chunkwise), grads(mlstm_chunkwise_scan)
+    mx.eval(ours, ref, scan)
+    names = ["q", "k", "v", "i", "f"]
+    _emit(out, {"side": "ours", "kind": "grad_check", "fused": fused_chunkwise_supported(q, v, args.chunk_size),
+                "shape": [B, NH, S, dqk, dv], "seconds": time.time() - t0,
+                "fused_vs_reference": dict(zip(names, map(rel, ours, ref))),
+                "fused_vs_scan": dict(zip(names, map(rel, ours, scan))),
+                "scan_vs_reference": dict(zip(names, map(rel, scan, ref)))})
 
 
 # ------------------------------------------------------------------------------- official
@@ -247,7 +294,7 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--shape", args.shape, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size),
            "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
-           "--profile-kernels", args.profile_kernels]
+           "--profile-kernels", args.profile_kernels] + (["--grad-check"] if args.grad_check else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def stop(signum, _frame):  # killed from outside (a time limit): end the worker too, keep its records
@@ -368,6 +415,8 @@ def main() -> int:
     p.add_argument("--profile-kernels", default="",
                    help="ours: first time these kernels alone (one layer, forward and forward + backward), "
                         "e.g. chunkwise_fused,chunkwise_scan")
+    p.add_argument("--grad-check", action="store_true",
+                   help="ours: first compare chunkwise_fused's gradients with the reference's at the run's head sizes")
     p.add_argument("--sides", default="ours,official")
     p.add_argument("--budget", type=float, default=120, help="seconds per side (a side stops starting work after)")
     p.add_argument("--official-budget", type=float, default=None, help="the official side's, if not --budget")

@@ -73,24 +73,41 @@ def counted_backward(monkeypatch):
     return calls
 
 
+def _reference_and_spread(args, weights, *, with_state, chunk):
+    """MLX's autodiff of the loop reference, and per input how far autodiff of the other ops
+    kernels (chunkwise_scan, the quadratic form) lands from it on this device: the float32
+    round-off its ops produce (~4e-5 on the CPU; a GPU's exp and reductions may differ)."""
+    from xlstm_metal.kernels.fast.chunkwise import mlstm_chunkwise_scan
+    from xlstm_metal.kernels.mlstm import mlstm_parallel
+
+    ref = _grads(mlstm_chunkwise, args, weights, with_state=with_state, continued=False, chunk=chunk)
+    spread = np.zeros(8)
+    for kernel in (mlstm_chunkwise_scan, mlstm_parallel):
+        other = _grads(kernel, args, weights, with_state=with_state, continued=False, chunk=chunk)
+        spread = np.maximum(spread, [_rel(a, b) for a, b in zip(other, ref)])
+    return ref, spread
+
+
 @pytest.mark.parametrize("S,chunk", [(37, 16), (64, 16), (20, 64)])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_custom_vjp_equals_autodiff_of_reference(S, chunk, with_state, counted_backward):
-    """Against MLX's autodiff of the loop reference to 5e-5 (the ops kernels' own spread:
-    autodiff of chunkwise_scan or of the quadratic form differs from it by up to ~4e-5) and of
-    chunkwise_scan, whose forward the CPU path shares, to 1e-5."""
+    """Against MLX's autodiff of the loop reference to 5e-5 or twice the ops kernels' own spread
+    on this device, whichever is larger; on the CPU against chunkwise_scan's autodiff, whose
+    forward this path shares, to 1e-5."""
     from xlstm_metal.kernels.fast.chunkwise import mlstm_chunkwise_scan
 
     args, weights = _inputs(S + chunk, S=S)
     ours = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=False, chunk=chunk)
     assert counted_backward, "the custom vjp did not run"
-    for kernel, tol in ((mlstm_chunkwise, 5e-5), (mlstm_chunkwise_scan, 1e-5)):
-        ref = _grads(kernel, args, weights, with_state=with_state, continued=False, chunk=chunk)
-        for name, a, b in zip("q k v i f C0 n0 m0".split(), ours, ref):
-            assert a.shape == b.shape and a.dtype == b.dtype, name
-            if not with_state and name in ("C0", "n0", "m0"):
-                continue  # no state given: the zeros made inside get no gradient
-            assert _rel(a, b) <= tol, (kernel.__name__, name, _rel(a, b))
+    ref, spread = _reference_and_spread(args, weights, with_state=with_state, chunk=chunk)
+    scan = _grads(mlstm_chunkwise_scan, args, weights, with_state=with_state, continued=False, chunk=chunk)
+    for j, (name, a, b, c) in enumerate(zip("q k v i f C0 n0 m0".split(), ours, ref, scan)):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if not with_state and name in ("C0", "n0", "m0"):
+            continue  # no state given: the zeros made inside get no gradient
+        assert _rel(a, b) <= max(5e-5, 2 * spread[j]), (name, _rel(a, b), spread[j])
+        if mx.default_device() == mx.cpu:
+            assert _rel(a, c) <= 1e-5, (name, _rel(a, c))
     assert float(mx.max(mx.abs(ours[4]))) > 1e-3  # the forget gates do get gradient
 
 
@@ -156,20 +173,22 @@ def test_bad_recompute_setting_is_refused():
 @pytest.mark.parametrize("S,with_state", [(256, False), (200, True)])
 def test_fused_custom_vjp_equals_autodiff_of_reference(S, with_state):
     """bf16 q, k, v (the fused kernels' inputs) at head sizes the kernels take; float32 gates
-    and state. Gradients w.r.t. bf16 inputs are bf16 on both sides: equal to one bf16 ulp."""
+    and state. Gradients w.r.t. bf16 inputs are bf16 on both sides: equal to one bf16 ulp, or
+    twice the ops kernels' spread on this device (relative to the largest gradient)."""
     args, weights = _inputs(S, B=2, NH=2, S=S, DQK=64, DV=128, dtype=mx.bfloat16)
     assert fused_chunkwise_supported(args[0], args[2], 64)
     ours = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=False, chunk=64)
-    ref = _grads(mlstm_chunkwise, args, weights, with_state=with_state, continued=False, chunk=64)
-    for name, a, b in zip("q k v i f C0 n0 m0".split(), ours, ref):
+    ref, spread = _reference_and_spread(args, weights, with_state=with_state, chunk=64)
+    for j, (name, a, b) in enumerate(zip("q k v i f C0 n0 m0".split(), ours, ref)):
         assert a.dtype == b.dtype, name
         if not with_state and name in ("C0", "n0", "m0"):
             continue
         if a.dtype == mx.bfloat16:
             a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-            assert np.all(np.abs(a32 - b32) <= 2**-7 * np.abs(b32) + 1e-6 * np.abs(b32).max()), name
+            atol = max(1e-6, 2 * spread[j]) * np.abs(b32).max()
+            assert np.all(np.abs(a32 - b32) <= 2**-7 * np.abs(b32) + atol), (name, np.abs(a32 - b32).max(), atol)
         else:
-            assert _rel(a, b) <= 2e-5, (name, _rel(a, b))
+            assert _rel(a, b) <= max(2e-5, 2 * spread[j]), (name, _rel(a, b), spread[j])
 
 
 @cuda
