@@ -107,6 +107,9 @@ def worker_ours(args) -> None:
                         times.append(dt)
                     elif step == 0:
                         record["first_step_s"] = dt
+                    # Progress (a time limit may end the process before the variant's record).
+                    _emit(out, {**record, "kind": "train_progress", "step": step + 1, "seconds": dt,
+                                "loss": losses[-1], "peak_mem_gb": mx.get_peak_memory() / _GB})
                     if time.time() > deadline and len(times) >= 2:
                         break
                 record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB, losses=losses)
