@@ -342,6 +342,13 @@ def markdown(records: list[dict]) -> str:
         ratio = f"{r['tok_s'] / official:.2f}x" if official else "-"
         peak = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
         lines.append(f"| {r['side']} | {r['variant']} | {r['tok_s']:,.0f} | {1000 * r['step_s']:.1f} | {peak} | {ratio} |")
+    for r in (r for r in records if r.get("kind") == "grad_check"):
+        names = list(r["fused_vs_reference"])
+        lines += ["", f"Gradients of `chunkwise_fused` (custom vjp; fused CUDA kernels: {r['fused']}) at [B, NH, S, DQK, "
+                  f"DV] = {r['shape']}, bf16 q, k, v, eager: max |a - b| / max |b| per input", "",
+                  "| compared | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        for key in ("fused_vs_reference", "fused_vs_scan", "scan_vs_reference"):
+            lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{r[key][n]:.1e}" for n in names) + " |")
     kernels = [r for r in records if r.get("kind") == "kernel_profile" and "forward_ms" in r]
     if kernels:
         lines += ["", "One layer's mLSTM kernel alone (bf16 q, k, v; compiled; median of 10):", "",
@@ -387,12 +394,13 @@ def report_section(result: dict) -> list[str]:
 
 def write_result(args, jsonl: Path) -> list[dict]:
     """The run's records (``jsonl``) with its settings, as ``args.out`` (atomically)."""
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    records = [r for r in records if r.get("kind") != "train_progress"]
     steps = [r for r in records if r.get("kind") == "train_step" and "tok_s" in r]
     best = {side: max((r for r in steps if r["side"] == side), key=lambda r: r["tok_s"], default=None)
             for side in ("ours", "official")}
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-              "title": args.title, "where": args.where,
+    result = {"date": args.date or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": args.command or " ".join(sys.argv), "title": args.title, "where": args.where,
               "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "records": records}
     if best["ours"] and best["official"]:
         result["ratio_tok_s"] = best["ours"]["tok_s"] / best["official"]["tok_s"]
@@ -428,9 +436,17 @@ def main() -> int:
     p.add_argument("--where", default="", help="where the run happened (round, machine), for BENCHMARKS.md")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--markdown", type=Path, metavar="JSONL", help="print the tables of a run's records (.jsonl) and exit")
+    p.add_argument("--assemble", type=Path, metavar="JSONL",
+                   help="write --out from records of workers run on their own (with --command, --date, --where)")
+    p.add_argument("--command", default=None, help="with --assemble: the command that measured the records")
+    p.add_argument("--date", default=None, help="with --assemble: when they were measured")
     p.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.assemble is not None:  # records of workers run on their own (a GPU round)
+        records = write_result(args, args.assemble)
+        print(markdown(records))
+        return 0
     if args.markdown is not None:
         print(markdown([json.loads(line) for line in args.markdown.read_text().splitlines() if line.strip()]))
         return 0
