@@ -556,8 +556,8 @@ def default_training_kernel() -> str:
 
 
 def _set_training_kernel(model, kernel: str) -> None:
-    """Point a loaded xLSTM-Large's parallel kernel cells at ``kernel`` (default: the MLX
-    chunkwise reference, which MLX differentiates)."""
+    """Point a loaded xLSTM-Large's parallel kernel cells at ``kernel`` (default: see
+    :func:`default_training_kernel`)."""
     from ..kernels import resolve_kernel_name
 
     try:
