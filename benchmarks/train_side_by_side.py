@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -79,8 +80,9 @@ def worker_ours(args) -> None:
     vocab = model.config.vocab_size
     stream = np.random.default_rng(0).integers(0, vocab, size=B * (S + 1) * (args.steps + 4), dtype=np.int32)
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
+    fits = False  # a variant so far peaked within --memory-target
     for variant in variants:
-        if time.time() > deadline:
+        if time.time() > deadline or (fits and args.memory_target):
             break
         kernel, recompute = variant.split("/")
         for block in model.blocks:
@@ -117,6 +119,7 @@ def worker_ours(args) -> None:
         except Exception as err:  # e.g. out of memory: report it and go on
             record["error"] = repr(err)[:800]
         _emit(out, record)
+        fits = fits or (args.memory_target is not None and record.get("peak_mem_gb", math.inf) <= args.memory_target)
         mx.clear_cache()
     if args.profile_kernels and time.time() < deadline:  # after the steps, if time is left (peak: the process's)
         kernel_profile(args, out)
@@ -299,7 +302,8 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--shape", args.shape, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size),
            "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
-           "--profile-kernels", args.profile_kernels] + (["--grad-check"] if args.grad_check else [])
+           "--profile-kernels", args.profile_kernels] + (["--grad-check"] if args.grad_check else []) \
+        + (["--memory-target", str(args.memory_target)] if args.memory_target is not None else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def stop(signum, _frame):  # killed from outside (a time limit): end the worker too, keep its records
@@ -423,6 +427,8 @@ def main() -> int:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--variants", default="chunkwise_fused/none",
                    help="ours: comma-separated KERNEL/RECOMPUTE (recompute: none, head, blocks)")
+    p.add_argument("--memory-target", type=float, default=None, metavar="GB",
+                   help="ours: stop trying further variants once one peaked within this (e.g. the official's peak)")
     p.add_argument("--official-compile", default="off",
                    help="official: comma-separated off (eager), on (torch.compile of the model), blocks (of each block)")
     p.add_argument("--profile-kernels", default="",
