@@ -248,20 +248,21 @@ def _checkpointed(modules: list[nn.Module], fn: Callable) -> Callable:
 
 def _block_runner(block: nn.Module, recompute: str) -> Callable:
     """x [B, S, E] -> the block's output, with the part ``recompute`` names under checkpoint."""
-    from ..blocks.xlstm_large import mLSTMBlock
+    from ..blocks.xlstm_large import _normed, mLSTMBlock
 
-    if recompute == "blocks" or (recompute in ("mlstm", "ffn") and not isinstance(block, mLSTMBlock)):
+    halves = recompute in ("mlstm", "ffn")
+    if recompute == "blocks" or (halves and not (isinstance(block, mLSTMBlock) and not block.mlstm_layer.fused)):
         return _checkpointed([block], lambda x: block(x)[0])
-    if recompute not in ("mlstm", "ffn"):
+    if not halves:
         return lambda x: block(x)[0]
 
-    # mLSTMBlock.__call__ (pre-norm mLSTM layer, residual, pre-norm FFN, residual) with one half
-    # under checkpoint.
+    # mLSTMBlock.__call__'s unfused path (pre-norm mLSTM layer, residual, pre-norm FFN, residual;
+    # training never fuses projections) with one half under checkpoint.
     def mlstm(x):
-        return block.mlstm_layer(block.norm_mlstm(x))[0]
+        return block.mlstm_layer(_normed(block.norm_mlstm(x), block.norm_mlstm))[0]
 
     def ffn(x):
-        return block.ffn(block.norm_ffn(x))
+        return block.ffn(_normed(block.norm_ffn(x), block.norm_ffn))
 
     if recompute == "mlstm":
         mlstm = _checkpointed([block.norm_mlstm, block.mlstm_layer], mlstm)
