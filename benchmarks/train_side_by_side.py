@@ -84,17 +84,20 @@ def worker_ours(args) -> None:
     for variant in variants:
         if time.time() > deadline or (fits and args.memory_target):
             break
-        kernel, recompute = variant.split("/")
+        kernel, recompute, *mode = variant.split("/")
+        eager = mode == ["eager"]
         for block in model.blocks:
             block.mlstm_layer.parallel_kernel_cell.kernel = kernel
         cfg = TrainingConfig(seq_len=S, batch_size=B, steps=args.steps + args.warmup, dtype="bfloat16",
                              recompute=recompute, eval_batches=1, lr=1e-4)
-        record = {"side": "ours", "kind": "train_step", "variant": f"{kernel}, recompute {recompute}",
-                  "kernel": kernel, "recompute": recompute, "batch": B, "seq_len": S, "shape": args.shape}
+        record = {"side": "ours", "kind": "train_step",
+                  "variant": f"{kernel}, recompute {recompute}, " + ("eager step" if eager else "compiled step"),
+                  "kernel": kernel, "recompute": recompute, "compiled": not eager, "batch": B, "seq_len": S,
+                  "shape": args.shape}
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = Trainer(model, stream, stream[: 2 * B * (S + 1)], cfg, tmp, tmp, progress=False)
-                trainer._build_steps()
+                trainer._build_steps(compiled=not eager)
                 mx.clear_cache()
                 mx.reset_peak_memory()
                 times, losses = [], []
@@ -102,6 +105,9 @@ def worker_ours(args) -> None:
                     x, y = trainer.batches.next()
                     t = time.perf_counter()
                     loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                    built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
+                    if step == 0:
+                        _emit(out, {**record, "kind": "train_progress", "step": 0, "graph_built_s": built})
                     mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
                     dt = time.perf_counter() - t
                     losses.append(loss.item())
@@ -110,7 +116,7 @@ def worker_ours(args) -> None:
                     elif step == 0:
                         record["first_step_s"] = dt
                     # Progress (a time limit may end the process before the variant's record).
-                    _emit(out, {**record, "kind": "train_progress", "step": step + 1, "seconds": dt,
+                    _emit(out, {**record, "kind": "train_progress", "step": step + 1, "seconds": dt, "graph_built_s": built,
                                 "loss": losses[-1], "peak_mem_gb": mx.get_peak_memory() / _GB})
                     if time.time() > deadline and len(times) >= 2:
                         break

@@ -501,7 +501,9 @@ class Trainer:
         self.total_steps = steps if steps is not None else old_total
 
     # -------------------------------------------------------------- compiled steps
-    def _build_steps(self) -> None:
+    def _build_steps(self, compiled: bool = True) -> None:
+        """The train and eval steps; ``compiled=False``: the train step runs eagerly (the same
+        ops, no kernel fusion; benchmarks use it where compiling costs too long)."""
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
         loss_fn = make_loss_fn(model, self.compute_dtype, cfg.recompute)
         grad_fn = mx.value_and_grad(loss_fn)
@@ -509,7 +511,6 @@ class Trainer:
         state = [model.state, optimizer.state, mx.random.state]
         group = self.group
 
-        @partial(mx.compile, inputs=state, outputs=state)
         def train_step(inputs, targets):
             params = model.trainable_parameters()
             loss, grads = grad_fn(params, inputs, targets)
@@ -524,6 +525,9 @@ class Trainer:
                 grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
             optimizer.update(model, grads)
             return loss, grad_norm
+
+        if compiled:
+            train_step = mx.compile(train_step, inputs=state, outputs=state)
 
         @partial(mx.compile, inputs=[model.state], outputs=[model.state])
         def eval_step(inputs, targets):
