@@ -47,8 +47,8 @@ recipes (--q-recipe):
                  (exact layer paths or glob patterns; "float_gates": false quantizes the i/f gates too)
 
 On CPUs quantization saves memory, not time: measured on a 2-core x86 machine, MLX's quantized
-matmul took 0.5-1.6x the time of a float32 matmul through OpenBLAS for 7B-sized layers at batch 1,
-6-11x for small layers, and 15-200x at 512 rows (BENCHMARKS.md). Quantize for Metal and NVIDIA
+matmul took 6.9-8.4x the time of a float32 matmul through OpenBLAS for 7B-sized layers at batch 1,
+3.3-3.7x for small layers, and 70-90x at 512 rows (BENCHMARKS.md). Quantize for Metal and NVIDIA
 GPUs, or to fit memory.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
