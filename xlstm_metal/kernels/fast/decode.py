@@ -33,7 +33,7 @@ import mlx.nn as nn
 from ...cells.activations import sigmoid
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm, soft_cap
 from ..mlstm import MLSTMState, mlstm_step, zero_state
-from .step import cuda_available
+from .step import GATE_STABILISER, cuda_available
 
 _enabled = os.environ.get("XLSTM_METAL_FUSED_DECODE", "1") != "0"
 
@@ -96,12 +96,7 @@ INPROJ_PROLOGUE
     // Gates, as the projection cell and the reference step compute them.
     const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
     const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
-    const float m_old = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
-    const float lf = fminf(fg, 0.0f) - log1pf(expf(-fabsf(fg)));
-    const float m_new = fmaxf(lf + m_old, ig);
-    const float fa = expf(lf + m_old - m_new);
-    const float ia = expf(ig - m_new);
-    const float scale = 1.0f / sqrtf(static_cast<float>(DQK));
+GATE_STABILISER
 
     const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
     const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
@@ -192,7 +187,7 @@ INPROJ_PROLOGUE
         }
     }
     if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
-"""
+""".replace("GATE_STABILISER", GATE_STABILISER)
 
 # With the gate projections' product inside (quantized models keep those in float, one more
 # matmul launch per block otherwise): i~, f~ = x . W_if[hd], x . W_if[NH + hd], summed in float32

@@ -25,6 +25,16 @@ from ..mlstm import MLSTMState, mlstm_step, zero_state
 _TILE_COLUMNS = 64  # TJ: value columns per block (threads along x)
 _TILE_ROWS = 4  # TD: row groups per block (threads along y); TJ * TD must be a power of 2
 
+#: The stabilised gates of one step from ig, fg (pre-activations, float) and the state's m:
+#: log f = logsigmoid(f~), m' = max(log f + m, i~), fa = exp(log f + m - m'), ia = exp(i~ - m')
+#: (both <= 1), and the 1/sqrt(DQK) query scale. Shared with the gated step kernel (decode.py).
+GATE_STABILISER = """    const float m_old = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
+    const float lf = fminf(fg, 0.0f) - log1pf(expf(-fabsf(fg)));
+    const float m_new = fmaxf(lf + m_old, ig);
+    const float fa = expf(lf + m_old - m_new);
+    const float ia = expf(ig - m_new);
+    const float scale = 1.0f / sqrtf(static_cast<float>(DQK));"""
+
 _SOURCE = """
     const int bh = blockIdx.z;
     const int b = bh / NH;
@@ -41,12 +51,7 @@ _SOURCE = """
     // projection output, and copying them to row-contiguous arrays cost five extra launches.
     const float ig = static_cast<float>(i[b * i_strides[0] + hd * i_strides[1]]);
     const float fg = static_cast<float>(f[b * f_strides[0] + hd * f_strides[1]]);
-    const float m_old = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
-    const float lf = fminf(fg, 0.0f) - log1pf(expf(-fabsf(fg)));
-    const float m_new = fmaxf(lf + m_old, ig);
-    const float fa = expf(lf + m_old - m_new);
-    const float ia = expf(ig - m_new);
-    const float scale = 1.0f / sqrtf(static_cast<float>(DQK));
+GATE_STABILISER
 
     const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
     const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
@@ -100,7 +105,7 @@ _SOURCE = """
     if (blockIdx.x == 0 && tid == 0) {
         m_out[bh] = static_cast<ST>(m_new);
     }
-"""
+""".replace("GATE_STABILISER", GATE_STABILISER)
 
 _kernels: dict[float, object] = {}
 
