@@ -6,7 +6,8 @@ and weight layout, against the whole compiled step.
 Records (one JSON object per line):
 - ``matmul``: x [B, K] times each block's weight of one kind (fused q|k|v|o|i|f, out_proj, fused
   gate|up, proj_down) for all blocks in one evaluation, as ``x @ W.T`` (the checkpoint layout
-  [N, K]) and ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
+  [N, K]), ``(W @ x.T).T`` (the weight as the left operand: another BLAS kernel choice) and
+  ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
 - ``step``: the compiled greedy step of the whole model (as ``xlstm-metal bench``) and a compiled
   chain of only the blocks' four matmuls, ms per step.
 """
@@ -63,13 +64,18 @@ def main() -> None:
             ms = 1000 * bm.median_seconds(lambda: [x @ w.T for w in weights], args.repeats) / len(weights)
             emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ W.T", "N": weights[0].shape[0],
                   "K": K, "ms_per_block": ms, "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
-            if B == 1:
-                wts = [mx.contiguous(w.T) for w in weights]
-                mx.eval(wts)
-                ms = 1000 * bm.median_seconds(lambda: [x @ w for w in wts], args.repeats) / len(weights)
-                emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ Wt", "ms_per_block": ms,
-                      "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
-                del wts
+            # The same product with the weight as the left operand: BLAS then sees a tall-skinny
+            # product [N, K] x [K, B] instead of [B, K] x [K, N] and may pick another kernel.
+            ms = 1000 * bm.median_seconds(lambda: [mx.contiguous((w @ x.T).T) for w in weights],
+                                          args.repeats) / len(weights)
+            emit({"kind": "matmul", "batch": B, "what": kind, "layout": "(W @ x.T).T", "ms_per_block": ms,
+                  "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
+            wts = [mx.contiguous(w.T) for w in weights]
+            mx.eval(wts)
+            ms = 1000 * bm.median_seconds(lambda: [x @ w for w in wts], args.repeats) / len(weights)
+            emit({"kind": "matmul", "batch": B, "what": kind, "layout": "x @ Wt", "ms_per_block": ms,
+                  "gb_s": nbytes / len(weights) / (ms / 1000) / 1e9})
+            del wts
 
         def chain(x):
             for b in blocks:
