@@ -239,7 +239,8 @@ def worker_ours(args) -> None:
     _emit(out, {"side": "ours", "kind": "model", "params": n_params, "same_weights": bool(args.weights),
                 "slstm_kernel": args.slstm_kernel, "exchange": args.exchange,
                 "mlstm_step_kernel": args.mlstm_step_kernel, "fused_active": bool(cells and cells[0].uses_fused_kernel()),
-                "mlstm_kernel": args.mlstm_kernel, **bm.environment()})
+                "mlstm_kernel": args.mlstm_kernel, "mlstm_fused_chunkwise_active": _fused_chunkwise_runs(model, args),
+                "ptx_cache": os.environ.get("MLX_PTX_CACHE_DIR"), **bm.environment()})
 
     V, B, S = cfg_dict["vocab_size"], args.batch, args.seq
     train_params = None
@@ -252,11 +253,14 @@ def worker_ours(args) -> None:
         model.update(tree_unflatten(list(train_params.items())))
         del train_params
     if "train" in args.measure:
-        tcfg = TrainingConfig(seq_len=S, batch_size=B, lr=1e-4, weight_decay=0.1, grad_clip=1.0, dtype="bfloat16")
-        loss_fn = make_loss_fn(model, mx.bfloat16)
+        tcfg = TrainingConfig(seq_len=S, batch_size=B, lr=1e-4, weight_decay=0.1, grad_clip=1.0, dtype="bfloat16",
+                              recompute=args.recompute)
+        loss_fn = make_loss_fn(model, mx.bfloat16, args.recompute)
         grad_fn = mx.value_and_grad(loss_fn)
         ids = mx.array(_token_ids(V, B, S))
-        for compiled in args.train_modes:
+        for n_mode, compiled in enumerate(args.train_modes):
+            if n_mode == 1 and args.profile_parts:  # after the first (eager) figure is in
+                _profile_parts(model, args, out, deadline)
             if time.time() > deadline - 10:
                 break
             optimizer = make_optimizer(tcfg, model)
@@ -278,6 +282,9 @@ def worker_ours(args) -> None:
             for i in range(args.train_steps + 1):
                 if i > 1 and time.time() + 1.5 * times[-1] > deadline:
                     break
+                if i == 0:  # a first step cut off by the time limit still says it started
+                    _emit(out, {"side": "ours", "kind": "train_first_step_start", "compiled": compiled,
+                                "budget_left_s": deadline - time.time()})
                 mx.synchronize()
                 t0 = time.perf_counter()
                 loss = step(ids[:, :-1], ids[:, 1:])
@@ -286,15 +293,88 @@ def worker_ours(args) -> None:
                 dt = time.perf_counter() - t0
                 if i == 0:
                     _emit(out, {"side": "ours", "kind": "train_first_step", "compiled": compiled, "seconds": dt,
-                                "loss": loss.item()})
+                                "loss": loss.item(), "peak_mem_gb": mx.get_peak_memory() / 2**30})
                 else:
                     times.append(dt)
             if times:
                 med = _median(times)
                 _emit(out, {"side": "ours", "kind": "train", "compiled": compiled, "batch": B, "seq": S,
-                            "steps": len(times), "seconds": med, "tok_s": B * S / med, "step_seconds": times,
-                            "peak_mem_gb": mx.get_peak_memory() / 2**30})
+                            "recompute": args.recompute, "steps": len(times), "seconds": med, "tok_s": B * S / med,
+                            "step_seconds": times, "peak_mem_gb": mx.get_peak_memory() / 2**30})
             del optimizer, state, step
+
+
+def _fused_chunkwise_runs(model, args) -> bool:
+    """Whether our mLSTM layers run chunkwise_fused's CUDA kernels in training (bf16 compute)."""
+    import mlx.core as mx
+
+    from xlstm_metal.kernels import resolve_kernel_name
+    from xlstm_metal.kernels.fast.chunkwise_fused import fused_chunkwise_supported
+
+    layer = next((b.xlstm for b in model.blocks if "mlstm_cell" in b.xlstm), None)
+    if layer is None or resolve_kernel_name(args.mlstm_kernel) != "chunkwise_fused":
+        return False
+    DH = layer.mlstm_cell.head_dim
+    q = mx.zeros((1, 1, 1, DH), dtype=mx.bfloat16)
+    return fused_chunkwise_supported(q, q, layer.chunk_size)
+
+
+def _profile_parts(model, args, out: Path, deadline: float) -> None:
+    """Eager forward + backward time of one mLSTM block, one sLSTM block and the LM head + loss
+    on [batch, seq, E] bf16 activations (median of 3), so the step's time can be split: x the
+    number of blocks of each kind."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from xlstm_metal.training.trainer import cross_entropy
+
+    B, S, E = args.batch, args.seq, model.config.embedding_dim
+    x = (mx.random.normal((B, S, E), key=mx.random.key(1)) * 0.5).astype(mx.bfloat16)
+    targets = mx.array(_token_ids(model.config.vocab_size, B, S))[:, 1:]
+    parts = {}
+    for kind in ("mLSTM", "sLSTM"):
+        block = next((b for b in model.blocks if b.kind == kind), None)
+        if block is not None:
+            parts[kind] = (block, lambda b, x: b(x)[0].astype(mx.float32).sum())
+
+    def head_loss(m, x):
+        stack = m.xlstm_block_stack
+        if "post_blocks_norm" in stack:
+            x = stack.post_blocks_norm(x)
+        logits = m.lm_head(x) if "lm_head" in m else m.token_embedding.as_linear(x)
+        return cross_entropy(logits, targets)
+
+    parts["head"] = (model, head_loss)
+    for name, (module, fn) in parts.items():
+        if time.time() > deadline - 15:
+            break
+        masters = module.trainable_parameters()
+        module.update(tree_map(lambda p: p.astype(mx.bfloat16), masters))
+
+        def loss(params, x):
+            module.update(params)
+            return fn(module, x)
+
+        grad = mx.value_and_grad(loss, argnums=(0, 1))
+        params = module.trainable_parameters()
+        times = []
+        for i in range(4):
+            mx.synchronize()
+            t0 = time.perf_counter()
+            mx.eval(grad(params, x))
+            mx.synchronize()
+            times.append(time.perf_counter() - t0)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for i in range(3):
+            mx.eval(fn(module, x))
+        mx.synchronize()
+        fwd = (time.perf_counter() - t0) / 3
+        module.update(masters)
+        count = sum(1 for b in model.blocks if b.kind == name) if name != "head" else 1
+        _emit(out, {"side": "ours", "kind": "part_profile", "part": name, "count": count,
+                    "fwd_bwd_ms": 1e3 * _median(times[1:]), "fwd_ms": 1e3 * fwd,
+                    "total_fwd_bwd_ms": 1e3 * _median(times[1:]) * count})
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -305,7 +385,8 @@ def _run_worker(side: str, args, extra: list[str], budget: float, log) -> list[d
            "--config", json.dumps(args.config_dict), "--batch", str(args.batch), "--seq", str(args.seq),
            "--train-steps", str(args.train_steps), "--decode-tokens", str(args.decode_tokens),
            "--warmup-tokens", str(args.warmup_tokens), "--measure", args.measure,
-           "--decode-reserve", str(args.decode_reserve), *extra]
+           "--decode-reserve", str(args.decode_reserve), "--recompute", args.recompute,
+           *(["--profile-parts"] if args.profile_parts else []), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.time()
     try:
@@ -337,7 +418,13 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-build-timeout", type=float, default=60.0,
                    help="seconds the official sLSTM CUDA kernel may take to build before vanilla runs")
     p.add_argument("--slstm-kernel", choices=["fused", "reference"], default="fused")
-    p.add_argument("--mlstm-kernel", default="chunkwise")
+    p.add_argument("--mlstm-kernel", default="chunkwise_fused",
+                   help="our mLSTM kernel for training (chunkwise_fused: its CUDA kernels with their own "
+                        "backward where they run, chunkwise_scan elsewhere)")
+    p.add_argument("--recompute", choices=["none", "head", "mlstm", "ffn", "blocks"], default="none",
+                   help="our training step: activations recomputed in the backward pass (xlstm-metal train's option)")
+    p.add_argument("--profile-parts", action="store_true",
+                   help="after the first training mode: forward + backward time of one block of each kind and of the head")
     p.add_argument("--mlstm-step-kernel", choices=["step", "step_fused"], default="step_fused",
                    help="our mLSTM decode step: the reference ops or one fused CUDA launch")
     p.add_argument("--exchange", choices=["tagged", "barrier"], default="tagged",

@@ -276,13 +276,75 @@ def _block_runner(block: nn.Module, recompute: str) -> Callable:
     return run
 
 
+def _block_runner_2024(block: nn.Module, recompute: str) -> Callable:
+    """A 2024 xLSTM block (``_Block2024``: pre-norm mLSTM or sLSTM layer, residual, and for sLSTM
+    blocks a pre-norm FFN, residual) with the part ``recompute`` names under checkpoint: "mlstm"
+    is the sequence-mixing half of every block (its mLSTM or sLSTM layer), "ffn" the FFN half."""
+    if recompute == "blocks":
+        return _checkpointed([block], lambda x: block(x)[0])
+    if recompute not in ("mlstm", "ffn"):
+        return lambda x: block(x)[0]
+
+    def mixer(x):
+        return block.xlstm(block.xlstm_norm(x))[0]
+
+    def ffn(x):
+        return block.ffn(block.ffn_norm(x))
+
+    if recompute == "mlstm":
+        mixer = _checkpointed([block.xlstm_norm, block.xlstm], mixer)
+    elif "ffn" in block:
+        ffn = _checkpointed([block.ffn_norm, block.ffn], ffn)
+
+    def run(x):
+        x = x + mixer(x)
+        return x + ffn(x) if "ffn" in block else x
+
+    return run
+
+
+def _recomputing_forward_2024(model, recompute: str) -> Callable:
+    """:func:`_recomputing_forward` for the 2024 xLSTM (``xLSTMLMModel``)."""
+    cfg = model.config
+    ff = cfg.slstm_block.feedforward if cfg.slstm_block is not None else None
+    dropout = max(cfg.dropout, ff.dropout if ff is not None else 0.0)
+    if dropout > 0:
+        # The backward re-runs a checkpointed part, which would draw new dropout masks.
+        raise ValueError(f"recompute={recompute!r} needs dropout 0 (the model's is {dropout})")
+    stack = model.xlstm_block_stack
+    head_modules = [stack.post_blocks_norm] if "post_blocks_norm" in stack else []
+    head_modules.append(model.lm_head if "lm_head" in model else model.token_embedding)
+
+    def head(x, targets):
+        if "post_blocks_norm" in stack:
+            x = stack.post_blocks_norm(x)
+        logits = model.lm_head(x) if "lm_head" in model else model.token_embedding.as_linear(x)
+        return cross_entropy(logits, targets)
+
+    blocks = [_block_runner_2024(b, recompute) for b in model.blocks]
+
+    def forward(inputs, targets):
+        x = model.token_embedding(inputs)
+        for block in blocks:
+            x = block(x)
+        return _checkpointed(head_modules, lambda x: head(x, targets))(x)
+
+    return forward
+
+
 def _recomputing_forward(model, recompute: str) -> Callable | None:
-    """(inputs [B, S], targets [B, S]) -> loss for an xLSTM-Large with the LM head + loss and the
-    parts of each block that ``recompute`` names under ``mx.checkpoint``; None for other models
-    or ``recompute="none"``: the plain forward."""
-    backbone = getattr(model, "backbone", None)
-    if recompute == "none" or backbone is None or not hasattr(model, "_logits"):
+    """(inputs [B, S], targets [B, S]) -> loss for an xLSTM-Large or a 2024 xLSTM with the LM
+    head + loss and the parts of each block that ``recompute`` names under ``mx.checkpoint``;
+    None for ``recompute="none"``: the plain forward. Other models (lab models) take only
+    "none"; a ValueError names the problem otherwise."""
+    if recompute == "none":
         return None
+    if hasattr(model, "xlstm_block_stack"):
+        return _recomputing_forward_2024(model, recompute)
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not hasattr(model, "_logits"):
+        raise ValueError(f"recompute={recompute!r} works for xLSTM-Large and the 2024 xLSTM, "
+                         f"not for {type(model).__name__}")
     head_modules = [backbone.out_norm] if "out_norm" in backbone else []
     head_modules.append(backbone.embeddings if model.config.tie_word_embeddings else model.lm_head)
 
@@ -307,7 +369,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none") -> Cal
     """(params, inputs [B, S], targets [B, S]) -> mean next-token cross-entropy (float32).
 
     ``recompute`` (see :class:`TrainingConfig`): the same loss with activations recomputed
-    in the backward pass (xLSTM-Large; other models run their plain forward)."""
+    in the backward pass (xLSTM-Large and the 2024 xLSTM; ValueError for other models)."""
 
     def cast(p):
         return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
