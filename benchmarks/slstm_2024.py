@@ -431,6 +431,8 @@ def main(argv=None) -> int:
                    help="how the fused sLSTM kernels' blocks exchange a step's values")
     p.add_argument("--train-modes", default="eager,compiled",
                    help="our training step eager and/or under mx.compile (each timed; the faster is compared)")
+    p.add_argument("--num-blocks", type=int, help="fewer blocks than the 48 of the benchmark's config")
+    p.add_argument("--slstm-at", help="with --num-blocks: the sLSTM positions, comma-separated ('' for none)")
     p.add_argument("--same-weights", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--budget", type=float, default=100.0, help="seconds for our side")
     p.add_argument("--official-budget", type=float, default=60.0, help="seconds for the official side")
@@ -453,7 +455,11 @@ def main(argv=None) -> int:
         p.error("--out is required")
     if args.out.exists():
         p.error(f"{args.out} exists; choose another --out")
-    args.config_dict = TINY if args.tiny else CONFIG
+    args.config_dict = dict(TINY if args.tiny else CONFIG)
+    if args.num_blocks is not None:  # a shallower model of the same blocks (e.g. to fill a PTX cache)
+        at = args.slstm_at if args.slstm_at is not None else ",".join(
+            str(i) for i in args.config_dict["slstm_at"] if i < args.num_blocks)
+        args.config_dict.update(num_blocks=args.num_blocks, slstm_at=[int(i) for i in at.split(",") if i.strip()])
     started = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = open(args.out.with_suffix(".log"), "w")

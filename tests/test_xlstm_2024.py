@@ -520,3 +520,64 @@ def test_bfloat16_load_runs_close_to_float32(tmp_path):
     for got, want in ((np_(out), ref[:, :10]), (np_(step), ref[:, 10:11])):  # bf16: ~3 digits
         assert rel_err(got, want) < 0.15
         assert np.mean(np.abs(got - want)) < 0.06 * np.mean(np.abs(want))
+
+
+# ------------------------------------------------------------------------------ recompute
+def _recompute_grads(model, recompute, ids):
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.training.trainer import make_loss_fn
+
+    loss_fn = make_loss_fn(model, mx.float32, recompute)
+    loss, grads = mx.value_and_grad(loss_fn)(model.trainable_parameters(), ids[:, :-1], ids[:, 1:])
+    return loss.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_recompute_gives_the_same_loss_and_gradients_for_the_2024_model(tie):
+    """--recompute on a 2024 xLSTM (mLSTM and sLSTM blocks with FFN, tied or separate head):
+    the checkpointed forward computes the model's own loss and gradients."""
+    from xlstm_metal.training.trainer import cross_entropy
+
+    model = create_xlstm_model(V, 3, (2, 1), 32, 8, 4, seed=3, slstm_backend="vanilla")
+    if not tie:
+        model = model_from_config({**model.config.to_dict(), "tie_weights": False}, seed=3)
+    ids = mx.array(np.random.default_rng(0).integers(0, V, (2, 19)))
+    plain_loss, plain = _recompute_grads(model, "none", ids)
+    assert plain_loss == pytest.approx(cross_entropy(model(ids[:, :-1])[0], ids[:, 1:]).item(), rel=1e-6)
+    for recompute in ("head", "mlstm", "ffn", "blocks"):
+        loss, grads = _recompute_grads(model, recompute, ids)
+        assert loss == pytest.approx(plain_loss, rel=1e-6), recompute
+        assert grads.keys() == plain.keys()
+        for name, g in grads.items():
+            assert rel_err(g, plain[name]) < 1e-5, (recompute, name)
+    assert float(mx.abs(plain["xlstm_block_stack.blocks.2.xlstm.slstm_cell._recurrent_kernel_"]).sum()) > 0
+
+
+def test_recompute_is_refused_where_it_cannot_run():
+    from xlstm_metal.training.trainer import make_loss_fn
+
+    model = create_xlstm_model(V, 2, (1, 1), 32, 8, 4, dropout=0.1)
+    with pytest.raises(ValueError, match="needs dropout 0"):
+        make_loss_fn(model, mx.float32, "mlstm")
+    make_loss_fn(model, mx.float32, "none")  # the plain forward takes any dropout
+
+
+def test_train_points_a_loaded_2024_model_at_the_training_kernel():
+    """`xlstm-metal train --init-from` a 2024 model: its mLSTM layers run the training kernel
+    (chunkwise_fused on CUDA by default), not the loader's."""
+    from xlstm_metal.cli import UsageError
+    from xlstm_metal.cli.train import _set_training_kernel
+    from xlstm_metal.kernels import get_mlstm_kernel
+
+    model = create_xlstm_model(V, 3, (2, 1), 32, 8, 4, seed=1)
+    layers = [b.xlstm for b in model.blocks if b.kind == "mLSTM"]
+    assert len(layers) == 2 and all(layer.kernel_name == "chunkwise" for layer in layers)
+    ids = mx.array(np.random.default_rng(1).integers(0, V, (1, 21)))
+    before = model(ids)[0]
+    _set_training_kernel(model, "chunkwise_fused")
+    assert all(layer.kernel_name == "chunkwise_fused" for layer in layers)
+    assert all(layer._kernel is get_mlstm_kernel("chunkwise_fused") for layer in layers)
+    assert rel_err(model(ids)[0], before) < 1e-5
+    with pytest.raises(UsageError, match="--kernel"):
+        _set_training_kernel(model, "no_such_kernel")

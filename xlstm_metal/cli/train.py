@@ -391,7 +391,7 @@ def run(args) -> int:
         from_scratch = model is None
         if model is None:
             model = _build_model(_config_dict(args.config or "tiny"), args.kernel, cfg.seed, vocab)
-        elif hasattr(model.config, "chunkwise_kernel"):
+        else:
             _set_training_kernel(model, args.kernel)
         if profile is not None:  # numerics of the profile; its gate init for a new model
             apply_training_profile(model, profile, args.kernel, from_scratch and not args.arch)
@@ -556,16 +556,21 @@ def default_training_kernel() -> str:
 
 
 def _set_training_kernel(model, kernel: str) -> None:
-    """Point a loaded xLSTM-Large's parallel kernel cells at ``kernel`` (default: see
-    :func:`default_training_kernel`)."""
+    """Point a loaded model's mLSTM sequence kernels at ``kernel`` (default: see
+    :func:`default_training_kernel`): an xLSTM-Large's parallel kernel cells, a 2024 xLSTM's
+    mLSTM layers. Other models (lab models) keep the kernels their spec names."""
     from ..kernels import resolve_kernel_name
 
     try:
         name = resolve_kernel_name(kernel)
     except KeyError as err:
         raise UsageError(f"--kernel: {err.args[0]}") from None
-    model.config.chunkwise_kernel = kernel
+    if hasattr(model.config, "chunkwise_kernel"):
+        model.config.chunkwise_kernel = kernel
     for block in getattr(model, "blocks", []):
         cell = getattr(getattr(block, "mlstm_layer", None), "parallel_kernel_cell", None)
         if cell is not None:
             cell.kernel = name
+        layer = getattr(block, "xlstm", None)
+        if hasattr(layer, "set_kernel"):  # a 2024 mLSTM layer
+            layer.set_kernel(name)

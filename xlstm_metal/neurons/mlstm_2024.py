@@ -69,6 +69,11 @@ class mLSTMNeuron2024(Module2024):
         self.proj_down = nn.Linear(inner_dim, embedding_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def set_kernel(self, kernel: str) -> None:
+        """Run sequences through the registered mLSTM kernel ``kernel`` (KeyError if unknown)."""
+        self._kernel = get_mlstm_kernel(kernel)
+        self.kernel_name = kernel
+
     def zero_state(self, batch_size: int, conv_dtype: mx.Dtype = mx.float32) -> tuple[mx.array, ...]:
         DH = self.mlstm_cell.head_dim
         return mlstm_zero_state(batch_size, self.num_heads, DH, DH) + (self.conv1d.zero_state(batch_size, conv_dtype),)

@@ -321,7 +321,7 @@ def _apply_xlstm_large(model, profile: HyperProfile) -> None:
 
 
 def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
-    from ..kernels import get_mlstm_kernel, resolve_kernel_name
+    from ..kernels import resolve_kernel_name
 
     unsupported = [k for k in ("eps", "norm_eps", "gate_soft_cap", "output_logit_soft_cap")
                    if getattr(profile, k) is not None]
@@ -335,7 +335,7 @@ def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
         layer = getattr(block, "xlstm", None) or getattr(block, "mlstm_layer", None)
         if layer is None or not hasattr(layer, "kernel_name"):
             continue
-        layer.kernel_name, layer._kernel = name, get_mlstm_kernel(name)
+        layer.set_kernel(name)
         if profile.chunk_size is not None:
             layer.chunk_size = profile.chunk_size
 

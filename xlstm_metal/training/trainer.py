@@ -473,6 +473,7 @@ class Trainer:
         rows = cfg.batch_size // self.world
         self.rows = slice(self.rank * rows, (self.rank + 1) * rows)
         self.model, self.cfg = model, cfg
+        _recomputing_forward(model, cfg.recompute)  # a ValueError now if the model cannot take it
         self.out_dir, self.tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
         self.progress = progress and self.is_main
         self.extra_state = dict(extra_state or {})
