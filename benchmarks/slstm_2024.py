@@ -331,11 +331,20 @@ def _profile_parts(model, args, out: Path, deadline: float) -> None:
     B, S, E = args.batch, args.seq, model.config.embedding_dim
     x = (mx.random.normal((B, S, E), key=mx.random.key(1)) * 0.5).astype(mx.bfloat16)
     targets = mx.array(_token_ids(model.config.vocab_size, B, S))[:, 1:]
-    parts = {}
+    parts = {}  # name: (module, fn(module, x) -> scalar, x, blocks of this kind)
     for kind in ("mLSTM", "sLSTM"):
         block = next((b for b in model.blocks if b.kind == kind), None)
         if block is not None:
-            parts[kind] = (block, lambda b, x: b(x)[0].astype(mx.float32).sum())
+            parts[kind] = (block, lambda b, x: b(x)[0].astype(mx.float32).sum(), x, kind)
+    layer = next((b.xlstm for b in model.blocks if b.kind == "mLSTM"), None)
+    if layer is not None:  # inside the mLSTM block: the cell (gates, kernel, norm), q/k/v projections
+        xi = (mx.random.normal((B, S, layer.inner_dim), key=mx.random.key(2)) * 0.5).astype(mx.bfloat16)
+        parts["mLSTM cell (gates, kernel, group norm)"] = (
+            layer.mlstm_cell,
+            lambda c, x: c(x, x * 0.5, x * 0.25, None, layer._kernel, layer.chunk_size)[0].astype(mx.float32).sum(),
+            xi, "mLSTM")
+        parts["mLSTM q/k/v projections (block-diagonal)"] = (
+            layer, lambda n, x: (n.q_proj(x) + n.k_proj(x) + n.v_proj(x)).astype(mx.float32).sum(), xi, "mLSTM")
 
     def head_loss(m, x):
         stack = m.xlstm_block_stack
@@ -344,8 +353,8 @@ def _profile_parts(model, args, out: Path, deadline: float) -> None:
         logits = m.lm_head(x) if "lm_head" in m else m.token_embedding.as_linear(x)
         return cross_entropy(logits, targets)
 
-    parts["head"] = (model, head_loss)
-    for name, (module, fn) in parts.items():
+    parts["head"] = (model, head_loss, x, None)
+    for name, (module, fn, x, kind) in parts.items():
         if time.time() > deadline - 15:
             break
         masters = module.trainable_parameters()
@@ -371,7 +380,7 @@ def _profile_parts(model, args, out: Path, deadline: float) -> None:
         mx.synchronize()
         fwd = (time.perf_counter() - t0) / 3
         module.update(masters)
-        count = sum(1 for b in model.blocks if b.kind == name) if name != "head" else 1
+        count = sum(1 for b in model.blocks if b.kind == kind) if kind else 1
         _emit(out, {"side": "ours", "kind": "part_profile", "part": name, "count": count,
                     "fwd_bwd_ms": 1e3 * _median(times[1:]), "fwd_ms": 1e3 * fwd,
                     "total_fwd_bwd_ms": 1e3 * _median(times[1:]) * count})
