@@ -522,6 +522,7 @@ def slstm_2024_rows() -> list[str]:
     errors = [x for x in recs if x.get("kind") == "error"]
     for e in errors:
         lines.append(f"\n{e['side']} side failed (rc {e['rc']}): `{_first_error(e.get('tail', ''))}`")
+    lines += _slstm_2024_train_rerun_rows()
     kpath = RESULTS / "slstm_kernels.json"
     if kpath.exists():
         k = json.loads(kpath.read_text())
@@ -538,6 +539,58 @@ def slstm_2024_rows() -> list[str]:
                   f"{_fmt(k.get('fused_forward_backward_ms_tagged'), 2)} | "
                   f"{_fmt(k.get('reference_forward_backward_ms_scaled'), 1)} |",
                   f"| decode step (B=1) us | {_fmt(k.get('fused_step_us'))} | | {_fmt(k.get('reference_step_us'))} |"]
+    return lines
+
+
+def _slstm_2024_train_rerun_rows() -> list[str]:
+    """Training re-runs of benchmarks/slstm_2024.py (results/xlstm71_350m_train*.json): each
+    training run of ours (eager / compiled step, mLSTM kernel, recompute) beside the official's,
+    and the per-block forward + backward profile where the run took one."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("xlstm71_350m_train*.json")):
+        d = json.loads(path.read_text())
+        recs = d["records"]
+        om = next((x for x in recs if x.get("side") == "ours" and x.get("kind") == "model"), {})
+        tm = next((x for x in recs if x.get("side") == "official" and x.get("kind") == "model"), {})
+        theirs = next((x for x in recs if x.get("side") == "official" and x.get("kind") == "train"), {})
+        runs = [x for x in recs if x.get("side") == "ours" and x.get("kind") == "train"]
+        lines += ["", f"Training re-run, {d['date']}; {d.get('round', '')}; command: `{d['command']}`; file: "
+                  f"`benchmarks/results/{path.name}`. Ours: mLSTM kernel `{om.get('mlstm_kernel')}` (fused CUDA "
+                  f"kernels at this shape: {om.get('mlstm_fused_chunkwise_active')}), sLSTM `{om.get('slstm_kernel')}` "
+                  f"(fused active: {om.get('fused_active')}); official sLSTM backend that ran: "
+                  f"**{tm.get('slstm_backend', 'n/a')}**.", "",
+                  "| side, step | tokens/s | step (ms) | peak GiB | vs official | target |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in runs:
+            ratio = r["tok_s"] / theirs["tok_s"] if theirs.get("tok_s") else None
+            lines.append(f"| ours, {'compiled' if r.get('compiled') else 'eager'} step, recompute "
+                         f"{r.get('recompute', 'none')} | {_fmt(r['tok_s'])} | {_fmt(1e3 * r['seconds'])} | "
+                         f"{_fmt(r.get('peak_mem_gb'))} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | >= 1.5x |")
+        if theirs:
+            lines.append(f"| official (autocast bf16, fused AdamW, eager) | {_fmt(theirs['tok_s'])} | "
+                         f"{_fmt(1e3 * theirs['seconds'])} | {_fmt(theirs.get('peak_mem_gb'))} | 1.00x | |")
+        firsts = [f"{x['side']} {'compiled ' if x.get('compiled') else ''}{x['seconds']:.1f} s"
+                  for x in recs if x.get("kind") == "train_first_step"]
+        started = [x for x in recs if x.get("kind") == "train_first_step_start"]
+        unfinished = [x for x in started if not any(
+            y.get("kind") == "train_first_step" and y.get("side") == x["side"] and y.get("compiled") == x.get("compiled")
+            for y in recs)]
+        if firsts:
+            lines += ["", "First training step (compilation, autotuning; not in the rates): " + ", ".join(firsts) + "."
+                      + "".join(f" Ours {'compiled' if x.get('compiled') else 'eager'}: the first step did not end "
+                                f"within the {x['budget_left_s']:.0f} s left." for x in unfinished)]
+        parts = [x for x in recs if x.get("kind") == "part_profile"]
+        if parts:
+            step = min((r["seconds"] for r in runs if not r.get("compiled")), default=None)
+            lines += ["", "Where our eager step's time goes (forward + backward of one part on bf16 inputs of the "
+                      "step's shape, median of 3, times the number in the model" + (
+                          f"; the eager step took {1e3 * step:,.0f} ms" if step else "") + "):", "",
+                      "| part | count | fwd ms | fwd+bwd ms | x count (ms) |", "| --- | ---: | ---: | ---: | ---: |"]
+            for x in parts:
+                lines.append(f"| {x['part']} | {x['count']} | {_fmt(x['fwd_ms'], 2)} | {_fmt(x['fwd_bwd_ms'], 2)} | "
+                             f"{_fmt(x['total_fwd_bwd_ms'])} |")
+        for e in (x for x in recs if x.get("kind") == "error"):
+            lines.append(f"\n{e['side']} side failed (rc {e['rc']}): `{_first_error(e.get('tail', ''))}`")
     return lines
 
 
