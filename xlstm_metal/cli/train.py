@@ -82,7 +82,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--recompute", choices=["none", "head", "mlstm", "ffn", "blocks"],
                    help="recompute activations in the backward pass instead of keeping them (same losses, less "
                         "memory, more compute): the LM head and loss; with them the mLSTM or the FFN half of "
-                        "every block; or whole blocks (~1/3 more compute); default none")
+                        "every block (2024 xLSTM: the mLSTM/sLSTM layer or the sLSTM blocks' FFN); or whole "
+                        "blocks (~1/3 more compute); default none")
     add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
