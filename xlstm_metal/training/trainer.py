@@ -321,12 +321,19 @@ def _recomputing_forward_2024(model, recompute: str) -> Callable:
         logits = model.lm_head(x) if "lm_head" in model else model.token_embedding.as_linear(x)
         return cross_entropy(logits, targets)
 
-    blocks = [_block_runner_2024(b, recompute) for b in model.blocks]
+    return _forward_with(model.token_embedding, [_block_runner_2024(b, recompute) for b in model.blocks],
+                         head_modules, head)
+
+
+def _forward_with(embed: Callable, blocks: list[Callable], head_modules: list[nn.Module], head: Callable) -> Callable:
+    """(inputs, targets) -> loss: embedding, the block runners, then the LM head + loss under
+    checkpoint (its modules' parameters ``head_modules``)."""
 
     def forward(inputs, targets):
-        x = model.token_embedding(inputs)
+        x = embed(inputs)
         for block in blocks:
             x = block(x)
+        # targets (integers) are no input of the checkpoint: it differentiates every input.
         return _checkpointed(head_modules, lambda x: head(x, targets))(x)
 
     return forward
@@ -353,16 +360,8 @@ def _recomputing_forward(model, recompute: str) -> Callable | None:
             x = backbone.out_norm(x)
         return cross_entropy(model._logits(x), targets)
 
-    blocks = [_block_runner(b, recompute) for b in backbone.blocks]
-
-    def forward(inputs, targets):
-        x = backbone.embeddings(inputs)
-        for block in blocks:
-            x = block(x)
-        # targets (integers) are no input of the checkpoint: it differentiates every input.
-        return _checkpointed(head_modules, lambda x: head(x, targets))(x)
-
-    return forward
+    return _forward_with(backbone.embeddings, [_block_runner(b, recompute) for b in backbone.blocks],
+                         head_modules, head)
 
 
 def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none") -> Callable:
