@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,9 +70,9 @@ def worker_ours(args) -> None:
     if args.grad_check:
         grad_check(args, out)
     variants = [v for v in args.variants.split(",") if v]
-    if not variants:
-        if args.profile_kernels:  # alone: its peak memory is the kernel's
-            kernel_profile(args, out)
+    if not variants and args.profile_kernels:  # alone: its peak memory is the kernel's
+        kernel_profile(args, out)
+    if not variants and not args.profile_parts:
         return
     B, S = args.batch, args.seq_len
     t0 = time.time()
@@ -85,15 +86,24 @@ def worker_ours(args) -> None:
         if time.time() > deadline or (fits and args.memory_target):
             break
         kernel, recompute, *mode = variant.split("/")
-        eager = mode == ["eager"]
+        if set(mode) - {"eager", "fused-head", "fused-proj"}:
+            raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head and fused-proj "
+                             "may follow")
+        eager, head_loss = "eager" in mode, "fused" if "fused-head" in mode else "plain"
+        fuse = "fused-proj" in mode
         for block in model.blocks:
             block.mlstm_layer.parallel_kernel_cell.kernel = kernel
         cfg = TrainingConfig(seq_len=S, batch_size=B, steps=args.steps + args.warmup, dtype="bfloat16",
-                             recompute=recompute, eval_batches=1, lr=1e-4)
+                             recompute=recompute, eval_batches=1, lr=1e-4, head_loss=head_loss,
+                             fuse_projections=fuse)
         record = {"side": "ours", "kind": "train_step",
-                  "variant": f"{kernel}, recompute {recompute}, " + ("eager step" if eager else "compiled step"),
-                  "kernel": kernel, "recompute": recompute, "compiled": not eager, "batch": B, "seq_len": S,
+                  "variant": f"{kernel}, recompute {recompute}, " + ("fused head + loss, " if head_loss == "fused" else "")
+                  + ("fused projections, " if fuse else "")
+                  + ("eager step" if eager else "compiled step") + _graphs_note(),
+                  "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
+                  "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
                   "shape": args.shape}
+        emitted = False
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = Trainer(model, stream, stream[: 2 * B * (S + 1)], cfg, tmp, tmp, progress=False)
@@ -111,6 +121,8 @@ def worker_ours(args) -> None:
                     mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
                     dt = time.perf_counter() - t
                     losses.append(loss.item())
+                    if step == args.warmup - 1 and args.start_after:
+                        _wait_for(Path(args.start_after), deadline)  # another run's timed steps first
                     if step >= args.warmup:
                         times.append(dt)
                     elif step == 0:
@@ -121,14 +133,179 @@ def worker_ours(args) -> None:
                     if time.time() > deadline and len(times) >= 2:
                         break
                 record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB, losses=losses)
+                _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
+                emitted = True
+                if args.trace_steps and time.time() < deadline:
+                    def one_step(trainer=trainer):
+                        x, y = trainer.batches.next()
+                        mx.eval(*trainer._train_step(mx.array(x), mx.array(y)), model.state, trainer.optimizer.state)
+
+                    _emit(out, {"side": "ours", "kind": "step_trace", "variant": record["variant"],
+                                **trace_kernels(one_step, args.trace_steps, record["step_s"])})
                 del trainer
         except Exception as err:  # e.g. out of memory: report it and go on
             record["error"] = repr(err)[:800]
-        _emit(out, record)
+        if not emitted:
+            _emit(out, record)
         fits = fits or (args.memory_target is not None and record.get("peak_mem_gb", math.inf) <= args.memory_target)
         mx.clear_cache()
-    if args.profile_kernels and time.time() < deadline:  # after the steps, if time is left (peak: the process's)
+    if variants and args.profile_kernels and time.time() < deadline:  # after the steps (peak: the process's)
         kernel_profile(args, out)
+    for part in (p for p in args.profile_parts.split(",") if p):
+        if time.time() < deadline:
+            _emit(out, part_profile(part, args, model))
+
+
+def _wait_for(path: Path, deadline: float) -> None:
+    """Until ``path`` exists (or the deadline): runs beside each other on one GPU compile at the
+    same time (CPU work) but take their timed steps one after the other."""
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def _graphs_note() -> str:
+    """", CUDA graphs off" when MLX_USE_CUDA_GRAPHS=0 (MLX's CUDA back-end uses them by default)."""
+    return ", CUDA graphs off" if os.environ.get("MLX_USE_CUDA_GRAPHS", "1") == "0" else ""
+
+
+# ------------------------------------------------------------------------- profiling
+#: Kernel name -> what it is, first match wins (MLX 0.32 CUDA back-end names, as CUPTI reports them).
+KERNEL_CATEGORIES = (
+    ("mLSTM kernels (ours)", r"xlstm_"),
+    ("GEMM (cuBLASLt / CUTLASS)", r"gemm|cutlass|xmma|nvjet|cublas|ab_t_aligned|gemv"),
+    ("fused elementwise (mx.compile)", r"::cu::(?!(?:copy|binary|unary|ternary)_)\w+_(?:contiguous|strided)<"),
+    ("reductions", r"reduce|scan"),
+    ("norms / softmax / logsumexp", r"rms_norm|layer_norm|softmax|logsumexp"),
+    ("copies, casts, gathers", r"copy|gather|scatter|slice_update|arange|memcpy|memset"),
+    ("elementwise (unfused)", r"unary|binary|ternary"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The KERNEL_CATEGORIES entry a CUDA kernel's name falls in ("other" if none)."""
+    import re
+
+    return next((cat for cat, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.I)), "other")
+
+
+def summarize_kernels(events: list[dict], steps: int, step_s: float | None = None, top: int = 40) -> dict:
+    """GPU time per step by category and the costliest kernels, from chrome-trace events
+    (``{"cat": "kernel", "name", "ts", "dur"}``, microseconds) of ``steps`` train steps.
+
+    ``gpu_busy_ms``: the kernels' summed durations per step (one stream: they do not overlap);
+    ``idle_ms``: the measured step time minus that (launch gaps, host work, synchronisation)."""
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not kernels:
+        return {"error": "the trace holds no kernel events (no CUPTI?)"}
+    per = 1000.0 * steps  # microseconds per `steps` steps -> milliseconds per step
+    by_cat: dict[str, list[float]] = {}
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        name = e["name"]
+        for stat, key in ((by_cat, kernel_category(name)), (by_name, name)):
+            entry = stat.setdefault(key, [0.0, 0])
+            entry[0] += float(e["dur"])
+            entry[1] += 1
+    busy = sum(float(e["dur"]) for e in kernels) / per
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / per
+    result = {
+        "steps": steps, "kernels_per_step": len(kernels) / steps, "gpu_busy_ms": busy, "span_ms": span,
+        "categories": {k: {"ms": v[0] / per, "launches": v[1] / steps}
+                       for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1][0])},
+        "top": [{"name": k[:200], "category": kernel_category(k), "ms": v[0] / per, "launches": v[1] / steps}
+                for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+    }
+    if step_s is not None:
+        result["step_ms"] = 1000 * step_s
+        result["idle_ms"] = 1000 * step_s - busy
+    return result
+
+
+def trace_kernels(run, steps: int, step_s: float | None = None) -> dict:
+    """``run()`` ``steps`` times under CUPTI (PyTorch's profiler, which records every kernel of
+    the process, MLX's included) -> :func:`summarize_kernels` of the trace."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as err:
+        return {"error": f"no PyTorch profiler: {err}"}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    run()
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text()).get("traceEvents", [])
+    except Exception as err:  # a profiler that cannot attach: say so, keep the run
+        return {"error": repr(err)[:800]}
+    return summarize_kernels(events, steps, step_s)
+
+
+def _gemm_shapes(config) -> list[tuple[str, int, int, int]]:
+    """(name, times per forward, in features K, out features N) of every projection but the
+    gates' (4 outputs)."""
+    E, F, n = config.embedding_dim, config.ffn_dim, config.num_blocks
+    return [("q, k", 2 * n, E, config.qk_dim), ("v, output gate", 2 * n, E, config.v_dim),
+            ("out_proj", n, config.v_dim, E), ("FFN up + gate", 2 * n, E, F), ("FFN down", n, F, E),
+            ("LM head", 1, E, config.vocab_size)]
+
+
+def part_profile(part: str, args, model) -> dict:
+    """One piece of the train step alone at the run's shape (median of 10, synchronised):
+
+    - ``gemm``: every projection's three bf16 matrix products (forward X W^T, input gradient
+      dY W, weight gradient dY^T X) at batch x seq_len tokens, counted as often as one step runs
+      them; the gate projections (4 outputs) are left out;
+    - ``optimizer``: global-norm clipping + the trainer's AdamW on the model's float32
+      parameters with random gradients, compiled as the train step compiles it."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    from xlstm_metal.benchmark import median_seconds
+    from xlstm_metal.training.trainer import TrainingConfig, make_optimizer
+
+    T = args.batch * args.seq_len
+    record = {"side": "ours", "kind": "part_profile", "part": part, "shape": args.shape, "tokens": T}
+    try:
+        if part == "gemm":
+            rows, total_ms, total_flop = [], 0.0, 0.0
+            for name, count, K, N in _gemm_shapes(model.config):
+                x = mx.random.normal((T, K)).astype(mx.bfloat16)
+                w = mx.random.normal((N, K)).astype(mx.bfloat16)
+                dy = mx.random.normal((T, N)).astype(mx.bfloat16)
+                mx.eval(x, w, dy)
+                ms = {label: 1000 * median_seconds(fn, 10) for label, fn in (
+                    ("forward", lambda: x @ w.T), ("input grad", lambda: dy @ w), ("weight grad", lambda: dy.T @ x))}
+                flop = 3 * 2 * T * K * N
+                each = sum(ms.values())
+                rows.append({"name": name, "count": count, "K": K, "N": N, **{f"{k}_ms": v for k, v in ms.items()},
+                             "tflops": flop / (each / 1000) / 1e12})
+                total_ms += count * each
+                total_flop += count * flop
+                del x, w, dy
+            record.update(rows=rows, ms=total_ms, tflop=total_flop / 1e12, tflops=total_flop / (total_ms / 1000) / 1e12)
+        elif part == "optimizer":
+            cfg = TrainingConfig(seq_len=args.seq_len, batch_size=args.batch, lr=1e-4)
+            opt = make_optimizer(cfg, model)
+            params = model.trainable_parameters()
+            opt.init(params)
+            grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, params)
+            mx.eval(grads, opt.state)
+            state = [model.state, opt.state]
+
+            @partial(mx.compile, inputs=state, outputs=state)
+            def update(grads):
+                grads, norm = optim.clip_grad_norm(grads, 1.0)
+                opt.update(model, grads)
+                return norm
+
+            record["ms"] = 1000 * median_seconds(lambda: update(grads), 10)
+        else:
+            record["error"] = f"unknown part {part!r} (gemm, optimizer)"
+    except Exception as err:
+        record["error"] = repr(err)[:800]
+    return record
 
 
 def kernel_profile(args, out: Path) -> None:
@@ -308,7 +485,9 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--shape", args.shape, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size),
            "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
-           "--profile-kernels", args.profile_kernels] + (["--grad-check"] if args.grad_check else []) \
+           "--profile-kernels", args.profile_kernels, "--profile-parts", args.profile_parts,
+           "--trace-steps", str(args.trace_steps)] + (["--grad-check"] if args.grad_check else []) \
+        + (["--start-after", args.start_after] if args.start_after else []) \
         + (["--memory-target", str(args.memory_target)] if args.memory_target is not None else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -368,6 +547,31 @@ def markdown(records: list[dict]) -> str:
         for r in kernels:
             lines.append(f"| {r['kernel']} | {r['forward_ms']:.2f} | {r.get('forward+backward_ms', float('nan')):.2f} | "
                          f"{r.get('forward+backward_peak_gb', float('nan')):.2f} |")
+    for r in (r for r in records if r.get("kind") == "step_trace"):
+        if "error" in r:
+            lines += ["", f"Kernel trace of {r['variant']}: failed ({r['error'][:200]})"]
+            continue
+        lines += ["", f"GPU time per step by kernel category, {r['variant']} (CUPTI trace of {r['steps']} steps: "
+                  f"{r['kernels_per_step']:,.0f} kernels per step, {r['gpu_busy_ms']:.1f} ms busy"
+                  + (f" of a {r['step_ms']:.1f} ms step" if "step_ms" in r else "") + "):", "",
+                  "| category | ms per step | launches per step |", "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {v['ms']:.1f} | {v['launches']:,.0f} |" for k, v in r["categories"].items()]
+        if "idle_ms" in r:
+            lines.append(f"| GPU idle (launch gaps, host) | {r['idle_ms']:.1f} | |")
+        lines += ["", "| costliest kernels | category | ms per step | launches |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| `{k['name'][:90]}` | {k['category']} | {k['ms']:.2f} | {k['launches']:,.0f} |" for k in r["top"][:15]]
+    parts = {r["part"]: r for r in records if r.get("kind") == "part_profile"}
+    if "gemm" in parts and "rows" in parts["gemm"]:
+        g = parts["gemm"]
+        lines += ["", f"The step's projections alone (bf16, {g['tokens']:,} tokens; forward, input and weight "
+                  f"gradient products; median of 10): {g['ms']:.1f} ms for {g['tflop']:.1f} TFLOP = "
+                  f"{g['tflops']:.0f} TFLOP/s", "",
+                  "| projection | per step | K x N | forward (ms) | input grad (ms) | weight grad (ms) | TFLOP/s |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['name']} | {r['count']} | {r['K']} x {r['N']} | {r['forward_ms']:.3f} | {r['input grad_ms']:.3f} | "
+                  f"{r['weight grad_ms']:.3f} | {r['tflops']:.0f} |" for r in g["rows"]]
+    if "optimizer" in parts and "ms" in parts["optimizer"]:
+        lines += ["", f"Clipping + AdamW alone (float32 masters, compiled): {parts['optimizer']['ms']:.1f} ms"]
     return "\n".join(lines)
 
 
@@ -432,7 +636,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--variants", default="chunkwise_fused/none",
-                   help="ours: comma-separated KERNEL/RECOMPUTE (recompute: none, head, blocks)")
+                   help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj] (recompute: none, head, "
+                        "mlstm, ffn, blocks; eager: the step uncompiled; fused-head: --head-loss fused; fused-proj: "
+                        "projections reading one input as one matmul)")
     p.add_argument("--memory-target", type=float, default=None, metavar="GB",
                    help="ours: stop trying further variants once one peaked within this (e.g. the official's peak)")
     p.add_argument("--official-compile", default="off",
@@ -440,6 +646,15 @@ def main() -> int:
     p.add_argument("--profile-kernels", default="",
                    help="ours: first time these kernels alone (one layer, forward and forward + backward), "
                         "e.g. chunkwise_fused,chunkwise_scan")
+    p.add_argument("--trace-steps", type=int, default=0, metavar="N",
+                   help="ours: after each variant, trace N more steps with CUPTI (PyTorch's profiler) and "
+                        "record GPU time per kernel category and the costliest kernels")
+    p.add_argument("--profile-parts", default="",
+                   help="ours: time pieces of the step alone at the run's shape: gemm (every projection's "
+                        "matmuls), optimizer (clipping + AdamW)")
+    p.add_argument("--start-after", default=None, metavar="FILE",
+                   help="ours: after the warm-up steps, wait for FILE to exist before the timed steps (runs "
+                        "beside another on the same GPU: compile together, time one after the other)")
     p.add_argument("--grad-check", action="store_true",
                    help="ours: first compare chunkwise_fused's gradients with the reference's at the run's head sizes")
     p.add_argument("--sides", default="ours,official")

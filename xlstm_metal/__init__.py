@@ -15,6 +15,11 @@ from . import _blas
 
 _blas.preload()
 
+# MLX's compiled CUDA kernels go to a cache that outlives /tmp (read by MLX at its first compile).
+from . import _cuda_cache  # noqa: E402
+
+_cuda_cache.configure_ptx_cache()
+
 from .config import xLSTMConfig  # noqa: E402
 from .generation import xLSTMRunner  # noqa: E402
 from .loading import load, load_model, save_model  # noqa: E402

@@ -15,7 +15,9 @@ whatever replaced a layer since (``update_modules``, ``nn.quantize``, assignment
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -154,6 +156,33 @@ def gemv_layout(weight: mx.array) -> mx.array:
     return weight
 
 
+_TRACED_FUSION = contextvars.ContextVar("xlstm_metal_traced_fusion", default=False)
+
+
+@contextlib.contextmanager
+def traced_fusion(enabled: bool = True) -> Iterator[None]:
+    """Inside: layers that :meth:`FusedLayers.outputs` would fuse and that are not fused already
+    run as one matmul per group whose weight is concatenated from the layers' current arrays in
+    the traced graph (differentiable: training's cast parameters flow through it). For training,
+    where the weights change every step: one wide GEMM per group instead of one per layer (the
+    gate projections have 4 outputs each), and one input gradient instead of a sum of six.
+    Only when every group is plain ``nn.Linear`` layers; anything else runs as it stands."""
+    token = _TRACED_FUSION.set(enabled)
+    try:
+        yield
+    finally:
+        _TRACED_FUSION.reset(token)
+
+
+def traced_groups(layers: Sequence[nn.Module]) -> list[FusedGroup] | None:
+    """The fused weights of :func:`fusion_groups` as lazy concatenations (no evaluation, no views
+    put back into the layers); None unless every group is float ``nn.Linear`` layers."""
+    groups = fusion_groups(layers)
+    if not groups or any(kind[0] != "linear" for kind, _ in groups):
+        return None
+    return [{"weight": mx.concatenate([layers[j].weight for j in members], axis=0)} for _, members in groups]
+
+
 class FusedLayers:
     """Fusing for a module that owns some layers by name (a neuron, the FFN): keeps the fused
     arrays under ``owner[key]`` and the ids of the fused layers outside the tree."""
@@ -180,6 +209,8 @@ class FusedLayers:
         fused = owner.get(self.key) if self.key in owner else None
         if fused is not None and owner.__dict__.get(self.key + "_ids") != layer_ids(layers):
             fused = None  # a layer was replaced in the tree since fuse_projections(): run what the tree holds
+        if fused is None and _TRACED_FUSION.get():
+            fused = traced_groups(layers)
         return layers, fused
 
     def outputs(self, owner: nn.Module, x: mx.array) -> list[mx.array]:

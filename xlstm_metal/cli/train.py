@@ -84,6 +84,10 @@ def add_parser(subparsers) -> None:
                         "memory, more compute): the LM head and loss; with them the mLSTM or the FFN half of "
                         "every block (2024 xLSTM: the mLSTM/sLSTM layer or the sLSTM blocks' FFN); or whole "
                         "blocks (~1/3 more compute); default none")
+    o.add_argument("--head-loss", choices=["plain", "fused"], default=None,
+                   help="LM head + cross-entropy: fused computes their gradients in the forward, a block of "
+                        "tokens at a time, and keeps no logits for the backward (less memory; xLSTM-Large "
+                        "without --recompute); default plain")
     add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
@@ -108,7 +112,8 @@ RUN_DEFAULTS: dict = dict(vocab_size=4096, text_field="text", val_fraction=0.02,
                           min_lr_ratio=0.1, warmup=None, weight_decay=0.1, grad_clip=1.0, dtype="float32", seed=0,
                           eval_every=200, eval_batches=16, save_every=500, keep=2, log_every=10, recompute="none")
 #: Settings --resume may change (the schedule is extended / re-rated: TrainingConfig.reschedule_*).
-RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every", "kernel", "recompute")
+RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every", "kernel", "recompute",
+                     "head_loss")
 #: Settings fixed by the run being resumed: giving one with --resume is an error naming it.
 RESUME_FIXED = ("config", "init_from", "arch", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
                 "batch_size", "max_time", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
@@ -274,7 +279,7 @@ def run(args) -> int:
             raise UsageError("--profile applies to a new run; a resumed run keeps its settings")
         profile = None
         cfg = TrainingConfig(**saved["training_config"])
-        for name in ("eval_every", "save_every", "keep", "log_every", "recompute"):
+        for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         step, total = saved["step"], saved["total_steps"]
@@ -305,7 +310,7 @@ def run(args) -> int:
             min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, dtype=args.dtype, eval_every=args.eval_every, eval_batches=args.eval_batches,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-            recompute=args.recompute,
+            recompute=args.recompute, head_loss=args.head_loss or "plain",
         )
         val_fraction, text_field = args.val_fraction, args.text_field
     try:

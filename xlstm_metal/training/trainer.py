@@ -36,6 +36,8 @@ from .data import DataPosition, PackedBatches, atomic_write_text, validation_win
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 #: What TrainingConfig.recompute may name.
 RECOMPUTE = ("none", "head", "mlstm", "ffn", "blocks")
+#: What TrainingConfig.head_loss may name.
+HEAD_LOSSES = ("plain", "fused")
 #: Longest automatic warmup (steps); shorter runs warm up for a tenth of their steps.
 AUTO_WARMUP_CAP = 100
 
@@ -66,6 +68,12 @@ class TrainingConfig:
     # loss), "mlstm" / "ffn" (that half of every block, its pre-norm included, and the head) or
     # "blocks" (every block, and the head). Same numbers, less memory, more compute.
     recompute: str = "none"
+    # The LM head + loss: "plain" (logits kept for the backward pass) or "fused"
+    # (linear_cross_entropy: gradients computed in the forward, rows at a time; no logits kept).
+    head_loss: str = "plain"
+    # Layers reading the same input (q|k|v|o|i|f, FFN gate|up) as one matmul each in the traced
+    # step (cells.fused.traced_fusion); the same math.
+    fuse_projections: bool = False
     probe_steps: int = 20               # steps timed to size a max_time run
     # From step ``reschedule_step`` the schedule starts at ``reschedule_lr`` (see make_schedule):
     # set for a resumed run given new --steps / --lr and for a time budget once it is sized.
@@ -110,6 +118,8 @@ class TrainingConfig:
             problems.append("weight decay and gradient clipping must be >= 0")
         if self.recompute not in RECOMPUTE:
             problems.append(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.head_loss not in HEAD_LOSSES:
+            problems.append(f"head_loss must be one of {', '.join(HEAD_LOSSES)}, got {self.head_loss!r}")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if problems:
@@ -231,6 +241,72 @@ def _cross_entropy_vjp(primals, cotangent, _output):
     probs = mx.exp(lf - mx.logsumexp(lf, axis=-1, keepdims=True))
     grad = (probs - (mx.arange(lf.shape[-1]) == targets[..., None])) * (cotangent / targets.size)
     return grad.astype(logits.dtype), mx.zeros_like(targets)
+
+
+#: Rows (tokens) of logits that :func:`linear_cross_entropy` holds at a time.
+HEAD_LOSS_ROWS = 2048
+_linear_ce: dict[tuple[float | None, int], Callable] = {}
+
+
+def linear_cross_entropy(x: mx.array, weight: mx.array, targets: mx.array, soft_cap: float | None = None,
+                         rows: int = HEAD_LOSS_ROWS) -> mx.array:
+    """Mean next-token cross-entropy (float32) of the logits ``soft_cap(x @ weight.T)`` without
+    keeping them: x [T, E] (the normed hidden states), weight [V, E] (the LM head), targets [T].
+
+    The forward computes the gradients too, ``rows`` tokens of logits at a time (float32 there,
+    the gradient of the logits rounded to x's dtype), and keeps only d loss / dx [T, E] and
+    d loss / d weight [V, E] for the backward, which scales them by the loss's cotangent. The
+    plain head keeps the [T, V] logits (and the soft cap's input) from the forward to the
+    backward and materialises their gradient at the backward's start, when every block's
+    activations are still held: 2 x 0.8 GB at 8,192 tokens and a 50k vocabulary, plus float32
+    temporaries. The logits are x @ weight.T in x's dtype as :class:`mlx.nn.Linear` computes
+    them; the soft cap and the softmax run in float32."""
+    key = (None if soft_cap is None else float(soft_cap), int(rows))
+    fn = _linear_ce.get(key)
+    if fn is None:
+        cap = key[0]
+
+        @mx.custom_function
+        def fn(x, weight, targets):
+            T, V = x.shape[0], weight.shape[0]
+            total, grads = None, []
+            for start in range(0, T, rows):
+                tc = targets[start : start + rows]
+                z = (x[start : start + rows] @ weight.T).astype(mx.float32)
+                if cap is not None:
+                    t = mx.tanh(z / cap)
+                    z = cap * t
+                lse = mx.logsumexp(z, axis=-1, keepdims=True)
+                part = mx.sum(lse[:, 0] - mx.take_along_axis(z, tc[:, None], axis=-1)[:, 0])
+                total = part if total is None else total + part
+                g = mx.exp(z - lse) - (mx.arange(V) == tc[:, None])
+                if cap is not None:
+                    g = g * (1 - t * t)
+                grads.append(g.astype(x.dtype))
+            g = mx.concatenate(grads, axis=0) if len(grads) > 1 else grads[0]  # [T, V], x's dtype
+            return total / T, (g @ weight) / T, (g.T @ x) / T
+
+        @fn.vjp
+        def fn_vjp(primals, cotangents, outputs):
+            x, weight, targets = primals
+            _, dx, dw = outputs
+            c = cotangents[0]
+            return (dx * c).astype(x.dtype), (dw * c).astype(weight.dtype), mx.zeros_like(targets)
+
+        _linear_ce[key] = fn
+    return fn(x, weight, targets)[0]
+
+
+def _fused_head_weight(model) -> mx.array | None:
+    """The LM head's weight [V, E] when the head is a plain product (xLSTM-Large: an unbiased
+    ``nn.Linear`` or the tied embeddings); None for anything else (quantized, adapted, other models)."""
+    if not hasattr(model, "_logits") or getattr(model, "backbone", None) is None:
+        return None
+    if model.config.tie_word_embeddings:
+        emb = model.backbone.embeddings
+        return emb.weight if type(emb) is nn.Embedding else None
+    head = getattr(model, "lm_head", None)
+    return head.weight if type(head) is nn.Linear and "bias" not in head else None
 
 
 def _checkpointed(modules: list[nn.Module], fn: Callable) -> Callable:
@@ -364,23 +440,38 @@ def _recomputing_forward(model, recompute: str) -> Callable | None:
                          head_modules, head)
 
 
-def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none") -> Callable:
+def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_loss: str = "plain",
+                 fuse_projections: bool = False) -> Callable:
     """(params, inputs [B, S], targets [B, S]) -> mean next-token cross-entropy (float32).
 
     ``recompute`` (see :class:`TrainingConfig`): the same loss with activations recomputed
-    in the backward pass (xLSTM-Large and the 2024 xLSTM; ValueError for other models)."""
+    in the backward pass (xLSTM-Large and the 2024 xLSTM; ValueError for other models). ``head_loss=
+    "fused"``: the LM head and the loss as :func:`linear_cross_entropy` (xLSTM-Large with a
+    plain head, no recompute; otherwise the plain head). ``fuse_projections``: layers that read
+    the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`)."""
+    from ..cells.fused import traced_fusion
 
     def cast(p):
         return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
 
     forward = _recomputing_forward(model, recompute)
+    fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
+
+    def loss(inputs, targets):
+        if forward is not None:
+            return forward(inputs, targets)
+        if fused_head:
+            x, _ = model.backbone(inputs, None, model.residual_dtype)
+            E = x.shape[-1]
+            return linear_cross_entropy(x.reshape(-1, E), _fused_head_weight(model), targets.reshape(-1),
+                                        model.config.output_logit_soft_cap)
+        logits, _ = model(inputs)
+        return cross_entropy(logits, targets)
 
     def loss_fn(params, inputs, targets):
         model.update(params if compute_dtype == mx.float32 else tree_map(cast, params))
-        if forward is not None:
-            return forward(inputs, targets)
-        logits, _ = model(inputs)
-        return cross_entropy(logits, targets)
+        with traced_fusion(fuse_projections):
+            return loss(inputs, targets)
 
     return loss_fn
 
@@ -567,8 +658,10 @@ class Trainer:
         """The train and eval steps; ``compiled=False``: the train step runs eagerly (the same
         ops, no kernel fusion; benchmarks use it where compiling costs too long)."""
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
-        loss_fn = make_loss_fn(model, self.compute_dtype, cfg.recompute)
-        grad_fn = mx.value_and_grad(loss_fn)
+        loss_fn = make_loss_fn(model, self.compute_dtype, cfg.recompute, fuse_projections=cfg.fuse_projections)
+        # The fused head computes gradients in its forward: training only.
+        grad_fn = mx.value_and_grad(make_loss_fn(model, self.compute_dtype, cfg.recompute, cfg.head_loss,
+                                                 cfg.fuse_projections))
         optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state, mx.random.state]
         group = self.group

@@ -1,0 +1,142 @@
+"""Training-step fast paths: the fused LM head + cross-entropy (``linear_cross_entropy``,
+``head_loss="fused"``) and projections fused in the traced step (``fuse_projections``)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from xlstm_metal.config import xLSTMConfig
+from xlstm_metal.models.xlstm_large import xLSTMLarge
+from xlstm_metal.training.trainer import (
+    Trainer, TrainingConfig, cross_entropy, init_xlstm_large, linear_cross_entropy, make_loss_fn,
+)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("rows", [7, 50, 64])
+def test_linear_cross_entropy_equals_the_plain_head(cap, rows):
+    """Value and gradients (x, weight) equal those of the soft-capped logits through
+    ``cross_entropy``, whatever the row blocking (50 tokens: 8 blocks of 7, one, one partial);
+    the cotangent scales them."""
+    mx.random.seed(0)
+    x, w = mx.random.normal((50, 16)), mx.random.normal((40, 16))
+    t = mx.random.randint(0, 40, (50,))
+
+    def plain(x, w):
+        z = x @ w.T
+        return 2.5 * cross_entropy((z if cap is None else cap * mx.tanh(z / cap))[None], t[None])
+
+    (l0, g0), (l1, g1) = (mx.value_and_grad(fn, argnums=(0, 1))(x, w) for fn in (
+        plain, lambda x, w: 2.5 * linear_cross_entropy(x, w, t, cap, rows=rows)))
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6) and l0.item() > 2.5 * 2
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6 * float(mx.max(mx.abs(b))))
+
+
+def _grads(model, dtype, head_loss, x, y):
+    params = model.trainable_parameters()
+    loss, grads = mx.value_and_grad(make_loss_fn(model, dtype, head_loss=head_loss))(params, x, y)
+    model.update(params)
+    return loss.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_head_gradients_equal_the_plain_head(tie):
+    """A whole model's gradients: float32 equal; bf16 compute as close to the float32 ones as
+    the plain head's bf16 gradients are (the soft cap and softmax run in float32 here)."""
+    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16,
+                         tie_word_embeddings=tie)
+    model = xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (3, 33)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    ref_loss, ref = _grads(model, mx.float32, "plain", x, y)
+    loss, fused = _grads(model, mx.float32, "fused", x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and len(fused) == len(ref)
+    for name, g in ref.items():
+        assert float(mx.max(mx.abs(fused[name] - g))) <= 1e-4 * float(mx.max(mx.abs(g))), name
+
+    def spread(grads):
+        return np.median([float(mx.max(mx.abs(grads[k] - g)) / mx.max(mx.abs(g))) for k, g in ref.items()])
+
+    plain_bf16, fused_bf16 = (_grads(model, mx.bfloat16, h, x, y)[1] for h in ("plain", "fused"))
+    assert spread(fused_bf16) <= 1.25 * spread(plain_bf16)
+    assert all(fused_bf16[k].dtype == mx.float32 for k in ref)  # float32 masters get float32 gradients
+
+
+def test_training_with_the_fused_head(tmp_path):
+    """Trainer(head_loss="fused") trains to the plain head's losses (float32), evaluates with the
+    plain head, and refuses an unknown setting; --head-loss reaches the run's saved settings."""
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 97, 6000).astype(np.int32)
+
+    def losses(head_loss):
+        model = xLSTMLarge(xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16))
+        init_xlstm_large(model, 0)
+        cfg = TrainingConfig(seq_len=40, batch_size=2, steps=3, lr=3e-3, warmup=1, eval_every=100, eval_batches=1,
+                             save_every=1000, log_every=1, head_loss=head_loss)
+        result = Trainer(model, stream[:5000], stream[5000:], cfg, tmp_path / head_loss, tmp_path,
+                         progress=False).train()
+        return [loss for _, loss in result.losses] + [result.evals[-1][1]]
+
+    np.testing.assert_allclose(losses("fused"), losses("plain"), rtol=1e-5)
+    with pytest.raises(ValueError, match="head_loss must be one of plain, fused"):
+        TrainingConfig(head_loss="chunked").validate()
+
+
+def test_cli_head_loss_flag(tmp_path):
+    from xlstm_metal.cli import main
+    from xlstm_metal.training.checkpoint import read_trainer_state
+
+    corpus = tmp_path / "corpus.txt"
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--config", "tiny", "--vocab-size", "300", "--seq-len",
+                 "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--no-progress",
+                 "--head-loss", "fused"]) == 0
+    assert read_trainer_state(out / "checkpoint-0000002")["training_config"]["head_loss"] == "fused"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite([r["loss"] for r in records if r["kind"] == "train"]).all()
+
+
+def test_traced_fusion_runs_one_matmul_per_group_with_the_same_gradients(monkeypatch):
+    """``fuse_projections=True``: inside the traced loss no projection that reads a shared input
+    runs as its own layer (q|k|v|o|i|f and gate|up are one matmul each); the lone ones still do;
+    losses and float32 gradients equal the separate layers'; nothing is added to the module tree."""
+    import mlx.nn as nn
+
+    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+    model = xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(1).integers(0, 97, (2, 33)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    keys = sorted(k for k, _ in tree_flatten(model.state))
+    called = []
+    original = nn.Linear.__call__
+
+    def counting(self, x):
+        called.append(self.weight.shape)
+        return original(self, x)
+
+    monkeypatch.setattr(nn.Linear, "__call__", counting)
+    params = model.trainable_parameters()
+    loss, grads = mx.value_and_grad(make_loss_fn(model, mx.float32))(params, x, y)
+    model.update(params)
+    separate = len(called)
+    called.clear()
+    fused_loss, fused = mx.value_and_grad(make_loss_fn(model, mx.float32, fuse_projections=True))(params, x, y)
+    model.update(params)
+    # per block: out_proj and proj_down alone; plus the LM head
+    assert separate == 2 * (6 + 1 + 3) + 1 and len(called) == 2 * 2 + 1
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    flat, ref = dict(tree_flatten(fused)), dict(tree_flatten(grads))
+    for name, g in ref.items():
+        assert float(mx.max(mx.abs(flat[name] - g))) <= 1e-5 * float(mx.max(mx.abs(g))), name
+    assert sorted(k for k, _ in tree_flatten(model.state)) == keys

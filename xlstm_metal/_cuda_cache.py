@@ -1,0 +1,49 @@
+"""A persistent default for MLX's cache of compiled CUDA kernels (``MLX_PTX_CACHE_DIR``).
+
+MLX's CUDA back-end compiles each fused elementwise kernel of an ``mx.compile``d graph with NVRTC
+the first time it runs (about 1.3 s per kernel module on an H200 machine's CPU; the compiled
+train step of the 1.3b shape took ~190 s before its first step ended) and keeps the result in
+``MLX_PTX_CACHE_DIR``, which it reads once, lazily, at its first compilation. MLX's default,
+``<tmp>/mlx/<version>/ptx``, is lost with the temporary directory (a reboot, a fresh container).
+Unless the user has set the variable, importing xlstm_metal on Linux points it at
+``$XDG_CACHE_HOME/xlstm_metal/ptx/mlx-<version>`` (``~/.cache`` without XDG_CACHE_HOME), so later
+runs load the compiled kernels instead of compiling them again. Nothing is created here: MLX
+creates the directory when it first writes to it (CUDA only), and uses no disk cache if it
+cannot. Kernels made with ``mx.fast.cuda_kernel`` are never cached on disk by MLX 0.32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+from importlib import metadata
+from pathlib import Path
+
+VARIABLE = "MLX_PTX_CACHE_DIR"
+
+
+def default_ptx_cache_dir(environ: MutableMapping[str, str] | None = None) -> Path:
+    """Where xlstm-metal keeps MLX's compiled CUDA kernels unless ``MLX_PTX_CACHE_DIR`` is set:
+    one directory per MLX version (its kernel sources change between versions)."""
+    environ = os.environ if environ is None else environ
+    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        version = metadata.version("mlx")
+    except metadata.PackageNotFoundError:  # an MLX built from source and not installed as a package
+        version = "unknown"
+    return base / "xlstm_metal" / "ptx" / f"mlx-{version}"
+
+
+def configure_ptx_cache(environ: MutableMapping[str, str] | None = None, platform: str | None = None) -> str | None:
+    """Set ``MLX_PTX_CACHE_DIR`` to :func:`default_ptx_cache_dir` on Linux (where MLX's CUDA
+    back-end runs) unless it is set already; returns the value in effect (None elsewhere)."""
+    environ = os.environ if environ is None else environ
+    if (platform or sys.platform) != "linux":
+        return environ.get(VARIABLE)
+    if not environ.get(VARIABLE):
+        try:
+            environ[VARIABLE] = str(default_ptx_cache_dir(environ))
+        except RuntimeError:  # no home directory to resolve: keep MLX's own default
+            return None
+    return environ[VARIABLE]
