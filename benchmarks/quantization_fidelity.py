@@ -4,6 +4,11 @@ benchmarks/results/quantization_fidelity_<name>.json.
 
     python benchmarks/quantization_fidelity.py --corpus .train_data/corpus.jsonl     # packaged model
     python benchmarks/quantization_fidelity.py --model ckpt --text heldout.txt
+    python benchmarks/quantization_fidelity.py --model float32-export --corpus corpus.jsonl --dtype bfloat16
+
+--dtype D converts every setting with `convert --dtype D` (scales, biases and the layers left in
+float take D, as the packaged model's were) and adds a first row: the source in D, not quantized.
+A row whose weights file is byte-identical to the packaged model's is marked "as shipped".
 
 With --corpus (the JSON Lines corpus `scripts/build_default_model.sh corpus` writes), the text is
 the start of the validation split `xlstm-metal train` holds out (documents shuffled with --seed,
@@ -28,6 +33,7 @@ from xlstm_metal.benchmark import environment
 from xlstm_metal.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = "model.safetensors"
 SETTINGS = [
     ("8-bit, group 64", ["--q-bits", "8", "--q-group-size", "64"]),
     ("8-bit, group 32", ["--q-bits", "8", "--q-group-size", "32"]),
@@ -36,7 +42,21 @@ SETTINGS = [
     ("4-bit, group 64", ["--q-bits", "4", "--q-group-size", "64"]),
     ("4-bit, group 32", ["--q-bits", "4", "--q-group-size", "32"]),
     ("mixed-4-6, group 64", ["--q-recipe", "mixed-4-6", "--q-group-size", "64"]),
+    ("mixed-4-6, group 32", ["--q-recipe", "mixed-4-6", "--q-group-size", "32"]),
 ]
+
+
+def sha256(path: Path) -> str | None:
+    """Hex digest of a file, None if it does not exist."""
+    import hashlib
+
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def heldout_text(model_dir: Path, corpus: Path, tokens: int, val_fraction: float, seed: int) -> str:
@@ -73,18 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy", type=int, default=256, help="greedy tokens compared (default: 256)")
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="convert with --dtype D, and add the source in D, not quantized, as the first row")
     p.add_argument("--name", default="default", help="results file suffix (default: default)")
+    p.add_argument("--label", help="how the results name the model (default: the --model path)")
     args = p.parse_args(argv)
+    settings = [(f"{args.dtype}, not quantized", [])] if args.dtype else []
+    settings += [(label, ["-q", *flags]) for label, flags in SETTINGS]
+    dtype_flags = ["--dtype", args.dtype] if args.dtype else []
+    packaged = sha256(DEFAULT_MODEL_DIR / WEIGHTS)
 
     with tempfile.TemporaryDirectory() as tmp:
         text_path = args.text
         if args.corpus is not None:
             text_path = Path(tmp) / "heldout.txt"
             text_path.write_text(heldout_text(Path(args.model), args.corpus, args.tokens, args.val_fraction, args.seed))
-        rows = []
-        for label, flags in SETTINGS:
+        text_digest = sha256(text_path)
+        rows, started = [], time.monotonic()
+        for number, (label, flags) in enumerate(settings, start=1):
             out = io.StringIO()
-            command = ["convert", args.model, str(Path(tmp) / "out"), "-q", *flags, "--overwrite",
+            flags = [*flags, *dtype_flags]
+            command = ["convert", args.model, str(Path(tmp) / "out"), *flags, "--overwrite",
                        "--check", str(text_path), "--check-tokens", str(args.tokens),
                        "--check-greedy", str(args.greedy), "--json"]
             with contextlib.redirect_stdout(out):
@@ -92,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 raise SystemExit(f"convert failed ({code}): {' '.join(command)}")
             summary = json.loads(out.getvalue().strip().splitlines()[-1])
-            rows.append({"setting": label, "flags": " ".join(flags), **summary})
-            print(f"{label}: done", file=sys.stderr)
+            digest = sha256(Path(tmp) / "out" / WEIGHTS)
+            rows.append({"setting": label, "flags": " ".join(flags), **summary, "weights_sha256": digest,
+                         "as_shipped": digest == packaged})
+            print(f"[{number}/{len(settings)}] {label}: done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
 
     first = rows[0]["check"]
     lines = [
@@ -106,19 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for row in rows:
         c = row["check"]
+        setting = row["setting"] + (" (**as shipped**)" if row["as_shipped"] else "")
         lines.append(
-            f"| {row['setting']} | {row['bits_per_weight']:.2f} | {row['weight_bytes'] / 1e6:.2f} | "
+            f"| {setting} | {row['bits_per_weight']:.2f} | {row['weight_bytes'] / 1e6:.2f} | "
             f"{c['ppl_candidate']:.3f} | {c['ppl_candidate'] / c['ppl_reference'] - 1:+.2%} | {c['kl']:.5f} | "
             f"{c['top1']:.2%} | {c['greedy_agree']} | {c['greedy_prefix']} |"
         )
     table = "\n".join(lines)
     print(table)
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
-              "model": os.path.relpath(args.model, ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model,
+              "model": args.label or (os.path.relpath(args.model, ROOT) if Path(args.model).resolve().is_relative_to(ROOT)
+                                      else args.model),
               "command": " ".join(["python benchmarks/quantization_fidelity.py", *sys.argv[1:]]),
               "text": (f"the validation split `xlstm-metal train` holds out of {args.corpus} (--val-fraction "
                        f"{args.val_fraction}, --seed {args.seed}) from its first whole document: text the model "
                        "never trained on") if args.corpus is not None else str(args.text),
+              "source_weights_sha256": sha256(Path(args.model) / WEIGHTS),
+              "packaged_weights_sha256": packaged,
+              "text_sha256": text_digest,
               "rows": rows,
               "table": table}
     path = ROOT / "benchmarks" / "results" / f"quantization_fidelity_{args.name}.json"

@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_model
 from mlx.utils import tree_flatten
 from test_tokenizer import train_tiny_tokenizer
+from test_training import V, fresh_model, pattern_stream, small_cfg
 
 import xlstm_metal
 from xlstm_metal.assets import DEFAULT_MODEL_DIR
@@ -22,6 +23,7 @@ from xlstm_metal.cli import main
 from xlstm_metal.generation import load_tokenizer, xLSTMRunner
 from xlstm_metal.loading import load_model, save_model
 from xlstm_metal.quantization import dequantize_model, fidelity, quantization_config, quantize_model
+from xlstm_metal.training.trainer import Trainer
 
 IDS = mx.array([[0, 5, 17, 33, 2, 90, 41, 8, 64, 3, 77, 12]])
 
@@ -70,7 +72,10 @@ def leftovers(directory):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_float_dtype_round_trip(tok_ckpt, tmp_path, dtype, capsys):
     assert convert(tok_ckpt, tmp_path / "out", "--dtype", dtype) == 0
-    assert f"{dtype} float weights" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    bits = 32 if dtype == "float32" else 16
+    # The source's bits are those it stores (float32), not those --dtype loaded it in.
+    assert f"{dtype} float weights" in printed and f"{bits:.2f} bits per weight (source: 32.00)" in printed
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -206,6 +211,35 @@ def test_8bit_perplexity_within_1_percent_of_float_on_held_out_text():
     assert 5 < base < 200  # a trained model on in-domain prose
     assert abs(results[8]["ppl_candidate"] / base - 1) < 0.01
     assert results[4]["kl"] > results[8]["kl"] > 0
+
+
+def test_check_8bit_within_1_percent_of_a_trained_float_model(tmp_path, capsys):
+    """`convert -q --q-bits 8 --check` on held-out text, from a float32 source trained here (seeded;
+    its weights lie on no quantization grid, unlike the dequantized packaged model above): perplexity
+    within 1% of the source's at groups 32 and 64, while 4-bit moves it by more than 1%, so the
+    bound tells 8 from 4 bits apart."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    stream = pattern_stream(8000)
+    model = fresh_model()
+    Trainer(model, stream[:6000], stream[6000:6500], small_cfg(steps=60, eval_every=60), tmp_path / "run",
+            tmp_path, progress=False).train()
+    save_model(model, tmp_path / "src")
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t1"))  # "t<id>" is token id
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(tmp_path / "src" / "tokenizer.json"))
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(f"t{i}" for i in stream[6500:]))  # after the training and validation parts
+    change = {}
+    for bits, group in ((8, 32), (8, 64), (4, 64)):
+        assert convert(tmp_path / "src", tmp_path / f"q{bits}g{group}", "-q", "--q-bits", bits, "--q-group-size",
+                       group, "--check", text, "--check-greedy", "16", "--json") == 0
+        check = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["check"]
+        assert check["tokens"] == len(stream) - 6500  # BOS + the text, less the last
+        assert check["ppl_reference"] < V / 4  # trained: far below uniform (97) on text it never saw
+        change[bits, group] = check["ppl_candidate"] / check["ppl_reference"] - 1
+    assert abs(change[8, 32]) < 0.01 and abs(change[8, 64]) < 0.01
+    assert change[4, 64] > 0.01
 
 
 @pytest.mark.parametrize("argv_tail, message", [

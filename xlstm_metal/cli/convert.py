@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(source_dir, dtype=args.dtype)
     except CheckpointError as err:
         raise UsageError(f"cannot load SRC {args.source}: {err}") from None
-    source_bpw = bits_per_weight(model)
+    source_bpw = bits_per_weight(model) if args.dtype is None else _stored_bits_per_weight(source_dir, model)
     if quantization_config(model) is not None:
         print("the source is quantized: dequantizing" + (" (quantizing again adds error)" if recipe else ""),
               file=sys.stderr)
@@ -231,6 +231,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _stored_bits_per_weight(source_dir: Path, model) -> float:
+    """Bits per weight as SRC stores them: ``--dtype`` already changed the loaded model's
+    (safetensors tensors load lazily, so this reads headers, not weights)."""
+    from ..loading import read_weights
+    from ..quantization import parameter_count
+
+    stored = sum(v.nbytes for v in read_weights(source_dir).values())
+    return 8.0 * stored / max(parameter_count(model), 1)
 
 
 def _layer_done(bar, out: Path) -> None:
