@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
               "model": args.label or (os.path.relpath(args.model, ROOT) if Path(args.model).resolve().is_relative_to(ROOT)
                                       else args.model),
-              "command": " ".join(["python benchmarks/quantization_fidelity.py", *sys.argv[1:]]),
+              "command": shlex.join(["python", "benchmarks/quantization_fidelity.py", *sys.argv[1:]]),
               "text": (f"the validation split `xlstm-metal train` holds out of {args.corpus} (--val-fraction "
                        f"{args.val_fraction}, --seed {args.seed}) from its first whole document: text the model "
                        "never trained on") if args.corpus is not None else str(args.text),

@@ -318,12 +318,23 @@ def quantization_rows() -> list[str]:
             f"- date: {d['date']}; command: `{d['command']}`; MLX {env['mlx']} on {env['device']}",
             f"- text: {first['check']['tokens'] + 1} tokens of {d['text']}; both models computed in "
             f"float32 from their stored weights; source: {first['source_bits_per_weight']:.0f}-bit weights, "
-            f"{first['parameters'] / 1e6:.2f}M parameters, perplexity {first['check']['ppl_reference']:.3f}", "",
+            f"{first['parameters'] / 1e6:.2f}M parameters, perplexity {first['check']['ppl_reference']:.3f}",
+        ]
+        if d.get("source_weights_sha256"):
+            lines.append(f"- sha256: source `model.safetensors` `{d['source_weights_sha256']}`, held-out text "
+                         f"`{d['text_sha256']}`")
+        if any(row.get("as_shipped") for row in d["rows"]):
+            lines.append("- **as shipped**: that result's `model.safetensors` is byte-identical to the packaged "
+                         f"model's (sha256 `{d['packaged_weights_sha256']}`)")
+        lines += [
+            "",
             *d["table"].splitlines()[2:],
             "",
             "Perplexity, KL and top-1 agreement are teacher-forced over the whole text; the greedy columns "
             f"decode {d['rows'][0]['check']['greedy_tokens']} tokens from the text's first 32 with each model, and "
-            "one flipped near-tie sends the two continuations apart, so they are the noisiest figures.",
+            "one flipped near-tie sends the two continuations apart, so they are the noisiest figures."
+            + (" Weights MB is the file's size: a float file of a model with tied embeddings also stores the LM "
+               "head a second time, for transformers." if any(row["bits"] is None for row in d["rows"]) else ""),
         ]
     for path in sorted(RESULTS.glob("cpu_quantized_matmul*.json")):
         d = json.loads(path.read_text())

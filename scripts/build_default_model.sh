@@ -13,7 +13,13 @@
 # shipped run), MAX_TIME (seconds: size the run from measured speed instead of STEPS),
 # DTYPE (default float32), RECIPE (default mixed-4-6), PYTHON (default python3).
 # The shipped model was trained on an NVIDIA H200 (MLX 0.32.4 CUDA build) with these defaults
-# (see MODEL_CARD.md); on a CPU the same command runs, far slower.
+# (see MODEL_CARD.md); on a CPU the same command runs, far slower. That run's float32 export
+# ($RUN/export/model.safetensors, not in the repository) had sha256
+# 115c4b3060e159de8b8da79174913166d3f050a2d95775819ef132761b7ccd0e; the quantize stage turns it
+# into the packaged model.safetensors byte for byte (sha256
+# 59c794c8632d2b7565aefd3e88e355b1bd69361a78d72846e311ca6f974acb46). Quantization fidelity of
+# the export (the packaged tokenizer files copied beside it): benchmarks/quantization_fidelity.py
+# --model "$RUN/export" --corpus "$WORK/corpus.jsonl" --tokens 80000 --dtype bfloat16 (BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
