@@ -2,9 +2,12 @@
 group sizes 32 and 64 and the mixed-4-6 recipe, on held-out text. Prints a Markdown table and writes
 benchmarks/results/quantization_fidelity_<name>.json.
 
-    python benchmarks/quantization_fidelity.py --corpus .train_data/corpus.jsonl     # packaged model
     python benchmarks/quantization_fidelity.py --model ckpt --text heldout.txt
-    python benchmarks/quantization_fidelity.py --model float32-export --corpus corpus.jsonl --dtype bfloat16
+    python benchmarks/quantization_fidelity.py --model float32-export --corpus .train_data/corpus.jsonl \
+        --tokens 80000 --dtype bfloat16 --name pydoc-15m    # the packaged model's source, as published
+
+Without --model the packaged model is the source; it ships quantized, so each setting then
+measures quantizing its dequantized weights again, not the loss from the trained weights.
 
 --dtype D converts every setting with `convert --dtype D` (scales, biases and the layers left in
 float take D, as the packaged model's were) and adds a first row: the source in D, not quantized.
