@@ -581,3 +581,53 @@ def test_train_points_a_loaded_2024_model_at_the_training_kernel():
     assert rel_err(model(ids)[0], before) < 1e-5
     with pytest.raises(UsageError, match="--kernel"):
         _set_training_kernel(model, "no_such_kernel")
+
+
+@pytest.mark.parametrize("in_features,heads,out_features", [(32, 8, 32), (24, 2, 40), (64, 4, 64)])
+def test_dense_block_diagonal_headwise_equals_the_blocks(monkeypatch, in_features, heads, out_features):
+    """LinearHeadwise's dense path (one GEMM with the block-diagonal matrix; CUDA, >= 64 rows)
+    gives the block products' outputs and gradients; forced here on the CPU."""
+    from xlstm_metal.cells import xlstm_2024 as cells
+
+    layer = cells.LinearHeadwise(in_features, heads, out_features, bias=True)
+    rng = np.random.default_rng(heads)
+    layer.weight = mx.array(rng.standard_normal(layer.weight.shape).astype(np.float32))
+    layer.bias = mx.array(rng.standard_normal(out_features).astype(np.float32))
+    x = mx.array(rng.standard_normal((3, 70, in_features)).astype(np.float32))
+    dy = mx.array(rng.standard_normal((3, 70, out_features)).astype(np.float32))
+
+    def run():
+        def loss(params, x):
+            layer.update(params)
+            return (layer(x) * dy).sum()
+
+        out = layer(x)
+        _, (gp, gx) = mx.value_and_grad(loss, argnums=(0, 1))(layer.trainable_parameters(), x)
+        return out, gp["weight"], gp["bias"], gx
+
+    monkeypatch.setattr(cells, "_dense_headwise", lambda rows: False)  # the block products (CUDA too)
+    blocks = run()
+    monkeypatch.setattr(cells, "_dense_headwise", lambda rows: rows >= cells.DENSE_HEADWISE_MIN_ROWS)
+    dense = run()
+    w = np.array(layer.weight)
+    dense_w = np.array(cells.block_diagonal(layer.weight))
+    o, i = w.shape[1:]
+    for h in range(heads):  # each block in its place, zeros elsewhere
+        np.testing.assert_array_equal(dense_w[h * o:(h + 1) * o, h * i:(h + 1) * i], w[h])
+    assert np.count_nonzero(dense_w) == np.count_nonzero(w)
+    for name, a, b in zip(("out", "dW", "db", "dx"), dense, blocks):
+        assert rel_err(a, b) < 1e-6, name
+
+
+def test_2024_model_with_dense_headwise_matches(monkeypatch):
+    """A whole 2024 model (mLSTM 4x4 q/k/v blocks, sLSTM gate heads) through the dense path."""
+    from xlstm_metal.cells import xlstm_2024 as cells
+
+    model = create_xlstm_model(V, 3, (2, 1), 32, 8, 4, seed=2)
+    ids = mx.array(np.random.default_rng(2).integers(0, V, (2, 40)))
+    monkeypatch.setattr(cells, "_dense_headwise", lambda rows: False)
+    before = model(ids)[0]
+    calls = []
+    monkeypatch.setattr(cells, "_dense_headwise", lambda rows: calls.append(rows) or True)
+    after = model(ids)[0]
+    assert calls and rel_err(after, before) < 1e-5

@@ -82,6 +82,26 @@ class MultiHeadLayerNorm(Module2024):
 
 
 # ---------------------------------------------------------------------------- projections
+#: Rows (tokens) from which LinearHeadwise runs as one dense GEMM on CUDA (training, prefill).
+DENSE_HEADWISE_MIN_ROWS = 64
+
+
+def _dense_headwise(rows: int) -> bool:
+    """Whether LinearHeadwise multiplies by the dense block-diagonal matrix: on NVIDIA GPUs for
+    ``rows`` >= DENSE_HEADWISE_MIN_ROWS (decode keeps the block products: it reads weights)."""
+    from ..kernels.fast.step import cuda_available
+
+    return rows >= DENSE_HEADWISE_MIN_ROWS and cuda_available()
+
+
+def block_diagonal(weight: mx.array) -> mx.array:
+    """[NH, out/NH, in/NH] blocks -> the dense [out, in] block-diagonal matrix (differentiable:
+    its vjp hands each block its own part of the dense gradient)."""
+    NH, o, i = weight.shape
+    eye = mx.eye(NH, dtype=weight.dtype)
+    return (eye[:, None, :, None] * weight[:, :, None, :]).reshape(NH * o, NH * i)
+
+
 class LinearHeadwise(Module2024):
     """Block-diagonal linear map: the input splits into ``num_heads`` blocks, each projected
     by its own matrix. weight [NH, out/NH, in/NH] (NX-AI's LinearHeadwiseExpand), bias [out].
@@ -105,6 +125,14 @@ class LinearHeadwise(Module2024):
     def __call__(self, x: mx.array) -> mx.array:
         lead = x.shape[:-1]
         NH, d = self.num_heads, self.weight.shape[-1]
+        if _dense_headwise(x.size // x.shape[-1]):
+            # One GEMM with the block-diagonal matrix: the zeros add exactly, so the numbers are
+            # the blocks' products. The tensor cores do the wasted work (NH x the needed
+            # products) faster than thousands of tiny matmuls run, and the weight's gradient is
+            # one GEMM too (the broadcast per-token form below made a [tokens, NH, d, out]
+            # product and summed it).
+            y = x @ mx.swapaxes(block_diagonal(self.weight), 0, 1)
+            return y + self.bias if "bias" in self else y
         wt = mx.swapaxes(self.weight, -1, -2)  # [NH, in/NH, out/NH]
         if d <= 16:
             # Many tiny blocks (the mLSTM's 4x4 q/k/v): NH matmuls over all tokens. A per-token
@@ -256,4 +284,5 @@ __all__ = [
     "GatedFeedForward",
     "mLSTMCell2024",
     "round_up_dim",
+    "block_diagonal",
 ]
