@@ -89,7 +89,8 @@ def test_training_with_the_fused_head(tmp_path):
         TrainingConfig(head_loss="chunked").validate()
 
 
-def test_cli_head_loss_flag(tmp_path):
+def test_cli_step_path_flags(tmp_path):
+    """--head-loss and --fuse-projections reach the run's saved settings; a resume may change them."""
     from xlstm_metal.cli import main
     from xlstm_metal.training.checkpoint import read_trainer_state
 
@@ -100,8 +101,14 @@ def test_cli_head_loss_flag(tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(corpus), "--out", str(out), "--config", "tiny", "--vocab-size", "300", "--seq-len",
                  "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--no-progress",
-                 "--head-loss", "fused"]) == 0
-    assert read_trainer_state(out / "checkpoint-0000002")["training_config"]["head_loss"] == "fused"
+                 "--head-loss", "fused", "--fuse-projections"]) == 0
+    saved = read_trainer_state(out / "checkpoint-0000002")["training_config"]
+    assert saved["head_loss"] == "fused" and saved["fuse_projections"] is True
+    # A resume may switch them (the same math); the run's saved settings follow.
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress", "--head-loss", "plain",
+                 "--no-fuse-projections"]) == 0
+    saved = read_trainer_state(out / "checkpoint-0000003")["training_config"]
+    assert saved["head_loss"] == "plain" and saved["fuse_projections"] is False
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite([r["loss"] for r in records if r["kind"] == "train"]).all()
 

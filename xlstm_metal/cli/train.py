@@ -87,7 +87,10 @@ def add_parser(subparsers) -> None:
     o.add_argument("--head-loss", choices=["plain", "fused"], default=None,
                    help="LM head + cross-entropy: fused computes their gradients in the forward, a block of "
                         "tokens at a time, and keeps no logits for the backward (less memory; xLSTM-Large "
-                        "without --recompute); default plain")
+                        "without --recompute); default: " + _DEFAULT_NOTE)
+    o.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the projections that read one input (q|k|v|o|i|f, the FFN's gate|up) as one matmul "
+                        "each in the compiled step (the same math); default: " + _DEFAULT_NOTE)
     add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
@@ -113,7 +116,7 @@ RUN_DEFAULTS: dict = dict(vocab_size=4096, text_field="text", val_fraction=0.02,
                           eval_every=200, eval_batches=16, save_every=500, keep=2, log_every=10, recompute="none")
 #: Settings --resume may change (the schedule is extended / re-rated: TrainingConfig.reschedule_*).
 RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every", "kernel", "recompute",
-                     "head_loss")
+                     "head_loss", "fuse_projections")
 #: Settings fixed by the run being resumed: giving one with --resume is an error naming it.
 RESUME_FIXED = ("config", "init_from", "arch", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
                 "batch_size", "max_time", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
@@ -279,7 +282,7 @@ def run(args) -> int:
             raise UsageError("--profile applies to a new run; a resumed run keeps its settings")
         profile = None
         cfg = TrainingConfig(**saved["training_config"])
-        for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss"):
+        for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss", "fuse_projections"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         step, total = saved["step"], saved["total_steps"]
@@ -310,7 +313,8 @@ def run(args) -> int:
             min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, dtype=args.dtype, eval_every=args.eval_every, eval_batches=args.eval_batches,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-            recompute=args.recompute, head_loss=args.head_loss or "plain",
+            recompute=args.recompute, **{name: value if getattr(args, name) is None else getattr(args, name)
+                                         for name, value in default_step_paths().items()},
         )
         val_fraction, text_field = args.val_fraction, args.text_field
     try:
@@ -559,6 +563,21 @@ def default_training_kernel() -> str:
     from ..kernels.fast.step import cuda_available
 
     return "chunkwise_fused" if cuda_available() else "chunkwise"
+
+
+#: --head-loss / --fuse-projections defaults, by where the step runs (see default_step_paths).
+_DEFAULT_NOTE = "fused on NVIDIA GPUs (the fastest step measured on an H200), plain elsewhere"
+#: (head_loss, fuse_projections) where MLX's CUDA back-end runs, and elsewhere.
+_STEP_PATHS = {True: {"head_loss": "plain", "fuse_projections": False},
+               False: {"head_loss": "plain", "fuse_projections": False}}
+
+
+def default_step_paths() -> dict:
+    """The train step's fast paths a new run takes unless flags say otherwise:
+    ``{"head_loss": ..., "fuse_projections": ...}`` (TrainingConfig fields)."""
+    from ..kernels.fast.step import cuda_available
+
+    return dict(_STEP_PATHS[cuda_available()])
 
 
 def _set_training_kernel(model, kernel: str) -> None:
