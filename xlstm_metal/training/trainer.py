@@ -214,6 +214,16 @@ def make_schedule(cfg: TrainingConfig, total_steps: int | None) -> Callable[[int
     return schedule
 
 
+def _compiling_note() -> str:
+    """The progress bar's label during the first step, which compiles it."""
+    from ..kernels.fast.step import cuda_available
+
+    if not cuda_available():
+        return "train (compiling the step)"
+    cache = os.environ.get("MLX_PTX_CACHE_DIR") or "MLX's temporary directory"
+    return f"train (compiling the step's CUDA kernels: minutes the first time on a machine, then cached in {cache})"
+
+
 def _as_float(value: mx.array | float) -> float:
     return float(value.item() if isinstance(value, mx.array) else value)
 
@@ -582,6 +592,7 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self._train_step = None
         self._eval_step = None
+        self._stepped = False  # a train step has run in this process (the first one compiles)
         #: Wall clock of the loop (seconds); replaceable, e.g. by a fake clock in tests.
         self.clock: Callable[[], float] = time.perf_counter
 
@@ -808,8 +819,15 @@ class Trainer:
             mx.random.seed((cfg.seed * 1_000_003 + self.step) % (1 << 63))
             x, y = self.batches.next()
             x, y = x[self.rows], y[self.rows]  # this rank's share of the global batch
+            first = not self._stepped
+            if first:  # MLX compiles the step's kernels now: on a fresh CUDA machine that takes minutes
+                job.update(phase="compile")
+                bar.set_description_str(_compiling_note())
             loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
             mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
+            if first:
+                self._stepped = True
+                bar.set_description_str("train" if self.total_steps else "train (timing steps)")
             self.step += 1
             self.tokens += tokens_per_step
             steps_window += 1
