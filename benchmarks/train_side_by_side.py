@@ -82,15 +82,23 @@ def worker_ours(args) -> None:
     stream = np.random.default_rng(0).integers(0, vocab, size=B * (S + 1) * (args.steps + 4), dtype=np.int32)
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
     fits = False  # a variant so far peaked within --memory-target
+    adamw_env = os.environ.get("XLSTM_METAL_FUSED_ADAMW")
     for variant in variants:
         if time.time() > deadline or (fits and args.memory_target):
             break
         kernel, recompute, *mode = variant.split("/")
-        if set(mode) - {"eager", "fused-head", "fused-proj"}:
-            raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head and fused-proj "
-                             "may follow")
+        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw"}:
+            raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj "
+                             "and mlx-adamw may follow")
         eager, head_loss = "eager" in mode, "fused" if "fused-head" in mode else "plain"
         fuse = "fused-proj" in mode
+        # MLX's AdamW ops instead of the AdamW kernel (read when the step is traced); else as given
+        if "mlx-adamw" in mode:
+            os.environ["XLSTM_METAL_FUSED_ADAMW"] = "0"
+        elif adamw_env is None:
+            os.environ.pop("XLSTM_METAL_FUSED_ADAMW", None)
+        else:
+            os.environ["XLSTM_METAL_FUSED_ADAMW"] = adamw_env
         for block in model.blocks:
             block.mlstm_layer.parallel_kernel_cell.kernel = kernel
         cfg = TrainingConfig(seq_len=S, batch_size=B, steps=args.steps + args.warmup, dtype="bfloat16",
@@ -98,7 +106,7 @@ def worker_ours(args) -> None:
                              fuse_projections=fuse)
         record = {"side": "ours", "kind": "train_step",
                   "variant": f"{kernel}, recompute {recompute}, " + ("fused head + loss, " if head_loss == "fused" else "")
-                  + ("fused projections, " if fuse else "")
+                  + ("fused projections, " if fuse else "") + ("MLX's AdamW ops, " if "mlx-adamw" in mode else "")
                   + ("eager step" if eager else "compiled step") + _graphs_note(),
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
@@ -636,9 +644,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--variants", default="chunkwise_fused/none",
-                   help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj] (recompute: none, head, "
-                        "mlstm, ffn, blocks; eager: the step uncompiled; fused-head: --head-loss fused; fused-proj: "
-                        "projections reading one input as one matmul)")
+                   help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj][/mlx-adamw] (recompute: "
+                        "none, head, mlstm, ffn, blocks; eager: the step uncompiled; fused-head: --head-loss fused; "
+                        "fused-proj: projections reading one input as one matmul; mlx-adamw: MLX's AdamW ops instead "
+                        "of the AdamW kernel)")
     p.add_argument("--memory-target", type=float, default=None, metavar="GB",
                    help="ours: stop trying further variants once one peaked within this (e.g. the official's peak)")
     p.add_argument("--official-compile", default="off",

@@ -147,3 +147,59 @@ def test_traced_fusion_runs_one_matmul_per_group_with_the_same_gradients(monkeyp
     for name, g in ref.items():
         assert float(mx.max(mx.abs(flat[name] - g))) <= 1e-5 * float(mx.max(mx.abs(g))), name
     assert sorted(k for k, _ in tree_flatten(model.state)) == keys
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.0])
+def test_half_precision_step_equals_float32_gradients_of_the_masters(tmp_path, clip):
+    """bf16 compute: the train step differentiates the cast copies and clips in float32
+    (trainer.clip_grad_norm); the updated weights, optimizer state, loss and norm equal those of
+    the float32 masters' gradients through MLX's clip_grad_norm + AdamW, bit for bit."""
+    import mlx.optimizers as optim
+
+    from xlstm_metal.training.trainer import make_optimizer
+
+    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+    model, reference = xLSTMLarge(config), xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    init_xlstm_large(reference, 0)
+    stream = np.random.default_rng(0).integers(0, 97, 3000).astype(np.int32)
+    cfg = TrainingConfig(seq_len=32, batch_size=2, steps=2, lr=1e-2, warmup=0, grad_clip=clip, dtype="bfloat16")
+    trainer = Trainer(model, stream[:2000], stream[2000:], cfg, tmp_path / "run", tmp_path, progress=False)
+    trainer._build_steps(compiled=False)
+    ids = mx.array(stream[:66].reshape(2, 33))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    opt = make_optimizer(cfg, reference)
+    grad_fn = mx.value_and_grad(make_loss_fn(reference, mx.bfloat16))
+    for _ in range(2):
+        loss, grad_norm = trainer._train_step(x, y)
+        params = reference.trainable_parameters()
+        ref_loss, grads = grad_fn(params, x, y)
+        reference.update(params)
+        assert all(g.dtype == mx.float32 for _, g in tree_flatten(grads))
+        if clip:
+            grads, ref_norm = optim.clip_grad_norm(grads, clip)
+        else:
+            ref_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+        opt.update(reference, grads)
+        mx.eval(model.parameters(), reference.parameters(), trainer.optimizer.state, opt.state)
+        assert loss.item() == ref_loss.item() and grad_norm.item() == pytest.approx(ref_norm.item(), rel=1e-6)
+        if clip:
+            assert grad_norm.item() > clip  # clipped: the normaliser took part
+    ours, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(reference.parameters()))
+    assert all(mx.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert all(mx.array_equal(a, b) for (_, a), (_, b) in zip(tree_flatten(trainer.optimizer.state),
+                                                               tree_flatten(opt.state)))
+
+
+def test_swiglu_vjp_is_autodiff():
+    import mlx.nn as nn
+
+    from xlstm_metal.cells.ffn import swiglu
+
+    for dtype in (mx.float32, mx.bfloat16):
+        mx.random.seed(0)
+        gate, up, cot = ((mx.random.normal((16, 48)) * s).astype(dtype) for s in (3, 1, 1))
+        ref = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [cot])
+        ours = mx.vjp(swiglu, [gate, up], [cot])
+        assert all(mx.array_equal(a, b) for a, b in zip(ref[0] + ref[1], ours[0] + ours[1])), dtype

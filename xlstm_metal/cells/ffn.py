@@ -31,4 +31,25 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = _GATE_UP.outputs(self, x)
-        return self.proj_down(silu(gate) * up)
+        if mx.default_device() == mx.cpu:  # the CPU's fast activations (their own vjp)
+            return self.proj_down(silu(gate) * up)
+        return self.proj_down(swiglu(gate, up))
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up (``nn.silu``'s ops), with a vjp that keeps only gate and up for the
+    backward and recomputes sigmoid(gate) there: autodiff of the ops keeps sigmoid(gate) and
+    silu(gate) as well, two more [B, S, F] arrays per block (at the 1.3b shape and 8,192 tokens:
+    2 x 90 MB per block, 4.3 GB over 24 blocks). The gradients are the autodiff ones, op for op."""
+    return nn.silu(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, _output):
+    gate, up = primals
+    s = mx.sigmoid(gate)
+    d_silu = cotangent * up
+    # silu = gate * s: d gate = d_silu * s + (d_silu * gate) * s (1 - s), as MLX differentiates it
+    d_gate = d_silu * s + (d_silu * gate) * (s * (1 - s))
+    return d_gate, cotangent * (gate * s)

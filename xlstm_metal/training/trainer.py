@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from ..distributed import DistributedError, agree, is_main, size_and_rank
 from ..monitor import current_job
@@ -174,11 +174,15 @@ def _no_decay(path: str, _value: mx.array) -> bool:
 
 def make_optimizer(cfg: TrainingConfig, model=None) -> optim.Optimizer:
     """AdamW with decoupled weight decay on matrices only; the learning rate is set per step.
+    Its AdamWs take the gradients' clip scale as ``grad_scale`` (:class:`ScaledAdamW`: one CUDA
+    kernel per parameter on NVIDIA GPUs, MLX's ops elsewhere).
 
     A model with a ``decays(path) -> bool`` method (the 2024 xLSTM: NX-AI's split) chooses
     which parameters decay; otherwise norms, biases and embeddings do not."""
-    decayed = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
-    plain = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=0.0)
+    from ..kernels.fast.adamw import ScaledAdamW
+
+    decayed = ScaledAdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
+    plain = ScaledAdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=0.0)
     if model is not None and callable(getattr(model, "decays", None)):
         no_decay = lambda path, _value: not model.decays(path)  # noqa: E731
     else:
@@ -226,6 +230,28 @@ def _compiling_note() -> str:
 
 def _as_float(value: mx.array | float) -> float:
     return float(value.item() if isinstance(value, mx.array) else value)
+
+
+def clip_scale(grads, max_norm: float) -> tuple[mx.array, mx.array]:
+    """(global norm, scale) of ``optim.clip_grad_norm`` for the gradients cast to float32 (the
+    same numbers), gradients of any float dtype: the clipped gradients are ``g * scale`` in
+    float32. The casts happen inside the kernels that read the gradients (the squares here, the
+    optimizer's update), so float32 copies of all gradients are never held at once."""
+    total = mx.sqrt(tree_reduce(lambda acc, g: acc + mx.square(g.astype(mx.float32)).sum(), grads, 0.0))
+    return total, mx.minimum(max_norm / (total + 1e-6), 1.0)
+
+
+def _set_grad_scale(optimizer, scale: mx.array | None) -> bool:
+    """Hand the clip scale to optimizers that apply it themselves (:class:`ScaledAdamW`);
+    False (nothing set) if any does not."""
+    from ..kernels.fast.adamw import ScaledAdamW
+
+    subs = getattr(optimizer, "optimizers", [optimizer])
+    if not all(isinstance(sub, ScaledAdamW) for sub in subs):
+        return False
+    for sub in subs:
+        sub.grad_scale = scale
+    return True
 
 
 def _set_learning_rate(optimizer, lr: mx.array) -> None:
@@ -670,25 +696,39 @@ class Trainer:
         ops, no kernel fusion; benchmarks use it where compiling costs too long)."""
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
         loss_fn = make_loss_fn(model, self.compute_dtype, cfg.recompute, fuse_projections=cfg.fuse_projections)
+        group = self.group
+        # Half-precision compute on one process: differentiate with respect to the cast copies, so
+        # the gradients stay in the compute dtype until the optimizer reads them (the float32
+        # gradients of the float32 masters are exactly these, cast; autodiff of the cast would
+        # materialise them all, 4 bytes per parameter, by the end of the backward pass).
+        # Distributed: averaged in float32, as before.
+        half = self.compute_dtype != mx.float32 and group is None
         # The fused head computes gradients in its forward: training only.
-        grad_fn = mx.value_and_grad(make_loss_fn(model, self.compute_dtype, cfg.recompute, cfg.head_loss,
-                                                 cfg.fuse_projections))
+        grad_fn = mx.value_and_grad(make_loss_fn(model, mx.float32 if half else self.compute_dtype, cfg.recompute,
+                                                 cfg.head_loss, cfg.fuse_projections))
         optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state, mx.random.state]
-        group = self.group
+        dtype = self.compute_dtype
 
         def train_step(inputs, targets):
             params = model.trainable_parameters()
-            loss, grads = grad_fn(params, inputs, targets)
+            if half:
+                loss, grads = grad_fn(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                               params), inputs, targets)
+            else:
+                loss, grads = grad_fn(params, inputs, targets)
             model.update(params)  # the float32 masters back in place of the cast copies
             if group is not None:
                 # Equal row counts per rank: the mean of the ranks' means is the global mean.
                 grads = nn.average_gradients(grads, group=group)
                 loss = mx.distributed.all_sum(loss, group=group) / group.size()
             if cfg.grad_clip > 0:
-                grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+                grad_norm, scale = clip_scale(grads, cfg.grad_clip)
             else:
                 grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+                scale = None
+            if not _set_grad_scale(optimizer, scale):  # an optimizer of the caller's: clipped float32 gradients
+                grads = tree_map(lambda g: (g if scale is None else g * scale).astype(mx.float32), grads)
             optimizer.update(model, grads)
             return loss, grad_norm
 

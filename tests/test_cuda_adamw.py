@@ -1,0 +1,72 @@
+"""The AdamW kernel (xlstm_metal/kernels/fast/adamw.py) against MLX's AdamW ops.
+
+The kernel test runs only where MLX has its CUDA backend (the GPU machine): it compares the
+kernel with MLX's ops evaluated on the CPU stream (IEEE rounding, one op at a time). The other
+tests run everywhere and check ScaledAdamW's ops path against ``optim.AdamW``.
+"""
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+
+from xlstm_metal.kernels.fast.adamw import ScaledAdamW, adamw_update
+from xlstm_metal.kernels.fast.step import cuda_available
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _ops_update(g, p, m, v, lr, scale, b1, b2, eps, wd):
+    """MLX's AdamW.apply_single (no bias correction) on g * scale in float32, op by op."""
+    g = g.astype(mx.float32) * scale
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * mx.square(g)
+    p = p * (1 - lr * wd)
+    return p - lr * m / (mx.sqrt(v) + eps), m, v
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("shape", [(1,), (1027,), (96, 333), (2048, 5504)])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_kernel_equals_mlx_adamw(dtype, shape, wd):
+    rng = np.random.default_rng(sum(shape))
+    g = mx.array(rng.standard_normal(shape).astype(np.float32) * 1e-2).astype(dtype)
+    p, m = (mx.array(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+    v = mx.array(np.abs(rng.standard_normal(shape)).astype(np.float32) * 1e-4)
+    lr, scale = mx.array(3e-4, mx.float32), mx.array(0.37, mx.float32)
+    ours = adamw_update(g, p, m * 1e-3, v, lr, scale, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd)
+    with mx.stream(mx.cpu):
+        ref = _ops_update(g, p, m * 1e-3, v, lr, scale, 0.9, 0.95, 1e-8, wd)
+        mx.eval(ref)
+    for a, b, name in zip(ours, ref, ("p", "m", "v")):
+        a, b = np.array(a), np.array(b)
+        assert a.dtype == np.float32 and a.shape == shape
+        # op-for-op IEEE rounding: equal, or a last-bit difference where the GPU's sqrt/divide differ
+        np.testing.assert_allclose(a, b, rtol=3e-7, atol=0, err_msg=name)
+        assert np.mean(a == b) > 0.99, name
+
+
+@pytest.mark.parametrize("scale", [None, 0.25])
+def test_scaled_adamw_equals_adamw_of_scaled_gradients(scale):
+    """ScaledAdamW with bf16 gradients and grad_scale = optim.AdamW with the float32 gradients
+    times the scale (the kernel on CUDA, MLX's ops elsewhere: equal to float32 round-off)."""
+    rng = np.random.default_rng(0)
+    params = {"a": mx.array(rng.standard_normal((40, 30)).astype(np.float32)),
+              "b": mx.array(rng.standard_normal((7,)).astype(np.float32))}
+    grads = {k: mx.array(rng.standard_normal(v.shape).astype(np.float32)).astype(mx.bfloat16) for k, v in params.items()}
+    ours = ScaledAdamW(learning_rate=1e-2, betas=[0.9, 0.95], weight_decay=0.1)
+    ref = optim.AdamW(learning_rate=1e-2, betas=[0.9, 0.95], weight_decay=0.1)
+    ours.init(params)
+    ref.init(params)
+    p1, p2 = dict(params), dict(params)
+    for _ in range(3):
+        ours.grad_scale = None if scale is None else mx.array(scale, mx.float32)
+        p1 = ours.apply_gradients(grads, p1)
+        f32 = {k: g.astype(mx.float32) * (1.0 if scale is None else mx.array(scale, mx.float32)) for k, g in grads.items()}
+        p2 = ref.apply_gradients(f32, p2)
+    for k in params:
+        np.testing.assert_allclose(np.array(p1[k]), np.array(p2[k]), rtol=1e-6, atol=1e-7)
+        assert not np.allclose(np.array(p1[k]), np.array(params[k]))
+        if not cuda_available():
+            assert mx.array_equal(p1[k], p2[k])
