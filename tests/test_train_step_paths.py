@@ -203,3 +203,41 @@ def test_swiglu_vjp_is_autodiff():
         ref = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [cot])
         ours = mx.vjp(swiglu, [gate, up], [cot])
         assert all(mx.array_equal(a, b) for a, b in zip(ref[0] + ref[1], ours[0] + ours[1])), dtype
+
+
+def test_layer_norm_float32_vjp_is_autodiff():
+    from xlstm_metal.cells.norms import layer_norm_float32
+
+    mx.random.seed(1)
+    x = (mx.random.normal((2, 5, 3, 64)) * 4 + 1).astype(mx.bfloat16)
+    cot = mx.random.normal((2, 5, 3, 64)).astype(mx.bfloat16)
+
+    def ref(x):
+        return mx.fast.layer_norm(x.astype(mx.float32), None, None, 1e-6).astype(x.dtype)
+
+    (a,), (da,) = mx.vjp(ref, [x], [cot])
+    (b,), (db,) = mx.vjp(lambda x: layer_norm_float32(x, 1e-6), [x], [cot])
+    assert mx.array_equal(a, b) and mx.array_equal(da, db) and db.dtype == mx.bfloat16
+
+
+def test_gpu_branches_give_the_cpu_gradients(monkeypatch):
+    """Off the CPU the FFN runs ``swiglu`` and the multi-head norm ``layer_norm_float32`` (their
+    own vjps, less memory kept): a whole model's bf16 loss and gradients are the same bits."""
+    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+    model = xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(2).integers(0, 97, (2, 33)))
+    from xlstm_metal.cells import activations, ffn, norms
+
+    monkeypatch.setattr(activations, "_ENABLED", False)  # MLX's activation ops on both sides
+    cpu = _grads(model, mx.bfloat16, "plain", ids[:, :-1], ids[:, 1:])
+
+    calls = []
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))  # the Python branches only: ops stay on the CPU
+    for module, name in ((ffn, "swiglu"), (norms, "layer_norm_float32")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, original=original, name=name: calls.append(name) or original(*a))
+    gpu = _grads(model, mx.bfloat16, "plain", ids[:, :-1], ids[:, 1:])
+    assert set(calls) == {"swiglu", "layer_norm_float32"}
+    assert gpu[0] == cpu[0]
+    assert all(mx.array_equal(gpu[1][k], cpu[1][k]) for k in cpu[1])
