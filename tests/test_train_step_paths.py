@@ -241,3 +241,13 @@ def test_gpu_branches_give_the_cpu_gradients(monkeypatch):
     assert set(calls) == {"swiglu", "layer_norm_float32"}
     assert gpu[0] == cpu[0]
     assert all(mx.array_equal(gpu[1][k], cpu[1][k]) for k in cpu[1])
+
+
+def test_default_step_paths_by_device(monkeypatch):
+    """New runs take the fused head and projections on CUDA, the plain step elsewhere."""
+    from xlstm_metal.cli import train as cli_train
+    from xlstm_metal.kernels.fast import step
+
+    assert cli_train.default_step_paths() == {"head_loss": "plain", "fuse_projections": False}
+    monkeypatch.setattr(step, "cuda_available", lambda: True)
+    assert cli_train.default_step_paths() == {"head_loss": "fused", "fuse_projections": True}

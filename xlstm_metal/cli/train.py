@@ -566,9 +566,9 @@ def default_training_kernel() -> str:
 
 
 #: --head-loss / --fuse-projections defaults, by where the step runs (see default_step_paths).
-_DEFAULT_NOTE = "fused on NVIDIA GPUs (the fastest step measured on an H200), plain elsewhere"
+_DEFAULT_NOTE = "on for NVIDIA GPUs (the H200's lowest peak memory at 2% less speed, BENCHMARKS.md), off elsewhere"
 #: (head_loss, fuse_projections) where MLX's CUDA back-end runs, and elsewhere.
-_STEP_PATHS = {True: {"head_loss": "plain", "fuse_projections": False},
+_STEP_PATHS = {True: {"head_loss": "fused", "fuse_projections": True},
                False: {"head_loss": "plain", "fuse_projections": False}}
 
 
