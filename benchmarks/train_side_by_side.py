@@ -179,7 +179,7 @@ def _graphs_note() -> str:
 # ------------------------------------------------------------------------- profiling
 #: Kernel name -> what it is, first match wins (MLX 0.32 CUDA back-end names, as CUPTI reports them).
 KERNEL_CATEGORIES = (
-    ("mLSTM kernels (ours)", r"xlstm_"),
+    ("our CUDA kernels (mLSTM, AdamW)", r"xlstm_"),
     ("GEMM (cuBLASLt / CUTLASS)", r"gemm|cutlass|xmma|nvjet|cublas|ab_t_aligned|gemv"),
     ("fused elementwise (mx.compile)", r"::cu::(?!(?:copy|binary|unary|ternary)_)\w+_(?:contiguous|strided)<"),
     ("reductions", r"reduce|scan"),

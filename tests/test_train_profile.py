@@ -39,7 +39,7 @@ EVENTS = [
 
 
 def test_kernel_category(bench):
-    assert bench.kernel_category("xlstm_mlstm_chunk_outputs_0") == "mLSTM kernels (ours)"
+    assert bench.kernel_category("xlstm_mlstm_chunk_outputs_0") == "our CUDA kernels (mLSTM, AdamW)"
     assert bench.kernel_category("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN") == "GEMM (cuBLASLt / CUTLASS)"
     assert bench.kernel_category(FUSED) == "fused elementwise (mx.compile)"
     assert bench.kernel_category("void mlx::core::cu::copy_v<float>(...)") == "copies, casts, gathers"
@@ -57,10 +57,10 @@ def test_summarize_kernels(bench):
     assert s["idle_ms"] == pytest.approx(1.0 - 0.3)
     cats = s["categories"]
     assert list(cats)[0] == "GEMM (cuBLASLt / CUTLASS)"  # sorted by time
-    assert cats["mLSTM kernels (ours)"] == {"ms": pytest.approx(0.1), "launches": 1.0}
+    assert cats["our CUDA kernels (mLSTM, AdamW)"] == {"ms": pytest.approx(0.1), "launches": 1.0}
     assert cats["fused elementwise (mx.compile)"]["ms"] == pytest.approx(0.025)
     assert cats["copies, casts, gathers"]["ms"] == pytest.approx((10 + 15) / 2000)
-    assert s["top"][1] == {"name": "xlstm_mlstm_chunk_states", "category": "mLSTM kernels (ours)",
+    assert s["top"][1] == {"name": "xlstm_mlstm_chunk_states", "category": "our CUDA kernels (mLSTM, AdamW)",
                            "ms": pytest.approx(0.1), "launches": 1.0}
     assert bench.summarize_kernels([EVENTS[-1]], 1) == {"error": "the trace holds no kernel events (no CUPTI?)"}
     # The markdown table shows the categories and the idle time.
