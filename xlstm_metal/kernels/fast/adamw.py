@@ -5,7 +5,8 @@ AdamW took 22.8 ms per step for the 1.32B decayed parameters (CUPTI trace, GPU r
 about 1.6 TB/s of the ~37 GB it must move (read gradient, parameter, m, v; write parameter, m,
 v). This kernel reads the gradient in its own dtype (bf16 in mixed-precision training, so the
 float32 copies of the gradients are never made), applies the global-norm clip's scale, and
-writes the three results with coalesced loads and stores.
+writes the three results with coalesced loads and stores. Measured in the whole step with CUDA
+graphs (S4R3): 265.5 ms per step against 268.3 ms with MLX's ops.
 
 The arithmetic is MLX's ``optim.AdamW.apply_single`` (no bias correction) op for op, each step
 rounded as MLX's separate ops round it (``__fmul_rn`` and friends: no fused multiply-add):
