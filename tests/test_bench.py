@@ -183,6 +183,29 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
     assert "| q\\|k\\|v projection | 3.00 | 75% |" in text
     assert (tmp_path / "cpu.png").is_file()
 
+    # Training targets (issue 19 items 3, 4): the best of each side, a peak not clean is ignored
+    # for the memory check, the newest xLSTM[7:1] file per measurement.
+    train = [{"side": "official", "kind": "train_step", "variant": "eager", "tok_s": 30000.0, "peak_mem_gb": 57.0},
+             {"side": "official", "kind": "train_step", "variant": "autocast, torch.compile (each block)",
+              "tok_s": 40000.0, "peak_mem_gb": 41.0},
+             {"side": "ours", "kind": "train_step", "variant": "compiled step", "tok_s": 52000.0, "peak_mem_gb": 40.0},
+             {"side": "ours", "kind": "train_step", "variant": "other (peak not clean: after another variant)",
+              "tok_s": 30000.0, "peak_mem_gb": 20.0}]
+    (tmp_path / "train_h200.json").write_text(json.dumps({"records": train}))
+    for name, date, ratios in (("xlstm71_350m_old.json", "2026-01-01", {"train": {"ratio": 2.0}}),
+                               ("xlstm71_350m_new.json", "2026-02-01", {"train": {"ratio": 1.2}, "decode": {"ratio": None}}),
+                               ("xlstm71_350m_dec.json", "2026-01-15", {"decode": {"ratio": 3.0}})):
+        (tmp_path / name).write_text(json.dumps({"date": date, "ratios": ratios}))
+    text = "\n".join(report.training_target_rows())
+    assert "| >= 1.25 x official | 1.30 x official (52,000 vs 40,000 tok/s, torch.compile (each block); " \
+           "lowest clean peak 40.0 vs 41.0 GB; `train_h200.json`) | **met** |" in text
+    assert "| H200 xLSTM[7:1] 357M training vs the official (issue 19) | >= 1.5 x official | 1.20 x official " \
+           "(`xlstm71_350m_new.json`) | not met: 1.25x short |" in text
+    assert "3.00 x official (`xlstm71_350m_dec.json`) | **met** |" in text
+    train[2]["peak_mem_gb"] = 45.0
+    (tmp_path / "train_h200.json").write_text(json.dumps({"records": train}))
+    assert "| not met: 4.0 GB over its peak |" in "\n".join(report.training_target_rows())
+
 
 def test_random_weights_never_materialise_a_float32_model():
     config = bm.shape_config("125m", num_blocks=4)
