@@ -232,6 +232,11 @@ def _as_float(value: mx.array | float) -> float:
     return float(value.item() if isinstance(value, mx.array) else value)
 
 
+def cast_floating(params, dtype: mx.Dtype):
+    """``params`` with every floating-point array cast to ``dtype`` (integer arrays as they are)."""
+    return tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, params)
+
+
 def clip_scale(grads, max_norm: float) -> tuple[mx.array, mx.array]:
     """(global norm, scale) of ``optim.clip_grad_norm`` for the gradients cast to float32 (the
     same numbers), gradients of any float dtype: the clipped gradients are ``g * scale`` in
@@ -487,9 +492,6 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`)."""
     from ..cells.fused import traced_fusion
 
-    def cast(p):
-        return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
-
     forward = _recomputing_forward(model, recompute)
     fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
 
@@ -505,7 +507,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
         return cross_entropy(logits, targets)
 
     def loss_fn(params, inputs, targets):
-        model.update(params if compute_dtype == mx.float32 else tree_map(cast, params))
+        model.update(params if compute_dtype == mx.float32 else cast_floating(params, compute_dtype))
         with traced_fusion(fuse_projections):
             return loss(inputs, targets)
 
@@ -713,8 +715,7 @@ class Trainer:
         def train_step(inputs, targets):
             params = model.trainable_parameters()
             if half:
-                loss, grads = grad_fn(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                                               params), inputs, targets)
+                loss, grads = grad_fn(cast_floating(params, dtype), inputs, targets)
             else:
                 loss, grads = grad_fn(params, inputs, targets)
             model.update(params)  # the float32 masters back in place of the cast copies
@@ -722,11 +723,9 @@ class Trainer:
                 # Equal row counts per rank: the mean of the ranks' means is the global mean.
                 grads = nn.average_gradients(grads, group=group)
                 loss = mx.distributed.all_sum(loss, group=group) / group.size()
-            if cfg.grad_clip > 0:
-                grad_norm, scale = clip_scale(grads, cfg.grad_clip)
-            else:
-                grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-                scale = None
+            grad_norm, scale = clip_scale(grads, cfg.grad_clip)
+            if cfg.grad_clip <= 0:
+                scale = None  # no clipping: the norm is only reported
             if not _set_grad_scale(optimizer, scale):  # an optimizer of the caller's: clipped float32 gradients
                 grads = tree_map(lambda g: (g if scale is None else g * scale).astype(mx.float32), grads)
             optimizer.update(model, grads)
