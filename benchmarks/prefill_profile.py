@@ -7,12 +7,22 @@ shapes, so the prefill figures in BENCHMARKS.md can say what limits them:
     python benchmarks/prefill_profile.py --shape 7b --length 16384 --out $OUT/prefill_profile.json
 
 One JSON record per line on stdout and in --out (whole-model figures = per-block x blocks).
+
+``--variants`` times the fused kernel's settings alone (``XLSTM_METAL_CHUNK_SEGMENTS``: segments
+of the states kernel's two-level scan; ``XLSTM_METAL_CHUNK_SPLIT``: bf16 terms per float32
+operand), each with its kernels' GPU times from a CUPTI trace (PyTorch's profiler, where
+installed). ``--model-lengths`` then builds the whole model and times its prefill at those
+lengths for each variant, with the trace's time per kernel category:
+
+    python benchmarks/prefill_profile.py --shape 7b --length 2048 --kernels chunkwise_fused \
+        --chunk-sizes 64 --variants 1:3,4:3,4:2 --model-lengths 2048,16384 --out prefill.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +46,11 @@ def main() -> None:
     p.add_argument("--chunk-sizes", default="64,128,256")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--variants", default="",
+                   help="SEGMENTS:SPLIT,... settings of the fused kernel to time alone (0 segments: the default choice)")
+    p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
+    p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
+    p.add_argument("--trace-steps", type=int, default=3, help="calls traced per CUPTI summary (0: none)")
     args = p.parse_args()
 
     dtype = args.dtype or bm.default_dtype()
@@ -57,8 +72,24 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+    if variants:
+        chunk = int(args.chunk_sizes.split(",")[0])
+        for segments, split in variants:
+            with _settings(segments, split):
+                fn = lambda: fused.mlstm_chunkwise_fused(q, k, v, i, f, None, chunk_size=chunk)  # noqa: E731
+                ms = 1000 * bm.median_seconds(fn, args.repeats)
+                emit({"part": "fused kernel variant", "segments": segments or "default", "split_terms": split,
+                      "chunk_size": chunk, "ms": ms, "gpu": _trace(fn, args.trace_steps)})
+    if args.model_lengths:
+        del q, k, v, o, i, f, x
+        _model_prefill(args, variants or [(0, 3)], emit)
+        return
+
     h, _ = layer.parallel_kernel_cell(q, k, v, i, f)
     mx.eval(h)
+    if args.skip_parts:
+        return
     parts = {
         "block (all parts)": lambda: block(x),
         "rms norm": lambda: block.norm_mlstm(x),
@@ -106,6 +137,66 @@ def main() -> None:
     blocks = bm.shape_config(args.shape).num_blocks
     emit({"part": "all block matmuls", "ms": ms, "tflop_s": flops / (ms / 1000) / 1e12,
           "matmul_only_tok_s_bound": S / (ms / 1000 * blocks)})
+
+
+class _settings:
+    """XLSTM_METAL_CHUNK_SEGMENTS / _SPLIT for the duration of a with-block (0: the default)."""
+
+    def __init__(self, segments: int, split: int):
+        self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
+                    "XLSTM_METAL_CHUNK_SPLIT": str(split)}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        _apply(self.env)
+
+    def __exit__(self, *exc):
+        _apply(self.saved)
+
+
+def _apply(env: dict) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _trace(fn, steps: int) -> dict | None:
+    """GPU time per call by kernel (CUPTI through PyTorch's profiler), or None without it."""
+    if steps <= 0:
+        return None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_side_by_side import trace_kernels
+
+    def run():
+        mx.eval(fn())
+        bm._sync()
+
+    summary = trace_kernels(run, steps)
+    if "error" in summary:
+        return summary
+    return {"busy_ms": summary["gpu_busy_ms"], "kernels": summary["kernels_per_step"],
+            "categories": {k: round(v["ms"], 4) for k, v in summary["categories"].items()},
+            "top": [(t["name"][:90], round(t["ms"], 4), t["launches"]) for t in summary["top"][:12]]}
+
+
+def _model_prefill(args, variants, emit) -> None:
+    """The whole model's prefill at each length, per fused-kernel setting, with a CUPTI summary."""
+    dtype = args.dtype or bm.default_dtype()
+    model = bm.random_model(bm.shape_config(args.shape), dtype=dtype).fuse_projections()
+    chunk = int(args.chunk_sizes.split(",")[0])
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.chunk_size = chunk
+    for length in map(int, args.model_lengths.split(",")):
+        ids = mx.random.randint(0, model.config.vocab_size, (1, length)).astype(mx.int32)
+        for segments, split in variants:
+            with _settings(segments, split):
+                r = bm.measure_prefill(model, length, repeats=3)
+                fn = lambda: model.prefill(ids)  # noqa: E731
+                emit({"part": "model prefill", "model_length": length, "segments": segments or "default",
+                      "split_terms": split, "chunk_size": chunk, "tok_s": r["tok_s"], "ms": 1000 * r["seconds"],
+                      "peak_mem_gb": r["peak_mem_gb"], "gpu": _trace(fn, 1 if length > 4096 else 2)})
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ differentiable (training): ``mx.custom_function`` with the vjp of :mod:`.chunkwi
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from ..mlstm import MLSTMState, _cast_state, _state_f32
@@ -38,6 +40,8 @@ from .step import cuda_available
 
 _TILE = 64  # rows of C per states block; value columns per outputs block
 _STATES_COLS = 64  # columns of C per states block (H100, 16k tokens of the 7B shape: 1.52 ms vs 2.03 at 32)
+_TARGET_BLOCKS = 1024  # states thread blocks the segments aim for (132 SMs of an H200: ~8 each)
+_MIN_SEGMENT_CHUNKS = 4  # fewest chunks per segment
 _SLAB = 32  # DQK columns of q, k and C staged in shared memory at a time (outputs kernel)
 
 _HEADER = """
@@ -74,6 +78,18 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t* out) {
     out[2] = pack_bf16(p0[2], p1[2]);
 }
 
+// The NS bf16x2 registers (NS = 2: hi, lo; 3: hi, mid, lo) of the float pair (x0, x1).
+template <int NS>
+__device__ __forceinline__ void splitn_pair(float x0, float x1, uint32_t* out) {
+    if constexpr (NS == 3) {
+        split3_pair(x0, x1, out);
+    } else {
+        const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
+        out[0] = pack_bf16(h0, h1);
+        out[1] = pack_bf16(__float2bfloat16_rn(x0 - __bfloat162float(h0)), __float2bfloat16_rn(x1 - __bfloat162float(h1)));
+    }
+}
+
 __device__ __forceinline__ uint32_t pack_pair(const __nv_bfloat16* p) {
     return *reinterpret_cast<const uint32_t*>(p);
 }
@@ -88,6 +104,58 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const __nv_bfloat16* 
 
 __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
     return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+}
+"""
+
+# Gate inputs of one chunk, lane-wise (step t = lane + 32 u), for the kernels that prepare the
+# gates themselves (RAW) or read the prepared (b, i~) of :func:`chunk_gates`.
+_GATES = """
+// RAW: log-sigmoid of the forget-gate preactivation f~_t (0 past the sequence: such steps do not
+// decay the state) and i~_t (-1e30 past the sequence: they write nothing), from the raw
+// [B, NH, S] arrays at any strides. Else the prepared chunk cumsum b_t and i~_t ([B, NH, NC, L]).
+template <int L, int GU, bool RAW, typename GF, typename GI, typename Str>
+__device__ __forceinline__ void load_gates(const GF* gf, const Str& gf_st, const GI* gi, const Str& gi_st, int b,
+                                           int hd, int c, size_t chunk_off, int S, int lane, float* fr, float* ir) {
+    #pragma unroll
+    for (int u = 0; u < GU; ++u) {
+        const int t = lane + 32 * u;
+        fr[u] = 0.0f;
+        ir[u] = -1e30f;
+        if (t < L) {
+            if constexpr (RAW) {
+                const int ts = c * L + t;
+                if (ts < S) {
+                    const float x = static_cast<float>(gf[b * gf_st[0] + hd * gf_st[1] + ts * gf_st[2]]);
+                    fr[u] = -(fmaxf(-x, 0.0f) + log1pf(expf(-fabsf(x))));  // log sigmoid, as -softplus(-x)
+                    ir[u] = static_cast<float>(gi[b * gi_st[0] + hd * gi_st[1] + ts * gi_st[2]]);
+                }
+            } else {
+                fr[u] = static_cast<float>(gf[(chunk_off + c) * L + t]);
+                ir[u] = static_cast<float>(gi[(chunk_off + c) * L + t]);
+            }
+        }
+    }
+}
+
+// b_t: the inclusive cumsum of the log forget gates within the chunk (RAW; a warp scan), or the
+// prepared b_t as loaded.
+template <int L, int GU, bool RAW>
+__device__ __forceinline__ void chunk_cumsum(const float* fr, int lane, float* bt) {
+    float carry = 0.0f;
+    #pragma unroll
+    for (int u = 0; u < GU; ++u) {
+        float x = fr[u];
+        if constexpr (RAW) {
+            #pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float y = __shfl_up_sync(0xffffffffu, x, o);
+                if (lane >= o) x += y;
+            }
+            x += carry;
+            carry = __shfl_sync(0xffffffffu, x, 31);
+        }
+        bt[u] = x;
+    }
 }
 """
 
@@ -113,24 +181,39 @@ __device__ __forceinline__ uint4 load8(const In* x, int64_t col_stride, bool vec
 }
 """
 
-# Phase 1. Grid: x = DV/JT tiles of 128 threads, y = DQK/64 tiles, z = B*NH. Warp w owns rows
-# 16w..16w+15 of the block's 64-row tile of C; its accumulators hold C as mma fragments:
-# acc[nt][0..1] = C[16w+g][8nt+2tq+{0,1}], acc[nt][2..3] = the same columns of row 16w+g+8.
-# The update's A operand is (w_t k_t)^T, split in three bf16 terms by the warp that owns those
-# rows; B is v, exact in bf16. The chunks run in sequence, so each iteration's latency counts:
-# the next chunk's k, v and gates are loaded into registers while this one computes, and the
-# shared tiles are double-buffered (one barrier per chunk).
+# Phase 1. Grid: x = DV/JT tiles of 128 threads, y = (DQK/64 row tiles) x (segments), z = B*NH.
+# Warp w owns rows 16w..16w+15 of the block's 64-row tile of C; its accumulators hold C as mma
+# fragments: acc[nt][0..1] = C[16w+g][8nt+2tq+{0,1}], acc[nt][2..3] = the same columns of row
+# 16w+g+8. The update's A operand is (w_t k_t)^T, split in three bf16 terms by the warp that
+# owns those rows; B is v, exact in bf16. The chunks run in sequence, so each iteration's latency
+# counts: the next chunk's k, v and gates are loaded into registers while this one computes, and
+# the shared tiles are double-buffered (one barrier per chunk).
+#
+# Segments (two-level scan): with gridDim.y = (DQK/64) * NSEG, segment s walks only its own
+# chunks [s*CPS, (s+1)*CPS), the first from the initial state, the others from the zero state
+# (m = -inf), and writes each chunk's *local* entering state, the local log decay P since the
+# segment's start (sum of g) and the segment's final local state; :data:`_COMBINE_SOURCE` then
+# chains the segments and the outputs kernel adds the decayed segment-entering state on load.
+# RAW: the gate inputs are the raw i, f [B, NH, S] (any strides; log-sigmoid and the chunk
+# cumsum computed here) instead of the prepared (b, i~) [B, NH, NC, L].
 _STATES_SOURCE = """
     constexpr int NT = 128;
     constexpr int PAD = 8;  // bf16 elements of row padding: keeps ldmatrix rows on distinct banks
     constexpr int KV = (L * 8 + NT - 1) / NT;       // 16-byte k loads per thread per chunk
     constexpr int VV = (L * JT / 8 + NT - 1) / NT;  // 16-byte v loads per thread per chunk
+    constexpr int GU = (L + 31) / 32;               // gate steps per lane
+    constexpr int RT = DQK / 64;
     const int S = k_shape[2];
-    const int NC = bcum_shape[2];
+    const int NC = (S + L - 1) / L;
     const int bh = blockIdx.z;
     const int b = bh / NH;
     const int hd = bh % NH;
-    const int d0 = blockIdx.y * 64;
+    const int seg = blockIdx.y / RT;
+    const int nseg = gridDim.y / RT;
+    const int cps = (NC + nseg - 1) / nseg;
+    const int c_begin = seg * cps;
+    const int c_end = min(NC, c_begin + cps);
+    const int d0 = (blockIdx.y % RT) * 64;
     const int j0 = blockIdx.x * JT;
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
@@ -148,30 +231,38 @@ _STATES_SOURCE = """
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
     const bool k_vec = rows_vectorizable(kb, k_strides);
     const bool v_vec = rows_vectorizable(vb, v_strides);
-    const size_t state_off = static_cast<size_t>(bh) * DQK * DV;
     const size_t chunk_off = static_cast<size_t>(bh) * NC;
+    const size_t seg_off = static_cast<size_t>(bh) * nseg + seg;
 
     float acc[JT / 8][4];
     const int rr = warp * 16 + g;
     const int r0 = d0 + rr;
-    #pragma unroll
-    for (int nt = 0; nt < JT / 8; ++nt) {
-        const int col = j0 + nt * 8 + 2 * tq;
-        acc[nt][0] = C0[state_off + static_cast<size_t>(r0) * DV + col];
-        acc[nt][1] = C0[state_off + static_cast<size_t>(r0) * DV + col + 1];
-        acc[nt][2] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col];
-        acc[nt][3] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1];
+    float n_reg0 = 0.0f, n_reg1 = 0.0f;  // n of rows r0 and r0 + 8 (the first column tile writes it)
+    float m = -INFINITY;
+    if (seg == 0) {
+        const size_t state_off = static_cast<size_t>(bh) * DQK * DV;
+        #pragma unroll
+        for (int nt = 0; nt < JT / 8; ++nt) {
+            const int col = j0 + nt * 8 + 2 * tq;
+            acc[nt][0] = C0[state_off + static_cast<size_t>(r0) * DV + col];
+            acc[nt][1] = C0[state_off + static_cast<size_t>(r0) * DV + col + 1];
+            acc[nt][2] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col];
+            acc[nt][3] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1];
+        }
+        n_reg0 = n0[static_cast<size_t>(bh) * DQK + r0];
+        n_reg1 = n0[static_cast<size_t>(bh) * DQK + r0 + 8];
+        m = m0[bh];
+    } else {
+        #pragma unroll
+        for (int nt = 0; nt < JT / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
     }
-    // n of rows r0 and r0 + 8 (every block keeps it; the first column tile writes it).
-    float n_reg0 = n0[static_cast<size_t>(bh) * DQK + r0];
-    float n_reg1 = n0[static_cast<size_t>(bh) * DQK + r0 + 8];
     const bool writes_n = blockIdx.x == 0 && tq == 0;
-    const bool writes_m = blockIdx.x == 0 && blockIdx.y == 0 && tid == 0;
-    float m = m0[bh];
+    const bool writes_m = blockIdx.x == 0 && blockIdx.y % RT == 0 && tid == 0;
+    float P = 0.0f;  // log decay since the segment's start
 
-    // Registers holding the next chunk: k, v (zeros past the sequence), b_t, i~_t, g.
+    // Registers holding the next chunk: k, v (zeros past the sequence) and the gate inputs.
     uint4 kpre[KV], vpre[VV];
-    float bpre = 0.0f, ipre = 0.0f, gpre = 0.0f;
+    float fpre[GU], ipre[GU];
     auto prefetch = [&](int c) {
         #pragma unroll
         for (int u = 0; u < KV; ++u) {
@@ -185,18 +276,13 @@ _STATES_SOURCE = """
             const int ts = idx < L * JT / 8 ? c * L + idx / (JT / 8) : S;
             vpre[u] = load8(vb + ts * v_strides[2] + ((idx % (JT / 8)) * 8) * v_strides[3], v_strides[3], v_vec, ts < S);
         }
-        const float* bc = bcum + (chunk_off + c) * L;
-        gpre = bc[L - 1];
-        if (tid < L) {
-            bpre = bc[tid];
-            ipre = igc[(chunk_off + c) * L + tid];
-        }
+        load_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
     };
-    prefetch(0);
+    if (c_begin < c_end) prefetch(c_begin);
 
-    for (int c = 0; c < NC; ++c) {
+    for (int c = c_begin; c < c_end; ++c) {
         const int buf = c & 1;
-        // The state entering chunk c.
+        // The (local) state entering chunk c.
         float* Ce = C_enter + (chunk_off + c) * DQK * DV;
         #pragma unroll
         for (int nt = 0; nt < JT / 8; ++nt) {
@@ -208,9 +294,12 @@ _STATES_SOURCE = """
             n_enter[(chunk_off + c) * DQK + r0] = n_reg0;
             n_enter[(chunk_off + c) * DQK + r0 + 8] = n_reg1;
         }
-        if (writes_m) m_enter[chunk_off + c] = m;
+        if (writes_m) {
+            m_enter[chunk_off + c] = m;
+            P_enter[chunk_off + c] = P;
+        }
 
-        // This chunk's tiles from the registers, then the next chunk's loads go in flight.
+        // This chunk's tiles and gates from the registers, then the next chunk's loads go in flight.
         #pragma unroll
         for (int u = 0; u < KV; ++u) {
             const int idx = tid + u * NT;
@@ -221,17 +310,26 @@ _STATES_SOURCE = """
             const int idx = tid + u * NT;
             if (idx < L * JT / 8) *reinterpret_cast<uint4*>(&vs[buf][idx / (JT / 8)][(idx % (JT / 8)) * 8]) = vpre[u];
         }
-        const float gc = gpre;
-        if (tid < L) as_[buf][tid] = gc - bpre + ipre;
-        if (c + 1 < NC) prefetch(c + 1);
-        __syncthreads();
-
-        // m' = max(g + m, max_t a_t) (every warp reduces on its own); C and n decay.
+        // Every warp: b_t (chunk cumsum), g = b_{L-1}, a_t = g - b_t + i~_t and max_t a_t.
+        float bt[GU];
+        chunk_cumsum<L, GU, RAW>(fpre, lane, bt);
+        const float gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
         float amax = -INFINITY;
         #pragma unroll
-        for (int t = lane; t < L; t += 32) amax = fmaxf(amax, as_[buf][t]);
+        for (int u = 0; u < GU; ++u) {
+            const int t = lane + 32 * u;
+            if (t < L) {
+                const float a = gc - bt[u] + ipre[u];
+                amax = fmaxf(amax, a);
+                if (warp == 0) as_[buf][t] = a;
+            }
+        }
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (c + 1 < c_end) prefetch(c + 1);
+        __syncthreads();
+
+        // m' = max(g + m, max_t a_t); C and n decay.
         const float m_next = fmaxf(gc + m, amax);
         const float decay = expf(gc + m - m_next);
         #pragma unroll
@@ -277,32 +375,40 @@ _STATES_SOURCE = """
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
         m = m_next;
+        P += gc;
     }
 
+    const size_t fin_off = seg_off * DQK * DV;
     #pragma unroll
     for (int nt = 0; nt < JT / 8; ++nt) {
         const int col = j0 + nt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<float2*>(C_final + state_off + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+        *reinterpret_cast<float2*>(C_final + fin_off + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
+        *reinterpret_cast<float2*>(C_final + fin_off + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
     }
     if (writes_n) {
-        n_final[static_cast<size_t>(bh) * DQK + r0] = n_reg0;
-        n_final[static_cast<size_t>(bh) * DQK + r0 + 8] = n_reg1;
+        n_final[seg_off * DQK + r0] = n_reg0;
+        n_final[seg_off * DQK + r0 + 8] = n_reg1;
     }
-    if (writes_m) m_final[bh] = m;
+    if (writes_m) {
+        m_final[seg_off] = m;
+        P_final[seg_off] = P;
+    }
 """
 
 # Phase 2. Grid: x = DV/64 tiles of 2L threads (L/16 warps), y = NC chunks, z = B*NH. Warp w
 # owns rows (time steps) 16w..16w+15 of the chunk. sacc holds S = q k^T as mma fragments over
 # the chunk's L columns, nacc the block's 64 value columns of the numerator. The entering
-# state's slab is split into three bf16 terms once, in shared memory, for all warps.
+# state's slab is split into NSPLIT bf16 terms once, in shared memory, for all warps (3: float32's
+# 24 bits). SEGC: the states kernel ran in segments; a chunk of segment s >= 1 enters with
+# exp(P + m_s - m) C_s + exp(m_loc - m) C_loc, m = max(P + m_s, m_loc), combined on load from the
+# segment's entering state (C_s, n_s, m_s; :data:`_COMBINE_SOURCE`) and the chunk's local state.
 _OUTPUTS_SOURCE = """
     constexpr int NW = L / 16;
     constexpr int NT = 32 * NW;
     constexpr int KS = SLAB;
     constexpr int PAD = 8;
     const int S = q_shape[2];
-    const int NC = bcum_shape[2];
+    const int NC = (S + L - 1) / L;
     const int bh = blockIdx.z;
     const int b = bh / NH;
     const int hd = bh % NH;
@@ -322,7 +428,7 @@ _OUTPUTS_SOURCE = """
     auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
     auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
     auto vs = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
-    __shared__ __align__(16) __nv_bfloat16 Cs[3][KS][64 + PAD];  // C[d][j]: hi, mid, lo terms
+    __shared__ __align__(16) __nv_bfloat16 Cs[NSPLIT][KS][64 + PAD];  // C[d][j]: hi, (mid,) lo terms
     __shared__ float ns[KS];
     __shared__ float bs[L];
     __shared__ float is[L];
@@ -339,11 +445,38 @@ _OUTPUTS_SOURCE = """
     const int rows_left = S - c * L;  // rows of this chunk inside the sequence
     const float* Ce = C_enter + chunk * DQK * DV + j0;
     const float* ne = n_enter + chunk * DQK;
-    const float m0 = m_enter[chunk];
+    float m0 = m_enter[chunk];
+    // The segment's entering state, where the chunk's entering state is a local one.
+    const float* Cg = nullptr;
+    const float* ng = nullptr;
+    float w_loc = 1.0f, w_seg = 0.0f;
+    if constexpr (SEGC) {
+        const int nseg = C_seg_shape[2] + 1;
+        const int seg = c / ((NC + nseg - 1) / nseg);
+        if (seg > 0) {
+            const size_t so = static_cast<size_t>(bh) * (nseg - 1) + seg - 1;
+            const float m_in = P_enter[chunk] + m_seg[so];
+            const float m_c = fmaxf(m_in, m0);
+            w_seg = expf(m_in - m_c);
+            w_loc = expf(m0 - m_c);
+            m0 = m_c;
+            Cg = C_seg + so * DQK * DV + j0;
+            ng = n_seg + so * DQK;
+        }
+    }
 
-    for (int t = tid; t < L; t += NT) {
-        bs[t] = bcum[chunk * L + t];
-        is[t] = igc[chunk * L + t];
+    if (warp == 0) {  // the chunk's gates: b_t (cumsum of the log forget gates) and i~_t
+        constexpr int GU = (L + 31) / 32;
+        float fr[GU], ir[GU], bt[GU];
+        load_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, static_cast<size_t>(bh) * NC, S, lane, fr, ir);
+        chunk_cumsum<L, GU, RAW>(fr, lane, bt);
+        #pragma unroll
+        for (int u = 0; u < GU; ++u) {
+            if (lane + 32 * u < L) {
+                bs[lane + 32 * u] = bt[u];
+                is[lane + 32 * u] = ir[u];
+            }
+        }
     }
 
     float sacc[L / 8][4];
@@ -370,16 +503,21 @@ _OUTPUTS_SOURCE = """
         for (int idx = tid; idx < KS * 16; idx += NT) {
             const int d = idx >> 4;
             const int e = (idx & 15) * 4;
-            const float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
-            const float cs[4] = {cv.x, cv.y, cv.z, cv.w};
-            uint32_t lo[3], hi[3];
-            split3_pair(cs[0], cs[1], lo);
-            split3_pair(cs[2], cs[3], hi);
+            float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
+            if (Cg != nullptr) {
+                const float4 cg = *reinterpret_cast<const float4*>(Cg + static_cast<size_t>(d0 + d) * DV + e);
+                cv = make_float4(w_loc * cv.x + w_seg * cg.x, w_loc * cv.y + w_seg * cg.y,
+                                 w_loc * cv.z + w_seg * cg.z, w_loc * cv.w + w_seg * cg.w);
+            }
+            uint32_t lo[NSPLIT], hi[NSPLIT];
+            splitn_pair<NSPLIT>(cv.x, cv.y, lo);
+            splitn_pair<NSPLIT>(cv.z, cv.w, hi);
             #pragma unroll
-            for (int p = 0; p < 3; ++p)
+            for (int p = 0; p < NSPLIT; ++p)
                 *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
         }
-        for (int d = tid; d < KS; d += NT) ns[d] = ne[d0 + d];
+        for (int d = tid; d < KS; d += NT)
+            ns[d] = ng != nullptr ? w_loc * ne[d0 + d] + w_seg * ng[d0 + d] : ne[d0 + d];
         __syncthreads();
 
         #pragma unroll
@@ -398,9 +536,9 @@ _OUTPUTS_SOURCE = """
             #pragma unroll
             for (int nt = 0; nt < L / 8; ++nt)
                 mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
-            // num += q C: B[d][j] = C[d][j] in three bf16 terms (ldmatrix.trans, row-major).
+            // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
             #pragma unroll
-            for (int p = 0; p < 3; ++p) {
+            for (int p = 0; p < NSPLIT; ++p) {
                 #pragma unroll
                 for (int np = 0; np < 4; ++np) {
                     uint32_t cf[4];
@@ -460,7 +598,7 @@ _OUTPUTS_SOURCE = """
         den[h] = fmaxf(fabsf(dn), expf(-m_comb)) + EPS;
     }
 
-    // num = inter * (q C) + scores v; scores (float32) split in three bf16 terms.
+    // num = inter * (q C) + scores v; scores (float32) split in NSPLIT bf16 terms.
     #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
         nacc[nt][0] *= scale * inter[0];
@@ -470,17 +608,17 @@ _OUTPUTS_SOURCE = """
     }
     #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
-        uint32_t a0[3], a1[3], a2[3], a3[3];
-        split3_pair(sacc[2 * kk][0], sacc[2 * kk][1], a0);
-        split3_pair(sacc[2 * kk][2], sacc[2 * kk][3], a1);
-        split3_pair(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a2);
-        split3_pair(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a3);
+        uint32_t a0[NSPLIT], a1[NSPLIT], a2[NSPLIT], a3[NSPLIT];
+        splitn_pair<NSPLIT>(sacc[2 * kk][0], sacc[2 * kk][1], a0);
+        splitn_pair<NSPLIT>(sacc[2 * kk][2], sacc[2 * kk][3], a1);
+        splitn_pair<NSPLIT>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1], a2);
+        splitn_pair<NSPLIT>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3], a3);
         #pragma unroll
         for (int np = 0; np < 4; ++np) {
             uint32_t vf[4];  // (s 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
             ldsm_x4_trans(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
             #pragma unroll
-            for (int p = 0; p < 3; ++p) {
+            for (int p = 0; p < NSPLIT; ++p) {
                 const uint32_t a[4] = {a0[p], a1[p], a2[p], a3[p]};
                 mma_bf16(nacc[2 * np], a, vf[0], vf[1]);
                 mma_bf16(nacc[2 * np + 1], a, vf[2], vf[3]);
@@ -503,27 +641,69 @@ _OUTPUTS_SOURCE = """
     }
 """
 
-_kernels: dict[tuple[str, float], object] = {}
+# Segment chaining (after a segmented states kernel). Grid: x = (DQK * DV + DQK) / 4 threads (four
+# floats of C or n each), z = B*NH. Segment 0 began from the initial state, so its final state is
+# the one entering segment 1; each later segment's local final state adds to the decayed chain:
+# X <- exp(P_s + m - m') X + exp(m_s - m') X_s, m' = max(P_s + m, m_s).
+_COMBINE_SOURCE = """
+    const int nseg = m_loc_shape[2];
+    const int bh = blockIdx.z;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int C4 = DQK * DV / 4;
+    if (idx >= C4 + DQK / 4) return;
+    const bool is_c = idx < C4;
+    const int width = is_c ? DQK * DV : DQK;
+    const float* src = is_c ? C_loc : n_loc;
+    const int e = is_c ? idx * 4 : (idx - C4) * 4;
+    const size_t seg0 = static_cast<size_t>(bh) * nseg;
+    float4 x = *reinterpret_cast<const float4*>(src + seg0 * width + e);
+    float m = m_loc[seg0];
+    for (int s = 1; s < nseg; ++s) {
+        float* dst = is_c ? C_seg : n_seg;
+        *reinterpret_cast<float4*>(dst + (static_cast<size_t>(bh) * (nseg - 1) + s - 1) * width + e) = x;
+        if (idx == 0) m_seg[static_cast<size_t>(bh) * (nseg - 1) + s - 1] = m;
+        const float m_in = P_loc[seg0 + s] + m;
+        const float m_loc_s = m_loc[seg0 + s];
+        const float m_next = fmaxf(m_in, m_loc_s);
+        const float a = expf(m_in - m_next), w = expf(m_loc_s - m_next);
+        const float4 y = *reinterpret_cast<const float4*>(src + (seg0 + s) * width + e);
+        x = make_float4(a * x.x + w * y.x, a * x.y + w * y.y, a * x.z + w * y.z, a * x.w + w * y.w);
+        m = m_next;
+    }
+    *reinterpret_cast<float4*>((is_c ? C_final : n_final) + static_cast<size_t>(bh) * width + e) = x;
+    if (idx == 0) m_final[bh] = m;
+"""
+
+_kernels: dict[tuple, object] = {}
 
 
 def _kernel(which: str, eps: float = 0.0):
     key = (which, eps)
     kernel = _kernels.get(key)
     if kernel is None:
+        header = _HEADER + _GATES + _LOADS
         if which == "states":
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_chunk_states",
-                input_names=["k", "v", "bcum", "igc", "C0", "n0", "m0"],
-                output_names=["C_enter", "n_enter", "m_enter", "C_final", "n_final", "m_final"],
-                source=_STATES_SOURCE, header=_HEADER + _LOADS, ensure_row_contiguous=False,
+                input_names=["k", "v", "gi", "gf", "C0", "n0", "m0"],
+                output_names=["C_enter", "n_enter", "m_enter", "P_enter", "C_final", "n_final", "m_final", "P_final"],
+                source=_STATES_SOURCE, header=header, ensure_row_contiguous=False,
+            )
+        elif which == "combine":
+            kernel = mx.fast.cuda_kernel(
+                name="xlstm_mlstm_chunk_combine",
+                input_names=["C_loc", "n_loc", "m_loc", "P_loc"],
+                output_names=["C_seg", "n_seg", "m_seg", "C_final", "n_final", "m_final"],
+                source=_COMBINE_SOURCE, ensure_row_contiguous=True,
             )
         else:
             kernel = mx.fast.cuda_kernel(
                 name=f"xlstm_mlstm_chunk_outputs_{len(_kernels)}",
-                input_names=["q", "k", "v", "bcum", "igc", "C_enter", "n_enter", "m_enter"],
+                input_names=["q", "k", "v", "gi", "gf", "C_enter", "n_enter", "m_enter", "P_enter",
+                             "C_seg", "n_seg", "m_seg"],
                 output_names=["h_out"],
                 source=_OUTPUTS_SOURCE.replace("EPS", f"{float(eps)!r}f").replace("SLAB", str(_SLAB)),
-                header=_HEADER + _LOADS, ensure_row_contiguous=False,
+                header=header, ensure_row_contiguous=False,
             )
         _kernels[key] = kernel
     return kernel
@@ -562,12 +742,97 @@ def mlstm_chunkwise_fused(
                                     fused=fused_chunkwise_supported(q, v, chunk_size))
 
 
-def _launch(q, k, v, i, f, state, eps: float, L: int, h_dtype: mx.Dtype, state_dtype):
-    """Both kernels for bf16 q, k, v; h in ``h_dtype`` (float32 lets tests see every bit)."""
-    bcum, igc = chunk_gates(i, f, L)
-    C_enter, n_enter, m_enter, final = chunk_states(k, v, bcum, igc, state)
-    h = chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, eps, h_dtype)
+def _launch(q, k, v, i, f, state, eps: float, L: int, h_dtype: mx.Dtype, state_dtype, segments: int | None = None):
+    """The forward for bf16 q, k, v; h in ``h_dtype`` (float32 lets tests see every bit)."""
+    h, final = fused_forward(q, k, v, i, f, _state_f32(k, v, state), eps, L, h_dtype, segments)
     return h, _cast_state(final, state_dtype)
+
+
+def state_segments(batch_heads: int, dqk: int, dv: int, num_chunks: int) -> int:
+    """How many segments the states kernel's chunks are split into (its two-level scan).
+
+    One segment per thread block walks all chunks in turn: (DV/64) * (DQK/64) * B * NH blocks,
+    256 for one 7B prompt (two per SM of an H200). More segments put more blocks to work on the
+    sequential part, at the cost of a chaining pass and a second state read per chunk in the
+    outputs kernel. ``XLSTM_METAL_CHUNK_SEGMENTS`` overrides (benchmarks)."""
+    forced = os.environ.get("XLSTM_METAL_CHUNK_SEGMENTS")
+    if forced:
+        return max(1, min(int(forced), num_chunks))
+    blocks = (dv // _STATES_COLS) * (dqk // _TILE) * batch_heads
+    want = -(-_TARGET_BLOCKS // blocks)  # ceil
+    if want <= 1 or num_chunks < 2 * _MIN_SEGMENT_CHUNKS:
+        return 1
+    return max(1, min(want, num_chunks // _MIN_SEGMENT_CHUNKS))
+
+
+def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype: mx.Dtype,
+                  segments: int | None = None) -> tuple[mx.array, MLSTMState]:
+    """The kernels from the raw gates: q, k [B, NH, S, DQK], v [B, NH, S, DV] (bf16, any
+    strides), i, f [B, NH, S] (any float dtype and strides), state (C, n, m) in float32 ->
+    h [B, NH, S, DV] in ``h_dtype`` and the final (C, n, m) in float32. The gates' log-sigmoid
+    and chunk cumsums are computed inside both kernels (no gate-prep launches)."""
+    B, NH, S, dqk = k.shape
+    dv = v.shape[-1]
+    NC = -(-S // L)
+    nseg = segments or state_segments(B * NH, dqk, dv, NC)
+    nseg = -(-NC // -(-NC // nseg))  # no empty segment: ceil(NC / chunks per segment)
+    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(k, v, i, f, state, NC, L, nseg, raw=True)
+    if nseg == 1:
+        final = (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1))
+        seg = None
+    else:
+        C_seg, n_seg, m_seg, *final = _kernel("combine")(
+            inputs=[C_fin, n_fin, m_fin, P_fin],
+            template=[("DQK", dqk), ("DV", dv)],
+            grid=(-(-(dqk * dv + dqk) // 4 // 128) * 128, 1, B * NH),
+            threadgroup=(128, 1, 1),
+            output_shapes=[(B, NH, nseg - 1, dqk, dv), (B, NH, nseg - 1, dqk), (B, NH, nseg - 1),
+                           (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
+            output_dtypes=[mx.float32] * 6,
+        )
+        seg = (C_seg, n_seg, m_seg)
+    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, seg, eps, L, h_dtype, raw=True)
+    return h, tuple(final)
+
+
+def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool):
+    B, NH, _, dqk = k.shape
+    dv = v.shape[-1]
+    C0, n0, m0 = (mx.contiguous(s) for s in state)
+    return _kernel("states")(
+        inputs=[k, v, gi, gf, C0, n0, m0],
+        template=[("NH", NH), ("L", L), ("JT", _STATES_COLS), ("DQK", dqk), ("DV", dv), ("RAW", raw)],
+        grid=(dv // _STATES_COLS * 128, dqk // _TILE * nseg, B * NH),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
+                       (B, NH, nseg, dqk, dv), (B, NH, nseg, dqk), (B, NH, nseg), (B, NH, nseg)],
+        output_dtypes=[mx.float32] * 8,
+    )
+
+
+def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: float, L: int, h_dtype: mx.Dtype,
+             raw: bool) -> mx.array:
+    B, NH, S, dqk = q.shape
+    dv = v.shape[-1]
+    NC = -(-S // L)
+    if seg is None:  # not read (SEGC false): placeholders for the kernel's fixed inputs
+        seg = (m_enter, m_enter, m_enter)
+    (h,) = _kernel("outputs", eps)(
+        inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
+        template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
+                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms())],
+        grid=(dv // _TILE * 2 * L, NC, B * NH),
+        threadgroup=(2 * L, 1, 1),
+        output_shapes=[(B, NH, S, dv)],
+        output_dtypes=[h_dtype],
+    )
+    return h
+
+
+def _split_terms() -> int:
+    """bf16 terms per float32 operand in the outputs kernel: 3 (float32's 24 bits, the default)
+    or 2 (16 bits; ``XLSTM_METAL_CHUNK_SPLIT=2``, measured in benchmarks/prefill_profile.py)."""
+    return 2 if os.environ.get("XLSTM_METAL_CHUNK_SPLIT") == "2" else 3
 
 
 def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
@@ -577,35 +842,20 @@ def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
 
 
 def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state: MLSTMState | None):
-    """Phase 1 kernel: the (C, n, m) entering every chunk ([B, NH, NC, DQK, DV], [B, NH, NC,
-    DQK], [B, NH, NC], float32) and the final state."""
+    """Phase 1 kernel from the prepared gates of :func:`chunk_gates`: the (C, n, m) entering
+    every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK], [B, NH, NC], float32) and the final
+    state. (One segment: every block walks all chunks.)"""
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     NC, L = bcum.shape[2:]
-    C0, n0, m0 = (mx.contiguous(s) for s in _state_f32(k, v, state))
-    C_enter, n_enter, m_enter, C_fin, n_fin, m_fin = _kernel("states")(
-        inputs=[k, v, bcum, igc, C0, n0, m0],
-        template=[("NH", NH), ("L", L), ("JT", _STATES_COLS), ("DQK", dqk), ("DV", dv)],
-        grid=(dv // _STATES_COLS * 128, dqk // _TILE, B * NH),
-        threadgroup=(128, 1, 1),
-        output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC),
-                       (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
-        output_dtypes=[mx.float32] * 6,
-    )
-    return C_enter, n_enter, m_enter, (C_fin, n_fin, m_fin)
+    C_enter, n_enter, m_enter, _, C_fin, n_fin, m_fin, _ = _states(
+        k, v, igc, bcum, _state_f32(k, v, state), NC, L, 1, raw=False)
+    return C_enter, n_enter, m_enter, (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk),
+                                       m_fin.reshape(B, NH, 1))
 
 
 def chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, eps: float, h_dtype: mx.Dtype) -> mx.array:
-    """Phase 2 kernel: h [B, NH, S, DV] in ``h_dtype`` from the entering states."""
-    B, NH, S, dqk = q.shape
-    dv = v.shape[-1]
-    NC, L = bcum.shape[2:]
-    (h,) = _kernel("outputs", eps)(
-        inputs=[q, k, v, bcum, igc, C_enter, n_enter, m_enter],
-        template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv)],
-        grid=(dv // _TILE * 2 * L, NC, B * NH),
-        threadgroup=(2 * L, 1, 1),
-        output_shapes=[(B, NH, S, dv)],
-        output_dtypes=[h_dtype],
-    )
-    return h
+    """Phase 2 kernel from the prepared gates and the entering states of :func:`chunk_states`:
+    h [B, NH, S, DV] in ``h_dtype``."""
+    return _outputs(q, k, v, igc, bcum, C_enter, n_enter, m_enter, m_enter, None, eps, bcum.shape[-1], h_dtype,
+                    raw=False)

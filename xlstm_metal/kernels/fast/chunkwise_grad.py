@@ -66,13 +66,9 @@ def _forward(q, k, v, i, f, C0, n0, m0, eps: float, L: int, fused: bool):
     if not fused:
         h, final = mlstm_chunkwise_scan(q, k, v, i, f, (C0, n0, m0), eps=eps, chunk_size=L, state_dtype=None)
         return (h, *final)
-    from .chunkwise_fused import chunk_gates as kernel_gates
-    from .chunkwise_fused import chunk_outputs, chunk_states
+    from .chunkwise_fused import fused_forward
 
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    bcum, igc = kernel_gates(i, f, L)
-    C_enter, n_enter, m_enter, final = chunk_states(k, v, bcum, igc, (C0, n0, m0))
-    h = chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, eps, q.dtype)
+    h, final = fused_forward(q, k.astype(q.dtype), v.astype(q.dtype), i, f, (C0, n0, m0), eps, L, q.dtype)
     return (h, *final)
 
 
