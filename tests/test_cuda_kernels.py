@@ -177,6 +177,44 @@ def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state)
 
 
 @cuda
+@pytest.mark.parametrize("S,chunk,segments", [(1000, 64, 3), (333, 48, 5), (517, 16, 7), (130, 64, 2), (64, 64, 4)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_fused_chunkwise_segments_match_reference(S, chunk, segments, with_state):
+    """The states kernel's two-level scan (segments from the zero state, chained, combined on
+    load) with odd lengths, a remainder chunk, bf16 gates at the projection's strides."""
+    q, k, v, i, f, state = _seq_inputs(S + segments, 1, 3, S, 64, 128, with_state=with_state)
+    i, f = i.astype(mx.bfloat16), f.astype(mx.bfloat16)
+    ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
+                          state, chunk_size=64)
+    (h, s), (h_ref, s_ref) = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, segments), ref
+    assert h.shape == h_ref.shape and _rel(h, h_ref) <= 2e-5, _rel(h, h_ref)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and _rel(x, y) <= 1e-5, _rel(x, y)
+    # One segment (every block walks all chunks) gives the same result to round-off.
+    h1, s1 = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, 1)
+    assert _rel(h, h1) <= 2e-5
+    for x, y in zip(s, s1):
+        assert _rel(x, y) <= 1e-5
+
+
+@cuda
+def test_fused_chunkwise_prepared_gates_api_matches():
+    """chunk_states / chunk_outputs (prepared gates; the backward recomputes states with them)
+    against the forward that prepares the gates in-kernel."""
+    from xlstm_metal.kernels.fast.chunkwise_fused import chunk_gates, chunk_outputs, chunk_states
+
+    q, k, v, i, f, state = _seq_inputs(11, 1, 2, 300, 64, 128)
+    bcum, igc = chunk_gates(i, f, 64)
+    C_enter, n_enter, m_enter, final = chunk_states(k, v, bcum, igc, state)
+    h = chunk_outputs(q, k, v, bcum, igc, C_enter, n_enter, m_enter, 1e-6, mx.float32)
+    h_ref, s_ref = _launch(q, k, v, i, f, state, 1e-6, 64, mx.float32, mx.float32, 1)
+    assert C_enter.shape == (1, 2, 5, 64, 128) and m_enter.shape == (1, 2, 5)
+    assert _rel(h, h_ref) <= 2e-5
+    for x, y in zip(final, s_ref):
+        assert _rel(x, y) <= 1e-5
+
+
+@cuda
 @pytest.mark.parametrize("gate_scale", [15.0, 40.0])
 def test_fused_chunkwise_saturated_gates(gate_scale):
     q, k, v, i, f, state = _seq_inputs(3, 1, 2, 200, 64, 64, gate_scale=gate_scale)
