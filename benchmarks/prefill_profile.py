@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--variants", default="",
-                   help="SEGMENTS:SPLIT,... settings of the fused kernel to time alone (0 segments: the default choice)")
+                   help="SEGMENTS:SPLIT[:PIPE],... settings of the fused kernel to time alone (0 segments: the "
+                        "default choice; PIPE 0: the outputs kernel without its copy pipeline)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
     p.add_argument("--trace-steps", type=int, default=3, help="calls traced per CUPTI summary (0: none)")
@@ -73,17 +74,18 @@ def main() -> None:
             out.flush()
 
     variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+    variants = [v + (1,) * (3 - len(v)) for v in variants]
     if variants:
         chunk = int(args.chunk_sizes.split(",")[0])
-        for segments, split in variants:
-            with _settings(segments, split):
+        for variant in variants:
+            with _settings(*variant):
                 fn = lambda: fused.mlstm_chunkwise_fused(q, k, v, i, f, None, chunk_size=chunk)  # noqa: E731
                 ms = 1000 * bm.median_seconds(fn, args.repeats)
-                emit({"part": "fused kernel variant", "segments": segments or "default", "split_terms": split,
+                emit({"part": "fused kernel variant", **_describe(variant),
                       "chunk_size": chunk, "ms": ms, "gpu": _trace(fn, args.trace_steps)})
     if args.model_lengths:
         del q, k, v, o, i, f, x
-        _model_prefill(args, variants or [(0, 3)], emit)
+        _model_prefill(args, variants or [(0, 3, 1)], emit)
         return
 
     h, _ = layer.parallel_kernel_cell(q, k, v, i, f)
@@ -142,9 +144,9 @@ def main() -> None:
 class _settings:
     """XLSTM_METAL_CHUNK_SEGMENTS / _SPLIT for the duration of a with-block (0: the default)."""
 
-    def __init__(self, segments: int, split: int):
+    def __init__(self, segments: int, split: int, pipe: int = 1):
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
-                    "XLSTM_METAL_CHUNK_SPLIT": str(split)}
+                    "XLSTM_METAL_CHUNK_SPLIT": str(split), "XLSTM_METAL_CHUNK_PIPE": str(pipe)}
 
     def __enter__(self):
         self.saved = {k: os.environ.get(k) for k in self.env}
@@ -152,6 +154,11 @@ class _settings:
 
     def __exit__(self, *exc):
         _apply(self.saved)
+
+
+def _describe(variant: tuple) -> dict:
+    segments, split, pipe = variant
+    return {"segments": segments or "default", "split_terms": split, "pipelined": bool(pipe)}
 
 
 def _apply(env: dict) -> None:
@@ -190,12 +197,11 @@ def _model_prefill(args, variants, emit) -> None:
         block.mlstm_layer.parallel_kernel_cell.chunk_size = chunk
     for length in map(int, args.model_lengths.split(",")):
         ids = mx.random.randint(0, model.config.vocab_size, (1, length)).astype(mx.int32)
-        for segments, split in variants:
-            with _settings(segments, split):
+        for variant in variants:
+            with _settings(*variant):
                 r = bm.measure_prefill(model, length, repeats=3)
                 fn = lambda: model.prefill(ids)  # noqa: E731
-                emit({"part": "model prefill", "model_length": length, "segments": segments or "default",
-                      "split_terms": split, "chunk_size": chunk, "tok_s": r["tok_s"], "ms": 1000 * r["seconds"],
+                emit({"part": "model prefill", "model_length": length, **_describe(variant), "chunk_size": chunk, "tok_s": r["tok_s"], "ms": 1000 * r["seconds"],
                       "peak_mem_gb": r["peak_mem_gb"], "gpu": _trace(fn, 1 if length > 4096 else 2)})
 
 

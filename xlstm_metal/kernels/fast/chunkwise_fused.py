@@ -102,11 +102,22 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const __nv_bfloat16* 
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
 }
 
+// 16 bytes global -> shared without registers (completes at cp_async_wait_all).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n" :: "r"(a), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_all;\\n" ::: "memory");
+}
+
 __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
     return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
 """
 
+# (load8 and stage8 below)
 # Gate inputs of one chunk, lane-wise (step t = lane + 32 u), for the kernels that prepare the
 # gates themselves (RAW) or read the prepared (b, i~) of :func:`chunk_gates`.
 _GATES = """
@@ -178,6 +189,13 @@ __device__ __forceinline__ uint4 load8(const In* x, int64_t col_stride, bool vec
         w[u] = pack_bf16(static_cast<__nv_bfloat16>(x[2 * u * col_stride]),
                          static_cast<__nv_bfloat16>(x[(2 * u + 1) * col_stride]));
     return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// load8 into shared memory: cp.async when the row is contiguous and aligned and in range.
+template <typename In>
+__device__ __forceinline__ void stage8(__nv_bfloat16* dst, const In* x, int64_t col_stride, bool vec, bool in) {
+    if (vec && in) cp_async16(dst, x);
+    else *reinterpret_cast<uint4*>(dst) = load8(x, col_stride, vec, in);
 }
 """
 
@@ -424,12 +442,14 @@ _OUTPUTS_SOURCE = """
     // q and k slabs during the DQK loop, then the chunk's 64 value columns (transposed).
     constexpr int QK_BYTES = 2 * L * (KS + PAD) * 2;
     constexpr int V_BYTES = L * (64 + PAD) * 2;
-    __shared__ __align__(16) unsigned char raw[QK_BYTES > V_BYTES ? QK_BYTES : V_BYTES];
+    constexpr int BUF_BYTES = PIPE ? 2 * QK_BYTES : QK_BYTES;  // PIPE: two q/k slab buffers
+    __shared__ __align__(16) unsigned char raw[BUF_BYTES > V_BYTES ? BUF_BYTES : V_BYTES];
     auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
     auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
     auto vs = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
     __shared__ __align__(16) __nv_bfloat16 Cs[NSPLIT][KS][64 + PAD];  // C[d][j]: hi, (mid,) lo terms
-    __shared__ float ns[KS];
+    __shared__ float ns[PIPE ? DQK : KS];
+    __shared__ __align__(16) float Cst[PIPE ? KS : 1][64];  // PIPE: the next C slab, as copied
     __shared__ float bs[L];
     __shared__ float is[L];
     __shared__ float qn_s[L];
@@ -492,63 +512,151 @@ _OUTPUTS_SOURCE = """
     const int lrow = lane & 7;
     const int ltile = lane >> 3;
 
-    for (int d0 = 0; d0 < DQK; d0 += KS) {
-        for (int idx = tid; idx < L * (KS / 8); idx += NT) {
-            const int t = idx / (KS / 8);
-            const int e = (idx % (KS / 8)) * 8;
-            const bool in = t < rows_left;
-            *reinterpret_cast<uint4*>(&qs[t][e]) = load8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
-            *reinterpret_cast<uint4*>(&kst[t][e]) = load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
-        }
-        for (int idx = tid; idx < KS * 16; idx += NT) {
-            const int d = idx >> 4;
-            const int e = (idx & 15) * 4;
-            float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
-            if (Cg != nullptr) {
-                const float4 cg = *reinterpret_cast<const float4*>(Cg + static_cast<size_t>(d0 + d) * DV + e);
-                cv = make_float4(w_loc * cv.x + w_seg * cg.x, w_loc * cv.y + w_seg * cg.y,
-                                 w_loc * cv.z + w_seg * cg.z, w_loc * cv.w + w_seg * cg.w);
+    if constexpr (PIPE) {
+        // Slab d0 + KS's q, k (cp.async into the other buffer) and C (cp.async into Cst; the
+        // segment's C into registers) load while slab d0 computes; Cst is split into Cs at the
+        // top of the next slab.
+        constexpr int CV = (KS * 16 + NT - 1) / NT;
+        float4 cgpre[CV];
+        auto issue = [&](int d0) {
+            auto qd = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES);
+            auto kd = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES + L * (KS + PAD) * 2);
+            for (int idx = tid; idx < L * (KS / 8); idx += NT) {
+                const int t = idx / (KS / 8);
+                const int e = (idx % (KS / 8)) * 8;
+                const bool in = t < rows_left;
+                stage8(&qd[t][e], qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
+                stage8(&kd[t][e], kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
             }
-            uint32_t lo[NSPLIT], hi[NSPLIT];
-            splitn_pair<NSPLIT>(cv.x, cv.y, lo);
-            splitn_pair<NSPLIT>(cv.z, cv.w, hi);
             #pragma unroll
-            for (int p = 0; p < NSPLIT; ++p)
-                *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
-        }
-        for (int d = tid; d < KS; d += NT)
-            ns[d] = ng != nullptr ? w_loc * ne[d0 + d] + w_seg * ng[d0 + d] : ne[d0 + d];
-        __syncthreads();
+            for (int u = 0; u < CV; ++u) {
+                const int idx = tid + u * NT;
+                if (idx < KS * 16) {
+                    const int d = idx >> 4;
+                    const int e = (idx & 15) * 4;
+                    cp_async16(&Cst[d][e], Ce + static_cast<size_t>(d0 + d) * DV + e);
+                    if (Cg != nullptr) cgpre[u] = *reinterpret_cast<const float4*>(Cg + static_cast<size_t>(d0 + d) * DV + e);
+                }
+            }
+        };
+        for (int d = tid; d < DQK; d += NT) ns[d] = ng != nullptr ? w_loc * ne[d] + w_seg * ng[d] : ne[d];
+        issue(0);
+        for (int d0 = 0; d0 < DQK; d0 += KS) {
+            cp_async_wait_all();
+            __syncthreads();  // slab d0 staged; every warp is past the previous slab's products
+            #pragma unroll
+            for (int u = 0; u < CV; ++u) {
+                const int idx = tid + u * NT;
+                if (idx < KS * 16) {
+                    const int d = idx >> 4;
+                    const int e = (idx & 15) * 4;
+                    float4 cv = *reinterpret_cast<const float4*>(&Cst[d][e]);
+                    if (Cg != nullptr) {
+                        const float4 cg = cgpre[u];
+                        cv = make_float4(w_loc * cv.x + w_seg * cg.x, w_loc * cv.y + w_seg * cg.y,
+                                         w_loc * cv.z + w_seg * cg.z, w_loc * cv.w + w_seg * cg.w);
+                    }
+                    uint32_t lo[NSPLIT], hi[NSPLIT];
+                    splitn_pair<NSPLIT>(cv.x, cv.y, lo);
+                    splitn_pair<NSPLIT>(cv.z, cv.w, hi);
+                    #pragma unroll
+                    for (int p = 0; p < NSPLIT; ++p)
+                        *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
+                }
+            }
+            __syncthreads();  // Cs ready, Cst free
+            if (d0 + KS < DQK) issue(d0 + KS);
+            auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES);
+            auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES + L * (KS + PAD) * 2);
+            #pragma unroll
+            for (int e = 0; e < KS / 2; ++e)
+                qn_part += __bfloat162float(qs[qn_row][qn_half * (KS / 2) + e]) * ns[d0 + qn_half * (KS / 2) + e];
 
-        #pragma unroll
-        for (int e = 0; e < KS / 2; ++e)
-            qn_part += __bfloat162float(qs[qn_row][qn_half * (KS / 2) + e]) * ns[qn_half * (KS / 2) + e];
-
-        #pragma unroll
-        for (int kk = 0; kk < KS / 16; ++kk) {
-            const int e0 = kk * 16 + 2 * tq;
-            uint32_t a[4];
-            a[0] = pack_pair(&qs[rr][e0]);
-            a[1] = pack_pair(&qs[rr + 8][e0]);
-            a[2] = pack_pair(&qs[rr][e0 + 8]);
-            a[3] = pack_pair(&qs[rr + 8][e0 + 8]);
-            // S += q k^T: B[d][s] = k[s][d], exact bf16.
             #pragma unroll
-            for (int nt = 0; nt < L / 8; ++nt)
-                mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
-            // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
-            #pragma unroll
-            for (int p = 0; p < NSPLIT; ++p) {
+            for (int kk = 0; kk < KS / 16; ++kk) {
+                const int e0 = kk * 16 + 2 * tq;
+                uint32_t a[4];
+                a[0] = pack_pair(&qs[rr][e0]);
+                a[1] = pack_pair(&qs[rr + 8][e0]);
+                a[2] = pack_pair(&qs[rr][e0 + 8]);
+                a[3] = pack_pair(&qs[rr + 8][e0 + 8]);
+                // S += q k^T: B[d][s] = k[s][d], exact bf16.
                 #pragma unroll
-                for (int np = 0; np < 4; ++np) {
-                    uint32_t cf[4];
-                    ldsm_x4_trans(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
-                    mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
-                    mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
+                for (int nt = 0; nt < L / 8; ++nt)
+                    mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
+                // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
+                #pragma unroll
+                for (int p = 0; p < NSPLIT; ++p) {
+                    #pragma unroll
+                    for (int np = 0; np < 4; ++np) {
+                        uint32_t cf[4];
+                        ldsm_x4_trans(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                        mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
+                        mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
+                    }
                 }
             }
         }
-        __syncthreads();
+        __syncthreads();  // the slab buffers are free for v
+    } else {
+        for (int d0 = 0; d0 < DQK; d0 += KS) {
+            for (int idx = tid; idx < L * (KS / 8); idx += NT) {
+                const int t = idx / (KS / 8);
+                const int e = (idx % (KS / 8)) * 8;
+                const bool in = t < rows_left;
+                *reinterpret_cast<uint4*>(&qs[t][e]) = load8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
+                *reinterpret_cast<uint4*>(&kst[t][e]) = load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
+            }
+            for (int idx = tid; idx < KS * 16; idx += NT) {
+                const int d = idx >> 4;
+                const int e = (idx & 15) * 4;
+                float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
+                if (Cg != nullptr) {
+                    const float4 cg = *reinterpret_cast<const float4*>(Cg + static_cast<size_t>(d0 + d) * DV + e);
+                    cv = make_float4(w_loc * cv.x + w_seg * cg.x, w_loc * cv.y + w_seg * cg.y,
+                                     w_loc * cv.z + w_seg * cg.z, w_loc * cv.w + w_seg * cg.w);
+                }
+                uint32_t lo[NSPLIT], hi[NSPLIT];
+                splitn_pair<NSPLIT>(cv.x, cv.y, lo);
+                splitn_pair<NSPLIT>(cv.z, cv.w, hi);
+                #pragma unroll
+                for (int p = 0; p < NSPLIT; ++p)
+                    *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
+            }
+            for (int d = tid; d < KS; d += NT)
+                ns[d] = ng != nullptr ? w_loc * ne[d0 + d] + w_seg * ng[d0 + d] : ne[d0 + d];
+            __syncthreads();
+
+            #pragma unroll
+            for (int e = 0; e < KS / 2; ++e)
+                qn_part += __bfloat162float(qs[qn_row][qn_half * (KS / 2) + e]) * ns[qn_half * (KS / 2) + e];
+
+            #pragma unroll
+            for (int kk = 0; kk < KS / 16; ++kk) {
+                const int e0 = kk * 16 + 2 * tq;
+                uint32_t a[4];
+                a[0] = pack_pair(&qs[rr][e0]);
+                a[1] = pack_pair(&qs[rr + 8][e0]);
+                a[2] = pack_pair(&qs[rr][e0 + 8]);
+                a[3] = pack_pair(&qs[rr + 8][e0 + 8]);
+                // S += q k^T: B[d][s] = k[s][d], exact bf16.
+                #pragma unroll
+                for (int nt = 0; nt < L / 8; ++nt)
+                    mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
+                // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
+                #pragma unroll
+                for (int p = 0; p < NSPLIT; ++p) {
+                    #pragma unroll
+                    for (int np = 0; np < 4; ++np) {
+                        uint32_t cf[4];
+                        ldsm_x4_trans(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                        mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
+                        mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
+                    }
+                }
+            }
+            __syncthreads();
+        }
     }
     qn_part += __shfl_xor_sync(0xffffffffu, qn_part, 1);
     if (qn_half == 0) qn_s[qn_row] = qn_part * scale;
@@ -820,7 +928,8 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
     (h,) = _kernel("outputs", eps)(
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms())],
+                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms()),
+                  ("PIPE", os.environ.get("XLSTM_METAL_CHUNK_PIPE", "1") != "0")],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
