@@ -199,6 +199,8 @@ def _model_prefill(args, variants, emit) -> None:
         ids = mx.random.randint(0, model.config.vocab_size, (1, length)).astype(mx.int32)
         for variant in variants:
             with _settings(*variant):
+                # The compiled blocks baked the previous settings into their trace: trace again.
+                model.__dict__.pop("_prefill_blocks", None)
                 r = bm.measure_prefill(model, length, repeats=3)
                 fn = lambda: model.prefill(ids)  # noqa: E731
                 emit({"part": "model prefill", "model_length": length, **_describe(variant), "chunk_size": chunk, "tok_s": r["tok_s"], "ms": 1000 * r["seconds"],
