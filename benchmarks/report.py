@@ -145,6 +145,8 @@ def target_rows(results: dict[str, dict]) -> list[str]:
     lines = ["| target | goal | measured | status |", "| --- | --- | --- | --- |"]
     for preset, kind, batch, length, goal, unit, what in TARGETS:
         res = results.get(preset)
+        if kind in ("prefill", "prefill_ratio") and _newer(results.get(f"{preset}-prefill"), res):
+            res = results[f"{preset}-prefill"]  # a newer prefill-only run (side_by_side.py --preset h200-prefill)
         value = None
         if res is not None:
             if kind in ("decode", "prefill"):
@@ -181,6 +183,11 @@ def target_rows(results: dict[str, dict]) -> list[str]:
         goal_s = f"{'<=' if lower else '>='} {goal:,.1f} {unit}"
         lines.append(f"| {what} | {goal_s} | {_fmt(value, 2)} {unit if value is not None else ''} | {status} |")
     return lines
+
+
+def _newer(res: dict | None, than: dict | None) -> bool:
+    """Whether results ``res`` exist and are at least as new as ``than`` (by their "date")."""
+    return res is not None and (than is None or res.get("date", "") >= than.get("date", ""))
 
 
 def side_by_side_rows(res: dict) -> list[str]:
@@ -852,7 +859,7 @@ def training_rows() -> list[str]:
 
 
 def render() -> str:
-    results = {p: r for p in ("h200", "h100", "cpu") if (r := _load(p)) is not None}
+    results = {p: r for p in ("h200", "h200-prefill", "h100", "cpu") if (r := _load(p)) is not None}
     lines = [
         "# Benchmarks",
         "",
