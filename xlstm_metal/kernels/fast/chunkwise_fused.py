@@ -866,7 +866,7 @@ def state_segments(batch_heads: int, dqk: int, dv: int, num_chunks: int) -> int:
     forced = os.environ.get("XLSTM_METAL_CHUNK_SEGMENTS")
     if forced:
         return max(1, min(int(forced), num_chunks))
-    blocks = (dv // _STATES_COLS) * (dqk // _TILE) * batch_heads
+    blocks = (dv // _states_cols()) * (dqk // _TILE) * batch_heads
     want = -(-_TARGET_BLOCKS // blocks)  # ceil
     if want <= 1 or num_chunks < 2 * _MIN_SEGMENT_CHUNKS:
         return 1
@@ -907,10 +907,11 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     C0, n0, m0 = (mx.contiguous(s) for s in state)
+    cols = _states_cols()
     return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
-        template=[("NH", NH), ("L", L), ("JT", _STATES_COLS), ("DQK", dqk), ("DV", dv), ("RAW", raw)],
-        grid=(dv // _STATES_COLS * 128, dqk // _TILE * nseg, B * NH),
+        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw)],
+        grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
         threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
                        (B, NH, nseg, dqk, dv), (B, NH, nseg, dqk), (B, NH, nseg), (B, NH, nseg)],
@@ -936,6 +937,11 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
         output_dtypes=[h_dtype],
     )
     return h
+
+
+def _states_cols() -> int:
+    """Columns of C per states block: 64, or 32 with ``XLSTM_METAL_STATES_COLS=32`` (benchmarks)."""
+    return 32 if os.environ.get("XLSTM_METAL_STATES_COLS") == "32" else _STATES_COLS
 
 
 def _split_terms() -> int:
