@@ -508,7 +508,11 @@ _OUTPUTS_SOURCE = """
     float qn_part = 0.0f;  // q[row] . n over half the columns: row = tid / 2
     const int qn_row = tid >> 1;
     const int qn_half = tid & 1;
-    const int rr = warp * 16 + g;
+    // Causal: rows of tile wt see keys 0 .. 16 wt + 15 only, so its warp skips the S tiles and
+    // the S.V steps past them; the tile each warp owns rotates from block to block so the
+    // skipped work spreads over the SM's schedulers.
+    const int wt = (warp + blockIdx.x + blockIdx.y) % NW;
+    const int rr = wt * 16 + g;
     const int lrow = lane & 7;
     const int ltile = lane >> 3;
 
@@ -583,7 +587,8 @@ _OUTPUTS_SOURCE = """
                 // S += q k^T: B[d][s] = k[s][d], exact bf16.
                 #pragma unroll
                 for (int nt = 0; nt < L / 8; ++nt)
-                    mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
+                    if (nt < 2 * (wt + 1))
+                        mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
                 // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
                 #pragma unroll
                 for (int p = 0; p < NSPLIT; ++p) {
@@ -642,7 +647,8 @@ _OUTPUTS_SOURCE = """
                 // S += q k^T: B[d][s] = k[s][d], exact bf16.
                 #pragma unroll
                 for (int nt = 0; nt < L / 8; ++nt)
-                    mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
+                    if (nt < 2 * (wt + 1))
+                        mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
                 // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
                 #pragma unroll
                 for (int p = 0; p < NSPLIT; ++p) {
@@ -716,6 +722,7 @@ _OUTPUTS_SOURCE = """
     }
     #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
+        if (kk > wt) continue;  // keys past the tile's last row: zero scores
         uint32_t a0[NSPLIT], a1[NSPLIT], a2[NSPLIT], a3[NSPLIT];
         splitn_pair<NSPLIT>(sacc[2 * kk][0], sacc[2 * kk][1], a0);
         splitn_pair<NSPLIT>(sacc[2 * kk][2], sacc[2 * kk][3], a1);
