@@ -47,9 +47,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--variants", default="",
-                   help="SEGMENTS[:SPLIT[:PIPE[:COLS]]],... settings of the fused kernel to time alone (0 segments: the "
-                        "default choice; PIPE 0: the outputs kernel without its copy pipeline; COLS: columns of C "
-                        "per states block, 64 or 32)")
+                   help="SEGMENTS[:SPLIT[:COLS]],... settings of the fused kernel to time alone (0: the default; "
+                        "SPLIT: bf16 terms per float32 operand in the outputs kernel; COLS: columns of C per "
+                        "states block, 64 or 32)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
     p.add_argument("--trace-steps", type=int, default=3, help="calls traced per CUPTI summary (0: none)")
@@ -75,7 +75,7 @@ def main() -> None:
             out.flush()
 
     variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-    variants = [v + (3, 1, 64)[len(v) - 1:] for v in variants]
+    variants = [v + (0, 64)[len(v) - 1:] for v in variants]
     if variants:
         chunk = int(args.chunk_sizes.split(",")[0])
         for variant in variants:
@@ -86,7 +86,7 @@ def main() -> None:
                       "chunk_size": chunk, "ms": ms, "gpu": _trace(fn, args.trace_steps)})
     if args.model_lengths:
         del q, k, v, o, i, f, x
-        _model_prefill(args, variants or [(0, 3, 1, 64)], emit)
+        _model_prefill(args, variants or [(0, 0, 64)], emit)
         return
 
     h, _ = layer.parallel_kernel_cell(q, k, v, i, f)
@@ -145,9 +145,9 @@ def main() -> None:
 class _settings:
     """XLSTM_METAL_CHUNK_SEGMENTS / _SPLIT for the duration of a with-block (0: the default)."""
 
-    def __init__(self, segments: int, split: int = 3, pipe: int = 1, cols: int = 64):
+    def __init__(self, segments: int, split: int = 0, cols: int = 64):
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
-                    "XLSTM_METAL_CHUNK_SPLIT": str(split), "XLSTM_METAL_CHUNK_PIPE": str(pipe),
+                    "XLSTM_METAL_CHUNK_SPLIT": str(split) if split else None,
                     "XLSTM_METAL_STATES_COLS": str(cols)}
 
     def __enter__(self):
@@ -159,8 +159,8 @@ class _settings:
 
 
 def _describe(variant: tuple) -> dict:
-    segments, split, pipe, cols = variant
-    return {"segments": segments or "default", "split_terms": split, "pipelined": bool(pipe), "states_cols": cols}
+    segments, split, cols = variant
+    return {"segments": segments or "default", "split_terms": split or "default", "states_cols": cols}
 
 
 def _apply(env: dict) -> None:

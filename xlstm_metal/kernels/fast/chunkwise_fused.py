@@ -112,6 +112,14 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;\\n" ::: "memory");
 }
 
+// The same without a memory clobber (as CUTLASS's ldsm): the compiler may schedule shared loads
+// around it; every shared tile it reads was written before a __syncthreads.
+__device__ __forceinline__ void ldsm_x4t(uint32_t* r, const __nv_bfloat16* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
 __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
     return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
@@ -243,7 +251,7 @@ _STATES_SOURCE = """
 
     __shared__ __align__(16) __nv_bfloat16 ks[2][L][64 + PAD];  // k[t][d0 + dd]
     __shared__ __align__(16) __nv_bfloat16 vs[2][L][JT + PAD];  // v[t][j0 + jj]
-    __shared__ float as_[2][L];                                 // a_t = g - b_t + i~_t
+    __shared__ __align__(16) float ws[2][L];                                  // w_t = exp(a_t - m'), a_t = g - b_t + i~_t
 
     const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + d0 * k_strides[3];
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
@@ -258,18 +266,19 @@ _STATES_SOURCE = """
     float n_reg0 = 0.0f, n_reg1 = 0.0f;  // n of rows r0 and r0 + 8 (the first column tile writes it)
     float m = -INFINITY;
     if (seg == 0) {
-        const size_t state_off = static_cast<size_t>(bh) * DQK * DV;
+        // The initial state at its strides (a zero state may be a broadcast view: no fill kernel).
+        const float* C0b = C0 + b * C0_strides[0] + hd * C0_strides[1];
         #pragma unroll
         for (int nt = 0; nt < JT / 8; ++nt) {
             const int col = j0 + nt * 8 + 2 * tq;
-            acc[nt][0] = C0[state_off + static_cast<size_t>(r0) * DV + col];
-            acc[nt][1] = C0[state_off + static_cast<size_t>(r0) * DV + col + 1];
-            acc[nt][2] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col];
-            acc[nt][3] = C0[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1];
+            #pragma unroll
+            for (int e = 0; e < 4; ++e)
+                acc[nt][e] = C0b[(r0 + 8 * (e >> 1)) * C0_strides[2] + (col + (e & 1)) * C0_strides[3]];
         }
-        n_reg0 = n0[static_cast<size_t>(bh) * DQK + r0];
-        n_reg1 = n0[static_cast<size_t>(bh) * DQK + r0 + 8];
-        m = m0[bh];
+        const float* n0b = n0 + b * n0_strides[0] + hd * n0_strides[1];
+        n_reg0 = n0b[r0 * n0_strides[2]];
+        n_reg1 = n0b[(r0 + 8) * n0_strides[2]];
+        m = m0[b * m0_strides[0] + hd * m0_strides[1]];
     } else {
         #pragma unroll
         for (int nt = 0; nt < JT / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
@@ -328,27 +337,29 @@ _STATES_SOURCE = """
             const int idx = tid + u * NT;
             if (idx < L * JT / 8) *reinterpret_cast<uint4*>(&vs[buf][idx / (JT / 8)][(idx % (JT / 8)) * 8]) = vpre[u];
         }
-        // Every warp: b_t (chunk cumsum), g = b_{L-1}, a_t = g - b_t + i~_t and max_t a_t.
-        float bt[GU];
+        // Every warp: b_t (chunk cumsum), g = b_{L-1}, a_t = g - b_t + i~_t, m' = max(g + m,
+        // max_t a_t); warp 0 stores the weights w_t = exp(a_t - m') for all.
+        float bt[GU], at[GU];
         chunk_cumsum<L, GU, RAW>(fpre, lane, bt);
         const float gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
         float amax = -INFINITY;
         #pragma unroll
         for (int u = 0; u < GU; ++u) {
-            const int t = lane + 32 * u;
-            if (t < L) {
-                const float a = gc - bt[u] + ipre[u];
-                amax = fmaxf(amax, a);
-                if (warp == 0) as_[buf][t] = a;
-            }
+            at[u] = gc - bt[u] + ipre[u];
+            if (lane + 32 * u < L) amax = fmaxf(amax, at[u]);
         }
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float m_next = fmaxf(gc + m, amax);
+        if (warp == 0) {
+            #pragma unroll
+            for (int u = 0; u < GU; ++u)
+                if (lane + 32 * u < L) ws[buf][lane + 32 * u] = expf(at[u] - m_next);
+        }
         if (c + 1 < c_end) prefetch(c + 1);
         __syncthreads();
 
-        // m' = max(g + m, max_t a_t); C and n decay.
-        const float m_next = fmaxf(gc + m, amax);
+        // C and n decay.
         const float decay = expf(gc + m - m_next);
         #pragma unroll
         for (int nt = 0; nt < JT / 8; ++nt) {
@@ -362,9 +373,9 @@ _STATES_SOURCE = """
         for (int kk = 0; kk < L / 16; ++kk) {
             const int t0 = kk * 16 + 2 * tq;
             uint32_t kf[4];  // tiles (d 0-7 | 8-15) x (t 0-7 | 8-15) of A = k^T
-            ldsm_x4_trans(kf, &ks[buf][kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
-            const float2 w01 = make_float2(expf(as_[buf][t0] - m_next), expf(as_[buf][t0 + 1] - m_next));
-            const float2 w89 = make_float2(expf(as_[buf][t0 + 8] - m_next), expf(as_[buf][t0 + 9] - m_next));
+            ldsm_x4t(kf, &ks[buf][kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
+            const float2 w01 = *reinterpret_cast<const float2*>(&ws[buf][t0]);
+            const float2 w89 = *reinterpret_cast<const float2*>(&ws[buf][t0 + 8]);
             uint32_t p[4][3];
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
@@ -377,7 +388,7 @@ _STATES_SOURCE = """
             #pragma unroll
             for (int np = 0; np < JT / 16; ++np) {  // pairs of 8-column tiles
                 uint32_t vf[4];  // (t 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
-                ldsm_x4_trans(vf, &vs[buf][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                ldsm_x4t(vf, &vs[buf][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
                 #pragma unroll
                 for (int q3 = 0; q3 < 3; ++q3) {
                     const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
@@ -442,14 +453,12 @@ _OUTPUTS_SOURCE = """
     // q and k slabs during the DQK loop, then the chunk's 64 value columns (transposed).
     constexpr int QK_BYTES = 2 * L * (KS + PAD) * 2;
     constexpr int V_BYTES = L * (64 + PAD) * 2;
-    constexpr int BUF_BYTES = PIPE ? 2 * QK_BYTES : QK_BYTES;  // PIPE: two q/k slab buffers
+    constexpr int BUF_BYTES = 2 * QK_BYTES;  // two q/k slab buffers
     __shared__ __align__(16) unsigned char raw[BUF_BYTES > V_BYTES ? BUF_BYTES : V_BYTES];
-    auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
-    auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
     auto vs = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
     __shared__ __align__(16) __nv_bfloat16 Cs[NSPLIT][KS][64 + PAD];  // C[d][j]: hi, (mid,) lo terms
-    __shared__ float ns[PIPE ? DQK : KS];
-    __shared__ __align__(16) float Cst[PIPE ? KS : 1][64];  // PIPE: the next C slab, as copied
+    __shared__ float ns[DQK];
+    __shared__ __align__(16) float Cst[KS][64];  // the next C slab, as copied
     __shared__ float bs[L];
     __shared__ float is[L];
     __shared__ float qn_s[L];
@@ -516,7 +525,7 @@ _OUTPUTS_SOURCE = """
     const int lrow = lane & 7;
     const int ltile = lane >> 3;
 
-    if constexpr (PIPE) {
+    {
         // Slab d0 + KS's q, k (cp.async into the other buffer) and C (cp.async into Cst; the
         // segment's C into registers) load while slab d0 computes; Cst is split into Cs at the
         // top of the next slab.
@@ -595,7 +604,7 @@ _OUTPUTS_SOURCE = """
                     #pragma unroll
                     for (int np = 0; np < 4; ++np) {
                         uint32_t cf[4];
-                        ldsm_x4_trans(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                        ldsm_x4t(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
                         mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
                         mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
                     }
@@ -603,66 +612,6 @@ _OUTPUTS_SOURCE = """
             }
         }
         __syncthreads();  // the slab buffers are free for v
-    } else {
-        for (int d0 = 0; d0 < DQK; d0 += KS) {
-            for (int idx = tid; idx < L * (KS / 8); idx += NT) {
-                const int t = idx / (KS / 8);
-                const int e = (idx % (KS / 8)) * 8;
-                const bool in = t < rows_left;
-                *reinterpret_cast<uint4*>(&qs[t][e]) = load8(qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
-                *reinterpret_cast<uint4*>(&kst[t][e]) = load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
-            }
-            for (int idx = tid; idx < KS * 16; idx += NT) {
-                const int d = idx >> 4;
-                const int e = (idx & 15) * 4;
-                float4 cv = *reinterpret_cast<const float4*>(Ce + static_cast<size_t>(d0 + d) * DV + e);
-                if (Cg != nullptr) {
-                    const float4 cg = *reinterpret_cast<const float4*>(Cg + static_cast<size_t>(d0 + d) * DV + e);
-                    cv = make_float4(w_loc * cv.x + w_seg * cg.x, w_loc * cv.y + w_seg * cg.y,
-                                     w_loc * cv.z + w_seg * cg.z, w_loc * cv.w + w_seg * cg.w);
-                }
-                uint32_t lo[NSPLIT], hi[NSPLIT];
-                splitn_pair<NSPLIT>(cv.x, cv.y, lo);
-                splitn_pair<NSPLIT>(cv.z, cv.w, hi);
-                #pragma unroll
-                for (int p = 0; p < NSPLIT; ++p)
-                    *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
-            }
-            for (int d = tid; d < KS; d += NT)
-                ns[d] = ng != nullptr ? w_loc * ne[d0 + d] + w_seg * ng[d0 + d] : ne[d0 + d];
-            __syncthreads();
-
-            #pragma unroll
-            for (int e = 0; e < KS / 2; ++e)
-                qn_part += __bfloat162float(qs[qn_row][qn_half * (KS / 2) + e]) * ns[qn_half * (KS / 2) + e];
-
-            #pragma unroll
-            for (int kk = 0; kk < KS / 16; ++kk) {
-                const int e0 = kk * 16 + 2 * tq;
-                uint32_t a[4];
-                a[0] = pack_pair(&qs[rr][e0]);
-                a[1] = pack_pair(&qs[rr + 8][e0]);
-                a[2] = pack_pair(&qs[rr][e0 + 8]);
-                a[3] = pack_pair(&qs[rr + 8][e0 + 8]);
-                // S += q k^T: B[d][s] = k[s][d], exact bf16.
-                #pragma unroll
-                for (int nt = 0; nt < L / 8; ++nt)
-                    if (nt < 2 * (wt + 1))
-                        mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
-                // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
-                #pragma unroll
-                for (int p = 0; p < NSPLIT; ++p) {
-                    #pragma unroll
-                    for (int np = 0; np < 4; ++np) {
-                        uint32_t cf[4];
-                        ldsm_x4_trans(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
-                        mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
-                        mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
-                    }
-                }
-            }
-            __syncthreads();
-        }
     }
     qn_part += __shfl_xor_sync(0xffffffffu, qn_part, 1);
     if (qn_half == 0) qn_s[qn_row] = qn_part * scale;
@@ -731,7 +680,7 @@ _OUTPUTS_SOURCE = """
         #pragma unroll
         for (int np = 0; np < 4; ++np) {
             uint32_t vf[4];  // (s 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
-            ldsm_x4_trans(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+            ldsm_x4t(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
             #pragma unroll
             for (int p = 0; p < NSPLIT; ++p) {
                 const uint32_t a[4] = {a0[p], a1[p], a2[p], a3[p]};
@@ -913,7 +862,7 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
 def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool):
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
-    C0, n0, m0 = (mx.contiguous(s) for s in state)
+    C0, n0, m0 = state  # read at their strides
     cols = _states_cols()
     return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
@@ -936,8 +885,7 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
     (h,) = _kernel("outputs", eps)(
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms()),
-                  ("PIPE", os.environ.get("XLSTM_METAL_CHUNK_PIPE", "1") != "0")],
+                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype))],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
@@ -951,10 +899,16 @@ def _states_cols() -> int:
     return 32 if os.environ.get("XLSTM_METAL_STATES_COLS") == "32" else _STATES_COLS
 
 
-def _split_terms() -> int:
-    """bf16 terms per float32 operand in the outputs kernel: 3 (float32's 24 bits, the default)
-    or 2 (16 bits; ``XLSTM_METAL_CHUNK_SPLIT=2``, measured in benchmarks/prefill_profile.py)."""
-    return 2 if os.environ.get("XLSTM_METAL_CHUNK_SPLIT") == "2" else 3
+def _split_terms(h_dtype: mx.Dtype) -> int:
+    """bf16 terms per float32 operand (the entering state, the weighted scores) in the outputs
+    kernel. Three (float32's 24 bits) when h is float32; two (16 bits) when h is rounded to
+    bf16 / fp16 anyway: the operands' error (2^-17 relative) is then far below the result's own
+    rounding (2^-9 for bf16), and the kernel does a third fewer products (H200, 7B shape:
+    tests/test_cuda_kernels.py compares both). ``XLSTM_METAL_CHUNK_SPLIT=2|3`` overrides."""
+    forced = os.environ.get("XLSTM_METAL_CHUNK_SPLIT")
+    if forced in ("2", "3"):
+        return int(forced)
+    return 3 if h_dtype == mx.float32 else 2
 
 
 def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
