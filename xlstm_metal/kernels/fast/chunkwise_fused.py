@@ -10,16 +10,25 @@ memory:
 - ``states`` kernel (phase 1): one thread block per (batch*head, 64 rows of C, 64 columns of
   C) walks the chunks in order with its tile of C in registers, writes the state entering each
   chunk (C, n, m), then applies the chunk: C <- exp(g + m - m') C + sum_t exp(a_t - m') k_t v_t^T
-  with m' = max(g + m, max_t a_t), the reference loop's recurrence exactly.
+  with m' = max(g + m, max_t a_t), the reference loop's recurrence exactly. Optionally in
+  segments (a two-level scan: each segment of chunks from the zero state in parallel, a short
+  chaining kernel, the outputs kernel adding the decayed segment-entering state on load).
 - ``outputs`` kernel (phase 2): one thread block per (batch*head, chunk, 64 value columns)
   computes the chunk's q k^T, the stabilised decay mask, and h = (q C + (S * D) v) / den, as
-  in the reference's ``_parallel_outputs``.
+  in the reference's ``_parallel_outputs``; the next DQK slab of q, k and C is copied
+  (cp.async) while the current one multiplies, and the causal mask's zero tiles are skipped.
+- Both prepare the gates themselves from the raw i, f (log-sigmoid, the chunk cumsums): no
+  gate-prep launches (:func:`chunk_gates` / :func:`chunk_states` / :func:`chunk_outputs` keep the
+  prepared-gates form for the backward).
 
 Exactness: the matmuls run as bf16 x bf16 -> float32 ``mma.sync`` (products exact, float32
 sums). q, k and v are bf16 already, so they enter exactly; float32 operands (the state C, the
 weighted scores, the gate-weighted keys) are split as x = hi + mid + lo into three bf16
 terms (24 significant bits, float32's precision) and multiplied term by term. Results agree
-with the references to float32 round-off (tests/test_cuda_kernels.py).
+with the references to float32 round-off (tests/test_cuda_kernels.py). The one exception is
+asked for by the output dtype: when h is rounded to bf16 / fp16 the outputs kernel splits its
+float32 operands in two terms (16 bits, still 128x finer than bf16); the states, and h in
+float32, keep three.
 
 Runs for bf16 inputs with DQK and DV multiples of 64 and chunk sizes 16, 32, 48 or 64 on CUDA
 (64 is fastest on an H100: larger chunks would need more than the 48 KB of static shared
