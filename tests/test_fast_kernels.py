@@ -216,13 +216,18 @@ def test_model_with_chunkwise_scan_matches_default():
 
 
 @pytest.mark.parametrize("batch,chunk", [(1, 40), (2, 1024)])
-def test_model_prefill_matches_one_forward(batch, chunk):
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_prefill_matches_one_forward(batch, chunk, fused):
     """prefill() in pieces (evaluated layer by layer once a piece reaches 2,048 tokens) gives the
-    last logits and the state of one plain forward pass."""
+    last logits and the state of one plain forward pass; with fused projections the blocks run
+    chained (each FFN output added inside the next block's norm)."""
     model = tiny_model(seed=13)
     S = 2500 if batch == 2 else 130
     ids = mx.array(np.random.default_rng(2).integers(0, 97, (batch, S)), dtype=mx.int32)
     logits, state = model(ids)
+    if fused:
+        model.fuse_projections()
+        assert model._chains_residuals()
     last, state_p = model.prefill(ids, chunk_size=chunk)
     assert last.shape == (batch, 97)
     _close(last, logits[:, -1], 1e-4)

@@ -186,20 +186,28 @@ class xLSTMLarge(nn.Module):
         """The zero state for ``batch_size`` rows."""
         return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]
 
-    def _compiled_blocks(self) -> list:
-        """Each block's forward compiled once per model (traced again only for new shapes):
-        fused elementwise ops, and no Python graph building per prefill piece. The weights are
-        compile inputs, not constants, so later updates are seen."""
+    def _compiled_blocks(self, chained: bool) -> list:
+        """Each block's forward (``chained``: its :meth:`mLSTMBlock.step`) compiled once per model
+        (traced again only for new shapes): fused elementwise ops, and no Python graph building
+        per prefill piece. The weights are compile inputs, not constants, so later updates are seen."""
         # Kernel settings are baked into a trace: compile again when any of them changes.
         settings = tuple(
             (cell.kernel, cell.chunk_size, cell.eps, cell.state_dtype)
             for cell in (block.mlstm_layer.parallel_kernel_cell for block in self._mlstm_blocks())
-        )
+        ) + (chained,)
         cached = self.__dict__.get("_prefill_blocks")
         if cached is None or cached[0] != settings:
-            cached = (settings, [mx.compile(block.__call__, inputs=block.state) for block in self.backbone.blocks])
+            cached = (settings, [mx.compile(block.step if chained else block.__call__, inputs=block.state)
+                                 for block in self.backbone.blocks])
             object.__setattr__(self, "_prefill_blocks", cached)  # outside the module tree
         return cached[1]
+
+    def _chains_residuals(self) -> bool:
+        """Whether prefill runs the blocks as :meth:`mLSTMBlock.step` does for one token: each
+        block's FFN output added inside the next block's RMSNorm (one launch for the add and the
+        norm; fused projections, every block an mLSTM block)."""
+        blocks = self.backbone.blocks
+        return all(type(block) is mLSTMBlock and block.mlstm_layer.fused for block in blocks)
 
     def prefill(
         self, input_ids: mx.array, state: ModelState | None = None, *, chunk_size: int | None = None
@@ -232,24 +240,34 @@ class xLSTMLarge(nn.Module):
         # it idle while the host built and launched the next, ~32 gaps per piece) while at most two
         # layers' activations are alive. The CPU evaluates each long piece's layers in turn.
         gpu = _queue_layers()
+        chained = self._chains_residuals()
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
             dtype = x.dtype
             x = to_residual(x, self.residual_dtype)
             long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS
-            blocks = self._compiled_blocks() if long_piece else backbone.blocks
-            previous = None
+            if long_piece:
+                blocks = self._compiled_blocks(chained)
+            else:
+                blocks = [block.step for block in backbone.blocks] if chained else backbone.blocks
+            previous, pending = None, None
             for index, block in enumerate(blocks):
-                x, state[index] = block(x, state[index])
+                if chained:  # the block's output is x + pending
+                    x, pending, state[index] = block(x, pending, state[index])
+                    layer = [x, pending, state[index]]
+                else:
+                    x, state[index] = block(x, state[index])
+                    layer = [x, state[index]]
                 if gpu:
-                    mx.async_eval(x, state[index])
+                    mx.async_eval(layer)
                     if previous is not None:
                         mx.eval(previous)
-                    previous = [x, state[index]]
+                    previous = layer
                 elif long_piece:
-                    mx.eval(x, state[index])
+                    mx.eval(layer)
+            x = x[:, -1:] if pending is None else x[:, -1:] + pending[:, -1:]
             mx.eval(x, state)
-        return self._logits(backbone.finish(x[:, -1:], dtype))[:, 0], state
+        return self._logits(backbone.finish(x, dtype))[:, 0], state
 
     def _logits(self, x: mx.array) -> mx.array:
         """Normed hidden states [B, S, E] -> soft-capped logits [B, S, V]."""
