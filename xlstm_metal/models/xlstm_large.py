@@ -3,6 +3,8 @@ lm_head -> soft-capped logits. Parameter names equal Hugging Face checkpoint key
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -205,7 +207,10 @@ class xLSTMLarge(nn.Module):
     def _chains_residuals(self) -> bool:
         """Whether prefill runs the blocks as :meth:`mLSTMBlock.step` does for one token: each
         block's FFN output added inside the next block's RMSNorm (one launch for the add and the
-        norm; fused projections, every block an mLSTM block)."""
+        norm; fused projections, every block an mLSTM block). ``XLSTM_METAL_PREFILL_CHAIN=0``
+        turns it off (comparisons)."""
+        if os.environ.get("XLSTM_METAL_PREFILL_CHAIN") == "0":
+            return False
         blocks = self.backbone.blocks
         return all(type(block) is mLSTMBlock and block.mlstm_layer.fused for block in blocks)
 
