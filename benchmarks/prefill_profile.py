@@ -75,7 +75,7 @@ def main() -> None:
             out.flush()
 
     variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-    variants = [v + (0, 64, 1)[len(v) - 1:] for v in variants]
+    variants = [v + (0, 32, 1)[len(v) - 1:] for v in variants]
     if variants:
         chunk = int(args.chunk_sizes.split(",")[0])
         for variant in variants:
@@ -86,7 +86,7 @@ def main() -> None:
                       "chunk_size": chunk, "ms": ms, "gpu": _trace(fn, args.trace_steps)})
     if args.model_lengths:
         del q, k, v, o, i, f, x
-        _model_prefill(args, variants or [(0, 0, 64, 1)], emit)
+        _model_prefill(args, variants or [(0, 0, 32, 1)], emit)
         return
 
     h, _ = layer.parallel_kernel_cell(q, k, v, i, f)
@@ -145,7 +145,7 @@ def main() -> None:
 class _settings:
     """XLSTM_METAL_CHUNK_SEGMENTS / _SPLIT for the duration of a with-block (0: the default)."""
 
-    def __init__(self, segments: int, split: int = 0, cols: int = 64, chain: int = 1):
+    def __init__(self, segments: int, split: int = 0, cols: int = 32, chain: int = 1):
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
                     "XLSTM_METAL_CHUNK_SPLIT": str(split) if split else None,
                     "XLSTM_METAL_STATES_COLS": str(cols), "XLSTM_METAL_PREFILL_CHAIN": str(chain)}

@@ -48,9 +48,10 @@ from ..mlstm import chunk_gates as _chunk_gates
 from .step import cuda_available
 
 _TILE = 64  # rows of C per states block; value columns per outputs block
-_STATES_COLS = 64  # columns of C per states block (H100, 16k tokens of the 7B shape: 1.52 ms vs 2.03 at 32)
-_TARGET_BLOCKS = 1024  # states thread blocks the segments aim for (132 SMs of an H200: ~8 each)
-_MIN_SEGMENT_CHUNKS = 4  # fewest chunks per segment
+# Columns of C per states block: 32 (96 registers, 4-5 blocks per SM) beat 64 (133 registers)
+# inside the 7B prefill on an H200 (round S5R2, CUPTI: 5.9 vs 6.3 ms per 2,048-token prefill,
+# 48.9 vs 50.3 ms at 16,384), though the H100's first kernel version preferred 64.
+_STATES_COLS = 32
 _SLAB = 32  # DQK columns of q, k and C staged in shared memory at a time (outputs kernel)
 
 _HEADER = """
@@ -821,21 +822,16 @@ def _launch(q, k, v, i, f, state, eps: float, L: int, h_dtype: mx.Dtype, state_d
     return h, _cast_state(final, state_dtype)
 
 
-def state_segments(batch_heads: int, dqk: int, dv: int, num_chunks: int) -> int:
-    """How many segments the states kernel's chunks are split into (its two-level scan).
+def state_segments(num_chunks: int) -> int:
+    """How many segments the states kernel's chunks are split into (its two-level scan): one,
+    unless ``XLSTM_METAL_CHUNK_SEGMENTS`` asks for more.
 
-    One segment per thread block walks all chunks in turn: (DV/64) * (DQK/64) * B * NH blocks,
-    256 for one 7B prompt (two per SM of an H200). More segments put more blocks to work on the
-    sequential part, at the cost of a chaining pass and a second state read per chunk in the
-    outputs kernel. ``XLSTM_METAL_CHUNK_SEGMENTS`` overrides (benchmarks)."""
+    More segments put more thread blocks on the sequential part, at the cost of a chaining pass
+    and a second state read per chunk in the outputs kernel. Measured on the 7B shape (H200,
+    rounds S5R1/S5R2, benchmarks/NOTES.md) that never paid: the states kernel was 10-18% faster
+    with 4 segments, the outputs kernel 16% slower, the whole prefill no faster."""
     forced = os.environ.get("XLSTM_METAL_CHUNK_SEGMENTS")
-    if forced:
-        return max(1, min(int(forced), num_chunks))
-    blocks = (dv // _states_cols()) * (dqk // _TILE) * batch_heads
-    want = -(-_TARGET_BLOCKS // blocks)  # ceil
-    if want <= 1 or num_chunks < 2 * _MIN_SEGMENT_CHUNKS:
-        return 1
-    return max(1, min(want, num_chunks // _MIN_SEGMENT_CHUNKS))
+    return max(1, min(int(forced), num_chunks)) if forced else 1
 
 
 def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype: mx.Dtype,
@@ -847,7 +843,7 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
     B, NH, S, dqk = k.shape
     dv = v.shape[-1]
     NC = -(-S // L)
-    nseg = segments or state_segments(B * NH, dqk, dv, NC)
+    nseg = segments or state_segments(NC)
     nseg = -(-NC // -(-NC // nseg))  # no empty segment: ceil(NC / chunks per segment)
     C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(k, v, i, f, state, NC, L, nseg, raw=True)
     if nseg == 1:
@@ -904,8 +900,9 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
 
 
 def _states_cols() -> int:
-    """Columns of C per states block: 64, or 32 with ``XLSTM_METAL_STATES_COLS=32`` (benchmarks)."""
-    return 32 if os.environ.get("XLSTM_METAL_STATES_COLS") == "32" else _STATES_COLS
+    """Columns of C per states block: ``_STATES_COLS``, or ``XLSTM_METAL_STATES_COLS`` (32 or 64)."""
+    forced = os.environ.get("XLSTM_METAL_STATES_COLS")
+    return int(forced) if forced in ("32", "64") else _STATES_COLS
 
 
 def _split_terms(h_dtype: mx.Dtype) -> int:
