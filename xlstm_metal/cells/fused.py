@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels.fast.quantized import quantized_matmul
+from ..kernels.fast.skinny import linear_product
 
 FusedGroup = dict[str, mx.array]
 
@@ -119,7 +120,7 @@ def fused_outputs_unbiased(
                 deferred = group["weight"]
                 continue
             if kind[0] == "linear":
-                y = x @ group["weight"].T
+                y = linear_product(x, group["weight"])  # x @ w.T; the skinny kernel for decode on CUDA
             else:
                 y = quantized_matmul(
                     x, group["weight"], group["scales"], group.get("biases"),

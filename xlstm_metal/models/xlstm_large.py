@@ -15,6 +15,7 @@ from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
 from ..kernels.fast.decode import add_rms_norm
 from ..kernels.fast.quantized import use_fast_quantized_layers
+from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
 from ..kernels.mlstm import MLSTMState
 
@@ -136,10 +137,13 @@ class xLSTMLarge(nn.Module):
         the CPU, the weight layout its matrix-vector products read fastest
         (:func:`gemv_layout`). Quantized linear layers (``nn.QuantizedLinear``) become
         :class:`~xlstm_metal.kernels.fast.quantized.FastQuantizedLinear` in place (same arrays and
-        keys): fused dequantize-multiply kernels on CUDA, MLX's quantized matmul elsewhere.
+        keys): fused dequantize-multiply kernels on CUDA, MLX's quantized matmul elsewhere. Plain
+        linear layers become :class:`~xlstm_metal.kernels.fast.skinny.FastLinear` until
+        :meth:`unfuse_projections` (the skinny kernel for 2-64 rows on CUDA, ``x @ w.T`` elsewhere).
         Returns the model.
         """
         use_fast_quantized_layers(self)
+        use_fast_linear_layers(self)
         self.residual_dtype = mx.float32
         for block in self._mlstm_blocks():
             block.mlstm_layer.fuse_projections()
@@ -165,7 +169,9 @@ class xLSTMLarge(nn.Module):
         return self
 
     def unfuse_projections(self) -> "xLSTMLarge":
-        """Back to separate projection matmuls (the weights keep their current values)."""
+        """Back to separate projection matmuls (the weights keep their current values) and plain
+        ``nn.Linear`` layers."""
+        use_fast_linear_layers(self, enabled=False)
         for block in self._mlstm_blocks():
             block.mlstm_layer.unfuse_projections()
             block.ffn.unfuse_projections()

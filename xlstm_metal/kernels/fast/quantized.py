@@ -37,6 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .step import cuda_available
+from .tensor_cores import MMA_HEADER
 
 #: Most rows of x the fused kernel takes (8 rows per tensor-core tile, 8 tiles); more rows take
 #: dequantize + GEMM. On an H200 (7B decode, BENCHMARKS.md) the fused kernel beat MLX's quantized
@@ -46,7 +47,7 @@ _WARPS = 8  # warps per block: they split K for the block's 16 output features
 _FAST_BITS = (4, 8)
 _FAST_GROUPS = (32, 64, 128)
 
-_HEADER = """
+_HEADER = MMA_HEADER + """
 template <typename T> struct QPair;
 template <> struct QPair<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
@@ -62,26 +63,6 @@ template <> struct QPair<__half> {
   static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2half2_rn(lo, hi); }
   static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
 };
-
-template <typename T2> __device__ __forceinline__ uint32_t as_u32(T2 v) {
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <typename T2> __device__ __forceinline__ T2 from_u32(uint32_t v) {
-  return *reinterpret_cast<T2*>(&v);
-}
-
-// D += A (16x16, row) * B (16x8, col), float32 accumulators.
-template <typename T> __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Two dequantized weights (one 32-bit pair register) of a thread's 16-byte weight chunk, for
 // mma step `step` and pair `half` (0: k pair 2*tig, 1: k pair 2*tig + 8 of the 16 logical k).

@@ -1,0 +1,209 @@
+"""The skinny decode product (xlstm_metal/kernels/fast/skinny.py) against x @ w.T.
+
+Kernel tests run only where MLX has its CUDA backend (the GPU machine); elsewhere
+:func:`linear_product` is ``x @ w.T`` and the tests at the end check the dispatch, the layer
+class and the model wiring.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from xlstm_metal.benchmark import shape_config
+from xlstm_metal.kernels.fast.skinny import (
+    MAX_ROWS,
+    FastLinear,
+    SkinnyConfig,
+    default_config,
+    linear_product,
+    set_skinny_gemm,
+    skinny_gemm_enabled,
+    skinny_matmul,
+    skinny_supported,
+    use_fast_linear_layers,
+    uses_skinny_kernel,
+)
+from xlstm_metal.kernels.fast.step import cuda_available
+
+from conftest import tiny_model
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+#: bf16 operands, float32 accumulation, one rounding to bf16 (2^-9 relative) at the end; MLX's
+#: own bf16 matmul is held to the same bound below.
+TOL_BF16 = 4e-3
+
+
+def _operands(seed, M, N, K, dtype=mx.bfloat16, lead=()):
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((*lead, M, K)).astype(np.float32)).astype(dtype)
+    w = mx.array((rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)).astype(dtype)
+    return x, w
+
+
+def _reference64(x, w):
+    """x @ w.T of the (already rounded) operands in float64."""
+    return np.array(x.astype(mx.float32), dtype=np.float64) @ np.array(w.astype(mx.float32), dtype=np.float64).T
+
+
+def _rel(out, ref) -> float:
+    out = np.array(out.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+
+
+def _layer_shapes(scale=8):
+    """The 7B model's five products with every width divided by ``scale`` (multiples of 8 kept)."""
+    c = shape_config("7b")
+    E, F = c.embedding_dim // scale, -(-c.ffn_dim // (8 * scale)) * 8
+    V = -(-c.vocab_size // (8 * scale)) * 8
+    qkvoif = 2 * (c.qk_dim // scale) + 2 * (c.v_dim // scale) + 2 * c.num_heads
+    return {"q|k|v|o|i|f": (qkvoif, E), "out_proj": (E, E), "gate|up": (2 * F, E), "proj_down": (E, F),
+            "lm_head": (V, E)}
+
+
+@cuda
+@pytest.mark.parametrize("M", [1, 2, 7, 16, 33, 64])
+def test_cuda_7b_layer_shapes(M):
+    for i, (kind, (N, K)) in enumerate(_layer_shapes().items()):
+        x, w = _operands(100 * M + i, M, N, K)
+        ref = _reference64(x, w)
+        out = skinny_matmul(x, w)
+        assert out.shape == (M, N) and out.dtype == mx.bfloat16
+        assert _rel(out, ref) <= TOL_BF16, (kind, _rel(out, ref))
+        assert _rel(x @ w.T, ref) <= TOL_BF16  # the bound holds for MLX's own product too
+
+
+@cuda
+@pytest.mark.parametrize("config", [SkinnyConfig(tm=1, wn=1, wk=8, u=2, stages=4),
+                                    SkinnyConfig(tm=2, wn=1, wk=8, u=1, stages=4),
+                                    SkinnyConfig(tm=1, wn=2, wk=4, u=2, stages=4),
+                                    SkinnyConfig(tm=1, wn=4, wk=2, u=2, stages=3)])
+@pytest.mark.parametrize("M", [3, 64])
+def test_cuda_configs_partial_tiles(config, M):
+    # N not a multiple of any block's rows, K a multiple of 8 but not of a span (32) or chunk:
+    # partial tiles, partial last chunk, warps with no chunk at all (K small).
+    for N, K in ((200, 1000), (37, 24), (1, 8)):
+        x, w = _operands(N + K + M, M, N, K)
+        out = skinny_matmul(x, w, config)
+        assert _rel(out, _reference64(x, w)) <= TOL_BF16, (N, K)
+
+
+@cuda
+def test_cuda_float16_leading_axes_and_strided_x():
+    x, w = _operands(5, 4, 96, 512, mx.float16, lead=(2,))
+    out = skinny_matmul(x, w)
+    assert out.shape == (2, 4, 96) and out.dtype == mx.float16
+    assert _rel(out, _reference64(x, w)) <= TOL_BF16
+    xt = x.transpose(1, 0, 2)  # [4, 2, 512], not row-contiguous: copied before the launch
+    assert _rel(skinny_matmul(xt, w), _reference64(xt, w)) <= TOL_BF16
+
+
+@cuda
+def test_cuda_compiled_repeated_and_gradient():
+    x, w = _operands(6, 16, 256, 384)
+    assert uses_skinny_kernel(x, w)
+    f = mx.compile(linear_product)
+    for _ in range(3):
+        assert _rel(f(x, w), _reference64(x, w)) <= TOL_BF16
+    # The custom vjp: the two plain products.
+    xf, wf = x.astype(mx.float32), w.astype(mx.float32)
+    gx, gw = mx.grad(lambda a, b: linear_product(a, b).astype(mx.float32).sum(), argnums=(0, 1))(x, w)
+    rx, rw = mx.grad(lambda a, b: (a @ b.T).sum(), argnums=(0, 1))(xf, wf)
+    assert gx.dtype == x.dtype and gw.dtype == w.dtype
+    assert _rel(gx, np.array(rx, dtype=np.float64)) <= TOL_BF16
+    assert _rel(gw, np.array(rw, dtype=np.float64)) <= TOL_BF16
+
+
+@cuda
+def test_cuda_switch_and_dispatch():
+    x, w = _operands(7, 16, 64, 64)
+    assert uses_skinny_kernel(x, w) and not uses_skinny_kernel(x[:1], w)  # one row: MLX's GEMV
+    assert not uses_skinny_kernel(mx.zeros((MAX_ROWS + 1, 64), mx.bfloat16), w)
+    assert not uses_skinny_kernel(x.astype(mx.float32), w.astype(mx.float32))
+    set_skinny_gemm(False)
+    try:
+        assert not uses_skinny_kernel(x, w)
+    finally:
+        set_skinny_gemm(True)
+
+
+@cuda
+@pytest.mark.parametrize("batch", [2, 16])
+def test_cuda_model_decode_matches_matmul_path(batch):
+    from xlstm_metal.benchmark import random_model
+
+    config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
+    model = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
+    tokens = mx.array(np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, 3)), dtype=mx.int32)
+
+    def decode():
+        state, outs = None, []
+        for t in range(tokens.shape[1]):
+            logits, state = model(tokens[:, t : t + 1], state)
+            outs.append(logits.astype(mx.float32))
+        return mx.concatenate(outs, axis=1)
+
+    with_kernel = decode()
+    set_skinny_gemm(False)
+    try:
+        with_matmul = decode()
+    finally:
+        set_skinny_gemm(True)
+    a, b = np.array(with_kernel), np.array(with_matmul)
+    assert np.isfinite(a).all()
+    # Same math; bf16 activations round differently where the summation order differs.
+    assert np.max(np.abs(a - b)) / np.max(np.abs(b)) < 3e-2
+
+
+# ------------------------------------------------------------------ everywhere (CPU included)
+def test_linear_product_is_matmul_off_cuda_or_for_float32():
+    x, w = _operands(8, 5, 48, 64, mx.float32)
+    assert np.array_equal(np.array(linear_product(x, w)), np.array(x @ w.T))
+    if not cuda_available():
+        assert not skinny_supported(x.astype(mx.bfloat16), w.astype(mx.bfloat16))
+        with pytest.raises(ValueError, match="skinny_matmul"):
+            skinny_matmul(x.astype(mx.bfloat16), w.astype(mx.bfloat16))
+
+
+def test_config_checks_and_defaults():
+    with pytest.raises(ValueError):
+        SkinnyConfig(wk=3)
+    with pytest.raises(ValueError):
+        SkinnyConfig(wn=8, wk=8)
+    for rows in (1, 2, 16, 17, 64):
+        cfg = default_config(rows, 4096)
+        assert cfg.wn * cfg.wk * 32 <= 1024
+        # 4096 output features (out_proj, proj_down) still give a block per SM or more.
+        assert 4096 // cfg.rows_per_block() >= 128
+    assert skinny_gemm_enabled()
+
+
+def test_fast_linear_keeps_keys_values_and_switches_back():
+    layer = nn.Linear(64, 32, bias=False)
+    x = mx.random.normal((3, 64), key=mx.random.key(0))
+    ref = layer(x)
+    container = nn.Sequential(layer, nn.Linear(32, 8))
+    assert use_fast_linear_layers(container) == 2
+    assert type(layer) is FastLinear and layer is container.layers[0]
+    assert set(dict(nn.utils.tree_flatten(container.parameters()))) == {
+        "layers.0.weight", "layers.1.weight", "layers.1.bias"}
+    assert np.array_equal(np.array(layer(x)), np.array(ref))
+    with_bias = container.layers[1]
+    assert np.allclose(np.array(with_bias(ref)), np.array(nn.Linear.__call__(with_bias, ref)))
+    assert use_fast_linear_layers(container, enabled=False) == 2
+    assert type(layer) is nn.Linear
+
+
+def test_fuse_projections_switches_linear_layers_and_keeps_results():
+    model = tiny_model()
+    tokens = mx.array([[1, 5, 9, 2]], dtype=mx.int32)
+    ref, _ = model(tokens)
+    model.fuse_projections()
+    block = model.blocks[0]
+    assert type(block.mlstm_layer.out_proj) is FastLinear and type(block.ffn.proj_down) is FastLinear
+    out, _ = model(tokens)
+    assert np.allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-4)
+    model.unfuse_projections()
+    assert type(block.mlstm_layer.out_proj) is nn.Linear
+    assert not any(type(m) is FastLinear for _, m in model.named_modules())

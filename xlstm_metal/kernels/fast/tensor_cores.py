@@ -1,0 +1,35 @@
+"""CUDA device helpers shared by the tensor-core kernels of this package (``mx.fast.cuda_kernel``
+headers): the ``mma.sync`` m16n8k16 product with float32 accumulation for bf16 and fp16
+operands, and reinterpreting a pair of 16-bit values as one 32-bit register.
+
+Used by the fused dequantize + multiply kernel (:mod:`.quantized`) and the skinny bf16/fp16
+product (:mod:`.skinny`)."""
+
+from __future__ import annotations
+
+#: ``as_u32`` / ``from_u32`` (a bf16x2 / half2 pair as one register and back) and
+#: ``mma16816<T>(d, a, b0, b1)``: d[4] += A (16x16, row major, 4 registers) * B (16x8, column
+#: major, 2 registers), T ``__nv_bfloat16`` or ``__half``. Fragment layout (lane = 4 g + tig):
+#: a[0] row g, k 2tig..2tig+1; a[1] row g+8, same k; a[2] row g, k 2tig+8..9; a[3] row g+8, same;
+#: b0 k 2tig..2tig+1 of column g, b1 k 2tig+8..9; d {(g, 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
+MMA_HEADER = """
+template <typename T2> __device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2> __device__ __forceinline__ T2 from_u32(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
+// D += A (16x16, row) * B (16x8, col), float32 accumulators.
+template <typename T> __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+"""
