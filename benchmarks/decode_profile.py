@@ -9,7 +9,8 @@ Records (one JSON object per line):
   [N, K]), ``(W @ x.T).T`` (the weight as the left operand: another BLAS kernel choice) and
   ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
 - ``step``: the compiled greedy step of the whole model (as ``xlstm-metal bench``) and a compiled
-  chain of only the blocks' four matmuls, ms per step.
+  chain of only the blocks' four matmuls (as the model computes them: the skinny kernel of
+  xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA, and with it switched off), ms per step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.kernels.fast.skinny import linear_product, set_skinny_gemm  # noqa: E402
 
 
 def main() -> None:
@@ -79,16 +81,20 @@ def main() -> None:
 
         def chain(x):
             for b in blocks:
-                h = x @ b.mlstm_layer["_fused_projection"][0]["weight"].T
+                h = linear_product(x, b.mlstm_layer["_fused_projection"][0]["weight"])
                 x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
-                g = x @ b.ffn["_fused_gate_up"][0]["weight"].T
+                g = linear_product(x, b.ffn["_fused_gate_up"][0]["weight"])
                 x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
             return x
 
-        chain_c = mx.compile(chain)
         x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
-        ms = 1000 * bm.median_seconds(lambda: chain_c(x), args.repeats)
-        emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)", "ms": ms})
+        for skinny_on in (True, False):
+            set_skinny_gemm(skinny_on)
+            chain_c = mx.compile(chain)  # traced afresh: the dispatch is decided at trace time
+            ms = 1000 * bm.median_seconds(lambda: chain_c(x), args.repeats)
+            emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)",
+                  "skinny": skinny_on, "ms": ms})
+        set_skinny_gemm(True)
 
         step = bm.make_decode_step(model)
         tok = mx.zeros((B, 1), dtype=mx.int32)
