@@ -6,8 +6,7 @@ off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings
 
 For each measurement the settings alternate (over ``--rounds``), each with a freshly compiled
 step / prefill trace: decode with the kernels on; with MLX's matmul in place of the skinny
-product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows); with the step kernel's state loads
-after its reduction (the previous order); and with all of them off; prefill also with the GPU's
+product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows); and with all of them off; prefill also with the GPU's
 queued layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
 One JSON object per line: setting, kind, batch, length, tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
 after it, so a time-limited run still returns what it measured.
@@ -68,26 +67,23 @@ def main() -> None:
 
     queue_layers = xlarge._queue_layers
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
-    # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
-    # product, early state loads in the step kernel)
-    settings = {"decode": [("fused decode kernels", True, True, residual, True, True),
-                           ("fused decode kernels, MLX matmul", True, True, residual, False, True),
-                           ("fused decode kernels, state loads after the reduction", True, True, residual, True, False),
-                           ("off", False, True, residual, False, False)],
-                "prefill": [("fused kernels, layers queued", True, True, residual, True, True),
-                            ("fused kernels, layer by layer", True, False, residual, True, True),
-                            ("off", False, False, residual, False, False)]}
+    # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny product)
+    settings = {"decode": [("fused decode kernels", True, True, residual, True),
+                           ("fused decode kernels, MLX matmul", True, True, residual, False),
+                           ("off", False, True, residual, False)],
+                "prefill": [("fused kernels, layers queued", True, True, residual, True),
+                            ("fused kernels, layer by layer", True, False, residual, True),
+                            ("off", False, False, residual, False)]}
     if args.bf16_residual:
-        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, True, True))
+        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, True))
 
     def run(kind: str, size: int) -> None:
         for _ in range(args.rounds):
-            for name, on, queued, residual_dtype, skinny_on, early in settings[kind]:
+            for name, on, queued, residual_dtype, skinny_on in settings[kind]:
                 if late():
                     return
                 decode.set_fused_decode(on)
                 skinny.set_skinny_gemm(skinny_on)
-                decode._early_state_loads = early
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
@@ -117,7 +113,6 @@ def main() -> None:
             run("decode", batch)
     decode.set_fused_decode(True)
     skinny.set_skinny_gemm(True)
-    decode._early_state_loads = True
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 

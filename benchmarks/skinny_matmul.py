@@ -25,13 +25,19 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
-from xlstm_metal.kernels.fast.skinny import SkinnyConfig, default_config, skinny_matmul, skinny_supported  # noqa: E402
+from xlstm_metal.kernels.fast.skinny import (  # noqa: E402
+    SkinnyConfig,
+    default_config,
+    k_splits,
+    skinny_matmul,
+    skinny_supported,
+)
 
 
 def parse_config(text: str) -> SkinnyConfig:
-    """``tm,wn,wk,u,stages``, e.g. ``1,2,4,2,4``."""
-    tm, wn, wk, u, stages = (int(v) for v in text.split(","))
-    return SkinnyConfig(tm=tm, wn=wn, wk=wk, u=u, stages=stages)
+    """``tm,w,u,stages``, e.g. ``2,4,2,4``."""
+    tm, w, u, stages = (int(v) for v in text.split(","))
+    return SkinnyConfig(tm=tm, w=w, u=u, stages=stages)
 
 
 def layer_shapes(config) -> dict[str, tuple[int, int, int]]:
@@ -48,7 +54,7 @@ def main() -> None:
     p.add_argument("--shape", default="7b")
     p.add_argument("--rows", default="2,16,64")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    p.add_argument("--configs", default="", help="extra launch shapes, 'tm,wn,wk,u,stages' separated by ';'")
+    p.add_argument("--configs", default="", help="extra launch shapes, 'tm,w,u,stages' separated by ';'")
     p.add_argument("--kinds", default="", help="products to time (default: all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
@@ -89,7 +95,7 @@ def main() -> None:
             for i, cfg in enumerate(configs):
                 ms = 1000 * bm.median_seconds(lambda: [skinny_matmul(x, w, cfg) for w in weights], args.repeats) / count
                 emit({"kind": kind, "rows": M, "N": N, "K": K, "method": "skinny" + ("" if i else " (default)"),
-                      "config": [cfg.tm, cfg.wn, cfg.wk, cfg.u, cfg.stages], "ms": ms,
+                      "config": [cfg.tm, cfg.w, cfg.u, cfg.stages], "k_splits": k_splits(N, K, cfg), "ms": ms,
                       "gb_s": nbytes / count / (ms / 1000) / 1e9, "rel_err": rel_err(skinny_matmul(x, weights[0], cfg))})
         del weights
         mx.clear_cache()

@@ -14,8 +14,10 @@ from xlstm_metal.benchmark import shape_config
 from xlstm_metal.kernels.fast.skinny import (
     MAX_ROWS,
     FastLinear,
+    TARGET_BLOCKS,
     SkinnyConfig,
     default_config,
+    k_splits,
     linear_product,
     set_skinny_gemm,
     skinny_gemm_enabled,
@@ -75,15 +77,15 @@ def test_cuda_7b_layer_shapes(M):
 
 
 @cuda
-@pytest.mark.parametrize("config", [SkinnyConfig(tm=1, wn=1, wk=8, u=2, stages=4),
-                                    SkinnyConfig(tm=2, wn=1, wk=8, u=1, stages=4),
-                                    SkinnyConfig(tm=1, wn=2, wk=4, u=2, stages=4),
-                                    SkinnyConfig(tm=1, wn=4, wk=2, u=2, stages=3)])
+@pytest.mark.parametrize("config", [SkinnyConfig(tm=1, w=8, u=2, stages=4),
+                                    SkinnyConfig(tm=2, w=4, u=2, stages=4),
+                                    SkinnyConfig(tm=1, w=4, u=4, stages=3),
+                                    SkinnyConfig(tm=2, w=2, u=2, stages=2)])
 @pytest.mark.parametrize("M", [3, 64])
 def test_cuda_configs_partial_tiles(config, M):
-    # N not a multiple of any block's rows, K a multiple of 8 but not of a span (32) or chunk:
-    # partial tiles, partial last chunk, warps with no chunk at all (K small).
-    for N, K in ((200, 1000), (37, 24), (1, 8)):
+    # N not a multiple of a block's rows, K a multiple of 8 but not of a k step (64 or 128):
+    # partial tiles, partial last step, k split across blocks (one tile) or not (K tiny).
+    for N, K in ((200, 1000), (37, 24), (1, 8), (300, 4104)):
         x, w = _operands(N + K + M, M, N, K)
         out = skinny_matmul(x, w, config)
         assert _rel(out, _reference64(x, w)) <= TOL_BF16, (N, K)
@@ -166,16 +168,24 @@ def test_linear_product_is_matmul_off_cuda_or_for_float32():
             skinny_matmul(x.astype(mx.bfloat16), w.astype(mx.bfloat16))
 
 
-def test_config_checks_and_defaults():
+def test_config_checks_defaults_and_splits():
     with pytest.raises(ValueError):
-        SkinnyConfig(wk=3)
+        SkinnyConfig(u=3)
     with pytest.raises(ValueError):
-        SkinnyConfig(wn=8, wk=8)
+        SkinnyConfig(w=33)
     for rows in (1, 2, 16, 17, 64):
         cfg = default_config(rows, 4096)
-        assert cfg.wn * cfg.wk * 32 <= 1024
-        # 4096 output features (out_proj, proj_down) still give a block per SM or more.
-        assert 4096 // cfg.rows_per_block() >= 128
+        assert cfg.w * 32 <= 1024 and cfg.shared_bytes(-(-rows // 8)) <= 227 * 1024
+        for n, k in _layer_shapes(scale=1).values():
+            splits = k_splits(n, k, cfg)
+            tiles = -(-n // cfg.rows_per_block())
+            steps = -(-k // cfg.k_step())
+            per = -(-steps // splits)  # the kernel's k steps per split
+            assert 1 <= splits <= steps and (splits - 1) * per < steps  # no empty split
+            # Enough blocks for the GPU (whole k steps per split round the count down a little),
+            # or no split at all.
+            assert 4 * tiles * splits >= 3 * min(TARGET_BLOCKS, tiles * steps) or splits == 1
+        assert k_splits(50304, 4096, cfg) == 1  # the LM head: enough row tiles alone
     assert skinny_gemm_enabled()
 
 

@@ -49,11 +49,6 @@ def set_fused_decode(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-#: The step kernel issues its first state loads before the head's q.n' reduction (see the
-#: kernel); False is the previous order (benchmarks/fused_decode.py compares the two).
-_early_state_loads = True
-
-
 def _kernels_on() -> bool:
     return _enabled and cuda_available()
 
@@ -109,41 +104,11 @@ GATE_STABILISER
     const size_t qk_off = static_cast<size_t>(bh) * DQK;
     const size_t v_off = static_cast<size_t>(bh) * DV;
 
-    // C' = fa C + ia k v^T for this thread's V columns (C row-contiguous), and q.C' over its rows,
-    // RB rows at a time: every load of a batch is issued before the first store (C and C_out could
-    // alias as far as the compiler knows, so it would not move loads past stores). With EARLY the
-    // first batch's loads are issued before the head's q.n' reduction below, which runs while
-    // they fly (without, the block streams nothing until its reduction is done; more registers).
-    constexpr int RB = 8;
-    const bool cols_in = j0 < DV;
-    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
-    float cv[RB][V];
-    float kd[RB], qd[RB];
-    auto load_rows = [&](int d0) {
-        #pragma unroll
-        for (int r = 0; r < RB; ++r) {
-            const int d = d0 + r * TD;
-            if (cols_in && d < DQK) {
-                kd[r] = static_cast<float>(k[k_off + d * k_strides[3]]);
-                qd[r] = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
-                const size_t off = c_base + static_cast<size_t>(d) * DV;
-                if (LOAD4) {
-                    const float4 c4 = *reinterpret_cast<const float4*>(C + off);
-                    cv[r][0] = c4.x; cv[r][1] = c4.y; cv[r][2] = c4.z; cv[r][3] = c4.w;
-                } else {
-                    #pragma unroll
-                    for (int c = 0; c < V; ++c) cv[r][c] = j0 + c < DV ? static_cast<float>(C[off + c]) : 0.0f;
-                }
-            }
-        }
-    };
-    if (EARLY) load_rows(ty);
-
     // n' = fa n + ia k and the head's scalar q.n' (every block of the head computes it).
     float part = 0.0f;
     for (int d = tid; d < DQK; d += NT) {
-        const float kn = static_cast<float>(k[k_off + d * k_strides[3]]);
-        const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kn;
+        const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+        const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
         part += (static_cast<float>(q[q_off + d * q_strides[3]]) * scale) * nd;
         if (blockIdx.x == 0) n_out[qk_off + d] = static_cast<ST>(nd);
     }
@@ -156,17 +121,39 @@ GATE_STABILISER
     const float qn = s_red[0];
     __syncthreads();
 
+    // C' = fa C + ia k v^T for this thread's V columns (C row-contiguous), and q.C' over its rows.
     float acc[V];
     #pragma unroll
     for (int c = 0; c < V; ++c) acc[c] = 0.0f;
-    if (cols_in) {
+    if (j0 < DV) {
         float vj[V];
         #pragma unroll
         for (int c = 0; c < V; ++c) {
             vj[c] = j0 + c < DV ? ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + (j0 + c) * v_strides[3]]) : 0.0f;
         }
+        const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+        // RB rows at a time: every load of the batch is issued before the first store (C and
+        // C_out could alias as far as the compiler knows, so it would not move loads past stores).
+        constexpr int RB = 8;
         for (int d0 = ty; d0 < DQK; d0 += TD * RB) {
-            if (!EARLY || d0 != ty) load_rows(d0);
+            float cv[RB][V];
+            float kd[RB], qd[RB];
+            #pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                const int d = d0 + r * TD;
+                if (d < DQK) {
+                    kd[r] = static_cast<float>(k[k_off + d * k_strides[3]]);
+                    qd[r] = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
+                    const size_t off = c_base + static_cast<size_t>(d) * DV;
+                    if (LOAD4) {
+                        const float4 c4 = *reinterpret_cast<const float4*>(C + off);
+                        cv[r][0] = c4.x; cv[r][1] = c4.y; cv[r][2] = c4.z; cv[r][3] = c4.w;
+                    } else {
+                        #pragma unroll
+                        for (int c = 0; c < V; ++c) cv[r][c] = j0 + c < DV ? static_cast<float>(C[off + c]) : 0.0f;
+                    }
+                }
+            }
             #pragma unroll
             for (int r = 0; r < RB; ++r) {
                 const int d = d0 + r * TD;
@@ -343,8 +330,7 @@ def mlstm_step_gated(
         inputs=inputs,
         template=[("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk),
                   ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
-                  ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32),
-                  ("EARLY", _early_state_loads)],
+                  ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)],
         grid=(-(-dv // (tx * vec)) * tx, td, B * NH),
         threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],

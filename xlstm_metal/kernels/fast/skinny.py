@@ -1,22 +1,26 @@
 """Skinny matrix products for decoding on NVIDIA GPUs: ``x @ w.T`` with 2-64 rows of x.
 
 At 16 and 64 rows MLX runs these products through cuBLASLt, which read the 7B shape's weights at
-0.9-2.9 TB/s on an H200 (copy rate 4.3 TB/s; benchmarks/NOTES.md): a decode step at batch 16 or
-64 spent more time in its 128 products than the whole step's target. :func:`skinny_matmul` is
-one ``mx.fast.cuda_kernel`` built to stream each weight once, on the tensor cores:
+0.7-2.8 TB/s on an H200 (copy rate 4.3 TB/s; benchmarks/NOTES.md). :func:`skinny_matmul` is an
+``mx.fast.cuda_kernel`` on the tensor cores, laid out so that x, the small operand, is read from
+L2 a few times rather than once per 16 weight rows:
 
 - Weights are the A operand of ``mma.sync`` m16n8k16 (16 output features per tile, float32
   accumulation), x the B operand (8 rows per tile, up to 8 tiles), as in the fused dequantize
-  kernel of :mod:`.quantized`, whose fragment order this reuses: a thread reads 16 bytes (8
+  kernel of :mod:`.quantized`, whose fragment order this reuses: a thread takes 16 bytes (8
   values) of each of its two weight rows per 32-wide span of k and feeds them to two mma steps
-  in an order of its own; x is read with the same order, so the dot products are unchanged.
-- A warp owns TM 16-row tiles (x fragments reused across them); the WK warps of a block split K
-  (chunks of U spans, interleaved) and add their partial tiles through shared memory; WN warps
-  side by side take further rows and read the same x (so it comes from L1 once per block).
-- Weight chunks go global -> shared memory with ``cp.async`` (L2 only, no L1 allocation) in a
-  ring of STAGES chunks per warp, each lane reading back only what it copied itself (no block
-  barrier in the loop): STAGES - 1 chunks per thread in flight without holding registers, which
-  is what a bandwidth-bound kernel needs. x (small, read by every block) goes through L1.
+  in an order of its own; x is taken in the same order, so the dot products are unchanged.
+- A block owns 128 weight rows (W warps of TM 16-row tiles each) and walks its share of k in
+  steps of 64: each step's weight tile and x tile go global -> shared memory with ``cp.async``
+  (whole 128-byte lines, L2 only) through a ring of STAGES steps, so STAGES - 1 steps are in
+  flight without holding registers; every warp reads x's fragments from the one shared copy.
+- Layers with few row tiles (4096 outputs: 32 tiles) split k across blocks so the GPU has
+  :data:`TARGET_BLOCKS` of them; each split writes float32 partial sums and a second small
+  kernel adds them (one more launch, partial sums of at most ~10 MB, mostly in L2).
+
+A first version (S5R1: 16 weight rows per block, its 8 warps splitting k, x read per warp from
+L1/L2) ran at 0.6-2.5 TB/s, below cuBLASLt on most shapes: at 64 rows every warp read 4 bytes of
+x per byte of weights, and those reads, not the weights, set its pace.
 
 The fast path takes bfloat16 or float16 x and w of the same dtype, w [N, K] with K a multiple of
 8, 1 to :data:`MAX_ROWS` rows. :func:`linear_product` is the dispatch the model calls: the kernel
@@ -64,38 +68,52 @@ def set_skinny_gemm(enabled: bool) -> None:
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Launch shape of the kernel: ``tm`` 16-row weight tiles per warp, ``wn`` x ``wk`` warps per
-    block (``wk`` a power of two splitting K), chunks of ``u`` spans of 32 k, ``stages`` chunks
-    in each warp's ring (``stages - 1`` in flight)."""
+    """Launch shape of the kernel: ``w`` warps per block, each owning ``tm`` 16-row weight tiles
+    (``16 tm w`` rows per block); k in steps of ``u`` spans of 32 through a ring of ``stages``
+    shared-memory stages (``stages - 1`` in flight)."""
 
     tm: int = 1
-    wn: int = 1
-    wk: int = 8
+    w: int = 8
     u: int = 2
     stages: int = 4
 
     def __post_init__(self):
-        if min(self.tm, self.wn, self.wk, self.u) < 1 or self.wk & (self.wk - 1) or self.stages < 2:
+        if min(self.tm, self.w) < 1 or self.u not in (2, 4) or self.stages < 2:
             raise ValueError(f"bad skinny kernel config {self}")
-        if self.wn * self.wk > 32:
-            raise ValueError(f"{self.wn * self.wk} warps per block: at most 32")
+        if self.w > 32:
+            raise ValueError(f"{self.w} warps per block: at most 32")
 
     def rows_per_block(self) -> int:
-        return 16 * self.tm * self.wn
+        return 16 * self.tm * self.w
+
+    def k_step(self) -> int:
+        return 32 * self.u
 
     def shared_bytes(self, mt: int) -> int:
-        ring = self.wn * self.wk * self.stages * self.u * self.tm * 2 * 32 * 16
-        reduce = (self.wk // 2) * self.wn * self.tm * mt * 4 * 32 * 4
-        return max(ring, reduce)
+        return self.stages * (self.rows_per_block() + 8 * mt) * self.k_step() * 2
+
+
+#: Thread blocks a product aims for (two per SM of an H100/H200): fewer row tiles than this are
+#: split along k, each split's float32 partial sums added by a second small kernel.
+TARGET_BLOCKS = 264
 
 
 def default_config(rows: int, n: int) -> SkinnyConfig:
     """The launch shape for ``rows`` rows of x and ``n`` output features."""
     if rows <= 16:
-        return SkinnyConfig(tm=1, wn=1, wk=8, u=2, stages=4)
-    # 17-64 rows: x is 4x the weights' bytes per span at 64 rows; two warps side by side on the
-    # same k read it once per block (from L1), keeping >= 128 blocks for the 4096-row layers.
-    return SkinnyConfig(tm=1, wn=2, wk=4, u=2, stages=4)
+        return SkinnyConfig(tm=1, w=8, u=2, stages=4)
+    # 17-64 rows: two weight tiles per warp, so each x fragment read from shared memory feeds
+    # two tensor-core products (x is as many bytes per k as 64 weight rows).
+    return SkinnyConfig(tm=2, w=4, u=2, stages=4)
+
+
+def k_splits(n: int, k: int, config: SkinnyConfig) -> int:
+    """Splits of k for ``n`` output features and ``k`` inputs: enough blocks for the GPU
+    (:data:`TARGET_BLOCKS`); the kernel gives each ceil(steps / splits) k steps, none empty."""
+    tiles = -(-n // config.rows_per_block())
+    steps = -(-k // config.k_step())
+    splits = max(1, min(-(-TARGET_BLOCKS // tiles), steps))
+    return -(-steps // -(-steps // splits))
 
 
 _HEADER = MMA_HEADER + """
@@ -112,25 +130,49 @@ template <int PENDING> __device__ __forceinline__ void xl_cp_wait() {
 """
 
 _SOURCE = """
-    // x [M, K], w [N, K] (T, row-contiguous, K % 8 == 0) -> y [M, N] = x @ w.T (T).
-    constexpr int SPAN = 32;
-    constexpr int WARPS = WN * WK;
-    constexpr int SLOTS = U * TM * 2;          // 16-byte pieces per lane per chunk
-    constexpr int TILE = MT * 4 * 32;           // accumulator floats of one weight tile per warp
+    // x [M, K], w [N, K] (T, row-contiguous, K % 8 == 0) -> y [M, N] (OT = T) when the block
+    // takes all of K, else this split's float32 partial sums y [S, M, N] (OT = float).
+    constexpr int BK = 32 * U;                  // k per stage
+    constexpr int PIECES = BK / 8;              // 16-byte pieces of a row per stage
+    constexpr int R = 16 * TM * W;              // weight rows per block
+    constexpr int XR = 8 * MT;                  // x rows (zero-padded)
+    constexpr int STAGE = (R + XR) * PIECES;    // uint4 per stage: R weight rows, then XR x rows
+    constexpr int NT = 32 * W;
     const int M = x_shape[0];
     const int K = x_shape[1];
     const int N = w_shape[0];
-    const int nchunks = (K + SPAN * U - 1) / (SPAN * U);
+    const int KS = ((K + BK - 1) / BK + gridDim.y - 1) / gridDim.y * BK;  // k per split
+    const int k0 = blockIdx.y * KS;
+    const int k1 = min(K, k0 + KS);
+    const int nsteps = (k1 - k0 + BK - 1) / BK;
+    const int row0 = blockIdx.x * R;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    const int wn = warp % WN;
-    const int wk = warp / WN;
     const int g = lane >> 2;                    // mma group: weight rows g, g+8 of a tile; x row g
     const int tig = lane & 3;
-    const int rbase = (blockIdx.x * WN + wn) * 16 * TM + g;
 
     extern __shared__ uint4 xl_smem[];
-    uint4* ring = xl_smem + warp * STAGES * SLOTS * 32;
+    // Piece p of row r at [r][p ^ 4 (r & 1)]: a fragment read (rows 2i, 2i+1, pieces 4s..4s+3
+    // per 8 lanes) touches 8 distinct 16-byte bank groups.
+    auto piece = [&](int st, int r, int p) -> uint4* { return xl_smem + st * STAGE + r * PIECES + (p ^ ((r & 1) << 2)); };
+
+    // Stage st <- k step s of the block's weight rows and of x: consecutive threads copy
+    // consecutive 16-byte pieces of a row (whole 128-byte lines). One commit group per step.
+    auto issue = [&](int s, int st) {
+      const int kb = k0 + s * BK;
+      #pragma unroll
+      for (int i = threadIdx.x; i < (R + XR) * PIECES; i += NT) {
+        const int r = i / PIECES, p = i % PIECES;
+        const int k = kb + p * 8;
+        const bool kin = s < nsteps && k < k1;
+        const bool is_w = r < R;
+        const int src_row = is_w ? row0 + r : r - R;
+        const bool ok = kin && src_row < (is_w ? N : M);
+        const T* src = (is_w ? w : x) + (size_t)src_row * K + k;
+        xl_cp_async16(piece(st, r, p), ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+      }
+      xl_cp_commit();
+    };
 
     float acc[TM][MT][4];
     #pragma unroll
@@ -139,52 +181,24 @@ _SOURCE = """
       for (int t = 0; t < MT; ++t) { acc[tm][t][0] = acc[tm][t][1] = acc[tm][t][2] = acc[tm][t][3] = 0.0f; }
     }
 
-    // Chunk c: spans c*U .. c*U+U-1; piece (u, tm, h) of this lane: row rbase + 16 tm + 8 h,
-    // k from (c*U + u)*32 + 8 tig. One commit group per chunk, empty ones too (uniform counts).
-    auto issue = [&](int c, int stage) {
-      #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int kc = (c * U + u) * SPAN + tig * 8;
-        const bool kin = c < nchunks && kc < K;
-        #pragma unroll
-        for (int tm = 0; tm < TM; ++tm) {
-          #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = rbase + 16 * tm + 8 * h;
-            const bool ok = kin && row < N;
-            xl_cp_async16(ring + (stage * SLOTS + (u * TM + tm) * 2 + h) * 32 + lane,
-                          ok ? static_cast<const void*>(w + (size_t)row * K + kc) : static_cast<const void*>(w), ok);
-          }
-        }
-      }
-      xl_cp_commit();
-    };
-
     #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) issue(wk + s * WK, s);
-    int stage = 0;
-    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
-    for (int c = wk; c < nchunks; c += WK) {
-      xl_cp_wait<STAGES - 2>();                 // chunk c has landed
-      uint4 wc[SLOTS];
-      #pragma unroll
-      for (int i = 0; i < SLOTS; ++i) wc[i] = ring[(stage * SLOTS + i) * 32 + lane];
-      // The stage read one iteration ago is free again (its values are in registers).
-      issue(c + (STAGES - 1) * WK, (stage + STAGES - 1) % STAGES);
-      stage = (stage + 1) % STAGES;
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+    for (int s = 0; s < nsteps; ++s) {
+      xl_cp_wait<STAGES - 2>();                 // this thread's copies of step s have landed
+      __syncthreads();                          // everyone's have, and step s-1's stage is free
+      issue(s + STAGES - 1, (s + STAGES - 1) % STAGES);
+      const int st = s % STAGES;
       #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int kc = (c * U + u) * SPAN + tig * 8;
         uint4 xv[MT];
         #pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          const int m = t * 8 + g;
-          xv[t] = (kc < K && m < M) ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + kc)) : zero4;
-        }
+        for (int t = 0; t < MT; ++t) xv[t] = *piece(st, R + t * 8 + g, u * 4 + tig);
         #pragma unroll
         for (int tm = 0; tm < TM; ++tm) {
-          const uint4 a = wc[(u * TM + tm) * 2], b = wc[(u * TM + tm) * 2 + 1];
-          // Step 0 takes the chunk's pairs 0, 1 (as k 2tig.., 2tig+8..), step 1 pairs 2, 3.
+          const int r = (warp * TM + tm) * 16 + g;
+          const uint4 a = *piece(st, r, u * 4 + tig), b = *piece(st, r + 8, u * 4 + tig);
+          // The thread's 8 k of each row feed two mma steps in an order of its own (the same for
+          // x): step 0 takes pairs 0, 1 as k (2tig, 2tig+1), (2tig+8, 2tig+9); step 1 pairs 2, 3.
           const uint32_t a0[4] = {a.x, b.x, a.y, b.y};
           const uint32_t a1[4] = {a.z, b.z, a.w, b.w};
           #pragma unroll
@@ -195,52 +209,32 @@ _SOURCE = """
         }
       }
     }
-    xl_cp_wait<0>();                            // the ring is reused below
-    __syncthreads();
+    xl_cp_wait<0>();
 
-    // Sum the WK warps' partial tiles (a tree through shared memory), then warps wk == 0 write.
-    float* red = reinterpret_cast<float*>(xl_smem);
+    // acc[tm][t] = {(row g, x row 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)} of the tile.
+    const size_t out0 = (size_t)blockIdx.y * M * N;
     #pragma unroll
-    for (int s = WK / 2; s > 0; s >>= 1) {
-      if (wk >= s && wk < 2 * s) {
-        float* dst = red + ((wk - s) * WN + wn) * TM * TILE;
-        #pragma unroll
-        for (int tm = 0; tm < TM; ++tm) {
-          #pragma unroll
-          for (int t = 0; t < MT; ++t) {
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) dst[((tm * MT + t) * 4 + c) * 32 + lane] = acc[tm][t][c];
-          }
-        }
-      }
-      __syncthreads();
-      if (wk < s) {
-        const float* src = red + (wk * WN + wn) * TM * TILE;
-        #pragma unroll
-        for (int tm = 0; tm < TM; ++tm) {
-          #pragma unroll
-          for (int t = 0; t < MT; ++t) {
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[tm][t][c] += src[((tm * MT + t) * 4 + c) * 32 + lane];
-          }
-        }
-      }
-      __syncthreads();
-    }
-    if (wk == 0) {
-      // acc[tm][t] = {(row g, x row 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)} of the tile.
+    for (int tm = 0; tm < TM; ++tm) {
       #pragma unroll
-      for (int tm = 0; tm < TM; ++tm) {
+      for (int t = 0; t < MT; ++t) {
         #pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int n = rbase + 16 * tm + 8 * (c >> 1);
-            const int m = t * 8 + 2 * tig + (c & 1);
-            if (n < N && m < M) y[(size_t)m * N + n] = static_cast<T>(acc[tm][t][c]);
-          }
+        for (int c = 0; c < 4; ++c) {
+          const int n = row0 + (warp * TM + tm) * 16 + g + 8 * (c >> 1);
+          const int m = t * 8 + 2 * tig + (c & 1);
+          if (n < N && m < M) y[out0 + (size_t)m * N + n] = static_cast<OT>(acc[tm][t][c]);
         }
       }
+    }
+"""
+
+_REDUCE_SOURCE = """
+    // part [S, M, N] float32 -> y [M, N] (T): the k splits' partial sums added in float32.
+    const size_t MN = (size_t)part_shape[1] * part_shape[2];
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < MN) {
+      float sum = 0.0f;
+      for (int s = 0; s < part_shape[0]; ++s) sum += part[s * MN + i];
+      y[i] = static_cast<T>(sum);
     }
 """
 
@@ -260,6 +254,16 @@ def _kernel(shared_bytes: int):
             shared_memory=shared_bytes,
         )
     return kernel
+
+
+_reduce_kernel_cache: list = []
+
+
+def _reduce_kernel():
+    if not _reduce_kernel_cache:
+        _reduce_kernel_cache.append(mx.fast.cuda_kernel(
+            name="xlstm_skinny_matmul_splits", input_names=["part"], output_names=["y"], source=_REDUCE_SOURCE))
+    return _reduce_kernel_cache[0]
 
 
 def skinny_supported(x: mx.array, w: mx.array) -> bool:
@@ -288,15 +292,20 @@ def skinny_matmul(x: mx.array, w: mx.array, config: SkinnyConfig | None = None) 
     M = math.prod(lead)
     mt = -(-M // 8)
     cfg = config or default_config(M, N)
+    splits = k_splits(N, K, cfg)
     (y,) = _kernel(cfg.shared_bytes(mt))(
         inputs=[x.reshape(M, K), w],
-        template=[("T", x.dtype), ("MT", mt), ("TM", cfg.tm), ("WN", cfg.wn), ("WK", cfg.wk),
-                  ("U", cfg.u), ("STAGES", cfg.stages)],
-        grid=(-(-N // cfg.rows_per_block()) * 32 * cfg.wn * cfg.wk, 1, 1),
-        threadgroup=(32 * cfg.wn * cfg.wk, 1, 1),
-        output_shapes=[(M, N)],
-        output_dtypes=[x.dtype],
+        template=[("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("MT", mt), ("TM", cfg.tm),
+                  ("W", cfg.w), ("U", cfg.u), ("STAGES", cfg.stages)],
+        grid=(-(-N // cfg.rows_per_block()) * 32 * cfg.w, splits, 1),
+        threadgroup=(32 * cfg.w, 1, 1),
+        output_shapes=[(M, N) if splits == 1 else (splits, M, N)],
+        output_dtypes=[x.dtype if splits == 1 else mx.float32],
     )
+    if splits > 1:
+        (y,) = _reduce_kernel()(
+            inputs=[y], template=[("T", x.dtype)], grid=(M * N, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[(M, N)], output_dtypes=[x.dtype])
     return y.reshape(*lead, N)
 
 
