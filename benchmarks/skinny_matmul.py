@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--configs", default="", help="extra launch shapes, 'tm,w,u,stages' separated by ';'")
     p.add_argument("--kinds", default="", help="products to time (default: all)")
+    p.add_argument("--no-split-too", action="store_true",
+                   help="where the default launch splits k across blocks, time it unsplit too")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -91,12 +93,18 @@ def main() -> None:
                   "gb_s": nbytes / count / (ms / 1000) / 1e9, "rel_err": rel_err(x @ weights[0].T)})
             if not skinny_supported(x, weights[0]):
                 continue
-            configs = [default_config(M, N)] + [c for c in extra if c != default_config(M, N)]
-            for i, cfg in enumerate(configs):
-                ms = 1000 * bm.median_seconds(lambda: [skinny_matmul(x, w, cfg) for w in weights], args.repeats) / count
+            default = default_config(M, N)
+            runs = [(default, None)] + [(c, None) for c in extra if c != default]
+            if args.no_split_too and k_splits(N, K, default) > 1:
+                runs.append((default, 1))
+            for i, (cfg, splits) in enumerate(runs):
+                ms = 1000 * bm.median_seconds(lambda: [skinny_matmul(x, w, cfg, splits) for w in weights],
+                                              args.repeats) / count
                 emit({"kind": kind, "rows": M, "N": N, "K": K, "method": "skinny" + ("" if i else " (default)"),
-                      "config": [cfg.tm, cfg.w, cfg.u, cfg.stages], "k_splits": k_splits(N, K, cfg), "ms": ms,
-                      "gb_s": nbytes / count / (ms / 1000) / 1e9, "rel_err": rel_err(skinny_matmul(x, weights[0], cfg))})
+                      "config": [cfg.tm, cfg.w, cfg.u, cfg.stages],
+                      "k_splits": k_splits(N, K, cfg) if splits is None else splits, "ms": ms,
+                      "gb_s": nbytes / count / (ms / 1000) / 1e9,
+                      "rel_err": rel_err(skinny_matmul(x, weights[0], cfg, splits))})
         del weights
         mx.clear_cache()
 

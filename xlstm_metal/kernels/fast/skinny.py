@@ -281,9 +281,10 @@ def skinny_supported(x: mx.array, w: mx.array) -> bool:
     )
 
 
-def skinny_matmul(x: mx.array, w: mx.array, config: SkinnyConfig | None = None) -> mx.array:
+def skinny_matmul(x: mx.array, w: mx.array, config: SkinnyConfig | None = None, splits: int | None = None) -> mx.array:
     """x [..., K] @ w.T -> [..., N] through the kernel (CUDA only; the cases
-    :func:`skinny_supported` accepts; ``config`` defaults to :func:`default_config`). No gradient:
+    :func:`skinny_supported` accepts; ``config`` defaults to :func:`default_config`, ``splits`` of
+    k to :func:`k_splits`). No gradient:
     :func:`linear_product` is the differentiable entry point."""
     if not skinny_supported(x, w):
         raise ValueError(f"skinny_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
@@ -292,7 +293,8 @@ def skinny_matmul(x: mx.array, w: mx.array, config: SkinnyConfig | None = None) 
     M = math.prod(lead)
     mt = -(-M // 8)
     cfg = config or default_config(M, N)
-    splits = k_splits(N, K, cfg)
+    steps = -(-K // cfg.k_step())
+    splits = k_splits(N, K, cfg) if splits is None else -(-steps // -(-steps // max(1, min(splits, steps))))
     (y,) = _kernel(cfg.shared_bytes(mt))(
         inputs=[x.reshape(M, K), w],
         template=[("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("MT", mt), ("TM", cfg.tm),
