@@ -9,8 +9,9 @@ Records (one JSON object per line):
   [N, K]), ``(W @ x.T).T`` (the weight as the left operand: another BLAS kernel choice) and
   ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
 - ``step``: the compiled greedy step of the whole model (as ``xlstm-metal bench``) and a compiled
-  chain of only the blocks' four matmuls (as the model computes them: the skinny kernel of
-  xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA, and with it switched off), ms per step.
+  chain of only the blocks' four matmuls (as the model computes them: MLX's matmul, and the skinny
+  kernel of xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA with and without its k
+  splits), ms per step. ``--only-chain`` measures the chain and nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.kernels.fast import skinny  # noqa: E402
 from xlstm_metal.kernels.fast.skinny import linear_product, set_skinny_gemm  # noqa: E402
 
 
@@ -36,6 +38,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--only-chain", action="store_true", help="only the compiled chain of products")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = bm.default_dtype()
@@ -59,7 +62,7 @@ def main() -> None:
     }
     E = config.embedding_dim
     for B in map(int, args.batches.split(",")):
-        for kind, weights in kinds.items():
+        for kind, weights in [] if args.only_chain else kinds.items():
             K = weights[0].shape[1]
             x = mx.random.normal((B, K)).astype(weights[0].dtype)
             nbytes = sum(w.nbytes for w in weights)
@@ -88,13 +91,19 @@ def main() -> None:
             return x
 
         x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
-        for skinny_on in (True, False):
+        default_on, target = skinny.skinny_gemm_enabled(), skinny.TARGET_BLOCKS
+        for name, skinny_on, target_blocks in (("mlx", False, target), ("skinny", True, target),
+                                               ("skinny, k never split", True, 0)):
             set_skinny_gemm(skinny_on)
+            skinny.TARGET_BLOCKS = target_blocks
             chain_c = mx.compile(chain)  # traced afresh: the dispatch is decided at trace time
             ms = 1000 * bm.median_seconds(lambda: chain_c(x), args.repeats)
-            emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)",
-                  "skinny": skinny_on, "ms": ms})
-        set_skinny_gemm(True)
+            emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)", "products": name,
+                  "ms": ms, "gb_s": sum(sum(w.nbytes for w in ws) for ws in kinds.values()) / (ms / 1000) / 1e9})
+        set_skinny_gemm(default_on)
+        skinny.TARGET_BLOCKS = target
+        if args.only_chain:
+            continue
 
         step = bm.make_decode_step(model)
         tok = mx.zeros((B, 1), dtype=mx.int32)

@@ -5,8 +5,9 @@ off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings
         [--q-bits 4 --q-batches 1] --deadline 60 --out $OUT/fused_decode.jsonl
 
 For each measurement the settings alternate (over ``--rounds``), each with a freshly compiled
-step / prefill trace: decode with the kernels on; with MLX's matmul in place of the skinny
-product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows); and with all of them off; prefill also with the GPU's
+step / prefill trace: decode with the kernels on (MLX's matmul for the products, the default);
+with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too; and
+with all of them off; prefill also with the GPU's
 queued layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
 One JSON object per line: setting, kind, batch, length, tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
 after it, so a time-limited run still returns what it measured.
@@ -66,16 +67,17 @@ def main() -> None:
             out.flush()
 
     queue_layers = xlarge._queue_layers
+    skinny_default = skinny.skinny_gemm_enabled()
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny product)
-    settings = {"decode": [("fused decode kernels", True, True, residual, True),
-                           ("fused decode kernels, MLX matmul", True, True, residual, False),
+    settings = {"decode": [("fused decode kernels", True, True, residual, False),
+                           ("fused decode kernels + skinny product", True, True, residual, True),
                            ("off", False, True, residual, False)],
-                "prefill": [("fused kernels, layers queued", True, True, residual, True),
-                            ("fused kernels, layer by layer", True, False, residual, True),
+                "prefill": [("fused kernels, layers queued", True, True, residual, False),
+                            ("fused kernels, layer by layer", True, False, residual, False),
                             ("off", False, False, residual, False)]}
     if args.bf16_residual:
-        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, True))
+        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, False))
 
     def run(kind: str, size: int) -> None:
         for _ in range(args.rounds):
@@ -112,7 +114,7 @@ def main() -> None:
         for batch in map(int, filter(None, args.q_batches.split(","))):
             run("decode", batch)
     decode.set_fused_decode(True)
-    skinny.set_skinny_gemm(True)
+    skinny.set_skinny_gemm(skinny_default)
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 

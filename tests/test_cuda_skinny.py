@@ -37,6 +37,15 @@ cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend
 TOL_BF16 = 4e-3
 
 
+@pytest.fixture
+def skinny_on():
+    """The kernel switched on (it is off by default) for the test, then back."""
+    before = skinny_gemm_enabled()
+    set_skinny_gemm(True)
+    yield
+    set_skinny_gemm(before)
+
+
 def _operands(seed, M, N, K, dtype=mx.bfloat16, lead=()):
     rng = np.random.default_rng(seed)
     x = mx.array(rng.standard_normal((*lead, M, K)).astype(np.float32)).astype(dtype)
@@ -102,7 +111,7 @@ def test_cuda_float16_leading_axes_and_strided_x():
 
 
 @cuda
-def test_cuda_compiled_repeated_and_gradient():
+def test_cuda_compiled_repeated_and_gradient(skinny_on):
     x, w = _operands(6, 16, 256, 384)
     assert uses_skinny_kernel(x, w)
     f = mx.compile(linear_product)
@@ -118,21 +127,18 @@ def test_cuda_compiled_repeated_and_gradient():
 
 
 @cuda
-def test_cuda_switch_and_dispatch():
+def test_cuda_switch_and_dispatch(skinny_on):
     x, w = _operands(7, 16, 64, 64)
     assert uses_skinny_kernel(x, w) and not uses_skinny_kernel(x[:1], w)  # one row: MLX's GEMV
     assert not uses_skinny_kernel(mx.zeros((MAX_ROWS + 1, 64), mx.bfloat16), w)
     assert not uses_skinny_kernel(x.astype(mx.float32), w.astype(mx.float32))
     set_skinny_gemm(False)
-    try:
-        assert not uses_skinny_kernel(x, w)
-    finally:
-        set_skinny_gemm(True)
+    assert not uses_skinny_kernel(x, w)
 
 
 @cuda
 @pytest.mark.parametrize("batch", [2, 16])
-def test_cuda_model_decode_matches_matmul_path(batch):
+def test_cuda_model_decode_matches_matmul_path(batch, skinny_on):
     from xlstm_metal.benchmark import random_model
 
     config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
@@ -148,10 +154,7 @@ def test_cuda_model_decode_matches_matmul_path(batch):
 
     with_kernel = decode()
     set_skinny_gemm(False)
-    try:
-        with_matmul = decode()
-    finally:
-        set_skinny_gemm(True)
+    with_matmul = decode()
     a, b = np.array(with_kernel), np.array(with_matmul)
     assert np.isfinite(a).all()
     # Same math; bf16 activations round differently where the summation order differs.
@@ -186,7 +189,21 @@ def test_config_checks_defaults_and_splits():
             # or no split at all.
             assert 4 * tiles * splits >= 3 * min(TARGET_BLOCKS, tiles * steps) or splits == 1
         assert k_splits(50304, 4096, cfg) == 1  # the LM head: enough row tiles alone
-    assert skinny_gemm_enabled()
+
+
+def test_off_by_default_and_switch():
+    import os
+
+    assert skinny_gemm_enabled() == (os.environ.get("XLSTM_METAL_SKINNY_GEMM") == "1")
+    x, w = _operands(10, 16, 64, 64)
+    before = skinny_gemm_enabled()
+    try:
+        set_skinny_gemm(True)  # on: used exactly where the kernel runs (CUDA, bf16/fp16, 2..64 rows)
+        assert uses_skinny_kernel(x, w) == cuda_available()
+        set_skinny_gemm(False)
+        assert not uses_skinny_kernel(x, w)
+    finally:
+        set_skinny_gemm(before)
 
 
 def test_fast_linear_keeps_keys_values_and_switches_back():

@@ -23,10 +23,14 @@ L1/L2) ran at 0.6-2.5 TB/s, below cuBLASLt on most shapes: at 64 rows every warp
 x per byte of weights, and those reads, not the weights, set its pace.
 
 The fast path takes bfloat16 or float16 x and w of the same dtype, w [N, K] with K a multiple of
-8, 1 to :data:`MAX_ROWS` rows. :func:`linear_product` is the dispatch the model calls: the kernel
-for :data:`MIN_ROWS`..:data:`MAX_ROWS` rows on CUDA (with a gradient: ``mx.custom_function``
-whose vjp is the two plain products), ``x @ w.T`` (MLX's matmul, the reference) otherwise.
-``XLSTM_METAL_SKINNY_GEMM=0`` (or :func:`set_skinny_gemm`) switches the kernel off.
+8, 1 to :data:`MAX_ROWS` rows. :func:`linear_product` is the dispatch the model calls: with the
+kernel switched on, the kernel for :data:`MIN_ROWS`..:data:`MAX_ROWS` rows on CUDA (with a
+gradient: ``mx.custom_function`` whose vjp is the two plain products), ``x @ w.T`` (MLX's matmul,
+the reference) otherwise.
+
+**Off by default** (``XLSTM_METAL_SKINNY_GEMM=1`` or :func:`set_skinny_gemm` switches it on): on
+the H200 it did not beat cuBLASLt in a decode step (round S5R2, 7B shape: 6.54 vs 5.98 ms per step
+at batch 16, 13.02 vs 9.90 ms at batch 64; benchmarks/NOTES.md), so MLX's matmul stays the path.
 
 :class:`FastLinear` is ``nn.Linear`` with :func:`linear_product` in its ``__call__`` (same
 parameters, same keys); :func:`use_fast_linear_layers` switches a model's plain linear layers to
@@ -52,11 +56,11 @@ MAX_ROWS = 64
 MIN_ROWS = 2
 _SPAN = 32  # k of one 16-byte chunk per weight row across the 4 lanes of a mma group
 
-_enabled = os.environ.get("XLSTM_METAL_SKINNY_GEMM", "1") != "0"
+_enabled = os.environ.get("XLSTM_METAL_SKINNY_GEMM", "0") == "1"
 
 
 def skinny_gemm_enabled() -> bool:
-    """Whether :func:`linear_product` uses the kernel (default on; ``XLSTM_METAL_SKINNY_GEMM=0`` off)."""
+    """Whether :func:`linear_product` uses the kernel (default off; ``XLSTM_METAL_SKINNY_GEMM=1`` on)."""
     return _enabled
 
 
@@ -94,7 +98,8 @@ class SkinnyConfig:
 
 
 #: Thread blocks a product aims for (two per SM of an H100/H200): fewer row tiles than this are
-#: split along k, each split's float32 partial sums added by a second small kernel.
+#: split along k, each split's float32 partial sums added by a second small kernel (0: never
+#: split; S5R2 timed the split layers unsplit as well, benchmarks/NOTES.md).
 TARGET_BLOCKS = 264
 
 
