@@ -102,7 +102,7 @@ def main() -> None:
                                               args.repeats) / count
                 emit({"kind": kind, "rows": M, "N": N, "K": K, "method": "skinny" + ("" if i else " (default)"),
                       "config": [cfg.tm, cfg.w, cfg.u, cfg.stages],
-                      "k_splits": k_splits(N, K, cfg) if splits is None else splits, "ms": ms,
+                      "k_splits": k_splits(N, K, cfg, splits), "ms": ms,
                       "gb_s": nbytes / count / (ms / 1000) / 1e9,
                       "rel_err": rel_err(skinny_matmul(x, weights[0], cfg, splits))})
         del weights

@@ -120,7 +120,7 @@ def fused_outputs_unbiased(
                 deferred = group["weight"]
                 continue
             if kind[0] == "linear":
-                y = linear_product(x, group["weight"])  # x @ w.T; the skinny kernel for decode on CUDA
+                y = linear_product(x, group["weight"])  # x @ w.T (the skinny CUDA kernel when switched on)
             else:
                 y = quantized_matmul(
                     x, group["weight"], group["scales"], group.get("biases"),

@@ -54,7 +54,6 @@ MAX_ROWS = 64
 #: Fewest rows :func:`linear_product` sends to the kernel: one row is MLX's own GEMV (3.7 TB/s on
 #: the 7B shape, H200), which cuBLASLt does not serve.
 MIN_ROWS = 2
-_SPAN = 32  # k of one 16-byte chunk per weight row across the 4 lanes of a mma group
 
 _enabled = os.environ.get("XLSTM_METAL_SKINNY_GEMM", "0") == "1"
 
@@ -112,12 +111,14 @@ def default_config(rows: int, n: int) -> SkinnyConfig:
     return SkinnyConfig(tm=2, w=4, u=2, stages=4)
 
 
-def k_splits(n: int, k: int, config: SkinnyConfig) -> int:
-    """Splits of k for ``n`` output features and ``k`` inputs: enough blocks for the GPU
-    (:data:`TARGET_BLOCKS`); the kernel gives each ceil(steps / splits) k steps, none empty."""
-    tiles = -(-n // config.rows_per_block())
+def k_splits(n: int, k: int, config: SkinnyConfig, requested: int | None = None) -> int:
+    """Splits of k for ``n`` output features and ``k`` inputs: ``requested``, or by default enough
+    for :data:`TARGET_BLOCKS` blocks, rounded so that each of the kernel's splits (ceil(steps /
+    splits) k steps) is non-empty."""
     steps = -(-k // config.k_step())
-    splits = max(1, min(-(-TARGET_BLOCKS // tiles), steps))
+    if requested is None:
+        requested = -(-TARGET_BLOCKS // -(-n // config.rows_per_block()))
+    splits = max(1, min(requested, steps))
     return -(-steps // -(-steps // splits))
 
 
@@ -298,8 +299,7 @@ def skinny_matmul(x: mx.array, w: mx.array, config: SkinnyConfig | None = None, 
     M = math.prod(lead)
     mt = -(-M // 8)
     cfg = config or default_config(M, N)
-    steps = -(-K // cfg.k_step())
-    splits = k_splits(N, K, cfg) if splits is None else -(-steps // -(-steps // max(1, min(splits, steps))))
+    splits = k_splits(N, K, cfg, splits)
     (y,) = _kernel(cfg.shared_bytes(mt))(
         inputs=[x.reshape(M, K), w],
         template=[("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("MT", mt), ("TM", cfg.tm),
@@ -334,8 +334,9 @@ def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
 
 
 def linear_product(x: mx.array, w: mx.array) -> mx.array:
-    """``x @ w.T`` for x [..., K], w [N, K]: the skinny kernel for :data:`MIN_ROWS` to
-    :data:`MAX_ROWS` rows on CUDA (bf16/fp16), MLX's matmul otherwise. Differentiable."""
+    """``x @ w.T`` for x [..., K], w [N, K]: with the kernel switched on (:func:`set_skinny_gemm`),
+    the skinny kernel for :data:`MIN_ROWS` to :data:`MAX_ROWS` rows on CUDA (bf16/fp16); MLX's
+    matmul otherwise. Differentiable."""
     if uses_skinny_kernel(x, w):
         return _skinny_product(x, w)
     return x @ w.T
@@ -343,8 +344,8 @@ def linear_product(x: mx.array, w: mx.array) -> mx.array:
 
 class FastLinear(nn.Linear):
     """``nn.Linear`` whose product runs :func:`linear_product` (the skinny kernel for decode-sized
-    inputs on NVIDIA GPUs, MLX's matmul otherwise). Same parameters, same checkpoint keys; with a
-    bias it is ``nn.Linear`` exactly (``addmm``)."""
+    inputs on NVIDIA GPUs when switched on, MLX's matmul otherwise). Same parameters, same
+    checkpoint keys; with a bias it is ``nn.Linear`` exactly (``addmm``)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" in self:
