@@ -14,7 +14,6 @@ from xlstm_metal.benchmark import shape_config
 from xlstm_metal.kernels.fast.skinny import (
     MAX_ROWS,
     FastLinear,
-    TARGET_BLOCKS,
     SkinnyConfig,
     default_config,
     k_splits,
@@ -96,8 +95,10 @@ def test_cuda_configs_partial_tiles(config, M):
     # partial tiles, partial last step, k split across blocks (one tile) or not (K tiny).
     for N, K in ((200, 1000), (37, 24), (1, 8), (300, 4104)):
         x, w = _operands(N + K + M, M, N, K)
-        out = skinny_matmul(x, w, config)
-        assert _rel(out, _reference64(x, w)) <= TOL_BF16, (N, K)
+        for splits in (None, 3, 64):  # k whole (the default), or split with the partial sums added
+            out = skinny_matmul(x, w, config, splits)
+            assert out.shape == (M, N) and out.dtype == x.dtype
+            assert _rel(out, _reference64(x, w)) <= TOL_BF16, (N, K, splits)
 
 
 @cuda
@@ -171,11 +172,15 @@ def test_linear_product_is_matmul_off_cuda_or_for_float32():
             skinny_matmul(x.astype(mx.bfloat16), w.astype(mx.bfloat16))
 
 
-def test_config_checks_defaults_and_splits():
+def test_config_checks_defaults_and_splits(monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
     with pytest.raises(ValueError):
         SkinnyConfig(u=3)
     with pytest.raises(ValueError):
         SkinnyConfig(w=33)
+    assert k_splits(4096, 4096, default_config(16, 4096)) == 1  # k is not split by default
+    monkeypatch.setattr(skinny, "TARGET_BLOCKS", 264)
     for rows in (1, 2, 16, 17, 64):
         cfg = default_config(rows, 4096)
         assert cfg.w * 32 <= 1024 and cfg.shared_bytes(-(-rows // 8)) <= 227 * 1024
@@ -187,7 +192,7 @@ def test_config_checks_defaults_and_splits():
             assert 1 <= splits <= steps and (splits - 1) * per < steps  # no empty split
             # Enough blocks for the GPU (whole k steps per split round the count down a little),
             # or no split at all.
-            assert 4 * tiles * splits >= 3 * min(TARGET_BLOCKS, tiles * steps) or splits == 1
+            assert 4 * tiles * splits >= 3 * min(264, tiles * steps) or splits == 1
         assert k_splits(50304, 4096, cfg) == 1  # the LM head: enough row tiles alone
 
 

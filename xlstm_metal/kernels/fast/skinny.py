@@ -14,9 +14,10 @@ L2 a few times rather than once per 16 weight rows:
   steps of 64: each step's weight tile and x tile go global -> shared memory with ``cp.async``
   (whole 128-byte lines, L2 only) through a ring of STAGES steps, so STAGES - 1 steps are in
   flight without holding registers; every warp reads x's fragments from the one shared copy.
-- Layers with few row tiles (4096 outputs: 32 tiles) split k across blocks so the GPU has
-  :data:`TARGET_BLOCKS` of them; each split writes float32 partial sums and a second small
-  kernel adds them (one more launch, partial sums of at most ~10 MB, mostly in L2).
+- Optionally (:data:`TARGET_BLOCKS` > 0) layers with few row tiles (4096 outputs: 32 tiles) split
+  k across blocks so the GPU has that many blocks; each split writes float32 partial sums and a
+  second small kernel adds them. S5R2 timed every split layer slower than unsplit (the second
+  launch cost more than the parallelism gained), so by default k is not split.
 
 A first version (S5R1: 16 weight rows per block, its 8 warps splitting k, x read per warp from
 L1/L2) ran at 0.6-2.5 TB/s, below cuBLASLt on most shapes: at 64 rows every warp read 4 bytes of
@@ -96,10 +97,10 @@ class SkinnyConfig:
         return self.stages * (self.rows_per_block() + 8 * mt) * self.k_step() * 2
 
 
-#: Thread blocks a product aims for (two per SM of an H100/H200): fewer row tiles than this are
-#: split along k, each split's float32 partial sums added by a second small kernel (0: never
-#: split; S5R2 timed the split layers unsplit as well, benchmarks/NOTES.md).
-TARGET_BLOCKS = 264
+#: Thread blocks a product aims for by splitting k (264: two per SM of an H100/H200), each
+#: split's float32 partial sums added by a second small kernel; 0 (the default): never split,
+#: which S5R2 measured faster on every split layer (benchmarks/NOTES.md).
+TARGET_BLOCKS = 0
 
 
 def default_config(rows: int, n: int) -> SkinnyConfig:
@@ -117,7 +118,7 @@ def k_splits(n: int, k: int, config: SkinnyConfig, requested: int | None = None)
     splits) k steps) is non-empty."""
     steps = -(-k // config.k_step())
     if requested is None:
-        requested = -(-TARGET_BLOCKS // -(-n // config.rows_per_block()))
+        requested = -(-TARGET_BLOCKS // -(-n // config.rows_per_block())) if TARGET_BLOCKS > 0 else 1
     splits = max(1, min(requested, steps))
     return -(-steps // -(-steps // splits))
 
