@@ -334,7 +334,12 @@ def kernel_profile(args, out: Path) -> None:
     f = mx.random.normal((B, NH, S)).astype(mx.bfloat16) + 3
     w = mx.random.normal((B, NH, S, dv))
     mx.eval(q, k, v, i, f, w)
+    saved_switch = os.environ.get("XLSTM_METAL_FUSED_MLSTM_BWD", "1")
     for name in args.profile_kernels.split(","):
+        # "chunkwise_fused@ops": that kernel with the MLX-ops backward of its custom vjp
+        # (XLSTM_METAL_FUSED_MLSTM_BWD=0) instead of the CUDA backward kernels.
+        name, _, backward = name.partition("@")
+        os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = "0" if backward == "ops" else saved_switch
         kernel = get_mlstm_kernel(name)
 
         def loss(q, k, v, i, f, kernel=kernel):
@@ -344,7 +349,7 @@ def kernel_profile(args, out: Path) -> None:
         fwd = mx.compile(lambda *a, kernel=kernel: kernel(*a, None, chunk_size=args.chunk_size)[0])
         both = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
         record = {"side": "ours", "kind": "kernel_profile", "kernel": name, "shape": args.shape, "batch": B,
-                  "seq_len": S, "chunk_size": args.chunk_size}
+                  "seq_len": S, "chunk_size": args.chunk_size, "backward": backward or "kernels"}
         try:
             for part, fn in (("forward", fwd), ("forward+backward", both)):
                 mx.clear_cache()
@@ -354,6 +359,7 @@ def kernel_profile(args, out: Path) -> None:
         except Exception as err:
             record["error"] = repr(err)[:800]
         _emit(out, record)
+    os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = saved_switch
 
 
 def grad_check(args, out: Path) -> None:
@@ -653,7 +659,8 @@ def main() -> int:
     p.add_argument("--official-compile", default="off",
                    help="official: comma-separated off (eager), on (torch.compile of the model), blocks (of each block)")
     p.add_argument("--profile-kernels", default="",
-                   help="ours: first time these kernels alone (one layer, forward and forward + backward), "
+                   help="ours: first time these kernels alone (one layer, forward and forward + backward; "
+                        "NAME@ops: chunkwise_fused's MLX-ops backward instead of its CUDA kernels), "
                         "e.g. chunkwise_fused,chunkwise_scan")
     p.add_argument("--trace-steps", type=int, default=0, metavar="N",
                    help="ours: after each variant, trace N more steps with CUPTI (PyTorch's profiler) and "

@@ -192,6 +192,37 @@ def test_fused_custom_vjp_equals_autodiff_of_reference(S, with_state):
 
 
 @cuda
+@pytest.mark.parametrize("B,NH,S,DQK,DV,chunk,with_state", [
+    (2, 2, 200, 64, 128, 64, True),   # several chunks, a partial last one, an initial state
+    (1, 3, 160, 128, 64, 32, False),  # DQK > DV, 32-step chunks
+    (1, 2, 144, 64, 64, 48, True),    # 48-step chunks (three warps per block)
+])
+def test_backward_kernels_equal_the_ops_backward(B, NH, S, DQK, DV, chunk, with_state, monkeypatch):
+    """The CUDA backward (kernels/fast/chunkwise_bwd.py) against the MLX-ops backward of the same
+    custom vjp (XLSTM_METAL_FUSED_MLSTM_BWD=0), TF32 off: float32 round-off apart. The loss also
+    reads a second segment continuing from the returned state, so the final state's cotangent is
+    carried back through every chunk."""
+    args, weights = _inputs(S + chunk, B=B, NH=NH, S=S, DQK=DQK, DV=DV, dtype=mx.bfloat16)
+    assert fused_chunkwise_supported(args[0], args[2], chunk)
+    grads = {}
+    for path in ("0", "1"):
+        monkeypatch.setenv("XLSTM_METAL_FUSED_MLSTM_BWD", path)
+        grads[path] = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=True,
+                             chunk=chunk)
+    for name, a, b in zip("q k v i f C0 n0 m0".split(), grads["1"], grads["0"]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if not with_state and name in ("C0", "n0", "m0"):
+            continue
+        a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        assert np.abs(b32).max() > 0, name
+        # bf16 results (q, k, v): one bf16 rounding apart at most; float32 ones to 1e-4 of the
+        # largest (the forget gates' gradient is a sum over all later steps).
+        rtol = 2**-8 if a.dtype == mx.bfloat16 else 0.0
+        atol = 1e-4 * np.abs(b32).max()
+        assert np.all(np.abs(a32 - b32) <= rtol * np.abs(b32) + atol), (name, np.abs(a32 - b32).max(), atol)
+
+
+@cuda
 def test_fused_training_matches_the_reference_on_cuda(tmp_path):
     # DQK 64, DV 128: sizes the fused kernels take.
     shape = dict(embedding_dim=256, num_heads=2, chunk=32)

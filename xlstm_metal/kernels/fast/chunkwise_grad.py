@@ -37,6 +37,7 @@ import mlx.core as mx
 
 from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_gates, chunk_inputs
 from .chunkwise import chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
+from .chunkwise_bwd import fused_backward, fused_backward_enabled
 
 _functions: dict[tuple[float, int, bool, bool], Callable] = {}
 
@@ -165,6 +166,8 @@ def _differentiable(eps: float, L: int, fused: bool, has_state: bool) -> Callabl
 
         @fn.vjp
         def fn_vjp(primals, cotangents, outputs):
+            if fused and fused_backward_enabled():
+                return fused_backward(primals, cotangents, outputs, eps, L, has_state)
             return _backward(primals, cotangents, outputs, eps, L, fused, has_state)
 
         _functions[key] = fn
