@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         "dqdk": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_fin, dC_out,
                                            dn_out),
         "dv": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, m_enter, m_fin, dC_out),
+        "dqdk (a block per chunk)": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter,
+                                                               m_fin, dC_out, dn_out, split=False),
+        "dv (a block per chunk)": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, m_enter, m_fin, dC_out,
+                                                           split=False),
     }
     emit({"kind": "parts", **{f"{name}_ms": 1000 * median_seconds(fn, args.repeats) for name, fn in parts.items()}})
     return 0

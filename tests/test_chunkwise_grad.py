@@ -192,16 +192,17 @@ def test_fused_custom_vjp_equals_autodiff_of_reference(S, with_state):
 
 
 @cuda
-@pytest.mark.parametrize("B,NH,S,DQK,DV,chunk,with_state", [
-    (2, 2, 200, 64, 128, 64, True),   # several chunks, a partial last one, an initial state
-    (1, 3, 160, 128, 64, 32, False),  # DQK > DV, 32-step chunks
-    (1, 2, 144, 64, 64, 48, True),    # 48-step chunks (three warps per block)
+@pytest.mark.parametrize("B,NH,S,DQK,DV,chunk,with_state,split", [
+    (2, 2, 200, 64, 128, 64, True, "1"),   # several chunks, a partial last one, an initial state
+    (1, 3, 160, 128, 128, 32, False, "0"),  # 32-step chunks; a block loops over two column tiles
+    (1, 2, 144, 64, 64, 48, True, "1"),     # 48-step chunks (three warps per block)
 ])
-def test_backward_kernels_equal_the_ops_backward(B, NH, S, DQK, DV, chunk, with_state, monkeypatch):
+def test_backward_kernels_equal_the_ops_backward(B, NH, S, DQK, DV, chunk, with_state, split, monkeypatch):
     """The CUDA backward (kernels/fast/chunkwise_bwd.py) against the MLX-ops backward of the same
     custom vjp (XLSTM_METAL_FUSED_MLSTM_BWD=0), TF32 off: float32 round-off apart. The loss also
     reads a second segment continuing from the returned state, so the final state's cotangent is
-    carried back through every chunk."""
+    carried back through every chunk. ``split``: one block per 64 output columns, or one per chunk."""
+    monkeypatch.setenv("XLSTM_METAL_MLSTM_BWD_SPLIT", split)
     args, weights = _inputs(S + chunk, B=B, NH=NH, S=S, DQK=DQK, DV=DV, dtype=mx.bfloat16)
     assert fused_chunkwise_supported(args[0], args[2], chunk)
     grads = {}

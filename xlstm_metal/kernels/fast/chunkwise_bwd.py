@@ -537,7 +537,7 @@ _DQDK_SOURCE = (_PRELUDE + """
     const float* ne = n_enter + chunk * DQK;
     const float* Yc = Y + chunk * L * DQK;
     float rq[2] = {0.0f, 0.0f}, rk[2] = {0.0f, 0.0f};
-    for (int d0 = 0; d0 < DQK; d0 += 64) {
+    for (int d0 = blockIdx.x * 64; d0 < DQK; d0 += gridDim.x * 64) {
         float dq_acc[8][4], dk_acc[8][4];
         #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
@@ -591,9 +591,10 @@ _DQDK_SOURCE = (_PRELUDE + """
         a += __shfl_xor_sync(0xffffffffu, a, 2);
         k_ += __shfl_xor_sync(0xffffffffu, k_, 1);
         k_ += __shfl_xor_sync(0xffffffffu, k_, 2);
-        if (tq == 0) {
-            gates[chunk * 2 * L + rr + 8 * h] = a;
-            gates[chunk * 2 * L + L + rr + 8 * h] = k_;
+        if (tq == 0) {  // this block's share of the sums over DQK
+            float* out = gates + (chunk * gridDim.x + blockIdx.x) * 2 * L;
+            out[rr + 8 * h] = a;
+            out[L + rr + 8 * h] = k_;
         }
     }
 """).replace("__SLAB__", str(_KS))
@@ -631,7 +632,7 @@ _DV_SOURCE = (_PRELUDE + """
     __syncthreads();
 
     const float* dCo = dC_out + chunk * DQK * DV;
-    for (int j0 = 0; j0 < DV; j0 += 64) {
+    for (int j0 = blockIdx.x * 64; j0 < DV; j0 += gridDim.x * 64) {
         float acc[8][4];
         #pragma unroll
         for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
@@ -746,6 +747,12 @@ def _kernel(which: str, eps: float = 0.0):
     return kernel
 
 
+def _split(split: bool | None) -> bool:
+    """Whether ``dqdk`` and ``dv`` run one block per 64 output columns (more blocks, each
+    recomputing the chunk's L x L scores) or one per chunk; XLSTM_METAL_MLSTM_BWD_SPLIT=0/1."""
+    return split if split is not None else os.environ.get("XLSTM_METAL_MLSTM_BWD_SPLIT", "1") != "0"
+
+
 def fused_backward_enabled() -> bool:
     """The kernels' backward unless ``XLSTM_METAL_FUSED_MLSTM_BWD=0`` (then the MLX-ops one)."""
     return os.environ.get("XLSTM_METAL_FUSED_MLSTM_BWD", "1") != "0"
@@ -782,27 +789,31 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
         output_dtypes=[mx.float32] * 4)
 
 
-def dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn_out):
-    """dq, dk [B, NH, S, DQK] (q's dtype) and per step (q.dq, k.dk) [B, NH, NC, 2, L] float32."""
+def dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn_out, split: bool | None = None):
+    """dq, dk [B, NH, S, DQK] (q's dtype) and per step (q.dq, k.dk) [B, NH, NC, 2, L] float32.
+    ``split``: one block per 64 columns of DQK (else one per chunk, looping over them)."""
     B, NH, S, dqk = q.shape
     NC, L = bcum.shape[2:]
-    return _kernel("dqdk")(
+    tiles = dqk // 64 if _split(split) else 1
+    dq, dk, gates = _kernel("dqdk")(
         inputs=[q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn_out],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype)],
-        grid=(2 * L, NC, B * NH), threadgroup=(2 * L, 1, 1),
-        output_shapes=[(B, NH, S, dqk), (B, NH, S, dqk), (B, NH, NC, 2, L)],
+        grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
+        output_shapes=[(B, NH, S, dqk), (B, NH, S, dqk), (B, NH, NC, tiles, 2, L)],
         output_dtypes=[q.dtype, q.dtype, mx.float32])
+    return dq, dk, gates.sum(axis=3) if tiles > 1 else gates[:, :, :, 0]
 
 
-def dv(q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out):
-    """dv [B, NH, S, DV] (q's dtype)."""
+def dv(q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out, split: bool | None = None):
+    """dv [B, NH, S, DV] (q's dtype). ``split``: one block per 64 columns of DV."""
     B, NH, S, dqk = q.shape
     dv_ = dh.shape[-1]
     NC, L = bcum.shape[2:]
+    tiles = dv_ // 64 if _split(split) else 1
     (out,) = _kernel("dv")(
         inputs=[q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype)],
-        grid=(2 * L, NC, B * NH), threadgroup=(2 * L, 1, 1),
+        grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv_)], output_dtypes=[q.dtype])
     return out
 
