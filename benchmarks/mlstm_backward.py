@@ -3,8 +3,8 @@
 Times (median of --repeats, synchronised) at a model shape's head sizes: the forward; forward +
 backward with the CUDA backward kernels and with the MLX-ops backward (``mx.compile`` of
 ``value_and_grad``, as ``train_side_by_side.py --profile-kernels``); and each part of the
-kernels' backward alone on precomputed inputs (the states recompute, ``rows``, ``reverse``,
-``dqdk``, ``dv``). With --check, the largest difference of the two backwards' gradients relative
+kernels' backward alone on precomputed inputs (the states recompute, ``y``, ``rows``,
+``reverse``, ``dqdk``, ``dv``). With --check, the largest difference of the two backwards' gradients relative
 to the largest gradient. One JSON record per line to --out (appended) and stdout.
 
     python benchmarks/mlstm_backward.py --shape 1.3b --batch 4 --seq-len 2048 --out results/x.jsonl
@@ -91,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     bcum, igc = chunk_gates(i, f, L)
     C0, n0, m0 = mx.zeros((B, NH, dqk, dv)), mx.zeros((B, NH, dqk)), mx.zeros((B, NH, 1))
     C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
-    rowst, Y = chunkwise_bwd.rows(q, k, v, dh, bcum, igc, C_enter, n_enter, m_enter, 1e-6)
+    Y, qyp = chunkwise_bwd.y(q, k, dh, bcum, igc, C_enter)
+    rowst = chunkwise_bwd.rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, 1e-6)
     dC_out, dn_out, _, _ = chunkwise_bwd.reverse(q, dh, bcum, rowst, m_enter, m_fin, C0, n0)
-    mx.eval(C_enter, n_enter, m_enter, m_fin, rowst, Y, dC_out, dn_out)
+    mx.eval(C_enter, n_enter, m_enter, m_fin, rowst, Y, qyp, dC_out, dn_out)
     parts = {
         "gates": lambda: chunk_gates(i, f, L),
         "states (recompute)": lambda: chunk_states(k, v, bcum, igc, (C0, n0, m0))[:3],
-        "rows": lambda: chunkwise_bwd.rows(q, k, v, dh, bcum, igc, C_enter, n_enter, m_enter, 1e-6),
+        "y": lambda: chunkwise_bwd.y(q, k, dh, bcum, igc, C_enter),
+        "y (a block per chunk)": lambda: chunkwise_bwd.y(q, k, dh, bcum, igc, C_enter, split=False),
+        "rows": lambda: chunkwise_bwd.rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, 1e-6),
         "reverse": lambda: chunkwise_bwd.reverse(q, dh, bcum, rowst, m_enter, m_fin, C0, n0),
         "dqdk": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_fin, dC_out,
                                            dn_out),

@@ -11,10 +11,11 @@ the chunk, i~ the input gate; sc = DQK^-1/2):
 - W_ts = exp(b_t - b_s + i~_s - m_comb_t) (s <= t), inter_t = exp(b_t + m_c - m_comb_t),
   S_ts = sc q_t.k_s W_ts, dn_t = inter_t sc q_t.n_c + sum_s S_ts, den_t = max(|dn_t|, e^-m_comb_t) + eps,
   h_t = (inter_t sc q_t C_c + sum_s S_ts v_s) / den_t.
+- ``y`` kernel: Y = dH C_c^T (dq's inter-chunk part) and q_t . Y_t = q_t C_c dh_t.
 - ``rows`` kernel (one block per chunk): den_t, the denominator's cotangent
   ddn_t = -sign(dn_t) (num_t . dh_t) / den_t^2 (zero where e^-m_comb wins), with
-  num_t . dh_t = inter_t sc q_t . Y_t + sum_s S_ts (dh_t . v_s) and Y = dH C_c^T (kept: it is
-  dq's inter-chunk part); alpha_t = inter_t sc / den_t, beta_t = inter_t sc ddn_t.
+  num_t . dh_t = inter_t sc q_t . Y_t + sum_s S_ts (dh_t . v_s); alpha_t = inter_t sc / den_t,
+  beta_t = inter_t sc ddn_t.
 - ``reverse`` kernel (the states kernel run backwards, one launch): the cotangent of the state
   leaving each chunk, dC_{c+1}; dC_c = exp(g_c + m_c - m_{c+1}) dC_{c+1} + (alpha q)^T dH,
   dn_c likewise with beta q; the last is the initial state's.
@@ -225,7 +226,6 @@ _ROWS_SOURCE = (_PRELUDE + """
     const bool v_vec = rows_vectorizable(vb, v_strides);
     __shared__ __align__(16) __nv_bfloat16 xs[L][KS + PAD];
     __shared__ __align__(16) __nv_bfloat16 zs[L][KS + PAD];
-    __shared__ __align__(16) __nv_bfloat16 Ms[3][64][KS + PAD];
     __shared__ float ns[DQK];
     __shared__ float qn_s[L];
     const float m0 = m_enter[chunk];
@@ -252,30 +252,13 @@ _ROWS_SOURCE = (_PRELUDE + """
     if (qn_half == 0) qn_s[qn_row] = qn_part * scale;
     // dS = dh v^T.
 """ + _rows_product("dsacc", "db", "vb", "d_vec", "v_vec", "dh_strides", "v_strides", "DV") + """
-    // Y = dH C^T (dq's inter-chunk part, kept for ``dqdk``) and q . Y.
-    const float* Ce = C_enter + chunk * DQK * DV;
-    float* Yc = Y + chunk * L * DQK;
+    // q . Y = q C dh (the ``y`` kernel's shares over DQK).
     float qy[2] = {0.0f, 0.0f};
-    for (int d0 = 0; d0 < DQK; d0 += 64) {
-        float yacc[8][4];
-        #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) yacc[nt][0] = yacc[nt][1] = yacc[nt][2] = yacc[nt][3] = 0.0f;
-""" + _rows_times_mt("yacc", "db", "d_vec", "dh_strides", "(Ce + static_cast<size_t>(d0) * DV)") + """
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = rr + 8 * h;
-            const bool in = r < rows_left;
-            #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                const int col = d0 + nt * 8 + 2 * tq;
-                const float y0 = yacc[nt][2 * h], y1 = yacc[nt][2 * h + 1];
-                *reinterpret_cast<float2*>(Yc + static_cast<size_t>(r) * DQK + col) = make_float2(y0, y1);
-                if (in) {
-                    const __nv_bfloat16* qr = qb + r * q_strides[2];
-                    qy[h] += static_cast<float>(qr[col * q_strides[3]]) * y0
-                           + static_cast<float>(qr[(col + 1) * q_strides[3]]) * y1;
-                }
-            }
+    if (tq == 0) {
+        const int tiles = qyp_shape[3];
+        for (int u = 0; u < tiles; ++u) {
+            qy[0] += qyp[(chunk * tiles + u) * L + rr];
+            qy[1] += qyp[(chunk * tiles + u) * L + rr + 8];
         }
     }
 
@@ -330,6 +313,46 @@ _ROWS_SOURCE = (_PRELUDE + """
             out[3 * L] = inter * scale / den;
             out[4 * L] = inter * scale * ddn;
         }
+    }
+""").replace("__SLAB__", str(_KS))
+
+# Y = dH C_c^T [L x DQK] per chunk (dq's inter-chunk part) and its shares of q . Y: one block
+# per (64 columns of DQK, chunk, batch * head) (or per chunk, looping over the columns).
+_Y_SOURCE = (_PRELUDE + """
+    __shared__ __align__(16) __nv_bfloat16 xs[L][KS + PAD];
+    __shared__ __align__(16) __nv_bfloat16 Ms[3][64][KS + PAD];
+    __syncthreads();
+    const float* Ce = C_enter + chunk * DQK * DV;
+    float* Yc = Y + chunk * L * DQK;
+    float qy[2] = {0.0f, 0.0f};
+    for (int d0 = blockIdx.x * 64; d0 < DQK; d0 += gridDim.x * 64) {
+        float yacc[8][4];
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) yacc[nt][0] = yacc[nt][1] = yacc[nt][2] = yacc[nt][3] = 0.0f;
+""" + _rows_times_mt("yacc", "db", "d_vec", "dh_strides", "(Ce + static_cast<size_t>(d0) * DV)") + """
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = rr + 8 * h;
+            const bool in = r < rows_left;
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int col = d0 + nt * 8 + 2 * tq;
+                const float y0 = yacc[nt][2 * h], y1 = yacc[nt][2 * h + 1];
+                *reinterpret_cast<float2*>(Yc + static_cast<size_t>(r) * DQK + col) = make_float2(y0, y1);
+                if (in) {
+                    const __nv_bfloat16* qr = qb + r * q_strides[2];
+                    qy[h] += static_cast<float>(qr[col * q_strides[3]]) * y0
+                           + static_cast<float>(qr[(col + 1) * q_strides[3]]) * y1;
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float a = qy[h];
+        a += __shfl_xor_sync(0xffffffffu, a, 1);
+        a += __shfl_xor_sync(0xffffffffu, a, 2);
+        if (tq == 0) qyp[(chunk * gridDim.x + blockIdx.x) * L + rr + 8 * h] = a;
     }
 """).replace("__SLAB__", str(_KS))
 
@@ -718,11 +741,17 @@ def _kernel(which: str, eps: float = 0.0):
     kernel = _kernels.get(key)
     if kernel is None:
         header = _HEADER + _LOADS + _ACCESS
-        if which == "rows":
+        if which == "y":
+            kernel = mx.fast.cuda_kernel(
+                name="xlstm_mlstm_bwd_y",
+                input_names=["q", "k", "dh", "bcum", "igc", "C_enter"],
+                output_names=["Y", "qyp"],
+                source=_Y_SOURCE, header=header, ensure_row_contiguous=False)
+        elif which == "rows":
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_bwd_rows_" + str(len(_kernels)),
-                input_names=["q", "k", "v", "dh", "bcum", "igc", "C_enter", "n_enter", "m_enter"],
-                output_names=["rowst", "Y"],
+                input_names=["q", "k", "v", "dh", "bcum", "igc", "qyp", "n_enter", "m_enter"],
+                output_names=["rowst"],
                 source=_ROWS_SOURCE.replace("EPS", f"{float(eps)!r}f"), header=header, ensure_row_contiguous=False)
         elif which == "reverse":
             kernel = mx.fast.cuda_kernel(
@@ -763,16 +792,29 @@ def _dot(a: mx.array, b: mx.array, axes: int) -> mx.array:
     return (a.reshape(*lead, 1, -1) @ b.reshape(*lead, -1, 1))[..., 0, 0]
 
 
-def rows(q, k, v, dh, bcum, igc, C_enter, n_enter, m_enter, eps: float):
-    """Row statistics [B, NH, NC, 5, L] (1/den, ddn, m_comb, alpha, beta) and Y = dH C^T
-    [B, NH, NC * L, DQK] (float32)."""
+def y(q, k, dh, bcum, igc, C_enter, split: bool | None = None):
+    """Y = dH C_c^T per chunk [B, NH, NC * L, DQK] and its shares of q . Y [B, NH, NC, tiles, L]
+    (float32). ``split``: one block per 64 columns of DQK (else one per chunk)."""
     B, NH, _, dqk = q.shape
     NC, L = bcum.shape[2:]
-    return _kernel("rows", eps)(
-        inputs=[q, k, v, dh, bcum, igc, C_enter, n_enter, m_enter],
+    tiles = dqk // 64 if _split(split) else 1
+    return _kernel("y")(
+        inputs=[q, k, dh, bcum, igc, C_enter],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dh.shape[-1])],
+        grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
+        output_shapes=[(B, NH, NC * L, dqk), (B, NH, NC, tiles, L)], output_dtypes=[mx.float32] * 2)
+
+
+def rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps: float):
+    """Row statistics [B, NH, NC, 5, L] (1/den, ddn, m_comb, alpha, beta), float32."""
+    B, NH, _, dqk = q.shape
+    NC, L = bcum.shape[2:]
+    (out,) = _kernel("rows", eps)(
+        inputs=[q, k, v, dh, bcum, igc, qyp, n_enter, m_enter],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1])],
         grid=(2 * L, NC, B * NH), threadgroup=(2 * L, 1, 1),
-        output_shapes=[(B, NH, NC, 5, L), (B, NH, NC * L, dqk)], output_dtypes=[mx.float32] * 2)
+        output_shapes=[(B, NH, NC, 5, L)], output_dtypes=[mx.float32])
+    return out
 
 
 def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
@@ -835,7 +877,8 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     bcum, igc = chunk_gates(i, f, L)
     NC = bcum.shape[2]
     C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
-    rowst, Y = rows(q, k, v, dh, bcum, igc, C_enter, n_enter, m_enter, eps)
+    Y, qyp = y(q, k, dh, bcum, igc, C_enter)
+    rowst = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
     dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, mx.contiguous(dC_f.astype(f32)),
                                        mx.contiguous(dn_f.astype(f32)))
     dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_fin, dC_out, dn_out)
