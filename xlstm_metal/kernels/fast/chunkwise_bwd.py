@@ -824,7 +824,8 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
     dv_ = dh.shape[-1]
     NC, L = bcum.shape[2:]
     return _kernel("reverse")(
-        inputs=[q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f],
+        inputs=[q, dh, bcum, rowst, m_enter, m_final, mx.contiguous(dC_f.astype(mx.float32)),
+                mx.contiguous(dn_f.astype(mx.float32))],
         template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_)],
         grid=(dv_ // _JT * 128, dqk // 64, B * NH), threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv_), (B, NH, NC, dqk), (B, NH, dqk, dv_), (B, NH, dqk)],
@@ -879,8 +880,7 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
     Y, qyp = y(q, k, dh, bcum, igc, C_enter)
     rowst = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
-    dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, mx.contiguous(dC_f.astype(f32)),
-                                       mx.contiguous(dn_f.astype(f32)))
+    dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, dC_f, dn_f)
     dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_fin, dC_out, dn_out)
     dv_ = dv(q, k, dh, bcum, igc, rowst, m_enter, m_fin, dC_out)
 
