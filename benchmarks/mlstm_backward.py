@@ -1,11 +1,12 @@
 """One layer's ``chunkwise_fused`` backward on CUDA, kernel by kernel, beside the MLX-ops backward.
 
 Times (median of --repeats, synchronised) at a model shape's head sizes: the forward; forward +
-backward with the CUDA backward kernels and with the MLX-ops backward (``mx.compile`` of
-``value_and_grad``, as ``train_side_by_side.py --profile-kernels``); and each part of the
-kernels' backward alone on precomputed inputs (the states recompute, ``y``, ``rows``,
-``reverse``, ``dqdk``, ``dv``). With --check, the largest difference of the two backwards' gradients relative
-to the largest gradient. One JSON record per line to --out (appended) and stdout.
+backward with the CUDA backward kernels (float32 operands as three bf16 terms, and as two) and
+with the MLX-ops backward (``mx.compile`` of ``value_and_grad``, as ``train_side_by_side.py
+--profile-kernels``); and each part of the kernels' backward alone on precomputed inputs (the
+states recompute, ``y``, ``rows``, ``reverse``, ``dqdk``, ``dv``). With --check, the largest
+difference of the kernels' gradients from the ops backward's, relative to the largest gradient.
+One JSON record per line to --out (appended) and stdout.
 
     python benchmarks/mlstm_backward.py --shape 1.3b --batch 4 --seq-len 2048 --out results/x.jsonl
 """
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     fwd = mx.compile(lambda q, k, v, i, f: mlstm_chunkwise_fused(q, k, v, i, f, None, chunk_size=L)[0])
     record["forward_ms"] = 1000 * median_seconds(lambda: fwd(q, k, v, i, f), args.repeats)
     grads = {}
-    for path in ("kernels", "ops"):
-        os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = "1" if path == "kernels" else "0"
+    for path in ("kernels", "kernels_2terms", "ops"):
+        os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = "0" if path == "ops" else "1"
+        os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = "2" if path == "kernels_2terms" else "3"
         both = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
         mx.reset_peak_memory()
         record[f"forward+backward_{path}_ms"] = 1000 * median_seconds(lambda: both(q, k, v, i, f), args.repeats)
@@ -80,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             grads[path] = both(q, k, v, i, f)[1]
     os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = "1"
+    os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = "3"
     if args.check:
-        record["kernels_vs_ops"] = {
-            name: (mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))) / mx.max(mx.abs(b.astype(mx.float32)))).item()
-            for name, a, b in zip("q k v i f".split(), grads["kernels"], grads["ops"])}
+        def rel(a, b):
+            a, b = a.astype(mx.float32), b.astype(mx.float32)
+            return (mx.max(mx.abs(a - b)) / mx.max(mx.abs(b))).item()
+
+        for path in ("kernels", "kernels_2terms"):
+            record[f"{path}_vs_ops"] = {name: rel(a, b) for name, a, b in zip("q k v i f".split(), grads[path],
+                                                                              grads["ops"])}
     emit(record)
 
     # Each part alone, on inputs computed once.

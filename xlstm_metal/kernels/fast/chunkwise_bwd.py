@@ -148,7 +148,7 @@ _ROWS_TIMES_MT = """
             #pragma unroll
             for (int nt = 0; nt < 8; ++nt) {
                 #pragma unroll
-                for (int p = 0; p < 3; ++p)
+                for (int p = 0; p < TERMS; ++p)
                     mma_bf16(ACC[nt], a, pack_pair(&Ms[p][nt * 8 + g][e0]), pack_pair(&Ms[p][nt * 8 + g][e0 + 8]));
             }
         }
@@ -178,7 +178,7 @@ _SMEM_TIMES_TILE = """
             uint32_t bf[4];
             ldsm_x4_trans(bf, &BT[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
             #pragma unroll
-            for (int p = 0; p < 3; ++p) {
+            for (int p = 0; p < TERMS; ++p) {
                 const uint32_t a[4] = {a0[p], a1[p], a2[p], a3[p]};
                 mma_bf16(ACC[2 * np], a, bf[0], bf[1]);
                 mma_bf16(ACC[2 * np + 1], a, bf[2], bf[3]);
@@ -494,7 +494,7 @@ _REVERSE_SOURCE = """
                 uint32_t vf[4];
                 ldsm_x4_trans(vf, &vs[buf][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
                 #pragma unroll
-                for (int q3 = 0; q3 < 3; ++q3) {
+                for (int q3 = 0; q3 < TERMS; ++q3) {
                     const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
                     mma_bf16(acc[2 * np], a, vf[0], vf[1]);
                     mma_bf16(acc[2 * np + 1], a, vf[2], vf[3]);
@@ -686,7 +686,7 @@ _DV_SOURCE = (_PRELUDE + """
                 a[2] = pack_pair(&xs[rr][e0 + 8]);
                 a[3] = pack_pair(&xs[rr + 8][e0 + 8]);
                 #pragma unroll
-                for (int p = 0; p < 3; ++p) {
+                for (int p = 0; p < TERMS; ++p) {
                     #pragma unroll
                     for (int np = 0; np < 4; ++np) {
                         uint32_t cf[4];
@@ -782,6 +782,16 @@ def _split(split: bool | None) -> bool:
     return split if split is not None else os.environ.get("XLSTM_METAL_MLSTM_BWD_SPLIT", "1") != "0"
 
 
+def _terms() -> int:
+    """bf16 terms per float32 operand of the backward's matmuls: 3 (float32's 24 bits, the
+    default) or 2 (16 bits: a third fewer tensor-core products; still finer than TF32's 11);
+    XLSTM_METAL_MLSTM_BWD_TERMS."""
+    terms = int(os.environ.get("XLSTM_METAL_MLSTM_BWD_TERMS", "3"))
+    if terms not in (2, 3):
+        raise ValueError(f"XLSTM_METAL_MLSTM_BWD_TERMS must be 2 or 3, got {terms}")
+    return terms
+
+
 def fused_backward_enabled() -> bool:
     """The kernels' backward unless ``XLSTM_METAL_FUSED_MLSTM_BWD=0`` (then the MLX-ops one)."""
     return os.environ.get("XLSTM_METAL_FUSED_MLSTM_BWD", "1") != "0"
@@ -800,7 +810,7 @@ def y(q, k, dh, bcum, igc, C_enter, split: bool | None = None):
     tiles = dqk // 64 if _split(split) else 1
     return _kernel("y")(
         inputs=[q, k, dh, bcum, igc, C_enter],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dh.shape[-1])],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dh.shape[-1]), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, NC * L, dqk), (B, NH, NC, tiles, L)], output_dtypes=[mx.float32] * 2)
 
@@ -826,7 +836,7 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
     return _kernel("reverse")(
         inputs=[q, dh, bcum, rowst, m_enter, m_final, mx.contiguous(dC_f.astype(mx.float32)),
                 mx.contiguous(dn_f.astype(mx.float32))],
-        template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_)],
+        template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_), ("TERMS", _terms())],
         grid=(dv_ // _JT * 128, dqk // 64, B * NH), threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv_), (B, NH, NC, dqk), (B, NH, dqk, dv_), (B, NH, dqk)],
         output_dtypes=[mx.float32] * 4)
@@ -840,7 +850,7 @@ def dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn
     tiles = dqk // 64 if _split(split) else 1
     dq, dk, gates = _kernel("dqdk")(
         inputs=[q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn_out],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype)],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dqk), (B, NH, S, dqk), (B, NH, NC, tiles, 2, L)],
         output_dtypes=[q.dtype, q.dtype, mx.float32])
@@ -855,7 +865,7 @@ def dv(q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out, split: bool | None 
     tiles = dv_ // 64 if _split(split) else 1
     (out,) = _kernel("dv")(
         inputs=[q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype)],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv_)], output_dtypes=[q.dtype])
     return out
