@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     C0, n0, m0 = mx.zeros((B, NH, dqk, dv)), mx.zeros((B, NH, dqk)), mx.zeros((B, NH, 1))
     C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
     Y, qyp = chunkwise_bwd.y(q, k, dh, bcum, igc, C_enter)
-    rowst = chunkwise_bwd.rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, 1e-6)
+    rowst, dP, St = chunkwise_bwd.rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, 1e-6)
     dC_out, dn_out, _, _ = chunkwise_bwd.reverse(q, dh, bcum, rowst, m_enter, m_fin, C0, n0)
-    mx.eval(C_enter, n_enter, m_enter, m_fin, rowst, Y, qyp, dC_out, dn_out)
+    mx.eval(C_enter, n_enter, m_enter, m_fin, rowst, dP, St, Y, qyp, dC_out, dn_out)
     parts = {
         "gates": lambda: chunk_gates(i, f, L),
         "states (recompute)": lambda: chunk_states(k, v, bcum, igc, (C0, n0, m0))[:3],
@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         "y (a block per chunk)": lambda: chunkwise_bwd.y(q, k, dh, bcum, igc, C_enter, split=False),
         "rows": lambda: chunkwise_bwd.rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, 1e-6),
         "reverse": lambda: chunkwise_bwd.reverse(q, dh, bcum, rowst, m_enter, m_fin, C0, n0),
-        "dqdk": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_fin, dC_out,
+        "dqdk": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_fin, dC_out,
                                            dn_out),
-        "dv": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, m_enter, m_fin, dC_out),
-        "dqdk (a block per chunk)": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter,
+        "dv": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out),
+        "dqdk (a block per chunk)": lambda: chunkwise_bwd.dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter,
                                                                m_fin, dC_out, dn_out, split=False),
-        "dv (a block per chunk)": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, m_enter, m_fin, dC_out,
+        "dv (a block per chunk)": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out,
                                                            split=False),
     }
     emit({"kind": "parts", **{f"{name}_ms": 1000 * median_seconds(fn, args.repeats) for name, fn in parts.items()}})

@@ -313,6 +313,20 @@ _ROWS_SOURCE = (_PRELUDE + """
             out[3 * L] = inter * scale / den;
             out[4 * L] = inter * scale * ddn;
         }
+        // The chunk's L x L matrices: dP = sc W (dS / den + ddn) for ``dqdk``, S / den for ``dv``.
+        const float rden = 1.0f / den;
+        float* dPr = dPg + (chunk * L + r) * L;
+        float* Str = Stg + (chunk * L + r) * L;
+        #pragma unroll
+        for (int nt = 0; nt < L / 8; ++nt) {
+            const int s = nt * 8 + 2 * tq;
+            const float w0 = s <= r ? expf(bs[r] - bs[s] + is[s] - m_comb) : 0.0f;
+            const float w1 = s + 1 <= r ? expf(bs[r] - bs[s + 1] + is[s + 1] - m_comb) : 0.0f;
+            *reinterpret_cast<float2*>(dPr + s) = make_float2(scale * w0 * (dsacc[nt][2 * h] * rden + ddn),
+                                                              scale * w1 * (dsacc[nt][2 * h + 1] * rden + ddn));
+            *reinterpret_cast<float2*>(Str + s) = make_float2(sacc[nt][2 * h] * scale * w0 * rden,
+                                                              sacc[nt][2 * h + 1] * scale * w1 * rden);
+        }
     }
 """).replace("__SLAB__", str(_KS))
 
@@ -524,35 +538,18 @@ _REVERSE_SOURCE = """
 _DQDK_SOURCE = (_PRELUDE + """
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + static_cast<int64_t>(c) * L * v_strides[2];
     const bool v_vec = rows_vectorizable(vb, v_strides);
-    // Slabs (dS, the V dC^T product) and the chunk's q, k tiles share one buffer.
-    constexpr int SLAB_BYTES = L * (KS + PAD) * 2 * 2 + 3 * 64 * (KS + PAD) * 2;
+    // The V dC^T product's slabs and the chunk's q, k tiles share one buffer.
+    constexpr int SLAB_BYTES = L * (KS + PAD) * 2 + 3 * 64 * (KS + PAD) * 2;
     constexpr int TILE_BYTES = 2 * L * (64 + PAD) * 2;
     __shared__ __align__(16) unsigned char raw[SLAB_BYTES > TILE_BYTES ? SLAB_BYTES : TILE_BYTES];
     auto xs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
-    auto zs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
-    auto Ms = reinterpret_cast<__nv_bfloat16 (*)[64][KS + PAD]>(raw + L * (KS + PAD) * 2 * 2);
+    auto Ms = reinterpret_cast<__nv_bfloat16 (*)[64][KS + PAD]>(raw + L * (KS + PAD) * 2);
     auto qt = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
     auto kt = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw + L * (64 + PAD) * 2);
     __shared__ float dPs[L][L + 1];
 """ + _LOAD_STATS + """
-    float dsacc[L / 8][4];
-    #pragma unroll
-    for (int nt = 0; nt < L / 8; ++nt) dsacc[nt][0] = dsacc[nt][1] = dsacc[nt][2] = dsacc[nt][3] = 0.0f;
-""" + _rows_product("dsacc", "db", "vb", "d_vec", "v_vec", "dh_strides", "v_strides", "DV") + """
-    // dP = sc W (dS / den + ddn), causal; kept in shared memory (dq reads rows, dk columns).
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = rr + 8 * h;
-        #pragma unroll
-        for (int nt = 0; nt < L / 8; ++nt) {
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int s = nt * 8 + 2 * tq + e;
-                const float w = s <= r ? expf(bs[r] - bs[s] + is[s] - st[2][r]) : 0.0f;
-                dPs[r][s] = scale * w * (dsacc[nt][2 * h + e] * st[0][r] + st[1][r]);
-            }
-        }
-    }
+    // dP (from ``rows``) in shared memory: dq reads its rows, dk its columns.
+    for (int idx = tid; idx < L * L; idx += NT) dPs[idx / L][idx % L] = dPg[chunk * L * L + idx];
     __syncthreads();
 
     const float* dCo = dC_out + chunk * DQK * DV;
@@ -623,35 +620,16 @@ _DQDK_SOURCE = (_PRELUDE + """
 """).replace("__SLAB__", str(_KS))
 
 _DV_SOURCE = (_PRELUDE + """
-    constexpr int SLAB_BYTES = L * (KS + PAD) * 2 * 2;
     constexpr int INTER_BYTES = L * (KS + PAD) * 2 + 3 * KS * (64 + PAD) * 2;
     constexpr int TILE_BYTES = L * (64 + PAD) * 2;
-    constexpr int B1 = SLAB_BYTES > INTER_BYTES ? SLAB_BYTES : INTER_BYTES;
-    __shared__ __align__(16) unsigned char raw[B1 > TILE_BYTES ? B1 : TILE_BYTES];
+    __shared__ __align__(16) unsigned char raw[INTER_BYTES > TILE_BYTES ? INTER_BYTES : TILE_BYTES];
     auto xs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
-    auto zs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + L * (KS + PAD) * 2);
     auto Cs = reinterpret_cast<__nv_bfloat16 (*)[KS][64 + PAD]>(raw + L * (KS + PAD) * 2);
     auto dt = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
     __shared__ float Sts[L][L + 1];
 """ + _LOAD_STATS + """
-    float sacc[L / 8][4];
-    #pragma unroll
-    for (int nt = 0; nt < L / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.0f;
-""" + _rows_product("sacc", "qb", "kb", "q_vec", "k_vec", "q_strides", "k_strides", "DQK") + """
-    // S / den (causal), kept in shared memory: dv reads its columns.
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = rr + 8 * h;
-        #pragma unroll
-        for (int nt = 0; nt < L / 8; ++nt) {
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int s = nt * 8 + 2 * tq + e;
-                const float w = s <= r ? expf(bs[r] - bs[s] + is[s] - st[2][r]) : 0.0f;
-                Sts[r][s] = sacc[nt][2 * h + e] * scale * w * st[0][r];
-            }
-        }
-    }
+    // S / den (from ``rows``) in shared memory: dv reads its columns.
+    for (int idx = tid; idx < L * L; idx += NT) Sts[idx / L][idx % L] = Stg[chunk * L * L + idx];
     __syncthreads();
 
     const float* dCo = dC_out + chunk * DQK * DV;
@@ -751,7 +729,7 @@ def _kernel(which: str, eps: float = 0.0):
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_bwd_rows_" + str(len(_kernels)),
                 input_names=["q", "k", "v", "dh", "bcum", "igc", "qyp", "n_enter", "m_enter"],
-                output_names=["rowst"],
+                output_names=["rowst", "dPg", "Stg"],
                 source=_ROWS_SOURCE.replace("EPS", f"{float(eps)!r}f"), header=header, ensure_row_contiguous=False)
         elif which == "reverse":
             kernel = mx.fast.cuda_kernel(
@@ -762,14 +740,14 @@ def _kernel(which: str, eps: float = 0.0):
         elif which == "dqdk":
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_bwd_dqdk",
-                input_names=["q", "k", "v", "dh", "bcum", "igc", "rowst", "Y", "n_enter", "m_enter", "m_final",
-                             "dC_out", "dn_out"],
+                input_names=["q", "k", "v", "dh", "bcum", "igc", "rowst", "dPg", "Y", "n_enter", "m_enter",
+                             "m_final", "dC_out", "dn_out"],
                 output_names=["dq", "dk", "gates"],
                 source=_DQDK_SOURCE, header=header, ensure_row_contiguous=False)
         else:
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_bwd_dv",
-                input_names=["q", "k", "dh", "bcum", "igc", "rowst", "m_enter", "m_final", "dC_out"],
+                input_names=["q", "k", "dh", "bcum", "igc", "rowst", "Stg", "m_enter", "m_final", "dC_out"],
                 output_names=["dv"],
                 source=_DV_SOURCE, header=header, ensure_row_contiguous=False)
         _kernels[key] = kernel
@@ -816,15 +794,15 @@ def y(q, k, dh, bcum, igc, C_enter, split: bool | None = None):
 
 
 def rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps: float):
-    """Row statistics [B, NH, NC, 5, L] (1/den, ddn, m_comb, alpha, beta), float32."""
+    """Row statistics [B, NH, NC, 5, L] (1/den, ddn, m_comb, alpha, beta) and the chunks' dP and
+    S / den [B, NH, NC, L, L], float32."""
     B, NH, _, dqk = q.shape
     NC, L = bcum.shape[2:]
-    (out,) = _kernel("rows", eps)(
+    return _kernel("rows", eps)(
         inputs=[q, k, v, dh, bcum, igc, qyp, n_enter, m_enter],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1])],
         grid=(2 * L, NC, B * NH), threadgroup=(2 * L, 1, 1),
-        output_shapes=[(B, NH, NC, 5, L)], output_dtypes=[mx.float32])
-    return out
+        output_shapes=[(B, NH, NC, 5, L), (B, NH, NC, L, L), (B, NH, NC, L, L)], output_dtypes=[mx.float32] * 3)
 
 
 def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
@@ -842,14 +820,15 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
         output_dtypes=[mx.float32] * 4)
 
 
-def dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn_out, split: bool | None = None):
+def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out,
+         split: bool | None = None):
     """dq, dk [B, NH, S, DQK] (q's dtype) and per step (q.dq, k.dk) [B, NH, NC, 2, L] float32.
     ``split``: one block per 64 columns of DQK (else one per chunk, looping over them)."""
     B, NH, S, dqk = q.shape
     NC, L = bcum.shape[2:]
     tiles = dqk // 64 if _split(split) else 1
     dq, dk, gates = _kernel("dqdk")(
-        inputs=[q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn_out],
+        inputs=[q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dqk), (B, NH, S, dqk), (B, NH, NC, tiles, 2, L)],
@@ -857,14 +836,14 @@ def dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_final, dC_out, dn
     return dq, dk, gates.sum(axis=3) if tiles > 1 else gates[:, :, :, 0]
 
 
-def dv(q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out, split: bool | None = None):
+def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | None = None):
     """dv [B, NH, S, DV] (q's dtype). ``split``: one block per 64 columns of DV."""
     B, NH, S, dqk = q.shape
     dv_ = dh.shape[-1]
     NC, L = bcum.shape[2:]
     tiles = dv_ // 64 if _split(split) else 1
     (out,) = _kernel("dv")(
-        inputs=[q, k, dh, bcum, igc, rowst, m_enter, m_final, dC_out],
+        inputs=[q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv_)], output_dtypes=[q.dtype])
@@ -889,10 +868,10 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     NC = bcum.shape[2]
     C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
     Y, qyp = y(q, k, dh, bcum, igc, C_enter)
-    rowst = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
+    rowst, dP, St = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
     dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, dC_f, dn_f)
-    dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, Y, n_enter, m_enter, m_fin, dC_out, dn_out)
-    dv_ = dv(q, k, dh, bcum, igc, rowst, m_enter, m_fin, dC_out)
+    dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_fin, dC_out, dn_out)
+    dv_ = dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out)
 
     # Gates: dF = q.dq - k.dk (+ the final state's <dC_f, C_f> + <dn_f, n_f> at the last step),
     # d i~ = k.dk; the forget gates' log-sigmoid gets the reverse cumulative sum of dF.
