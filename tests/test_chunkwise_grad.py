@@ -216,9 +216,10 @@ def test_backward_kernels_equal_the_ops_backward(B, NH, S, DQK, DV, chunk, with_
             continue
         a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
         assert np.abs(b32).max() > 0, name
-        # bf16 results (q, k, v): one bf16 rounding apart at most; float32 ones to 1e-4 of the
-        # largest (the forget gates' gradient is a sum over all later steps).
-        rtol = 2**-8 if a.dtype == mx.bfloat16 else 0.0
+        # bf16 results (q, k, v): one bf16 ulp apart at most (round-off on either side of a
+        # rounding boundary); float32 ones to 1e-4 of the largest (the forget gates' gradient is
+        # a sum over all later steps).
+        rtol = 2**-7 if a.dtype == mx.bfloat16 else 0.0
         atol = 1e-4 * np.abs(b32).max()
         assert np.all(np.abs(a32 - b32) <= rtol * np.abs(b32) + atol), (name, np.abs(a32 - b32).max(), atol)
 
