@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--check", action="store_true", help="also compare the two backwards' gradients")
+    p.add_argument("--paths", default="kernels,kernels_2terms,ops",
+                   help="backwards to time: kernels (3-term splits), kernels_2terms, ops (MLX ops)")
+    p.add_argument("--check", action="store_true",
+                   help="also compare the kernels' gradients with the ops backward's (needs ops in --paths)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -72,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     fwd = mx.compile(lambda q, k, v, i, f: mlstm_chunkwise_fused(q, k, v, i, f, None, chunk_size=L)[0])
     record["forward_ms"] = 1000 * median_seconds(lambda: fwd(q, k, v, i, f), args.repeats)
     grads = {}
-    for path in ("kernels", "kernels_2terms", "ops"):
+    paths = [p_ for p_ in args.paths.split(",") if p_]
+    if args.check and "ops" not in paths:
+        raise SystemExit("--check compares with the ops backward: add ops to --paths")
+    for path in paths:
         os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = "0" if path == "ops" else "1"
         os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = "2" if path == "kernels_2terms" else "3"
         both = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             a, b = a.astype(mx.float32), b.astype(mx.float32)
             return (mx.max(mx.abs(a - b)) / mx.max(mx.abs(b))).item()
 
-        for path in ("kernels", "kernels_2terms"):
+        for path in (p_ for p_ in paths if p_ != "ops"):
             record[f"{path}_vs_ops"] = {name: rel(a, b) for name, a, b in zip("q k v i f".split(), grads[path],
                                                                               grads["ops"])}
     emit(record)
