@@ -70,3 +70,50 @@ def test_scaled_adamw_equals_adamw_of_scaled_gradients(scale):
         assert not np.allclose(np.array(p1[k]), np.array(params[k]))
         if not cuda_available():
             assert mx.array_equal(p1[k], p2[k])
+
+
+@cuda
+def test_in_place_update_equals_the_kernel_and_takes_no_new_memory():
+    """adamw_update(in_place=True): the kernel's results bit for bit, written over the
+    parameter's, m's and v's buffers (the arrays passed in hold them afterwards; no new
+    memory); ScaledAdamW(in_place=True) over three steps equals the out-of-place optimizer."""
+    rng = np.random.default_rng(3)
+    shape = (96, 333)
+
+    def fresh(seed):
+        r = np.random.default_rng(seed)
+        return (mx.array(r.standard_normal(shape).astype(np.float32)),
+                mx.array(r.standard_normal(shape).astype(np.float32) * 1e-3),
+                mx.array(np.abs(r.standard_normal(shape)).astype(np.float32) * 1e-4))
+
+    g = mx.array(rng.standard_normal(shape).astype(np.float32) * 1e-2).astype(mx.bfloat16)
+    lr, scale = mx.array(3e-4, mx.float32), mx.array(0.37, mx.float32)
+    kwargs = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    ref = adamw_update(g, *fresh(7), lr, scale, **kwargs)
+    p, m, v = fresh(7)
+    mx.eval(ref, p, m, v, g)
+    before = mx.get_active_memory()
+    out = adamw_update(g, p, m, v, lr, scale, in_place=True, **kwargs)
+    mx.eval(out)
+    assert mx.get_active_memory() - before < 4096  # only the 1-element ordering output
+    for a, b, inp, name in zip(out, ref, (p, m, v), "pmv"):
+        assert mx.array_equal(a, b), name
+        assert mx.array_equal(inp, b), name  # the input's buffer holds the new values
+        assert not mx.array_equal(b, fresh(7)["pmv".index(name)]), name
+
+    params = {"a": mx.array(rng.standard_normal((40, 30)).astype(np.float32)),
+              "b": mx.array(rng.standard_normal((7,)).astype(np.float32))}
+    grads = {k: mx.array(rng.standard_normal(x.shape).astype(np.float32)).astype(mx.bfloat16)
+             for k, x in params.items()}
+    results = []
+    for in_place in (False, True):
+        opt = ScaledAdamW(learning_rate=1e-2, betas=[0.9, 0.95], weight_decay=0.1, in_place=in_place)
+        current = {k: mx.array(np.array(x)) for k, x in params.items()}  # own buffers
+        opt.init(current)
+        for _ in range(3):
+            opt.grad_scale = mx.array(0.5, mx.float32)
+            current = opt.apply_gradients(grads, current)
+            mx.eval(current, opt.state)
+        results.append(current)
+    for k in params:
+        assert mx.array_equal(results[0][k], results[1][k]), k

@@ -179,10 +179,13 @@ def make_optimizer(cfg: TrainingConfig, model=None) -> optim.Optimizer:
 
     A model with a ``decays(path) -> bool`` method (the 2024 xLSTM: NX-AI's split) chooses
     which parameters decay; otherwise norms, biases and embeddings do not."""
-    from ..kernels.fast.adamw import ScaledAdamW
+    from ..kernels.fast.adamw import ScaledAdamW, adamw_in_place_enabled
 
-    decayed = ScaledAdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
-    plain = ScaledAdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=0.0)
+    # In place (CUDA): the trainer owns the parameters and replaces them every step.
+    in_place = adamw_in_place_enabled()
+    decayed = ScaledAdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay,
+                          in_place=in_place)
+    plain = ScaledAdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], weight_decay=0.0, in_place=in_place)
     if model is not None and callable(getattr(model, "decays", None)):
         no_decay = lambda path, _value: not model.decays(path)  # noqa: E731
     else:

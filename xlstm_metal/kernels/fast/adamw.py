@@ -55,6 +55,12 @@ _SOURCE = """
     }
 """
 
+# In place: the same arithmetic written over the parameter, m and v (MLX has no buffer aliasing
+# for custom kernels: they are inputs, cast to writable). ``done`` only orders the graph.
+_SOURCE_IN_PLACE = (_SOURCE.replace("m_out[i]", "const_cast<float*>(m)[i]").replace("v_out[i]", "const_cast<float*>(v)[i]")
+                    .replace("p_out[i]", "const_cast<float*>(p)[i]")
+                    + "    if (blockIdx.x == 0 && threadIdx.x == 0) done[0] = 0.0f;\n")
+
 _kernels: dict[tuple, object] = {}
 
 
@@ -63,17 +69,17 @@ def _f32(x: float) -> str:
     return f"{float(np.float32(x))!r}f"
 
 
-def _kernel(b1: float, b2: float, eps: float, wd: float):
-    key = (b1, b2, eps, wd)
+def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False):
+    key = (b1, b2, eps, wd, in_place)
     kernel = _kernels.get(key)
     if kernel is None:
-        source = _SOURCE
+        source = _SOURCE_IN_PLACE if in_place else _SOURCE
         for name, value in (("OMB1", 1 - b1), ("OMB2", 1 - b2), ("B1", b1), ("B2", b2), ("EPS", eps), ("WD", wd)):
             source = source.replace(name, _f32(value))
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_adamw_{len(_kernels)}",
             input_names=["g", "p", "m", "v", "lr_in", "scale"],
-            output_names=["p_out", "m_out", "v_out"],
+            output_names=["done"] if in_place else ["p_out", "m_out", "v_out"],
             source=source.replace("PER_THREAD", str(_PER_THREAD)),
         )
         _kernels[key] = kernel
@@ -85,12 +91,25 @@ def fused_adamw_enabled() -> bool:
     return cuda_available() and os.environ.get("XLSTM_METAL_FUSED_ADAMW", "1") != "0"
 
 
+def adamw_in_place_enabled() -> bool:
+    """Whether the trainer's :class:`ScaledAdamW` updates in place on CUDA
+    (``XLSTM_METAL_ADAMW_IN_PLACE``, default on): otherwise each step holds the old and the new
+    parameters, m and v at once (MLX allocates every kernel output anew: 15.6 GB more at the
+    1.3b shape)."""
+    return os.environ.get("XLSTM_METAL_ADAMW_IN_PLACE", "1") != "0"
+
+
 def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array,
-                 scale: mx.array, *, b1: float, b2: float, eps: float, weight_decay: float):
+                 scale: mx.array, *, b1: float, b2: float, eps: float, weight_decay: float,
+                 in_place: bool = False):
     """(parameter, m, v) after one AdamW step with ``gradient * scale`` (one kernel on CUDA).
 
-    parameter, m, v: float32, any shape (row-contiguous); gradient: the same shape, any float
-    dtype; lr, scale: float32 scalars (0-d or [1] arrays)."""
+    parameter, m, v: float32, any shape; gradient: the same shape, any float dtype; lr, scale:
+    float32 scalars (0-d or [1] arrays). ``in_place`` (CUDA kernel only): the kernel writes the
+    results over the buffers of (row-contiguous views of) parameter, m and v and returns arrays
+    sharing them, so no new memory is taken; the arrays passed in then hold the new values too
+    (an optimizer's state and the weights it replaces: nothing reads the old values after the
+    update, whose gradient already depends on every use of them)."""
     if not fused_adamw_enabled():
         g = gradient * scale if gradient.dtype == mx.float32 else gradient.astype(mx.float32) * scale
         m = b1 * m + (1 - b1) * g
@@ -99,6 +118,16 @@ def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.arr
         return p - lr * m / (mx.sqrt(v) + eps), m, v
     n = parameter.size
     blocks = max(1, -(-n // (_THREADS * _PER_THREAD)))
+    if in_place:
+        # mx.contiguous shares a row-contiguous buffer (else copies): the kernel writes into the
+        # buffers that the returned arrays hold.
+        parameter, m, v = (mx.contiguous(x) for x in (parameter, m, v))
+        (done,) = _kernel(b1, b2, eps, weight_decay, in_place=True)(
+            inputs=[gradient, parameter, m, v, lr.astype(mx.float32).reshape(1), scale.astype(mx.float32).reshape(1)],
+            template=[], grid=(blocks * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
+            output_shapes=[(1,)], output_dtypes=[mx.float32])
+        p_new, m_new, v_new = mx.depends([parameter, m, v], [done])
+        return p_new, m_new, v_new
     outs = _kernel(b1, b2, eps, weight_decay)(
         inputs=[gradient, parameter, m, v, lr.astype(mx.float32).reshape(1), scale.astype(mx.float32).reshape(1)],
         template=[],
@@ -117,9 +146,12 @@ class ScaledAdamW(optim.AdamW):
     (:func:`adamw_update`); elsewhere MLX's ops compute exactly what ``optim.AdamW`` computes
     from ``gradient * grad_scale`` in float32."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, in_place: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.grad_scale: mx.array | None = None
+        #: Update parameters and state in place (the CUDA kernel only; see :func:`adamw_update`):
+        #: for a trainer that owns the parameters and drops the old ones every step.
+        self.in_place = in_place
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         scale = mx.array(1.0, mx.float32) if self.grad_scale is None else self.grad_scale
@@ -129,5 +161,5 @@ class ScaledAdamW(optim.AdamW):
         b1, b2 = self.betas
         p, state["m"], state["v"] = adamw_update(gradient, parameter, state["m"], state["v"],
                                                  self.learning_rate, scale, b1=b1, b2=b2, eps=self.eps,
-                                                 weight_decay=self.weight_decay)
+                                                 weight_decay=self.weight_decay, in_place=self.in_place)
         return p
