@@ -126,16 +126,7 @@ _ROWS_TIMES_MT = """
             const int e = (idx % (KS / 8)) * 8;
             *reinterpret_cast<uint4*>(&xs[t][e]) = load8(XB + t * XSTR[2] + (j0 + e) * XSTR[3], XSTR[3], XVEC, t < rows_left);
         }
-        for (int idx = tid; idx < 64 * (KS / 4); idx += NT) {
-            const int n = idx / (KS / 4);
-            const int e = (idx % (KS / 4)) * 4;
-            const float4 cv = *reinterpret_cast<const float4*>(MG + static_cast<size_t>(n) * DV + j0 + e);
-            uint32_t lo[3], hi[3];
-            split3_pair(cv.x, cv.y, lo);
-            split3_pair(cv.z, cv.w, hi);
-            #pragma unroll
-            for (int p = 0; p < 3; ++p) *reinterpret_cast<uint2*>(&Ms[p][n][e]) = make_uint2(lo[p], hi[p]);
-        }
+        stage_split3<64, KS, NT>(Ms, MG + j0, DV, tid);
         __syncthreads();
         #pragma unroll
         for (int kk = 0; kk < KS / 16; ++kk) {
@@ -644,16 +635,7 @@ _DV_SOURCE = (_PRELUDE + """
                 const int e = (idx % (KS / 8)) * 8;
                 *reinterpret_cast<uint4*>(&xs[t][e]) = load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, t < rows_left);
             }
-            for (int idx = tid; idx < KS * 16; idx += NT) {
-                const int d = idx >> 4;
-                const int e = (idx & 15) * 4;
-                const float4 cv = *reinterpret_cast<const float4*>(dCo + static_cast<size_t>(d0 + d) * DV + j0 + e);
-                uint32_t lo[3], hi[3];
-                split3_pair(cv.x, cv.y, lo);
-                split3_pair(cv.z, cv.w, hi);
-                #pragma unroll
-                for (int p = 0; p < 3; ++p) *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
-            }
+            stage_split3<KS, 64, NT>(Cs, dCo + static_cast<size_t>(d0) * DV + j0, DV, tid);
             __syncthreads();
             #pragma unroll
             for (int kk = 0; kk < KS / 16; ++kk) {
@@ -704,8 +686,24 @@ _DV_SOURCE = (_PRELUDE + """
     }
 """).replace("__SLAB__", str(_KS))
 
-# A operands read from shared memory: dP by rows (dq), dP^T (dk), (S / den)^T (dv).
+# A operands read from shared memory: dP by rows (dq), dP^T (dk), (S / den)^T (dv); and the
+# staging of a float32 tile as three bf16 terms.
 _ACCESS = """
+// dst[p][r][c] = term p of src[r * ld + c] (R x C tile, C a multiple of 4, 16-byte aligned rows).
+template <int R, int C, int NT, int W>
+__device__ __forceinline__ void stage_split3(__nv_bfloat16 (*dst)[R][W], const float* src, size_t ld, int tid) {
+    for (int idx = tid; idx < R * (C / 4); idx += NT) {
+        const int r = idx / (C / 4);
+        const int e = (idx % (C / 4)) * 4;
+        const float4 cv = *reinterpret_cast<const float4*>(src + static_cast<size_t>(r) * ld + e);
+        uint32_t lo[3], hi[3];
+        split3_pair(cv.x, cv.y, lo);
+        split3_pair(cv.z, cv.w, hi);
+        #pragma unroll
+        for (int p = 0; p < 3; ++p) *reinterpret_cast<uint2*>(&dst[p][r][e]) = make_uint2(lo[p], hi[p]);
+    }
+}
+
 #define DPR(r, t) dPs[r][t]
 #define DPC(r, t) dPs[t][r]
 #define STC(r, t) Sts[t][r]
