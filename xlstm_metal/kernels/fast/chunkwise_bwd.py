@@ -84,23 +84,15 @@ _PRELUDE = """
 # acc (L x L) += X Z^T over D columns: X rows staged in xs, Z rows in zs (both [L][KS + PAD]).
 _ROWS_PRODUCT = """
     for (int d0 = 0; d0 < D_; d0 += KS) {
-        for (int idx = tid; idx < L * (KS / 8); idx += NT) {
-            const int t = idx / (KS / 8);
-            const int e = (idx % (KS / 8)) * 8;
-            const bool in = t < rows_left;
-            *reinterpret_cast<uint4*>(&xs[t][e]) = load8(XB + t * XSTR[2] + (d0 + e) * XSTR[3], XSTR[3], XVEC, in);
-            *reinterpret_cast<uint4*>(&zs[t][e]) = load8(ZB + t * ZSTR[2] + (d0 + e) * ZSTR[3], ZSTR[3], ZVEC, in);
-        }
+        stage_rows<L, KS, NT>(xs, XB, XSTR, d0, XVEC, rows_left, tid);
+        stage_rows<L, KS, NT>(zs, ZB, ZSTR, d0, ZVEC, rows_left, tid);
         __syncthreads();
         EXTRA
         #pragma unroll
         for (int kk = 0; kk < KS / 16; ++kk) {
             const int e0 = kk * 16 + 2 * tq;
             uint32_t a[4];
-            a[0] = pack_pair(&xs[rr][e0]);
-            a[1] = pack_pair(&xs[rr + 8][e0]);
-            a[2] = pack_pair(&xs[rr][e0 + 8]);
-            a[3] = pack_pair(&xs[rr + 8][e0 + 8]);
+            a_frag(a, xs, rr, e0);
             #pragma unroll
             for (int nt = 0; nt < L / 8; ++nt)
                 mma_bf16(ACC[nt], a, pack_pair(&zs[nt * 8 + g][e0]), pack_pair(&zs[nt * 8 + g][e0 + 8]));
@@ -121,21 +113,14 @@ def _rows_product(acc: str, x: str, z: str, x_vec: str, z_vec: str, x_str: str, 
 # rows d0..d0+63 (row stride DV), contraction over the DV columns j in slabs.
 _ROWS_TIMES_MT = """
     for (int j0 = 0; j0 < DV; j0 += KS) {
-        for (int idx = tid; idx < L * (KS / 8); idx += NT) {
-            const int t = idx / (KS / 8);
-            const int e = (idx % (KS / 8)) * 8;
-            *reinterpret_cast<uint4*>(&xs[t][e]) = load8(XB + t * XSTR[2] + (j0 + e) * XSTR[3], XSTR[3], XVEC, t < rows_left);
-        }
+        stage_rows<L, KS, NT>(xs, XB, XSTR, j0, XVEC, rows_left, tid);
         stage_split3<64, KS, NT>(Ms, MG + j0, DV, tid);
         __syncthreads();
         #pragma unroll
         for (int kk = 0; kk < KS / 16; ++kk) {
             const int e0 = kk * 16 + 2 * tq;
             uint32_t a[4];
-            a[0] = pack_pair(&xs[rr][e0]);
-            a[1] = pack_pair(&xs[rr + 8][e0]);
-            a[2] = pack_pair(&xs[rr][e0 + 8]);
-            a[3] = pack_pair(&xs[rr + 8][e0 + 8]);
+            a_frag(a, xs, rr, e0);
             #pragma unroll
             for (int nt = 0; nt < 8; ++nt) {
                 #pragma unroll
@@ -185,11 +170,7 @@ def _smem_times_tile(acc: str, asrc: str, bt: str) -> str:
 
 # Stage rows t of X[t][c0 .. c0 + 63] (bf16, global) into dst[L][64 + PAD].
 _STAGE_TILE = """
-    for (int idx = tid; idx < L * 8; idx += NT) {
-        const int t = idx >> 3;
-        const int e = (idx & 7) * 8;
-        *reinterpret_cast<uint4*>(&DST[t][e]) = load8(XB + t * XSTR[2] + (C0_ + e) * XSTR[3], XSTR[3], XVEC, t < rows_left);
-    }
+    stage_rows<L, 64, NT>(DST, XB, XSTR, C0_, XVEC, rows_left, tid);
 """
 
 
@@ -630,21 +611,14 @@ _DV_SOURCE = (_PRELUDE + """
         for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
         // Inter-chunk part e_s k_s dC (contraction over DQK, dC in three bf16 terms).
         for (int d0 = 0; d0 < DQK; d0 += KS) {
-            for (int idx = tid; idx < L * (KS / 8); idx += NT) {
-                const int t = idx / (KS / 8);
-                const int e = (idx % (KS / 8)) * 8;
-                *reinterpret_cast<uint4*>(&xs[t][e]) = load8(kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, t < rows_left);
-            }
+            stage_rows<L, KS, NT>(xs, kb, k_strides, d0, k_vec, rows_left, tid);
             stage_split3<KS, 64, NT>(Cs, dCo + static_cast<size_t>(d0) * DV + j0, DV, tid);
             __syncthreads();
             #pragma unroll
             for (int kk = 0; kk < KS / 16; ++kk) {
                 const int e0 = kk * 16 + 2 * tq;
                 uint32_t a[4];
-                a[0] = pack_pair(&xs[rr][e0]);
-                a[1] = pack_pair(&xs[rr + 8][e0]);
-                a[2] = pack_pair(&xs[rr][e0 + 8]);
-                a[3] = pack_pair(&xs[rr + 8][e0 + 8]);
+                a_frag(a, xs, rr, e0);
                 #pragma unroll
                 for (int p = 0; p < TERMS; ++p) {
                     #pragma unroll
@@ -689,6 +663,26 @@ _DV_SOURCE = (_PRELUDE + """
 # A operands read from shared memory: dP by rows (dq), dP^T (dk), (S / den)^T (dv); and the
 # staging of a float32 tile as three bf16 terms.
 _ACCESS = """
+// The A fragment (rows r, r + 8; columns e0, e0 + 1, e0 + 8, e0 + 9) of a row-major bf16 tile.
+template <typename Tile>
+__device__ __forceinline__ void a_frag(uint32_t* a, Tile x, int r, int e0) {
+    a[0] = pack_pair(&x[r][e0]);
+    a[1] = pack_pair(&x[r + 8][e0]);
+    a[2] = pack_pair(&x[r][e0 + 8]);
+    a[3] = pack_pair(&x[r + 8][e0 + 8]);
+}
+
+// dst[t][e] = x[t][col0 + e] for the chunk's rows t < R (zeros past the sequence), e < C.
+template <int R, int C, int NT, typename Tile, typename In, typename Str>
+__device__ __forceinline__ void stage_rows(Tile dst, const In* x, const Str& st, int col0, bool vec, int rows_left,
+                                           int tid) {
+    for (int idx = tid; idx < R * (C / 8); idx += NT) {
+        const int t = idx / (C / 8);
+        const int e = (idx % (C / 8)) * 8;
+        *reinterpret_cast<uint4*>(&dst[t][e]) = load8(x + t * st[2] + (col0 + e) * st[3], st[3], vec, t < rows_left);
+    }
+}
+
 // dst[p][r][c] = term p of src[r * ld + c] (R x C tile, C a multiple of 4, 16-byte aligned rows).
 template <int R, int C, int NT, int W>
 __device__ __forceinline__ void stage_split3(__nv_bfloat16 (*dst)[R][W], const float* src, size_t ld, int tid) {
