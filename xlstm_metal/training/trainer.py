@@ -262,6 +262,15 @@ def _set_grad_scale(optimizer, scale: mx.array | None) -> bool:
     return True
 
 
+def _updates_in_place(optimizer) -> bool:
+    """Whether any of the optimizer's AdamWs writes over the parameters (:class:`ScaledAdamW`
+    with ``in_place`` on CUDA)."""
+    from ..kernels.fast.adamw import ScaledAdamW, fused_adamw_enabled
+
+    return fused_adamw_enabled() and any(isinstance(sub, ScaledAdamW) and sub.in_place
+                                         for sub in getattr(optimizer, "optimizers", [optimizer]))
+
+
 def _set_learning_rate(optimizer, lr: mx.array) -> None:
     for sub in getattr(optimizer, "optimizers", [optimizer]):
         sub.learning_rate = lr
@@ -728,7 +737,11 @@ class Trainer:
                 loss = mx.distributed.all_sum(loss, group=group) / group.size()
             grad_norm, scale = clip_scale(grads, cfg.grad_clip)
             if cfg.grad_clip <= 0:
-                scale = None  # no clipping: the norm is only reported
+                # No clipping: the norm is only reported. An AdamW writing over the weights still
+                # waits for it, i.e. for every gradient and so for every use of the old weights.
+                scale = None
+                if _updates_in_place(optimizer):
+                    scale = mx.depends([mx.array(1.0, mx.float32)], [grad_norm])[0]
             if not _set_grad_scale(optimizer, scale):  # an optimizer of the caller's: clipped float32 gradients
                 grads = tree_map(lambda g: (g if scale is None else g * scale).astype(mx.float32), grads)
             optimizer.update(model, grads)

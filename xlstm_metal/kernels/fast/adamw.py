@@ -57,8 +57,8 @@ _SOURCE = """
 
 # In place: the same arithmetic written over the parameter, m and v (MLX has no buffer aliasing
 # for custom kernels: they are inputs, cast to writable). ``done`` only orders the graph.
-_SOURCE_IN_PLACE = (_SOURCE.replace("m_out[i]", "const_cast<float*>(m)[i]").replace("v_out[i]", "const_cast<float*>(v)[i]")
-                    .replace("p_out[i]", "const_cast<float*>(p)[i]")
+_SOURCE_IN_PLACE = (_SOURCE.replace("m_out[i]", "const_cast<float*>(m)[i]")
+                    .replace("v_out[i]", "const_cast<float*>(v)[i]").replace("p_out[i]", "const_cast<float*>(p)[i]")
                     + "    if (blockIdx.x == 0 && threadIdx.x == 0) done[0] = 0.0f;\n")
 
 _kernels: dict[tuple, object] = {}
