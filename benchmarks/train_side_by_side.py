@@ -83,13 +83,22 @@ def worker_ours(args) -> None:
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
     fits = False  # a variant so far peaked within --memory-target
     adamw_env = os.environ.get("XLSTM_METAL_FUSED_ADAMW")
+    default_limit = mx.set_memory_limit(1 << 40)  # MLX's default, to restore between variants
+    mx.set_memory_limit(default_limit)
     for variant in variants:
         if time.time() > deadline or (fits and args.memory_target):
             break
         kernel, recompute, *mode = variant.split("/")
-        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw"}:
-            raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj "
-                             "and mlx-adamw may follow")
+        limits = [m for m in mode if m.startswith("mem-limit-")]
+        mode = [m for m in mode if m not in limits]
+        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw"} or len(limits) > 1:
+            raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj, "
+                             "mlx-adamw and one mem-limit-GB may follow")
+        # mem-limit-GB: mx.set_memory_limit for this variant. MLX keeps every op's inputs until the
+        # GPU has run its command buffer, up to 10 buffers ahead of it; over the limit, evaluation
+        # waits for the GPU (the limit is soft: allocations still succeed).
+        limit_gb = float(limits[0][len("mem-limit-"):]) if limits else None
+        mx.set_memory_limit(int(limit_gb * _GB) if limit_gb else default_limit)
         eager, head_loss = "eager" in mode, "fused" if "fused-head" in mode else "plain"
         fuse = "fused-proj" in mode
         # MLX's AdamW ops instead of the AdamW kernel (read when the step is traced); else as given
@@ -107,6 +116,7 @@ def worker_ours(args) -> None:
         record = {"side": "ours", "kind": "train_step",
                   "variant": f"{kernel}, recompute {recompute}, " + ("fused head + loss, " if head_loss == "fused" else "")
                   + ("fused projections, " if fuse else "") + ("MLX's AdamW ops, " if "mlx-adamw" in mode else "")
+                  + (f"memory limit {limit_gb:g} GB, " if limit_gb else "")
                   + ("eager step" if eager else "compiled step") + _graphs_note(),
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
@@ -650,7 +660,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--variants", default="chunkwise_fused/none",
-                   help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj][/mlx-adamw] (recompute: "
+                   help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj][/mlx-adamw]"
+                        "[/mem-limit-GB] (recompute: "
                         "none, head, mlstm, ffn, blocks; eager: the step uncompiled; fused-head: --head-loss fused; "
                         "fused-proj: projections reading one input as one matmul; mlx-adamw: MLX's AdamW ops instead "
                         "of the AdamW kernel)")
