@@ -102,6 +102,24 @@ def test_cli_resume_continues_exactly(trained):
     assert train_losses(resumed) == train_losses(out)
 
 
+def test_memory_limit_is_set_for_the_run(tmp_path, monkeypatch):
+    """--memory-limit GB: MLX's memory limit while the run trains (a run-time setting; the job's
+    memory watchdog puts back the limit it found when the command ends)."""
+    corpus = make_corpus(tmp_path / "corpus")
+    calls = []
+    original = mx.set_memory_limit
+
+    def recording(limit):
+        calls.append(limit)
+        return original(limit)
+
+    monkeypatch.setattr(mx, "set_memory_limit", recording)
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), *BASE, "--steps", "2", "--warmup", "1",
+                 "--eval-every", "2", "--memory-limit", "3.5"]) == 0
+    assert 3_500_000_000 in calls
+    assert (tmp_path / "run" / "checkpoint-0000002").is_dir()
+
+
 def test_fine_tune_from_export(trained, tmp_path):
     tmp, corpus, out, export = trained
     run = tmp_path / "ft"
@@ -130,7 +148,8 @@ def test_train_2024_xlstm_from_config(tmp_path):
     assert type(model).__name__ == "xLSTMLMModel" and model.config.slstm_at == [1]
 
 
-@pytest.mark.parametrize("case", ["empty_dir", "binary", "seq_len", "vocab", "jsonl_field", "not_empty_out"])
+@pytest.mark.parametrize("case", ["empty_dir", "binary", "seq_len", "vocab", "jsonl_field", "not_empty_out",
+                                  "memory_limit"])
 def test_bad_input_exits_2_without_checkpoint(case, tmp_path, capsys):
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
@@ -152,6 +171,9 @@ def test_bad_input_exits_2_without_checkpoint(case, tmp_path, capsys):
     elif case == "jsonl_field":
         args += ["--text-field", "body"]
         expected = "record has no 'body' field"
+    elif case == "memory_limit":
+        args += ["--memory-limit", "0"]
+        expected = "--memory-limit must be a positive number of GB, got 0"
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")

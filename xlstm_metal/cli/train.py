@@ -107,6 +107,11 @@ def add_parser(subparsers) -> None:
                    help="write the best-validation model (+ tokenizer, generation_config.json) here")
     r.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="MLX's memory limit for this process (mx.set_memory_limit): past it, evaluation waits "
+                        "for the GPU to finish queued work, whose inputs MLX keeps until then (GPU back-ends "
+                        "run up to 10 command buffers ahead). Lowers the peak, may cost speed; not saved with "
+                        "the run")
     p.set_defaults(func=run)
 
 
@@ -259,6 +264,8 @@ def run(args) -> int:
 
     if args.kernel is None:
         args.kernel = default_training_kernel()
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise UsageError(f"--memory-limit must be a positive number of GB, got {args.memory_limit:g}")
     out = Path(args.out).expanduser()
     export = Path(args.export).expanduser() if args.export else None
     group, main = _launched_group()
@@ -421,6 +428,8 @@ def run(args) -> int:
         extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field}
         if group is not None:
             _same_start(group, model, train_stream, val_stream, cfg)
+        if args.memory_limit is not None:
+            mx.set_memory_limit(int(args.memory_limit * 1e9))
         try:
             trainer = Trainer(model, train_stream, val_stream, cfg, out, tok_dir,
                               progress=not args.no_progress, extra_state=extra, group=group)
