@@ -3,7 +3,9 @@
 ``mx.fast.cuda_kernel`` has no vjp, so :func:`mlstm_chunkwise_fused` runs through
 :func:`chunkwise_differentiable`: the forward is the fused CUDA kernels (``chunkwise_scan``
 where they do not run: CPU, Metal, other dtypes or sizes) and keeps nothing but its inputs and
-outputs; the backward recomputes what it needs from them and never holds a layer's per-chunk
+outputs. Where the forward ran the kernels, the backward is CUDA kernels too
+(:mod:`.chunkwise_bwd`; ``XLSTM_METAL_FUSED_MLSTM_BWD=0`` selects the one below). The MLX-ops
+backward here, their reference, recomputes what it needs and never holds a layer's per-chunk
 states longer than its own few steps:
 
 1. the state entering every chunk (C, n, m), again by the fused states kernel (or the
