@@ -10,8 +10,8 @@ Records (one JSON object per line):
   ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
 - ``step``: the compiled greedy step of the whole model (as ``xlstm-metal bench``) and a compiled
   chain of only the blocks' four matmuls (as the model computes them: MLX's matmul, and the skinny
-  kernel of xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA, k unsplit (its default) and
-  split for 264 blocks), ms per step. ``--only-chain`` measures the chain and nothing else.
+  kernel of xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA, k unsplit and split for 264
+  blocks, its default), ms per step. ``--only-chain`` measures the chain and nothing else.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
 
         x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
         default_on, target = skinny.skinny_gemm_enabled(), skinny.TARGET_BLOCKS
-        for name, skinny_on, target_blocks in (("mlx", False, target), ("skinny", True, 0),
+        for name, skinny_on, target_blocks in (("mlx", False, target), ("skinny, k not split", True, 0),
                                                ("skinny, k split for 264 blocks", True, 264)):
             set_skinny_gemm(skinny_on)
             skinny.TARGET_BLOCKS = target_blocks

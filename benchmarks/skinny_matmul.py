@@ -56,8 +56,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--configs", default="", help="extra launch shapes, 'tm,w,u,stages' separated by ';'")
     p.add_argument("--kinds", default="", help="products to time (default: all)")
-    p.add_argument("--split-too", action="store_true",
-                   help="time the default launch with k split across blocks (264 blocks) too")
+    p.add_argument("--no-split-too", action="store_true",
+                   help="where the default launch splits k across blocks, time it unsplit too")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -95,9 +95,8 @@ def main() -> None:
                 continue
             default = default_config(M, N)
             runs = [(default, None)] + [(c, None) for c in extra if c != default]
-            split = -(-264 // -(-N // default.rows_per_block()))
-            if args.split_too and k_splits(N, K, default, split) > 1:
-                runs.append((default, split))
+            if args.no_split_too and k_splits(N, K, default) > 1:
+                runs.append((default, 1))
             for i, (cfg, splits) in enumerate(runs):
                 ms = 1000 * bm.median_seconds(lambda: [skinny_matmul(x, w, cfg, splits) for w in weights],
                                               args.repeats) / count

@@ -179,7 +179,8 @@ def test_config_checks_defaults_and_splits(monkeypatch):
         SkinnyConfig(u=3)
     with pytest.raises(ValueError):
         SkinnyConfig(w=33)
-    assert k_splits(4096, 4096, default_config(16, 4096)) == 1  # k is not split by default
+    monkeypatch.setattr(skinny, "TARGET_BLOCKS", 0)
+    assert k_splits(4096, 4096, default_config(16, 4096)) == 1  # 0: never split
     monkeypatch.setattr(skinny, "TARGET_BLOCKS", 264)
     for rows in (1, 2, 16, 17, 64):
         cfg = default_config(rows, 4096)

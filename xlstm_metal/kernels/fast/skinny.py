@@ -14,10 +14,10 @@ L2 a few times rather than once per 16 weight rows:
   steps of 64: each step's weight tile and x tile go global -> shared memory with ``cp.async``
   (whole 128-byte lines, L2 only) through a ring of STAGES steps, so STAGES - 1 steps are in
   flight without holding registers; every warp reads x's fragments from the one shared copy.
-- Optionally (:data:`TARGET_BLOCKS` > 0) layers with few row tiles (4096 outputs: 32 tiles) split
-  k across blocks so the GPU has that many blocks; each split writes float32 partial sums and a
-  second small kernel adds them. S5R2 timed every split layer slower than unsplit (the second
-  launch cost more than the parallelism gained), so by default k is not split.
+- Layers with few row tiles (4096 outputs: 32 tiles) split k across blocks so the GPU has
+  :data:`TARGET_BLOCKS` of them; each split writes float32 partial sums and a second small
+  kernel adds them (S5R3, the 128 products of a step compiled alone: 6.10 ms split against 9.36
+  unsplit at 16 rows, 8.83 against 14.50 at 64; cuBLASLt 5.32 and 5.58).
 
 A first version (S5R1: 16 weight rows per block, its 8 warps splitting k, x read per warp from
 L1/L2) ran at 0.6-2.5 TB/s, below cuBLASLt on most shapes: at 64 rows every warp read 4 bytes of
@@ -97,10 +97,9 @@ class SkinnyConfig:
         return self.stages * (self.rows_per_block() + 8 * mt) * self.k_step() * 2
 
 
-#: Thread blocks a product aims for by splitting k (264: two per SM of an H100/H200), each
-#: split's float32 partial sums added by a second small kernel; 0 (the default): never split,
-#: which S5R2 measured faster on every split layer (benchmarks/NOTES.md).
-TARGET_BLOCKS = 0
+#: Thread blocks a product aims for (two per SM of an H100/H200): fewer row tiles than this are
+#: split along k, each split's float32 partial sums added by a second small kernel (0: never split).
+TARGET_BLOCKS = 264
 
 
 def default_config(rows: int, n: int) -> SkinnyConfig:
