@@ -249,12 +249,17 @@ def clip_scale(grads, max_norm: float) -> tuple[mx.array, mx.array]:
     return total, mx.minimum(max_norm / (total + 1e-6), 1.0)
 
 
+def _parts(optimizer) -> list:
+    """The optimizers inside ``optimizer`` (a ``MultiOptimizer``'s parts, or itself)."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
 def _set_grad_scale(optimizer, scale: mx.array | None) -> bool:
     """Hand the clip scale to optimizers that apply it themselves (:class:`ScaledAdamW`);
     False (nothing set) if any does not."""
     from ..kernels.fast.adamw import ScaledAdamW
 
-    subs = getattr(optimizer, "optimizers", [optimizer])
+    subs = _parts(optimizer)
     if not all(isinstance(sub, ScaledAdamW) for sub in subs):
         return False
     for sub in subs:
@@ -267,12 +272,11 @@ def _updates_in_place(optimizer) -> bool:
     with ``in_place`` on CUDA)."""
     from ..kernels.fast.adamw import ScaledAdamW, fused_adamw_enabled
 
-    return fused_adamw_enabled() and any(isinstance(sub, ScaledAdamW) and sub.in_place
-                                         for sub in getattr(optimizer, "optimizers", [optimizer]))
+    return fused_adamw_enabled() and any(isinstance(sub, ScaledAdamW) and sub.in_place for sub in _parts(optimizer))
 
 
 def _set_learning_rate(optimizer, lr: mx.array) -> None:
-    for sub in getattr(optimizer, "optimizers", [optimizer]):
+    for sub in _parts(optimizer):
         sub.learning_rate = lr
 
 
