@@ -6,8 +6,9 @@ off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings
 
 For each measurement the settings alternate (over ``--rounds``), each with a freshly compiled
 step / prefill trace: decode with the kernels on (MLX's matmul for the products, the default);
-with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too; and
-with all of them off; prefill also with the GPU's
+with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too
+(``--no-skinny`` leaves it out); with each layout of the gated step kernel (``--step-kernels 2,1``);
+and with all of them off; prefill also with the GPU's
 queued layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
 One JSON object per line: setting, kind, batch, length, tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
 after it, so a time-limited run still returns what it measured.
@@ -45,6 +46,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--bf16-residual", action="store_true",
                    help="decode also with the residual stream in the weights' dtype (fuse_projections() sets float32)")
+    p.add_argument("--step-kernels", default=None,
+                   help="decode with the kernels on once per layout of the gated step kernel (e.g. '2,1'; "
+                        "decode.set_step_kernel_version), in place of the default layout alone")
+    p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product setting")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -69,22 +74,31 @@ def main() -> None:
     queue_layers = xlarge._queue_layers
     skinny_default = skinny.skinny_gemm_enabled()
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
-    # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny product)
-    settings = {"decode": [("fused decode kernels", True, True, residual, False),
-                           ("fused decode kernels + skinny product", True, True, residual, True),
-                           ("off", False, True, residual, False)],
-                "prefill": [("fused kernels, layers queued", True, True, residual, False),
-                            ("fused kernels, layer by layer", True, False, residual, False),
-                            ("off", False, False, residual, False)]}
+    step_default = decode.step_kernel_version()
+    # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
+    # product, layout of the gated step kernel)
+    if args.step_kernels:
+        fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, False, int(v))
+                 for v in args.step_kernels.split(",")]
+    else:
+        fused = [("fused decode kernels", True, True, residual, False, step_default)]
+    settings = {"decode": fused + ([] if args.no_skinny else
+                                   [("fused decode kernels + skinny product", True, True, residual, True, step_default)])
+                + [("off", False, True, residual, False, step_default)],
+                "prefill": [("fused kernels, layers queued", True, True, residual, False, step_default),
+                            ("fused kernels, layer by layer", True, False, residual, False, step_default),
+                            ("off", False, False, residual, False, step_default)]}
     if args.bf16_residual:
-        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, False))
+        settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, False,
+                                   step_default))
 
     def run(kind: str, size: int) -> None:
         for _ in range(args.rounds):
-            for name, on, queued, residual_dtype, skinny_on in settings[kind]:
+            for name, on, queued, residual_dtype, skinny_on, step_version in settings[kind]:
                 if late():
                     return
                 decode.set_fused_decode(on)
+                decode.set_step_kernel_version(step_version)
                 skinny.set_skinny_gemm(skinny_on)
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
@@ -114,6 +128,7 @@ def main() -> None:
         for batch in map(int, filter(None, args.q_batches.split(","))):
             run("decode", batch)
     decode.set_fused_decode(True)
+    decode.set_step_kernel_version(step_default)
     skinny.set_skinny_gemm(skinny_default)
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 

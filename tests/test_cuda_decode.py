@@ -80,11 +80,22 @@ def _err64(h, h64) -> float:
     return float(np.max(np.abs(np.array(h, dtype=np.float64) - h64)) / np.max(np.abs(h64)))
 
 
+@pytest.fixture(params=[1, 2], ids=["layout1", "layout2"])
+def step_layout(request):
+    """Each layout of the gated step kernel in turn (decode.set_step_kernel_version)."""
+    from xlstm_metal.kernels.fast import decode
+
+    old = decode.step_kernel_version()
+    decode.set_step_kernel_version(request.param)
+    yield request.param
+    decode.set_step_kernel_version(old)
+
+
 @cuda
 @pytest.mark.parametrize("cap", [15.0, None])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("DQK,DV", [(24, 40), (256, 512)])
-def test_step_gated_matches_reference_float32(cap, bias, DQK, DV):
+def test_step_gated_matches_reference_float32(step_layout, cap, bias, DQK, DV):
     args, state = _gate_inputs(DQK + DV + bias, DQK=DQK, DV=DV, bias=bias)
     (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=cap), _reference_gated(*args, state, cap)
     for x, y in zip(s, s_ref):
@@ -100,7 +111,7 @@ def test_step_gated_matches_reference_float32(cap, bias, DQK, DV):
 
 @cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_step_gated_rounds_gates_like_the_reference(dtype):
+def test_step_gated_rounds_gates_like_the_reference(step_layout, dtype):
     # The gates are rounded to the projection dtype after each op, as the ops path holds them;
     # the state stays float32, so it agrees to float32 round-off.
     args, state = _gate_inputs(3, NH=8, DQK=64, DV=128, dtype=dtype)
@@ -117,6 +128,54 @@ def test_step_gated_zero_state_and_compile():
     _check(fn(*args), ref, 1e-5, 1e-5)
 
 
+@cuda
+@pytest.mark.parametrize("B,NH,DQK,DV", [
+    (1, 8, 256, 512),  # the 7B heads at batch 1: layout 2's narrow tile (16 columns per block)
+    (16, 2, 512, 512),  # 32 columns per block, two batches of 8 rows per thread
+    (64, 2, 128, 256),  # 32 columns per block, 4 rows per thread
+    (3, 2, 512, 256),  # DQK > DV
+    (2, 4, 96, 192),  # the 125m heads
+    (5, 2, 64, 40),  # a partial tile of columns
+    (2, 2, 48, 37),  # DV not a multiple of 4: 4-byte accesses
+])
+def test_step_gated_launch_shapes(step_layout, B, NH, DQK, DV):
+    # Every tile the launch picks, against the float32 reference (state) and float64 (h).
+    args, state = _gate_inputs(B + NH + DQK + DV, B=B, NH=NH, DQK=DQK, DV=DV)
+    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=15.0), _reference_gated(*args, state, 15.0)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype and _rel(x, y) <= 1e-5, _rel(x, y)
+    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+    h64 = _h_float64(*args, state, 15.0)
+    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
+
+
+@cuda
+@pytest.mark.parametrize("state_dtype", [mx.bfloat16, mx.float16])
+def test_step_gated_narrow_state(step_layout, state_dtype):
+    # A state held in bf16/fp16: read and written element by element, rounded where the
+    # reference rounds it.
+    args, _ = _gate_inputs(11, B=3, NH=2, DQK=64, DV=128)
+    state = tuple(x.astype(state_dtype) for x in _gate_inputs(12, B=3, NH=2, DQK=64, DV=128)[1])
+    out = mlstm_step_gated(*args, state, gate_soft_cap=15.0, state_dtype=state_dtype)
+    _check(out, _reference_gated(*args, state, 15.0, state_dtype=state_dtype), 1e-2, 1e-2)
+
+
+def test_step_layout_choice():
+    from xlstm_metal.kernels.fast import decode
+
+    # (TX, TD, V, RB): the 7B heads (DQK 256, DV 512) at batch 1 (8 heads) get 16 columns per
+    # block (256 blocks for 132 SMs), at batch 16 and 64 32 columns and all 8 rows in flight.
+    assert decode._v2_tile(8, 256, 512) == (4, 64, 4, 4)
+    assert decode._v2_tile(128, 256, 512) == (8, 32, 4, 8)
+    assert decode._v2_tile(512, 256, 512) == (8, 32, 4, 8)
+    assert decode._v2_tile(4, 24, 37) == (32, 8, 1, 3)  # 4-byte columns
+    for heads, dqk, dv in [(1, 24, 40), (6, 512, 256), (32, 64, 512), (8, 48, 37)]:
+        tx, td, vec, rb = decode._v2_tile(heads, dqk, dv)
+        assert 32 % tx == 0 and (tx * td) % 32 == 0 and tx * td <= 256 and 1 <= rb <= 8
+    with pytest.raises(ValueError):
+        decode.set_step_kernel_version(3)
+
+
 def _inproj_inputs(seed, B, dtype, NH=3, DQK=24, DV=40, E=96):
     rng = np.random.default_rng(seed)
     (q, k, v, _, _, i_bias, f_bias), state = _gate_inputs(seed, B=B, NH=NH, DQK=DQK, DV=DV, dtype=dtype)
@@ -128,7 +187,7 @@ def _inproj_inputs(seed, B, dtype, NH=3, DQK=24, DV=40, E=96):
 
 
 @pytest.mark.parametrize("B", [1, 3])
-def test_step_gated_takes_the_gate_product(B):
+def test_step_gated_takes_the_gate_product(step_layout, B):
     # x and W_if in place of the raw gates: the same step as from x @ W_if.T (on CUDA the kernel
     # sums the two dot products itself; elsewhere it is that matmul).
     qkv, (x, w_if), (i_raw, f_raw, i_bias, f_bias), state = _inproj_inputs(B, B, mx.float32)

@@ -189,6 +189,150 @@ GATE_STABILISER
     if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
 """.replace("GATE_STABILISER", GATE_STABILISER)
 
+# The second layout of the gated step, for streaming the state at the copy rate at 16-64 rows.
+# A block covers COLS = TX * V value columns of one (batch row, head): TX x TD threads, each V
+# adjacent columns (one 16-byte access of a float32 row) and rows ty, ty + TD, ... in batches of
+# RB. What differs from the first layout: the first batch of state loads is issued before
+# anything else (before the gates, q, k and n), so the state is in flight while the block reads
+# its scalars; q and k go through shared memory once per block instead of a 2-byte global load
+# per row and thread; the scalar q.n' is summed in the same pass as q.C' (warp shuffles, then one
+# shared-memory exchange and a single barrier) instead of a barrier tree before the state loop;
+# and the state is read and written with streaming cache hints (it is not reused within a step).
+_STEP_GATED_SOURCE_V2 = """
+    const int bh = blockIdx.z;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int tid = ty * TX + tx;
+    constexpr int NT = TX * TD;
+    constexpr int NW = NT / 32;
+    constexpr int COLS = TX * V;  // value columns per block
+    constexpr int NRED = NW * COLS > NT ? NW * COLS : NT;
+    const int j0 = blockIdx.x * COLS + tx * V;
+    const bool cols_ok = j0 < DV;
+    __shared__ float s_q[DQK];
+    __shared__ float s_k[DQK];
+    __shared__ float s_red[NRED];
+    __shared__ float s_qn[NW];
+
+    // The first RB rows of this thread's state, issued before anything else.
+    // Row r of a batch starting at row d0 sits r * TD * DV elements after it: a constant offset.
+    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+    float cv[RB][V];
+    auto load_rows = [&](int d0) {
+        const float* src = reinterpret_cast<const float*>(C) + c_base + static_cast<size_t>(d0) * DV;
+        #pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const int d = d0 + r * TD;
+            if (cols_ok && d < DQK) {
+                const size_t off = c_base + static_cast<size_t>(d) * DV;
+                if (LOAD4) {
+                    const float4* p4 = reinterpret_cast<const float4*>(src + r * TD * DV);
+                    const float4 c4 = STREAM ? __ldcs(p4) : *p4;
+                    cv[r][0] = c4.x; cv[r][1] = c4.y; cv[r][2] = c4.z; cv[r][3] = c4.w;
+                } else {
+                    #pragma unroll
+                    for (int c = 0; c < V; ++c) cv[r][c] = j0 + c < DV ? static_cast<float>(C[off + c]) : 0.0f;
+                }
+            }
+        }
+    };
+    load_rows(ty);
+
+INPROJ_PROLOGUE
+    // Gates, as the projection cell and the reference step compute them.
+    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
+    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
+GATE_STABILISER
+
+    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
+    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
+    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+    const size_t qk_off = static_cast<size_t>(bh) * DQK;
+    const size_t v_off = static_cast<size_t>(bh) * DV;
+
+    // q (scaled) and k to shared memory; n' = fa n + ia k and this thread's part of q.n'.
+    float qn = 0.0f;
+    for (int d = tid; d < DQK; d += NT) {
+        const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+        const float qd = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
+        const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
+        qn += qd * nd;
+        s_q[d] = qd;
+        s_k[d] = kd;
+        if (blockIdx.x == 0) n_out[qk_off + d] = static_cast<ST>(nd);
+    }
+    float vj[V];
+    #pragma unroll
+    for (int c = 0; c < V; ++c) {
+        vj[c] = j0 + c < DV ? ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + (j0 + c) * v_strides[3]]) : 0.0f;
+    }
+    __syncthreads();
+
+    // C' = fa C + ia k v^T for this thread's columns (C row-contiguous), and q.C' over its rows.
+    float acc[V];
+    #pragma unroll
+    for (int c = 0; c < V; ++c) acc[c] = 0.0f;
+    for (int d0 = ty; d0 < DQK; d0 += TD * RB) {
+        if (d0 != ty) load_rows(d0);
+        float* dst = reinterpret_cast<float*>(C_out) + c_base + static_cast<size_t>(d0) * DV;
+        #pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const int d = d0 + r * TD;
+            if (cols_ok && d < DQK) {
+                const size_t off = c_base + static_cast<size_t>(d) * DV;
+                const float kd = s_k[d], qd = s_q[d];
+                #pragma unroll
+                for (int c = 0; c < V; ++c) {
+                    cv[r][c] = fa * cv[r][c] + kd * vj[c];
+                    acc[c] += qd * cv[r][c];
+                }
+                if (LOAD4) {
+                    const float4 o4 = make_float4(cv[r][0], cv[r][1], cv[r][2], cv[r][3]);
+                    float4* p4 = reinterpret_cast<float4*>(dst + r * TD * DV);
+                    if (STREAM) __stcs(p4, o4);
+                    else *p4 = o4;
+                } else {
+                    #pragma unroll
+                    for (int c = 0; c < V; ++c) if (j0 + c < DV) C_out[off + c] = static_cast<ST>(cv[r][c]);
+                }
+            }
+        }
+    }
+
+    // One exchange for both sums: over the rows within a warp by shuffles (lanes tx, tx + TX,
+    // ... hold the same columns), then the warps' partial sums through shared memory.
+    #pragma unroll
+    for (int c = 0; c < V; ++c) {
+        #pragma unroll
+        for (int o = TX; o < 32; o <<= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) qn += __shfl_xor_sync(0xffffffffu, qn, o);
+    const int lane = tid & 31, warp = tid >> 5;
+    if (lane < TX) {
+        #pragma unroll
+        for (int c = 0; c < V; ++c) s_red[warp * COLS + lane * V + c] = acc[c];
+    }
+    if (lane == 0) s_qn[warp] = qn;
+    __syncthreads();
+    for (int col = tid; col < COLS; col += NT) {
+        const int j = blockIdx.x * COLS + col;
+        if (j < DV) {
+            float num = 0.0f, qn_all = 0.0f;
+            #pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                num += s_red[w * COLS + col];
+                qn_all += s_qn[w];
+            }
+            const float den = fmaxf(fabsf(qn_all), expf(-m_new)) + EPS;
+            h[v_off + j] = static_cast<HT>(num / den);
+        }
+    }
+    if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
+""".replace("GATE_STABILISER", GATE_STABILISER)
+
 # With the gate projections' product inside (quantized models keep those in float, one more
 # matmul launch per block otherwise): i~, f~ = x . W_if[hd], x . W_if[NH + hd], summed in float32
 # and rounded to GT as the matmul's output; x [B, 1, E] and W_if [2 NH, E] row-contiguous.
@@ -224,12 +368,58 @@ _INPROJ_PROLOGUE = """
 
 _step_kernels: dict[tuple, object] = {}
 
+# Which layout of the gated step kernel runs: 1 (the first, ``_STEP_GATED_SOURCE``) or 2
+# (``_STEP_GATED_SOURCE_V2``); ``XLSTM_METAL_STEP_KERNEL`` picks it, for comparisons.
+_step_version = int(os.environ.get("XLSTM_METAL_STEP_KERNEL", "1"))
+if _step_version not in (1, 2):
+    raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1 or 2, got {_step_version}")
+#: Streaming cache hints on the state's loads and stores in layout 2 (it is not reused in a step).
+_STREAM_HINTS = True
+#: Layout 2's threads along the value columns (4, 8, 16 or 32 with 16-byte columns) or None for
+#: the choice of :func:`_v2_tile`; a benchmark knob.
+_V2_TX: int | None = None
+#: Layout 2's most rows per thread in flight at once (registers: 4 V per row); a benchmark knob.
+_V2_RB = 8
+_SMS = 132  # enough blocks for an H100/H200's streaming multiprocessors at every batch
 
-def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool):
-    key = (eps, cap, has_bias, inproj)
+
+def step_kernel_version() -> int:
+    """Which layout of :func:`mlstm_step_gated`'s CUDA kernel runs (1 or 2)."""
+    return _step_version
+
+
+def set_step_kernel_version(version: int) -> None:
+    """Pick the layout of the gated step kernel (1 or 2) for functions traced from now on."""
+    global _step_version
+    if version not in (1, 2):
+        raise ValueError(f"step kernel version must be 1 or 2, got {version}")
+    _step_version = version
+
+
+def _v2_tile(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int]:
+    """Layout 2's (TX, TD, V, RB) for B * NH heads: 256 threads, V = 4 (16-byte state accesses)
+    where DV allows, TX = 8 (32 columns per block) unless that gives fewer than two blocks per
+    SM (batch 1), then 4; TD rows of threads (no more than DQK needs) and RB <= 8 rows per
+    thread in flight at once."""
+    vec = 4 if dv % 4 == 0 else 1
+    if vec == 1:
+        tx = 32
+    elif _V2_TX is not None:
+        tx = _V2_TX
+    else:
+        tx = 8 if batch_heads * -(-dv // 32) >= 2 * _SMS or dv <= 16 else 4
+    td_needed = 1 << max(dqk - 1, 0).bit_length()  # DQK rounded up to a power of 2
+    td = min(256 // tx, max(32 // tx, td_needed))
+    rows = -(-dqk // td)
+    return tx, td, vec, min(_V2_RB, rows)
+
+
+def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: int):
+    key = (eps, cap, has_bias, inproj, version)
     kernel = _step_kernels.get(key)
     if kernel is None:
-        source = _STEP_GATED_SOURCE.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
+        source = _STEP_GATED_SOURCE_V2 if version == 2 else _STEP_GATED_SOURCE
+        source = source.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
         source = source.replace("HAS_BIAS", "true" if has_bias else "false")
         for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
             read = f"static_cast<float>({bias}[hd * {bias}_strides[0]])" if has_bias else "0.0f"
@@ -239,7 +429,7 @@ def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool):
             read = value if inproj else f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
             source = source.replace(name, read)
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_mlstm_step_gated_{len(_step_kernels)}",
+            name=f"xlstm_mlstm_step_gated{'_v2' if version == 2 else ''}_{len(_step_kernels)}",
             input_names=["q", "k", "v"] + (["x", "w"] if inproj else ["i", "f"]) + (["ib", "fb"] if has_bias else [])
             + ["C", "n", "m"],
             output_names=["h", "C_out", "n_out", "m_out"],
@@ -320,17 +510,23 @@ def mlstm_step_gated(
     C, n, m = state
     # The kernel indexes C as row-contiguous (a no-op for the kernel's own output and for zeros).
     C = mx.contiguous(C)
-    vec = 4 if dv % 4 == 0 else 1
-    tx = 32 // vec  # 32 value columns per block
-    td = 32 if vec == 4 else 8
+    version = _step_version
+    if version == 2:
+        tx, td, vec, rb = _v2_tile(B * NH, dqk, dv)
+        extra = [("RB", rb), ("STREAM", _STREAM_HINTS)]
+    else:
+        vec = 4 if dv % 4 == 0 else 1
+        tx = 32 // vec  # 32 value columns per block
+        td = 32 if vec == 4 else 8
+        extra = []
     cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
     gates = [mx.contiguous(x), mx.contiguous(w_if)] if inproj else [i_raw, f_raw]
     inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
-    h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj)(
+    h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj, version)(
         inputs=inputs,
         template=[("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk),
                   ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
-                  ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)],
+                  ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)] + extra,
         grid=(-(-dv // (tx * vec)) * tx, td, B * NH),
         threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],

@@ -1,0 +1,115 @@
+"""The gated mLSTM step kernel alone (xlstm_metal/kernels/fast/decode.py, ``mlstm_step_gated``):
+bytes per second of state moved, its first layout against the second, beside MLX's own
+elementwise pass over the same state (the copy rate), on an NVIDIA GPU.
+
+    python benchmarks/step_kernel.py --shape 7b --batches 1,16,64 --out $OUT/step_kernel.jsonl
+
+One evaluation runs the step of every layer (``--layers``, default the shape's block count), each
+on its own state, as a decode step does: the state of all layers is far larger than L2, so every
+step reads its C from memory. Inputs as the 7B model passes them: q, k, v and the raw gates in
+the weights' dtype (strided views of the projection output), gate biases, float32 state.
+Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``copy``), batch,
+``us_per_layer`` (median over ``--repeats``), ``gb_s`` (C read + C written + n read + written,
+per second) and, for v2, ``max_rel_diff_vs_v1`` of h and C (the same math, other summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
+import mlx.core as mx  # noqa: E402
+
+from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.kernels.fast import decode  # noqa: E402
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.max(mx.abs(a - b)) / (mx.max(mx.abs(b)) + 1e-30)).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="7b")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--layers", type=int, default=None, help="default: the shape's number of blocks")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tiles", default="default,8x4,16x4,16x8",
+                   help="v2 tiles to time: 'default' (the kernel's own choice) or TXxRB (threads along "
+                        "the columns x rows per thread in flight), comma-separated")
+    p.add_argument("--no-stream-hints", action="store_true", help="also time v2 (default tile) without them")
+    p.add_argument("--deadline", type=float, default=None, help="seconds from the start: stop starting new work")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    start = time.perf_counter()
+    config = bm.shape_config(args.shape)
+    dtype = getattr(mx, bm.default_dtype())
+    NH = config.num_heads
+    dqk = int(config.embedding_dim * config.qk_dim_factor) // NH
+    dv = int(config.embedding_dim * config.v_dim_factor) // NH
+    layers = args.layers or config.num_blocks
+    out = open(args.out, "a") if args.out else None
+
+    def emit(record: dict) -> None:
+        line = json.dumps({"shape": args.shape, "NH": NH, "DQK": dqk, "DV": dv, "layers": layers, **record})
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    version, stream, tx, rb = decode.step_kernel_version(), decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB
+    for B in map(int, filter(None, args.batches.split(","))):
+        if args.deadline is not None and time.perf_counter() - start > args.deadline:
+            break
+        mx.random.seed(B)
+        raw = [mx.random.normal((B, 1, 2 * NH)).astype(dtype) * 4 for _ in range(layers)]
+        qkv = [tuple(mx.random.normal((B, NH, 1, d)).astype(dtype) for d in (dqk, dqk, dv)) for _ in range(layers)]
+        bias = (mx.random.normal((NH,)).astype(dtype), (mx.random.normal((NH,)) + 3).astype(dtype))
+        states = [(mx.random.normal((B, NH, dqk, dv)) * 0.1, mx.random.normal((B, NH, dqk)), mx.zeros((B, NH, 1)))
+                  for _ in range(layers)]
+        mx.eval(raw, qkv, bias, states)
+        nbytes = 2 * (B * NH * dqk * dv * 4 + B * NH * dqk * 4)  # C and n, read and written
+
+        def steps():
+            return [decode.mlstm_step_gated(q, k, v, y[..., :NH].transpose(0, 2, 1), y[..., NH:].transpose(0, 2, 1),
+                                            *bias, s) for (q, k, v), y, s in zip(qkv, raw, states)]
+
+        def timed(fn) -> tuple[dict, list]:
+            fn_c = mx.compile(fn)  # traced afresh: the kernel settings are read at trace time
+            sec = bm.median_seconds(fn_c, args.repeats)
+            return {"batch": B, "us_per_layer": 1e6 * sec / layers, "gb_s": nbytes * layers / sec / 1e9}, fn_c()
+
+        # MLX's own pass over the same bytes: C * a read and written once (n likewise).
+        emit({"kernel": "copy", **timed(lambda: [(s[0] * 0.5, s[1] * 0.5) for s in states])[0]})
+        decode.set_step_kernel_version(1)
+        record, ref = timed(steps)
+        emit({"kernel": "v1", **record})
+        decode.set_step_kernel_version(2)
+        tiles = [t for t in args.tiles.split(",") if t]
+        variants = [(t, True) for t in tiles] + ([("default", False)] if args.no_stream_hints else [])
+        for tile, hints in variants:
+            if args.deadline is not None and time.perf_counter() - start > args.deadline:
+                break
+            decode._STREAM_HINTS = hints
+            decode._V2_TX, decode._V2_RB = (None, 8) if tile == "default" else map(int, tile.split("x"))
+            record, got = timed(steps)
+            emit({"kernel": "v2", **record, "tile": list(decode._v2_tile(B * NH, dqk, dv)), "stream_hints": hints,
+                  "max_rel_diff_vs_v1": {"h": max(_rel(g[0], r[0]) for g, r in zip(got, ref)),
+                                         "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
+            del got
+        decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB = stream, tx, rb
+        decode.set_step_kernel_version(version)
+        del ref, states
+    emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
+
+
+if __name__ == "__main__":
+    main()
