@@ -48,3 +48,14 @@ def tiny_model_dir(tmp_path):
     path = tmp_path / "tiny"
     save_model(tiny_model(), path)
     return path
+
+
+@pytest.fixture(params=[1, 2], ids=["layout1", "layout2"])
+def step_layout(request):
+    """Each layout of the CUDA step kernel in turn (kernels.fast.decode.set_step_kernel_version)."""
+    from xlstm_metal.kernels.fast import decode
+
+    old = decode.step_kernel_version()
+    decode.set_step_kernel_version(request.param)
+    yield request.param
+    decode.set_step_kernel_version(old)

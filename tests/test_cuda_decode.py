@@ -80,17 +80,6 @@ def _err64(h, h64) -> float:
     return float(np.max(np.abs(np.array(h, dtype=np.float64) - h64)) / np.max(np.abs(h64)))
 
 
-@pytest.fixture(params=[1, 2], ids=["layout1", "layout2"])
-def step_layout(request):
-    """Each layout of the gated step kernel in turn (decode.set_step_kernel_version)."""
-    from xlstm_metal.kernels.fast import decode
-
-    old = decode.step_kernel_version()
-    decode.set_step_kernel_version(request.param)
-    yield request.param
-    decode.set_step_kernel_version(old)
-
-
 @cuda
 @pytest.mark.parametrize("cap", [15.0, None])
 @pytest.mark.parametrize("bias", [True, False])
