@@ -8,7 +8,8 @@ One evaluation runs the step of every layer (``--layers``, default the shape's b
 on its own state, as a decode step does: the state of all layers is far larger than L2, so every
 step reads its C from memory. Inputs as the 7B model passes them: q, k, v and the raw gates in
 the weights' dtype (strided views of the projection output), gate biases, float32 state.
-Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``copy``), batch,
+Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``copy``: MLX's
+``C * 0.5``, ``copy4``: a plain 16-byte copy kernel), batch,
 ``us_per_layer`` (median over ``--repeats``), ``gb_s`` (C read + C written + n read + written,
 per second) and, for v2, ``max_rel_diff_vs_v1`` of h and C (the same math, other summation order).
 """
@@ -34,6 +35,27 @@ from xlstm_metal.kernels.fast import decode  # noqa: E402
 def _rel(a: mx.array, b: mx.array) -> float:
     a, b = a.astype(mx.float32), b.astype(mx.float32)
     return (mx.max(mx.abs(a - b)) / (mx.max(mx.abs(b)) + 1e-30)).item()
+
+
+_copy_kernel = None
+
+
+def _copy4(x: mx.array) -> mx.array:
+    """A plain copy of a float32 array through 16-byte loads and stores, one per thread (a
+    custom kernel beside the step's: the streaming rate a kernel of this kind reaches)."""
+    global _copy_kernel
+    if x.dtype != mx.float32 or x.size % 4:
+        raise ValueError("_copy4 copies float32 arrays of a multiple of 4 elements")
+    if _copy_kernel is None:
+        _copy_kernel = mx.fast.cuda_kernel(
+            name="xlstm_bench_copy4", input_names=["x"], output_names=["y"],
+            source="""
+    const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < N4) reinterpret_cast<float4*>(y)[i] = reinterpret_cast<const float4*>(x)[i];
+""")
+    n4 = x.size // 4
+    return _copy_kernel(inputs=[x], template=[("N4", n4)], grid=(-(-n4 // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+                        output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
 def main() -> None:
@@ -89,6 +111,8 @@ def main() -> None:
 
         # MLX's own pass over the same bytes: C * a read and written once (n likewise).
         emit({"kernel": "copy", **timed(lambda: [(s[0] * 0.5, s[1] * 0.5) for s in states])[0]})
+        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+            emit({"kernel": "copy4", **timed(lambda: [(_copy4(s[0]), _copy4(s[1])) for s in states])[0]})
         decode.set_step_kernel_version(1)
         record, ref = timed(steps)
         emit({"kernel": "v1", **record})
