@@ -12,6 +12,11 @@ Records (one JSON object per line):
   chain of only the blocks' four matmuls (as the model computes them: MLX's matmul, and the skinny
   kernel of xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA, k unsplit and split for 264
   blocks, its default), ms per step. ``--only-chain`` measures the chain and nothing else.
+- ``breakdown`` (``--breakdown``, in place of the above): in one process, the whole compiled step,
+  the chain of the 128 products (MLX's matmul), the LM head's product alone, the gated step kernel
+  of every block alone (benchmarks/step_kernel.py: each layer's own state) and what is left of
+  the step for everything else (norms, gates, output gate, SwiGLU, embedding, argmax, the gaps
+  between ~300 kernels), ms per step.
 """
 
 from __future__ import annotations
@@ -30,6 +35,35 @@ import mlx.core as mx  # noqa: E402
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels.fast import skinny  # noqa: E402
 from xlstm_metal.kernels.fast.skinny import linear_product, set_skinny_gemm  # noqa: E402
+from xlstm_metal.kernels.fast import decode  # noqa: E402
+from step_kernel import make_steps  # noqa: E402  (benchmarks/, the script's own folder)
+
+
+def breakdown(model, B: int, repeats: int) -> dict:
+    """ms per decode step at B rows: the whole compiled step and its parts timed alone."""
+    config, blocks = model.config, model.blocks
+    dtype = model.lm_head.weight.dtype
+    x = mx.random.normal((B, 1, config.embedding_dim)).astype(dtype)
+
+    def products(x):  # the four products of every block, chained as in the model (the default product)
+        for b in blocks:
+            h = linear_product(x, b.mlstm_layer["_fused_projection"][0]["weight"])
+            x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
+            g = linear_product(x, b.ffn["_fused_gate_up"][0]["weight"])
+            x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
+        return x
+
+    steps, _, state_bytes = make_steps(config, B, dtype, len(blocks))
+    step = bm.make_decode_step(model)
+    tok, state = mx.zeros((B, 1), dtype=mx.int32), model.make_state(B)
+    mx.eval(state)
+    ms = {"whole_step": bm.median_seconds(lambda: step(tok, state), repeats),
+          "products": bm.median_seconds(lambda f=mx.compile(products): f(x), repeats),
+          "lm_head": bm.median_seconds(lambda f=mx.compile(model.lm_head): f(x), repeats),
+          "step_kernels": bm.median_seconds(mx.compile(steps), repeats)}
+    ms = {k: 1000 * v for k, v in ms.items()}
+    ms["rest"] = ms["whole_step"] - ms["products"] - ms["lm_head"] - ms["step_kernels"]
+    return {"ms": ms, "state_gb_s": state_bytes / ms["step_kernels"] / 1e6, "tok_s": B / ms["whole_step"] * 1000}
 
 
 def main() -> None:
@@ -39,6 +73,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--only-chain", action="store_true", help="only the compiled chain of products")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only where a step's time goes: whole step, products, LM head, step kernels, the rest")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = bm.default_dtype()
@@ -61,6 +97,11 @@ def main() -> None:
         "proj_down": [b.ffn.proj_down.weight for b in blocks],
     }
     E = config.embedding_dim
+    if args.breakdown:
+        for B in map(int, args.batches.split(",")):
+            emit({"kind": "breakdown", "batch": B, "step_kernel": decode.step_kernel_version(),
+                  **breakdown(model, B, args.repeats)})
+        return
     for B in map(int, args.batches.split(",")):
         for kind, weights in [] if args.only_chain else kinds.items():
             K = weights[0].shape[1]
