@@ -1,0 +1,50 @@
+"""benchmarks/step_kernel.py and decode_profile.py --breakdown, run as scripts on a tiny shape.
+
+Off CUDA both layouts of the step run the reference ops, so the script's own check of layout 2
+against layout 1 must find no difference at all, and every record must be complete.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
+        "chunk_size": 16}
+
+
+def _run(tmp_path, script, *args):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--shape", str(config), *args,
+                    "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_step_kernel_script_records(tmp_path):
+    records = _run(tmp_path, "step_kernel.py", "--batches", "1,3", "--repeats", "1", "--tiles", "default,8x4")
+    for B in (1, 3):
+        kinds = [r["kernel"] for r in records if r.get("batch") == B]
+        assert kinds == ["copy", "v1", "v2", "v2"]
+        for r in records:
+            if r.get("batch") == B:
+                assert r["us_per_layer"] > 0 and r["gb_s"] > 0 and (r["DQK"], r["DV"], r["layers"]) == (16, 32, 2)
+        tiles = [r["tile"] for r in records if r.get("batch") == B and r["kernel"] == "v2"]
+        assert tiles[1] == [8, 16, 4, 1]  # 8 threads along the columns, 16 rows of threads for DQK 16
+        for r in records:
+            if r.get("kernel") == "v2":
+                assert r["max_rel_diff_vs_v1"] == {"h": 0.0, "C": 0.0}
+    assert records[-1]["kind"] == "done"
+
+
+def test_decode_profile_breakdown(tmp_path):
+    (r,) = _run(tmp_path, "decode_profile.py", "--batches", "2", "--repeats", "1", "--breakdown")
+    ms = r["ms"]
+    assert r["kind"] == "breakdown" and r["batch"] == 2 and r["step_kernel"] in (1, 2)
+    assert all(ms[k] > 0 for k in ("whole_step", "products", "lm_head", "step_kernels"))
+    assert abs(ms["whole_step"] - ms["products"] - ms["lm_head"] - ms["step_kernels"] - ms["rest"]) < 1e-9
+    assert abs(r["tok_s"] - 2000 / ms["whole_step"]) < 1e-6
