@@ -8,7 +8,7 @@ For each measurement the settings alternate (over ``--rounds``), each with a fre
 step / prefill trace: decode with the kernels on (MLX's matmul for the products, the default);
 with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too
 (``--no-skinny`` leaves it out); with each layout of the gated step kernel (``--step-kernels 2,1``);
-and with all of them off; prefill also with the GPU's
+and with all of them off (``--no-off`` leaves that out); prefill also with the GPU's
 queued layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
 One JSON object per line: setting, kind, batch, length, tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
 after it, so a time-limited run still returns what it measured.
@@ -50,6 +50,7 @@ def main() -> None:
                    help="decode with the kernels on once per layout of the gated step kernel (e.g. '2,1'; "
                         "decode.set_step_kernel_version), in place of the default layout alone")
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product setting")
+    p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
         fused = [("fused decode kernels", True, True, residual, False, step_default)]
     settings = {"decode": fused + ([] if args.no_skinny else
                                    [("fused decode kernels + skinny product", True, True, residual, True, step_default)])
-                + [("off", False, True, residual, False, step_default)],
+                + ([] if args.no_off else [("off", False, True, residual, False, step_default)]),
                 "prefill": [("fused kernels, layers queued", True, True, residual, False, step_default),
                             ("fused kernels, layer by layer", True, False, residual, False, step_default),
                             ("off", False, False, residual, False, step_default)]}
