@@ -85,9 +85,10 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--layers", type=int, default=None, help="default: the shape's number of blocks")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--tiles", default="default,8x4,16x4,16x8",
-                   help="v2 tiles to time: 'default' (the kernel's own choice) or TXxRB (threads along "
-                        "the columns x rows per thread in flight), comma-separated")
+    p.add_argument("--tiles", default="default,default@3,default@4,8x4,16x8",
+                   help="v2 tiles to time: 'default' (the kernel's own choice) or TXxRB[@P] (threads along "
+                        "the columns x rows per thread in flight; P: the grid capped to P blocks per SM, "
+                        "each block taking several tiles), comma-separated")
     p.add_argument("--no-stream-hints", action="store_true", help="also time v2 (default tile) without them")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: stop starting new work")
     p.add_argument("--out", default=None)
@@ -107,6 +108,7 @@ def main() -> None:
             out.flush()
 
     version, stream, tx, rb = decode.step_kernel_version(), decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB
+    blocks_per_sm = decode._V2_BLOCKS_PER_SM
     for B in map(int, filter(None, args.batches.split(","))):
         if args.deadline is not None and time.perf_counter() - start > args.deadline:
             break
@@ -131,13 +133,17 @@ def main() -> None:
             if args.deadline is not None and time.perf_counter() - start > args.deadline:
                 break
             decode._STREAM_HINTS = hints
-            decode._V2_TX, decode._V2_RB = (None, 8) if tile == "default" else map(int, tile.split("x"))
+            shape, _, per_sm = tile.partition("@")
+            decode._V2_TX, decode._V2_RB = (tx, rb) if shape == "default" else map(int, shape.split("x"))
+            decode._V2_BLOCKS_PER_SM = int(per_sm) if per_sm else blocks_per_sm
             record, got = timed(steps)
-            emit({"kernel": "v2", **record, "tile": list(decode._v2_tile(B * NH, dqk, dv)), "stream_hints": hints,
+            emit({"kernel": "v2", **record, "tile": list(decode._v2_tile(B * NH, dqk, dv)),
+                  "blocks_per_sm": decode._V2_BLOCKS_PER_SM, "stream_hints": hints,
                   "max_rel_diff_vs_v1": {"h": max(_rel(g[0], r[0]) for g, r in zip(got, ref)),
                                          "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
             del got
         decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB = stream, tx, rb
+        decode._V2_BLOCKS_PER_SM = blocks_per_sm
         decode.set_step_kernel_version(version)
         del ref, states
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})

@@ -139,6 +139,27 @@ def test_step_gated_launch_shapes(step_layout, B, NH, DQK, DV):
 
 
 @cuda
+@pytest.mark.parametrize("B,NH,DQK,DV", [(16, 2, 256, 512), (3, 2, 64, 40), (2, 3, 512, 256)])
+def test_step_gated_persistent_blocks(monkeypatch, B, NH, DQK, DV):
+    # Layout 2 with its grid capped to 3 blocks: each block walks many tiles, loading the next
+    # tile's first rows before it finishes the current one.
+    from xlstm_metal.kernels.fast import decode
+
+    monkeypatch.setattr(decode, "_step_version", 2)
+    monkeypatch.setattr(decode, "_SMS", 3)
+    monkeypatch.setattr(decode, "_V2_BLOCKS_PER_SM", 1)
+    args, state = _gate_inputs(B * DQK + DV, B=B, NH=NH, DQK=DQK, DV=DV)
+    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=15.0), _reference_gated(*args, state, 15.0)
+    for x, y in zip(s, s_ref):
+        assert _rel(x, y) <= 1e-5, _rel(x, y)
+    h64 = _h_float64(*args, state, 15.0)
+    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
+    qkv, (x, w_if), (i_raw, f_raw, i_bias, f_bias), state = _inproj_inputs(5, 2, mx.float32)
+    out = mlstm_step_gated(*qkv, None, None, i_bias, f_bias, state, x=x, w_if=w_if)
+    _check(out, _reference_gated(*qkv, i_raw, f_raw, i_bias, f_bias, state, 15.0), 1e-5, 1e-5)
+
+
+@cuda
 @pytest.mark.parametrize("state_dtype", [mx.bfloat16, mx.float16])
 def test_step_gated_narrow_state(step_layout, state_dtype):
     # A state held in bf16/fp16: read and written element by element, rounded where the
@@ -153,10 +174,13 @@ def test_step_layout_choice():
     from xlstm_metal.kernels.fast import decode
 
     # (TX, TD, V, RB): the 7B heads (DQK 256, DV 512) at batch 1 (8 heads) get 16 columns per
-    # block (256 blocks for 132 SMs), at batch 16 and 64 32 columns and all 8 rows in flight.
+    # tile (256 tiles for 132 SMs), at batch 4 32 columns, at 16 and 64 64 columns; 4 rows in flight.
     assert decode._v2_tile(8, 256, 512) == (4, 64, 4, 4)
-    assert decode._v2_tile(128, 256, 512) == (8, 32, 4, 8)
-    assert decode._v2_tile(512, 256, 512) == (8, 32, 4, 8)
+    assert decode._v2_tile(32, 256, 512) == (8, 32, 4, 4)
+    assert decode._v2_tile(128, 256, 512) == (16, 16, 4, 4)
+    assert decode._v2_tile(512, 256, 512) == (16, 16, 4, 4)
+    assert decode._v2_tile(64, 24, 40) == (4, 32, 4, 1)  # no wider than DV; few tiles: the narrowest
+    assert decode._v2_tile(512, 24, 40) == (8, 32, 4, 1)
     assert decode._v2_tile(4, 24, 37) == (32, 8, 1, 3)  # 4-byte columns
     for heads, dqk, dv in [(1, 24, 40), (6, 512, 256), (32, 64, 512), (8, 48, 37)]:
         tx, td, vec, rb = decode._v2_tile(heads, dqk, dv)

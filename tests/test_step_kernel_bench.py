@@ -26,7 +26,7 @@ def _run(tmp_path, script, *args):
 
 
 def test_step_kernel_script_records(tmp_path):
-    records = _run(tmp_path, "step_kernel.py", "--batches", "1,3", "--repeats", "1", "--tiles", "default,8x4")
+    records = _run(tmp_path, "step_kernel.py", "--batches", "1,3", "--repeats", "1", "--tiles", "default,8x4@2")
     for B in (1, 3):
         kinds = [r["kernel"] for r in records if r.get("batch") == B]
         assert kinds == ["copy", "v1", "v2", "v2"]
@@ -35,6 +35,7 @@ def test_step_kernel_script_records(tmp_path):
                 assert r["us_per_layer"] > 0 and r["gb_s"] > 0 and (r["DQK"], r["DV"], r["layers"]) == (16, 32, 2)
         tiles = [r["tile"] for r in records if r.get("batch") == B and r["kernel"] == "v2"]
         assert tiles[1] == [8, 16, 4, 1]  # 8 threads along the columns, 16 rows of threads for DQK 16
+        assert [r["blocks_per_sm"] for r in records if r.get("batch") == B and r["kernel"] == "v2"] == [None, 2]
         for r in records:
             if r.get("kernel") == "v2":
                 assert r["max_rel_diff_vs_v1"] == {"h": 0.0, "C": 0.0}

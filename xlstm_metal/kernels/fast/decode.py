@@ -199,46 +199,56 @@ GATE_STABILISER
 # shared-memory exchange and a single barrier) instead of a barrier tree before the state loop;
 # and the state is read and written with streaming cache hints (it is not reused within a step).
 _STEP_GATED_SOURCE_V2 = """
-    const int bh = blockIdx.z;
-    const int b = bh / NH;
-    const int hd = bh % NH;
+    // Tiles of COLS value columns x all DQK rows of one (batch row, head), tile = bh * NCT + ct.
+    // Block i takes tiles i, i + gridDim.x, ...: one each when the grid has a block per tile,
+    // several when it is capped (persistent blocks: no launch per tile, and the next tile's first
+    // loads fly during this tile's reduction and the next one's gates).
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
     const int tid = ty * TX + tx;
     constexpr int NT = TX * TD;
     constexpr int NW = NT / 32;
-    constexpr int COLS = TX * V;  // value columns per block
+    constexpr int COLS = TX * V;  // value columns per tile
+    constexpr int NCT = (DV + COLS - 1) / COLS;  // tiles per head
     constexpr int NRED = NW * COLS > NT ? NW * COLS : NT;
-    const int j0 = blockIdx.x * COLS + tx * V;
-    const bool cols_ok = j0 < DV;
+    const int n_tiles = q_shape[0] * NH * NCT;
     __shared__ float s_q[DQK];
     __shared__ float s_k[DQK];
     __shared__ float s_red[NRED];
     __shared__ float s_qn[NW];
 
-    // The first RB rows of this thread's state, issued before anything else.
-    // Row r of a batch starting at row d0 sits r * TD * DV elements after it: a constant offset.
-    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+    // RB rows of this thread's state from row d0 of a tile; row r sits r * TD * DV elements
+    // after row d0 (a constant offset).
     float cv[RB][V];
-    auto load_rows = [&](int d0) {
-        const float* src = reinterpret_cast<const float*>(C) + c_base + static_cast<size_t>(d0) * DV;
+    auto load_rows = [&](int tile, int d0) {
+        const int bh_t = tile / NCT;
+        const int j = (tile % NCT) * COLS + tx * V;
+        if (j >= DV) return;
+        const size_t base = static_cast<size_t>(bh_t) * DQK * DV + j + static_cast<size_t>(d0) * DV;
         #pragma unroll
         for (int r = 0; r < RB; ++r) {
-            const int d = d0 + r * TD;
-            if (cols_ok && d < DQK) {
-                const size_t off = c_base + static_cast<size_t>(d) * DV;
+            if (d0 + r * TD < DQK) {
                 if (LOAD4) {
-                    const float4* p4 = reinterpret_cast<const float4*>(src + r * TD * DV);
+                    const float4* p4 = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(C) + base + r * TD * DV);
                     const float4 c4 = STREAM ? __ldcs(p4) : *p4;
                     cv[r][0] = c4.x; cv[r][1] = c4.y; cv[r][2] = c4.z; cv[r][3] = c4.w;
                 } else {
                     #pragma unroll
-                    for (int c = 0; c < V; ++c) cv[r][c] = j0 + c < DV ? static_cast<float>(C[off + c]) : 0.0f;
+                    for (int c = 0; c < V; ++c) cv[r][c] = j + c < DV ? static_cast<float>(C[base + r * TD * DV + c]) : 0.0f;
                 }
             }
         }
     };
-    load_rows(ty);
+    if (static_cast<int>(blockIdx.x) < n_tiles) load_rows(blockIdx.x, ty);  // before anything else
+
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const int bh = tile / NCT;
+    const int ct = tile % NCT;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int j0 = ct * COLS + tx * V;
+    const bool cols_ok = j0 < DV;
+    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
 
 INPROJ_PROLOGUE
     // Gates, as the projection cell and the reference step compute them.
@@ -261,7 +271,7 @@ GATE_STABILISER
         qn += qd * nd;
         s_q[d] = qd;
         s_k[d] = kd;
-        if (blockIdx.x == 0) n_out[qk_off + d] = static_cast<ST>(nd);
+        if (ct == 0) n_out[qk_off + d] = static_cast<ST>(nd);
     }
     float vj[V];
     #pragma unroll
@@ -275,13 +285,12 @@ GATE_STABILISER
     #pragma unroll
     for (int c = 0; c < V; ++c) acc[c] = 0.0f;
     for (int d0 = ty; d0 < DQK; d0 += TD * RB) {
-        if (d0 != ty) load_rows(d0);
+        if (d0 != ty) load_rows(tile, d0);
         float* dst = reinterpret_cast<float*>(C_out) + c_base + static_cast<size_t>(d0) * DV;
         #pragma unroll
         for (int r = 0; r < RB; ++r) {
             const int d = d0 + r * TD;
             if (cols_ok && d < DQK) {
-                const size_t off = c_base + static_cast<size_t>(d) * DV;
                 const float kd = s_k[d], qd = s_q[d];
                 #pragma unroll
                 for (int c = 0; c < V; ++c) {
@@ -294,12 +303,15 @@ GATE_STABILISER
                     if (STREAM) __stcs(p4, o4);
                     else *p4 = o4;
                 } else {
+                    const size_t off = c_base + static_cast<size_t>(d) * DV;
                     #pragma unroll
                     for (int c = 0; c < V; ++c) if (j0 + c < DV) C_out[off + c] = static_cast<ST>(cv[r][c]);
                 }
             }
         }
     }
+    // The next tile's first rows, in flight from here on.
+    if (tile + static_cast<int>(gridDim.x) < n_tiles) load_rows(tile + gridDim.x, ty);
 
     // One exchange for both sums: over the rows within a warp by shuffles (lanes tx, tx + TX,
     // ... hold the same columns), then the warps' partial sums through shared memory.
@@ -318,7 +330,7 @@ GATE_STABILISER
     if (lane == 0) s_qn[warp] = qn;
     __syncthreads();
     for (int col = tid; col < COLS; col += NT) {
-        const int j = blockIdx.x * COLS + col;
+        const int j = ct * COLS + col;
         if (j < DV) {
             float num = 0.0f, qn_all = 0.0f;
             #pragma unroll
@@ -330,7 +342,9 @@ GATE_STABILISER
             h[v_off + j] = static_cast<HT>(num / den);
         }
     }
-    if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
+    if (ct == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
+    __syncthreads();  // shared memory is the next tile's from here
+    }
 """.replace("GATE_STABILISER", GATE_STABILISER)
 
 # With the gate projections' product inside (quantized models keep those in float, one more
@@ -379,7 +393,10 @@ _STREAM_HINTS = True
 #: the choice of :func:`_v2_tile`; a benchmark knob.
 _V2_TX: int | None = None
 #: Layout 2's most rows per thread in flight at once (registers: 4 V per row); a benchmark knob.
-_V2_RB = 8
+_V2_RB = 4
+#: Layout 2's blocks per SM when its grid is capped (persistent blocks, each taking several tiles),
+#: or None for one block per tile; a benchmark knob.
+_V2_BLOCKS_PER_SM: int | None = None
 _SMS = 132  # enough blocks for an H100/H200's streaming multiprocessors at every batch
 
 
@@ -398,16 +415,18 @@ def set_step_kernel_version(version: int) -> None:
 
 def _v2_tile(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int]:
     """Layout 2's (TX, TD, V, RB) for B * NH heads: 256 threads, V = 4 (16-byte state accesses)
-    where DV allows, TX = 8 (32 columns per block) unless that gives fewer than two blocks per
-    SM (batch 1), then 4; TD rows of threads (no more than DQK needs) and RB <= 8 rows per
-    thread in flight at once."""
+    where DV allows; TX the widest of 16, 8, 4 threads along the columns (64, 32, 16 columns per
+    tile) that still gives two tiles per SM (S6R1, H200, the kernel alone: 16 columns-threads and
+    4 rows in flight were fastest at batch 16 and 64), else 4; TD rows of threads (no more than
+    DQK needs) and RB rows per thread in flight at once."""
     vec = 4 if dv % 4 == 0 else 1
     if vec == 1:
         tx = 32
     elif _V2_TX is not None:
         tx = _V2_TX
     else:
-        tx = 8 if batch_heads * -(-dv // 32) >= 2 * _SMS or dv <= 16 else 4
+        fits = [t for t in (16, 8, 4) if t * vec <= max(dv, 16)]
+        tx = next((t for t in fits if batch_heads * -(-dv // (t * vec)) >= 2 * _SMS), fits[-1])
     td_needed = 1 << max(dqk - 1, 0).bit_length()  # DQK rounded up to a power of 2
     td = min(256 // tx, max(32 // tx, td_needed))
     rows = -(-dqk // td)
@@ -514,11 +533,15 @@ def mlstm_step_gated(
     if version == 2:
         tx, td, vec, rb = _v2_tile(B * NH, dqk, dv)
         extra = [("RB", rb), ("STREAM", _STREAM_HINTS)]
+        tiles = B * NH * -(-dv // (tx * vec))
+        blocks = tiles if _V2_BLOCKS_PER_SM is None else min(tiles, _SMS * _V2_BLOCKS_PER_SM)
+        grid = (blocks * tx, td, 1)
     else:
         vec = 4 if dv % 4 == 0 else 1
         tx = 32 // vec  # 32 value columns per block
         td = 32 if vec == 4 else 8
         extra = []
+        grid = (-(-dv // (tx * vec)) * tx, td, B * NH)
     cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
     gates = [mx.contiguous(x), mx.contiguous(w_if)] if inproj else [i_raw, f_raw]
     inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
@@ -527,7 +550,7 @@ def mlstm_step_gated(
         template=[("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk),
                   ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
                   ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)] + extra,
-        grid=(-(-dv // (tx * vec)) * tx, td, B * NH),
+        grid=grid,
         threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
         output_dtypes=[q.dtype, out_dtype, out_dtype, out_dtype],
