@@ -9,7 +9,8 @@ on its own state, as a decode step does: the state of all layers is far larger t
 step reads its C from memory. Inputs as the 7B model passes them: q, k, v and the raw gates in
 the weights' dtype (strided views of the projection output), gate biases, float32 state.
 Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``copy``: MLX's
-``C * 0.5``, ``copy4``: a plain 16-byte copy kernel), batch,
+``C * 0.5``, ``copy4``: a plain 16-byte copy kernel, ``tile_copy16/32``: a copy in the step
+kernel's access pattern, strips of 64 / 128 columns), batch,
 ``us_per_layer`` (median over ``--repeats``), ``gb_s`` (C read + C written + n read + written,
 per second) and, for v2, ``max_rel_diff_vs_v1`` of h and C (the same math, other summation order).
 """
@@ -59,6 +60,36 @@ def _copy4(x: mx.array) -> mx.array:
                         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
+_tile_copy_kernel = None
+
+
+def _tile_copy(c: mx.array, tx: int) -> mx.array:
+    """A copy of C [B, NH, DQK, DV] (float32) in the step kernel's access pattern: a block per
+    (head, strip of tx * 4 columns), its tx x (256 / tx) threads walking the rows with 16-byte
+    accesses, 4 rows in flight per thread: what the pattern alone costs against a flat copy."""
+    global _tile_copy_kernel
+    if _tile_copy_kernel is None:
+        _tile_copy_kernel = mx.fast.cuda_kernel(
+            name="xlstm_bench_tile_copy", input_names=["x"], output_names=["y"],
+            source="""
+    constexpr int TD = 256 / TX;
+    const size_t base = static_cast<size_t>(blockIdx.z) * DQK * DV + blockIdx.x * TX * 4 + threadIdx.x * 4;
+    for (int d0 = threadIdx.y; d0 < DQK; d0 += 4 * TD) {
+        float4 t[4];
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) if (d0 + r * TD < DQK) t[r] = reinterpret_cast<const float4*>(x + base + static_cast<size_t>(d0 + r * TD) * DV)[0];
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) if (d0 + r * TD < DQK) reinterpret_cast<float4*>(y + base + static_cast<size_t>(d0 + r * TD) * DV)[0] = t[r];
+    }
+""")
+    B, NH, dqk, dv = c.shape
+    if c.dtype != mx.float32 or dv % (tx * 4):
+        raise ValueError("_tile_copy copies float32 states whose DV is a multiple of 4 * tx")
+    return _tile_copy_kernel(inputs=[c], template=[("TX", tx), ("DQK", dqk), ("DV", dv)],
+                             grid=(dv // 4, 256 // tx, B * NH), threadgroup=(tx, 256 // tx, 1),
+                             output_shapes=[c.shape], output_dtypes=[c.dtype])[0]
+
+
 def make_steps(config, batch: int, dtype: mx.Dtype, layers: int, seed: int = 0) -> tuple[Callable[[], list], list, int]:
     """The step of ``layers`` layers of ``config``'s heads at ``batch`` rows, each on its own random
     state, as one function (-> [(h, state)] per layer); the states [(C, n, m)]; the bytes of state
@@ -85,7 +116,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--layers", type=int, default=None, help="default: the shape's number of blocks")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--tiles", default="default,default@3,default@4,8x4,16x8",
+    p.add_argument("--tiles", default="default,default@3,16x8,16x8@3,32x4,32x4@3,32x8",
                    help="v2 tiles to time: 'default' (the kernel's own choice) or TXxRB[@P] (threads along "
                         "the columns x rows per thread in flight; P: the grid capped to P blocks per SM, "
                         "each block taking several tiles), comma-separated")
@@ -123,6 +154,9 @@ def main() -> None:
         emit({"kernel": "copy", **timed(lambda: [(s[0] * 0.5, s[1] * 0.5) for s in states])[0]})
         if mx.default_device() == mx.gpu and mx.cuda.is_available():
             emit({"kernel": "copy4", **timed(lambda: [(_copy4(s[0]), _copy4(s[1])) for s in states])[0]})
+            for ctx in (16, 32):
+                emit({"kernel": f"tile_copy{ctx}", **timed(lambda: [(_tile_copy(s[0], ctx), _copy4(s[1]))
+                                                                     for s in states])[0]})
         decode.set_step_kernel_version(1)
         record, ref = timed(steps)
         emit({"kernel": "v1", **record})
