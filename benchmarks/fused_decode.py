@@ -8,7 +8,10 @@ For each measurement the settings alternate (over ``--rounds``), each with a fre
 step / prefill trace: decode with the kernels on (MLX's matmul for the products, the default);
 with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too
 (``--no-skinny`` leaves it out); with each layout of the gated step kernel (``--step-kernels 2,1``);
-and with all of them off (``--no-off`` leaves that out); prefill also with the GPU's
+with the quantized decode chain (xlstm_metal/kernels/fast/decode_chain.py) off, and on with other
+numbers of thread blocks per kernel, and with float (bf16) products through its kernel too
+(``--chain``); and with all of them off (``--no-off`` leaves that out; ``--settings`` picks
+settings by name); prefill also with the GPU's
 queued layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
 One JSON object per line: setting, kind, batch, length, tok_s, ms_per_step or ttft_s. ``--deadline`` (seconds from the start) skips what would begin
 after it, so a time-limited run still returns what it measured.
@@ -24,13 +27,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
-from xlstm_metal.kernels.fast import decode, skinny  # noqa: E402
+from xlstm_metal.kernels.fast import decode, decode_chain, skinny  # noqa: E402
 from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
+
+
+def trace_decode(model, batch: int, steps: int, step_s: float) -> dict:
+    """GPU time per compiled decode step by kernel (CUPTI through PyTorch's profiler: see
+    benchmarks/train_side_by_side.py), with the step's measured time for the gaps."""
+    from train_side_by_side import trace_kernels  # noqa: PLC0415  (benchmarks/, the script's own folder)
+
+    step = bm.make_decode_step(model, compiled=True)
+    tok = mx.zeros((batch, 1), dtype=mx.int32)
+    state = model.make_state(batch)
+    tok, state = step(tok, state)
+    mx.eval(tok, state)
+    carry = {"tok": tok, "state": state}
+
+    def run():
+        carry["tok"], carry["state"] = step(carry["tok"], carry["state"])
+        mx.async_eval(carry["tok"], carry["state"])
+
+    summary = trace_kernels(run, steps, step_s)
+    mx.eval(carry["tok"], carry["state"])
+    if "error" in summary:
+        return summary
+    return {"busy_ms": summary["gpu_busy_ms"], "span_ms": summary["span_ms"], "step_ms": summary.get("step_ms"),
+            "kernels": summary["kernels_per_step"],
+            "top": [(t["name"][:80], round(t["ms"], 4), t["launches"]) for t in summary["top"][:14]]}
 
 
 def main() -> None:
@@ -51,6 +80,20 @@ def main() -> None:
                         "decode.set_step_kernel_version), in place of the default layout alone")
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product setting")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
+    p.add_argument("--chain", action="store_true",
+                   help="decode also with the quantized decode chain off, and on without its shared-memory staging")
+    p.add_argument("--settings", default="",
+                   help="decode settings to run (names as in the output, separated by semicolons; default all)")
+    p.add_argument("--q-settings", default="",
+                   help="decode settings for the quantized models (default: those of --settings)")
+    p.add_argument("--check-chain", action="store_true",
+                   help="for each weight format, first decode a few greedy steps with the quantized decode "
+                   "chain on and off (the same tokens) and report how far the logits differ")
+    p.add_argument("--trace-steps", type=int, default=0,
+                   help="after each decode measurement, trace this many more steps under CUPTI (PyTorch's "
+                   "profiler): GPU busy time per step, the gaps, the costliest kernels")
+    p.add_argument("--trace-settings", default="",
+                   help="trace only after these settings (names separated by semicolons; default all)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -76,31 +119,60 @@ def main() -> None:
     skinny_default = skinny.skinny_gemm_enabled()
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
+    chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
-    # product, layout of the gated step kernel)
+    # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
+    # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
+    # (float products through the chain's kernel too))
     if args.step_kernels:
-        fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, False, int(v))
+        fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, False, int(v), True)
                  for v in args.step_kernels.split(",")]
     else:
-        fused = [("fused decode kernels", True, True, residual, False, step_default)]
+        fused = [("fused decode kernels", True, True, residual, False, step_default, True)]
+    if args.chain:
+        fused += [("fused decode kernels, chain off", True, True, residual, False, step_default, False),
+                  ("fused decode kernels, chain, 264 blocks", True, True, residual, False, step_default,
+                   {"blocks": 264}),
+                  ("fused decode kernels, chain, 132 blocks", True, True, residual, False, step_default, {"blocks": 132}),
+                  ("fused decode kernels, chain, 528 blocks", True, True, residual, False, step_default, {"blocks": 528}),
+                  ("fused decode kernels, chain, float products", True, True, residual, False, step_default,
+                   {"float": True}),
+                  ("fused decode kernels, chain, float products, 528 blocks", True, True, residual, False,
+                   step_default, {"float": True, "blocks": 528})]
     settings = {"decode": fused + ([] if args.no_skinny else
-                                   [("fused decode kernels + skinny product", True, True, residual, True, step_default)])
-                + ([] if args.no_off else [("off", False, True, residual, False, step_default)]),
-                "prefill": [("fused kernels, layers queued", True, True, residual, False, step_default),
-                            ("fused kernels, layer by layer", True, False, residual, False, step_default),
-                            ("off", False, False, residual, False, step_default)]}
+                                   [("fused decode kernels + skinny product", True, True, residual, True, step_default,
+                                     True)])
+                + ([] if args.no_off else [("off", False, True, residual, False, step_default, False)]),
+                "prefill": [("fused kernels, layers queued", True, True, residual, False, step_default, True),
+                            ("fused kernels, layer by layer", True, False, residual, False, step_default, True),
+                            ("off", False, False, residual, False, step_default, True)]}
     if args.bf16_residual:
         settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, False,
-                                   step_default))
+                                   step_default, True))
+    every = settings["decode"]
+
+    def pick(names: str, flag: str) -> list:
+        chosen = [name.strip() for name in names.split(";") if name.strip()]
+        unknown = set(chosen) - {s[0] for s in every}
+        if unknown:
+            p.error(f"unknown {flag} {sorted(unknown)}; known: {[s[0] for s in every]}")
+        return [s for s in every if s[0] in chosen] if chosen else every
+
+    settings["decode"] = pick(args.settings, "--settings")
+    q_settings = pick(args.q_settings, "--q-settings") if args.q_settings else settings["decode"]
 
     def run(kind: str, size: int) -> None:
         for _ in range(args.rounds):
-            for name, on, queued, residual_dtype, skinny_on, step_version in settings[kind]:
+            for name, on, queued, residual_dtype, skinny_on, step_version, chain_on in settings[kind]:
                 if late():
                     return
                 decode.set_fused_decode(on)
                 decode.set_step_kernel_version(step_version)
                 skinny.set_skinny_gemm(skinny_on)
+                decode_chain.set_decode_chain(bool(chain_on))
+                options = chain_on if isinstance(chain_on, dict) else {}
+                decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
+                decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
@@ -109,9 +181,52 @@ def main() -> None:
                 else:
                     r = bm.measure_prefill(model, size)
                 emit({"setting": name, **r})
+                traced = not args.trace_settings or name in args.trace_settings.split(";")
+                if kind == "decode" and args.trace_steps > 0 and traced and not late():
+                    emit({"setting": name, "kind": "decode_trace", "batch": size,
+                          **trace_decode(model, size, args.trace_steps, r["ms_per_step"] / 1000)})
         xlarge._queue_layers = queue_layers
         model.residual_dtype = residual
+        decode.set_fused_decode(True)
+        decode_chain.set_decode_chain(True)
+        decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
 
+    def check_chain() -> None:
+        """Greedy steps from one random token with the chain on, then the same tokens with it off,
+        then with every fused decode kernel off (the reference ops: how far two bf16 paths drift
+        apart anyway); eager, each setting runs the ops it would compile. A float model runs its
+        products through the chain's kernel (``decode_chain.CHAIN_FLOAT``)."""
+        if not args.check_chain or late():
+            return
+        decode_chain.CHAIN_FLOAT = q_bits is None
+        logits = {}
+        tokens = [mx.random.randint(0, config.vocab_size, (1, 1), key=mx.random.key(1)).astype(mx.int32)]
+        for setting in ("chain", "chain off", "reference"):
+            decode_chain.set_decode_chain(setting == "chain")
+            decode.set_fused_decode(setting != "reference")
+            state, out = model.make_state(1), []
+            for i in range(4):
+                step_logits, state = model(tokens[i], state)
+                out.append(step_logits[:, -1].astype(mx.float32))
+                if setting == "chain":
+                    tokens.append(mx.argmax(out[-1], axis=-1).reshape(1, 1).astype(mx.int32))
+            mx.eval(out)
+            logits[setting] = out
+        decode_chain.set_decode_chain(True)
+        decode.set_fused_decode(True)
+        decode_chain.CHAIN_FLOAT = chain_float
+
+        def compare(a_name: str, b_name: str) -> dict:
+            pairs = list(zip(logits[a_name], logits[b_name]))
+            rel = [float(mx.max(mx.abs(a - b)) / mx.max(mx.abs(b))) for a, b in pairs]
+            return {"max_rel_logits": max(rel), "rel_per_step": rel,
+                    "greedy_agreement": [int(mx.argmax(a).item() == mx.argmax(b).item()) for a, b in pairs]}
+
+        emit({"kind": "chain_check", **compare("chain", "chain off"),
+              "chain_off_vs_reference": compare("chain off", "reference")})
+
+    if args.batches:
+        check_chain()
     for batch in map(int, filter(None, args.batches.split(","))):
         run("decode", batch)
     for length in map(int, filter(None, args.prefill_lengths.split(","))):
@@ -126,6 +241,8 @@ def main() -> None:
         model.fuse_projections()
         residual = model.residual_dtype
         q_bits = bits
+        settings["decode"] = q_settings
+        check_chain()
         for batch in map(int, filter(None, args.q_batches.split(","))):
             run("decode", batch)
     decode.set_fused_decode(True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cells.ffn import FeedForward
+from ..cells.ffn import _GATE_UP, FeedForward, swiglu
+from ..cells.fused import fusion_groups
 from ..cells.norms import RMSNorm
 from ..config import xLSTMConfig
-from ..kernels.fast.decode import add_rms_norm
+from ..kernels.fast import decode_chain as chain
+from ..kernels.fast.decode import add_rms_norm, gate_product_in_kernel
 from ..kernels.mlstm import MLSTMState
 from ..neurons.mlstm import mLSTMNeuron
 
@@ -47,7 +49,14 @@ class mLSTMBlock(nn.Module):
         block's FFN output, or None) -> (x', ffn output, state): the block's output is
         ``x' + ffn output``. Each residual add runs with the RMSNorm that reads it
         (:func:`~xlstm_metal.kernels.fast.decode.add_rms_norm`: one CUDA launch), so a chain of
-        blocks leaves each FFN residual to the next block's norm."""
+        blocks leaves each FFN residual to the next block's norm.
+
+        With quantized projections on CUDA at a few rows the step runs as five launches
+        (:mod:`~xlstm_metal.kernels.fast.decode_chain`: the norms, gates and residual adds inside
+        the products), each stage falling back to the modules of the tree where they are not
+        what its kernel expects."""
+        if chain.chain_applies(x):
+            return self._chain_step(x, pending, state)
         if pending is None:
             xn = self.norm_mlstm(x)
         else:
@@ -55,6 +64,131 @@ class mLSTMBlock(nn.Module):
         y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
         x, xn = add_rms_norm(x, y, self.norm_ffn)
         return x, self.ffn(_normed(xn, self.norm_ffn)), state
+
+
+    def _chain_step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None):
+        """:meth:`step` through the decode chain, stage by stage (see the module docstring of
+        :mod:`~xlstm_metal.kernels.fast.decode_chain`)."""
+        layer = self.mlstm_layer
+        projected = _chain_projections(layer, self.norm_mlstm, x, pending)
+        if projected is None:  # the reference stage: add + norm, the projections as the tree holds them
+            if pending is None:
+                xn = self.norm_mlstm(x)
+            else:
+                x, xn = add_rms_norm(x, pending, self.norm_mlstm)
+            xn = _normed(xn, self.norm_mlstm)
+            h, o_preact, state = _mlstm_kernel(layer, *layer.projection_cell.project_raw_gates(
+                layer, xn, defer_gates=gate_product_in_kernel(xn)), state, x=xn)
+            o_src, o_offset = o_preact, 0
+        else:
+            x, gates, (o_src, o_offset) = projected
+            o_preact = o_src[..., o_offset: o_offset + layer.ogate_preact.weight.shape[0]]
+            h, _, state = _mlstm_kernel(layer, *gates[:3], None, *gates[3:8], state, x=gates[8])
+        out_arrays = chain.quantized_arrays(layer.out_proj)
+        ffn_arrays = self._chain_ffn_arrays(x)
+        if chain.gate_chain_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays):
+            w, scales, biases, group_size, bits = out_arrays
+            x = chain.gate_norm_quantized_matmul(h, o_src, o_offset, layer.multihead_norm, x, w, scales, biases,
+                                                 group_size=group_size, bits=bits)
+            xn = None if ffn_arrays is not None else _normed(self.norm_ffn(x), self.norm_ffn)
+        elif ffn_arrays is not None:
+            x, xn = x + layer.output_cell.fused(layer, h, o_preact), None
+        else:  # as :meth:`step`: the residual add inside the norm's launch
+            x, xn = add_rms_norm(x, layer.output_cell.fused(layer, h, o_preact), self.norm_ffn)
+            xn = _normed(xn, self.norm_ffn)
+        return x, self._chain_ffn(x, xn, ffn_arrays), state
+
+    def _chain_ffn_arrays(self, x: mx.array):
+        """The quantized arrays of the FFN's fused gate|up group when stage 4 of the chain (its
+        RMSNorm in the product's prologue) applies to residual stream x, else None."""
+        ffn = self.ffn
+        if type(ffn) is not FeedForward:
+            return None
+        layers, fused = _GATE_UP._current(ffn)
+        if fused is None or "bias" in layers[0] or "bias" in layers[1]:
+            return None
+        for (kind, members), group in zip(fusion_groups(layers), fused):
+            if members == [0, 1]:
+                arrays = chain.group_arrays(kind, group)
+                return arrays if chain.norm_chain_supported(x, None, self.norm_ffn, arrays) else None
+        return None
+
+    def _chain_ffn(self, x: mx.array, xn: mx.array | None, arrays) -> mx.array:
+        """The FFN's output: RMSNorm of x -> gate|up (one launch, ``arrays`` from
+        :meth:`_chain_ffn_arrays`; or the tree's layers on ``xn``, the normed x), then SwiGLU ->
+        down (one launch where proj_down is a plain quantized layer)."""
+        ffn = self.ffn
+        if type(ffn) is not FeedForward:
+            return ffn(xn)
+        if arrays is not None:
+            w, scales, biases, group_size, bits = arrays
+            _, _, gate_up = chain.norm_quantized_matmul(x, None, self.norm_ffn, w, scales, biases,
+                                                        group_size=group_size, bits=bits)
+            down = chain.quantized_arrays(ffn.proj_down)
+            if chain.swiglu_chain_supported(gate_up, down):
+                w, scales, biases, group_size, bits = down
+                return chain.swiglu_quantized_matmul(gate_up, w, scales, biases, group_size=group_size, bits=bits)
+            F = ffn.proj_up_gate.weight.shape[0]
+            gate, up = gate_up[..., :F], gate_up[..., F:]
+        else:
+            gate, up = _GATE_UP.outputs(ffn, xn)
+        return ffn.proj_down(swiglu(gate, up))
+
+
+def _mlstm_kernel(layer: mLSTMNeuron, q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias, w_if, state, *, x):
+    """The gated step kernel on the projections (q, k, v [B, 1, NH * D] or already [B, NH, 1, D]);
+    returns h, o~ and the new state."""
+    cell = layer.projection_cell
+    if q.ndim == 3:  # one token: [B, 1, NH * D] is [B, NH, 1, D] in memory (one reshape, no transpose)
+        B, NH = q.shape[0], cell.num_heads
+        q, k, v = (a.reshape(B, NH, 1, a.shape[-1] // NH) for a in (q, k, v))
+    h, state = layer.recurrent_kernel_cell.step_raw_gates(
+        q, k, v, i_raw, f_raw, i_bias, f_bias, cell.gate_soft_cap, state,
+        x=x if w_if is not None else None, w_if=w_if)
+    return h, o_preact, state
+
+
+def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: mx.array | None):
+    """Stage 1 of the chain: [x + pending ->] RMSNorm -> the fused q|k|v|o(|i|f) product in one
+    launch, when q, k, v, o form one quantized group (no biases) and i, f are in it too or form
+    the float group the step kernel multiplies itself. Returns (x + pending, (q, k, v, i~, f~,
+    i bias, f bias, w_if, normed x), (the product's output, o~'s column offset in it)) with i~, f~
+    [B, NH, 1] raw (or None beside w_if), or None where the stage does not apply."""
+    cell = layer.projection_cell
+    layers, fused = cell.fusion._current(layer)
+    if fused is None:
+        return None
+    groups = list(zip(fusion_groups(layers), fused))
+    arrays, w_if, members = None, None, None
+    for (kind, group_members), group in groups:
+        if group_members[:4] == [0, 1, 2, 3]:
+            arrays, members = chain.group_arrays(kind, group), group_members
+        elif group_members == [4, 5] and kind[0] == "linear":
+            w_if = group["weight"]
+    if arrays is None or any("bias" in layers[j] for j in range(4)):
+        return None
+    gates_quantized = members == [0, 1, 2, 3, 4, 5]
+    if not gates_quantized and (members != [0, 1, 2, 3] or w_if is None):
+        return None
+    i_bias = layers[4].bias if "bias" in layers[4] else None
+    f_bias = layers[5].bias if "bias" in layers[5] else None
+    if (i_bias is None) != (f_bias is None) or not chain.norm_chain_supported(x, pending, norm, arrays):
+        return None
+    w, scales, biases, group_size, bits = arrays
+    s, xn, y = chain.norm_quantized_matmul(x, pending, norm, w, scales, biases, group_size=group_size, bits=bits,
+                                           write_xn=not gates_quantized)
+    bounds, start = [], 0
+    for j in members[:-1]:
+        start += layers[j].weight.shape[0]
+        bounds.append(start)
+    outs = mx.split(y, bounds, axis=-1)
+    q, k, v = outs[:3]
+    o_offset = bounds[2]
+    if gates_quantized:
+        B = x.shape[0]
+        i_raw, f_raw = outs[4].reshape(B, -1, 1), outs[5].reshape(B, -1, 1)  # [B, 1, NH] -> [B, NH, 1]
+        return s, (q, k, v, i_raw, f_raw, i_bias, f_bias, None, None), (y, o_offset)
+    return s, (q, k, v, None, None, i_bias, f_bias, w_if, xn), (y, o_offset)
 
 
 def _normed(out: mx.array, norm: RMSNorm) -> mx.array:

@@ -13,6 +13,9 @@ LayerNorm, the output gate and the SwiGLU product. These kernels fold the small 
 - :func:`output_norm_gate`: ``sigmoid(o~) * MultiHeadLayerNorm(h)`` in one launch (from 4);
 - :func:`add_rms_norm`: a residual add and the RMSNorm that follows it in one launch (from 2).
 
+With quantized projections at a few rows, :mod:`.decode_chain` goes further (5 launches per
+block): the norms, the output gate and SwiGLU run inside the quantized products themselves.
+
 Each computes in float32 and rounds where the reference rounds (every intermediate the reference
 holds in bf16/fp16 is rounded to it here too), so results agree with the ops to float32
 round-off and at most an ulp of the narrow dtype where a transcendental differs in its last bit.

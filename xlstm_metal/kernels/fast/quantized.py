@@ -67,7 +67,7 @@ template <> struct QPair<__half> {
 // Two dequantized weights (one 32-bit pair register) of a thread's 16-byte weight chunk, for
 // mma step `step` and pair `half` (0: k pair 2*tig, 1: k pair 2*tig + 8 of the 16 logical k).
 // 4 bits: pair p = 2*step + half holds word p/4's values (p%4, p%4 + 4).
-// 8 bits: pair p holds word p/2's bytes (2*(p%2), 2*(p%2) + 1).
+// 8 bits: pair p holds word p/2's bytes (2*(p%2), 2*(p%2) + 1). 16 bits (T weights): word p.
 template <typename T, int BITS>
 __device__ __forceinline__ uint32_t dequant_pair(const uint4& wv, int p, typename QPair<T>::T2 s2,
                                                  typename QPair<T>::T2 b2, float s, float b) {
@@ -77,6 +77,8 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint4& wv, int p, typenam
     const uint32_t v = ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | Q::MAGIC;
     const typename Q::T2 q = __hsub2(from_u32<typename Q::T2>(v), Q::bias2());
     return as_u32(__hfma2(q, s2, b2));
+  } else if constexpr (BITS == 16) {  // plain T weights (the decode chain's float products): pair p as stored
+    return words[p];
   } else {
     const uint32_t w = words[p >> 1];
     const int e = 2 * (p & 1);
@@ -102,14 +104,15 @@ __device__ __forceinline__ uint32_t x_pair(const uint32_t* xv, int p) {
 """
 
 _SOURCE = """
-    // x [M, K] (T), w [N, K*BITS/32] (uint32), scales/biases [N, K/G] (T) -> y [M, N] (T).
+    // x [M, K] (T), w [N, K*BITS/32] (uint32; or [N, K] in T at BITS 16), scales/biases [N, K/G] (T)
+    // -> y [M, N] (T).
     using Q = QPair<T>;
     constexpr int VALS = 128 / BITS;        // values in a thread's 16-byte weight chunk
     constexpr int STEPS = VALS / 4;         // mma steps per chunk (4 k values per thread each)
     constexpr int SPAN = 4 * VALS;          // k covered by one warp per chunk
-    const int M = x_shape[0];
-    const int K = x_shape[1];
+@SIZES@
     const int N = w_shape[0];
+    const uint32_t* wq = reinterpret_cast<const uint32_t*>(w);  // packed words (or T pairs at 16 bits)
     const int WPR = K / (32 / BITS);        // uint32 words per weight row
     const int GPR = K / G;                  // groups per row
     const int nspans = (K + SPAN - 1) / SPAN;
@@ -137,29 +140,25 @@ _SOURCE = """
       const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
       const bool kin = sp < nspans && kc < K;
       const int gi = kin ? kc / G : 0;
-      wa_ = (kin && ok0) ? *reinterpret_cast<const uint4*>(w + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
-      wb_ = (kin && ok1) ? *reinterpret_cast<const uint4*>(w + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
-      sa_ = (kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
-      ba_ = (kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
-      sb_ = (kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
-      bb_ = (kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
+      wa_ = (kin && ok0) ? *reinterpret_cast<const uint4*>(wq + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
+      wb_ = (kin && ok1) ? *reinterpret_cast<const uint4*>(wq + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
+      sa_ = (BITS != 16 && kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
+      ba_ = (BITS != 16 && kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
+      sb_ = (BITS != 16 && kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
+      bb_ = (BITS != 16 && kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
     };
     auto load_x = [&](int sp, int t, uint32_t* xv) {
       const int kc = sp * SPAN + tig * VALS;
       const int m = t * 8 + g;
       if (kc < K && m < M) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
-        #pragma unroll
-        for (int i = 0; i < VALS / 8; ++i) {
-          const uint4 u = xp[i];
-          xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
-        }
+@LOAD_X@
       } else {
         #pragma unroll
         for (int i = 0; i < VALS / 2; ++i) xv[i] = 0u;
       }
     };
     load_chunk(warp, wa, wb, sa, ba, sb, bb);
+@PROLOGUE@
     for (int sp = warp; sp < nspans; sp += WARPS) {
       uint32_t xv[VALS / 2];
       load_x(sp, 0, xv);
@@ -205,9 +204,104 @@ _SOURCE = """
       const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
       const int n = blockIdx.x * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
       const int m = t * 8 + 2 * (l & 3) + (c & 1);
-      if (n < N && m < M) y[(size_t)m * N + n] = static_cast<T>(sum);
+      if (n < N && m < M) @STORE@
     }
 """
+
+#: The plain product's hooks: x [M, K] read as 16-byte chunks, y [M, N] written in T.
+_SIZES = """\
+    const int M = x_shape[0];
+    const int K = x_shape[1];
+"""
+_LOAD_X = """\
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
+        #pragma unroll
+        for (int i = 0; i < VALS / 8; ++i) {
+          const uint4 u = xp[i];
+          xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
+        }
+"""
+_STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
+
+
+# Tiled: each thread block walks output tiles blockIdx.x, + gridDim.x, ... (16 features each),
+# running its prologue once for all of them (the decode chain stages x in shared memory once per
+# block, not once per 16 features). A warp's chunks continue from one tile into the next: ``sp``
+# counts spans from the current tile's start, past its end into the tiles after it, so the next
+# tile's first chunk is in flight while the current tile's partial sums are reduced.
+_TILED = (
+    ("""\
+    const int row0 = blockIdx.x * 16 + g;
+    const int row1 = row0 + 8;
+    const bool ok0 = row0 < N, ok1 = row1 < N;
+""", """\
+    const int ntiles = (N + 15) / 16;
+    int tile = blockIdx.x;
+    int sp0 = warp;  // this warp's first span in the current tile
+"""),
+    ("""\
+      const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
+      const bool kin = sp < nspans && kc < K;
+""", """\
+      const int t_off = sp / nspans;  // tiles ahead of the current one
+      sp -= t_off * nspans;
+      const int nt = tile + t_off * gridDim.x;
+      const int row0 = nt * 16 + g, row1 = row0 + 8;
+      const bool ok0 = nt < ntiles && row0 < N, ok1 = nt < ntiles && row1 < N;
+      const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
+      const bool kin = kc < K;
+"""),
+    ("    for (int sp = warp; sp < nspans; sp += WARPS) {", "    for (int sp = sp0; sp < nspans; sp += WARPS) {"),
+    ("const int n = blockIdx.x * 16 + (l >> 2)", "const int n = tile * 16 + (l >> 2)"),
+    ("@PROLOGUE@\n", "@PROLOGUE@\n    for (;;) {\n"),
+)
+_TILED_NEXT = """\
+      tile += gridDim.x;
+      if (tile >= ntiles) break;
+      // The chunk held (wa ...) is the one after this warp's last span: its span in the next tile.
+      sp0 = (sp0 < nspans ? sp0 + (nspans - sp0 + WARPS - 1) / WARPS * WARPS : sp0) - nspans;
+      #pragma unroll
+      for (int t = 0; t < MT; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f; }
+      __syncthreads();  // the partial tiles in shared memory are read
+    }
+"""
+
+
+def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
+                  tiled: bool = False) -> str:
+    """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
+    the product's inner size) and any shared memory the other hooks use; ``prologue`` runs once per thread block after the first weight
+    chunk's loads are issued (every thread reaches it: it may synchronise); ``load_x`` fills
+    ``uint32_t xv[VALS / 2]`` with x's values of row ``m``, k ``kc .. kc + VALS`` as consecutive
+    T pairs (value 2i in the low half of ``xv[i]``); ``store`` (one statement) writes ``float sum``,
+    the product's float32 value at row ``m``, output feature ``n`` (M x N output). ``tiled``: each
+    thread block walks output tiles ``blockIdx.x + i * gridDim.x`` after one prologue (launch
+    fewer blocks than :func:`decode_launch` gives). The fused decode chain
+    (:mod:`.decode_chain`) puts its norms and gates in these hooks."""
+    source = _SOURCE
+    if tiled:
+        for old, new in _TILED:
+            if old not in source:
+                raise AssertionError(f"decode kernel source changed: {old!r}")
+            source = source.replace(old, new)
+        source += _TILED_NEXT
+    return (source.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
+            .replace("@LOAD_X@\n", load_x).replace("@STORE@", store))
+
+
+def decode_template(dtype: mx.Dtype, bits: int, group_size: int, rows: int) -> list:
+    """The decode kernel's template arguments (see :func:`decode_source`)."""
+    return [("T", dtype), ("BITS", bits), ("G", group_size), ("MT", -(-rows // 8)), ("WARPS", _WARPS)]
+
+
+def decode_launch(n_out: int, max_blocks: int | None = None) -> dict:
+    """The decode kernel's grid and thread block for ``n_out`` output features (one thread block
+    per 16; at most ``max_blocks`` for the tiled kernel)."""
+    blocks = -(-n_out // 16)
+    if max_blocks:
+        blocks = min(blocks, max_blocks)
+    return dict(grid=(blocks * 32 * _WARPS, 1, 1), threadgroup=(32 * _WARPS, 1, 1))
+
 
 _kernel_cache: list = []
 
@@ -218,7 +312,7 @@ def _kernel():
             name="xlstm_quantized_matmul_decode",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=_SOURCE,
+            source=decode_source(),
             header=_HEADER,
         ))
     return _kernel_cache[0]
@@ -227,9 +321,15 @@ def _kernel():
 def fast_path_supported(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
                         group_size: int, bits: int, mode: str = "affine") -> bool:
     """True when :func:`quantized_matmul` runs its own CUDA path (else MLX's reference)."""
+    return cuda_available() and kernel_takes(x, w, scales, biases, group_size, bits, mode)
+
+
+def kernel_takes(x, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+                 mode: str = "affine") -> bool:
+    """:func:`fast_path_supported` without the device check: whether the kernels take these
+    dtypes and shapes (``x`` needs only ``dtype`` and ``shape``)."""
     return (
-        cuda_available()
-        and mode == "affine"
+        mode == "affine"
         and biases is not None
         and bits in _FAST_BITS
         and group_size in _FAST_GROUPS
@@ -273,9 +373,8 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
     (y,) = _kernel()(
         inputs=[x.reshape(M, K), w, scales, biases],
-        template=[("T", x.dtype), ("BITS", bits), ("G", group_size), ("MT", -(-M // 8)), ("WARPS", _WARPS)],
-        grid=(-(-N // 16) * 32 * _WARPS, 1, 1),
-        threadgroup=(32 * _WARPS, 1, 1),
+        template=decode_template(x.dtype, bits, group_size, M),
+        **decode_launch(N),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
     )

@@ -1,0 +1,360 @@
+"""The quantized decode chain (xlstm_metal/kernels/fast/decode_chain.py): five launches per block.
+
+On a CPU the chain's dispatch runs with every stage computing its reference ops (the tests
+switch it on there): it must give the plain step's bits, take each stage only where the tree
+holds what the stage's kernel expects, and call the tree's modules everywhere else. On CUDA the
+kernels themselves are held to their reference ops at several shapes, bits, groups, dtypes and
+rows, and the whole model's decode with the chain to the one without.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from xlstm_metal.cells.norms import MultiHeadLayerNorm, RMSNorm
+from xlstm_metal.kernels.fast import decode as decode_kernels
+from xlstm_metal.kernels.fast import decode_chain as chain
+from xlstm_metal.kernels.fast.step import cuda_available
+from xlstm_metal.quantization import Recipe, quantize_model
+
+from conftest import tiny_model
+from test_cuda_decode import _Wrapped  # a user's module around a layer: called as it stands
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+STAGES = ("norm_quantized_matmul", "gate_norm_quantized_matmul", "swiglu_quantized_matmul")
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _model(bits=4, group_size=32, dtype=mx.bfloat16, float_gates=True, residual=True):
+    m = tiny_model(seed=3)
+    m.set_dtype(dtype)
+    quantize_model(m, recipe=Recipe(bits, group_size, float_gates=float_gates))
+    m.fuse_projections()
+    if not residual:
+        m.residual_dtype = None  # the residual stream in the weights' dtype
+    return m
+
+
+@pytest.fixture
+def on_cpu_too(monkeypatch):
+    """The chain's dispatch also on a CPU (each stage's reference ops); counts stage calls."""
+    calls = {name: 0 for name in STAGES}
+    for name in STAGES:
+        fn = getattr(chain, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(chain, name, counted)
+    if not cuda_available():
+        monkeypatch.setattr(chain, "_chain_active", lambda: True)
+    return calls
+
+
+def _decode(model, chained: bool, batch=2, steps=4, compiled=False):
+    chain.set_decode_chain(chained)
+    try:
+        step = (lambda t, s: model(t, s))
+        if compiled:
+            step = mx.compile(step, inputs=model.state)
+        state, out = None, []
+        rng = np.random.default_rng(0)
+        for _ in range(steps):
+            tok = mx.array(rng.integers(0, 97, (batch, 1)), dtype=mx.int32)
+            logits, state = step(tok, state)
+            out.append(logits)
+        mx.eval(out, state)
+        return out, state
+    finally:
+        chain.set_decode_chain(True)
+
+
+def _agree(a, b, tol):
+    (la, sa), (lb, sb) = a, b
+    for x, y in zip(la, lb):
+        if tol == 0:
+            assert mx.array_equal(x, y)
+        else:
+            assert _rel(x, y) <= tol, _rel(x, y)
+    for block_a, block_b in zip(sa, sb):
+        for x, y in zip(block_a, block_b):
+            assert tol == 0 and mx.array_equal(x, y) or tol > 0 and _rel(x, y) <= tol
+
+
+# Off CUDA the stages are the reference ops in the plain step's order: equal bits. On CUDA the
+# kernels round where the ops round; bf16 logits after a few steps agree to bf16 round-off.
+TOL = 3e-2 if cuda_available() else 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("float_gates", [True, False])
+def test_chain_matches_the_step_path(on_cpu_too, bits, float_gates):
+    model = _model(bits, float_gates=float_gates)
+    chained = _decode(model, True)
+    assert on_cpu_too == {name: n for name, n in zip(STAGES, (2 * 2 * 4, 2 * 4, 2 * 4))}  # steps x blocks
+    _agree(chained, _decode(model, False), TOL)
+
+
+@pytest.mark.parametrize("dtype,residual", [(mx.bfloat16, False), (mx.float16, True)], ids=["bf16", "fp16"])
+def test_chain_residual_and_dtypes(on_cpu_too, dtype, residual):
+    model = _model(4, group_size=64, dtype=dtype, residual=residual)
+    chained = _decode(model, True, batch=1, compiled=True)
+    assert on_cpu_too["swiglu_quantized_matmul"] > 0
+    _agree(chained, _decode(model, False, batch=1, compiled=True), TOL)
+
+
+def test_chain_rows_limit_and_float_models(on_cpu_too):
+    # More rows than the chain takes, and a float model: no stage runs, the step path's results.
+    model = _model(4)
+    _decode(model, True, batch=chain.CHAIN_MAX_ROWS + 1, steps=1)
+    float_model = tiny_model(seed=3).fuse_projections()
+    _decode(float_model, True, steps=1)
+    assert on_cpu_too == {name: 0 for name in STAGES}
+
+
+class _Zeros(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def __call__(self, x):
+        return mx.zeros(x.shape[:-1] + (self.out,), dtype=x.dtype)
+
+
+def test_replaced_modules_are_what_runs(on_cpu_too):
+    model = _model(4)
+    base = _decode(model, True, steps=2)
+    block = model.blocks[0]
+    # A wrapped out_proj and proj_down: their stages call the modules, same results.
+    block.mlstm_layer.out_proj = _Wrapped(block.mlstm_layer.out_proj)
+    block.ffn.proj_down = _Wrapped(block.ffn.proj_down)
+    for name in STAGES:
+        on_cpu_too[name] = 0
+    wrapped = _decode(model, True, steps=2)
+    assert on_cpu_too["gate_norm_quantized_matmul"] == 2 and on_cpu_too["swiglu_quantized_matmul"] == 2  # block 1 only
+    _agree(wrapped, base, TOL)
+    # A projection replaced since fuse_projections(): stage 1 of that block runs the tree's layers.
+    for name in STAGES:
+        on_cpu_too[name] = 0
+    layer = model.blocks[1].mlstm_layer
+    layer.v = _Zeros(layer.v.weight.shape[0])
+    zeroed = _decode(model, True, steps=2)
+    assert on_cpu_too["norm_quantized_matmul"] == 2 * 3  # block 0's two norms, block 1's FFN norm
+    assert not mx.allclose(zeroed[0][-1], base[0][-1], atol=1e-3)
+    # A user's norm: its stage calls it.
+    class Doubled(RMSNorm):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    doubled = Doubled(block.norm_ffn.weight.shape[0])
+    doubled.weight = block.norm_ffn.weight
+    block.norm_ffn = doubled
+    changed = _decode(model, True, steps=2)
+    assert not mx.allclose(changed[0][-1], zeroed[0][-1], atol=1e-3)
+
+
+def test_chain_switch_off_runs_the_step_path(on_cpu_too):
+    model = _model(8)
+    _decode(model, False, steps=1)
+    assert on_cpu_too == {name: 0 for name in STAGES}
+
+
+# ------------------------------------------------------------------------------ CUDA kernels
+def _q(rng, n, k, dtype, bits, group_size):
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
+    return (*mx.quantize(w, group_size=group_size, bits=bits), group_size, bits)
+
+
+def _reference(fn, *args, **kwargs):
+    """``fn`` with the kernels off: its reference ops (the same quantized product kernel)."""
+    on = decode_kernels._enabled
+    decode_kernels.set_fused_decode(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        decode_kernels.set_fused_decode(on)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("B", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_cuda_norm_product(bits, group_size, B, dtype):
+    rng = np.random.default_rng(bits + group_size + B)
+    E, N = 512, 200
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(dtype)
+    arrays = _q(rng, N, E, dtype, bits, group_size)
+    for residual in (mx.float32, dtype):
+        x = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32) * 3).astype(residual)
+        for pending in (None, mx.array(rng.standard_normal((B, 1, E)).astype(np.float32)).astype(dtype)):
+            assert chain.norm_chain_supported(x, pending, norm, arrays)
+            w, s, b, g, nb = arrays
+            out = chain.norm_quantized_matmul(x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+            ref = _reference(chain.norm_quantized_matmul, x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+            assert out[0].dtype == residual and out[1].dtype == dtype and out[2].dtype == dtype
+            assert _rel(out[0], ref[0]) <= 1e-6
+            assert _rel(out[1], ref[1]) <= 1e-2  # an ulp of T where the float32 sums round apart
+            assert _rel(out[2], ref[2]) <= 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("B,NH,DV", [(1, 8, 512), (4, 3, 128), (2, 2, 64)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_cuda_gate_norm_product(bits, group_size, B, NH, DV, dtype):
+    rng = np.random.default_rng(B * NH)
+    E = 384
+    norm = MultiHeadLayerNorm(NH, DV)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(dtype)
+    h = mx.array(rng.standard_normal((B, NH, 1, DV)).astype(np.float32) * 2 + 0.5).astype(dtype)
+    proj = mx.array(rng.standard_normal((B, 1, 3 * NH * DV)).astype(np.float32) * 3).astype(dtype)
+    off = NH * DV  # o~ inside the projection's output, as the chain passes it
+    w, s, b, g, nb = arrays = _q(rng, E, NH * DV, dtype, bits, group_size)
+    for residual in (mx.float32, dtype):
+        x = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32)).astype(residual)
+        assert chain.gate_chain_supported(h, proj, off, norm, x, arrays)
+        assert not chain.gate_chain_supported(h, proj, 2 * off + 1, norm, x, arrays)  # past the end
+        out = chain.gate_norm_quantized_matmul(h, proj, off, norm, x, w, s, b, group_size=g, bits=nb)
+        ref = _reference(chain.gate_norm_quantized_matmul, h, proj, off, norm, x, w, s, b, group_size=g, bits=nb)
+        assert out.dtype == residual and out.shape == (B, 1, E)
+        assert _rel(out, ref) <= 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("B", [1, 4])
+def test_cuda_swiglu_product(bits, group_size, B):
+    rng = np.random.default_rng(B + bits)
+    F, N = 640, 96
+    gate_up = mx.array(rng.standard_normal((B, 1, 2 * F)).astype(np.float32) * 3).astype(mx.bfloat16)
+    w, s, b, g, nb = arrays = _q(rng, N, F, mx.bfloat16, bits, group_size)
+    assert chain.swiglu_chain_supported(gate_up, arrays)
+    out = chain.swiglu_quantized_matmul(gate_up, w, s, b, group_size=g, bits=nb)
+    ref = _reference(chain.swiglu_quantized_matmul, gate_up, w, s, b, group_size=g, bits=nb)
+    assert _rel(out, ref) <= 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("blocks", [264, 0, 7], ids=["264-blocks", "block-per-tile", "7-blocks"])
+def test_cuda_chain_7b_layer_shapes(monkeypatch, blocks):
+    # One 7B block's shapes (E 4096, 8 heads of 512, F 10944) at 1 row, 4 bits, group 64; each
+    # thread block walking several output tiles (264 or 7 blocks), or one tile per block.
+    monkeypatch.setattr(chain, "CHAIN_BLOCKS", blocks)
+    rng = np.random.default_rng(7)
+    E, NH, DV, F = 4096, 8, 512, 10944
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(mx.bfloat16)
+    x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
+    pending = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32)).astype(mx.bfloat16)
+    w, s, b, g, nb = _q(rng, 2 * F, E, mx.bfloat16, 4, 64)
+    out = chain.norm_quantized_matmul(x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+    ref = _reference(chain.norm_quantized_matmul, x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+    assert _rel(out[2], ref[2]) <= 2e-2 and _rel(out[1], ref[1]) <= 1e-2 and _rel(out[0], ref[0]) <= 1e-6
+    wd, sd, bd, _, _ = _q(rng, E, F, mx.bfloat16, 4, 64)
+    y = chain.swiglu_quantized_matmul(out[2], wd, sd, bd, group_size=64, bits=4)
+    y_ref = _reference(chain.swiglu_quantized_matmul, out[2], wd, sd, bd, group_size=64, bits=4)
+    assert _rel(y, y_ref) <= 2e-2
+    mh = MultiHeadLayerNorm(NH, DV)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(mx.bfloat16)
+    h = mx.array(rng.standard_normal((1, NH, 1, DV)).astype(np.float32)).astype(mx.bfloat16)
+    wo, so, bo, _, _ = _q(rng, E, NH * DV, mx.bfloat16, 4, 64)
+    r = chain.gate_norm_quantized_matmul(h, out[2], 1000, mh, x, wo, so, bo, group_size=64, bits=4)
+    r_ref = _reference(chain.gate_norm_quantized_matmul, h, out[2], 1000, mh, x, wo, so, bo, group_size=64, bits=4)
+    assert r.dtype == mx.float32 and _rel(r, r_ref) <= 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B", [1, 4])
+def test_cuda_float_products(monkeypatch, dtype, B):
+    # The chain's kernels on T weights (bits 16, CHAIN_FLOAT): each stage against its reference
+    # (the norm / gate / SwiGLU ops, then MLX's matmul).
+    monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
+    rng = np.random.default_rng(B)
+    E, NH, DV, F = 256, 2, 128, 320
+
+    def linear(n, k):
+        layer = nn.Linear(k, n, bias=False)
+        layer.weight = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
+        return chain.quantized_arrays(layer)
+
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(dtype)
+    x = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32))
+    pending = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32)).astype(dtype)
+    w, s, b, g, nb = arrays = linear(2 * F, E)
+    assert nb == 16 and chain.norm_chain_supported(x, pending, norm, arrays)
+    out = chain.norm_quantized_matmul(x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+    ref = _reference(chain.norm_quantized_matmul, x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+    assert _rel(out[0], ref[0]) <= 1e-6 and _rel(out[1], ref[1]) <= 1e-2 and _rel(out[2], ref[2]) <= 2e-2
+    wd, sd, bd, gd, nd = down = linear(E, F)
+    assert chain.swiglu_chain_supported(out[2], down)
+    y = chain.swiglu_quantized_matmul(out[2], wd, sd, bd, group_size=gd, bits=nd)
+    assert _rel(y, _reference(chain.swiglu_quantized_matmul, out[2], wd, sd, bd, group_size=gd, bits=nd)) <= 2e-2
+    mh = MultiHeadLayerNorm(NH, DV)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(dtype)
+    h = mx.array(rng.standard_normal((B, NH, 1, DV)).astype(np.float32)).astype(dtype)
+    wo, so, bo, go, no = out_proj = linear(E, NH * DV)
+    assert chain.gate_chain_supported(h, out[2], F, mh, x, out_proj)
+    r = chain.gate_norm_quantized_matmul(h, out[2], F, mh, x, wo, so, bo, group_size=go, bits=no)
+    r_ref = _reference(chain.gate_norm_quantized_matmul, h, out[2], F, mh, x, wo, so, bo, group_size=go, bits=no)
+    assert _rel(r, r_ref) <= 2e-2
+
+
+def test_stages_that_do_not_fit_shared_memory_run_their_reference():
+    # x's rows are staged in shared memory: 7B's SwiGLU (10,944 values a row) fits twice, not
+    # four times; the 4096-wide norms fit four rows.
+    F, E = 10944, 4096
+    w, s, b = mx.quantize(mx.zeros((64, F), dtype=mx.bfloat16), group_size=64, bits=4)
+    arrays = (w, s, b, 64, 4)
+    for rows, fits in ((1, True), (2, True), (4, False)):
+        gate_up = mx.zeros((rows, 1, 2 * F), dtype=mx.bfloat16)
+        assert chain.swiglu_chain_supported(gate_up, arrays) is fits
+    norm = RMSNorm(E)
+    norm.set_dtype(mx.bfloat16)
+    wq, sq, bq = mx.quantize(mx.zeros((64, E), dtype=mx.bfloat16), group_size=64, bits=4)
+    assert chain.norm_chain_supported(mx.zeros((4, 1, E)), None, norm, (wq, sq, bq, 64, 4))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_float_chain_opt_in(on_cpu_too, monkeypatch, dtype):
+    # With XLSTM_METAL_CHAIN_FLOAT's switch a float model takes the chain too (the kernel reading
+    # its T weights as they are); the same results as the step path.
+    model = tiny_model(seed=3)
+    model.set_dtype(dtype)
+    model.fuse_projections()
+    plain = _decode(model, True, steps=2)
+    assert on_cpu_too == {name: 0 for name in STAGES}
+    monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
+    chained = _decode(model, True, steps=2)
+    assert on_cpu_too == {name: n for name, n in zip(STAGES, (2 * 2 * 2, 2 * 2, 2 * 2))}
+    _agree(chained, plain, TOL)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("K", [256, 2880, 4096])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_cuda_tiles_carry_chunks_across_tiles(monkeypatch, bits, K, blocks):
+    # Few thread blocks walking many tiles: each warp's weight chunks run on from one tile into
+    # the next (K / span below, not a multiple of and above the 8 warps).
+    monkeypatch.setattr(chain, "CHAIN_BLOCKS", blocks)
+    rng = np.random.default_rng(K + bits)
+    N, B = 200, 2
+    norm = RMSNorm(K)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)).astype(mx.bfloat16)
+    x = mx.array(rng.standard_normal((B, 1, K)).astype(np.float32))
+    w, s, b, g, nb = _q(rng, N, K, mx.bfloat16, bits, 64)
+    out = chain.norm_quantized_matmul(x, None, norm, w, s, b, group_size=g, bits=nb)
+    ref = _reference(chain.norm_quantized_matmul, x, None, norm, w, s, b, group_size=g, bits=nb)
+    assert _rel(out[2], ref[2]) <= 2e-2

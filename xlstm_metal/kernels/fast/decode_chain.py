@@ -1,0 +1,454 @@
+"""The decode step of a quantized xLSTM-Large block in five CUDA launches, beside its ops reference.
+
+At a few rows a quantized decode step is paced by the host's work per launched kernel, not by
+the weights (benchmarks/NOTES.md): :mod:`.decode`'s kernels leave 9-10 launches per block. For
+quantized weights the matrix products are our own kernel (:mod:`.quantized`), so the small
+kernels fold into their prologues and epilogues: each thread block computes its few input rows
+(from L2) into shared memory, then multiplies them with its 16-feature tile(s) of the weights:
+
+1. [residual add +] RMSNorm -> the fused q|k|v|o(|i|f) product (:func:`norm_quantized_matmul`;
+   it also writes the residual sum and, for the float gate projections, the normed x);
+2. the gated step kernel (:func:`.decode.mlstm_step_gated`, unchanged);
+3. multi-head LayerNorm of h times sigmoid(o~) -> out_proj, the residual add in the epilogue
+   (:func:`gate_norm_quantized_matmul`: writes the new residual stream);
+4. RMSNorm -> the fused gate|up product (:func:`norm_quantized_matmul`);
+5. SwiGLU -> proj_down (:func:`swiglu_quantized_matmul`): the next block's pending residual.
+
+Each computes in float32 and rounds where the reference rounds (the prologues are the formulas
+of :func:`.decode.add_rms_norm` and :func:`.decode.output_norm_gate`, the products those of
+:func:`.quantized.fused_quantized_matmul`, the same tensor-core loop), so results agree with the ops path to float32
+round-off and at most an ulp of bf16/fp16 where a transcendental differs.
+
+:meth:`~xlstm_metal.blocks.xlstm_large.mLSTMBlock.step` runs them, stage by stage: a stage whose modules are
+not what the kernel expects (a LoRA wrapper, a float layer, a user's norm, a projection replaced
+since ``fuse_projections()``) calls the modules of the tree instead. Only on CUDA, for at most
+:data:`CHAIN_MAX_ROWS` rows; ``XLSTM_METAL_DECODE_CHAIN=0`` (or :func:`set_decode_chain`) turns
+it off (then :meth:`mLSTMBlock.step` runs :mod:`.decode`'s kernels, as before).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ...cells.norms import MultiHeadLayerNorm, RMSNorm
+from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
+from .quantized import _HEADER, decode_launch, decode_source, decode_template, kernel_takes, quantized_matmul
+
+#: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels (a stage
+#: whose inputs do not fit its shared memory runs its reference too: at the 7B shape SwiGLU's
+#: 10,944 values per row fit twice).
+CHAIN_MAX_ROWS = 4
+
+#: Whether float (bf16/fp16) products take the chain too, through the same kernel reading its T
+#: weights as they are (``XLSTM_METAL_CHAIN_FLOAT=1``; off by default: MLX's GEMV + the separate
+#: kernels of :mod:`.decode` unless measured slower).
+CHAIN_FLOAT = os.environ.get("XLSTM_METAL_CHAIN_FLOAT", "0") == "1"
+
+_enabled = os.environ.get("XLSTM_METAL_DECODE_CHAIN", "1") != "0"
+
+
+def decode_chain_enabled() -> bool:
+    """Whether blocks run the chain (default on; ``XLSTM_METAL_DECODE_CHAIN=0`` off)."""
+    return _enabled
+
+
+def set_decode_chain(enabled: bool) -> None:
+    """Switch the chain on or off for steps traced from now on."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def _chain_active() -> bool:
+    """Where blocks take the chain: on CUDA (with :mod:`.decode`'s kernels on). Tests patch this
+    to run the chain's dispatch on a CPU, where every stage computes its reference ops."""
+    return _kernels_on()
+
+
+def chain_applies(x: mx.array) -> bool:
+    """Whether a block step on residual input ``x`` [B, 1, E] may take the chain (CUDA, the switch
+    on, at most :data:`CHAIN_MAX_ROWS` rows); each stage then checks its own modules."""
+    return _enabled and _chain_active() and x.ndim == 3 and x.shape[1] == 1 and 0 < x.shape[0] <= CHAIN_MAX_ROWS
+
+
+# ----------------------------------------------------------------------------- kernel sources
+# Hooks of :func:`.quantized.decode_source` (tiled: a thread block runs its prologue once, then
+# walks several 16-feature output tiles). K (the inner size) is the template KD; M comes from an
+# input's shape. The prologue stages x's values, rounded to T (and ST) exactly where the reference
+# rounds, in shared memory (SR >= M rows), all threads of the block at work, in one pass over the
+# inputs (a norm's values stay in registers for its statistics); the product reads them there.
+_STAGE_DECL = """
+    __shared__ __align__(16) T xs_s[SR * KD];
+"""
+_LOAD_X = """
+        const uint4* xp = reinterpret_cast<const uint4*>(xs_s + (size_t)m * K + kc);
+        #pragma unroll
+        for (int i = 0; i < VALS / 8; ++i) {
+          const uint4 u = xp[i];
+          xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
+        }
+"""
+
+# 1 and 4: RMSNorm of s = xr (+ pend), as add_rms_norm: s in ST, sum of squares in float32,
+# normed = ST(s * rsqrt(mean + eps)), value = T(normed * w).
+_NORM_SIZES = """
+    const int M = xr_shape[0];
+    constexpr int K = KD;
+    __shared__ float s_warp[32];
+STAGE_DECL
+"""
+_NORM_PROLOGUE = """
+    {
+      constexpr int MAXV = (KD + 32 * WARPS - 1) / (32 * WARPS);
+      for (int mm = 0; mm < M; ++mm) {
+        float sv[MAXV], wv[MAXV];  // the norm weight loaded with s: one wait on L2, not two
+        float sq = 0.0f;
+        #pragma unroll
+        for (int r = 0; r < MAXV; ++r) {
+          const int k = threadIdx.x + r * 32 * WARPS;
+          sv[r] = k < K ? RESID : 0.0f;
+          wv[r] = k < K ? static_cast<float>(nw[k]) : 0.0f;
+          sq += sv[r] * sv[r];
+        }
+        const float rn = rsqrtf(xl_block_sum(sq, s_warp) / K + EPS);
+        #pragma unroll
+        for (int r = 0; r < MAXV; ++r) {
+          const int k = threadIdx.x + r * 32 * WARPS;
+          if (k < K) {
+            const int e = mm * K + k;
+            const T v = static_cast<T>(static_cast<float>(static_cast<ST>(sv[r] * rn)) * wv[r]);
+            xs_s[e] = v;
+            if (blockIdx.x == 0) {  // the residual sum and the normed input, once
+              WRITE_SUM
+              WRITE_XN
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+"""
+
+# 3: LayerNorm per head of h (float32, biased variance), rounded to T, times the weight (T),
+# times sigmoid(o~) (T), as output_norm_gate; the epilogue adds the rounded product to xr in ST.
+_GATE_SIZES = """
+    const int M = h_shape[0];
+    constexpr int K = KD;
+STAGE_DECL
+"""
+_GATE_PROLOGUE = """
+    {
+      // A warp per (row, head) keeps the head's h in registers for its statistics.
+      constexpr int MAXJ = (DV + 31) / 32;
+      for (int p = warp; p < M * NH; p += WARPS) {
+        const int mm = p / NH, hd = p - mm * NH;
+        const size_t hoff = static_cast<size_t>(p) * DV;  // h [B, NH, 1, DV] row-contiguous
+        float hv[MAXJ];
+        float sum = 0.0f;
+        #pragma unroll
+        for (int r = 0; r < MAXJ; ++r) {
+          const int j = lane + 32 * r;
+          hv[r] = j < DV ? static_cast<float>(h[hoff + j]) : 0.0f;
+          sum += hv[r];
+        }
+        for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
+        const float mean = sum / DV;
+        float sq = 0.0f;
+        #pragma unroll
+        for (int r = 0; r < MAXJ; ++r) {
+          const float d = hv[r] - mean;
+          sq += lane + 32 * r < DV ? d * d : 0.0f;
+        }
+        for (int sh = 16; sh > 0; sh >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, sh);
+        const float rstd = rsqrtf(sq / DV + EPS);
+        #pragma unroll
+        for (int r = 0; r < MAXJ; ++r) {
+          const int j = lane + 32 * r;
+          if (j < DV) {
+            const int k = hd * DV + j;
+            const float normed = static_cast<float>(static_cast<T>((hv[r] - mean) * rstd));
+            const float scaled = static_cast<float>(static_cast<T>(normed * static_cast<float>(nw[k])));
+            const float og = static_cast<float>(o[static_cast<size_t>(mm) * o_shape[2] + OOFF + k]);
+            const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-og))));
+            xs_s[mm * K + k] = static_cast<T>(gate * scaled);
+          }
+        }
+      }
+      __syncthreads();
+    }
+"""
+_RESIDUAL_STORE = """{
+        out[(size_t)m * N + n] = static_cast<ST>(static_cast<float>(xr[(size_t)m * N + n])
+                                                 + static_cast<float>(static_cast<T>(sum)));
+      }"""
+
+# 5: silu(gate) * up, each op rounded to T (nn.silu is gate * sigmoid(gate)).
+_SWIGLU_SIZES = """
+    const int M = gate_up_shape[0];
+    constexpr int K = KD;
+STAGE_DECL
+"""
+_SWIGLU_PROLOGUE = """
+    {
+      // U values of gate and of up per thread loaded before any is used (a plain loop would wait
+      // on each pair's latency in turn: 43 pairs per thread at F 10,944).
+      constexpr int NT = 32 * WARPS, U = 8;
+      for (int mm = 0; mm < M; ++mm) {
+        const size_t base = static_cast<size_t>(mm) * 2 * K;
+        for (int k0 = threadIdx.x; k0 < K; k0 += NT * U) {
+          float gv[U], uv[U];
+          #pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int k = k0 + u * NT;
+            gv[u] = k < K ? static_cast<float>(gate_up[base + k]) : 0.0f;
+            uv[u] = k < K ? static_cast<float>(gate_up[base + K + k]) : 0.0f;
+          }
+          #pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int k = k0 + u * NT;
+            if (k < K) {
+              const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gv[u]))));
+              const float si = static_cast<float>(static_cast<T>(gv[u] * sg));
+              xs_s[mm * K + k] = static_cast<T>(si * uv[u]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+"""
+
+#: Bytes of shared memory the staged x may take (static shared memory is 48 KiB per block; the
+#: product's reduction takes 4 KiB at one tile). A stage whose rows do not fit runs its reference.
+STAGE_BYTES = 44 * 1024
+
+#: Most thread blocks a chain kernel launches, each walking output tiles of 16 features after one
+#: prologue (``XLSTM_METAL_CHAIN_BLOCKS``); 0, the default: one block per tile. On an H200 (S6R2,
+#: 7B, batch 1, one process) one block per tile gave 282 / 232 tok/s at 4 / 8 bits, 264 blocks
+#: (two per SM) 206 / 199 and 132 blocks 250 / 169: fewer blocks walk their tiles one after another
+#: (GPU time per step 2.87 / 4.14 ms with 264 blocks against 2.64 / 3.70 without the chain).
+CHAIN_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_BLOCKS", "0"))
+
+
+def _stage_rows(rows: int, k: int, dtype: mx.Dtype) -> int:
+    """Rows staged in shared memory (a power of two >= rows, so few variants compile), or 0 when
+    they do not fit."""
+    sr = 1 << (rows - 1).bit_length()
+    return sr if sr * k * dtype.size <= STAGE_BYTES else 0
+
+
+def _eps(eps: float) -> str:
+    return f"{float(eps)!r}f"
+
+
+def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);") -> str:
+    return decode_source(sizes=sizes.replace("STAGE_DECL", _STAGE_DECL), prologue=prologue, load_x=_LOAD_X,
+                         store=store, tiled=True)
+
+
+def _launch(n_out: int) -> dict:
+    return decode_launch(n_out, CHAIN_BLOCKS or None)
+
+
+def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
+    resid = ("static_cast<float>(static_cast<ST>(static_cast<float>(xr[(size_t)mm * K + k]) "
+             "+ static_cast<float>(pend[(size_t)mm * K + k])))") if has_pending else "static_cast<float>(xr[(size_t)mm * K + k])"
+    prologue = _NORM_PROLOGUE.replace("RESID", resid).replace("EPS", _eps(eps))
+    prologue = prologue.replace("WRITE_SUM", "sum_out[e] = static_cast<ST>(sv[r]);" if has_pending else "")
+    prologue = prologue.replace("WRITE_XN", "xn_out[e] = v;" if write_xn else "")
+    if not (has_pending or write_xn):
+        prologue = prologue.replace("if (blockIdx.x == 0) {", "if (false) {")
+    return _source(_NORM_SIZES, prologue)
+
+
+_kernels: dict[tuple, object] = {}
+
+
+def _kernel(key: tuple, inputs: list[str], outputs: list[str], source):
+    """The chain's kernel for ``key``, its source from ``source()``, built once."""
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_decode_chain_{key[0]}_{len(_kernels)}",
+            input_names=inputs,
+            output_names=outputs,
+            source=source(),
+            header=_HEADER + _REDUCE_HEADER,
+        )
+        _kernels[key] = kernel
+    return kernel
+
+
+# ------------------------------------------------------------------------------ entry points
+def quantized_arrays(layer: nn.Module) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
+    """(weight, scales, biases, group size, bits) of a plain affine quantized layer without a
+    bias (``nn.QuantizedLinear`` or a subclass computing as it does), or, with
+    :data:`CHAIN_FLOAT`, of a plain float ``nn.Linear`` without a bias (its weight, and the
+    weight again in place of scales and biases, which the kernel does not read at bits 16); None for
+    anything else (then the layer is called as it stands)."""
+    from ...cells.fused import fusion_kind  # noqa: PLC0415  (cells import this package)
+
+    kind = fusion_kind(layer)
+    if kind is None or "bias" in layer:
+        return None
+    return group_arrays(kind, {name: layer[name] for name in ("weight", "scales", "biases") if name in layer})
+
+
+def group_arrays(kind: tuple, group: dict) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
+    """The same tuple for a fused group of layers (:mod:`xlstm_metal.cells.fused`: its kind and
+    arrays)."""
+    if kind[0] == "linear":
+        w = group["weight"]
+        if not CHAIN_FLOAT or w.ndim != 2 or w.dtype not in (mx.bfloat16, mx.float16) or w.shape[1] % 8:
+            return None
+        return w, w, w, 32, 16
+    if kind[0] != "quantized" or kind[3] != "affine" or not kind[4]:
+        return None
+    return group["weight"], group["scales"], group["biases"], kind[1], kind[2]
+
+
+def _fast(dtype: mx.Dtype, arrays, k: int) -> bool:
+    """Whether the decode kernel takes inputs of ``dtype`` and inner size ``k``."""
+    w, scales, biases, group_size, bits = arrays
+    if bits == 16:
+        return scales.dtype == dtype and scales.shape[1] == k
+    return kernel_takes(_Probe(dtype, k), w, scales, biases, group_size, bits)
+
+
+def _product(x: mx.array, arrays) -> mx.array:
+    """The reference product x @ W.T for :func:`quantized_arrays`'s tuple."""
+    w, scales, biases, group_size, bits = arrays
+    if bits == 16:
+        return x @ scales.T
+    return quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+
+
+class _Probe:
+    """Stands in for x in :func:`.quantized.kernel_takes` (which reads its dtype and last
+    dimension only)."""
+
+    def __init__(self, dtype: mx.Dtype, k: int):
+        self.dtype, self.shape = dtype, (1, k)
+
+
+def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, w: mx.array, scales: mx.array,
+                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False):
+    """x [B, 1, E] (the residual stream, float32 or the norm weight's dtype T), pending [B, 1, E]
+    in T or None -> (s = x + pending (x itself when None), xn = norm(s) in T (None unless
+    ``write_xn``), y = xn @ dequantize(w).T [B, 1, N] in T): one launch on CUDA for the cases
+    :func:`norm_chain_supported` accepts (the caller checks), else the ops."""
+    if not _kernels_on():  # the reference: the add + norm of the step, then the product
+        if pending is None:
+            s, xn = x, norm(x)
+        else:
+            s, xn = add_rms_norm(x, pending, norm)
+        xn = xn.astype(norm.weight.dtype)
+        y = _product(xn, (w, scales, biases, group_size, bits))
+        return s, xn if write_xn else None, y
+    B, _, E = x.shape
+    T = norm.weight.dtype
+    has_pending = pending is not None
+    key = ("norm", norm.eps, has_pending, write_xn)
+    kernel = _kernel(key, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
+                     ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
+                     lambda: _norm_source(norm.eps, has_pending, write_xn))
+    N = w.shape[0]
+    # [B, 1, E] in and out as they are (row-contiguous; the kernel reads rows as flat): no views
+    # to build per call, which the host pays for like kernels at one row.
+    inputs = [x] + ([pending] if has_pending else []) + [norm.weight, w, scales, biases]
+    shapes, dtypes = [(B, 1, N)], [T]
+    if has_pending:
+        shapes.append((B, 1, E)); dtypes.append(x.dtype)
+    if write_xn:
+        shapes.append((B, 1, E)); dtypes.append(T)
+    outs = kernel(
+        inputs=inputs,
+        template=decode_template(T, bits, group_size, B)
+        + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T))],
+        output_shapes=shapes, output_dtypes=dtypes, **_launch(N),
+    )
+    return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
+
+
+def norm_chain_supported(x: mx.array, pending: mx.array | None, norm: nn.Module, arrays) -> bool:
+    """Whether :func:`norm_quantized_matmul` runs as one kernel for these inputs and modules
+    (``arrays``: :func:`quantized_arrays` of the product, or None)."""
+    if arrays is None or type(norm) is not RMSNorm:
+        return False
+    weight = norm.get("weight")
+    if not isinstance(weight, mx.array) or weight.dtype not in (mx.bfloat16, mx.float16):
+        return False
+    T = weight.dtype
+    return (x.ndim == 3 and x.shape[1] == 1 and weight.shape == (x.shape[-1],) and x.dtype in (T, mx.float32)
+            and (pending is None or (pending.dtype == T and pending.shape == x.shape))
+            and _stage_rows(x.shape[0], x.shape[-1], T) > 0 and _fast(T, arrays, x.shape[-1]))
+
+
+def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm: MultiHeadLayerNorm, x: mx.array,
+                               w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int):
+    """h [B, NH, 1, DV], o~ = ``o_src[..., o_offset : o_offset + NH * DV]`` (o_src [B, 1, *]: the
+    fused projection's output, passed whole so no slice is built), ``norm`` the multi-head
+    LayerNorm, x [B, 1, E] the residual stream -> x + out_proj(sigmoid(o~) * norm(h)) in x's
+    dtype (the product rounded to T first, as the separate layer returns it): one launch."""
+    B, NH, _, DV = h.shape
+    if not _kernels_on():  # the reference: norm + gate, the product, the residual add
+        o_preact = o_src[..., o_offset: o_offset + NH * DV]
+        return x + _product(output_norm_gate(h, o_preact, norm), (w, scales, biases, group_size, bits))
+    E = x.shape[-1]
+    T = h.dtype
+    kernel = _kernel(("gate", norm.eps), ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
+                     lambda: _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE))
+    (out,) = kernel(
+        inputs=[h, o_src, norm.weight, x, w, scales, biases],
+        template=decode_template(T, bits, group_size, B)
+        + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
+           ("SR", _stage_rows(B, NH * DV, T))],
+        output_shapes=[(B, 1, E)], output_dtypes=[x.dtype], **_launch(w.shape[0]),
+    )
+    return out
+
+
+def gate_chain_supported(h: mx.array, o_src: mx.array, o_offset: int, norm: nn.Module, x: mx.array, arrays) -> bool:
+    """Whether :func:`gate_norm_quantized_matmul` runs as one kernel for these inputs and modules."""
+    if arrays is None or type(norm) is not MultiHeadLayerNorm:
+        return False
+    B, NH, S, DV = h.shape
+    weight = norm.get("weight")
+    w = arrays[0]
+    return (S == 1 and h.dtype in (mx.bfloat16, mx.float16) and o_src.dtype == h.dtype
+            and o_src.ndim == 3 and o_src.shape[:2] == (B, 1) and 0 <= o_offset
+            and o_offset + NH * DV <= o_src.shape[2] and weight.dtype == h.dtype and weight.shape == (NH * DV,)
+            and x.dtype in (h.dtype, mx.float32) and x.shape == (B, 1, w.shape[0])
+            and _stage_rows(B, NH * DV, h.dtype) > 0 and _fast(h.dtype, arrays, NH * DV))
+
+
+def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
+                            group_size: int, bits: int) -> mx.array:
+    """gate_up [B, 1, 2F] in T (the fused gate|up product's output: gate, then up) ->
+    (silu(gate) * up) @ dequantize(w).T [B, 1, N] in T: one launch."""
+    F = gate_up.shape[-1] // 2
+    if not _kernels_on():  # the reference: the FFN's SwiGLU, then the product
+        from ...cells.ffn import swiglu  # noqa: PLC0415  (cells import this package)
+
+        return _product(swiglu(gate_up[..., :F], gate_up[..., F:]), (w, scales, biases, group_size, bits))
+    B = gate_up.shape[0]
+    T = gate_up.dtype
+    kernel = _kernel(("swiglu",), ["gate_up", "w", "scales", "biases"], ["y"],
+                     lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE))
+    N = w.shape[0]
+    (y,) = kernel(
+        inputs=[gate_up, w, scales, biases],
+        template=decode_template(T, bits, group_size, B) + [("KD", F), ("SR", _stage_rows(B, F, T))],
+        output_shapes=[(B, 1, N)], output_dtypes=[T], **_launch(N),
+    )
+    return y
+
+
+def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
+    """Whether :func:`swiglu_quantized_matmul` runs as one kernel for these inputs and modules."""
+    if arrays is None or gate_up.ndim != 3 or gate_up.shape[1] != 1 or gate_up.shape[-1] % 2:
+        return False
+    F = gate_up.shape[-1] // 2
+    return _stage_rows(gate_up.shape[0], F, gate_up.dtype) > 0 and _fast(gate_up.dtype, arrays, F)
