@@ -174,11 +174,12 @@ def test_step_layout_choice():
     from xlstm_metal.kernels.fast import decode
 
     # (TX, TD, V, RB): the 7B heads (DQK 256, DV 512) at batch 1 (8 heads) get 16 columns per
-    # tile (256 tiles for 132 SMs), at batch 4 32 columns, at 16 and 64 64 columns; 4 rows in flight.
+    # tile (256 tiles for 132 SMs), at batch 4 32 columns, at 16 and 64 64 columns; up to 8 rows
+    # in flight.
     assert decode._v2_tile(8, 256, 512) == (4, 64, 4, 4)
-    assert decode._v2_tile(32, 256, 512) == (8, 32, 4, 4)
-    assert decode._v2_tile(128, 256, 512) == (16, 16, 4, 4)
-    assert decode._v2_tile(512, 256, 512) == (16, 16, 4, 4)
+    assert decode._v2_tile(32, 256, 512) == (8, 32, 4, 8)
+    assert decode._v2_tile(128, 256, 512) == (16, 16, 4, 8)
+    assert decode._v2_tile(512, 256, 512) == (16, 16, 4, 8)
     assert decode._v2_tile(64, 24, 40) == (4, 32, 4, 1)  # no wider than DV; few tiles: the narrowest
     assert decode._v2_tile(512, 24, 40) == (8, 32, 4, 1)
     assert decode._v2_tile(4, 24, 37) == (32, 8, 1, 3)  # 4-byte columns

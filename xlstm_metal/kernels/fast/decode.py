@@ -386,8 +386,9 @@ _INPROJ_PROLOGUE = """
 _step_kernels: dict[tuple, object] = {}
 
 # Which layout of the gated step kernel runs: 1 (the first, ``_STEP_GATED_SOURCE``) or 2
-# (``_STEP_GATED_SOURCE_V2``); ``XLSTM_METAL_STEP_KERNEL`` picks it, for comparisons.
-_step_version = int(os.environ.get("XLSTM_METAL_STEP_KERNEL", "1"))
+# (``_STEP_GATED_SOURCE_V2``, the default: faster at batch 1, 16 and 64 on an H200, S6R2);
+# ``XLSTM_METAL_STEP_KERNEL`` picks it, for comparisons.
+_step_version = int(os.environ.get("XLSTM_METAL_STEP_KERNEL", "2"))
 if _step_version not in (1, 2):
     raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1 or 2, got {_step_version}")
 #: Streaming cache hints on the state's loads and stores in layout 2 (it is not reused in a step).
@@ -396,7 +397,7 @@ _STREAM_HINTS = True
 #: the choice of :func:`_v2_tile`; a benchmark knob.
 _V2_TX: int | None = None
 #: Layout 2's most rows per thread in flight at once (registers: 4 V per row); a benchmark knob.
-_V2_RB = 4
+_V2_RB = 8
 #: Layout 2's blocks per SM when its grid is capped (persistent blocks, each taking several tiles),
 #: or None for one block per tile; a benchmark knob.
 _V2_BLOCKS_PER_SM: int | None = None
@@ -419,9 +420,10 @@ def set_step_kernel_version(version: int) -> None:
 def _v2_tile(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int]:
     """Layout 2's (TX, TD, V, RB) for B * NH heads: 256 threads, V = 4 (16-byte state accesses)
     where DV allows; TX the widest of 16, 8, 4 threads along the columns (64, 32, 16 columns per
-    tile) that still gives two tiles per SM (S6R1, H200, the kernel alone: 16 columns-threads and
-    4 rows in flight were fastest at batch 16 and 64), else 4; TD rows of threads (no more than
-    DQK needs) and RB rows per thread in flight at once."""
+    tile) that still gives two tiles per SM, else 4; TD rows of threads (no more than DQK needs)
+    and RB rows per thread in flight at once. On an H200, the kernel alone (S6R1, S6R2), 16
+    column-threads were fastest at batch 16 and 64, 8 rows in flight at 16 (4 equal at 64), and
+    persistent blocks gained nothing."""
     vec = 4 if dv % 4 == 0 else 1
     if vec == 1:
         tx = 32
