@@ -9,7 +9,7 @@ step / prefill trace: decode with the kernels on (MLX's matmul for the products,
 with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too
 (``--no-skinny`` leaves it out); with each layout of the gated step kernel (``--step-kernels 2,1``);
 with the quantized decode chain (xlstm_metal/kernels/fast/decode_chain.py) off, and on with other
-numbers of thread blocks per kernel, and with float (bf16) products through its kernel too
+numbers of thread blocks per kernel, and with MLX's matmul for float (bf16) products
 (``--chain``); and with all of them off (``--no-off`` leaves that out; ``--settings`` picks
 settings by name); prefill also with the GPU's
 queued layers (``xlstm_large._queue_layers``) off, i.e. each layer evaluated before the next is built.
@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--trace-steps", type=int, default=0,
                    help="after each decode measurement, trace this many more steps under CUPTI (PyTorch's "
                    "profiler): GPU busy time per step, the gaps, the costliest kernels")
+    p.add_argument("--trace-rounds", type=int, default=None, help="trace in the first N rounds only")
     p.add_argument("--trace-settings", default="",
                    help="trace only after these settings (names separated by semicolons; default all)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start")
@@ -123,7 +124,7 @@ def main() -> None:
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
-    # (float products through the chain's kernel too))
+    # (False: float products by MLX's matmul, the chain only where the products are quantized))
     if args.step_kernels:
         fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, False, int(v), True)
                  for v in args.step_kernels.split(",")]
@@ -135,10 +136,8 @@ def main() -> None:
                    {"blocks": 264}),
                   ("fused decode kernels, chain, 132 blocks", True, True, residual, False, step_default, {"blocks": 132}),
                   ("fused decode kernels, chain, 528 blocks", True, True, residual, False, step_default, {"blocks": 528}),
-                  ("fused decode kernels, chain, float products", True, True, residual, False, step_default,
-                   {"float": True}),
-                  ("fused decode kernels, chain, float products, 528 blocks", True, True, residual, False,
-                   step_default, {"float": True, "blocks": 528})]
+                  ("fused decode kernels, chain, MLX's float products", True, True, residual, False, step_default,
+                   {"float": False})]
     settings = {"decode": fused + ([] if args.no_skinny else
                                    [("fused decode kernels + skinny product", True, True, residual, True, step_default,
                                      True)])
@@ -162,7 +161,7 @@ def main() -> None:
     q_settings = pick(args.q_settings, "--q-settings") if args.q_settings else settings["decode"]
 
     def run(kind: str, size: int) -> None:
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for name, on, queued, residual_dtype, skinny_on, step_version, chain_on in settings[kind]:
                 if late():
                     return
@@ -181,7 +180,8 @@ def main() -> None:
                 else:
                     r = bm.measure_prefill(model, size)
                 emit({"setting": name, **r})
-                traced = not args.trace_settings or name in args.trace_settings.split(";")
+                traced = ((not args.trace_settings or name in args.trace_settings.split(";"))
+                          and (args.trace_rounds is None or round_ < args.trace_rounds))
                 if kind == "decode" and args.trace_steps > 0 and traced and not late():
                     emit({"setting": name, "kind": "decode_trace", "batch": size,
                           **trace_decode(model, size, args.trace_steps, r["ms_per_step"] / 1000)})
@@ -194,11 +194,9 @@ def main() -> None:
     def check_chain() -> None:
         """Greedy steps from one random token with the chain on, then the same tokens with it off,
         then with every fused decode kernel off (the reference ops: how far two bf16 paths drift
-        apart anyway); eager, each setting runs the ops it would compile. A float model runs its
-        products through the chain's kernel (``decode_chain.CHAIN_FLOAT``)."""
+        apart anyway); eager, each setting runs the ops it would compile."""
         if not args.check_chain or late():
             return
-        decode_chain.CHAIN_FLOAT = q_bits is None
         logits = {}
         tokens = [mx.random.randint(0, config.vocab_size, (1, 1), key=mx.random.key(1)).astype(mx.int32)]
         for setting in ("chain", "chain off", "reference"):
@@ -214,7 +212,6 @@ def main() -> None:
             logits[setting] = out
         decode_chain.set_decode_chain(True)
         decode.set_fused_decode(True)
-        decode_chain.CHAIN_FLOAT = chain_float
 
         def compare(a_name: str, b_name: str) -> dict:
             pairs = list(zip(logits[a_name], logits[b_name]))

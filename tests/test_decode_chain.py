@@ -280,13 +280,14 @@ def test_cuda_float_products(monkeypatch, dtype, B):
     # The chain's kernels on T weights (bits 16, CHAIN_FLOAT): each stage against its reference
     # (the norm / gate / SwiGLU ops, then MLX's matmul).
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
+    monkeypatch.setattr(chain, "CHAIN_FLOAT_MAX_ROWS", 4)
     rng = np.random.default_rng(B)
     E, NH, DV, F = 256, 2, 128, 320
 
     def linear(n, k):
         layer = nn.Linear(k, n, bias=False)
         layer.weight = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
-        return chain.quantized_arrays(layer)
+        return chain.quantized_arrays(layer, B)
 
     norm = RMSNorm(E)
     norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(dtype)
@@ -327,18 +328,23 @@ def test_stages_that_do_not_fit_shared_memory_run_their_reference():
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
-def test_float_chain_opt_in(on_cpu_too, monkeypatch, dtype):
-    # With XLSTM_METAL_CHAIN_FLOAT's switch a float model takes the chain too (the kernel reading
-    # its T weights as they are); the same results as the step path.
+def test_float_chain_at_one_row(on_cpu_too, monkeypatch, dtype):
+    # A float model takes the chain too at one row (the kernel reading its T weights as they
+    # are; XLSTM_METAL_CHAIN_FLOAT=0 turns that off), with the step path's results; at two rows
+    # MLX's products run.
     model = tiny_model(seed=3)
     model.set_dtype(dtype)
     model.fuse_projections()
-    plain = _decode(model, True, steps=2)
+    monkeypatch.setattr(chain, "CHAIN_FLOAT", False)
+    plain = _decode(model, True, batch=1, steps=2)
     assert on_cpu_too == {name: 0 for name in STAGES}
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
-    chained = _decode(model, True, steps=2)
+    _decode(model, True, batch=2, steps=1)
+    assert on_cpu_too == {name: 0 for name in STAGES}
+    chained = _decode(model, True, batch=1, steps=2)
     assert on_cpu_too == {name: n for name, n in zip(STAGES, (2 * 2 * 2, 2 * 2, 2 * 2))}
     _agree(chained, plain, TOL)
+
 
 
 @cuda

@@ -84,7 +84,7 @@ class mLSTMBlock(nn.Module):
             x, gates, (o_src, o_offset) = projected
             o_preact = o_src[..., o_offset: o_offset + layer.ogate_preact.weight.shape[0]]
             h, _, state = _mlstm_kernel(layer, *gates[:3], None, *gates[3:8], state, x=gates[8])
-        out_arrays = chain.quantized_arrays(layer.out_proj)
+        out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
         ffn_arrays = self._chain_ffn_arrays(x)
         if chain.gate_chain_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays):
             w, scales, biases, group_size, bits = out_arrays
@@ -109,7 +109,7 @@ class mLSTMBlock(nn.Module):
             return None
         for (kind, members), group in zip(fusion_groups(layers), fused):
             if members == [0, 1]:
-                arrays = chain.group_arrays(kind, group)
+                arrays = chain.group_arrays(kind, group, x.shape[0])
                 return arrays if chain.norm_chain_supported(x, None, self.norm_ffn, arrays) else None
         return None
 
@@ -124,7 +124,7 @@ class mLSTMBlock(nn.Module):
             w, scales, biases, group_size, bits = arrays
             _, _, gate_up = chain.norm_quantized_matmul(x, None, self.norm_ffn, w, scales, biases,
                                                         group_size=group_size, bits=bits)
-            down = chain.quantized_arrays(ffn.proj_down)
+            down = chain.quantized_arrays(ffn.proj_down, x.shape[0])
             if chain.swiglu_chain_supported(gate_up, down):
                 w, scales, biases, group_size, bits = down
                 return chain.swiglu_quantized_matmul(gate_up, w, scales, biases, group_size=group_size, bits=bits)
@@ -162,7 +162,7 @@ def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending
     arrays, w_if, members = None, None, None
     for (kind, group_members), group in groups:
         if group_members[:4] == [0, 1, 2, 3]:
-            arrays, members = chain.group_arrays(kind, group), group_members
+            arrays, members = chain.group_arrays(kind, group, x.shape[0]), group_members
         elif group_members == [4, 5] and kind[0] == "linear":
             w_if = group["weight"]
     if arrays is None or any("bias" in layers[j] for j in range(4)):

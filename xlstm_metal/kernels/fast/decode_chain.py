@@ -2,7 +2,8 @@
 
 At a few rows a quantized decode step is paced by the host's work per launched kernel, not by
 the weights (benchmarks/NOTES.md): :mod:`.decode`'s kernels leave 9-10 launches per block. For
-quantized weights the matrix products are our own kernel (:mod:`.quantized`), so the small
+quantized weights the matrix products are our own kernel (:mod:`.quantized`; at one row the
+float ones too, through the same kernel: :data:`CHAIN_FLOAT`), so the small
 kernels fold into their prologues and epilogues: each thread block computes its few input rows
 (from L2) into shared memory, then multiplies them with its 16-feature tile(s) of the weights:
 
@@ -42,10 +43,15 @@ from .quantized import _HEADER, decode_launch, decode_source, decode_template, k
 #: 10,944 values per row fit twice).
 CHAIN_MAX_ROWS = 4
 
-#: Whether float (bf16/fp16) products take the chain too, through the same kernel reading its T
-#: weights as they are (``XLSTM_METAL_CHAIN_FLOAT=1``; off by default: MLX's GEMV + the separate
-#: kernels of :mod:`.decode` unless measured slower).
-CHAIN_FLOAT = os.environ.get("XLSTM_METAL_CHAIN_FLOAT", "0") == "1"
+#: Whether float (bf16/fp16) products take the chain too at one row, through the same kernel
+#: reading its T weights as they are (``XLSTM_METAL_CHAIN_FLOAT=0`` turns it off). Its products
+#: are slower than MLX's GEMV (S6R2, H200, 7B: 4.90 ms of GPU time per step against 4.25), but a
+#: step launches 167 kernels instead of 296 and MLX's matmul node costs the host ~23-38 us
+#: (a custom kernel ~5-8): 198.5 tok/s against 162.3 in the same process.
+CHAIN_FLOAT = os.environ.get("XLSTM_METAL_CHAIN_FLOAT", "1") != "0"
+
+#: Most rows the float products take the chain at (measured at one row only).
+CHAIN_FLOAT_MAX_ROWS = 1
 
 _enabled = os.environ.get("XLSTM_METAL_DECODE_CHAIN", "1") != "0"
 
@@ -282,26 +288,27 @@ def _kernel(key: tuple, inputs: list[str], outputs: list[str], source):
 
 
 # ------------------------------------------------------------------------------ entry points
-def quantized_arrays(layer: nn.Module) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
+def quantized_arrays(layer: nn.Module, rows: int) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
     """(weight, scales, biases, group size, bits) of a plain affine quantized layer without a
     bias (``nn.QuantizedLinear`` or a subclass computing as it does), or, with
-    :data:`CHAIN_FLOAT`, of a plain float ``nn.Linear`` without a bias (its weight, and the
-    weight again in place of scales and biases, which the kernel does not read at bits 16); None for
-    anything else (then the layer is called as it stands)."""
+    :data:`CHAIN_FLOAT`, at most :data:`CHAIN_FLOAT_MAX_ROWS` ``rows``, of a plain float
+    ``nn.Linear`` without a bias (its weight, and the weight again in place of scales and biases,
+    which the kernel does not read at bits 16); None for anything else (then the layer is called
+    as it stands)."""
     from ...cells.fused import fusion_kind  # noqa: PLC0415  (cells import this package)
 
     kind = fusion_kind(layer)
     if kind is None or "bias" in layer:
         return None
-    return group_arrays(kind, {name: layer[name] for name in ("weight", "scales", "biases") if name in layer})
+    return group_arrays(kind, {name: layer[name] for name in ("weight", "scales", "biases") if name in layer}, rows)
 
 
-def group_arrays(kind: tuple, group: dict) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
+def group_arrays(kind: tuple, group: dict, rows: int) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
     """The same tuple for a fused group of layers (:mod:`xlstm_metal.cells.fused`: its kind and
-    arrays)."""
+    arrays) multiplying ``rows`` rows."""
     if kind[0] == "linear":
         w = group["weight"]
-        if not CHAIN_FLOAT or w.ndim != 2 or w.dtype not in (mx.bfloat16, mx.float16) or w.shape[1] % 8:
+        if not CHAIN_FLOAT or rows > CHAIN_FLOAT_MAX_ROWS or w.ndim != 2 or w.dtype not in (mx.bfloat16, mx.float16) or w.shape[1] % 8:
             return None
         return w, w, w, 32, 16
     if kind[0] != "quantized" or kind[3] != "affine" or not kind[4]:
