@@ -188,10 +188,11 @@ def target_rows(results: dict[str, dict]) -> list[str]:
 
 
 def _qdecode_records(bits: int, batch: int) -> list[dict]:
-    """Quantized decode on the default path from benchmarks/fused_decode.py runs kept as
-    results/h200_qdecode_*.jsonl (the setting "fused decode kernels": what a user gets)."""
+    """Quantized decode on the default path from the newest benchmarks/fused_decode.py run kept as
+    results/h200_qdecode_*.jsonl (the setting "fused decode kernels": what a user gets; older runs
+    measured older defaults)."""
     out = []
-    for path in sorted(RESULTS.glob("h200_qdecode_*.jsonl")):
+    for path in sorted(RESULTS.glob("h200_qdecode_*.jsonl"))[-1:]:
         for line in path.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
             if (r.get("kind") == "decode" and r.get("q_bits") == bits and r.get("batch") == batch
