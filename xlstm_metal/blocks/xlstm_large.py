@@ -51,10 +51,10 @@ class mLSTMBlock(nn.Module):
         (:func:`~xlstm_metal.kernels.fast.decode.add_rms_norm`: one CUDA launch), so a chain of
         blocks leaves each FFN residual to the next block's norm.
 
-        With quantized projections on CUDA at a few rows the step runs as five launches
-        (:mod:`~xlstm_metal.kernels.fast.decode_chain`: the norms, gates and residual adds inside
-        the products), each stage falling back to the modules of the tree where they are not
-        what its kernel expects."""
+        On CUDA at a few rows (quantized projections; float ones at one row) the step runs as five
+        launches (:mod:`~xlstm_metal.kernels.fast.decode_chain`: the norms, gates and residual
+        adds inside the products), each stage falling back to the modules of the tree where they
+        are not what its kernel expects."""
         if chain.chain_applies(x):
             return self._chain_step(x, pending, state)
         if pending is None:
@@ -64,7 +64,6 @@ class mLSTMBlock(nn.Module):
         y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
         x, xn = add_rms_norm(x, y, self.norm_ffn)
         return x, self.ffn(_normed(xn, self.norm_ffn)), state
-
 
     def _chain_step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None):
         """:meth:`step` through the decode chain, stage by stage (see the module docstring of
@@ -99,8 +98,9 @@ class mLSTMBlock(nn.Module):
         return x, self._chain_ffn(x, xn, ffn_arrays), state
 
     def _chain_ffn_arrays(self, x: mx.array):
-        """The quantized arrays of the FFN's fused gate|up group when stage 4 of the chain (its
-        RMSNorm in the product's prologue) applies to residual stream x, else None."""
+        """The arrays of the FFN's fused gate|up group (:func:`~xlstm_metal.kernels.fast.decode_chain.group_arrays`)
+        when stage 4 of the chain (its RMSNorm in the product's prologue) applies to residual
+        stream x, else None."""
         ffn = self.ffn
         if type(ffn) is not FeedForward:
             return None

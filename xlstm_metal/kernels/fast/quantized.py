@@ -24,6 +24,11 @@ The fast path takes bfloat16 or float16 x with scales and biases of the same dty
 and group sizes 32, 64 or 128; anything else (float32 x, other bits, other modes) runs the
 reference, so a call is always valid.
 
+The decode kernel's source has hooks (:func:`decode_source`: its sizes, a prologue, how x's
+values are read, the store; a tiled variant whose thread blocks walk several output tiles), which
+:mod:`.decode_chain` fills with the norms and gates around a product, and a 16-bit case that
+reads plain bf16/fp16 weights through the same loop.
+
 :class:`FastQuantizedLinear` is ``nn.QuantizedLinear`` with this function in its ``__call__``
 (same parameters and checkpoint keys); :func:`use_fast_quantized_layers` switches a model's
 affine quantized layers to it in place.
