@@ -8,7 +8,8 @@ One evaluation runs the step of every layer (``--layers``, default the shape's b
 on its own state, as a decode step does: the state of all layers is far larger than L2, so every
 step reads its C from memory. Inputs as the 7B model passes them: q, k, v and the raw gates in
 the weights' dtype (strided views of the projection output), gate biases, float32 state.
-Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``copy``: MLX's
+Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``v3`` with its
+rows per tile and in flight, ``copy``: MLX's
 ``C * 0.5``, ``copy4``: a plain 16-byte copy kernel, ``tile_copy16/32``: a copy in the step
 kernel's access pattern, strips of 64 / 128 columns), batch,
 ``us_per_layer`` (median over ``--repeats``), ``gb_s`` (C read + C written + n read + written,
@@ -120,6 +121,9 @@ def main() -> None:
                    help="v2 tiles to time: 'default' (the kernel's own choice) or TXxRB[@P] (threads along "
                         "the columns x rows per thread in flight; P: the grid capped to P blocks per SM, "
                         "each block taking several tiles), comma-separated")
+    p.add_argument("--v3", default="1x32,2x32,1x16",
+                   help="layout 3 (row tiles) settings to time: RBxR (rows in flight per warp x rows per tile), "
+                        "comma-separated")
     p.add_argument("--no-stream-hints", action="store_true", help="also time v2 (default tile) without them")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: stop starting new work")
     p.add_argument("--out", default=None)
@@ -176,6 +180,19 @@ def main() -> None:
                   "max_rel_diff_vs_v1": {"h": max(_rel(g[0], r[0]) for g, r in zip(got, ref)),
                                          "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
             del got
+        decode.set_step_kernel_version(3)
+        v3_rb, v3_rows = decode._V3_RB, decode._V3_ROWS
+        for setting in filter(None, args.v3.split(",")):
+            if args.deadline is not None and time.perf_counter() - start > args.deadline:
+                break
+            decode._V3_RB, decode._V3_ROWS = map(int, setting.split("x"))
+            record, got = timed(steps)
+            emit({"kernel": "v3", **record, "rb": decode._V3_RB, "rows": decode._V3_ROWS,
+                  "applies": decode._v3_rows(dqk, dv) is not None,
+                  "max_rel_diff_vs_v1": {"h": max(_rel(g[0], r[0]) for g, r in zip(got, ref)),
+                                         "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
+            del got
+        decode._V3_RB, decode._V3_ROWS = v3_rb, v3_rows
         decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB = stream, tx, rb
         decode._V2_BLOCKS_PER_SM = blocks_per_sm
         decode.set_step_kernel_version(version)

@@ -187,7 +187,10 @@ def test_step_layout_choice():
         tx, td, vec, rb = decode._v2_tile(heads, dqk, dv)
         assert 32 % tx == 0 and (tx * td) % 32 == 0 and tx * td <= 256 and 1 <= rb <= 8
     with pytest.raises(ValueError):
-        decode.set_step_kernel_version(3)
+        decode.set_step_kernel_version(4)
+    # Layout 3 (row tiles) where DV is whole 128-column groups and DQK whole tiles; else layout 2.
+    assert decode._v3_rows(256, 512) == 32 and decode._v3_rows(128, 256) == 32
+    assert decode._v3_rows(96, 192) is None and decode._v3_rows(48, 512) is None
 
 
 def _inproj_inputs(seed, B, dtype, NH=3, DQK=24, DV=40, E=96):

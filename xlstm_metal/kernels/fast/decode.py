@@ -350,6 +350,134 @@ GATE_STABILISER
     }
 """.replace("GATE_STABILISER", GATE_STABILISER)
 
+# The third layout: row tiles. S6R2 showed the column strips of layouts 1 and 2 (each block
+# walking 64-256 bytes of every row of a head) are what holds the state's streaming below the
+# copy rate: a plain copy in that pattern was slower than the step kernel itself. Here a tile is
+# R full rows of one head's C (R x DV x 4 contiguous bytes): each warp reads whole rows (lane l
+# the 16-byte groups l, l + 32, ... of a row), the 8 warps of a block rows r0 + warp + 8 i. The
+# sums over rows then span tiles: each tile writes its partial q.C' per column and its partial
+# q.n' to ``part`` [B * NH, DQK / R, DV + 1] (float32), and a second, small kernel adds them up
+# and writes h (an extra read and write of DV + 1 floats per tile: 1.6% of the state's bytes at
+# R = 32 and DV = 512).
+_STEP_GATED_SOURCE_V3 = """
+    constexpr int NWARP = 8;  // 256 threads
+    constexpr int NRT = DQK / R;  // row tiles per head
+    constexpr int ROWS_W = R / NWARP;  // rows per warp
+    constexpr int W = DV / 128;  // 16-byte groups per lane and row
+    const int tile = blockIdx.x;
+    const int bh = tile / NRT;
+    const int rt = tile % NRT;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int r0 = rt * R;
+    __shared__ float4 s_acc[NWARP][DV / 4];
+    __shared__ float4 s_v[DV / 4];
+    __shared__ float s_qn[NWARP];
+
+    // This warp's rows r0 + warp + NWARP i, RB at a time, issued before anything else.
+    const size_t base = static_cast<size_t>(bh) * DQK * DV + static_cast<size_t>(r0 + warp) * DV + 4 * lane;
+    float4 cv[RB][W];
+    auto load_rows = [&](int i0) {
+        #pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            #pragma unroll
+            for (int w = 0; w < W; ++w) {
+                cv[r][w] = __ldcs(reinterpret_cast<const float4*>(C + base + static_cast<size_t>((i0 + r) * NWARP) * DV + 128 * w));
+            }
+        }
+    };
+    load_rows(0);
+
+    // Gates, as the projection cell and the reference step compute them.
+    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
+    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
+GATE_STABILISER
+
+    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
+    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
+    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+    // ia v in shared memory (registers go to the rows in flight).
+    for (int col = threadIdx.x; col < DV; col += NWARP * 32) {
+        reinterpret_cast<float*>(s_v)[col] = ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + col * v_strides[3]]);
+    }
+    __syncthreads();
+
+    // C' = fa C + ia k v^T on this warp's rows, and q.C' summed over them per column.
+    float4 acc[W];
+    #pragma unroll
+    for (int w = 0; w < W; ++w) acc[w] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i0 = 0; i0 < ROWS_W; i0 += RB) {
+        if (i0 != 0) load_rows(i0);
+        #pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const int d = r0 + warp + NWARP * (i0 + r);
+            const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+            const float qd = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
+            #pragma unroll
+            for (int w = 0; w < W; ++w) {
+                const float4 vw = s_v[32 * w + lane];
+                float4 c = cv[r][w];
+                c.x = fa * c.x + kd * vw.x; c.y = fa * c.y + kd * vw.y;
+                c.z = fa * c.z + kd * vw.z; c.w = fa * c.w + kd * vw.w;
+                acc[w].x += qd * c.x; acc[w].y += qd * c.y; acc[w].z += qd * c.z; acc[w].w += qd * c.w;
+                __stcs(reinterpret_cast<float4*>(C_out + base + static_cast<size_t>((i0 + r) * NWARP) * DV + 128 * w), c);
+            }
+        }
+    }
+
+    // n' = fa n + ia k on the tile's rows and their part of q.n'.
+    float qn = 0.0f;
+    for (int d = r0 + threadIdx.x; d < r0 + R; d += NWARP * 32) {
+        const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+        const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
+        qn += (static_cast<float>(q[q_off + d * q_strides[3]]) * scale) * nd;
+        n_out[static_cast<size_t>(bh) * DQK + d] = static_cast<ST>(nd);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) qn += __shfl_xor_sync(0xffffffffu, qn, o);
+    if (lane == 0) s_qn[warp] = qn;
+    #pragma unroll
+    for (int w = 0; w < W; ++w) s_acc[warp][32 * w + lane] = acc[w];
+    __syncthreads();
+    // The tile's partial sums: per column over its rows, and q.n'.
+    float* out = part + static_cast<size_t>(tile) * (DV + 1);
+    const float* s_flat = reinterpret_cast<const float*>(&s_acc[0][0]);
+    for (int col = threadIdx.x; col < DV; col += NWARP * 32) {
+        float s = 0.0f;
+        #pragma unroll
+        for (int t = 0; t < NWARP; ++t) s += s_flat[t * DV + col];
+        out[col] = s;
+    }
+    if (threadIdx.x == 0) {
+        float s = 0.0f;
+        #pragma unroll
+        for (int t = 0; t < NWARP; ++t) s += s_qn[t];
+        out[DV] = s;
+        if (rt == 0) {
+            m_out[bh] = static_cast<ST>(m_new);
+            m_f32[bh] = m_new;
+        }
+    }
+""".replace("GATE_STABILISER", GATE_STABILISER)
+
+# Layout 3's second kernel: h = (sum of the tiles' q.C') / (max(|sum of their q.n'|, exp(-m')) + eps).
+_STEP_FINISH_SOURCE = """
+    const int bh = blockIdx.x;
+    const float* p = part + static_cast<size_t>(bh) * NRT * (DV + 1);
+    float qn = 0.0f;
+    #pragma unroll
+    for (int t = 0; t < NRT; ++t) qn += p[t * (DV + 1) + DV];
+    const float den = fmaxf(fabsf(qn), expf(-m_f32[bh])) + EPS;
+    for (int col = threadIdx.x; col < DV; col += blockDim.x) {
+        float num = 0.0f;
+        #pragma unroll
+        for (int t = 0; t < NRT; ++t) num += p[t * (DV + 1) + col];
+        h[static_cast<size_t>(bh) * DV + col] = static_cast<HT>(num / den);
+    }
+"""
+
 # With the gate projections' product inside (quantized models keep those in float, one more
 # matmul launch per block otherwise): i~, f~ = x . W_if[hd], x . W_if[NH + hd], summed in float32
 # and rounded to GT as the matmul's output; x [B, 1, E] and W_if [2 NH, E] row-contiguous.
@@ -389,8 +517,8 @@ _step_kernels: dict[tuple, object] = {}
 # (``_STEP_GATED_SOURCE_V2``, the default: faster at batch 1, 16 and 64 on an H200, S6R2);
 # ``XLSTM_METAL_STEP_KERNEL`` picks it, for comparisons.
 _step_version = int(os.environ.get("XLSTM_METAL_STEP_KERNEL", "2"))
-if _step_version not in (1, 2):
-    raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1 or 2, got {_step_version}")
+if _step_version not in (1, 2, 3):
+    raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1, 2 or 3, got {_step_version}")
 #: Streaming cache hints on the state's loads and stores in layout 2 (it is not reused in a step).
 _STREAM_HINTS = True
 #: Layout 2's threads along the value columns (4, 8, 16 or 32 with 16-byte columns) or None for
@@ -398,6 +526,10 @@ _STREAM_HINTS = True
 _V2_TX: int | None = None
 #: Layout 2's most rows per thread in flight at once (registers: 4 V per row); a benchmark knob.
 _V2_RB = 8
+#: Layout 3's rows per tile (a multiple of 8 warps x its rows in flight) and each warp's rows in
+#: flight at once (DV / 128 16-byte loads per lane and row); benchmark knobs.
+_V3_ROWS = 32
+_V3_RB = 1  # 78 registers (3 blocks of 256 per SM); 2 rows take 86 (2 blocks)
 #: Layout 2's blocks per SM when its grid is capped (persistent blocks, each taking several tiles),
 #: or None for one block per tile; a benchmark knob.
 _V2_BLOCKS_PER_SM: int | None = None
@@ -405,15 +537,15 @@ _SMS = 132  # enough blocks for an H100/H200's streaming multiprocessors at ever
 
 
 def step_kernel_version() -> int:
-    """Which layout of :func:`mlstm_step_gated`'s CUDA kernel runs (1 or 2)."""
+    """Which layout of :func:`mlstm_step_gated`'s CUDA kernel runs (1, 2 or 3)."""
     return _step_version
 
 
 def set_step_kernel_version(version: int) -> None:
-    """Pick the layout of the gated step kernel (1 or 2) for functions traced from now on."""
+    """Pick the layout of the gated step kernel (1, 2 or 3) for functions traced from now on."""
     global _step_version
-    if version not in (1, 2):
-        raise ValueError(f"step kernel version must be 1 or 2, got {version}")
+    if version not in (1, 2, 3):
+        raise ValueError(f"step kernel version must be 1, 2 or 3, got {version}")
     _step_version = version
 
 
@@ -442,7 +574,7 @@ def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: 
     key = (eps, cap, has_bias, inproj, version)
     kernel = _step_kernels.get(key)
     if kernel is None:
-        source = _STEP_GATED_SOURCE_V2 if version == 2 else _STEP_GATED_SOURCE
+        source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3}[version]
         source = source.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
         source = source.replace("HAS_BIAS", "true" if has_bias else "false")
         for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
@@ -453,16 +585,37 @@ def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: 
             read = value if inproj else f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
             source = source.replace(name, read)
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_mlstm_step_gated{'_v2' if version == 2 else ''}_{len(_step_kernels)}",
+            name=f"xlstm_mlstm_step_gated{'' if version == 1 else f'_v{version}'}_{len(_step_kernels)}",
             input_names=["q", "k", "v"] + (["x", "w"] if inproj else ["i", "f"]) + (["ib", "fb"] if has_bias else [])
             + ["C", "n", "m"],
-            output_names=["h", "C_out", "n_out", "m_out"],
+            output_names=["part", "C_out", "n_out", "m_out", "m_f32"] if version == 3
+            else ["h", "C_out", "n_out", "m_out"],
             source=source,
             header=_GATE_HEADER,
             ensure_row_contiguous=False,
         )
         _step_kernels[key] = kernel
     return kernel
+
+
+_finish_kernels: dict[float, object] = {}
+
+
+def _finish_kernel(eps: float):
+    kernel = _finish_kernels.get(eps)
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_mlstm_step_finish_{len(_finish_kernels)}", input_names=["part", "m_f32"],
+            output_names=["h"], source=_STEP_FINISH_SOURCE.replace("EPS", f"{float(eps)!r}f"))
+        _finish_kernels[eps] = kernel
+    return kernel
+
+
+def _v3_rows(dqk: int, dv: int) -> int | None:
+    """Layout 3's rows per tile for these heads, or None where it does not apply (DV a multiple
+    of 128 up to 1024: whole rows per warp in 16-byte groups; DQK a multiple of the tile)."""
+    rows = _V3_ROWS
+    return rows if dv % 128 == 0 and dv <= 1024 and dqk % rows == 0 and rows % (8 * _V3_RB) == 0 else None
 
 
 def gate_preactivation(raw: mx.array, bias: mx.array | None, cap: float | None) -> mx.array:
@@ -535,6 +688,29 @@ def mlstm_step_gated(
     # The kernel indexes C as row-contiguous (a no-op for the kernel's own output and for zeros).
     C = mx.contiguous(C)
     version = _step_version
+    load4 = dv % 4 == 0 and C.dtype == mx.float32 and out_dtype == mx.float32
+    cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
+    gates = [mx.contiguous(x), mx.contiguous(w_if)] if inproj else [i_raw, f_raw]
+    inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
+    template = [("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk), ("DV", dv)]
+    rows = _v3_rows(dqk, dv)
+    if version == 3 and load4 and not inproj and rows:
+        # Row tiles, then the kernel that adds up their partial sums (see _STEP_GATED_SOURCE_V3).
+        tiles = B * NH * (dqk // rows)
+        part, C_new, n_new, m_new, m_f32 = _step_kernel(eps, cap, has_bias, inproj, 3)(
+            inputs=inputs, template=template + [("R", rows), ("RB", _V3_RB)],
+            grid=(tiles * 256, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[(B * NH, dqk // rows, dv + 1), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1), (B * NH,)],
+            output_dtypes=[mx.float32, out_dtype, out_dtype, out_dtype, mx.float32],
+        )
+        (h,) = _finish_kernel(eps)(
+            inputs=[part, m_f32], template=[("HT", q.dtype), ("DV", dv), ("NRT", dqk // rows)],
+            grid=(B * NH * 128, 1, 1), threadgroup=(128, 1, 1),
+            output_shapes=[(B, NH, 1, dv)], output_dtypes=[q.dtype],
+        )
+        return h, (C_new, n_new, m_new)
+    if version == 3:
+        version = 2  # row tiles need a float32 state, whole 128-column groups and the raw gates
     if version == 2:
         tx, td, vec, rb = _v2_tile(B * NH, dqk, dv)
         extra = [("RB", rb), ("STREAM", _STREAM_HINTS)]
@@ -547,14 +723,10 @@ def mlstm_step_gated(
         td = 32 if vec == 4 else 8
         extra = []
         grid = (-(-dv // (tx * vec)) * tx, td, B * NH)
-    cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
-    gates = [mx.contiguous(x), mx.contiguous(w_if)] if inproj else [i_raw, f_raw]
-    inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
     h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj, version)(
         inputs=inputs,
-        template=[("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk),
-                  ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
-                  ("LOAD4", vec == 4 and C.dtype == mx.float32 and out_dtype == mx.float32)] + extra,
+        template=template + [("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
+                             ("LOAD4", vec == 4 and load4)] + extra,
         grid=grid,
         threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
