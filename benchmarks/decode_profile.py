@@ -39,19 +39,25 @@ from xlstm_metal.kernels.fast import decode  # noqa: E402
 from step_kernel import make_steps  # noqa: E402  (benchmarks/, the script's own folder)
 
 
+def products_chain(blocks, x: mx.array) -> mx.array:
+    """The four products of every block, chained as the model computes them (``linear_product``:
+    MLX's matmul, or the skinny kernel where switched on), with nothing else of the step."""
+    for b in blocks:
+        h = linear_product(x, b.mlstm_layer["_fused_projection"][0]["weight"])
+        x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
+        g = linear_product(x, b.ffn["_fused_gate_up"][0]["weight"])
+        x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
+    return x
+
+
 def breakdown(model, B: int, repeats: int) -> dict:
     """ms per decode step at B rows: the whole compiled step and its parts timed alone."""
     config, blocks = model.config, model.blocks
     dtype = model.lm_head.weight.dtype
     x = mx.random.normal((B, 1, config.embedding_dim)).astype(dtype)
 
-    def products(x):  # the four products of every block, chained as in the model (the default product)
-        for b in blocks:
-            h = linear_product(x, b.mlstm_layer["_fused_projection"][0]["weight"])
-            x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
-            g = linear_product(x, b.ffn["_fused_gate_up"][0]["weight"])
-            x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
-        return x
+    def products(x):  # with the default product
+        return products_chain(blocks, x)
 
     steps, _, state_bytes = make_steps(config, B, dtype, len(blocks))
     step = bm.make_decode_step(model)
@@ -124,12 +130,7 @@ def main() -> None:
             del wts
 
         def chain(x):
-            for b in blocks:
-                h = linear_product(x, b.mlstm_layer["_fused_projection"][0]["weight"])
-                x = x + b.mlstm_layer.out_proj(h[..., : b.mlstm_layer.out_proj.weight.shape[1]])
-                g = linear_product(x, b.ffn["_fused_gate_up"][0]["weight"])
-                x = x + b.ffn.proj_down(g[..., : b.ffn.proj_down.weight.shape[1]])
-            return x
+            return products_chain(blocks, x)
 
         x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
         default_on, target = skinny.skinny_gemm_enabled(), skinny.TARGET_BLOCKS

@@ -77,6 +77,21 @@ __device__ __forceinline__ float xl_gate(float a, float bias, bool has_bias, flo
 }
 """
 
+# What every layout computes first for its (batch row, head): the gates and the offsets of its
+# q, k and n; layouts 1 and 2 also the gate product (at <= 4 rows) and their outputs' offsets.
+_GATES = """    // Gates, as the projection cell and the reference step compute them.
+    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
+    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
+GATE_STABILISER
+
+    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
+    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
+    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+""".replace("GATE_STABILISER", GATE_STABILISER)
+_GATES_AND_OFFSETS = "INPROJ_PROLOGUE\n" + _GATES + """    const size_t qk_off = static_cast<size_t>(bh) * DQK;
+    const size_t v_off = static_cast<size_t>(bh) * DV;
+"""
+
 # The step of :mod:`.step` with the gates computed inside, and laid out for bytes in flight: a
 # block covers TX * V value columns of one (batch row, head) with TX x TD threads, each thread V
 # adjacent columns (V = 4: one 16-byte load of a float32 state row) and DQK / TD rows, all its
@@ -95,17 +110,7 @@ _STEP_GATED_SOURCE = """
     const int j0 = blockIdx.x * COLS + tx * V;
     __shared__ float s_red[NT * V];
 
-INPROJ_PROLOGUE
-    // Gates, as the projection cell and the reference step compute them.
-    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
-    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
-GATE_STABILISER
-
-    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
-    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
-    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
-    const size_t qk_off = static_cast<size_t>(bh) * DQK;
-    const size_t v_off = static_cast<size_t>(bh) * DV;
+GATES_AND_OFFSETS
 
     // n' = fa n + ia k and the head's scalar q.n' (every block of the head computes it).
     float part = 0.0f;
@@ -190,7 +195,7 @@ GATE_STABILISER
         }
     }
     if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
-""".replace("GATE_STABILISER", GATE_STABILISER)
+""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
 
 # The second layout of the gated step, for streaming the state at the copy rate at 16-64 rows.
 # A block covers COLS = TX * V value columns of one (batch row, head): TX x TD threads, each V
@@ -253,17 +258,7 @@ _STEP_GATED_SOURCE_V2 = """
     const bool cols_ok = j0 < DV;
     const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
 
-INPROJ_PROLOGUE
-    // Gates, as the projection cell and the reference step compute them.
-    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
-    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
-GATE_STABILISER
-
-    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
-    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
-    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
-    const size_t qk_off = static_cast<size_t>(bh) * DQK;
-    const size_t v_off = static_cast<size_t>(bh) * DV;
+GATES_AND_OFFSETS
 
     // q (scaled) and k to shared memory; n' = fa n + ia k and this thread's part of q.n'.
     float qn = 0.0f;
@@ -348,7 +343,7 @@ GATE_STABILISER
     if (ct == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
     __syncthreads();  // shared memory is the next tile's from here
     }
-""".replace("GATE_STABILISER", GATE_STABILISER)
+""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
 
 # The third layout: row tiles. S6R2 showed the column strips of layouts 1 and 2 (each block
 # walking 64-256 bytes of every row of a head) are what holds the state's streaming below the
@@ -390,14 +385,7 @@ _STEP_GATED_SOURCE_V3 = """
     };
     load_rows(0);
 
-    // Gates, as the projection cell and the reference step compute them.
-    const float ig = xl_gate<GT>(IRAW, IBIAS, HAS_BIAS, CAP);
-    const float fg = xl_gate<GT>(FRAW, FBIAS, HAS_BIAS, CAP);
-GATE_STABILISER
-
-    const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
-    const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
-    const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+GATES
     // ia v in shared memory (registers go to the rows in flight).
     for (int col = threadIdx.x; col < DV; col += NWARP * 32) {
         reinterpret_cast<float*>(s_v)[col] = ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + col * v_strides[3]]);
@@ -460,7 +448,7 @@ GATE_STABILISER
             m_f32[bh] = m_new;
         }
     }
-""".replace("GATE_STABILISER", GATE_STABILISER)
+""".replace("GATES\n", _GATES)
 
 # Layout 3's second kernel: h = (sum of the tiles' q.C') / (max(|sum of their q.n'|, exp(-m')) + eps).
 _STEP_FINISH_SOURCE = """
