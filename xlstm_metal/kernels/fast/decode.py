@@ -24,6 +24,11 @@ Elsewhere (CPU, Metal) every function here runs its reference ops.
 ``XLSTM_METAL_FUSED_DECODE=0`` (or :func:`set_fused_decode`) switches them off: the model then
 runs the first fused step kernel and the ops around it, as before these kernels (for
 comparisons; compiled steps and prefill traces keep what they were traced with).
+
+The step kernel has three layouts of the state's traffic (``XLSTM_METAL_STEP_KERNEL=1|2|3`` or
+:func:`set_step_kernel_version`): 1, column strips of 32 per block; 2 (the default), strips
+sized by the batch, loads issued first, one reduction pass; 3, tiles of whole rows with a second
+small kernel that sums their partial products (float32 state, DV a multiple of 128; else 2).
 """
 
 from __future__ import annotations
@@ -197,15 +202,16 @@ GATES_AND_OFFSETS
     if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
 """.replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
 
-# The second layout of the gated step, for streaming the state at the copy rate at 16-64 rows.
-# A block covers COLS = TX * V value columns of one (batch row, head): TX x TD threads, each V
-# adjacent columns (one 16-byte access of a float32 row) and rows ty, ty + TD, ... in batches of
-# RB. What differs from the first layout: the first batch of state loads is issued before
-# anything else (before the gates, q, k and n), so the state is in flight while the block reads
-# its scalars; q and k go through shared memory once per block instead of a 2-byte global load
-# per row and thread; the scalar q.n' is summed in the same pass as q.C' (warp shuffles, then one
+# The second layout of the gated step, for streaming the state faster at 16-64 rows. A tile is
+# COLS = TX * V value columns of one (batch row, head), all rows: TX x TD threads, each V adjacent
+# columns (one 16-byte access of a float32 row) and rows ty, ty + TD, ... in batches of RB. What
+# differs from the first layout: the first batch of state loads is issued before anything else
+# (before the gates, q, k and n), so the state is in flight while the block reads its scalars; q
+# and k go through shared memory once per tile instead of a 2-byte global load per row and
+# thread; the scalar q.n' is summed in the same pass as q.C' (warp shuffles, then one
 # shared-memory exchange and a single barrier) instead of a barrier tree before the state loop;
-# and the state is read and written with streaming cache hints (it is not reused within a step).
+# the tile's width follows the batch (_v2_tile); the state is read and written with streaming
+# cache hints (it is not reused within a step); and a capped grid can walk several tiles per block.
 _STEP_GATED_SOURCE_V2 = """
     // Tiles of COLS value columns x all DQK rows of one (batch row, head), tile = bh * NCT + ct.
     // Block i takes tiles i, i + gridDim.x, ...: one each when the grid has a block per tile,
