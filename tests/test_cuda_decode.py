@@ -160,6 +160,28 @@ def test_step_gated_persistent_blocks(monkeypatch, B, NH, DQK, DV):
 
 
 @cuda
+@pytest.mark.parametrize("B,NH,DQK,DV,rows,rb", [(1, 8, 256, 512, 32, 1), (3, 2, 512, 256, 32, 2),
+                                                  (2, 2, 64, 128, 16, 1), (2, 3, 128, 1024, 16, 2)])
+def test_step_gated_row_tiles(monkeypatch, B, NH, DQK, DV, rows, rb):
+    # Layout 3 at small batches too (its minimum of two tiles per SM lowered to 2 tiles), with
+    # other tile heights and rows in flight: the partial sums of every row tile add up to h.
+    from xlstm_metal.kernels.fast import decode
+
+    monkeypatch.setattr(decode, "_step_version", 3)
+    monkeypatch.setattr(decode, "_SMS", 1)
+    monkeypatch.setattr(decode, "_V3_ROWS", rows)
+    monkeypatch.setattr(decode, "_V3_RB", rb)
+    assert decode._v3_rows(DQK, DV) == rows
+    args, state = _gate_inputs(B * DQK + DV + rows, B=B, NH=NH, DQK=DQK, DV=DV)
+    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=15.0), _reference_gated(*args, state, 15.0)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype and _rel(x, y) <= 1e-5, _rel(x, y)
+    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+    h64 = _h_float64(*args, state, 15.0)
+    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
+
+
+@cuda
 @pytest.mark.parametrize("state_dtype", [mx.bfloat16, mx.float16])
 def test_step_gated_narrow_state(step_layout, state_dtype):
     # A state held in bf16/fp16: read and written element by element, rounded where the

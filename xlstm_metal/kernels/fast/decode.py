@@ -688,7 +688,7 @@ def mlstm_step_gated(
     inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
     template = [("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk), ("DV", dv)]
     rows = _v3_rows(dqk, dv)
-    if version == 3 and load4 and not inproj and rows:
+    if version == 3 and load4 and not inproj and rows and B * NH * (dqk // rows) >= 2 * _SMS:
         # Row tiles, then the kernel that adds up their partial sums (see _STEP_GATED_SOURCE_V3).
         tiles = B * NH * (dqk // rows)
         part, C_new, n_new, m_new, m_f32 = _step_kernel(eps, cap, has_bias, inproj, 3)(
@@ -704,7 +704,8 @@ def mlstm_step_gated(
         )
         return h, (C_new, n_new, m_new)
     if version == 3:
-        version = 2  # row tiles need a float32 state, whole 128-column groups and the raw gates
+        version = 2  # row tiles need a float32 state, whole 128-column groups, the raw gates, and
+        # two tiles per SM (at batch 1 the 7B heads make 64)
     if version == 2:
         tx, td, vec, rb = _v2_tile(B * NH, dqk, dv)
         extra = [("RB", rb), ("STREAM", _STREAM_HINTS)]
