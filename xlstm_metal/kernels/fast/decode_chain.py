@@ -38,10 +38,12 @@ from ...cells.norms import MultiHeadLayerNorm, RMSNorm
 from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
 from .quantized import _HEADER, decode_launch, decode_source, decode_template, kernel_takes, quantized_matmul
 
-#: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels (a stage
-#: whose inputs do not fit its shared memory runs its reference too: at the 7B shape SwiGLU's
-#: 10,944 values per row fit twice).
-CHAIN_MAX_ROWS = 4
+#: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels. Measured
+#: on an H200 (S6R3, 7B, 4 bits): 484.6 tok/s at 2 rows (4.13 ms per step), where the path without
+#: the chain took 5.6-6.4 ms per step at one row; 3 and 4 rows were not measured (the kernels take
+#: them: a stage whose rows do not fit shared memory, at 7B SwiGLU's 10,944 values per row beyond
+#: 2 rows, runs its reference).
+CHAIN_MAX_ROWS = 2
 
 #: Whether float (bf16/fp16) products take the chain too at one row, through the same kernel
 #: reading its T weights as they are (``XLSTM_METAL_CHAIN_FLOAT=0`` turns it off). Its products
