@@ -507,8 +507,9 @@ _INPROJ_PROLOGUE = """
 
 _step_kernels: dict[tuple, object] = {}
 
-# Which layout of the gated step kernel runs: 1 (the first, ``_STEP_GATED_SOURCE``) or 2
-# (``_STEP_GATED_SOURCE_V2``, the default: faster at batch 1, 16 and 64 on an H200, S6R2);
+# Which layout of the gated step kernel runs: 1 (the first, ``_STEP_GATED_SOURCE``), 2
+# (``_STEP_GATED_SOURCE_V2``, the default: faster than 1 at batch 1, 16 and 64 on an H200, S6R2
+# and S6R3) or 3 (``_STEP_GATED_SOURCE_V3``, row tiles: slower than 2 in S6R3);
 # ``XLSTM_METAL_STEP_KERNEL`` picks it, for comparisons.
 _step_version = int(os.environ.get("XLSTM_METAL_STEP_KERNEL", "2"))
 if _step_version not in (1, 2, 3):
