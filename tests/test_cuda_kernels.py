@@ -300,6 +300,36 @@ def test_fused_chunkwise_model_prefill_matches_reference():
     assert _rel(logits["chunkwise_fused"], logits["chunkwise"]) <= 2e-2
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("B,NH,S,DV,offset", [(1, 8, 300, 512, 8), (2, 3, 5, 256, 3), (1, 2, 1, 768, 0)])
+def test_norm_gate_rows_matches_reference_and_decode_kernel(dtype, B, NH, S, DV, offset):
+    """Prompts' multi-head LayerNorm + output gate (a warp per row, norm_gate_rows.py) against the
+    ops, and against the decode kernel (a block per row) run token by token: the same math,
+    rounding points and order of the float32 sums, so the same bits. An odd offset makes o~ a
+    misaligned view (the kernel's element-wise loads)."""
+    from xlstm_metal.cells.norms import MultiHeadLayerNorm
+    from xlstm_metal.kernels.fast import decode
+    from xlstm_metal.kernels.fast.norm_gate_rows import norm_gate_rows
+
+    rng = np.random.default_rng(B * NH * S + DV)
+
+    def arr(*shape, scale=1.0, shift=0.0):
+        return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dtype)
+
+    h = arr(B, NH, S, DV, scale=2.0, shift=0.5)
+    o = arr(B, S, NH * DV + 11, scale=3.0)[..., offset : offset + NH * DV]
+    norm = MultiHeadLayerNorm(NH, DV)
+    norm.weight = arr(NH * DV, scale=0.3, shift=1.0)
+    out = decode.output_norm_gate(h, o, norm) if S > 1 else norm_gate_rows(h, o, norm.weight, norm.eps)
+    ref = mx.sigmoid(o) * norm(h.transpose(0, 2, 1, 3))
+    assert out.shape == ref.shape == (B, S, NH * DV) and out.dtype == dtype
+    assert _rel(out, ref) <= 1e-2, _rel(out, ref)
+    per_token = mx.concatenate([decode.output_norm_gate(h[:, :, t : t + 1], o[:, t : t + 1], norm)
+                                for t in range(S)], axis=1)
+    np.testing.assert_array_equal(np.array(out.astype(mx.float32)), np.array(per_token.astype(mx.float32)))
+
+
 def test_fused_chunkwise_elsewhere_is_the_scan_kernel():
     q, k, v, i, f, state = _seq_inputs(6, 1, 2, 70, 64, 64)
     if cuda_available():

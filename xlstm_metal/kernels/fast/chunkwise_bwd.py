@@ -39,7 +39,7 @@ import os
 
 import mlx.core as mx
 
-from .chunkwise_fused import _HEADER, _LOADS
+from .chunkwise_fused import _HEADER, _LOADS, _ROWS
 
 _KS = 32  # columns staged in shared memory per slab
 _JT = 64  # value columns per reverse-kernel block
@@ -238,28 +238,14 @@ _ROWS_SOURCE = (_PRELUDE + """
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = rr + 8 * h;
-        float mx_ = -INFINITY;
-        #pragma unroll
-        for (int nt = 0; nt < L / 8; ++nt) {
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int s = nt * 8 + 2 * tq + e;
-                if (s <= r) mx_ = fmaxf(mx_, bs[r] - bs[s] + is[s]);
-            }
-        }
-        mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 1));
-        mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 2));
-        const float m_inter = bs[r] + m0;
-        const float m_comb = fmaxf(m_inter, mx_);
-        const float inter = expf(m_inter - m_comb);
+        float inter;
+        const float m_comb = row_stabiliser<L>(bs, is, r, tq, m0, &inter);
         float sum = 0.0f, sdot = 0.0f;
         #pragma unroll
         for (int nt = 0; nt < L / 8; ++nt) {
             #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int s = nt * 8 + 2 * tq + e;
-                const float w = s <= r ? expf(bs[r] - bs[s] + is[s] - m_comb) : 0.0f;
-                const float sc = sacc[nt][2 * h + e] * scale * w;
+                const float sc = sacc[nt][2 * h + e] * scale * decay_weight(bs, is, r, nt * 8 + 2 * tq + e, m_comb);
                 sum += sc;
                 sdot += sc * dsacc[nt][2 * h + e];
             }
@@ -272,8 +258,8 @@ _ROWS_SOURCE = (_PRELUDE + """
             qyr += __shfl_xor_sync(0xffffffffu, qyr, o);
         }
         const float dn = inter * qn_s[r] + sum;
-        const float floor_ = expf(-m_comb);
-        const float den = fmaxf(fabsf(dn), floor_) + EPS;
+        float floor_;
+        const float den = row_denominator(dn, m_comb, EPS, &floor_);
         const float numdh = inter * scale * qyr + sdot;
         const float dden = -numdh / (den * den);
         const float ddn = fabsf(dn) > floor_ ? (dn > 0.0f ? dden : (dn < 0.0f ? -dden : 0.0f)) : 0.0f;
@@ -292,8 +278,8 @@ _ROWS_SOURCE = (_PRELUDE + """
         #pragma unroll
         for (int nt = 0; nt < L / 8; ++nt) {
             const int s = nt * 8 + 2 * tq;
-            const float w0 = s <= r ? expf(bs[r] - bs[s] + is[s] - m_comb) : 0.0f;
-            const float w1 = s + 1 <= r ? expf(bs[r] - bs[s + 1] + is[s + 1] - m_comb) : 0.0f;
+            const float w0 = decay_weight(bs, is, r, s, m_comb);
+            const float w1 = decay_weight(bs, is, r, s + 1, m_comb);
             *reinterpret_cast<float2*>(dPr + s) = make_float2(scale * w0 * (dsacc[nt][2 * h] * rden + ddn),
                                                               scale * w1 * (dsacc[nt][2 * h + 1] * rden + ddn));
             *reinterpret_cast<float2*>(Str + s) = make_float2(sacc[nt][2 * h] * scale * w0 * rden,
@@ -722,7 +708,8 @@ def _kernel(which: str, eps: float = 0.0):
                 name="xlstm_mlstm_bwd_rows_" + str(len(_kernels)),
                 input_names=["q", "k", "v", "dh", "bcum", "igc", "qyp", "n_enter", "m_enter"],
                 output_names=["rowst", "dPg", "Stg"],
-                source=_ROWS_SOURCE.replace("EPS", f"{float(eps)!r}f"), header=header, ensure_row_contiguous=False)
+                source=_ROWS_SOURCE.replace("EPS", f"{float(eps)!r}f"), header=header + _ROWS,
+                ensure_row_contiguous=False)
         elif which == "reverse":
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_bwd_reverse",

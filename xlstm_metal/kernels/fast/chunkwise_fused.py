@@ -142,28 +142,57 @@ _GATES = """
 // RAW: log-sigmoid of the forget-gate preactivation f~_t (0 past the sequence: such steps do not
 // decay the state) and i~_t (-1e30 past the sequence: they write nothing), from the raw
 // [B, NH, S] arrays at any strides. Else the prepared chunk cumsum b_t and i~_t ([B, NH, NC, L]).
+template <typename P> struct xl_elem;  // the element type of an input pointer
+template <typename T> struct xl_elem<const T*> { using type = T; };
+template <typename T> struct xl_elem<const T* const> { using type = T; };
+
+// In two parts: fetch_gates only loads (in the inputs' dtypes), so a prefetch stays in flight
+// until prep_gates uses the values (arithmetic on a fresh load would wait for it right there).
 template <int L, int GU, bool RAW, typename GF, typename GI, typename Str>
-__device__ __forceinline__ void load_gates(const GF* gf, const Str& gf_st, const GI* gi, const Str& gi_st, int b,
-                                           int hd, int c, size_t chunk_off, int S, int lane, float* fr, float* ir) {
+__device__ __forceinline__ void fetch_gates(const GF* gf, const Str& gf_st, const GI* gi, const Str& gi_st, int b,
+                                            int hd, int c, size_t chunk_off, int S, int lane, GF* fx, GI* ix) {
+    #pragma unroll
+    for (int u = 0; u < GU; ++u) {
+        const int t = lane + 32 * u;
+        fx[u] = static_cast<GF>(0.0f);
+        ix[u] = static_cast<GI>(0.0f);
+        if (t < L) {
+            if constexpr (RAW) {
+                const int ts = c * L + t;
+                if (ts < S) {
+                    fx[u] = gf[b * gf_st[0] + hd * gf_st[1] + ts * gf_st[2]];
+                    ix[u] = gi[b * gi_st[0] + hd * gi_st[1] + ts * gi_st[2]];
+                }
+            } else {
+                fx[u] = gf[(chunk_off + c) * L + t];
+                ix[u] = gi[(chunk_off + c) * L + t];
+            }
+        }
+    }
+}
+
+template <int L, int GU, bool RAW, typename GF, typename GI>
+__device__ __forceinline__ void prep_gates(const GF* fx, const GI* ix, int c, int S, int lane, float* fr, float* ir) {
     #pragma unroll
     for (int u = 0; u < GU; ++u) {
         const int t = lane + 32 * u;
         fr[u] = 0.0f;
         ir[u] = -1e30f;
-        if (t < L) {
-            if constexpr (RAW) {
-                const int ts = c * L + t;
-                if (ts < S) {
-                    const float x = static_cast<float>(gf[b * gf_st[0] + hd * gf_st[1] + ts * gf_st[2]]);
-                    fr[u] = -(fmaxf(-x, 0.0f) + log1pf(expf(-fabsf(x))));  // log sigmoid, as -softplus(-x)
-                    ir[u] = static_cast<float>(gi[b * gi_st[0] + hd * gi_st[1] + ts * gi_st[2]]);
-                }
-            } else {
-                fr[u] = static_cast<float>(gf[(chunk_off + c) * L + t]);
-                ir[u] = static_cast<float>(gi[(chunk_off + c) * L + t]);
-            }
+        if (t < L && (!RAW || c * L + t < S)) {
+            const float x = static_cast<float>(fx[u]);
+            fr[u] = RAW ? -(fmaxf(-x, 0.0f) + log1pf(expf(-fabsf(x)))) : x;  // log sigmoid, as -softplus(-x)
+            ir[u] = static_cast<float>(ix[u]);
         }
     }
+}
+
+template <int L, int GU, bool RAW, typename GF, typename GI, typename Str>
+__device__ __forceinline__ void load_gates(const GF* gf, const Str& gf_st, const GI* gi, const Str& gi_st, int b,
+                                           int hd, int c, size_t chunk_off, int S, int lane, float* fr, float* ir) {
+    GF fx[GU];
+    GI ix[GU];
+    fetch_gates<L, GU, RAW>(gf, gf_st, gi, gi_st, b, hd, c, chunk_off, S, lane, fx, ix);
+    prep_gates<L, GU, RAW>(fx, ix, c, S, lane, fr, ir);
 }
 
 // b_t: the inclusive cumsum of the log forget gates within the chunk (RAW; a warp scan), or the
@@ -185,6 +214,45 @@ __device__ __forceinline__ void chunk_cumsum(const float* fr, int lane, float* b
         }
         bt[u] = x;
     }
+}
+"""
+
+# The rows' stabiliser, decay weights and denominator of a chunk's h, shared by the outputs kernel
+# and the backward's rows kernel (:mod:`.chunkwise_bwd`), which must agree on them exactly.
+_ROWS = """
+// The decay weight of step s in row r of a chunk: exp(b_r - b_s + i~_s - m) for s <= r, else 0.
+__device__ __forceinline__ float decay_weight(const float* bs, const float* is, int r, int s, float m) {
+    return s <= r ? expf(bs[r] - bs[s] + is[s] - m) : 0.0f;
+}
+
+// Row r's stabiliser m_comb = max(b_r + m0, max_{s <= r} b_r - b_s + i~_s): each lane takes the
+// columns 8 nt + 2 tq + {0, 1} of the row's mma fragment, then the row's four lanes (tq) reduce.
+// *inter = exp(b_r + m0 - m_comb), the weight of the state entering the chunk.
+template <int L>
+__device__ __forceinline__ float row_stabiliser(const float* bs, const float* is, int r, int tq, float m0,
+                                                float* inter) {
+    float mx_ = -INFINITY;
+    #pragma unroll
+    for (int nt = 0; nt < L / 8; ++nt) {
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int s = nt * 8 + 2 * tq + e;
+            if (s <= r) mx_ = fmaxf(mx_, bs[r] - bs[s] + is[s]);
+        }
+    }
+    mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 1));
+    mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 2));
+    const float m_inter = bs[r] + m0;
+    const float m_comb = fmaxf(m_inter, mx_);
+    *inter = expf(m_inter - m_comb);
+    return m_comb;
+}
+
+// h's denominator max(|dn|, e^-m_comb) + eps (dn = inter q.n + the row's weighted scores);
+// *floor_ = e^-m_comb, the stabilised 1 (where it wins, den does not depend on dn).
+__device__ __forceinline__ float row_denominator(float dn, float m_comb, float eps, float* floor_) {
+    *floor_ = expf(-m_comb);
+    return fmaxf(fabsf(dn), *floor_) + eps;
 }
 """
 
@@ -299,7 +367,10 @@ _STATES_SOURCE = """
 
     // Registers holding the next chunk: k, v (zeros past the sequence) and the gate inputs.
     uint4 kpre[KV], vpre[VV];
-    float fpre[GU], ipre[GU];
+    using GFT = typename xl_elem<decltype(gf)>::type;
+    using GIT = typename xl_elem<decltype(gi)>::type;
+    GFT fpre[GU];  // as loaded: prepared (log-sigmoid) when the chunk runs
+    GIT ipre[GU];
     auto prefetch = [&](int c) {
         #pragma unroll
         for (int u = 0; u < KV; ++u) {
@@ -313,7 +384,7 @@ _STATES_SOURCE = """
             const int ts = idx < L * JT / 8 ? c * L + idx / (JT / 8) : S;
             vpre[u] = load8(vb + ts * v_strides[2] + ((idx % (JT / 8)) * 8) * v_strides[3], v_strides[3], v_vec, ts < S);
         }
-        load_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
+        fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
     };
     if (c_begin < c_end) prefetch(c_begin);
 
@@ -349,13 +420,14 @@ _STATES_SOURCE = """
         }
         // Every warp: b_t (chunk cumsum), g = b_{L-1}, a_t = g - b_t + i~_t, m' = max(g + m,
         // max_t a_t); warp 0 stores the weights w_t = exp(a_t - m') for all.
-        float bt[GU], at[GU];
-        chunk_cumsum<L, GU, RAW>(fpre, lane, bt);
+        float fr[GU], ir[GU], bt[GU], at[GU];
+        prep_gates<L, GU, RAW>(fpre, ipre, c, S, lane, fr, ir);
+        chunk_cumsum<L, GU, RAW>(fr, lane, bt);
         const float gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
         float amax = -INFINITY;
         #pragma unroll
         for (int u = 0; u < GU; ++u) {
-            at[u] = gc - bt[u] + ipre[u];
+            at[u] = gc - bt[u] + ir[u];
             if (lane + 32 * u < L) amax = fmaxf(amax, at[u]);
         }
         #pragma unroll
@@ -504,20 +576,6 @@ _OUTPUTS_SOURCE = """
         }
     }
 
-    if (warp == 0) {  // the chunk's gates: b_t (cumsum of the log forget gates) and i~_t
-        constexpr int GU = (L + 31) / 32;
-        float fr[GU], ir[GU], bt[GU];
-        load_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, static_cast<size_t>(bh) * NC, S, lane, fr, ir);
-        chunk_cumsum<L, GU, RAW>(fr, lane, bt);
-        #pragma unroll
-        for (int u = 0; u < GU; ++u) {
-            if (lane + 32 * u < L) {
-                bs[lane + 32 * u] = bt[u];
-                is[lane + 32 * u] = ir[u];
-            }
-        }
-    }
-
     float sacc[L / 8][4];
     float nacc[8][4];
     #pragma unroll
@@ -562,8 +620,22 @@ _OUTPUTS_SOURCE = """
                 }
             }
         };
-        for (int d = tid; d < DQK; d += NT) ns[d] = ng != nullptr ? w_loc * ne[d] + w_seg * ng[d] : ne[d];
+        // The first slab's copies go in flight before the gates' and n's loads, which wait for theirs.
         issue(0);
+        if (warp == 0) {  // the chunk's gates: b_t (cumsum of the log forget gates) and i~_t
+            constexpr int GU = (L + 31) / 32;
+            float fr[GU], ir[GU], bt[GU];
+            load_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, static_cast<size_t>(bh) * NC, S, lane, fr, ir);
+            chunk_cumsum<L, GU, RAW>(fr, lane, bt);
+            #pragma unroll
+            for (int u = 0; u < GU; ++u) {
+                if (lane + 32 * u < L) {
+                    bs[lane + 32 * u] = bt[u];
+                    is[lane + 32 * u] = ir[u];
+                }
+            }
+        }
+        for (int d = tid; d < DQK; d += NT) ns[d] = ng != nullptr ? w_loc * ne[d] + w_seg * ng[d] : ne[d];
         for (int d0 = 0; d0 < DQK; d0 += KS) {
             cp_async_wait_all();
             __syncthreads();  // slab d0 staged; every warp is past the previous slab's products
@@ -639,36 +711,21 @@ _OUTPUTS_SOURCE = """
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = rr + 8 * h;
-        float mx_ = -INFINITY;
-        #pragma unroll
-        for (int nt = 0; nt < L / 8; ++nt) {
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int s = nt * 8 + 2 * tq + e;
-                if (s <= r) mx_ = fmaxf(mx_, bs[r] - bs[s] + is[s]);
-            }
-        }
-        mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 1));
-        mx_ = fmaxf(mx_, __shfl_xor_sync(0xffffffffu, mx_, 2));
-        const float m_inter = bs[r] + m0;
-        const float m_comb = fmaxf(m_inter, mx_);
-        inter[h] = expf(m_inter - m_comb);
+        const float m_comb = row_stabiliser<L>(bs, is, r, tq, m0, &inter[h]);
         float sum = 0.0f;
         #pragma unroll
         for (int nt = 0; nt < L / 8; ++nt) {
             #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int s = nt * 8 + 2 * tq + e;
-                const float w = s <= r ? expf(bs[r] - bs[s] + is[s] - m_comb) : 0.0f;
-                const float sc = sacc[nt][2 * h + e] * scale * w;
+                const float sc = sacc[nt][2 * h + e] * scale * decay_weight(bs, is, r, nt * 8 + 2 * tq + e, m_comb);
                 sacc[nt][2 * h + e] = sc;
                 sum += sc;
             }
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float dn = inter[h] * qn_s[r] + sum;
-        den[h] = fmaxf(fabsf(dn), expf(-m_comb)) + EPS;
+        float floor_;
+        den[h] = row_denominator(inter[h] * qn_s[r] + sum, m_comb, EPS, &floor_);
     }
 
     // num = inter * (q C) + scores v; scores (float32) split in NSPLIT bf16 terms.
@@ -755,7 +812,7 @@ def _kernel(which: str, eps: float = 0.0):
     key = (which, eps)
     kernel = _kernels.get(key)
     if kernel is None:
-        header = _HEADER + _GATES + _LOADS
+        header = _HEADER + _GATES + _ROWS + _LOADS
         if which == "states":
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_chunk_states",
