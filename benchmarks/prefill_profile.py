@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--variants", default="",
                    help="SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]],... settings of the fused kernel to time alone (0: "
                         "the default; SPLIT: bf16 terms per float32 operand in the outputs kernel; COLS: columns "
-                        "of C per states block, 64 or 32; CHAIN 0: the model's prefill without chained blocks; "
+                        "of C per states block, 32 or 64 (narrow kernel), w64 or w128 (wide); CHAIN 0: the model's prefill without chained blocks; "
                         "ROWS 0: the prompt's norm + output gate by the decode kernel, not norm_gate_rows.py)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
@@ -75,8 +75,8 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-    variants = [v + (0, 32, 1, 1)[len(v) - 1:] for v in variants]
+    variants = [tuple(x if x.startswith("w") else int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+    variants = [v + (0, 0, 1, 1)[len(v) - 1:] for v in variants]
     if variants:
         chunk = int(args.chunk_sizes.split(",")[0])
         for variant in variants:
@@ -87,7 +87,7 @@ def main() -> None:
                       "chunk_size": chunk, "ms": ms, "gpu": _trace(fn, args.trace_steps)})
     if args.model_lengths:
         del q, k, v, o, i, f, x
-        _model_prefill(args, variants or [(0, 0, 32, 1, 1)], emit)
+        _model_prefill(args, variants or [(0, 0, 0, 1, 1)], emit)
         return
 
     h, _ = layer.parallel_kernel_cell(q, k, v, i, f)
@@ -146,10 +146,10 @@ def main() -> None:
 class _settings:
     """The variant's XLSTM_METAL_* settings for the duration of a with-block (0: the default)."""
 
-    def __init__(self, segments: int, split: int = 0, cols: int = 32, chain: int = 1, rows: int = 1):
+    def __init__(self, segments: int, split: int = 0, cols: int | str = 0, chain: int = 1, rows: int = 1):
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
                     "XLSTM_METAL_CHUNK_SPLIT": str(split) if split else None,
-                    "XLSTM_METAL_STATES_COLS": str(cols), "XLSTM_METAL_PREFILL_CHAIN": str(chain),
+                    "XLSTM_METAL_STATES_COLS": str(cols) if cols else None, "XLSTM_METAL_PREFILL_CHAIN": str(chain),
                     "XLSTM_METAL_NORM_GATE_ROWS": str(rows)}
 
     def __enter__(self):
@@ -162,7 +162,7 @@ class _settings:
 
 def _describe(variant: tuple) -> dict:
     segments, split, cols, chain, rows = variant
-    return {"segments": segments or "default", "split_terms": split or "default", "states_cols": cols,
+    return {"segments": segments or "default", "split_terms": split or "default", "states_cols": cols or "default",
             "chained_blocks": bool(chain), "norm_gate_rows": bool(rows)}
 
 

@@ -196,6 +196,25 @@ def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state)
 
 
 @cuda
+@pytest.mark.parametrize("form", ["32", "64", "w64", "w128"])
+@pytest.mark.parametrize("S,chunk,segments,gates", [(1000, 64, 1, "float32"), (333, 48, 3, "bfloat16"),
+                                                    (77, 16, 1, "bfloat16")])
+def test_fused_chunkwise_states_forms_match_reference(form, S, chunk, segments, gates, monkeypatch):
+    """Each form of the states kernel (narrow: each warp splits its own rows' weighted keys; wide:
+    the block splits them once into shared memory, n as an mma with ones) at the 7B head sizes
+    against the float32 reference: h (float32) to 2e-5, the states to 1e-5."""
+    monkeypatch.setenv("XLSTM_METAL_STATES_COLS", form)
+    q, k, v, i, f, state = _seq_inputs(S + chunk, 1, 2, S, 256, 512)
+    i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
+    ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
+                          state, chunk_size=64)
+    (h, s), (h_ref, s_ref) = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, segments), ref
+    assert h.shape == h_ref.shape and _rel(h, h_ref) <= 2e-5, _rel(h, h_ref)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and _rel(x, y) <= 1e-5, _rel(x, y)
+
+
+@cuda
 @pytest.mark.parametrize("S,chunk,segments", [(1000, 64, 3), (333, 48, 5), (517, 16, 7), (130, 64, 2), (64, 64, 4)])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_fused_chunkwise_segments_match_reference(S, chunk, segments, with_state):
