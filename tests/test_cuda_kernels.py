@@ -358,3 +358,23 @@ def test_fused_chunkwise_elsewhere_is_the_scan_kernel():
     np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(h_ref.astype(mx.float32)))
     for x, y in zip(s, s_ref):
         np.testing.assert_array_equal(np.array(x), np.array(y))
+
+
+@pytest.mark.parametrize("setting,dv,expected", [
+    (None, 512, (False, 32)), ("64", 512, (False, 64)), ("w128", 512, (True, 128)), ("w64", 512, (True, 64)),
+    ("w128", 192, (False, 32)), ("bogus", 512, (False, 32)),
+])
+def test_states_kernel_form_setting(setting, dv, expected, monkeypatch):
+    """XLSTM_METAL_STATES_COLS picks the states kernel's form and width; a width that does not
+    divide DV, or an unknown value, leaves the default."""
+    from xlstm_metal.kernels.fast import chunkwise_fused
+
+    monkeypatch.setattr(chunkwise_fused, "_STATES_WIDE", False)
+    if setting is None:
+        monkeypatch.delenv("XLSTM_METAL_STATES_COLS", raising=False)
+    else:
+        monkeypatch.setenv("XLSTM_METAL_STATES_COLS", setting)
+    assert chunkwise_fused._states_form(dv) == expected
+    monkeypatch.setattr(chunkwise_fused, "_STATES_WIDE", True)
+    if setting in (None, "bogus", "w128") and dv % 128:
+        assert chunkwise_fused._states_form(dv) == (True, 64)
