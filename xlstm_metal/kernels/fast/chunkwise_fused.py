@@ -79,26 +79,30 @@ __device__ __forceinline__ void split3(float x, __nv_bfloat16* parts) {
     parts[2] = __float2bfloat16_rn(r);
 }
 
-// The three bf16x2 registers (hi, mid, lo) of the float pair (x0, x1); x0 in the low half.
-__device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t* out) {
-    __nv_bfloat16 p0[3], p1[3];
-    split3(x0, p0);
-    split3(x1, p1);
-    out[0] = pack_bf16(p0[0], p1[0]);
-    out[1] = pack_bf16(p0[1], p1[1]);
-    out[2] = pack_bf16(p0[2], p1[2]);
+// The bf16x2 register of (x0, x1) rounded to nearest (x0 in the low half): one cvt for the pair.
+__device__ __forceinline__ uint32_t bf16x2_rn(float x0, float x1) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// The NS bf16x2 registers (NS = 2: hi, lo; 3: hi, mid, lo) of the float pair (x0, x1).
+// The NS bf16x2 registers (NS = 2: hi, lo; 3: hi, mid, lo) of the float pair (x0, x1), each
+// term the round-to-nearest of what the terms before it left (hi + mid + lo = x to float32's
+// precision), both elements of a pair converted by one instruction.
 template <int NS>
 __device__ __forceinline__ void splitn_pair(float x0, float x1, uint32_t* out) {
-    if constexpr (NS == 3) {
-        split3_pair(x0, x1, out);
-    } else {
-        const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
-        out[0] = pack_bf16(h0, h1);
-        out[1] = pack_bf16(__float2bfloat16_rn(x0 - __bfloat162float(h0)), __float2bfloat16_rn(x1 - __bfloat162float(h1)));
+    #pragma unroll
+    for (int p = 0; p < NS; ++p) {
+        out[p] = bf16x2_rn(x0, x1);
+        if (p + 1 < NS) {
+            x0 -= __uint_as_float(out[p] << 16);
+            x1 -= __uint_as_float(out[p] & 0xffff0000u);
+        }
     }
+}
+
+// The three bf16x2 registers (hi, mid, lo) of the float pair (x0, x1); x0 in the low half.
+__device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t* out) {
+    splitn_pair<3>(x0, x1, out);
 }
 
 __device__ __forceinline__ uint32_t pack_pair(const __nv_bfloat16* p) {
