@@ -381,18 +381,8 @@ _REVERSE_SOURCE = """
     uint4 kpre[KV], vpre[VV];
     float apre = 0.0f, bpre = 0.0f, dpre = 0.0f;
     auto prefetch = [&](int c) {
-        #pragma unroll
-        for (int u = 0; u < KV; ++u) {
-            const int idx = tid + u * NT;
-            const int ts = idx < L * 8 ? c * L + (idx >> 3) : S;
-            kpre[u] = load8(kb + ts * q_strides[2] + ((idx & 7) * 8) * q_strides[3], q_strides[3], k_vec, ts < S);
-        }
-        #pragma unroll
-        for (int u = 0; u < VV; ++u) {
-            const int idx = tid + u * NT;
-            const int ts = idx < L * JT / 8 ? c * L + idx / (JT / 8) : S;
-            vpre[u] = load8(vb + ts * dh_strides[2] + ((idx % (JT / 8)) * 8) * dh_strides[3], dh_strides[3], v_vec, ts < S);
-        }
+        prefetch_rows<L, 64, NT, KV>(kpre, kb, q_strides, k_vec, c, S, tid);
+        prefetch_rows<L, JT, NT, VV>(vpre, vb, dh_strides, v_vec, c, S, tid);
         // The chunk's decay exp(g + m_c - m_{c+1}) (every thread computes it).
         const float m_next = c + 1 < NC ? m_enter[chunk_off + c + 1] : m_final[bh];
         dpre = expf(bcum[(chunk_off + c) * L + L - 1] + m_enter[chunk_off + c] - m_next);

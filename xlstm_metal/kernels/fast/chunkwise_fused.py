@@ -282,6 +282,19 @@ __device__ __forceinline__ uint4 load8(const In* x, int64_t col_stride, bool vec
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Chunk c's rows of x (8 columns per 16-byte load; load idx = tid + u NT takes row idx / (W / 8),
+// columns 8 (idx % (W / 8)).. of the W at xb) into registers: zeros past the sequence.
+template <int L, int W, int NT, int N, typename Str>
+__device__ __forceinline__ void prefetch_rows(uint4* dst, const __nv_bfloat16* xb, const Str& st, bool vec, int c,
+                                              int S, int tid) {
+    #pragma unroll
+    for (int u = 0; u < N; ++u) {
+        const int idx = tid + u * NT;
+        const int ts = idx < L * W / 8 ? c * L + idx / (W / 8) : S;
+        dst[u] = load8(xb + ts * st[2] + ((idx % (W / 8)) * 8) * st[3], st[3], vec, ts < S);
+    }
+}
+
 // load8 into shared memory: cp.async when the row is contiguous and aligned and in range.
 template <typename In>
 __device__ __forceinline__ void stage8(__nv_bfloat16* dst, const In* x, int64_t col_stride, bool vec, bool in) {
@@ -377,18 +390,8 @@ _STATES_SOURCE = """
     GFT fpre[GU];  // as loaded: prepared (log-sigmoid) when the chunk runs
     GIT ipre[GU];
     auto prefetch = [&](int c) {
-        #pragma unroll
-        for (int u = 0; u < KV; ++u) {
-            const int idx = tid + u * NT;
-            const int ts = idx < L * 8 ? c * L + (idx >> 3) : S;
-            kpre[u] = load8(kb + ts * k_strides[2] + ((idx & 7) * 8) * k_strides[3], k_strides[3], k_vec, ts < S);
-        }
-        #pragma unroll
-        for (int u = 0; u < VV; ++u) {
-            const int idx = tid + u * NT;
-            const int ts = idx < L * JT / 8 ? c * L + idx / (JT / 8) : S;
-            vpre[u] = load8(vb + ts * v_strides[2] + ((idx % (JT / 8)) * 8) * v_strides[3], v_strides[3], v_vec, ts < S);
-        }
+        prefetch_rows<L, 64, NT, KV>(kpre, kb, k_strides, k_vec, c, S, tid);
+        prefetch_rows<L, JT, NT, VV>(vpre, vb, v_strides, v_vec, c, S, tid);
         fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
     };
     if (c_begin < c_end) prefetch(c_begin);
@@ -597,18 +600,8 @@ _STATES_WIDE_SOURCE = """
     GFT fpre[GU];
     GIT ipre[GU];
     auto prefetch = [&](int c) {
-        #pragma unroll
-        for (int u = 0; u < KV; ++u) {
-            const int idx = tid + u * NT;
-            const int ts = idx < L * 8 ? c * L + (idx >> 3) : S;
-            kpre[u] = load8(kb + ts * k_strides[2] + ((idx & 7) * 8) * k_strides[3], k_strides[3], k_vec, ts < S);
-        }
-        #pragma unroll
-        for (int u = 0; u < VV; ++u) {
-            const int idx = tid + u * NT;
-            const int ts = idx < L * JT / 8 ? c * L + idx / (JT / 8) : S;
-            vpre[u] = load8(vb + ts * v_strides[2] + ((idx % (JT / 8)) * 8) * v_strides[3], v_strides[3], v_vec, ts < S);
-        }
+        prefetch_rows<L, 64, NT, KV>(kpre, kb, k_strides, k_vec, c, S, tid);
+        prefetch_rows<L, JT, NT, VV>(vpre, vb, v_strides, v_vec, c, S, tid);
         fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
     };
     if (c_begin < c_end) prefetch(c_begin);
