@@ -196,20 +196,25 @@ def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state)
 
 
 @cuda
-@pytest.mark.parametrize("form", ["32", "64", "w64", "w128"])
+@pytest.mark.parametrize("form", ["32", "32s", "64", "w64", "w128"])
 @pytest.mark.parametrize("S,chunk,segments,gates", [(1000, 64, 1, "float32"), (333, 48, 3, "bfloat16"),
                                                     (77, 16, 1, "bfloat16")])
 def test_fused_chunkwise_states_forms_match_reference(form, S, chunk, segments, gates, monkeypatch):
-    """Each form of the states kernel (narrow: each warp splits its own rows' weighted keys; wide:
-    the block splits them once into shared memory, n as an mma with ones) at the 7B head sizes
-    against the float32 reference: h (float32) to 2e-5, the states to 1e-5."""
-    monkeypatch.setenv("XLSTM_METAL_STATES_COLS", form)
-    q, k, v, i, f, state = _seq_inputs(S + chunk, 1, 2, S, 256, 512)
+    """Each form of the states kernel (narrow: each warp splits its own rows' weighted keys, "s":
+    its C stores staged through shared memory; wide: the block splits them once into shared
+    memory, n as an mma with ones) at the 7B head sizes
+    against the float32 reference: the states to 1e-5, h (float32) to 2e-5 or, where the float32
+    reference itself is that uncertain (rows whose denominator nearly cancels), to twice its
+    spread between chunk sizes."""
+    monkeypatch.setenv("XLSTM_METAL_STATES_COLS", form.rstrip("s"))
+    monkeypatch.setenv("XLSTM_METAL_STATES_STAGE", "1" if form.endswith("s") else "0")
+    q, k, v, i, f, state = _seq_inputs(S + 256, 1, 2, S, 256, 512)
     i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
-    ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
-                          state, chunk_size=64)
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+    ref = mlstm_chunkwise(q32, k32, v32, i, f, state, chunk_size=64)
+    spread = _rel(mlstm_chunkwise(q32, k32, v32, i, f, state, chunk_size=16)[0], ref[0])
     (h, s), (h_ref, s_ref) = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, segments), ref
-    assert h.shape == h_ref.shape and _rel(h, h_ref) <= 2e-5, _rel(h, h_ref)
+    assert h.shape == h_ref.shape and _rel(h, h_ref) <= max(2e-5, 2 * spread), (_rel(h, h_ref), spread)
     for x, y in zip(s, s_ref):
         assert x.shape == y.shape and _rel(x, y) <= 1e-5, _rel(x, y)
 

@@ -348,6 +348,7 @@ _STATES_SOURCE = """
     __shared__ __align__(16) __nv_bfloat16 ks[2][L][64 + PAD];  // k[t][d0 + dd]
     __shared__ __align__(16) __nv_bfloat16 vs[2][L][JT + PAD];  // v[t][j0 + jj]
     __shared__ __align__(16) float ws[2][L];                                  // w_t = exp(a_t - m'), a_t = g - b_t + i~_t
+    __shared__ __align__(16) float cst[STAGE ? 4 : 1][16][JT + 8];            // STAGE: each warp's C tile, for the stores
 
     const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + d0 * k_strides[3];
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
@@ -400,11 +401,31 @@ _STATES_SOURCE = """
         const int buf = c & 1;
         // The (local) state entering chunk c.
         float* Ce = C_enter + (chunk_off + c) * DQK * DV;
-        #pragma unroll
-        for (int nt = 0; nt < JT / 8; ++nt) {
-            const int col = j0 + nt * 8 + 2 * tq;
-            *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
-            *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+        if constexpr (STAGE) {
+            // Through the warp's staging tile, then whole rows (JT floats) in 16-byte stores.
+            #pragma unroll
+            for (int nt = 0; nt < JT / 8; ++nt) {
+                *reinterpret_cast<float2*>(&cst[warp][g][nt * 8 + 2 * tq]) = make_float2(acc[nt][0], acc[nt][1]);
+                *reinterpret_cast<float2*>(&cst[warp][g + 8][nt * 8 + 2 * tq]) = make_float2(acc[nt][2], acc[nt][3]);
+            }
+            __syncwarp();
+            #pragma unroll
+            for (int u = 0; u < 16 * JT / 4 / 32; ++u) {
+                const int idx = lane + 32 * u;
+                const int row = idx / (JT / 4);
+                const int c4 = (idx % (JT / 4)) * 4;
+                if (STORE)
+                    *reinterpret_cast<float4*>(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4) =
+                        *reinterpret_cast<const float4*>(&cst[warp][row][c4]);
+            }
+            __syncwarp();
+        } else if (STORE) {
+            #pragma unroll
+            for (int nt = 0; nt < JT / 8; ++nt) {
+                const int col = j0 + nt * 8 + 2 * tq;
+                *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
+                *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+            }
         }
         if (writes_n) {
             n_enter[(chunk_off + c) * DQK + r0] = n_reg0;
@@ -610,7 +631,7 @@ _STATES_WIDE_SOURCE = """
         // The (local) state entering chunk c.
         float* Ce = C_enter + (chunk_off + c) * DQK * DV;
         #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < 4 * STORE; ++nt) {
             const int col = cw + nt * 8 + 2 * tq;
             *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
             *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
@@ -1151,7 +1172,9 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     threads = 4 * cols if wide else 128
     return _kernel("states_wide" if wide else "states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
-        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw)],
+        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw),
+                  ("STAGE", not wide and cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") == "1"),
+                  ("STORE", os.environ.get("XLSTM_METAL_STATES_STORE") != "0")],
         grid=(dv // cols * threads, dqk // _TILE * nseg, B * NH),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
