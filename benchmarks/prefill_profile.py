@@ -50,7 +50,7 @@ def main() -> None:
                    help="SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]],... settings of the fused kernel to time alone (0: "
                         "the default; SPLIT: bf16 terms per float32 operand in the outputs kernel; COLS: columns "
                         "of C per states block, 32 or 64 (narrow kernel), w64 or w128 (wide); CHAIN 0: the model's prefill without chained blocks; "
-                        "ROWS 0: the prompt's norm + output gate by the decode kernel, not norm_gate_rows.py)")
+                        "ROWS 0: the prompt's norms by the decode kernels, not norm_rows.py)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
     p.add_argument("--trace-steps", type=int, default=3, help="calls traced per CUPTI summary (0: none)")
@@ -150,7 +150,7 @@ class _settings:
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
                     "XLSTM_METAL_CHUNK_SPLIT": str(split) if split else None,
                     "XLSTM_METAL_STATES_COLS": str(cols) if cols else None, "XLSTM_METAL_PREFILL_CHAIN": str(chain),
-                    "XLSTM_METAL_NORM_GATE_ROWS": str(rows)}
+                    "XLSTM_METAL_NORM_ROWS": str(rows)}
 
     def __enter__(self):
         self.saved = {k: os.environ.get(k) for k in self.env}

@@ -328,13 +328,13 @@ def test_fused_chunkwise_model_prefill_matches_reference():
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("B,NH,S,DV,offset", [(1, 8, 300, 512, 8), (2, 3, 5, 256, 3), (1, 2, 1, 768, 0)])
 def test_norm_gate_rows_matches_reference_and_decode_kernel(dtype, B, NH, S, DV, offset):
-    """Prompts' multi-head LayerNorm + output gate (a warp per row, norm_gate_rows.py) against the
+    """Prompts' multi-head LayerNorm + output gate (a warp per row, norm_rows.py) against the
     ops, and against the decode kernel (a block per row) run token by token: the same math,
     rounding points and order of the float32 sums, so the same bits. An odd offset makes o~ a
     misaligned view (the kernel's element-wise loads)."""
     from xlstm_metal.cells.norms import MultiHeadLayerNorm
     from xlstm_metal.kernels.fast import decode
-    from xlstm_metal.kernels.fast.norm_gate_rows import norm_gate_rows
+    from xlstm_metal.kernels.fast.norm_rows import norm_gate_rows
 
     rng = np.random.default_rng(B * NH * S + DV)
 
@@ -352,6 +352,36 @@ def test_norm_gate_rows_matches_reference_and_decode_kernel(dtype, B, NH, S, DV,
     per_token = mx.concatenate([decode.output_norm_gate(h[:, :, t : t + 1], o[:, t : t + 1], norm)
                                 for t in range(S)], axis=1)
     np.testing.assert_array_equal(np.array(out.astype(mx.float32)), np.array(per_token.astype(mx.float32)))
+
+
+@cuda
+@pytest.mark.parametrize("x_dtype,dtype", [(mx.float32, mx.bfloat16), (mx.bfloat16, mx.bfloat16),
+                                           (mx.float32, mx.float16), (mx.float32, mx.float32)])
+@pytest.mark.parametrize("B,S,E", [(1, 37, 4096), (2, 3, 2048)])
+def test_add_rms_norm_rows_matches_decode_kernel(x_dtype, dtype, B, S, E):
+    """Prompts' residual add + RMSNorm (256 threads per row, 16-byte accesses, norm_rows.py)
+    against the ops, and against the decode kernel (1,024 threads per row) token by token: the
+    same bits, sums included."""
+    from xlstm_metal.cells.norms import RMSNorm
+    from xlstm_metal.kernels.fast import decode
+
+    rng = np.random.default_rng(B * S + E)
+
+    def arr(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dt)
+
+    x, y = arr(B, S, E, scale=3.0, dt=x_dtype), arr(B, S, E)
+    norm = RMSNorm(E)
+    norm.weight = arr(E, scale=0.2, shift=1.0)
+    s, normed = decode.add_rms_norm(x, y, norm)
+    assert s.dtype == x_dtype and normed.dtype == dtype and s.shape == normed.shape == (B, S, E)
+    ref_s = x + y
+    ref_n = norm(ref_s).astype(dtype)
+    assert _rel(s, ref_s) <= 1e-2 and _rel(normed, ref_n) <= 1e-2, (_rel(s, ref_s), _rel(normed, ref_n))
+    per_token = [decode.add_rms_norm(x[:, t : t + 1], y[:, t : t + 1], norm) for t in range(S)]
+    for got, parts in ((s, [p[0] for p in per_token]), (normed, [p[1] for p in per_token])):
+        np.testing.assert_array_equal(np.array(got.astype(mx.float32)),
+                                      np.array(mx.concatenate(parts, axis=1).astype(mx.float32)))
 
 
 def test_fused_chunkwise_elsewhere_is_the_scan_kernel():

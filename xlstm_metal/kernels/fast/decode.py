@@ -41,7 +41,7 @@ import mlx.nn as nn
 from ...cells.activations import sigmoid
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm, soft_cap
 from ..mlstm import MLSTMState, mlstm_step, zero_state
-from .norm_gate_rows import norm_gate_rows, norm_gate_rows_supported
+from .norm_rows import add_rms_norm_rows, add_rms_norm_rows_supported, norm_gate_rows, norm_gate_rows_supported
 from .step import GATE_STABILISER, cuda_available
 
 _enabled = os.environ.get("XLSTM_METAL_FUSED_DECODE", "1") != "0"
@@ -820,7 +820,7 @@ def output_norm_gate(h: mx.array, o_preact: mx.array, norm: nn.Module) -> mx.arr
     if not (_kernels_on() and type(norm) is MultiHeadLayerNorm and o_preact.dtype == h.dtype
             and weight.dtype == h.dtype and o_preact.shape == (B, S, NH * DV) and weight.shape == (NH * DV,)):
         return sigmoid(o_preact) * norm(h.transpose(0, 2, 1, 3))
-    if S > 1 and norm_gate_rows_supported(h, weight):  # prompts: a warp per row (norm_gate_rows.py)
+    if S > 1 and norm_gate_rows_supported(h, weight):  # prompts: a warp per row (norm_rows.py)
         return norm_gate_rows(h, o_preact, weight, norm.eps)
     threads = min(1024, max(32, 32 * -(-min(DV, 256) // 32)))
     (out,) = _norm_gate_kernel(norm.eps)(
@@ -904,6 +904,8 @@ def add_rms_norm(x: mx.array, y: mx.array, norm: nn.Module) -> tuple[mx.array, m
             normed = normed.astype(weight.dtype)  # as the kernel returns it
         return s, normed
     eps = norm.eps
+    if add_rms_norm_rows_supported(x, y, weight):  # prompts: 16-byte accesses (norm_rows.py)
+        return add_rms_norm_rows(x, y, weight, eps)
     threads = 1024 if E >= 4096 else max(32, 32 * -(-min(E, 1024) // 32))
     rows = x.size // E
     s, normed = _add_norm_kernel(eps)(
