@@ -1051,7 +1051,7 @@ _kernels: dict[tuple, object] = {}
 
 
 def _kernel(which: str, eps: float = 0.0):
-    key = (which, eps)
+    key = (which, eps, os.environ.get("XLSTM_METAL_OUTPUTS_MIN_BLOCKS"))
     kernel = _kernels.get(key)
     if kernel is None:
         header = _HEADER + _GATES + _ROWS + _LOADS
@@ -1071,6 +1071,10 @@ def _kernel(which: str, eps: float = 0.0):
                 source=_COMBINE_SOURCE, ensure_row_contiguous=True,
             )
         else:
+            blocks = os.environ.get("XLSTM_METAL_OUTPUTS_MIN_BLOCKS")
+            if blocks:  # registers capped so that this many blocks fit per SM (MLX writes the signature)
+                header = (f"#undef __global__\n#define __global__ __location__(global) "
+                          f"__launch_bounds__(128, {int(blocks)})\n") + header
             kernel = mx.fast.cuda_kernel(
                 name=f"xlstm_mlstm_chunk_outputs_{len(_kernels)}",
                 input_names=["q", "k", "v", "gi", "gf", "C_enter", "n_enter", "m_enter", "P_enter",
