@@ -196,7 +196,7 @@ def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state)
 
 
 @cuda
-@pytest.mark.parametrize("form", ["32", "32s", "64", "w64", "w128"])
+@pytest.mark.parametrize("form", ["32", "32s1", "32s2", "64", "w64", "w128"])
 @pytest.mark.parametrize("S,chunk,segments,gates", [(1000, 64, 1, "float32"), (333, 48, 3, "bfloat16"),
                                                     (77, 16, 1, "bfloat16")])
 def test_fused_chunkwise_states_forms_match_reference(form, S, chunk, segments, gates, monkeypatch):
@@ -206,8 +206,8 @@ def test_fused_chunkwise_states_forms_match_reference(form, S, chunk, segments, 
     against the float32 reference: the states to 1e-5, h (float32) to 2e-5 or, where the float32
     reference itself is that uncertain (rows whose denominator nearly cancels), to twice its
     spread between chunk sizes."""
-    monkeypatch.setenv("XLSTM_METAL_STATES_COLS", form.rstrip("s"))
-    monkeypatch.setenv("XLSTM_METAL_STATES_STAGE", "1" if form.endswith("s") else "0")
+    monkeypatch.setenv("XLSTM_METAL_STATES_COLS", form[:2] if form[-2] == "s" else form)
+    monkeypatch.setenv("XLSTM_METAL_STATES_STAGE", form[-1] if form[-2] == "s" else "0")
     q, k, v, i, f, state = _seq_inputs(S + 256, 1, 2, S, 256, 512)
     i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
     q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))

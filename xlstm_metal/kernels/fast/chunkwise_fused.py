@@ -348,7 +348,7 @@ _STATES_SOURCE = """
     __shared__ __align__(16) __nv_bfloat16 ks[2][L][64 + PAD];  // k[t][d0 + dd]
     __shared__ __align__(16) __nv_bfloat16 vs[2][L][JT + PAD];  // v[t][j0 + jj]
     __shared__ __align__(16) float ws[2][L];                                  // w_t = exp(a_t - m'), a_t = g - b_t + i~_t
-    __shared__ __align__(16) float cst[STAGE ? 4 : 1][16][JT + 8];            // STAGE: each warp's C tile, for the stores
+    __shared__ __align__(16) float cst[STAGE > 0 ? 4 : 1][16][JT + 8];            // STAGE: each warp's C tile, for the stores
 
     const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + d0 * k_strides[3];
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
@@ -401,24 +401,41 @@ _STATES_SOURCE = """
         const int buf = c & 1;
         // The (local) state entering chunk c.
         float* Ce = C_enter + (chunk_off + c) * DQK * DV;
-        if constexpr (STAGE) {
-            // Through the warp's staging tile, then whole rows (JT floats) in 16-byte stores.
+        if constexpr (STAGE > 0) {
+            // Through the warp's staging tile, then whole rows (JT floats): in 16-byte stores
+            // (STAGE 1), or one bulk copy per row (STAGE 2, the copy engine; asynchronous).
+            if constexpr (STAGE == 2) {
+                if (lane < 16) asm volatile("cp.async.bulk.wait_group.read 0;\\n" ::: "memory");
+                __syncwarp();
+            }
             #pragma unroll
             for (int nt = 0; nt < JT / 8; ++nt) {
                 *reinterpret_cast<float2*>(&cst[warp][g][nt * 8 + 2 * tq]) = make_float2(acc[nt][0], acc[nt][1]);
                 *reinterpret_cast<float2*>(&cst[warp][g + 8][nt * 8 + 2 * tq]) = make_float2(acc[nt][2], acc[nt][3]);
             }
             __syncwarp();
-            #pragma unroll
-            for (int u = 0; u < 16 * JT / 4 / 32; ++u) {
-                const int idx = lane + 32 * u;
-                const int row = idx / (JT / 4);
-                const int c4 = (idx % (JT / 4)) * 4;
-                if (STORE)
-                    *reinterpret_cast<float4*>(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4) =
-                        *reinterpret_cast<const float4*>(&cst[warp][row][c4]);
+            if constexpr (STAGE == 2) {
+                asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");
+                __syncwarp();
+                if (lane < 16 && STORE) {
+                    const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(&cst[warp][lane][0]));
+                    float* dst = Ce + static_cast<size_t>(d0 + warp * 16 + lane) * DV + j0;
+                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\\n"
+                                 :: "l"(dst), "r"(src), "n"(JT * 4) : "memory");
+                    asm volatile("cp.async.bulk.commit_group;\\n" ::: "memory");
+                }
+            } else {
+                #pragma unroll
+                for (int u = 0; u < 16 * JT / 4 / 32; ++u) {
+                    const int idx = lane + 32 * u;
+                    const int row = idx / (JT / 4);
+                    const int c4 = (idx % (JT / 4)) * 4;
+                    if (STORE)
+                        *reinterpret_cast<float4*>(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4) =
+                            *reinterpret_cast<const float4*>(&cst[warp][row][c4]);
+                }
+                __syncwarp();
             }
-            __syncwarp();
         } else if (STORE) {
             #pragma unroll
             for (int nt = 0; nt < JT / 8; ++nt) {
@@ -518,6 +535,7 @@ _STATES_SOURCE = """
         P += gc;
     }
 
+    if constexpr (STAGE == 2) asm volatile("cp.async.bulk.wait_group 0;\\n" ::: "memory");
     const size_t fin_off = seg_off * DQK * DV;
     #pragma unroll
     for (int nt = 0; nt < JT / 8; ++nt) {
@@ -1051,13 +1069,17 @@ _kernels: dict[tuple, object] = {}
 
 
 def _kernel(which: str, eps: float = 0.0):
-    key = (which, eps, os.environ.get("XLSTM_METAL_OUTPUTS_MIN_BLOCKS"))
+    key = (which, eps, os.environ.get("XLSTM_METAL_OUTPUTS_MIN_BLOCKS"), os.environ.get("XLSTM_METAL_STATES_MIN_BLOCKS"))
     kernel = _kernels.get(key)
     if kernel is None:
         header = _HEADER + _GATES + _ROWS + _LOADS
         if which in ("states", "states_wide"):
+            blocks = os.environ.get("XLSTM_METAL_STATES_MIN_BLOCKS")
+            if blocks and which == "states":
+                header = (f"#undef __global__\n#define __global__ __location__(global) "
+                          f"__launch_bounds__(128, {int(blocks)})\n") + header
             kernel = mx.fast.cuda_kernel(
-                name="xlstm_mlstm_chunk_" + which,
+                name=f"xlstm_mlstm_chunk_{which}_{len(_kernels)}",
                 input_names=["k", "v", "gi", "gf", "C0", "n0", "m0"],
                 output_names=["C_enter", "n_enter", "m_enter", "P_enter", "C_final", "n_final", "m_final", "P_final"],
                 source=_STATES_WIDE_SOURCE if which == "states_wide" else _STATES_SOURCE, header=header,
@@ -1177,7 +1199,7 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     return _kernel("states_wide" if wide else "states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
         template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("STAGE", not wide and cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") == "1"),
+                  ("STAGE", int(os.environ.get("XLSTM_METAL_STATES_STAGE", "0")) if not wide and cols == 32 else 0),
                   ("STORE", os.environ.get("XLSTM_METAL_STATES_STORE") != "0")],
         grid=(dv // cols * threads, dqk // _TILE * nseg, B * NH),
         threadgroup=(threads, 1, 1),
