@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--variants", default="",
                    help="SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]],... settings of the fused kernel to time alone (0: "
                         "the default; SPLIT: bf16 terms per float32 operand in the outputs kernel; COLS: columns "
-                        "of C per states block, 32 or 64 (narrow kernel), w64 or w128 (wide); CHAIN 0: the model's prefill without chained blocks; "
+                        "of C per states block, 32 or 64; CHAIN 0: the model's prefill without chained blocks; "
                         "ROWS 0: the prompt's norms by the decode kernels, not norm_rows.py)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
@@ -75,7 +75,7 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
-    variants = [tuple(x if x.startswith("w") else int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
     variants = [v + (0, 0, 1, 1)[len(v) - 1:] for v in variants]
     if variants:
         chunk = int(args.chunk_sizes.split(",")[0])
@@ -146,7 +146,7 @@ def main() -> None:
 class _settings:
     """The variant's XLSTM_METAL_* settings for the duration of a with-block (0: the default)."""
 
-    def __init__(self, segments: int, split: int = 0, cols: int | str = 0, chain: int = 1, rows: int = 1):
+    def __init__(self, segments: int, split: int = 0, cols: int = 0, chain: int = 1, rows: int = 1):
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
                     "XLSTM_METAL_CHUNK_SPLIT": str(split) if split else None,
                     "XLSTM_METAL_STATES_COLS": str(cols) if cols else None, "XLSTM_METAL_PREFILL_CHAIN": str(chain),

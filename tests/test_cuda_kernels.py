@@ -196,13 +196,12 @@ def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state)
 
 
 @cuda
-@pytest.mark.parametrize("form", ["32", "32s1", "32s2", "64", "w64", "w128"])
+@pytest.mark.parametrize("form", ["32", "32s1", "32s2", "64"])
 @pytest.mark.parametrize("S,chunk,segments,gates", [(1000, 64, 1, "float32"), (333, 48, 3, "bfloat16"),
                                                     (77, 16, 1, "bfloat16")])
 def test_fused_chunkwise_states_forms_match_reference(form, S, chunk, segments, gates, monkeypatch):
-    """Each form of the states kernel (narrow: each warp splits its own rows' weighted keys, "s":
-    its C stores staged through shared memory; wide: the block splits them once into shared
-    memory, n as an mma with ones) at the 7B head sizes
+    """Each form of the states kernel (32 or 64 columns of C per block; "s1" / "s2": its C stores
+    staged per warp through shared memory, then 16-byte stores / bulk copies) at the 7B head sizes
     against the float32 reference: the states to 1e-5, h (float32) to 2e-5 or, where the float32
     reference itself is that uncertain (rows whose denominator nearly cancels), to twice its
     spread between chunk sizes."""
@@ -393,23 +392,3 @@ def test_fused_chunkwise_elsewhere_is_the_scan_kernel():
     np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(h_ref.astype(mx.float32)))
     for x, y in zip(s, s_ref):
         np.testing.assert_array_equal(np.array(x), np.array(y))
-
-
-@pytest.mark.parametrize("setting,dv,expected", [
-    (None, 512, (False, 32)), ("64", 512, (False, 64)), ("w128", 512, (True, 128)), ("w64", 512, (True, 64)),
-    ("w128", 192, (False, 32)), ("bogus", 512, (False, 32)),
-])
-def test_states_kernel_form_setting(setting, dv, expected, monkeypatch):
-    """XLSTM_METAL_STATES_COLS picks the states kernel's form and width; a width that does not
-    divide DV, or an unknown value, leaves the default."""
-    from xlstm_metal.kernels.fast import chunkwise_fused
-
-    monkeypatch.setattr(chunkwise_fused, "_STATES_WIDE", False)
-    if setting is None:
-        monkeypatch.delenv("XLSTM_METAL_STATES_COLS", raising=False)
-    else:
-        monkeypatch.setenv("XLSTM_METAL_STATES_COLS", setting)
-    assert chunkwise_fused._states_form(dv) == expected
-    monkeypatch.setattr(chunkwise_fused, "_STATES_WIDE", True)
-    if setting in (None, "bogus", "w128") and dv % 128:
-        assert chunkwise_fused._states_form(dv) == (True, 64)

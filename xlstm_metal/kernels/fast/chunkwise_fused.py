@@ -52,7 +52,6 @@ _TILE = 64  # rows of C per states block; value columns per outputs block
 # inside the 7B prefill on an H200 (round S5R2, CUPTI: 5.9 vs 6.3 ms per 2,048-token prefill,
 # 48.9 vs 50.3 ms at 16,384), though the H100's first kernel version preferred 64.
 _STATES_COLS = 32
-_STATES_WIDE = False  # the wide states kernel (_STATES_WIDE_SOURCE) by default
 _SLAB = 32  # DQK columns of q, k and C staged in shared memory at a time (outputs kernel)
 
 _HEADER = """
@@ -553,219 +552,6 @@ _STATES_SOURCE = """
     }
 """
 
-# Phase 1, wide form (the default: see _states_kernel). Grid as the narrow form's, x = DV/JT tiles of
-# 128 JT/32 threads: warp w owns rows 16 (w % 4).. of the block's 64-row tile of C and columns
-# 32 (w / 4).. of its JT columns (acc as in the narrow form). The narrow form had every warp split
-# its own rows' (w_t k_t)^T into three bf16 terms and every column block do so again: at 32 columns
-# per block the split took more instructions than the products, and the kernel was bound by issue,
-# not latency (four times the thread blocks, as segments, took 10% off: round S5R1). Here the
-# block's threads split the chunk's 64 x L weighted keys once into shared memory (As, the three
-# terms; each thread eight values of one step, from its prefetched k) and all warps read them with
-# ldmatrix: per column, a quarter (JT 128) of the narrow form's split work. n (the normaliser) is
-# C's extra column: n += (w k)^T 1, an mma with B = ones (exact), by the first column group of the
-# first column block. Two barriers per chunk (the tiles are single-buffered: 45 KB at JT 128).
-_STATES_WIDE_SOURCE = """
-    constexpr int NT = 4 * JT;                       // 128 JT/32 threads
-    constexpr int PAD = 8;
-    constexpr int KV = (L * 8 + NT - 1) / NT;        // 16-byte k loads (8 keys of one step) per thread
-    constexpr int VV = (L * JT / 8 + NT - 1) / NT;   // 16-byte v loads per thread
-    constexpr int GU = (L + 31) / 32;
-    constexpr int RT = DQK / 64;
-    const int S = k_shape[2];
-    const int NC = (S + L - 1) / L;
-    const int bh = blockIdx.z;
-    const int b = bh / NH;
-    const int hd = bh % NH;
-    const int seg = blockIdx.y / RT;
-    const int nseg = gridDim.y / RT;
-    const int cps = (NC + nseg - 1) / nseg;
-    const int c_begin = seg * cps;
-    const int c_end = min(NC, c_begin + cps);
-    const int d0 = (blockIdx.y % RT) * 64;
-    const int j0 = blockIdx.x * JT;
-    const int tid = threadIdx.x;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int tq = lane & 3;
-    const int lrow = lane & 7;
-    const int ltile = lane >> 3;
-    const int wr = warp & 3;   // row tile of the warp
-    const int wc = warp >> 2;  // column group of the warp (32 columns)
-
-    __shared__ __align__(16) __nv_bfloat16 As[3][L][64 + PAD];  // w_t k[t][d0 + dd]: hi, mid, lo terms
-    __shared__ __align__(16) __nv_bfloat16 vs[L][JT + PAD];     // v[t][j0 + jj]
-
-    const __nv_bfloat16* kb = k + b * k_strides[0] + hd * k_strides[1] + d0 * k_strides[3];
-    const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + j0 * v_strides[3];
-    const bool k_vec = rows_vectorizable(kb, k_strides);
-    const bool v_vec = rows_vectorizable(vb, v_strides);
-    const size_t chunk_off = static_cast<size_t>(bh) * NC;
-    const size_t seg_off = static_cast<size_t>(bh) * nseg + seg;
-
-    float acc[4][4];  // C[r][32 wc + 8 nt + 2 tq + {0, 1}], rows r0 and r0 + 8
-    float nacc[4];    // n of rows r0 (0, 1) and r0 + 8 (2, 3), as an mma tile whose columns are equal
-    const int r0 = d0 + wr * 16 + g;
-    const int cw = j0 + wc * 32;
-    float m = -INFINITY;
-    nacc[0] = nacc[1] = nacc[2] = nacc[3] = 0.0f;
-    if (seg == 0) {
-        // The initial state at its strides (a zero state may be a broadcast view: no fill kernel).
-        const float* C0b = C0 + b * C0_strides[0] + hd * C0_strides[1];
-        #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            const int col = cw + nt * 8 + 2 * tq;
-            #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                acc[nt][e] = C0b[(r0 + 8 * (e >> 1)) * C0_strides[2] + (col + (e & 1)) * C0_strides[3]];
-        }
-        const float* n0b = n0 + b * n0_strides[0] + hd * n0_strides[1];
-        nacc[0] = nacc[1] = n0b[r0 * n0_strides[2]];
-        nacc[2] = nacc[3] = n0b[(r0 + 8) * n0_strides[2]];
-        m = m0[b * m0_strides[0] + hd * m0_strides[1]];
-    } else {
-        #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    }
-    const bool does_n = blockIdx.x == 0 && wc == 0;  // warp-uniform
-    const bool writes_n = does_n && tq == 0;
-    const bool writes_m = blockIdx.x == 0 && blockIdx.y % RT == 0 && tid == 0;
-    float P = 0.0f;  // log decay since the segment's start
-    const uint32_t ones = 0x3f803f80u;  // bf16x2 (1, 1)
-
-    uint4 kpre[KV], vpre[VV];
-    using GFT = typename xl_elem<decltype(gf)>::type;
-    using GIT = typename xl_elem<decltype(gi)>::type;
-    GFT fpre[GU];
-    GIT ipre[GU];
-    auto prefetch = [&](int c) {
-        prefetch_rows<L, 64, NT, KV>(kpre, kb, k_strides, k_vec, c, S, tid);
-        prefetch_rows<L, JT, NT, VV>(vpre, vb, v_strides, v_vec, c, S, tid);
-        fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
-    };
-    if (c_begin < c_end) prefetch(c_begin);
-
-    for (int c = c_begin; c < c_end; ++c) {
-        // The (local) state entering chunk c.
-        float* Ce = C_enter + (chunk_off + c) * DQK * DV;
-        #pragma unroll
-        for (int nt = 0; nt < 4 * STORE; ++nt) {
-            const int col = cw + nt * 8 + 2 * tq;
-            *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
-            *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
-        }
-        if (writes_n) {
-            n_enter[(chunk_off + c) * DQK + r0] = nacc[0];
-            n_enter[(chunk_off + c) * DQK + r0 + 8] = nacc[2];
-        }
-        if (writes_m) {
-            m_enter[chunk_off + c] = m;
-            P_enter[chunk_off + c] = P;
-        }
-
-        // Every warp: b_t (chunk cumsum), g = b_{L-1}, a_t = g - b_t + i~_t, m' = max(g + m, max_t a_t).
-        float fr[GU], ir[GU], bt[GU], at[GU];
-        prep_gates<L, GU, RAW>(fpre, ipre, c, S, lane, fr, ir);
-        chunk_cumsum<L, GU, RAW>(fr, lane, bt);
-        const float gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
-        float amax = -INFINITY;
-        #pragma unroll
-        for (int u = 0; u < GU; ++u) {
-            at[u] = gc - bt[u] + ir[u];
-            if (lane + 32 * u < L) amax = fmaxf(amax, at[u]);
-        }
-        #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const float m_next = fmaxf(gc + m, amax);
-
-        // The weighted keys w_t k[t][d] (w_t = exp(a_t - m')) in three bf16 terms, and v, into shared
-        // memory. Thread idx takes step t = idx / 8, keys 8 (idx % 8)..; t / 32 is warp-uniform.
-        #pragma unroll
-        for (int u = 0; u < KV; ++u) {
-            const int idx = tid + u * NT;
-            const int t = idx >> 3;
-            float a_t = 0.0f;
-            #pragma unroll
-            for (int uu = 0; uu < GU; ++uu) {
-                const float x = __shfl_sync(0xffffffffu, at[uu], t & 31);
-                if ((t >> 5) == uu) a_t = x;
-            }
-            if (idx < L * 8) {
-                const float w = expf(a_t - m_next);
-                const uint32_t kw[4] = {kpre[u].x, kpre[u].y, kpre[u].z, kpre[u].w};
-                uint32_t p[4][3];
-                #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const float2 kv = unpack_bf16(kw[r]);
-                    split3_pair(w * kv.x, w * kv.y, p[r]);
-                }
-                const int e = (idx & 7) * 8;
-                #pragma unroll
-                for (int q3 = 0; q3 < 3; ++q3)
-                    *reinterpret_cast<uint4*>(&As[q3][t][e]) = make_uint4(p[0][q3], p[1][q3], p[2][q3], p[3][q3]);
-            }
-        }
-        #pragma unroll
-        for (int u = 0; u < VV; ++u) {
-            const int idx = tid + u * NT;
-            if (idx < L * JT / 8) *reinterpret_cast<uint4*>(&vs[idx / (JT / 8)][(idx % (JT / 8)) * 8]) = vpre[u];
-        }
-        if (c + 1 < c_end) prefetch(c + 1);
-        __syncthreads();
-
-        // C and n decay, then C += (w k)^T v and n += (w k)^T 1: A[d][t] = the terms of w_t k[t][d],
-        // B[t][j] = v[t][j]; both read with ldmatrix.trans from the row-major tiles.
-        const float decay = expf(gc + m - m_next);
-        #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
-        }
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) nacc[e] *= decay;
-        #pragma unroll
-        for (int kk = 0; kk < L / 16; ++kk) {
-            uint32_t af[3][4];  // tiles (d 0-7 | 8-15) x (t 0-7 | 8-15) of each term of A
-            #pragma unroll
-            for (int q3 = 0; q3 < 3; ++q3)
-                ldsm_x4t(af[q3], &As[q3][kk * 16 + (ltile >> 1) * 8 + lrow][wr * 16 + (ltile & 1) * 8]);
-            #pragma unroll
-            for (int np = 0; np < 2; ++np) {  // pairs of 8-column tiles
-                uint32_t vf[4];  // (t 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
-                ldsm_x4t(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][wc * 32 + np * 16 + (ltile >> 1) * 8]);
-                #pragma unroll
-                for (int q3 = 0; q3 < 3; ++q3) {
-                    mma_bf16(acc[2 * np], af[q3], vf[0], vf[1]);
-                    mma_bf16(acc[2 * np + 1], af[q3], vf[2], vf[3]);
-                }
-            }
-            if (does_n) {
-                #pragma unroll
-                for (int q3 = 0; q3 < 3; ++q3) mma_bf16(nacc, af[q3], ones, ones);
-            }
-        }
-        m = m_next;
-        P += gc;
-        __syncthreads();  // As and vs are rewritten for the next chunk
-    }
-
-    const size_t fin_off = seg_off * DQK * DV;
-    #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-        const int col = cw + nt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(C_final + fin_off + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<float2*>(C_final + fin_off + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
-    }
-    if (writes_n) {
-        n_final[seg_off * DQK + r0] = nacc[0];
-        n_final[seg_off * DQK + r0 + 8] = nacc[2];
-    }
-    if (writes_m) {
-        m_final[seg_off] = m;
-        P_final[seg_off] = P;
-    }
-"""
-
 # Phase 2. Grid: x = DV/64 tiles of 2L threads (L/16 warps), y = NC chunks, z = B*NH. Warp w
 # owns rows (time steps) 16w..16w+15 of the chunk. sacc holds S = q k^T as mma fragments over
 # the chunk's L columns, nacc the block's 64 value columns of the numerator. The entering
@@ -1073,17 +859,16 @@ def _kernel(which: str, eps: float = 0.0):
     kernel = _kernels.get(key)
     if kernel is None:
         header = _HEADER + _GATES + _ROWS + _LOADS
-        if which in ("states", "states_wide"):
+        if which == "states":
             blocks = os.environ.get("XLSTM_METAL_STATES_MIN_BLOCKS")
-            if blocks and which == "states":
+            if blocks:
                 header = (f"#undef __global__\n#define __global__ __location__(global) "
                           f"__launch_bounds__(128, {int(blocks)})\n") + header
             kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_mlstm_chunk_{which}_{len(_kernels)}",
+                name="xlstm_mlstm_chunk_states" + (f"_b{blocks}" if blocks else ""),
                 input_names=["k", "v", "gi", "gf", "C0", "n0", "m0"],
                 output_names=["C_enter", "n_enter", "m_enter", "P_enter", "C_final", "n_final", "m_final", "P_final"],
-                source=_STATES_WIDE_SOURCE if which == "states_wide" else _STATES_SOURCE, header=header,
-                ensure_row_contiguous=False,
+                source=_STATES_SOURCE, header=header, ensure_row_contiguous=False,
             )
         elif which == "combine":
             kernel = mx.fast.cuda_kernel(
@@ -1194,15 +979,14 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     C0, n0, m0 = state  # read at their strides
-    wide, cols = _states_form(dv)
-    threads = 4 * cols if wide else 128
-    return _kernel("states_wide" if wide else "states")(
+    cols = _states_cols()
+    return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
         template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("STAGE", int(os.environ.get("XLSTM_METAL_STATES_STAGE", "0")) if not wide and cols == 32 else 0),
+                  ("STAGE", int(os.environ.get("XLSTM_METAL_STATES_STAGE", "0")) if cols == 32 else 0),
                   ("STORE", os.environ.get("XLSTM_METAL_STATES_STORE") != "0")],
-        grid=(dv // cols * threads, dqk // _TILE * nseg, B * NH),
-        threadgroup=(threads, 1, 1),
+        grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
+        threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
                        (B, NH, nseg, dqk, dv), (B, NH, nseg, dqk), (B, NH, nseg), (B, NH, nseg)],
         output_dtypes=[mx.float32] * 8,
@@ -1228,18 +1012,10 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
     return h
 
 
-def _states_form(dv: int) -> tuple[bool, int]:
-    """(wide, columns of C per states block): the narrow form (``_STATES_SOURCE``) with 32 or 64
-    columns, or the wide one (``_STATES_WIDE_SOURCE``) with 64 or 128 (the widest that divides DV).
-    ``XLSTM_METAL_STATES_COLS`` = 32 | 64 (narrow) | w64 | w128 (wide) overrides."""
+def _states_cols() -> int:
+    """Columns of C per states block: ``_STATES_COLS``, or ``XLSTM_METAL_STATES_COLS`` (32 or 64)."""
     forced = os.environ.get("XLSTM_METAL_STATES_COLS")
-    if forced in ("32", "64"):
-        return False, int(forced)
-    if forced in ("w64", "w128") and dv % int(forced[1:]) == 0:
-        return True, int(forced[1:])
-    if _STATES_WIDE:
-        return True, 128 if dv % 128 == 0 else 64
-    return False, _STATES_COLS
+    return int(forced) if forced in ("32", "64") else _STATES_COLS
 
 
 def _split_terms(h_dtype: mx.Dtype) -> int:
