@@ -387,9 +387,14 @@ def test_fused_prefill_epilogues_match_ops(monkeypatch, batch, length):
     ref = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
     logits_ref, state_ref = ref.prefill(ids)
     assert _rel(logits, logits_ref) <= 2e-2
-    for a, b in zip(state, state_ref):
-        for x, y in zip(a, b):
-            assert _rel(x, y) <= 2e-2
+    # (C, n) are held scaled by exp(-m): bf16 roundings that differ between the two paths move
+    # the gates' running max m a little (S6R2, H200: C 3-5% apart with m moved), so compare the
+    # states on one scale, each side's (C, n) times exp(its m - the other's m), and m itself.
+    for (C, n, m), (C_ref, n_ref, m_ref) in zip(state, state_ref):
+        assert float(mx.max(mx.abs(m - m_ref))) <= 0.1
+        shift = mx.exp(m - m_ref)
+        assert _rel(C * shift[..., None], C_ref) <= 2e-2
+        assert _rel(n * shift, n_ref) <= 2e-2
 
 
 def test_fused_decode_path_is_the_reference_off_cuda():
