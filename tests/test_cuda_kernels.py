@@ -172,6 +172,42 @@ def _seq_inputs(seed, B, NH, S, DQK, DV, gate_scale=3.0, with_state=True):
     return q, k, v, i, f, state
 
 
+def _float64_outputs(q, k, v, i, f, state, eps=1e-6):
+    """h of the recurrent form in float64 (numpy; the chunkwise kernels compute the same function)
+    and, per element, what float32 round-off allows: 2e-5 of the largest h, plus, where q.n
+    cancels in a row's denominator, 3e-6 (50 float32 ulps) of h times the cancellation
+    sum_d |q_d n_d| / den (the tests' inputs have rows with 300x at the largest h; the float32
+    ops reference uses 3-13% of this allowance on them; h off by 1e-3 everywhere fails 2-7x).
+    Returns (h64 [B, NH, S, DV], allowance [B, NH, S, DV])."""
+    q, k, v, i, f = (np.array(x.astype(mx.float32), dtype=np.float64) for x in (q, k, v, i, f))
+    B, NH, S, D = q.shape
+    if state is None:
+        C, n, m = np.zeros((B, NH, D, v.shape[-1])), np.zeros((B, NH, D)), np.zeros((B, NH, 1))
+    else:
+        C, n, m = (np.array(x, dtype=np.float64) for x in state)
+    log_f = -np.logaddexp(0.0, -f)
+    h = np.zeros(v.shape)
+    cond = np.zeros((B, NH, S))
+    for t in range(S):
+        m_new = np.maximum(log_f[:, :, t : t + 1] + m, i[:, :, t : t + 1])
+        decay, write = np.exp(log_f[:, :, t : t + 1] + m - m_new), np.exp(i[:, :, t : t + 1] - m_new)
+        C = decay[..., None] * C + write[..., None] * (k[:, :, t, :, None] * v[:, :, t, None, :])
+        n = decay * n + write * k[:, :, t]
+        qs = q[:, :, t] * D**-0.5
+        qn = np.sum(qs * n, axis=-1)
+        den = np.maximum(np.abs(qn), np.exp(-m_new[..., 0])) + eps
+        h[:, :, t] = np.einsum("bhd,bhdj->bhj", qs, C) / den[..., None]
+        cond[:, :, t] = np.sum(np.abs(qs * n), axis=-1) / den
+        m = m_new
+    allowance = 2e-5 * np.max(np.abs(h)) + 3e-6 * (1.0 + cond[..., None]) * np.abs(h)
+    return h, allowance
+
+
+def _check_float64(h, h64, allowance):
+    err = np.abs(np.array(h.astype(mx.float32), dtype=np.float64) - h64)
+    assert np.all(err <= allowance), float(np.max(err / allowance))
+
+
 def _fused_f32(q, k, v, i, f, state, chunk):
     """The fused kernels with h written in float32, so every bit of the math is compared."""
     return _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32)
@@ -201,19 +237,18 @@ def test_fused_chunkwise_matches_reference(B, NH, S, DQK, DV, chunk, with_state)
                                                     (77, 16, 1, "bfloat16")])
 def test_fused_chunkwise_states_forms_match_reference(form, S, chunk, segments, gates, monkeypatch):
     """Each form of the states kernel (32 columns of C per block with its C stores staged per warp
-    through shared memory, the default; "s0": without; 64 columns) at the 7B head sizes
-    against the float32 reference: the states to 1e-5, h (float32) to 2e-5 or, where the float32
-    reference itself is that uncertain (rows whose denominator nearly cancels), to twice its
-    spread between chunk sizes."""
+    through shared memory, the default; "s0": without; 64 columns) at the 7B head sizes: the
+    states to 1e-5 of the float32 reference, h (float32) to the float64 result within float32
+    round-off (:func:`_float64_outputs`)."""
     monkeypatch.setenv("XLSTM_METAL_STATES_COLS", form[:2] if form[-2] == "s" else form)
     monkeypatch.setenv("XLSTM_METAL_STATES_STAGE", form[-1] if form[-2] == "s" else "1")
     q, k, v, i, f, state = _seq_inputs(S + 256, 1, 2, S, 256, 512)
     i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
-    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
-    ref = mlstm_chunkwise(q32, k32, v32, i, f, state, chunk_size=64)
-    spread = _rel(mlstm_chunkwise(q32, k32, v32, i, f, state, chunk_size=16)[0], ref[0])
+    ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
+                          state, chunk_size=64)
     (h, s), (h_ref, s_ref) = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, segments), ref
-    assert h.shape == h_ref.shape and _rel(h, h_ref) <= max(2e-5, 2 * spread), (_rel(h, h_ref), spread)
+    assert h.shape == h_ref.shape
+    _check_float64(h, *_float64_outputs(q, k, v, i, f, state))
     for x, y in zip(s, s_ref):
         assert x.shape == y.shape and _rel(x, y) <= 1e-5, _rel(x, y)
 
@@ -229,12 +264,17 @@ def test_fused_chunkwise_segments_match_reference(S, chunk, segments, with_state
     ref = mlstm_chunkwise(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f,
                           state, chunk_size=64)
     (h, s), (h_ref, s_ref) = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, segments), ref
-    assert h.shape == h_ref.shape and _rel(h, h_ref) <= 2e-5, _rel(h, h_ref)
+    # h to the float64 result within float32 round-off: these inputs have rows whose denominator
+    # cancels 300x at the largest h, where 2e-5 of the float32 reference was luck (S6R2: 2.0e-4
+    # at 130 steps; the float32 ops reference itself is 4.3e-5 from float64 there).
+    h64, allowance = _float64_outputs(q, k, v, i, f, state)
+    assert h.shape == h_ref.shape
+    _check_float64(h, h64, allowance)
     for x, y in zip(s, s_ref):
         assert x.shape == y.shape and _rel(x, y) <= 1e-5, _rel(x, y)
     # One segment (every block walks all chunks) gives the same result to round-off.
     h1, s1 = _launch(q, k, v, i, f, state, 1e-6, chunk, mx.float32, mx.float32, 1)
-    assert _rel(h, h1) <= 2e-5
+    _check_float64(h1, h64, allowance)
     for x, y in zip(s, s1):
         assert _rel(x, y) <= 1e-5
 
