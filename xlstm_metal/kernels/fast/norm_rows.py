@@ -1,4 +1,4 @@
-"""The norms of a prompt's rows (prefill) as CUDA kernels with 16-byte loads and stores, each
+"""The norms of a prompt's rows (prefill) as CUDA kernels with vector (8- and 16-byte) accesses, each
 bit-identical to its decode kernel in :mod:`.decode` (which dispatches here for prompts):
 
 - :func:`norm_gate_rows`: the multi-head LayerNorm and output gate, one warp per (token, head).
@@ -21,7 +21,7 @@ import os
 
 import mlx.core as mx
 
-_SOURCE = """
+_NORM_GATE_SOURCE = """
     // Row = (b * S + t) * NH + hd: warp w of the block takes one.
     constexpr int GROUPS = DV / 256;  // 8-value groups per lane
     const int S = h_shape[2];
@@ -81,7 +81,7 @@ _SOURCE = """
     }
 """
 
-_HEADER = """
+_NORM_GATE_HEADER = """
 // The sum of a row of 256-column groups held as 8 consecutive columns per lane (column
 // j = 8 lane + e of each group, the groups already summed per lane), added in the order of the
 // decode kernel's block sum (256 threads, thread j holding column j: a butterfly over j's bits
@@ -144,8 +144,8 @@ def norm_gate_rows(h: mx.array, o_preact: mx.array, weight: mx.array, eps: float
             name=f"xlstm_output_norm_gate_rows_{len(_kernels)}",
             input_names=["h", "o", "w"],
             output_names=["out"],
-            source=_SOURCE.replace("EPS", f"{float(eps)!r}f"),
-            header=_HEADER,
+            source=_NORM_GATE_SOURCE.replace("EPS", f"{float(eps)!r}f"),
+            header=_NORM_GATE_HEADER,
             ensure_row_contiguous=False,
         )
         _kernels[("gate", eps)] = kernel
