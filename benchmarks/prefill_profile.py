@@ -163,7 +163,7 @@ class _settings:
 def _describe(variant: tuple) -> dict:
     segments, split, cols, chain, rows = variant
     return {"segments": segments or "default", "split_terms": split or "default", "states_cols": cols or "default",
-            "chained_blocks": bool(chain), "norm_gate_rows": bool(rows)}
+            "chained_blocks": bool(chain), "norm_rows": bool(rows)}
 
 
 def _apply(env: dict) -> None:
