@@ -117,6 +117,17 @@ def test_step_gated_zero_state_and_compile():
     _check(fn(*args), ref, 1e-5, 1e-5)
 
 
+def _assert_gated_matches(args, state):
+    """The gated step kernel against the float32 reference (state, to 1e-5) and h against the
+    float64 result (within 1e-5, or twice the float32 reference's own error)."""
+    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=15.0), _reference_gated(*args, state, 15.0)
+    for x, y in zip(s, s_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype and _rel(x, y) <= 1e-5, _rel(x, y)
+    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+    h64 = _h_float64(*args, state, 15.0)
+    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
+
+
 @cuda
 @pytest.mark.parametrize("B,NH,DQK,DV", [
     (1, 8, 256, 512),  # the 7B heads at batch 1: layout 2's narrow tile (16 columns per block)
@@ -130,12 +141,7 @@ def test_step_gated_zero_state_and_compile():
 def test_step_gated_launch_shapes(step_layout, B, NH, DQK, DV):
     # Every tile the launch picks, against the float32 reference (state) and float64 (h).
     args, state = _gate_inputs(B + NH + DQK + DV, B=B, NH=NH, DQK=DQK, DV=DV)
-    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=15.0), _reference_gated(*args, state, 15.0)
-    for x, y in zip(s, s_ref):
-        assert x.shape == y.shape and x.dtype == y.dtype and _rel(x, y) <= 1e-5, _rel(x, y)
-    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
-    h64 = _h_float64(*args, state, 15.0)
-    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
+    _assert_gated_matches(args, state)
 
 
 @cuda
@@ -173,12 +179,7 @@ def test_step_gated_row_tiles(monkeypatch, B, NH, DQK, DV, rows, rb):
     monkeypatch.setattr(decode, "_V3_RB", rb)
     assert decode._v3_rows(DQK, DV) == rows
     args, state = _gate_inputs(B * DQK + DV + rows, B=B, NH=NH, DQK=DQK, DV=DV)
-    (h, s), (h_ref, s_ref) = mlstm_step_gated(*args, state, gate_soft_cap=15.0), _reference_gated(*args, state, 15.0)
-    for x, y in zip(s, s_ref):
-        assert x.shape == y.shape and x.dtype == y.dtype and _rel(x, y) <= 1e-5, _rel(x, y)
-    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
-    h64 = _h_float64(*args, state, 15.0)
-    assert _err64(h, h64) <= max(1e-5, 2 * _err64(h_ref, h64)), (_err64(h, h64), _err64(h_ref, h64))
+    _assert_gated_matches(args, state)
 
 
 @cuda
