@@ -274,3 +274,36 @@ def test_cli_quantized_bench(tiny_config_file, capsys):
     assert main(["bench", "--config", str(tiny_config_file), "--q-group-size", "128"]) == 2
     with pytest.raises(SystemExit):
         main(["bench", "--config", str(tiny_config_file), "--q-bits", "7"])
+
+
+def test_report_decode_targets_take_the_newest_default_path_run(tmp_path, monkeypatch):
+    """The H200 bf16 decode targets: the side-by-side figure, or the default path's figure in the
+    newest benchmarks/fused_decode.py file of each kind when that is faster (named in the cell);
+    other settings in those files (the chain off, other step kernels) never count."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rows = [{"side": "ours", "variant": "chunkwise_fused/64, fused, compiled step", "kind": "decode", "batch": b,
+             "length": 64, "tok_s": t, "ms_per_step": 1.0, "peak_mem_gb": 14.0} for b, t in ((1, 190.0), (64, 6500.0))]
+    (tmp_path / "h200.json").write_text(json.dumps(
+        {"preset": "h200", "preset_config": {"shape": "7b", "dtype": "bfloat16"}, "command": "x", "date": "d",
+         "host": {}, "records": rows, "best": rows}))
+
+    def records(path, *recs):
+        path.write_text("\n".join(json.dumps({"kind": "decode", "q_bits": None, "batch": b, "setting": s,
+                                              "tok_s": t}) for b, s, t in recs) + "\n")
+
+    records(tmp_path / "h200_qdecode_s1.jsonl", (1, "fused decode kernels", 250.0))  # older file: ignored
+    records(tmp_path / "h200_qdecode_s2.jsonl", (1, "fused decode kernels", 207.5),
+            (1, "fused decode kernels, chain off", 260.0))
+    records(tmp_path / "h200_fused_decode_step_s2.jsonl", (64, "fused decode kernels, step kernel 2", 6400.0),
+            (64, "fused decode kernels, step kernel 3", 9000.0))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    text = report.render()
+    assert ("| H200 decode, batch 1 (issue 19) | >= 280.0 tok/s | 207.50 tok/s (190.00 tok/s beside the official; "
+            "newest default path `h200_qdecode_s2.jsonl`, without the official) | not met: 1.35x short |") in text
+    assert "| H200 decode, batch 64 | >= 7,500.0 tok/s | 6,500.00 tok/s | not met: 1.15x short |" in text
