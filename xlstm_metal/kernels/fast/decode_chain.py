@@ -322,7 +322,7 @@ def _fast(dtype: mx.Dtype, arrays, k: int) -> bool:
     """Whether the decode kernel takes inputs of ``dtype`` and inner size ``k``."""
     w, scales, biases, group_size, bits = arrays
     if bits == 16:
-        return scales.dtype == dtype and scales.shape[1] == k
+        return w.dtype == dtype and w.shape[1] == k
     return kernel_takes(_Probe(dtype, k), w, scales, biases, group_size, bits)
 
 
@@ -330,7 +330,7 @@ def _product(x: mx.array, arrays) -> mx.array:
     """The reference product x @ W.T for :func:`quantized_arrays`'s tuple."""
     w, scales, biases, group_size, bits = arrays
     if bits == 16:
-        return x @ scales.T
+        return x @ w.T
     return quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
 
 
