@@ -10,8 +10,8 @@ Records (one JSON object per line):
   ``x @ Wt`` (a transposed copy [K, N]); ms per block and GB/s of weights read.
 - ``step``: the compiled greedy step of the whole model (as ``xlstm-metal bench``) and a compiled
   chain of only the blocks' four matmuls (as the model computes them: MLX's matmul, and the skinny
-  kernel of xlstm_metal/kernels/fast/skinny.py for 2-64 rows on CUDA, k unsplit and split for 264
-  blocks, its default), ms per step. ``--only-chain`` measures the chain and nothing else.
+  kernels for 2-64 rows on CUDA: xlstm_metal/kernels/fast/skinny.py's, k unsplit and split for 264
+  blocks, and skinny_wgmma.py's; ``--chains`` picks them), ms per step. ``--only-chain`` measures the chain and nothing else.
 - ``breakdown`` (``--breakdown``, in place of the above): in one process, the whole compiled step,
   the chain of the 128 products (MLX's matmul), the LM head's product alone, the gated step kernel
   of every block alone (benchmarks/step_kernel.py: each layer's own state) and what is left of
@@ -34,6 +34,7 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels.fast import skinny  # noqa: E402
+from xlstm_metal.kernels.fast import skinny_wgmma as wg  # noqa: E402
 from xlstm_metal.kernels.fast.skinny import linear_product, set_skinny_gemm  # noqa: E402
 from xlstm_metal.kernels.fast import decode  # noqa: E402
 from step_kernel import make_steps  # noqa: E402  (benchmarks/, the script's own folder)
@@ -79,6 +80,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--only-chain", action="store_true", help="only the compiled chain of products")
+    p.add_argument("--chains", default="mlx;skinny, k not split;skinny, k split for 264 blocks",
+                   help="the chains of products to time (names separated by ';': mlx, 'skinny, k not split', "
+                        "'skinny, k split for 264 blocks', wgmma, 'wgmma, k not split', 'wgmma, k split for 528 blocks')")
     p.add_argument("--breakdown", action="store_true",
                    help="only where a step's time goes: whole step, products, LM head, step kernels, the rest")
     p.add_argument("--out", default=None)
@@ -133,17 +137,22 @@ def main() -> None:
             return products_chain(blocks, x)
 
         x = mx.random.normal((B, 1, E)).astype(getattr(mx, dtype))
-        default_on, target = skinny.skinny_gemm_enabled(), skinny.TARGET_BLOCKS
-        for name, skinny_on, target_blocks in (("mlx", False, target), ("skinny, k not split", True, 0),
-                                               ("skinny, k split for 264 blocks", True, 264)):
-            set_skinny_gemm(skinny_on)
-            skinny.TARGET_BLOCKS = target_blocks
+        default_kernel, target, wg_target = skinny.skinny_gemm_kernel(), skinny.TARGET_BLOCKS, wg.TARGET_BLOCKS
+        chains = {"mlx": ("off", target, wg_target), "skinny, k not split": ("mma", 0, wg_target),
+                  "skinny, k split for 264 blocks": ("mma", 264, wg_target),
+                  "wgmma": ("wgmma", target, wg_target), "wgmma, k not split": ("wgmma", target, 0),
+                  "wgmma, k split for 528 blocks": ("wgmma", target, 528)}
+        for name in args.chains.split(";"):
+            if name not in chains:
+                p.error(f"unknown chain {name!r}; known: {list(chains)}")
+            kernel, skinny.TARGET_BLOCKS, wg.TARGET_BLOCKS = chains[name]
+            set_skinny_gemm(kernel)
             chain_c = mx.compile(chain)  # traced afresh: the dispatch is decided at trace time
             ms = 1000 * bm.median_seconds(lambda: chain_c(x), args.repeats)
             emit({"kind": "step", "batch": B, "what": "matmul chain only (4 per block)", "products": name,
                   "ms": ms, "gb_s": sum(sum(w.nbytes for w in ws) for ws in kinds.values()) / (ms / 1000) / 1e9})
-        set_skinny_gemm(default_on)
-        skinny.TARGET_BLOCKS = target
+        set_skinny_gemm(default_kernel)
+        skinny.TARGET_BLOCKS, wg.TARGET_BLOCKS = target, wg_target
         if args.only_chain:
             continue
 

@@ -7,7 +7,8 @@ off, on the same model in one process (on an NVIDIA GPU; elsewhere both settings
 For each measurement the settings alternate (over ``--rounds``), each with a freshly compiled
 step / prefill trace: decode with the kernels on (MLX's matmul for the products, the default);
 with the skinny product (xlstm_metal/kernels/fast/skinny.py, 2-64 rows; off by default) too
-(``--no-skinny`` leaves it out); with each layout of the gated step kernel (``--step-kernels 2,1``);
+(``--no-skinny`` leaves it out; ``--skinny-kernels mma,wgmma``: each kernel, the second
+skinny_wgmma.py's); with each layout of the gated step kernel (``--step-kernels 2,1``);
 with the quantized decode chain (xlstm_metal/kernels/fast/decode_chain.py) off, and on with other
 numbers of thread blocks per kernel, and with MLX's matmul for float (bf16) products
 (``--chain``); and with all of them off (``--no-off`` leaves that out; ``--settings`` picks
@@ -78,7 +79,9 @@ def main() -> None:
     p.add_argument("--step-kernels", default=None,
                    help="decode with the kernels on once per layout of the gated step kernel (e.g. '2,1'; "
                         "decode.set_step_kernel_version), in place of the default layout alone")
-    p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product setting")
+    p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product settings")
+    p.add_argument("--skinny-kernels", default="mma", choices=("mma", "wgmma", "mma,wgmma", "wgmma,mma"),
+                   help="one skinny-product setting per kernel (skinny.py's mma.sync, skinny_wgmma.py's wgmma)")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -117,7 +120,7 @@ def main() -> None:
             out.flush()
 
     queue_layers = xlarge._queue_layers
-    skinny_default = skinny.skinny_gemm_enabled()
+    skinny_default = skinny.skinny_gemm_kernel()
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
@@ -126,24 +129,25 @@ def main() -> None:
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
     # (False: float products by MLX's matmul, the chain only where the products are quantized))
     if args.step_kernels:
-        fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, False, int(v), True)
+        fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, skinny_default, int(v), True)
                  for v in args.step_kernels.split(",")]
     else:
-        fused = [("fused decode kernels", True, True, residual, False, step_default, True)]
+        fused = [("fused decode kernels", True, True, residual, skinny_default, step_default, True)]
     if args.chain:
-        fused += [("fused decode kernels, chain off", True, True, residual, False, step_default, False),
-                  ("fused decode kernels, chain, 264 blocks", True, True, residual, False, step_default,
+        fused += [("fused decode kernels, chain off", True, True, residual, skinny_default, step_default, False),
+                  ("fused decode kernels, chain, 264 blocks", True, True, residual, skinny_default, step_default,
                    {"blocks": 264}),
-                  ("fused decode kernels, chain, 132 blocks", True, True, residual, False, step_default, {"blocks": 132}),
-                  ("fused decode kernels, chain, 528 blocks", True, True, residual, False, step_default, {"blocks": 528}),
-                  ("fused decode kernels, chain, MLX's float products", True, True, residual, False, step_default,
+                  ("fused decode kernels, chain, 132 blocks", True, True, residual, skinny_default, step_default, {"blocks": 132}),
+                  ("fused decode kernels, chain, 528 blocks", True, True, residual, skinny_default, step_default, {"blocks": 528}),
+                  ("fused decode kernels, chain, MLX's float products", True, True, residual, skinny_default, step_default,
                    {"float": False})]
+    skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product"}
     settings = {"decode": fused + ([] if args.no_skinny else
-                                   [("fused decode kernels + skinny product", True, True, residual, True, step_default,
-                                     True)])
+                                   [(skinny_names[k], True, True, residual, k, step_default, True)
+                                    for k in args.skinny_kernels.split(",")])
                 + ([] if args.no_off else [("off", False, True, residual, False, step_default, False)]),
-                "prefill": [("fused kernels, layers queued", True, True, residual, False, step_default, True),
-                            ("fused kernels, layer by layer", True, False, residual, False, step_default, True),
+                "prefill": [("fused kernels, layers queued", True, True, residual, skinny_default, step_default, True),
+                            ("fused kernels, layer by layer", True, False, residual, skinny_default, step_default, True),
                             ("off", False, False, residual, False, step_default, True)]}
     if args.bf16_residual:
         settings["decode"].append(("fused decode kernels, residual in the weights' dtype", True, True, None, False,

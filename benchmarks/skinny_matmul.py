@@ -9,6 +9,13 @@ head alone; per row count: MLX's ``x @ W.T`` and the kernel with its default lau
 the ``--configs`` given. Records (one JSON object per line): ms per weight, GB/s of weights read,
 and the kernel's largest error relative to the float32 product of the same bf16 operands
 (``rel_err``; MLX's own in ``rel_err`` of the ``mlx`` rows).
+
+``--kernels mma,wgmma`` picks the kernels (``mma``: skinny.py's ``mma.sync`` kernel with its
+``--configs``; ``wgmma``: xlstm_metal/kernels/fast/skinny_wgmma.py with its ``--wgmma-configs``,
+``tm,stages[,splits]``). Every method is timed as one compiled function returning all blocks'
+products (one evaluation, the launches encoded without Python in between). ``--floor`` adds, per
+product, a read-only streaming kernel over the same weights (16-byte loads, each block summing
+what it read into one float): the rate a product could reach if reading the weights were all.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +33,8 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.kernels.fast import skinny_wgmma as wg  # noqa: E402
+from xlstm_metal.kernels.fast.step import cuda_available  # noqa: E402
 from xlstm_metal.kernels.fast.skinny import (  # noqa: E402
     SkinnyConfig,
     default_config,
@@ -32,6 +42,46 @@ from xlstm_metal.kernels.fast.skinny import (  # noqa: E402
     skinny_matmul,
     skinny_supported,
 )
+
+_READ_SOURCE = """
+    // Read w (any dtype, as 16-byte pieces) once, grid-stride, 4 pieces in flight per thread;
+    // each block writes the sum of what it read (so nothing is optimised away).
+    const size_t n16 = (size_t)w_shape[0] * w_shape[1] * sizeof(w[0]) / 16;  // 2-D w
+    const uint4* src = reinterpret_cast<const uint4*>(w);
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    uint32_t acc = 0;
+    for (; i + 3 * stride < n16; i += 4 * stride) {
+      uint4 a = src[i], b = src[i + stride], c = src[i + 2 * stride], d = src[i + 3 * stride];
+      acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+    }
+    for (; i < n16; i += stride) { uint4 a = src[i]; acc ^= a.x ^ a.y ^ a.z ^ a.w; }
+    __shared__ uint32_t red[32];
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffff, acc, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int j = 1; j < (int)(blockDim.x >> 5); ++j) acc ^= red[j];
+      out[blockIdx.x] = acc;
+    }
+"""
+_read_kernel_cache: list = []
+
+
+def read_weights(w: mx.array, blocks: int = 132 * 8) -> mx.array:
+    """A read-only pass over ``w`` (the streaming floor of a product over it)."""
+    if not _read_kernel_cache:
+        _read_kernel_cache.append(mx.fast.cuda_kernel(
+            name="xlstm_bench_read_weights", input_names=["w"], output_names=["out"], source=_READ_SOURCE))
+    (out,) = _read_kernel_cache[0](inputs=[w], grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),
+                                   output_shapes=[(blocks,)], output_dtypes=[mx.uint32])
+    return out
+
+
+def parse_wgmma_config(text: str) -> tuple[wg.WgmmaConfig, int | None]:
+    """``tm,stages[,splits]``, e.g. ``2,4`` or ``1,6,4``."""
+    vals = [int(v) for v in text.split(",")]
+    return wg.WgmmaConfig(tm=vals[0], stages=vals[1]), (vals[2] if len(vals) > 2 else None)
 
 
 def parse_config(text: str) -> SkinnyConfig:
@@ -58,16 +108,24 @@ def main() -> None:
     p.add_argument("--kinds", default="", help="products to time (default: all)")
     p.add_argument("--no-split-too", action="store_true",
                    help="where the default launch splits k across blocks, time it unsplit too")
+    p.add_argument("--kernels", default="mma", help="kernels to time beside MLX's matmul: mma, wgmma")
+    p.add_argument("--wgmma-configs", default="",
+                   help="extra wgmma launch shapes, 'tm,stages[,splits]' separated by ';'")
+    p.add_argument("--floor", action="store_true", help="also a read-only streaming kernel over the weights")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--deadline", type=float, default=None, help="seconds from the start: skip what begins later")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    start = time.perf_counter()
     config = bm.shape_config(args.shape)
     dtype = getattr(mx, args.dtype)
     extra = [parse_config(c) for c in args.configs.split(";") if c.strip()]
+    wg_extra = [parse_wgmma_config(c) for c in args.wgmma_configs.split(";") if c.strip()]
+    kernels = set(filter(None, args.kernels.split(",")))
     shapes = layer_shapes(config)
     if args.kinds:
         shapes = {k: shapes[k] for k in args.kinds.split(",")}
-    out = open(args.out, "w") if args.out else None
+    out = open(args.out, "a") if args.out else None
 
     def emit(record: dict) -> None:
         line = json.dumps({"shape": args.shape, "dtype": args.dtype, **record})
@@ -76,11 +134,28 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
+    def late() -> bool:
+        return args.deadline is not None and time.perf_counter() - start > args.deadline
+
     for kind, (N, K, count) in shapes.items():
+        if late():
+            break
         weights = [mx.random.normal((N, K), key=mx.random.key(i), dtype=dtype) * (K ** -0.5) for i in range(count)]
         mx.eval(weights)
         nbytes = sum(w.nbytes for w in weights)
+
+        def timed(product, x: mx.array) -> float:
+            """ms per block's product: all blocks' products as one compiled function."""
+            f = mx.compile(lambda x, *ws: [product(x, w) for w in ws])
+            return 1000 * bm.median_seconds(lambda: f(x, *weights), args.repeats) / count
+
+        if args.floor and cuda_available():  # a CUDA kernel
+            ms = timed(lambda x, w: read_weights(w), mx.zeros((1,)))
+            emit({"kind": kind, "rows": 0, "N": N, "K": K, "method": "read floor", "ms": ms,
+                  "gb_s": nbytes / count / (ms / 1000) / 1e9})
         for M in map(int, args.rows.split(",")):
+            if late():
+                break
             x = mx.random.normal((M, K), key=mx.random.key(1000 + M), dtype=dtype)
             ref = x.astype(mx.float32) @ weights[0].astype(mx.float32).T
             scale = mx.max(mx.abs(ref))
@@ -88,23 +163,33 @@ def main() -> None:
             def rel_err(y) -> float:
                 return (mx.max(mx.abs(y.astype(mx.float32) - ref)) / scale).item()
 
-            ms = 1000 * bm.median_seconds(lambda: [x @ w.T for w in weights], args.repeats) / count
-            emit({"kind": kind, "rows": M, "N": N, "K": K, "method": "mlx", "ms": ms,
-                  "gb_s": nbytes / count / (ms / 1000) / 1e9, "rel_err": rel_err(x @ weights[0].T)})
+            def record(method: str, ms: float, err: float, **extra_fields) -> None:
+                emit({"kind": kind, "rows": M, "N": N, "K": K, "method": method, **extra_fields, "ms": ms,
+                      "gb_s": nbytes / count / (ms / 1000) / 1e9, "rel_err": err})
+
+            record("mlx", timed(lambda x, w: x @ w.T, x), rel_err(x @ weights[0].T))
             if not skinny_supported(x, weights[0]):
                 continue
-            default = default_config(M, N)
-            runs = [(default, None)] + [(c, None) for c in extra if c != default]
-            if args.no_split_too and k_splits(N, K, default) > 1:
-                runs.append((default, 1))
-            for i, (cfg, splits) in enumerate(runs):
-                ms = 1000 * bm.median_seconds(lambda: [skinny_matmul(x, w, cfg, splits) for w in weights],
-                                              args.repeats) / count
-                emit({"kind": kind, "rows": M, "N": N, "K": K, "method": "skinny" + ("" if i else " (default)"),
-                      "config": [cfg.tm, cfg.w, cfg.u, cfg.stages],
-                      "k_splits": k_splits(N, K, cfg, splits), "ms": ms,
-                      "gb_s": nbytes / count / (ms / 1000) / 1e9,
-                      "rel_err": rel_err(skinny_matmul(x, weights[0], cfg, splits))})
+            if "mma" in kernels:
+                default = default_config(M, N)
+                runs = [(default, None)] + [(c, None) for c in extra if c != default]
+                if args.no_split_too and k_splits(N, K, default) > 1:
+                    runs.append((default, 1))
+                for i, (cfg, splits) in enumerate(runs):
+                    record("skinny" + ("" if i else " (default)"),
+                           timed(lambda x, w, c=cfg, s=splits: skinny_matmul(x, w, c, s), x),
+                           rel_err(skinny_matmul(x, weights[0], cfg, splits)),
+                           config=[cfg.tm, cfg.w, cfg.u, cfg.stages], k_splits=k_splits(N, K, cfg, splits))
+            if "wgmma" in kernels:
+                default = wg.default_config(M, N)
+                runs = [(default, None)] + [r for r in wg_extra if r != (default, None)]
+                for i, (cfg, splits) in enumerate(runs):
+                    if late():
+                        break
+                    record("wgmma" + ("" if i else " (default)"),
+                           timed(lambda x, w, c=cfg, s=splits: wg.wgmma_matmul(x, w, c, s), x),
+                           rel_err(wg.wgmma_matmul(x, weights[0], cfg, splits)),
+                           config=[cfg.tm, cfg.stages], k_splits=wg.k_splits(N, K, cfg, splits))
         del weights
         mx.clear_cache()
 

@@ -52,3 +52,23 @@ def test_decode_profile_breakdown(tmp_path):
     assert all(ms[k] > 0 for k in ("whole_step", "products", "lm_head", "step_kernels"))
     assert abs(ms["whole_step"] - ms["products"] - ms["lm_head"] - ms["step_kernels"] - ms["rest"]) < 1e-9
     assert abs(r["tok_s"] - 2000 / ms["whole_step"]) < 1e-6
+
+
+def test_decode_profile_chains(tmp_path):
+    # Off CUDA every chain is MLX's matmul (the kernels need CUDA): the records, not the speeds.
+    records = _run(tmp_path, "decode_profile.py", "--batches", "2", "--repeats", "1", "--only-chain",
+                   "--chains", "mlx;wgmma;wgmma, k not split")
+    assert [r["products"] for r in records] == ["mlx", "wgmma", "wgmma, k not split"]
+    assert all(r["batch"] == 2 and r["ms"] > 0 and r["gb_s"] > 0 for r in records)
+
+
+def test_skinny_matmul_script_records(tmp_path):
+    records = _run(tmp_path, "skinny_matmul.py", "--rows", "2,5", "--kernels", "mma,wgmma", "--floor",
+                   "--repeats", "1", "--kinds", "out_proj,lm_head")
+    # Off CUDA only MLX's product runs (the kernels and the read floor need CUDA).
+    assert [(r["kind"], r["rows"], r["method"]) for r in records] == [
+        ("out_proj", 2, "mlx"), ("out_proj", 5, "mlx"), ("lm_head", 2, "mlx"), ("lm_head", 5, "mlx")]
+    for r in records:
+        # bf16 operands: MLX rounds the product to bf16, the reference keeps float32.
+        assert r["ms"] > 0 and r["gb_s"] > 0 and 0 < r["rel_err"] <= 4e-3
+        assert (r["N"], r["K"]) == ((64, 64) if r["kind"] == "out_proj" else (97, 64))

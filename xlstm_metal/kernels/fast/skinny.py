@@ -56,18 +56,40 @@ MAX_ROWS = 64
 #: the 7B shape, H200), which cuBLASLt does not serve.
 MIN_ROWS = 2
 
-_enabled = os.environ.get("XLSTM_METAL_SKINNY_GEMM", "0") == "1"
+#: The products :func:`linear_product` can run for 2-64 rows on CUDA: MLX's matmul ("off"), this
+#: module's ``mma.sync`` kernel ("mma") or the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`.
+KERNELS = ("off", "mma", "wgmma")
+
+
+def _parse_choice(value) -> str:
+    if value is True or value in ("1", "mma"):
+        return "mma"
+    if value is False or value in ("", "0", "off"):
+        return "off"
+    if value == "wgmma":
+        return "wgmma"
+    raise ValueError(f"skinny product {value!r}: one of {', '.join(KERNELS)} (or True / False)")
+
+
+_choice = _parse_choice(os.environ.get("XLSTM_METAL_SKINNY_GEMM", "0"))
 
 
 def skinny_gemm_enabled() -> bool:
-    """Whether :func:`linear_product` uses the kernel (default off; ``XLSTM_METAL_SKINNY_GEMM=1`` on)."""
-    return _enabled
+    """Whether :func:`linear_product` uses a kernel of its own (default off;
+    ``XLSTM_METAL_SKINNY_GEMM=1`` or ``mma``: the ``mma.sync`` kernel, ``wgmma``: the Hopper one)."""
+    return _choice != "off"
 
 
-def set_skinny_gemm(enabled: bool) -> None:
-    """Switch the kernel on or off for products traced from now on (compiled steps keep theirs)."""
-    global _enabled
-    _enabled = bool(enabled)
+def skinny_gemm_kernel() -> str:
+    """The product :func:`linear_product` runs for decode-sized inputs: one of :data:`KERNELS`."""
+    return _choice
+
+
+def set_skinny_gemm(enabled: bool | str) -> None:
+    """Select the product for products traced from now on (compiled steps keep theirs): True or
+    "mma" (this module's kernel), "wgmma" (:mod:`.skinny_wgmma`), False or "off" (MLX's matmul)."""
+    global _choice
+    _choice = _parse_choice(enabled)
 
 
 @dataclass(frozen=True)
@@ -310,10 +332,18 @@ def skinny_matmul(x: mx.array, w: mx.array, config: SkinnyConfig | None = None, 
         output_dtypes=[x.dtype if splits == 1 else mx.float32],
     )
     if splits > 1:
-        (y,) = _reduce_kernel()(
-            inputs=[y], template=[("T", x.dtype)], grid=(M * N, 1, 1), threadgroup=(256, 1, 1),
-            output_shapes=[(M, N)], output_dtypes=[x.dtype])
+        y = reduce_splits(y, x.dtype)
     return y.reshape(*lead, N)
+
+
+def reduce_splits(part: mx.array, dtype) -> mx.array:
+    """part [S, M, N] float32 (the k splits' partial sums) -> [M, N] of ``dtype``: added in float32,
+    rounded once (CUDA)."""
+    _, M, N = part.shape
+    (y,) = _reduce_kernel()(
+        inputs=[part], template=[("T", dtype)], grid=(M * N, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(M, N)], output_dtypes=[dtype])
+    return y
 
 
 @mx.custom_function
@@ -321,24 +351,37 @@ def _skinny_product(x: mx.array, w: mx.array) -> mx.array:
     return skinny_matmul(x, w)
 
 
-@_skinny_product.vjp
-def _skinny_product_vjp(primals, cotangent, output):
+def _plain_products_vjp(primals, cotangent, output):
+    # The gradients of x @ w.T, as MLX's matmuls (the kernels' gradient).
     x, w = primals
     K, N = w.shape[1], w.shape[0]
     return cotangent @ w, (cotangent.reshape(-1, N).T @ x.reshape(-1, K)).astype(w.dtype)
 
 
+_skinny_product.vjp(_plain_products_vjp)
+
+
+@mx.custom_function
+def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
+    from .skinny_wgmma import wgmma_matmul
+
+    return wgmma_matmul(x, w)
+
+
+_wgmma_product.vjp(_plain_products_vjp)
+
+
 def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
-    """Whether :func:`linear_product` runs the kernel for these operands."""
-    return _enabled and skinny_supported(x, w) and math.prod(x.shape[:-1]) >= MIN_ROWS
+    """Whether :func:`linear_product` runs a kernel of its own (the selected one) for these operands."""
+    return _choice != "off" and skinny_supported(x, w) and math.prod(x.shape[:-1]) >= MIN_ROWS
 
 
 def linear_product(x: mx.array, w: mx.array) -> mx.array:
-    """``x @ w.T`` for x [..., K], w [N, K]: with the kernel switched on (:func:`set_skinny_gemm`),
-    the skinny kernel for :data:`MIN_ROWS` to :data:`MAX_ROWS` rows on CUDA (bf16/fp16); MLX's
-    matmul otherwise. Differentiable."""
+    """``x @ w.T`` for x [..., K], w [N, K]: with a kernel selected (:func:`set_skinny_gemm`), that
+    kernel for :data:`MIN_ROWS` to :data:`MAX_ROWS` rows on CUDA (bf16/fp16); MLX's matmul
+    otherwise. Differentiable."""
     if uses_skinny_kernel(x, w):
-        return _skinny_product(x, w)
+        return (_wgmma_product if _choice == "wgmma" else _skinny_product)(x, w)
     return x @ w.T
 
 

@@ -1,0 +1,191 @@
+"""The Hopper skinny product (xlstm_metal/kernels/fast/skinny_wgmma.py) against x @ w.T.
+
+Kernel tests run only where MLX has its CUDA backend (an sm_90 GPU: the kernel uses ``wgmma``);
+elsewhere the tests at the end check the launch arithmetic and the dispatch of
+:func:`linear_product`.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from xlstm_metal.benchmark import shape_config
+from xlstm_metal.kernels.fast import skinny_wgmma as wg
+from xlstm_metal.kernels.fast.skinny import (
+    linear_product,
+    set_skinny_gemm,
+    skinny_gemm_enabled,
+    skinny_gemm_kernel,
+    uses_skinny_kernel,
+)
+from xlstm_metal.kernels.fast.step import cuda_available
+
+from test_cuda_skinny import TOL_BF16, _layer_shapes, _operands, _reference64, _rel
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+@pytest.fixture
+def wgmma_on():
+    """The wgmma product selected for the test, then the previous choice back."""
+    before = skinny_gemm_kernel()
+    set_skinny_gemm("wgmma")
+    yield
+    set_skinny_gemm(before)
+
+
+@cuda
+@pytest.mark.parametrize("M", [1, 2, 7, 16, 33, 64])
+def test_cuda_7b_layer_shapes(M):
+    for i, (kind, (N, K)) in enumerate(_layer_shapes().items()):
+        x, w = _operands(100 * M + i, M, N, K)
+        out = wg.wgmma_matmul(x, w)
+        assert out.shape == (M, N) and out.dtype == mx.bfloat16
+        assert _rel(out, _reference64(x, w)) <= TOL_BF16, (kind, _rel(out, _reference64(x, w)))
+
+
+@cuda
+@pytest.mark.parametrize("config", [wg.WgmmaConfig(tm=1, stages=6), wg.WgmmaConfig(tm=2, stages=4),
+                                    wg.WgmmaConfig(tm=3, stages=3), wg.WgmmaConfig(tm=4, stages=2)])
+@pytest.mark.parametrize("M", [5, 24, 64])
+def test_cuda_configs_partial_tiles_and_splits(config, M):
+    # N not a multiple of a block's rows, K a multiple of 8 but not of 64: partial tiles, a partial
+    # last step (zero-filled), k split across blocks or not; x rows padded to a multiple of 8.
+    for N, K in ((200, 1000), (37, 24), (1, 8), (300, 4104)):
+        x, w = _operands(N + K + M, M, N, K)
+        for splits in (None, 1, 3, 64):
+            out = wg.wgmma_matmul(x, w, config, splits)
+            assert out.shape == (M, N) and out.dtype == x.dtype
+            assert _rel(out, _reference64(x, w)) <= TOL_BF16, (N, K, splits)
+
+
+@cuda
+def test_cuda_float16_leading_axes_and_strided_x():
+    x, w = _operands(5, 4, 96, 512, mx.float16, lead=(2,))
+    out = wg.wgmma_matmul(x, w)
+    assert out.shape == (2, 4, 96) and out.dtype == mx.float16
+    assert _rel(out, _reference64(x, w)) <= TOL_BF16
+    xt = x.transpose(1, 0, 2)  # [4, 2, 512], not row-contiguous: copied before the launch
+    assert _rel(wg.wgmma_matmul(xt, w), _reference64(xt, w)) <= TOL_BF16
+
+
+@cuda
+def test_cuda_exact_on_small_integers():
+    # Small integers are exact in bf16 and their products' sums exact in float32: any misplaced
+    # element of the swizzled tiles or of the accumulator layout changes the result.
+    rng = np.random.default_rng(3)
+    for M, N, K in ((64, 256, 512), (16, 130, 136), (3, 64, 64)):
+        xi = rng.integers(-3, 4, (M, K)).astype(np.float32)
+        wi = rng.integers(-3, 4, (N, K)).astype(np.float32)
+        for splits in (1, 2):
+            out = wg.wgmma_matmul(mx.array(xi).astype(mx.bfloat16), mx.array(wi).astype(mx.bfloat16),
+                                  wg.WgmmaConfig(tm=1, stages=3), splits)
+            want = xi @ wi.T  # exact in float32; the kernel rounds each sum once to bf16 (2^-9)
+            got = np.array(out.astype(mx.float32))
+            assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -8), (M, N, K, splits)
+
+
+@cuda
+def test_cuda_compiled_repeated_and_gradient(wgmma_on):
+    x, w = _operands(6, 16, 256, 384)
+    assert uses_skinny_kernel(x, w)
+    f = mx.compile(linear_product)
+    for _ in range(3):
+        assert _rel(f(x, w), _reference64(x, w)) <= TOL_BF16
+    xf, wf = x.astype(mx.float32), w.astype(mx.float32)
+    gx, gw = mx.grad(lambda a, b: linear_product(a, b).astype(mx.float32).sum(), argnums=(0, 1))(x, w)
+    rx, rw = mx.grad(lambda a, b: (a @ b.T).sum(), argnums=(0, 1))(xf, wf)
+    assert gx.dtype == x.dtype and gw.dtype == w.dtype
+    assert _rel(gx, np.array(rx, dtype=np.float64)) <= TOL_BF16
+    assert _rel(gw, np.array(rw, dtype=np.float64)) <= TOL_BF16
+
+
+@cuda
+@pytest.mark.parametrize("batch", [2, 16, 64])
+def test_cuda_model_decode_matches_matmul_path(batch, wgmma_on):
+    from xlstm_metal.benchmark import random_model
+
+    config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
+    model = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
+    tokens = mx.array(np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, 3)), dtype=mx.int32)
+
+    def decode():
+        state, outs = None, []
+        for t in range(tokens.shape[1]):
+            logits, state = model(tokens[:, t : t + 1], state)
+            outs.append(logits.astype(mx.float32))
+        return mx.concatenate(outs, axis=1)
+
+    with_kernel = decode()
+    set_skinny_gemm(False)
+    with_matmul = decode()
+    a, b = np.array(with_kernel), np.array(with_matmul)
+    assert np.isfinite(a).all()
+    # Same math; bf16 activations round differently where the summation order differs.
+    assert np.max(np.abs(a - b)) / np.max(np.abs(b)) < 3e-2
+
+
+# ------------------------------------------------------------------ everywhere (CPU included)
+def test_config_checks_shared_memory_and_splits(monkeypatch):
+    with pytest.raises(ValueError):
+        wg.WgmmaConfig(tm=5)
+    with pytest.raises(ValueError):
+        wg.WgmmaConfig(stages=1)
+    assert [wg.padded_rows(m) for m in (1, 8, 9, 16, 33, 64)] == [8, 8, 16, 16, 40, 64]
+    # A ring slot is (64 tm + NW) rows of 128 bytes, plus 1 KB for the 1024-byte alignment.
+    assert wg.WgmmaConfig(tm=2, stages=4).shared_bytes(64) == 4 * 192 * 128 + 1024
+    monkeypatch.setattr(wg, "TARGET_BLOCKS", 264)
+    for rows in (1, 16, 17, 64):
+        cfg = wg.default_config(rows, 4096)
+        assert cfg.shared_bytes(wg.padded_rows(rows)) <= 227 * 1024
+        for n, k in _layer_shapes(scale=1).values():
+            splits = wg.k_splits(n, k, cfg)
+            tiles = -(-n // cfg.rows_per_block())
+            steps = -(-k // wg.BK)
+            per = -(-steps // splits)  # the kernel's k steps per split
+            assert 1 <= splits <= steps and (splits - 1) * per < steps  # no empty split
+            # Half the target in row tiles alone: no split; fewer: about the target's blocks.
+            assert splits == 1 if 2 * tiles >= 264 else tiles * splits >= 132
+        assert wg.k_splits(50304, 4096, cfg) == 1  # the LM head: enough row tiles alone
+    assert wg.k_splits(4096, 4096, wg.WgmmaConfig(), requested=5) == 5
+    assert wg.k_splits(4096, 64, wg.WgmmaConfig(), requested=5) == 1  # one k step: nothing to split
+    monkeypatch.setattr(wg, "TARGET_BLOCKS", 0)
+    assert wg.k_splits(4096, 4096, wg.WgmmaConfig()) == 1  # 0: never split
+
+
+def test_selection_and_dispatch():
+    before = skinny_gemm_kernel()
+    x, w = _operands(10, 16, 64, 64)
+    try:
+        for value, kernel in ((True, "mma"), ("1", "mma"), ("wgmma", "wgmma"), (False, "off"), ("0", "off")):
+            set_skinny_gemm(value)
+            assert skinny_gemm_kernel() == kernel and skinny_gemm_enabled() == (kernel != "off")
+        set_skinny_gemm("wgmma")
+        assert uses_skinny_kernel(x, w) == cuda_available()  # CUDA, bf16, 2..64 rows
+        assert not uses_skinny_kernel(x[:1], w)  # one row: MLX's GEMV
+        with pytest.raises(ValueError, match="skinny product"):
+            set_skinny_gemm("cublas")
+        assert skinny_gemm_kernel() == "wgmma"  # a bad choice changes nothing
+        xf, wf = x.astype(mx.float32), w.astype(mx.float32)
+        assert np.array_equal(np.array(linear_product(xf, wf)), np.array(xf @ wf.T))  # float32: MLX
+    finally:
+        set_skinny_gemm(before)
+    if not cuda_available():
+        with pytest.raises(ValueError, match="wgmma_matmul"):
+            wg.wgmma_matmul(x, w)
+
+
+def test_wgmma_vjp_is_the_plain_products(monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    # The kernel's stand-in off CUDA: the vjp (two plain products) is what is under test.
+    monkeypatch.setattr(wg, "wgmma_matmul", lambda x, w, config=None, splits=None: x @ w.T)
+    x, w = _operands(9, 6, 7, 16, mx.float32, lead=(2,))
+
+    def loss(f):
+        return lambda a, b: (f(a, b) ** 2).sum()
+
+    got = mx.grad(loss(skinny._wgmma_product), argnums=(0, 1))(x, w)
+    want = mx.grad(loss(lambda a, b: a @ b.T), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and np.allclose(np.array(g), np.array(r), rtol=1e-5, atol=1e-5)

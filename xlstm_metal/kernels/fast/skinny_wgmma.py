@@ -1,0 +1,277 @@
+"""Skinny matrix products on Hopper's warpgroup tensor-core instructions: ``x @ w.T`` for 1-64
+rows of x (decode), bf16 or fp16, float32 accumulation, on sm_90a GPUs (H100/H200).
+
+MLX 0.32 compiles ``mx.fast.cuda_kernel`` sources for the device's architecture-specific target
+(``--gpu-architecture=sm_90a`` on compute capability 9.x), so ``wgmma.mma_async`` is available.
+:mod:`.skinny`'s ``mma.sync`` kernel (session 5) lost to cuBLASLt at 64 rows because every warp
+read x's register fragments from shared memory (4.5 bytes of shared traffic per weight byte) and
+190 registers capped occupancy. Here one warpgroup (128 threads) per block issues
+``wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}``: A is 64 weight rows x 16 k, B is x
+(N = the rows of x, padded to a multiple of 8, at most 64) x 16 k, both read by the tensor cores
+straight from shared memory through matrix descriptors; the accumulators are 64 x N / 128
+threads = N / 2 floats per thread per 64-row tile.
+
+- A block owns ``64 tm`` weight rows and walks its share of k in steps of 64 (one 128-byte row
+  of each operand per step): each step's weight tile and x tile go global -> shared memory with
+  ``cp.async.cg`` 16-byte copies (L2 only) straight into the 128-byte-swizzled K-major layout
+  the descriptors name (16-byte piece c of row r at ``r * 128 + 16 (c ^ (r % 8))``, 8-row groups
+  1024 bytes apart), through a ring of ``stages`` steps (``stages - 1`` in flight).
+- A step: wait for its copies, ``fence.proxy.async`` (the copies are generic-proxy writes, the
+  tensor cores read through the async proxy), one barrier, the copies of step ``s + stages - 1``
+  issued into the slot step ``s - 1`` used, then 4 x ``tm`` wgmma (k 16 each), committed and
+  waited for before the next step reuses anything.
+- Products with few row tiles split k across blocks (:func:`k_splits`: about
+  :data:`TARGET_BLOCKS` blocks); each split writes float32 partial sums and :mod:`.skinny`'s
+  reduction kernel adds them in float32 and rounds once.
+
+:func:`wgmma_matmul` is the kernel; :func:`xlstm_metal.kernels.fast.skinny.linear_product`
+dispatches to it when the ``wgmma`` product is selected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .step import cuda_available
+
+#: Most rows of x (the wgmma N dimension, padded to a multiple of 8).
+MAX_ROWS = 64
+#: k per pipeline step: one 128-byte swizzle row of bf16/fp16.
+BK = 64
+#: Thread blocks a product aims for where it splits k (two per SM of a 132-SM H100/H200).
+TARGET_BLOCKS = 264
+
+
+@dataclass(frozen=True)
+class WgmmaConfig:
+    """Launch shape: ``tm`` 64-row weight tiles per block (one warpgroup), a ring of ``stages``
+    shared-memory steps of 64 k."""
+
+    tm: int = 2
+    stages: int = 4
+
+    def __post_init__(self):
+        if self.tm not in (1, 2, 3, 4) or not 2 <= self.stages <= 12:
+            raise ValueError(f"bad wgmma kernel config {self}")
+
+    def rows_per_block(self) -> int:
+        return 64 * self.tm
+
+    def shared_bytes(self, nw: int) -> int:
+        # + 1 KB: the ring is aligned to 1024 bytes (the 128-byte swizzle's period) inside it.
+        return self.stages * (self.rows_per_block() + nw) * 128 + 1024
+
+
+def padded_rows(rows: int) -> int:
+    """The wgmma N for ``rows`` rows of x: the next multiple of 8."""
+    return -(-rows // 8) * 8
+
+
+def default_config(rows: int, n: int) -> WgmmaConfig:
+    """The launch shape for ``rows`` rows of x and ``n`` output features."""
+    if rows <= 16:
+        return WgmmaConfig(tm=2, stages=6)
+    return WgmmaConfig(tm=2, stages=4)
+
+
+def k_splits(n: int, k: int, config: WgmmaConfig, requested: int | None = None) -> int:
+    """Splits of k for ``n`` outputs and ``k`` inputs: ``requested``, or by default enough for about
+    :data:`TARGET_BLOCKS` blocks where the row tiles are fewer than half of that; rounded so that
+    every split (ceil(steps / splits) steps of 64 k) is non-empty."""
+    steps = -(-k // BK)
+    tiles = -(-n // config.rows_per_block())
+    if requested is None:
+        requested = 1 if TARGET_BLOCKS <= 0 or 2 * tiles >= TARGET_BLOCKS else -(-TARGET_BLOCKS // tiles)
+    splits = max(1, min(requested, steps))
+    return -(-steps // -(-steps // splits))
+
+
+def _wgmma_specializations() -> str:
+    """``xl_wgmma<NW, T>(d, desc_a, desc_b)``: d[NW / 2] += A (64 x 16, K-major, shared memory) *
+    B (16 x NW, K-major, shared memory), for NW = 8..64 in steps of 8 and T bf16 / fp16."""
+    out = ["template <int NW, typename T> __device__ __forceinline__ void xl_wgmma(float* d, uint64_t a, uint64_t b);"]
+    for nw in range(8, MAX_ROWS + 1, 8):
+        n = nw // 2
+        regs = ",".join(f"%{i}" for i in range(n))
+        outs = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+        for ctype, ptx in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
+            out.append(
+                f"template <> __device__ __forceinline__ void xl_wgmma<{nw}, {ctype}>(float* d, uint64_t a, uint64_t b) {{\n"
+                f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{n + 2}, 0;\\n"\n'
+                f'               "wgmma.mma_async.sync.aligned.m64n{nw}k16.f32.{ptx}.{ptx} '
+                f'{{{regs}}}, %{n}, %{n + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+                f"               : {outs}\n"
+                f'               : "l"(a), "l"(b), "r"(1));\n'
+                "}")
+    return "\n".join(out)
+
+
+_HEADER = """
+// 16 bytes global -> shared, cached in L2 only (weights are read once); src_size 0 zero-fills.
+__device__ __forceinline__ void xlw_cp_async16(uint32_t s, const void* gmem, bool pred) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\\n"
+               :: "r"(s), "l"(gmem), "r"(pred ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void xlw_cp_commit() { asm volatile("cp.async.commit_group;\\n" ::: "memory"); }
+template <int PENDING> __device__ __forceinline__ void xlw_cp_wait() {
+  asm volatile("cp.async.wait_group %0;\\n" :: "n"(PENDING) : "memory");
+}
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart
+// (the leading offset is unused in this mode), base offset 0 (the ring is 1024-byte aligned).
+__device__ __forceinline__ uint64_t xlw_desc(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32)
+         | ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ void xlw_fence_operand(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+""" + _wgmma_specializations() + "\n"
+
+_SOURCE = """
+    // x [M, K], w [N, K] (T, row-contiguous, K % 8 == 0) -> y [M, N] (OT = T) when the block
+    // takes all of K, else this split's float32 partial sums y [S, M, N] (OT = float).
+    constexpr int R = 64 * TM;                  // weight rows per block
+    constexpr int STAGE = (R + NW) * 128;       // bytes per ring slot: R weight rows, NW x rows
+    constexpr int ACC = NW / 2;                 // accumulators per thread and 64-row tile
+    const int M = x_shape[0];
+    const int K = x_shape[1];
+    const int N = w_shape[0];
+    const int KS = ((K + 63) / 64 + gridDim.y - 1) / gridDim.y * 64;   // k per split
+    const int k0 = blockIdx.y * KS;
+    const int k1 = min(K, k0 + KS);
+    const int nsteps = k1 > k0 ? (k1 - k0 + 63) / 64 : 0;
+    const int row0 = blockIdx.x * R;
+    const int tid = threadIdx.x;
+
+    extern __shared__ uint8_t xlw_smem[];
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(xlw_smem));
+    const uint32_t ring = (raw + 1023u) & ~1023u;
+
+    // Slot st <- k step s of the block's weight rows and of x, rows of 8 pieces of 16 bytes
+    // (consecutive threads: consecutive pieces of a row, whole 128-byte lines), piece c of row r
+    // at r * 128 + 16 (c ^ (r & 7)): the 128-byte swizzle. One commit group per step.
+    auto issue = [&](int s, int st) {
+      const int kb = k0 + s * 64;
+      #pragma unroll 4
+      for (int i = tid; i < (R + NW) * 8; i += 128) {
+        const int r = i >> 3, c = i & 7;
+        const int k = kb + c * 8;
+        const bool is_w = r < R;
+        const int src_row = is_w ? row0 + r : r - R;
+        const bool ok = s < nsteps && k < k1 && src_row < (is_w ? N : M);
+        const T* src = (is_w ? w : x) + (size_t)src_row * K + k;
+        xlw_cp_async16(ring + st * STAGE + r * 128 + ((c ^ (r & 7)) << 4),
+                       ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+      }
+      xlw_cp_commit();
+    };
+
+    float acc[TM][ACC];
+    #pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      #pragma unroll
+      for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
+    }
+
+    #pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+    for (int s = 0; s < nsteps; ++s) {
+      xlw_cp_wait<STAGES - 2>();                // this thread's copies of step s have landed
+      asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");  // visible to the tensor cores
+      __syncthreads();                          // everyone's, and step s-1's slot is free
+      issue(s + STAGES - 1, (s + STAGES - 1) % STAGES);
+      const uint32_t slot = ring + (s % STAGES) * STAGE;
+      asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t db = xlw_desc(slot + R * 128 + kk * 32);
+        #pragma unroll
+        for (int t = 0; t < TM; ++t) xl_wgmma<NW, T>(acc[t], xlw_desc(slot + t * 64 * 128 + kk * 32), db);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\\n" ::: "memory");
+      #pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        #pragma unroll
+        for (int j = 0; j < ACC; ++j) xlw_fence_operand(acc[t][j]);
+      }
+    }
+    xlw_cp_wait<0>();
+
+    // acc[t][4j + e]: weight row 16 warp + lane / 4 + 8 (e >> 1) of tile t, x row 8j + 2 (lane % 4) + (e & 1).
+    const int warp = tid >> 5, lane = tid & 31;
+    const size_t out0 = (size_t)blockIdx.y * M * N;
+    #pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      #pragma unroll
+      for (int j = 0; j < ACC; ++j) {
+        const int n = row0 + t * 64 + warp * 16 + (lane >> 2) + 8 * ((j & 3) >> 1);
+        const int m = (j >> 2) * 8 + 2 * (lane & 3) + (j & 1);
+        if (n < N && m < M) y[out0 + (size_t)m * N + n] = static_cast<OT>(acc[t][j]);
+      }
+    }
+"""
+
+_kernels: dict[int, object] = {}
+
+
+def _kernel(shared_bytes: int):
+    # The dynamic shared memory is fixed per kernel object (and named so, for MLX's caches).
+    kernel = _kernels.get(shared_bytes)
+    if kernel is None:
+        kernel = _kernels[shared_bytes] = mx.fast.cuda_kernel(
+            name=f"xlstm_wgmma_matmul_{shared_bytes}",
+            input_names=["x", "w"],
+            output_names=["y"],
+            source=_SOURCE,
+            header=_HEADER,
+            shared_memory=shared_bytes,
+        )
+    return kernel
+
+
+def wgmma_supported(x: mx.array, w: mx.array) -> bool:
+    """True when :func:`wgmma_matmul` takes ``x`` [..., K] and ``w`` [N, K] (CUDA, bf16/fp16 of one
+    dtype, K a multiple of 8, 1 to :data:`MAX_ROWS` rows). It does not check the GPU: the kernel
+    needs compute capability 9.0 (sm_90a)."""
+    return (
+        cuda_available()
+        and x.dtype in (mx.bfloat16, mx.float16)
+        and w.dtype == x.dtype
+        and w.ndim == 2
+        and x.ndim >= 1
+        and x.shape[-1] == w.shape[1]
+        and w.shape[1] % 8 == 0
+        and 0 < math.prod(x.shape[:-1]) <= MAX_ROWS
+    )
+
+
+def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
+                 splits: int | None = None) -> mx.array:
+    """x [..., K] @ w.T -> [..., N] (x's dtype) through the wgmma kernel (CUDA sm_90a only; the
+    cases :func:`wgmma_supported` accepts; ``config`` defaults to :func:`default_config`,
+    ``splits`` of k to :func:`k_splits`). No gradient: :func:`.skinny.linear_product` is the
+    differentiable entry point."""
+    if not wgmma_supported(x, w):
+        raise ValueError(f"wgmma_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
+                         f"1..{MAX_ROWS} rows; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
+    from .skinny import reduce_splits
+
+    lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
+    M = math.prod(lead)
+    nw = padded_rows(M)
+    cfg = config or default_config(M, N)
+    splits = k_splits(N, K, cfg, splits)
+    (y,) = _kernel(cfg.shared_bytes(nw))(
+        inputs=[x.reshape(M, K), w],
+        template=[("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("NW", nw), ("TM", cfg.tm),
+                  ("STAGES", cfg.stages)],
+        grid=(-(-N // cfg.rows_per_block()) * 128, splits, 1),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(M, N) if splits == 1 else (splits, M, N)],
+        output_dtypes=[x.dtype if splits == 1 else mx.float32],
+    )
+    if splits > 1:
+        y = reduce_splits(y, x.dtype)
+    return y.reshape(*lead, N)
