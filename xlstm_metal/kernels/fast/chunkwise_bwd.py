@@ -353,8 +353,8 @@ _REVERSE_SOURCE = """
 
     __shared__ __align__(16) __nv_bfloat16 ks[2][L][64 + PAD];  // q[t][d0 + dd]
     __shared__ __align__(16) __nv_bfloat16 vs[2][L][JT + PAD];  // dh[t][j0 + jj]
-    __shared__ float as_[2][L];                                 // alpha_t
-    __shared__ float bt_[2][L];                                 // beta_t
+    __shared__ __align__(16) float as_[2][L];                   // alpha_t
+    __shared__ __align__(16) float bt_[2][L];                   // beta_t
 
     const __nv_bfloat16* kb = q + b * q_strides[0] + hd * q_strides[1] + d0 * q_strides[3];
     const __nv_bfloat16* vb = dh + b * dh_strides[0] + hd * dh_strides[1] + j0 * dh_strides[3];
@@ -432,41 +432,7 @@ _REVERSE_SOURCE = """
         }
         // dC += (alpha q)^T dh; dn += (beta q)^T 1.
         float nsum0 = 0.0f, nsum1 = 0.0f;
-        #pragma unroll
-        for (int kk = 0; kk < L / 16; ++kk) {
-            const int t0 = kk * 16 + 2 * tq;
-            uint32_t kf[4];
-            ldsm_x4_trans(kf, &ks[buf][kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
-            const float2 w01 = make_float2(as_[buf][t0], as_[buf][t0 + 1]);
-            const float2 w89 = make_float2(as_[buf][t0 + 8], as_[buf][t0 + 9]);
-            const float2 u01 = make_float2(bt_[buf][t0], bt_[buf][t0 + 1]);
-            const float2 u89 = make_float2(bt_[buf][t0 + 8], bt_[buf][t0 + 9]);
-            uint32_t p[4][3];
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const float2 kv = unpack_bf16(kf[r]);
-                const float2 w = r < 2 ? w01 : w89;
-                const float2 u = r < 2 ? u01 : u89;
-                const float ns_ = u.x * kv.x + u.y * kv.y;
-                if (r & 1) nsum1 += ns_; else nsum0 += ns_;
-                split3_pair(w.x * kv.x, w.y * kv.y, p[r]);
-            }
-            #pragma unroll
-            for (int np = 0; np < JT / 16; ++np) {
-                uint32_t vf[4];
-                ldsm_x4_trans(vf, &vs[buf][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
-                #pragma unroll
-                for (int q3 = 0; q3 < TERMS; ++q3) {
-                    const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
-                    mma_bf16(acc[2 * np], a, vf[0], vf[1]);
-                    mma_bf16(acc[2 * np + 1], a, vf[2], vf[3]);
-                }
-            }
-        }
-        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 1);
-        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 2);
-        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 1);
-        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 2);
+        state_chunk_mma<L, JT, TERMS>(acc, ks[buf], vs[buf], as_[buf], bt_[buf], warp, tq, lrow, ltile, nsum0, nsum1);
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
     }

@@ -140,6 +140,54 @@ __device__ __forceinline__ void ldsm_x4t(uint32_t* r, const __nv_bfloat16* p) {
 __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
     return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
+
+// One chunk's L steps of a states block, the inner loop of the forward states kernel and of the
+// backward's reverse kernel: each warp's 16 state rows (rr, rr + 8) x JT columns get acc +=
+// (w k)^T v, A[d][t] = w_t k[t][d] in TERMS bf16 terms and B[t][j] = v[t][j], both read with
+// ldmatrix.trans from the row-major tiles ks [L][KX] and vs [L][VX]; (nsum0, nsum1) get the
+// rows' sum_t u_t k[t][d], reduced over the quad (u = w in the forward: n += (w k)^T 1).
+// w and u: [L] floats in shared memory, 8-byte aligned.
+template <int L, int JT, int TERMS, int KX, int VX>
+__device__ __forceinline__ void state_chunk_mma(
+        float (*acc)[4], const __nv_bfloat16 (*ks)[KX], const __nv_bfloat16 (*vs)[VX],
+        const float* w, const float* u, int warp, int tq, int lrow, int ltile,
+        float& nsum0, float& nsum1) {
+    #pragma unroll
+    for (int kk = 0; kk < L / 16; ++kk) {
+        const int t0 = kk * 16 + 2 * tq;
+        uint32_t kf[4];  // tiles (d 0-7 | 8-15) x (t 0-7 | 8-15) of A = k^T
+        ldsm_x4t(kf, &ks[kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
+        const float2 w01 = *reinterpret_cast<const float2*>(w + t0);
+        const float2 w89 = *reinterpret_cast<const float2*>(w + t0 + 8);
+        const float2 u01 = *reinterpret_cast<const float2*>(u + t0);
+        const float2 u89 = *reinterpret_cast<const float2*>(u + t0 + 8);
+        uint32_t p[4][3];
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const float2 kv = unpack_bf16(kf[r]);
+            const float2 wr = r < 2 ? w01 : w89;
+            const float2 ur = r < 2 ? u01 : u89;
+            const float ns = ur.x * kv.x + ur.y * kv.y;
+            if (r & 1) nsum1 += ns; else nsum0 += ns;
+            split3_pair(wr.x * kv.x, wr.y * kv.y, p[r]);
+        }
+        #pragma unroll
+        for (int np = 0; np < JT / 16; ++np) {  // pairs of 8-column tiles
+            uint32_t vf[4];  // (t 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
+            ldsm_x4t(vf, &vs[kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+            #pragma unroll
+            for (int q3 = 0; q3 < TERMS; ++q3) {
+                const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
+                mma_bf16(acc[2 * np], a, vf[0], vf[1]);
+                mma_bf16(acc[2 * np + 1], a, vf[2], vf[3]);
+            }
+        }
+    }
+    nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 1);
+    nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 2);
+    nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 1);
+    nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 2);
+}
 """
 
 # (load8 and stage8 below)
@@ -481,41 +529,9 @@ _STATES_SOURCE = """
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
         }
-        // C += (w k)^T v: A[d][t] = w_t k[t][d] in three bf16 terms, B[t][j] = v[t][j]; both
-        // read with ldmatrix.trans from the row-major tiles. n += (w k)^T 1 from the same A.
+        // C += (w k)^T v in three bf16 terms (float32-exact products); n += (w k)^T 1.
         float nsum0 = 0.0f, nsum1 = 0.0f;  // rows rr and rr + 8
-        #pragma unroll
-        for (int kk = 0; kk < L / 16; ++kk) {
-            const int t0 = kk * 16 + 2 * tq;
-            uint32_t kf[4];  // tiles (d 0-7 | 8-15) x (t 0-7 | 8-15) of A = k^T
-            ldsm_x4t(kf, &ks[buf][kk * 16 + (ltile >> 1) * 8 + lrow][warp * 16 + (ltile & 1) * 8]);
-            const float2 w01 = *reinterpret_cast<const float2*>(&ws[buf][t0]);
-            const float2 w89 = *reinterpret_cast<const float2*>(&ws[buf][t0 + 8]);
-            uint32_t p[4][3];
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const float2 kv = unpack_bf16(kf[r]);
-                const float2 w = r < 2 ? w01 : w89;
-                const float x0 = w.x * kv.x, x1 = w.y * kv.y;
-                if (r & 1) nsum1 += x0 + x1; else nsum0 += x0 + x1;
-                split3_pair(x0, x1, p[r]);
-            }
-            #pragma unroll
-            for (int np = 0; np < JT / 16; ++np) {  // pairs of 8-column tiles
-                uint32_t vf[4];  // (t 0-7 | 8-15) x (j 0-7 | 8-15) of B = v
-                ldsm_x4t(vf, &vs[buf][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
-                #pragma unroll
-                for (int q3 = 0; q3 < 3; ++q3) {
-                    const uint32_t a[4] = {p[0][q3], p[1][q3], p[2][q3], p[3][q3]};
-                    mma_bf16(acc[2 * np], a, vf[0], vf[1]);
-                    mma_bf16(acc[2 * np + 1], a, vf[2], vf[3]);
-                }
-            }
-        }
-        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 1);
-        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 2);
-        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 1);
-        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 2);
+        state_chunk_mma<L, JT, 3>(acc, ks[buf], vs[buf], ws[buf], ws[buf], warp, tq, lrow, ltile, nsum0, nsum1);
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
         m = m_next;
