@@ -1,0 +1,125 @@
+"""Host time of one compiled decode step, apart from the device's: is decode host-bound?
+
+For each weight format (bf16, then the same model quantized to ``--q-bits``) and each way of
+compiling the greedy step, one process measures, per step (medians over ``--steps``):
+
+- ``call_ms``: the Python call of the compiled step (MLX flattens the step's inputs, finds the
+  cached trace and builds the step's graph), nothing evaluated;
+- ``submit_ms``: ``mx.async_eval`` of that graph with the device idle (the host's work to
+  allocate and launch every kernel of the step);
+- ``wall_ms``: call + submit + waiting for the device (one step alone, synchronised);
+- ``pipelined_ms``: steps queued back to back as :func:`xlstm_metal.benchmark.measure_decode` runs
+  them, i.e. max(host, device) per step once the queue is full.
+
+Compile modes: ``inputs`` (``mx.compile(step, inputs=model.state)``: the weights are inputs, so
+a later weight update is seen: what ``generate`` and ``bench`` run) and ``constants``
+(``mx.compile(step)``: the weights are captured as constants of the trace, no per-call
+flattening of the module tree). ``leaves`` is the number of arrays in ``model.state``.
+
+    python benchmarks/decode_host.py --shape 7b --q-bits 4 --steps 30 --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import xlstm_metal  # noqa: E402,F401  (binds the fast CPU BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from xlstm_metal import benchmark as bm  # noqa: E402
+
+
+def _step(model):
+    def step(tokens: mx.array, state: list) -> tuple[mx.array, list]:
+        logits, state = model(tokens, state)
+        return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True).astype(mx.int32), state
+
+    return step
+
+
+def measure(model, batch: int, steps: int, mode: str) -> dict:
+    """Per-step host and device times of the greedy step compiled as ``mode``."""
+    step = mx.compile(_step(model), inputs=model.state) if mode == "inputs" else mx.compile(_step(model))
+    tok = mx.zeros((batch, 1), dtype=mx.int32)
+    state = model.make_state(batch)
+    mx.eval(tok, state)
+    for _ in range(4):
+        tok, state = step(tok, state)
+        mx.eval(tok, state)
+    call, submit, wall = [], [], []
+    for _ in range(steps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        tok, state = step(tok, state)
+        t1 = time.perf_counter()
+        mx.async_eval(tok, state)
+        t2 = time.perf_counter()
+        mx.eval(tok, state)
+        mx.synchronize()
+        t3 = time.perf_counter()
+        call.append(t1 - t0)
+        submit.append(t2 - t1)
+        wall.append(t3 - t0)
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok, state = step(tok, state)
+        mx.async_eval(tok, state)
+    mx.eval(tok, state)
+    pipelined = (time.perf_counter() - t0) / steps
+    ms = lambda xs: round(1000 * statistics.median(xs), 4)  # noqa: E731
+    return {"mode": mode, "batch": batch, "steps": steps, "call_ms": ms(call), "submit_ms": ms(submit),
+            "host_ms": round(ms(call) + ms(submit), 4), "wall_ms": ms(wall),
+            "pipelined_ms": round(1000 * pipelined, 4), "tok_s": round(batch / pipelined, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="7b")
+    p.add_argument("--dtype", default=None, help="weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--q-bits", default="4", help="then the model quantized to these bits (group 64, gates in float)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--modes", default="inputs,constants")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--embedding-dim", type=int, default=None, help="override the shape's width (CPU tries)")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    if any(m not in ("inputs", "constants") for m in modes):
+        p.error(f"--modes takes inputs and/or constants, got {args.modes!r}")
+    overrides = {"embedding_dim": args.embedding_dim} if args.embedding_dim else {}
+    config = bm.shape_config(args.shape, **overrides)
+    dtype = args.dtype or bm.default_dtype()
+    model = bm.random_model(config, dtype=dtype)
+    model.fuse_projections()
+    out = open(args.out, "a") if args.out else None
+    env = bm.environment()
+    for bits in [None] + [int(b) for b in filter(None, args.q_bits.split(","))]:
+        if bits is not None:
+            from xlstm_metal.quantization import dequantize_model, quantize_model  # noqa: PLC0415
+
+            dequantize_model(model)
+            quantize_model(model, bits=bits, group_size=64)
+            model.fuse_projections()
+        leaves = len(tree_flatten(model.state))
+        for round_ in range(args.rounds):
+            for mode in modes:
+                record = {"shape": args.shape, "dtype": dtype, "q_bits": bits, "round": round_, "leaves": leaves,
+                          **measure(model, args.batch, args.steps, mode), "device": env.get("device")}
+                print(json.dumps(record), flush=True)
+                if out:
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+
+
+if __name__ == "__main__":
+    main()
