@@ -79,9 +79,11 @@ def read_weights(w: mx.array, blocks: int = 132 * 8) -> mx.array:
 
 
 def parse_wgmma_config(text: str) -> tuple[wg.WgmmaConfig, int | None]:
-    """``tm,stages[,splits]``, e.g. ``2,4`` or ``1,6,4``."""
+    """``tm,stages[,splits[,cluster]]``, e.g. ``2,4``, ``1,6,4`` or ``2,4,0,1`` (splits 0: the
+    default; cluster 1: a tile's splits as one thread-block cluster, added in the kernel)."""
     vals = [int(v) for v in text.split(",")]
-    return wg.WgmmaConfig(tm=vals[0], stages=vals[1]), (vals[2] if len(vals) > 2 else None)
+    splits = vals[2] if len(vals) > 2 and vals[2] > 0 else None
+    return wg.WgmmaConfig(tm=vals[0], stages=vals[1], cluster=len(vals) > 3 and vals[3] == 1), splits
 
 
 def parse_config(text: str) -> SkinnyConfig:
@@ -110,7 +112,7 @@ def main() -> None:
                    help="where the default launch splits k across blocks, time it unsplit too")
     p.add_argument("--kernels", default="mma", help="kernels to time beside MLX's matmul: mma, wgmma")
     p.add_argument("--wgmma-configs", default="",
-                   help="extra wgmma launch shapes, 'tm,stages[,splits]' separated by ';'")
+                   help="extra wgmma launch shapes, 'tm,stages[,splits[,cluster]]' separated by ';'")
     p.add_argument("--floor", action="store_true", help="also a read-only streaming kernel over the weights")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: skip what begins later")
@@ -189,7 +191,8 @@ def main() -> None:
                     record("wgmma" + ("" if i else " (default)"),
                            timed(lambda x, w, c=cfg, s=splits: wg.wgmma_matmul(x, w, c, s), x),
                            rel_err(wg.wgmma_matmul(x, weights[0], cfg, splits)),
-                           config=[cfg.tm, cfg.stages], k_splits=wg.k_splits(N, K, cfg, splits))
+                           config=[cfg.tm, cfg.stages, int(cfg.cluster)],
+                           k_splits=wg.k_splits(N, K, cfg, splits, cluster=cfg.cluster))
         del weights
         mx.clear_cache()
 
