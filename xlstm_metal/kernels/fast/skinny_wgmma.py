@@ -232,21 +232,22 @@ _SOURCE = """
       cluster.sync();
       const int q = (int)cluster.block_rank();
       constexpr int QUADS = NW * R / 4;          // float4s of a tile's partial sums
-      constexpr int PER = (QUADS + CS - 1) / CS;
+      constexpr int CSN = CS > 1 ? CS : 1;      // (this branch is compiled for CS 0 too)
+      constexpr int PER = (QUADS + CSN - 1) / CSN;
       for (int e = q * PER + tid; e < min(QUADS, (q + 1) * PER); e += 128) {
         float4 sum = reinterpret_cast<const float4*>(cluster.map_shared_rank(red, 0))[e];
         #pragma unroll
-        for (int r = 1; r < CS; ++r) {
+        for (int r = 1; r < CSN; ++r) {
           const float4 v = reinterpret_cast<const float4*>(cluster.map_shared_rank(red, r))[e];
           sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
         }
         const int m = (4 * e) / R, n = row0 + (4 * e) % R;
         if (m < M) {
-          T* dst = y + (size_t)m * N + n;
-          if (n < N) dst[0] = static_cast<T>(sum.x);
-          if (n + 1 < N) dst[1] = static_cast<T>(sum.y);
-          if (n + 2 < N) dst[2] = static_cast<T>(sum.z);
-          if (n + 3 < N) dst[3] = static_cast<T>(sum.w);
+          OT* dst = y + (size_t)m * N + n;     // OT = T here
+          if (n < N) dst[0] = static_cast<OT>(sum.x);
+          if (n + 1 < N) dst[1] = static_cast<OT>(sum.y);
+          if (n + 2 < N) dst[2] = static_cast<OT>(sum.z);
+          if (n + 3 < N) dst[3] = static_cast<OT>(sum.w);
         }
       }
       cluster.sync();                           // no block leaves while another reads its sums
