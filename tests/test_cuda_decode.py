@@ -166,6 +166,22 @@ def test_step_gated_persistent_blocks(monkeypatch, B, NH, DQK, DV):
 
 
 @cuda
+@pytest.mark.parametrize("tx,rb", [(32, 8), (64, 4), (128, 8)])
+@pytest.mark.parametrize("B,NH,DQK,DV", [(2, 8, 256, 512), (3, 2, 64, 40), (2, 2, 48, 1024)])
+def test_step_gated_whole_row_tiles(monkeypatch, tx, rb, B, NH, DQK, DV):
+    # Layout 2 with 32-128 threads along the columns (128: a head's whole 512-column rows per
+    # block): every lane of a warp holds other columns, so the rows of threads' sums are added.
+    from xlstm_metal.kernels.fast import decode
+
+    monkeypatch.setattr(decode, "_step_version", 2)
+    monkeypatch.setattr(decode, "_V2_TX", tx)
+    monkeypatch.setattr(decode, "_V2_RB", rb)
+    assert decode._v2_tile(B * NH, DQK, DV)[0] == tx
+    args, state = _gate_inputs(B * DQK + DV + tx, B=B, NH=NH, DQK=DQK, DV=DV)
+    _assert_gated_matches(args, state)
+
+
+@cuda
 @pytest.mark.parametrize("B,NH,DQK,DV,rows,rb", [(1, 8, 256, 512, 32, 1), (3, 2, 512, 256, 32, 2),
                                                   (2, 2, 64, 128, 16, 1), (2, 3, 128, 1024, 16, 2)])
 def test_step_gated_row_tiles(monkeypatch, B, NH, DQK, DV, rows, rb):

@@ -327,8 +327,13 @@ GATES_AND_OFFSETS
     }
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) qn += __shfl_xor_sync(0xffffffffu, qn, o);
+    // With TX >= 32 every lane of a warp holds other columns: the rows of threads' sums instead.
+    constexpr int NSUM = TX >= 32 ? TD : NW;
     const int lane = tid & 31, warp = tid >> 5;
-    if (lane < TX) {
+    if (TX >= 32) {
+        #pragma unroll
+        for (int c = 0; c < V; ++c) s_red[ty * COLS + tx * V + c] = acc[c];
+    } else if (lane < TX) {
         #pragma unroll
         for (int c = 0; c < V; ++c) s_red[warp * COLS + lane * V + c] = acc[c];
     }
@@ -339,10 +344,9 @@ GATES_AND_OFFSETS
         if (j < DV) {
             float num = 0.0f, qn_all = 0.0f;
             #pragma unroll
-            for (int w = 0; w < NW; ++w) {
-                num += s_red[w * COLS + col];
-                qn_all += s_qn[w];
-            }
+            for (int w = 0; w < NSUM; ++w) num += s_red[w * COLS + col];
+            #pragma unroll
+            for (int w = 0; w < NW; ++w) qn_all += s_qn[w];
             const float den = fmaxf(fabsf(qn_all), expf(-m_new)) + EPS;
             h[v_off + j] = static_cast<HT>(num / den);
         }
@@ -517,8 +521,9 @@ if _step_version not in (1, 2, 3):
     raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1, 2 or 3, got {_step_version}")
 #: Streaming cache hints on the state's loads and stores in layout 2 (it is not reused in a step).
 _STREAM_HINTS = True
-#: Layout 2's threads along the value columns (4, 8, 16 or 32 with 16-byte columns) or None for
-#: the choice of :func:`_v2_tile`; a benchmark knob.
+#: Layout 2's threads along the value columns (4, 8, 16, 32, 64 or 128 with 16-byte columns; 128
+#: covers the 7B heads' whole 512-column rows, so a block walks a head's state contiguously) or
+#: None for the choice of :func:`_v2_tile`; a benchmark knob.
 _V2_TX: int | None = None
 #: Layout 2's most rows per thread in flight at once (registers: 4 V per row); a benchmark knob.
 _V2_RB = 8
