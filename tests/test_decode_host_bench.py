@@ -1,0 +1,38 @@
+"""benchmarks/decode_host.py run as a script on a tiny shape: one complete record per weight format,
+round and compile mode, with the host times adding up."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
+        "chunk_size": 16}
+
+
+def test_decode_host_script_records(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),
+                    "--q-bits", "4", "--steps", "3", "--rounds", "1", "--batch", "2", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["q_bits"], r["mode"]) for r in records] == [(None, "inputs"), (None, "constants"),
+                                                            (4, "inputs"), (4, "constants")]
+    # Quantized layers hold weight, scales and biases: more arrays in the tree than the float model.
+    assert records[2]["leaves"] > records[0]["leaves"] > 0
+    for r in records:
+        assert r["batch"] == 2 and r["steps"] == 3
+        assert r["call_ms"] > 0 and r["submit_ms"] >= 0 and r["pipelined_ms"] > 0
+        assert abs(r["host_ms"] - (r["call_ms"] + r["submit_ms"])) < 1e-3
+        assert abs(r["tok_s"] - 2 * 1000 / r["pipelined_ms"]) < 0.01 * r["tok_s"]
+
+
+def test_decode_host_rejects_unknown_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--modes", "eager"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--modes takes inputs and/or constants" in result.stderr
