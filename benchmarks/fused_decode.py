@@ -78,7 +78,8 @@ def main() -> None:
                    help="decode also with the residual stream in the weights' dtype (fuse_projections() sets float32)")
     p.add_argument("--step-kernels", default=None,
                    help="decode with the kernels on once per layout of the gated step kernel (e.g. '2,1'; "
-                        "decode.set_step_kernel_version), in place of the default layout alone")
+                        "decode.set_step_kernel_version; '2@128': layout 2 with 128 threads along the value "
+                        "columns, decode._V2_TX), in place of the default layout alone")
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product settings")
     p.add_argument("--skinny-kernels", default="mma", choices=("mma", "wgmma", "mma,wgmma", "wgmma,mma"),
                    help="one skinny-product setting per kernel (skinny.py's mma.sync, skinny_wgmma.py's wgmma)")
@@ -128,9 +129,17 @@ def main() -> None:
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
     # (False: float products by MLX's matmul, the chain only where the products are quantized))
+    v2_tx = decode._V2_TX
+
+    def step_setting(text: str):
+        """'2' (a layout) or '2@128' (layout 2 with that many threads along the value columns)."""
+        version, _, tx = text.partition("@")
+        name = f"fused decode kernels, step kernel {version}" + (f", {tx} column threads" if tx else "")
+        return name, (int(version), int(tx) if tx else v2_tx)
+
     if args.step_kernels:
-        fused = [(f"fused decode kernels, step kernel {v}", True, True, residual, skinny_default, int(v), True)
-                 for v in args.step_kernels.split(",")]
+        fused = [(name, True, True, residual, skinny_default, version, True)
+                 for name, version in map(step_setting, args.step_kernels.split(","))]
     else:
         fused = [("fused decode kernels", True, True, residual, skinny_default, step_default, True)]
     if args.chain:
@@ -170,6 +179,7 @@ def main() -> None:
                 if late():
                     return
                 decode.set_fused_decode(on)
+                step_version, decode._V2_TX = step_version if isinstance(step_version, tuple) else (step_version, v2_tx)
                 decode.set_step_kernel_version(step_version)
                 skinny.set_skinny_gemm(skinny_on)
                 decode_chain.set_decode_chain(bool(chain_on))
@@ -191,6 +201,7 @@ def main() -> None:
                           **trace_decode(model, size, args.trace_steps, r["ms_per_step"] / 1000)})
         xlarge._queue_layers = queue_layers
         model.residual_dtype = residual
+        decode._V2_TX = v2_tx
         decode.set_fused_decode(True)
         decode_chain.set_decode_chain(True)
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
