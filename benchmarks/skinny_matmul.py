@@ -12,8 +12,9 @@ and the kernel's largest error relative to the float32 product of the same bf16 
 
 ``--kernels mma,wgmma`` picks the kernels (``mma``: skinny.py's ``mma.sync`` kernel with its
 ``--configs``; ``wgmma``: xlstm_metal/kernels/fast/skinny_wgmma.py with its ``--wgmma-configs``,
-``tm,stages[,splits]``). Every method is timed as one compiled function returning all blocks'
-products (one evaluation, the launches encoded without Python in between). ``--floor`` adds, per
+``tm,stages[,splits[,cluster[,swizzle]]]``). Every method is timed as one compiled function
+returning all blocks' products (one evaluation, the launches encoded without Python in between),
+once and twice over: the difference, per product, leaves out each evaluation's fixed cost. ``--floor`` adds, per
 product, a read-only streaming kernel over the same weights (16-byte loads, each block summing
 what it read into one float): the rate a product could reach if reading the weights were all.
 """
@@ -79,11 +80,13 @@ def read_weights(w: mx.array, blocks: int = 132 * 8) -> mx.array:
 
 
 def parse_wgmma_config(text: str) -> tuple[wg.WgmmaConfig, int | None]:
-    """``tm,stages[,splits[,cluster]]``, e.g. ``2,4``, ``1,6,4`` or ``2,4,0,1`` (splits 0: the
-    default; cluster 1: a tile's splits as one thread-block cluster, added in the kernel)."""
+    """``tm,stages[,splits[,cluster[,swizzle]]]``, e.g. ``2,4``, ``1,6,4`` or ``2,4,0,1`` (splits 0:
+    the default; cluster 1: a tile's splits as one thread-block cluster, added in the kernel;
+    swizzle 0: the interleaved shared-memory layout)."""
     vals = [int(v) for v in text.split(",")]
     splits = vals[2] if len(vals) > 2 and vals[2] > 0 else None
-    return wg.WgmmaConfig(tm=vals[0], stages=vals[1], cluster=len(vals) > 3 and vals[3] == 1), splits
+    return wg.WgmmaConfig(tm=vals[0], stages=vals[1], cluster=len(vals) > 3 and vals[3] == 1,
+                          swizzle=len(vals) < 5 or vals[4] == 1), splits
 
 
 def parse_config(text: str) -> SkinnyConfig:
@@ -112,7 +115,7 @@ def main() -> None:
                    help="where the default launch splits k across blocks, time it unsplit too")
     p.add_argument("--kernels", default="mma", help="kernels to time beside MLX's matmul: mma, wgmma")
     p.add_argument("--wgmma-configs", default="",
-                   help="extra wgmma launch shapes, 'tm,stages[,splits[,cluster]]' separated by ';'")
+                   help="extra wgmma launch shapes, 'tm,stages[,splits[,cluster[,swizzle]]]' separated by ';'")
     p.add_argument("--floor", action="store_true", help="also a read-only streaming kernel over the weights")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: skip what begins later")
@@ -147,9 +150,13 @@ def main() -> None:
         nbytes = sum(w.nbytes for w in weights)
 
         def timed(product, x: mx.array) -> float:
-            """ms per block's product: all blocks' products as one compiled function."""
-            f = mx.compile(lambda x, *ws: [product(x, w) for w in ws])
-            return 1000 * bm.median_seconds(lambda: f(x, *weights), args.repeats) / count
+            """ms per block's product, GPU-bound: all blocks' products as one compiled function,
+            once and twice over (the difference: no fixed cost of an evaluation)."""
+            once = mx.compile(lambda x, *ws: [product(x, w) for w in ws])
+            twice = mx.compile(lambda x, *ws: [product(x, w) for w in ws + ws])
+            t1 = bm.median_seconds(lambda: once(x, *weights), args.repeats)
+            t2 = bm.median_seconds(lambda: twice(x, *weights), args.repeats)
+            return 1000 * (t2 - t1) / count
 
         if args.floor and cuda_available():  # a CUDA kernel
             ms = timed(lambda x, w: read_weights(w), mx.zeros((1,)))
@@ -191,7 +198,7 @@ def main() -> None:
                     record("wgmma" + ("" if i else " (default)"),
                            timed(lambda x, w, c=cfg, s=splits: wg.wgmma_matmul(x, w, c, s), x),
                            rel_err(wg.wgmma_matmul(x, weights[0], cfg, splits)),
-                           config=[cfg.tm, cfg.stages, int(cfg.cluster)],
+                           config=[cfg.tm, cfg.stages, int(cfg.cluster), int(cfg.swizzle)],
                            k_splits=wg.k_splits(N, K, cfg, splits, cluster=cfg.cluster))
         del weights
         mx.clear_cache()

@@ -48,7 +48,8 @@ def test_cuda_7b_layer_shapes(M):
 @pytest.mark.parametrize("config", [wg.WgmmaConfig(tm=1, stages=6), wg.WgmmaConfig(tm=2, stages=4),
                                     wg.WgmmaConfig(tm=3, stages=3), wg.WgmmaConfig(tm=4, stages=2),
                                     wg.WgmmaConfig(tm=1, stages=4, cluster=True),
-                                    wg.WgmmaConfig(tm=2, stages=4, cluster=True)])
+                                    wg.WgmmaConfig(tm=2, stages=4, cluster=True),
+                                    wg.WgmmaConfig(tm=2, stages=4, swizzle=False)])
 @pytest.mark.parametrize("M", [5, 24, 64])
 def test_cuda_configs_partial_tiles_and_splits(config, M):
     # N not a multiple of a block's rows, K a multiple of 8 but not of 64: partial tiles, a partial
@@ -79,12 +80,12 @@ def test_cuda_exact_on_small_integers():
     for M, N, K in ((64, 256, 512), (16, 130, 136), (3, 64, 64)):
         xi = rng.integers(-3, 4, (M, K)).astype(np.float32)
         wi = rng.integers(-3, 4, (N, K)).astype(np.float32)
-        for splits, cluster in ((1, False), (2, False), (3, True)):
+        for splits, cluster, swizzle in ((1, False, True), (2, False, True), (3, True, True), (1, False, False)):
             out = wg.wgmma_matmul(mx.array(xi).astype(mx.bfloat16), mx.array(wi).astype(mx.bfloat16),
-                                  wg.WgmmaConfig(tm=1, stages=3, cluster=cluster), splits)
+                                  wg.WgmmaConfig(tm=1, stages=3, cluster=cluster, swizzle=swizzle), splits)
             want = xi @ wi.T  # exact in float32; the kernel rounds each sum once to bf16 (2^-9)
             got = np.array(out.astype(mx.float32))
-            assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -8), (M, N, K, splits)
+            assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -8), (M, N, K, splits, cluster, swizzle)
 
 
 @cuda

@@ -36,6 +36,7 @@ dispatches to it when the ``wgmma`` product is selected.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -53,16 +54,22 @@ MAX_CLUSTER = 8
 #: Whether the default launch adds a tile's k splits inside the kernel (the splits as one
 #: thread-block cluster, through distributed shared memory) instead of a second kernel.
 CLUSTER = False
+#: Whether the default launch lays its tiles out with the 128-byte swizzle (else interleaved);
+#: ``XLSTM_METAL_WGMMA_SWIZZLE=0`` picks the interleaved layout.
+SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
 
 
 @dataclass(frozen=True)
 class WgmmaConfig:
     """Launch shape: ``tm`` 64-row weight tiles per block (one warpgroup), a ring of ``stages``
-    shared-memory steps of 64 k."""
+    shared-memory steps of 64 k; ``cluster``: a tile's k splits as one thread-block cluster, added
+    in the kernel; ``swizzle``: the tiles in the 128-byte-swizzled layout (else the interleaved
+    one, 8 x 16-byte core matrices)."""
 
     tm: int = 2
     stages: int = 4
     cluster: bool = False
+    swizzle: bool = True
 
     def __post_init__(self):
         if self.tm not in (1, 2, 3, 4) or not 2 <= self.stages <= 12:
@@ -84,8 +91,8 @@ def padded_rows(rows: int) -> int:
 def default_config(rows: int, n: int) -> WgmmaConfig:
     """The launch shape for ``rows`` rows of x and ``n`` output features."""
     if rows <= 16:
-        return WgmmaConfig(tm=2, stages=6, cluster=CLUSTER)
-    return WgmmaConfig(tm=2, stages=4, cluster=CLUSTER)
+        return WgmmaConfig(tm=2, stages=6, cluster=CLUSTER, swizzle=SWIZZLE)
+    return WgmmaConfig(tm=2, stages=4, cluster=CLUSTER, swizzle=SWIZZLE)
 
 
 def k_splits(n: int, k: int, config: WgmmaConfig, requested: int | None = None, cluster: bool = False) -> int:
@@ -131,12 +138,21 @@ __device__ __forceinline__ void xlw_cp_commit() { asm volatile("cp.async.commit_
 template <int PENDING> __device__ __forceinline__ void xlw_cp_wait() {
   asm volatile("cp.async.wait_group %0;\\n" :: "n"(PENDING) : "memory");
 }
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart
+// Shared-memory matrix descriptor, K-major. SWZ: 128-byte swizzle, 8-row groups 1024 bytes apart
 // (the leading offset is unused in this mode), base offset 0 (the ring is 1024-byte aligned).
-__device__ __forceinline__ uint64_t xlw_desc(uint32_t saddr) {
-  return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32)
-         | ((uint64_t)1 << 62);
+// Else no swizzle ("interleaved"): 8 x 16-byte core matrices of 128 contiguous bytes, the next
+// one along k 128 bytes on (leading offset), the next 8 rows 1024 bytes on (stride offset).
+template <bool SWZ> __device__ __forceinline__ uint64_t xlw_desc(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)((SWZ ? 16 : 128) >> 4) << 16)
+         | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)(SWZ ? 1 : 0) << 62);
 }
+// Byte offset of 16-byte piece c (k 8c..8c+7) of row r in a tile of 64 k: SWZ, rows of 128 bytes
+// with the pieces XOR-permuted by r % 8; else 8-row groups of 8 core matrices.
+template <bool SWZ> __device__ __forceinline__ uint32_t xlw_piece(int r, int c) {
+  return SWZ ? r * 128 + ((c ^ (r & 7)) << 4) : (r >> 3) * 1024 + c * 128 + (r & 7) * 16;
+}
+// Start of the k16 slice kk (0..3) of a tile: SWZ, 32 bytes into each row; else 2 core matrices on.
+template <bool SWZ> __device__ __forceinline__ uint32_t xlw_kslice(int kk) { return kk * (SWZ ? 32 : 256); }
 __device__ __forceinline__ void xlw_fence_operand(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
 """ + _wgmma_specializations() + "\n"
 
@@ -162,7 +178,7 @@ _SOURCE = """
 
     // Slot st <- k step s of the block's weight rows and of x, rows of 8 pieces of 16 bytes
     // (consecutive threads: consecutive pieces of a row, whole 128-byte lines), piece c of row r
-    // at r * 128 + 16 (c ^ (r & 7)): the 128-byte swizzle. One commit group per step.
+    // at xlw_piece (SWZ: r * 128 + 16 (c ^ (r & 7)), the 128-byte swizzle). One commit group per step.
     auto issue = [&](int s, int st) {
       const int kb = k0 + s * 64;
       #pragma unroll 4
@@ -173,7 +189,7 @@ _SOURCE = """
         const int src_row = is_w ? row0 + r : r - R;
         const bool ok = s < nsteps && k < k1 && src_row < (is_w ? N : M);
         const T* src = (is_w ? w : x) + (size_t)src_row * K + k;
-        xlw_cp_async16(ring + st * STAGE + r * 128 + ((c ^ (r & 7)) << 4),
+        xlw_cp_async16(ring + st * STAGE + xlw_piece<SWZ>(r, c),
                        ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
       }
       xlw_cp_commit();
@@ -197,9 +213,9 @@ _SOURCE = """
       asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
       #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t db = xlw_desc(slot + R * 128 + kk * 32);
+        const uint64_t db = xlw_desc<SWZ>(slot + R * 128 + xlw_kslice<SWZ>(kk));
         #pragma unroll
-        for (int t = 0; t < TM; ++t) xl_wgmma<NW, T>(acc[t], xlw_desc(slot + t * 64 * 128 + kk * 32), db);
+        for (int t = 0; t < TM; ++t) xl_wgmma<NW, T>(acc[t], xlw_desc<SWZ>(slot + t * 64 * 128 + xlw_kslice<SWZ>(kk)), db);
       }
       asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 0;\\n" ::: "memory");
@@ -327,7 +343,7 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     (y,) = _kernel(cfg.shared_bytes(nw), cs)(
         inputs=[x.reshape(M, K), w],
         template=[("T", x.dtype), ("OT", x.dtype if whole else mx.float32), ("NW", nw), ("TM", cfg.tm),
-                  ("STAGES", cfg.stages), ("CS", cs)],
+                  ("STAGES", cfg.stages), ("CS", cs), ("SWZ", cfg.swizzle)],
         grid=(-(-N // cfg.rows_per_block()) * 128, splits, 1),
         threadgroup=(128, 1, 1),
         output_shapes=[(M, N) if whole else (splits, M, N)],
