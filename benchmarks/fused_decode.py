@@ -81,8 +81,9 @@ def main() -> None:
                         "decode.set_step_kernel_version; '2@128': layout 2 with 128 threads along the value "
                         "columns, decode._V2_TX), in place of the default layout alone")
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product settings")
-    p.add_argument("--skinny-kernels", default="mma", choices=("mma", "wgmma", "mma,wgmma", "wgmma,mma"),
-                   help="one skinny-product setting per kernel (skinny.py's mma.sync, skinny_wgmma.py's wgmma)")
+    p.add_argument("--skinny-kernels", default="mma",
+                   help="one skinny-product setting per kernel, comma-separated: mma (skinny.py's mma.sync), "
+                        "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products)")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -150,7 +151,11 @@ def main() -> None:
                   ("fused decode kernels, chain, 528 blocks", True, True, residual, skinny_default, step_default, {"blocks": 528}),
                   ("fused decode kernels, chain, MLX's float products", True, True, residual, skinny_default, step_default,
                    {"float": False})]
-    skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product"}
+    skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
+                    "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
+    unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)
+    if unknown:
+        p.error(f"unknown --skinny-kernels {sorted(unknown)}; known: {sorted(skinny_names)}")
     settings = {"decode": fused + ([] if args.no_skinny else
                                    [(skinny_names[k], True, True, residual, k, step_default, True)
                                     for k in args.skinny_kernels.split(",")])

@@ -194,3 +194,27 @@ def test_wgmma_vjp_is_the_plain_products(monkeypatch):
     want = mx.grad(loss(lambda a, b: a @ b.T), argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         assert g.shape == r.shape and np.allclose(np.array(g), np.array(r), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_wgmma_by_rows_on_hopper(monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    # The operand checks and the GPU's generation stood in for (they need a GPU): what is under
+    # test is the choice by rows.
+    monkeypatch.setattr(skinny, "skinny_supported", lambda x, w: True)
+    monkeypatch.setattr(skinny, "AUTO_ROWS", range(16, 65))
+    monkeypatch.setattr(skinny, "_hopper", [True])
+    w = mx.zeros((8, 64), dtype=mx.bfloat16)
+    before = skinny_gemm_kernel()
+    try:
+        set_skinny_gemm("auto")
+        assert skinny_gemm_kernel() == "auto" and skinny_gemm_enabled()
+        assert [skinny._kernel_for(mx.zeros((m, 64), dtype=mx.bfloat16), w) for m in (1, 2, 15, 16, 64)] == [
+            "off", "off", "off", "wgmma", "wgmma"]
+        assert skinny._kernel_for(mx.zeros((2, 8, 64), dtype=mx.bfloat16), w) == "wgmma"  # rows: all but the last axis
+        monkeypatch.setattr(skinny, "_hopper", [False])  # another GPU generation: MLX's matmul
+        assert skinny._kernel_for(mx.zeros((16, 64), dtype=mx.bfloat16), w) == "off"
+        set_skinny_gemm("wgmma")  # chosen outright: no check of rows beyond the kernel's own
+        assert skinny._kernel_for(mx.zeros((2, 64), dtype=mx.bfloat16), w) == "wgmma"
+    finally:
+        set_skinny_gemm(before)

@@ -57,8 +57,12 @@ MAX_ROWS = 64
 MIN_ROWS = 2
 
 #: The products :func:`linear_product` can run for 2-64 rows on CUDA: MLX's matmul ("off"), this
-#: module's ``mma.sync`` kernel ("mma") or the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`.
-KERNELS = ("off", "mma", "wgmma")
+#: module's ``mma.sync`` kernel ("mma"), the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`, or
+#: "auto": the wgmma kernel on a compute-capability-9 GPU for :data:`AUTO_ROWS` rows, MLX's
+#: matmul otherwise.
+KERNELS = ("off", "mma", "wgmma", "auto")
+#: Rows of x for which "auto" runs the wgmma kernel (where it beat cuBLASLt in a whole decode step).
+AUTO_ROWS = range(0)
 
 
 def _parse_choice(value) -> str:
@@ -66,9 +70,34 @@ def _parse_choice(value) -> str:
         return "mma"
     if value is False or value in ("", "0", "off"):
         return "off"
-    if value == "wgmma":
-        return "wgmma"
+    if value in ("wgmma", "auto"):
+        return value
     raise ValueError(f"skinny product {value!r}: one of {', '.join(KERNELS)} (or True / False)")
+
+
+_hopper: list[bool] = []
+
+
+def _is_hopper() -> bool:
+    """Whether the GPU has compute capability 9.x (the wgmma kernel's sm_90a)."""
+    if not _hopper:
+        try:
+            _hopper.append(int(mx.device_info(mx.gpu).get("compute_capability_major", 0)) == 9)
+        except (RuntimeError, ValueError, TypeError):
+            _hopper.append(False)
+    return _hopper[0]
+
+
+def _kernel_for(x: mx.array, w: mx.array) -> str:
+    """The product :func:`linear_product` runs for these operands: "off", "mma" or "wgmma"."""
+    if _choice == "off" or not skinny_supported(x, w):
+        return "off"
+    rows = math.prod(x.shape[:-1])
+    if rows < MIN_ROWS:
+        return "off"
+    if _choice == "auto":
+        return "wgmma" if rows in AUTO_ROWS and _is_hopper() else "off"
+    return _choice
 
 
 _choice = _parse_choice(os.environ.get("XLSTM_METAL_SKINNY_GEMM", "0"))
@@ -87,7 +116,8 @@ def skinny_gemm_kernel() -> str:
 
 def set_skinny_gemm(enabled: bool | str) -> None:
     """Select the product for products traced from now on (compiled steps keep theirs): True or
-    "mma" (this module's kernel), "wgmma" (:mod:`.skinny_wgmma`), False or "off" (MLX's matmul)."""
+    "mma" (this module's kernel), "wgmma" (:mod:`.skinny_wgmma`), "auto" (see :data:`KERNELS`),
+    False or "off" (MLX's matmul)."""
     global _choice
     _choice = _parse_choice(enabled)
 
@@ -373,16 +403,17 @@ _wgmma_product.vjp(_plain_products_vjp)
 
 def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
     """Whether :func:`linear_product` runs a kernel of its own (the selected one) for these operands."""
-    return _choice != "off" and skinny_supported(x, w) and math.prod(x.shape[:-1]) >= MIN_ROWS
+    return _kernel_for(x, w) != "off"
 
 
 def linear_product(x: mx.array, w: mx.array) -> mx.array:
     """``x @ w.T`` for x [..., K], w [N, K]: with a kernel selected (:func:`set_skinny_gemm`), that
-    kernel for :data:`MIN_ROWS` to :data:`MAX_ROWS` rows on CUDA (bf16/fp16); MLX's matmul
-    otherwise. Differentiable."""
-    if uses_skinny_kernel(x, w):
-        return (_wgmma_product if _choice == "wgmma" else _skinny_product)(x, w)
-    return x @ w.T
+    kernel for :data:`MIN_ROWS` to :data:`MAX_ROWS` rows on CUDA (bf16/fp16; "auto": see
+    :data:`KERNELS`); MLX's matmul otherwise. Differentiable."""
+    kernel = _kernel_for(x, w)
+    if kernel == "off":
+        return x @ w.T
+    return (_wgmma_product if kernel == "wgmma" else _skinny_product)(x, w)
 
 
 class FastLinear(nn.Linear):
