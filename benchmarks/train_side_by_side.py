@@ -206,7 +206,7 @@ def kernel_category(name: str) -> str:
     return next((cat for cat, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.I)), "other")
 
 
-def summarize_kernels(events: list[dict], steps: int, step_s: float | None = None, top: int = 40) -> dict:
+def summarize_kernels(events: list[dict], steps: int, step_s: float | None = None, top: int = 120) -> dict:
     """GPU time per step by category and the costliest kernels, from chrome-trace events
     (``{"cat": "kernel", "name", "ts", "dur"}``, microseconds) of ``steps`` train steps.
 
@@ -230,7 +230,7 @@ def summarize_kernels(events: list[dict], steps: int, step_s: float | None = Non
         "steps": steps, "kernels_per_step": len(kernels) / steps, "gpu_busy_ms": busy, "span_ms": span,
         "categories": {k: {"ms": v[0] / per, "launches": v[1] / steps}
                        for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1][0])},
-        "top": [{"name": k[:200], "category": kernel_category(k), "ms": v[0] / per, "launches": v[1] / steps}
+        "top": [{"name": k[:320], "category": kernel_category(k), "ms": v[0] / per, "launches": v[1] / steps}
                 for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
     }
     if step_s is not None:

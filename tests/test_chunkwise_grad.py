@@ -125,6 +125,31 @@ def test_gradient_through_the_returned_state(gate_scale, counted_backward):
         assert _rel(a, b) <= 3e-5, (name, _rel(a, b))
 
 
+def _unread_state_check(args, weights, chunk, with_state, counted=None):
+    """Gradients of a loss on h alone: inside ``final_states_unread`` (the backward leaves out
+    the zero cotangents of the final state) equal to those outside, bit for bit; the returned
+    state carries no gradient there (a loss on it differentiates to zero)."""
+    plain = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=False, chunk=chunk)
+    with chunkwise_grad.final_states_unread():
+        unread = _grads(mlstm_chunkwise_fused, args, weights, with_state=with_state, continued=False, chunk=chunk)
+
+        def state_loss(q):
+            _, (C, n, m) = mlstm_chunkwise_fused(q, *args[1:5], None, chunk_size=chunk)
+            return mx.sum(C) + mx.sum(n)
+
+        assert float(mx.max(mx.abs(mx.grad(state_loss)(args[0])))) == 0.0
+    for name, a, b in zip("q k v i f C0 n0 m0".split(), unread, plain):
+        assert mx.array_equal(a, b), name
+    assert float(mx.max(mx.abs(plain[4]))) > 0
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_unread_final_state_gives_the_same_gradients(with_state, counted_backward):
+    args, weights = _inputs(23)
+    _unread_state_check(args, weights, 16, with_state)
+    assert counted_backward
+
+
 def test_custom_vjp_under_compile():
     args, weights = _inputs(11)
     eager = _grads(mlstm_chunkwise_fused, args, weights, with_state=True, continued=False, chunk=16)
@@ -222,6 +247,15 @@ def test_backward_kernels_equal_the_ops_backward(B, NH, S, DQK, DV, chunk, with_
         rtol = 2**-7 if a.dtype == mx.bfloat16 else 0.0
         atol = 1e-4 * np.abs(b32).max()
         assert np.all(np.abs(a32 - b32) <= rtol * np.abs(b32) + atol), (name, np.abs(a32 - b32).max(), atol)
+
+
+@cuda
+@pytest.mark.parametrize("with_state", [False, True])
+def test_unread_final_state_gives_the_same_gradients_on_cuda(with_state):
+    """The backward kernels' path (chunkwise_bwd.fused_backward) inside ``final_states_unread``."""
+    args, weights = _inputs(77, B=2, NH=2, S=200, DQK=64, DV=128, dtype=mx.bfloat16)
+    assert fused_chunkwise_supported(args[0], args[2], 64)
+    _unread_state_check(args, weights, 64, with_state)
 
 
 @cuda

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -113,7 +114,7 @@ def test_cli_step_path_flags(tmp_path):
     assert np.isfinite([r["loss"] for r in records if r["kind"] == "train"]).all()
 
 
-def test_traced_fusion_runs_one_matmul_per_group_with_the_same_gradients(monkeypatch):
+def test_traced_fusion_runs_one_matmul_per_group_with_the_same_gradients(monkeypatch, tmp_path):
     """``fuse_projections=True``: inside the traced loss no projection that reads a shared input
     runs as its own layer (q|k|v|o|i|f and gate|up are one matmul each); the lone ones still do;
     losses and float32 gradients equal the separate layers'; nothing is added to the module tree."""
@@ -140,13 +141,41 @@ def test_traced_fusion_runs_one_matmul_per_group_with_the_same_gradients(monkeyp
     called.clear()
     fused_loss, fused = mx.value_and_grad(make_loss_fn(model, mx.float32, fuse_projections=True))(params, x, y)
     model.update(params)
-    # per block: out_proj and proj_down alone; plus the LM head
-    assert separate == 2 * (6 + 1 + 3) + 1 and len(called) == 2 * 2 + 1
-    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    # Every projection's weight gradient is a GEMM's own (row-major) output or a row slice of
+    # one; autodiff of x @ w.T leaves a transposed view (which the optimizer would copy).
     flat, ref = dict(tree_flatten(fused)), dict(tree_flatten(grads))
+    projections = [k for k in ref if k.endswith(".weight") and "norm" not in k and "embedding" not in k
+                   and not k.startswith("lm_head")]
+    assert len(projections) == 2 * 10
+    assert all(_producer(flat[k], tmp_path) == "Matmul" for k in projections)
+    assert _producer(ref["backbone.blocks.0.ffn.proj_down.weight"], tmp_path) == "Transpose"
+    # per block the lone out_proj and proj_down run as linear_rows_grad too: only the LM head is left
+    assert separate == 2 * (6 + 1 + 3) + 1 and len(called) == 1
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     for name, g in ref.items():
         assert float(mx.max(mx.abs(flat[name] - g))) <= 1e-5 * float(mx.max(mx.abs(g))), name
     assert sorted(k for k, _ in tree_flatten(model.state)) == keys
+
+
+def _producer(array: mx.array, where: Path) -> str:
+    """The primitive that computes the unevaluated ``array`` (through row slices), read from
+    ``mx.export_to_dot``."""
+    import re
+
+    path = where / "graph.dot"
+    mx.export_to_dot(str(path), array)
+    text = path.read_text()
+    labels = dict(re.findall(r'(\d+) \[label ="(\w+)"', text))
+    made_by = {out: prim for prim, out in re.findall(r'^(\d+) -> "(\w+)"$', text, re.M)}
+    inputs: dict[str, list[str]] = {}
+    for src, prim in re.findall(r'^"(\w+)" -> (\d+)$', text, re.M):
+        inputs.setdefault(prim, []).append(src)
+    node = re.search(r'rank=sink; "(\w+)"', text).group(1)
+    label = labels[made_by[node]]
+    while label == "Slice":
+        node = inputs[made_by[node]][0]
+        label = labels[made_by[node]]
+    return label
 
 
 @pytest.mark.parametrize("clip", [1e-3, 0.0])

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from .activations import silu
-from .fused import FusedLayers
+from .fused import FusedLayers, linear_output
 
 _GATE_UP = FusedLayers("_fused_gate_up", ("proj_up_gate", "proj_up"))
 
@@ -32,8 +32,8 @@ class FeedForward(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = _GATE_UP.outputs(self, x)
         if mx.default_device() == mx.cpu:  # the CPU's fast activations (their own vjp)
-            return self.proj_down(silu(gate) * up)
-        return self.proj_down(swiglu(gate, up))
+            return linear_output(self.proj_down, silu(gate) * up)
+        return linear_output(self.proj_down, swiglu(gate, up))
 
 
 @mx.custom_function

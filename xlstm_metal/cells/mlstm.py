@@ -15,7 +15,7 @@ from ..kernels import get_mlstm_kernel, resolve_kernel_name
 from ..kernels.fast.decode import fused_decode_enabled, mlstm_step_gated, output_norm_gate
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
-from .fused import FusedLayers
+from .fused import FusedLayers, linear_output
 from .norms import MultiHeadLayerNorm, soft_cap
 
 
@@ -165,7 +165,7 @@ class mLSTMOutputCell(nn.Module):
 
     def __call__(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
         h_norm = layers.multihead_norm(h.transpose(0, 2, 1, 3))
-        return layers.out_proj(sigmoid(o_preact) * h_norm)
+        return linear_output(layers.out_proj, sigmoid(o_preact) * h_norm)
 
     def fused(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
         """:meth:`__call__` with the norm and output gate as one CUDA launch

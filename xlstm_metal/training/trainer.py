@@ -507,6 +507,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     plain head, no recompute; otherwise the plain head). ``fuse_projections``: layers that read
     the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`)."""
     from ..cells.fused import traced_fusion
+    from ..kernels.fast.chunkwise_grad import final_states_unread
 
     forward = _recomputing_forward(model, recompute)
     fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
@@ -524,7 +525,8 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
 
     def loss_fn(params, inputs, targets):
         model.update(params if compute_dtype == mx.float32 else cast_floating(params, compute_dtype))
-        with traced_fusion(fuse_projections):
+        # The loss reads the logits alone: no layer's final recurrent state carries a gradient.
+        with traced_fusion(fuse_projections), final_states_unread():
             return loss(inputs, targets)
 
     return loss_fn

@@ -785,11 +785,13 @@ def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | N
     return out
 
 
-def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: bool):
+def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: bool, final_grad: bool = True):
     """Gradients of (h, C, n, m) = chunkwise(q, k, v, i, f, C0, n0, m0) by the kernels above.
 
     q, k [B, NH, S, DQK] and v [B, NH, S, DV] bf16 (the forward's kernels ran); i, f [B, NH, S];
     C0, n0, m0 float32. Returns the cotangents of the eight primals in their dtypes.
+    ``final_grad=False``: the final state's cotangents are zero (nothing differentiated reads
+    it), so their terms are left out.
     """
     from .chunkwise_fused import chunk_gates, chunk_states
 
@@ -812,9 +814,12 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     # d i~ = k.dk; the forget gates' log-sigmoid gets the reverse cumulative sum of dF.
     rq = gates[:, :, :, 0].reshape(B, NH, NC * L)[:, :, :S]
     rk = gates[:, :, :, 1].reshape(B, NH, NC * L)[:, :, :S]
-    E_f = _dot(dC_f.astype(f32), C_f, 2) + _dot(dn_f.astype(f32), n_f, 1)  # [B, NH]
-    last = (mx.arange(S) == S - 1).astype(f32)
-    dlog = mx.cumsum(rq - rk + E_f[..., None] * last, axis=-1, reverse=True)
+    if final_grad:
+        E_f = _dot(dC_f.astype(f32), C_f, 2) + _dot(dn_f.astype(f32), n_f, 1)  # [B, NH]
+        last = (mx.arange(S) == S - 1).astype(f32)
+        dlog = mx.cumsum(rq - rk + E_f[..., None] * last, axis=-1, reverse=True)
+    else:
+        dlog = mx.cumsum(rq - rk, axis=-1, reverse=True)
     df = dlog * mx.sigmoid(-f.astype(f32))
     if has_state:
         dm0 = (_dot(dC0, C0, 2) + _dot(dn0, n0, 1))[..., None]
