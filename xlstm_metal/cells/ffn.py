@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import xLSTMConfig
+from ..kernels.fast.train_rows import swiglu_joined, swiglu_joined_supported
 from .activations import silu
 from .fused import FusedLayers, linear_output
 
@@ -30,6 +31,12 @@ class FeedForward(nn.Module):
         _GATE_UP.unfuse(self)
 
     def __call__(self, x: mx.array) -> mx.array:
+        F = self.proj_up.weight.shape[0]
+        if swiglu_joined_supported(x.dtype, F) and self.proj_up_gate.weight.shape[0] == F:
+            # the training step on CUDA: SwiGLU reads the joined gate|up product, one kernel each way
+            joined = _GATE_UP.joined_product(self, x)
+            if joined is not None:
+                return linear_output(self.proj_down, swiglu_joined(joined))
         gate, up = _GATE_UP.outputs(self, x)
         if mx.default_device() == mx.cpu:  # the CPU's fast activations (their own vjp)
             return linear_output(self.proj_down, silu(gate) * up)

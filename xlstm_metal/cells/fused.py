@@ -197,6 +197,11 @@ def _linear_rows_grad_vjp(primals, cotangent, _output):
     return cotangent @ weight, g2.T @ x.reshape(-1, x.shape[-1])
 
 
+def traced_fusion_active() -> bool:
+    """True inside :func:`traced_fusion` (the training step's fast path)."""
+    return _TRACED_FUSION.get()
+
+
 def linear_output(layer: nn.Module, x: mx.array) -> mx.array:
     """``layer(x)``; inside :func:`traced_fusion` (the training step's fast path) a plain
     bias-free ``nn.Linear`` runs as :func:`linear_rows_grad` (row-major weight gradient)."""
@@ -249,6 +254,19 @@ class FusedLayers:
         """Each named layer's output for ``x``, through the fused arrays while they are current."""
         layers, fused = self._current(owner)
         return fused_outputs(x, fused, layers)
+
+    def joined_product(self, owner: nn.Module, x: mx.array) -> mx.array | None:
+        """Inside :func:`traced_fusion`: the product of all named layers as one matmul, their
+        outputs side by side [..., sum of outs] (:func:`linear_rows_grad`), when they are plain
+        bias-free ``nn.Linear`` layers of one group; None otherwise (or outside)."""
+        if not _TRACED_FUSION.get() or owner.get(self.key) is not None:
+            return None
+        layers = self.layers(owner)
+        groups = fusion_groups(layers)
+        if len(groups) != 1 or groups[0][0][0] != "linear" or len(groups[0][1]) != len(layers) \
+                or any("bias" in layer for layer in layers):
+            return None
+        return linear_rows_grad(x, mx.concatenate([layer.weight for layer in layers], axis=0))
 
     def outputs_unbiased(self, owner: nn.Module, x: mx.array, defer: Sequence[int] = ()):
         """:meth:`outputs` as (outputs, biases still to add, deferred group's weight) (see

@@ -13,9 +13,10 @@ import mlx.nn as nn
 from ..config import xLSTMConfig
 from ..kernels import get_mlstm_kernel, resolve_kernel_name
 from ..kernels.fast.decode import fused_decode_enabled, mlstm_step_gated, output_norm_gate
+from ..kernels.fast.train_rows import norm_gate_train, norm_gate_train_supported
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
-from .fused import FusedLayers, linear_output
+from .fused import FusedLayers, linear_output, traced_fusion_active
 from .norms import MultiHeadLayerNorm, soft_cap
 
 
@@ -164,6 +165,11 @@ class mLSTMOutputCell(nn.Module):
         }
 
     def __call__(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
+        norm = layers.multihead_norm
+        if traced_fusion_active() and type(norm) is MultiHeadLayerNorm and norm.force_float32 \
+                and norm_gate_train_supported(h, o_preact, norm.weight):
+            # the training step on CUDA: norm and gate in one kernel each way
+            return linear_output(layers.out_proj, norm_gate_train(h, o_preact, norm.weight, norm.eps))
         h_norm = layers.multihead_norm(h.transpose(0, 2, 1, 3))
         return linear_output(layers.out_proj, sigmoid(o_preact) * h_norm)
 

@@ -1,0 +1,142 @@
+"""The training step's SwiGLU and output-cell kernels (kernels/fast/train_rows.py) against the
+ops they replace, and their wiring into the traced training step (cells: FeedForward,
+mLSTMOutputCell). The kernels run on CUDA only (tests marked ``cuda``); the wiring test runs
+everywhere with ops standing in for the kernels."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import xlstm_metal  # noqa: F401  (BLAS preload before mlx use)
+from xlstm_metal.cells import ffn, mlstm
+from xlstm_metal.cells.ffn import swiglu
+from xlstm_metal.cells.norms import MultiHeadLayerNorm
+from xlstm_metal.config import xLSTMConfig
+from xlstm_metal.kernels.fast import train_rows
+from xlstm_metal.kernels.fast.step import cuda_available
+from xlstm_metal.models.xlstm_large import xLSTMLarge
+from xlstm_metal.training.trainer import init_xlstm_large, make_loss_fn
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def swiglu_split(y: mx.array) -> mx.array:
+    """The ops the joined SwiGLU replaces: split the product, then ``swiglu``."""
+    F = y.shape[-1] // 2
+    gate, up = mx.split(y, [F], axis=-1)
+    return swiglu(gate, up)
+
+
+def norm_gate_ops(h: mx.array, o: mx.array, w: mx.array, eps: float) -> mx.array:
+    """The ops the output-cell kernels replace (mLSTMOutputCell before out_proj)."""
+    B, NH, S, DV = h.shape
+    norm = MultiHeadLayerNorm(NH, DV, eps=eps)
+    norm.weight = w
+    return mx.sigmoid(o) * norm(h.transpose(0, 2, 1, 3))
+
+
+def _bf16(rng, *shape, scale=1.0, shift=0.0):
+    return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(mx.bfloat16)
+
+
+@cuda
+@pytest.mark.parametrize("shape,F", [((3, 37), 64), ((2, 128), 5504)])
+def test_swiglu_joined_is_the_ops_bits(shape, F):
+    """Forward and gradient of the joined product equal split + swiglu (its vjp) bit for bit."""
+    rng = np.random.default_rng(F)
+    y = _bf16(rng, *shape, 2 * F, scale=3.0)
+    cot = _bf16(rng, *shape, F)
+    (a,), (da,) = mx.vjp(train_rows.swiglu_joined, [y], [cot])
+    (b,), (db,) = mx.vjp(swiglu_split, [y], [cot])
+    assert a.dtype == mx.bfloat16 and da.shape == y.shape
+    assert mx.array_equal(a, b) and mx.array_equal(da, db)
+    assert float(mx.max(mx.abs(da[..., :F]))) > 0 and float(mx.max(mx.abs(da[..., F:]))) > 0
+
+
+def _close_bf16(a: mx.array, b: mx.array, atol_rel: float) -> None:
+    a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    scale = np.abs(b32).max()
+    assert scale > 0
+    bad = np.abs(a32 - b32) > 2**-7 * np.abs(b32) + atol_rel * scale  # one bf16 ulp, plus round-off
+    assert not bad.any(), (np.abs(a32 - b32).max(), scale, bad.mean())
+
+
+@cuda
+@pytest.mark.parametrize("B,NH,S,DV", [(2, 4, 40, 512), (1, 2, 300, 256)])
+def test_norm_gate_train_equals_the_ops(B, NH, S, DV):
+    """Output and gradients (h, o~ read as a column slice of a wider product, the weight) against
+    the ops' autodiff: one bf16 ulp apart where the float32 statistics round differently."""
+    rng = np.random.default_rng(S)
+    h = _bf16(rng, B, NH, S, DV, scale=2.0, shift=0.5)
+    wide = _bf16(rng, B, S, 3 * NH * DV + 8, scale=2.0)
+    o = wide[..., NH * DV + 8: 2 * NH * DV + 8]  # strided rows, as the fused projections give it
+    w = _bf16(rng, NH * DV, scale=0.5, shift=1.0)
+    cot = _bf16(rng, B, S, NH * DV)
+    ours = mx.vjp(lambda h, o, w: train_rows.norm_gate_train(h, o, w, 1e-6), [h, o, w], [cot])
+    ref = mx.vjp(lambda h, o, w: norm_gate_ops(h, o, w, 1e-6), [h, o, w], [cot])
+    _close_bf16(ours[0][0], ref[0][0], 1e-3)
+    for name, a, b in zip(("h", "o", "w"), ours[1], ref[1]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        _close_bf16(a, b, 4e-3 if name != "w" else 1e-2)
+
+
+def _step_grads(model, x, y):
+    params = model.trainable_parameters()
+    loss, grads = mx.value_and_grad(make_loss_fn(model, mx.bfloat16, head_loss="fused", fuse_projections=True))(
+        params, x, y)
+    model.update(params)
+    return loss, dict(tree_flatten(grads))
+
+
+@cuda
+def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
+    """A whole model's bf16 loss and gradients in the traced step with the kernels and with
+    ``XLSTM_METAL_TRAIN_ROWS=0`` (the ops): round-off apart."""
+    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
+    model = xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+    loss, ours = _step_grads(model, ids[:, :-1], ids[:, 1:])
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_ROWS", "0")
+    ref_loss, ref = _step_grads(model, ids[:, :-1], ids[:, 1:])
+    assert abs(loss.item() - ref_loss.item()) <= 1e-3 * abs(ref_loss.item())
+    for k, g in ref.items():
+        a, b = np.array(ours[k].astype(mx.float32)), np.array(g.astype(mx.float32))
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max() + 1e-6, (k, np.abs(a - b).max(), np.abs(b).max())
+
+
+def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):
+    """Where the kernels apply, the traced (fused-projection) step calls them once per block with
+    the joined gate|up product and the output cell's h, o~, weight; with ops standing in for
+    the kernels the loss and float32 gradients equal the step without them."""
+    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+    model = xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(4).integers(0, 97, (2, 33)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    params = model.trainable_parameters()
+    loss_fn = make_loss_fn(model, mx.float32, fuse_projections=True)
+    ref_loss, ref = mx.value_and_grad(loss_fn)(params, x, y)
+    model.update(params)
+
+    calls = []
+    monkeypatch.setattr(ffn, "swiglu_joined_supported", lambda dtype, F: True)
+    monkeypatch.setattr(ffn, "swiglu_joined", lambda y: calls.append(("swiglu", y.shape)) or swiglu_split(y))
+    monkeypatch.setattr(mlstm, "norm_gate_train_supported", lambda h, o, w: True)
+    monkeypatch.setattr(mlstm, "norm_gate_train",
+                        lambda h, o, w, eps: calls.append(("norm", h.shape, o.shape)) or norm_gate_ops(h, o, w, eps))
+    loss, grads = mx.value_and_grad(loss_fn)(params, x, y)
+    model.update(params)
+    F, E, NH = config.ffn_dim, config.embedding_dim, config.num_heads
+    assert calls == [("norm", (2, NH, 32, E // NH), (2, 32, E)), ("swiglu", (2, 32, 2 * F))] * 2
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    flat, ref = dict(tree_flatten(grads)), dict(tree_flatten(ref))
+    for k, g in ref.items():
+        assert float(mx.max(mx.abs(flat[k] - g))) <= 1e-5 * float(mx.max(mx.abs(g))) + 1e-12, k
+    # Outside the traced step (inference, the plain training step) neither runs.
+    calls.clear()
+    model(x)
+    assert calls == []

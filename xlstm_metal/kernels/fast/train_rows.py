@@ -1,0 +1,330 @@
+"""Training-step elementwise work as CUDA kernels with their own vjps (issue 19 item 3).
+
+In the compiled 1.3b train step (8,192 tokens, H200, CUPTI trace of GPU round S5R3) MLX ran the
+SwiGLU and the mLSTM output cell (multi-head LayerNorm, output gate) as a dozen launches per
+block: unfused ``Sigmoid`` and ``Multiply`` kernels over strided column slices of the fused
+projections' outputs (4.2 + 5.0 ms per step), float32 copies for the LayerNorm and back, its
+forward and vjp kernels, the weight's column reduction, and the concatenation that the split of
+the fused gate|up product costs in the backward. Here each is one kernel forward and one
+backward:
+
+- :func:`swiglu_joined`: ``silu(gate) * up`` from the fused gate|up product [..., 2F] itself
+  (no split); its vjp writes the gradient of that product [..., 2F] in one pass (no
+  concatenation). The rounding of every bf16 operation is the ops', in the ops' order, with
+  MLX's own ``Sigmoid``, so forward and gradients are the bits of :func:`~xlstm_metal.cells.ffn.swiglu`
+  (tests/test_cuda_train_rows.py).
+- :func:`norm_gate_train`: ``sigmoid(o~) * MultiHeadLayerNorm(h)`` by the prompt kernel
+  :func:`~xlstm_metal.kernels.fast.norm_rows.norm_gate_rows`, and a backward kernel, one warp
+  per (token, head) as there, that recomputes the row's statistics and writes dh (in h's
+  [B, NH, S, DV] layout, which the chunkwise backward reads), do~, and per-warp partial sums of
+  the weight's gradient. Float32 sums in another order than MLX's layer_norm kernels: equal to
+  round-off (one bf16 ulp here and there).
+
+Both run on CUDA for bf16 / fp16 operands; :func:`swiglu_joined_supported` /
+:func:`norm_gate_train_supported` say when. ``XLSTM_METAL_TRAIN_ROWS=0`` turns both off
+(comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import mlx.core as mx
+
+from .norm_rows import _NORM_GATE_HEADER, norm_gate_rows, norm_gate_rows_supported
+from .step import cuda_available
+
+_kernels: dict[tuple, object] = {}
+
+
+def train_rows_enabled() -> bool:
+    """On CUDA unless ``XLSTM_METAL_TRAIN_ROWS=0``."""
+    return cuda_available() and os.environ.get("XLSTM_METAL_TRAIN_ROWS", "1") != "0"
+
+
+# ---------------------------------------------------------------------------------- SwiGLU
+_SWIGLU_HEADER = """
+#include "mlx/backend/cuda/device/unary_ops.cuh"
+"""
+
+# y [rows, 2F] row-contiguous; thread -> 8 consecutive columns of one row (F % 8 == 0).
+# Forward: out = (gate * sigmoid(gate)) * up, each product rounded to T (nn.silu, then * up).
+_SWIGLU_FWD = """
+    const size_t groups = static_cast<size_t>(y_shape[0]) * (F / 8);
+    const size_t gid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (gid >= groups) return;
+    const size_t row = gid / (F / 8);
+    const size_t col = (gid % (F / 8)) * 8;
+    const T* yr = y + row * (2 * F);
+    __align__(16) T g[8];
+    __align__(16) T u[8];
+    __align__(16) T r[8];
+    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(yr + col);
+    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(yr + F + col);
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const T s = Sigmoid{}(g[e]);
+        const T silu = g[e] * s;
+        r[e] = silu * u[e];
+    }
+    *reinterpret_cast<uint4*>(out + row * F + col) = *reinterpret_cast<const uint4*>(r);
+"""
+
+# Backward, the ops of cells.ffn._swiglu_vjp in their order:
+#   s = sigmoid(gate); d_silu = c * up
+#   d_gate = d_silu * s + (d_silu * gate) * (s * (1 - s));  d_up = c * (gate * s)
+_SWIGLU_BWD = """
+    const size_t groups = static_cast<size_t>(y_shape[0]) * (F / 8);
+    const size_t gid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (gid >= groups) return;
+    const size_t row = gid / (F / 8);
+    const size_t col = (gid % (F / 8)) * 8;
+    const T* yr = y + row * (2 * F);
+    __align__(16) T g[8];
+    __align__(16) T u[8];
+    __align__(16) T c[8];
+    __align__(16) T dg[8];
+    __align__(16) T du[8];
+    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(yr + col);
+    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(yr + F + col);
+    *reinterpret_cast<uint4*>(c) = *reinterpret_cast<const uint4*>(cot + row * F + col);
+    const T one = static_cast<T>(1.0f);
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const T s = Sigmoid{}(g[e]);
+        const T d_silu = c[e] * u[e];
+        const T a = d_silu * s;
+        const T b = d_silu * g[e];
+        const T ds = s * (one - s);
+        dg[e] = a + b * ds;
+        du[e] = c[e] * (g[e] * s);
+    }
+    T* dr = dy + row * (2 * F);
+    *reinterpret_cast<uint4*>(dr + col) = *reinterpret_cast<const uint4*>(dg);
+    *reinterpret_cast<uint4*>(dr + F + col) = *reinterpret_cast<const uint4*>(du);
+"""
+
+_THREADS = 256
+
+
+def _swiglu_kernel(which: str):
+    kernel = _kernels.get(("swiglu", which))
+    if kernel is None:
+        fwd = which == "fwd"
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_train_swiglu_{which}",
+            input_names=["y"] if fwd else ["y", "cot"],
+            output_names=["out"] if fwd else ["dy"],
+            source=_SWIGLU_FWD if fwd else _SWIGLU_BWD,
+            header=_SWIGLU_HEADER,
+        )
+        _kernels[("swiglu", which)] = kernel
+    return kernel
+
+
+def _swiglu_launch(which: str, inputs: list[mx.array], F: int, out_cols: int) -> mx.array:
+    rows = inputs[0].size // (2 * F)
+    groups = rows * (F // 8)
+    y = inputs[0]
+    (out,) = _swiglu_kernel(which)(
+        inputs=[a.reshape(rows, a.shape[-1]) for a in inputs],
+        template=[("T", y.dtype), ("F", F)],
+        grid=(-(-groups // _THREADS) * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(rows, out_cols)],
+        output_dtypes=[y.dtype],
+    )
+    return out.reshape(*y.shape[:-1], out_cols)
+
+
+def swiglu_joined_supported(dtype: mx.Dtype, F: int) -> bool:
+    """Whether :func:`swiglu_joined` runs its kernels for a gate|up product [..., 2F] of
+    ``dtype``: CUDA, bf16 / fp16, F a multiple of 8 (16-byte accesses)."""
+    return train_rows_enabled() and dtype in (mx.bfloat16, mx.float16) and F % 8 == 0
+
+
+@mx.custom_function
+def swiglu_joined(y: mx.array) -> mx.array:
+    """``silu(gate) * up`` of the fused product y = [gate | up] [..., 2F] -> [..., F], one CUDA
+    kernel (see the module docstring); its vjp returns the gradient of y [..., 2F] from one
+    kernel. Only where :func:`swiglu_joined_supported`."""
+    F = y.shape[-1] // 2
+    return _swiglu_launch("fwd", [y], F, F)
+
+
+@swiglu_joined.vjp
+def _swiglu_joined_vjp(primals, cotangent, _output):
+    y = primals[0] if isinstance(primals, (list, tuple)) else primals  # one input: MLX passes it alone
+    F = y.shape[-1] // 2
+    return _swiglu_launch("bwd", [y, cotangent.astype(y.dtype)], F, 2 * F)
+
+
+# ------------------------------------------------------------- output gate + multi-head norm
+# One warp per (token, head) row of DV values (8 consecutive per lane, DV / 256 groups), TPW
+# tokens per warp, all of one head (blockIdx.y): the warp sums its rows' shares of the weight's
+# gradient and writes them as one row of dw_part [warps, NH * DV] (float32).
+_NORM_GATE_BWD = """
+    constexpr int GROUPS = DV / 256;
+    const int lane = threadIdx.x & 31;
+    const int hd = blockIdx.y;
+    const int B = h_shape[0];
+    const int S = h_shape[2];
+    const int tokens = B * S;
+    const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const T* wr = w + static_cast<int64_t>(hd) * DV * w_strides[0];
+    const bool w_vec = w_strides[0] == 1 && (reinterpret_cast<uintptr_t>(wr) & 15) == 0;
+    float ws[GROUPS][8];
+    float dw[GROUPS][8];
+    #pragma unroll
+    for (int u = 0; u < GROUPS; ++u) {
+        xl_load8(wr + (u * 256 + lane * 8) * w_strides[0], w_strides[0], w_vec, ws[u]);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) dw[u][e] = 0.0f;
+    }
+    const T one = static_cast<T>(1.0f);
+    for (int i = 0; i < TPW; ++i) {
+        const int bt = warp * TPW + i;
+        if (bt >= tokens) break;
+        const int b = bt / S;
+        const int t = bt % S;
+        const T* hr = h + b * h_strides[0] + hd * h_strides[1] + t * h_strides[2];
+        const T* orow = o + b * o_strides[0] + t * o_strides[1] + static_cast<int64_t>(hd) * DV * o_strides[2];
+        const T* crow = cot + b * cot_strides[0] + t * cot_strides[1] + static_cast<int64_t>(hd) * DV * cot_strides[2];
+        const bool h_vec = h_strides[3] == 1 && (reinterpret_cast<uintptr_t>(hr) & 15) == 0;
+        const bool o_vec = o_strides[2] == 1 && (reinterpret_cast<uintptr_t>(orow) & 15) == 0;
+        const bool c_vec = cot_strides[2] == 1 && (reinterpret_cast<uintptr_t>(crow) & 15) == 0;
+        float xs[GROUPS][8];
+        float p[8];
+        // The row's statistics as the forward kernel (norm_gate_rows) computes them.
+        #pragma unroll
+        for (int u = 0; u < GROUPS; ++u)
+            xl_load8(hr + (u * 256 + lane * 8) * h_strides[3], h_strides[3], h_vec, xs[u]);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            p[e] = 0.0f;
+            #pragma unroll
+            for (int u = 0; u < GROUPS; ++u) p[e] += xs[u][e];
+        }
+        const float mean = xl_row_sum(p) / DV;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            p[e] = 0.0f;
+            #pragma unroll
+            for (int u = 0; u < GROUPS; ++u) {
+                const float d = xs[u][e] - mean;
+                p[e] += __fmul_rn(d, d);
+            }
+        }
+        const float rstd = rsqrtf(xl_row_sum(p) / DV + EPS);
+        // Elementwise part, the ops' roundings: n = T(xhat); hn = n * w; s = T(sigmoid(o~));
+        // ds = c * hn; dhn = c * s; do~ = ds * (s * (1 - s)); dn = dhn * w; dw += dhn * n.
+        float g[GROUPS][8];
+        float q[8];  // this lane's sum of g, then of g * xhat
+        float r[8];
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) { q[e] = 0.0f; r[e] = 0.0f; }
+        T* do_row = do_out + (static_cast<size_t>(bt) * NH + hd) * DV;
+        #pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            const int j = u * 256 + lane * 8;
+            float os[8], cs[8];
+            xl_load8(orow + j * o_strides[2], o_strides[2], o_vec, os);
+            xl_load8(crow + j * cot_strides[2], cot_strides[2], c_vec, cs);
+            __align__(16) T dov[8];
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float xhat = (xs[u][e] - mean) * rstd;
+                const T n = static_cast<T>(xhat);
+                const T hn = n * static_cast<T>(ws[u][e]);
+                const T s = static_cast<T>(1.0f / (1.0f + expf(-os[e])));
+                const T c = static_cast<T>(cs[e]);
+                const T ds = c * hn;
+                const T dhn = c * s;
+                dov[e] = ds * (s * (one - s));
+                const T dn = dhn * static_cast<T>(ws[u][e]);
+                dw[u][e] += static_cast<float>(dhn * n);
+                g[u][e] = static_cast<float>(dn);
+                q[e] += g[u][e];
+                r[e] += g[u][e] * xhat;
+                xs[u][e] = xhat;
+            }
+            *reinterpret_cast<uint4*>(do_row + j) = *reinterpret_cast<const uint4*>(dov);
+        }
+        const float mg = xl_row_sum(q) / DV;
+        const float mgx = xl_row_sum(r) / DV;
+        T* dh_row = dh + ((static_cast<size_t>(b) * NH + hd) * S + t) * DV;
+        #pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            __align__(16) T dx[8];
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) dx[e] = static_cast<T>(rstd * (g[u][e] - mg - xs[u][e] * mgx));
+            *reinterpret_cast<uint4*>(dh_row + u * 256 + lane * 8) = *reinterpret_cast<const uint4*>(dx);
+        }
+    }
+    float* dw_row = dw_part + static_cast<size_t>(warp) * (NH * DV) + hd * DV;
+    #pragma unroll
+    for (int u = 0; u < GROUPS; ++u) {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) dw_row[u * 256 + lane * 8 + e] = dw[u][e];
+    }
+"""
+
+_WARPS = 8  # per block
+_TPW = 16  # tokens per warp
+
+
+def norm_gate_train_supported(h: mx.array, o_preact: mx.array, weight: mx.array) -> bool:
+    """Whether :func:`norm_gate_train` runs its kernels: CUDA, h [B, NH, S, DV] with S > 1 and
+    DV a multiple of 256, o~ and the weight in h's dtype (bf16 / fp16)."""
+    return (train_rows_enabled() and h.ndim == 4 and h.shape[2] > 1 and norm_gate_rows_supported(h, weight)
+            and o_preact.dtype == h.dtype)
+
+
+_norm_gates: dict[float, Callable] = {}
+
+
+def norm_gate_train(h: mx.array, o_preact: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """``sigmoid(o~) * MultiHeadLayerNorm(h)`` (the output cell before out_proj) with a vjp:
+    h [B, NH, S, DV], o~ [B, S, NH * DV], weight [NH * DV] (one dtype, any strides) ->
+    [B, S, NH * DV]. Only where :func:`norm_gate_train_supported`."""
+    fn = _norm_gates.get(float(eps))
+    if fn is None:
+        fn = _make_norm_gate(float(eps))
+        _norm_gates[float(eps)] = fn
+    return fn(h, o_preact, weight)
+
+
+def _make_norm_gate(eps: float) -> Callable:
+    @mx.custom_function
+    def fn(h, o, w):
+        return norm_gate_rows(h, o, w, eps)
+
+    @fn.vjp
+    def fn_vjp(primals, cotangent, _output):
+        h, o, w = primals
+        B, NH, S, DV = h.shape
+        kernel = _kernels.get(("norm_gate_bwd", eps))
+        if kernel is None:
+            kernel = mx.fast.cuda_kernel(
+                name=f"xlstm_train_norm_gate_bwd_{len(_kernels)}",
+                input_names=["h", "o", "w", "cot"],
+                output_names=["dh", "do_out", "dw_part"],
+                source=_NORM_GATE_BWD.replace("EPS", f"{eps!r}f"),
+                header=_NORM_GATE_HEADER,
+                ensure_row_contiguous=False,
+            )
+            _kernels[("norm_gate_bwd", eps)] = kernel
+        warps = -(-(B * S) // _TPW)
+        blocks = -(-warps // _WARPS)
+        dh, do, dw_part = kernel(
+            inputs=[h, o, w, cotangent.astype(h.dtype)],
+            template=[("T", h.dtype), ("NH", NH), ("DV", DV), ("TPW", _TPW)],
+            grid=(blocks * 32 * _WARPS, NH, 1),
+            threadgroup=(32 * _WARPS, 1, 1),
+            output_shapes=[(B, NH, S, DV), (B, S, NH * DV), (blocks * _WARPS, NH * DV)],
+            output_dtypes=[h.dtype, h.dtype, mx.float32],
+        )  # every warp of the grid writes its row of dw_part (zeros past the last token)
+        return dh, do, dw_part.sum(axis=0).astype(w.dtype)
+
+    return fn
