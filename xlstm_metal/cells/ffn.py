@@ -31,8 +31,9 @@ class FeedForward(nn.Module):
         _GATE_UP.unfuse(self)
 
     def __call__(self, x: mx.array) -> mx.array:
-        F = self.proj_up.weight.shape[0]
-        if swiglu_joined_supported(x.dtype, F) and self.proj_up_gate.weight.shape[0] == F:
+        gate_layer, up_layer = self.proj_up_gate, self.proj_up
+        if "weight" in gate_layer and "weight" in up_layer and gate_layer.weight.shape == up_layer.weight.shape \
+                and swiglu_joined_supported(x.dtype, up_layer.weight.shape[0]):
             # the training step on CUDA: SwiGLU reads the joined gate|up product, one kernel each way
             joined = _GATE_UP.joined_product(self, x)
             if joined is not None:
