@@ -369,13 +369,15 @@ _REVERSE_SOURCE = """
     #pragma unroll
     for (int nt = 0; nt < JT / 8; ++nt) {
         const int col = j0 + nt * 8 + 2 * tq;
-        acc[nt][0] = dC_f[state_off + static_cast<size_t>(r0) * DV + col];
-        acc[nt][1] = dC_f[state_off + static_cast<size_t>(r0) * DV + col + 1];
-        acc[nt][2] = dC_f[state_off + static_cast<size_t>(r0 + 8) * DV + col];
-        acc[nt][3] = dC_f[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1];
+        // FINAL false: the final state's cotangent is zero (nothing read it) and dC_f, dn_f are
+        // placeholders, not read.
+        acc[nt][0] = FINAL ? dC_f[state_off + static_cast<size_t>(r0) * DV + col] : 0.0f;
+        acc[nt][1] = FINAL ? dC_f[state_off + static_cast<size_t>(r0) * DV + col + 1] : 0.0f;
+        acc[nt][2] = FINAL ? dC_f[state_off + static_cast<size_t>(r0 + 8) * DV + col] : 0.0f;
+        acc[nt][3] = FINAL ? dC_f[state_off + static_cast<size_t>(r0 + 8) * DV + col + 1] : 0.0f;
     }
-    float n_reg0 = dn_f[static_cast<size_t>(bh) * DQK + r0];
-    float n_reg1 = dn_f[static_cast<size_t>(bh) * DQK + r0 + 8];
+    float n_reg0 = FINAL ? dn_f[static_cast<size_t>(bh) * DQK + r0] : 0.0f;
+    float n_reg1 = FINAL ? dn_f[static_cast<size_t>(bh) * DQK + r0 + 8] : 0.0f;
     const bool writes_n = blockIdx.x == 0 && tq == 0;
 
     uint4 kpre[KV], vpre[VV];
@@ -742,14 +744,20 @@ def rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps: float):
 
 def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
     """The cotangents of the states leaving every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK])
-    and of the initial state ([B, NH, DQK, DV], [B, NH, DQK])."""
+    and of the initial state ([B, NH, DQK, DV], [B, NH, DQK]). ``dC_f`` / ``dn_f`` None: the
+    final state's cotangents are zero (not read: no copies of a broadcast zero)."""
     B, NH, _, dqk = q.shape
     dv_ = dh.shape[-1]
     NC, L = bcum.shape[2:]
+    final = dC_f is not None
+    if final:
+        dC_f, dn_f = mx.contiguous(dC_f.astype(mx.float32)), mx.contiguous(dn_f.astype(mx.float32))
+    else:
+        dC_f = dn_f = m_final  # placeholders (the kernel's fixed inputs)
     return _kernel("reverse")(
-        inputs=[q, dh, bcum, rowst, m_enter, m_final, mx.contiguous(dC_f.astype(mx.float32)),
-                mx.contiguous(dn_f.astype(mx.float32))],
-        template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_), ("TERMS", _terms())],
+        inputs=[q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f],
+        template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_), ("TERMS", _terms()),
+                  ("FINAL", final)],
         grid=(dv_ // _JT * 128, dqk // 64, B * NH), threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv_), (B, NH, NC, dqk), (B, NH, dqk, dv_), (B, NH, dqk)],
         output_dtypes=[mx.float32] * 4)
@@ -806,7 +814,7 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
     Y, qyp = y(q, k, dh, bcum, igc, C_enter)
     rowst, dP, St = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
-    dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, dC_f, dn_f)
+    dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, *((dC_f, dn_f) if final_grad else (None, None)))
     dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_fin, dC_out, dn_out)
     dv_ = dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out)
 
