@@ -503,7 +503,8 @@ _DQDK_SOURCE = (_PRELUDE + """
         for (int h = 0; h < 2; ++h) {
             const int r = rr + 8 * h;
             if (r < rows_left) {
-                const size_t row = (static_cast<size_t>(bh) * S + c * L + r) * DQK + d0;
+                // [B, S, NH, DQK]: the layout of the projections q, k are views of
+                const size_t row = ((static_cast<size_t>(b) * S + c * L + r) * NH + hd) * DQK + d0;
                 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
                     const int col = nt * 8 + 2 * tq;
@@ -591,7 +592,7 @@ _DV_SOURCE = (_PRELUDE + """
         for (int h = 0; h < 2; ++h) {
             const int r = rr + 8 * h;
             if (r < rows_left) {
-                GT* out = dv + (static_cast<size_t>(bh) * S + c * L + r) * DV + j0;
+                GT* out = dv + ((static_cast<size_t>(b) * S + c * L + r) * NH + hd) * DV + j0;  // [B, S, NH, DV]
                 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
                     const int col = nt * 8 + 2 * tq;
@@ -766,7 +767,10 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
 def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out,
          split: bool | None = None):
     """dq, dk [B, NH, S, DQK] (q's dtype) and per step (q.dq, k.dk) [B, NH, NC, 2, L] float32.
-    ``split``: one block per 64 columns of DQK (else one per chunk, looping over them)."""
+    ``split``: one block per 64 columns of DQK (else one per chunk, looping over them).
+    dq and dk are written [B, S, NH, DQK] (returned as transposed views): the layout of the
+    projections' output that q and k are views of, so autodiff's way back to it (transpose,
+    reshape) copies nothing."""
     B, NH, S, dqk = q.shape
     NC, L = bcum.shape[2:]
     tiles = dqk // 64 if _split(split) else 1
@@ -774,13 +778,15 @@ def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out
         inputs=[q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
-        output_shapes=[(B, NH, S, dqk), (B, NH, S, dqk), (B, NH, NC, tiles, 2, L)],
+        output_shapes=[(B, S, NH, dqk), (B, S, NH, dqk), (B, NH, NC, tiles, 2, L)],
         output_dtypes=[q.dtype, q.dtype, mx.float32])
-    return dq, dk, gates.sum(axis=3) if tiles > 1 else gates[:, :, :, 0]
+    return (dq.transpose(0, 2, 1, 3), dk.transpose(0, 2, 1, 3),
+            gates.sum(axis=3) if tiles > 1 else gates[:, :, :, 0])
 
 
 def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | None = None):
-    """dv [B, NH, S, DV] (q's dtype). ``split``: one block per 64 columns of DV."""
+    """dv [B, NH, S, DV] (q's dtype; written [B, S, NH, DV], returned as a transposed view, as
+    :func:`dqdk`). ``split``: one block per 64 columns of DV."""
     B, NH, S, dqk = q.shape
     dv_ = dh.shape[-1]
     NC, L = bcum.shape[2:]
@@ -789,8 +795,8 @@ def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | N
         inputs=[q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out],
         template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype), ("TERMS", _terms())],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
-        output_shapes=[(B, NH, S, dv_)], output_dtypes=[q.dtype])
-    return out
+        output_shapes=[(B, S, NH, dv_)], output_dtypes=[q.dtype])
+    return out.transpose(0, 2, 1, 3)
 
 
 def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: bool, final_grad: bool = True):
