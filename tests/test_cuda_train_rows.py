@@ -140,3 +140,16 @@ def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypat
     calls.clear()
     model(x)
     assert calls == []
+
+
+@cuda
+def test_cast_joined_is_the_cast_and_concatenation():
+    """One kernel for a projection group's compute copy: the bits of the casts + concatenation,
+    at the 1.3b mLSTM layer's shapes (q, k, v, o~, i~, f~) and an FFN's (gate, up)."""
+    rng = np.random.default_rng(7)
+    for rows, E in (((1024, 1024, 2048, 2048, 4, 4), 2048), ((5504, 5504), 2048), ((3, 5), 12)):
+        members = [mx.array(rng.standard_normal((r, E)).astype(np.float32)) for r in rows]
+        ours = train_rows.cast_joined(members, mx.bfloat16)
+        ref = mx.concatenate([w.astype(mx.bfloat16) for w in members], axis=0)
+        assert ours.shape == ref.shape and ours.dtype == mx.bfloat16
+        assert mx.array_equal(ours, ref), rows

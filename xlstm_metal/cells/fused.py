@@ -160,6 +160,23 @@ def gemv_layout(weight: mx.array) -> mx.array:
 
 
 _TRACED_FUSION = contextvars.ContextVar("xlstm_metal_traced_fusion", default=False)
+_JOINED_WEIGHTS: contextvars.ContextVar[dict[int, list[mx.array]] | None] = contextvars.ContextVar(
+    "xlstm_metal_joined_weights", default=None)
+
+
+@contextlib.contextmanager
+def joined_weights(weights: dict[int, list[mx.array]]) -> Iterator[None]:
+    """Inside (with :func:`traced_fusion`): the groups of the owner module ``m`` with
+    ``id(m)`` in ``weights`` run on the given joined weights, one [sum of outs, in] array per
+    group of :func:`fusion_groups` in order, instead of concatenating their layers' weights in
+    the traced graph. The training step builds them in one kernel per group
+    (:func:`~xlstm_metal.kernels.fast.train_rows.cast_joined`) from the float32 masters and
+    differentiates with respect to them."""
+    token = _JOINED_WEIGHTS.set(weights)
+    try:
+        yield
+    finally:
+        _JOINED_WEIGHTS.reset(token)
 
 
 @contextlib.contextmanager
@@ -247,7 +264,8 @@ class FusedLayers:
         if fused is not None and owner.__dict__.get(self.key + "_ids") != layer_ids(layers):
             fused = None  # a layer was replaced in the tree since fuse_projections(): run what the tree holds
         if fused is None and _TRACED_FUSION.get():
-            fused = traced_groups(layers)
+            given = (_JOINED_WEIGHTS.get() or {}).get(id(owner))
+            fused = [{"weight": w} for w in given] if given is not None else traced_groups(layers)
         return layers, fused
 
     def outputs(self, owner: nn.Module, x: mx.array) -> list[mx.array]:
@@ -266,7 +284,9 @@ class FusedLayers:
         if len(groups) != 1 or groups[0][0][0] != "linear" or len(groups[0][1]) != len(layers) \
                 or any("bias" in layer for layer in layers):
             return None
-        return linear_rows_grad(x, mx.concatenate([layer.weight for layer in layers], axis=0))
+        given = (_JOINED_WEIGHTS.get() or {}).get(id(owner))
+        weight = given[0] if given is not None else mx.concatenate([layer.weight for layer in layers], axis=0)
+        return linear_rows_grad(x, weight)
 
     def outputs_unbiased(self, owner: nn.Module, x: mx.array, defer: Sequence[int] = ()):
         """:meth:`outputs` as (outputs, biases still to add, deferred group's weight) (see

@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from ..distributed import DistributedError, agree, is_main, size_and_rank
+from ..kernels.fast.train_rows import cast_joined
 from ..monitor import current_job
 from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
@@ -532,6 +533,64 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     return loss_fn
 
 
+def joined_weight_groups(model) -> list[tuple[nn.Module, list[list[str]]]]:
+    """The modules whose projections the traced training step runs as one matmul per group
+    (:func:`~xlstm_metal.cells.fused.traced_fusion`: each xLSTM-Large mLSTM layer's q|k|v|o|i|f,
+    each FFN's gate|up), with the trainable parameter paths of each group's weights in group
+    order. Modules fused for inference or with frozen or non-float32 members are left out (the
+    step concatenates those in the traced graph as before)."""
+    from ..cells.ffn import _GATE_UP, FeedForward
+    from ..cells.fused import fusion_groups
+    from ..neurons.mlstm import mLSTMNeuron
+
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, mLSTMNeuron):
+            fusion = module.projection_cell.fusion
+        elif type(module) is FeedForward:
+            fusion = _GATE_UP
+        else:
+            continue
+        if fusion.key in module:
+            continue
+        groups = fusion_groups(fusion.layers(module))
+        if not groups or any(kind[0] != "linear" for kind, _ in groups):
+            continue
+        prefix = f"{path}." if path else ""
+        paths = [[f"{prefix}{fusion.names[j]}.weight" for j in members] for _, members in groups]
+        if all(p in trainable and trainable[p].dtype == mx.float32 for group in paths for p in group):
+            found.append((module, paths))
+    return found
+
+
+def _joined_loss(loss_fn: Callable, joined: list[tuple[nn.Module, list[list[str]]]]) -> Callable:
+    """((compute copies without the joined groups' members, [per module: [joined weight per
+    group]]), inputs, targets) -> ``loss_fn``'s loss, the groups running on the joined weights."""
+    from ..cells.fused import joined_weights
+
+    def loss(copies_and_joined, inputs, targets):
+        copies, buffers = copies_and_joined
+        with joined_weights({id(module): bufs for (module, _), bufs in zip(joined, buffers)}):
+            return loss_fn(copies, inputs, targets)
+
+    return loss
+
+
+def _split_joined_grads(g_copies, g_buffers, joined, flat_params: dict[str, mx.array]):
+    """The gradient tree of the parameters: ``g_copies``' entries and, for each joined group's
+    members, row views of the group's gradient."""
+    flat = dict(tree_flatten(g_copies))
+    for (_, groups), bufs in zip(joined, g_buffers):
+        for paths, g in zip(groups, bufs):
+            start = 0
+            for p in paths:
+                rows = flat_params[p].shape[0]
+                flat[p] = g[start : start + rows]
+                start += rows
+    return tree_unflatten(list(flat.items()))
+
+
 def stream_fingerprint(stream: np.ndarray) -> str:
     """Identifies a token stream (to refuse resuming on different data)."""
     return f"{len(stream)}:{hashlib.sha1(np.ascontiguousarray(stream[:1_000_000]).tobytes()).hexdigest()[:16]}"
@@ -730,9 +789,27 @@ class Trainer:
         state = [model.state, optimizer.state, mx.random.state]
         dtype = self.compute_dtype
 
+        # bf16 compute with fused projections: each group of projections the traced step runs as
+        # one matmul gets its compute copy joined in one cast (no per-layer casts and concatenation)
+        # and is differentiated as a whole (its layers' gradients are row views of the group's).
+        joined = joined_weight_groups(model) if half and cfg.fuse_projections and cfg.recompute == "none" else []
+        if joined:
+            grad_joined = mx.value_and_grad(_joined_loss(make_loss_fn(
+                model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections), joined))
+
         def train_step(inputs, targets):
             params = model.trainable_parameters()
-            if half:
+            norm_tree = None
+            if joined:
+                flat = dict(tree_flatten(params))
+                members = {p for _, groups in joined for paths in groups for p in paths}
+                copies = tree_unflatten([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+                                         for k, v in flat.items() if k not in members])
+                buffers = [[cast_joined([flat[p] for p in paths], dtype) for paths in groups] for _, groups in joined]
+                loss, (g_copies, g_buffers) = grad_joined((copies, buffers), inputs, targets)
+                norm_tree = (g_copies, g_buffers)  # the same squares, fewer and larger reductions
+                grads = _split_joined_grads(g_copies, g_buffers, joined, flat)
+            elif half:
                 loss, grads = grad_fn(cast_floating(params, dtype), inputs, targets)
             else:
                 loss, grads = grad_fn(params, inputs, targets)
@@ -741,7 +818,7 @@ class Trainer:
                 # Equal row counts per rank: the mean of the ranks' means is the global mean.
                 grads = nn.average_gradients(grads, group=group)
                 loss = mx.distributed.all_sum(loss, group=group) / group.size()
-            grad_norm, scale = clip_scale(grads, cfg.grad_clip)
+            grad_norm, scale = clip_scale(grads if norm_tree is None else norm_tree, cfg.grad_clip)
             if cfg.grad_clip <= 0:
                 # No clipping: the norm is only reported. An AdamW writing over the weights still
                 # waits for it, i.e. for every gradient and so for every use of the old weights.

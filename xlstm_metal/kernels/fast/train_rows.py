@@ -328,3 +328,62 @@ def _make_norm_gate(eps: float) -> Callable:
         return dh, do, dw_part.sum(axis=0).astype(w.dtype)
 
     return fn
+
+
+# ------------------------------------------------------------------ joined compute copies
+# Members w0.. [R_j, E] float32 -> out [sum R_j, E] in T: thread -> 4 consecutive columns of one
+# row. SELECT (generated) picks the member and its row from the output row.
+_CAST_JOINED = """
+    constexpr size_t PER_ROW = E / 4;
+    const size_t gid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (gid >= static_cast<size_t>(ROWS) * PER_ROW) return;
+    const size_t row = gid / PER_ROW;
+    const size_t col = (gid % PER_ROW) * 4;
+    const float* src;
+    size_t r;
+SELECT
+    const float* p = src + r * E + col;
+    __align__(8) T v[4];
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = static_cast<T>(p[e]);
+    *reinterpret_cast<uint2*>(out + row * E + col) = *reinterpret_cast<const uint2*>(v);
+"""
+
+
+def cast_joined(members: list[mx.array], dtype: mx.Dtype) -> mx.array:
+    """``mx.concatenate([w.astype(dtype) for w in members], axis=0)``: the compute copy of a
+    group of projections that the traced training step runs as one matmul
+    (:func:`~xlstm_metal.cells.fused.joined_weights`), members [R_j, E] float32. One kernel on
+    CUDA (bf16 / fp16, E a multiple of 4) instead of a cast per member and the concatenation's
+    copy per member; the same values."""
+    E = members[0].shape[-1]
+    if not (train_rows_enabled() and dtype in (mx.bfloat16, mx.float16) and E % 4 == 0
+            and all(w.ndim == 2 and w.shape[1] == E and w.dtype == mx.float32 for w in members)):
+        return mx.concatenate([w.astype(dtype) for w in members], axis=0)
+    rows = [w.shape[0] for w in members]
+    select, start = [], 0
+    for j, r in enumerate(rows):
+        test = "" if j == len(rows) - 1 else f"if (row < {start + r}) "
+        select.append(f"    {'else ' if j else ''}{test}{{ src = w{j}; r = row - {start}; }}")
+        start += r
+    key = ("cast_joined", tuple(rows))
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_train_cast_joined_{len(_kernels)}",
+            input_names=[f"w{j}" for j in range(len(rows))],
+            output_names=["out"],
+            source=_CAST_JOINED.replace("SELECT", "\n".join(select)),
+        )
+        _kernels[key] = kernel
+    total = sum(rows)
+    groups = total * (E // 4)
+    (out,) = kernel(
+        inputs=list(members),
+        template=[("T", dtype), ("E", E), ("ROWS", total)],
+        grid=(-(-groups // _THREADS) * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(total, E)],
+        output_dtypes=[dtype],
+    )
+    return out
