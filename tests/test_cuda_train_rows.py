@@ -153,3 +153,18 @@ def test_cast_joined_is_the_cast_and_concatenation():
         ref = mx.concatenate([w.astype(mx.bfloat16) for w in members], axis=0)
         assert ours.shape == ref.shape and ours.dtype == mx.bfloat16
         assert mx.array_equal(ours, ref), rows
+
+
+@cuda
+def test_sum_of_squares_equals_the_ops():
+    """The clip norm's squares in one launch per dtype and 256 arrays: 300 bf16 arrays (sizes
+    from 1 to 2M, row slices at odd offsets: unaligned starts) and float32 ones, against the
+    ops' per-array sums to float32 round-off."""
+    rng = np.random.default_rng(9)
+    big = mx.array(rng.standard_normal((3001, 700)).astype(np.float32)).astype(mx.bfloat16)
+    arrays = [big[j : j + 1 + j % 5] for j in range(0, 2700, 9)]  # 300 views, most unaligned
+    arrays += [mx.array(rng.standard_normal(n).astype(np.float32)) for n in (1, 7, 2_000_003)]
+    ours = train_rows.sum_of_squares(arrays)
+    ref = sum(mx.sum(mx.square(a.astype(mx.float32))) for a in arrays)
+    assert ours.dtype == mx.float32 and ours.ndim == 0
+    assert abs(ours.item() - ref.item()) <= 1e-5 * ref.item()

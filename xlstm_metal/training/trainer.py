@@ -29,7 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from ..distributed import DistributedError, agree, is_main, size_and_rank
-from ..kernels.fast.train_rows import cast_joined
+from ..kernels.fast.train_rows import cast_joined, sum_of_squares, sum_of_squares_supported
 from ..monitor import current_job
 from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
@@ -245,8 +245,14 @@ def clip_scale(grads, max_norm: float) -> tuple[mx.array, mx.array]:
     """(global norm, scale) of ``optim.clip_grad_norm`` for the gradients cast to float32 (the
     same numbers), gradients of any float dtype: the clipped gradients are ``g * scale`` in
     float32. The casts happen inside the kernels that read the gradients (the squares here, the
-    optimizer's update), so float32 copies of all gradients are never held at once."""
-    total = mx.sqrt(tree_reduce(lambda acc, g: acc + mx.square(g.astype(mx.float32)).sum(), grads, 0.0))
+    optimizer's update), so float32 copies of all gradients are never held at once. On CUDA
+    the squares are one kernel launch for all gradients
+    (:func:`~xlstm_metal.kernels.fast.train_rows.sum_of_squares`; float32 round-off apart)."""
+    leaves = [g for _, g in tree_flatten(grads)]
+    if sum_of_squares_supported(leaves):
+        total = mx.sqrt(sum_of_squares(leaves))
+    else:
+        total = mx.sqrt(tree_reduce(lambda acc, g: acc + mx.square(g.astype(mx.float32)).sum(), grads, 0.0))
     return total, mx.minimum(max_norm / (total + 1e-6), 1.0)
 
 

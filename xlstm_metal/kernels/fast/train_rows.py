@@ -387,3 +387,93 @@ def cast_joined(members: list[mx.array], dtype: mx.Dtype) -> mx.array:
         output_dtypes=[dtype],
     )
     return out
+
+
+# ---------------------------------------------------------------------- gradient norm
+# Sum of squares of many arrays in one launch: block (x, y) strides over array y (SELECT picks
+# its pointer), 8-value loads where the array is 16-byte aligned; one float32 partial per block,
+# written to part[y, x] (summed afterwards in a fixed order: deterministic).
+_SUM_SQUARES = """
+    const int a = blockIdx.y;
+    const T* src = nullptr;
+    switch (a) {
+SELECT
+    }
+    const int64_t n = sizes[a];
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    float acc = 0.0f;
+    int64_t head = 0;
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+        const int64_t groups = n / 8;
+        for (int64_t i = start; i < groups; i += stride) {
+            __align__(16) T v[8];
+            *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(src + i * 8);
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float x = static_cast<float>(v[e]);
+                acc += x * x;
+            }
+        }
+        head = groups * 8;
+    }
+    for (int64_t i = head + start; i < n; i += stride) {
+        const float x = static_cast<float>(src[i]);
+        acc += x * x;
+    }
+    __shared__ float red[32];
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.0f;
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (threadIdx.x == 0) part[static_cast<size_t>(a) * gridDim.x + blockIdx.x] = t;
+    }
+"""
+_SQ_BLOCKS = 64  # blocks per array
+_SQ_MAX_ARRAYS = 256  # per launch (kernel parameter space: one pointer each)
+
+
+def sum_of_squares_supported(arrays: list[mx.array]) -> bool:
+    """Whether :func:`sum_of_squares` runs its kernel: CUDA, two or more float arrays."""
+    return train_rows_enabled() and len(arrays) > 1 and all(
+        a.dtype in (mx.bfloat16, mx.float16, mx.float32) for a in arrays)
+
+
+def sum_of_squares(arrays: list[mx.array]) -> mx.array:
+    """sum over all ``arrays`` of ``sum(square(a.astype(float32)))`` (a float32 scalar) in one
+    CUDA launch per dtype (and per 256 arrays) and one sum of the per-block partials: the global
+    gradient norm's squares without MLX's square + reductions + add per gradient (~1,000 launches
+    per 1.3b step). The same squares, summed in another order (float32 round-off)."""
+    by_dtype: dict[mx.Dtype, list[mx.array]] = {}
+    for a in arrays:
+        by_dtype.setdefault(a.dtype, []).append(a)
+    parts = []
+    for dtype, group in by_dtype.items():
+        for first in range(0, len(group), _SQ_MAX_ARRAYS):
+            chunk = group[first : first + _SQ_MAX_ARRAYS]
+            key = ("sum_squares", len(chunk))
+            kernel = _kernels.get(key)
+            if kernel is None:
+                select = "\n".join(f"        case {j}: src = g{j}; break;" for j in range(len(chunk)))
+                kernel = mx.fast.cuda_kernel(
+                    name=f"xlstm_train_sum_squares_{len(chunk)}",
+                    input_names=[f"g{j}" for j in range(len(chunk))] + ["sizes"],
+                    output_names=["part"],
+                    source=_SUM_SQUARES.replace("SELECT", select),
+                )
+                _kernels[key] = kernel
+            sizes = mx.array([a.size for a in chunk], dtype=mx.int64)
+            (part,) = kernel(
+                inputs=[a.reshape(-1) for a in chunk] + [sizes],
+                template=[("T", dtype)],
+                grid=(_SQ_BLOCKS * _THREADS, len(chunk), 1),
+                threadgroup=(_THREADS, 1, 1),
+                output_shapes=[(len(chunk), _SQ_BLOCKS)],
+                output_dtypes=[mx.float32],
+            )
+            parts.append(part.reshape(-1))
+    return mx.sum(parts[0] if len(parts) == 1 else mx.concatenate(parts))
