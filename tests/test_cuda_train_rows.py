@@ -56,6 +56,38 @@ def test_swiglu_joined_is_the_ops_bits(shape, F):
     assert float(mx.max(mx.abs(da[..., :F]))) > 0 and float(mx.max(mx.abs(da[..., F:]))) > 0
 
 
+@cuda
+def test_swiglu_down_is_swiglu_then_the_projection():
+    """The FFN's tail keeping only the gate|up product (the SwiGLU recomputed in the backward):
+    output and gradients are the bits of swiglu_joined followed by linear_rows_grad."""
+    from xlstm_metal.cells.fused import linear_rows_grad
+
+    rng = np.random.default_rng(5)
+    F, E = 5504, 2048
+    y, w, cot = _bf16(rng, 2, 64, 2 * F, scale=3.0), _bf16(rng, E, F, scale=0.02), _bf16(rng, 2, 64, E)
+    (a,), da = mx.vjp(train_rows.swiglu_down, [y, w], [cot])
+    (b,), db = mx.vjp(lambda y, w: linear_rows_grad(train_rows.swiglu_joined(y), w), [y, w], [cot])
+    assert mx.array_equal(a, b) and all(mx.array_equal(p, q) for p, q in zip(da, db))
+
+
+@cuda
+def test_norm_gate_linear_is_the_cell_then_the_projection():
+    """The output cell and out_proj keeping only their inputs (the cell recomputed in the
+    backward): output and gradients are the bits of norm_gate_train followed by
+    linear_rows_grad."""
+    from xlstm_metal.cells.fused import linear_rows_grad
+
+    rng = np.random.default_rng(6)
+    B, NH, S, DV, E = 2, 4, 96, 512, 2048
+    h = _bf16(rng, B, NH, S, DV, scale=2.0)
+    o = _bf16(rng, B, S, 2 * NH * DV)[..., NH * DV:]
+    w, w_out, cot = _bf16(rng, NH * DV, shift=1.0), _bf16(rng, E, NH * DV, scale=0.02), _bf16(rng, B, S, E)
+    (a,), da = mx.vjp(lambda *p: train_rows.norm_gate_linear(*p, 1e-6), [h, o, w, w_out], [cot])
+    (b,), db = mx.vjp(lambda h, o, w, wo: linear_rows_grad(train_rows.norm_gate_train(h, o, w, 1e-6), wo),
+                      [h, o, w, w_out], [cot])
+    assert mx.array_equal(a, b) and all(mx.array_equal(p, q) for p, q in zip(da, db))
+
+
 def _close_bf16(a: mx.array, b: mx.array, atol_rel: float) -> None:
     a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
     scale = np.abs(b32).max()
@@ -125,9 +157,12 @@ def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypat
     calls = []
     monkeypatch.setattr(ffn, "swiglu_joined_supported", lambda dtype, F: True)
     monkeypatch.setattr(ffn, "swiglu_joined", lambda y: calls.append(("swiglu", y.shape)) or swiglu_split(y))
+    monkeypatch.setattr(ffn, "swiglu_down", lambda y, w: calls.append(("swiglu", y.shape)) or swiglu_split(y) @ w.T)
     monkeypatch.setattr(mlstm, "norm_gate_train_supported", lambda h, o, w: True)
     monkeypatch.setattr(mlstm, "norm_gate_train",
                         lambda h, o, w, eps: calls.append(("norm", h.shape, o.shape)) or norm_gate_ops(h, o, w, eps))
+    monkeypatch.setattr(mlstm, "norm_gate_linear", lambda h, o, w, w_out, eps: calls.append(
+        ("norm", h.shape, o.shape)) or norm_gate_ops(h, o, w, eps) @ w_out.T)
     loss, grads = mx.value_and_grad(loss_fn)(params, x, y)
     model.update(params)
     F, E, NH = config.ffn_dim, config.embedding_dim, config.num_heads

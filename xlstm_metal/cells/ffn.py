@@ -6,9 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import xLSTMConfig
-from ..kernels.fast.train_rows import swiglu_joined, swiglu_joined_supported
+from ..kernels.fast.train_rows import swiglu_down, swiglu_joined, swiglu_joined_supported, train_recompute_enabled
 from .activations import silu
-from .fused import FusedLayers, linear_output
+from .fused import FusedLayers, linear_output, plain_linear_weight
 
 _GATE_UP = FusedLayers("_fused_gate_up", ("proj_up_gate", "proj_up"))
 
@@ -37,6 +37,9 @@ class FeedForward(nn.Module):
             # the training step on CUDA: SwiGLU reads the joined gate|up product, one kernel each way
             joined = _GATE_UP.joined_product(self, x)
             if joined is not None:
+                down = plain_linear_weight(self.proj_down)
+                if down is not None and train_recompute_enabled():  # SwiGLU's output not kept
+                    return swiglu_down(joined, down)
                 return linear_output(self.proj_down, swiglu_joined(joined))
         gate, up = _GATE_UP.outputs(self, x)
         if mx.default_device() == mx.cpu:  # the CPU's fast activations (their own vjp)

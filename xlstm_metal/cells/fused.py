@@ -219,13 +219,17 @@ def traced_fusion_active() -> bool:
     return _TRACED_FUSION.get()
 
 
+def plain_linear_weight(layer: nn.Module) -> mx.array | None:
+    """The weight of a plain bias-free ``nn.Linear`` (or a subclass computing as one), else None."""
+    kind = fusion_kind(layer)
+    return layer.weight if kind is not None and kind[0] == "linear" and "bias" not in layer else None
+
+
 def linear_output(layer: nn.Module, x: mx.array) -> mx.array:
     """``layer(x)``; inside :func:`traced_fusion` (the training step's fast path) a plain
     bias-free ``nn.Linear`` runs as :func:`linear_rows_grad` (row-major weight gradient)."""
-    if _TRACED_FUSION.get() and "bias" not in layer and fusion_kind(layer) is not None \
-            and fusion_kind(layer)[0] == "linear":
-        return linear_rows_grad(x, layer.weight)
-    return layer(x)
+    weight = plain_linear_weight(layer) if _TRACED_FUSION.get() else None
+    return layer(x) if weight is None else linear_rows_grad(x, weight)
 
 
 def traced_groups(layers: Sequence[nn.Module]) -> list[FusedGroup] | None:

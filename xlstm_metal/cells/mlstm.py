@@ -13,10 +13,12 @@ import mlx.nn as nn
 from ..config import xLSTMConfig
 from ..kernels import get_mlstm_kernel, resolve_kernel_name
 from ..kernels.fast.decode import fused_decode_enabled, mlstm_step_gated, output_norm_gate
-from ..kernels.fast.train_rows import norm_gate_train, norm_gate_train_supported
+from ..kernels.fast.train_rows import (
+    norm_gate_linear, norm_gate_train, norm_gate_train_supported, train_recompute_enabled,
+)
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
-from .fused import FusedLayers, linear_output, traced_fusion_active
+from .fused import FusedLayers, linear_output, plain_linear_weight, traced_fusion_active
 from .norms import MultiHeadLayerNorm, soft_cap
 
 
@@ -168,7 +170,11 @@ class mLSTMOutputCell(nn.Module):
         norm = layers.multihead_norm
         if traced_fusion_active() and type(norm) is MultiHeadLayerNorm and norm.force_float32 \
                 and norm_gate_train_supported(h, o_preact, norm.weight):
-            # the training step on CUDA: norm and gate in one kernel each way
+            # the training step on CUDA: norm and gate in one kernel each way (with out_proj, the
+            # cell's output recomputed in the backward instead of kept)
+            w_out = plain_linear_weight(layers.out_proj)
+            if w_out is not None and train_recompute_enabled():
+                return norm_gate_linear(h, o_preact, norm.weight, w_out, norm.eps)
             return linear_output(layers.out_proj, norm_gate_train(h, o_preact, norm.weight, norm.eps))
         h_norm = layers.multihead_norm(h.transpose(0, 2, 1, 3))
         return linear_output(layers.out_proj, sigmoid(o_preact) * h_norm)

@@ -160,6 +160,35 @@ def _swiglu_joined_vjp(primals, cotangent, _output):
     return _swiglu_launch("bwd", [y, cotangent.astype(y.dtype)], F, 2 * F)
 
 
+def train_recompute_enabled() -> bool:
+    """Whether the training step recomputes the SwiGLU's output in the backward instead of
+    keeping it (:func:`swiglu_down`; default on, ``XLSTM_METAL_TRAIN_RECOMPUTE=0`` keeps it)."""
+    return os.environ.get("XLSTM_METAL_TRAIN_RECOMPUTE", "1") != "0"
+
+
+@mx.custom_function
+def swiglu_down(y: mx.array, w_down: mx.array) -> mx.array:
+    """``swiglu_joined(y) @ w_down.T`` (the FFN after its gate|up product y [..., 2F]; w_down
+    [E, F]) keeping only y and w_down for the backward, which recomputes the SwiGLU (one kernel,
+    the same bits) instead of holding its output: [..., F] per block, 90 MB at the 1.3b shape
+    and 8,192 tokens (2.2 GB over 24 blocks). The gradients are those of
+    :func:`swiglu_joined` followed by :func:`~xlstm_metal.cells.fused.linear_rows_grad`, op
+    for op. Only where :func:`swiglu_joined_supported`."""
+    F = y.shape[-1] // 2
+    return _swiglu_launch("fwd", [y], F, F) @ w_down.T
+
+
+@swiglu_down.vjp
+def _swiglu_down_vjp(primals, cotangent, _output):
+    y, w_down = primals
+    F = y.shape[-1] // 2
+    s = _swiglu_launch("fwd", [y], F, F)
+    g2 = cotangent.reshape(-1, cotangent.shape[-1])
+    dw = g2.T @ s.reshape(-1, F)
+    ds = cotangent @ w_down
+    return _swiglu_launch("bwd", [y, ds.astype(y.dtype)], F, 2 * F), dw
+
+
 # ------------------------------------------------------------- output gate + multi-head norm
 # One warp per (token, head) row of DV values (8 consecutive per lane, DV / 256 groups), TPW
 # tokens per warp, all of one head (blockIdx.y): the warp sums its rows' shares of the weight's
@@ -281,53 +310,80 @@ def norm_gate_train_supported(h: mx.array, o_preact: mx.array, weight: mx.array)
             and o_preact.dtype == h.dtype)
 
 
-_norm_gates: dict[float, Callable] = {}
+_norm_gates: dict[tuple[float, bool], Callable] = {}
 
 
 def norm_gate_train(h: mx.array, o_preact: mx.array, weight: mx.array, eps: float) -> mx.array:
     """``sigmoid(o~) * MultiHeadLayerNorm(h)`` (the output cell before out_proj) with a vjp:
     h [B, NH, S, DV], o~ [B, S, NH * DV], weight [NH * DV] (one dtype, any strides) ->
     [B, S, NH * DV]. Only where :func:`norm_gate_train_supported`."""
-    fn = _norm_gates.get(float(eps))
-    if fn is None:
-        fn = _make_norm_gate(float(eps))
-        _norm_gates[float(eps)] = fn
-    return fn(h, o_preact, weight)
+    return _norm_gate_fn(float(eps), False)(h, o_preact, weight)
 
 
-def _make_norm_gate(eps: float) -> Callable:
-    @mx.custom_function
-    def fn(h, o, w):
-        return norm_gate_rows(h, o, w, eps)
+def norm_gate_linear(h: mx.array, o_preact: mx.array, weight: mx.array, w_out: mx.array, eps: float) -> mx.array:
+    """``norm_gate_train(h, o~, weight) @ w_out.T`` (the output cell and out_proj, w_out [E,
+    NH * DV]) keeping only its inputs for the backward, which recomputes the cell's output (one
+    kernel, the same bits) instead of holding it: 33.5 MB per block at the 1.3b shape and 8,192
+    tokens. Gradients op for op those of :func:`norm_gate_train` followed by
+    :func:`~xlstm_metal.cells.fused.linear_rows_grad`."""
+    return _norm_gate_fn(float(eps), True)(h, o_preact, weight, w_out)
 
-    @fn.vjp
-    def fn_vjp(primals, cotangent, _output):
-        h, o, w = primals
-        B, NH, S, DV = h.shape
-        kernel = _kernels.get(("norm_gate_bwd", eps))
-        if kernel is None:
-            kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_train_norm_gate_bwd_{len(_kernels)}",
-                input_names=["h", "o", "w", "cot"],
-                output_names=["dh", "do_out", "dw_part"],
-                source=_NORM_GATE_BWD.replace("EPS", f"{eps!r}f"),
-                header=_NORM_GATE_HEADER,
-                ensure_row_contiguous=False,
-            )
-            _kernels[("norm_gate_bwd", eps)] = kernel
-        warps = -(-(B * S) // _TPW)
-        blocks = -(-warps // _WARPS)
-        dh, do, dw_part = kernel(
-            inputs=[h, o, w, cotangent.astype(h.dtype)],
-            template=[("T", h.dtype), ("NH", NH), ("DV", DV), ("TPW", _TPW)],
-            grid=(blocks * 32 * _WARPS, NH, 1),
-            threadgroup=(32 * _WARPS, 1, 1),
-            output_shapes=[(B, NH, S, DV), (B, S, NH * DV), (blocks * _WARPS, NH * DV)],
-            output_dtypes=[h.dtype, h.dtype, mx.float32],
-        )  # every warp of the grid writes its row of dw_part (zeros past the last token)
-        return dh, do, dw_part.sum(axis=0).astype(w.dtype)
 
+def _norm_gate_fn(eps: float, with_out: bool) -> Callable:
+    fn = _norm_gates.get((eps, with_out))
+    if fn is not None:
+        return fn
+
+    if with_out:
+        @mx.custom_function
+        def fn(h, o, w, w_out):
+            return norm_gate_rows(h, o, w, eps) @ w_out.T
+
+        @fn.vjp
+        def fn_vjp(primals, cotangent, _output):
+            h, o, w, w_out = primals
+            z = norm_gate_rows(h, o, w, eps)
+            g2 = cotangent.reshape(-1, cotangent.shape[-1])
+            dw_out = g2.T @ z.reshape(-1, z.shape[-1])
+            return (*_norm_gate_backward(h, o, w, cotangent @ w_out, eps), dw_out)
+    else:
+        @mx.custom_function
+        def fn(h, o, w):
+            return norm_gate_rows(h, o, w, eps)
+
+        @fn.vjp
+        def fn_vjp(primals, cotangent, _output):
+            return _norm_gate_backward(*primals, cotangent, eps)
+
+    _norm_gates[(eps, with_out)] = fn
     return fn
+
+
+def _norm_gate_backward(h: mx.array, o: mx.array, w: mx.array, cotangent: mx.array, eps: float):
+    """(dh [B, NH, S, DV], do~ [B, S, NH * DV], dweight [NH * DV]) of the output cell."""
+    B, NH, S, DV = h.shape
+    kernel = _kernels.get(("norm_gate_bwd", eps))
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_train_norm_gate_bwd_{len(_kernels)}",
+            input_names=["h", "o", "w", "cot"],
+            output_names=["dh", "do_out", "dw_part"],
+            source=_NORM_GATE_BWD.replace("EPS", f"{eps!r}f"),
+            header=_NORM_GATE_HEADER,
+            ensure_row_contiguous=False,
+        )
+        _kernels[("norm_gate_bwd", eps)] = kernel
+    warps = -(-(B * S) // _TPW)
+    blocks = -(-warps // _WARPS)
+    dh, do, dw_part = kernel(
+        inputs=[h, o, w, cotangent.astype(h.dtype)],
+        template=[("T", h.dtype), ("NH", NH), ("DV", DV), ("TPW", _TPW)],
+        grid=(blocks * 32 * _WARPS, NH, 1),
+        threadgroup=(32 * _WARPS, 1, 1),
+        output_shapes=[(B, NH, S, DV), (B, S, NH * DV), (blocks * _WARPS, NH * DV)],
+        output_dtypes=[h.dtype, h.dtype, mx.float32],
+    )  # every warp of the grid writes its row of dw_part (zeros past the last token)
+    return dh, do, dw_part.sum(axis=0).astype(w.dtype)
 
 
 # ------------------------------------------------------------------ joined compute copies
