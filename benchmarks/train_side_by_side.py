@@ -62,8 +62,11 @@ def worker_ours(args) -> None:
 
     from xlstm_metal.benchmark import environment, shape_config
     from xlstm_metal.models.xlstm_large import xLSTMLarge
-    from xlstm_metal.training.trainer import Trainer, TrainingConfig, count_parameters, init_xlstm_large
+    from xlstm_metal.training.trainer import (
+        Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers,
+    )
 
+    limit_command_buffers()  # as `xlstm-metal train` (unless the environment sets the limits)
     out = Path(args.worker_out)
     deadline = time.time() + args.budget
     _emit(out, {"side": "ours", "kind": "env", **environment()})
@@ -120,6 +123,7 @@ def worker_ours(args) -> None:
                   + ("eager step" if eager else "compiled step") + _graphs_note(),
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
+                  "command_buffers": [os.environ.get("MLX_MAX_OPS_PER_BUFFER"), os.environ.get("MLX_MAX_MB_PER_BUFFER")],
                   "shape": args.shape}
         emitted = False
         try:
@@ -182,8 +186,13 @@ def _wait_for(path: Path, deadline: float) -> None:
 
 
 def _graphs_note() -> str:
-    """", CUDA graphs off" when MLX_USE_CUDA_GRAPHS=0 (MLX's CUDA back-end uses them by default)."""
-    return ", CUDA graphs off" if os.environ.get("MLX_USE_CUDA_GRAPHS", "1") == "0" else ""
+    """", CUDA graphs off" when MLX_USE_CUDA_GRAPHS=0 (MLX's CUDA back-end uses them by default),
+    and the command-buffer limits when the environment sets them (``limit_command_buffers``)."""
+    note = ", CUDA graphs off" if os.environ.get("MLX_USE_CUDA_GRAPHS", "1") == "0" else ""
+    ops, mb = os.environ.get("MLX_MAX_OPS_PER_BUFFER"), os.environ.get("MLX_MAX_MB_PER_BUFFER")
+    if ops or mb:
+        note += f", command buffers {ops or 'default'} ops / {mb or 'default'} MB"
+    return note
 
 
 # ------------------------------------------------------------------------- profiling

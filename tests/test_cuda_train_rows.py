@@ -42,17 +42,39 @@ def _bf16(rng, *shape, scale=1.0, shift=0.0):
     return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(mx.bfloat16)
 
 
+def _f32(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def _as_close_as_the_ops(ours: mx.array, ops: mx.array, exact: np.ndarray, name: str, slack: float = 1.5) -> None:
+    """``ours`` (kernels, bf16) no farther from the float32 computation ``exact`` than the bf16
+    ops ``ops`` are (relative Frobenius error, up to ``slack`` times theirs), and within one
+    bf16 ulp of the ops' value nearly everywhere (rounding flips where float32 intermediates
+    land on either side of a bf16 boundary)."""
+    a, b = _f32(ours), _f32(ops)
+    scale = np.linalg.norm(exact) + 1e-30
+    err_ours, err_ops = np.linalg.norm(a - exact) / scale, np.linalg.norm(b - exact) / scale
+    assert err_ours <= slack * err_ops + 1e-6, (name, err_ours, err_ops)
+    off = np.abs(a - b) > 2**-7 * np.abs(b) + 1e-6 * np.abs(b).max()
+    assert off.mean() <= 1e-3, (name, off.mean(), np.abs(a - b).max())
+
+
 @cuda
 @pytest.mark.parametrize("shape,F", [((3, 37), 64), ((2, 128), 5504)])
-def test_swiglu_joined_is_the_ops_bits(shape, F):
-    """Forward and gradient of the joined product equal split + swiglu (its vjp) bit for bit."""
+def test_swiglu_joined_equals_the_ops(shape, F):
+    """Forward and gradient of the joined product against split + swiglu (its vjp): each
+    rounding is the ops', so the values agree to one bf16 ulp (MLX's own sigmoid kernels, the
+    compiled and the precompiled one, may round apart), and they are as close to the float32
+    computation as the ops' are."""
     rng = np.random.default_rng(F)
     y = _bf16(rng, *shape, 2 * F, scale=3.0)
     cot = _bf16(rng, *shape, F)
     (a,), (da,) = mx.vjp(train_rows.swiglu_joined, [y], [cot])
     (b,), (db,) = mx.vjp(swiglu_split, [y], [cot])
+    (c,), (dc,) = mx.vjp(swiglu_split, [y.astype(mx.float32)], [cot.astype(mx.float32)])
     assert a.dtype == mx.bfloat16 and da.shape == y.shape
-    assert mx.array_equal(a, b) and mx.array_equal(da, db)
+    _as_close_as_the_ops(a, b, _f32(c), "out")
+    _as_close_as_the_ops(da, db, _f32(dc), "dy")
     assert float(mx.max(mx.abs(da[..., :F]))) > 0 and float(mx.max(mx.abs(da[..., F:]))) > 0
 
 
@@ -88,19 +110,12 @@ def test_norm_gate_linear_is_the_cell_then_the_projection():
     assert mx.array_equal(a, b) and all(mx.array_equal(p, q) for p, q in zip(da, db))
 
 
-def _close_bf16(a: mx.array, b: mx.array, atol_rel: float) -> None:
-    a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    scale = np.abs(b32).max()
-    assert scale > 0
-    bad = np.abs(a32 - b32) > 2**-7 * np.abs(b32) + atol_rel * scale  # one bf16 ulp, plus round-off
-    assert not bad.any(), (np.abs(a32 - b32).max(), scale, bad.mean())
-
-
 @cuda
 @pytest.mark.parametrize("B,NH,S,DV", [(2, 4, 40, 512), (1, 2, 300, 256)])
 def test_norm_gate_train_equals_the_ops(B, NH, S, DV):
     """Output and gradients (h, o~ read as a column slice of a wider product, the weight) against
-    the ops' autodiff: one bf16 ulp apart where the float32 statistics round differently."""
+    the ops' autodiff in bf16 and in float32: as close to float32 as the bf16 ops are (the
+    kernels' float32 row statistics round apart from MLX's layer_norm kernels)."""
     rng = np.random.default_rng(S)
     h = _bf16(rng, B, NH, S, DV, scale=2.0, shift=0.5)
     wide = _bf16(rng, B, S, 3 * NH * DV + 8, scale=2.0)
@@ -108,16 +123,18 @@ def test_norm_gate_train_equals_the_ops(B, NH, S, DV):
     w = _bf16(rng, NH * DV, scale=0.5, shift=1.0)
     cot = _bf16(rng, B, S, NH * DV)
     ours = mx.vjp(lambda h, o, w: train_rows.norm_gate_train(h, o, w, 1e-6), [h, o, w], [cot])
-    ref = mx.vjp(lambda h, o, w: norm_gate_ops(h, o, w, 1e-6), [h, o, w], [cot])
-    _close_bf16(ours[0][0], ref[0][0], 1e-3)
-    for name, a, b in zip(("h", "o", "w"), ours[1], ref[1]):
+    ops = mx.vjp(lambda h, o, w: norm_gate_ops(h, o, w, 1e-6), [h, o, w], [cot])
+    exact = mx.vjp(lambda h, o, w: norm_gate_ops(h, o, w, 1e-6), [a.astype(mx.float32) for a in (h, o, w)],
+                   [cot.astype(mx.float32)])
+    _as_close_as_the_ops(ours[0][0], ops[0][0], _f32(exact[0][0]), "out")
+    for name, a, b, c in zip(("h", "o", "w"), ours[1], ops[1], exact[1]):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        _close_bf16(a, b, 4e-3 if name != "w" else 1e-2)
+        _as_close_as_the_ops(a, b, _f32(c), name)
 
 
-def _step_grads(model, x, y):
+def _step_grads(model, x, y, dtype=mx.bfloat16):
     params = model.trainable_parameters()
-    loss, grads = mx.value_and_grad(make_loss_fn(model, mx.bfloat16, head_loss="fused", fuse_projections=True))(
+    loss, grads = mx.value_and_grad(make_loss_fn(model, dtype, head_loss="fused", fuse_projections=True))(
         params, x, y)
     model.update(params)
     return loss, dict(tree_flatten(grads))
@@ -126,18 +143,22 @@ def _step_grads(model, x, y):
 @cuda
 def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
     """A whole model's bf16 loss and gradients in the traced step with the kernels and with
-    ``XLSTM_METAL_TRAIN_ROWS=0`` (the ops): round-off apart."""
+    ``XLSTM_METAL_TRAIN_ROWS=0`` (the ops), both against the float32 step: the kernels' are as
+    close to float32 as the ops' (relative Frobenius error per parameter, 1.5x theirs)."""
     config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
     model = xLSTMLarge(config)
     init_xlstm_large(model, 0)
     ids = mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
     loss, ours = _step_grads(model, ids[:, :-1], ids[:, 1:])
     monkeypatch.setenv("XLSTM_METAL_TRAIN_ROWS", "0")
-    ref_loss, ref = _step_grads(model, ids[:, :-1], ids[:, 1:])
-    assert abs(loss.item() - ref_loss.item()) <= 1e-3 * abs(ref_loss.item())
-    for k, g in ref.items():
-        a, b = np.array(ours[k].astype(mx.float32)), np.array(g.astype(mx.float32))
-        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max() + 1e-6, (k, np.abs(a - b).max(), np.abs(b).max())
+    ops_loss, ops = _step_grads(model, ids[:, :-1], ids[:, 1:])
+    exact_loss, exact = _step_grads(model, ids[:, :-1], ids[:, 1:], mx.float32)
+    assert abs(loss.item() - exact_loss.item()) <= 1.5 * abs(ops_loss.item() - exact_loss.item()) + 1e-4
+    for k, g in exact.items():
+        e = _f32(g)
+        scale = np.linalg.norm(e) + 1e-30
+        err_ours, err_ops = np.linalg.norm(_f32(ours[k]) - e) / scale, np.linalg.norm(_f32(ops[k]) - e) / scale
+        assert err_ours <= 1.5 * err_ops + 1e-4, (k, err_ours, err_ops)
 
 
 def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):

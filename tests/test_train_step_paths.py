@@ -295,3 +295,26 @@ def test_default_step_paths_by_device(monkeypatch):
     assert cli_train.default_step_paths() == {"head_loss": "plain", "fuse_projections": False}
     monkeypatch.setattr(step, "cuda_available", lambda: True)
     assert cli_train.default_step_paths() == {"head_loss": "fused", "fuse_projections": True}
+
+
+def test_command_buffer_limits_for_training(monkeypatch):
+    """On CUDA the trainer's process gets smaller command buffers (TRAIN_COMMAND_BUFFERS) unless
+    the environment names either limit; elsewhere nothing is set."""
+    import os
+
+    from xlstm_metal.kernels.fast import step
+    from xlstm_metal.training.trainer import TRAIN_COMMAND_BUFFERS, limit_command_buffers
+
+    for name in ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(step, "cuda_available", lambda: False)
+    limit_command_buffers()
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
+    monkeypatch.setattr(step, "cuda_available", lambda: True)
+    limit_command_buffers()
+    assert (os.environ["MLX_MAX_OPS_PER_BUFFER"], os.environ["MLX_MAX_MB_PER_BUFFER"]) == tuple(
+        map(str, TRAIN_COMMAND_BUFFERS))
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "1000")  # the user's choice stands
+    limit_command_buffers()
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ and os.environ["MLX_MAX_MB_PER_BUFFER"] == "1000"

@@ -260,8 +260,9 @@ def run(args) -> int:
         tokenizer_config_dict,
         train_bpe_tokenizer,
     )
-    from ..training.trainer import Trainer, TrainingConfig, count_parameters
+    from ..training.trainer import Trainer, TrainingConfig, count_parameters, limit_command_buffers
 
+    limit_command_buffers()  # before anything runs on the GPU (MLX reads the limits once)
     if args.kernel is None:
         args.kernel = default_training_kernel()
     if args.memory_limit is not None and not args.memory_limit > 0:
