@@ -14,7 +14,9 @@ process (its own allocator and peak-memory counter):
     python benchmarks/train_side_by_side.py --shape 125m --batch 1 --seq-len 256 --steps 3   # smoke run
 
 tokens/s = batch x seq_len / median step time over the timed steps (after --warmup steps that
-compile); peak memory = the allocator's peak over the whole run, weights and optimizer state
+compile). Ours runs the timed steps back to back as ``xlstm-metal train`` does (each evaluated
+asynchronously while the host builds the next step's graph; a step's time is the interval
+between consecutive completions; ``--no-pipeline`` times each step alone). Peak memory = the allocator's peak over the whole run, weights and optimizer state
 included (MLX ``mx.get_peak_memory``, PyTorch ``torch.cuda.max_memory_allocated``).
 """
 
@@ -120,7 +122,8 @@ def worker_ours(args) -> None:
                   "variant": f"{kernel}, recompute {recompute}, " + ("fused head + loss, " if head_loss == "fused" else "")
                   + ("fused projections, " if fuse else "") + ("MLX's AdamW ops, " if "mlx-adamw" in mode else "")
                   + (f"memory limit {limit_gb:g} GB, " if limit_gb else "")
-                  + ("eager step" if eager else "compiled step") + _graphs_note(),
+                  + ("eager step" if eager else "compiled step")
+                  + (", steps back to back" if args.pipelined else ", each step alone") + _graphs_note(),
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
                   "command_buffers": [os.environ.get("MLX_MAX_OPS_PER_BUFFER"), os.environ.get("MLX_MAX_MB_PER_BUFFER")],
@@ -132,7 +135,12 @@ def worker_ours(args) -> None:
                 trainer._build_steps(compiled=not eager)
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                times, losses = [], []
+                times, losses, synced = [], [], []
+                # Warmup steps one at a time (each timed alone: `synced`); the timed steps back to
+                # back as `xlstm-metal train` runs them (Trainer._train): each step evaluated
+                # asynchronously while the host builds the next one's graph; a step's time is the
+                # interval between its completion and the previous one's.
+                pending, last_done = None, None
                 for step in range(args.warmup + args.steps):
                     x, y = trainer.batches.next()
                     t = time.perf_counter()
@@ -140,21 +148,40 @@ def worker_ours(args) -> None:
                     built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
                     if step == 0:
                         _emit(out, {**record, "kind": "train_progress", "step": 0, "graph_built_s": built})
-                    mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
-                    dt = time.perf_counter() - t
-                    losses.append(loss.item())
-                    if step == args.warmup - 1 and args.start_after:
-                        _wait_for(Path(args.start_after), deadline)  # another run's timed steps first
-                    if step >= args.warmup:
-                        times.append(dt)
-                    elif step == 0:
-                        record["first_step_s"] = dt
+                    if step < args.warmup or not args.pipelined:
+                        mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                        dt = time.perf_counter() - t
+                        last_done = time.perf_counter()
+                        losses.append(loss)
+                        if step == args.warmup - 1 and args.start_after:
+                            _wait_for(Path(args.start_after), deadline)  # another run's timed steps first
+                            last_done = time.perf_counter()
+                        if step >= args.warmup:
+                            times.append(dt)
+                        else:
+                            synced.append(dt)
+                            if step == 0:
+                                record["first_step_s"] = dt
+                    else:
+                        mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                        dt = None
+                        if pending is not None:
+                            mx.eval(pending)
+                            now = time.perf_counter()
+                            dt, last_done = now - last_done, now
+                            times.append(dt)
+                        pending = [loss, grad_norm]
+                        losses.append(loss)
                     # Progress (a time limit may end the process before the variant's record).
                     _emit(out, {**record, "kind": "train_progress", "step": step + 1, "seconds": dt, "graph_built_s": built,
-                                "loss": losses[-1], "peak_mem_gb": mx.get_peak_memory() / _GB})
+                                "peak_mem_gb": mx.get_peak_memory() / _GB})
                     if time.time() > deadline and len(times) >= 2:
                         break
-                record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB, losses=losses)
+                if pending is not None:
+                    mx.eval(pending, model.state, trainer.optimizer.state)
+                    times.append(time.perf_counter() - last_done)
+                record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB,
+                              losses=[v.item() for v in losses], step_s_synced=synced[1:])
                 _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
                 emitted = True
                 if args.trace_steps and time.time() < deadline:
@@ -521,7 +548,8 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--profile-kernels", args.profile_kernels, "--profile-parts", args.profile_parts,
            "--trace-steps", str(args.trace_steps)] + (["--grad-check"] if args.grad_check else []) \
         + (["--start-after", args.start_after] if args.start_after else []) \
-        + (["--memory-target", str(args.memory_target)] if args.memory_target is not None else [])
+        + (["--memory-target", str(args.memory_target)] if args.memory_target is not None else []) \
+        + ([] if args.pipelined else ["--no-pipeline"])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def stop(signum, _frame):  # killed from outside (a time limit): end the worker too, keep its records
@@ -682,6 +710,9 @@ def main() -> int:
                    help="ours: first time these kernels alone (one layer, forward and forward + backward; "
                         "NAME@ops: chunkwise_fused's MLX-ops backward instead of its CUDA kernels), "
                         "e.g. chunkwise_fused,chunkwise_scan")
+    p.add_argument("--no-pipeline", dest="pipelined", action="store_false",
+                   help="ours: time each step alone (evaluated before the next one is built) instead of back to "
+                        "back as `xlstm-metal train` runs them")
     p.add_argument("--trace-steps", type=int, default=0, metavar="N",
                    help="ours: after each variant, trace N more steps with CUPTI (PyTorch's profiler) and "
                         "record GPU time per kernel category and the costliest kernels")
