@@ -29,7 +29,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from ..distributed import DistributedError, agree, is_main, size_and_rank
-from ..kernels.fast.train_rows import cast_joined, sum_of_squares, sum_of_squares_supported
+from ..kernels.fast.train_rows import (
+    cast_joined, cross_entropy_rows, cross_entropy_rows_supported, sum_of_squares, sum_of_squares_supported,
+)
 from ..monitor import current_job
 from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
@@ -327,8 +329,11 @@ def _cross_entropy_vjp(primals, cotangent, _output):
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
-#: Rows (tokens) of logits that :func:`linear_cross_entropy` holds at a time.
+#: Rows (tokens) of logits that :func:`linear_cross_entropy` holds at a time (float32 ops).
 HEAD_LOSS_ROWS = 2048
+#: The same with its CUDA kernel, which holds no float32 logits (bf16 logits and gradient:
+#: 2 x 824 MB at 8,192 tokens and a 50k vocabulary).
+HEAD_KERNEL_ROWS = 8192
 _linear_ce: dict[tuple[float | None, int], Callable] = {}
 
 
@@ -344,7 +349,8 @@ def linear_cross_entropy(x: mx.array, weight: mx.array, targets: mx.array, soft_
     backward and materialises their gradient at the backward's start, when every block's
     activations are still held: 2 x 0.8 GB at 8,192 tokens and a 50k vocabulary, plus float32
     temporaries. The logits are x @ weight.T in x's dtype as :class:`mlx.nn.Linear` computes
-    them; the soft cap and the softmax run in float32."""
+    them; the soft cap and the softmax run in float32 (on CUDA in one kernel per
+    :data:`HEAD_KERNEL_ROWS` tokens, :func:`~xlstm_metal.kernels.fast.train_rows.cross_entropy_rows`)."""
     key = (None if soft_cap is None else float(soft_cap), int(rows))
     fn = _linear_ce.get(key)
     if fn is None:
@@ -353,10 +359,20 @@ def linear_cross_entropy(x: mx.array, weight: mx.array, targets: mx.array, soft_
         @mx.custom_function
         def fn(x, weight, targets):
             T, V = x.shape[0], weight.shape[0]
+            # On CUDA (bf16): the loss and gradient rows as one kernel reading the bf16 logits, up
+            # to HEAD_KERNEL_ROWS tokens at a time (no float32 logits are held).
+            kernel = weight.dtype == x.dtype and cross_entropy_rows_supported(x.dtype, V)
+            step = max(rows, HEAD_KERNEL_ROWS) if kernel else rows
             total, grads = None, []
-            for start in range(0, T, rows):
-                tc = targets[start : start + rows]
-                z = (x[start : start + rows] @ weight.T).astype(mx.float32)
+            for start in range(0, T, step):
+                tc = targets[start : start + step]
+                if kernel:
+                    g, row_loss = cross_entropy_rows(x[start : start + step] @ weight.T, tc, cap)
+                    part = mx.sum(row_loss)
+                    total = part if total is None else total + part
+                    grads.append(g)
+                    continue
+                z = (x[start : start + step] @ weight.T).astype(mx.float32)
                 if cap is not None:
                     t = mx.tanh(z / cap)
                     z = cap * t

@@ -533,3 +533,104 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
             )
             parts.append(part.reshape(-1))
     return mx.sum(parts[0] if len(parts) == 1 else mx.concatenate(parts))
+
+
+# ------------------------------------------------------------------ LM head: loss + gradient
+# One block per row of logits [R, V] (T, row-contiguous; V % 8 == 0): pass 1 the soft-capped
+# logits' max and sum of exponentials (online, float32), pass 2 the gradient of the row's loss
+# (softmax - one-hot, times the soft cap's derivative) rounded to T; the row's loss lse - z[target].
+_CE_ROWS = """
+    constexpr int NT = 1024;
+    const int row = blockIdx.x;
+    const int V = z_shape[1];
+    const T* zr = z + static_cast<size_t>(row) * V;
+    const int target = targets[row];
+    __shared__ float red_m[NT / 32];
+    __shared__ float red_s[NT / 32];
+    __shared__ float zt_shared;
+    float m = -inf, s = 0.0f;
+    for (int j = threadIdx.x * 8; j < V; j += NT * 8) {
+        __align__(16) T v[8];
+        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(zr + j);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float zc = static_cast<float>(v[e]);
+            if (CAPPED) zc = CAP * tanhf(zc / CAP);
+            if (j + e == target) zt_shared = zc;
+            if (zc > m) { s = s * expf(m - zc) + 1.0f; m = zc; } else { s += expf(zc - m); }
+        }
+    }
+    // block: max, then the sum rescaled to it
+    float mw = m;
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
+    float sw = (m == -inf) ? 0.0f : s * expf(m - mw);
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sw += __shfl_xor_sync(0xffffffffu, sw, o);
+    if ((threadIdx.x & 31) == 0) { red_m[threadIdx.x >> 5] = mw; red_s[threadIdx.x >> 5] = sw; }
+    __syncthreads();
+    float M = red_m[0];
+    for (int w = 1; w < NT / 32; ++w) M = fmaxf(M, red_m[w]);
+    float Ssum = 0.0f;
+    for (int w = 0; w < NT / 32; ++w) Ssum += red_s[w] * expf(red_m[w] - M);
+    const float lse = M + logf(Ssum);
+    if (threadIdx.x == 0) row_loss[row] = lse - zt_shared;
+    T* gr = g + static_cast<size_t>(row) * V;
+    for (int j = threadIdx.x * 8; j < V; j += NT * 8) {
+        __align__(16) T v[8];
+        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(zr + j);
+        __align__(16) T out[8];
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float zc = static_cast<float>(v[e]);
+            float d = 1.0f;
+            if (CAPPED) {
+                const float t = tanhf(zc / CAP);
+                zc = CAP * t;
+                d = 1.0f - t * t;
+            }
+            float ge = expf(zc - lse) - (j + e == target ? 1.0f : 0.0f);
+            if (CAPPED) ge = ge * d;
+            out[e] = static_cast<T>(ge);
+        }
+        *reinterpret_cast<uint4*>(gr + j) = *reinterpret_cast<const uint4*>(out);
+    }
+"""
+
+
+def cross_entropy_rows_supported(logits_dtype: mx.Dtype, vocab: int) -> bool:
+    """Whether :func:`cross_entropy_rows` runs: CUDA, bf16 / fp16 logits, V a multiple of 8."""
+    return train_rows_enabled() and logits_dtype in (mx.bfloat16, mx.float16) and vocab % 8 == 0
+
+
+def cross_entropy_rows(logits: mx.array, targets: mx.array, soft_cap: float | None) -> tuple[mx.array, mx.array]:
+    """For logits [R, V] (bf16 / fp16, the LM head's product) and targets [R]: the gradient of
+    each row's cross-entropy w.r.t. the logits, ``(softmax(z) - onehot) * dz/dlogits`` with
+    ``z = cap * tanh(logits / cap)`` (or the logits), in the logits' dtype [R, V], and each row's
+    loss ``logsumexp(z) - z[target]`` (float32 [R]). One CUDA kernel (two passes over each row)
+    instead of the float32 ops of :func:`~xlstm_metal.training.trainer.linear_cross_entropy`
+    (soft cap, logsumexp, exp, the one-hot: ~5 passes over [R, V] float32); float32 round-off
+    apart from them."""
+    capped = soft_cap is not None
+    key = ("ce_rows", float(soft_cap) if capped else None)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        source = _CE_ROWS.replace("CAPPED", "true" if capped else "false").replace(
+            "CAP", f"{float(soft_cap)!r}f" if capped else "1.0f")
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_train_ce_rows_{len(_kernels)}",
+            input_names=["z", "targets"],
+            output_names=["g", "row_loss"],
+            source=source,
+        )
+        _kernels[key] = kernel
+    R, V = logits.shape
+    g, row_loss = kernel(
+        inputs=[logits, targets.astype(mx.int32)],
+        template=[("T", logits.dtype)],
+        grid=(R * 1024, 1, 1),
+        threadgroup=(1024, 1, 1),
+        output_shapes=[(R, V), (R,)],
+        output_dtypes=[logits.dtype, mx.float32],
+    )
+    return g, row_loss
