@@ -20,6 +20,7 @@ from xlstm_metal.kernels.fast.skinny import (
     linear_product,
     set_skinny_gemm,
     skinny_gemm_enabled,
+    skinny_gemm_kernel,
     skinny_matmul,
     skinny_supported,
     use_fast_linear_layers,
@@ -38,8 +39,8 @@ TOL_BF16 = 4e-3
 
 @pytest.fixture
 def skinny_on():
-    """The kernel switched on (it is off by default) for the test, then back."""
-    before = skinny_gemm_enabled()
+    """The mma.sync kernel selected for the test, then the previous choice back."""
+    before = skinny_gemm_kernel()
     set_skinny_gemm(True)
     yield
     set_skinny_gemm(before)
@@ -197,12 +198,14 @@ def test_config_checks_defaults_and_splits(monkeypatch):
         assert k_splits(50304, 4096, cfg) == 1  # the LM head: enough row tiles alone
 
 
-def test_off_by_default_and_switch():
+def test_auto_by_default_and_switch():
     import os
 
-    assert skinny_gemm_enabled() == (os.environ.get("XLSTM_METAL_SKINNY_GEMM") == "1")
+    # "auto" (the wgmma kernel where it wins, on Hopper GPUs) unless the environment picks another.
+    env = os.environ.get("XLSTM_METAL_SKINNY_GEMM", "auto")
+    assert skinny_gemm_kernel() == {"1": "mma", "0": "off"}.get(env, env)
     x, w = _operands(10, 16, 64, 64)
-    before = skinny_gemm_enabled()
+    before = skinny_gemm_kernel()
     try:
         set_skinny_gemm(True)  # on: used exactly where the kernel runs (CUDA, bf16/fp16, 2..64 rows)
         assert uses_skinny_kernel(x, w) == cuda_available()

@@ -47,8 +47,6 @@ def test_cuda_7b_layer_shapes(M):
 @cuda
 @pytest.mark.parametrize("config", [wg.WgmmaConfig(tm=1, stages=6), wg.WgmmaConfig(tm=2, stages=4),
                                     wg.WgmmaConfig(tm=3, stages=3), wg.WgmmaConfig(tm=4, stages=2),
-                                    wg.WgmmaConfig(tm=1, stages=4, cluster=True),
-                                    wg.WgmmaConfig(tm=2, stages=4, cluster=True),
                                     wg.WgmmaConfig(tm=2, stages=4, swizzle=False)])
 @pytest.mark.parametrize("M", [5, 24, 64])
 def test_cuda_configs_partial_tiles_and_splits(config, M):
@@ -80,12 +78,12 @@ def test_cuda_exact_on_small_integers():
     for M, N, K in ((64, 256, 512), (16, 130, 136), (3, 64, 64)):
         xi = rng.integers(-3, 4, (M, K)).astype(np.float32)
         wi = rng.integers(-3, 4, (N, K)).astype(np.float32)
-        for splits, cluster, swizzle in ((1, False, True), (2, False, True), (3, True, True), (1, False, False)):
+        for tm, splits, swizzle in ((1, 1, True), (2, 2, True), (3, 3, True), (1, 1, False), (2, 3, False)):
             out = wg.wgmma_matmul(mx.array(xi).astype(mx.bfloat16), mx.array(wi).astype(mx.bfloat16),
-                                  wg.WgmmaConfig(tm=1, stages=3, cluster=cluster, swizzle=swizzle), splits)
+                                  wg.WgmmaConfig(tm=tm, stages=3, swizzle=swizzle), splits)
             want = xi @ wi.T  # exact in float32; the kernel rounds each sum once to bf16 (2^-9)
             got = np.array(out.astype(mx.float32))
-            assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -8), (M, N, K, splits, cluster, swizzle)
+            assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -8), (M, N, K, tm, splits, swizzle)
 
 
 @cuda
@@ -152,8 +150,6 @@ def test_config_checks_shared_memory_and_splits(monkeypatch):
         assert wg.k_splits(50304, 4096, cfg) == 1  # the LM head: enough row tiles alone
     assert wg.k_splits(4096, 4096, wg.WgmmaConfig(), requested=5) == 5
     assert wg.k_splits(4096, 64, wg.WgmmaConfig(), requested=5) == 1  # one k step: nothing to split
-    # A tile's splits as one cluster: at most 8 (the portable cluster size).
-    assert wg.k_splits(4096, 4096, wg.WgmmaConfig(cluster=True), requested=64, cluster=True) == 8
     monkeypatch.setattr(wg, "TARGET_BLOCKS", 0)
     assert wg.k_splits(4096, 4096, wg.WgmmaConfig()) == 1  # 0: never split
 

@@ -60,6 +60,7 @@ def test_decode_profile_chains(tmp_path):
                    "--chains", "mlx;wgmma;wgmma, k not split")
     assert [r["products"] for r in records] == ["mlx", "wgmma", "wgmma, k not split"]
     assert all(r["batch"] == 2 and r["ms"] > 0 and r["gb_s"] > 0 for r in records)
+    assert [r["max_rel_diff_vs_mlx"] for r in records] == [0.0, 0.0, 0.0]  # the same products off CUDA
 
 
 def test_skinny_matmul_script_records(tmp_path):

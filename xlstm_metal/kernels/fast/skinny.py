@@ -29,9 +29,11 @@ kernel switched on, the kernel for :data:`MIN_ROWS`..:data:`MAX_ROWS` rows on CU
 gradient: ``mx.custom_function`` whose vjp is the two plain products), ``x @ w.T`` (MLX's matmul,
 the reference) otherwise.
 
-**Off by default** (``XLSTM_METAL_SKINNY_GEMM=1`` or :func:`set_skinny_gemm` switches it on): on
-the H200 it did not beat cuBLASLt in a decode step (round S5R2, 7B shape: 6.54 vs 5.98 ms per step
-at batch 16, 13.02 vs 9.90 ms at batch 64; benchmarks/NOTES.md), so MLX's matmul stays the path.
+This ``mma.sync`` kernel is **opt-in** (``XLSTM_METAL_SKINNY_GEMM=1``): on the H200 it did not beat
+cuBLASLt in a decode step (round S5R2, 7B shape: 6.54 vs 5.98 ms per step at batch 16, 13.02 vs
+9.90 ms at batch 64; benchmarks/NOTES.md). The default, ``auto``, runs the Hopper ``wgmma``
+kernel of :mod:`.skinny_wgmma` for :data:`AUTO_ROWS` rows on a compute-capability-9 GPU, where
+it beat cuBLASLt in a whole decode step (S7R2), and MLX's matmul everywhere else.
 
 :class:`FastLinear` is ``nn.Linear`` with :func:`linear_product` in its ``__call__`` (same
 parameters, same keys); :func:`use_fast_linear_layers` switches a model's plain linear layers to
@@ -61,8 +63,10 @@ MIN_ROWS = 2
 #: "auto": the wgmma kernel on a compute-capability-9 GPU for :data:`AUTO_ROWS` rows, MLX's
 #: matmul otherwise.
 KERNELS = ("off", "mma", "wgmma", "auto")
-#: Rows of x for which "auto" runs the wgmma kernel (where it beat cuBLASLt in a whole decode step).
-AUTO_ROWS = range(0)
+#: Rows of x for which "auto" runs the wgmma kernel: where it beat cuBLASLt in a whole decode step
+#: of the 7B shape on an H200 (round S7R2, one process: 7.55 against 8.35 ms per step at 16 rows;
+#: 9-16 rows launch the same kernel shapes). At 64 rows it lost (11.14 against 9.21 ms).
+AUTO_ROWS = range(9, 17)
 
 
 def _parse_choice(value) -> str:
@@ -100,12 +104,13 @@ def _kernel_for(x: mx.array, w: mx.array) -> str:
     return _choice
 
 
-_choice = _parse_choice(os.environ.get("XLSTM_METAL_SKINNY_GEMM", "0"))
+_choice = _parse_choice(os.environ.get("XLSTM_METAL_SKINNY_GEMM", "auto"))
 
 
 def skinny_gemm_enabled() -> bool:
-    """Whether :func:`linear_product` uses a kernel of its own (default off;
-    ``XLSTM_METAL_SKINNY_GEMM=1`` or ``mma``: the ``mma.sync`` kernel, ``wgmma``: the Hopper one)."""
+    """Whether :func:`linear_product` may use a kernel of its own (``XLSTM_METAL_SKINNY_GEMM``:
+    ``auto``, the default, the wgmma kernel where it is faster; ``1`` or ``mma``: the ``mma.sync``
+    kernel; ``wgmma``: the Hopper one for all 2-64 rows; ``0``: MLX's matmul)."""
     return _choice != "off"
 
 

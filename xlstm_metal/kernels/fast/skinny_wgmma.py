@@ -22,12 +22,12 @@ threads = N / 2 floats per thread per 64-row tile.
   waited for before the next step reuses anything.
 - Products with few row tiles split k across blocks (:func:`k_splits`: about
   :data:`TARGET_BLOCKS` blocks); each split writes float32 partial sums and :mod:`.skinny`'s
-  reduction kernel adds them in float32 and rounds once. Or (``cluster=True``) a tile's splits
-  (at most 8) run as one thread-block cluster: each leaves its sums in its shared memory and
-  each block adds its share of the tile's outputs from all of them (distributed shared memory),
-  so nothing goes through global memory and no second kernel runs. MLX writes the kernel's
-  declaration, so the cluster shape (a compile-time attribute) comes in through the header,
-  which redefines ``__global__``.
+  reduction kernel adds them in float32 and rounds once. (A variant that ran a tile's splits as
+  one thread-block cluster and added them through distributed shared memory, its cluster shape
+  a compile-time attribute brought in through the header, was removed: in round S7R2, on the
+  H200, launches that followed a clustered kernel in the same process left their outputs
+  unwritten (stale memory), most likely because MLX's CUDA-graph cache updated a graph made
+  with a clustered kernel to a plain one: its key does not see a compile-time cluster shape.)
 
 :func:`wgmma_matmul` is the kernel; :func:`xlstm_metal.kernels.fast.skinny.linear_product`
 dispatches to it when the ``wgmma`` product is selected.
@@ -49,11 +49,6 @@ MAX_ROWS = 64
 BK = 64
 #: Thread blocks a product aims for where it splits k (two per SM of a 132-SM H100/H200).
 TARGET_BLOCKS = 264
-#: Most blocks in a thread-block cluster (the portable limit).
-MAX_CLUSTER = 8
-#: Whether the default launch adds a tile's k splits inside the kernel (the splits as one
-#: thread-block cluster, through distributed shared memory) instead of a second kernel.
-CLUSTER = False
 #: Whether the default launch lays its tiles out with the 128-byte swizzle (else interleaved);
 #: ``XLSTM_METAL_WGMMA_SWIZZLE=0`` picks the interleaved layout.
 SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
@@ -62,13 +57,11 @@ SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
 @dataclass(frozen=True)
 class WgmmaConfig:
     """Launch shape: ``tm`` 64-row weight tiles per block (one warpgroup), a ring of ``stages``
-    shared-memory steps of 64 k; ``cluster``: a tile's k splits as one thread-block cluster, added
-    in the kernel; ``swizzle``: the tiles in the 128-byte-swizzled layout (else the interleaved
-    one, 8 x 16-byte core matrices)."""
+    shared-memory steps of 64 k; ``swizzle``: the tiles in the 128-byte-swizzled layout (else the
+    interleaved one, 8 x 16-byte core matrices)."""
 
     tm: int = 2
     stages: int = 4
-    cluster: bool = False
     swizzle: bool = True
 
     def __post_init__(self):
@@ -91,20 +84,19 @@ def padded_rows(rows: int) -> int:
 def default_config(rows: int, n: int) -> WgmmaConfig:
     """The launch shape for ``rows`` rows of x and ``n`` output features."""
     if rows <= 16:
-        return WgmmaConfig(tm=2, stages=6, cluster=CLUSTER, swizzle=SWIZZLE)
-    return WgmmaConfig(tm=2, stages=4, cluster=CLUSTER, swizzle=SWIZZLE)
+        return WgmmaConfig(tm=2, stages=6, swizzle=SWIZZLE)
+    return WgmmaConfig(tm=2, stages=4, swizzle=SWIZZLE)
 
 
-def k_splits(n: int, k: int, config: WgmmaConfig, requested: int | None = None, cluster: bool = False) -> int:
+def k_splits(n: int, k: int, config: WgmmaConfig, requested: int | None = None) -> int:
     """Splits of k for ``n`` outputs and ``k`` inputs: ``requested``, or by default enough for about
     :data:`TARGET_BLOCKS` blocks where the row tiles are fewer than half of that; rounded so that
-    every split (ceil(steps / splits) steps of 64 k) is non-empty; with ``cluster`` (the splits of
-    a tile as one thread-block cluster) at most :data:`MAX_CLUSTER`."""
+    every split (ceil(steps / splits) steps of 64 k) is non-empty."""
     steps = -(-k // BK)
     tiles = -(-n // config.rows_per_block())
     if requested is None:
         requested = 1 if TARGET_BLOCKS <= 0 or 2 * tiles >= TARGET_BLOCKS else -(-TARGET_BLOCKS // tiles)
-    splits = max(1, min(requested, steps, MAX_CLUSTER if cluster else steps))
+    splits = max(1, min(requested, steps))
     return -(-steps // -(-steps // splits))
 
 
@@ -229,46 +221,6 @@ _SOURCE = """
 
     // acc[t][4j + e]: weight row 16 warp + lane / 4 + 8 (e >> 1) of tile t, x row 8j + 2 (lane % 4) + (e & 1).
     const int warp = tid >> 5, lane = tid & 31;
-    if constexpr (CS > 1) {
-      // The CS splits of this row tile are one thread-block cluster: each puts its partial sums
-      // in its own shared memory ([x row][weight row], over the ring, now idle), and block q adds
-      // the CS partials of its share of the tile through distributed shared memory and writes y.
-      cg::cluster_group cluster = cg::this_cluster();
-      float* red = reinterpret_cast<float*>(xlw_smem + (ring - raw));
-      __syncthreads();
-      #pragma unroll
-      for (int t = 0; t < TM; ++t) {
-        #pragma unroll
-        for (int j = 0; j < ACC; ++j) {
-          const int n = t * 64 + warp * 16 + (lane >> 2) + 8 * ((j & 3) >> 1);
-          const int m = (j >> 2) * 8 + 2 * (lane & 3) + (j & 1);
-          red[m * R + n] = acc[t][j];
-        }
-      }
-      cluster.sync();
-      const int q = (int)cluster.block_rank();
-      constexpr int QUADS = NW * R / 4;          // float4s of a tile's partial sums
-      constexpr int CSN = CS > 1 ? CS : 1;      // (this branch is compiled for CS 0 too)
-      constexpr int PER = (QUADS + CSN - 1) / CSN;
-      for (int e = q * PER + tid; e < min(QUADS, (q + 1) * PER); e += 128) {
-        float4 sum = reinterpret_cast<const float4*>(cluster.map_shared_rank(red, 0))[e];
-        #pragma unroll
-        for (int r = 1; r < CSN; ++r) {
-          const float4 v = reinterpret_cast<const float4*>(cluster.map_shared_rank(red, r))[e];
-          sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-        }
-        const int m = (4 * e) / R, n = row0 + (4 * e) % R;
-        if (m < M) {
-          OT* dst = y + (size_t)m * N + n;     // OT = T here
-          if (n < N) dst[0] = static_cast<OT>(sum.x);
-          if (n + 1 < N) dst[1] = static_cast<OT>(sum.y);
-          if (n + 2 < N) dst[2] = static_cast<OT>(sum.z);
-          if (n + 3 < N) dst[3] = static_cast<OT>(sum.w);
-        }
-      }
-      cluster.sync();                           // no block leaves while another reads its sums
-      return;
-    }
     const size_t out0 = (size_t)blockIdx.y * M * N;
     #pragma unroll
     for (int t = 0; t < TM; ++t) {
@@ -281,25 +233,19 @@ _SOURCE = """
     }
 """
 
-_kernels: dict[tuple[int, int], object] = {}
+_kernels: dict[int, object] = {}
 
 
-def _kernel(shared_bytes: int, cluster: int):
-    # The dynamic shared memory is fixed per kernel object (and named so, for MLX's caches); so is
-    # the cluster shape, a compile-time attribute of the kernel: MLX writes the kernel's
-    # declaration, so the header redefines __global__ to carry it.
-    kernel = _kernels.get((shared_bytes, cluster))
+def _kernel(shared_bytes: int):
+    # The dynamic shared memory is fixed per kernel object (and named so, for MLX's caches).
+    kernel = _kernels.get(shared_bytes)
     if kernel is None:
-        header = _HEADER
-        if cluster > 1:
-            header += ("#undef __global__\n#define __global__ __attribute__((global)) "
-                       f"__attribute__((cluster_dims(1, {cluster}, 1)))\n")
-        kernel = _kernels[(shared_bytes, cluster)] = mx.fast.cuda_kernel(
-            name=f"xlstm_wgmma_matmul_{shared_bytes}" + (f"_c{cluster}" if cluster > 1 else ""),
+        kernel = _kernels[shared_bytes] = mx.fast.cuda_kernel(
+            name=f"xlstm_wgmma_matmul_{shared_bytes}",
             input_names=["x", "w"],
             output_names=["y"],
             source=_SOURCE,
-            header=header,
+            header=_HEADER,
             shared_memory=shared_bytes,
         )
     return kernel
@@ -336,19 +282,16 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     M = math.prod(lead)
     nw = padded_rows(M)
     cfg = config or default_config(M, N)
-    splits = k_splits(N, K, cfg, splits, cluster=cfg.cluster)
-    # Splits in one cluster add their sums in the kernel; otherwise float32 partials + a reduction.
-    cs = splits if cfg.cluster and splits > 1 else 0
-    whole = splits == 1 or cs > 1
-    (y,) = _kernel(cfg.shared_bytes(nw), cs)(
+    splits = k_splits(N, K, cfg, splits)
+    (y,) = _kernel(cfg.shared_bytes(nw))(
         inputs=[x.reshape(M, K), w],
-        template=[("T", x.dtype), ("OT", x.dtype if whole else mx.float32), ("NW", nw), ("TM", cfg.tm),
-                  ("STAGES", cfg.stages), ("CS", cs), ("SWZ", cfg.swizzle)],
+        template=[("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("NW", nw), ("TM", cfg.tm),
+                  ("STAGES", cfg.stages), ("SWZ", cfg.swizzle)],
         grid=(-(-N // cfg.rows_per_block()) * 128, splits, 1),
         threadgroup=(128, 1, 1),
-        output_shapes=[(M, N) if whole else (splits, M, N)],
-        output_dtypes=[x.dtype if whole else mx.float32],
+        output_shapes=[(M, N) if splits == 1 else (splits, M, N)],
+        output_dtypes=[x.dtype if splits == 1 else mx.float32],
     )
-    if not whole:
+    if splits > 1:
         y = reduce_splits(y, x.dtype)
     return y.reshape(*lead, N)
