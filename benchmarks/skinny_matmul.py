@@ -6,7 +6,8 @@ of a model shape (7B by default), on a CUDA GPU.
 For each product of a block (fused q|k|v|o|i|f, out_proj, fused gate|up, proj_down) it times all
 blocks' weights in one evaluation (as a decode step reads them: nothing stays in L2), and the LM
 head alone; per row count: MLX's ``x @ W.T`` and the kernel with its default launch shape and
-the ``--configs`` given. Records (one JSON object per line): ms per weight, GB/s of weights read,
+the ``--configs`` given. Records (one JSON object per line): ms per weight (``ms``: the difference below; ``ms_once``: one
+pass, with each evaluation's fixed cost), GB/s of weights read (from ``ms``),
 and the kernel's largest error relative to the float32 product of the same bf16 operands
 (``rel_err``; MLX's own in ``rel_err`` of the ``mlx`` rows).
 
@@ -143,7 +144,7 @@ def main() -> None:
         mx.eval(weights)
         nbytes = sum(w.nbytes for w in weights)
 
-        def timed(product, x: mx.array) -> float:
+        def timed(product, x: mx.array) -> tuple[float, float]:
             """ms per block's product, GPU-bound: all blocks' products as one compiled function,
             once and twice over (the difference: no fixed cost of an evaluation)."""
             # The second pass on a copy of x: a compiled function merges identical products.
@@ -152,12 +153,16 @@ def main() -> None:
             twice = mx.compile(lambda x, x2, *ws: [product(x, w) for w in ws] + [product(x2, w) for w in ws])
             t1 = bm.median_seconds(lambda: once(x, *weights), args.repeats)
             t2 = bm.median_seconds(lambda: twice(x, x2, *weights), args.repeats)
-            return 1000 * (t2 - t1) / count
+            return 1000 * (t2 - t1) / count, 1000 * t1 / count
+
+        def rate(ms: float) -> float | None:
+            """GB/s of weights; None where the difference of two timings came out <= 0 (noise)."""
+            return nbytes / count / (ms / 1000) / 1e9 if ms > 0 else None
 
         if args.floor and cuda_available():  # a CUDA kernel
-            ms = timed(lambda x, w: read_weights(w, x), mx.zeros((1,)))
-            emit({"kind": kind, "rows": 0, "N": N, "K": K, "method": "read floor", "ms": ms,
-                  "gb_s": nbytes / count / (ms / 1000) / 1e9})
+            ms, ms_once = timed(lambda x, w: read_weights(w, x), mx.zeros((1,)))
+            emit({"kind": kind, "rows": 0, "N": N, "K": K, "method": "read floor", "ms": ms, "ms_once": ms_once,
+                  "gb_s": rate(ms)})
         for M in map(int, args.rows.split(",")):
             if late():
                 break
@@ -168,9 +173,9 @@ def main() -> None:
             def rel_err(y) -> float:
                 return (mx.max(mx.abs(y.astype(mx.float32) - ref)) / scale).item()
 
-            def record(method: str, ms: float, err: float, **extra_fields) -> None:
-                emit({"kind": kind, "rows": M, "N": N, "K": K, "method": method, **extra_fields, "ms": ms,
-                      "gb_s": nbytes / count / (ms / 1000) / 1e9, "rel_err": err})
+            def record(method: str, times: tuple[float, float], err: float, **extra_fields) -> None:
+                emit({"kind": kind, "rows": M, "N": N, "K": K, "method": method, **extra_fields, "ms": times[0],
+                      "ms_once": times[1], "gb_s": rate(times[0]), "rel_err": err})
 
             record("mlx", timed(lambda x, w: x @ w.T, x), rel_err(x @ weights[0].T))
             if not skinny_supported(x, weights[0]):

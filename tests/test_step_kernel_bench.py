@@ -71,5 +71,6 @@ def test_skinny_matmul_script_records(tmp_path):
         ("out_proj", 2, "mlx"), ("out_proj", 5, "mlx"), ("lm_head", 2, "mlx"), ("lm_head", 5, "mlx")]
     for r in records:
         # bf16 operands: MLX rounds the product to bf16, the reference keeps float32.
-        assert r["ms"] > 0 and r["gb_s"] > 0 and 0 < r["rel_err"] <= 4e-3
+        # ms: two passes minus one (noise on a busy CPU, possibly <= 0; then no GB/s).
+        assert r["ms_once"] > 0 and (r["gb_s"] is None) == (r["ms"] <= 0) and 0 < r["rel_err"] <= 4e-3
         assert (r["N"], r["K"]) == ((64, 64) if r["kind"] == "out_proj" else (97, 64))
