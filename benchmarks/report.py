@@ -115,20 +115,24 @@ def training_target_rows() -> list[str]:
         ours = [r for r in steps if r["side"] == "ours"]
         official = [r for r in steps if r["side"] == "official"]
         if ours and official:
-            best_ours = max(ours, key=lambda r: r["tok_s"])
             best_official = max(official, key=lambda r: r["tok_s"])
-            clean = [r for r in ours if "not clean" not in r.get("variant", "")]
-            lowest_peak = min(r["peak_mem_gb"] for r in clean or ours)
+            clean = [r for r in ours if "not clean" not in r.get("variant", "")] or ours
+            # The target holds for one configuration: the fastest of ours within the official's
+            # peak, or (none within) the fastest and the lowest peak, each named.
+            within = [r for r in clean if r["peak_mem_gb"] <= best_official["peak_mem_gb"]]
+            best_ours = max(within or clean, key=lambda r: r["tok_s"])
+            lowest_peak = best_ours["peak_mem_gb"] if within else min(r["peak_mem_gb"] for r in clean)
             ratio = best_ours["tok_s"] / best_official["tok_s"]
             gaps = [f"{1.25 / ratio:.2f}x short"] if ratio < 1.25 else []
             if lowest_peak > best_official["peak_mem_gb"]:
                 gaps.append(f"{lowest_peak - best_official['peak_mem_gb']:.1f} GB over its peak")
             status = "not met: " + ", ".join(gaps) if gaps else "**met**"
+            peak = (f"peak {lowest_peak:.1f}" if within else f"lowest clean peak {lowest_peak:.1f}")
             lines.append(
                 f"| H200 training 1.3b, 4 x 2,048, vs the official's best, at no more than its peak (issue 19) "
                 f"| >= 1.25 x official | {ratio:.2f} x official ({best_ours['tok_s']:,.0f} vs "
-                f"{best_official['tok_s']:,.0f} tok/s, {best_official['variant'].split(', ')[-1]}; lowest clean peak "
-                f"{lowest_peak:.1f} vs {best_official['peak_mem_gb']:.1f} GB; `{train.name}`) | {status} |")
+                f"{best_official['tok_s']:,.0f} tok/s, {best_official['variant'].split(', ')[-1]}; {peak} "
+                f"vs {best_official['peak_mem_gb']:.1f} GB; `{train.name}`) | {status} |")
     for kind, what in (("train", "training"), ("decode", "decode, batch 1")):
         newest = _newest("xlstm71_350m*.json", lambda d, k=kind: (d.get("ratios") or {}).get(k, {}).get("ratio"))
         if newest is None:
