@@ -117,29 +117,3 @@ def test_in_place_update_equals_the_kernel_and_takes_no_new_memory():
         results.append(current)
     for k in params:
         assert mx.array_equal(results[0][k], results[1][k]), k
-
-
-@cuda
-def test_many_parameters_in_a_few_launches_equal_one_kernel_each():
-    """adamw_update_many (one launch per MULTI_MAX parameters of a gradient dtype, in place): the
-    per-parameter kernel's results bit for bit, for 100 parameters of assorted sizes with bf16
-    and float32 gradients (three launches)."""
-    from xlstm_metal.kernels.fast.adamw import MULTI_MAX, adamw_update_many
-
-    rng = np.random.default_rng(11)
-    shapes = [(int(rng.integers(1, 3000)),) if j % 3 else (int(rng.integers(1, 64)), 300) for j in range(100)]
-    shapes[0] = (2048, 5504)
-    grads = [mx.array(rng.standard_normal(s).astype(np.float32) * 1e-2).astype(mx.bfloat16 if j % 4 else mx.float32)
-             for j, s in enumerate(shapes)]
-    params = [mx.array(rng.standard_normal(s).astype(np.float32)) for s in shapes]
-    ms = [mx.array(rng.standard_normal(s).astype(np.float32) * 1e-3) for s in shapes]
-    vs = [mx.array(np.abs(rng.standard_normal(s)).astype(np.float32) * 1e-4) for s in shapes]
-    lr, scale = mx.array(3e-4, mx.float32), mx.array(0.37, mx.float32)
-    refs = [adamw_update(g, p, m, v, lr, scale, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-            for g, p, m, v in zip(grads, params, ms, vs)]
-    mx.eval(refs)
-    assert len(shapes) > MULTI_MAX
-    ps, m2, v2 = adamw_update_many(grads, [mx.array(p) for p in params], [mx.array(m) for m in ms],
-                                   [mx.array(v) for v in vs], lr, scale, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-    for j, (ref, p, m, v) in enumerate(zip(refs, ps, m2, v2)):
-        assert all(mx.array_equal(a, b) for a, b in zip(ref, (p, m, v))), j
