@@ -447,7 +447,7 @@ def cast_joined(members: list[mx.array], dtype: mx.Dtype) -> mx.array:
 
 # ---------------------------------------------------------------------- gradient norm
 # Sum of squares of many arrays in one launch: block (x, y) strides over array y (SELECT picks
-# its pointer), 8-value loads where the array is 16-byte aligned; one float32 partial per block,
+# its pointer), 16-byte loads where the array is 16-byte aligned; one float32 partial per block,
 # written to part[y, x] (summed afterwards in a fixed order: deterministic).
 _SUM_SQUARES = """
     const int a = blockIdx.y;
@@ -460,18 +460,19 @@ SELECT
     const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     float acc = 0.0f;
     int64_t head = 0;
+    constexpr int VW = 16 / sizeof(T);  // values per 16-byte load (8 bf16, 4 float32)
     if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
-        const int64_t groups = n / 8;
+        const int64_t groups = n / VW;
         for (int64_t i = start; i < groups; i += stride) {
-            __align__(16) T v[8];
-            *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(src + i * 8);
+            __align__(16) T v[VW];
+            *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(src + i * VW);
             #pragma unroll
-            for (int e = 0; e < 8; ++e) {
+            for (int e = 0; e < VW; ++e) {
                 const float x = static_cast<float>(v[e]);
                 acc += x * x;
             }
         }
-        head = groups * 8;
+        head = groups * VW;
     }
     for (int64_t i = head + start; i < n; i += stride) {
         const float x = static_cast<float>(src[i]);
