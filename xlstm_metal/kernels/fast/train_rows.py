@@ -46,22 +46,30 @@ def train_rows_enabled() -> bool:
 # ---------------------------------------------------------------------------------- SwiGLU
 _SWIGLU_HEADER = """
 #include "mlx/backend/cuda/device/unary_ops.cuh"
+
+// Thread -> 8 consecutive columns of one row of y [rows, 2F]: its gate and up values; false past
+// the last row.
+template <typename T, int F>
+__device__ __forceinline__ bool xl_swiglu_load(const T* y, size_t rows, size_t& row, size_t& col, T* g, T* u) {
+    const size_t gid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (gid >= rows * (F / 8)) return false;
+    row = gid / (F / 8);
+    col = (gid % (F / 8)) * 8;
+    const T* yr = y + row * (2 * F);
+    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(yr + col);
+    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(yr + F + col);
+    return true;
+}
 """
 
-# y [rows, 2F] row-contiguous; thread -> 8 consecutive columns of one row (F % 8 == 0).
+# y [rows, 2F] row-contiguous, F % 8 == 0.
 # Forward: out = (gate * sigmoid(gate)) * up, each product rounded to T (nn.silu, then * up).
 _SWIGLU_FWD = """
-    const size_t groups = static_cast<size_t>(y_shape[0]) * (F / 8);
-    const size_t gid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (gid >= groups) return;
-    const size_t row = gid / (F / 8);
-    const size_t col = (gid % (F / 8)) * 8;
-    const T* yr = y + row * (2 * F);
+    size_t row, col;
     __align__(16) T g[8];
     __align__(16) T u[8];
     __align__(16) T r[8];
-    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(yr + col);
-    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(yr + F + col);
+    if (!xl_swiglu_load<T, F>(y, y_shape[0], row, col, g, u)) return;
     #pragma unroll
     for (int e = 0; e < 8; ++e) {
         const T s = Sigmoid{}(g[e]);
@@ -75,19 +83,13 @@ _SWIGLU_FWD = """
 #   s = sigmoid(gate); d_silu = c * up
 #   d_gate = d_silu * s + (d_silu * gate) * (s * (1 - s));  d_up = c * (gate * s)
 _SWIGLU_BWD = """
-    const size_t groups = static_cast<size_t>(y_shape[0]) * (F / 8);
-    const size_t gid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (gid >= groups) return;
-    const size_t row = gid / (F / 8);
-    const size_t col = (gid % (F / 8)) * 8;
-    const T* yr = y + row * (2 * F);
+    size_t row, col;
     __align__(16) T g[8];
     __align__(16) T u[8];
     __align__(16) T c[8];
     __align__(16) T dg[8];
     __align__(16) T du[8];
-    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(yr + col);
-    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(yr + F + col);
+    if (!xl_swiglu_load<T, F>(y, y_shape[0], row, col, g, u)) return;
     *reinterpret_cast<uint4*>(c) = *reinterpret_cast<const uint4*>(cot + row * F + col);
     const T one = static_cast<T>(1.0f);
     #pragma unroll
