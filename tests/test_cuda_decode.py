@@ -394,6 +394,8 @@ def test_fused_prefill_epilogues_match_ops(monkeypatch, batch, length):
     # second shape goes through the compiled blocks); with them switched to their ops
     # everything else (projections, chunkwise kernel) is the same.
     import xlstm_metal.kernels.fast.decode as decode
+    from mlx.utils import tree_map
+
     from xlstm_metal.benchmark import random_model, shape_config
 
     config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
@@ -403,15 +405,20 @@ def test_fused_prefill_epilogues_match_ops(monkeypatch, batch, length):
     monkeypatch.setattr(decode, "_kernels_on", lambda: False)
     ref = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
     logits_ref, state_ref = ref.prefill(ids)
+    exact = random_model(config, dtype="bfloat16", seed=5)  # the same weights, computed in float32
+    exact.update(tree_map(lambda p: p.astype(mx.float32), exact.parameters()))
+    logits_32, state_32 = exact.fuse_projections().prefill(ids)
     assert _rel(logits, logits_ref) <= 2e-2
-    # (C, n) are held scaled by exp(-m): bf16 roundings that differ between the two paths move
-    # the gates' running max m a little (S6R2, H200: C 3-5% apart with m moved), so compare the
-    # states on one scale, each side's (C, n) times exp(its m - the other's m), and m itself.
-    for (C, n, m), (C_ref, n_ref, m_ref) in zip(state, state_ref):
+    # Both bf16 paths sit 2-6% from the float32 model here (S7R3, H200), and the roundings that
+    # differ between them move the second layer's states 1.5-3.4% apart (its gates' running max
+    # m moves by up to 0.06), so each is held to the float32 model: the kernels no further from
+    # it than the ops. (C, n) are held scaled by exp(-m): compared on the float32 model's scale.
+    assert _rel(logits, logits_32) <= 1.25 * _rel(logits_ref, logits_32) + 5e-3
+    for (C, n, m), (C_ref, n_ref, m_ref), (C_32, n_32, m_32) in zip(state, state_ref, state_32):
         assert float(mx.max(mx.abs(m - m_ref))) <= 0.1
-        shift = mx.exp(m - m_ref)
-        assert _rel(C * shift[..., None], C_ref) <= 2e-2
-        assert _rel(n * shift, n_ref) <= 2e-2
+        shift, shift_ref = mx.exp(m - m_32), mx.exp(m_ref - m_32)
+        assert _rel(C * shift[..., None], C_32) <= 1.25 * _rel(C_ref * shift_ref[..., None], C_32) + 5e-3
+        assert _rel(n * shift, n_32) <= 1.25 * _rel(n_ref * shift_ref, n_32) + 5e-3
 
 
 def test_fused_decode_path_is_the_reference_off_cuda():
