@@ -64,8 +64,9 @@ MIN_ROWS = 2
 #: matmul otherwise.
 KERNELS = ("off", "mma", "wgmma", "auto")
 #: Rows of x for which "auto" runs the wgmma kernel: where it beat cuBLASLt in a whole decode step
-#: of the 7B shape on an H200 (round S7R2, one process: 7.55 against 8.35 ms per step at 16 rows;
-#: 9-16 rows launch the same kernel shapes). At 64 rows it lost (11.14 against 9.21 ms).
+#: of the 7B shape on an H200 (one process each: S7R2 7.55 against 8.35 ms per step at 16 rows,
+#: S7R3 7.90-8.33 against 9.24-9.60; 9-16 rows launch the same kernel shapes). At 64 rows it lost
+#: (S7R2 11.14 against 9.21 ms, S7R3 11.21-11.39 against 9.21-9.36).
 AUTO_ROWS = range(9, 17)
 
 
