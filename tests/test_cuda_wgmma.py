@@ -208,6 +208,8 @@ def test_auto_picks_wgmma_by_rows_on_hopper(monkeypatch):
         assert [skinny._kernel_for(mx.zeros((m, 64), dtype=mx.bfloat16), w) for m in (1, 2, 15, 16, 64)] == [
             "off", "off", "off", "wgmma", "wgmma"]
         assert skinny._kernel_for(mx.zeros((2, 8, 64), dtype=mx.bfloat16), w) == "wgmma"  # rows: all but the last axis
+        # fp16 was not measured against cuBLASLt: MLX's matmul under "auto".
+        assert skinny._kernel_for(mx.zeros((16, 64), dtype=mx.float16), w.astype(mx.float16)) == "off"
         monkeypatch.setattr(skinny, "_hopper", [False])  # another GPU generation: MLX's matmul
         assert skinny._kernel_for(mx.zeros((16, 64), dtype=mx.bfloat16), w) == "off"
         set_skinny_gemm("wgmma")  # chosen outright: no check of rows beyond the kernel's own

@@ -60,8 +60,8 @@ MIN_ROWS = 2
 
 #: The products :func:`linear_product` can run for 2-64 rows on CUDA: MLX's matmul ("off"), this
 #: module's ``mma.sync`` kernel ("mma"), the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`, or
-#: "auto": the wgmma kernel on a compute-capability-9 GPU for :data:`AUTO_ROWS` rows, MLX's
-#: matmul otherwise.
+#: "auto": the wgmma kernel on a compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16,
+#: MLX's matmul otherwise.
 KERNELS = ("off", "mma", "wgmma", "auto")
 #: Rows of x for which "auto" runs the wgmma kernel: where it beat cuBLASLt in a whole decode step
 #: of the 7B shape on an H200 (one process each: S7R2 7.55 against 8.35 ms per step at 16 rows,
@@ -100,8 +100,8 @@ def _kernel_for(x: mx.array, w: mx.array) -> str:
     rows = math.prod(x.shape[:-1])
     if rows < MIN_ROWS:
         return "off"
-    if _choice == "auto":
-        return "wgmma" if rows in AUTO_ROWS and _is_hopper() else "off"
+    if _choice == "auto":  # measured with bf16 weights only (fp16 runs on the kernel when chosen outright)
+        return "wgmma" if rows in AUTO_ROWS and x.dtype == mx.bfloat16 and _is_hopper() else "off"
     return _choice
 
 
