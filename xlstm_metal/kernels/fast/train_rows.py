@@ -551,7 +551,8 @@ _CE_ROWS = """
     __shared__ float red_m[NT / 32];
     __shared__ float red_s[NT / 32];
     __shared__ float zt_shared;
-    float m = -inf, s = 0.0f;
+    const float neg_inf = -__int_as_float(0x7f800000);  // -infinity (no `inf` macro in MLX's kernel header)
+    float m = neg_inf, s = 0.0f;
     for (int j = threadIdx.x * 8; j < V; j += NT * 8) {
         __align__(16) T v[8];
         *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(zr + j);
@@ -567,7 +568,7 @@ _CE_ROWS = """
     float mw = m;
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
-    float sw = (m == -inf) ? 0.0f : s * expf(m - mw);
+    float sw = (m == neg_inf) ? 0.0f : s * expf(m - mw);
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sw += __shfl_xor_sync(0xffffffffu, sw, o);
     if ((threadIdx.x & 31) == 0) { red_m[threadIdx.x >> 5] = mw; red_s[threadIdx.x >> 5] = sw; }
