@@ -144,7 +144,7 @@ def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
     """A whole model's bf16 loss and gradients in the traced step with the kernels and with
     ``XLSTM_METAL_TRAIN_ROWS=0`` (the ops), both against the float32 step: the loss within bf16
     round-off of it (1e-3 relative; S7R2: kernels 3.0e-4, ops 1.1e-4); all gradients together as
-    close to float32 as the ops' (relative Frobenius error of the whole tree up to 1.5x theirs),
+    close to float32 as the ops' (relative Frobenius error of the whole tree up to twice theirs),
     and each parameter's within 5x theirs + 5e-3 (a wrong term is off by O(1); sums with heavy
     cancellation, such as a gate bias's, amplify bf16 round-off unevenly: S7R3, block 1's input
     gate bias 0.040 against the ops' 0.012)."""
@@ -168,7 +168,7 @@ def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
             worse[k] = (d_ours / scale, d_ops / scale)
     assert not worse, worse
     err_ours, err_ops = np.sqrt(total[0] / total[2]), np.sqrt(total[1] / total[2])
-    assert err_ours <= 1.5 * err_ops, (err_ours, err_ops)
+    assert err_ours <= 2 * err_ops, (err_ours, err_ops)
 
 
 def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):
