@@ -351,9 +351,10 @@ def test_float_chain_at_one_row(on_cpu_too, monkeypatch, dtype):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("K", [256, 2880, 4096])
 @pytest.mark.parametrize("blocks", [1, 3])
-def test_cuda_tiles_carry_chunks_across_tiles(monkeypatch, bits, K, blocks):
-    # Few thread blocks walking many tiles: each warp's weight chunks run on from one tile into
-    # the next (K / span below, not a multiple of and above the 8 warps).
+def test_cuda_few_blocks_walk_many_tiles(monkeypatch, bits, K, blocks):
+    # Few thread blocks walking many tiles: each warp's ring of weight chunks is refilled with
+    # the next tile's first chunks while the current tile is reduced (K / span below, not a
+    # multiple of and above the 8 warps times the ring's depth).
     monkeypatch.setattr(chain, "CHAIN_BLOCKS", blocks)
     rng = np.random.default_rng(K + bits)
     N, B = 200, 2

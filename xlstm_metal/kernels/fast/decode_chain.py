@@ -82,8 +82,8 @@ def chain_applies(x: mx.array) -> bool:
 
 
 # ----------------------------------------------------------------------------- kernel sources
-# Hooks of :func:`.quantized.decode_source` (tiled: a thread block runs its prologue once, then
-# walks several 16-feature output tiles). K (the inner size) is the template KD; M comes from an
+# Hooks of :func:`.quantized.decode_source` (a thread block runs its prologue once, then walks
+# its 16-feature output tiles). K (the inner size) is the template KD; M comes from an
 # input's shape. The prologue stages x's values, rounded to T (and ST) exactly where the reference
 # rounds, in shared memory (SR >= M rows), all threads of the block at work, in one pass over the
 # inputs (a norm's values stay in registers for its statistics); the product reads them there.
@@ -253,7 +253,7 @@ def _eps(eps: float) -> str:
 
 def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);") -> str:
     return decode_source(sizes=sizes.replace("STAGE_DECL", _STAGE_DECL), prologue=prologue, load_x=_LOAD_X,
-                         store=store, tiled=True)
+                         store=store)
 
 
 def _launch(n_out: int) -> dict:

@@ -9,9 +9,9 @@ Metal run the reference; on CUDA:
   multiplies on the tensor cores (``mma.sync`` m16n8k16, float32 accumulation). Weights are the
   A operand (16 output features per warp), x the B operand (8 rows per tile, up to 8 tiles), so
   one row of x wastes 7/8 of a small tile rather than 15/16. Each thread reads 16-byte chunks
-  of two weight rows (32 four-bit or 16 eight-bit values each), issuing the next chunk's loads
-  before it uses the current one; the eight warps of a block split K and add their partial
-  sums through shared memory. The order in which a
+  of two weight rows (32 four-bit or 16 eight-bit values each) through a ring of :data:`DEPTH`
+  chunks in flight (the first ones requested before any prologue); the eight warps of a block
+  split K and add their partial sums through shared memory. The order in which a
   thread feeds its k values to the mma is free (a dot product does not care) as long as x uses
   the same order: four-bit values pair as (e, e + 4) within a word, so two values become a
   bf16/fp16 pair with one shift and one mask (the 128.0 / 1024.0 exponent trick, exact), and
@@ -25,7 +25,7 @@ and group sizes 32, 64 or 128; anything else (float32 x, other bits, other modes
 reference, so a call is always valid.
 
 The decode kernel's source has hooks (:func:`decode_source`: its sizes, a prologue, how x's
-values are read, the store; a tiled variant whose thread blocks walk several output tiles), which
+values are read, the store; thread blocks that walk several output tiles), which
 :mod:`.decode_chain` fills with the norms and gates around a product, and a 16-bit case that
 reads plain bf16/fp16 weights through the same loop.
 
@@ -69,6 +69,26 @@ template <> struct QPair<__half> {
   static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
 };
 
+// A thread's 16-byte weight chunk. LDH 0: a plain load; 1: through the non-coherent path without
+// allocating in L1 (each weight is read once); 2: the same, asking L2 to fetch 256 bytes around
+// it (the neighbouring warps' chunks of the same rows).
+template <int LDH>
+__device__ __forceinline__ uint4 ld_weights(const uint32_t* p) {
+  if constexpr (LDH == 0) {
+    return *reinterpret_cast<const uint4*>(p);
+  } else {
+    uint4 v;
+    if constexpr (LDH == 1) {
+      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    } else {
+      asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    }
+    return v;
+  }
+}
+
 // Two dequantized weights (one 32-bit pair register) of a thread's 16-byte weight chunk, for
 // mma step `step` and pair `half` (0: k pair 2*tig, 1: k pair 2*tig + 8 of the 16 logical k).
 // 4 bits: pair p = 2*step + half holds word p/4's values (p%4, p%4 + 4).
@@ -110,7 +130,8 @@ __device__ __forceinline__ uint32_t x_pair(const uint32_t* xv, int p) {
 
 _SOURCE = """
     // x [M, K] (T), w [N, K*BITS/32] (uint32; or [N, K] in T at BITS 16), scales/biases [N, K/G] (T)
-    // -> y [M, N] (T).
+    // -> y [M, N] (T). Each thread block walks output tiles blockIdx.x, + gridDim.x, ... (16
+    // features each; one tile per block when the grid covers them all) after one prologue.
     using Q = QPair<T>;
     constexpr int VALS = 128 / BITS;        // values in a thread's 16-byte weight chunk
     constexpr int STEPS = VALS / 4;         // mma steps per chunk (4 k values per thread each)
@@ -121,14 +142,15 @@ _SOURCE = """
     const int WPR = K / (32 / BITS);        // uint32 words per weight row
     const int GPR = K / G;                  // groups per row
     const int nspans = (K + SPAN - 1) / SPAN;
+    const int ntiles = (N + 15) / 16;
 
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;                // mma group: weight rows g, g+8; x row g of a tile
     const int tig = lane & 3;
-    const int row0 = blockIdx.x * 16 + g;
-    const int row1 = row0 + 8;
-    const bool ok0 = row0 < N, ok1 = row1 < N;
+    int tile = blockIdx.x;
+    int row0 = tile * 16 + g, row1 = row0 + 8;
+    bool ok0 = row0 < N, ok1 = row1 < N;
 
     float acc[MT][4];
     #pragma unroll
@@ -136,21 +158,27 @@ _SOURCE = """
 
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
     const T zt = static_cast<T>(0.0f);
-    // One chunk: 16 bytes of weights from each of rows g, g+8 and their group's scale/bias.
-    // Loads of the next chunk are issued before the current one is used (two chunks in flight
-    // per thread): one chunk alone left the loads' latency exposed (~1 TB/s at one row).
-    uint4 wa, wb;
-    T sa, ba, sb, bb;
+    // A ring of DEPTH chunks per thread, each 16 bytes of weights from rows g and g+8 with their
+    // group's scale/bias: chunk d of the ring holds span warp + (i * DEPTH + d) * WARPS. The
+    // first DEPTH chunks are requested before the prologue; a used slot is refilled at once, so
+    // DEPTH - 1 chunks stay in flight while one is multiplied (two left the weight stream idle
+    // most of the time: ~1.5-2 TB/s at one row). Spans past the tile's end are not read.
+    uint4 ra[DEPTH], rb[DEPTH];
+    T rsa[DEPTH], rba[DEPTH], rsb[DEPTH], rbb[DEPTH];
     auto load_chunk = [&](int sp, uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {
       const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
       const bool kin = sp < nspans && kc < K;
       const int gi = kin ? kc / G : 0;
-      wa_ = (kin && ok0) ? *reinterpret_cast<const uint4*>(wq + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
-      wb_ = (kin && ok1) ? *reinterpret_cast<const uint4*>(wq + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
+      wa_ = (kin && ok0) ? ld_weights<LDH>(wq + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
+      wb_ = (kin && ok1) ? ld_weights<LDH>(wq + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
       sa_ = (BITS != 16 && kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
       ba_ = (BITS != 16 && kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
       sb_ = (BITS != 16 && kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
       bb_ = (BITS != 16 && kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
+    };
+    auto prime = [&]() {
+      #pragma unroll
+      for (int d = 0; d < DEPTH; ++d) load_chunk(warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
     };
     auto load_x = [&](int sp, int t, uint32_t* xv) {
       const int kc = sp * SPAN + tig * VALS;
@@ -162,54 +190,67 @@ _SOURCE = """
         for (int i = 0; i < VALS / 2; ++i) xv[i] = 0u;
       }
     };
-    load_chunk(warp, wa, wb, sa, ba, sb, bb);
+    prime();
 @PROLOGUE@
-    for (int sp = warp; sp < nspans; sp += WARPS) {
-      uint32_t xv[VALS / 2];
-      load_x(sp, 0, xv);
-      uint4 nwa, nwb;
-      T nsa, nba, nsb, nbb;
-      load_chunk(sp + WARPS, nwa, nwb, nsa, nba, nsb, nbb);
-
-      const typename Q::T2 sa2 = Q::splat(sa), ba2 = Q::splat(ba), sb2 = Q::splat(sb), bb2 = Q::splat(bb);
-      const float saf = static_cast<float>(sa), baf = static_cast<float>(ba);
-      const float sbf = static_cast<float>(sb), bbf = static_cast<float>(bb);
-      // A fragments of every step: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
-      uint32_t af[STEPS][4];
-      #pragma unroll
-      for (int j = 0; j < STEPS; ++j) {
-        af[j][0] = dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf);
-        af[j][1] = dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf);
-        af[j][2] = dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf);
-        af[j][3] = dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf);
-      }
-      #pragma unroll
-      for (int t = 0; t < MT; ++t) {
-        if (t > 0) load_x(sp, t, xv);
+    __shared__ float red[WARPS * MT * 4 * 32];
+    for (;;) {
+      for (int sp0 = warp; sp0 < nspans; sp0 += DEPTH * WARPS) {
         #pragma unroll
-        for (int j = 0; j < STEPS; ++j) {
-          mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+        for (int d = 0; d < DEPTH; ++d) {
+          const int sp = sp0 + d * WARPS;
+          if (sp < nspans) {  // the same for the whole warp
+            uint32_t xv[VALS / 2];
+            load_x(sp, 0, xv);
+            const typename Q::T2 sa2 = Q::splat(rsa[d]), ba2 = Q::splat(rba[d]);
+            const typename Q::T2 sb2 = Q::splat(rsb[d]), bb2 = Q::splat(rbb[d]);
+            const float saf = static_cast<float>(rsa[d]), baf = static_cast<float>(rba[d]);
+            const float sbf = static_cast<float>(rsb[d]), bbf = static_cast<float>(rbb[d]);
+            // A fragments of every step: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
+            uint32_t af[STEPS][4];
+            #pragma unroll
+            for (int j = 0; j < STEPS; ++j) {
+              af[j][0] = dequant_pair<T, BITS>(ra[d], 2 * j, sa2, ba2, saf, baf);
+              af[j][1] = dequant_pair<T, BITS>(rb[d], 2 * j, sb2, bb2, sbf, bbf);
+              af[j][2] = dequant_pair<T, BITS>(ra[d], 2 * j + 1, sa2, ba2, saf, baf);
+              af[j][3] = dequant_pair<T, BITS>(rb[d], 2 * j + 1, sb2, bb2, sbf, bbf);
+            }
+            load_chunk(sp + DEPTH * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
+            #pragma unroll
+            for (int t = 0; t < MT; ++t) {
+              if (t > 0) load_x(sp, t, xv);
+              #pragma unroll
+              for (int j = 0; j < STEPS; ++j) {
+                mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+              }
+            }
+          }
         }
       }
-      wa = nwa; wb = nwb; sa = nsa; ba = nba; sb = nsb; bb = nbb;
-    }
+      const int cur = tile;
+      tile += gridDim.x;
+      if (tile < ntiles) {  // the next tile's first chunks in flight while this one is reduced
+        row0 = tile * 16 + g; row1 = row0 + 8; ok0 = row0 < N; ok1 = row1 < N;
+        prime();
+      }
 
-    // Sum the warps' partial tiles. acc[t] = {(row g, col 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
-    __shared__ float red[WARPS * MT * 4 * 32];
-    #pragma unroll
-    for (int t = 0; t < MT; ++t) {
+      // Sum the warps' partial tiles. acc[t] = {(row g, col 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
       #pragma unroll
-      for (int c = 0; c < 4; ++c) red[((warp * MT + t) * 4 + c) * 32 + lane] = acc[t][c];
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
-      float sum = 0.0f;
-      #pragma unroll
-      for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
-      const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
-      const int n = blockIdx.x * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
-      const int m = t * 8 + 2 * (l & 3) + (c & 1);
-      if (n < N && m < M) @STORE@
+      for (int t = 0; t < MT; ++t) {
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) { red[((warp * MT + t) * 4 + c) * 32 + lane] = acc[t][c]; acc[t][c] = 0.0f; }
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
+        float sum = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
+        const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
+        const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
+        const int m = t * 8 + 2 * (l & 3) + (c & 1);
+        if (n < N && m < M) @STORE@
+      }
+      if (tile >= ntiles) break;
+      __syncthreads();  // the partial tiles in shared memory are read
     }
 """
 
@@ -229,79 +270,39 @@ _LOAD_X = """\
 _STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
 
 
-# Tiled: each thread block walks output tiles blockIdx.x, + gridDim.x, ... (16 features each),
-# running its prologue once for all of them (the decode chain stages x in shared memory once per
-# block, not once per 16 features). A warp's chunks continue from one tile into the next: ``sp``
-# counts spans from the current tile's start, past its end into the tiles after it, so the next
-# tile's first chunk is in flight while the current tile's partial sums are reduced.
-_TILED = (
-    ("""\
-    const int row0 = blockIdx.x * 16 + g;
-    const int row1 = row0 + 8;
-    const bool ok0 = row0 < N, ok1 = row1 < N;
-""", """\
-    const int ntiles = (N + 15) / 16;
-    int tile = blockIdx.x;
-    int sp0 = warp;  // this warp's first span in the current tile
-"""),
-    ("""\
-      const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
-      const bool kin = sp < nspans && kc < K;
-""", """\
-      const int t_off = sp / nspans;  // tiles ahead of the current one
-      sp -= t_off * nspans;
-      const int nt = tile + t_off * gridDim.x;
-      const int row0 = nt * 16 + g, row1 = row0 + 8;
-      const bool ok0 = nt < ntiles && row0 < N, ok1 = nt < ntiles && row1 < N;
-      const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
-      const bool kin = kc < K;
-"""),
-    ("    for (int sp = warp; sp < nspans; sp += WARPS) {", "    for (int sp = sp0; sp < nspans; sp += WARPS) {"),
-    ("const int n = blockIdx.x * 16 + (l >> 2)", "const int n = tile * 16 + (l >> 2)"),
-    ("@PROLOGUE@\n", "@PROLOGUE@\n    for (;;) {\n"),
-)
-_TILED_NEXT = """\
-      tile += gridDim.x;
-      if (tile >= ntiles) break;
-      // The chunk held (wa ...) is the one after this warp's last span: its span in the next tile.
-      sp0 = (sp0 < nspans ? sp0 + (nspans - sp0 + WARPS - 1) / WARPS * WARPS : sp0) - nspans;
-      #pragma unroll
-      for (int t = 0; t < MT; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f; }
-      __syncthreads();  // the partial tiles in shared memory are read
-    }
-"""
-
-
-def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
-                  tiled: bool = False) -> str:
+def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE) -> str:
     """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
-    the product's inner size) and any shared memory the other hooks use; ``prologue`` runs once per thread block after the first weight
-    chunk's loads are issued (every thread reaches it: it may synchronise); ``load_x`` fills
-    ``uint32_t xv[VALS / 2]`` with x's values of row ``m``, k ``kc .. kc + VALS`` as consecutive
-    T pairs (value 2i in the low half of ``xv[i]``); ``store`` (one statement) writes ``float sum``,
-    the product's float32 value at row ``m``, output feature ``n`` (M x N output). ``tiled``: each
-    thread block walks output tiles ``blockIdx.x + i * gridDim.x`` after one prologue (launch
-    fewer blocks than :func:`decode_launch` gives). The fused decode chain
-    (:mod:`.decode_chain`) puts its norms and gates in these hooks."""
-    source = _SOURCE
-    if tiled:
-        for old, new in _TILED:
-            if old not in source:
-                raise AssertionError(f"decode kernel source changed: {old!r}")
-            source = source.replace(old, new)
-        source += _TILED_NEXT
-    return (source.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
+    the product's inner size) and any shared memory the other hooks use; ``prologue`` runs once
+    per thread block after its first weight chunks are requested (every thread reaches it: it
+    may synchronise); ``load_x`` fills ``uint32_t xv[VALS / 2]`` with x's values of row ``m``, k
+    ``kc .. kc + VALS`` as consecutive T pairs (value 2i in the low half of ``xv[i]``); ``store``
+    (one statement) writes ``float sum``, the product's float32 value at row ``m``, output
+    feature ``n`` (M x N output). Each thread block walks output tiles ``blockIdx.x + i *
+    gridDim.x`` after its one prologue (:func:`decode_launch` with ``max_blocks`` launches fewer
+    blocks than tiles). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in
+    these hooks."""
+    return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
             .replace("@LOAD_X@\n", load_x).replace("@STORE@", store))
 
 
-def decode_template(dtype: mx.Dtype, bits: int, group_size: int, rows: int) -> list:
-    """The decode kernel's template arguments (see :func:`decode_source`)."""
-    return [("T", dtype), ("BITS", bits), ("G", group_size), ("MT", -(-rows // 8)), ("WARPS", _WARPS)]
+#: Weight chunks in flight per thread (the ring's depth) by bits, and the load hint (see
+#: ``ld_weights``): what the decode products use unless a caller passes its own.
+DEPTH = {4: 4, 8: 4, 16: 8}
+LOAD_HINT = 1
+
+
+def decode_template(dtype: mx.Dtype, bits: int, group_size: int, rows: int, depth: int | None = None,
+                    load_hint: int | None = None) -> list:
+    """The decode kernel's template arguments (see :func:`decode_source`): ``depth`` weight
+    chunks in flight per thread (default :data:`DEPTH` for ``bits``), ``load_hint`` the weights'
+    load instruction (default :data:`LOAD_HINT`)."""
+    return [("T", dtype), ("BITS", bits), ("G", group_size), ("MT", -(-rows // 8)), ("WARPS", _WARPS),
+            ("DEPTH", depth or DEPTH[bits]), ("LDH", LOAD_HINT if load_hint is None else load_hint)]
 
 
 def decode_launch(n_out: int, max_blocks: int | None = None) -> dict:
     """The decode kernel's grid and thread block for ``n_out`` output features (one thread block
-    per 16; at most ``max_blocks`` for the tiled kernel)."""
+    per 16; at most ``max_blocks``, each then walking several tiles)."""
     blocks = -(-n_out // 16)
     if max_blocks:
         blocks = min(blocks, max_blocks)
@@ -369,17 +370,20 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
 
 
 def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
-                           group_size: int, bits: int) -> mx.array:
+                           group_size: int, bits: int, depth: int | None = None,
+                           load_hint: int | None = None, max_blocks: int | None = None) -> mx.array:
     """The fused dequantize + tensor-core kernel (CUDA only; x of at most
-    :data:`DECODE_MAX_ROWS` rows; the cases :func:`fast_path_supported` accepts)."""
+    :data:`DECODE_MAX_ROWS` rows; the cases :func:`fast_path_supported` accepts, and at ``bits``
+    16 plain weights ``w`` [N, K] of x's dtype, ``scales`` and ``biases`` unread). ``depth``,
+    ``load_hint``: see :func:`decode_template`; ``max_blocks``: see :func:`decode_launch`."""
     lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
     (y,) = _kernel()(
         inputs=[x.reshape(M, K), w, scales, biases],
-        template=decode_template(x.dtype, bits, group_size, M),
-        **decode_launch(N),
+        template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
+        **decode_launch(N, max_blocks),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
     )

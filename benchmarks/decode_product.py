@@ -1,0 +1,310 @@
+"""The decode products of a 7B step at 1-2 rows, one kind of product at a time, GPU time per call.
+
+    python benchmarks/decode_product.py --bits 4,8,16 --out $OUT/decode_product.jsonl
+
+For each weight format (4 / 8 bits affine, group ``--group-size``; 16: bf16) and each product
+shape of an xLSTM-7B decode step (q|k|v|o 12288 x 4096, out_proj 4096 x 4096, gate|up 21888 x
+4096, down 4096 x 10944, the LM head 50304 x 4096), ``--layers`` different random weights
+(so they come from HBM, not from the 50 MB L2) are multiplied in one evaluation by:
+
+- ``copy``: a plain copy of the same bytes (weights, scales, biases), the streaming yardstick;
+- ``mlx``: MLX's own product (``mx.quantized_matmul``; ``x @ w.T`` in bf16);
+- ``ours d<D> h<H>``: :func:`~xlstm_metal.kernels.fast.quantized.fused_quantized_matmul`
+  with ``D`` weight chunks in flight per thread and load hint ``H``;
+- ``chain d<D>``: the decode chain's stage for that shape (RMSNorm -> q|k|v|o with the pending
+  residual; head norm and output gate -> out_proj with the residual add; RMSNorm -> gate|up;
+  SwiGLU -> down; the LM head is a plain product), its prologue included.
+
+Each record: wall time per evaluation (median of ``--repeats``, synchronised), and from a CUPTI
+trace (PyTorch's profiler, when it attaches) the GPU time of the evaluation's kernels (busy: their
+summed durations; span: first start to last end), GB/s of weights read, and the largest
+difference from the reference (MLX's product in float32 terms, relative to the largest output;
+chain stages: their reference ops), which fails the run above ``--tol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
+import mlx.core as mx  # noqa: E402
+
+from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.cells.norms import MultiHeadLayerNorm, RMSNorm  # noqa: E402
+from xlstm_metal.kernels.fast import decode as decode_kernels  # noqa: E402
+from xlstm_metal.kernels.fast import decode_chain as chain  # noqa: E402
+from xlstm_metal.kernels.fast import quantized  # noqa: E402
+
+E, NH, DV, F, VOCAB = 4096, 8, 512, 10944, 50304
+#: (name, N, K) of the 7B decode step's products with float i/f gates (the chain's q|k|v|o group).
+SHAPES = [("qkvo", 3 * E, E), ("out_proj", E, NH * DV), ("gate_up", 2 * F, E), ("down", E, F), ("lm_head", VOCAB, E)]
+
+
+def _weights(n: int, k: int, bits: int, group_size: int, seed: int):
+    w = mx.random.normal((n, k), dtype=mx.bfloat16, key=mx.random.key(seed)) * (k ** -0.5)
+    if bits == 16:
+        mx.eval(w)
+        return (w,)
+    q = mx.quantize(w, group_size=group_size, bits=bits)
+    mx.eval(q)
+    return tuple(q)
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.max(mx.abs(a - b)) / (mx.max(mx.abs(b)) + 1e-30)).item()
+
+
+def _reference(fn, *args, **kwargs):
+    on = decode_kernels._enabled
+    decode_kernels.set_fused_decode(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        decode_kernels.set_fused_decode(on)
+
+
+class _Stage:
+    """The chain's stage for one product shape: ``run(arrays)`` its output (one array),
+    ``reference(arrays)`` its ops."""
+
+    def __init__(self, name: str, rows: int, n: int, k: int):
+        key = mx.random.key(rows * 7 + n)
+        k1, k2, k3, k4 = mx.random.split(key, 4)
+        self.name = name
+        self.x = mx.random.normal((rows, 1, E), key=k1)
+        self.pending = mx.random.normal((rows, 1, E), key=k2).astype(mx.bfloat16)
+        self.norm = RMSNorm(E)
+        self.norm.weight = (1 + 0.1 * mx.random.normal((E,), key=k3)).astype(mx.bfloat16)
+        self.mh = MultiHeadLayerNorm(NH, DV)
+        self.mh.weight = (1 + 0.1 * mx.random.normal((NH * DV,), key=k4)).astype(mx.bfloat16)
+        self.h = mx.random.normal((rows, NH, 1, DV), key=k2).astype(mx.bfloat16)
+        self.proj = mx.random.normal((rows, 1, 3 * E), key=k3).astype(mx.bfloat16)
+        self.gate_up = (2 * mx.random.normal((rows, 1, 2 * F), key=k4)).astype(mx.bfloat16)
+        self.xb = mx.random.normal((rows, k), key=k1).astype(mx.bfloat16)
+        mx.eval(self.x, self.pending, self.norm.weight, self.mh.weight, self.h, self.proj, self.gate_up, self.xb)
+
+    def run(self, arrays, bits: int, group_size: int):
+        w, s, b = (arrays * 3)[:3]
+        kw = dict(group_size=group_size if bits != 16 else 32, bits=bits)
+        if self.name == "qkvo":
+            return chain.norm_quantized_matmul(self.x, self.pending, self.norm, w, s, b, write_xn=True, **kw)[2]
+        if self.name == "out_proj":
+            return chain.gate_norm_quantized_matmul(self.h, self.proj, 2 * E, self.mh, self.x, w, s, b, **kw)
+        if self.name == "gate_up":
+            return chain.norm_quantized_matmul(self.x, None, self.norm, w, s, b, **kw)[2]
+        if self.name == "down":
+            return chain.swiglu_quantized_matmul(self.gate_up, w, s, b, **kw)
+        return quantized.fused_quantized_matmul(self.xb, w, s, b, **kw)
+
+    def reference(self, arrays, bits: int, group_size: int):
+        if self.name == "lm_head":
+            return _mlx(self.xb, arrays, bits, group_size)
+        return _reference(self.run, arrays, bits, group_size)
+
+
+def _mlx(x: mx.array, arrays, bits: int, group_size: int) -> mx.array:
+    if bits == 16:
+        return x @ arrays[0].T
+    w, s, b = arrays
+    return mx.quantized_matmul(x, w, scales=s, biases=b, transpose=True, group_size=group_size, bits=bits)
+
+
+def _ours(x: mx.array, arrays, bits: int, group_size: int, depth: int, hint: int | None,
+          max_blocks: int | None = None) -> mx.array:
+    w, s, b = (arrays * 3)[:3]
+    return quantized.fused_quantized_matmul(x, w, s, b, group_size=group_size if bits != 16 else 32, bits=bits,
+                                            depth=depth, load_hint=hint, max_blocks=max_blocks)
+
+
+def _segments(events: list[dict], gap_us: float) -> list[dict]:
+    """Kernel events split where the GPU idled longer than ``gap_us`` (the script sleeps between
+    evaluations): one segment per evaluation, in order."""
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: e["ts"])
+    out, cur = [], []
+    for e in kernels:
+        if cur and e["ts"] - max(c["ts"] + c["dur"] for c in cur[-4:]) > gap_us:
+            out.append(cur)
+            cur = []
+        cur.append(e)
+    if cur:
+        out.append(cur)
+    return [{"busy_us": sum(float(e["dur"]) for e in seg), "span_us": seg[-1]["ts"] + seg[-1]["dur"] - seg[0]["ts"],
+             "kernels": len(seg), "name": seg[0]["name"][:120]} for seg in out]
+
+
+def _trace(runs: list, repeats: int) -> list[list[dict]] | str:
+    """GPU time of each ``runs`` entry's evaluation (``repeats`` times each) under CUPTI."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as err:
+        return f"no PyTorch profiler: {err}"
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for fn in runs:
+                    for _ in range(repeats):
+                        mx.eval(fn())
+                        mx.synchronize()
+                        time.sleep(0.004)
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text()).get("traceEvents", [])
+    except Exception as err:  # a profiler that cannot attach: keep the wall times
+        return repr(err)[:500]
+    segs = _segments(events, 2000.0)
+    if len(segs) != len(runs) * repeats:
+        return f"trace: {len(segs)} segments for {len(runs) * repeats} evaluations"
+    return [segs[i * repeats:(i + 1) * repeats] for i in range(len(runs))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="4,8,16", help="weight formats (4, 8: affine quantized; 16: bf16)")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--rows", default="1", help="rows of x (1-2); rows > 1 run mlx, ours at its defaults and chain")
+    p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    p.add_argument("--layers", type=int, default=32, help="different weights per evaluation (LM head: at most 4)")
+    p.add_argument("--depths", default="", help="ring depths to compare per bits, e.g. '4:2,4,8;8:2,4,8;16:4,8,16' "
+                   "(default: the shipped depth only)")
+    p.add_argument("--hints", default="", help="load hints to compare at the shipped depth per bits, e.g. '4:0,2'")
+    p.add_argument("--max-blocks", default="", help="also run ours and the chain at the shipped depth with at most "
+                   "this many thread blocks walking the tiles (e.g. '264,528')")
+    p.add_argument("--chain-depths", default="", help="ring depths for the chain stages per bits, as --depths")
+    p.add_argument("--no-copy", action="store_true")
+    p.add_argument("--no-mlx", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trace-repeats", type=int, default=3)
+    p.add_argument("--tol", type=float, default=2e-2)
+    p.add_argument("--deadline", type=float, default=0.0, help="stop starting new work after this many seconds")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if not quantized.cuda_available():
+        print("decode_product.py needs MLX's CUDA backend", file=sys.stderr)
+        return 2
+
+    def per_bits(spec: str) -> dict[int, list[int]]:
+        out = {}
+        for part in filter(None, spec.split(";")):
+            b, vals = part.split(":")
+            out[int(b)] = [int(v) for v in vals.split(",")]
+        return out
+
+    depths, chain_depths = per_bits(args.depths), per_bits(args.chain_depths)
+    hints = per_bits(args.hints)
+    max_blocks = [int(b) for b in args.max_blocks.split(",") if b]
+    t_start = time.time()
+    env = bm.environment()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with args.out.open("a") as fh:
+        def emit(rec):
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "env"}),
+                  flush=True)
+
+        for bits in [int(b) for b in args.bits.split(",")]:
+            shipped = quantized.DEPTH[bits]
+            runs, recs, kept = [], [], []  # one CUPTI trace per weight format, after its wall times
+            for name, n, k in [s for s in SHAPES if s[0] in args.shapes.split(",")]:
+                if args.deadline and time.time() - t_start > args.deadline:
+                    emit({"stopped": "deadline", "bits": bits, "shape": name})
+                    break
+                layers = min(args.layers, 4) if name == "lm_head" else args.layers
+                weights = [_weights(n, k, bits, args.group_size, 1000 * bits + i) for i in range(layers)]
+                kept.append(weights)
+                nbytes = sum(a.nbytes for a in weights[0])
+                for rows in [int(r) for r in args.rows.split(",")]:
+                    stage = _Stage(name, rows, n, k)
+                    x = stage.xb
+                    variants = []  # (label, fn(arrays) -> output, reference or None)
+                    ref0 = _mlx(x, weights[0], bits, args.group_size)
+                    if not args.no_copy and rows == 1:
+                        variants.append(("copy", lambda a: [t + 0 for t in a], None))
+                    if not args.no_mlx:
+                        variants.append(("mlx", lambda a, x=x: _mlx(x, a, bits, args.group_size), None))
+                    for d in (depths.get(bits, [shipped]) if rows == 1 else [shipped]):
+                        variants.append((f"ours d{d} h{quantized.LOAD_HINT}",
+                                         lambda a, d=d, x=x: _ours(x, a, bits, args.group_size, d, None), ref0))
+                    for h in (hints.get(bits, []) if rows == 1 else []):
+                        if h != quantized.LOAD_HINT:
+                            variants.append((f"ours d{shipped} h{h}",
+                                             lambda a, h=h, x=x: _ours(x, a, bits, args.group_size, shipped, h), ref0))
+                    for mb in (max_blocks if rows == 1 else []):
+                        variants.append((f"ours d{shipped} h{quantized.LOAD_HINT} blocks{mb}",
+                                         lambda a, mb=mb, x=x: _ours(x, a, bits, args.group_size, shipped, None, mb),
+                                         ref0))
+                    cref = stage.reference(weights[0], bits, args.group_size)
+                    for d in (chain_depths.get(bits, [shipped]) if rows == 1 else [shipped]):
+                        for mb in [0] + (max_blocks if rows == 1 and d == shipped else []):
+                            def run_chain(a, d=d, mb=mb, stage=stage):
+                                saved = quantized.DEPTH[bits], chain.CHAIN_BLOCKS
+                                quantized.DEPTH[bits], chain.CHAIN_BLOCKS = d, mb
+                                try:
+                                    return stage.run(a, bits, args.group_size)
+                                finally:
+                                    quantized.DEPTH[bits], chain.CHAIN_BLOCKS = saved
+                            variants.append((f"chain d{d}" + (f" blocks{mb}" if mb else ""), run_chain, cref))
+                    for label, fn, ref in variants:
+                        rec = {"bits": bits, "group_size": args.group_size if bits != 16 else None, "shape": name,
+                               "N": n, "K": k, "rows": rows, "variant": label, "layers": layers,
+                               "bytes_per_layer": nbytes}
+                        try:
+                            if ref is not None:
+                                err = _rel(fn(weights[0]), ref)
+                                rec["rel_err"] = err
+                                if not err <= args.tol:
+                                    rec["error"] = f"differs from the reference by {err:.3g} (> {args.tol})"
+                                    failures += 1
+
+                            def run(fn=fn, weights=weights):
+                                return [fn(a) for a in weights]
+
+                            mx.eval(run())
+                            times = []
+                            for _ in range(args.repeats):
+                                mx.synchronize()
+                                t0 = time.perf_counter()
+                                mx.eval(run())
+                                mx.synchronize()
+                                times.append(time.perf_counter() - t0)
+                            wall = statistics.median(times)
+                            rec.update(wall_ms=1000 * wall, wall_gbs=layers * nbytes / wall / 1e9)
+                            runs.append(run)
+                            recs.append(rec)
+                            emit({**rec, "kind": "wall"})
+                        except Exception as err:  # a variant that fails: say so, keep the others
+                            rec["error"] = repr(err)[:500]
+                            failures += 1
+                            emit({**rec, "env": env})
+            traced = _trace(runs, args.trace_repeats)
+            for i, rec in enumerate(recs):
+                if isinstance(traced, str):
+                    rec["trace_error"] = traced
+                else:
+                    busy = statistics.median(s["busy_us"] for s in traced[i])
+                    span = statistics.median(s["span_us"] for s in traced[i])
+                    rec.update(gpu_busy_ms=busy / 1000, gpu_span_ms=span / 1000,
+                               gpu_gbs=rec["layers"] * rec["bytes_per_layer"] / (busy * 1e-6) / 1e9,
+                               kernels=traced[i][0]["kernels"], kernel=traced[i][0]["name"])
+                emit({**rec, "kind": "gpu", "env": env})
+            del runs, kept
+            mx.clear_cache()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
