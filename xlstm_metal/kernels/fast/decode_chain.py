@@ -200,26 +200,61 @@ STAGE_DECL
 """
 _SWIGLU_PROLOGUE = """
     {
-      // U values of gate and of up per thread loaded before any is used (a plain loop would wait
-      // on each pair's latency in turn: 43 pairs per thread at F 10,944).
-      constexpr int NT = 32 * WARPS, U = 8;
-      for (int mm = 0; mm < M; ++mm) {
-        const size_t base = static_cast<size_t>(mm) * 2 * K;
-        for (int k0 = threadIdx.x; k0 < K; k0 += NT * U) {
-          float gv[U], uv[U];
+      constexpr int NT = 32 * WARPS;
+      if (KD % 8 == 0 && (reinterpret_cast<uintptr_t>(gate_up) & 15) == 0) {
+        // All of a thread's gate and up values requested at once, 8 per 16-byte load: one wait
+        // on L2 per row instead of one per batch of values (F 10,944: 6 chunks of 8 per thread).
+        constexpr int C8 = KD / 8, PER = (C8 + NT - 1) / NT;
+        for (int mm = 0; mm < M; ++mm) {
+          const uint4* gp = reinterpret_cast<const uint4*>(gate_up + static_cast<size_t>(mm) * 2 * K);
+          const uint4* upp = gp + C8;
+          uint4 gv[PER], uv[PER];
           #pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int k = k0 + u * NT;
-            gv[u] = k < K ? static_cast<float>(gate_up[base + k]) : 0.0f;
-            uv[u] = k < K ? static_cast<float>(gate_up[base + K + k]) : 0.0f;
+          for (int u = 0; u < PER; ++u) {
+            const int c = threadIdx.x + u * NT;
+            gv[u] = c < C8 ? gp[c] : make_uint4(0u, 0u, 0u, 0u);
+            uv[u] = c < C8 ? upp[c] : make_uint4(0u, 0u, 0u, 0u);
           }
           #pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int k = k0 + u * NT;
-            if (k < K) {
-              const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gv[u]))));
-              const float si = static_cast<float>(static_cast<T>(gv[u] * sg));
-              xs_s[mm * K + k] = static_cast<T>(si * uv[u]);
+          for (int u = 0; u < PER; ++u) {
+            const int c = threadIdx.x + u * NT;
+            if (c < C8) {
+              const T* g8 = reinterpret_cast<const T*>(&gv[u]);
+              const T* u8 = reinterpret_cast<const T*>(&uv[u]);
+              uint4 o;
+              T* o8 = reinterpret_cast<T*>(&o);
+              #pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                const float gf = static_cast<float>(g8[i]);
+                const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gf))));
+                const float si = static_cast<float>(static_cast<T>(gf * sg));
+                o8[i] = static_cast<T>(si * static_cast<float>(u8[i]));
+              }
+              *reinterpret_cast<uint4*>(xs_s + mm * K + c * 8) = o;
+            }
+          }
+        }
+      } else {
+        // U values of gate and of up per thread loaded before any is used.
+        constexpr int U = 8;
+        for (int mm = 0; mm < M; ++mm) {
+          const size_t base = static_cast<size_t>(mm) * 2 * K;
+          for (int k0 = threadIdx.x; k0 < K; k0 += NT * U) {
+            float gv[U], uv[U];
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+              const int k = k0 + u * NT;
+              gv[u] = k < K ? static_cast<float>(gate_up[base + k]) : 0.0f;
+              uv[u] = k < K ? static_cast<float>(gate_up[base + K + k]) : 0.0f;
+            }
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+              const int k = k0 + u * NT;
+              if (k < K) {
+                const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gv[u]))));
+                const float si = static_cast<float>(static_cast<T>(gv[u] * sg));
+                xs_s[mm * K + k] = static_cast<T>(si * uv[u]);
+              }
             }
           }
         }
