@@ -245,6 +245,29 @@ def test_cuda_swiglu_product(bits, group_size, B):
 
 
 @cuda
+@pytest.mark.parametrize("bits", [4, 16])
+def test_cuda_swiglu_product_unaligned_input(bits):
+    # SwiGLU's prologue reads gate|up 8 values at a time where the row starts on 16 bytes; a
+    # view one value in (the kernel gets its data where the view starts) takes the scalar loop.
+    rng = np.random.default_rng(bits)
+    F, N = 640, 96
+    big = mx.array(rng.standard_normal((1, 1, 2 * F + 1)).astype(np.float32) * 3).astype(mx.bfloat16)
+    gate_up = big[..., 1:]
+    if bits == 16:
+        w = mx.array(rng.standard_normal((N, F)).astype(np.float32) * 0.05).astype(mx.bfloat16)
+        w, s, b, g, nb = arrays = (w, w, w, 32, 16)
+    else:
+        w, s, b, g, nb = arrays = _q(rng, N, F, mx.bfloat16, bits, 64)
+    assert chain.swiglu_chain_supported(gate_up, arrays)
+    out = chain.swiglu_quantized_matmul(gate_up, w, s, b, group_size=g, bits=nb)
+    aligned = chain.swiglu_quantized_matmul(mx.array(np.array(gate_up.astype(mx.float32))).astype(mx.bfloat16),
+                                            w, s, b, group_size=g, bits=nb)
+    ref = _reference(chain.swiglu_quantized_matmul, gate_up, w, s, b, group_size=g, bits=nb)
+    assert _rel(out, ref) <= 2e-2
+    assert np.array_equal(np.array(out.astype(mx.float32)), np.array(aligned.astype(mx.float32)))
+
+
+@cuda
 @pytest.mark.parametrize("blocks", [264, 0, 7], ids=["264-blocks", "block-per-tile", "7-blocks"])
 def test_cuda_chain_7b_layer_shapes(monkeypatch, blocks):
     # One 7B block's shapes (E 4096, 8 heads of 512, F 10944) at 1 row, 4 bits, group 64; each

@@ -74,6 +74,34 @@ def test_cuda_matches_dequantized_reference(bits, group_size, M):
 
 
 @cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+@pytest.mark.parametrize("M", [1, 2])
+def test_cuda_ring_depths_hints_and_tiles(bits, depth, M):
+    # Every ring depth (weight chunks in flight per thread), each load hint and thread blocks
+    # walking several tiles, at 1-2 rows: K with a partial last span and spans per warp not a
+    # multiple of the depth (at 16 bits the plain T weights of the decode chain's float products).
+    N, K = 200, 2880
+    if bits == 16:
+        w = _x(bits + depth, (N, K), mx.bfloat16) * (K ** -0.5)
+        arrays = (w, w, w)
+        ref = np.array(_x(M, (M, K), mx.bfloat16).astype(mx.float32), dtype=np.float64) @ np.array(
+            w.astype(mx.float32), dtype=np.float64).T
+        group_size = 32
+    else:
+        group_size = 64
+        arrays = _quantized(bits + depth, N, K, group_size, bits, mx.bfloat16)
+        ref = _reference64(_x(M, (M, K), mx.bfloat16), *arrays, group_size, bits)
+    x = _x(M, (M, K), mx.bfloat16)
+    outs = [fused_quantized_matmul(x, *arrays, group_size=group_size, bits=bits, depth=depth, load_hint=hint,
+                                   max_blocks=blocks) for hint, blocks in ((0, None), (1, 3), (2, 1))]
+    for out in outs:
+        assert out.shape == (M, N) and _rel_fro(out, ref) < 5e-3
+    # the same float32 sums in the same order whatever the blocks and hints: the same bits
+    assert all(np.array_equal(np.array(o.astype(mx.float32)), np.array(outs[0].astype(mx.float32))) for o in outs)
+
+
+@cuda
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cuda_float16_and_batched_leading_axes(bits):
     wq, scales, biases = _quantized(3, 96, 512, 64, bits, mx.float16)
