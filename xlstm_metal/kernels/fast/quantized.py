@@ -199,28 +199,41 @@ _SOURCE = """
         for (int d = 0; d < DEPTH; ++d) {
           const int sp = sp0 + d * WARPS;
           if (sp < nspans) {  // the same for the whole warp
+            // The slot's chunk moves to registers of its own and the slot is refilled at once.
+            const uint4 wa = ra[d], wb = rb[d];
+            const T sa = rsa[d], ba = rba[d], sb = rsb[d], bb = rbb[d];
+            load_chunk(sp + DEPTH * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
             uint32_t xv[VALS / 2];
             load_x(sp, 0, xv);
-            const typename Q::T2 sa2 = Q::splat(rsa[d]), ba2 = Q::splat(rba[d]);
-            const typename Q::T2 sb2 = Q::splat(rsb[d]), bb2 = Q::splat(rbb[d]);
-            const float saf = static_cast<float>(rsa[d]), baf = static_cast<float>(rba[d]);
-            const float sbf = static_cast<float>(rsb[d]), bbf = static_cast<float>(rbb[d]);
-            // A fragments of every step: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
-            uint32_t af[STEPS][4];
-            #pragma unroll
-            for (int j = 0; j < STEPS; ++j) {
-              af[j][0] = dequant_pair<T, BITS>(ra[d], 2 * j, sa2, ba2, saf, baf);
-              af[j][1] = dequant_pair<T, BITS>(rb[d], 2 * j, sb2, bb2, sbf, bbf);
-              af[j][2] = dequant_pair<T, BITS>(ra[d], 2 * j + 1, sa2, ba2, saf, baf);
-              af[j][3] = dequant_pair<T, BITS>(rb[d], 2 * j + 1, sb2, bb2, sbf, bbf);
-            }
-            load_chunk(sp + DEPTH * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
-            #pragma unroll
-            for (int t = 0; t < MT; ++t) {
-              if (t > 0) load_x(sp, t, xv);
+            const typename Q::T2 sa2 = Q::splat(sa), ba2 = Q::splat(ba), sb2 = Q::splat(sb), bb2 = Q::splat(bb);
+            const float saf = static_cast<float>(sa), baf = static_cast<float>(ba);
+            const float sbf = static_cast<float>(sb), bbf = static_cast<float>(bb);
+            // A fragments of step j: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
+            if constexpr (MT == 1) {  // each step's fragments made as it runs: 4 registers, not 4 * STEPS
               #pragma unroll
               for (int j = 0; j < STEPS; ++j) {
-                mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+                const uint32_t af[4] = {dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf),
+                                        dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf),
+                                        dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf),
+                                        dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf)};
+                mma16816<T>(acc[0], af, x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+              }
+            } else {  // dequantized once for all of x's row tiles
+              uint32_t af[STEPS][4];
+              #pragma unroll
+              for (int j = 0; j < STEPS; ++j) {
+                af[j][0] = dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf);
+                af[j][1] = dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf);
+                af[j][2] = dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf);
+                af[j][3] = dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf);
+              }
+              #pragma unroll
+              for (int t = 0; t < MT; ++t) {
+                if (t > 0) load_x(sp, t, xv);
+                #pragma unroll
+                for (int j = 0; j < STEPS; ++j) {
+                  mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+                }
               }
             }
           }
