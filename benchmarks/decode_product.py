@@ -15,11 +15,14 @@ shape of an xLSTM-7B decode step (q|k|v|o 12288 x 4096, out_proj 4096 x 4096, ga
   residual; head norm and output gate -> out_proj with the residual add; RMSNorm -> gate|up;
   SwiGLU -> down; the LM head is a plain product), its prologue included.
 
-Each record: wall time per evaluation (median of ``--repeats``, synchronised), and from a CUPTI
-trace (PyTorch's profiler, when it attaches) the GPU time of the evaluation's kernels (busy: their
-summed durations; span: first start to last end), GB/s of weights read, and the largest
-difference from the reference (MLX's product in float32 terms, relative to the largest output;
-chain stages: their reference ops), which fails the run above ``--tol``.
+Each layer's product waits for the one before (its input takes a zero computed from the previous
+output, as in a decode step; ``--overlap``: independent, so MLX may run them side by side). Each
+record: wall time per evaluation (median of ``--repeats``, synchronised), and from a CUPTI trace
+(PyTorch's profiler, when it attaches) the GPU time of the evaluation's kernels (busy: their
+summed durations; span: first start to last end; product: the product's own kernels, the
+dependency's tiny ones left out), GB/s of weights (and scales, biases) read per product-kernel
+time, and the largest difference from the reference (MLX's product, relative to the largest
+output; chain stages: their reference ops), which fails the run above ``--tol``.
 """
 
 from __future__ import annotations
@@ -93,23 +96,38 @@ class _Stage:
         self.xb = mx.random.normal((rows, k), key=k1).astype(mx.bfloat16)
         mx.eval(self.x, self.pending, self.norm.weight, self.mh.weight, self.h, self.proj, self.gate_up, self.xb)
 
-    def run(self, arrays, bits: int, group_size: int):
+    def run(self, arrays, bits: int, group_size: int, dep: mx.array | None = None):
+        """The stage on ``arrays``; ``dep`` ([rows, 1] zeros from the previous product) is added
+        to its main input, so consecutive calls run one after another on the GPU."""
         w, s, b = (arrays * 3)[:3]
         kw = dict(group_size=group_size if bits != 16 else 32, bits=bits)
         if self.name == "qkvo":
-            return chain.norm_quantized_matmul(self.x, self.pending, self.norm, w, s, b, write_xn=True, **kw)[2]
+            return chain.norm_quantized_matmul(_plus(self.x, dep), self.pending, self.norm, w, s, b, write_xn=True,
+                                               **kw)[2]
         if self.name == "out_proj":
-            return chain.gate_norm_quantized_matmul(self.h, self.proj, 2 * E, self.mh, self.x, w, s, b, **kw)
+            return chain.gate_norm_quantized_matmul(_plus(self.h, dep), self.proj, 2 * E, self.mh, self.x, w, s, b, **kw)
         if self.name == "gate_up":
-            return chain.norm_quantized_matmul(self.x, None, self.norm, w, s, b, **kw)[2]
+            return chain.norm_quantized_matmul(_plus(self.x, dep), None, self.norm, w, s, b, **kw)[2]
         if self.name == "down":
-            return chain.swiglu_quantized_matmul(self.gate_up, w, s, b, **kw)
-        return quantized.fused_quantized_matmul(self.xb, w, s, b, **kw)
+            return chain.swiglu_quantized_matmul(_plus(self.gate_up, dep), w, s, b, **kw)
+        return quantized.fused_quantized_matmul(_plus(self.xb, dep), w, s, b, **kw)
 
     def reference(self, arrays, bits: int, group_size: int):
         if self.name == "lm_head":
             return _mlx(self.xb, arrays, bits, group_size)
         return _reference(self.run, arrays, bits, group_size)
+
+
+def _plus(x: mx.array, dep: mx.array | None) -> mx.array:
+    """x + dep (dep [rows, 1] broadcast over x's other axes), or x."""
+    if dep is None:
+        return x
+    return x + dep.reshape(dep.shape[0], *([1] * (x.ndim - 1))).astype(x.dtype)
+
+
+def _dep(out) -> mx.array:
+    """[rows, 1] zeros computed from a product's output: the next product's input waits for it."""
+    return out.reshape(out.shape[0], -1)[:, :1] * 0
 
 
 def _mlx(x: mx.array, arrays, bits: int, group_size: int) -> mx.array:
@@ -139,8 +157,16 @@ def _segments(events: list[dict], gap_us: float) -> list[dict]:
         cur.append(e)
     if cur:
         out.append(cur)
-    return [{"busy_us": sum(float(e["dur"]) for e in seg), "span_us": seg[-1]["ts"] + seg[-1]["dur"] - seg[0]["ts"],
-             "kernels": len(seg), "name": seg[0]["name"][:120]} for seg in out]
+    result = []
+    for seg in out:
+        by_name: dict[str, list[float]] = {}
+        for e in seg:
+            by_name.setdefault(e["name"], []).append(float(e["dur"]))
+        name, durs = max(by_name.items(), key=lambda kv: sum(kv[1]))  # the product's kernel
+        result.append({"busy_us": sum(float(e["dur"]) for e in seg), "span_us": seg[-1]["ts"] + seg[-1]["dur"] - seg[0]["ts"],
+                       "kernels": len(seg), "name": name[:120], "product_us": sum(durs), "product_kernels": len(durs),
+                       "product_max_us": max(durs)})
+    return result
 
 
 def _trace(runs: list, repeats: int) -> list[list[dict]] | str:
@@ -184,6 +210,9 @@ def main(argv=None) -> int:
                    "this many thread blocks walking the tiles (e.g. '264,528')")
     p.add_argument("--chain-depths", default="", help="ring depths for the chain stages per bits, as --depths")
     p.add_argument("--no-copy", action="store_true")
+    p.add_argument("--overlap", dest="serial", action="store_false",
+                   help="let the layers' products overlap on the GPU (default: each waits for the one before, "
+                   "through a tiny dependency, as in a decode step)")
     p.add_argument("--no-mlx", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace-repeats", type=int, default=3)
@@ -233,28 +262,32 @@ def main(argv=None) -> int:
                     variants = []  # (label, fn(arrays) -> output, reference or None)
                     ref0 = _mlx(x, weights[0], bits, args.group_size)
                     if not args.no_copy and rows == 1:
-                        variants.append(("copy", lambda a: [t + 0 for t in a], None))
+                        variants.append(("copy", lambda a, dep: [t + 0 for t in a], None))
                     if not args.no_mlx:
-                        variants.append(("mlx", lambda a, x=x: _mlx(x, a, bits, args.group_size), None))
+                        variants.append(("mlx", lambda a, dep, x=x: _mlx(_plus(x, dep), a, bits, args.group_size),
+                                         None))
                     for d in (depths.get(bits, [shipped]) if rows == 1 else [shipped]):
                         variants.append((f"ours d{d} h{quantized.LOAD_HINT}",
-                                         lambda a, d=d, x=x: _ours(x, a, bits, args.group_size, d, None), ref0))
+                                         lambda a, dep, d=d, x=x: _ours(_plus(x, dep), a, bits, args.group_size, d,
+                                                                        None), ref0))
                     for h in (hints.get(bits, []) if rows == 1 else []):
                         if h != quantized.LOAD_HINT:
                             variants.append((f"ours d{shipped} h{h}",
-                                             lambda a, h=h, x=x: _ours(x, a, bits, args.group_size, shipped, h), ref0))
+                                             lambda a, dep, h=h, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
+                                                                            shipped, h), ref0))
                     for mb in (max_blocks if rows == 1 else []):
                         variants.append((f"ours d{shipped} h{quantized.LOAD_HINT} blocks{mb}",
-                                         lambda a, mb=mb, x=x: _ours(x, a, bits, args.group_size, shipped, None, mb),
+                                         lambda a, dep, mb=mb, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
+                                                                          shipped, None, mb),
                                          ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)
                     for d in (chain_depths.get(bits, [shipped]) if rows == 1 else [shipped]):
                         for mb in [0] + (max_blocks if rows == 1 and d == shipped else []):
-                            def run_chain(a, d=d, mb=mb, stage=stage):
+                            def run_chain(a, dep, d=d, mb=mb, stage=stage):
                                 saved = quantized.DEPTH[bits], chain.CHAIN_BLOCKS
                                 quantized.DEPTH[bits], chain.CHAIN_BLOCKS = d, mb
                                 try:
-                                    return stage.run(a, bits, args.group_size)
+                                    return stage.run(a, bits, args.group_size, dep)
                                 finally:
                                     quantized.DEPTH[bits], chain.CHAIN_BLOCKS = saved
                             variants.append((f"chain d{d}" + (f" blocks{mb}" if mb else ""), run_chain, cref))
@@ -264,14 +297,18 @@ def main(argv=None) -> int:
                                "bytes_per_layer": nbytes}
                         try:
                             if ref is not None:
-                                err = _rel(fn(weights[0]), ref)
+                                err = _rel(fn(weights[0], None), ref)
                                 rec["rel_err"] = err
                                 if not err <= args.tol:
                                     rec["error"] = f"differs from the reference by {err:.3g} (> {args.tol})"
                                     failures += 1
 
-                            def run(fn=fn, weights=weights):
-                                return [fn(a) for a in weights]
+                            def run(fn=fn, weights=weights, serial=args.serial and label != "copy"):
+                                outs, dep = [], None
+                                for a in weights:
+                                    outs.append(fn(a, dep))
+                                    dep = _dep(outs[-1]) if serial else None
+                                return outs
 
                             mx.eval(run())
                             times = []
@@ -297,8 +334,11 @@ def main(argv=None) -> int:
                 else:
                     busy = statistics.median(s["busy_us"] for s in traced[i])
                     span = statistics.median(s["span_us"] for s in traced[i])
-                    rec.update(gpu_busy_ms=busy / 1000, gpu_span_ms=span / 1000,
-                               gpu_gbs=rec["layers"] * rec["bytes_per_layer"] / (busy * 1e-6) / 1e9,
+                    prod = statistics.median(s["product_us"] for s in traced[i])
+                    rec.update(gpu_busy_ms=busy / 1000, gpu_span_ms=span / 1000, product_ms=prod / 1000,
+                               product_kernels=traced[i][0]["product_kernels"],
+                               us_per_product=prod / max(1, traced[i][0]["product_kernels"]),
+                               gpu_gbs=rec["layers"] * rec["bytes_per_layer"] / (prod * 1e-6) / 1e9,
                                kernels=traced[i][0]["kernels"], kernel=traced[i][0]["name"])
                 emit({**rec, "kind": "gpu", "env": env})
             del runs, kept

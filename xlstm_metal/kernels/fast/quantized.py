@@ -149,8 +149,6 @@ _SOURCE = """
     const int g = lane >> 2;                // mma group: weight rows g, g+8; x row g of a tile
     const int tig = lane & 3;
     int tile = blockIdx.x;
-    int row0 = tile * 16 + g, row1 = row0 + 8;
-    bool ok0 = row0 < N, ok1 = row1 < N;
 
     float acc[MT][4];
     #pragma unroll
@@ -158,14 +156,18 @@ _SOURCE = """
 
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
     const T zt = static_cast<T>(0.0f);
-    // A ring of DEPTH chunks per thread, each 16 bytes of weights from rows g and g+8 with their
-    // group's scale/bias: chunk d of the ring holds span warp + (i * DEPTH + d) * WARPS. The
-    // first DEPTH chunks are requested before the prologue; a used slot is refilled at once, so
-    // DEPTH - 1 chunks stay in flight while one is multiplied (two left the weight stream idle
-    // most of the time: ~1.5-2 TB/s at one row). Spans past the tile's end are not read.
+    // A ring of DEPTH chunks per thread, each 16 bytes of weights from rows g and g+8 of a tile
+    // with their group's scale/bias: slot d holds span warp + (i * DEPTH + d) * WARPS. The first
+    // DEPTH chunks are requested before the prologue; a slot is refilled as soon as its chunk is
+    // taken, with the next span it serves: in this tile, or past the tile's end the same slot's
+    // first span of the block's next tile. So DEPTH - 1 chunks stay in flight while one is
+    // multiplied, across tiles and their reductions too (two chunks, and a fresh start per
+    // tile, left the weight stream idle most of the time: ~1.5-2 TB/s at one row).
     uint4 ra[DEPTH], rb[DEPTH];
     T rsa[DEPTH], rba[DEPTH], rsb[DEPTH], rbb[DEPTH];
-    auto load_chunk = [&](int sp, uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {
+    auto load_chunk = [&](int tl, int sp, uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {
+      const int row0 = tl * 16 + g, row1 = row0 + 8;
+      const bool ok0 = tl < ntiles && row0 < N, ok1 = tl < ntiles && row1 < N;
       const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
       const bool kin = sp < nspans && kc < K;
       const int gi = kin ? kc / G : 0;
@@ -175,10 +177,6 @@ _SOURCE = """
       ba_ = (BITS != 16 && kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
       sb_ = (BITS != 16 && kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
       bb_ = (BITS != 16 && kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;
-    };
-    auto prime = [&]() {
-      #pragma unroll
-      for (int d = 0; d < DEPTH; ++d) load_chunk(warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
     };
     auto load_x = [&](int sp, int t, uint32_t* xv) {
       const int kc = sp * SPAN + tig * VALS;
@@ -190,7 +188,8 @@ _SOURCE = """
         for (int i = 0; i < VALS / 2; ++i) xv[i] = 0u;
       }
     };
-    prime();
+    #pragma unroll
+    for (int d = 0; d < DEPTH; ++d) load_chunk(tile, warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
 @PROLOGUE@
     __shared__ float red[WARPS * MT * 4 * 32];
     for (;;) {
@@ -202,7 +201,10 @@ _SOURCE = """
             // The slot's chunk moves to registers of its own and the slot is refilled at once.
             const uint4 wa = ra[d], wb = rb[d];
             const T sa = rsa[d], ba = rba[d], sb = rsb[d], bb = rbb[d];
-            load_chunk(sp + DEPTH * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
+            const int nsp = sp + DEPTH * WARPS;
+            const bool here = nsp < nspans;
+            load_chunk(here ? tile : tile + gridDim.x, here ? nsp : warp + d * WARPS,
+                       ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
             uint32_t xv[VALS / 2];
             load_x(sp, 0, xv);
             const typename Q::T2 sa2 = Q::splat(sa), ba2 = Q::splat(ba), sb2 = Q::splat(sb), bb2 = Q::splat(bb);
@@ -240,11 +242,7 @@ _SOURCE = """
         }
       }
       const int cur = tile;
-      tile += gridDim.x;
-      if (tile < ntiles) {  // the next tile's first chunks in flight while this one is reduced
-        row0 = tile * 16 + g; row1 = row0 + 8; ok0 = row0 < N; ok1 = row1 < N;
-        prime();
-      }
+      tile += gridDim.x;  // the ring holds its first chunks already
 
       // Sum the warps' partial tiles. acc[t] = {(row g, col 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
       #pragma unroll
