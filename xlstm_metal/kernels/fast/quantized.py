@@ -37,6 +37,7 @@ affine quantized layers to it in place.
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -301,6 +302,10 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
 DEPTH = {4: 4, 8: 4, 16: 8}
 LOAD_HINT = 1
 
+#: Most thread blocks :func:`fused_quantized_matmul` launches, each walking output tiles
+#: (``XLSTM_METAL_DECODE_BLOCKS``); 0: one block per 16-feature tile.
+DECODE_BLOCKS = int(os.environ.get("XLSTM_METAL_DECODE_BLOCKS", "0"))
+
 
 def decode_template(dtype: mx.Dtype, bits: int, group_size: int, rows: int, depth: int | None = None,
                     load_hint: int | None = None) -> list:
@@ -389,7 +394,8 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     """The fused dequantize + tensor-core kernel (CUDA only; x of at most
     :data:`DECODE_MAX_ROWS` rows; the cases :func:`fast_path_supported` accepts, and at ``bits``
     16 plain weights ``w`` [N, K] of x's dtype, ``scales`` and ``biases`` unread). ``depth``,
-    ``load_hint``: see :func:`decode_template`; ``max_blocks``: see :func:`decode_launch`."""
+    ``load_hint``: see :func:`decode_template`; ``max_blocks``: see :func:`decode_launch` (default
+    :data:`DECODE_BLOCKS`; 0 one block per tile)."""
     lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
@@ -397,7 +403,7 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     (y,) = _kernel()(
         inputs=[x.reshape(M, K), w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
-        **decode_launch(N, max_blocks),
+        **decode_launch(N, DECODE_BLOCKS if max_blocks is None else max_blocks),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
     )
