@@ -36,7 +36,7 @@ import mlx.nn as nn
 
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm
 from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
-from .quantized import _HEADER, decode_launch, decode_source, decode_template, kernel_takes, quantized_matmul
+from .quantized import _HEADER, _LAUNCH_BOUNDS, decode_launch, decode_source, decode_template, kernel_takes, quantized_matmul
 
 #: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels. Measured
 #: on an H200 (S6R3, 7B, 4 bits): 484.6 tok/s at 2 rows (4.13 ms per step), where the path without
@@ -89,6 +89,8 @@ def chain_applies(x: mx.array) -> bool:
 # inputs (a norm's values stay in registers for its statistics); the product reads them there.
 _STAGE_DECL = """
     __shared__ __align__(16) T xs_s[SR * KD];
+    constexpr bool XPRE = BITS == 4;  // x staged in the 4-bit pair order: the product permutes nothing
+    auto xpos = [](int k) { return XPRE ? xl_xpos4(k) : k; };
 """
 _LOAD_X = """
         const uint4* xp = reinterpret_cast<const uint4*>(xs_s + (size_t)m * K + kc);
@@ -127,7 +129,7 @@ _NORM_PROLOGUE = """
           if (k < K) {
             const int e = mm * K + k;
             const T v = static_cast<T>(static_cast<float>(static_cast<ST>(sv[r] * rn)) * wv[r]);
-            xs_s[e] = v;
+            xs_s[mm * K + xpos(k)] = v;
             if (blockIdx.x == 0) {  // the residual sum and the normed input, once
               WRITE_SUM
               WRITE_XN
@@ -180,7 +182,7 @@ _GATE_PROLOGUE = """
             const float scaled = static_cast<float>(static_cast<T>(normed * static_cast<float>(nw[k])));
             const float og = static_cast<float>(o[static_cast<size_t>(mm) * o_shape[2] + OOFF + k]);
             const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-og))));
-            xs_s[mm * K + k] = static_cast<T>(gate * scaled);
+            xs_s[mm * K + xpos(k)] = static_cast<T>(gate * scaled);
           }
         }
       }
@@ -228,7 +230,7 @@ _SWIGLU_PROLOGUE = """
                 const float gf = static_cast<float>(g8[i]);
                 const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gf))));
                 const float si = static_cast<float>(static_cast<T>(gf * sg));
-                o8[i] = static_cast<T>(si * static_cast<float>(u8[i]));
+                o8[XPRE ? xl_xpos4(i) : i] = static_cast<T>(si * static_cast<float>(u8[i]));
               }
               *reinterpret_cast<uint4*>(xs_s + mm * K + c * 8) = o;
             }
@@ -253,7 +255,7 @@ _SWIGLU_PROLOGUE = """
               if (k < K) {
                 const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gv[u]))));
                 const float si = static_cast<float>(static_cast<T>(gv[u] * sg));
-                xs_s[mm * K + k] = static_cast<T>(si * uv[u]);
+                xs_s[mm * K + xpos(k)] = static_cast<T>(si * uv[u]);
               }
             }
           }
@@ -318,7 +320,7 @@ def _kernel(key: tuple, inputs: list[str], outputs: list[str], source):
             input_names=inputs,
             output_names=outputs,
             source=source(),
-            header=_HEADER + _REDUCE_HEADER,
+            header=_HEADER + _REDUCE_HEADER + _LAUNCH_BOUNDS,
         )
         _kernels[key] = kernel
     return kernel

@@ -53,6 +53,15 @@ _WARPS = 8  # warps per block: they split K for the block's 16 output features
 _FAST_BITS = (4, 8)
 _FAST_GROUPS = (32, 64, 128)
 
+#: Kernel attributes for the generated ``__global__`` function: at most 128 registers per thread
+#: (``__launch_bounds__(256, 2)``), so two thread blocks of 256 threads fit an SM. MLX writes the
+#: kernel's signature itself; the header, compiled right before it, redefines the ``__global__``
+#: keyword (as CUDA's host_defines.h spells it) with the bounds added.
+_LAUNCH_BOUNDS = """
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__(256, 2)
+"""
+
 _HEADER = MMA_HEADER + """
 template <typename T> struct QPair;
 template <> struct QPair<__nv_bfloat16> {
@@ -116,16 +125,23 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint4& wv, int p, typenam
 }
 
 // x's pair for the same k values as dequant_pair(p). xv holds the thread's chunk of x as
-// consecutive pairs (element 2i in the low half of xv[i]).
-template <int BITS>
+// consecutive pairs (element 2i in the low half of xv[i]); PRE: x was stored with each 8 values'
+// pairs already in the 4-bit order (xl_xpos4), so pair p is xv[p] at every width.
+template <int BITS, bool PRE>
 __device__ __forceinline__ uint32_t x_pair(const uint32_t* xv, int p) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 4 && !PRE) {
     // values (8*wd + e, 8*wd + e + 4), wd = p/4, e = p%4: halves of xv[4wd + e/2] and xv[4wd + e/2 + 2]
     const int i = 4 * (p >> 2) + ((p & 3) >> 1);
     return __byte_perm(xv[i], xv[i + 2], (p & 1) ? 0x7632 : 0x5410);
   } else {
     return xv[p];
   }
+}
+
+// Where value k of x goes when stored in the 4-bit pair order: within each 8 values, the
+// pairs (e, e + 4), e = 0..3, side by side.
+__device__ __forceinline__ int xl_xpos4(int k) {
+  return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1);
 }
 """
 
@@ -219,7 +235,7 @@ _SOURCE = """
                                         dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf),
                                         dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf),
                                         dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf)};
-                mma16816<T>(acc[0], af, x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+                mma16816<T>(acc[0], af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
               }
             } else {  // dequantized once for all of x's row tiles
               uint32_t af[STEPS][4];
@@ -235,7 +251,7 @@ _SOURCE = """
                 if (t > 0) load_x(sp, t, xv);
                 #pragma unroll
                 for (int j = 0; j < STEPS; ++j) {
-                  mma16816<T>(acc[t], af[j], x_pair<BITS>(xv, 2 * j), x_pair<BITS>(xv, 2 * j + 1));
+                  mma16816<T>(acc[t], af[j], x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
                 }
               }
             }
@@ -270,6 +286,7 @@ _SOURCE = """
 _SIZES = """\
     const int M = x_shape[0];
     const int K = x_shape[1];
+    constexpr bool XPRE = false;  // x read as it is stored
 """
 _LOAD_X = """\
         const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
@@ -284,7 +301,9 @@ _STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
 
 def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE) -> str:
     """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
-    the product's inner size) and any shared memory the other hooks use; ``prologue`` runs once
+    the product's inner size), ``constexpr bool XPRE`` (whether ``load_x`` gives x's values at 4
+    bits in the pair order of ``xl_xpos4``, which saves the kernel a byte permute per pair) and any
+    shared memory the other hooks use; ``prologue`` runs once
     per thread block after its first weight chunks are requested (every thread reaches it: it
     may synchronise); ``load_x`` fills ``uint32_t xv[VALS / 2]`` with x's values of row ``m``, k
     ``kc .. kc + VALS`` as consecutive T pairs (value 2i in the low half of ``xv[i]``); ``store``
@@ -338,7 +357,7 @@ def _kernel():
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
             source=decode_source(),
-            header=_HEADER,
+            header=_HEADER + _LAUNCH_BOUNDS,
         ))
     return _kernel_cache[0]
 
