@@ -347,19 +347,25 @@ def decode_launch(n_out: int, max_blocks: int | None = None) -> dict:
     return dict(grid=(blocks * 32 * _WARPS, 1, 1), threadgroup=(32 * _WARPS, 1, 1))
 
 
-_kernel_cache: list = []
+#: Most rows of x for which the decode kernel is held to 128 registers (``_LAUNCH_BOUNDS``): up to
+#: two x tiles fit without spilling; more tiles' accumulators would spill, so those kernels keep
+#: the registers they need (one block per SM).
+BOUNDED_ROWS = 16
+
+_kernel_cache: dict[bool, object] = {}
 
 
-def _kernel():
-    if not _kernel_cache:
-        _kernel_cache.append(mx.fast.cuda_kernel(
-            name="xlstm_quantized_matmul_decode",
+def _kernel(bounded: bool = True):
+    """The plain decode kernel, held to 128 registers per thread or not."""
+    if bounded not in _kernel_cache:
+        _kernel_cache[bounded] = mx.fast.cuda_kernel(
+            name="xlstm_quantized_matmul_decode" + ("" if bounded else "_wide"),
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
             source=decode_source(),
-            header=_HEADER + _LAUNCH_BOUNDS,
-        ))
-    return _kernel_cache[0]
+            header=_HEADER + (_LAUNCH_BOUNDS if bounded else ""),
+        )
+    return _kernel_cache[bounded]
 
 
 def fast_path_supported(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
@@ -419,7 +425,7 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
-    (y,) = _kernel()(
+    (y,) = _kernel(M <= BOUNDED_ROWS)(
         inputs=[x.reshape(M, K), w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
         **decode_launch(N, DECODE_BLOCKS if max_blocks is None else max_blocks),
