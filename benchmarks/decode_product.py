@@ -9,11 +9,13 @@ shape of an xLSTM-7B decode step (q|k|v|o 12288 x 4096, out_proj 4096 x 4096, ga
 
 - ``copy``: a plain copy of the same bytes (weights, scales, biases), the streaming yardstick;
 - ``mlx``: MLX's own product (``mx.quantized_matmul``; ``x @ w.T`` in bf16);
-- ``ours d<D> h<H>``: :func:`~xlstm_metal.kernels.fast.quantized.fused_quantized_matmul`
-  with ``D`` weight chunks in flight per thread and load hint ``H``;
-- ``chain d<D>``: the decode chain's stage for that shape (RMSNorm -> q|k|v|o with the pending
-  residual; head norm and output gate -> out_proj with the residual add; RMSNorm -> gate|up;
-  SwiGLU -> down; the LM head is a plain product), its prologue included.
+- ``ours <config>``: :func:`~xlstm_metal.kernels.fast.quantized.fused_quantized_matmul` at the
+  shipped settings ('default') or those of ``--configs`` ('d2r3': a ring of 2 weight chunks in
+  flight per thread, registers for 3 thread blocks per SM; see ``--help``); ``ours d<D> h<H>``
+  (``--depths``, ``--hints``) and ``... blocks<B>`` (``--max-blocks``) vary one setting;
+- ``chain <config>``: the decode chain's stage for that shape (RMSNorm -> q|k|v|o with the
+  pending residual; head norm and output gate -> out_proj with the residual add; RMSNorm ->
+  gate|up; SwiGLU -> down; the LM head is a plain product), its prologue included.
 
 Each layer's product waits for the one before (its input takes a zero computed from the previous
 output, as in a decode step; ``--overlap``: independent, so MLX may run them side by side). Each
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -144,6 +147,33 @@ def _ours(x: mx.array, arrays, bits: int, group_size: int, depth: int, hint: int
                                             depth=depth, load_hint=hint, max_blocks=max_blocks)
 
 
+def _parse_config(spec: str, bits: int) -> dict:
+    """'default' or 'd<depth>r<resident>[t][p0]' -> the module settings it stands for."""
+    if spec == "default":
+        return {}
+    m = re.fullmatch(r"d(\d+)r(\d+)(t?)(p0)?", spec)
+    if not m:
+        raise SystemExit(f"decode_product.py: bad --configs entry {spec!r} (e.g. 'd2r3', 'd4r2t', 'd2r3p0')")
+    depth, resident = int(m.group(1)), int(m.group(2))
+    return {"depth": (bits, depth), "resident": resident,
+            "chain_blocks": 0 if m.group(3) else resident * quantized.SMS, "prefetch": not m.group(4)}
+
+
+def _with(conf: dict, fn):
+    """fn() with the module settings of :func:`_parse_config` in place (kernels are built as the
+    graph is, so the settings hold while it is)."""
+    if not conf:
+        return fn()
+    bits, depth = conf["depth"]
+    saved = quantized.DEPTH[bits], quantized.RESIDENT, chain.CHAIN_BLOCKS, quantized.PREFETCH
+    quantized.DEPTH[bits], quantized.RESIDENT, chain.CHAIN_BLOCKS, quantized.PREFETCH = (
+        depth, conf["resident"], conf["chain_blocks"], conf["prefetch"])
+    try:
+        return fn()
+    finally:
+        quantized.DEPTH[bits], quantized.RESIDENT, chain.CHAIN_BLOCKS, quantized.PREFETCH = saved
+
+
 def _segments(events: list[dict], gap_us: float) -> list[dict]:
     """Kernel events split where the GPU idled longer than ``gap_us`` (the script sleeps between
     evaluations): one segment per evaluation, in order."""
@@ -203,12 +233,16 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="1", help="rows of x (1-2); rows > 1 run mlx, ours at its defaults and chain")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     p.add_argument("--layers", type=int, default=32, help="different weights per evaluation (LM head: at most 4)")
-    p.add_argument("--depths", default="", help="ring depths to compare per bits, e.g. '4:2,4,8;8:2,4,8;16:4,8,16' "
-                   "(default: the shipped depth only)")
+    p.add_argument("--depths", default="", help="also run ours at these ring depths per bits (the shipped other "
+                   "settings), e.g. '4:2,4,8;8:2,4,8;16:4,8,16'")
     p.add_argument("--hints", default="", help="load hints to compare at the shipped depth per bits, e.g. '4:0,2'")
-    p.add_argument("--max-blocks", default="", help="also run ours and the chain at the shipped depth with at most "
-                   "this many thread blocks walking the tiles (e.g. '264,528')")
-    p.add_argument("--chain-depths", default="", help="ring depths for the chain stages per bits, as --depths")
+    p.add_argument("--max-blocks", default="", help="also run ours at the shipped settings with at most this many "
+                   "thread blocks walking the tiles (e.g. '264,528')")
+    p.add_argument("--configs", default="default",
+                   help="settings to run ours and the chain's stage at, comma-separated: 'default' (the shipped "
+                   "ones) or tokens like 'd2r3' (ring depth 2, registers for 3 blocks per SM; the chain's blocks "
+                   "walking tiles 3 per SM) with optional 't' (the chain: a block per tile) and 'p0' (no L2 "
+                   "prefetch before the prologue), e.g. 'd2r3,d2r2,d4r2t'")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",
                    help="let the layers' products overlap on the GPU (default: each waits for the one before, "
@@ -231,7 +265,10 @@ def main(argv=None) -> int:
             out[int(b)] = [int(v) for v in vals.split(",")]
         return out
 
-    depths, chain_depths = per_bits(args.depths), per_bits(args.chain_depths)
+    depths = per_bits(args.depths)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for spec in configs:
+        _parse_config(spec, 4)  # bad specs fail before any work
     hints = per_bits(args.hints)
     max_blocks = [int(b) for b in args.max_blocks.split(",") if b]
     t_start = time.time()
@@ -266,7 +303,7 @@ def main(argv=None) -> int:
                     if not args.no_mlx:
                         variants.append(("mlx", lambda a, dep, x=x: _mlx(_plus(x, dep), a, bits, args.group_size),
                                          None))
-                    for d in (depths.get(bits, [shipped]) if rows == 1 else [shipped]):
+                    for d in (depths.get(bits, []) if rows == 1 else []):
                         variants.append((f"ours d{d} h{quantized.LOAD_HINT}",
                                          lambda a, dep, d=d, x=x: _ours(_plus(x, dep), a, bits, args.group_size, d,
                                                                         None), ref0))
@@ -281,16 +318,12 @@ def main(argv=None) -> int:
                                                                           shipped, None, mb),
                                          ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)
-                    for d in (chain_depths.get(bits, [shipped]) if rows == 1 else [shipped]):
-                        for mb in [0] + (max_blocks if rows == 1 and d == shipped else []):
-                            def run_chain(a, dep, d=d, mb=mb, stage=stage):
-                                saved = quantized.DEPTH[bits], chain.CHAIN_BLOCKS
-                                quantized.DEPTH[bits], chain.CHAIN_BLOCKS = d, mb
-                                try:
-                                    return stage.run(a, bits, args.group_size, dep)
-                                finally:
-                                    quantized.DEPTH[bits], chain.CHAIN_BLOCKS = saved
-                            variants.append((f"chain d{d}" + (f" blocks{mb}" if mb else ""), run_chain, cref))
+                    for spec in (configs if rows == 1 else configs[:1]):
+                        conf = _parse_config(spec, bits)
+                        variants.append((f"ours {spec}", lambda a, dep, conf=conf, x=x: _with(
+                            conf, lambda: _ours(_plus(x, dep), a, bits, args.group_size, None, None)), ref0))
+                        variants.append((f"chain {spec}", lambda a, dep, conf=conf, stage=stage: _with(
+                            conf, lambda: stage.run(a, bits, args.group_size, dep)), cref))
                     for label, fn, ref in variants:
                         rec = {"bits": bits, "group_size": args.group_size if bits != 16 else None, "shape": name,
                                "N": n, "K": k, "rows": rows, "variant": label, "layers": layers,

@@ -36,7 +36,8 @@ import mlx.nn as nn
 
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm
 from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
-from .quantized import _HEADER, _LAUNCH_BOUNDS, decode_launch, decode_source, decode_template, kernel_takes, quantized_matmul
+from . import quantized as _quantized
+from .quantized import _HEADER, decode_launch, decode_source, decode_template, kernel_takes, launch_bounds, quantized_matmul
 
 #: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels. Measured
 #: on an H200 (S6R3, 7B, 4 bits): 484.6 tok/s at 2 rows (4.13 ms per step), where the path without
@@ -270,11 +271,13 @@ _SWIGLU_PROLOGUE = """
 STAGE_BYTES = 44 * 1024
 
 #: Most thread blocks a chain kernel launches, each walking output tiles of 16 features after one
-#: prologue (``XLSTM_METAL_CHAIN_BLOCKS``); 0, the default: one block per tile. On an H200 (S6R2,
-#: 7B, batch 1, one process) one block per tile gave 282 / 232 tok/s at 4 / 8 bits, 264 blocks
-#: (two per SM) 206 / 199 and 132 blocks 250 / 169: fewer blocks walk their tiles one after another
-#: (GPU time per step 2.87 / 4.14 ms with 264 blocks against 2.64 / 3.70 without the chain).
-CHAIN_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_BLOCKS", "0"))
+#: prologue (``XLSTM_METAL_CHAIN_BLOCKS``; 0: one block per tile). The default, as many as fit the
+#: GPU at once (``quantized.RESIDENT`` per SM), computes each prologue's input rows once per block
+#: while the weight ring streams on across the block's tiles: on an H200 (S7R2, 7B, 4 bits, one
+#: process) 264 blocks took 2.88 ms of GPU time per step against 3.28 ms with a block per tile
+#: (gate|up 27.8 us instead of 37.2, q|k|v|o 17.1 instead of 22.2; 8 bits 4.30 vs 4.43 ms). With
+#: the ring of session 6 (two chunks, restarted per tile) walking tiles had lost (S6R2).
+CHAIN_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_BLOCKS", str(_quantized.RESIDENT * _quantized.SMS)))
 
 
 def _stage_rows(rows: int, k: int, dtype: mx.Dtype) -> int:
@@ -313,6 +316,7 @@ _kernels: dict[tuple, object] = {}
 
 def _kernel(key: tuple, inputs: list[str], outputs: list[str], source):
     """The chain's kernel for ``key``, its source from ``source()``, built once."""
+    key = (*key, _quantized.RESIDENT)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
@@ -320,7 +324,7 @@ def _kernel(key: tuple, inputs: list[str], outputs: list[str], source):
             input_names=inputs,
             output_names=outputs,
             source=source(),
-            header=_HEADER + _REDUCE_HEADER + _LAUNCH_BOUNDS,
+            header=_HEADER + _REDUCE_HEADER + launch_bounds(key[-1]),
         )
         _kernels[key] = kernel
     return kernel

@@ -53,13 +53,26 @@ _WARPS = 8  # warps per block: they split K for the block's 16 output features
 _FAST_BITS = (4, 8)
 _FAST_GROUPS = (32, 64, 128)
 
-#: Kernel attributes for the generated ``__global__`` function: at most 128 registers per thread
-#: (``__launch_bounds__(256, 2)``), so two thread blocks of 256 threads fit an SM. MLX writes the
-#: kernel's signature itself; the header, compiled right before it, redefines the ``__global__``
-#: keyword (as CUDA's host_defines.h spells it) with the bounds added.
-_LAUNCH_BOUNDS = """
+#: Thread blocks of the decode kernels resident per SM (``XLSTM_METAL_DECODE_RESIDENT``): their
+#: registers are bounded so that this many blocks of 256 threads fit (2: 128 registers a thread,
+#: 3: 85). More warps per SM hide more of the latencies a decode product waits on (S7R2, H200:
+#: ring depth 2 at ~80 registers ran every 7B product 5-15% faster than depth 4 at ~120).
+RESIDENT = int(os.environ.get("XLSTM_METAL_DECODE_RESIDENT", "3"))
+
+#: Streaming multiprocessors of the GPU (``XLSTM_METAL_SMS``; H100 and H200 SXM: 132): thread blocks
+#: that walk tiles are launched RESIDENT per SM.
+SMS = int(os.environ.get("XLSTM_METAL_SMS", "132"))
+
+
+def launch_bounds(resident: int) -> str:
+    """Header text giving the kernel compiled after it ``__launch_bounds__(256, resident)`` (none
+    for 0). MLX writes the kernel's signature itself; this redefines the ``__global__`` keyword
+    (as CUDA's host_defines.h spells it) with the bounds added, so it must end the header."""
+    if not resident:
+        return ""
+    return f"""
 #undef __global__
-#define __global__ __location__(global) __launch_bounds__(256, 2)
+#define __global__ __location__(global) __launch_bounds__(256, {int(resident)})
 """
 
 _HEADER = MMA_HEADER + """
@@ -97,6 +110,10 @@ __device__ __forceinline__ uint4 ld_weights(const uint32_t* p) {
     }
     return v;
   }
+}
+
+__device__ __forceinline__ void l2_prefetch(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
 }
 
 // Two dequantized weights (one 32-bit pair register) of a thread's 16-byte weight chunk, for
@@ -207,6 +224,14 @@ _SOURCE = """
     };
     #pragma unroll
     for (int d = 0; d < DEPTH; ++d) load_chunk(tile, warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
+    if (PF) {  // the rest of the first tile's weights towards L2 while the prologue runs
+      const int row0 = tile * 16 + g, row1 = row0 + 8;
+      for (int sp = warp + DEPTH * WARPS; sp < nspans; sp += WARPS) {
+        const int kc = sp * SPAN + tig * VALS;
+        if (kc < K && row0 < N) l2_prefetch(wq + (size_t)row0 * WPR + kc / (32 / BITS));
+        if (kc < K && row1 < N) l2_prefetch(wq + (size_t)row1 * WPR + kc / (32 / BITS));
+      }
+    }
 @PROLOGUE@
     __shared__ float red[WARPS * MT * 4 * 32];
     for (;;) {
@@ -316,10 +341,18 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
             .replace("@LOAD_X@\n", load_x).replace("@STORE@", store))
 
 
-#: Weight chunks in flight per thread (the ring's depth) by bits, and the load hint (see
-#: ``ld_weights``): what the decode products use unless a caller passes its own.
-DEPTH = {4: 4, 8: 4, 16: 8}
+#: Weight chunks in flight per thread (the ring's depth) by bits (``XLSTM_METAL_DECODE_DEPTH``,
+#: e.g. "4:2,8:2,16:4"), and the load hint (see ``ld_weights``): what the decode products use
+#: unless a caller passes its own.
+DEPTH = {4: 2, 8: 2, 16: 4}
+DEPTH.update({int(b): int(d) for b, d in (part.split(":") for part in
+                                          os.environ.get("XLSTM_METAL_DECODE_DEPTH", "").split(",") if part)})
 LOAD_HINT = 1
+
+#: Whether a thread asks L2 to fetch the rest of its first tile's weights before the prologue
+#: (``prefetch.global.L2``, no registers held): the weight stream runs while the block computes its
+#: input rows (``XLSTM_METAL_DECODE_PREFETCH=0`` turns it off).
+PREFETCH = os.environ.get("XLSTM_METAL_DECODE_PREFETCH", "1") != "0"
 
 #: Most thread blocks :func:`fused_quantized_matmul` launches, each walking output tiles
 #: (``XLSTM_METAL_DECODE_BLOCKS``); 0: one block per 16-feature tile.
@@ -332,7 +365,8 @@ def decode_template(dtype: mx.Dtype, bits: int, group_size: int, rows: int, dept
     chunks in flight per thread (default :data:`DEPTH` for ``bits``), ``load_hint`` the weights'
     load instruction (default :data:`LOAD_HINT`)."""
     return [("T", dtype), ("BITS", bits), ("G", group_size), ("MT", -(-rows // 8)), ("WARPS", _WARPS),
-            ("DEPTH", depth or DEPTH[bits]), ("LDH", LOAD_HINT if load_hint is None else load_hint)]
+            ("DEPTH", depth or DEPTH[bits]), ("LDH", LOAD_HINT if load_hint is None else load_hint),
+            ("PF", int(PREFETCH))]
 
 
 def decode_launch(n_out: int, max_blocks: int | None = None) -> dict:
@@ -347,25 +381,24 @@ def decode_launch(n_out: int, max_blocks: int | None = None) -> dict:
     return dict(grid=(blocks * 32 * _WARPS, 1, 1), threadgroup=(32 * _WARPS, 1, 1))
 
 
-#: Most rows of x for which the decode kernel is held to 128 registers (``_LAUNCH_BOUNDS``): up to
-#: two x tiles fit without spilling; more tiles' accumulators would spill, so those kernels keep
-#: the registers they need (one block per SM).
+#: Most rows of x for which the decode kernel's registers are bounded (:data:`RESIDENT`): more x
+#: tiles' accumulators would spill, so those kernels keep the registers they need.
 BOUNDED_ROWS = 16
 
-_kernel_cache: dict[bool, object] = {}
+_kernel_cache: dict[int, object] = {}
 
 
-def _kernel(bounded: bool = True):
-    """The plain decode kernel, held to 128 registers per thread or not."""
-    if bounded not in _kernel_cache:
-        _kernel_cache[bounded] = mx.fast.cuda_kernel(
-            name="xlstm_quantized_matmul_decode" + ("" if bounded else "_wide"),
+def _kernel(resident: int):
+    """The plain decode kernel, its registers bounded for ``resident`` blocks per SM (0: not)."""
+    if resident not in _kernel_cache:
+        _kernel_cache[resident] = mx.fast.cuda_kernel(
+            name=f"xlstm_quantized_matmul_decode_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
             source=decode_source(),
-            header=_HEADER + (_LAUNCH_BOUNDS if bounded else ""),
+            header=_HEADER + launch_bounds(resident),
         )
-    return _kernel_cache[bounded]
+    return _kernel_cache[resident]
 
 
 def fast_path_supported(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
@@ -425,7 +458,7 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
-    (y,) = _kernel(M <= BOUNDED_ROWS)(
+    (y,) = _kernel(RESIDENT if M <= BOUNDED_ROWS else 0)(
         inputs=[x.reshape(M, K), w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
         **decode_launch(N, DECODE_BLOCKS if max_blocks is None else max_blocks),
