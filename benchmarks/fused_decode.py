@@ -34,7 +34,7 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
-from xlstm_metal.kernels.fast import decode, decode_chain, skinny  # noqa: E402
+from xlstm_metal.kernels.fast import decode, decode_chain, quantized, skinny  # noqa: E402
 from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
 
 
@@ -126,10 +126,12 @@ def main() -> None:
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
+    ring_depth, resident = dict(quantized.DEPTH), quantized.RESIDENT
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
-    # (False: float products by MLX's matmul, the chain only where the products are quantized))
+    # (False: float products by MLX's matmul, the chain only where the products are quantized),
+    # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -150,7 +152,10 @@ def main() -> None:
                   ("fused decode kernels, chain, 132 blocks", True, True, residual, skinny_default, step_default, {"blocks": 132}),
                   ("fused decode kernels, chain, 528 blocks", True, True, residual, skinny_default, step_default, {"blocks": 528}),
                   ("fused decode kernels, chain, MLX's float products", True, True, residual, skinny_default, step_default,
-                   {"float": False})]
+                   {"float": False}),
+                  # the decode kernels as S7R2 ran them (4 weight chunks in flight, 2 blocks per SM)
+                  ("fused decode kernels, chain, depth 4, 2 blocks per SM", True, True, residual, skinny_default,
+                   step_default, {"depth": {4: 4, 8: 4, 16: 8}, "resident": 2, "blocks": 2 * quantized.SMS})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
     unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)
@@ -191,6 +196,8 @@ def main() -> None:
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
                 decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
+                quantized.DEPTH.update(options.get("depth", ring_depth))
+                quantized.RESIDENT = options.get("resident", resident)
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
@@ -210,6 +217,8 @@ def main() -> None:
         decode.set_fused_decode(True)
         decode_chain.set_decode_chain(True)
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
+        quantized.DEPTH.update(ring_depth)
+        quantized.RESIDENT = resident
 
     def check_chain() -> None:
         """Greedy steps from one random token with the chain on, then the same tokens with it off,
