@@ -151,18 +151,25 @@ STAGE_DECL
 """
 _GATE_PROLOGUE = """
     {
-      // A warp per (row, head) keeps the head's h in registers for its statistics.
+      // A warp per (row, head) keeps the head's h in registers for its statistics; o~ is read
+      // in the same pass and its sigmoid taken while the statistics are summed (one wait on L2).
       constexpr int MAXJ = (DV + 31) / 32;
       for (int p = warp; p < M * NH; p += WARPS) {
         const int mm = p / NH, hd = p - mm * NH;
         const size_t hoff = static_cast<size_t>(p) * DV;  // h [B, NH, 1, DV] row-contiguous
-        float hv[MAXJ];
+        const size_t ooff = static_cast<size_t>(mm) * o_shape[2] + OOFF + hd * DV;
+        float hv[MAXJ], gv[MAXJ];
         float sum = 0.0f;
         #pragma unroll
         for (int r = 0; r < MAXJ; ++r) {
           const int j = lane + 32 * r;
           hv[r] = j < DV ? static_cast<float>(h[hoff + j]) : 0.0f;
+          gv[r] = j < DV ? static_cast<float>(o[ooff + j]) : 0.0f;
+        }
+        #pragma unroll
+        for (int r = 0; r < MAXJ; ++r) {
           sum += hv[r];
+          gv[r] = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gv[r]))));
         }
         for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
         const float mean = sum / DV;
@@ -181,9 +188,7 @@ _GATE_PROLOGUE = """
             const int k = hd * DV + j;
             const float normed = static_cast<float>(static_cast<T>((hv[r] - mean) * rstd));
             const float scaled = static_cast<float>(static_cast<T>(normed * static_cast<float>(nw[k])));
-            const float og = static_cast<float>(o[static_cast<size_t>(mm) * o_shape[2] + OOFF + k]);
-            const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-og))));
-            xs_s[mm * K + xpos(k)] = static_cast<T>(gate * scaled);
+            xs_s[mm * K + xpos(k)] = static_cast<T>(gv[r] * scaled);
           }
         }
       }
