@@ -148,15 +148,15 @@ def _ours(x: mx.array, arrays, bits: int, group_size: int, depth: int, hint: int
 
 
 def _parse_config(spec: str, bits: int) -> dict:
-    """'default' or 'd<depth>r<resident>[t][p0]' -> the module settings it stands for."""
+    """'default' or 'd<depth>r<resident>[t][p1]' -> the module settings it stands for."""
     if spec == "default":
         return {}
-    m = re.fullmatch(r"d(\d+)r(\d+)(t?)(p0)?", spec)
+    m = re.fullmatch(r"d(\d+)r(\d+)(t?)(p1)?", spec)
     if not m:
-        raise SystemExit(f"decode_product.py: bad --configs entry {spec!r} (e.g. 'd2r3', 'd4r2t', 'd2r3p0')")
+        raise SystemExit(f"decode_product.py: bad --configs entry {spec!r} (e.g. 'd2r3', 'd4r2t', 'd2r3p1')")
     depth, resident = int(m.group(1)), int(m.group(2))
     return {"depth": (bits, depth), "resident": resident,
-            "chain_blocks": 0 if m.group(3) else resident * quantized.SMS, "prefetch": not m.group(4)}
+            "chain_blocks": 0 if m.group(3) else resident * quantized.SMS, "prefetch": bool(m.group(4))}
 
 
 def _with(conf: dict, fn):
@@ -165,13 +165,13 @@ def _with(conf: dict, fn):
     if not conf:
         return fn()
     bits, depth = conf["depth"]
-    saved = quantized.DEPTH[bits], quantized.RESIDENT, chain.CHAIN_BLOCKS, quantized.PREFETCH
-    quantized.DEPTH[bits], quantized.RESIDENT, chain.CHAIN_BLOCKS, quantized.PREFETCH = (
+    saved = quantized.DEPTH[bits], quantized.RESIDENT[bits], chain.CHAIN_BLOCKS, quantized.PREFETCH
+    quantized.DEPTH[bits], quantized.RESIDENT[bits], chain.CHAIN_BLOCKS, quantized.PREFETCH = (
         depth, conf["resident"], conf["chain_blocks"], conf["prefetch"])
     try:
         return fn()
     finally:
-        quantized.DEPTH[bits], quantized.RESIDENT, chain.CHAIN_BLOCKS, quantized.PREFETCH = saved
+        quantized.DEPTH[bits], quantized.RESIDENT[bits], chain.CHAIN_BLOCKS, quantized.PREFETCH = saved
 
 
 def _segments(events: list[dict], gap_us: float) -> list[dict]:
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="default",
                    help="settings to run ours and the chain's stage at, comma-separated: 'default' (the shipped "
                    "ones) or tokens like 'd2r3' (ring depth 2, registers for 3 blocks per SM; the chain's blocks "
-                   "walking tiles 3 per SM) with optional 't' (the chain: a block per tile) and 'p0' (no L2 "
+                   "walking tiles 3 per SM) with optional 't' (the chain: a block per tile) and 'p1' (the L2 "
                    "prefetch before the prologue), e.g. 'd2r3,d2r2,d4r2t'")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",

@@ -126,7 +126,7 @@ def main() -> None:
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
-    ring_depth, resident = dict(quantized.DEPTH), quantized.RESIDENT
+    ring_depth, resident = dict(quantized.DEPTH), dict(quantized.RESIDENT)
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
@@ -155,7 +155,8 @@ def main() -> None:
                    {"float": False}),
                   # the decode kernels as S7R2 ran them (4 weight chunks in flight, 2 blocks per SM)
                   ("fused decode kernels, chain, depth 4, 2 blocks per SM", True, True, residual, skinny_default,
-                   step_default, {"depth": {4: 4, 8: 4, 16: 8}, "resident": 2, "blocks": 2 * quantized.SMS})]
+                   step_default, {"depth": {4: 4, 8: 4, 16: 8}, "resident": {4: 2, 8: 2, 16: 2},
+                                  "blocks": 2 * quantized.SMS})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
     unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)
@@ -197,7 +198,7 @@ def main() -> None:
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
                 decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
                 quantized.DEPTH.update(options.get("depth", ring_depth))
-                quantized.RESIDENT = options.get("resident", resident)
+                quantized.RESIDENT.update(options.get("resident", resident))
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
@@ -218,7 +219,7 @@ def main() -> None:
         decode_chain.set_decode_chain(True)
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
         quantized.DEPTH.update(ring_depth)
-        quantized.RESIDENT = resident
+        quantized.RESIDENT.update(resident)
 
     def check_chain() -> None:
         """Greedy steps from one random token with the chain on, then the same tokens with it off,

@@ -275,14 +275,17 @@ _SWIGLU_PROLOGUE = """
 #: product's reduction takes 4 KiB at one tile). A stage whose rows do not fit runs its reference.
 STAGE_BYTES = 44 * 1024
 
-#: Most thread blocks a chain kernel launches, each walking output tiles of 16 features after one
-#: prologue (``XLSTM_METAL_CHAIN_BLOCKS``; 0: one block per tile). The default, as many as fit the
-#: GPU at once (``quantized.RESIDENT`` per SM), computes each prologue's input rows once per block
-#: while the weight ring streams on across the block's tiles: on an H200 (S7R2, 7B, 4 bits, one
-#: process) 264 blocks took 2.88 ms of GPU time per step against 3.28 ms with a block per tile
-#: (gate|up 27.8 us instead of 37.2, q|k|v|o 17.1 instead of 22.2; 8 bits 4.30 vs 4.43 ms). With
-#: the ring of session 6 (two chunks, restarted per tile) walking tiles had lost (S6R2).
-CHAIN_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_BLOCKS", str(_quantized.RESIDENT * _quantized.SMS)))
+#: Thread blocks a chain kernel launches by bits, each walking output tiles of 16 features after
+#: one prologue (0: one block per tile): at 4 bits as many as fit the GPU at once
+#: (``quantized.RESIDENT`` per SM), which compute each prologue's input rows once per block while
+#: the weight ring streams on across the block's tiles. On an H200 (S7R2, 7B, 4 bits, one process)
+#: 264 blocks took 2.88 ms of GPU time per step against 3.28 ms with a block per tile (gate|up
+#: 27.8 us instead of 37.2, q|k|v|o 17.1 instead of 22.2); at 8 bits 4.30 vs 4.43 ms, both behind
+#: session 6's schedule (4.13 ms, S6R3), which 8 and 16 bits keep (see ``quantized.DEPTH``).
+WALK_BLOCKS = {4: _quantized.RESIDENT[4] * _quantized.SMS, 8: 0, 16: 0}
+
+#: The same for every width at once (``XLSTM_METAL_CHAIN_BLOCKS``), or None: :data:`WALK_BLOCKS`.
+CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
 
 
 def _stage_rows(rows: int, k: int, dtype: mx.Dtype) -> int:
@@ -301,8 +304,9 @@ def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = stat
                          store=store)
 
 
-def _launch(n_out: int) -> dict:
-    return decode_launch(n_out, CHAIN_BLOCKS or None)
+def _launch(n_out: int, bits: int) -> dict:
+    blocks = CHAIN_BLOCKS if CHAIN_BLOCKS is not None else WALK_BLOCKS.get(bits, 0)
+    return decode_launch(n_out, blocks or None)
 
 
 def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
@@ -319,9 +323,10 @@ def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(key: tuple, inputs: list[str], outputs: list[str], source):
-    """The chain's kernel for ``key``, its source from ``source()``, built once."""
-    key = (*key, _quantized.RESIDENT)
+def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source):
+    """The chain's kernel for ``key`` at ``bits``, its source from ``source()``, built once per
+    register bound (``quantized.RESIDENT``)."""
+    key = (*key, _quantized.RESIDENT.get(bits, 0))
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
@@ -406,7 +411,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     T = norm.weight.dtype
     has_pending = pending is not None
     key = ("norm", norm.eps, has_pending, write_xn)
-    kernel = _kernel(key, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
+    kernel = _kernel(key, bits, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
                      ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
                      lambda: _norm_source(norm.eps, has_pending, write_xn))
     N = w.shape[0]
@@ -422,7 +427,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
         inputs=inputs,
         template=decode_template(T, bits, group_size, B)
         + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T))],
-        output_shapes=shapes, output_dtypes=dtypes, **_launch(N),
+        output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits),
     )
     return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
 
@@ -453,14 +458,14 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
         return x + _product(output_norm_gate(h, o_preact, norm), (w, scales, biases, group_size, bits))
     E = x.shape[-1]
     T = h.dtype
-    kernel = _kernel(("gate", norm.eps), ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
+    kernel = _kernel(("gate", norm.eps), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
                      lambda: _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE))
     (out,) = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
         template=decode_template(T, bits, group_size, B)
         + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
            ("SR", _stage_rows(B, NH * DV, T))],
-        output_shapes=[(B, 1, E)], output_dtypes=[x.dtype], **_launch(w.shape[0]),
+        output_shapes=[(B, 1, E)], output_dtypes=[x.dtype], **_launch(w.shape[0], bits),
     )
     return out
 
@@ -490,13 +495,13 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
         return _product(swiglu(gate_up[..., :F], gate_up[..., F:]), (w, scales, biases, group_size, bits))
     B = gate_up.shape[0]
     T = gate_up.dtype
-    kernel = _kernel(("swiglu",), ["gate_up", "w", "scales", "biases"], ["y"],
+    kernel = _kernel(("swiglu",), bits, ["gate_up", "w", "scales", "biases"], ["y"],
                      lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE))
     N = w.shape[0]
     (y,) = kernel(
         inputs=[gate_up, w, scales, biases],
         template=decode_template(T, bits, group_size, B) + [("KD", F), ("SR", _stage_rows(B, F, T))],
-        output_shapes=[(B, 1, N)], output_dtypes=[T], **_launch(N),
+        output_shapes=[(B, 1, N)], output_dtypes=[T], **_launch(N, bits),
     )
     return y
 

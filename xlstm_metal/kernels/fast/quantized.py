@@ -53,14 +53,20 @@ _WARPS = 8  # warps per block: they split K for the block's 16 output features
 _FAST_BITS = (4, 8)
 _FAST_GROUPS = (32, 64, 128)
 
-#: Thread blocks of the decode kernels resident per SM (``XLSTM_METAL_DECODE_RESIDENT``): their
-#: registers are bounded so that this many blocks of 256 threads fit (2: 128 registers a thread,
-#: 3: 85). More warps per SM hide more of the latencies a decode product waits on (S7R2, H200:
-#: ring depth 2 at ~80 registers ran every 7B product 5-15% faster than depth 4 at ~120).
-RESIDENT = int(os.environ.get("XLSTM_METAL_DECODE_RESIDENT", "3"))
+def _per_bits(name: str, default: dict[int, int]) -> dict[int, int]:
+    """``default`` with the environment variable's "bits:value,..." entries over it."""
+    out = dict(default)
+    out.update({int(b): int(v) for b, v in (part.split(":") for part in os.environ.get(name, "").split(",") if part)})
+    return out
+
+
+#: Thread blocks of the decode kernels resident per SM, by bits (``XLSTM_METAL_DECODE_RESIDENT``,
+#: e.g. "4:2,8:3,16:3"; 0: no bound): their registers are bounded so that this many blocks of 256
+#: threads fit (2: 128 registers a thread, 3: 85).
+RESIDENT = _per_bits("XLSTM_METAL_DECODE_RESIDENT", {4: 2, 8: 3, 16: 3})
 
 #: Streaming multiprocessors of the GPU (``XLSTM_METAL_SMS``; H100 and H200 SXM: 132): thread blocks
-#: that walk tiles are launched RESIDENT per SM.
+#: that walk tiles are launched :data:`RESIDENT` per SM.
 SMS = int(os.environ.get("XLSTM_METAL_SMS", "132"))
 
 
@@ -342,17 +348,23 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
 
 
 #: Weight chunks in flight per thread (the ring's depth) by bits (``XLSTM_METAL_DECODE_DEPTH``,
-#: e.g. "4:2,8:2,16:4"), and the load hint (see ``ld_weights``): what the decode products use
-#: unless a caller passes its own.
-DEPTH = {4: 2, 8: 2, 16: 4}
-DEPTH.update({int(b): int(d) for b, d in (part.split(":") for part in
-                                          os.environ.get("XLSTM_METAL_DECODE_DEPTH", "").split(",") if part)})
+#: e.g. "4:4,8:1,16:1"), and the load hint (see ``ld_weights``): what the decode products use
+#: unless a caller passes its own. With :data:`RESIDENT` and the chain's blocks walking tiles
+#: (``decode_chain.WALK_BLOCKS``) the defaults are the schedules measured best on an H200 (7B,
+#: one row; benchmarks/NOTES.md, session 7): at 4 bits 4 chunks, 2 blocks per SM, the chain's
+#: blocks walking tiles (GPU time per step 2.88-2.89 ms, S7R2/S7R3, against 3.13 with session 6's
+#: kernel); at 8 and 16 bits session 6's schedule, one chunk in flight while one is multiplied,
+#: 3 blocks per SM, a block per tile (S6R3: 4.13 / 4.74 ms; depth 2 walking tiles with the L2
+#: prefetch below took 4.28 / 5.65 ms in S7R3).
+DEPTH = _per_bits("XLSTM_METAL_DECODE_DEPTH", {4: 4, 8: 1, 16: 1})
 LOAD_HINT = 1
 
 #: Whether a thread asks L2 to fetch the rest of its first tile's weights before the prologue
-#: (``prefetch.global.L2``, no registers held): the weight stream runs while the block computes its
-#: input rows (``XLSTM_METAL_DECODE_PREFETCH=0`` turns it off).
-PREFETCH = os.environ.get("XLSTM_METAL_DECODE_PREFETCH", "1") != "0"
+#: (``prefetch.global.L2``, no registers held; ``XLSTM_METAL_DECODE_PREFETCH=1``). Off: S7R3 (H200,
+#: 4 bits, q|k|v|o) ran 15.7 us per product without it, 17.2 with it (the chain's stage 17.1 / 18.3),
+#: and every block asking for its whole first tile at once can outrun L2 (gate|up's first tiles
+#: at 16 bits are 44 MB, proj_down's 89 MB).
+PREFETCH = os.environ.get("XLSTM_METAL_DECODE_PREFETCH", "0") == "1"
 
 #: Most thread blocks :func:`fused_quantized_matmul` launches, each walking output tiles
 #: (``XLSTM_METAL_DECODE_BLOCKS``); 0: one block per 16-feature tile.
@@ -458,7 +470,7 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
-    (y,) = _kernel(RESIDENT if M <= BOUNDED_ROWS else 0)(
+    (y,) = _kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0)(
         inputs=[x.reshape(M, K), w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
         **decode_launch(N, DECODE_BLOCKS if max_blocks is None else max_blocks),
