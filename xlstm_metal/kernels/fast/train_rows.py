@@ -1,28 +1,34 @@
-"""Training-step elementwise work as CUDA kernels with their own vjps (issue 19 item 3).
+"""Training-step work around the mLSTM cell as CUDA kernels, with their own vjps (issue 19 item 3).
 
 In the compiled 1.3b train step (8,192 tokens, H200, CUPTI trace of GPU round S5R3) MLX ran the
 SwiGLU and the mLSTM output cell (multi-head LayerNorm, output gate) as a dozen launches per
 block: unfused ``Sigmoid`` and ``Multiply`` kernels over strided column slices of the fused
 projections' outputs (4.2 + 5.0 ms per step), float32 copies for the LayerNorm and back, its
 forward and vjp kernels, the weight's column reduction, and the concatenation that the split of
-the fused gate|up product costs in the backward. Here each is one kernel forward and one
-backward:
+the fused gate|up product costs in the backward; around them a cast per float32 master and a
+concatenation per projection group, ~1,000 launches for the clip norm, and float32 passes over
+the LM head's logits. Here:
 
 - :func:`swiglu_joined`: ``silu(gate) * up`` from the fused gate|up product [..., 2F] itself
   (no split); its vjp writes the gradient of that product [..., 2F] in one pass (no
-  concatenation). The rounding of every bf16 operation is the ops', in the ops' order, with
-  MLX's own ``Sigmoid``, so forward and gradients are the bits of :func:`~xlstm_metal.cells.ffn.swiglu`
-  (tests/test_cuda_train_rows.py).
+  concatenation). Every bf16 operation is the ops' (:func:`~xlstm_metal.cells.ffn.swiglu`), in
+  their order, with MLX's own ``Sigmoid`` functor. :func:`swiglu_down` adds the down projection
+  and recomputes the SwiGLU in the backward instead of keeping its output.
 - :func:`norm_gate_train`: ``sigmoid(o~) * MultiHeadLayerNorm(h)`` by the prompt kernel
   :func:`~xlstm_metal.kernels.fast.norm_rows.norm_gate_rows`, and a backward kernel, one warp
   per (token, head) as there, that recomputes the row's statistics and writes dh (in h's
   [B, NH, S, DV] layout, which the chunkwise backward reads), do~, and per-warp partial sums of
-  the weight's gradient. Float32 sums in another order than MLX's layer_norm kernels: equal to
-  round-off (one bf16 ulp here and there).
+  the weight's gradient. :func:`norm_gate_linear` adds out_proj and recomputes the cell's output
+  in the backward.
+- :func:`cast_joined` (a projection group's bf16 copy from its float32 masters in one kernel),
+  :func:`sum_of_squares` (the clip norm's squares of all gradients in one launch per dtype),
+  :func:`cross_entropy_rows` (the LM head's loss and logit gradient from the bf16 logits).
 
-Both run on CUDA for bf16 / fp16 operands; :func:`swiglu_joined_supported` /
-:func:`norm_gate_train_supported` say when. ``XLSTM_METAL_TRAIN_ROWS=0`` turns both off
-(comparisons).
+The kernels' float32 intermediates (sigmoid, row statistics, sums) round apart from MLX's own
+kernels here and there, so their bf16 results differ from the ops' by round-off, not bits:
+tests/test_cuda_train_rows.py checks each side's distance from the float32 computation (and
+``cast_joined`` bit for bit). They run on CUDA for bf16 / fp16 operands (the ``*_supported``
+functions say when); ``XLSTM_METAL_TRAIN_ROWS=0`` turns them off (comparisons).
 """
 
 from __future__ import annotations
