@@ -257,3 +257,41 @@ def test_dequantized_matmul_matches_reference(bits):
     ref = _reference64(x.reshape(10, 128), wq, scales, biases, 32, bits).reshape(2, 5, 48)
     assert out.shape == (2, 5, 48) and out.dtype == mx.float32
     assert _rel_fro(out, ref) < 1e-5
+
+
+def test_decode_launch_gives_walking_blocks_equal_tiles():
+    from xlstm_metal.kernels.fast.quantized import decode_launch
+
+    def blocks(n, most=None):
+        launch = decode_launch(n, most)
+        assert launch["threadgroup"] == (256, 1, 1)
+        return launch["grid"][0] // 256
+
+    assert blocks(21888) == 1368 and blocks(200) == 13  # a block per 16-feature tile
+    assert blocks(21888, 264) == 228  # 1,368 tiles as 228 blocks of 6, not 48 of 6 and 216 of 5
+    assert blocks(50304, 264) == 262 and blocks(4096, 264) == 256 and blocks(200, 3) == 3
+
+
+def test_decode_settings_from_the_environment(monkeypatch):
+    from xlstm_metal.kernels.fast import quantized
+
+    monkeypatch.setenv("XLSTM_METAL_TEST_PER_BITS", "4:2, 16:5")
+    assert quantized._per_bits("XLSTM_METAL_TEST_PER_BITS", {4: 1, 8: 3}) == {4: 2, 8: 3, 16: 5}
+    monkeypatch.setenv("XLSTM_METAL_TEST_PER_BITS", "4=2")
+    with pytest.raises(ValueError, match="XLSTM_METAL_TEST_PER_BITS must read like"):
+        quantized._per_bits("XLSTM_METAL_TEST_PER_BITS", {})
+    assert quantized.launch_bounds(0) == ""
+    assert "__launch_bounds__(256, 3)" in quantized.launch_bounds(3)
+    # the bound ends the header: it redefines the keyword of the kernel MLX writes after it
+    assert quantized.launch_bounds(2).rstrip().endswith("__launch_bounds__(256, 2)")
+
+
+def test_chain_blocks_per_width(monkeypatch):
+    from xlstm_metal.kernels.fast import decode_chain, quantized
+
+    monkeypatch.setattr(decode_chain, "CHAIN_BLOCKS", None)
+    monkeypatch.setattr(decode_chain, "WALK_BLOCKS", {4: 264, 8: 0, 16: 0})
+    assert decode_chain._launch(21888, 4) == quantized.decode_launch(21888, 264)
+    assert decode_chain._launch(21888, 8) == quantized.decode_launch(21888)  # a block per tile
+    monkeypatch.setattr(decode_chain, "CHAIN_BLOCKS", 7)  # XLSTM_METAL_CHAIN_BLOCKS: every width
+    assert decode_chain._launch(21888, 16)["grid"][0] == 7 * 256

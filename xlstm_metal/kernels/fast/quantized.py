@@ -55,8 +55,11 @@ _FAST_GROUPS = (32, 64, 128)
 
 def _per_bits(name: str, default: dict[int, int]) -> dict[int, int]:
     """``default`` with the environment variable's "bits:value,..." entries over it."""
-    out = dict(default)
-    out.update({int(b): int(v) for b, v in (part.split(":") for part in os.environ.get(name, "").split(",") if part)})
+    out, raw = dict(default), os.environ.get(name, "")
+    try:
+        out.update({int(b): int(v) for b, v in (part.split(":") for part in raw.split(",") if part.strip())})
+    except ValueError:
+        raise ValueError(f"{name} must read like '4:2,8:3,16:3' (bits:value, comma-separated), not {raw!r}") from None
     return out
 
 
@@ -200,9 +203,9 @@ _SOURCE = """
     // with their group's scale/bias: slot d holds span warp + (i * DEPTH + d) * WARPS. The first
     // DEPTH chunks are requested before the prologue; a slot is refilled as soon as its chunk is
     // taken, with the next span it serves: in this tile, or past the tile's end the same slot's
-    // first span of the block's next tile. So DEPTH - 1 chunks stay in flight while one is
-    // multiplied, across tiles and their reductions too (two chunks, and a fresh start per
-    // tile, left the weight stream idle most of the time: ~1.5-2 TB/s at one row).
+    // first span of the block's next tile. So DEPTH chunks are in flight while one is
+    // multiplied, across tiles and their reductions too (DEPTH 1 with a block per tile is
+    // session 6's schedule; see DEPTH in quantized.py for what each width runs).
     uint4 ra[DEPTH], rb[DEPTH];
     T rsa[DEPTH], rba[DEPTH], rsb[DEPTH], rbb[DEPTH];
     auto load_chunk = [&](int tl, int sp, uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {
