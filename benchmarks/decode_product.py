@@ -147,13 +147,14 @@ def _ours(x: mx.array, arrays, bits: int, group_size: int, depth: int, hint: int
                                             depth=depth, load_hint=hint, max_blocks=max_blocks)
 
 
-def _parse_config(spec: str, bits: int) -> dict:
-    """'default' or 'd<depth>r<resident>[t][p1]' -> the module settings it stands for."""
+def _parse_config(spec: str, bits: int) -> dict | None:
+    """'default' or 'd<depth>r<resident>[t][p1]' -> the module settings it stands for (None for
+    anything else)."""
     if spec == "default":
         return {}
     m = re.fullmatch(r"d(\d+)r(\d+)(t?)(p1)?", spec)
     if not m:
-        raise SystemExit(f"decode_product.py: bad --configs entry {spec!r} (e.g. 'd2r3', 'd4r2t', 'd2r3p1')")
+        return None
     depth, resident = int(m.group(1)), int(m.group(2))
     return {"depth": (bits, depth), "resident": resident,
             "chain_blocks": 0 if m.group(3) else resident * quantized.SMS, "prefetch": bool(m.group(4))}
@@ -254,22 +255,25 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=0.0, help="stop starting new work after this many seconds")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    def per_bits(spec: str, flag: str) -> dict[int, list[int]]:
+        out = {}
+        try:
+            for part in filter(None, spec.split(";")):
+                b, vals = part.split(":")
+                out[int(b)] = [int(v) for v in vals.split(",")]
+        except ValueError:
+            p.error(f"{flag} must read like '4:2,4;8:2,4' (bits:values, ';' between widths), not {spec!r}")
+        return out
+
+    depths = per_bits(args.depths, "--depths")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for spec in configs:
+        if _parse_config(spec, 4) is None:  # bad specs fail before any work
+            p.error(f"bad --configs entry {spec!r} (e.g. 'default', 'd2r3', 'd4r2t', 'd2r3p1')")
+    hints = per_bits(args.hints, "--hints")
     if not quantized.cuda_available():
         print("decode_product.py needs MLX's CUDA backend", file=sys.stderr)
         return 2
-
-    def per_bits(spec: str) -> dict[int, list[int]]:
-        out = {}
-        for part in filter(None, spec.split(";")):
-            b, vals = part.split(":")
-            out[int(b)] = [int(v) for v in vals.split(",")]
-        return out
-
-    depths = per_bits(args.depths)
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for spec in configs:
-        _parse_config(spec, 4)  # bad specs fail before any work
-    hints = per_bits(args.hints)
     max_blocks = [int(b) for b in args.max_blocks.split(",") if b]
     t_start = time.time()
     env = bm.environment()
