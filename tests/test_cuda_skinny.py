@@ -138,9 +138,9 @@ def test_cuda_switch_and_dispatch(skinny_on):
     assert not uses_skinny_kernel(x, w)
 
 
-@cuda
-@pytest.mark.parametrize("batch", [2, 16])
-def test_cuda_model_decode_matches_matmul_path(batch, skinny_on):
+def assert_model_decode_matches_matmul_path(batch: int) -> None:
+    """A bf16 model's decode of 3 tokens for ``batch`` rows with the product switched on (by the
+    caller) against the same with MLX's matmul."""
     from xlstm_metal.benchmark import random_model
 
     config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
@@ -161,6 +161,12 @@ def test_cuda_model_decode_matches_matmul_path(batch, skinny_on):
     assert np.isfinite(a).all()
     # Same math; bf16 activations round differently where the summation order differs.
     assert np.max(np.abs(a - b)) / np.max(np.abs(b)) < 3e-2
+
+
+@cuda
+@pytest.mark.parametrize("batch", [2, 16])
+def test_cuda_model_decode_matches_matmul_path(batch, skinny_on):
+    assert_model_decode_matches_matmul_path(batch)
 
 
 # ------------------------------------------------------------------ everywhere (CPU included)

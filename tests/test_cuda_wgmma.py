@@ -9,7 +9,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from xlstm_metal.benchmark import shape_config
 from xlstm_metal.kernels.fast import skinny_wgmma as wg
 from xlstm_metal.kernels.fast.skinny import (
     linear_product,
@@ -20,7 +19,14 @@ from xlstm_metal.kernels.fast.skinny import (
 )
 from xlstm_metal.kernels.fast.step import cuda_available
 
-from test_cuda_skinny import TOL_BF16, _layer_shapes, _operands, _reference64, _rel
+from test_cuda_skinny import (
+    TOL_BF16,
+    _layer_shapes,
+    _operands,
+    _reference64,
+    _rel,
+    assert_model_decode_matches_matmul_path,
+)
 
 cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
 
@@ -104,26 +110,7 @@ def test_cuda_compiled_repeated_and_gradient(wgmma_on):
 @cuda
 @pytest.mark.parametrize("batch", [2, 16, 64])
 def test_cuda_model_decode_matches_matmul_path(batch, wgmma_on):
-    from xlstm_metal.benchmark import random_model
-
-    config = shape_config("125m", num_blocks=2, embedding_dim=256, num_heads=2, vocab_size=101)
-    model = random_model(config, dtype="bfloat16", seed=5).fuse_projections()
-    tokens = mx.array(np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, 3)), dtype=mx.int32)
-
-    def decode():
-        state, outs = None, []
-        for t in range(tokens.shape[1]):
-            logits, state = model(tokens[:, t : t + 1], state)
-            outs.append(logits.astype(mx.float32))
-        return mx.concatenate(outs, axis=1)
-
-    with_kernel = decode()
-    set_skinny_gemm(False)
-    with_matmul = decode()
-    a, b = np.array(with_kernel), np.array(with_matmul)
-    assert np.isfinite(a).all()
-    # Same math; bf16 activations round differently where the summation order differs.
-    assert np.max(np.abs(a - b)) / np.max(np.abs(b)) < 3e-2
+    assert_model_decode_matches_matmul_path(batch)
 
 
 # ------------------------------------------------------------------ everywhere (CPU included)

@@ -41,27 +41,11 @@ _NORM_GATE_SOURCE = """
     const bool w_vec = w_strides[0] == 1 && (reinterpret_cast<uintptr_t>(wr) & 15) == 0;
 
     float xs[GROUPS][8];
-    float p[8];  // this lane's share of the row's sum, then of its sum of squares
     #pragma unroll
     for (int u = 0; u < GROUPS; ++u)
         xl_load8(hr + (u * 256 + lane * 8) * h_strides[3], h_strides[3], h_vec, xs[u]);
-    #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        p[e] = 0.0f;
-        #pragma unroll
-        for (int u = 0; u < GROUPS; ++u) p[e] += xs[u][e];
-    }
-    const float mean = xl_row_sum(p) / DV;
-    #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        p[e] = 0.0f;
-        #pragma unroll
-        for (int u = 0; u < GROUPS; ++u) {
-            const float d = xs[u][e] - mean;
-            p[e] += __fmul_rn(d, d);  // rounded product, then the sum: as the decode kernel
-        }
-    }
-    const float rstd = rsqrtf(xl_row_sum(p) / DV + EPS);
+    const float2 stats = xl_row_stats<GROUPS>(xs, DV, EPS);
+    const float mean = stats.x, rstd = stats.y;
     T* out_row = out + static_cast<size_t>(row) * DV;
     #pragma unroll
     for (int u = 0; u < GROUPS; ++u) {
@@ -102,6 +86,31 @@ __device__ __forceinline__ float xl_row_sum(float* p) {
     #pragma unroll
     for (int o = 16; o > 2; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // bits 7, 6, 5
     return v;
+}
+
+// LayerNorm statistics (mean, 1 / sqrt(var + eps)) of a row of D values held as G groups of 8
+// per lane (xl_row_sum's layout): the sums of the values and of the rounded squares of their
+// deviations, in the decode kernel's order.
+template <int G>
+__device__ __forceinline__ float2 xl_row_stats(const float (&xs)[G][8], float D, float eps) {
+    float p[8];
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        p[e] = 0.0f;
+        #pragma unroll
+        for (int u = 0; u < G; ++u) p[e] += xs[u][e];
+    }
+    const float mean = xl_row_sum(p) / D;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        p[e] = 0.0f;
+        #pragma unroll
+        for (int u = 0; u < G; ++u) {
+            const float d = xs[u][e] - mean;
+            p[e] += __fmul_rn(d, d);  // rounded product, then the sum: as the decode kernel
+        }
+    }
+    return make_float2(mean, rsqrtf(xl_row_sum(p) / D + eps));
 }
 
 // Eight values x[0], x[stride], ... as float: one 16-byte load when contiguous and aligned.

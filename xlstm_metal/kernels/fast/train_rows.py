@@ -232,28 +232,12 @@ _NORM_GATE_BWD = """
         const bool o_vec = o_strides[2] == 1 && (reinterpret_cast<uintptr_t>(orow) & 15) == 0;
         const bool c_vec = cot_strides[2] == 1 && (reinterpret_cast<uintptr_t>(crow) & 15) == 0;
         float xs[GROUPS][8];
-        float p[8];
         // The row's statistics as the forward kernel (norm_gate_rows) computes them.
         #pragma unroll
         for (int u = 0; u < GROUPS; ++u)
             xl_load8(hr + (u * 256 + lane * 8) * h_strides[3], h_strides[3], h_vec, xs[u]);
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            p[e] = 0.0f;
-            #pragma unroll
-            for (int u = 0; u < GROUPS; ++u) p[e] += xs[u][e];
-        }
-        const float mean = xl_row_sum(p) / DV;
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            p[e] = 0.0f;
-            #pragma unroll
-            for (int u = 0; u < GROUPS; ++u) {
-                const float d = xs[u][e] - mean;
-                p[e] += __fmul_rn(d, d);
-            }
-        }
-        const float rstd = rsqrtf(xl_row_sum(p) / DV + EPS);
+        const float2 stats = xl_row_stats<GROUPS>(xs, DV, EPS);
+        const float mean = stats.x, rstd = stats.y;
         // Elementwise part, the ops' roundings: n = T(xhat); hn = n * w; s = T(sigmoid(o~));
         // ds = c * hn; dhn = c * s; do~ = ds * (s * (1 - s)); dn = dhn * w; dw += dhn * n.
         float g[GROUPS][8];
