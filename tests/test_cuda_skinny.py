@@ -19,7 +19,6 @@ from xlstm_metal.kernels.fast.skinny import (
     k_splits,
     linear_product,
     set_skinny_gemm,
-    skinny_gemm_enabled,
     skinny_gemm_kernel,
     skinny_matmul,
     skinny_supported,
@@ -112,8 +111,9 @@ def test_cuda_float16_leading_axes_and_strided_x():
     assert _rel(skinny_matmul(xt, w), _reference64(xt, w)) <= TOL_BF16
 
 
-@cuda
-def test_cuda_compiled_repeated_and_gradient(skinny_on):
+def assert_compiled_repeated_and_gradient() -> None:
+    """The product switched on (by the caller), compiled and called three times, and its gradient
+    (the custom vjp: the two plain products), each within one bf16 rounding of float64."""
     x, w = _operands(6, 16, 256, 384)
     assert uses_skinny_kernel(x, w)
     f = mx.compile(linear_product)
@@ -126,6 +126,11 @@ def test_cuda_compiled_repeated_and_gradient(skinny_on):
     assert gx.dtype == x.dtype and gw.dtype == w.dtype
     assert _rel(gx, np.array(rx, dtype=np.float64)) <= TOL_BF16
     assert _rel(gw, np.array(rw, dtype=np.float64)) <= TOL_BF16
+
+
+@cuda
+def test_cuda_compiled_repeated_and_gradient(skinny_on):
+    assert_compiled_repeated_and_gradient()
 
 
 @cuda

@@ -25,6 +25,7 @@ from test_cuda_skinny import (
     _operands,
     _reference64,
     _rel,
+    assert_compiled_repeated_and_gradient,
     assert_model_decode_matches_matmul_path,
 )
 
@@ -94,17 +95,7 @@ def test_cuda_exact_on_small_integers():
 
 @cuda
 def test_cuda_compiled_repeated_and_gradient(wgmma_on):
-    x, w = _operands(6, 16, 256, 384)
-    assert uses_skinny_kernel(x, w)
-    f = mx.compile(linear_product)
-    for _ in range(3):
-        assert _rel(f(x, w), _reference64(x, w)) <= TOL_BF16
-    xf, wf = x.astype(mx.float32), w.astype(mx.float32)
-    gx, gw = mx.grad(lambda a, b: linear_product(a, b).astype(mx.float32).sum(), argnums=(0, 1))(x, w)
-    rx, rw = mx.grad(lambda a, b: (a @ b.T).sum(), argnums=(0, 1))(xf, wf)
-    assert gx.dtype == x.dtype and gw.dtype == w.dtype
-    assert _rel(gx, np.array(rx, dtype=np.float64)) <= TOL_BF16
-    assert _rel(gw, np.array(rw, dtype=np.float64)) <= TOL_BF16
+    assert_compiled_repeated_and_gradient()
 
 
 @cuda
