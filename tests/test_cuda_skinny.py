@@ -256,17 +256,22 @@ def test_fuse_projections_switches_linear_layers_and_keeps_results():
     assert not any(type(m) is FastLinear for _, m in model.named_modules())
 
 
-def test_custom_vjp_is_the_plain_products(monkeypatch):
-    import xlstm_metal.kernels.fast.skinny as skinny
-
-    # The kernel's stand-in off CUDA: the vjp (two plain products) is what is under test.
-    monkeypatch.setattr(skinny, "skinny_matmul", lambda x, w, config=None: x @ w.T)
+def assert_vjp_is_the_plain_products(product) -> None:
+    """``product``'s gradients (its kernel replaced by the caller with ``x @ w.T``: the vjp, two
+    plain products, is what is under test) equal those of ``x @ w.T``."""
     x, w = _operands(9, 6, 7, 16, mx.float32, lead=(2,))
 
     def loss(f):
         return lambda a, b: (f(a, b) ** 2).sum()
 
-    got = mx.grad(loss(skinny._skinny_product), argnums=(0, 1))(x, w)
+    got = mx.grad(loss(product), argnums=(0, 1))(x, w)
     want = mx.grad(loss(lambda a, b: a @ b.T), argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         assert g.shape == r.shape and np.allclose(np.array(g), np.array(r), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_vjp_is_the_plain_products(monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    monkeypatch.setattr(skinny, "skinny_matmul", lambda x, w, config=None: x @ w.T)
+    assert_vjp_is_the_plain_products(skinny._skinny_product)

@@ -27,6 +27,7 @@ from test_cuda_skinny import (
     _rel,
     assert_compiled_repeated_and_gradient,
     assert_model_decode_matches_matmul_path,
+    assert_vjp_is_the_plain_products,
 )
 
 cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
@@ -157,17 +158,8 @@ def test_selection_and_dispatch():
 def test_wgmma_vjp_is_the_plain_products(monkeypatch):
     import xlstm_metal.kernels.fast.skinny as skinny
 
-    # The kernel's stand-in off CUDA: the vjp (two plain products) is what is under test.
     monkeypatch.setattr(wg, "wgmma_matmul", lambda x, w, config=None, splits=None: x @ w.T)
-    x, w = _operands(9, 6, 7, 16, mx.float32, lead=(2,))
-
-    def loss(f):
-        return lambda a, b: (f(a, b) ** 2).sum()
-
-    got = mx.grad(loss(skinny._wgmma_product), argnums=(0, 1))(x, w)
-    want = mx.grad(loss(lambda a, b: a @ b.T), argnums=(0, 1))(x, w)
-    for g, r in zip(got, want):
-        assert g.shape == r.shape and np.allclose(np.array(g), np.array(r), rtol=1e-5, atol=1e-5)
+    assert_vjp_is_the_plain_products(skinny._wgmma_product)
 
 
 def test_auto_picks_wgmma_by_rows_on_hopper(monkeypatch):

@@ -302,22 +302,28 @@ _REDUCE_SOURCE = """
     }
 """
 
-_kernels: dict[int, object] = {}
+_kernels: dict[tuple[str, int], object] = {}
 
 
-def _kernel(shared_bytes: int):
-    # The dynamic shared memory is fixed per kernel object (and named so, for MLX's caches).
-    kernel = _kernels.get(shared_bytes)
+def product_kernel(name: str, source: str, header: str, shared_bytes: int):
+    """The ``mx.fast.cuda_kernel`` (x, w) -> y named ``{name}_{shared_bytes}``, built once: its
+    dynamic shared memory is fixed per kernel object (and named so, for MLX's caches). Shared by
+    this module's kernel and :mod:`.skinny_wgmma`'s."""
+    kernel = _kernels.get((name, shared_bytes))
     if kernel is None:
-        kernel = _kernels[shared_bytes] = mx.fast.cuda_kernel(
-            name=f"xlstm_skinny_matmul_{shared_bytes}",
+        kernel = _kernels[(name, shared_bytes)] = mx.fast.cuda_kernel(
+            name=f"{name}_{shared_bytes}",
             input_names=["x", "w"],
             output_names=["y"],
-            source=_SOURCE,
-            header=_HEADER,
+            source=source,
+            header=header,
             shared_memory=shared_bytes,
         )
     return kernel
+
+
+def _kernel(shared_bytes: int):
+    return product_kernel("xlstm_skinny_matmul", _SOURCE, _HEADER, shared_bytes)
 
 
 _reduce_kernel_cache: list = []

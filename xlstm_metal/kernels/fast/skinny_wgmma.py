@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .skinny import product_kernel, reduce_splits
 from .step import cuda_available
 
 #: Most rows of x (the wgmma N dimension, padded to a multiple of 8).
@@ -235,22 +236,8 @@ _SOURCE = """
     }
 """
 
-_kernels: dict[int, object] = {}
-
-
 def _kernel(shared_bytes: int):
-    # The dynamic shared memory is fixed per kernel object (and named so, for MLX's caches).
-    kernel = _kernels.get(shared_bytes)
-    if kernel is None:
-        kernel = _kernels[shared_bytes] = mx.fast.cuda_kernel(
-            name=f"xlstm_wgmma_matmul_{shared_bytes}",
-            input_names=["x", "w"],
-            output_names=["y"],
-            source=_SOURCE,
-            header=_HEADER,
-            shared_memory=shared_bytes,
-        )
-    return kernel
+    return product_kernel("xlstm_wgmma_matmul", _SOURCE, _HEADER, shared_bytes)
 
 
 def wgmma_supported(x: mx.array, w: mx.array) -> bool:
@@ -278,7 +265,6 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     if not wgmma_supported(x, w):
         raise ValueError(f"wgmma_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
                          f"1..{MAX_ROWS} rows; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
-    from .skinny import reduce_splits
 
     lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
     M = math.prod(lead)
