@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels.fast.quantized import quantized_matmul
-from ..kernels.fast.skinny import linear_product
+from ..kernels.fast.skinny import linear_product, plain_products_vjp
 
 FusedGroup = dict[str, mx.array]
 
@@ -207,11 +207,7 @@ def linear_rows_grad(x: mx.array, weight: mx.array) -> mx.array:
     return x @ weight.T
 
 
-@linear_rows_grad.vjp
-def _linear_rows_grad_vjp(primals, cotangent, _output):
-    x, weight = primals
-    g2 = cotangent.reshape(-1, cotangent.shape[-1])
-    return cotangent @ weight, g2.T @ x.reshape(-1, x.shape[-1])
+linear_rows_grad.vjp(plain_products_vjp)
 
 
 def traced_fusion_active() -> bool:

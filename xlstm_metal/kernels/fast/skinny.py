@@ -393,14 +393,16 @@ def _skinny_product(x: mx.array, w: mx.array) -> mx.array:
     return skinny_matmul(x, w)
 
 
-def _plain_products_vjp(primals, cotangent, output):
-    # The gradients of x @ w.T, as MLX's matmuls (the kernels' gradient).
+def plain_products_vjp(primals, cotangent, output):
+    """The gradients of ``x @ w.T`` (x [..., K], w [N, K]) as two plain matmuls: ``g @ w`` and the
+    weight's ``g.T @ x`` [N, K], row-major (the kernels' gradient, and that of
+    :func:`~xlstm_metal.cells.fused.linear_rows_grad`)."""
     x, w = primals
     K, N = w.shape[1], w.shape[0]
     return cotangent @ w, (cotangent.reshape(-1, N).T @ x.reshape(-1, K)).astype(w.dtype)
 
 
-_skinny_product.vjp(_plain_products_vjp)
+_skinny_product.vjp(plain_products_vjp)
 
 
 @mx.custom_function
@@ -410,7 +412,7 @@ def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
     return wgmma_matmul(x, w)
 
 
-_wgmma_product.vjp(_plain_products_vjp)
+_wgmma_product.vjp(plain_products_vjp)
 
 
 def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
