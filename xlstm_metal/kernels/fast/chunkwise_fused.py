@@ -49,6 +49,7 @@ import mlx.core as mx
 from ..mlstm import MLSTMState, _cast_state, _state_f32
 from ..mlstm import chunk_gates as _chunk_gates
 from .step import cuda_available
+from .tensor_cores import launch_bounds
 
 _TILE = 64  # rows of C per states block; value columns per outputs block
 # Columns of C per states block: 32 (96 registers, 4-5 blocks per SM) beat 64 (133 registers)
@@ -857,14 +858,6 @@ _COMBINE_SOURCE = """
 _kernels: dict[tuple, object] = {}
 
 
-def _launch_bounds(threads: int, blocks_per_sm: int) -> str:
-    """A header prefix giving the kernel ``__launch_bounds__(threads, blocks_per_sm)`` (ptxas then
-    caps its registers): MLX generates the ``__global__`` signature, so ``__global__`` itself is
-    redefined for the one kernel the header is compiled with."""
-    return (f"#undef __global__\n#define __global__ __location__(global) "
-            f"__launch_bounds__({threads}, {blocks_per_sm})\n")
-
-
 def _kernel(which: str, eps: float = 0.0):
     key = (which, eps)
     kernel = _kernels.get(key)
@@ -878,7 +871,7 @@ def _kernel(which: str, eps: float = 0.0):
                 # At most 128 registers (4 blocks of 128 threads per SM; the staged stores took it
                 # to 133, 3 blocks): MLX writes the kernel's signature, so the bound comes through
                 # the header, as __global__'s definition.
-                source=_STATES_SOURCE, header=_launch_bounds(128, 4) + header, ensure_row_contiguous=False,
+                source=_STATES_SOURCE, header=launch_bounds(128, 4) + header, ensure_row_contiguous=False,
             )
         elif which == "combine":
             kernel = mx.fast.cuda_kernel(

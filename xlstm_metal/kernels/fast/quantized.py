@@ -44,6 +44,7 @@ import mlx.nn as nn
 
 from .step import cuda_available
 from .tensor_cores import MMA_HEADER
+from .tensor_cores import launch_bounds as _launch_bounds  # (bound to 256 threads below)
 
 #: Most rows of x the fused kernel takes (8 rows per tensor-core tile, 8 tiles); more rows take
 #: dequantize + GEMM. On an H200 (7B decode, BENCHMARKS.md) the fused kernel beat MLX's quantized
@@ -74,15 +75,9 @@ SMS = int(os.environ.get("XLSTM_METAL_SMS", "132"))
 
 
 def launch_bounds(resident: int) -> str:
-    """Header text giving the kernel compiled after it ``__launch_bounds__(256, resident)`` (none
-    for 0). MLX writes the kernel's signature itself; this redefines the ``__global__`` keyword
-    (as CUDA's host_defines.h spells it) with the bounds added, so it must end the header."""
-    if not resident:
-        return ""
-    return f"""
-#undef __global__
-#define __global__ __location__(global) __launch_bounds__(256, {int(resident)})
-"""
+    """Header text bounding the decode kernel (256 threads) to ``resident`` blocks per SM (none
+    for 0): :func:`.tensor_cores.launch_bounds`; it must end the header."""
+    return _launch_bounds(256, resident)
 
 _HEADER = MMA_HEADER + """
 template <typename T> struct QPair;

@@ -3,9 +3,20 @@ headers): the ``mma.sync`` m16n8k16 product with float32 accumulation for bf16 a
 operands, and reinterpreting a pair of 16-bit values as one 32-bit register.
 
 Used by the fused dequantize + multiply kernel (:mod:`.quantized`) and the skinny bf16/fp16
-product (:mod:`.skinny`)."""
+product (:mod:`.skinny`); :func:`launch_bounds` by the chunkwise and decode kernels."""
 
 from __future__ import annotations
+
+
+def launch_bounds(threads: int, blocks_per_sm: int) -> str:
+    """Header text giving the kernel compiled with it ``__launch_bounds__(threads, blocks_per_sm)``
+    (ptxas then caps its registers; "" for 0 blocks: no bounds). MLX writes the kernel's
+    ``__global__`` signature itself, so the keyword (as CUDA's host_defines.h spells it) is
+    redefined for the one kernel the header is compiled with."""
+    if not blocks_per_sm:
+        return ""
+    return (f"\n#undef __global__\n#define __global__ __location__(global) "
+            f"__launch_bounds__({int(threads)}, {int(blocks_per_sm)})\n")
 
 #: ``as_u32`` / ``from_u32`` (a bf16x2 / half2 pair as one register and back) and
 #: ``mma16816<T>(d, a, b0, b1)``: d[4] += A (16x16, row major, 4 registers) * B (16x8, column
