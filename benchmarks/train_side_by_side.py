@@ -16,7 +16,8 @@ process (its own allocator and peak-memory counter):
 tokens/s = batch x seq_len / median step time over the timed steps (after --warmup steps that
 compile). Ours runs the timed steps back to back as ``xlstm-metal train`` does (each evaluated
 asynchronously while the host builds the next step's graph; a step's time is the interval
-between consecutive completions; ``--no-pipeline`` times each step alone). Peak memory = the allocator's peak over the whole run, weights and optimizer state
+between consecutive completions; ``--no-pipeline`` times each step alone, ``--alone-steps N``
+adds N steps timed alone after the timed ones, in the same process). Peak memory = the allocator's peak over the whole run, weights and optimizer state
 included (MLX ``mx.get_peak_memory``, PyTorch ``torch.cuda.max_memory_allocated``).
 """
 
@@ -153,8 +154,12 @@ def worker_ours(args) -> None:
                         dt = time.perf_counter() - t
                         last_done = time.perf_counter()
                         losses.append(loss)
-                        if step == args.warmup - 1 and args.start_after:
-                            _wait_for(Path(args.start_after), deadline)  # another run's timed steps first
+                        if step == 0 and (args.ready_file or args.start_after):
+                            # Runs beside each other on one GPU: each compiles its step (CPU work) at
+                            # the same time; the rest of the GPU work runs one process at a time.
+                            _touch(args.ready_file)
+                            mx.clear_cache()  # a waiting process holds its live arrays only
+                            _wait_for(args.start_after, deadline)
                             last_done = time.perf_counter()
                         if step >= args.warmup:
                             times.append(dt)
@@ -180,8 +185,20 @@ def worker_ours(args) -> None:
                 if pending is not None:
                     mx.eval(pending, model.state, trainer.optimizer.state)
                     times.append(time.perf_counter() - last_done)
+                # --alone-steps: the same step evaluated before the next one is built, in the same
+                # process right after the timed ones (the two loops compared on one allocator state).
+                alone = []
+                for _ in range(args.alone_steps if args.pipelined else 0):
+                    x, y = trainer.batches.next()
+                    t = time.perf_counter()
+                    loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                    mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                    alone.append(time.perf_counter() - t)
+                    losses.append(loss)
                 record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB,
                               losses=[v.item() for v in losses], step_s_synced=synced[1:])
+                if alone:
+                    record.update(step_s_alone=alone, tok_s_alone=B * S / statistics.median(alone))
                 _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
                 emitted = True
                 if args.trace_steps and time.time() < deadline:
@@ -198,6 +215,7 @@ def worker_ours(args) -> None:
             _emit(out, record)
         fits = fits or (args.memory_target is not None and record.get("peak_mem_gb", math.inf) <= args.memory_target)
         mx.clear_cache()
+    _touch(args.done_file)  # the next process beside this one may run its steps
     if variants and args.profile_kernels and time.time() < deadline:  # after the steps (peak: the process's)
         kernel_profile(args, out)
     for part in (p for p in args.profile_parts.split(",") if p):
@@ -205,11 +223,18 @@ def worker_ours(args) -> None:
             _emit(out, part_profile(part, args, model))
 
 
-def _wait_for(path: Path, deadline: float) -> None:
-    """Until ``path`` exists (or the deadline): runs beside each other on one GPU compile at the
-    same time (CPU work) but take their timed steps one after the other."""
-    while not path.exists() and time.time() < deadline:
-        time.sleep(0.2)
+def _wait_for(paths: str | None, deadline: float) -> None:
+    """Until every file of the comma-separated ``paths`` exists (or the deadline): runs beside
+    each other on one GPU compile at the same time (CPU work) but run their steps one after the
+    other."""
+    for path in (Path(p) for p in (paths or "").split(",") if p):
+        while not path.exists() and time.time() < deadline:
+            time.sleep(0.2)
+
+
+def _touch(path: str | None) -> None:
+    if path:
+        Path(path).touch()
 
 
 def _graphs_note() -> str:
@@ -548,6 +573,9 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--profile-kernels", args.profile_kernels, "--profile-parts", args.profile_parts,
            "--trace-steps", str(args.trace_steps)] + (["--grad-check"] if args.grad_check else []) \
         + (["--start-after", args.start_after] if args.start_after else []) \
+        + (["--ready-file", args.ready_file] if args.ready_file else []) \
+        + (["--done-file", args.done_file] if args.done_file else []) \
+        + ["--alone-steps", str(args.alone_steps)] \
         + (["--memory-target", str(args.memory_target)] if args.memory_target is not None else []) \
         + ([] if args.pipelined else ["--no-pipeline"])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -594,6 +622,9 @@ def markdown(records: list[dict]) -> str:
         ratio = f"{r['tok_s'] / official:.2f}x" if official else "-"
         peak = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
         lines.append(f"| {r['side']} | {r['variant']} | {r['tok_s']:,.0f} | {1000 * r['step_s']:.1f} | {peak} | {ratio} |")
+    for r in (r for r in steps if "tok_s_alone" in r):
+        lines.append(f"\n{r['side']}, {r['variant']}: the same step evaluated alone (not back to back, same process): "
+                     f"{r['tok_s_alone']:,.0f} tok/s, {1000 * statistics.median(r['step_s_alone']):.1f} ms")
     for r in (r for r in records if r.get("kind") == "grad_check"):
         names = list(r["fused_vs_reference"])
         lines += ["", f"Gradients of `chunkwise_fused` (custom vjp; fused CUDA kernels: {r['fused']}) at [B, NH, S, DQK, "
@@ -719,9 +750,15 @@ def main() -> int:
     p.add_argument("--profile-parts", default="",
                    help="ours: time pieces of the step alone at the run's shape: gemm (every projection's "
                         "matmuls), optimizer (clipping + AdamW)")
-    p.add_argument("--start-after", default=None, metavar="FILE",
-                   help="ours: after the warm-up steps, wait for FILE to exist before the timed steps (runs "
-                        "beside another on the same GPU: compile together, time one after the other)")
+    p.add_argument("--start-after", default=None, metavar="FILES",
+                   help="ours: after the first (compiling) step, wait until these comma-separated files exist "
+                        "(runs beside others on the same GPU: compile together, run the rest one after the other)")
+    p.add_argument("--ready-file", default=None, metavar="FILE", help="ours: touched after the first (compiling) step")
+    p.add_argument("--done-file", default=None, metavar="FILE",
+                   help="ours: touched when this process's variants are done (another's --start-after)")
+    p.add_argument("--alone-steps", type=int, default=0, metavar="N",
+                   help="ours: after the timed steps (back to back), N more steps each evaluated alone in the "
+                        "same process (step_s_alone, tok_s_alone)")
     p.add_argument("--grad-check", action="store_true",
                    help="ours: first compare chunkwise_fused's gradients with the reference's at the run's head sizes")
     p.add_argument("--sides", default="ours,official")
