@@ -1,11 +1,13 @@
 """One layer's ``chunkwise_fused`` backward on CUDA, kernel by kernel, beside the MLX-ops backward.
 
 Times (median of --repeats, synchronised) at a model shape's head sizes: the forward; forward +
-backward with the CUDA backward kernels (float32 operands as three bf16 terms, and as two) and
+backward with the CUDA backward kernels (float32 operands as three bf16 terms, as two, and as one:
+the operand rounded to bf16) and
 with the MLX-ops backward (``mx.compile`` of ``value_and_grad``, as ``train_side_by_side.py
 --profile-kernels``); and each part of the kernels' backward alone on precomputed inputs (the
 states recompute, ``y``, ``rows``, ``reverse``, ``dqdk``, ``dv``). With --check, the largest
-difference of the kernels' gradients from the ops backward's, relative to the largest gradient.
+difference of the kernels' gradients from the ops backward's, relative to the largest gradient
+(``MLX_ENABLE_TF32=0``: the ops backward in float32, not TF32).
 One JSON record per line to --out (appended) and stdout.
 
     python benchmarks/mlstm_backward.py --shape 1.3b --batch 4 --seq-len 2048 --out results/x.jsonl
@@ -31,6 +33,10 @@ from xlstm_metal.kernels.fast.chunkwise_fused import (  # noqa: E402
     chunk_gates, chunk_states, fused_chunkwise_supported, mlstm_chunkwise_fused)
 
 
+#: --paths -> XLSTM_METAL_MLSTM_BWD_TERMS (bf16 terms per float32 operand of the kernels' products)
+_TERMS = {"kernels": "3", "kernels_2terms": "2", "kernels_1term": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="1.3b")
@@ -39,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--paths", default="kernels,kernels_2terms,ops",
-                   help="backwards to time: kernels (3-term splits), kernels_2terms, ops (MLX ops)")
+                   help="backwards to time: kernels (3-term splits), kernels_2terms, kernels_1term, ops (MLX ops)")
+    p.add_argument("--parts-terms", default="3",
+                   help="comma-separated bf16 terms per float32 operand to time the parts with (3, 2, 1)")
     p.add_argument("--check", action="store_true",
                    help="also compare the kernels' gradients with the ops backward's (needs ops in --paths)")
     p.add_argument("--out", type=Path, default=None)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--check compares with the ops backward: add ops to --paths")
     for path in paths:
         os.environ["XLSTM_METAL_FUSED_MLSTM_BWD"] = "0" if path == "ops" else "1"
-        os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = "2" if path == "kernels_2terms" else "3"
+        os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = _TERMS.get(path, "3")
         both = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
         mx.reset_peak_memory()
         record[f"forward+backward_{path}_ms"] = 1000 * median_seconds(lambda: both(q, k, v, i, f), args.repeats)
@@ -123,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "dv (a block per chunk)": lambda: chunkwise_bwd.dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out,
                                                            split=False),
     }
-    emit({"kind": "parts", **{f"{name}_ms": 1000 * median_seconds(fn, args.repeats) for name, fn in parts.items()}})
+    for terms in (t for t in args.parts_terms.split(",") if t):
+        os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = terms
+        emit({"kind": "parts", "terms": int(terms),
+              **{f"{name}_ms": 1000 * median_seconds(fn, args.repeats) for name, fn in parts.items()}})
+    os.environ["XLSTM_METAL_MLSTM_BWD_TERMS"] = "3"
     return 0
 
 

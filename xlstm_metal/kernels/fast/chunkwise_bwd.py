@@ -114,7 +114,7 @@ def _rows_product(acc: str, x: str, z: str, x_vec: str, z_vec: str, x_str: str, 
 _ROWS_TIMES_MT = """
     for (int j0 = 0; j0 < DV; j0 += KS) {
         stage_rows<L, KS, NT>(xs, XB, XSTR, j0, XVEC, rows_left, tid);
-        stage_split3<64, KS, NT>(Ms, MG + j0, DV, tid);
+        stage_splitn<TERMS, 64, KS, NT>(Ms, MG + j0, DV, tid);
         __syncthreads();
         #pragma unroll
         for (int kk = 0; kk < KS / 16; ++kk) {
@@ -144,11 +144,11 @@ _SMEM_TIMES_TILE = """
     #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
         const int t0 = kk * 16 + 2 * tq;
-        uint32_t a0[3], a1[3], a2[3], a3[3];
-        split3_pair(ASRC(rr, t0), ASRC(rr, t0 + 1), a0);
-        split3_pair(ASRC(rr + 8, t0), ASRC(rr + 8, t0 + 1), a1);
-        split3_pair(ASRC(rr, t0 + 8), ASRC(rr, t0 + 9), a2);
-        split3_pair(ASRC(rr + 8, t0 + 8), ASRC(rr + 8, t0 + 9), a3);
+        uint32_t a0[TERMS], a1[TERMS], a2[TERMS], a3[TERMS];
+        splitn_pair<TERMS>(ASRC(rr, t0), ASRC(rr, t0 + 1), a0);
+        splitn_pair<TERMS>(ASRC(rr + 8, t0), ASRC(rr + 8, t0 + 1), a1);
+        splitn_pair<TERMS>(ASRC(rr, t0 + 8), ASRC(rr, t0 + 9), a2);
+        splitn_pair<TERMS>(ASRC(rr + 8, t0 + 8), ASRC(rr + 8, t0 + 9), a3);
         #pragma unroll
         for (int np = 0; np < 4; ++np) {
             uint32_t bf[4];
@@ -292,7 +292,7 @@ _ROWS_SOURCE = (_PRELUDE + """
 # per (64 columns of DQK, chunk, batch * head) (or per chunk, looping over the columns).
 _Y_SOURCE = (_PRELUDE + """
     __shared__ __align__(16) __nv_bfloat16 xs[L][KS + PAD];
-    __shared__ __align__(16) __nv_bfloat16 Ms[3][64][KS + PAD];
+    __shared__ __align__(16) __nv_bfloat16 Ms[TERMS][64][KS + PAD];
     __syncthreads();
     const float* Ce = C_enter + chunk * DQK * DV;
     float* Yc = Y + chunk * L * DQK;
@@ -455,7 +455,7 @@ _DQDK_SOURCE = (_PRELUDE + """
     const __nv_bfloat16* vb = v + b * v_strides[0] + hd * v_strides[1] + static_cast<int64_t>(c) * L * v_strides[2];
     const bool v_vec = rows_vectorizable(vb, v_strides);
     // The V dC^T product's slabs and the chunk's q, k tiles share one buffer.
-    constexpr int SLAB_BYTES = L * (KS + PAD) * 2 + 3 * 64 * (KS + PAD) * 2;
+    constexpr int SLAB_BYTES = L * (KS + PAD) * 2 + TERMS * 64 * (KS + PAD) * 2;
     constexpr int TILE_BYTES = 2 * L * (64 + PAD) * 2;
     __shared__ __align__(16) unsigned char raw[SLAB_BYTES > TILE_BYTES ? SLAB_BYTES : TILE_BYTES];
     auto xs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
@@ -537,7 +537,7 @@ _DQDK_SOURCE = (_PRELUDE + """
 """).replace("__SLAB__", str(_KS))
 
 _DV_SOURCE = (_PRELUDE + """
-    constexpr int INTER_BYTES = L * (KS + PAD) * 2 + 3 * KS * (64 + PAD) * 2;
+    constexpr int INTER_BYTES = L * (KS + PAD) * 2 + TERMS * KS * (64 + PAD) * 2;
     constexpr int TILE_BYTES = L * (64 + PAD) * 2;
     __shared__ __align__(16) unsigned char raw[INTER_BYTES > TILE_BYTES ? INTER_BYTES : TILE_BYTES];
     auto xs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw);
@@ -557,7 +557,7 @@ _DV_SOURCE = (_PRELUDE + """
         // Inter-chunk part e_s k_s dC (contraction over DQK, dC in three bf16 terms).
         for (int d0 = 0; d0 < DQK; d0 += KS) {
             stage_rows<L, KS, NT>(xs, kb, k_strides, d0, k_vec, rows_left, tid);
-            stage_split3<KS, 64, NT>(Cs, dCo + static_cast<size_t>(d0) * DV + j0, DV, tid);
+            stage_splitn<TERMS, KS, 64, NT>(Cs, dCo + static_cast<size_t>(d0) * DV + j0, DV, tid);
             __syncthreads();
             #pragma unroll
             for (int kk = 0; kk < KS / 16; ++kk) {
@@ -628,18 +628,19 @@ __device__ __forceinline__ void stage_rows(Tile dst, const In* x, const Str& st,
     }
 }
 
-// dst[p][r][c] = term p of src[r * ld + c] (R x C tile, C a multiple of 4, 16-byte aligned rows).
-template <int R, int C, int NT, int W>
-__device__ __forceinline__ void stage_split3(__nv_bfloat16 (*dst)[R][W], const float* src, size_t ld, int tid) {
+// dst[p][r][c] = term p < NS of src[r * ld + c] (R x C tile, C a multiple of 4, 16-byte aligned
+// rows); NS = 1: src rounded to bf16.
+template <int NS, int R, int C, int NT, int W>
+__device__ __forceinline__ void stage_splitn(__nv_bfloat16 (*dst)[R][W], const float* src, size_t ld, int tid) {
     for (int idx = tid; idx < R * (C / 4); idx += NT) {
         const int r = idx / (C / 4);
         const int e = (idx % (C / 4)) * 4;
         const float4 cv = *reinterpret_cast<const float4*>(src + static_cast<size_t>(r) * ld + e);
-        uint32_t lo[3], hi[3];
-        split3_pair(cv.x, cv.y, lo);
-        split3_pair(cv.z, cv.w, hi);
+        uint32_t lo[NS], hi[NS];
+        splitn_pair<NS>(cv.x, cv.y, lo);
+        splitn_pair<NS>(cv.z, cv.w, hi);
         #pragma unroll
-        for (int p = 0; p < 3; ++p) *reinterpret_cast<uint2*>(&dst[p][r][e]) = make_uint2(lo[p], hi[p]);
+        for (int p = 0; p < NS; ++p) *reinterpret_cast<uint2*>(&dst[p][r][e]) = make_uint2(lo[p], hi[p]);
     }
 }
 
@@ -699,13 +700,14 @@ def _split(split: bool | None) -> bool:
 
 
 def _terms() -> int:
-    """bf16 terms per float32 operand of the backward's matmuls: 3 (float32's 24 bits, the
-    default) or 2 (16 bits: a third fewer tensor-core products; still finer than TF32's 11);
-    XLSTM_METAL_MLSTM_BWD_TERMS."""
-    terms = int(os.environ.get("XLSTM_METAL_MLSTM_BWD_TERMS", "3"))
-    if terms not in (2, 3):
-        raise ValueError(f"XLSTM_METAL_MLSTM_BWD_TERMS must be 2 or 3, got {terms}")
-    return terms
+    """bf16 terms per float32 operand of the backward's matmuls (the states C and dC, the L x L
+    score matrices, alpha q): 3 (float32's 24 bits, the default), 2 (16 bits: still finer than
+    TF32's 11) or 1 (the operand rounded to bf16, as NX-AI's Triton backward casts its state and
+    scores to the inputs' dtype for its dot products); XLSTM_METAL_MLSTM_BWD_TERMS."""
+    raw = os.environ.get("XLSTM_METAL_MLSTM_BWD_TERMS", "3")
+    if raw not in ("1", "2", "3"):
+        raise ValueError(f"XLSTM_METAL_MLSTM_BWD_TERMS must be 1, 2 or 3, got {raw!r}")
+    return int(raw)
 
 
 def fused_backward_enabled() -> bool:
