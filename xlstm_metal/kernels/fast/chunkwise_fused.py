@@ -530,9 +530,9 @@ _STATES_SOURCE = """
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
         }
-        // C += (w k)^T v in three bf16 terms (float32-exact products); n += (w k)^T 1.
+        // C += (w k)^T v, w k in TERMS bf16 terms (3: float32-exact products); n += (w k)^T 1.
         float nsum0 = 0.0f, nsum1 = 0.0f;  // rows rr and rr + 8
-        state_chunk_mma<L, JT, 3>(acc, ks[buf], vs[buf], ws[buf], ws[buf], warp, tq, lrow, ltile, nsum0, nsum1);
+        state_chunk_mma<L, JT, TERMS>(acc, ks[buf], vs[buf], ws[buf], ws[buf], warp, tq, lrow, ltile, nsum0, nsum1);
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
         m = m_next;
@@ -945,17 +945,20 @@ def state_segments(num_chunks: int) -> int:
 
 
 def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype: mx.Dtype,
-                  segments: int | None = None) -> tuple[mx.array, MLSTMState]:
+                  segments: int | None = None, terms: int | None = None) -> tuple[mx.array, MLSTMState]:
     """The kernels from the raw gates: q, k [B, NH, S, DQK], v [B, NH, S, DV] (bf16, any
     strides), i, f [B, NH, S] (any float dtype and strides), state (C, n, m) in float32 ->
     h [B, NH, S, DV] in ``h_dtype`` and the final (C, n, m) in float32. The gates' log-sigmoid
-    and chunk cumsums are computed inside both kernels (no gate-prep launches)."""
+    and chunk cumsums are computed inside both kernels (no gate-prep launches). ``terms``: bf16
+    terms per float32 operand of both kernels' products (None: their defaults; training's
+    ``chunkwise_grad.product_terms``)."""
     B, NH, S, dqk = k.shape
     dv = v.shape[-1]
     NC = -(-S // L)
     nseg = segments or state_segments(NC)
     nseg = -(-NC // -(-NC // nseg))  # no empty segment: ceil(NC / chunks per segment)
-    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(k, v, i, f, state, NC, L, nseg, raw=True)
+    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(k, v, i, f, state, NC, L, nseg, raw=True,
+                                                                      terms=terms)
     if nseg == 1:
         final = (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1))
         seg = None
@@ -970,11 +973,11 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
             output_dtypes=[mx.float32] * 6,
         )
         seg = (C_seg, n_seg, m_seg)
-    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, seg, eps, L, h_dtype, raw=True)
+    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, seg, eps, L, h_dtype, raw=True, terms=terms)
     return h, tuple(final)
 
 
-def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool):
+def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool, terms: int | None = None):
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     C0, n0, m0 = state  # read at their strides
@@ -982,7 +985,7 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
         template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("STAGE", cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") != "0")],
+                  ("STAGE", cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") != "0"), ("TERMS", terms or 3)],
         grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
         threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
@@ -992,7 +995,7 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
 
 
 def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: float, L: int, h_dtype: mx.Dtype,
-             raw: bool) -> mx.array:
+             raw: bool, terms: int | None = None) -> mx.array:
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
     NC = -(-S // L)
@@ -1001,7 +1004,7 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
     (h,) = _kernel("outputs", eps)(
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype))],
+                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms))],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
@@ -1016,15 +1019,18 @@ def _states_cols() -> int:
     return int(forced) if forced in ("32", "64") else _STATES_COLS
 
 
-def _split_terms(h_dtype: mx.Dtype) -> int:
+def _split_terms(h_dtype: mx.Dtype, terms: int | None = None) -> int:
     """bf16 terms per float32 operand (the entering state, the weighted scores) in the outputs
     kernel. Three (float32's 24 bits) when h is float32; two (16 bits) when h is rounded to
     bf16 / fp16 anyway: the operands' error (2^-17 relative) is then far below the result's own
     rounding (2^-9 for bf16), and the kernel does a third fewer products (H200, 7B shape:
-    tests/test_cuda_kernels.py compares both). ``XLSTM_METAL_CHUNK_SPLIT=2|3`` overrides."""
+    tests/test_cuda_kernels.py compares both). ``XLSTM_METAL_CHUNK_SPLIT=2|3`` overrides; else
+    ``terms`` (training's setting, 1-3) where given."""
     forced = os.environ.get("XLSTM_METAL_CHUNK_SPLIT")
     if forced in ("2", "3"):
         return int(forced)
+    if terms is not None:
+        return terms
     return 3 if h_dtype == mx.float32 else 2
 
 
@@ -1034,15 +1040,17 @@ def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
     return tuple(mx.contiguous(x) for x in _chunk_gates(i, f, L))
 
 
-def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state: MLSTMState | None):
+def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state: MLSTMState | None,
+                 terms: int | None = None):
     """Phase 1 kernel from the prepared gates of :func:`chunk_gates`: the (C, n, m) entering
     every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK], [B, NH, NC], float32) and the final
-    state. (One segment: every block walks all chunks.)"""
+    state. (One segment: every block walks all chunks.) ``terms``: bf16 terms of the products'
+    float32 operand (None: 3)."""
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     NC, L = bcum.shape[2:]
     C_enter, n_enter, m_enter, _, C_fin, n_fin, m_fin, _ = _states(
-        k, v, igc, bcum, _state_f32(k, v, state), NC, L, 1, raw=False)
+        k, v, igc, bcum, _state_f32(k, v, state), NC, L, 1, raw=False, terms=terms)
     return C_enter, n_enter, m_enter, (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk),
                                        m_fin.reshape(B, NH, 1))
 
