@@ -97,9 +97,9 @@ def worker_ours(args) -> None:
         kernel, recompute, *mode = variant.split("/")
         limits = [m for m in mode if m.startswith("mem-limit-")]
         mode = [m for m in mode if m not in limits]
-        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw"} or len(limits) > 1:
+        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw", "bf16-products"} or len(limits) > 1:
             raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj, "
-                             "mlx-adamw and one mem-limit-GB may follow")
+                             "mlx-adamw, bf16-products and one mem-limit-GB may follow")
         # mem-limit-GB: mx.set_memory_limit for this variant. MLX keeps every op's inputs until the
         # GPU has run its command buffer, up to 10 buffers ahead of it; over the limit, evaluation
         # waits for the GPU (the limit is soft: allocations still succeed).
@@ -118,14 +118,16 @@ def worker_ours(args) -> None:
             block.mlstm_layer.parallel_kernel_cell.kernel = kernel
         cfg = TrainingConfig(seq_len=S, batch_size=B, steps=args.steps + args.warmup, dtype="bfloat16",
                              recompute=recompute, eval_batches=1, lr=1e-4, head_loss=head_loss,
-                             fuse_projections=fuse)
+                             fuse_projections=fuse, mlstm_products="bf16" if "bf16-products" in mode else "float32")
         record = {"side": "ours", "kind": "train_step",
                   "variant": f"{kernel}, recompute {recompute}, " + ("fused head + loss, " if head_loss == "fused" else "")
                   + ("fused projections, " if fuse else "") + ("MLX's AdamW ops, " if "mlx-adamw" in mode else "")
+                  + ("mLSTM products in bf16, " if "bf16-products" in mode else "")
                   + (f"memory limit {limit_gb:g} GB, " if limit_gb else "")
                   + ("eager step" if eager else "compiled step")
                   + (", steps back to back" if args.pipelined else ", each step alone") + _graphs_note(),
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
+                  "mlstm_products": cfg.mlstm_products,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
                   "command_buffers": [os.environ.get("MLX_MAX_OPS_PER_BUFFER"), os.environ.get("MLX_MAX_MB_PER_BUFFER")],
                   "shape": args.shape}
@@ -729,7 +731,7 @@ def main() -> int:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--variants", default="chunkwise_fused/none",
                    help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj][/mlx-adamw]"
-                        "[/mem-limit-GB] (recompute: "
+                        "[/bf16-products][/mem-limit-GB] (bf16-products: TrainingConfig.mlstm_products='bf16'; recompute: "
                         "none, head, mlstm, ffn, blocks; eager: the step uncompiled; fused-head: --head-loss fused; "
                         "fused-proj: projections reading one input as one matmul; mlx-adamw: MLX's AdamW ops instead "
                         "of the AdamW kernel)")

@@ -91,7 +91,8 @@ def test_training_with_the_fused_head(tmp_path):
 
 
 def test_cli_step_path_flags(tmp_path):
-    """--head-loss and --fuse-projections reach the run's saved settings; a resume may change them."""
+    """--head-loss, --fuse-projections and --mlstm-products reach the run's saved settings; a resume
+    may change them."""
     from xlstm_metal.cli import main
     from xlstm_metal.training.checkpoint import read_trainer_state
 
@@ -102,14 +103,15 @@ def test_cli_step_path_flags(tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(corpus), "--out", str(out), "--config", "tiny", "--vocab-size", "300", "--seq-len",
                  "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--no-progress",
-                 "--head-loss", "fused", "--fuse-projections"]) == 0
+                 "--head-loss", "fused", "--fuse-projections", "--mlstm-products", "bf16"]) == 0
     saved = read_trainer_state(out / "checkpoint-0000002")["training_config"]
-    assert saved["head_loss"] == "fused" and saved["fuse_projections"] is True
+    assert saved["head_loss"] == "fused" and saved["fuse_projections"] is True and saved["mlstm_products"] == "bf16"
     # A resume may switch them (the same math); the run's saved settings follow.
     assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress", "--head-loss", "plain",
-                 "--no-fuse-projections"]) == 0
+                 "--no-fuse-projections", "--mlstm-products", "float32"]) == 0
     saved = read_trainer_state(out / "checkpoint-0000003")["training_config"]
     assert saved["head_loss"] == "plain" and saved["fuse_projections"] is False
+    assert saved["mlstm_products"] == "float32"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite([r["loss"] for r in records if r["kind"] == "train"]).all()
 
@@ -292,9 +294,11 @@ def test_default_step_paths_by_device(monkeypatch):
     from xlstm_metal.cli import train as cli_train
     from xlstm_metal.kernels.fast import step
 
-    assert cli_train.default_step_paths() == {"head_loss": "plain", "fuse_projections": False}
+    assert cli_train.default_step_paths() == {"head_loss": "plain", "fuse_projections": False,
+                                              "mlstm_products": "float32"}
     monkeypatch.setattr(step, "cuda_available", lambda: True)
-    assert cli_train.default_step_paths() == {"head_loss": "fused", "fuse_projections": True}
+    assert cli_train.default_step_paths() == {"head_loss": "fused", "fuse_projections": True,
+                                              "mlstm_products": "float32"}
 
 
 def test_command_buffer_limits_for_training(monkeypatch):
@@ -318,3 +322,44 @@ def test_command_buffer_limits_for_training(monkeypatch):
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "1000")  # the user's choice stands
     limit_command_buffers()
     assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ and os.environ["MLX_MAX_MB_PER_BUFFER"] == "1000"
+
+
+def test_mlstm_products_setting_reaches_the_fused_kernels(monkeypatch):
+    """``TrainingConfig.mlstm_products`` sets the bf16 terms of the fused mLSTM kernels' products
+    (forward and backward), read when the loss's forward is traced: "bf16" -> 1, "float32" ->
+    None (each kernel's default, float32's precision). The kernels are CUDA's: here a spy stands
+    in for them (the scan path) and records what each layer's custom function was built with."""
+    from xlstm_metal.kernels.fast import chunkwise_fused, chunkwise_grad
+    from xlstm_metal.training.trainer import MLSTM_PRODUCTS
+
+    seen = []
+    real = chunkwise_grad._differentiable
+
+    def spy(eps, L, fused, has_state, final_grad=True, terms=None):
+        seen.append((fused, terms))
+        return real(eps, L, False, has_state, final_grad)
+
+    monkeypatch.setattr(chunkwise_grad, "_differentiable", spy)
+    monkeypatch.setattr(chunkwise_fused, "fused_chunkwise_supported", lambda *a: True)
+    model = xLSTMLarge(xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16))
+    init_xlstm_large(model, 0)
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 33)))
+    grads = {}
+    for products in ("float32", "bf16"):
+        seen.clear()
+        params = model.trainable_parameters()
+        loss, g = mx.value_and_grad(make_loss_fn(model, mx.float32, mlstm_products=products))(
+            params, ids[:, :-1], ids[:, 1:])
+        model.update(params)
+        grads[products] = dict(tree_flatten(g))
+        assert seen == [(True, MLSTM_PRODUCTS[products])] * 2, (products, seen)
+    assert MLSTM_PRODUCTS == {"float32": None, "bf16": 1}
+    # the stand-in ignores the setting: the same gradients (what reaches the kernels is what differs)
+    assert all(mx.array_equal(grads["bf16"][k], v) for k, v in grads["float32"].items())
+    with pytest.raises(ValueError, match="mlstm_products"):
+        TrainingConfig(mlstm_products="fp8").validate()
+    with pytest.raises(ValueError, match="1, 2 or 3"):
+        with chunkwise_grad.product_terms(4):
+            pass

@@ -91,6 +91,11 @@ def add_parser(subparsers) -> None:
     o.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
                    help="run the projections that read one input (q|k|v|o|i|f, the FFN's gate|up) as one matmul "
                         "each in the compiled step (the same math); default: " + _DEFAULT_NOTE)
+    o.add_argument("--mlstm-products", choices=["float32", "bf16"], default=None,
+                   help="how the fused CUDA mLSTM kernels multiply their float32 operands (states, weighted keys, "
+                        "score matrices): float32 (three bf16 terms each, float32's precision) or bf16 (rounded "
+                        "to bf16, as NX-AI's Triton kernels do; fewer products); default: "
+                        + _PRODUCTS_NOTE)
     add_profile_argument(o)
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
@@ -121,7 +126,7 @@ RUN_DEFAULTS: dict = dict(vocab_size=4096, text_field="text", val_fraction=0.02,
                           eval_every=200, eval_batches=16, save_every=500, keep=2, log_every=10, recompute="none")
 #: Settings --resume may change (the schedule is extended / re-rated: TrainingConfig.reschedule_*).
 RESUME_CHANGEABLE = ("steps", "lr", "eval_every", "save_every", "keep", "log_every", "kernel", "recompute",
-                     "head_loss", "fuse_projections")
+                     "head_loss", "fuse_projections", "mlstm_products")
 #: Settings fixed by the run being resumed: giving one with --resume is an error naming it.
 RESUME_FIXED = ("config", "init_from", "arch", "tokenizer", "vocab_size", "text_field", "val_fraction", "seq_len",
                 "batch_size", "max_time", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
@@ -290,7 +295,8 @@ def run(args) -> int:
             raise UsageError("--profile applies to a new run; a resumed run keeps its settings")
         profile = None
         cfg = TrainingConfig(**saved["training_config"])
-        for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss", "fuse_projections"):
+        for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss", "fuse_projections",
+                     "mlstm_products"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         step, total = saved["step"], saved["total_steps"]
@@ -577,14 +583,16 @@ def default_training_kernel() -> str:
 
 #: --head-loss / --fuse-projections defaults, by where the step runs (see default_step_paths).
 _DEFAULT_NOTE = "on for NVIDIA GPUs (the H200's lowest peak memory at 2% less speed, BENCHMARKS.md), off elsewhere"
-#: (head_loss, fuse_projections) where MLX's CUDA back-end runs, and elsewhere.
-_STEP_PATHS = {True: {"head_loss": "fused", "fuse_projections": True},
-               False: {"head_loss": "plain", "fuse_projections": False}}
+#: --mlstm-products's default (see default_step_paths).
+_PRODUCTS_NOTE = "float32"
+#: (head_loss, fuse_projections, mlstm_products) where MLX's CUDA back-end runs, and elsewhere.
+_STEP_PATHS = {True: {"head_loss": "fused", "fuse_projections": True, "mlstm_products": "float32"},
+               False: {"head_loss": "plain", "fuse_projections": False, "mlstm_products": "float32"}}
 
 
 def default_step_paths() -> dict:
     """The train step's fast paths a new run takes unless flags say otherwise:
-    ``{"head_loss": ..., "fuse_projections": ...}`` (TrainingConfig fields)."""
+    ``{"head_loss": ..., "fuse_projections": ..., "mlstm_products": ...}`` (TrainingConfig fields)."""
     from ..kernels.fast.step import cuda_available
 
     return dict(_STEP_PATHS[cuda_available()])

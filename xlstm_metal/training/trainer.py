@@ -41,6 +41,9 @@ _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16
 RECOMPUTE = ("none", "head", "mlstm", "ffn", "blocks")
 #: What TrainingConfig.head_loss may name.
 HEAD_LOSSES = ("plain", "fused")
+#: What TrainingConfig.mlstm_products may name -> bf16 terms per float32 operand of the fused
+#: mLSTM kernels' products (None: each kernel's default, float32's precision).
+MLSTM_PRODUCTS = {"float32": None, "bf16": 1}
 #: Longest automatic warmup (steps); shorter runs warm up for a tenth of their steps.
 AUTO_WARMUP_CAP = 100
 
@@ -77,6 +80,10 @@ class TrainingConfig:
     # Layers reading the same input (q|k|v|o|i|f, FFN gate|up) as one matmul each in the traced
     # step (cells.fused.traced_fusion); the same math.
     fuse_projections: bool = False
+    # How the fused CUDA mLSTM kernels multiply their float32 operands (states, weighted keys,
+    # score matrices) on the tensor cores: "float32" (three bf16 terms each: float32's precision)
+    # or "bf16" (rounded to bf16, as NX-AI's Triton kernels do: a third of the products).
+    mlstm_products: str = "float32"
     probe_steps: int = 20               # steps timed to size a max_time run
     # From step ``reschedule_step`` the schedule starts at ``reschedule_lr`` (see make_schedule):
     # set for a resumed run given new --steps / --lr and for a time budget once it is sized.
@@ -123,6 +130,8 @@ class TrainingConfig:
             problems.append(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.head_loss not in HEAD_LOSSES:
             problems.append(f"head_loss must be one of {', '.join(HEAD_LOSSES)}, got {self.head_loss!r}")
+        if self.mlstm_products not in MLSTM_PRODUCTS:
+            problems.append(f"mlstm_products must be one of {', '.join(MLSTM_PRODUCTS)}, got {self.mlstm_products!r}")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if problems:
@@ -541,16 +550,19 @@ def _recomputing_forward(model, recompute: str) -> Callable | None:
 
 
 def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_loss: str = "plain",
-                 fuse_projections: bool = False) -> Callable:
+                 fuse_projections: bool = False, mlstm_products: str = "float32") -> Callable:
     """(params, inputs [B, S], targets [B, S]) -> mean next-token cross-entropy (float32).
 
     ``recompute`` (see :class:`TrainingConfig`): the same loss with activations recomputed
     in the backward pass (xLSTM-Large and the 2024 xLSTM; ValueError for other models). ``head_loss=
     "fused"``: the LM head and the loss as :func:`linear_cross_entropy` (xLSTM-Large with a
     plain head, no recompute; otherwise the plain head). ``fuse_projections``: layers that read
-    the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`)."""
+    the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`).
+    ``mlstm_products``: see :class:`TrainingConfig` (the fused CUDA mLSTM kernels only)."""
     from ..cells.fused import traced_fusion
-    from ..kernels.fast.chunkwise_grad import final_states_unread
+    from ..kernels.fast.chunkwise_grad import final_states_unread, product_terms
+
+    terms = MLSTM_PRODUCTS[mlstm_products]
 
     forward = _recomputing_forward(model, recompute)
     fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
@@ -569,7 +581,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     def loss_fn(params, inputs, targets):
         model.update(params if compute_dtype == mx.float32 else cast_floating(params, compute_dtype))
         # The loss reads the logits alone: no layer's final recurrent state carries a gradient.
-        with traced_fusion(fuse_projections), final_states_unread():
+        with traced_fusion(fuse_projections), final_states_unread(), product_terms(terms):
             return loss(inputs, targets)
 
     return loss_fn
@@ -826,7 +838,7 @@ class Trainer:
         half = self.compute_dtype != mx.float32 and group is None
         # The fused head computes gradients in its forward: training only.
         grad_fn = mx.value_and_grad(make_loss_fn(model, mx.float32 if half else self.compute_dtype, cfg.recompute,
-                                                 cfg.head_loss, cfg.fuse_projections))
+                                                 cfg.head_loss, cfg.fuse_projections, cfg.mlstm_products))
         optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state, mx.random.state]
         dtype = self.compute_dtype
@@ -837,7 +849,7 @@ class Trainer:
         joined = joined_weight_groups(model) if half and cfg.fuse_projections and cfg.recompute == "none" else []
         if joined:
             grad_joined = mx.value_and_grad(_joined_loss(make_loss_fn(
-                model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections), joined))
+                model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections, cfg.mlstm_products), joined))
 
         def train_step(inputs, targets):
             params = model.trainable_parameters()

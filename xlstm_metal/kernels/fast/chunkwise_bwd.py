@@ -699,12 +699,15 @@ def _split(split: bool | None) -> bool:
     return split if split is not None else os.environ.get("XLSTM_METAL_MLSTM_BWD_SPLIT", "1") != "0"
 
 
-def _terms() -> int:
+def _terms(terms: int | None = None) -> int:
     """bf16 terms per float32 operand of the backward's matmuls (the states C and dC, the L x L
     score matrices, alpha q): 3 (float32's 24 bits, the default), 2 (16 bits: still finer than
     TF32's 11) or 1 (the operand rounded to bf16, as NX-AI's Triton backward casts its state and
-    scores to the inputs' dtype for its dot products); XLSTM_METAL_MLSTM_BWD_TERMS."""
-    raw = os.environ.get("XLSTM_METAL_MLSTM_BWD_TERMS", "3")
+    scores to the inputs' dtype for its dot products). ``XLSTM_METAL_MLSTM_BWD_TERMS`` (a
+    measurement override) before ``terms`` (the caller's setting, :func:`.chunkwise_grad.product_terms`)."""
+    raw = os.environ.get("XLSTM_METAL_MLSTM_BWD_TERMS")
+    if raw is None:
+        return 3 if terms is None else terms
     if raw not in ("1", "2", "3"):
         raise ValueError(f"XLSTM_METAL_MLSTM_BWD_TERMS must be 1, 2 or 3, got {raw!r}")
     return int(raw)
@@ -720,15 +723,16 @@ def _dot(a: mx.array, b: mx.array, axes: int) -> mx.array:
     return (a.reshape(*lead, 1, -1) @ b.reshape(*lead, -1, 1))[..., 0, 0]
 
 
-def y(q, k, dh, bcum, igc, C_enter, split: bool | None = None):
+def y(q, k, dh, bcum, igc, C_enter, split: bool | None = None, terms: int | None = None):
     """Y = dH C_c^T per chunk [B, NH, NC * L, DQK] and its shares of q . Y [B, NH, NC, tiles, L]
-    (float32). ``split``: one block per 64 columns of DQK (else one per chunk)."""
+    (float32). ``split``: one block per 64 columns of DQK (else one per chunk). ``terms``: bf16
+    terms per float32 operand (:func:`_terms`; the same for the other kernels)."""
     B, NH, _, dqk = q.shape
     NC, L = bcum.shape[2:]
     tiles = dqk // 64 if _split(split) else 1
     return _kernel("y")(
         inputs=[q, k, dh, bcum, igc, C_enter],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dh.shape[-1]), ("TERMS", _terms())],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dh.shape[-1]), ("TERMS", _terms(terms))],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, NC * L, dqk), (B, NH, NC, tiles, L)], output_dtypes=[mx.float32] * 2)
 
@@ -745,7 +749,7 @@ def rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps: float):
         output_shapes=[(B, NH, NC, 5, L), (B, NH, NC, L, L), (B, NH, NC, L, L)], output_dtypes=[mx.float32] * 3)
 
 
-def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
+def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f, terms: int | None = None):
     """The cotangents of the states leaving every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK])
     and of the initial state ([B, NH, DQK, DV], [B, NH, DQK]). ``dC_f`` / ``dn_f`` None: the
     final state's cotangents are zero (not read: no copies of a broadcast zero)."""
@@ -759,7 +763,7 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
         dC_f = dn_f = m_final  # placeholders (the kernel's fixed inputs)
     return _kernel("reverse")(
         inputs=[q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f],
-        template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_), ("TERMS", _terms()),
+        template=[("NH", NH), ("L", L), ("JT", _JT), ("DQK", dqk), ("DV", dv_), ("TERMS", _terms(terms)),
                   ("FINAL", final)],
         grid=(dv_ // _JT * 128, dqk // 64, B * NH), threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv_), (B, NH, NC, dqk), (B, NH, dqk, dv_), (B, NH, dqk)],
@@ -767,7 +771,7 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f):
 
 
 def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out,
-         split: bool | None = None):
+         split: bool | None = None, terms: int | None = None):
     """dq, dk [B, NH, S, DQK] (q's dtype) and per step (q.dq, k.dk) [B, NH, NC, 2, L] float32.
     ``split``: one block per 64 columns of DQK (else one per chunk, looping over them).
     dq and dk are written [B, S, NH, DQK] (returned as transposed views): the layout of the
@@ -778,7 +782,7 @@ def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out
     tiles = dqk // 64 if _split(split) else 1
     dq, dk, gates = _kernel("dqdk")(
         inputs=[q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype), ("TERMS", _terms())],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", v.shape[-1]), ("GT", q.dtype), ("TERMS", _terms(terms))],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, S, NH, dqk), (B, S, NH, dqk), (B, NH, NC, tiles, 2, L)],
         output_dtypes=[q.dtype, q.dtype, mx.float32])
@@ -786,7 +790,8 @@ def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out
             gates.sum(axis=3) if tiles > 1 else gates[:, :, :, 0])
 
 
-def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | None = None):
+def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | None = None,
+       terms: int | None = None):
     """dv [B, NH, S, DV] (q's dtype; written [B, S, NH, DV], returned as a transposed view, as
     :func:`dqdk`). ``split``: one block per 64 columns of DV."""
     B, NH, S, dqk = q.shape
@@ -795,19 +800,21 @@ def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | N
     tiles = dv_ // 64 if _split(split) else 1
     (out,) = _kernel("dv")(
         inputs=[q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out],
-        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype), ("TERMS", _terms())],
+        template=[("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv_), ("GT", q.dtype), ("TERMS", _terms(terms))],
         grid=(2 * L * tiles, NC, B * NH), threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, S, NH, dv_)], output_dtypes=[q.dtype])
     return out.transpose(0, 2, 1, 3)
 
 
-def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: bool, final_grad: bool = True):
+def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: bool, final_grad: bool = True,
+                   terms: int | None = None):
     """Gradients of (h, C, n, m) = chunkwise(q, k, v, i, f, C0, n0, m0) by the kernels above.
 
     q, k [B, NH, S, DQK] and v [B, NH, S, DV] bf16 (the forward's kernels ran); i, f [B, NH, S];
     C0, n0, m0 float32. Returns the cotangents of the eight primals in their dtypes.
     ``final_grad=False``: the final state's cotangents are zero (nothing differentiated reads
-    it), so their terms are left out.
+    it), so their terms are left out. ``terms``: bf16 terms per float32 operand of every
+    kernel's products, the states recompute's included (None: 3; :func:`_terms`).
     """
     from .chunkwise_fused import chunk_gates, chunk_states
 
@@ -819,12 +826,14 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     k, v, dh = k.astype(q.dtype), v.astype(q.dtype), dh.astype(q.dtype)
     bcum, igc = chunk_gates(i, f, L)
     NC = bcum.shape[2]
-    C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0))
-    Y, qyp = y(q, k, dh, bcum, igc, C_enter)
+    T = _terms(terms)
+    C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0), terms=terms)
+    Y, qyp = y(q, k, dh, bcum, igc, C_enter, terms=T)
     rowst, dP, St = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
-    dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin, *((dC_f, dn_f) if final_grad else (None, None)))
-    dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_fin, dC_out, dn_out)
-    dv_ = dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out)
+    dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin,
+                                       *((dC_f, dn_f) if final_grad else (None, None)), terms=T)
+    dq, dk, gates = dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_fin, dC_out, dn_out, terms=T)
+    dv_ = dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_fin, dC_out, terms=T)
 
     # Gates: dF = q.dq - k.dk (+ the final state's <dC_f, C_f> + <dn_f, n_f> at the last step),
     # d i~ = k.dk; the forget gates' log-sigmoid gets the reverse cumulative sum of dF.

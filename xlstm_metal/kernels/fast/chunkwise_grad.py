@@ -43,8 +43,9 @@ from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chun
 from .chunkwise import chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
 from .chunkwise_bwd import fused_backward, fused_backward_enabled
 
-_functions: dict[tuple[float, int, bool, bool, bool], Callable] = {}
+_functions: dict[tuple[float, int, bool, bool, bool, int | None], Callable] = {}
 _FINAL_STATES_READ = contextvars.ContextVar("xlstm_metal_final_states_read", default=True)
+_PRODUCT_TERMS: contextvars.ContextVar[int | None] = contextvars.ContextVar("xlstm_metal_product_terms", default=None)
 
 
 @contextlib.contextmanager
@@ -60,6 +61,24 @@ def final_states_unread() -> Iterator[None]:
         yield
     finally:
         _FINAL_STATES_READ.reset(token)
+
+
+@contextlib.contextmanager
+def product_terms(terms: int | None) -> Iterator[None]:
+    """Inside: the fused CUDA kernels (forward and backward) multiply their float32 operands (the
+    states C and their cotangents, the weighted keys, the L x L score matrices) on the tensor
+    cores as ``terms`` bf16 terms each: 3 (float32's precision, the default everywhere), 2, or 1
+    (the operand rounded to bf16, as NX-AI's Triton kernels cast their state and scores to the
+    inputs' dtype for the dot products; a third of the products). A training setting
+    (``TrainingConfig.mlstm_products``); None keeps each kernel's default. Read when the forward
+    is traced; the backward uses what its forward used."""
+    if terms not in (None, 1, 2, 3):
+        raise ValueError(f"product terms must be 1, 2 or 3 (or None), got {terms!r}")
+    token = _PRODUCT_TERMS.set(terms)
+    try:
+        yield
+    finally:
+        _PRODUCT_TERMS.reset(token)
 
 
 def _chunked(x: mx.array, L: int, NC: int) -> mx.array:
@@ -82,14 +101,15 @@ def _dot(a: mx.array, b: mx.array, axes: int) -> mx.array:
     return (a.reshape(*lead, 1, -1) @ b.reshape(*lead, -1, 1))[..., 0, 0]
 
 
-def _forward(q, k, v, i, f, C0, n0, m0, eps: float, L: int, fused: bool):
+def _forward(q, k, v, i, f, C0, n0, m0, eps: float, L: int, fused: bool, terms: int | None = None):
     """h [B, NH, S, DV] (q's dtype) and the final state (float32)."""
     if not fused:
         h, final = mlstm_chunkwise_scan(q, k, v, i, f, (C0, n0, m0), eps=eps, chunk_size=L, state_dtype=None)
         return (h, *final)
     from .chunkwise_fused import fused_forward
 
-    h, final = fused_forward(q, k.astype(q.dtype), v.astype(q.dtype), i, f, (C0, n0, m0), eps, L, q.dtype)
+    h, final = fused_forward(q, k.astype(q.dtype), v.astype(q.dtype), i, f, (C0, n0, m0), eps, L, q.dtype,
+                             terms=terms)
     return (h, *final)
 
 
@@ -179,19 +199,20 @@ def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool, has
             dC0.astype(C0.dtype), dn0.astype(n0.dtype), dm0.astype(m0.dtype))
 
 
-def _differentiable(eps: float, L: int, fused: bool, has_state: bool, final_grad: bool = True) -> Callable:
-    key = (float(eps), int(L), bool(fused), bool(has_state), bool(final_grad))
+def _differentiable(eps: float, L: int, fused: bool, has_state: bool, final_grad: bool = True,
+                    terms: int | None = None) -> Callable:
+    key = (float(eps), int(L), bool(fused), bool(has_state), bool(final_grad), terms)
     fn = _functions.get(key)
     if fn is None:
 
         @mx.custom_function
         def fn(q, k, v, i, f, C0, n0, m0):
-            return _forward(q, k, v, i, f, C0, n0, m0, eps, L, fused)
+            return _forward(q, k, v, i, f, C0, n0, m0, eps, L, fused, terms)
 
         @fn.vjp
         def fn_vjp(primals, cotangents, outputs):
             if fused and fused_backward_enabled():
-                return fused_backward(primals, cotangents, outputs, eps, L, has_state, final_grad)
+                return fused_backward(primals, cotangents, outputs, eps, L, has_state, final_grad, terms)
             return _backward(primals, cotangents, outputs, eps, L, fused, has_state, final_grad)
 
         _functions[key] = fn
@@ -221,7 +242,8 @@ def chunkwise_differentiable(
     L = chunk_size if fused else min(chunk_size, q.shape[2])
     C0, n0, m0 = _state_f32(q, v, state)
     final_grad = _FINAL_STATES_READ.get()
-    h, C, n, m = _differentiable(eps, L, fused, state is not None, final_grad)(q, k, v, i, f, C0, n0, m0)
+    terms = _PRODUCT_TERMS.get() if fused else None
+    h, C, n, m = _differentiable(eps, L, fused, state is not None, final_grad, terms)(q, k, v, i, f, C0, n0, m0)
     if not final_grad:
         C, n, m = (mx.stop_gradient(x) for x in (C, n, m))
     return h, _cast_state((C, n, m), state_dtype)
