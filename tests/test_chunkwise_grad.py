@@ -250,6 +250,31 @@ def test_backward_kernels_equal_the_ops_backward(B, NH, S, DQK, DV, chunk, with_
 
 
 @cuda
+@pytest.mark.parametrize("terms,bound", [(1, 2e-2), (2, 4e-3)])
+def test_fewer_product_terms_stay_near_the_float32_backward(terms, bound, monkeypatch):
+    """``product_terms(1 | 2)`` (training's ``mlstm_products="bf16"`` is 1): the fused kernels'
+    forward and backward with their float32 operands rounded to fewer bf16 terms, against the
+    MLX-ops backward in float32 (TF32 off). Per input the relative Frobenius error stays at bf16
+    operand round-off (1 term: 2^-9 per operand, a few 1e-3 after the sums; 2 terms: only the
+    bf16 results' own rounding), and the setting reached the kernels: the gradients differ from
+    the three-term ones."""
+    args, weights = _inputs(S := 200, B=2, NH=2, S=S, DQK=64, DV=128, dtype=mx.bfloat16)
+    assert fused_chunkwise_supported(args[0], args[2], 64)
+    monkeypatch.setenv("XLSTM_METAL_FUSED_MLSTM_BWD", "0")
+    ref = _grads(mlstm_chunkwise_fused, args, weights, with_state=True, continued=False, chunk=64)
+    monkeypatch.setenv("XLSTM_METAL_FUSED_MLSTM_BWD", "1")
+    exact = _grads(mlstm_chunkwise_fused, args, weights, with_state=True, continued=False, chunk=64)
+    with chunkwise_grad.product_terms(terms):
+        fewer = _grads(mlstm_chunkwise_fused, args, weights, with_state=True, continued=False, chunk=64)
+    for name, a, b, c in zip("q k v i f C0 n0 m0".split(), fewer, ref, exact):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        a64, b64 = np.array(a.astype(mx.float32), np.float64), np.array(b.astype(mx.float32), np.float64)
+        err = np.linalg.norm(a64 - b64) / (np.linalg.norm(b64) + 1e-30)
+        assert err <= bound, (name, terms, err)
+    assert any(not mx.array_equal(a, c) for a, c in zip(fewer[:3], exact[:3]))
+
+
+@cuda
 @pytest.mark.parametrize("with_state", [False, True])
 def test_unread_final_state_gives_the_same_gradients_on_cuda(with_state):
     """The backward kernels' path (chunkwise_bwd.fused_backward) inside ``final_states_unread``."""

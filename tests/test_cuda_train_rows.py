@@ -131,10 +131,10 @@ def test_norm_gate_train_equals_the_ops(B, NH, S, DV):
         _as_close_as_the_ops(a, b, _f32(c), name)
 
 
-def _step_grads(model, x, y, dtype=mx.bfloat16):
+def _step_grads(model, x, y, dtype=mx.bfloat16, products="float32"):
     params = model.trainable_parameters()
-    loss, grads = mx.value_and_grad(make_loss_fn(model, dtype, head_loss="fused", fuse_projections=True))(
-        params, x, y)
+    loss, grads = mx.value_and_grad(make_loss_fn(model, dtype, head_loss="fused", fuse_projections=True,
+                                                 mlstm_products=products))(params, x, y)
     model.update(params)
     return loss, dict(tree_flatten(grads))
 
@@ -169,6 +169,33 @@ def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
     assert not worse, worse
     err_ours, err_ops = np.sqrt(total[0] / total[2]), np.sqrt(total[1] / total[2])
     assert err_ours <= 2 * err_ops, (err_ours, err_ops)
+
+
+@cuda
+def test_train_step_with_bf16_mlstm_products_stays_near_float32():
+    """``mlstm_products="bf16"`` (the fused mLSTM kernels' float32 operands rounded to bf16, as
+    NX-AI's Triton kernels): a whole model's bf16 step against the float32 step. The loss within
+    bf16 round-off (1e-3 relative); the whole gradient tree's relative error at most 1.5x that of
+    the step with float32 products (the bf16 weights and activations already cost more than the
+    cell's products), and the setting reached the kernels (the gradients differ)."""
+    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
+    model = xLSTMLarge(config)
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+    _, default = _step_grads(model, ids[:, :-1], ids[:, 1:])
+    loss, bf16 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    exact_loss, exact = _step_grads(model, ids[:, :-1], ids[:, 1:], mx.float32)
+    assert abs(loss.item() - exact_loss.item()) <= 1e-3 * abs(exact_loss.item())
+    total = np.zeros(3)
+    for k, g in exact.items():
+        e = _f32(g)
+        total += (np.linalg.norm(_f32(bf16[k]) - e) ** 2, np.linalg.norm(_f32(default[k]) - e) ** 2,
+                  np.linalg.norm(e) ** 2)
+    err_bf16, err_default = np.sqrt(total[0] / total[2]), np.sqrt(total[1] / total[2])
+    assert err_bf16 <= 1.5 * err_default, (err_bf16, err_default)
+    assert any(not mx.array_equal(bf16[k], default[k]) for k in default)
 
 
 def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):
