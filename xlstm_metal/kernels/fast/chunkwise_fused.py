@@ -108,6 +108,24 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t* out) {
     splitn_pair<3>(x0, x1, out);
 }
 
+// Two (four) floats stored as float32 or rounded to bf16 (the states' storage dtype).
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+__device__ __forceinline__ void store_quad(float* p, float4 v) {
+    *reinterpret_cast<float4*>(p) = v;
+}
+
+__device__ __forceinline__ void store_quad(__nv_bfloat16* p, float4 v) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+
 __device__ __forceinline__ uint32_t pack_pair(const __nv_bfloat16* p) {
     return *reinterpret_cast<const uint32_t*>(p);
 }
@@ -451,7 +469,7 @@ _STATES_SOURCE = """
     for (int c = c_begin; c < c_end; ++c) {
         const int buf = c & 1;
         // The (local) state entering chunk c.
-        float* Ce = C_enter + (chunk_off + c) * DQK * DV;
+        auto* Ce = C_enter + (chunk_off + c) * DQK * DV;  // float32, or bf16 for a one-term reader
         if constexpr (STAGE) {
             // Through the warp's tile in shared memory, then whole rows of JT floats in 16-byte
             // stores: the fragment layout's 8-byte stores (8 rows x 32 bytes per instruction)
@@ -468,16 +486,16 @@ _STATES_SOURCE = """
                 const int idx = lane + 32 * u;
                 const int row = idx / (JT / 4);
                 const int c4 = (idx % (JT / 4)) * 4;
-                *reinterpret_cast<float4*>(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4) =
-                    *reinterpret_cast<const float4*>(&cst[warp][row][c4]);
+                store_quad(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4,
+                           *reinterpret_cast<const float4*>(&cst[warp][row][c4]));
             }
             __syncwarp();
         } else {
             #pragma unroll
             for (int nt = 0; nt < JT / 8; ++nt) {
                 const int col = j0 + nt * 8 + 2 * tq;
-                *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
-                *reinterpret_cast<float2*>(Ce + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+                store_pair(Ce + static_cast<size_t>(r0) * DV + col, acc[nt][0], acc[nt][1]);
+                store_pair(Ce + static_cast<size_t>(r0 + 8) * DV + col, acc[nt][2], acc[nt][3]);
             }
         }
         if (writes_n) {
@@ -977,7 +995,8 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
     return h, tuple(final)
 
 
-def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool, terms: int | None = None):
+def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool, terms: int | None = None,
+            c_dtype: mx.Dtype = mx.float32):
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     C0, n0, m0 = state  # read at their strides
@@ -990,7 +1009,7 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
         threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
                        (B, NH, nseg, dqk, dv), (B, NH, nseg, dqk), (B, NH, nseg), (B, NH, nseg)],
-        output_dtypes=[mx.float32] * 8,
+        output_dtypes=[c_dtype] + [mx.float32] * 7,
     )
 
 
@@ -1041,16 +1060,17 @@ def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
 
 
 def chunk_states(k: mx.array, v: mx.array, bcum: mx.array, igc: mx.array, state: MLSTMState | None,
-                 terms: int | None = None):
+                 terms: int | None = None, c_dtype: mx.Dtype = mx.float32):
     """Phase 1 kernel from the prepared gates of :func:`chunk_gates`: the (C, n, m) entering
     every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK], [B, NH, NC], float32) and the final
     state. (One segment: every block walks all chunks.) ``terms``: bf16 terms of the products'
-    float32 operand (None: 3)."""
+    float32 operand (None: 3); ``c_dtype``: the entering C's storage (bf16 for a reader that
+    takes it as one bf16 term; the final state stays float32)."""
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     NC, L = bcum.shape[2:]
     C_enter, n_enter, m_enter, _, C_fin, n_fin, m_fin, _ = _states(
-        k, v, igc, bcum, _state_f32(k, v, state), NC, L, 1, raw=False, terms=terms)
+        k, v, igc, bcum, _state_f32(k, v, state), NC, L, 1, raw=False, terms=terms, c_dtype=c_dtype)
     return C_enter, n_enter, m_enter, (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk),
                                        m_fin.reshape(B, NH, 1))
 
