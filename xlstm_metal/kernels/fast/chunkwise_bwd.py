@@ -294,7 +294,7 @@ _Y_SOURCE = (_PRELUDE + """
     __shared__ __align__(16) __nv_bfloat16 xs[L][KS + PAD];
     __shared__ __align__(16) __nv_bfloat16 Ms[TERMS][64][KS + PAD];
     __syncthreads();
-    const float* Ce = C_enter + chunk * DQK * DV;
+    const auto* Ce = C_enter + chunk * DQK * DV;  // float32, or bf16 with one term
     float* Yc = Y + chunk * L * DQK;
     float qy[2] = {0.0f, 0.0f};
     for (int d0 = blockIdx.x * 64; d0 < DQK; d0 += gridDim.x * 64) {
@@ -398,12 +398,12 @@ _REVERSE_SOURCE = """
     for (int c = NC - 1; c >= 0; --c) {
         const int buf = c & 1;
         // The cotangent of the state leaving chunk c.
-        float* Co = dC_out + (chunk_off + c) * DQK * DV;
+        auto* Co = dC_out + (chunk_off + c) * DQK * DV;  // float32, or bf16 with one term (its readers' operand)
         #pragma unroll
         for (int nt = 0; nt < JT / 8; ++nt) {
             const int col = j0 + nt * 8 + 2 * tq;
-            *reinterpret_cast<float2*>(Co + static_cast<size_t>(r0) * DV + col) = make_float2(acc[nt][0], acc[nt][1]);
-            *reinterpret_cast<float2*>(Co + static_cast<size_t>(r0 + 8) * DV + col) = make_float2(acc[nt][2], acc[nt][3]);
+            store_pair(Co + static_cast<size_t>(r0) * DV + col, acc[nt][0], acc[nt][1]);
+            store_pair(Co + static_cast<size_t>(r0 + 8) * DV + col, acc[nt][2], acc[nt][3]);
         }
         if (writes_n) {
             dn_out[(chunk_off + c) * DQK + r0] = n_reg0;
@@ -468,7 +468,7 @@ _DQDK_SOURCE = (_PRELUDE + """
     for (int idx = tid; idx < L * L; idx += NT) dPs[idx / L][idx % L] = dPg[chunk * L * L + idx];
     __syncthreads();
 
-    const float* dCo = dC_out + chunk * DQK * DV;
+    const auto* dCo = dC_out + chunk * DQK * DV;
     const float* dno = dn_out + chunk * DQK;
     const float* ne = n_enter + chunk * DQK;
     const float* Yc = Y + chunk * L * DQK;
@@ -549,7 +549,7 @@ _DV_SOURCE = (_PRELUDE + """
     for (int idx = tid; idx < L * L; idx += NT) Sts[idx / L][idx % L] = Stg[chunk * L * L + idx];
     __syncthreads();
 
-    const float* dCo = dC_out + chunk * DQK * DV;
+    const auto* dCo = dC_out + chunk * DQK * DV;
     for (int j0 = blockIdx.x * 64; j0 < DV; j0 += gridDim.x * 64) {
         float acc[8][4];
         #pragma unroll
@@ -644,6 +644,17 @@ __device__ __forceinline__ void stage_splitn(__nv_bfloat16 (*dst)[R][W], const f
     }
 }
 
+// The same from a bf16 source (stored rounded: one term, copied as is).
+template <int NS, int R, int C, int NT, int W>
+__device__ __forceinline__ void stage_splitn(__nv_bfloat16 (*dst)[R][W], const __nv_bfloat16* src, size_t ld, int tid) {
+    static_assert(NS == 1, "a bf16 operand is one term");
+    for (int idx = tid; idx < R * (C / 4); idx += NT) {
+        const int r = idx / (C / 4);
+        const int e = (idx % (C / 4)) * 4;
+        *reinterpret_cast<uint2*>(&dst[0][r][e]) = *reinterpret_cast<const uint2*>(src + static_cast<size_t>(r) * ld + e);
+    }
+}
+
 #define DPR(r, t) dPs[r][t]
 #define DPC(r, t) dPs[t][r]
 #define STC(r, t) Sts[t][r]
@@ -713,6 +724,16 @@ def _terms(terms: int | None = None) -> int:
     return int(raw)
 
 
+def _state_dtype(terms: int) -> mx.Dtype:
+    """Storage of the per-chunk states C (the recompute's) and their cotangents dC (``reverse``'s):
+    bf16 where their readers take them as one bf16 term (half the traffic; the same numbers, the
+    rounding moves from the reader's staging to the writer), else float32.
+    ``XLSTM_METAL_MLSTM_BF16_STATES=0`` keeps float32 (a measurement switch)."""
+    if terms == 1 and os.environ.get("XLSTM_METAL_MLSTM_BF16_STATES", "1") != "0":
+        return mx.bfloat16
+    return mx.float32
+
+
 def fused_backward_enabled() -> bool:
     """The kernels' backward unless ``XLSTM_METAL_FUSED_MLSTM_BWD=0`` (then the MLX-ops one)."""
     return os.environ.get("XLSTM_METAL_FUSED_MLSTM_BWD", "1") != "0"
@@ -750,9 +771,10 @@ def rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps: float):
 
 
 def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f, terms: int | None = None):
-    """The cotangents of the states leaving every chunk ([B, NH, NC, DQK, DV], [B, NH, NC, DQK])
-    and of the initial state ([B, NH, DQK, DV], [B, NH, DQK]). ``dC_f`` / ``dn_f`` None: the
-    final state's cotangents are zero (not read: no copies of a broadcast zero)."""
+    """The cotangents of the states leaving every chunk ([B, NH, NC, DQK, DV] in
+    :func:`_state_dtype`, [B, NH, NC, DQK]) and of the initial state ([B, NH, DQK, DV],
+    [B, NH, DQK]), float32. ``dC_f`` / ``dn_f`` None: the final state's cotangents are zero
+    (not read: no copies of a broadcast zero)."""
     B, NH, _, dqk = q.shape
     dv_ = dh.shape[-1]
     NC, L = bcum.shape[2:]
@@ -767,7 +789,7 @@ def reverse(q, dh, bcum, rowst, m_enter, m_final, dC_f, dn_f, terms: int | None 
                   ("FINAL", final)],
         grid=(dv_ // _JT * 128, dqk // 64, B * NH), threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv_), (B, NH, NC, dqk), (B, NH, dqk, dv_), (B, NH, dqk)],
-        output_dtypes=[mx.float32] * 4)
+        output_dtypes=[_state_dtype(_terms(terms))] + [mx.float32] * 3)
 
 
 def dqdk(q, k, v, dh, bcum, igc, rowst, dP, Y, n_enter, m_enter, m_final, dC_out, dn_out,
@@ -827,7 +849,8 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     bcum, igc = chunk_gates(i, f, L)
     NC = bcum.shape[2]
     T = _terms(terms)
-    C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0), terms=terms)
+    C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0), terms=T,
+                                                            c_dtype=_state_dtype(T))
     Y, qyp = y(q, k, dh, bcum, igc, C_enter, terms=T)
     rowst, dP, St = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
     dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin,
