@@ -47,6 +47,26 @@ def test_kernel_equals_mlx_adamw(dtype, shape, wd):
         assert np.mean(a == b) > 0.99, name
 
 
+@cuda
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_kernel_takes_gradients_at_any_offset(offset):
+    """A gradient that is a view into a larger buffer (the trainer's joined projections' rows)
+    at an offset the 16-byte loads cannot take (1, 2 bf16 elements) goes element by element:
+    the same results as the aligned gradient's."""
+    rng = np.random.default_rng(7)
+    shape = (64, 96)
+    flat = mx.array(rng.standard_normal(shape[0] * shape[1] + 4).astype(np.float32) * 1e-2).astype(mx.bfloat16)
+    g = flat[offset:offset + shape[0] * shape[1]].reshape(shape)
+    p, m = (mx.array(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+    v = mx.array(np.abs(rng.standard_normal(shape)).astype(np.float32) * 1e-4)
+    lr, scale = mx.array(3e-4, mx.float32), mx.array(0.5, mx.float32)
+    ours = adamw_update(g, p, m * 1e-3, v, lr, scale, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    aligned = adamw_update(mx.array(np.array(g.astype(mx.float32))).astype(mx.bfloat16), p, m * 1e-3, v, lr, scale,
+                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    for a, b in zip(ours, aligned):
+        assert mx.array_equal(a, b)
+
+
 @pytest.mark.parametrize("scale", [None, 0.25])
 def test_scaled_adamw_equals_adamw_of_scaled_gradients(scale):
     """ScaledAdamW with bf16 gradients and grad_scale = optim.AdamW with the float32 gradients

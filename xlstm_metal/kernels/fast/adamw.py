@@ -31,7 +31,37 @@ import numpy as np
 from .step import cuda_available
 
 _THREADS = 256
-_PER_THREAD = 4  # elements per thread, blockDim apart (coalesced)
+_VEC = 4  # consecutive elements per thread and group: one 16-byte load of p, m, v each
+_GROUPS = 2  # groups per thread, blockDim * VEC elements apart (coalesced; more bytes in flight)
+
+# Four consecutive gradient elements as floats (16-byte aligned float32, 8-byte bf16 / fp16).
+_HEADER = """
+__device__ __forceinline__ float4 xl_load4(const float* g) { return *reinterpret_cast<const float4*>(g); }
+__device__ __forceinline__ float4 xl_load4(const __nv_bfloat16* g) {
+    const uint2 u = *reinterpret_cast<const uint2*>(g);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ float4 xl_load4(const __half* g) {
+    const uint2 u = *reinterpret_cast<const uint2*>(g);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+template <typename T>
+__device__ __forceinline__ bool xl_aligned(const T* x, int bytes) {
+    return (reinterpret_cast<uintptr_t>(x) & (bytes - 1)) == 0;
+}
+"""
+
+# One element's update (MLX's ops in their order and roundings).
+_UPDATE = """
+#define XL_ADAMW(gv, pv, mv, vv, po, mo, vo) { \\
+    const float gi = __fmul_rn(gv, s); \\
+    mo = __fadd_rn(__fmul_rn(B1, mv), __fmul_rn(OMB1, gi)); \\
+    vo = __fadd_rn(__fmul_rn(B2, vv), __fmul_rn(OMB2, __fmul_rn(gi, gi))); \\
+    po = __fsub_rn(__fmul_rn(pv, decay), __fdiv_rn(__fmul_rn(lr, mo), __fadd_rn(__fsqrt_rn(vo), EPS))); }
+"""
 
 _SOURCE = """
     size_t n = 1;
@@ -39,26 +69,49 @@ _SOURCE = """
     const float lr = lr_in[0];
     const float s = scale[0];
     const float decay = __fsub_rn(1.0f, __fmul_rn(lr, WD));
-    const size_t base = size_t(blockIdx.x) * (blockDim.x * PER_THREAD) + threadIdx.x;
+    // 16-byte vectors where every array allows them (a gradient may be a row view at any
+    // offset of its group's); else element by element, the same arithmetic.
+    const bool vec = n % VEC == 0 && xl_aligned(p, 16) && xl_aligned(m, 16) && xl_aligned(v, 16)
+                     && xl_aligned(g, 4 * sizeof(*g)) && xl_aligned(P_OUT, 16) && xl_aligned(M_OUT, 16)
+                     && xl_aligned(V_OUT, 16);
+    const size_t base = size_t(blockIdx.x) * (blockDim.x * VEC * GROUPS) + size_t(threadIdx.x) * VEC;
     #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
-        const size_t i = base + size_t(j) * blockDim.x;
-        if (i < n) {
-            const float gi = __fmul_rn(static_cast<float>(g[i]), s);
-            const float mi = __fadd_rn(__fmul_rn(B1, m[i]), __fmul_rn(OMB1, gi));
-            const float vi = __fadd_rn(__fmul_rn(B2, v[i]), __fmul_rn(OMB2, __fmul_rn(gi, gi)));
-            const float pi = __fmul_rn(p[i], decay);
-            m_out[i] = mi;
-            v_out[i] = vi;
-            p_out[i] = __fsub_rn(pi, __fdiv_rn(__fmul_rn(lr, mi), __fadd_rn(__fsqrt_rn(vi), EPS)));
+    for (int j = 0; j < GROUPS; ++j) {
+        const size_t i = base + size_t(j) * blockDim.x * VEC;
+        if (vec) {
+            if (i < n) {
+                const float4 gv = xl_load4(g + i);
+                const float4 pv = *reinterpret_cast<const float4*>(p + i);
+                const float4 mv = *reinterpret_cast<const float4*>(m + i);
+                const float4 vv = *reinterpret_cast<const float4*>(v + i);
+                float4 po, mo, vo;
+                XL_ADAMW(gv.x, pv.x, mv.x, vv.x, po.x, mo.x, vo.x)
+                XL_ADAMW(gv.y, pv.y, mv.y, vv.y, po.y, mo.y, vo.y)
+                XL_ADAMW(gv.z, pv.z, mv.z, vv.z, po.z, mo.z, vo.z)
+                XL_ADAMW(gv.w, pv.w, mv.w, vv.w, po.w, mo.w, vo.w)
+                *reinterpret_cast<float4*>(M_OUT + i) = mo;
+                *reinterpret_cast<float4*>(V_OUT + i) = vo;
+                *reinterpret_cast<float4*>(P_OUT + i) = po;
+            }
+        } else {
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                if (i + e < n) {
+                    float po, mo, vo;
+                    XL_ADAMW(static_cast<float>(g[i + e]), p[i + e], m[i + e], v[i + e], po, mo, vo)
+                    M_OUT[i + e] = mo;
+                    V_OUT[i + e] = vo;
+                    P_OUT[i + e] = po;
+                }
+            }
         }
     }
 """
 
 # In place: the same arithmetic written over the parameter, m and v (MLX has no buffer aliasing
 # for custom kernels: they are inputs, cast to writable). ``done`` only orders the graph.
-_SOURCE_IN_PLACE = (_SOURCE.replace("m_out[i]", "const_cast<float*>(m)[i]")
-                    .replace("v_out[i]", "const_cast<float*>(v)[i]").replace("p_out[i]", "const_cast<float*>(p)[i]")
+_SOURCE_IN_PLACE = (_SOURCE.replace("M_OUT", "const_cast<float*>(m)").replace("V_OUT", "const_cast<float*>(v)")
+                    .replace("P_OUT", "const_cast<float*>(p)")
                     + "    if (blockIdx.x == 0 && threadIdx.x == 0) done[0] = 0.0f;\n")
 
 _kernels: dict[tuple, object] = {}
@@ -73,14 +126,16 @@ def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False)
     key = (b1, b2, eps, wd, in_place)
     kernel = _kernels.get(key)
     if kernel is None:
-        source = _SOURCE_IN_PLACE if in_place else _SOURCE
+        source = _SOURCE_IN_PLACE if in_place else (
+            _SOURCE.replace("M_OUT", "m_out").replace("V_OUT", "v_out").replace("P_OUT", "p_out"))
+        header = _HEADER + _UPDATE
         for name, value in (("OMB1", 1 - b1), ("OMB2", 1 - b2), ("B1", b1), ("B2", b2), ("EPS", eps), ("WD", wd)):
-            source = source.replace(name, _f32(value))
+            source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_adamw_{len(_kernels)}",
             input_names=["g", "p", "m", "v", "lr_in", "scale"],
             output_names=["done"] if in_place else ["p_out", "m_out", "v_out"],
-            source=source.replace("PER_THREAD", str(_PER_THREAD)),
+            source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
         )
         _kernels[key] = kernel
     return kernel
@@ -117,7 +172,7 @@ def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.arr
         p = parameter * (1 - lr * weight_decay)
         return p - lr * m / (mx.sqrt(v) + eps), m, v
     n = parameter.size
-    blocks = max(1, -(-n // (_THREADS * _PER_THREAD)))
+    blocks = max(1, -(-n // (_THREADS * _VEC * _GROUPS)))
     if in_place:
         # mx.contiguous shares a row-contiguous buffer (else copies): the kernel writes into the
         # buffers that the returned arrays hold.
