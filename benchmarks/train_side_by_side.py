@@ -13,10 +13,11 @@ process (its own allocator and peak-memory counter):
     python benchmarks/train_side_by_side.py --out results/train_h200.json            # 1.3b, 4 x 2048
     python benchmarks/train_side_by_side.py --shape 125m --batch 1 --seq-len 256 --steps 3   # smoke run
 
-tokens/s = batch x seq_len / median step time over the timed steps (after --warmup steps that
+tokens/s = batch x seq_len / step time over the timed steps (after --warmup steps that
 compile). Ours runs the timed steps back to back as ``xlstm-metal train`` does (each evaluated
-asynchronously while the host builds the next step's graph; a step's time is the interval
-between consecutive completions; ``--no-pipeline`` times each step alone, ``--alone-steps N``
+asynchronously while the host builds the next step's graph; the step time is the span from the
+last warm-up step's completion to the last timed step's over their count; ``--no-pipeline``
+times each step alone, the median, ``--alone-steps N``
 adds N steps timed alone after the timed ones, in the same process). Peak memory = the allocator's peak over the whole run, weights and optimizer state
 included (MLX ``mx.get_peak_memory``, PyTorch ``torch.cuda.max_memory_allocated``).
 """
@@ -141,9 +142,12 @@ def worker_ours(args) -> None:
                 times, losses, synced = [], [], []
                 # Warmup steps one at a time (each timed alone: `synced`); the timed steps back to
                 # back as `xlstm-metal train` runs them (Trainer._train): each step evaluated
-                # asynchronously while the host builds the next one's graph; a step's time is the
-                # interval between its completion and the previous one's.
-                pending, last_done = None, None
+                # asynchronously while the host builds the next one's graph. Their time per step is
+                # the span from the last warm-up step's completion to the last timed step's over
+                # their count: the intervals between completions alone mislead (MLX's async_eval
+                # returns once all but the last command buffers are queued, so a step's wait ends
+                # late and the last one's comes almost at once: S8R1).
+                pending, last_done, t_timed, n_timed = None, None, None, 0
                 for step in range(args.warmup + args.steps):
                     x, y = trainer.batches.next()
                     t = time.perf_counter()
@@ -170,7 +174,10 @@ def worker_ours(args) -> None:
                             if step == 0:
                                 record["first_step_s"] = dt
                     else:
+                        if t_timed is None:
+                            t_timed = last_done
                         mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                        n_timed += 1
                         dt = None
                         if pending is not None:
                             mx.eval(pending)
@@ -187,6 +194,7 @@ def worker_ours(args) -> None:
                 if pending is not None:
                     mx.eval(pending, model.state, trainer.optimizer.state)
                     times.append(time.perf_counter() - last_done)
+                    span = time.perf_counter() - t_timed
                 # --alone-steps: the same step evaluated before the next one is built, in the same
                 # process right after the timed ones (the two loops compared on one allocator state).
                 alone = []
@@ -199,6 +207,8 @@ def worker_ours(args) -> None:
                     losses.append(loss)
                 record.update(_summary(times, B * S), peak_mem_gb=mx.get_peak_memory() / _GB,
                               losses=[v.item() for v in losses], step_s_synced=synced[1:])
+                if n_timed:  # steps back to back: the span over the count (step_s_all: the intervals)
+                    record.update(step_s=span / n_timed, tok_s=B * S * n_timed / span, timed_steps=n_timed)
                 if alone:
                     record.update(step_s_alone=alone, tok_s_alone=B * S / statistics.median(alone))
                 _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
