@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--shape", default="7b")
     p.add_argument("--dtype", default=None, help="weights (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--q-bits", default="4", help="then the model quantized to these bits (group 64, gates in float)")
+    p.add_argument("--no-float", action="store_true", help="measure only the quantized model(s)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--modes", default="inputs,constants")
@@ -103,7 +104,7 @@ def main() -> None:
     model.fuse_projections()
     out = open(args.out, "a") if args.out else None
     env = bm.environment()
-    for bits in [None] + [int(b) for b in filter(None, args.q_bits.split(","))]:
+    for bits in ([] if args.no_float else [None]) + [int(b) for b in filter(None, args.q_bits.split(","))]:
         if bits is not None:
             from xlstm_metal.quantization import dequantize_model, quantize_model  # noqa: PLC0415
 

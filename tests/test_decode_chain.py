@@ -388,3 +388,68 @@ def test_cuda_few_blocks_walk_many_tiles(monkeypatch, bits, K, blocks):
     out = chain.norm_quantized_matmul(x, None, norm, w, s, b, group_size=g, bits=nb)
     ref = _reference(chain.norm_quantized_matmul, x, None, norm, w, s, b, group_size=g, bits=nb)
     assert _rel(out[2], ref[2]) <= 2e-2
+
+
+def _packed_inputs(seed, B, NH, DQK, DV, E, dtype, bias):
+    """A fused product's output y [B, 1, W] = q | k | v | o | i~ | f~ (columns), x [B, 1, E] and
+    w_if [2 NH, E] as strided views (what the step's prologue reads with strides), and a state."""
+    rng = np.random.default_rng(seed)
+    W = NH * (3 * DQK + 2 * DV) + 2 * NH
+    y = mx.array(rng.standard_normal((B, 1, W)).astype(np.float32)).astype(dtype)
+    gates = mx.array(8 * rng.standard_normal((B, 1, 2 * NH)).astype(np.float32)).astype(dtype)
+    y = mx.concatenate([y[..., : W - 2 * NH], gates], axis=-1)
+    wide = mx.array(rng.standard_normal((B, 1, 2 * E)).astype(np.float32)).astype(dtype)
+    x = wide[..., ::2]  # not contiguous
+    w_if = mx.array((6 * E ** -0.5 * rng.standard_normal((E, 2 * NH))).astype(np.float32)).astype(dtype).T
+    biases = [mx.array(3 * rng.standard_normal(NH).astype(np.float32) + s).astype(dtype) for s in (0.0, 3.0)]
+    state = (mx.array(rng.standard_normal((B, NH, DQK, DV)).astype(np.float32)),
+             mx.array(rng.standard_normal((B, NH, DQK)).astype(np.float32)),
+             mx.array(rng.standard_normal((B, NH, 1)).astype(np.float32)))
+    q0, k0, v0 = 0, NH * DQK, 2 * NH * DQK
+    columns = (q0, k0, v0, v0 + NH * DV)
+    gate_cols = (W - 2 * NH, W - NH)
+    return y, columns, gate_cols, x, w_if, (biases if bias else (None, None)), state
+
+
+def _unpacked(y, columns, gate_cols, NH):
+    B = y.shape[0]
+    q, k, v = (y[..., a:z].reshape(B, NH, 1, -1) for a, z in zip(columns[:3], columns[1:4]))
+    i_raw, f_raw = (y[..., c: c + NH].reshape(B, NH, 1) for c in gate_cols)
+    return q, k, v, i_raw, f_raw
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("B,NH,DQK,DV,E", [(1, 8, 256, 512, 4096), (2, 3, 24, 40, 96)])
+@pytest.mark.parametrize("inproj", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_step_equals_the_step_on_slices(monkeypatch, version, B, NH, DQK, DV, E, inproj, bias):
+    # The packed form reads q, k, v (and i~, f~) as columns of the fused product: the same kernel
+    # arithmetic as on the slices, so the same bits (CUDA: the kernel, with x and w_if read through
+    # their strides; elsewhere both run the reference ops).
+    monkeypatch.setattr(decode_kernels, "_step_version", version)
+    y, columns, gate_cols, x, w_if, (ib, fb), state = _packed_inputs(B + NH + DQK, B, NH, DQK, DV, E, mx.bfloat16, bias)
+    q, k, v, i_raw, f_raw = _unpacked(y, columns, gate_cols, NH)
+    if inproj:
+        got = decode_kernels.mlstm_step_gated_packed(y, columns, NH, ib, fb, state, x=x, w_if=w_if)
+        want = decode_kernels.mlstm_step_gated(q, k, v, None, None, ib, fb, state, x=mx.contiguous(x),
+                                               w_if=mx.contiguous(w_if))
+    else:
+        got = decode_kernels.mlstm_step_gated_packed(y, columns + gate_cols, NH, ib, fb, state)
+        want = decode_kernels.mlstm_step_gated(q, k, v, i_raw, f_raw, ib, fb, state)
+    (h, s), (h_ref, s_ref) = got, want
+    assert h.shape == h_ref.shape == (B, NH, 1, DV) and h.dtype == h_ref.dtype
+    assert np.array_equal(np.array(h.astype(mx.float32)), np.array(h_ref.astype(mx.float32)))
+    for a, b in zip(s, s_ref):
+        assert a.shape == b.shape and np.array_equal(np.array(a), np.array(b))
+    # and the state moved (the step did something)
+    assert not np.allclose(np.array(s[0]), np.array(state[0]))
+
+
+def test_packed_step_rejects_bad_columns():
+    y, columns, gate_cols, x, w_if, (ib, fb), state = _packed_inputs(0, 1, 2, 8, 8, 16, mx.float32, True)
+    with pytest.raises(ValueError, match="columns"):
+        decode_kernels.mlstm_step_gated_packed(y, columns[:3], 2, ib, fb, state, x=x, w_if=w_if)
+    with pytest.raises(ValueError, match="not q, k, v"):
+        decode_kernels.mlstm_step_gated_packed(y, (0, 16, 30, 46), 2, ib, fb, state, x=x, w_if=w_if)
+    with pytest.raises(ValueError, match="gate columns"):
+        decode_kernels.mlstm_step_gated_packed(y, columns + gate_cols, 2, ib, fb, state, x=x, w_if=w_if)

@@ -80,9 +80,11 @@ class mLSTMBlock(nn.Module):
                 layer, xn, defer_gates=gate_product_in_kernel(xn)), state, x=xn)
             o_src, o_offset = o_preact, 0
         else:
-            x, gates, (o_src, o_offset) = projected
+            x, (y, columns, i_bias, f_bias, w_if, xn), (o_src, o_offset) = projected
             o_preact = o_src[..., o_offset: o_offset + layer.ogate_preact.weight.shape[0]]
-            h, _, state = _mlstm_kernel(layer, *gates[:3], None, *gates[3:8], state, x=gates[8])
+            cell = layer.projection_cell
+            h, state = layer.recurrent_kernel_cell.step_packed(
+                y, columns, cell.num_heads, i_bias, f_bias, cell.gate_soft_cap, state, x=xn, w_if=w_if)
         out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
         ffn_arrays = self._chain_ffn_arrays(x)
         if chain.gate_chain_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays):
@@ -177,18 +179,16 @@ def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending
     w, scales, biases, group_size, bits = arrays
     s, xn, y = chain.norm_quantized_matmul(x, pending, norm, w, scales, biases, group_size=group_size, bits=bits,
                                            write_xn=not gates_quantized)
-    bounds, start = [], 0
-    for j in members[:-1]:
+    starts, start = [], 0
+    for j in members:
+        starts.append(start)
         start += layers[j].weight.shape[0]
-        bounds.append(start)
-    outs = mx.split(y, bounds, axis=-1)
-    q, k, v = outs[:3]
-    o_offset = bounds[2]
+    # q, k, v (and i~, f~) stay columns of y: the step kernel reads them there (no slices)
+    columns = tuple(starts[:3]) + (starts[3],) + (tuple(starts[4:6]) if gates_quantized else ())
+    o_offset = starts[3]
     if gates_quantized:
-        B = x.shape[0]
-        i_raw, f_raw = outs[4].reshape(B, -1, 1), outs[5].reshape(B, -1, 1)  # [B, 1, NH] -> [B, NH, 1]
-        return s, (q, k, v, i_raw, f_raw, i_bias, f_bias, None, None), (y, o_offset)
-    return s, (q, k, v, None, None, i_bias, f_bias, w_if, xn), (y, o_offset)
+        return s, (y, columns, i_bias, f_bias, None, None), (y, o_offset)
+    return s, (y, columns, i_bias, f_bias, w_if, xn), (y, o_offset)
 
 
 def _normed(out: mx.array, norm: RMSNorm) -> mx.array:

@@ -483,13 +483,14 @@ _STEP_FINISH_SOURCE = """
 _INPROJ_PROLOGUE = """
     float pi = 0.0f, pf = 0.0f;
     {
-        const size_t xb = static_cast<size_t>(b) * E;
-        const size_t wi = static_cast<size_t>(hd) * E;
-        const size_t wf = static_cast<size_t>(NH + hd) * E;
+        // x [B, 1, E] and w [2 NH, E] as they are (any strides: no copy node before the launch)
+        const int64_t xb = b * x_strides[0];
+        const int64_t wi = hd * w_strides[0];
+        const int64_t wf = (NH + hd) * w_strides[0];
         for (int e = tid; e < E; e += NT) {
-            const float xe = static_cast<float>(x[xb + e]);
-            pi += xe * static_cast<float>(w[wi + e]);
-            pf += xe * static_cast<float>(w[wf + e]);
+            const float xe = static_cast<float>(x[xb + e * x_strides[2]]);
+            pi += xe * static_cast<float>(w[wi + e * w_strides[1]]);
+            pf += xe * static_cast<float>(w[wf + e * w_strides[1]]);
         }
         s_red[tid] = pi;
         __syncthreads();
@@ -571,8 +572,22 @@ def _v2_tile(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int]:
     return tx, td, vec, min(_V2_RB, rows)
 
 
-def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: int):
-    key = (eps, cap, has_bias, inproj, version)
+# The packed form (:func:`mlstm_step_gated_packed`): q, k, v (and raw gates) are columns of one
+# input y [B, 1, W] (the fused q|k|v|o(|i|f) product as it comes out of its kernel), at the
+# template offsets QOFF, KOFF, VOFF (IOFF, FOFF): the layouts' reads of q, k, v become reads of y.
+_PACKED_HEAD = """
+    const auto* q = y + QOFF;
+    const auto* k = y + KOFF;
+    const auto* v = y + VOFF;
+"""
+_PACKED_STRIDES = (("q_shape[0]", "y_shape[0]"), ("q_strides[0]", "y_strides[0]"), ("q_strides[1]", "DQK"),
+                   ("q_strides[3]", "1"), ("k_strides[0]", "y_strides[0]"), ("k_strides[1]", "DQK"),
+                   ("k_strides[3]", "1"), ("v_strides[0]", "y_strides[0]"), ("v_strides[1]", "DV"),
+                   ("v_strides[3]", "1"))
+
+
+def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: int, packed: bool = False):
+    key = (eps, cap, has_bias, inproj, version, packed)
     kernel = _step_kernels.get(key)
     if kernel is None:
         source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3}[version]
@@ -583,12 +598,23 @@ def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: 
             source = source.replace(name, read)
         source = source.replace("INPROJ_PROLOGUE", _INPROJ_PROLOGUE if inproj else "")
         for name, gate, value in (("IRAW", "i", "pi"), ("FRAW", "f", "pf")):
-            read = value if inproj else f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
+            if inproj:
+                read = value
+            elif packed:
+                read = f"static_cast<float>(y[b * y_strides[0] + {gate.upper()}OFF + hd])"
+            else:
+                read = f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
             source = source.replace(name, read)
+        if packed:
+            for old, new in _PACKED_STRIDES:
+                source = source.replace(old, new)
+            source = _PACKED_HEAD + source
+        heads = ["y"] if packed else ["q", "k", "v"]
+        gates = ["x", "w"] if inproj else ([] if packed else ["i", "f"])
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_mlstm_step_gated{'' if version == 1 else f'_v{version}'}_{len(_step_kernels)}",
-            input_names=["q", "k", "v"] + (["x", "w"] if inproj else ["i", "f"]) + (["ib", "fb"] if has_bias else [])
-            + ["C", "n", "m"],
+            name=f"xlstm_mlstm_step_gated{'' if version == 1 else f'_v{version}'}{'_packed' if packed else ''}"
+            f"_{len(_step_kernels)}",
+            input_names=heads + gates + (["ib", "fb"] if has_bias else []) + ["C", "n", "m"],
             output_names=["part", "C_out", "n_out", "m_out", "m_f32"] if version == 3
             else ["h", "C_out", "n_out", "m_out"],
             source=source,
@@ -660,18 +686,10 @@ def mlstm_step_gated(
         raise ValueError("mlstm_step_gated: give both gate biases or neither")
     if (w_if is None) == (i_raw is None and f_raw is None) or (w_if is not None and x is None):
         raise ValueError("mlstm_step_gated: give i_raw and f_raw, or x and w_if")
-    has_bias = i_bias is not None
-    NH = q.shape[1]
+    B, NH, _, dqk = q.shape
     inproj = w_if is not None
     gate_dtype = x.dtype if inproj else i_raw.dtype
-    fused = (
-        _kernels_on()
-        and q.shape[2] == 1
-        and (not inproj or (w_if.dtype == x.dtype and w_if.shape == (2 * NH, x.shape[-1])
-                            and x.shape == (q.shape[0], 1, x.shape[-1])))
-        and (inproj or i_raw.dtype == f_raw.dtype)
-        and (not has_bias or (i_bias.dtype == gate_dtype and f_bias.dtype == gate_dtype))
-    )
+    fused = q.shape[2] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, i_raw, f_raw, i_bias, f_bias)
     if inproj and not fused:
         y = x @ w_if.T  # [B, 1, 2 NH]
         i_raw, f_raw = y[..., :NH].transpose(0, 2, 1), y[..., NH:].transpose(0, 2, 1)
@@ -680,8 +698,30 @@ def mlstm_step_gated(
         i = gate_preactivation(i_raw, i_bias, gate_soft_cap)
         f = gate_preactivation(f_raw, f_bias, gate_soft_cap)
         return mlstm_step(q, k, v, i, f, state, eps=eps, state_dtype=state_dtype)
-    B, NH, _, dqk = q.shape
-    dv = v.shape[-1]
+    gates = [x, w_if] if inproj else [i_raw, f_raw]
+    return _step_launch([q, k, v], [], gates, inproj, i_bias, f_bias, state, B, NH, dqk, v.shape[-1], q.dtype,
+                        gate_dtype, gate_soft_cap, eps, state_dtype)
+
+
+def _step_fuses(B: int, NH: int, x, w_if, gate_dtype, i_raw, f_raw, i_bias, f_bias) -> bool:
+    """Whether the gated step's CUDA kernel takes these gates (one token)."""
+    inproj = w_if is not None
+    return (
+        _kernels_on()
+        and (not inproj or (w_if.dtype == x.dtype and w_if.shape == (2 * NH, x.shape[-1])
+                            and x.shape == (B, 1, x.shape[-1])))
+        and (inproj or i_raw.dtype == f_raw.dtype)
+        and (i_bias is None or (i_bias.dtype == gate_dtype and f_bias.dtype == gate_dtype))
+    )
+
+
+def _step_launch(heads, packed_template, gates, inproj, i_bias, f_bias, state, B, NH, dqk, dv, h_dtype, gate_dtype,
+                 gate_soft_cap, eps, state_dtype):
+    """Launch the gated step kernel: ``heads`` [q, k, v], or [y] with ``packed_template`` the
+    column offsets of the packed form; ``gates`` [x, w_if] (the product inside) or the raw gates
+    ([] when packed in y)."""
+    packed = bool(packed_template)
+    has_bias = i_bias is not None
     out_dtype = state_dtype or mx.float32
     if state is None:
         state = zero_state(B, NH, dqk, dv, out_dtype)
@@ -691,23 +731,23 @@ def mlstm_step_gated(
     version = _step_version
     load4 = dv % 4 == 0 and C.dtype == mx.float32 and out_dtype == mx.float32
     cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
-    gates = [mx.contiguous(x), mx.contiguous(w_if)] if inproj else [i_raw, f_raw]
-    inputs = [q, k, v] + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
-    template = [("HT", q.dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk), ("DV", dv)]
+    inputs = heads + gates + ([i_bias, f_bias] if has_bias else []) + [C, n, m]
+    template = [("HT", h_dtype), ("ST", out_dtype), ("GT", gate_dtype), ("NH", NH), ("DQK", dqk), ("DV", dv)]
+    template += packed_template
     rows = _v3_rows(dqk, dv)
     if version == 3 and load4 and not inproj and rows and B * NH * (dqk // rows) >= 2 * _SMS:
         # Row tiles, then the kernel that adds up their partial sums (see _STEP_GATED_SOURCE_V3).
         tiles = B * NH * (dqk // rows)
-        part, C_new, n_new, m_new, m_f32 = _step_kernel(eps, cap, has_bias, inproj, 3)(
+        part, C_new, n_new, m_new, m_f32 = _step_kernel(eps, cap, has_bias, inproj, 3, packed)(
             inputs=inputs, template=template + [("R", rows), ("RB", _V3_RB)],
             grid=(tiles * 256, 1, 1), threadgroup=(256, 1, 1),
             output_shapes=[(B * NH, dqk // rows, dv + 1), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1), (B * NH,)],
             output_dtypes=[mx.float32, out_dtype, out_dtype, out_dtype, mx.float32],
         )
         (h,) = _finish_kernel(eps)(
-            inputs=[part, m_f32], template=[("HT", q.dtype), ("DV", dv), ("NRT", dqk // rows)],
+            inputs=[part, m_f32], template=[("HT", h_dtype), ("DV", dv), ("NRT", dqk // rows)],
             grid=(B * NH * 128, 1, 1), threadgroup=(128, 1, 1),
-            output_shapes=[(B, NH, 1, dv)], output_dtypes=[q.dtype],
+            output_shapes=[(B, NH, 1, dv)], output_dtypes=[h_dtype],
         )
         return h, (C_new, n_new, m_new)
     if version == 3:
@@ -725,16 +765,66 @@ def mlstm_step_gated(
         td = 32 if vec == 4 else 8
         extra = []
         grid = (-(-dv // (tx * vec)) * tx, td, B * NH)
-    h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj, version)(
+    h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj, version, packed)(
         inputs=inputs,
-        template=template + [("TX", tx), ("TD", td), ("V", vec), ("E", x.shape[-1] if inproj else 0),
+        template=template + [("TX", tx), ("TD", td), ("V", vec), ("E", gates[0].shape[-1] if inproj else 0),
                              ("LOAD4", vec == 4 and load4)] + extra,
         grid=grid,
         threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
-        output_dtypes=[q.dtype, out_dtype, out_dtype, out_dtype],
+        output_dtypes=[h_dtype, out_dtype, out_dtype, out_dtype],
     )
     return h, (C_new, n_new, m_new)
+
+
+def mlstm_step_gated_packed(
+    y: mx.array,
+    columns: tuple[int, ...],
+    num_heads: int,
+    i_bias: mx.array | None,
+    f_bias: mx.array | None,
+    state: MLSTMState | None = None,
+    *,
+    gate_soft_cap: float | None = 15.0,
+    eps: float = 1e-6,
+    state_dtype: mx.Dtype | None = mx.float32,
+    x: mx.array | None = None,
+    w_if: mx.array | None = None,
+) -> tuple[mx.array, MLSTMState]:
+    """:func:`mlstm_step_gated` on q, k, v (and the raw gates) packed as columns of one array, as
+    the fused q|k|v|o(|i|f) product writes them: the kernel reads them there, so the step's graph
+    holds no slices or reshapes of the product (each is a node MLX's host walks per step).
+
+    y [B, 1, W]; ``columns`` (q, k, v start, v end[, i start, f start]): q [q, k), k [k, v),
+    v [v, v end), each NH heads wide, i~ and f~ NH columns each; or, without the gate columns,
+    x [B, 1, E] and w_if [2 NH, E] as in :func:`mlstm_step_gated`. Returns h [B, NH, 1, DV] and
+    the new state. Where the kernel does not apply: slices of y through :func:`mlstm_step_gated`.
+    """
+    if len(columns) not in (4, 6):
+        raise ValueError(f"mlstm_step_gated_packed: columns are (q, k, v, v end[, i, f]), got {columns}")
+    if (len(columns) == 6) == (w_if is not None):
+        raise ValueError("mlstm_step_gated_packed: give the gate columns, or x and w_if")
+    if (i_bias is None) != (f_bias is None):
+        raise ValueError("mlstm_step_gated: give both gate biases or neither")
+    B, NH = y.shape[0], num_heads
+    q0, k0, v0, v1 = columns[:4]
+    dqk, dv = (k0 - q0) // NH, (v1 - v0) // NH
+    if min(dqk, dv) <= 0 or (k0 - q0) != dqk * NH or (v0 - k0) != dqk * NH or (v1 - v0) != dv * NH:
+        raise ValueError(f"mlstm_step_gated_packed: columns {columns} are not q, k, v of {NH} heads")
+    gate_dtype = y.dtype if w_if is None else x.dtype
+    if y.ndim == 3 and y.shape[1] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, y, y, i_bias, f_bias):
+        offsets = [("QOFF", q0), ("KOFF", k0), ("VOFF", v0)]
+        if w_if is None:
+            offsets += [("IOFF", columns[4]), ("FOFF", columns[5])]
+        gates = [x, w_if] if w_if is not None else []
+        return _step_launch([y], offsets, gates, w_if is not None, i_bias, f_bias, state, B, NH, dqk, dv, y.dtype,
+                            gate_dtype, gate_soft_cap, eps, state_dtype)
+    q, k, v = (y[..., a:z].reshape(B, NH, 1, -1) for a, z in ((q0, k0), (k0, v0), (v0, v1)))
+    i_raw = f_raw = None
+    if w_if is None:  # [B, 1, NH] -> [B, NH, 1]
+        i_raw, f_raw = (y[..., c: c + NH].reshape(B, NH, 1) for c in columns[4:])
+    return mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap, eps=eps,
+                            state_dtype=state_dtype, x=x, w_if=w_if)
 
 
 # --------------------------------------------------------------------------- output epilogue
