@@ -126,12 +126,13 @@ def main() -> None:
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
-    ring_depth, resident = dict(quantized.DEPTH), dict(quantized.RESIDENT)
+    ring_depth, resident, split_k = dict(quantized.DEPTH), dict(quantized.RESIDENT), dict(decode_chain.SPLIT_K)
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
     # (False: float products by MLX's matmul, the chain only where the products are quantized),
-    # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM))
+    # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM), "split" (the
+    # shares of K of out_proj and proj_down by bits))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -156,7 +157,10 @@ def main() -> None:
                   # the decode kernels as S7R2 ran them (4 weight chunks in flight, 2 blocks per SM)
                   ("fused decode kernels, chain, depth 4, 2 blocks per SM", True, True, residual, skinny_default,
                    step_default, {"depth": {4: 4, 8: 4, 16: 8}, "resident": {4: 2, 8: 2, 16: 2},
-                                  "blocks": 2 * quantized.SMS})]
+                                  "blocks": 2 * quantized.SMS}),
+                  # out_proj and proj_down with K unsplit (session 7's stages)
+                  ("fused decode kernels, chain, K unsplit", True, True, residual, skinny_default, step_default,
+                   {"split": {4: 1, 8: 1, 16: 1}})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
     unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)
@@ -199,6 +203,7 @@ def main() -> None:
                 decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
                 quantized.DEPTH.update(options.get("depth", ring_depth))
                 quantized.RESIDENT.update(options.get("resident", resident))
+                decode_chain.SPLIT_K.update(options.get("split", split_k))
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again

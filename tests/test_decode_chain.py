@@ -453,3 +453,47 @@ def test_packed_step_rejects_bad_columns():
         decode_kernels.mlstm_step_gated_packed(y, (0, 16, 30, 46), 2, ib, fb, state, x=x, w_if=w_if)
     with pytest.raises(ValueError, match="gate columns"):
         decode_kernels.mlstm_step_gated_packed(y, columns + gate_cols, 2, ib, fb, state, x=x, w_if=w_if)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("blocks", [None, 7], ids=["default-blocks", "7-blocks"])
+def test_cuda_split_k_stages_7b(monkeypatch, bits, blocks):
+    # out_proj and proj_down at the 7B shapes with K in 4 shares: each share's partial sums, the
+    # last share at a tile adding them in a fixed order. Against the reference ops, within the
+    # unsplit kernel's distance of them; the same bits on every launch (the tile counters are
+    # back at zero after each), and with few blocks walking many (tile, share) items.
+    if blocks is not None:
+        monkeypatch.setattr(chain, "CHAIN_BLOCKS", blocks)
+    rng = np.random.default_rng(bits)
+    E, NH, DV, F = 4096, 8, 512, 10944
+    T = mx.bfloat16
+
+    def arrays(n, k):
+        if bits == 16:
+            w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(T)
+            return w, w, w, 32, 16
+        return _q(rng, n, k, T, bits, 64)
+
+    mh = MultiHeadLayerNorm(NH, DV)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(T)
+    h = mx.array(rng.standard_normal((2, NH, 1, DV)).astype(np.float32)).astype(T)
+    o = mx.array(rng.standard_normal((2, 1, 3 * E + 2 * NH)).astype(np.float32)).astype(T)
+    x = mx.array(rng.standard_normal((2, 1, E)).astype(np.float32))
+    gate_up = mx.array(rng.standard_normal((2, 1, 2 * F)).astype(np.float32) * 2).astype(T)
+    wo, wd = arrays(E, NH * DV), arrays(E, F)
+    gate = lambda: chain.gate_norm_quantized_matmul(h, o, 2 * E, mh, x, *wo[:3], group_size=wo[3], bits=wo[4])  # noqa: E731
+    down = lambda: chain.swiglu_quantized_matmul(gate_up, *wd[:3], group_size=wd[3], bits=wd[4])  # noqa: E731
+    assert chain._split(E, NH * DV, bits) == chain.SPLIT_K[bits] == 4
+    for fn, ref_fn, args in ((gate, chain.gate_norm_quantized_matmul, (h, o, 2 * E, mh, x, *wo[:3])),
+                             (down, chain.swiglu_quantized_matmul, (gate_up, *wd[:3]))):
+        ref = _reference(ref_fn, *args, group_size=(wo if fn is gate else wd)[3], bits=bits)
+        runs = [fn() for _ in range(3)]
+        mx.eval(runs)
+        for r in runs[1:]:
+            assert np.array_equal(np.array(r.astype(mx.float32)), np.array(runs[0].astype(mx.float32)))
+        monkeypatch.setitem(chain.SPLIT_K, bits, 1)
+        whole = fn()
+        monkeypatch.setitem(chain.SPLIT_K, bits, 4)
+        assert _rel(runs[0], ref) <= max(2e-2, 1.5 * _rel(whole, ref)), (_rel(runs[0], ref), _rel(whole, ref))
+        assert _rel(runs[0], whole) <= 2e-2

@@ -154,9 +154,10 @@ _GATE_PROLOGUE = """
       // A warp per (row, head) keeps the head's h in registers for its statistics; o~ is read
       // in the same pass and its sigmoid taken while the statistics are summed (one wait on L2).
       constexpr int MAXJ = (DV + 31) / 32;
-      for (int p = warp; p < M * NH; p += WARPS) {
-        const int mm = p / NH, hd = p - mm * NH;
-        const size_t hoff = static_cast<size_t>(p) * DV;  // h [B, NH, 1, DV] row-contiguous
+      const int h_lo = k_lo / DV, nh = (k_hi + DV - 1) / DV - h_lo;  // the heads of this block's share of K
+      for (int p = warp; p < M * nh; p += WARPS) {
+        const int mm = p / nh, hd = h_lo + (p - mm * nh);
+        const size_t hoff = (static_cast<size_t>(mm) * NH + hd) * DV;  // h [B, NH, 1, DV] row-contiguous
         const size_t ooff = static_cast<size_t>(mm) * o_shape[2] + OOFF + hd * DV;
         float hv[MAXJ], gv[MAXJ];
         float sum = 0.0f;
@@ -212,21 +213,23 @@ _SWIGLU_PROLOGUE = """
       if (KD % 8 == 0 && (reinterpret_cast<uintptr_t>(gate_up) & 15) == 0) {
         // All of a thread's gate and up values requested at once, 8 per 16-byte load: one wait
         // on L2 per row instead of one per batch of values (F 10,944: 6 chunks of 8 per thread).
-        constexpr int C8 = KD / 8, PER = (C8 + NT - 1) / NT;
+        // chunks of 8 per thread: a share of K is at most ceil(spans / SPLIT) spans
+        constexpr int C8 = KD / 8, PER = ((((KD + SPAN - 1) / SPAN + SPLIT - 1) / SPLIT) * SPAN / 8 + NT - 1) / NT;
+        const int c_lo = k_lo / 8, c_hi = k_hi / 8;  // this block's share of K (all of it unsplit)
         for (int mm = 0; mm < M; ++mm) {
           const uint4* gp = reinterpret_cast<const uint4*>(gate_up + static_cast<size_t>(mm) * 2 * K);
           const uint4* upp = gp + C8;
           uint4 gv[PER], uv[PER];
           #pragma unroll
           for (int u = 0; u < PER; ++u) {
-            const int c = threadIdx.x + u * NT;
-            gv[u] = c < C8 ? gp[c] : make_uint4(0u, 0u, 0u, 0u);
-            uv[u] = c < C8 ? upp[c] : make_uint4(0u, 0u, 0u, 0u);
+            const int c = c_lo + threadIdx.x + u * NT;
+            gv[u] = c < c_hi ? gp[c] : make_uint4(0u, 0u, 0u, 0u);
+            uv[u] = c < c_hi ? upp[c] : make_uint4(0u, 0u, 0u, 0u);
           }
           #pragma unroll
           for (int u = 0; u < PER; ++u) {
-            const int c = threadIdx.x + u * NT;
-            if (c < C8) {
+            const int c = c_lo + threadIdx.x + u * NT;
+            if (c < c_hi) {
               const T* g8 = reinterpret_cast<const T*>(&gv[u]);
               const T* u8 = reinterpret_cast<const T*>(&uv[u]);
               uint4 o;
@@ -247,18 +250,18 @@ _SWIGLU_PROLOGUE = """
         constexpr int U = 8;
         for (int mm = 0; mm < M; ++mm) {
           const size_t base = static_cast<size_t>(mm) * 2 * K;
-          for (int k0 = threadIdx.x; k0 < K; k0 += NT * U) {
+          for (int k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += NT * U) {
             float gv[U], uv[U];
             #pragma unroll
             for (int u = 0; u < U; ++u) {
               const int k = k0 + u * NT;
-              gv[u] = k < K ? static_cast<float>(gate_up[base + k]) : 0.0f;
-              uv[u] = k < K ? static_cast<float>(gate_up[base + K + k]) : 0.0f;
+              gv[u] = k < k_hi ? static_cast<float>(gate_up[base + k]) : 0.0f;
+              uv[u] = k < k_hi ? static_cast<float>(gate_up[base + K + k]) : 0.0f;
             }
             #pragma unroll
             for (int u = 0; u < U; ++u) {
               const int k = k0 + u * NT;
-              if (k < K) {
+              if (k < k_hi) {
                 const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gv[u]))));
                 const float si = static_cast<float>(static_cast<T>(gv[u] * sg));
                 xs_s[mm * K + xpos(k)] = static_cast<T>(si * uv[u]);
@@ -284,6 +287,15 @@ STAGE_BYTES = 44 * 1024
 #: session 6's schedule (4.13 ms, S6R3), which 8 and 16 bits keep (see ``quantized.DEPTH``).
 WALK_BLOCKS = {4: _quantized.RESIDENT[4] * _quantized.SMS, 8: 0, 16: 0}
 
+#: Shares of K for the stages whose products have few output tiles (out_proj and proj_down:
+#: :data:`SPLIT_MAX_FEATURES` or fewer features), by bits (``XLSTM_METAL_CHAIN_SPLIT``, e.g.
+#: "4:4,8:4,16:4"; 1: no split). At 4,096 features a product has 256 tiles of 16, fewer than the
+#: GPU's resident blocks, and each block's prologue (the head norm over all of h; SwiGLU over
+#: all 10,944 values) costs ~4-5 us of the 13-20 us such a stage took on an H200 (S7R2): with K
+#: split each block stages only its share, and there are SPLIT times the work items.
+SPLIT_K = _quantized._per_bits("XLSTM_METAL_CHAIN_SPLIT", {4: 4, 8: 4, 16: 4})
+SPLIT_MAX_FEATURES = 8192
+
 #: The same for every width at once (``XLSTM_METAL_CHAIN_BLOCKS``), or None: :data:`WALK_BLOCKS`.
 CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
 
@@ -299,14 +311,22 @@ def _eps(eps: float) -> str:
     return f"{float(eps)!r}f"
 
 
-def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);") -> str:
+def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);",
+            split: bool = False) -> str:
     return decode_source(sizes=sizes.replace("STAGE_DECL", _STAGE_DECL), prologue=prologue, load_x=_LOAD_X,
-                         store=store)
+                         store=store, split=split)
 
 
-def _launch(n_out: int, bits: int) -> dict:
+def _launch(n_out: int, bits: int, split: int = 1) -> dict:
     blocks = CHAIN_BLOCKS if CHAIN_BLOCKS is not None else WALK_BLOCKS.get(bits, 0)
-    return decode_launch(n_out, blocks or None)
+    return decode_launch(n_out, blocks or None, split)
+
+
+def _split(n_out: int, k: int, bits: int) -> int:
+    """Shares of K for a split-able stage with ``n_out`` features and inner size ``k``
+    (:data:`SPLIT_K`; at most one per span of K a warp covers, 512 / bits values)."""
+    split = min(max(1, SPLIT_K.get(bits, 1)), -(-k // (512 // bits)))
+    return split if split > 1 and n_out <= SPLIT_MAX_FEATURES and -(-n_out // 16) <= _quantized.SPLIT_TILES else 1
 
 
 def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
@@ -323,18 +343,19 @@ def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source):
+def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source, split: bool = False):
     """The chain's kernel for ``key`` at ``bits``, its source from ``source()``, built once per
-    register bound (``quantized.RESIDENT``)."""
-    key = (*key, _quantized.RESIDENT.get(bits, 0))
+    register bound (``quantized.RESIDENT``); ``split``: a split-K kernel (its outputs end with
+    ``part``; see :func:`.quantized.decode_source`)."""
+    key = (*key, split, _quantized.RESIDENT.get(bits, 0))
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_decode_chain_{key[0]}_{len(_kernels)}",
             input_names=inputs,
-            output_names=outputs,
+            output_names=outputs + (["part"] if split else []),
             source=source(),
-            header=_HEADER + _REDUCE_HEADER + launch_bounds(key[-1]),
+            header=_HEADER + _REDUCE_HEADER + (_quantized.SPLIT_HEADER if split else "") + launch_bounds(key[-1]),
         )
         _kernels[key] = kernel
     return kernel
@@ -458,16 +479,19 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
         return x + _product(output_norm_gate(h, o_preact, norm), (w, scales, biases, group_size, bits))
     E = x.shape[-1]
     T = h.dtype
+    split = _split(w.shape[0], NH * DV, bits)
     kernel = _kernel(("gate", norm.eps), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
-                     lambda: _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE))
-    (out,) = kernel(
+                     lambda: _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE,
+                                     split > 1), split > 1)
+    outs = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
-        template=decode_template(T, bits, group_size, B)
+        template=decode_template(T, bits, group_size, B, split=split)
         + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
            ("SR", _stage_rows(B, NH * DV, T))],
-        output_shapes=[(B, 1, E)], output_dtypes=[x.dtype], **_launch(w.shape[0], bits),
+        output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
+        output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split),
     )
-    return out
+    return outs[0]
 
 
 def gate_chain_supported(h: mx.array, o_src: mx.array, o_offset: int, norm: nn.Module, x: mx.array, arrays) -> bool:
@@ -495,15 +519,17 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
         return _product(swiglu(gate_up[..., :F], gate_up[..., F:]), (w, scales, biases, group_size, bits))
     B = gate_up.shape[0]
     T = gate_up.dtype
-    kernel = _kernel(("swiglu",), bits, ["gate_up", "w", "scales", "biases"], ["y"],
-                     lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE))
     N = w.shape[0]
-    (y,) = kernel(
+    split = _split(N, F, bits)
+    kernel = _kernel(("swiglu",), bits, ["gate_up", "w", "scales", "biases"], ["y"],
+                     lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE, split=split > 1), split > 1)
+    outs = kernel(
         inputs=[gate_up, w, scales, biases],
-        template=decode_template(T, bits, group_size, B) + [("KD", F), ("SR", _stage_rows(B, F, T))],
-        output_shapes=[(B, 1, N)], output_dtypes=[T], **_launch(N, bits),
+        template=decode_template(T, bits, group_size, B, split=split) + [("KD", F), ("SR", _stage_rows(B, F, T))],
+        output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
+        output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split),
     )
-    return y
+    return outs[0]
 
 
 def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:

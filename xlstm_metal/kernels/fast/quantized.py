@@ -181,6 +181,15 @@ _SOURCE = """
     const int GPR = K / G;                  // groups per row
     const int nspans = (K + SPAN - 1) / SPAN;
     const int ntiles = (N + 15) / 16;
+    // Split K (SPLIT > 1): work item w is feature tile w / SPLIT, spans [sp_lo, sp_hi) of share
+    // w % SPLIT; gridDim.x is a multiple of SPLIT, so a block keeps its share (and its prologue's
+    // k range [k_lo, k_hi)) for every tile it walks.
+    const int split = static_cast<int>(blockIdx.x) % SPLIT;
+    const int sp_lo = static_cast<int>((static_cast<long long>(split) * nspans) / SPLIT);
+    const int sp_hi = static_cast<int>((static_cast<long long>(split + 1) * nspans) / SPLIT);
+    const int k_lo = sp_lo * SPAN;
+    const int k_hi = sp_hi * SPAN < K ? sp_hi * SPAN : K;
+    const int nwork = ntiles * SPLIT;
 
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -204,10 +213,10 @@ _SOURCE = """
     uint4 ra[DEPTH], rb[DEPTH];
     T rsa[DEPTH], rba[DEPTH], rsb[DEPTH], rbb[DEPTH];
     auto load_chunk = [&](int tl, int sp, uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {
-      const int row0 = tl * 16 + g, row1 = row0 + 8;
-      const bool ok0 = tl < ntiles && row0 < N, ok1 = tl < ntiles && row1 < N;
+      const int row0 = (tl / SPLIT) * 16 + g, row1 = row0 + 8;
+      const bool ok0 = tl < nwork && row0 < N, ok1 = tl < nwork && row1 < N;
       const int kc = sp * SPAN + tig * VALS;  // this thread's first k; K % VALS == 0
-      const bool kin = sp < nspans && kc < K;
+      const bool kin = sp < sp_hi && kc < K;
       const int gi = kin ? kc / G : 0;
       wa_ = (kin && ok0) ? ld_weights<LDH>(wq + (size_t)row0 * WPR + kc / (32 / BITS)) : zero4;
       wb_ = (kin && ok1) ? ld_weights<LDH>(wq + (size_t)row1 * WPR + kc / (32 / BITS)) : zero4;
@@ -227,10 +236,10 @@ _SOURCE = """
       }
     };
     #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) load_chunk(tile, warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
+    for (int d = 0; d < DEPTH; ++d) load_chunk(tile, sp_lo + warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
     if (PF) {  // the rest of the first tile's weights towards L2 while the prologue runs
-      const int row0 = tile * 16 + g, row1 = row0 + 8;
-      for (int sp = warp + DEPTH * WARPS; sp < nspans; sp += WARPS) {
+      const int row0 = (tile / SPLIT) * 16 + g, row1 = row0 + 8;
+      for (int sp = sp_lo + warp + DEPTH * WARPS; sp < sp_hi; sp += WARPS) {
         const int kc = sp * SPAN + tig * VALS;
         if (kc < K && row0 < N) l2_prefetch(wq + (size_t)row0 * WPR + kc / (32 / BITS));
         if (kc < K && row1 < N) l2_prefetch(wq + (size_t)row1 * WPR + kc / (32 / BITS));
@@ -239,17 +248,17 @@ _SOURCE = """
 @PROLOGUE@
     __shared__ float red[WARPS * MT * 4 * 32];
     for (;;) {
-      for (int sp0 = warp; sp0 < nspans; sp0 += DEPTH * WARPS) {
+      for (int sp0 = sp_lo + warp; sp0 < sp_hi; sp0 += DEPTH * WARPS) {
         #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
           const int sp = sp0 + d * WARPS;
-          if (sp < nspans) {  // the same for the whole warp
+          if (sp < sp_hi) {  // the same for the whole warp
             // The slot's chunk moves to registers of its own and the slot is refilled at once.
             const uint4 wa = ra[d], wb = rb[d];
             const T sa = rsa[d], ba = rba[d], sb = rsb[d], bb = rbb[d];
             const int nsp = sp + DEPTH * WARPS;
-            const bool here = nsp < nspans;
-            load_chunk(here ? tile : tile + gridDim.x, here ? nsp : warp + d * WARPS,
+            const bool here = nsp < sp_hi;
+            load_chunk(here ? tile : tile + gridDim.x, here ? nsp : sp_lo + warp + d * WARPS,
                        ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);
             uint32_t xv[VALS / 2];
             load_x(sp, 0, xv);
@@ -287,7 +296,7 @@ _SOURCE = """
           }
         }
       }
-      const int cur = tile;
+      const int cur = tile / SPLIT;  // the feature tile just done
       tile += gridDim.x;  // the ring holds its first chunks already
 
       // Sum the warps' partial tiles. acc[t] = {(row g, col 2tig), (g, 2tig+1), (g+8, 2tig), (g+8, 2tig+1)}.
@@ -304,9 +313,10 @@ _SOURCE = """
         const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
         const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
         const int m = t * 8 + 2 * (l & 3) + (c & 1);
-        if (n < N && m < M) @STORE@
+        if (n < N && m < M) @TILE_STORE@
       }
-      if (tile >= ntiles) break;
+@SPLIT_FINISH@
+      if (tile >= nwork) break;
       __syncthreads();  // the partial tiles in shared memory are read
     }
 """
@@ -328,21 +338,62 @@ _LOAD_X = """\
 _STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
 
 
-def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE) -> str:
+# Split K: each (feature tile, share) writes its float32 partial sums to ``part`` [SPLIT, M, N];
+# the share that arrives last at a tile (a counter per tile in the kernel module's own memory,
+# which it leaves at zero for the next launch) adds the SPLIT partials in a fixed order and runs
+# the store: the same output and rounding as one block over all of K, but up to SPLIT times the
+# thread blocks on a product with few tiles (out_proj and proj_down at 4,096 features: 256).
+_SPLIT_STORE = "part[((size_t)split * M + m) * N + n] = sum;"
+_SPLIT_FINISH = """
+      {
+        __shared__ int s_last;
+        __threadfence();  // this block's partials visible to the share that finishes the tile
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          const unsigned int before = atomicAdd(&xl_split_count[cur], 1u);
+          s_last = before == SPLIT - 1;
+          if (s_last) xl_split_count[cur] = 0u;  // every share has arrived: ready for the next launch
+        }
+        __syncthreads();
+        if (s_last) {
+          __threadfence();
+          for (int e = threadIdx.x; e < 16 * M; e += WARPS * 32) {
+            const int n = cur * 16 + (e & 15), m = e >> 4;
+            if (n < N) {
+              float sum = 0.0f;
+              #pragma unroll
+              for (int sh = 0; sh < SPLIT; ++sh) sum += __ldcg(part + ((size_t)sh * M + m) * N + n);
+              @STORE@
+            }
+          }
+        }
+      }
+"""
+#: Feature tiles a split-K product may have (its counters' size).
+SPLIT_TILES = 4096
+SPLIT_HEADER = f"\n__device__ unsigned int xl_split_count[{SPLIT_TILES}];  // zero at load; each launch leaves it so\n"
+
+
+def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
+                  split: bool = False) -> str:
     """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
     the product's inner size), ``constexpr bool XPRE`` (whether ``load_x`` gives x's values at 4
     bits in the pair order of ``xl_xpos4``, which saves the kernel a byte permute per pair) and any
     shared memory the other hooks use; ``prologue`` runs once
     per thread block after its first weight chunks are requested (every thread reaches it: it
-    may synchronise); ``load_x`` fills ``uint32_t xv[VALS / 2]`` with x's values of row ``m``, k
+    may synchronise; with K split it needs x's values in ``[k_lo, k_hi)`` only); ``load_x`` fills
+    ``uint32_t xv[VALS / 2]`` with x's values of row ``m``, k
     ``kc .. kc + VALS`` as consecutive T pairs (value 2i in the low half of ``xv[i]``); ``store``
     (one statement) writes ``float sum``, the product's float32 value at row ``m``, output
     feature ``n`` (M x N output). Each thread block walks output tiles ``blockIdx.x + i *
     gridDim.x`` after its one prologue (:func:`decode_launch` with ``max_blocks`` launches fewer
-    blocks than tiles). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in
-    these hooks."""
+    blocks than tiles). ``split``: K split in SPLIT shares (template argument; the kernel takes a
+    float32 output ``part`` [SPLIT, M, N] for the partial sums and :data:`SPLIT_HEADER` in its
+    header). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in these hooks."""
+    finish = _SPLIT_FINISH.replace("@STORE@", store) if split else ""
     return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
-            .replace("@LOAD_X@\n", load_x).replace("@STORE@", store))
+            .replace("@LOAD_X@\n", load_x).replace("@TILE_STORE@", _SPLIT_STORE if split else store)
+            .replace("@SPLIT_FINISH@\n", finish))
 
 
 #: Weight chunks in flight per thread (the ring's depth) by bits (``XLSTM_METAL_DECODE_DEPTH``,
@@ -370,24 +421,26 @@ DECODE_BLOCKS = int(os.environ.get("XLSTM_METAL_DECODE_BLOCKS", "0"))
 
 
 def decode_template(dtype: mx.Dtype, bits: int, group_size: int, rows: int, depth: int | None = None,
-                    load_hint: int | None = None) -> list:
+                    load_hint: int | None = None, split: int = 1) -> list:
     """The decode kernel's template arguments (see :func:`decode_source`): ``depth`` weight
     chunks in flight per thread (default :data:`DEPTH` for ``bits``), ``load_hint`` the weights'
-    load instruction (default :data:`LOAD_HINT`)."""
+    load instruction (default :data:`LOAD_HINT`), ``split`` the shares of K (1: none)."""
     return [("T", dtype), ("BITS", bits), ("G", group_size), ("MT", -(-rows // 8)), ("WARPS", _WARPS),
             ("DEPTH", depth or DEPTH[bits]), ("LDH", LOAD_HINT if load_hint is None else load_hint),
-            ("PF", int(PREFETCH))]
+            ("PF", int(PREFETCH)), ("SPLIT", split)]
 
 
-def decode_launch(n_out: int, max_blocks: int | None = None) -> dict:
+def decode_launch(n_out: int, max_blocks: int | None = None, split: int = 1) -> dict:
     """The decode kernel's grid and thread block for ``n_out`` output features (one thread block
     per 16-feature tile; or at most ``max_blocks``, each walking the same number of tiles but the
-    last few: 1,368 tiles on 264 blocks run as 228 blocks of 6, not 48 of 6 and 216 of 5)."""
-    tiles = -(-n_out // 16)
+    last few: 1,368 tiles on 264 blocks run as 228 blocks of 6, not 48 of 6 and 216 of 5), with
+    K in ``split`` shares: that many work items per tile, the blocks a multiple of ``split``."""
+    tiles = -(-n_out // 16) * split
     blocks = tiles
     if max_blocks and max_blocks < tiles:
         per = -(-tiles // max_blocks)
         blocks = -(-tiles // per)
+        blocks = -(-blocks // split) * split
     return dict(grid=(blocks * 32 * _WARPS, 1, 1), threadgroup=(32 * _WARPS, 1, 1))
 
 
