@@ -161,6 +161,8 @@ def main() -> None:
                   # out_proj and proj_down with K unsplit (session 7's stages)
                   ("fused decode kernels, chain, K unsplit", True, True, residual, skinny_default, step_default,
                    {"split": {4: 1, 8: 1, 16: 1}})]
+        fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
+                   {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
     unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)

@@ -289,11 +289,15 @@ WALK_BLOCKS = {4: _quantized.RESIDENT[4] * _quantized.SMS, 8: 0, 16: 0}
 
 #: Shares of K for the stages whose products have few output tiles (out_proj and proj_down:
 #: :data:`SPLIT_MAX_FEATURES` or fewer features), by bits (``XLSTM_METAL_CHAIN_SPLIT``, e.g.
-#: "4:4,8:4,16:4"; 1: no split). At 4,096 features a product has 256 tiles of 16, fewer than the
-#: GPU's resident blocks, and each block's prologue (the head norm over all of h; SwiGLU over
-#: all 10,944 values) costs ~4-5 us of the 13-20 us such a stage took on an H200 (S7R2): with K
-#: split each block stages only its share, and there are SPLIT times the work items.
-SPLIT_K = _quantized._per_bits("XLSTM_METAL_CHAIN_SPLIT", {4: 4, 8: 4, 16: 4})
+#: "4:4,8:4,16:4"; 1: no split, the default). At 4,096 features a product has 256 tiles of 16
+#: and each block's prologue (the head norm over all of h; SwiGLU over all 10,944 values) took
+#: ~4-5 us of the 13-20 us such a stage took on an H200 (S7R2); with K in shares each block
+#: stages only its share and there are SPLIT times the work items. Measured slower (S8R1, H200,
+#: 7B, one process, CUPTI): 4 shares took out_proj 0.536 ms and proj_down 0.828 ms per 4-bit step
+#: (unsplit, S7R3: 0.34-0.36 and 0.70-0.71), 0.666 / 1.145 ms at bf16 (unsplit 0.466 / 1.012): the
+#: prologues are latency-bound (a warp per head either way) and each work item now pays its
+#: reduction, a fence and the counter for a quarter of the weights.
+SPLIT_K = _quantized._per_bits("XLSTM_METAL_CHAIN_SPLIT", {4: 1, 8: 1, 16: 1})
 SPLIT_MAX_FEATURES = 8192
 
 #: The same for every width at once (``XLSTM_METAL_CHAIN_BLOCKS``), or None: :data:`WALK_BLOCKS`.
