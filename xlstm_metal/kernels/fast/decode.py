@@ -483,30 +483,58 @@ _STEP_FINISH_SOURCE = """
 _INPROJ_PROLOGUE = """
     float pi = 0.0f, pf = 0.0f;
     {
-        // x [B, 1, E] and w [2 NH, E] as they are (any strides: no copy node before the launch)
+        // x [B, 1, E] and w [2 NH, E] as they are (any strides: no copy node before the launch);
+        // 16-byte loads where both are dense and aligned (the decode chain's normed x and fused
+        // gate weight), then one shuffle reduction per warp and one exchange between the warps.
         const int64_t xb = b * x_strides[0];
         const int64_t wi = hd * w_strides[0];
         const int64_t wf = (NH + hd) * w_strides[0];
-        for (int e = tid; e < E; e += NT) {
-            const float xe = static_cast<float>(x[xb + e * x_strides[2]]);
-            pi += xe * static_cast<float>(w[wi + e * w_strides[1]]);
-            pf += xe * static_cast<float>(w[wf + e * w_strides[1]]);
+        constexpr int VEC = 16 / sizeof(GT);
+        const bool dense = x_strides[2] == 1 && w_strides[1] == 1 && E % VEC == 0
+            && ((reinterpret_cast<uintptr_t>(x + xb) | reinterpret_cast<uintptr_t>(w + wi)
+                 | reinterpret_cast<uintptr_t>(w + wf)) & 15) == 0;
+        if (dense) {
+            const uint4* xv = reinterpret_cast<const uint4*>(x + xb);
+            const uint4* iv = reinterpret_cast<const uint4*>(w + wi);
+            const uint4* fv = reinterpret_cast<const uint4*>(w + wf);
+            for (int c = tid; c < E / VEC; c += NT) {
+                const uint4 xu = xv[c], iu = iv[c], fu = fv[c];
+                const GT* x8 = reinterpret_cast<const GT*>(&xu);
+                const GT* i8 = reinterpret_cast<const GT*>(&iu);
+                const GT* f8 = reinterpret_cast<const GT*>(&fu);
+                #pragma unroll
+                for (int u = 0; u < VEC; ++u) {
+                    const float xe = static_cast<float>(x8[u]);
+                    pi += xe * static_cast<float>(i8[u]);
+                    pf += xe * static_cast<float>(f8[u]);
+                }
+            }
+        } else {
+            for (int e = tid; e < E; e += NT) {
+                const float xe = static_cast<float>(x[xb + e * x_strides[2]]);
+                pi += xe * static_cast<float>(w[wi + e * w_strides[1]]);
+                pf += xe * static_cast<float>(w[wf + e * w_strides[1]]);
+            }
         }
-        s_red[tid] = pi;
-        __syncthreads();
-        for (int s = NT / 2; s > 0; s >>= 1) {
-            if (tid < s) s_red[tid] += s_red[tid + s];
-            __syncthreads();
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            pi += __shfl_xor_sync(0xffffffffu, pi, o);
+            pf += __shfl_xor_sync(0xffffffffu, pf, o);
         }
-        pi = xl_round<GT>(s_red[0]);
-        __syncthreads();
-        s_red[tid] = pf;
-        __syncthreads();
-        for (int s = NT / 2; s > 0; s >>= 1) {
-            if (tid < s) s_red[tid] += s_red[tid + s];
-            __syncthreads();
+        constexpr int NWP = NT / 32;  // NT is a multiple of 32
+        if ((tid & 31) == 0) {
+            s_red[2 * (tid >> 5)] = pi;
+            s_red[2 * (tid >> 5) + 1] = pf;
         }
-        pf = xl_round<GT>(s_red[0]);
+        __syncthreads();
+        float si = 0.0f, sf = 0.0f;
+        #pragma unroll
+        for (int w8 = 0; w8 < NWP; ++w8) {
+            si += s_red[2 * w8];
+            sf += s_red[2 * w8 + 1];
+        }
+        pi = xl_round<GT>(si);
+        pf = xl_round<GT>(sf);
         __syncthreads();
     }
 """
