@@ -163,6 +163,11 @@ def main() -> None:
                    {"split": {4: 1, 8: 1, 16: 1}})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
+        # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
+        # ran this with an L2 prefetch, since removed)
+        fused += [("fused decode kernels, chain, depth 2, 3 blocks per SM, 396 blocks", True, True, residual,
+                   skinny_default, step_default, {"depth": {4: 2, 8: 2, 16: 2}, "resident": {4: 3, 8: 3, 16: 3},
+                                                  "blocks": 3 * quantized.SMS})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
     unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)
