@@ -290,7 +290,8 @@ def test_gpu_branches_give_the_cpu_gradients(monkeypatch):
 
 
 def test_default_step_paths_by_device(monkeypatch):
-    """New runs take the fused head and projections on CUDA, the plain step elsewhere."""
+    """New runs take the fused head and projections and bf16 mLSTM products on CUDA, the plain
+    step elsewhere."""
     from xlstm_metal.cli import train as cli_train
     from xlstm_metal.kernels.fast import step
 
@@ -298,7 +299,7 @@ def test_default_step_paths_by_device(monkeypatch):
                                               "mlstm_products": "float32"}
     monkeypatch.setattr(step, "cuda_available", lambda: True)
     assert cli_train.default_step_paths() == {"head_loss": "fused", "fuse_projections": True,
-                                              "mlstm_products": "float32"}
+                                              "mlstm_products": "bf16"}
 
 
 def test_command_buffer_limits_for_training(monkeypatch):
@@ -363,3 +364,15 @@ def test_mlstm_products_setting_reaches_the_fused_kernels(monkeypatch):
     with pytest.raises(ValueError, match="1, 2 or 3"):
         with chunkwise_grad.product_terms(4):
             pass
+
+
+def test_train_help_prints(capsys):
+    """``xlstm-metal train --help`` renders every option's help (argparse formats it with %: a
+    bare percent sign in a default's note made it raise)."""
+    from xlstm_metal.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--mlstm-products" in out and "2% less speed" in out

@@ -238,8 +238,9 @@ def make_schedule(cfg: TrainingConfig, total_steps: int | None) -> Callable[[int
 #: evaluation runs up to 10 buffers ahead (MLX's defaults on sm_90: 100 ops / 1,000 MB each): a
 #: train step's freed activations and gradients wait there. Smaller buffers free them sooner:
 #: at the 1.3b shape (H200, GPU round S7R1) the step's peak fell 47.2 -> 40.3 GB for 183.1 ->
-#: 190.1 ms per step.
-TRAIN_COMMAND_BUFFERS = (20, 256)
+#: 190.1 ms per step with 20 ops / 256 MB; 40 / 512 is the middle ground (S8R2, bf16 products:
+#: 175.4 ms at 38.8 GB against 178.2 ms at 36.9 GB with 20 / 256; S8R1: 30 / 384 no faster).
+TRAIN_COMMAND_BUFFERS = (40, 512)
 
 
 def limit_command_buffers() -> None:
@@ -1021,10 +1022,11 @@ class Trainer:
                 mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
             else:
                 # Pipelined: the GPU runs this step while the host builds the next one's graph
-                # (a compiled step's ~4,000 ops at the 1.3b shape take MLX ~10 ms to build, the GPU
-                # idle meanwhile); the host waits here for the previous step. With small command
-                # buffers async_eval itself returns late (MLX queues at most 10 buffers ahead):
-                # S7R4 (20-op buffers) measured no gain; deeper queues let it overlap more.
+                # (a compiled step's ~2,500 ops at the 1.3b shape take MLX ~10 ms to build, the GPU
+                # idle meanwhile); the host waits here for the previous step. async_eval itself
+                # returns only once all but MLX's last ~10 command buffers are queued, so the
+                # overlap is those buffers' GPU time: S8R1 (H200, 1.3b, one process) ~175 ms per
+                # step back to back against ~180 ms evaluated one at a time.
                 mx.async_eval(loss, grad_norm, self.model.state, self.optimizer.state)
                 if pending is not None:
                     mx.eval(pending)
