@@ -47,11 +47,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--variants", default="",
-                   help="SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]],... settings of the fused kernel to time alone (0: "
-                        "the default; SPLIT: bf16 terms per float32 operand in the outputs kernel; COLS: columns "
-                        "of C per states block, 32 or 64; CHAIN 0: the model's prefill without chained blocks; "
-                        "ROWS 0: the prompt's norms by the decode kernels, not norm_rows.py)")
+                   help="SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]][/NAME=VALUE...],... settings of the fused kernel to "
+                        "time alone (0: the default; SPLIT: bf16 terms per float32 operand in the outputs kernel; "
+                        "COLS: columns of C per states block, 32 or 64; CHAIN 0: the model's prefill without chained "
+                        "blocks; ROWS 0: the prompt's norms by the decode kernels, not norm_rows.py; NAME=VALUE: "
+                        "XLSTM_METAL_NAME, e.g. STATES_SPLIT=2, OUTPUTS_BLOCKS=4, PREFILL_SWIGLU=0)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
+    p.add_argument("--model-variants", default=None,
+                   help="the --variants (same syntax) to time in the whole model (default: all of --variants)")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part and per-kernel timings")
     p.add_argument("--trace-steps", type=int, default=3, help="calls traced per CUPTI summary (0: none)")
     args = p.parse_args()
@@ -75,8 +78,7 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-    variants = [v + (0, 0, 1, 1)[len(v) - 1:] for v in variants]
+    variants = [_parse_variant(v) for v in args.variants.split(",") if v]
     if variants:
         chunk = int(args.chunk_sizes.split(",")[0])
         for variant in variants:
@@ -87,7 +89,10 @@ def main() -> None:
                       "chunk_size": chunk, "ms": ms, "gpu": _trace(fn, args.trace_steps)})
     if args.model_lengths:
         del q, k, v, o, i, f, x
-        _model_prefill(args, variants or [(0, 0, 0, 1, 1)], emit)
+        chosen = variants or [_parse_variant("0")]
+        if args.model_variants is not None:
+            chosen = [_parse_variant(v) for v in args.model_variants.split(",") if v]
+        _model_prefill(args, chosen, emit)
         return
 
     h, _ = layer.parallel_kernel_cell(q, k, v, i, f)
@@ -143,14 +148,30 @@ def main() -> None:
           "matmul_only_tok_s_bound": S / (ms / 1000 * blocks)})
 
 
+def _parse_variant(text: str) -> tuple:
+    """``SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]][/NAME=VALUE...]`` -> (segments, split, cols, chain, rows,
+    extra): the positional settings (missing ones: the defaults) and further ``XLSTM_METAL_<NAME>``
+    settings, e.g. ``0/STATES_SPLIT=2/OUTPUTS_BLOCKS=4``."""
+    head, *extra = text.split("/")
+    fields = tuple(int(x) for x in head.split(":")) if head else (0,)
+    for item in extra:
+        if "=" not in item:
+            raise SystemExit(f"--variants: expected NAME=VALUE after '/', got {item!r}")
+    return fields + (0, 0, 1, 1)[len(fields) - 1:] + (tuple(sorted(extra)),)
+
+
 class _settings:
     """The variant's XLSTM_METAL_* settings for the duration of a with-block (0: the default)."""
 
-    def __init__(self, segments: int, split: int = 0, cols: int = 0, chain: int = 1, rows: int = 1):
+    def __init__(self, segments: int, split: int = 0, cols: int = 0, chain: int = 1, rows: int = 1,
+                 extra: tuple = ()):
         self.env = {"XLSTM_METAL_CHUNK_SEGMENTS": str(segments) if segments else None,
                     "XLSTM_METAL_CHUNK_SPLIT": str(split) if split else None,
                     "XLSTM_METAL_STATES_COLS": str(cols) if cols else None, "XLSTM_METAL_PREFILL_CHAIN": str(chain),
                     "XLSTM_METAL_NORM_ROWS": str(rows)}
+        for item in extra:
+            name, value = item.split("=", 1)
+            self.env["XLSTM_METAL_" + name] = value
 
     def __enter__(self):
         self.saved = {k: os.environ.get(k) for k in self.env}
@@ -161,9 +182,9 @@ class _settings:
 
 
 def _describe(variant: tuple) -> dict:
-    segments, split, cols, chain, rows = variant
+    segments, split, cols, chain, rows, extra = variant
     return {"segments": segments or "default", "split_terms": split or "default", "states_cols": cols or "default",
-            "chained_blocks": bool(chain), "norm_rows": bool(rows)}
+            "chained_blocks": bool(chain), "norm_rows": bool(rows), "settings": list(extra)}
 
 
 def _apply(env: dict) -> None:

@@ -149,8 +149,10 @@ def target_rows(results: dict[str, dict]) -> list[str]:
     lines = ["| target | goal | measured | status |", "| --- | --- | --- | --- |"]
     for preset, kind, batch, length, goal, unit, what in TARGETS:
         res = results.get(preset)
-        if kind in ("prefill", "prefill_ratio") and _newer(results.get(f"{preset}-prefill"), res):
-            res = results[f"{preset}-prefill"]  # a newer prefill-only run (side_by_side.py --preset h200-prefill)
+        prefill_only = results.get(f"{preset}-prefill")
+        if kind in ("prefill", "prefill_ratio", "ttft") and _newer(prefill_only, res) \
+                and _main_ours(prefill_only, "prefill", batch, length):
+            res = prefill_only  # a newer prefill-only run with this length (side_by_side.py --preset h200-prefill)
         value, note = None, ""
         if res is not None:
             if kind in ("decode", "prefill"):

@@ -299,6 +299,24 @@ def test_fused_chunkwise_two_bf16_terms_for_half_outputs(S, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("S,with_state", [(1000, True), (333, False)])
+def test_fused_chunkwise_split_entering_states_same_bits(S, with_state, monkeypatch):
+    """bf16 h with the entering states stored as their two bf16 terms by the states kernel
+    (the default; the outputs kernel at 128 registers) equals h from float32 entering states
+    split by the outputs kernel (unbounded registers), bit for bit; the final state does not move."""
+    q, k, v, i, f, state = _seq_inputs(S + 3, 1, 8, S, 256, 512, with_state=with_state)
+    out = {}
+    for split in ("0", "1"):
+        monkeypatch.setenv("XLSTM_METAL_STATES_CSPLIT", split)
+        out[split] = _launch(q, k, v, i, f, state, 1e-6, 64, mx.bfloat16, mx.float32)
+    (h0, s0), (h1, s1) = out["0"], out["1"]
+    assert float(mx.abs(h0.astype(mx.float32)).max()) > 0
+    assert np.array_equal(np.array(h1.astype(mx.float32)), np.array(h0.astype(mx.float32)))
+    for x, y in zip(s1, s0):
+        assert np.array_equal(np.array(x), np.array(y))
+
+
+@cuda
 def test_fused_chunkwise_prepared_gates_api_matches():
     """chunk_states / chunk_outputs (prepared gates; the backward recomputes states with them)
     against the forward that prepares the gates in-kernel."""
@@ -361,6 +379,53 @@ def test_fused_chunkwise_model_prefill_matches_reference():
             block.mlstm_layer.parallel_kernel_cell.chunk_size = 64
         logits[kernel], _ = model.prefill(ids)
     assert _rel(logits["chunkwise_fused"], logits["chunkwise"]) <= 2e-2
+
+
+@cuda
+def test_prefill_swiglu_reads_the_joined_product(monkeypatch):
+    """With fused projections on CUDA the FFN runs swiglu_joined on the gate|up product itself:
+    the same bits as the ops' SwiGLU over the product's two column slices."""
+    from xlstm_metal.benchmark import random_model, shape_config
+
+    config = shape_config("125m", num_blocks=1, embedding_dim=256, num_heads=2, vocab_size=101)
+    ffn = random_model(config, dtype="bfloat16", seed=6).fuse_projections().blocks[0].ffn
+    x = mx.array(np.random.default_rng(2).standard_normal((2, 300, 256)).astype(np.float32)).astype(mx.bfloat16)
+    assert ffn._joined_gate_up(x) is not None
+    out = ffn(x)
+    monkeypatch.setenv("XLSTM_METAL_PREFILL_SWIGLU", "0")
+    assert ffn._joined_gate_up(x) is None
+    ref = ffn(x)
+    assert out.dtype == ref.dtype == mx.bfloat16 and float(mx.abs(ref).max()) > 0
+    assert np.array_equal(np.array(out.astype(mx.float32)), np.array(ref.astype(mx.float32)))
+
+
+@cuda
+def test_model_prefill_same_bits_as_before_the_prompt_kernels(monkeypatch):
+    """The bf16 model's prefill (compiled blocks) with this session's prompt path (SwiGLU on the
+    joined product, split entering states, the 128-register outputs kernel) gives the logits and
+    state of the path before it, bit for bit: the arithmetic did not change."""
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.benchmark import random_model, shape_config
+
+    config = shape_config("125m", num_blocks=2, embedding_dim=512, num_heads=2, vocab_size=101)
+    ids = mx.array(np.random.default_rng(3).integers(0, 101, (1, 333)), dtype=mx.int32)
+    out = {}
+    for flag in ("1", "0"):
+        for name in ("XLSTM_METAL_PREFILL_SWIGLU", "XLSTM_METAL_STATES_CSPLIT"):
+            monkeypatch.setenv(name, flag)
+        monkeypatch.setenv("XLSTM_METAL_OUTPUTS_BLOCKS", "4" if flag == "1" else "0")
+        model = random_model(config, dtype="bfloat16", seed=7).fuse_projections()
+        for block in model.blocks:
+            block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+            block.mlstm_layer.parallel_kernel_cell.chunk_size = 64
+        logits, state = model.prefill(ids)
+        mx.eval(logits, state)
+        out[flag] = (logits, state)
+    assert float(mx.abs(out["0"][0].astype(mx.float32)).max()) > 0
+    assert np.array_equal(np.array(out["1"][0].astype(mx.float32)), np.array(out["0"][0].astype(mx.float32)))
+    for a, b in zip(tree_flatten(out["1"][1]), tree_flatten(out["0"][1])):
+        assert np.array_equal(np.array(a[1].astype(mx.float32)), np.array(b[1].astype(mx.float32))), a[0]
 
 
 @cuda

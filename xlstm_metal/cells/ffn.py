@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import xLSTMConfig
+from ..kernels.fast.skinny import linear_product
 from ..kernels.fast.train_rows import swiglu_down, swiglu_joined, swiglu_joined_supported, train_recompute_enabled
 from .activations import silu
-from .fused import FusedLayers, linear_output, plain_linear_weight
+from .fused import FusedLayers, fusion_groups, linear_output, plain_linear_weight
 
 _GATE_UP = FusedLayers("_fused_gate_up", ("proj_up_gate", "proj_up"))
 
@@ -41,10 +44,34 @@ class FeedForward(nn.Module):
                 if down is not None and train_recompute_enabled():  # SwiGLU's output not kept
                     return swiglu_down(joined, down)
                 return linear_output(self.proj_down, swiglu_joined(joined))
+        if mx.default_device() != mx.cpu:
+            joined = self._joined_gate_up(x)
+            if joined is not None:  # inference on CUDA: SwiGLU reads the fused product, no split
+                return linear_output(self.proj_down, swiglu_joined(joined))
         gate, up = _GATE_UP.outputs(self, x)
         if mx.default_device() == mx.cpu:  # the CPU's fast activations (their own vjp)
             return linear_output(self.proj_down, silu(gate) * up)
         return linear_output(self.proj_down, swiglu(gate, up))
+
+    def _joined_gate_up(self, x: mx.array) -> mx.array | None:
+        """The fused gate|up product [..., 2F] when :meth:`fuse_projections` made gate and up one
+        bias-free float matmul and :func:`swiglu_joined` runs for it (CUDA, bf16 / fp16; it does
+        the ops' bf16 operations in their order, so the bits are :func:`swiglu`'s, in one pass
+        at the copy rate instead of MLX's fused kernel over two strided column slices); else
+        None. ``XLSTM_METAL_PREFILL_SWIGLU=0`` turns it off."""
+        if _GATE_UP.key not in self:  # not fused (the training step's traced groups stay as they are)
+            return None
+        layers, fused = _GATE_UP._current(self)
+        if fused is None or os.environ.get("XLSTM_METAL_PREFILL_SWIGLU") == "0" \
+                or any("bias" in layer for layer in layers):
+            return None
+        groups = fusion_groups(layers)
+        if len(groups) != 1 or groups[0][0][0] != "linear" or groups[0][1] != [0, 1]:
+            return None
+        weight = fused[0]["weight"]
+        if weight.dtype != x.dtype or not swiglu_joined_supported(x.dtype, weight.shape[0] // 2):
+            return None
+        return linear_product(x, weight)
 
 
 @mx.custom_function

@@ -12,8 +12,9 @@ memory:
   chunk (C, n, m), then applies the chunk: C <- exp(g + m - m') C + sum_t exp(a_t - m') k_t v_t^T
   with m' = max(g + m, max_t a_t), the reference loop's recurrence exactly. Each warp writes its
   tile of the entering state through shared memory in whole 16-byte rows (the float32 state
-  written per chunk is the kernel's largest traffic: 134 MB per 7B layer at 2,048 tokens).
-  Optionally in
+  written per chunk is the kernel's largest traffic: 134 MB per 7B layer at 2,048 tokens); when
+  h is rounded to bf16 it writes the state as the two bf16 terms the outputs kernel multiplies
+  then (the same bytes), which the outputs kernel copies as they are. Optionally in
   segments (a two-level scan: each segment of chunks from the zero state in parallel, a short
   chaining kernel, the outputs kernel adding the decayed segment-entering state on load).
 - ``outputs`` kernel (phase 2): one thread block per (batch*head, chunk, 64 value columns)
@@ -469,25 +470,61 @@ _STATES_SOURCE = """
     for (int c = c_begin; c < c_end; ++c) {
         const int buf = c & 1;
         // The (local) state entering chunk c.
-        auto* Ce = C_enter + (chunk_off + c) * DQK * DV;  // float32, or bf16 for a one-term reader
+        // C_enter: float32 [.., DQK, DV] per chunk, bf16 for a one-term reader (chunk_states' c_dtype), or
+        // (CSPLIT) the two bf16 terms (hi, lo: the outputs kernel's operands for bf16 h) as
+        // [.., DQK, DV / 32, 2, 32]: twice the bf16 elements per chunk, float32's bytes.
+        auto* Ce = C_enter + (chunk_off + c) * DQK * DV * (CSPLIT ? 2 : 1);
         if constexpr (STAGE) {
             // Through the warp's tile in shared memory, then whole rows of JT floats in 16-byte
             // stores: the fragment layout's 8-byte stores (8 rows x 32 bytes per instruction)
             // held the kernel back (round S6R2: 0.191 -> 0.115 ms per layer at 2,048 tokens; with
             // no C stores at all 0.106).
-            #pragma unroll
-            for (int nt = 0; nt < JT / 8; ++nt) {
-                *reinterpret_cast<float2*>(&cst[warp][g][nt * 8 + 2 * tq]) = make_float2(acc[nt][0], acc[nt][1]);
-                *reinterpret_cast<float2*>(&cst[warp][g + 8][nt * 8 + 2 * tq]) = make_float2(acc[nt][2], acc[nt][3]);
-            }
-            __syncwarp();
-            #pragma unroll
-            for (int u = 0; u < 16 * JT / 4 / 32; ++u) {
-                const int idx = lane + 32 * u;
-                const int row = idx / (JT / 4);
-                const int c4 = (idx % (JT / 4)) * 4;
-                store_quad(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4,
-                           *reinterpret_cast<const float4*>(&cst[warp][row][c4]));
+            if constexpr (CSPLIT) {
+                // The two bf16 terms (splitn_pair<2>, as the outputs kernel would split the float
+                // values) in the layout [DQK][DV / 32][2][32] per chunk: each 32-column group of a
+                // row holds its hi terms, then its lo terms, so the tile's row (JT = 32 columns) is
+                // one whole 128-byte line. (As planes [2][DQK][DV], two half lines per row, split
+                // after the float staging, the kernel took 1.28 instead of 0.86 ms per 7B layer at
+                // 16,384 tokens, round S8R1.) Split from the fragments into the warp's staging tile
+                // (rows of 2 x 32 bf16 + 8 padding: conflict-free), then 16-byte pieces: piece
+                // q = lane + 32 u is row q / 8, bytes 16 (q % 8).. of its line.
+                static_assert(JT == 32, "split entering states: 32-column tiles");
+                auto stg = reinterpret_cast<__nv_bfloat16 (*)[72]>(&cst[warp][0][0]);
+                #pragma unroll
+                for (int nt = 0; nt < JT / 8; ++nt) {
+                    uint32_t t0[2], t1[2];
+                    splitn_pair<2>(acc[nt][0], acc[nt][1], t0);
+                    splitn_pair<2>(acc[nt][2], acc[nt][3], t1);
+                    #pragma unroll
+                    for (int p = 0; p < 2; ++p) {
+                        *reinterpret_cast<uint32_t*>(&stg[g][p * 32 + nt * 8 + 2 * tq]) = t0[p];
+                        *reinterpret_cast<uint32_t*>(&stg[g + 8][p * 32 + nt * 8 + 2 * tq]) = t1[p];
+                    }
+                }
+                __syncwarp();
+                __nv_bfloat16* Ch = reinterpret_cast<__nv_bfloat16*>(Ce);
+                #pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int q = lane + 32 * u;
+                    const int row = q >> 3;
+                    const size_t off = (static_cast<size_t>(d0 + warp * 16 + row) * (DV / 32) + j0 / 32) * 64 + (q & 7) * 8;
+                    *reinterpret_cast<uint4*>(Ch + off) = *reinterpret_cast<const uint4*>(&stg[row][(q & 7) * 8]);
+                }
+            } else {
+                #pragma unroll
+                for (int nt = 0; nt < JT / 8; ++nt) {
+                    *reinterpret_cast<float2*>(&cst[warp][g][nt * 8 + 2 * tq]) = make_float2(acc[nt][0], acc[nt][1]);
+                    *reinterpret_cast<float2*>(&cst[warp][g + 8][nt * 8 + 2 * tq]) = make_float2(acc[nt][2], acc[nt][3]);
+                }
+                __syncwarp();
+                #pragma unroll
+                for (int u = 0; u < 16 * JT / 4 / 32; ++u) {
+                    const int idx = lane + 32 * u;
+                    const int row = idx / (JT / 4);
+                    const int c4 = (idx % (JT / 4)) * 4;
+                    store_quad(Ce + static_cast<size_t>(d0 + warp * 16 + row) * DV + j0 + c4,
+                               *reinterpret_cast<const float4*>(&cst[warp][row][c4]));
+                }
             }
             __syncwarp();
         } else {
@@ -601,14 +638,16 @@ _OUTPUTS_SOURCE = """
     const float scale = rsqrtf(static_cast<float>(DQK));
 
     // q and k slabs during the DQK loop, then the chunk's 64 value columns (transposed).
+    static_assert(!CPRE || (NSPLIT == 2 && !SEGC), "split entering states: two terms, one segment");
     constexpr int QK_BYTES = 2 * L * (KS + PAD) * 2;
     constexpr int V_BYTES = L * (64 + PAD) * 2;
     constexpr int BUF_BYTES = 2 * QK_BYTES;  // two q/k slab buffers
     __shared__ __align__(16) unsigned char raw[BUF_BYTES > V_BYTES ? BUF_BYTES : V_BYTES];
     auto vs = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
-    __shared__ __align__(16) __nv_bfloat16 Cs[NSPLIT][KS][64 + PAD];  // C[d][j]: hi, (mid,) lo terms
+    // C[d][j]: hi, (mid,) lo terms; CPRE: double-buffered, the terms copied as stored.
+    __shared__ __align__(16) __nv_bfloat16 Cs[CPRE ? 2 : 1][NSPLIT][KS][64 + PAD];
     __shared__ float ns[DQK];
-    __shared__ __align__(16) float Cst[KS][64];  // the next C slab, as copied
+    __shared__ __align__(16) float Cst[CPRE ? 1 : KS][64];  // the next C slab, as copied (not CPRE)
     __shared__ float bs[L];
     __shared__ float is[L];
     __shared__ float qn_s[L];
@@ -622,7 +661,12 @@ _OUTPUTS_SOURCE = """
     const bool k_vec = rows_vectorizable(kb, k_strides);
     const bool v_vec = rows_vectorizable(vb, v_strides);
     const int rows_left = S - c * L;  // rows of this chunk inside the sequence
-    const float* Ce = C_enter + chunk * DQK * DV + j0;
+    // C_enter: float32 [.., DQK, DV] per chunk, or (CPRE) the states kernel's two bf16 terms (hi,
+    // lo) [.., DQK, DV / 32, 2, 32]: the same bytes per chunk.
+    static_assert(sizeof(C_enter[0]) == (CPRE ? 2 : 4), "entering states: float32, or two bf16 terms");
+    const unsigned char* Ceb = reinterpret_cast<const unsigned char*>(C_enter) + chunk * DQK * DV * 4;
+    const float* Ce = reinterpret_cast<const float*>(Ceb) + j0;
+    const __nv_bfloat16* Cp = reinterpret_cast<const __nv_bfloat16*>(Ceb);
     const float* ne = n_enter + chunk * DQK;
     float m0 = m_enter[chunk];
     // The segment's entering state, where the chunk's entering state is a local one.
@@ -677,8 +721,20 @@ _OUTPUTS_SOURCE = """
                 stage8(&qd[t][e], qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
                 stage8(&kd[t][e], kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
             }
+            if constexpr (CPRE) {
+                // Row d0 + d's 64 columns: 256 contiguous bytes, 16 pieces (group piece / 8, plane
+                // (piece / 4) % 2, columns 8 (piece % 4).. of the group).
+                auto cd = Cs[(d0 / KS) & 1];
+                for (int idx = tid; idx < KS * 16; idx += NT) {
+                    const int d = idx >> 4;
+                    const int piece = idx & 15;
+                    const int e = (piece >> 3) * 32 + (piece & 3) * 8;
+                    cp_async16(&cd[(piece >> 2) & 1][d][e],
+                               Cp + (static_cast<size_t>(d0 + d) * (DV / 32) + j0 / 32) * 64 + piece * 8);
+                }
+            }
             #pragma unroll
-            for (int u = 0; u < CV; ++u) {
+            for (int u = 0; u < (CPRE ? 0 : CV); ++u) {
                 const int idx = tid + u * NT;
                 if (idx < KS * 16) {
                     const int d = idx >> 4;
@@ -708,7 +764,7 @@ _OUTPUTS_SOURCE = """
             cp_async_wait_all();
             __syncthreads();  // slab d0 staged; every warp is past the previous slab's products
             #pragma unroll
-            for (int u = 0; u < CV; ++u) {
+            for (int u = 0; u < (CPRE ? 0 : CV); ++u) {  // CPRE: the terms came as stored
                 const int idx = tid + u * NT;
                 if (idx < KS * 16) {
                     const int d = idx >> 4;
@@ -724,10 +780,10 @@ _OUTPUTS_SOURCE = """
                     splitn_pair<NSPLIT>(cv.z, cv.w, hi);
                     #pragma unroll
                     for (int p = 0; p < NSPLIT; ++p)
-                        *reinterpret_cast<uint2*>(&Cs[p][d][e]) = make_uint2(lo[p], hi[p]);
+                        *reinterpret_cast<uint2*>(&Cs[0][p][d][e]) = make_uint2(lo[p], hi[p]);
                 }
             }
-            __syncthreads();  // Cs ready, Cst free
+            if constexpr (!CPRE) __syncthreads();  // Cs ready, Cst free
             if (d0 + KS < DQK) issue(d0 + KS);
             auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES);
             auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES + L * (KS + PAD) * 2);
@@ -754,7 +810,7 @@ _OUTPUTS_SOURCE = """
                     #pragma unroll
                     for (int np = 0; np < 4; ++np) {
                         uint32_t cf[4];
-                        ldsm_x4t(cf, &Cs[p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
+                        ldsm_x4t(cf, &Cs[CPRE ? (d0 / KS) & 1 : 0][p][kk * 16 + (ltile & 1) * 8 + lrow][np * 16 + (ltile >> 1) * 8]);
                         mma_bf16(nacc[2 * np], a, cf[0], cf[1]);
                         mma_bf16(nacc[2 * np + 1], a, cf[2], cf[3]);
                     }
@@ -876,8 +932,10 @@ _COMBINE_SOURCE = """
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(which: str, eps: float = 0.0):
-    key = (which, eps)
+def _kernel(which: str, eps: float = 0.0, bound: tuple[int, int] = (0, 0)):
+    """The kernel ``which`` (states, combine, outputs); ``bound`` (threads, blocks per SM) caps the
+    outputs kernel's registers through ``__launch_bounds__`` ((0, 0): none)."""
+    key = (which, eps, bound)
     kernel = _kernels.get(key)
     if kernel is None:
         header = _HEADER + _GATES + _ROWS + _LOADS
@@ -905,7 +963,7 @@ def _kernel(which: str, eps: float = 0.0):
                              "C_seg", "n_seg", "m_seg"],
                 output_names=["h_out"],
                 source=_OUTPUTS_SOURCE.replace("EPS", f"{float(eps)!r}f").replace("SLAB", str(_SLAB)),
-                header=header, ensure_row_contiguous=False,
+                header=launch_bounds(*bound) + header, ensure_row_contiguous=False,
             )
         _kernels[key] = kernel
     return kernel
@@ -975,8 +1033,9 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
     NC = -(-S // L)
     nseg = segments or state_segments(NC)
     nseg = -(-NC // -(-NC // nseg))  # no empty segment: ceil(NC / chunks per segment)
-    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(k, v, i, f, state, NC, L, nseg, raw=True,
-                                                                      terms=terms)
+    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(
+        k, v, i, f, state, NC, L, nseg, raw=True, terms=terms,
+        csplit=nseg == 1 and _split_terms(h_dtype, terms) == 2 and _entering_split())
     if nseg == 1:
         final = (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1))
         seg = None
@@ -991,39 +1050,48 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
             output_dtypes=[mx.float32] * 6,
         )
         seg = (C_seg, n_seg, m_seg)
-    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, seg, eps, L, h_dtype, raw=True, terms=terms)
+    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, seg, eps, L, h_dtype, raw=True, terms=terms,
+                 cpre=C_loc.dtype == mx.bfloat16)
     return h, tuple(final)
 
 
 def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bool, terms: int | None = None,
-            c_dtype: mx.Dtype = mx.float32):
+            c_dtype: mx.Dtype = mx.float32, csplit: bool = False):
+    """The states kernel's eight outputs (entering and final C, n, m, P). The entering C: in
+    ``c_dtype`` [B, NH, NC, DQK, DV], or (``csplit``) as its two bf16 terms (hi, lo) [B, NH, NC,
+    DQK, DV / 32, 2, 32] for the outputs kernel's two-term form (needs the staged stores)."""
     B, NH, _, dqk = k.shape
     dv = v.shape[-1]
     C0, n0, m0 = state  # read at their strides
     cols = _states_cols()
+    stage = cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") != "0"
+    csplit = csplit and stage
     return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0],
         template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("STAGE", cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") != "0"), ("TERMS", terms or 3)],
+                  ("STAGE", stage), ("TERMS", terms or 3), ("CSPLIT", csplit)],
         grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
         threadgroup=(128, 1, 1),
-        output_shapes=[(B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC), (B, NH, NC),
-                       (B, NH, nseg, dqk, dv), (B, NH, nseg, dqk), (B, NH, nseg), (B, NH, nseg)],
-        output_dtypes=[c_dtype] + [mx.float32] * 7,
+        output_shapes=[(B, NH, NC, dqk, dv // 32, 2, 32) if csplit else (B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC),
+                       (B, NH, NC), (B, NH, nseg, dqk, dv), (B, NH, nseg, dqk), (B, NH, nseg), (B, NH, nseg)],
+        output_dtypes=[mx.bfloat16 if csplit else c_dtype] + [mx.float32] * 7,
     )
 
 
 def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: float, L: int, h_dtype: mx.Dtype,
-             raw: bool, terms: int | None = None) -> mx.array:
+             raw: bool, terms: int | None = None, cpre: bool = False) -> mx.array:
+    """h from the entering states: float32 C_enter, or (``cpre``) the two bf16 terms of
+    :func:`_states` (``csplit``)."""
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
     NC = -(-S // L)
     if seg is None:  # not read (SEGC false): placeholders for the kernel's fixed inputs
         seg = (m_enter, m_enter, m_enter)
-    (h,) = _kernel("outputs", eps)(
+    (h,) = _kernel("outputs", eps, _outputs_bound(L, cpre))(
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms))],
+                  ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms)),
+                  ("CPRE", cpre)],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
@@ -1036,6 +1104,25 @@ def _states_cols() -> int:
     """Columns of C per states block: ``_STATES_COLS``, or ``XLSTM_METAL_STATES_COLS`` (32 or 64)."""
     forced = os.environ.get("XLSTM_METAL_STATES_COLS")
     return int(forced) if forced in ("32", "64") else _STATES_COLS
+
+
+def _entering_split() -> bool:
+    """Whether the states kernel stores the entering states as the two bf16 terms that the outputs
+    kernel multiplies when h is bf16 / fp16 (the same bytes as float32; the outputs kernel copies
+    them into shared memory as they are instead of splitting each slab itself: the same h, bit
+    for bit). On unless ``XLSTM_METAL_STATES_CSPLIT=0``."""
+    return os.environ.get("XLSTM_METAL_STATES_CSPLIT") != "0"
+
+
+def _outputs_bound(L: int, cpre: bool) -> tuple[int, int]:
+    """(threads, blocks per SM) of the outputs kernel's ``__launch_bounds__``: 4 blocks of 2L
+    threads (128 registers) with split entering states, which fit them without spilling (150
+    unbounded: 3 blocks per SM; 0.83 vs 0.94 ms per 7B layer at 16,384 tokens, round S8R1); no
+    bound otherwise (142-144 registers; 128 would spill). ``XLSTM_METAL_OUTPUTS_BLOCKS=N``
+    overrides (0: no bound)."""
+    forced = os.environ.get("XLSTM_METAL_OUTPUTS_BLOCKS", "")
+    blocks = int(forced) if forced.isdigit() else (4 if cpre else 0)
+    return (2 * L, blocks) if blocks > 0 else (0, 0)
 
 
 def _split_terms(h_dtype: mx.Dtype, terms: int | None = None) -> int:

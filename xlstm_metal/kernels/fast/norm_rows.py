@@ -40,25 +40,30 @@ _NORM_GATE_SOURCE = """
     const bool o_vec = o_strides[2] == 1 && (reinterpret_cast<uintptr_t>(orow) & 15) == 0;
     const bool w_vec = w_strides[0] == 1 && (reinterpret_cast<uintptr_t>(wr) & 15) == 0;
 
-    float xs[GROUPS][8];
+    // Every load of the row first (h, then the gate's o~ and the weight), so the o~ and weight
+    // loads are in flight during the statistics' shuffles instead of starting after them.
+    float xs[GROUPS][8], os[GROUPS][8], ws[GROUPS][8];
     #pragma unroll
     for (int u = 0; u < GROUPS; ++u)
         xl_load8(hr + (u * 256 + lane * 8) * h_strides[3], h_strides[3], h_vec, xs[u]);
+    #pragma unroll
+    for (int u = 0; u < GROUPS; ++u) {
+        const int j = u * 256 + lane * 8;
+        xl_load8(orow + j * o_strides[2], o_strides[2], o_vec, os[u]);
+        xl_load8(wr + j * w_strides[0], w_strides[0], w_vec, ws[u]);
+    }
     const float2 stats = xl_row_stats<GROUPS>(xs, DV, EPS);
     const float mean = stats.x, rstd = stats.y;
     T* out_row = out + static_cast<size_t>(row) * DV;
     #pragma unroll
     for (int u = 0; u < GROUPS; ++u) {
         const int j = u * 256 + lane * 8;
-        float ws[8], os[8];
-        xl_load8(wr + j * w_strides[0], w_strides[0], w_vec, ws);
-        xl_load8(orow + j * o_strides[2], o_strides[2], o_vec, os);
         __align__(16) T res[8];
         #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const float normed = static_cast<float>(static_cast<T>((xs[u][e] - mean) * rstd));
-            const float scaled = static_cast<float>(static_cast<T>(normed * ws[e]));
-            const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-os[e]))));
+            const float scaled = static_cast<float>(static_cast<T>(normed * ws[u][e]));
+            const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-os[u][e]))));
             res[e] = static_cast<T>(gate * scaled);
         }
         *reinterpret_cast<uint4*>(out_row + j) = *reinterpret_cast<const uint4*>(res);
