@@ -38,7 +38,7 @@ from xlstm_metal.kernels.fast import decode, decode_chain, quantized, skinny  # 
 from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
 
 
-def trace_decode(model, batch: int, steps: int, step_s: float) -> dict:
+def trace_decode(model, batch: int, steps: int, step_s: float, top: int = 14) -> dict:
     """GPU time per compiled decode step by kernel (CUPTI through PyTorch's profiler: see
     benchmarks/train_side_by_side.py), with the step's measured time for the gaps."""
     from train_side_by_side import trace_kernels  # noqa: PLC0415  (benchmarks/, the script's own folder)
@@ -60,7 +60,8 @@ def trace_decode(model, batch: int, steps: int, step_s: float) -> dict:
         return summary
     return {"busy_ms": summary["gpu_busy_ms"], "span_ms": summary["span_ms"], "step_ms": summary.get("step_ms"),
             "kernels": summary["kernels_per_step"],
-            "top": [(t["name"][:80], round(t["ms"], 4), t["launches"]) for t in summary["top"][:14]]}
+            "categories": {k: round(v["ms"], 4) for k, v in summary["categories"].items()},
+            "top": [(t["name"][:80 if top <= 14 else 140], round(t["ms"], 4), t["launches"]) for t in summary["top"][:top]]}
 
 
 def main() -> None:
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--trace-steps", type=int, default=0,
                    help="after each decode measurement, trace this many more steps under CUPTI (PyTorch's "
                    "profiler): GPU busy time per step, the gaps, the costliest kernels")
+    p.add_argument("--trace-top", type=int, default=14, help="the costliest kernels a trace lists")
     p.add_argument("--trace-rounds", type=int, default=None, help="trace in the first N rounds only")
     p.add_argument("--trace-settings", default="",
                    help="trace only after these settings (names separated by semicolons; default all)")
@@ -223,7 +225,7 @@ def main() -> None:
                           and (args.trace_rounds is None or round_ < args.trace_rounds))
                 if kind == "decode" and args.trace_steps > 0 and traced and not late():
                     emit({"setting": name, "kind": "decode_trace", "batch": size,
-                          **trace_decode(model, size, args.trace_steps, r["ms_per_step"] / 1000)})
+                          **trace_decode(model, size, args.trace_steps, r["ms_per_step"] / 1000, args.trace_top)})
         xlarge._queue_layers = queue_layers
         model.residual_dtype = residual
         decode._V2_TX = v2_tx

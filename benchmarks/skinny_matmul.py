@@ -18,6 +18,11 @@ returning all blocks' products (one evaluation, the launches encoded without Pyt
 once and twice over: the difference, per product, leaves out each evaluation's fixed cost. ``--floor`` adds, per
 product, a read-only streaming kernel over the same weights (16-byte loads, each block summing
 what it read into one float): the rate a product could reach if reading the weights were all.
+``--trace``: ``ms`` is instead the GPU time of the products' kernels (CUPTI through PyTorch's
+profiler, summed over one pass, per product; host time and launch gaps left out), the measure
+that ranks kernels where the host's encoding (~25-40 µs per cuBLASLt node) hides the GPU's.
+``--transposed``: MLX's product also as ``(W @ x.T).T`` (the weight as the left operand: another
+cuBLASLt kernel choice), made contiguous.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
@@ -82,6 +88,12 @@ def read_weights(w: mx.array, salt: mx.array, blocks: int = 132 * 8) -> mx.array
     return out
 
 
+def parse_config(text: str) -> SkinnyConfig:
+    """``tm,w,u,stages`` of the ``mma.sync`` kernel, e.g. ``2,8,1,4``."""
+    tm, w, u, stages = (int(v) for v in text.split(","))
+    return SkinnyConfig(tm=tm, w=w, u=u, stages=stages)
+
+
 def parse_wgmma_config(text: str) -> tuple[wg.WgmmaConfig, int | None]:
     """``tm,stages[,splits[,swizzle]]``, e.g. ``2,4``, ``1,6,4`` or ``2,4,0,0`` (splits 0: the
     default; swizzle 0: the interleaved shared-memory layout)."""
@@ -112,6 +124,8 @@ def main() -> None:
     p.add_argument("--wgmma-configs", default="",
                    help="extra wgmma launch shapes, 'tm,stages[,splits[,swizzle]]' separated by ';'")
     p.add_argument("--floor", action="store_true", help="also a read-only streaming kernel over the weights")
+    p.add_argument("--trace", action="store_true", help="ms: the kernels' GPU time under CUPTI")
+    p.add_argument("--transposed", action="store_true", help="also MLX's (W @ x.T).T")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: skip what begins later")
     p.add_argument("--out", default=None)
@@ -152,6 +166,12 @@ def main() -> None:
             once = mx.compile(lambda x, *ws: [product(x, w) for w in ws])
             twice = mx.compile(lambda x, x2, *ws: [product(x, w) for w in ws] + [product(x2, w) for w in ws])
             t1 = bm.median_seconds(lambda: once(x, *weights), args.repeats)
+            if args.trace:
+                from train_side_by_side import trace_kernels  # noqa: PLC0415  (benchmarks/)
+
+                summary = trace_kernels(lambda: mx.eval(once(x, *weights)), 2)
+                busy = summary.get("gpu_busy_ms", float("nan"))
+                return busy / count, 1000 * t1 / count
             t2 = bm.median_seconds(lambda: twice(x, x2, *weights), args.repeats)
             return 1000 * (t2 - t1) / count, 1000 * t1 / count
 
@@ -178,6 +198,9 @@ def main() -> None:
                       "ms_once": times[1], "gb_s": rate(times[0]), "rel_err": err})
 
             record("mlx", timed(lambda x, w: x @ w.T, x), rel_err(x @ weights[0].T))
+            if args.transposed:
+                record("mlx (W @ x.T).T", timed(lambda x, w: mx.contiguous((w @ x.T).T), x),
+                       rel_err((weights[0] @ x.T).T))
             if not skinny_supported(x, weights[0]):
                 continue
             if "mma" in kernels:

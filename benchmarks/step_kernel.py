@@ -9,7 +9,7 @@ on its own state, as a decode step does: the state of all layers is far larger t
 step reads its C from memory. Inputs as the 7B model passes them: q, k, v and the raw gates in
 the weights' dtype (strided views of the projection output), gate biases, float32 state.
 Records (one JSON object per line): ``kernel`` (``v1``, ``v2`` with its tile, ``v3`` with its
-rows per tile and in flight, ``copy``: MLX's
+rows per tile and in flight, ``v4`` with its rows per chunk, chunks in its ring and blocks per SM, ``copy``: MLX's
 ``C * 0.5``, ``copy4``: a plain 16-byte copy kernel, ``tile_copy16/32``: a copy in the step
 kernel's access pattern, strips of 64 / 128 columns), batch,
 ``us_per_layer`` (median over ``--repeats``), ``gb_s`` (C read + C written + n read + written,
@@ -124,6 +124,9 @@ def main() -> None:
     p.add_argument("--v3", default="1x32,2x32,1x16",
                    help="layout 3 (row tiles) settings to time: RBxR (rows in flight per warp x rows per tile), "
                         "comma-separated")
+    p.add_argument("--v4", default="default",
+                   help="layout 4 (whole heads through shared memory by bulk copies) settings to time: 'default' "
+                        "or CHxSTAGES[@P] (rows per chunk x chunks in the ring, P blocks per SM), comma-separated")
     p.add_argument("--no-stream-hints", action="store_true", help="also time v2 (default tile) without them")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: stop starting new work")
     p.add_argument("--out", default=None)
@@ -193,6 +196,22 @@ def main() -> None:
                                          "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
             del got
         decode._V3_RB, decode._V3_ROWS = v3_rb, v3_rows
+        decode.set_step_kernel_version(4)
+        v4_knobs = decode._V4_CH, decode._V4_STAGES, decode._V4_BLOCKS_PER_SM
+        for setting in filter(None, args.v4.split(",")):
+            if args.deadline is not None and time.perf_counter() - start > args.deadline:
+                break
+            shape, _, per_sm = setting.partition("@")
+            ch, stages = (v4_knobs[0], v4_knobs[1]) if shape == "default" else map(int, shape.split("x"))
+            decode._V4_CH, decode._V4_STAGES = ch, stages
+            decode._V4_BLOCKS_PER_SM = int(per_sm) if per_sm else v4_knobs[2]
+            launch = decode._v4_launch(B * NH, dqk, dv)
+            record, got = timed(steps)
+            emit({"kernel": "v4", **record, "launch": None if launch is None else list(launch[:4]),
+                  "max_rel_diff_vs_v1": {"h": max(_rel(g[0], r[0]) for g, r in zip(got, ref)),
+                                         "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
+            del got
+        decode._V4_CH, decode._V4_STAGES, decode._V4_BLOCKS_PER_SM = v4_knobs
         decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB = stream, tx, rb
         decode._V2_BLOCKS_PER_SM = blocks_per_sm
         decode.set_step_kernel_version(version)

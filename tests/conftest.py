@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path):
     return path
 
 
-@pytest.fixture(params=[1, 2, 3], ids=["layout1", "layout2", "layout3"])
+@pytest.fixture(params=[1, 2, 3, 4], ids=["layout1", "layout2", "layout3", "layout4"])
 def step_layout(request):
     """Each layout of the CUDA step kernel in turn (kernels.fast.decode.set_step_kernel_version)."""
     from xlstm_metal.kernels.fast import decode

@@ -199,6 +199,45 @@ def test_step_gated_row_tiles(monkeypatch, B, NH, DQK, DV, rows, rb):
 
 
 @cuda
+@pytest.mark.parametrize("B,NH,DQK,DV,ch,stages,sms", [
+    (16, 8, 256, 512, None, 3, 132),  # the 7B heads at batch 16: one head per block
+    (64, 8, 256, 512, None, 3, 132),  # at batch 64: 2 blocks per SM, 1-2 heads each
+    (3, 8, 256, 512, 8, 6, 2),  # 4 blocks walk 6 heads each: the ring runs on across heads
+    (5, 2, 64, 40, 4, 2, 1),  # 10 threads per row, 25 rows of threads for 4-row chunks (some idle)
+    (2, 3, 48, 1024, 2, 4, 1),  # 256 column groups: one row of threads, no row sums
+    (1, 2, 16, 64, 8, 5, 1),  # fewer chunks per block (2) than the ring holds
+])
+def test_step_gated_bulk_copy_ring(monkeypatch, B, NH, DQK, DV, ch, stages, sms):
+    # Layout 4: whole heads through a ring of shared-memory chunks filled and drained by bulk
+    # copies, with other chunk heights, ring depths and few blocks (each taking several heads).
+    from xlstm_metal.kernels.fast import decode
+
+    monkeypatch.setattr(decode, "_step_version", 4)
+    monkeypatch.setattr(decode, "_SMS", sms)
+    monkeypatch.setattr(decode, "_V4_CH", ch)
+    monkeypatch.setattr(decode, "_V4_STAGES", stages)
+    assert decode._v4_launch(B * NH, DQK, DV) is not None
+    args, state = _gate_inputs(B * DQK + DV + stages, B=B, NH=NH, DQK=DQK, DV=DV)
+    _assert_gated_matches(args, state)
+    fn = mx.compile(lambda *a: mlstm_step_gated(*a, gate_soft_cap=15.0))  # and compiled
+    (h, s), (h2, s2) = fn(*args, state), mlstm_step_gated(*args, state, gate_soft_cap=15.0)
+    assert mx.array_equal(h, h2) and all(mx.array_equal(x, y) for x, y in zip(s, s2))
+
+
+def test_bulk_copy_ring_launch():
+    from xlstm_metal.kernels.fast import decode
+
+    # (CH, STAGES, RT, blocks, dynamic shared bytes): the 7B heads get 16-row chunks of 32 KB, a
+    # ring of 3, two rows of 128 threads, 2 blocks per SM (capped by the heads at batch 1/16).
+    assert decode._v4_launch(512, 256, 512) == (16, 3, 2, 264, 3 * 32768)
+    assert decode._v4_launch(128, 256, 512) == (16, 3, 2, 128, 3 * 32768)
+    assert decode._v4_launch(8, 256, 512) == (16, 3, 2, 8, 3 * 32768)
+    assert decode._v4_launch(6, 24, 40) == (8, 3, 25, 6, 3 * 8 * 160)  # CH: the power of 2 dividing 24
+    assert decode._v4_launch(4, 96, 192) == (32, 3, 5, 4, 3 * 32 * 768)
+    assert decode._v4_launch(4, 64, 37) is None and decode._v4_launch(4, 64, 2048) is None
+
+
+@cuda
 @pytest.mark.parametrize("state_dtype", [mx.bfloat16, mx.float16])
 def test_step_gated_narrow_state(step_layout, state_dtype):
     # A state held in bf16/fp16: read and written element by element, rounded where the
@@ -226,7 +265,7 @@ def test_step_layout_choice():
         tx, td, vec, rb = decode._v2_tile(heads, dqk, dv)
         assert 32 % tx == 0 and (tx * td) % 32 == 0 and tx * td <= 256 and 1 <= rb <= 8
     with pytest.raises(ValueError):
-        decode.set_step_kernel_version(4)
+        decode.set_step_kernel_version(5)
     # Layout 3 (row tiles) where DV is whole 128-column groups and DQK whole tiles; else layout 2.
     assert decode._v3_rows(256, 512) == 32 and decode._v3_rows(128, 256) == 32
     assert decode._v3_rows(96, 192) is None and decode._v3_rows(48, 512) is None

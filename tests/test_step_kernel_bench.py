@@ -27,10 +27,13 @@ def _run(tmp_path, script, *args):
 
 def test_step_kernel_script_records(tmp_path):
     records = _run(tmp_path, "step_kernel.py", "--batches", "1,3", "--repeats", "1", "--tiles", "default,8x4@2",
-                   "--v3", "1x16")
+                   "--v3", "1x16", "--v4", "default,4x2@1")
     for B in (1, 3):
         kinds = [r["kernel"] for r in records if r.get("batch") == B]
-        assert kinds == ["copy", "v1", "v2", "v2", "v3"]
+        assert kinds == ["copy", "v1", "v2", "v2", "v3", "v4", "v4"]
+        v4 = [r["launch"] for r in records if r.get("batch") == B and r["kernel"] == "v4"]
+        # (CH, STAGES, RT, blocks): DV 32 is 8 column groups, 32 rows of threads; 2 heads per batch row
+        assert v4 == [[16, 3, 32, 2 * B], [4, 2, 32, 2 * B]]
         (v3,) = [r for r in records if r.get("batch") == B and r["kernel"] == "v3"]
         assert (v3["rb"], v3["rows"], v3["applies"]) == (1, 16, False)  # DV 32: not whole 128-column groups
         for r in records:
@@ -40,7 +43,7 @@ def test_step_kernel_script_records(tmp_path):
         assert tiles[1] == [8, 16, 4, 1]  # 8 threads along the columns, 16 rows of threads for DQK 16
         assert [r["blocks_per_sm"] for r in records if r.get("batch") == B and r["kernel"] == "v2"] == [None, 2]
         for r in records:
-            if r.get("kernel") in ("v2", "v3"):
+            if r.get("kernel") in ("v2", "v3", "v4"):
                 assert r["max_rel_diff_vs_v1"] == {"h": 0.0, "C": 0.0}
     assert records[-1]["kind"] == "done"
 

@@ -461,6 +461,152 @@ GATES
     }
 """.replace("GATES\n", _GATES)
 
+# The fourth layout: each head's state streamed through shared memory by the copy engine. S6-S7
+# found every layout that moves C through registers below a flat copy (3.1 against 3.65 TB/s at
+# 64 rows): column strips hold DRAM below the copy rate, and whole rows per warp fit only one or
+# two rows in flight. Here a block takes whole heads (persistent: head blockIdx.x, + gridDim.x,
+# ...) and one thread moves their C in contiguous chunks of CH rows (CH * DV * 4 bytes) with
+# bulk asynchronous copies (``cp.async.bulk``, Hopper's TMA without a tensor map) into a ring of
+# STAGES chunks, completion counted by an mbarrier per slot; the threads update the chunk in
+# shared memory (C' = fa C + ia k v^T, q.C' summed per column in registers) and the same thread
+# writes it back with a bulk store. The next chunks (also the next head's first ones) stay in
+# flight meanwhile, without registers, so DRAM sees long contiguous reads and writes. A head's
+# sums need no second pass: the block holds all its rows. NT = (DV / 4) * RT threads: thread t
+# owns 16-byte column group t % (DV / 4) and rows t / (DV / 4) + RT i of every chunk.
+_STEP_GATED_SOURCE_V4 = """
+    constexpr int G = DV / 4;         // 16-byte column groups per row
+    constexpr int NT = G * RT;
+    constexpr int NC = DQK / CH;      // chunks per head
+    constexpr uint32_t CHUNK = CH * DV * 4;
+    constexpr int NW = (NT + 31) / 32;
+    const int tid = threadIdx.x;
+    const int tx = tid % G, ty = tid / G;
+    const int n_heads = q_shape[0] * NH;
+    const int my_heads = (n_heads - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+    const int total = my_heads * NC;  // chunks this block moves
+    extern __shared__ __align__(128) uint8_t xl_ring[];
+    __shared__ __align__(8) uint64_t s_full[STAGES];
+    __shared__ float s_q[DQK];
+    __shared__ float s_k[DQK];
+    __shared__ __align__(16) float s_v[DV];
+    __shared__ float s_red[RT > 1 ? RT * DV : 1];
+    __shared__ float s_qn[NW];
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(xl_ring));
+    const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(s_full));
+
+    // Chunk g of this block: head blockIdx.x + (g / NC) gridDim.x, rows (g % NC) CH on.
+    auto chunk_off = [&](int g) -> size_t {
+        const size_t bh_g = static_cast<size_t>(blockIdx.x) + static_cast<size_t>(g / NC) * gridDim.x;
+        return (bh_g * DQK + static_cast<size_t>(g % NC) * CH) * DV;
+    };
+    auto load_chunk = [&](int g) {  // thread 0 only
+        const int s = g % STAGES;
+        const uint32_t bar = full0 + 8 * s;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\\n" :: "r"(bar), "r"(CHUNK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\\n"
+                     :: "r"(ring + s * CHUNK), "l"(C + chunk_off(g)), "r"(CHUNK), "r"(bar) : "memory");
+    };
+    if (tid == 0) {
+        #pragma unroll
+        for (int s = 0; s < STAGES; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\\n" :: "r"(full0 + 8 * s) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory");
+    }
+    __syncthreads();
+    if (tid == 0) {
+        for (int g = 0; g < STAGES - 1 && g < total; ++g) load_chunk(g);  // before anything else
+    }
+
+    float fa_h = 0.0f, den = 1.0f, m_h = 0.0f;
+    float4 v4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), acc = v4;
+    for (int g = 0; g < total; ++g) {
+    const int c = g % NC;
+    const int bh = static_cast<int>(blockIdx.x) + (g / NC) * static_cast<int>(gridDim.x);
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    if (c == 0) {
+        // A new head: its gates, q (scaled), k and ia v to shared memory, n' = fa n + ia k, q.n'.
+        {
+GATES_AND_OFFSETS
+        fa_h = fa;
+        m_h = m_new;
+        float qn = 0.0f;
+        for (int d = tid; d < DQK; d += NT) {
+            const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
+            const float qd = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
+            const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
+            qn += qd * nd;
+            s_q[d] = qd;
+            s_k[d] = kd;
+            n_out[qk_off + d] = static_cast<ST>(nd);
+        }
+        for (int j = tid; j < DV; j += NT) s_v[j] = ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + j * v_strides[3]]);
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) qn += __shfl_xor_sync(0xffffffffu, qn, o);
+        if ((tid & 31) == 0) s_qn[tid >> 5] = qn;
+        __syncthreads();
+        float qn_all = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < NW; ++w) qn_all += s_qn[w];
+        den = fmaxf(fabsf(qn_all), expf(-m_new)) + EPS;
+        v4 = reinterpret_cast<const float4*>(s_v)[tx];
+        acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    }
+    const int s = g % STAGES;
+    {   // wait for chunk g's bytes
+        const uint32_t bar = full0 + 8 * s;
+        const uint32_t parity = (g / STAGES) & 1;
+        uint32_t done = 0;
+        while (!done) {
+            asm volatile("{\\n.reg .pred p;\\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\\nselp.u32 %0, 1, 0, p;\\n}\\n"
+                         : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+        }
+    }
+    float4* slot = reinterpret_cast<float4*>(xl_ring + s * CHUNK);
+    #pragma unroll
+    for (int r = ty; r < CH; r += RT) {
+        const int d = c * CH + r;
+        const float kd = s_k[d], qd = s_q[d];
+        float4 cv = slot[r * G + tx];
+        cv.x = fa_h * cv.x + kd * v4.x; cv.y = fa_h * cv.y + kd * v4.y;
+        cv.z = fa_h * cv.z + kd * v4.z; cv.w = fa_h * cv.w + kd * v4.w;
+        acc.x += qd * cv.x; acc.y += qd * cv.y; acc.z += qd * cv.z; acc.w += qd * cv.w;
+        slot[r * G + tx] = cv;
+    }
+    asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");  // the bulk store reads what we wrote
+    __syncthreads();
+    if (tid == 0) {
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\\n"
+                     :: "l"(C_out + chunk_off(g)), "r"(ring + s * CHUNK), "r"(CHUNK) : "memory");
+        asm volatile("cp.async.bulk.commit_group;\\n" ::: "memory");
+        // The slot of chunk g - 1 is free once its store has read it: refill it with g + STAGES - 1.
+        asm volatile("cp.async.bulk.wait_group.read 1;\\n" ::: "memory");
+        if (g + STAGES - 1 < total) load_chunk(g + STAGES - 1);
+    }
+    if (c == NC - 1) {
+        // The head's h: the column sums of the RT rows of threads, over q.n'.
+        const size_t v_off = static_cast<size_t>(bh) * DV;
+        if (RT > 1) {
+            s_red[ty * DV + 4 * tx] = acc.x; s_red[ty * DV + 4 * tx + 1] = acc.y;
+            s_red[ty * DV + 4 * tx + 2] = acc.z; s_red[ty * DV + 4 * tx + 3] = acc.w;
+            __syncthreads();
+            for (int j = tid; j < DV; j += NT) {
+                float num = 0.0f;
+                #pragma unroll
+                for (int t = 0; t < RT; ++t) num += s_red[t * DV + j];
+                h[v_off + j] = static_cast<HT>(num / den);
+            }
+        } else {
+            h[v_off + 4 * tx] = static_cast<HT>(acc.x / den); h[v_off + 4 * tx + 1] = static_cast<HT>(acc.y / den);
+            h[v_off + 4 * tx + 2] = static_cast<HT>(acc.z / den); h[v_off + 4 * tx + 3] = static_cast<HT>(acc.w / den);
+        }
+        if (tid == 0) m_out[bh] = static_cast<ST>(m_h);
+        __syncthreads();  // s_red, s_q, s_k, s_v are the next head's from here
+    }
+    }
+    if (tid == 0) asm volatile("cp.async.bulk.wait_group 0;\\n" ::: "memory");
+""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
+
 # Layout 3's second kernel: h = (sum of the tiles' q.C') / (max(|sum of their q.n'|, exp(-m')) + eps).
 _STEP_FINISH_SOURCE = """
     const int bh = blockIdx.x;
@@ -546,8 +692,8 @@ _step_kernels: dict[tuple, object] = {}
 # and S6R3) or 3 (``_STEP_GATED_SOURCE_V3``, row tiles: slower than 2 in S6R3);
 # ``XLSTM_METAL_STEP_KERNEL`` picks it, for comparisons.
 _step_version = int(os.environ.get("XLSTM_METAL_STEP_KERNEL", "2"))
-if _step_version not in (1, 2, 3):
-    raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1, 2 or 3, got {_step_version}")
+if _step_version not in (1, 2, 3, 4):
+    raise ValueError(f"XLSTM_METAL_STEP_KERNEL must be 1, 2, 3 or 4, got {_step_version}")
 #: Streaming cache hints on the state's loads and stores in layout 2 (it is not reused in a step).
 _STREAM_HINTS = True
 #: Layout 2's threads along the value columns (4, 8, 16, 32, 64 or 128 with 16-byte columns; 128
@@ -564,19 +710,51 @@ _V3_RB = 1  # 78 registers (3 blocks of 256 per SM); 2 rows take 86 (2 blocks)
 #: or None for one block per tile; a benchmark knob.
 _V2_BLOCKS_PER_SM: int | None = None
 _SMS = 132  # enough blocks for an H100/H200's streaming multiprocessors at every batch
+#: Layout 4's rows per chunk (None: the most, a power of 2 dividing DQK, within 32 KB), chunks in
+#: its ring, and blocks per SM (None: as many as fit beside each other, at most 2); benchmark knobs.
+_V4_CH: int | None = None
+_V4_STAGES = 3
+_V4_BLOCKS_PER_SM: int | None = None
+#: Shared memory a block may hold on an H100/H200 (227 KB) and an SM (228 KB; 1 KB per block reserved).
+_SMEM_BLOCK, _SMEM_SM = 227 * 1024, 228 * 1024
 
 
 def step_kernel_version() -> int:
-    """Which layout of :func:`mlstm_step_gated`'s CUDA kernel runs (1, 2 or 3)."""
+    """Which layout of :func:`mlstm_step_gated`'s CUDA kernel runs (1, 2, 3 or 4)."""
     return _step_version
 
 
 def set_step_kernel_version(version: int) -> None:
-    """Pick the layout of the gated step kernel (1, 2 or 3) for functions traced from now on."""
+    """Pick the layout of the gated step kernel (1, 2, 3 or 4) for functions traced from now on."""
     global _step_version
-    if version not in (1, 2, 3):
-        raise ValueError(f"step kernel version must be 1, 2 or 3, got {version}")
+    if version not in (1, 2, 3, 4):
+        raise ValueError(f"step kernel version must be 1, 2, 3 or 4, got {version}")
     _step_version = version
+
+
+def _v4_launch(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int, int] | None:
+    """Layout 4's (CH, STAGES, RT, blocks, dynamic shared bytes) for B * NH heads, or None where it
+    does not apply (DV a multiple of 4 up to 1024: 16-byte column groups, one per thread of a row
+    of threads). CH rows per chunk: :data:`_V4_CH` or the most (a power of 2 dividing DQK) within
+    32 KB; RT rows of DV / 4 threads (<= 256 threads); blocks: :data:`_V4_BLOCKS_PER_SM` (or as
+    many as fit, at most 2) per SM, no more than there are heads."""
+    if dv % 4 or dv > 1024:
+        return None
+    g = dv // 4
+    rt = max(1, 256 // g)
+    ch = _V4_CH
+    if ch is None:
+        ch = dqk & -dqk  # the largest power of 2 dividing DQK
+        while ch > 1 and ch * dv * 4 > 32 * 1024:
+            ch //= 2
+    if dqk % ch:
+        return None
+    dyn = _V4_STAGES * ch * dv * 4
+    static = 4 * (2 * dqk + dv + (rt * dv if rt > 1 else 1) + 8) + 8 * _V4_STAGES + 64
+    if dyn + static > _SMEM_BLOCK:
+        return None
+    per_sm = _V4_BLOCKS_PER_SM or max(1, min(2, _SMEM_SM // (dyn + static + 1024)))
+    return ch, _V4_STAGES, rt, min(batch_heads, per_sm * _SMS), dyn
 
 
 def _v2_tile(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int]:
@@ -614,11 +792,13 @@ _PACKED_STRIDES = (("q_shape[0]", "y_shape[0]"), ("q_strides[0]", "y_strides[0]"
                    ("v_strides[3]", "1"))
 
 
-def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: int, packed: bool = False):
-    key = (eps, cap, has_bias, inproj, version, packed)
+def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: int, packed: bool = False,
+                 shared: int = 0):
+    key = (eps, cap, has_bias, inproj, version, packed, shared)
     kernel = _step_kernels.get(key)
     if kernel is None:
-        source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3}[version]
+        source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3,
+                  4: _STEP_GATED_SOURCE_V4}[version]
         source = source.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
         source = source.replace("HAS_BIAS", "true" if has_bias else "false")
         for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
@@ -648,6 +828,7 @@ def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: 
             source=source,
             header=_GATE_HEADER,
             ensure_row_contiguous=False,
+            shared_memory=shared,
         )
         _step_kernels[key] = kernel
     return kernel
@@ -778,8 +959,20 @@ def _step_launch(heads, packed_template, gates, inproj, i_bias, f_bias, state, B
             output_shapes=[(B, NH, 1, dv)], output_dtypes=[h_dtype],
         )
         return h, (C_new, n_new, m_new)
-    if version == 3:
-        version = 2  # row tiles need a float32 state, whole 128-column groups, the raw gates, and
+    v4 = _v4_launch(B * NH, dqk, dv) if version == 4 and load4 and not inproj else None
+    if v4 is not None:
+        # Whole heads streamed through shared memory by bulk copies (see _STEP_GATED_SOURCE_V4).
+        ch, stages, rt, blocks, dyn = v4
+        h, C_new, n_new, m_new = _step_kernel(eps, cap, has_bias, inproj, 4, packed, shared=dyn)(
+            inputs=inputs, template=template + [("CH", ch), ("STAGES", stages), ("RT", rt)],
+            grid=(blocks * rt * (dv // 4), 1, 1), threadgroup=(rt * (dv // 4), 1, 1),
+            output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
+            output_dtypes=[h_dtype, out_dtype, out_dtype, out_dtype],
+        )
+        return h, (C_new, n_new, m_new)
+    if version in (3, 4):
+        version = 2  # layout 4 needs a float32 state, DV a multiple of 4 up to 1024, the raw gates;
+        # row tiles need a float32 state, whole 128-column groups, the raw gates, and
         # two tiles per SM (at batch 1 the 7B heads make 64)
     if version == 2:
         tx, td, vec, rb = _v2_tile(B * NH, dqk, dv)
