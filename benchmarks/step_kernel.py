@@ -91,6 +91,60 @@ def _tile_copy(c: mx.array, tx: int) -> mx.array:
                              output_shapes=[c.shape], output_dtypes=[c.dtype])[0]
 
 
+_bulk_copy_kernels: dict = {}
+
+
+def _bulk_copy(x: mx.array, chunk: int, stages: int, blocks: int) -> mx.array:
+    """A copy of float32 ``x`` through shared memory as layout 4 moves the state: persistent
+    blocks, each taking chunks of ``chunk`` bytes (i, i + blocks, ...) through a ring of
+    ``stages`` slots, one thread issuing bulk asynchronous loads (mbarrier completion) and bulk
+    stores; no arithmetic: what that mechanism alone reaches."""
+    if x.nbytes % chunk or chunk % 16:
+        raise ValueError("_bulk_copy needs whole chunks of a multiple of 16 bytes")
+    key = (chunk, stages)
+    if key not in _bulk_copy_kernels:
+        _bulk_copy_kernels[key] = mx.fast.cuda_kernel(
+            name=f"xlstm_bench_bulk_copy_{chunk}_{stages}", input_names=["x"], output_names=["y"],
+            shared_memory=chunk * stages, source="""
+    extern __shared__ __align__(128) uint8_t ring_[];
+    __shared__ __align__(8) uint64_t full[STAGES];
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(ring_));
+    const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+    const int n_chunks = static_cast<int>(x_shape[0] / (CHUNK / 4));
+    const int total = (n_chunks - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+    auto off = [&](int g) { return (static_cast<size_t>(blockIdx.x) + static_cast<size_t>(g) * gridDim.x) * (CHUNK / 4); };
+    auto load = [&](int g) {
+        const uint32_t bar = full0 + 8 * (g % STAGES);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\\n" :: "r"(bar), "r"(CHUNK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\\n"
+                     :: "r"(ring + (g % STAGES) * CHUNK), "l"(x + off(g)), "r"(CHUNK), "r"(bar) : "memory");
+    };
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\\n" :: "r"(full0 + 8 * s) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory");
+        for (int g = 0; g < STAGES - 1 && g < total; ++g) load(g);
+        for (int g = 0; g < total; ++g) {
+            uint32_t done = 0;
+            while (!done) {
+                asm volatile("{\\n.reg .pred p;\\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\\nselp.u32 %0, 1, 0, p;\\n}\\n"
+                             : "=r"(done) : "r"(full0 + 8 * (g % STAGES)), "r"((g / STAGES) & 1) : "memory");
+            }
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\\n"
+                         :: "l"(y + off(g)), "r"(ring + (g % STAGES) * CHUNK), "r"(CHUNK) : "memory");
+            asm volatile("cp.async.bulk.commit_group;\\n" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 1;\\n" ::: "memory");
+            if (g + STAGES - 1 < total) load(g + STAGES - 1);
+        }
+        asm volatile("cp.async.bulk.wait_group 0;\\n" ::: "memory");
+    }
+""")
+    flat = x.reshape(-1)
+    (y,) = _bulk_copy_kernels[key](inputs=[flat], template=[("CHUNK", chunk), ("STAGES", stages)],
+                                   grid=(min(blocks, flat.nbytes // chunk) * 32, 1, 1), threadgroup=(32, 1, 1),
+                                   output_shapes=[flat.shape], output_dtypes=[flat.dtype])
+    return y.reshape(x.shape)
+
+
 def make_steps(config, batch: int, dtype: mx.Dtype, layers: int, seed: int = 0) -> tuple[Callable[[], list], list, int]:
     """The step of ``layers`` layers of ``config``'s heads at ``batch`` rows, each on its own random
     state, as one function (-> [(h, state)] per layer); the states [(C, n, m)]; the bytes of state
@@ -127,6 +181,9 @@ def main() -> None:
     p.add_argument("--v4", default="default",
                    help="layout 4 (whole heads through shared memory by bulk copies) settings to time: 'default' "
                         "or CHxSTAGES[@P] (rows per chunk x chunks in the ring, P blocks per SM), comma-separated")
+    p.add_argument("--bulk-copy", default="",
+                   help="copies of the state through layout 4's ring alone, KBxSTAGES[@P] (chunk KB x slots, "
+                        "P blocks per SM, default 2), comma-separated (CUDA only)")
     p.add_argument("--no-stream-hints", action="store_true", help="also time v2 (default tile) without them")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: stop starting new work")
     p.add_argument("--out", default=None)
@@ -212,6 +269,16 @@ def main() -> None:
                                          "C": max(_rel(g[1][0], r[1][0]) for g, r in zip(got, ref))}})
             del got
         decode._V4_CH, decode._V4_STAGES, decode._V4_BLOCKS_PER_SM = v4_knobs
+        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+            for setting in filter(None, args.bulk_copy.split(",")):
+                if args.deadline is not None and time.perf_counter() - start > args.deadline:
+                    break
+                shape, _, per_sm = setting.partition("@")
+                kb, stages = map(int, shape.split("x"))
+                blocks = (int(per_sm) if per_sm else 2) * decode._SMS
+                emit({"kernel": "bulk_copy", "chunk_kb": kb, "stages": stages, "blocks": blocks,
+                      **timed(lambda: [(_bulk_copy(s[0], kb * 1024, stages, blocks), _copy4(s[1]))
+                                       for s in states])[0]})
         decode._STREAM_HINTS, decode._V2_TX, decode._V2_RB = stream, tx, rb
         decode._V2_BLOCKS_PER_SM = blocks_per_sm
         decode.set_step_kernel_version(version)

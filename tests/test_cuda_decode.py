@@ -203,7 +203,7 @@ def test_step_gated_row_tiles(monkeypatch, B, NH, DQK, DV, rows, rb):
     (16, 8, 256, 512, None, 3, 132),  # the 7B heads at batch 16: one head per block
     (64, 8, 256, 512, None, 3, 132),  # at batch 64: 2 blocks per SM, 1-2 heads each
     (3, 8, 256, 512, 8, 6, 2),  # 4 blocks walk 6 heads each: the ring runs on across heads
-    (5, 2, 64, 40, 4, 2, 1),  # 10 threads per row, 25 rows of threads for 4-row chunks (some idle)
+    (5, 2, 64, 40, 4, 2, 1),  # 10 threads per row, 16 rows of threads for 4-row chunks (some idle)
     (2, 3, 48, 1024, 2, 4, 1),  # 256 column groups: one row of threads, no row sums
     (1, 2, 16, 64, 8, 5, 1),  # fewer chunks per block (2) than the ring holds
 ])
@@ -232,9 +232,11 @@ def test_bulk_copy_ring_launch():
     assert decode._v4_launch(512, 256, 512) == (16, 3, 2, 264, 3 * 32768)
     assert decode._v4_launch(128, 256, 512) == (16, 3, 2, 128, 3 * 32768)
     assert decode._v4_launch(8, 256, 512) == (16, 3, 2, 8, 3 * 32768)
-    assert decode._v4_launch(6, 24, 40) == (8, 3, 25, 6, 3 * 8 * 160)  # CH: the power of 2 dividing 24
-    assert decode._v4_launch(4, 96, 192) == (32, 3, 5, 4, 3 * 32 * 768)
+    # CH: the power of 2 dividing 24; RT: 16 rows of 10 threads (5 warps), 4 of 48 (6 warps)
+    assert decode._v4_launch(6, 24, 40) == (8, 3, 16, 6, 3 * 8 * 160)
+    assert decode._v4_launch(4, 96, 192) == (32, 3, 4, 4, 3 * 32 * 768)
     assert decode._v4_launch(4, 64, 37) is None and decode._v4_launch(4, 64, 2048) is None
+    assert decode._v4_launch(4, 64, 36) is None  # 9 column groups: no whole warps within 256 threads
 
 
 @cuda

@@ -475,10 +475,12 @@ GATES
 # owns 16-byte column group t % (DV / 4) and rows t / (DV / 4) + RT i of every chunk.
 _STEP_GATED_SOURCE_V4 = """
     constexpr int G = DV / 4;         // 16-byte column groups per row
-    constexpr int NT = G * RT;
+    constexpr int NT = G * RT;        // a multiple of 32
     constexpr int NC = DQK / CH;      // chunks per head
     constexpr uint32_t CHUNK = CH * DV * 4;
-    constexpr int NW = (NT + 31) / 32;
+    constexpr int NW = NT / 32;
+    constexpr int QPT = (DQK + NT - 1) / NT;  // q, k, n entries per thread
+    constexpr int VPT = (DV + NT - 1) / NT;   // v entries per thread
     const int tid = threadIdx.x;
     const int tx = tid % G, ty = tid / G;
     const int n_heads = q_shape[0] * NH;
@@ -516,30 +518,67 @@ _STEP_GATED_SOURCE_V4 = """
         for (int g = 0; g < STAGES - 1 && g < total; ++g) load_chunk(g);  // before anything else
     }
 
+    // A head's small inputs (raw gates, m, this thread's q, k, n and v entries), fetched into
+    // registers one head ahead: a new head then starts without waiting on global loads.
+    float r_i = 0.0f, r_f = 0.0f, r_m = 0.0f, r_q[QPT], r_k[QPT], r_n[QPT], r_v[VPT];
+    auto fetch = [&](int bh) {
+        if (bh >= n_heads) return;
+        const int b = bh / NH;
+        const int hd = bh % NH;
+        r_i = IRAW;
+        r_f = FRAW;
+        r_m = static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]]);
+        const int64_t q_off = b * q_strides[0] + hd * q_strides[1];
+        const int64_t k_off = b * k_strides[0] + hd * k_strides[1];
+        const int64_t n_off = b * n_strides[0] + hd * n_strides[1];
+        #pragma unroll
+        for (int e = 0; e < QPT; ++e) {
+            const int d = tid + e * NT;
+            r_q[e] = d < DQK ? static_cast<float>(q[q_off + d * q_strides[3]]) : 0.0f;
+            r_k[e] = d < DQK ? static_cast<float>(k[k_off + d * k_strides[3]]) : 0.0f;
+            r_n[e] = d < DQK ? static_cast<float>(n[n_off + d * n_strides[2]]) : 0.0f;
+        }
+        #pragma unroll
+        for (int e = 0; e < VPT; ++e) {
+            const int j = tid + e * NT;
+            r_v[e] = j < DV ? static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + j * v_strides[3]]) : 0.0f;
+        }
+    };
+    fetch(blockIdx.x);
+
     float fa_h = 0.0f, den = 1.0f, m_h = 0.0f;
-    float4 v4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), acc = v4;
+    float4 v4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 acc = v4, comp = v4;  // the head's column sums, Kahan-compensated over its chunks
     for (int g = 0; g < total; ++g) {
     const int c = g % NC;
     const int bh = static_cast<int>(blockIdx.x) + (g / NC) * static_cast<int>(gridDim.x);
-    const int b = bh / NH;
-    const int hd = bh % NH;
     if (c == 0) {
         // A new head: its gates, q (scaled), k and ia v to shared memory, n' = fa n + ia k, q.n'.
-        {
-GATES_AND_OFFSETS
+        const int b = bh / NH;
+        const int hd = bh % NH;
+        const float ig = xl_gate<GT>(r_i, IBIAS, HAS_BIAS, CAP);
+        const float fg = xl_gate<GT>(r_f, FBIAS, HAS_BIAS, CAP);
+STABILISER
         fa_h = fa;
         m_h = m_new;
         float qn = 0.0f;
-        for (int d = tid; d < DQK; d += NT) {
-            const float kd = static_cast<float>(k[k_off + d * k_strides[3]]);
-            const float qd = static_cast<float>(q[q_off + d * q_strides[3]]) * scale;
-            const float nd = fa * static_cast<float>(n[n_off + d * n_strides[2]]) + ia * kd;
-            qn += qd * nd;
-            s_q[d] = qd;
-            s_k[d] = kd;
-            n_out[qk_off + d] = static_cast<ST>(nd);
+        #pragma unroll
+        for (int e = 0; e < QPT; ++e) {
+            const int d = tid + e * NT;
+            if (d < DQK) {
+                const float qd = r_q[e] * scale;
+                const float nd = fa * r_n[e] + ia * r_k[e];
+                qn += qd * nd;
+                s_q[d] = qd;
+                s_k[d] = r_k[e];
+                n_out[static_cast<size_t>(bh) * DQK + d] = static_cast<ST>(nd);
+            }
         }
-        for (int j = tid; j < DV; j += NT) s_v[j] = ia * static_cast<float>(v[b * v_strides[0] + hd * v_strides[1] + j * v_strides[3]]);
+        #pragma unroll
+        for (int e = 0; e < VPT; ++e) {
+            if (tid + e * NT < DV) s_v[tid + e * NT] = ia * r_v[e];
+        }
+        fetch(bh + gridDim.x);  // the next head's, in flight while this one streams
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) qn += __shfl_xor_sync(0xffffffffu, qn, o);
         if ((tid & 31) == 0) s_qn[tid >> 5] = qn;
@@ -550,7 +589,7 @@ GATES_AND_OFFSETS
         den = fmaxf(fabsf(qn_all), expf(-m_new)) + EPS;
         v4 = reinterpret_cast<const float4*>(s_v)[tx];
         acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
+        comp = acc;
     }
     const int s = g % STAGES;
     {   // wait for chunk g's bytes
@@ -563,6 +602,7 @@ GATES_AND_OFFSETS
         }
     }
     float4* slot = reinterpret_cast<float4*>(xl_ring + s * CHUNK);
+    float4 part = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     #pragma unroll
     for (int r = ty; r < CH; r += RT) {
         const int d = c * CH + r;
@@ -570,8 +610,15 @@ GATES_AND_OFFSETS
         float4 cv = slot[r * G + tx];
         cv.x = fa_h * cv.x + kd * v4.x; cv.y = fa_h * cv.y + kd * v4.y;
         cv.z = fa_h * cv.z + kd * v4.z; cv.w = fa_h * cv.w + kd * v4.w;
-        acc.x += qd * cv.x; acc.y += qd * cv.y; acc.z += qd * cv.z; acc.w += qd * cv.w;
+        part.x += qd * cv.x; part.y += qd * cv.y; part.z += qd * cv.z; part.w += qd * cv.w;
         slot[r * G + tx] = cv;
+    }
+    {   // acc += part, compensated (a head's 256 rows summed by one thread otherwise lose ~2e-5)
+        float y, t;
+        y = part.x - comp.x; t = acc.x + y; comp.x = (t - acc.x) - y; acc.x = t;
+        y = part.y - comp.y; t = acc.y + y; comp.y = (t - acc.y) - y; acc.y = t;
+        y = part.z - comp.z; t = acc.z + y; comp.z = (t - acc.z) - y; acc.z = t;
+        y = part.w - comp.w; t = acc.w + y; comp.w = (t - acc.w) - y; acc.w = t;
     }
     asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");  // the bulk store reads what we wrote
     __syncthreads();
@@ -605,7 +652,9 @@ GATES_AND_OFFSETS
     }
     }
     if (tid == 0) asm volatile("cp.async.bulk.wait_group 0;\\n" ::: "memory");
-""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
+""".replace("STABILISER\n", GATE_STABILISER.replace(
+    "static_cast<float>(m[b * m_strides[0] + hd * m_strides[1]])", "r_m") + "\n")
+assert "r_m;" in _STEP_GATED_SOURCE_V4  # the stabiliser reads the fetched m
 
 # Layout 3's second kernel: h = (sum of the tiles' q.C') / (max(|sum of their q.n'|, exp(-m')) + eps).
 _STEP_FINISH_SOURCE = """
@@ -734,14 +783,17 @@ def set_step_kernel_version(version: int) -> None:
 
 def _v4_launch(batch_heads: int, dqk: int, dv: int) -> tuple[int, int, int, int, int] | None:
     """Layout 4's (CH, STAGES, RT, blocks, dynamic shared bytes) for B * NH heads, or None where it
-    does not apply (DV a multiple of 4 up to 1024: 16-byte column groups, one per thread of a row
-    of threads). CH rows per chunk: :data:`_V4_CH` or the most (a power of 2 dividing DQK) within
-    32 KB; RT rows of DV / 4 threads (<= 256 threads); blocks: :data:`_V4_BLOCKS_PER_SM` (or as
-    many as fit, at most 2) per SM, no more than there are heads."""
+    does not apply (DV a multiple of 4 up to 1024, and RT rows of DV / 4 threads, one per 16-byte
+    column group, making whole warps within 256 threads). CH rows per chunk: :data:`_V4_CH` or the
+    most (a power of 2 dividing DQK) within 32 KB; blocks: :data:`_V4_BLOCKS_PER_SM` (or as many as
+    fit, at most 2) per SM, no more than there are heads."""
     if dv % 4 or dv > 1024:
         return None
     g = dv // 4
-    rt = max(1, 256 // g)
+    # RT rows of threads: the most that keep NT = g RT <= 256 a whole number of warps
+    rt = next((r for r in range(256 // g, 0, -1) if g * r % 32 == 0), None)
+    if rt is None:
+        return None
     ch = _V4_CH
     if ch is None:
         ch = dqk & -dqk  # the largest power of 2 dividing DQK
