@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--bulk-copy", default="",
                    help="copies of the state through layout 4's ring alone, KBxSTAGES[@P] (chunk KB x slots, "
                         "P blocks per SM, default 2), comma-separated (CUDA only)")
+    p.add_argument("--no-tile-copy", action="store_true", help="leave out the copies in column strips")
     p.add_argument("--no-stream-hints", action="store_true", help="also time v2 (default tile) without them")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start: stop starting new work")
     p.add_argument("--out", default=None)
@@ -218,7 +219,7 @@ def main() -> None:
         emit({"kernel": "copy", **timed(lambda: [(s[0] * 0.5, s[1] * 0.5) for s in states])[0]})
         if mx.default_device() == mx.gpu and mx.cuda.is_available():
             emit({"kernel": "copy4", **timed(lambda: [(_copy4(s[0]), _copy4(s[1])) for s in states])[0]})
-            for ctx in (16, 32):
+            for ctx in () if args.no_tile_copy else (16, 32):
                 emit({"kernel": f"tile_copy{ctx}", **timed(lambda: [(_tile_copy(s[0], ctx), _copy4(s[1]))
                                                                      for s in states])[0]})
         decode.set_step_kernel_version(1)
