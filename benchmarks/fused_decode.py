@@ -35,6 +35,7 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels.fast import decode, decode_chain, quantized, skinny  # noqa: E402
+from xlstm_metal.kernels.fast import skinny_wgmma as wg  # noqa: E402
 from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def main() -> None:
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product settings")
     p.add_argument("--skinny-kernels", default="mma",
                    help="one skinny-product setting per kernel, comma-separated: mma (skinny.py's mma.sync), "
-                        "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products)")
+                        "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products); "
+                        "KERNEL@N: the wgmma product splitting k for about N blocks (skinny_wgmma.TARGET_BLOCKS)")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -125,6 +127,7 @@ def main() -> None:
 
     queue_layers = xlarge._queue_layers
     skinny_default = skinny.skinny_gemm_kernel()
+    wg_target = wg.TARGET_BLOCKS
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
@@ -172,11 +175,15 @@ def main() -> None:
                                                   "blocks": 3 * quantized.SMS})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
-    unknown = set(args.skinny_kernels.split(",")) - set(skinny_names)
+    unknown = {k.partition("@")[0] for k in args.skinny_kernels.split(",")} - set(skinny_names)
     if unknown:
         p.error(f"unknown --skinny-kernels {sorted(unknown)}; known: {sorted(skinny_names)}")
+
+    def skinny_name(spec: str) -> str:
+        kernel, _, target = spec.partition("@")
+        return skinny_names[kernel] + (f", k split for {target} blocks" if target else "")
     settings = {"decode": fused + ([] if args.no_skinny else
-                                   [(skinny_names[k], True, True, residual, k, step_default, True)
+                                   [(skinny_name(k), True, True, residual, k, step_default, True)
                                     for k in args.skinny_kernels.split(",")])
                 + ([] if args.no_off else [("off", False, True, residual, False, step_default, False)]),
                 "prefill": [("fused kernels, layers queued", True, True, residual, skinny_default, step_default, True),
@@ -205,7 +212,9 @@ def main() -> None:
                 decode.set_fused_decode(on)
                 step_version, decode._V2_TX = step_version if isinstance(step_version, tuple) else (step_version, v2_tx)
                 decode.set_step_kernel_version(step_version)
-                skinny.set_skinny_gemm(skinny_on)
+                kernel, _, target = skinny_on.partition("@") if isinstance(skinny_on, str) else (skinny_on, "", "")
+                skinny.set_skinny_gemm(kernel)
+                wg.TARGET_BLOCKS = int(target) if target else wg_target
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
@@ -289,6 +298,7 @@ def main() -> None:
     decode.set_fused_decode(True)
     decode.set_step_kernel_version(step_default)
     skinny.set_skinny_gemm(skinny_default)
+    wg.TARGET_BLOCKS = wg_target
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 
