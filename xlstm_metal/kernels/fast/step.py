@@ -12,9 +12,9 @@ the DQK rows of C for their columns (coalesced along DV). Every block recomputes
 q.n' of its head (DQK multiply-adds) rather than exchanging it between blocks; the first tile
 writes n' and m'.
 
-With the second layout of the gated step kernel selected (``XLSTM_METAL_STEP_KERNEL=2``,
-:func:`xlstm_metal.kernels.fast.decode.set_step_kernel_version`) this function runs that kernel
-(no gate bias, no soft cap): the state streamed with more bytes in flight.
+With the second or fourth layout of the gated step kernel selected (``XLSTM_METAL_STEP_KERNEL=2``
+or ``4``, :func:`xlstm_metal.kernels.fast.decode.set_step_kernel_version`) this function runs that
+kernel (no gate bias, no soft cap): the state streamed with more bytes in flight.
 
 On other devices (CPU, Metal) this function runs the reference, so a config naming it works
 everywhere.
@@ -159,7 +159,7 @@ def mlstm_step_fused(
         raise ValueError(f"mlstm_step_fused takes one time step, got S={S}")
     from .decode import mlstm_step_gated, step_kernel_version  # noqa: PLC0415 (decode imports this module)
 
-    if step_kernel_version() == 2:  # the gated kernel's second layout, without bias or soft cap
+    if step_kernel_version() in (2, 4):  # the gated kernel's layout 2 or 4, without bias or soft cap
         return mlstm_step_gated(q, k, v, i, f, None, None, state, gate_soft_cap=None, eps=eps,
                                 state_dtype=state_dtype)
     dv = v.shape[-1]
