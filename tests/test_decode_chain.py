@@ -418,7 +418,7 @@ def _unpacked(y, columns, gate_cols, NH):
     return q, k, v, i_raw, f_raw
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 4])
 @pytest.mark.parametrize("B,NH,DQK,DV,E", [(1, 8, 256, 512, 4096), (2, 3, 24, 40, 96)])
 @pytest.mark.parametrize("inproj", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
