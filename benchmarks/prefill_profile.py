@@ -10,9 +10,10 @@ One JSON record per line on stdout and in --out (whole-model figures = per-block
 
 ``--variants`` times the fused kernel's settings alone (``XLSTM_METAL_CHUNK_SEGMENTS``: segments
 of the states kernel's two-level scan; ``XLSTM_METAL_CHUNK_SPLIT``: bf16 terms per float32
-operand), each with its kernels' GPU times from a CUPTI trace (PyTorch's profiler, where
-installed). ``--model-lengths`` then builds the whole model and times its prefill at those
-lengths for each variant, with the trace's time per kernel category:
+operand; any other ``XLSTM_METAL_*`` setting as ``/NAME=VALUE``), each with its kernels' GPU times
+from a CUPTI trace (PyTorch's profiler, where installed). ``--model-lengths`` then builds the
+whole model and times its prefill at those lengths for each variant (or those of
+``--model-variants``), with the trace's time per kernel category:
 
     python benchmarks/prefill_profile.py --shape 7b --length 2048 --kernels chunkwise_fused \
         --chunk-sizes 64 --variants 1:3,4:3,4:2 --model-lengths 2048,16384 --out prefill.jsonl
@@ -51,7 +52,7 @@ def main() -> None:
                         "time alone (0: the default; SPLIT: bf16 terms per float32 operand in the outputs kernel; "
                         "COLS: columns of C per states block, 32 or 64; CHAIN 0: the model's prefill without chained "
                         "blocks; ROWS 0: the prompt's norms by the decode kernels, not norm_rows.py; NAME=VALUE: "
-                        "XLSTM_METAL_NAME, e.g. STATES_SPLIT=2, OUTPUTS_BLOCKS=4, PREFILL_SWIGLU=0)")
+                        "XLSTM_METAL_NAME, e.g. STATES_CSPLIT=0, OUTPUTS_BLOCKS=0, PREFILL_SWIGLU=0)")
     p.add_argument("--model-lengths", default="", help="also time the whole model's prefill at these lengths")
     p.add_argument("--model-variants", default=None,
                    help="the --variants (same syntax) to time in the whole model (default: all of --variants)")
@@ -151,7 +152,7 @@ def main() -> None:
 def _parse_variant(text: str) -> tuple:
     """``SEGMENTS[:SPLIT[:COLS[:CHAIN[:ROWS]]]][/NAME=VALUE...]`` -> (segments, split, cols, chain, rows,
     extra): the positional settings (missing ones: the defaults) and further ``XLSTM_METAL_<NAME>``
-    settings, e.g. ``0/STATES_SPLIT=2/OUTPUTS_BLOCKS=4``."""
+    settings, e.g. ``0/STATES_CSPLIT=0/OUTPUTS_BLOCKS=0``."""
     head, *extra = text.split("/")
     fields = tuple(int(x) for x in head.split(":")) if head else (0,)
     for item in extra:
