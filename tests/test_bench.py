@@ -220,24 +220,31 @@ def test_report_prefill_targets_from_a_newer_prefill_only_run(tmp_path, monkeypa
     spec.loader.exec_module(report)
     ours = "chunkwise_fused/64, fused, compiled step"
 
-    def run(preset, date, ours_2k, official_2k, ours_16k):
+    def run(preset, date, ours_2k, official_2k, ours_16k, ttft_512=None):
         rows = [{"side": "ours", "variant": ours, "kind": "prefill", "batch": 1, "length": 2048, "tok_s": ours_2k,
                  "ttft_s": 0.06, "peak_mem_gb": 14.0},
                 {"side": "official", "variant": "eager", "kind": "prefill", "batch": 1, "length": 2048,
                  "tok_s": official_2k, "peak_mem_gb": None},
                 {"side": "ours", "variant": ours, "kind": "prefill", "batch": 1, "length": 16384, "tok_s": ours_16k,
                  "ttft_s": 0.4, "peak_mem_gb": 21.0}]
+        if ttft_512 is not None:
+            rows.append({"side": "ours", "variant": ours, "kind": "prefill", "batch": 1, "length": 512,
+                         "tok_s": 512 / ttft_512, "ttft_s": ttft_512, "peak_mem_gb": 13.0})
         (tmp_path / f"{preset}.json").write_text(json.dumps(
             {"preset": preset, "preset_config": {"shape": "7b", "dtype": "bfloat16"}, "command": "x", "date": date,
              "host": {}, "records": rows, "best": rows}))
 
-    run("h200", "2026-12-01 19:36 UTC", 35000.0, 28000.0, 37500.0)
+    run("h200", "2026-12-01 19:36 UTC", 35000.0, 28000.0, 37500.0, ttft_512=0.030)
     run("h200-prefill", "2026-12-02 01:35 UTC", 39000.0, 28000.0, 45000.0)
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(report, "ROOT", tmp_path)
     text = report.render()
     assert "| H200 prefill, 2,048 tokens vs official | >= 1.3 x official | 1.39 x official | **met** |" in text
     assert "| H200 prefill, 16,384 tokens | >= 48,000.0 tok/s | 45,000.00 tok/s | not met: 1.07x short |" in text
+    # The time to first token: h200.json's while the prefill-only run has no 512-token prompt, then its own.
+    assert "| H200 time to first token, 512-token prompt | <= 25.0 ms | 30.00 ms | not met: 1.20x over |" in text
+    run("h200-prefill", "2026-12-02 01:35 UTC", 39000.0, 28000.0, 45000.0, ttft_512=0.0185)
+    assert "| H200 time to first token, 512-token prompt | <= 25.0 ms | 18.50 ms | **met** |" in report.render()
     run("h200-prefill", "2026-11-30 10:00 UTC", 39000.0, 28000.0, 45000.0)  # older: h200.json counts
     assert "| 1.25 x official | not met: 1.04x short |" in report.render()
 
