@@ -295,3 +295,39 @@ def test_chain_blocks_per_width(monkeypatch):
     assert decode_chain._launch(21888, 8) == quantized.decode_launch(21888)  # a block per tile
     monkeypatch.setattr(decode_chain, "CHAIN_BLOCKS", 7)  # XLSTM_METAL_CHAIN_BLOCKS: every width
     assert decode_chain._launch(21888, 16)["grid"][0] == 7 * 256
+
+
+def _tokens(text: str) -> list[str]:
+    """C++ tokens of ``text`` after its // comments (an independent reading: a regex, not the
+    scanner under test), preprocessor lines as whole lines with their blanks collapsed."""
+    import re
+
+    text = re.sub(r'("(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\')|//[^\n]*', lambda m: m.group(1) or "", text)
+    out = []
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            out.append(" ".join(line.split()))
+            continue
+        out += re.findall(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|[A-Za-z_]\w*|\d[\w.]*|<<=|>>=|->|\+\+|--|<<|>>'
+                          r'|<=|>=|==|!=|&&|\|\||::|[-+*/%&|^!~<>=]=?|\S', line)
+    return out
+
+
+def test_compact_source_keeps_every_token_of_the_kernels():
+    # MLX hashes a custom kernel's whole source at every launch (host time per byte): the
+    # decode kernels go to it without comments and blanks, token for token the same program.
+    from xlstm_metal.kernels.fast import decode, decode_chain, quantized
+    from xlstm_metal.kernels.fast.tensor_cores import compact_source, launch_bounds
+
+    sources = [quantized._HEADER + launch_bounds(256, 2), decode._GATE_HEADER, decode._STEP_FINISH_SOURCE,
+               decode._STEP_GATED_SOURCE, decode._STEP_GATED_SOURCE_V2, decode._STEP_GATED_SOURCE_V3,
+               decode._INPROJ_PROLOGUE, quantized.decode_source(), quantized.decode_source(split=True),
+               decode_chain._norm_source(1e-6, True, True),
+               decode_chain._source(decode_chain._SWIGLU_SIZES, decode_chain._SWIGLU_PROLOGUE)]
+    for text in sources:
+        small = compact_source(text)
+        assert _tokens(small) == _tokens(text)
+        assert compact_source(small) == small
+        assert len(small) < 0.8 * len(text)
+    tricky = '  x  =  - y ;  // "not" a string\n  #define F (a)\n  s = "a  //  b\\" c";  q = \'/\';\n\n'
+    assert compact_source(tricky) == 'x=- y;\n#define F (a)\ns="a  //  b\\" c";q=\'/\';\n'

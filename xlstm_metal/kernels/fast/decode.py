@@ -43,6 +43,7 @@ from ...cells.norms import MultiHeadLayerNorm, RMSNorm, soft_cap
 from ..mlstm import MLSTMState, mlstm_step, zero_state
 from .norm_rows import add_rms_norm_rows, add_rms_norm_rows_supported, norm_gate_rows, norm_gate_rows_supported
 from .step import GATE_STABILISER, cuda_available
+from .tensor_cores import compact_source
 
 _enabled = os.environ.get("XLSTM_METAL_FUSED_DECODE", "1") != "0"
 
@@ -877,8 +878,8 @@ def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: 
             input_names=heads + gates + (["ib", "fb"] if has_bias else []) + ["C", "n", "m"],
             output_names=["part", "C_out", "n_out", "m_out", "m_f32"] if version == 3
             else ["h", "C_out", "n_out", "m_out"],
-            source=source,
-            header=_GATE_HEADER,
+            source=compact_source(source),  # the host hashes it at every launch
+            header=compact_source(_GATE_HEADER),
             ensure_row_contiguous=False,
             shared_memory=shared,
         )
@@ -894,7 +895,7 @@ def _finish_kernel(eps: float):
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_mlstm_step_finish_{len(_finish_kernels)}", input_names=["part", "m_f32"],
-            output_names=["h"], source=_STEP_FINISH_SOURCE.replace("EPS", f"{float(eps)!r}f"))
+            output_names=["h"], source=compact_source(_STEP_FINISH_SOURCE.replace("EPS", f"{float(eps)!r}f")))
         _finish_kernels[eps] = kernel
     return kernel
 

@@ -38,6 +38,7 @@ from ...cells.norms import MultiHeadLayerNorm, RMSNorm
 from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
 from . import quantized as _quantized
 from .quantized import _HEADER, decode_launch, decode_source, decode_template, kernel_takes, launch_bounds, quantized_matmul
+from .tensor_cores import compact_source
 
 #: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels. Measured
 #: on an H200 (S6R3, 7B, 4 bits): 484.6 tok/s at 2 rows (4.13 ms per step), where the path without
@@ -358,8 +359,9 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
             name=f"xlstm_decode_chain_{key[0]}_{len(_kernels)}",
             input_names=inputs,
             output_names=outputs + (["part"] if split else []),
-            source=source(),
-            header=_HEADER + _REDUCE_HEADER + (_quantized.SPLIT_HEADER if split else "") + launch_bounds(key[-1]),
+            source=compact_source(source()),
+            header=compact_source(_HEADER + _REDUCE_HEADER + (_quantized.SPLIT_HEADER if split else "")
+                                  + launch_bounds(key[-1])),
         )
         _kernels[key] = kernel
     return kernel

@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .step import cuda_available
-from .tensor_cores import MMA_HEADER
+from .tensor_cores import MMA_HEADER, compact_source
 from .tensor_cores import launch_bounds as _launch_bounds  # (bound to 256 threads below)
 
 #: Most rows of x the fused kernel takes (8 rows per tensor-core tile, 8 tiles); more rows take
@@ -458,8 +458,8 @@ def _kernel(resident: int):
             name=f"xlstm_quantized_matmul_decode_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=decode_source(),
-            header=_HEADER + launch_bounds(resident),
+            source=compact_source(decode_source()),
+            header=compact_source(_HEADER + launch_bounds(resident)),
         )
     return _kernel_cache[resident]
 

@@ -8,6 +8,58 @@ product (:mod:`.skinny`); :func:`launch_bounds` by the chunkwise and decode kern
 from __future__ import annotations
 
 
+def compact_source(text: str) -> str:
+    """CUDA source text without its comments, indentation, runs of spaces and blank lines: the
+    same program in fewer characters (string and character literals kept as they are;
+    preprocessor lines stay lines of their own).
+
+    MLX 0.32 hashes a custom kernel's whole source text (its header, the signature it writes and
+    the body) every time the kernel is evaluated (``CustomKernel::eval_gpu`` names the JIT module
+    ``std::hash`` of it), host time that grows with the text: the decode kernels' sources are 10-19 KB,
+    and a 7B decode step evaluates ~170 of them (benchmarks/NOTES.md, session 8)."""
+    lines = []
+    for line in text.splitlines():
+        code = _code_of(line)
+        if code:
+            lines.append(code)
+    return "\n".join(lines) + "\n"
+
+
+#: Characters that never join a neighbour into another token: a blank beside one goes.
+_SEPARATORS = set("{}()[];,=")
+
+
+def _code_of(line: str) -> str:
+    """One line of C++ without its ``//`` comment, leading and trailing blanks, and with runs
+    of blanks outside literals as one space, none beside a separator (preprocessor lines keep
+    their single spaces: ``#define F (x)`` is not ``#define F(x)``)."""
+    directive = line.lstrip().startswith("#")
+    out, quote, i, n = [], None, 0, len(line)
+    while i < n:
+        c = line[i]
+        if quote:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(line[i + 1])
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+            out.append(c)
+        elif c == "/" and line.startswith("//", i):
+            break
+        elif c in " \t":
+            if out and out[-1] != " " and (directive or out[-1] not in _SEPARATORS):
+                out.append(" ")
+        else:
+            if c in _SEPARATORS and out and out[-1] == " " and not directive:
+                out.pop()
+            out.append(c)
+        i += 1
+    return "".join(out).strip()
+
+
 def launch_bounds(threads: int, blocks_per_sm: int) -> str:
     """Header text giving the kernel compiled with it ``__launch_bounds__(threads, blocks_per_sm)``
     (ptxas then caps its registers; "" for 0 blocks: no bounds). MLX writes the kernel's
