@@ -25,10 +25,12 @@ Elsewhere (CPU, Metal) every function here runs its reference ops.
 runs the first fused step kernel and the ops around it, as before these kernels (for
 comparisons; compiled steps and prefill traces keep what they were traced with).
 
-The step kernel has three layouts of the state's traffic (``XLSTM_METAL_STEP_KERNEL=1|2|3`` or
+The step kernel has four layouts of the state's traffic (``XLSTM_METAL_STEP_KERNEL=1|2|3|4`` or
 :func:`set_step_kernel_version`): 1, column strips of 32 per block; 2 (the default), strips
 sized by the batch, loads issued first, one reduction pass; 3, tiles of whole rows with a second
-small kernel that sums their partial products (float32 state, DV a multiple of 128; else 2).
+small kernel that sums their partial products (float32 state, DV a multiple of 128; else 2); 4,
+whole heads per block streamed through a shared-memory ring by bulk asynchronous copies (Hopper;
+float32 state, DV a multiple of 4 up to 1024; else 2), level with 2 in the 7B step on an H200.
 """
 
 from __future__ import annotations
