@@ -9,7 +9,9 @@ kernels fold into their prologues and epilogues: each thread block computes its 
 
 1. [residual add +] RMSNorm -> the fused q|k|v|o(|i|f) product (:func:`norm_quantized_matmul`;
    it also writes the residual sum and, for the float gate projections, the normed x);
-2. the gated step kernel (:func:`.decode.mlstm_step_gated`, unchanged);
+2. the gated step kernel, reading q, k, v (and raw gates) as columns of stage 1's output
+   (:func:`.decode.mlstm_step_gated_packed`: no slices or reshapes of it in the graph, each of
+   which the host would walk at every step);
 3. multi-head LayerNorm of h times sigmoid(o~) -> out_proj, the residual add in the epilogue
    (:func:`gate_norm_quantized_matmul`: writes the new residual stream);
 4. RMSNorm -> the fused gate|up product (:func:`norm_quantized_matmul`);
