@@ -498,3 +498,28 @@ def test_cuda_split_k_stages_7b(monkeypatch, bits, blocks):
         monkeypatch.setitem(chain.SPLIT_K, bits, 4)
         assert _rel(runs[0], ref) <= max(2e-2, 1.5 * _rel(whole, ref)), (_rel(runs[0], ref), _rel(whole, ref))
         assert _rel(runs[0], whole) <= 2e-2
+
+
+@pytest.mark.parametrize("float_gates", [True, False])
+def test_a_user_step_cell_gets_the_projections_as_slices(on_cpu_too, float_gates):
+    # The chain hands q, k, v (and raw gates) to the step kernel as columns of stage 1's output;
+    # a recurrent cell whose step_raw_gates is a user's own gets them as slices, through that method.
+    from xlstm_metal.cells.mlstm import mLSTMRecurrentKernelCell
+
+    model = _model(4, float_gates=float_gates)
+    base = _decode(model, True, steps=2)
+    calls = []
+
+    class Halved(mLSTMRecurrentKernelCell):
+        def step_raw_gates(self, q, k, v, *args, **kwargs):
+            calls.append((q.shape, k.shape, v.shape))
+            return super().step_raw_gates(q, k, 0.5 * v, *args, **kwargs)
+
+    cell = model.blocks[0].mlstm_layer.recurrent_kernel_cell
+    cell.__class__ = Halved
+    halved = _decode(model, True, steps=2)
+    assert on_cpu_too["norm_quantized_matmul"] > 0  # stage 1 still ran as one launch
+    config = model.config
+    assert len(calls) == 2 and calls[0] == ((2, config.num_heads, 1, config.qk_head_dim),) * 2 + (
+        (2, config.num_heads, 1, config.v_head_dim),)
+    assert not mx.allclose(halved[0][-1], base[0][-1], atol=1e-3)

@@ -184,7 +184,7 @@ def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending
         starts.append(start)
         start += layers[j].weight.shape[0]
     # q, k, v (and i~, f~) stay columns of y: the step kernel reads them there (no slices)
-    columns = tuple(starts[:3]) + (starts[3],) + (tuple(starts[4:6]) if gates_quantized else ())
+    columns = tuple(starts[:4]) + (tuple(starts[4:6]) if gates_quantized else ())
     o_offset = starts[3]
     if gates_quantized:
         return s, (y, columns, i_bias, f_bias, None, None), (y, o_offset)

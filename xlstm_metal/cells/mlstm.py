@@ -12,7 +12,9 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from ..kernels import get_mlstm_kernel, resolve_kernel_name
-from ..kernels.fast.decode import fused_decode_enabled, mlstm_step_gated, mlstm_step_gated_packed, output_norm_gate
+from ..kernels.fast.decode import (
+    fused_decode_enabled, mlstm_step_gated, mlstm_step_gated_packed, output_norm_gate, unpack_step_columns,
+)
 from ..kernels.fast.train_rows import (
     norm_gate_linear, norm_gate_train, norm_gate_train_supported, train_recompute_enabled,
 )
@@ -154,10 +156,7 @@ class mLSTMRecurrentKernelCell(_KernelCell):
         (:func:`~xlstm_metal.kernels.fast.decode.mlstm_step_gated_packed`: no slices of y in the
         graph). A subclass that overrides :meth:`step_raw_gates` gets that method, on slices."""
         if type(self).step_raw_gates is not mLSTMRecurrentKernelCell.step_raw_gates:
-            B = y.shape[0]
-            q, k, v = (y[..., a:z].reshape(B, num_heads, 1, -1) for a, z in zip(columns[:3], columns[1:4]))
-            i_raw, f_raw = ((y[..., c: c + num_heads].reshape(B, num_heads, 1) for c in columns[4:6])
-                            if w_if is None else (None, None))
+            q, k, v, i_raw, f_raw = unpack_step_columns(y, columns, num_heads)
             return self.step_raw_gates(q, k, v, i_raw, f_raw, i_bias, f_bias, gate_soft_cap, state, x=x, w_if=w_if)
         return mlstm_step_gated_packed(y, columns, num_heads, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap,
                                        eps=self.eps, state_dtype=self.state_dtype, x=x, w_if=w_if)

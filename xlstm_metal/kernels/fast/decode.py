@@ -1095,12 +1095,20 @@ def mlstm_step_gated_packed(
         gates = [x, w_if] if w_if is not None else []
         return _step_launch([y], offsets, gates, w_if is not None, i_bias, f_bias, state, B, NH, dqk, dv, y.dtype,
                             gate_dtype, gate_soft_cap, eps, state_dtype)
-    q, k, v = (y[..., a:z].reshape(B, NH, 1, -1) for a, z in ((q0, k0), (k0, v0), (v0, v1)))
-    i_raw = f_raw = None
-    if w_if is None:  # [B, 1, NH] -> [B, NH, 1]
-        i_raw, f_raw = (y[..., c: c + NH].reshape(B, NH, 1) for c in columns[4:])
+    q, k, v, i_raw, f_raw = unpack_step_columns(y, columns, NH)
     return mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap, eps=eps,
                             state_dtype=state_dtype, x=x, w_if=w_if)
+
+
+def unpack_step_columns(y: mx.array, columns: tuple[int, ...], num_heads: int):
+    """The slices of :func:`mlstm_step_gated_packed`'s y: q, k [B, NH, 1, DQK], v [B, NH, 1, DV]
+    and i~, f~ [B, NH, 1] (None without the gate columns)."""
+    B, NH = y.shape[0], num_heads
+    q, k, v = (y[..., a:z].reshape(B, NH, 1, -1) for a, z in zip(columns[:3], columns[1:4]))
+    i_raw = f_raw = None
+    if len(columns) == 6:  # [B, 1, NH] -> [B, NH, 1]
+        i_raw, f_raw = (y[..., c: c + NH].reshape(B, NH, 1) for c in columns[4:])
+    return q, k, v, i_raw, f_raw
 
 
 # --------------------------------------------------------------------------- output epilogue
