@@ -376,3 +376,33 @@ def test_train_help_prints(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--mlstm-products" in out and "2% less speed" in out
+
+
+def test_trainer_keeps_the_products_setting_for_recomputed_layers(monkeypatch, tmp_path):
+    """The trainer's step holds ``mlstm_products`` over its whole value_and_grad: with
+    ``recompute="mlstm"`` each layer's forward runs again inside the backward, and that pass takes
+    the same products (spy as in the test above: every call, 2 layers x 2 passes, sees 1 term)."""
+    from xlstm_metal.kernels.fast import chunkwise_fused, chunkwise_grad
+
+    seen = []
+    real = chunkwise_grad._differentiable
+
+    def spy(eps, L, fused, has_state, final_grad=True, terms=None):
+        seen.append(terms)
+        return real(eps, L, False, has_state, final_grad)
+
+    monkeypatch.setattr(chunkwise_grad, "_differentiable", spy)
+    monkeypatch.setattr(chunkwise_fused, "fused_chunkwise_supported", lambda *a: True)
+    model = xLSTMLarge(xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16))
+    init_xlstm_large(model, 0)
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    stream = np.random.default_rng(0).integers(0, 97, 3000).astype(np.int32)
+    cfg = TrainingConfig(seq_len=32, batch_size=2, steps=2, lr=1e-2, warmup=0, recompute="mlstm",
+                         mlstm_products="bf16")
+    trainer = Trainer(model, stream[:2000], stream[2000:], cfg, tmp_path / "run", tmp_path, progress=False)
+    trainer._build_steps(compiled=False)
+    ids = mx.array(stream[:66].reshape(2, 33))
+    loss, norm = trainer._train_step(ids[:, :-1], ids[:, 1:])
+    mx.eval(loss, norm)
+    assert np.isfinite(loss.item()) and seen == [1] * 4, seen

@@ -32,6 +32,7 @@ from ..distributed import DistributedError, agree, is_main, size_and_rank
 from ..kernels.fast.train_rows import (
     cast_joined, cross_entropy_rows, cross_entropy_rows_supported, sum_of_squares, sum_of_squares_supported,
 )
+from ..kernels.fast.chunkwise_grad import product_terms
 from ..monitor import current_job
 from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
@@ -561,7 +562,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`).
     ``mlstm_products``: see :class:`TrainingConfig` (the fused CUDA mLSTM kernels only)."""
     from ..cells.fused import traced_fusion
-    from ..kernels.fast.chunkwise_grad import final_states_unread, product_terms
+    from ..kernels.fast.chunkwise_grad import final_states_unread
 
     terms = MLSTM_PRODUCTS[mlstm_products]
 
@@ -853,6 +854,12 @@ class Trainer:
                 model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections, cfg.mlstm_products), joined))
 
         def train_step(inputs, targets):
+            # The products' setting over the whole value_and_grad, not only the loss's forward:
+            # layers recomputed in the backward (cfg.recompute) run their forward again there.
+            with product_terms(MLSTM_PRODUCTS[cfg.mlstm_products]):
+                return _train_step(inputs, targets)
+
+        def _train_step(inputs, targets):
             params = model.trainable_parameters()
             norm_tree = None
             if joined:
