@@ -694,7 +694,8 @@ def report_section(result: dict) -> list[str]:
              f"- command: `{result['command']}`",
              f"- one train step: forward, backward, global-norm clipping (1.0), AdamW; {result['shape']} shape, "
              f"batch {result['batch']} x {result['seq_len']} tokens, float32 master weights, bf16 compute; random "
-             "tokens; tokens/s from the median step after warm-up; peak = the allocator's peak over the run "
+             "tokens; tokens/s from the step time after warm-up (the official's median step; ours back to back: the "
+             "span over the timed steps' count, since S8R2); peak = the allocator's peak over the run "
              "(weights and optimizer state included)", ""]
     lines += markdown(records).splitlines()
     if off is not None and ours:
