@@ -325,19 +325,18 @@ def test_command_buffer_limits_for_training(monkeypatch):
     assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ and os.environ["MLX_MAX_MB_PER_BUFFER"] == "1000"
 
 
-def test_mlstm_products_setting_reaches_the_fused_kernels(monkeypatch):
-    """``TrainingConfig.mlstm_products`` sets the bf16 terms of the fused mLSTM kernels' products
-    (forward and backward), read when the loss's forward is traced: "bf16" -> 1, "float32" ->
-    None (each kernel's default, float32's precision). The kernels are CUDA's: here a spy stands
-    in for them (the scan path) and records what each layer's custom function was built with."""
+def _products_spy(monkeypatch) -> tuple[xLSTMLarge, list]:
+    """A tiny xLSTM-Large on ``chunkwise_fused`` whose fused path is a spy: each layer's custom
+    function is built on the scan path (no CUDA here), and the list records the product terms
+    the fused kernels would have been built with."""
     from xlstm_metal.kernels.fast import chunkwise_fused, chunkwise_grad
-    from xlstm_metal.training.trainer import MLSTM_PRODUCTS
 
     seen = []
     real = chunkwise_grad._differentiable
 
     def spy(eps, L, fused, has_state, final_grad=True, terms=None):
-        seen.append((fused, terms))
+        assert fused
+        seen.append(terms)
         return real(eps, L, False, has_state, final_grad)
 
     monkeypatch.setattr(chunkwise_grad, "_differentiable", spy)
@@ -346,6 +345,18 @@ def test_mlstm_products_setting_reaches_the_fused_kernels(monkeypatch):
     init_xlstm_large(model, 0)
     for block in model.blocks:
         block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    return model, seen
+
+
+def test_mlstm_products_setting_reaches_the_fused_kernels(monkeypatch):
+    """``TrainingConfig.mlstm_products`` sets the bf16 terms of the fused mLSTM kernels' products
+    (forward and backward), read when the loss's forward is traced: "bf16" -> 1, "float32" ->
+    None (each kernel's default, float32's precision). The kernels are CUDA's: here a spy stands
+    in for them (the scan path) and records what each layer's custom function was built with."""
+    from xlstm_metal.kernels.fast import chunkwise_grad
+    from xlstm_metal.training.trainer import MLSTM_PRODUCTS
+
+    model, seen = _products_spy(monkeypatch)
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 33)))
     grads = {}
     for products in ("float32", "bf16"):
@@ -355,7 +366,7 @@ def test_mlstm_products_setting_reaches_the_fused_kernels(monkeypatch):
             params, ids[:, :-1], ids[:, 1:])
         model.update(params)
         grads[products] = dict(tree_flatten(g))
-        assert seen == [(True, MLSTM_PRODUCTS[products])] * 2, (products, seen)
+        assert seen == [MLSTM_PRODUCTS[products]] * 2, (products, seen)
     assert MLSTM_PRODUCTS == {"float32": None, "bf16": 1}
     # the stand-in ignores the setting: the same gradients (what reaches the kernels is what differs)
     assert all(mx.array_equal(grads["bf16"][k], v) for k, v in grads["float32"].items())
@@ -382,21 +393,7 @@ def test_trainer_keeps_the_products_setting_for_recomputed_layers(monkeypatch, t
     """The trainer's step holds ``mlstm_products`` over its whole value_and_grad: with
     ``recompute="mlstm"`` each layer's forward runs again inside the backward, and that pass takes
     the same products (spy as in the test above: every call, 2 layers x 2 passes, sees 1 term)."""
-    from xlstm_metal.kernels.fast import chunkwise_fused, chunkwise_grad
-
-    seen = []
-    real = chunkwise_grad._differentiable
-
-    def spy(eps, L, fused, has_state, final_grad=True, terms=None):
-        seen.append(terms)
-        return real(eps, L, False, has_state, final_grad)
-
-    monkeypatch.setattr(chunkwise_grad, "_differentiable", spy)
-    monkeypatch.setattr(chunkwise_fused, "fused_chunkwise_supported", lambda *a: True)
-    model = xLSTMLarge(xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16))
-    init_xlstm_large(model, 0)
-    for block in model.blocks:
-        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    model, seen = _products_spy(monkeypatch)
     stream = np.random.default_rng(0).integers(0, 97, 3000).astype(np.int32)
     cfg = TrainingConfig(seq_len=32, batch_size=2, steps=2, lr=1e-2, warmup=0, recompute="mlstm",
                          mlstm_products="bf16")
