@@ -390,9 +390,8 @@ def test_train_help_prints(capsys):
 
 
 def test_trainer_keeps_the_products_setting_for_recomputed_layers(monkeypatch, tmp_path):
-    """The trainer's step holds ``mlstm_products`` over its whole value_and_grad: with
-    ``recompute="mlstm"`` each layer's forward runs again inside the backward, and that pass takes
-    the same products (spy as in the test above: every call, 2 layers x 2 passes, sees 1 term)."""
+    """With ``recompute="mlstm"`` each layer's forward runs again inside the backward, and that
+    pass takes the products its forward took (the checkpoint re-enters the forward's context) (spy as in the test above: every call, 2 layers x 2 passes, sees 1 term)."""
     model, seen = _products_spy(monkeypatch)
     stream = np.random.default_rng(0).integers(0, 97, 3000).astype(np.int32)
     cfg = TrainingConfig(seq_len=32, batch_size=2, steps=2, lr=1e-2, warmup=0, recompute="mlstm",

@@ -11,6 +11,7 @@ float32 there.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import math
@@ -422,15 +423,21 @@ def _fused_head_weight(model) -> mx.array | None:
 
 def _checkpointed(modules: list[nn.Module], fn: Callable) -> Callable:
     """``fn(*args)`` under ``mx.checkpoint``: only its inputs and the modules' parameters are
-    kept for the backward pass, which recomputes the rest."""
+    kept for the backward pass, which recomputes the rest. The recomputation runs under the
+    context settings the forward ran with (the mLSTM kernels' product terms, traced fusion, ...),
+    not under whatever holds when the backward is built."""
 
     def inner(params, *args):
         for module, p in zip(modules, params):
             module.update(p)
         return fn(*args)
 
-    run = mx.checkpoint(inner)
-    return lambda *args: run([m.trainable_parameters() for m in modules], *args)
+    def call(*args):
+        context = contextvars.copy_context()
+        run = mx.checkpoint(lambda params, *a: context.run(inner, params, *a))
+        return run([m.trainable_parameters() for m in modules], *args)
+
+    return call
 
 
 def _block_runner(block: nn.Module, recompute: str) -> Callable:
@@ -854,12 +861,6 @@ class Trainer:
                 model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections, cfg.mlstm_products), joined))
 
         def train_step(inputs, targets):
-            # The products' setting over the whole value_and_grad, not only the loss's forward:
-            # layers recomputed in the backward (cfg.recompute) run their forward again there.
-            with product_terms(MLSTM_PRODUCTS[cfg.mlstm_products]):
-                return _train_step(inputs, targets)
-
-        def _train_step(inputs, targets):
             params = model.trainable_parameters()
             norm_tree = None
             if joined:
