@@ -460,10 +460,18 @@ _STATES_SOURCE = """
     using GIT = typename xl_elem<decltype(gi)>::type;
     GFT fpre[GU];  // as loaded: prepared (log-sigmoid) when the chunk runs
     GIT ipre[GU];
+    float apre[PREG ? GU : 1];  // PREG: a_t and (g, max_t a_t) of the chunk, from the gates pass
+    float2 gpre;
     auto prefetch = [&](int c) {
         prefetch_rows<L, 64, NT, KV>(kpre, kb, k_strides, k_vec, c, S, tid);
         prefetch_rows<L, JT, NT, VV>(vpre, vb, v_strides, v_vec, c, S, tid);
-        fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
+        if constexpr (PREG) {
+            #pragma unroll
+            for (int u = 0; u < GU; ++u) apre[u] = lane + 32 * u < L ? ga[(chunk_off + c) * L + lane + 32 * u] : 0.0f;
+            gpre = *reinterpret_cast<const float2*>(gg + 2 * (chunk_off + c));
+        } else {
+            fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
+        }
     };
     if (c_begin < c_end) prefetch(c_begin);
 
@@ -474,7 +482,8 @@ _STATES_SOURCE = """
         // (CSPLIT) the two bf16 terms (hi, lo: the outputs kernel's operands for bf16 h) as
         // [.., DQK, DV / 32, 2, 32]: twice the bf16 elements per chunk, float32's bytes.
         auto* Ce = C_enter + (chunk_off + c) * DQK * DV * (CSPLIT ? 2 : 1);
-        if constexpr (STAGE) {
+        if constexpr (PROBE & 2) {  // diagnostic: no entering-state stores
+        } else if constexpr (STAGE) {
             // Through the warp's tile in shared memory, then whole rows of JT floats in 16-byte
             // stores: the fragment layout's 8-byte stores (8 rows x 32 bytes per instruction)
             // held the kernel back (round S6R2: 0.191 -> 0.115 ms per layer at 2,048 tokens; with
@@ -558,10 +567,20 @@ _STATES_SOURCE = """
         // Every warp: b_t (chunk cumsum), g = b_{L-1}, a_t = g - b_t + i~_t, m' = max(g + m,
         // max_t a_t); warp 0 stores the weights w_t = exp(a_t - m') for all.
         float fr[GU], ir[GU], bt[GU], at[GU];
+        float gc = 0.0f, amax = -INFINITY;
+        if constexpr (PREG) {  // prepared by the gates pass (the same arithmetic, same bits)
+            #pragma unroll
+            for (int u = 0; u < GU; ++u) at[u] = apre[u];
+            gc = gpre.x;
+            amax = gpre.y;
+        } else if constexpr (PROBE & 1) {  // diagnostic: no gate arithmetic (wrong results)
+            #pragma unroll
+            for (int u = 0; u < GU; ++u) at[u] = static_cast<float>(fpre[u]) * 1e-30f;
+            amax = 0.0f;
+        } else {
         prep_gates<L, GU, RAW>(fpre, ipre, c, S, lane, fr, ir);
         chunk_cumsum<L, GU, RAW>(fr, lane, bt);
-        const float gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
-        float amax = -INFINITY;
+        gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
         #pragma unroll
         for (int u = 0; u < GU; ++u) {
             at[u] = gc - bt[u] + ir[u];
@@ -569,6 +588,7 @@ _STATES_SOURCE = """
         }
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        }
         const float m_next = fmaxf(gc + m, amax);
         if (warp == 0) {
             #pragma unroll
@@ -587,6 +607,7 @@ _STATES_SOURCE = """
         }
         // C += (w k)^T v, w k in TERMS bf16 terms (3: float32-exact products); n += (w k)^T 1.
         float nsum0 = 0.0f, nsum1 = 0.0f;  // rows rr and rr + 8
+        if constexpr (!(PROBE & 4))  // diagnostic 4: no products
         state_chunk_mma<L, JT, TERMS>(acc, ks[buf], vs[buf], ws[buf], ws[buf], warp, tq, lrow, ltile, nsum0, nsum1);
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
@@ -609,6 +630,41 @@ _STATES_SOURCE = """
         m_final[seg_off] = m;
         P_final[seg_off] = P;
     }
+"""
+
+# Gates pass (before the states kernel, ``XLSTM_METAL_STATES_PREGATES``): per chunk, one warp does
+# the states kernel's gate arithmetic (log-sigmoid, chunk cumsum b_t, g = b_{L-1}, a_t = g - b_t
+# + i~_t, max_t a_t), the same code in the same order, so the states kernel's serial chunk loop
+# only adds and takes one max per chunk (m' = max(g + m, max_t a_t)) instead of a warp scan and
+# two butterflies. Grid: x = NC warps (4 per block), z = B*NH. ga [B*NH*NC, L]: a_t (0 past L);
+# gg [B*NH*NC, 2]: (g, max_t a_t).
+_GATES_PASS_SOURCE = """
+    constexpr int GU = (L + 31) / 32;
+    const int S = gf_shape[2];
+    const int NC = (S + L - 1) / L;
+    const int bh = blockIdx.z;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int lane = threadIdx.x & 31;
+    const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (c >= NC) return;
+    const size_t chunk_off = static_cast<size_t>(bh) * NC;
+    float fr[GU], ir[GU], bt[GU];
+    load_gates<L, GU, true>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fr, ir);
+    chunk_cumsum<L, GU, true>(fr, lane, bt);
+    const float gc = __shfl_sync(0xffffffffu, bt[(L - 1) / 32], (L - 1) % 32);
+    float amax = -INFINITY;
+    #pragma unroll
+    for (int u = 0; u < GU; ++u) {
+        const float at = gc - bt[u] + ir[u];
+        if (lane + 32 * u < L) {
+            amax = fmaxf(amax, at);
+            ga[(chunk_off + c) * L + lane + 32 * u] = at;
+        }
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) *reinterpret_cast<float2*>(gg + 2 * (chunk_off + c)) = make_float2(gc, amax);
 """
 
 # Phase 2. Grid: x = DV/64 tiles of 2L threads (L/16 warps), y = NC chunks, z = B*NH. Warp w
@@ -721,7 +777,7 @@ _OUTPUTS_SOURCE = """
                 stage8(&qd[t][e], qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
                 stage8(&kd[t][e], kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
             }
-            if constexpr (CPRE) {
+            if constexpr (CPRE && !(PROBE & 1)) {  // diagnostic 1: no C copies
                 // Row d0 + d's 64 columns: 256 contiguous bytes, 16 pieces (group piece / 8, plane
                 // (piece / 4) % 2, columns 8 (piece % 4).. of the group).
                 auto cd = Cs[(d0 / KS) & 1];
@@ -802,11 +858,11 @@ _OUTPUTS_SOURCE = """
                 // S += q k^T: B[d][s] = k[s][d], exact bf16.
                 #pragma unroll
                 for (int nt = 0; nt < L / 8; ++nt)
-                    if (nt < 2 * (wt + 1))
+                    if (!(PROBE & 4) && nt < 2 * (wt + 1))  // diagnostic 4: no q k^T
                         mma_bf16(sacc[nt], a, pack_pair(&kst[nt * 8 + g][e0]), pack_pair(&kst[nt * 8 + g][e0 + 8]));
                 // num += q C: B[d][j] = C[d][j] in NSPLIT bf16 terms (ldmatrix.trans, row-major).
                 #pragma unroll
-                for (int p = 0; p < NSPLIT; ++p) {
+                for (int p = 0; p < ((PROBE & 2) ? 0 : NSPLIT); ++p) {  // diagnostic 2: no q C
                     #pragma unroll
                     for (int np = 0; np < 4; ++np) {
                         uint32_t cf[4];
@@ -939,10 +995,15 @@ def _kernel(which: str, eps: float = 0.0, bound: tuple[int, int] = (0, 0)):
     kernel = _kernels.get(key)
     if kernel is None:
         header = _HEADER + _GATES + _ROWS + _LOADS
-        if which == "states":
+        if which == "gates":
+            kernel = mx.fast.cuda_kernel(
+                name="xlstm_mlstm_chunk_gates_pass", input_names=["gi", "gf"], output_names=["ga", "gg"],
+                source=_GATES_PASS_SOURCE, header=header, ensure_row_contiguous=False,
+            )
+        elif which == "states":
             kernel = mx.fast.cuda_kernel(
                 name="xlstm_mlstm_chunk_states",
-                input_names=["k", "v", "gi", "gf", "C0", "n0", "m0"],
+                input_names=["k", "v", "gi", "gf", "C0", "n0", "m0", "ga", "gg"],
                 output_names=["C_enter", "n_enter", "m_enter", "P_enter", "C_final", "n_final", "m_final", "P_final"],
                 # At most 128 registers (4 blocks of 128 threads per SM; the staged stores took it
                 # to 133, 3 blocks): MLX writes the kernel's signature, so the bound comes through
@@ -1066,10 +1127,12 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     cols = _states_cols()
     stage = cols == 32 and os.environ.get("XLSTM_METAL_STATES_STAGE") != "0"
     csplit = csplit and stage
+    pregates = raw and nseg == 1 and _pregates()
+    ga, gg = _gates_pass(gi, gf, NC, L) if pregates else (m0, m0)  # else placeholders, not read
     return _kernel("states")(
-        inputs=[k, v, gi, gf, C0, n0, m0],
-        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw),
-                  ("STAGE", stage), ("TERMS", terms or 3), ("CSPLIT", csplit)],
+        inputs=[k, v, gi, gf, C0, n0, m0, ga, gg],
+        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw), ("PREG", pregates),
+                  ("STAGE", stage), ("TERMS", terms or 3), ("CSPLIT", csplit), ("PROBE", _probe("STATES"))],
         grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
         threadgroup=(128, 1, 1),
         output_shapes=[(B, NH, NC, dqk, dv // 32, 2, 32) if csplit else (B, NH, NC, dqk, dv), (B, NH, NC, dqk), (B, NH, NC),
@@ -1091,13 +1154,42 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
                   ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms)),
-                  ("CPRE", cpre)],
+                  ("CPRE", cpre), ("PROBE", _probe("OUTPUTS"))],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
         output_dtypes=[h_dtype],
     )
     return h
+
+
+def _gates_pass(gi: mx.array, gf: mx.array, NC: int, L: int) -> tuple[mx.array, mx.array]:
+    """The states kernel's per-chunk gate values from the raw i, f [B, NH, S] (any strides):
+    a_t [B*NH*NC, L] and (g, max_t a_t) [B*NH*NC, 2], float32 (:data:`_GATES_PASS_SOURCE`)."""
+    B, NH = gf.shape[:2]
+    return _kernel("gates")(
+        inputs=[gi, gf],
+        template=[("NH", NH), ("L", L)],
+        grid=(-(-NC // 4) * 128, 1, B * NH),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(B * NH * NC, L), (B * NH * NC, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+
+
+def _pregates() -> bool:
+    """Whether the raw-gate states kernel reads its chunks' gate values from a gates pass
+    (:func:`_gates_pass`) instead of computing them in its serial loop: ``XLSTM_METAL_STATES_PREGATES=1``."""
+    return os.environ.get("XLSTM_METAL_STATES_PREGATES") == "1"
+
+
+def _probe(kernel: str) -> int:
+    """Diagnostic switches of the states / outputs kernel (``XLSTM_METAL_PROBE_<KERNEL>``, bits; 0, the
+    default, computes): they leave work out to time the rest, so their results are wrong
+    (benchmarks/mlstm_probe.py). States: 1 no gate arithmetic, 2 no entering-state stores, 4 no
+    products. Outputs: 1 no copies of C, 2 no q C products, 4 no q k^T products."""
+    value = os.environ.get(f"XLSTM_METAL_PROBE_{kernel}", "")
+    return int(value) if value.isdigit() else 0
 
 
 def _states_cols() -> int:
