@@ -5,9 +5,10 @@ they leave work out, so those runs compute wrong values; see chunkwise_fused._pr
     python benchmarks/mlstm_probe.py --length 16384 --cases 64,32,64:t1,64:s1,64:s2,64:s4,64:o1 \
         --out $RES/probe.jsonl
 
-A case is CHUNK[:tTERMS][:sBITS][:oBITS][:p]: chunk size, the states kernel's bf16 terms (1-3),
-the states / outputs kernel's probe bits, p: the states kernel with the gates pass
-(``XLSTM_METAL_STATES_PREGATES=1``). One JSON line per case: ms per call of each kernel.
+A case is CHUNK[:tTERMS][:sBITS][:oBITS][:p][:eNAME=VALUE...]: chunk size, the states kernel's
+bf16 terms (1-3), the states / outputs kernel's probe bits, p: the states kernel with the gates
+pass (``XLSTM_METAL_STATES_PREGATES=1``), e: any ``XLSTM_METAL_<NAME>`` setting for this case.
+One JSON line per case: ms per call of each kernel.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ def main() -> None:
     for case in args.cases.split(","):
         fields = case.split(":")
         L, terms, sbits, obits, pregates = int(fields[0]), None, 0, 0, "0"
+        for name in [n for n in os.environ if n.startswith("XLSTM_METAL_")]:
+            del os.environ[name]
         for item in fields[1:]:
-            if item == "p":
+            if item[0] == "e":
+                name, value = item[1:].split("=", 1)
+                os.environ["XLSTM_METAL_" + name] = value
+            elif item == "p":
                 pregates = "1"
             elif item[0] == "t":
                 terms = int(item[1:])

@@ -473,10 +473,30 @@ _STATES_SOURCE = """
             fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
         }
     };
+    // AHEAD > 0: the rows of chunk c + AHEAD (k, v, the raw gates) are prefetched into L2 while
+    // chunk c runs, so the register prefetch of the next chunk waits on L2, not on HBM.
+    auto prefetch_l2 = [&](int c) {
+        const int t = tid & 63;
+        const int ts = c * L + t;
+        if (t >= L || ts >= S) return;
+        const void* p;
+        if (tid < 64) p = kb + ts * k_strides[2];
+        else p = vb + ts * v_strides[2];
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+        if constexpr (RAW && !PREG) {
+            const void* g = tid < 64 ? static_cast<const void*>(gf + b * gf_strides[0] + hd * gf_strides[1] + ts * gf_strides[2])
+                                     : static_cast<const void*>(gi + b * gi_strides[0] + hd * gi_strides[1] + ts * gi_strides[2]);
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(g));
+        }
+    };
     if (c_begin < c_end) prefetch(c_begin);
+    #pragma unroll
+    for (int a = 1; a < AHEAD; ++a)
+        if (c_begin + a < c_end) prefetch_l2(c_begin + a);
 
     for (int c = c_begin; c < c_end; ++c) {
         const int buf = c & 1;
+        if (AHEAD > 0 && c + AHEAD < c_end) prefetch_l2(c + AHEAD);
         // The (local) state entering chunk c.
         // C_enter: float32 [.., DQK, DV] per chunk, bf16 for a one-term reader (chunk_states' c_dtype), or
         // (CSPLIT) the two bf16 terms (hi, lo: the outputs kernel's operands for bf16 h) as
@@ -800,6 +820,12 @@ _OUTPUTS_SOURCE = """
                 }
             }
         };
+        if constexpr (CPRE && CL2) {
+            // The block's whole entering state (DQK rows of 256 bytes) prefetched into L2 at once:
+            // the slabs' copies then wait on L2, not on HBM.
+            for (int idx = tid; idx < DQK * 2; idx += NT)
+                asm volatile("prefetch.global.L2 [%0];" :: "l"(Cp + (static_cast<size_t>(idx >> 1) * (DV / 32) + j0 / 32) * 64 + (idx & 1) * 64));
+        }
         // The first slab's copies go in flight before the gates' and n's loads, which wait for theirs.
         issue(0);
         if (warp == 0) {  // the chunk's gates: b_t (cumsum of the log forget gates) and i~_t
@@ -1131,7 +1157,7 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     ga, gg = _gates_pass(gi, gf, NC, L) if pregates else (m0, m0)  # else placeholders, not read
     return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0, ga, gg],
-        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw), ("PREG", pregates),
+        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw), ("PREG", pregates), ("AHEAD", _env_int("XLSTM_METAL_STATES_AHEAD")),
                   ("STAGE", stage), ("TERMS", terms or 3), ("CSPLIT", csplit), ("PROBE", _probe("STATES"))],
         grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
         threadgroup=(128, 1, 1),
@@ -1154,7 +1180,7 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
                   ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms)),
-                  ("CPRE", cpre), ("PROBE", _probe("OUTPUTS"))],
+                  ("CPRE", cpre), ("CL2", _env_int("XLSTM_METAL_OUTPUTS_L2") > 0), ("PROBE", _probe("OUTPUTS"))],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
@@ -1181,6 +1207,15 @@ def _pregates() -> bool:
     """Whether the raw-gate states kernel reads its chunks' gate values from a gates pass
     (:func:`_gates_pass`) instead of computing them in its serial loop: ``XLSTM_METAL_STATES_PREGATES=1``."""
     return os.environ.get("XLSTM_METAL_STATES_PREGATES") == "1"
+
+
+def _env_int(name: str) -> int:
+    """A non-negative integer setting from the environment (0 when unset).
+    ``XLSTM_METAL_STATES_AHEAD=N``: the states kernel prefetches chunk c + N's rows into L2 while
+    chunk c runs; ``XLSTM_METAL_OUTPUTS_L2=1``: each outputs block prefetches its whole entering
+    state into L2 first (split entering states only)."""
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0
 
 
 def _probe(kernel: str) -> int:
