@@ -319,16 +319,21 @@ def test_fused_chunkwise_split_entering_states_same_bits(S, with_state, monkeypa
 @cuda
 @pytest.mark.parametrize("S,chunk,with_state,gates", [(1000, 64, True, "bfloat16"), (333, 48, False, "float32"),
                                                       (77, 16, True, "bfloat16")])
-def test_states_gates_pass_same_bits(S, chunk, with_state, gates, monkeypatch):
-    """The states kernel reading its chunks' gate values from the gates pass
-    (``XLSTM_METAL_STATES_PREGATES=1``) gives the entering and final states, and so h, of the
-    kernel that computes them in its loop, bit for bit (bf16 and float32 h); a remainder chunk
-    and gates at the projection's strides."""
+def test_prefill_kernel_schedules_same_bits(S, chunk, with_state, gates, monkeypatch):
+    """The kernels' schedule settings that keep the arithmetic give the entering and final states
+    and h of the kernels without them, bit for bit (bf16 and float32 h; a remainder chunk, gates
+    at the projection's strides): the states kernel reading its chunks' gate values from the
+    gates pass (``STATES_PREGATES``) and prefetching chunk c + 3 into L2 (``STATES_AHEAD``); the
+    outputs kernel prefetching its entering state into L2 (``OUTPUTS_L2``) and copying the value
+    columns during the last slab, with q.n from 16-byte loads (``OUTPUTS_VEARLY``)."""
     q, k, v, i, f, state = _seq_inputs(S + 5, 1, 8, S, 256, 512, with_state=with_state)
     i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
     out = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("XLSTM_METAL_STATES_PREGATES", flag)
+        monkeypatch.setenv("XLSTM_METAL_STATES_AHEAD", "3" if flag == "1" else "0")
+        monkeypatch.setenv("XLSTM_METAL_OUTPUTS_L2", flag)
+        monkeypatch.setenv("XLSTM_METAL_OUTPUTS_VEARLY", flag)
         out[flag] = [_launch(q, k, v, i, f, state, 1e-6, chunk, dt, mx.float32) for dt in (mx.bfloat16, mx.float32)]
     for (h0, s0), (h1, s1) in zip(out["0"], out["1"]):
         assert float(mx.abs(h0.astype(mx.float32)).max()) > 0

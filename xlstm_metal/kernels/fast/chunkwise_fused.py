@@ -722,7 +722,7 @@ _OUTPUTS_SOURCE = """
     auto vs = reinterpret_cast<__nv_bfloat16 (*)[64 + PAD]>(raw);
     // C[d][j]: hi, (mid,) lo terms; CPRE: double-buffered, the terms copied as stored.
     __shared__ __align__(16) __nv_bfloat16 Cs[CPRE ? 2 : 1][NSPLIT][KS][64 + PAD];
-    __shared__ float ns[DQK];
+    __shared__ __align__(16) float ns[DQK];
     __shared__ __align__(16) float Cst[CPRE ? 1 : KS][64];  // the next C slab, as copied (not CPRE)
     __shared__ float bs[L];
     __shared__ float is[L];
@@ -869,9 +869,32 @@ _OUTPUTS_SOURCE = """
             if (d0 + KS < DQK) issue(d0 + KS);
             auto qs = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES);
             auto kst = reinterpret_cast<__nv_bfloat16 (*)[KS + PAD]>(raw + ((d0 / KS) & 1) * QK_BYTES + L * (KS + PAD) * 2);
+            if constexpr (VEARLY) {
+                // The last slab: the chunk's value columns go in flight into the free slab buffer
+                // (buffer 0: DQK / KS is even), so the epilogue does not wait for their loads.
+                if (d0 + KS >= DQK) {
+                    for (int idx = tid; idx < L * 8; idx += NT) {
+                        const int t = idx >> 3;
+                        const int e = (idx & 7) * 8;
+                        stage8(&vs[t][e], vb + t * v_strides[2] + e * v_strides[3], v_strides[3], v_vec, t < rows_left);
+                    }
+                }
+                // q . n in the same order, from 16-byte loads of q and n.
+                #pragma unroll
+                for (int e8 = 0; e8 < KS / 2; e8 += 8) {
+                    __align__(16) __nv_bfloat16 qv[8];
+                    *reinterpret_cast<uint4*>(qv) = *reinterpret_cast<const uint4*>(&qs[qn_row][qn_half * (KS / 2) + e8]);
+                    const float4 n0 = *reinterpret_cast<const float4*>(&ns[d0 + qn_half * (KS / 2) + e8]);
+                    const float4 n1 = *reinterpret_cast<const float4*>(&ns[d0 + qn_half * (KS / 2) + e8 + 4]);
+                    const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+                    #pragma unroll
+                    for (int e = 0; e < 8; ++e) qn_part += __bfloat162float(qv[e]) * nv[e];
+                }
+            } else {
             #pragma unroll
             for (int e = 0; e < KS / 2; ++e)
                 qn_part += __bfloat162float(qs[qn_row][qn_half * (KS / 2) + e]) * ns[d0 + qn_half * (KS / 2) + e];
+            }
 
             #pragma unroll
             for (int kk = 0; kk < KS / 16; ++kk) {
@@ -905,6 +928,8 @@ _OUTPUTS_SOURCE = """
     if (qn_half == 0) qn_s[qn_row] = qn_part * scale;
 
     // Stage the chunk's value columns (the q/k slab space is free now).
+    if constexpr (VEARLY) cp_async_wait_all();
+    else
     for (int idx = tid; idx < L * 8; idx += NT) {
         const int t = idx >> 3;
         const int e = (idx & 7) * 8;
@@ -1180,7 +1205,8 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
                   ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms)),
-                  ("CPRE", cpre), ("CL2", _env_int("XLSTM_METAL_OUTPUTS_L2") > 0), ("PROBE", _probe("OUTPUTS"))],
+                  ("CPRE", cpre), ("CL2", _env_int("XLSTM_METAL_OUTPUTS_L2") > 0),
+                  ("VEARLY", _env_int("XLSTM_METAL_OUTPUTS_VEARLY") > 0), ("PROBE", _probe("OUTPUTS"))],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
