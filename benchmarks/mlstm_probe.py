@@ -8,7 +8,8 @@ they leave work out, so those runs compute wrong values; see chunkwise_fused._pr
 A case is CHUNK[:tTERMS][:sBITS][:oBITS][:p][:eNAME=VALUE...]: chunk size, the states kernel's
 bf16 terms (1-3), the states / outputs kernel's probe bits, p: the states kernel with the gates
 pass (``XLSTM_METAL_STATES_PREGATES=1``), e: any ``XLSTM_METAL_<NAME>`` setting for this case.
-One JSON line per case: ms per call of each kernel.
+One JSON line per case: ms per call of each kernel. A case starting with "ng" times the prompt's
+multi-head norm + output gate kernel (norm_rows.py) alone on the layer's shapes instead.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def main() -> None:
     model = bm.random_model(config, dtype="bfloat16").fuse_projections()
     block = model.blocks[0]
     x = (mx.random.normal((1, args.length, config.embedding_dim)) * 0.5).astype(mx.bfloat16)
-    q, k, v, _, i, f = block.mlstm_layer.project(block.norm_mlstm(x))
-    mx.eval(q, k, v, i, f)
+    q, k, v, o_pre, i, f = block.mlstm_layer.project(block.norm_mlstm(x))
+    mx.eval(q, k, v, o_pre, i, f)
     out = open(args.out, "w") if args.out else None
     for case in args.cases.split(","):
         fields = case.split(":")
-        L, terms, sbits, obits, pregates = int(fields[0]), None, 0, 0, "0"
+        L, terms, sbits, obits, pregates = (64 if fields[0] == "ng" else int(fields[0])), None, 0, 0, "0"
         for name in [n for n in os.environ if n.startswith("XLSTM_METAL_")]:
             del os.environ[name]
         for item in fields[1:]:
@@ -70,6 +71,9 @@ def main() -> None:
         os.environ["XLSTM_METAL_STATES_PREGATES"] = pregates
         B, NH, S, _ = k.shape
         NC = -(-S // L)
+        if fields[0] == "ng":
+            _norm_gate_case(case, block, v, o_pre, trace_kernels, args, out)
+            continue
         state = _state_f32(k, v, None)
 
         def states():
@@ -107,6 +111,31 @@ def main() -> None:
         if out:
             out.write(line + "\n")
             out.flush()
+
+
+def _norm_gate_case(case, block, v, o_pre, trace_kernels, args, out) -> None:
+    from xlstm_metal.kernels.fast.norm_rows import norm_gate_rows
+
+    norm = block.mlstm_layer.multihead_norm
+    h = mx.contiguous(v)  # [B, NH, S, DV] bf16, as the outputs kernel writes h
+    mx.eval(h)
+
+    def run():
+        mx.eval(norm_gate_rows(h, o_pre, norm.weight, norm.eps))
+        bm._sync()
+
+    run()
+    summary = trace_kernels(run, args.steps)
+    rec = {"case": case, "length": h.shape[2]}
+    if "error" in summary:
+        rec["error"] = summary["error"]
+    else:
+        rec["norm_gate_ms"] = round(sum(t["ms"] for t in summary["top"] if "norm_gate" in t["name"]), 4)
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out:
+        out.write(line + "\n")
+        out.flush()
 
 
 if __name__ == "__main__":

@@ -457,11 +457,14 @@ def test_model_prefill_same_bits_as_before_the_prompt_kernels(monkeypatch):
 @cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("B,NH,S,DV,offset", [(1, 8, 300, 512, 8), (2, 3, 5, 256, 3), (1, 2, 1, 768, 0)])
-def test_norm_gate_rows_matches_reference_and_decode_kernel(dtype, B, NH, S, DV, offset):
+@pytest.mark.parametrize("packed", ["0", "5"])
+def test_norm_gate_rows_matches_reference_and_decode_kernel(dtype, B, NH, S, DV, offset, packed, monkeypatch):
     """Prompts' multi-head LayerNorm + output gate (a warp per row, norm_rows.py) against the
     ops, and against the decode kernel (a block per row) run token by token: the same math,
-    rounding points and order of the float32 sums, so the same bits. An odd offset makes o~ a
-    misaligned view (the kernel's element-wise loads)."""
+    rounding points and order of the float32 sums, so the same bits; also with the row kept as
+    loaded (``XLSTM_METAL_NORM_GATE_PACKED``). An odd offset makes o~ a misaligned view (the
+    kernel's element-wise loads)."""
+    monkeypatch.setenv("XLSTM_METAL_NORM_GATE_PACKED", packed)
     from xlstm_metal.cells.norms import MultiHeadLayerNorm
     from xlstm_metal.kernels.fast import decode
     from xlstm_metal.kernels.fast.norm_rows import norm_gate_rows

@@ -21,6 +21,8 @@ import os
 
 import mlx.core as mx
 
+from .tensor_cores import launch_bounds
+
 _NORM_GATE_SOURCE = """
     // Row = (b * S + t) * NH + hd: warp w of the block takes one.
     constexpr int GROUPS = DV / 256;  // 8-value groups per lane
@@ -42,6 +44,40 @@ _NORM_GATE_SOURCE = """
 
     // Every load of the row first (h, then the gate's o~ and the weight), so the o~ and weight
     // loads are in flight during the statistics' shuffles instead of starting after them.
+    if constexpr (PACKED) {
+        // The row's values kept as loaded (8 per 16 bytes; converted where used, exactly): a
+        // third of the registers, so more warps per SM have their loads in flight.
+        uint4 xr[GROUPS], orw[GROUPS], wrw[GROUPS];
+        #pragma unroll
+        for (int u = 0; u < GROUPS; ++u) xr[u] = xl_raw8(hr + (u * 256 + lane * 8) * h_strides[3], h_strides[3], h_vec);
+        #pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            const int j = u * 256 + lane * 8;
+            orw[u] = xl_raw8(orow + j * o_strides[2], o_strides[2], o_vec);
+            wrw[u] = xl_raw8(wr + j * w_strides[0], w_strides[0], w_vec);
+        }
+        const float2 stats = xl_row_stats_raw<T, GROUPS>(xr, DV, EPS);
+        const float mean = stats.x, rstd = stats.y;
+        T* out_row = out + static_cast<size_t>(row) * DV;
+        #pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            const int j = u * 256 + lane * 8;
+            float xs[1][8], ov[8], wv[8];
+            xl_unpack8<T>(xr[u], xs[0]);
+            xl_unpack8<T>(orw[u], ov);
+            xl_unpack8<T>(wrw[u], wv);
+            __align__(16) T res[8];
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float normed = static_cast<float>(static_cast<T>((xs[0][e] - mean) * rstd));
+                const float scaled = static_cast<float>(static_cast<T>(normed * wv[e]));
+                const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-ov[e]))));
+                res[e] = static_cast<T>(gate * scaled);
+            }
+            *reinterpret_cast<uint4*>(out_row + j) = *reinterpret_cast<const uint4*>(res);
+        }
+        return;
+    }
     float xs[GROUPS][8], os[GROUPS][8], ws[GROUPS][8];
     #pragma unroll
     for (int u = 0; u < GROUPS; ++u)
@@ -118,6 +154,55 @@ __device__ __forceinline__ float2 xl_row_stats(const float (&xs)[G][8], float D,
     return make_float2(mean, rsqrtf(xl_row_sum(p) / D + eps));
 }
 
+// Eight values x[0], x[stride], ... as loaded (T's 16 bytes): one 16-byte load when contiguous
+// and aligned.
+template <typename T, typename I>
+__device__ __forceinline__ uint4 xl_raw8(const T* x, I stride, bool vec) {
+    if (vec) return *reinterpret_cast<const uint4*>(x);
+    __align__(16) T v[8];
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = x[e * stride];
+    return *reinterpret_cast<const uint4*>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ void xl_unpack8(uint4 r, float* out) {
+    __align__(16) T v[8];
+    *reinterpret_cast<uint4*>(v) = r;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(v[e]);
+}
+
+// xl_row_stats of the row kept as loaded (G groups of 8 16-bit values per lane): the same sums in
+// the same order.
+template <typename T, int G>
+__device__ __forceinline__ float2 xl_row_stats_raw(const uint4 (&xr)[G], float D, float eps) {
+    float p[8];
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) p[e] = 0.0f;
+    #pragma unroll
+    for (int u = 0; u < G; ++u) {
+        float x[8];
+        xl_unpack8<T>(xr[u], x);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) p[e] += x[e];
+    }
+    const float mean = xl_row_sum(p) / D;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) p[e] = 0.0f;
+    #pragma unroll
+    for (int u = 0; u < G; ++u) {
+        float x[8];
+        xl_unpack8<T>(xr[u], x);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float d = x[e] - mean;
+            p[e] += __fmul_rn(d, d);
+        }
+    }
+    return make_float2(mean, rsqrtf(xl_row_sum(p) / D + eps));
+}
+
 // Eight values x[0], x[stride], ... as float: one 16-byte load when contiguous and aligned.
 template <typename T, typename I>
 __device__ __forceinline__ void xl_load8(const T* x, I stride, bool vec, float* out) {
@@ -137,6 +222,14 @@ _ROWS_PER_BLOCK = 8
 _kernels: dict[tuple, object] = {}
 
 
+def _packed_rows() -> int:
+    """``XLSTM_METAL_NORM_GATE_PACKED=N``: the norm + gate kernel keeps its rows' values as
+    loaded (packed 16-bit) and is bounded to N blocks of 256 threads per SM (0: the float form,
+    unbounded)."""
+    value = os.environ.get("XLSTM_METAL_NORM_GATE_PACKED", "")
+    return int(value) if value.isdigit() else 0
+
+
 def norm_gate_rows_supported(h: mx.array, weight: mx.array) -> bool:
     """Whether :func:`norm_gate_rows` takes these inputs: h [B, NH, S, DV] in bf16 / fp16 with DV
     a multiple of 256 (whole 16-byte groups per lane); o~ and the weight as the caller checked.
@@ -152,21 +245,22 @@ def norm_gate_rows(h: mx.array, o_preact: mx.array, weight: mx.array, eps: float
     :func:`~xlstm_metal.kernels.fast.decode.output_norm_gate` (which dispatches here for
     prompts). CUDA only; no gradient."""
     B, NH, S, DV = h.shape
-    kernel = _kernels.get(("gate", eps))
+    packed = _packed_rows()
+    kernel = _kernels.get(("gate", eps, packed))
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_output_norm_gate_rows_{len(_kernels)}",
             input_names=["h", "o", "w"],
             output_names=["out"],
             source=_NORM_GATE_SOURCE.replace("EPS", f"{float(eps)!r}f"),
-            header=_NORM_GATE_HEADER,
+            header=(launch_bounds(32 * _ROWS_PER_BLOCK, packed) if packed else "") + _NORM_GATE_HEADER,
             ensure_row_contiguous=False,
         )
-        _kernels[("gate", eps)] = kernel
+        _kernels[("gate", eps, packed)] = kernel
     blocks = -(-(B * S * NH) // _ROWS_PER_BLOCK)
     (out,) = kernel(
         inputs=[h, o_preact, weight],
-        template=[("T", h.dtype), ("NH", NH), ("DV", DV)],
+        template=[("T", h.dtype), ("NH", NH), ("DV", DV), ("PACKED", packed > 0)],
         grid=(blocks * 32 * _ROWS_PER_BLOCK, 1, 1),
         threadgroup=(32 * _ROWS_PER_BLOCK, 1, 1),
         output_shapes=[(B, S, NH * DV)],
