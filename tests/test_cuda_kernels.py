@@ -316,24 +316,26 @@ def test_fused_chunkwise_split_entering_states_same_bits(S, with_state, monkeypa
         assert np.array_equal(np.array(x), np.array(y))
 
 
+_SCHEDULE_FLAGS = ("XLSTM_METAL_STATES_PREGATES", "XLSTM_METAL_STATES_NSKIP", "XLSTM_METAL_OUTPUTS_VEARLY",
+                   "XLSTM_METAL_OUTPUTS_STAGE")
+
+
 @cuda
 @pytest.mark.parametrize("S,chunk,with_state,gates", [(1000, 64, True, "bfloat16"), (333, 48, False, "float32"),
                                                       (77, 16, True, "bfloat16")])
 def test_prefill_kernel_schedules_same_bits(S, chunk, with_state, gates, monkeypatch):
-    """The kernels' schedule settings that keep the arithmetic give the entering and final states
-    and h of the kernels without them, bit for bit (bf16 and float32 h; a remainder chunk, gates
-    at the projection's strides): the states kernel reading its chunks' gate values from the
-    gates pass (``STATES_PREGATES``) and prefetching chunk c + 3 into L2 (``STATES_AHEAD``); the
-    outputs kernel prefetching its entering state into L2 (``OUTPUTS_L2``) and copying the value
-    columns during the last slab, with q.n from 16-byte loads (``OUTPUTS_VEARLY``)."""
+    """The kernels' schedule settings that keep the arithmetic (chunkwise_fused._flag) give the
+    entering and final states and h of the kernels without them, bit for bit (bf16 and float32
+    h; a remainder chunk, gates at the projection's strides): the states kernel reading its
+    chunks' gate values from the gates pass and summing n only where it is written; the outputs
+    kernel copying the value columns during the last slab, q.n from 16-byte loads and h written
+    through shared memory."""
     q, k, v, i, f, state = _seq_inputs(S + 5, 1, 8, S, 256, 512, with_state=with_state)
     i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
     out = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("XLSTM_METAL_STATES_PREGATES", flag)
-        monkeypatch.setenv("XLSTM_METAL_STATES_AHEAD", "3" if flag == "1" else "0")
-        monkeypatch.setenv("XLSTM_METAL_OUTPUTS_L2", flag)
-        monkeypatch.setenv("XLSTM_METAL_OUTPUTS_VEARLY", flag)
+        for name in _SCHEDULE_FLAGS:
+            monkeypatch.setenv(name, flag)
         out[flag] = [_launch(q, k, v, i, f, state, 1e-6, chunk, dt, mx.float32) for dt in (mx.bfloat16, mx.float32)]
     for (h0, s0), (h1, s1) in zip(out["0"], out["1"]):
         assert float(mx.abs(h0.astype(mx.float32)).max()) > 0
@@ -427,9 +429,10 @@ def test_prefill_swiglu_reads_the_joined_product(monkeypatch):
 
 @cuda
 def test_model_prefill_same_bits_as_before_the_prompt_kernels(monkeypatch):
-    """The bf16 model's prefill (compiled blocks) with this session's prompt path (SwiGLU on the
-    joined product, split entering states, the 128-register outputs kernel) gives the logits and
-    state of the path before it, bit for bit: the arithmetic did not change."""
+    """The bf16 model's prefill (compiled blocks) with the prompt path of sessions 8-9 (SwiGLU on
+    the joined product, split entering states, the 128-register outputs kernel; the kernels'
+    schedule settings, the packed norm + gate kernel) gives the logits and state of the path
+    before them, bit for bit: the arithmetic did not change."""
     from mlx.utils import tree_flatten
 
     from xlstm_metal.benchmark import random_model, shape_config
@@ -441,6 +444,9 @@ def test_model_prefill_same_bits_as_before_the_prompt_kernels(monkeypatch):
         for name in ("XLSTM_METAL_PREFILL_SWIGLU", "XLSTM_METAL_STATES_CSPLIT"):
             monkeypatch.setenv(name, flag)
         monkeypatch.setenv("XLSTM_METAL_OUTPUTS_BLOCKS", "4" if flag == "1" else "0")
+        for name in _SCHEDULE_FLAGS:
+            monkeypatch.setenv(name, flag)
+        monkeypatch.setenv("XLSTM_METAL_NORM_GATE_PACKED", "5" if flag == "1" else "0")
         model = random_model(config, dtype="bfloat16", seed=7).fuse_projections()
         for block in model.blocks:
             block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"

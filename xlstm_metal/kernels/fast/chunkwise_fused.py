@@ -171,7 +171,7 @@ template <int L, int JT, int TERMS, int KX, int VX>
 __device__ __forceinline__ void state_chunk_mma(
         float (*acc)[4], const __nv_bfloat16 (*ks)[KX], const __nv_bfloat16 (*vs)[VX],
         const float* w, const float* u, int warp, int tq, int lrow, int ltile,
-        float& nsum0, float& nsum1) {
+        float& nsum0, float& nsum1, bool nsum = true) {
     #pragma unroll
     for (int kk = 0; kk < L / 16; ++kk) {
         const int t0 = kk * 16 + 2 * tq;
@@ -187,8 +187,10 @@ __device__ __forceinline__ void state_chunk_mma(
             const float2 kv = unpack_bf16(kf[r]);
             const float2 wr = r < 2 ? w01 : w89;
             const float2 ur = r < 2 ? u01 : u89;
-            const float ns = ur.x * kv.x + ur.y * kv.y;
-            if (r & 1) nsum1 += ns; else nsum0 += ns;
+            if (nsum) {  // (block-uniform: blocks that do not write n skip it)
+                const float ns = ur.x * kv.x + ur.y * kv.y;
+                if (r & 1) nsum1 += ns; else nsum0 += ns;
+            }
             split3_pair(wr.x * kv.x, wr.y * kv.y, p[r]);
         }
         #pragma unroll
@@ -203,10 +205,12 @@ __device__ __forceinline__ void state_chunk_mma(
             }
         }
     }
-    nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 1);
-    nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 2);
-    nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 1);
-    nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 2);
+    if (nsum) {
+        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 1);
+        nsum0 += __shfl_xor_sync(0xffffffffu, nsum0, 2);
+        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 1);
+        nsum1 += __shfl_xor_sync(0xffffffffu, nsum1, 2);
+    }
 }
 """
 
@@ -473,30 +477,10 @@ _STATES_SOURCE = """
             fetch_gates<L, GU, RAW>(gf, gf_strides, gi, gi_strides, b, hd, c, chunk_off, S, lane, fpre, ipre);
         }
     };
-    // AHEAD > 0: the rows of chunk c + AHEAD (k, v, the raw gates) are prefetched into L2 while
-    // chunk c runs, so the register prefetch of the next chunk waits on L2, not on HBM.
-    auto prefetch_l2 = [&](int c) {
-        const int t = tid & 63;
-        const int ts = c * L + t;
-        if (t >= L || ts >= S) return;
-        const void* p;
-        if (tid < 64) p = kb + ts * k_strides[2];
-        else p = vb + ts * v_strides[2];
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-        if constexpr (RAW && !PREG) {
-            const void* g = tid < 64 ? static_cast<const void*>(gf + b * gf_strides[0] + hd * gf_strides[1] + ts * gf_strides[2])
-                                     : static_cast<const void*>(gi + b * gi_strides[0] + hd * gi_strides[1] + ts * gi_strides[2]);
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(g));
-        }
-    };
     if (c_begin < c_end) prefetch(c_begin);
-    #pragma unroll
-    for (int a = 1; a < AHEAD; ++a)
-        if (c_begin + a < c_end) prefetch_l2(c_begin + a);
 
     for (int c = c_begin; c < c_end; ++c) {
         const int buf = c & 1;
-        if (AHEAD > 0 && c + AHEAD < c_end) prefetch_l2(c + AHEAD);
         // The (local) state entering chunk c.
         // C_enter: float32 [.., DQK, DV] per chunk, bf16 for a one-term reader (chunk_states' c_dtype), or
         // (CSPLIT) the two bf16 terms (hi, lo: the outputs kernel's operands for bf16 h) as
@@ -628,7 +612,8 @@ _STATES_SOURCE = """
         // C += (w k)^T v, w k in TERMS bf16 terms (3: float32-exact products); n += (w k)^T 1.
         float nsum0 = 0.0f, nsum1 = 0.0f;  // rows rr and rr + 8
         if constexpr (!(PROBE & 4))  // diagnostic 4: no products
-        state_chunk_mma<L, JT, TERMS>(acc, ks[buf], vs[buf], ws[buf], ws[buf], warp, tq, lrow, ltile, nsum0, nsum1);
+        state_chunk_mma<L, JT, TERMS>(acc, ks[buf], vs[buf], ws[buf], ws[buf], warp, tq, lrow, ltile, nsum0, nsum1,
+                                      !NSKIP || blockIdx.x == 0);  // NSKIP: n only where it is written
         n_reg0 = decay * n_reg0 + nsum0;
         n_reg1 = decay * n_reg1 + nsum1;
         m = m_next;
@@ -820,12 +805,6 @@ _OUTPUTS_SOURCE = """
                 }
             }
         };
-        if constexpr (CPRE && CL2) {
-            // The block's whole entering state (DQK rows of 256 bytes) prefetched into L2 at once:
-            // the slabs' copies then wait on L2, not on HBM.
-            for (int idx = tid; idx < DQK * 2; idx += NT)
-                asm volatile("prefetch.global.L2 [%0];" :: "l"(Cp + (static_cast<size_t>(idx >> 1) * (DV / 32) + j0 / 32) * 64 + (idx & 1) * 64));
-        }
         // The first slab's copies go in flight before the gates' and n's loads, which wait for theirs.
         issue(0);
         if (warp == 0) {  // the chunk's gates: b_t (cumsum of the log forget gates) and i~_t
@@ -988,6 +967,28 @@ _OUTPUTS_SOURCE = """
         }
     }
 
+    if constexpr (OSTAGE && sizeof(HT) == 2) {
+        // The warp's 16 x 64 tile of h through shared memory (the C slabs' space: free since the
+        // DQK loop), then whole 128-byte rows in 16-byte stores (not 2-byte ones per element).
+        auto st = reinterpret_cast<HT (*)[64 + 8]>(&Cs[0][0][0][0]) + warp * 16;
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                __align__(4) HT pr[2] = {static_cast<HT>(nacc[nt][2 * h] / den[h]), static_cast<HT>(nacc[nt][2 * h + 1] / den[h])};
+                *reinterpret_cast<uint32_t*>(&st[g + 8 * h][nt * 8 + 2 * tq]) = *reinterpret_cast<const uint32_t*>(pr);
+            }
+        }
+        __syncwarp();
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int q = lane + 32 * u;
+            const int ts = c * L + wt * 16 + (q >> 3);
+            if (ts < S)
+                *reinterpret_cast<uint4*>(h_out + (static_cast<size_t>(bh) * S + ts) * DV + j0 + (q & 7) * 8) =
+                    *reinterpret_cast<const uint4*>(&st[q >> 3][(q & 7) * 8]);
+        }
+    } else
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int ts = c * L + rr + 8 * h;
@@ -1182,7 +1183,7 @@ def _states(k, v, gi, gf, state: MLSTMState, NC: int, L: int, nseg: int, raw: bo
     ga, gg = _gates_pass(gi, gf, NC, L) if pregates else (m0, m0)  # else placeholders, not read
     return _kernel("states")(
         inputs=[k, v, gi, gf, C0, n0, m0, ga, gg],
-        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw), ("PREG", pregates), ("AHEAD", _env_int("XLSTM_METAL_STATES_AHEAD")),
+        template=[("NH", NH), ("L", L), ("JT", cols), ("DQK", dqk), ("DV", dv), ("RAW", raw), ("PREG", pregates), ("NSKIP", _flag("STATES_NSKIP")),
                   ("STAGE", stage), ("TERMS", terms or 3), ("CSPLIT", csplit), ("PROBE", _probe("STATES"))],
         grid=(dv // cols * 128, dqk // _TILE * nseg, B * NH),
         threadgroup=(128, 1, 1),
@@ -1205,8 +1206,9 @@ def _outputs(q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, seg, eps: floa
         inputs=[q, k, v, gi, gf, C_enter, n_enter, m_enter, P_enter, *seg],
         template=[("HT", h_dtype), ("NH", NH), ("L", L), ("DQK", dqk), ("DV", dv), ("RAW", raw),
                   ("SEGC", seg[0] is not m_enter), ("NSPLIT", _split_terms(h_dtype, terms)),
-                  ("CPRE", cpre), ("CL2", _env_int("XLSTM_METAL_OUTPUTS_L2") > 0),
-                  ("VEARLY", _env_int("XLSTM_METAL_OUTPUTS_VEARLY") > 0), ("PROBE", _probe("OUTPUTS"))],
+                  ("CPRE", cpre),
+                  ("VEARLY", _flag("OUTPUTS_VEARLY")), ("OSTAGE", _flag("OUTPUTS_STAGE")),
+                  ("PROBE", _probe("OUTPUTS"))],
         grid=(dv // _TILE * 2 * L, NC, B * NH),
         threadgroup=(2 * L, 1, 1),
         output_shapes=[(B, NH, S, dv)],
@@ -1231,17 +1233,22 @@ def _gates_pass(gi: mx.array, gf: mx.array, NC: int, L: int) -> tuple[mx.array, 
 
 def _pregates() -> bool:
     """Whether the raw-gate states kernel reads its chunks' gate values from a gates pass
-    (:func:`_gates_pass`) instead of computing them in its serial loop: ``XLSTM_METAL_STATES_PREGATES=1``."""
-    return os.environ.get("XLSTM_METAL_STATES_PREGATES") == "1"
+    (:func:`_gates_pass`) instead of computing them in its serial loop (the same values).
+    On unless ``XLSTM_METAL_STATES_PREGATES=0``."""
+    return _flag("STATES_PREGATES")
 
 
-def _env_int(name: str) -> int:
-    """A non-negative integer setting from the environment (0 when unset).
-    ``XLSTM_METAL_STATES_AHEAD=N``: the states kernel prefetches chunk c + N's rows into L2 while
-    chunk c runs; ``XLSTM_METAL_OUTPUTS_L2=1``: each outputs block prefetches its whole entering
-    state into L2 first (split entering states only)."""
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else 0
+def _flag(name: str) -> bool:
+    """The kernels' schedule settings that keep their arithmetic (the same bits either way; on
+    unless ``XLSTM_METAL_<name>=0``):
+
+    - ``STATES_PREGATES``: the states kernel's chunk gate values from the gates pass;
+    - ``STATES_NSKIP``: only the states blocks that write n (the first column tile) sum it;
+    - ``OUTPUTS_VEARLY``: the outputs kernel copies the chunk's value columns during its last
+      DQK slab (cp.async) and reads q, n for q.n in 16-byte loads (the same order);
+    - ``OUTPUTS_STAGE``: the outputs kernel writes h (2-byte types) through shared memory in
+      16-byte row stores instead of element by element."""
+    return os.environ.get(f"XLSTM_METAL_{name}") != "0"
 
 
 def _probe(kernel: str) -> int:
