@@ -7,7 +7,9 @@ they leave work out, so those runs compute wrong values; see chunkwise_fused._pr
 
 A case is CHUNK[:tTERMS][:sBITS][:oBITS][:p][:eNAME=VALUE...]: chunk size, the states kernel's
 bf16 terms (1-3), the states / outputs kernel's probe bits, p: the states kernel with the gates
-pass (``XLSTM_METAL_STATES_PREGATES=1``), e: any ``XLSTM_METAL_<NAME>`` setting for this case.
+pass (``XLSTM_METAL_STATES_PREGATES=1``, on by default since session 9; the S9R1 and S9R2 runs
+of this script turned it off unless p), e: any
+``XLSTM_METAL_<NAME>`` setting for this case (the others: the defaults).
 One JSON line per case: ms per call of each kernel. A case starting with "ng" times the prompt's
 multi-head norm + output gate kernel (norm_rows.py) alone on the layer's shapes instead.
 """
@@ -51,7 +53,7 @@ def main() -> None:
     out = open(args.out, "w") if args.out else None
     for case in args.cases.split(","):
         fields = case.split(":")
-        L, terms, sbits, obits, pregates = (64 if fields[0] == "ng" else int(fields[0])), None, 0, 0, "0"
+        L, terms, sbits, obits = (64 if fields[0] == "ng" else int(fields[0])), None, 0, 0
         for name in [n for n in os.environ if n.startswith("XLSTM_METAL_")]:
             del os.environ[name]
         for item in fields[1:]:
@@ -59,7 +61,7 @@ def main() -> None:
                 name, value = item[1:].split("=", 1)
                 os.environ["XLSTM_METAL_" + name] = value
             elif item == "p":
-                pregates = "1"
+                os.environ["XLSTM_METAL_STATES_PREGATES"] = "1"
             elif item[0] == "t":
                 terms = int(item[1:])
             elif item[0] == "s":
@@ -68,7 +70,6 @@ def main() -> None:
                 obits = int(item[1:])
         os.environ["XLSTM_METAL_PROBE_STATES"] = str(sbits)
         os.environ["XLSTM_METAL_PROBE_OUTPUTS"] = str(obits)
-        os.environ["XLSTM_METAL_STATES_PREGATES"] = pregates
         B, NH, S, _ = k.shape
         NC = -(-S // L)
         if fields[0] == "ng":

@@ -463,7 +463,7 @@ def test_model_prefill_same_bits_as_before_the_prompt_kernels(monkeypatch):
 @cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("B,NH,S,DV,offset", [(1, 8, 300, 512, 8), (2, 3, 5, 256, 3), (1, 2, 1, 768, 0)])
-@pytest.mark.parametrize("packed", ["0", "5"])
+@pytest.mark.parametrize("packed", ["0", "5"], ids=["float", "packed"])
 def test_norm_gate_rows_matches_reference_and_decode_kernel(dtype, B, NH, S, DV, offset, packed, monkeypatch):
     """Prompts' multi-head LayerNorm + output gate (a warp per row, norm_rows.py) against the
     ops, and against the decode kernel (a block per row) run token by token: the same math,
