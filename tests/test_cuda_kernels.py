@@ -326,10 +326,14 @@ _SCHEDULE_FLAGS = ("XLSTM_METAL_STATES_PREGATES", "XLSTM_METAL_STATES_NSKIP", "X
 def test_prefill_kernel_schedules_same_bits(S, chunk, with_state, gates, monkeypatch):
     """The kernels' schedule settings that keep the arithmetic (chunkwise_fused._flag) give the
     entering and final states and h of the kernels without them, bit for bit (bf16 and float32
-    h; a remainder chunk, gates at the projection's strides): the states kernel reading its
-    chunks' gate values from the gates pass and summing n only where it is written; the outputs
-    kernel copying the value columns during the last slab, q.n from 16-byte loads and h written
-    through shared memory."""
+    h, and bf16 h from one product term as training may ask; a remainder chunk, gates at the
+    projection's strides): the states kernel reading its chunks' gate values from the gates pass
+    and summing n only where it is written; the outputs kernel copying the value columns during
+    the last slab, q.n from 16-byte loads and h written through shared memory (where the C slabs'
+    space holds it)."""
+    from xlstm_metal.kernels.fast.chunkwise_fused import fused_forward
+    from xlstm_metal.kernels.mlstm import _state_f32
+
     q, k, v, i, f, state = _seq_inputs(S + 5, 1, 8, S, 256, 512, with_state=with_state)
     i, f = i.astype(getattr(mx, gates)), f.astype(getattr(mx, gates))
     out = {}
@@ -337,6 +341,8 @@ def test_prefill_kernel_schedules_same_bits(S, chunk, with_state, gates, monkeyp
         for name in _SCHEDULE_FLAGS:
             monkeypatch.setenv(name, flag)
         out[flag] = [_launch(q, k, v, i, f, state, 1e-6, chunk, dt, mx.float32) for dt in (mx.bfloat16, mx.float32)]
+        # training's product terms: one term (the outputs kernel's smallest shared C space)
+        out[flag].append(fused_forward(q, k, v, i, f, _state_f32(k, v, state), 1e-6, chunk, mx.bfloat16, None, 1))
     for (h0, s0), (h1, s1) in zip(out["0"], out["1"]):
         assert float(mx.abs(h0.astype(mx.float32)).max()) > 0
         assert np.array_equal(np.array(h1.astype(mx.float32)), np.array(h0.astype(mx.float32)))

@@ -967,7 +967,9 @@ _OUTPUTS_SOURCE = """
         }
     }
 
-    if constexpr (OSTAGE && sizeof(HT) == 2) {
+    // The C slabs' space holds every warp's tile only with two or more terms (or split states).
+    constexpr bool STAGE_H = OSTAGE && sizeof(HT) == 2 && sizeof(Cs) >= sizeof(HT) * NW * 16 * (64 + 8);
+    if constexpr (STAGE_H) {
         // The warp's 16 x 64 tile of h through shared memory (the C slabs' space: free since the
         // DQK loop), then whole 128-byte rows in 16-byte stores (not 2-byte ones per element).
         auto st = reinterpret_cast<HT (*)[64 + 8]>(&Cs[0][0][0][0]) + warp * 16;
