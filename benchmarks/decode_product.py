@@ -148,16 +148,18 @@ def _ours(x: mx.array, arrays, bits: int, group_size: int, depth: int, hint: int
 
 
 def _parse_config(spec: str, bits: int) -> dict | None:
-    """'default' or 'd<depth>r<resident>[t][p1]' -> the module settings it stands for (None for
-    anything else)."""
-    if spec == "default":
-        return {}
-    m = re.fullmatch(r"d(\d+)r(\d+)(t?)(p1)?", spec)
+    """'default', 'int' (the shipped settings with the weights as exact integers where the chain
+    can: quantized.INT_WEIGHTS) or 'd<depth>r<resident>[t][p1][i]' -> the module settings it
+    stands for (None for anything else)."""
+    if spec in ("default", "int"):
+        return {} if spec == "default" else {"int": 1}
+    m = re.fullmatch(r"d(\d+)r(\d+)(t?)(p1)?(i2|i)?", spec)
     if not m:
         return None
     depth, resident = int(m.group(1)), int(m.group(2))
     return {"depth": (bits, depth), "resident": resident,
-            "chain_blocks": 0 if m.group(3) else resident * quantized.SMS, "prefetch": bool(m.group(4))}
+            "chain_blocks": 0 if m.group(3) else resident * quantized.SMS, "prefetch": bool(m.group(4)),
+            "int": {"i": 1, "i2": 2}.get(m.group(5), 0)}
 
 
 def _with(conf: dict, fn):
@@ -165,6 +167,13 @@ def _with(conf: dict, fn):
     graph is, so the settings hold while it is)."""
     if not conf:
         return fn()
+    saved_int = dict(quantized.INT_WEIGHTS)
+    quantized.INT_WEIGHTS.update({4: int(conf.get("int", 0)), 8: int(conf.get("int", 0))})
+    if "depth" not in conf:
+        try:
+            return fn()
+        finally:
+            quantized.INT_WEIGHTS.update(saved_int)
     bits, depth = conf["depth"]
     saved = quantized.DEPTH[bits], quantized.RESIDENT[bits], chain.CHAIN_BLOCKS, quantized.PREFETCH
     quantized.DEPTH[bits], quantized.RESIDENT[bits], chain.CHAIN_BLOCKS, quantized.PREFETCH = (
@@ -173,6 +182,7 @@ def _with(conf: dict, fn):
         return fn()
     finally:
         quantized.DEPTH[bits], quantized.RESIDENT[bits], chain.CHAIN_BLOCKS, quantized.PREFETCH = saved
+        quantized.INT_WEIGHTS.update(saved_int)
 
 
 def _segments(events: list[dict], gap_us: float) -> list[dict]:
@@ -243,7 +253,8 @@ def main(argv=None) -> int:
                    help="settings to run ours and the chain's stage at, comma-separated: 'default' (the shipped "
                    "ones) or tokens like 'd2r3' (ring depth 2, registers for 3 blocks per SM; the chain's blocks "
                    "walking tiles 3 per SM) with optional 't' (the chain: a block per tile) and 'p1' (the L2 "
-                   "prefetch before the prologue), e.g. 'd2r3,d2r2,d4r2t'")
+                   "prefetch before the prologue), 'i' / 'i2' (the chain's weights as exact integers q / 1024 + q: quantized.INT_WEIGHTS), "
+                   "e.g. 'd2r3,d2r2,d4r2t,d1r3ti'; 'int': the shipped settings with integer weights")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",
                    help="let the layers' products overlap on the GPU (default: each waits for the one before, "
@@ -289,7 +300,7 @@ def main(argv=None) -> int:
         for bits in [int(b) for b in args.bits.split(",")]:
             shipped = quantized.DEPTH[bits]
             runs, recs, kept = [], [], []  # one CUPTI trace per weight format, after its wall times
-            for name, n, k in [s for s in SHAPES if s[0] in args.shapes.split(",")]:
+            for name, n, k in [s for name in args.shapes.split(",") for s in SHAPES if s[0] == name]:  # in --shapes' order
                 if args.deadline and time.time() - t_start > args.deadline:
                     emit({"stopped": "deadline", "bits": bits, "shape": name})
                     break
@@ -324,8 +335,9 @@ def main(argv=None) -> int:
                     cref = stage.reference(weights[0], bits, args.group_size)
                     for spec in (configs if rows == 1 else configs[:1]):
                         conf = _parse_config(spec, bits)
-                        variants.append((f"ours {spec}", lambda a, dep, conf=conf, x=x: _with(
-                            conf, lambda: _ours(_plus(x, dep), a, bits, args.group_size, None, None)), ref0))
+                        if not conf.get("int"):  # the plain product has no integer-weights path
+                            variants.append((f"ours {spec}", lambda a, dep, conf=conf, x=x: _with(
+                                conf, lambda: _ours(_plus(x, dep), a, bits, args.group_size, None, None)), ref0))
                         variants.append((f"chain {spec}", lambda a, dep, conf=conf, stage=stage: _with(
                             conf, lambda: stage.run(a, bits, args.group_size, dep)), cref))
                     for label, fn, ref in variants:

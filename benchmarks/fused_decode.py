@@ -132,12 +132,14 @@ def main() -> None:
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
     ring_depth, resident, split_k = dict(quantized.DEPTH), dict(quantized.RESIDENT), dict(decode_chain.SPLIT_K)
+    int_weights = dict(quantized.INT_WEIGHTS)
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
     # (False: float products by MLX's matmul, the chain only where the products are quantized),
     # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM), "split" (the
-    # shares of K of out_proj and proj_down by bits))
+    # shares of K of out_proj and proj_down by bits), "int" (quantized.INT_WEIGHTS: the chain's
+    # quantized products with the weights as exact integers, by bits))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -166,6 +168,16 @@ def main() -> None:
                   # out_proj and proj_down with K unsplit (session 7's stages)
                   ("fused decode kernels, chain, K unsplit", True, True, residual, skinny_default, step_default,
                    {"split": {4: 1, 8: 1, 16: 1}})]
+        # the chain's quantized products with the weights as exact integers where they can (and
+        # the dequantize-first kernels explicitly: whichever the default is, both can be named)
+        fused += [("fused decode kernels, chain, integer weights", True, True, residual, skinny_default, step_default,
+                   {"int": {4: 1, 8: 1}}),
+                  ("fused decode kernels, chain, dequantized weights", True, True, residual, skinny_default,
+                   step_default, {"int": {4: 0, 8: 0}}),
+                  ("fused decode kernels, chain, integer weights, depth 2", True, True, residual, skinny_default,
+                   step_default, {"int": {4: 1, 8: 1}, "depth": {4: 4, 8: 2, 16: 1}}),
+                  ("fused decode kernels, chain, integer weights 1024 + q", True, True, residual, skinny_default,
+                   step_default, {"int": {4: 2, 8: 2}})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
         # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
@@ -222,6 +234,7 @@ def main() -> None:
                 quantized.DEPTH.update(options.get("depth", ring_depth))
                 quantized.RESIDENT.update(options.get("resident", resident))
                 decode_chain.SPLIT_K.update(options.get("split", split_k))
+                quantized.INT_WEIGHTS.update(options.get("int", int_weights))
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
@@ -243,6 +256,7 @@ def main() -> None:
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
         quantized.DEPTH.update(ring_depth)
         quantized.RESIDENT.update(resident)
+        quantized.INT_WEIGHTS.update(int_weights)
 
     def check_chain() -> None:
         """Greedy steps from one random token with the chain on, then the same tokens with it off,

@@ -523,3 +523,91 @@ def test_a_user_step_cell_gets_the_projections_as_slices(on_cpu_too, float_gates
     assert len(calls) == 2 and calls[0] == ((2, config.num_heads, 1, config.qk_head_dim),) * 2 + (
         (2, config.num_heads, 1, config.v_head_dim),)
     assert not mx.allclose(halved[0][-1], base[0][-1], atol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 128), (4, 128)])
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", [1, 2], ids=["q", "1024+q"])
+def test_cuda_int_weights_stages(monkeypatch, bits, group_size, B, dtype, kind):
+    # The chain's stages with the weights as exact integers (quantized.INT_WEIGHTS): the norm
+    # stage's product within an ulp of T (at its largest output) of the exact product of its
+    # normed x (quantized.int_weights_reference), and never further from it than MLX's own
+    # quantized product of the same x; every stage within the dequantize-first reference's
+    # tolerance. A group of x far outside fp16's range (bf16) and one of tiny values.
+    from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
+
+    monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: kind, 8: kind})
+    rng = np.random.default_rng(bits + group_size + B)
+    E, NH, DV, F, N = 1024, 4, 256, 1344, 200
+    norm = RMSNorm(E)
+    nw = rng.uniform(0.5, 1.5, E).astype(np.float32)
+    nw[:group_size] *= 1e-5
+    if dtype == mx.bfloat16:
+        nw[group_size:2 * group_size] *= 1e6
+    norm.weight = mx.array(nw).astype(dtype)
+    w, s, b, g, nb = _q(rng, N, E, dtype, bits, group_size)
+    x = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32) * 3)
+    pending = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32)).astype(dtype)
+    out = chain.norm_quantized_matmul(x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+    assert any(k[0] == "norm" and k[4] == kind for k in chain._kernels)  # the integer-weights kernel was built
+    xn = out[1].reshape(B, E)
+    exact = quantized.int_weights_reference(xn, w, s, b, group_size=g, bits=nb)
+    mlx = mx.quantized_matmul(xn, w, scales=s, biases=b, transpose=True, group_size=g, bits=nb)
+    err = _rel(out[2].reshape(B, N), exact)
+    assert err <= 2.0 ** -8, err
+    assert err <= max(_rel(mlx, exact), 2.0 ** -9) + 1e-6
+    ref = _reference(chain.norm_quantized_matmul, x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+    assert _rel(out[0], ref[0]) <= 1e-6 and _rel(out[1], ref[1]) <= 1e-2 and _rel(out[2], ref[2]) <= 2e-2
+
+    mh = MultiHeadLayerNorm(NH, DV)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(dtype)
+    h = mx.array(rng.standard_normal((B, NH, 1, DV)).astype(np.float32) * 2 + 0.5).astype(dtype)
+    proj = mx.array(rng.standard_normal((B, 1, 3 * NH * DV)).astype(np.float32) * 3).astype(dtype)
+    wo, so, bo, _, _ = _q(rng, E, NH * DV, dtype, bits, group_size)
+    r = chain.gate_norm_quantized_matmul(h, proj, NH * DV, mh, x, wo, so, bo, group_size=g, bits=nb)
+    r_ref = _reference(chain.gate_norm_quantized_matmul, h, proj, NH * DV, mh, x, wo, so, bo, group_size=g, bits=nb)
+    assert _rel(r - x, r_ref - x) <= 2e-2
+
+    gate_up = mx.array(rng.standard_normal((B, 1, 2 * F)).astype(np.float32) * 3).astype(dtype)
+    wd, sd, bd, _, _ = _q(rng, N, F, dtype, bits, group_size)
+    y = chain.swiglu_quantized_matmul(gate_up, wd, sd, bd, group_size=g, bits=nb)
+    y_ref = _reference(chain.swiglu_quantized_matmul, gate_up, wd, sd, bd, group_size=g, bits=nb)
+    assert _rel(y, y_ref) <= 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("bits", [8])
+def test_cuda_int_weights_7b_layer_shapes(monkeypatch, bits):
+    # One 7B block's stages at one row, group 64, the integer-weights kernels (q and 1024 + q)
+    # against the dequantize-first ones (within 2e-2 of each other, and the norm stage's product
+    # within an ulp of bf16 of the exact product of its normed x).
+    from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
+
+    rng = np.random.default_rng(70 + bits)
+    E, NH, DV, F = 4096, 8, 512, 10944
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(mx.bfloat16)
+    x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
+    pending = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32)).astype(mx.bfloat16)
+    w, s, b, g, nb = _q(rng, 2 * F, E, mx.bfloat16, bits, 64)
+    wd, sd, bd, _, _ = _q(rng, E, F, mx.bfloat16, bits, 64)
+    mh = MultiHeadLayerNorm(NH, DV)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(mx.bfloat16)
+    h = mx.array(rng.standard_normal((1, NH, 1, DV)).astype(np.float32)).astype(mx.bfloat16)
+    wo, so, bo, _, _ = _q(rng, E, NH * DV, mx.bfloat16, bits, 64)
+    outs = {}
+    for on in (0, 1, 2):
+        monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: on, 8: on})
+        out = chain.norm_quantized_matmul(x, pending, norm, w, s, b, group_size=g, bits=nb, write_xn=True)
+        y = chain.swiglu_quantized_matmul(out[2], wd, sd, bd, group_size=64, bits=bits)
+        r = chain.gate_norm_quantized_matmul(h, out[2], 1000, mh, x, wo, so, bo, group_size=64, bits=bits)
+        outs[on] = (out, y, r)
+    o0, y0, r0 = outs[0]
+    for on in (1, 2):
+        o1, y1, r1 = outs[on]
+        assert _rel(o1[0], o0[0]) <= 1e-6 and _rel(o1[1], o0[1]) == 0.0
+        exact = quantized.int_weights_reference(o1[1].reshape(1, E), w, s, b, group_size=64, bits=bits)
+        assert _rel(o1[2].reshape(1, -1), exact) <= 2.0 ** -8
+        assert _rel(o1[2], o0[2]) <= 2e-2 and _rel(y1, y0) <= 2e-2 and _rel(r1 - x, r0 - x) <= 2e-2

@@ -17,6 +17,8 @@ from xlstm_metal.kernels.fast.quantized import (
     dequantized_matmul,
     fast_path_supported,
     fused_quantized_matmul,
+    int_weights_apply,
+    int_weights_reference,
     quantized_matmul,
     use_fast_quantized_layers,
 )
@@ -239,6 +241,49 @@ def test_fuse_switches_quantized_layers_and_keeps_results(bits):
     _, state = model(ids[:, :4], state)
     step, _ = model(ids[:, 4:5], state)
     assert np.allclose(np.array(step[0, -1]), np.array(ref[0, 4]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 128), (4, 128), (4, 64)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_int_weights_reference_is_the_exact_product(bits, group_size, dtype):
+    # The integer-weights decode path's math (fp16 x scaled by 2^e per row and group, exact
+    # integer weights, each group's scale and bias on the float32 sums) equals x @ W.T with W =
+    # s * q + b in exact arithmetic, to float32 round-off: including a group of tiny values, one
+    # of large ones and an all-zero group (at bf16 outside fp16's range without the scaling).
+    # The dequantize-first path rounds W to x's dtype: 10-100x further from the exact product.
+    rng = np.random.default_rng(bits + group_size)
+    N, K = 96, 1024
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * 0.05).astype(dtype)
+    wq, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    xv = rng.standard_normal((3, K)).astype(np.float32) * 3
+    xv[0, :group_size] *= 1e-6
+    xv[0, 2 * group_size:3 * group_size] = 0
+    if dtype == mx.bfloat16:
+        xv[1, group_size:2 * group_size] *= 3e5  # beyond fp16's 65504 unless scaled
+    x = mx.array(xv).astype(dtype)
+    y = int_weights_reference(x, wq, s, b, group_size=group_size, bits=bits)
+    assert y.dtype == mx.float32 and y.shape == (3, N)
+    xs = np.array(x.astype(mx.float32), dtype=np.float64)
+    exact = xs @ np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size,
+                                        bits=bits), dtype=np.float64).T
+    err = np.abs(np.array(y, dtype=np.float64) - exact).max(axis=1) / np.abs(exact).max(axis=1)
+    assert err.max() <= 1e-6, err
+    rounded = xs @ _reference64(mx.eye(K, dtype=dtype), wq, s, b, group_size, bits)
+    assert (np.abs(rounded - exact).max(axis=1) / np.abs(exact).max(axis=1)).min() > 10 * err.max()
+
+
+def test_int_weights_apply_where_a_span_lies_in_one_group(monkeypatch):
+    from xlstm_metal.kernels.fast import quantized as q  # noqa: PLC0415
+
+    monkeypatch.setattr(q, "INT_WEIGHTS", {4: 1, 8: 1})
+    assert int_weights_apply(8, 64, 1) and int_weights_apply(8, 128, 2) and int_weights_apply(4, 128, 1)
+    assert not int_weights_apply(8, 32, 1)  # a warp's span (64 values at 8 bits) holds two groups
+    assert not int_weights_apply(4, 64, 1)  # 128 values at 4 bits
+    assert not int_weights_apply(8, 64, 9)  # a second tile of x rows
+    assert not int_weights_apply(8, 64, 1, split=2)
+    assert not int_weights_apply(16, 64, 1)
+    monkeypatch.setattr(q, "INT_WEIGHTS", {4: 1, 8: 0})
+    assert not int_weights_apply(8, 64, 1)
 
 
 def test_fused_kernel_refuses_too_many_rows():

@@ -39,7 +39,8 @@ import mlx.nn as nn
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm
 from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
 from . import quantized as _quantized
-from .quantized import _HEADER, decode_launch, decode_source, decode_template, kernel_takes, launch_bounds, quantized_matmul
+from .quantized import (_HEADER, INT_HEADER, INT_STAGE, decode_launch, decode_source, decode_template, int_weights_apply, kernel_takes,
+                        launch_bounds, quantized_matmul)
 from .tensor_cores import compact_source
 
 #: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels. Measured
@@ -307,11 +308,27 @@ SPLIT_MAX_FEATURES = 8192
 CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
 
 
-def _stage_rows(rows: int, k: int, dtype: mx.Dtype) -> int:
+def _stage_rows(rows: int, k: int, dtype: mx.Dtype, int_group: int = 0) -> int:
     """Rows staged in shared memory (a power of two >= rows, so few variants compile), or 0 when
-    they do not fit."""
+    they do not fit; ``int_group``: with the integer-weights path's (2^-e, sum) per group of that
+    size (:data:`.quantized.INT_WEIGHTS`)."""
     sr = 1 << (rows - 1).bit_length()
-    return sr if sr * k * dtype.size <= STAGE_BYTES else 0
+    per_row = k * dtype.size + (k // int_group * 8 if int_group else 0)
+    return sr if sr * per_row <= STAGE_BYTES else 0
+
+
+def _int(bits: int, group_size: int, rows: int, k: int, dtype: mx.Dtype, split: int = 1) -> int:
+    """Whether a stage's product takes the weights as exact integers (:func:`.quantized.int_weights_apply`,
+    and its rows with their group sums fit shared memory; else the stage dequantizes as before):
+    0, or the kind (:data:`.quantized.INT_WEIGHTS`' value, 1 or 2)."""
+    if int_weights_apply(bits, group_size, rows, split) and _stage_rows(rows, k, dtype, group_size) > 0:
+        return 2 if _quantized.INT_WEIGHTS.get(bits) == 2 else 1
+    return 0
+
+
+def _int_template(iw: int) -> list:
+    """The integer-weights kernels' template argument (none for the others)."""
+    return [("IW", iw)] if iw else []
 
 
 def _eps(eps: float) -> str:
@@ -319,9 +336,10 @@ def _eps(eps: float) -> str:
 
 
 def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);",
-            split: bool = False) -> str:
-    return decode_source(sizes=sizes.replace("STAGE_DECL", _STAGE_DECL), prologue=prologue, load_x=_LOAD_X,
-                         store=store, split=split)
+            split: bool = False, int_weights: bool = False) -> str:
+    decl = _STAGE_DECL + ("    __shared__ float2 xg_s[SR * (KD / G)];\n" if int_weights else "")
+    return decode_source(sizes=sizes.replace("STAGE_DECL", decl), prologue=prologue + (INT_STAGE if int_weights else ""),
+                         load_x=_LOAD_X, store=store, split=split, int_weights=int_weights)
 
 
 def _launch(n_out: int, bits: int, split: int = 1) -> dict:
@@ -336,7 +354,7 @@ def _split(n_out: int, k: int, bits: int) -> int:
     return split if split > 1 and n_out <= SPLIT_MAX_FEATURES and -(-n_out // 16) <= _quantized.SPLIT_TILES else 1
 
 
-def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
+def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: bool = False) -> str:
     resid = ("static_cast<float>(static_cast<ST>(static_cast<float>(xr[(size_t)mm * K + k]) "
              "+ static_cast<float>(pend[(size_t)mm * K + k])))") if has_pending else "static_cast<float>(xr[(size_t)mm * K + k])"
     prologue = _NORM_PROLOGUE.replace("RESID", resid).replace("EPS", _eps(eps))
@@ -344,16 +362,18 @@ def _norm_source(eps: float, has_pending: bool, write_xn: bool) -> str:
     prologue = prologue.replace("WRITE_XN", "xn_out[e] = v;" if write_xn else "")
     if not (has_pending or write_xn):
         prologue = prologue.replace("if (blockIdx.x == 0) {", "if (false) {")
-    return _source(_NORM_SIZES, prologue)
+    return _source(_NORM_SIZES, prologue, int_weights=int_weights)
 
 
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source, split: bool = False):
+def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source, split: bool = False,
+            int_weights: int = 0):
     """The chain's kernel for ``key`` at ``bits``, its source from ``source()``, built once per
     register bound (``quantized.RESIDENT``); ``split``: a split-K kernel (its outputs end with
-    ``part``; see :func:`.quantized.decode_source`)."""
+    ``part``; see :func:`.quantized.decode_source`); ``int_weights``: the integer-weights kernel
+    (its header has :data:`.quantized.INT_HEADER`)."""
     key = (*key, split, _quantized.RESIDENT.get(bits, 0))
     kernel = _kernels.get(key)
     if kernel is None:
@@ -362,7 +382,8 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
             input_names=inputs,
             output_names=outputs + (["part"] if split else []),
             source=compact_source(source()),
-            header=compact_source(_HEADER + _REDUCE_HEADER + (_quantized.SPLIT_HEADER if split else "")
+            header=compact_source(_HEADER + (INT_HEADER if int_weights else "") + _REDUCE_HEADER
+                                  + (_quantized.SPLIT_HEADER if split else "")
                                   + launch_bounds(key[-1])),
         )
         _kernels[key] = kernel
@@ -439,10 +460,11 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     B, _, E = x.shape
     T = norm.weight.dtype
     has_pending = pending is not None
-    key = ("norm", norm.eps, has_pending, write_xn)
+    iw = _int(bits, group_size, B, E, T)
+    key = ("norm", norm.eps, has_pending, write_xn, iw)
     kernel = _kernel(key, bits, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
                      ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
-                     lambda: _norm_source(norm.eps, has_pending, write_xn))
+                     lambda: _norm_source(norm.eps, has_pending, write_xn, iw), int_weights=iw)
     N = w.shape[0]
     # [B, 1, E] in and out as they are (row-contiguous; the kernel reads rows as flat): no views
     # to build per call, which the host pays for like kernels at one row.
@@ -455,7 +477,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     outs = kernel(
         inputs=inputs,
         template=decode_template(T, bits, group_size, B)
-        + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T))],
+        + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits),
     )
     return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
@@ -488,14 +510,15 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
     E = x.shape[-1]
     T = h.dtype
     split = _split(w.shape[0], NH * DV, bits)
-    kernel = _kernel(("gate", norm.eps), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
+    iw = _int(bits, group_size, B, NH * DV, T, split)
+    kernel = _kernel(("gate", norm.eps, iw), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
                      lambda: _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE,
-                                     split > 1), split > 1)
+                                     split > 1, iw), split > 1, iw)
     outs = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
         template=decode_template(T, bits, group_size, B, split=split)
         + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
-           ("SR", _stage_rows(B, NH * DV, T))],
+           ("SR", _stage_rows(B, NH * DV, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
         output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split),
     )
@@ -529,11 +552,13 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     T = gate_up.dtype
     N = w.shape[0]
     split = _split(N, F, bits)
-    kernel = _kernel(("swiglu",), bits, ["gate_up", "w", "scales", "biases"], ["y"],
-                     lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE, split=split > 1), split > 1)
+    iw = _int(bits, group_size, B, F, T, split)
+    kernel = _kernel(("swiglu", iw), bits, ["gate_up", "w", "scales", "biases"], ["y"],
+                     lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE, split=split > 1, int_weights=iw), split > 1, iw)
     outs = kernel(
         inputs=[gate_up, w, scales, biases],
-        template=decode_template(T, bits, group_size, B, split=split) + [("KD", F), ("SR", _stage_rows(B, F, T))],
+        template=decode_template(T, bits, group_size, B, split=split)
+        + [("KD", F), ("SR", _stage_rows(B, F, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
         output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split),
     )

@@ -166,6 +166,34 @@ __device__ __forceinline__ int xl_xpos4(int k) {
 }
 """
 
+#: Header text of the integer-weights kernels only (:data:`INT_WEIGHTS`; MLX hashes a kernel's
+#: whole source at every launch, so the other kernels do not carry it).
+INT_HEADER = """
+// A pair of weights as exact fp16 integers, the pair of dequant_pair(p) (int_weights): 1024 + q
+// built under fp16's exponent of 1024 (8 bits: one byte permute; 4 bits: shift and mask, or'ed),
+// then 1024 subtracted (exact; OFF: kept, and taken out through the bias: b - 1024 s).
+template <int BITS, bool OFF>
+__device__ __forceinline__ uint32_t int_pair(const uint4& wv, int p) {
+  const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+  uint32_t v;
+  if constexpr (BITS == 8) {
+    v = __byte_perm(words[p >> 1], 0x64646464u, (p & 1) ? 0x4342u : 0x4140u);
+  } else {
+    v = ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | 0x64006400u;
+  }
+  if constexpr (OFF) return v;
+  return as_u32(__hsub2(from_u32<__half2>(v), __float2half2_rn(1024.0f)));
+}
+
+// d = A * B (fp16 operands, float32 sums starting from zero).
+__device__ __forceinline__ void mma16816_zero(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\\n"
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+}
+
+"""
+
 _SOURCE = """
     // x [M, K] (T), w [N, K*BITS/32] (uint32; or [N, K] in T at BITS 16), scales/biases [N, K/G] (T)
     // -> y [M, N] (T). Each thread block walks output tiles blockIdx.x, + gridDim.x, ... (16
@@ -267,15 +295,7 @@ _SOURCE = """
             const float sbf = static_cast<float>(sb), bbf = static_cast<float>(bb);
             // A fragments of step j: {row g pair 2tig, row g+8 pair 2tig, row g pair 2tig+8, row g+8 pair 2tig+8}.
             if constexpr (MT == 1) {  // each step's fragments made as it runs: 4 registers, not 4 * STEPS
-              #pragma unroll
-              for (int j = 0; j < STEPS; ++j) {
-                const uint32_t af[4] = {dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf),
-                                        dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf),
-                                        dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf),
-                                        dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf)};
-                mma16816<T>(acc[0], af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
-              }
-            } else {  // dequantized once for all of x's row tiles
+@MT1_BODY@            } else {  // dequantized once for all of x's row tiles
               uint32_t af[STEPS][4];
               #pragma unroll
               for (int j = 0; j < STEPS; ++j) {
@@ -319,6 +339,45 @@ _SOURCE = """
       if (tile >= nwork) break;
       __syncthreads();  // the partial tiles in shared memory are read
     }
+"""
+
+# One chunk at one x tile (MT 1), the weights dequantized to T pairs before the mma.
+_MT1_DEQUANT = """\
+              #pragma unroll
+              for (int j = 0; j < STEPS; ++j) {
+                const uint32_t af[4] = {dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf),
+                                        dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf),
+                                        dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf),
+                                        dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf)};
+                mma16816<T>(acc[0], af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
+              }
+"""
+
+# The same chunk with the weights as exact integers (int_weights): q in fp16 (int_pair: a byte
+# permute or a mask, and one hsub2 per pair; template IW 2: 1024 + q, no hsub2), x staged as fp16 scaled by 2^e per (row, group)
+# (xl_int_stage), the span's integer products summed by the mma in a float32 tile of their own,
+# then folded: acc += (s * 2^-e) * tile + b * (the group's sum of x). A span lies in one group
+# (G >= SPAN), so the tile's rows g, g + 8 have this thread's scales and biases.
+_MT1_INT = """\
+              float tq[4];
+              #pragma unroll
+              for (int j = 0; j < STEPS; ++j) {
+                const uint32_t af[4] = {int_pair<BITS, IW == 2>(wa, 2 * j), int_pair<BITS, IW == 2>(wb, 2 * j),
+                                        int_pair<BITS, IW == 2>(wa, 2 * j + 1), int_pair<BITS, IW == 2>(wb, 2 * j + 1)};
+                if (j == 0) {
+                  mma16816_zero(tq, af, x_pair<BITS, XPRE>(xv, 0), x_pair<BITS, XPRE>(xv, 1));
+                } else {
+                  mma16816<__half>(tq, af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
+                }
+              }
+              const int gi = (sp * SPAN) / G;
+              const int m0 = 2 * tig < M ? 2 * tig : 0, m1 = 2 * tig + 1 < M ? 2 * tig + 1 : 0;
+              const float2 c0 = xg_s[m0 * (K / G) + gi], c1 = xg_s[m1 * (K / G) + gi];  // (2^-e, sum)
+              const float ba_ = IW == 2 ? fmaf(-1024.0f, saf, baf) : baf, bb_ = IW == 2 ? fmaf(-1024.0f, sbf, bbf) : bbf;
+              acc[0][0] = fmaf(saf * c0.x, tq[0], fmaf(ba_, c0.y, acc[0][0]));
+              acc[0][1] = fmaf(saf * c1.x, tq[1], fmaf(ba_, c1.y, acc[0][1]));
+              acc[0][2] = fmaf(sbf * c0.x, tq[2], fmaf(bb_, c0.y, acc[0][2]));
+              acc[0][3] = fmaf(sbf * c1.x, tq[3], fmaf(bb_, c1.y, acc[0][3]));
 """
 
 #: The plain product's hooks: x [M, K] read as 16-byte chunks, y [M, N] written in T.
@@ -369,13 +428,100 @@ _SPLIT_FINISH = """
         }
       }
 """
+#: Whether the chain's decode products take the weights as exact integers, by bits
+#: (``XLSTM_METAL_DECODE_INT``, e.g. "4:0,8:1"; see :func:`int_weights_apply` for where they can):
+#: 0 off, 1 the integers q, 2 the integers 1024 + q (one instruction less per pair of weights;
+#: 1024 times the group's sum of x comes off through the bias, b - 1024 s: float32 sums ~2^10
+#: larger, their rounding still ~2^-14 of the result, far below an ulp of bf16).
+#: y = sum over groups of s * (sum q x) + b * (sum x): a pair of 8-bit weights becomes two fp16
+#: integers in one byte permute and one subtraction, where dequantizing them costs two permutes,
+#: two subtractions, two FMAs and a pack; x enters the mma as fp16, scaled by a power of two per
+#: (row, group) so that bf16's 8 significant bits stay exact, and each span's float32 sums take
+#: the group's scale and bias once. The numbers differ from MLX's product by float32 rounding only
+#: (no weight is rounded to bf16 first).
+INT_WEIGHTS = _per_bits("XLSTM_METAL_DECODE_INT", {4: 0, 8: 0})
+
+
+def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1) -> bool:
+    """Whether a chain product of ``rows`` rows takes :data:`INT_WEIGHTS`' path: switched on for
+    ``bits`` (4 or 8), one tile of x rows (at most 8), K unsplit, and each warp's span of K
+    (512 / bits values) inside one group."""
+    return bool(INT_WEIGHTS.get(bits)) and bits in (4, 8) and group_size >= 512 // bits and rows <= 8 and split == 1
+
+
+def int_weights_reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+                          bits: int) -> mx.array:
+    """The integer-weights product (:data:`INT_WEIGHTS`) as the kernel computes it, in float32
+    ops (any device): x [M, K] -> [M, N] float32. Per (row, group) of x the power of two 2^e that
+    puts its largest magnitude in [2^14, 2^15) (e within +-60; 0 for an all-zero group), x as
+    fp16 times 2^e; per output feature and group the integer product sum q * x16 (q the stored
+    integers), then y = sum over groups of (s * 2^-e) * that + b * (sum of x16) * 2^-e. Only the
+    order of the float32 sums differs from the kernel's."""
+    M, K = x.shape
+    N = w.shape[0]
+    G = group_size
+    xf = x.astype(mx.float32).reshape(M, K // G, G)
+    big = mx.max(mx.abs(xf), axis=-1, keepdims=True)
+    biased = (big.view(mx.uint32) >> 23) & 255
+    ex = mx.where(big > 0, 141 - biased.astype(mx.int32), 0)
+    ex = mx.clip(ex, -60, 60).astype(mx.float32)
+    x16 = (xf * mx.power(2.0, ex)).astype(mx.float16).astype(mx.float32)
+    down = mx.power(2.0, -ex)  # [M, K/G, 1]
+    xsum = mx.sum(x16, axis=-1, keepdims=True) * down
+    one = mx.ones(scales.shape, dtype=mx.float32)
+    q = mx.dequantize(w, one, mx.zeros_like(one), group_size=G, bits=bits).reshape(N, K // G, G)  # exact integers
+    tq = mx.einsum("mgk,ngk->mng", x16, q)  # [M, N, K/G]
+    s, b = scales.astype(mx.float32), biases.astype(mx.float32)  # [N, K/G]
+    return mx.sum(s[None] * down[:, None, :, 0] * tq + b[None] * xsum[:, None, :, 0], axis=-1)
+
+
+#: The prologue's last part for int_weights (after the stage's values are in ``T xs_s[M * K]``
+#: and the block has synchronised): each (row, group) of G values, G / 8 threads of 8 values
+#: each, takes the power of two 2^e that puts its largest magnitude in [2^14, 2^15), stores its
+#: values as fp16 times 2^e in place (exact for bf16 values: 8 significant bits, in range) and
+#: (2^-e, their sum times 2^-e) in ``float2 xg_s``.
+INT_STAGE = """
+    {
+      constexpr int TPG = G / 8;
+      const int units = M * (K / 8);
+      for (int base = 0; base < units; base += 32 * WARPS) {
+        const int u = base + static_cast<int>(threadIdx.x);
+        const bool ok = u < units;
+        const uint4 raw = ok ? *reinterpret_cast<const uint4*>(xs_s + static_cast<size_t>(u) * 8) : make_uint4(0u, 0u, 0u, 0u);
+        const T* v8 = reinterpret_cast<const T*>(&raw);
+        float f[8];
+        float big = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) { f[i] = static_cast<float>(v8[i]); big = fmaxf(big, fabsf(f[i])); }
+        #pragma unroll
+        for (int sh = 1; sh < TPG; sh <<= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, sh));
+        int ex = big > 0.0f ? 141 - static_cast<int>((__float_as_uint(big) >> 23) & 255u) : 0;
+        ex = ex < -60 ? -60 : (ex > 60 ? 60 : ex);
+        const float up = __uint_as_float(static_cast<uint32_t>(127 + ex) << 23);
+        const float down = __uint_as_float(static_cast<uint32_t>(127 - ex) << 23);
+        uint4 o;
+        __half* h8 = reinterpret_cast<__half*>(&o);
+        float sum = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) { h8[i] = __float2half_rn(f[i] * up); sum += __half2float(h8[i]); }
+        #pragma unroll
+        for (int sh = 1; sh < TPG; sh <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
+        if (ok) {
+          *reinterpret_cast<uint4*>(xs_s + static_cast<size_t>(u) * 8) = o;
+          if ((threadIdx.x & (TPG - 1)) == 0) xg_s[u / TPG] = make_float2(down, sum * down);
+        }
+      }
+      __syncthreads();
+    }
+"""
+
 #: Feature tiles a split-K product may have (its counters' size).
 SPLIT_TILES = 4096
 SPLIT_HEADER = f"\n__device__ unsigned int xl_split_count[{SPLIT_TILES}];  // zero at load; each launch leaves it so\n"
 
 
 def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
-                  split: bool = False) -> str:
+                  split: bool = False, int_weights: bool = False) -> str:
     """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
     the product's inner size), ``constexpr bool XPRE`` (whether ``load_x`` gives x's values at 4
     bits in the pair order of ``xl_xpos4``, which saves the kernel a byte permute per pair) and any
@@ -389,9 +535,16 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     gridDim.x`` after its one prologue (:func:`decode_launch` with ``max_blocks`` launches fewer
     blocks than tiles). ``split``: K split in SPLIT shares (template argument; the kernel takes a
     float32 output ``part`` [SPLIT, M, N] for the partial sums and :data:`SPLIT_HEADER` in its
-    header). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in these hooks."""
+    header). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in these hooks.
+
+    ``int_weights``: the weights enter the mma as exact integers (fp16) and each group's scale
+    and bias apply to the float32 sums (see :data:`INT_WEIGHTS`); then x (one tile of rows: MT 1;
+    K unsplit; G >= the span a warp covers, 512 / BITS values) is read as fp16 values scaled by a
+    power of two per (row, group), and ``float2 xg_s[M * K / G]`` holds (2^-e, the group's sum of
+    x) for each: the prologue stages both (:data:`INT_STAGE`)."""
     finish = _SPLIT_FINISH.replace("@STORE@", store) if split else ""
     return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
+            .replace("@MT1_BODY@", _MT1_INT if int_weights else _MT1_DEQUANT)
             .replace("@LOAD_X@\n", load_x).replace("@TILE_STORE@", _SPLIT_STORE if split else store)
             .replace("@SPLIT_FINISH@\n", finish))
 
