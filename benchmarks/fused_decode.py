@@ -133,13 +133,15 @@ def main() -> None:
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
     ring_depth, resident, split_k = dict(quantized.DEPTH), dict(quantized.RESIDENT), dict(decode_chain.SPLIT_K)
     int_weights = dict(quantized.INT_WEIGHTS)
+    stage_schedule = {k: dict(v) for k, v in decode_chain.STAGE_SCHEDULE.items()}
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
     # settings: "blocks" (most thread blocks per kernel; 0: one per 16-feature tile), "float"
     # (False: float products by MLX's matmul, the chain only where the products are quantized),
     # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM), "split" (the
     # shares of K of out_proj and proj_down by bits), "int" (quantized.INT_WEIGHTS: the chain's
-    # quantized products with the weights as exact integers, by bits))
+    # quantized products with the weights as exact integers, by bits), "stage" (decode_chain.STAGE_SCHEDULE:
+    # single stages' ring depth, blocks and integer weights, by bits))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -177,7 +179,12 @@ def main() -> None:
                   ("fused decode kernels, chain, integer weights, depth 2", True, True, residual, skinny_default,
                    step_default, {"int": {4: 1, 8: 1}, "depth": {4: 4, 8: 2, 16: 1}}),
                   ("fused decode kernels, chain, integer weights 1024 + q", True, True, residual, skinny_default,
-                   step_default, {"int": {4: 2, 8: 2}})]
+                   step_default, {"int": {4: 2, 8: 2}}),
+                  # 8 and 16 bits: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles,
+                  # the weights as integers 1024 + q (4 bits keep their schedule)
+                  ("fused decode kernels, chain, integer weights, depth 2, 396 blocks", True, True, residual,
+                   skinny_default, step_default, {"int": {4: 2, 8: 2}, "depth": {4: 4, 8: 2, 16: 2},
+                                                  "resident": {4: 2, 8: 3, 16: 3}, "blocks": 3 * quantized.SMS})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
         # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
@@ -235,6 +242,8 @@ def main() -> None:
                 quantized.RESIDENT.update(options.get("resident", resident))
                 decode_chain.SPLIT_K.update(options.get("split", split_k))
                 quantized.INT_WEIGHTS.update(options.get("int", int_weights))
+                for stage, per_bits in stage_schedule.items():
+                    decode_chain.STAGE_SCHEDULE[stage] = dict(options.get("stage", {}).get(stage, per_bits))
                 model.residual_dtype = residual_dtype
                 xlarge._queue_layers = queue_layers if queued else (lambda: False)
                 model.__dict__.pop("_prefill_blocks", None)  # prefill traces are built again
@@ -257,6 +266,8 @@ def main() -> None:
         quantized.DEPTH.update(ring_depth)
         quantized.RESIDENT.update(resident)
         quantized.INT_WEIGHTS.update(int_weights)
+        for stage, per_bits in stage_schedule.items():
+            decode_chain.STAGE_SCHEDULE[stage] = dict(per_bits)
 
     def check_chain() -> None:
         """Greedy steps from one random token with the chain on, then the same tokens with it off,

@@ -203,16 +203,19 @@ def target_rows(results: dict[str, dict]) -> list[str]:
 
 def _qdecode_records(bits: int, batch: int) -> list[dict]:
     """Quantized decode on the default path from the newest benchmarks/fused_decode.py run kept as
-    results/h200_qdecode_*.jsonl (the setting "fused decode kernels": what a user gets; older runs
-    measured older defaults)."""
-    out = []
-    for path in sorted(RESULTS.glob("h200_qdecode_*.jsonl"))[-1:]:
+    results/h200_qdecode_*.jsonl that measured ``bits`` at ``batch`` (the setting "fused decode
+    kernels": what a user gets; older runs measured older defaults; a run of one width leaves
+    the others' figures to the runs before it)."""
+    for path in sorted(RESULTS.glob("h200_qdecode_*.jsonl"), reverse=True):
+        out = []
         for line in path.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
             if (r.get("kind") == "decode" and r.get("q_bits") == bits and r.get("batch") == batch
                     and r.get("setting") == "fused decode kernels"):
                 out.append(r)
-    return out
+        if out:
+            return out
+    return []
 
 
 # The default decode path's setting in each kind of benchmarks/fused_decode.py results file (session 6 on:

@@ -611,3 +611,24 @@ def test_cuda_int_weights_7b_layer_shapes(monkeypatch, bits):
         exact = quantized.int_weights_reference(o1[1].reshape(1, E), w, s, b, group_size=64, bits=bits)
         assert _rel(o1[2].reshape(1, -1), exact) <= 2.0 ** -8
         assert _rel(o1[2], o0[2]) <= 2e-2 and _rel(y1, y0) <= 2e-2 and _rel(r1 - x, r0 - x) <= 2e-2
+
+
+def test_stage_schedule_overrides_depth_blocks_and_integer_weights(monkeypatch):
+    from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
+
+    monkeypatch.setattr(chain, "CHAIN_BLOCKS", None)
+    monkeypatch.setattr(chain, "WALK_BLOCKS", {4: 264, 8: 0, 16: 0})
+    monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: 0, 8: 0})
+    monkeypatch.setattr(chain, "STAGE_SCHEDULE", {"norm": {8: (2, 396, 2)}, "gate": {}, "swiglu": {8: (1, 0)}})
+    tiles = 21888 // 16
+    assert chain._launch(21888, 8, stage="norm")["grid"][0] == -(-tiles // -(-tiles // 396)) * 256  # walking
+    assert chain._launch(21888, 8, stage="swiglu")["grid"][0] == tiles * 256  # a block per tile
+    assert chain._launch(21888, 8, stage="gate")["grid"][0] == tiles * 256  # WALK_BLOCKS[8]
+    assert chain._launch(21888, 4, stage="norm")["grid"][0] < tiles * 256  # 4 bits: WALK_BLOCKS[4]
+    assert chain._depth("norm", 8) == 2 and chain._depth("gate", 8) is None and chain._depth("swiglu", 8) == 1
+    assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="norm") == 2
+    assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="gate") == 0
+    assert chain._int(8, 32, 1, 4096, mx.bfloat16, stage="norm") == 0  # two groups per span
+    monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: 0, 8: 1})
+    assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="gate") == 1
+    assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="swiglu") == 1  # no third entry: INT_WEIGHTS

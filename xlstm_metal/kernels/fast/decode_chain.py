@@ -304,6 +304,13 @@ WALK_BLOCKS = {4: _quantized.RESIDENT[4] * _quantized.SMS, 8: 0, 16: 0}
 SPLIT_K = _quantized._per_bits("XLSTM_METAL_CHAIN_SPLIT", {4: 1, 8: 1, 16: 1})
 SPLIT_MAX_FEATURES = 8192
 
+#: Schedules of single stages, over :data:`.quantized.DEPTH` and :data:`WALK_BLOCKS` /
+#: :data:`CHAIN_BLOCKS`: stage ("norm": RMSNorm -> q|k|v|o and gate|up; "gate": head norm ->
+#: out_proj; "swiglu": SwiGLU -> proj_down) -> bits -> (ring depth, thread blocks walking tiles; 0
+#: one block per tile[, integer weights: :data:`.quantized.INT_WEIGHTS`' value for the stage]).
+#: Empty by default.
+STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {}, "gate": {}, "swiglu": {}}
+
 #: The same for every width at once (``XLSTM_METAL_CHAIN_BLOCKS``), or None: :data:`WALK_BLOCKS`.
 CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
 
@@ -317,12 +324,14 @@ def _stage_rows(rows: int, k: int, dtype: mx.Dtype, int_group: int = 0) -> int:
     return sr if sr * per_row <= STAGE_BYTES else 0
 
 
-def _int(bits: int, group_size: int, rows: int, k: int, dtype: mx.Dtype, split: int = 1) -> int:
+def _int(bits: int, group_size: int, rows: int, k: int, dtype: mx.Dtype, split: int = 1, stage: str = "") -> int:
     """Whether a stage's product takes the weights as exact integers (:func:`.quantized.int_weights_apply`,
     and its rows with their group sums fit shared memory; else the stage dequantizes as before):
-    0, or the kind (:data:`.quantized.INT_WEIGHTS`' value, 1 or 2)."""
-    if int_weights_apply(bits, group_size, rows, split) and _stage_rows(rows, k, dtype, group_size) > 0:
-        return 2 if _quantized.INT_WEIGHTS.get(bits) == 2 else 1
+    0, or the kind (:data:`.quantized.INT_WEIGHTS`' value, 1 or 2, or the stage's in :data:`STAGE_SCHEDULE`)."""
+    sched = STAGE_SCHEDULE.get(stage, {}).get(bits, ())
+    kind = sched[2] if len(sched) > 2 else _quantized.INT_WEIGHTS.get(bits, 0)
+    if kind and int_weights_apply(bits, group_size, rows, split, kind) and _stage_rows(rows, k, dtype, group_size) > 0:
+        return 2 if kind == 2 else 1
     return 0
 
 
@@ -342,9 +351,15 @@ def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = stat
                          load_x=_LOAD_X, store=store, split=split, int_weights=int_weights)
 
 
-def _launch(n_out: int, bits: int, split: int = 1) -> dict:
+def _launch(n_out: int, bits: int, split: int = 1, stage: str = "") -> dict:
     blocks = CHAIN_BLOCKS if CHAIN_BLOCKS is not None else WALK_BLOCKS.get(bits, 0)
+    blocks = STAGE_SCHEDULE.get(stage, {}).get(bits, (None, blocks))[1]
     return decode_launch(n_out, blocks or None, split)
+
+
+def _depth(stage: str, bits: int) -> int | None:
+    """The ring depth of ``stage``'s kernel at ``bits`` (None: :data:`.quantized.DEPTH`'s)."""
+    return STAGE_SCHEDULE.get(stage, {}).get(bits, (None, None))[0]
 
 
 def _split(n_out: int, k: int, bits: int) -> int:
@@ -460,7 +475,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     B, _, E = x.shape
     T = norm.weight.dtype
     has_pending = pending is not None
-    iw = _int(bits, group_size, B, E, T)
+    iw = _int(bits, group_size, B, E, T, stage="norm")
     key = ("norm", norm.eps, has_pending, write_xn, iw)
     kernel = _kernel(key, bits, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
                      ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
@@ -476,9 +491,9 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
         shapes.append((B, 1, E)); dtypes.append(T)
     outs = kernel(
         inputs=inputs,
-        template=decode_template(T, bits, group_size, B)
+        template=decode_template(T, bits, group_size, B, _depth("norm", bits))
         + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T, group_size if iw else 0))] + _int_template(iw),
-        output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits),
+        output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits, stage="norm"),
     )
     return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
 
@@ -510,17 +525,17 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
     E = x.shape[-1]
     T = h.dtype
     split = _split(w.shape[0], NH * DV, bits)
-    iw = _int(bits, group_size, B, NH * DV, T, split)
+    iw = _int(bits, group_size, B, NH * DV, T, split, "gate")
     kernel = _kernel(("gate", norm.eps, iw), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
                      lambda: _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE,
                                      split > 1, iw), split > 1, iw)
     outs = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
-        template=decode_template(T, bits, group_size, B, split=split)
+        template=decode_template(T, bits, group_size, B, _depth("gate", bits), split=split)
         + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
            ("SR", _stage_rows(B, NH * DV, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
-        output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split),
+        output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split, "gate"),
     )
     return outs[0]
 
@@ -552,15 +567,15 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     T = gate_up.dtype
     N = w.shape[0]
     split = _split(N, F, bits)
-    iw = _int(bits, group_size, B, F, T, split)
+    iw = _int(bits, group_size, B, F, T, split, "swiglu")
     kernel = _kernel(("swiglu", iw), bits, ["gate_up", "w", "scales", "biases"], ["y"],
                      lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE, split=split > 1, int_weights=iw), split > 1, iw)
     outs = kernel(
         inputs=[gate_up, w, scales, biases],
-        template=decode_template(T, bits, group_size, B, split=split)
+        template=decode_template(T, bits, group_size, B, _depth("swiglu", bits), split=split)
         + [("KD", F), ("SR", _stage_rows(B, F, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
-        output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split),
+        output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split, "swiglu"),
     )
     return outs[0]
 

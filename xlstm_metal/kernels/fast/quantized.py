@@ -442,11 +442,12 @@ _SPLIT_FINISH = """
 INT_WEIGHTS = _per_bits("XLSTM_METAL_DECODE_INT", {4: 0, 8: 0})
 
 
-def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1) -> bool:
+def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1, kind: int | None = None) -> bool:
     """Whether a chain product of ``rows`` rows takes :data:`INT_WEIGHTS`' path: switched on for
-    ``bits`` (4 or 8), one tile of x rows (at most 8), K unsplit, and each warp's span of K
-    (512 / bits values) inside one group."""
-    return bool(INT_WEIGHTS.get(bits)) and bits in (4, 8) and group_size >= 512 // bits and rows <= 8 and split == 1
+    ``bits`` (or ``kind`` given: that setting instead), bits 4 or 8, one tile of x rows (at most
+    8), K unsplit, and each warp's span of K (512 / bits values) inside one group."""
+    on = INT_WEIGHTS.get(bits) if kind is None else kind
+    return bool(on) and bits in (4, 8) and group_size >= 512 // bits and rows <= 8 and split == 1
 
 
 def int_weights_reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
