@@ -184,7 +184,10 @@ def main() -> None:
                   # the weights as integers 1024 + q (4 bits keep their schedule)
                   ("fused decode kernels, chain, integer weights, depth 2, 396 blocks", True, True, residual,
                    skinny_default, step_default, {"int": {4: 2, 8: 2}, "depth": {4: 4, 8: 2, 16: 2},
-                                                  "resident": {4: 2, 8: 3, 16: 3}, "blocks": 3 * quantized.SMS})]
+                                                  "resident": {4: 2, 8: 3, 16: 3}, "blocks": 3 * quantized.SMS}),
+                  # the same for the two norm stages (q|k|v|o, gate|up) only, at 8 bits (S9R1, products alone)
+                  ("fused decode kernels, chain, norm stages: integer weights, depth 2, 396 blocks", True, True,
+                   residual, skinny_default, step_default, {"stage": {"norm": {8: (2, 3 * quantized.SMS, 2)}}})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
         # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
