@@ -185,6 +185,9 @@ def main() -> None:
                   ("fused decode kernels, chain, integer weights, depth 2, 396 blocks", True, True, residual,
                    skinny_default, step_default, {"int": {4: 2, 8: 2}, "depth": {4: 4, 8: 2, 16: 2},
                                                   "resident": {4: 2, 8: 3, 16: 3}, "blocks": 3 * quantized.SMS}),
+                  # every stage as session 8 shipped it (8 bits: dequantize first, one chunk in flight, a block per tile)
+                  ("fused decode kernels, chain, session 8's 8-bit schedule", True, True, residual, skinny_default,
+                   step_default, {"stage": {"norm": {8: (1, 0, 0)}}}),
                   # the same for the two norm stages (q|k|v|o, gate|up) only, at 8 bits (S9R1, products alone)
                   ("fused decode kernels, chain, norm stages: integer weights, depth 2, 396 blocks", True, True,
                    residual, skinny_default, step_default, {"stage": {"norm": {8: (2, 3 * quantized.SMS, 2)}}})]

@@ -621,14 +621,26 @@ def test_stage_schedule_overrides_depth_blocks_and_integer_weights(monkeypatch):
     monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: 0, 8: 0})
     monkeypatch.setattr(chain, "STAGE_SCHEDULE", {"norm": {8: (2, 396, 2)}, "gate": {}, "swiglu": {8: (1, 0)}})
     tiles = 21888 // 16
-    assert chain._launch(21888, 8, stage="norm")["grid"][0] == -(-tiles // -(-tiles // 396)) * 256  # walking
+    assert chain._launch(21888, 8, stage="norm", iw=2)["grid"][0] == -(-tiles // -(-tiles // 396)) * 256  # walking
+    assert chain._launch(21888, 8, stage="norm", iw=0)["grid"][0] == tiles * 256  # the entry needs integer weights
     assert chain._launch(21888, 8, stage="swiglu")["grid"][0] == tiles * 256  # a block per tile
     assert chain._launch(21888, 8, stage="gate")["grid"][0] == tiles * 256  # WALK_BLOCKS[8]
     assert chain._launch(21888, 4, stage="norm")["grid"][0] < tiles * 256  # 4 bits: WALK_BLOCKS[4]
-    assert chain._depth("norm", 8) == 2 and chain._depth("gate", 8) is None and chain._depth("swiglu", 8) == 1
+    assert chain._depth("norm", 8, 2) == 2 and chain._depth("norm", 8, 0) is None
+    assert chain._depth("gate", 8) is None and chain._depth("swiglu", 8) == 1
     assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="norm") == 2
     assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="gate") == 0
     assert chain._int(8, 32, 1, 4096, mx.bfloat16, stage="norm") == 0  # two groups per span
     monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: 0, 8: 1})
     assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="gate") == 1
     assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="swiglu") == 1  # no third entry: INT_WEIGHTS
+    monkeypatch.setattr(chain, "CHAIN_BLOCKS", 7)  # an explicit number of blocks for every stage keeps precedence
+    assert chain._launch(21888, 8, stage="norm", iw=2)["grid"][0] == -(-tiles // -(-tiles // 7)) * 256
+
+
+def test_shipped_stage_schedule():
+    # Every stage as quantized.DEPTH and WALK_BLOCKS say; the integer path opt-in.
+    from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
+
+    assert chain.STAGE_SCHEDULE == {"norm": {}, "gate": {}, "swiglu": {}}
+    assert quantized.RESIDENT[8] == 3 and quantized.INT_WEIGHTS == {4: 0, 8: 0}

@@ -304,11 +304,18 @@ WALK_BLOCKS = {4: _quantized.RESIDENT[4] * _quantized.SMS, 8: 0, 16: 0}
 SPLIT_K = _quantized._per_bits("XLSTM_METAL_CHAIN_SPLIT", {4: 1, 8: 1, 16: 1})
 SPLIT_MAX_FEATURES = 8192
 
-#: Schedules of single stages, over :data:`.quantized.DEPTH` and :data:`WALK_BLOCKS` /
-#: :data:`CHAIN_BLOCKS`: stage ("norm": RMSNorm -> q|k|v|o and gate|up; "gate": head norm ->
-#: out_proj; "swiglu": SwiGLU -> proj_down) -> bits -> (ring depth, thread blocks walking tiles; 0
-#: one block per tile[, integer weights: :data:`.quantized.INT_WEIGHTS`' value for the stage]).
-#: Empty by default.
+#: Schedules of single stages, over :data:`.quantized.DEPTH` and :data:`WALK_BLOCKS` (an explicit
+#: :data:`CHAIN_BLOCKS` keeps precedence): stage ("norm": RMSNorm -> q|k|v|o and gate|up; "gate":
+#: head norm -> out_proj; "swiglu": SwiGLU -> proj_down) -> bits -> (ring depth, thread blocks
+#: walking tiles, 0 one block per tile[, integer weights: :data:`.quantized.INT_WEIGHTS`' value for
+#: the stage; an entry whose integer weights cannot apply, e.g. group 32, is not used]).
+#:
+#: Empty by default (every stage as :data:`.quantized.DEPTH` and :data:`WALK_BLOCKS` say). Measured
+#: on an H200 (S9R2, 7B, 8 bits, one row, group 64, CUPTI): the norm stages with integer weights
+#: 1024 + q, 2 chunks in flight and 396 blocks walking tiles, ``{8: (2, 396, 2)}``, took gate|up
+#: 1.239 ms and q|k|v|o 0.701 ms per step against 1.309 / 0.763 as shipped (the same walking
+#: schedule dequantizing first: 1.362 / 0.752); out_proj and proj_down were slower with the integer
+#: path (its extra pass in their prologue; S9R1, products alone: 16.2 / 29.0 us against 13.5 / 27.1).
 STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {}, "gate": {}, "swiglu": {}}
 
 #: The same for every width at once (``XLSTM_METAL_CHAIN_BLOCKS``), or None: :data:`WALK_BLOCKS`.
@@ -351,15 +358,25 @@ def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = stat
                          load_x=_LOAD_X, store=store, split=split, int_weights=int_weights)
 
 
-def _launch(n_out: int, bits: int, split: int = 1, stage: str = "") -> dict:
+def _plan(stage: str, bits: int, iw: int) -> tuple | None:
+    """``stage``'s :data:`STAGE_SCHEDULE` entry at ``bits``, if it applies to a kernel whose integer
+    weights are ``iw`` (0: not taken)."""
+    entry = STAGE_SCHEDULE.get(stage, {}).get(bits)
+    return entry if entry is not None and (len(entry) < 3 or not entry[2] or iw) else None
+
+
+def _launch(n_out: int, bits: int, split: int = 1, stage: str = "", iw: int = 0) -> dict:
     blocks = CHAIN_BLOCKS if CHAIN_BLOCKS is not None else WALK_BLOCKS.get(bits, 0)
-    blocks = STAGE_SCHEDULE.get(stage, {}).get(bits, (None, blocks))[1]
+    plan = _plan(stage, bits, iw)
+    if plan is not None and CHAIN_BLOCKS is None:
+        blocks = plan[1]
     return decode_launch(n_out, blocks or None, split)
 
 
-def _depth(stage: str, bits: int) -> int | None:
+def _depth(stage: str, bits: int, iw: int = 0) -> int | None:
     """The ring depth of ``stage``'s kernel at ``bits`` (None: :data:`.quantized.DEPTH`'s)."""
-    return STAGE_SCHEDULE.get(stage, {}).get(bits, (None, None))[0]
+    plan = _plan(stage, bits, iw)
+    return None if plan is None else plan[0]
 
 
 def _split(n_out: int, k: int, bits: int) -> int:
@@ -491,9 +508,9 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
         shapes.append((B, 1, E)); dtypes.append(T)
     outs = kernel(
         inputs=inputs,
-        template=decode_template(T, bits, group_size, B, _depth("norm", bits))
+        template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw))
         + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T, group_size if iw else 0))] + _int_template(iw),
-        output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits, stage="norm"),
+        output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits, stage="norm", iw=iw),
     )
     return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
 
@@ -531,11 +548,11 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
                                      split > 1, iw), split > 1, iw)
     outs = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
-        template=decode_template(T, bits, group_size, B, _depth("gate", bits), split=split)
+        template=decode_template(T, bits, group_size, B, _depth("gate", bits, iw), split=split)
         + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
            ("SR", _stage_rows(B, NH * DV, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
-        output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split, "gate"),
+        output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split, "gate", iw),
     )
     return outs[0]
 
@@ -572,10 +589,10 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
                      lambda: _source(_SWIGLU_SIZES, _SWIGLU_PROLOGUE, split=split > 1, int_weights=iw), split > 1, iw)
     outs = kernel(
         inputs=[gate_up, w, scales, biases],
-        template=decode_template(T, bits, group_size, B, _depth("swiglu", bits), split=split)
+        template=decode_template(T, bits, group_size, B, _depth("swiglu", bits, iw), split=split)
         + [("KD", F), ("SR", _stage_rows(B, F, T, group_size if iw else 0))] + _int_template(iw),
         output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
-        output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split, "swiglu"),
+        output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split, "swiglu", iw),
     )
     return outs[0]
 
