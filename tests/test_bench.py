@@ -316,3 +316,23 @@ def test_report_decode_targets_take_the_newest_default_path_run(tmp_path, monkey
     assert ("| H200 decode, batch 1 (issue 19) | >= 280.0 tok/s | 207.50 tok/s (190.00 tok/s beside the official; "
             "newest default path `h200_qdecode_s2.jsonl`, without the official) | not met: 1.35x short |") in text
     assert "| H200 decode, batch 64 | >= 7,500.0 tok/s | 6,500.00 tok/s | not met: 1.15x short |" in text
+
+
+def test_report_quantized_decode_from_the_newest_file_of_each_width(tmp_path, monkeypatch):
+    # A run of one width (8 bits) does not hide the other widths' figures of the run before it.
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def rec(bits, tok_s, setting="fused decode kernels"):
+        return json.dumps({"kind": "decode", "q_bits": bits, "batch": 1, "setting": setting, "tok_s": tok_s})
+
+    (tmp_path / "h200_qdecode_s1r1.jsonl").write_text("\n".join([rec(4, 300.0), rec(8, 200.0)]) + "\n")
+    (tmp_path / "h200_qdecode_s2r1.jsonl").write_text("\n".join([rec(8, 250.0), rec(4, 999.0, "other")]) + "\n")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert [r["tok_s"] for r in report._qdecode_records(8, 1)] == [250.0]
+    assert [r["tok_s"] for r in report._qdecode_records(4, 1)] == [300.0]
+    assert report._qdecode_records(4, 16) == []
