@@ -67,10 +67,11 @@ def worker_ours(args) -> None:
     from xlstm_metal.benchmark import environment, shape_config
     from xlstm_metal.models.xlstm_large import xLSTMLarge
     from xlstm_metal.training.trainer import (
-        Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers,
+        Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers, train_lookahead_enabled,
     )
 
     limit_command_buffers()  # as `xlstm-metal train` (unless the environment sets the limits)
+    lookahead = args.pipelined and train_lookahead_enabled()  # as `xlstm-metal train` (XLSTM_METAL_TRAIN_LOOKAHEAD)
     out = Path(args.worker_out)
     deadline = time.time() + args.budget
     _emit(out, {"side": "ours", "kind": "env", **environment()})
@@ -126,7 +127,9 @@ def worker_ours(args) -> None:
                   + ("mLSTM products in bf16, " if "bf16-products" in mode else "")
                   + (f"memory limit {limit_gb:g} GB, " if limit_gb else "")
                   + ("eager step" if eager else "compiled step")
-                  + (", steps back to back" if args.pipelined else ", each step alone") + _graphs_note(),
+                  + ((", steps back to back, lookahead" if lookahead else ", steps back to back") if args.pipelined
+                     else ", each step alone") + _graphs_note(),
+                  "lookahead": lookahead,
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "mlstm_products": cfg.mlstm_products,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
@@ -148,11 +151,18 @@ def worker_ours(args) -> None:
                 # returns once all but the last command buffers are queued, so a step's wait ends
                 # late and the last one's comes almost at once: S8R1).
                 pending, last_done, t_timed, n_timed = None, None, None, 0
-                for step in range(args.warmup + args.steps):
-                    x, y = trainer.batches.next()
+                # Lookahead (train_lookahead_enabled, as Trainer._train): a timed step's successor is
+                # built while the GPU runs its forward; each evaluation ends at the next step's loss.
+                ahead, total = None, args.warmup + args.steps
+                for step in range(total):
                     t = time.perf_counter()
-                    loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
-                    built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
+                    submitted = ahead is not None
+                    if ahead is None:
+                        x, y = trainer.batches.next()
+                        loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                        built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
+                    else:
+                        (loss, grad_norm), built, ahead = ahead, ahead_built, None
                     if step == 0:
                         _emit(out, {**record, "kind": "train_progress", "step": 0, "graph_built_s": built})
                     if step < args.warmup or not args.pipelined:
@@ -176,7 +186,16 @@ def worker_ours(args) -> None:
                     else:
                         if t_timed is None:
                             t_timed = last_done
-                        mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                        if lookahead and step + 1 < total and time.time() <= deadline:
+                            if not submitted:
+                                mx.async_eval(loss)
+                            x, y = trainer.batches.next()
+                            t1 = time.perf_counter()
+                            ahead = trainer._train_step(mx.array(x), mx.array(y))
+                            ahead_built = time.perf_counter() - t1
+                            mx.async_eval(ahead[0])  # the rest of this step, the next one's forward
+                        else:
+                            mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                         n_timed += 1
                         dt = None
                         if pending is not None:
@@ -189,7 +208,7 @@ def worker_ours(args) -> None:
                     # Progress (a time limit may end the process before the variant's record).
                     _emit(out, {**record, "kind": "train_progress", "step": step + 1, "seconds": dt, "graph_built_s": built,
                                 "peak_mem_gb": mx.get_peak_memory() / _GB})
-                    if time.time() > deadline and len(times) >= 2:
+                    if time.time() > deadline and len(times) >= 2 and ahead is None:
                         break
                 if pending is not None:
                     mx.eval(pending, model.state, trainer.optimizer.state)
@@ -214,12 +233,34 @@ def worker_ours(args) -> None:
                 _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
                 emitted = True
                 if args.trace_steps and time.time() < deadline:
-                    def one_step(trainer=trainer):
-                        x, y = trainer.batches.next()
-                        mx.eval(*trainer._train_step(mx.array(x), mx.array(y)), model.state, trainer.optimizer.state)
+                    def traced_steps(trainer=trainer, n=args.trace_steps):
+                        # The timed loop's steps back to back (with its lookahead), or each alone.
+                        ahead, pending = None, None
+                        for i in range(n):
+                            submitted = ahead is not None
+                            if ahead is None:
+                                x, y = trainer.batches.next()
+                                loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                            else:
+                                (loss, grad_norm), ahead = ahead, None
+                            if not args.pipelined:
+                                mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                                continue
+                            if lookahead and i + 1 < n:
+                                if not submitted:
+                                    mx.async_eval(loss)
+                                x, y = trainer.batches.next()
+                                ahead = trainer._train_step(mx.array(x), mx.array(y))
+                                mx.async_eval(ahead[0])
+                            else:
+                                mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                            if pending is not None:
+                                mx.eval(pending)
+                            pending = [loss, grad_norm]
+                        mx.eval(pending or [], model.state, trainer.optimizer.state)
 
                     _emit(out, {"side": "ours", "kind": "step_trace", "variant": record["variant"],
-                                **trace_kernels(one_step, args.trace_steps, record["step_s"])})
+                                **trace_kernels(traced_steps, args.trace_steps, record["step_s"], calls=1)})
                 del trainer
         except Exception as err:  # e.g. out of memory: report it and go on
             record["error"] = repr(err)[:800]
@@ -301,6 +342,7 @@ def summarize_kernels(events: list[dict], steps: int, step_s: float | None = Non
     span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / per
     result = {
         "steps": steps, "kernels_per_step": len(kernels) / steps, "gpu_busy_ms": busy, "span_ms": span,
+        "gaps": kernel_gaps(kernels, steps),
         "categories": {k: {"ms": v[0] / per, "launches": v[1] / steps}
                        for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1][0])},
         "top": [{"name": k[:320], "category": kernel_category(k), "ms": v[0] / per, "launches": v[1] / steps}
@@ -312,9 +354,33 @@ def summarize_kernels(events: list[dict], steps: int, step_s: float | None = Non
     return result
 
 
-def trace_kernels(run, steps: int, step_s: float | None = None) -> dict:
-    """``run()`` ``steps`` times under CUPTI (PyTorch's profiler, which records every kernel of
-    the process, MLX's included) -> :func:`summarize_kernels` of the trace."""
+def kernel_gaps(kernels: list[dict], steps: int, top: int = 24, least_us: float = 20.0) -> dict:
+    """Where the GPU waits between kernels (one stream: each kernel starts after the last one
+    ends): the idle time between consecutive kernels per step (``idle_ms``), the part of it in
+    gaps of at least ``least_us`` microseconds (``idle_ms_in_long_gaps``, their count per step),
+    and the ``top`` longest gaps with the kernels around them and when they came (ms from the
+    trace's first kernel)."""
+    ordered = sorted(kernels, key=lambda e: float(e["ts"]))
+    t0 = float(ordered[0]["ts"])
+    gaps = []
+    for before, after in zip(ordered, ordered[1:]):
+        gap = float(after["ts"]) - (float(before["ts"]) + float(before["dur"]))
+        if gap > 0:
+            gaps.append((gap, before["name"], after["name"], float(after["ts"]) - t0))
+    per = 1000.0 * steps
+    long = [g for g in gaps if g[0] >= least_us]
+    return {
+        "idle_ms": sum(g[0] for g in gaps) / per, "idle_ms_in_long_gaps": sum(g[0] for g in long) / per,
+        "long_gaps_per_step": len(long) / steps, "least_us": least_us,
+        "longest": [{"us": round(g, 1), "at_ms": round(at / 1000, 3), "before": b[:100], "after": a[:100]}
+                    for g, b, a, at in sorted(gaps, key=lambda g: -g[0])[:top]],
+    }
+
+
+def trace_kernels(run, steps: int, step_s: float | None = None, calls: int | None = None) -> dict:
+    """``run()`` ``calls`` times (default ``steps``; a run may do several steps) under CUPTI
+    (PyTorch's profiler, which records every kernel of the process, MLX's included) ->
+    :func:`summarize_kernels` of the trace of ``steps`` steps."""
     try:
         from torch.profiler import ProfilerActivity, profile
     except ImportError as err:
@@ -322,7 +388,7 @@ def trace_kernels(run, steps: int, step_s: float | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
+                for _ in range(steps if calls is None else calls):
                     run()
             path = Path(tmp) / "trace.json"
             prof.export_chrome_trace(str(path))

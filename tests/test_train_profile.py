@@ -62,6 +62,10 @@ def test_summarize_kernels(bench):
     assert cats["copies, casts, gathers"]["ms"] == pytest.approx((10 + 15) / 2000)
     assert s["top"][1] == {"name": "xlstm_mlstm_chunk_states", "category": "our CUDA kernels (mLSTM, AdamW)",
                            "ms": pytest.approx(0.1), "launches": 1.0}
+    # The GPU waits 515 us once (between the Add and the second states kernel).
+    assert s["gaps"]["idle_ms"] == pytest.approx(515 / 2000) and s["gaps"]["long_gaps_per_step"] == 0.5
+    assert s["gaps"]["longest"] == [{"us": 515.0, "at_ms": 1.0, "before": EVENTS[5]["name"],
+                                     "after": "xlstm_mlstm_chunk_states"}]
     assert bench.summarize_kernels([EVENTS[-1]], 1) == {"error": "the trace holds no kernel events (no CUPTI?)"}
     # The markdown table shows the categories and the idle time.
     text = bench.markdown([{"side": "ours", "kind": "step_trace", "variant": "v", **s}])
