@@ -198,6 +198,32 @@ def test_train_step_with_bf16_mlstm_products_stays_near_float32():
     assert any(not mx.array_equal(bf16[k], default[k]) for k in default)
 
 
+@cuda
+def test_kept_entering_states_give_the_recomputed_states_gradients(monkeypatch):
+    """``XLSTM_METAL_MLSTM_KEEP_STATES=1`` (bf16 products): the backward reads the forward's
+    entering states instead of recomputing them; the same loss, and every gradient within 1e-2
+    of the recomputing step's (relative Frobenius; the forward's states kernel takes the raw
+    gates, the recompute MLX's prepared ones: the same states to float32 round-off, then rounded
+    to bf16 alike), the whole tree within 2e-3."""
+    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
+    model = xLSTMLarge(config)
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+    monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_STATES", "0")
+    loss, ref = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_STATES", "1")
+    kept_loss, kept = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    assert kept_loss.item() == loss.item()
+    total = np.zeros(2)
+    for k, g in ref.items():
+        e, d = _f32(g), _f32(kept[k]) - _f32(g)
+        assert np.linalg.norm(d) <= 1e-2 * np.linalg.norm(e) + 1e-12, k
+        total += (np.linalg.norm(d) ** 2, np.linalg.norm(e) ** 2)
+    assert np.sqrt(total[0] / total[1]) <= 2e-3, np.sqrt(total[0] / total[1])
+
+
 def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):
     """Where the kernels apply, the traced (fused-projection) step calls them once per block with
     the joined gate|up product and the output cell's h, o~, weight; with ops standing in for

@@ -334,9 +334,9 @@ def _products_spy(monkeypatch) -> tuple[xLSTMLarge, list]:
     seen = []
     real = chunkwise_grad._differentiable
 
-    def spy(eps, L, fused, has_state, final_grad=True, terms=None):
+    def spy(eps, L, fused, has_state, final_grad=True, terms=None, keep=False):
         assert fused
-        seen.append(terms)
+        seen.append(terms if not keep else (terms, "kept"))
         return real(eps, L, False, has_state, final_grad)
 
     monkeypatch.setattr(chunkwise_grad, "_differentiable", spy)
@@ -402,3 +402,21 @@ def test_trainer_keeps_the_products_setting_for_recomputed_layers(monkeypatch, t
     loss, norm = trainer._train_step(ids[:, :-1], ids[:, 1:])
     mx.eval(loss, norm)
     assert np.isfinite(loss.item()) and seen == [1] * 4, seen
+
+
+def test_keep_states_setting_reaches_the_fused_kernels(monkeypatch):
+    """``XLSTM_METAL_MLSTM_KEEP_STATES=1``: the training loss builds each fused layer's function
+    with the forward keeping its entering states, with bf16 products only (float32 products'
+    backward reads float32 states: recomputed as before); off by default. (Spy as above.)"""
+    model, seen = _products_spy(monkeypatch)
+    ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 33)))
+    for env, products, expected in (("1", "bf16", (1, "kept")), ("1", "float32", None), (None, "bf16", 1)):
+        if env is None:
+            monkeypatch.delenv("XLSTM_METAL_MLSTM_KEEP_STATES", raising=False)
+        else:
+            monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_STATES", env)
+        seen.clear()
+        params = model.trainable_parameters()
+        mx.value_and_grad(make_loss_fn(model, mx.float32, mlstm_products=products))(params, ids[:, :-1], ids[:, 1:])
+        model.update(params)
+        assert seen == [expected] * 2, (env, products, seen)

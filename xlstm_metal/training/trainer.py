@@ -588,9 +588,10 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`).
     ``mlstm_products``: see :class:`TrainingConfig` (the fused CUDA mLSTM kernels only)."""
     from ..cells.fused import traced_fusion
-    from ..kernels.fast.chunkwise_grad import final_states_unread
+    from ..kernels.fast.chunkwise_grad import entering_states_kept, final_states_unread, keep_states_enabled
 
     terms = MLSTM_PRODUCTS[mlstm_products]
+    keep = keep_states_enabled()
 
     forward = _recomputing_forward(model, recompute)
     fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
@@ -609,7 +610,10 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     def loss_fn(params, inputs, targets):
         model.update(params if compute_dtype == mx.float32 else cast_floating(params, compute_dtype))
         # The loss reads the logits alone: no layer's final recurrent state carries a gradient.
-        with traced_fusion(fuse_projections), final_states_unread(), product_terms(terms):
+        # The fused mLSTM kernels' forward keeps its entering states for the backward where
+        # that is on (bf16 products; keep_states_enabled).
+        with traced_fusion(fuse_projections), final_states_unread(), product_terms(terms), \
+                entering_states_kept(keep):
             return loss(inputs, targets)
 
     return loss_fn

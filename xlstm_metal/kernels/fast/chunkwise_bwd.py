@@ -829,14 +829,16 @@ def dv(q, k, dh, bcum, igc, rowst, St, m_enter, m_final, dC_out, split: bool | N
 
 
 def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: bool, final_grad: bool = True,
-                   terms: int | None = None):
+                   terms: int | None = None, kept=None):
     """Gradients of (h, C, n, m) = chunkwise(q, k, v, i, f, C0, n0, m0) by the kernels above.
 
     q, k [B, NH, S, DQK] and v [B, NH, S, DV] bf16 (the forward's kernels ran); i, f [B, NH, S];
     C0, n0, m0 float32. Returns the cotangents of the eight primals in their dtypes.
     ``final_grad=False``: the final state's cotangents are zero (nothing differentiated reads
     it), so their terms are left out. ``terms``: bf16 terms per float32 operand of every
-    kernel's products, the states recompute's included (None: 3; :func:`_terms`).
+    kernel's products, the states recompute's included (None: 3; :func:`_terms`). ``kept``:
+    the forward's entering states (C in :func:`_state_dtype`, n, m; ``chunkwise_grad.
+    entering_states_kept``), read instead of recomputed.
     """
     from .chunkwise_fused import chunk_gates, chunk_states
 
@@ -849,8 +851,11 @@ def fused_backward(primals, cotangents, outputs, eps: float, L: int, has_state: 
     bcum, igc = chunk_gates(i, f, L)
     NC = bcum.shape[2]
     T = _terms(terms)
-    C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0), terms=T,
-                                                            c_dtype=_state_dtype(T))
+    if kept is not None and kept[0].dtype == _state_dtype(T):
+        (C_enter, n_enter, m_enter), m_fin = kept, outputs[3]
+    else:
+        C_enter, n_enter, m_enter, (_, _, m_fin) = chunk_states(k, v, bcum, igc, (C0, n0, m0), terms=T,
+                                                                c_dtype=_state_dtype(T))
     Y, qyp = y(q, k, dh, bcum, igc, C_enter, terms=T)
     rowst, dP, St = rows(q, k, v, dh, bcum, igc, qyp, n_enter, m_enter, eps)
     dC_out, dn_out, dC0, dn0 = reverse(q, dh, bcum, rowst, m_enter, m_fin,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -46,6 +47,7 @@ from .chunkwise_bwd import fused_backward, fused_backward_enabled
 _functions: dict[tuple[float, int, bool, bool, bool, int | None], Callable] = {}
 _FINAL_STATES_READ = contextvars.ContextVar("xlstm_metal_final_states_read", default=True)
 _PRODUCT_TERMS: contextvars.ContextVar[int | None] = contextvars.ContextVar("xlstm_metal_product_terms", default=None)
+_KEEP_STATES: contextvars.ContextVar[bool] = contextvars.ContextVar("xlstm_metal_keep_states", default=False)
 
 
 @contextlib.contextmanager
@@ -81,6 +83,28 @@ def product_terms(terms: int | None) -> Iterator[None]:
         _PRODUCT_TERMS.reset(token)
 
 
+def keep_states_enabled() -> bool:
+    """Whether training keeps the forward's entering states for the backward
+    (:func:`entering_states_kept`): ``XLSTM_METAL_MLSTM_KEEP_STATES=1`` / ``0``, default off."""
+    return os.environ.get("XLSTM_METAL_MLSTM_KEEP_STATES", "0") != "0"
+
+
+@contextlib.contextmanager
+def entering_states_kept(keep: bool = True) -> Iterator[None]:
+    """Inside (``keep``): where the fused CUDA kernels run with one bf16 term per product
+    (:func:`product_terms` 1, whose backward reads the per-chunk states as bf16), the forward
+    keeps the states entering every chunk (C rounded to bf16, n, m: 1.6 GB at the 1.3b shape,
+    batch 4 x 2,048) for the backward, which then does not run the states kernel again (4.1 ms of
+    a 170 ms H200 step, S8R3 trace). The forward's kernel computes them from the raw gates, the
+    backward's from the gates MLX prepared: the same states to float32 round-off. Read when the
+    forward is traced."""
+    token = _KEEP_STATES.set(bool(keep))
+    try:
+        yield
+    finally:
+        _KEEP_STATES.reset(token)
+
+
 def _chunked(x: mx.array, L: int, NC: int) -> mx.array:
     """[B, NH, S, D] -> [B, NH, NC, L, D], zero-padded to NC * L steps."""
     B, NH, S, D = x.shape
@@ -111,6 +135,23 @@ def _forward(q, k, v, i, f, C0, n0, m0, eps: float, L: int, fused: bool, terms: 
     h, final = fused_forward(q, k.astype(q.dtype), v.astype(q.dtype), i, f, (C0, n0, m0), eps, L, q.dtype,
                              terms=terms)
     return (h, *final)
+
+
+def _forward_keeping(q, k, v, i, f, C0, n0, m0, eps: float, L: int, terms: int):
+    """:func:`_forward` by the fused kernels (one segment) plus the states entering every chunk
+    for the backward: C in the backward's storage (bf16 for one term), n, m (float32)."""
+    from .chunkwise_bwd import _state_dtype
+    from .chunkwise_fused import _outputs, _states
+
+    B, NH, S, dqk = k.shape
+    dv = v.shape[-1]
+    NC = -(-S // L)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, _ = _states(k, v, i, f, (C0, n0, m0), NC, L, 1, raw=True,
+                                                                 terms=terms)
+    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, None, eps, L, q.dtype, raw=True, terms=terms)
+    return (h, C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1),
+            C_loc.astype(_state_dtype(terms)), n_loc, m_loc)
 
 
 def _entering_states(q, k, v, i, f, C0, n0, m0, L: int, fused: bool):
@@ -200,10 +241,24 @@ def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool, has
 
 
 def _differentiable(eps: float, L: int, fused: bool, has_state: bool, final_grad: bool = True,
-                    terms: int | None = None) -> Callable:
-    key = (float(eps), int(L), bool(fused), bool(has_state), bool(final_grad), terms)
+                    terms: int | None = None, keep: bool = False) -> Callable:
+    key = (float(eps), int(L), bool(fused), bool(has_state), bool(final_grad), terms, bool(keep))
     fn = _functions.get(key)
-    if fn is None:
+    if fn is None and keep:  # (h, C, n, m) and the kept entering states (C, n, m)
+
+        @mx.custom_function
+        def fn(q, k, v, i, f, C0, n0, m0):
+            return _forward_keeping(q, k, v, i, f, C0, n0, m0, eps, L, terms)
+
+        @fn.vjp
+        def fn_vjp(primals, cotangents, outputs):
+            if fused_backward_enabled():
+                return fused_backward(primals, cotangents[:4], outputs[:4], eps, L, has_state, final_grad, terms,
+                                      kept=outputs[4:])
+            return _backward(primals, cotangents[:4], outputs[:4], eps, L, fused, has_state, final_grad)
+
+        _functions[key] = fn
+    elif fn is None:
 
         @mx.custom_function
         def fn(q, k, v, i, f, C0, n0, m0):
@@ -217,6 +272,12 @@ def _differentiable(eps: float, L: int, fused: bool, has_state: bool, final_grad
 
         _functions[key] = fn
     return fn
+
+
+def _state_segments(num_chunks: int) -> int:
+    from .chunkwise_fused import state_segments
+
+    return state_segments(num_chunks)
 
 
 def chunkwise_differentiable(
@@ -243,7 +304,11 @@ def chunkwise_differentiable(
     C0, n0, m0 = _state_f32(q, v, state)
     final_grad = _FINAL_STATES_READ.get()
     terms = _PRODUCT_TERMS.get() if fused else None
-    h, C, n, m = _differentiable(eps, L, fused, state is not None, final_grad, terms)(q, k, v, i, f, C0, n0, m0)
+    # The forward's entering states kept for the backward: one bf16 term (the backward stores the
+    # states as bf16), one segment.
+    keep = fused and terms == 1 and _KEEP_STATES.get() and _state_segments(-(-q.shape[2] // L)) == 1
+    h, C, n, m, *_ = _differentiable(eps, L, fused, state is not None, final_grad, terms, keep)(
+        q, k, v, i, f, C0, n0, m0)
     if not final_grad:
         C, n, m = (mx.stop_gradient(x) for x in (C, n, m))
     return h, _cast_state((C, n, m), state_dtype)
