@@ -137,3 +137,75 @@ def test_in_place_update_equals_the_kernel_and_takes_no_new_memory():
         results.append(current)
     for k in params:
         assert mx.array_equal(results[0][k], results[1][k]), k
+
+
+@cuda
+@pytest.mark.parametrize("n", [4096, 333])  # 16-byte vectors; element by element
+def test_in_place_update_writes_the_bf16_copy_into_a_row_view(n):
+    """``copy``: the in-place kernel also writes the new parameter rounded to bf16 (what
+    ``astype(mx.bfloat16)`` gives) into the given rows of a larger bf16 array, leaving the other
+    rows as they were; p, m, v as without the copy."""
+    rng = np.random.default_rng(5)
+    rows, cols = (n // 64, 64) if n % 64 == 0 else (1, n)
+
+    def fresh():
+        r = np.random.default_rng(11)
+        return (mx.array(r.standard_normal((rows, cols)).astype(np.float32)),
+                mx.array(r.standard_normal((rows, cols)).astype(np.float32) * 1e-3),
+                mx.array(np.abs(r.standard_normal((rows, cols))).astype(np.float32) * 1e-4))
+
+    g = mx.array(rng.standard_normal((rows, cols)).astype(np.float32) * 1e-2).astype(mx.bfloat16)
+    lr, scale = mx.array(3e-4, mx.float32), mx.array(0.37, mx.float32)
+    kwargs = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    ref = adamw_update(g, *fresh(), lr, scale, **kwargs)
+    joined = mx.array(rng.standard_normal((rows + 5, cols)).astype(np.float32)).astype(mx.bfloat16)
+    before = np.array(joined.astype(mx.float32))
+    mx.eval(ref, joined)
+    p, m, v = fresh()
+    out = adamw_update(g, p, m, v, lr, scale, in_place=True, copy=joined[3 : 3 + rows], **kwargs)
+    mx.eval(out)
+    for a, b, name in zip(out[:3], ref, "pmv"):
+        assert mx.array_equal(a, b), name
+    after = np.array(joined.astype(mx.float32))
+    np.testing.assert_array_equal(after[3 : 3 + rows], np.array(ref[0].astype(mx.bfloat16).astype(mx.float32)))
+    np.testing.assert_array_equal(np.delete(after, range(3, 3 + rows), axis=0),
+                                  np.delete(before, range(3, 3 + rows), axis=0))
+    with pytest.raises(ValueError, match="compute copy"):
+        adamw_update(g, p, m, v, lr, scale, copy=joined[:rows], **kwargs)
+
+
+@cuda
+def test_trainer_with_adamw_written_copies_trains_the_same_steps(tmp_path, monkeypatch):
+    """``XLSTM_METAL_ADAMW_COPIES=1``: the bf16 compute copies are state written by the AdamW
+    kernel instead of cast and joined every step; three steps of train's CUDA path (bf16, fused
+    projections and head) give bit for bit the losses, weights and optimizer state of the
+    casting step, and the copies equal the masters cast at the end."""
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.config import xLSTMConfig
+    from xlstm_metal.models.xlstm_large import xLSTMLarge
+    from xlstm_metal.training.trainer import Trainer, TrainingConfig, init_xlstm_large
+
+    stream = np.random.default_rng(0).integers(0, 97, 4000).astype(np.int32)
+    runs = []
+    for on in ("0", "1"):
+        monkeypatch.setenv("XLSTM_METAL_ADAMW_COPIES", on)
+        model = xLSTMLarge(xLSTMConfig(embedding_dim=256, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32))
+        init_xlstm_large(model, 0)
+        cfg = TrainingConfig(seq_len=64, batch_size=2, steps=3, lr=1e-2, warmup=1, dtype="bfloat16",
+                             head_loss="fused", fuse_projections=True, mlstm_products="bf16", eval_every=100,
+                             log_every=1)
+        trainer = Trainer(model, stream[:3000], stream[3000:], cfg, tmp_path / on, tmp_path, progress=False)
+        result = trainer.train()
+        assert bool(trainer._copies) == (on == "1")
+        runs.append((result.losses, dict(tree_flatten(model.parameters())), dict(tree_flatten(trainer.optimizer.state)),
+                     trainer))
+    (l0, p0, o0, _), (l1, p1, o1, t1) = runs
+    assert l0 == l1
+    for k in p0:
+        assert mx.array_equal(p0[k], p1[k]), k
+    for k in o0:
+        assert mx.array_equal(o0[k], o1[k]), k
+    held = list(t1._copies)
+    t1.sync_compute_copies()
+    assert len(held) == len(t1._copies) and all(mx.array_equal(a, b) for a, b in zip(held, t1._copies))
