@@ -130,6 +130,7 @@ def worker_ours(args) -> None:
                   + ((", steps back to back, lookahead" if lookahead else ", steps back to back") if args.pipelined
                      else ", each step alone") + _graphs_note(),
                   "lookahead": lookahead,
+                  "xlstm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("XLSTM_METAL_")},
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "mlstm_products": cfg.mlstm_products,
                   "cuda_graphs": os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0", "batch": B, "seq_len": S,
