@@ -67,11 +67,10 @@ def worker_ours(args) -> None:
     from xlstm_metal.benchmark import environment, shape_config
     from xlstm_metal.models.xlstm_large import xLSTMLarge
     from xlstm_metal.training.trainer import (
-        Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers, train_lookahead_enabled,
+        Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers,
     )
 
     limit_command_buffers()  # as `xlstm-metal train` (unless the environment sets the limits)
-    lookahead = args.pipelined and train_lookahead_enabled()  # as `xlstm-metal train` (XLSTM_METAL_TRAIN_LOOKAHEAD)
     out = Path(args.worker_out)
     deadline = time.time() + args.budget
     _emit(out, {"side": "ours", "kind": "env", **environment()})
@@ -127,9 +126,7 @@ def worker_ours(args) -> None:
                   + ("mLSTM products in bf16, " if "bf16-products" in mode else "")
                   + (f"memory limit {limit_gb:g} GB, " if limit_gb else "")
                   + ("eager step" if eager else "compiled step")
-                  + ((", steps back to back, lookahead" if lookahead else ", steps back to back") if args.pipelined
-                     else ", each step alone") + _graphs_note(),
-                  "lookahead": lookahead,
+                  + (", steps back to back" if args.pipelined else ", each step alone") + _graphs_note(),
                   "xlstm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("XLSTM_METAL_")},
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "mlstm_products": cfg.mlstm_products,
@@ -152,18 +149,11 @@ def worker_ours(args) -> None:
                 # returns once all but the last command buffers are queued, so a step's wait ends
                 # late and the last one's comes almost at once: S8R1).
                 pending, last_done, t_timed, n_timed = None, None, None, 0
-                # Lookahead (train_lookahead_enabled, as Trainer._train): a timed step's successor is
-                # built while the GPU runs its forward; each evaluation ends at the next step's loss.
-                ahead, total = None, args.warmup + args.steps
-                for step in range(total):
+                for step in range(args.warmup + args.steps):
+                    x, y = trainer.batches.next()
                     t = time.perf_counter()
-                    submitted = ahead is not None
-                    if ahead is None:
-                        x, y = trainer.batches.next()
-                        loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
-                        built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
-                    else:
-                        (loss, grad_norm), built, ahead = ahead, ahead_built, None
+                    loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                    built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
                     if step == 0:
                         _emit(out, {**record, "kind": "train_progress", "step": 0, "graph_built_s": built})
                     if step < args.warmup or not args.pipelined:
@@ -187,16 +177,7 @@ def worker_ours(args) -> None:
                     else:
                         if t_timed is None:
                             t_timed = last_done
-                        if lookahead and step + 1 < total and time.time() <= deadline:
-                            if not submitted:
-                                mx.async_eval(loss)
-                            x, y = trainer.batches.next()
-                            t1 = time.perf_counter()
-                            ahead = trainer._train_step(mx.array(x), mx.array(y))
-                            ahead_built = time.perf_counter() - t1
-                            mx.async_eval(ahead[0])  # the rest of this step, the next one's forward
-                        else:
-                            mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                        mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                         n_timed += 1
                         dt = None
                         if pending is not None:
@@ -209,7 +190,7 @@ def worker_ours(args) -> None:
                     # Progress (a time limit may end the process before the variant's record).
                     _emit(out, {**record, "kind": "train_progress", "step": step + 1, "seconds": dt, "graph_built_s": built,
                                 "peak_mem_gb": mx.get_peak_memory() / _GB})
-                    if time.time() > deadline and len(times) >= 2 and ahead is None:
+                    if time.time() > deadline and len(times) >= 2:
                         break
                 if pending is not None:
                     mx.eval(pending, model.state, trainer.optimizer.state)
@@ -235,26 +216,15 @@ def worker_ours(args) -> None:
                 emitted = True
                 if args.trace_steps and time.time() < deadline:
                     def traced_steps(trainer=trainer, n=args.trace_steps):
-                        # The timed loop's steps back to back (with its lookahead), or each alone.
-                        ahead, pending = None, None
-                        for i in range(n):
-                            submitted = ahead is not None
-                            if ahead is None:
-                                x, y = trainer.batches.next()
-                                loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
-                            else:
-                                (loss, grad_norm), ahead = ahead, None
+                        # The timed loop's steps: back to back, or each alone.
+                        pending = None
+                        for _ in range(n):
+                            x, y = trainer.batches.next()
+                            loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
                             if not args.pipelined:
                                 mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
                                 continue
-                            if lookahead and i + 1 < n:
-                                if not submitted:
-                                    mx.async_eval(loss)
-                                x, y = trainer.batches.next()
-                                ahead = trainer._train_step(mx.array(x), mx.array(y))
-                                mx.async_eval(ahead[0])
-                            else:
-                                mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                            mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                             if pending is not None:
                                 mx.eval(pending)
                             pending = [loss, grad_norm]

@@ -184,9 +184,7 @@ def test_bfloat16_compute_keeps_float32_masters(tmp_path):
     assert result.losses[-1][1] < result.losses[0][1]
 
 
-@pytest.mark.parametrize("lookahead", ["0", "1"])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, lookahead):
-    monkeypatch.setenv("XLSTM_METAL_TRAIN_LOOKAHEAD", lookahead)
+def test_resume_equals_uninterrupted(tmp_path):
     stream = pattern_stream(4000)
     cfg = small_cfg(steps=12, save_every=6, keep=5, eval_every=4)
     full = Trainer(fresh_model(), stream[:3500], stream[3500:], cfg, tmp_path / "full", tmp_path, progress=False)
@@ -209,37 +207,6 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, lookahead):
     steps = [json.loads(l)["step"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     assert steps == list(range(1, 13))
-
-
-def test_lookahead_trains_the_same_steps(tmp_path, monkeypatch):
-    """The loop that builds the next step during this one's forward (train's CUDA default) gives
-    bit for bit the losses, evaluations, weights and optimizer state of the plain loop, around
-    evaluations, checkpoints and the end; it does build ahead where nothing reads the state."""
-    stream = pattern_stream(4000)
-    runs = {}
-    for lookahead in ("0", "1"):
-        monkeypatch.setenv("XLSTM_METAL_TRAIN_LOOKAHEAD", lookahead)
-        calls = []
-        real = mx.async_eval
-        monkeypatch.setattr(mx, "async_eval", lambda *a: (calls.append(len(a)), real(*a))[1])
-        trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], small_cfg(steps=11, save_every=5, eval_every=4),
-                          tmp_path / lookahead, tmp_path, progress=False)
-        result = trainer.train()
-        monkeypatch.setattr(mx, "async_eval", real)
-        runs[lookahead] = (result, dict(tree_flatten(trainer.model.parameters())),
-                           dict(tree_flatten(trainer.optimizer.state)), calls)
-    (plain, p0, o0, c0), (ahead, p1, o1, c1) = runs["0"], runs["1"]
-    assert ahead.losses == plain.losses and ahead.evals == plain.evals
-    assert p0.keys() == p1.keys() and o0.keys() == o1.keys()
-    for a, b in [(p0[k], p1[k]) for k in p0] + [(o0[k], o1[k]) for k in o0]:
-        np.testing.assert_array_equal(np.array(a), np.array(b))
-    assert [read_trainer_state(c)["data_position"] for c in checkpoint_dirs(tmp_path / "1")] == \
-        [read_trainer_state(c)["data_position"] for c in checkpoint_dirs(tmp_path / "0")]
-    assert c0 == [4] * 10  # steps 2-11: everything at once
-    # Steps 2, 3, 6, 7 and 9 build the next step and submit up to its loss (a step not built
-    # ahead submits its own loss first); 4, 5 (eval, checkpoint), 8 (eval), 10 (checkpoint) and
-    # 11 (the last) do not.
-    assert c1 == [1, 1, 1, 4, 4, 1, 1, 1, 4, 1, 1, 4, 4]
 
 
 def test_resume_refuses_other_data(tmp_path):

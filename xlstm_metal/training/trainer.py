@@ -267,25 +267,6 @@ def adamw_copies_enabled(optimizer) -> bool:
     return all(isinstance(sub, ScaledAdamW) and sub.in_place and not sub.bias_correction for sub in _parts(optimizer))
 
 
-#: Whether the train loop builds the next step's graph during this step's forward on CUDA
-#: (:func:`train_lookahead_enabled`; ``XLSTM_METAL_TRAIN_LOOKAHEAD`` overrides it anywhere).
-TRAIN_LOOKAHEAD = False
-
-
-def train_lookahead_enabled() -> bool:
-    """Whether ``Trainer`` runs its steps with lookahead: the next step's graph built while the
-    GPU runs this step's forward, each evaluation ending at the next step's loss (see
-    ``Trainer._train``). ``XLSTM_METAL_TRAIN_LOOKAHEAD=1`` / ``0`` decides; otherwise
-    :data:`TRAIN_LOOKAHEAD` on CUDA. The same steps, the same numbers either way; one process
-    only (distributed runs keep the plain loop)."""
-    from ..kernels.fast.step import cuda_available
-
-    value = os.environ.get("XLSTM_METAL_TRAIN_LOOKAHEAD")
-    if value is not None:
-        return value != "0"
-    return TRAIN_LOOKAHEAD and cuda_available()
-
-
 def _compiling_note() -> str:
     """The progress bar's label during the first step, which compiles it."""
     from ..kernels.fast.step import cuda_available
@@ -1103,59 +1084,26 @@ class Trainer:
         schedule = make_schedule(cfg, self.total_steps) if self.total_steps else None
         last_saved = self.step
 
-        lookahead = self.group is None and train_lookahead_enabled()
-        # A step built ahead (lookahead): (loss, grad_norm, lr), its forward already submitted.
-        ahead: tuple[mx.array, mx.array, Any] | None = None
-
-        def build(step: int):
-            """The learning rate, RNG seed and batch of step ``step`` (0-based) set, its graph built."""
-            lr = make_schedule(cfg, None)(step) if self.total_steps is None else schedule(step)
+        while self.total_steps is None or self.step < self.total_steps:
+            # Every rank stops at the same step: rank clocks differ a little.
+            if cfg.max_time is not None and agree(float(self.clock() - t_start > cfg.max_time), self.group):
+                break  # hard stop: the budget ran out (eval costs more than estimated)
+            if self.total_steps is None:
+                lr = make_schedule(cfg, None)(self.step)  # the warmup ramp: the total is not needed yet
+            else:
+                lr = schedule(self.step)
             _set_learning_rate(self.optimizer, lr)
             # RNG a function of (seed, step): a resumed run draws what an uninterrupted one would.
-            mx.random.seed((cfg.seed * 1_000_003 + step) % (1 << 63))
+            mx.random.seed((cfg.seed * 1_000_003 + self.step) % (1 << 63))
             x, y = self.batches.next()
             x, y = x[self.rows], y[self.rows]  # this rank's share of the global batch
-            loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
-            return loss, grad_norm, lr
-
-        def next_runs_unread(done: int) -> bool:
-            """Whether step ``done`` + 1 (counted from 1) certainly runs with nothing reading the
-            model, the optimizer or the data position after step ``done``: no eval, no checkpoint,
-            no stop (memory watchdog, time budget: decided here for the next step), a known total."""
-            if self.total_steps is None or done + 1 > self.total_steps:
-                return False
-            if done % cfg.eval_every == 0 or done % cfg.save_every == 0 or job.stopping():
-                return False
-            return cfg.max_time is None or self.clock() - t_start <= cfg.max_time
-
-        while self.total_steps is None or self.step < self.total_steps:
-            # Every rank stops at the same step: rank clocks differ a little. A step built ahead
-            # was checked against the budget when it was built.
-            if ahead is None and cfg.max_time is not None \
-                    and agree(float(self.clock() - t_start > cfg.max_time), self.group):
-                break  # hard stop: the budget ran out (eval costs more than estimated)
             first = not self._stepped
             if first:  # MLX compiles the step's kernels now: on a fresh CUDA machine that takes minutes
                 job.update(phase="compile")
                 bar.set_description_str(_compiling_note())
-            submitted = ahead is not None
-            loss, grad_norm, lr = ahead if ahead is not None else build(self.step)
-            ahead = None
+            loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
             if first:
                 mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
-            elif lookahead and next_runs_unread(self.step + 1):
-                # Lookahead: the next step's graph is built while the GPU runs this step's
-                # forward, and the evaluation stops at the next step's loss (the middle of its
-                # step). async_eval returns once all but MLX's last ~10 command buffers are
-                # queued: at a step's end those hold ~3 ms of GPU work (AdamW's launches each
-                # fill a 512-MB buffer), less than the ~10 ms the host takes to build a step's
-                # graph, so the GPU would idle there; in the forward they hold more.
-                if not submitted:
-                    mx.async_eval(loss)
-                ahead = build(self.step + 1)
-                mx.async_eval(ahead[0])  # the rest of this step, the next one's forward
-                if pending is not None:
-                    mx.eval(pending)
             else:
                 # Pipelined: the GPU runs this step while the host builds the next one's graph
                 # (a compiled step's ~2,500 ops at the 1.3b shape take MLX ~10 ms to build, the GPU
@@ -1178,8 +1126,7 @@ class Trainer:
             job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
             # Memory watchdog's hard limit (on any rank: all stop at the same step): save a
             # checkpoint that resumes exactly, stop.
-            # A step built ahead runs first (it was built before the stop was asked for).
-            if ahead is None and (job.stopping() if self.group is None else agree(float(job.stopping()), self.group)):
+            if job.stopping() if self.group is None else agree(float(job.stopping()), self.group):
                 self.elapsed = self.clock() - t_start
                 bar.close()
                 job.check(note=f"checkpoint {self.save()} (continue with --resume)")
