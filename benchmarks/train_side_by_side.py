@@ -326,18 +326,23 @@ def summarize_kernels(events: list[dict], steps: int, step_s: float | None = Non
 
 
 def kernel_gaps(kernels: list[dict], steps: int, top: int = 24, least_us: float = 20.0) -> dict:
-    """Where the GPU waits between kernels (one stream: each kernel starts after the last one
-    ends): the idle time between consecutive kernels per step (``idle_ms``), the part of it in
-    gaps of at least ``least_us`` microseconds (``idle_ms_in_long_gaps``, their count per step),
-    and the ``top`` longest gaps with the kernels around them and when they came (ms from the
+    """Where the GPU runs no kernel: the time per step between the end of all kernels so far and
+    the next kernel's start (``idle_ms``; kernels that overlap, as CUDA graphs' branches may,
+    count as one busy span), the part of it in gaps of at least ``least_us`` microseconds
+    (``idle_ms_in_long_gaps``, their count per step), and the ``top`` longest gaps with the
+    kernels around them (the one that ended last before) and when they came (ms from the
     trace's first kernel)."""
     ordered = sorted(kernels, key=lambda e: float(e["ts"]))
     t0 = float(ordered[0]["ts"])
     gaps = []
-    for before, after in zip(ordered, ordered[1:]):
-        gap = float(after["ts"]) - (float(before["ts"]) + float(before["dur"]))
+    last = ordered[0]
+    end = float(last["ts"]) + float(last["dur"])
+    for after in ordered[1:]:
+        gap = float(after["ts"]) - end
         if gap > 0:
-            gaps.append((gap, before["name"], after["name"], float(after["ts"]) - t0))
+            gaps.append((gap, last["name"], after["name"], float(after["ts"]) - t0))
+        if float(after["ts"]) + float(after["dur"]) > end:
+            last, end = after, float(after["ts"]) + float(after["dur"])
     per = 1000.0 * steps
     long = [g for g in gaps if g[0] >= least_us]
     return {

@@ -66,6 +66,10 @@ def test_summarize_kernels(bench):
     assert s["gaps"]["idle_ms"] == pytest.approx(515 / 2000) and s["gaps"]["long_gaps_per_step"] == 0.5
     assert s["gaps"]["longest"] == [{"us": 515.0, "at_ms": 1.0, "before": EVENTS[5]["name"],
                                      "after": "xlstm_mlstm_chunk_states"}]
+    # Overlapping kernels (CUDA graphs' branches) are one busy span: no gap inside it.
+    overlap = [{"cat": "kernel", "name": "a", "ts": 0.0, "dur": 100.0}, {"cat": "kernel", "name": "b", "ts": 10.0, "dur": 20.0},
+               {"cat": "kernel", "name": "c", "ts": 50.0, "dur": 10.0}, {"cat": "kernel", "name": "d", "ts": 130.0, "dur": 5.0}]
+    assert bench.kernel_gaps(overlap, 1)["longest"] == [{"us": 30.0, "at_ms": 0.13, "before": "a", "after": "d"}]
     assert bench.summarize_kernels([EVENTS[-1]], 1) == {"error": "the trace holds no kernel events (no CUPTI?)"}
     # The markdown table shows the categories and the idle time.
     text = bench.markdown([{"side": "ours", "kind": "step_trace", "variant": "v", **s}])
