@@ -325,7 +325,7 @@ def test_command_buffer_limits_for_training(monkeypatch):
     assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ and os.environ["MLX_MAX_MB_PER_BUFFER"] == "1000"
 
 
-def _products_spy(monkeypatch) -> tuple[xLSTMLarge, list]:
+def _products_spy(monkeypatch, kept: list | None = None) -> tuple[xLSTMLarge, list]:
     """A tiny xLSTM-Large on ``chunkwise_fused`` whose fused path is a spy: each layer's custom
     function is built on the scan path (no CUDA here), and the list records the product terms
     the fused kernels would have been built with."""
@@ -336,7 +336,9 @@ def _products_spy(monkeypatch) -> tuple[xLSTMLarge, list]:
 
     def spy(eps, L, fused, has_state, final_grad=True, terms=None, keep=False):
         assert fused
-        seen.append(terms if not keep else (terms, "kept"))
+        seen.append(terms)
+        if kept is not None:
+            kept.append(keep)
         return real(eps, L, False, has_state, final_grad)
 
     monkeypatch.setattr(chunkwise_grad, "_differentiable", spy)
@@ -405,18 +407,21 @@ def test_trainer_keeps_the_products_setting_for_recomputed_layers(monkeypatch, t
 
 
 def test_keep_states_setting_reaches_the_fused_kernels(monkeypatch):
-    """``XLSTM_METAL_MLSTM_KEEP_STATES=1``: the training loss builds each fused layer's function
-    with the forward keeping its entering states, with bf16 products only (float32 products'
-    backward reads float32 states: recomputed as before); off by default. (Spy as above.)"""
-    model, seen = _products_spy(monkeypatch)
+    """The training loss builds each fused layer's function with the forward keeping its
+    entering states (the default; ``XLSTM_METAL_MLSTM_KEEP_STATES=0``: recomputed), with bf16
+    products only (float32 products' backward reads float32 states: recomputed as before).
+    (Spy as above.)"""
+    kept = []
+    model, _ = _products_spy(monkeypatch, kept)
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 33)))
-    for env, products, expected in (("1", "bf16", (1, "kept")), ("1", "float32", None), (None, "bf16", 1)):
+    for env, products, expected in ((None, "bf16", True), (None, "float32", False), ("0", "bf16", False),
+                                    ("1", "bf16", True)):
         if env is None:
             monkeypatch.delenv("XLSTM_METAL_MLSTM_KEEP_STATES", raising=False)
         else:
             monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_STATES", env)
-        seen.clear()
+        kept.clear()
         params = model.trainable_parameters()
         mx.value_and_grad(make_loss_fn(model, mx.float32, mlstm_products=products))(params, ids[:, :-1], ids[:, 1:])
         model.update(params)
-        assert seen == [expected] * 2, (env, products, seen)
+        assert kept == [expected] * 2, (env, products, kept)

@@ -256,17 +256,6 @@ def limit_command_buffers() -> None:
     os.environ["MLX_MAX_OPS_PER_BUFFER"], os.environ["MLX_MAX_MB_PER_BUFFER"] = map(str, TRAIN_COMMAND_BUFFERS)
 
 
-def adamw_copies_enabled(optimizer) -> bool:
-    """Whether the trainer's AdamW writes the bf16 compute copies (``XLSTM_METAL_ADAMW_COPIES``:
-    ``1`` / ``0``, default off): only where every part is a :class:`ScaledAdamW` updating in
-    place with the CUDA kernel (no bias correction)."""
-    from ..kernels.fast.adamw import ScaledAdamW, fused_adamw_enabled
-
-    if os.environ.get("XLSTM_METAL_ADAMW_COPIES", "0") == "0" or not fused_adamw_enabled():
-        return False
-    return all(isinstance(sub, ScaledAdamW) and sub.in_place and not sub.bias_correction for sub in _parts(optimizer))
-
-
 def _compiling_note() -> str:
     """The progress bar's label during the first step, which compiles it."""
     from ..kernels.fast.step import cuda_available
@@ -774,10 +763,6 @@ class Trainer:
         self.best_params: dict | None = None
         self.records: list[dict[str, Any]] = []
         self._train_step = None
-        # The AdamW-written compute copies (see _build_steps): their paths, joined groups, arrays.
-        self._copy_paths: list[str] = []
-        self._copy_groups: list[list[str]] = []
-        self._copies: list[mx.array] = []
         self._eval_step = None
         self._stepped = False  # a train step has run in this process (the first one compiles)
         #: Wall clock of the loop (seconds); replaceable, e.g. by a fake clock in tests.
@@ -878,38 +863,16 @@ class Trainer:
         if joined:
             grad_joined = mx.value_and_grad(_joined_loss(make_loss_fn(
                 model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections, cfg.mlstm_products), joined))
-        # With the in-place AdamW kernel (CUDA) the compute copies can be state: each step's AdamW
-        # writes them (the new weights rounded to bf16, in the joined layout the step reads) as it
-        # updates the float32 masters, so no step casts or joins them (~2.6 ms and ~220 launches
-        # per 1.3b step, S8R3 trace). The masters stay the model's weights (checkpoints, eval);
-        # the copies are derived state, cast afresh from them when a run starts.
-        members = {p for _, groups in joined for paths in groups for p in paths}
-        self._copy_paths: list[str] = []
-        self._copy_groups: list[list[str]] = []
-        self._copies: list[mx.array] = []
-        if joined and dtype == mx.bfloat16 and adamw_copies_enabled(optimizer):
-            flat = dict(tree_flatten(model.trainable_parameters()))
-            self._copy_paths = [k for k, v in flat.items() if k not in members and v.dtype == mx.float32]
-            self._copy_groups = [paths for _, groups in joined for paths in groups]
-            self.sync_compute_copies()
-            state.append(self._copies)
-        copies_on = bool(self._copies)
 
         def train_step(inputs, targets):
             params = model.trainable_parameters()
             norm_tree = None
             if joined:
                 flat = dict(tree_flatten(params))
-                held = dict(zip(self._copy_paths, self._copies))  # AdamW-written compute copies
-                copies = tree_unflatten([(k, held[k] if k in held else
-                                          v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+                members = {p for _, groups in joined for paths in groups for p in paths}
+                copies = tree_unflatten([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
                                          for k, v in flat.items() if k not in members])
-                if copies_on:
-                    kept = iter(self._copies[len(self._copy_paths):])
-                    buffers = [[next(kept) for _ in groups] for _, groups in joined]
-                else:
-                    buffers = [[cast_joined([flat[p] for p in paths], dtype) for paths in groups]
-                               for _, groups in joined]
+                buffers = [[cast_joined([flat[p] for p in paths], dtype) for paths in groups] for _, groups in joined]
                 loss, (g_copies, g_buffers) = grad_joined((copies, buffers), inputs, targets)
                 norm_tree = (g_copies, g_buffers)  # the same squares, fewer and larger reductions
                 grads = _split_joined_grads(g_copies, g_buffers, joined, flat)
@@ -931,29 +894,7 @@ class Trainer:
                     scale = mx.depends([mx.array(1.0, mx.float32)], [grad_norm])[0]
             if not _set_grad_scale(optimizer, scale):  # an optimizer of the caller's: clipped float32 gradients
                 grads = tree_map(lambda g: (g if scale is None else g * scale).astype(mx.float32), grads)
-            if copies_on:
-                # Where each parameter's new compute copy goes: its own array, or its rows of the
-                # group's joined one.
-                targets = dict(held)
-                for (_, groups), bufs in zip(joined, buffers):
-                    for paths, buf in zip(groups, bufs):
-                        start = 0
-                        for p in paths:
-                            rows = flat[p].shape[0]
-                            targets[p] = buf[start : start + rows]
-                            start += rows
-                for sub in _parts(optimizer):
-                    sub.copy_targets, sub.copy_done = targets, {}
             optimizer.update(model, grads)
-            if copies_on:
-                done = {k: d for sub in _parts(optimizer) for k, d in sub.copy_done.items()}
-                for sub in _parts(optimizer):
-                    sub.copy_targets, sub.copy_done = None, {}
-                # The copies' next readers (the next step) wait for the kernels that wrote them.
-                new = [mx.depends([held[p]], [done[p]])[0] for p in self._copy_paths]
-                new += [mx.depends([buf], [done[p] for p in paths])[0]
-                        for (_, groups), bufs in zip(joined, buffers) for paths, buf in zip(groups, bufs)]
-                self._copies[:] = new
             return loss, grad_norm
 
         if compiled:
@@ -967,17 +908,6 @@ class Trainer:
             return loss
 
         self._train_step, self._eval_step = train_step, eval_step
-
-    def sync_compute_copies(self) -> None:
-        """Cast the AdamW-written compute copies (see ``_build_steps``) afresh from the float32
-        masters: when a run starts, and after anything but the train step changes the weights."""
-        if not (self._copy_paths or self._copy_groups):
-            return
-        flat = dict(tree_flatten(self.model.trainable_parameters()))
-        dtype = self.compute_dtype
-        self._copies[:] = ([flat[p].astype(dtype) for p in self._copy_paths]
-                           + [cast_joined([flat[p] for p in paths], dtype) for paths in self._copy_groups])
-        mx.eval(self._copies)
 
     def evaluate(self) -> float:
         """Mean validation cross-entropy over the held-out windows (nats/token)."""
@@ -1065,8 +995,6 @@ class Trainer:
         job.update(phase="train", unit="steps")
         if self._train_step is None:
             self._build_steps()
-        else:
-            self.sync_compute_copies()  # the weights may have changed since the steps were built
         tokens_per_step = cfg.batch_size * cfg.seq_len
         result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
         if self.total_steps is not None and self.step >= self.total_steps:  # a finished run: nothing to do

@@ -27,7 +27,6 @@ import os
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map_with_path
 
 from .step import cuda_available
 
@@ -74,7 +73,7 @@ _SOURCE = """
     // offset of its group's); else element by element, the same arithmetic.
     const bool vec = n % VEC == 0 && xl_aligned(p, 16) && xl_aligned(m, 16) && xl_aligned(v, 16)
                      && xl_aligned(g, 4 * sizeof(*g)) && xl_aligned(P_OUT, 16) && xl_aligned(M_OUT, 16)
-                     && xl_aligned(V_OUT, 16) COPY_ALIGNED;
+                     && xl_aligned(V_OUT, 16);
     const size_t base = size_t(blockIdx.x) * (blockDim.x * VEC * GROUPS) + size_t(threadIdx.x) * VEC;
     #pragma unroll
     for (int j = 0; j < GROUPS; ++j) {
@@ -93,7 +92,6 @@ _SOURCE = """
                 *reinterpret_cast<float4*>(M_OUT + i) = mo;
                 *reinterpret_cast<float4*>(V_OUT + i) = vo;
                 *reinterpret_cast<float4*>(P_OUT + i) = po;
-                COPY_STORE4
             }
         } else {
             #pragma unroll
@@ -104,7 +102,6 @@ _SOURCE = """
                     M_OUT[i + e] = mo;
                     V_OUT[i + e] = vo;
                     P_OUT[i + e] = po;
-                    COPY_STORE1
                 }
             }
         }
@@ -117,17 +114,6 @@ _SOURCE_IN_PLACE = (_SOURCE.replace("M_OUT", "const_cast<float*>(m)").replace("V
                     .replace("P_OUT", "const_cast<float*>(p)")
                     + "    if (blockIdx.x == 0 && threadIdx.x == 0) done[0] = 0.0f;\n")
 
-# With a compute copy (in place only): the new parameter rounded to bf16 (as ``astype``: round to
-# nearest even) written over ``c``, a bf16 array (or row-contiguous view) of the parameter's size.
-_COPY = {
-    "COPY_ALIGNED": "&& xl_aligned(c, 8)",
-    "COPY_STORE4": ("{ __nv_bfloat162 lo = __floats2bfloat162_rn(po.x, po.y), hi = __floats2bfloat162_rn(po.z, po.w); "
-                    "*reinterpret_cast<uint2*>(const_cast<__nv_bfloat16*>(c) + i) = "
-                    "make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi)); }"),
-    "COPY_STORE1": "const_cast<__nv_bfloat16*>(c)[i + e] = __float2bfloat16_rn(po);",
-}
-_NO_COPY = dict.fromkeys(_COPY, "")
-
 _kernels: dict[tuple, object] = {}
 
 
@@ -136,20 +122,18 @@ def _f32(x: float) -> str:
     return f"{float(np.float32(x))!r}f"
 
 
-def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False, copy: bool = False):
-    key = (b1, b2, eps, wd, in_place, copy)
+def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False):
+    key = (b1, b2, eps, wd, in_place)
     kernel = _kernels.get(key)
     if kernel is None:
         source = _SOURCE_IN_PLACE if in_place else (
             _SOURCE.replace("M_OUT", "m_out").replace("V_OUT", "v_out").replace("P_OUT", "p_out"))
-        for name, text in (_COPY if copy else _NO_COPY).items():
-            source = source.replace(name, text)
         header = _HEADER + _UPDATE
         for name, value in (("OMB1", 1 - b1), ("OMB2", 1 - b2), ("B1", b1), ("B2", b2), ("EPS", eps), ("WD", wd)):
             source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_adamw_{len(_kernels)}",
-            input_names=["g", "p", "m", "v", "lr_in", "scale"] + (["c"] if copy else []),
+            input_names=["g", "p", "m", "v", "lr_in", "scale"],
             output_names=["done"] if in_place else ["p_out", "m_out", "v_out"],
             source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
         )
@@ -172,7 +156,7 @@ def adamw_in_place_enabled() -> bool:
 
 def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array,
                  scale: mx.array, *, b1: float, b2: float, eps: float, weight_decay: float,
-                 in_place: bool = False, copy: mx.array | None = None):
+                 in_place: bool = False):
     """(parameter, m, v) after one AdamW step with ``gradient * scale`` (one kernel on CUDA).
 
     parameter, m, v: float32, any shape; gradient: the same shape, any float dtype; lr, scale:
@@ -180,10 +164,7 @@ def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.arr
     results over the buffers of (row-contiguous views of) parameter, m and v and returns arrays
     sharing them, so no new memory is taken; the arrays passed in then hold the new values too
     (an optimizer's state and the weights it replaces: nothing reads the old values after the
-    update, whose gradient already depends on every use of them). ``copy`` (in place only): a
-    bf16 array or row-contiguous view of ``parameter.size`` elements that the kernel writes the
-    new parameter into, rounded as ``astype(mx.bfloat16)`` (the step's compute copy, no cast
-    kernel); then a fourth result, the kernel's ``done`` (order the copy's readers after it)."""
+    update, whose gradient already depends on every use of them)."""
     if not fused_adamw_enabled():
         g = gradient * scale if gradient.dtype == mx.float32 else gradient.astype(mx.float32) * scale
         m = b1 * m + (1 - b1) * g
@@ -192,20 +173,16 @@ def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.arr
         return p - lr * m / (mx.sqrt(v) + eps), m, v
     n = parameter.size
     blocks = max(1, -(-n // (_THREADS * _VEC * _GROUPS)))
-    if copy is not None and not (in_place and copy.dtype == mx.bfloat16 and copy.size == n):
-        raise ValueError("a compute copy needs the in-place kernel and a bf16 array of the parameter's size")
     if in_place:
         # mx.contiguous shares a row-contiguous buffer (else copies): the kernel writes into the
-        # buffers that the returned arrays hold. (A copy that is not row-contiguous would be
-        # copied by MLX and the writes lost: the caller passes row views.)
+        # buffers that the returned arrays hold.
         parameter, m, v = (mx.contiguous(x) for x in (parameter, m, v))
-        (done,) = _kernel(b1, b2, eps, weight_decay, in_place=True, copy=copy is not None)(
-            inputs=[gradient, parameter, m, v, lr.astype(mx.float32).reshape(1), scale.astype(mx.float32).reshape(1)]
-            + ([copy] if copy is not None else []),
+        (done,) = _kernel(b1, b2, eps, weight_decay, in_place=True)(
+            inputs=[gradient, parameter, m, v, lr.astype(mx.float32).reshape(1), scale.astype(mx.float32).reshape(1)],
             template=[], grid=(blocks * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
             output_shapes=[(1,)], output_dtypes=[mx.float32])
         p_new, m_new, v_new = mx.depends([parameter, m, v], [done])
-        return (p_new, m_new, v_new) if copy is None else (p_new, m_new, v_new, done)
+        return p_new, m_new, v_new
     outs = _kernel(b1, b2, eps, weight_decay)(
         inputs=[gradient, parameter, m, v, lr.astype(mx.float32).reshape(1), scale.astype(mx.float32).reshape(1)],
         template=[],
@@ -230,35 +207,14 @@ class ScaledAdamW(optim.AdamW):
         #: Update parameters and state in place (the CUDA kernel only; see :func:`adamw_update`):
         #: for a trainer that owns the parameters and drops the old ones every step.
         self.in_place = in_place
-        #: parameter path -> bf16 array (or row view) the in-place kernel writes the new parameter
-        #: into (``adamw_update``'s ``copy``); the kernels' ``done`` per path land in ``copy_done``.
-        self.copy_targets: dict[str, mx.array] | None = None
-        self.copy_done: dict[str, mx.array] = {}
 
-    def apply_gradients(self, gradients: dict, parameters: dict):
-        if not self.copy_targets:
-            return super().apply_gradients(gradients, parameters)
-        # optim.Optimizer.apply_gradients with each parameter's path (its compute copy's key).
-        if not self._initialized:
-            self.init(gradients)
-        for param, scheduler in self._schedulers.items():
-            self.state[param] = scheduler(self.step)
-        self.state["step"] = self.step + 1
-        return tree_map_with_path(
-            lambda path, g, p, s: self.apply_single(g, p, s, copy_path=path), gradients, parameters, self.state)
-
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict, copy_path: str | None = None):
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         scale = mx.array(1.0, mx.float32) if self.grad_scale is None else self.grad_scale
-        copy = self.copy_targets.get(copy_path) if self.copy_targets and copy_path is not None else None
         if self.bias_correction or parameter.dtype != mx.float32 or not fused_adamw_enabled():
-            if copy is not None:
-                raise ValueError(f"{copy_path}: a compute copy needs the in-place AdamW kernel (float32 parameter)")
             g = gradient * scale if self.grad_scale is not None else gradient
             return super().apply_single(g.astype(mx.float32) if g.dtype != mx.float32 else g, parameter, state)
         b1, b2 = self.betas
-        out = adamw_update(gradient, parameter, state["m"], state["v"], self.learning_rate, scale, b1=b1, b2=b2,
-                           eps=self.eps, weight_decay=self.weight_decay, in_place=self.in_place, copy=copy)
-        p, state["m"], state["v"] = out[:3]
-        if copy is not None:
-            self.copy_done[copy_path] = out[3]
+        p, state["m"], state["v"] = adamw_update(gradient, parameter, state["m"], state["v"],
+                                                 self.learning_rate, scale, b1=b1, b2=b2, eps=self.eps,
+                                                 weight_decay=self.weight_decay, in_place=self.in_place)
         return p

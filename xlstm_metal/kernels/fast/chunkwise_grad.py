@@ -85,8 +85,9 @@ def product_terms(terms: int | None) -> Iterator[None]:
 
 def keep_states_enabled() -> bool:
     """Whether training keeps the forward's entering states for the backward
-    (:func:`entering_states_kept`): ``XLSTM_METAL_MLSTM_KEEP_STATES=1`` / ``0``, default off."""
-    return os.environ.get("XLSTM_METAL_MLSTM_KEEP_STATES", "0") != "0"
+    (:func:`entering_states_kept`): on unless ``XLSTM_METAL_MLSTM_KEEP_STATES=0`` (H200, 1.3b,
+    GPU round S9R2: 171.3 ms per step against 173.3 recomputing them, peak 39.13 against 38.79 GB)."""
+    return os.environ.get("XLSTM_METAL_MLSTM_KEEP_STATES", "1") != "0"
 
 
 @contextlib.contextmanager
