@@ -44,7 +44,7 @@ from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chun
 from .chunkwise import chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
 from .chunkwise_bwd import fused_backward, fused_backward_enabled
 
-_functions: dict[tuple[float, int, bool, bool, bool, int | None], Callable] = {}
+_functions: dict[tuple[float, int, bool, bool, bool, int | None, bool], Callable] = {}
 _FINAL_STATES_READ = contextvars.ContextVar("xlstm_metal_final_states_read", default=True)
 _PRODUCT_TERMS: contextvars.ContextVar[int | None] = contextvars.ContextVar("xlstm_metal_product_terms", default=None)
 _KEEP_STATES: contextvars.ContextVar[bool] = contextvars.ContextVar("xlstm_metal_keep_states", default=False)
