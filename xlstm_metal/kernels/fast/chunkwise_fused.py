@@ -23,7 +23,10 @@ memory:
   (cp.async) while the current one multiplies, and the causal mask's zero tiles are skipped.
 - Both prepare the gates themselves from the raw i, f (log-sigmoid, the chunk cumsums): no
   gate-prep launches (:func:`chunk_gates` / :func:`chunk_states` / :func:`chunk_outputs` keep the
-  prepared-gates form for the backward).
+  prepared-gates form for the backward); for the states kernel a one-warp-per-chunk gates pass
+  does that arithmetic before its serial loop (the same values; :data:`_GATES_PASS_SOURCE`).
+- Schedule settings that keep the arithmetic (:func:`_flag`), and diagnostic switches that leave
+  work out (:func:`_probe`, for benchmarks/mlstm_probe.py).
 
 Exactness: the matmuls run as bf16 x bf16 -> float32 ``mma.sync`` (products exact, float32
 sums). q, k and v are bf16 already, so they enter exactly; float32 operands (the state C, the
