@@ -223,13 +223,15 @@ _kernels: dict[tuple, object] = {}
 
 
 def _packed_rows() -> int:
-    """The norm + gate kernel keeps its rows' values as loaded (packed 16-bit, converted where
-    used: the same bits) and is bounded to N blocks of 256 threads per SM (48 registers, more
-    loads in flight per SM): N = 5, or ``XLSTM_METAL_NORM_GATE_PACKED=N`` (0: the float form,
-    64 registers, unbounded). One 7B layer at 16,384 tokens (H200, round S9R1, CUPTI): 0.161 ms
-    (float form), 0.148 (packed, unbounded), 0.145 (packed, 5 blocks)."""
+    """``XLSTM_METAL_NORM_GATE_PACKED=N``: the norm + gate kernel keeps its rows' values as
+    loaded (packed 16-bit, converted where used: the same arithmetic) and is bounded to N blocks
+    of 256 threads per SM (N = 5: 48 registers, more loads in flight per SM); 0, the default: the
+    float form, 64 registers, unbounded. One 7B layer at 16,384 tokens (H200, round S9R1, CUPTI):
+    0.161 ms (float form), 0.148 (packed, unbounded), 0.145 (packed, 5 blocks). Opt-in: its
+    CUDA test (test_norm_gate_rows_matches_reference_and_decode_kernel, packed cases) has not
+    run on a GPU yet (cut by S9R3's time limit)."""
     value = os.environ.get("XLSTM_METAL_NORM_GATE_PACKED", "")
-    return int(value) if value.isdigit() else 5
+    return int(value) if value.isdigit() else 0
 
 
 def norm_gate_rows_supported(h: mx.array, weight: mx.array) -> bool:
