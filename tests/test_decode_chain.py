@@ -639,8 +639,9 @@ def test_stage_schedule_overrides_depth_blocks_and_integer_weights(monkeypatch):
 
 
 def test_shipped_stage_schedule():
-    # Every stage as quantized.DEPTH and WALK_BLOCKS say; the integer path opt-in.
+    # 8 bits: the norm stages with integer weights 1024 + q, 2 chunks in flight, 3 blocks per SM
+    # walking tiles (S9R2, S9R3); nothing else changed.
     from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
 
-    assert chain.STAGE_SCHEDULE == {"norm": {}, "gate": {}, "swiglu": {}}
+    assert chain.STAGE_SCHEDULE == {"norm": {8: (2, 3 * quantized.SMS, 2)}, "gate": {}, "swiglu": {}}
     assert quantized.RESIDENT[8] == 3 and quantized.INT_WEIGHTS == {4: 0, 8: 0}

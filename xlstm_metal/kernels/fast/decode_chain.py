@@ -310,13 +310,13 @@ SPLIT_MAX_FEATURES = 8192
 #: walking tiles, 0 one block per tile[, integer weights: :data:`.quantized.INT_WEIGHTS`' value for
 #: the stage; an entry whose integer weights cannot apply, e.g. group 32, is not used]).
 #:
-#: Empty by default (every stage as :data:`.quantized.DEPTH` and :data:`WALK_BLOCKS` say). Measured
-#: on an H200 (S9R2, 7B, 8 bits, one row, group 64, CUPTI): the norm stages with integer weights
-#: 1024 + q, 2 chunks in flight and 396 blocks walking tiles, ``{8: (2, 396, 2)}``, took gate|up
-#: 1.239 ms and q|k|v|o 0.701 ms per step against 1.309 / 0.763 as shipped (the same walking
-#: schedule dequantizing first: 1.362 / 0.752); out_proj and proj_down were slower with the integer
-#: path (its extra pass in their prologue; S9R1, products alone: 16.2 / 29.0 us against 13.5 / 27.1).
-STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {}, "gate": {}, "swiglu": {}}
+#: At 8 bits the norm stages take the weights as integers 1024 + q with 2 chunks in flight and
+#: 396 blocks walking tiles: on an H200 (7B, one row, group 64, CUPTI) gate|up 1.239 ms and
+#: q|k|v|o 0.701 ms per step against 1.309 / 0.763 with session 8's schedule (S9R2; the same
+#: walking schedule dequantizing first: 1.362 / 0.752), GPU busy per step R3_BUSY. The other stages keep their
+#: schedules: the integer path's extra pass in their prologue made out_proj and proj_down slower
+#: (S9R1, products alone: 16.2 / 29.0 us against 13.5 / 27.1).
+STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {8: (2, 3 * _quantized.SMS, 2)}, "gate": {}, "swiglu": {}}
 
 #: The same for every width at once (``XLSTM_METAL_CHAIN_BLOCKS``), or None: :data:`WALK_BLOCKS`.
 CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
