@@ -226,16 +226,22 @@ _DEFAULT_DECODE_SETTINGS = (("h200_qdecode_*.jsonl", "fused decode kernels"),
 
 def _default_decode_record(batch: int) -> dict | None:
     """The fastest bf16 decode record at ``batch`` on the default path in the newest file of each
-    kind of :data:`_DEFAULT_DECODE_SETTINGS` (one process each, no official beside it), with its
-    file name under "file"; None when there is none."""
+    kind of :data:`_DEFAULT_DECODE_SETTINGS` that has such records (one process each, no official
+    beside it; a quantized-only run does not hide them), with its file name under "file"; None
+    when there is none."""
     best = None
     for pattern, setting in _DEFAULT_DECODE_SETTINGS:
-        for path in sorted(RESULTS.glob(pattern))[-1:]:
+        for path in sorted(RESULTS.glob(pattern), reverse=True):  # the newest file that measured it
+            found = False
             for line in path.read_text().splitlines():
                 r = json.loads(line) if line.strip() else {}
                 if (r.get("kind") == "decode" and r.get("q_bits") is None and r.get("batch") == batch
-                        and r.get("setting") == setting and (best is None or r["tok_s"] > best["tok_s"])):
-                    best = dict(r, file=path.name)
+                        and r.get("setting") == setting):
+                    found = True
+                    if best is None or r["tok_s"] > best["tok_s"]:
+                        best = dict(r, file=path.name)
+            if found:
+                break
     return best
 
 

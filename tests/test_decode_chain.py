@@ -526,7 +526,7 @@ def test_a_user_step_cell_gets_the_projections_as_slices(on_cpu_too, float_gates
 
 
 @cuda
-@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 128), (4, 128)])
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 128)])
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", [1, 2], ids=["q", "1024+q"])

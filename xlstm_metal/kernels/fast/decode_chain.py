@@ -313,7 +313,8 @@ SPLIT_MAX_FEATURES = 8192
 #: At 8 bits the norm stages take the weights as integers 1024 + q with 2 chunks in flight and
 #: 396 blocks walking tiles: on an H200 (7B, one row, group 64, CUPTI) gate|up 1.239 ms and
 #: q|k|v|o 0.701 ms per step against 1.309 / 0.763 with session 8's schedule (S9R2; the same
-#: walking schedule dequantizing first: 1.362 / 0.752), GPU busy per step R3_BUSY. The other stages keep their
+#: walking schedule dequantizing first: 1.362 / 0.752); whole steps: 3.563 ms of GPU work against
+#: 3.781 (S9R3: gate|up 1.225 / 1.315, q|k|v|o 0.688 / 0.767). The other stages keep their
 #: schedules: the integer path's extra pass in their prologue made out_proj and proj_down slower
 #: (S9R1, products alone: 16.2 / 29.0 us against 13.5 / 27.1).
 STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {8: (2, 3 * _quantized.SMS, 2)}, "gate": {}, "swiglu": {}}
