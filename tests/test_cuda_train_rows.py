@@ -171,6 +171,16 @@ def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
     assert err_ours <= 2 * err_ops, (err_ours, err_ops)
 
 
+def _two_block_fused_model():
+    """A 2-block model on the fused mLSTM kernels (DQK 128, DV 256) and a [2, 65] token batch."""
+    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
+    model = xLSTMLarge(config)
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+    init_xlstm_large(model, 0)
+    return model, mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+
+
 @cuda
 def test_train_step_with_bf16_mlstm_products_stays_near_float32():
     """``mlstm_products="bf16"`` (the fused mLSTM kernels' float32 operands rounded to bf16, as
@@ -178,12 +188,7 @@ def test_train_step_with_bf16_mlstm_products_stays_near_float32():
     bf16 round-off (1e-3 relative); the whole gradient tree's relative error at most 1.5x that of
     the step with float32 products (the bf16 weights and activations already cost more than the
     cell's products), and the setting reached the kernels (the gradients differ)."""
-    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
-    model = xLSTMLarge(config)
-    for block in model.blocks:
-        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
-    init_xlstm_large(model, 0)
-    ids = mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+    model, ids = _two_block_fused_model()
     _, default = _step_grads(model, ids[:, :-1], ids[:, 1:])
     loss, bf16 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
     exact_loss, exact = _step_grads(model, ids[:, :-1], ids[:, 1:], mx.float32)
@@ -205,12 +210,7 @@ def test_kept_entering_states_give_the_recomputed_states_gradients(monkeypatch):
     of the recomputing step's (relative Frobenius; the forward's states kernel takes the raw
     gates, the recompute MLX's prepared ones: the same states to float32 round-off, then rounded
     to bf16 alike), the whole tree within 2e-3."""
-    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
-    model = xLSTMLarge(config)
-    for block in model.blocks:
-        block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
-    init_xlstm_large(model, 0)
-    ids = mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+    model, ids = _two_block_fused_model()
     monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_STATES", "0")
     loss, ref = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
     monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_STATES", "1")
