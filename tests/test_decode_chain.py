@@ -645,3 +645,8 @@ def test_shipped_stage_schedule():
 
     assert chain.STAGE_SCHEDULE == {"norm": {8: (2, 3 * quantized.SMS, 2)}, "gate": {}, "swiglu": {}}
     assert quantized.RESIDENT[8] == 3 and quantized.INT_WEIGHTS == {4: 0, 8: 0}
+    # The schedule's integer weights only where their CUDA tests ran: bf16 rows, groups of 64.
+    assert chain._int(8, 64, 1, 4096, mx.bfloat16, stage="norm") == 2
+    assert chain._int(8, 64, 1, 4096, mx.float16, stage="norm") == 0
+    assert chain._int(8, 128, 1, 4096, mx.bfloat16, stage="norm") == 0
+    assert chain._int(4, 64, 1, 4096, mx.bfloat16, stage="norm") == 0
