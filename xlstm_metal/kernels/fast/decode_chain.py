@@ -337,11 +337,10 @@ def _int(bits: int, group_size: int, rows: int, k: int, dtype: mx.Dtype, split: 
     and its rows with their group sums fit shared memory; else the stage dequantizes as before):
     0, or the kind (:data:`.quantized.INT_WEIGHTS`' value, 1 or 2, or the stage's in :data:`STAGE_SCHEDULE`)."""
     sched = STAGE_SCHEDULE.get(stage, {}).get(bits, ())
-    kind = sched[2] if len(sched) > 2 else _quantized.INT_WEIGHTS.get(bits, 0)
-    if len(sched) > 2 and not (dtype == mx.bfloat16 and group_size == 64):
-        # A shipped schedule takes the integer path only where its CUDA tests ran (bf16 rows,
-        # groups of 64: S9R1, S9R3); XLSTM_METAL_DECODE_INT opts in for the rest.
-        kind = _quantized.INT_WEIGHTS.get(bits, 0)
+    # A shipped schedule takes the integer path only where its CUDA tests ran (bf16 rows, groups
+    # of 64: S9R1, S9R3); XLSTM_METAL_DECODE_INT opts in for the rest.
+    scheduled = len(sched) > 2 and dtype == mx.bfloat16 and group_size == 64
+    kind = sched[2] if scheduled else _quantized.INT_WEIGHTS.get(bits, 0)
     if kind and int_weights_apply(bits, group_size, rows, split, kind) and _stage_rows(rows, k, dtype, group_size) > 0:
         return 2 if kind == 2 else 1
     return 0
