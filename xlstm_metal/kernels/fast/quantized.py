@@ -169,18 +169,14 @@ __device__ __forceinline__ int xl_xpos4(int k) {
 #: Header text of the integer-weights kernels only (:data:`INT_WEIGHTS`; MLX hashes a kernel's
 #: whole source at every launch, so the other kernels do not carry it).
 INT_HEADER = """
-// A pair of weights as exact fp16 integers, the pair of dequant_pair(p) (int_weights): 1024 + q
-// built under fp16's exponent of 1024 (8 bits: one byte permute; 4 bits: shift and mask, or'ed),
-// then 1024 subtracted (exact; OFF: kept, and taken out through the bias: b - 1024 s).
+// A pair of 8-bit weights as exact fp16 integers, the pair of dequant_pair(p) (int_weights):
+// 1024 + q built under fp16's exponent of 1024 in one byte permute, then 1024 subtracted (exact;
+// OFF: kept, and taken out through the bias: b - 1024 s).
 template <int BITS, bool OFF>
 __device__ __forceinline__ uint32_t int_pair(const uint4& wv, int p) {
+  static_assert(BITS == 8, "the integer-weights path takes 8 bits (int_weights_apply)");
   const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
-  uint32_t v;
-  if constexpr (BITS == 8) {
-    v = __byte_perm(words[p >> 1], 0x64646464u, (p & 1) ? 0x4342u : 0x4140u);
-  } else {
-    v = ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | 0x64006400u;
-  }
+  const uint32_t v = __byte_perm(words[p >> 1], 0x64646464u, (p & 1) ? 0x4342u : 0x4140u);
   if constexpr (OFF) return v;
   return as_u32(__hsub2(from_u32<__half2>(v), __float2half2_rn(1024.0f)));
 }
@@ -445,9 +441,9 @@ INT_WEIGHTS = _per_bits("XLSTM_METAL_DECODE_INT", {4: 0, 8: 0})
 def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1, kind: int | None = None) -> bool:
     """Whether a chain product of ``rows`` rows takes :data:`INT_WEIGHTS`' path: switched on for
     ``bits`` (or ``kind`` given: that setting instead), 8 bits, one tile of x rows (at most 8), K
-    unsplit, and each warp's span of K (64 values) inside one group (groups of 64 or 128). The
-    kernel source has the 4-bit case (groups of 128) too, but its CUDA test failed on an H200
-    (S9R3, bf16, one row; the round's time limit cut the report), so 4 bits dequantize first."""
+    unsplit, and each warp's span of K (64 values) inside one group (groups of 64 or 128). A 4-bit
+    form (groups of 128) failed its CUDA test on an H200 (S9R3, bf16, one row; the round's time
+    limit cut the report) and was removed, so 4 bits dequantize first."""
     on = INT_WEIGHTS.get(bits) if kind is None else kind
     return bool(on) and bits == 8 and group_size >= 512 // bits and rows <= 8 and split == 1
 
