@@ -133,6 +133,7 @@ def main() -> None:
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
     ring_depth, resident, split_k = dict(quantized.DEPTH), dict(quantized.RESIDENT), dict(decode_chain.SPLIT_K)
     int_weights = dict(quantized.INT_WEIGHTS)
+    chain_merge = decode_chain.CHAIN_MERGE
     stage_schedule = {k: dict(v) for k, v in decode_chain.STAGE_SCHEDULE.items()}
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
@@ -141,7 +142,8 @@ def main() -> None:
     # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM), "split" (the
     # shares of K of out_proj and proj_down by bits), "int" (quantized.INT_WEIGHTS: the chain's
     # quantized products with the weights as exact integers, by bits), "stage" (decode_chain.STAGE_SCHEDULE:
-    # single stages' ring depth, blocks and integer weights, by bits))
+    # single stages' ring depth, blocks and integer weights, by bits), "merge" (decode_chain.CHAIN_MERGE:
+    # stages 4 and 5 in one launch; 2: with the proj_down blocks' first tile asked of L2))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -191,6 +193,13 @@ def main() -> None:
                   # the same for the two norm stages (q|k|v|o, gate|up) only, at 8 bits (S9R1, products alone)
                   ("fused decode kernels, chain, norm stages: integer weights, depth 2, 396 blocks", True, True,
                    residual, skinny_default, step_default, {"stage": {"norm": {8: (2, 3 * quantized.SMS, 2)}}})]
+        # stages 4 and 5 (RMSNorm -> gate|up, SwiGLU -> proj_down) in one launch, and not
+        fused += [("fused decode kernels, chain, merged FFN", True, True, residual, skinny_default, step_default,
+                   {"merge": 1}),
+                  ("fused decode kernels, chain, merged FFN, L2 prefetch", True, True, residual, skinny_default,
+                   step_default, {"merge": 2}),
+                  ("fused decode kernels, chain, FFN unmerged", True, True, residual, skinny_default, step_default,
+                   {"merge": 0})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
         # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
@@ -244,6 +253,7 @@ def main() -> None:
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
                 decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
+                decode_chain.CHAIN_MERGE = options.get("merge", chain_merge)
                 quantized.DEPTH.update(options.get("depth", ring_depth))
                 quantized.RESIDENT.update(options.get("resident", resident))
                 decode_chain.SPLIT_K.update(options.get("split", split_k))
@@ -269,6 +279,7 @@ def main() -> None:
         decode.set_fused_decode(True)
         decode_chain.set_decode_chain(True)
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
+        decode_chain.CHAIN_MERGE = chain_merge
         quantized.DEPTH.update(ring_depth)
         quantized.RESIDENT.update(resident)
         quantized.INT_WEIGHTS.update(int_weights)

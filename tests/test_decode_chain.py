@@ -650,3 +650,104 @@ def test_shipped_stage_schedule():
     assert chain._int(8, 64, 1, 4096, mx.float16, stage="norm") == 0
     assert chain._int(8, 128, 1, 4096, mx.bfloat16, stage="norm") == 0
     assert chain._int(4, 64, 1, 4096, mx.bfloat16, stage="norm") == 0
+
+
+# ------------------------------------------------------------ stages 4 and 5 in one launch
+@pytest.fixture
+def merged(on_cpu_too, monkeypatch):
+    """The chain with stages 4 and 5 merged (XLSTM_METAL_CHAIN_MERGE=1); counts its calls too."""
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 1)
+    fn = chain.ffn_quantized_matmul
+    on_cpu_too["ffn_quantized_matmul"] = 0
+
+    def counted(*args, **kwargs):
+        on_cpu_too["ffn_quantized_matmul"] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(chain, "ffn_quantized_matmul", counted)
+    return on_cpu_too
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merged_ffn_dispatch(merged, monkeypatch, bits):
+    # Per block: stage 1 alone, stages 4 + 5 in one call; the same values as the unmerged stages
+    # (on a CPU the same reference ops; on CUDA the same kernels' code in one launch: bit-equal).
+    model = _model(bits, float_gates=False)
+    chained = _decode(model, True)
+    assert merged == {"norm_quantized_matmul": 2 * 4, "gate_norm_quantized_matmul": 2 * 4,
+                      "swiglu_quantized_matmul": 0, "ffn_quantized_matmul": 2 * 4}
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 0)
+    unmerged = _decode(model, True)
+    assert merged["ffn_quantized_matmul"] == 2 * 4 and merged["swiglu_quantized_matmul"] == 2 * 4
+    _agree(chained, unmerged, 0)
+
+
+def test_merge_applies_only_where_both_stages_do(monkeypatch):
+    rng = np.random.default_rng(1)
+    E, F = 256, 384
+    norm = RMSNorm(E)
+    norm.weight = mx.ones((E,), dtype=mx.bfloat16)
+    x = mx.zeros((1, 1, E), dtype=mx.float32)
+    gate_up, down = _q(rng, 2 * F, E, mx.bfloat16, 4, 64), _q(rng, E, F, mx.bfloat16, 4, 64)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 0)
+    assert not chain.ffn_merge_supported(x, norm, gate_up, down)  # off by default
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 1)
+    assert chain.ffn_merge_supported(x, norm, gate_up, down)
+    assert not chain.ffn_merge_supported(x, norm, gate_up, _q(rng, E, F, mx.bfloat16, 8, 64))  # other bits
+    assert not chain.ffn_merge_supported(x, norm, gate_up, _q(rng, E, F, mx.bfloat16, 4, 32))  # other groups
+    assert not chain.ffn_merge_supported(x, norm, gate_up, None)  # proj_down not a plain quantized layer
+    monkeypatch.setattr(chain, "SPLIT_K", {4: 4, 8: 1, 16: 1})
+    assert not chain.ffn_merge_supported(x, norm, gate_up, down)  # proj_down's K in shares
+
+
+def test_merge_plan_cannot_deadlock(monkeypatch):
+    # Only stage-5 blocks wait; the kernel runs only where fewer of them exist than the GPU holds
+    # at once (blocks per SM x SMs), and its static shared memory fits.
+    from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
+
+    monkeypatch.setattr(quantized, "RESIDENT", {4: 2, 8: 3, 16: 3})
+    E, F, T = 4096, 10944, mx.bfloat16
+    monkeypatch.setattr(chain, "_device_sms", lambda: 132)
+    plan = chain._merge_plan(1, E, F, E, T, 64, 4)
+    assert plan["nb2"] == 256 and plan["nb1"] == chain._launch(2 * F, 4, stage="norm")["grid"][0] // 256
+    assert chain._merge_plan(2, E, F, E, T, 64, 8) is not None  # 2 rows: 43,776 B staged, within 48 KiB
+    assert chain._merge_plan(4, E, F, E, T, 64, 4) is None  # 4 rows of SwiGLU do not fit shared memory
+    monkeypatch.setattr(chain, "_device_sms", lambda: 128)
+    assert chain._merge_plan(1, E, F, E, T, 64, 4) is None  # 256 waiting blocks would fill 2 x 128
+    assert chain._merge_plan(1, E, F, E, T, 64, 8) is not None  # 3 x 128 leaves room
+    monkeypatch.setattr(chain, "_device_sms", lambda: 0)  # the driver could not be asked
+    assert chain._merge_plan(1, E, F, E, T, 64, 8) is None
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("shape", ["7b", "small"])
+def test_cuda_merged_ffn_equals_the_stages(monkeypatch, bits, B, shape):
+    # The merged kernel against stage 4 then stage 5 (their own kernels): bit-equal, launch after
+    # launch (its counters back at zero each time), at the shipped schedules.
+    if bits == 16 and B > 1:
+        pytest.skip("float products take the chain at one row")
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 1)
+    rng = np.random.default_rng(bits + B)
+    E, F = (4096, 10944) if shape == "7b" else (512, 640)
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(mx.bfloat16)
+
+    def arrays(n, k):
+        if bits == 16:
+            w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(mx.bfloat16)
+            return (w, w, w, 32, 16)
+        return _q(rng, n, k, mx.bfloat16, bits, 64)
+
+    gate_up, down = arrays(2 * F, E), arrays(E, F)
+    assert chain.ffn_merge_supported(mx.zeros((B, 1, E)), norm, gate_up, down)
+    for i in range(3):
+        x = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32) * 2)
+        _, _, gu = chain.norm_quantized_matmul(x, None, norm, *gate_up[:3], group_size=gate_up[3], bits=bits)
+        want = chain.swiglu_quantized_matmul(gu, *down[:3], group_size=down[3], bits=bits)
+        got = chain.ffn_quantized_matmul(x, norm, gate_up, down)
+        assert got.dtype == want.dtype and got.shape == want.shape == (B, 1, E)
+        assert mx.array_equal(got, want), (i, _rel(got, want))
+    ref = _reference(chain.ffn_quantized_matmul, x, norm, gate_up, down)
+    assert _rel(got, ref) <= 2e-2

@@ -118,15 +118,18 @@ class mLSTMBlock(nn.Module):
     def _chain_ffn(self, x: mx.array, xn: mx.array | None, arrays) -> mx.array:
         """The FFN's output: RMSNorm of x -> gate|up (one launch, ``arrays`` from
         :meth:`_chain_ffn_arrays`; or the tree's layers on ``xn``, the normed x), then SwiGLU ->
-        down (one launch where proj_down is a plain quantized layer)."""
+        down (one launch where proj_down is a plain quantized layer; with
+        ``decode_chain.CHAIN_MERGE`` both stages in one launch where they can)."""
         ffn = self.ffn
         if type(ffn) is not FeedForward:
             return ffn(xn)
         if arrays is not None:
+            down = chain.quantized_arrays(ffn.proj_down, x.shape[0])
+            if chain.ffn_merge_supported(x, self.norm_ffn, arrays, down):  # both stages in one launch
+                return chain.ffn_quantized_matmul(x, self.norm_ffn, arrays, down)
             w, scales, biases, group_size, bits = arrays
             _, _, gate_up = chain.norm_quantized_matmul(x, None, self.norm_ffn, w, scales, biases,
                                                         group_size=group_size, bits=bits)
-            down = chain.quantized_arrays(ffn.proj_down, x.shape[0])
             if chain.swiglu_chain_supported(gate_up, down):
                 w, scales, biases, group_size, bits = down
                 return chain.swiglu_quantized_matmul(gate_up, w, scales, biases, group_size=group_size, bits=bits)

@@ -31,7 +31,11 @@ it off (then :meth:`mLSTMBlock.step` runs :mod:`.decode`'s kernels, as before).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import re
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -351,6 +355,12 @@ def _int_template(iw: int) -> list:
     return [("IW", iw)] if iw else []
 
 
+def _rows_template(rows: int, k: int, dtype: mx.Dtype, group_size: int, iw: int) -> list:
+    """A stage's template arguments for its staged rows: the inner size ``KD``, the rows ``SR``
+    staged in shared memory (with the integer-weights path's group sums where ``iw``) and ``IW``."""
+    return [("KD", k), ("SR", _stage_rows(rows, k, dtype, group_size if iw else 0))] + _int_template(iw)
+
+
 def _eps(eps: float) -> str:
     return f"{float(eps)!r}f"
 
@@ -390,7 +400,8 @@ def _split(n_out: int, k: int, bits: int) -> int:
     return split if split > 1 and n_out <= SPLIT_MAX_FEATURES and -(-n_out // 16) <= _quantized.SPLIT_TILES else 1
 
 
-def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: bool = False) -> str:
+def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: bool = False,
+                 store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);") -> str:
     resid = ("static_cast<float>(static_cast<ST>(static_cast<float>(xr[(size_t)mm * K + k]) "
              "+ static_cast<float>(pend[(size_t)mm * K + k])))") if has_pending else "static_cast<float>(xr[(size_t)mm * K + k])"
     prologue = _NORM_PROLOGUE.replace("RESID", resid).replace("EPS", _eps(eps))
@@ -398,18 +409,19 @@ def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: boo
     prologue = prologue.replace("WRITE_XN", "xn_out[e] = v;" if write_xn else "")
     if not (has_pending or write_xn):
         prologue = prologue.replace("if (blockIdx.x == 0) {", "if (false) {")
-    return _source(_NORM_SIZES, prologue, int_weights=int_weights)
+    return _source(_NORM_SIZES, prologue, store, int_weights=int_weights)
 
 
 _kernels: dict[tuple, object] = {}
 
 
 def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source, split: bool = False,
-            int_weights: int = 0):
+            int_weights: int = 0, header: str = ""):
     """The chain's kernel for ``key`` at ``bits``, its source from ``source()``, built once per
     register bound (``quantized.RESIDENT``); ``split``: a split-K kernel (its outputs end with
     ``part``; see :func:`.quantized.decode_source`); ``int_weights``: the integer-weights kernel
-    (its header has :data:`.quantized.INT_HEADER`)."""
+    (its header has :data:`.quantized.INT_HEADER`); ``header``: more header text (before the
+    launch bounds, which end it)."""
     key = (*key, split, _quantized.RESIDENT.get(bits, 0))
     kernel = _kernels.get(key)
     if kernel is None:
@@ -419,7 +431,7 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
             output_names=outputs + (["part"] if split else []),
             source=compact_source(source()),
             header=compact_source(_HEADER + (INT_HEADER if int_weights else "") + _REDUCE_HEADER
-                                  + (_quantized.SPLIT_HEADER if split else "")
+                                  + (_quantized.SPLIT_HEADER if split else "") + header
                                   + launch_bounds(key[-1])),
         )
         _kernels[key] = kernel
@@ -513,7 +525,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     outs = kernel(
         inputs=inputs,
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw))
-        + [("ST", x.dtype), ("KD", E), ("SR", _stage_rows(B, E, T, group_size if iw else 0))] + _int_template(iw),
+        + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw),
         output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits, stage="norm", iw=iw),
     )
     return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
@@ -553,8 +565,7 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
     outs = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
         template=decode_template(T, bits, group_size, B, _depth("gate", bits, iw), split=split)
-        + [("ST", x.dtype), ("KD", NH * DV), ("NH", NH), ("DV", DV), ("OOFF", o_offset),
-           ("SR", _stage_rows(B, NH * DV, T, group_size if iw else 0))] + _int_template(iw),
+        + [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)] + _rows_template(B, NH * DV, T, group_size, iw),
         output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
         output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split, "gate", iw),
     )
@@ -594,7 +605,7 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     outs = kernel(
         inputs=[gate_up, w, scales, biases],
         template=decode_template(T, bits, group_size, B, _depth("swiglu", bits, iw), split=split)
-        + [("KD", F), ("SR", _stage_rows(B, F, T, group_size if iw else 0))] + _int_template(iw),
+        + _rows_template(B, F, T, group_size, iw),
         output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
         output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split, "swiglu", iw),
     )
@@ -607,3 +618,165 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
         return False
     F = gate_up.shape[-1] // 2
     return _stage_rows(gate_up.shape[0], F, gate_up.dtype) > 0 and _fast(gate_up.dtype, arrays, F)
+
+
+# --------------------------------------------------------------- stages 4 and 5 in one launch
+#: Whether stages 4 and 5 run as one launch (:func:`ffn_quantized_matmul`; ``XLSTM_METAL_CHAIN_MERGE``:
+#: 0 off, the default; 1 on; 2 on, the proj_down blocks asking L2 for their first tile's weights
+#: while they wait for gate|up).
+CHAIN_MERGE = int(os.environ.get("XLSTM_METAL_CHAIN_MERGE", "0") or 0)
+
+# The merged kernel's blocks [0, NB1) run stage 4 (RMSNorm -> gate|up, writing gate|up to the
+# output ``gate_up``), the others stage 5 (SwiGLU -> proj_down), each with its own schedule (the
+# unmerged stages' ring depth, blocks, integer weights) and the same code as the unmerged kernel,
+# so the outputs are bit-equal. A stage-5 block requests its first weight chunks (and with PF2
+# its first tile towards L2), then waits until every stage-4 block has counted itself done in
+# ``xl_ffn_done``; the last stage-5 block past the wait puts both counters back to zero for the
+# next launch (MLX runs one stream: launches do not overlap). Only stage-5 blocks wait, and the
+# host launches the kernel only where fewer of them than the GPU holds at once exist
+# (:func:`_merge_plan`), so a stage-4 block always finds room and none can deadlock, whatever
+# order the GPU starts blocks in.
+_MERGE_HEADER = """
+__device__ unsigned int xl_ffn_done;  // stage-4 blocks done (zero at load; each launch leaves it so)
+__device__ unsigned int xl_ffn_pass;  // stage-5 blocks past the wait
+"""
+_MERGE_WAIT = """
+    if (threadIdx.x == 0) {
+      for (;;) {
+        unsigned int v;
+        asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(&xl_ffn_done) : "memory");
+        if (v >= static_cast<unsigned int>(NB1)) break;
+        __nanosleep(64);
+      }
+      __threadfence();
+      if (atomicAdd(&xl_ffn_pass, 1u) == static_cast<unsigned int>(xl_nblk - 1)) { xl_ffn_done = 0u; xl_ffn_pass = 0u; }
+    }
+    __syncthreads();
+"""
+_MERGE_BODY = """
+    __shared__ __align__(16) T xl_pool[POOL];  // the staged rows of either stage
+    __shared__ float xl_red[WARPS * MT * 4 * 32];
+    if (static_cast<int>(blockIdx.x) < NB1) {
+      const int xl_bid = blockIdx.x, xl_nblk = NB1;
+@P1@
+      __syncthreads();  // this block's gate|up values stored
+      if (threadIdx.x == 0) { __threadfence(); atomicAdd(&xl_ffn_done, 1u); }
+    } else {
+      const int xl_bid = static_cast<int>(blockIdx.x) - NB1, xl_nblk = static_cast<int>(gridDim.x) - NB1;
+@P2@
+    }
+"""
+
+
+def _merge_phase(text: str, rename: dict[str, str]) -> str:
+    """A stage's kernel body as one phase of the merged kernel: its staged rows and reduction in
+    the shared pools, its block index and count the phase's, identifiers renamed."""
+    for old, new in (("__shared__ __align__(16) T xs_s[SR * KD];", "T* xs_s = xl_pool;"),
+                     ("__shared__ float red[WARPS * MT * 4 * 32];", "float* red = xl_red;"),
+                     ("blockIdx.x", "xl_bid"), ("gridDim.x", "xl_nblk")):
+        assert old in text, old
+        text = text.replace(old, new)
+    for old, new in rename.items():
+        text = re.sub(rf"(?<![\w.]){old}\b", new, text)  # not members (u.w)
+    return "{\n" + text + "}\n"
+
+
+def _merged_source(eps: float, iw1: int, iw2: int) -> str:
+    p1 = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);")
+    prologue = _SWIGLU_PROLOGUE
+    for old, new in (("gp[c]", "__ldcg(gp + c)"), ("upp[c]", "__ldcg(upp + c)"),
+                     ("gate_up[base + k]", "__ldcg(gate_up + base + k)"),
+                     ("gate_up[base + K + k]", "__ldcg(gate_up + base + K + k)")):
+        assert old in prologue, old  # gate|up read past L1: other SMs wrote it in this launch
+        prologue = prologue.replace(old, new)
+    sizes = _SWIGLU_SIZES.replace("gate_up_shape[0]", "xr_shape[0]")
+    p2 = _source(sizes, _MERGE_WAIT + prologue, int_weights=bool(iw2))
+    p2 = _merge_phase(p2, {"KD": "KD2", "SR": "SR2", "DEPTH": "DEPTH2", "IW": "IW2", "PF": "PF2", "w": "w2",
+                           "scales": "scales2", "biases": "biases2", "w_shape": "w2_shape"})
+    return _MERGE_BODY.replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms() -> int:
+    """Streaming multiprocessors of the current CUDA device, from the driver (0 where it cannot
+    be asked: then the merged kernel is not launched)."""
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+        dev, sms = ctypes.c_int(), ctypes.c_int()
+        if cu.cuInit(0) or cu.cuDeviceGet(ctypes.byref(dev), mx.default_device().index):
+            return 0
+        return sms.value if cu.cuDeviceGetAttribute(ctypes.byref(sms), 16, dev) == 0 else 0  # MULTIPROCESSOR_COUNT
+    except (OSError, AttributeError):
+        return 0
+
+
+def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size: int, bits: int) -> dict | None:
+    """The merged kernel's schedule (each phase the unmerged stage's) and template values, or None
+    where it could deadlock or not fit: its static shared memory within 48 KiB, and fewer stage-5
+    blocks than the GPU holds at once (:data:`.quantized.RESIDENT` blocks per SM, bounded by the
+    kernel's registers, or 1, times the device's SMs, their shared memory allowing it)."""
+    iw1 = _int(bits, group_size, B, E, dtype, stage="norm")
+    iw2 = _int(bits, group_size, B, F, dtype, 1, "swiglu")
+    nb1 = _launch(2 * F, bits, stage="norm", iw=iw1)["grid"][0] // 256
+    nb2 = _launch(n_out, bits, 1, "swiglu", iw2)["grid"][0] // 256
+    sr1 = _stage_rows(B, E, dtype, group_size if iw1 else 0)
+    sr2 = _stage_rows(B, F, dtype, group_size if iw2 else 0)
+    pool = max(sr1 * E, sr2 * F)
+    smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
+            + (sr1 * (E // group_size) * 8 if iw1 else 0) + (sr2 * (F // group_size) * 8 if iw2 else 0))
+    resident = max(1, _quantized.RESIDENT.get(bits, 0))
+    if not (sr1 and sr2) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or nb2 >= resident * _device_sms():
+        return None
+    return dict(iw1=iw1, iw2=iw2, nb1=nb1, nb2=nb2, sr1=sr1, sr2=sr2, pool=pool)
+
+
+def ffn_merge_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
+    """Whether :func:`ffn_quantized_matmul` runs (:data:`CHAIN_MERGE` on) for residual stream x,
+    the FFN's norm, its fused gate|up group's arrays and proj_down's (:func:`quantized_arrays`):
+    both stages supported as they are unmerged, at the same bits and group size, proj_down's K
+    unsplit; on CUDA, :func:`_merge_plan` finding a schedule."""
+    if not CHAIN_MERGE or arrays is None or down is None or arrays[3:] != down[3:] or arrays[0].shape[0] % 2:
+        return False
+    F = arrays[0].shape[0] // 2
+    T = norm.weight.dtype if isinstance(norm.get("weight"), mx.array) else None
+    gate_up = SimpleNamespace(ndim=3, shape=(x.shape[0], 1, 2 * F), dtype=T)
+    if not (norm_chain_supported(x, None, norm, arrays) and swiglu_chain_supported(gate_up, down)):
+        return False
+    group_size, bits = arrays[3:]
+    if _split(down[0].shape[0], F, bits) > 1 or (bits == 16 and down[0].dtype != T):
+        return False
+    return not _kernels_on() or _merge_plan(x.shape[0], x.shape[-1], F, down[0].shape[0], T, group_size, bits) is not None
+
+
+def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
+    """Stages 4 and 5 in one launch: x [B, 1, E] (the residual stream) -> (silu(gate) * up) @
+    proj_down.T [B, 1, N] in T, gate|up = norm(x) @ W.T (``arrays``, ``down``: see
+    :func:`ffn_merge_supported`, which the caller checks); on CUDA the same values as
+    :func:`norm_quantized_matmul` then :func:`swiglu_quantized_matmul`, else their reference ops."""
+    w, scales, biases, group_size, bits = arrays
+    F = w.shape[0] // 2
+    if not _kernels_on():  # the two stages' reference ops
+        from ...cells.ffn import swiglu  # noqa: PLC0415  (cells import this package)
+
+        gate_up = _product(norm(x).astype(norm.weight.dtype), arrays)
+        return _product(swiglu(gate_up[..., :F], gate_up[..., F:]), down)
+    B, _, E = x.shape
+    T = norm.weight.dtype
+    N = down[0].shape[0]
+    plan = _merge_plan(B, E, F, N, T, group_size, bits)
+    iw1, iw2 = plan["iw1"], plan["iw2"]
+    pf2 = int(CHAIN_MERGE == 2 or _quantized.PREFETCH)
+    kernel = _kernel(("ffn", norm.eps, iw1, iw2), bits, ["xr", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"],
+                     ["y", "gate_up"], lambda: _merged_source(norm.eps, iw1, iw2), int_weights=iw1 or iw2,
+                     header=_MERGE_HEADER)
+    y, _ = kernel(
+        inputs=[x, norm.weight, w, scales, biases, *down[:3]],
+        template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
+        + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw1)
+        + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
+        + [("DEPTH2", _depth("swiglu", bits, iw2) or _quantized.DEPTH[bits]), ("PF2", pf2), ("NB1", plan["nb1"]),
+           ("POOL", plan["pool"])],
+        output_shapes=[(B, 1, N), (B, 1, 2 * F)], output_dtypes=[T, T],
+        grid=((plan["nb1"] + plan["nb2"]) * 256, 1, 1), threadgroup=(256, 1, 1),
+    )
+    return y
