@@ -198,6 +198,8 @@ def main() -> None:
                    {"merge": 1}),
                   ("fused decode kernels, chain, merged FFN, L2 prefetch", True, True, residual, skinny_default,
                    step_default, {"merge": 2}),
+                  ("fused decode kernels, chain, merged FFN, one grid", True, True, residual, skinny_default,
+                   step_default, {"merge": 3}),
                   ("fused decode kernels, chain, FFN unmerged", True, True, residual, skinny_default, step_default,
                    {"merge": 0})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,

@@ -717,18 +717,24 @@ def test_merge_plan_cannot_deadlock(monkeypatch):
     assert chain._merge_plan(1, E, F, E, T, 64, 8) is not None  # 3 x 128 leaves room
     monkeypatch.setattr(chain, "_device_sms", lambda: 0)  # the driver could not be asked
     assert chain._merge_plan(1, E, F, E, T, 64, 8) is None
+    monkeypatch.setattr(chain, "_device_sms", lambda: 132)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 3)  # one grid: every block waits, so all of them are held at once
+    assert chain._merge_plan(1, E, F, E, T, 64, 4)["nb1"] == 264 and chain._merge_plan(1, E, F, E, T, 64, 8)["nb1"] == 396
+    assert chain._merge_plan(1, 256, 128, 256, T, 64, 8)["nb1"] == 256 // 16  # no more blocks than tiles
 
 
 @cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("shape", ["7b", "small"])
-def test_cuda_merged_ffn_equals_the_stages(monkeypatch, bits, B, shape):
+@pytest.mark.parametrize("merge", [1, 3], ids=["own-blocks", "one-grid"])
+def test_cuda_merged_ffn_equals_the_stages(monkeypatch, merge, bits, B, shape):
     # The merged kernel against stage 4 then stage 5 (their own kernels): bit-equal, launch after
-    # launch (its counters back at zero each time), at the shipped schedules.
+    # launch (its counters back at zero each time), at the shipped schedules; with every block
+    # running both stages (3), the blocks walk other tiles than the stages' own: the same values.
     if bits == 16 and B > 1:
         pytest.skip("float products take the chain at one row")
-    monkeypatch.setattr(chain, "CHAIN_MERGE", 1)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", merge)
     rng = np.random.default_rng(bits + B)
     E, F = (4096, 10944) if shape == "7b" else (512, 640)
     norm = RMSNorm(E)

@@ -622,8 +622,10 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
 
 # --------------------------------------------------------------- stages 4 and 5 in one launch
 #: Whether stages 4 and 5 run as one launch (:func:`ffn_quantized_matmul`; ``XLSTM_METAL_CHAIN_MERGE``:
-#: 0 off, the default; 1 on; 2 on, the proj_down blocks asking L2 for their first tile's weights
-#: while they wait for gate|up).
+#: 0 off, the default; 1 on, each stage in blocks of its own; 2 the same, the proj_down blocks
+#: asking L2 for their first tile's weights while they wait for gate|up; 3 on, every block
+#: running both stages, as many blocks as the GPU holds at once walking each stage's tiles, a
+#: grid-wide barrier between them).
 CHAIN_MERGE = int(os.environ.get("XLSTM_METAL_CHAIN_MERGE", "0") or 0)
 
 # The merged kernel's blocks [0, NB1) run stage 4 (RMSNorm -> gate|up, writing gate|up to the
@@ -653,6 +655,23 @@ _MERGE_WAIT = """
     }
     __syncthreads();
 """
+# 3: every block runs stage 4's tiles, counts itself done, requests its first proj_down chunks,
+# waits for all blocks (a grid-wide barrier: the grid is at most what the GPU holds at once),
+# then runs stage 5's tiles.
+_MERGE_BODY_PERSISTENT = """
+    __shared__ __align__(16) T xl_pool[POOL];
+    __shared__ float xl_red[WARPS * MT * 4 * 32];
+    {
+      const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
+@P1@
+      __syncthreads();
+      if (threadIdx.x == 0) { __threadfence(); atomicAdd(&xl_ffn_done, 1u); }
+    }
+    {
+      const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
+@P2@
+    }
+"""
 _MERGE_BODY = """
     __shared__ __align__(16) T xl_pool[POOL];  // the staged rows of either stage
     __shared__ float xl_red[WARPS * MT * 4 * 32];
@@ -681,7 +700,7 @@ def _merge_phase(text: str, rename: dict[str, str]) -> str:
     return "{\n" + text + "}\n"
 
 
-def _merged_source(eps: float, iw1: int, iw2: int) -> str:
+def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False) -> str:
     p1 = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);")
     prologue = _SWIGLU_PROLOGUE
     for old, new in (("gp[c]", "__ldcg(gp + c)"), ("upp[c]", "__ldcg(upp + c)"),
@@ -693,7 +712,8 @@ def _merged_source(eps: float, iw1: int, iw2: int) -> str:
     p2 = _source(sizes, _MERGE_WAIT + prologue, int_weights=bool(iw2))
     p2 = _merge_phase(p2, {"KD": "KD2", "SR": "SR2", "DEPTH": "DEPTH2", "IW": "IW2", "PF": "PF2", "w": "w2",
                            "scales": "scales2", "biases": "biases2", "w_shape": "w2_shape"})
-    return _MERGE_BODY.replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
+    body = _MERGE_BODY_PERSISTENT if persistent else _MERGE_BODY
+    return body.replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -725,8 +745,11 @@ def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size:
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
             + (sr1 * (E // group_size) * 8 if iw1 else 0) + (sr2 * (F // group_size) * 8 if iw2 else 0))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
-    if not (sr1 and sr2) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or nb2 >= resident * _device_sms():
+    held = resident * _device_sms()  # blocks the GPU holds at once
+    if not (sr1 and sr2) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or nb2 >= held:
         return None
+    if CHAIN_MERGE == 3:  # every block both stages: all of them held at once, waiting for each other
+        nb1, nb2 = min(held, max(-(-2 * F // 16), -(-n_out // 16))), 0
     return dict(iw1=iw1, iw2=iw2, nb1=nb1, nb2=nb2, sr1=sr1, sr2=sr2, pool=pool)
 
 
@@ -766,9 +789,10 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     plan = _merge_plan(B, E, F, N, T, group_size, bits)
     iw1, iw2 = plan["iw1"], plan["iw2"]
     pf2 = int(CHAIN_MERGE == 2 or _quantized.PREFETCH)
-    kernel = _kernel(("ffn", norm.eps, iw1, iw2), bits, ["xr", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"],
-                     ["y", "gate_up"], lambda: _merged_source(norm.eps, iw1, iw2), int_weights=iw1 or iw2,
-                     header=_MERGE_HEADER)
+    persistent = CHAIN_MERGE == 3
+    kernel = _kernel(("ffn", norm.eps, iw1, iw2, persistent), bits,
+                     ["xr", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"], ["y", "gate_up"],
+                     lambda: _merged_source(norm.eps, iw1, iw2, persistent), int_weights=iw1 or iw2, header=_MERGE_HEADER)
     y, _ = kernel(
         inputs=[x, norm.weight, w, scales, biases, *down[:3]],
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
