@@ -143,7 +143,8 @@ def main() -> None:
     # shares of K of out_proj and proj_down by bits), "int" (quantized.INT_WEIGHTS: the chain's
     # quantized products with the weights as exact integers, by bits), "stage" (decode_chain.STAGE_SCHEDULE:
     # single stages' ring depth, blocks and integer weights, by bits), "merge" (decode_chain.CHAIN_MERGE:
-    # stages 4 and 5 in one launch; 2: with the proj_down blocks' first tile asked of L2))
+    # stages 4 and 5 in one launch; 2: with the proj_down blocks' first tile asked of L2; 3: in one
+    # grid; 4: stages 3, 4 and 5 in one grid))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -200,6 +201,8 @@ def main() -> None:
                    step_default, {"merge": 2}),
                   ("fused decode kernels, chain, merged FFN, one grid", True, True, residual, skinny_default,
                    step_default, {"merge": 3}),
+                  ("fused decode kernels, chain, stages 3-5 in one grid", True, True, residual, skinny_default,
+                   step_default, {"merge": 4}),
                   ("fused decode kernels, chain, FFN unmerged", True, True, residual, skinny_default, step_default,
                    {"merge": 0})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,

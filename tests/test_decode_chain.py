@@ -757,3 +757,85 @@ def test_cuda_merged_ffn_equals_the_stages(monkeypatch, merge, bits, B, shape):
         assert mx.array_equal(got, want), (i, _rel(got, want))
     ref = _reference(chain.ffn_quantized_matmul, x, norm, gate_up, down)
     assert _rel(got, ref) <= 2e-2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merged_tail_dispatch(on_cpu_too, monkeypatch, bits):
+    # XLSTM_METAL_CHAIN_MERGE=4: per block stage 1, the step, then stages 3-5 in one call; the
+    # same values as the unmerged stages (CPU: the same ops; CUDA: the same code in one launch).
+    model = _model(bits, float_gates=False)
+    unmerged = _decode(model, True)
+    calls = {"tail": 0}
+    fn = chain.tail_quantized_matmul
+
+    def counted(*args, **kwargs):
+        calls["tail"] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(chain, "tail_quantized_matmul", counted)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
+    for name in STAGES:
+        on_cpu_too[name] = 0
+    merged = _decode(model, True)
+    assert calls["tail"] == 2 * 4
+    assert on_cpu_too == {"norm_quantized_matmul": 2 * 4, "gate_norm_quantized_matmul": 0, "swiglu_quantized_matmul": 0}
+    _agree(merged, unmerged, 0)
+
+
+def test_tail_merge_applies_only_where_all_three_stages_do(monkeypatch):
+    rng = np.random.default_rng(2)
+    E, F, NH, DV = 256, 384, 2, 64
+    norm, mh = RMSNorm(E), MultiHeadLayerNorm(NH, DV)
+    norm.weight, mh.weight = mx.ones((E,), dtype=mx.bfloat16), mx.ones((NH * DV,), dtype=mx.bfloat16)
+    x = mx.zeros((1, 1, E), dtype=mx.float32)
+    h = mx.zeros((1, NH, 1, DV), dtype=mx.bfloat16)
+    o = mx.zeros((1, 1, 3 * NH * DV), dtype=mx.bfloat16)
+    out_a = _q(rng, E, NH * DV, mx.bfloat16, 4, 64)
+    gu, down = _q(rng, 2 * F, E, mx.bfloat16, 4, 64), _q(rng, E, F, mx.bfloat16, 4, 64)
+    args = (h, o, NH * DV, mh, x, out_a, norm, gu, down)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 3)
+    assert not chain.tail_merge_supported(*args)  # 3: stages 4 and 5 only
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
+    assert chain.tail_merge_supported(*args)
+    assert not chain.ffn_merge_supported(x, norm, gu, down)  # 4 merges the three stages, not two
+    assert not chain.tail_merge_supported(h, o, NH * DV, mh, x, _q(rng, E, NH * DV, mx.bfloat16, 8, 64), norm, gu, down)
+    assert not chain.tail_merge_supported(h, o, 2 * NH * DV + 1, mh, x, out_a, norm, gu, down)  # o~ past the end
+    monkeypatch.setattr(chain, "_device_sms", lambda: 132)
+    plan = chain._tail_plan(1, 4096, 4096, 10944, mx.bfloat16, 64, 8)
+    assert plan["blocks"] == 3 * 132 and plan["pool"] == 10944  # every block waits: at most what the GPU holds
+    assert chain._tail_plan(4, 4096, 4096, 10944, mx.bfloat16, 64, 4) is None  # 4 rows of SwiGLU do not fit
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("shape", ["7b", "small"])
+def test_cuda_merged_tail_equals_the_stages(monkeypatch, bits, B, shape):
+    # Stages 3-5 in one launch against the three stages' own kernels: bit-equal, launch after launch.
+    if bits == 16 and B > 1:
+        pytest.skip("float products take the chain at one row")
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
+    rng = np.random.default_rng(bits * B)
+    E, F, NH, DV = (4096, 10944, 8, 512) if shape == "7b" else (512, 640, 4, 96)
+    norm, mh = RMSNorm(E), MultiHeadLayerNorm(NH, DV)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(mx.bfloat16)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(mx.bfloat16)
+
+    def arrays(n, k):
+        if bits == 16:
+            w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(mx.bfloat16)
+            return (w, w, w, 32, 16)
+        return _q(rng, n, k, mx.bfloat16, bits, 64)
+
+    out_a, gu, down = arrays(E, NH * DV), arrays(2 * F, E), arrays(E, F)
+    for i in range(3):
+        x = mx.array(rng.standard_normal((B, 1, E)).astype(np.float32))
+        h = mx.array(rng.standard_normal((B, NH, 1, DV)).astype(np.float32)).astype(mx.bfloat16)
+        o = mx.array(rng.standard_normal((B, 1, 3 * NH * DV)).astype(np.float32)).astype(mx.bfloat16)
+        assert chain.tail_merge_supported(h, o, NH * DV, mh, x, out_a, norm, gu, down)
+        x1 = chain.gate_norm_quantized_matmul(h, o, NH * DV, mh, x, *out_a[:3], group_size=out_a[3], bits=bits)
+        _, _, g = chain.norm_quantized_matmul(x1, None, norm, *gu[:3], group_size=gu[3], bits=bits)
+        want = chain.swiglu_quantized_matmul(g, *down[:3], group_size=down[3], bits=bits)
+        got_x, got = chain.tail_quantized_matmul(h, o, NH * DV, mh, x, out_a, norm, gu, down)
+        assert got_x.dtype == x.dtype and mx.array_equal(got_x, x1), (i, _rel(got_x, x1))
+        assert got.shape == want.shape == (B, 1, E) and mx.array_equal(got, want), (i, _rel(got, want))

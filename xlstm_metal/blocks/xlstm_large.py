@@ -87,6 +87,13 @@ class mLSTMBlock(nn.Module):
                 y, columns, cell.num_heads, i_bias, f_bias, cell.gate_soft_cap, state, x=xn, w_if=w_if)
         out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
         ffn_arrays = self._chain_ffn_arrays(x)
+        if chain.CHAIN_MERGE == 4 and ffn_arrays is not None:  # stages 3, 4 and 5 in one launch where they can
+            down = chain.quantized_arrays(self.ffn.proj_down, x.shape[0])
+            if chain.tail_merge_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays, self.norm_ffn,
+                                          ffn_arrays, down):
+                x, y = chain.tail_quantized_matmul(h, o_src, o_offset, layer.multihead_norm, x, out_arrays,
+                                                   self.norm_ffn, ffn_arrays, down)
+                return x, y, state
         if chain.gate_chain_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays):
             w, scales, biases, group_size, bits = out_arrays
             x = chain.gate_norm_quantized_matmul(h, o_src, o_offset, layer.multihead_norm, x, w, scales, biases,

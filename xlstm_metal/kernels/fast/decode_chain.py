@@ -401,7 +401,7 @@ def _split(n_out: int, k: int, bits: int) -> int:
 
 
 def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: bool = False,
-                 store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);") -> str:
+                 store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);", wait: str = "") -> str:
     resid = ("static_cast<float>(static_cast<ST>(static_cast<float>(xr[(size_t)mm * K + k]) "
              "+ static_cast<float>(pend[(size_t)mm * K + k])))") if has_pending else "static_cast<float>(xr[(size_t)mm * K + k])"
     prologue = _NORM_PROLOGUE.replace("RESID", resid).replace("EPS", _eps(eps))
@@ -409,7 +409,7 @@ def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: boo
     prologue = prologue.replace("WRITE_XN", "xn_out[e] = v;" if write_xn else "")
     if not (has_pending or write_xn):
         prologue = prologue.replace("if (blockIdx.x == 0) {", "if (false) {")
-    return _source(_NORM_SIZES, prologue, store, int_weights=int_weights)
+    return _source(_NORM_SIZES, wait + prologue, store, int_weights=int_weights)
 
 
 _kernels: dict[tuple, object] = {}
@@ -625,7 +625,7 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
 #: 0 off, the default; 1 on, each stage in blocks of its own; 2 the same, the proj_down blocks
 #: asking L2 for their first tile's weights while they wait for gate|up; 3 on, every block
 #: running both stages, as many blocks as the GPU holds at once walking each stage's tiles, a
-#: grid-wide barrier between them).
+#: grid-wide barrier between them; 4: stages 3, 4 and 5 so, in one grid (:func:`tail_quantized_matmul`)).
 CHAIN_MERGE = int(os.environ.get("XLSTM_METAL_CHAIN_MERGE", "0") or 0)
 
 # The merged kernel's blocks [0, NB1) run stage 4 (RMSNorm -> gate|up, writing gate|up to the
@@ -642,18 +642,31 @@ _MERGE_HEADER = """
 __device__ unsigned int xl_ffn_done;  // stage-4 blocks done (zero at load; each launch leaves it so)
 __device__ unsigned int xl_ffn_pass;  // stage-5 blocks past the wait
 """
-_MERGE_WAIT = """
+
+
+def _wait(target: str, last: bool = True) -> str:
+    """A block's wait (thread 0 polling, the others at the barrier) until ``xl_ffn_done`` reaches
+    ``target``; after the launch's last wait, the last block past it zeroes both counters."""
+    reset = ("      if (atomicAdd(&xl_ffn_pass, 1u) == static_cast<unsigned int>(xl_nblk - 1)) "
+             "{ xl_ffn_done = 0u; xl_ffn_pass = 0u; }\n") if last else ""
+    return ("""
     if (threadIdx.x == 0) {
       for (;;) {
         unsigned int v;
         asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(&xl_ffn_done) : "memory");
-        if (v >= static_cast<unsigned int>(NB1)) break;
+        if (v >= static_cast<unsigned int>(TARGET)) break;
         __nanosleep(64);
       }
       __threadfence();
-      if (atomicAdd(&xl_ffn_pass, 1u) == static_cast<unsigned int>(xl_nblk - 1)) { xl_ffn_done = 0u; xl_ffn_pass = 0u; }
-    }
+""".replace("TARGET", target) + reset + """    }
     __syncthreads();
+""")
+
+
+_MERGE_WAIT = _wait("NB1")
+_DONE = """
+      __syncthreads();  // this block's outputs stored
+      if (threadIdx.x == 0) { __threadfence(); atomicAdd(&xl_ffn_done, 1u); }
 """
 # 3: every block runs stage 4's tiles, counts itself done, requests its first proj_down chunks,
 # waits for all blocks (a grid-wide barrier: the grid is at most what the GPU holds at once),
@@ -700,18 +713,23 @@ def _merge_phase(text: str, rename: dict[str, str]) -> str:
     return "{\n" + text + "}\n"
 
 
-def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False) -> str:
-    p1 = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);")
+def _swiglu_phase(iw2: int, wait: str, rows: str) -> str:
+    """Stage 5 as the merged kernels' last phase: ``wait`` first, gate|up read past L1, M from ``rows``."""
     prologue = _SWIGLU_PROLOGUE
     for old, new in (("gp[c]", "__ldcg(gp + c)"), ("upp[c]", "__ldcg(upp + c)"),
                      ("gate_up[base + k]", "__ldcg(gate_up + base + k)"),
                      ("gate_up[base + K + k]", "__ldcg(gate_up + base + K + k)")):
         assert old in prologue, old  # gate|up read past L1: other SMs wrote it in this launch
         prologue = prologue.replace(old, new)
-    sizes = _SWIGLU_SIZES.replace("gate_up_shape[0]", "xr_shape[0]")
-    p2 = _source(sizes, _MERGE_WAIT + prologue, int_weights=bool(iw2))
-    p2 = _merge_phase(p2, {"KD": "KD2", "SR": "SR2", "DEPTH": "DEPTH2", "IW": "IW2", "PF": "PF2", "w": "w2",
-                           "scales": "scales2", "biases": "biases2", "w_shape": "w2_shape"})
+    sizes = _SWIGLU_SIZES.replace("gate_up_shape[0]", rows)
+    p2 = _source(sizes, wait + prologue, int_weights=bool(iw2))
+    return _merge_phase(p2, {"KD": "KD2", "SR": "SR2", "DEPTH": "DEPTH2", "IW": "IW2", "PF": "PF2", "w": "w2",
+                             "scales": "scales2", "biases": "biases2", "w_shape": "w2_shape"})
+
+
+def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False) -> str:
+    p1 = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);")
+    p2 = _swiglu_phase(iw2, _MERGE_WAIT, "xr_shape[0]")
     body = _MERGE_BODY_PERSISTENT if persistent else _MERGE_BODY
     return body.replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
 
@@ -758,7 +776,7 @@ def ffn_merge_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
     the FFN's norm, its fused gate|up group's arrays and proj_down's (:func:`quantized_arrays`):
     both stages supported as they are unmerged, at the same bits and group size, proj_down's K
     unsplit; on CUDA, :func:`_merge_plan` finding a schedule."""
-    if not CHAIN_MERGE or arrays is None or down is None or arrays[3:] != down[3:] or arrays[0].shape[0] % 2:
+    if CHAIN_MERGE not in (1, 2, 3) or arrays is None or down is None or arrays[3:] != down[3:] or arrays[0].shape[0] % 2:
         return False
     F = arrays[0].shape[0] // 2
     T = norm.weight.dtype if isinstance(norm.get("weight"), mx.array) else None
@@ -804,3 +822,120 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
         grid=((plan["nb1"] + plan["nb2"]) * 256, 1, 1), threadgroup=(256, 1, 1),
     )
     return y
+
+
+# ----------------------------------------------------------- stages 3, 4 and 5 in one launch
+# Every block runs stage 3 (head norm * sigmoid(o~) -> out_proj, the residual add: the new
+# residual stream ``out``), counts itself done, then stage 4 (requesting its first gate|up chunks,
+# waiting for every block, RMSNorm of ``out`` -> gate|up), counts itself done again, then stage 5
+# (waiting for twice the blocks): a grid of at most what the GPU holds at once, two grid-wide
+# barriers on one counter, each stage's tiles walked by all blocks.
+_TAIL_BODY = """
+    __shared__ __align__(16) T xl_pool[POOL];
+    __shared__ float xl_red[WARPS * MT * 4 * 32];
+    const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
+@PA@
+@DONE@
+@PB@
+@DONE@
+@PC@
+"""
+
+
+def _tail_source(mh_eps: float, eps: float, iw3: int, iw1: int, iw2: int) -> str:
+    pa = _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(mh_eps)), _RESIDUAL_STORE, int_weights=bool(iw3))
+    pa = _merge_phase(pa, {"KD": "KD3", "SR": "SR3", "DEPTH": "DEPTH3", "IW": "IW3", "w": "w3", "scales": "scales3",
+                           "biases": "biases3", "w_shape": "w3_shape", "nw": "nw3"})
+    pb = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);",
+                      wait=_wait("xl_nblk", last=False))
+    for old, new in (("xr[(size_t)mm * K + k]", "__ldcg(out + (size_t)mm * K + k)"), ("xr_shape[0]", "h_shape[0]")):
+        assert old in pb, old  # the residual stream stage 3 wrote in this launch, read past L1
+        pb = pb.replace(old, new)
+    pc = _swiglu_phase(iw2, _wait("2 * xl_nblk"), "h_shape[0]")
+    return (_TAIL_BODY.replace("@PA@\n", pa).replace("@PB@\n", _merge_phase(pb, {}))
+            .replace("@PC@\n", pc).replace("@DONE@\n", _DONE))
+
+
+def _tail_plan(B: int, E: int, KO: int, F: int, dtype: mx.Dtype, group_size: int, bits: int) -> dict | None:
+    """:func:`tail_quantized_matmul`'s schedule, or None where it could deadlock or not fit: its
+    grid at most what the GPU holds at once (every block waits at the barriers), its static shared
+    memory within 48 KiB."""
+    iw3 = _int(bits, group_size, B, KO, dtype, 1, "gate")
+    iw1 = _int(bits, group_size, B, E, dtype, stage="norm")
+    iw2 = _int(bits, group_size, B, F, dtype, 1, "swiglu")
+    srs = [_stage_rows(B, k, dtype, group_size if iw else 0) for k, iw in ((KO, iw3), (E, iw1), (F, iw2))]
+    pool = max(sr * k for sr, k in zip(srs, (KO, E, F)))
+    smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
+            + sum(sr * (k // group_size) * 8 for sr, k, iw in zip(srs, (KO, E, F), (iw3, iw1, iw2)) if iw))
+    resident = max(1, _quantized.RESIDENT.get(bits, 0))
+    held = resident * _device_sms()
+    if not all(srs) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or not held:
+        return None
+    blocks = min(held, max(-(-E // 16), -(-2 * F // 16)))
+    return dict(iw3=iw3, iw1=iw1, iw2=iw2, sr3=srs[0], sr1=srs[1], sr2=srs[2], pool=pool, blocks=blocks)
+
+
+def tail_merge_supported(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: nn.Module, x: mx.array, out_arrays,
+                         norm: nn.Module, arrays, down) -> bool:
+    """Whether :func:`tail_quantized_matmul` runs (:data:`CHAIN_MERGE` 4): stage 3 as
+    :func:`gate_chain_supported` takes it and stages 4 and 5 as :func:`ffn_merge_supported` does,
+    all three products at the same bits and group size, K unsplit; on CUDA, :func:`_tail_plan`
+    finding a schedule."""
+    if CHAIN_MERGE != 4 or out_arrays is None or arrays is None or down is None:
+        return False
+    if not (out_arrays[3:] == arrays[3:] == down[3:]) or arrays[0].shape[0] % 2:
+        return False
+    F = arrays[0].shape[0] // 2
+    T = norm.weight.dtype if isinstance(norm.get("weight"), mx.array) else None
+    gate_up = SimpleNamespace(ndim=3, shape=(x.shape[0], 1, 2 * F), dtype=T)
+    if not (gate_chain_supported(h, o_src, o_offset, mh_norm, x, out_arrays) and h.dtype == T
+            and norm_chain_supported(x, None, norm, arrays) and swiglu_chain_supported(gate_up, down)):
+        return False
+    group_size, bits = arrays[3:]
+    KO = h.shape[1] * h.shape[3]
+    if _split(out_arrays[0].shape[0], KO, bits) > 1 or _split(down[0].shape[0], F, bits) > 1:
+        return False
+    if bits == 16 and not (out_arrays[0].dtype == down[0].dtype == T):
+        return False
+    return not _kernels_on() or _tail_plan(x.shape[0], x.shape[-1], KO, F, T, group_size, bits) is not None
+
+
+def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: MultiHeadLayerNorm, x: mx.array,
+                          out_arrays, norm: RMSNorm, arrays, down) -> tuple[mx.array, mx.array]:
+    """Stages 3, 4 and 5 in one launch -> (x' = x + out_proj(sigmoid(o~) * mh_norm(h)), the FFN's
+    output on x'): on CUDA the values of :func:`gate_norm_quantized_matmul` then
+    :func:`ffn_quantized_matmul` (the caller checks :func:`tail_merge_supported`), else their
+    reference ops."""
+    w, scales, biases, group_size, bits = arrays
+    F = w.shape[0] // 2
+    B, NH, _, DV = h.shape
+    if not _kernels_on():  # the stages' reference ops
+        from ...cells.ffn import swiglu  # noqa: PLC0415  (cells import this package)
+
+        o_preact = o_src[..., o_offset: o_offset + NH * DV]
+        x = x + _product(output_norm_gate(h, o_preact, mh_norm), out_arrays)
+        gate_up = _product(norm(x).astype(norm.weight.dtype), arrays)
+        return x, _product(swiglu(gate_up[..., :F], gate_up[..., F:]), down)
+    E = x.shape[-1]
+    T = norm.weight.dtype
+    N = down[0].shape[0]
+    plan = _tail_plan(B, E, NH * DV, F, T, group_size, bits)
+    iw3, iw1, iw2 = plan["iw3"], plan["iw1"], plan["iw2"]
+    kernel = _kernel(("tail", mh_norm.eps, norm.eps, iw3, iw1, iw2), bits,
+                     ["h", "o", "nw3", "xr", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2",
+                      "biases2"], ["out", "y", "gate_up"],
+                     lambda: _tail_source(mh_norm.eps, norm.eps, iw3, iw1, iw2), int_weights=iw3 or iw1 or iw2,
+                     header=_MERGE_HEADER)
+    x_new, y, _ = kernel(
+        inputs=[h, o_src, mh_norm.weight, x, *out_arrays[:3], norm.weight, w, scales, biases, *down[:3]],
+        template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
+        + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw1)
+        + [("NH", NH), ("DV", DV), ("OOFF", o_offset), ("KD3", NH * DV), ("SR3", plan["sr3"])]
+        + ([("IW3", iw3)] if iw3 else []) + [("DEPTH3", _depth("gate", bits, iw3) or _quantized.DEPTH[bits])]
+        + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
+        + [("DEPTH2", _depth("swiglu", bits, iw2) or _quantized.DEPTH[bits]), ("PF2", int(_quantized.PREFETCH)),
+           ("POOL", plan["pool"])],
+        output_shapes=[(B, 1, E), (B, 1, N), (B, 1, 2 * F)], output_dtypes=[x.dtype, T, T],
+        grid=(plan["blocks"] * 256, 1, 1), threadgroup=(256, 1, 1),
+    )
+    return x_new, y
