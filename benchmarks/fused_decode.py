@@ -133,7 +133,7 @@ def main() -> None:
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
     ring_depth, resident, split_k = dict(quantized.DEPTH), dict(quantized.RESIDENT), dict(decode_chain.SPLIT_K)
     int_weights = dict(quantized.INT_WEIGHTS)
-    chain_merge = decode_chain.CHAIN_MERGE
+    chain_merge, chain_paired = decode_chain.CHAIN_MERGE, decode_chain.CHAIN_PAIRED
     stage_schedule = {k: dict(v) for k, v in decode_chain.STAGE_SCHEDULE.items()}
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
@@ -144,7 +144,8 @@ def main() -> None:
     # quantized products with the weights as exact integers, by bits), "stage" (decode_chain.STAGE_SCHEDULE:
     # single stages' ring depth, blocks and integer weights, by bits), "merge" (decode_chain.CHAIN_MERGE:
     # stages 4 and 5 in one launch; 2: with the proj_down blocks' first tile asked of L2; 3: in one
-    # grid; 4: stages 3, 4 and 5 in one grid))
+    # grid; 4: stages 3, 4 and 5 in one grid), "paired" (decode_chain.CHAIN_PAIRED: SwiGLU in the merged
+    # kernels' gate|up epilogue))
     v2_tx = decode._V2_TX
 
     def step_setting(text: str):
@@ -203,6 +204,12 @@ def main() -> None:
                    step_default, {"merge": 3}),
                   ("fused decode kernels, chain, stages 3-5 in one grid", True, True, residual, skinny_default,
                    step_default, {"merge": 4}),
+                  ("fused decode kernels, chain, merged FFN, paired", True, True, residual, skinny_default,
+                   step_default, {"merge": 1, "paired": 1}),
+                  ("fused decode kernels, chain, merged FFN, one grid, paired", True, True, residual, skinny_default,
+                   step_default, {"merge": 3, "paired": 1}),
+                  ("fused decode kernels, chain, stages 3-5 in one grid, paired", True, True, residual,
+                   skinny_default, step_default, {"merge": 4, "paired": 1}),
                   ("fused decode kernels, chain, FFN unmerged", True, True, residual, skinny_default, step_default,
                    {"merge": 0})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
@@ -259,6 +266,7 @@ def main() -> None:
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
                 decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
                 decode_chain.CHAIN_MERGE = options.get("merge", chain_merge)
+                decode_chain.CHAIN_PAIRED = options.get("paired", chain_paired)
                 quantized.DEPTH.update(options.get("depth", ring_depth))
                 quantized.RESIDENT.update(options.get("resident", resident))
                 decode_chain.SPLIT_K.update(options.get("split", split_k))
@@ -284,7 +292,7 @@ def main() -> None:
         decode.set_fused_decode(True)
         decode_chain.set_decode_chain(True)
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
-        decode_chain.CHAIN_MERGE = chain_merge
+        decode_chain.CHAIN_MERGE, decode_chain.CHAIN_PAIRED = chain_merge, chain_paired
         quantized.DEPTH.update(ring_depth)
         quantized.RESIDENT.update(resident)
         quantized.INT_WEIGHTS.update(int_weights)

@@ -728,13 +728,15 @@ def test_merge_plan_cannot_deadlock(monkeypatch):
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("shape", ["7b", "small"])
 @pytest.mark.parametrize("merge", [1, 3], ids=["own-blocks", "one-grid"])
-def test_cuda_merged_ffn_equals_the_stages(monkeypatch, merge, bits, B, shape):
+@pytest.mark.parametrize("paired", [0, 1], ids=["staged", "paired"])
+def test_cuda_merged_ffn_equals_the_stages(monkeypatch, paired, merge, bits, B, shape):
     # The merged kernel against stage 4 then stage 5 (their own kernels): bit-equal, launch after
     # launch (its counters back at zero each time), at the shipped schedules; with every block
     # running both stages (3), the blocks walk other tiles than the stages' own: the same values.
     if bits == 16 and B > 1:
         pytest.skip("float products take the chain at one row")
     monkeypatch.setattr(chain, "CHAIN_MERGE", merge)
+    monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)  # SwiGLU in the gate|up epilogue: the same roundings
     rng = np.random.default_rng(bits + B)
     E, F = (4096, 10944) if shape == "7b" else (512, 640)
     norm = RMSNorm(E)
@@ -810,11 +812,13 @@ def test_tail_merge_applies_only_where_all_three_stages_do(monkeypatch):
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("shape", ["7b", "small"])
-def test_cuda_merged_tail_equals_the_stages(monkeypatch, bits, B, shape):
+@pytest.mark.parametrize("paired", [0, 1], ids=["staged", "paired"])
+def test_cuda_merged_tail_equals_the_stages(monkeypatch, paired, bits, B, shape):
     # Stages 3-5 in one launch against the three stages' own kernels: bit-equal, launch after launch.
     if bits == 16 and B > 1:
         pytest.skip("float products take the chain at one row")
     monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
+    monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)
     rng = np.random.default_rng(bits * B)
     E, F, NH, DV = (4096, 10944, 8, 512) if shape == "7b" else (512, 640, 4, 96)
     norm, mh = RMSNorm(E), MultiHeadLayerNorm(NH, DV)

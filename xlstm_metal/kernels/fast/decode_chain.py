@@ -703,14 +703,97 @@ _MERGE_BODY = """
 def _merge_phase(text: str, rename: dict[str, str]) -> str:
     """A stage's kernel body as one phase of the merged kernel: its staged rows and reduction in
     the shared pools, its block index and count the phase's, identifiers renamed."""
-    for old, new in (("__shared__ __align__(16) T xs_s[SR * KD];", "T* xs_s = xl_pool;"),
-                     ("__shared__ float red[WARPS * MT * 4 * 32];", "float* red = xl_red;"),
+    text = text.replace("__shared__ __align__(16) T xs_s[SR * KD];", "T* xs_s = xl_pool;")  # (none: no rows staged)
+    for old, new in (("__shared__ float red[WARPS * MT * 4 * 32];", "float* red = xl_red;"),
                      ("blockIdx.x", "xl_bid"), ("gridDim.x", "xl_nblk")):
         assert old in text, old
         text = text.replace(old, new)
     for old, new in rename.items():
         text = re.sub(rf"(?<![\w.]){old}\b", new, text)  # not members (u.w)
     return "{\n" + text + "}\n"
+
+
+#: Whether the merged kernels' gate|up phase pairs its tiles (``XLSTM_METAL_CHAIN_PAIRED``, 0 off):
+#: each 16-row tile holds 8 gate rows and the same 8 up rows (the fused weight read as it is
+#: stored, rows j..j+7 and F+j..F+j+7), so its epilogue computes SwiGLU itself (the same float32
+#: sums, rounded where stage 5's prologue rounds) and writes silu(gate) * up [B, F]; the
+#: proj_down phase then reads its x from there like the plain product (no prologue, nothing
+#: staged). Not where proj_down takes integer weights (their x is staged with its group sums).
+CHAIN_PAIRED = int(os.environ.get("XLSTM_METAL_CHAIN_PAIRED", "0") or 0)
+
+_PAIRED = (
+    ("const int ntiles = (N + 15) / 16;", "const int ntiles = (N / 2 + 7) / 8;"),
+    ("const int row0 = (tl / SPLIT) * 16 + g, row1 = row0 + 8;", "const int row0 = (tl / SPLIT) * 8 + g, row1 = row0 + N / 2;"),
+    ("const bool ok0 = tl < nwork && row0 < N, ok1 = tl < nwork && row1 < N;",
+     "const bool ok0 = tl < nwork && row0 < N / 2, ok1 = ok0;"),
+    ("const int row0 = (tile / SPLIT) * 16 + g, row1 = row0 + 8;", "const int row0 = (tile / SPLIT) * 8 + g, row1 = row0 + N / 2;"),
+    ("if (kc < K && row0 < N) l2_prefetch", "if (kc < K && row0 < N / 2) l2_prefetch"),
+    ("if (kc < K && row1 < N) l2_prefetch", "if (kc < K && row0 < N / 2) l2_prefetch"),
+)
+# The epilogue of a paired tile: thread e sums gate (acc c) and up (acc c + 2) of the same
+# feature and row over the warps, in the unpaired order, and rounds as stage 5's prologue does.
+_PAIRED_STORE = """
+      for (int e = threadIdx.x; e < MT * 2 * 32; e += WARPS * 32) {
+        const int l = e & 31, c = (e >> 5) & 1, t = e >> 6;
+        const int eg = (t * 4 + c) * 32 + l;
+        float sg = 0.0f, su = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < WARPS; ++v) { sg += red[v * MT * 4 * 32 + eg]; su += red[v * MT * 4 * 32 + eg + 64]; }
+        const int j = cur * 8 + (l >> 2), m = t * 8 + 2 * (l & 3) + c;
+        if (j < N / 2 && m < M) {
+          const float gf = static_cast<float>(static_cast<T>(sg));
+          const float sgm = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gf))));
+          const float si = static_cast<float>(static_cast<T>(gf * sgm));
+          hs[(size_t)m * (N / 2) + j] = static_cast<T>(si * static_cast<float>(static_cast<T>(su)));
+        }
+      }
+"""
+_UNPAIRED_STORE = """
+      for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
+        float sum = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
+        const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
+        const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
+        const int m = t * 8 + 2 * (l & 3) + (c & 1);
+        if (n < N && m < M) gate_up[(size_t)m * N + n] = static_cast<T>(sum);
+      }
+"""
+
+
+def _paired(text: str) -> str:
+    """A gate|up phase (its store ``gate_up[...]``) with paired tiles writing silu(gate) * up to ``hs``."""
+    for old, new in _PAIRED + ((_UNPAIRED_STORE, _PAIRED_STORE),):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+# The proj_down phase after a paired gate|up phase: x is silu(gate) * up in ``hs``, read as the
+# plain product reads its x (past L1: other blocks wrote it in this launch).
+_HS_SIZES = """
+    const int M = ROWS;
+    constexpr int K = KD;
+    constexpr bool XPRE = false;
+"""
+_HS_LOAD_X = """
+        const uint4* xp = reinterpret_cast<const uint4*>(hs + (size_t)m * K + kc);
+        #pragma unroll
+        for (int i = 0; i < VALS / 8; ++i) {
+          const uint4 u = __ldcg(xp + i);
+          xv[4 * i] = u.x; xv[4 * i + 1] = u.y; xv[4 * i + 2] = u.z; xv[4 * i + 3] = u.w;
+        }
+"""
+
+
+def _down_phase(iw2: int, wait: str, rows: str, paired: bool) -> str:
+    """Stage 5 as a merged kernel's last phase: after a paired gate|up phase the plain product on
+    ``hs`` (``wait`` its prologue), else :func:`_swiglu_phase`."""
+    if not paired:
+        return _swiglu_phase(iw2, wait, rows)
+    p2 = decode_source(sizes=_HS_SIZES.replace("ROWS", rows), prologue=wait, load_x=_HS_LOAD_X)
+    return _merge_phase(p2, {"KD": "KD2", "DEPTH": "DEPTH2", "PF": "PF2", "w": "w2", "scales": "scales2",
+                             "biases": "biases2", "w_shape": "w2_shape"})
 
 
 def _swiglu_phase(iw2: int, wait: str, rows: str) -> str:
@@ -727,9 +810,10 @@ def _swiglu_phase(iw2: int, wait: str, rows: str) -> str:
                              "scales": "scales2", "biases": "biases2", "w_shape": "w2_shape"})
 
 
-def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False) -> str:
+def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False, paired: bool = False) -> str:
     p1 = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);")
-    p2 = _swiglu_phase(iw2, _MERGE_WAIT, "xr_shape[0]")
+    p1 = _paired(p1) if paired else p1
+    p2 = _down_phase(iw2, _MERGE_WAIT, "xr_shape[0]", paired)
     body = _MERGE_BODY_PERSISTENT if persistent else _MERGE_BODY
     return body.replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
 
@@ -759,7 +843,8 @@ def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size:
     nb2 = _launch(n_out, bits, 1, "swiglu", iw2)["grid"][0] // 256
     sr1 = _stage_rows(B, E, dtype, group_size if iw1 else 0)
     sr2 = _stage_rows(B, F, dtype, group_size if iw2 else 0)
-    pool = max(sr1 * E, sr2 * F)
+    paired = bool(CHAIN_PAIRED) and not iw2
+    pool = max(sr1 * E, 0 if paired else sr2 * F)
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
             + (sr1 * (E // group_size) * 8 if iw1 else 0) + (sr2 * (F // group_size) * 8 if iw2 else 0))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
@@ -768,7 +853,7 @@ def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size:
         return None
     if CHAIN_MERGE == 3:  # every block both stages: all of them held at once, waiting for each other
         nb1, nb2 = min(held, max(-(-2 * F // 16), -(-n_out // 16))), 0
-    return dict(iw1=iw1, iw2=iw2, nb1=nb1, nb2=nb2, sr1=sr1, sr2=sr2, pool=pool)
+    return dict(iw1=iw1, iw2=iw2, nb1=nb1, nb2=nb2, sr1=sr1, sr2=sr2, pool=pool, paired=paired)
 
 
 def ffn_merge_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
@@ -807,10 +892,11 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     plan = _merge_plan(B, E, F, N, T, group_size, bits)
     iw1, iw2 = plan["iw1"], plan["iw2"]
     pf2 = int(CHAIN_MERGE == 2 or _quantized.PREFETCH)
-    persistent = CHAIN_MERGE == 3
-    kernel = _kernel(("ffn", norm.eps, iw1, iw2, persistent), bits,
-                     ["xr", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"], ["y", "gate_up"],
-                     lambda: _merged_source(norm.eps, iw1, iw2, persistent), int_weights=iw1 or iw2, header=_MERGE_HEADER)
+    persistent, paired = CHAIN_MERGE == 3, plan["paired"]
+    kernel = _kernel(("ffn", norm.eps, iw1, iw2, persistent, paired), bits,
+                     ["xr", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"], ["y", "hs" if paired else "gate_up"],
+                     lambda: _merged_source(norm.eps, iw1, iw2, persistent, paired), int_weights=iw1 or iw2,
+                     header=_MERGE_HEADER)
     y, _ = kernel(
         inputs=[x, norm.weight, w, scales, biases, *down[:3]],
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
@@ -818,7 +904,7 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
         + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
         + [("DEPTH2", _depth("swiglu", bits, iw2) or _quantized.DEPTH[bits]), ("PF2", pf2), ("NB1", plan["nb1"]),
            ("POOL", plan["pool"])],
-        output_shapes=[(B, 1, N), (B, 1, 2 * F)], output_dtypes=[T, T],
+        output_shapes=[(B, 1, N), (B, 1, F if paired else 2 * F)], output_dtypes=[T, T],
         grid=((plan["nb1"] + plan["nb2"]) * 256, 1, 1), threadgroup=(256, 1, 1),
     )
     return y
@@ -842,7 +928,7 @@ _TAIL_BODY = """
 """
 
 
-def _tail_source(mh_eps: float, eps: float, iw3: int, iw1: int, iw2: int) -> str:
+def _tail_source(mh_eps: float, eps: float, iw3: int, iw1: int, iw2: int, paired: bool = False) -> str:
     pa = _source(_GATE_SIZES, _GATE_PROLOGUE.replace("EPS", _eps(mh_eps)), _RESIDUAL_STORE, int_weights=bool(iw3))
     pa = _merge_phase(pa, {"KD": "KD3", "SR": "SR3", "DEPTH": "DEPTH3", "IW": "IW3", "w": "w3", "scales": "scales3",
                            "biases": "biases3", "w_shape": "w3_shape", "nw": "nw3"})
@@ -851,7 +937,8 @@ def _tail_source(mh_eps: float, eps: float, iw3: int, iw1: int, iw2: int) -> str
     for old, new in (("xr[(size_t)mm * K + k]", "__ldcg(out + (size_t)mm * K + k)"), ("xr_shape[0]", "h_shape[0]")):
         assert old in pb, old  # the residual stream stage 3 wrote in this launch, read past L1
         pb = pb.replace(old, new)
-    pc = _swiglu_phase(iw2, _wait("2 * xl_nblk"), "h_shape[0]")
+    pb = _paired(pb) if paired else pb
+    pc = _down_phase(iw2, _wait("2 * xl_nblk"), "h_shape[0]", paired)
     return (_TAIL_BODY.replace("@PA@\n", pa).replace("@PB@\n", _merge_phase(pb, {}))
             .replace("@PC@\n", pc).replace("@DONE@\n", _DONE))
 
@@ -864,7 +951,8 @@ def _tail_plan(B: int, E: int, KO: int, F: int, dtype: mx.Dtype, group_size: int
     iw1 = _int(bits, group_size, B, E, dtype, stage="norm")
     iw2 = _int(bits, group_size, B, F, dtype, 1, "swiglu")
     srs = [_stage_rows(B, k, dtype, group_size if iw else 0) for k, iw in ((KO, iw3), (E, iw1), (F, iw2))]
-    pool = max(sr * k for sr, k in zip(srs, (KO, E, F)))
+    paired = bool(CHAIN_PAIRED) and not iw2
+    pool = max(sr * k for sr, k in zip(srs[:2] if paired else srs, (KO, E, F)))
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
             + sum(sr * (k // group_size) * 8 for sr, k, iw in zip(srs, (KO, E, F), (iw3, iw1, iw2)) if iw))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
@@ -872,7 +960,7 @@ def _tail_plan(B: int, E: int, KO: int, F: int, dtype: mx.Dtype, group_size: int
     if not all(srs) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or not held:
         return None
     blocks = min(held, max(-(-E // 16), -(-2 * F // 16)))
-    return dict(iw3=iw3, iw1=iw1, iw2=iw2, sr3=srs[0], sr1=srs[1], sr2=srs[2], pool=pool, blocks=blocks)
+    return dict(iw3=iw3, iw1=iw1, iw2=iw2, sr3=srs[0], sr1=srs[1], sr2=srs[2], pool=pool, blocks=blocks, paired=paired)
 
 
 def tail_merge_supported(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: nn.Module, x: mx.array, out_arrays,
@@ -920,11 +1008,11 @@ def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: 
     T = norm.weight.dtype
     N = down[0].shape[0]
     plan = _tail_plan(B, E, NH * DV, F, T, group_size, bits)
-    iw3, iw1, iw2 = plan["iw3"], plan["iw1"], plan["iw2"]
-    kernel = _kernel(("tail", mh_norm.eps, norm.eps, iw3, iw1, iw2), bits,
+    iw3, iw1, iw2, paired = plan["iw3"], plan["iw1"], plan["iw2"], plan["paired"]
+    kernel = _kernel(("tail", mh_norm.eps, norm.eps, iw3, iw1, iw2, paired), bits,
                      ["h", "o", "nw3", "xr", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2",
-                      "biases2"], ["out", "y", "gate_up"],
-                     lambda: _tail_source(mh_norm.eps, norm.eps, iw3, iw1, iw2), int_weights=iw3 or iw1 or iw2,
+                      "biases2"], ["out", "y", "hs" if paired else "gate_up"],
+                     lambda: _tail_source(mh_norm.eps, norm.eps, iw3, iw1, iw2, paired), int_weights=iw3 or iw1 or iw2,
                      header=_MERGE_HEADER)
     x_new, y, _ = kernel(
         inputs=[h, o_src, mh_norm.weight, x, *out_arrays[:3], norm.weight, w, scales, biases, *down[:3]],
@@ -935,7 +1023,7 @@ def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: 
         + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
         + [("DEPTH2", _depth("swiglu", bits, iw2) or _quantized.DEPTH[bits]), ("PF2", int(_quantized.PREFETCH)),
            ("POOL", plan["pool"])],
-        output_shapes=[(B, 1, E), (B, 1, N), (B, 1, 2 * F)], output_dtypes=[x.dtype, T, T],
+        output_shapes=[(B, 1, E), (B, 1, N), (B, 1, F if paired else 2 * F)], output_dtypes=[x.dtype, T, T],
         grid=(plan["blocks"] * 256, 1, 1), threadgroup=(256, 1, 1),
     )
     return x_new, y
