@@ -843,3 +843,50 @@ def test_cuda_merged_tail_equals_the_stages(monkeypatch, paired, bits, B, shape)
         got_x, got = chain.tail_quantized_matmul(h, o, NH * DV, mh, x, out_a, norm, gu, down)
         assert got_x.dtype == x.dtype and mx.array_equal(got_x, x1), (i, _rel(got_x, x1))
         assert got.shape == want.shape == (B, 1, E) and mx.array_equal(got, want), (i, _rel(got, want))
+
+
+def test_device_sms_asks_the_driver(monkeypatch):
+    # The merged kernels' guard reads the SMs from the driver (libcuda), the fewest of the devices
+    # seen; 0 (no merged kernel) where the library or a call fails.
+    import ctypes  # noqa: PLC0415
+
+    class Driver:
+        def __init__(self, sms, fail=""):
+            self.sms, self.fail = sms, fail
+
+        def _set(self, ref, value):
+            ref._obj.value = value
+            return 0
+
+        def cuInit(self, flags):
+            return 1 if self.fail == "init" else 0
+
+        def cuDeviceGetCount(self, ref):
+            return self._set(ref, len(self.sms))
+
+        def cuDeviceGet(self, ref, ordinal):
+            return self._set(ref, ordinal)
+
+        def cuDeviceGetAttribute(self, ref, attribute, dev):
+            assert attribute == 16  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+            return 1 if self.fail == "attr" else self._set(ref, self.sms[dev.value])
+
+    def run(driver):
+        monkeypatch.setattr(ctypes, "CDLL", lambda name: driver if name == "libcuda.so.1" else None)
+        chain._device_sms.cache_clear()
+        try:
+            return chain._device_sms()
+        finally:
+            chain._device_sms.cache_clear()
+
+    assert run(Driver([132])) == 132
+    assert run(Driver([132, 78])) == 78
+    assert run(Driver([132], "init")) == 0 and run(Driver([132], "attr")) == 0 and run(Driver([])) == 0
+
+    def missing(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    chain._device_sms.cache_clear()
+    assert chain._device_sms() == 0
+    chain._device_sms.cache_clear()

@@ -820,16 +820,22 @@ def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False, pai
 
 @functools.lru_cache(maxsize=None)
 def _device_sms() -> int:
-    """Streaming multiprocessors of the current CUDA device, from the driver (0 where it cannot
-    be asked: then the merged kernel is not launched)."""
+    """Streaming multiprocessors of the CUDA devices this process sees, from the driver: the
+    fewest of any (MLX's Device does not say which one it runs on), or 0 where the driver cannot
+    be asked (then the merged kernels are not launched)."""
     try:
         cu = ctypes.CDLL("libcuda.so.1")
-        dev, sms = ctypes.c_int(), ctypes.c_int()
-        if cu.cuInit(0) or cu.cuDeviceGet(ctypes.byref(dev), mx.default_device().index):
-            return 0
-        return sms.value if cu.cuDeviceGetAttribute(ctypes.byref(sms), 16, dev) == 0 else 0  # MULTIPROCESSOR_COUNT
-    except (OSError, AttributeError):
+    except OSError:
         return 0
+    count, dev, sms = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cu.cuInit(0) or cu.cuDeviceGetCount(ctypes.byref(count)) or count.value < 1:
+        return 0
+    fewest = 0
+    for ordinal in range(count.value):
+        if cu.cuDeviceGet(ctypes.byref(dev), ordinal) or cu.cuDeviceGetAttribute(ctypes.byref(sms), 16, dev):
+            return 0  # 16: CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        fewest = sms.value if not fewest else min(fewest, sms.value)
+    return fewest
 
 
 def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size: int, bits: int) -> dict | None:
