@@ -735,6 +735,8 @@ def test_cuda_merged_ffn_equals_the_stages(monkeypatch, paired, merge, bits, B, 
     # running both stages (3), the blocks walk other tiles than the stages' own: the same values.
     if bits == 16 and B > 1:
         pytest.skip("float products take the chain at one row")
+    if (shape == "7b" and B > 1) or (merge == 3 and not paired):
+        pytest.skip("kept to the cases that differ (time in a GPU round)")
     monkeypatch.setattr(chain, "CHAIN_MERGE", merge)
     monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)  # SwiGLU in the gate|up epilogue: the same roundings
     rng = np.random.default_rng(bits + B)
@@ -817,6 +819,8 @@ def test_cuda_merged_tail_equals_the_stages(monkeypatch, paired, bits, B, shape)
     # Stages 3-5 in one launch against the three stages' own kernels: bit-equal, launch after launch.
     if bits == 16 and B > 1:
         pytest.skip("float products take the chain at one row")
+    if shape == "7b" and B > 1:
+        pytest.skip("kept to the cases that differ (time in a GPU round)")
     monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
     monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)
     rng = np.random.default_rng(bits * B)
