@@ -27,6 +27,14 @@ not what the kernel expects (a LoRA wrapper, a float layer, a user's norm, a pro
 since ``fuse_projections()``) calls the modules of the tree instead. Only on CUDA, for at most
 :data:`CHAIN_MAX_ROWS` rows; ``XLSTM_METAL_DECODE_CHAIN=0`` (or :func:`set_decode_chain`) turns
 it off (then :meth:`mLSTMBlock.step` runs :mod:`.decode`'s kernels, as before).
+
+Stages 4 and 5, or 3, 4 and 5, also run as one launch (:data:`CHAIN_MERGE`,
+:func:`ffn_quantized_matmul`, :func:`tail_quantized_matmul`): each stage's code and rounding as
+above, the stages after the first waiting in the kernel for the blocks of the one before (a
+counter in the kernel module, zero between launches), their first weight chunks requested
+before they wait; with :data:`CHAIN_PAIRED` the gate|up tiles hold matching gate and up rows, so
+SwiGLU runs in their epilogue and proj_down has no prologue. The same values as the separate
+stages (bit-equal: the CUDA tests).
 """
 
 from __future__ import annotations
