@@ -142,7 +142,8 @@ def main() -> None:
     # "depth" / "resident" (the decode kernels' ring depth by bits and blocks per SM), "split" (the
     # shares of K of out_proj and proj_down by bits), "int" (quantized.INT_WEIGHTS: the chain's
     # quantized products with the weights as exact integers, by bits), "stage" (decode_chain.STAGE_SCHEDULE:
-    # single stages' ring depth, blocks and integer weights, by bits), "merge" (decode_chain.CHAIN_MERGE:
+    # single stages' ring depth, blocks and integer weights, by bits), "merge" (decode_chain.CHAIN_MERGE, for
+    # every width; the default by bits:
     # stages 4 and 5 in one launch; 2: with the proj_down blocks' first tile asked of L2; 3: in one
     # grid; 4: stages 3, 4 and 5 in one grid), "paired" (decode_chain.CHAIN_PAIRED: SwiGLU in the merged
     # kernels' gate|up epilogue))

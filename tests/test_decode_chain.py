@@ -54,6 +54,8 @@ def on_cpu_too(monkeypatch):
         monkeypatch.setattr(chain, name, counted)
     if not cuda_available():
         monkeypatch.setattr(chain, "_chain_active", lambda: True)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 0)  # the five stages (the merged launches: tests below)
+    monkeypatch.setattr(chain, "MERGE_MAX_ROWS", 2)  # (where a test merges: the kernels take 2 rows)
     return calls
 
 
@@ -690,7 +692,7 @@ def test_merge_applies_only_where_both_stages_do(monkeypatch):
     x = mx.zeros((1, 1, E), dtype=mx.float32)
     gate_up, down = _q(rng, 2 * F, E, mx.bfloat16, 4, 64), _q(rng, E, F, mx.bfloat16, 4, 64)
     monkeypatch.setattr(chain, "CHAIN_MERGE", 0)
-    assert not chain.ffn_merge_supported(x, norm, gate_up, down)  # off by default
+    assert not chain.ffn_merge_supported(x, norm, gate_up, down)  # off
     monkeypatch.setattr(chain, "CHAIN_MERGE", 1)
     assert chain.ffn_merge_supported(x, norm, gate_up, down)
     assert not chain.ffn_merge_supported(x, norm, gate_up, _q(rng, E, F, mx.bfloat16, 8, 64))  # other bits
@@ -704,6 +706,8 @@ def test_merge_plan_cannot_deadlock(monkeypatch):
     # Only stage-5 blocks wait; the kernel runs only where fewer of them exist than the GPU holds
     # at once (blocks per SM x SMs), and its static shared memory fits.
     from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
+
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 1)
 
     monkeypatch.setattr(quantized, "RESIDENT", {4: 2, 8: 3, 16: 3})
     E, F, T = 4096, 10944, mx.bfloat16
@@ -738,7 +742,8 @@ def test_cuda_merged_ffn_equals_the_stages(monkeypatch, paired, merge, bits, B, 
     if (shape == "7b" and B > 1) or (merge == 3 and not paired):
         pytest.skip("kept to the cases that differ (time in a GPU round)")
     monkeypatch.setattr(chain, "CHAIN_MERGE", merge)
-    monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)  # SwiGLU in the gate|up epilogue: the same roundings
+    monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)
+    monkeypatch.setattr(chain, "MERGE_MAX_ROWS", 2)  # SwiGLU in the gate|up epilogue: the same roundings
     rng = np.random.default_rng(bits + B)
     E, F = (4096, 10944) if shape == "7b" else (512, 640)
     norm = RMSNorm(E)
@@ -805,8 +810,11 @@ def test_tail_merge_applies_only_where_all_three_stages_do(monkeypatch):
     assert not chain.tail_merge_supported(h, o, NH * DV, mh, x, _q(rng, E, NH * DV, mx.bfloat16, 8, 64), norm, gu, down)
     assert not chain.tail_merge_supported(h, o, 2 * NH * DV + 1, mh, x, out_a, norm, gu, down)  # o~ past the end
     monkeypatch.setattr(chain, "_device_sms", lambda: 132)
+    monkeypatch.setattr(chain, "CHAIN_PAIRED", 0)
     plan = chain._tail_plan(1, 4096, 4096, 10944, mx.bfloat16, 64, 8)
     assert plan["blocks"] == 3 * 132 and plan["pool"] == 10944  # every block waits: at most what the GPU holds
+    monkeypatch.setattr(chain, "CHAIN_PAIRED", 1)  # SwiGLU in gate|up's epilogue: proj_down stages nothing
+    assert chain._tail_plan(1, 4096, 4096, 10944, mx.bfloat16, 64, 8)["pool"] == 4096
     assert chain._tail_plan(4, 4096, 4096, 10944, mx.bfloat16, 64, 4) is None  # 4 rows of SwiGLU do not fit
 
 
@@ -823,6 +831,7 @@ def test_cuda_merged_tail_equals_the_stages(monkeypatch, paired, bits, B, shape)
         pytest.skip("kept to the cases that differ (time in a GPU round)")
     monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
     monkeypatch.setattr(chain, "CHAIN_PAIRED", paired)
+    monkeypatch.setattr(chain, "MERGE_MAX_ROWS", 2)
     rng = np.random.default_rng(bits * B)
     E, F, NH, DV = (4096, 10944, 8, 512) if shape == "7b" else (512, 640, 4, 96)
     norm, mh = RMSNorm(E), MultiHeadLayerNorm(NH, DV)
@@ -894,3 +903,23 @@ def test_device_sms_asks_the_driver(monkeypatch):
     chain._device_sms.cache_clear()
     assert chain._device_sms() == 0
     chain._device_sms.cache_clear()
+
+
+def test_shipped_merge_defaults(monkeypatch):
+    # Stages 3-5 in one launch, SwiGLU in gate|up's epilogue, at 4 bits and for float (bf16)
+    # products, one row, bf16 rows (S10R2: faster there, bit-equal in the CUDA tests); 8 bits as before.
+    assert chain.CHAIN_MERGE == {4: 4, 8: 0, 16: 4} and chain.CHAIN_PAIRED == 1
+    assert chain.MERGE_MAX_ROWS == 1 and chain.MERGE_DTYPES == (mx.bfloat16,)
+    assert chain.merge_mode(4, 1) == 4 and chain.merge_mode(16, 1) == 4 and chain.merge_mode(8, 1) == 0
+    assert chain.merge_mode(4, 2) == 0  # two rows: the five stages
+    rng = np.random.default_rng(3)
+    E, F, NH, DV = 256, 384, 2, 64
+    for dtype, merged in ((mx.bfloat16, True), (mx.float16, False)):
+        norm, mh = RMSNorm(E), MultiHeadLayerNorm(NH, DV)
+        norm.weight, mh.weight = mx.ones((E,), dtype=dtype), mx.ones((NH * DV,), dtype=dtype)
+        h = mx.zeros((1, NH, 1, DV), dtype=dtype)
+        o = mx.zeros((1, 1, 3 * NH * DV), dtype=dtype)
+        out_a = _q(rng, E, NH * DV, dtype, 4, 64)
+        gu, down = _q(rng, 2 * F, E, dtype, 4, 64), _q(rng, E, F, dtype, 4, 64)
+        x = mx.zeros((1, 1, E), dtype=mx.float32)
+        assert chain.tail_merge_supported(h, o, NH * DV, mh, x, out_a, norm, gu, down) == merged

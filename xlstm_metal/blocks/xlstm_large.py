@@ -87,7 +87,7 @@ class mLSTMBlock(nn.Module):
                 y, columns, cell.num_heads, i_bias, f_bias, cell.gate_soft_cap, state, x=xn, w_if=w_if)
         out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
         ffn_arrays = self._chain_ffn_arrays(x)
-        if chain.CHAIN_MERGE == 4 and ffn_arrays is not None:  # stages 3, 4 and 5 in one launch where they can
+        if ffn_arrays is not None and chain.merge_mode(ffn_arrays[4], x.shape[0]) == 4:  # stages 3-5 in one launch
             down = chain.quantized_arrays(self.ffn.proj_down, x.shape[0])
             if chain.tail_merge_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays, self.norm_ffn,
                                           ffn_arrays, down):
@@ -126,7 +126,7 @@ class mLSTMBlock(nn.Module):
         """The FFN's output: RMSNorm of x -> gate|up (one launch, ``arrays`` from
         :meth:`_chain_ffn_arrays`; or the tree's layers on ``xn``, the normed x), then SwiGLU ->
         down (one launch where proj_down is a plain quantized layer; with
-        ``decode_chain.CHAIN_MERGE`` both stages in one launch where they can)."""
+        ``decode_chain.CHAIN_MERGE`` 1-3 both stages in one launch where they can)."""
         ffn = self.ffn
         if type(ffn) is not FeedForward:
             return ffn(xn)

@@ -629,12 +629,35 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
 
 
 # --------------------------------------------------------------- stages 4 and 5 in one launch
-#: Whether stages 4 and 5 run as one launch (:func:`ffn_quantized_matmul`; ``XLSTM_METAL_CHAIN_MERGE``:
-#: 0 off, the default; 1 on, each stage in blocks of its own; 2 the same, the proj_down blocks
-#: asking L2 for their first tile's weights while they wait for gate|up; 3 on, every block
-#: running both stages, as many blocks as the GPU holds at once walking each stage's tiles, a
-#: grid-wide barrier between them; 4: stages 3, 4 and 5 so, in one grid (:func:`tail_quantized_matmul`)).
-CHAIN_MERGE = int(os.environ.get("XLSTM_METAL_CHAIN_MERGE", "0") or 0)
+#: Which stages run as one launch, by bits of the products (``XLSTM_METAL_CHAIN_MERGE``: one value
+#: for every width, or "bits:value,...", e.g. "4:4,8:0,16:4"): 0 none (five launches per block);
+#: 1 stages 4 and 5 (:func:`ffn_quantized_matmul`), each stage in blocks of its own; 2 the same,
+#: the proj_down blocks asking L2 for their first tile's weights while they wait for gate|up; 3
+#: stages 4 and 5, every block running both, as many blocks as the GPU holds at once walking
+#: each stage's tiles, a grid-wide barrier between them; 4 stages 3, 4 and 5 so, in one grid
+#: (:func:`tail_quantized_matmul`). A value may be one int (every width) too.
+#:
+#: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits and for bf16/fp16 products, at one row
+#: (:data:`MERGE_MAX_ROWS`); 8 bits unmerged. On an H200 (S10R2, 7B, one row, one process,
+#: CUPTI GPU time per step): 4 bits 2.613 ms against 2.700 unmerged (stages 3-5 1.769 ms against
+#: 1.857 for the three kernels), bf16 4.344 against 4.411 (3.069 against 3.169); at 8 bits every
+#: merged form was slower (stages 3-5 2.723 ms against 2.547; stages 4-5 2.252-2.306 against 2.112).
+_MERGE_RAW = os.environ.get("XLSTM_METAL_CHAIN_MERGE", "")
+CHAIN_MERGE: dict[int, int] | int = (_quantized._per_bits("XLSTM_METAL_CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
+                                     if not _MERGE_RAW.strip().lstrip("-").isdigit() else int(_MERGE_RAW))
+
+#: Most rows the merged launches take (measured at one row; their kernels take 2, the CUDA tests
+#: run them there), and the row dtypes (their CUDA tests ran bf16; fp16 runs the separate stages).
+MERGE_MAX_ROWS = 1
+MERGE_DTYPES = (mx.bfloat16,)
+
+
+def merge_mode(bits: int, rows: int) -> int:
+    """:data:`CHAIN_MERGE`'s value for products of ``bits`` at ``rows`` rows (0 beyond
+    :data:`MERGE_MAX_ROWS`)."""
+    if rows > MERGE_MAX_ROWS:
+        return 0
+    return CHAIN_MERGE if isinstance(CHAIN_MERGE, int) else CHAIN_MERGE.get(bits, 0)
 
 # The merged kernel's blocks [0, NB1) run stage 4 (RMSNorm -> gate|up, writing gate|up to the
 # output ``gate_up``), the others stage 5 (SwiGLU -> proj_down), each with its own schedule (the
@@ -721,13 +744,15 @@ def _merge_phase(text: str, rename: dict[str, str]) -> str:
     return "{\n" + text + "}\n"
 
 
-#: Whether the merged kernels' gate|up phase pairs its tiles (``XLSTM_METAL_CHAIN_PAIRED``, 0 off):
+#: Whether the merged kernels' gate|up phase pairs its tiles (``XLSTM_METAL_CHAIN_PAIRED``; on, 0
+#: off; S10R2, H200, 7B, one row: stages 4-5 in one launch 1.433 ms per 4-bit step paired, 1.464
+#: not; bf16 2.727 / 2.858):
 #: each 16-row tile holds 8 gate rows and the same 8 up rows (the fused weight read as it is
 #: stored, rows j..j+7 and F+j..F+j+7), so its epilogue computes SwiGLU itself (the same float32
 #: sums, rounded where stage 5's prologue rounds) and writes silu(gate) * up [B, F]; the
 #: proj_down phase then reads its x from there like the plain product (no prologue, nothing
 #: staged). Not where proj_down takes integer weights (their x is staged with its group sums).
-CHAIN_PAIRED = int(os.environ.get("XLSTM_METAL_CHAIN_PAIRED", "0") or 0)
+CHAIN_PAIRED = int(os.environ.get("XLSTM_METAL_CHAIN_PAIRED", "1") or 0)
 
 _PAIRED = (
     ("const int ntiles = (N + 15) / 16;", "const int ntiles = (N / 2 + 7) / 8;"),
@@ -865,7 +890,7 @@ def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size:
     held = resident * _device_sms()  # blocks the GPU holds at once
     if not (sr1 and sr2) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or nb2 >= held:
         return None
-    if CHAIN_MERGE == 3:  # every block both stages: all of them held at once, waiting for each other
+    if merge_mode(bits, B) == 3:  # every block both stages: all of them held at once, waiting for each other
         nb1, nb2 = min(held, max(-(-2 * F // 16), -(-n_out // 16))), 0
     return dict(iw1=iw1, iw2=iw2, nb1=nb1, nb2=nb2, sr1=sr1, sr2=sr2, pool=pool, paired=paired)
 
@@ -875,12 +900,13 @@ def ffn_merge_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
     the FFN's norm, its fused gate|up group's arrays and proj_down's (:func:`quantized_arrays`):
     both stages supported as they are unmerged, at the same bits and group size, proj_down's K
     unsplit; on CUDA, :func:`_merge_plan` finding a schedule."""
-    if CHAIN_MERGE not in (1, 2, 3) or arrays is None or down is None or arrays[3:] != down[3:] or arrays[0].shape[0] % 2:
+    if (arrays is None or down is None or merge_mode(arrays[4], x.shape[0]) not in (1, 2, 3) or arrays[3:] != down[3:]
+            or arrays[0].shape[0] % 2):
         return False
     F = arrays[0].shape[0] // 2
     T = norm.weight.dtype if isinstance(norm.get("weight"), mx.array) else None
     gate_up = SimpleNamespace(ndim=3, shape=(x.shape[0], 1, 2 * F), dtype=T)
-    if not (norm_chain_supported(x, None, norm, arrays) and swiglu_chain_supported(gate_up, down)):
+    if T not in MERGE_DTYPES or not (norm_chain_supported(x, None, norm, arrays) and swiglu_chain_supported(gate_up, down)):
         return False
     group_size, bits = arrays[3:]
     if _split(down[0].shape[0], F, bits) > 1 or (bits == 16 and down[0].dtype != T):
@@ -905,8 +931,9 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     N = down[0].shape[0]
     plan = _merge_plan(B, E, F, N, T, group_size, bits)
     iw1, iw2 = plan["iw1"], plan["iw2"]
-    pf2 = int(CHAIN_MERGE == 2 or _quantized.PREFETCH)
-    persistent, paired = CHAIN_MERGE == 3, plan["paired"]
+    mode = merge_mode(bits, B)
+    pf2 = int(mode == 2 or _quantized.PREFETCH)
+    persistent, paired = mode == 3, plan["paired"]
     kernel = _kernel(("ffn", norm.eps, iw1, iw2, persistent, paired), bits,
                      ["xr", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"], ["y", "hs" if paired else "gate_up"],
                      lambda: _merged_source(norm.eps, iw1, iw2, persistent, paired), int_weights=iw1 or iw2,
@@ -983,14 +1010,14 @@ def tail_merge_supported(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: n
     :func:`gate_chain_supported` takes it and stages 4 and 5 as :func:`ffn_merge_supported` does,
     all three products at the same bits and group size, K unsplit; on CUDA, :func:`_tail_plan`
     finding a schedule."""
-    if CHAIN_MERGE != 4 or out_arrays is None or arrays is None or down is None:
+    if out_arrays is None or arrays is None or down is None or merge_mode(arrays[4], x.shape[0]) != 4:
         return False
     if not (out_arrays[3:] == arrays[3:] == down[3:]) or arrays[0].shape[0] % 2:
         return False
     F = arrays[0].shape[0] // 2
     T = norm.weight.dtype if isinstance(norm.get("weight"), mx.array) else None
     gate_up = SimpleNamespace(ndim=3, shape=(x.shape[0], 1, 2 * F), dtype=T)
-    if not (gate_chain_supported(h, o_src, o_offset, mh_norm, x, out_arrays) and h.dtype == T
+    if T not in MERGE_DTYPES or not (gate_chain_supported(h, o_src, o_offset, mh_norm, x, out_arrays) and h.dtype == T
             and norm_chain_supported(x, None, norm, arrays) and swiglu_chain_supported(gate_up, down)):
         return False
     group_size, bits = arrays[3:]
