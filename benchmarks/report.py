@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -201,12 +202,21 @@ def target_rows(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _newest_first(paths) -> list:
+    """Result files newest first by the session and round in their names (``..._s10r2...`` after
+    ``..._s9r3...``, which a plain sort of the names puts first); names without them last."""
+    def order(path):
+        m = re.search(r"_s(\d+)r(\d+)", path.name)
+        return (1, int(m.group(1)), int(m.group(2)), path.name) if m else (0, 0, 0, path.name)
+    return sorted(paths, key=order, reverse=True)
+
+
 def _qdecode_records(bits: int, batch: int) -> list[dict]:
     """Quantized decode on the default path from the newest benchmarks/fused_decode.py run kept as
     results/h200_qdecode_*.jsonl that measured ``bits`` at ``batch`` (the setting "fused decode
     kernels": what a user gets; older runs measured older defaults; a run of one width leaves
     the others' figures to the runs before it)."""
-    for path in sorted(RESULTS.glob("h200_qdecode_*.jsonl"), reverse=True):
+    for path in _newest_first(RESULTS.glob("h200_qdecode_*.jsonl")):
         out = []
         for line in path.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
@@ -231,7 +241,7 @@ def _default_decode_record(batch: int) -> dict | None:
     when there is none."""
     best = None
     for pattern, setting in _DEFAULT_DECODE_SETTINGS:
-        for path in sorted(RESULTS.glob(pattern), reverse=True):  # the newest file that measured it
+        for path in _newest_first(RESULTS.glob(pattern)):  # the newest file that measured it
             found = False
             for line in path.read_text().splitlines():
                 r = json.loads(line) if line.strip() else {}
