@@ -15,6 +15,16 @@ Compile modes: ``inputs`` (``mx.compile(step, inputs=model.state)``: the weights
 a later weight update is seen: what ``generate`` and ``bench`` run) and ``constants``
 (``mx.compile(step)``: the weights are captured as constants of the trace, no per-call
 flattening of the module tree). ``leaves`` is the number of arrays in ``model.state``.
+``runnerN`` (e.g. ``runner1,runner2``): the greedy decode loop of ``xLSTMRunner.generate`` (its
+compiled step with sampling, one ``tolist`` per token) with ``lookahead`` N, per step over
+``--queued-steps`` tokens: the host reads each token while N steps are queued behind it.
+
+MLX's CUDA back-end reads its command-buffer settings once per process (``MLX_MAX_OPS_PER_BUFFER``,
+``MLX_MAX_MB_PER_BUFFER``: a CUDA graph is committed after that many kernels or MB of kernel
+inputs; ``MLX_USE_CUDA_GRAPHS=0``: kernels launched one by one, no graphs), so settings are
+compared across processes: each record names the values in effect (``mlx_env``; None: MLX's
+default) and ``--label``. ``--queued-repeats`` times the queued steps that many times (a list,
+and its median in ``pipelined_ms``).
 
     python benchmarks/decode_host.py --shape 7b --q-bits 4 --steps 30 --out results.jsonl
 """
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,6 +46,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
+from xlstm_metal.generation import xLSTMRunner  # noqa: E402
 
 
 def _step(model):
@@ -45,7 +57,11 @@ def _step(model):
     return step
 
 
-def measure(model, batch: int, steps: int, mode: str) -> dict:
+#: MLX's CUDA settings read once per process that change how a decode step is submitted.
+MLX_ENV = ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER", "MLX_USE_CUDA_GRAPHS")
+
+
+def measure(model, batch: int, steps: int, mode: str, queued_steps: int | None = None, repeats: int = 1) -> dict:
     """Per-step host and device times of the greedy step compiled as ``mode``."""
     step = mx.compile(_step(model), inputs=model.state) if mode == "inputs" else mx.compile(_step(model))
     tok = mx.zeros((batch, 1), dtype=mx.int32)
@@ -68,17 +84,47 @@ def measure(model, batch: int, steps: int, mode: str) -> dict:
         call.append(t1 - t0)
         submit.append(t2 - t1)
         wall.append(t3 - t0)
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tok, state = step(tok, state)
-        mx.async_eval(tok, state)
-    mx.eval(tok, state)
-    pipelined = (time.perf_counter() - t0) / steps
+    queued_steps = queued_steps or steps
+    pipelined = []
+    mx.reset_peak_memory()
+    for _ in range(max(1, repeats)):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(queued_steps):
+            tok, state = step(tok, state)
+            mx.async_eval(tok, state)
+        mx.eval(tok, state)
+        pipelined.append((time.perf_counter() - t0) / queued_steps)
     ms = lambda xs: round(1000 * statistics.median(xs), 4)  # noqa: E731
     return {"mode": mode, "batch": batch, "steps": steps, "call_ms": ms(call), "submit_ms": ms(submit),
             "host_ms": round(ms(call) + ms(submit), 4), "wall_ms": ms(wall),
-            "pipelined_ms": round(1000 * pipelined, 4), "tok_s": round(batch / pipelined, 2)}
+            "queued_steps": queued_steps, "pipelined_ms": ms(pipelined),
+            "pipelined_each_ms": [round(1000 * t, 4) for t in pipelined],
+            "tok_s": round(batch / statistics.median(pipelined), 2),
+            "peak_mem_gb": round(mx.get_peak_memory() / 2**30, 3)}
+
+
+def measure_runner(model, runner, batch: int, steps: int, lookahead: int, repeats: int = 1) -> dict:
+    """Per-token time of xLSTMRunner's decode loop (greedy) with ``lookahead`` steps queued."""
+    runner.lookahead = lookahead
+    params = runner._params(0.0, 0, 1.0, 0.0, 1.0)
+    times = []
+    mx.reset_peak_memory()
+    for r in range(max(1, repeats) + 1):  # the first run warms up
+        state = model.make_state(batch)
+        logits = mx.zeros((batch, model.config.vocab_size), dtype=mx.float32)
+        keys, seen = runner._start_keys(None, batch, params), mx.zeros((batch, 1), dtype=mx.bool_)
+        mx.eval(state, logits, keys, seen)
+        tokens = runner._decode(logits, state, params, keys, seen, steps + 1)
+        next(tokens)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in tokens)
+        if r:
+            times.append((time.perf_counter() - t0) / n)
+    ms = round(1000 * statistics.median(times), 4)
+    return {"mode": f"runner{lookahead}", "batch": batch, "queued_steps": steps, "pipelined_ms": ms,
+            "pipelined_each_ms": [round(1000 * t, 4) for t in times], "tok_s": round(batch * 1000 / ms, 2),
+            "peak_mem_gb": round(mx.get_peak_memory() / 2**30, 3)}
 
 
 def main() -> None:
@@ -92,11 +138,14 @@ def main() -> None:
     p.add_argument("--modes", default="inputs,constants")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--embedding-dim", type=int, default=None, help="override the shape's width (CPU tries)")
+    p.add_argument("--queued-steps", type=int, default=None, help="steps per queued run (default --steps)")
+    p.add_argument("--queued-repeats", type=int, default=1, help="queued runs per measurement")
+    p.add_argument("--label", default="", help="a name for this process's settings, in every record")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args()
     modes = args.modes.split(",")
-    if any(m not in ("inputs", "constants") for m in modes):
-        p.error(f"--modes takes inputs and/or constants, got {args.modes!r}")
+    if any(m not in ("inputs", "constants") and not (m.startswith("runner") and m[6:].isdigit()) for m in modes):
+        p.error(f"--modes takes inputs and/or constants (and runnerN), got {args.modes!r}")
     overrides = {"embedding_dim": args.embedding_dim} if args.embedding_dim else {}
     config = bm.shape_config(args.shape, **overrides)
     dtype = args.dtype or bm.default_dtype()
@@ -112,10 +161,17 @@ def main() -> None:
             quantize_model(model, bits=bits, group_size=64)
             model.fuse_projections()
         leaves = len(tree_flatten(model.state))
+        runner = xLSTMRunner(model)
         for round_ in range(args.rounds):
             for mode in modes:
-                record = {"shape": args.shape, "dtype": dtype, "q_bits": bits, "round": round_, "leaves": leaves,
-                          **measure(model, args.batch, args.steps, mode), "device": env.get("device")}
+                if mode.startswith("runner"):
+                    result = measure_runner(model, runner, args.batch, args.queued_steps or args.steps, int(mode[6:]),
+                                            args.queued_repeats)
+                else:
+                    result = measure(model, args.batch, args.steps, mode, args.queued_steps, args.queued_repeats)
+                record = {"label": args.label, "shape": args.shape, "dtype": dtype, "q_bits": bits, "round": round_,
+                          "leaves": leaves, **result,
+                          "mlx_env": {k: os.environ.get(k) for k in MLX_ENV}, "device": env.get("device")}
                 print(json.dumps(record), flush=True)
                 if out:
                     out.write(json.dumps(record) + "\n")

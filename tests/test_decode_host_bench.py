@@ -16,7 +16,8 @@ def test_decode_host_script_records(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY))
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_MAX_MB_PER_BUFFER": "77"}
+    env.pop("MLX_MAX_OPS_PER_BUFFER", None), env.pop("MLX_USE_CUDA_GRAPHS", None)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),
                     "--q-bits", "4", "--steps", "3", "--rounds", "1", "--batch", "2", "--out", str(out)],
                    check=True, env=env, capture_output=True, timeout=300)
@@ -30,6 +31,25 @@ def test_decode_host_script_records(tmp_path):
         assert r["call_ms"] > 0 and r["submit_ms"] >= 0 and r["pipelined_ms"] > 0
         assert abs(r["host_ms"] - (r["call_ms"] + r["submit_ms"])) < 1e-3
         assert abs(r["tok_s"] - 2 * 1000 / r["pipelined_ms"]) < 0.01 * r["tok_s"]
+        assert r["mlx_env"] == {"MLX_MAX_OPS_PER_BUFFER": None, "MLX_MAX_MB_PER_BUFFER": "77",
+                                "MLX_USE_CUDA_GRAPHS": None}
+
+
+def test_decode_host_runner_modes(tmp_path):
+    """runnerN: the runner's decode loop with N steps queued ahead; queued runs repeated."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),
+                    "--q-bits", "", "--steps", "3", "--rounds", "1", "--modes", "inputs,runner1,runner3",
+                    "--queued-steps", "5", "--queued-repeats", "2", "--label", "x", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in records] == ["inputs", "runner1", "runner3"]
+    for r in records:
+        assert r["label"] == "x" and r["queued_steps"] == 5 and len(r["pipelined_each_ms"]) == 2
+        assert r["pipelined_ms"] > 0 and abs(r["tok_s"] - 1000 / r["pipelined_ms"]) < 0.01 * r["tok_s"]
 
 
 def test_decode_host_rejects_unknown_mode(tmp_path):
