@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--embedding-dim", type=int, default=None, help="override the shape's width (CPU tries)")
     p.add_argument("--queued-steps", type=int, default=None, help="steps per queued run (default --steps)")
     p.add_argument("--queued-repeats", type=int, default=1, help="queued runs per measurement")
+    p.add_argument("--prefill-lengths", default="",
+                   help="first, prefill the float model at these lengths (bm.measure_prefill: tok/s, peak memory)")
     p.add_argument("--label", default="", help="a name for this process's settings, in every record")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args()
@@ -153,6 +155,14 @@ def main() -> None:
     model.fuse_projections()
     out = open(args.out, "a") if args.out else None
     env = bm.environment()
+    for length in map(int, filter(None, args.prefill_lengths.split(","))):
+        record = {"label": args.label, "shape": args.shape, "dtype": dtype, "q_bits": None,
+                  **bm.measure_prefill(model, length), "mlx_env": {k: os.environ.get(k) for k in MLX_ENV},
+                  "device": env.get("device")}
+        print(json.dumps(record), flush=True)
+        if out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
     for bits in ([] if args.no_float else [None]) + [int(b) for b in filter(None, args.q_bits.split(","))]:
         if bits is not None:
             from xlstm_metal.quantization import dequantize_model, quantize_model  # noqa: PLC0415
