@@ -151,8 +151,14 @@ def main() -> None:
     overrides = {"embedding_dim": args.embedding_dim} if args.embedding_dim else {}
     config = bm.shape_config(args.shape, **overrides)
     dtype = args.dtype or bm.default_dtype()
+    start = time.perf_counter()
+
+    def progress(what: str) -> None:  # to stderr: where a time-limited run got to
+        print(f"[{time.perf_counter() - start:7.1f} s] {what}", file=sys.stderr, flush=True)
+
     model = bm.random_model(config, dtype=dtype)
     model.fuse_projections()
+    progress("model built")
     out = open(args.out, "a") if args.out else None
     env = bm.environment()
     for length in map(int, filter(None, args.prefill_lengths.split(","))):
@@ -170,6 +176,7 @@ def main() -> None:
             dequantize_model(model)
             quantize_model(model, bits=bits, group_size=64)
             model.fuse_projections()
+            progress(f"quantized to {bits} bits")
         leaves = len(tree_flatten(model.state))
         runner = xLSTMRunner(model)
         for round_ in range(args.rounds):
@@ -183,6 +190,7 @@ def main() -> None:
                           "leaves": leaves, **result,
                           "mlx_env": {k: os.environ.get(k) for k in MLX_ENV}, "device": env.get("device")}
                 print(json.dumps(record), flush=True)
+                progress(f"{bits} bits, {mode}, round {round_}")
                 if out:
                     out.write(json.dumps(record) + "\n")
                     out.flush()
