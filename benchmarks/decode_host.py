@@ -15,7 +15,8 @@ Compile modes: ``inputs`` (``mx.compile(step, inputs=model.state)``: the weights
 a later weight update is seen: what ``generate`` and ``bench`` run) and ``constants``
 (``mx.compile(step)``: the weights are captured as constants of the trace, no per-call
 flattening of the module tree). ``leaves`` is the number of arrays in ``model.state``.
-``runnerN`` (e.g. ``runner1,runner2``): the greedy decode loop of ``xLSTMRunner.generate`` (its
+``aheadN``: ``bm.measure_decode(..., ahead=N)`` over ``--queued-steps`` (steps queued at most N
+beyond the newest token read back). ``runnerN`` (e.g. ``runner1,runner2``): the greedy decode loop of ``xLSTMRunner.generate`` (its
 compiled step with sampling, one ``tolist`` per token) with ``lookahead`` N, per step over
 ``--queued-steps`` tokens: the host reads each token while N steps are queued behind it.
 
@@ -105,7 +106,9 @@ def measure(model, batch: int, steps: int, mode: str, queued_steps: int | None =
 
 
 def measure_runner(model, runner, batch: int, steps: int, lookahead: int, repeats: int = 1) -> dict:
-    """Per-token time of xLSTMRunner's decode loop (greedy) with ``lookahead`` steps queued."""
+    """Per-step time of xLSTMRunner's decode loop (greedy) with ``lookahead`` steps queued: the
+    whole loop, every step's building included (steps queued before the first token is read
+    are not left out of the timed span)."""
     runner.lookahead = lookahead
     params = runner._params(0.0, 0, 1.0, 0.0, 1.0)
     times = []
@@ -115,12 +118,14 @@ def measure_runner(model, runner, batch: int, steps: int, lookahead: int, repeat
         logits = mx.zeros((batch, model.config.vocab_size), dtype=mx.float32)
         keys, seen = runner._start_keys(None, batch, params), mx.zeros((batch, 1), dtype=mx.bool_)
         mx.eval(state, logits, keys, seen)
-        tokens = runner._decode(logits, state, params, keys, seen, steps + 1)
-        next(tokens)
+        mx.synchronize()
+        # Timed from before the loop queues its first step to the last token read: ``steps``
+        # model steps (the first of the steps + 1 tokens comes from the logits passed in).
         t0 = time.perf_counter()
-        n = sum(1 for _ in tokens)
+        n = sum(1 for _ in runner._decode(logits, state, params, keys, seen, steps + 1))
+        assert n == steps + 1
         if r:
-            times.append((time.perf_counter() - t0) / n)
+            times.append((time.perf_counter() - t0) / steps)
     ms = round(1000 * statistics.median(times), 4)
     return {"mode": f"runner{lookahead}", "batch": batch, "queued_steps": steps, "pipelined_ms": ms,
             "pipelined_each_ms": [round(1000 * t, 4) for t in times], "tok_s": round(batch * 1000 / ms, 2),
@@ -146,8 +151,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args()
     modes = args.modes.split(",")
-    if any(m not in ("inputs", "constants") and not (m.startswith("runner") and m[6:].isdigit()) for m in modes):
-        p.error(f"--modes takes inputs and/or constants (and runnerN), got {args.modes!r}")
+    if any(m not in ("inputs", "constants") and not (m.startswith("runner") and m[6:].isdigit())
+           and not (m.startswith("ahead") and m[5:].isdigit()) for m in modes):
+        p.error(f"--modes takes inputs and/or constants (and runnerN, aheadN), got {args.modes!r}")
     overrides = {"embedding_dim": args.embedding_dim} if args.embedding_dim else {}
     config = bm.shape_config(args.shape, **overrides)
     dtype = args.dtype or bm.default_dtype()
@@ -181,7 +187,16 @@ def main() -> None:
         runner = xLSTMRunner(model)
         for round_ in range(args.rounds):
             for mode in modes:
-                if mode.startswith("runner"):
+                if mode.startswith("ahead"):
+                    runs = [bm.measure_decode(model, args.batch, tokens=args.queued_steps or args.steps, ahead=int(mode[5:]))
+                            for _ in range(max(1, args.queued_repeats))]
+                    each = [r["ms_per_step"] for r in runs]
+                    ms = statistics.median(each)
+                    result = {"mode": mode, "batch": args.batch, "queued_steps": args.queued_steps or args.steps,
+                              "pipelined_ms": round(ms, 4), "pipelined_each_ms": [round(t, 4) for t in each],
+                              "tok_s": round(args.batch * 1000 / ms, 2),
+                              "peak_mem_gb": round(max(r["peak_mem_gb"] for r in runs), 3)}
+                elif mode.startswith("runner"):
                     result = measure_runner(model, runner, args.batch, args.queued_steps or args.steps, int(mode[6:]),
                                             args.queued_repeats)
                 else:

@@ -208,10 +208,13 @@ def measure_decode(
     compiled: bool = True,
     warmup: int = 4,
     seed: int = 0,
+    ahead: int | None = None,
 ) -> dict[str, Any]:
     """Greedy decode of ``tokens`` steps for ``batch`` rows from a zero state.
 
     The mLSTM state has a fixed size, so a step costs the same at any context length.
+    ``ahead``: queue at most that many steps beyond the newest one whose token has been read
+    back (as ``xLSTMRunner`` does with its ``lookahead``); None queues every step at once.
     Returns kind, batch, length (= tokens), seconds, tok_s (batch * tokens / seconds),
     ms_per_step and peak_mem_gb.
     """
@@ -227,9 +230,14 @@ def measure_decode(
     mx.reset_peak_memory()
     _sync()
     t0 = time.perf_counter()
+    queued: list[mx.array] = []
     for _ in range(tokens):
         tok, state = step(tok, state)
         mx.async_eval(tok, state)
+        if ahead is not None:
+            queued.append(tok)
+            if len(queued) > ahead:
+                queued.pop(0).tolist()  # read a token back, as a generation loop does
     mx.eval(tok, state)
     seconds = time.perf_counter() - t0
     return {
@@ -241,6 +249,7 @@ def measure_decode(
         "ms_per_step": 1000 * seconds / tokens,
         "peak_mem_gb": _peak_gib(),
         "compiled": compiled,
+        **({"ahead": ahead} if ahead is not None else {}),
     }
 
 
