@@ -33,6 +33,7 @@ and its median in ``pipelined_ms``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -187,6 +188,7 @@ def main() -> None:
         runner = xLSTMRunner(model)
         for round_ in range(args.rounds):
             for mode in modes:
+                gc_before = [g["collections"] for g in gc.get_stats()]
                 if mode.startswith("ahead"):
                     runs = [bm.measure_decode(model, args.batch, tokens=args.queued_steps or args.steps, ahead=int(mode[5:]))
                             for _ in range(max(1, args.queued_repeats))]
@@ -201,6 +203,8 @@ def main() -> None:
                                             args.queued_repeats)
                 else:
                     result = measure(model, args.batch, args.steps, mode, args.queued_steps, args.queued_repeats)
+                # Python's garbage collections (per generation) during the measurement: host pauses
+                result["gc_collections"] = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before)]
                 record = {"label": args.label, "shape": args.shape, "dtype": dtype, "q_bits": bits, "round": round_,
                           "leaves": leaves, **result,
                           "mlx_env": {k: os.environ.get(k) for k in MLX_ENV}, "device": env.get("device")}
