@@ -16,9 +16,8 @@ a later weight update is seen: what ``generate`` and ``bench`` run) and ``consta
 (``mx.compile(step)``: the weights are captured as constants of the trace, no per-call
 flattening of the module tree). ``leaves`` is the number of arrays in ``model.state``.
 ``aheadN``: ``bm.measure_decode(..., ahead=N)`` over ``--queued-steps`` (steps queued at most N
-beyond the newest token read back). ``runnerN`` (e.g. ``runner1,runner2``): the greedy decode loop of ``xLSTMRunner.generate`` (its
-compiled step with sampling, one ``tolist`` per token) with ``lookahead`` N, per step over
-``--queued-steps`` tokens: the host reads each token while N steps are queued behind it.
+beyond the newest token read back). ``runner``: the greedy decode loop of ``xLSTMRunner.generate`` (its compiled step with sampling,
+one ``tolist`` per token while the next step is queued), per step over ``--queued-steps`` tokens.
 
 MLX's CUDA back-end reads its command-buffer settings once per process (``MLX_MAX_OPS_PER_BUFFER``,
 ``MLX_MAX_MB_PER_BUFFER``: a CUDA graph is committed after that many kernels or MB of kernel
@@ -106,11 +105,9 @@ def measure(model, batch: int, steps: int, mode: str, queued_steps: int | None =
             "peak_mem_gb": round(mx.get_peak_memory() / 2**30, 3)}
 
 
-def measure_runner(model, runner, batch: int, steps: int, lookahead: int, repeats: int = 1) -> dict:
-    """Per-step time of xLSTMRunner's decode loop (greedy) with ``lookahead`` steps queued: the
-    whole loop, every step's building included (steps queued before the first token is read
-    are not left out of the timed span)."""
-    runner.lookahead = lookahead
+def measure_runner(model, runner, batch: int, steps: int, repeats: int = 1) -> dict:
+    """Per-step time of xLSTMRunner's greedy decode loop: the whole loop, every step's building
+    included (timed from before it queues its first step to the last token read)."""
     params = runner._params(0.0, 0, 1.0, 0.0, 1.0)
     times = []
     mx.reset_peak_memory()
@@ -120,15 +117,14 @@ def measure_runner(model, runner, batch: int, steps: int, lookahead: int, repeat
         keys, seen = runner._start_keys(None, batch, params), mx.zeros((batch, 1), dtype=mx.bool_)
         mx.eval(state, logits, keys, seen)
         mx.synchronize()
-        # Timed from before the loop queues its first step to the last token read: ``steps``
-        # model steps (the first of the steps + 1 tokens comes from the logits passed in).
         t0 = time.perf_counter()
+        # steps + 1 tokens: the first comes from the logits passed in, the others from the model.
         n = sum(1 for _ in runner._decode(logits, state, params, keys, seen, steps + 1))
         assert n == steps + 1
         if r:
             times.append((time.perf_counter() - t0) / steps)
     ms = round(1000 * statistics.median(times), 4)
-    return {"mode": f"runner{lookahead}", "batch": batch, "queued_steps": steps, "pipelined_ms": ms,
+    return {"mode": "runner", "batch": batch, "queued_steps": steps, "pipelined_ms": ms,
             "pipelined_each_ms": [round(1000 * t, 4) for t in times], "tok_s": round(batch * 1000 / ms, 2),
             "peak_mem_gb": round(mx.get_peak_memory() / 2**30, 3)}
 
@@ -152,9 +148,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args()
     modes = args.modes.split(",")
-    if any(m not in ("inputs", "constants") and not (m.startswith("runner") and m[6:].isdigit())
-           and not (m.startswith("ahead") and m[5:].isdigit()) for m in modes):
-        p.error(f"--modes takes inputs and/or constants (and runnerN, aheadN), got {args.modes!r}")
+    if any(m not in ("inputs", "constants", "runner") and not (m.startswith("ahead") and m[5:].isdigit())
+           for m in modes):
+        p.error(f"--modes takes inputs and/or constants (and runner, aheadN), got {args.modes!r}")
     overrides = {"embedding_dim": args.embedding_dim} if args.embedding_dim else {}
     config = bm.shape_config(args.shape, **overrides)
     dtype = args.dtype or bm.default_dtype()
@@ -198,8 +194,8 @@ def main() -> None:
                               "pipelined_ms": round(ms, 4), "pipelined_each_ms": [round(t, 4) for t in each],
                               "tok_s": round(args.batch * 1000 / ms, 2),
                               "peak_mem_gb": round(max(r["peak_mem_gb"] for r in runs), 3)}
-                elif mode.startswith("runner"):
-                    result = measure_runner(model, runner, args.batch, args.queued_steps or args.steps, int(mode[6:]),
+                elif mode == "runner":
+                    result = measure_runner(model, runner, args.batch, args.queued_steps or args.steps,
                                             args.queued_repeats)
                 else:
                     result = measure(model, args.batch, args.steps, mode, args.queued_steps, args.queued_repeats)

@@ -36,17 +36,17 @@ def test_decode_host_script_records(tmp_path):
 
 
 def test_decode_host_runner_modes(tmp_path):
-    """runnerN: the runner's decode loop with N steps queued ahead; queued runs repeated."""
+    """runner: the runner's decode loop; aheadN: measure_decode(ahead=N); queued runs repeated."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY))
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),
-                    "--q-bits", "", "--steps", "3", "--rounds", "1", "--modes", "inputs,runner1,runner3",
+                    "--q-bits", "", "--steps", "3", "--rounds", "1", "--modes", "inputs,runner,ahead2",
                     "--queued-steps", "5", "--queued-repeats", "2", "--label", "x", "--out", str(out)],
                    check=True, env=env, capture_output=True, timeout=300)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["mode"] for r in records] == ["inputs", "runner1", "runner3"]
+    assert [r["mode"] for r in records] == ["inputs", "runner", "ahead2"]
     for r in records:
         assert r["label"] == "x" and r["queued_steps"] == 5 and len(r["pipelined_each_ms"]) == 2
         assert r["pipelined_ms"] > 0 and abs(r["tok_s"] - 1000 / r["pipelined_ms"]) < 0.01 * r["tok_s"]

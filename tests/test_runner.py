@@ -271,38 +271,3 @@ def test_2024_mixed_model_batched_chat_and_info():
     assert info["num_blocks"] == 3 and sum(info["block_types"].values()) == 3
     assert info["mlstm_num_heads"] == 4 and info["slstm_num_heads"] == 4 and info["slstm_at"] == [1]
     assert info["parameters"] == sum(v.size for _, v in tree_flatten(model.parameters()))
-
-
-@pytest.mark.parametrize("lookahead", [2, 3])
-def test_steps_queued_further_ahead_change_nothing(model, text_setup, lookahead):
-    """xLSTMRunner.lookahead queues more decode steps ahead of the token the host reads: the same
-    tokens (greedy, seeded sampling, stop ids, a batch), the same session state after a stream
-    that stopped early, and never more steps than max_tokens asks for."""
-    base, ahead = xLSTMRunner(model), xLSTMRunner(model)
-    ahead.lookahead = lookahead
-    assert ahead.generate(PROMPT, max_tokens=12) == base.generate(PROMPT, max_tokens=12) == argmax_loop(model, PROMPT, 12)
-    kw = dict(max_tokens=9, temperature=1.5, min_p=0.01, seed=3)
-    assert ahead.generate(PROMPT, **kw) == base.generate(PROMPT, **kw)
-    full = base.generate(PROMPT, max_tokens=12)
-    assert ahead.generate([PROMPT, PROMPT[:4]], max_tokens=12, stop=full[5]) == \
-        base.generate([PROMPT, PROMPT[:4]], max_tokens=12, stop=full[5])
-    for n in (0, 1, 2, 3):
-        assert ahead.generate(PROMPT, max_tokens=n) == full[:n]
-    # Steps built: max_tokens - 1 (the first token comes from the prefill's logits).
-    built = []
-    step = ahead._step_fn(ahead._params(0.0, 0, 1.0, 0.0, 1.0))
-    ahead._steps[ahead._params(0.0, 0, 1.0, 0.0, 1.0)] = lambda *a: built.append(1) or step(*a)
-    assert ahead.generate(PROMPT, max_tokens=5) == full[:5] and len(built) == 4
-    # A stream stopped after 3 tokens leaves the session at those tokens, not at the queued ones.
-    tmodel, tok = text_setup
-    one, many = xLSTMRunner(tmodel, tok), xLSTMRunner(tmodel, tok)
-    many.lookahead = lookahead
-    for runner in (one, many):
-        stream = runner.stream("the lazy dog", max_tokens=50, keep_state=True)
-        [next(stream) for _ in range(3)]
-        stream.close()
-    assert many.session_tokens == one.session_tokens
-    for a, b in zip(tree_flatten(many._session.state), tree_flatten(one._session.state)):
-        np.testing.assert_array_equal(np.array(a[1]), np.array(b[1]))
-    assert [c.token for c in many.stream(" fox", max_tokens=5, keep_state=True)] == \
-        [c.token for c in one.stream(" fox", max_tokens=5, keep_state=True)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -30,12 +30,6 @@ from .tokenizer import StreamingDetokenizer, Tokenizer
 #: Default prefill piece: long enough to keep the chunkwise kernel efficient, short enough that
 #: the piece's logits [S, V] stay small (S * 50304 * 4 bytes = 400 MB at 2048).
 DEFAULT_PREFILL_CHUNK = 2048
-
-#: Decode steps kept queued ahead of the token the host is reading (``xLSTMRunner.lookahead``;
-#: environment ``XLSTM_METAL_DECODE_LOOKAHEAD``). 1: the next step is queued before a token is
-#: read, so the device waits only when building one step takes the host longer than the device
-#: takes to run one.
-DECODE_LOOKAHEAD = max(1, int(os.environ.get("XLSTM_METAL_DECODE_LOOKAHEAD") or 1))
 
 Prompt = str | Sequence[int] | mx.array
 Stop = str | int | Sequence[str | int] | None
@@ -216,7 +210,6 @@ class xLSTMRunner:
             self._last_only = False
         self._steps: dict[SamplingParams, Any] = {}
         self._session = _Session()
-        self.lookahead = DECODE_LOOKAHEAD
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -316,25 +309,19 @@ class xLSTMRunner:
         return tok, keys, seen
 
     def _decode(self, logits, state, params, keys, seen, max_tokens) -> Iterator[tuple[list[int], Any, Any]]:
-        """Yields (tokens of this step per row, state before feeding them, keys after).
-
-        Steps are queued ``lookahead`` ahead of the token the host reads (``tolist`` waits for
-        it), so the device has queued work while the host reads, detokenizes and builds the next
-        step. A generation that stops early leaves up to ``lookahead`` steps computed and unused."""
+        """Yields (tokens of this step per row, state before feeding them, keys after)."""
         tok, keys, seen = self._first_token(logits, params, keys, seen)
         mx.async_eval(tok)
         step = self._step_fn(params)
-        ahead = max(1, int(self.lookahead))
-        queued = deque([(tok, state, keys)])  # per queued step: its token, the state before it, keys after
-        last = (tok, state, keys, seen)  # the newest queued step, what the next step is built from
         for t in range(max_tokens):
-            while len(queued) <= ahead and t + len(queued) < max_tokens:
-                nxt, new_state, new_keys, new_seen = step(*last)
+            if t + 1 < max_tokens:
+                # Queue the next step before reading this token: the device never waits on us.
+                nxt, new_state, new_keys, new_seen = step(tok, state, keys, seen)
                 mx.async_eval(nxt, new_state, new_keys, new_seen)
-                last = (nxt, new_state, new_keys, new_seen)
-                queued.append((nxt, new_state, new_keys))  # new_state: tok of the step before fed
-            tok, fed_state, step_keys = queued.popleft()
-            yield tok.tolist(), fed_state, step_keys
+            host = tok.tolist()
+            yield host, state, keys
+            if t + 1 < max_tokens:
+                tok, state, keys, seen = nxt, new_state, new_keys, new_seen
 
     def _start_keys(self, seed, batch_size, params, session_keys=None):
         if params.greedy:
