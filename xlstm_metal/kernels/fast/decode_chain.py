@@ -637,13 +637,13 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
 #: each stage's tiles, a grid-wide barrier between them; 4 stages 3, 4 and 5 so, in one grid
 #: (:func:`tail_quantized_matmul`). A value may be one int (every width) too.
 #:
-#: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits, one row (:data:`MERGE_MAX_ROWS`), bf16 rows;
-#: 8 bits and float products unmerged (bf16 products: faster below, their CUDA test not yet run). On an H200 (S10R2, 7B, one row, one process,
+#: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits and for bf16 products, one row
+#: (:data:`MERGE_MAX_ROWS`), bf16 rows; 8 bits unmerged. On an H200 (S10R2, 7B, one row, one process,
 #: CUPTI GPU time per step): 4 bits 2.613 ms against 2.700 unmerged (stages 3-5 1.769 ms against
 #: 1.857 for the three kernels), bf16 4.344 against 4.411 (3.069 against 3.169); at 8 bits every
 #: merged form was slower (stages 3-5 2.723 ms against 2.547; stages 4-5 2.252-2.306 against 2.112).
 _MERGE_RAW = os.environ.get("XLSTM_METAL_CHAIN_MERGE", "")
-CHAIN_MERGE: dict[int, int] | int = (_quantized._per_bits("XLSTM_METAL_CHAIN_MERGE", {4: 4, 8: 0, 16: 0})
+CHAIN_MERGE: dict[int, int] | int = (_quantized._per_bits("XLSTM_METAL_CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
                                      if not _MERGE_RAW.strip().lstrip("-").isdigit() else int(_MERGE_RAW))
 
 #: Most rows the merged launches take (measured at one row; their kernels take 2, the CUDA tests
