@@ -137,3 +137,48 @@ def test_in_place_update_equals_the_kernel_and_takes_no_new_memory():
         results.append(current)
     for k in params:
         assert mx.array_equal(results[0][k], results[1][k]), k
+
+
+def test_multi_groups_cut_evenly_below_the_limit():
+    from xlstm_metal.kernels.fast.adamw import MULTI_MAX, multi_groups
+
+    for count in (0, 1, 95, 96, 97, 122, 241, 363):
+        groups = multi_groups([1] * count)
+        assert [j for g in groups for j in g] == list(range(count))
+        assert all(0 < len(g) <= MULTI_MAX for g in groups)
+        assert len(groups) == -(-count // MULTI_MAX)
+        assert len({len(g) for g in groups}) <= 2  # at most two kernels to compile per group kind
+
+
+@cuda
+def test_multi_tensor_update_equals_one_launch_per_parameter(monkeypatch):
+    """ScaledAdamW in place with XLSTM_METAL_ADAMW_MULTI=1 (a few multi-tensor launches) gives
+    the parameters, m and v of one launch per parameter bit for bit over three steps: 200
+    parameters (three launches of bf16 gradients), sizes that are no multiple of 4, 1-element
+    ones, a gradient that is an unaligned row view, float32 gradients (their own launch)."""
+    rng = np.random.default_rng(11)
+    shapes = [(96, 333), (7,), (1,), (2048,), (4, 2048), (130, 64)] * 33 + [(5, 3), (9,)]
+    params = {f"w{j}": mx.array(rng.standard_normal(s).astype(np.float32)) for j, s in enumerate(shapes)}
+    grads = {k: mx.array(rng.standard_normal(x.shape).astype(np.float32) * 1e-2).astype(mx.bfloat16)
+             for k, x in params.items()}
+    flat = mx.array(rng.standard_normal(64 * 96 + 3).astype(np.float32)).astype(mx.bfloat16)
+    params["view"] = mx.array(rng.standard_normal((64, 96)).astype(np.float32))
+    grads["view"] = flat[1:1 + 64 * 96].reshape(64, 96)  # 2-byte offset: element by element
+    params["f32"] = mx.array(rng.standard_normal((33, 17)).astype(np.float32))
+    grads["f32"] = mx.array(rng.standard_normal((33, 17)).astype(np.float32) * 1e-2)
+    results = []
+    for multi in ("0", "1"):
+        monkeypatch.setenv("XLSTM_METAL_ADAMW_MULTI", multi)
+        opt = ScaledAdamW(learning_rate=1e-2, betas=[0.9, 0.95], weight_decay=0.1, in_place=True)
+        current = {k: mx.array(np.array(x)) for k, x in params.items()}  # own buffers
+        opt.init(current)
+        for step in range(3):
+            opt.grad_scale = mx.array(0.5 + 0.1 * step, mx.float32)
+            current = opt.apply_gradients(grads, current)
+            mx.eval(current, opt.state)
+        results.append((current, opt.state))
+    (p0, s0), (p1, s1) = results
+    for k in params:
+        assert mx.array_equal(p0[k], p1[k]), k
+        assert mx.array_equal(s0[k]["m"], s1[k]["m"]) and mx.array_equal(s0[k]["v"], s1[k]["v"]), k
+        assert not mx.array_equal(p1[k], params[k]), k

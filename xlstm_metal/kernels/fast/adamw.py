@@ -27,6 +27,7 @@ import os
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .step import cuda_available
 
@@ -63,9 +64,11 @@ _UPDATE = """
     po = __fsub_rn(__fmul_rn(pv, decay), __fdiv_rn(__fmul_rn(lr, mo), __fadd_rn(__fsqrt_rn(vo), EPS))); }
 """
 
-_SOURCE = """
+_SIZE = """
     size_t n = 1;
     for (int d = 0; d < p_ndim; ++d) n *= p_shape[d];
+    const size_t blk = blockIdx.x;"""
+_BODY = """
     const float lr = lr_in[0];
     const float s = scale[0];
     const float decay = __fsub_rn(1.0f, __fmul_rn(lr, WD));
@@ -74,7 +77,7 @@ _SOURCE = """
     const bool vec = n % VEC == 0 && xl_aligned(p, 16) && xl_aligned(m, 16) && xl_aligned(v, 16)
                      && xl_aligned(g, 4 * sizeof(*g)) && xl_aligned(P_OUT, 16) && xl_aligned(M_OUT, 16)
                      && xl_aligned(V_OUT, 16);
-    const size_t base = size_t(blockIdx.x) * (blockDim.x * VEC * GROUPS) + size_t(threadIdx.x) * VEC;
+    const size_t base = blk * (blockDim.x * VEC * GROUPS) + size_t(threadIdx.x) * VEC;
     #pragma unroll
     for (int j = 0; j < GROUPS; ++j) {
         const size_t i = base + size_t(j) * blockDim.x * VEC;
@@ -108,6 +111,8 @@ _SOURCE = """
     }
 """
 
+_SOURCE = _SIZE + _BODY
+
 # In place: the same arithmetic written over the parameter, m and v (MLX has no buffer aliasing
 # for custom kernels: they are inputs, cast to writable). ``done`` only orders the graph.
 _SOURCE_IN_PLACE = (_SOURCE.replace("M_OUT", "const_cast<float*>(m)").replace("V_OUT", "const_cast<float*>(v)")
@@ -139,6 +144,98 @@ def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False)
         )
         _kernels[key] = kernel
     return kernel
+
+
+#: Most parameters one multi-tensor launch updates: 4 pointers each, so the kernel's parameters
+#: stay under CUDA's classic 4 KB (96 x 4 x 8 bytes + 4 more pointers).
+MULTI_MAX = 96
+_CTYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float"}
+
+# Multi-tensor (in place): the block's tensor from the table of block starts (tab[0..count-1],
+# ascending) and sizes (tab[count..2 count-1]), then the one-tensor kernel's arithmetic on it.
+_MULTI_SIZE = """
+    int lo = 0, hi = COUNT - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (unsigned(tab[mid]) <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const GT* g; const float* p; const float* m; const float* v;
+    switch (lo) {
+CASES    }
+    const size_t n = size_t(unsigned(tab[COUNT + lo]));
+    const size_t blk = blockIdx.x - unsigned(tab[lo]);"""
+
+
+def _multi_kernel(b1: float, b2: float, eps: float, wd: float, count: int, gdtype: mx.Dtype):
+    """The in-place update of ``count`` parameters (gradients of ``gdtype``) in one launch."""
+    key = ("multi", b1, b2, eps, wd, count, gdtype)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        cases = "".join(f"    case {j}: g = xg{j}; p = xp{j}; m = xm{j}; v = xv{j}; break;\n" for j in range(count))
+        size = _MULTI_SIZE.replace("COUNT", str(count)).replace("GT", _CTYPES[gdtype]).replace("CASES", cases)
+        source = ((size + _BODY).replace("M_OUT", "const_cast<float*>(m)").replace("V_OUT", "const_cast<float*>(v)")
+                  .replace("P_OUT", "const_cast<float*>(p)")
+                  + "    if (blockIdx.x == 0 && threadIdx.x == 0) done[0] = 0.0f;\n")
+        header = _HEADER + _UPDATE
+        for name, value in (("OMB1", 1 - b1), ("OMB2", 1 - b2), ("B1", b1), ("B2", b2), ("EPS", eps), ("WD", wd)):
+            source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
+        names = [f"x{kind}{j}" for kind in "gpmv" for j in range(count)]
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_adamw_{len(_kernels)}",
+            input_names=names + ["lr_in", "scale", "tab"], output_names=["done"],
+            source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
+        )
+        _kernels[key] = kernel
+    return kernel
+
+
+def _blocks(n: int) -> int:
+    return max(1, -(-n // (_THREADS * _VEC * _GROUPS)))
+
+
+def multi_adamw_enabled() -> bool:
+    """Whether :class:`ScaledAdamW` (in place, on CUDA) updates its parameters in multi-tensor
+    launches of up to :data:`MULTI_MAX` (``XLSTM_METAL_ADAMW_MULTI``, default off) instead of
+    one launch each."""
+    return os.environ.get("XLSTM_METAL_ADAMW_MULTI", "0") != "0"
+
+
+def multi_groups(sizes: list[int], limit: int = MULTI_MAX) -> list[range]:
+    """Positions 0..len(sizes)-1 cut into consecutive launches of at most ``limit``, as even as
+    possible (at most two distinct counts: fewer kernels to compile)."""
+    total = len(sizes)
+    launches = -(-total // limit) if total else 0
+    bounds = [round(j * total / launches) for j in range(launches + 1)] if launches else [0]
+    return [range(bounds[j], bounds[j + 1]) for j in range(launches)]
+
+
+def adamw_update_many(gradients: list[mx.array], parameters: list[mx.array], ms: list[mx.array],
+                      vs: list[mx.array], lr: mx.array, scale: mx.array, *, b1: float, b2: float, eps: float,
+                      weight_decay: float) -> list[tuple[mx.array, mx.array, mx.array]]:
+    """:func:`adamw_update` with ``in_place=True`` for many parameters, up to :data:`MULTI_MAX`
+    per kernel launch (CUDA only): the same arithmetic element for element, so the same bits.
+    Gradients of one launch share a dtype (grouped here, each group in the given order)."""
+    out: list = [None] * len(parameters)
+    lr, scale = lr.astype(mx.float32).reshape(1), scale.astype(mx.float32).reshape(1)
+    by_dtype: dict = {}
+    for j, g in enumerate(gradients):
+        by_dtype.setdefault(g.dtype, []).append(j)
+    for gdtype, members in by_dtype.items():
+        for part in multi_groups([parameters[j].size for j in members]):
+            idx = [members[j] for j in part]
+            p, m, v = ([mx.contiguous(x[j]) for j in idx] for x in (parameters, ms, vs))
+            starts, total = [], 0
+            for j in idx:
+                starts.append(total)
+                total += _blocks(parameters[j].size)
+            tab = mx.array(starts + [parameters[j].size for j in idx], dtype=mx.int32)
+            (done,) = _multi_kernel(b1, b2, eps, weight_decay, len(idx), gdtype)(
+                inputs=[gradients[j] for j in idx] + p + m + v + [lr, scale, tab],
+                template=[], grid=(total * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
+                output_shapes=[(1,)], output_dtypes=[mx.float32])
+            for k, j in enumerate(idx):
+                out[j] = tuple(mx.depends([p[k], m[k], v[k]], [done]))
+    return out
 
 
 def fused_adamw_enabled() -> bool:
@@ -194,6 +291,13 @@ def adamw_update(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.arr
     return outs[0], outs[1], outs[2]
 
 
+def _node(tree, path: str):
+    """The entry of a nested dict / list tree at a dotted ``tree_flatten`` path."""
+    for key in path.split("."):
+        tree = tree[int(key)] if isinstance(tree, (list, tuple)) else tree[key]
+    return tree
+
+
 class ScaledAdamW(optim.AdamW):
     """``optim.AdamW`` (no bias correction) whose gradients may come unscaled and in any float
     dtype: ``grad_scale`` (a float32 scalar array, e.g. the global-norm clip's factor; None = 1)
@@ -207,6 +311,39 @@ class ScaledAdamW(optim.AdamW):
         #: Update parameters and state in place (the CUDA kernel only; see :func:`adamw_update`):
         #: for a trainer that owns the parameters and drops the old ones every step.
         self.in_place = in_place
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        """``optim.Optimizer.apply_gradients``; in place on CUDA with ``XLSTM_METAL_ADAMW_MULTI``
+        the float32 parameters go through :func:`adamw_update_many` (a few launches, the same
+        bits as one launch per parameter), the rest through :meth:`apply_single`."""
+        if not (self.in_place and multi_adamw_enabled() and fused_adamw_enabled() and not self.bias_correction):
+            return super().apply_gradients(gradients, parameters)
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        flat = tree_flatten(gradients)
+        if not flat:
+            return super().apply_gradients(gradients, parameters)
+        params = dict(tree_flatten(parameters))
+        states = [_node(self.state, path) for path, _ in flat]
+        many = [j for j, (path, _) in enumerate(flat) if params[path].dtype == mx.float32]
+        new = {}
+        if many:
+            scale = mx.array(1.0, mx.float32) if self.grad_scale is None else self.grad_scale
+            b1, b2 = self.betas
+            results = adamw_update_many([flat[j][1] for j in many], [params[flat[j][0]] for j in many],
+                                        [states[j]["m"] for j in many], [states[j]["v"] for j in many],
+                                        self.learning_rate, scale, b1=b1, b2=b2, eps=self.eps,
+                                        weight_decay=self.weight_decay)
+            for j, (p, m, v) in zip(many, results):
+                states[j]["m"], states[j]["v"] = m, v
+                new[flat[j][0]] = p
+        for j, (path, g) in enumerate(flat):
+            if path not in new:
+                new[path] = self.apply_single(g, params[path], states[j])
+        return tree_unflatten([(path, new[path]) for path, _ in flat])
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         scale = mx.array(1.0, mx.float32) if self.grad_scale is None else self.grad_scale

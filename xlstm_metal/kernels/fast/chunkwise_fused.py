@@ -1139,21 +1139,25 @@ def state_segments(num_chunks: int) -> int:
 
 
 def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype: mx.Dtype,
-                  segments: int | None = None, terms: int | None = None) -> tuple[mx.array, MLSTMState]:
+                  segments: int | None = None, terms: int | None = None, keep_states: bool = False):
     """The kernels from the raw gates: q, k [B, NH, S, DQK], v [B, NH, S, DV] (bf16, any
     strides), i, f [B, NH, S] (any float dtype and strides), state (C, n, m) in float32 ->
     h [B, NH, S, DV] in ``h_dtype`` and the final (C, n, m) in float32. The gates' log-sigmoid
     and chunk cumsums are computed inside both kernels (no gate-prep launches). ``terms``: bf16
     terms per float32 operand of both kernels' products (None: their defaults; training's
-    ``chunkwise_grad.product_terms``)."""
+    ``chunkwise_grad.product_terms``). ``keep_states`` (a backward's forward): one segment, and
+    the states entering every chunk returned too, (h, final, (C [B, NH, NC, DQK, DV], n [B, NH,
+    NC, DQK], m [B, NH, NC])), all float32 (the outputs kernel reads that C, not its bf16 terms)."""
     B, NH, S, dqk = k.shape
     dv = v.shape[-1]
     NC = -(-S // L)
-    nseg = segments or state_segments(NC)
+    if keep_states and segments not in (None, 1):
+        raise ValueError(f"keep_states needs one segment, got segments={segments}")
+    nseg = 1 if keep_states else segments or state_segments(NC)
     nseg = -(-NC // -(-NC // nseg))  # no empty segment: ceil(NC / chunks per segment)
     C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(
         k, v, i, f, state, NC, L, nseg, raw=True, terms=terms,
-        csplit=nseg == 1 and _split_terms(h_dtype, terms) == 2 and _entering_split())
+        csplit=nseg == 1 and not keep_states and _split_terms(h_dtype, terms) == 2 and _entering_split())
     if nseg == 1:
         final = (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1))
         seg = None
@@ -1170,6 +1174,8 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
         seg = (C_seg, n_seg, m_seg)
     h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, seg, eps, L, h_dtype, raw=True, terms=terms,
                  cpre=C_loc.dtype == mx.bfloat16)
+    if keep_states:
+        return h, tuple(final), (C_loc, n_loc, m_loc)
     return h, tuple(final)
 
 

@@ -142,17 +142,11 @@ def _forward_keeping(q, k, v, i, f, C0, n0, m0, eps: float, L: int, terms: int):
     """:func:`_forward` by the fused kernels (one segment) plus the states entering every chunk
     for the backward: C in the backward's storage (bf16 for one term), n, m (float32)."""
     from .chunkwise_bwd import _state_dtype
-    from .chunkwise_fused import _outputs, _states
+    from .chunkwise_fused import fused_forward
 
-    B, NH, S, dqk = k.shape
-    dv = v.shape[-1]
-    NC = -(-S // L)
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, _ = _states(k, v, i, f, (C0, n0, m0), NC, L, 1, raw=True,
-                                                                 terms=terms)
-    h = _outputs(q, k, v, i, f, C_loc, n_loc, m_loc, P_loc, None, eps, L, q.dtype, raw=True, terms=terms)
-    return (h, C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1),
-            C_loc.astype(_state_dtype(terms)), n_loc, m_loc)
+    h, final, (C_loc, n_loc, m_loc) = fused_forward(q, k.astype(q.dtype), v.astype(q.dtype), i, f, (C0, n0, m0),
+                                                    eps, L, q.dtype, terms=terms, keep_states=True)
+    return (h, *final, C_loc.astype(_state_dtype(terms)), n_loc, m_loc)
 
 
 def _entering_states(q, k, v, i, f, C0, n0, m0, L: int, fused: bool):
