@@ -241,7 +241,8 @@ def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypat
     calls = []
     monkeypatch.setattr(ffn, "swiglu_joined_supported", lambda dtype, F: True)
     monkeypatch.setattr(ffn, "swiglu_joined", lambda y: calls.append(("swiglu", y.shape)) or swiglu_split(y))
-    monkeypatch.setattr(ffn, "swiglu_down", lambda y, w: calls.append(("swiglu", y.shape)) or swiglu_split(y) @ w.T)
+    monkeypatch.setattr(ffn, "swiglu_down_residual",
+                        lambda y, w: calls.append(("swiglu", y.shape)) or swiglu_split(y) @ w.T)
     monkeypatch.setattr(mlstm, "norm_gate_train_supported", lambda h, o, w: True)
     monkeypatch.setattr(mlstm, "norm_gate_train",
                         lambda h, o, w, eps: calls.append(("norm", h.shape, o.shape)) or norm_gate_ops(h, o, w, eps))
@@ -311,3 +312,71 @@ def test_linear_cross_entropy_kernel_equals_the_ops(cap, monkeypatch):
     assert abs(loss.item() - ops_loss.item()) <= 1e-5 * abs(ops_loss.item())
     for name, a, b, c in zip(("x", "w"), grads, ops, exact):
         _as_close_as_the_ops(a, b, _f32(c), name)
+
+
+def test_residual_into_output_adds_the_residual_in_the_gemm(monkeypatch):
+    """XLSTM_METAL_TRAIN_ADDMM=1: inside ``residual_into_output(x)`` the first swiglu_down /
+    norm_gate_linear whose output matches x returns x + output (``mx.addmm``) and marks the
+    residual taken (a second one, or a mismatched shape, does not take it); value and gradients
+    (x's included) those of the plain add to float32 round-off (ops standing in for the kernels).
+    Switched off, nothing is taken."""
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(train_rows, "_swiglu_launch",
+                        lambda kind, args, F, cols: swiglu_split(args[0]) if kind == "fwd" else mx.vjp(
+                            swiglu_split, [args[0]], [args[1]])[1][0])
+    monkeypatch.setattr(train_rows, "norm_gate_rows", norm_gate_ops)
+    monkeypatch.setattr(train_rows, "_norm_gate_backward", lambda h, o, w, c, eps: mx.vjp(
+        lambda h, o, w: norm_gate_ops(h, o, w, eps), [h, o, w], [c])[1])
+    B, S, E, F, NH, DV = 2, 5, 12, 8, 2, 6
+    arrays = [mx.array(rng.standard_normal(shape).astype(np.float32)) for shape in
+              ((B, S, E), (B, S, 2 * F), (E, F), (B, NH, S, DV), (B, S, NH * DV), (NH * DV,), (E, NH * DV))]
+
+    def fused(x, y, w_down, h, o, w, w_out):
+        with train_rows.residual_into_output(x) as res:
+            a = train_rows.swiglu_down_residual(y, w_down)
+            b = train_rows.swiglu_down_residual(y, w_down)  # the residual is taken once
+        x2 = a if res.taken else x + a
+        with train_rows.residual_into_output(x2) as res2:
+            c = train_rows.norm_gate_linear(h, o, w, w_out, 1e-6)
+        with train_rows.residual_into_output(x2[:, :1]) as res3:  # another shape: not taken
+            train_rows.norm_gate_linear(h, o, w, w_out, 1e-6)
+        assert not res3.taken
+        out = (c if res2.taken else x2 + c) * 1.5 + b
+        return out.sum() + (out * out).sum(), (res.taken, res2.taken)
+
+    def plain(x, y, w_down, h, o, w, w_out):
+        x2 = x + swiglu_split(y) @ w_down.T
+        out = (x2 + norm_gate_ops(h, o, w, 1e-6) @ w_out.T) * 1.5 + swiglu_split(y) @ w_down.T
+        return out.sum() + (out * out).sum()
+
+    ref, ref_grads = mx.value_and_grad(plain, argnums=tuple(range(7)))(*arrays)
+    for setting, taken in (("1", (True, True)), ("0", (False, False))):
+        monkeypatch.setenv("XLSTM_METAL_TRAIN_ADDMM", setting)
+        assert fused(*arrays)[1] == taken
+        value, grads = mx.value_and_grad(lambda *a: fused(*a)[0], argnums=tuple(range(7)))(*arrays)
+        assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-4, atol=1e-4 * float(mx.max(mx.abs(r))))
+
+
+@cuda
+def test_train_step_with_residuals_in_the_gemms_stays_near_float32(monkeypatch):
+    """XLSTM_METAL_TRAIN_ADDMM=1 (each block's residual added in out_proj's and proj_down's GEMM,
+    one rounding instead of two): a whole model's bf16 step against the float32 step: the loss
+    within bf16 round-off (1e-3 relative), the whole gradient tree no farther from float32 than
+    1.5x the plain add's step, and the setting reached the step (the gradients differ)."""
+    model, ids = _two_block_fused_model()
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_ADDMM", "0")
+    _, plain = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_ADDMM", "1")
+    loss, fused = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    exact_loss, exact = _step_grads(model, ids[:, :-1], ids[:, 1:], mx.float32)
+    assert abs(loss.item() - exact_loss.item()) <= 1e-3 * abs(exact_loss.item())
+    total = np.zeros(3)
+    for k, g in exact.items():
+        e = _f32(g)
+        total += (np.linalg.norm(_f32(fused[k]) - e) ** 2, np.linalg.norm(_f32(plain[k]) - e) ** 2,
+                  np.linalg.norm(e) ** 2)
+    err_fused, err_plain = np.sqrt(total[0] / total[2]), np.sqrt(total[1] / total[2])
+    assert err_fused <= 1.5 * err_plain, (err_fused, err_plain)
+    assert any(not mx.array_equal(fused[k], plain[k]) for k in plain)

@@ -11,6 +11,7 @@ from ..cells.norms import RMSNorm
 from ..config import xLSTMConfig
 from ..kernels.fast import decode_chain as chain
 from ..kernels.fast.decode import add_rms_norm, gate_product_in_kernel
+from ..kernels.fast.train_rows import residual_into_output
 from ..kernels.mlstm import MLSTMState
 from ..neurons.mlstm import mLSTMNeuron
 
@@ -32,12 +33,16 @@ class mLSTMBlock(nn.Module):
         if self.fused_step(x):
             x, y, state = self.step(x, None, state)
             return x + y, state
-        y, state = self.mlstm_layer(_normed(self.norm_mlstm(x), self.norm_mlstm), state)
+        # In the training step (XLSTM_METAL_TRAIN_ADDMM=1) the branch's last GEMM may add x itself.
+        with residual_into_output(x) as res:
+            y, state = self.mlstm_layer(_normed(self.norm_mlstm(x), self.norm_mlstm), state)
         if self.mlstm_layer.fused:  # inference fast path: the residual add inside the norm's launch
             x, xn = add_rms_norm(x, y, self.norm_ffn)
             return x + self.ffn(_normed(xn, self.norm_ffn)), state
-        x = x + y
-        return x + self.ffn(_normed(self.norm_ffn(x), self.norm_ffn)), state
+        x = y if res.taken else x + y
+        with residual_into_output(x) as res:
+            z = self.ffn(_normed(self.norm_ffn(x), self.norm_ffn))
+        return (z if res.taken else x + z), state
 
     def fused_step(self, x: mx.array) -> bool:
         """True for one token once ``fuse_projections()`` selected the fused step kernel: then

@@ -9,7 +9,9 @@ import mlx.nn as nn
 
 from ..config import xLSTMConfig
 from ..kernels.fast.skinny import linear_product
-from ..kernels.fast.train_rows import swiglu_down, swiglu_joined, swiglu_joined_supported, train_recompute_enabled
+from ..kernels.fast.train_rows import (
+    swiglu_down_residual, swiglu_joined, swiglu_joined_supported, train_recompute_enabled,
+)
 from .activations import silu
 from .fused import FusedLayers, fusion_groups, linear_output, plain_linear_weight
 
@@ -42,7 +44,7 @@ class FeedForward(nn.Module):
             if joined is not None:
                 down = plain_linear_weight(self.proj_down)
                 if down is not None and train_recompute_enabled():  # SwiGLU's output not kept
-                    return swiglu_down(joined, down)
+                    return swiglu_down_residual(joined, down)  # (+ a residual_into_output's x)
                 return linear_output(self.proj_down, swiglu_joined(joined))
         if mx.default_device() != mx.cpu:
             joined = self._joined_gate_up(x)

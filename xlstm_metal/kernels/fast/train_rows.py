@@ -33,8 +33,10 @@ functions say when); ``XLSTM_METAL_TRAIN_ROWS=0`` turns them off (comparisons).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 
@@ -188,13 +190,84 @@ def swiglu_down(y: mx.array, w_down: mx.array) -> mx.array:
 
 @swiglu_down.vjp
 def _swiglu_down_vjp(primals, cotangent, _output):
-    y, w_down = primals
+    return _swiglu_down_grads(*primals, cotangent)
+
+
+def _swiglu_down_grads(y: mx.array, w_down: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+    """(dy, dw_down) of :func:`swiglu_down`, recomputing the SwiGLU."""
     F = y.shape[-1] // 2
     s = _swiglu_launch("fwd", [y], F, F)
     g2 = cotangent.reshape(-1, cotangent.shape[-1])
     dw = g2.T @ s.reshape(-1, F)
     ds = cotangent @ w_down
     return _swiglu_launch("bwd", [y, ds.astype(y.dtype)], F, 2 * F), dw
+
+
+def train_addmm_enabled() -> bool:
+    """Whether the training step adds each block's residual inside the GEMM that ends the
+    branch (``mx.addmm``: cuBLASLt's epilogue reads the residual) instead of as a separate
+    kernel (``XLSTM_METAL_TRAIN_ADDMM``, default off). One rounding (of product + residual)
+    instead of two: not the same bits."""
+    return os.environ.get("XLSTM_METAL_TRAIN_ADDMM", "0") != "0"
+
+
+class _Residual:
+    __slots__ = ("x", "taken")
+
+    def __init__(self, x: mx.array):
+        self.x, self.taken = x, False
+
+
+_RESIDUAL: contextvars.ContextVar[_Residual | None] = contextvars.ContextVar("xlstm_metal_train_residual",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def residual_into_output(x: mx.array) -> Iterator[_Residual]:
+    """Inside (with :func:`train_addmm_enabled`): the first :func:`swiglu_down` /
+    :func:`norm_gate_linear` whose output has ``x``'s shape and dtype returns ``x + output``,
+    the add in its GEMM, and sets the yielded holder's ``taken``; when it stays False the
+    caller adds ``x`` itself."""
+    holder = _Residual(x)
+    token = _RESIDUAL.set(holder if train_addmm_enabled() else None)
+    try:
+        yield holder
+    finally:
+        _RESIDUAL.reset(token)
+
+
+def _take_residual(shape: tuple, dtype: mx.Dtype) -> mx.array | None:
+    holder = _RESIDUAL.get()
+    if holder is None or holder.taken or tuple(holder.x.shape) != tuple(shape) or holder.x.dtype != dtype:
+        return None
+    holder.taken = True
+    return holder.x
+
+
+def _addmm_rows(r: mx.array, a: mx.array, w: mx.array) -> mx.array:
+    """``r + a @ w.T`` (a [..., K], w [N, K], r [..., N]) as one GEMM reading r in its epilogue."""
+    N = w.shape[0]
+    return mx.addmm(r.reshape(-1, N), a.reshape(-1, a.shape[-1]), w.T).reshape(*a.shape[:-1], N)
+
+
+@mx.custom_function
+def _swiglu_down_add(y: mx.array, w_down: mx.array, r: mx.array) -> mx.array:
+    F = y.shape[-1] // 2
+    return _addmm_rows(r, _swiglu_launch("fwd", [y], F, F), w_down)
+
+
+@_swiglu_down_add.vjp
+def _swiglu_down_add_vjp(primals, cotangent, _output):
+    y, w_down, r = primals
+    dy, dw = _swiglu_down_grads(y, w_down, cotangent)
+    return dy, dw, cotangent.astype(r.dtype)
+
+
+def swiglu_down_residual(y: mx.array, w_down: mx.array) -> mx.array:
+    """:func:`swiglu_down`, plus the residual of :func:`residual_into_output` in the GEMM where
+    one is waiting for this output."""
+    r = _take_residual((*y.shape[:-1], w_down.shape[0]), w_down.dtype) if y.dtype == w_down.dtype else None
+    return swiglu_down(y, w_down) if r is None else _swiglu_down_add(y, w_down, r)
 
 
 # ------------------------------------------------------------- output gate + multi-head norm
@@ -318,26 +391,35 @@ def norm_gate_linear(h: mx.array, o_preact: mx.array, weight: mx.array, w_out: m
     kernel, the same bits) instead of holding it: 33.5 MB per block at the 1.3b shape and 8,192
     tokens. Gradients op for op those of :func:`norm_gate_train` followed by
     :func:`~xlstm_metal.cells.fused.linear_rows_grad`."""
+    B, _, S, _ = h.shape
+    r = _take_residual((B, S, w_out.shape[0]), w_out.dtype) if h.dtype == w_out.dtype else None
+    if r is not None:  # the residual of residual_into_output, added in out_proj's GEMM
+        return _norm_gate_fn(float(eps), "residual")(h, o_preact, weight, w_out, r)
     return _norm_gate_fn(float(eps), True)(h, o_preact, weight, w_out)
 
 
-def _norm_gate_fn(eps: float, with_out: bool) -> Callable:
+def _norm_gate_fn(eps: float, with_out: bool | str) -> Callable:
     fn = _norm_gates.get((eps, with_out))
     if fn is not None:
         return fn
 
-    if with_out:
+    if with_out == "residual":
+        @mx.custom_function
+        def fn(h, o, w, w_out, r):
+            return _addmm_rows(r, norm_gate_rows(h, o, w, eps), w_out)
+
+        @fn.vjp
+        def fn_vjp(primals, cotangent, _output):
+            h, o, w, w_out, r = primals
+            return (*_norm_gate_linear_grads(h, o, w, w_out, cotangent, eps), cotangent.astype(r.dtype))
+    elif with_out:
         @mx.custom_function
         def fn(h, o, w, w_out):
             return norm_gate_rows(h, o, w, eps) @ w_out.T
 
         @fn.vjp
         def fn_vjp(primals, cotangent, _output):
-            h, o, w, w_out = primals
-            z = norm_gate_rows(h, o, w, eps)
-            g2 = cotangent.reshape(-1, cotangent.shape[-1])
-            dw_out = g2.T @ z.reshape(-1, z.shape[-1])
-            return (*_norm_gate_backward(h, o, w, cotangent @ w_out, eps), dw_out)
+            return _norm_gate_linear_grads(*primals, cotangent, eps)
     else:
         @mx.custom_function
         def fn(h, o, w):
@@ -349,6 +431,14 @@ def _norm_gate_fn(eps: float, with_out: bool) -> Callable:
 
     _norm_gates[(eps, with_out)] = fn
     return fn
+
+
+def _norm_gate_linear_grads(h, o, w, w_out, cotangent, eps: float) -> tuple:
+    """(dh, do~, dweight, dw_out) of :func:`norm_gate_linear`, recomputing the cell's output."""
+    z = norm_gate_rows(h, o, w, eps)
+    g2 = cotangent.reshape(-1, cotangent.shape[-1])
+    dw_out = g2.T @ z.reshape(-1, z.shape[-1])
+    return (*_norm_gate_backward(h, o, w, cotangent @ w_out, eps), dw_out)
 
 
 def _norm_gate_backward(h: mx.array, o: mx.array, w: mx.array, cotangent: mx.array, eps: float):
