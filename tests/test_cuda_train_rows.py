@@ -380,3 +380,42 @@ def test_train_step_with_residuals_in_the_gemms_stays_near_float32(monkeypatch):
     err_fused, err_plain = np.sqrt(total[0] / total[2]), np.sqrt(total[1] / total[2])
     assert err_fused <= 1.5 * err_plain, (err_fused, err_plain)
     assert any(not mx.array_equal(fused[k], plain[k]) for k in plain)
+
+
+@cuda
+def test_kept_states_stored_in_bf16_by_the_states_kernel_are_the_same_bits(monkeypatch):
+    """``XLSTM_METAL_MLSTM_KEEP_BF16=1``: with one product term the states kernel stores the kept
+    entering C in bf16 (rounded to nearest) and the outputs kernel reads it so, instead of
+    storing float32 that the outputs kernel rounds and a cast rounds again for the backward:
+    h, the final state and the kept states bit for bit (fused_forward at the 1.3b head sizes,
+    a ragged last chunk), and a whole model's bf16-products loss and gradients bit for bit."""
+    from xlstm_metal.kernels.fast.chunkwise_fused import fused_forward
+
+    rng = np.random.default_rng(9)
+    B, NH, S, dqk, dv = 1, 2, 200, 256, 512
+    q, k, v = (_bf16(rng, B, NH, S, d) for d in (dqk, dqk, dv))
+    i = mx.array(rng.standard_normal((B, NH, S)).astype(np.float32) * 3)
+    f = mx.array(rng.standard_normal((B, NH, S)).astype(np.float32) * 3 + 2)
+    state = (mx.array(rng.standard_normal((B, NH, dqk, dv)).astype(np.float32)),
+             mx.array(rng.standard_normal((B, NH, dqk)).astype(np.float32)), mx.zeros((B, NH, 1)))
+    runs = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_BF16", setting)
+        h, final, kept = fused_forward(q, k, v, i, f, state, 1e-6, 64, mx.bfloat16, terms=1, keep_states=True)
+        mx.eval(h, final, kept)
+        runs[setting] = (h, final, kept)
+    (h0, fin0, kept0), (h1, fin1, kept1) = runs["0"], runs["1"]
+    assert kept0[0].dtype == mx.float32 and kept1[0].dtype == mx.bfloat16
+    assert mx.array_equal(h0, h1)
+    assert all(mx.array_equal(a, b) for a, b in zip(fin0, fin1))
+    assert mx.array_equal(kept0[0].astype(mx.bfloat16), kept1[0])
+    assert mx.array_equal(kept0[1], kept1[1]) and mx.array_equal(kept0[2], kept1[2])
+
+    model, ids = _two_block_fused_model()
+    monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_BF16", "0")
+    loss0, g0 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_BF16", "1")
+    loss1, g1 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    assert loss0.item() == loss1.item()
+    for key in g0:
+        assert mx.array_equal(g0[key], g1[key]), key

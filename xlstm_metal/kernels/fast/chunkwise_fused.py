@@ -702,7 +702,7 @@ _OUTPUTS_SOURCE = """
     const float scale = rsqrtf(static_cast<float>(DQK));
 
     // q and k slabs during the DQK loop, then the chunk's 64 value columns (transposed).
-    static_assert(!CPRE || (NSPLIT == 2 && !SEGC), "split entering states: two terms, one segment");
+    static_assert(!CPRE || ((NSPLIT == 2 || NSPLIT == 1) && !SEGC), "stored entering states: one or two terms, one segment");
     constexpr int QK_BYTES = 2 * L * (KS + PAD) * 2;
     constexpr int V_BYTES = L * (64 + PAD) * 2;
     constexpr int BUF_BYTES = 2 * QK_BYTES;  // two q/k slab buffers
@@ -726,9 +726,10 @@ _OUTPUTS_SOURCE = """
     const bool v_vec = rows_vectorizable(vb, v_strides);
     const int rows_left = S - c * L;  // rows of this chunk inside the sequence
     // C_enter: float32 [.., DQK, DV] per chunk, or (CPRE) the states kernel's two bf16 terms (hi,
-    // lo) [.., DQK, DV / 32, 2, 32]: the same bytes per chunk.
-    static_assert(sizeof(C_enter[0]) == (CPRE ? 2 : 4), "entering states: float32, or two bf16 terms");
-    const unsigned char* Ceb = reinterpret_cast<const unsigned char*>(C_enter) + chunk * DQK * DV * 4;
+    // lo) [.., DQK, DV / 32, 2, 32]: the same bytes per chunk, or (CPRE, one term) C rounded to
+    // bf16 [.., DQK, DV].
+    static_assert(sizeof(C_enter[0]) == (CPRE ? 2 : 4), "entering states: float32, or bf16 terms");
+    const unsigned char* Ceb = reinterpret_cast<const unsigned char*>(C_enter) + chunk * DQK * DV * (CPRE ? 2 * NSPLIT : 4);
     const float* Ce = reinterpret_cast<const float*>(Ceb) + j0;
     const __nv_bfloat16* Cp = reinterpret_cast<const __nv_bfloat16*>(Ceb);
     const float* ne = n_enter + chunk * DQK;
@@ -785,7 +786,14 @@ _OUTPUTS_SOURCE = """
                 stage8(&qd[t][e], qb + t * q_strides[2] + (d0 + e) * q_strides[3], q_strides[3], q_vec, in);
                 stage8(&kd[t][e], kb + t * k_strides[2] + (d0 + e) * k_strides[3], k_strides[3], k_vec, in);
             }
-            if constexpr (CPRE && !(PROBE & 1)) {  // diagnostic 1: no C copies
+            if constexpr (CPRE && NSPLIT == 1 && !(PROBE & 1)) {
+                // Row d0 + d's 64 bf16 columns: 128 contiguous bytes, 8 pieces.
+                auto cd = Cs[(d0 / KS) & 1];
+                for (int idx = tid; idx < KS * 8; idx += NT) {
+                    const int d = idx >> 3;
+                    cp_async16(&cd[0][d][(idx & 7) * 8], Cp + static_cast<size_t>(d0 + d) * DV + j0 + (idx & 7) * 8);
+                }
+            } else if constexpr (CPRE && !(PROBE & 1)) {  // diagnostic 1: no C copies
                 // Row d0 + d's 64 columns: 256 contiguous bytes, 16 pieces (group piece / 8, plane
                 // (piece / 4) % 2, columns 8 (piece % 4).. of the group).
                 auto cd = Cs[(d0 / KS) & 1];
@@ -1147,7 +1155,9 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
     terms per float32 operand of both kernels' products (None: their defaults; training's
     ``chunkwise_grad.product_terms``). ``keep_states`` (a backward's forward): one segment, and
     the states entering every chunk returned too, (h, final, (C [B, NH, NC, DQK, DV], n [B, NH,
-    NC, DQK], m [B, NH, NC])), all float32 (the outputs kernel reads that C, not its bf16 terms)."""
+    NC, DQK], m [B, NH, NC])): n, m float32; C as the outputs kernel reads it: bf16 (rounded to
+    nearest by the states kernel) where its products take one bf16 term (``terms=1``, unless
+    ``XLSTM_METAL_MLSTM_KEEP_BF16=0``: then float32), else float32."""
     B, NH, S, dqk = k.shape
     dv = v.shape[-1]
     NC = -(-S // L)
@@ -1155,8 +1165,10 @@ def fused_forward(q, k, v, i, f, state: MLSTMState, eps: float, L: int, h_dtype:
         raise ValueError(f"keep_states needs one segment, got segments={segments}")
     nseg = 1 if keep_states else segments or state_segments(NC)
     nseg = -(-NC // -(-NC // nseg))  # no empty segment: ceil(NC / chunks per segment)
+    # Kept for a backward that reads them in bf16 (one term): stored so by the states kernel.
+    c16 = keep_states and _split_terms(h_dtype, terms) == 1 and _kept_bf16()
     C_loc, n_loc, m_loc, P_loc, C_fin, n_fin, m_fin, P_fin = _states(
-        k, v, i, f, state, NC, L, nseg, raw=True, terms=terms,
+        k, v, i, f, state, NC, L, nseg, raw=True, terms=terms, c_dtype=mx.bfloat16 if c16 else mx.float32,
         csplit=nseg == 1 and not keep_states and _split_terms(h_dtype, terms) == 2 and _entering_split())
     if nseg == 1:
         final = (C_fin.reshape(B, NH, dqk, dv), n_fin.reshape(B, NH, dqk), m_fin.reshape(B, NH, 1))
@@ -1283,6 +1295,14 @@ def _entering_split() -> bool:
     them into shared memory as they are instead of splitting each slab itself: the same h, bit
     for bit). On unless ``XLSTM_METAL_STATES_CSPLIT=0``."""
     return os.environ.get("XLSTM_METAL_STATES_CSPLIT") != "0"
+
+
+def _kept_bf16() -> bool:
+    """Whether :func:`fused_forward` with ``keep_states`` and one product term has the states
+    kernel store the entering C in bf16 (read so by the outputs kernel and kept for the backward:
+    the bits of the float32 C rounded by the outputs kernel and cast for the backward, without
+    the float32 C and the cast). ``XLSTM_METAL_MLSTM_KEEP_BF16``, default off."""
+    return os.environ.get("XLSTM_METAL_MLSTM_KEEP_BF16", "0") != "0"
 
 
 def _outputs_bound(L: int, cpre: bool) -> tuple[int, int]:
