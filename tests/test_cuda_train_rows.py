@@ -419,3 +419,60 @@ def test_kept_states_stored_in_bf16_by_the_states_kernel_are_the_same_bits(monke
     assert loss0.item() == loss1.item()
     for key in g0:
         assert mx.array_equal(g0[key], g1[key]), key
+
+
+def test_split_columns_joins_the_cotangents_in_the_traced_step(monkeypatch):
+    """Where the join kernel applies, the traced step splits each projection group's product with
+    ``split_columns`` (per block q|k|v|o~|i~|f~, and gate|up off CUDA) and its vjp joins the pieces'
+    cotangents; with the concatenation standing in for the kernel, loss and gradients are the
+    plain split's bit for bit."""
+    from xlstm_metal.cells import fused
+
+    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
+    model = xLSTMLarge(config)
+    init_xlstm_large(model, 0)
+    ids = mx.array(np.random.default_rng(4).integers(0, 97, (2, 33)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    params = model.trainable_parameters()
+    loss_fn = make_loss_fn(model, mx.float32, fuse_projections=True)
+    ref_loss, ref = mx.value_and_grad(loss_fn)(params, x, y)
+    model.update(params)
+    joins = []
+    monkeypatch.setattr(fused, "join_columns_supported", lambda dtype, widths: True)
+    monkeypatch.setattr(train_rows, "_join_launch", lambda pieces, widths, dtype: joins.append(widths) or
+                        mx.concatenate([p.astype(dtype) for p in pieces], axis=-1))
+    loss, grads = mx.value_and_grad(loss_fn)(params, x, y)
+    model.update(params)
+    qk, v, F = config.qk_dim, config.v_dim, config.ffn_dim
+    assert sorted(joins) == sorted([(qk, qk, v, v, 2, 2), (F, F)] * 2)  # (on CUDA the SwiGLU reads gate|up joined)
+    assert loss.item() == ref_loss.item()
+    flat = dict(tree_flatten(grads))
+    for k, g in tree_flatten(ref):
+        assert mx.array_equal(flat[k], g), k
+
+
+@cuda
+def test_join_kernel_is_the_concatenation(monkeypatch):
+    """The join kernel: MLX's concatenation bit for bit, for the 1.3b mLSTM group's widths
+    (1024, 1024, 2048, 2048, 4, 4) with transposed-view pieces (the i~, f~ cotangents), for
+    widths that split 16-byte groups, and an unaligned piece; and a whole model's bf16 step
+    with XLSTM_METAL_TRAIN_JOIN=1 has the loss and gradients of the plain split."""
+    rng = np.random.default_rng(12)
+    T = 300
+    for widths in ((1024, 1024, 2048, 2048, 4, 4), (5, 11, 16, 3), (8, 24)):
+        pieces = [_bf16(rng, T, w) for w in widths]
+        if widths[-1] == 4:  # as the gates' cotangents: [B, NH, S] transposed to [B, S, NH]
+            pieces[-1] = _bf16(rng, 4, T).T
+        if widths == (8, 24):
+            pieces[0] = _bf16(rng, T * 8 + 1).reshape(-1)[1:].reshape(T, 8)  # 2-byte offset
+        ours = train_rows._join_launch(pieces, widths, mx.bfloat16)
+        assert mx.array_equal(ours, mx.concatenate(pieces, axis=-1)), widths
+
+    model, ids = _two_block_fused_model()
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_JOIN", "0")
+    loss0, g0 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_JOIN", "1")
+    loss1, g1 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    assert loss0.item() == loss1.item()
+    for key in g0:
+        assert mx.array_equal(g0[key], g1[key]), key

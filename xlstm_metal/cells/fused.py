@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from ..kernels.fast.quantized import quantized_matmul
 from ..kernels.fast.skinny import linear_product, plain_products_vjp
+from ..kernels.fast.train_rows import join_columns_supported, split_columns
 
 FusedGroup = dict[str, mx.array]
 
@@ -132,7 +133,12 @@ def fused_outputs_unbiased(
             for j in members[:-1]:
                 start += layers[j].weight.shape[0]
                 bounds.append(start)
-            for j, out in zip(members, mx.split(y, bounds, axis=-1)):
+            widths = tuple(layers[j].weight.shape[0] for j in members)
+            if _TRACED_FUSION.get() and join_columns_supported(y.dtype, widths):
+                pieces = split_columns(y, bounds)  # the backward joins the pieces in one kernel
+            else:
+                pieces = mx.split(y, bounds, axis=-1)
+            for j, out in zip(members, pieces):
                 outs[j] = out
     return [layer(x) if not fused_j else out for layer, out, fused_j in zip(layers, outs, done)], biases, deferred
 

@@ -170,6 +170,94 @@ def _swiglu_joined_vjp(primals, cotangent, _output):
     return _swiglu_launch("bwd", [y, cotangent.astype(y.dtype)], F, 2 * F)
 
 
+# ------------------------------------------------------------- a projection group's columns
+# The gradient of a column split (the traced step's q|k|v|o~|i~|f~ product, [..., N]) is the
+# concatenation of the pieces' cotangents: MLX runs it as one strided copy per piece (144 launches,
+# 2.5 ms per 1.3b step in S8R3's trace). Here one kernel writes the joined rows: each thread 8
+# consecutive columns (one 16-byte load and store where they lie in one piece whose rows allow it,
+# else element by element). PIECES: the generated chain that picks a column's piece.
+_JOIN = """
+    const size_t idx = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    const size_t row = idx / GROUPS;
+    const int c0 = int(idx % GROUPS) * 8;
+    if (row >= ROWS) return;
+    T* dst = out + row * N + c0;
+    const T* src = nullptr;  // the piece's element for column c0, where all 8 columns lie in it
+PIECES    if (src != nullptr && ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        return;
+    }
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const int c = c0 + e;
+        if (c >= N) break;
+ELEMENTS    }
+"""
+
+
+def join_columns_supported(dtype: mx.Dtype, widths: tuple[int, ...]) -> bool:
+    """Whether :func:`split_columns` gets its kernel: CUDA (``XLSTM_METAL_TRAIN_JOIN=1``, default
+    off), bf16 / fp16, at most 8 pieces."""
+    return (train_rows_enabled() and os.environ.get("XLSTM_METAL_TRAIN_JOIN", "0") != "0"
+            and dtype in (mx.bfloat16, mx.float16) and 1 < len(widths) <= 8)
+
+
+def _join_kernel(widths: tuple[int, ...]):
+    key = ("join", widths)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        starts = [sum(widths[:j]) for j in range(len(widths))]
+        pieces, elements = "", ""
+        for j, (a, w) in enumerate(zip(starts, widths)):
+            if w % 8 == 0 and a % 8 == 0:
+                pieces += (f"    {'else ' if pieces else ''}if (c0 >= {a} && c0 + 8 <= {a + w}) "
+                           f"src = x{j} + row * {w} + (c0 - {a});\n")
+            elements += (f"        {'else ' if j else ''}if (c < {a + w}) dst[e] = x{j}[row * {w} + c - {a}];\n")
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_train_join_{len(_kernels)}", input_names=[f"x{j}" for j in range(len(widths))],
+            output_names=["out"], source=_JOIN.replace("PIECES", pieces).replace("ELEMENTS", elements))
+        _kernels[key] = kernel
+    return kernel
+
+
+def _join_launch(pieces: list[mx.array], widths: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+    N = sum(widths)
+    rows = pieces[0].size // widths[0]
+    groups = -(-N // 8)
+    (out,) = _join_kernel(widths)(
+        inputs=[p.astype(dtype).reshape(rows, w) for p, w in zip(pieces, widths)],
+        template=[("T", dtype), ("N", N), ("GROUPS", groups), ("ROWS", rows)],
+        grid=(-(-(rows * groups) // _THREADS) * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(rows, N)], output_dtypes=[dtype])
+    return out.reshape(*pieces[0].shape[:-1], N)
+
+
+_splits: dict[tuple[int, ...], Callable] = {}
+
+
+def split_columns(y: mx.array, bounds: list[int]) -> list[mx.array]:
+    """``mx.split(y, bounds, axis=-1)`` whose vjp joins the pieces' cotangents in one kernel
+    (the bits of MLX's concatenation). Only where :func:`join_columns_supported`."""
+    N = y.shape[-1]
+    edges = [0, *bounds, N]
+    widths = tuple(b - a for a, b in zip(edges[:-1], edges[1:]))
+    fn = _splits.get(widths)
+    if fn is None:
+        cuts = list(bounds)
+
+        @mx.custom_function
+        def fn(y):
+            return tuple(mx.split(y, cuts, axis=-1))
+
+        @fn.vjp
+        def fn_vjp(primals, cotangents, _outputs):
+            y = primals[0] if isinstance(primals, (list, tuple)) else primals
+            return _join_launch(list(cotangents), widths, y.dtype)
+
+        _splits[widths] = fn
+    return list(fn(y))
+
+
 def train_recompute_enabled() -> bool:
     """Whether the training step recomputes the SwiGLU's output in the backward instead of
     keeping it (:func:`swiglu_down`; default on, ``XLSTM_METAL_TRAIN_RECOMPUTE=0`` keeps it)."""
