@@ -31,7 +31,8 @@ from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from ..distributed import DistributedError, agree, is_main, size_and_rank
 from ..kernels.fast.train_rows import (
-    cast_joined, cross_entropy_rows, cross_entropy_rows_supported, sum_of_squares, sum_of_squares_supported,
+    cast_joined, cast_many, cast_many_enabled, cross_entropy_rows, cross_entropy_rows_supported, sum_of_squares,
+    sum_of_squares_supported,
 )
 from ..kernels.fast.chunkwise_grad import product_terms
 from ..monitor import current_job
@@ -870,8 +871,13 @@ class Trainer:
             if joined:
                 flat = dict(tree_flatten(params))
                 members = {p for _, groups in joined for paths in groups for p in paths}
+                rest = [(k, v) for k, v in flat.items() if k not in members]
+                if cast_many_enabled():  # the float32 masters' copies in a few launches
+                    f32 = [j for j, (_, v) in enumerate(rest) if v.dtype == mx.float32]
+                    cast = dict(zip(f32, cast_many([rest[j][1] for j in f32], dtype)))
+                    rest = [(k, cast[j]) if j in cast else (k, v) for j, (k, v) in enumerate(rest)]
                 copies = tree_unflatten([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-                                         for k, v in flat.items() if k not in members])
+                                         for k, v in rest])
                 buffers = [[cast_joined([flat[p] for p in paths], dtype) for paths in groups] for _, groups in joined]
                 loss, (g_copies, g_buffers) = grad_joined((copies, buffers), inputs, targets)
                 norm_tree = (g_copies, g_buffers)  # the same squares, fewer and larger reductions

@@ -615,6 +615,71 @@ def cast_joined(members: list[mx.array], dtype: mx.Dtype) -> mx.array:
     return out
 
 
+# --------------------------------------------------------------- many compute copies at once
+# Float32 arrays x0.. -> their casts o0.. in T, one launch for up to CAST_MANY_MAX of them: the
+# block's array from a table of block starts (tab[0..count-1]) and sizes (tab[count..]), 4
+# consecutive elements per thread (a 16-byte load where aligned). CASES: the generated switch.
+_CAST_MANY = """
+    int lo = 0, hi = COUNT - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (unsigned(tab[mid]) <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const float* src; T* dst;
+    switch (lo) {
+CASES    }
+    const size_t n = size_t(unsigned(tab[COUNT + lo]));
+    const size_t i = size_t(blockIdx.x - unsigned(tab[lo])) * blockDim.x * 4 + size_t(threadIdx.x) * 4;
+    if (i + 4 <= n && ((reinterpret_cast<uintptr_t>(src + i) & 15) | (reinterpret_cast<uintptr_t>(dst + i) & 7)) == 0) {
+        const float4 v = *reinterpret_cast<const float4*>(src + i);
+        __align__(8) T o[4] = {static_cast<T>(v.x), static_cast<T>(v.y), static_cast<T>(v.z), static_cast<T>(v.w)};
+        *reinterpret_cast<uint2*>(dst + i) = *reinterpret_cast<const uint2*>(o);
+    } else {
+        for (size_t e = i; e < i + 4 && e < n; ++e) dst[e] = static_cast<T>(src[e]);
+    }
+"""
+#: Most arrays one :func:`cast_many` launch casts (2 pointers each).
+CAST_MANY_MAX = 96
+
+
+def cast_many_enabled() -> bool:
+    """Whether the training step casts its float32 masters that no joined group holds with
+    :func:`cast_many` (``XLSTM_METAL_TRAIN_CAST_MANY=1``, default off) instead of one cast each."""
+    return train_rows_enabled() and os.environ.get("XLSTM_METAL_TRAIN_CAST_MANY", "0") != "0"
+
+
+def cast_many(arrays: list[mx.array], dtype: mx.Dtype) -> list[mx.array]:
+    """``[a.astype(dtype) for a in arrays]`` for float32 arrays: on CUDA (bf16 / fp16) one kernel
+    per up to :data:`CAST_MANY_MAX` arrays instead of a launch each; the same values."""
+    if not (train_rows_enabled() and dtype in (mx.bfloat16, mx.float16) and arrays
+            and all(a.dtype == mx.float32 for a in arrays)):
+        return [a.astype(dtype) for a in arrays]
+    from .adamw import multi_groups
+
+    out: list[mx.array] = []
+    for part in multi_groups([a.size for a in arrays], CAST_MANY_MAX):
+        group = [arrays[j] for j in part]
+        count = len(group)
+        key = ("cast_many", count)
+        kernel = _kernels.get(key)
+        if kernel is None:
+            cases = "".join(f"    case {j}: src = x{j}; dst = o{j}; break;\n" for j in range(count))
+            kernel = mx.fast.cuda_kernel(
+                name=f"xlstm_train_cast_many_{len(_kernels)}",
+                input_names=[f"x{j}" for j in range(count)] + ["tab"], output_names=[f"o{j}" for j in range(count)],
+                source=_CAST_MANY.replace("COUNT", str(count)).replace("CASES", cases))
+            _kernels[key] = kernel
+        starts, total = [], 0
+        for a in group:
+            starts.append(total)
+            total += max(1, -(-a.size // (_THREADS * 4)))
+        tab = mx.array(starts + [a.size for a in group], dtype=mx.int32)
+        out += kernel(inputs=group + [tab], template=[("T", dtype)], grid=(total * _THREADS, 1, 1),
+                      threadgroup=(_THREADS, 1, 1), output_shapes=[a.shape for a in group],
+                      output_dtypes=[dtype] * count)
+    return out
+
+
 # ---------------------------------------------------------------------- gradient norm
 # Sum of squares of many arrays in one launch: block (x, y) strides over array y (SELECT picks
 # its pointer), 16-byte loads where the array is 16-byte aligned; one float32 partial per block,
