@@ -171,14 +171,18 @@ def test_train_step_with_the_kernels_equals_the_ops_step(monkeypatch):
     assert err_ours <= 2 * err_ops, (err_ours, err_ops)
 
 
-def _two_block_fused_model():
-    """A 2-block model on the fused mLSTM kernels (DQK 128, DV 256) and a [2, 65] token batch."""
-    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=32)
+def _two_block_fused_model(vocab: int = 97):
+    """A 2-block model on the fused mLSTM kernels (DQK 128, DV 256) and a [2, 65] token batch;
+    with ``vocab`` >= 130 its tokens are all different (the embedding's gradient is a scatter-add
+    whose atomic adds of repeated tokens may round in any order: bit-for-bit tests need that)."""
+    config = xLSTMConfig(embedding_dim=512, num_heads=2, num_blocks=2, vocab_size=vocab, chunk_size=32)
     model = xLSTMLarge(config)
     for block in model.blocks:
         block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
     init_xlstm_large(model, 0)
-    return model, mx.array(np.random.default_rng(3).integers(0, 97, (2, 65)))
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(vocab)[:130].reshape(2, 65) if vocab >= 130 else rng.integers(0, vocab, (2, 65))
+    return model, mx.array(ids)
 
 
 @cuda
@@ -411,7 +415,7 @@ def test_kept_states_stored_in_bf16_by_the_states_kernel_are_the_same_bits(monke
     assert mx.array_equal(kept0[0].astype(mx.bfloat16), kept1[0])
     assert mx.array_equal(kept0[1], kept1[1]) and mx.array_equal(kept0[2], kept1[2])
 
-    model, ids = _two_block_fused_model()
+    model, ids = _two_block_fused_model(vocab=257)
     monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_BF16", "0")
     loss0, g0 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
     monkeypatch.setenv("XLSTM_METAL_MLSTM_KEEP_BF16", "1")
@@ -468,7 +472,7 @@ def test_join_kernel_is_the_concatenation(monkeypatch):
         ours = train_rows._join_launch(pieces, widths, mx.bfloat16)
         assert mx.array_equal(ours, mx.concatenate(pieces, axis=-1)), widths
 
-    model, ids = _two_block_fused_model()
+    model, ids = _two_block_fused_model(vocab=257)
     monkeypatch.setenv("XLSTM_METAL_TRAIN_JOIN", "0")
     loss0, g0 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
     monkeypatch.setenv("XLSTM_METAL_TRAIN_JOIN", "1")
@@ -498,17 +502,19 @@ def test_same_bits_knobs_leave_the_training_steps_unchanged(monkeypatch, tmp_pat
     """The trainer's bf16 step (fused projections and head, bf16 products) for three steps with
     the launch and traffic savings that keep the bits (multi-tensor AdamW, kept states stored in
     bf16, the one-kernel join, the grouped casts) all on against all off: the same losses and
-    the same float32 weights and AdamW moments bit for bit."""
+    the same float32 weights and AdamW moments bit for bit (all tokens different: the
+    embedding's scatter-add is exact)."""
     from xlstm_metal.training.trainer import Trainer, TrainingConfig
 
     knobs = ("XLSTM_METAL_ADAMW_MULTI", "XLSTM_METAL_MLSTM_KEEP_BF16", "XLSTM_METAL_TRAIN_JOIN",
              "XLSTM_METAL_TRAIN_CAST_MANY")
-    stream = np.random.default_rng(0).integers(0, 97, size=6 * 2 * 65, dtype=np.int32)
+    # All tokens different (see _two_block_fused_model): every batch's embedding gradient exact.
+    stream = np.random.default_rng(0).permutation(1024)[:6 * 2 * 65].astype(np.int32)
     runs = []
     for setting in ("0", "1"):
         for knob in knobs:
             monkeypatch.setenv(knob, setting)
-        model, _ = _two_block_fused_model()
+        model, _ = _two_block_fused_model(vocab=1024)
         cfg = TrainingConfig(seq_len=64, batch_size=2, steps=3, dtype="bfloat16", head_loss="fused",
                              fuse_projections=True, mlstm_products="bf16", eval_batches=1, lr=1e-3)
         trainer = Trainer(model, stream, stream[:2 * 65], cfg, tmp_path / setting, tmp_path, progress=False)
