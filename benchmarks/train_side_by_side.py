@@ -90,6 +90,7 @@ def worker_ours(args) -> None:
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
     fits = False  # a variant so far peaked within --memory-target
     adamw_env = os.environ.get("XLSTM_METAL_FUSED_ADAMW")
+    saved_env: dict[str, str | None] = {}  # the previous variant's env-NAME=VALUE settings, as they were
     default_limit = mx.set_memory_limit(1 << 40)  # MLX's default, to restore between variants
     mx.set_memory_limit(default_limit)
     for variant in variants:
@@ -97,10 +98,20 @@ def worker_ours(args) -> None:
             break
         kernel, recompute, *mode = variant.split("/")
         limits = [m for m in mode if m.startswith("mem-limit-")]
-        mode = [m for m in mode if m not in limits]
+        # env-NAME=VALUE: an XLSTM_METAL_* setting for this variant alone (read when its step is
+        # traced), so one process can alternate settings
+        envs = dict(m[4:].split("=", 1) for m in mode if m.startswith("env-XLSTM_METAL_") and "=" in m)
+        mode = [m for m in mode if m not in limits and not m.startswith("env-")]
+        for name in saved_env:
+            if saved_env[name] is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved_env[name]
+        saved_env = {name: os.environ.get(name) for name in envs}
+        os.environ.update(envs)
         if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw", "bf16-products"} or len(limits) > 1:
             raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj, "
-                             "mlx-adamw, bf16-products and one mem-limit-GB may follow")
+                             "mlx-adamw, bf16-products, one mem-limit-GB and env-XLSTM_METAL_NAME=VALUE may follow")
         # mem-limit-GB: mx.set_memory_limit for this variant. MLX keeps every op's inputs until the
         # GPU has run its command buffer, up to 10 buffers ahead of it; over the limit, evaluation
         # waits for the GPU (the limit is soft: allocations still succeed).
@@ -786,7 +797,7 @@ def main() -> int:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--variants", default="chunkwise_fused/none",
                    help="ours: comma-separated KERNEL/RECOMPUTE[/eager][/fused-head][/fused-proj][/mlx-adamw]"
-                        "[/bf16-products][/mem-limit-GB] (bf16-products: TrainingConfig.mlstm_products='bf16'; recompute: "
+                        "[/bf16-products][/mem-limit-GB][/env-XLSTM_METAL_NAME=VALUE] (bf16-products: TrainingConfig.mlstm_products='bf16'; recompute: "
                         "none, head, mlstm, ffn, blocks; eager: the step uncompiled; fused-head: --head-loss fused; "
                         "fused-proj: projections reading one input as one matmul; mlx-adamw: MLX's AdamW ops instead "
                         "of the AdamW kernel)")

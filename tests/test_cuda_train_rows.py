@@ -320,7 +320,7 @@ def test_linear_cross_entropy_kernel_equals_the_ops(cap, monkeypatch):
 
 def test_residual_into_output_adds_the_residual_in_the_gemm(monkeypatch):
     """XLSTM_METAL_TRAIN_ADDMM=1: inside ``residual_into_output(x)`` the first swiglu_down /
-    norm_gate_linear whose output matches x returns x + output (``mx.addmm``) and marks the
+    norm_gate_linear / linear_residual whose output matches x returns x + output (``mx.addmm``) and marks the
     residual taken (a second one, or a mismatched shape, does not take it); value and gradients
     (x's included) those of the plain add to float32 round-off (ops standing in for the kernels).
     Switched off, nothing is taken."""
@@ -345,16 +345,20 @@ def test_residual_into_output_adds_the_residual_in_the_gemm(monkeypatch):
         with train_rows.residual_into_output(x2[:, :1]) as res3:  # another shape: not taken
             train_rows.norm_gate_linear(h, o, w, w_out, 1e-6)
         assert not res3.taken
-        out = (c if res2.taken else x2 + c) * 1.5 + b
-        return out.sum() + (out * out).sum(), (res.taken, res2.taken)
+        x3 = c if res2.taken else x2 + c
+        with train_rows.residual_into_output(x3) as res4:  # the kept cell's out_proj
+            d = train_rows.linear_residual(norm_gate_ops(h, o, w, 1e-6), w_out)
+        out = (d if res4.taken else x3 + d) * 1.5 + b
+        return out.sum() + (out * out).sum(), (res.taken, res2.taken, res4.taken)
 
     def plain(x, y, w_down, h, o, w, w_out):
         x2 = x + swiglu_split(y) @ w_down.T
-        out = (x2 + norm_gate_ops(h, o, w, 1e-6) @ w_out.T) * 1.5 + swiglu_split(y) @ w_down.T
+        x3 = x2 + norm_gate_ops(h, o, w, 1e-6) @ w_out.T
+        out = (x3 + norm_gate_ops(h, o, w, 1e-6) @ w_out.T) * 1.5 + swiglu_split(y) @ w_down.T
         return out.sum() + (out * out).sum()
 
     ref, ref_grads = mx.value_and_grad(plain, argnums=tuple(range(7)))(*arrays)
-    for setting, taken in (("1", (True, True)), ("0", (False, False))):
+    for setting, taken in (("1", (True, True, True)), ("0", (False, False, False))):
         monkeypatch.setenv("XLSTM_METAL_TRAIN_ADDMM", setting)
         assert fused(*arrays)[1] == taken
         value, grads = mx.value_and_grad(lambda *a: fused(*a)[0], argnums=tuple(range(7)))(*arrays)
@@ -532,3 +536,20 @@ def test_same_bits_knobs_leave_the_training_steps_unchanged(monkeypatch, tmp_pat
         assert mx.array_equal(p0[k], p1[k]), k
     for k in s0:
         assert mx.array_equal(s0[k], s1[k]), k
+
+
+@cuda
+def test_kept_output_cell_gives_the_recomputing_steps_bits(monkeypatch):
+    """``XLSTM_METAL_TRAIN_RECOMPUTE_CELL=0``: the mLSTM output cell's output kept for out_proj's
+    backward instead of recomputed there (the same kernel, the same products): a whole model's
+    bf16 loss and gradients bit for bit, with and without the residual adds in the GEMMs."""
+    model, ids = _two_block_fused_model(vocab=257)
+    for addmm in ("0", "1"):
+        monkeypatch.setenv("XLSTM_METAL_TRAIN_ADDMM", addmm)
+        monkeypatch.setenv("XLSTM_METAL_TRAIN_RECOMPUTE_CELL", "1")
+        loss0, g0 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+        monkeypatch.setenv("XLSTM_METAL_TRAIN_RECOMPUTE_CELL", "0")
+        loss1, g1 = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+        assert loss0.item() == loss1.item(), addmm
+        for key in g0:
+            assert mx.array_equal(g0[key], g1[key]), (addmm, key)

@@ -16,7 +16,8 @@ from ..kernels.fast.decode import (
     fused_decode_enabled, mlstm_step_gated, mlstm_step_gated_packed, output_norm_gate, unpack_step_columns,
 )
 from ..kernels.fast.train_rows import (
-    norm_gate_linear, norm_gate_train, norm_gate_train_supported, train_recompute_enabled,
+    linear_residual, norm_gate_linear, norm_gate_train, norm_gate_train_supported, train_cell_recompute_enabled,
+    train_recompute_enabled,
 )
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
@@ -187,7 +188,10 @@ class mLSTMOutputCell(nn.Module):
             # cell's output recomputed in the backward instead of kept)
             w_out = plain_linear_weight(layers.out_proj)
             if w_out is not None and train_recompute_enabled():
-                return norm_gate_linear(h, o_preact, norm.weight, w_out, norm.eps)
+                if train_cell_recompute_enabled():
+                    return norm_gate_linear(h, o_preact, norm.weight, w_out, norm.eps)
+                # the cell's output kept (XLSTM_METAL_TRAIN_RECOMPUTE_CELL=0), out_proj on it
+                return linear_residual(norm_gate_train(h, o_preact, norm.weight, norm.eps), w_out)
             return linear_output(layers.out_proj, norm_gate_train(h, o_preact, norm.weight, norm.eps))
         h_norm = layers.multihead_norm(h.transpose(0, 2, 1, 3))
         return linear_output(layers.out_proj, sigmoid(o_preact) * h_norm)
