@@ -223,7 +223,12 @@ def adamw_update_many(gradients: list[mx.array], parameters: list[mx.array], ms:
     for gdtype, members in by_dtype.items():
         for part in multi_groups([parameters[j].size for j in members]):
             idx = [members[j] for j in part]
-            p, m, v = ([mx.contiguous(x[j]) for j in idx] for x in (parameters, ms, vs))
+            # The parameters through mx.contiguous (it shares a row-contiguous buffer, else copies:
+            # the kernel must write into the buffers the returned arrays hold). m and v are this
+            # optimizer's own state, created contiguous (zeros, a loaded checkpoint, these
+            # buffers): passed as they are (a graph node fewer each in every traced step).
+            p = [mx.contiguous(parameters[j]) for j in idx]
+            m, v = [ms[j] for j in idx], [vs[j] for j in idx]
             starts, total = [], 0
             for j in idx:
                 starts.append(total)
@@ -233,8 +238,10 @@ def adamw_update_many(gradients: list[mx.array], parameters: list[mx.array], ms:
                 inputs=[gradients[j] for j in idx] + p + m + v + [lr, scale, tab],
                 template=[], grid=(total * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
                 output_shapes=[(1,)], output_dtypes=[mx.float32])
+            after = mx.depends(p + m + v, [done])  # one node for the launch's outputs
+            n = len(idx)
             for k, j in enumerate(idx):
-                out[j] = tuple(mx.depends([p[k], m[k], v[k]], [done]))
+                out[j] = (after[k], after[n + k], after[2 * n + k])
     return out
 
 
