@@ -503,28 +503,36 @@ def test_cast_many_is_the_casts():
 
 @cuda
 def test_same_bits_knobs_leave_the_training_steps_unchanged(monkeypatch, tmp_path):
-    """The trainer's bf16 step (fused projections and head, bf16 products) for three steps with
-    the launch and traffic savings that keep the bits (multi-tensor AdamW, kept states stored in
-    bf16, the one-kernel join, the grouped casts) all on against all off: the same losses and
+    """The trainer's bf16 step (fused projections and head, bf16 products; one block of the 1.3b
+    shape, 4 x 2,048 tokens) for two steps with the launch and traffic savings that keep the bits
+    (multi-tensor AdamW, kept states stored in bf16, the one-kernel join, the grouped casts) all
+    on against all off: the same losses and
     the same float32 weights and AdamW moments bit for bit (all tokens different: the
     embedding's scatter-add is exact)."""
     from xlstm_metal.training.trainer import Trainer, TrainingConfig
 
+    from xlstm_metal.benchmark import shape_config
+
     knobs = ("XLSTM_METAL_ADAMW_MULTI", "XLSTM_METAL_MLSTM_KEEP_BF16", "XLSTM_METAL_TRAIN_JOIN",
              "XLSTM_METAL_TRAIN_CAST_MANY")
-    # All tokens different (see _two_block_fused_model): every batch's embedding gradient exact.
-    stream = np.random.default_rng(0).permutation(1024)[:6 * 2 * 65].astype(np.int32)
+    # One block of the 1.3b shape at its batch (4 x 2,048: the benchmark's kernels, from MLX's
+    # kernel cache when it ran first); all tokens different (see _two_block_fused_model).
+    B, S, V, steps = 4, 2048, 32768, 2
+    stream = np.random.default_rng(0).permutation(V)[:(steps + 1) * B * (S + 1)].astype(np.int32)
     runs = []
     for setting in ("0", "1"):
         for knob in knobs:
             monkeypatch.setenv(knob, setting)
-        model, _ = _two_block_fused_model(vocab=1024)
-        cfg = TrainingConfig(seq_len=64, batch_size=2, steps=3, dtype="bfloat16", head_loss="fused",
+        model = xLSTMLarge(shape_config("1.3b", num_blocks=1, vocab_size=V, chunk_size=64))
+        for block in model.blocks:
+            block.mlstm_layer.parallel_kernel_cell.kernel = "chunkwise_fused"
+        init_xlstm_large(model, 0)
+        cfg = TrainingConfig(seq_len=S, batch_size=B, steps=steps, dtype="bfloat16", head_loss="fused",
                              fuse_projections=True, mlstm_products="bf16", eval_batches=1, lr=1e-3)
-        trainer = Trainer(model, stream, stream[:2 * 65], cfg, tmp_path / setting, tmp_path, progress=False)
+        trainer = Trainer(model, stream, stream[:B * (S + 1)], cfg, tmp_path / setting, tmp_path, progress=False)
         trainer._build_steps()
         losses = []
-        for _ in range(3):
+        for _ in range(steps):
             x, y = trainer.batches.next()
             loss, _norm = trainer._train_step(mx.array(x), mx.array(y))
             mx.eval(loss, model.state, trainer.optimizer.state)

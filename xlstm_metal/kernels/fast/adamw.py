@@ -195,9 +195,9 @@ def _blocks(n: int) -> int:
 
 def multi_adamw_enabled() -> bool:
     """Whether :class:`ScaledAdamW` (in place, on CUDA) updates its parameters in multi-tensor
-    launches of up to :data:`MULTI_MAX` (``XLSTM_METAL_ADAMW_MULTI``, default off) instead of
-    one launch each."""
-    return os.environ.get("XLSTM_METAL_ADAMW_MULTI", "0") != "0"
+    launches of up to :data:`MULTI_MAX` (``XLSTM_METAL_ADAMW_MULTI``, default on; 0: one launch
+    per parameter) instead of one launch each."""
+    return os.environ.get("XLSTM_METAL_ADAMW_MULTI", "1") != "0"
 
 
 def multi_groups(sizes: list[int], limit: int = MULTI_MAX) -> list[range]:

@@ -1301,8 +1301,8 @@ def _kept_bf16() -> bool:
     """Whether :func:`fused_forward` with ``keep_states`` and one product term has the states
     kernel store the entering C in bf16 (read so by the outputs kernel and kept for the backward:
     the bits of the float32 C rounded by the outputs kernel and cast for the backward, without
-    the float32 C and the cast). ``XLSTM_METAL_MLSTM_KEEP_BF16``, default off."""
-    return os.environ.get("XLSTM_METAL_MLSTM_KEEP_BF16", "0") != "0"
+    the float32 C and the cast). ``XLSTM_METAL_MLSTM_KEEP_BF16``, default on (0: float32 C)."""
+    return os.environ.get("XLSTM_METAL_MLSTM_KEEP_BF16", "1") != "0"
 
 
 def _outputs_bound(L: int, cpre: bool) -> tuple[int, int]:

@@ -196,9 +196,9 @@ ELEMENTS    }
 
 
 def join_columns_supported(dtype: mx.Dtype, widths: tuple[int, ...]) -> bool:
-    """Whether :func:`split_columns` gets its kernel: CUDA (``XLSTM_METAL_TRAIN_JOIN=1``, default
-    off), bf16 / fp16, at most 8 pieces."""
-    return (train_rows_enabled() and os.environ.get("XLSTM_METAL_TRAIN_JOIN", "0") != "0"
+    """Whether :func:`split_columns` gets its kernel: CUDA (unless ``XLSTM_METAL_TRAIN_JOIN=0``),
+    bf16 / fp16, at most 8 pieces."""
+    return (train_rows_enabled() and os.environ.get("XLSTM_METAL_TRAIN_JOIN", "1") != "0"
             and dtype in (mx.bfloat16, mx.float16) and 1 < len(widths) <= 8)
 
 
@@ -294,9 +294,9 @@ def _swiglu_down_grads(y: mx.array, w_down: mx.array, cotangent: mx.array) -> tu
 def train_addmm_enabled() -> bool:
     """Whether the training step adds each block's residual inside the GEMM that ends the
     branch (``mx.addmm``: cuBLASLt's epilogue reads the residual) instead of as a separate
-    kernel (``XLSTM_METAL_TRAIN_ADDMM``, default off). One rounding (of product + residual)
-    instead of two: not the same bits."""
-    return os.environ.get("XLSTM_METAL_TRAIN_ADDMM", "0") != "0"
+    kernel (``XLSTM_METAL_TRAIN_ADDMM``, default on; 0: a separate add). One rounding (of
+    product + residual) instead of two: not the same bits."""
+    return os.environ.get("XLSTM_METAL_TRAIN_ADDMM", "1") != "0"
 
 
 class _Residual:
@@ -678,8 +678,8 @@ CAST_MANY_MAX = 96
 
 def cast_many_enabled() -> bool:
     """Whether the training step casts its float32 masters that no joined group holds with
-    :func:`cast_many` (``XLSTM_METAL_TRAIN_CAST_MANY=1``, default off) instead of one cast each."""
-    return train_rows_enabled() and os.environ.get("XLSTM_METAL_TRAIN_CAST_MANY", "0") != "0"
+    :func:`cast_many` (default on; ``XLSTM_METAL_TRAIN_CAST_MANY=0``: one cast each)."""
+    return train_rows_enabled() and os.environ.get("XLSTM_METAL_TRAIN_CAST_MANY", "1") != "0"
 
 
 def cast_many(arrays: list[mx.array], dtype: mx.Dtype) -> list[mx.array]:
