@@ -23,6 +23,7 @@ with b1, b2, 1 - b1, 1 - b2, eps and wd rounded to float32 as MLX rounds Python 
 from __future__ import annotations
 
 import os
+import zlib
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -122,6 +123,12 @@ _SOURCE_IN_PLACE = (_SOURCE.replace("M_OUT", "const_cast<float*>(m)").replace("V
 _kernels: dict[tuple, object] = {}
 
 
+def _tag(key) -> str:
+    """A kernel name suffix from its cache key: the same in every process (MLX's on-disk kernel
+    cache finds a kernel by its name and source; a counter would name it by creation order)."""
+    return f"{zlib.crc32(repr(key).encode()):08x}"
+
+
 def _f32(x: float) -> str:
     """A float32 literal of the Python float ``x`` as MLX rounds it (round to nearest)."""
     return f"{float(np.float32(x))!r}f"
@@ -137,7 +144,7 @@ def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False)
         for name, value in (("OMB1", 1 - b1), ("OMB2", 1 - b2), ("B1", b1), ("B2", b2), ("EPS", eps), ("WD", wd)):
             source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_adamw_{len(_kernels)}",
+            name=f"xlstm_adamw_{_tag(key)}",
             input_names=["g", "p", "m", "v", "lr_in", "scale"],
             output_names=["done"] if in_place else ["p_out", "m_out", "v_out"],
             source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
@@ -181,7 +188,7 @@ def _multi_kernel(b1: float, b2: float, eps: float, wd: float, count: int, gdtyp
             source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
         names = [f"x{kind}{j}" for kind in "gpmv" for j in range(count)]
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_adamw_{len(_kernels)}",
+            name=f"xlstm_adamw_{_tag(key)}",
             input_names=names + ["lr_in", "scale", "tab"], output_names=["done"],
             source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
         )

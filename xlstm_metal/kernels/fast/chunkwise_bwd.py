@@ -36,6 +36,7 @@ to float32 round-off.
 from __future__ import annotations
 
 import os
+import zlib
 
 import mlx.core as mx
 
@@ -676,7 +677,7 @@ def _kernel(which: str, eps: float = 0.0):
                 source=_Y_SOURCE, header=header, ensure_row_contiguous=False)
         elif which == "rows":
             kernel = mx.fast.cuda_kernel(
-                name="xlstm_mlstm_bwd_rows_" + str(len(_kernels)),
+                name=f"xlstm_mlstm_bwd_rows_{zlib.crc32(repr(key).encode()):08x}",
                 input_names=["q", "k", "v", "dh", "bcum", "igc", "qyp", "n_enter", "m_enter"],
                 output_names=["rowst", "dPg", "Stg"],
                 source=_ROWS_SOURCE.replace("EPS", f"{float(eps)!r}f"), header=header + _ROWS,

@@ -47,6 +47,7 @@ differentiable (training): ``mx.custom_function`` with the vjp of :mod:`.chunkwi
 from __future__ import annotations
 
 import os
+import zlib
 
 import mlx.core as mx
 
@@ -1084,7 +1085,7 @@ def _kernel(which: str, eps: float = 0.0, bound: tuple[int, int] = (0, 0)):
             )
         else:
             kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_mlstm_chunk_outputs_{len(_kernels)}",
+                name=f"xlstm_mlstm_chunk_outputs_{zlib.crc32(repr(key).encode()):08x}",
                 input_names=["q", "k", "v", "gi", "gf", "C_enter", "n_enter", "m_enter", "P_enter",
                              "C_seg", "n_seg", "m_seg"],
                 output_names=["h_out"],

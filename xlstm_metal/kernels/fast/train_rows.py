@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import zlib
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -44,6 +45,12 @@ from .norm_rows import _NORM_GATE_HEADER, norm_gate_rows, norm_gate_rows_support
 from .step import cuda_available
 
 _kernels: dict[tuple, object] = {}
+
+
+def _tag(key) -> str:
+    """A kernel name suffix from its cache key: the same in every process (MLX's on-disk kernel
+    cache finds a kernel by its name and source; a counter would name it by creation order)."""
+    return f"{zlib.crc32(repr(key).encode()):08x}"
 
 
 def train_rows_enabled() -> bool:
@@ -214,7 +221,7 @@ def _join_kernel(widths: tuple[int, ...]):
                            f"src = x{j} + row * {w} + (c0 - {a});\n")
             elements += (f"        {'else ' if j else ''}if (c < {a + w}) dst[e] = x{j}[row * {w} + c - {a}];\n")
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_join_{len(_kernels)}", input_names=[f"x{j}" for j in range(len(widths))],
+            name=f"xlstm_train_join_{_tag(key)}", input_names=[f"x{j}" for j in range(len(widths))],
             output_names=["out"], source=_JOIN.replace("PIECES", pieces).replace("ELEMENTS", elements))
         _kernels[key] = kernel
     return kernel
@@ -569,7 +576,7 @@ def _norm_gate_backward(h: mx.array, o: mx.array, w: mx.array, cotangent: mx.arr
     kernel = _kernels.get(("norm_gate_bwd", eps))
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_norm_gate_bwd_{len(_kernels)}",
+            name=f"xlstm_train_norm_gate_bwd_{_tag(('norm_gate_bwd', eps))}",
             input_names=["h", "o", "w", "cot"],
             output_names=["dh", "do_out", "dw_part"],
             source=_NORM_GATE_BWD.replace("EPS", f"{eps!r}f"),
@@ -630,7 +637,7 @@ def cast_joined(members: list[mx.array], dtype: mx.Dtype) -> mx.array:
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_cast_joined_{len(_kernels)}",
+            name=f"xlstm_train_cast_joined_{_tag(key)}",
             input_names=[f"w{j}" for j in range(len(rows))],
             output_names=["out"],
             source=_CAST_JOINED.replace("SELECT", "\n".join(select)),
@@ -699,7 +706,7 @@ def cast_many(arrays: list[mx.array], dtype: mx.Dtype) -> list[mx.array]:
         if kernel is None:
             cases = "".join(f"    case {j}: src = x{j}; dst = o{j}; break;\n" for j in range(count))
             kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_train_cast_many_{len(_kernels)}",
+                name=f"xlstm_train_cast_many_{_tag(key)}",
                 input_names=[f"x{j}" for j in range(count)] + ["tab"], output_names=[f"o{j}" for j in range(count)],
                 source=_CAST_MANY.replace("COUNT", str(count)).replace("CASES", cases))
             _kernels[key] = kernel
@@ -889,7 +896,7 @@ def cross_entropy_rows(logits: mx.array, targets: mx.array, soft_cap: float | No
         source = _CE_ROWS.replace("CAPPED", "true" if capped else "false").replace(
             "CAP", f"{float(soft_cap)!r}f" if capped else "1.0f")
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_ce_rows_{len(_kernels)}",
+            name=f"xlstm_train_ce_rows_{_tag(key)}",
             input_names=["z", "targets"],
             output_names=["g", "row_loss"],
             source=source,
