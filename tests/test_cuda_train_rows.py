@@ -233,10 +233,10 @@ def test_kept_entering_states_give_the_recomputed_states_gradients(monkeypatch):
     assert np.sqrt(total[0] / total[1]) <= 2e-3, np.sqrt(total[0] / total[1])
 
 
-def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):
-    """Where the kernels apply, the traced (fused-projection) step calls them once per block with
-    the joined gate|up product and the output cell's h, o~, weight; with ops standing in for
-    the kernels the loss and float32 gradients equal the step without them."""
+def _traced_float32_reference():
+    """A two-block fused-projection model, a batch (x, y) and its traced float32 step's loss and
+    gradients, computed before a test stands ops in for the kernels: (model, x, y, params,
+    loss_fn, ref_loss, ref)."""
     config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
     model = xLSTMLarge(config)
     init_xlstm_large(model, 0)
@@ -246,6 +246,14 @@ def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypat
     loss_fn = make_loss_fn(model, mx.float32, fuse_projections=True)
     ref_loss, ref = mx.value_and_grad(loss_fn)(params, x, y)
     model.update(params)
+    return model, x, y, params, loss_fn, ref_loss, ref
+
+
+def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypatch):
+    """Where the kernels apply, the traced (fused-projection) step calls them once per block with
+    the joined gate|up product and the output cell's h, o~, weight; with ops standing in for
+    the kernels the loss and float32 gradients equal the step without them."""
+    model, x, y, params, loss_fn, ref_loss, ref = _traced_float32_reference()
 
     calls = []
     monkeypatch.setattr(ffn, "swiglu_joined_supported", lambda dtype, F: True)
@@ -259,7 +267,7 @@ def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypat
         ("norm", h.shape, o.shape)) or norm_gate_ops(h, o, w, eps) @ w_out.T)
     loss, grads = mx.value_and_grad(loss_fn)(params, x, y)
     model.update(params)
-    F, E, NH = config.ffn_dim, config.embedding_dim, config.num_heads
+    F, E, NH = model.config.ffn_dim, model.config.embedding_dim, model.config.num_heads
     assert calls == [("norm", (2, NH, 32, E // NH), (2, 32, E)), ("swiglu", (2, 32, 2 * F))] * 2
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     flat, ref = dict(tree_flatten(grads)), dict(tree_flatten(ref))
@@ -428,22 +436,14 @@ def test_split_columns_joins_the_cotangents_in_the_traced_step(monkeypatch):
     plain split's bit for bit."""
     from xlstm_metal.cells import fused
 
-    config = xLSTMConfig(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
-    model = xLSTMLarge(config)
-    init_xlstm_large(model, 0)
-    ids = mx.array(np.random.default_rng(4).integers(0, 97, (2, 33)))
-    x, y = ids[:, :-1], ids[:, 1:]
-    params = model.trainable_parameters()
-    loss_fn = make_loss_fn(model, mx.float32, fuse_projections=True)
-    ref_loss, ref = mx.value_and_grad(loss_fn)(params, x, y)
-    model.update(params)
+    model, x, y, params, loss_fn, ref_loss, ref = _traced_float32_reference()
     joins = []
     monkeypatch.setattr(fused, "join_columns_supported", lambda dtype, widths: True)
     monkeypatch.setattr(train_rows, "_join_launch", lambda pieces, widths, dtype: joins.append(widths) or
                         mx.concatenate([p.astype(dtype) for p in pieces], axis=-1))
     loss, grads = mx.value_and_grad(loss_fn)(params, x, y)
     model.update(params)
-    qk, v, F = config.qk_dim, config.v_dim, config.ffn_dim
+    qk, v, F = model.config.qk_dim, model.config.v_dim, model.config.ffn_dim
     assert sorted(joins) == sorted([(qk, qk, v, v, 2, 2), (F, F)] * 2)  # (on CUDA the SwiGLU reads gate|up joined)
     assert loss.item() == ref_loss.item()
     flat = dict(tree_flatten(grads))
