@@ -23,7 +23,6 @@ with b1, b2, 1 - b1, 1 - b2, eps and wd rounded to float32 as MLX rounds Python 
 from __future__ import annotations
 
 import os
-import zlib
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -31,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .step import cuda_available
+from .tensor_cores import kernel_tag
 
 _THREADS = 256
 _VEC = 4  # consecutive elements per thread and group: one 16-byte load of p, m, v each
@@ -123,11 +123,6 @@ _SOURCE_IN_PLACE = (_SOURCE.replace("M_OUT", "const_cast<float*>(m)").replace("V
 _kernels: dict[tuple, object] = {}
 
 
-def _tag(key) -> str:
-    """A kernel name suffix from its cache key: the same in every process (MLX's on-disk kernel
-    cache finds a kernel by its name and source; a counter would name it by creation order)."""
-    return f"{zlib.crc32(repr(key).encode()):08x}"
-
 
 def _f32(x: float) -> str:
     """A float32 literal of the Python float ``x`` as MLX rounds it (round to nearest)."""
@@ -144,7 +139,7 @@ def _kernel(b1: float, b2: float, eps: float, wd: float, in_place: bool = False)
         for name, value in (("OMB1", 1 - b1), ("OMB2", 1 - b2), ("B1", b1), ("B2", b2), ("EPS", eps), ("WD", wd)):
             source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_adamw_{_tag(key)}",
+            name=f"xlstm_adamw_{kernel_tag(key)}",
             input_names=["g", "p", "m", "v", "lr_in", "scale"],
             output_names=["done"] if in_place else ["p_out", "m_out", "v_out"],
             source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
@@ -188,7 +183,7 @@ def _multi_kernel(b1: float, b2: float, eps: float, wd: float, count: int, gdtyp
             source, header = source.replace(name, _f32(value)), header.replace(name, _f32(value))
         names = [f"x{kind}{j}" for kind in "gpmv" for j in range(count)]
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_adamw_{_tag(key)}",
+            name=f"xlstm_adamw_{kernel_tag(key)}",
             input_names=names + ["lr_in", "scale", "tab"], output_names=["done"],
             source=source.replace("GROUPS", str(_GROUPS)).replace("VEC", str(_VEC)), header=header,
         )

@@ -36,11 +36,11 @@ to float32 round-off.
 from __future__ import annotations
 
 import os
-import zlib
 
 import mlx.core as mx
 
 from .chunkwise_fused import _HEADER, _LOADS, _ROWS
+from .tensor_cores import kernel_tag
 
 _KS = 32  # columns staged in shared memory per slab
 _JT = 64  # value columns per reverse-kernel block
@@ -677,7 +677,7 @@ def _kernel(which: str, eps: float = 0.0):
                 source=_Y_SOURCE, header=header, ensure_row_contiguous=False)
         elif which == "rows":
             kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_mlstm_bwd_rows_{zlib.crc32(repr(key).encode()):08x}",
+                name=f"xlstm_mlstm_bwd_rows_{kernel_tag(key)}",
                 input_names=["q", "k", "v", "dh", "bcum", "igc", "qyp", "n_enter", "m_enter"],
                 output_names=["rowst", "dPg", "Stg"],
                 source=_ROWS_SOURCE.replace("EPS", f"{float(eps)!r}f"), header=header + _ROWS,

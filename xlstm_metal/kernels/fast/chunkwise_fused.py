@@ -47,14 +47,13 @@ differentiable (training): ``mx.custom_function`` with the vjp of :mod:`.chunkwi
 from __future__ import annotations
 
 import os
-import zlib
 
 import mlx.core as mx
 
 from ..mlstm import MLSTMState, _cast_state, _state_f32
 from ..mlstm import chunk_gates as _chunk_gates
 from .step import cuda_available
-from .tensor_cores import launch_bounds
+from .tensor_cores import kernel_tag, launch_bounds
 
 _TILE = 64  # rows of C per states block; value columns per outputs block
 # Columns of C per states block: 32 (96 registers, 4-5 blocks per SM) beat 64 (133 registers)
@@ -1085,7 +1084,7 @@ def _kernel(which: str, eps: float = 0.0, bound: tuple[int, int] = (0, 0)):
             )
         else:
             kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_mlstm_chunk_outputs_{zlib.crc32(repr(key).encode()):08x}",
+                name=f"xlstm_mlstm_chunk_outputs_{kernel_tag(key)}",
                 input_names=["q", "k", "v", "gi", "gf", "C_enter", "n_enter", "m_enter", "P_enter",
                              "C_seg", "n_seg", "m_seg"],
                 output_names=["h_out"],

@@ -7,6 +7,8 @@ product (:mod:`.skinny`); :func:`launch_bounds` by the chunkwise and decode kern
 
 from __future__ import annotations
 
+import zlib
+
 
 def compact_source(text: str) -> str:
     """CUDA source text without its comments, indentation, runs of spaces and blank lines: the
@@ -96,3 +98,9 @@ template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uin
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 """
+
+
+def kernel_tag(key) -> str:
+    """A kernel name suffix from its cache key: the same in every process (MLX's on-disk kernel
+    cache finds a kernel by its name and source; a counter would name it by creation order)."""
+    return f"{zlib.crc32(repr(key).encode()):08x}"

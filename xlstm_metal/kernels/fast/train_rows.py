@@ -36,21 +36,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import zlib
 from typing import Callable, Iterator
 
 import mlx.core as mx
 
 from .norm_rows import _NORM_GATE_HEADER, norm_gate_rows, norm_gate_rows_supported
 from .step import cuda_available
+from .tensor_cores import kernel_tag
 
 _kernels: dict[tuple, object] = {}
 
-
-def _tag(key) -> str:
-    """A kernel name suffix from its cache key: the same in every process (MLX's on-disk kernel
-    cache finds a kernel by its name and source; a counter would name it by creation order)."""
-    return f"{zlib.crc32(repr(key).encode()):08x}"
 
 
 def train_rows_enabled() -> bool:
@@ -221,7 +216,7 @@ def _join_kernel(widths: tuple[int, ...]):
                            f"src = x{j} + row * {w} + (c0 - {a});\n")
             elements += (f"        {'else ' if j else ''}if (c < {a + w}) dst[e] = x{j}[row * {w} + c - {a}];\n")
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_join_{_tag(key)}", input_names=[f"x{j}" for j in range(len(widths))],
+            name=f"xlstm_train_join_{kernel_tag(key)}", input_names=[f"x{j}" for j in range(len(widths))],
             output_names=["out"], source=_JOIN.replace("PIECES", pieces).replace("ELEMENTS", elements))
         _kernels[key] = kernel
     return kernel
@@ -576,7 +571,7 @@ def _norm_gate_backward(h: mx.array, o: mx.array, w: mx.array, cotangent: mx.arr
     kernel = _kernels.get(("norm_gate_bwd", eps))
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_norm_gate_bwd_{_tag(('norm_gate_bwd', eps))}",
+            name=f"xlstm_train_norm_gate_bwd_{kernel_tag(('norm_gate_bwd', eps))}",
             input_names=["h", "o", "w", "cot"],
             output_names=["dh", "do_out", "dw_part"],
             source=_NORM_GATE_BWD.replace("EPS", f"{eps!r}f"),
@@ -637,7 +632,7 @@ def cast_joined(members: list[mx.array], dtype: mx.Dtype) -> mx.array:
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_cast_joined_{_tag(key)}",
+            name=f"xlstm_train_cast_joined_{kernel_tag(key)}",
             input_names=[f"w{j}" for j in range(len(rows))],
             output_names=["out"],
             source=_CAST_JOINED.replace("SELECT", "\n".join(select)),
@@ -706,7 +701,7 @@ def cast_many(arrays: list[mx.array], dtype: mx.Dtype) -> list[mx.array]:
         if kernel is None:
             cases = "".join(f"    case {j}: src = x{j}; dst = o{j}; break;\n" for j in range(count))
             kernel = mx.fast.cuda_kernel(
-                name=f"xlstm_train_cast_many_{_tag(key)}",
+                name=f"xlstm_train_cast_many_{kernel_tag(key)}",
                 input_names=[f"x{j}" for j in range(count)] + ["tab"], output_names=[f"o{j}" for j in range(count)],
                 source=_CAST_MANY.replace("COUNT", str(count)).replace("CASES", cases))
             _kernels[key] = kernel
@@ -896,7 +891,7 @@ def cross_entropy_rows(logits: mx.array, targets: mx.array, soft_cap: float | No
         source = _CE_ROWS.replace("CAPPED", "true" if capped else "false").replace(
             "CAP", f"{float(soft_cap)!r}f" if capped else "1.0f")
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_train_ce_rows_{_tag(key)}",
+            name=f"xlstm_train_ce_rows_{kernel_tag(key)}",
             input_names=["z", "targets"],
             output_names=["g", "row_loss"],
             source=source,
