@@ -89,6 +89,7 @@ def worker_ours(args) -> None:
     stream = np.random.default_rng(0).integers(0, vocab, size=B * (S + 1) * (args.steps + 4), dtype=np.int32)
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
     fits = False  # a variant so far peaked within --memory-target
+    traced = False  # a variant's steps were traced (--trace-once: the first variant's alone)
     adamw_env = os.environ.get("XLSTM_METAL_FUSED_ADAMW")
     saved_env: dict[str, str | None] = {}  # the previous variant's env-NAME=VALUE settings, as they were
     default_limit = mx.set_memory_limit(1 << 40)  # MLX's default, to restore between variants
@@ -227,24 +228,31 @@ def worker_ours(args) -> None:
                     record.update(step_s_alone=alone, tok_s_alone=B * S / statistics.median(alone))
                 _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
                 emitted = True
-                if args.trace_steps and time.time() < deadline:
+                if args.trace_steps and time.time() < deadline and not (args.trace_once and traced):
                     def traced_steps(trainer=trainer, n=args.trace_steps):
-                        # The timed loop's steps: back to back, or each alone.
+                        # The timed loop's steps: back to back, or each alone; the host's phases
+                        # marked (host_timeline: when the host built and queued each step).
                         pending = None
                         for _ in range(n):
-                            x, y = trainer.batches.next()
-                            loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+                            with _host_phase("build"):
+                                x, y = trainer.batches.next()
+                                loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
                             if not args.pipelined:
-                                mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                                with _host_phase("eval"):
+                                    mx.eval(loss, grad_norm, model.state, trainer.optimizer.state)
                                 continue
-                            mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                            with _host_phase("async_eval"):
+                                mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                             if pending is not None:
-                                mx.eval(pending)
+                                with _host_phase("wait"):
+                                    mx.eval(pending)
                             pending = [loss, grad_norm]
-                        mx.eval(pending or [], model.state, trainer.optimizer.state)
+                        with _host_phase("wait"):
+                            mx.eval(pending or [], model.state, trainer.optimizer.state)
 
                     _emit(out, {"side": "ours", "kind": "step_trace", "variant": record["variant"],
                                 **trace_kernels(traced_steps, args.trace_steps, record["step_s"], calls=1)})
+                    traced = True
                 del trainer
         except Exception as err:  # e.g. out of memory: report it and go on
             record["error"] = repr(err)[:800]
@@ -366,17 +374,46 @@ def kernel_gaps(kernels: list[dict], steps: int, top: int = 24, least_us: float 
     }
 
 
+#: Prefix of the host phases :func:`_host_phase` marks in a trace.
+HOST_PHASE = "xlstm:"
+
+
+class _host_phase:
+    """A host phase of the traced loop (``build``, ``async_eval``, ``wait``) as a PyTorch
+    profiler range (``record_function``), so the trace has the host's times on the kernels'
+    clock (:func:`host_timeline`); nothing without PyTorch."""
+
+    def __init__(self, name: str):
+        self.name = HOST_PHASE + name
+        self.ctx = None
+
+    def __enter__(self):
+        try:
+            from torch.profiler import record_function
+        except ImportError:
+            return self
+        self.ctx = record_function(self.name)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
 def trace_kernels(run, steps: int, step_s: float | None = None, calls: int | None = None) -> dict:
     """``run()`` ``calls`` times (default ``steps``; a run may do several steps) under CUPTI
-    (PyTorch's profiler, which records every kernel of the process, MLX's included) ->
-    :func:`summarize_kernels` of the trace of ``steps`` steps."""
+    (PyTorch's profiler, which records every kernel of the process, MLX's included, the CUDA
+    runtime's calls and the host phases ``run`` marks with :class:`_host_phase`) ->
+    :func:`summarize_kernels` of the trace of ``steps`` steps, with :func:`host_timeline`."""
     try:
         from torch.profiler import ProfilerActivity, profile
     except ImportError as err:
         return {"error": f"no PyTorch profiler: {err}"}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps if calls is None else calls):
                     run()
             path = Path(tmp) / "trace.json"
@@ -384,7 +421,60 @@ def trace_kernels(run, steps: int, step_s: float | None = None, calls: int | Non
             events = json.loads(path.read_text()).get("traceEvents", [])
     except Exception as err:  # a profiler that cannot attach: say so, keep the run
         return {"error": repr(err)[:800]}
-    return summarize_kernels(events, steps, step_s)
+    result = summarize_kernels(events, steps, step_s)
+    if "error" not in result:
+        result["host"] = host_timeline(events)
+    return result
+
+
+def host_timeline(events: list[dict], least_us: float = 200.0) -> dict:
+    """When the host built and queued each traced step, against the GPU's work (chrome-trace
+    events in microseconds; times in ms from the first kernel's start):
+
+    - ``phases``: the host phases marked with :class:`_host_phase` (name, start, duration);
+    - ``queued_ms``: for each ``async_eval`` (MLX returns once all but the last command buffers
+      of the step are queued): the GPU work still ahead when it returned, i.e. from its end to
+      the start of the next GPU idle gap of at least ``least_us`` (or the last kernel's end),
+      with that gap's length (``gap_ms``): the host must build and queue the next step's first
+      kernels within ``queued_ms`` or the GPU waits;
+    - ``launches``: the CUDA runtime's launch calls (cudaGraphLaunch: one per MLX command buffer
+      with CUDA graphs; cudaLaunchKernel...) by name, their count and summed host time."""
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: float(e["ts"]))
+    if not kernels:
+        return {}
+    t0 = float(kernels[0]["ts"])
+    # GPU busy spans merged, then the idle gaps of at least least_us
+    gaps, end = [], float(kernels[0]["ts"]) + float(kernels[0]["dur"])
+    for e in kernels[1:]:
+        ts = float(e["ts"])
+        if ts - end >= least_us:
+            gaps.append((end, ts))
+        end = max(end, ts + float(e["dur"]))
+    last_end = end
+    phases = sorted(({"name": e["name"][len(HOST_PHASE):], "start_ms": round((float(e["ts"]) - t0) / 1000, 3),
+                      "ms": round(float(e["dur"]) / 1000, 3)} for e in events
+                     if str(e.get("name", "")).startswith(HOST_PHASE) and "dur" in e
+                     and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"),
+                    key=lambda p: p["start_ms"])
+    queued = []
+    for p in phases:
+        if p["name"] != "async_eval":
+            continue
+        ret = t0 + 1000 * (p["start_ms"] + p["ms"])
+        nxt = next(((a, b) for a, b in gaps if a >= ret), None)
+        queued.append({"at_ms": round((ret - t0) / 1000, 3),
+                       "queued_ms": round(((nxt[0] if nxt else last_end) - ret) / 1000, 3),
+                       "gap_ms": round((nxt[1] - nxt[0]) / 1000, 3) if nxt else 0.0})
+    launches: dict[str, list[float]] = {}
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e and "aunch" in name:
+            entry = launches.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(e["dur"]) / 1000
+    return {"phases": phases, "queued": queued, "least_us": least_us,
+            "launches": {k: {"count": v[0], "host_ms": round(v[1], 3)} for k, v in launches.items()}}
 
 
 def _gemm_shapes(config) -> list[tuple[str, int, int, int]]:
@@ -639,6 +729,7 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
            "--profile-kernels", args.profile_kernels, "--profile-parts", args.profile_parts,
            "--trace-steps", str(args.trace_steps)] + (["--grad-check"] if args.grad_check else []) \
+        + (["--trace-once"] if args.trace_once else []) \
         + (["--start-after", args.start_after] if args.start_after else []) \
         + (["--ready-file", args.ready_file] if args.ready_file else []) \
         + (["--done-file", args.done_file] if args.done_file else []) \
@@ -815,6 +906,8 @@ def main() -> int:
     p.add_argument("--trace-steps", type=int, default=0, metavar="N",
                    help="ours: after each variant, trace N more steps with CUPTI (PyTorch's profiler) and "
                         "record GPU time per kernel category and the costliest kernels")
+    p.add_argument("--trace-once", action="store_true",
+                   help="with --trace-steps: trace the first variant's steps alone (the others untraced)")
     p.add_argument("--profile-parts", default="",
                    help="ours: time pieces of the step alone at the run's shape: gemm (every projection's "
                         "matmuls), optimizer (clipping + AdamW)")

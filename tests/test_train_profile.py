@@ -77,6 +77,34 @@ def test_summarize_kernels(bench):
     assert "| GPU idle (launch gaps, host) | 0.7 | |" in text
 
 
+def test_host_timeline(bench):
+    """The host's phases on the kernels' clock: how much GPU work was queued when each
+    async_eval returned (up to the next idle gap of >= 200 us), that gap's length, and the
+    CUDA runtime's launch calls."""
+    events = [
+        {"cat": "kernel", "name": "a", "ts": 1000.0, "dur": 4000.0},       # step 1: 1.0-5.0 ms
+        {"cat": "kernel", "name": "b", "ts": 5010.0, "dur": 990.0},        # a 10-us gap: not idle
+        {"cat": "kernel", "name": "c", "ts": 9000.0, "dur": 3000.0},       # step 2 after a 3-ms gap
+        {"cat": "user_annotation", "ph": "X", "name": "xlstm:build", "ts": 0.0, "dur": 500.0},
+        {"cat": "user_annotation", "ph": "X", "name": "xlstm:async_eval", "ts": 500.0, "dur": 3500.0},
+        {"cat": "gpu_user_annotation", "ph": "X", "name": "xlstm:async_eval", "ts": 1000.0, "dur": 10.0},
+        {"cat": "user_annotation", "ph": "X", "name": "xlstm:build", "ts": 4000.0, "dur": 4500.0},
+        {"cat": "user_annotation", "ph": "X", "name": "xlstm:async_eval", "ts": 8500.0, "dur": 2500.0},
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaGraphLaunch", "ts": 600.0, "dur": 20.0},
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaGraphLaunch", "ts": 8600.0, "dur": 30.0},
+        {"cat": "cuda_runtime", "ph": "X", "name": "cudaStreamSynchronize", "ts": 11000.0, "dur": 1000.0},
+    ]
+    h = bench.host_timeline(events)
+    assert [p["name"] for p in h["phases"]] == ["build", "async_eval", "build", "async_eval"]
+    assert h["phases"][2] == {"name": "build", "start_ms": 3.0, "ms": 4.5}
+    # The first async_eval returned at 4.0 ms with 2.0 ms queued (to 6.0), then a 3-ms gap; the
+    # second at 11.0 ms with 1.0 ms left (the last kernel's end) and no gap after.
+    assert h["queued"] == [{"at_ms": 3.0, "queued_ms": 2.0, "gap_ms": 3.0},
+                           {"at_ms": 10.0, "queued_ms": 1.0, "gap_ms": 0.0}]
+    assert h["launches"] == {"cudaGraphLaunch": {"count": 2, "host_ms": 0.05}}
+    assert bench.host_timeline([]) == {}
+
+
 def test_part_profile_gemm_and_optimizer(bench):
     """The parts run on any device: every projection's products counted as the step runs them,
     and the optimizer part updates the model's parameters."""
