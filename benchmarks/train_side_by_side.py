@@ -67,7 +67,7 @@ def worker_ours(args) -> None:
     from xlstm_metal.benchmark import environment, shape_config
     from xlstm_metal.models.xlstm_large import xLSTMLarge
     from xlstm_metal.training.trainer import (
-        Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers,
+        StepBuilder, Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers, state_arrays,
     )
 
     limit_command_buffers()  # as `xlstm-metal train` (unless the environment sets the limits)
@@ -110,9 +110,12 @@ def worker_ours(args) -> None:
                 os.environ[name] = saved_env[name]
         saved_env = {name: os.environ.get(name) for name in envs}
         os.environ.update(envs)
-        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw", "bf16-products"} or len(limits) > 1:
+        if set(mode) - {"eager", "fused-head", "fused-proj", "mlx-adamw", "bf16-products", "build-thread"} \
+                or len(limits) > 1:
             raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj, "
-                             "mlx-adamw, bf16-products, one mem-limit-GB and env-XLSTM_METAL_NAME=VALUE may follow")
+                             "mlx-adamw, bf16-products, build-thread, one mem-limit-GB and env-XLSTM_METAL_NAME=VALUE "
+                             "may follow")
+        threaded = "build-thread" in mode
         # mem-limit-GB: mx.set_memory_limit for this variant. MLX keeps every op's inputs until the
         # GPU has run its command buffer, up to 10 buffers ahead of it; over the limit, evaluation
         # waits for the GPU (the limit is soft: allocations still succeed).
@@ -138,7 +141,9 @@ def worker_ours(args) -> None:
                   + ("mLSTM products in bf16, " if "bf16-products" in mode else "")
                   + (f"memory limit {limit_gb:g} GB, " if limit_gb else "")
                   + ("eager step" if eager else "compiled step")
-                  + (", steps back to back" if args.pipelined else ", each step alone") + _graphs_note(),
+                  + (", steps back to back" if args.pipelined else ", each step alone")
+                  + (", next step built on a second thread" if threaded and args.pipelined else "") + _graphs_note(),
+                  "build_thread": threaded and args.pipelined,
                   "xlstm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("XLSTM_METAL_")},
                   "kernel": kernel, "recompute": recompute, "head_loss": head_loss, "fuse_projections": fuse, "compiled": not eager,
                   "mlstm_products": cfg.mlstm_products,
@@ -161,13 +166,29 @@ def worker_ours(args) -> None:
                 # returns once all but the last command buffers are queued, so a step's wait ends
                 # late and the last one's comes almost at once: S8R1).
                 pending, last_done, t_timed, n_timed = None, None, None, 0
-                for step in range(args.warmup + args.steps):
+
+                def build_one(trainer=trainer):
                     x, y = trainer.batches.next()
                     t = time.perf_counter()
                     xa, ya = mx.array(x), mx.array(y)
                     made = time.perf_counter() - t  # the batch's arrays (MLX: managed memory on CUDA)
                     loss, grad_norm = trainer._train_step(xa, ya)
                     built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
+                    return loss, grad_norm, made, built, t
+
+                # build-thread: each timed step's successor built on a second host thread while
+                # this one's command buffers are queued (StepBuilder), not after. Every step is
+                # built there (MLX's compile cache is per thread: the step is traced there once).
+                builder = StepBuilder() if threaded and args.pipelined else None
+                ahead = None  # the next step's build, running on the builder thread
+                for step in range(args.warmup + args.steps):
+                    if ahead is not None:
+                        loss, grad_norm, made, built, t = ahead.result()
+                        ahead = None
+                    elif builder is not None:
+                        loss, grad_norm, made, built, t = builder.submit(build_one).result()
+                    else:
+                        loss, grad_norm, made, built, t = build_one()
                     if step == 0:
                         _emit(out, {**record, "kind": "train_progress", "step": 0, "graph_built_s": built})
                     if step < args.warmup or not args.pipelined:
@@ -191,7 +212,13 @@ def worker_ours(args) -> None:
                     else:
                         if t_timed is None:
                             t_timed = last_done
-                        mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                        if builder is not None and step + 1 < args.warmup + args.steps \
+                                and not (time.time() > deadline and len(times) >= 2):
+                            queued = [loss, grad_norm] + state_arrays(model.state, trainer.optimizer.state)
+                            ahead = builder.submit(build_one)
+                            mx.async_eval(queued)
+                        else:
+                            mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                         n_timed += 1
                         dt = None
                         if pending is not None:
@@ -206,6 +233,15 @@ def worker_ours(args) -> None:
                                 "inputs_s": made, "peak_mem_gb": mx.get_peak_memory() / _GB})
                     if time.time() > deadline and len(times) >= 2:
                         break
+                if ahead is not None:  # a step built ahead (the loop ended early): run it as a timed one
+                    loss, grad_norm, made, built, t = ahead.result()
+                    mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
+                    n_timed += 1
+                    mx.eval(pending)
+                    pending = [loss, grad_norm]
+                    losses.append(loss)
+                if builder is not None:
+                    builder.close()
                 if pending is not None:
                     mx.eval(pending, model.state, trainer.optimizer.state)
                     times.append(time.perf_counter() - last_done)

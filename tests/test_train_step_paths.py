@@ -425,3 +425,65 @@ def test_keep_states_setting_reaches_the_fused_kernels(monkeypatch):
         mx.value_and_grad(make_loss_fn(model, mx.float32, mlstm_products=products))(params, ids[:, :-1], ids[:, 1:])
         model.update(params)
         assert kept == [expected] * 2, (env, products, kept)
+
+
+def test_steps_built_on_a_second_thread_are_the_plain_loops_steps(tmp_path):
+    """StepBuilder (XLSTM_METAL_TRAIN_BUILD_THREAD's loop, the benchmark's build-thread mode): the
+    next step's graph built on a second host thread while this step is queued with the arrays
+    it had (state_arrays) gives the plain loop's losses, weights and AdamW moments bit for bit,
+    and the builder thread replays the compiled step's trace (no second trace)."""
+    from mlx.utils import tree_flatten
+
+    from test_training import fresh_model, pattern_stream, small_cfg
+
+    from xlstm_metal.training.trainer import StepBuilder, state_arrays
+
+    stream = pattern_stream(6000)
+    runs = []
+    for threaded in (False, True):
+        model = fresh_model()
+        trainer = Trainer(model, stream, stream[:1000], small_cfg(steps=7), tmp_path / str(threaded), tmp_path,
+                          progress=False)
+        trainer._build_steps()
+
+        def build(trainer=trainer):
+            x, y = trainer.batches.next()
+            return trainer._train_step(mx.array(x), mx.array(y))
+
+        losses = []
+        # MLX's compile cache is per thread: with the builder, every step is built there.
+        builder = StepBuilder() if threaded else None
+        for _ in range(2):  # the first call traces
+            loss, norm = builder.submit(build).result() if builder is not None else build()
+            mx.eval(loss, norm, model.state, trainer.optimizer.state)
+            losses.append(loss)
+        assert trainer.step_traces == 1
+        ahead, pending = None, None
+        for step in range(5):
+            if ahead is not None:
+                loss, norm = ahead.result()
+            else:
+                loss, norm = builder.submit(build).result() if builder is not None else build()
+            if builder is not None and step < 4:
+                queued = [loss, norm] + state_arrays(model.state, trainer.optimizer.state)
+                ahead = builder.submit(build)
+                mx.async_eval(queued)
+            else:
+                ahead = None
+                mx.async_eval(loss, norm, model.state, trainer.optimizer.state)
+            if pending is not None:
+                mx.eval(pending)
+            pending = [loss, norm]
+            losses.append(loss)
+        mx.eval(pending, model.state, trainer.optimizer.state)
+        if builder is not None:
+            builder.close()
+        assert trainer.step_traces == 1, threaded
+        runs.append(([v.item() for v in losses], dict(tree_flatten(model.parameters())),
+                     dict(tree_flatten(trainer.optimizer.state))))
+    (l0, p0, s0), (l1, p1, s1) = runs
+    assert l0 == l1 and len(set(l0)) > 1
+    for k in p0:
+        assert mx.array_equal(p0[k], p1[k]), k
+    for k in s0:
+        assert mx.array_equal(s0[k], s1[k]), k

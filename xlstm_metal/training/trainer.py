@@ -257,6 +257,55 @@ def limit_command_buffers() -> None:
     os.environ["MLX_MAX_OPS_PER_BUFFER"], os.environ["MLX_MAX_MB_PER_BUFFER"] = map(str, TRAIN_COMMAND_BUFFERS)
 
 
+def build_thread_enabled() -> bool:
+    """Whether a training loop builds the next step's graph on a second host thread while this
+    step's command buffers are queued (:class:`StepBuilder`; ``XLSTM_METAL_TRAIN_BUILD_THREAD=1``,
+    default off)."""
+    return os.environ.get("XLSTM_METAL_TRAIN_BUILD_THREAD", "0") == "1"
+
+
+class StepBuilder:
+    """One background host thread that builds train steps' graphs (calls of the compiled step)
+    while the calling thread queues the previous step's GPU work.
+
+    ``mx.async_eval`` returns only once all but MLX's last ~10 command buffers of a step are
+    queued (it releases the GIL meanwhile), and the next step's graph takes the host 8-20 ms to
+    build (the compiled step's replay): built after async_eval, it shows as GPU idle time when it
+    outlasts those buffers. Built here, it overlaps the queueing instead. The thread uses the
+    caller's default device and stream, so the compiled step finds its cached trace (the cache
+    is keyed by the default stream) and its ops go to the stream the caller evaluates.
+
+    The caller owns the ordering: it must not read or write the model's or optimizer's state
+    while a build is running (the compiled step replaces their arrays), and it passes
+    ``mx.async_eval`` the arrays of the step it queues (:func:`state_arrays`), not the state
+    trees, which the build may already have advanced."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        device = mx.default_device()
+        stream = mx.default_stream(device)
+
+        def init():
+            mx.set_default_device(device)
+            mx.set_default_stream(stream)
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="xlstm-step-build", initializer=init)
+
+    def submit(self, fn: Callable, *args):
+        """``fn(*args)`` on the builder thread: a ``concurrent.futures.Future``."""
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def state_arrays(*trees) -> list[mx.array]:
+    """The arrays among the leaves of ``trees`` (e.g. ``model.state``, ``optimizer.state``), as
+    they are now."""
+    return [v for tree in trees for _, v in tree_flatten(tree) if isinstance(v, mx.array)]
+
+
 def _compiling_note() -> str:
     """The progress bar's label during the first step, which compiles it."""
     from ..kernels.fast.step import cuda_available
@@ -766,6 +815,8 @@ class Trainer:
         self._train_step = None
         self._eval_step = None
         self._stepped = False  # a train step has run in this process (the first one compiles)
+        #: Times the train step's Python ran: once per trace of the compiled step (each call eagerly).
+        self.step_traces = 0
         #: Wall clock of the loop (seconds); replaceable, e.g. by a fake clock in tests.
         self.clock: Callable[[], float] = time.perf_counter
 
@@ -866,6 +917,7 @@ class Trainer:
                 model, mx.float32, cfg.recompute, cfg.head_loss, cfg.fuse_projections, cfg.mlstm_products), joined))
 
         def train_step(inputs, targets):
+            self.step_traces += 1  # Python runs only while MLX traces the compiled step
             params = model.trainable_parameters()
             norm_tree = None
             if joined:
