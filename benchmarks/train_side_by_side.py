@@ -90,6 +90,7 @@ def worker_ours(args) -> None:
     _emit(out, {"side": "ours", "kind": "build", "seconds": time.time() - t0, "params": count_parameters(model)})
     fits = False  # a variant so far peaked within --memory-target
     traced = False  # a variant's steps were traced (--trace-once: the first variant's alone)
+    censused = False  # --graph-census: the first variant's alone
     adamw_env = os.environ.get("XLSTM_METAL_FUSED_ADAMW")
     saved_env: dict[str, str | None] = {}  # the previous variant's env-NAME=VALUE settings, as they were
     default_limit = mx.set_memory_limit(1 << 40)  # MLX's default, to restore between variants
@@ -248,6 +249,14 @@ def worker_ours(args) -> None:
                     span = time.perf_counter() - t_timed
                 # --alone-steps: the same step evaluated before the next one is built, in the same
                 # process right after the timed ones (the two loops compared on one allocator state).
+                if args.graph_census and not censused and time.time() < deadline:
+                    censused = True
+                    _emit(out, {**record, "kind": "graph_census", **graph_census(trainer)})
+                if args.build_thread_ab and args.pipelined and time.time() < deadline:
+                    # The same compiled step, steps back to back in blocks that alternate the plain
+                    # loop and the loop whose next step is built on a second thread.
+                    _emit(out, {**record, "kind": "build_thread_ab",
+                                **build_thread_ab(trainer, args.build_thread_ab, args.steps, deadline)})
                 alone = []
                 for _ in range(args.alone_steps if args.pipelined else 0):
                     x, y = trainer.batches.next()
@@ -302,6 +311,106 @@ def worker_ours(args) -> None:
     for part in (p for p in args.profile_parts.split(",") if p):
         if time.time() < deadline:
             _emit(out, part_profile(part, args, model))
+
+
+def graph_census(trainer) -> dict:
+    """The graph one call of ``trainer``'s compiled step builds (what the host makes every step):
+    its operations (nodes with a primitive) by primitive, from ``mx.export_to_dot`` of the
+    step's outputs before they are evaluated; the step is then evaluated as any other."""
+    import re
+
+    import mlx.core as mx
+
+    from xlstm_metal.training.trainer import state_arrays
+
+    model, optimizer = trainer.model, trainer.optimizer
+    try:
+        mx.eval(model.state, optimizer.state)
+        x, y = trainer.batches.next()
+        t = time.perf_counter()
+        loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+        built = time.perf_counter() - t
+        outputs = [loss, grad_norm] + state_arrays(model.state, optimizer.state)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "step.dot"
+            mx.export_to_dot(str(path), *outputs)
+            text = path.read_text()
+        mx.eval(outputs)
+    except Exception as err:
+        return {"error": repr(err)[:800]}
+    names: dict[str, int] = {}
+    for name in re.findall(r'\[label ="([^"]*)", shape=rectangle\]', text):
+        names[name] = names.get(name, 0) + 1
+    return {"nodes": sum(names.values()), "graph_built_s": built, "outputs": len(outputs),
+            "leaves": len(re.findall(r"rank=source", text)),
+            "by_primitive": dict(sorted(names.items(), key=lambda kv: -kv[1])[:60])}
+
+
+def build_thread_ab(trainer, blocks: int, steps: int, deadline: float) -> dict:
+    """``blocks`` pairs of blocks of ``steps`` steps back to back with ``trainer``'s compiled step:
+    the plain loop (the next step built after this one is queued) and the loop that builds it on
+    a second thread meanwhile (:class:`~xlstm_metal.training.trainer.StepBuilder`), alternated
+    (plain first), after one untimed threaded block of two steps (the builder thread traces the
+    step once: MLX's compile cache is per thread). Each block starts and ends synchronised; its
+    time per step is the span over its count."""
+    import mlx.core as mx
+
+    from xlstm_metal.training.trainer import StepBuilder, state_arrays
+
+    model, optimizer = trainer.model, trainer.optimizer
+    builder = StepBuilder()
+
+    def build():
+        x, y = trainer.batches.next()
+        t = time.perf_counter()
+        loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
+        return loss, grad_norm, time.perf_counter() - t
+
+    def block(threaded: bool, n: int) -> dict:
+        mx.eval(model.state, optimizer.state)
+        t0 = time.perf_counter()
+        pending, ahead, built, losses = None, None, [], []
+        for k in range(n):
+            if ahead is not None:
+                loss, grad_norm, b = ahead.result()
+            elif threaded:
+                loss, grad_norm, b = builder.submit(build).result()
+            else:
+                loss, grad_norm, b = build()
+            ahead = None
+            built.append(b)
+            if threaded and k + 1 < n:
+                queued = [loss, grad_norm] + state_arrays(model.state, optimizer.state)
+                ahead = builder.submit(build)
+                mx.async_eval(queued)
+            else:
+                mx.async_eval(loss, grad_norm, model.state, optimizer.state)
+            if pending is not None:
+                mx.eval(pending)
+            pending = [loss, grad_norm]
+            losses.append(loss)
+        mx.eval(pending, model.state, optimizer.state)
+        span = time.perf_counter() - t0
+        return {"build_thread": threaded, "steps": n, "step_ms": 1000 * span / n,
+                "graph_built_ms": [round(1000 * b, 2) for b in built], "losses": [v.item() for v in losses]}
+
+    result = {"blocks": []}
+    try:
+        block(True, 2)  # the builder thread's trace
+        for _ in range(blocks):
+            for threaded in (False, True):
+                if time.time() > deadline:
+                    break
+                result["blocks"].append(block(threaded, steps))
+    except Exception as err:
+        result["error"] = repr(err)[:800]
+    finally:
+        builder.close()
+    for threaded in (False, True):
+        ms = [b["step_ms"] for b in result["blocks"] if b["build_thread"] == threaded]
+        if ms:
+            result["threaded" if threaded else "plain"] = {"step_ms": ms, "mean_ms": sum(ms) / len(ms)}
+    return result
 
 
 def _wait_for(paths: str | None, deadline: float) -> None:
@@ -765,7 +874,8 @@ def _run_worker(side: str, args, budget: float, jsonl: Path) -> None:
            "--variants", args.variants, "--official-compile", args.official_compile, "--budget", str(budget),
            "--profile-kernels", args.profile_kernels, "--profile-parts", args.profile_parts,
            "--trace-steps", str(args.trace_steps)] + (["--grad-check"] if args.grad_check else []) \
-        + (["--trace-once"] if args.trace_once else []) \
+        + (["--trace-once"] if args.trace_once else []) + (["--graph-census"] if args.graph_census else []) \
+        + (["--build-thread-ab", str(args.build_thread_ab)] if args.build_thread_ab else []) \
         + (["--start-after", args.start_after] if args.start_after else []) \
         + (["--ready-file", args.ready_file] if args.ready_file else []) \
         + (["--done-file", args.done_file] if args.done_file else []) \
@@ -942,6 +1052,11 @@ def main() -> int:
     p.add_argument("--trace-steps", type=int, default=0, metavar="N",
                    help="ours: after each variant, trace N more steps with CUPTI (PyTorch's profiler) and "
                         "record GPU time per kernel category and the costliest kernels")
+    p.add_argument("--build-thread-ab", type=int, default=0, metavar="N",
+                   help="ours: after each variant's timed steps, N pairs of blocks of --steps steps alternating "
+                        "the plain loop and the loop building the next step on a second thread (same compiled step)")
+    p.add_argument("--graph-census", action="store_true",
+                   help="ours: after the first variant's timed steps, count the operations of one step's graph by primitive")
     p.add_argument("--trace-once", action="store_true",
                    help="with --trace-steps: trace the first variant's steps alone (the others untraced)")
     p.add_argument("--profile-parts", default="",

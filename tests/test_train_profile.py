@@ -158,3 +158,30 @@ def test_ptx_cache_set_on_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**base, "MLX_PTX_CACHE_DIR": str(tmp_path / "x")},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(tmp_path / "x")
+
+
+def test_graph_census_and_build_thread_blocks(bench, tmp_path):
+    """graph_census counts the operations one compiled step builds (then runs the step);
+    build_thread_ab alternates the plain loop and the builder thread's loop on one trainer."""
+    import math
+    import sys
+
+    import mlx.core as mx
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_training import fresh_model, pattern_stream, small_cfg
+
+    from xlstm_metal.training import Trainer
+
+    stream = pattern_stream(6000)
+    trainer = Trainer(fresh_model(), stream, stream[:1000], small_cfg(steps=20), tmp_path, tmp_path, progress=False)
+    trainer._build_steps()
+    x, y = trainer.batches.next()
+    mx.eval(trainer._train_step(mx.array(x), mx.array(y)), trainer.model.state, trainer.optimizer.state)
+    census = bench.graph_census(trainer)
+    assert census["nodes"] > 100 and census["nodes"] >= sum(census["by_primitive"].values())
+    assert census["outputs"] > 2 and census["leaves"] > 0
+    ab = bench.build_thread_ab(trainer, 1, 2, deadline=math.inf)
+    assert [b["build_thread"] for b in ab["blocks"]] == [False, True] and "error" not in ab
+    assert all(math.isfinite(v) for b in ab["blocks"] for v in b["losses"])
+    assert set(ab) == {"blocks", "plain", "threaded"} and trainer.step_traces == 2  # one trace per thread
