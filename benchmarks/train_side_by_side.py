@@ -91,6 +91,7 @@ def worker_ours(args) -> None:
     fits = False  # a variant so far peaked within --memory-target
     traced = False  # a variant's steps were traced (--trace-once: the first variant's alone)
     censused = False  # --graph-census: the first variant's alone
+    ab_done = False  # --build-thread-ab: the first variant's alone
     adamw_env = os.environ.get("XLSTM_METAL_FUSED_ADAMW")
     saved_env: dict[str, str | None] = {}  # the previous variant's env-NAME=VALUE settings, as they were
     default_limit = mx.set_memory_limit(1 << 40)  # MLX's default, to restore between variants
@@ -249,14 +250,6 @@ def worker_ours(args) -> None:
                     span = time.perf_counter() - t_timed
                 # --alone-steps: the same step evaluated before the next one is built, in the same
                 # process right after the timed ones (the two loops compared on one allocator state).
-                if args.graph_census and not censused and time.time() < deadline:
-                    censused = True
-                    _emit(out, {**record, "kind": "graph_census", **graph_census(trainer)})
-                if args.build_thread_ab and args.pipelined and time.time() < deadline:
-                    # The same compiled step, steps back to back in blocks that alternate the plain
-                    # loop and the loop whose next step is built on a second thread.
-                    _emit(out, {**record, "kind": "build_thread_ab",
-                                **build_thread_ab(trainer, args.build_thread_ab, args.steps, deadline)})
                 alone = []
                 for _ in range(args.alone_steps if args.pipelined else 0):
                     x, y = trainer.batches.next()
@@ -273,6 +266,15 @@ def worker_ours(args) -> None:
                     record.update(step_s_alone=alone, tok_s_alone=B * S / statistics.median(alone))
                 _emit(out, record)  # before the trace: a profiler that fails hard must not take it along
                 emitted = True
+                if args.graph_census and not censused and time.time() < deadline:
+                    censused = True
+                    _emit(out, {"side": "ours", "variant": record["variant"], "kind": "graph_census", **graph_census(trainer)})
+                if args.build_thread_ab and args.pipelined and not ab_done and time.time() < deadline:
+                    ab_done = True
+                    # The same compiled step, steps back to back in blocks that alternate the plain
+                    # loop and the loop whose next step is built on a second thread.
+                    _emit(out, {"side": "ours", "variant": record["variant"], "kind": "build_thread_ab",
+                                **build_thread_ab(trainer, args.build_thread_ab, args.steps, deadline)})
                 if args.trace_steps and time.time() < deadline and not (args.trace_once and traced):
                     def traced_steps(trainer=trainer, n=args.trace_steps):
                         # The timed loop's steps: back to back, or each alone; the host's phases
@@ -1053,7 +1055,7 @@ def main() -> int:
                    help="ours: after each variant, trace N more steps with CUPTI (PyTorch's profiler) and "
                         "record GPU time per kernel category and the costliest kernels")
     p.add_argument("--build-thread-ab", type=int, default=0, metavar="N",
-                   help="ours: after each variant's timed steps, N pairs of blocks of --steps steps alternating "
+                   help="ours: after the first variant's timed steps, N pairs of blocks of --steps steps alternating "
                         "the plain loop and the loop building the next step on a second thread (same compiled step)")
     p.add_argument("--graph-census", action="store_true",
                    help="ours: after the first variant's timed steps, count the operations of one step's graph by primitive")
