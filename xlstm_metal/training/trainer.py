@@ -306,6 +306,21 @@ def state_arrays(*trees) -> list[mx.array]:
     return [v for tree in trees for _, v in tree_flatten(tree) if isinstance(v, mx.array)]
 
 
+def _restore_leaves(tree, flat: list[tuple[str, Any]]) -> None:
+    """Put the ``tree_flatten`` leaves ``flat`` back into ``tree`` in place (the containers
+    themselves kept: a compiled step holds them as its state)."""
+    for path, value in flat:
+        keys = path.split(".")
+        node = tree
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, (list, tuple)) else node[key]
+        last = keys[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+
 def _compiling_note() -> str:
     """The progress bar's label during the first step, which compiles it."""
     from ..kernels.fast.step import cuda_available
@@ -1070,111 +1085,161 @@ class Trainer:
         schedule = make_schedule(cfg, self.total_steps) if self.total_steps else None
         last_saved = self.step
 
-        while self.total_steps is None or self.step < self.total_steps:
-            # Every rank stops at the same step: rank clocks differ a little.
-            if cfg.max_time is not None and agree(float(self.clock() - t_start > cfg.max_time), self.group):
-                break  # hard stop: the budget ran out (eval costs more than estimated)
+        # XLSTM_METAL_TRAIN_BUILD_THREAD: every step's graph built on a second host thread, the
+        # next one while this one is queued (one process only: ranks agree on every step).
+        builder = StepBuilder() if build_thread_enabled() and self.group is None else None
+        ahead = None  # (the next step's build on the builder thread, the state it started from)
+
+        def build(step: int, schedule):
             if self.total_steps is None:
-                lr = make_schedule(cfg, None)(self.step)  # the warmup ramp: the total is not needed yet
+                lr = make_schedule(cfg, None)(step)  # the warmup ramp: the total is not needed yet
             else:
-                lr = schedule(self.step)
+                lr = schedule(step)
             _set_learning_rate(self.optimizer, lr)
             # RNG a function of (seed, step): a resumed run draws what an uninterrupted one would.
-            mx.random.seed((cfg.seed * 1_000_003 + self.step) % (1 << 63))
+            mx.random.seed((cfg.seed * 1_000_003 + step) % (1 << 63))
             x, y = self.batches.next()
             x, y = x[self.rows], y[self.rows]  # this rank's share of the global batch
-            first = not self._stepped
-            if first:  # MLX compiles the step's kernels now: on a fresh CUDA machine that takes minutes
-                job.update(phase="compile")
-                bar.set_description_str(_compiling_note())
             loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
-            if first:
-                mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
-            else:
-                # Pipelined: the GPU runs this step while the host builds the next one's graph
-                # (a compiled step's ~2,500 ops at the 1.3b shape take MLX ~10 ms to build, the GPU
-                # idle meanwhile); the host waits here for the previous step. async_eval itself
-                # returns only once all but MLX's last ~10 command buffers are queued, so the
-                # overlap is those buffers' GPU time: S8R1 (H200, 1.3b, one process) ~175 ms per
-                # step back to back against ~180 ms evaluated one at a time.
-                mx.async_eval(loss, grad_norm, self.model.state, self.optimizer.state)
-                if pending is not None:
-                    mx.eval(pending)
-            pending = [loss, grad_norm]
-            if first:
-                self._stepped = True
-                bar.set_description_str("train" if self.total_steps else "train (timing steps)")
-            self.step += 1
-            self.tokens += tokens_per_step
-            steps_window += 1
-            window_losses.append(loss)
-            bar.update(1)
-            job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
-            # Memory watchdog's hard limit (on any rank: all stop at the same step): save a
-            # checkpoint that resumes exactly, stop.
-            if job.stopping() if self.group is None else agree(float(job.stopping()), self.group):
-                self.elapsed = self.clock() - t_start
-                bar.close()
-                job.check(note=f"checkpoint {self.save()} (continue with --resume)")
+            return loss, grad_norm, lr
 
-            # Time budget: time steps 3..3+probe (after compilation) and size the run.
-            if self.total_steps is None:
-                if self.step == result.step + 2:
-                    probe_t0 = self.clock()
-                elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
-                    step_time = (self.clock() - probe_t0) / cfg.probe_steps
-                    total = self._size_from_time(step_time, self.step, self.clock() - t_start)
-                    self.total_steps = int(agree(float(total), self.group, op="min"))  # one count for all ranks
-                    if cfg.warmup is None:
-                        # The ramp continues from where the probe left it to the peak at a tenth
-                        # of the sized run, not earlier than the probe's own ramp would have.
-                        ramp_lr = _as_float(make_schedule(cfg, None)(self.step))
-                        total = self.total_steps
-                        cfg.warmup = max(min(cfg.warmup_for(None), total // 2), cfg.warmup_for(total), self.step + 1)
-                        cfg.reschedule_step, cfg.reschedule_lr = self.step, ramp_lr
-                    schedule = make_schedule(cfg, self.total_steps)
-                    bar.total = self.total_steps
-                    bar.set_description_str("train")
-                    bar.refresh()
+        def drop_ahead():
+            """Undo the step built ahead (never evaluated): the state and data position it
+            started from back in place."""
+            nonlocal ahead
+            if ahead is not None:
+                future, (model_leaves, optimizer_leaves, position) = ahead
+                ahead = None
+                future.result()
+                _restore_leaves(self.model.state, model_leaves)
+                _restore_leaves(self.optimizer.state, optimizer_leaves)
+                self.batches.position = position
 
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                now = self.clock()
-                losses = mx.stack(window_losses).tolist()  # one host sync per log window
-                tok_s = steps_window * tokens_per_step / max(now - t_window, 1e-9)
-                self.elapsed = now - t_start
-                lr_value = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
-                first = self.step - len(losses) + 1
-                result.losses.extend((first + j, v) for j, v in enumerate(losses))
-                self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr_value,
-                           "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
-                           "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
-                bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
-                job.update(loss=float(np.mean(losses)), lr=lr_value)
-                window_losses, t_window, steps_window = [], now, 0
+        try:
+            while self.total_steps is None or self.step < self.total_steps:
+                # Every rank stops at the same step: rank clocks differ a little.
+                if cfg.max_time is not None and agree(float(self.clock() - t_start > cfg.max_time), self.group):
+                    drop_ahead()
+                    break  # hard stop: the budget ran out (eval costs more than estimated)
+                first = not self._stepped
+                if first:  # MLX compiles the step's kernels now: on a fresh CUDA machine that takes minutes
+                    job.update(phase="compile")
+                    bar.set_description_str(_compiling_note())
+                if ahead is not None:
+                    loss, grad_norm, lr = ahead[0].result()
+                    ahead = None
+                elif builder is not None:
+                    loss, grad_norm, lr = builder.submit(build, self.step, schedule).result()
+                else:
+                    loss, grad_norm, lr = build(self.step, schedule)
+                if first:
+                    mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
+                else:
+                    # Pipelined: the GPU runs this step while the host builds the next one's graph
+                    # (a compiled step's ~2,500 ops at the 1.3b shape take MLX ~10 ms to build);
+                    # the host waits here for the previous step. async_eval itself returns only
+                    # once all but MLX's last ~10 command buffers are queued, so built after it the
+                    # next step overlaps only those buffers' GPU time (S8R1, H200, 1.3b: ~175 ms per
+                    # step back to back against ~180 ms evaluated one at a time). With the builder
+                    # thread the next step is built while this one is queued, when nothing after
+                    # this step reads the state (an evaluation, a checkpoint: the step is undone
+                    # for those that come unplanned, a time budget's end or the memory watchdog).
+                    nxt = self.step + 1
+                    if builder is not None and self.total_steps is not None and nxt < self.total_steps \
+                            and nxt % cfg.eval_every != 0 and nxt % cfg.save_every != 0:
+                        model_leaves = tree_flatten(self.model.state)
+                        optimizer_leaves = tree_flatten(self.optimizer.state)
+                        queued = [loss, grad_norm] + [v for _, v in model_leaves + optimizer_leaves
+                                                      if isinstance(v, mx.array)]
+                        position = DataPosition(self.batches.position.epoch, self.batches.position.batch)
+                        ahead = (builder.submit(build, nxt, schedule), (model_leaves, optimizer_leaves, position))
+                        mx.async_eval(queued)
+                    else:
+                        mx.async_eval(loss, grad_norm, self.model.state, self.optimizer.state)
+                    if pending is not None:
+                        mx.eval(pending)
+                pending = [loss, grad_norm]
+                if first:
+                    self._stepped = True
+                    bar.set_description_str("train" if self.total_steps else "train (timing steps)")
+                self.step += 1
+                self.tokens += tokens_per_step
+                steps_window += 1
+                window_losses.append(loss)
+                bar.update(1)
+                job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
+                # Memory watchdog's hard limit (on any rank: all stop at the same step): save a
+                # checkpoint that resumes exactly, stop.
+                if job.stopping() if self.group is None else agree(float(job.stopping()), self.group):
+                    drop_ahead()
+                    self.elapsed = self.clock() - t_start
+                    bar.close()
+                    job.check(note=f"checkpoint {self.save()} (continue with --resume)")
 
-            done = self.total_steps is not None and self.step >= self.total_steps
-            if self.step % cfg.eval_every == 0 or done:
-                job.update(phase="eval")
-                val_loss = self.evaluate()
-                result.evals.append((self.step, val_loss))
-                self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
-                           "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
-                           "elapsed_s": self.clock() - t_start})
-                if self.best_val_loss is None or val_loss < self.best_val_loss:
-                    self.best_val_loss, self.best_step = val_loss, self.step
-                    self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
-                last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
-                train_part = f"train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s, " if last else ""
-                if self.is_main:
-                    bar.write(f"step {self.step} ({self.tokens:,} tokens, {self.clock() - t_start:.0f} s): "
-                              f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-                self._plot()
-                t_window = self.clock()  # eval time is not training throughput
-            if self.step % cfg.save_every == 0 and not done:
-                self.elapsed = self.clock() - t_start
-                self.save()
-                last_saved = self.step
-                t_window = self.clock()
+                # Time budget: time steps 3..3+probe (after compilation) and size the run.
+                if self.total_steps is None:
+                    if self.step == result.step + 2:
+                        probe_t0 = self.clock()
+                    elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
+                        step_time = (self.clock() - probe_t0) / cfg.probe_steps
+                        total = self._size_from_time(step_time, self.step, self.clock() - t_start)
+                        self.total_steps = int(agree(float(total), self.group, op="min"))  # one count for all ranks
+                        if cfg.warmup is None:
+                            # The ramp continues from where the probe left it to the peak at a tenth
+                            # of the sized run, not earlier than the probe's own ramp would have.
+                            ramp_lr = _as_float(make_schedule(cfg, None)(self.step))
+                            total = self.total_steps
+                            cfg.warmup = max(min(cfg.warmup_for(None), total // 2), cfg.warmup_for(total), self.step + 1)
+                            cfg.reschedule_step, cfg.reschedule_lr = self.step, ramp_lr
+                        schedule = make_schedule(cfg, self.total_steps)
+                        bar.total = self.total_steps
+                        bar.set_description_str("train")
+                        bar.refresh()
+
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = self.clock()
+                    losses = mx.stack(window_losses).tolist()  # one host sync per log window
+                    tok_s = steps_window * tokens_per_step / max(now - t_window, 1e-9)
+                    self.elapsed = now - t_start
+                    lr_value = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
+                    first = self.step - len(losses) + 1
+                    result.losses.extend((first + j, v) for j, v in enumerate(losses))
+                    self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr_value,
+                               "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
+                               "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
+                    bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
+                    job.update(loss=float(np.mean(losses)), lr=lr_value)
+                    window_losses, t_window, steps_window = [], now, 0
+
+                done = self.total_steps is not None and self.step >= self.total_steps
+                if self.step % cfg.eval_every == 0 or done:
+                    job.update(phase="eval")
+                    val_loss = self.evaluate()
+                    result.evals.append((self.step, val_loss))
+                    self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
+                               "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
+                               "elapsed_s": self.clock() - t_start})
+                    if self.best_val_loss is None or val_loss < self.best_val_loss:
+                        self.best_val_loss, self.best_step = val_loss, self.step
+                        self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
+                    last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
+                    train_part = f"train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s, " if last else ""
+                    if self.is_main:
+                        bar.write(f"step {self.step} ({self.tokens:,} tokens, {self.clock() - t_start:.0f} s): "
+                                  f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                    self._plot()
+                    t_window = self.clock()  # eval time is not training throughput
+                if self.step % cfg.save_every == 0 and not done:
+                    self.elapsed = self.clock() - t_start
+                    self.save()
+                    last_saved = self.step
+                    t_window = self.clock()
+        finally:
+            if builder is not None:
+                try:
+                    drop_ahead()  # a step built ahead of an exception: the state as the last step left it
+                finally:
+                    builder.close()
         bar.close()
         mx.eval(self.model.state, self.optimizer.state)  # the last (pipelined) step
 
