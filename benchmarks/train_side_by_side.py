@@ -176,7 +176,9 @@ def worker_ours(args) -> None:
                     made = time.perf_counter() - t  # the batch's arrays (MLX: managed memory on CUDA)
                     loss, grad_norm = trainer._train_step(xa, ya)
                     built = time.perf_counter() - t  # tracing (first compiled step) or building the graph
-                    return loss, grad_norm, made, built, t
+                    # on the builder thread: the arrays the step leaves, off the queueing thread's path
+                    state = state_arrays(model.state, trainer.optimizer.state) if threaded else None
+                    return loss, grad_norm, made, built, t, state
 
                 # build-thread: each timed step's successor built on a second host thread while
                 # this one's command buffers are queued (StepBuilder), not after. Every step is
@@ -185,12 +187,12 @@ def worker_ours(args) -> None:
                 ahead = None  # the next step's build, running on the builder thread
                 for step in range(args.warmup + args.steps):
                     if ahead is not None:
-                        loss, grad_norm, made, built, t = ahead.result()
+                        loss, grad_norm, made, built, t, state = ahead.result()
                         ahead = None
                     elif builder is not None:
-                        loss, grad_norm, made, built, t = builder.submit(build_one).result()
+                        loss, grad_norm, made, built, t, state = builder.submit(build_one).result()
                     else:
-                        loss, grad_norm, made, built, t = build_one()
+                        loss, grad_norm, made, built, t, state = build_one()
                     if step == 0:
                         _emit(out, {**record, "kind": "train_progress", "step": 0, "graph_built_s": built})
                     if step < args.warmup or not args.pipelined:
@@ -216,9 +218,8 @@ def worker_ours(args) -> None:
                             t_timed = last_done
                         if builder is not None and step + 1 < args.warmup + args.steps \
                                 and not (time.time() > deadline and len(times) >= 2):
-                            queued = [loss, grad_norm] + state_arrays(model.state, trainer.optimizer.state)
                             ahead = builder.submit(build_one)
-                            mx.async_eval(queued)
+                            mx.async_eval([loss, grad_norm] + state)
                         else:
                             mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                         n_timed += 1
@@ -236,7 +237,7 @@ def worker_ours(args) -> None:
                     if time.time() > deadline and len(times) >= 2:
                         break
                 if ahead is not None:  # a step built ahead (the loop ended early): run it as a timed one
-                    loss, grad_norm, made, built, t = ahead.result()
+                    loss, grad_norm, made, built, t, state = ahead.result()
                     mx.async_eval(loss, grad_norm, model.state, trainer.optimizer.state)
                     n_timed += 1
                     mx.eval(pending)
@@ -362,11 +363,13 @@ def build_thread_ab(trainer, blocks: int, steps: int, deadline: float) -> dict:
     model, optimizer = trainer.model, trainer.optimizer
     builder = StepBuilder()
 
-    def build():
+    def build(threaded: bool):
         x, y = trainer.batches.next()
         t = time.perf_counter()
         loss, grad_norm = trainer._train_step(mx.array(x), mx.array(y))
-        return loss, grad_norm, time.perf_counter() - t
+        built = time.perf_counter() - t
+        # on the builder thread: the arrays the step leaves, off the queueing thread's path
+        return loss, grad_norm, built, state_arrays(model.state, optimizer.state) if threaded else None
 
     def block(threaded: bool, n: int) -> dict:
         mx.eval(model.state, optimizer.state)
@@ -374,17 +377,16 @@ def build_thread_ab(trainer, blocks: int, steps: int, deadline: float) -> dict:
         pending, ahead, built, losses = None, None, [], []
         for k in range(n):
             if ahead is not None:
-                loss, grad_norm, b = ahead.result()
+                loss, grad_norm, b, state = ahead.result()
             elif threaded:
-                loss, grad_norm, b = builder.submit(build).result()
+                loss, grad_norm, b, state = builder.submit(build, True).result()
             else:
-                loss, grad_norm, b = build()
+                loss, grad_norm, b, state = build(False)
             ahead = None
             built.append(b)
             if threaded and k + 1 < n:
-                queued = [loss, grad_norm] + state_arrays(model.state, optimizer.state)
-                ahead = builder.submit(build)
-                mx.async_eval(queued)
+                ahead = builder.submit(build, True)
+                mx.async_eval([loss, grad_norm] + state)
             else:
                 mx.async_eval(loss, grad_norm, model.state, optimizer.state)
             if pending is not None:

@@ -1101,7 +1101,13 @@ class Trainer:
             x, y = self.batches.next()
             x, y = x[self.rows], y[self.rows]  # this rank's share of the global batch
             loss, grad_norm = self._train_step(mx.array(x), mx.array(y))
-            return loss, grad_norm, lr
+            if builder is None:
+                return loss, grad_norm, lr, None
+            # On the builder thread, off the queueing thread's path: the state this step leaves
+            # (what the step built after it starts from) and the data position.
+            after = (tree_flatten(self.model.state), tree_flatten(self.optimizer.state),
+                     DataPosition(self.batches.position.epoch, self.batches.position.batch))
+            return loss, grad_norm, lr, after
 
         def drop_ahead():
             """Undo the step built ahead (never evaluated): the state and data position it
@@ -1126,12 +1132,12 @@ class Trainer:
                     job.update(phase="compile")
                     bar.set_description_str(_compiling_note())
                 if ahead is not None:
-                    loss, grad_norm, lr = ahead[0].result()
+                    loss, grad_norm, lr, after = ahead[0].result()
                     ahead = None
                 elif builder is not None:
-                    loss, grad_norm, lr = builder.submit(build, self.step, schedule).result()
+                    loss, grad_norm, lr, after = builder.submit(build, self.step, schedule).result()
                 else:
-                    loss, grad_norm, lr = build(self.step, schedule)
+                    loss, grad_norm, lr, after = build(self.step, schedule)
                 if first:
                     mx.eval(loss, grad_norm, self.model.state, self.optimizer.state)
                 else:
@@ -1147,12 +1153,10 @@ class Trainer:
                     nxt = self.step + 1
                     if builder is not None and self.total_steps is not None and nxt < self.total_steps \
                             and nxt % cfg.eval_every != 0 and nxt % cfg.save_every != 0:
-                        model_leaves = tree_flatten(self.model.state)
-                        optimizer_leaves = tree_flatten(self.optimizer.state)
+                        model_leaves, optimizer_leaves, _ = after
                         queued = [loss, grad_norm] + [v for _, v in model_leaves + optimizer_leaves
                                                       if isinstance(v, mx.array)]
-                        position = DataPosition(self.batches.position.epoch, self.batches.position.batch)
-                        ahead = (builder.submit(build, nxt, schedule), (model_leaves, optimizer_leaves, position))
+                        ahead = (builder.submit(build, nxt, schedule), after)
                         mx.async_eval(queued)
                     else:
                         mx.async_eval(loss, grad_norm, self.model.state, self.optimizer.state)
