@@ -565,3 +565,78 @@ def test_addmm_rows_is_the_product_plus_the_residual():
         assert fused.shape == plain.shape and fused.dtype == mx.bfloat16
         assert err_fused <= 1.05 * err_plain, (K, err_fused, err_plain)
         assert not mx.array_equal(fused, plain), K
+
+
+def test_traced_step_routes_the_pre_norms_through_residual_norm(monkeypatch):
+    """XLSTM_METAL_TRAIN_NORM_RESIDUAL's wiring: in the traced (fused-projection) step each
+    block's two pre-norms run as residual_norm (x passed through, its two cotangents summed in
+    the norm's backward), twice per block; with its float32 ops backward (off CUDA) the loss and
+    gradients equal the plain step's to float32 round-off; outside the traced step it never runs."""
+    from xlstm_metal.blocks import xlstm_large as blocks
+
+    model, x, y, params, loss_fn, ref_loss, ref = _traced_float32_reference()
+    calls = []
+    monkeypatch.setattr(blocks, "residual_norm_supported", lambda x, w: True)
+    real = blocks.residual_norm
+    monkeypatch.setattr(blocks, "residual_norm", lambda x, w, eps: calls.append(x.shape) or real(x, w, eps))
+    loss, grads = mx.value_and_grad(loss_fn)(params, x, y)
+    model.update(params)
+    assert calls == [(2, 32, model.config.embedding_dim)] * 4
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    flat, ref = dict(tree_flatten(grads)), dict(tree_flatten(ref))
+    # float32 round-off (the norm's gradient in another order), which sums with heavy
+    # cancellation (the gate biases') amplify: 1e-4 of each gradient's largest value
+    for k, g in ref.items():
+        assert float(mx.max(mx.abs(flat[k] - g))) <= 1e-4 * float(mx.max(mx.abs(g))) + 1e-12, k
+    assert any(not mx.array_equal(flat[k], g) for k, g in ref.items())  # the ops backward ran
+    calls.clear()
+    model(x)
+    assert calls == []
+
+
+@cuda
+@pytest.mark.parametrize("D, dtype", [(2048, mx.bfloat16), (768, mx.float16)])
+def test_residual_norm_backward_kernel_against_float32(monkeypatch, D, dtype):
+    """residual_norm's backward kernel at the 1.3b block's rows (8,192 x 2,048 bf16) and a
+    125m-like fp16 width: dx (the residual's cotangent plus the norm's input gradient, one
+    rounding) and dweight no farther from the float32 gradient than MLX's ops (rms_norm's vjp,
+    then the add) are, up to 1.05x; the forward is rms_norm's bits and x itself."""
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_NORM_RESIDUAL", "1")
+    rng = np.random.default_rng(21)
+    rows, eps = 8192, 1e-6
+    x = _bf16(rng, rows, D, scale=3.0).astype(dtype)
+    w = _bf16(rng, D, scale=0.2, shift=1.0).astype(dtype)
+    g = _bf16(rng, rows, D, scale=0.01).astype(dtype)
+    c = _bf16(rng, rows, D, scale=0.01).astype(dtype)
+    assert train_rows.residual_norm_supported(x, w)
+    xp, normed = train_rows.residual_norm(x, w, eps)
+    assert mx.array_equal(xp, x) and mx.array_equal(normed, mx.fast.rms_norm(x, w, eps))
+    (dx, dw) = mx.vjp(lambda x, w: train_rows.residual_norm(x, w, eps), [x, w], [c, g])[1]
+
+    def ops(x, w, g, c):
+        _, (gx, gw) = mx.vjp(lambda x, w: mx.fast.rms_norm(x, w, eps), [x, w], [g])
+        return gx + c, gw
+
+    f32 = [a.astype(mx.float32) for a in (x, w, g, c)]
+    ex, ew = ops(*f32)
+    ox, ow = ops(x, w, g, c)
+    _as_close_as_the_ops(dx, ox, _f32(ex), "dx", slack=1.05)
+    _as_close_as_the_ops(dw, ow, _f32(ew), "dw", slack=1.05)
+    assert not mx.array_equal(dx, ox)  # the kernel ran (one rounding, not the ops' two)
+
+
+@cuda
+def test_train_step_with_residual_norms_stays_near_float32(monkeypatch):
+    """XLSTM_METAL_TRAIN_NORM_RESIDUAL=1: a whole model's bf16 step against the float32 step: the
+    loss within bf16 round-off, the whole gradient tree no farther from float32 than 1.05x the
+    step with autodiff's add, and the setting reached the step (the gradients differ)."""
+    model, ids = _two_block_fused_model()
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_NORM_RESIDUAL", "0")
+    _, plain = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    monkeypatch.setenv("XLSTM_METAL_TRAIN_NORM_RESIDUAL", "1")
+    loss, fused = _step_grads(model, ids[:, :-1], ids[:, 1:], products="bf16")
+    exact_loss, exact = _step_grads(model, ids[:, :-1], ids[:, 1:], mx.float32)
+    assert abs(loss.item() - exact_loss.item()) <= 1e-3 * abs(exact_loss.item())
+    err_fused, err_plain = _errors_from(exact, fused, plain)
+    assert err_fused <= 1.05 * err_plain, (err_fused, err_plain)
+    assert any(not mx.array_equal(fused[k], plain[k]) for k in plain)

@@ -6,12 +6,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cells.ffn import _GATE_UP, FeedForward, swiglu
-from ..cells.fused import fusion_groups
+from ..cells.fused import fusion_groups, traced_fusion_active
 from ..cells.norms import RMSNorm
 from ..config import xLSTMConfig
 from ..kernels.fast import decode_chain as chain
 from ..kernels.fast.decode import add_rms_norm, gate_product_in_kernel
-from ..kernels.fast.train_rows import residual_into_output
+from ..kernels.fast.train_rows import residual_into_output, residual_norm, residual_norm_supported
 from ..kernels.mlstm import MLSTMState
 from ..neurons.mlstm import mLSTMNeuron
 
@@ -34,14 +34,16 @@ class mLSTMBlock(nn.Module):
             x, y, state = self.step(x, None, state)
             return x + y, state
         # In the training step (XLSTM_METAL_TRAIN_ADDMM=1) the branch's last GEMM may add x itself.
+        x, xn = _pre_norm(x, self.norm_mlstm)
         with residual_into_output(x) as res:
-            y, state = self.mlstm_layer(_normed(self.norm_mlstm(x), self.norm_mlstm), state)
+            y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
         if self.mlstm_layer.fused:  # inference fast path: the residual add inside the norm's launch
             x, xn = add_rms_norm(x, y, self.norm_ffn)
             return x + self.ffn(_normed(xn, self.norm_ffn)), state
         x = y if res.taken else x + y
+        x, xn = _pre_norm(x, self.norm_ffn)
         with residual_into_output(x) as res:
-            z = self.ffn(_normed(self.norm_ffn(x), self.norm_ffn))
+            z = self.ffn(_normed(xn, self.norm_ffn))
         return (z if res.taken else x + z), state
 
     def fused_step(self, x: mx.array) -> bool:
@@ -204,6 +206,16 @@ def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending
     if gates_quantized:
         return s, (y, columns, i_bias, f_bias, None, None), (y, o_offset)
     return s, (y, columns, i_bias, f_bias, w_if, xn), (y, o_offset)
+
+
+def _pre_norm(x: mx.array, norm: RMSNorm) -> tuple[mx.array, mx.array]:
+    """(x, norm(x)) for a block half whose input feeds its norm and its residual: in the traced
+    training step on CUDA (XLSTM_METAL_TRAIN_NORM_RESIDUAL=1) as
+    :func:`~xlstm_metal.kernels.fast.train_rows.residual_norm` (the two cotangents of x summed
+    in the norm's backward kernel; the same forward)."""
+    if traced_fusion_active() and residual_norm_supported(x, norm.weight):
+        return residual_norm(x, norm.weight, norm.eps)
+    return x, norm(x)
 
 
 def _normed(out: mx.array, norm: RMSNorm) -> mx.array:

@@ -394,6 +394,166 @@ def linear_residual(x: mx.array, w: mx.array) -> mx.array:
     return _linear_add(x, w, r)
 
 
+# ------------------------------------------------------------ pre-norm and residual fan-out
+# The block's input x feeds its pre-norm and its residual; autodiff sums the two cotangents in a
+# separate add (48 launches and ~1.2 ms per 1.3b step, H200 S10R1). residual_norm's backward
+# writes dx = c + d rms_norm(x, w) / dx . g in one pass. One block per RPB rows of D columns,
+# D / 8 threads, thread -> 8 consecutive columns (its weights and weight-gradient sums in
+# registers); the row sums (x^2, g w x) over the block: warp shuffles, then one float2 per warp
+# in shared memory (two buffers, alternating by row: one barrier per row). Float32 arithmetic,
+# one rounding of dx; dw_part [blocks, D] float32: each block's sum of g * x * rstd.
+_NORM_RES_BWD = """
+    constexpr int WARPS = D / 256;
+    __shared__ float2 part[2][WARPS];
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int col = tid * 8;
+    const int rows = x_shape[0];
+    float ws[8], dw[8];
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) { ws[e] = static_cast<float>(w[col + e]); dw[e] = 0.0f; }
+    // 16-byte loads and stores where every row array allows them (a view may start anywhere)
+    const bool vec = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(g)
+                       | reinterpret_cast<uintptr_t>(c) | reinterpret_cast<uintptr_t>(dx)) & 15) == 0;
+    auto load8 = [vec](const T* p, float* out) {
+        if (vec) {
+            const uint4 u = *reinterpret_cast<const uint4*>(p);
+            const T* t = reinterpret_cast<const T*>(&u);
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(t[e]);
+        } else {
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(p[e]);
+        }
+    };
+    const int r0 = blockIdx.x * RPB;
+    for (int i = 0; i < RPB; ++i) {
+        const int r = r0 + i;
+        if (r >= rows) break;
+        const size_t off = static_cast<size_t>(r) * D + col;
+        float xs[8], gs[8], cs[8], gw[8];
+        load8(x + off, xs);
+        load8(g + off, gs);
+        load8(c + off, cs);
+        float ss = 0.0f, dot = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            gw[e] = gs[e] * ws[e];
+            ss += xs[e] * xs[e];
+            dot += gw[e] * xs[e];
+        }
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        }
+        if (lane == 0) part[i & 1][warp] = make_float2(ss, dot);
+        __syncthreads();
+        ss = 0.0f; dot = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < WARPS; ++k) { const float2 q = part[i & 1][k]; ss += q.x; dot += q.y; }
+        const float rstd = rsqrtf(ss / D + EPS);
+        const float m = dot * rstd / D;  // mean(g w n), n = x rstd
+        __align__(16) T out[8];
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float n = xs[e] * rstd;
+            out[e] = static_cast<T>(cs[e] + rstd * (gw[e] - n * m));
+            dw[e] += gs[e] * n;
+        }
+        if (vec) {
+            *reinterpret_cast<uint4*>(dx + off) = *reinterpret_cast<const uint4*>(out);
+        } else {
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) dx[off + e] = out[e];
+        }
+    }
+    float* dwr = dw_part + static_cast<size_t>(blockIdx.x) * D + col;
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) dwr[e] = dw[e];
+"""
+#: Rows per block of the residual norm's backward kernel.
+_NORM_RES_RPB = 32
+
+
+def residual_norm_enabled() -> bool:
+    """Whether the training step runs each block's pre-norm as :func:`residual_norm` (the
+    residual's cotangent added in the norm's backward kernel; ``XLSTM_METAL_TRAIN_NORM_RESIDUAL``,
+    default off; 1: on)."""
+    return os.environ.get("XLSTM_METAL_TRAIN_NORM_RESIDUAL", "0") == "1"
+
+
+def residual_norm_supported(x: mx.array, weight: mx.array) -> bool:
+    """Whether :func:`residual_norm` runs its kernel: CUDA (:func:`train_rows_enabled`), the
+    switch on, x [..., D] and weight [D] of one dtype (bf16 / fp16), D a multiple of 256 up to
+    8,192."""
+    D = x.shape[-1]
+    return (train_rows_enabled() and residual_norm_enabled() and x.dtype == weight.dtype
+            and x.dtype in (mx.bfloat16, mx.float16) and weight.ndim == 1 and weight.shape[0] == D
+            and D % 256 == 0 and D <= 8192 and x.size // D > 1)
+
+
+_res_norms: dict[float, Callable] = {}
+
+
+def residual_norm(x: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """(x, rms_norm(x, weight)) for a block whose input x feeds both its pre-norm and its
+    residual: the first output is x itself (its buffer, no copy), the second
+    ``mx.fast.rms_norm``'s (the same bits). The vjp receives both outputs' cotangents and
+    returns dx = c_x + (d rms_norm / dx) g in one kernel on CUDA (float32 arithmetic, one
+    rounding; autodiff would round the norm's gradient, then add c_x in a second launch), and
+    dweight = sum over rows of g * x * rstd (float32 partial sums per block)."""
+    eps = float(eps)
+    fn = _res_norms.get(eps)
+    if fn is None:
+        @mx.custom_function
+        def fn(x, w):
+            return x, mx.fast.rms_norm(x, w, eps)
+
+        @fn.vjp
+        def fn_vjp(primals, cotangents, _outputs):
+            x, w = primals
+            c, g = cotangents
+            return _residual_norm_backward(x, w, g, c, eps)
+
+        _res_norms[eps] = fn
+    return fn(x, weight)
+
+
+def _residual_norm_backward(x: mx.array, w: mx.array, g: mx.array, c: mx.array, eps: float):
+    """(dx, dweight) of :func:`residual_norm`: its kernel on CUDA, float32 ops elsewhere."""
+    D = x.shape[-1]
+    if not (train_rows_enabled() and x.dtype in (mx.bfloat16, mx.float16) and D % 256 == 0 and D <= 8192):
+        xf, gf, wf = x.astype(mx.float32), g.astype(mx.float32), w.astype(mx.float32)
+        rstd = mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)
+        n = xf * rstd
+        gw = gf * wf
+        dx = c.astype(mx.float32) + rstd * (gw - n * mx.mean(gw * n, axis=-1, keepdims=True))
+        dw = (gf * n).reshape(-1, D).sum(axis=0)
+        return dx.astype(x.dtype), dw.astype(w.dtype)
+    key = ("norm_res_bwd", eps)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_train_norm_res_bwd_{kernel_tag(key)}",
+            input_names=["x", "w", "g", "c"],
+            output_names=["dx", "dw_part"],
+            source=_NORM_RES_BWD.replace("EPS", f"{eps!r}f"),
+        )
+        _kernels[key] = kernel
+    rows = x.size // D
+    blocks = -(-rows // _NORM_RES_RPB)
+    dx, dw_part = kernel(
+        inputs=[x.reshape(rows, D), w, g.astype(x.dtype).reshape(rows, D), c.astype(x.dtype).reshape(rows, D)],
+        template=[("T", x.dtype), ("D", D), ("RPB", _NORM_RES_RPB)],
+        grid=(blocks * (D // 8), 1, 1),
+        threadgroup=(D // 8, 1, 1),
+        output_shapes=[(rows, D), (blocks, D)],
+        output_dtypes=[x.dtype, mx.float32],
+    )
+    return dx.reshape(x.shape), dw_part.sum(axis=0).astype(w.dtype)
+
+
 # ------------------------------------------------------------- output gate + multi-head norm
 # One warp per (token, head) row of DV values (8 consecutive per lane, DV / 256 groups), TPW
 # tokens per warp, all of one head (blockIdx.y): the warp sums its rows' shares of the weight's
