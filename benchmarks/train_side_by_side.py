@@ -67,7 +67,8 @@ def worker_ours(args) -> None:
     from xlstm_metal.benchmark import environment, shape_config
     from xlstm_metal.models.xlstm_large import xLSTMLarge
     from xlstm_metal.training.trainer import (
-        StepBuilder, Trainer, TrainingConfig, count_parameters, init_xlstm_large, limit_command_buffers, state_arrays,
+        StepBuilder, Trainer, TrainingConfig, build_thread_enabled, count_parameters, init_xlstm_large,
+        limit_command_buffers, state_arrays,
     )
 
     limit_command_buffers()  # as `xlstm-metal train` (unless the environment sets the limits)
@@ -117,7 +118,8 @@ def worker_ours(args) -> None:
             raise SystemExit(f"--variants: {variant!r}: after KERNEL/RECOMPUTE only eager, fused-head, fused-proj, "
                              "mlx-adamw, bf16-products, build-thread, one mem-limit-GB and env-XLSTM_METAL_NAME=VALUE "
                              "may follow")
-        threaded = "build-thread" in mode
+        # the next step built on a second thread (the trainer's XLSTM_METAL_TRAIN_BUILD_THREAD)
+        threaded = "build-thread" in mode or build_thread_enabled()
         # mem-limit-GB: mx.set_memory_limit for this variant. MLX keeps every op's inputs until the
         # GPU has run its command buffer, up to 10 buffers ahead of it; over the limit, evaluation
         # waits for the GPU (the limit is soft: allocations still succeed).
