@@ -21,7 +21,8 @@ what it read into one float): the rate a product could reach if reading the weig
 ``--trace``: ``ms`` is instead the GPU time of the products' kernels (CUPTI through PyTorch's
 profiler, summed over one pass, per product; host time and launch gaps left out), the measure
 that ranks kernels where the host's encoding (~25-40 µs per cuBLASLt node) hides the GPU's.
-``--transposed``: MLX's product also as ``(W @ x.T).T`` (the weight as the left operand: another
+``--kernels wgmma-sk``: the wgmma kernel's stream-K schedule (its default grid, and the
+``--streamk-blocks`` given). ``--transposed``: MLX's product also as ``(W @ x.T).T`` (the weight as the left operand: another
 cuBLASLt kernel choice), made contiguous.
 """
 
@@ -120,7 +121,10 @@ def main() -> None:
     p.add_argument("--kinds", default="", help="products to time (default: all)")
     p.add_argument("--no-split-too", action="store_true",
                    help="where the default launch splits k across blocks, time it unsplit too")
-    p.add_argument("--kernels", default="mma", help="kernels to time beside MLX's matmul: mma, wgmma")
+    p.add_argument("--kernels", default="mma",
+                   help="kernels to time beside MLX's matmul: mma, wgmma, wgmma-sk (the wgmma kernel's stream-K schedule)")
+    p.add_argument("--streamk-blocks", default="",
+                   help="wgmma-sk: grids besides the default (numbers of blocks, comma-separated)")
     p.add_argument("--wgmma-configs", default="",
                    help="extra wgmma launch shapes, 'tm,stages[,splits[,swizzle]]' separated by ';'")
     p.add_argument("--floor", action="store_true", help="also a read-only streaming kernel over the weights")
@@ -223,6 +227,17 @@ def main() -> None:
                            timed(lambda x, w, c=cfg, s=splits: wg.wgmma_matmul(x, w, c, s), x),
                            rel_err(wg.wgmma_matmul(x, weights[0], cfg, splits)),
                            config=[cfg.tm, cfg.stages, int(cfg.swizzle)], k_splits=wg.k_splits(N, K, cfg, splits))
+            if "wgmma-sk" in kernels:
+                default = wg.default_config(M, N)
+                nw = wg.padded_rows(M)
+                for blocks in [None] + [int(b) for b in args.streamk_blocks.split(",") if b.strip()]:
+                    if late():
+                        break
+                    grid = wg.streamk_grid(N, K, default, nw, blocks)
+                    record("wgmma stream-K" + ("" if blocks else " (default grid)"),
+                           timed(lambda x, w, g=grid: wg.wgmma_matmul(x, w, default, schedule="streamk", blocks=g), x),
+                           rel_err(wg.wgmma_matmul(x, weights[0], default, schedule="streamk", blocks=grid)),
+                           config=[default.tm, default.stages, int(default.swizzle)], blocks=grid)
         del weights
         mx.clear_cache()
 

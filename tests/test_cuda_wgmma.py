@@ -105,7 +105,109 @@ def test_cuda_model_decode_matches_matmul_path(batch, wgmma_on):
     assert_model_decode_matches_matmul_path(batch)
 
 
+@pytest.fixture
+def streamk_on(monkeypatch):
+    """The wgmma product with its stream-K schedule selected for the test, then the previous choice back."""
+    before = skinny_gemm_kernel()
+    set_skinny_gemm("wgmma")
+    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+    yield
+    set_skinny_gemm(before)
+
+
+@cuda
+@pytest.mark.parametrize("M", [3, 16, 64])
+def test_cuda_streamk_exact_on_small_integers(M):
+    # Exact sums: a misplaced partial sum, a segment added twice or left out, or a tile stored by
+    # the wrong block changes the result. Grids: one block (every tile whole), tiles shared by
+    # 2 to many blocks, whole tiles between shared ones, one k step per block; K not a multiple
+    # of 64 (a zero-filled last step), N not a multiple of the tile.
+    rng = np.random.default_rng(M)
+    for N, K in ((256, 512), (130, 1000), (64, 136)):
+        xi = rng.integers(-3, 4, (M, K)).astype(np.float32)
+        wi = rng.integers(-3, 4, (N, K)).astype(np.float32)
+        want = xi @ wi.T
+        x, w = mx.array(xi).astype(mx.bfloat16), mx.array(wi).astype(mx.bfloat16)
+        for cfg in (wg.WgmmaConfig(tm=1, stages=3), wg.WgmmaConfig(tm=2, stages=4),
+                    wg.WgmmaConfig(tm=3, stages=3, swizzle=False)):
+            units = -(-N // cfg.rows_per_block()) * -(-K // wg.BK)
+            for blocks in sorted({1, 2, 3, units // 3 + 1, units - 1, units, 264}):
+                out = wg.wgmma_matmul(x, w, cfg, schedule="streamk", blocks=max(1, blocks))
+                got = np.array(out.astype(mx.float32))
+                assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -8), (N, K, cfg, blocks)
+
+
+@cuda
+@pytest.mark.parametrize("M", [2, 16, 33, 64])
+def test_cuda_streamk_7b_layer_shapes(M):
+    for i, (kind, (N, K)) in enumerate(_layer_shapes().items()):
+        x, w = _operands(300 * M + i, M, N, K)
+        ref = _reference64(x, w)
+        for blocks in (None, 97):
+            out = wg.wgmma_matmul(x, w, schedule="streamk", blocks=blocks)
+            assert out.shape == (M, N) and out.dtype == mx.bfloat16
+            assert _rel(out, ref) <= TOL_BF16, (kind, blocks, _rel(out, ref))
+
+
+@cuda
+def test_cuda_streamk_side_by_side_and_deterministic():
+    # Independent products in one evaluation are independent nodes of MLX's CUDA graph and may run
+    # at once: each launch keeps its arrival flags in its own buffer, so they must not disturb
+    # each other. The same product twice gives the same bits (the last segment to arrive adds
+    # the partial sums in the blocks' order, whichever it is).
+    xs = [_operands(40 + i, 16, 520, 2048)[0] for i in range(6)]
+    ws = [_operands(50 + i, 16, 520, 2048)[1] for i in range(6)]
+    outs = [wg.wgmma_matmul(x, w, schedule="streamk", blocks=61) for x, w in zip(xs, ws)]
+    again = [wg.wgmma_matmul(x, w, schedule="streamk", blocks=61) for x, w in zip(xs, ws)]
+    mx.eval(outs, again)
+    for x, w, out, out2 in zip(xs, ws, outs, again):
+        assert _rel(out, _reference64(x, w)) <= TOL_BF16
+        assert np.array_equal(np.array(out.astype(mx.float32)), np.array(out2.astype(mx.float32)))
+
+
+@cuda
+def test_cuda_streamk_compiled_repeated_and_gradient(streamk_on):
+    assert_compiled_repeated_and_gradient()
+
+
+@cuda
+@pytest.mark.parametrize("batch", [16, 64])
+def test_cuda_streamk_model_decode_matches_matmul_path(batch, streamk_on):
+    assert_model_decode_matches_matmul_path(batch)
+
+
 # ------------------------------------------------------------------ everywhere (CPU included)
+def test_streamk_partition_covers_every_step_once():
+    for tiles, steps in ((97, 64), (32, 171), (1, 1), (3, 5), (393, 64)):
+        units = tiles * steps
+        for blocks in sorted({1, 2, 7, 131, 264, units - 1, units} - {0}):
+            seen = np.zeros((tiles, steps), dtype=int)
+            shares = np.zeros(tiles, dtype=int)
+            for b, segments in enumerate(wg.streamk_segments(tiles, steps, blocks)):
+                slots = [slot for _, _, _, slot in segments if slot >= 0]
+                assert len(slots) == len(set(slots)) <= 2  # at most two shared tiles, distinct slots
+                for tile, first, end, slot in segments:
+                    assert 0 <= first < end <= steps
+                    seen[tile, first:end] += 1
+                    shares[tile] += 1
+                    assert (slot < 0) == (first == 0 and end == steps and shares[tile] == 1)
+                    assert all(wg.streamk_owner(tile * steps + k, units, blocks) == b for k in (first, end - 1))
+            assert np.all(seen == 1), (tiles, steps, blocks)
+            # balanced: no block has more than one unit above another
+            sizes = [sum(e - f for _, f, e, _ in segs) for segs in wg.streamk_segments(tiles, steps, blocks)]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_streamk_grid(monkeypatch):
+    monkeypatch.setattr(wg, "SMS", 132)
+    cfg16, cfg64 = wg.default_config(16, 4096), wg.default_config(64, 4096)
+    # Two blocks of 109 / 97 KB fit an SM's 228 KB: 264 blocks, at most one per unit.
+    assert wg.streamk_grid(4096, 4096, cfg16, 16) == 264 and wg.streamk_grid(4096, 4096, cfg64, 64) == 264
+    assert wg.streamk_grid(128, 128, cfg16, 16) == 2  # one tile of two k steps
+    assert wg.streamk_grid(4096, 4096, cfg16, 16, blocks=100) == 100
+    # A small ring (20 KB a block) would fit 11 blocks: registers cap it at STREAMK_MAX_PER_SM.
+    assert wg.streamk_grid(4096, 4096, wg.WgmmaConfig(tm=1, stages=2), 8) == 132 * wg.STREAMK_MAX_PER_SM == 396
+
 def test_config_checks_shared_memory_and_splits(monkeypatch):
     with pytest.raises(ValueError):
         wg.WgmmaConfig(tm=5)

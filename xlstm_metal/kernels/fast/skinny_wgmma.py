@@ -55,6 +55,23 @@ TARGET_BLOCKS = 264
 #: Whether the default launch lays its tiles out with the 128-byte swizzle (else interleaved);
 #: ``XLSTM_METAL_WGMMA_SWIZZLE=0`` picks the interleaved layout.
 SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
+#: How a product's work is laid over the GPU: "split" (a block per row tile and k split; tiles
+#: with few row tiles split k, float32 partial sums added by :mod:`.skinny`'s reduction kernel)
+#: or "streamk" (a fixed grid of ``SMS`` x blocks-per-SM persistent blocks that share the tiles'
+#: k steps equally; a block stores the tiles it computes whole and writes partial sums for the at
+#: most two it shares, which the last of their blocks to finish adds: one launch, no waves).
+#: ``XLSTM_METAL_WGMMA_SCHEDULE`` picks it.
+SCHEDULES = ("split", "streamk")
+SCHEDULE = os.environ.get("XLSTM_METAL_WGMMA_SCHEDULE", "split")
+#: Streaming multiprocessors the stream-K grid fills (``XLSTM_METAL_SMS``; an H100/H200 SXM: 132).
+SMS = int(os.environ.get("XLSTM_METAL_SMS", "132"))
+#: Shared memory per SM for thread blocks (sm_90: 228 KB) and what the GPU keeps per block (1 KB).
+SM_SHARED_BYTES = 228 * 1024
+BLOCK_RESERVED_BYTES = 1024
+#: Most stream-K blocks per SM: 96-134 registers x 128 threads (NVRTC, sm_90a) leave room for 3.
+STREAMK_MAX_PER_SM = 3
+#: Blocks of a stream-K grid (None: :data:`SMS` x as many as fit an SM's shared memory).
+STREAMK_BLOCKS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -236,8 +253,231 @@ _SOURCE = """
     }
 """
 
+_STREAMK_HEADER = _HEADER
+
+_STREAMK_SOURCE = """
+    // x [M, K], w [N, K] (T, row-contiguous, K % 8 == 0) -> y [M, N] (T); part [G, 2, 128, TM * ACC]
+    // float32: the partial sums of the (at most two) tiles a block shares with other blocks, then
+    // G x 2 arrival flags of 8 bytes.
+    // The work is T tiles x S k steps ("units", tile-major); block b of the G blocks takes units
+    // [b U / G, (b + 1) U / G): whole tiles it stores itself, pieces of tiles (a segment) it
+    // writes as partial sums; the segment that arrives last at a tile adds them all, in the order
+    // of the blocks, so the result does not depend on which one arrives last. No state outlives
+    // the launch (no counters in module memory), and no block waits for another.
+    constexpr int R = 64 * TM;                  // weight rows per tile
+    constexpr int STAGE = (R + NW) * 128;       // bytes per ring slot: R weight rows, NW x rows
+    constexpr int ACC = NW / 2;                 // accumulators per thread and 64-row tile
+    const int M = x_shape[0];
+    const int K = x_shape[1];
+    const int N = w_shape[0];
+    const int S = (K + 63) / 64;
+    const long long G = gridDim.x;
+    const long long U = (long long)((N + R - 1) / R) * S;
+    const int b = blockIdx.x;
+    const long long u0 = (long long)b * U / G;
+    const long long u1 = (long long)(b + 1) * U / G;
+    const int nunits = (int)(u1 - u0);
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    // The block that owns unit u (the largest bb with bb U / G <= u), and which of a block's two
+    // partial-sum slots its segment of the tile starting at unit ts uses (0: the tile it starts in).
+    auto owner = [&](long long u) -> int { return (int)(((u + 1) * G - 1) / U); };
+    auto slot_of = [&](int bb, long long ts) -> int { return ts < (long long)bb * U / G ? 0 : 1; };
+
+    extern __shared__ uint8_t xlw_smem[];
+    __shared__ int s_last;
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(xlw_smem));
+    const uint32_t ring = (raw + 1023u) & ~1023u;
+
+    // Slot st <- local unit i (tile (u0 + i) / S, k step (u0 + i) % S): as the split kernel's issue.
+    auto issue = [&](int i, int st) {
+      const long long u = u0 + i;
+      const int tile = (int)(u / S);
+      const int kb = (int)(u - (long long)tile * S) * 64;
+      const int row0 = tile * R;
+      #pragma unroll 4
+      for (int e = tid; e < (R + NW) * 8; e += 128) {
+        const int r = e >> 3, c = e & 7;
+        const int k = kb + c * 8;
+        const bool is_w = r < R;
+        const int src_row = is_w ? row0 + r : r - R;
+        const bool ok = i < nunits && k < K && src_row < (is_w ? N : M);
+        const T* src = (is_w ? w : x) + (size_t)src_row * K + k;
+        xlw_cp_async16(ring + st * STAGE + xlw_piece<SWZ>(r, c),
+                       ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+      }
+      xlw_cp_commit();
+    };
+    // acc[t][4j + e]: weight row 16 warp + lane / 4 + 8 (e >> 1) of tile t, x row 8j + 2 (lane % 4) + (e & 1).
+    auto store = [&](int row0, float (&v)[TM][ACC]) {
+      #pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        #pragma unroll
+        for (int j = 0; j < ACC; ++j) {
+          const int n = row0 + t * 64 + warp * 16 + (lane >> 2) + 8 * ((j & 3) >> 1);
+          const int m = (j >> 2) * 8 + 2 * (lane & 3) + (j & 1);
+          if (n < N && m < M) y[(size_t)m * N + n] = static_cast<T>(v[t][j]);
+        }
+      }
+    };
+    auto part_at = [&](int bb, int which) -> float* {
+      return part + ((size_t)(bb * 2 + which) * 128 + tid) * (TM * ACC);
+    };
+    // After the partial sums: a flag per (block, slot), 8 bytes each (the partial sums' size is a
+    // multiple of 16 bytes), read and written through volatile accesses (L2, not L1).
+    volatile unsigned long long* flags = reinterpret_cast<volatile unsigned long long*>(part + (size_t)G * 2 * 128 * TM * ACC);
+
+    float acc[TM][ACC];
+    #pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      #pragma unroll
+      for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
+    }
+
+    #pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+    for (int i = 0; i < nunits; ++i) {
+      xlw_cp_wait<STAGES - 2>();                // this thread's copies of unit i have landed
+      asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");  // visible to the tensor cores
+      __syncthreads();                          // everyone's, and unit i-1's slot is free
+      issue(i + STAGES - 1, (i + STAGES - 1) % STAGES);
+      const uint32_t slot = ring + (i % STAGES) * STAGE;
+      asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t db = xlw_desc<SWZ>(slot + R * 128 + xlw_kslice<SWZ>(kk));
+        #pragma unroll
+        for (int t = 0; t < TM; ++t) xl_wgmma<NW, T>(acc[t], xlw_desc<SWZ>(slot + t * 64 * 128 + xlw_kslice<SWZ>(kk)), db);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\\n" ::: "memory");
+      #pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        #pragma unroll
+        for (int j = 0; j < ACC; ++j) xlw_fence_operand(acc[t][j]);
+      }
+
+      const long long u = u0 + i;
+      const int tile = (int)(u / S);
+      const long long ts = (long long)tile * S;
+      if (u != ts + S - 1 && i != nunits - 1) continue;   // the tile's segment goes on
+      if (ts >= u0 && ts + S <= u1) {
+        store(tile * R, acc);                   // the whole tile here
+      } else {
+        float* mine = part_at(b, slot_of(b, ts));
+        #pragma unroll
+        for (int t = 0; t < TM; ++t) {
+          #pragma unroll
+          for (int j = 0; j < ACC; j += 4)
+            __stcg(reinterpret_cast<float4*>(mine + t * ACC + j), make_float4(acc[t][j], acc[t][j + 1], acc[t][j + 2], acc[t][j + 3]));
+        }
+        const int first = owner(ts), last = owner(ts + S - 1);
+        // Arrival: this segment's flag <- the launch's token for the tile (the flags live in this
+        // launch's own part buffer: launches that run side by side share nothing), then a look at
+        // the others' flags. Sequentially consistent fences order each segment's flag store
+        // before its loads, so the last segment to arrive sees every flag set (an earlier one
+        // may too: it then adds the same sums in the same order and stores the same values).
+        // Whoever finishes the tile clears its flags, so no later launch given this memory meets them.
+        const unsigned long long token = (reinterpret_cast<unsigned long long>(y) ^ 0x9E3779B97F4A7C15ull)
+                                         + 0x100000001B3ull * (unsigned long long)(tile + 1);
+        __threadfence();                        // these partial sums visible before the flag
+        __syncthreads();
+        if (tid == 0) {
+          flags[b * 2 + slot_of(b, ts)] = token;
+          __threadfence();
+          int done = 1;
+          for (int bb = first; bb <= last && done; ++bb) done = flags[bb * 2 + slot_of(bb, ts)] == token;
+          if (done) {
+            for (int bb = first; bb <= last; ++bb) flags[bb * 2 + slot_of(bb, ts)] = 0ull;
+          }
+          s_last = done;
+        }
+        __syncthreads();
+        if (s_last) {
+          __threadfence();
+          // acc becomes the tile's sum: every segment's partial sums (this block's too, read back
+          // from L2), in the order of the blocks.
+          #pragma unroll
+          for (int t = 0; t < TM; ++t) {
+            #pragma unroll
+            for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
+          }
+          for (int bb = first; bb <= last; ++bb) {
+            const float* p = part_at(bb, slot_of(bb, ts));
+            #pragma unroll
+            for (int t = 0; t < TM; ++t) {
+              #pragma unroll
+              for (int j = 0; j < ACC; j += 4) {
+                const float4 q = __ldcg(reinterpret_cast<const float4*>(p + t * ACC + j));
+                acc[t][j] += q.x; acc[t][j + 1] += q.y; acc[t][j + 2] += q.z; acc[t][j + 3] += q.w;
+              }
+            }
+          }
+          store(tile * R, acc);
+        }
+      }
+      #pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        #pragma unroll
+        for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
+      }
+    }
+    xlw_cp_wait<0>();
+"""
+
+
 def _kernel(shared_bytes: int):
     return product_kernel("xlstm_wgmma_matmul", _SOURCE, _HEADER, shared_bytes)
+
+
+_streamk_kernels: dict[int, object] = {}
+
+
+def _streamk_kernel(shared_bytes: int):
+    kernel = _streamk_kernels.get(shared_bytes)
+    if kernel is None:
+        kernel = _streamk_kernels[shared_bytes] = mx.fast.cuda_kernel(
+            name=f"xlstm_wgmma_streamk_{shared_bytes}", input_names=["x", "w"], output_names=["y", "part"],
+            source=_STREAMK_SOURCE, header=_STREAMK_HEADER, shared_memory=shared_bytes)
+    return kernel
+
+
+def streamk_grid(n: int, k: int, config: WgmmaConfig, nw: int, blocks: int | None = None) -> int:
+    """Blocks of a stream-K launch for ``n`` outputs, ``k`` inputs and ``nw`` padded rows of x:
+    ``blocks``, or by default :data:`SMS` x as many as fit in an SM's shared memory (at most
+    :data:`STREAMK_MAX_PER_SM`): every block resident at once, no second wave; at most one
+    per unit (a row tile's k step)."""
+    units = -(-n // config.rows_per_block()) * -(-k // BK)
+    if blocks is None:
+        per_sm = SM_SHARED_BYTES // (config.shared_bytes(nw) + BLOCK_RESERVED_BYTES)
+        blocks = SMS * max(1, min(STREAMK_MAX_PER_SM, per_sm))
+    return max(1, min(units, blocks))
+
+
+def streamk_segments(tiles: int, steps: int, blocks: int) -> list[list[tuple[int, int, int, int]]]:
+    """The stream-K kernel's partition, as its integer arithmetic computes it: for each block, its
+    segments (tile, first k step, end k step, partial-sum slot or -1 for a whole tile). Every
+    tile's steps are covered once, a block shares at most two tiles, and its shared segments
+    use slots 0 (the tile it starts in) and 1 (the tile it ends in). For tests and docs."""
+    units = tiles * steps
+    out = []
+    for b in range(blocks):
+        u0, u1 = b * units // blocks, (b + 1) * units // blocks
+        segs, u = [], u0
+        while u < u1:
+            tile = u // steps
+            ts = tile * steps
+            end = min(u1, ts + steps)
+            whole = ts >= u0 and ts + steps <= u1
+            segs.append((tile, u - ts, end - ts, -1 if whole else (0 if ts < u0 else 1)))
+            u = end
+        out.append(segs)
+    return out
+
+
+def streamk_owner(u: int, units: int, blocks: int) -> int:
+    """The block that computes unit ``u`` (the kernel's ``owner``)."""
+    return ((u + 1) * blocks - 1) // units
 
 
 def wgmma_supported(x: mx.array, w: mx.array) -> bool:
@@ -257,11 +497,12 @@ def wgmma_supported(x: mx.array, w: mx.array) -> bool:
 
 
 def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
-                 splits: int | None = None) -> mx.array:
+                 splits: int | None = None, schedule: str | None = None, blocks: int | None = None) -> mx.array:
     """x [..., K] @ w.T -> [..., N] (x's dtype) through the wgmma kernel (CUDA sm_90a only; the
     cases :func:`wgmma_supported` accepts; ``config`` defaults to :func:`default_config`,
-    ``splits`` of k to :func:`k_splits`). No gradient: :func:`.skinny.linear_product` is the
-    differentiable entry point."""
+    ``splits`` of k to :func:`k_splits`; ``schedule`` one of :data:`SCHEDULES`, by default
+    :data:`SCHEDULE`; ``blocks``: the stream-K grid, by default :func:`streamk_grid`'s). No
+    gradient: :func:`.skinny.linear_product` is the differentiable entry point."""
     if not wgmma_supported(x, w):
         raise ValueError(f"wgmma_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
                          f"1..{MAX_ROWS} rows; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
@@ -270,6 +511,20 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     M = math.prod(lead)
     nw = padded_rows(M)
     cfg = config or default_config(M, N)
+    schedule = schedule or SCHEDULE
+    if schedule not in SCHEDULES:
+        raise ValueError(f"wgmma schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
+    if schedule == "streamk":
+        grid = streamk_grid(N, K, cfg, nw, blocks or STREAMK_BLOCKS)
+        y, _ = _streamk_kernel(cfg.shared_bytes(nw))(
+            inputs=[x.reshape(M, K), w],
+            template=[("T", x.dtype), ("NW", nw), ("TM", cfg.tm), ("STAGES", cfg.stages), ("SWZ", cfg.swizzle)],
+            grid=(grid * 128, 1, 1),
+            threadgroup=(128, 1, 1),
+            output_shapes=[(M, N), (grid * 2 * (cfg.rows_per_block() * nw + 2),)],  # + the flags
+            output_dtypes=[x.dtype, mx.float32],
+        )
+        return y.reshape(*lead, N)
     splits = k_splits(N, K, cfg, splits)
     (y,) = _kernel(cfg.shared_bytes(nw))(
         inputs=[x.reshape(M, K), w],
