@@ -87,8 +87,9 @@ def main() -> None:
                    help="one skinny-product setting per kernel, comma-separated: mma (skinny.py's mma.sync), "
                         "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products); "
                         "KERNEL@N: the wgmma product splitting k for about N blocks (skinny_wgmma.TARGET_BLOCKS); "
-                        "KERNEL@sk: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE), KERNEL@skN: "
-                        "with N blocks (skinny_wgmma.STREAMK_BLOCKS)")
+                        "KERNEL@sk: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; SwiGLU inside "
+                        "proj_down's launch, skinny.SWIGLU_IN_PRODUCT), KERNEL@skN: with N blocks "
+                        "(skinny_wgmma.STREAMK_BLOCKS), KERNEL@skplain[N]: stream-K with SwiGLU's own launch")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -130,6 +131,7 @@ def main() -> None:
     queue_layers = xlarge._queue_layers
     skinny_default = skinny.skinny_gemm_kernel()
     wg_target, wg_schedule, wg_sk_blocks = wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS
+    swiglu_in_product = skinny.SWIGLU_IN_PRODUCT
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
@@ -231,7 +233,9 @@ def main() -> None:
     def skinny_name(spec: str) -> str:
         kernel, _, target = spec.partition("@")
         if target.startswith("sk"):
-            return skinny_names[kernel] + ", stream-K" + (f" {target[2:]} blocks" if target[2:] else "")
+            plain, blocks = target.startswith("skplain"), target[7:] if target.startswith("skplain") else target[2:]
+            return (skinny_names[kernel] + ", stream-K" + (f" {blocks} blocks" if blocks else "")
+                    + (", SwiGLU launched alone" if plain else ""))
         return skinny_names[kernel] + (f", k split for {target} blocks" if target else "")
     settings = {"decode": fused + ([] if args.no_skinny else
                                    [(skinny_name(k), True, True, residual, k, step_default, True)
@@ -265,10 +269,12 @@ def main() -> None:
                 decode.set_step_kernel_version(step_version)
                 kernel, _, target = skinny_on.partition("@") if isinstance(skinny_on, str) else (skinny_on, "", "")
                 skinny.set_skinny_gemm(kernel)
-                stream_k = target.startswith("sk")
+                stream_k, plain = target.startswith("sk"), target.startswith("skplain")
+                sk_blocks = target[7:] if plain else target[2:]
                 wg.TARGET_BLOCKS = int(target) if target and not stream_k else wg_target
                 wg.SCHEDULE = "streamk" if stream_k else wg_schedule
-                wg.STREAMK_BLOCKS = int(target[2:]) if stream_k and target[2:] else wg_sk_blocks
+                wg.STREAMK_BLOCKS = int(sk_blocks) if stream_k and sk_blocks else wg_sk_blocks
+                skinny.SWIGLU_IN_PRODUCT = swiglu_in_product and not plain
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
@@ -362,6 +368,7 @@ def main() -> None:
     decode.set_step_kernel_version(step_default)
     skinny.set_skinny_gemm(skinny_default)
     wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS = wg_target, wg_schedule, wg_sk_blocks
+    skinny.SWIGLU_IN_PRODUCT = swiglu_in_product
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 

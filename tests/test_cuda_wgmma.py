@@ -176,7 +176,80 @@ def test_cuda_streamk_model_decode_matches_matmul_path(batch, streamk_on):
     assert_model_decode_matches_matmul_path(batch)
 
 
+@cuda
+@pytest.mark.parametrize("M", [3, 16, 64])
+def test_cuda_streamk_swiglu_same_bits_as_two_launches(M):
+    # SwiGLU made in shared memory from the gate|up product: the bits of SwiGLU's own kernel
+    # followed by the stream-K product with the same launch shape (grid, tiles, k order).
+    from xlstm_metal.kernels.fast.train_rows import swiglu_joined
+
+    for N, K in ((300, 1000), (4096 // 8, 10944 // 8)):
+        y = _operands(7 * M + N, M, 8, 2 * K)[0] * 3  # gate|up [M, 2K]
+        w = _operands(11 * M + K, M, N, K)[1]
+        cfg = wg.swiglu_config(M, N)
+        for blocks in (None, 7):
+            grid = blocks or wg.streamk_grid(N, K, cfg, 2 * wg.padded_rows(M))
+            fused = wg.wgmma_swiglu_matmul(y, w, cfg, blocks=grid)
+            two = wg.wgmma_matmul(swiglu_joined(y), w, cfg, schedule="streamk", blocks=grid)
+            assert fused.shape == (M, N) and fused.dtype == mx.bfloat16
+            assert np.array_equal(np.array(fused.astype(mx.float32)), np.array(two.astype(mx.float32))), (N, K, blocks)
+            assert _rel(fused, _reference64(swiglu_joined(y), w)) <= TOL_BF16
+
+
+@cuda
+@pytest.mark.parametrize("M", [16, 64])
+def test_cuda_ffn_takes_swiglu_into_proj_down(M, streamk_on, monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+    from xlstm_metal.cells.ffn import FeedForward
+    from xlstm_metal.benchmark import shape_config
+
+    ffn = FeedForward(shape_config("125m", embedding_dim=256))
+    mx.eval(ffn.parameters())
+    ffn.update(nn_tree_map(lambda a: a.astype(mx.bfloat16), ffn.parameters()))
+    ffn.fuse_projections()
+    skinny.use_fast_linear_layers(ffn)
+    x = _operands(M, M, 8, 256)[0].reshape(M, 1, 256)
+    joined = ffn._joined_gate_up(x)
+    assert joined is not None and skinny.uses_swiglu_product(joined, ffn.proj_down.weight)
+    fused = ffn(x)
+    monkeypatch.setattr(skinny, "SWIGLU_IN_PRODUCT", False)
+    assert not skinny.uses_swiglu_product(joined, ffn.proj_down.weight)
+    assert np.array_equal(np.array(fused.astype(mx.float32)), np.array(ffn(x).astype(mx.float32)))
+
+
+def nn_tree_map(fn, tree):
+    from mlx.utils import tree_map
+    return tree_map(fn, tree)
+
+
 # ------------------------------------------------------------------ everywhere (CPU included)
+def test_swiglu_product_dispatch_and_vjp(monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    joined = _operands(1, 16, 8, 2 * 64)[0]
+    w = _operands(2, 16, 40, 64)[1]
+    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+    before = skinny_gemm_kernel()
+    try:
+        set_skinny_gemm("wgmma")
+        assert skinny.uses_swiglu_product(joined, w) == cuda_available()
+        assert not skinny.uses_swiglu_product(joined[:, :100], w)  # not [.., 2K]
+        monkeypatch.setattr(wg, "SCHEDULE", "split")
+        assert not skinny.uses_swiglu_product(joined, w)  # the split schedule: two launches
+        monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+        monkeypatch.setattr(skinny, "SWIGLU_IN_PRODUCT", False)
+        assert not skinny.uses_swiglu_product(joined, w)
+    finally:
+        set_skinny_gemm(before)
+    # The fused launch's gradient: the ops' (the kernel stood in for by them).
+    monkeypatch.setattr(wg, "wgmma_swiglu_matmul", lambda j, w: skinny._swiglu_reference(j) @ w.T)
+    jf, wf = joined.astype(mx.float32), w.astype(mx.float32)
+    c = mx.array(np.random.default_rng(0).standard_normal((16, 40)).astype(np.float32))
+    got = mx.vjp(skinny._wgmma_swiglu_product, [jf, wf], [c])[1]
+    want = mx.vjp(lambda j, w: skinny._swiglu_reference(j) @ w.T, [jf, wf], [c])[1]
+    for g, h in zip(got, want):
+        assert np.allclose(np.array(g), np.array(h), rtol=1e-6, atol=1e-6)
+
 def test_streamk_partition_covers_every_step_once():
     for tiles, steps in ((97, 64), (32, 171), (1, 1), (3, 5), (393, 64)):
         units = tiles * steps

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import xLSTMConfig
-from ..kernels.fast.skinny import linear_product
+from ..kernels.fast.skinny import FastLinear, linear_product, swiglu_linear_product, uses_swiglu_product
 from ..kernels.fast.train_rows import (
     swiglu_down_residual, swiglu_joined, swiglu_joined_supported, train_recompute_enabled,
 )
@@ -49,6 +49,9 @@ class FeedForward(nn.Module):
         if mx.default_device() != mx.cpu:
             joined = self._joined_gate_up(x)
             if joined is not None:  # inference on CUDA: SwiGLU reads the fused product, no split
+                down = plain_linear_weight(self.proj_down) if type(self.proj_down) is FastLinear else None
+                if down is not None and uses_swiglu_product(joined, down):  # SwiGLU inside proj_down's launch
+                    return swiglu_linear_product(joined, down)
                 return linear_output(self.proj_down, swiglu_joined(joined))
         gate, up = _GATE_UP.outputs(self, x)
         if mx.default_device() == mx.cpu:  # the CPU's fast activations (their own vjp)

@@ -415,6 +415,53 @@ def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
 _wgmma_product.vjp(plain_products_vjp)
 
 
+#: Whether the wgmma product's stream-K schedule takes SwiGLU into its loads of x for the FFN's
+#: down projection (:func:`swiglu_linear_product`; ``XLSTM_METAL_WGMMA_SWIGLU=0``: off).
+SWIGLU_IN_PRODUCT = os.environ.get("XLSTM_METAL_WGMMA_SWIGLU", "1") != "0"
+
+
+def _swiglu_reference(joined: mx.array) -> mx.array:
+    K = joined.shape[-1] // 2
+    return nn.silu(joined[..., :K]) * joined[..., K:]
+
+
+@mx.custom_function
+def _wgmma_swiglu_product(joined: mx.array, w: mx.array) -> mx.array:
+    from .skinny_wgmma import wgmma_swiglu_matmul
+    return wgmma_swiglu_matmul(joined, w)
+
+
+@_wgmma_swiglu_product.vjp
+def _wgmma_swiglu_product_vjp(primals, cotangent, output):
+    _, grads = mx.vjp(lambda j, w: _swiglu_reference(j) @ w.T, list(primals), [cotangent])
+    return tuple(grads)
+
+
+def uses_swiglu_product(joined: mx.array, w: mx.array) -> bool:
+    """Whether :func:`swiglu_linear_product` runs one kernel for ``(silu(gate) * up) @ w.T`` from
+    the gate|up product ``joined`` [..., 2K]: where :func:`linear_product` would run the wgmma
+    kernel for x [..., K] and ``w``, its schedule is stream-K and :data:`SWIGLU_IN_PRODUCT`."""
+    if not SWIGLU_IN_PRODUCT or joined.ndim < 1 or w.ndim != 2 or joined.shape[-1] != 2 * w.shape[1]:
+        return False
+    from . import skinny_wgmma as wg
+    if wg.SCHEDULE != "streamk":
+        return False
+    x_like = mx.zeros((*joined.shape[:-1], w.shape[1]), dtype=joined.dtype)  # lazy: never evaluated
+    return _kernel_for(x_like, w) == "wgmma" and wg.wgmma_swiglu_supported(joined, w)
+
+
+def swiglu_linear_product(joined: mx.array, w: mx.array) -> mx.array:
+    """``(silu(gate) * up) @ w.T`` for the gate|up product ``joined`` [..., 2K] (gate first) and
+    ``w`` [N, K]: one launch of the wgmma stream-K kernel where :func:`uses_swiglu_product`
+    (the bits of SwiGLU's kernel then the product), else :func:`linear_product` of
+    :func:`~xlstm_metal.kernels.fast.train_rows.swiglu_joined`'s output. Differentiable (the
+    fused launch's vjp is that of the ops)."""
+    if uses_swiglu_product(joined, w):
+        return _wgmma_swiglu_product(joined, w)
+    from .train_rows import swiglu_joined
+    return linear_product(swiglu_joined(joined), w)
+
+
 def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
     """Whether :func:`linear_product` runs a kernel of its own (the selected one) for these operands."""
     return _kernel_for(x, w) != "off"

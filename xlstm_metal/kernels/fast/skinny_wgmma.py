@@ -253,7 +253,7 @@ _SOURCE = """
     }
 """
 
-_STREAMK_HEADER = _HEADER
+_STREAMK_HEADER = '#include "mlx/backend/cuda/device/unary_ops.cuh"\n' + _HEADER
 
 _STREAMK_SOURCE = """
     // x [M, K], w [N, K] (T, row-contiguous, K % 8 == 0) -> y [M, N] (T); part [G, 2, 128, TM * ACC]
@@ -265,10 +265,11 @@ _STREAMK_SOURCE = """
     // of the blocks, so the result does not depend on which one arrives last. No state outlives
     // the launch (no counters in module memory), and no block waits for another.
     constexpr int R = 64 * TM;                  // weight rows per tile
-    constexpr int STAGE = (R + NW) * 128;       // bytes per ring slot: R weight rows, NW x rows
+    constexpr int STAGE = (R + NW * (SWIGLU ? 2 : 1)) * 128;  // ring slot: R weight rows, NW x rows (+ NW of up)
     constexpr int ACC = NW / 2;                 // accumulators per thread and 64-row tile
     const int M = x_shape[0];
-    const int K = x_shape[1];
+    const int XS = x_shape[1];                  // x's row stride
+    const int K = SWIGLU ? XS / 2 : XS;
     const int N = w_shape[0];
     const int S = (K + 63) / 64;
     const long long G = gridDim.x;
@@ -290,21 +291,36 @@ _STREAMK_SOURCE = """
     const uint32_t ring = (raw + 1023u) & ~1023u;
 
     // Slot st <- local unit i (tile (u0 + i) / S, k step (u0 + i) % S): as the split kernel's issue.
+    // SWIGLU: x is a gate|up product [M, 2K]: the product's x is silu(gate) * up, each op rounded
+    // to T as cells.ffn.swiglu's ops are. A thread copies a piece of gate into x's tile and the
+    // same piece of up into the slot's last NW rows, and after its copies land it makes the
+    // piece silu(gate) * up in place (its own pieces only: no barrier before).
     auto issue = [&](int i, int st) {
       const long long u = u0 + i;
       const int tile = (int)(u / S);
       const int kb = (int)(u - (long long)tile * S) * 64;
       const int row0 = tile * R;
+      const bool live = i < nunits;
       #pragma unroll 4
-      for (int e = tid; e < (R + NW) * 8; e += 128) {
+      for (int e = tid; e < R * 8; e += 128) {
         const int r = e >> 3, c = e & 7;
         const int k = kb + c * 8;
-        const bool is_w = r < R;
-        const int src_row = is_w ? row0 + r : r - R;
-        const bool ok = i < nunits && k < K && src_row < (is_w ? N : M);
-        const T* src = (is_w ? w : x) + (size_t)src_row * K + k;
+        const bool ok = live && k < K && row0 + r < N;
+        const T* src = w + (size_t)(row0 + r) * K + k;
         xlw_cp_async16(ring + st * STAGE + xlw_piece<SWZ>(r, c),
                        ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+      }
+      #pragma unroll
+      for (int e = tid; e < NW * 8; e += 128) {
+        const int r = e >> 3, c = e & 7;
+        const int k = kb + c * 8;
+        const bool ok = live && k < K && r < M;
+        const T* src = x + (size_t)r * XS + k;
+        xlw_cp_async16(ring + st * STAGE + xlw_piece<SWZ>(R + r, c),
+                       ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+        if constexpr (SWIGLU)
+          xlw_cp_async16(ring + st * STAGE + (R + NW) * 128 + e * 16,
+                         ok ? static_cast<const void*>(src + K) : static_cast<const void*>(w), ok);
       }
       xlw_cp_commit();
     };
@@ -338,6 +354,24 @@ _STREAMK_SOURCE = """
     for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
     for (int i = 0; i < nunits; ++i) {
       xlw_cp_wait<STAGES - 2>();                // this thread's copies of unit i have landed
+      if constexpr (SWIGLU) {
+        uint8_t* sl = xlw_smem + (ring - raw) + (i % STAGES) * STAGE;
+        #pragma unroll
+        for (int e = tid; e < NW * 8; e += 128) {
+          uint4* gp = reinterpret_cast<uint4*>(sl + xlw_piece<SWZ>(R + (e >> 3), e & 7));
+          const uint4 uv = *reinterpret_cast<const uint4*>(sl + (R + NW) * 128 + e * 16);
+          uint4 gv = *gp;
+          T* g = reinterpret_cast<T*>(&gv);
+          const T* up = reinterpret_cast<const T*>(&uv);
+          #pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const T sg = Sigmoid{}(g[q]);
+            const T silu = g[q] * sg;
+            g[q] = silu * up[q];
+          }
+          *gp = gv;
+        }
+      }
       asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");  // visible to the tensor cores
       __syncthreads();                          // everyone's, and unit i-1's slot is free
       issue(i + STAGES - 1, (i + STAGES - 1) % STAGES);
@@ -515,16 +549,7 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     if schedule not in SCHEDULES:
         raise ValueError(f"wgmma schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     if schedule == "streamk":
-        grid = streamk_grid(N, K, cfg, nw, blocks or STREAMK_BLOCKS)
-        y, _ = _streamk_kernel(cfg.shared_bytes(nw))(
-            inputs=[x.reshape(M, K), w],
-            template=[("T", x.dtype), ("NW", nw), ("TM", cfg.tm), ("STAGES", cfg.stages), ("SWZ", cfg.swizzle)],
-            grid=(grid * 128, 1, 1),
-            threadgroup=(128, 1, 1),
-            output_shapes=[(M, N), (grid * 2 * (cfg.rows_per_block() * nw + 2),)],  # + the flags
-            output_dtypes=[x.dtype, mx.float32],
-        )
-        return y.reshape(*lead, N)
+        return _streamk_launch(x.reshape(M, K), w, cfg, blocks, False).reshape(*lead, N)
     splits = k_splits(N, K, cfg, splits)
     (y,) = _kernel(cfg.shared_bytes(nw))(
         inputs=[x.reshape(M, K), w],
@@ -538,3 +563,57 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     if splits > 1:
         y = reduce_splits(y, x.dtype)
     return y.reshape(*lead, N)
+
+
+def _streamk_launch(x: mx.array, w: mx.array, cfg: WgmmaConfig, blocks: int | None, swiglu: bool) -> mx.array:
+    """The stream-K kernel on x [M, K] (or, with ``swiglu``, a gate|up product [M, 2K]) and w [N, K]."""
+    M, N, K = x.shape[0], w.shape[0], w.shape[1]
+    nw = padded_rows(M)
+    slot_rows = 2 * nw if swiglu else nw  # x's rows in a ring slot (+ up's)
+    grid = streamk_grid(N, K, cfg, slot_rows, blocks or STREAMK_BLOCKS)
+    y, _ = _streamk_kernel(cfg.shared_bytes(slot_rows))(
+        inputs=[x, w],
+        template=[("T", x.dtype), ("NW", nw), ("TM", cfg.tm), ("STAGES", cfg.stages), ("SWZ", cfg.swizzle),
+                  ("SWIGLU", swiglu)],
+        grid=(grid * 128, 1, 1),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(M, N), (grid * 2 * (cfg.rows_per_block() * nw + 2),)],  # + the flags
+        output_dtypes=[x.dtype, mx.float32],
+    )
+    return y
+
+
+def swiglu_config(rows: int, n: int) -> WgmmaConfig:
+    """The launch shape of :func:`wgmma_swiglu_matmul`: :func:`default_config`'s, with as many
+    ring stages fewer as keep two blocks in an SM's shared memory (a slot holds up's NW rows too)."""
+    cfg = default_config(rows, n)
+    nw2 = 2 * padded_rows(rows)
+    stages = cfg.stages
+    while stages > 2 and 2 * (WgmmaConfig(cfg.tm, stages, cfg.swizzle).shared_bytes(nw2) + BLOCK_RESERVED_BYTES) \
+            > SM_SHARED_BYTES:
+        stages -= 1
+    return WgmmaConfig(cfg.tm, stages, cfg.swizzle)
+
+
+def wgmma_swiglu_supported(y: mx.array, w: mx.array) -> bool:
+    """True when :func:`wgmma_swiglu_matmul` takes the gate|up product ``y`` [..., 2K] and ``w``
+    [N, K] (:func:`wgmma_supported`'s conditions with x = silu(gate) * up)."""
+    return (y.ndim >= 1 and w.ndim == 2 and y.shape[-1] == 2 * w.shape[1]
+            and wgmma_supported(y[..., : w.shape[1]], w))
+
+
+def wgmma_swiglu_matmul(y: mx.array, w: mx.array, config: WgmmaConfig | None = None,
+                        blocks: int | None = None) -> mx.array:
+    """``(silu(gate) * up) @ w.T`` for the gate|up product ``y`` [..., 2K] (gate the first K
+    columns) and ``w`` [N, K], in one launch: the stream-K kernel makes each piece of x from y as
+    it lands in shared memory, with the ops of :func:`xlstm_metal.cells.ffn.swiglu` in their
+    order and rounding (so the bits of ``wgmma_matmul(swiglu_joined(y), w, schedule="streamk")``
+    with the same launch shape), and the SwiGLU launch and its output are gone. CUDA sm_90a only;
+    no gradient (:func:`.skinny.swiglu_linear_product` is the differentiable entry point)."""
+    if not wgmma_swiglu_supported(y, w):
+        raise ValueError(f"wgmma_swiglu_matmul: needs CUDA, bf16/fp16 y [..., 2K] and w [N, K] of one dtype, "
+                         f"K % 8 == 0 and 1..{MAX_ROWS} rows; got y {y.shape} {y.dtype}, w {w.shape} {w.dtype}")
+    lead, N = y.shape[:-1], w.shape[0]
+    M = math.prod(lead)
+    cfg = config or swiglu_config(M, N)
+    return _streamk_launch(y.reshape(M, y.shape[-1]), w, cfg, blocks, True).reshape(*lead, N)
