@@ -349,6 +349,7 @@ _STREAMK_SOURCE = """
       #pragma unroll
       for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
     }
+    int shared_tiles[2] = {0, 0}, nshared = 0;  // the (at most two) tiles this block shares
 
     #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
@@ -398,6 +399,8 @@ _STREAMK_SOURCE = """
       if (ts >= u0 && ts + S <= u1) {
         store(tile * R, acc);                   // the whole tile here
       } else {
+        // A piece of a tile: its partial sums out (no wait: the ring keeps streaming); the
+        // tile's segments meet after the loop.
         float* mine = part_at(b, slot_of(b, ts));
         #pragma unroll
         for (int t = 0; t < TM; ++t) {
@@ -405,50 +408,7 @@ _STREAMK_SOURCE = """
           for (int j = 0; j < ACC; j += 4)
             __stcg(reinterpret_cast<float4*>(mine + t * ACC + j), make_float4(acc[t][j], acc[t][j + 1], acc[t][j + 2], acc[t][j + 3]));
         }
-        const int first = owner(ts), last = owner(ts + S - 1);
-        // Arrival: this segment's flag <- the launch's token for the tile (the flags live in this
-        // launch's own part buffer: launches that run side by side share nothing), then a look at
-        // the others' flags. Sequentially consistent fences order each segment's flag store
-        // before its loads, so the last segment to arrive sees every flag set (an earlier one
-        // may too: it then adds the same sums in the same order and stores the same values).
-        // Whoever finishes the tile clears its flags, so no later launch given this memory meets them.
-        const unsigned long long token = (reinterpret_cast<unsigned long long>(y) ^ 0x9E3779B97F4A7C15ull)
-                                         + 0x100000001B3ull * (unsigned long long)(tile + 1);
-        __threadfence();                        // these partial sums visible before the flag
-        __syncthreads();
-        if (tid == 0) {
-          flags[b * 2 + slot_of(b, ts)] = token;
-          __threadfence();
-          int done = 1;
-          for (int bb = first; bb <= last && done; ++bb) done = flags[bb * 2 + slot_of(bb, ts)] == token;
-          if (done) {
-            for (int bb = first; bb <= last; ++bb) flags[bb * 2 + slot_of(bb, ts)] = 0ull;
-          }
-          s_last = done;
-        }
-        __syncthreads();
-        if (s_last) {
-          __threadfence();
-          // acc becomes the tile's sum: every segment's partial sums (this block's too, read back
-          // from L2), in the order of the blocks.
-          #pragma unroll
-          for (int t = 0; t < TM; ++t) {
-            #pragma unroll
-            for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
-          }
-          for (int bb = first; bb <= last; ++bb) {
-            const float* p = part_at(bb, slot_of(bb, ts));
-            #pragma unroll
-            for (int t = 0; t < TM; ++t) {
-              #pragma unroll
-              for (int j = 0; j < ACC; j += 4) {
-                const float4 q = __ldcg(reinterpret_cast<const float4*>(p + t * ACC + j));
-                acc[t][j] += q.x; acc[t][j + 1] += q.y; acc[t][j + 2] += q.z; acc[t][j + 3] += q.w;
-              }
-            }
-          }
-          store(tile * R, acc);
-        }
+        shared_tiles[nshared++] = tile;
       }
       #pragma unroll
       for (int t = 0; t < TM; ++t) {
@@ -457,6 +417,56 @@ _STREAMK_SOURCE = """
       }
     }
     xlw_cp_wait<0>();
+
+    // Arrival at each shared tile: this segment's flag <- the launch's token for the tile (the
+    // flags live in this launch's own part buffer: launches that run side by side share
+    // nothing), then a look at the others' flags. Sequentially consistent fences order each
+    // segment's flag store before its loads, so the last segment to arrive sees every flag set
+    // (an earlier one may too: it then adds the same sums in the same order and stores the same
+    // values). Whoever finishes the tile clears its flags, so no later launch given this memory
+    // meets them.
+    if (nshared > 0) __threadfence();           // this block's partial sums visible before its flags
+    for (int p = 0; p < nshared; ++p) {
+      const int tile = shared_tiles[p];
+      const long long ts = (long long)tile * S;
+      const int first = owner(ts), last = owner(ts + S - 1);
+      const unsigned long long token = (reinterpret_cast<unsigned long long>(y) ^ 0x9E3779B97F4A7C15ull)
+                                       + 0x100000001B3ull * (unsigned long long)(tile + 1);
+      __syncthreads();
+      if (tid == 0) {
+        flags[b * 2 + slot_of(b, ts)] = token;
+        __threadfence();
+        int done = 1;
+        for (int bb = first; bb <= last && done; ++bb) done = flags[bb * 2 + slot_of(bb, ts)] == token;
+        if (done) {
+          for (int bb = first; bb <= last; ++bb) flags[bb * 2 + slot_of(bb, ts)] = 0ull;
+        }
+        s_last = done;
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        // The tile's sum: every segment's partial sums (this block's too, read back from L2),
+        // in the order of the blocks.
+        #pragma unroll
+        for (int t = 0; t < TM; ++t) {
+          #pragma unroll
+          for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
+        }
+        for (int bb = first; bb <= last; ++bb) {
+          const float* q = part_at(bb, slot_of(bb, ts));
+          #pragma unroll
+          for (int t = 0; t < TM; ++t) {
+            #pragma unroll
+            for (int j = 0; j < ACC; j += 4) {
+              const float4 v = __ldcg(reinterpret_cast<const float4*>(q + t * ACC + j));
+              acc[t][j] += v.x; acc[t][j + 1] += v.y; acc[t][j + 2] += v.z; acc[t][j + 3] += v.w;
+            }
+          }
+        }
+        store(tile * R, acc);
+      }
+    }
 """
 
 
