@@ -21,8 +21,8 @@ what it read into one float): the rate a product could reach if reading the weig
 ``--trace``: ``ms`` is instead the GPU time of the products' kernels (CUPTI through PyTorch's
 profiler, summed over one pass, per product; host time and launch gaps left out), the measure
 that ranks kernels where the host's encoding (~25-40 µs per cuBLASLt node) hides the GPU's.
-``--kernels wgmma-sk``: the wgmma kernel's stream-K schedule (its default grid, and the
-``--streamk-blocks`` given). ``--transposed``: MLX's product also as ``(W @ x.T).T`` (the weight as the left operand: another
+``--kernels wgmma-sk``: the wgmma kernel's stream-K schedule (its default launch, the
+``--streamk-blocks`` grids given, and the ``--wgmma-configs`` launch shapes). ``--transposed``: MLX's product also as ``(W @ x.T).T`` (the weight as the left operand: another
 cuBLASLt kernel choice), made contiguous.
 """
 
@@ -230,14 +230,17 @@ def main() -> None:
             if "wgmma-sk" in kernels:
                 default = wg.default_config(M, N)
                 nw = wg.padded_rows(M)
-                for blocks in [None] + [int(b) for b in args.streamk_blocks.split(",") if b.strip()]:
+                runs = [(default, None)] + [(default, int(b)) for b in args.streamk_blocks.split(",") if b.strip()]
+                runs += [(cfg, None) for cfg, _ in wg_extra if cfg != default]
+                for cfg, blocks in runs:
                     if late():
                         break
-                    grid = wg.streamk_grid(N, K, default, nw, blocks)
-                    record("wgmma stream-K" + ("" if blocks else " (default grid)"),
-                           timed(lambda x, w, g=grid: wg.wgmma_matmul(x, w, default, schedule="streamk", blocks=g), x),
-                           rel_err(wg.wgmma_matmul(x, weights[0], default, schedule="streamk", blocks=grid)),
-                           config=[default.tm, default.stages, int(default.swizzle)], blocks=grid)
+                    grid = wg.streamk_grid(N, K, cfg, nw, blocks)
+                    label = "wgmma stream-K" + (" (default)" if (cfg, blocks) == (default, None) else "")
+                    record(label,
+                           timed(lambda x, w, c=cfg, g=grid: wg.wgmma_matmul(x, w, c, schedule="streamk", blocks=g), x),
+                           rel_err(wg.wgmma_matmul(x, weights[0], cfg, schedule="streamk", blocks=grid)),
+                           config=[cfg.tm, cfg.stages, int(cfg.swizzle)], blocks=grid)
         del weights
         mx.clear_cache()
 
