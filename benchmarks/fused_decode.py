@@ -88,8 +88,9 @@ def main() -> None:
                         "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products); "
                         "KERNEL@N: the wgmma product splitting k for about N blocks (skinny_wgmma.TARGET_BLOCKS); "
                         "KERNEL@sk: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; SwiGLU inside "
-                        "proj_down's launch, skinny.SWIGLU_IN_PRODUCT), KERNEL@skN: with N blocks "
-                        "(skinny_wgmma.STREAMK_BLOCKS), KERNEL@skplain[N]: stream-K with SwiGLU's own launch")
+                        "proj_down's launch and the output norm and gate inside out_proj's, skinny.SWIGLU_IN_PRODUCT, "
+                        "skinny.NORM_GATE_IN_PRODUCT), KERNEL@skN: with N blocks (skinny_wgmma.STREAMK_BLOCKS), "
+                        "KERNEL@skplain[N]: stream-K with SwiGLU and the norm and gate launched alone")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -131,7 +132,7 @@ def main() -> None:
     queue_layers = xlarge._queue_layers
     skinny_default = skinny.skinny_gemm_kernel()
     wg_target, wg_schedule, wg_sk_blocks = wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS
-    swiglu_in_product = skinny.SWIGLU_IN_PRODUCT
+    swiglu_in_product, norm_gate_in_product = skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
@@ -235,7 +236,7 @@ def main() -> None:
         if target.startswith("sk"):
             plain, blocks = target.startswith("skplain"), target[7:] if target.startswith("skplain") else target[2:]
             return (skinny_names[kernel] + ", stream-K" + (f" {blocks} blocks" if blocks else "")
-                    + (", SwiGLU launched alone" if plain else ""))
+                    + (", SwiGLU and norm-gate launched alone" if plain else ""))
         return skinny_names[kernel] + (f", k split for {target} blocks" if target else "")
     settings = {"decode": fused + ([] if args.no_skinny else
                                    [(skinny_name(k), True, True, residual, k, step_default, True)
@@ -275,6 +276,7 @@ def main() -> None:
                 wg.SCHEDULE = "streamk" if stream_k else wg_schedule
                 wg.STREAMK_BLOCKS = int(sk_blocks) if stream_k and sk_blocks else wg_sk_blocks
                 skinny.SWIGLU_IN_PRODUCT = swiglu_in_product and not plain
+                skinny.NORM_GATE_IN_PRODUCT = norm_gate_in_product and not plain
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
@@ -368,7 +370,7 @@ def main() -> None:
     decode.set_step_kernel_version(step_default)
     skinny.set_skinny_gemm(skinny_default)
     wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS = wg_target, wg_schedule, wg_sk_blocks
-    skinny.SWIGLU_IN_PRODUCT = swiglu_in_product
+    skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT = swiglu_in_product, norm_gate_in_product
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 

@@ -217,12 +217,86 @@ def test_cuda_ffn_takes_swiglu_into_proj_down(M, streamk_on, monkeypatch):
     assert np.array_equal(np.array(fused.astype(mx.float32)), np.array(ffn(x).astype(mx.float32)))
 
 
+def _norm_gate_operands(seed, B, NH, DV, N, o_offset):
+    from xlstm_metal.cells.norms import MultiHeadLayerNorm
+
+    rng = np.random.default_rng(seed)
+    h = mx.array(rng.standard_normal((B, NH, 1, DV)).astype(np.float32) * 2 + 0.5).astype(mx.bfloat16)
+    wide = mx.array(rng.standard_normal((B, 1, NH * DV + 24)).astype(np.float32)).astype(mx.bfloat16)
+    o = wide[..., o_offset: o_offset + NH * DV]  # a column slice, as the projections' product gives it
+    norm = MultiHeadLayerNorm(NH, DV, eps=1e-6)
+    norm.weight = mx.array(rng.standard_normal(NH * DV).astype(np.float32)).astype(mx.bfloat16)
+    w = _operands(seed + 1, B, N, NH * DV)[1]
+    return h, o, norm, w
+
+
+@cuda
+@pytest.mark.parametrize("B", [3, 16, 64])
+def test_cuda_streamk_norm_gate_matches_two_launches(B):
+    # The output cell's norm and gate inside out_proj's launch against the norm-gate kernel then
+    # the product: the same ops and roundings, the heads' statistics summed in another order (so
+    # within float32 round-off of each normed value, one bf16 rounding of the product). o~ as a
+    # slice at an aligned (16-byte) and an unaligned column offset (read element by element).
+    from xlstm_metal.kernels.fast.decode import output_norm_gate
+
+    for NH, DV, N in ((4, 128, 300), (8, 512 // 4 * 4, 4096 // 8)):
+        for o_offset in (16, 3):
+            h, o, norm, w = _norm_gate_operands(B * 10 + o_offset, B, NH, DV, N, o_offset)
+            x = output_norm_gate(h, o, norm)  # [B, 1, NH DV]
+            ref = _reference64(x.reshape(B, NH * DV), w)
+            for blocks in (None, 5):
+                out = wg.wgmma_norm_gate_matmul(h, o, norm.weight, norm.eps, w, blocks=blocks)
+                assert out.shape == (B, 1, N) and out.dtype == mx.bfloat16
+                assert _rel(out.reshape(B, N), ref) <= TOL_BF16, (NH, DV, o_offset, blocks, _rel(out.reshape(B, N), ref))
+
+
 def nn_tree_map(fn, tree):
     from mlx.utils import tree_map
     return tree_map(fn, tree)
 
 
 # ------------------------------------------------------------------ everywhere (CPU included)
+def test_norm_gate_product_dispatch(monkeypatch):
+    import xlstm_metal.kernels.fast.decode as decode
+    import xlstm_metal.kernels.fast.skinny as skinny
+    from xlstm_metal.cells.mlstm import mLSTMOutputCell
+
+    h, o, norm, w = _norm_gate_operands(0, 16, 2, 128, 64, 8)
+    # The GPU's parts stood in for: what is under test is the choice and the output cell's wiring.
+    monkeypatch.setattr(decode, "_kernels_on", lambda: True)
+    monkeypatch.setattr(wg, "wgmma_norm_gate_supported", lambda *a: True)
+    monkeypatch.setattr(skinny, "_kernel_for", lambda x, w: "wgmma")
+    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+    assert skinny.uses_norm_gate_product(h, o, norm, w)
+    monkeypatch.setattr(wg, "SCHEDULE", "split")
+    assert not skinny.uses_norm_gate_product(h, o, norm, w)
+    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+    monkeypatch.setattr(skinny, "NORM_GATE_IN_PRODUCT", False)
+    assert not skinny.uses_norm_gate_product(h, o, norm, w)
+    monkeypatch.setattr(skinny, "NORM_GATE_IN_PRODUCT", True)
+    assert not skinny.uses_norm_gate_product(h, o, _rms_norm(256), w)  # another norm: its own ops
+    # mLSTMOutputCell.fused hands norm, gate and out_proj to the fused launch where it applies.
+    import xlstm_metal.cells.mlstm as cells_mlstm
+
+    calls = []
+    monkeypatch.setattr(cells_mlstm, "norm_gate_linear_product", lambda *a: calls.append(a) or "fused")
+
+    class Layers:
+        multihead_norm = norm
+        out_proj = skinny.FastLinear(256, 64, bias=False)
+    Layers.out_proj.weight = w
+    assert mLSTMOutputCell().fused(Layers, h, o) == "fused" and len(calls) == 1
+    monkeypatch.undo()  # the real checks: on the CPU the output cell's own ops
+    out = mLSTMOutputCell().fused(Layers, h, o)
+    if not cuda_available():
+        assert out.shape == (16, 1, 64) and len(calls) == 1
+
+
+def _rms_norm(E):
+    from xlstm_metal.cells.norms import RMSNorm
+    return RMSNorm(E)
+
+
 def test_swiglu_product_dispatch_and_vjp(monkeypatch):
     import xlstm_metal.kernels.fast.skinny as skinny
 

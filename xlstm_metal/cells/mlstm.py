@@ -19,6 +19,7 @@ from ..kernels.fast.train_rows import (
     linear_residual, norm_gate_linear, norm_gate_train, norm_gate_train_supported, train_cell_recompute_enabled,
     train_recompute_enabled,
 )
+from ..kernels.fast.skinny import FastLinear, norm_gate_linear_product, uses_norm_gate_product
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
 from .fused import FusedLayers, linear_output, plain_linear_weight, traced_fusion_active
@@ -199,8 +200,14 @@ class mLSTMOutputCell(nn.Module):
     def fused(self, layers: nn.Module, h: mx.array, o_preact: mx.array) -> mx.array:
         """:meth:`__call__` with the norm and output gate as one CUDA launch
         (:func:`~xlstm_metal.kernels.fast.decode.output_norm_gate`; the same ops elsewhere).
-        Inference only (no gradient through the kernel)."""
-        return layers.out_proj(output_norm_gate(h, o_preact, layers.multihead_norm))
+        Inference only (no gradient through the kernel). Where out_proj runs the wgmma product's
+        stream-K schedule, norm and gate happen inside out_proj's launch
+        (:func:`~xlstm_metal.kernels.fast.skinny.norm_gate_linear_product`)."""
+        out_proj, norm = layers.out_proj, layers.multihead_norm
+        w = plain_linear_weight(out_proj) if type(out_proj) is FastLinear else None
+        if w is not None and uses_norm_gate_product(h, o_preact, norm, w):
+            return norm_gate_linear_product(h, o_preact, norm, w)
+        return out_proj(output_norm_gate(h, o_preact, norm))
 
 
 def mlstm_zero_state(config: xLSTMConfig, batch_size: int) -> MLSTMState:

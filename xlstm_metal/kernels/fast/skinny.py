@@ -462,6 +462,40 @@ def swiglu_linear_product(joined: mx.array, w: mx.array) -> mx.array:
     return linear_product(swiglu_joined(joined), w)
 
 
+#: Whether the wgmma product's stream-K schedule takes the mLSTM output cell's norm and gate into
+#: out_proj's loads of x (:func:`norm_gate_linear_product`; ``XLSTM_METAL_WGMMA_NORM_GATE=0``: off).
+NORM_GATE_IN_PRODUCT = os.environ.get("XLSTM_METAL_WGMMA_NORM_GATE", "1") != "0"
+
+
+def uses_norm_gate_product(h: mx.array, o_preact: mx.array, norm: nn.Module, w: mx.array) -> bool:
+    """Whether :func:`norm_gate_linear_product` runs one kernel for ``out_proj(sigmoid(o~) * norm(h))``
+    (h [B, NH, 1, DV] of one token, ``norm`` the layer's MultiHeadLayerNorm, ``w`` out_proj's
+    weight): where the fused decode kernels are on, :func:`linear_product` would run the wgmma
+    kernel on x [B, NH DV], its schedule is stream-K, and :data:`NORM_GATE_IN_PRODUCT`."""
+    from ...cells.norms import MultiHeadLayerNorm
+    from . import decode
+    from . import skinny_wgmma as wg
+    if not NORM_GATE_IN_PRODUCT or wg.SCHEDULE != "streamk" or not decode._kernels_on() \
+            or type(norm) is not MultiHeadLayerNorm or "weight" not in norm or "bias" in norm:
+        return False
+    if h.ndim != 4 or not wg.wgmma_norm_gate_supported(h, o_preact, norm.weight, w):
+        return False
+    x_like = mx.zeros((h.shape[0], h.shape[1] * h.shape[3]), dtype=h.dtype)  # lazy: never evaluated
+    return _kernel_for(x_like, w) == "wgmma"
+
+
+def norm_gate_linear_product(h: mx.array, o_preact: mx.array, norm: nn.Module, w: mx.array) -> mx.array:
+    """``sigmoid(o~) * norm(h)`` through ``w`` [N, NH DV] -> [B, 1, N]: one launch where
+    :func:`uses_norm_gate_product` (:func:`~.skinny_wgmma.wgmma_norm_gate_matmul`), else
+    :func:`~xlstm_metal.kernels.fast.decode.output_norm_gate` then :func:`linear_product`.
+    Inference only (no gradient through the fused launch)."""
+    if uses_norm_gate_product(h, o_preact, norm, w):
+        from .skinny_wgmma import wgmma_norm_gate_matmul
+        return wgmma_norm_gate_matmul(h, o_preact, norm.weight, norm.eps, w)
+    from .decode import output_norm_gate
+    return linear_product(output_norm_gate(h, o_preact, norm), w)
+
+
 def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
     """Whether :func:`linear_product` runs a kernel of its own (the selected one) for these operands."""
     return _kernel_for(x, w) != "off"

@@ -265,7 +265,7 @@ _STREAMK_SOURCE = """
     // of the blocks, so the result does not depend on which one arrives last. No state outlives
     // the launch (no counters in module memory), and no block waits for another.
     constexpr int R = 64 * TM;                  // weight rows per tile
-    constexpr int STAGE = (R + NW * (SWIGLU ? 2 : 1)) * 128;  // ring slot: R weight rows, NW x rows (+ NW of up)
+    constexpr int STAGE = (R + NW * (SWIGLU ? 2 : 1) + @NG_ROWS@) * 128;  // ring slot: R weight rows, NW x rows (+ NW of up)
     constexpr int ACC = NW / 2;                 // accumulators per thread and 64-row tile
     const int M = x_shape[0];
     const int XS = x_shape[1];                  // x's row stride
@@ -321,6 +321,7 @@ _STREAMK_SOURCE = """
         if constexpr (SWIGLU)
           xlw_cp_async16(ring + st * STAGE + (R + NW) * 128 + e * 16,
                          ok ? static_cast<const void*>(src + K) : static_cast<const void*>(w), ok);
+@NG_ISSUE@
       }
       xlw_cp_commit();
     };
@@ -353,8 +354,10 @@ _STREAMK_SOURCE = """
 
     #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+@NG_PROLOGUE@
     for (int i = 0; i < nunits; ++i) {
       xlw_cp_wait<STAGES - 2>();                // this thread's copies of unit i have landed
+@NG_TRANSFORM@
       if constexpr (SWIGLU) {
         uint8_t* sl = xlw_smem + (ring - raw) + (i % STAGES) * STAGE;
         #pragma unroll
@@ -470,19 +473,127 @@ _STREAMK_SOURCE = """
 """
 
 
+# The output cell's norm and gate inside out_proj's launch (NG): x is h [M, NH DV] of the step,
+# and the product's x is sigmoid(o~) * LayerNorm_head(h) * norm weight, each op rounded to T as
+# decode.output_norm_gate rounds it. Before its loop a block takes, for each head its units touch,
+# every row's mean and 1 / std over the head's DV values of h (a warp per row and head, while the
+# ring's first copies fly). A ring slot holds besides x's tile (h) NW rows of o~ and one row (of
+# 8, for the 1024-byte period) of the norm weight; each thread makes its own pieces of x in place.
+# o~ is a column slice of the projections' product: copied 16 bytes at a time where its rows are
+# 16-byte aligned, else read element by element.
+_NG_ROWS = "NW + 8"
+_NG_ISSUE = """
+        if (o_vec) {
+          const size_t oo = (size_t)r * o_strides[0] + (size_t)k * o_strides[2];
+          xlw_cp_async16(ring + st * STAGE + (R + NW) * 128 + e * 16,
+                         ok ? static_cast<const void*>(o + oo) : static_cast<const void*>(w), ok);
+        }
+        if (e < 8) {
+          const bool okw = live && k < K;
+          xlw_cp_async16(ring + st * STAGE + (R + 2 * NW) * 128 + e * 16,
+                         okw ? static_cast<const void*>(nw + k) : static_cast<const void*>(w), okw);
+        }
+"""
+_NG_PROLOGUE = """
+    {
+      unsigned int heads = 0u;
+      if (nunits >= S) heads = ~0u;
+      else for (long long uu = u0; uu < u1; ++uu) heads |= 1u << (int)(((uu % S) * 64) / DV);
+      for (int pair = warp; pair < NH * M; pair += 4) {
+        const int hd = pair / M, m = pair % M;
+        if (!((heads >> hd) & 1u)) continue;
+        const T* hp = x + (size_t)m * XS + hd * DV;
+        float v[DV / 32];
+        float sum = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < DV / 32; ++j) { v[j] = static_cast<float>(hp[lane + 32 * j]); sum += v[j]; }
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        const float mean = sum / DV;
+        float sq = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < DV / 32; ++j) { const float d = v[j] - mean; sq += d * d; }
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        if (lane == 0) { ng_mean[hd * NW + m] = mean; ng_rstd[hd * NW + m] = rsqrtf(sq / DV + eps[0]); }
+      }
+      __syncthreads();
+    }
+"""
+_NG_TRANSFORM = """
+      __syncthreads();                          // the norm weight's row: copied by 8 threads, read by all
+      {
+        uint8_t* sl = xlw_smem + (ring - raw) + (i % STAGES) * STAGE;
+        const long long u = u0 + i;
+        const int kb = (int)(u % S) * 64;
+        const int hd = kb / DV;
+        #pragma unroll
+        for (int e = tid; e < NW * 8; e += 128) {
+          const int r = e >> 3, c = e & 7;
+          uint4* hpc = reinterpret_cast<uint4*>(sl + xlw_piece<SWZ>(R + r, c));
+          if (r >= M) continue;             // zero rows stay zero
+          uint4 hv = *hpc;
+          uint4 ov;
+          if (o_vec) {
+            ov = *reinterpret_cast<const uint4*>(sl + (R + NW) * 128 + e * 16);
+          } else {
+            T* op = reinterpret_cast<T*>(&ov);
+            #pragma unroll
+            for (int q = 0; q < 8; ++q) op[q] = o[(size_t)r * o_strides[0] + (size_t)(kb + c * 8 + q) * o_strides[2]];
+          }
+          const uint4 wv = *reinterpret_cast<const uint4*>(sl + (R + 2 * NW) * 128 + c * 16);
+          T* hh = reinterpret_cast<T*>(&hv);
+          const T* og = reinterpret_cast<const T*>(&ov);
+          const T* ww = reinterpret_cast<const T*>(&wv);
+          const float mean = ng_mean[hd * NW + r], rstd = ng_rstd[hd * NW + r];
+          #pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const float normed = static_cast<float>(static_cast<T>((static_cast<float>(hh[q]) - mean) * rstd));
+            const float scaled = static_cast<float>(static_cast<T>(normed * static_cast<float>(ww[q])));
+            const float gate = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-static_cast<float>(og[q])))));
+            hh[q] = static_cast<T>(gate * scaled);
+          }
+          *hpc = hv;
+        }
+      }
+"""
+_NG_DECL = """
+    constexpr int NH_MAX = 16;
+    const int NH = K / DV;
+    __shared__ float ng_mean[NH_MAX * NW], ng_rstd[NH_MAX * NW];
+    const bool o_vec = (reinterpret_cast<uintptr_t>(o) & 15) == 0 && o_strides[2] == 1 && o_strides[0] % 8 == 0;
+"""
+
+
+def _streamk_source(norm_gate: bool) -> str:
+    """The stream-K kernel's source, with the output cell's norm and gate in its loads of x or not."""
+    parts = {"@NG_ROWS@": _NG_ROWS, "@NG_ISSUE@": _NG_ISSUE, "@NG_PROLOGUE@": _NG_PROLOGUE,
+             "@NG_TRANSFORM@": _NG_TRANSFORM} if norm_gate else dict.fromkeys(
+        ("@NG_ISSUE@", "@NG_PROLOGUE@", "@NG_TRANSFORM@"), "") | {"@NG_ROWS@": "0"}
+    src = _STREAMK_SOURCE
+    for key, text in parts.items():
+        src = src.replace(key, text)
+    if norm_gate:  # its declarations once the sizes are known
+        anchor = "    // The block that owns unit u"
+        src = src.replace(anchor, _NG_DECL + anchor, 1)
+    return src
+
+
 def _kernel(shared_bytes: int):
     return product_kernel("xlstm_wgmma_matmul", _SOURCE, _HEADER, shared_bytes)
 
 
-_streamk_kernels: dict[int, object] = {}
+_streamk_kernels: dict[tuple[int, bool], object] = {}
 
 
-def _streamk_kernel(shared_bytes: int):
-    kernel = _streamk_kernels.get(shared_bytes)
+def _streamk_kernel(shared_bytes: int, norm_gate: bool = False):
+    kernel = _streamk_kernels.get((shared_bytes, norm_gate))
     if kernel is None:
-        kernel = _streamk_kernels[shared_bytes] = mx.fast.cuda_kernel(
-            name=f"xlstm_wgmma_streamk_{shared_bytes}", input_names=["x", "w"], output_names=["y", "part"],
-            source=_STREAMK_SOURCE, header=_STREAMK_HEADER, shared_memory=shared_bytes)
+        kernel = _streamk_kernels[(shared_bytes, norm_gate)] = mx.fast.cuda_kernel(
+            name=f"xlstm_wgmma_streamk{'_ng' if norm_gate else ''}_{shared_bytes}",
+            input_names=["x", "w", "o", "nw", "eps"] if norm_gate else ["x", "w"], output_names=["y", "part"],
+            source=_streamk_source(norm_gate), header=_STREAMK_HEADER, shared_memory=shared_bytes,
+            ensure_row_contiguous=not norm_gate)  # o~: a strided column slice, read where it is
     return kernel
 
 
@@ -627,3 +738,67 @@ def wgmma_swiglu_matmul(y: mx.array, w: mx.array, config: WgmmaConfig | None = N
     M = math.prod(lead)
     cfg = config or swiglu_config(M, N)
     return _streamk_launch(y.reshape(M, y.shape[-1]), w, cfg, blocks, True).reshape(*lead, N)
+
+
+#: Largest head count and width the norm-and-gate launch takes (its statistics live in shared memory).
+NORM_GATE_MAX_HEADS = 16
+NORM_GATE_MAX_DV = 1024
+_eps_arrays: dict[float, mx.array] = {}
+
+
+def wgmma_norm_gate_supported(h: mx.array, o_preact: mx.array, norm_weight: mx.array, w: mx.array) -> bool:
+    """True when :func:`wgmma_norm_gate_matmul` takes h [B, NH, 1, DV], o~ [B, 1, NH DV] (any
+    strides), the norm weight [NH DV] and w [N, NH DV]: one dtype (bf16/fp16), DV a multiple of 64
+    up to :data:`NORM_GATE_MAX_DV`, at most :data:`NORM_GATE_MAX_HEADS` heads, 1 to
+    :data:`MAX_ROWS` rows, CUDA."""
+    if h.ndim != 4 or h.shape[2] != 1:
+        return False
+    B, NH, _, DV = h.shape
+    return (DV % 64 == 0 and DV <= NORM_GATE_MAX_DV and NH <= NORM_GATE_MAX_HEADS
+            and o_preact.shape == (B, 1, NH * DV) and norm_weight.shape == (NH * DV,)
+            and o_preact.dtype == h.dtype and norm_weight.dtype == h.dtype
+            and wgmma_supported(h.reshape(B, NH * DV), w))
+
+
+def wgmma_norm_gate_matmul(h: mx.array, o_preact: mx.array, norm_weight: mx.array, eps: float, w: mx.array,
+                           config: WgmmaConfig | None = None, blocks: int | None = None) -> mx.array:
+    """``(sigmoid(o~) * MultiHeadLayerNorm(h)) @ w.T`` [B, 1, N] in one launch of the stream-K
+    kernel: the output cell's norm and gate (as :func:`~xlstm_metal.kernels.fast.decode.output_norm_gate`
+    computes them, each op rounded to the dtype; the heads' mean and variance summed in another
+    order, so float32 round-off apart) made in shared memory as x's tiles land; o~ read where it
+    is (a column slice of the projections' product). CUDA sm_90a; no gradient (inference)."""
+    if not wgmma_norm_gate_supported(h, o_preact, norm_weight, w):
+        raise ValueError(f"wgmma_norm_gate_matmul: unsupported h {h.shape} {h.dtype}, o {o_preact.shape} "
+                         f"{o_preact.dtype}, norm weight {norm_weight.shape}, w {w.shape} {w.dtype}")
+    B, NH, _, DV = h.shape
+    K, N = NH * DV, w.shape[0]
+    nw = padded_rows(B)
+    cfg = config or norm_gate_config(B, N)
+    slot_rows = 2 * nw + 8  # x's rows, o~'s rows, the norm weight's row (of 8)
+    grid = streamk_grid(N, K, cfg, slot_rows, blocks or STREAMK_BLOCKS)
+    e = _eps_arrays.get(float(eps))
+    if e is None:
+        e = _eps_arrays[float(eps)] = mx.array([float(eps)], dtype=mx.float32)
+    y, _ = _streamk_kernel(cfg.shared_bytes(slot_rows), True)(
+        inputs=[mx.contiguous(h.reshape(B, K)), mx.contiguous(w), o_preact, mx.contiguous(norm_weight), e],
+        template=[("T", h.dtype), ("NW", nw), ("TM", cfg.tm), ("STAGES", cfg.stages), ("SWZ", cfg.swizzle),
+                  ("SWIGLU", False), ("DV", DV)],
+        grid=(grid * 128, 1, 1),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(B, N), (grid * 2 * (cfg.rows_per_block() * nw + 2),)],
+        output_dtypes=[h.dtype, mx.float32],
+    )
+    return y.reshape(B, 1, N)
+
+
+def norm_gate_config(rows: int, n: int) -> WgmmaConfig:
+    """The launch shape of :func:`wgmma_norm_gate_matmul`: :func:`default_config`'s, with as many
+    ring stages fewer as keep two blocks in an SM's shared memory."""
+    cfg = default_config(rows, n)
+    slot_rows = 2 * padded_rows(rows) + 8
+    stages = cfg.stages
+    static = 2 * NORM_GATE_MAX_HEADS * padded_rows(rows) * 4 + 16  # the statistics, the flag word
+    while stages > 2 and 2 * (WgmmaConfig(cfg.tm, stages, cfg.swizzle).shared_bytes(slot_rows) + static
+                              + BLOCK_RESERVED_BYTES) > SM_SHARED_BYTES:
+        stages -= 1
+    return WgmmaConfig(cfg.tm, stages, cfg.swizzle)
