@@ -87,10 +87,10 @@ def main() -> None:
                    help="one skinny-product setting per kernel, comma-separated: mma (skinny.py's mma.sync), "
                         "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products); "
                         "KERNEL@N: the wgmma product splitting k for about N blocks (skinny_wgmma.TARGET_BLOCKS); "
-                        "KERNEL@sk: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; SwiGLU inside "
-                        "proj_down's launch and the output norm and gate inside out_proj's, skinny.SWIGLU_IN_PRODUCT, "
-                        "skinny.NORM_GATE_IN_PRODUCT), KERNEL@skN: with N blocks (skinny_wgmma.STREAMK_BLOCKS), "
-                        "KERNEL@skplain[N]: stream-K with SwiGLU and the norm and gate launched alone")
+                        "KERNEL@sk[N]: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; N blocks, "
+                        "skinny_wgmma.STREAMK_BLOCKS), KERNEL@hy: its hybrid schedule, KERNEL@split: the split one; "
+                        "+f after any of them (e.g. auto@hy+f, auto@+f): SwiGLU inside proj_down's launch and the "
+                        "output norm and gate inside out_proj's (skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT)")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -233,11 +233,13 @@ def main() -> None:
 
     def skinny_name(spec: str) -> str:
         kernel, _, target = spec.partition("@")
+        target, _, flags = target.partition("+")
+        folds = ", SwiGLU and norm-gate in the products" if "f" in flags else ""
         if target.startswith("sk"):
-            plain, blocks = target.startswith("skplain"), target[7:] if target.startswith("skplain") else target[2:]
-            return (skinny_names[kernel] + ", stream-K" + (f" {blocks} blocks" if blocks else "")
-                    + (", SwiGLU and norm-gate launched alone" if plain else ""))
-        return skinny_names[kernel] + (f", k split for {target} blocks" if target else "")
+            return skinny_names[kernel] + ", stream-K" + (f" {target[2:]} blocks" if target[2:] else "") + folds
+        if target in ("hy", "split"):
+            return skinny_names[kernel] + (", hybrid schedule" if target == "hy" else ", split schedule") + folds
+        return skinny_names[kernel] + (f", k split for {target} blocks" if target else "") + folds
     settings = {"decode": fused + ([] if args.no_skinny else
                                    [(skinny_name(k), True, True, residual, k, step_default, True)
                                     for k in args.skinny_kernels.split(",")])
@@ -270,13 +272,14 @@ def main() -> None:
                 decode.set_step_kernel_version(step_version)
                 kernel, _, target = skinny_on.partition("@") if isinstance(skinny_on, str) else (skinny_on, "", "")
                 skinny.set_skinny_gemm(kernel)
-                stream_k, plain = target.startswith("sk"), target.startswith("skplain")
-                sk_blocks = target[7:] if plain else target[2:]
-                wg.TARGET_BLOCKS = int(target) if target and not stream_k else wg_target
-                wg.SCHEDULE = "streamk" if stream_k else wg_schedule
-                wg.STREAMK_BLOCKS = int(sk_blocks) if stream_k and sk_blocks else wg_sk_blocks
-                skinny.SWIGLU_IN_PRODUCT = swiglu_in_product and not plain
-                skinny.NORM_GATE_IN_PRODUCT = norm_gate_in_product and not plain
+                target, _, flags = target.partition("+")
+                stream_k = target.startswith("sk")
+                wg.TARGET_BLOCKS = int(target) if target.isdigit() else wg_target
+                wg.SCHEDULE = ("streamk" if stream_k else "hybrid" if target == "hy" else "split" if target == "split"
+                               else wg_schedule)
+                wg.STREAMK_BLOCKS = int(target[2:]) if stream_k and target[2:] else wg_sk_blocks
+                skinny.SWIGLU_IN_PRODUCT = "f" in flags or swiglu_in_product
+                skinny.NORM_GATE_IN_PRODUCT = "f" in flags or norm_gate_in_product
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)

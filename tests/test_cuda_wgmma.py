@@ -187,19 +187,37 @@ def test_cuda_streamk_swiglu_same_bits_as_two_launches(M):
         y = _operands(7 * M + N, M, 8, 2 * K)[0] * 3  # gate|up [M, 2K]
         w = _operands(11 * M + K, M, N, K)[1]
         cfg = wg.swiglu_config(M, N)
-        for blocks in (None, 7):
+        runs = [("streamk", None, blocks) for blocks in (None, 7)] + [("split", splits, None) for splits in (None, 1, 3)]
+        for schedule, splits, blocks in runs:
             grid = blocks or wg.streamk_grid(N, K, cfg, 2 * wg.padded_rows(M))
-            fused = wg.wgmma_swiglu_matmul(y, w, cfg, blocks=grid)
-            two = wg.wgmma_matmul(swiglu_joined(y), w, cfg, schedule="streamk", blocks=grid)
+            fused = wg.wgmma_swiglu_matmul(y, w, cfg, blocks=grid, schedule=schedule, splits=splits)
+            two = wg.wgmma_matmul(swiglu_joined(y), w, cfg, splits=splits, schedule=schedule, blocks=grid)
             assert fused.shape == (M, N) and fused.dtype == mx.bfloat16
-            assert np.array_equal(np.array(fused.astype(mx.float32)), np.array(two.astype(mx.float32))), (N, K, blocks)
+            assert np.array_equal(np.array(fused.astype(mx.float32)), np.array(two.astype(mx.float32))), \
+                (N, K, schedule, splits, blocks)
             assert _rel(fused, _reference64(swiglu_joined(y), w)) <= TOL_BF16
 
 
 @cuda
-@pytest.mark.parametrize("M", [16, 64])
-def test_cuda_ffn_takes_swiglu_into_proj_down(M, streamk_on, monkeypatch):
+@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize("schedule", ["split", "hybrid"])
+def test_cuda_model_decode_with_folds_matches_matmul_path(batch, schedule, wgmma_on, monkeypatch):
     import xlstm_metal.kernels.fast.skinny as skinny
+
+    monkeypatch.setattr(wg, "SCHEDULE", schedule)
+    monkeypatch.setattr(skinny, "SWIGLU_IN_PRODUCT", True)
+    monkeypatch.setattr(skinny, "NORM_GATE_IN_PRODUCT", True)
+    assert_model_decode_matches_matmul_path(batch)
+
+
+@cuda
+@pytest.mark.parametrize("M", [16, 64])
+@pytest.mark.parametrize("schedule", ["split", "streamk"])
+def test_cuda_ffn_takes_swiglu_into_proj_down(M, schedule, wgmma_on, monkeypatch):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    monkeypatch.setattr(wg, "SCHEDULE", schedule)
+    monkeypatch.setattr(skinny, "SWIGLU_IN_PRODUCT", True)
     from xlstm_metal.cells.ffn import FeedForward
     from xlstm_metal.benchmark import shape_config
 
@@ -244,10 +262,12 @@ def test_cuda_streamk_norm_gate_matches_two_launches(B):
             h, o, norm, w = _norm_gate_operands(B * 10 + o_offset, B, NH, DV, N, o_offset)
             x = output_norm_gate(h, o, norm)  # [B, 1, NH DV]
             ref = _reference64(x.reshape(B, NH * DV), w)
-            for blocks in (None, 5):
-                out = wg.wgmma_norm_gate_matmul(h, o, norm.weight, norm.eps, w, blocks=blocks)
+            for schedule, splits, blocks in (("streamk", None, None), ("streamk", None, 5), ("split", None, None),
+                                             ("split", 1, None), ("split", 3, None)):
+                out = wg.wgmma_norm_gate_matmul(h, o, norm.weight, norm.eps, w, blocks=blocks, schedule=schedule,
+                                                splits=splits)
                 assert out.shape == (B, 1, N) and out.dtype == mx.bfloat16
-                assert _rel(out.reshape(B, N), ref) <= TOL_BF16, (NH, DV, o_offset, blocks, _rel(out.reshape(B, N), ref))
+                assert _rel(out.reshape(B, N), ref) <= TOL_BF16, (NH, DV, o_offset, schedule, splits, blocks)
 
 
 def nn_tree_map(fn, tree):
@@ -266,11 +286,15 @@ def test_norm_gate_product_dispatch(monkeypatch):
     monkeypatch.setattr(decode, "_kernels_on", lambda: True)
     monkeypatch.setattr(wg, "wgmma_norm_gate_supported", lambda *a: True)
     monkeypatch.setattr(skinny, "_kernel_for", lambda x, w: "wgmma")
-    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
-    assert skinny.uses_norm_gate_product(h, o, norm, w)
-    monkeypatch.setattr(wg, "SCHEDULE", "split")
+    assert not skinny.NORM_GATE_IN_PRODUCT  # off by default
     assert not skinny.uses_norm_gate_product(h, o, norm, w)
-    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+    monkeypatch.setattr(skinny, "NORM_GATE_IN_PRODUCT", True)
+    for schedule in wg.SCHEDULES:
+        monkeypatch.setattr(wg, "SCHEDULE", schedule)
+        assert skinny.uses_norm_gate_product(h, o, norm, w)
+    monkeypatch.setattr(skinny, "_kernel_for", lambda x, w: "off")
+    assert not skinny.uses_norm_gate_product(h, o, norm, w)  # MLX's product: the norm-gate launch
+    monkeypatch.setattr(skinny, "_kernel_for", lambda x, w: "wgmma")
     monkeypatch.setattr(skinny, "NORM_GATE_IN_PRODUCT", False)
     assert not skinny.uses_norm_gate_product(h, o, norm, w)
     monkeypatch.setattr(skinny, "NORM_GATE_IN_PRODUCT", True)
@@ -302,15 +326,16 @@ def test_swiglu_product_dispatch_and_vjp(monkeypatch):
 
     joined = _operands(1, 16, 8, 2 * 64)[0]
     w = _operands(2, 16, 40, 64)[1]
-    monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+    assert not skinny.SWIGLU_IN_PRODUCT  # off by default
+    monkeypatch.setattr(skinny, "SWIGLU_IN_PRODUCT", True)
     before = skinny_gemm_kernel()
     try:
         set_skinny_gemm("wgmma")
         assert skinny.uses_swiglu_product(joined, w) == cuda_available()
         assert not skinny.uses_swiglu_product(joined[:, :100], w)  # not [.., 2K]
-        monkeypatch.setattr(wg, "SCHEDULE", "split")
-        assert not skinny.uses_swiglu_product(joined, w)  # the split schedule: two launches
-        monkeypatch.setattr(wg, "SCHEDULE", "streamk")
+        set_skinny_gemm("off")
+        assert not skinny.uses_swiglu_product(joined, w)  # MLX's products: SwiGLU's own launch
+        set_skinny_gemm("wgmma")
         monkeypatch.setattr(skinny, "SWIGLU_IN_PRODUCT", False)
         assert not skinny.uses_swiglu_product(joined, w)
     finally:
@@ -343,6 +368,19 @@ def test_streamk_partition_covers_every_step_once():
             # balanced: no block has more than one unit above another
             sizes = [sum(e - f for _, f, e, _ in segs) for segs in wg.streamk_segments(tiles, steps, blocks)]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_hybrid_schedule_by_segments_per_tile(monkeypatch):
+    monkeypatch.setattr(wg, "SMS", 132)
+    shapes = dict(_layer_shapes(scale=1))
+    cfg = wg.default_config(16, 4096)
+    got = {kind: wg._resolved_schedule("hybrid", n, k, cfg, 16, None) for kind, (n, k) in shapes.items()}
+    # 264 blocks: gate|up (171 tiles x 64 steps, 41 units a block) and the LM head share a tile
+    # among at most 3 blocks; the others' tiles spread over 4-10 blocks.
+    assert got == {"q|k|v|o|i|f": "split", "out_proj": "split", "gate|up": "streamk", "proj_down": "split",
+                   "lm_head": "streamk"}
+    assert wg._resolved_schedule("split", 21888, 4096, cfg, 16, None) == "split"
+    assert wg._resolved_schedule("streamk", 4096, 4096, cfg, 16, None) == "streamk"
 
 
 def test_streamk_grid(monkeypatch):

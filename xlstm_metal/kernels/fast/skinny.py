@@ -415,9 +415,10 @@ def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
 _wgmma_product.vjp(plain_products_vjp)
 
 
-#: Whether the wgmma product's stream-K schedule takes SwiGLU into its loads of x for the FFN's
-#: down projection (:func:`swiglu_linear_product`; ``XLSTM_METAL_WGMMA_SWIGLU=0``: off).
-SWIGLU_IN_PRODUCT = os.environ.get("XLSTM_METAL_WGMMA_SWIGLU", "1") != "0"
+#: Whether the wgmma product takes SwiGLU into its loads of x for the FFN's down projection
+#: (:func:`swiglu_linear_product`; ``XLSTM_METAL_WGMMA_SWIGLU=1``: on; off by default until a
+#: whole decode step measures it faster).
+SWIGLU_IN_PRODUCT = os.environ.get("XLSTM_METAL_WGMMA_SWIGLU", "0") == "1"
 
 
 def _swiglu_reference(joined: mx.array) -> mx.array:
@@ -440,12 +441,10 @@ def _wgmma_swiglu_product_vjp(primals, cotangent, output):
 def uses_swiglu_product(joined: mx.array, w: mx.array) -> bool:
     """Whether :func:`swiglu_linear_product` runs one kernel for ``(silu(gate) * up) @ w.T`` from
     the gate|up product ``joined`` [..., 2K]: where :func:`linear_product` would run the wgmma
-    kernel for x [..., K] and ``w``, its schedule is stream-K and :data:`SWIGLU_IN_PRODUCT`."""
+    kernel for x [..., K] and ``w``, and :data:`SWIGLU_IN_PRODUCT`."""
     if not SWIGLU_IN_PRODUCT or joined.ndim < 1 or w.ndim != 2 or joined.shape[-1] != 2 * w.shape[1]:
         return False
     from . import skinny_wgmma as wg
-    if wg.SCHEDULE != "streamk":
-        return False
     x_like = mx.zeros((*joined.shape[:-1], w.shape[1]), dtype=joined.dtype)  # lazy: never evaluated
     return _kernel_for(x_like, w) == "wgmma" and wg.wgmma_swiglu_supported(joined, w)
 
@@ -462,20 +461,21 @@ def swiglu_linear_product(joined: mx.array, w: mx.array) -> mx.array:
     return linear_product(swiglu_joined(joined), w)
 
 
-#: Whether the wgmma product's stream-K schedule takes the mLSTM output cell's norm and gate into
-#: out_proj's loads of x (:func:`norm_gate_linear_product`; ``XLSTM_METAL_WGMMA_NORM_GATE=0``: off).
-NORM_GATE_IN_PRODUCT = os.environ.get("XLSTM_METAL_WGMMA_NORM_GATE", "1") != "0"
+#: Whether the wgmma product takes the mLSTM output cell's norm and gate into out_proj's loads of
+#: x (:func:`norm_gate_linear_product`; ``XLSTM_METAL_WGMMA_NORM_GATE=1``: on; off by default
+#: until a whole decode step measures it faster).
+NORM_GATE_IN_PRODUCT = os.environ.get("XLSTM_METAL_WGMMA_NORM_GATE", "0") == "1"
 
 
 def uses_norm_gate_product(h: mx.array, o_preact: mx.array, norm: nn.Module, w: mx.array) -> bool:
     """Whether :func:`norm_gate_linear_product` runs one kernel for ``out_proj(sigmoid(o~) * norm(h))``
     (h [B, NH, 1, DV] of one token, ``norm`` the layer's MultiHeadLayerNorm, ``w`` out_proj's
     weight): where the fused decode kernels are on, :func:`linear_product` would run the wgmma
-    kernel on x [B, NH DV], its schedule is stream-K, and :data:`NORM_GATE_IN_PRODUCT`."""
+    kernel on x [B, NH DV], and :data:`NORM_GATE_IN_PRODUCT`."""
     from ...cells.norms import MultiHeadLayerNorm
     from . import decode
     from . import skinny_wgmma as wg
-    if not NORM_GATE_IN_PRODUCT or wg.SCHEDULE != "streamk" or not decode._kernels_on() \
+    if not NORM_GATE_IN_PRODUCT or not decode._kernels_on() \
             or type(norm) is not MultiHeadLayerNorm or "weight" not in norm or "bias" in norm:
         return False
     if h.ndim != 4 or not wg.wgmma_norm_gate_supported(h, o_preact, norm.weight, w):

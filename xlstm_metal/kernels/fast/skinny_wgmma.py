@@ -60,8 +60,12 @@ SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
 #: or "streamk" (a fixed grid of ``SMS`` x blocks-per-SM persistent blocks that share the tiles'
 #: k steps equally; a block stores the tiles it computes whole and writes partial sums for the at
 #: most two it shares, which the last of their blocks to finish adds: one launch, no waves).
+#: "hybrid": stream-K where a row tile's k steps meet in at most a few blocks (2 U >= S G: units
+#: per block at least half a tile's k steps), split elsewhere: the stream-K kernel's last segment
+#: adds a tile's partial sums alone, and with many segments per tile that serial tail costs more
+#: than the split kernel's reduction (S11R1, H200: out_proj, proj_down, q|k|v|o|i|f at 16 rows).
 #: ``XLSTM_METAL_WGMMA_SCHEDULE`` picks it.
-SCHEDULES = ("split", "streamk")
+SCHEDULES = ("split", "streamk", "hybrid")
 SCHEDULE = os.environ.get("XLSTM_METAL_WGMMA_SCHEDULE", "split")
 #: Streaming multiprocessors the stream-K grid fills (``XLSTM_METAL_SMS``; an H100/H200 SXM: 132).
 SMS = int(os.environ.get("XLSTM_METAL_SMS", "132"))
@@ -497,8 +501,7 @@ _NG_ISSUE = """
 _NG_PROLOGUE = """
     {
       unsigned int heads = 0u;
-      if (nunits >= S) heads = ~0u;
-      else for (long long uu = u0; uu < u1; ++uu) heads |= 1u << (int)(((uu % S) * 64) / DV);
+@NG_HEADS@
       for (int pair = warp; pair < NH * M; pair += 4) {
         const int hd = pair / M, m = pair % M;
         if (!((heads >> hd) & 1u)) continue;
@@ -523,9 +526,8 @@ _NG_PROLOGUE = """
 _NG_TRANSFORM = """
       __syncthreads();                          // the norm weight's row: copied by 8 threads, read by all
       {
-        uint8_t* sl = xlw_smem + (ring - raw) + (i % STAGES) * STAGE;
-        const long long u = u0 + i;
-        const int kb = (int)(u % S) * 64;
+        uint8_t* sl = xlw_smem + (ring - raw) + (XSTEP % STAGES) * STAGE;
+        const int kb = XKB;
         const int hd = kb / DV;
         #pragma unroll
         for (int e = tid; e < NW * 8; e += 128) {
@@ -565,11 +567,154 @@ _NG_DECL = """
 """
 
 
+# The split kernel with x made in shared memory (SwiGLU of a gate|up product, or the output
+# cell's norm and gate), the stream-K kernel's pieces in its loop: a block's k range [k0, k1).
+_SPLIT_X_SOURCE = """
+    // x [M, K] (SWIGLU: a gate|up product [M, 2K]; NG: h of the step), w [N, K] -> y [M, N] (OT = T)
+    // when the block takes all of K, else this split's float32 partial sums y [S, M, N] (OT = float).
+    constexpr int R = 64 * TM;
+    constexpr int STAGE = (R + NW * (SWIGLU ? 2 : 1) + @NG_ROWS@) * 128;
+    constexpr int ACC = NW / 2;
+    const int M = x_shape[0];
+    const int XS = x_shape[1];
+    const int K = SWIGLU ? XS / 2 : XS;
+    const int N = w_shape[0];
+    const int KS = ((K + 63) / 64 + gridDim.y - 1) / gridDim.y * 64;   // k per split
+    const int k0 = blockIdx.y * KS;
+    const int k1 = min(K, k0 + KS);
+    const int nsteps = k1 > k0 ? (k1 - k0 + 63) / 64 : 0;
+    const int row0 = blockIdx.x * R;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+@NG_DECL@
+    extern __shared__ uint8_t xlw_smem[];
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(xlw_smem));
+    const uint32_t ring = (raw + 1023u) & ~1023u;
+
+    auto issue = [&](int s, int st) {
+      const int kb = k0 + s * 64;
+      const bool live = s < nsteps;
+      #pragma unroll 4
+      for (int e = tid; e < R * 8; e += 128) {
+        const int r = e >> 3, c = e & 7;
+        const int k = kb + c * 8;
+        const bool ok = live && k < k1 && row0 + r < N;
+        const T* src = w + (size_t)(row0 + r) * K + k;
+        xlw_cp_async16(ring + st * STAGE + xlw_piece<SWZ>(r, c),
+                       ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+      }
+      #pragma unroll
+      for (int e = tid; e < NW * 8; e += 128) {
+        const int r = e >> 3, c = e & 7;
+        const int k = kb + c * 8;
+        const bool ok = live && k < k1 && r < M;
+        const T* src = x + (size_t)r * XS + k;
+        xlw_cp_async16(ring + st * STAGE + xlw_piece<SWZ>(R + r, c),
+                       ok ? static_cast<const void*>(src) : static_cast<const void*>(w), ok);
+        if constexpr (SWIGLU)
+          xlw_cp_async16(ring + st * STAGE + (R + NW) * 128 + e * 16,
+                         ok ? static_cast<const void*>(src + K) : static_cast<const void*>(w), ok);
+@NG_ISSUE@
+      }
+      xlw_cp_commit();
+    };
+
+    float acc[TM][ACC];
+    #pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      #pragma unroll
+      for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
+    }
+
+    #pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+@NG_PROLOGUE@
+    for (int s = 0; s < nsteps; ++s) {
+      xlw_cp_wait<STAGES - 2>();                // this thread's copies of step s have landed
+@NG_TRANSFORM@
+      if constexpr (SWIGLU) {
+        uint8_t* sl = xlw_smem + (ring - raw) + (s % STAGES) * STAGE;
+        #pragma unroll
+        for (int e = tid; e < NW * 8; e += 128) {
+          uint4* gp = reinterpret_cast<uint4*>(sl + xlw_piece<SWZ>(R + (e >> 3), e & 7));
+          const uint4 uv = *reinterpret_cast<const uint4*>(sl + (R + NW) * 128 + e * 16);
+          uint4 gv = *gp;
+          T* g = reinterpret_cast<T*>(&gv);
+          const T* up = reinterpret_cast<const T*>(&uv);
+          #pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const T sg = Sigmoid{}(g[q]);
+            const T silu = g[q] * sg;
+            g[q] = silu * up[q];
+          }
+          *gp = gv;
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");  // visible to the tensor cores
+      __syncthreads();                          // everyone's, and step s-1's slot is free
+      issue(s + STAGES - 1, (s + STAGES - 1) % STAGES);
+      const uint32_t slot = ring + (s % STAGES) * STAGE;
+      asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t db = xlw_desc<SWZ>(slot + R * 128 + xlw_kslice<SWZ>(kk));
+        #pragma unroll
+        for (int t = 0; t < TM; ++t) xl_wgmma<NW, T>(acc[t], xlw_desc<SWZ>(slot + t * 64 * 128 + xlw_kslice<SWZ>(kk)), db);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\\n" ::: "memory");
+      #pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        #pragma unroll
+        for (int j = 0; j < ACC; ++j) xlw_fence_operand(acc[t][j]);
+      }
+    }
+    xlw_cp_wait<0>();
+
+    const size_t out0 = (size_t)blockIdx.y * M * N;
+    #pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      #pragma unroll
+      for (int j = 0; j < ACC; ++j) {
+        const int n = row0 + t * 64 + warp * 16 + (lane >> 2) + 8 * ((j & 3) >> 1);
+        const int m = (j >> 2) * 8 + 2 * (lane & 3) + (j & 1);
+        if (n < N && m < M) y[out0 + (size_t)m * N + n] = static_cast<OT>(acc[t][j]);
+      }
+    }
+"""
+_SPLIT_NG_HEADS = """
+      if (nsteps > 0) for (int hd = k0 / DV; hd <= (k1 - 1) / DV; ++hd) heads |= 1u << hd;
+"""
+
+
+def _split_x_source(norm_gate: bool) -> str:
+    """The split kernel's source with x made in shared memory: SwiGLU (template SWIGLU) or, with
+    ``norm_gate``, the output cell's norm and gate."""
+    src = _SPLIT_X_SOURCE
+    if norm_gate:
+        parts = {"@NG_ROWS@": _NG_ROWS, "@NG_ISSUE@": _NG_ISSUE.replace("okw = live && k < K", "okw = live && k < k1"),
+                 "@NG_PROLOGUE@": _NG_PROLOGUE.replace("@NG_HEADS@", _SPLIT_NG_HEADS),
+                 "@NG_TRANSFORM@": _NG_TRANSFORM.replace("XSTEP", "s").replace("XKB", "k0 + s * 64"),
+                 "@NG_DECL@": _NG_DECL}
+    else:
+        parts = dict.fromkeys(("@NG_ISSUE@", "@NG_PROLOGUE@", "@NG_TRANSFORM@", "@NG_DECL@"), "") | {"@NG_ROWS@": "0"}
+    for key, text in parts.items():
+        src = src.replace(key, text)
+    return src
+
+
+_STREAMK_NG_HEADS = """
+      if (nunits >= S) heads = ~0u;
+      else for (long long uu = u0; uu < u1; ++uu) heads |= 1u << (int)(((uu % S) * 64) / DV);
+"""
+
+
 def _streamk_source(norm_gate: bool) -> str:
     """The stream-K kernel's source, with the output cell's norm and gate in its loads of x or not."""
-    parts = {"@NG_ROWS@": _NG_ROWS, "@NG_ISSUE@": _NG_ISSUE, "@NG_PROLOGUE@": _NG_PROLOGUE,
-             "@NG_TRANSFORM@": _NG_TRANSFORM} if norm_gate else dict.fromkeys(
-        ("@NG_ISSUE@", "@NG_PROLOGUE@", "@NG_TRANSFORM@"), "") | {"@NG_ROWS@": "0"}
+    parts = {"@NG_ROWS@": _NG_ROWS, "@NG_ISSUE@": _NG_ISSUE,
+             "@NG_PROLOGUE@": _NG_PROLOGUE.replace("@NG_HEADS@", _STREAMK_NG_HEADS),
+             "@NG_TRANSFORM@": _NG_TRANSFORM.replace("XSTEP", "i").replace("XKB", "(int)((u0 + i) % S) * 64")} \
+        if norm_gate else dict.fromkeys(("@NG_ISSUE@", "@NG_PROLOGUE@", "@NG_TRANSFORM@"), "") | {"@NG_ROWS@": "0"}
     src = _STREAMK_SOURCE
     for key, text in parts.items():
         src = src.replace(key, text)
@@ -669,7 +814,7 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     schedule = schedule or SCHEDULE
     if schedule not in SCHEDULES:
         raise ValueError(f"wgmma schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
-    if schedule == "streamk":
+    if _resolved_schedule(schedule, N, K, cfg, nw, blocks) == "streamk":
         return _streamk_launch(x.reshape(M, K), w, cfg, blocks, False).reshape(*lead, N)
     splits = k_splits(N, K, cfg, splits)
     (y,) = _kernel(cfg.shared_bytes(nw))(
@@ -684,6 +829,47 @@ def wgmma_matmul(x: mx.array, w: mx.array, config: WgmmaConfig | None = None,
     if splits > 1:
         y = reduce_splits(y, x.dtype)
     return y.reshape(*lead, N)
+
+
+def _resolved_schedule(schedule: str, n: int, k: int, cfg: WgmmaConfig, slot_rows: int, blocks: int | None) -> str:
+    """"split" or "streamk" for a product (``hybrid``: stream-K where 2 U >= S G)."""
+    if schedule != "hybrid":
+        return schedule
+    steps = -(-k // BK)
+    units = -(-n // cfg.rows_per_block()) * steps
+    return "streamk" if 2 * units >= steps * streamk_grid(n, k, cfg, slot_rows, blocks or STREAMK_BLOCKS) else "split"
+
+
+_split_x_kernels: dict[tuple[int, bool], object] = {}
+
+
+def _split_x_launch(x: mx.array, w: mx.array, cfg: WgmmaConfig, splits: int | None, swiglu: bool,
+                    ng: tuple | None = None) -> mx.array:
+    """The split kernel with x made in shared memory: SwiGLU of x [M, 2K] (``swiglu``) or the norm
+    and gate of h [M, K] (``ng`` = (o~, norm weight, eps array, DV)); w [N, K] -> [M, N]."""
+    M, N, K = x.shape[0], w.shape[0], w.shape[1]
+    nw = padded_rows(M)
+    slot_rows = 2 * nw if swiglu else (2 * nw + 8 if ng else nw)
+    splits = k_splits(N, K, cfg, splits)
+    shared = cfg.shared_bytes(slot_rows)
+    kernel = _split_x_kernels.get((shared, ng is not None))
+    if kernel is None:
+        kernel = _split_x_kernels[(shared, ng is not None)] = mx.fast.cuda_kernel(
+            name=f"xlstm_wgmma_split_x{'_ng' if ng else ''}_{shared}",
+            input_names=["x", "w", "o", "nw", "eps"] if ng else ["x", "w"], output_names=["y"],
+            source=_split_x_source(ng is not None), header=_STREAMK_HEADER, shared_memory=shared,
+            ensure_row_contiguous=ng is None)
+    inputs = [x, w] if ng is None else [mx.contiguous(x), mx.contiguous(w), ng[0], mx.contiguous(ng[1]), ng[2]]
+    template = [("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("NW", nw), ("TM", cfg.tm),
+                ("STAGES", cfg.stages), ("SWZ", cfg.swizzle), ("SWIGLU", swiglu)] + ([("DV", ng[3])] if ng else [])
+    (y,) = kernel(
+        inputs=inputs, template=template,
+        grid=(-(-N // cfg.rows_per_block()) * 128, splits, 1),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(M, N) if splits == 1 else (splits, M, N)],
+        output_dtypes=[x.dtype if splits == 1 else mx.float32],
+    )
+    return reduce_splits(y, x.dtype) if splits > 1 else y
 
 
 def _streamk_launch(x: mx.array, w: mx.array, cfg: WgmmaConfig, blocks: int | None, swiglu: bool) -> mx.array:
@@ -724,20 +910,24 @@ def wgmma_swiglu_supported(y: mx.array, w: mx.array) -> bool:
 
 
 def wgmma_swiglu_matmul(y: mx.array, w: mx.array, config: WgmmaConfig | None = None,
-                        blocks: int | None = None) -> mx.array:
+                        blocks: int | None = None, schedule: str | None = None, splits: int | None = None) -> mx.array:
     """``(silu(gate) * up) @ w.T`` for the gate|up product ``y`` [..., 2K] (gate the first K
     columns) and ``w`` [N, K], in one launch: the stream-K kernel makes each piece of x from y as
     it lands in shared memory, with the ops of :func:`xlstm_metal.cells.ffn.swiglu` in their
     order and rounding (so the bits of ``wgmma_matmul(swiglu_joined(y), w, schedule="streamk")``
-    with the same launch shape), and the SwiGLU launch and its output are gone. CUDA sm_90a only;
-    no gradient (:func:`.skinny.swiglu_linear_product` is the differentiable entry point)."""
+    with the same launch shape), and the SwiGLU launch and its output are gone. ``schedule``
+    (default :data:`SCHEDULE`): the split kernel (``splits`` of k) or the stream-K one (``blocks``).
+    CUDA sm_90a only; no gradient (:func:`.skinny.swiglu_linear_product` is the differentiable entry point)."""
     if not wgmma_swiglu_supported(y, w):
         raise ValueError(f"wgmma_swiglu_matmul: needs CUDA, bf16/fp16 y [..., 2K] and w [N, K] of one dtype, "
                          f"K % 8 == 0 and 1..{MAX_ROWS} rows; got y {y.shape} {y.dtype}, w {w.shape} {w.dtype}")
     lead, N = y.shape[:-1], w.shape[0]
     M = math.prod(lead)
     cfg = config or swiglu_config(M, N)
-    return _streamk_launch(y.reshape(M, y.shape[-1]), w, cfg, blocks, True).reshape(*lead, N)
+    x2 = y.reshape(M, y.shape[-1])
+    if _resolved_schedule(schedule or SCHEDULE, N, w.shape[1], cfg, 2 * padded_rows(M), blocks) == "streamk":
+        return _streamk_launch(x2, w, cfg, blocks, True).reshape(*lead, N)
+    return _split_x_launch(x2, w, cfg, splits, True).reshape(*lead, N)
 
 
 #: Largest head count and width the norm-and-gate launch takes (its statistics live in shared memory).
@@ -761,7 +951,8 @@ def wgmma_norm_gate_supported(h: mx.array, o_preact: mx.array, norm_weight: mx.a
 
 
 def wgmma_norm_gate_matmul(h: mx.array, o_preact: mx.array, norm_weight: mx.array, eps: float, w: mx.array,
-                           config: WgmmaConfig | None = None, blocks: int | None = None) -> mx.array:
+                           config: WgmmaConfig | None = None, blocks: int | None = None,
+                           schedule: str | None = None, splits: int | None = None) -> mx.array:
     """``(sigmoid(o~) * MultiHeadLayerNorm(h)) @ w.T`` [B, 1, N] in one launch of the stream-K
     kernel: the output cell's norm and gate (as :func:`~xlstm_metal.kernels.fast.decode.output_norm_gate`
     computes them, each op rounded to the dtype; the heads' mean and variance summed in another
@@ -779,6 +970,8 @@ def wgmma_norm_gate_matmul(h: mx.array, o_preact: mx.array, norm_weight: mx.arra
     e = _eps_arrays.get(float(eps))
     if e is None:
         e = _eps_arrays[float(eps)] = mx.array([float(eps)], dtype=mx.float32)
+    if _resolved_schedule(schedule or SCHEDULE, N, K, cfg, slot_rows, blocks) != "streamk":
+        return _split_x_launch(h.reshape(B, K), w, cfg, splits, False, (o_preact, norm_weight, e, DV)).reshape(B, 1, N)
     y, _ = _streamk_kernel(cfg.shared_bytes(slot_rows), True)(
         inputs=[mx.contiguous(h.reshape(B, K)), mx.contiguous(w), o_preact, mx.contiguous(norm_weight), e],
         template=[("T", h.dtype), ("NW", nw), ("TM", cfg.tm), ("STAGES", cfg.stages), ("SWZ", cfg.swizzle),
