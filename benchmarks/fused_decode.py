@@ -90,7 +90,8 @@ def main() -> None:
                         "KERNEL@sk[N]: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; N blocks, "
                         "skinny_wgmma.STREAMK_BLOCKS), KERNEL@hy: its hybrid schedule, KERNEL@split: the split one; "
                         "+f after any of them (e.g. auto@hy+f, auto@+f): SwiGLU inside proj_down's launch and the "
-                        "output norm and gate inside out_proj's (skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT)")
+                        "output norm and gate inside out_proj's (skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT); "
+                        "+fit: split products in one wave (skinny_wgmma.SPLIT_FIT), e.g. auto@+f+fit")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -133,6 +134,7 @@ def main() -> None:
     skinny_default = skinny.skinny_gemm_kernel()
     wg_target, wg_schedule, wg_sk_blocks = wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS
     swiglu_in_product, norm_gate_in_product = skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT
+    split_fit = wg.SPLIT_FIT
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
@@ -234,7 +236,8 @@ def main() -> None:
     def skinny_name(spec: str) -> str:
         kernel, _, target = spec.partition("@")
         target, _, flags = target.partition("+")
-        folds = ", SwiGLU and norm-gate in the products" if "f" in flags else ""
+        flags = flags.split("+")
+        folds = (", SwiGLU and norm-gate in the products" if "f" in flags else "") + (", one wave" if "fit" in flags else "")
         if target.startswith("sk"):
             return skinny_names[kernel] + ", stream-K" + (f" {target[2:]} blocks" if target[2:] else "") + folds
         if target in ("hy", "split"):
@@ -278,8 +281,10 @@ def main() -> None:
                 wg.SCHEDULE = ("streamk" if stream_k else "hybrid" if target == "hy" else "split" if target == "split"
                                else wg_schedule)
                 wg.STREAMK_BLOCKS = int(target[2:]) if stream_k and target[2:] else wg_sk_blocks
+                flags = flags.split("+")
                 skinny.SWIGLU_IN_PRODUCT = "f" in flags or swiglu_in_product
                 skinny.NORM_GATE_IN_PRODUCT = "f" in flags or norm_gate_in_product
+                wg.SPLIT_FIT = "fit" in flags or split_fit
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
@@ -374,6 +379,7 @@ def main() -> None:
     skinny.set_skinny_gemm(skinny_default)
     wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS = wg_target, wg_schedule, wg_sk_blocks
     skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT = swiglu_in_product, norm_gate_in_product
+    wg.SPLIT_FIT = split_fit
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 

@@ -370,6 +370,21 @@ def test_streamk_partition_covers_every_step_once():
             assert max(sizes) - min(sizes) <= 1
 
 
+def test_split_fit_keeps_one_wave(monkeypatch):
+    monkeypatch.setattr(wg, "TARGET_BLOCKS", 264)
+    cfg = wg.default_config(16, 4096)
+    shapes = dict(_layer_shapes(scale=1))
+
+    def blocks(kind):
+        n, k = shapes[kind]
+        return -(-n // cfg.rows_per_block()) * wg.k_splits(n, k, cfg)
+    assert not wg.SPLIT_FIT  # off by default: at least TARGET_BLOCKS blocks
+    assert [blocks(kind) for kind in ("q|k|v|o|i|f", "out_proj", "proj_down")] == [291, 256, 288]
+    monkeypatch.setattr(wg, "SPLIT_FIT", True)
+    assert [blocks(kind) for kind in ("q|k|v|o|i|f", "out_proj", "proj_down")] == [194, 256, 256]
+    assert wg.k_splits(*shapes["gate|up"], cfg) == 1  # enough row tiles: no split either way
+
+
 def test_hybrid_schedule_by_segments_per_tile(monkeypatch):
     monkeypatch.setattr(wg, "SMS", 132)
     shapes = dict(_layer_shapes(scale=1))

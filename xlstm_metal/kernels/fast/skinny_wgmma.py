@@ -52,6 +52,10 @@ MAX_ROWS = 64
 BK = 64
 #: Thread blocks a product aims for where it splits k (two per SM of a 132-SM H100/H200).
 TARGET_BLOCKS = 264
+#: Whether split products take at most :data:`TARGET_BLOCKS` blocks (floor: one wave of two
+#: blocks per SM; q|k|v|o|i|f at 16 rows 2 splits = 194 blocks, proj_down 8 = 256) rather than at
+#: least that many (ceil: 291 and 288 blocks, a second wave of 27 and 24); ``XLSTM_METAL_WGMMA_SPLIT_FIT=1``.
+SPLIT_FIT = os.environ.get("XLSTM_METAL_WGMMA_SPLIT_FIT", "0") == "1"
 #: Whether the default launch lays its tiles out with the 128-byte swizzle (else interleaved);
 #: ``XLSTM_METAL_WGMMA_SWIZZLE=0`` picks the interleaved layout.
 SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
@@ -119,7 +123,10 @@ def k_splits(n: int, k: int, config: WgmmaConfig, requested: int | None = None) 
     steps = -(-k // BK)
     tiles = -(-n // config.rows_per_block())
     if requested is None:
-        requested = 1 if TARGET_BLOCKS <= 0 or 2 * tiles >= TARGET_BLOCKS else -(-TARGET_BLOCKS // tiles)
+        if TARGET_BLOCKS <= 0 or 2 * tiles >= TARGET_BLOCKS:
+            requested = 1
+        else:  # SPLIT_FIT: at most TARGET_BLOCKS blocks (one wave), else at least
+            requested = max(1, TARGET_BLOCKS // tiles) if SPLIT_FIT else -(-TARGET_BLOCKS // tiles)
     splits = max(1, min(requested, steps))
     return -(-steps // -(-steps // splits))
 
