@@ -91,7 +91,8 @@ def main() -> None:
                         "skinny_wgmma.STREAMK_BLOCKS), KERNEL@hy: its hybrid schedule, KERNEL@split: the split one; "
                         "+f after any of them (e.g. auto@hy+f, auto@+f): SwiGLU inside proj_down's launch and the "
                         "output norm and gate inside out_proj's (skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT); "
-                        "+fit: split products in one wave (skinny_wgmma.SPLIT_FIT), e.g. auto@+f+fit")
+                        "+fit: split products in one wave (skinny_wgmma.SPLIT_FIT), e.g. auto@+f+fit; +nof, +nofit: "
+                        "those off")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -237,7 +238,9 @@ def main() -> None:
         kernel, _, target = spec.partition("@")
         target, _, flags = target.partition("+")
         flags = flags.split("+")
-        folds = (", SwiGLU and norm-gate in the products" if "f" in flags else "") + (", one wave" if "fit" in flags else "")
+        folds = ((", SwiGLU and norm-gate in the products" if "f" in flags else ", SwiGLU and norm-gate launched alone"
+                  if "nof" in flags else "") + (", one wave" if "fit" in flags else ", split past one wave"
+                                                if "nofit" in flags else ""))
         if target.startswith("sk"):
             return skinny_names[kernel] + ", stream-K" + (f" {target[2:]} blocks" if target[2:] else "") + folds
         if target in ("hy", "split"):
@@ -282,9 +285,10 @@ def main() -> None:
                                else wg_schedule)
                 wg.STREAMK_BLOCKS = int(target[2:]) if stream_k and target[2:] else wg_sk_blocks
                 flags = flags.split("+")
-                skinny.SWIGLU_IN_PRODUCT = "f" in flags or swiglu_in_product
-                skinny.NORM_GATE_IN_PRODUCT = "f" in flags or norm_gate_in_product
-                wg.SPLIT_FIT = "fit" in flags or split_fit
+                folds = True if "f" in flags else False if "nof" in flags else None
+                skinny.SWIGLU_IN_PRODUCT = swiglu_in_product if folds is None else folds
+                skinny.NORM_GATE_IN_PRODUCT = norm_gate_in_product if folds is None else folds
+                wg.SPLIT_FIT = True if "fit" in flags else False if "nofit" in flags else split_fit
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
