@@ -92,7 +92,7 @@ def main() -> None:
                         "+f after any of them (e.g. auto@hy+f, auto@+f): SwiGLU inside proj_down's launch and the "
                         "output norm and gate inside out_proj's (skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT); "
                         "+fit: split products in one wave (skinny_wgmma.SPLIT_FIT), e.g. auto@+f+fit; +nof, +nofit: "
-                        "those off")
+                        "those off; +pN: the copies' L2 prefetch of N bytes (skinny_wgmma.L2_PREFETCH)")
     p.add_argument("--no-off", action="store_true", help="leave out the decode setting with all fused kernels off")
     p.add_argument("--chain", action="store_true",
                    help="decode also with the quantized decode chain off, and on without its shared-memory staging")
@@ -135,7 +135,7 @@ def main() -> None:
     skinny_default = skinny.skinny_gemm_kernel()
     wg_target, wg_schedule, wg_sk_blocks = wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS
     swiglu_in_product, norm_gate_in_product = skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT
-    split_fit = wg.SPLIT_FIT
+    split_fit, l2_prefetch = wg.SPLIT_FIT, wg.L2_PREFETCH
     residual = model.residual_dtype  # what fuse_projections() set (float32 under bf16 weights)
     step_default = decode.step_kernel_version()
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
@@ -240,7 +240,8 @@ def main() -> None:
         flags = flags.split("+")
         folds = ((", SwiGLU and norm-gate in the products" if "f" in flags else ", SwiGLU and norm-gate launched alone"
                   if "nof" in flags else "") + (", one wave" if "fit" in flags else ", split past one wave"
-                                                if "nofit" in flags else ""))
+                                                if "nofit" in flags else "")
+                 + "".join(f", L2 prefetch {f[1:]} B" for f in flags if f[:1] == "p" and f[1:].isdigit()))
         if target.startswith("sk"):
             return skinny_names[kernel] + ", stream-K" + (f" {target[2:]} blocks" if target[2:] else "") + folds
         if target in ("hy", "split"):
@@ -289,6 +290,7 @@ def main() -> None:
                 skinny.SWIGLU_IN_PRODUCT = swiglu_in_product if folds is None else folds
                 skinny.NORM_GATE_IN_PRODUCT = norm_gate_in_product if folds is None else folds
                 wg.SPLIT_FIT = True if "fit" in flags else False if "nofit" in flags else split_fit
+                wg.L2_PREFETCH = next((int(f[1:]) for f in flags if f[:1] == "p" and f[1:].isdigit()), l2_prefetch)
                 decode_chain.set_decode_chain(bool(chain_on))
                 options = chain_on if isinstance(chain_on, dict) else {}
                 decode_chain.CHAIN_BLOCKS = options.get("blocks", chain_blocks)
@@ -383,7 +385,7 @@ def main() -> None:
     skinny.set_skinny_gemm(skinny_default)
     wg.TARGET_BLOCKS, wg.SCHEDULE, wg.STREAMK_BLOCKS = wg_target, wg_schedule, wg_sk_blocks
     skinny.SWIGLU_IN_PRODUCT, skinny.NORM_GATE_IN_PRODUCT = swiglu_in_product, norm_gate_in_product
-    wg.SPLIT_FIT = split_fit
+    wg.SPLIT_FIT, wg.L2_PREFETCH = split_fit, l2_prefetch
     emit({"kind": "done", "seconds_total": time.perf_counter() - start, "device": str(mx.default_device())})
 
 

@@ -56,6 +56,10 @@ TARGET_BLOCKS = 264
 #: blocks per SM; q|k|v|o|i|f at 16 rows 2 splits = 194 blocks, proj_down 8 = 256) rather than at
 #: least that many (ceil: 291 and 288 blocks, a second wave of 27 and 24); ``XLSTM_METAL_WGMMA_SPLIT_FIT=1``.
 SPLIT_FIT = os.environ.get("XLSTM_METAL_WGMMA_SPLIT_FIT", "0") == "1"
+#: L2 prefetch size of the kernels' 16-byte copies (the ``.L2::NB`` qualifier of ``cp.async``: 64,
+#: 128 or 256 bytes; 0: none): 256 has the copy of one 128-byte piece of a weight row bring the
+#: row's next piece (the next k step) into L2 too. ``XLSTM_METAL_WGMMA_L2_PREFETCH``.
+L2_PREFETCH = int(os.environ.get("XLSTM_METAL_WGMMA_L2_PREFETCH", "128"))
 #: Whether the default launch lays its tiles out with the 128-byte swizzle (else interleaved);
 #: ``XLSTM_METAL_WGMMA_SWIZZLE=0`` picks the interleaved layout.
 SWIZZLE = os.environ.get("XLSTM_METAL_WGMMA_SWIZZLE", "1") != "0"
@@ -265,6 +269,17 @@ _SOURCE = """
 """
 
 _STREAMK_HEADER = '#include "mlx/backend/cuda/device/unary_ops.cuh"\n' + _HEADER
+
+
+def _prefetch(header: str, name: str) -> tuple[str, str]:
+    """``header`` with the copies' L2 prefetch of :data:`L2_PREFETCH` bytes, and the kernel ``name``
+    marked where that is not the 128 the sources are written with (MLX caches kernels by name)."""
+    if L2_PREFETCH not in (0, 64, 128, 256):
+        raise ValueError(f"XLSTM_METAL_WGMMA_L2_PREFETCH={L2_PREFETCH}: one of 0, 64, 128, 256")
+    if L2_PREFETCH == 128:
+        return header, name
+    qualifier = f".L2::{L2_PREFETCH}B" if L2_PREFETCH else ""
+    return header.replace(".L2::128B", qualifier), f"{name}_p{L2_PREFETCH}"
 
 _STREAMK_SOURCE = """
     // x [M, K], w [N, K] (T, row-contiguous, K % 8 == 0) -> y [M, N] (T); part [G, 2, 128, TM * ACC]
@@ -732,19 +747,21 @@ def _streamk_source(norm_gate: bool) -> str:
 
 
 def _kernel(shared_bytes: int):
-    return product_kernel("xlstm_wgmma_matmul", _SOURCE, _HEADER, shared_bytes)
+    header, name = _prefetch(_HEADER, "xlstm_wgmma_matmul")
+    return product_kernel(name, _SOURCE, header, shared_bytes)
 
 
-_streamk_kernels: dict[tuple[int, bool], object] = {}
+_streamk_kernels: dict[tuple[int, bool, int], object] = {}
 
 
 def _streamk_kernel(shared_bytes: int, norm_gate: bool = False):
-    kernel = _streamk_kernels.get((shared_bytes, norm_gate))
+    kernel = _streamk_kernels.get((shared_bytes, norm_gate, L2_PREFETCH))
     if kernel is None:
-        kernel = _streamk_kernels[(shared_bytes, norm_gate)] = mx.fast.cuda_kernel(
-            name=f"xlstm_wgmma_streamk{'_ng' if norm_gate else ''}_{shared_bytes}",
+        header, name = _prefetch(_STREAMK_HEADER, f"xlstm_wgmma_streamk{'_ng' if norm_gate else ''}_{shared_bytes}")
+        kernel = _streamk_kernels[(shared_bytes, norm_gate, L2_PREFETCH)] = mx.fast.cuda_kernel(
+            name=name,
             input_names=["x", "w", "o", "nw", "eps"] if norm_gate else ["x", "w"], output_names=["y", "part"],
-            source=_streamk_source(norm_gate), header=_STREAMK_HEADER, shared_memory=shared_bytes,
+            source=_streamk_source(norm_gate), header=header, shared_memory=shared_bytes,
             ensure_row_contiguous=not norm_gate)  # o~: a strided column slice, read where it is
     return kernel
 
@@ -847,7 +864,7 @@ def _resolved_schedule(schedule: str, n: int, k: int, cfg: WgmmaConfig, slot_row
     return "streamk" if 2 * units >= steps * streamk_grid(n, k, cfg, slot_rows, blocks or STREAMK_BLOCKS) else "split"
 
 
-_split_x_kernels: dict[tuple[int, bool], object] = {}
+_split_x_kernels: dict[tuple[int, bool, int], object] = {}
 
 
 def _split_x_launch(x: mx.array, w: mx.array, cfg: WgmmaConfig, splits: int | None, swiglu: bool,
@@ -859,12 +876,13 @@ def _split_x_launch(x: mx.array, w: mx.array, cfg: WgmmaConfig, splits: int | No
     slot_rows = 2 * nw if swiglu else (2 * nw + 8 if ng else nw)
     splits = k_splits(N, K, cfg, splits)
     shared = cfg.shared_bytes(slot_rows)
-    kernel = _split_x_kernels.get((shared, ng is not None))
+    kernel = _split_x_kernels.get((shared, ng is not None, L2_PREFETCH))
     if kernel is None:
-        kernel = _split_x_kernels[(shared, ng is not None)] = mx.fast.cuda_kernel(
-            name=f"xlstm_wgmma_split_x{'_ng' if ng else ''}_{shared}",
+        header, name = _prefetch(_STREAMK_HEADER, f"xlstm_wgmma_split_x{'_ng' if ng else ''}_{shared}")
+        kernel = _split_x_kernels[(shared, ng is not None, L2_PREFETCH)] = mx.fast.cuda_kernel(
+            name=name,
             input_names=["x", "w", "o", "nw", "eps"] if ng else ["x", "w"], output_names=["y"],
-            source=_split_x_source(ng is not None), header=_STREAMK_HEADER, shared_memory=shared,
+            source=_split_x_source(ng is not None), header=header, shared_memory=shared,
             ensure_row_contiguous=ng is None)
     inputs = [x, w] if ng is None else [mx.contiguous(x), mx.contiguous(w), ng[0], mx.contiguous(ng[1]), ng[2]]
     template = [("T", x.dtype), ("OT", x.dtype if splits == 1 else mx.float32), ("NW", nw), ("TM", cfg.tm),
