@@ -462,15 +462,20 @@ _STREAMK_SOURCE = """
       const unsigned long long token = (reinterpret_cast<unsigned long long>(y) ^ 0x9E3779B97F4A7C15ull)
                                        + 0x100000001B3ull * (unsigned long long)(tile + 1);
       __syncthreads();
-      if (tid == 0) {
-        flags[b * 2 + slot_of(b, ts)] = token;
-        __threadfence();
-        int done = 1;
-        for (int bb = first; bb <= last && done; ++bb) done = flags[bb * 2 + slot_of(bb, ts)] == token;
-        if (done) {
-          for (int bb = first; bb <= last; ++bb) flags[bb * 2 + slot_of(bb, ts)] = 0ull;
+      if (warp == 0) {                          // the first warp looks at up to 32 flags at once
+        if (lane == 0) {
+          flags[b * 2 + slot_of(b, ts)] = token;
+          __threadfence();
         }
-        s_last = done;
+        __syncwarp();
+        __threadfence();
+        bool set = true;
+        for (int bb = first + lane; bb <= last; bb += 32) set = set && flags[bb * 2 + slot_of(bb, ts)] == token;
+        const bool done = __all_sync(0xffffffffu, set);
+        if (done) {
+          for (int bb = first + lane; bb <= last; bb += 32) flags[bb * 2 + slot_of(bb, ts)] = 0ull;
+        }
+        if (lane == 0) s_last = done;
       }
       __syncthreads();
       if (s_last) {
@@ -482,14 +487,30 @@ _STREAMK_SOURCE = """
           #pragma unroll
           for (int j = 0; j < ACC; ++j) acc[t][j] = 0.0f;
         }
-        for (int bb = first; bb <= last; ++bb) {
-          const float* q = part_at(bb, slot_of(bb, ts));
+        // UNR segments' loads in flight at once, added in the blocks' order.
+        constexpr int CH = TM * ACC / 4;        // float4 per thread and segment
+        constexpr int UNR = CH <= 4 ? 4 : (CH <= 8 ? 2 : 1);
+        for (int bb = first; bb <= last; bb += UNR) {
+          float4 v[UNR][CH];
           #pragma unroll
-          for (int t = 0; t < TM; ++t) {
-            #pragma unroll
-            for (int j = 0; j < ACC; j += 4) {
-              const float4 v = __ldcg(reinterpret_cast<const float4*>(q + t * ACC + j));
-              acc[t][j] += v.x; acc[t][j + 1] += v.y; acc[t][j + 2] += v.z; acc[t][j + 3] += v.w;
+          for (int g = 0; g < UNR; ++g) {
+            if (bb + g <= last) {
+              const float4* q = reinterpret_cast<const float4*>(part_at(bb + g, slot_of(bb + g, ts)));
+              #pragma unroll
+              for (int c = 0; c < CH; ++c) v[g][c] = __ldcg(q + c);
+            }
+          }
+          #pragma unroll
+          for (int g = 0; g < UNR; ++g) {
+            if (bb + g <= last) {
+              #pragma unroll
+              for (int t = 0; t < TM; ++t) {
+                #pragma unroll
+                for (int j = 0; j < ACC; j += 4) {
+                  const float4 q = v[g][(t * ACC + j) / 4];
+                  acc[t][j] += q.x; acc[t][j + 1] += q.y; acc[t][j + 2] += q.z; acc[t][j + 3] += q.w;
+                }
+              }
             }
           }
         }
