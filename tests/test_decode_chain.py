@@ -30,8 +30,8 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
 
 
-def _model(bits=4, group_size=32, dtype=mx.bfloat16, float_gates=True, residual=True):
-    m = tiny_model(seed=3)
+def _model(bits=4, group_size=32, dtype=mx.bfloat16, float_gates=True, residual=True, **config):
+    m = tiny_model(seed=3, **config)
     m.set_dtype(dtype)
     quantize_model(m, recipe=Recipe(bits, group_size, float_gates=float_gates))
     m.fuse_projections()
@@ -923,3 +923,141 @@ def test_shipped_merge_defaults(monkeypatch):
         gu, down = _q(rng, 2 * F, E, dtype, 4, 64), _q(rng, E, F, dtype, 4, 64)
         x = mx.zeros((1, 1, E), dtype=mx.float32)
         assert chain.tail_merge_supported(h, o, NH * DV, mh, x, out_a, norm, gu, down) == merged
+
+
+# ------------------------------------------------ the whole block in one launch (stages 1-5)
+def _count(monkeypatch, name):
+    calls = {name: 0}
+    fn = getattr(chain, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(chain, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("float_gates", [True, False])
+def test_merged_block_dispatch(on_cpu_too, monkeypatch, bits, float_gates):
+    # XLSTM_METAL_CHAIN_MERGE=5: per block one call, stages 1-5 with the step between; the same
+    # values as the unmerged chain (CPU: the same ops in the same order; CUDA: the same code in one
+    # launch). 2 heads of 64 x 128: the step's tiles are the block kernel's 256 threads.
+    model = _model(bits, float_gates=float_gates, embedding_dim=256)
+    unmerged = _decode(model, True)
+    calls = _count(monkeypatch, "block_quantized_matmul")
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 5)
+    merged = _decode(model, True)
+    assert calls["block_quantized_matmul"] == 2 * 4
+    _agree(merged, unmerged, 0)
+    # where the step's tile is not 256 threads (the tiny model's 2 heads of 16 x 32), stages 3-5 in one launch
+    model = _model(bits, float_gates=float_gates)
+    unmerged = _decode(model, True)
+    tail = _count(monkeypatch, "tail_quantized_matmul")
+    merged = _decode(model, True)
+    assert calls["block_quantized_matmul"] == 2 * 4 and tail["tail_quantized_matmul"] == 2 * 4
+    _agree(merged, unmerged, 0)
+
+
+def _block_args(model, B=1, state=None, pending=False):
+    """block_merge_supported's arguments for the first block of ``model`` at B rows, as _chain_step builds them."""
+    from xlstm_metal.blocks.xlstm_large import _projection_plan  # noqa: PLC0415
+
+    block = model.backbone.blocks[0]
+    layer = block.mlstm_layer
+    x = mx.zeros((B, 1, model.config.embedding_dim), dtype=mx.float32)
+    pend = mx.zeros(x.shape, dtype=mx.bfloat16) if pending else None
+    plan = _projection_plan(layer, block.norm_mlstm, x, pend)
+    cell = layer.projection_cell
+    return [x, pend, block.norm_mlstm, *plan, layer.recurrent_kernel_cell, cell.num_heads, cell.gate_soft_cap, state,
+            layer.multihead_norm, chain.quantized_arrays(layer.out_proj, B), block.norm_ffn, block._chain_ffn_arrays(x),
+            chain.quantized_arrays(block.ffn.proj_down, B)]
+
+
+def test_block_merge_applies_only_where_every_stage_does(monkeypatch):
+    monkeypatch.setattr(chain, "MERGE_MAX_ROWS", 2)
+    model = _model(4, float_gates=True, embedding_dim=256)
+    args = _block_args(model)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 4)
+    assert not chain.block_merge_supported(*args)  # 4: stages 3-5 only
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 5)
+    assert chain.block_merge_supported(*args) and chain.block_merge_supported(*_block_args(model, 2, pending=True))
+    assert chain.block_merge_supported(*_block_args(_model(4, float_gates=False, embedding_dim=256)))
+    assert not chain.block_merge_supported(*_block_args(_model(4, float_gates=True)))  # the step's tile: 64 threads
+    assert not chain.block_merge_supported(*_block_args(_model(4, float_gates=True, embedding_dim=256), 3))  # rows
+    C, n, m = (mx.zeros(s) for s in ((1, 2, 64, 128), (1, 2, 64), (1, 2, 1)))
+    assert chain.block_merge_supported(*_block_args(model, state=(C, n, m)))
+    assert not chain.block_merge_supported(*_block_args(model, state=(C.astype(mx.bfloat16), n, m)))  # a bf16 state
+    old = decode_kernels.step_kernel_version()
+    decode_kernels.set_step_kernel_version(4)
+    try:
+        assert not chain.block_merge_supported(*args)  # the unmerged step would run layout 4: other sums
+    finally:
+        decode_kernels.set_step_kernel_version(old)
+    bad = list(args)
+    bad[-1] = _q(np.random.default_rng(0), *bad[-1][0].shape[:1], bad[-1][0].shape[1] * 8, mx.bfloat16, 4, 64)
+    assert not chain.block_merge_supported(*bad)  # proj_down in other groups than the rest
+    bad = list(args)
+    bad[3] = (*bad[3][:3], bad[3][3], 8)
+    assert not chain.block_merge_supported(*bad)  # stage 1 at other bits
+    monkeypatch.setattr(chain, "_kernels_on", lambda: True)  # the schedule's guard, with the driver faked
+    monkeypatch.setattr(chain, "_device_sms", lambda: 132)
+    assert chain.block_merge_supported(*args)
+    plan = chain._block_plan(1, 4096, 12288, 8, 256, 512, 10944, mx.bfloat16, 64, 4)
+    assert plan["blocks"] == 2 * 132 and plan["tile"] == (4, 64, 4, 4) and plan["sr0"] == 1
+    monkeypatch.setattr(chain, "_device_sms", lambda: 0)  # the driver could not be asked
+    assert not chain.block_merge_supported(*args)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 16, 8])
+@pytest.mark.parametrize("shape", ["7b", "small"])
+@pytest.mark.parametrize("gates", ["float", "packed"])
+@pytest.mark.parametrize("pending", [True, False], ids=["pending", "first"])
+def test_cuda_merged_block_equals_the_stages(monkeypatch, pending, gates, shape, bits):
+    # Stages 1-5 in one launch against stage 1's kernel, the packed step kernel and stages 3-5's
+    # one launch (itself bit-equal to the three stages): the same bits, step after step (the
+    # state carried, the counters back at zero each launch).
+    if bits == 16 and gates == "float":
+        pytest.skip("bf16 models fuse the gates into the product")
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 5)
+    rng = np.random.default_rng(bits + 2 * pending)
+    E, F, NH, DQK, DV = (4096, 10944, 8, 256, 512) if shape == "7b" else (512, 640, 4, 64, 96)
+    from conftest import tiny_config  # noqa: PLC0415
+    from xlstm_metal.cells.mlstm import mLSTMRecurrentKernelCell  # noqa: PLC0415
+
+    cell = mLSTMRecurrentKernelCell(tiny_config())
+    norm0, norm, mh = RMSNorm(E), RMSNorm(E), MultiHeadLayerNorm(NH, DV)
+    for mod, k in ((norm0, E), (norm, E), (mh, NH * DV)):
+        mod.weight = mx.array(rng.uniform(0.5, 1.5, k).astype(np.float32)).astype(mx.bfloat16)
+
+    def arrays(n, k, scale=0.05):
+        if bits == 16:
+            w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * scale).astype(mx.bfloat16)
+            return (w, w, w, 32, 16)
+        return _q(rng, n, k, mx.bfloat16, bits, 64)
+
+    n1 = 2 * NH * DQK + 2 * NH * DV + (2 * NH if gates == "packed" else 0)
+    a0, out_a, gu, down = arrays(n1, E), arrays(E, NH * DV), arrays(2 * F, E), arrays(E, F)
+    columns = (0, NH * DQK, 2 * NH * DQK, 2 * NH * DQK + NH * DV)
+    columns += (n1 - 2 * NH, n1 - NH) if gates == "packed" else ()
+    w_if = None if gates == "packed" else mx.array(rng.standard_normal((2 * NH, E)).astype(np.float32) * 0.02).astype(mx.bfloat16)
+    ib = mx.array(rng.uniform(-3, 3, NH).astype(np.float32)).astype(mx.bfloat16)
+    fb = mx.array(rng.uniform(-1, 5, NH).astype(np.float32)).astype(mx.bfloat16)
+    want_state = got_state = None
+    for i in range(3):
+        x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
+        pend = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32)).astype(mx.bfloat16) if pending else None
+        args = (x, pend, norm0, a0, columns, ib, fb, w_if, cell, NH, 15.0, got_state, mh, out_a, norm, gu, down)
+        assert chain.block_merge_supported(*args)
+        s, xn, y0 = chain.norm_quantized_matmul(x, pend, norm0, *a0[:3], group_size=a0[3], bits=bits,
+                                                write_xn=w_if is not None)
+        h, want_state = decode_kernels.mlstm_step_gated_packed(y0, columns, NH, ib, fb, want_state, gate_soft_cap=15.0,
+                                                               eps=cell.eps, state_dtype=mx.float32, x=xn, w_if=w_if)
+        want_x, want = chain.tail_quantized_matmul(h, y0, columns[3], mh, s, out_a, norm, gu, down)
+        got_x, got, got_state = chain.block_quantized_matmul(*args)
+        assert got_x.dtype == x.dtype and mx.array_equal(got_x, want_x), (i, _rel(got_x, want_x))
+        assert got.shape == want.shape == (1, 1, E) and mx.array_equal(got, want), (i, _rel(got, want))
+        for a, b in zip(got_state, want_state):
+            assert a.shape == b.shape and mx.array_equal(a, b), (i, _rel(a, b))

@@ -76,7 +76,17 @@ class mLSTMBlock(nn.Module):
         """:meth:`step` through the decode chain, stage by stage (see the module docstring of
         :mod:`~xlstm_metal.kernels.fast.decode_chain`)."""
         layer = self.mlstm_layer
-        projected = _chain_projections(layer, self.norm_mlstm, x, pending)
+        ffn_arrays = self._chain_ffn_arrays(x)
+        plan = _projection_plan(layer, self.norm_mlstm, x, pending)
+        if plan is not None and ffn_arrays is not None and chain.merge_mode(ffn_arrays[4], x.shape[0]) == 5:
+            cell = layer.projection_cell  # the whole block in one launch, where every stage applies
+            args = (x, pending, self.norm_mlstm, plan[0], plan[1], plan[2], plan[3], plan[4],
+                    layer.recurrent_kernel_cell, cell.num_heads, cell.gate_soft_cap, state, layer.multihead_norm,
+                    chain.quantized_arrays(layer.out_proj, x.shape[0]), self.norm_ffn, ffn_arrays,
+                    chain.quantized_arrays(self.ffn.proj_down, x.shape[0]))
+            if chain.block_merge_supported(*args):
+                return chain.block_quantized_matmul(*args)
+        projected = None if plan is None else _chain_projections(layer, self.norm_mlstm, x, pending, plan)
         if projected is None:  # the reference stage: add + norm, the projections as the tree holds them
             if pending is None:
                 xn = self.norm_mlstm(x)
@@ -93,8 +103,7 @@ class mLSTMBlock(nn.Module):
             h, state = layer.recurrent_kernel_cell.step_packed(
                 y, columns, cell.num_heads, i_bias, f_bias, cell.gate_soft_cap, state, x=xn, w_if=w_if)
         out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
-        ffn_arrays = self._chain_ffn_arrays(x)
-        if ffn_arrays is not None and chain.merge_mode(ffn_arrays[4], x.shape[0]) == 4:  # stages 3-5 in one launch
+        if ffn_arrays is not None and chain.merge_mode(ffn_arrays[4], x.shape[0]) in (4, 5):  # stages 3-5 in one launch
             down = chain.quantized_arrays(self.ffn.proj_down, x.shape[0])
             if chain.tail_merge_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays, self.norm_ffn,
                                           ffn_arrays, down):
@@ -167,12 +176,9 @@ def _mlstm_kernel(layer: mLSTMNeuron, q, k, v, o_preact, i_raw, f_raw, i_bias, f
     return h, o_preact, state
 
 
-def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: mx.array | None):
-    """Stage 1 of the chain: [x + pending ->] RMSNorm -> the fused q|k|v|o(|i|f) product in one
-    launch, when q, k, v, o form one quantized group (no biases) and i, f are in it too or form
-    the float group the step kernel multiplies itself. Returns (x + pending, (q, k, v, i~, f~,
-    i bias, f bias, w_if, normed x), (the product's output, o~'s column offset in it)) with i~, f~
-    [B, NH, 1] raw (or None beside w_if), or None where the stage does not apply."""
+def _projection_plan(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: mx.array | None):
+    """Whether stage 1 of the chain applies (:func:`_chain_projections`): (the fused group's arrays,
+    the step's columns of its output (q, k, v, v end[, i~, f~]), i bias, f bias, w_if), or None."""
     cell = layer.projection_cell
     layers, fused = cell.fusion._current(layer)
     if fused is None:
@@ -193,19 +199,27 @@ def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending
     f_bias = layers[5].bias if "bias" in layers[5] else None
     if (i_bias is None) != (f_bias is None) or not chain.norm_chain_supported(x, pending, norm, arrays):
         return None
-    w, scales, biases, group_size, bits = arrays
-    s, xn, y = chain.norm_quantized_matmul(x, pending, norm, w, scales, biases, group_size=group_size, bits=bits,
-                                           write_xn=not gates_quantized)
     starts, start = [], 0
     for j in members:
         starts.append(start)
         start += layers[j].weight.shape[0]
     # q, k, v (and i~, f~) stay columns of y: the step kernel reads them there (no slices)
     columns = tuple(starts[:4]) + (tuple(starts[4:6]) if gates_quantized else ())
-    o_offset = starts[3]
-    if gates_quantized:
-        return s, (y, columns, i_bias, f_bias, None, None), (y, o_offset)
-    return s, (y, columns, i_bias, f_bias, w_if, xn), (y, o_offset)
+    return arrays, columns, i_bias, f_bias, None if gates_quantized else w_if
+
+
+def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: mx.array | None, plan):
+    """Stage 1 of the chain: [x + pending ->] RMSNorm -> the fused q|k|v|o(|i|f) product in one
+    launch, when q, k, v, o form one quantized group (no biases) and i, f are in it too or form
+    the float group the step kernel multiplies itself (``plan``: :func:`_projection_plan`'s).
+    Returns (x + pending, (the product's output, the step's columns of it, i bias, f bias, w_if,
+    normed x (None without w_if)), (the product's output, o~'s column offset in it))."""
+    arrays, columns, i_bias, f_bias, w_if = plan
+    w, scales, biases, group_size, bits = arrays
+    s, xn, y = chain.norm_quantized_matmul(x, pending, norm, w, scales, biases, group_size=group_size, bits=bits,
+                                           write_xn=w_if is not None)
+    # o~ follows q, k, v: columns[3] is where it starts
+    return s, (y, columns, i_bias, f_bias, w_if, xn), (y, columns[3])
 
 
 def _pre_norm(x: mx.array, norm: RMSNorm) -> tuple[mx.array, mx.array]:

@@ -847,31 +847,39 @@ _PACKED_STRIDES = (("q_shape[0]", "y_shape[0]"), ("q_strides[0]", "y_strides[0]"
                    ("v_strides[3]", "1"))
 
 
+def step_source(eps: float, cap: float, has_bias: bool, inproj: bool, version: int, packed: bool = False) -> str:
+    """The gated step kernel's body for these settings (layout ``version``; ``packed``: q, k, v
+    and the raw gates read as columns of ``y``); :mod:`.decode_chain` runs layout 2's as a phase
+    of its one-launch block."""
+    source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3,
+              4: _STEP_GATED_SOURCE_V4}[version]
+    source = source.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
+    source = source.replace("HAS_BIAS", "true" if has_bias else "false")
+    for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
+        read = f"static_cast<float>({bias}[hd * {bias}_strides[0]])" if has_bias else "0.0f"
+        source = source.replace(name, read)
+    source = source.replace("INPROJ_PROLOGUE", _INPROJ_PROLOGUE if inproj else "")
+    for name, gate, value in (("IRAW", "i", "pi"), ("FRAW", "f", "pf")):
+        if inproj:
+            read = value
+        elif packed:
+            read = f"static_cast<float>(y[b * y_strides[0] + {gate.upper()}OFF + hd])"
+        else:
+            read = f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
+        source = source.replace(name, read)
+    if packed:
+        for old, new in _PACKED_STRIDES:
+            source = source.replace(old, new)
+        source = _PACKED_HEAD + source
+    return source
+
+
 def _step_kernel(eps: float, cap: float, has_bias: bool, inproj: bool, version: int, packed: bool = False,
                  shared: int = 0):
     key = (eps, cap, has_bias, inproj, version, packed, shared)
     kernel = _step_kernels.get(key)
     if kernel is None:
-        source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3,
-                  4: _STEP_GATED_SOURCE_V4}[version]
-        source = source.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
-        source = source.replace("HAS_BIAS", "true" if has_bias else "false")
-        for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
-            read = f"static_cast<float>({bias}[hd * {bias}_strides[0]])" if has_bias else "0.0f"
-            source = source.replace(name, read)
-        source = source.replace("INPROJ_PROLOGUE", _INPROJ_PROLOGUE if inproj else "")
-        for name, gate, value in (("IRAW", "i", "pi"), ("FRAW", "f", "pf")):
-            if inproj:
-                read = value
-            elif packed:
-                read = f"static_cast<float>(y[b * y_strides[0] + {gate.upper()}OFF + hd])"
-            else:
-                read = f"static_cast<float>({gate}[b * {gate}_strides[0] + hd * {gate}_strides[1]])"
-            source = source.replace(name, read)
-        if packed:
-            for old, new in _PACKED_STRIDES:
-                source = source.replace(old, new)
-            source = _PACKED_HEAD + source
+        source = step_source(eps, cap, has_bias, inproj, version, packed)
         heads = ["y"] if packed else ["q", "k", "v"]
         gates = ["x", "w"] if inproj else ([] if packed else ["i", "f"])
         kernel = mx.fast.cuda_kernel(

@@ -49,7 +49,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm
-from .decode import _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
+from . import decode as _decode
+from .decode import _GATE_HEADER, _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
 from . import quantized as _quantized
 from .quantized import (_HEADER, INT_HEADER, INT_STAGE, decode_launch, decode_source, decode_template, int_weights_apply, kernel_takes,
                         launch_bounds, quantized_matmul)
@@ -635,7 +636,8 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
 #: the proj_down blocks asking L2 for their first tile's weights while they wait for gate|up; 3
 #: stages 4 and 5, every block running both, as many blocks as the GPU holds at once walking
 #: each stage's tiles, a grid-wide barrier between them; 4 stages 3, 4 and 5 so, in one grid
-#: (:func:`tail_quantized_matmul`). A value may be one int (every width) too.
+#: (:func:`tail_quantized_matmul`); 5 the whole block, stages 1-5 with the step between, so
+#: (:func:`block_quantized_matmul`). A value may be one int (every width) too.
 #:
 #: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits and for bf16 products, one row
 #: (:data:`MERGE_MAX_ROWS`), bf16 rows; 8 bits unmerged. On an H200 (S10R2, 7B, one row, one process,
@@ -1010,7 +1012,16 @@ def tail_merge_supported(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: n
     :func:`gate_chain_supported` takes it and stages 4 and 5 as :func:`ffn_merge_supported` does,
     all three products at the same bits and group size, K unsplit; on CUDA, :func:`_tail_plan`
     finding a schedule."""
-    if out_arrays is None or arrays is None or down is None or merge_mode(arrays[4], x.shape[0]) != 4:
+    if arrays is None or merge_mode(arrays[4], x.shape[0]) not in (4, 5):  # 5: where the whole block cannot
+        return False
+    return _tail_stages_supported(h, o_src, o_offset, mh_norm, x, out_arrays, norm, arrays, down)
+
+
+def _tail_stages_supported(h, o_src, o_offset: int, mh_norm: nn.Module, x, out_arrays, norm: nn.Module, arrays,
+                           down) -> bool:
+    """Stages 3-5's checks of :func:`tail_merge_supported` (for stages 3, 4 and 5 in one launch, alone or
+    in :func:`block_quantized_matmul`'s)."""
+    if out_arrays is None or arrays is None or down is None:
         return False
     if not (out_arrays[3:] == arrays[3:] == down[3:]) or arrays[0].shape[0] % 2:
         return False
@@ -1068,3 +1079,240 @@ def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: 
         grid=(plan["blocks"] * 256, 1, 1), threadgroup=(256, 1, 1),
     )
     return x_new, y
+
+
+# --------------------------------------------------------- the whole block in one launch (1-5)
+# CHAIN_MERGE 5: stage 1 (RMSNorm [of x + pending] -> q|k|v|o(|i|f), writing the product ``qkv``
+# and the residual sum), the gated step (layout 2 of :mod:`.decode`, its tiles walked by the
+# grid's blocks: 256 threads as its TX x TD), then stages 3, 4 and 5 as
+# :func:`tail_quantized_matmul` runs them, in one grid of at most what the GPU holds at once: four
+# grid-wide barriers on one counter, each phase's code and rounding the separate kernel's (so the
+# values are bit-equal: the CUDA tests). Each phase after the first requests its first weight
+# chunks (the step: its first rows of the state) before it waits.
+_BLOCK_BODY = """
+    __shared__ __align__(16) T xl_pool[POOL];
+    __shared__ float xl_red[WARPS * MT * 4 * 32];
+    const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
+@P1@
+@DONE@
+@P2@
+@DONE@
+@PA@
+@DONE@
+@PB@
+@DONE@
+@PC@
+"""
+
+# The step's names in the block kernel: its template arguments beside the products' (ST there is
+# the residual stream's dtype), its packed input the stage-1 product ``qkv`` (an output of this
+# launch: read past L1), the gate product's x the normed x stage 1 writes.
+_STEP_RENAME = {"ST": "SST", "TX": "STX", "TD": "STD", "V": "SV", "RB": "SRB", "LOAD4": "SLOAD4", "STREAM": "SSTREAM",
+                "E": "SE", "y": "qkv", "x": "xn_out", "w": "wif", "w_strides": "wif_strides"}
+
+
+def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str) -> str:
+    """Layout 2 of the gated step (packed) as a phase of the block kernel: ``wait`` after its first
+    state rows are requested; rows from ``xr``; q, k, v, the raw gates (and the normed x) read past L1."""
+    src = _decode.step_source(eps, cap, has_bias, inproj, 2, packed=True)
+    subs = [("y_shape[0]", "xr_shape[0]"), ("y_strides[0]", "YW"),
+            ("const int tx = threadIdx.x;", "const int tx = static_cast<int>(threadIdx.x) % STX;"),
+            ("const int ty = threadIdx.y;", "const int ty = static_cast<int>(threadIdx.x) / STX;"),
+            ("load_rows(blockIdx.x, ty);  // before anything else\n",
+             "load_rows(blockIdx.x, ty);  // before anything else\n" + wait),
+            ("blockIdx.x", "xl_bid"), ("gridDim.x", "xl_nblk")]
+    if inproj:
+        subs += [("x_strides[0]", "SE"), ("x_strides[2]", "1")]
+    for old, new in subs:
+        assert old in src, old
+        src = src.replace(old, new)
+    assert "threadIdx.y" not in src and "_shape" not in src.replace("xr_shape", "")
+    src = re.sub(r"(?<![\w.])(q|k|v|y|x|xv)\[([^\[\]]*)\]", r"__ldcg(\1 + (\2))", src)
+    assert not re.search(r"(?<![\w.])(q|k|v|y|x|xv)\[", src)
+    for old, new in _STEP_RENAME.items():
+        src = re.sub(rf"(?<![\w.]){old}\b", new, src)
+    return "{\n" + src + "}\n"
+
+
+def _block_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float, has_bias: bool,
+                  mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool) -> str:
+    p1 = _norm_source(eps0, has_pending, inproj, bool(iw0), store="qkv[(size_t)m * N + n] = static_cast<T>(sum);")
+    p1 = _merge_phase(p1, {"KD": "KD0", "SR": "SR0", "DEPTH": "DEPTH0", "IW": "IW0", "w": "w0", "scales": "scales0",
+                           "biases": "biases0", "w_shape": "w0_shape", "nw": "nw0"})
+    p2 = _step_phase(step_eps, cap, has_bias, inproj, _wait("xl_nblk", last=False))
+    gate = _GATE_PROLOGUE.replace("EPS", _eps(mh_eps))
+    for old, new in (("h[hoff + j]", "__ldcg(h + hoff + j)"), ("o[ooff + j]", "__ldcg(qkv + ooff + j)"),
+                     ("o_shape[2]", "YW")):
+        assert old in gate, old  # h and o~ written in this launch: read past L1
+        gate = gate.replace(old, new)
+    store = _RESIDUAL_STORE
+    if has_pending:  # the residual stream is stage 1's sum
+        assert "xr[(size_t)m * N + n]" in store
+        store = store.replace("xr[(size_t)m * N + n]", "__ldcg(sum_out + (size_t)m * N + n)")
+    pa = _source(_GATE_SIZES.replace("h_shape[0]", "xr_shape[0]"), _wait("2 * xl_nblk", last=False) + gate, store,
+                 int_weights=bool(iw3))
+    pa = _merge_phase(pa, {"KD": "KD3", "SR": "SR3", "DEPTH": "DEPTH3", "IW": "IW3", "w": "w3", "scales": "scales3",
+                           "biases": "biases3", "w_shape": "w3_shape", "nw": "nw3"})
+    pb = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);",
+                      wait=_wait("3 * xl_nblk", last=False))
+    old = "xr[(size_t)mm * K + k]"
+    assert old in pb, old
+    pb = pb.replace(old, "__ldcg(out + (size_t)mm * K + k)")  # the residual stream stage 3 wrote
+    pb = _paired(pb) if paired else pb
+    pc = _down_phase(iw2, _wait("4 * xl_nblk"), "xr_shape[0]", paired)
+    return (_BLOCK_BODY.replace("@P1@\n", p1).replace("@P2@\n", p2).replace("@PA@\n", pa)
+            .replace("@PB@\n", _merge_phase(pb, {})).replace("@PC@\n", pc).replace("@DONE@\n", _DONE))
+
+
+def _block_step_tile(B: int, NH: int, dqk: int, dv: int) -> tuple[int, int, int, int] | None:
+    """Layout 2's (TX, TD, V, RB) for the step phase, or None where its block is not the block
+    kernel's 256 threads or its state is not read 16 bytes at a time (then the blocks run unmerged)."""
+    tx, td, vec, rb = _decode._v2_tile(B * NH, dqk, dv)
+    return (tx, td, vec, rb) if tx * td == 256 and vec == 4 else None
+
+
+def _block_plan(B: int, E: int, N1: int, NH: int, dqk: int, dv: int, F: int, dtype: mx.Dtype, group_size: int,
+                bits: int) -> dict | None:
+    """:func:`block_quantized_matmul`'s schedule, or None where it could deadlock or not fit (as
+    :func:`_tail_plan`, with stage 1's staged rows and the step's shared memory added)."""
+    tail = _tail_plan(B, E, NH * dv, F, dtype, group_size, bits)
+    tile = _block_step_tile(B, NH, dqk, dv)
+    if tail is None or tile is None:
+        return None
+    iw0 = _int(bits, group_size, B, E, dtype, stage="norm")
+    sr0 = _stage_rows(B, E, dtype, group_size if iw0 else 0)
+    tx, td, vec, rb = tile
+    nred = max(8 * tx * vec, 256)
+    pool = max(tail["pool"], sr0 * E)
+    smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 2 * 32 * 4 + 64 + 4 * (2 * dqk + nred + 8)
+            + sum(sr * (k // group_size) * 8 for sr, k, iw in
+                  ((sr0, E, iw0), (tail["sr3"], NH * dv, tail["iw3"]), (tail["sr1"], E, tail["iw1"]),
+                   (tail["sr2"], F, tail["iw2"])) if iw))
+    resident = max(1, _quantized.RESIDENT.get(bits, 0))
+    held = resident * _device_sms()
+    if not sr0 or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or not held:
+        return None
+    step_tiles = B * NH * -(-dv // (tx * vec))
+    blocks = min(held, max(-(-N1 // 16), step_tiles, -(-E // 16), -(-2 * F // 16)))
+    return dict(tail, iw0=iw0, sr0=sr0, pool=pool, blocks=blocks, tile=tile)
+
+
+def _default_step_cell(cell) -> bool:
+    """Whether ``cell`` steps as :class:`~xlstm_metal.cells.mlstm.mLSTMRecurrentKernelCell` does
+    (its :meth:`step_packed` runs :func:`.decode.mlstm_step_gated_packed`)."""
+    from ...cells.mlstm import mLSTMRecurrentKernelCell  # noqa: PLC0415  (cells import this package)
+
+    return (isinstance(cell, mLSTMRecurrentKernelCell) and type(cell).step_packed is mLSTMRecurrentKernelCell.step_packed
+            and type(cell).step_raw_gates is mLSTMRecurrentKernelCell.step_raw_gates)
+
+
+def block_merge_supported(x: mx.array, pending: mx.array | None, norm0: nn.Module, arrays0, columns: tuple,
+                          i_bias, f_bias, w_if, cell, num_heads: int, cap, state, mh_norm: nn.Module, out_arrays,
+                          norm: nn.Module, arrays, down) -> bool:
+    """Whether :func:`block_quantized_matmul` runs (:data:`CHAIN_MERGE` 5, one row): stage 1 as
+    :func:`norm_chain_supported` takes it (its product ``arrays0``, the step's q, k, v (and raw
+    gates) at ``columns`` of its output, or the float gate weights ``w_if``), the step's layout-2
+    kernel (:func:`.decode.step_kernel_version` 2, a float32 state), stages 3-5 as
+    :func:`tail_merge_supported` takes them, all four products at the same bits and group size; on
+    CUDA, :func:`_block_plan` finding a schedule."""
+    if arrays is None or arrays0 is None or merge_mode(arrays[4], x.shape[0]) != 5 or arrays0[3:] != arrays[3:]:
+        return False
+    if not (norm_chain_supported(x, pending, norm0, arrays0) and _default_step_cell(cell)
+            and _decode.step_kernel_version() == 2 and cell.state_dtype == mx.float32):
+        return False
+    B, E, T = x.shape[0], x.shape[-1], norm0.weight.dtype
+    NH, N1 = num_heads, arrays0[0].shape[0]
+    q0, k0, v0, v1 = columns[:4]
+    dqk, dv = (k0 - q0) // NH, (v1 - v0) // NH
+    if (len(columns) == 6) == (w_if is not None) or min(dqk, dv) <= 0 or v1 > N1:
+        return False
+    if (k0 - q0, v0 - k0, v1 - v0) != (dqk * NH, dqk * NH, dv * NH) or (i_bias is None) != (f_bias is None):
+        return False
+    if w_if is not None and (w_if.dtype != T or w_if.shape != (2 * NH, E)):
+        return False
+    if i_bias is not None and not (i_bias.dtype == f_bias.dtype == T and i_bias.shape == f_bias.shape == (NH,)):
+        return False
+    if state is not None:
+        shapes = ((B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1))
+        if any(a.dtype != mx.float32 or a.shape != shp for a, shp in zip(state, shapes)):
+            return False
+    if _block_step_tile(B, NH, dqk, dv) is None:
+        return False
+    h = SimpleNamespace(ndim=4, shape=(B, NH, 1, dv), dtype=T)
+    o_src = SimpleNamespace(ndim=3, shape=(B, 1, N1), dtype=T)
+    o_offset = v1  # o~ follows v in the fused product (stage 3 reads it there)
+    if not _tail_stages_supported(h, o_src, o_offset, mh_norm, x, out_arrays, norm, arrays, down):
+        return False
+    F = arrays[0].shape[0] // 2
+    return not _kernels_on() or _block_plan(B, E, N1, NH, dqk, dv, F, T, *arrays[3:]) is not None
+
+
+def block_quantized_matmul(x: mx.array, pending: mx.array | None, norm0: RMSNorm, arrays0, columns: tuple, i_bias,
+                           f_bias, w_if, cell, num_heads: int, cap, state, mh_norm: MultiHeadLayerNorm, out_arrays,
+                           norm: RMSNorm, arrays, down):
+    """A block's decode step in one launch (stages 1-5; the caller checks :func:`block_merge_supported`)
+    -> (x' the block's residual stream after the mLSTM layer, the FFN's output on it, the new
+    state (C, n, m)): on CUDA the values of :func:`norm_quantized_matmul`, the packed step
+    (:func:`.decode.mlstm_step_gated_packed`) and :func:`tail_quantized_matmul`, else their reference ops."""
+    inproj = w_if is not None
+    o_offset = columns[3]
+    if not _kernels_on():  # the stages' reference ops, in the unmerged chain's order
+        s, xn, y0 = norm_quantized_matmul(x, pending, norm0, *arrays0[:3], group_size=arrays0[3], bits=arrays0[4],
+                                          write_xn=inproj)
+        h, state = _decode.mlstm_step_gated_packed(y0, columns, num_heads, i_bias, f_bias, state, gate_soft_cap=cap,
+                                                   eps=cell.eps, state_dtype=cell.state_dtype, x=xn, w_if=w_if)
+        x_new, y = tail_quantized_matmul(h, y0, o_offset, mh_norm, s, out_arrays, norm, arrays, down)
+        return x_new, y, state
+    B, _, E = x.shape
+    T = norm0.weight.dtype
+    NH, N1 = num_heads, arrays0[0].shape[0]
+    q0, k0, v0, v1 = columns[:4]
+    dqk, dv = (k0 - q0) // NH, (v1 - v0) // NH
+    w, scales, biases, group_size, bits = arrays
+    F = w.shape[0] // 2
+    N = down[0].shape[0]
+    plan = _block_plan(B, E, N1, NH, dqk, dv, F, T, group_size, bits)
+    iw0, iw3, iw1, iw2, paired = plan["iw0"], plan["iw3"], plan["iw1"], plan["iw2"], plan["paired"]
+    has_pending, has_bias = pending is not None, i_bias is not None
+    capf = float(cap) if cap is not None else 0.0
+    if state is None:
+        state = _decode.zero_state(B, NH, dqk, dv, mx.float32)
+    C, n, m = state
+    inputs = (["xr"] + (["pend"] if has_pending else []) + ["nw0", "w0", "scales0", "biases0"]
+              + (["wif"] if inproj else []) + (["ib", "fb"] if has_bias else []) + ["C", "n", "m"]
+              + ["nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"])
+    outputs = (["qkv"] + (["sum_out"] if has_pending else []) + (["xn_out"] if inproj else [])
+               + ["h", "C_out", "n_out", "m_out", "out", "y", "hs" if paired else "gate_up"])
+    key = ("block", norm0.eps, has_pending, inproj, cell.eps, capf, has_bias, mh_norm.eps, norm.eps, iw0, iw3, iw1, iw2,
+           paired)
+    kernel = _kernel(key, bits, inputs, outputs,
+                     lambda: _block_source(norm0.eps, has_pending, inproj, cell.eps, capf, has_bias, mh_norm.eps,
+                                           norm.eps, iw0, iw3, iw1, iw2, paired),
+                     int_weights=iw0 or iw3 or iw1 or iw2, header=_GATE_HEADER + _MERGE_HEADER)
+    tx, td, vec, rb = plan["tile"]
+    template = (decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
+                + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw1)
+                + [("NH", NH), ("DV", dv), ("OOFF", o_offset), ("KD3", NH * dv), ("SR3", plan["sr3"])]
+                + ([("IW3", iw3)] if iw3 else []) + [("DEPTH3", _depth("gate", bits, iw3) or _quantized.DEPTH[bits])]
+                + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
+                + [("DEPTH2", _depth("swiglu", bits, iw2) or _quantized.DEPTH[bits]), ("PF2", int(_quantized.PREFETCH)),
+                   ("POOL", plan["pool"])]
+                + [("KD0", E), ("SR0", plan["sr0"])] + ([("IW0", iw0)] if iw0 else [])
+                + [("DEPTH0", _depth("norm", bits, iw0) or _quantized.DEPTH[bits])]
+                + [("HT", T), ("SST", mx.float32), ("GT", T), ("DQK", dqk), ("STX", tx), ("STD", td), ("SV", vec),
+                   ("SE", E), ("SLOAD4", True), ("SRB", rb), ("SSTREAM", _decode._STREAM_HINTS), ("YW", N1),
+                   ("QOFF", q0), ("KOFF", k0), ("VOFF", v0)]
+                + ([("IOFF", columns[4]), ("FOFF", columns[5])] if len(columns) == 6 else []))
+    shapes = [(B, 1, N1)] + ([(B, 1, E)] if has_pending else []) + ([(B, 1, E)] if inproj else [])
+    dtypes = [T] + ([x.dtype] if has_pending else []) + ([T] if inproj else [])
+    shapes += [(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1), (B, 1, E), (B, 1, N), (B, 1, F if paired else 2 * F)]
+    dtypes += [T, mx.float32, mx.float32, mx.float32, x.dtype, T, T]
+    outs = kernel(
+        inputs=[x] + ([pending] if has_pending else []) + [norm0.weight, *arrays0[:3]] + ([w_if] if inproj else [])
+        + ([i_bias, f_bias] if has_bias else []) + [C, n, m, mh_norm.weight, *out_arrays[:3], norm.weight, w, scales,
+                                                    biases, *down[:3]],
+        template=template, output_shapes=shapes, output_dtypes=dtypes,
+        grid=(plan["blocks"] * 256, 1, 1), threadgroup=(256, 1, 1),
+    )
+    h_i = 1 + has_pending + inproj
+    return outs[h_i + 4], outs[h_i + 5], (outs[h_i + 1], outs[h_i + 2], outs[h_i + 3])
