@@ -141,7 +141,7 @@ def main() -> None:
     chain_blocks, chain_float = decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT
     ring_depth, resident, split_k = dict(quantized.DEPTH), dict(quantized.RESIDENT), dict(decode_chain.SPLIT_K)
     int_weights = dict(quantized.INT_WEIGHTS)
-    chain_merge, chain_paired = decode_chain.CHAIN_MERGE, decode_chain.CHAIN_PAIRED
+    chain_merge, chain_paired, chain_stack = decode_chain.CHAIN_MERGE, decode_chain.CHAIN_PAIRED, decode_chain.CHAIN_STACK
     stage_schedule = {k: dict(v) for k, v in decode_chain.STAGE_SCHEDULE.items()}
     # (name, fused decode kernels, prefill queues layers on a GPU, residual stream dtype, skinny
     # product, layout of the gated step kernel, the decode chain: True, False, or a dict of its
@@ -153,7 +153,7 @@ def main() -> None:
     # single stages' ring depth, blocks and integer weights, by bits), "merge" (decode_chain.CHAIN_MERGE, for
     # every width; the default by bits:
     # stages 4 and 5 in one launch; 2: with the proj_down blocks' first tile asked of L2; 3: in one
-    # grid; 4: stages 3, 4 and 5 in one grid), "paired" (decode_chain.CHAIN_PAIRED: SwiGLU in the merged
+    # grid; 4: stages 3, 4 and 5 in one grid; 5: the whole block in one grid), "stack" (decode_chain.CHAIN_STACK: blocks per launch), "paired" (decode_chain.CHAIN_PAIRED: SwiGLU in the merged
     # kernels' gate|up epilogue))
     v2_tx = decode._V2_TX
 
@@ -220,7 +220,13 @@ def main() -> None:
                   ("fused decode kernels, chain, stages 3-5 in one grid, paired", True, True, residual,
                    skinny_default, step_default, {"merge": 4, "paired": 1}),
                   ("fused decode kernels, chain, FFN unmerged", True, True, residual, skinny_default, step_default,
-                   {"merge": 0})]
+                   {"merge": 0}),
+                  # stages 1-5 (the step between) in one launch per block, every width
+                  ("fused decode kernels, chain, whole block in one launch", True, True, residual, skinny_default,
+                   step_default, {"merge": 5, "paired": 1})]
+        # several whole blocks per launch (decode_chain.CHAIN_STACK)
+        fused += [(f"fused decode kernels, chain, {n} blocks per launch", True, True, residual, skinny_default,
+                   step_default, {"merge": 5, "paired": 1, "stack": n}) for n in (2, 4, 8, 16, 32)]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
         # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
@@ -297,6 +303,7 @@ def main() -> None:
                 decode_chain.CHAIN_FLOAT = options.get("float", chain_float)
                 decode_chain.CHAIN_MERGE = options.get("merge", chain_merge)
                 decode_chain.CHAIN_PAIRED = options.get("paired", chain_paired)
+                decode_chain.CHAIN_STACK = options.get("stack", chain_stack)
                 quantized.DEPTH.update(options.get("depth", ring_depth))
                 quantized.RESIDENT.update(options.get("resident", resident))
                 decode_chain.SPLIT_K.update(options.get("split", split_k))
@@ -323,6 +330,7 @@ def main() -> None:
         decode_chain.set_decode_chain(True)
         decode_chain.CHAIN_BLOCKS, decode_chain.CHAIN_FLOAT = chain_blocks, chain_float
         decode_chain.CHAIN_MERGE, decode_chain.CHAIN_PAIRED = chain_merge, chain_paired
+        decode_chain.CHAIN_STACK = chain_stack
         quantized.DEPTH.update(ring_depth)
         quantized.RESIDENT.update(resident)
         quantized.INT_WEIGHTS.update(int_weights)

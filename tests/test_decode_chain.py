@@ -1010,6 +1010,82 @@ def test_block_merge_applies_only_where_every_stage_does(monkeypatch):
     assert not chain.block_merge_supported(*args)
 
 
+@pytest.mark.parametrize("stack", [2, 3])
+def test_stacked_blocks_dispatch(on_cpu_too, monkeypatch, stack):
+    # XLSTM_METAL_CHAIN_STACK: consecutive blocks in one launch (4 blocks: 2 + 2, or 3 + 1 alone);
+    # the same values as a launch per block (CPU: the same ops; CUDA: the same code in one launch).
+    model = _model(4, float_gates=True, embedding_dim=256, num_blocks=4)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 5)
+    one_by_one = _decode(model, True)
+    stacked = _count(monkeypatch, "stack_quantized_matmul")
+    monkeypatch.setattr(chain, "CHAIN_STACK", stack)
+    blocks = _count(monkeypatch, "block_quantized_matmul")
+    got = _decode(model, True)
+    assert stacked["stack_quantized_matmul"] == 4 * 2  # (a block alone is a stack of one)
+    assert blocks["block_quantized_matmul"] == (0 if stack == 2 else 4)
+    _agree(got, one_by_one, 0)
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 4)  # no whole-block launches: no stacks either
+    stacked["stack_quantized_matmul"] = 0
+    _agree(_decode(model, True), one_by_one, 0)
+    assert stacked["stack_quantized_matmul"] == 0
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 16])
+@pytest.mark.parametrize("shape", ["7b", "small"])
+@pytest.mark.parametrize("pending", [True, False], ids=["pending", "first"])
+def test_cuda_stacked_blocks_equal_one_by_one(monkeypatch, pending, shape, bits):
+    # Three blocks in one launch against three block launches: the same bits, step after step.
+    monkeypatch.setattr(chain, "CHAIN_MERGE", 5)
+    rng = np.random.default_rng(bits + pending)
+    E, F, NH, DQK, DV = (4096, 10944, 8, 256, 512) if shape == "7b" else (512, 640, 4, 64, 96)
+    L = 2 if shape == "7b" else 3
+    from conftest import tiny_config  # noqa: PLC0415
+    from xlstm_metal.cells.mlstm import mLSTMRecurrentKernelCell  # noqa: PLC0415
+
+    cell = mLSTMRecurrentKernelCell(tiny_config())
+
+    def arrays(n, k):
+        if bits == 16:
+            w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(mx.bfloat16)
+            return (w, w, w, 32, 16)
+        return _q(rng, n, k, mx.bfloat16, bits, 64)
+
+    gates = "packed" if bits == 16 else "float"
+    n1 = 2 * NH * DQK + 2 * NH * DV + (2 * NH if gates == "packed" else 0)
+    columns = (0, NH * DQK, 2 * NH * DQK, 2 * NH * DQK + NH * DV) + ((n1 - 2 * NH, n1 - NH) if gates == "packed" else ())
+    layers = []
+    for _ in range(L):
+        norm0, norm, mh = RMSNorm(E), RMSNorm(E), MultiHeadLayerNorm(NH, DV)
+        for mod, k in ((norm0, E), (norm, E), (mh, NH * DV)):
+            mod.weight = mx.array(rng.uniform(0.5, 1.5, k).astype(np.float32)).astype(mx.bfloat16)
+        w_if = (None if gates == "packed"
+                else mx.array(rng.standard_normal((2 * NH, E)).astype(np.float32) * 0.02).astype(mx.bfloat16))
+        ib = mx.array(rng.uniform(-3, 3, NH).astype(np.float32)).astype(mx.bfloat16)
+        fb = mx.array(rng.uniform(-1, 5, NH).astype(np.float32)).astype(mx.bfloat16)
+        layers.append((norm0, arrays(n1, E), w_if, ib, fb, mh, arrays(E, NH * DV), norm, arrays(2 * F, E), arrays(E, F)))
+    want_states = got_states = [None] * L
+    for i in range(3):
+        x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
+        pend = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32)).astype(mx.bfloat16) if pending else None
+        group, want, xs, ps, new_states = [], [], x, pend, []
+        for (norm0, a0, w_if, ib, fb, mh, out_a, norm, gu, down), st, gst in zip(layers, want_states, got_states):
+            args = (xs, ps, norm0, a0, columns, ib, fb, w_if, cell, NH, 15.0, st, mh, out_a, norm, gu, down)
+            assert chain.block_merge_supported(*args)
+            xs, ps, st = chain.block_quantized_matmul(*args)
+            want.append((xs, ps))
+            new_states.append(st)
+            group.append((x, pend, *args[2:11], gst, *args[12:]))
+            assert chain.stack_compatible(group[0], group[-1])
+        want_states = new_states
+        got = chain.stack_quantized_matmul(group)
+        got_states = [st for _, _, st in got]
+        for layer, ((gx, gy, gs), (wx, wy), ws) in enumerate(zip(got, want, want_states)):
+            assert mx.array_equal(gx, wx) and mx.array_equal(gy, wy), (i, layer, _rel(gx, wx), _rel(gy, wy))
+            for a, b in zip(gs, ws):
+                assert mx.array_equal(a, b), (i, layer, _rel(a, b))
+
+
 @cuda
 @pytest.mark.parametrize("bits", [4, 16, 8])
 @pytest.mark.parametrize("shape", ["7b", "small"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -78,14 +80,9 @@ class mLSTMBlock(nn.Module):
         layer = self.mlstm_layer
         ffn_arrays = self._chain_ffn_arrays(x)
         plan = _projection_plan(layer, self.norm_mlstm, x, pending)
-        if plan is not None and ffn_arrays is not None and chain.merge_mode(ffn_arrays[4], x.shape[0]) == 5:
-            cell = layer.projection_cell  # the whole block in one launch, where every stage applies
-            args = (x, pending, self.norm_mlstm, plan[0], plan[1], plan[2], plan[3], plan[4],
-                    layer.recurrent_kernel_cell, cell.num_heads, cell.gate_soft_cap, state, layer.multihead_norm,
-                    chain.quantized_arrays(layer.out_proj, x.shape[0]), self.norm_ffn, ffn_arrays,
-                    chain.quantized_arrays(self.ffn.proj_down, x.shape[0]))
-            if chain.block_merge_supported(*args):
-                return chain.block_quantized_matmul(*args)
+        args = self._chain_block_args(x, pending, state, plan, ffn_arrays)
+        if args is not None:  # the whole block in one launch
+            return chain.block_quantized_matmul(*args)
         projected = None if plan is None else _chain_projections(layer, self.norm_mlstm, x, pending, plan)
         if projected is None:  # the reference stage: add + norm, the projections as the tree holds them
             if pending is None:
@@ -121,6 +118,24 @@ class mLSTMBlock(nn.Module):
             x, xn = add_rms_norm(x, layer.output_cell.fused(layer, h, o_preact), self.norm_ffn)
             xn = _normed(xn, self.norm_ffn)
         return x, self._chain_ffn(x, xn, ffn_arrays), state
+
+    def _chain_block_args(self, x: mx.array, pending, state, plan=None, ffn_arrays=None):
+        """:func:`~xlstm_metal.kernels.fast.decode_chain.block_quantized_matmul`'s arguments for
+        this block's step (``decode_chain.CHAIN_MERGE`` 5, every stage applying), else None;
+        ``plan`` and ``ffn_arrays`` as :meth:`_chain_step` found them (or found here)."""
+        if ffn_arrays is None:
+            ffn_arrays = self._chain_ffn_arrays(x)
+        if ffn_arrays is None or chain.merge_mode(ffn_arrays[4], x.shape[0]) != 5:
+            return None
+        layer = self.mlstm_layer
+        plan = plan or _projection_plan(layer, self.norm_mlstm, x, pending)
+        if plan is None:
+            return None
+        cell = layer.projection_cell
+        args = (x, pending, self.norm_mlstm, *plan, layer.recurrent_kernel_cell, cell.num_heads, cell.gate_soft_cap,
+                state, layer.multihead_norm, chain.quantized_arrays(layer.out_proj, x.shape[0]), self.norm_ffn,
+                ffn_arrays, chain.quantized_arrays(self.ffn.proj_down, x.shape[0]))
+        return args if chain.block_merge_supported(*args) else None
 
     def _chain_ffn_arrays(self, x: mx.array):
         """The arrays of the FFN's fused gate|up group (:func:`~xlstm_metal.kernels.fast.decode_chain.group_arrays`)
@@ -237,3 +252,27 @@ def _normed(out: mx.array, norm: RMSNorm) -> mx.array:
     normalised in float32 and rounded once, and the projections then run in bf16 (a float32
     input would promote their matmuls to float32)."""
     return out if out.dtype == norm.weight.dtype else out.astype(norm.weight.dtype)
+
+
+def stacked_step(blocks: list, x: mx.array, pending: mx.array | None, states: list):
+    """Up to ``decode_chain.CHAIN_STACK`` consecutive ``blocks`` stepped in one launch
+    (:func:`~xlstm_metal.kernels.fast.decode_chain.stack_quantized_matmul`): (x', pending', their
+    new states), the values of :meth:`mLSTMBlock.step` block after block; None where fewer than
+    two of them run so (then each block steps on its own)."""
+    if chain.CHAIN_STACK < 2 or len(blocks) < 2 or not chain.chain_applies(x):
+        return None
+    later = pending
+    group = []
+    for index, block in enumerate(blocks[: chain.CHAIN_STACK]):
+        if not isinstance(block, mLSTMBlock) or not block.fused_step(x):
+            break
+        if index and later is None:  # the blocks after the first take a pending FFN output (its shape, T)
+            later = SimpleNamespace(shape=x.shape, dtype=block.norm_mlstm.weight.dtype)
+        args = block._chain_block_args(x, pending if index == 0 else later, states[index])
+        if args is None or (group and not chain.stack_compatible(group[0], args)):
+            break
+        group.append(args)
+    if len(group) < 2:
+        return None
+    results = chain.stack_quantized_matmul(group)
+    return results[-1][0], results[-1][1], [state for _, _, state in results]

@@ -8,7 +8,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..blocks.xlstm_large import mLSTMBlock
+from ..blocks.xlstm_large import mLSTMBlock, stacked_step
 from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
@@ -78,9 +78,18 @@ class Backbone(nn.Module):
         next block's (or the out norm's) fused add + RMSNorm. Returns the normed hidden state in
         ``dtype``."""
         new_state, pending = [], None
-        for index, block in enumerate(self.blocks):
-            x, pending, block_state = block.step(x, pending, None if state is None else state[index])
+        states = [None] * len(self.blocks) if state is None else state
+        index = 0
+        while index < len(self.blocks):
+            stacked = stacked_step(self.blocks[index:], x, pending, states[index:])  # several blocks, one launch
+            if stacked is not None:
+                x, pending, block_states = stacked
+                new_state += block_states
+                index += len(block_states)
+                continue
+            x, pending, block_state = self.blocks[index].step(x, pending, states[index])
             new_state.append(block_state)
+            index += 1
         x = add_rms_norm(x, pending, self.out_norm)[1] if "out_norm" in self else x + pending
         return (x if x.dtype == dtype else x.astype(dtype)), new_state
 

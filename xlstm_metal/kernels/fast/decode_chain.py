@@ -1089,19 +1089,10 @@ def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: 
 # grid-wide barriers on one counter, each phase's code and rounding the separate kernel's (so the
 # values are bit-equal: the CUDA tests). Each phase after the first requests its first weight
 # chunks (the step: its first rows of the state) before it waits.
-_BLOCK_BODY = """
+_BLOCK_HEAD = """
     __shared__ __align__(16) T xl_pool[POOL];
     __shared__ float xl_red[WARPS * MT * 4 * 32];
     const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
-@P1@
-@DONE@
-@P2@
-@DONE@
-@PA@
-@DONE@
-@PB@
-@DONE@
-@PC@
 """
 
 # The step's names in the block kernel: its template arguments beside the products' (ST there is
@@ -1113,9 +1104,9 @@ _STEP_RENAME = {"ST": "SST", "TX": "STX", "TD": "STD", "V": "SV", "RB": "SRB", "
 
 def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str) -> str:
     """Layout 2 of the gated step (packed) as a phase of the block kernel: ``wait`` after its first
-    state rows are requested; rows from ``xr``; q, k, v, the raw gates (and the normed x) read past L1."""
+    state rows are requested; q, k, v, the raw gates (and the normed x) read past L1."""
     src = _decode.step_source(eps, cap, has_bias, inproj, 2, packed=True)
-    subs = [("y_shape[0]", "xr_shape[0]"), ("y_strides[0]", "YW"),
+    subs = [("y_shape[0]", "MROWS"), ("y_strides[0]", "YW"),
             ("const int tx = threadIdx.x;", "const int tx = static_cast<int>(threadIdx.x) % STX;"),
             ("const int ty = threadIdx.y;", "const int ty = static_cast<int>(threadIdx.x) / STX;"),
             ("load_rows(blockIdx.x, ty);  // before anything else\n",
@@ -1126,7 +1117,7 @@ def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str)
     for old, new in subs:
         assert old in src, old
         src = src.replace(old, new)
-    assert "threadIdx.y" not in src and "_shape" not in src.replace("xr_shape", "")
+    assert "threadIdx.y" not in src and "_shape" not in src
     src = re.sub(r"(?<![\w.])(q|k|v|y|x|xv)\[([^\[\]]*)\]", r"__ldcg(\1 + (\2))", src)
     assert not re.search(r"(?<![\w.])(q|k|v|y|x|xv)\[", src)
     for old, new in _STEP_RENAME.items():
@@ -1134,12 +1125,31 @@ def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str)
     return "{\n" + src + "}\n"
 
 
-def _block_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float, has_bias: bool,
-                  mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool) -> str:
-    p1 = _norm_source(eps0, has_pending, inproj, bool(iw0), store="qkv[(size_t)m * N + n] = static_cast<T>(sum);")
+#: The block kernel's arrays, each named with its layer's suffix in a launch of several blocks.
+_BLOCK_ARRAYS = ("xr", "pend", "nw0", "w0", "scales0", "biases0", "wif", "ib", "fb", "C", "n", "m", "nw3", "w3",
+                 "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2", "biases2", "qkv", "sum_out",
+                 "xn_out", "h", "C_out", "n_out", "m_out", "out", "y", "hs", "gate_up")
+
+
+def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float, has_bias: bool,
+                  mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool, layer: int,
+                  last: bool) -> str:
+    """Block ``layer`` of a launch (its arrays suffixed ``_l<layer>``): its five phases, the
+    counter's targets continuing from the blocks before (5 per block); a block after the first
+    reads its residual stream and pending FFN output from the block before's outputs (past L1),
+    after a wait; the launch's last wait zeroes the counters."""
+    base = 5 * layer
+    target = lambda k: f"{base + k} * xl_nblk"  # noqa: E731
+    p1 = _norm_source(eps0, has_pending, inproj, bool(iw0), store="qkv[(size_t)m * N + n] = static_cast<T>(sum);",
+                      wait=_wait(target(0), last=False) if layer else "")
+    if layer:  # x and pending: the outputs of the block before, written in this launch
+        for old, new in (("xr[(size_t)mm * K + k]", "__ldcg(XL_PREV_OUT + (size_t)mm * K + k)"),
+                         ("pend[(size_t)mm * K + k]", "__ldcg(XL_PREV_Y + (size_t)mm * K + k)")):
+            assert old in p1, old
+            p1 = p1.replace(old, new)
     p1 = _merge_phase(p1, {"KD": "KD0", "SR": "SR0", "DEPTH": "DEPTH0", "IW": "IW0", "w": "w0", "scales": "scales0",
                            "biases": "biases0", "w_shape": "w0_shape", "nw": "nw0"})
-    p2 = _step_phase(step_eps, cap, has_bias, inproj, _wait("xl_nblk", last=False))
+    p2 = _step_phase(step_eps, cap, has_bias, inproj, _wait(target(1), last=False))
     gate = _GATE_PROLOGUE.replace("EPS", _eps(mh_eps))
     for old, new in (("h[hoff + j]", "__ldcg(h + hoff + j)"), ("o[ooff + j]", "__ldcg(qkv + ooff + j)"),
                      ("o_shape[2]", "YW")):
@@ -1149,19 +1159,36 @@ def _block_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float,
     if has_pending:  # the residual stream is stage 1's sum
         assert "xr[(size_t)m * N + n]" in store
         store = store.replace("xr[(size_t)m * N + n]", "__ldcg(sum_out + (size_t)m * N + n)")
-    pa = _source(_GATE_SIZES.replace("h_shape[0]", "xr_shape[0]"), _wait("2 * xl_nblk", last=False) + gate, store,
-                 int_weights=bool(iw3))
+    pa = _source(_GATE_SIZES, _wait(target(2), last=False) + gate, store, int_weights=bool(iw3))
     pa = _merge_phase(pa, {"KD": "KD3", "SR": "SR3", "DEPTH": "DEPTH3", "IW": "IW3", "w": "w3", "scales": "scales3",
                            "biases": "biases3", "w_shape": "w3_shape", "nw": "nw3"})
     pb = _norm_source(eps, False, False, bool(iw1), store="gate_up[(size_t)m * N + n] = static_cast<T>(sum);",
-                      wait=_wait("3 * xl_nblk", last=False))
+                      wait=_wait(target(3), last=False))
     old = "xr[(size_t)mm * K + k]"
     assert old in pb, old
     pb = pb.replace(old, "__ldcg(out + (size_t)mm * K + k)")  # the residual stream stage 3 wrote
     pb = _paired(pb) if paired else pb
-    pc = _down_phase(iw2, _wait("4 * xl_nblk"), "xr_shape[0]", paired)
-    return (_BLOCK_BODY.replace("@P1@\n", p1).replace("@P2@\n", p2).replace("@PA@\n", pa)
-            .replace("@PB@\n", _merge_phase(pb, {})).replace("@PC@\n", pc).replace("@DONE@\n", _DONE))
+    pc = _down_phase(iw2, _wait(target(4), last=last), "MROWS", paired)
+    text = "".join((p1, _DONE, p2, _DONE, pa, _DONE, _merge_phase(pb, {}), _DONE, pc))
+    text = text.replace("xr_shape[0]", "MROWS").replace("h_shape[0]", "MROWS")
+    assert "_shape[0]" not in text.replace("w0_shape[0]", "").replace("w3_shape[0]", "").replace(
+        "w_shape[0]", "").replace("w2_shape[0]", "")
+    rename = {}
+    for name in _BLOCK_ARRAYS:
+        for tail in ("", "_shape", "_strides"):
+            rename[name + tail] = f"{name}_l{layer}{tail}"
+    for old, new in rename.items():
+        text = re.sub(rf"(?<![\w.]){old}\b", new, text)
+    text = text.replace("XL_PREV_OUT", f"out_l{layer - 1}").replace("XL_PREV_Y", f"y_l{layer - 1}")
+    return text + (_DONE if not last else "")
+
+
+def _block_source(blocks: int, eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float,
+                  has_bias: bool, mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool) -> str:
+    """``blocks`` blocks in one launch (the first with pending FFN output where ``has_pending``)."""
+    return _BLOCK_HEAD + "".join(
+        _layer_source(eps0, has_pending or layer > 0, inproj, step_eps, cap, has_bias, mh_eps, eps, iw0, iw3, iw1, iw2,
+                      paired, layer, layer == blocks - 1) for layer in range(blocks))
 
 
 def _block_step_tile(B: int, NH: int, dqk: int, dv: int) -> tuple[int, int, int, int] | None:
@@ -1254,44 +1281,97 @@ def block_quantized_matmul(x: mx.array, pending: mx.array | None, norm0: RMSNorm
     -> (x' the block's residual stream after the mLSTM layer, the FFN's output on it, the new
     state (C, n, m)): on CUDA the values of :func:`norm_quantized_matmul`, the packed step
     (:func:`.decode.mlstm_step_gated_packed`) and :func:`tail_quantized_matmul`, else their reference ops."""
+    return stack_quantized_matmul([(x, pending, norm0, arrays0, columns, i_bias, f_bias, w_if, cell, num_heads, cap,
+                                    state, mh_norm, out_arrays, norm, arrays, down)])[0]
+
+
+#: Most blocks one launch steps (``XLSTM_METAL_CHAIN_STACK``; with :data:`CHAIN_MERGE` 5): 1, each
+#: block its own launch; more, consecutive blocks of the same shapes in one launch
+#: (:func:`stack_quantized_matmul`, 5 grid-wide barriers per block).
+CHAIN_STACK = int(os.environ.get("XLSTM_METAL_CHAIN_STACK", "1") or 1)
+
+
+def stack_compatible(first: tuple, other: tuple) -> bool:
+    """Whether the block of arguments ``other`` (:func:`block_merge_supported`'s, already accepted)
+    runs in the same launch as ``first``'s: the same shapes, dtypes, flags and constants."""
+    def sig(args):
+        (x, pending, norm0, arrays0, columns, i_bias, f_bias, w_if, cell, num_heads, cap, state, mh_norm, out_arrays,
+         norm, arrays, down) = args
+        shapes = tuple((a[0].shape, a[0].dtype, a[3], a[4]) for a in (arrays0, out_arrays, arrays, down))
+        return (x.shape, x.dtype, norm0.weight.dtype, norm0.eps, columns, i_bias is None, w_if is None, cell.eps, num_heads,
+                cap, mh_norm.eps, norm.eps, shapes)
+    return sig(first) == sig(other)
+
+
+def stack_quantized_matmul(blocks: list) -> list:
+    """Consecutive blocks' decode steps in one launch: ``blocks`` a list of
+    :func:`block_quantized_matmul`'s arguments (each accepted by :func:`block_merge_supported`
+    and :func:`stack_compatible` with the first; a block after the first takes its x and pending
+    from the block before, whatever its own say) -> [(x', FFN output, state)] per block, the
+    values of one :func:`block_quantized_matmul` after another."""
+    if not _kernels_on():  # the stages' reference ops, block after block
+        results, carried = [], None
+        for (x, pending, norm0, arrays0, columns, i_bias, f_bias, w_if, cell, num_heads, cap, state, mh_norm, out_arrays,
+             norm, arrays, down) in blocks:
+            if carried is not None:
+                x, pending = carried
+            s, xn, y0 = norm_quantized_matmul(x, pending, norm0, *arrays0[:3], group_size=arrays0[3], bits=arrays0[4],
+                                              write_xn=w_if is not None)
+            h, state = _decode.mlstm_step_gated_packed(y0, columns, num_heads, i_bias, f_bias, state, gate_soft_cap=cap,
+                                                       eps=cell.eps, state_dtype=cell.state_dtype, x=xn, w_if=w_if)
+            x_new, y = tail_quantized_matmul(h, y0, columns[3], mh_norm, s, out_arrays, norm, arrays, down)
+            results.append((x_new, y, state))
+            carried = (x_new, y)
+        return results
+    (x, pending, norm0, arrays0, columns, i_bias, f_bias, w_if, cell, num_heads, cap, _, mh_norm, out_arrays, norm,
+     arrays, down) = blocks[0]
+    L = len(blocks)
     inproj = w_if is not None
     o_offset = columns[3]
-    if not _kernels_on():  # the stages' reference ops, in the unmerged chain's order
-        s, xn, y0 = norm_quantized_matmul(x, pending, norm0, *arrays0[:3], group_size=arrays0[3], bits=arrays0[4],
-                                          write_xn=inproj)
-        h, state = _decode.mlstm_step_gated_packed(y0, columns, num_heads, i_bias, f_bias, state, gate_soft_cap=cap,
-                                                   eps=cell.eps, state_dtype=cell.state_dtype, x=xn, w_if=w_if)
-        x_new, y = tail_quantized_matmul(h, y0, o_offset, mh_norm, s, out_arrays, norm, arrays, down)
-        return x_new, y, state
     B, _, E = x.shape
     T = norm0.weight.dtype
     NH, N1 = num_heads, arrays0[0].shape[0]
     q0, k0, v0, v1 = columns[:4]
     dqk, dv = (k0 - q0) // NH, (v1 - v0) // NH
-    w, scales, biases, group_size, bits = arrays
-    F = w.shape[0] // 2
+    group_size, bits = arrays[3:]
+    F = arrays[0].shape[0] // 2
     N = down[0].shape[0]
     plan = _block_plan(B, E, N1, NH, dqk, dv, F, T, group_size, bits)
     iw0, iw3, iw1, iw2, paired = plan["iw0"], plan["iw3"], plan["iw1"], plan["iw2"], plan["paired"]
     has_pending, has_bias = pending is not None, i_bias is not None
     capf = float(cap) if cap is not None else 0.0
-    if state is None:
-        state = _decode.zero_state(B, NH, dqk, dv, mx.float32)
-    C, n, m = state
-    inputs = (["xr"] + (["pend"] if has_pending else []) + ["nw0", "w0", "scales0", "biases0"]
-              + (["wif"] if inproj else []) + (["ib", "fb"] if has_bias else []) + ["C", "n", "m"]
-              + ["nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2", "biases2"])
-    outputs = (["qkv"] + (["sum_out"] if has_pending else []) + (["xn_out"] if inproj else [])
-               + ["h", "C_out", "n_out", "m_out", "out", "y", "hs" if paired else "gate_up"])
-    key = ("block", norm0.eps, has_pending, inproj, cell.eps, capf, has_bias, mh_norm.eps, norm.eps, iw0, iw3, iw1, iw2,
-           paired)
+    inputs, outputs, in_arrays, shapes, dtypes = [], [], [], [], []
+    for layer, args in enumerate(blocks):
+        (_, _, l_norm0, l_arrays0, _, l_ib, l_fb, l_wif, _, _, _, l_state, l_mh, l_out, l_norm, l_arrays, l_down) = args
+        first = layer == 0
+        pend_here = has_pending if first else True
+        names = ((["xr"] if first else []) + (["pend"] if first and has_pending else [])
+                 + ["nw0", "w0", "scales0", "biases0"] + (["wif"] if inproj else []) + (["ib", "fb"] if has_bias else [])
+                 + ["C", "n", "m", "nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2",
+                    "biases2"])
+        if l_state is None:
+            l_state = _decode.zero_state(B, NH, dqk, dv, mx.float32)
+        in_arrays += (([x] if first else []) + ([pending] if first and has_pending else [])
+                      + [l_norm0.weight, *l_arrays0[:3]] + ([l_wif] if inproj else []) + ([l_ib, l_fb] if has_bias else [])
+                      + [*l_state, l_mh.weight, *l_out[:3], l_norm.weight, *l_arrays[:3], *l_down[:3]])
+        inputs += [f"{name}_l{layer}" for name in names]
+        names = (["qkv"] + (["sum_out"] if pend_here else []) + (["xn_out"] if inproj else [])
+                 + ["h", "C_out", "n_out", "m_out", "out", "y", "hs" if paired else "gate_up"])
+        outputs += [f"{name}_l{layer}" for name in names]
+        shapes += ([(B, 1, N1)] + ([(B, 1, E)] if pend_here else []) + ([(B, 1, E)] if inproj else [])
+                   + [(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1), (B, 1, E), (B, 1, N),
+                      (B, 1, F if paired else 2 * F)])
+        dtypes += ([T] + ([x.dtype] if pend_here else []) + ([T] if inproj else [])
+                   + [T, mx.float32, mx.float32, mx.float32, x.dtype, T, T])
+    key = ("block", L, norm0.eps, has_pending, inproj, cell.eps, capf, has_bias, mh_norm.eps, norm.eps, iw0, iw3, iw1,
+           iw2, paired)
     kernel = _kernel(key, bits, inputs, outputs,
-                     lambda: _block_source(norm0.eps, has_pending, inproj, cell.eps, capf, has_bias, mh_norm.eps,
+                     lambda: _block_source(L, norm0.eps, has_pending, inproj, cell.eps, capf, has_bias, mh_norm.eps,
                                            norm.eps, iw0, iw3, iw1, iw2, paired),
                      int_weights=iw0 or iw3 or iw1 or iw2, header=_GATE_HEADER + _MERGE_HEADER)
     tx, td, vec, rb = plan["tile"]
     template = (decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
-                + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw1)
+                + [("ST", x.dtype), ("MROWS", B)] + _rows_template(B, E, T, group_size, iw1)
                 + [("NH", NH), ("DV", dv), ("OOFF", o_offset), ("KD3", NH * dv), ("SR3", plan["sr3"])]
                 + ([("IW3", iw3)] if iw3 else []) + [("DEPTH3", _depth("gate", bits, iw3) or _quantized.DEPTH[bits])]
                 + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
@@ -1303,16 +1383,12 @@ def block_quantized_matmul(x: mx.array, pending: mx.array | None, norm0: RMSNorm
                    ("SE", E), ("SLOAD4", True), ("SRB", rb), ("SSTREAM", _decode._STREAM_HINTS), ("YW", N1),
                    ("QOFF", q0), ("KOFF", k0), ("VOFF", v0)]
                 + ([("IOFF", columns[4]), ("FOFF", columns[5])] if len(columns) == 6 else []))
-    shapes = [(B, 1, N1)] + ([(B, 1, E)] if has_pending else []) + ([(B, 1, E)] if inproj else [])
-    dtypes = [T] + ([x.dtype] if has_pending else []) + ([T] if inproj else [])
-    shapes += [(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1), (B, 1, E), (B, 1, N), (B, 1, F if paired else 2 * F)]
-    dtypes += [T, mx.float32, mx.float32, mx.float32, x.dtype, T, T]
-    outs = kernel(
-        inputs=[x] + ([pending] if has_pending else []) + [norm0.weight, *arrays0[:3]] + ([w_if] if inproj else [])
-        + ([i_bias, f_bias] if has_bias else []) + [C, n, m, mh_norm.weight, *out_arrays[:3], norm.weight, w, scales,
-                                                    biases, *down[:3]],
-        template=template, output_shapes=shapes, output_dtypes=dtypes,
-        grid=(plan["blocks"] * 256, 1, 1), threadgroup=(256, 1, 1),
-    )
-    h_i = 1 + has_pending + inproj
-    return outs[h_i + 4], outs[h_i + 5], (outs[h_i + 1], outs[h_i + 2], outs[h_i + 3])
+    outs = kernel(inputs=in_arrays, template=template, output_shapes=shapes, output_dtypes=dtypes,
+                  grid=(plan["blocks"] * 256, 1, 1), threadgroup=(256, 1, 1))
+    results, i = [], 0
+    for layer in range(L):
+        i += 1 + (has_pending if layer == 0 else True) + inproj  # qkv, sum_out, xn_out
+        h_, C_, n_, m_, out_, y_, _ = outs[i: i + 7]
+        results.append((out_, y_, (C_, n_, m_)))
+        i += 7
+    return results
