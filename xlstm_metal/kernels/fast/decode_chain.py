@@ -1092,8 +1092,16 @@ def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: 
 _BLOCK_HEAD = """
     __shared__ __align__(16) T xl_pool[POOL];
     __shared__ float xl_red[WARPS * MT * 4 * 32];
+    constexpr int XL_SNT = STX * STD, XL_SNW = XL_SNT / 32, XL_SCOLS = STX * SV;
+    __shared__ float xl_sq[DQK], xl_sk[DQK], xl_sqn[XL_SNW], xl_swarp[32];
+    __shared__ float xl_sred[XL_SNW * XL_SCOLS > XL_SNT ? XL_SNW * XL_SCOLS : XL_SNT];
     const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
 """
+# The phases' own shared arrays, one set for the launch (a barrier ends each phase; static shared
+# memory in separate scopes would otherwise add up block after block).
+_BLOCK_SHARED = (("__shared__ float s_warp[32];", "float* s_warp = xl_swarp;"),
+                 ("__shared__ float s_q[DQK];", "float* s_q = xl_sq;"), ("__shared__ float s_k[DQK];", "float* s_k = xl_sk;"),
+                 ("__shared__ float s_red[NRED];", "float* s_red = xl_sred;"), ("__shared__ float s_qn[NW];", "float* s_qn = xl_sqn;"))
 
 # The step's names in the block kernel: its template arguments beside the products' (ST there is
 # the residual stream's dtype), its packed input the stage-1 product ``qkv`` (an output of this
@@ -1186,9 +1194,12 @@ def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float,
 def _block_source(blocks: int, eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float,
                   has_bias: bool, mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool) -> str:
     """``blocks`` blocks in one launch (the first with pending FFN output where ``has_pending``)."""
-    return _BLOCK_HEAD + "".join(
-        _layer_source(eps0, has_pending or layer > 0, inproj, step_eps, cap, has_bias, mh_eps, eps, iw0, iw3, iw1, iw2,
-                      paired, layer, layer == blocks - 1) for layer in range(blocks))
+    text = "".join(_layer_source(eps0, has_pending or layer > 0, inproj, step_eps, cap, has_bias, mh_eps, eps, iw0, iw3,
+                                 iw1, iw2, paired, layer, layer == blocks - 1) for layer in range(blocks))
+    for old, new in _BLOCK_SHARED:
+        assert old in text, old
+        text = text.replace(old, new)
+    return _BLOCK_HEAD + text
 
 
 def _block_step_tile(B: int, NH: int, dqk: int, dv: int) -> tuple[int, int, int, int] | None:
