@@ -1034,12 +1034,16 @@ def test_stacked_blocks_dispatch(on_cpu_too, monkeypatch, stack):
 @pytest.mark.parametrize("bits", [4, 16])
 @pytest.mark.parametrize("shape", ["7b", "small"])
 @pytest.mark.parametrize("pending", [True, False], ids=["pending", "first"])
-def test_cuda_stacked_blocks_equal_one_by_one(monkeypatch, pending, shape, bits):
-    # Three blocks in one launch against three block launches: the same bits, step after step.
+@pytest.mark.parametrize("form", ["unrolled", "loop"])
+def test_cuda_stacked_blocks_equal_one_by_one(monkeypatch, form, pending, shape, bits):
+    # Several blocks in one launch (their code written out, or block 0 and a loop over the others
+    # with the arrays from a pointer table) against a launch per block: the same bits, step after
+    # step. At 7B the blocks share their products' weights (distinct norms, gates, states, outputs).
     monkeypatch.setattr(chain, "CHAIN_MERGE", 5)
     rng = np.random.default_rng(bits + pending)
     E, F, NH, DQK, DV = (4096, 10944, 8, 256, 512) if shape == "7b" else (512, 640, 4, 64, 96)
-    L = 2 if shape == "7b" else 3
+    L = (2 if shape == "7b" else 3) if form == "unrolled" else chain.STACK_UNROLL + 2
+    assert (L > chain.STACK_UNROLL) == (form == "loop")
     from conftest import tiny_config  # noqa: PLC0415
     from xlstm_metal.cells.mlstm import mLSTMRecurrentKernelCell  # noqa: PLC0415
 
@@ -1054,7 +1058,7 @@ def test_cuda_stacked_blocks_equal_one_by_one(monkeypatch, pending, shape, bits)
     gates = "packed" if bits == 16 else "float"
     n1 = 2 * NH * DQK + 2 * NH * DV + (2 * NH if gates == "packed" else 0)
     columns = (0, NH * DQK, 2 * NH * DQK, 2 * NH * DQK + NH * DV) + ((n1 - 2 * NH, n1 - NH) if gates == "packed" else ())
-    layers = []
+    layers, shared = [], None
     for _ in range(L):
         norm0, norm, mh = RMSNorm(E), RMSNorm(E), MultiHeadLayerNorm(NH, DV)
         for mod, k in ((norm0, E), (norm, E), (mh, NH * DV)):
@@ -1063,7 +1067,9 @@ def test_cuda_stacked_blocks_equal_one_by_one(monkeypatch, pending, shape, bits)
                 else mx.array(rng.standard_normal((2 * NH, E)).astype(np.float32) * 0.02).astype(mx.bfloat16))
         ib = mx.array(rng.uniform(-3, 3, NH).astype(np.float32)).astype(mx.bfloat16)
         fb = mx.array(rng.uniform(-1, 5, NH).astype(np.float32)).astype(mx.bfloat16)
-        layers.append((norm0, arrays(n1, E), w_if, ib, fb, mh, arrays(E, NH * DV), norm, arrays(2 * F, E), arrays(E, F)))
+        if shared is None or shape != "7b":
+            shared = (arrays(n1, E), arrays(E, NH * DV), arrays(2 * F, E), arrays(E, F))
+        layers.append((norm0, shared[0], w_if, ib, fb, mh, shared[1], norm, shared[2], shared[3]))
     want_states = got_states = [None] * L
     for i in range(3):
         x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))

@@ -1140,17 +1140,19 @@ _BLOCK_ARRAYS = ("xr", "pend", "nw0", "w0", "scales0", "biases0", "wif", "ib", "
 
 
 def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float, has_bias: bool,
-                  mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool, layer: int,
+                  mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool, layer: int | None,
                   last: bool) -> str:
     """Block ``layer`` of a launch (its arrays suffixed ``_l<layer>``): its five phases, the
     counter's targets continuing from the blocks before (5 per block); a block after the first
     reads its residual stream and pending FFN output from the block before's outputs (past L1),
-    after a wait; the launch's last wait zeroes the counters."""
-    base = 5 * layer
-    target = lambda k: f"{base + k} * xl_nblk"  # noqa: E731
+    after a wait; the launch's last wait zeroes the counters. ``layer`` None: the body of the
+    loop over blocks 1, 2, ... (``xl_l``; arrays by their plain names, the block before's from
+    the pointer table, the last block's tests at run time)."""
+    loop = layer is None
+    target = (lambda k: f"(5 * xl_l + {k}) * xl_nblk") if loop else (lambda k: f"{5 * layer + k} * xl_nblk")  # noqa: E731
     p1 = _norm_source(eps0, has_pending, inproj, bool(iw0), store="qkv[(size_t)m * N + n] = static_cast<T>(sum);",
-                      wait=_wait(target(0), last=False) if layer else "")
-    if layer:  # x and pending: the outputs of the block before, written in this launch
+                      wait=_wait(target(0), last=False) if layer != 0 else "")
+    if layer != 0:  # x and pending: the outputs of the block before, written in this launch
         for old, new in (("xr[(size_t)mm * K + k]", "__ldcg(XL_PREV_OUT + (size_t)mm * K + k)"),
                          ("pend[(size_t)mm * K + k]", "__ldcg(XL_PREV_Y + (size_t)mm * K + k)")):
             assert old in p1, old
@@ -1176,11 +1178,19 @@ def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float,
     assert old in pb, old
     pb = pb.replace(old, "__ldcg(out + (size_t)mm * K + k)")  # the residual stream stage 3 wrote
     pb = _paired(pb) if paired else pb
-    pc = _down_phase(iw2, _wait(target(4), last=last), "MROWS", paired)
+    last_wait = _wait(target(4), last=last or loop)
+    if loop:
+        old = "if (atomicAdd(&xl_ffn_pass, 1u)"
+        assert old in last_wait
+        last_wait = last_wait.replace(old, "if (xl_l == XL_NL - 1 && atomicAdd(&xl_ffn_pass, 1u)")
+    pc = _down_phase(iw2, last_wait, "MROWS", paired)
     text = "".join((p1, _DONE, p2, _DONE, pa, _DONE, _merge_phase(pb, {}), _DONE, pc))
     text = text.replace("xr_shape[0]", "MROWS").replace("h_shape[0]", "MROWS")
     assert "_shape[0]" not in text.replace("w0_shape[0]", "").replace("w3_shape[0]", "").replace(
         "w_shape[0]", "").replace("w2_shape[0]", "")
+    if loop:
+        text = text.replace("XL_PREV_OUT", "XL_PTR(out, xl_l - 1)").replace("XL_PREV_Y", "XL_PTR(y, xl_l - 1)")
+        return text + "      if (xl_l < XL_NL - 1) {" + _DONE + "      }\n"
     rename = {}
     for name in _BLOCK_ARRAYS:
         for tail in ("", "_shape", "_strides"):
@@ -1191,15 +1201,70 @@ def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float,
     return text + (_DONE if not last else "")
 
 
+#: Most blocks per launch whose code is written out block after block; more run block 0's code,
+#: then one loop over the others (their arrays from a pointer table in shared memory): the
+#: unrolled source grows with the blocks (NVRTC: ~4 s per block of 7B at 4 bits on a CPU core,
+#: and spills), the loop's does not.
+STACK_UNROLL = 4
+
+
+def _loop_source(blocks: int, names: list[str], inputs: set[str], first: set[str], text: str) -> tuple[str, str]:
+    """Blocks 1 .. ``blocks``-1 as a loop over the generic block ``text``: each block's arrays
+    (``names``, the same for every block after the first) from ``xl_ptrs``, filled at the start
+    of the launch by the first threads; shapes and strides (the same for every block) from block
+    1's inputs; ``first``: the names block 0 has."""
+    na = len(names)
+    slots = [(layer * na + i, f"{name}_l{layer}") for layer in range(blocks) for i, name in enumerate(names)
+             if layer or name in first]
+    fill, per = [], 8
+    for c in range(0, len(slots), per):
+        fill.append(f"      case {c // per}: " + " ".join(f"xl_ptrs[{i}] = (void*)({expr});" for i, expr in slots[c: c + per])
+                    + " break;")
+    head = (f"    __shared__ void* xl_ptrs[{blocks * na}];\n    switch (threadIdx.x) {{\n" + "\n".join(fill)
+            + "\n      default: break;\n    }\n    __syncthreads();\n")
+    decls = []
+    for i, name in enumerate(names):
+        decls.append(f"      auto* const {name} = (decltype(&{name}_l1[0]))xl_ptrs[xl_l * {na} + {i}];")
+        for tail in ("_shape", "_strides"):
+            if name in inputs and re.search(rf"(?<![\w.]){name}{tail}\b", text):
+                decls.append(f"      const auto& {name}{tail} = {name}_l1{tail};")
+    index = {name: i for i, name in enumerate(names)}
+    text = re.sub(r"XL_PTR\((\w+), xl_l - 1\)",
+                  lambda mt: f"((decltype(&{mt.group(1)}_l1[0]))xl_ptrs[(xl_l - 1) * {na} + {index[mt.group(1)]}])", text)
+    return head, ("    #pragma unroll 1\n    for (int xl_l = 1; xl_l < XL_NL; ++xl_l) {\n" + "\n".join(decls) + "\n"
+                  + text + "    }\n").replace("XL_NL", str(blocks))
+
+
 def _block_source(blocks: int, eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float,
                   has_bias: bool, mh_eps: float, eps: float, iw0: int, iw3: int, iw1: int, iw2: int, paired: bool) -> str:
-    """``blocks`` blocks in one launch (the first with pending FFN output where ``has_pending``)."""
-    text = "".join(_layer_source(eps0, has_pending or layer > 0, inproj, step_eps, cap, has_bias, mh_eps, eps, iw0, iw3,
-                                 iw1, iw2, paired, layer, layer == blocks - 1) for layer in range(blocks))
+    """``blocks`` blocks in one launch (the first with pending FFN output where ``has_pending``):
+    written out block after block up to :data:`STACK_UNROLL`, else block 0 and a loop."""
+    args = (inproj, step_eps, cap, has_bias, mh_eps, eps, iw0, iw3, iw1, iw2, paired)
+    head = ""
+    if blocks <= STACK_UNROLL:
+        text = "".join(_layer_source(eps0, has_pending or layer > 0, *args, layer, layer == blocks - 1)
+                       for layer in range(blocks))
+    else:
+        names, inputs = _stack_names(True, inproj, has_bias, paired)
+        first = set(_stack_names(has_pending, inproj, has_bias, paired)[0])
+        body = _layer_source(eps0, True, *args, None, False)
+        assert not re.search(r"(?<![\w.])(xr|pend)\b", body)
+        head, body = _loop_source(blocks, names, inputs, first, body)
+        text = _layer_source(eps0, has_pending, *args, 0, False) + body
     for old, new in _BLOCK_SHARED:
         assert old in text, old
         text = text.replace(old, new)
-    return _BLOCK_HEAD + text
+    return _BLOCK_HEAD + head + text
+
+
+def _stack_names(pending: bool, inproj: bool, has_bias: bool, paired: bool) -> tuple[list[str], set[str]]:
+    """A block's array names in the block kernel (after the first block: ``pending``), and which are inputs."""
+    inputs = (["nw0", "w0", "scales0", "biases0"] + (["wif"] if inproj else []) + (["ib", "fb"] if has_bias else [])
+              + ["C", "n", "m", "nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2",
+                 "biases2"])
+    outputs = (["qkv"] + (["sum_out"] if pending else []) + (["xn_out"] if inproj else [])
+               + ["h", "C_out", "n_out", "m_out", "out", "y", "hs" if paired else "gate_up"])
+    return inputs + outputs, set(inputs)
 
 
 def _block_step_tile(B: int, NH: int, dqk: int, dv: int) -> tuple[int, int, int, int] | None:
