@@ -1275,9 +1275,10 @@ def _block_step_tile(B: int, NH: int, dqk: int, dv: int) -> tuple[int, int, int,
 
 
 def _block_plan(B: int, E: int, N1: int, NH: int, dqk: int, dv: int, F: int, dtype: mx.Dtype, group_size: int,
-                bits: int) -> dict | None:
+                bits: int, blocks: int = 1) -> dict | None:
     """:func:`block_quantized_matmul`'s schedule, or None where it could deadlock or not fit (as
-    :func:`_tail_plan`, with stage 1's staged rows and the step's shared memory added)."""
+    :func:`_tail_plan`, with stage 1's staged rows, the step's shared memory and, for ``blocks``
+    beyond :data:`STACK_UNROLL`, the pointer table added)."""
     tail = _tail_plan(B, E, NH * dv, F, dtype, group_size, bits)
     tile = _block_step_tile(B, NH, dqk, dv)
     if tail is None or tile is None:
@@ -1287,7 +1288,8 @@ def _block_plan(B: int, E: int, N1: int, NH: int, dqk: int, dv: int, F: int, dty
     tx, td, vec, rb = tile
     nred = max(8 * tx * vec, 256)
     pool = max(tail["pool"], sr0 * E)
-    smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 2 * 32 * 4 + 64 + 4 * (2 * dqk + nred + 8)
+    table = 8 * 36 * blocks if blocks > STACK_UNROLL else 0  # (at most 36 arrays a block)
+    smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 2 * 32 * 4 + 64 + 4 * (2 * dqk + nred + 8) + table
             + sum(sr * (k // group_size) * 8 for sr, k, iw in
                   ((sr0, E, iw0), (tail["sr3"], NH * dv, tail["iw3"]), (tail["sr1"], E, tail["iw1"]),
                    (tail["sr2"], F, tail["iw2"])) if iw))
@@ -1412,7 +1414,12 @@ def stack_quantized_matmul(blocks: list) -> list:
     group_size, bits = arrays[3:]
     F = arrays[0].shape[0] // 2
     N = down[0].shape[0]
-    plan = _block_plan(B, E, N1, NH, dqk, dv, F, T, group_size, bits)
+    plan = _block_plan(B, E, N1, NH, dqk, dv, F, T, group_size, bits, L)
+    if plan is None:  # the pointer table does not fit beside the rest: in halves
+        half = L // 2
+        first = stack_quantized_matmul(blocks[:half])
+        rest = [(first[-1][0], first[-1][1], *args[2:]) for args in blocks[half:]]
+        return first + stack_quantized_matmul(rest)
     iw0, iw3, iw1, iw2, paired = plan["iw0"], plan["iw3"], plan["iw1"], plan["iw2"], plan["paired"]
     has_pending, has_bias = pending is not None, i_bias is not None
     capf = float(cap) if cap is not None else 0.0
