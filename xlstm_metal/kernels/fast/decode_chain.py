@@ -1107,7 +1107,10 @@ _BLOCK_SHARED = (("__shared__ float s_warp[32];", "float* s_warp = xl_swarp;"),
 # the residual stream's dtype), its packed input the stage-1 product ``qkv`` (an output of this
 # launch: read past L1), the gate product's x the normed x stage 1 writes.
 _STEP_RENAME = {"ST": "SST", "TX": "STX", "TD": "STD", "V": "SV", "RB": "SRB", "LOAD4": "SLOAD4", "STREAM": "SSTREAM",
-                "E": "SE", "y": "qkv", "x": "xn_out", "w": "wif", "w_strides": "wif_strides"}
+                "E": "SE", "y": "qkv", "x": "xn_out", "w": "wif", "w_strides": "wif_strides",
+                # the state's arrays named apart from the products' locals (n, m)
+                "C": "st_C", "n": "st_n", "m": "st_m", "n_strides": "st_n_strides", "m_strides": "st_m_strides",
+                "C_out": "st_C_out", "n_out": "st_n_out", "m_out": "st_m_out"}
 
 
 def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str) -> str:
@@ -1119,7 +1122,11 @@ def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str)
             ("const int ty = threadIdx.y;", "const int ty = static_cast<int>(threadIdx.x) / STX;"),
             ("load_rows(blockIdx.x, ty);  // before anything else\n",
              "load_rows(blockIdx.x, ty);  // before anything else\n" + wait),
-            ("blockIdx.x", "xl_bid"), ("gridDim.x", "xl_nblk")]
+            ("blockIdx.x", "xl_bid"), ("gridDim.x", "xl_nblk"),
+            # loop counters named apart from the gate weights (w, renamed below)
+            ("for (int w = 0; w < NSUM; ++w) num += s_red[w * COLS + col];",
+             "for (int wr = 0; wr < NSUM; ++wr) num += s_red[wr * COLS + col];"),
+            ("for (int w = 0; w < NW; ++w) qn_all += s_qn[w];", "for (int wr = 0; wr < NW; ++wr) qn_all += s_qn[wr];")]
     if inproj:
         subs += [("x_strides[0]", "SE"), ("x_strides[2]", "1")]
     for old, new in subs:
@@ -1134,9 +1141,9 @@ def _step_phase(eps: float, cap: float, has_bias: bool, inproj: bool, wait: str)
 
 
 #: The block kernel's arrays, each named with its layer's suffix in a launch of several blocks.
-_BLOCK_ARRAYS = ("xr", "pend", "nw0", "w0", "scales0", "biases0", "wif", "ib", "fb", "C", "n", "m", "nw3", "w3",
+_BLOCK_ARRAYS = ("xr", "pend", "nw0", "w0", "scales0", "biases0", "wif", "ib", "fb", "st_C", "st_n", "st_m", "nw3", "w3",
                  "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2", "biases2", "qkv", "sum_out",
-                 "xn_out", "h", "C_out", "n_out", "m_out", "out", "y", "hs", "gate_up")
+                 "xn_out", "h", "st_C_out", "st_n_out", "st_m_out", "out", "y", "hs", "gate_up")
 
 
 def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float, cap: float, has_bias: bool,
@@ -1222,16 +1229,15 @@ def _loop_source(blocks: int, names: list[str], inputs: set[str], first: set[str
                     + " break;")
     head = (f"    __shared__ void* xl_ptrs[{blocks * na}];\n    switch (threadIdx.x) {{\n" + "\n".join(fill)
             + "\n      default: break;\n    }\n    __syncthreads();\n")
-    decls = []
-    for i, name in enumerate(names):
-        decls.append(f"      auto* const {name} = (decltype(&{name}_l1[0]))xl_ptrs[xl_l * {na} + {i}];")
-        for tail in ("_shape", "_strides"):
-            if name in inputs and re.search(rf"(?<![\w.]){name}{tail}\b", text):
-                decls.append(f"      const auto& {name}{tail} = {name}_l1{tail};")
+    # each use reads the table (a barrier ends each phase: no pointer stays live across the block)
     index = {name: i for i, name in enumerate(names)}
     text = re.sub(r"XL_PTR\((\w+), xl_l - 1\)",
                   lambda mt: f"((decltype(&{mt.group(1)}_l1[0]))xl_ptrs[(xl_l - 1) * {na} + {index[mt.group(1)]}])", text)
-    return head, ("    #pragma unroll 1\n    for (int xl_l = 1; xl_l < XL_NL; ++xl_l) {\n" + "\n".join(decls) + "\n"
+    for name, i in index.items():
+        for tail in ("_shape", "_strides"):
+            text = re.sub(rf"(?<![\w.]){name}{tail}\b", f"{name}_l1{tail}", text) if name in inputs else text
+        text = re.sub(rf"(?<![\w.]){name}\b(?!_l1)", f"((decltype(&{name}_l1[0]))xl_ptrs[xl_l * {na} + {i}])", text)
+    return head, ("    #pragma unroll 1\n    for (int xl_l = 1; xl_l < XL_NL; ++xl_l) {\n"
                   + text + "    }\n").replace("XL_NL", str(blocks))
 
 
@@ -1260,10 +1266,10 @@ def _block_source(blocks: int, eps0: float, has_pending: bool, inproj: bool, ste
 def _stack_names(pending: bool, inproj: bool, has_bias: bool, paired: bool) -> tuple[list[str], set[str]]:
     """A block's array names in the block kernel (after the first block: ``pending``), and which are inputs."""
     inputs = (["nw0", "w0", "scales0", "biases0"] + (["wif"] if inproj else []) + (["ib", "fb"] if has_bias else [])
-              + ["C", "n", "m", "nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2",
-                 "biases2"])
+              + ["st_C", "st_n", "st_m", "nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2",
+                 "scales2", "biases2"])
     outputs = (["qkv"] + (["sum_out"] if pending else []) + (["xn_out"] if inproj else [])
-               + ["h", "C_out", "n_out", "m_out", "out", "y", "hs" if paired else "gate_up"])
+               + ["h", "st_C_out", "st_n_out", "st_m_out", "out", "y", "hs" if paired else "gate_up"])
     return inputs + outputs, set(inputs)
 
 
@@ -1430,8 +1436,8 @@ def stack_quantized_matmul(blocks: list) -> list:
         pend_here = has_pending if first else True
         names = ((["xr"] if first else []) + (["pend"] if first and has_pending else [])
                  + ["nw0", "w0", "scales0", "biases0"] + (["wif"] if inproj else []) + (["ib", "fb"] if has_bias else [])
-                 + ["C", "n", "m", "nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2", "scales2",
-                    "biases2"])
+                 + ["st_C", "st_n", "st_m", "nw3", "w3", "scales3", "biases3", "nw", "w", "scales", "biases", "w2",
+                    "scales2", "biases2"])
         if l_state is None:
             l_state = _decode.zero_state(B, NH, dqk, dv, mx.float32)
         in_arrays += (([x] if first else []) + ([pending] if first and has_pending else [])
@@ -1439,7 +1445,7 @@ def stack_quantized_matmul(blocks: list) -> list:
                       + [*l_state, l_mh.weight, *l_out[:3], l_norm.weight, *l_arrays[:3], *l_down[:3]])
         inputs += [f"{name}_l{layer}" for name in names]
         names = (["qkv"] + (["sum_out"] if pend_here else []) + (["xn_out"] if inproj else [])
-                 + ["h", "C_out", "n_out", "m_out", "out", "y", "hs" if paired else "gate_up"])
+                 + ["h", "st_C_out", "st_n_out", "st_m_out", "out", "y", "hs" if paired else "gate_up"])
         outputs += [f"{name}_l{layer}" for name in names]
         shapes += ([(B, 1, N1)] + ([(B, 1, E)] if pend_here else []) + ([(B, 1, E)] if inproj else [])
                    + [(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1), (B, 1, E), (B, 1, N),
