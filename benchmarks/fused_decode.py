@@ -227,6 +227,9 @@ def main() -> None:
         # several whole blocks per launch (decode_chain.CHAIN_STACK)
         fused += [(f"fused decode kernels, chain, {n} blocks per launch", True, True, residual, skinny_default,
                    step_default, {"merge": 5, "paired": 1, "stack": n}) for n in (2, 4, 8, 16, 32)]
+        fused += [("fused decode kernels, chain, 32 blocks per launch, 2 blocks per SM", True, True, residual,
+                   skinny_default, step_default, {"merge": 5, "paired": 1, "stack": 32,
+                                                  "resident": {4: 2, 8: 2, 16: 2}})]
         fused += [(f"fused decode kernels, chain, K in {n} shares", True, True, residual, skinny_default, step_default,
                    {"split": {4: n, 8: n, 16: n}}) for n in (2, 4, 8)]
         # every width: 2 weight chunks in flight, 3 blocks per SM, 396 blocks walking tiles (S7R3
