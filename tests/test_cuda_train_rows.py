@@ -271,8 +271,10 @@ def test_traced_step_routes_swiglu_and_output_cell_through_the_kernels(monkeypat
     assert calls == [("norm", (2, NH, 32, E // NH), (2, 32, E)), ("swiglu", (2, 32, 2 * F))] * 2
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     flat, ref = dict(tree_flatten(grads)), dict(tree_flatten(ref))
+    # Float32 round-off of sums taken in another order: per array 1e-4 of its largest entry
+    # (the forget-gate bias's two entries sum over every position and differ by ~1.4e-5 on CPU).
     for k, g in ref.items():
-        assert float(mx.max(mx.abs(flat[k] - g))) <= 1e-5 * float(mx.max(mx.abs(g))) + 1e-12, k
+        assert float(mx.max(mx.abs(flat[k] - g))) <= 1e-4 * float(mx.max(mx.abs(g))) + 1e-12, k
     # Outside the traced step (inference, the plain training step) neither runs.
     calls.clear()
     model(x)
