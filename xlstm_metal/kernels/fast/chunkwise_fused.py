@@ -504,7 +504,7 @@ _STATES_SOURCE = """
                 // 16,384 tokens, round S8R1.) Split from the fragments into the warp's staging tile
                 // (rows of 2 x 32 bf16 + 8 padding: conflict-free), then 16-byte pieces: piece
                 // q = lane + 32 u is row q / 8, bytes 16 (q % 8).. of its line.
-                static_assert(JT == 32, "split entering states: 32-column tiles");
+                static_assert(!CSPLIT || JT == 32, "split entering states: 32-column tiles");  // checked even where discarded (the kernel is no template)
                 auto stg = reinterpret_cast<__nv_bfloat16 (*)[72]>(&cst[warp][0][0]);
                 #pragma unroll
                 for (int nt = 0; nt < JT / 8; ++nt) {
