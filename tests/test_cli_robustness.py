@@ -100,3 +100,153 @@ def test_readme_stop_newlines_stops_at_the_first_blank_line(capsys, monkeypatch)
     assert main(["generate", "--prompt", "-", "--temp", "0", "-n", "120", "--stop", r"\n\n"]) == 0
     out = capsys.readouterr().out
     assert out == full[: full.index("\n\n")] + "\n"
+
+
+# ---------------------------------------------------------------------- bad input, every subcommand
+# In-process: main() returns 2 for a UsageError; argparse exits with SystemExit(2).
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_rejected(argv, capsys, *words):
+    code, err = run_main(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and "error: " in err, err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "-p", "hi", "-n", "1"],
+    ["bench", "--shape", "125m"],
+    ["train", "nothing.txt", "--out", "run"],
+    ["mad", "--arch", "mlstm", "--epochs", "0"],
+    ["evolve", "--budget", "10", "--out", "ev"],
+    ["tune", "--objective", "speed", "--out", "t"],
+], ids=lambda argv: argv[0])
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seed_outside_mlx_range_is_a_usage_error(argv, seed, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written; if it were, here
+    assert_rejected([*argv, "--seed", seed], capsys, "--seed", seed)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_keys_rejects_seeds_mlx_cannot_take():
+    from xlstm_metal.generation.sampling import make_keys
+
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must be in"):
+            make_keys(seed, 1)
+    assert make_keys(2**64 - 1, 1).shape == (1, 2)
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+    return path
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--val-fraction", "1.5", ["--val-fraction", "1.5"]),
+    ("--val-fraction", "-0.1", ["--val-fraction"]),
+    ("--keep", "-1", ["keep must be >= 0"]),
+])
+def test_train_out_of_range_settings(flag, value, words, text_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert_rejected(["train", text_data, "--out", out, "--steps", "1", flag, value], capsys, *words)
+    assert not out.exists()
+
+
+def test_train_default_preset_is_not_shadowed_by_a_directory(tmp_path, monkeypatch):
+    # `xlstm-metal train ... --out tiny` once, then any run from that directory: `--config`
+    # defaults to the preset "tiny", not to the directory of that name.
+    from xlstm_metal.cli.train import PRESETS, _config_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert _config_dict("tiny") == dict(PRESETS["tiny"])
+    with pytest.raises(Exception, match="is a directory"):
+        _config_dict("tiny/")  # a path that is plainly the directory still names it
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me\n")
+    return path
+
+
+def test_output_under_a_file_is_refused_before_any_work(a_file, tmp_path, capsys):
+    records = tmp_path / "samples.jsonl"
+    records.write_text('{"text": "hello world"}\n')
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"kind": "decode", "batch": 1, "length": 2, "tok_s": 10.0}\n')
+    under = a_file / "sub"
+    for argv in (["judge", "--outputs", records, "--out", under],
+                 ["plot", bench, "--out", under / "p.png"],
+                 ["mad", "--arch", "mlstm", "--tasks", "in_context_recall", "--epochs", "1", "--out", under],
+                 ["evolve", "--budget", "10", "--out", under],
+                 ["tune", "--objective", "speed", "--shape", "125m", "--trials", "1", "--out", under]):
+        assert_rejected(argv, capsys, str(under), "is not a writable directory")
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_plot_over_a_directory_is_refused(tmp_path, capsys):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"kind": "decode", "batch": 1, "length": 2, "tok_s": 10.0}\n')
+    target = tmp_path / "figure.png"
+    target.mkdir()
+    (target / "inside").write_text("x")
+    assert_rejected(["plot", bench, "--out", target, "--overwrite"], capsys, "is a directory")
+    assert (target / "inside").read_text() == "x"
+
+
+@pytest.mark.parametrize("temp", ["nan", "inf"])
+def test_serve_temperature_must_be_finite(temp, tmp_path, capsys):
+    assert_rejected(["serve", "--temp", temp, "--port", "0", "--model", tmp_path / "none"], capsys, "--temp")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "x.json", ""])
+def test_tune_profile_name_is_a_plain_name(name, tmp_path, capsys, monkeypatch, tiny_model_dir):
+    profiles = tmp_path / "profiles" / "dir"
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(profiles))
+    argv = ["tune", "--objective", "speed", "--shape", tiny_model_dir / "config.json", "--trials", "1",
+            "--prefill-length", "8", "--decode-tokens", "1", "--no-progress", "--out", tmp_path / "t",
+            "--profile-name", name]
+    assert_rejected(argv, capsys, "--profile-name")
+    assert not (tmp_path / "profiles").exists() and not (tmp_path / "t").exists()
+
+
+def test_evolve_start_is_checked(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert_rejected(["evolve", "--budget", "10", "--out", out, "--start", "mlstm,nope"], capsys,
+                    "--start nope", "no architecture")
+    assert_rejected(["evolve", "--budget", "10", "--out", out, "--engine", "optuna", "--start", "mlstm"], capsys,
+                    "--start", "--engine star")
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("blocks: [{spec: mlstm, params: {num_heads: 3}}]\n")
+    assert_rejected(["evolve", "--budget", "10", "--out", out, "--start", odd], capsys,
+                    "block 0: num_heads 3 is not one of the genome's")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["mad", "--arch", "mlstm"], ["evolve", "--budget", "10", "--out", "ev"]],
+                         ids=["mad", "evolve"])
+@pytest.mark.parametrize("tasks", ["", ","])
+def test_empty_task_list_is_a_usage_error(command, tasks, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_rejected([*command, "--tasks", tasks, "--epochs", "0"], capsys, "names no task")
+
+
+def test_mlx_lm_corrupt_weights_is_a_usage_error(tiny_model_dir, capsys):
+    pytest.importorskip("mlx_lm")
+    (tiny_model_dir / "model.safetensors").write_bytes(os.urandom(5000))
+    assert_rejected(["mlx-lm", "generate", "--model", tiny_model_dir, "--prompt", "hi"], capsys,
+                    "model.safetensors")

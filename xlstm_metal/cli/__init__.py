@@ -43,6 +43,37 @@ def read_text_file(path: str | Path, label: str) -> str:
         raise UsageError(f"cannot read {label} {path}: {err.strerror or err}") from None
 
 
+#: Seeds MLX (mx.random.key / seed) and numpy accept: 0 .. 2**64 - 1.
+SEED_LIMIT = 2**64
+
+
+def seed_value(text: str) -> int:
+    """argparse type of ``--seed``: an integer in 0 .. 2**64 - 1 (others fail in MLX's RNG)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in 0..{SEED_LIMIT - 1}, got {value}")
+    return value
+
+
+def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
+    """``path`` (expanded) when it can be written, before any work starts: a directory to create
+    or fill (``directory``) must not be a file, a file must not be a directory, and the nearest
+    existing ancestor must be a writable directory. UsageError naming ``label`` otherwise."""
+    path = Path(path).expanduser()
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{label} {path} is a file, not a directory")
+    if not directory and path.is_dir():
+        raise UsageError(f"{label} {path} is a directory, not a file")
+    start = path if directory else path.parent
+    existing = next((p for p in (start, *start.parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise UsageError(f"{label} {path} cannot be created: {existing} is not a writable directory")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xlstm_metal import __version__
 

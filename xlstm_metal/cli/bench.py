@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..monitor import current_job
-from . import UsageError
+from . import UsageError, seed_value
 from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 
@@ -70,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="quantization group size (default 64; implies --q-bits 4 when that is not given)")
     p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
     add_profile_argument(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     from ..distributed import add_parallel_argument
 

@@ -20,7 +20,11 @@ import sys
 from pathlib import Path
 
 from ..monitor import current_job
-from . import UsageError
+from . import UsageError, check_output_path, seed_value
+
+
+#: Architectures in the first population unless --start says otherwise.
+DEFAULT_START = "mlstm,attention,hybrid"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,10 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "(default: in_context_recall)")
     p.add_argument("--preset", choices=("tiny", "paper"), default="tiny", help="MAD preset (default: tiny)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's training epochs per task")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search, data and initialisation (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="seed of the search, data and initialisation (default: 0)")
     p.add_argument("--min-blocks", type=int, default=2, help="fewest blocks of a candidate (default: 2)")
     p.add_argument("--max-blocks", type=int, default=6, help="most blocks of a candidate (default: 6)")
-    p.add_argument("--start", default="mlstm,attention,hybrid",
+    p.add_argument("--start", default=None,
                    help="architectures in the first population (default: mlstm,attention,hybrid; '' for none)")
     p.add_argument("--engine", choices=("star", "optuna"), default="star",
                    help="star: STAR-style mutation and crossover of genomes (default); optuna: the tuning "
@@ -50,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, write_outputs
+    from ..lab.genome import genome_of
+    from ..lab.library import load_arch
     from ..lab.mad import PRESETS, task_names
 
     try:
@@ -66,13 +73,19 @@ def run(args) -> int:
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
+    check_output_path(out, "--out", directory=True)
     if (out / "summary.json").exists() and not args.overwrite:
         raise UsageError(f"{out} holds a search already; pass --overwrite to replace it")
     preset = PRESETS[args.preset]
     vocab = max(preset.task(t).settings["vocab_size"] for t in tasks)
-    start = [s for s in args.start.split(",") if s.strip()]
+    if args.start is not None and args.engine != "star":
+        raise UsageError("--start seeds the first population of --engine star; --engine optuna samples its own")
+    start = [s.strip() for s in (DEFAULT_START if args.start is None else args.start).split(",") if s.strip()]
+    for name in start:  # each one must load and be a genome (evolve would skip it silently)
+        try:
+            genome_of(load_arch(name))
+        except ValueError as err:  # WiringError included
+            raise UsageError(f"--start {name}: {err}") from None
 
     job, scored = current_job(), [0]  # `xlstm-metal top`; after each candidate a memory-watchdog safe point
 

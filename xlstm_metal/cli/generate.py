@@ -11,7 +11,7 @@ from typing import Any
 
 from ..jsonfiles import read_json_object
 from ..monitor import current_job
-from . import UsageError, read_text_file
+from . import UsageError, read_text_file, seed_value
 from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 DESCRIPTION = """\
@@ -39,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
     parser.add_argument("--min-p", type=float, help="drop tokens below min_p * top probability")
     parser.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already seen (1 = off)")
-    parser.add_argument("--seed", type=int, help="random seed (reproducible sampling)")
+    parser.add_argument("--seed", type=seed_value, help="random seed (reproducible sampling)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable; \\n, \\t, \\r and \\\\ are read as "
                              "newline, tab, carriage return and backslash); EOS always stops")

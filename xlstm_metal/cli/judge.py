@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ..jsonfiles import read_jsonl
-from . import UsageError
+from . import UsageError, check_output_path
 
 RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
                  "repeated_4gram_share", "longest_repeated_span", "chars", "words", "tokens")
@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import CheckpointError, load
     from ..training.data import atomic_write_text
 
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file")
+    out = check_output_path(args.out, "--out", directory=True)
     targets = [out / "ratings.jsonl", out / "ratings.csv"]
     if any(t.exists() for t in targets) and not args.overwrite:
         raise UsageError(f"{out} already holds ratings; pass --overwrite to replace them")

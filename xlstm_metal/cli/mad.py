@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..monitor import current_job
-from . import UsageError
+from . import UsageError, check_output_path, seed_value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "fuzzy_in_context_recall, noisy_in_context_recall, selective_copying, compression, memorization")
     p.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
                    help="tiny: minutes per task on a 2-core CPU; paper: MAD-Lab's settings (default: tiny)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the data and the initialisation (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON (a list: one object per task with task, accuracy, ...)")
@@ -83,8 +83,7 @@ def run(args) -> int:
     label = _arch_label(args.arch)
     out = Path(args.out) if args.out else Path("mad-runs") / f"{label}-{args.preset}-seed{args.seed}"
     results_path, plot_path = out / "results.json", out / f"accuracy.{args.plot_format}"
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
+    check_output_path(out, "--out", directory=True)
     if results_path.exists() and not args.overwrite:
         raise UsageError(f"{results_path} exists; pass --overwrite to replace it")
 

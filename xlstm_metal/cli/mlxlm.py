@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         module.main()
     except (ValueError, FileNotFoundError) as err:  # mlx-lm's messages for bad paths and settings
         raise UsageError(f"mlx-lm {args.mlx_lm_command}: {err}") from None
+    except RuntimeError as err:
+        if not str(err).startswith("[load"):  # mx.load on a corrupt or truncated weight file
+            raise
+        raise UsageError(f"mlx-lm {args.mlx_lm_command}: cannot read the weights: {err}") from None
     finally:
         sys.argv = saved
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import UsageError
+from . import UsageError, check_output_path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if out.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise PlotError(f"--out must end in .png, .svg or .pdf, got {out.name}")
+        check_output_path(out, "--out", directory=False)
         if out.exists() and not args.overwrite:
             raise PlotError(f"{out} exists; pass --overwrite to replace it")
         fig = plot_inputs(args.inputs, args.title)

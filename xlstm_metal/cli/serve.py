@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from . import UsageError
@@ -55,8 +56,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.prompt_cache_size < 0:
         raise UsageError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
-    if args.temp < 0:
-        raise UsageError(f"--temp must be >= 0, got {args.temp}")
+    if not (args.temp >= 0 and math.isfinite(args.temp)):
+        raise UsageError(f"--temp must be a finite number >= 0, got {args.temp}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 

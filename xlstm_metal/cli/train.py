@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
-from . import UsageError
+from . import UsageError, seed_value
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
     o.add_argument("--grad-clip", type=float, help="global gradient-norm clip, 0 = off (default 1.0)")
     o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (weights stay float32; default float32); use float32 on CPUs")
-    o.add_argument("--seed", type=int, help="seed of initialisation, data order and sampling (default 0)")
+    o.add_argument("--seed", type=seed_value, help="seed of initialisation, data order and sampling (default 0)")
     o.add_argument("--recompute", choices=["none", "head", "mlstm", "ffn", "blocks"],
                    help="recompute activations in the backward pass instead of keeping them (same losses, less "
                         "memory, more compute): the LM head and loss; with them the mLSTM or the FFN half of "
@@ -101,7 +101,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
     r.add_argument("--eval-batches", type=int, help="validation batches per pass (default 16)")
     r.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
-    r.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
+    r.add_argument("--keep", type=int, help="checkpoints kept (default 2; 0 keeps all)")
     r.add_argument("--log-every", type=int, help="steps between metrics.jsonl records (default 10)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint with its saved settings and data "
@@ -160,7 +160,9 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
 # ------------------------------------------------------------------------------ helpers
 def _config_dict(spec: str) -> dict:
     path = Path(spec).expanduser()
-    if path.suffix == ".json" or path.exists():
+    # A preset name wins over a directory of that name (a run called `tiny` in the working
+    # directory); a file of that name is read, so a config.json can still be called `tiny`.
+    if path.suffix == ".json" or path.is_file() or (path.exists() and spec not in PRESETS):
         return read_json_object(path, UsageError)
     if spec in PRESETS:
         return dict(PRESETS[spec])
@@ -335,6 +337,8 @@ def run(args) -> int:
         cfg.validate()
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if not 0 <= val_fraction < 1:  # before the data is read and a tokenizer trained
+        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if group is not None and cfg.batch_size % group.size():
         raise UsageError(f"the batch size ({cfg.batch_size}) is the global batch and must be divisible by the "
                          f"number of processes ({group.size()})")

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import UsageError
+from . import UsageError, check_output_path, seed_value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="trial budget (default: population x generations, in either mode)")
     s.add_argument("--population", type=int, default=10, help="trials per generation (ga)")
     s.add_argument("--generations", type=int, default=5, help="generations (ga)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_value, default=0)
     s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out, and a saved profile of the same name")
@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("tune needs Optuna: pip install 'xlstm-metal[tune]'") from None
     out = Path(args.out).expanduser()
     try:
+        check_output_path(out, "--out", directory=True)
         check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
     except SweepError as err:
         raise UsageError(str(err)) from None
@@ -190,7 +191,10 @@ def run(args: argparse.Namespace) -> int:
                 shape_config(args.shape)
             except (FileNotFoundError, ValueError) as err:
                 raise UsageError(f"--shape: {err}") from None
-        name = args.profile_name or _device_slug()
+        name = _device_slug() if args.profile_name is None else args.profile_name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith(".json"):
+            raise UsageError(f"--profile-name must be a plain name (letters, digits, '.', '_', '-'; no path "
+                             f"and no .json), got {name!r}")
         if name in shipped_profile_names():
             raise UsageError(f"--profile-name {name!r} is a shipped profile's name; choose another")
         profile_path = user_profile_dir() / f"{name}.json"

@@ -67,6 +67,9 @@ def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
         seeds = [int(s) for s in seed]
         if len(seeds) != batch_size:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size}")
+    bad = [s for s in seeds if not 0 <= s < 2**64]
+    if bad:
+        raise ValueError(f"seed must be in 0..{2**64 - 1}, got {bad[0]}")
     return mx.stack([mx.random.key(s) for s in seeds])
 
 

@@ -101,12 +101,20 @@ def genome_of(arch: dict[str, Any]) -> Genome:
         op_name = "slstm" if spec == "slstm_2024_block" else spec
         if op_name not in OPERATORS:
             raise ValueError(f"block {index}: {spec!r} is not an operator of the genome ({', '.join(OPERATORS)})")
-        heads = HEADS.index(params["num_heads"]) if op_name in _HEADED else 0
-        kv = KV_GROUPS.index(params["num_heads"] // params["kv_heads"]) if op_name in _KV else 0
+        heads = _gene(HEADS, params["num_heads"], "num_heads", index) if op_name in _HEADED else 0
+        kv = _gene(KV_GROUPS, params["num_heads"] // params["kv_heads"], "num_heads / kv_heads", index) \
+            if op_name in _KV else 0
         qk = int(bool(params.get("share_qk"))) if op_name in _KV else 0
-        exp = EXPANSIONS.index(params["ffn_proj_factor"]) if op_name == "swiglu" else 0
+        exp = _gene(EXPANSIONS, params["ffn_proj_factor"], "ffn_proj_factor", index) if op_name == "swiglu" else 0
         genome.append((OPERATORS.index(op_name), heads, kv, qk, exp))
     return normalise(genome)
+
+
+def _gene(values: tuple, value: Any, what: str, index: int) -> int:
+    """The index of ``value`` among a gene's ``values``; ValueError naming the block otherwise."""
+    if value not in values:
+        raise ValueError(f"block {index}: {what} {value!r} is not one of the genome's ({', '.join(map(str, values))})")
+    return values.index(value)
 
 
 def random_genome(rng: np.random.Generator, num_blocks: int) -> Genome:

@@ -302,13 +302,16 @@ PRESETS = {
 
 
 def task_names(text: str | None) -> list[str]:
-    """Task names from a comma list (None: all). ValueError naming an unknown one."""
-    if not text:
+    """Task names from a comma list (None: all). ValueError naming an unknown one, or for a list
+    naming none (``--tasks ''`` is no request for all six)."""
+    if text is None:
         return list(TASKS)
     names = [t.strip().replace("-", "_") for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in PAPER_TASKS]
-    if unknown or not names:
-        raise ValueError(f"unknown MAD task(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(TASKS)}")
+    if unknown:
+        raise ValueError(f"unknown MAD task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if not names:
+        raise ValueError(f"--tasks {text!r} names no task; choose from {', '.join(TASKS)}")
     return names
 
 

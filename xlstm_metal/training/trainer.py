@@ -113,6 +113,8 @@ class TrainingConfig:
         for name in ("batch_size", "eval_every", "eval_batches", "save_every", "log_every", "probe_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep < 0:
+            problems.append(f"keep must be >= 0 (0 keeps every checkpoint), got {self.keep}")
         if self.steps is None and self.max_time is None:
             problems.append("give the number of steps or a time budget (max_time)")
         if self.steps is not None and self.steps < 1:
