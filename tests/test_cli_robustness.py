@@ -250,3 +250,13 @@ def test_mlx_lm_corrupt_weights_is_a_usage_error(tiny_model_dir, capsys):
     (tiny_model_dir / "model.safetensors").write_bytes(os.urandom(5000))
     assert_rejected(["mlx-lm", "generate", "--model", tiny_model_dir, "--prompt", "hi"], capsys,
                     "model.safetensors")
+
+
+def test_memory_watchdog_help_prints_one_percent_sign(capsys):
+    # argparse %-formats argument help but prints a group's description as written.
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "or N% of the device's memory" in text and "N%%" not in text
+    assert "else 80%)" in text

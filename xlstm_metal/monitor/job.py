@@ -375,7 +375,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The memory watchdog's flags (every job command has them)."""
     group = parser.add_argument_group(
         "memory watchdog", "Stops the job cleanly (exit code 3) at the hard limit; at the soft limit clears "
-        "MLX's cache and shrinks prefill pieces. Sizes: 12GB, 512MB, or N%% of the device's memory.")
+        "MLX's cache and shrinks prefill pieces. Sizes: 12GB, 512MB, or N% of the device's memory.")
     group.add_argument("--mem-soft", metavar="SIZE",
                        help="soft limit (default: $XLSTM_MEM_SOFT_MB / _PCT, else 80%%)")
     group.add_argument("--mem-hard", metavar="SIZE",
