@@ -43,12 +43,10 @@ def read_text_file(path: str | Path, label: str) -> str:
         raise UsageError(f"cannot read {label} {path}: {err.strerror or err}") from None
 
 
-#: Seeds MLX (mx.random.key / seed) and numpy accept: 0 .. 2**64 - 1.
-SEED_LIMIT = 2**64
-
-
 def seed_value(text: str) -> int:
     """argparse type of ``--seed``: an integer in 0 .. 2**64 - 1 (others fail in MLX's RNG)."""
+    from ..generation.sampling import SEED_LIMIT
+
     try:
         value = int(text)
     except ValueError:

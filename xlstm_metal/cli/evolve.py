@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..monitor import current_job
 from . import UsageError, check_output_path, seed_value
@@ -72,8 +71,7 @@ def run(args) -> int:
         raise UsageError(f"--min-blocks {args.min_blocks} exceeds --max-blocks {args.max_blocks}")
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
-    out = Path(args.out)
-    check_output_path(out, "--out", directory=True)
+    out = check_output_path(args.out, "--out", directory=True)
     if (out / "summary.json").exists() and not args.overwrite:
         raise UsageError(f"{out} holds a search already; pass --overwrite to replace it")
     preset = PRESETS[args.preset]

@@ -81,9 +81,9 @@ def run(args) -> int:
         return 0
 
     label = _arch_label(args.arch)
-    out = Path(args.out) if args.out else Path("mad-runs") / f"{label}-{args.preset}-seed{args.seed}"
+    out = check_output_path(args.out or Path("mad-runs") / f"{label}-{args.preset}-seed{args.seed}", "--out",
+                            directory=True)
     results_path, plot_path = out / "results.json", out / f"accuracy.{args.plot_format}"
-    check_output_path(out, "--out", directory=True)
     if results_path.exists() and not args.overwrite:
         raise UsageError(f"{results_path} exists; pass --overwrite to replace it")
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
-from . import UsageError, seed_value
+from . import UsageError, check_output_path, seed_value
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -140,13 +140,8 @@ def _flag(name: str) -> str:
 def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite: bool) -> None:
     """Every output path is usable before any work starts (UsageError naming it otherwise)."""
     for flag, path in (("--out", out), ("--export", export)):
-        if path is None:
-            continue
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{flag} {path} is a file, not a directory")
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-            raise UsageError(f"{flag} {path} cannot be created: {existing} is not a writable directory")
+        if path is not None:
+            check_output_path(path, flag, directory=True)
     if not resume and out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
     if export is not None:

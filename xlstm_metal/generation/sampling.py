@@ -55,6 +55,10 @@ class SamplingParams:
 
 
 # ---------------------------------------------------------------------- keys
+#: Seeds mx.random.key accepts: 0 .. 2**64 - 1 (others raise a TypeError inside MLX).
+SEED_LIMIT = 2**64
+
+
 def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
     """Per-row PRNG keys [B, 2] uint32. An int seed gives row r the key of ``seed + r`` (so
     row 0 of a batch draws exactly what a single run with ``seed`` draws); a sequence gives
@@ -67,9 +71,9 @@ def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
         seeds = [int(s) for s in seed]
         if len(seeds) != batch_size:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size}")
-    bad = [s for s in seeds if not 0 <= s < 2**64]
+    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
     if bad:
-        raise ValueError(f"seed must be in 0..{2**64 - 1}, got {bad[0]}")
+        raise ValueError(f"seed must be in 0..{SEED_LIMIT - 1}, got {bad[0]}")
     return mx.stack([mx.random.key(s) for s in seeds])
 
 
