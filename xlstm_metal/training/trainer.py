@@ -16,8 +16,12 @@ import hashlib
 import json
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -261,45 +265,81 @@ def limit_command_buffers() -> None:
 
 def build_thread_enabled() -> bool:
     """Whether a training loop builds the next step's graph on a second host thread while this
-    step's command buffers are queued (:class:`StepBuilder`; ``XLSTM_METAL_TRAIN_BUILD_THREAD=1``,
-    default off)."""
-    return os.environ.get("XLSTM_METAL_TRAIN_BUILD_THREAD", "0") == "1"
+    step's command buffers are queued (:class:`StepBuilder`; ``XLSTM_METAL_TRAIN_BUILD_THREAD``
+    1 on, 0 off; default on where MLX runs CUDA, off elsewhere).
+
+    On CUDA it pays (H200, 1.3b, 4 x 2,048, one compiled step, blocks of 12 steps alternating
+    the plain and the threaded loop; session 13, benchmarks/NOTES.md): 162.4 ms per step against
+    171.8 (three pairs, S13R2), 163.8 against 179.6 (S13R1), 160.2 against 167.2 (S13R3). Not
+    measured on Metal; on the CPU the host builds while it also computes, so there it stays off."""
+    setting = os.environ.get("XLSTM_METAL_TRAIN_BUILD_THREAD", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    from ..kernels.fast.step import cuda_available
+
+    return cuda_available()
 
 
 class StepBuilder:
-    """One background host thread that builds train steps' graphs (calls of the compiled step)
-    while the calling thread queues the previous step's GPU work.
+    """Builds train steps' graphs (calls of the compiled step) on a background host thread while
+    the calling thread queues the previous step's GPU work.
 
     ``mx.async_eval`` returns only once all but MLX's last ~10 command buffers of a step are
     queued (it releases the GIL meanwhile), and the next step's graph takes the host 8-20 ms to
     build (the compiled step's replay): built after async_eval, it shows as GPU idle time when it
-    outlasts those buffers. Built here, it overlaps the queueing instead. The thread uses the
-    caller's default device and stream, so the compiled step finds its cached trace (the cache
-    is keyed by the default stream) and its ops go to the stream the caller evaluates.
+    outlasts those buffers. Built here, it overlaps the queueing instead. Each build runs with the
+    default device and stream the builder was made under, so the compiled step finds its cached
+    trace (the cache is keyed by the default stream) and its ops go to the stream the caller
+    evaluates.
+
+    Every builder shares one daemon thread that lives as long as the process: with MLX 0.32.4 a
+    process in which a thread that had built MLX graphs ended (a thread pool's, joined) aborted at
+    exit now and then ("terminate called without an active exception": 3 of 20 runs of a small
+    training loop on the CPU, and on CUDA after the H200 benchmark), never with the thread kept.
 
     The caller owns the ordering: it must not read or write the model's or optimizer's state
     while a build is running (the compiled step replaces their arrays), and it passes
     ``mx.async_eval`` the arrays of the step it queues (:func:`state_arrays`), not the state
     trees, which the build may already have advanced."""
 
+    _queue: queue.SimpleQueue | None = None
+    _lock = threading.Lock()
+
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
+        self._device = mx.default_device()
+        self._stream = mx.default_stream(self._device)
+        self._futures: list[Future] = []
+        with StepBuilder._lock:
+            if StepBuilder._queue is None:
+                StepBuilder._queue = queue.SimpleQueue()
+                threading.Thread(target=_serve_builds, args=(StepBuilder._queue,), name="xlstm-step-build",
+                                 daemon=True).start()
 
-        device = mx.default_device()
-        stream = mx.default_stream(device)
-
-        def init():
-            mx.set_default_device(device)
-            mx.set_default_stream(stream)
-
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="xlstm-step-build", initializer=init)
-
-    def submit(self, fn: Callable, *args):
+    def submit(self, fn: Callable, *args) -> Future:
         """``fn(*args)`` on the builder thread: a ``concurrent.futures.Future``."""
-        return self._pool.submit(fn, *args)
+        future: Future = Future()
+        self._futures = [f for f in self._futures if not f.done()] + [future]
+        StepBuilder._queue.put((future, self._device, self._stream, fn, args))
+        return future
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Wait for the builds submitted to this builder (the thread stays for the next one)."""
+        futures_wait(self._futures)
+        self._futures = []
+
+
+def _serve_builds(jobs: queue.SimpleQueue) -> None:
+    """The builder thread's loop: each job runs under its builder's default device and stream."""
+    while True:
+        future, device, stream, fn, args = jobs.get()
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            mx.set_default_device(device)
+            mx.set_default_stream(stream)
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001  (handed to the caller through the future)
+            future.set_exception(err)
 
 
 def state_arrays(*trees) -> list[mx.array]:
