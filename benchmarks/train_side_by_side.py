@@ -355,8 +355,8 @@ def build_thread_ab(trainer, blocks: int, steps: int, deadline: float) -> dict:
     """``blocks`` pairs of blocks of ``steps`` steps back to back with ``trainer``'s compiled step:
     the plain loop (the next step built after this one is queued) and the loop that builds it on
     a second thread meanwhile (:class:`~xlstm_metal.training.trainer.StepBuilder`), alternated
-    (plain first), after one untimed threaded block of two steps (the builder thread traces the
-    step once: MLX's compile cache is per thread). Each block starts and ends synchronised; its
+    (plain first), after one untimed threaded and one untimed plain block of two steps (each thread
+    traces the step once: MLX's compile cache is per thread). Each block starts and ends synchronised; its
     time per step is the span over its count."""
     import mlx.core as mx
 
@@ -403,6 +403,7 @@ def build_thread_ab(trainer, blocks: int, steps: int, deadline: float) -> dict:
     result = {"blocks": []}
     try:
         block(True, 2)  # the builder thread's trace
+        block(False, 2)  # and the calling thread's (where the timed loop built every step on the builder)
         for _ in range(blocks):
             for threaded in (False, True):
                 if time.time() > deadline:
