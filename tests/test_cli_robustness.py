@@ -260,3 +260,13 @@ def test_memory_watchdog_help_prints_one_percent_sign(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "or N% of the device's memory" in text and "N%%" not in text
     assert "else 80%)" in text
+
+
+def test_tune_speed_with_corrupt_model_is_a_usage_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # Checked before the sweep: every trial would have failed on it (exit 1, the reason in trials.jsonl).
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    (tiny_model_dir / "model.safetensors").write_bytes(os.urandom(5000))
+    out = tmp_path / "t"
+    assert_rejected(["tune", "--objective", "speed", "--model", tiny_model_dir, "--trials", "1", "--prefill-length", "8",
+                     "--decode-tokens", "1", "--no-progress", "--out", out], capsys, "--model", "model.safetensors")
+    assert not out.exists()

@@ -204,6 +204,13 @@ def run(args: argparse.Namespace) -> int:
                                    metric=args.metric, prefill_length=args.prefill_length,
                                    decode_batch=args.decode_batch, decode_tokens=args.decode_tokens,
                                    repeats=args.repeats, seed=args.seed)
+        if model is not None:
+            from ..loading import CheckpointError
+
+            try:  # before the sweep: every trial would fail on it (the loaded model is the trials' cache)
+                objective._base()
+            except CheckpointError as err:
+                raise UsageError(f"--model: {err}") from None
     else:
         for flag in ("model", "shape", "profile_name"):
             if getattr(args, flag):
