@@ -247,6 +247,12 @@ def test_empty_task_list_is_a_usage_error(command, tasks, capsys, tmp_path, monk
 
 def test_mlx_lm_corrupt_weights_is_a_usage_error(tiny_model_dir, capsys):
     pytest.importorskip("mlx_lm")
+    import shutil
+
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # (without a tokenizer that is the error)
+        shutil.copy(DEFAULT_MODEL_DIR / name, tiny_model_dir / name)
     (tiny_model_dir / "model.safetensors").write_bytes(os.urandom(5000))
     assert_rejected(["mlx-lm", "generate", "--model", tiny_model_dir, "--prompt", "hi"], capsys,
                     "model.safetensors")
@@ -270,3 +276,12 @@ def test_tune_speed_with_corrupt_model_is_a_usage_error(tiny_model_dir, tmp_path
     assert_rejected(["tune", "--objective", "speed", "--model", tiny_model_dir, "--trials", "1", "--prefill-length", "8",
                      "--decode-tokens", "1", "--no-progress", "--out", out], capsys, "--model", "model.safetensors")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "fuse"])
+def test_mlx_lm_model_without_tokenizer_is_named(command, tiny_model_dir, capsys):
+    # mlx-lm's own message for it was "Either input_embeddings or prompt (or both) must be provided."
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tiny_model_dir / name).unlink(missing_ok=True)
+    argv = ["mlx-lm", command, "--model", tiny_model_dir] + (["--prompt", "hi"] if command == "generate" else [])
+    assert_rejected(argv, capsys, "has no tokenizer", "tokenizer.json")

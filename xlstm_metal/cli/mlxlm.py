@@ -69,6 +69,21 @@ def writes_our_shim(path: str | None) -> bool:
     return isinstance(config, dict) and config.get("model_file") == MLX_LM_SHIM and shim == SHIM_SOURCE
 
 
+#: Files from which transformers' AutoTokenizer (mlx-lm's loader) builds a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def missing_tokenizer(path: str) -> str | None:
+    """The message for a local checkpoint directory without a tokenizer, else None (a hub id, or
+    a directory that has one). mlx-lm loads the tokenizer from the model's directory; without
+    one its generate stops on a message about input embeddings."""
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").is_file() or any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return (f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): mlx-lm loads it from the model's "
+            f"directory; copy the tokenizer files there")
+
+
 def register_model_type() -> None:
     """Make mlx-lm's ``model_type: xlstm`` lookup find this package's model module."""
     from .. import mlx_lm_model
@@ -88,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     model = model_argument(args.mlx_lm_command, forwarded)
     if args.mlx_lm_command == "convert" and model is None and not {"-h", "--help"} & set(forwarded):
         raise UsageError("mlx-lm convert needs the model to convert: --hf-path DIR (or --model DIR)")
+    if model is not None and not {"-h", "--help"} & set(forwarded):
+        missing = missing_tokenizer(model)
+        if missing is not None:
+            raise UsageError(missing)
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved = sys.argv
