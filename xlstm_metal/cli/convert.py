@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import current_job
-from . import UsageError, read_text_file
+from . import UsageError, check_output_path, read_text_file
 
 #: Files copied from the source checkout besides the weights, config and tokenizer.json +
 #: tokenizer_config.json (save_model writes those two, with the BOS handling other tools need).
@@ -100,11 +100,7 @@ def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
             raise UsageError(f"OUT {out} already exists; pass --overwrite to replace it")
         if source_dir is not None and out.resolve() == source_dir.resolve():
             raise UsageError(f"OUT {out} is the source checkpoint; write to another directory")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot create OUT {out}: {parent} is not a writable directory")
+    check_output_path(out, "OUT", directory=True)
 
 
 def _read_check_ids(args: argparse.Namespace, source_dir: Path) -> list[int] | None:
