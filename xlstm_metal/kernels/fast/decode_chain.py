@@ -1371,7 +1371,10 @@ def block_quantized_matmul(x: mx.array, pending: mx.array | None, norm0: RMSNorm
 
 #: Most blocks one launch steps (``XLSTM_METAL_CHAIN_STACK``; with :data:`CHAIN_MERGE` 5): 1, each
 #: block its own launch; more, consecutive blocks of the same shapes in one launch
-#: (:func:`stack_quantized_matmul`, 5 grid-wide barriers per block).
+#: (:func:`stack_quantized_matmul`, 5 grid-wide barriers per block). Measured slower, so 1 stays
+#: (S13R1, H200, 7B bf16, one row, tok/s in two rounds): the default 225.4 / 214.1, the whole block
+#: per launch (CHAIN_MERGE 5) 221.8 / 204.6, 8 blocks 171.3 / 173.2, 32 blocks at 2 blocks per SM
+#: 72.6 / 87.7: the step was not launch-bound (GPU busy 97.5% of it) and the stacked kernels spill.
 CHAIN_STACK = int(os.environ.get("XLSTM_METAL_CHAIN_STACK", "1") or 1)
 
 

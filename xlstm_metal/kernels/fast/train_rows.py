@@ -479,7 +479,8 @@ _NORM_RES_RPB = 32
 def residual_norm_enabled() -> bool:
     """Whether the training step runs each block's pre-norm as :func:`residual_norm` (the
     residual's cotangent added in the norm's backward kernel; ``XLSTM_METAL_TRAIN_NORM_RESIDUAL``,
-    default off; 1: on)."""
+    default off; 1: on). Off because it measured slower: H200, 1.3b, 4 x 2,048 (S13R2), 183.3 ms
+    per step against 176.3, peak 50.5 GB against 39.1."""
     return os.environ.get("XLSTM_METAL_TRAIN_NORM_RESIDUAL", "0") == "1"
 
 
