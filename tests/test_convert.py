@@ -292,6 +292,41 @@ def test_bad_input_exits_2_and_writes_nothing(tok_ckpt, tmp_path, capsys, argv_t
     assert (names["existing"] / "keep.txt").read_text() == "mine" and names["file"].read_text() == "x"
 
 
+def test_overwrite_never_deletes_the_source_or_other_data(tok_ckpt, tmp_path, capsys):
+    """--overwrite replaces OUT as a whole: OUT holding the source, files that are no checkpoint,
+    or subdirectories is refused (it deleted them all), and nothing is touched."""
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+    outer = tmp_path / "outer"
+    shutil.copytree(tok_ckpt, outer / "src")
+    (outer / "notes.txt").write_text("mine")
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("a")
+    (data / "sub" / "b.txt").write_text("b")
+    prev = tmp_path / "prev"
+    assert convert(tok_ckpt, prev) == 0
+    (prev / "adapters").mkdir()
+    (prev / "adapters" / "adapters.safetensors").write_bytes(b"x")
+    capsys.readouterr()
+    before = tree(tmp_path)
+    for src, out, message in ((outer / "src", outer, "contains the source checkpoint"),
+                              (tok_ckpt, data, "is not a checkpoint directory"),
+                              (tok_ckpt, prev, "is not a checkpoint directory"),
+                              (tok_ckpt, tmp_path, "is not a checkpoint directory")):
+        assert convert(src, out, "--overwrite") == 2
+        assert message in capsys.readouterr().err
+        assert tree(tmp_path) == before
+    # An empty directory, and a checkpoint (a previous conversion), are replaced.
+    (tmp_path / "empty").mkdir()
+    assert convert(tok_ckpt, tmp_path / "empty", "--overwrite") == 0
+    shutil.rmtree(prev / "adapters")
+    assert convert(tok_ckpt, prev, "-q", "--overwrite") == 0
+    assert json.loads((prev / "config.json").read_text())["quantization"]["bits"] == 4
+    assert leftovers(tmp_path) == []
+
+
 def test_help_says_cpu_quantization_saves_memory_not_time(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])

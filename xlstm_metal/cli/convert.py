@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="weights sharing one scale and bias (default: 64)")
     p.add_argument("--q-recipe", metavar="RECIPE", default=None,
                    help="mixed precision: mixed-B-H or a JSON file of per-layer overrides (see below)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (an empty directory or a checkpoint, never the source's parent)")
     p.add_argument("--check", metavar="TEXTFILE", default=None,
                    help="after converting, compare SRC and OUT on this UTF-8 text (see below)")
     p.add_argument("--check-tokens", type=int, default=8192,
@@ -91,15 +91,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: Files that make a directory a checkpoint, one --overwrite may replace.
+CHECKPOINT_FILES = ("config.json", "config.yaml", "model.safetensors", "model.safetensors.index.json")
+
+
 # ------------------------------------------------------------------------------ checks
 def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
+    """OUT may be written: absent, or with --overwrite an empty directory or a checkpoint (the
+    whole directory is replaced, so never one holding the source, subdirectories or other
+    files without a checkpoint)."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UsageError(f"OUT {out} exists and is not a directory")
         if not overwrite:
             raise UsageError(f"OUT {out} already exists; pass --overwrite to replace it")
-        if source_dir is not None and out.resolve() == source_dir.resolve():
-            raise UsageError(f"OUT {out} is the source checkpoint; write to another directory")
+        if source_dir is not None:
+            source, target = source_dir.resolve(), out.resolve()
+            if target == source:
+                raise UsageError(f"OUT {out} is the source checkpoint; write to another directory")
+            if target in source.parents:
+                raise UsageError(f"OUT {out} contains the source checkpoint {source_dir}; --overwrite would "
+                                 f"delete it: write to another directory")
+        entries = sorted(out.iterdir())
+        subdirs = [p.name for p in entries if p.is_dir()]
+        if subdirs or (entries and not any((out / name).is_file() for name in CHECKPOINT_FILES)):
+            shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:5])
+            raise UsageError(
+                f"OUT {out} is not a checkpoint directory (it holds {shown}{', ...' if len(entries) > 5 else ''}); "
+                f"--overwrite replaces only a checkpoint (config.json and weights, no subdirectories): "
+                f"remove it yourself or choose another OUT"
+            )
     check_output_path(out, "OUT", directory=True)
 
 
@@ -155,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.out).expanduser()
-    _check_output(out, None, args.overwrite)  # before a download
+    local = Path(args.source).expanduser()
+    _check_output(out, local if local.is_dir() else None, args.overwrite)  # before a download
     recipe = _recipe(args)
     try:
         source_dir = resolve_model_path(args.source)
