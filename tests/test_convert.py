@@ -327,6 +327,22 @@ def test_overwrite_never_deletes_the_source_or_other_data(tok_ckpt, tmp_path, ca
     assert leftovers(tmp_path) == []
 
 
+def test_slow_tokenizer_files_are_copied_with_their_config(tok_ckpt, tmp_path, capsys):
+    """A source whose tokenizer is vocab.json + merges.txt (no tokenizer.json): OUT keeps its
+    tokenizer_config.json (the class, special tokens, chat template), which transformers needs."""
+    src = tmp_path / "src"
+    shutil.copytree(tok_ckpt, src, ignore=shutil.ignore_patterns("tokenizer.json", "tokenizer_config.json"))
+    (src / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3}))
+    (src / "merges.txt").write_text("#version: 0.2\na b\n")
+    tok_config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "model_max_length": 2048,
+                  "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    assert convert(src, tmp_path / "out", "--dtype", "bfloat16") == 0
+    out = tmp_path / "out"
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
 def test_help_says_cpu_quantization_saves_memory_not_time(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])

@@ -214,7 +214,10 @@ def run(args: argparse.Namespace) -> int:
         current_job().update(phase="save")
         tokenizer_source = source_dir if (source_dir / "tokenizer.json").is_file() else None
         save_model(model, tmp, tokenizer=tokenizer_source, overwrite=True)
-        for name in COPIED_FILES:
+        # Without tokenizer.json (a slow tokenizer: vocab.json + merges.txt, tokenizer.model)
+        # save_model writes no tokenizer_config.json: the source's is copied as it is.
+        copied = COPIED_FILES if tokenizer_source is not None else (*COPIED_FILES, "tokenizer_config.json")
+        for name in copied:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
         for path in tmp.iterdir():
