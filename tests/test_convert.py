@@ -343,6 +343,19 @@ def test_slow_tokenizer_files_are_copied_with_their_config(tok_ckpt, tmp_path, c
         assert (out / name).read_bytes() == (src / name).read_bytes()
 
 
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_source_bits_per_weight_of_a_tied_checkpoint(tmp_path, capsys, dtype):
+    """A tied checkpoint stores its LM head for transformers; the source's bits per weight count
+    it once, with or without --dtype (--dtype read the stored tensors and counted it twice)."""
+    save_model(tiny_model(2, tie_word_embeddings=True), tmp_path / "src")
+    assert "lm_head.weight" in mx.load(str(tmp_path / "src" / "model.safetensors"))
+    flags = [] if dtype is None else ["--dtype", dtype]
+    assert convert(tmp_path / "src", tmp_path / "out", *flags, "--json") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["source_bits_per_weight"] == 32.0
+    assert summary["bits_per_weight"] == (16.0 if dtype == "bfloat16" else 32.0)
+
+
 def test_help_says_cpu_quantization_saves_memory_not_time(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])

@@ -257,10 +257,17 @@ def run(args: argparse.Namespace) -> int:
 def _stored_bits_per_weight(source_dir: Path, model) -> float:
     """Bits per weight as SRC stores them: ``--dtype`` already changed the loaded model's
     (safetensors tensors load lazily, so this reads headers, not weights)."""
+    from mlx.utils import tree_flatten
+
     from ..loading import read_weights
     from ..quantization import parameter_count
 
-    stored = sum(v.nbytes for v in read_weights(source_dir).values())
+    weights = read_weights(source_dir)
+    if "lm_head.weight" not in dict(tree_flatten(model.parameters())):
+        # A tied LM head stored for transformers (our checkpoints) or listed twice (NX-AI's
+        # state dicts) is the embedding: the loaded model drops it and counts it once.
+        weights.pop("lm_head.weight", None)
+    stored = sum(v.nbytes for v in weights.values())
     return 8.0 * stored / max(parameter_count(model), 1)
 
 
