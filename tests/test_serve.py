@@ -170,6 +170,70 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, referenc
     assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[2], 8)
 
 
+HOSTILE_REQUESTS = [  # each reached the generation thread, or got no response, before the handler checked it
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "logit_bias": {"99999999": 5}}, "vocabulary"),  # segfault
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "logit_bias": {"-1": 5}}, "vocabulary"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "logit_bias": {"3": [1]}}, "logit_bias"),  # no response
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "logit_bias": {"3": 1e9}}, "-100..100"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "seed": -1}, "seed"),  # no response
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "seed": 2**64}, "seed"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 2, "temperature": NaN}', "finite"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 2, "presence_penalty": Infinity}', "finite"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "boolean"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2}, "n must be 1"),  # was one choice, silently
+    ("/v1/completions", b'{"prompt": "\xff\xfe", "max_tokens": 2}', "UTF-8"),  # no response
+    ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}', "Unicode"),  # was a 404
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "Unicode"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": "x"}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": 5},
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "stream_options": {"include_usage": "yes"}}, "stream_options"),
+]
+
+
+def test_hostile_requests_get_4xx_json_and_the_server_keeps_serving(server, reference):
+    for path, body, words in HOSTILE_REQUESTS:
+        status, answer = post(server.url, path, body, timeout=20)
+        assert status == 400, (path, body, status, answer)
+        assert isinstance(answer, dict) and words.lower() in answer["error"].lower(), (body, answer)
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)  # mlx-lm read a negative length until EOF: a hang
+    conn.request("POST", "/v1/completions", b'{"prompt": "x"}', {"Content-Length": "-1"})
+    response = conn.getresponse()
+    assert response.status == 400 and "Content-Length" in json.loads(response.read())["error"]
+    conn.close()
+    with urllib.request.urlopen(server.url + "/health") as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[2], 8)
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(server, reference):
+    """MLX's top-k refuses k >= the vocabulary; the batched generation thread died of it and
+    every later request got 'generation thread died'."""
+    greedy = {"prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    status, body = post(server.url, "/v1/completions", {**greedy, "top_k": 10**6})
+    assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 6)
+    sampled = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    texts = [post(server.url, "/v1/completions", {**sampled, "top_k": k})[1]["choices"][0]["text"] for k in (10**6, 0)]
+    assert texts[0] == texts[1]
+    status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[2], 8)
+
+
+def test_stream_options_without_include_usage_and_a_query_string(server):
+    """`stream_options: {}` ended the stream without [DONE] (mlx-lm read include_usage with []);
+    a query string (Azure-style clients add ?api-version=...) got a 404."""
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions?api-version=2024-06-01", headers={"Content-Type": "application/json"},
+        data=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+                         "stream_options": {}}).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        lines = [raw.decode().strip() for raw in response]
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]", lines[-3:]
+
+
 def test_a_disconnecting_stream_frees_its_slot(ckpt):
     """One decode slot: a client that leaves mid-stream must give it back, or the next
     request would wait for the first one's 100,000 tokens."""

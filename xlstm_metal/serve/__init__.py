@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import logging
+import math
 import os
 import threading
 from http.server import ThreadingHTTPServer
@@ -40,6 +42,13 @@ CHAT_PAGE = "chat.html"
 #: The POST endpoints of mlx-lm's server.
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
+#: Request parameters mlx-lm reads as numbers (its handler's attribute names).
+FLOAT_PARAMETERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                    "xtc_probability", "xtc_threshold")
+INT_PARAMETERS = ("max_tokens", "top_k", "num_draft_tokens", "repetition_context_size", "presence_context_size",
+                  "frequency_context_size", "top_logprobs", "seed")
+#: OpenAI's bound on a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
 
 
 class ServeError(ValueError):
@@ -176,6 +185,9 @@ class ModelProvider(mlx_server.ModelProvider):
         self.processor = None
         self.draft_model = None
         self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        #: The width of the logits (token ids a request's logit_bias and top_k may name); the
+        #: last model loaded, read by the request handlers.
+        self.vocab_size = int(model.config.vocab_size)
 
 
 def _check_messages(messages: Any) -> None:
@@ -192,6 +204,17 @@ def _check_messages(messages: Any) -> None:
         )
         if not (isinstance(content, str) or parts_ok or (content is None and message["role"] == "assistant")):
             raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+        texts = [content] if isinstance(content, str) else [p["text"] for p in content or ()]
+        for text in texts:
+            _check_unicode(text, f"messages[{index}].content")
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """JSON's \\ud800-style escapes can give a string no tokenizer can encode (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} is not valid Unicode: {err.reason} at position {err.start}") from None
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
@@ -225,13 +248,38 @@ class APIHandler(mlx_server.APIHandler):
     def do_POST(self):
         from ..monitor import current_job
 
-        if self.path not in POST_PATHS:
+        path = self.path.split("?", 1)[0]  # a query string (Azure-style clients add one) is not part of the path
+        if path not in POST_PATHS:
             self._error(404, f"not found: {self.path}")
         elif current_job().refusing():  # the memory watchdog's hard limit (see README, Monitoring)
             self._error(503, "the server is over its memory limit; retry later")
-        else:
+        elif self._read_body():
+            self.path = path
             current_job().update(phase="serve")
             super().do_POST()
+
+    def _read_body(self) -> bool:
+        """Reads the body mlx-lm's do_POST then parses (from a buffer): False, with a 400 sent,
+        for a negative Content-Length (mlx-lm would read until the client closes) or a body that
+        is not UTF-8 (mlx-lm's decode raised in the handler thread: no response at all)."""
+        length = self.headers.get("Content-Length")
+        try:
+            length = int(length) if length is not None else None
+        except ValueError:
+            return True  # mlx-lm answers 400 "Invalid Content-Length header"
+        if length is None:
+            return True  # mlx-lm answers 411
+        if length < 0:
+            self._error(400, f"Invalid Content-Length header: {length}")
+            return False
+        raw = self.rfile.read(length)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            self._error(400, f"the request body is not UTF-8: {err.reason} at byte {err.start}")
+            return False
+        self.rfile = io.BytesIO(raw)
+        return True
 
     def _not_found(self) -> None:
         self._error(404, f"not found: {self.path}")
@@ -257,19 +305,76 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile.write(body)
 
     def validate_model_parameters(self) -> None:
+        """mlx-lm's checks, and what they let through to the generation thread: booleans as
+        numbers, NaN and infinity, a top_k or logit_bias token id beyond the vocabulary (the
+        first stopped the generation thread for good, the second crashed the process), a seed
+        MLX cannot take, ``n`` other than 1 (mlx-lm returned one choice), malformed
+        ``stream_options``, ``tools`` or ``chat_template_kwargs``, and strings that are not Unicode."""
+        for name in FLOAT_PARAMETERS + INT_PARAMETERS:
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a number, not a boolean")
+        self._check_logit_bias()
         super().validate_model_parameters()
+        for name in FLOAT_PARAMETERS:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
+        vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
+        if vocab_size is not None and self.top_k >= vocab_size:
+            self.top_k = 0  # every token is in the top k: the same as no top-k (MLX's top-k refuses k >= vocabulary)
         body = self.body
+        n = body.get("n")
+        if n is not None and (isinstance(n, bool) or n != 1):
+            raise ValueError(f"n must be 1 (this server returns one choice per request), got {n!r}")
         stop = body.get("stop")
         if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) for s in stop)
         ):
             raise ValueError("stop must be a string or a list of strings")
+        for word in [stop] if isinstance(stop, str) else stop or ():
+            _check_unicode(word, "stop")
         if self.path in ("/v1/chat/completions", "/chat/completions"):
             _check_messages(body.get("messages"))
-        elif self.path == "/v1/completions" and not isinstance(body.get("prompt"), str):
-            raise ValueError("prompt must be a string")
-        if self.stream_options is not None and not isinstance(self.stream_options, dict):
-            raise ValueError("stream_options must be an object")
+        elif self.path == "/v1/completions":
+            if not isinstance(body.get("prompt"), str):
+                raise ValueError("prompt must be a string")
+            _check_unicode(body["prompt"], "prompt")
+        if self.stream_options is not None:
+            include_usage = self.stream_options.get("include_usage", False) if isinstance(
+                self.stream_options, dict) else None
+            if not isinstance(include_usage, bool):
+                raise ValueError("stream_options must be an object whose include_usage is true or false")
+            self.stream_options = {**self.stream_options, "include_usage": include_usage}
+        tools = body.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of objects")
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError("chat_template_kwargs must be an object")
+
+    def _check_logit_bias(self) -> None:
+        """logit_bias maps token ids (JSON keys: strings) to biases in -100..100, as OpenAI's."""
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError("logit_bias must be an object mapping token ids to numbers")
+        vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
+        checked = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if token < 0 or (vocab_size is not None and token >= vocab_size):
+                raise ValueError(f"logit_bias token id {token} is not in the vocabulary (0..{vocab_size - 1})"
+                                 if vocab_size is not None else f"logit_bias token id {token} is negative")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS
+            ):
+                raise ValueError(f"logit_bias values must be numbers in -100..100, got {value!r} for {key}")
+            checked[token] = float(value)
+        self.logit_bias = checked
 
     def log_message(self, format: str, *args: Any) -> None:
         logging.debug("%s - %s", self.address_string(), format % args)
