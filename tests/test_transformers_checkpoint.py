@@ -60,3 +60,37 @@ def test_our_checkpoint_loads_in_transformers(hf_model, tmp_path):
     ids = torch.tensor(np.random.default_rng(2).integers(0, 101, size=(1, 20)))
     with torch.no_grad():
         assert rel_err(reloaded(ids).logits.numpy(), hf_model(ids).logits.numpy()) <= 1e-6
+
+
+def test_tied_config_with_a_head_trained_apart_gives_transformers_logits(tmp_path):
+    """transformers' xLSTMForCausalLM never ties its LM head: a checkpoint it writes with
+    tie_word_embeddings=true (a tied model of ours fine-tuned there) holds a head of its own.
+    load_model, mlx-lm's model and a re-save all give transformers' logits (the head was
+    dropped: the embeddings gave other logits)."""
+    from xlstm_metal.loading import read_weights
+    from xlstm_metal.mlx_lm_model import Model, ModelArgs
+
+    config = HFxLSTMConfig(vocab_size=101, hidden_size=128, num_hidden_layers=2, num_heads=2, chunk_size=16,
+                           autocast_kernel_dtype="float32", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = xLSTMForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    hf.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    ids = np.random.default_rng(3).integers(0, 101, size=(1, 24))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    x = mx.array(ids.astype(np.int32))
+    ours = load_model(tmp_path / "hf")
+    assert rel_err(np.array(ours(x)[0]), ref) <= 1e-4
+    view = Model(ModelArgs.from_dict(json.loads((tmp_path / "hf" / "config.json").read_text())))
+    view.load_weights(list(view.sanitize(read_weights(tmp_path / "hf")).items()), strict=True)
+    assert rel_err(np.array(view(x)), ref) <= 1e-4
+    save_model(ours, tmp_path / "ours")
+    with torch.no_grad():
+        again = xLSTMForCausalLM.from_pretrained(tmp_path / "ours").eval()(torch.tensor(ids)).logits.numpy()
+    assert rel_err(np.array(load_model(tmp_path / "ours")(x)[0]), ref) <= 1e-4 and rel_err(again, ref) <= 1e-6

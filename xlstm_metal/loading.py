@@ -178,6 +178,23 @@ def sanitize_xlstm_large(weights: dict[str, mx.array], config: xLSTMConfig) -> d
     return out
 
 
+def lm_head_trained_apart(weights: dict[str, mx.array], config: xLSTMConfig) -> bool:
+    """True where ``config`` ties the LM head to the embeddings but the checkpoint holds an
+    ``lm_head.weight`` of its own that differs from them.
+
+    transformers' ``xLSTMForCausalLM`` never ties the two (it keeps ``tie_word_embeddings`` in
+    its config but always multiplies by ``lm_head.weight``): a tied checkpoint fine-tuned there
+    comes back with a head trained apart, and only an untied model gives its logits. Our tied
+    checkpoints store the head as an exact copy of the embeddings (for transformers): equal."""
+    if not config.tie_word_embeddings:
+        return False
+    head = weights.get("lm_head.weight")
+    embeddings = weights.get("backbone.embeddings.weight", weights.get("embedding.weight"))
+    if head is None or embeddings is None or "backbone.embeddings.scales" in weights or "lm_head.scales" in weights:
+        return False
+    return head.shape != embeddings.shape or not mx.array_equal(head, embeddings).item()
+
+
 def load_weights_strict(
     model: nn.Module, weights: dict[str, mx.array], source: str | os.PathLike,
     quantization: dict[str, Any] | None = None,
@@ -362,6 +379,8 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
         except ConfigError as err:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
     weights = read_weights(directory)
+    if kind == "large" and lm_head_trained_apart(weights, config):
+        config.tie_word_embeddings = False  # as transformers computes it; see lm_head_trained_apart
     if kind == "lab":
         from .lab.model import model_from_checkpoint as lab_model_from_checkpoint
 
