@@ -234,6 +234,31 @@ def test_stream_options_without_include_usage_and_a_query_string(server):
     assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]", lines[-3:]
 
 
+def test_stop_sequences_end_the_reply_at_the_text(server, reference):
+    """OpenAI's stop: the reply ends before the first occurrence of a stop string, whatever tokens
+    spell it. mlx-lm matched the string's own tokens, so a string spread over other tokens never
+    stopped the reply, and its text filter cut every occurrence out of a max_tokens reply."""
+    model, tokenizer = reference
+    pieces = [r.text for r in stream_generate(model, tokenizer, PROMPTS[0], max_tokens=40)]
+    full = "".join(pieces)
+    middle = len(full) // 2
+    stop = full[middle - 2:middle + 2]  # four characters around the middle, likely across tokens
+    end = full.find(stop)
+    tokens = next(i + 1 for i in range(len(pieces)) if len("".join(pieces[:i + 1])) >= end + len(stop))
+    for stops in (stop, ["never in this text \u2603", stop]):
+        status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 40, "stop": stops})
+        assert status == 200, body
+        choice = body["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (full[:end], "stop"), (stop, full)
+        assert body["usage"]["completion_tokens"] == tokens
+    events = stream_events(server.url, "/v1/completions",
+                           {"prompt": PROMPTS[0], "max_tokens": 40, "stop": stop, "stream": True})
+    assert "".join(e["choices"][0]["text"] for e in events) == full[:end]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 40, "stop": "\u2603"})
+    assert body["choices"][0] == {"index": 0, "finish_reason": "length", "text": full}
+
+
 def test_a_disconnecting_stream_frees_its_slot(ckpt):
     """One decode slot: a client that leaves mid-stream must give it back, or the next
     request would wait for the first one's 100,000 tokens."""

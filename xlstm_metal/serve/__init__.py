@@ -21,6 +21,7 @@ the new turn (BENCHMARKS.md, "Serving: prompt cache").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import io
 import json
@@ -218,13 +219,52 @@ def _check_unicode(text: str, name: str) -> None:
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
-    """mlx-lm's generator; each request's tokens are counted for `xlstm-metal top`."""
+    """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning); each
+    request's tokens are counted for `xlstm-metal top`."""
 
     def generate(self, request, generation_args, progress_callback=None):
         from ..monitor import current_job
 
+        stop_words = [word for word in generation_args.stop_words if word]
+        if stop_words:  # matched here, on the text; mlx-lm's token-level match is left the EOS ids
+            generation_args = dataclasses.replace(generation_args, stop_words=[])
         ctx, responses = super().generate(request, generation_args, progress_callback)
+        if stop_words:
+            responses = _stop_at_text(ctx, responses, stop_words)
         return ctx, current_job().track_requests(responses)
+
+
+def _stop_at_text(ctx, responses, stop_words: list[str]):
+    """``responses`` up to the first stop word in their text, which ends the reply without it.
+
+    mlx-lm matched stop words on token ids (``tokenizer.encode(word)``), which misses a word the
+    model spells with other tokens (" syntax" mid-text is one token, "syntax" alone two), while
+    its text filter removed every occurrence from the reply: "stop": "syntax" gave the whole
+    max_tokens reply with each "syntax" cut out, finish_reason "length". Here the text is held
+    back while its end could begin a stop word; the response whose text completes one carries
+    the text before it, and the reply ends there (the handler then reports finish_reason
+    "stop"). Each response keeps its own token and logprobs.
+    """
+    text, sent = "", 0  # the reply's text so far; how much of it went out
+    for response in responses:
+        searched = max(0, len(text) - max(map(len, stop_words)) + 1)
+        text += response.text
+        hits = [i for i in (text.find(word, searched) for word in stop_words) if i >= 0]
+        if hits:
+            ctx.stop()  # the generation thread drops the request
+            yield dataclasses.replace(response, text=text[sent:min(hits)], finish_reason=None)
+            return
+        if response.finish_reason is not None:
+            # The handler drops the text of a "stop" response (an EOS): what was held goes out
+            # with a response that does not stop, and the reply ends ("stop" is the handler's default).
+            reason = response.finish_reason
+            yield dataclasses.replace(response, text=text[sent:], finish_reason=None if reason == "stop" else reason)
+            return
+        held = max((n for word in stop_words for n in range(min(len(word) - 1, len(text)), 0, -1)
+                    if text.endswith(word[:n])), default=0)
+        safe = len(text) - held
+        yield dataclasses.replace(response, text=text[sent:safe])
+        sent = safe
 
 
 class APIHandler(mlx_server.APIHandler):
