@@ -161,3 +161,24 @@ def test_scales_missing_from_weights_are_listed(tmp_path):
     mx.save_safetensors(str(tmp_path / "q" / "model.safetensors"), weights)
     with pytest.raises(CheckpointError, match=r"missing tensor.*\n.*proj_down\.scales"):
         load_model(tmp_path / "q")
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_dequantize_rounds_once_to_the_scales_dtype(dtype):
+    """Half-precision scales: each weight is scale * q + bias exactly, rounded once (MLX's
+    dequantize in bf16 rounded the product and the sum: 1-ulp errors in ~half the weights; it is
+    what `convert SRC OUT --dtype bfloat16` of a quantized SRC writes)."""
+    model = tiny_model(4)
+    model.set_dtype(dtype)
+    quantize_model(model, bits=4, group_size=32)
+    layer = model.backbone.blocks[0].ffn.proj_down
+    embeddings = model.backbone.embeddings
+    expected = {}
+    for name, module in (("proj_down", layer), ("embeddings", embeddings)):
+        w = mx.dequantize(module.weight, module.scales.astype(mx.float32), module.biases.astype(mx.float32),
+                          module.group_size, module.bits)
+        expected[name] = w.astype(dtype)
+    dequantize_model(model)
+    for name, module in (("proj_down", model.backbone.blocks[0].ffn.proj_down), ("embeddings", model.backbone.embeddings)):
+        assert module.weight.dtype == dtype
+        assert mx.array_equal(module.weight, expected[name]).item(), name
