@@ -384,3 +384,21 @@ def test_quantized_output_loads_in_mlx_lm_with_equal_logits(tok_ckpt, tmp_path):
     assert "backbone.blocks.0.mlstm_layer.igate_preact" not in kinds
     ids = tokenizer.encode("the model reads a file")
     np.testing.assert_array_equal(np.array(model(mx.array([ids]))), np.array(load_model(out)(mx.array([ids]))[0]))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_quantized_source_to_half_precision_rounds_each_weight_once(tmp_path, dtype):
+    """A quantized SRC with float32 scales converted with --dtype: each weight is its exact
+    dequantized value rounded once (the scales and biases were cast first, adding their rounding
+    error to every weight)."""
+    model = tiny_model(5)
+    quantize_model(model, bits=4, group_size=32)
+    save_model(model, tmp_path / "q")
+    assert convert(tmp_path / "q", tmp_path / "out", "--dtype", dtype) == 0
+    out = load_model(tmp_path / "out")
+    expected = dict(tree_flatten(dequantize_model(model).parameters()))
+    got = dict(tree_flatten(out.parameters()))
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == getattr(mx, dtype), key
+        assert mx.array_equal(got[key], value.astype(getattr(mx, dtype))).item(), key

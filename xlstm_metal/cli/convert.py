@@ -181,22 +181,31 @@ def run(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     try:
         source_dir = resolve_model_path(args.source)
-        read_config_dict(source_dir)  # a directory without config fails here, before loading
+        source_config = read_config_dict(source_dir)  # a directory without config fails here, before loading
     except CheckpointError as err:
         raise UsageError(f"cannot read SRC {args.source}: {err}") from None
     _check_output(out, source_dir, args.overwrite)
     check_ids = _read_check_ids(args, source_dir)
 
     print(f"reading {source_dir}", file=sys.stderr)
+    # A quantized source is read as stored and dequantized before --dtype casts it (casting its
+    # scales and biases first rounds them: every weight then carries their error); a float one
+    # is cast as it is read (peak memory: the result's size).
+    quantized_source = isinstance(source_config.get("quantization", source_config.get("quantization_config")), dict)
     try:
-        model = load_model(source_dir, dtype=args.dtype)
+        model = load_model(source_dir, dtype=None if quantized_source else args.dtype)
     except CheckpointError as err:
         raise UsageError(f"cannot load SRC {args.source}: {err}") from None
-    source_bpw = bits_per_weight(model) if args.dtype is None else _stored_bits_per_weight(source_dir, model)
+    source_bpw = bits_per_weight(model) if args.dtype is None or quantized_source \
+        else _stored_bits_per_weight(source_dir, model)
     if quantization_config(model) is not None:
         print("the source is quantized: dequantizing" + (" (quantizing again adds error)" if recipe else ""),
               file=sys.stderr)
         dequantize_model(model)
+        if args.dtype is not None:
+            import mlx.core as mx
+
+            model.set_dtype(getattr(mx, args.dtype))
     if recipe is not None:
         from ..quantization import plan
 
