@@ -182,3 +182,26 @@ def test_dequantize_rounds_once_to_the_scales_dtype(dtype):
     for name, module in (("proj_down", model.backbone.blocks[0].ffn.proj_down), ("embeddings", model.backbone.embeddings)):
         assert module.weight.dtype == dtype
         assert mx.array_equal(module.weight, expected[name]).item(), name
+
+
+def test_true_layer_entry_takes_the_top_level_settings(tmp_path):
+    """mlx-lm reads a per-layer `true` as "quantized with the top-level bits and group size"
+    (nn.quantize with the config's settings); it built a 4-bit, group 64 layer here, and the
+    strict load failed on 8-bit weights."""
+    import mlx_lm
+
+    model = tiny_model(6)
+    quantize_model(model, bits=8, group_size=32)
+    expected, _ = model(IDS)
+    save_model(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        config[key]["backbone.blocks.0.mlstm_layer.q"] = True
+        config[key]["backbone.blocks.1.ffn.proj_down"] = True
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    loaded = load_model(tmp_path / "q")
+    layer = loaded.backbone.blocks[0].mlstm_layer.q
+    assert (layer.bits, layer.group_size) == (8, 32)
+    assert mx.array_equal(loaded(IDS)[0], expected)
+    theirs, _ = mlx_lm.utils.load_model(tmp_path / "q", trust_remote_code=True)
+    assert mx.array_equal(theirs(IDS), expected)

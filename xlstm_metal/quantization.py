@@ -338,7 +338,8 @@ def apply_quantization(
     """Replace ``model``'s layers by quantized ones as a checkpoint describes, before its
     ``weights`` are loaded (the placeholder weights are replaced then).
 
-    A layer named in ``quantization`` takes its entry (``false`` keeps it in float); any other
+    A layer named in ``quantization`` takes its entry (``false`` keeps it in float, ``true`` takes
+    the top-level bits and group size, as mlx-lm reads it); any other
     quantizable layer whose ``.scales`` the checkpoint holds (mlx-lm's rule) is quantized with
     the bits and group size its packed weight and scales have (``quantization`` may be None:
     the shapes say it all), else where its ``.weight`` is packed (uint32) with the defaults, so
@@ -349,6 +350,8 @@ def apply_quantization(
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         if path in quantization:
             entry = quantization[path]
+            if entry is True:  # mlx-lm: quantized with the top-level bits and group size
+                return {"group_size": quantization["group_size"], "bits": quantization["bits"], "mode": "affine"}
             return dict(entry) if isinstance(entry, dict) else bool(entry)
         if not hasattr(module, "to_quantized"):
             return False
