@@ -326,7 +326,10 @@ def _run_check(source_dir: Path, out: Path, ids: list[int], args: argparse.Names
     candidate = load_model(out, dtype=args.check_dtype)
     if mx.default_device() == mx.cpu:
         # Same weights, same products to float round-off; MLX's CPU quantized matmul takes 15-200x
-        # float32's time over a text's many rows (BENCHMARKS.md).
+        # float32's time over a text's many rows (BENCHMARKS.md), and in bf16 it is ~10x less
+        # accurate than a bf16 float matmul: a quantized SRC is dequantized too, so both sides
+        # measure their stored weights with the same arithmetic.
+        dequantize_model(reference)
         dequantize_model(candidate)
     total = len(ids) - 1 + 2 * args.check_greedy
     job = current_job()  # `xlstm-metal top` shows the check's progress
