@@ -90,3 +90,18 @@ def test_packaged_model_opens_in_transformers():
     for text in TEXTS:
         assert auto(text).input_ids == ours.encode(text)
     assert ours.encode("x")[0] == ours.bos_token_id == 0
+
+
+def test_chat_template_keeps_every_role():
+    """The server's fallback chat format: developer reads as system, other roles (tool) as a
+    'Role: content' line instead of vanishing; user and assistant turns as before."""
+    import jinja2
+
+    from xlstm_metal.checkpoint_files import chat_template
+
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "6 x 7?"},
+                {"role": "assistant", "content": "Let me check."}, {"role": "tool", "content": "42"},
+                {"role": "user", "content": "So?"}]
+    text = jinja2.Environment().from_string(chat_template(True)).render(
+        messages=messages, bos_token="<s>", eos_token="</s>")
+    assert text == "<s>Be brief.\n\nUser: 6 x 7?\nAssistant:Let me check.</s>\nTool: 42\nUser: So?\nAssistant:"

@@ -96,6 +96,8 @@ def insert_bos(backend, bos_id: int) -> None:
 def chat_template(add_bos: bool) -> str:
     """A plain chat format (``User: ...`` / ``Assistant:``) for models without one; the server
     uses it (checkpoints do not get it: mlx-lm's generate would then wrap every prompt in it).
+    OpenAI's ``developer`` role reads as ``system``; any other role (``tool`` ...) as a
+    ``Role: content`` line (it was dropped).
 
     Shaped for prompt caching: the assistant's text follows ``Assistant:`` exactly as the model
     generated it and ends with EOS, as generation does, so a client that re-sends the whole
@@ -104,10 +106,11 @@ def chat_template(add_bos: bool) -> str:
     """
     return ("{{ bos_token }}" if add_bos else "") + (
         "{%- for message in messages %}"
-        "{%- if message['role'] == 'system' %}{{ message['content'] }}{{ '\\n\\n' }}"
+        "{%- if message['role'] in ('system', 'developer') %}{{ message['content'] }}{{ '\\n\\n' }}"
         "{%- elif message['role'] == 'user' %}{{ 'User: ' }}{{ message['content'] }}{{ '\\nAssistant:' }}"
         "{%- elif message['role'] == 'assistant' %}{{ message['content'] }}"
         "{%- if eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+        "{%- else %}{{ message['role'] | capitalize }}{{ ': ' }}{{ message['content'] }}{{ '\\n' }}"
         "{%- endif %}{%- endfor %}"
     )
 
