@@ -253,3 +253,28 @@ def test_lora_three_iterations_change_the_output(ckpt, tmp_path):
 
     fused = load_model(fused_dir)
     assert rel_err(np.array(fused(ids)[0]), np.array(tuned(ids))) <= 1e-5
+
+
+def test_cli_loads_a_resave_that_lost_our_model_file(ckpt, tmp_path, capsys):
+    """transformers' save_pretrained keeps config.json's model_file but not the file: through
+    `xlstm-metal mlx-lm` such a checkpoint loads as model type xlstm and generates what the
+    checkpoint with its file does (mlx-lm alone asked for trust_remote_code, then had no file)."""
+    import shutil
+
+    from xlstm_metal.checkpoint_files import MLX_LM_SHIM
+    from xlstm_metal.cli import main
+
+    resaved = tmp_path / "resaved"
+    shutil.copytree(ckpt, resaved)
+    (resaved / MLX_LM_SHIM).unlink()
+    if "model_type" not in json.loads((ckpt / "config.json").read_text()):  # the 2024 config: the file is needed
+        assert main(["mlx-lm", "generate", "--model", str(resaved), "--prompt", "a", "--max-tokens", "2"]) == 2
+        assert "custom module" in capsys.readouterr().err
+        return
+    texts = []
+    for path in (ckpt, resaved):
+        code = main(["mlx-lm", "generate", "--model", str(path), "--prompt", PROMPTS[0], "--max-tokens", "8"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        texts.append(out.split("==========")[1])
+    assert texts[0] == texts[1] and texts[0].strip()

@@ -8,7 +8,8 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
   checkpoints (transformers' format, NX-AI/xLSTM-7b) load in mlx-lm without a model file.
 - A checkpoint written by xlstm-metal names its model file (``xlstm_mlx_lm.py``); when that file
   is exactly the one this package writes (it only imports this package's model code),
-  ``--trust-remote-code`` is added for it. Any other model file still needs the flag.
+  ``--trust-remote-code`` is added for it. Any other model file still needs the flag; a config
+  naming our file where the directory lacks it (a transformers re-save) loads as model type xlstm.
 """
 
 from __future__ import annotations
@@ -91,6 +92,31 @@ def register_model_type() -> None:
     sys.modules.setdefault("mlx_lm.models.xlstm", mlx_lm_model)
 
 
+def tolerate_missing_model_file() -> None:
+    """Let mlx-lm load a checkpoint whose config names our model file without holding it
+    (transformers' ``save_pretrained`` keeps config.json's ``model_file`` but not the file): such
+    a config with a ``model_type`` (xLSTM-Large's) loses ``model_file`` as mlx-lm reads it, so the
+    registered ``xlstm`` model type (what the file would import) builds the model. A 2024 config,
+    which has no model type, still needs the file."""
+    import mlx_lm.utils as utils
+
+    from ..checkpoint_files import MLX_LM_SHIM
+
+    read = utils.load_config
+    if getattr(read, "tolerates_missing_model_file", False):
+        return
+
+    def load_config(model_path):
+        config = read(model_path)
+        if (config.get("model_file") == MLX_LM_SHIM and "model_type" in config
+                and not (Path(model_path) / MLX_LM_SHIM).is_file()):
+            config.pop("model_file")
+        return config
+
+    load_config.tolerates_missing_model_file = True
+    utils.load_config = load_config
+
+
 def run(args: argparse.Namespace) -> int:
     import xlstm_metal  # noqa: F401  (binds OpenBLAS before mlx-lm imports mlx)
 
@@ -99,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UsageError(f"mlx-lm is not installed ({err}); pip install 'xlstm-metal[serve]'") from None
     register_model_type()
+    tolerate_missing_model_file()
     forwarded = list(args.mlx_lm_args)
     model = model_argument(args.mlx_lm_command, forwarded)
     if args.mlx_lm_command == "convert" and model is None and not {"-h", "--help"} & set(forwarded):
