@@ -271,3 +271,21 @@ def test_2024_mixed_model_batched_chat_and_info():
     assert info["num_blocks"] == 3 and sum(info["block_types"].values()) == 3
     assert info["mlstm_num_heads"] == 4 and info["slstm_num_heads"] == 4 and info["slstm_at"] == [1]
     assert info["parameters"] == sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def test_array_prompts_are_checked_like_lists(model):
+    """An MLX array prompt used to skip the vocabulary check (an id past the embedding crashed
+    the process with a segmentation fault) and float ids were truncated silently; NumPy arrays
+    and NumPy integers raised a bare TypeError."""
+    runner = xLSTMRunner(model)
+    want = runner.generate(PROMPT[:6], max_tokens=4)
+    for bad in (mx.array([3, 500]), mx.array([[3, -1]]), np.array([3, 97])):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            runner.encode(bad)
+    with pytest.raises(ValueError, match="must be integers"):
+        runner.encode(mx.array([3.5, 2.0]))
+    with pytest.raises(ValueError, match="must be integers"):
+        runner.generate([3, 2.0])
+    assert runner.generate(np.array(PROMPT[:6]), max_tokens=4) == want
+    assert runner.generate([np.int64(i) for i in PROMPT[:6]], max_tokens=4) == want
+    assert runner.generate([np.array(PROMPT[:6]), mx.array(PROMPT[:6])], max_tokens=4) == [want, want]

@@ -14,11 +14,12 @@ output equals what the prompt gets alone (sampling uses per-row keys, see sampli
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -147,6 +148,16 @@ def _split_stop(stop: Stop) -> tuple[set[int], list[str]]:
     return ids, strings
 
 
+def _is_token_id(value: Any) -> bool:
+    """An int, NumPy integer or the like (not a bool, not a float)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_array(value: Any) -> bool:
+    """An MLX or NumPy array (anything with ndim, shape and tolist), not a list."""
+    return isinstance(value, mx.array) or all(hasattr(value, a) for a in ("ndim", "shape", "tolist"))
+
+
 def _concat_states(states: list[Any]) -> Any:
     """Per-row states (list per block of tuples of [1, ...] arrays) -> one [B, ...] state."""
     if len(states) == 1:
@@ -228,21 +239,29 @@ class xLSTMRunner:
         return {eos} if isinstance(eos, int) else set(eos)
 
     def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
-        """A prompt (text, id list or 1-D / [1, S] array) -> list of ids."""
+        """A prompt (text, id list, or 1-D / [1, S] integer array: MLX or NumPy) -> list of ids,
+        each checked against the vocabulary (an id outside it would index past the embedding)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids or a tokenizer")
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        if isinstance(prompt, mx.array):
+        if _is_array(prompt):
             if prompt.ndim == 2 and prompt.shape[0] == 1:
                 prompt = prompt[0]
             if prompt.ndim != 1:
                 raise ValueError(f"an array prompt must be 1-D or [1, S], got shape {tuple(prompt.shape)}")
-            return [int(i) for i in prompt.tolist()]
-        ids = [int(i) for i in prompt]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Iterable):
+            raise TypeError(f"a prompt must be text, a list of token ids or an array, got {type(prompt).__name__}")
+        ids = list(prompt)
+        wrong = [i for i in ids if not _is_token_id(i)]
+        if wrong:
+            raise ValueError(f"token ids must be integers, got {wrong[0]!r}")
+        ids = [int(i) for i in ids]
+        vocab = getattr(self.config, "vocab_size", None)
+        bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return ids
 
     def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
@@ -433,8 +452,8 @@ class xLSTMRunner:
         ``temperature=0`` the result is greedy. ``seed``: an int gives row r the seed
         ``seed + r``; a list gives one seed per row.
         """
-        single = isinstance(prompts, (str, mx.array)) or (
-            isinstance(prompts, Sequence) and all(isinstance(i, int) for i in prompts) and len(prompts) > 0
+        single = isinstance(prompts, str) or _is_array(prompts) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(i, numbers.Number) for i in prompts)
         )
         rows = [self.encode(prompts)] if single else [self.encode(p) for p in prompts]
         if not rows:
