@@ -42,3 +42,20 @@ def test_bad_generation_config_is_named(sampling_ckpt, capsys):
     code, _, err = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "x")
     assert code == 2
     assert "--top-p must be in (0, 1], got 3" in err and "generation_config.json" in err
+
+
+def test_generation_config_is_read_as_transformers_reads_it(sampling_ckpt, runner, capsys):  # noqa: F811
+    """do_sample alone samples at transformers' defaults (temperature 1, top-k 50; it ran greedy
+    here), and repetition_penalty applies to greedy search too (it was dropped without do_sample)."""
+    gen = sampling_ckpt / "generation_config.json"
+    gen.write_text(json.dumps({"do_sample": True, "max_new_tokens": 10}))
+    greedy = expected_text(runner, "the quick", max_tokens=10)
+    code, out, _ = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "the quick", "--seed", "4")
+    assert code == 0
+    sampled = expected_text(runner, "the quick", max_tokens=10, temperature=1.0, top_k=50, seed=4)
+    assert out == sampled + "\n" and sampled != greedy
+    gen.write_text(json.dumps({"do_sample": False, "repetition_penalty": 3.0, "max_new_tokens": 12}))
+    code, out, _ = run_cli(capsys, "generate", "-m", str(sampling_ckpt), "-p", "the the the the")
+    assert code == 0
+    penalised = expected_text(runner, "the the the the", max_tokens=12, repetition_penalty=3.0)
+    assert out == penalised + "\n" and penalised != expected_text(runner, "the the the the", max_tokens=12)

@@ -34,8 +34,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "generation_config.json, else 256)")
     parser.add_argument("--temperature", "--temp", type=float,
                         help="sampling temperature; 0 = greedy (default: the model's generation_config.json "
-                             "when it sets do_sample, else 0)")
-    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+                             "when it sets do_sample (1 if it gives none, as in transformers), else 0)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off; default: the model's "
+                        "generation_config.json when it sets do_sample (50 if it gives none, as in "
+                        "transformers), else 0)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
     parser.add_argument("--min-p", type=float, help="drop tokens below min_p * top probability")
     parser.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already seen (1 = off)")
@@ -72,6 +74,9 @@ BUILTIN_SAMPLING = dict(max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min
 #: generation_config.json key -> our argument, for the sampling keys (read when do_sample is true).
 _GENERATION_CONFIG_KEYS = dict(temperature="temperature", top_k="top_k", top_p="top_p", min_p="min_p",
                                repetition_penalty="repetition_penalty")
+#: What transformers samples with when a generation_config.json sets do_sample but leaves these out
+#: (GenerationConfig._get_default_generation_params): temperature 1 and top-k 50.
+TRANSFORMERS_SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=50)
 
 
 def _check_sampling_values(values: dict[str, Any], source: str) -> None:
@@ -96,15 +101,20 @@ def _check_sampling_values(values: dict[str, Any], source: str) -> None:
 
 
 def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None:
-    """Fill sampling arguments the user left out: the model's generation_config.json (its
-    sampling keys only when it sets do_sample), then BUILTIN_SAMPLING."""
+    """Fill sampling arguments the user left out: the model's generation_config.json read as
+    transformers reads it, then BUILTIN_SAMPLING. transformers applies the file's
+    repetition_penalty with greedy search too; the other sampling keys count only when it sets
+    do_sample, and then a temperature or top_k it leaves out is transformers' 1.0 or 50."""
     from_file: dict[str, Any] = {}
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
         config = read_json_object(path, UsageError)
         if config.get("max_new_tokens") is not None:
             from_file["max_tokens"] = config["max_new_tokens"]
+        if config.get("repetition_penalty") is not None:
+            from_file["repetition_penalty"] = config["repetition_penalty"]
         if config.get("do_sample"):
+            from_file.update(TRANSFORMERS_SAMPLING_DEFAULTS)
             from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
                               if config.get(key) is not None})
         _check_sampling_values(from_file, f" (from {path})")
