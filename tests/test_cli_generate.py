@@ -239,3 +239,21 @@ def test_runner_from_path_loads_model_and_tokenizer(ckpt, runner):
     prompt = mx.array([half.tokenizer.encode("the quick")])
     logits, _ = half.model(prompt)
     assert ids[0] == int(mx.argmax(logits[0, -1]).item())
+
+
+def test_chat_seed_seeds_the_conversation_not_every_turn(ckpt, runner, capsys, monkeypatch):
+    """--seed in chat: turn 1 (and the first turn after /reset) starts from the seed, later turns
+    continue the session's keys. Each turn used to restart from the seed, replaying the same
+    random draws every turn."""
+    flags = dict(max_tokens=8, temperature=1.5)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the quick\nthe quick\n/reset\nthe quick\n"))
+    code, out, _ = run_cli(capsys, "chat", "-m", str(ckpt), "-n", "8", "--temp", "1.5", "--seed", "7")
+    assert code == 0
+    ref = xLSTMRunner(runner.model, runner.tokenizer)
+    r1 = "".join(c.text for c in ref.stream("the quick\n", keep_state=True, seed=7, **flags))
+    sep = "" if r1.endswith("\n") or not r1 else "\n"
+    r2 = "".join(c.text for c in ref.stream(sep + "the quick\n", keep_state=True, **flags))  # keys continue
+    assert out == "".join(r if r.endswith("\n") else r + "\n" for r in (r1, r2, r1)) + "\n"
+    reseeded = xLSTMRunner(runner.model, runner.tokenizer)
+    list(reseeded.stream("the quick\n", keep_state=True, seed=7, **flags))
+    assert r2 != "".join(c.text for c in reseeded.stream(sep + "the quick\n", keep_state=True, seed=7, **flags))

@@ -2,9 +2,10 @@
 
 Each turn feeds only its own tokens (the state already holds the transcript), so a turn costs
 the same however long the conversation is. The turn is fed as typed plus a newline; the model
-is a plain language model, so its reply continues the transcript.
-Commands: /reset (forget the conversation), /quit; Ctrl-D quits; Ctrl-C stops a reply (at the
-prompt, it quits).
+is a plain language model, so its reply continues the transcript. --seed seeds the
+conversation once (again after /reset): later turns continue its random stream.
+Commands: /reset (forget the conversation), /help, /quit (or /exit); Ctrl-D quits; Ctrl-C stops
+a reply (at the prompt, it quits).
 """
 
 from __future__ import annotations
@@ -102,10 +103,13 @@ def chat_loop(
         if not command:
             continue
         text = turn_text(line.rstrip("\n"), _ends_with_newline(runner))
+        # --seed seeds the conversation (its first turn, and the first after /reset); later turns
+        # continue the session's random stream instead of replaying the same draws every turn.
+        turn_kwargs = dict(kwargs, seed=None) if runner.session_tokens else kwargs
         reply = []
         last = None
         try:
-            for chunk in current_job().track_generation(runner.stream(text, keep_state=True, **kwargs),
+            for chunk in current_job().track_generation(runner.stream(text, keep_state=True, **turn_kwargs),
                                                         kwargs["max_tokens"]):
                 if chunk.text:
                     out.write(chunk.text)
