@@ -447,8 +447,11 @@ def run(args) -> int:
             except (ResumeError, ValueError) as err:
                 raise UsageError(str(err)) from None
         elif main and out.exists() and args.overwrite:
+            from ..training.checkpoint import remove_partial_checkpoints
+
+            remove_partial_checkpoints(out)  # a killed save's temporary directory
             for child in out.iterdir():
-                if child.name.startswith("checkpoint-") or child.name in ("metrics.jsonl", "loss.png"):
+                if child.name.startswith("checkpoint-") or child.name in ("metrics.jsonl", "loss.png", "summary.json"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
 
         if main and cfg.dtype != "float32" and mx.default_device() == mx.cpu:

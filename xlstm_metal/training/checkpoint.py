@@ -28,6 +28,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .data import atomic_write_text
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: save_checkpoint's temporary directories (``.checkpoint-<step>.<random>``).
+PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.")
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 _RNG_KEY = "__mx_random_state__"
@@ -59,6 +61,9 @@ def save_checkpoint(
     from ..loading import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A save cut short by SIGKILL or a crash leaves its temporary directory (the size of a whole
+    # checkpoint, hidden by its dot): one process writes a run, so any found now is such a leftover.
+    remove_partial_checkpoints(out_dir)
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".checkpoint-{step:07d}."))
     try:
@@ -78,6 +83,18 @@ def save_checkpoint(
     for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories of checkpoint saves that never finished (a process killed
+    while writing one) from ``out_dir``; returns the paths removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if p.is_dir() and not p.is_symlink() and PARTIAL_RE.match(p.name)]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path:
