@@ -247,3 +247,18 @@ def test_no_progress_prints_no_blank_lines(run_dir, tmp_path, capfd):
     assert main(["train", str(corpus), "--out", str(tmp_path / "o"), *RUN, "--steps", "1"]) == 0
     out = capfd.readouterr().out
     assert out.strip() and all(line.strip() for line in out.splitlines()), repr(out)
+
+
+def test_resuming_a_run_whose_time_budget_ran_out_is_refused(run_dir, tmp_path, capsys):
+    """Like a run at its last step: --resume of a --max-time run whose budget is spent says so
+    (it ran 0 steps, exited 0 and appended a duplicate eval record)."""
+    _, run = copy_run(run_dir, tmp_path)
+    (checkpoint,) = sorted(run.glob("checkpoint-*"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["training_config"].update(steps=None, max_time=2.0, warmup=None)
+    state.update(total_steps=9, elapsed=2.5)  # stopped by the budget at step 4 of a sized 9
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    metrics = (run / "metrics.jsonl").read_text()
+    usage_error(capsys, ["train", "--out", str(run), "--resume"], "is finished", "--max-time budget of 2 s",
+                "step 4", "--steps N with N > 4")
+    assert (run / "metrics.jsonl").read_text() == metrics

@@ -307,3 +307,27 @@ def test_a_killed_saves_temporary_directory_is_removed_by_the_next_save(tmp_path
     trainer.train()
     assert sorted(p.name for p in run.iterdir()) == [".checkpoint-notes", ".notes", "checkpoint-0000003", "loss.png",
                                                     "metrics.jsonl"]
+
+
+def test_resuming_a_run_whose_time_budget_ran_out_adds_nothing(tmp_path):
+    """A --max-time run that stopped on its budget before its sized step count is finished: a
+    resumed trainer trains no step and logs nothing (it appended a second eval record of the
+    last step on every resume)."""
+    stream = pattern_stream(4000)
+    cfg = small_cfg(steps=None, max_time=1.0, warmup=12, probe_steps=8, eval_every=10_000, log_every=1)
+    trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], cfg, tmp_path / "t", tmp_path, progress=False)
+    reads = iter(range(10**6))
+    # 10 ms per clock read while the probe sizes the run, then 100 ms: the budget ends it early.
+    trainer.clock = lambda: (lambda n: n * 0.01 if n < 60 else 0.6 + (n - 60) * 0.1)(next(reads))
+    result = trainer.train()
+    assert result.step < trainer.total_steps and result.elapsed >= cfg.max_time
+    metrics = (tmp_path / "t" / "metrics.jsonl").read_text()
+    last = checkpoint_dirs(tmp_path / "t")[-1]
+    assert last.name == f"checkpoint-{result.step:07d}"
+
+    resumed = Trainer(load_model(last), stream[:3500], stream[3500:], TrainingConfig(**read_trainer_state(last)[
+        "training_config"]), tmp_path / "t", tmp_path, progress=False)
+    resumed.resume_from(last)
+    again = resumed.train()
+    assert again.step == result.step and again.evals == [] and again.checkpoint is None
+    assert (tmp_path / "t" / "metrics.jsonl").read_text() == metrics

@@ -303,6 +303,9 @@ def run(args) -> int:
         if args.steps is None and total is not None and step >= total:
             raise UsageError(f"the run in {out} is finished (step {step} of {total}); pass --steps N with "
                              f"N > {step} to train it further")
+        if args.steps is None and cfg.max_time is not None and saved["elapsed"] >= cfg.max_time:
+            raise UsageError(f"the run in {out} is finished (its --max-time budget of {cfg.max_time:g} s ran out "
+                             f"at step {step}); pass --steps N with N > {step} to train it further")
         saved_data = saved.get("data", [])
         if not isinstance(saved_data, list) or not all(isinstance(p, str) for p in saved_data):
             raise UsageError(f"{resume_ckpt / 'trainer_state.json'}: 'data' must be a list of paths")

@@ -1112,7 +1112,8 @@ class Trainer:
             self._build_steps()
         tokens_per_step = cfg.batch_size * cfg.seq_len
         result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
-        if self.total_steps is not None and self.step >= self.total_steps:  # a finished run: nothing to do
+        if (self.total_steps is not None and self.step >= self.total_steps) or (
+                cfg.max_time is not None and self.elapsed >= cfg.max_time):  # a finished run: nothing to do
             result.best_val_loss, result.best_step = self.best_val_loss, self.best_step
             return result
         # A time budget's step count is known after the probe; until then the bar counts to its end.
