@@ -289,3 +289,36 @@ def test_array_prompts_are_checked_like_lists(model):
     assert runner.generate(np.array(PROMPT[:6]), max_tokens=4) == want
     assert runner.generate([np.int64(i) for i in PROMPT[:6]], max_tokens=4) == want
     assert runner.generate([np.array(PROMPT[:6]), mx.array(PROMPT[:6])], max_tokens=4) == [want, want]
+
+
+def test_unseeded_sampling_after_a_greedy_turn_draws_a_fresh_seed(text_setup, monkeypatch):
+    """A greedy call left its placeholder keys (zeros) in the session, so the next sampled call
+    without a seed drew from those: the same 'random' reply in every run. Now a greedy call
+    keeps the session's keys and an unseeded call after it draws a fresh seed."""
+    import random
+
+    from xlstm_metal.generation import sampling
+
+    model, tok = text_setup
+    monkeypatch.setattr(sampling.random, "SystemRandom", lambda: random.Random(0))  # the fresh seed, fixed
+    fresh = random.Random(0).randrange(2**31)
+
+    def two_turns(seed):
+        runner = xLSTMRunner(model, tok)
+        list(runner.stream("the quick", max_tokens=3, keep_state=True))  # greedy
+        return [c.token for c in runner.stream(" brown", max_tokens=8, temperature=1.0, keep_state=True, seed=seed)]
+
+    assert two_turns(None) == two_turns(fresh)
+
+    def steps(seed):
+        runner = xLSTMRunner(model, tok)
+        runner.generate_next_token("the quick")  # greedy
+        return [runner.generate_next_token(temperature=1.0, seed=seed if i == 0 else None) for i in range(6)]
+
+    assert steps(None) == steps(fresh)
+    # A greedy turn between two sampled ones draws nothing: the keys carry across it.
+    runner = xLSTMRunner(model, tok)
+    list(runner.stream("the quick", max_tokens=4, temperature=1.0, seed=5, keep_state=True))
+    keys = runner._session.keys
+    list(runner.stream(" brown", max_tokens=4, keep_state=True))
+    assert runner._session.keys is keys

@@ -401,7 +401,7 @@ class xLSTMRunner:
         seen = seen_from_ids([history], self.vocab_size) if params.uses_history else mx.zeros((1, 1), mx.bool_)
         if max_tokens == 0:
             mx.eval(state)
-            self._session = _Session(state, [], history, len(history), keys)
+            self._session = _Session(state, [], history, len(history), session.keys if params.greedy else keys)
             return
         tracker = _RowTracker(self.tokenizer, stop_ids | self._eos_ids(), stop_strings, context=history[-8:])
         prompt_time = gen_start = None
@@ -414,7 +414,8 @@ class xLSTMRunner:
             n += 1
             history.append(token)
             if keep_state:
-                self._session = _Session(fed_state, [token], history, len(history), step_keys)
+                self._session = _Session(fed_state, [token], history, len(history),
+                                         session.keys if params.greedy else step_keys)
             text = tracker.add(token)
             if tracker.finish_reason is None and n == max_tokens:
                 text += tracker.finish()
@@ -519,7 +520,7 @@ class xLSTMRunner:
         mx.eval(tok, state, keys)
         token = int(tok.item())
         history.append(token)
-        self._session = _Session(state, [token], history, len(history), keys)
+        self._session = _Session(state, [token], history, len(history), session.keys if params.greedy else keys)
         return token
 
     def get_model_info(self) -> dict[str, Any]:
