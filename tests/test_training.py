@@ -331,3 +331,30 @@ def test_resuming_a_run_whose_time_budget_ran_out_adds_nothing(tmp_path):
     again = resumed.train()
     assert again.step == result.step and again.evals == [] and again.checkpoint is None
     assert (tmp_path / "t" / "metrics.jsonl").read_text() == metrics
+
+
+def test_resume_between_log_points_logs_the_same_records(tmp_path):
+    """--log-every 7 with checkpoints every 10: the record at step 14 averages steps 8-14. A run
+    resumed from step 10 averaged only steps 11-14 there (a loss 3.57 against 3.80 in a CLI run)."""
+    stream = pattern_stream(4000)
+    cfg = dict(steps=16, save_every=10, keep=5, eval_every=8, log_every=7)
+    full = Trainer(fresh_model(), stream[:3500], stream[3500:], small_cfg(**cfg), tmp_path / "full", tmp_path,
+                   progress=False)
+    uninterrupted = full.train()
+    records = (tmp_path / "full" / "metrics.jsonl").read_text()
+    middle = tmp_path / "full" / "checkpoint-0000010"
+
+    resumed = Trainer(load_model(middle), stream[:3500], stream[3500:], small_cfg(**cfg), tmp_path / "full", tmp_path,
+                      progress=False)
+    resumed.resume_from(middle)
+    rest = resumed.train()
+    assert rest.losses == uninterrupted.losses[10:]  # this session's steps, 11-16
+
+    def train_records(text):
+        return [(r["step"], r["loss"], r["tokens"]) for r in map(json.loads, text.splitlines()) if r["kind"] == "train"]
+
+    before, after = train_records(records), train_records((tmp_path / "full" / "metrics.jsonl").read_text())
+    assert [s for s, _, _ in after] == [7, 14, 16]
+    assert after == before  # step 14's loss is the mean of steps 8-14 again
+    assert after[1][1] == pytest.approx(np.mean([v for s, v in uninterrupted.losses if 8 <= s <= 14]), rel=1e-6)
+    assert len(read_trainer_state(middle)["log_window"]) == 3  # steps 8, 9, 10

@@ -132,6 +132,10 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     if not isinstance(position, dict) or set(position) != {"epoch", "batch"} or not all(
             is_int(v) for v in position.values()):
         raise bad("data_position", "an object {epoch, batch} of integers >= 0")
+    window = state.get("log_window", [])
+    if not isinstance(window, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in window):
+        raise bad("log_window", "a list of numbers")
     if not isinstance(state.get("training_config"), dict):
         raise bad("training_config", "an object")
     from .trainer import TrainingConfig

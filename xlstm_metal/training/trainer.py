@@ -869,6 +869,9 @@ class Trainer:
         self.best_step: int | None = None
         self.best_params: dict | None = None
         self.records: list[dict[str, Any]] = []
+        #: Losses of the steps since the last metrics.jsonl record (saved with checkpoints, so the
+        #: first record after a resume averages the same steps as an uninterrupted run's).
+        self.window_losses: list[mx.array] = []
         self._train_step = None
         self._eval_step = None
         self._stepped = False  # a train step has run in this process (the first one compiles)
@@ -888,6 +891,7 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
+            "log_window": mx.stack(self.window_losses).tolist() if self.window_losses else [],
             "training_config": asdict(self.cfg),
             **self.extra_state,
         }
@@ -920,6 +924,7 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.batches.position = DataPosition(**state["data_position"])
         self.best_val_loss, self.best_step = state.get("best_val_loss"), state.get("best_step")
+        self.window_losses = [mx.array(v, dtype=mx.float32) for v in state.get("log_window", [])]
         if kept is not None:  # metrics logged after the checkpoint belong to the abandoned run
             self.records = [r for r in kept if r.get("step", 0) <= self.step]
             atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.records))
@@ -1121,7 +1126,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps or probe_end, initial=self.step, unit="step", disable=not self.progress,
                    dynamic_ncols=True, desc="train" if self.total_steps else "train (timing steps)")
         t_start = self.clock() - self.elapsed
-        window_losses: list[mx.array] = []
+        window_losses = self.window_losses  # a resumed run's: the steps before its checkpoint
         t_window, steps_window = self.clock(), 0
         probe_t0 = None
         pending: list[mx.array] | None = None  # the previous step's loss and norm (pipelined steps)
@@ -1250,13 +1255,14 @@ class Trainer:
                     self.elapsed = now - t_start
                     lr_value = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
                     first = self.step - len(losses) + 1
-                    result.losses.extend((first + j, v) for j, v in enumerate(losses))
+                    result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
                     self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr_value,
                                "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
                                "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
                     bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
                     job.update(loss=float(np.mean(losses)), lr=lr_value)
                     window_losses, t_window, steps_window = [], now, 0
+                    self.window_losses = window_losses
 
                 done = self.total_steps is not None and self.step >= self.total_steps
                 if self.step % cfg.eval_every == 0 or done:
@@ -1293,7 +1299,8 @@ class Trainer:
         self.elapsed = self.clock() - t_start
         if window_losses:  # stopped by the time budget between log points
             losses = mx.stack(window_losses).tolist()
-            result.losses.extend((self.step - len(losses) + 1 + j, v) for j, v in enumerate(losses))
+            first = self.step - len(losses) + 1
+            result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
         if not result.evals or result.evals[-1][0] != self.step:
             val_loss = self.evaluate()
             result.evals.append((self.step, val_loss))
