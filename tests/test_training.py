@@ -358,3 +358,12 @@ def test_resume_between_log_points_logs_the_same_records(tmp_path):
     assert after == before  # step 14's loss is the mean of steps 8-14 again
     assert after[1][1] == pytest.approx(np.mean([v for s, v in uninterrupted.losses if 8 <= s <= 14]), rel=1e-6)
     assert len(read_trainer_state(middle)["log_window"]) == 3  # steps 8, 9, 10
+
+
+def test_files_with_a_byte_order_mark_read_as_their_text(tmp_path):
+    """UTF-8 files written with a BOM (Notepad, PowerShell): a JSON Lines file was refused ("not
+    valid JSON (Unexpected UTF-8 BOM)") and a text file trained on a U+FEFF character."""
+    (tmp_path / "a.jsonl").write_text('{"text": "first record"}\n{"text": "second"}\n', encoding="utf-8-sig")
+    (tmp_path / "b.txt").write_text("plain text", encoding="utf-8-sig")
+    docs = load_documents([tmp_path / "a.jsonl", tmp_path / "b.txt"])
+    assert [d.text for d in docs] == ["first record", "second", "plain text"]

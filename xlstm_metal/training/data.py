@@ -50,7 +50,7 @@ def _check_text_file(path: Path) -> None:
 def _read_text(path: Path) -> str:
     _check_text_file(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is no text
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); binary file?") from None
 
@@ -58,7 +58,7 @@ def _read_text(path: Path) -> str:
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     _check_text_file(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (Windows tools write a BOM)
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     for number, line in enumerate(lines, start=1):
