@@ -94,3 +94,28 @@ def test_tied_config_with_a_head_trained_apart_gives_transformers_logits(tmp_pat
     with torch.no_grad():
         again = xLSTMForCausalLM.from_pretrained(tmp_path / "ours").eval()(torch.tensor(ids)).logits.numpy()
     assert rel_err(np.array(load_model(tmp_path / "ours")(x)[0]), ref) <= 1e-4 and rel_err(again, ref) <= 1e-6
+
+
+def test_widths_transformers_cannot_run_are_named_when_saved(tmp_path):
+    """transformers' xLSTMConfig rounds q/k and v widths up to multiples of 64 (NX-AI's model and
+    ours do not): a width-64 model (qk_dim 32) saved here warns, and transformers indeed fails
+    on it; at width 128 (qk_dim 64) nothing is said and transformers gives our logits."""
+    from conftest import tiny_model
+
+    with pytest.warns(UserWarning, match="qk_dim 32 .* not a multiple of 64"):
+        save_model(tiny_model(), tmp_path / "w64")
+    hf = xLSTMForCausalLM.from_pretrained(tmp_path / "w64").eval()
+    with pytest.raises(RuntimeError), torch.no_grad():
+        hf(torch.tensor([[1, 2, 3]]))
+
+    import warnings
+
+    model = tiny_model(embedding_dim=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_model(model, tmp_path / "w128")
+    ids = np.random.default_rng(3).integers(0, 97, size=(1, 12))
+    with torch.no_grad():
+        ref = xLSTMForCausalLM.from_pretrained(tmp_path / "w128").eval()(torch.tensor(ids)).logits.numpy()
+    logits, _ = model(mx.array(ids.astype(np.int32)))
+    assert rel_err(np.array(logits), ref) <= 1e-4

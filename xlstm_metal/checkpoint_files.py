@@ -161,6 +161,28 @@ def tokenizer_files(tokenizer: Any, model_config: Any) -> dict[str, str]:
     return {TOKENIZER_FILE: backend.to_str(), TOKENIZER_CONFIG_FILE: json.dumps(out_config, indent=2)}
 
 
+#: transformers' xLSTMConfig rounds the q/k and v widths up to a multiple of this (NX-AI's model
+#: and ours take int(embedding_dim * factor)), so other widths run there with other head sizes.
+TRANSFORMERS_DIM_MULTIPLE = 64
+
+
+def transformers_shape_problem(config: Any) -> str | None:
+    """Why transformers' ``xLSTMForCausalLM`` cannot run an xLSTM-Large ``config`` as we do, or
+    None: its config derives the q/k and v widths rounded up to :data:`TRANSFORMERS_DIM_MULTIPLE`
+    (a width of 64 with qk_dim_factor 0.5: 64 there, 32 in the weights; its forward then fails)."""
+    from .config import xLSTMConfig
+
+    if not isinstance(config, xLSTMConfig):
+        return None
+    odd = {name: value for name, value in (("qk_dim", config.qk_dim), ("v_dim", config.v_dim))
+           if value % TRANSFORMERS_DIM_MULTIPLE}
+    if not odd:
+        return None
+    sizes = ", ".join(f"{name} {value}" for name, value in odd.items())
+    return (f"{sizes} (embedding_dim x factor) is not a multiple of {TRANSFORMERS_DIM_MULTIPLE}: transformers' "
+            f"xLSTMConfig rounds it up, so xLSTMForCausalLM cannot run this checkpoint (mlx-lm and xlstm-metal can)")
+
+
 def transformers_weights(config: Any, weights: dict) -> dict:
     """Tensors to store beside the parameters for transformers: its ``xLSTMForCausalLM`` does
     not tie the LM head to the embeddings, so a tied xLSTM-Large checkpoint also carries

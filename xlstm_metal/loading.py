@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -456,7 +457,13 @@ def save_model(
     Files are written atomically; an existing checkpoint in ``path`` is only replaced with
     ``overwrite=True``.
     """
-    from .checkpoint_files import mlx_lm_config, tokenizer_files, transformers_weights, write_shim
+    from .checkpoint_files import (
+        mlx_lm_config,
+        tokenizer_files,
+        transformers_shape_problem,
+        transformers_weights,
+        write_shim,
+    )
 
     directory = Path(path)
     existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
@@ -508,4 +515,7 @@ def save_model(
         _atomic_write_text(directory / name, text)
     write_shim(directory, _atomic_write_text)
     _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
+    problem = transformers_shape_problem(model.config)
+    if problem is not None:
+        warnings.warn(f"{directory}: {problem}", UserWarning, stacklevel=2)
     return directory
