@@ -343,3 +343,23 @@ def test_wired_slstm_2024_block_equals_the_hand_written_model(tmp_path):
     from xlstm_metal.lab import load_wired
 
     assert rel(load_wired(tmp_path / "ckpt")(ids)[0], a) < 1e-5
+
+
+@pytest.mark.parametrize("where, spec_seed, conn, message", [
+    ("connection seed", 0, {"seed": "abc"}, r"connection 0 \(a -> b\): seed must be a non-negative integer, got 'abc'"),
+    ("connection seed", 0, {"seed": -3}, r"connection 0 \(a -> b\): seed must be a non-negative integer, got -3"),
+    ("spec seed", "x", {}, r"^seed must be a non-negative integer, got 'x'"),
+    ("weight flag", 0, {"weight": "no"}, r"connection 0 \(a -> b\): weight must be true or false, got 'no'"),
+])
+def test_bad_seeds_and_flags_are_wiring_errors_naming_the_field(where, spec_seed, conn, message):
+    # A string or negative seed reached numpy (TypeError / ValueError tracebacks from `mad --arch`);
+    # weight: "no" was read as bool("no") = True.
+    spec = {"seed": spec_seed, "inputs": {"x": 8}, "outputs": {"y": 8},
+            "cells": {"a": {"type": "linear_projection", "dim": 8}, "b": {"type": "linear_projection", "dim": 8}},
+            "connections": [{"from": "a", "to": "b", "density": 0.5, **conn},
+                            {"from": "in.x", "to": "a"}, {"from": "b", "to": "out.y"}]}
+    with pytest.raises(WiringError, match=message):
+        WiringSpec(spec).resolve()
+    # a valid connection seed still fixes the mask
+    ok = {**spec, "seed": 0, "connections": [{"from": "a", "to": "b", "density": 0.5, "seed": 7}] + spec["connections"][1:]}
+    assert WiringSpec(ok).resolve().connections[0].seed == 7

@@ -106,6 +106,13 @@ def _resolve_value(value: Any, names: dict[str, Any], where: str) -> Any:
     return value
 
 
+def _seed(value: Any, where: str) -> int:
+    """A mask seed: a non-negative integer (numpy's generators take no other)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise WiringError(f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------- the spec
 @dataclass
 class Connection:
@@ -224,15 +231,24 @@ class WiringSpec:
             if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): density must be in (0, 1], "
                                   f"got {density!r}")
+            flags = {}
+            for key in ("weight", "nonnegative"):
+                flags[key] = c.get(key, False)
+                if not isinstance(flags[key], bool):
+                    raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): {key} must be true or false, "
+                                      f"got {flags[key]!r}")
+            conn_seed = c.get("seed")
+            if conn_seed is not None:
+                conn_seed = _seed(conn_seed, f"connection {index} ({c['from']} -> {c['to']}): seed")
             connections.append(Connection(str(c["from"]), str(c["to"]), int(polarity), density, c.get("mask"),
-                                          bool(c.get("weight", False)), c.get("seed"), bool(c.get("nonnegative", False))))
+                                          flags["weight"], conn_seed, flags["nonnegative"]))
         inputs = _resolve_value(d.get("inputs"), names, "inputs")
         outputs = _resolve_value(d.get("outputs"), names, "outputs")
         for label, ports in (("inputs", inputs), ("outputs", outputs)):
             if ports is not None and (not isinstance(ports, dict) or not ports or not all(
                     isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ports.values())):
                 raise WiringError(f"'{label}' must map port names to positive sizes, got {ports!r}")
-        seed = int(_resolve_value(d.get("seed", 0), names, "seed"))
+        seed = _seed(_resolve_value(d.get("seed", 0), names, "seed"), "seed")
         return ResolvedSpec(self.name, cells, connections, inputs, outputs, seed, names)
 
 
