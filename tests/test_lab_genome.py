@@ -83,3 +83,19 @@ def test_evolve_through_the_tuning_machinery():
     assert result.history and all(h["parameters"] <= budget for h in result.history)
     assert result.best[0].fitness == max(h["fitness"] for h in result.history) > 0
     assert 2 <= len(result.best[0].genome) <= 3
+
+
+@pytest.mark.parametrize("min_blocks, max_blocks", [(2, 2), (5, 6)])
+def test_evolve_keeps_every_candidate_within_min_and_max_blocks(min_blocks, max_blocks):
+    # The start architectures (4 blocks each) and crossover children went in unchecked: with
+    # --max-blocks 2 the search scored 4- and 3-block candidates; with --min-blocks 5, 4-block ones.
+    def score(arch):
+        return {"blocks": len(arch["blocks"]) / 10}
+
+    result = evolve(score, budget=10**9, population=4, generations=3, seed=0, dim=16, vocab_size=16,
+                    start=["mlstm", "attention", "hybrid"], min_blocks=min_blocks, max_blocks=max_blocks)
+    sizes = [len(h["blocks"]) for h in result.history]
+    assert sizes and all(min_blocks <= n <= max_blocks for n in sizes), sizes
+    assert all(min_blocks <= len(c.genome) <= max_blocks for c in result.best)
+    with pytest.raises(ValueError, match="min_blocks"):
+        evolve(score, budget=10**9, population=2, generations=1, min_blocks=3, max_blocks=2)

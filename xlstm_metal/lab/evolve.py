@@ -80,6 +80,8 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
     candidate). ``start``: architectures (names) put into the first population."""
     if population < 2:
         raise ValueError("population must be at least 2")
+    if not 1 <= min_blocks <= max_blocks:
+        raise ValueError(f"need 1 <= min_blocks <= max_blocks, got {min_blocks} and {max_blocks}")
     if budget <= 0:
         raise ValueError("the parameter budget must be positive")
     rng = np.random.default_rng(seed)
@@ -87,7 +89,11 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
     history: list[dict[str, Any]] = []
 
     def fit(genome: Genome) -> tuple[Genome, int] | None:
-        genome = normalise(genome)
+        # Every candidate has min_blocks..max_blocks blocks: a start architecture or a crossover
+        # child outside the range is cut to max_blocks or filled up with random blocks.
+        genome = normalise(genome)[:max_blocks]
+        if len(genome) < min_blocks:
+            genome = genome + random_genome(rng, min_blocks - len(genome))
         for _ in range(50):
             params = count_parameters(spec_of(genome), vocab_size, dim, num_heads)
             if params <= budget:
