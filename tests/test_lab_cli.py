@@ -98,3 +98,45 @@ def test_train_arch_and_load_model(tmp_path):
     logits, _ = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, model.config.vocab_size) and np.isfinite(np.array(logits)).all()
     assert main(["train", str(corpus), "--out", str(tmp_path / "r2"), "--arch", str(arch), "--config", "tiny"]) == 2
+
+
+def test_evolve_resume_after_interruption_gives_the_uninterrupted_search(tmp_path, monkeypatch, capsys):
+    # An interrupted search lost everything (history.jsonl was written only at the end) and there
+    # was no way to continue it. Scores here are a cheap deterministic function of the wiring.
+    from types import SimpleNamespace
+
+    import xlstm_metal.lab.evolve as lab_evolve
+
+    calls = {"n": 0, "stop_at": None}
+
+    def fake_run_task(arch, task, preset, *, seed=0, epochs=None, progress=False):
+        calls["n"] += 1
+        if calls["stop_at"] is not None and calls["n"] == calls["stop_at"]:
+            raise KeyboardInterrupt
+        text = json.dumps(arch["blocks"], sort_keys=True)
+        return SimpleNamespace(accuracy=(sum(map(ord, text)) * (seed + 7)) % 997 / 997)
+
+    monkeypatch.setattr(lab_evolve, "run_task", fake_run_task)
+    argv = ["evolve", "--budget", "3000000", "--population", "4", "--generations", "3", "--seed", "5",
+            "--tasks", "memorization", "--top", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(argv + ["--out", str(full)]) == 0
+    total = calls["n"]
+    reference = (full / "history.jsonl").read_text().splitlines()
+    assert total == len(reference) >= 6
+
+    calls.update(n=0, stop_at=4)
+    assert main(argv + ["--out", str(cut)]) == 130  # Ctrl-C at the 4th candidate
+    assert len((cut / "history.jsonl").read_text().splitlines()) == 3  # kept what it had scored
+    capsys.readouterr()
+    assert main(argv + ["--out", str(cut)]) == 2  # no silent restart over it
+    assert "--resume" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--top", "2", "--seed", "6", "--out", str(cut), "--resume"]) == 2
+    assert "seed 5 (now 6)" in capsys.readouterr().err
+
+    calls.update(n=0, stop_at=None)
+    assert main(argv + ["--out", str(cut), "--resume"]) == 0
+    assert calls["n"] == total - 3  # only the candidates not scored before
+    assert (cut / "history.jsonl").read_text().splitlines() == reference
+    assert json.loads((cut / "summary.json").read_text())["best"] == json.loads((full / "summary.json").read_text())["best"]
+    assert (cut / "best-1.yaml").read_text() == (full / "best-1.yaml").read_text()

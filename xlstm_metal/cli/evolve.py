@@ -16,7 +16,9 @@ runs the search through the tuning machinery (Optuna's NSGA-II genetic sampler).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ..monitor import current_job
 from . import UsageError, check_output_path, seed_value
@@ -48,12 +50,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="best architectures written (default: 3)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search in --out (interrupted, or with more --generations): the same "
+                   "settings and seed replay it, taking the scores in its history.jsonl instead of training again")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, write_outputs
+    from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, write_history, write_outputs
     from ..lab.genome import genome_of
     from ..lab.library import load_arch
     from ..lab.mad import PRESETS, task_names
@@ -72,8 +77,10 @@ def run(args) -> int:
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
     out = check_output_path(args.out, "--out", directory=True)
-    if (out / "summary.json").exists() and not args.overwrite:
-        raise UsageError(f"{out} holds a search already; pass --overwrite to replace it")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the search in --out; --overwrite replaces it: give one")
+    if not args.resume and not args.overwrite and ((out / "summary.json").exists() or (out / "history.jsonl").exists()):
+        raise UsageError(f"{out} holds a search already; pass --resume to continue it or --overwrite to replace it")
     preset = PRESETS[args.preset]
     vocab = max(preset.task(t).settings["vocab_size"] for t in tasks)
     if args.start is not None and args.engine != "star":
@@ -85,19 +92,29 @@ def run(args) -> int:
         except ValueError as err:  # WiringError included
             raise UsageError(f"--start {name}: {err}") from None
 
+    settings = {"engine": args.engine, "tasks": tasks, "preset": args.preset, "epochs": args.epochs,
+                "budget": args.budget, "seed": args.seed, "population": args.population,
+                "min_blocks": args.min_blocks, "max_blocks": args.max_blocks, "start": start}
+    known = _resume(out, settings) if args.resume else {}
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
+    history: list[dict] = []
+
     job, scored = current_job(), [0]  # `xlstm-metal top`; after each candidate a memory-watchdog safe point
 
     def report(cand) -> None:
+        history.append(cand.record())
+        write_history(history, out / "history.jsonl")  # an interrupted search keeps what it scored
         print(f"gen {cand.generation} fitness {cand.fitness:.3f} params {cand.parameters:,}: "
               f"{' '.join(b['spec'] for b in cand.arch['blocks'])}", file=sys.stderr)
         scored[0] += 1
         job.update(phase="evolve", done=scored[0], total=args.population * args.generations, unit="candidates",
                    message=f"generation {cand.generation}, last fitness {cand.fitness:.3f}")
-        job.check(note=f"{scored[0]} candidates were scored; nothing was written")
+        job.check(note=f"{scored[0]} candidates were scored and are in {out / 'history.jsonl'} (--resume continues)")
 
     common = dict(budget=args.budget, population=args.population, generations=args.generations, seed=args.seed,
                   min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim, num_heads=preset.num_heads,
-                  vocab_size=vocab, on_candidate=report, progress=sys.stderr.isatty())
+                  vocab_size=vocab, on_candidate=report, progress=sys.stderr.isatty(), known=known)
     score = mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs)
     try:
         if args.engine == "optuna":
@@ -117,3 +134,30 @@ def run(args) -> int:
           f"{' '.join(b['spec'] for b in best.arch['blocks'])}")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
+
+
+def _resume(out: Path, settings: dict) -> dict:
+    """Scores by genome from the search in ``out``, which must have been run with ``settings``."""
+    from ..lab.evolve import known_scores
+
+    try:
+        before = json.loads((out / "search.json").read_text())
+        lines = (out / "history.jsonl").read_text().splitlines() if (out / "history.jsonl").exists() else []
+        history = [json.loads(line) for line in lines if line.strip()]
+        known = known_scores(history)
+    except FileNotFoundError:
+        raise UsageError(f"--resume: {out} holds no search (no search.json)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: cannot read the search in {out}: {err}") from None
+    differ = [k for k in settings if before.get(k) != settings[k]]
+    if differ:
+        raise UsageError("--resume: the search in {} ran with {}; give the same".format(
+            out, ", ".join(f"{k} {before.get(k)!r} (now {settings[k]!r})" for k in differ)))
+    print(f"resuming: {len(known)} scored candidates in {out / 'history.jsonl'}", file=sys.stderr)
+    return known
+
+
+def _atomic(path: Path, text: str) -> None:
+    from ..lab.evolve import _atomic as atomic
+
+    atomic(path, text)

@@ -75,9 +75,13 @@ class SearchResult:
 def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int = 3, seed: int = 0,
            min_blocks: int = 2, max_blocks: int = 6, elite: int = 2, dim: int = 64, num_heads: int = 4,
            vocab_size: int = 16, start: list[str] | None = None, on_candidate: Callable[[Candidate], None] | None = None,
-           progress: bool = False) -> SearchResult:
+           progress: bool = False, known: dict[tuple, dict[str, float]] | None = None) -> SearchResult:
     """Search; returns the candidates ranked by fitness and the history (one record per scored
-    candidate). ``start``: architectures (names) put into the first population."""
+    candidate). ``start``: architectures (names) put into the first population. ``known``: scores
+    by genome (:func:`known_scores` of an interrupted run's history) used instead of training again;
+    the search draws the same numbers either way, so a resumed run with the same settings and
+    seed continues where the interrupted one stopped."""
+    known = known or {}
     if population < 2:
         raise ValueError("population must be at least 2")
     if not 1 <= min_blocks <= max_blocks:
@@ -113,7 +117,7 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
         if key in cache:
             return cache[key]
         cand = Candidate(genome, spec_of(genome, f"evolved-{len(cache)}"), params, generation=generation)
-        cand.scores = score(cand.arch)
+        cand.scores = dict(known[key]) if key in known else score(cand.arch)
         cache[key] = cand
         history.append(cand.record())
         if on_candidate is not None:
@@ -179,7 +183,7 @@ def _genome_from_params(params: dict[str, Any], max_blocks: int) -> Genome:
 def evolve_optuna(score: ScoreFn, *, budget: int, population: int = 6, generations: int = 3, seed: int = 0,
                   min_blocks: int = 2, max_blocks: int = 6, dim: int = 64, num_heads: int = 4,
                   vocab_size: int = 16, on_candidate: Callable[[Candidate], None] | None = None,
-                  progress: bool = False) -> SearchResult:
+                  progress: bool = False, known: dict[tuple, dict[str, float]] | None = None) -> SearchResult:
     """The same search through ``xlstm_metal.tuning`` (Optuna's NSGA-II genetic sampler, seeded):
     a genome is ``max_blocks`` slots of (operator or "none", heads, kv, qk, expansion); a trial
     with fewer than ``min_blocks`` blocks or above the budget fails (Optuna then breeds from
@@ -189,6 +193,7 @@ def evolve_optuna(score: ScoreFn, *, budget: int, population: int = 6, generatio
 
     if budget <= 0:
         raise ValueError("the parameter budget must be positive")
+    known = known or {}
     cache: dict[tuple, Candidate] = {}
     history: list[dict[str, Any]] = []
 
@@ -214,7 +219,7 @@ def evolve_optuna(score: ScoreFn, *, budget: int, population: int = 6, generatio
             if key not in cache:
                 cand = Candidate(genome, spec_of(genome, f"evolved-{len(cache)}"), params_count,
                                  generation=int(params.get("_trial", 0)) // population)
-                cand.scores = score(cand.arch)
+                cand.scores = dict(known[key]) if key in known else score(cand.arch)
                 cache[key] = cand
                 history.append(cand.record())
                 if on_candidate is not None:
@@ -229,6 +234,16 @@ def evolve_optuna(score: ScoreFn, *, budget: int, population: int = 6, generatio
     return SearchResult(sorted(cache.values(), key=lambda c: c.fitness, reverse=True), history)
 
 
+def known_scores(history: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
+    """Scores by genome from history records (``history.jsonl``), for ``evolve(known=...)``."""
+    return {tuple(tuple(int(v) for v in gene) for gene in h["genome"]): dict(h["scores"]) for h in history}
+
+
+def write_history(history: list[dict[str, Any]], path: Path) -> Path:
+    """``history.jsonl`` (one record per scored candidate), replaced whole."""
+    return _atomic(path, "".join(json.dumps(h) + "\n" for h in history))
+
+
 def write_outputs(result: SearchResult, out: Path, *, top: int = 3, meta: dict[str, Any] | None = None) -> list[Path]:
     """best-N.yaml (architectures ``xlstm-metal mad --arch`` reads), history.jsonl,
     summary.json and evolution.png in ``out``."""
@@ -241,7 +256,7 @@ def write_outputs(result: SearchResult, out: Path, *, top: int = 3, meta: dict[s
                 "description": f"fitness {cand.fitness:.4f} ({_short(cand.scores)}), {cand.parameters:,} parameters",
                 "blocks": cand.arch["blocks"], "genome": cand.arch["genome"]}
         written.append(_atomic(out / f"best-{rank}.yaml", yaml.safe_dump(arch, sort_keys=False)))
-    written.append(_atomic(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history)))
+    written.append(write_history(result.history, out / "history.jsonl"))
     summary = {**(meta or {}), "best": [c.record() for c in result.best[:top]], "evaluated": len(result.history)}
     written.append(_atomic(out / "summary.json", json.dumps(summary, indent=2)))
     written.append(plot_history(result.history, out / "evolution.png"))
@@ -280,4 +295,4 @@ def _atomic(path: Path, text: str) -> Path:
     return path
 
 
-__all__ = ["evolve", "evolve_optuna", "mad_score_fn", "write_outputs", "count_parameters", "Candidate", "SearchResult"]
+__all__ = ["evolve", "evolve_optuna", "mad_score_fn", "write_outputs", "write_history", "known_scores", "count_parameters", "Candidate", "SearchResult"]
