@@ -63,6 +63,37 @@ def test_resume_continues_the_same_sweep(tmp_path):
     assert len(json.loads((tmp_path / "part" / "run_meta.json").read_text())["resumed"]) == 1
 
 
+class _StopsAtTrial(FunctionObjective):
+    """Stops the sweep (as Ctrl-C or a kill would) while trial ``stop_at`` runs."""
+
+    stop_at = None
+
+    def evaluate(self, params, prompts=None, max_new_tokens=32):
+        if params["_trial"] == self.stop_at:
+            raise KeyboardInterrupt
+        return super().evaluate(params, prompts, max_new_tokens)
+
+
+@pytest.mark.parametrize("mode", ["random", "ga"])
+def test_resume_after_an_interrupted_trial_draws_its_point_again(tmp_path, mode):
+    """A trial running when the sweep stopped is marked interrupted and does not use up the
+    budget: the resumed sweep evaluates the same points as an uninterrupted one (it ran one
+    point fewer, and lost the interrupted one, before)."""
+    settings = dict(mode=mode, trials=6, population=2, seed=5, progress=False)
+    full = run_sweep(FunctionObjective("sphere", 2), tmp_path / "full", SweepSettings(**settings))
+    stopping = _StopsAtTrial("sphere", 2)
+    stopping.stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(stopping, tmp_path / "part", SweepSettings(**settings))
+    resumed = run_sweep(FunctionObjective("sphere", 2), tmp_path / "part", SweepSettings(**settings), resume=True)
+    statuses = [r["status"] for r in resumed.trials]
+    assert statuses == ["complete", "complete", "interrupted"] + ["complete"] * 4
+    assert resumed.trials[2]["params"] == full.trials[2]["params"]  # the point it was evaluating
+    done = [(r["value"], r["params"]) for r in resumed.trials if r["status"] == "complete"]
+    assert done == [(r["value"], r["params"]) for r in full.trials]
+    assert resumed.best["value"] == full.best["value"] and resumed.best["params"] == full.best["params"]
+
+
 def test_genetic_search_beats_random_at_equal_budget():
     ga, rnd = [], []
     for seed in range(5):

@@ -4,7 +4,9 @@ Search: ``mode="random"`` (Optuna's RandomSampler) or ``mode="ga"`` (its genetic
 sampler, ``population`` trials per generation). Both are seeded per trial, so a sweep with the
 same seed and objective repeats exactly, and a resumed one never redraws a finished point. The
 study lives in ``OUT/study.db`` (Optuna's SQLite storage), so ``resume=True`` continues an
-interrupted sweep; trials that were running when it stopped are marked ``interrupted``.
+interrupted sweep; trials that were running when it stopped are marked ``interrupted`` and do not
+count against the budget: their points are drawn again (the same seed slot), so an interrupted and
+resumed sweep evaluates the same points as an uninterrupted one.
 
 Backends: ``local`` runs trials one after another in this process; ``ray`` runs ``workers``
 trials at once as Ray tasks with ``cpus_per_trial`` / ``gpus_per_trial`` each, on a local
@@ -221,8 +223,21 @@ def _sampler(settings: SweepSettings, number: int):
     return optuna.samplers.NSGAIISampler(population_size=settings.population, seed=seed)
 
 
+def _interrupted(trial) -> bool:
+    """A trial that was running when a sweep stopped: failed without a record of its own."""
+    import optuna
+
+    return trial.state == optuna.trial.TrialState.FAIL and "record" not in trial.user_attrs
+
+
+def _counted(study) -> int:
+    """Trials that count against the budget: all but the interrupted ones, whose points are
+    drawn again (same seed slot) when the sweep resumes."""
+    return sum(not _interrupted(t) for t in study.get_trials(deepcopy=False))
+
+
 def _ask(study, objective: Objective, settings: SweepSettings):
-    number = len(study.get_trials(deepcopy=False))
+    number = _counted(study)  # the seed slot: an interrupted trial's slot is drawn again
     study.sampler = _sampler(settings, number)
     trial = study.ask()
     return trial, objective.suggest(trial)
@@ -253,7 +268,7 @@ def search(objective: Objective, settings: SweepSettings | None = None) -> list[
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=objective.direction, sampler=_sampler(settings, 0))
     records = []
-    while len(study.get_trials(deepcopy=False)) < settings.budget:
+    while _counted(study) < settings.budget:
         trial, params = _ask(study, objective, settings)
         record = run_trial(objective, params, trial.number, settings.prompts, settings.max_new_tokens)
         record.pop("outputs", None)
@@ -330,7 +345,7 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
 
     from tqdm import tqdm
 
-    done = len(study.get_trials(deepcopy=False))
+    done = _counted(study)
     result = write_outputs(study, objective, out_dir)
     with tqdm(total=settings.budget, initial=min(done, settings.budget), desc=f"tune {objective.name}",
               unit="trial", file=sys.stderr, disable=None if settings.progress else True) as bar:
@@ -347,7 +362,7 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
             job.check(note=f"finished trials are in {out_dir}; continue with --resume")
 
         if settings.backend == "local":
-            while len(study.get_trials(deepcopy=False)) < settings.budget:
+            while _counted(study) < settings.budget:
                 trial, params = _ask(study, objective, settings)
                 finished(trial, run_trial(objective, params, trial.number, settings.prompts, settings.max_new_tokens))
         else:
@@ -378,7 +393,7 @@ def _run_on_ray(study, objective: Objective, settings: SweepSettings, finished) 
         pending: dict[Any, Any] = {}
         objective_ref = ray.put(objective)
         while True:
-            while len(pending) < settings.workers and len(study.get_trials(deepcopy=False)) < settings.budget:
+            while len(pending) < settings.workers and _counted(study) < settings.budget:
                 trial, params = _ask(study, objective, settings)
                 ref = remote.remote(objective_ref, params, trial.number, settings.prompts, settings.max_new_tokens)
                 pending[ref] = trial
