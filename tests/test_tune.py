@@ -63,6 +63,29 @@ def test_resume_continues_the_same_sweep(tmp_path):
     assert len(json.loads((tmp_path / "part" / "run_meta.json").read_text())["resumed"]) == 1
 
 
+def test_resume_with_another_objective_or_sampler_is_refused(tmp_path):
+    """Resuming with another metric / function (values not comparable with the earlier trials')
+    or another seed / mode was accepted: the best was then ranked across both."""
+    from xlstm_metal.tuning.sweep import SweepError
+
+    out = tmp_path / "s"
+    first = run_sweep(FunctionObjective("sphere", 2), out, SweepSettings(trials=3, seed=3, progress=False))
+    before = (out / "trials.jsonl").read_text()
+    with pytest.raises(SweepError, match=r"function 'sphere' -> 'rastrigin'"):
+        run_sweep(FunctionObjective("rastrigin", 2), out, SweepSettings(trials=5, seed=3, progress=False), resume=True)
+    with pytest.raises(SweepError, match=r"dims 2 -> 3"):
+        run_sweep(FunctionObjective("sphere", 3), out, SweepSettings(trials=5, seed=3, progress=False), resume=True)
+    with pytest.raises(SweepError, match=r"seed 3 -> 4"):
+        run_sweep(FunctionObjective("sphere", 2), out, SweepSettings(trials=5, seed=4, progress=False), resume=True)
+    with pytest.raises(SweepError, match=r"mode 'random' -> 'ga'"):
+        run_sweep(FunctionObjective("sphere", 2), out, SweepSettings(mode="ga", population=2, trials=5, seed=3,
+                                                                     progress=False), resume=True)
+    assert (out / "trials.jsonl").read_text() == before
+    resumed = run_sweep(FunctionObjective("sphere", 2), out, SweepSettings(trials=5, seed=3, progress=False),
+                        resume=True)  # only the budget changed
+    assert _strip(resumed.trials[:3]) == _strip(first.trials) and len(resumed.trials) == 5
+
+
 class _StopsAtTrial(FunctionObjective):
     """Stops the sweep (as Ctrl-C or a kill would) while trial ``stop_at`` runs."""
 

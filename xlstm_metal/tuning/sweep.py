@@ -293,6 +293,26 @@ def _meta(objective: Objective, settings: SweepSettings, argv: list[str] | None)
             "started": time.time()}
 
 
+#: Settings that decide which points are drawn: a resumed sweep must keep them.
+_SAMPLING_SETTINGS = ("mode", "seed", "population")
+
+
+def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: SweepSettings, out_dir: Path) -> None:
+    """Refuse to resume with a different objective (metric, model, lengths, search space, ...)
+    or sampler (mode, seed, population): its values would be ranked beside the earlier trials'
+    as if they measured the same thing, and the seeded draws would no longer repeat."""
+    stored = meta.get("objective", {})
+    current = json.loads(json.dumps(_json_safe(objective.meta())))
+    changed = [f"{key} {stored.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(stored) | set(current))
+               if stored.get(key) != current.get(key)]
+    old_settings = meta.get("settings", {})
+    changed += [f"{key} {old_settings[key]!r} -> {getattr(settings, key)!r}" for key in _SAMPLING_SETTINGS
+                if key in old_settings and old_settings[key] != getattr(settings, key)]
+    if changed:
+        raise SweepError(f"cannot resume {out_dir} with other settings than it was run with ({'; '.join(changed)}); "
+                         "resume with the same settings (only the budget may change) or start a new --out")
+
+
 def sqlite_storage(path: Path):
     """Optuna's SQLite storage at ``path`` in WAL mode without an fsync per commit (Optuna
     commits ~15 times per trial; at 16 ms per fsync here that was most of a cheap trial's time).
@@ -335,6 +355,7 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
         meta = json.loads(meta_path.read_text())
         if meta.get("objective", {}).get("objective") != objective.name:
             raise SweepError(f"{out_dir} holds a {meta['objective'].get('objective')} sweep, not {objective.name}")
+        _check_resume_matches(meta, objective, settings, out_dir)
         meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
         meta["budget"] = settings.budget
     else:
