@@ -54,6 +54,19 @@ def test_logprobs_match_one_forward_and_carry_state_across_pieces(judge_model, m
     assert math.isclose(rating["perplexity"], math.exp(-ref.mean()), rel_tol=1e-5)
 
 
+def test_token_count_is_the_texts_own_with_or_without_a_prompt(judge_model):
+    """Without a prompt the BOS the text is scored after was counted as one of its tokens ("a":
+    2 tokens with no prompt, 1 after a prompt)."""
+    model, tok = judge_model
+    for text in ("a", "import os\nimport sys\n"):
+        own = len(tok.encode(text, add_special_tokens=False))
+        alone = judge_record(model, tok, {"text": text})
+        prompted = judge_record(model, tok, {"prompt": "# code", "text": text})
+        assert alone["tokens"] == prompted["tokens"] == own
+        assert alone["scored_tokens"] == own and prompted["scored_tokens"] == own  # BOS predicts the first
+    assert judge_record(model, tok, {"text": "a"})["tokens"] == 1
+
+
 def test_judge_cli_writes_ratings(tmp_path, capsys, judge_model):
     src = tmp_path / "outputs"
     src.mkdir()

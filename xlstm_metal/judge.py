@@ -8,7 +8,8 @@ For each record (``text`` and an optional ``prompt``):
 - ``repeated_4gram_share``: the share of the text's word 4-grams that repeat an earlier one
   (0: none repeats; near 1: a loop).
 - ``longest_repeated_span``: the longest run of words that occurs twice (overlaps allowed).
-- ``chars``, ``words``, ``tokens``: lengths.
+- ``chars``, ``words``, ``tokens``: lengths (``tokens``: the text's own, without the BOS a
+  prompt-less text is scored after).
 
 Texts of any length are scored in pieces carrying the recurrent state, so memory stays bounded.
 """
@@ -109,7 +110,9 @@ def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
     text = record["text"]
     prompt = record.get("prompt") or ""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
-    text_ids = tokenizer.encode(text, add_special_tokens=not prompt)
+    plain_ids = tokenizer.encode(text, add_special_tokens=False)  # the text's own tokens
+    # Without a prompt the text follows the tokenizer's special tokens (BOS): context, not text.
+    text_ids = plain_ids if prompt else tokenizer.encode(text, add_special_tokens=True)
     lp = token_logprobs(model, prompt_ids, text_ids) if text_ids else np.zeros(0)
     words = text.split()
     mean = float(lp.mean()) if lp.size else float("nan")
@@ -124,7 +127,7 @@ def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
         "longest_repeated_span": longest_repeated_span(words),
         "chars": len(text),
         "words": len(words),
-        "tokens": len(text_ids),
+        "tokens": len(plain_ids),
     }
 
 
