@@ -91,6 +91,26 @@ def test_judge_cli_writes_ratings(tmp_path, capsys, judge_model):
     assert "bad.jsonl:1" in capsys.readouterr().err
 
 
+def test_judge_cli_empty_text_gives_null_not_nan(tmp_path, judge_model):
+    """An empty text was written as NaN, which is not JSON (strict parsers reject the file)."""
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"prompt": "hello", "text": ""}) + "\n" + json.dumps({"text": "import os"}) + "\n")
+    out = tmp_path / "r"
+    assert main(["judge", "--outputs", str(src), "--out", str(out), "--no-progress"]) == 0
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+
+    rows = [json.loads(x, parse_constant=strict) for x in (out / "ratings.jsonl").read_text().splitlines()]
+    assert rows[0]["mean_logprob"] is None and rows[0]["perplexity"] is None and rows[0]["scored_tokens"] == 0
+    assert rows[0]["tokens"] == 0 and rows[0]["words"] == 0
+    model, tok = judge_model
+    assert math.isclose(rows[1]["mean_logprob"], judge_record(model, tok, {"text": "import os"})["mean_logprob"],
+                        rel_tol=1e-6)
+    table = list(csv.DictReader((out / "ratings.csv").open()))
+    assert table[0]["perplexity"] == "" and float(table[1]["perplexity"]) == rows[1]["perplexity"]
+
+
 TASK = """task: xlstm_tiny_choice
 dataset_path: json
 dataset_kwargs:

@@ -6,7 +6,8 @@
 --outputs: JSON Lines files (or directories of them, e.g. a tune run's outputs/) whose records
 hold "text" and optionally "prompt"; other fields are kept. For each record: mean log-probability
 and perplexity of the text given the prompt, distinct-1/2/3, share of repeated 4-grams, longest
-repeated span, lengths. Writes ratings.jsonl and ratings.csv to --out.
+repeated span, lengths. Writes ratings.jsonl and ratings.csv to --out; a text with no scored token
+(empty) has null mean_logprob and perplexity.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -114,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
         keep = {k: v for k, v in record.items() if k != "text"}
         rows.append({**keep, **judge_record(model, tokenizer, record)})
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(targets[0], "".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+    # A text with no scored token (empty) has no log-probability: null (JSON has no NaN), empty in the CSV.
+    rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    atomic_write_text(targets[0], "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     atomic_write_text(targets[1], ratings_csv(rows))
-    ppl = [r["perplexity"] for r in rows if r["scored_tokens"]]
+    ppl = [r["perplexity"] for r in rows if r["scored_tokens"] and r["perplexity"] is not None]
     mean_ppl = sum(ppl) / len(ppl) if ppl else float("nan")
     print(f"judged {len(rows)} texts with {source}: mean perplexity {mean_ppl:.2f}; "
           f"ratings in {targets[0]} and {targets[1]}", file=sys.stderr)
