@@ -360,3 +360,37 @@ def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):
                  "--out", str(out), "--mem-hard", "2MB"]) == 3
     err = capsys.readouterr().err
     assert "hard limit 2.0 MB" in err and "1 candidates were scored" in err and not (out / "summary.json").exists()
+
+
+STUCK_JOB = """
+import ctypes, signal
+from xlstm_metal.monitor import JobStatus
+JobStatus("generate", "m", watchdog=None, interval=0.2).start()
+# The SIGTERM reaches another thread while the main thread sits in native code, as when an MLX
+# collective waits for a process that died (mlx.launch then sends SIGTERM and waits).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+print("ready", flush=True)
+ctypes.CDLL(None).sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libc sleep through ctypes (Linux)")
+def test_sigterm_ends_a_job_stuck_in_native_code(runtime):
+    """SIGTERM must still end a job whose main thread never returns to Python (the handler that
+    removes the record would otherwise be deferred forever: mlx.launch hung on such a rank)."""
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_JOB], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert record_path(proc.pid, runtime).is_file()
+        t0 = time.monotonic()
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + 15, err
+    assert "did not return from native code" in err
+    assert not record_path(proc.pid, runtime).exists()

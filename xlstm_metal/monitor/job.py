@@ -53,6 +53,9 @@ FIELDS = frozenset({
 DEFAULT_INTERVAL = 1.0
 #: tokens_per_s is measured over this many records.
 RATE_WINDOW = 4
+#: Seconds a job may leave a SIGTERM unhandled (its main thread stuck in native code, e.g. an MLX
+#: collective waiting for a process that died) before the publisher thread ends the process.
+SIGTERM_GRACE_S = 5.0
 
 
 class JobStatus:
@@ -100,6 +103,8 @@ class JobStatus:
         self._publisher_cpu = 0.0
         self._publishes = 0
         self._old_sigterm: Any = None
+        self._wakeup: tuple[int, int] | None = None  # (read, write) pipe of signal.set_wakeup_fd
+        self._sigterm_at: float | None = None
         self._count_lock = threading.Lock()
         self._active = 0
 
@@ -248,6 +253,7 @@ class JobStatus:
         tick = min(poll, self.interval)
         next_publish = time.monotonic() + self.interval
         while not self._stop.wait(tick):
+            self._check_sigterm()
             try:
                 if self.watchdog is not None:
                     self.watchdog.sample()
@@ -273,6 +279,7 @@ class JobStatus:
                 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             # SIGTERM (kill, top's kill key) unwinds like Ctrl-C does, so the record is removed.
             self._old_sigterm = signal.signal(signal.SIGTERM, _terminate)
+            self._watch_signals()
         _CURRENT = self
         return self
 
@@ -298,6 +305,7 @@ class JobStatus:
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
+        self._unwatch_signals()
         if _CURRENT is self:
             _CURRENT = None
 
@@ -308,7 +316,70 @@ class JobStatus:
         self.close()
 
 
+    # ------------------------------------------------------------------ SIGTERM while stuck
+    # Python runs a signal handler only when the main thread executes Python code. A main thread
+    # blocked in native code (an MLX collective whose peer died under mlx.launch) would defer
+    # the handler forever: SIGTERM, which ends the process by default, no longer would, and
+    # mlx.launch waits for it forever. The C-level handler writes the signal number to the
+    # wakeup fd at once, so the publisher thread sees the SIGTERM and ends the process when the
+    # Python handler has not run within SIGTERM_GRACE_S.
+    def _watch_signals(self) -> None:
+        try:
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+        except (OSError, AttributeError):
+            return
+        try:
+            old = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            old = None
+        if old != -1:  # someone else reads the wakeup fd (or it cannot be set): leave it to them
+            if old is not None:
+                signal.set_wakeup_fd(old)
+            os.close(read)
+            os.close(write)
+            return
+        self._wakeup = (read, write)
+
+    def _unwatch_signals(self) -> None:
+        if self._wakeup is None:
+            return
+        try:
+            current = signal.set_wakeup_fd(-1)
+            if current not in (-1, self._wakeup[1]):
+                signal.set_wakeup_fd(current)  # someone replaced ours since: keep theirs
+        except ValueError:  # not the main thread: leave the fd set, harmless once we stop reading
+            return
+        for fd in self._wakeup:
+            os.close(fd)
+        self._wakeup = None
+
+    def _check_sigterm(self) -> None:
+        if self._wakeup is None:
+            return
+        try:
+            data = os.read(self._wakeup[0], 512)
+        except (BlockingIOError, OSError):
+            data = b""
+        if signal.SIGTERM in data and self._sigterm_at is None:
+            self._sigterm_at = time.monotonic()
+        if self._sigterm_at is None or _TERM_HANDLED or signal.getsignal(signal.SIGTERM) is not _terminate:
+            return
+        if time.monotonic() - self._sigterm_at >= SIGTERM_GRACE_S:
+            print(f"xlstm-metal: SIGTERM: the main thread did not return from native code within "
+                  f"{SIGTERM_GRACE_S:g} s (waiting on another process?); exiting", file=sys.stderr, flush=True)
+            self._remove()
+            os._exit(128 + signal.SIGTERM)
+
+
+#: Set when :func:`_terminate` ran (the main thread took the SIGTERM).
+_TERM_HANDLED = False
+
+
 def _terminate(signum, _frame):
+    global _TERM_HANDLED
+    _TERM_HANDLED = True
     raise SystemExit(128 + signum)
 
 
