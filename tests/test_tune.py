@@ -231,6 +231,24 @@ def test_train_objective_is_seeded_and_respects_the_parameter_budget(tmp_path):
     assert [r["status"] for r in runs[0]] == ["complete", "rejected"]
 
 
+def test_train_sweep_resumes_from_a_moved_or_differently_named_out(tmp_path, monkeypatch):
+    """The tokenizer a train sweep trains into OUT is the run's own: resuming through another
+    spelling of OUT (absolute / relative) or after moving it must not count as changed settings."""
+    (tmp_path / "data.txt").write_text("\n".join(f"alpha beta {i % 7} gamma delta" for i in range(200)))
+    args = ["tune", "--objective", "train", "--data", str(tmp_path / "data.txt"), "--seed", "4",
+            "--token-budget", "800", "--seq-len", "16", "--vocab-size", "300", "--param-budget", "60000",
+            "--max-depth", "1", "--no-progress"]
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--out", "a", "--trials", "1"]) == 0
+    first = _records(tmp_path / "a")
+    assert main([*args, "--out", str(tmp_path / "a"), "--trials", "2", "--resume"]) == 0
+    (tmp_path / "a").rename(tmp_path / "moved")
+    assert main([*args, "--out", "moved", "--trials", "3", "--resume"]) == 0
+    records = _records(tmp_path / "moved")
+    assert len(records) == 3 and _strip(records[:1]) == _strip(first)
+    assert main([*args, "--out", "moved", "--trials", "4", "--resume", "--token-budget", "900"]) == 2
+
+
 def test_profile_init_sets_gates_for_training_from_scratch():
     from conftest import tiny_model
 

@@ -303,14 +303,19 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
     as if they measured the same thing, and the seeded draws would no longer repeat."""
     stored = meta.get("objective", {})
     current = json.loads(json.dumps(_json_safe(objective.meta())))
+    home = out_dir.resolve()
+
+    def own_file(value: Any) -> bool:  # e.g. the tokenizer trained into OUT: the run's own, wherever OUT is now
+        return isinstance(value, str) and value != "" and Path(value).resolve().is_relative_to(home)
+
     changed = [f"{key} {stored.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(stored) | set(current))
-               if stored.get(key) != current.get(key)]
+               if stored.get(key) != current.get(key) and not own_file(current.get(key))]
     old_settings = meta.get("settings", {})
     changed += [f"{key} {old_settings[key]!r} -> {getattr(settings, key)!r}" for key in _SAMPLING_SETTINGS
                 if key in old_settings and old_settings[key] != getattr(settings, key)]
     if changed:
         raise SweepError(f"cannot resume {out_dir} with other settings than it was run with ({'; '.join(changed)}); "
-                         "resume with the same settings (only the budget may change) or start a new --out")
+                         "resume with the same settings (only --trials may change) or start a new --out")
 
 
 def sqlite_storage(path: Path):
