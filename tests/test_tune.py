@@ -249,6 +249,20 @@ def test_train_sweep_resumes_from_a_moved_or_differently_named_out(tmp_path, mon
     assert main([*args, "--out", "moved", "--trials", "4", "--resume", "--token-budget", "900"]) == 2
 
 
+def test_speed_sweep_resumes_with_the_shape_file_spelt_another_way(tmp_path, monkeypatch):
+    """--shape config.json given relative, then absolute: the same file, not a changed setting."""
+    (tmp_path / "tiny.json").write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1,
+                                                    "vocab_size": 128}))
+    monkeypatch.chdir(tmp_path)
+    args = ["tune", "--objective", "speed", "--out", "s", "--seed", "2", "--prefill-length", "32",
+            "--decode-tokens", "4", "--repeats", "1", "--profile-name", "t", "--no-progress"]
+    assert main([*args, "--shape", "tiny.json", "--trials", "1"]) == 0
+    assert main([*args, "--shape", str(tmp_path / "tiny.json"), "--trials", "2", "--resume"]) == 0
+    assert len(_records(tmp_path / "s")) == 2
+    (tmp_path / "other.json").write_text((tmp_path / "tiny.json").read_text())
+    assert main([*args, "--shape", "other.json", "--trials", "3", "--resume"]) == 2  # another file
+
+
 def test_profile_init_sets_gates_for_training_from_scratch():
     from conftest import tiny_model
 

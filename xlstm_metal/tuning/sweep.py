@@ -308,8 +308,15 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
     def own_file(value: Any) -> bool:  # e.g. the tokenizer trained into OUT: the run's own, wherever OUT is now
         return isinstance(value, str) and value != "" and Path(value).resolve().is_relative_to(home)
 
+    def same_file(a: Any, b: Any) -> bool:  # a path spelt another way (relative / absolute)
+        try:
+            return isinstance(a, str) and isinstance(b, str) and a != "" and b != "" and os.path.samefile(a, b)
+        except OSError:
+            return False
+
     changed = [f"{key} {stored.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(stored) | set(current))
-               if stored.get(key) != current.get(key) and not own_file(current.get(key))]
+               if stored.get(key) != current.get(key) and not own_file(current.get(key))
+               and not same_file(stored.get(key), current.get(key))]
     old_settings = meta.get("settings", {})
     changed += [f"{key} {old_settings[key]!r} -> {getattr(settings, key)!r}" for key in _SAMPLING_SETTINGS
                 if key in old_settings and old_settings[key] != getattr(settings, key)]
