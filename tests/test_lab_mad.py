@@ -115,3 +115,37 @@ def test_autoencoder_trains_every_parameter_of_the_encoder():
     import mlx.core as mx
 
     assert net(mx.array([[1, 2, 3, 4, 5, 6, 7, 15]])).shape == (1, 8, 16)
+
+
+@pytest.mark.parametrize("which", ["mad", "evolve"])
+def test_plots_are_written_whole_or_not_at_all(tmp_path, monkeypatch, which):
+    # accuracy.png / evolution.png were written in place: a savefig that failed midway (disk
+    # full, interrupted) left a truncated file where the previous run's plot was.
+    import matplotlib.figure
+
+    from xlstm_metal.lab.evolve import plot_history
+    from xlstm_metal.lab.mad import TaskResult, plot_results
+
+    path = tmp_path / ("accuracy.png" if which == "mad" else "evolution.png")
+    path.write_bytes(b"previous plot")
+
+    def failing_savefig(self, target, *args, **kwargs):
+        with open(target, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
+    with pytest.raises(OSError, match="No space"):
+        if which == "mad":
+            plot_results([TaskResult("compression", 0.5, 1.0, 1 / 15, 10, 1.0, 100, {})], path, "t")
+        else:
+            plot_history([{"generation": 0, "fitness": 0.5, "parameters": 100}], path)
+    assert path.read_bytes() == b"previous plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
+    monkeypatch.undo()
+    if which == "mad":
+        plot_results([TaskResult("compression", 0.5, 1.0, 1 / 15, 10, 1.0, 100, {})], path, "t")
+    else:
+        plot_history([{"generation": 0, "fitness": 0.5, "parameters": 100}], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
