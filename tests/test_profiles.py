@@ -115,6 +115,24 @@ def test_check_fails_for_a_wrong_kernel_setting(tmp_path, capsys):
     assert main(["profile", "check", "exact-fp32", "--model", str(tmp_path / "m"), "--reference", "mlx"]) == 0
 
 
+def test_profile_list_shows_usable_names_and_survives_a_bad_user_file(tmp_path, capsys):
+    """One invalid user profile made `profile list` list nothing (exit 2); a file whose "name"
+    differs from its file name was listed under a name --profile did not take."""
+    user = tmp_path / "profiles"
+    user.mkdir()
+    (user / "broken.json").write_text('{"name": "broken", "version": 1, "fuse": "yes"}')
+    (user / "mine.json").write_text('{"name": "other", "version": 1, "chunk_size": 32}')
+    assert main(["profile", "list"]) == 1
+    captured = capsys.readouterr()
+    names = [line.split()[0] for line in captured.out.splitlines()[1:] if not line.startswith("(")]
+    assert names == ["exact-fp32", "fast-bf16", "mine", "nxai-parity"]
+    assert "mine (named other)" in captured.out and "32" in captured.out
+    assert "broken.json" in captured.err and "fuse must be true or false" in captured.err
+    assert load_profile("mine").chunk_size == 32  # the listed name is the one --profile takes
+    (user / "broken.json").unlink()
+    assert main(["profile", "list"]) == 0
+
+
 def test_profile_cli_show_and_errors(capsys):
     assert main(["profile", "show", "fast-bf16"]) == 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"

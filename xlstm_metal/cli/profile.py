@@ -84,23 +84,35 @@ def apply_training_profile(model, profile, kernel: str, from_scratch: bool) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..profiles import ProfileError, list_profiles, load_profile, user_profile_dir
+    import sys
+
+    from ..profiles import ProfileError, _profile_files, load_profile, read_profile, user_profile_dir
 
     try:
         if args.profile_command == "list":
             rows = [("name", "version", "dtype", "state", "kernels (chunkwise / sequence / step)", "chunk",
                      "tolerance", "device")]
-            for prof in list_profiles():
+            bad = []
+            # The name column is what --profile takes (the file's name); a profile whose "name"
+            # field differs says so. An invalid user file is reported after the others.
+            for key, path in sorted(_profile_files().items()):
+                try:
+                    prof = read_profile(path)
+                except ProfileError as err:
+                    bad.append(str(err))
+                    continue
                 k = prof.kernels
                 dev = (prof.device or {}).get("device_name") or (prof.device or {}).get("device") or "any"
-                rows.append((prof.name, str(prof.version), prof.dtype, prof.state_dtype,
-                             f"{k['chunkwise']} / {k['sequence']} / {k['step']}", str(prof.chunk_size or "model"),
-                             f"{prof.max_rel_error:g}", str(dev)))
+                rows.append((key if prof.name == key else f"{key} (named {prof.name})", str(prof.version),
+                             prof.dtype, prof.state_dtype, f"{k['chunkwise']} / {k['sequence']} / {k['step']}",
+                             str(prof.chunk_size or "model"), f"{prof.max_rel_error:g}", str(dev)))
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for row in rows:  # plain columns: names are never cut, pipes stay readable
                 print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
             print(f"(tuned profiles are saved in {user_profile_dir()})")
-            return 0
+            for message in bad:
+                print(f"invalid: {message}", file=sys.stderr)
+            return 1 if bad else 0
         if args.profile_command == "show":
             print(json.dumps(load_profile(args.name).to_dict(), indent=2))
             return 0
