@@ -3,6 +3,7 @@
 import json
 import math
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -88,6 +89,26 @@ def test_bench_plot_medians_per_side(tmp_path):
     fig = plot_bench([tmp_path / "side.json"])
     lines = {line.get_label(): list(line.get_ydata()) for line in _axis(fig, "decode").lines}
     assert lines == {"official": [15.0], "ours": [24.0]}  # the median of three rounds
+
+
+def test_bench_plot_series_keep_one_colour_across_panels(tmp_path):
+    """Each panel cycled its own colours: "b: ours" was C1 in decode and C0 in prefill, where
+    C0 was "a" in decode, so the colours paired different series across the panels."""
+    _write_jsonl(tmp_path / "a.jsonl", [{"kind": "decode", "batch": 1, "length": 8, "tok_s": 5.0},
+                                        {"kind": "decode", "batch": 4, "length": 8, "tok_s": 12.0}])
+    (tmp_path / "b.json").write_text(json.dumps({"records": [
+        {"side": "ours", "kind": "decode", "batch": 1, "tok_s": 20.0},
+        {"side": "ours", "kind": "prefill", "batch": 1, "length": 64, "tok_s": 300.0},
+        {"side": "official", "kind": "prefill", "batch": 1, "length": 64, "tok_s": 200.0},
+    ]}))
+    fig = plot_bench([tmp_path / "a.jsonl", tmp_path / "b.json"])
+    colours = {}
+    for ax in (_axis(fig, "prefill"), _axis(fig, "decode")):
+        for line in ax.lines:
+            style = (matplotlib.colors.to_hex(line.get_color()), line.get_marker())
+            assert colours.setdefault(line.get_label(), style) == style
+    assert set(colours) == {"a", "b: ours", "b: official"} and len(set(colours.values())) == 3
+    fig.savefig(tmp_path / "b.png")
 
 
 def test_plot_cli(tmp_path, capsys):

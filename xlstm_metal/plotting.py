@@ -219,6 +219,14 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
     """Prefill tok/s against prompt length and decode tok/s against batch size."""
     fig, (ax_pre, ax_dec) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     sources = list(files)
+    styles: dict[str, tuple[str, str]] = {}  # label -> (color, marker): one series looks the same in both panels
+
+    def style(label: str) -> tuple[str, str]:
+        if label not in styles:
+            n = len(styles)
+            styles[label] = (f"C{n % 10}", "osd^v<>"[(n // 10) % 7])
+        return styles[label]
+
     for file in sources:
         source = Path(file).stem
         groups: dict[tuple[str, str], dict[int, list[float]]] = {}
@@ -233,7 +241,8 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
         for (kind, label), points in sorted(groups.items()):
             xs = sorted(points)
             ax = ax_pre if kind == "prefill" else ax_dec
-            ax.plot(xs, [statistics.median(points[x]) for x in xs], "o-", ms=4, label=label)
+            color, marker = style(label)
+            ax.plot(xs, [statistics.median(points[x]) for x in xs], "-", marker=marker, ms=4, color=color, label=label)
     ax_pre.set(title="prefill", xlabel="prompt length (tokens)", ylabel="tokens/s", xscale="log")
     ax_dec.set(title="decode", xlabel="batch size", ylabel="tokens/s", xscale="log")
     for ax in (ax_pre, ax_dec):
