@@ -48,6 +48,26 @@ def test_tune_plot_data(tmp_path):
     assert np.array_equal(np.asarray(kernel_ax.collections[0].get_offsets()), [[0, 10], [1, 30], [0, 20]])
 
 
+def test_tune_plot_bad_meta_is_named_and_best_json_gives_the_direction(tmp_path, capsys):
+    """A corrupt run_meta.json was a traceback; without run_meta.json a minimising (train)
+    sweep's "best so far" tracked the largest loss."""
+    d = tmp_path / "tune"
+    d.mkdir()
+    _write_jsonl(d / "trials.jsonl", [
+        {"number": 0, "status": "complete", "value": 3.0, "params": {"lr": 0.01}, "metrics": {}},
+        {"number": 1, "status": "complete", "value": 2.0, "params": {"lr": 0.02}, "metrics": {}},
+        {"number": 2, "status": "complete", "value": 2.5, "params": {"lr": 0.03}, "metrics": {}},
+    ])
+    (d / "best.json").write_text(json.dumps({"objective": "train", "metric": "val_loss", "direction": "minimize",
+                                             "number": 1, "value": 2.0}))
+    best = _axis(plot_tune(d), "best so far")
+    assert list(best.lines[0].get_ydata()) == [3.0, 2.0, 2.0] and best.get_ylabel() == "val_loss"
+    for bad in ("{", "[1, 2]"):
+        (d / "run_meta.json").write_text(bad)
+        assert main(["plot", str(d), "--out", str(tmp_path / "t.png")]) == 2
+        assert "run_meta.json" in capsys.readouterr().err and not (tmp_path / "t.png").exists()
+
+
 def test_training_runs_overlaid(tmp_path):
     for name, scale in (("a", 1.0), ("b", 2.0)):
         run = tmp_path / name

@@ -89,9 +89,15 @@ def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
     d = Path(directory)
     path = d / "trials.jsonl" if d.is_dir() else d
     records = _jsonl(path)
-    meta_path = path.parent / "run_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    objective = meta.get("objective", {})
+    from .jsonfiles import read_json_object
+
+    meta_path, best_path = path.parent / "run_meta.json", path.parent / "best.json"
+    meta = read_json_object(meta_path, PlotError) if meta_path.is_file() else {}
+    objective = meta.get("objective") if isinstance(meta.get("objective"), dict) else {}
+    if not objective.get("direction") and best_path.is_file():  # no run_meta.json: best.json names it too
+        best = read_json_object(best_path, PlotError)
+        objective = {"objective": best.get("objective", ""), "metric": best.get("metric", "value"),
+                     "direction": best.get("direction", "maximize")}
     metric = objective.get("metric", "value")
     maximize = objective.get("direction", "maximize") == "maximize"
     done = [r for r in records if r.get("status") == "complete" and r.get("value") is not None]
