@@ -99,3 +99,19 @@ def test_evolve_keeps_every_candidate_within_min_and_max_blocks(min_blocks, max_
     assert all(min_blocks <= len(c.genome) <= max_blocks for c in result.best)
     with pytest.raises(ValueError, match="min_blocks"):
         evolve(score, budget=10**9, population=2, generations=1, min_blocks=3, max_blocks=2)
+
+
+def test_write_outputs_removes_best_files_of_an_earlier_search(tmp_path):
+    # `evolve --overwrite` (or a smaller --top) into a directory of an earlier search left its
+    # best-2.yaml / best-3.yaml beside the new best-1.yaml, as if they were this search's.
+    def score(arch):
+        return {"blocks": len(arch["blocks"]) / 10}
+
+    big = evolve(score, budget=10**9, population=4, generations=1, seed=0, dim=16, vocab_size=16, start=[])
+    write_outputs(big, tmp_path, top=3)
+    assert {p.name for p in tmp_path.glob("best-*.yaml")} == {"best-1.yaml", "best-2.yaml", "best-3.yaml"}
+    (tmp_path / "best-notes.yaml").write_text("mine: true\n")  # not ours: kept
+    small = evolve(score, budget=10**9, population=2, generations=1, seed=1, dim=16, vocab_size=16, start=[])
+    write_outputs(small, tmp_path, top=1)
+    assert {p.name for p in tmp_path.glob("best-*.yaml")} == {"best-1.yaml", "best-notes.yaml"}
+    assert genome_of(load_arch(str(tmp_path / "best-1.yaml"))) == small.best[0].genome

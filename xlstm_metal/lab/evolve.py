@@ -256,6 +256,12 @@ def write_outputs(result: SearchResult, out: Path, *, top: int = 3, meta: dict[s
                 "description": f"fitness {cand.fitness:.4f} ({_short(cand.scores)}), {cand.parameters:,} parameters",
                 "blocks": cand.arch["blocks"], "genome": cand.arch["genome"]}
         written.append(_atomic(out / f"best-{rank}.yaml", yaml.safe_dump(arch, sort_keys=False)))
+    # best-N.yaml of an earlier search in this directory (--overwrite, a larger --top) that this one
+    # did not write: left, they would read as this search's results.
+    for stale in out.glob("best-*.yaml"):
+        rank = stale.stem[len("best-"):]
+        if rank.isdigit() and int(rank) > len(written) and stale.is_file():
+            stale.unlink()
     written.append(write_history(result.history, out / "history.jsonl"))
     summary = {**(meta or {}), "best": [c.record() for c in result.best[:top]], "evaluated": len(result.history)}
     written.append(_atomic(out / "summary.json", json.dumps(summary, indent=2)))
