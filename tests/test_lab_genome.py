@@ -115,3 +115,16 @@ def test_write_outputs_removes_best_files_of_an_earlier_search(tmp_path):
     write_outputs(small, tmp_path, top=1)
     assert {p.name for p in tmp_path.glob("best-*.yaml")} == {"best-1.yaml", "best-notes.yaml"}
     assert genome_of(load_arch(str(tmp_path / "best-1.yaml"))) == small.best[0].genome
+
+
+def test_evolve_first_population_has_population_distinct_candidates():
+    # mlstm and hybrid cut to 2 blocks are the same genome (mlstm, swiglu): the first generation
+    # of --population 3 held that candidate twice and scored 2 architectures, not 3.
+    def score(arch):
+        return {"blocks": len(arch["blocks"]) / 10}
+
+    result = evolve(score, budget=10**9, population=3, generations=1, seed=0, dim=16, vocab_size=16,
+                    start=["mlstm", "hybrid", "attention"], min_blocks=2, max_blocks=2)
+    genomes = [tuple(map(tuple, h["genome"])) for h in result.history]
+    assert len(genomes) == 3 and len(set(genomes)) == 3
+    assert genome_of(load_arch("mlstm"))[:2] == genome_of(load_arch("hybrid"))[:2]

@@ -137,13 +137,18 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
         from tqdm import tqdm
 
         bar = tqdm(total=population * generations, desc="evolve", unit="candidate")
-    pop = []
-    for g in first[:population]:
+    pop: list[Candidate] = []
+    queue, tries = list(first[:population]), 0
+    while len(pop) < population and tries < population * 10:
+        # Distinct candidates: two start architectures cut to the same genome (budget, --max-blocks)
+        # or a repeated random one would fill two slots with one candidate; a random genome replaces it.
+        tries += 1
+        g = queue.pop(0) if queue else random_genome(rng, int(rng.integers(min_blocks, max_blocks + 1)))
         cand = make(g, 0)
-        if bar is not None:
-            bar.update(1)
-        if cand is not None:
+        if cand is not None and all(cand is not c for c in pop):
             pop.append(cand)
+            if bar is not None:
+                bar.update(1)
     if not pop:
         raise ValueError(f"no architecture fits the parameter budget of {budget:,}")
     for generation in range(1, generations):
