@@ -263,6 +263,15 @@ def test_speed_sweep_resumes_with_the_shape_file_spelt_another_way(tmp_path, mon
     assert main([*args, "--shape", "other.json", "--trials", "3", "--resume"]) == 2  # another file
 
 
+def test_train_sweep_refuses_a_vocabulary_below_the_byte_alphabet(tmp_path, capsys):
+    """--vocab-size 10 was a DataError traceback from the tokenizer training, after --out was made."""
+    (tmp_path / "data.txt").write_text("alpha beta gamma\n" * 50)
+    out = tmp_path / "out"
+    assert main(["tune", "--objective", "train", "--data", str(tmp_path / "data.txt"), "--out", str(out),
+                 "--trials", "1", "--vocab-size", "10", "--no-progress"]) == 2
+    assert "--vocab-size must be >= 259" in capsys.readouterr().err and not out.exists()
+
+
 def test_profile_init_sets_gates_for_training_from_scratch():
     from conftest import tiny_model
 
