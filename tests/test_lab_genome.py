@@ -128,3 +128,32 @@ def test_evolve_first_population_has_population_distinct_candidates():
     genomes = [tuple(map(tuple, h["genome"])) for h in result.history]
     assert len(genomes) == 3 and len(set(genomes)) == 3
     assert genome_of(load_arch("mlstm"))[:2] == genome_of(load_arch("hybrid"))[:2]
+
+
+def test_evolve_progress_total_counts_the_candidates_it_scores(monkeypatch):
+    # The bar's total was population x generations (12 here) though the elite of each generation
+    # is not scored again: a finished search stopped at 8/12.
+    import tqdm as tqdm_module
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **_):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Bar)
+
+    def score(arch):
+        return {"blocks": len(json.dumps(arch["blocks"])) % 101 / 100}
+
+    result = evolve(score, budget=10**9, population=4, generations=3, seed=0, dim=16, vocab_size=16,
+                    start=[], progress=True)
+    assert len(bars) == 1 and bars[0].total == 8
+    assert bars[0].n == len(result.history) == 8

@@ -58,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, write_history, write_outputs
+    from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, planned_candidates, write_history, write_outputs
     from ..lab.genome import genome_of
     from ..lab.library import load_arch
     from ..lab.mad import PRESETS, task_names
@@ -100,6 +100,8 @@ def run(args) -> int:
     _atomic(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
     history: list[dict] = []
 
+    total = args.population * args.generations if args.engine == "optuna" else \
+        planned_candidates(args.population, args.generations)
     job, scored = current_job(), [0]  # `xlstm-metal top`; after each candidate a memory-watchdog safe point
 
     def report(cand) -> None:
@@ -108,7 +110,7 @@ def run(args) -> int:
         print(f"gen {cand.generation} fitness {cand.fitness:.3f} params {cand.parameters:,}: "
               f"{' '.join(b['spec'] for b in cand.arch['blocks'])}", file=sys.stderr)
         scored[0] += 1
-        job.update(phase="evolve", done=scored[0], total=args.population * args.generations, unit="candidates",
+        job.update(phase="evolve", done=scored[0], total=total, unit="candidates",
                    message=f"generation {cand.generation}, last fitness {cand.fitness:.3f}")
         job.check(note=f"{scored[0]} candidates were scored and are in {out / 'history.jsonl'} (--resume continues)")
 

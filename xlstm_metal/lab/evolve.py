@@ -66,6 +66,16 @@ def mad_score_fn(tasks: list[str], preset: str = "tiny", *, seed: int = 0, epoch
     return score
 
 
+#: Best candidates a generation keeps (scored already, so not scored again).
+ELITE = 2
+
+
+def planned_candidates(population: int, generations: int, elite: int = ELITE) -> int:
+    """Candidates :func:`evolve` trains and scores: the first population, then in each later
+    generation the children beside the elite (fewer where children repeat scored genomes)."""
+    return population + (generations - 1) * (population - min(elite, population))
+
+
 @dataclass
 class SearchResult:
     best: list[Candidate]
@@ -73,7 +83,7 @@ class SearchResult:
 
 
 def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int = 3, seed: int = 0,
-           min_blocks: int = 2, max_blocks: int = 6, elite: int = 2, dim: int = 64, num_heads: int = 4,
+           min_blocks: int = 2, max_blocks: int = 6, elite: int = ELITE, dim: int = 64, num_heads: int = 4,
            vocab_size: int = 16, start: list[str] | None = None, on_candidate: Callable[[Candidate], None] | None = None,
            progress: bool = False, known: dict[tuple, dict[str, float]] | None = None) -> SearchResult:
     """Search; returns the candidates ranked by fitness and the history (one record per scored
@@ -136,7 +146,7 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=population * generations, desc="evolve", unit="candidate")
+        bar = tqdm(total=planned_candidates(population, generations, elite), desc="evolve", unit="candidate")
     pop: list[Candidate] = []
     queue, tries = list(first[:population]), 0
     while len(pop) < population and tries < population * 10:
@@ -306,4 +316,4 @@ def _atomic(path: Path, text: str) -> Path:
     return path
 
 
-__all__ = ["evolve", "evolve_optuna", "mad_score_fn", "write_outputs", "write_history", "known_scores", "count_parameters", "Candidate", "SearchResult"]
+__all__ = ["evolve", "planned_candidates", "evolve_optuna", "mad_score_fn", "write_outputs", "write_history", "known_scores", "count_parameters", "Candidate", "SearchResult"]
