@@ -84,6 +84,13 @@ def test_resume_with_another_objective_or_sampler_is_refused(tmp_path):
     resumed = run_sweep(FunctionObjective("sphere", 2), out, SweepSettings(trials=5, seed=3, progress=False),
                         resume=True)  # only the budget changed
     assert _strip(resumed.trials[:3]) == _strip(first.trials) and len(resumed.trials) == 5
+    # Random search ignores the population: a budget given as population x generations, then as
+    # --trials, is the same sweep (it was refused: 'population 3 -> 10').
+    run_sweep(FunctionObjective("sphere", 2), tmp_path / "p", SweepSettings(population=3, generations=2, seed=3,
+                                                                            progress=False))
+    again = run_sweep(FunctionObjective("sphere", 2), tmp_path / "p", SweepSettings(trials=8, seed=3, progress=False),
+                      resume=True)
+    assert _strip(again.trials[:5]) == _strip(resumed.trials) and len(again.trials) == 8
 
 
 class _StopsAtTrial(FunctionObjective):

@@ -293,7 +293,8 @@ def _meta(objective: Objective, settings: SweepSettings, argv: list[str] | None)
             "started": time.time()}
 
 
-#: Settings that decide which points are drawn: a resumed sweep must keep them.
+#: Settings that decide which points are drawn: a resumed sweep must keep them (population: the
+#: genetic search's only; random search ignores it).
 _SAMPLING_SETTINGS = ("mode", "seed", "population")
 
 
@@ -318,7 +319,8 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
                if stored.get(key) != current.get(key) and not own_file(current.get(key))
                and not same_file(stored.get(key), current.get(key))]
     old_settings = meta.get("settings", {})
-    changed += [f"{key} {old_settings[key]!r} -> {getattr(settings, key)!r}" for key in _SAMPLING_SETTINGS
+    keys = _SAMPLING_SETTINGS if settings.mode == "ga" else tuple(k for k in _SAMPLING_SETTINGS if k != "population")
+    changed += [f"{key} {old_settings[key]!r} -> {getattr(settings, key)!r}" for key in keys
                 if key in old_settings and old_settings[key] != getattr(settings, key)]
     if changed:
         raise SweepError(f"cannot resume {out_dir} with other settings than it was run with ({'; '.join(changed)}); "
