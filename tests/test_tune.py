@@ -63,7 +63,7 @@ def test_resume_continues_the_same_sweep(tmp_path):
     assert len(json.loads((tmp_path / "part" / "run_meta.json").read_text())["resumed"]) == 1
 
 
-def test_resume_with_another_objective_or_sampler_is_refused(tmp_path):
+def test_resume_with_another_objective_or_sampler_is_refused(tmp_path, monkeypatch):
     """Resuming with another metric / function (values not comparable with the earlier trials')
     or another seed / mode was accepted: the best was then ranked across both."""
     from xlstm_metal.tuning.sweep import SweepError
@@ -73,6 +73,10 @@ def test_resume_with_another_objective_or_sampler_is_refused(tmp_path):
     before = (out / "trials.jsonl").read_text()
     with pytest.raises(SweepError, match=r"function 'sphere' -> 'rastrigin'"):
         run_sweep(FunctionObjective("rastrigin", 2), out, SweepSettings(trials=5, seed=3, progress=False), resume=True)
+    monkeypatch.chdir(out)  # resumed from inside OUT: a changed word is not taken for a file in OUT
+    with pytest.raises(SweepError, match=r"function 'sphere' -> 'rastrigin'"):
+        run_sweep(FunctionObjective("rastrigin", 2), ".", SweepSettings(trials=5, seed=3, progress=False), resume=True)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SweepError, match=r"dims 2 -> 3"):
         run_sweep(FunctionObjective("sphere", 3), out, SweepSettings(trials=5, seed=3, progress=False), resume=True)
     with pytest.raises(SweepError, match=r"seed 3 -> 4"):

@@ -307,7 +307,8 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
     home = out_dir.resolve()
 
     def own_file(value: Any) -> bool:  # e.g. the tokenizer trained into OUT: the run's own, wherever OUT is now
-        return isinstance(value, str) and value != "" and Path(value).resolve().is_relative_to(home)
+        return (isinstance(value, str) and value != "" and Path(value).exists()
+                and Path(value).resolve().is_relative_to(home))
 
     def same_file(a: Any, b: Any) -> bool:  # a path spelt another way (relative / absolute)
         try:
