@@ -83,3 +83,24 @@ def test_serve_loads_the_model_under_the_profile(custom, capsys):
     assert server_args(DEFAULT_MODEL_DIR, profile=load_profile(custom)).profile.name == "custom"
     assert main(["serve", "--profile", "nope", "--port", "0"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+def test_bench_reports_the_profiles_blas_threads(tmp_path, capsys):
+    """bench --json's blas_threads is what the runs used: the profile's (it was read before the
+    profile set it)."""
+    from xlstm_metal import _blas
+    from xlstm_metal.profiles import set_blas_threads
+
+    before = _blas.info()["threads"]
+    if before is None:  # macOS: MLX's Accelerate (OpenBLAS is preloaded on Linux CPUs, where CI runs)
+        pytest.skip("no preloaded OpenBLAS: the profile's BLAS threads do not apply")
+    wanted = 1 if before != 1 else 2
+    path = tmp_path / "threads.json"
+    path.write_text(json.dumps(load_profile("exact-fp32").replace(name="threads", blas_threads=wanted).to_dict()))
+    try:
+        assert main(["bench", "--config", str(DEFAULT_MODEL_DIR), "--profile", str(path), "--prefill-lengths", "16",
+                     "--decode-batches", "1", "--decode-tokens", "2", "--json"]) == 0
+    finally:
+        set_blas_threads(before)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records and {r["blas_threads"] for r in records} == {wanted}

@@ -145,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    env = bm.environment()
     steps = len(args.prefill_lengths) + len(args.decode_batches)
     records = []
     job = current_job()  # status record for `xlstm-metal top`, memory watchdog
@@ -171,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         elif fused and hasattr(model, "fuse_projections"):
             model.fuse_projections()
         bar.update(1)
+        env = bm.environment()  # after the profile: its BLAS threads are the ones the runs use
         for record in bm.run_suite(
             config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
             decode_batches=args.decode_batches, decode_tokens=args.decode_tokens,
