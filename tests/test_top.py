@@ -272,3 +272,29 @@ def test_nvml_gpus_and_metal_info_are_shown(monkeypatch, tmp_path):
                                                       "memory_size": 128 * 10**9,
                                                       "max_recommended_working_set_size": 96 * 10**9}}
     assert "MLX 0.32 metal: Apple M3 Max, memory 128.0G, recommended working set 96.0G" in machine_text(metal)
+
+
+def test_text_snapshot_in_a_narrow_terminal_keeps_whole_figures():
+    """An 80-column `top --once` left out the least needed columns instead of cutting every one:
+    the pid, tokens/s and memory read in full (they were "7…", "2…", "162…")."""
+    import re
+    import time as _time
+
+    from xlstm_metal.monitor.top import render_text
+
+    machine = {"host": "h", "cpu_percent": 50.0, "cpu_count": 2, "load_avg": [1.0, 1.0, 1.0], "ram_used": 10**9,
+               "ram_total": 8 * 10**9, "ram_percent": 12.5, "swap_used": 0, "swap_total": 0, "gpus": [], "mlx": None}
+    job = {"pid": 74401, "command": "generate", "model": "packaged model", "phase": "decode", "done": 1241,
+           "total": 4000, "unit": "tokens", "tokens_per_s": 261.25, "started": _time.time() - 7, "age_s": 0.1,
+           "interval": 1, "device_name": "Intel(R) Xeon(R) Processor",
+           "memory": {"usage": 162.1e6, "rss": 162.1e6, "mlx_active": 61.8e6, "mlx_peak": 62.1e6, "mlx_cache": 31.6e6,
+                      "state": "ok"}}
+    snap = {"time": _time.time(), "interval": 1.0, "machine": machine, "jobs": [job]}
+    for width in (80, 100):
+        text = render_text(snap, width=width)
+        assert max(len(line) for line in text.splitlines()) <= width
+        row = next(line for line in text.splitlines() if line.startswith("74401"))
+        assert "…" not in row
+        assert re.search(r"^74401\s+generate\s+(packaged model\s+)?decode\s+1,241/4,000 tokens \(31%\)\s+261\.2\s+162\.1M", row), row
+    wide = render_text(snap, width=200)
+    assert "Intel(R) Xeon(R) Processor" in wide and "61.8M/62.1M/31.6M" in wide

@@ -155,6 +155,28 @@ def sort_jobs(jobs: list[dict[str, Any]], key: str, reverse: bool = False) -> li
 NO_JOBS = "no jobs running (xlstm-metal generate, chat, serve, train, bench, convert, tune, mad and evolve show up here)"
 
 
+#: Columns left out of a narrow text snapshot, first to go first (the rest are what a row is
+#: read for: which job, how far, how fast, how much memory).
+DROP_ORDER = ("DEVICE", "MLX ACT/PEAK/CACHE", "RSS", "LR", "UP", "MODEL", "LOSS", "STEP", "PHASE")
+
+
+def fit_columns(keep: list[int], rows: list[tuple[str, ...]], width: int) -> list[int]:
+    """The column indices of ``keep`` that fit ``width`` side by side (two spaces apart) at
+    their full width, dropping :data:`DROP_ORDER` first; a terminal too narrow for even the
+    rest gets the rest (truncated)."""
+    from rich.cells import cell_len
+
+    def need(cols):
+        return sum(max(cell_len(COLUMNS[i]), *(cell_len(r[i]) for r in rows)) for i in cols) + 2 * (len(cols) - 1)
+
+    keep = list(keep)
+    for name in DROP_ORDER:
+        if need(keep) <= width:
+            break
+        keep = [i for i in keep if COLUMNS[i] != name]
+    return keep
+
+
 def render_text(snapshot: dict[str, Any], width: int | None = None) -> str:
     """The snapshot as plain text (``top --once``; a single snapshot has no history columns).
     ``width``: the terminal's, else 200 columns."""
@@ -169,11 +191,11 @@ def render_text(snapshot: dict[str, Any], width: int | None = None) -> str:
         console.print(NO_JOBS, highlight=False)
     else:
         table = Table(box=None, pad_edge=False, header_style="bold")
-        keep = [i for i, col in enumerate(COLUMNS) if "HISTORY" not in col]
+        rows = [job_cells(job) for job in snapshot["jobs"]]
+        keep = fit_columns([i for i, col in enumerate(COLUMNS) if "HISTORY" not in col], rows, width)
         for i in keep:
             table.add_column(COLUMNS[i], no_wrap=True, overflow="ellipsis")
-        for job in snapshot["jobs"]:
-            cells = job_cells(job)
+        for cells in rows:
             table.add_row(*(cells[i] for i in keep))
         console.print(table)
     return console.export_text()
