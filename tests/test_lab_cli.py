@@ -78,6 +78,8 @@ def test_evolve_cli(tmp_path, capsys):
         p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluated"] >= 2 and summary["best"][0]["parameters"] <= 2_000_000
+    # what re-scoring the winner needs: the training epochs the fitness was measured with
+    assert summary["epochs"] == 1 and summary["preset"] == "tiny" and summary["seed"] == 0
     # The winner is an architecture `mad --arch` reads.
     assert main(["mad", "--arch", str(out / "best-1.yaml"), "--show-wiring"]) == 0
 

@@ -130,7 +130,8 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     written = write_outputs(result, out, top=args.top, meta={
-        "tasks": tasks, "preset": args.preset, "budget": args.budget, "seed": args.seed})
+        "tasks": tasks, "preset": args.preset, "epochs": args.epochs, "budget": args.budget, "seed": args.seed,
+        "engine": args.engine})
     best = result.best[0]
     print(f"best fitness {best.fitness:.3f} with {best.parameters:,} parameters: "
           f"{' '.join(b['spec'] for b in best.arch['blocks'])}")
