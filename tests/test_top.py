@@ -298,3 +298,33 @@ def test_text_snapshot_in_a_narrow_terminal_keeps_whole_figures():
         assert re.search(r"^74401\s+generate\s+(packaged model\s+)?decode\s+1,241/4,000 tokens \(31%\)\s+261\.2\s+162\.1M", row), row
     wide = render_text(snap, width=200)
     assert "Intel(R) Xeon(R) Processor" in wide and "61.8M/62.1M/31.6M" in wide
+
+
+def test_json_stdin_kill_signals_only_xlstm_metal_jobs(tmp_path, monkeypatch, capsys):
+    """`kill PID` on top --json's stdin sent SIGTERM to any pid, a mistyped one included; it
+    now refuses a process that publishes no job record (and still stops a job)."""
+    from xlstm_metal.cli.top import _run_command
+
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _run_command(f"kill {other.pid}", 1.0) == 1.0
+        time.sleep(0.3)
+        assert other.poll() is None, "an unrelated process was killed"
+        assert f"no running xlstm-metal job with pid {other.pid}" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    script = ("from xlstm_metal.monitor import JobStatus; import time\n"
+              "JobStatus('bench', watchdog=None, interval=0.1).start(); print('ready', flush=True); time.sleep(60)")
+    job = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "XLSTM_RUNTIME_DIR": str(tmp_path)})
+    try:
+        assert job.stdout.readline().strip() == "ready"
+        _run_command(f"kill {job.pid}", 1.0)
+        assert job.wait(timeout=20) == 128 + 15
+        assert f"sent SIGTERM to {job.pid}" in capsys.readouterr().err
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
