@@ -394,3 +394,25 @@ def test_sigterm_ends_a_job_stuck_in_native_code(runtime):
     assert proc.returncode == 128 + 15, err
     assert "did not return from native code" in err
     assert not record_path(proc.pid, runtime).exists()
+
+
+def test_temporary_record_files_of_dead_jobs_are_cleaned(runtime):
+    """A job killed between writing its record's temporary file and renaming it left
+    `.<pid>.json.*.tmp` in the runtime directory for good; top's read removes it once the job is
+    gone (and leaves a running job's, and a fresh one, alone)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    runtime.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 120
+    stale = [runtime / f".{dead.pid}.json.abc123.tmp", runtime / f".{dead.pid}.cmd.def456.tmp"]
+    fresh = runtime / f".{dead.pid}.json.new999.tmp"
+    alive = runtime / f".{os.getpid()}.json.xyz789.tmp"
+    other = runtime / ".notes.tmp"
+    for path in (*stale, fresh, alive, other):
+        path.write_text("{")
+    for path in (*stale, alive, other):
+        os.utime(path, (old, old))
+    assert read_jobs(runtime) == []
+    assert not any(p.exists() for p in stale)
+    assert fresh.exists() and alive.exists() and other.exists()
+    assert read_jobs(runtime, clean=False) == [] and fresh.exists()

@@ -113,7 +113,32 @@ def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[st
             continue
         record["age_s"] = max(0.0, now - float(record.get("updated", now)))
         jobs.append(record)
+    if clean:
+        _clean_temporaries(directory, now)
     return sorted(jobs, key=lambda r: r["pid"])
+
+
+#: A temporary file of :func:`atomic_write_json` older than this whose job is gone is removed.
+TEMP_MAX_AGE_S = 30.0
+
+
+def _clean_temporaries(directory: Path, now: float) -> None:
+    """Remove ``.<pid>.json.*.tmp`` / ``.<pid>.cmd.*.tmp`` files that a process killed between
+    writing and renaming (SIGKILL) left behind, once job ``pid`` no longer runs."""
+    try:
+        temporaries = list(directory.glob(".*.tmp"))
+    except OSError:
+        return
+    for path in temporaries:
+        pid, _, rest = path.name[1:].partition(".")
+        if not pid.isdigit() or not rest.startswith(("json.", "cmd.")):
+            continue
+        try:
+            if now - path.stat().st_mtime < TEMP_MAX_AGE_S or process_started(int(pid)) is not None:
+                continue
+            path.unlink()
+        except OSError:
+            pass
 
 
 def send_command(pid: int, command: str, directory: Path | None = None) -> Path:
