@@ -416,3 +416,18 @@ def test_temporary_record_files_of_dead_jobs_are_cleaned(runtime):
     assert not any(p.exists() for p in stale)
     assert fresh.exists() and alive.exists() and other.exists()
     assert read_jobs(runtime, clean=False) == [] and fresh.exists()
+
+
+def test_a_low_hard_limit_from_the_environment_alone_moves_the_default_soft_limit():
+    """XLSTM_MEM_HARD_MB / _PCT alone, below the default soft limit, made every job command exit 2
+    ("the soft memory limit (... default 80% ...) must be below the hard limit"); like
+    --mem-hard alone it brings the soft limit to 8/9 of it. Both set explicitly still must agree."""
+    total = 100 * GB
+    cfg = WatchdogConfig.from_sources(env={"XLSTM_MEM_HARD_MB": "9000"}, total=total)
+    assert (cfg.hard, cfg.soft) == (9 * GB, 8 * GB) and "hard limit" in cfg.soft_source
+    cfg = WatchdogConfig.from_sources(env={"XLSTM_MEM_HARD_PCT": "45"}, total=total)
+    assert (cfg.hard, cfg.soft) == (45 * GB, 40 * GB)
+    with pytest.raises(ValueError, match="below the hard limit"):
+        WatchdogConfig.from_sources(env={"XLSTM_MEM_HARD_MB": "9000", "XLSTM_MEM_SOFT_MB": "9500"}, total=total)
+    with pytest.raises(ValueError, match="below the hard limit"):
+        WatchdogConfig.from_sources("95GB", None, env={}, total=total)

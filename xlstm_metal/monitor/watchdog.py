@@ -155,7 +155,8 @@ class WatchdogConfig:
         soft_bytes, soft_source = limit(soft, "--mem-soft", "SOFT", DEFAULT_SOFT_PCT)
         hard_bytes, hard_source = limit(hard, "--mem-hard", "HARD", DEFAULT_HARD_PCT)
         if soft_bytes >= hard_bytes:
-            if soft is None and hard is not None:  # a low --mem-hard alone moves the soft limit under it
+            if soft_source.startswith("default") and not hard_source.startswith("default"):
+                # a low hard limit alone (--mem-hard or XLSTM_MEM_HARD_*) moves the default soft limit under it
                 soft_bytes, soft_source = int(hard_bytes * DEFAULT_SOFT_PCT / DEFAULT_HARD_PCT), \
                     f"{DEFAULT_SOFT_PCT / DEFAULT_HARD_PCT:.0%} of the hard limit"
             else:
