@@ -219,11 +219,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--objective train needs --data")
         if not 0 < args.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-        from ..training.data import SPECIAL_TOKENS, DataError, load_documents, load_tokenizer_file
+        from ..training.data import MIN_BPE_VOCAB, DataError, load_documents, load_tokenizer_file
 
-        smallest = 256 + len(SPECIAL_TOKENS)
-        if not args.tokenizer and args.vocab_size < smallest:
-            raise UsageError(f"--vocab-size must be >= {smallest} (256 bytes + special tokens), got {args.vocab_size}")
+        if not args.tokenizer and args.vocab_size < MIN_BPE_VOCAB:
+            raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {args.vocab_size}")
         try:
             load_documents(args.data, args.text_field)
             if args.tokenizer:

@@ -26,6 +26,8 @@ import numpy as np
 #: Special tokens of tokenizers trained here; their ids (0, 1, 2) match xLSTMConfig's defaults.
 BOS_TOKEN, PAD_TOKEN, EOS_TOKEN = "<|bos|>", "<|pad|>", "<|eos|>"
 SPECIAL_TOKENS = (BOS_TOKEN, PAD_TOKEN, EOS_TOKEN)
+#: Smallest vocabulary of a byte-level BPE trained here: the 256 bytes and the special tokens.
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
 _SNIFF_BYTES = 8192
 
 
@@ -128,8 +130,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise DataError(f"tokenizer vocab size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise DataError(f"tokenizer vocab size must be >= {MIN_BPE_VOCAB} (256 bytes + specials), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
