@@ -86,7 +86,7 @@ def apply_training_profile(model, profile, kernel: str, from_scratch: bool) -> N
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..profiles import ProfileError, _profile_files, load_profile, read_profile, user_profile_dir
+    from ..profiles import ProfileError, load_profile, profile_files, read_profile, user_profile_dir
 
     try:
         if args.profile_command == "list":
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             bad = []
             # The name column is what --profile takes (the file's name); a profile whose "name"
             # field differs says so. An invalid user file is reported after the others.
-            for key, path in sorted(_profile_files().items()):
+            for key, path in sorted(profile_files().items()):
                 try:
                     prof = read_profile(path)
                 except ProfileError as err:

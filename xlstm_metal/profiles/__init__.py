@@ -161,8 +161,9 @@ def user_profile_dir() -> Path:
     return base / "xlstm_metal" / "profiles"
 
 
-def _profile_files() -> dict[str, Path]:
-    """Name -> file: shipped profiles, then the user directory's (shipped names win)."""
+def profile_files() -> dict[str, Path]:
+    """Name (what ``--profile`` takes) -> file: shipped profiles, then the user directory's
+    (shipped names win)."""
     files: dict[str, Path] = {}
     user = user_profile_dir()
     if user.is_dir():
@@ -178,7 +179,7 @@ def shipped_profile_names() -> list[str]:
 def list_profiles() -> list[HyperProfile]:
     """Every profile known by name (shipped and user), sorted by name. An unreadable user file
     raises ProfileError naming it."""
-    return [read_profile(path) for _, path in sorted(_profile_files().items())]
+    return [read_profile(path) for _, path in sorted(profile_files().items())]
 
 
 def load_profile(spec: str | os.PathLike | HyperProfile) -> HyperProfile:
@@ -189,7 +190,7 @@ def load_profile(spec: str | os.PathLike | HyperProfile) -> HyperProfile:
     path = Path(text).expanduser()
     if text.endswith(".json") or os.sep in text or path.is_file():
         return read_profile(path)
-    files = _profile_files()
+    files = profile_files()
     if text not in files:
         raise ProfileError(f"unknown profile {text!r}; known: {', '.join(sorted(files)) or 'none'} "
                            "(or give a .json file)")
@@ -369,6 +370,7 @@ __all__ = [
     "init_gates",
     "list_profiles",
     "load_profile",
+    "profile_files",
     "profile_from_dict",
     "read_profile",
     "save_profile",
