@@ -59,6 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..lab.evolve import evolve, evolve_optuna, mad_score_fn, planned_candidates, write_history, write_outputs
+    from ..training.data import atomic_write_text
     from ..lab.genome import genome_of
     from ..lab.library import load_arch
     from ..lab.mad import PRESETS, task_names
@@ -97,7 +98,7 @@ def run(args) -> int:
                 "min_blocks": args.min_blocks, "max_blocks": args.max_blocks, "start": start}
     known = _resume(out, settings) if args.resume else {}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
+    atomic_write_text(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
     history: list[dict] = []
 
     total = args.population * args.generations if args.engine == "optuna" else \
@@ -159,8 +160,3 @@ def _resume(out: Path, settings: dict) -> dict:
     print(f"resuming: {len(known)} scored candidates in {out / 'history.jsonl'}", file=sys.stderr)
     return known
 
-
-def _atomic(path: Path, text: str) -> None:
-    from ..lab.evolve import _atomic as atomic
-
-    atomic(path, text)

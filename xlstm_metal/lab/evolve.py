@@ -22,7 +22,7 @@ import numpy as np
 
 from .genome import GENE_SIZES, OPERATORS, Genome, crossover, genome_of, mutate, normalise, random_genome, spec_of
 from .library import load_arch
-from .mad import run_task, save_figure
+from .mad import run_task
 from .model import LabConfig, LabModel
 
 ScoreFn = Callable[[dict[str, Any]], dict[str, float]]
@@ -303,9 +303,9 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("evolutionary search (marker size ~ parameters)", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    from ..plotting import save_figure
+
+    return save_figure(fig, path, overwrite=True)
 
 
 def _atomic(path: Path, text: str) -> Path:

@@ -499,28 +499,11 @@ def plot_results(results: list[TaskResult], path, title: str) -> None:
     ax.set_title(f"{title} (mean {aggregate(results):.3f})", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    from ..plotting import save_figure
 
-
-def save_figure(fig, path) -> None:
-    """``fig.savefig`` whole or not at all: into a temporary file beside ``path`` (same suffix, so
-    the same format), then renamed over it; a failure leaves an older plot as it was."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_figure(fig, path, overwrite=True)  # whole or not at all (the caller checked --overwrite)
 
 
 __all__ = ["TASKS", "PRESETS", "PAPER_TASKS", "Preset", "TaskSpec", "TaskResult", "generate", "run_task",
-           "aggregate", "plot_results", "save_figure", "task_names", "in_context_recall", "noisy_in_context_recall",
+           "aggregate", "plot_results", "task_names", "in_context_recall", "noisy_in_context_recall",
            "fuzzy_in_context_recall", "selective_copying", "compression", "memorization"]

@@ -58,11 +58,9 @@ def render_wiring(block: WiredBlock, path: str | Path, title: str | None = None)
     ax.axis("off")
     ax.set_title(title or f"wiring {block.resolved.name} ({len(block.stages)} stages)", fontsize=9)
     fig.tight_layout()
-    from .mad import save_figure
+    from ..plotting import save_figure
 
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, overwrite=True)
 
 
 __all__ = ["render_wiring"]
