@@ -20,6 +20,7 @@ from .generate import (
     add_model_arguments,
     check_utf8,
     load_runner,
+    max_tokens_for,
     print_model_description,
     read_prompt,
     sampling_kwargs,
@@ -105,12 +106,23 @@ def chat_loop(
         text = turn_text(line.rstrip("\n"), _ends_with_newline(runner))
         # --seed seeds the conversation (its first turn, and the first after /reset); later turns
         # continue the session's random stream instead of replaying the same draws every turn.
-        turn_kwargs = dict(kwargs, seed=None) if runner.session_tokens else kwargs
+        turn_kwargs = dict(kwargs, seed=None) if runner.session_tokens else dict(kwargs)
+        # generation_config.json's max_length bounds the whole transcript (the prompt a
+        # transformers chat would re-feed); a turn that finds it full is not fed.
+        try:
+            seen = runner.session_tokens
+            context = len(seen) + len(runner.encode(text, add_special_tokens=not seen))
+            turn_kwargs["max_tokens"] = max_tokens_for(args, context, what="the conversation")
+        except UsageError as error:
+            print(f"({error}, or /reset to start over)", file=err)
+            continue
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         reply = []
         last = None
         try:
             for chunk in current_job().track_generation(runner.stream(text, keep_state=True, **turn_kwargs),
-                                                        kwargs["max_tokens"]):
+                                                        turn_kwargs["max_tokens"]):
                 if chunk.text:
                     out.write(chunk.text)
                     out.flush()

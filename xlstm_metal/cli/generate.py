@@ -31,7 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     # transformers, else from BUILTIN_SAMPLING; see apply_generation_defaults.
     parser.add_argument("--max-tokens", "-n", type=int,
                         help="tokens to generate at most (default: max_new_tokens of the model's "
-                             "generation_config.json, else 256)")
+                             "generation_config.json, else what its max_length (prompt + generated "
+                             "tokens, as in transformers) leaves after the prompt, else 256)")
     parser.add_argument("--temperature", "--temp", type=float,
                         help="sampling temperature; 0 = greedy (default: the model's generation_config.json "
                              "when it sets do_sample (1 if it gives none, as in transformers), else 0)")
@@ -104,13 +105,20 @@ def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None
     """Fill sampling arguments the user left out: the model's generation_config.json read as
     transformers reads it, then BUILTIN_SAMPLING. transformers applies the file's
     repetition_penalty with greedy search too; the other sampling keys count only when it sets
-    do_sample, and then a temperature or top_k it leaves out is transformers' 1.0 or 50."""
+    do_sample, and then a temperature or top_k it leaves out is transformers' 1.0 or 50.
+    ``args.max_length`` is the file's max_length when it bounds the length (no --max-tokens, no
+    max_new_tokens), else None; :func:`max_tokens_for` turns it into a per-prompt budget."""
     from_file: dict[str, Any] = {}
+    max_length = None
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
         config = read_json_object(path, UsageError)
         if config.get("max_new_tokens") is not None:
             from_file["max_tokens"] = config["max_new_tokens"]
+        elif config.get("max_length") is not None:  # transformers: max_new_tokens wins over it
+            max_length = config["max_length"]
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+                raise UsageError(f"max_length must be an integer > 0, got {max_length!r} (from {path})")
         if config.get("repetition_penalty") is not None:
             from_file["repetition_penalty"] = config["repetition_penalty"]
         if config.get("do_sample"):
@@ -118,9 +126,25 @@ def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None
             from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
                               if config.get(key) is not None})
         _check_sampling_values(from_file, f" (from {path})")
+    args.max_length = max_length if args.max_tokens is None else None  # an explicit --max-tokens wins
     for name, value in BUILTIN_SAMPLING.items():
         if getattr(args, name) is None:
             setattr(args, name, from_file.get(name, value))
+
+
+def max_tokens_for(args: argparse.Namespace, prompt_tokens: int, what: str = "the prompt") -> int:
+    """Tokens to generate after ``prompt_tokens`` tokens of context: ``args.max_tokens``, or,
+    where generation_config.json's max_length bounds the length, what it leaves. transformers
+    reads max_length as prompt + generated tokens and refuses a prompt that already fills it;
+    so does this (UsageError)."""
+    max_length = getattr(args, "max_length", None)
+    if max_length is None:
+        return args.max_tokens
+    if prompt_tokens >= max_length:
+        raise UsageError(f"{what} is {prompt_tokens} tokens, but the model's generation_config.json sets "
+                         f"max_length {max_length} (prompt + generated tokens), which leaves no room to "
+                         "generate; pass --max-tokens N")
+    return max_length - prompt_tokens
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -281,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
         return chat_loop(runner, args, first_turn=prompt)
     try:
+        args.max_tokens = max_tokens_for(args, len(runner.encode(prompt)))
         chunks = runner.stream(prompt, **sampling_kwargs(args))
         last = stream_to(sys.stdout, current_job().track_generation(chunks, args.max_tokens))
     except ValueError as err:  # e.g. a prompt that encodes to nothing
