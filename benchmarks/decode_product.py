@@ -48,6 +48,7 @@ from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.cells.norms import MultiHeadLayerNorm, RMSNorm  # noqa: E402
 from xlstm_metal.kernels.fast import decode as decode_kernels  # noqa: E402
 from xlstm_metal.kernels.fast import decode_chain as chain  # noqa: E402
+from xlstm_metal.kernels.fast import gemv  # noqa: E402
 from xlstm_metal.kernels.fast import quantized  # noqa: E402
 
 E, NH, DV, F, VOCAB = 4096, 8, 512, 10944, 50304
@@ -162,6 +163,19 @@ def _parse_config(spec: str, bits: int) -> dict | None:
             "int": {"i": 1, "i2": 2}.get(m.group(5), 0)}
 
 
+def _parse_rows(spec: str) -> dict | None:
+    """'u<unroll>[r<rows per warp>][b<blocks per SM>][x<resident>][h<hint>]' -> keyword arguments of
+    :func:`~xlstm_metal.kernels.fast.gemv.rows_matmul` (None for anything else)."""
+    m = re.fullmatch(r"u(\d+)(?:r(\d+))?(?:b(\d+))?(?:x(\d+))?(?:h(\d+))?", spec)
+    if not m:
+        return None
+    out = {"unroll": int(m.group(1))}
+    for key, g in (("rows_per_warp", 2), ("blocks", 3), ("resident", 4), ("load_hint", 5)):
+        if m.group(g) is not None:
+            out[key] = int(m.group(g))
+    return out
+
+
 def _with(conf: dict, fn):
     """fn() with the module settings of :func:`_parse_config` in place (kernels are built as the
     graph is, so the settings hold while it is)."""
@@ -255,6 +269,10 @@ def main(argv=None) -> int:
                    "walking tiles 3 per SM) with optional 't' (the chain: a block per tile) and 'p1' (the L2 "
                    "prefetch before the prologue), 'i' / 'i2' (the chain's weights as exact integers q / 1024 + q: quantized.INT_WEIGHTS), "
                    "e.g. 'd2r3,d2r2,d4r2t,d1r3ti'; 'int': the shipped settings with integer weights")
+    p.add_argument("--rows-configs", default="",
+                   help="at 16 bits also run the streaming GEMV (kernels/fast/gemv.py) at these settings, "
+                   "comma-separated 'u<unroll>[r<features per warp>][b<blocks per SM>][x<resident>][h<hint>]', "
+                   "e.g. 'u8,u4r2,u8b8,u16x2'")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",
                    help="let the layers' products overlap on the GPU (default: each waits for the one before, "
@@ -281,6 +299,10 @@ def main(argv=None) -> int:
     for spec in configs:
         if _parse_config(spec, 4) is None:  # bad specs fail before any work
             p.error(f"bad --configs entry {spec!r} (e.g. 'default', 'd2r3', 'd4r2t', 'd2r3p1')")
+    rows_configs = [c.strip() for c in args.rows_configs.split(",") if c.strip()]
+    for spec in rows_configs:
+        if _parse_rows(spec) is None:
+            p.error(f"bad --rows-configs entry {spec!r} (e.g. 'u8', 'u4r2', 'u8b8x4h2')")
     hints = per_bits(args.hints, "--hints")
     if not quantized.cuda_available():
         print("decode_product.py needs MLX's CUDA backend", file=sys.stderr)
@@ -332,6 +354,9 @@ def main(argv=None) -> int:
                                          lambda a, dep, mb=mb, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
                                                                           shipped, None, mb),
                                          ref0))
+                    for spec in (rows_configs if bits == 16 and rows <= gemv.MAX_ROWS else []):
+                        variants.append((f"rows {spec}", lambda a, dep, kw=_parse_rows(spec), x=x: gemv.rows_matmul(
+                            _plus(x, dep), a[0], **kw), ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)
                     for spec in (configs if rows == 1 else configs[:1]):
                         conf = _parse_config(spec, bits)

@@ -51,6 +51,7 @@ import mlx.nn as nn
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm
 from . import decode as _decode
 from .decode import _GATE_HEADER, _REDUCE_HEADER, _kernels_on, add_rms_norm, output_norm_gate
+from . import gemv as _gemv
 from . import quantized as _quantized
 from .quantized import (_HEADER, INT_HEADER, INT_STAGE, decode_launch, decode_source, decode_template, int_weights_apply, kernel_takes,
                         launch_bounds, quantized_matmul)
@@ -409,8 +410,8 @@ def _split(n_out: int, k: int, bits: int) -> int:
     return split if split > 1 and n_out <= SPLIT_MAX_FEATURES and -(-n_out // 16) <= _quantized.SPLIT_TILES else 1
 
 
-def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: bool = False,
-                 store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);", wait: str = "") -> str:
+def _norm_prologue(eps: float, has_pending: bool, write_xn: bool) -> str:
+    """Stage 1's / 4's prologue: [the residual add and] the RMSNorm of x into ``xs_s``."""
     resid = ("static_cast<float>(static_cast<ST>(static_cast<float>(xr[(size_t)mm * K + k]) "
              "+ static_cast<float>(pend[(size_t)mm * K + k])))") if has_pending else "static_cast<float>(xr[(size_t)mm * K + k])"
     prologue = _NORM_PROLOGUE.replace("RESID", resid).replace("EPS", _eps(eps))
@@ -418,7 +419,12 @@ def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: boo
     prologue = prologue.replace("WRITE_XN", "xn_out[e] = v;" if write_xn else "")
     if not (has_pending or write_xn):
         prologue = prologue.replace("if (blockIdx.x == 0) {", "if (false) {")
-    return _source(_NORM_SIZES, wait + prologue, store, int_weights=int_weights)
+    return prologue
+
+
+def _norm_source(eps: float, has_pending: bool, write_xn: bool, int_weights: bool = False,
+                 store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);", wait: str = "") -> str:
+    return _source(_NORM_SIZES, wait + _norm_prologue(eps, has_pending, write_xn), store, int_weights=int_weights)
 
 
 _kernels: dict[tuple, object] = {}
@@ -445,6 +451,57 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
         )
         _kernels[key] = kernel
     return kernel
+
+
+# ----------------------------------------------------------- float stages through .gemv's GEMV
+#: Whether the float (bf16/fp16) stages at one row run :mod:`.gemv`'s streaming product (a warp
+#: per output feature, 512-byte loads of a row, float32 FMAs; the same prologues and stores)
+#: instead of the tensor-core decode kernel (``XLSTM_METAL_CHAIN_ROWS=1``; then no stages merge at
+#: 16 bits). Off until measured on a GPU as a whole step.
+CHAIN_ROWS = os.environ.get("XLSTM_METAL_CHAIN_ROWS", "0") == "1"
+
+#: Thread blocks per SM that walk the features of a stage on the streaming path
+#: (``XLSTM_METAL_CHAIN_ROWS_BLOCKS``): each block runs its prologue once.
+ROWS_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_ROWS_BLOCKS", "4") or 4)
+
+#: Whether those blocks request their first weights before the prologue
+#: (``XLSTM_METAL_CHAIN_ROWS_EARLY``; the registers they take stay held through it).
+ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "1") != "0"
+
+_ROWS_HEADER = _REDUCE_HEADER + """
+__device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
+""" + _gemv.HEADER
+
+
+def rows_apply(bits: int, rows: int) -> bool:
+    """Whether a stage of ``bits`` products at ``rows`` rows runs the streaming product."""
+    return CHAIN_ROWS and bits == 16 and rows <= CHAIN_FLOAT_MAX_ROWS
+
+
+def _rows_kernel(key: tuple, inputs: list[str], outputs: list[str], sizes: str, prologue: str, store: str):
+    """The streaming kernel of a stage (``key``): :func:`.gemv.rows_source` with the stage's
+    hooks, registers bounded for :data:`ROWS_BLOCKS` blocks per SM."""
+    key = ("rows", *key, ROWS_BLOCKS, ROWS_EARLY)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name=f"xlstm_decode_chain_rows_{key[1]}_{len(_kernels)}",
+            input_names=inputs,
+            output_names=outputs,
+            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store)),
+            header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(ROWS_BLOCKS)),
+        )
+        _kernels[key] = kernel
+    return kernel
+
+
+def _rows_call(kernel, inputs: list, dtype: mx.Dtype, k: int, rows: int, n_out: int, shapes: list, dtypes: list,
+               extra: list) -> list:
+    return kernel(
+        inputs=inputs,
+        template=_gemv.rows_template(dtype, k, _stage_rows(rows, k, dtype), early=ROWS_EARLY) + [("BITS", 16)] + extra,
+        output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(n_out, blocks=ROWS_BLOCKS),
+    )
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -517,20 +574,28 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     B, _, E = x.shape
     T = norm.weight.dtype
     has_pending = pending is not None
-    iw = _int(bits, group_size, B, E, T, stage="norm")
-    key = ("norm", norm.eps, has_pending, write_xn, iw)
-    kernel = _kernel(key, bits, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
-                     ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
-                     lambda: _norm_source(norm.eps, has_pending, write_xn, iw), int_weights=iw)
     N = w.shape[0]
-    # [B, 1, E] in and out as they are (row-contiguous; the kernel reads rows as flat): no views
-    # to build per call, which the host pays for like kernels at one row.
-    inputs = [x] + ([pending] if has_pending else []) + [norm.weight, w, scales, biases]
     shapes, dtypes = [(B, 1, N)], [T]
     if has_pending:
         shapes.append((B, 1, E)); dtypes.append(x.dtype)
     if write_xn:
         shapes.append((B, 1, E)); dtypes.append(T)
+    if rows_apply(bits, B):
+        kernel = _rows_kernel(("norm", norm.eps, has_pending, write_xn),
+                              ["xr"] + (["pend"] if has_pending else []) + ["nw", "w"],
+                              ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
+                              _NORM_SIZES, _norm_prologue(norm.eps, has_pending, write_xn), _gemv.STORE)
+        outs = _rows_call(kernel, [x] + ([pending] if has_pending else []) + [norm.weight, w], T, E, B, N,
+                          shapes, dtypes, [("ST", x.dtype)])
+        return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
+    iw = _int(bits, group_size, B, E, T, stage="norm")
+    key = ("norm", norm.eps, has_pending, write_xn, iw)
+    kernel = _kernel(key, bits, ["xr"] + (["pend"] if has_pending else []) + ["nw", "w", "scales", "biases"],
+                     ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
+                     lambda: _norm_source(norm.eps, has_pending, write_xn, iw), int_weights=iw)
+    # [B, 1, E] in and out as they are (row-contiguous; the kernel reads rows as flat): no views
+    # to build per call, which the host pays for like kernels at one row.
+    inputs = [x] + ([pending] if has_pending else []) + [norm.weight, w, scales, biases]
     outs = kernel(
         inputs=inputs,
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw))
@@ -566,6 +631,11 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
         return x + _product(output_norm_gate(h, o_preact, norm), (w, scales, biases, group_size, bits))
     E = x.shape[-1]
     T = h.dtype
+    if rows_apply(bits, B):
+        kernel = _rows_kernel(("gate", norm.eps), ["h", "o", "nw", "xr", "w"], ["out"], _GATE_SIZES,
+                              _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE)
+        return _rows_call(kernel, [h, o_src, norm.weight, x, w], T, NH * DV, B, w.shape[0], [(B, 1, E)], [x.dtype],
+                          [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)])[0]
     split = _split(w.shape[0], NH * DV, bits)
     iw = _int(bits, group_size, B, NH * DV, T, split, "gate")
     kernel = _kernel(("gate", norm.eps, iw), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
@@ -607,6 +677,9 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     B = gate_up.shape[0]
     T = gate_up.dtype
     N = w.shape[0]
+    if rows_apply(bits, B):
+        kernel = _rows_kernel(("swiglu",), ["gate_up", "w"], ["y"], _SWIGLU_SIZES, _SWIGLU_PROLOGUE, _gemv.STORE)
+        return _rows_call(kernel, [gate_up, w], T, F, B, N, [(B, 1, N)], [T], [])[0]
     split = _split(N, F, bits)
     iw = _int(bits, group_size, B, F, T, split, "swiglu")
     kernel = _kernel(("swiglu", iw), bits, ["gate_up", "w", "scales", "biases"], ["y"],
@@ -657,7 +730,7 @@ MERGE_DTYPES = (mx.bfloat16,)
 def merge_mode(bits: int, rows: int) -> int:
     """:data:`CHAIN_MERGE`'s value for products of ``bits`` at ``rows`` rows (0 beyond
     :data:`MERGE_MAX_ROWS`)."""
-    if rows > MERGE_MAX_ROWS:
+    if rows > MERGE_MAX_ROWS or rows_apply(bits, rows):
         return 0
     return CHAIN_MERGE if isinstance(CHAIN_MERGE, int) else CHAIN_MERGE.get(bits, 0)
 

@@ -1,0 +1,131 @@
+"""The streaming GEMV (xlstm_metal/kernels/fast/gemv.py) and the decode chain's float stages on it.
+
+On CUDA the kernel is held to a float32 product at decode shapes, rows, dtypes and schedules,
+and each chain stage on it (``decode_chain.CHAIN_ROWS``) to the stage's reference ops. On a CPU
+the dispatch falls back to ``x @ w.T`` and the chain's switch leaves every other width alone.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from xlstm_metal.cells.norms import MultiHeadLayerNorm, RMSNorm
+from xlstm_metal.kernels.fast import decode as decode_kernels
+from xlstm_metal.kernels.fast import decode_chain as chain
+from xlstm_metal.kernels.fast import gemv
+from xlstm_metal.kernels.fast.step import cuda_available
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _reference(fn, *args, **kwargs):
+    on = decode_kernels._enabled
+    decode_kernels.set_fused_decode(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        decode_kernels.set_fused_decode(on)
+
+
+def test_rows_matmul_falls_back_where_the_kernel_does_not_run():
+    # float32, more rows than the kernel takes, a K not a multiple of 8 (and every case on a CPU):
+    # the product is x @ w.T, bit for bit.
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((24, 40)).astype(np.float32))
+    for x in (mx.array(rng.standard_normal((1, 40)).astype(np.float32)),
+              mx.array(rng.standard_normal((3, 1, 40)).astype(np.float32)).astype(mx.bfloat16)):
+        wx = w.astype(x.dtype)
+        assert not gemv.rows_supported(x, wx) or cuda_available()
+        if not gemv.rows_supported(x, wx):
+            assert mx.array_equal(gemv.rows_matmul(x, wx), x @ wx.T)
+    x = mx.zeros((1, 12), dtype=mx.bfloat16)
+    assert not gemv.rows_supported(x, mx.zeros((5, 12), dtype=mx.bfloat16))  # K % 8
+
+
+def test_rows_switch_only_takes_float_stages_at_one_row(monkeypatch):
+    monkeypatch.setattr(chain, "CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
+    assert chain.merge_mode(16, 1) == 4
+    monkeypatch.setattr(chain, "CHAIN_ROWS", True)
+    assert chain.rows_apply(16, 1) and not chain.rows_apply(16, 2) and not chain.rows_apply(4, 1)
+    assert chain.merge_mode(16, 1) == 0 and chain.merge_mode(4, 1) == 4  # its stages run unmerged
+    monkeypatch.setattr(chain, "CHAIN_ROWS", False)
+    assert not chain.rows_apply(16, 1)
+
+
+def test_rows_template_and_launch():
+    t = dict(gemv.rows_template(mx.bfloat16, 4096, 1, unroll=4, rows_per_warp=2, early=False))
+    assert (t["KD"], t["SR"], t["U"], t["RPW"], t["PRE"]) == (4096, 1, 4, 2, False)
+    assert gemv.rows_launch(21888)["grid"][0] == 21888 // gemv.WARPS * 32 * gemv.WARPS
+    assert gemv.rows_launch(21888, blocks=4)["grid"][0] == 4 * gemv.SMS * 32 * gemv.WARPS
+    assert gemv.rows_launch(100, rows_per_warp=2)["grid"][0] == 7 * 32 * gemv.WARPS  # ceil(100 / 16)
+    assert [gemv.staged_rows(r) for r in (1, 2)] == [1, 2]
+
+
+def _check_rows_matmul(dtype, rows, N, K, **conf):
+    rng = np.random.default_rng(N + K + rows)
+    x = mx.array(rng.standard_normal((rows, K)).astype(np.float32)).astype(dtype)
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * K ** -0.5).astype(dtype)
+    assert gemv.rows_supported(x, w)
+    y = gemv.rows_matmul(x, w, **conf)
+    ref = x.astype(mx.float32) @ w.astype(mx.float32).T
+    assert y.dtype == dtype and y.shape == (rows, N)
+    assert _rel(y, ref) <= 8e-3  # float32 sums, one rounding to T
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (4096, 10944), (300, 264), (37, 72)])
+def test_cuda_rows_matmul(dtype, rows, N, K):
+    _check_rows_matmul(dtype, rows, N, K)
+
+
+@cuda
+@pytest.mark.parametrize("conf", [{"unroll": 4, "rows_per_warp": 2, "resident": 2}, {"blocks": 1, "early": False},
+                                  {"unroll": 16, "resident": 2, "load_hint": 2}, {"load_hint": 0, "resident": 0}],
+                         ids=["u4r2", "b1", "u16h2", "h0-unbounded"])
+def test_cuda_rows_matmul_schedules(conf):
+    _check_rows_matmul(mx.bfloat16, 1, 4099, 10944, **conf)  # a feature count no schedule divides
+
+
+@cuda
+@pytest.mark.parametrize("blocks,early", [(4, False), (2, True), (3, False)])
+@pytest.mark.parametrize("shape", ["7b", "small"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_cuda_float_stages_on_the_streaming_product(monkeypatch, blocks, early, shape, dtype):
+    monkeypatch.setattr(chain, "CHAIN_ROWS", True)
+    monkeypatch.setattr(chain, "ROWS_BLOCKS", blocks)
+    monkeypatch.setattr(chain, "ROWS_EARLY", early)
+    monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
+    rng = np.random.default_rng(blocks)
+    E, NH, DV, F = (4096, 8, 512, 10944) if shape == "7b" else (256, 2, 128, 320)
+
+    def weight(n, k):
+        return mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(dtype)
+
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(dtype)
+    x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
+    pending = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32)).astype(dtype)
+    w = weight(2 * F, E)
+    out = chain.norm_quantized_matmul(x, pending, norm, w, w, w, group_size=32, bits=16, write_xn=True)
+    ref = _reference(chain.norm_quantized_matmul, x, pending, norm, w, w, w, group_size=32, bits=16, write_xn=True)
+    assert _rel(out[0], ref[0]) <= 1e-6 and _rel(out[1], ref[1]) <= 1e-2 and _rel(out[2], ref[2]) <= 2e-2
+    no_pending = chain.norm_quantized_matmul(x, None, norm, w, w, w, group_size=32, bits=16)
+    assert _rel(no_pending[2], _reference(chain.norm_quantized_matmul, x, None, norm, w, w, w, group_size=32,
+                                          bits=16)[2]) <= 2e-2
+    wd = weight(E, F)
+    y = chain.swiglu_quantized_matmul(out[2], wd, wd, wd, group_size=32, bits=16)
+    assert _rel(y, _reference(chain.swiglu_quantized_matmul, out[2], wd, wd, wd, group_size=32, bits=16)) <= 2e-2
+    mh = MultiHeadLayerNorm(NH, DV)
+    mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(dtype)
+    h = mx.array(rng.standard_normal((1, NH, 1, DV)).astype(np.float32)).astype(dtype)
+    wo = weight(E, NH * DV)
+    r = chain.gate_norm_quantized_matmul(h, out[2], F, mh, x, wo, wo, wo, group_size=32, bits=16)
+    r_ref = _reference(chain.gate_norm_quantized_matmul, h, out[2], F, mh, x, wo, wo, wo, group_size=32, bits=16)
+    assert r.dtype == mx.float32 and _rel(r, r_ref) <= 2e-2

@@ -1,0 +1,258 @@
+"""Float weights times one or two rows on NVIDIA GPUs: a streaming GEMV beside ``x @ w.T``.
+
+At one row a decode step's products read each weight once, so they are paced by HBM: the
+7B step's 13.3 GB at 280 tok/s need ~3.7 TB/s. The decode kernel of :mod:`.quantized` runs bf16
+weights through its tensor-core loop (16 output features per block, 8 warps splitting K, one
+16-byte chunk of two rows per thread in flight) and reads them at 3.1-3.3 TB/s on an H200
+(benchmarks/NOTES.md, session 13). Here each warp owns whole output features instead: its 32
+lanes read 512 contiguous bytes of a row per load, ``UNROLL`` loads per lane are in flight
+before any is used, x sits in shared memory, and the dot product runs in float32 FMAs (no
+tensor cores: at one row they would waste 7/8 of their work and need the weights in fragment
+order). The warp's lanes then sum by shuffles.
+
+:func:`rows_matmul` is the product; the reference is ``x @ w.T`` (MLX's GEMV). Results agree to
+float32 round-off of the sums (then T's rounding of the output): the order of the K terms
+differs from MLX's and from the tensor-core kernel's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from .quantized import SMS
+from .step import cuda_available
+from .tensor_cores import compact_source
+from .tensor_cores import launch_bounds as _launch_bounds
+
+#: 16-byte weight loads per lane in flight before the first is used (``unroll``).
+UNROLL = 8
+#: Output features a warp computes at once (their loads interleaved: twice the bytes in flight).
+ROWS_PER_WARP = 1
+WARPS = 8
+#: Thread blocks per SM the registers are bounded for (``__launch_bounds__``): without a bound
+#: ptxas issued 4 of a lane's 8 loads and sank the rest between the FMAs (34 registers), with
+#: one it issues all 8 first (56 registers; SASS read with nvdisasm).
+RESIDENT = 4
+#: Most rows of x the kernel takes (each an accumulator per lane and feature).
+MAX_ROWS = 2
+#: Bytes of shared memory the staged rows of x may take (static shared memory: 48 KiB a block).
+STAGE_BYTES = 44 * 1024
+
+HEADER = """
+// A lane's 16-byte chunk of weights, read once. Not ``volatile`` asm (as .quantized's
+// ld_weights is): the compiler may then issue all of a lane's UNROLL loads before the first use,
+// which is the point here. LDH 0: a plain load; 1: the non-coherent path, not allocated in L1;
+// 2: evict-first (ld.global.cs).
+template <int LDH>
+__device__ __forceinline__ uint4 xl_ld16(const uint4* p) {
+  if constexpr (LDH == 1) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+  } else if constexpr (LDH == 2) {
+    return __ldcs(p);
+  } else {
+    return *p;
+  }
+}
+template <typename T> struct XlPair;
+template <> struct XlPair<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 f2(uint32_t u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xFFFF0000u));
+  }
+};
+template <> struct XlPair<__half> {
+  static __device__ __forceinline__ float2 f2(uint32_t u) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&u));
+  }
+};
+// acc + the dot product of 8 values of w and 8 of x (16 bytes each), in float32.
+template <typename T>
+__device__ __forceinline__ float xl_dot8(const uint4& w, const uint4& x, float acc) {
+  const uint32_t wa[4] = {w.x, w.y, w.z, w.w}, xa[4] = {x.x, x.y, x.z, x.w};
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = XlPair<T>::f2(wa[i]), b = XlPair<T>::f2(xa[i]);
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+  }
+  return acc;
+}
+"""
+
+_SOURCE = """
+@SIZES@
+    // w [N, KD] (T) times SR staged rows of x (xs_s [SR, KD], T; rows M..SR-1 unread) -> the
+    // store hook at each (m, n) with the float32 sum. Warp v of the grid computes features
+    // RPW * v .. RPW * v + RPW - 1, then those gridDim.x * WARPS * RPW further, ...
+    const int N = w_shape[0];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int SPAN = 8, SPLIT = 1;  // as .quantized's hooks know them: K is not split here
+    const int k_lo = 0, k_hi = K;
+    constexpr int CH = KD / 8;  // 16-byte chunks per row
+    constexpr int ITER = (CH + 32 * U - 1) / (32 * U);
+    constexpr bool FULL = CH % (32 * U) == 0;  // every lane's every chunk lies in the row
+    const uint4* wq = reinterpret_cast<const uint4*>(w);
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    const int nstride = gridDim.x * WARPS * RPW;
+    int n0 = (blockIdx.x * WARPS + warp) * RPW;
+    uint4 wv[RPW][U];
+    // No branches in here (a chunk past the row or a feature past N is read clamped, then
+    // zeroed by a select): the loads are one basic block, so ptxas puts them all ahead of the
+    // first FMA (behind a branch each, it kept 4 of 8 in flight).
+    auto issue = [&](int nb, int it) {
+      #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = (it * U + u) * 32 + lane;
+        const int cc = c < CH ? c : CH - 1;
+        #pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+          const int n = nb + r < N ? nb + r : N - 1;
+          const uint4 v = xl_ld16<LDH>(wq + (size_t)n * CH + cc);
+          wv[r][u] = (FULL || c < CH) ? v : zero4;
+        }
+      }
+    };
+    bool issued = PRE && n0 < N;
+    if (issued) issue(n0, 0);  // the first weights fly while the prologue reads its inputs
+@PROLOGUE@
+    for (; n0 < N; n0 += nstride) {
+      float acc[RPW][SR];
+      #pragma unroll
+      for (int r = 0; r < RPW; ++r) {
+        #pragma unroll
+        for (int m = 0; m < SR; ++m) acc[r][m] = 0.0f;
+      }
+      #pragma unroll 1
+      for (int it = 0; it < ITER; ++it) {
+        if (!issued) issue(n0, it);
+        issued = false;
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int c = (it * U + u) * 32 + lane;
+          const int cc = c < CH ? c : CH - 1;  // its weights are zero
+          #pragma unroll
+          for (int m = 0; m < SR; ++m) {
+            const uint4 xv = reinterpret_cast<const uint4*>(xs_s + m * KD)[cc];
+            #pragma unroll
+            for (int r = 0; r < RPW; ++r) acc[r][m] = xl_dot8<T>(wv[r][u], xv, acc[r][m]);
+          }
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < RPW; ++r) {
+        #pragma unroll
+        for (int m = 0; m < SR; ++m) {
+          float sum = acc[r][m];
+          #pragma unroll
+          for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+          const int n = n0 + r;
+          if (lane == 0 && n < N && m < M) @STORE@
+        }
+      }
+    }
+"""
+
+#: The plain product's hooks: x [M, K] staged as it is, y [M, N] in T.
+_SIZES = """\
+    const int M = x_shape[0];
+    constexpr int K = KD;
+    __shared__ __align__(16) T xs_s[SR * KD];
+"""
+_STAGE_X = """\
+    for (int i = threadIdx.x; i < M * (KD / 8); i += blockDim.x) {
+      reinterpret_cast<uint4*>(xs_s)[i] = reinterpret_cast<const uint4*>(x)[i];
+    }
+    __syncthreads();
+"""
+STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
+
+
+def launch_bounds(resident: int) -> str:
+    """Header text bounding a kernel of :data:`WARPS` warps to ``resident`` blocks per SM (it must
+    end the header; see :data:`RESIDENT`)."""
+    return _launch_bounds(32 * WARPS, resident)
+
+
+def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STORE) -> str:
+    """The kernel's body with its hooks filled, as :func:`.quantized.decode_source`'s (whose
+    prologues :mod:`.decode_chain` puts here too): ``sizes`` defines ``int M`` (rows of x),
+    ``constexpr int K`` (= template ``KD``) and ``T xs_s[SR * KD]`` in shared memory;
+    ``prologue`` (every thread reaches it; it may synchronise and must end with the rows in
+    ``xs_s``) stages x's M rows there; ``store`` (one statement) writes ``float sum`` at row
+    ``m``, feature ``n`` (an M x N output). Template arguments: :func:`rows_template`."""
+    return _SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue).replace("@STORE@", store)
+
+
+def rows_template(dtype: mx.Dtype, k: int, staged_rows: int, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
+                  load_hint: int = 1, early: bool = True) -> list:
+    """Template arguments of :func:`rows_source`'s kernels: ``staged_rows`` (SR) rows of x in
+    shared memory, ``early``: the first weights requested before the prologue (PRE)."""
+    return [("T", dtype), ("KD", k), ("SR", staged_rows), ("U", unroll), ("RPW", rows_per_warp), ("WARPS", WARPS),
+            ("LDH", load_hint), ("PRE", bool(early))]
+
+
+def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0) -> dict:
+    """Grid and thread block for ``n_out`` features: one warp per ``rows_per_warp`` features, or
+    ``blocks`` thread blocks per SM (:data:`.quantized.SMS`) walking them (0: not)."""
+    n_blocks = -(-n_out // (WARPS * rows_per_warp))
+    if blocks:
+        n_blocks = min(n_blocks, blocks * SMS)
+    return dict(grid=(n_blocks * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1))
+
+
+_kernels: dict[int, object] = {}
+
+
+def _kernel(resident: int):
+    if resident not in _kernels:
+        _kernels[resident] = mx.fast.cuda_kernel(
+            name=f"xlstm_rows_matmul_r{resident}",
+            input_names=["x", "w"],
+            output_names=["y"],
+            source=compact_source(rows_source()),
+            header=compact_source(HEADER + launch_bounds(resident)),
+        )
+    return _kernels[resident]
+
+
+def rows_supported(x: mx.array, w: mx.array) -> bool:
+    """Whether :func:`rows_matmul` runs its kernel for x [..., K] and w [N, K] (else ``x @ w.T``):
+    CUDA, bf16/fp16 of one dtype, 1 to :data:`MAX_ROWS` rows, K a multiple of 8 whose rows fit
+    shared memory."""
+    rows = math.prod(x.shape[:-1])
+    return (cuda_available() and x.dtype in (mx.bfloat16, mx.float16) and w.dtype == x.dtype and w.ndim == 2
+            and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0 and 0 < rows <= MAX_ROWS
+            and staged_rows(rows) * x.shape[-1] * x.dtype.size <= STAGE_BYTES)
+
+
+def staged_rows(rows: int) -> int:
+    """Rows staged in shared memory for ``rows`` rows of x: a power of two (fewer kernels)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def rows_matmul(x: mx.array, w: mx.array, *, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
+                blocks: int = 0, resident: int = RESIDENT, load_hint: int = 1, early: bool = True) -> mx.array:
+    """x [..., K] @ w.T -> [..., N] for w [N, K] of x's dtype (bf16/fp16), at most
+    :data:`MAX_ROWS` rows of x; elsewhere (:func:`rows_supported`) ``x @ w.T``.
+
+    ``unroll``: 16-byte loads per lane in flight; ``rows_per_warp``: features per warp at once;
+    ``blocks``: thread blocks per SM walking the features (0: one warp per ``rows_per_warp``
+    features); ``resident``: registers bounded for that many blocks per SM (0: not; see
+    :data:`RESIDENT`); ``load_hint``: the weights' load instruction (0 plain, 1 non-coherent
+    without L1, 2 evict-first); ``early``: the first loads issued before x is staged."""
+    if not rows_supported(x, w):
+        return x @ w.T
+    lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
+    M = math.prod(lead)
+    (y,) = _kernel(resident)(
+        inputs=[x.reshape(M, K), w],
+        template=rows_template(x.dtype, K, staged_rows(M), unroll, rows_per_warp, load_hint, early),
+        **rows_launch(N, rows_per_warp, blocks),
+        output_shapes=[(M, N)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, N)
