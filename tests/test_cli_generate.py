@@ -60,6 +60,14 @@ def test_generate_end_to_end(ckpt, runner, capsys):
     assert out == expected_text(runner, "the quick", **kw) + "\n"
 
 
+def test_tiny_temperature_generates_greedily(ckpt, runner, capsys):
+    """--temp 1e-45 overflowed the scaled logits to inf / NaN and printed garbage."""
+    code, out, err = run_cli(capsys, "generate", "-m", str(ckpt), "-p", "the quick", "-n", "12", "--temp", "1e-45",
+                             "--seed", "1")
+    assert code == 0, err
+    assert out == expected_text(runner, "the quick", max_tokens=12) + "\n"
+
+
 def test_prompt_from_stdin_and_file(ckpt, runner, capsys, monkeypatch, tmp_path):
     want = expected_text(runner, "héllo wörld", max_tokens=8) + "\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO("héllo wörld"))

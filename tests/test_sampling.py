@@ -39,6 +39,21 @@ def test_top_k_one_is_argmax_at_any_temperature():
         assert out.tolist() == mx.argmax(logits, axis=-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-37, 1e-30, 1e-6, 5e-324])
+def test_tiny_temperature_is_greedy_never_nan(temperature):
+    """logits / 1e-45 overflowed to inf and the softmax to NaN: the draws were garbage."""
+    logits = mx.random.normal((8, 64), key=mx.random.key(7)) * 30  # 30 / 1e-37 overflows float32
+    greedy = mx.argmax(logits, axis=-1).tolist()
+    for seed in range(3):
+        for extra in ({}, {"top_p": 0.9}, {"min_p": 0.1, "top_k": 5}):
+            out = sample(logits, SamplingParams(temperature=temperature, **extra), keys=make_keys(seed, 8))
+            assert out.tolist() == greedy, (temperature, extra)
+    # Ties at the top stay a fair draw between the tied tokens (the limit of a small temperature).
+    tied = mx.array([[1.0, 5.0, 5.0, -2.0]])
+    picks = {sample(tied, SamplingParams(temperature=1e-30), keys=make_keys(s, 1)).item() for s in range(40)}
+    assert picks == {1, 2}
+
+
 def test_filters_keep_the_right_sets():
     logits = log_probs(0.5, 0.3, 0.15, 0.05)
     kept = lambda x: [i for i, v in enumerate(x[0].tolist()) if v != NEG_INF]  # noqa: E731

@@ -15,11 +15,18 @@ from typing import Sequence
 import mlx.core as mx
 
 
+#: Temperatures below this (float32's smallest normal number) sample greedily: float32 holds
+#: them as subnormals or 0, which GPUs flush to 0, and at such a temperature only the top logit
+#: keeps any probability anyway (transformers' limit of a tiny temperature).
+GREEDY_BELOW = 1.1754943508222875e-38
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token.
 
-    temperature: 0 = greedy (argmax); > 0 divides the logits.
+    temperature: 0 = greedy (argmax), as is anything below :data:`GREEDY_BELOW`; > 0 divides
+        the logits (a tiny temperature tends to greedy without overflowing).
     top_k: keep the k most likely tokens (0 = off).
     top_p: keep the smallest set of tokens whose probability reaches top_p (1 = off).
     min_p: drop tokens whose probability is below min_p * the top probability (0 = off).
@@ -47,7 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_history(self) -> bool:
@@ -170,5 +177,9 @@ def sample(
         return mx.argmax(logits, axis=-1).astype(mx.int32)
     if keys is None:
         raise ValueError("sampling with temperature > 0 needs per-row keys")
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    # Scale logits - max, not the logits: a tiny temperature then sends the tokens below the top
+    # to -inf (probability 0) instead of overflowing the top ones to inf (inf - inf = NaN in the
+    # softmax, and garbage draws). The softmax does not change under the shift.
+    shifted = logits - mx.max(logits, axis=-1, keepdims=True)
+    logits = filter_logits(shifted / params.temperature, params.top_k, params.top_p, params.min_p)
     return _categorical_rows(logits, keys).astype(mx.int32)
