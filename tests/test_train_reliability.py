@@ -262,3 +262,64 @@ def test_resuming_a_run_whose_time_budget_ran_out_is_refused(run_dir, tmp_path, 
     usage_error(capsys, ["train", "--out", str(run), "--resume"], "is finished", "--max-time budget of 2 s",
                 "step 4", "--steps N with N > 4")
     assert (run / "metrics.jsonl").read_text() == metrics
+
+
+# ------------------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    """SIGINT during `train` stopped the run without a checkpoint (every step since the last save
+    was lost); now it saves the step it finished, names it, and exits 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_metal", "train", str(corpus), "--out", str(out), *RUN,
+                             "--steps", "400", "--warmup", "2", "--save-every", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().endswith("\n")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    [checkpoint] = [p for p in out.iterdir() if p.name.startswith(("checkpoint-", ".checkpoint-"))]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = state["step"]
+    assert checkpoint.name == f"checkpoint-{step:07d}" and 1 <= step < 400
+    assert f"interrupted at step {step}; checkpoint {checkpoint}" in err and "--resume" in err
+    # The last step was logged as usual (and its eval run, every 4th step); the run resumes from
+    # there, each step logged once.
+    logged = [r for r in lines(metrics) if r["kind"] == "train"]
+    assert [r["step"] for r in logged] == list(range(1, step + 1)) and state["log_window"] == []
+    assert [r["step"] for r in lines(metrics) if r["kind"] == "eval"] == list(range(4, step + 1, 4))
+    before = [r["loss"] for r in logged]
+    assert all(np.isfinite(before)) and state["tokens"] == step * 4 * 32
+    assert main(["train", "--out", str(out), "--resume", "--steps", str(step + 2), "--no-progress"]) == 0
+    logged = [r for r in lines(metrics) if r["kind"] == "train"]
+    assert [r["step"] for r in logged] == list(range(1, step + 3)) and [r["loss"] for r in logged[:step]] == before
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [f"checkpoint-{step:07d}",
+                                                                 f"checkpoint-{step + 2:07d}"]
+
+
+def test_second_ctrl_c_aborts_at_once():
+    import os
+    import signal
+
+    from xlstm_metal.training.trainer import StopOnCtrlC
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with StopOnCtrlC(note=False) as ctrl_c:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a request, no exception
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode
+                pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

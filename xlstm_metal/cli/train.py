@@ -262,7 +262,13 @@ def run(args) -> int:
         tokenizer_config_dict,
         train_bpe_tokenizer,
     )
-    from ..training.trainer import Trainer, TrainingConfig, count_parameters, limit_command_buffers
+    from ..training.trainer import (
+        Trainer,
+        TrainingConfig,
+        TrainingInterrupted,
+        count_parameters,
+        limit_command_buffers,
+    )
 
     limit_command_buffers()  # before anything runs on the GPU (MLX reads the limits once)
     if args.kernel is None:
@@ -475,6 +481,11 @@ def run(args) -> int:
         except DistributedError as err:
             print(f"xlstm-metal: error: {err}", file=sys.stderr)
             return 1
+        except TrainingInterrupted as stop:  # Ctrl-C: the checkpoint of the last step resumes it
+            if main:
+                print(f"interrupted at step {stop.step}; checkpoint {stop.checkpoint} (continue with "
+                      f"`xlstm-metal train --out {out} --resume`)", file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
         wall = time.perf_counter() - t0
         if not main:
             return 0

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -807,6 +808,47 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
             os.unlink(tmp)
 
 
+# ------------------------------------------------------------------------------ Ctrl-C
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a step, with a checkpoint that resumes it exactly.
+
+    step: the last step run; checkpoint: its checkpoint (None on ranks other than 0)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training interrupted at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopOnCtrlC:
+    """While active, the first SIGINT (Ctrl-C) only sets :attr:`requested`, which the training
+    loop reads after each step, and puts the previous handler back, so a second Ctrl-C raises
+    KeyboardInterrupt at once (no checkpoint). Active only in the main thread and where Python's
+    own handler is installed (a caller's handler is left alone)."""
+
+    def __init__(self, note: bool = True):
+        self.requested = False
+        self._note = note
+        self._old: Any = None
+
+    def __enter__(self) -> "StopOnCtrlC":
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum, _frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old)
+        if self._note:  # os.write, not print: the handler may run inside a write to sys.stderr
+            os.write(2, b"\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again aborts "
+                        b"without one)\n")
+
+    def __exit__(self, *_exc) -> None:
+        if self._old is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._old)
+        self._old = None
+
+
 # ------------------------------------------------------------------------------ trainer
 @dataclass
 class TrainResult:
@@ -1085,14 +1127,20 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run to ``total_steps`` (or the time budget); returns losses and evals.
 
+        Ctrl-C (SIGINT, in the main thread) stops the run after the current step and saves a
+        checkpoint that resumes it exactly, then raises :class:`TrainingInterrupted` (a
+        KeyboardInterrupt) naming it; a second Ctrl-C aborts at once.
+
         Distributed: a failed collective (another process died or hung up) raises
         :class:`~xlstm_metal.distributed.DistributedError` naming the step and the last complete
         checkpoint; checkpoints are written whole or not at all, so that one resumes.
         """
         if self.group is None:
-            return self._train()
+            with StopOnCtrlC(note=self.is_main) as ctrl_c:
+                return self._train(ctrl_c)
         try:
-            return self._train()
+            with StopOnCtrlC(note=self.is_main) as ctrl_c:
+                return self._train(ctrl_c)
         except RuntimeError as err:
             from .checkpoint import checkpoint_dirs
 
@@ -1107,7 +1155,7 @@ class Trainer:
                 f"operation failed ({err}); another process has probably died; {where}"
             ) from None
 
-    def _train(self) -> TrainResult:
+    def _train(self, ctrl_c: StopOnCtrlC | None = None) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -1220,9 +1268,12 @@ class Trainer:
                 window_losses.append(loss)
                 bar.update(1)
                 job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
-                # Memory watchdog's hard limit (on any rank: all stop at the same step): save a
-                # checkpoint that resumes exactly, stop.
-                if job.stopping() if self.group is None else agree(float(job.stopping()), self.group):
+                # Memory watchdog's hard limit (2) or Ctrl-C (1), on any rank (all stop at the same
+                # step): save a checkpoint that resumes exactly, stop. The watchdog stops at once;
+                # Ctrl-C after this step's log, evaluation and checkpoint, as if the run ended here.
+                stop = 2.0 * job.stopping() + float(ctrl_c is not None and ctrl_c.requested)
+                stop = stop if self.group is None else agree(stop, self.group)
+                if stop >= 2:
                     drop_ahead()
                     self.elapsed = self.clock() - t_start
                     bar.close()
@@ -1287,6 +1338,14 @@ class Trainer:
                     self.save()
                     last_saved = self.step
                     t_window = self.clock()
+                if stop == 1 and not done:  # Ctrl-C (the last step finishes the run as usual)
+                    drop_ahead()
+                    self.elapsed = self.clock() - t_start
+                    bar.close()
+                    if last_saved != self.step:
+                        raise TrainingInterrupted(self.step, self.save())
+                    raise TrainingInterrupted(self.step, self.out_dir / f"checkpoint-{self.step:07d}"
+                                              if self.is_main else None)
         finally:
             if builder is not None:
                 try:
