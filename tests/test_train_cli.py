@@ -148,6 +148,31 @@ def test_train_2024_xlstm_from_config(tmp_path):
     assert type(model).__name__ == "xLSTMLMModel" and model.config.slstm_at == [1]
 
 
+def test_val_fraction_zero_trains_on_everything_without_validation(trained, tmp_path, capsys):
+    """--val-fraction 0 was refused ("validation split has 0 tokens"); it means no validation split."""
+    tmp, corpus, reference, _ = trained
+    out, export = tmp_path / "run", tmp_path / "export"
+    args = [a if a != "0.1" else "0" for a in BASE]
+    assert main(["train", str(corpus), "--out", str(out), *args, "--steps", "6", "--eval-every", "2",
+                 "--save-every", "2", "--keep", "2", "--export", str(export)]) == 0
+    err = capsys.readouterr().err
+    assert "--val-fraction 0: no validation split" in err and "no validation split; checkpoint" in err
+    assert f"exported the final step-6 model to {export}" in err
+    summary = json.loads((out / "summary.json").read_text())
+    split = json.loads((reference / "summary.json").read_text())
+    assert summary["val_tokens"] == 0 and summary["train_tokens"] == split["train_tokens"] + split["val_tokens"]
+    assert summary["best_val_loss"] is None and summary["best_val_ppl"] is None and summary["best_step"] is None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
+    assert all(r["kind"] == "train" and math.isfinite(r["loss"]) for r in records)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000004", "checkpoint-0000006"]
+    last, exported = read_weights(out / "checkpoint-0000006"), read_weights(export)
+    assert all(np.array_equal(np.array(last[k]), np.array(exported[k])) for k in last)
+    # The run resumes as any other (its saved fraction, 0, splits the same way).
+    assert main(["train", "--out", str(out), "--resume", "--steps", "8", "--no-progress"]) == 0
+    assert (out / "checkpoint-0000008").is_dir()
+
+
 @pytest.mark.parametrize("case", ["empty_dir", "binary", "seq_len", "vocab", "jsonl_field", "not_empty_out",
                                   "memory_limit"])
 def test_bad_input_exits_2_without_checkpoint(case, tmp_path, capsys):

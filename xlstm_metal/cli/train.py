@@ -60,7 +60,8 @@ def add_parser(subparsers) -> None:
     tok.add_argument("--vocab-size", type=int, help="vocabulary of a BPE trained here (default 4096)")
     d = p.add_argument_group("data")
     d.add_argument("--text-field", help="field of JSON Lines records holding the text (default: text)")
-    d.add_argument("--val-fraction", type=float, help="held-out fraction of the tokens (default 0.02)")
+    d.add_argument("--val-fraction", type=float, help="held-out fraction of the tokens (default 0.02); 0: no "
+                   "validation split (all data trains; no validation loss, --export writes the last model)")
     d.add_argument("--seq-len", type=int, help="tokens per training sequence (default 512)")
     d.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
     o = p.add_argument_group("optimisation")
@@ -474,6 +475,10 @@ def run(args) -> int:
             print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
                   f"/ {len(val_stream):,} validation tokens; {cfg.batch_size} x {cfg.seq_len} tokens per step, "
                   f"{warmup}, device {mx.default_device()}{world}", file=sys.stderr)
+            if not trainer.validating:
+                print("note: --val-fraction 0: no validation split; every token trains, no validation loss is "
+                      "measured, checkpoints are kept by step alone and --export writes the last model",
+                      file=sys.stderr)
         t0 = time.perf_counter()
         start_step, start_tokens = trainer.step, trainer.tokens
         try:
@@ -490,12 +495,17 @@ def run(args) -> int:
         if not main:
             return 0
         new_tokens = result.tokens - start_tokens  # this session's, not the resumed run's earlier ones
-        best = f"best validation loss {result.best_val_loss:.4f} (perplexity {math.exp(result.best_val_loss):.2f}) at step {result.best_step}"
+        if result.best_val_loss is None:
+            best = "no validation split"
+        else:
+            best = (f"best validation loss {result.best_val_loss:.4f} (perplexity "
+                    f"{math.exp(result.best_val_loss):.2f}) at step {result.best_step}")
         print(f"done: {result.step - start_step} steps (to step {result.step}), {new_tokens:,} tokens in {wall:.0f} s "
               f"({new_tokens / max(wall, 1e-9):,.0f} tok/s); {best}; checkpoint {result.checkpoint or trainer.out_dir}",
               file=sys.stderr)
         summary = {"params": n_params, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
-                   "best_val_loss": result.best_val_loss, "best_val_ppl": math.exp(result.best_val_loss),
+                   "best_val_loss": result.best_val_loss,
+                   "best_val_ppl": None if result.best_val_loss is None else math.exp(result.best_val_loss),
                    "best_step": result.best_step, "train_tokens": int(len(train_stream)),
                    "val_tokens": int(len(val_stream)), "device": str(mx.default_device()),
                    "mlx": mx.__version__, "argv": sys.argv,
@@ -505,6 +515,8 @@ def run(args) -> int:
             path = _export(model, trainer.best_params, export, tok_dir, args.export_dtype, args.overwrite)
             if trainer.best_params is not None:
                 print(f"exported the step-{result.best_step} model (best validation loss) to {path}", file=sys.stderr)
+            elif result.best_step is None:  # no validation split: nothing to choose by
+                print(f"exported the final step-{result.step} model to {path}", file=sys.stderr)
             else:  # the best evaluation happened before a resume; its weights are not in memory
                 print(f"exported the final step-{result.step} model to {path} (the best validation loss was at "
                       f"step {result.best_step}, before the resume)", file=sys.stderr)

@@ -867,7 +867,9 @@ class Trainer:
 
     Args:
         model: the model (parameters float32).
-        train_stream, val_stream: int32 token streams (see ``data.split_stream``).
+        train_stream, val_stream: int32 token streams (see ``data.split_stream``). An empty
+            ``val_stream`` (validation fraction 0) trains without validation: no evaluations,
+            no best validation loss, checkpoints kept by step alone.
         cfg: the run's settings.
         out_dir: where checkpoints, metrics.jsonl and loss.png go.
         tokenizer_dir: a directory with tokenizer.json (+ tokenizer_config.json), copied into
@@ -899,7 +901,10 @@ class Trainer:
         self.progress = progress and self.is_main
         self.extra_state = dict(extra_state or {})
         self.batches = PackedBatches(train_stream, cfg.seq_len, cfg.batch_size, cfg.seed)
-        self.val = validation_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+        #: Whether the run has a validation split (an empty val_stream: none).
+        self.validating = len(val_stream) > 0
+        self.val = (validation_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+                    if self.validating else np.zeros((0, cfg.seq_len + 1), np.int32))
         self.fingerprint = stream_fingerprint(train_stream)
         self.compute_dtype = _DTYPES[cfg.dtype]
         self.optimizer = make_optimizer(cfg, model)
@@ -1073,6 +1078,8 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean validation cross-entropy over the held-out windows (nats/token)."""
+        if not self.validating:
+            raise ValueError("this run has no validation split (its validation stream is empty)")
         if self._eval_step is None:
             self._build_steps()
         total, count = mx.array(0.0), 0
@@ -1316,7 +1323,7 @@ class Trainer:
                     self.window_losses = window_losses
 
                 done = self.total_steps is not None and self.step >= self.total_steps
-                if self.step % cfg.eval_every == 0 or done:
+                if self.validating and (self.step % cfg.eval_every == 0 or done):
                     job.update(phase="eval")
                     val_loss = self.evaluate()
                     result.evals.append((self.step, val_loss))
@@ -1360,7 +1367,7 @@ class Trainer:
             losses = mx.stack(window_losses).tolist()
             first = self.step - len(losses) + 1
             result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
-        if not result.evals or result.evals[-1][0] != self.step:
+        if self.validating and (not result.evals or result.evals[-1][0] != self.step):
             val_loss = self.evaluate()
             result.evals.append((self.step, val_loss))
             self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
