@@ -209,6 +209,25 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == list(range(1, 13))
 
 
+def test_rotation_keeps_the_best_checkpoint(tmp_path):
+    """--keep 1 removed every checkpoint but the newest, the best-validation one included. Here the
+    model overfits a small training stream while the validation tokens are random, so the
+    validation loss rises after the first evaluation: step 2 is the best."""
+    val = np.random.default_rng(1).integers(3, V, 600).astype(np.int32)
+    cfg = small_cfg(steps=12, eval_every=2, save_every=2, keep=1, lr=1e-2, warmup=1)
+    trainer = Trainer(fresh_model(), pattern_stream(1000), val, cfg, tmp_path / "r", tmp_path, progress=False)
+    result = trainer.train()
+    losses = [loss for _, loss in result.evals]
+    assert [s for s, _ in result.evals] == [2, 4, 6, 8, 10, 12] and losses == sorted(losses) and losses[0] < losses[-1]
+    assert result.best_step == 2 and result.best_val_loss == losses[0]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "r")] == ["checkpoint-0000002", "checkpoint-0000012"]
+    assert read_trainer_state(tmp_path / "r" / "checkpoint-0000002")["best_step"] == 2
+    # A later best releases the old one, which then rotates out like any other.
+    trainer.best_step, trainer.step = 12, 14
+    trainer.save()
+    assert [p.name for p in checkpoint_dirs(tmp_path / "r")] == ["checkpoint-0000012", "checkpoint-0000014"]
+
+
 def test_resume_refuses_other_data(tmp_path):
     stream = pattern_stream(3000)
     trainer = Trainer(fresh_model(), stream[:2500], stream[2500:], small_cfg(steps=2, warmup=1, eval_every=2), tmp_path / "r",

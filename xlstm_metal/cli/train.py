@@ -102,7 +102,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--eval-every", type=int, help="steps between validation passes (default 200)")
     r.add_argument("--eval-batches", type=int, help="validation batches per pass (default 16)")
     r.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
-    r.add_argument("--keep", type=int, help="checkpoints kept (default 2; 0 keeps all)")
+    r.add_argument("--keep", type=int, help="newest checkpoints kept (default 2; 0 keeps all); the one with the "
+                   "best validation loss is kept as well")
     r.add_argument("--log-every", type=int, help="steps between metrics.jsonl records (default 10)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint with its saved settings and data "

@@ -8,7 +8,8 @@ Layout of ``<out>/checkpoint-<step>/``::
     trainer_state.json                   step, schedule, data position, training settings
 
 Each checkpoint is written to a temporary directory next to it and renamed into place, so a
-``checkpoint-*`` directory is always complete; older ones beyond ``keep`` are then removed.
+``checkpoint-*`` directory is always complete; older ones beyond ``keep`` are then removed, except
+the one of the best validation loss (``best_step`` of the trainer state).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def save_checkpoint(
     tokenizer_dir: Path,
     keep: int = 2,
 ) -> Path:
-    """Write ``out_dir/checkpoint-<step>`` atomically; returns its path."""
+    """Write ``out_dir/checkpoint-<step>`` atomically; returns its path. Then only the ``keep``
+    newest checkpoints stay (0: all), and the one at ``trainer_state["best_step"]`` (the lowest
+    validation loss so far), which rotation never removes."""
     from ..loading import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +83,11 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    best = trainer_state.get("best_step")
+    best_name = f"checkpoint-{best:07d}" if isinstance(best, int) else None
     for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best_name:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
