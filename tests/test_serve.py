@@ -262,7 +262,8 @@ def test_stop_sequences_end_the_reply_at_the_text(server, reference):
 def test_a_disconnecting_stream_frees_its_slot(ckpt):
     """One decode slot: a client that leaves mid-stream must give it back, or the next
     request would wait for the first one's 100,000 tokens."""
-    with make_server(server_args(ckpt, port=0, dtype="float32", decode_concurrency=1)).start() as srv:
+    with make_server(server_args(ckpt, port=0, dtype="float32", decode_concurrency=1,
+                                 prompt_concurrency=1)).start() as srv:  # mlx-lm decodes max(both) at once
         host, port = srv.httpd.server_address[:2]
         conn = http.client.HTTPConnection(host, port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps(

@@ -28,11 +28,14 @@ import json
 import logging
 import math
 import os
+import select
+import socket
 import threading
 from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from queue import Empty, Queue
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
@@ -50,10 +53,16 @@ INT_PARAMETERS = ("max_tokens", "top_k", "num_draft_tokens", "repetition_context
                   "frequency_context_size", "top_logprobs", "seed")
 #: OpenAI's bound on a logit_bias value.
 MAX_LOGIT_BIAS = 100.0
+#: Seconds between looks at a waiting request's client (gone?) while no token arrives.
+POLL_S = 0.1
 
 
 class ServeError(ValueError):
     """A model or server setting that cannot be served; the message names it."""
+
+
+class ClientDisconnected(ConnectionError):
+    """The client closed its connection before its reply was complete."""
 
 
 def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespace:
@@ -219,19 +228,59 @@ def _check_unicode(text: str, name: str) -> None:
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
-    """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning); each
-    request's tokens are counted for `xlstm-metal top`."""
+    """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning) and a
+    request dropped once its client has gone; each request's tokens are counted for
+    `xlstm-metal top`."""
 
-    def generate(self, request, generation_args, progress_callback=None):
+    def generate(self, request, generation_args, progress_callback=None,
+                 client_gone: Callable[[], bool] | None = None):
+        """mlx-lm's ``(ctx, responses)``; ``client_gone`` is polled while the responses are
+        awaited, and once it says True they end in :class:`ClientDisconnected`."""
         from ..monitor import current_job
 
         stop_words = [word for word in generation_args.stop_words if word]
         if stop_words:  # matched here, on the text; mlx-lm's token-level match is left the EOS ids
             generation_args = dataclasses.replace(generation_args, stop_words=[])
-        ctx, responses = super().generate(request, generation_args, progress_callback)
+        ctx, responses = self._submit(request, generation_args, progress_callback, client_gone)
         if stop_words:
             responses = _stop_at_text(ctx, responses, stop_words)
         return ctx, current_job().track_requests(responses)
+
+    def _submit(self, request, generation_args, progress_callback, client_gone):
+        """mlx-lm's generate, awaiting the responses in :meth:`_responses`."""
+        rqueue = Queue()
+        if not self.generation_available():
+            raise RuntimeError("generation thread died")
+        self.requests.put((rqueue, request, generation_args))
+        # The context comes as soon as the generation thread takes the request; only then can the
+        # request be stopped, so the client is not polled before it.
+        ctx = self._await_response(rqueue)
+        if isinstance(ctx, Exception):
+            raise ctx
+        return ctx, self._responses(rqueue, progress_callback, client_gone)
+
+    def _responses(self, rqueue: Queue, progress_callback, client_gone) -> Iterator[Any]:
+        """A request's responses. mlx-lm only noticed a client that left when a write to it
+        failed: a non-streaming reply, written once at the end, kept its slot to max_tokens."""
+        while True:
+            try:
+                item = rqueue.get(timeout=POLL_S)
+            except Empty:
+                item = Empty
+            if client_gone is not None and client_gone():
+                raise ClientDisconnected("the client closed the connection")
+            if item is Empty:
+                if not self.generation_available():
+                    raise RuntimeError("generation thread died")
+            elif item is None:
+                return
+            elif isinstance(item, Exception):
+                raise item
+            elif isinstance(item, tuple):  # prompt progress (processed, total)
+                if progress_callback is not None:
+                    progress_callback(*item)
+            else:
+                yield item
 
 
 def _stop_at_text(ctx, responses, stop_words: list[str]):
@@ -267,8 +316,24 @@ def _stop_at_text(ctx, responses, stop_words: list[str]):
         sent = safe
 
 
+class _HandlerGenerator:
+    """The response generator as one request's handler sees it: ``generate`` also watches that
+    handler's client (mlx-lm's handler calls ``generate`` without it)."""
+
+    def __init__(self, generator: ResponseGenerator, handler: "APIHandler"):
+        self._generator, self._handler = generator, handler
+
+    def generate(self, request, generation_args, progress_callback=None):
+        return self._generator.generate(request, generation_args, progress_callback,
+                                        client_gone=self._handler.client_gone)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._generator, name)
+
+
 class APIHandler(mlx_server.APIHandler):
-    """mlx-lm's request handler, plus the chat page at ``/`` and stricter request checks."""
+    """mlx-lm's request handler, plus the chat page at ``/``, stricter request checks, and a
+    generation stopped when its client leaves, streaming or not."""
 
     def do_GET(self):
         if self.path.split("?", 1)[0] in ("/", "/index.html", "/chat"):
@@ -296,7 +361,30 @@ class APIHandler(mlx_server.APIHandler):
         elif self._read_body():
             self.path = path
             current_job().update(phase="serve")
-            super().do_POST()
+            try:
+                super().do_POST()
+            except ConnectionError as err:  # the client left; mlx-lm's handler stopped its generation
+                logging.debug("%s left before its reply: %s", self.address_string(), err)
+                self.close_connection = True
+
+    def handle_completion(self, request, stop_words):
+        shared = self.response_generator
+        self.response_generator = _HandlerGenerator(shared, self)
+        try:
+            super().handle_completion(request, stop_words)
+        finally:
+            self.response_generator = shared
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its connection: its end reads EOF (or a reset), where a
+        client still waiting for its reply has nothing more to send (HTTP/1.0: one request per
+        connection)."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or already closed
+            return True
 
     def _read_body(self) -> bool:
         """Reads the body mlx-lm's do_POST then parses (from a buffer): False, with a 400 sent,
