@@ -6,11 +6,13 @@ import http.client
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
-from test_serve import PROMPTS, post, write_checkpoint
+from test_serve import PROMPTS, expected_text, post, stream_events, write_checkpoint
 
-pytest.importorskip("mlx_lm")
+mlx_lm = pytest.importorskip("mlx_lm")
 
 from xlstm_metal.mlx_lm_model import ModelLarge  # noqa: E402
 from xlstm_metal.serve import make_server, server_args  # noqa: E402
@@ -19,6 +21,19 @@ from xlstm_metal.serve import make_server, server_args  # noqa: E402
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("serve_more") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return mlx_lm.load(str(ckpt), trust_remote_code=True)
+
+
+def health(url):
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def one_slot_server(ckpt):
@@ -49,3 +64,67 @@ def test_a_disconnecting_non_streaming_client_frees_its_slot(ckpt, monkeypatch):
         status, body = post(srv.url, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 5}, timeout=20)
         assert status == 200 and body["usage"]["completion_tokens"] == 5
         assert time.monotonic() - started < 10
+
+
+class FailingModel:
+    """ModelLarge.__call__ that raises once, at its ``n``-th call after :meth:`arm` (the
+    generation thread's model call: an unexpected error in mlx-lm's or our generation code)."""
+
+    def __init__(self, monkeypatch):
+        self.countdown, self.call = None, ModelLarge.__call__
+        model = self
+
+        def call(self, inputs, cache=None):
+            if model.countdown is not None:
+                model.countdown -= 1
+                if model.countdown == 0:
+                    model.countdown = None
+                    raise RuntimeError("injected failure")
+            return model.call(self, inputs, cache)
+
+        monkeypatch.setattr(ModelLarge, "__call__", call)
+
+    def arm(self, n=1):
+        self.countdown = n
+
+
+def assert_server_error(status, body):
+    assert status == 500, body
+    error = body["error"]
+    assert error["type"] == "server_error" and "RuntimeError: injected failure" in error["message"], error
+    assert error["param"] is None and error["code"] is None
+
+
+def test_a_failure_in_the_generation_thread_answers_500_and_the_server_keeps_serving(ckpt, reference, monkeypatch):
+    """mlx-lm's batched generation thread died of any exception: the request got no response at
+    all, /health said 503 from then on, and every later request got a 404 'generation thread died'."""
+    model = FailingModel(monkeypatch)
+    plain = {"prompt": PROMPTS[0], "max_tokens": 6}
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        model.arm(1)  # the prompt's prefill, in the batch
+        assert_server_error(*post(srv.url, "/v1/completions", plain, timeout=20))
+        assert health(srv.url) == (200, {"status": "ok"})
+        status, body = post(srv.url, "/v1/completions", plain, timeout=20)
+        assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 6)
+        model.arm(4)  # mid-reply, streaming: the 200 is out, so an error event ends the stream (OpenAI's way)
+        events = stream_events(srv.url, "/v1/completions", {**plain, "stream": True})
+        assert [e["choices"][0]["text"] for e in events[:-1]] == [r.text for r in mlx_lm.stream_generate(
+            *reference, PROMPTS[0], max_tokens=len(events) - 1)]
+        assert_server_error(500, events[-1])
+        model.arm(3)  # a seeded request (mlx-lm serves it alone, outside the batch) fails mid-reply
+        assert_server_error(*post(srv.url, "/v1/completions", {**plain, "seed": 3}, timeout=20))
+        srv.generator._tokenize = lambda *args: 1 / 0  # before the reply starts (was a 404)
+        status, body = post(srv.url, "/v1/completions", plain, timeout=20)
+        assert status == 500 and "ZeroDivisionError" in body["error"]["message"]
+        del srv.generator._tokenize
+        status, body = post(srv.url, "/v1/completions", plain, timeout=20)
+        assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 6)
+        assert health(srv.url) == (200, {"status": "ok"})
+        # A failure outside any request would come back at once: the thread stops, and says so.
+        srv.generator._next_request = lambda timeout=None: 1 / 0
+        deadline = time.monotonic() + 10
+        while srv.generator.generation_available() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health(srv.url) == (503, {"status": "unavailable"})
+        status, body = post(srv.url, "/v1/completions", plain, timeout=20)
+        assert status == 503 and body["error"]["message"].startswith("the generation thread has stopped")

@@ -65,6 +65,31 @@ class ClientDisconnected(ConnectionError):
     """The client closed its connection before its reply was complete."""
 
 
+class GenerationUnavailable(RuntimeError):
+    """The generation thread has stopped for good (its error is in the server log)."""
+
+
+class _RequestFailed(BaseException):
+    """A request's error from before its reply started, carried past mlx-lm's handler (which
+    answered any exception there with a 404 and a bare string) to :meth:`APIHandler.do_POST`.
+    A BaseException so that mlx-lm's ``except Exception`` lets it through."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
+class _ResponseQueue(Queue):
+    """A request's queue of responses; ``finished`` once its last item (None or an error) is in."""
+
+    finished = False
+
+    def put(self, item, block=True, timeout=None):
+        if item is None or isinstance(item, Exception):
+            self.finished = True
+        super().put(item, block, timeout)
+
+
 def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespace:
     """The settings mlx-lm's server reads (its ``cli_args``), with mlx-lm's defaults."""
     args = dict(
@@ -228,9 +253,53 @@ def _check_unicode(text: str, name: str) -> None:
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
-    """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning) and a
-    request dropped once its client has gone; each request's tokens are counted for
-    `xlstm-metal top`."""
+    """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
+    request dropped once its client has gone, and a generation thread that survives an error;
+    each request's tokens are counted for `xlstm-metal top`."""
+
+    def __init__(self, model_provider, prompt_cache):
+        #: The response queues of the requests the generation thread took (its thread only).
+        self._taken: list[_ResponseQueue] = []
+        self._taken_count = 0
+        super().__init__(model_provider, prompt_cache)  # starts the generation thread
+
+    def _run_generate(self) -> None:
+        """mlx-lm's generation loop, started again after an exception. mlx-lm let the thread
+        die: the requests in it never got a response, and every later one got 'generation
+        thread died'. Here the requests the loop held (their state died with it) get the
+        error, and the loop starts afresh with the requests still queued. A failure that took
+        no request down with it would come back at once: the thread then stops, as under
+        mlx.launch (every rank runs the loop), and /health says 503."""
+        while True:
+            taken = self._taken_count
+            try:
+                self._generate()
+                return
+            except Exception as err:
+                logging.exception("generation failed: %s", err)
+                held, self._taken = [q for q in self._taken if not q.finished], []
+                for rqueue in held:
+                    rqueue.put(err)
+                if self._stop or self._is_distributed or self._taken_count == taken:
+                    self._generation_failed = True
+                    return
+                logging.warning("generation restarted; %d request(s) failed with the error", len(held))
+
+    def _next_request(self, timeout=None):
+        request = super()._next_request(timeout)
+        if request is not None:
+            self._taken = [q for q in self._taken if not q.finished]
+            self._taken.append(request[0])
+            self._taken_count += 1
+        return request
+
+    def _await_response(self, response_queue):
+        while True:
+            try:
+                return response_queue.get(timeout=1.0)
+            except Empty:
+                if not self.generation_available():
+                    raise GenerationUnavailable("the generation thread has stopped (see the server log)") from None
 
     def generate(self, request, generation_args, progress_callback=None,
                  client_gone: Callable[[], bool] | None = None):
@@ -248,9 +317,9 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
 
     def _submit(self, request, generation_args, progress_callback, client_gone):
         """mlx-lm's generate, awaiting the responses in :meth:`_responses`."""
-        rqueue = Queue()
+        rqueue = _ResponseQueue()
         if not self.generation_available():
-            raise RuntimeError("generation thread died")
+            raise GenerationUnavailable("the generation thread has stopped (see the server log)")
         self.requests.put((rqueue, request, generation_args))
         # The context comes as soon as the generation thread takes the request; only then can the
         # request be stopped, so the client is not polled before it.
@@ -271,7 +340,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
                 raise ClientDisconnected("the client closed the connection")
             if item is Empty:
                 if not self.generation_available():
-                    raise RuntimeError("generation thread died")
+                    raise GenerationUnavailable("the generation thread has stopped (see the server log)")
             elif item is None:
                 return
             elif isinstance(item, Exception):
@@ -316,6 +385,15 @@ def _stop_at_text(ctx, responses, stop_words: list[str]):
         sent = safe
 
 
+def _template_errors() -> tuple[type[Exception], ...]:
+    """The errors of a chat template that refuses its messages (jinja2 comes with transformers)."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return ()
+    return (TemplateError,)
+
+
 class _HandlerGenerator:
     """The response generator as one request's handler sees it: ``generate`` also watches that
     handler's client (mlx-lm's handler calls ``generate`` without it)."""
@@ -324,8 +402,11 @@ class _HandlerGenerator:
         self._generator, self._handler = generator, handler
 
     def generate(self, request, generation_args, progress_callback=None):
-        return self._generator.generate(request, generation_args, progress_callback,
-                                        client_gone=self._handler.client_gone)
+        try:
+            return self._generator.generate(request, generation_args, progress_callback,
+                                            client_gone=self._handler.client_gone)
+        except Exception as err:
+            raise _RequestFailed(err) from err
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._generator, name)
@@ -366,6 +447,45 @@ class APIHandler(mlx_server.APIHandler):
             except ConnectionError as err:  # the client left; mlx-lm's handler stopped its generation
                 logging.debug("%s left before its reply: %s", self.address_string(), err)
                 self.close_connection = True
+            except _RequestFailed as failed:  # before the reply
+                self._fail(failed.error)
+            except Exception as err:  # during the reply (mlx-lm's handler let it end the connection, unanswered)
+                self._fail(err)
+
+    _streaming = False
+
+    def _set_stream_headers(self, status_code: int = 200):
+        self._streaming = True  # the status line is out: an error now goes as an event
+        super()._set_stream_headers(status_code)
+
+    def _fail(self, err: Exception) -> None:
+        """Answers a request that failed in generation, in OpenAI's error shape: a 500 (404 for
+        a model that cannot be loaded, 400 for messages the chat template refuses, 503 when the
+        generation thread has stopped); in a stream already under way, a last ``error`` event."""
+        status, kind, code = 500, "server_error", None
+        if isinstance(err, ServeError):
+            status, kind, code = 404, "invalid_request_error", "model_not_found"
+        elif isinstance(err, GenerationUnavailable):
+            status = 503
+        elif isinstance(err, _template_errors()):
+            status, kind = 400, "invalid_request_error"
+        message = str(err) if status != 500 else f"generation failed: {type(err).__name__}: {err}"
+        if status == 500:
+            logging.error("%s: %s", self.path, message, exc_info=err)
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+        self.close_connection = True
+        try:
+            if getattr(self, "_streaming", False):
+                self.wfile.write(f"data: {body}\n\n".encode())
+                self.wfile.flush()
+                return
+            self._headers_buffer = []  # mlx-lm's 200, not sent yet
+            self._set_completion_headers(status)
+            self.send_header("Content-Length", str(len(body.encode())))
+            self.end_headers()
+            self.wfile.write(body.encode())
+        except OSError:  # the client left meanwhile
+            pass
 
     def handle_completion(self, request, stop_words):
         shared = self.response_generator
