@@ -283,6 +283,60 @@ def test_train_sweep_refuses_a_vocabulary_below_the_byte_alphabet(tmp_path, caps
     assert "--vocab-size must be >= 259" in capsys.readouterr().err and not out.exists()
 
 
+def test_train_sweep_on_too_little_data_stops_before_any_trial(tmp_path, capsys):
+    """Too little data failed every trial one by one ("error" records, exit 1); now the sweep
+    stops up front, exit 2, with the tokens needed and given, and leaves no --out behind."""
+    from xlstm_metal.training.data import (
+        BOS_TOKEN, EOS_TOKEN, load_documents, save_tokenizer, split_stream, tokenize_documents, tokenizer_config_dict,
+        train_bpe_tokenizer,
+    )
+
+    data = tmp_path / "data.txt"
+    data.write_text("alpha beta gamma delta\n" * 20)
+    docs = load_documents([str(data)], "text")
+    tokenizer = train_bpe_tokenizer((d.text for d in docs), 300, show_progress=False)
+    save_tokenizer(tokenizer, tmp_path / "tok", tokenizer_config_dict(tokenizer))
+    doc_tokens = tokenize_documents(tokenizer, docs, tokenizer.token_to_id(BOS_TOKEN),
+                                    tokenizer.token_to_id(EOS_TOKEN))
+    train, val = split_stream(doc_tokens, 0.1, 0)
+    assert len(train) >= 5 * 16 and len(val) < 17  # enough to train on, too little to validate on
+    base = ["tune", "--objective", "train", "--data", str(data), "--trials", "3", "--seq-len", "16",
+            "--no-progress"]
+    out = tmp_path / "out"
+    for extra in (["--tokenizer", str(tmp_path / "tok" / "tokenizer.json")], ["--vocab-size", "300"]):
+        assert main([*base, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and not out.exists()
+        usage = (f"too little data for --objective train: it needs 80 training tokens (the smallest batch searched, "
+                 f"4 x 17) and 17 validation tokens (one window); the data gives {len(train)} training and "
+                 f"{len(val)} validation tokens (--val-fraction 0.1 of {len(train) + len(val)}); give more data, "
+                 "or lower --seq-len or raise --val-fraction")
+        assert f"xlstm-metal: error: {usage}\n" == err
+
+
+def test_train_data_check_is_the_trainers_own_bound(monkeypatch):
+    """check_data's bound is exactly where PackedBatches / validation_windows start to accept."""
+    from xlstm_metal.training.data import DataError, PackedBatches, validation_windows
+    from xlstm_metal.tuning import ObjectiveError, TrainObjective
+
+    objective = TrainObjective(seq_len=16, batches=(8, 4, 16))
+    for n_train, n_val, ok in ((80, 17, True), (79, 17, False), (80, 16, False)):
+        train, val = np.arange(n_train, dtype=np.int32), np.arange(n_val, dtype=np.int32)
+        monkeypatch.setattr(objective, "_data", lambda t=train, v=val: (None, t, v))
+        try:
+            PackedBatches(train, 16, 4, 0)
+            validation_windows(val, 16)
+            trainer_ok = True
+        except DataError:
+            trainer_ok = False
+        assert trainer_ok == ok
+        if ok:
+            objective.check_data()
+        else:
+            with pytest.raises(ObjectiveError, match=f"gives {n_train} training and {n_val} validation tokens"):
+                objective.check_data()
+
+
 def test_profile_init_sets_gates_for_training_from_scratch():
     from conftest import tiny_model
 

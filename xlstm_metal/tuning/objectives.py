@@ -30,6 +30,11 @@ REJECTED = "rejected"
 COMPLETE = "complete"
 
 
+class ObjectiveError(ValueError):
+    """An objective that no trial could meet (e.g. too little data), found by :meth:`Objective.prepare`
+    before the first trial; the message names the problem."""
+
+
 class Objective:
     """Base class: ``direction`` is "maximize" or "minimize"; ``metric`` names the value."""
 
@@ -48,7 +53,8 @@ class Objective:
         return {"objective": self.name, "direction": self.direction, "metric": self.metric}
 
     def prepare(self, out_dir: Path) -> None:
-        """Work done once in the driver before any trial (e.g. training a tokenizer)."""
+        """Work done once in the driver before any trial (e.g. training a tokenizer); raises
+        :class:`ObjectiveError` where every trial would fail."""
 
     def can_generate(self) -> bool:
         return False
@@ -243,6 +249,23 @@ class TrainObjective(Objective):
                 tok = train_bpe_tokenizer((d.text for d in docs), self.vocab_size, show_progress=False)
                 save_tokenizer(tok, target, tokenizer_config_dict(tok))
             self.tokenizer = str(target / "tokenizer.json")
+        self.check_data()
+
+    def check_data(self) -> None:
+        """ObjectiveError unless the data holds one batch of the smallest batch size searched and
+        one validation window (the bounds PackedBatches and validation_windows enforce): with less,
+        every trial fails on it."""
+        _, train, val = self._data()
+        batch = min(self.batches)
+        need_train = (batch + 1) * self.seq_len  # a batch of seq_len + 1 windows after an offset < seq_len
+        need_val = self.seq_len + 1
+        if len(train) < need_train or len(val) < need_val:
+            raise ObjectiveError(
+                f"too little data for --objective train: it needs {need_train:,} training tokens (the smallest "
+                f"batch searched, {batch} x {self.seq_len + 1}) and {need_val:,} validation tokens (one window); "
+                f"the data gives {len(train):,} training and {len(val):,} validation tokens (--val-fraction "
+                f"{self.val_fraction:g} of {len(train) + len(val):,}); give more data, or lower --seq-len"
+                + ("" if len(val) >= need_val else " or raise --val-fraction"))
 
     def suggest(self, trial) -> dict[str, Any]:
         return {

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import MemoryLimitExceeded, current_job
-from .objectives import COMPLETE, Objective
+from .objectives import COMPLETE, Objective, ObjectiveError
 
 OUTPUT_FILES = ("run_meta.json", "trials.jsonl", "summary.csv", "best.json", "study.db", "study.db-wal", "study.db-shm",
                 "profile.json")
@@ -357,10 +357,18 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
     settings.validate()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume=resume, overwrite=overwrite)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         _clear(out_dir)
-    objective.prepare(out_dir)
+    try:
+        objective.prepare(out_dir)
+    except ObjectiveError as err:  # no trial could run: leave --out as it was found
+        if not resume:
+            _clear(out_dir)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise SweepError(str(err)) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = sqlite_storage(out_dir / "study.db")
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=objective.direction,
