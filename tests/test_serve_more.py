@@ -128,3 +128,54 @@ def test_a_failure_in_the_generation_thread_answers_500_and_the_server_keeps_ser
         assert health(srv.url) == (503, {"status": "unavailable"})
         status, body = post(srv.url, "/v1/completions", plain, timeout=20)
         assert status == 503 and body["error"]["message"].startswith("the generation thread has stopped")
+
+
+def write_adapters(ckpt, path, seed=0):
+    """LoRA adapters for the checkpoint as mlx_lm.lora writes them, with random (non-zero) B
+    matrices, so that they change the replies."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(str(ckpt), trust_remote_code=True)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    model.freeze()
+    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    mx.random.seed(seed)
+    weights = {name: mx.random.normal(w.shape) * 0.05 if name.endswith("lora_b") else w
+               for name, w in tree_flatten(model.trainable_parameters())}
+    path.mkdir()
+    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_requests_adapters_apply_to_its_reply(ckpt, reference, tmp_path):
+    """mlx-lm's `adapters` field: LoRA adapters (a directory on the server) for this request. It
+    was ignored (mlx-lm took the served model's own adapters in its place)."""
+    adapters = write_adapters(ckpt, tmp_path / "adapters")
+    tuned = mlx_lm.load(str(ckpt), adapter_path=str(adapters), trust_remote_code=True)
+    base_text, tuned_text = (expected_text(m, PROMPTS[0], 8) for m in (reference, tuned))
+    assert base_text != tuned_text
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        def ask(**extra):
+            return post(srv.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, **extra}, timeout=30)
+
+        def text(answer):
+            assert answer[0] == 200, answer
+            return answer[1]["choices"][0]["text"]
+
+        assert text(ask(adapters=str(adapters))) == tuned_text
+        assert text(ask()) == base_text  # the served model again
+        answers = {}
+        threads = [threading.Thread(target=lambda k=k, extra=extra: answers.update({k: ask(**extra)}))
+                   for k, extra in (("tuned", {"adapters": str(adapters)}), ("base", {}), ("tuned2", {"adapters": str(adapters)}))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [text(answers[k]) for k in ("tuned", "base", "tuned2")] == [tuned_text, base_text, tuned_text]
+        for bad in (str(tmp_path / "missing"), str(ckpt), 5):
+            status, body = ask(adapters=bad)
+            assert status == 400 and "adapters" in body["error"], (bad, body)
+        assert text(ask()) == base_text

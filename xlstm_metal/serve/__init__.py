@@ -61,6 +61,10 @@ class ServeError(ValueError):
     """A model or server setting that cannot be served; the message names it."""
 
 
+class AdapterError(ServeError):
+    """LoRA adapters that cannot be loaded onto the model; the message names them."""
+
+
 class ClientDisconnected(ConnectionError):
     """The client closed its connection before its reply was complete."""
 
@@ -157,7 +161,7 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
         try:
             model = load_adapters(model, adapter_path)
         except (OSError, ValueError, KeyError) as err:
-            raise ServeError(f"cannot load adapters from {adapter_path}: {err}") from None
+            raise AdapterError(f"cannot load adapters from {adapter_path}: {err}") from None
     elif profile is None and callable(getattr(model, "fuse_projections", None)):
         model.fuse_projections()  # one matmul for q|k|v|o|i|f and one for gate|up per block (a profile decides itself)
     model.eval()
@@ -205,6 +209,22 @@ class ModelProvider(mlx_server.ModelProvider):
             self.load_error = err
         finally:
             self.ready.set()
+
+    def load(self, model_path, adapter_path=None, draft_model_path=None):
+        """mlx-lm's, except that a request's ``adapters`` (``adapter_path``) apply to the model it
+        names, the served one included, in place of that model's own adapters. mlx-lm took the
+        served model's own adapters in their place: the field did nothing unless ``model`` named
+        another checkpoint."""
+        if adapter_path is None:
+            adapter_path = self._adapter_map.get(model_path)
+        model_path = self._model_map.get(model_path, model_path)
+        draft_model_path = self._draft_model_map.get(draft_model_path, draft_model_path)
+        if adapter_path is not None:  # one key per directory, however it was spelled
+            adapter_path = str(Path(adapter_path).expanduser().resolve())
+        key = (model_path, adapter_path, draft_model_path)
+        if self.model_key != key:
+            self._load(*key)
+        return self.model, self.tokenizer
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         if draft_model_path is not None:
@@ -463,7 +483,9 @@ class APIHandler(mlx_server.APIHandler):
         a model that cannot be loaded, 400 for messages the chat template refuses, 503 when the
         generation thread has stopped); in a stream already under way, a last ``error`` event."""
         status, kind, code = 500, "server_error", None
-        if isinstance(err, ServeError):
+        if isinstance(err, AdapterError):
+            status, kind = 400, "invalid_request_error"
+        elif isinstance(err, ServeError):
             status, kind, code = 404, "invalid_request_error", "model_not_found"
         elif isinstance(err, GenerationUnavailable):
             status = 503
@@ -557,11 +579,13 @@ class APIHandler(mlx_server.APIHandler):
         numbers, NaN and infinity, a top_k or logit_bias token id beyond the vocabulary (the
         first stopped the generation thread for good, the second crashed the process), a seed
         MLX cannot take, ``n`` other than 1 (mlx-lm returned one choice), malformed
-        ``stream_options``, ``tools`` or ``chat_template_kwargs``, and strings that are not Unicode."""
+        ``stream_options``, ``tools`` or ``chat_template_kwargs``, strings that are not Unicode, and
+        ``adapters`` that are not a directory of adapters."""
         for name in FLOAT_PARAMETERS + INT_PARAMETERS:
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a number, not a boolean")
         self._check_logit_bias()
+        self._check_adapters()
         super().validate_model_parameters()
         for name in FLOAT_PARAMETERS:
             if not math.isfinite(getattr(self, name)):
@@ -599,6 +623,20 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("tools must be a list of objects")
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+
+    def _check_adapters(self) -> None:
+        """mlx-lm's ``adapters``: a directory of LoRA adapters on the server (as mlx_lm.lora
+        writes them) for this request, loaded onto the model in place of its own."""
+        if self.adapter is None:
+            return
+        if not isinstance(self.adapter, str) or not self.adapter:
+            raise ValueError(f"adapters must be the path of a directory of LoRA adapters, got {self.adapter!r}")
+        path = Path(self.adapter).expanduser()
+        if not all((path / name).is_file() for name in ("adapter_config.json", "adapters.safetensors")):
+            raise ValueError(f"adapters: {self.adapter} is not a directory of LoRA adapters "
+                             "(adapter_config.json and adapters.safetensors, as mlx_lm.lora writes them)")
+        if self.response_generator.model_provider.is_distributed:
+            raise ValueError("adapters are not supported with several processes (mlx.launch)")
 
     def _check_logit_bias(self) -> None:
         """logit_bias maps token ids (JSON keys: strings) to biases in -100..100, as OpenAI's."""
