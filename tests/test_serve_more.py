@@ -179,3 +179,64 @@ def test_a_requests_adapters_apply_to_its_reply(ckpt, reference, tmp_path):
             status, body = ask(adapters=bad)
             assert status == 400 and "adapters" in body["error"], (bad, body)
         assert text(ask()) == base_text
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+TEXT = {"prompt": PROMPTS[0], "max_tokens": 4}
+IGNORED_FIELDS = [  # each gave a 200 that did not do what it asked
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format="),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice="),
+    ("/v1/chat/completions", {**CHAT, "parallel_tool_calls": False}, "parallel_tool_calls="),
+    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions="),
+    ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities="),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort="),
+    ("/v1/chat/completions", {**CHAT, "store": True}, "store="),
+    ("/v1/chat/completions", {**CHAT, "role_mapping": {"user": "Q: "}}, "role_mapping="),
+    ("/v1/chat/completions", {**CHAT, "draft_model": "x"}, "draft_model="),  # was a 404 from the generation thread
+    ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {**CHAT, "max_token": 2}, "unrecognized request field: max_token"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, "echo (a field of /v1/completions)"),
+    ("/v1/completions", {**TEXT, "suffix": "end"}, "suffix="),
+    ("/v1/completions", {**TEXT, "best_of": 3}, "best_of="),
+    ("/v1/completions", {**TEXT, "echo": "yes"}, "echo"),
+    ("/v1/completions", {**TEXT, "tools": []}, "tools (a field of /v1/chat/completions)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        yield srv
+
+
+def test_fields_the_server_cannot_honour_get_a_400_naming_them(server, reference):
+    for path, body, words in IGNORED_FIELDS:
+        status, answer = post(server.url, path, body, timeout=20)
+        assert status == 400 and words in answer["error"], (body, status, answer)
+    # Their neutral values ask for nothing: the reply is the plain one.
+    neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
+               "modalities": ["text"], "store": False, "service_tier": "auto", "user": "u1", "metadata": {"k": "v"},
+               "n": 1}
+    plain = post(server.url, "/v1/chat/completions", CHAT)[1]["choices"][0]["message"]
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, **neutral})
+    assert status == 200 and answer["choices"][0]["message"] == plain
+    # tool_choice "none": no tools for this reply, so a model without tool calling takes the request.
+    status, answer = post(server.url, "/v1/chat/completions", {
+        **CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"})
+    assert status == 200 and answer["choices"][0]["message"] == plain
+    status, answer = post(server.url, "/v1/completions", {**TEXT, "best_of": 1, "suffix": ""})
+    assert status == 200 and answer["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 4)
+
+
+def test_echo_puts_the_prompt_before_the_completion(server, reference):
+    """The legacy completions' echo (it was ignored)."""
+    completion = expected_text(reference, PROMPTS[0], 4)
+    status, answer = post(server.url, "/v1/completions", {**TEXT, "echo": True})
+    assert status == 200 and answer["choices"][0]["text"] == PROMPTS[0] + completion
+    assert answer["usage"]["completion_tokens"] == 4
+    events = stream_events(server.url, "/v1/completions", {**TEXT, "echo": True, "stream": True})
+    assert events[0]["choices"][0]["text"].startswith(PROMPTS[0])
+    assert "".join(e["choices"][0]["text"] for e in events) == PROMPTS[0] + completion
+    status, answer = post(server.url, "/v1/completions", {**TEXT, "echo": True, "logprobs": True})
+    assert status == 400 and "echo" in answer["error"]

@@ -53,6 +53,43 @@ INT_PARAMETERS = ("max_tokens", "top_k", "num_draft_tokens", "repetition_context
                   "frequency_context_size", "top_logprobs", "seed")
 #: OpenAI's bound on a logit_bias value.
 MAX_LOGIT_BIAS = 100.0
+#: The request fields of both endpoints: OpenAI's, then mlx-lm's own. Any other is refused (a 400
+#: naming it, as OpenAI refuses an unrecognized argument): ignored, a misspelt max_tokens gave a
+#: 512-token reply.
+REQUEST_FIELDS = frozenset({
+    "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "seed", "user",
+    "top_k", "min_p", "repetition_penalty", "repetition_context_size", "presence_context_size",
+    "frequency_context_size", "xtc_probability", "xtc_threshold", "adapters", "draft_model", "num_draft_tokens",
+})
+#: /v1/chat/completions' own fields, and those of the legacy /v1/completions.
+CHAT_FIELDS = REQUEST_FIELDS | {
+    "messages", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
+    "web_search_options", "chat_template_kwargs", "role_mapping",
+}
+COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+#: Fields this server cannot honour: their neutral values (null or a default that asks for
+#: nothing), and why any other is refused.
+UNSUPPORTED_FIELDS = {
+    "response_format": ((None, {"type": "text"}), "this server generates free text only (no JSON mode or schema)"),
+    "tool_choice": ((None, "auto", "none"), "the model decides whether to call a tool (auto), or gets no tools (none)"),
+    "parallel_tool_calls": ((None, True), "the model's tool calls cannot be limited to one"),
+    "functions": ((None, []), "deprecated by OpenAI; use tools"),
+    "function_call": ((None,), "deprecated by OpenAI; use tool_choice"),
+    "modalities": ((None, ["text"]), "this model writes text only"),
+    "audio": ((None,), "this model writes text only"),
+    "prediction": ((None,), "predicted outputs are not implemented"),
+    "reasoning_effort": ((None,), "this model has no reasoning budget"),
+    "web_search_options": ((None,), "this server does not search the web"),
+    "store": ((None, False), "this server stores no completions"),
+    "service_tier": ((None, "auto", "default"), "this server has one service tier"),
+    "role_mapping": ((None,), "it formats chats for models without a chat template; this server always renders "
+                              "the model's (or a plain User:/Assistant: one)"),
+    "draft_model": ((None,), "speculative decoding (draft models) is not supported for xLSTM"),
+    "suffix": ((None, ""), "text insertion (a suffix after the completion) is not implemented"),
+    "best_of": ((None, 1), "this server returns one choice per request and ranks none"),
+}
 #: Seconds between looks at a waiting request's client (gone?) while no token arrives.
 POLL_S = 0.1
 
@@ -473,6 +510,7 @@ class APIHandler(mlx_server.APIHandler):
                 self._fail(err)
 
     _streaming = False
+    _echo = ""
 
     def _set_stream_headers(self, status_code: int = 200):
         self._streaming = True  # the status line is out: an error now goes as an event
@@ -483,8 +521,9 @@ class APIHandler(mlx_server.APIHandler):
         a model that cannot be loaded, 400 for messages the chat template refuses, 503 when the
         generation thread has stopped); in a stream already under way, a last ``error`` event."""
         status, kind, code = 500, "server_error", None
+        param = None
         if isinstance(err, AdapterError):
-            status, kind = 400, "invalid_request_error"
+            status, kind, param = 400, "invalid_request_error", "adapters"
         elif isinstance(err, ServeError):
             status, kind, code = 404, "invalid_request_error", "model_not_found"
         elif isinstance(err, GenerationUnavailable):
@@ -494,7 +533,7 @@ class APIHandler(mlx_server.APIHandler):
         message = str(err) if status != 500 else f"generation failed: {type(err).__name__}: {err}"
         if status == 500:
             logging.error("%s: %s", self.path, message, exc_info=err)
-        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+        body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
         self.close_connection = True
         try:
             if getattr(self, "_streaming", False):
@@ -623,6 +662,40 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("tools must be a list of objects")
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """Refuses a request field this server would otherwise ignore: one neither endpoint
+        defines, one it defines but cannot honour (:data:`UNSUPPORTED_FIELDS`), stream_options
+        without streaming, tools for a model that cannot call them. Honours the cheap ones:
+        ``tool_choice: "none"`` drops the tools, ``echo`` puts the prompt before the reply."""
+        body, chat = self.body, self.path != "/v1/completions"
+        known, other = (CHAT_FIELDS, COMPLETION_FIELDS) if chat else (COMPLETION_FIELDS, CHAT_FIELDS)
+        for name in body:
+            if name not in known:
+                hint = f" (a field of {'/v1/completions' if chat else '/v1/chat/completions'})" if name in other else ""
+                raise ValueError(f"unrecognized request field: {name}{hint}")
+        for name, (neutral, reason) in UNSUPPORTED_FIELDS.items():
+            if body.get(name) not in neutral:
+                raise ValueError(f"{name}={json.dumps(body[name])[:80]} is not supported: {reason}")
+        if body.get("stream_options") is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if body.get("tool_choice") == "none":
+            body["tools"] = None  # mlx-lm renders body["tools"] into the prompt
+        tokenizer = self.response_generator.model_provider.tokenizer
+        if body.get("tools") and tokenizer is not None and not tokenizer.has_tool_calling:
+            raise ValueError("tools are not supported: this model's chat template has no tool calling")
+        echo = body.get("echo")
+        if echo is not None and not isinstance(echo, bool):
+            raise ValueError(f"echo must be true or false, got {echo!r}")
+        if echo and self.logprobs:
+            raise ValueError("echo with logprobs is not supported (it needs the prompt's logprobs)")
+        self._echo = body["prompt"] if echo else ""
+
+    def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
+        if self._echo:  # the legacy completions' echo: the prompt, before the reply's first text
+            text, self._echo = self._echo + text, ""
+        return super().generate_response(text, finish_reason, *args, **kwargs)
 
     def _check_adapters(self) -> None:
         """mlx-lm's ``adapters``: a directory of LoRA adapters on the server (as mlx_lm.lora
