@@ -240,3 +240,88 @@ def test_echo_puts_the_prompt_before_the_completion(server, reference):
     assert "".join(e["choices"][0]["text"] for e in events) == PROMPTS[0] + completion
     status, answer = post(server.url, "/v1/completions", {**TEXT, "echo": True, "logprobs": True})
     assert status == 400 and "echo" in answer["error"]
+
+
+def reference_steps(reference, prompt, max_tokens, top):
+    """(token, its logprob, [(id, logprob) of the ``top`` most likely, best first]) per generated
+    token, from mlx-lm's stream_generate on the reference model."""
+    import numpy as np
+
+    model, tokenizer = reference
+    steps = []
+    for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        logprobs = np.array(r.logprobs)
+        best = np.argsort(-logprobs, kind="stable")[:top]
+        steps.append((r.token, float(logprobs[r.token]), [(int(i), float(logprobs[i])) for i in best]))
+    return steps
+
+
+def token_bytes(reference, token):
+    """A token's own bytes in the checkpoint's byte-level BPE (the GPT-2 byte alphabet)."""
+    from mlx_lm.tokenizer_utils import _byte_decoder
+
+    return list(bytes(_byte_decoder()[c] for c in reference[1].convert_ids_to_tokens(token)))
+
+
+def test_chat_logprobs_in_openai_shape_streamed_or_not(server, reference):
+    """Chat logprobs: each generated token's text, bytes, logprob and its top_logprobs, best
+    first, streamed too. mlx-lm gave ids without text, in place of the chosen token the first of
+    an unsorted top list, and nothing when streaming."""
+    from test_serve import chat_prompt
+
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    steps = reference_steps(reference, chat_prompt(reference, messages), 8, 3)
+    body = {"messages": messages, "max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+    status, answer = post(server.url, "/v1/chat/completions", body)
+    assert status == 200, answer
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert [e["id"] for e in content] == [token for token, _, _ in steps]
+    for entry, (token, logprob, top) in zip(content, steps):
+        assert entry["logprob"] == pytest.approx(logprob, abs=1e-3)
+        assert entry["bytes"] == token_bytes(reference, token)
+        assert entry["token"] == bytes(entry["bytes"]).decode("utf-8", errors="replace")
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([lp for _, lp in top], abs=1e-3)
+        assert [t["bytes"] for t in entry["top_logprobs"]] == [token_bytes(reference, i) for i, _ in top]
+    events = stream_events(server.url, "/v1/chat/completions", {**body, "stream": True})
+    streamed = [e for event in events if event["choices"] for e in event["choices"][0]["logprobs"]["content"]]
+    assert [(e["id"], e["token"]) for e in streamed] == [(e["id"], e["token"]) for e in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-5)
+    plain = post(server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "logprobs": True})[1]
+    assert [e["top_logprobs"] for e in plain["choices"][0]["logprobs"]["content"]] == [[]] * 8
+    status, answer = post(server.url, "/v1/chat/completions", {"messages": messages, "top_logprobs": 2})
+    assert status == 400 and "top_logprobs needs logprobs" in answer["error"]
+
+
+def test_completion_logprobs_is_the_number_of_top_tokens(server, reference):
+    """The legacy completions' logprobs: an integer N, giving tokens, token_logprobs, the N most
+    likely tokens and the chosen one per position, and text offsets from the prompt's start; the
+    same streamed. mlx-lm refused an integer (a boolean only, answered in chat's shape)."""
+    steps = reference_steps(reference, PROMPTS[0], 6, 2)
+    status, answer = post(server.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 2})
+    assert status == 200, answer
+    logprobs = answer["choices"][0]["logprobs"]
+
+    def text(token):
+        return bytes(token_bytes(reference, token)).decode("utf-8", errors="replace")
+
+    assert logprobs["tokens"] == [text(token) for token, _, _ in steps]
+    assert logprobs["token_logprobs"] == pytest.approx([lp for _, lp, _ in steps], abs=1e-3)
+    for got, (token, logprob, top) in zip(logprobs["top_logprobs"], steps):
+        expected = {}
+        for i, lp in [*top, (token, logprob)]:
+            expected.setdefault(text(i), lp)
+        assert got == pytest.approx(expected, abs=1e-3)
+    lengths = [len(t) for t in logprobs["tokens"]]
+    assert logprobs["text_offset"] == [len(PROMPTS[0]) + sum(lengths[:i]) for i in range(6)]
+    events = stream_events(server.url, "/v1/completions",
+                           {"prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 2, "stream": True})
+    streamed = {key: [v for e in events for v in e["choices"][0]["logprobs"][key]] for key in logprobs}
+    assert streamed["tokens"] == logprobs["tokens"] and streamed["text_offset"] == logprobs["text_offset"]
+    assert streamed["token_logprobs"] == pytest.approx(logprobs["token_logprobs"], abs=1e-5)
+    status, answer = post(server.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 0})
+    assert [list(top) for top in answer["choices"][0]["logprobs"]["top_logprobs"]] == [[t] for t in logprobs["tokens"]]
+    for bad, words in ((6, "logprobs must be an integer in 0..5"), ("2", "logprobs must be an integer")):
+        status, answer = post(server.url, "/v1/completions", {"prompt": "x", "logprobs": bad})
+        assert status == 400 and words in answer["error"], answer
+    status, answer = post(server.url, "/v1/completions", {"prompt": "x", "logprobs": 1, "top_logprobs": 1})
+    assert status == 400 and "top_logprobs" in answer["error"]

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from mlx_lm.tokenizer_utils import _byte_decoder  # the byte-level BPE alphabet mlx-lm's detokenizer reads
 
 #: The chat page, shipped in the package (one file: HTML, CSS and JavaScript, no CDN).
 CHAT_PAGE = "chat.html"
@@ -58,13 +60,13 @@ MAX_LOGIT_BIAS = 100.0
 #: 512-token reply.
 REQUEST_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "seed", "user",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user",
     "top_k", "min_p", "repetition_penalty", "repetition_context_size", "presence_context_size",
     "frequency_context_size", "xtc_probability", "xtc_threshold", "adapters", "draft_model", "num_draft_tokens",
 })
 #: /v1/chat/completions' own fields, and those of the legacy /v1/completions.
 CHAT_FIELDS = REQUEST_FIELDS | {
-    "messages", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
     "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
     "web_search_options", "chat_template_kwargs", "role_mapping",
 }
@@ -90,6 +92,8 @@ UNSUPPORTED_FIELDS = {
     "suffix": ((None, ""), "text insertion (a suffix after the completion) is not implemented"),
     "best_of": ((None, 1), "this server returns one choice per request and ranks none"),
 }
+#: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position).
+MAX_COMPLETION_LOGPROBS = 5
 #: Seconds between looks at a waiting request's client (gone?) while no token arrives.
 POLL_S = 0.1
 
@@ -460,10 +464,13 @@ class _HandlerGenerator:
 
     def generate(self, request, generation_args, progress_callback=None):
         try:
-            return self._generator.generate(request, generation_args, progress_callback,
-                                            client_gone=self._handler.client_gone)
+            ctx, responses = self._generator.generate(request, generation_args, progress_callback,
+                                                      client_gone=self._handler.client_gone)
         except Exception as err:
             raise _RequestFailed(err) from err
+        if generation_args.logprobs:
+            responses = self._handler.record_logprobs(responses)
+        return ctx, responses
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._generator, name)
@@ -511,6 +518,8 @@ class APIHandler(mlx_server.APIHandler):
 
     _streaming = False
     _echo = ""
+    #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
+    _pending: list | tuple = ()
 
     def _set_stream_headers(self, status_code: int = 200):
         self._streaming = True  # the status line is out: an error now goes as an event
@@ -625,6 +634,7 @@ class APIHandler(mlx_server.APIHandler):
                 raise ValueError(f"{name} must be a number, not a boolean")
         self._check_logit_bias()
         self._check_adapters()
+        self._check_logprobs()
         super().validate_model_parameters()
         for name in FLOAT_PARAMETERS:
             if not math.isfinite(getattr(self, name)):
@@ -693,9 +703,95 @@ class APIHandler(mlx_server.APIHandler):
         self._echo = body["prompt"] if echo else ""
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
+        """mlx-lm's response or chunk, with OpenAI's logprobs: for chat, ``content`` entries of
+        token, logprob, bytes and the sorted ``top_logprobs`` (and mlx-lm's ``id``); for the legacy
+        completions, tokens, token_logprobs, top_logprobs and text_offset. mlx-lm gave both
+        endpoints entries of id and logprob only, or the first of an unsorted top list in place
+        of the chosen token, and none at all when streaming."""
         if self._echo:  # the legacy completions' echo: the prompt, before the reply's first text
             text, self._echo = self._echo + text, ""
-        return super().generate_response(text, finish_reason, *args, **kwargs)
+        response = super().generate_response(text, finish_reason, *args, **kwargs)
+        choice = response["choices"][0]
+        choice.pop("logprobs", None)
+        if self.logprobs:
+            pending, self._pending = self._pending, []
+            choice["logprobs"] = (self._chat_logprobs(pending) if self.object_type.startswith("chat")
+                                  else self._completion_logprobs(pending))
+        return response
+
+    def record_logprobs(self, responses) -> Iterator[Any]:
+        """``responses``, each kept for the logprobs of the next chunk (an EOS is no part of the reply)."""
+        tokenizer = self.response_generator.model_provider.tokenizer
+        eos, self._pieces, self._pending = set(tokenizer.eos_token_ids), {}, []
+        self._byte_level = isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)
+        self._offset = len(self.body.get("prompt") or "")
+        for response in responses:
+            if response.token not in eos:
+                self._pending.append(response)
+            yield response
+
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        """A token's text and bytes: a byte-level BPE token's own bytes (part of a character, at
+        times), else its text's UTF-8."""
+        if token not in self._pieces:
+            tokenizer = self.response_generator.model_provider.tokenizer
+            name, decoder = tokenizer.convert_ids_to_tokens(token), _byte_decoder()
+            if self._byte_level and all(c in decoder for c in name):
+                raw = bytes(decoder[c] for c in name)
+            else:
+                raw = tokenizer.decode([token]).encode()
+            self._pieces[token] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return self._pieces[token]
+
+    @staticmethod
+    def _top(response) -> list[tuple[int, float]]:
+        """The response's most likely tokens (mlx-lm's top_logprobs, unsorted): (id, logprob), best first."""
+        return sorted(((t["id"], t["logprob"]) for t in response.top_tokens), key=lambda t: -t[1])
+
+    def _chat_logprobs(self, responses) -> dict:
+        def entry(token, logprob):
+            text, raw = self._piece(token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        return {"content": [{**entry(r.token, r.logprob), "id": r.token,
+                             "top_logprobs": [entry(t, lp) for t, lp in self._top(r)]} for r in responses],
+                "refusal": None}
+
+    def _completion_logprobs(self, responses) -> dict:
+        """The legacy shape: ``top_logprobs`` maps the text of the N most likely tokens, and of the
+        chosen one (OpenAI: up to N + 1 entries), to their logprobs; ``text_offset`` counts
+        characters from the start of the prompt."""
+        tokens, offsets, tops = [], [], []
+        for r in responses:
+            text = self._piece(r.token)[0]
+            top = {}
+            for token, logprob in [*self._top(r), (r.token, r.logprob)]:
+                top.setdefault(self._piece(token)[0], logprob)  # tokens of one text: the likelier
+            tokens.append(text)
+            offsets.append(self._offset)
+            tops.append(top)
+            self._offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [r.logprob for r in responses], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _check_logprobs(self) -> None:
+        """OpenAI's logprobs: on /v1/completions (the legacy API) the number of most likely tokens
+        to list per position, 0..5 (true: 0); for chat, true or false, with top_logprobs needing
+        true. mlx-lm took only true or false on both."""
+        if self.logprobs is None:
+            self.logprobs = False
+        if self.path == "/v1/completions":
+            n = self.logprobs
+            if n is True or n is False:
+                n = 0 if n else None
+            elif not isinstance(n, int) or not 0 <= n <= MAX_COMPLETION_LOGPROBS:
+                raise ValueError(f"logprobs must be an integer in 0..{MAX_COMPLETION_LOGPROBS} on /v1/completions "
+                                 f"(the most likely tokens to list per position), got {n!r}")
+            self.logprobs, self.top_logprobs = n is not None, -1 if n is None else n
+        elif self.top_logprobs is None:
+            self.top_logprobs = -1
+        elif isinstance(self.top_logprobs, int) and self.top_logprobs > 0 and self.logprobs is not True:
+            raise ValueError("top_logprobs needs logprobs: true")
 
     def _check_adapters(self) -> None:
         """mlx-lm's ``adapters``: a directory of LoRA adapters on the server (as mlx_lm.lora
