@@ -529,8 +529,7 @@ class APIHandler(mlx_server.APIHandler):
         """Answers a request that failed in generation, in OpenAI's error shape: a 500 (404 for
         a model that cannot be loaded, 400 for messages the chat template refuses, 503 when the
         generation thread has stopped); in a stream already under way, a last ``error`` event."""
-        status, kind, code = 500, "server_error", None
-        param = None
+        status, kind, param, code = 500, "server_error", None, None
         if isinstance(err, AdapterError):
             status, kind, param = 400, "invalid_request_error", "adapters"
         elif isinstance(err, ServeError):
@@ -545,7 +544,7 @@ class APIHandler(mlx_server.APIHandler):
         body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
         self.close_connection = True
         try:
-            if getattr(self, "_streaming", False):
+            if self._streaming:
                 self.wfile.write(f"data: {body}\n\n".encode())
                 self.wfile.flush()
                 return
@@ -739,7 +738,7 @@ class APIHandler(mlx_server.APIHandler):
             if self._byte_level and all(c in decoder for c in name):
                 raw = bytes(decoder[c] for c in name)
             else:
-                raw = tokenizer.decode([token]).encode()
+                raw = tokenizer.decode([token], clean_up_tokenization_spaces=False).encode()
             self._pieces[token] = (raw.decode("utf-8", errors="replace"), list(raw))
         return self._pieces[token]
 
