@@ -108,8 +108,8 @@ def test_a_failure_in_the_generation_thread_answers_500_and_the_server_keeps_ser
         assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 6)
         model.arm(4)  # mid-reply, streaming: the 200 is out, so an error event ends the stream (OpenAI's way)
         events = stream_events(srv.url, "/v1/completions", {**plain, "stream": True})
-        assert [e["choices"][0]["text"] for e in events[:-1]] == [r.text for r in mlx_lm.stream_generate(
-            *reference, PROMPTS[0], max_tokens=len(events) - 1)]
+        streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
+        assert streamed and expected_text(reference, PROMPTS[0], 6).startswith(streamed)
         assert_server_error(500, events[-1])
         model.arm(3)  # a seeded request (mlx-lm serves it alone, outside the batch) fails mid-reply
         assert_server_error(*post(srv.url, "/v1/completions", {**plain, "seed": 3}, timeout=20))
