@@ -119,3 +119,114 @@ def test_widths_transformers_cannot_run_are_named_when_saved(tmp_path):
         ref = xLSTMForCausalLM.from_pretrained(tmp_path / "w128").eval()(torch.tensor(ids)).logits.numpy()
     logits, _ = model(mx.array(ids.astype(np.int32)))
     assert rel_err(np.array(logits), ref) <= 1e-4
+
+
+def _biased_hf_model() -> xLSTMForCausalLM:
+    """transformers' model with use_bias=True (norm and projection biases), every parameter
+    random: biases N(0, 0.3), norm weights U(0.5, 1.5), gate biases U(-5, 7)."""
+    config = HFxLSTMConfig(vocab_size=101, hidden_size=128, num_hidden_layers=2, num_heads=2, chunk_size=16,
+                           autocast_kernel_dtype="float32", use_bias=True)
+    torch.manual_seed(0)
+    model = xLSTMForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate_preact.bias"):
+                param.copy_(torch.empty_like(param).uniform_(-5, 7, generator=gen))
+            elif "norm" in name and name.endswith(".weight"):
+                param.copy_(torch.empty_like(param).uniform_(0.5, 1.5, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+def test_biased_checkpoint_gives_transformers_logits_and_saves_back(tmp_path):
+    """use_bias=True: norm_mlstm, norm_ffn and multihead_norm carry a bias beside the projections'
+    (out_norm none, in transformers): each is a parameter under its checkpoint key, used by the
+    forward, the fused prefill and the decode steps (their kernels have no bias: the modules run);
+    a re-save holds exactly transformers' keys, and transformers and mlx-lm read it back."""
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal.loading import read_weights
+    from xlstm_metal.mlx_lm_model import Model, ModelArgs
+
+    hf = _biased_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    ids = np.random.default_rng(5).integers(0, 101, size=(2, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    x = mx.array(ids.astype(np.int32))
+    ours = load_model(tmp_path / "hf")
+    params = dict(tree_flatten(ours.parameters()))
+    assert set(params) == set(hf.state_dict())
+    for key in ("norm_mlstm.bias", "norm_ffn.bias", "mlstm_layer.multihead_norm.bias"):
+        np.testing.assert_array_equal(np.array(params[f"backbone.blocks.1.{key}"]),
+                                      hf.state_dict()[f"backbone.blocks.1.{key}"].numpy())
+    assert rel_err(np.array(ours(x)[0]), ref) <= 1e-4
+
+    ours.fuse_projections()  # the inference fast paths: fused prefill, the fused decode step
+    last, state = ours.prefill(x[:, :36])
+    assert rel_err(np.array(last), ref[:, 35]) <= 1e-4
+    for t in range(36, 40):
+        logits, state = ours(x[:, t : t + 1], state)
+        assert rel_err(np.array(logits[:, 0]), ref[:, t]) <= 1e-4
+
+    save_model(ours, tmp_path / "ours")
+    assert set(read_weights(tmp_path / "ours")) == set(hf.state_dict())
+    with torch.no_grad():
+        again = xLSTMForCausalLM.from_pretrained(tmp_path / "ours").eval()(torch.tensor(ids)).logits.numpy()
+    assert rel_err(again, ref) <= 1e-6
+    view = Model(ModelArgs.from_dict(json.loads((tmp_path / "ours" / "config.json").read_text())))
+    view.load_weights(list(view.sanitize(read_weights(tmp_path / "ours")).items()), strict=True)
+    assert rel_err(np.array(view(x)), ref) <= 1e-4
+
+
+def test_fast_paths_run_biased_norms_as_their_modules(monkeypatch):
+    """The fused kernels have no norm bias: with them claimed on (a launch fails on a CPU), the
+    add + RMSNorm, the output norm + gate, the decode chain's norm stages and the training
+    step's residual norm all leave a biased norm to its module, and the values keep the bias."""
+    import mlx.nn as nn
+
+    from xlstm_metal.blocks import xlstm_large as blocks
+    from xlstm_metal.cells.norms import BiasedMultiHeadLayerNorm, BiasedRMSNorm
+    from xlstm_metal.kernels.fast import decode
+    from xlstm_metal.kernels.fast import decode_chain as chain
+    from xlstm_metal.kernels.fast.skinny import uses_norm_gate_product
+
+    from conftest import tiny_model
+
+    monkeypatch.setattr(decode, "_kernels_on", lambda: True)
+    monkeypatch.setattr(chain, "_kernels_on", lambda: True)
+    rng = np.random.default_rng(6)
+
+    def rand(*shape, dtype=mx.bfloat16):
+        return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+    norm = BiasedRMSNorm(256)
+    norm.weight, norm.bias = rand(256), rand(256)
+    x, y = rand(2, 1, 256), rand(2, 1, 256)
+    s, xn = decode.add_rms_norm(x, y, norm)
+    assert mx.array_equal(s, x + y) and mx.array_equal(xn, norm(x + y))
+    assert not mx.array_equal(xn, mx.fast.rms_norm(x + y, norm.weight, norm.eps))  # the bias is in
+    mh = BiasedMultiHeadLayerNorm(2, 64)
+    mh.weight, mh.bias = rand(128), rand(128)
+    h, o = rand(2, 2, 1, 64), rand(2, 1, 128)
+    assert mx.array_equal(decode.output_norm_gate(h, o, mh), mx.sigmoid(o) * mh(h.transpose(0, 2, 1, 3)))
+    layer = nn.QuantizedLinear(256, 128, bias=False, group_size=64, bits=4)
+    layer.scales, layer.biases = layer.scales.astype(mx.bfloat16), layer.biases.astype(mx.bfloat16)
+    arrays = chain.quantized_arrays(layer, 2)
+    assert arrays is not None and not chain.norm_chain_supported(x, y, norm, arrays)
+    out = rand(256, 128)
+    assert not chain.gate_chain_supported(h, o, 0, mh, x, (out, *arrays[1:]))
+    assert not uses_norm_gate_product(h, o, mh, out)
+
+    # The training step's residual norm (CUDA, XLSTM_METAL_TRAIN_NORM_RESIDUAL=1) has no bias either.
+    block = tiny_model(use_bias=True).backbone.blocks[0]
+    for name in ("norm_mlstm", "norm_ffn"):
+        block[name].bias = rand(64, dtype=mx.float32)
+    xs = rand(1, 5, 64, dtype=mx.float32)
+    expected, _ = block(xs)
+    monkeypatch.setattr(blocks, "traced_fusion_active", lambda: True)
+    monkeypatch.setattr(blocks, "residual_norm_supported", lambda *_: True)
+    got, _ = block(xs)
+    assert mx.allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from ..cells.ffn import _GATE_UP, FeedForward, swiglu
 from ..cells.fused import fusion_groups, traced_fusion_active
-from ..cells.norms import RMSNorm
+from ..cells.norms import RMSNorm, rms_norm
 from ..config import xLSTMConfig
 from ..kernels.fast import decode_chain as chain
 from ..kernels.fast.decode import add_rms_norm, gate_product_in_kernel
@@ -23,10 +23,10 @@ class mLSTMBlock(nn.Module):
 
     def __init__(self, config: xLSTMConfig):
         super().__init__()
-        norm = dict(eps=config.norm_eps, force_float32=config.norm_reduction_force_float32)
-        self.norm_mlstm = RMSNorm(config.embedding_dim, **norm)
+        norm = dict(bias=config.use_bias, eps=config.norm_eps, force_float32=config.norm_reduction_force_float32)
+        self.norm_mlstm = rms_norm(config.embedding_dim, **norm)
         self.mlstm_layer = mLSTMNeuron(config)
-        self.norm_ffn = RMSNorm(config.embedding_dim, **norm)
+        self.norm_ffn = rms_norm(config.embedding_dim, **norm)
         self.ffn = FeedForward(config)
 
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
@@ -242,7 +242,8 @@ def _pre_norm(x: mx.array, norm: RMSNorm) -> tuple[mx.array, mx.array]:
     training step on CUDA (XLSTM_METAL_TRAIN_NORM_RESIDUAL=1) as
     :func:`~xlstm_metal.kernels.fast.train_rows.residual_norm` (the two cotangents of x summed
     in the norm's backward kernel; the same forward)."""
-    if traced_fusion_active() and residual_norm_supported(x, norm.weight):
+    # The kernel has no bias: a biased norm (BiasedRMSNorm) runs as its module.
+    if type(norm) is RMSNorm and traced_fusion_active() and residual_norm_supported(x, norm.weight):
         return residual_norm(x, norm.weight, norm.eps)
     return x, norm(x)
 

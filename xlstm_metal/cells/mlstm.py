@@ -23,7 +23,7 @@ from ..kernels.fast.skinny import FastLinear, norm_gate_linear_product, uses_nor
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
 from .fused import FusedLayers, linear_output, plain_linear_weight, traced_fusion_active
-from .norms import MultiHeadLayerNorm, soft_cap
+from .norms import MultiHeadLayerNorm, multi_head_layer_norm, soft_cap
 
 
 def state_dtype_of(config: xLSTMConfig) -> mx.Dtype:
@@ -174,8 +174,8 @@ class mLSTMOutputCell(nn.Module):
     @staticmethod
     def make_layers(config: xLSTMConfig) -> dict[str, nn.Module]:
         return {
-            "multihead_norm": MultiHeadLayerNorm(
-                config.num_heads, config.v_head_dim, eps=config.norm_eps,
+            "multihead_norm": multi_head_layer_norm(
+                config.num_heads, config.v_head_dim, bias=config.use_bias, eps=config.norm_eps,
                 force_float32=config.norm_reduction_force_float32,
             ),
             "out_proj": nn.Linear(config.v_dim, config.embedding_dim, bias=config.use_bias),

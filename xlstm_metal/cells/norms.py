@@ -1,5 +1,12 @@
 """Normalisation cells and the soft cap. Reductions run in float32 (bf16 norms gave NaNs in
-another MLX port); the result is cast back to the input dtype before the weight is applied."""
+another MLX port); the result is cast back to the input dtype before the weight is applied.
+
+A config with ``use_bias`` gives the block norms a bias too (transformers' and NX-AI's
+``use_bias=True``): :class:`BiasedRMSNorm`, :class:`BiasedMultiHeadLayerNorm`. They are classes
+of their own because the fused kernels take a norm by ``type(norm) is RMSNorm`` (and
+``MultiHeadLayerNorm``) and read its weight only: a biased norm is never one of those types, so
+every fast path runs its module instead (the reference ops, bias included).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +42,22 @@ class RMSNorm(nn.Module):
         return normed * self.weight
 
 
+class BiasedRMSNorm(RMSNorm):
+    """RMSNorm(x) + bias [D] (transformers' ``xLSTMRMSNorm`` with ``use_bias``). x: [..., D]."""
+
+    def __init__(self, dims: int, eps: float = 1e-6, force_float32: bool = True):
+        super().__init__(dims, eps=eps, force_float32=force_float32)
+        self.bias = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x) + self.bias
+
+
+def rms_norm(dims: int, *, bias: bool = False, eps: float = 1e-6, force_float32: bool = True) -> RMSNorm:
+    """An :class:`RMSNorm` over ``dims``, a :class:`BiasedRMSNorm` with ``bias``."""
+    return (BiasedRMSNorm if bias else RMSNorm)(dims, eps=eps, force_float32=force_float32)
+
+
 class MultiHeadLayerNorm(nn.Module):
     """Layer norm per head (biased variance, no bias), then the flattened [NH * DH] weight.
 
@@ -56,6 +79,25 @@ class MultiHeadLayerNorm(nn.Module):
             xf = x.astype(mx.float32) if self.force_float32 else x
             normed = mx.fast.layer_norm(xf, None, None, self.eps).astype(dtype)
         return normed.reshape(B, S, NH * DH) * self.weight
+
+
+class BiasedMultiHeadLayerNorm(MultiHeadLayerNorm):
+    """MultiHeadLayerNorm(x) + bias [NH * DH] (transformers' ``xLSTMMultiHeadLayerNorm`` with
+    ``use_bias``). x: [B, S, NH, DH] -> [B, S, NH * DH]."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, force_float32: bool = True):
+        super().__init__(num_heads, head_dim, eps=eps, force_float32=force_float32)
+        self.bias = mx.zeros((num_heads * head_dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x) + self.bias
+
+
+def multi_head_layer_norm(num_heads: int, head_dim: int, *, bias: bool = False, eps: float = 1e-6,
+                          force_float32: bool = True) -> MultiHeadLayerNorm:
+    """A :class:`MultiHeadLayerNorm`, a :class:`BiasedMultiHeadLayerNorm` with ``bias``."""
+    cls = BiasedMultiHeadLayerNorm if bias else MultiHeadLayerNorm
+    return cls(num_heads, head_dim, eps=eps, force_float32=force_float32)
 
 
 _layer_norms: dict[float, object] = {}

@@ -329,10 +329,11 @@ class xLSTMLarge(nn.Module):
                 + (f"({cell.step_kernel}/{cell.sequence_kernel})" if name == "recurrent_kernel" else "")
                 for name, cell in neuron.cells.items()
             )
-            lines.append(f"  blocks.{index}: mLSTMBlock[norm_mlstm=RMSNorm, mlstm_layer=mLSTMNeuron[{cells}], "
-                         f"norm_ffn=RMSNorm, ffn=FeedForward(SwiGLU)]")
-        if c.add_out_norm:
-            lines.append("  backbone.out_norm: RMSNorm")
+            lines.append(f"  blocks.{index}: mLSTMBlock[norm_mlstm={type(block.norm_mlstm).__name__}, "
+                         f"mlstm_layer=mLSTMNeuron[{cells}], norm_ffn={type(block.norm_ffn).__name__}, "
+                         f"ffn=FeedForward(SwiGLU)]")
+        if "out_norm" in self.backbone:
+            lines.append(f"  backbone.out_norm: {type(self.backbone.out_norm).__name__}")
         lines.append("  lm_head: " + ("tied to embeddings" if c.tie_word_embeddings else "Linear")
                      + f" -> soft cap {c.output_logit_soft_cap}")
         return "\n".join(lines)
