@@ -168,8 +168,9 @@ def test_a_requests_adapters_apply_to_its_reply(ckpt, reference, tmp_path):
         assert text(ask(adapters=str(adapters))) == tuned_text
         assert text(ask()) == base_text  # the served model again
         answers = {}
+        tuned_request = {"adapters": str(adapters)}
         threads = [threading.Thread(target=lambda k=k, extra=extra: answers.update({k: ask(**extra)}))
-                   for k, extra in (("tuned", {"adapters": str(adapters)}), ("base", {}), ("tuned2", {"adapters": str(adapters)}))]
+                   for k, extra in (("tuned", tuned_request), ("base", {}), ("tuned2", tuned_request))]
         for t in threads:
             t.start()
         for t in threads:

@@ -66,8 +66,8 @@ REQUEST_FIELDS = frozenset({
 })
 #: /v1/chat/completions' own fields, and those of the legacy /v1/completions.
 CHAT_FIELDS = REQUEST_FIELDS | {
-    "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
-    "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
+    "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+    "response_format", "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
     "web_search_options", "chat_template_kwargs", "role_mapping",
 }
 COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix", "best_of"}
