@@ -278,3 +278,40 @@ def test_cli_loads_a_resave_that_lost_our_model_file(ckpt, tmp_path, capsys):
         assert code == 0, out
         texts.append(out.split("==========")[1])
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mlx_lm_convert_of_a_tied_model_opens_in_transformers(tmp_path, dtype):
+    """mlx-lm's save writes model.parameters(), where a tied model has no LM head; transformers'
+    xLSTMForCausalLM never ties, so it opened such a checkpoint with a random head. The save
+    now carries lm_head.weight (the embeddings) as save_model's checkpoints do: transformers,
+    mlx-lm and load_model give the logits of the converted weights, and the tree is unchanged."""
+    torch = pytest.importorskip("torch")
+    from mlx_lm.convert import convert
+    from transformers import xLSTMForCausalLM
+
+    from xlstm_metal.loading import read_weights
+    from xlstm_metal.mlx_lm_model import from_xlstm_metal
+
+    hf = train_tiny_tokenizer()
+    source = tiny_model(4, embedding_dim=128, vocab_size=hf.get_vocab_size(), tie_word_embeddings=True)
+    src = save_model(source, tmp_path / "src", tokenizer=hf)
+    convert(str(src), mlx_path=str(tmp_path / "out"), dtype=dtype, trust_remote_code=True)
+    stored = read_weights(tmp_path / "out")
+    assert stored["lm_head.weight"].dtype == getattr(mx, dtype)
+    assert mx.array_equal(stored["lm_head.weight"], stored["backbone.embeddings.weight"])
+    ids = np.random.default_rng(4).integers(0, hf.get_vocab_size(), size=(1, 16))
+    ours = load_model(tmp_path / "out", dtype="float32")  # the converted weights, float32 arithmetic
+    expected = np.array(ours(mx.array(ids.astype(np.int32)))[0])
+    with torch.no_grad():
+        hf_model = xLSTMForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        assert rel_err(hf_model(torch.tensor(ids)).logits.numpy(), expected) <= 1e-4
+    model, _ = mlx_lm.load(str(tmp_path / "out"), trust_remote_code=True)
+    assert "lm_head" not in model
+    assert rel_err(np.array(model(mx.array(ids.astype(np.int32))).astype(mx.float32)), expected) <= 3e-2
+
+    view = from_xlstm_metal(source)
+    mlx_lm.utils.save_model(tmp_path / "direct", view)  # the hook leaves the tree as it found it
+    assert "lm_head" not in view and "lm_head" not in source
+    assert mx.array_equal(mx.load(str(tmp_path / "direct" / "model.safetensors"))["lm_head.weight"],
+                          source.backbone.embeddings.weight)

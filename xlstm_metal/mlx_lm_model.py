@@ -16,6 +16,10 @@ mlx-lm's protocol, as its recurrent models (Mamba) follow it:
   m, h; conv windows) stays bit-for-bit what it was.
 - ``sanitize`` maps NX-AI's native names; ``quant_predicate`` keeps the input and forget gate
   projections in float (they have only NH outputs and drive exponential gates).
+- mlx-lm's ``save_model`` (behind ``convert`` and ``fuse``) writes ``model.parameters()`` only;
+  importing this module wraps it so a checkpoint it writes carries what
+  :func:`xlstm_metal.save_model` adds for transformers (a tied model's ``lm_head.weight``:
+  :func:`~xlstm_metal.checkpoint_files.transformers_weights`).
 
 The model classes here are subclasses of :class:`xlstm_metal.models.xlstm_large.xLSTMLarge` and
 the 2024 ``xLSTMLMModel`` with mlx-lm's call signature: same parameters, same checkpoint names.
@@ -23,15 +27,18 @@ the 2024 ``xLSTMLMModel`` with mlx-lm's call signature: same parameters, same ch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
+from .checkpoint_files import transformers_weights
 from .config import xLSTMConfig
 from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
 from .loading import lm_head_trained_apart, sanitize_xlstm_large
@@ -198,3 +205,40 @@ def from_xlstm_metal(model: nn.Module) -> Model:
             view.__dict__.update(model.__dict__)
             return view
     raise TypeError(f"no mlx-lm interface for {type(model).__name__}: xLSTMLarge or the 2024 xLSTMLMModel")
+
+
+def _with_transformers_weights(save_model):
+    """mlx-lm's ``save_model(save_path, model, ...)``, also writing the tensors transformers needs
+    beside an xLSTM-Large's parameters: transformers' ``xLSTMForCausalLM`` never ties its LM
+    head, so without ``lm_head.weight`` a tied model's checkpoint opened there with a random
+    head. The head (the embedding array itself, no copy) is in the tree for the save only: the
+    forward reads the embeddings whenever the config ties them."""
+
+    @functools.wraps(save_model)
+    def save(save_path, model, *args, **kwargs):
+        extra = {}
+        if isinstance(model, xLSTMLarge) and "lm_head" not in model:
+            extra = transformers_weights(model.config, dict(tree_flatten(model.parameters())))
+        if "lm_head.weight" not in extra:
+            return save_model(save_path, model, *args, **kwargs)
+        head = nn.Module()
+        head.weight = extra["lm_head.weight"]
+        model.lm_head = head
+        try:
+            return save_model(save_path, model, *args, **kwargs)
+        finally:
+            del model["lm_head"]
+
+    save.writes_transformers_weights = True
+    return save
+
+
+def _install_save_hook() -> None:
+    """Wrap ``mlx_lm.utils.save_model`` (which ``save``, ``convert`` and ``fuse`` call) once."""
+    import mlx_lm.utils as utils
+
+    if not getattr(utils.save_model, "writes_transformers_weights", False):
+        utils.save_model = _with_transformers_weights(utils.save_model)
+
+
+_install_save_hook()
