@@ -230,3 +230,40 @@ def test_fast_paths_run_biased_norms_as_their_modules(monkeypatch):
     monkeypatch.setattr(blocks, "residual_norm_supported", lambda *_: True)
     got, _ = block(xs)
     assert mx.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_dtype_is_the_weights_dtype(tmp_path):
+    """transformers loads in config.json's dtype, mlx-lm's convert casts to its torch_dtype: a
+    bf16 checkpoint loaded here as float32 and changed (trained) kept the source's
+    "bfloat16", and transformers rounded every weight to bf16 (logits off by ~2e-2). The saved
+    config names the weights' dtype: transformers and mlx-lm keep the float32 weights."""
+    from mlx.utils import tree_map
+
+    from conftest import tiny_model
+    from xlstm_metal.loading import read_weights
+
+    source = tiny_model(5, embedding_dim=128)
+    source.set_dtype(mx.bfloat16)
+    save_model(source, tmp_path / "ours_bf16")
+    xLSTMForCausalLM.from_pretrained(tmp_path / "ours_bf16").save_pretrained(tmp_path / "hf_bf16")
+    config_path = tmp_path / "hf_bf16" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["dtype"] == "bfloat16"
+    config_path.write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))  # as transformers 4 wrote it
+
+    model = load_model(tmp_path / "hf_bf16", dtype="float32")
+    model.update(tree_map(lambda v: v * 1.001, model.parameters()))  # a float32 training step's change
+    save_model(model, tmp_path / "f32")
+    saved = json.loads((tmp_path / "f32" / "config.json").read_text())
+    assert saved["dtype"] == saved["torch_dtype"] == "float32"
+    ids = np.random.default_rng(6).integers(0, 97, size=(1, 16))
+    expected = np.array(model(mx.array(ids.astype(np.int32)))[0])
+    with torch.no_grad():
+        hf = xLSTMForCausalLM.from_pretrained(tmp_path / "f32").eval()
+        assert hf.dtype == torch.float32 and rel_err(hf(torch.tensor(ids)).logits.numpy(), expected) <= 1e-4
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.convert import convert
+
+    convert(str(tmp_path / "f32"), mlx_path=str(tmp_path / "mlx"), trust_remote_code=True)
+    assert {v.dtype for v in read_weights(tmp_path / "mlx").values()} == {mx.float32}
+    assert json.loads((tmp_path / "ours_bf16" / "config.json").read_text())["dtype"] == "bfloat16"

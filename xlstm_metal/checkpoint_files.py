@@ -4,7 +4,8 @@
 ``convert``, user code) gives the same checkpoint:
 
 - ``config.json``: for xLSTM-Large in the form transformers' ``xLSTMConfig`` accepts (see
-  :meth:`xLSTMConfig.to_dict`); for every model a ``model_file`` entry naming the mlx-lm shim.
+  :meth:`xLSTMConfig.to_dict`), its ``dtype`` the weights' (:func:`with_weights_dtype`); for
+  every model a ``model_file`` entry naming the mlx-lm shim.
 - ``xlstm_mlx_lm.py`` (:data:`MLX_LM_SHIM`): ``mlx_lm.load(path, trust_remote_code=True)``
   imports it and gets :mod:`xlstm_metal.mlx_lm_model`.
 - ``tokenizer.json`` + ``tokenizer_config.json``: where the model wants a BOS token, the
@@ -46,6 +47,20 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 def mlx_lm_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with the ``model_file`` entry mlx-lm needs to load the checkpoint."""
     return {**config, "model_file": MLX_LM_SHIM}
+
+
+def with_weights_dtype(config: dict[str, Any], weights: dict) -> dict[str, Any]:
+    """``config`` (an xLSTM-Large config.json dict) with ``dtype`` (and ``torch_dtype``, where
+    present) naming the float weights' dtype, float32 where they mix several: transformers loads
+    in the config's dtype, and a name kept from the source (a bf16 checkpoint loaded here as
+    float32 and trained) rounded every weight to it; mlx-lm's convert casts to ``torch_dtype``."""
+    import mlx.core as mx
+
+    dtypes = {v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)}
+    if not dtypes:
+        return config
+    name = str(dtypes.pop()).removeprefix("mlx.core.") if len(dtypes) == 1 else "float32"
+    return {**config, "dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
 
 
 def write_shim(directory: Path, write_text: Callable[[Path, str], None]) -> None:

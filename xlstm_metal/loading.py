@@ -462,6 +462,7 @@ def save_model(
         tokenizer_files,
         transformers_shape_problem,
         transformers_weights,
+        with_weights_dtype,
         write_shim,
     )
 
@@ -506,6 +507,8 @@ def save_model(
     for stale in old_shards - written:
         stale.unlink()
     config = mlx_lm_config(model.config.to_dict())
+    if isinstance(model.config, xLSTMConfig):
+        config = with_weights_dtype(config, weights)
     from .quantization import quantization_config
 
     quantization = quantization_config(model)
