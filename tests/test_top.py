@@ -6,6 +6,7 @@ cache to be cleared, sorts, and kills it after a confirmation; in a real pseudo-
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -151,7 +152,8 @@ def test_terminal_ui_shows_the_job_clears_its_cache_and_kills_it(job, monkeypatc
                 await pilot.pause(0.1)
             assert table.row_count == 1
             row = table.get_row_at(0)
-            assert row[0] == str(proc.pid) and row[1] == "generate" and float(row[5].replace(",", "")) > 0
+            assert row[0] == str(proc.pid) and row[1] == "generate" and row[2] == "-"
+            assert float(row[6].replace(",", "")) > 0
             assert "no jobs running" not in str(app.query_one("#machine", Static).render())
             assert app.selected_pid() == proc.pid
 
@@ -328,3 +330,76 @@ def test_json_stdin_kill_signals_only_xlstm_metal_jobs(tmp_path, monkeypatch, ca
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+RANK_JOB = """
+import sys, time
+from xlstm_metal.distributed import world
+from xlstm_metal.monitor import JobStatus
+if sys.argv[1] == "join":
+    world()  # the group's own rank and size (the other rank joins too)
+JobStatus("generate", "m", watchdog=None, interval=0.1).start()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_ranks_of_one_distributed_job_are_told_apart(tmp_path, monkeypatch, capsys):
+    """The processes of one mlx.launch run were identical rows in top; each record now has its
+    rank and the world size (from the joined group, or mlx.launch's environment before it is
+    joined), shown as RANK r/N; a process on its own has rank null, and the text view drops the
+    column when no job has a rank."""
+    from distributed_helpers import free_port, ring_env
+
+    from xlstm_metal.distributed import launch_rank
+
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(runtime))
+    port = free_port(2)
+    procs = []
+    try:
+        for rank in range(2):  # joined: the ring's own rank and size
+            env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(runtime)}
+            procs.append(subprocess.Popen([sys.executable, "-c", RANK_JOB, "join"], env=env, stdout=subprocess.PIPE,
+                                          text=True))
+        env = {**os.environ, "XLSTM_RUNTIME_DIR": str(runtime), "MLX_RANK": "3", "MLX_WORLD_SIZE": "4"}
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_JOB, "env"], env=env, stdout=subprocess.PIPE,
+                                      text=True))  # not joined: mlx.launch's environment (nccl's variables)
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_JOB, "alone"], stdout=subprocess.PIPE, text=True,
+                                      env={k: v for k, v in env.items() if not k.startswith("MLX_")}))
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        wait_for(lambda: len(read_jobs(runtime)) == 4)
+        assert main(["top", "--json", "--once"]) == 0
+        snapshot = json.loads(capsys.readouterr().out)
+        by_pid = {job["pid"]: (job["rank"], job["world_size"]) for job in snapshot["jobs"]}
+        assert by_pid == {procs[0].pid: (0, 2), procs[1].pid: (1, 2), procs[2].pid: (3, 4), procs[3].pid: (None, 1)}
+        assert main(["top", "--once"]) == 0
+        rows = capsys.readouterr().out.splitlines()
+        assert "RANK" in next(line for line in rows if line.startswith("PID"))
+        for proc, rank in zip(procs, ("0/2", "1/2", "3/4", "-")):
+            assert re.search(rf"^{proc.pid}\s+generate\s+{re.escape(rank)}\s+m\s", next(
+                line for line in rows if line.startswith(str(proc.pid)))), rows
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    # Only the process on its own left: no RANK column.
+    procs[3] = subprocess.Popen([sys.executable, "-c", RANK_JOB, "alone"], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "XLSTM_RUNTIME_DIR": str(runtime)})
+    try:
+        assert procs[3].stdout.readline().strip() == "ready"
+        wait_for(lambda: read_jobs(runtime))
+        assert main(["top", "--once"]) == 0
+        assert "RANK" not in capsys.readouterr().out
+    finally:
+        procs[3].kill()
+        procs[3].wait()
+    # The environment mlx.launch gives each backend's processes.
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]))
+    assert launch_rank({"MLX_RANK": "2", "MLX_HOSTFILE": str(hostfile)}) == (2, 3)  # ring
+    assert launch_rank({"MLX_RANK": "1", "MLX_WORLD_SIZE": "8"}) == (1, 8)  # nccl
+    assert launch_rank({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "6"}) == (5, 6)  # mpirun
+    assert launch_rank({"MLX_RANK": "0", "MLX_HOSTFILE": str(tmp_path / "gone.json")}) == (0, None)
+    assert launch_rank({}) is None and launch_rank({"MLX_RANK": "x"}) is None

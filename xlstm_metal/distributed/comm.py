@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -41,6 +41,40 @@ def launched() -> bool:
     if any(os.environ.get(k) for k in ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR")):
         return True
     return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int | None] | None:
+    """(rank, world size) that ``mlx.launch`` (or mpirun) gave this process, read from the
+    environment without joining the group; the size is None where the environment does not
+    say. None outside such a launch."""
+    env = os.environ if env is None else env
+    try:
+        if env.get("OMPI_COMM_WORLD_RANK"):
+            return int(env["OMPI_COMM_WORLD_RANK"]), int(env.get("OMPI_COMM_WORLD_SIZE") or 0) or None
+        if not env.get("MLX_RANK"):
+            return None
+        rank = int(env["MLX_RANK"])
+    except ValueError:
+        return None
+    if (env.get("MLX_WORLD_SIZE") or "").isdigit():  # nccl
+        return rank, int(env["MLX_WORLD_SIZE"])
+    for var in ("MLX_HOSTFILE", "MLX_IBV_DEVICES"):  # ring, jaccl: a JSON list with one entry per rank
+        try:
+            hosts = json.loads(Path(env[var]).read_text())
+        except (KeyError, OSError, ValueError):
+            continue
+        if isinstance(hosts, list) and hosts:
+            return rank, len(hosts)
+    return rank, None
+
+
+def process_rank() -> tuple[int, int | None] | None:
+    """(rank, world size) of this process in a distributed run: the group's once it has been
+    joined (:func:`world`), before that :func:`launch_rank`'s. None for a process on its own.
+    Never joins the group itself (a status record reads it from another thread)."""
+    if _WORLD is not None:
+        return (_WORLD.rank(), _WORLD.size()) if _WORLD.size() > 1 else None
+    return launch_rank()
 
 
 def size_and_rank(group: mx.distributed.Group | None) -> tuple[int, int]:

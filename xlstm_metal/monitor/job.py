@@ -206,9 +206,13 @@ class JobStatus:
         else:
             rss, active, cache, peak, usage = s.rss, s.active, s.cache, s.peak, s.usage
         done, total = fields.get("done"), fields.get("total")
+        from ..distributed.comm import process_rank  # here: importing the monitor stays light
+
+        rank, world_size = process_rank() or (None, 1)  # the ranks of one mlx.launch job tell apart by it
         return {
             "version": RECORD_VERSION, "pid": self.pid, "process_started": self._process_started,
             "host": socket.gethostname(), "command": self.command, "argv": self.argv,
+            "rank": rank, "world_size": world_size,
             "started": self._started, "updated": now, "interval": self.interval,
             **fields,
             "progress": (done / total) if done is not None and total else None,

@@ -20,7 +20,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 MIN_INTERVAL, MAX_INTERVAL = 0.2, 60.0
 SORT_KEYS = ("pid", "command", "tokens_per_s", "memory", "progress")
 DESCENDING = ("tokens_per_s", "memory", "progress")  # sorted largest first
-COLUMNS = ("PID", "COMMAND", "MODEL", "PHASE", "PROGRESS", "TOK/S", "TOK/S HISTORY", "MEMORY", "MEM HISTORY",
+COLUMNS = ("PID", "COMMAND", "RANK", "MODEL", "PHASE", "PROGRESS", "TOK/S", "TOK/S HISTORY", "MEMORY", "MEM HISTORY",
            "MLX ACT/PEAK/CACHE", "RSS", "STEP", "LOSS", "LR", "DEVICE", "UP")
 
 
@@ -90,6 +90,14 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def rank_text(job: dict[str, Any]) -> str:
+    """"rank/world size" of a process of a distributed run (mlx.launch), "-" for one on its own."""
+    rank = job.get("rank")
+    if rank is None:
+        return "-"
+    return f"{rank}/{job.get('world_size') or '?'}"
+
+
 def job_cells(job: dict[str, Any], history: dict[str, deque] | None = None) -> tuple[str, ...]:
     """One row of the jobs table (see :data:`COLUMNS`)."""
     mem = job.get("memory") or {}
@@ -111,7 +119,7 @@ def job_cells(job: dict[str, Any], history: dict[str, deque] | None = None) -> t
         usage += f" (GPU {size(job['gpu_memory'])})"
     history = history or {}
     return (
-        str(job["pid"]), str(job.get("command") or "-"), model, str(job.get("phase") or "-"), progress,
+        str(job["pid"]), str(job.get("command") or "-"), rank_text(job), model, str(job.get("phase") or "-"), progress,
         _num(job.get("tokens_per_s"), ",.1f"), sparkline(history.get("tokens_per_s", ())), usage,
         sparkline(history.get("memory", ()), floor=None),
         f"{size(mem.get('mlx_active'))}/{size(mem.get('mlx_peak'))}/{size(mem.get('mlx_cache'))}",
@@ -192,7 +200,9 @@ def render_text(snapshot: dict[str, Any], width: int | None = None) -> str:
     else:
         table = Table(box=None, pad_edge=False, header_style="bold")
         rows = [job_cells(job) for job in snapshot["jobs"]]
-        keep = fit_columns([i for i, col in enumerate(COLUMNS) if "HISTORY" not in col], rows, width)
+        distributed = any(job.get("rank") is not None for job in snapshot["jobs"])
+        keep = fit_columns([i for i, col in enumerate(COLUMNS) if "HISTORY" not in col and (col != "RANK" or distributed)],
+                           rows, width)
         for i in keep:
             table.add_column(COLUMNS[i], no_wrap=True, overflow="ellipsis")
         for cells in rows:

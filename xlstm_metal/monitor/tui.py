@@ -141,12 +141,13 @@ class TopApp(App):
         limits = (f"soft {size(mem.get('soft_limit'))}, hard {size(mem.get('hard_limit'))}"
                   if mem.get("hard_limit") else "watchdog off")
         last = job.get("last_command")
+        rank = f" (rank {job['rank']} of {job.get('world_size') or '?'})" if job.get("rank") is not None else ""
         speed = "".join(f"  {label} {job[key]:,.{digits}f}" if key != "lr" else f"  lr {job[key]:.2e}"
                         for key, label, digits in (("prefill_tps", "prefill", 1), ("decode_tps", "decode", 1),
                                                    ("loss", "loss", 4), ("lr", "lr", 0))
                         if isinstance(job.get(key), (int, float)))
         lines = [
-            f"pid {job['pid']}: {' '.join(job.get('argv') or [])}"[:400],
+            f"pid {job['pid']}{rank}: {' '.join(job.get('argv') or [])}"[:400],
             f"tokens/s {sparkline(hist.get('tokens_per_s', ()), 60)}  now {job.get('tokens_per_s') or 0:,.1f}{speed}",
             f"memory   {sparkline(hist.get('memory', ()), 60, floor=None)}  now {size(mem.get('usage'))} "
             f"({limits}, state {mem.get('state')})",
