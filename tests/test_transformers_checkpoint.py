@@ -267,3 +267,52 @@ def test_saved_dtype_is_the_weights_dtype(tmp_path):
     convert(str(tmp_path / "f32"), mlx_path=str(tmp_path / "mlx"), trust_remote_code=True)
     assert {v.dtype for v in read_weights(tmp_path / "mlx").values()} == {mx.float32}
     assert json.loads((tmp_path / "ours_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_out_norm_is_the_one_the_checkpoint_holds(tmp_path):
+    """transformers' xLSTMModel applies an out norm whatever add_out_norm says (and never gives
+    it a bias); NX-AI's native model follows add_out_norm and use_bias (a biased out norm). The
+    loaders (load_model, mlx-lm's sanitize) build the out norm the weights hold: transformers'
+    add_out_norm=false checkpoint and NX-AI's use_bias one (both refused as unexpected tensors)
+    give their own logits; saving either kind, which transformers cannot run as it is, warns."""
+    import warnings
+
+    from test_parity_nxai import official_model, save_native
+
+    from xlstm_metal.loading import read_weights
+    from xlstm_metal.mlx_lm_model import Model, ModelArgs
+
+    config = HFxLSTMConfig(vocab_size=101, hidden_size=128, num_hidden_layers=2, num_heads=2, chunk_size=16,
+                           autocast_kernel_dtype="float32", add_out_norm=False)
+    torch.manual_seed(0)
+    hf = xLSTMForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.backbone.out_norm.weight.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["add_out_norm"] is False
+    native, native_config = official_model(seed=2, use_bias=True)
+    save_native(native, native_config, tmp_path / "native")
+    assert "backbone.out_norm.bias" in read_weights(tmp_path / "native")
+
+    for name, reference, vocab in (("hf", lambda ids: hf(ids).logits, 101), ("native", lambda ids: native(ids)[0], 97)):
+        ids = np.random.default_rng(7).integers(0, vocab, size=(2, 21))
+        with torch.no_grad():
+            ref = reference(torch.tensor(ids)).numpy()
+        x = mx.array(ids.astype(np.int32))
+        ours = load_model(tmp_path / name)
+        assert ours.config.add_out_norm and ("bias" in ours.backbone.out_norm) == (name == "native")
+        assert rel_err(np.array(ours(x)[0]), ref) <= 1e-4
+        path = tmp_path / name
+        view = Model(ModelArgs.from_dict(json.loads((path / "config.json").read_text())))
+        view.load_weights(list(view.sanitize(read_weights(path)).items()), strict=True)
+        assert rel_err(np.array(view(x)), ref) <= 1e-4
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            save_model(ours, tmp_path / f"{name}_ours")
+        assert any("out_norm.bias" in str(w.message) for w in warned) == (name == "native")
+        assert rel_err(np.array(load_model(tmp_path / f"{name}_ours")(x)[0]), ref) <= 1e-4
+
+    from conftest import tiny_model
+
+    with pytest.warns(UserWarning, match="no out norm .* transformers' xLSTMForCausalLM applies one"):
+        save_model(tiny_model(add_out_norm=False), tmp_path / "no_out_norm")

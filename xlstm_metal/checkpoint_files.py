@@ -198,6 +198,23 @@ def transformers_shape_problem(config: Any) -> str | None:
             f"xLSTMConfig rounds it up, so xLSTMForCausalLM cannot run this checkpoint (mlx-lm and xlstm-metal can)")
 
 
+def transformers_out_norm_problem(config: Any, weights: dict) -> str | None:
+    """Why transformers' ``xLSTMForCausalLM`` computes another out norm than an xLSTM-Large
+    checkpoint of ``weights`` holds, or None: its model always applies one, without a bias
+    (:func:`xlstm_metal.loading.fit_out_norm` reads both kinds of checkpoint)."""
+    from .config import xLSTMConfig
+
+    if not isinstance(config, xLSTMConfig):
+        return None
+    if "backbone.out_norm.weight" not in weights:
+        return ("the model has no out norm (add_out_norm false): transformers' xLSTMForCausalLM applies one "
+                "anyway (its weight starting at ones), so its logits differ (mlx-lm's and xlstm-metal's do not)")
+    if "backbone.out_norm.bias" in weights:
+        return ("backbone.out_norm.bias (NX-AI's native use_bias model): transformers' xLSTMForCausalLM has no "
+                "out norm bias and ignores it, so its logits differ (mlx-lm's and xlstm-metal's do not)")
+    return None
+
+
 def transformers_weights(config: Any, weights: dict) -> dict:
     """Tensors to store beside the parameters for transformers: its ``xLSTMForCausalLM`` does
     not tie the LM head to the embeddings, so a tied xLSTM-Large checkpoint also carries

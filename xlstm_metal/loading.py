@@ -26,6 +26,7 @@ from .config_2024 import is_xlstm_2024_config, read_config as read_config_2024, 
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
 from .models.xlstm_2024 import xLSTMLMModel
+from .cells.norms import rms_norm
 from .models.xlstm_large import xLSTMLarge
 
 WEIGHTS_NAME = "model.safetensors"
@@ -194,6 +195,25 @@ def lm_head_trained_apart(weights: dict[str, mx.array], config: xLSTMConfig) -> 
     if head is None or embeddings is None or "backbone.embeddings.scales" in weights or "lm_head.scales" in weights:
         return False
     return head.shape != embeddings.shape or not mx.array_equal(head, embeddings).item()
+
+
+def fit_out_norm(model: xLSTMLarge, weights: dict[str, mx.array]) -> None:
+    """Give ``model`` the out norm the checkpoint holds where its config says otherwise:
+    transformers' ``xLSTMModel`` has one, and applies it, whatever ``add_out_norm`` says, with no
+    bias even under ``use_bias``; NX-AI's native model follows both (a biased out norm with
+    ``use_bias``). So the weights tell: ``backbone.out_norm.weight`` (a norm; ``add_out_norm``
+    becomes true), ``backbone.out_norm.bias`` (its bias). Without them the model is left as it
+    is (a config asking for a norm then lacks its weight: a strict load says so)."""
+    if "backbone.out_norm.weight" not in weights:
+        return
+    bias = "backbone.out_norm.bias" in weights
+    norm = model.backbone.get("out_norm")
+    if norm is not None and ("bias" in norm) == bias:
+        return
+    c = model.config
+    model.backbone.out_norm = rms_norm(c.embedding_dim, bias=bias, eps=c.norm_eps,
+                                       force_float32=c.norm_reduction_force_float32)
+    c.add_out_norm = True
 
 
 def load_weights_strict(
@@ -391,6 +411,7 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
                                       quantization=quantization)
     else:
         model = xLSTMLarge(config)
+        fit_out_norm(model, weights)
         load_weights_strict(model, _cast(sanitize_xlstm_large(weights, config), target), directory, quantization)
         if prepare is not None:  # the weights are still lazy: what it drops is never read
             model = prepare(model)
@@ -460,6 +481,7 @@ def save_model(
     from .checkpoint_files import (
         mlx_lm_config,
         tokenizer_files,
+        transformers_out_norm_problem,
         transformers_shape_problem,
         transformers_weights,
         with_weights_dtype,
@@ -518,7 +540,7 @@ def save_model(
         _atomic_write_text(directory / name, text)
     write_shim(directory, _atomic_write_text)
     _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
-    problem = transformers_shape_problem(model.config)
-    if problem is not None:
-        warnings.warn(f"{directory}: {problem}", UserWarning, stacklevel=2)
+    for problem in (transformers_shape_problem(model.config), transformers_out_norm_problem(model.config, weights)):
+        if problem is not None:
+            warnings.warn(f"{directory}: {problem}", UserWarning, stacklevel=2)
     return directory

@@ -41,7 +41,7 @@ from mlx_lm.models.cache import ArraysCache
 from .checkpoint_files import transformers_weights
 from .config import xLSTMConfig
 from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
-from .loading import lm_head_trained_apart, sanitize_xlstm_large
+from .loading import fit_out_norm, lm_head_trained_apart, sanitize_xlstm_large
 from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
 
@@ -173,10 +173,12 @@ class ModelLarge(Model, xLSTMLarge):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """NX-AI's native xLSTMLarge names and fused layouts -> ours; drops a tied LM head (an
         LM head trained apart from the tied embeddings, as transformers writes one, unties the
-        model instead: see :func:`xlstm_metal.loading.lm_head_trained_apart`)."""
+        model instead: see :func:`xlstm_metal.loading.lm_head_trained_apart`); the out norm
+        the weights hold (:func:`xlstm_metal.loading.fit_out_norm`)."""
         if lm_head_trained_apart(weights, self.config):
             self.config.tie_word_embeddings = False
             self.lm_head = nn.Linear(self.config.embedding_dim, self.config.vocab_size, bias=False)
+        fit_out_norm(self, weights)
         return sanitize_xlstm_large(weights, self.config)
 
 
