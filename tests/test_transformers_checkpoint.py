@@ -316,3 +316,22 @@ def test_out_norm_is_the_one_the_checkpoint_holds(tmp_path):
 
     with pytest.warns(UserWarning, match="no out norm .* transformers' xLSTMForCausalLM applies one"):
         save_model(tiny_model(add_out_norm=False), tmp_path / "no_out_norm")
+
+
+def test_nxai_fused_layout_saves_as_the_single_layout(tmp_path):
+    """NX-AI's weight_mode='fused' tensors (qkv_opreact, ifgate_preact, proj_up_gate_z) are split
+    as they load, and save_model writes them split: its config.json says weight_mode 'single'
+    (it kept 'fused', and transformers built fused layers for split tensors: a traceback in its
+    weight init, or random layers), so transformers gives NX-AI's logits."""
+    from test_parity_nxai import official_model, save_native
+
+    native, config = official_model(seed=3, weight_mode="fused", embedding_dim=128)
+    ours = load_model(save_native(native, config, tmp_path / "native"))
+    save_model(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["weight_mode"] == "single"
+    ids = np.random.default_rng(8).integers(0, 97, size=(1, 19))
+    with torch.no_grad():
+        ref = native(torch.tensor(ids))[0].numpy()
+        hf = xLSTMForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert rel_err(hf(torch.tensor(ids)).logits.numpy(), ref) <= 1e-4
+    assert rel_err(np.array(load_model(tmp_path / "ours")(mx.array(ids.astype(np.int32)))[0]), ref) <= 1e-4

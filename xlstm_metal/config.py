@@ -235,6 +235,9 @@ class xLSTMConfig:
         for name in _FLOAT_FIELDS:  # transformers rejects an int where it declares a float
             if isinstance(out[name], int) and not isinstance(out[name], bool):
                 out[name] = float(out[name])
+        # The layout of the weights this package holds and writes: NX-AI's fused q|k|v|o, i|f and
+        # gate|up tensors are split as they load, and transformers builds the layout named here.
+        out["weight_mode"] = "single"
         out["hidden_size"] = self.embedding_dim
         out["num_hidden_layers"] = self.num_blocks
         out["model_type"] = "xlstm"
