@@ -431,3 +431,39 @@ def test_a_low_hard_limit_from_the_environment_alone_moves_the_default_soft_limi
         WatchdogConfig.from_sources(env={"XLSTM_MEM_HARD_MB": "9000", "XLSTM_MEM_SOFT_MB": "9500"}, total=total)
     with pytest.raises(ValueError, match="below the hard limit"):
         WatchdogConfig.from_sources("95GB", None, env={}, total=total)
+
+
+def test_bench_status_names_the_run_in_progress(tmp_path, monkeypatch, capsys):
+    """`bench` told top about a run only once it had ended: while the next one ran, the record
+    showed the previous run's kind and speed as current. Each run is now announced as it
+    starts (kind, which run, no speed yet); finished runs' speeds stay in prefill_tps /
+    decode_tps."""
+    from xlstm_metal import benchmark as bm
+
+    keys = ("phase", "done", "total", "unit", "message", "tokens_per_s", "prefill_tps", "decode_tps")
+    seen = []
+
+    def spy(measure):
+        def wrapped(*args, **kwargs):  # the record top reads while this run is measured
+            record = current_job().record()
+            seen.append({k: record.get(k) for k in keys})
+            return measure(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(bm, "measure_prefill", spy(bm.measure_prefill))
+    monkeypatch.setattr(bm, "measure_decode", spy(bm.measure_decode))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)))
+    assert main(["bench", "--config", str(config), "--prefill-lengths", "16,32", "--decode-batches", "2",
+                 "--decode-tokens", "4", "--seed", "0", "--json"]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kind"], r["length"]) for r in runs] == [("prefill", 16), ("prefill", 32), ("decode", 4)]
+    common = {"total": 3, "unit": "runs", "tokens_per_s": None}
+    assert seen == [
+        {**common, "phase": "prefill", "done": 0, "message": "run 1 of 3: prefill of 16 tokens x 1",
+         "prefill_tps": None, "decode_tps": None},
+        {**common, "phase": "prefill", "done": 1, "message": "run 2 of 3: prefill of 32 tokens x 1",
+         "prefill_tps": runs[0]["tok_s"], "decode_tps": None},
+        {**common, "phase": "decode", "done": 2, "message": "run 3 of 3: decode at batch 2, 4 steps",
+         "prefill_tps": runs[1]["tok_s"], "decode_tps": None},
+    ]

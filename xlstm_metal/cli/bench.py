@@ -149,6 +149,19 @@ def run(args: argparse.Namespace) -> int:
     records = []
     job = current_job()  # status record for `xlstm-metal top`, memory watchdog
     job.update(phase="load", model=str(source))
+    # run_suite's order (prefill first): top is told of each run as it starts, not after it ends.
+    plan = [("prefill", f"prefill of {n:,} tokens x {args.prefill_batch}") for n in args.prefill_lengths] + [
+        ("decode", f"decode at batch {b}, {args.decode_tokens} steps") for b in args.decode_batches]
+
+    def starting(i: int) -> None:
+        """Run ``i`` (0-based) is next: its kind and description; no speed until it is measured
+        (the previous run's stays in prefill_tps / decode_tps)."""
+        if i < steps:
+            job.update(phase=plan[i][0], done=i, total=steps, unit="runs", tokens_per_s=None,
+                       message=f"run {i + 1} of {steps}: {plan[i][1]}")
+        else:
+            job.update(phase="idle", done=steps, total=steps, unit="runs", tokens_per_s=None,
+                       message=f"all {steps} runs done")
     main = world().rank() == 0
     with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None if main else True) as bar:
         bar.set_postfix_str("building random model")
@@ -171,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             model.fuse_projections()
         bar.update(1)
         env = bm.environment()  # after the profile: its BLAS threads are the ones the runs use
+        starting(0)
         for record in bm.run_suite(
             config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
             decode_batches=args.decode_batches, decode_tokens=args.decode_tokens,
@@ -183,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
                       "q_group_size": quantization["group_size"] if quantization else None,
                       **env, **parallel_fields(model)}
             records.append(record)
-            job.update(phase=record["kind"], done=len(records), total=steps, unit="runs", tokens_per_s=record["tok_s"],
-                       **{f"{record['kind']}_tps": record["tok_s"]})
+            job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
             job.check()  # memory watchdog: stop between runs at the hard limit
+            starting(len(records))
             if args.json:
                 print(json.dumps(record), flush=True)
             bar.update(1)

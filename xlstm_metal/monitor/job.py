@@ -193,7 +193,7 @@ class JobStatus:
         if tokens is not None and self._rates and tokens < self._rates[-1][1]:
             self._rates.clear()  # the counter restarted
         self._rates.append((mono, tokens or 0))
-        if fields.get("tokens_per_s") is None:
+        if fields.get("tokens_per_s") is None and tokens is not None:  # a job counting no tokens has no rate
             # Over the last few records: a training step longer than the interval still shows a rate.
             (t0, n0), (t1, n1) = self._rates[0], self._rates[-1]
             fields["tokens_per_s"] = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
