@@ -2,6 +2,7 @@
 logits, prefill, recurrent states and greedy tokens equal the unsplit model's (float32)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,55 @@ def test_a_pipeline_rank_reads_only_its_blocks(split_results):
     fractions = split_results["lazy_pipeline_load"]
     assert fractions["split_after_load"] >= 1.0, fractions
     assert fractions["prepare"] < 0.75, fractions
+
+
+def test_generate_names_a_lost_peer_instead_of_a_traceback(tmp_path):
+    """Kill rank 1 of a 2-process `generate` mid-decode: rank 0 printed a RuntimeError
+    traceback ("[ring] connection to a peer was lost"); it now says which rank it is, after how
+    many tokens, and that it lost rank 1, and exits 1. (Pipeline parallel: in tensor parallel
+    MLX's async_eval never returns after the ring's failure, and mlx.launch's SIGTERM ends the
+    process, see test_monitor's stuck-job test.)"""
+    import os
+    import signal
+    import time
+
+    from distributed_helpers import free_port, ring_env
+    from test_tokenizer import train_tiny_tokenizer
+
+    from xlstm_metal.loading import save_model
+    from xlstm_metal.monitor import read_jobs
+
+    ckpt, runtime = tmp_path / "ckpt", tmp_path / "runtime"
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(2, vocab_size=hf.get_vocab_size()), ckpt)
+    hf.save(str(ckpt / "tokenizer.json"))
+    port = free_port(2)
+    procs = []
+    with open(tmp_path / "out.txt", "w") as out:
+        for rank in range(2):
+            env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(runtime),
+                   "XLSTM_STATUS_INTERVAL": "0.1"}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "xlstm_metal", "generate", "-m", str(ckpt), "-p", "the quick", "-n", "1000000",
+                 "--temp", "0", "--parallel", "pipeline"], env=env, stdout=out if rank == 0 else subprocess.DEVNULL,
+                stderr=subprocess.PIPE, text=True))
+        try:
+            deadline = time.monotonic() + 120
+            while not any(j.get("rank") == 0 and (j.get("done") or 0) > 20 for j in read_jobs(runtime)):
+                assert procs[0].poll() is None and procs[1].poll() is None, procs[0].communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "no decoding seen"
+                time.sleep(0.05)
+            os.kill(procs[1].pid, signal.SIGKILL)
+            _, err = procs[0].communicate(timeout=60)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()
+    assert procs[0].returncode == 1, err[-2000:]
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith("xlstm-metal: error:"))
+    assert re.fullmatch(r"xlstm-metal: error: rank 0 of 2: the generation stopped after \d+ tokens: lost the "
+                        r"connection to rank 1 \(.*peer.*\); it has probably died \(mlx.launch reports each "
+                        r"process's exit code\)", line), line
+    assert (tmp_path / "out.txt").read_text().strip()  # what was generated before is printed

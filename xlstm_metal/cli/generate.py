@@ -288,6 +288,21 @@ def stream_to(out, chunks) -> Any:
     return last
 
 
+def peer_lost_exit(err: RuntimeError) -> int:
+    """Under mlx.launch a collective whose peer process died raises a RuntimeError: exit 1 with
+    a message naming this rank and the lost one (the text so far is printed). Any other
+    RuntimeError is raised again."""
+    from ..distributed import peer_lost
+
+    done = getattr(current_job(), "fields", {}).get("done")
+    lost = peer_lost(err, "the generation stopped" + (f" after {done} tokens" if done else ""))
+    if lost is None:
+        raise err
+    sys.stdout.flush()
+    print(f"\nxlstm-metal: error: {lost}", file=sys.stderr)
+    return 1
+
+
 # ---------------------------------------------------------------------- entry point
 def run(args: argparse.Namespace) -> int:
     validate_sampling(args)
@@ -303,13 +318,18 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         from .chat import chat_loop
 
-        return chat_loop(runner, args, first_turn=prompt)
+        try:
+            return chat_loop(runner, args, first_turn=prompt)
+        except RuntimeError as err:
+            return peer_lost_exit(err)
     try:
         args.max_tokens = max_tokens_for(args, len(runner.encode(prompt)))
         chunks = runner.stream(prompt, **sampling_kwargs(args))
         last = stream_to(sys.stdout, current_job().track_generation(chunks, args.max_tokens))
     except ValueError as err:  # e.g. a prompt that encodes to nothing
         raise UsageError(str(err)) from None
+    except RuntimeError as err:
+        return peer_lost_exit(err)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose and last is not None:

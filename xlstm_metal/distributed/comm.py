@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,10 @@ class DistributedError(RuntimeError):
 
 
 _WORLD: mx.distributed.Group | None = None
+
+#: How MLX's backends word a collective that failed because a peer process is gone (the ring:
+#: "[ring] connection to a peer was lost").
+_PEER_LOSS = re.compile(r"\[(ring|nccl|jaccl|mpi)\]|peer|connection|socket", re.IGNORECASE)
 
 
 def world() -> mx.distributed.Group:
@@ -160,6 +165,20 @@ def check_same(what: str, value: str, group: mx.distributed.Group) -> None:
             f"the processes disagree on {what}: rank(s) {', '.join(map(str, differ))} differ from rank 0 "
             f"(rank {group.rank()} has {value[:200]!r})"
         )
+
+
+def peer_lost(err: BaseException, what: str, group: mx.distributed.Group | None = None) -> DistributedError | None:
+    """The :class:`DistributedError` for ``err`` when it is a collective of a distributed run
+    that failed because another process is gone: names this rank, ``what`` happened ("the
+    generation stopped after 12 tokens") and the peer (in a run of two, the other rank). None
+    for any other error, and in a process on its own (default group: the joined world)."""
+    group = group or _WORLD
+    if group is None or group.size() == 1 or not isinstance(err, RuntimeError) or not _PEER_LOSS.search(str(err)):
+        return None
+    n, r = group.size(), group.rank()
+    peer = f"rank {1 - r}" if n == 2 else "another process"
+    return DistributedError(f"rank {r} of {n}: {what}: lost the connection to {peer} ({err}); "
+                            f"it has probably died (mlx.launch reports each process's exit code)")
 
 
 def agree(value: float, group: mx.distributed.Group | None, op: str = "max") -> float:
