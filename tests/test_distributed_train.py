@@ -205,3 +205,49 @@ def test_under_mlx_launch_a_killed_rank_stops_the_run_cleanly(tmp_path):
     for ckpt in ckpts:
         load_model(ckpt)
         json.loads((ckpt / "trainer_state.json").read_text())
+
+
+@pytest.mark.parametrize("hit", [0, 1])
+def test_one_rank_at_its_hard_memory_limit_stops_every_rank_after_the_checkpoint(tmp_path, hit):
+    """Rank ``hit`` alone is over its hard memory limit (XLSTM_MEM_HARD_MB=2): every rank agreed
+    to stop, but only that rank raised; the other returned from job.check and trained on into
+    a collective whose peer had gone (rank 0 too, the one holding the checkpoints). Now every
+    rank stops at the same step once rank 0's checkpoint is written, with exit code 3 and a
+    message: the rank over the limit names its usage, the others name that rank."""
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    port = free_port(2)
+    procs = []
+    for rank in range(2):
+        env = ring_env(rank, 2, port, tmp_path)
+        env["XLSTM_RUNTIME_DIR"] = str(tmp_path / "runtime")
+        if rank == hit:
+            env["XLSTM_MEM_HARD_MB"] = "2"  # any process is over 2 MB: stops after the first step
+        procs.append(subprocess.Popen(xlstm_cmd("train", corpus, "--out", out, *ARGS, "--steps", "50",
+                                                "--save-every", "100", "--eval-every", "100"),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = []
+    try:
+        for p in procs:
+            errs.append(p.communicate(timeout=120)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    ckpt = out / "checkpoint-0000001"
+    for rank, (p, err) in enumerate(zip(procs, errs)):
+        assert p.returncode == 3, (rank, err[-2000:])
+        assert "Traceback" not in err and "probably died" not in err, err[-2000:]
+        if rank == hit:
+            assert f"rank {rank} of 2: memory" in err and "reached the hard limit 2.0 MB (XLSTM_MEM_HARD_MB=2); " \
+                "stopped cleanly" in err, err[-2000:]
+        else:
+            assert f"rank {rank} of 2: rank {hit} reached its hard memory limit: every process stopped cleanly" \
+                in err, err[-2000:]
+        assert (f"checkpoint {ckpt} (continue with --resume)" if rank == 0 else
+                "rank 0 wrote the checkpoint (continue with --resume)") in err, err[-2000:]
+    # Both stopped after step 1; rank 0's checkpoint of it is complete and the only one.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", "."))) == [ckpt.name]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 1
+    load_model(ckpt)

@@ -37,7 +37,7 @@ import mlx.core as mx
 import psutil
 
 from .records import RECORD_VERSION, atomic_write_json, record_path, runtime_dir, take_command
-from .watchdog import MemoryWatchdog, WatchdogConfig, device_kind
+from .watchdog import MemoryLimitExceeded, MemoryWatchdog, WatchdogConfig, device_kind
 
 #: Fields :meth:`JobStatus.update` accepts.
 FIELDS = frozenset({
@@ -125,6 +125,35 @@ class JobStatus:
         wd.run_soft_callbacks()
         if wd.stop_requested and threading.get_ident() == self._owner:
             raise wd.error(note)
+
+    def check_all(self, note: str = "", group: Any = None) -> None:
+        """A safe point that every process of a distributed run reaches together (``group``,
+        default: the joined ``mlx.launch`` world): one collective, so call it on every rank at
+        the same point. When the hard limit asks any process to stop, every one raises
+        :class:`MemoryLimitExceeded` (the one over its limit naming its usage, the others naming
+        that rank), so none is left waiting in a later collective for a process that has gone;
+        soft-limit callbacks run on every process when any crossed its soft limit (they must
+        change all alike, e.g. prefill pieces). A process on its own: :meth:`check`."""
+        from ..distributed.comm import _WORLD
+
+        group = group or _WORLD
+        if group is None or group.size() == 1:
+            return self.check(note)
+        wd = self.watchdog
+        mine = [int(wd is not None and wd.stop_requested), int(wd is not None and wd.soft_pending)]
+        flags = mx.distributed.all_gather(mx.array([mine], dtype=mx.int32), group=group).tolist()
+        n, rank = group.size(), group.rank()
+        if wd is not None and any(soft for _, soft in flags):
+            wd.run_soft_callbacks(force=True)
+        over = [r for r, (stop, _) in enumerate(flags) if stop]
+        if not over:
+            return
+        if rank in over:
+            raise MemoryLimitExceeded(f"rank {rank} of {n}: {wd.error(note)}")
+        who = (f"rank {over[0]} reached its hard memory limit" if len(over) == 1 else
+               f"ranks {', '.join(map(str, over))} reached their hard memory limits")
+        raise MemoryLimitExceeded(f"rank {rank} of {n}: {who}: every process stopped cleanly"
+                                  f"{'; ' + note if note else ''}")
 
     def stopping(self) -> bool:
         """True once the hard limit asks the job to stop (lets a job save before :meth:`check`)."""
@@ -397,6 +426,9 @@ class _NoJob:
         pass
 
     def check(self, note: str = "") -> None:
+        pass
+
+    def check_all(self, note: str = "", group: Any = None) -> None:
         pass
 
     def stopping(self) -> bool:

@@ -335,8 +335,16 @@ class MemoryWatchdog:
         """Run ``callback`` at the job's next safe point after each soft-limit crossing."""
         self._soft_callbacks.append(callback)
 
-    def run_soft_callbacks(self) -> None:
-        if self._soft_pending:
+    @property
+    def soft_pending(self) -> bool:
+        """The soft limit was crossed and its callbacks have not run yet."""
+        return self._soft_pending
+
+    def run_soft_callbacks(self, force: bool = False) -> None:
+        """Run the soft-limit callbacks if the soft limit was crossed since they last ran (or
+        with ``force``: another process of a distributed run crossed its own, and all processes
+        must change alike)."""
+        if self._soft_pending or force:
             self._soft_pending = False
             self.pending = self.stop_requested
             for callback in self._soft_callbacks:

@@ -1284,7 +1284,9 @@ class Trainer:
                     drop_ahead()
                     self.elapsed = self.clock() - t_start
                     bar.close()
-                    job.check(note=f"checkpoint {self.save()} (continue with --resume)")
+                    saved = self.save()  # rank 0's; every rank stops once it is written
+                    where = f"checkpoint {saved}" if saved else "rank 0 wrote the checkpoint"
+                    job.check_all(note=f"{where} (continue with --resume)", group=self.group)
 
                 # Time budget: time steps 3..3+probe (after compilation) and size the run.
                 if self.total_steps is None:
