@@ -21,12 +21,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .cells.norms import rms_norm
 from .config import xLSTMConfig
 from .config_2024 import is_xlstm_2024_config, read_config as read_config_2024, xLSTMLMConfig
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
 from .models.xlstm_2024 import xLSTMLMModel
-from .cells.norms import rms_norm
 from .models.xlstm_large import xLSTMLarge
 
 WEIGHTS_NAME = "model.safetensors"
