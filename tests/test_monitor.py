@@ -369,8 +369,9 @@ JobStatus("generate", "m", watchdog=None, interval=0.2).start()
 # The SIGTERM reaches another thread while the main thread sits in native code, as when an MLX
 # collective waits for a process that died (mlx.launch then sends SIGTERM and waits).
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+sleep = ctypes.CDLL(None).sleep
 print("ready", flush=True)
-ctypes.CDLL(None).sleep(60)
+sleep(60)
 """
 
 
@@ -383,6 +384,9 @@ def test_sigterm_ends_a_job_stuck_in_native_code(runtime):
     try:
         assert proc.stdout.readline().strip() == "ready"
         assert record_path(proc.pid, runtime).is_file()
+        # Into the native sleep first: a SIGTERM while the main thread still runs Python code
+        # (waiting for the GIL after its print, on a busy machine) is handled there at once.
+        time.sleep(0.5)
         t0 = time.monotonic()
         proc.send_signal(15)
         _, err = proc.communicate(timeout=20)
