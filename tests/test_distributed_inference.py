@@ -192,3 +192,82 @@ def test_generate_names_a_lost_peer_instead_of_a_traceback(tmp_path):
                         r"connection to rank 1 \(.*peer.*\); it has probably died \(mlx.launch reports each "
                         r"process's exit code\)", line), line
     assert (tmp_path / "out.txt").read_text().strip()  # what was generated before is printed
+
+
+def tiny_checkpoint(path):
+    """A tiny random xLSTM-Large (2 heads: splits over 2 processes) with a tokenizer."""
+    from test_tokenizer import train_tiny_tokenizer
+
+    from xlstm_metal.loading import save_model
+
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(2, vocab_size=hf.get_vocab_size()), path)
+    hf.save(str(path / "tokenizer.json"))
+    return path
+
+
+def run_ranks(tmp_path, command, hit):
+    """Two ranks of ``command`` (ring backend); rank ``hit`` over a 2 MB hard memory limit.
+    Returns [(exit code, stdout, stderr)] per rank; a rank still running after 60 s fails."""
+    from distributed_helpers import free_port, ring_env
+
+    port = free_port(2)
+    procs = []
+    for rank in range(2):
+        env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(tmp_path / "runtime")}
+        if rank == hit:
+            env["XLSTM_MEM_HARD_MB"] = "2"  # any process is over 2 MB
+        procs.append(subprocess.Popen([sys.executable, "-m", "xlstm_metal", *command], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            results.append((p.returncode, out, err))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def assert_all_stopped_for(results, hit):
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 3, (rank, err[-2000:])
+        assert "Traceback" not in err and "[ring]" not in err, err[-2000:]
+        if rank == hit:
+            assert f"xlstm-metal: rank {rank} of 2: memory" in err and "reached the hard limit 2.0 MB " \
+                "(XLSTM_MEM_HARD_MB=2); stopped cleanly" in err, err[-2000:]
+        else:
+            assert f"xlstm-metal: rank {rank} of 2: rank {hit} reached its hard memory limit: every process " \
+                "stopped cleanly" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("hit", [0, 1])
+def test_generate_one_rank_at_its_hard_memory_limit_stops_every_rank(tmp_path, hit):
+    """One rank of a 2-process `generate` over its hard memory limit stopped alone (exit 3); the
+    other waited in the next step's collective until mlx.launch's SIGTERM and the 5 s grace
+    ended it (143). Now the ranks agree every 16 tokens: both stop at token 16 with exit 3 and
+    a message, rank 0 having printed those 16 tokens (one process's greedy text)."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    args = ["generate", "-m", str(ckpt), "-p", "the quick", "--temp", "0"]
+    single = subprocess.run([sys.executable, "-m", "xlstm_metal", *args, "-n", "16"], capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 0 and single.stdout.strip(), single.stderr[-2000:]
+    results = run_ranks(tmp_path, [*args, "-n", "400"], hit)
+    assert_all_stopped_for(results, hit)
+    assert results[0][1].rstrip("\n") == single.stdout.rstrip("\n")  # stopped at the same token
+
+
+@pytest.mark.parametrize("hit", [0, 1])
+def test_bench_one_rank_at_its_hard_memory_limit_stops_every_rank(tmp_path, hit):
+    """The same for `bench`, between runs: both ranks stop after the first run."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)))
+    results = run_ranks(tmp_path, ["bench", "--config", str(config), "--prefill-lengths", "16,32,64",
+                                   "--decode-batches", "1", "--decode-tokens", "4", "--json"], hit)
+    assert_all_stopped_for(results, hit)
+    assert [json.loads(line)["length"] for line in results[0][1].splitlines()] == [16]

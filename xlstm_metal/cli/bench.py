@@ -198,11 +198,13 @@ def run(args: argparse.Namespace) -> int:
                       **env, **parallel_fields(model)}
             records.append(record)
             job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
-            job.check()  # memory watchdog: stop between runs at the hard limit
-            starting(len(records))
             if args.json:
                 print(json.dumps(record), flush=True)
             bar.update(1)
+            # Memory watchdog: stop between runs at the hard limit (every rank together), the
+            # finished run printed.
+            job.check_all()
+            starting(len(records))
     if not args.json:
         weights = f"{dtype} weights" if not quantization else (
             f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales")

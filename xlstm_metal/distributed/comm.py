@@ -73,6 +73,12 @@ def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int | None] 
     return rank, None
 
 
+def joined_world() -> mx.distributed.Group | None:
+    """The group of several processes this one has joined (:func:`world` was called), else
+    None; never joins it itself."""
+    return _WORLD if _WORLD is not None and _WORLD.size() > 1 else None
+
+
 def process_rank() -> tuple[int, int | None] | None:
     """(rank, world size) of this process in a distributed run: the group's once it has been
     joined (:func:`world`), before that :func:`launch_rank`'s. None for a process on its own.

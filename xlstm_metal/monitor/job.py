@@ -53,6 +53,9 @@ FIELDS = frozenset({
 DEFAULT_INTERVAL = 1.0
 #: tokens_per_s is measured over this many records.
 RATE_WINDOW = 4
+#: Tokens between the agreements of a distributed run's processes on a memory stop (a collective
+#: and a host sync each: not per token).
+AGREE_EVERY_TOKENS = 16
 #: Seconds a job may leave a SIGTERM unhandled (its main thread stuck in native code, e.g. an MLX
 #: collective waiting for a process that died) before the publisher thread ends the process.
 SIGTERM_GRACE_S = 5.0
@@ -134,9 +137,9 @@ class JobStatus:
         that rank), so none is left waiting in a later collective for a process that has gone;
         soft-limit callbacks run on every process when any crossed its soft limit (they must
         change all alike, e.g. prefill pieces). A process on its own: :meth:`check`."""
-        from ..distributed.comm import _WORLD
+        from ..distributed.comm import joined_world
 
-        group = group or _WORLD
+        group = group or joined_world()
         if group is None or group.size() == 1:
             return self.check(note)
         wd = self.watchdog
@@ -197,18 +200,32 @@ class JobStatus:
 
     def track_generation(self, chunks: Iterable[Any], total: int | None = None) -> Iterator[Any]:
         """Pass a runner's stream of GenerationChunks through, publishing progress and speed;
-        after each chunk is handed on, a safe point (:meth:`check`)."""
+        after each chunk is handed on, a safe point (:meth:`check`).
+
+        In a distributed run (every rank generates the same tokens) the ranks agree instead
+        (:meth:`check_all`) every :data:`AGREE_EVERY_TOKENS` tokens and at the end: a stop
+        stops all of them at the same token, where one rank stopping alone left the others
+        waiting in the next step's collective."""
+        from ..distributed.comm import joined_world
+
         base = self.fields.get("tokens") or 0  # cumulative over chat turns: a steady rate
         self.update(phase="prefill", done=0, total=total, unit="tokens")
-        fields, wd = self.fields, self.watchdog
+        fields, wd, group = self.fields, self.watchdog, joined_world()
+        agree_at = AGREE_EVERY_TOKENS if group is not None else None
         try:
             for chunk in chunks:  # per token: one dict update and one flag read (update() minus its checks)
                 n = chunk.generation_tokens
                 fields.update(phase="decode", done=n, tokens=base + n, prefill_tps=chunk.prompt_tps,
                               decode_tps=chunk.generation_tps)
                 yield chunk
-                if wd is not None and wd.pending:
+                if agree_at is not None:
+                    if n >= agree_at:  # the same token on every rank
+                        agree_at = n + AGREE_EVERY_TOKENS
+                        self.check_all(group=group)
+                elif wd is not None and wd.pending:
                     self.check()
+            if group is not None:
+                self.check_all(group=group)  # a stop asked for since the last agreement
         finally:  # also when the consumer stops early (Ctrl-C in chat)
             fields["phase"] = "idle"
 
