@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ..monitor import current_job
+from ..training.data import atomic_write_text
 from . import UsageError, check_output_path, seed_value
 
 
@@ -102,7 +103,7 @@ def run(args) -> int:
     mean = aggregate(results)
     payload = [{"arch": label, "preset": args.preset, "seed": args.seed, **r.to_dict()} for r in results]
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
+    atomic_write_text(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
                                             "aggregate": mean, "tasks": payload}, indent=2))
     plot_results(results, plot_path, f"MAD {label} ({args.preset}, seed {args.seed})")
     if args.json:
@@ -139,13 +140,3 @@ def _draw(model, path: Path, overwrite: bool) -> None:
     for index, block, target in targets:
         render_wiring(block, target, f"block {index}: {block.resolved.name}")
         print(f"wrote {target}", file=sys.stderr)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

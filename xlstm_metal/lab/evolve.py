@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +22,7 @@ from .genome import GENE_SIZES, OPERATORS, Genome, crossover, genome_of, mutate,
 from .library import load_arch
 from .mad import run_task
 from .model import LabConfig, LabModel
+from ..training.data import atomic_write_text
 
 ScoreFn = Callable[[dict[str, Any]], dict[str, float]]
 
@@ -309,10 +308,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

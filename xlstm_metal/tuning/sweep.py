@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import MemoryLimitExceeded, current_job
+from ..training.data import atomic_write_text
 from .objectives import COMPLETE, Objective, ObjectiveError
 
 OUTPUT_FILES = ("run_meta.json", "trials.jsonl", "summary.csv", "best.json", "study.db", "study.db-wal", "study.db-shm",
@@ -95,12 +96,6 @@ class SweepResult:
 
 
 # ------------------------------------------------------------------------------ files
-def _atomic_write(path: Path, text: str) -> None:
-    from ..training.data import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: resuming needs OUT/study.db; a new run needs an empty (or new) OUT
     unless ``overwrite``."""
@@ -202,12 +197,12 @@ def write_outputs(study, objective: Objective, out_dir: Path) -> SweepResult:
     finished = [t for t in study.get_trials(deepcopy=False)
                 if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
     records = [_json_safe(_trial_record(t)) for t in sorted(finished, key=lambda t: t.number)]
-    _atomic_write(out_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    _atomic_write(out_dir / "summary.csv", _summary_csv(records))
+    atomic_write_text(out_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out_dir / "summary.csv", _summary_csv(records))
     best = best_record(records, objective.direction)
     if best is not None:
         best = {"objective": objective.name, "metric": objective.metric, "direction": objective.direction, **best}
-        _atomic_write(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
+        atomic_write_text(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
     return SweepResult(out_dir=out_dir, trials=records, best=best)
 
 
@@ -250,7 +245,7 @@ def _tell(study, trial, record: dict[str, Any], out_dir: Path) -> None:
     if outputs is not None:
         lines = "".join(json.dumps({"trial": trial.number, **o}) + "\n" for o in outputs)
         (out_dir / "outputs").mkdir(exist_ok=True)
-        _atomic_write(out_dir / "outputs" / f"trial-{trial.number:04d}.jsonl", lines)
+        atomic_write_text(out_dir / "outputs" / f"trial-{trial.number:04d}.jsonl", lines)
     trial.set_user_attr("record", _json_safe(record))
     if record.get("status") == COMPLETE and record.get("value") is not None:
         study.tell(trial, float(record["value"]))
@@ -383,7 +378,7 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
         meta["budget"] = settings.budget
     else:
         meta = _meta(objective, settings, argv)
-    _atomic_write(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
+    atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # interrupted by the last stop
 
@@ -413,7 +408,7 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
             _run_on_ray(study, objective, settings, finished)
     meta["finished"] = time.time()
     meta["trials"] = len(result.trials)
-    _atomic_write(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
+    atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
     return result
 
 
