@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                    "prefetch before the prologue), 'i' / 'i2' (the chain's weights as exact integers q / 1024 + q: quantized.INT_WEIGHTS), "
                    "e.g. 'd2r3,d2r2,d4r2t,d1r3ti'; 'int': the shipped settings with integer weights")
     p.add_argument("--rows-configs", default="",
-                   help="at 16 bits also run the streaming GEMV (kernels/fast/gemv.py) at these settings, "
+                   help="at 8 and 16 bits also run the streaming GEMV (kernels/fast/gemv.py) at these settings, "
                    "comma-separated 'u<unroll>[r<features per warp>][b<blocks per SM>][x<resident>][h<hint>]', "
                    "e.g. 'u8,u4r2,u8b8,u16x2'")
     p.add_argument("--no-copy", action="store_true")
@@ -354,9 +354,9 @@ def main(argv=None) -> int:
                                          lambda a, dep, mb=mb, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
                                                                           shipped, None, mb),
                                          ref0))
-                    for spec in (rows_configs if bits == 16 and rows <= gemv.MAX_ROWS else []):
+                    for spec in (rows_configs if bits in (8, 16) and rows <= gemv.MAX_ROWS else []):
                         variants.append((f"rows {spec}", lambda a, dep, kw=_parse_rows(spec), x=x: gemv.rows_matmul(
-                            _plus(x, dep), a[0], **kw), ref0))
+                            _plus(x, dep), *a, group_size=args.group_size, bits=bits, **kw), ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)
                     for spec in (configs if rows == 1 else configs[:1]):
                         conf = _parse_config(spec, bits)

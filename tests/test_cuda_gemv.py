@@ -45,15 +45,23 @@ def test_rows_matmul_falls_back_where_the_kernel_does_not_run():
             assert mx.array_equal(gemv.rows_matmul(x, wx), x @ wx.T)
     x = mx.zeros((1, 12), dtype=mx.bfloat16)
     assert not gemv.rows_supported(x, mx.zeros((5, 12), dtype=mx.bfloat16))  # K % 8
+    q = mx.quantize(mx.array(rng.standard_normal((24, 64)).astype(np.float32)).astype(mx.bfloat16), group_size=32, bits=8)
+    x8 = mx.array(rng.standard_normal((1, 64)).astype(np.float32)).astype(mx.bfloat16)
+    assert not gemv.rows_supported(x8, q[0], q[1], q[2], group_size=32, bits=4)  # only 16 and 8 bits
+    if not gemv.rows_supported(x8, *q, group_size=32, bits=8):
+        ref = mx.quantized_matmul(x8, *q, transpose=True, group_size=32, bits=8)
+        assert mx.array_equal(gemv.rows_matmul(x8, *q, group_size=32, bits=8), ref)
 
 
-def test_rows_switch_only_takes_float_stages_at_one_row(monkeypatch):
+def test_rows_switch_takes_its_widths_at_one_row(monkeypatch):
     monkeypatch.setattr(chain, "CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
     assert chain.merge_mode(16, 1) == 4
-    monkeypatch.setattr(chain, "CHAIN_ROWS", True)
-    assert chain.rows_apply(16, 1) and not chain.rows_apply(16, 2) and not chain.rows_apply(4, 1)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({16}))
+    assert chain.rows_apply(16, 1) and not chain.rows_apply(16, 2) and not chain.rows_apply(8, 1)
     assert chain.merge_mode(16, 1) == 0 and chain.merge_mode(4, 1) == 4  # its stages run unmerged
-    monkeypatch.setattr(chain, "CHAIN_ROWS", False)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({8, 16, 4}))
+    assert chain.rows_apply(8, 1, 64) and not chain.rows_apply(8, 1, 16) and not chain.rows_apply(4, 1)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset())
     assert not chain.rows_apply(16, 1)
 
 
@@ -94,11 +102,28 @@ def test_cuda_rows_matmul_schedules(conf):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows,N,K", [(1, 4096, 10944), (2, 300, 4096), (1, 37, 128)])
+def test_cuda_rows_matmul_8_bits(dtype, group_size, rows, N, K):
+    # Against the float32 product of the dequantized weights (the kernel rounds no weight to T).
+    rng = np.random.default_rng(N + group_size)
+    x = mx.array(rng.standard_normal((rows, K)).astype(np.float32)).astype(dtype)
+    w, s, b = mx.quantize(mx.array(rng.standard_normal((N, K)).astype(np.float32) * K ** -0.5).astype(dtype),
+                          group_size=group_size, bits=8)
+    assert gemv.rows_supported(x, w, s, b, group_size, 8)
+    y = gemv.rows_matmul(x, w, s, b, group_size=group_size, bits=8)
+    deq = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=8)
+    ref = x.astype(mx.float32) @ deq.T
+    assert y.dtype == dtype and y.shape == (rows, N) and _rel(y, ref) <= 8e-3
+
+
+@cuda
 @pytest.mark.parametrize("blocks,early", [(4, False), (2, True), (3, False)])
 @pytest.mark.parametrize("shape", ["7b", "small"])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
-def test_cuda_float_stages_on_the_streaming_product(monkeypatch, blocks, early, shape, dtype):
-    monkeypatch.setattr(chain, "CHAIN_ROWS", True)
+@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8)], ids=["bf16", "fp16", "8bit"])
+def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, shape, dtype, bits):
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
     monkeypatch.setattr(chain, "ROWS_BLOCKS", blocks)
     monkeypatch.setattr(chain, "ROWS_EARLY", early)
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
@@ -106,26 +131,33 @@ def test_cuda_float_stages_on_the_streaming_product(monkeypatch, blocks, early, 
     E, NH, DV, F = (4096, 8, 512, 10944) if shape == "7b" else (256, 2, 128, 320)
 
     def weight(n, k):
-        return mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(dtype)
+        w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(dtype)
+        if bits == 16:
+            return dict(w=w, scales=w, biases=w, group_size=32, bits=16)
+        q, s, b = mx.quantize(w, group_size=64, bits=8)
+        return dict(w=q, scales=s, biases=b, group_size=64, bits=8)
+
+    def call(fn, *args, wd):
+        out = fn(*args, wd["w"], wd["scales"], wd["biases"], group_size=wd["group_size"], bits=wd["bits"])
+        ref = _reference(fn, *args, wd["w"], wd["scales"], wd["biases"], group_size=wd["group_size"], bits=wd["bits"])
+        return out, ref
 
     norm = RMSNorm(E)
     norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(dtype)
     x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
     pending = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32)).astype(dtype)
-    w = weight(2 * F, E)
-    out = chain.norm_quantized_matmul(x, pending, norm, w, w, w, group_size=32, bits=16, write_xn=True)
-    ref = _reference(chain.norm_quantized_matmul, x, pending, norm, w, w, w, group_size=32, bits=16, write_xn=True)
+    wu = weight(2 * F, E)
+    out = chain.norm_quantized_matmul(x, pending, norm, wu["w"], wu["scales"], wu["biases"], group_size=wu["group_size"],
+                                      bits=bits, write_xn=True)
+    ref = _reference(chain.norm_quantized_matmul, x, pending, norm, wu["w"], wu["scales"], wu["biases"],
+                     group_size=wu["group_size"], bits=bits, write_xn=True)
     assert _rel(out[0], ref[0]) <= 1e-6 and _rel(out[1], ref[1]) <= 1e-2 and _rel(out[2], ref[2]) <= 2e-2
-    no_pending = chain.norm_quantized_matmul(x, None, norm, w, w, w, group_size=32, bits=16)
-    assert _rel(no_pending[2], _reference(chain.norm_quantized_matmul, x, None, norm, w, w, w, group_size=32,
-                                          bits=16)[2]) <= 2e-2
-    wd = weight(E, F)
-    y = chain.swiglu_quantized_matmul(out[2], wd, wd, wd, group_size=32, bits=16)
-    assert _rel(y, _reference(chain.swiglu_quantized_matmul, out[2], wd, wd, wd, group_size=32, bits=16)) <= 2e-2
+    plain, plain_ref = call(chain.norm_quantized_matmul, x, None, norm, wd=wu)
+    assert _rel(plain[2], plain_ref[2]) <= 2e-2
+    y, y_ref = call(chain.swiglu_quantized_matmul, out[2], wd=weight(E, F))
+    assert _rel(y, y_ref) <= 2e-2
     mh = MultiHeadLayerNorm(NH, DV)
     mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(dtype)
     h = mx.array(rng.standard_normal((1, NH, 1, DV)).astype(np.float32)).astype(dtype)
-    wo = weight(E, NH * DV)
-    r = chain.gate_norm_quantized_matmul(h, out[2], F, mh, x, wo, wo, wo, group_size=32, bits=16)
-    r_ref = _reference(chain.gate_norm_quantized_matmul, h, out[2], F, mh, x, wo, wo, wo, group_size=32, bits=16)
+    r, r_ref = call(chain.gate_norm_quantized_matmul, h, out[2], F, mh, x, wd=weight(E, NH * DV))
     assert r.dtype == mx.float32 and _rel(r, r_ref) <= 2e-2

@@ -454,11 +454,13 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
 
 
 # ----------------------------------------------------------- float stages through .gemv's GEMV
-#: Whether the float (bf16/fp16) stages at one row run :mod:`.gemv`'s streaming product (a warp
-#: per output feature, 512-byte loads of a row, float32 FMAs; the same prologues and stores)
-#: instead of the tensor-core decode kernel (``XLSTM_METAL_CHAIN_ROWS=1``; then no stages merge at
-#: 16 bits). Off until measured on a GPU as a whole step.
-CHAIN_ROWS = os.environ.get("XLSTM_METAL_CHAIN_ROWS", "0") == "1"
+#: Widths whose stages at one row run :mod:`.gemv`'s streaming product (a warp per output
+#: feature, 512-byte loads of a row, float32 FMAs; the same prologues and stores) instead of the
+#: tensor-core decode kernel (``XLSTM_METAL_CHAIN_ROWS``: bits, comma-separated, 16 for float
+#: weights and/or 8 for 8-bit affine ones; then those widths' stages run unmerged). Empty until
+#: measured on a GPU as a whole step.
+CHAIN_ROWS: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS", "").split(",")
+                                       if b.strip() and b.strip() != "0")
 
 #: Thread blocks per SM that walk the features of a stage on the streaming path
 #: (``XLSTM_METAL_CHAIN_ROWS_BLOCKS``): each block runs its prologue once.
@@ -473,34 +475,41 @@ __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1
 """ + _gemv.HEADER
 
 
-def rows_apply(bits: int, rows: int) -> bool:
-    """Whether a stage of ``bits`` products at ``rows`` rows runs the streaming product."""
-    return CHAIN_ROWS and bits == 16 and rows <= CHAIN_FLOAT_MAX_ROWS
+def rows_apply(bits: int, rows: int, group_size: int = 64) -> bool:
+    """Whether a stage of ``bits`` products (groups of ``group_size`` at 8 bits) at ``rows``
+    rows runs the streaming product (:data:`CHAIN_ROWS`)."""
+    return bits in CHAIN_ROWS and bits in (8, 16) and rows <= 1 and (bits == 16 or group_size in (32, 64, 128))
 
 
-def _rows_kernel(key: tuple, inputs: list[str], outputs: list[str], sizes: str, prologue: str, store: str):
-    """The streaming kernel of a stage (``key``): :func:`.gemv.rows_source` with the stage's
-    hooks, registers bounded for :data:`ROWS_BLOCKS` blocks per SM."""
-    key = ("rows", *key, ROWS_BLOCKS, ROWS_EARLY)
+def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], sizes: str, prologue: str,
+                 store: str):
+    """The streaming kernel of a stage (``key``) at ``bits``: :func:`.gemv.rows_source` with the
+    stage's hooks (inputs ``scales`` and ``biases`` added at 8 bits), registers bounded for
+    :data:`ROWS_BLOCKS` blocks per SM."""
+    key = ("rows", *key, bits, ROWS_BLOCKS, ROWS_EARLY)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_decode_chain_rows_{key[1]}_{len(_kernels)}",
-            input_names=inputs,
+            input_names=inputs + (["scales", "biases"] if bits != 16 else []),
             output_names=outputs,
-            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store)),
+            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store, bits)),
             header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(ROWS_BLOCKS)),
         )
         _kernels[key] = kernel
     return kernel
 
 
-def _rows_call(kernel, inputs: list, dtype: mx.Dtype, k: int, rows: int, n_out: int, shapes: list, dtypes: list,
+def _rows_call(kernel, inputs: list, arrays: tuple, dtype: mx.Dtype, k: int, rows: int, shapes: list, dtypes: list,
                extra: list) -> list:
+    """Launch a stage's streaming kernel on ``inputs`` and the product's ``arrays`` (w, scales,
+    biases, group size, bits) for inner size ``k``."""
+    w, scales, biases, group_size, bits = arrays
     return kernel(
-        inputs=inputs,
-        template=_gemv.rows_template(dtype, k, _stage_rows(rows, k, dtype), early=ROWS_EARLY) + [("BITS", 16)] + extra,
-        output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(n_out, blocks=ROWS_BLOCKS),
+        inputs=inputs + [w] + ([scales, biases] if bits != 16 else []),
+        template=_gemv.rows_template(dtype, k, _stage_rows(rows, k, dtype), early=ROWS_EARLY, bits=bits,
+                                     group_size=group_size if bits != 16 else 32) + extra,
+        output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(w.shape[0], blocks=ROWS_BLOCKS),
     )
 
 
@@ -580,13 +589,13 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
         shapes.append((B, 1, E)); dtypes.append(x.dtype)
     if write_xn:
         shapes.append((B, 1, E)); dtypes.append(T)
-    if rows_apply(bits, B):
-        kernel = _rows_kernel(("norm", norm.eps, has_pending, write_xn),
+    if rows_apply(bits, B, group_size):
+        kernel = _rows_kernel(("norm", norm.eps, has_pending, write_xn), bits,
                               ["xr"] + (["pend"] if has_pending else []) + ["nw", "w"],
                               ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
                               _NORM_SIZES, _norm_prologue(norm.eps, has_pending, write_xn), _gemv.STORE)
-        outs = _rows_call(kernel, [x] + ([pending] if has_pending else []) + [norm.weight, w], T, E, B, N,
-                          shapes, dtypes, [("ST", x.dtype)])
+        outs = _rows_call(kernel, [x] + ([pending] if has_pending else []) + [norm.weight],
+                          (w, scales, biases, group_size, bits), T, E, B, shapes, dtypes, [("ST", x.dtype)])
         return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
     iw = _int(bits, group_size, B, E, T, stage="norm")
     key = ("norm", norm.eps, has_pending, write_xn, iw)
@@ -631,11 +640,11 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
         return x + _product(output_norm_gate(h, o_preact, norm), (w, scales, biases, group_size, bits))
     E = x.shape[-1]
     T = h.dtype
-    if rows_apply(bits, B):
-        kernel = _rows_kernel(("gate", norm.eps), ["h", "o", "nw", "xr", "w"], ["out"], _GATE_SIZES,
+    if rows_apply(bits, B, group_size):
+        kernel = _rows_kernel(("gate", norm.eps), bits, ["h", "o", "nw", "xr", "w"], ["out"], _GATE_SIZES,
                               _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE)
-        return _rows_call(kernel, [h, o_src, norm.weight, x, w], T, NH * DV, B, w.shape[0], [(B, 1, E)], [x.dtype],
-                          [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)])[0]
+        return _rows_call(kernel, [h, o_src, norm.weight, x], (w, scales, biases, group_size, bits), T, NH * DV, B,
+                          [(B, 1, E)], [x.dtype], [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)])[0]
     split = _split(w.shape[0], NH * DV, bits)
     iw = _int(bits, group_size, B, NH * DV, T, split, "gate")
     kernel = _kernel(("gate", norm.eps, iw), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
@@ -677,9 +686,9 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     B = gate_up.shape[0]
     T = gate_up.dtype
     N = w.shape[0]
-    if rows_apply(bits, B):
-        kernel = _rows_kernel(("swiglu",), ["gate_up", "w"], ["y"], _SWIGLU_SIZES, _SWIGLU_PROLOGUE, _gemv.STORE)
-        return _rows_call(kernel, [gate_up, w], T, F, B, N, [(B, 1, N)], [T], [])[0]
+    if rows_apply(bits, B, group_size):
+        kernel = _rows_kernel(("swiglu",), bits, ["gate_up", "w"], ["y"], _SWIGLU_SIZES, _SWIGLU_PROLOGUE, _gemv.STORE)
+        return _rows_call(kernel, [gate_up], (w, scales, biases, group_size, bits), T, F, B, [(B, 1, N)], [T], [])[0]
     split = _split(N, F, bits)
     iw = _int(bits, group_size, B, F, T, split, "swiglu")
     kernel = _kernel(("swiglu", iw), bits, ["gate_up", "w", "scales", "biases"], ["y"],

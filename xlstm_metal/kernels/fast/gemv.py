@@ -81,25 +81,48 @@ __device__ __forceinline__ float xl_dot8(const uint4& w, const uint4& x, float a
   }
   return acc;
 }
+// The dot product of 16 unsigned bytes q (16 bytes) and 16 values of x (two 16-byte chunks), in
+// float32: byte e as the low byte of the float 2^23 + q is exact, then 2^23 comes off.
+template <typename T>
+__device__ __forceinline__ float xl_dot16q(const uint4& w, const uint4& x0, const uint4& x1) {
+  const uint32_t wa[4] = {w.x, w.y, w.z, w.w}, xa[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  float acc = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float2 b = XlPair<T>::f2(xa[2 * i + h]);
+      const float q0 = __uint_as_float(__byte_perm(wa[i], 0x4B000000u, 0x7540 + 2 * h)) - 8388608.0f;
+      const float q1 = __uint_as_float(__byte_perm(wa[i], 0x4B000000u, 0x7541 + 2 * h)) - 8388608.0f;
+      acc = fmaf(q0, b.x, acc);
+      acc = fmaf(q1, b.y, acc);
+    }
+  }
+  return acc;
+}
 """
 
 _SOURCE = """
 @SIZES@
-    // w [N, KD] (T) times SR staged rows of x (xs_s [SR, KD], T; rows M..SR-1 unread) -> the
-    // store hook at each (m, n) with the float32 sum. Warp v of the grid computes features
+    // w [N, KD] (T; or at BITS 8 affine bytes [N, KD / 4] uint32 with scales and biases
+    // [N, KD / G] in T) times SR staged rows of x (xs_s [SR, KD], T; rows M..SR-1 unread) ->
+    // the store hook at each (m, n) with the float32 sum. Warp v of the grid computes features
     // RPW * v .. RPW * v + RPW - 1, then those gridDim.x * WARPS * RPW further, ...
     const int N = w_shape[0];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr int SPAN = 8, SPLIT = 1;  // as .quantized's hooks know them: K is not split here
     const int k_lo = 0, k_hi = K;
-    constexpr int CH = KD / 8;  // 16-byte chunks per row
+    constexpr int VPC = 128 / BITS;  // values per 16-byte chunk of weights
+    constexpr int CH = KD / VPC;     // chunks per row
     constexpr int ITER = (CH + 32 * U - 1) / (32 * U);
     constexpr bool FULL = CH % (32 * U) == 0;  // every lane's every chunk lies in the row
+    constexpr int GPR = BITS == 16 ? 1 : KD / G;  // groups per row
     const uint4* wq = reinterpret_cast<const uint4*>(w);
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
     const int nstride = gridDim.x * WARPS * RPW;
     int n0 = (blockIdx.x * WARPS + warp) * RPW;
     uint4 wv[RPW][U];
+    T sv[RPW][U], bv[RPW][U];  // (8 bits) each chunk's group scale and bias
     // No branches in here (a chunk past the row or a feature past N is read clamped, then
     // zeroed by a select): the loads are one basic block, so ptxas puts them all ahead of the
     // first FMA (behind a branch each, it kept 4 of 8 in flight).
@@ -113,12 +136,26 @@ _SOURCE = """
           const int n = nb + r < N ? nb + r : N - 1;
           const uint4 v = xl_ld16<LDH>(wq + (size_t)n * CH + cc);
           wv[r][u] = (FULL || c < CH) ? v : zero4;
+@SB_LOAD@
         }
       }
     };
     bool issued = PRE && n0 < N;
     if (issued) issue(n0, 0);  // the first weights fly while the prologue reads its inputs
 @PROLOGUE@
+    // (8 bits) each chunk's sum of x, for its bias: sum_j (s q_j + b) x_j = s sum q_j x_j + b sum x_j
+    __shared__ float xc_s[BITS == 16 ? 1 : SR * CH];
+    if constexpr (BITS != 16) {
+      for (int i = threadIdx.x; i < M * CH; i += blockDim.x) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xs_s + (size_t)i * VPC);
+        const uint32_t xa[8] = {xp[0].x, xp[0].y, xp[0].z, xp[0].w, xp[1].x, xp[1].y, xp[1].z, xp[1].w};
+        float t = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) { const float2 f = XlPair<T>::f2(xa[j]); t += f.x + f.y; }
+        xc_s[i] = t;
+      }
+      __syncthreads();
+    }
     for (; n0 < N; n0 += nstride) {
       float acc[RPW][SR];
       #pragma unroll
@@ -133,12 +170,20 @@ _SOURCE = """
         #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int c = (it * U + u) * 32 + lane;
-          const int cc = c < CH ? c : CH - 1;  // its weights are zero
+          const int cc = c < CH ? c : CH - 1;  // its weights are zero (8 bits: its scale and bias zeroed below)
           #pragma unroll
           for (int m = 0; m < SR; ++m) {
-            const uint4 xv = reinterpret_cast<const uint4*>(xs_s + m * KD)[cc];
+            const uint4* xp = reinterpret_cast<const uint4*>(xs_s + m * KD + cc * VPC);
             #pragma unroll
-            for (int r = 0; r < RPW; ++r) acc[r][m] = xl_dot8<T>(wv[r][u], xv, acc[r][m]);
+            for (int r = 0; r < RPW; ++r) {
+              if constexpr (BITS == 16) {
+                acc[r][m] = xl_dot8<T>(wv[r][u], xp[0], acc[r][m]);
+              } else {
+                const bool in = FULL || c < CH;
+                const float sc = in ? static_cast<float>(sv[r][u]) : 0.0f, bc = in ? static_cast<float>(bv[r][u]) : 0.0f;
+                acc[r][m] = fmaf(sc, xl_dot16q<T>(wv[r][u], xp[0], xp[1]), fmaf(bc, xc_s[m * CH + cc], acc[r][m]));
+              }
+            }
           }
         }
       }
@@ -154,6 +199,15 @@ _SOURCE = """
         }
       }
     }
+"""
+
+# (8 bits) a chunk's group scale and bias, requested with its weights.
+_SB_LOAD = """\
+          {
+            const size_t gi = (size_t)n * GPR + (cc * VPC) / G;
+            sv[r][u] = scales[gi];
+            bv[r][u] = biases[gi];
+          }
 """
 
 #: The plain product's hooks: x [M, K] staged as it is, y [M, N] in T.
@@ -177,22 +231,26 @@ def launch_bounds(resident: int) -> str:
     return _launch_bounds(32 * WARPS, resident)
 
 
-def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STORE) -> str:
+def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STORE, bits: int = 16) -> str:
     """The kernel's body with its hooks filled, as :func:`.quantized.decode_source`'s (whose
     prologues :mod:`.decode_chain` puts here too): ``sizes`` defines ``int M`` (rows of x),
     ``constexpr int K`` (= template ``KD``) and ``T xs_s[SR * KD]`` in shared memory;
     ``prologue`` (every thread reaches it; it may synchronise and must end with the rows in
     ``xs_s``) stages x's M rows there; ``store`` (one statement) writes ``float sum`` at row
-    ``m``, feature ``n`` (an M x N output). Template arguments: :func:`rows_template`."""
-    return _SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue).replace("@STORE@", store)
+    ``m``, feature ``n`` (an M x N output). ``bits`` 16: float weights ``w`` [N, K]; 8: MLX's
+    affine bytes ``w`` [N, K / 4] (uint32) with inputs ``scales`` and ``biases`` [N, K / G].
+    Template arguments: :func:`rows_template`."""
+    return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue).replace("@STORE@", store)
+            .replace("@SB_LOAD@\n", _SB_LOAD if bits != 16 else ""))
 
 
 def rows_template(dtype: mx.Dtype, k: int, staged_rows: int, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
-                  load_hint: int = 1, early: bool = True) -> list:
+                  load_hint: int = 1, early: bool = True, bits: int = 16, group_size: int = 32) -> list:
     """Template arguments of :func:`rows_source`'s kernels: ``staged_rows`` (SR) rows of x in
-    shared memory, ``early``: the first weights requested before the prologue (PRE)."""
+    shared memory, ``early``: the first weights requested before the prologue (PRE); ``bits``
+    and ``group_size``: the weights' format."""
     return [("T", dtype), ("KD", k), ("SR", staged_rows), ("U", unroll), ("RPW", rows_per_warp), ("WARPS", WARPS),
-            ("LDH", load_hint), ("PRE", bool(early))]
+            ("LDH", load_hint), ("PRE", bool(early)), ("BITS", bits), ("G", group_size)]
 
 
 def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0) -> dict:
@@ -204,29 +262,39 @@ def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0)
     return dict(grid=(n_blocks * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1))
 
 
-_kernels: dict[int, object] = {}
+_kernels: dict[tuple, object] = {}
 
 
-def _kernel(resident: int):
-    if resident not in _kernels:
-        _kernels[resident] = mx.fast.cuda_kernel(
-            name=f"xlstm_rows_matmul_r{resident}",
-            input_names=["x", "w"],
+def _kernel(resident: int, bits: int):
+    key = (resident, bits)
+    if key not in _kernels:
+        _kernels[key] = mx.fast.cuda_kernel(
+            name=f"xlstm_rows_matmul_{bits}_r{resident}",
+            input_names=["x", "w"] + (["scales", "biases"] if bits != 16 else []),
             output_names=["y"],
-            source=compact_source(rows_source()),
+            source=compact_source(rows_source(bits=bits)),
             header=compact_source(HEADER + launch_bounds(resident)),
         )
-    return _kernels[resident]
+    return _kernels[key]
 
 
-def rows_supported(x: mx.array, w: mx.array) -> bool:
-    """Whether :func:`rows_matmul` runs its kernel for x [..., K] and w [N, K] (else ``x @ w.T``):
-    CUDA, bf16/fp16 of one dtype, 1 to :data:`MAX_ROWS` rows, K a multiple of 8 whose rows fit
-    shared memory."""
+def rows_supported(x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None,
+                   group_size: int = 64, bits: int = 16) -> bool:
+    """Whether :func:`rows_matmul` runs its kernel (else its reference): CUDA, bf16/fp16 x, 1 to
+    :data:`MAX_ROWS` rows whose values fit shared memory; ``bits`` 16: w [N, K] of x's dtype, K a
+    multiple of 8; 8: MLX's affine layout (w [N, K / 4] uint32, scales and biases [N, K / G] of
+    x's dtype, G 32, 64 or 128)."""
     rows = math.prod(x.shape[:-1])
-    return (cuda_available() and x.dtype in (mx.bfloat16, mx.float16) and w.dtype == x.dtype and w.ndim == 2
-            and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0 and 0 < rows <= MAX_ROWS
-            and staged_rows(rows) * x.shape[-1] * x.dtype.size <= STAGE_BYTES)
+    K = x.shape[-1]
+    if not (cuda_available() and x.dtype in (mx.bfloat16, mx.float16) and 0 < rows <= MAX_ROWS and w.ndim == 2
+            and staged_rows(rows) * K * x.dtype.size <= STAGE_BYTES):
+        return False
+    if bits == 16:
+        return w.dtype == x.dtype and w.shape[1] == K and K % 8 == 0
+    return (bits == 8 and group_size in (32, 64, 128) and w.dtype == mx.uint32 and w.shape[1] * 4 == K
+            and K % group_size == 0 and scales is not None and biases is not None
+            and scales.dtype == x.dtype and biases.dtype == x.dtype and scales.shape == (w.shape[0], K // group_size)
+            and biases.shape == scales.shape)
 
 
 def staged_rows(rows: int) -> int:
@@ -234,23 +302,30 @@ def staged_rows(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def rows_matmul(x: mx.array, w: mx.array, *, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
+def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, *,
+                group_size: int = 64, bits: int = 16, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
                 blocks: int = 0, resident: int = RESIDENT, load_hint: int = 1, early: bool = True) -> mx.array:
-    """x [..., K] @ w.T -> [..., N] for w [N, K] of x's dtype (bf16/fp16), at most
-    :data:`MAX_ROWS` rows of x; elsewhere (:func:`rows_supported`) ``x @ w.T``.
+    """x [..., K] @ W.T -> [..., N], at most :data:`MAX_ROWS` rows of x: ``bits`` 16, W = w [N, K]
+    of x's dtype (bf16/fp16); 8, W = MLX's affine dequantization of w [N, K / 4] (uint32) with
+    ``scales`` and ``biases`` [N, K / group_size], computed as s * sum(q x) + b * sum(x) per group
+    in float32 (no weight rounded to x's dtype first). Elsewhere (:func:`rows_supported`) the
+    reference, ``x @ w.T`` or ``mx.quantized_matmul``.
 
     ``unroll``: 16-byte loads per lane in flight; ``rows_per_warp``: features per warp at once;
     ``blocks``: thread blocks per SM walking the features (0: one warp per ``rows_per_warp``
     features); ``resident``: registers bounded for that many blocks per SM (0: not; see
     :data:`RESIDENT`); ``load_hint``: the weights' load instruction (0 plain, 1 non-coherent
     without L1, 2 evict-first); ``early``: the first loads issued before x is staged."""
-    if not rows_supported(x, w):
-        return x @ w.T
+    if not rows_supported(x, w, scales, biases, group_size, bits):
+        if bits == 16:
+            return x @ w.T
+        return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=group_size,
+                                   bits=bits)
     lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
     M = math.prod(lead)
-    (y,) = _kernel(resident)(
-        inputs=[x.reshape(M, K), w],
-        template=rows_template(x.dtype, K, staged_rows(M), unroll, rows_per_warp, load_hint, early),
+    (y,) = _kernel(resident, bits)(
+        inputs=[x.reshape(M, K), w] + ([scales, biases] if bits != 16 else []),
+        template=rows_template(x.dtype, K, staged_rows(M), unroll, rows_per_warp, load_hint, early, bits, group_size),
         **rows_launch(N, rows_per_warp, blocks),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
