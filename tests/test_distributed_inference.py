@@ -142,56 +142,75 @@ def test_a_pipeline_rank_reads_only_its_blocks(split_results):
     assert fractions["prepare"] < 0.75, fractions
 
 
-def test_generate_names_a_lost_peer_instead_of_a_traceback(tmp_path):
-    """Kill rank 1 of a 2-process `generate` mid-decode: rank 0 printed a RuntimeError
-    traceback ("[ring] connection to a peer was lost"); it now says which rank it is, after how
-    many tokens, and that it lost rank 1, and exits 1. (Pipeline parallel: in tensor parallel
-    MLX's async_eval never returns after the ring's failure, and mlx.launch's SIGTERM ends the
-    process, see test_monitor's stuck-job test.)"""
+def kill_rank_1_during(tmp_path, command, started, tries: int = 3):
+    """Run two ranks of ``command`` (ring backend), SIGKILL rank 1 once ``started(record)`` holds
+    for rank 0's status record, and return rank 0's (exit code, stdout, stderr).
+
+    MLX's scheduler sometimes waits forever after the ring's failure (an (async_)eval waiting
+    for a task that never completes; mlx.launch's SIGTERM ends such a process, see test_monitor's
+    stuck-job test): a rank 0 still running 20 s after the kill is killed and the run tried again."""
     import os
     import signal
     import time
 
     from distributed_helpers import free_port, ring_env
-    from test_tokenizer import train_tiny_tokenizer
 
-    from xlstm_metal.loading import save_model
     from xlstm_metal.monitor import read_jobs
 
-    ckpt, runtime = tmp_path / "ckpt", tmp_path / "runtime"
-    hf = train_tiny_tokenizer()
-    save_model(tiny_model(2, vocab_size=hf.get_vocab_size()), ckpt)
-    hf.save(str(ckpt / "tokenizer.json"))
-    port = free_port(2)
-    procs = []
-    with open(tmp_path / "out.txt", "w") as out:
-        for rank in range(2):
-            env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(runtime),
-                   "XLSTM_STATUS_INTERVAL": "0.1"}
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "xlstm_metal", "generate", "-m", str(ckpt), "-p", "the quick", "-n", "1000000",
-                 "--temp", "0", "--parallel", "pipeline"], env=env, stdout=out if rank == 0 else subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True))
-        try:
-            deadline = time.monotonic() + 120
-            while not any(j.get("rank") == 0 and (j.get("done") or 0) > 20 for j in read_jobs(runtime)):
-                assert procs[0].poll() is None and procs[1].poll() is None, procs[0].communicate()[1][-2000:]
-                assert time.monotonic() < deadline, "no decoding seen"
-                time.sleep(0.05)
-            os.kill(procs[1].pid, signal.SIGKILL)
-            _, err = procs[0].communicate(timeout=60)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.communicate()
-    assert procs[0].returncode == 1, err[-2000:]
-    assert "Traceback" not in err
+    for attempt in range(tries):
+        runtime, port, procs = tmp_path / f"runtime{attempt}", free_port(2), []
+        out_path = tmp_path / f"out{attempt}.txt"
+        with open(out_path, "w") as out:  # a file, not a pipe: nothing blocks rank 0's output
+            for rank in range(2):
+                env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(runtime),
+                       "XLSTM_STATUS_INTERVAL": "0.1"}
+                procs.append(subprocess.Popen([sys.executable, "-m", "xlstm_metal", *command], env=env,
+                                              stdin=subprocess.DEVNULL, stdout=out if rank == 0 else subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, text=True))
+            try:
+                deadline = time.monotonic() + 120
+                while not any(j.get("rank") == 0 and started(j) for j in read_jobs(runtime)):
+                    assert procs[0].poll() is None and procs[1].poll() is None, procs[0].communicate()[1][-2000:]
+                    assert time.monotonic() < deadline, "rank 0 never got there"
+                    time.sleep(0.05)
+                os.kill(procs[1].pid, signal.SIGKILL)
+                try:
+                    _, err = procs[0].communicate(timeout=20)
+                except subprocess.TimeoutExpired:
+                    continue  # MLX hung (see above): killed in finally
+                return procs[0].returncode, out_path.read_text(), err
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                    p.communicate()
+    pytest.fail(f"rank 0 hung after rank 1 was killed in all {tries} tries")
+
+
+def lost_rank_1_line(err: str, what: str) -> str:
+    """The one error line of rank 0 that lost rank 1 after ``what`` (a regex); no traceback."""
+    assert "Traceback" not in err, err[-2000:]
     line = next(line for line in err.splitlines() if line.startswith("xlstm-metal: error:"))
-    assert re.fullmatch(r"xlstm-metal: error: rank 0 of 2: the generation stopped after \d+ tokens: lost the "
-                        r"connection to rank 1 \(.*peer.*\); it has probably died \(mlx.launch reports each "
-                        r"process's exit code\)", line), line
-    assert (tmp_path / "out.txt").read_text().strip()  # what was generated before is printed
+    assert re.fullmatch(rf"xlstm-metal: error: rank 0 of 2: {what}: lost the connection to rank 1 \(.*peer.*\); "
+                        r"it has probably died \(mlx.launch reports each process's exit code\)", line), line
+    return line
+
+
+def test_generate_names_a_lost_peer_instead_of_a_traceback(tmp_path):
+    """Kill rank 1 of a 2-process `generate` mid-decode: rank 0 printed a RuntimeError
+    traceback ("[ring] connection to a peer was lost"); it now says which rank it is, after how
+    many tokens, and that it lost rank 1, and exits 1. (Pipeline parallel: in tensor parallel
+    MLX's async_eval never returns after the ring's failure, and mlx.launch's SIGTERM ends the
+    process, see test_monitor's stuck-job test; in pipeline parallel it sometimes does too, see
+    kill_rank_1_during.)"""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    code, out, err = kill_rank_1_during(
+        tmp_path, ["generate", "-m", str(ckpt), "-p", "the quick", "-n", "1000000", "--temp", "0",
+                   "--parallel", "pipeline"],
+        lambda j: (j.get("done") or 0) > 20)
+    assert code == 1, err[-2000:]
+    lost_rank_1_line(err, r"the generation stopped after \d+ tokens")
+    assert out.strip()  # what was generated before is printed
 
 
 def tiny_checkpoint(path):
@@ -271,3 +290,43 @@ def test_bench_one_rank_at_its_hard_memory_limit_stops_every_rank(tmp_path, hit)
                                    "--decode-batches", "1", "--decode-tokens", "4", "--json"], hit)
     assert_all_stopped_for(results, hit)
     assert [json.loads(line)["length"] for line in results[0][1].splitlines()] == [16]
+
+
+def test_chat_names_a_lost_peer_instead_of_a_traceback(tmp_path):
+    """`chat` as `generate` above: rank 1 killed during the first reply; rank 0 printed a
+    RuntimeError traceback, now one line naming rank 1 and the reply's tokens so far, exit 1."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    code, out, err = kill_rank_1_during(
+        tmp_path, ["chat", "-m", str(ckpt), "-p", "the quick", "-n", "1000000", "--temp", "0", "--parallel", "pipeline"],
+        lambda j: (j.get("done") or 0) > 20)
+    assert code == 1, err[-2000:]
+    lost_rank_1_line(err, r"the reply stopped after \d+ tokens")
+    assert out.strip()  # the reply so far is printed
+
+
+def test_bench_names_a_lost_peer_instead_of_a_traceback(tmp_path):
+    """`bench`: rank 1 killed during the second prefill run (the first printed); rank 0 printed
+    a RuntimeError traceback, now one line naming rank 1 and the runs done, exit 1. (Killed in a
+    prefill run: in the decode run MLX's async_eval never returns after the ring's failure.)"""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)))
+    # 1,000 repeats of 16 tokens take ~2 s, of 4,096 tokens in 256 pieces ~8 min.
+    code, out, err = kill_rank_1_during(
+        tmp_path, ["bench", "--config", str(config), "--prefill-lengths", "16,4096", "--prefill-chunk", "16",
+                   "--repeats", "1000", "--decode-batches", "1", "--decode-tokens", "4", "--parallel", "pipeline",
+                   "--json"],
+        lambda j: (j.get("done") or 0) >= 1)
+    assert code == 1, err[-2000:]
+    lost_rank_1_line(err, "the benchmark stopped with 1 of 3 runs done")
+    assert [json.loads(line)["length"] for line in out.splitlines()] == [16]
+
+
+def test_peer_lost_exit_raises_other_errors_again():
+    """In a process on its own (and for any error but a lost peer) the RuntimeError itself is
+    raised again: chat / bench / generate show it as before."""
+    from xlstm_metal.cli import peer_lost_exit
+
+    err = RuntimeError("[ring] connection to a peer was lost")
+    with pytest.raises(RuntimeError) as raised:
+        peer_lost_exit(err, "the reply stopped")
+    assert raised.value is err

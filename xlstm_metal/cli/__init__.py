@@ -28,6 +28,21 @@ class UsageError(Exception):
     """Bad user input: printed without a traceback, exit code 2."""
 
 
+def peer_lost_exit(err: RuntimeError, what: str) -> int:
+    """Under mlx.launch a collective whose peer process died raises a RuntimeError: print one
+    line naming this rank, ``what`` happened ("the generation stopped after 12 tokens") and the
+    lost rank, and return exit code 1 (the output so far is flushed first). Any other
+    RuntimeError, and any in a process on its own, is raised again unchanged."""
+    from ..distributed import peer_lost
+
+    lost = peer_lost(err, what)
+    if lost is None:
+        raise err
+    sys.stdout.flush()
+    print(f"\nxlstm-metal: error: {lost}", file=sys.stderr)
+    return 1
+
+
 def read_text_file(path: str | Path, label: str) -> str:
     """The UTF-8 text of ``path``; UsageError naming ``label`` (e.g. "prompt file") otherwise."""
     path = Path(path).expanduser()

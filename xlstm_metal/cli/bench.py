@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..monitor import current_job
-from . import UsageError, seed_value
+from . import UsageError, peer_lost_exit, seed_value
 from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 
@@ -163,48 +163,51 @@ def run(args: argparse.Namespace) -> int:
             job.update(phase="idle", done=steps, total=steps, unit="runs", tokens_per_s=None,
                        message=f"all {steps} runs done")
     main = world().rank() == 0
-    with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None if main else True) as bar:
-        bar.set_postfix_str("building random model")
-        model = bm.random_model(config, dtype=dtype, seed=args.seed)
-        if quantization:  # --q-bits, or a quantized checkpoint's config: those layers quantized so
-            bar.set_postfix_str("quantizing")
-            from ..quantization import QuantizationError, Recipe, quantize_model
+    try:
+        with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None if main else True) as bar:
+            bar.set_postfix_str("building random model")
+            model = bm.random_model(config, dtype=dtype, seed=args.seed)
+            if quantization:  # --q-bits, or a quantized checkpoint's config: those layers quantized so
+                bar.set_postfix_str("quantizing")
+                from ..quantization import QuantizationError, Recipe, quantize_model
 
-            try:
-                quantize_model(model, recipe=Recipe.from_config(quantization))
-            except (QuantizationError, KeyError, TypeError) as err:
-                raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
-        try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
-            model = parallelize(model, args.parallel)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if profile is not None:
-            apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
-        elif fused and hasattr(model, "fuse_projections"):
-            model.fuse_projections()
-        bar.update(1)
-        env = bm.environment()  # after the profile: its BLAS threads are the ones the runs use
-        starting(0)
-        for record in bm.run_suite(
-            config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
-            decode_batches=args.decode_batches, decode_tokens=args.decode_tokens,
-            prefill_batch=args.prefill_batch, prefill_chunk=prefill_chunk,
-            repeats=args.repeats, compiled=not args.no_compile, seed=args.seed,
-        ):
-            record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse_projections"),
-                      "profile": profile.name if profile else None,
-                      "q_bits": quantization["bits"] if quantization else None,
-                      "q_group_size": quantization["group_size"] if quantization else None,
-                      **env, **parallel_fields(model)}
-            records.append(record)
-            job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
-            if args.json:
-                print(json.dumps(record), flush=True)
+                try:
+                    quantize_model(model, recipe=Recipe.from_config(quantization))
+                except (QuantizationError, KeyError, TypeError) as err:
+                    raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
+            try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
+                model = parallelize(model, args.parallel)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            if profile is not None:
+                apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
+            elif fused and hasattr(model, "fuse_projections"):
+                model.fuse_projections()
             bar.update(1)
-            # Memory watchdog: stop between runs at the hard limit (every rank together), the
-            # finished run printed.
-            job.check_all()
-            starting(len(records))
+            env = bm.environment()  # after the profile: its BLAS threads are the ones the runs use
+            starting(0)
+            for record in bm.run_suite(
+                config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
+                decode_batches=args.decode_batches, decode_tokens=args.decode_tokens,
+                prefill_batch=args.prefill_batch, prefill_chunk=prefill_chunk,
+                repeats=args.repeats, compiled=not args.no_compile, seed=args.seed,
+            ):
+                record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse_projections"),
+                          "profile": profile.name if profile else None,
+                          "q_bits": quantization["bits"] if quantization else None,
+                          "q_group_size": quantization["group_size"] if quantization else None,
+                          **env, **parallel_fields(model)}
+                records.append(record)
+                job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
+                if args.json:
+                    print(json.dumps(record), flush=True)
+                bar.update(1)
+                # Memory watchdog: stop between runs at the hard limit (every rank together), the
+                # finished run printed.
+                job.check_all()
+                starting(len(records))
+    except RuntimeError as err:  # under mlx.launch: a peer process died (else raised again)
+        return peer_lost_exit(err, f"the benchmark stopped with {len(records)} of {steps} runs done")
     if not args.json:
         weights = f"{dtype} weights" if not quantization else (
             f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales")

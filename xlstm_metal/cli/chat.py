@@ -19,6 +19,7 @@ from . import UsageError
 from .generate import (
     add_model_arguments,
     check_utf8,
+    generation_peer_lost_exit,
     load_runner,
     max_tokens_for,
     print_model_description,
@@ -147,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     runner, _ = load_runner(args)
     print_model_description(args, runner)
-    return chat_loop(runner, args, first_turn=prompt)
+    try:
+        return chat_loop(runner, args, first_turn=prompt)
+    except RuntimeError as err:  # under mlx.launch: a peer process died (else raised again)
+        return generation_peer_lost_exit(err, "the reply stopped")
 
 
 __all__ = ["add_parser", "run", "chat_loop"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..jsonfiles import read_json_object
 from ..monitor import current_job
-from . import UsageError, read_text_file, seed_value
+from . import UsageError, peer_lost_exit, read_text_file, seed_value
 from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 DESCRIPTION = """\
@@ -288,19 +288,12 @@ def stream_to(out, chunks) -> Any:
     return last
 
 
-def peer_lost_exit(err: RuntimeError) -> int:
-    """Under mlx.launch a collective whose peer process died raises a RuntimeError: exit 1 with
-    a message naming this rank and the lost one (the text so far is printed). Any other
-    RuntimeError is raised again."""
-    from ..distributed import peer_lost
-
+def generation_peer_lost_exit(err: RuntimeError, what: str = "the generation stopped") -> int:
+    """:func:`~xlstm_metal.cli.peer_lost_exit` for a generation: the message also says after
+    how many tokens ``what`` happened (the text so far is printed). Any other RuntimeError is
+    raised again."""
     done = getattr(current_job(), "fields", {}).get("done")
-    lost = peer_lost(err, "the generation stopped" + (f" after {done} tokens" if done else ""))
-    if lost is None:
-        raise err
-    sys.stdout.flush()
-    print(f"\nxlstm-metal: error: {lost}", file=sys.stderr)
-    return 1
+    return peer_lost_exit(err, what + (f" after {done} tokens" if done else ""))
 
 
 # ---------------------------------------------------------------------- entry point
@@ -321,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             return chat_loop(runner, args, first_turn=prompt)
         except RuntimeError as err:
-            return peer_lost_exit(err)
+            return generation_peer_lost_exit(err)
     try:
         args.max_tokens = max_tokens_for(args, len(runner.encode(prompt)))
         chunks = runner.stream(prompt, **sampling_kwargs(args))
@@ -329,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. a prompt that encodes to nothing
         raise UsageError(str(err)) from None
     except RuntimeError as err:
-        return peer_lost_exit(err)
+        return generation_peer_lost_exit(err)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose and last is not None:
