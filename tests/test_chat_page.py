@@ -1,6 +1,7 @@
 """The chat page in a real browser: headless Chromium (Debian's chromium + chromium-driver, which
 .ci/run installs) driven by Selenium against `xlstm-metal serve` on 127.0.0.1. The streamed
-greedy reply equals the API's; the stop button stops a long reply; new chat clears."""
+greedy reply equals the API's; the stop button stops a long reply; new chat clears; a refused
+request shows the server's message."""
 
 import json
 import shutil
@@ -128,3 +129,15 @@ def test_streamed_greedy_reply_equals_the_api_and_stop_stops(server, browser):
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
         lambda b: len(replies(b)) == 2 and replies(b)[1].get_attribute("data-state") == "done")
+
+
+def test_a_refused_request_shows_the_servers_message(server, browser):
+    """The server answers in OpenAI's error shape; the page shows its message in place of the reply."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    set_field(browser, "temperature", -1)
+    browser.find_element(By.ID, "prompt").send_keys("Hello?")
+    browser.find_element(By.ID, "send").click()
+    error = WebDriverWait(browser, WAIT).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.error"))[0]
+    assert error.text == "Error: temperature must be at least 0"
+    assert not replies(browser)

@@ -346,7 +346,9 @@ def test_serve_answers_503_over_the_hard_limit_until_back_under_soft(tmp_path):
             # Two requests answered, 3 tokens each (this checkpoint has no EOS), none streaming now.
             assert (job.fields["done"], job.fields["tokens"], job.fields["phase"]) == (2, 6, "idle")
     assert [status for status, _ in answers] == [200, 503, 503, 200]
-    assert "memory limit" in answers[1][1]["error"] and answers[3][1]["choices"][0]["text"]
+    refused = answers[1][1]["error"]  # OpenAI's error shape
+    assert "memory limit" in refused["message"] and refused["type"] == "server_error", refused
+    assert answers[3][1]["choices"][0]["text"]
 
 
 def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):

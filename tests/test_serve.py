@@ -66,6 +66,17 @@ def post(url, path, body, timeout=60):
         return status, text
 
 
+def error_message(status, answer, param=...):
+    """The message of an error answer, after checking its OpenAI shape: type by status, and
+    ``param`` when given."""
+    assert isinstance(answer, dict) and set(answer) == {"error"}, (status, answer)
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str), error
+    assert error["type"] == ("invalid_request_error" if 400 <= status < 500 else "server_error"), (status, error)
+    assert param is ... or error["param"] == param, (param, error)
+    return error["message"]
+
+
 def expected_text(reference, prompt, max_tokens):
     model, tokenizer = reference
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
@@ -147,25 +158,27 @@ def test_concurrent_requests_are_batched(server, reference, monkeypatch):
     assert max(batch_sizes) >= 2  # requests ran together in one batch
 
 
-BAD_REQUESTS = [
-    ("/v1/completions", b"{not json", "Invalid JSON"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": -3}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
-    ("/v1/completions", {"prompt": ["x"]}, "prompt"),
-    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
-    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "content"),
-    ("/v1/chat/completions", {"prompt": "no messages"}, "messages"),
-    ("/v1/chat/completions", [1, 2], "dictionary"),
-    ("/v1/nowhere", {"prompt": "x"}, "not found"),
+BAD_REQUESTS = [  # and the field OpenAI's param names
+    ("/v1/completions", b"{not json", "Invalid JSON", None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -3}, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature", "temperature"),
+    ("/v1/completions", {"prompt": ["x"]}, "prompt", "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "stop"),
+    ("/v1/completions", {"prompt": "x", "model": 5}, "requested_model", "model"),  # mlx-lm's attribute
+    ("/v1/chat/completions", {"messages": "hi"}, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "content", "messages[0].content"),
+    ("/v1/chat/completions", {"prompt": "no messages"}, "messages", "messages"),
+    ("/v1/chat/completions", [1, 2], "dictionary", None),
+    ("/v1/nowhere", {"prompt": "x"}, "not found", None),
 ]
 
 
 def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, reference):
-    for path, body, words in BAD_REQUESTS:
+    """Each in OpenAI's error shape (mlx-lm's checks answered {"error": "..."})."""
+    for path, body, words, param in BAD_REQUESTS:
         status, answer = post(server.url, path, body)
         assert 400 <= status < 500, (path, body, status)
-        assert isinstance(answer, dict) and words.lower() in answer["error"].lower(), (body, answer)
+        assert words.lower() in error_message(status, answer, param).lower(), (body, answer)
     status, body = post(server.url, "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0})
     assert status == 200 and body["choices"][0]["text"] == expected_text(reference, PROMPTS[2], 8)
 
@@ -196,12 +209,21 @@ def test_hostile_requests_get_4xx_json_and_the_server_keeps_serving(server, refe
     for path, body, words in HOSTILE_REQUESTS:
         status, answer = post(server.url, path, body, timeout=20)
         assert status == 400, (path, body, status, answer)
-        assert isinstance(answer, dict) and words.lower() in answer["error"].lower(), (body, answer)
+        assert words.lower() in error_message(status, answer).lower(), (body, answer)
     host, port = server.httpd.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)  # mlx-lm read a negative length until EOF: a hang
-    conn.request("POST", "/v1/completions", b'{"prompt": "x"}', {"Content-Length": "-1"})
+    for length, status in (("-1", 400), ("x", 400), (None, 411)):  # mlx-lm read a negative length until EOF: a hang
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.putrequest("POST", "/v1/completions")
+        if length is not None:
+            conn.putheader("Content-Length", length)
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == status and "Content-Length" in error_message(status, json.loads(response.read()))
+        conn.close()
+    conn = http.client.HTTPConnection(host, port, timeout=10)  # http.server's own errors: an HTML page
+    conn.request("PUT", "/v1/completions", b"{}")
     response = conn.getresponse()
-    assert response.status == 400 and "Content-Length" in json.loads(response.read())["error"]
+    assert response.status == 501 and "PUT" in error_message(501, json.loads(response.read()), None)
     conn.close()
     with urllib.request.urlopen(server.url + "/health") as response:
         assert json.loads(response.read()) == {"status": "ok"}

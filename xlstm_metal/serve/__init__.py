@@ -10,7 +10,8 @@ an LRU prompt cache. This package adds what an xLSTM needs around it:
   where the checkpoint lacks them.
 - :class:`APIHandler` serves the chat page at ``/`` and refuses malformed requests (wrong types
   of ``messages``, ``prompt`` or ``stop``) with a 400 JSON error before they reach the
-  generation thread, which a bad request must never stop.
+  generation thread, which a bad request must never stop. Every error is answered in OpenAI's
+  shape (:func:`error_body`), mlx-lm's own ``{"error": "..."}`` included.
 - :func:`make_server` / :func:`serve` start it on a host and port.
 
 Recurrent states make the prompt cache cheap: an entry is one fixed-size state per block
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import socket
 import threading
@@ -98,6 +100,33 @@ MAX_COMPLETION_LOGPROBS = 5
 POLL_S = 0.1
 
 
+#: mlx-lm's handler attributes whose request field has another name (its messages name the attribute).
+_FIELD_OF_ATTRIBUTE = {"requested_model": "model", "adapter": "adapters"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
+    """An error answer in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: type
+    ``invalid_request_error`` for a 4xx status, ``server_error`` otherwise; ``param`` names the
+    request field at fault."""
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a refusal is about (OpenAI's ``param``), as its message names it first
+    ("temperature must be ...", "messages[2].content must be ...", "suffix=... is not supported",
+    "unrecognized request field: x"; mlx-lm's messages name its attribute, e.g. requested_model);
+    None when the message names none ("Invalid JSON in request body ...")."""
+    unknown = re.match(r"unrecognized request field: (\w+)", message)
+    if unknown:
+        return unknown[1]
+    match = re.match(r"(\w+)((?:\[\d+\]|\.\w+)*)", message)
+    if match is None:
+        return None
+    name = _FIELD_OF_ATTRIBUTE.get(match[1], match[1])
+    return name + match[2] if name in CHAT_FIELDS | COMPLETION_FIELDS else None
+
+
 class ServeError(ValueError):
     """A model or server setting that cannot be served; the message names it."""
 
@@ -112,6 +141,12 @@ class ClientDisconnected(ConnectionError):
 
 class GenerationUnavailable(RuntimeError):
     """The generation thread has stopped for good (its error is in the server log)."""
+
+
+class _InvalidRequest(ValueError):
+    """A request refused before generation (a 400): mlx-lm's handler answered the ValueError of
+    its checks with ``{"error": "..."}``; this one reaches :meth:`APIHandler.do_POST` (inside a
+    :class:`_RequestFailed`), which answers in OpenAI's shape naming the field."""
 
 
 class _RequestFailed(BaseException):
@@ -526,33 +561,36 @@ class APIHandler(mlx_server.APIHandler):
         super()._set_stream_headers(status_code)
 
     def _fail(self, err: Exception) -> None:
-        """Answers a request that failed in generation, in OpenAI's error shape: a 500 (404 for
-        a model that cannot be loaded, 400 for messages the chat template refuses, 503 when the
-        generation thread has stopped); in a stream already under way, a last ``error`` event."""
-        status, kind, param, code = 500, "server_error", None, None
-        if isinstance(err, AdapterError):
-            status, kind, param = 400, "invalid_request_error", "adapters"
+        """Answers a request that was refused or failed in generation, in OpenAI's error shape:
+        a 500 (400 for a request the checks refuse, 404 for a model that cannot be loaded, 400 for
+        messages the chat template refuses, 503 when the generation thread has stopped); in a
+        stream already under way, a last ``error`` event."""
+        status, param, code = 500, None, None
+        if isinstance(err, _InvalidRequest):
+            status, param = 400, _param_of(str(err))
+        elif isinstance(err, AdapterError):
+            status, param = 400, "adapters"
         elif isinstance(err, ServeError):
-            status, kind, code = 404, "invalid_request_error", "model_not_found"
+            status, param, code = 404, "model", "model_not_found"
         elif isinstance(err, GenerationUnavailable):
             status = 503
         elif isinstance(err, _template_errors()):
-            status, kind = 400, "invalid_request_error"
+            status, param = 400, "messages"
         message = str(err) if status != 500 else f"generation failed: {type(err).__name__}: {err}"
         if status == 500:
             logging.error("%s: %s", self.path, message, exc_info=err)
-        body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+        body = error_body(status, message, param, code)
         self.close_connection = True
         try:
             if self._streaming:
-                self.wfile.write(f"data: {body}\n\n".encode())
+                self.wfile.write(b"data: " + body + b"\n\n")
                 self.wfile.flush()
                 return
             self._headers_buffer = []  # mlx-lm's 200, not sent yet
             self._set_completion_headers(status)
-            self.send_header("Content-Length", str(len(body.encode())))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body.encode())
+            self.wfile.write(body)
         except OSError:  # the client left meanwhile
             pass
 
@@ -576,33 +614,69 @@ class APIHandler(mlx_server.APIHandler):
             return True
 
     def _read_body(self) -> bool:
-        """Reads the body mlx-lm's do_POST then parses (from a buffer): False, with a 400 sent,
-        for a negative Content-Length (mlx-lm would read until the client closes) or a body that
-        is not UTF-8 (mlx-lm's decode raised in the handler thread: no response at all)."""
+        """Reads the body mlx-lm's do_POST then parses (from a buffer): False, with the error
+        sent, for no or a bad Content-Length (a negative one: mlx-lm would read until the client
+        closes), a body that is not UTF-8 (mlx-lm's decode raised in the handler thread: no
+        response at all), not JSON or not a JSON object (mlx-lm answers those in its own shape)."""
         length = self.headers.get("Content-Length")
-        try:
-            length = int(length) if length is not None else None
-        except ValueError:
-            return True  # mlx-lm answers 400 "Invalid Content-Length header"
         if length is None:
-            return True  # mlx-lm answers 411
+            self._error(411, "Content-Length header is required")
+            return False
+        try:
+            length = int(length)
+        except ValueError:
+            length = -1
         if length < 0:
-            self._error(400, f"Invalid Content-Length header: {length}")
+            self._error(400, f"Invalid Content-Length header: {self.headers.get('Content-Length')}")
             return False
         raw = self.rfile.read(length)
         try:
-            raw.decode("utf-8")
+            body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as err:
             self._error(400, f"the request body is not UTF-8: {err.reason} at byte {err.start}")
             return False
+        except json.JSONDecodeError as err:
+            self._error(400, f"Invalid JSON in request body: {err}")
+            return False
+        if not isinstance(body, dict):
+            self._error(400, "Request should be a JSON dictionary (an object of request fields)")
+            return False
         self.rfile = io.BytesIO(raw)
         return True
+
+    def handle_chat_completions(self):
+        return self._completion_request(super().handle_chat_completions)
+
+    def handle_text_completions(self):
+        return self._completion_request(super().handle_text_completions)
+
+    def _completion_request(self, make: Callable[[], Any]) -> Any:
+        """mlx-lm's request for the checked body; a failure is a 400 in OpenAI's shape (mlx-lm
+        answered it in its own)."""
+        try:
+            return make()
+        except Exception as err:
+            raise _RequestFailed(_InvalidRequest(str(err) or type(err).__name__)) from None
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a method other than GET / POST / OPTIONS, a malformed request
+        line, headers too long) in OpenAI's shape too, where it sent an HTML page."""
+        short = self.responses.get(code, ("error",))[0]
+        self.log_error("code %d, message %s", code, message or short)
+        body = error_body(code, message or short)
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _not_found(self) -> None:
         self._error(404, f"not found: {self.path}")
 
     def _error(self, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
+        body = error_body(status, message)
         self._set_completion_headers(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -622,12 +696,20 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile.write(body)
 
     def validate_model_parameters(self) -> None:
+        """Refuses the request (a 400 in OpenAI's shape, from :meth:`do_POST`) when
+        :meth:`_check_request` does."""
+        try:
+            self._check_request()
+        except ValueError as err:
+            raise _RequestFailed(_InvalidRequest(str(err))) from None
+
+    def _check_request(self) -> None:
         """mlx-lm's checks, and what they let through to the generation thread: booleans as
         numbers, NaN and infinity, a top_k or logit_bias token id beyond the vocabulary (the
         first stopped the generation thread for good, the second crashed the process), a seed
         MLX cannot take, ``n`` other than 1 (mlx-lm returned one choice), malformed
         ``stream_options``, ``tools`` or ``chat_template_kwargs``, strings that are not Unicode, and
-        ``adapters`` that are not a directory of adapters."""
+        ``adapters`` that are not a directory of adapters. A ValueError names what is wrong."""
         for name in FLOAT_PARAMETERS + INT_PARAMETERS:
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a number, not a boolean")
