@@ -98,22 +98,29 @@ def test_rank0_files_reach_a_rank_without_them(split_results):
     assert rank1 == {"kept_own": True, "moved": True, "files": ["a.txt", "sub/b.bin"], "equal": True}
 
 
-@pytest.mark.slow  # a 2-process server, then the same completion in this process
+@pytest.mark.slow  # a 2-process server, then the same completions in this process
 def test_serve_under_mlx_launch_answers_like_one_process():
     """`mlx.launch -n 2 -- xlstm-metal serve`: rank 0 listens, both ranks compute (tensor
-    parallel); a greedy completion equals mlx-lm's stream_generate on the unsplit model."""
+    parallel); a greedy completion equals mlx-lm's stream_generate on the unsplit model, with the
+    repetition penalty of the model's generation_config.json, and so does a seeded one that leaves
+    the sampling to that file (both ranks sample alike)."""
     import json
     import os
     import signal
     import urllib.request
 
+    import mlx.core as mx
+
     mlx_lm = pytest.importorskip("mlx_lm")
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
     from xlstm_metal.generation import DEFAULT_MODEL_DIR
     from xlstm_metal.serve import load_for_serving
 
     cmd = launch_cmd(2, [sys.executable, "-m", "xlstm_metal", "serve", "--port", "0", "--dtype", "float32"])
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    served = []
     try:
         url = None
         for line in server.stderr:  # ends if the launch fails
@@ -121,16 +128,27 @@ def test_serve_under_mlx_launch_answers_like_one_process():
                 url = line.split("serving on ")[1].split()[0]
                 break
         assert url is not None, "the server did not start"
-        body = json.dumps({"prompt": PROMPT, "max_tokens": 10, "temperature": 0}).encode()
-        request = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=300) as response:
-            served = json.loads(response.read())["choices"][0]["text"]
+        # Seeded first: mlx-lm's lone (seeded) request gives the repetition penalty only the
+        # tokens after a prompt-cache hit, and the greedy request would leave one for the prompt.
+        for fields in ({"seed": 3}, {"temperature": 0}):
+            body = json.dumps({"prompt": PROMPT, "max_tokens": 10, **fields}).encode()
+            request = urllib.request.Request(url + "/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as response:
+                served.append(json.loads(response.read())["choices"][0]["text"])
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=60)
+    gen = json.loads((DEFAULT_MODEL_DIR / "generation_config.json").read_text())
     model, tokenizer = load_for_serving(DEFAULT_MODEL_DIR, dtype="float32")
-    expected = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=10))
-    assert served == expected and served
+    penalty = make_logits_processors(None, gen["repetition_penalty"], 20)
+    greedy = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=10,
+                                                             logits_processors=penalty))
+    mx.random.seed(3)
+    sampler = make_sampler(gen["temperature"], top_p=gen["top_p"], top_k=gen["top_k"])
+    sampled = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=10,
+                                                              sampler=sampler, logits_processors=penalty))
+    assert served == [sampled, greedy] and greedy and sampled != greedy
 
 
 def test_a_pipeline_rank_reads_only_its_blocks(split_results):

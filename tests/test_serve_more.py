@@ -4,6 +4,7 @@ random model in a temp dir, as in test_serve.py; nothing downloads."""
 
 import http.client
 import json
+import shutil
 import threading
 import time
 import urllib.error
@@ -327,3 +328,104 @@ def test_completion_logprobs_is_the_number_of_top_tokens(server, reference):
         assert status == 400 and words in error_message(status, answer, "logprobs"), answer
     status, answer = post(server.url, "/v1/completions", {"prompt": "x", "logprobs": 1, "top_logprobs": 1})
     assert status == 400 and "top_logprobs" in error_message(status, answer)
+
+
+def with_generation_config(ckpt, path, config):
+    """A copy of ``ckpt`` whose generation_config.json is ``config``."""
+    shutil.copytree(ckpt, path)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return path
+
+
+def reference_tokens(reference, prompt, max_tokens, temp=0.0, top_p=1.0, top_k=0, repetition_penalty=0.0, seed=None):
+    """(text, tokens) of mlx-lm's stream_generate with these sampling settings, made as mlx-lm's
+    server makes them (a seeded request is served on its own, after mx.random.seed)."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    model, tokenizer = reference
+    if seed is not None:
+        mx.random.seed(seed)
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                     sampler=make_sampler(temp, top_p=top_p, top_k=top_k),
+                                     logits_processors=make_logits_processors(None, repetition_penalty, 20)))
+    return "".join(r.text for r in responses), [r.token for r in responses]
+
+
+def completion(url, prompt, **fields):
+    """(text, completion tokens) of a /v1/completions request."""
+    status, answer = post(url, "/v1/completions", {"prompt": prompt, **fields})
+    assert status == 200, answer
+    return answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+
+
+def test_generation_config_supplies_request_defaults(ckpt, reference, tmp_path):
+    """A request's left-out fields come from the served model's generation_config.json, read as
+    `generate` reads it (do_sample false: greedy, its repetition_penalty still applies), as vLLM's
+    --generation-config auto; the request wins, and so do the server's own settings. A request
+    naming another checkpoint gets that one's. The file was ignored: 512 greedy tokens."""
+    prompt = PROMPTS[2]  # its greedy reply repeats a token
+    greedy = with_generation_config(ckpt, tmp_path / "greedy", {
+        "do_sample": False, "temperature": 0.9, "top_k": 3, "repetition_penalty": 1.3, "max_new_tokens": 7})
+    sampling = with_generation_config(ckpt, tmp_path / "sampling", {
+        "do_sample": True, "temperature": 0.8, "top_k": 5, "top_p": 0.9, "max_new_tokens": 9})
+    penalised = reference_tokens(reference, prompt, 7, repetition_penalty=1.3)[0]
+    assert penalised != expected_text(reference, prompt, 7)  # the penalty shows
+    with make_server(server_args(greedy, port=0, dtype="float32")).start() as srv:
+        assert completion(srv.url, prompt) == (penalised, 7)
+        sampled = reference_tokens(reference, prompt, 7, temp=0.7, repetition_penalty=1.3, seed=5)[0]
+        assert sampled != penalised and completion(srv.url, prompt, temperature=0.7, seed=5) == (sampled, 7)
+        plain = expected_text(reference, prompt, 3)
+        assert completion(srv.url, prompt, max_tokens=3, repetition_penalty=0) == (plain, 3)
+        # Another checkpoint named by the request: its own file (do_sample with its settings).
+        sampled = reference_tokens(reference, prompt, 9, temp=0.8, top_k=5, top_p=0.9, seed=3)[0]
+        assert completion(srv.url, prompt, model=str(sampling), seed=3) == (sampled, 9)
+        greedy_9 = expected_text(reference, prompt, 9)
+        assert completion(srv.url, prompt, model=str(sampling), temperature=0) == (greedy_9, 9)
+        assert completion(srv.url, prompt) == (penalised, 7)  # the served model again
+    # The server's settings win over the file; --generation-config none ignores it.
+    with make_server(server_args(sampling, port=0, dtype="float32", temp=0.0, max_tokens=4)).start() as srv:
+        assert completion(srv.url, prompt) == (expected_text(reference, prompt, 4), 4)
+    with make_server(server_args(greedy, port=0, dtype="float32", generation_config="none")).start() as srv:
+        assert completion(srv.url, prompt, max_tokens=6) == (expected_text(reference, prompt, 6), 6)
+    # A directory's generation_config.json, for every model.
+    with make_server(server_args(ckpt, port=0, dtype="float32", generation_config=str(greedy))).start() as srv:
+        assert completion(srv.url, prompt) == (penalised, 7)
+
+
+def test_generation_config_max_length_and_eos_list(ckpt, reference, tmp_path):
+    """max_length is prompt + generated tokens (transformers' meaning; a prompt that fills it is a
+    400 naming max_tokens), and every id of an eos_token_id list ends the reply."""
+    prompt = PROMPTS[0]
+    _, tokens = reference_tokens(reference, prompt, 12)
+    prompt_tokens = len(reference[1].encode(prompt))
+    stop_at = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])
+    unused = next(t for t in range(reference[1].vocab_size) if t not in tokens)
+    path = with_generation_config(ckpt, tmp_path / "eos", {"eos_token_id": [unused, tokens[stop_at]]})
+    with make_server(server_args(path, port=0, dtype="float32")).start() as srv:
+        status, answer = post(srv.url, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "logprobs": 0})
+        assert status == 200 and answer["choices"][0]["finish_reason"] == "stop"
+        # The reply is the tokens before the second EOS id (the logprobs list each, not the EOS).
+        assert len(answer["choices"][0]["logprobs"]["tokens"]) == stop_at
+    (path / "generation_config.json").write_text(json.dumps({"max_length": prompt_tokens + 5}))
+    with make_server(server_args(path, port=0, dtype="float32")).start() as srv:
+        assert completion(srv.url, prompt) == (expected_text(reference, prompt, 5), 5)
+        status, answer = post(srv.url, "/v1/completions", {"prompt": PROMPTS[1]})
+        assert status == 400 and "max_length" in error_message(status, answer, "max_tokens")
+        assert completion(srv.url, PROMPTS[1], max_tokens=2)[1] == 2
+        assert completion(srv.url, prompt, max_tokens=8)[1] == 8  # the request wins over max_length
+
+
+def test_serve_cli_checks_the_generation_config_setting(ckpt, tmp_path, capsys):
+    """--generation-config must name a file; a bad value in the model's file is named at startup."""
+    from xlstm_metal.cli import main
+
+    assert main(["serve", "--model", str(ckpt), "--port", "0", "--generation-config", str(tmp_path)]) == 2
+    assert "--generation-config must be auto, none or a directory" in capsys.readouterr().err
+    bad = with_generation_config(ckpt, tmp_path / "bad", {"do_sample": True, "top_p": 3})
+    assert main(["serve", "--model", str(bad), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--top-p must be in (0, 1], got 3" in err and "generation_config.json" in err
+    assert main(["serve", "--model", str(ckpt), "--port", "0", "--top-k", "-1"]) == 2
+    assert "--top-k must be >= 0" in capsys.readouterr().err

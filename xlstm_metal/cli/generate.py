@@ -101,13 +101,13 @@ def _check_sampling_values(values: dict[str, Any], source: str) -> None:
             raise bad(name, rule)
 
 
-def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None:
-    """Fill sampling arguments the user left out: the model's generation_config.json read as
-    transformers reads it, then BUILTIN_SAMPLING. transformers applies the file's
+def read_generation_config(model_dir: Path) -> tuple[dict[str, Any], int | None]:
+    """The sampling defaults in a checkpoint's generation_config.json, read as transformers reads
+    it: values for keys of BUILTIN_SAMPLING (none without the file), and the file's max_length
+    where it bounds the length (no max_new_tokens), else None. transformers applies the file's
     repetition_penalty with greedy search too; the other sampling keys count only when it sets
     do_sample, and then a temperature or top_k it leaves out is transformers' 1.0 or 50.
-    ``args.max_length`` is the file's max_length when it bounds the length (no --max-tokens, no
-    max_new_tokens), else None; :func:`max_tokens_for` turns it into a per-prompt budget."""
+    UsageError names a bad value and the file. `generate`, `chat` and `serve` read it here."""
     from_file: dict[str, Any] = {}
     max_length = None
     path = Path(model_dir) / "generation_config.json"
@@ -126,6 +126,15 @@ def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None
             from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
                               if config.get(key) is not None})
         _check_sampling_values(from_file, f" (from {path})")
+    return from_file, max_length
+
+
+def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None:
+    """Fill sampling arguments the user left out: the model's generation_config.json
+    (:func:`read_generation_config`), then BUILTIN_SAMPLING. ``args.max_length`` is the file's
+    max_length when it bounds the length (no --max-tokens, no max_new_tokens), else None;
+    :func:`max_tokens_for` turns it into a per-prompt budget."""
+    from_file, max_length = read_generation_config(model_dir)
     args.max_length = max_length if args.max_tokens is None else None  # an explicit --max-tokens wins
     for name, value in BUILTIN_SAMPLING.items():
         if getattr(args, name) is None:

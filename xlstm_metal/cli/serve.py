@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import sys
+from pathlib import Path
 
 from . import UsageError
 from .profile import add_profile_argument, profile_from_args
@@ -28,9 +29,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
     add_profile_argument(parser)
     parser.add_argument("--adapter-path", help="LoRA adapters trained with mlx_lm.lora (or `xlstm-metal mlx-lm lora`)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request (default: 512)")
-    parser.add_argument("--temp", type=float, default=0.0, help="default temperature (default: 0, greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="default top_p (default: 1.0)")
+    # A request's defaults: these flags where given, else the model's generation_config.json (as
+    # `generate` reads it, and vLLM's --generation-config auto), else mlx-lm's values.
+    parser.add_argument("--generation-config", default="auto", metavar="auto|none|DIR",
+                        help="where requests' defaults for the fields below come from: auto = each served "
+                             "model's generation_config.json, none = only these flags and the built-in "
+                             "values, DIR = the generation_config.json in DIR (default: auto)")
+    parser.add_argument("--max-tokens", type=int, help="default max_tokens of a request (default: the model's "
+                        "max_new_tokens, or what its max_length leaves after the prompt, else 512)")
+    parser.add_argument("--temp", "--temperature", type=float,
+                        help="default temperature (default: the model's when it sets do_sample, else 0, greedy)")
+    parser.add_argument("--top-p", type=float, help="default top_p (default: the model's, else 1.0)")
+    parser.add_argument("--top-k", type=int, help="default top_k (default: the model's, else 0 = off)")
+    parser.add_argument("--min-p", type=float, help="default min_p (default: the model's, else 0)")
+    parser.add_argument("--repetition-penalty", type=float,
+                        help="default repetition_penalty (default: the model's, else off)")
     parser.add_argument("--decode-concurrency", type=int, default=32,
                         help="requests decoded together in one batch (default: 32)")
     parser.add_argument("--prompt-concurrency", type=int, default=8,
@@ -51,15 +64,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size"):
+    for name in ("decode_concurrency", "prompt_concurrency", "prefill_step_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt_cache_size < 0:
         raise UsageError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
-    if not (args.temp >= 0 and math.isfinite(args.temp)):
-        raise UsageError(f"--temp must be a finite number >= 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    checks = dict(
+        temp=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0"),
+        top_p=(lambda x: 0 < x <= 1, "in (0, 1]"),
+        top_k=(lambda x: x >= 0, ">= 0"),
+        min_p=(lambda x: 0 <= x <= 1, "in [0, 1]"),
+        repetition_penalty=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0 (0 or 1 = off)"),
+    )
+    for name, (ok, rule) in checks.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    setting = args.generation_config
+    if setting not in ("auto", "none") and not (Path(setting).expanduser() / "generation_config.json").is_file():
+        raise UsageError(f"--generation-config must be auto, none or a directory holding generation_config.json; "
+                         f"{setting} has none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     cli_args = server_args(
         args.model or DEFAULT_MODEL_DIR, host=args.host, port=args.port, dtype=args.dtype,
         profile=profile_from_args(args, dtype=args.dtype),
-        adapter_path=args.adapter_path, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+        adapter_path=args.adapter_path, generation_config=args.generation_config, max_tokens=args.max_tokens,
+        temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,
         allowed_origins=args.allowed_origins.split(","), log_level=args.log_level, parallel=args.parallel,

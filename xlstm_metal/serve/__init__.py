@@ -12,6 +12,8 @@ an LRU prompt cache. This package adds what an xLSTM needs around it:
   of ``messages``, ``prompt`` or ``stop``) with a 400 JSON error before they reach the
   generation thread, which a bad request must never stop. Every error is answered in OpenAI's
   shape (:func:`error_body`), mlx-lm's own ``{"error": "..."}`` included.
+- A request's left-out sampling fields default to the server's settings, else to the serving
+  model's generation_config.json (:data:`MODEL_DEFAULTS`, :class:`_ModelDefaults`).
 - :func:`make_server` / :func:`serve` start it on a host and port.
 
 Recurrent states make the prompt cache cheap: an entry is one fixed-size state per block
@@ -94,6 +96,11 @@ UNSUPPORTED_FIELDS = {
     "suffix": ((None, ""), "text insertion (a suffix after the completion) is not implemented"),
     "best_of": ((None, 1), "this server returns one choice per request and ranks none"),
 }
+#: Request fields whose default, where a request leaves them out, is the server's own setting (the
+#: cli_args name here) when it has one, else the model's generation_config.json (vLLM's
+#: ``--generation-config auto``), else this built-in value (mlx-lm's).
+MODEL_DEFAULTS = {"max_tokens": ("max_tokens", 512), "temperature": ("temp", 0.0), "top_p": ("top_p", 1.0),
+                  "top_k": ("top_k", 0), "min_p": ("min_p", 0.0), "repetition_penalty": ("repetition_penalty", 0.0)}
 #: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position).
 MAX_COMPLETION_LOGPROBS = 5
 #: Seconds between looks at a waiting request's client (gone?) while no token arrives.
@@ -170,13 +177,27 @@ class _ResponseQueue(Queue):
         super().put(item, block, timeout)
 
 
+@dataclasses.dataclass
+class _GenerationArguments(mlx_server.GenerationArguments):
+    """mlx-lm's arguments of a request, and the fields (of :data:`MODEL_DEFAULTS`) that neither
+    the request nor the server set: the generation thread takes them from the generation_config.json
+    of the model it serves the request with (:meth:`_ModelDefaults._tokenize`)."""
+
+    model_defaults: frozenset = frozenset()
+
+
 def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespace:
-    """The settings mlx-lm's server reads (its ``cli_args``), with mlx-lm's defaults."""
+    """The settings mlx-lm's server reads (its ``cli_args``), with mlx-lm's defaults, except that
+    the sampling defaults (:data:`MODEL_DEFAULTS`: max_tokens, temp, top_p, top_k, min_p,
+    repetition_penalty) are None: set, they win over the model's generation_config.json.
+    ``generation_config``: "auto" (each model's own file), "none" (no file), or a directory
+    whose generation_config.json applies to every model."""
     args = dict(
         model=str(model), adapter_path=None, host=DEFAULT_HOST, port=DEFAULT_PORT, allowed_origins=["*"],
         draft_model=None, num_draft_tokens=3, trust_remote_code=False, log_level="INFO", chat_template="",
-        use_default_chat_template=False, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=512,
-        chat_template_args={}, decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048,
+        use_default_chat_template=False, temp=None, top_p=None, top_k=None, min_p=None, max_tokens=None,
+        repetition_penalty=None, generation_config="auto", chat_template_args={}, decode_concurrency=32,
+        prompt_concurrency=8, prefill_step_size=2048,
         prompt_cache_size=10, prompt_cache_bytes=None, kv_bits=None, kv_group_size=64,
         quantized_kv_start=mlx_server.DEFAULT_QUANTIZED_KV_START, pipeline=False, dtype=None, profile=None,
         parallel=None,  # ours: "tensor" | "pipeline" | None under mlx.launch (xlstm_metal.distributed)
@@ -260,6 +281,27 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
     return model, tokenizer
 
 
+def model_generation_defaults(directory: str | os.PathLike,
+                              setting: str = "auto") -> tuple[dict[str, Any], int | None]:
+    """(defaults, max_length) for serving the checkpoint ``directory``: its generation_config.json
+    read as `xlstm-metal generate` reads it (:func:`xlstm_metal.cli.generate.read_generation_config`),
+    with ``setting`` "auto"; none with "none"; another directory's file with its path. Raises
+    :class:`ServeError` naming a bad value."""
+    from ..cli import UsageError
+    from ..cli.generate import read_generation_config
+
+    if setting == "none":
+        return {}, None
+    source = Path(directory) if setting == "auto" else Path(setting).expanduser()
+    try:
+        defaults, max_length = read_generation_config(source)
+    except UsageError as err:
+        raise ServeError(str(err)) from None
+    if defaults.get("max_tokens") == 0:  # a request must ask for at least one token (mlx-lm's rule)
+        raise ServeError(f"max_new_tokens must be >= 1 to serve, got 0 (from {source / 'generation_config.json'})")
+    return defaults, max_length
+
+
 class ModelProvider(mlx_server.ModelProvider):
     """mlx-lm's model provider, loading through :func:`load_for_serving`. A request's ``model``
     naming the served model (its path, its id in /v1/models, or mlx-lm's ``default_model``)
@@ -270,6 +312,8 @@ class ModelProvider(mlx_server.ModelProvider):
         #: Set once the generation thread has loaded the model (or failed: ``load_error``).
         self.ready = threading.Event()
         self.load_error: Exception | None = None
+        #: The loaded model's :func:`model_generation_defaults`.
+        self.generation_defaults: tuple[dict[str, Any], int | None] = ({}, None)
         served = str(cli_args.model)
         for alias in {served, str(Path(served).expanduser().resolve()), Path(served).name}:
             self._model_map.setdefault(alias, served)
@@ -305,16 +349,27 @@ class ModelProvider(mlx_server.ModelProvider):
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         if draft_model_path is not None:
             raise ServeError("speculative decoding (draft models) is not supported for xLSTM")
+        from ..loading import CheckpointError, resolve_model_path
+
         self.reset()
         gc.collect()
         mx.clear_cache()
-        model, tokenizer = load_for_serving(model_path, adapter_path, self.cli_args.dtype,
+        try:
+            directory = resolve_model_path(model_path)  # once: a Hugging Face id downloads here
+        except CheckpointError as err:
+            raise ServeError(str(err)) from None
+        defaults = model_generation_defaults(directory, getattr(self.cli_args, "generation_config", "auto"))
+        model, tokenizer = load_for_serving(directory, adapter_path, self.cli_args.dtype,
                                             profile=getattr(self.cli_args, "profile", None),
                                             parallel=getattr(self.cli_args, "parallel", None))
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model, self.tokenizer = model, tokenizer
         self.processor = None
         self.draft_model = None
+        self.generation_defaults = defaults
+        if defaults[0] or defaults[1] is not None:
+            logging.info("%s: request defaults from generation_config.json: %s%s", model_path, defaults[0],
+                         f", max_length {defaults[1]}" if defaults[1] is not None else "")
         self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
         #: The width of the logits (token ids a request's logit_bias and top_k may name); the
         #: last model loaded, read by the request handlers.
@@ -348,7 +403,45 @@ def _check_unicode(text: str, name: str) -> None:
         raise ValueError(f"{name} is not valid Unicode: {err.reason} at position {err.start}") from None
 
 
-class ResponseGenerator(mlx_server.ResponseGenerator):
+class _ModelDefaults:
+    """A mixin of mlx-lm's ResponseGenerator: a request's :attr:`_GenerationArguments.model_defaults`
+    get the values of the model that serves it, once that model is loaded, which the handler
+    cannot know (a request's ``model`` may name another checkpoint). Every process under
+    mlx.launch runs it alike, so their samplers agree."""
+
+    def _tokenize(self, tokenizer, request, args):
+        tokenized = super()._tokenize(tokenizer, request, args)
+        names = getattr(args, "model_defaults", ())
+        if names:
+            _apply_model_defaults(args, names, self.model_provider, len(tokenized[0]))
+        return tokenized
+
+
+def _apply_model_defaults(args, names, provider, prompt_tokens: int) -> None:
+    """``args``' fields ``names`` from ``provider.generation_defaults``; a max_length there is
+    prompt + generated tokens (transformers' meaning), refused when the prompt fills it."""
+    defaults, max_length = provider.generation_defaults
+    for name in names:
+        if name == "max_tokens" and max_length is not None:
+            if prompt_tokens >= max_length:
+                raise _InvalidRequest(
+                    f"max_tokens is needed: the prompt is {prompt_tokens} tokens, but the model's "
+                    f"generation_config.json sets max_length {max_length} (prompt + generated tokens), "
+                    "which leaves no room to generate")
+            args.max_tokens = max_length - prompt_tokens
+        elif name not in defaults:
+            continue
+        elif name == "max_tokens":
+            args.max_tokens = defaults[name]
+        elif name == "repetition_penalty":
+            args.logits.repetition_penalty = defaults[name]
+        else:
+            setattr(args.sampling, name, defaults[name])
+    if args.sampling.top_k >= getattr(provider, "vocab_size", math.inf):
+        args.sampling.top_k = 0  # as the handler does: MLX's top-k refuses k >= vocabulary
+
+
+class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
     """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
     request dropped once its client has gone, and a generation thread that survives an error;
     each request's tokens are counted for `xlstm-metal top`."""
@@ -498,6 +591,8 @@ class _HandlerGenerator:
         self._generator, self._handler = generator, handler
 
     def generate(self, request, generation_args, progress_callback=None):
+        fields = {f.name: getattr(generation_args, f.name) for f in dataclasses.fields(generation_args)}
+        generation_args = _GenerationArguments(**fields, model_defaults=self._handler.model_defaults)
         try:
             ctx, responses = self._generator.generate(request, generation_args, progress_callback,
                                                       client_gone=self._handler.client_gone)
@@ -553,6 +648,8 @@ class APIHandler(mlx_server.APIHandler):
 
     _streaming = False
     _echo = ""
+    #: The request's fields left to the model's generation_config.json (:meth:`_fill_defaults`).
+    model_defaults: frozenset = frozenset()
     #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
     _pending: list | tuple = ()
 
@@ -710,6 +807,7 @@ class APIHandler(mlx_server.APIHandler):
         MLX cannot take, ``n`` other than 1 (mlx-lm returned one choice), malformed
         ``stream_options``, ``tools`` or ``chat_template_kwargs``, strings that are not Unicode, and
         ``adapters`` that are not a directory of adapters. A ValueError names what is wrong."""
+        self._fill_defaults()
         for name in FLOAT_PARAMETERS + INT_PARAMETERS:
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a number, not a boolean")
@@ -754,6 +852,23 @@ class APIHandler(mlx_server.APIHandler):
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
         self._check_fields()
+
+    def _fill_defaults(self) -> None:
+        """The server's own setting for a field of :data:`MODEL_DEFAULTS` the request leaves out;
+        without one, the built-in value stands in (for the checks) and the field is left to the
+        model's generation_config.json, which the generation thread applies."""
+        cli_args, body, left = self.response_generator.cli_args, self.body, set()
+        for name, (setting, builtin) in MODEL_DEFAULTS.items():
+            given = (body.get("max_completion_tokens") is not None or "max_tokens" in body
+                     if name == "max_tokens" else name in body)
+            if given:
+                continue
+            value = getattr(cli_args, setting, None)
+            if value is None:
+                value = builtin
+                left.add(name)
+            setattr(self, name, value)
+        self.model_defaults = frozenset(left)
 
     def _check_fields(self) -> None:
         """Refuses a request field this server would otherwise ignore: one neither endpoint
@@ -979,13 +1094,17 @@ def follow(cli_args: argparse.Namespace) -> None:
     ranks); no HTTP server. Returns when the generation loop ends; raises :class:`ServeError`
     when the model cannot be loaded."""
     provider = ModelProvider(cli_args)
-    generator = mlx_server.ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    generator = _Follower(provider, LRUPromptCache(cli_args.prompt_cache_size))
     provider.ready.wait()
     if provider.load_error is not None:
         generator.stop_and_join()
         err = provider.load_error
         raise ServeError(str(err) if isinstance(err, ServeError) else f"cannot load {cli_args.model}: {err}")
     generator.join()
+
+
+class _Follower(_ModelDefaults, mlx_server.ResponseGenerator):
+    """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's."""
 
 
 def _handler_factory(generator):
