@@ -228,7 +228,7 @@ def our_model(state_dict: dict, nxai_cfg, dtype: str):
     model = xLSTMLarge(config)
     target = getattr(mx, dtype)
     weights = {}
-    for key, value in from_nxai_state_dict(state_dict, config).items():
+    for key, value in from_nxai_state_dict(state_dict, config, model).items():  # model: gets a use_bias out norm
         weights[key] = value if value.dtype == target else value.astype(target)
         mx.eval(weights[key])
     load_weights_strict(model, weights, "NX-AI state dict")

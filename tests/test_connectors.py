@@ -136,3 +136,69 @@ def test_2024_state_round_trip_with_sqrt_dh_scaling():
         assert len(s) == len(b)
         for x, y in zip(s, b):
             assert x.shape == y.shape and np.array_equal(np.array(x), np.array(y))  # DH = 16: sqrt(DH) = 4, exact
+
+
+def _nxai_large(config, **fields):
+    """NX-AI's xLSTMLarge (native torch kernels, float32) for our xLSTM-Large ``config``."""
+    import dataclasses
+
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    names = {f.name for f in dataclasses.fields(xLSTMLargeConfig)}
+    own = {k: v for k, v in dataclasses.asdict(config).items() if k in names}
+    own.update(chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native",
+               step_kernel="native", mode="inference", return_last_states=True, autocast_kernel_dtype="float32",
+               inference_state_dtype="float32", **fields)
+    return xLSTMLarge(xLSTMLargeConfig(**own)).eval()
+
+
+def _logits_close(ours, theirs, ids):
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids))[0].numpy()
+    got = np.array(ours(mx.array(ids.astype(np.int32)))[0])
+    assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected)), np.max(np.abs(got - expected))
+
+
+@pytest.mark.parametrize("weight_mode", ["single", "fused"])
+def test_use_bias_models_cross_to_nxai_and_back(weight_mode):
+    """use_bias=True: every bias crosses both ways, the out norm's included (NX-AI's model has
+    one, ours built from the config, like transformers', none: the export wrote no
+    backbone.out_norm.bias, so NX-AI's strict load failed, and the import's bias had no place)."""
+    import dataclasses
+
+    from test_parity_nxai import official_model
+
+    from xlstm_metal.config import xLSTMConfig
+    from xlstm_metal.loading import load_weights_strict
+    from xlstm_metal.models.xlstm_large import xLSTMLarge
+
+    ids = np.random.default_rng(0).integers(0, 97, (2, 23))
+    # Ours -> NX-AI: every bias random, the out norm's absent (zeros stand in).
+    ours = tiny_model(seed=4, use_bias=True)
+    rng = np.random.default_rng(4)
+    biases = [(k, mx.array(rng.normal(0, 0.3, v.shape).astype(np.float32)))
+              for k, v in cn.flat_parameters(ours).items() if k.endswith(".bias") and "gate_preact" not in k]
+    assert any(".norm_mlstm." in k for k, _ in biases) and any("multihead_norm" in k for k, _ in biases)
+    ours.load_weights(biases, strict=False)
+    theirs = _nxai_large(ours.config)
+    sd = cn.nxai_state_dict(ours)
+    assert torch.count_nonzero(sd["backbone.out_norm.bias"]) == 0
+    theirs.load_state_dict(sd, strict=True)
+    _logits_close(ours, theirs, ids)
+    # NX-AI -> ours: its own random biases, the out norm's too.
+    theirs, config = official_model(seed=5, weight_mode=weight_mode, use_bias=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if name.endswith(".bias") and "norm" not in name and "gate_preact" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    assert torch.count_nonzero(theirs.state_dict()["backbone.out_norm.bias"]) > 0
+    ours = xLSTMLarge(xLSTMConfig.from_dict(dataclasses.asdict(config)))
+    load_weights_strict(ours, cn.from_nxai_state_dict(theirs.state_dict(), ours.config, ours), "NX-AI")
+    _logits_close(ours, theirs, ids)
+    # ... and back into NX-AI's model (single weights): the out norm's bias is NX-AI's own.
+    again = cn.nxai_state_dict(ours)
+    assert torch.equal(again["backbone.out_norm.bias"], theirs.state_dict()["backbone.out_norm.bias"])
+    single = _nxai_large(ours.config, weight_mode="single")
+    single.load_state_dict(again, strict=True)
+    _logits_close(ours, single, ids)

@@ -185,7 +185,9 @@ def torch_state_dict(model) -> dict[str, Any]:
 def nxai_state_dict(model) -> dict[str, Any]:
     """Parameters in NX-AI's native naming, as torch tensors: xLSTM-Large -> ``xLSTMLarge``
     (``weight_mode="single"``: ``embedding.weight`` for ``backbone.embeddings.weight``, other
-    names equal); the 2024 xLSTM's names are NX-AI's already."""
+    names equal, every bias of a ``use_bias`` model included); the 2024 xLSTM's names are NX-AI's
+    already. NX-AI's ``use_bias`` out norm has a bias that a model built from such a config lacks
+    (it follows transformers, whose out norm has none): zeros stand in, which compute the same."""
     out = {}
     for key, value in flat_parameters(model).items():
         if key == "backbone.embeddings.weight":
@@ -193,14 +195,24 @@ def nxai_state_dict(model) -> dict[str, Any]:
         out[key] = to_torch(value)
     if getattr(model.config, "tie_word_embeddings", False) and "embedding.weight" in out:
         out["lm_head.weight"] = out["embedding.weight"]
+    norm = out.get("backbone.out_norm.weight")
+    if getattr(model.config, "use_bias", False) and norm is not None and "backbone.out_norm.bias" not in out:
+        out["backbone.out_norm.bias"] = _torch().zeros_like(norm)
     return out
 
 
-def from_nxai_state_dict(state_dict: dict[str, Any], config) -> dict[str, mx.array]:
-    """NX-AI ``xLSTMLarge`` state dict (single or fused weights) -> our flat parameters."""
-    from .loading import sanitize_xlstm_large
+def from_nxai_state_dict(state_dict: dict[str, Any], config, model=None) -> dict[str, mx.array]:
+    """NX-AI ``xLSTMLarge`` state dict (single or fused weights, biases of ``use_bias`` too) ->
+    our flat parameters. A ``use_bias`` one holds an out norm bias, which a model built from the
+    config lacks (it follows transformers): pass that ``model`` and its out norm becomes the one
+    the state dict holds (:func:`xlstm_metal.loading.fit_out_norm`), so the parameters load
+    into it strictly."""
+    from .loading import fit_out_norm, sanitize_xlstm_large
 
-    return sanitize_xlstm_large({k: to_mlx(v) for k, v in state_dict.items()}, config)
+    params = sanitize_xlstm_large({k: to_mlx(v) for k, v in state_dict.items()}, config)
+    if model is not None:
+        fit_out_norm(model, params)
+    return params
 
 
 # ------------------------------------------------------------------------------ states
