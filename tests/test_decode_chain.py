@@ -40,6 +40,14 @@ def _model(bits=4, group_size=32, dtype=mx.bfloat16, float_gates=True, residual=
     return m
 
 
+@pytest.fixture(autouse=True)
+def tensor_core_stages(monkeypatch):
+    """These tests hold the tensor-core stages (and their merged launches) to their references:
+    the streaming product that bf16 and 8-bit stages take by default (``CHAIN_ROWS``) has its own
+    tests (test_cuda_gemv.py)."""
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset())
+
+
 @pytest.fixture
 def on_cpu_too(monkeypatch):
     """The chain's dispatch also on a CPU (each stage's reference ops); counts stage calls."""

@@ -457,18 +457,26 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
 #: Widths whose stages at one row run :mod:`.gemv`'s streaming product (a warp per output
 #: feature, 512-byte loads of a row, float32 FMAs; the same prologues and stores) instead of the
 #: tensor-core decode kernel (``XLSTM_METAL_CHAIN_ROWS``: bits, comma-separated, 16 for float
-#: weights and/or 8 for 8-bit affine ones; then those widths' stages run unmerged). Empty until
-#: measured on a GPU as a whole step.
-CHAIN_ROWS: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS", "").split(",")
+#: weights and/or 8 for 8-bit affine ones; 0 none; those widths' stages run unmerged). On an
+#: H200 (S14, 7B, one row, one process per setting, CUPTI): bf16 243-245 tok/s, 4.06-4.08 ms of
+#: GPU work per step, against 225.5 and 4.34 ms (the tensor-core stages, 4 and 5 merged); 8 bits
+#: 324-338 tok/s, 2.92 ms, against 276-277 and 3.59 ms. The products alone (decode_product.py):
+#: bf16 gate|up 4.16 TB/s, proj_down 3.63, q|k|v|o 3.97 (the tensor-core kernel 3.68, 3.29, 3.45);
+#: 8 bits 3.16-3.36, 2.13-2.28, 2.78-2.88 (2.44, 2.03, 2.30).
+CHAIN_ROWS: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS", "8,16").split(",")
                                        if b.strip() and b.strip() != "0")
 
 #: Thread blocks per SM that walk the features of a stage on the streaming path
-#: (``XLSTM_METAL_CHAIN_ROWS_BLOCKS``): each block runs its prologue once.
+#: (``XLSTM_METAL_CHAIN_ROWS_BLOCKS``): each block runs its prologue once. S14 (H200, 7B, one
+#: row): 4 blocks 244.8 / 244.3 tok/s bf16 and 329.9 / 323.6 at 8 bits; 3 blocks 243.0 / 243.6 and
+#: 337.7 / 256.3 (a slow second round, 2.92 ms of GPU work in both); 2 blocks with the first
+#: weights requested early 244.1 / 243.8 and 278.9 / 230.4.
 ROWS_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_ROWS_BLOCKS", "4") or 4)
 
 #: Whether those blocks request their first weights before the prologue
-#: (``XLSTM_METAL_CHAIN_ROWS_EARLY``; the registers they take stay held through it).
-ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "1") != "0"
+#: (``XLSTM_METAL_CHAIN_ROWS_EARLY=1``; the registers they take stay held through it, which at
+#: 4 blocks per SM spills: off).
+ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "0") == "1"
 
 _ROWS_HEADER = _REDUCE_HEADER + """
 __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
