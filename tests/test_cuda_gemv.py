@@ -10,26 +10,13 @@ import numpy as np
 import pytest
 
 from xlstm_metal.cells.norms import MultiHeadLayerNorm, RMSNorm
-from xlstm_metal.kernels.fast import decode as decode_kernels
 from xlstm_metal.kernels.fast import decode_chain as chain
 from xlstm_metal.kernels.fast import gemv
 from xlstm_metal.kernels.fast.step import cuda_available
 
+from test_decode_chain import _reference, _rel  # the stages' reference ops, the distance
+
 cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
-
-
-def _rel(a, b) -> float:
-    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
-
-
-def _reference(fn, *args, **kwargs):
-    on = decode_kernels._enabled
-    decode_kernels.set_fused_decode(False)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        decode_kernels.set_fused_decode(on)
 
 
 def test_rows_matmul_falls_back_where_the_kernel_does_not_run():
