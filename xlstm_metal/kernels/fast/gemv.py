@@ -1,18 +1,22 @@
-"""Float weights times one or two rows on NVIDIA GPUs: a streaming GEMV beside ``x @ w.T``.
+"""Weights times one or two rows on NVIDIA GPUs: a streaming GEMV beside ``x @ w.T``.
 
 At one row a decode step's products read each weight once, so they are paced by HBM: the
 7B step's 13.3 GB at 280 tok/s need ~3.7 TB/s. The decode kernel of :mod:`.quantized` runs bf16
 weights through its tensor-core loop (16 output features per block, 8 warps splitting K, one
-16-byte chunk of two rows per thread in flight) and reads them at 3.1-3.3 TB/s on an H200
+16-byte chunk of two rows per thread in flight) and read them at 3.1-3.3 TB/s on an H200
 (benchmarks/NOTES.md, session 13). Here each warp owns whole output features instead: its 32
 lanes read 512 contiguous bytes of a row per load, ``UNROLL`` loads per lane are in flight
 before any is used, x sits in shared memory, and the dot product runs in float32 FMAs (no
 tensor cores: at one row they would waste 7/8 of their work and need the weights in fragment
-order). The warp's lanes then sum by shuffles.
+order). The warp's lanes then sum by shuffles. On an H200 (session 14) this read bf16 weights
+at 3.6-4.2 TB/s and 8-bit ones at 2.3-3.4.
 
-:func:`rows_matmul` is the product; the reference is ``x @ w.T`` (MLX's GEMV). Results agree to
+Weights are bf16/fp16 (``bits`` 16) or MLX's 8-bit affine layout (``bits`` 8: per group
+s * sum(q x) + b * sum(x), no weight rounded to x's dtype first). :func:`rows_matmul` is the
+product; the reference is ``x @ w.T`` (MLX's GEMV) or ``mx.quantized_matmul``. Results agree to
 float32 round-off of the sums (then T's rounding of the output): the order of the K terms
-differs from MLX's and from the tensor-core kernel's.
+differs from MLX's and from the tensor-core kernel's. :func:`rows_source` is the kernel with
+hooks, which :mod:`.decode_chain` fills with its stages' norms and gates.
 """
 
 from __future__ import annotations
