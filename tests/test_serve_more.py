@@ -429,3 +429,24 @@ def test_serve_cli_checks_the_generation_config_setting(ckpt, tmp_path, capsys):
     assert "--top-p must be in (0, 1], got 3" in err and "generation_config.json" in err
     assert main(["serve", "--model", str(ckpt), "--port", "0", "--top-k", "-1"]) == 2
     assert "--top-k must be >= 0" in capsys.readouterr().err
+
+
+def test_the_client_is_looked_at_once_per_poll_interval_not_per_token():
+    """A request's handler looks at its client (select + recv: two system calls) while no token
+    arrives, and at most every POLL_S while tokens do: not once per token of every request."""
+    from queue import Queue
+
+    from xlstm_metal.serve import POLL_S, ResponseGenerator
+
+    class Idle:
+        def generation_available(self):
+            return True
+
+    rqueue, looks = Queue(), []
+    for i in range(500):
+        rqueue.put(i)
+    rqueue.put(None)
+    start = time.monotonic()
+    tokens = list(ResponseGenerator._responses(Idle(), rqueue, None, lambda: looks.append(1) or False))
+    assert tokens == list(range(500))
+    assert len(looks) <= 2 + (time.monotonic() - start) / POLL_S

@@ -35,6 +35,7 @@ import re
 import select
 import socket
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -519,14 +520,19 @@ class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
 
     def _responses(self, rqueue: Queue, progress_callback, client_gone) -> Iterator[Any]:
         """A request's responses. mlx-lm only noticed a client that left when a write to it
-        failed: a non-streaming reply, written once at the end, kept its slot to max_tokens."""
+        failed: a non-streaming reply, written once at the end, kept its slot to max_tokens.
+        The client is looked at (two system calls) while no token arrives, and at most every
+        POLL_S while tokens do, not per token."""
+        next_look = time.monotonic() + POLL_S
         while True:
             try:
                 item = rqueue.get(timeout=POLL_S)
             except Empty:
                 item = Empty
-            if client_gone is not None and client_gone():
-                raise ClientDisconnected("the client closed the connection")
+            if client_gone is not None and (item is Empty or time.monotonic() >= next_look):
+                next_look = time.monotonic() + POLL_S
+                if client_gone():
+                    raise ClientDisconnected("the client closed the connection")
             if item is Empty:
                 if not self.generation_available():
                     raise GenerationUnavailable("the generation thread has stopped (see the server log)")
