@@ -348,3 +348,25 @@ def test_peer_lost_exit_raises_other_errors_again():
     with pytest.raises(RuntimeError) as raised:
         peer_lost_exit(err, "the reply stopped")
     assert raised.value is err
+
+
+def test_only_a_lost_peer_is_taken_for_one():
+    """In a group of two, the backends' peer-loss messages become a DistributedError naming the
+    peer; any other RuntimeError (one mentioning a socket or a connection too) stays itself."""
+    from xlstm_metal.distributed import comm
+
+    class Pair:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    for message in ("[ring] connection to a peer was lost", "NCCL error: remote process exited or there was a "
+                    "network error", "[Errno 104] Connection reset by peer", "[Errno 32] Broken pipe"):
+        lost = comm.peer_lost(RuntimeError(message), "the generation stopped", Pair())
+        assert lost is not None and str(lost).startswith("rank 0 of 2: the generation stopped: lost the "
+                                                         "connection to rank 1 (")
+    for message in ("[ring] sum_scatter not supported.", "could not open socket file /tmp/x.json",
+                    "peer model has a different vocabulary", "[metal] connection string invalid"):
+        assert comm.peer_lost(RuntimeError(message), "the generation stopped", Pair()) is None

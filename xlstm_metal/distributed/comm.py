@@ -29,8 +29,10 @@ class DistributedError(RuntimeError):
 _WORLD: mx.distributed.Group | None = None
 
 #: How MLX's backends word a collective that failed because a peer process is gone (the ring:
-#: "[ring] connection to a peer was lost").
-_PEER_LOSS = re.compile(r"\[(ring|nccl|jaccl|mpi)\]|peer|connection|socket", re.IGNORECASE)
+#: "[ring] connection to a peer was lost"; NCCL: "remote process exited or there was a network
+#: error"; sockets: reset / broken pipe). Only these: any other error keeps its own traceback.
+_PEER_LOSS = re.compile(r"connection to a peer was lost|remote process exited|network error"
+                        r"|connection (reset|refused|closed)|broken pipe", re.IGNORECASE)
 
 
 def world() -> mx.distributed.Group:
