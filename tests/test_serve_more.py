@@ -450,3 +450,21 @@ def test_the_client_is_looked_at_once_per_poll_interval_not_per_token():
     tokens = list(ResponseGenerator._responses(Idle(), rqueue, None, lambda: looks.append(1) or False))
     assert tokens == list(range(500))
     assert len(looks) <= 2 + (time.monotonic() - start) / POLL_S
+
+
+def test_a_request_naming_a_bad_model_leaves_the_served_one_loaded(ckpt, tmp_path):
+    """A request whose model path does not exist, or whose checkpoint's generation_config.json is
+    bad, is refused before the served model is unloaded: the next request needs no reload."""
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(ckpt, bad_config)
+    (bad_config / "generation_config.json").write_text(json.dumps({"max_new_tokens": 0}))
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        provider = srv.generator.model_provider
+        served = provider.model
+        for model in (str(tmp_path / "missing"), str(bad_config)):
+            status, answer = post(srv.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "model": model},
+                                  timeout=30)
+            assert status >= 400 and "error" in answer, answer
+            assert provider.model is served  # not unloaded, not reloaded
+        status, answer = post(srv.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})
+        assert status == 200 and provider.model is served

@@ -352,14 +352,16 @@ class ModelProvider(mlx_server.ModelProvider):
             raise ServeError("speculative decoding (draft models) is not supported for xLSTM")
         from ..loading import CheckpointError, resolve_model_path
 
-        self.reset()
-        gc.collect()
-        mx.clear_cache()
         try:
             directory = resolve_model_path(model_path)  # once: a Hugging Face id downloads here
         except CheckpointError as err:
             raise ServeError(str(err)) from None
         defaults = model_generation_defaults(directory, getattr(self.cli_args, "generation_config", "auto"))
+        # Only now the served model goes: a request naming a bad path or a checkpoint with a bad
+        # generation_config.json leaves it loaded.
+        self.reset()
+        gc.collect()
+        mx.clear_cache()
         model, tokenizer = load_for_serving(directory, adapter_path, self.cli_args.dtype,
                                             profile=getattr(self.cli_args, "profile", None),
                                             parallel=getattr(self.cli_args, "parallel", None))
