@@ -35,6 +35,10 @@ counter in the kernel module, zero between launches), their first weight chunks 
 before they wait; with :data:`CHAIN_PAIRED` the gate|up tiles hold matching gate and up rows, so
 SwiGLU runs in their epilogue and proj_down has no prologue. The same values as the separate
 stages (bit-equal: the CUDA tests).
+
+At one row, bf16 and 8-bit stages take :mod:`.gemv`'s streaming product instead of the
+tensor-core loop (:data:`CHAIN_ROWS`; the same prologues and stores, unmerged): it reads the
+weights faster there (benchmarks/NOTES.md, session 14).
 """
 
 from __future__ import annotations
@@ -453,7 +457,7 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
     return kernel
 
 
-# ----------------------------------------------------------- float stages through .gemv's GEMV
+# ------------------------------------------------- bf16 and 8-bit stages through .gemv's GEMV
 #: Widths whose stages at one row run :mod:`.gemv`'s streaming product (a warp per output
 #: feature, 512-byte loads of a row, float32 FMAs; the same prologues and stores) instead of the
 #: tensor-core decode kernel (``XLSTM_METAL_CHAIN_ROWS``: bits, comma-separated, 16 for float
@@ -729,7 +733,8 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
 #: (:func:`tail_quantized_matmul`); 5 the whole block, stages 1-5 with the step between, so
 #: (:func:`block_quantized_matmul`). A value may be one int (every width) too.
 #:
-#: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits and for bf16 products, one row
+#: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits and for bf16 products (which at one row take
+#: the streaming product unmerged since session 14: :data:`CHAIN_ROWS`), one row
 #: (:data:`MERGE_MAX_ROWS`), bf16 rows; 8 bits unmerged. On an H200 (S10R2, 7B, one row, one process,
 #: CUPTI GPU time per step): 4 bits 2.613 ms against 2.700 unmerged (stages 3-5 1.769 ms against
 #: 1.857 for the three kernels), bf16 4.344 against 4.411 (3.069 against 3.169); at 8 bits every
