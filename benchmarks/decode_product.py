@@ -13,6 +13,9 @@ shape of an xLSTM-7B decode step (q|k|v|o 12288 x 4096, out_proj 4096 x 4096, ga
   shipped settings ('default') or those of ``--configs`` ('d2r3': a ring of 2 weight chunks in
   flight per thread, registers for 3 thread blocks per SM; see ``--help``); ``ours d<D> h<H>``
   (``--depths``, ``--hints``) and ``... blocks<B>`` (``--max-blocks``) vary one setting;
+- ``rows <config>`` (``--rows-configs``, 8 and 16 bits): the streaming GEMV of
+  :mod:`xlstm_metal.kernels.fast.gemv` at those settings (loads in flight, features per warp,
+  blocks per SM, register bound, load hint);
 - ``chain <config>``: the decode chain's stage for that shape (RMSNorm -> q|k|v|o with the
   pending residual; head norm and output gate -> out_proj with the residual add; RMSNorm ->
   gate|up; SwiGLU -> down; the LM head is a plain product), its prologue included.
