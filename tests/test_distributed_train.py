@@ -118,18 +118,26 @@ def test_global_batch_must_split_evenly(runs):
     assert not (tmp / "odd").exists() or not any((tmp / "odd").iterdir())
 
 
-def test_a_dead_rank_stops_the_others_and_leaves_no_partial_checkpoint(tmp_path):
-    """Kill rank 1 mid-run: rank 0 stops with a clear error naming the last checkpoint, and
-    every checkpoint directory left is complete."""
+def _start_two_ranks(tmp_path, out, *args: str, env_of=None) -> list[subprocess.Popen]:
+    """`xlstm-metal train` on a corpus in tmp_path as ranks 0 and 1 of a ring (``env_of(rank,
+    env)`` may change a rank's environment), writing to ``out``."""
     corpus = make_corpus(tmp_path / "corpus")
-    out = tmp_path / "run"
     port = free_port(2)
     procs = []
     for rank in range(2):
         env = ring_env(rank, 2, port, tmp_path)
-        procs.append(subprocess.Popen(xlstm_cmd("train", corpus, "--out", out, *ARGS, "--steps", "500",
-                                                "--save-every", "1", "--eval-every", "1000"),
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if env_of is not None:
+            env_of(rank, env)
+        procs.append(subprocess.Popen(xlstm_cmd("train", corpus, "--out", out, *ARGS, *args), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_a_dead_rank_stops_the_others_and_leaves_no_partial_checkpoint(tmp_path):
+    """Kill rank 1 mid-run: rank 0 stops with a clear error naming the last checkpoint, and
+    every checkpoint directory left is complete."""
+    out = tmp_path / "run"
+    procs = _start_two_ranks(tmp_path, out, "--steps", "500", "--save-every", "1", "--eval-every", "1000")
     try:
         deadline = time.monotonic() + 240
         while not (out / "checkpoint-0000003").exists():
@@ -214,18 +222,15 @@ def test_one_rank_at_its_hard_memory_limit_stops_every_rank_after_the_checkpoint
     a collective whose peer had gone (rank 0 too, the one holding the checkpoints). Now every
     rank stops at the same step once rank 0's checkpoint is written, with exit code 3 and a
     message: the rank over the limit names its usage, the others name that rank."""
-    corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
-    port = free_port(2)
-    procs = []
-    for rank in range(2):
-        env = ring_env(rank, 2, port, tmp_path)
+
+    def env_of(rank: int, env: dict) -> None:
         env["XLSTM_RUNTIME_DIR"] = str(tmp_path / "runtime")
         if rank == hit:
             env["XLSTM_MEM_HARD_MB"] = "2"  # any process is over 2 MB: stops after the first step
-        procs.append(subprocess.Popen(xlstm_cmd("train", corpus, "--out", out, *ARGS, "--steps", "50",
-                                                "--save-every", "100", "--eval-every", "100"),
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    procs = _start_two_ranks(tmp_path, out, "--steps", "50", "--save-every", "100", "--eval-every", "100",
+                             env_of=env_of)
     errs = []
     try:
         for p in procs:
