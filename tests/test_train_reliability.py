@@ -323,3 +323,27 @@ def test_second_ctrl_c_aborts_at_once():
             for _ in range(1000):  # the handler runs at the next bytecode
                 pass
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_after_the_last_step_says_the_run_is_finishing(tmp_path, monkeypatch, capfd):
+    """A Ctrl-C during the final evaluation (the loop is over) lets the run finish its evaluation
+    and checkpoint, and says so: it said 'stopping after this step', and nothing stopped."""
+    import os
+    import signal
+
+    stream = pattern_stream(3000)
+    cfg = small_cfg(steps=3, warmup=1, eval_every=100, save_every=100, keep=5)
+    trainer = Trainer(fresh_model(), stream[:2500], stream[2500:], cfg, tmp_path / "r", tmp_path, progress=False)
+    evaluate = trainer.evaluate
+
+    def interrupted_evaluate():
+        os.kill(os.getpid(), signal.SIGINT)  # arrives during the run's last evaluation
+        return evaluate()
+
+    monkeypatch.setattr(trainer, "evaluate", interrupted_evaluate)
+    result = trainer.train()
+    err = capfd.readouterr().err
+    assert "the last step has run; finishing its evaluation and checkpoint" in err
+    assert "stopping after this step" not in err
+    assert result.step == 3 and (tmp_path / "r" / "checkpoint-0000003").is_dir() and result.evals[-1][0] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

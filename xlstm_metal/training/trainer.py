@@ -827,6 +827,9 @@ class StopOnCtrlC:
 
     def __init__(self, note: bool = True):
         self.requested = False
+        #: Set once the last step has run: a Ctrl-C then lets the run's final evaluation and
+        #: checkpoint finish (the same as stopping after a step), and says so.
+        self.finishing = False
         self._note = note
         self._old: Any = None
 
@@ -840,8 +843,10 @@ class StopOnCtrlC:
         self.requested = True
         signal.signal(signal.SIGINT, self._old)
         if self._note:  # os.write, not print: the handler may run inside a write to sys.stderr
-            os.write(2, b"\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again aborts "
-                        b"without one)\n")
+            os.write(2, b"\nCtrl-C: the last step has run; finishing its evaluation and checkpoint (Ctrl-C again "
+                        b"aborts without them)\n" if self.finishing else
+                     b"\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again aborts "
+                     b"without one)\n")
 
     def __exit__(self, *_exc) -> None:
         if self._old is not None and signal.getsignal(signal.SIGINT) == self._handle:
@@ -1325,6 +1330,8 @@ class Trainer:
                     self.window_losses = window_losses
 
                 done = self.total_steps is not None and self.step >= self.total_steps
+                if done and ctrl_c is not None:
+                    ctrl_c.finishing = True  # what follows is the run's last evaluation and save
                 if self.validating and (self.step % cfg.eval_every == 0 or done):
                     job.update(phase="eval")
                     val_loss = self.evaluate()
@@ -1362,6 +1369,8 @@ class Trainer:
                 finally:
                     builder.close()
         bar.close()
+        if ctrl_c is not None:
+            ctrl_c.finishing = True
         mx.eval(self.model.state, self.optimizer.state)  # the last (pipelined) step
 
         self.elapsed = self.clock() - t_start
