@@ -80,20 +80,24 @@ _GENERATION_CONFIG_KEYS = dict(temperature="temperature", top_k="top_k", top_p="
 TRANSFORMERS_SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=50)
 
 
+#: What each sampling value may be: name -> (test, the rule in words). `serve` checks its flags
+#: by these too.
+SAMPLING_RULES = dict(
+    max_tokens=(lambda x: x >= 0, ">= 0"),
+    temperature=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0"),
+    top_k=(lambda x: x >= 0, ">= 0"),
+    top_p=(lambda x: 0 < x <= 1, "in (0, 1]"),
+    min_p=(lambda x: 0 <= x <= 1, "in [0, 1]"),
+    repetition_penalty=(lambda x: x > 0 and math.isfinite(x), "a finite number > 0"),
+)
+
+
 def _check_sampling_values(values: dict[str, Any], source: str) -> None:
     def bad(name: str, rule: str) -> UsageError:
         flag = "--" + name.replace("_", "-")
         return UsageError(f"{flag} must be {rule}, got {values[name]}{source}")
 
-    checks = dict(
-        max_tokens=(lambda x: x >= 0, ">= 0"),
-        temperature=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0"),
-        top_k=(lambda x: x >= 0, ">= 0"),
-        top_p=(lambda x: 0 < x <= 1, "in (0, 1]"),
-        min_p=(lambda x: 0 <= x <= 1, "in [0, 1]"),
-        repetition_penalty=(lambda x: x > 0 and math.isfinite(x), "a finite number > 0"),
-    )
-    for name, (ok, rule) in checks.items():
+    for name, (ok, rule) in SAMPLING_RULES.items():
         value = values.get(name)
         if value is None:
             continue

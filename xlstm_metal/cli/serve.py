@@ -71,13 +71,11 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt_cache_size < 0:
         raise UsageError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
-    checks = dict(
-        temp=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0"),
-        top_p=(lambda x: 0 < x <= 1, "in (0, 1]"),
-        top_k=(lambda x: x >= 0, ">= 0"),
-        min_p=(lambda x: 0 <= x <= 1, "in [0, 1]"),
-        repetition_penalty=(lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0 (0 or 1 = off)"),
-    )
+    from .generate import SAMPLING_RULES  # generate's rules, but mlx-lm's 0 = no repetition penalty
+
+    checks = {name: SAMPLING_RULES[name] for name in ("top_p", "top_k", "min_p")}
+    checks["temp"] = SAMPLING_RULES["temperature"]
+    checks["repetition_penalty"] = (lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0 (0 or 1 = off)")
     for name, (ok, rule) in checks.items():
         value = getattr(args, name)
         if value is not None and not ok(value):
