@@ -60,6 +60,11 @@ def test_rows_template_and_launch():
     assert gemv.rows_launch(21888, blocks=4)["grid"][0] == 4 * gemv.SMS * 32 * gemv.WARPS
     assert gemv.rows_launch(100, rows_per_warp=2)["grid"][0] == 7 * 32 * gemv.WARPS  # ceil(100 / 16)
     assert [gemv.staged_rows(r) for r in (1, 2)] == [1, 2]
+    assert dict(gemv.rows_template(mx.bfloat16, 4096, 1))["PF"] == 0
+    assert dict(gemv.rows_template(mx.bfloat16, 4096, 1, prefetch=8192))["PF"] == 8192
+    for bad in (-16, 100):  # the bulk request takes multiples of 16 bytes
+        with pytest.raises(ValueError, match="multiple of 16"):
+            gemv.rows_template(mx.bfloat16, 4096, 1, prefetch=bad)
 
 
 def _check_rows_matmul(dtype, rows, N, K, **conf):
@@ -90,6 +95,21 @@ def test_cuda_rows_matmul_schedules(conf):
 
 
 @cuda
+@pytest.mark.parametrize("prefetch", [16, 4096, 65536])
+@pytest.mark.parametrize("N,K", [(4099, 4096), (37, 72)])  # rows of 8 KB and of 144 bytes (less than asked for)
+def test_cuda_rows_matmul_prefetch_changes_no_value(prefetch, N, K):
+    # The L2 requests only move bytes early: the products equal those without, bit for bit.
+    rng = np.random.default_rng(N)
+    x = mx.array(rng.standard_normal((1, K)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * K ** -0.5).astype(mx.bfloat16)
+    assert mx.array_equal(gemv.rows_matmul(x, w, prefetch=prefetch), gemv.rows_matmul(x, w))
+    q = mx.quantize(w, group_size=64, bits=8) if K % 64 == 0 else None
+    if q is not None:
+        assert mx.array_equal(gemv.rows_matmul(x, *q, group_size=64, bits=8, prefetch=prefetch),
+                              gemv.rows_matmul(x, *q, group_size=64, bits=8))
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows,N,K", [(1, 4096, 11008), (2, 300, 4096), (1, 37, 128)])  # K: groups of 128 too
@@ -107,13 +127,14 @@ def test_cuda_rows_matmul_8_bits(dtype, group_size, rows, N, K):
 
 
 @cuda
-@pytest.mark.parametrize("blocks,early", [(4, False), (2, True), (3, False)])
+@pytest.mark.parametrize("blocks,early,prefetch", [(4, False, 0), (2, True, 0), (3, False, 0), (4, False, 8192)])
 @pytest.mark.parametrize("shape", ["7b", "small"])
 @pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8)], ids=["bf16", "fp16", "8bit"])
-def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, shape, dtype, bits):
+def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, prefetch, shape, dtype, bits):
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
     monkeypatch.setattr(chain, "ROWS_BLOCKS", blocks)
     monkeypatch.setattr(chain, "ROWS_EARLY", early)
+    monkeypatch.setattr(chain, "ROWS_PREFETCH", prefetch)
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
     rng = np.random.default_rng(blocks)
     E, NH, DV, F = (4096, 8, 512, 10944) if shape == "7b" else (256, 2, 128, 320)

@@ -62,6 +62,18 @@ __device__ __forceinline__ uint4 xl_ld16(const uint4* p) {
     return *p;
   }
 }
+// The first ``bytes`` of a weight row requested into L2 (no registers held while they come):
+// one bulk request through the copy engine on Hopper and later, else a prefetch per 128-byte
+// line. p 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void xl_prefetch_l2(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
+#else
+  for (int off = 0; off < bytes; off += 128) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(reinterpret_cast<const char*>(p) + off));
+  }
+#endif
+}
 template <typename T> struct XlPair;
 template <> struct XlPair<__nv_bfloat16> {
   static __device__ __forceinline__ float2 f2(uint32_t u) {
@@ -144,6 +156,13 @@ _SOURCE = """
         }
       }
     };
+    if constexpr (PF > 0) {
+      // The first PF bytes of this warp's first features asked of L2 before the prologue: its
+      // reads of the stage's inputs and its reductions then no longer leave HBM idle.
+      if (lane < RPW && n0 + lane < N) {
+        xl_prefetch_l2(wq + (size_t)(n0 + lane) * CH, PF < CH * 16 ? PF : CH * 16);
+      }
+    }
     bool issued = PRE && n0 < N;
     if (issued) issue(n0, 0);  // the first weights fly while the prologue reads its inputs
 @PROLOGUE@
@@ -249,12 +268,16 @@ def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STOR
 
 
 def rows_template(dtype: mx.Dtype, k: int, staged_rows: int, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
-                  load_hint: int = 1, early: bool = True, bits: int = 16, group_size: int = 32) -> list:
+                  load_hint: int = 1, early: bool = True, bits: int = 16, group_size: int = 32,
+                  prefetch: int = 0) -> list:
     """Template arguments of :func:`rows_source`'s kernels: ``staged_rows`` (SR) rows of x in
     shared memory, ``early``: the first weights requested before the prologue (PRE); ``bits``
-    and ``group_size``: the weights' format."""
+    and ``group_size``: the weights' format; ``prefetch``: bytes of each warp's first features
+    asked of L2 before the prologue (PF, a multiple of 16; 0 none)."""
+    if prefetch < 0 or prefetch % 16:
+        raise ValueError(f"prefetch must be a non-negative multiple of 16 bytes, got {prefetch}")
     return [("T", dtype), ("KD", k), ("SR", staged_rows), ("U", unroll), ("RPW", rows_per_warp), ("WARPS", WARPS),
-            ("LDH", load_hint), ("PRE", bool(early)), ("BITS", bits), ("G", group_size)]
+            ("LDH", load_hint), ("PRE", bool(early)), ("BITS", bits), ("G", group_size), ("PF", prefetch)]
 
 
 def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0) -> dict:
@@ -308,7 +331,8 @@ def staged_rows(rows: int) -> int:
 
 def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, *,
                 group_size: int = 64, bits: int = 16, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
-                blocks: int = 0, resident: int = RESIDENT, load_hint: int = 1, early: bool = True) -> mx.array:
+                blocks: int = 0, resident: int = RESIDENT, load_hint: int = 1, early: bool = True,
+                prefetch: int = 0) -> mx.array:
     """x [..., K] @ W.T -> [..., N], at most :data:`MAX_ROWS` rows of x: ``bits`` 16, W = w [N, K]
     of x's dtype (bf16/fp16); 8, W = MLX's affine dequantization of w [N, K / 4] (uint32) with
     ``scales`` and ``biases`` [N, K / group_size], computed as s * sum(q x) + b * sum(x) per group
@@ -319,7 +343,9 @@ def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases
     ``blocks``: thread blocks per SM walking the features (0: one warp per ``rows_per_warp``
     features); ``resident``: registers bounded for that many blocks per SM (0: not; see
     :data:`RESIDENT`); ``load_hint``: the weights' load instruction (0 plain, 1 non-coherent
-    without L1, 2 evict-first); ``early``: the first loads issued before x is staged."""
+    without L1, 2 evict-first); ``early``: the first loads issued before x is staged;
+    ``prefetch``: bytes of each warp's first features asked of L2 before x is staged (a
+    multiple of 16; 0 none)."""
     if not rows_supported(x, w, scales, biases, group_size, bits):
         if bits == 16:
             return x @ w.T
@@ -329,7 +355,8 @@ def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases
     M = math.prod(lead)
     (y,) = _kernel(resident, bits)(
         inputs=[x.reshape(M, K), w] + ([scales, biases] if bits != 16 else []),
-        template=rows_template(x.dtype, K, staged_rows(M), unroll, rows_per_warp, load_hint, early, bits, group_size),
+        template=rows_template(x.dtype, K, staged_rows(M), unroll, rows_per_warp, load_hint, early, bits, group_size,
+                               prefetch),
         **rows_launch(N, rows_per_warp, blocks),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
