@@ -170,3 +170,65 @@ def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, prefet
     h = mx.array(rng.standard_normal((1, NH, 1, DV)).astype(np.float32)).astype(dtype)
     r, r_ref = call(chain.gate_norm_quantized_matmul, h, out[2], F, mh, x, wd=weight(E, NH * DV))
     assert r.dtype == mx.float32 and _rel(r, r_ref) <= 2e-2
+
+
+def _ffn_case(rng, E, F, dtype, bits):
+    norm = RMSNorm(E)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32)).astype(dtype)
+
+    def weight(n, k):
+        w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(dtype)
+        return (w, w, w, 32, 16) if bits == 16 else (*mx.quantize(w, group_size=64, bits=8), 64, 8)
+
+    return norm, weight(2 * F, E), weight(E, F)
+
+
+def test_paired_rows_template_and_the_ffn_switch(monkeypatch):
+    t = dict(gemv.rows_template(mx.bfloat16, 4096, 1, unroll=4, rows_per_warp=2, pair=10944))
+    assert (t["PAIR"], t["RPW"], t["U"]) == (10944, 2, 4)
+    assert dict(gemv.rows_template(mx.bfloat16, 4096, 1))["PAIR"] == 0
+    with pytest.raises(ValueError, match="rows_per_warp=2"):
+        gemv.rows_template(mx.bfloat16, 4096, 1, pair=64)
+    rng = np.random.default_rng(3)
+    norm, gu, down = _ffn_case(rng, 64, 96, mx.bfloat16, 16)
+    x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float32))
+    monkeypatch.setattr(chain, "ROWS_SWIGLU", False)
+    assert not chain.ffn_rows_supported(x, norm, gu, down)
+    monkeypatch.setattr(chain, "ROWS_SWIGLU", True)
+    assert not chain.ffn_rows_supported(x, norm, gu, None)
+    assert not chain.ffn_rows_supported(x, norm, gu, _ffn_case(rng, 64, 128, mx.bfloat16, 8)[2])  # bits differ
+
+
+def test_ffn_rows_reference_is_the_ffn():
+    # Off CUDA (or with the kernels off) ffn_rows_matmul is RMSNorm -> gate|up -> SwiGLU -> down.
+    from xlstm_metal.cells.ffn import swiglu
+
+    rng = np.random.default_rng(5)
+    norm, gu, down = _ffn_case(rng, 64, 96, mx.bfloat16, 16)
+    x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float32))
+    y = _reference(chain.ffn_rows_matmul, x, norm, gu, down)
+    g = norm(x).astype(mx.bfloat16) @ gu[0].T
+    want = swiglu(g[..., :96], g[..., 96:]) @ down[0].T
+    assert y.shape == (1, 1, 64) and mx.array_equal(y, want)
+
+
+@cuda
+@pytest.mark.parametrize("prefetch", [0, 8192])
+@pytest.mark.parametrize("shape", ["7b", "small"])
+@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8)], ids=["bf16", "fp16", "8bit"])
+def test_cuda_ffn_with_swiglu_in_the_epilogue_equals_the_two_stages(monkeypatch, prefetch, shape, dtype, bits):
+    # Same sums in the same order, the same roundings: bit for bit what stage 4 then stage 5 give.
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
+    monkeypatch.setattr(chain, "ROWS_SWIGLU", True)
+    monkeypatch.setattr(chain, "ROWS_PREFETCH", prefetch)
+    monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
+    E, F = (4096, 10944) if shape == "7b" else (256, 320)
+    rng = np.random.default_rng(E + bits)
+    norm, gu, down = _ffn_case(rng, E, F, dtype, bits)
+    x = mx.array(rng.standard_normal((1, 1, E)).astype(np.float32))
+    assert chain.ffn_rows_supported(x, norm, gu, down)
+    y = chain.ffn_rows_matmul(x, norm, gu, down)
+    _, _, gate_up = chain.norm_quantized_matmul(x, None, norm, *gu[:3], group_size=gu[3], bits=bits)
+    two = chain.swiglu_quantized_matmul(gate_up, *down[:3], group_size=down[3], bits=bits)
+    assert y.dtype == dtype and mx.array_equal(y, two)
+    assert _rel(y, _reference(chain.ffn_rows_matmul, x, norm, gu, down)) <= 2e-2

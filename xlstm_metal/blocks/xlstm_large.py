@@ -163,6 +163,8 @@ class mLSTMBlock(nn.Module):
             return ffn(xn)
         if arrays is not None:
             down = chain.quantized_arrays(ffn.proj_down, x.shape[0])
+            if chain.ffn_rows_supported(x, self.norm_ffn, arrays, down):  # SwiGLU in gate|up's epilogue
+                return chain.ffn_rows_matmul(x, self.norm_ffn, arrays, down)
             if chain.ffn_merge_supported(x, self.norm_ffn, arrays, down):  # both stages in one launch
                 return chain.ffn_quantized_matmul(x, self.norm_ffn, arrays, down)
             w, scales, biases, group_size, bits = arrays

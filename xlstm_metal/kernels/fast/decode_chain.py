@@ -490,6 +490,14 @@ ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "0") == "1"
 #: SwiGLU; 2-5 us each) leave HBM idle at every stage's start.
 ROWS_PREFETCH = int(os.environ.get("XLSTM_METAL_CHAIN_ROWS_PREFETCH", "0") or 0)
 
+#: Whether the FFN's gate|up stage on the streaming product computes SwiGLU in its epilogue (a
+#: warp per pair of gate and up features, both sums at hand) and proj_down stages the result as
+#: it is (``XLSTM_METAL_CHAIN_ROWS_SWIGLU=1``): the proj_down stage's prologue, SwiGLU over all
+#: 10,944 values redone by each of its blocks, was where the stage lost most to its product
+#: alone (H200, S14R1: 2.97 against 3.63 TB/s). Same values: the epilogue rounds gate and up to
+#: T as the stored gate|up output was, then runs the prologue's arithmetic.
+ROWS_SWIGLU = os.environ.get("XLSTM_METAL_CHAIN_ROWS_SWIGLU", "0") == "1"
+
 _ROWS_HEADER = _REDUCE_HEADER + """
 __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
 """ + _gemv.HEADER
@@ -502,7 +510,7 @@ def rows_apply(bits: int, rows: int, group_size: int = 64) -> bool:
 
 
 def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], sizes: str, prologue: str,
-                 store: str):
+                 store: str, pair_store: str = ";"):
     """The streaming kernel of a stage (``key``) at ``bits``: :func:`.gemv.rows_source` with the
     stage's hooks (inputs ``scales`` and ``biases`` added at 8 bits), registers bounded for
     :data:`ROWS_BLOCKS` blocks per SM."""
@@ -513,7 +521,8 @@ def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], s
             name=f"xlstm_decode_chain_rows_{key[1]}_{len(_kernels)}",
             input_names=inputs + (["scales", "biases"] if bits != 16 else []),
             output_names=outputs,
-            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store, bits)),
+            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store, bits,
+                                                    pair_store)),
             header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(ROWS_BLOCKS)),
         )
         _kernels[key] = kernel
@@ -521,15 +530,18 @@ def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], s
 
 
 def _rows_call(kernel, inputs: list, arrays: tuple, dtype: mx.Dtype, k: int, rows: int, shapes: list, dtypes: list,
-               extra: list) -> list:
+               extra: list, pair: int = 0) -> list:
     """Launch a stage's streaming kernel on ``inputs`` and the product's ``arrays`` (w, scales,
-    biases, group size, bits) for inner size ``k``."""
+    biases, group size, bits) for inner size ``k``; ``pair``: features n and n + pair per warp
+    (4 loads of each in flight: the 8 of one feature otherwise)."""
     w, scales, biases, group_size, bits = arrays
+    shape = dict(unroll=_gemv.UNROLL // 2, rows_per_warp=2, pair=pair) if pair else {}
     return kernel(
         inputs=inputs + [w] + ([scales, biases] if bits != 16 else []),
         template=_gemv.rows_template(dtype, k, _stage_rows(rows, k, dtype), early=ROWS_EARLY, bits=bits,
-                                     group_size=group_size if bits != 16 else 32, prefetch=ROWS_PREFETCH) + extra,
-        output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(w.shape[0], blocks=ROWS_BLOCKS),
+                                     group_size=group_size if bits != 16 else 32, prefetch=ROWS_PREFETCH,
+                                     **shape) + extra,
+        output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(pair or w.shape[0], blocks=ROWS_BLOCKS),
     )
 
 
@@ -729,6 +741,55 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
         return False
     F = gate_up.shape[-1] // 2
     return _stage_rows(gate_up.shape[0], F, gate_up.dtype) > 0 and _fast(gate_up.dtype, arrays, F)
+
+
+_SWIGLU_PAIR_STORE = """{
+        const float gf = static_cast<float>(static_cast<T>(sum0));
+        const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gf))));
+        const float si = static_cast<float>(static_cast<T>(gf * sg));
+        y[(size_t)m * PAIR + n] = static_cast<T>(si * static_cast<float>(static_cast<T>(sum1)));
+      }"""
+
+
+def ffn_rows_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
+    """Whether :func:`ffn_rows_matmul` runs its two streaming launches for residual stream x
+    [B, 1, E], the FFN's norm, its gate|up group's ``arrays`` and proj_down's ``down``
+    (:func:`quantized_arrays` tuples): :data:`ROWS_SWIGLU` on, one row, both products on the
+    streaming path at the same bits."""
+    if not ROWS_SWIGLU or arrays is None or down is None or arrays[4] != down[4]:
+        return False
+    w, scales, biases, group_size, bits = arrays
+    if not (rows_apply(bits, x.shape[0], group_size) and rows_apply(bits, x.shape[0], down[3])
+            and w.shape[0] % 2 == 0 and norm_chain_supported(x, None, norm, arrays)):
+        return False
+    T = norm.weight.dtype
+    act = mx.zeros((x.shape[0], w.shape[0] // 2), dtype=T)  # only its dtype and shape are read
+    dw, ds, db, dg, dbits = down
+    return _gemv.rows_supported(act, dw, None if dbits == 16 else ds, None if dbits == 16 else db, dg, dbits)
+
+
+def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
+    """The FFN of a block step on the streaming product (:func:`ffn_rows_supported`): RMSNorm of
+    x [B, 1, E] -> gate|up with SwiGLU in the epilogue (a warp per gate/up pair) -> silu(gate) *
+    up [B, 1, F] in T, then proj_down on it staged as it is -> [B, 1, N] in T. Two launches; the
+    same values as :func:`norm_quantized_matmul` then :func:`swiglu_quantized_matmul`."""
+    w, scales, biases, group_size, bits = arrays
+    F = w.shape[0] // 2
+    if not _kernels_on():
+        from ...cells.ffn import swiglu  # noqa: PLC0415  (cells import this package)
+
+        gate_up = _product(norm(x).astype(norm.weight.dtype), arrays)
+        return _product(swiglu(gate_up[..., :F], gate_up[..., F:]), down)
+    B, _, E = x.shape
+    T = norm.weight.dtype
+    kernel = _rows_kernel(("norm_swiglu", norm.eps), bits, ["xr", "nw", "w"], ["y"], _NORM_SIZES,
+                          _norm_prologue(norm.eps, False, False), ";", _SWIGLU_PAIR_STORE)
+    act = _rows_call(kernel, [x, norm.weight], arrays, T, E, B, [(B, 1, F)], [T], [("ST", x.dtype)], pair=F)[0]
+    dw, ds, db, dg, dbits = down
+    y = _gemv.rows_matmul(act.reshape(B, F), dw, None if dbits == 16 else ds, None if dbits == 16 else db,
+                          group_size=dg, bits=dbits, blocks=ROWS_BLOCKS, resident=ROWS_BLOCKS, early=ROWS_EARLY,
+                          prefetch=ROWS_PREFETCH)
+    return y.reshape(B, 1, dw.shape[0])
 
 
 # --------------------------------------------------------------- stages 4 and 5 in one launch

@@ -123,8 +123,14 @@ _SOURCE = """
     // w [N, KD] (T; or at BITS 8 affine bytes [N, KD / 4] uint32 with scales and biases
     // [N, KD / G] in T) times SR staged rows of x (xs_s [SR, KD], T; rows M..SR-1 unread) ->
     // the store hook at each (m, n) with the float32 sum. Warp v of the grid computes features
-    // RPW * v .. RPW * v + RPW - 1, then those gridDim.x * WARPS * RPW further, ...
+    // RPW * v .. RPW * v + RPW - 1, then those gridDim.x * WARPS * RPW further, ... With PAIR > 0
+    // (RPW 2) warp v computes features v and v + PAIR, ..., for v < PAIR, and the pair store hook
+    // gets both sums (sum0, sum1) at (m, n).
     const int N = w_shape[0];
+    static_assert(PAIR == 0 || RPW == 2, "paired features take two rows per warp");
+    const int NW = PAIR > 0 ? PAIR : N;      // features walked
+    constexpr int RSTEP = PAIR > 0 ? 1 : RPW;  // of them per warp at once
+    auto row = [](int nb, int r) { return PAIR > 0 ? nb + r * PAIR : nb + r; };
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr int SPAN = 8, SPLIT = 1;  // as .quantized's hooks know them: K is not split here
     const int k_lo = 0, k_hi = K;
@@ -135,8 +141,8 @@ _SOURCE = """
     constexpr int GPR = BITS == 16 ? 1 : KD / G;  // groups per row
     const uint4* wq = reinterpret_cast<const uint4*>(w);
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
-    const int nstride = gridDim.x * WARPS * RPW;
-    int n0 = (blockIdx.x * WARPS + warp) * RPW;
+    const int nstride = gridDim.x * WARPS * RSTEP;
+    int n0 = (blockIdx.x * WARPS + warp) * RSTEP;
     uint4 wv[RPW][U];
     T sv[RPW][U], bv[RPW][U];  // (8 bits) each chunk's group scale and bias
     // No branches in here (a chunk past the row or a feature past N is read clamped, then
@@ -149,7 +155,7 @@ _SOURCE = """
         const int cc = c < CH ? c : CH - 1;
         #pragma unroll
         for (int r = 0; r < RPW; ++r) {
-          const int n = nb + r < N ? nb + r : N - 1;
+          const int n = row(nb, r) < N ? row(nb, r) : N - 1;
           const uint4 v = xl_ld16<LDH>(wq + (size_t)n * CH + cc);
           wv[r][u] = (FULL || c < CH) ? v : zero4;
 @SB_LOAD@
@@ -159,11 +165,11 @@ _SOURCE = """
     if constexpr (PF > 0) {
       // The first PF bytes of this warp's first features asked of L2 before the prologue: its
       // reads of the stage's inputs and its reductions then no longer leave HBM idle.
-      if (lane < RPW && n0 + lane < N) {
-        xl_prefetch_l2(wq + (size_t)(n0 + lane) * CH, PF < CH * 16 ? PF : CH * 16);
+      if (lane < RPW && n0 < NW && row(n0, lane) < N) {
+        xl_prefetch_l2(wq + (size_t)row(n0, lane) * CH, PF < CH * 16 ? PF : CH * 16);
       }
     }
-    bool issued = PRE && n0 < N;
+    bool issued = PRE && n0 < NW;
     if (issued) issue(n0, 0);  // the first weights fly while the prologue reads its inputs
 @PROLOGUE@
     // (8 bits) each chunk's sum of x, for its bias: sum_j (s q_j + b) x_j = s sum q_j x_j + b sum x_j
@@ -179,7 +185,7 @@ _SOURCE = """
       }
       __syncthreads();
     }
-    for (; n0 < N; n0 += nstride) {
+    for (; n0 < NW; n0 += nstride) {
       float acc[RPW][SR];
       #pragma unroll
       for (int r = 0; r < RPW; ++r) {
@@ -217,8 +223,20 @@ _SOURCE = """
           float sum = acc[r][m];
           #pragma unroll
           for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-          const int n = n0 + r;
-          if (lane == 0 && n < N && m < M) @STORE@
+          if constexpr (PAIR > 0) {
+            acc[r][m] = sum;
+          } else {
+            const int n = n0 + r;
+            if (lane == 0 && n < N && m < M) @STORE@
+          }
+        }
+      }
+      if constexpr (PAIR > 0) {
+        #pragma unroll
+        for (int m = 0; m < SR; ++m) {
+          const int n = n0;
+          const float sum0 = acc[0][m], sum1 = acc[1][m];
+          if (lane == 0 && m < M) @PAIR_STORE@
         }
       }
     }
@@ -254,7 +272,8 @@ def launch_bounds(resident: int) -> str:
     return _launch_bounds(32 * WARPS, resident)
 
 
-def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STORE, bits: int = 16) -> str:
+def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STORE, bits: int = 16,
+                pair_store: str = ";") -> str:
     """The kernel's body with its hooks filled, as :func:`.quantized.decode_source`'s (whose
     prologues :mod:`.decode_chain` puts here too): ``sizes`` defines ``int M`` (rows of x),
     ``constexpr int K`` (= template ``KD``) and ``T xs_s[SR * KD]`` in shared memory;
@@ -262,22 +281,28 @@ def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STOR
     ``xs_s``) stages x's M rows there; ``store`` (one statement) writes ``float sum`` at row
     ``m``, feature ``n`` (an M x N output). ``bits`` 16: float weights ``w`` [N, K]; 8: MLX's
     affine bytes ``w`` [N, K / 4] (uint32) with inputs ``scales`` and ``biases`` [N, K / G].
+    ``pair_store`` (one statement): with template ``PAIR`` > 0, what is written at row ``m``,
+    feature ``n`` < PAIR from ``float sum0`` (feature n's sum) and ``sum1`` (feature n + PAIR's).
     Template arguments: :func:`rows_template`."""
     return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue).replace("@STORE@", store)
-            .replace("@SB_LOAD@\n", _SB_LOAD if bits != 16 else ""))
+            .replace("@PAIR_STORE@", pair_store).replace("@SB_LOAD@\n", _SB_LOAD if bits != 16 else ""))
 
 
 def rows_template(dtype: mx.Dtype, k: int, staged_rows: int, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
                   load_hint: int = 1, early: bool = True, bits: int = 16, group_size: int = 32,
-                  prefetch: int = 0) -> list:
+                  prefetch: int = 0, pair: int = 0) -> list:
     """Template arguments of :func:`rows_source`'s kernels: ``staged_rows`` (SR) rows of x in
     shared memory, ``early``: the first weights requested before the prologue (PRE); ``bits``
     and ``group_size``: the weights' format; ``prefetch``: bytes of each warp's first features
-    asked of L2 before the prologue (PF, a multiple of 16; 0 none)."""
+    asked of L2 before the prologue (PF, a multiple of 16; 0 none); ``pair``: features n and
+    n + pair computed together for the pair store (PAIR; ``rows_per_warp`` 2; 0 not)."""
     if prefetch < 0 or prefetch % 16:
         raise ValueError(f"prefetch must be a non-negative multiple of 16 bytes, got {prefetch}")
+    if pair and rows_per_warp != 2:
+        raise ValueError("paired features take rows_per_warp=2")
     return [("T", dtype), ("KD", k), ("SR", staged_rows), ("U", unroll), ("RPW", rows_per_warp), ("WARPS", WARPS),
-            ("LDH", load_hint), ("PRE", bool(early)), ("BITS", bits), ("G", group_size), ("PF", prefetch)]
+            ("LDH", load_hint), ("PRE", bool(early)), ("BITS", bits), ("G", group_size), ("PF", prefetch),
+            ("PAIR", pair)]
 
 
 def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0) -> dict:
