@@ -134,7 +134,7 @@ def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, prefet
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
     monkeypatch.setattr(chain, "ROWS_BLOCKS", blocks)
     monkeypatch.setattr(chain, "ROWS_EARLY", early)
-    monkeypatch.setattr(chain, "ROWS_PREFETCH", prefetch)
+    monkeypatch.setattr(chain, "ROWS_PREFETCH", {8: prefetch, 16: prefetch})
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
     rng = np.random.default_rng(blocks)
     E, NH, DV, F = (4096, 8, 512, 10944) if shape == "7b" else (256, 2, 128, 320)
@@ -220,7 +220,7 @@ def test_cuda_ffn_with_swiglu_in_the_epilogue_equals_the_two_stages(monkeypatch,
     # Same sums in the same order, the same roundings: bit for bit what stage 4 then stage 5 give.
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
     monkeypatch.setattr(chain, "ROWS_SWIGLU", True)
-    monkeypatch.setattr(chain, "ROWS_PREFETCH", prefetch)
+    monkeypatch.setattr(chain, "ROWS_PREFETCH", {8: prefetch, 16: prefetch})
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
     E, F = (4096, 10944) if shape == "7b" else (256, 320)
     rng = np.random.default_rng(E + bits)

@@ -482,13 +482,14 @@ ROWS_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_ROWS_BLOCKS", "4") or 4)
 #: 4 blocks per SM spills: off).
 ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "0") == "1"
 
-#: Bytes of each warp's first output features that those blocks ask of L2 before the prologue
-#: (``XLSTM_METAL_CHAIN_ROWS_PREFETCH``, a multiple of 16; 0 none): no registers are held, and
+#: Bytes of each warp's first output features that those blocks ask of L2 before the prologue,
+#: by bits (``XLSTM_METAL_CHAIN_ROWS_PREFETCH``, "bits:bytes,...", multiples of 16; 0 none): no
+#: registers are held, and
 #: HBM streams while the prologue reads the stage's inputs and reduces them. Why: on an H200
 #: (S14R1, 7B, bf16) the stages ran 8-18% below their products alone (gate|up 3.81 against 4.16
 #: TB/s, proj_down 2.97 against 3.63), out_proj at 2.5: the prologues (RMSNorm, the head norm,
 #: SwiGLU; 2-5 us each) leave HBM idle at every stage's start.
-ROWS_PREFETCH = int(os.environ.get("XLSTM_METAL_CHAIN_ROWS_PREFETCH", "0") or 0)
+ROWS_PREFETCH = _quantized._per_bits("XLSTM_METAL_CHAIN_ROWS_PREFETCH", {8: 0, 16: 0})
 
 #: Whether the FFN's gate|up stage on the streaming product computes SwiGLU in its epilogue (a
 #: warp per pair of gate and up features, both sums at hand) and proj_down stages the result as
@@ -539,7 +540,8 @@ def _rows_call(kernel, inputs: list, arrays: tuple, dtype: mx.Dtype, k: int, row
     return kernel(
         inputs=inputs + [w] + ([scales, biases] if bits != 16 else []),
         template=_gemv.rows_template(dtype, k, _stage_rows(rows, k, dtype), early=ROWS_EARLY, bits=bits,
-                                     group_size=group_size if bits != 16 else 32, prefetch=ROWS_PREFETCH,
+                                     group_size=group_size if bits != 16 else 32,
+                                     prefetch=ROWS_PREFETCH.get(bits, 0),
                                      **shape) + extra,
         output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(pair or w.shape[0], blocks=ROWS_BLOCKS),
     )
@@ -743,6 +745,12 @@ def swiglu_chain_supported(gate_up: mx.array, arrays) -> bool:
     return _stage_rows(gate_up.shape[0], F, gate_up.dtype) > 0 and _fast(gate_up.dtype, arrays, F)
 
 
+# x [B, 1, K] staged as it is (:func:`ffn_rows_matmul`'s proj_down).
+_PLAIN_SIZES = """
+    const int M = x_shape[0];
+    constexpr int K = KD;
+STAGE_DECL
+"""
 _SWIGLU_PAIR_STORE = """{
         const float gf = static_cast<float>(static_cast<T>(sum0));
         const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gf))));
@@ -785,11 +793,9 @@ def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     kernel = _rows_kernel(("norm_swiglu", norm.eps), bits, ["xr", "nw", "w"], ["y"], _NORM_SIZES,
                           _norm_prologue(norm.eps, False, False), ";", _SWIGLU_PAIR_STORE)
     act = _rows_call(kernel, [x, norm.weight], arrays, T, E, B, [(B, 1, F)], [T], [("ST", x.dtype)], pair=F)[0]
-    dw, ds, db, dg, dbits = down
-    y = _gemv.rows_matmul(act.reshape(B, F), dw, None if dbits == 16 else ds, None if dbits == 16 else db,
-                          group_size=dg, bits=dbits, blocks=ROWS_BLOCKS, resident=ROWS_BLOCKS, early=ROWS_EARLY,
-                          prefetch=ROWS_PREFETCH)
-    return y.reshape(B, 1, dw.shape[0])
+    # [B, 1, F] in and [B, 1, N] out as they are (no reshape nodes: the host pays for each)
+    kernel = _rows_kernel(("plain",), bits, ["x", "w"], ["y"], _PLAIN_SIZES, _gemv.STAGE_X, _gemv.STORE)
+    return _rows_call(kernel, [act], down, T, F, B, [(B, 1, down[0].shape[0])], [T], [])[0]
 
 
 # --------------------------------------------------------------- stages 4 and 5 in one launch

@@ -257,7 +257,7 @@ _SIZES = """\
     constexpr int K = KD;
     __shared__ __align__(16) T xs_s[SR * KD];
 """
-_STAGE_X = """\
+STAGE_X = """\
     for (int i = threadIdx.x; i < M * (KD / 8); i += blockDim.x) {
       reinterpret_cast<uint4*>(xs_s)[i] = reinterpret_cast<const uint4*>(x)[i];
     }
@@ -272,7 +272,7 @@ def launch_bounds(resident: int) -> str:
     return _launch_bounds(32 * WARPS, resident)
 
 
-def rows_source(sizes: str = _SIZES, prologue: str = _STAGE_X, store: str = STORE, bits: int = 16,
+def rows_source(sizes: str = _SIZES, prologue: str = STAGE_X, store: str = STORE, bits: int = 16,
                 pair_store: str = ";") -> str:
     """The kernel's body with its hooks filled, as :func:`.quantized.decode_source`'s (whose
     prologues :mod:`.decode_chain` puts here too): ``sizes`` defines ``int M`` (rows of x),
