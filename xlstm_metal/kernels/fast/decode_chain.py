@@ -38,7 +38,10 @@ stages (bit-equal: the CUDA tests).
 
 At one row, bf16 and 8-bit stages take :mod:`.gemv`'s streaming product instead of the
 tensor-core loop (:data:`CHAIN_ROWS`; the same prologues and stores, unmerged): it reads the
-weights faster there (benchmarks/NOTES.md, session 14).
+weights faster there (benchmarks/NOTES.md, session 14). Stages 4 and 5 then run as
+:func:`ffn_rows_matmul` (:data:`ROWS_SWIGLU`): SwiGLU in gate|up's epilogue, a warp per gate/up
+pair, and proj_down staging its input as it is; at bf16 each warp first asks L2 for its first
+weights (:data:`ROWS_PREFETCH`; session 15).
 """
 
 from __future__ import annotations
@@ -488,16 +491,23 @@ ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "0") == "1"
 #: HBM streams while the prologue reads the stage's inputs and reduces them. Why: on an H200
 #: (S14R1, 7B, bf16) the stages ran 8-18% below their products alone (gate|up 3.81 against 4.16
 #: TB/s, proj_down 2.97 against 3.63), out_proj at 2.5: the prologues (RMSNorm, the head norm,
-#: SwiGLU; 2-5 us each) leave HBM idle at every stage's start.
-ROWS_PREFETCH = _quantized._per_bits("XLSTM_METAL_CHAIN_ROWS_PREFETCH", {8: 0, 16: 0})
+#: SwiGLU; 2-5 us each) leave HBM idle at every stage's start. Measured (H200, 7B, one row, one
+#: process per setting, CUPTI GPU time per step, with :data:`ROWS_SWIGLU`): bf16 4 KB 3.881 /
+#: 3.847 / 3.842 ms (S15R1-R2; 252-257 tok/s), none 3.931 / 3.892 / 3.895, 2 KB 3.866, 8 KB
+#: 4.039 / 4.035, 16 KB 4.116; 8 bits 4 KB 2.879 and 8 KB 2.928 against none 2.763: 4 KB at
+#: bf16, none at 8 bits.
+ROWS_PREFETCH = _quantized._per_bits("XLSTM_METAL_CHAIN_ROWS_PREFETCH", {8: 0, 16: 4096})
 
 #: Whether the FFN's gate|up stage on the streaming product computes SwiGLU in its epilogue (a
 #: warp per pair of gate and up features, both sums at hand) and proj_down stages the result as
 #: it is (``XLSTM_METAL_CHAIN_ROWS_SWIGLU=1``): the proj_down stage's prologue, SwiGLU over all
 #: 10,944 values redone by each of its blocks, was where the stage lost most to its product
 #: alone (H200, S14R1: 2.97 against 3.63 TB/s). Same values: the epilogue rounds gate and up to
-#: T as the stored gate|up output was, then runs the prologue's arithmetic.
-ROWS_SWIGLU = os.environ.get("XLSTM_METAL_CHAIN_ROWS_SWIGLU", "0") == "1"
+#: T as the stored gate|up output was, then runs the prologue's arithmetic. On an H200 (S15R1,
+#: 7B, one row, CUPTI GPU time per step): bf16 3.931 ms against 4.050-4.062 (proj_down 0.82
+#: against 0.97 ms), 8 bits 2.763 against 2.924-2.926 (0.57 against 0.78): on by default
+#: (``=0``: the two stages as before).
+ROWS_SWIGLU = os.environ.get("XLSTM_METAL_CHAIN_ROWS_SWIGLU", "1") == "1"
 
 _ROWS_HEADER = _REDUCE_HEADER + """
 __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
