@@ -232,3 +232,35 @@ def test_cuda_ffn_with_swiglu_in_the_epilogue_equals_the_two_stages(monkeypatch,
     two = chain.swiglu_quantized_matmul(gate_up, *down[:3], group_size=down[3], bits=bits)
     assert y.dtype == dtype and mx.array_equal(y, two)
     assert _rel(y, _reference(chain.ffn_rows_matmul, x, norm, gu, down)) <= 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cuda_one_row_decode_takes_the_streaming_ffn_and_matches_ops(monkeypatch, bits):
+    # A bf16 model (8 bits: quantized as the default recipe does) decoding one row on its default
+    # path runs the FFN through ffn_rows_matmul, and its logits stay those of the ops.
+    import xlstm_metal.kernels.fast.decode as decode
+    from conftest import tiny_model
+    from xlstm_metal.quantization import quantize_model
+
+    def model():
+        m = tiny_model(seed=7, embedding_dim=128)
+        m.set_dtype(mx.bfloat16)
+        if bits == 8:
+            quantize_model(m, bits=8, group_size=64)
+        return m.fuse_projections()
+
+    calls = []
+    real = chain.ffn_rows_matmul
+    monkeypatch.setattr(chain, "ffn_rows_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = mx.array([[5]], dtype=mx.int32)
+    fast, out_fast, state = model(), [], None
+    for _ in range(4):
+        logits, state = fast(tok, state)
+        out_fast.append(logits)
+    assert len(calls) == 4 * len(fast.blocks)  # every block, every step
+    monkeypatch.setattr(decode, "_kernels_on", lambda: False)
+    ref, state = model(), None
+    for a in out_fast:
+        logits, state = ref(tok, state)
+        assert _rel(a, logits) <= 3e-2, _rel(a, logits)
