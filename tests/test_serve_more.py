@@ -193,6 +193,7 @@ IGNORED_FIELDS = [  # each gave a 200 that did not do what it asked
     ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions="),
     ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities="),
     ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort="),
+    ("/v1/chat/completions", {**CHAT, "verbosity": "low"}, "verbosity="),
     ("/v1/chat/completions", {**CHAT, "store": True}, "store="),
     ("/v1/chat/completions", {**CHAT, "role_mapping": {"user": "Q: "}}, "role_mapping="),
     ("/v1/chat/completions", {**CHAT, "draft_model": "x"}, "draft_model="),  # was a 404 from the generation thread
@@ -220,7 +221,7 @@ def test_fields_the_server_cannot_honour_get_a_400_naming_them(server, reference
     # Their neutral values ask for nothing: the reply is the plain one.
     neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
                "modalities": ["text"], "store": False, "service_tier": "auto", "user": "u1", "metadata": {"k": "v"},
-               "n": 1}
+               "n": 1, "safety_identifier": "s1", "prompt_cache_key": "docs", "verbosity": "medium"}
     plain = post(server.url, "/v1/chat/completions", CHAT)[1]["choices"][0]["message"]
     status, answer = post(server.url, "/v1/chat/completions", {**CHAT, **neutral})
     assert status == 200 and answer["choices"][0]["message"] == plain

@@ -62,18 +62,20 @@ INT_PARAMETERS = ("max_tokens", "top_k", "num_draft_tokens", "repetition_context
 MAX_LOGIT_BIAS = 100.0
 #: The request fields of both endpoints: OpenAI's, then mlx-lm's own. Any other is refused (a 400
 #: naming it, as OpenAI refuses an unrecognized argument): ignored, a misspelt max_tokens gave a
-#: 512-token reply.
+#: 512-token reply. ``user`` and ``safety_identifier`` (who asks) and ``prompt_cache_key`` (a hint
+#: for OpenAI's routing to its caches; this server reuses cached prompts by their tokens) change
+#: no reply.
 REQUEST_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user",
-    "top_k", "min_p", "repetition_penalty", "repetition_context_size", "presence_context_size",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user", "safety_identifier",
+    "prompt_cache_key", "top_k", "min_p", "repetition_penalty", "repetition_context_size", "presence_context_size",
     "frequency_context_size", "xtc_probability", "xtc_threshold", "adapters", "draft_model", "num_draft_tokens",
 })
 #: /v1/chat/completions' own fields, and those of the legacy /v1/completions.
 CHAT_FIELDS = REQUEST_FIELDS | {
     "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
     "response_format", "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
-    "web_search_options", "chat_template_kwargs", "role_mapping",
+    "web_search_options", "chat_template_kwargs", "role_mapping", "verbosity",
 }
 COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 #: Fields this server cannot honour: their neutral values (null or a default that asks for
@@ -88,6 +90,7 @@ UNSUPPORTED_FIELDS = {
     "audio": ((None,), "this model writes text only"),
     "prediction": ((None,), "predicted outputs are not implemented"),
     "reasoning_effort": ((None,), "this model has no reasoning budget"),
+    "verbosity": ((None, "medium"), "this model has no verbosity control (max_tokens bounds a reply)"),
     "web_search_options": ((None,), "this server does not search the web"),
     "store": ((None, False), "this server stores no completions"),
     "service_tier": ((None, "auto", "default"), "this server has one service tier"),
