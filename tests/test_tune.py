@@ -314,6 +314,22 @@ def test_train_sweep_on_too_little_data_stops_before_any_trial(tmp_path, capsys)
         assert f"xlstm-metal: error: {usage}\n" == err
 
 
+def test_batch_sizes_the_data_cannot_fill_leave_the_search(monkeypatch, capsys):
+    """A batch size too large for the data failed every trial that drew it; now it leaves the
+    search space up front (said on stderr), and the space recorded is what is searched."""
+    from xlstm_metal.tuning import TrainObjective
+
+    objective = TrainObjective(seq_len=16, batches=(4, 8, 16, 32))
+    train, val = np.arange(9 * 16, dtype=np.int32), np.arange(17, dtype=np.int32)  # fits 4 and 8
+    monkeypatch.setattr(objective, "_data", lambda: (None, train, val))
+    objective.check_data()
+    assert objective.batches == (4, 8) and objective.meta()["space"]["batch_size"] == [4, 8]
+    err = capsys.readouterr().err
+    assert "batch size(s) 16, 32 left out of the search: the data gives 144 training tokens" in err
+    objective.check_data()  # nothing more to leave out: nothing said
+    assert objective.batches == (4, 8) and capsys.readouterr().err == ""
+
+
 def test_train_data_check_is_the_trainers_own_bound(monkeypatch):
     """check_data's bound is exactly where PackedBatches / validation_windows start to accept."""
     from xlstm_metal.training.data import DataError, PackedBatches, validation_windows

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,7 +255,8 @@ class TrainObjective(Objective):
     def check_data(self) -> None:
         """ObjectiveError unless the data holds one batch of the smallest batch size searched and
         one validation window (the bounds PackedBatches and validation_windows enforce): with less,
-        every trial fails on it."""
+        every trial fails on it. Batch sizes the data cannot fill leave the search space (said on
+        stderr): each trial drawing one failed on it."""
         _, train, val = self._data()
         batch = min(self.batches)
         need_train = (batch + 1) * self.seq_len  # a batch of seq_len + 1 windows after an offset < seq_len
@@ -266,6 +268,13 @@ class TrainObjective(Objective):
                 f"the data gives {len(train):,} training and {len(val):,} validation tokens (--val-fraction "
                 f"{self.val_fraction:g} of {len(train) + len(val):,}); give more data, or lower --seq-len"
                 + ("" if len(val) >= need_val else " or raise --val-fraction"))
+        fits = tuple(b for b in self.batches if (b + 1) * self.seq_len <= len(train))
+        if fits != tuple(self.batches):
+            left = sorted(set(self.batches) - set(fits))
+            print(f"xlstm-metal tune: batch size(s) {', '.join(map(str, left))} left out of the search: "
+                  f"the data gives {len(train):,} training tokens, a batch of b needs (b + 1) x {self.seq_len}",
+                  file=sys.stderr)
+            self.batches = fits
 
     def suggest(self, trial) -> dict[str, Any]:
         return {
