@@ -487,8 +487,8 @@ ROWS_EARLY = os.environ.get("XLSTM_METAL_CHAIN_ROWS_EARLY", "0") == "1"
 
 #: Bytes of each warp's first output features that those blocks ask of L2 before the prologue,
 #: by bits (``XLSTM_METAL_CHAIN_ROWS_PREFETCH``, "bits:bytes,...", multiples of 16; 0 none): no
-#: registers are held, and
-#: HBM streams while the prologue reads the stage's inputs and reduces them. Why: on an H200
+#: registers are held, and HBM streams while the prologue reads the stage's inputs and reduces
+#: them. Why: on an H200
 #: (S14R1, 7B, bf16) the stages ran 8-18% below their products alone (gate|up 3.81 against 4.16
 #: TB/s, proj_down 2.97 against 3.63), out_proj at 2.5: the prologues (RMSNorm, the head norm,
 #: SwiGLU; 2-5 us each) leave HBM idle at every stage's start. Measured (H200, 7B, one row, one
@@ -780,9 +780,8 @@ def ffn_rows_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
     if not (rows_apply(bits, x.shape[0], group_size) and rows_apply(bits, x.shape[0], down[3])
             and w.shape[0] % 2 == 0 and norm_chain_supported(x, None, norm, arrays)):
         return False
-    T = norm.weight.dtype
-    act = mx.zeros((x.shape[0], w.shape[0] // 2), dtype=T)  # only its dtype and shape are read
     dw, ds, db, dg, dbits = down
+    act = _Probe(norm.weight.dtype, w.shape[0] // 2)  # SwiGLU's output, one row: only its dtype and shape are read
     return _gemv.rows_supported(act, dw, None if dbits == 16 else ds, None if dbits == 16 else db, dg, dbits)
 
 
