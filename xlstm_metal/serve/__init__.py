@@ -695,10 +695,7 @@ class APIHandler(mlx_server.APIHandler):
                 self.wfile.flush()
                 return
             self._headers_buffer = []  # mlx-lm's 200, not sent yet
-            self._set_completion_headers(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._send_body(status, body)
         except OSError:  # the client left meanwhile
             pass
 
@@ -784,7 +781,10 @@ class APIHandler(mlx_server.APIHandler):
         self._error(404, f"not found: {self.path}")
 
     def _error(self, status: int, message: str) -> None:
-        body = error_body(status, message)
+        self._send_body(status, error_body(status, message))
+
+    def _send_body(self, status: int, body: bytes) -> None:
+        """A whole JSON answer: mlx-lm's headers (CORS, content type), its length, the body."""
         self._set_completion_headers(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -798,10 +798,7 @@ class APIHandler(mlx_server.APIHandler):
         model_id = str(path.resolve()) if path.exists() else served
         body = json.dumps({"object": "list", "data": [
             {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}]}).encode()
-        self._set_completion_headers(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._send_body(200, body)
 
     def validate_model_parameters(self) -> None:
         """Refuses the request (a 400 in OpenAI's shape, from :meth:`do_POST`) when
