@@ -264,3 +264,119 @@ def test_cuda_one_row_decode_takes_the_streaming_ffn_and_matches_ops(monkeypatch
     for a in out_fast:
         logits, state = ref(tok, state)
         assert _rel(a, logits) <= 3e-2, _rel(a, logits)
+
+
+def test_next_prefetch_template_and_applies():
+    w = mx.zeros((12288, 4096), dtype=mx.bfloat16)
+    assert gemv.next_prefetch_applies(w, 2048)
+    assert not gemv.next_prefetch_applies(w, 0) and not gemv.next_prefetch_applies(w, 100)  # a multiple of 16
+    assert not gemv.next_prefetch_applies(None, 2048) and not gemv.next_prefetch_applies(w[0], 2048)  # 2-D
+    assert not gemv.next_prefetch_applies(mx.zeros((8, 12), dtype=mx.bfloat16), 2048)  # 24-byte rows
+    assert gemv.next_prefetch_applies(mx.zeros((8, 12), dtype=mx.uint32), 16)  # 48-byte rows
+    warps = 4 * gemv.SMS * gemv.WARPS
+    assert gemv.next_template(w, 2048, blocks=4) == dict(next_bytes=2048, next_rows=min(12288, warps), next_pair=0)
+    assert gemv.next_template(w, 4096) == dict(next_bytes=4096, next_rows=12288, next_pair=0)  # a warp per row
+    assert gemv.next_template(w, 2048, next_pair=100, blocks=4)["next_rows"] == 100  # j < 100: rows j, j + 100
+    t = dict(gemv.rows_template(mx.bfloat16, 4096, 1, **gemv.next_template(w, 2048, 6144, 4)))
+    assert (t["NPF"], t["NJ"], t["NPAIR"]) == (2048, min(6144, warps), 6144)
+    assert (dict(gemv.rows_template(mx.bfloat16, 4096, 1))["NPF"]) == 0
+    with pytest.raises(ValueError, match="next_bytes must be"):
+        gemv.rows_template(mx.bfloat16, 4096, 1, next_bytes=24)
+    assert "nxt_shape" in gemv.rows_source(next_prefetch=True) and "nxt" not in gemv.rows_source()
+
+
+def test_chain_stages_name_the_next_launch(monkeypatch):
+    # With ROWS_NEXT on, each streaming stage of a one-row step gets the weights of the launch
+    # after it: q|k|v|o -> out_proj, out_proj -> gate|up (paired at F), the FFN -> the next
+    # block's q|k|v|o (the last block: none). Off, the model looks up no next block and the
+    # stages ask for nothing. (On a CPU the stages run their reference ops, which the names do
+    # not change.)
+    from conftest import tiny_model
+    from xlstm_metal.kernels.fast import decode
+
+    seen = {"norm_quantized_matmul": [], "gate_norm_quantized_matmul": [], "ffn_rows_matmul": []}
+    for name, got in seen.items():
+        real = getattr(chain, name)
+        monkeypatch.setattr(chain, name, lambda *a, _r=real, _g=got, **k: _g.append(k.get("after")) or _r(*a, **k))
+    monkeypatch.setattr(chain, "_chain_active", lambda: True)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({8, 16}))
+    monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
+    monkeypatch.setattr(chain, "ffn_rows_supported", lambda *a: True)
+    m = tiny_model(seed=7, embedding_dim=128)
+    m.set_dtype(mx.bfloat16)
+    m.fuse_projections()
+    tok = mx.array([[5]], dtype=mx.int32)
+    off, _ = m(tok)
+    assert seen["ffn_rows_matmul"] == [None] * len(m.blocks)
+    assert all(chain._next_weights(16, after) is None for after in seen["norm_quantized_matmul"])
+    for got in seen.values():
+        got.clear()
+    monkeypatch.setattr(chain, "ROWS_NEXT", {8: 2048, 16: 2048})
+    on, _ = m(tok)
+    if not decode._kernels_on():
+        assert mx.array_equal(on, off)
+    blocks = m.backbone.blocks
+    F = blocks[0].ffn.proj_up_gate.weight.shape[0]
+    qkvo = [b.first_weights(mx.zeros((1, 1, 128), dtype=mx.float32)) for b in blocks]
+    assert all(q is not None and q[0].shape[0] > 128 for q in qkvo)
+    assert len(seen["norm_quantized_matmul"]) == len(blocks)
+    for b, after in zip(blocks, seen["norm_quantized_matmul"]):
+        assert after[0] is b.mlstm_layer.out_proj.weight and after[1] == 0
+        assert chain._next_weights(16, after) is after and chain._next_weights(4, after) is None  # 4 bits: off
+    for b, after in zip(blocks, seen["gate_norm_quantized_matmul"]):
+        assert after[0].shape[0] == 2 * F and after[1] == F
+    ffn = seen["ffn_rows_matmul"]
+    assert len(ffn) == len(blocks) and ffn[-1] is None
+    assert all(a[0] is q[0] and a[1] == 0 for a, q in zip(ffn[:-1], qkvo[1:]))
+
+
+@cuda
+@pytest.mark.parametrize("next_shape,pair", [((4096, 4096), 0), ((21888, 4096), 10944), ((37, 72), 0)])
+def test_cuda_next_prefetch_changes_no_value(next_shape, pair):
+    # Asking L2 for the next launch's weights moves no value: bit for bit the product without.
+    rng = np.random.default_rng(sum(next_shape))
+    K = 4096
+    x = mx.array(rng.standard_normal((1, K)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(rng.standard_normal((4099, K)).astype(np.float32) * K ** -0.5).astype(mx.bfloat16)
+    nxt = mx.array(rng.standard_normal(next_shape).astype(np.float32)).astype(mx.bfloat16)
+    for nbytes in (16, 2048, 65536):
+        assert mx.array_equal(gemv.rows_matmul(x, w, next_weights=nxt, next_bytes=nbytes, next_pair=pair),
+                              gemv.rows_matmul(x, w))
+    q = mx.quantize(w, group_size=64, bits=8)
+    assert mx.array_equal(gemv.rows_matmul(x, *q, group_size=64, bits=8, next_weights=nxt, next_pair=pair),
+                          gemv.rows_matmul(x, *q, group_size=64, bits=8))
+
+
+@cuda
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cuda_one_row_decode_with_next_prefetch_is_bit_equal(monkeypatch, bits):
+    # The whole one-row step with every streaming stage asking L2 for the next launch's weights:
+    # the same logits and state, bit for bit, as without.
+    from conftest import tiny_model
+    from xlstm_metal.quantization import quantize_model
+
+    def run(next_bytes):
+        monkeypatch.setattr(chain, "ROWS_NEXT", {8: next_bytes, 16: next_bytes})
+        m = tiny_model(seed=7, embedding_dim=128)
+        m.set_dtype(mx.bfloat16)
+        if bits == 8:
+            quantize_model(m, bits=8, group_size=64)
+        m.fuse_projections()
+        tok, state, out = mx.array([[5]], dtype=mx.int32), None, []
+        for _ in range(3):
+            logits, state = m(tok, state)
+            out.append(logits)
+        mx.eval(out, state)
+        return out, state
+
+    calls = []
+    real = gemv.next_template
+    monkeypatch.setattr(gemv, "next_template", lambda *a, **k: calls.append(1) or real(*a, **k))
+    off = run(0)
+    assert not calls
+    on = run(2048)
+    assert len(calls) >= 3 * 2 * 3  # steps x blocks x (q|k|v|o, out_proj, gate|up[, proj_down])
+    for a, b in zip(on[0], off[0]):
+        assert mx.array_equal(a, b)
+    for sa, sb in zip(on[1], off[1]):
+        assert all(mx.array_equal(u, v) for u, v in zip(sa, sb))
