@@ -53,8 +53,7 @@ class mLSTMBlock(nn.Module):
         :meth:`step` runs (fewer CUDA launches, the same math)."""
         return x.shape[1] == 1 and self.mlstm_layer.recurrent_kernel_cell.takes_raw_gates
 
-    def step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None = None,
-             after: tuple | None = None):
+    def step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None = None):
         """One token, the block's input being ``x + pending`` ([B, 1, E]; ``pending`` the previous
         block's FFN output, or None) -> (x', ffn output, state): the block's output is
         ``x' + ffn output``. Each residual add runs with the RMSNorm that reads it
@@ -64,10 +63,9 @@ class mLSTMBlock(nn.Module):
         On CUDA at a few rows (quantized projections; float ones at one row) the step runs as five
         launches (:mod:`~xlstm_metal.kernels.fast.decode_chain`: the norms, gates and residual
         adds inside the products), each stage falling back to the modules of the tree where they
-        are not what its kernel expects. ``after``: the next block's :meth:`first_weights`, which
-        the chain's last stage asks L2 for as it ends (``decode_chain.ROWS_NEXT``)."""
+        are not what its kernel expects."""
         if chain.chain_applies(x):
-            return self._chain_step(x, pending, state, after)
+            return self._chain_step(x, pending, state)
         if pending is None:
             xn = self.norm_mlstm(x)
         else:
@@ -76,15 +74,7 @@ class mLSTMBlock(nn.Module):
         x, xn = add_rms_norm(x, y, self.norm_ffn)
         return x, self.ffn(_normed(xn, self.norm_ffn)), state
 
-    def first_weights(self, x: mx.array) -> tuple | None:
-        """(The weights of this block's first chain stage, 0) for residual stream ``x`` when that
-        stage is the fused q|k|v|o product (:func:`_projection_plan`), else None: what the block
-        before asks L2 for as its last stage ends."""
-        plan = _projection_plan(self.mlstm_layer, self.norm_mlstm, x, None)
-        return None if plan is None else (plan[0][0], 0)
-
-    def _chain_step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None,
-                    after: tuple | None = None):
+    def _chain_step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None):
         """:meth:`step` through the decode chain, stage by stage (see the module docstring of
         :mod:`~xlstm_metal.kernels.fast.decode_chain`)."""
         layer = self.mlstm_layer
@@ -93,9 +83,7 @@ class mLSTMBlock(nn.Module):
         args = self._chain_block_args(x, pending, state, plan, ffn_arrays)
         if args is not None:  # the whole block in one launch
             return chain.block_quantized_matmul(*args)
-        out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
-        projected = None if plan is None else _chain_projections(
-            layer, self.norm_mlstm, x, pending, plan, None if out_arrays is None else (out_arrays[0], 0))
+        projected = None if plan is None else _chain_projections(layer, self.norm_mlstm, x, pending, plan)
         if projected is None:  # the reference stage: add + norm, the projections as the tree holds them
             if pending is None:
                 xn = self.norm_mlstm(x)
@@ -111,6 +99,7 @@ class mLSTMBlock(nn.Module):
             cell = layer.projection_cell
             h, state = layer.recurrent_kernel_cell.step_packed(
                 y, columns, cell.num_heads, i_bias, f_bias, cell.gate_soft_cap, state, x=xn, w_if=w_if)
+        out_arrays = chain.quantized_arrays(layer.out_proj, x.shape[0])
         if ffn_arrays is not None and chain.merge_mode(ffn_arrays[4], x.shape[0]) in (4, 5):  # stages 3-5 in one launch
             down = chain.quantized_arrays(self.ffn.proj_down, x.shape[0])
             if chain.tail_merge_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays, self.norm_ffn,
@@ -120,17 +109,15 @@ class mLSTMBlock(nn.Module):
                 return x, y, state
         if chain.gate_chain_supported(h, o_src, o_offset, layer.multihead_norm, x, out_arrays):
             w, scales, biases, group_size, bits = out_arrays
-            # the FFN's first launch: gate|up, paired (gate j, up j) on the streaming path
-            ffn_first = None if ffn_arrays is None else (ffn_arrays[0], ffn_arrays[0].shape[0] // 2)
             x = chain.gate_norm_quantized_matmul(h, o_src, o_offset, layer.multihead_norm, x, w, scales, biases,
-                                                 group_size=group_size, bits=bits, after=ffn_first)
+                                                 group_size=group_size, bits=bits)
             xn = None if ffn_arrays is not None else _normed(self.norm_ffn(x), self.norm_ffn)
         elif ffn_arrays is not None:
             x, xn = x + layer.output_cell.fused(layer, h, o_preact), None
         else:  # as :meth:`step`: the residual add inside the norm's launch
             x, xn = add_rms_norm(x, layer.output_cell.fused(layer, h, o_preact), self.norm_ffn)
             xn = _normed(xn, self.norm_ffn)
-        return x, self._chain_ffn(x, xn, ffn_arrays, after), state
+        return x, self._chain_ffn(x, xn, ffn_arrays), state
 
     def _chain_block_args(self, x: mx.array, pending, state, plan=None, ffn_arrays=None):
         """:func:`~xlstm_metal.kernels.fast.decode_chain.block_quantized_matmul`'s arguments for
@@ -166,19 +153,18 @@ class mLSTMBlock(nn.Module):
                 return arrays if chain.norm_chain_supported(x, None, self.norm_ffn, arrays) else None
         return None
 
-    def _chain_ffn(self, x: mx.array, xn: mx.array | None, arrays, after: tuple | None = None) -> mx.array:
+    def _chain_ffn(self, x: mx.array, xn: mx.array | None, arrays) -> mx.array:
         """The FFN's output: RMSNorm of x -> gate|up (one launch, ``arrays`` from
         :meth:`_chain_ffn_arrays`; or the tree's layers on ``xn``, the normed x), then SwiGLU ->
         down (one launch where proj_down is a plain quantized layer; with
-        ``decode_chain.CHAIN_MERGE`` 1-3 both stages in one launch where they can). ``after``:
-        the next launch's weights for the streaming stages (:meth:`step`)."""
+        ``decode_chain.CHAIN_MERGE`` 1-3 both stages in one launch where they can)."""
         ffn = self.ffn
         if type(ffn) is not FeedForward:
             return ffn(xn)
         if arrays is not None:
             down = chain.quantized_arrays(ffn.proj_down, x.shape[0])
             if chain.ffn_rows_supported(x, self.norm_ffn, arrays, down):  # SwiGLU in gate|up's epilogue
-                return chain.ffn_rows_matmul(x, self.norm_ffn, arrays, down, after=after)
+                return chain.ffn_rows_matmul(x, self.norm_ffn, arrays, down)
             if chain.ffn_merge_supported(x, self.norm_ffn, arrays, down):  # both stages in one launch
                 return chain.ffn_quantized_matmul(x, self.norm_ffn, arrays, down)
             w, scales, biases, group_size, bits = arrays
@@ -239,18 +225,16 @@ def _projection_plan(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: 
     return arrays, columns, i_bias, f_bias, None if gates_quantized else w_if
 
 
-def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: mx.array | None, plan,
-                       after: tuple | None = None):
+def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending: mx.array | None, plan):
     """Stage 1 of the chain: [x + pending ->] RMSNorm -> the fused q|k|v|o(|i|f) product in one
     launch, when q, k, v, o form one quantized group (no biases) and i, f are in it too or form
-    the float group the step kernel multiplies itself (``plan``: :func:`_projection_plan`'s;
-    ``after``: out_proj's weights, asked of L2 across the step kernel).
+    the float group the step kernel multiplies itself (``plan``: :func:`_projection_plan`'s).
     Returns (x + pending, (the product's output, the step's columns of it, i bias, f bias, w_if,
     normed x (None without w_if)), (the product's output, o~'s column offset in it))."""
     arrays, columns, i_bias, f_bias, w_if = plan
     w, scales, biases, group_size, bits = arrays
     s, xn, y = chain.norm_quantized_matmul(x, pending, norm, w, scales, biases, group_size=group_size, bits=bits,
-                                           write_xn=w_if is not None, after=after)
+                                           write_xn=w_if is not None)
     # o~ follows q, k, v: columns[3] is where it starts
     return s, (y, columns, i_bias, f_bias, w_if, xn), (y, columns[3])
 

@@ -14,7 +14,6 @@ from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
 from ..kernels.fast.decode import add_rms_norm
-from ..kernels.fast.decode_chain import rows_next_on as chain_rows_next
 from ..kernels.fast.quantized import use_fast_quantized_layers
 from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
@@ -88,9 +87,7 @@ class Backbone(nn.Module):
                 new_state += block_states
                 index += len(block_states)
                 continue
-            following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
-            after = following.first_weights(x) if following is not None and chain_rows_next() else None
-            x, pending, block_state = self.blocks[index].step(x, pending, states[index], after)
+            x, pending, block_state = self.blocks[index].step(x, pending, states[index])
             new_state.append(block_state)
             index += 1
         x = add_rms_norm(x, pending, self.out_norm)[1] if "out_norm" in self else x + pending

@@ -509,22 +509,6 @@ ROWS_PREFETCH = _quantized._per_bits("XLSTM_METAL_CHAIN_ROWS_PREFETCH", {8: 0, 1
 #: (``=0``: the two stages as before).
 ROWS_SWIGLU = os.environ.get("XLSTM_METAL_CHAIN_ROWS_SWIGLU", "1") == "1"
 
-#: Bytes of each first row of the next launch's weights that a streaming stage's warps ask of L2
-#: as they leave, by bits (``XLSTM_METAL_CHAIN_ROWS_NEXT``, "bits:bytes,...", multiples of 16; 0
-#: none): the next stage's first loads then come from L2 while HBM would otherwise idle through
-#: this stage's tail, the launch gap and the next stage's prologue (out_proj, whose weights a
-#: step reads in 13 us, ran at 2.57 TB/s in S15R2: its prologue and ramp are a third of it).
-#: The next launch is the block's next stage (q|k|v|o -> out_proj across the step kernel,
-#: out_proj -> gate|up, gate|up -> proj_down) and proj_down's the next block's q|k|v|o.
-ROWS_NEXT = _quantized._per_bits("XLSTM_METAL_CHAIN_ROWS_NEXT", {8: 0, 16: 0})
-
-
-
-def rows_next_on() -> bool:
-    """Whether any width asks L2 for the next launch's weights (:data:`ROWS_NEXT`)."""
-    return any(ROWS_NEXT.values())
-
-
 _ROWS_HEADER = _REDUCE_HEADER + """
 __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
 """ + _gemv.HEADER
@@ -537,46 +521,34 @@ def rows_apply(bits: int, rows: int, group_size: int = 64) -> bool:
 
 
 def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], sizes: str, prologue: str,
-                 store: str, pair_store: str = ";", next_prefetch: bool = False):
+                 store: str, pair_store: str = ";"):
     """The streaming kernel of a stage (``key``) at ``bits``: :func:`.gemv.rows_source` with the
-    stage's hooks (inputs ``scales`` and ``biases`` added at 8 bits, then ``nxt`` with
-    ``next_prefetch``), registers bounded for :data:`ROWS_BLOCKS` blocks per SM."""
-    key = ("rows", *key, bits, ROWS_BLOCKS, ROWS_EARLY, next_prefetch)
+    stage's hooks (inputs ``scales`` and ``biases`` added at 8 bits), registers bounded for
+    :data:`ROWS_BLOCKS` blocks per SM."""
+    key = ("rows", *key, bits, ROWS_BLOCKS, ROWS_EARLY)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_decode_chain_rows_{key[1]}_{len(_kernels)}",
-            input_names=inputs + (["scales", "biases"] if bits != 16 else []) + (["nxt"] if next_prefetch else []),
+            input_names=inputs + (["scales", "biases"] if bits != 16 else []),
             output_names=outputs,
             source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store, bits,
-                                                    pair_store, next_prefetch)),
+                                                    pair_store)),
             header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(ROWS_BLOCKS)),
         )
         _kernels[key] = kernel
     return kernel
 
 
-def _next_weights(bits: int, after: tuple | None) -> tuple | None:
-    """``after`` (the next launch's weights, its pair offset) when this stage's warps ask L2
-    for them as they leave (:data:`ROWS_NEXT` at ``bits``), else None."""
-    if after is None or not _gemv.next_prefetch_applies(after[0], ROWS_NEXT.get(bits, 0)):
-        return None
-    return after
-
-
 def _rows_call(kernel, inputs: list, arrays: tuple, dtype: mx.Dtype, k: int, rows: int, shapes: list, dtypes: list,
-               extra: list, pair: int = 0, after: tuple | None = None) -> list:
+               extra: list, pair: int = 0) -> list:
     """Launch a stage's streaming kernel on ``inputs`` and the product's ``arrays`` (w, scales,
     biases, group size, bits) for inner size ``k``; ``pair``: features n and n + pair per warp
-    (4 loads of each in flight: the 8 of one feature otherwise); ``after``: the next launch's
-    (weights, pair offset) asked of L2 as the warps leave (the kernel built with
-    ``next_prefetch``; :func:`_next_weights`)."""
+    (4 loads of each in flight: the 8 of one feature otherwise)."""
     w, scales, biases, group_size, bits = arrays
     shape = dict(unroll=_gemv.UNROLL // 2, rows_per_warp=2, pair=pair) if pair else {}
-    if after is not None:
-        shape.update(_gemv.next_template(after[0], ROWS_NEXT[bits], after[1], ROWS_BLOCKS))
     return kernel(
-        inputs=inputs + [w] + ([scales, biases] if bits != 16 else []) + ([after[0]] if after is not None else []),
+        inputs=inputs + [w] + ([scales, biases] if bits != 16 else []),
         template=_gemv.rows_template(dtype, k, _stage_rows(rows, k, dtype), early=ROWS_EARLY, bits=bits,
                                      group_size=group_size if bits != 16 else 32,
                                      prefetch=ROWS_PREFETCH.get(bits, 0),
@@ -639,14 +611,11 @@ class _Probe:
 
 
 def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, w: mx.array, scales: mx.array,
-                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False,
-                          after: tuple | None = None):
+                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False):
     """x [B, 1, E] (the residual stream, float32 or the norm weight's dtype T), pending [B, 1, E]
     in T or None -> (s = x + pending (x itself when None), xn = norm(s) in T (None unless
     ``write_xn``), y = xn @ dequantize(w).T [B, 1, N] in T): one launch on CUDA for the cases
-    :func:`norm_chain_supported` accepts (the caller checks), else the ops. ``after``: (the
-    next launch's weights, its pair offset), asked of L2 as the streaming stage's warps leave
-    (:data:`ROWS_NEXT`)."""
+    :func:`norm_chain_supported` accepts (the caller checks), else the ops."""
     if not _kernels_on():  # the reference: the add + norm of the step, then the product
         if pending is None:
             s, xn = x, norm(x)
@@ -665,15 +634,12 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     if write_xn:
         shapes.append((B, 1, E)); dtypes.append(T)
     if rows_apply(bits, B, group_size):
-        after = _next_weights(bits, after)
         kernel = _rows_kernel(("norm", norm.eps, has_pending, write_xn), bits,
                               ["xr"] + (["pend"] if has_pending else []) + ["nw", "w"],
                               ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
-                              _NORM_SIZES, _norm_prologue(norm.eps, has_pending, write_xn), _gemv.STORE,
-                              next_prefetch=after is not None)
+                              _NORM_SIZES, _norm_prologue(norm.eps, has_pending, write_xn), _gemv.STORE)
         outs = _rows_call(kernel, [x] + ([pending] if has_pending else []) + [norm.weight],
-                          (w, scales, biases, group_size, bits), T, E, B, shapes, dtypes, [("ST", x.dtype)],
-                          after=after)
+                          (w, scales, biases, group_size, bits), T, E, B, shapes, dtypes, [("ST", x.dtype)])
         return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
     iw = _int(bits, group_size, B, E, T, stage="norm")
     key = ("norm", norm.eps, has_pending, write_xn, iw)
@@ -707,13 +673,11 @@ def norm_chain_supported(x: mx.array, pending: mx.array | None, norm: nn.Module,
 
 
 def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm: MultiHeadLayerNorm, x: mx.array,
-                               w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int,
-                               after: tuple | None = None):
+                               w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int):
     """h [B, NH, 1, DV], o~ = ``o_src[..., o_offset : o_offset + NH * DV]`` (o_src [B, 1, *]: the
     fused projection's output, passed whole so no slice is built), ``norm`` the multi-head
     LayerNorm, x [B, 1, E] the residual stream -> x + out_proj(sigmoid(o~) * norm(h)) in x's
-    dtype (the product rounded to T first, as the separate layer returns it): one launch.
-    ``after`` as :func:`norm_quantized_matmul`'s."""
+    dtype (the product rounded to T first, as the separate layer returns it): one launch."""
     B, NH, _, DV = h.shape
     if not _kernels_on():  # the reference: norm + gate, the product, the residual add
         o_preact = o_src[..., o_offset: o_offset + NH * DV]
@@ -721,13 +685,10 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
     E = x.shape[-1]
     T = h.dtype
     if rows_apply(bits, B, group_size):
-        after = _next_weights(bits, after)
         kernel = _rows_kernel(("gate", norm.eps), bits, ["h", "o", "nw", "xr", "w"], ["out"], _GATE_SIZES,
-                              _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE,
-                              next_prefetch=after is not None)
+                              _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE)
         return _rows_call(kernel, [h, o_src, norm.weight, x], (w, scales, biases, group_size, bits), T, NH * DV, B,
-                          [(B, 1, E)], [x.dtype], [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)],
-                          after=after)[0]
+                          [(B, 1, E)], [x.dtype], [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)])[0]
     split = _split(w.shape[0], NH * DV, bits)
     iw = _int(bits, group_size, B, NH * DV, T, split, "gate")
     kernel = _kernel(("gate", norm.eps, iw), bits, ["h", "o", "nw", "xr", "w", "scales", "biases"], ["out"],
@@ -824,13 +785,11 @@ def ffn_rows_supported(x: mx.array, norm: nn.Module, arrays, down) -> bool:
     return _gemv.rows_supported(act, dw, None if dbits == 16 else ds, None if dbits == 16 else db, dg, dbits)
 
 
-def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down, after: tuple | None = None) -> mx.array:
+def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     """The FFN of a block step on the streaming product (:func:`ffn_rows_supported`): RMSNorm of
     x [B, 1, E] -> gate|up with SwiGLU in the epilogue (a warp per gate/up pair) -> silu(gate) *
     up [B, 1, F] in T, then proj_down on it staged as it is -> [B, 1, N] in T. Two launches; the
-    same values as :func:`norm_quantized_matmul` then :func:`swiglu_quantized_matmul`. With
-    :data:`ROWS_NEXT`, gate|up's warps ask L2 for proj_down's first weights as they leave, and
-    proj_down's for ``after``'s (the next launch's weights, its pair offset)."""
+    same values as :func:`norm_quantized_matmul` then :func:`swiglu_quantized_matmul`."""
     w, scales, biases, group_size, bits = arrays
     F = w.shape[0] // 2
     if not _kernels_on():
@@ -840,17 +799,12 @@ def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down, after: tuple | Non
         return _product(swiglu(gate_up[..., :F], gate_up[..., F:]), down)
     B, _, E = x.shape
     T = norm.weight.dtype
-    first = _next_weights(bits, (down[0], 0))
     kernel = _rows_kernel(("norm_swiglu", norm.eps), bits, ["xr", "nw", "w"], ["y"], _NORM_SIZES,
-                          _norm_prologue(norm.eps, False, False), ";", _SWIGLU_PAIR_STORE,
-                          next_prefetch=first is not None)
-    act = _rows_call(kernel, [x, norm.weight], arrays, T, E, B, [(B, 1, F)], [T], [("ST", x.dtype)], pair=F,
-                     after=first)[0]
+                          _norm_prologue(norm.eps, False, False), ";", _SWIGLU_PAIR_STORE)
+    act = _rows_call(kernel, [x, norm.weight], arrays, T, E, B, [(B, 1, F)], [T], [("ST", x.dtype)], pair=F)[0]
     # [B, 1, F] in and [B, 1, N] out as they are (no reshape nodes: the host pays for each)
-    after = _next_weights(bits, after)
-    kernel = _rows_kernel(("plain",), bits, ["x", "w"], ["y"], _PLAIN_SIZES, _gemv.STAGE_X, _gemv.STORE,
-                          next_prefetch=after is not None)
-    return _rows_call(kernel, [act], down, T, F, B, [(B, 1, down[0].shape[0])], [T], [], after=after)[0]
+    kernel = _rows_kernel(("plain",), bits, ["x", "w"], ["y"], _PLAIN_SIZES, _gemv.STAGE_X, _gemv.STORE)
+    return _rows_call(kernel, [act], down, T, F, B, [(B, 1, down[0].shape[0])], [T], [])[0]
 
 
 # --------------------------------------------------------------- stages 4 and 5 in one launch

@@ -240,27 +240,6 @@ _SOURCE = """
         }
       }
     }
-@NEXT@"""
-
-#: The next launch's first weights asked of L2 as each warp leaves (:func:`rows_source`'s
-#: ``next_prefetch``): input ``nxt`` [R, *] (any dtype, rows of a multiple of 16 bytes),
-#: templates NPF (bytes per row), NJ (rows the next launch's warps take first) and NPAIR (> 0: rows
-#: j and j + NPAIR for each j < NJ, the pairs of a paired launch). The lanes of all warps share
-#: the rows (lane-major, so a warp leaving early asks for 32 rows far apart).
-NEXT_PREFETCH = """\
-    {
-      // Why: HBM idles through this launch's tail, the gap to the next launch and that one's
-      // prologue; the next launch's first rows then come from L2.
-      const int nrows = nxt_shape[0];
-      const int rb = nxt_shape[1] * (int)sizeof(nxt[0]);
-      const int bytes = NPF < rb ? NPF : rb;
-      const int nwarps = gridDim.x * WARPS;
-      constexpr int NP = NPAIR > 0 ? 2 : 1;
-      for (int i = lane * nwarps + blockIdx.x * WARPS + warp; i < NJ * NP; i += 32 * nwarps) {
-        const int r = NPAIR > 0 ? (i >> 1) + (i & 1) * NPAIR : i;
-        if (r < nrows) xl_prefetch_l2(reinterpret_cast<const char*>(nxt) + (size_t)r * rb, bytes);
-      }
-    }
 """
 
 # (8 bits) a chunk's group scale and bias, requested with its weights.
@@ -294,7 +273,7 @@ def launch_bounds(resident: int) -> str:
 
 
 def rows_source(sizes: str = _SIZES, prologue: str = STAGE_X, store: str = STORE, bits: int = 16,
-                pair_store: str = ";", next_prefetch: bool = False) -> str:
+                pair_store: str = ";") -> str:
     """The kernel's body with its hooks filled, as :func:`.quantized.decode_source`'s (whose
     prologues :mod:`.decode_chain` puts here too): ``sizes`` defines ``int M`` (rows of x),
     ``constexpr int K`` (= template ``KD``) and ``T xs_s[SR * KD]`` in shared memory;
@@ -304,32 +283,26 @@ def rows_source(sizes: str = _SIZES, prologue: str = STAGE_X, store: str = STORE
     affine bytes ``w`` [N, K / 4] (uint32) with inputs ``scales`` and ``biases`` [N, K / G].
     ``pair_store`` (one statement): with template ``PAIR`` > 0, what is written at row ``m``,
     feature ``n`` < PAIR from ``float sum0`` (feature n's sum) and ``sum1`` (feature n + PAIR's).
-    ``next_prefetch``: each warp, done, asks L2 for a share of the next launch's first weights
-    (:data:`NEXT_PREFETCH`: input ``nxt``, templates NPF, NJ, NPAIR).
     Template arguments: :func:`rows_template`."""
     return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue).replace("@STORE@", store)
-            .replace("@PAIR_STORE@", pair_store).replace("@SB_LOAD@\n", _SB_LOAD if bits != 16 else "")
-            .replace("@NEXT@", NEXT_PREFETCH if next_prefetch else ""))
+            .replace("@PAIR_STORE@", pair_store).replace("@SB_LOAD@\n", _SB_LOAD if bits != 16 else ""))
 
 
 def rows_template(dtype: mx.Dtype, k: int, staged_rows: int, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
                   load_hint: int = 1, early: bool = True, bits: int = 16, group_size: int = 32,
-                  prefetch: int = 0, pair: int = 0, next_bytes: int = 0, next_rows: int = 0,
-                  next_pair: int = 0) -> list:
+                  prefetch: int = 0, pair: int = 0) -> list:
     """Template arguments of :func:`rows_source`'s kernels: ``staged_rows`` (SR) rows of x in
     shared memory, ``early``: the first weights requested before the prologue (PRE); ``bits``
     and ``group_size``: the weights' format; ``prefetch``: bytes of each warp's first features
     asked of L2 before the prologue (PF, a multiple of 16; 0 none); ``pair``: features n and
-    n + pair computed together for the pair store (PAIR; ``rows_per_warp`` 2; 0 not);
-    ``next_bytes``, ``next_rows``, ``next_pair``: :data:`NEXT_PREFETCH`'s NPF, NJ and NPAIR."""
-    for name, value in (("prefetch", prefetch), ("next_bytes", next_bytes)):
-        if value < 0 or value % 16:
-            raise ValueError(f"{name} must be a non-negative multiple of 16 bytes, got {value}")
+    n + pair computed together for the pair store (PAIR; ``rows_per_warp`` 2; 0 not)."""
+    if prefetch < 0 or prefetch % 16:
+        raise ValueError(f"prefetch must be a non-negative multiple of 16 bytes, got {prefetch}")
     if pair and rows_per_warp != 2:
         raise ValueError("paired features take rows_per_warp=2")
     return [("T", dtype), ("KD", k), ("SR", staged_rows), ("U", unroll), ("RPW", rows_per_warp), ("WARPS", WARPS),
             ("LDH", load_hint), ("PRE", bool(early)), ("BITS", bits), ("G", group_size), ("PF", prefetch),
-            ("PAIR", pair), ("NPF", next_bytes), ("NJ", next_rows), ("NPAIR", next_pair)]
+            ("PAIR", pair)]
 
 
 def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0) -> dict:
@@ -344,14 +317,14 @@ def rows_launch(n_out: int, rows_per_warp: int = ROWS_PER_WARP, blocks: int = 0)
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(resident: int, bits: int, next_prefetch: bool = False):
-    key = (resident, bits, next_prefetch)
+def _kernel(resident: int, bits: int):
+    key = (resident, bits)
     if key not in _kernels:
         _kernels[key] = mx.fast.cuda_kernel(
-            name=f"xlstm_rows_matmul_{bits}_r{resident}" + ("_next" if next_prefetch else ""),
-            input_names=["x", "w"] + (["scales", "biases"] if bits != 16 else []) + (["nxt"] if next_prefetch else []),
+            name=f"xlstm_rows_matmul_{bits}_r{resident}",
+            input_names=["x", "w"] + (["scales", "biases"] if bits != 16 else []),
             output_names=["y"],
-            source=compact_source(rows_source(bits=bits, next_prefetch=next_prefetch)),
+            source=compact_source(rows_source(bits=bits)),
             header=compact_source(HEADER + launch_bounds(resident)),
         )
     return _kernels[key]
@@ -384,8 +357,7 @@ def staged_rows(rows: int) -> int:
 def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, *,
                 group_size: int = 64, bits: int = 16, unroll: int = UNROLL, rows_per_warp: int = ROWS_PER_WARP,
                 blocks: int = 0, resident: int = RESIDENT, load_hint: int = 1, early: bool = True,
-                prefetch: int = 0, next_weights: mx.array | None = None, next_bytes: int = 2048,
-                next_pair: int = 0) -> mx.array:
+                prefetch: int = 0) -> mx.array:
     """x [..., K] @ W.T -> [..., N], at most :data:`MAX_ROWS` rows of x: ``bits`` 16, W = w [N, K]
     of x's dtype (bf16/fp16); 8, W = MLX's affine dequantization of w [N, K / 4] (uint32) with
     ``scales`` and ``biases`` [N, K / group_size], computed as s * sum(q x) + b * sum(x) per group
@@ -398,10 +370,7 @@ def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases
     :data:`RESIDENT`); ``load_hint``: the weights' load instruction (0 plain, 1 non-coherent
     without L1, 2 evict-first); ``early``: the first loads issued before x is staged;
     ``prefetch``: bytes of each warp's first features asked of L2 before x is staged (a
-    multiple of 16; 0 none); ``next_weights``: the weights [R, *] of the launch that follows
-    (rows of a multiple of 16 bytes), whose first ``next_bytes`` of each row its warps take
-    first each warp asks L2 for as it leaves (``next_pair`` > 0: that launch pairs rows j and j +
-    next_pair); None: nothing asked."""
+    multiple of 16; 0 none)."""
     if not rows_supported(x, w, scales, biases, group_size, bits):
         if bits == 16:
             return x @ w.T
@@ -409,31 +378,12 @@ def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases
                                    bits=bits)
     lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
     M = math.prod(lead)
-    nxt = next_weights if next_prefetch_applies(next_weights, next_bytes) else None
-    (y,) = _kernel(resident, bits, nxt is not None)(
-        inputs=[x.reshape(M, K), w] + ([scales, biases] if bits != 16 else []) + ([nxt] if nxt is not None else []),
+    (y,) = _kernel(resident, bits)(
+        inputs=[x.reshape(M, K), w] + ([scales, biases] if bits != 16 else []),
         template=rows_template(x.dtype, K, staged_rows(M), unroll, rows_per_warp, load_hint, early, bits, group_size,
-                               prefetch, **(next_template(nxt, next_bytes, next_pair) if nxt is not None else {})),
+                               prefetch),
         **rows_launch(N, rows_per_warp, blocks),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
     )
     return y.reshape(*lead, N)
-
-
-def next_prefetch_applies(next_weights: mx.array | None, next_bytes: int) -> bool:
-    """Whether a launch can ask L2 for ``next_bytes`` of each first row of ``next_weights``
-    (:data:`NEXT_PREFETCH`): a 2-D array whose rows are a multiple of 16 bytes (the bulk
-    prefetch's alignment), a positive multiple of 16 bytes asked."""
-    return (next_weights is not None and next_weights.ndim == 2 and next_bytes > 0 and next_bytes % 16 == 0
-            and (next_weights.shape[1] * next_weights.dtype.size) % 16 == 0)
-
-
-def next_template(next_weights: mx.array, next_bytes: int, next_pair: int = 0, blocks: int = 0) -> dict:
-    """:func:`rows_template`'s arguments asking for the rows the next launch's warps take first:
-    one per warp of a launch of ``blocks`` thread blocks per SM (0: a warp per row), each row
-    ``j`` (and ``j + next_pair`` when > 0) of ``next_weights``."""
-    rows = next_pair or next_weights.shape[0]
-    if blocks:
-        rows = min(rows, blocks * SMS * WARPS)
-    return dict(next_bytes=next_bytes, next_rows=rows, next_pair=next_pair)
