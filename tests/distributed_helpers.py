@@ -42,3 +42,18 @@ def ring_env(rank: int, n: int, port: int, tmp: Path) -> dict[str, str]:
     hostfile = tmp / f"ring-{port}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
     return {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+
+
+def assert_memory_stop(rank: int, hit: int, code: int, err: str, prefix: str = "",
+                       forbidden: tuple[str, ...] = ("Traceback",)) -> None:
+    """One rank of two after rank ``hit`` reached its hard memory limit (XLSTM_MEM_HARD_MB=2):
+    exit 3, none of ``forbidden`` on its stderr ``err``, and its line: the limit for rank
+    ``hit``, the agreement to stop for the other (each after ``prefix``)."""
+    assert code == 3, (rank, err[-2000:])
+    assert not any(text in err for text in forbidden), err[-2000:]
+    if rank == hit:
+        assert f"{prefix}rank {rank} of 2: memory" in err and "reached the hard limit 2.0 MB " \
+            "(XLSTM_MEM_HARD_MB=2); stopped cleanly" in err, err[-2000:]
+    else:
+        assert f"{prefix}rank {rank} of 2: rank {hit} reached its hard memory limit: every process " \
+            "stopped cleanly" in err, err[-2000:]

@@ -13,7 +13,7 @@ from xlstm_metal.distributed import parallelize, stage_bounds
 from xlstm_metal.distributed.tensor import _check_shardable, tensor_parallel_supported
 
 from conftest import tiny_model  # noqa: E402
-from distributed_helpers import launch_cmd  # noqa: E402
+from distributed_helpers import assert_memory_stop, launch_cmd  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 PROMPT = "def read_file(path):"
@@ -271,14 +271,7 @@ def run_ranks(tmp_path, command, hit):
 
 def assert_all_stopped_for(results, hit):
     for rank, (code, _, err) in enumerate(results):
-        assert code == 3, (rank, err[-2000:])
-        assert "Traceback" not in err and "[ring]" not in err, err[-2000:]
-        if rank == hit:
-            assert f"xlstm-metal: rank {rank} of 2: memory" in err and "reached the hard limit 2.0 MB " \
-                "(XLSTM_MEM_HARD_MB=2); stopped cleanly" in err, err[-2000:]
-        else:
-            assert f"xlstm-metal: rank {rank} of 2: rank {hit} reached its hard memory limit: every process " \
-                "stopped cleanly" in err, err[-2000:]
+        assert_memory_stop(rank, hit, code, err, prefix="xlstm-metal: ", forbidden=("Traceback", "[ring]"))
 
 
 @pytest.mark.parametrize("hit", [0, 1])
