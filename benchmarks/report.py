@@ -146,6 +146,34 @@ def training_target_rows() -> list[str]:
     return lines
 
 
+def cpu_limit_target_rows(results: dict[str, dict]) -> list[str]:
+    """Issue 19 item 5 against this machine's limits (results/cpu_limits_125m.json, quiet
+    rounds): decode at batch 1 as a share of the read-bandwidth limit (target 80%), and what the
+    prefill ratio can reach at all: the measured GEMM ceiling over the official's best prefill."""
+    path = RESULTS / "cpu_limits_125m.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    rounds = d["rounds"]
+    best = max(rounds, key=lambda r: r["fraction_of_limit"])
+    status = "**met**" if best["fraction_of_limit"] >= 0.8 else f"not met: {0.8 / best['fraction_of_limit']:.2f}x short"
+    lines = [f"| CPU 125m float32: decode batch 1 vs this machine's read-bandwidth limit | >= 80% | "
+             f"{100 * best['fraction_of_limit']:.0f}% ({best['ours_tok_s']:.1f} of {best['limit_tok_s']:.1f} tok/s; "
+             f"{best['read_gbs']:.1f} GB/s read; `{path.name}`, {d['date']}) | {status} |"]
+    cpu = results.get("cpu")
+    ceilings = [r["prefill"]["ceiling_tok_s"] for r in rounds if "prefill" in r]
+    official = [r["tok_s"] for r in (cpu or {}).get("best", []) if r.get("side") == "official"
+                and r.get("kind") == "prefill" and r.get("length") == 512 and r.get("batch") == 1]
+    if ceilings and official:
+        reach = max(ceilings) / max(official)
+        lines.append(f"| CPU 125m float32: the most prefill 512 could reach vs official (this machine's measured "
+                     f"GEMM ceiling, {max(ceilings):,.0f} tok/s, over the official's best, {max(official):,.1f}) "
+                     f"| >= 2.0 x official | {reach:.2f} x official | "
+                     + ("**reachable**" if reach >= 2.0 else "not reachable here: the 2x target is above the "
+                        "machine's compute ceiling") + " |")
+    return lines
+
+
 def target_rows(results: dict[str, dict]) -> list[str]:
     lines = ["| target | goal | measured | status |", "| --- | --- | --- | --- |"]
     for preset, kind, batch, length, goal, unit, what in TARGETS:
@@ -946,6 +974,7 @@ def render() -> str:
         "",
         *target_rows(results),
         *training_target_rows(),
+        *cpu_limit_target_rows(results),
     ]
     if NOTES.exists():  # an index, not a copy: the notes are a quarter of a megabyte
         lines += ["", "## Where each target stands, and what limits it", "",
