@@ -450,7 +450,12 @@ def test_split_columns_joins_the_cotangents_in_the_traced_step(monkeypatch):
     assert loss.item() == ref_loss.item()
     flat = dict(tree_flatten(grads))
     for k, g in tree_flatten(ref):
-        assert mx.array_equal(flat[k], g), k
+        if k == "backbone.embeddings.weight" and mx.default_device() != mx.cpu:
+            # MLX's CUDA scatter-add (the lookup's gradient) adds in no fixed order: two runs of the
+            # same step differ by float32 round-off there (H200, S16R2: 9.5e-7 of ~0.03).
+            assert mx.allclose(flat[k], g, rtol=1e-5, atol=1e-6), k
+        else:
+            assert mx.array_equal(flat[k], g), k
 
 
 @cuda
