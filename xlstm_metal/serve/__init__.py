@@ -109,6 +109,9 @@ MODEL_DEFAULTS = {"max_tokens": ("max_tokens", 512), "temperature": ("temp", 0.0
 MAX_COMPLETION_LOGPROBS = 5
 #: Seconds between looks at a waiting request's client (gone?) while no token arrives.
 POLL_S = 0.1
+#: Seconds :meth:`Server.close` waits, in all, for the server's threads to end (a request in
+#: flight is stopped at its next token).
+CLOSE_S = 10.0
 
 
 #: mlx-lm's handler attributes whose request field has another name (its messages name the attribute).
@@ -171,13 +174,25 @@ class _RequestFailed(BaseException):
 
 
 class _ResponseQueue(Queue):
-    """A request's queue of responses; ``finished`` once its last item (None or an error) is in."""
+    """A request's queue of responses; ``finished`` once its last item (None or an error) is in.
+    Its generation context (the first item) is kept in ``ctx``, and stopped at once when
+    ``stopping()`` says the server is closing, so that closing never waits for a reply to run
+    to max_tokens."""
 
     finished = False
+    ctx: mlx_server.GenerationContext | None = None
+
+    def __init__(self, stopping: Callable[[], bool] = lambda: False):
+        super().__init__()
+        self.stopping = stopping
 
     def put(self, item, block=True, timeout=None):
         if item is None or isinstance(item, Exception):
             self.finished = True
+        elif isinstance(item, mlx_server.GenerationContext):
+            self.ctx = item  # before stopping() is asked: stop_and_join sets _stop before it reads ctx
+            if self.stopping():
+                item.stop()
         super().put(item, block, timeout)
 
 
@@ -447,7 +462,66 @@ def _apply_model_defaults(args, names, provider, prompt_tokens: int) -> None:
         args.sampling.top_k = 0  # as the handler does: MLX's top-k refuses k >= vocabulary
 
 
-class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
+def _release_thread_state() -> None:
+    """Frees the calling thread's MLX streams and, from MLX 0.32.1 on, its random key
+    (``mx.clear_streams``), while the thread still holds the GIL.
+
+    The key is a C++ thread_local (seeded or sampling requests set it in the generation thread)
+    whose destructor takes the GIL when the thread exits, after Python's ``join`` has already
+    returned. Were the interpreter finalising by then, CPython would end the thread with
+    pthread_exit inside that noexcept destructor: std::terminate, "terminate called without an
+    active exception", exit code 134."""
+    clear = getattr(mx, "clear_streams", None)  # MLX >= 0.31.2
+    if clear is None:
+        return
+    try:
+        clear()
+    except Exception as err:  # the thread ends anyway; _join still waits for its exit
+        logging.warning("could not free the generation thread's MLX streams: %s", err)
+
+
+def _join(thread: threading.Thread | None, timeout: float | None = None) -> bool:
+    """Join ``thread`` (None: none), for at most ``timeout`` seconds, and then, on Linux, wait
+    until its OS thread has gone (``/proc/self/task/<tid>``; at most ``timeout``, or
+    :data:`CLOSE_S`): ``join`` returns once the thread's Python state is deleted, before the
+    C++ thread_local destructors run as it exits, and one of MLX's may take the GIL
+    (:func:`_release_thread_state`). True when the thread has ended."""
+    if thread is None:
+        return True
+    deadline = time.monotonic() + (CLOSE_S if timeout is None else timeout)
+    thread.join(timeout)
+    if thread.is_alive():
+        return False
+    task = Path(f"/proc/self/task/{thread.native_id}")
+    while thread.native_id is not None and task.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+class _GenerationThread:
+    """A mixin of mlx-lm's ResponseGenerator: the generation thread frees its MLX thread state
+    before it ends (:func:`_release_thread_state`), and ``join`` / ``stop_and_join`` return once
+    its OS thread has gone, within an optional bound, so that the process may exit right after."""
+
+    def _run_generate(self) -> None:
+        try:
+            super()._run_generate()
+        finally:
+            _release_thread_state()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the generation loop to end; True when it has (False: ``timeout`` passed)."""
+        return _join(self._generation_thread, timeout)
+
+    def stop_and_join(self, timeout: float | None = None) -> bool:
+        """End the generation loop after the request it is serving; True when it has ended."""
+        self._stop = True
+        return self.join(timeout)
+
+
+class ResponseGenerator(_GenerationThread, _ModelDefaults, mlx_server.ResponseGenerator):
     """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
     request dropped once its client has gone, and a generation thread that survives an error;
     each request's tokens are counted for `xlstm-metal top`."""
@@ -457,8 +531,26 @@ class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
         self._taken: list[_ResponseQueue] = []
         self._taken_count = 0
         super().__init__(model_provider, prompt_cache)  # starts the generation thread
+        self._generation_thread.name = "xlstm-serve-generation"
 
-    def _run_generate(self) -> None:
+    def stop_and_join(self, timeout: float | None = None) -> bool:
+        """End the generation loop, stopping the requests it holds at their next token (mlx-lm
+        looked at its stop flag between requests only: closing waited for every reply to run to
+        its end); True when the loop has ended within ``timeout`` seconds. Under mlx.launch the
+        requests run to their end: mlx-lm cannot stop one on every rank."""
+        self._stop = True
+        if not self._is_distributed:
+            for rqueue in list(self._taken):
+                if rqueue.ctx is not None:
+                    rqueue.ctx.stop()
+        return super().stop_and_join(timeout)
+
+    def _unavailable(self) -> GenerationUnavailable:
+        if self._stop:
+            return GenerationUnavailable("the server closed before this reply was complete")
+        return GenerationUnavailable("the generation thread has stopped (see the server log)")
+
+    def _generate(self) -> None:
         """mlx-lm's generation loop, started again after an exception. mlx-lm let the thread
         die: the requests in it never got a response, and every later one got 'generation
         thread died'. Here the requests the loop held (their state died with it) get the
@@ -468,7 +560,7 @@ class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
         while True:
             taken = self._taken_count
             try:
-                self._generate()
+                super()._generate()
                 return
             except Exception as err:
                 logging.exception("generation failed: %s", err)
@@ -494,7 +586,7 @@ class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
                 return response_queue.get(timeout=1.0)
             except Empty:
                 if not self.generation_available():
-                    raise GenerationUnavailable("the generation thread has stopped (see the server log)") from None
+                    raise self._unavailable() from None
 
     def generate(self, request, generation_args, progress_callback=None,
                  client_gone: Callable[[], bool] | None = None):
@@ -512,9 +604,9 @@ class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
 
     def _submit(self, request, generation_args, progress_callback, client_gone):
         """mlx-lm's generate, awaiting the responses in :meth:`_responses`."""
-        rqueue = _ResponseQueue()
+        rqueue = _ResponseQueue(stopping=lambda: self._stop and not self._is_distributed)
         if not self.generation_available():
-            raise GenerationUnavailable("the generation thread has stopped (see the server log)")
+            raise self._unavailable()
         self.requests.put((rqueue, request, generation_args))
         # The context comes as soon as the generation thread takes the request; only then can the
         # request be stopped, so the client is not polled before it.
@@ -540,7 +632,7 @@ class ResponseGenerator(_ModelDefaults, mlx_server.ResponseGenerator):
                     raise ClientDisconnected("the client closed the connection")
             if item is Empty:
                 if not self.generation_available():
-                    raise GenerationUnavailable("the generation thread has stopped (see the server log)")
+                    raise self._unavailable()
             elif item is None:
                 return
             elif isinstance(item, Exception):
@@ -1039,14 +1131,70 @@ class APIHandler(mlx_server.APIHandler):
         logging.debug("%s - %s", self.address_string(), format % args)
 
 
-class Server:
-    """A running server: ``url``, ``close()``; a context manager."""
+class _HTTPServer(ThreadingHTTPServer):
+    """The HTTP server. Each request runs in a daemon thread (they never enter MLX: the
+    generation thread does) that :meth:`Server.close` joins for a bounded time: ThreadingMixIn's
+    own join, in server_close, had no bound, and a client holding a connection open without
+    sending its request (a browser's preconnect) held close, and with it the exit, forever."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, generator: mlx_server.ResponseGenerator):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        #: The request threads not yet seen ended (the serving thread's; close reads it once that stopped).
+        self.request_threads: list[threading.Thread] = []
+
+    def process_request(self, request, client_address) -> None:
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="xlstm-serve-request", daemon=True)
+        self.request_threads = [t for t in self.request_threads if t.is_alive()]
+        self.request_threads.append(thread)
+        thread.start()
+
+
+#: The servers made and not yet closed, which :func:`_close_open_servers` closes at exit.
+_OPEN_SERVERS: set["Server"] = set()
+_OPEN_LOCK = threading.Lock()
+_exit_hook_registered = False
+
+
+def _close_open_servers() -> None:
+    """Close the servers still open as the interpreter exits (a script that never called
+    :meth:`Server.close`). It runs in threading's shutdown, before the non-daemon threads are
+    joined: mlx-lm's generation thread is one, and its loop, never told to stop, held the exit
+    forever."""
+    with _OPEN_LOCK:
+        servers = list(_OPEN_SERVERS)
+    for server in servers:
+        server.close()
+
+
+def _close_at_exit(server: "Server") -> None:
+    global _exit_hook_registered
+    with _OPEN_LOCK:
+        if not _exit_hook_registered:
+            try:
+                # CPython's hook run before the non-daemon threads are joined (concurrent.futures
+                # stops its workers with it); atexit's functions run only after that join.
+                threading._register_atexit(_close_open_servers)
+            except RuntimeError:  # made during the exit itself: close() is the caller's
+                return
+            _exit_hook_registered = True
+        _OPEN_SERVERS.add(server)
+
+
+class Server:
+    """A running server: ``url``, ``close()``; a context manager. One left open is closed as
+    the interpreter exits."""
+
+    def __init__(self, httpd: _HTTPServer, generator: ResponseGenerator):
         self.httpd, self.generator = httpd, generator
         host, port = httpd.server_address[:2]
         self.url = f"http://{host}:{port}"
         self._thread: threading.Thread | None = None
+        self.closed = False
+        _close_at_exit(self)
 
     def serve_forever(self) -> None:
         try:
@@ -1056,18 +1204,40 @@ class Server:
 
     def start(self) -> "Server":
         """Serve from a background thread (tests, notebooks)."""
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="xlstm-serve-http", daemon=True)
         self._thread.start()
         return self
 
-    def close(self) -> None:
+    def threads(self) -> list[threading.Thread]:
+        """The server's threads, ended or not: serving, generation, requests."""
+        own = [t for t in (self._thread, self.generator._generation_thread) if t is not None]
+        return own + list(self.httpd.request_threads)
+
+    def close(self, timeout: float = CLOSE_S) -> None:
+        """Stop serving: no new connection, the requests in flight stopped at their next token
+        (their clients get a 503, or an error event ending the stream, or, for a seeded request,
+        the reply so far), and the server's threads ended, waiting at most
+        ``timeout`` seconds in all. The generation thread, the one in MLX, is joined to its OS
+        thread's end; a request thread still waiting on its client is left to exit with the
+        process (a daemon, outside MLX)."""
+        with _OPEN_LOCK:
+            if self.closed:
+                return
+            self.closed = True
+            _OPEN_SERVERS.discard(self)
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         if self._thread is not None:
             self.httpd.shutdown()
-            self._thread.join()
-            self._thread = None
+            self._thread.join(left())
         self.httpd.server_close()
-        if self.generator.generation_available():
-            self.generator.stop_and_join()
+        if not self.generator.stop_and_join(left()):
+            logging.warning("the generation thread did not end within %.0f s of closing the server", timeout)
+        for thread in self.httpd.request_threads:
+            thread.join(left())
 
     def __enter__(self) -> "Server":
         return self
@@ -1080,13 +1250,17 @@ def make_server(cli_args: argparse.Namespace) -> Server:
     """Load the model (errors surface here, as :class:`ServeError`), bind ``host:port``
     (port 0: any free port) and return the :class:`Server`, not yet serving."""
     try:
-        httpd = ThreadingHTTPServer((cli_args.host, cli_args.port), _handler_factory(None))
+        httpd = _HTTPServer((cli_args.host, cli_args.port), _handler_factory(None))
     except OSError as err:
         raise ServeError(f"cannot listen on {cli_args.host}:{cli_args.port}: {err.strerror or err}") from None
-    httpd.daemon_threads = True
     provider = ModelProvider(cli_args)
     generator = ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
-    provider.ready.wait()
+    try:
+        provider.ready.wait()
+    except BaseException:  # Ctrl-C while loading: the generation thread would hold the exit
+        generator.stop_and_join(CLOSE_S)
+        httpd.server_close()
+        raise
     if provider.load_error is not None:
         generator.stop_and_join()
         httpd.server_close()
@@ -1111,7 +1285,7 @@ def follow(cli_args: argparse.Namespace) -> None:
     generator.join()
 
 
-class _Follower(_ModelDefaults, mlx_server.ResponseGenerator):
+class _Follower(_GenerationThread, _ModelDefaults, mlx_server.ResponseGenerator):
     """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's."""
 
 
