@@ -285,3 +285,143 @@ def test_mlx_lm_model_without_tokenizer_is_named(command, tiny_model_dir, capsys
         (tiny_model_dir / name).unlink(missing_ok=True)
     argv = ["mlx-lm", command, "--model", tiny_model_dir] + (["--prompt", "hi"] if command == "generate" else [])
     assert_rejected(argv, capsys, "has no tokenizer", "tokenizer.json")
+
+
+# ---------------------------------------------------------------------- sweep of bad input (round 2)
+@pytest.mark.parametrize("argv,flag,value", [
+    (["train", "{data}", "--out", "{out}", "--steps", "1"], "--lr", "inf"),
+    (["train", "{data}", "--out", "{out}", "--steps", "1"], "--weight-decay", "nan"),
+    (["train", "{data}", "--out", "{out}", "--steps", "1"], "--grad-clip", "nan"),
+    (["train", "{data}", "--out", "{out}", "--steps", "1"], "--max-time", "nan"),
+    (["train", "{data}", "--out", "{out}", "--steps", "1"], "--memory-limit", "inf"),  # was an OverflowError
+    (["tune", "--objective", "speed", "--backend", "ray", "--out", "{out}"], "--cpus-per-trial", "nan"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_non_finite_numbers_are_usage_errors(argv, flag, value, text_data, tmp_path, capsys):
+    # nan / inf parse as floats: --lr inf and --grad-clip nan trained to NaN losses (exit 0).
+    out = tmp_path / "run"
+    argv = [a.format(data=text_data, out=out) for a in argv]
+    assert_rejected([*argv, flag, value], capsys, flag, "finite", value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--export-dtype", "float16"], ["--export-dtype", "--export DIR"]),
+    (["--tokenizer", "{tokenizer}", "--vocab-size", "300"], ["--vocab-size", "--tokenizer"]),
+    (["--init-from", "default", "--vocab-size", "300"], ["--vocab-size", "--init-from default"]),
+    (["--arch", "mlstm", "--kernel", "parallel"], ["--kernel", "--arch mlstm"]),
+], ids=["export-dtype", "vocab-with-tokenizer", "vocab-with-init-from", "kernel-with-arch"])
+def test_train_flags_that_would_be_ignored_are_usage_errors(extra, words, text_data, tmp_path, capsys):
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    out = tmp_path / "run"
+    extra = [a.format(tokenizer=DEFAULT_MODEL_DIR / "tokenizer.json") for a in extra]
+    assert_rejected(["train", text_data, "--out", out, "--steps", "1", "--seq-len", "8", "--batch-size", "2",
+                     "--no-progress", *extra], capsys, *words)
+    assert not out.exists()
+
+
+def test_train_arch_is_checked_before_the_tokenizer_is_trained(text_data, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("blocks: [\n")
+    out = tmp_path / "run"
+    code, err = run_main(["train", text_data, "--out", out, "--steps", "1", "--arch", bad], capsys)
+    assert code == 2 and "Traceback" not in err and f"--arch {bad}" in err, err
+    assert "training a byte-level BPE" not in err and not out.exists()
+
+
+@pytest.fixture
+def model_with_bad_file(tiny_model_dir, request):
+    """The tiny checkpoint with the packaged tokenizer, then ``request.param`` overwritten with
+    bytes that are not JSON."""
+    import shutil
+
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, tiny_model_dir / name)
+    (tiny_model_dir / request.param).write_bytes(BINARY)
+    return tiny_model_dir, request.param
+
+
+@pytest.mark.parametrize("model_with_bad_file", ["tokenizer.json", "generation_config.json"], indirect=True)
+def test_convert_checks_the_tokenizer_before_converting(model_with_bad_file, tmp_path, capsys):
+    # It was read when OUT was written, after the model was loaded (and quantized): a traceback.
+    model, name = model_with_bad_file
+    out = tmp_path / "out"
+    assert_rejected(["convert", model, out, "-q"], capsys, "tokenizer", name)
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model_with_bad_file", ["tokenizer.json", "generation_config.json"], indirect=True)
+def test_judge_with_unreadable_tokenizer_is_a_usage_error(model_with_bad_file, tmp_path, capsys):
+    model, name = model_with_bad_file
+    records = tmp_path / "samples.jsonl"
+    records.write_text('{"text": "hello world"}\n')
+    out = tmp_path / "ratings"
+    assert_rejected(["judge", "--model", model, "--outputs", records, "--out", out, "--no-progress"], capsys,
+                    "judge model", name)
+    assert not out.exists()
+
+
+def test_bench_device_without_its_backend_is_a_usage_error(tiny_model_dir, capsys):
+    import mlx.core as mx
+
+    if mx.is_available(mx.gpu):
+        pytest.skip("this MLX has a GPU back-end")
+    assert_rejected(["bench", "--config", tiny_model_dir, "--device", "gpu"], capsys, "--device gpu")
+
+
+@pytest.mark.parametrize("flag", ["--prefill-lengths", "--decode-batches"])
+@pytest.mark.parametrize("value", ["", ","])
+def test_bench_empty_list_is_a_usage_error(flag, value, tiny_model_dir, capsys):
+    # It ran no prefill (or no decode) at all, and said nothing.
+    assert_rejected(["bench", "--config", tiny_model_dir, flag, value], capsys, flag)
+
+
+@pytest.mark.parametrize("objective,extra,words", [
+    ("speed", ["--seq-len", "32", "--max-depth", "2"], ["--seq-len, --max-depth belong to --objective train"]),
+    ("train", ["--prefill-length", "64"], ["--prefill-length belongs to --objective speed"]),
+    ("speed", ["--workers", "4"], ["--workers applies only with --backend ray"]),
+    ("speed", ["--max-new-tokens", "5"], ["--max-new-tokens applies only with --save-outputs"]),
+    ("train", ["--tokenizer", "{tokenizer}", "--vocab-size", "300"], ["--vocab-size", "--tokenizer"]),
+    ("train", ["--seq-len", "1"], ["--seq-len must be >= 2"]),  # every trial failed on it (exit 1)
+], ids=["train-flags-with-speed", "speed-flags-with-train", "ray-flags-locally", "max-new-tokens-alone",
+        "vocab-with-tokenizer", "seq-len-1"])
+def test_tune_flags_that_would_be_ignored_or_fail_every_trial(objective, extra, words, text_data, tmp_path, capsys,
+                                                              monkeypatch):
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    out = tmp_path / "t"
+    source = ["--shape", "125m"] if objective == "speed" else ["--data", text_data]
+    extra = [a.format(tokenizer=DEFAULT_MODEL_DIR / "tokenizer.json") for a in extra]
+    assert_rejected(["tune", "--objective", objective, *source, "--trials", "1", "--no-progress", "--out", out,
+                     *extra], capsys, *words)
+    assert not out.exists() and not (tmp_path / "profiles").exists()
+
+
+def test_tune_save_outputs_with_unreadable_tokenizer_is_checked_first(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # Every trial failed writing its continuations (exit 1, the reason in trials.jsonl).
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    (tiny_model_dir / "tokenizer.json").write_bytes(BINARY)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\n")
+    out = tmp_path / "t"
+    assert_rejected(["tune", "--objective", "speed", "--model", tiny_model_dir, "--trials", "1", "--no-progress",
+                     "--save-outputs", "--prompt-file", prompts, "--out", out], capsys, "--save-outputs",
+                    "tokenizer.json")
+    assert not out.exists()
+
+
+def test_evolve_resume_with_unreadable_search_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "ev"
+    (out / "search.json").mkdir(parents=True)  # was an IsADirectoryError traceback
+    assert_rejected(["evolve", "--budget", "1000", "--out", out, "--resume"], capsys, "--resume", "search.json")
+
+
+def test_mad_show_wiring_with_scoring_flags_is_a_usage_error(tmp_path, capsys):
+    # --show-wiring exits before training: --out, --tasks, --epochs and --json went unused.
+    out = tmp_path / "m"
+    assert_rejected(["mad", "--arch", "mlstm", "--show-wiring", "--out", out, "--tasks", "in_context_recall"], capsys,
+                    "--show-wiring", "--tasks, --out")
+    assert not out.exists()

@@ -25,6 +25,8 @@ def _int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:  # `--prefill-lengths ""` ran no prefill at all
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
     return values
@@ -104,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     print_on_rank0_only()  # under mlx.launch every rank measures; rank 0 reports
 
     if args.device:
-        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+        try:
+            mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+        except ValueError as err:  # MLX built without that back-end (a CPU-only build and --device gpu)
+            raise UsageError(f"--device {args.device}: this MLX cannot use it ({err})") from None
     for name in ("prefill_batch", "decode_tokens", "repeats"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -151,6 +151,20 @@ def _read_check_ids(args: argparse.Namespace, source_dir: Path) -> list[int] | N
     return ids
 
 
+def _check_tokenizer(source_dir: Path) -> None:
+    """The tokenizer written to OUT with the weights (tokenizer.json, tokenizer_config.json,
+    generation_config.json) must be readable: checked before the model is loaded, converted and
+    quantized, not when it is written (UsageError naming the file)."""
+    if not (source_dir / "tokenizer.json").is_file():
+        return
+    from ..generation.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        load_tokenizer(source_dir)
+    except TokenizerError as err:
+        raise UsageError(f"cannot read the tokenizer of SRC {source_dir}: {err}") from None
+
+
 def _recipe(args: argparse.Namespace):
     from ..quantization import QuantizationError, make_recipe
 
@@ -185,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise UsageError(f"cannot read SRC {args.source}: {err}") from None
     _check_output(out, source_dir, args.overwrite)
+    _check_tokenizer(source_dir)
     check_ids = _read_check_ids(args, source_dir)
 
     print(f"reading {source_dir}", file=sys.stderr)

@@ -151,7 +151,7 @@ def _resume(out: Path, settings: dict) -> dict:
         known = known_scores(history)
     except FileNotFoundError:
         raise UsageError(f"--resume: {out} holds no search (no search.json)") from None
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:  # OSError: e.g. a directory named search.json
         raise UsageError(f"--resume: cannot read the search in {out}: {err}") from None
     differ = [k for k in settings if before.get(k) != settings[k]]
     if differ:

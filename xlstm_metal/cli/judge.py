@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..config import ConfigError
+    from ..generation.tokenizer import TokenizerError
     from ..judge import judge_record
     from ..loading import CheckpointError, load
     from ..training.data import atomic_write_text
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         source = args.model
     try:
         model, tokenizer = load(source, dtype=args.dtype)
-    except (CheckpointError, ConfigError, OSError) as err:
+    except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
         raise UsageError(f"cannot load judge model {source}: {err}") from None
     if tokenizer is None:
         raise UsageError(f"judge model {source} has no tokenizer.json")

@@ -76,6 +76,11 @@ def run(args) -> int:
         raise UsageError(f"--arch {args.arch}: {err}") from None
 
     if args.show_wiring is not None:
+        scoring = [flag for flag, value in (("--tasks", args.tasks), ("--epochs", args.epochs), ("--out", args.out),
+                                            ("--json", args.json)) if value not in (None, False)]
+        if scoring:
+            raise UsageError(f"--show-wiring prints the wiring and exits without training; {', '.join(scoring)} "
+                             "would be ignored: run without --show-wiring to score the architecture")
         print(model.wiring())
         if args.show_wiring != "-":
             _draw(model, Path(args.show_wiring), args.overwrite)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
-from . import UsageError, check_output_path, seed_value
+from . import UsageError, check_output_path, finite_float, seed_value
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
     tok.add_argument("--vocab-size", type=int, help="vocabulary of a BPE trained here (default 4096)")
     d = p.add_argument_group("data")
     d.add_argument("--text-field", help="field of JSON Lines records holding the text (default: text)")
-    d.add_argument("--val-fraction", type=float, help="held-out fraction of the tokens (default 0.02); 0: no "
+    d.add_argument("--val-fraction", type=finite_float, help="held-out fraction of the tokens (default 0.02); 0: no "
                    "validation split (all data trains; no validation loss, --export writes the last model)")
     d.add_argument("--seq-len", type=int, help="tokens per training sequence (default 512)")
     d.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
@@ -68,15 +68,15 @@ def add_parser(subparsers) -> None:
     o.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default 1000 unless --max-time); with --resume: the new total, which "
                         "extends the run (the cosine restarts at the checkpoint's step from its learning rate)")
-    o.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+    o.add_argument("--max-time", type=finite_float, default=None, metavar="SECONDS",
                    help="train for this long: the step count is sized from measured step time")
-    o.add_argument("--lr", type=float, help="peak learning rate (default 1e-3); with --resume: the rate the "
+    o.add_argument("--lr", type=finite_float, help="peak learning rate (default 1e-3); with --resume: the rate the "
                                             "cosine restarts from at the checkpoint's step")
-    o.add_argument("--min-lr-ratio", type=float, help="the cosine ends at lr * this (default 0.1)")
+    o.add_argument("--min-lr-ratio", type=finite_float, help="the cosine ends at lr * this (default 0.1)")
     o.add_argument("--warmup", type=int, help="linear warmup steps (default min(100, steps / 10); with --max-time, "
                                               "of the step count the time budget allows)")
-    o.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default 0.1)")
-    o.add_argument("--grad-clip", type=float, help="global gradient-norm clip, 0 = off (default 1.0)")
+    o.add_argument("--weight-decay", type=finite_float, help="AdamW weight decay of matrices (default 0.1)")
+    o.add_argument("--grad-clip", type=finite_float, help="global gradient-norm clip, 0 = off (default 1.0)")
     o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (weights stay float32; default float32); use float32 on CPUs")
     o.add_argument("--seed", type=seed_value, help="seed of initialisation, data order and sampling (default 0)")
@@ -112,9 +112,10 @@ def add_parser(subparsers) -> None:
     r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
     r.add_argument("--export", default=None, metavar="DIR",
                    help="write the best-validation model (+ tokenizer, generation_config.json) here")
-    r.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the --export weights (default float32)")
     r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+    r.add_argument("--memory-limit", type=finite_float, default=None, metavar="GB",
                    help="MLX's memory limit for this process (mx.set_memory_limit): past it, evaluation waits "
                         "for the GPU to finish queued work, whose inputs MLX keeps until then (GPU back-ends "
                         "run up to 10 command buffers ahead). Lowers the peak, may cost speed; not saved with "
@@ -152,6 +153,28 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
             raise UsageError(f"--export {export} would replace the run directory --out {out}; export elsewhere")
         if export.exists() and any(export.iterdir()) and not overwrite:
             raise UsageError(f"--export directory {export} is not empty; pass --overwrite to replace it")
+
+
+def _check_flag_combinations(args) -> None:
+    """Flags that would have no effect with the others given: UsageError naming them (before
+    any work), never silently ignored."""
+    if args.export_dtype is not None and not args.export:
+        raise UsageError("--export-dtype sets the dtype of the --export DIR model; give --export DIR too")
+    if args.vocab_size is not None and (args.tokenizer or args.init_from):
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--init-from {args.init_from}"
+        raise UsageError(f"--vocab-size sizes a BPE tokenizer trained here; {source} brings its own "
+                         "tokenizer: leave out --vocab-size")
+    if args.arch and args.kernel is not None:
+        raise UsageError(f"--kernel sets the mLSTM kernel of xLSTM models; --arch {args.arch} names each "
+                         "cell's kernel in its spec: leave out --kernel or set it there")
+    if args.arch and not args.resume:  # a bad spec fails now, not after the data is read and a BPE trained
+        from ..lab import WiringError
+        from ..lab.library import load_arch
+
+        try:
+            load_arch(args.arch)
+        except WiringError as err:
+            raise UsageError(f"--arch {args.arch}: {err}") from None
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -273,6 +296,7 @@ def run(args) -> int:
     )
 
     limit_command_buffers()  # before anything runs on the GPU (MLX reads the limits once)
+    _check_flag_combinations(args)
     if args.kernel is None:
         args.kernel = default_training_kernel()
     if args.memory_limit is not None and not args.memory_limit > 0:
@@ -513,7 +537,8 @@ def run(args) -> int:
                    "world_size": group.size() if group else 1}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if export is not None:
-            path = _export(model, trainer.best_params, export, tok_dir, args.export_dtype, args.overwrite)
+            path = _export(model, trainer.best_params, export, tok_dir, args.export_dtype or "float32",
+                           args.overwrite)
             if trainer.best_params is not None:
                 print(f"exported the step-{result.best_step} model (best validation loss) to {path}", file=sys.stderr)
             elif result.best_step is None:  # no validation split: nothing to choose by

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import UsageError, check_output_path, seed_value
+from . import UsageError, check_output_path, finite_float, seed_value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,39 +43,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b = p.add_argument_group("backend")
     b.add_argument("--backend", choices=("local", "ray"), default="local")
     b.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
-    b.add_argument("--workers", type=int, default=2, help="trials at once on Ray (default 2)")
-    b.add_argument("--cpus-per-trial", type=float, default=1.0)
-    b.add_argument("--gpus-per-trial", type=float, default=0.0)
+    b.add_argument("--workers", type=int, default=None, help="trials at once on Ray (default 2)")
+    b.add_argument("--cpus-per-trial", type=finite_float, default=None, help="on Ray (default 1)")
+    b.add_argument("--gpus-per-trial", type=finite_float, default=None, help="on Ray (default 0)")
     o = p.add_argument_group("outputs")
     o.add_argument("--save-outputs", action="store_true",
                    help="write each trial's greedy continuations of --prompt-file to outputs/trial-NNNN.jsonl")
     o.add_argument("--prompt-file", default=None,
                    help="prompts: one per line, or JSON Lines with a 'prompt' field")
-    o.add_argument("--max-new-tokens", type=int, default=32, help="tokens per continuation (default 32)")
+    o.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per continuation of --save-outputs (default 32)")
     o.add_argument("--no-progress", action="store_true")
     sp = p.add_argument_group("speed objective")
     src = sp.add_mutually_exclusive_group()
     src.add_argument("--model", "-m", default=None, help="checkpoint directory")
     src.add_argument("--shape", default=None, help="random weights of a named shape (7b, 1.3b, 125m) or config.json")
-    sp.add_argument("--metric", choices=("prefill", "decode", "both"), default="both",
+    sp.add_argument("--metric", choices=("prefill", "decode", "both"), default=None,
                     help="prefill tok/s, decode tok/s, or their geometric mean (default)")
-    sp.add_argument("--prefill-length", type=int, default=512)
-    sp.add_argument("--decode-batch", type=int, default=1)
-    sp.add_argument("--decode-tokens", type=int, default=32)
-    sp.add_argument("--repeats", type=int, default=2, help="prefill timings per trial, best kept")
+    sp.add_argument("--prefill-length", type=int, default=None, help="(default 512)")
+    sp.add_argument("--decode-batch", type=int, default=None, help="(default 1)")
+    sp.add_argument("--decode-tokens", type=int, default=None, help="(default 32)")
+    sp.add_argument("--repeats", type=int, default=None, help="prefill timings per trial, best kept (default 2)")
     sp.add_argument("--profile", default=None,
                     help="base profile: weight dtype and tolerance (default: exact-fp32 on CPUs, fast-bf16 on GPUs)")
     sp.add_argument("--profile-name", default=None, help="name of the saved winner (default: tuned-<device>)")
     tr = p.add_argument_group("train objective")
     tr.add_argument("--data", nargs="+", default=None, help="text files, directories or .jsonl files")
-    tr.add_argument("--text-field", default="text")
+    tr.add_argument("--text-field", default=None, help="(default: text)")
     tr.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train a BPE into --out)")
-    tr.add_argument("--vocab-size", type=int, default=512, help="vocabulary of a BPE trained here (default 512)")
-    tr.add_argument("--token-budget", type=int, default=100_000, help="training tokens per trial")
-    tr.add_argument("--param-budget", type=int, default=2_000_000, help="largest model (parameters)")
-    tr.add_argument("--seq-len", type=int, default=64)
-    tr.add_argument("--val-fraction", type=float, default=0.1)
-    tr.add_argument("--max-depth", type=int, default=4, help="largest number of blocks searched")
+    tr.add_argument("--vocab-size", type=int, default=None, help="vocabulary of a BPE trained here (default 512)")
+    tr.add_argument("--token-budget", type=int, default=None, help="training tokens per trial (default 100000)")
+    tr.add_argument("--param-budget", type=int, default=None, help="largest model (parameters; default 2000000)")
+    tr.add_argument("--seq-len", type=int, default=None, help="(default 64)")
+    tr.add_argument("--val-fraction", type=finite_float, default=None, help="(default 0.1)")
+    tr.add_argument("--max-depth", type=int, default=None, help="largest number of blocks searched (default 4)")
     p.set_defaults(func=run)
     return p
 
@@ -117,6 +118,39 @@ def _device_slug() -> str:
     return f"tuned-{slug}"
 
 
+#: Options of one objective, backend or output and their defaults: given where they do not
+#: apply, they are a usage error (never silently ignored); left out, they take these values.
+SPEED_DEFAULTS = dict(metric="both", prefill_length=512, decode_batch=1, decode_tokens=32, repeats=2)
+TRAIN_DEFAULTS = dict(text_field="text", vocab_size=512, token_budget=100_000, param_budget=2_000_000, seq_len=64,
+                      val_fraction=0.1, max_depth=4)
+RAY_DEFAULTS = dict(workers=2, cpus_per_trial=1.0, gpus_per_trial=0.0)
+OUTPUTS_DEFAULTS = dict(max_new_tokens=32)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_applicable(args: argparse.Namespace) -> None:
+    """UsageError naming the options given where they have no effect (another objective's,
+    Ray's without --backend ray, --max-new-tokens without --save-outputs); then the defaults
+    of those left out are filled in."""
+    if args.tokenizer and args.vocab_size is not None:
+        raise UsageError(f"--vocab-size sizes a BPE tokenizer trained here; --tokenizer {args.tokenizer} brings its "
+                         "own: leave out --vocab-size")
+    groups = [(SPEED_DEFAULTS, args.objective == "speed", ("belongs", "belong"), "to --objective speed"),
+              (TRAIN_DEFAULTS, args.objective == "train", ("belongs", "belong"), "to --objective train"),
+              (RAY_DEFAULTS, args.backend == "ray", ("applies", "apply"), "only with --backend ray"),
+              (OUTPUTS_DEFAULTS, args.save_outputs, ("applies", "apply"), "only with --save-outputs")]
+    for defaults, applies, verbs, where in groups:
+        given = [_flag(name) for name in defaults if getattr(args, name) is not None]
+        if given and not applies:
+            raise UsageError(f"{', '.join(given)} {verbs[len(given) > 1]} {where}")
+        for name, value in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+
+
 def _positive(args, *names) -> None:
     for name in names:
         value = getattr(args, name)
@@ -129,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning import SpeedObjective, SweepError, SweepSettings, TrainObjective, run_sweep
     from ..tuning.sweep import check_out_dir
 
+    _check_applicable(args)
     _positive(args, "trials", "population", "generations", "workers", "cpus_per_trial", "max_new_tokens",
               "prefill_length", "decode_batch", "decode_tokens", "repeats", "vocab_size", "token_budget",
               "param_budget", "seq_len", "max_depth")
@@ -182,8 +217,15 @@ def run(args: argparse.Namespace) -> int:
                 model = str(resolve_model_path(args.model))
             except CheckpointError as err:
                 raise UsageError(str(err)) from None
-            if args.save_outputs and not (Path(model) / "tokenizer.json").is_file():
-                raise UsageError(f"--save-outputs: {model} has no tokenizer.json")
+            if args.save_outputs:  # every trial writes continuations with it
+                from ..generation.tokenizer import TokenizerError, load_tokenizer
+
+                try:
+                    tokenizer = load_tokenizer(model)
+                except TokenizerError as err:
+                    raise UsageError(f"--save-outputs: {err}") from None
+                if tokenizer is None:
+                    raise UsageError(f"--save-outputs: {model} has no tokenizer.json")
         elif args.shape:
             from ..benchmark import shape_config
 
@@ -219,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--objective train needs --data")
         if not 0 < args.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        if args.seq_len < 2:  # every trial would fail on it
+            raise UsageError(f"--seq-len must be >= 2 (an input and its next token), got {args.seq_len}")
         from ..training.data import MIN_BPE_VOCAB, DataError, load_documents, load_tokenizer_file
 
         if not args.tokenizer and args.vocab_size < MIN_BPE_VOCAB:
