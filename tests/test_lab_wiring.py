@@ -105,6 +105,17 @@ def test_validation_errors_name_the_problem(data, message):
         WiredBlock(data)
 
 
+def test_bad_yaml_is_one_line_naming_where():
+    from xlstm_metal.lab.spec import parse_text
+
+    with pytest.raises(WiringError) as err:
+        parse_text("blocks: [\n", "arch.yaml")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("arch.yaml is not valid YAML: line 2, column 1: ")
+    with pytest.raises(WiringError, match=r"^a.json is not valid JSON: Expecting value: line 1 column 1"):
+        parse_text("nope", "a.json")
+
+
 def test_cycle_through_a_recurrent_cell_runs_step_by_step():
     # r.h feeds back into its own input through a projection: the feedback arrives one step late.
     data = _spec({"mix": {"type": "sum", "dim": 4}, "r": {"type": "linear_recurrence", "dim": 4},

@@ -193,6 +193,15 @@ def test_warmup_scales_with_the_run():
     assert lrs[30] == pytest.approx(1.0) and lrs[29] < 1.0 and lrs[0] == pytest.approx(1 / 30) and lrs[-1] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("field,value", [("lr", float("inf")), ("weight_decay", float("nan")),
+                                         ("grad_clip", float("nan")), ("max_time", float("nan")),
+                                         ("min_lr_ratio", float("nan"))])
+def test_non_finite_settings_are_refused(field, value):
+    # NaN passes every comparison (a NaN weight decay trained to NaN losses): named, not run.
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got {value}"):
+        TrainingConfig(**{"steps": 10, field: value}).validate()
+
+
 def test_short_cli_run_with_default_warmup_reaches_its_data_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -261,8 +261,13 @@ def parse_text(text: str, source: str) -> dict:
             data = json.loads(text)
         else:
             data = yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise WiringError(f"{source} is not valid {'JSON' if source.endswith('.json') else 'YAML'}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise WiringError(f"{source} is not valid JSON: {err}") from None
+    except yaml.YAMLError as err:  # PyYAML's message spans lines (context, a caret): one line here
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise WiringError(f"{source} is not valid YAML: {where}{what}") from None
     if not isinstance(data, dict):
         raise WiringError(f"{source}: a wiring spec must be a mapping, got {type(data).__name__}")
     return data

@@ -132,6 +132,10 @@ class TrainingConfig:
         if self.max_time is not None and self.steps is None and self.warmup is not None \
                 and self.warmup <= self.probe_steps:
             problems.append(f"with a time budget, warmup ({self.warmup}) must exceed the probe steps ({self.probe_steps})")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_time"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+                problems.append(f"{name} must be a finite number, got {value}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
