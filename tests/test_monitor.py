@@ -68,6 +68,7 @@ def test_config_precedence_and_errors(tmp_path):
     assert cfg.hard == 9 * GB and cfg.soft == 8 * GB
     assert not WatchdogConfig.from_sources(env={"XLSTM_MEM_WATCHDOG": "0"}, total=total).enabled
     assert WatchdogConfig.from_sources(env={"XLSTM_MEM_ACTION": "warn"}, total=total).action == "warn"
+    (tmp_path / "plain").write_text("")
     for kwargs, env, word in (
         (dict(soft="30GB", hard="20GB"), {}, "below the hard limit"),
         ({}, {"XLSTM_MEM_ACTION": "explode"}, "XLSTM_MEM_ACTION"),
@@ -75,6 +76,7 @@ def test_config_precedence_and_errors(tmp_path):
         ({}, {"XLSTM_MEM_SOFT_PCT": "200"}, "XLSTM_MEM_SOFT_PCT"),
         (dict(log=str(tmp_path)), {}, "is a directory"),
         (dict(log=str(tmp_path / "no" / "x.csv")), {}, "does not exist"),
+        (dict(log=str(tmp_path / "plain" / "x.csv")), {}, "plain is a file, not a directory"),
     ):
         with pytest.raises(ValueError, match=word):
             WatchdogConfig.from_sources(env=env, total=total, **kwargs)

@@ -175,7 +175,8 @@ def check_log_path(path: Path) -> None:
     if path.is_dir():
         raise ValueError(f"--mem-log {path} is a directory")
     if not path.parent.is_dir():
-        raise ValueError(f"--mem-log: directory {path.parent} does not exist")
+        what = "is a file, not a directory" if path.parent.exists() else "does not exist"
+        raise ValueError(f"--mem-log: directory {path.parent} {what}")
     if path.exists():
         try:
             with open(path, newline="") as fh:
