@@ -84,6 +84,21 @@ def finite_float(text: str) -> float:
     return value
 
 
+def read_tokenizer(path: str | Path, label: str, missing: str | None = None):
+    """The tokenizer of model folder ``path`` before any work, or a UsageError: ``label: <why>``
+    when it cannot be read; ``missing`` is the message when the folder has none (None: then
+    None is returned)."""
+    from ..generation.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path)
+    except TokenizerError as err:
+        raise UsageError(f"{label}: {err}") from None
+    if tokenizer is None and missing is not None:
+        raise UsageError(missing)
+    return tokenizer
+
+
 def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
     """``path`` (expanded) when it can be written, before any work starts: a directory to create
     or fill (``directory``) must not be a file, a file must not be a directory, and the nearest

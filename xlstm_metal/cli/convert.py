@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import current_job
-from . import UsageError, check_output_path, read_text_file
+from . import UsageError, check_output_path, read_text_file, read_tokenizer
 
 #: Files copied from the source checkout besides the weights, config and tokenizer.json +
 #: tokenizer_config.json (save_model writes those two, with the BOS handling other tools need).
@@ -136,15 +136,9 @@ def _read_check_ids(args: argparse.Namespace, source_dir: Path) -> list[int] | N
         raise UsageError(f"--check-tokens must be at least 2, got {args.check_tokens}")
     if args.check_greedy < 1:
         raise UsageError(f"--check-greedy must be positive, got {args.check_greedy}")
-    from ..generation.tokenizer import TokenizerError, load_tokenizer
-
     text = read_text_file(args.check, "--check file")
-    try:
-        tokenizer = load_tokenizer(source_dir)
-    except TokenizerError as err:
-        raise UsageError(f"--check: {err}") from None
-    if tokenizer is None:
-        raise UsageError(f"--check needs a tokenizer, and {source_dir} has no tokenizer.json")
+    tokenizer = read_tokenizer(source_dir, "--check",
+                               missing=f"--check needs a tokenizer, and {source_dir} has no tokenizer.json")
     ids = tokenizer.encode(text)[: args.check_tokens]
     if len(ids) < 2:
         raise UsageError(f"--check file {args.check} holds fewer than 2 tokens")
@@ -155,14 +149,7 @@ def _check_tokenizer(source_dir: Path) -> None:
     """The tokenizer written to OUT with the weights (tokenizer.json, tokenizer_config.json,
     generation_config.json) must be readable: checked before the model is loaded, converted and
     quantized, not when it is written (UsageError naming the file)."""
-    if not (source_dir / "tokenizer.json").is_file():
-        return
-    from ..generation.tokenizer import TokenizerError, load_tokenizer
-
-    try:
-        load_tokenizer(source_dir)
-    except TokenizerError as err:
-        raise UsageError(f"cannot read the tokenizer of SRC {source_dir}: {err}") from None
+    read_tokenizer(source_dir, f"cannot read the tokenizer of SRC {source_dir}")
 
 
 def _recipe(args: argparse.Namespace):

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import UsageError, check_output_path, finite_float, seed_value
+from . import UsageError, check_output_path, finite_float, read_tokenizer, seed_value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -218,14 +218,7 @@ def run(args: argparse.Namespace) -> int:
             except CheckpointError as err:
                 raise UsageError(str(err)) from None
             if args.save_outputs:  # every trial writes continuations with it
-                from ..generation.tokenizer import TokenizerError, load_tokenizer
-
-                try:
-                    tokenizer = load_tokenizer(model)
-                except TokenizerError as err:
-                    raise UsageError(f"--save-outputs: {err}") from None
-                if tokenizer is None:
-                    raise UsageError(f"--save-outputs: {model} has no tokenizer.json")
+                read_tokenizer(model, "--save-outputs", missing=f"--save-outputs: {model} has no tokenizer.json")
         elif args.shape:
             from ..benchmark import shape_config
 
