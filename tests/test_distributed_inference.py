@@ -290,6 +290,60 @@ def test_generate_one_rank_at_its_hard_memory_limit_stops_every_rank(tmp_path, h
     assert results[0][1].rstrip("\n") == single.stdout.rstrip("\n")  # stopped at the same token
 
 
+@pytest.mark.slow  # two processes load and serve
+def test_serve_refuses_new_requests_while_another_rank_is_over_its_hard_limit(tmp_path):
+    """`serve` in two processes, rank 1 over a 2 MB hard memory limit and rank 0 under none:
+    rank 0 refused only on its own memory (it answered, and rank 1 computed its share over its
+    limit); now the ranks sum their watchdogs' refusals at every turn of the generation loop and
+    rank 0 answers 503 naming 1 of 2 processes, with no traceback on either rank."""
+    import os
+    import signal
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from distributed_helpers import free_port, ring_env
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    port = free_port(2)
+    procs = []
+    for rank in range(2):
+        env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(tmp_path / "runtime"),
+               "PYTHONUNBUFFERED": "1", **({"XLSTM_MEM_HARD_MB": "2"} if rank == 1 else {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "xlstm_metal", "serve", "-m", str(ckpt), "--port", "0",
+                                       "--dtype", "float32"], env=env, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    logs: list[list[str]] = [[], []]
+    for p, log in zip(procs, logs):
+        threading.Thread(target=lambda p=p, log=log: log.extend(p.stderr), daemon=True).start()
+    try:
+        url, answers = None, []
+        for _ in range(600):  # 60 s to load
+            url = next((line.split("serving on ")[1].split()[0] for line in logs[0] if "serving on " in line), None)
+            if url or any(p.poll() is not None for p in procs):
+                break
+            threading.Event().wait(0.1)
+        assert url is not None, "".join(logs[0])[-2000:] + "".join(logs[1])[-2000:]
+        body = json.dumps({"prompt": "the quick", "max_tokens": 2}).encode()
+        for _ in range(100):  # rank 1's watchdog samples every 250 ms; the exchange runs every 0.1 s
+            request = urllib.request.Request(url + "/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answers.append(response.status)
+            except urllib.error.HTTPError as err:
+                answers.append((err.code, json.loads(err.read())["error"]["message"]))
+                break
+            threading.Event().wait(0.1)
+        served = ["".join(log) for log in logs]  # (killing one rank then makes the other's exchange fail)
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=60)
+    assert answers[-1] == (503, "the server is over its memory limit (1 of 2 processes); retry later"), answers
+    assert not any("Traceback" in log for log in served), served[0][-2000:] + served[1][-2000:]
+
+
 @pytest.mark.parametrize("hit", [0, 1])
 def test_bench_one_rank_at_its_hard_memory_limit_stops_every_rank(tmp_path, hit):
     """The same for `bench`, between runs: both ranks stop after the first run."""

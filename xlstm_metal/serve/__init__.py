@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import select
 import socket
@@ -424,6 +425,35 @@ def _check_unicode(text: str, name: str) -> None:
         raise ValueError(f"{name} is not valid Unicode: {err.reason} at position {err.start}") from None
 
 
+class _MemoryAgreement:
+    """A mixin of mlx-lm's ResponseGenerator: under mlx.launch every exchange of the next request
+    (each turn of the generation loop, on every rank) also sums which ranks' memory watchdogs
+    refuse work (past the hard limit, not yet back under the soft one), so rank 0 answers new
+    requests with 503 while any rank is over: each rank refused on its own memory only, and a
+    follower over its limit kept taking rank 0's requests. ``ranks_refusing``: how many ranks
+    refused at the last exchange (0 outside mlx.launch)."""
+
+    ranks_refusing = 0
+
+    def _share_object(self, obj):
+        """mlx-lm's exchange (rank 0's object, pickled, summed into every rank) with the
+        watchdog flags in the same collective as the object's size."""
+        if not self._is_distributed:
+            return obj
+        from ..monitor import current_job
+
+        data = None if self._rank != 0 or obj is None else mx.array(pickle.dumps(obj))
+        refusing = 1 if current_job().refusing() else 0
+        head = mx.distributed.all_sum(mx.array([0 if data is None else data.size, refusing], dtype=mx.int32))
+        size, self.ranks_refusing = head.tolist()  # (the exchange reads the size on the host anyway)
+        if size == 0:
+            return None
+        if self._rank == 0:
+            mx.eval(mx.distributed.all_sum(data))
+            return obj
+        return pickle.loads(mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8)))
+
+
 class _ModelDefaults:
     """A mixin of mlx-lm's ResponseGenerator: a request's :attr:`_GenerationArguments.model_defaults`
     get the values of the model that serves it, once that model is loaded, which the handler
@@ -521,7 +551,7 @@ class _GenerationThread:
         return self.join(timeout)
 
 
-class ResponseGenerator(_GenerationThread, _ModelDefaults, mlx_server.ResponseGenerator):
+class ResponseGenerator(_GenerationThread, _MemoryAgreement, _ModelDefaults, mlx_server.ResponseGenerator):
     """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
     request dropped once its client has gone, and a generation thread that survives an error;
     each request's tokens are counted for `xlstm-metal top`."""
@@ -736,6 +766,9 @@ class APIHandler(mlx_server.APIHandler):
             self._error(404, f"not found: {self.path}")
         elif current_job().refusing():  # the memory watchdog's hard limit (see README, Monitoring)
             self._error(503, "the server is over its memory limit; retry later")
+        elif getattr(self.response_generator, "ranks_refusing", 0):  # under mlx.launch: another rank's
+            self._error(503, f"the server is over its memory limit ({self.response_generator.ranks_refusing} of "
+                             f"{mx.distributed.init().size()} processes); retry later")
         elif self._read_body():
             self.path = path
             current_job().update(phase="serve")
@@ -1285,7 +1318,7 @@ def follow(cli_args: argparse.Namespace) -> None:
     generator.join()
 
 
-class _Follower(_GenerationThread, _ModelDefaults, mlx_server.ResponseGenerator):
+class _Follower(_GenerationThread, _MemoryAgreement, _ModelDefaults, mlx_server.ResponseGenerator):
     """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's."""
 
 
