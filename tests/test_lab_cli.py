@@ -70,6 +70,12 @@ def test_evolve_cli(tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["evolve", "--budget", "100", "--out", str(out), "--tasks", "memorization"]) == 2
     assert "budget" in capsys.readouterr().err
+    assert not out.exists()  # nothing fit: the fresh search left no folder behind
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["evolve", "--budget", "100", "--out", str(out), "--tasks", "memorization"]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # a folder that was there stays, with its files
+    capsys.readouterr()
     assert main(["evolve", "--budget", "2000000", "--population", "2", "--generations", "2", "--tasks",
                  "memorization", "--epochs", "1", "--start", "mlstm", "--min-blocks", "2", "--max-blocks", "2",
                  "--out", str(out), "--top", "2"]) == 0

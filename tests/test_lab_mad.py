@@ -78,6 +78,8 @@ def test_task_names_and_errors():
     assert task_names("in-context-recall,memorization") == ["in_context_recall", "memorization"]
     with pytest.raises(ValueError, match="unknown MAD task"):
         task_names("recall")
+    with pytest.raises(ValueError, match="names in_context_recall more than once"):  # "-" and "_" spell one task
+        task_names("in-context-recall,memorization,in_context_recall")
 
 
 def _recall(arch):

@@ -97,6 +97,7 @@ def run(args) -> int:
                 "budget": args.budget, "seed": args.seed, "population": args.population,
                 "min_blocks": args.min_blocks, "max_blocks": args.max_blocks, "start": start}
     known = _resume(out, settings) if args.resume else {}
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
     history: list[dict] = []
@@ -128,7 +129,12 @@ def run(args) -> int:
             result = evolve_optuna(score, **common)
         else:
             result = evolve(score, start=start, **common)
-    except ValueError as err:
+    except ValueError as err:  # e.g. no architecture fits the budget: a fresh search leaves nothing behind
+        if not args.resume and not history:
+            for name in ("search.json", "history.jsonl"):
+                (out / name).unlink(missing_ok=True)
+            if created:
+                out.rmdir()
         raise UsageError(str(err)) from None
     written = write_outputs(result, out, top=args.top, meta={
         "tasks": tasks, "preset": args.preset, "epochs": args.epochs, "budget": args.budget, "seed": args.seed,

@@ -312,6 +312,9 @@ def task_names(text: str | None) -> list[str]:
         raise ValueError(f"unknown MAD task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     if not names:
         raise ValueError(f"--tasks {text!r} names no task; choose from {', '.join(TASKS)}")
+    twice = sorted({t for t in names if names.count(t) > 1})
+    if twice:  # each would be trained and scored again, and weigh twice in the mean
+        raise ValueError(f"--tasks names {', '.join(twice)} more than once")
     return names
 
 
