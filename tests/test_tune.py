@@ -4,6 +4,7 @@ the Ray backend, the train objective."""
 import csv
 import json
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -364,3 +365,21 @@ def test_profile_init_sets_gates_for_training_from_scratch():
     assert np.allclose(np.array(layer.igate_preact.bias), -3.0)
     assert np.allclose(np.array(layer.fgate_preact.bias), [1.0, 2.0]) and not np.array(layer.fgate_preact.weight).any()
     apply_profile(model, "exact-fp32")
+
+
+def test_a_parameter_budget_below_the_smallest_model_stops_before_any_trial(tmp_path, capsys):
+    """--param-budget 10 had every trial rejected, then exit 1; now the sweep stops up front, exit
+    2, naming the smallest model searched, and leaves no --out behind."""
+    (tmp_path / "data.txt").write_text("alpha beta gamma delta epsilon\n" * 200)
+    out = tmp_path / "out"
+    assert main(["tune", "--objective", "train", "--data", str(tmp_path / "data.txt"), "--out", str(out),
+                 "--trials", "2", "--param-budget", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not out.exists()
+    assert re.search(r"--param-budget 10 is below the smallest model searched \(([\d,]+) parameters: width 32, one "
+                     r"block, a vocabulary of \d+\); every trial would be rejected", err), err
+    from xlstm_metal.tuning import TrainObjective
+
+    objective = TrainObjective(data=(str(tmp_path / "data.txt"),), param_budget=10**9)
+    objective.prepare(tmp_path / "fits")
+    objective.check_budget()  # a budget the smallest model fits: nothing said

@@ -251,6 +251,25 @@ class TrainObjective(Objective):
                 save_tokenizer(tok, target, tokenizer_config_dict(tok))
             self.tokenizer = str(target / "tokenizer.json")
         self.check_data()
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        """ObjectiveError when even the smallest model searched (the narrowest width, one block)
+        has more parameters than ``param_budget``: every trial would be rejected."""
+        from ..config import xLSTMConfig
+        from ..models.xlstm_large import xLSTMLarge
+        from ..training.trainer import count_parameters
+
+        tokenizer = self._data()[0]
+        vocab = int(math.ceil(tokenizer.get_vocab_size() / 64) * 64)
+        E = min(self.widths)
+        NH = min((h for h in self.heads if E % h == 0), default=1)
+        smallest = count_parameters(xLSTMLarge(xLSTMConfig(embedding_dim=E, num_heads=NH, num_blocks=1,
+                                                           vocab_size=vocab, tie_word_embeddings=True)))
+        if smallest > self.param_budget:
+            raise ObjectiveError(f"--param-budget {self.param_budget:,} is below the smallest model searched "
+                                 f"({smallest:,} parameters: width {E}, one block, a vocabulary of {vocab:,}); "
+                                 "every trial would be rejected")
 
     def check_data(self) -> None:
         """ObjectiveError unless the data holds one batch of the smallest batch size searched and
