@@ -256,20 +256,25 @@ class TrainObjective(Objective):
     def check_budget(self) -> None:
         """ObjectiveError when even the smallest model searched (the narrowest width, one block)
         has more parameters than ``param_budget``: every trial would be rejected."""
-        from ..config import xLSTMConfig
         from ..models.xlstm_large import xLSTMLarge
         from ..training.trainer import count_parameters
 
-        tokenizer = self._data()[0]
-        vocab = int(math.ceil(tokenizer.get_vocab_size() / 64) * 64)
         E = min(self.widths)
-        NH = min((h for h in self.heads if E % h == 0), default=1)
-        smallest = count_parameters(xLSTMLarge(xLSTMConfig(embedding_dim=E, num_heads=NH, num_blocks=1,
-                                                           vocab_size=vocab, tie_word_embeddings=True)))
+        config = self._config(E, min((h for h in self.heads if E % h == 0), default=1), 1)
+        smallest = count_parameters(xLSTMLarge(config))
         if smallest > self.param_budget:
             raise ObjectiveError(f"--param-budget {self.param_budget:,} is below the smallest model searched "
-                                 f"({smallest:,} parameters: width {E}, one block, a vocabulary of {vocab:,}); "
-                                 "every trial would be rejected")
+                                 f"({smallest:,} parameters: width {E}, one block, a vocabulary of "
+                                 f"{config.vocab_size:,}); every trial would be rejected")
+
+    def _config(self, embedding_dim: int, num_heads: int, num_blocks: int):
+        """A trial's model shape: xLSTM-Large with tied embeddings over the tokenizer's vocabulary
+        (rounded up to a multiple of 64). ConfigError for a shape that cannot be."""
+        from ..config import xLSTMConfig
+
+        vocab = int(math.ceil(self._data()[0].get_vocab_size() / 64) * 64)
+        return xLSTMConfig(embedding_dim=embedding_dim, num_heads=num_heads, num_blocks=num_blocks, vocab_size=vocab,
+                           tie_word_embeddings=True, chunk_size=min(64, self.seq_len))
 
     def check_data(self) -> None:
         """ObjectiveError unless the data holds one batch of the smallest batch size searched and
@@ -334,17 +339,14 @@ class TrainObjective(Objective):
     def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
         import mlx.core as mx
 
-        from ..config import ConfigError, xLSTMConfig
+        from ..config import ConfigError
         from ..models.xlstm_large import xLSTMLarge
         from ..profiles import apply_profile, init_gates, load_profile
         from ..training.trainer import Trainer, TrainingConfig, count_parameters, init_xlstm_large
 
-        tokenizer, train_stream, val_stream = self._data()
-        vocab = int(math.ceil(tokenizer.get_vocab_size() / 64) * 64)
-        E, NH = params["embedding_dim"], params["num_heads"]
+        _, train_stream, val_stream = self._data()
         try:
-            config = xLSTMConfig(embedding_dim=E, num_heads=NH, num_blocks=params["num_blocks"], vocab_size=vocab,
-                                 tie_word_embeddings=True, chunk_size=min(64, self.seq_len))
+            config = self._config(params["embedding_dim"], params["num_heads"], params["num_blocks"])
         except ConfigError as err:
             return {"status": REJECTED, "value": None, "reason": f"invalid shape: {err}"}
         profile = load_profile(self.base_profile)
