@@ -151,6 +151,15 @@ def _ours(x: mx.array, arrays, bits: int, group_size: int, depth: int, hint: int
                                             depth=depth, load_hint=hint, max_blocks=max_blocks)
 
 
+def _skinny(kind: str, x: mx.array, w: mx.array) -> mx.array:
+    from xlstm_metal.kernels.fast import skinny
+
+    if kind == "wgmma":
+        from xlstm_metal.kernels.fast.skinny_wgmma import wgmma_matmul
+        return wgmma_matmul(x, w)
+    return skinny.skinny_matmul(x, w)
+
+
 def _parse_config(spec: str, bits: int) -> dict | None:
     """'default', 'int' (the shipped settings with the weights as exact integers where the chain
     can: quantized.INT_WEIGHTS) or 'd<depth>r<resident>[t][p1][i]' -> the module settings it
@@ -258,7 +267,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", default="4,8,16", help="weight formats (4, 8: affine quantized; 16: bf16)")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--rows", default="1", help="rows of x (1-2); rows > 1 run mlx, ours at its defaults and chain")
+    p.add_argument("--rows", default="1", help="rows of x (1-64); the chain's stages run at rows <= 2, at the first "
+                   "--configs entry above one row")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     p.add_argument("--layers", type=int, default=32, help="different weights per evaluation (LM head: at most 4)")
     p.add_argument("--depths", default="", help="also run ours at these ring depths per bits (the shipped other "
@@ -276,6 +286,9 @@ def main(argv=None) -> int:
                    help="at 8 and 16 bits also run the streaming GEMV (kernels/fast/gemv.py) at these settings, "
                    "comma-separated 'u<unroll>[r<features per warp>][b<blocks per SM>][x<resident>][h<hint>]', "
                    "e.g. 'u8,u4r2,u8b8,u16x2'")
+    p.add_argument("--skinny", default="", help="at 16 bits and 2-64 rows also run these skinny products "
+                   "(kernels/fast/skinny.py), comma-separated: 'wgmma' (the Hopper kernel, the decode step's "
+                   "default at 9-16 rows), 'mma'")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",
                    help="let the layers' products overlap on the GPU (default: each waits for the one before, "
@@ -307,6 +320,10 @@ def main(argv=None) -> int:
         if _parse_rows(spec) is None:
             p.error(f"bad --rows-configs entry {spec!r} (e.g. 'u8', 'u4r2', 'u8b8x4h2')")
     hints = per_bits(args.hints, "--hints")
+    skinny = [c.strip() for c in args.skinny.split(",") if c.strip()]
+    for kind in skinny:
+        if kind not in ("wgmma", "mma"):
+            p.error(f"bad --skinny entry {kind!r}: 'wgmma' or 'mma'")
     if not quantized.cuda_available():
         print("decode_product.py needs MLX's CUDA backend", file=sys.stderr)
         return 2
@@ -338,12 +355,12 @@ def main(argv=None) -> int:
                     x = stage.xb
                     variants = []  # (label, fn(arrays) -> output, reference or None)
                     ref0 = _mlx(x, weights[0], bits, args.group_size)
-                    if not args.no_copy and rows == 1:
+                    if not args.no_copy:
                         variants.append(("copy", lambda a, dep: [t + 0 for t in a], None))
                     if not args.no_mlx:
                         variants.append(("mlx", lambda a, dep, x=x: _mlx(_plus(x, dep), a, bits, args.group_size),
                                          None))
-                    for d in (depths.get(bits, []) if rows == 1 else []):
+                    for d in depths.get(bits, []):
                         variants.append((f"ours d{d} h{quantized.LOAD_HINT}",
                                          lambda a, dep, d=d, x=x: _ours(_plus(x, dep), a, bits, args.group_size, d,
                                                                         None), ref0))
@@ -352,7 +369,7 @@ def main(argv=None) -> int:
                             variants.append((f"ours d{shipped} h{h}",
                                              lambda a, dep, h=h, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
                                                                             shipped, h), ref0))
-                    for mb in (max_blocks if rows == 1 else []):
+                    for mb in max_blocks:
                         variants.append((f"ours d{shipped} h{quantized.LOAD_HINT} blocks{mb}",
                                          lambda a, dep, mb=mb, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
                                                                           shipped, None, mb),
@@ -361,11 +378,16 @@ def main(argv=None) -> int:
                         variants.append((f"rows {spec}", lambda a, dep, kw=_parse_rows(spec), x=x: gemv.rows_matmul(
                             _plus(x, dep), *a, group_size=args.group_size, bits=bits, **kw), ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)
-                    for spec in (configs if rows == 1 else configs[:1]):
+                    for kind in (skinny if bits == 16 and rows >= 2 else []):
+                        variants.append((f"skinny {kind}", lambda a, dep, kind=kind, x=x: _skinny(kind, _plus(x, dep), a[0]),
+                                         ref0))
+                    for i, spec in enumerate(configs):
                         conf = _parse_config(spec, bits)
                         if not conf.get("int"):  # the plain product has no integer-weights path
                             variants.append((f"ours {spec}", lambda a, dep, conf=conf, x=x: _with(
                                 conf, lambda: _ours(_plus(x, dep), a, bits, args.group_size, None, None)), ref0))
+                        if rows > 2 or (rows > 1 and i > 0):
+                            continue
                         variants.append((f"chain {spec}", lambda a, dep, conf=conf, stage=stage: _with(
                             conf, lambda: stage.run(a, bits, args.group_size, dep)), cref))
                     for label, fn, ref in variants:
@@ -406,17 +428,21 @@ def main(argv=None) -> int:
                             emit({**rec, "env": env})
             traced = _trace(runs, args.trace_repeats)
             for i, rec in enumerate(recs):
-                if isinstance(traced, str):
-                    rec["trace_error"] = traced
+                # One trace for all (the profiler attaches once); where its evaluations do not
+                # split cleanly by the idle gaps, this variant's own trace.
+                mine = traced[i] if not isinstance(traced, str) else _trace([runs[i]], args.trace_repeats)
+                if isinstance(mine, str):
+                    rec["trace_error"] = mine
                 else:
-                    busy = statistics.median(s["busy_us"] for s in traced[i])
-                    span = statistics.median(s["span_us"] for s in traced[i])
-                    prod = statistics.median(s["product_us"] for s in traced[i])
+                    mine = mine if not isinstance(traced, str) else mine[0]
+                    busy = statistics.median(s["busy_us"] for s in mine)
+                    span = statistics.median(s["span_us"] for s in mine)
+                    prod = statistics.median(s["product_us"] for s in mine)
                     rec.update(gpu_busy_ms=busy / 1000, gpu_span_ms=span / 1000, product_ms=prod / 1000,
-                               product_kernels=traced[i][0]["product_kernels"],
-                               us_per_product=prod / max(1, traced[i][0]["product_kernels"]),
+                               product_kernels=mine[0]["product_kernels"],
+                               us_per_product=prod / max(1, mine[0]["product_kernels"]),
                                gpu_gbs=rec["layers"] * rec["bytes_per_layer"] / (prod * 1e-6) / 1e9,
-                               kernels=traced[i][0]["kernels"], kernel=traced[i][0]["name"])
+                               kernels=mine[0]["kernels"], kernel=mine[0]["name"])
                 emit({**rec, "kind": "gpu", "env": env})
             del runs, kept
             mx.clear_cache()

@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product settings")
     p.add_argument("--skinny-kernels", default="mma",
                    help="one skinny-product setting per kernel, comma-separated: mma (skinny.py's mma.sync), "
-                        "wgmma (skinny_wgmma.py's), auto (wgmma where skinny.AUTO_ROWS says), off (MLX's products); "
+                        "wgmma (skinny_wgmma.py's), decode (skinny.decode_matmul: quantized.py's decode kernel), auto (the decode kernel where skinny.AUTO_ROWS says), off (MLX's products); "
                         "KERNEL@N: the wgmma product splitting k for about N blocks (skinny_wgmma.TARGET_BLOCKS); "
                         "KERNEL@sk[N]: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; N blocks, "
                         "skinny_wgmma.STREAMK_BLOCKS), KERNEL@hy: its hybrid schedule, KERNEL@split: the split one; "
@@ -238,7 +238,8 @@ def main() -> None:
                    skinny_default, step_default, {"depth": {4: 2, 8: 2, 16: 2}, "resident": {4: 3, 8: 3, 16: 3},
                                                   "blocks": 3 * quantized.SMS})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
-                    "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products"}
+                    "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products",
+                    "decode": "fused decode kernels + decode-kernel product"}
     unknown = {k.partition("@")[0] for k in args.skinny_kernels.split(",")} - set(skinny_names)
     if unknown:
         p.error(f"unknown --skinny-kernels {sorted(unknown)}; known: {sorted(skinny_names)}")

@@ -14,7 +14,9 @@ from xlstm_metal.benchmark import shape_config
 from xlstm_metal.kernels.fast.skinny import (
     MAX_ROWS,
     FastLinear,
+    KERNELS,
     SkinnyConfig,
+    decode_matmul,
     default_config,
     k_splits,
     linear_product,
@@ -174,7 +176,56 @@ def test_cuda_model_decode_matches_matmul_path(batch, skinny_on):
     assert_model_decode_matches_matmul_path(batch)
 
 
+@pytest.fixture
+def decode_on():
+    """The decode kernel (:func:`decode_matmul`) selected for the test, then the previous choice back."""
+    before = skinny_gemm_kernel()
+    set_skinny_gemm("decode")
+    yield
+    set_skinny_gemm(before)
+
+
+@cuda
+@pytest.mark.parametrize("M", [2, 9, 16, 33, 64])
+def test_cuda_decode_kernel_7b_layer_shapes_and_partial_tiles(M):
+    shapes = list(_layer_shapes().values()) + [(37, 24), (200, 1000), (1, 8)]  # partial tiles, K % 32 != 0
+    for i, (N, K) in enumerate(shapes):
+        x, w = _operands(300 * M + i, M, N, K)
+        out = decode_matmul(x, w)
+        assert out.shape == (M, N) and out.dtype == mx.bfloat16
+        assert _rel(out, _reference64(x, w)) <= TOL_BF16, (N, K, _rel(out, _reference64(x, w)))
+    half = max(1, M // 2)  # two leading rows of `half`: at most 64 in all
+    x, w = _operands(9, half, 96, 512, mx.float16, lead=(2,))
+    out = decode_matmul(x, w)
+    assert out.shape == (2, half, 96) and out.dtype == mx.float16
+    assert _rel(out, _reference64(x, w)) <= TOL_BF16
+
+
+@cuda
+def test_cuda_decode_kernel_compiled_gradient_and_model(decode_on):
+    assert_compiled_repeated_and_gradient()
+    assert_model_decode_matches_matmul_path(16)
+
+
 # ------------------------------------------------------------------ everywhere (CPU included)
+def test_kernel_choices_parse_and_refuse_unknown():
+    before = skinny_gemm_kernel()
+    try:
+        for choice in KERNELS:
+            set_skinny_gemm(choice)
+            assert skinny_gemm_kernel() == choice
+        set_skinny_gemm(True)
+        assert skinny_gemm_kernel() == "mma"
+        with pytest.raises(ValueError, match="one of off, mma, wgmma, decode, auto"):
+            set_skinny_gemm("fastest")
+    finally:
+        set_skinny_gemm(before)
+    if not cuda_available():
+        with pytest.raises(ValueError, match="decode_matmul"):
+            decode_matmul(mx.zeros((4, 64), mx.bfloat16), mx.zeros((8, 64), mx.bfloat16))
+
+
+
 def test_linear_product_is_matmul_off_cuda_or_for_float32():
     x, w = _operands(8, 5, 48, 64, mx.float32)
     assert np.array_equal(np.array(linear_product(x, w)), np.array(x @ w.T))
@@ -212,7 +263,7 @@ def test_config_checks_defaults_and_splits(monkeypatch):
 def test_auto_by_default_and_switch():
     import os
 
-    # "auto" (the wgmma kernel where it wins, on Hopper GPUs) unless the environment picks another.
+    # "auto" (the decode kernel where it wins, on Hopper GPUs) unless the environment picks another.
     env = os.environ.get("XLSTM_METAL_SKINNY_GEMM", "auto")
     assert skinny_gemm_kernel() == {"1": "mma", "0": "off"}.get(env, env)
     x, w = _operands(10, 16, 64, 64)

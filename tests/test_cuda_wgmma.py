@@ -464,7 +464,7 @@ def test_wgmma_vjp_is_the_plain_products(monkeypatch):
     assert_vjp_is_the_plain_products(skinny._wgmma_product)
 
 
-def test_auto_picks_wgmma_by_rows_on_hopper(monkeypatch):
+def test_auto_picks_the_decode_kernel_by_rows_on_hopper(monkeypatch):
     import xlstm_metal.kernels.fast.skinny as skinny
 
     # The operand checks and the GPU's generation stood in for (they need a GPU): what is under
@@ -478,8 +478,11 @@ def test_auto_picks_wgmma_by_rows_on_hopper(monkeypatch):
         set_skinny_gemm("auto")
         assert skinny_gemm_kernel() == "auto" and skinny_gemm_enabled()
         assert [skinny._kernel_for(mx.zeros((m, 64), dtype=mx.bfloat16), w) for m in (1, 2, 15, 16, 64)] == [
-            "off", "off", "off", "wgmma", "wgmma"]
-        assert skinny._kernel_for(mx.zeros((2, 8, 64), dtype=mx.bfloat16), w) == "wgmma"  # rows: all but the last axis
+            "off", "off", "off", "decode", "decode"]
+        assert skinny._kernel_for(mx.zeros((2, 8, 64), dtype=mx.bfloat16), w) == "decode"  # rows: all but the last axis
+        monkeypatch.setattr(skinny, "AUTO_ROWS", range(2, 17))  # the shipped range
+        assert [skinny._kernel_for(mx.zeros((m, 64), dtype=mx.bfloat16), w) for m in (1, 2, 16, 17, 64)] == [
+            "off", "decode", "decode", "off", "off"]
         # fp16 was not measured against cuBLASLt: MLX's matmul under "auto".
         assert skinny._kernel_for(mx.zeros((16, 64), dtype=mx.float16), w.astype(mx.float16)) == "off"
         monkeypatch.setattr(skinny, "_hopper", [False])  # another GPU generation: MLX's matmul

@@ -31,9 +31,12 @@ the reference) otherwise.
 
 This ``mma.sync`` kernel is **opt-in** (``XLSTM_METAL_SKINNY_GEMM=1``): on the H200 it did not beat
 cuBLASLt in a decode step (round S5R2, 7B shape: 6.54 vs 5.98 ms per step at batch 16, 13.02 vs
-9.90 ms at batch 64; benchmarks/NOTES.md). The default, ``auto``, runs the Hopper ``wgmma``
-kernel of :mod:`.skinny_wgmma` for :data:`AUTO_ROWS` rows on a compute-capability-9 GPU, where
-it beat cuBLASLt in a whole decode step (S7R2), and MLX's matmul everywhere else.
+9.90 ms at batch 64; benchmarks/NOTES.md). The default, ``auto``, runs :func:`decode_matmul` (the
+decode kernel of :mod:`.quantized` on the float weights: no shared-memory ring, no k split in
+memory, so no second launch) for :data:`AUTO_ROWS` rows on a compute-capability-9 GPU, where it
+made the 7B decode step faster than both cuBLASLt and the Hopper ``wgmma`` kernel of
+:mod:`.skinny_wgmma` (session 17), and MLX's matmul everywhere else; the wgmma kernel, the
+default at 9-16 rows from session 7 to 16, is opt-in (``XLSTM_METAL_SKINNY_GEMM=wgmma``).
 
 :class:`FastLinear` is ``nn.Linear`` with :func:`linear_product` in its ``__call__`` (same
 parameters, same keys); :func:`use_fast_linear_layers` switches a model's plain linear layers to
@@ -59,15 +62,19 @@ MAX_ROWS = 64
 MIN_ROWS = 2
 
 #: The products :func:`linear_product` can run for 2-64 rows on CUDA: MLX's matmul ("off"), this
-#: module's ``mma.sync`` kernel ("mma"), the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`, or
-#: "auto": the wgmma kernel on a compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16,
-#: MLX's matmul otherwise.
-KERNELS = ("off", "mma", "wgmma", "auto")
-#: Rows of x for which "auto" runs the wgmma kernel: where it beat cuBLASLt in a whole decode step
-#: of the 7B shape on an H200 (one process each: S7R2 7.55 against 8.35 ms per step at 16 rows,
-#: S7R3 7.90-8.33 against 9.24-9.60; 9-16 rows launch the same kernel shapes). At 64 rows it lost
-#: (S7R2 11.14 against 9.21 ms, S7R3 11.21-11.39 against 9.21-9.36).
-AUTO_ROWS = range(9, 17)
+#: module's ``mma.sync`` kernel ("mma"), the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`, the
+#: decode kernel of :mod:`.quantized` reading the float weights as they are ("decode": 16 features
+#: per block, its 8 warps splitting K, x's fragments from L1), or "auto": the decode kernel on a
+#: compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16, MLX's matmul otherwise.
+KERNELS = ("off", "mma", "wgmma", "decode", "auto")
+#: Rows of x for which "auto" runs :func:`decode_matmul`. On an H200 (S17R2, 7B decode step, one
+#: process, two rounds): 16 rows 6.44 / 6.99 ms per step against 6.81 / 7.94 with the wgmma
+#: kernel (GPU busy 5.92 against 6.72 ms: 96 fewer launches, no split partial sums); 8 rows 5.56 /
+#: 5.60 against MLX's 7.36 / 9.91 (host-bound: a matmul node costs the host more than a custom
+#: kernel). The products alone (S17R1-R2, each waiting for the one before) ran within 3-13% of
+#: cuBLASLt's GPU time at 4-16 rows. At 64 rows it lost badly (21.4 against 9.6-9.9 ms: x's eight
+#: row tiles are re-read per warp and the registers are unbounded), so more rows keep cuBLASLt.
+AUTO_ROWS = range(2, 17)
 
 
 def _parse_choice(value) -> str:
@@ -75,7 +82,7 @@ def _parse_choice(value) -> str:
         return "mma"
     if value is False or value in ("", "0", "off"):
         return "off"
-    if value in ("wgmma", "auto"):
+    if value in ("wgmma", "decode", "auto"):
         return value
     raise ValueError(f"skinny product {value!r}: one of {', '.join(KERNELS)} (or True / False)")
 
@@ -101,7 +108,7 @@ def _kernel_for(x: mx.array, w: mx.array) -> str:
     if rows < MIN_ROWS:
         return "off"
     if _choice == "auto":  # measured with bf16 weights only (fp16 runs on the kernel when chosen outright)
-        return "wgmma" if rows in AUTO_ROWS and x.dtype == mx.bfloat16 and _is_hopper() else "off"
+        return "decode" if rows in AUTO_ROWS and x.dtype == mx.bfloat16 and _is_hopper() else "off"
     return _choice
 
 
@@ -110,8 +117,9 @@ _choice = _parse_choice(os.environ.get("XLSTM_METAL_SKINNY_GEMM", "auto"))
 
 def skinny_gemm_enabled() -> bool:
     """Whether :func:`linear_product` may use a kernel of its own (``XLSTM_METAL_SKINNY_GEMM``:
-    ``auto``, the default, the wgmma kernel where it is faster; ``1`` or ``mma``: the ``mma.sync``
-    kernel; ``wgmma``: the Hopper one for all 2-64 rows; ``0``: MLX's matmul)."""
+    ``auto``, the default, :func:`decode_matmul` where it is faster; ``1`` or ``mma``: the ``mma.sync``
+    kernel; ``wgmma``: the Hopper one for all 2-64 rows; ``decode``: :func:`decode_matmul` for
+    all 2-64 rows; ``0``: MLX's matmul)."""
     return _choice != "off"
 
 
@@ -122,7 +130,8 @@ def skinny_gemm_kernel() -> str:
 
 def set_skinny_gemm(enabled: bool | str) -> None:
     """Select the product for products traced from now on (compiled steps keep theirs): True or
-    "mma" (this module's kernel), "wgmma" (:mod:`.skinny_wgmma`), "auto" (see :data:`KERNELS`),
+    "mma" (this module's kernel), "wgmma" (:mod:`.skinny_wgmma`), "decode" (:func:`decode_matmul`),
+    "auto" (see :data:`KERNELS`),
     False or "off" (MLX's matmul)."""
     global _choice
     _choice = _parse_choice(enabled)
@@ -405,6 +414,26 @@ def plain_products_vjp(primals, cotangent, output):
 _skinny_product.vjp(plain_products_vjp)
 
 
+def decode_matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x [..., K] @ w.T through :func:`.quantized.fused_quantized_matmul`'s tensor-core loop on
+    the float weights as they are (bits 16: its scales and biases are not read), 1 to
+    :data:`MAX_ROWS` rows (CUDA; the cases :func:`skinny_supported` accepts). No gradient."""
+    from .quantized import fused_quantized_matmul
+
+    if not skinny_supported(x, w):
+        raise ValueError(f"decode_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
+                         f"1..{MAX_ROWS} rows; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
+    return fused_quantized_matmul(x, w, w, w, group_size=32, bits=16)
+
+
+@mx.custom_function
+def _decode_product(x: mx.array, w: mx.array) -> mx.array:
+    return decode_matmul(x, w)
+
+
+_decode_product.vjp(plain_products_vjp)
+
+
 @mx.custom_function
 def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
     from .skinny_wgmma import wgmma_matmul
@@ -508,7 +537,7 @@ def linear_product(x: mx.array, w: mx.array) -> mx.array:
     kernel = _kernel_for(x, w)
     if kernel == "off":
         return x @ w.T
-    return (_wgmma_product if kernel == "wgmma" else _skinny_product)(x, w)
+    return {"wgmma": _wgmma_product, "decode": _decode_product}.get(kernel, _skinny_product)(x, w)
 
 
 class FastLinear(nn.Linear):

@@ -30,9 +30,10 @@ threads = N / 2 floats per thread per 64-row tile.
   with a clustered kernel to a plain one: its key does not see a compile-time cluster shape.)
 
 :func:`wgmma_matmul` is the kernel; :func:`xlstm_metal.kernels.fast.skinny.linear_product`
-dispatches to it: by default (``auto``) at :data:`~xlstm_metal.kernels.fast.skinny.AUTO_ROWS`
-rows on compute-capability-9 GPUs, where it made the 7B decode step faster than cuBLASLt on an
-H200 (16 rows); at 2-64 rows with ``XLSTM_METAL_SKINNY_GEMM=wgmma``.
+dispatches to it at 2-64 rows with ``XLSTM_METAL_SKINNY_GEMM=wgmma``. From session 7 to 16 it was
+the default at 9-16 rows on compute-capability-9 GPUs (it made the 7B decode step faster than
+cuBLASLt on an H200); since session 17 the default there is
+:func:`~xlstm_metal.kernels.fast.skinny.decode_matmul`, which made that step faster still.
 """
 
 from __future__ import annotations
