@@ -364,7 +364,7 @@ def main(argv=None) -> int:
                         variants.append((f"ours d{d} h{quantized.LOAD_HINT}",
                                          lambda a, dep, d=d, x=x: _ours(_plus(x, dep), a, bits, args.group_size, d,
                                                                         None), ref0))
-                    for h in (hints.get(bits, []) if rows == 1 else []):
+                    for h in hints.get(bits, []):
                         if h != quantized.LOAD_HINT:
                             variants.append((f"ours d{shipped} h{h}",
                                              lambda a, dep, h=h, x=x: _ours(_plus(x, dep), a, bits, args.group_size,

@@ -208,6 +208,25 @@ def test_cuda_decode_kernel_compiled_gradient_and_model(decode_on):
 
 
 # ------------------------------------------------------------------ everywhere (CPU included)
+def test_decode_matmul_launches_the_decode_kernel_with_its_load_hint(monkeypatch):
+    import xlstm_metal.kernels.fast.quantized as quantized
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    calls = []
+
+    def kernel(x, w, scales, biases, **kw):
+        calls.append((scales is w and biases is w, kw))
+        return x @ w.T
+
+    monkeypatch.setattr(skinny, "skinny_supported", lambda x, w: True)  # the device check stood in for
+    monkeypatch.setattr(quantized, "fused_quantized_matmul", kernel)
+    monkeypatch.setattr(skinny, "DECODE_LOAD_HINT", 2)
+    x, w = _operands(11, 16, 40, 64)
+    assert mx.array_equal(skinny.decode_matmul(x, w), x @ w.T).item()
+    # bits 16 (the float weights as they are: w stands in for the unread scales and biases), the hint
+    assert calls == [(True, {"group_size": 32, "bits": 16, "load_hint": 2})]
+
+
 def test_kernel_choices_parse_and_refuse_unknown():
     before = skinny_gemm_kernel()
     try:

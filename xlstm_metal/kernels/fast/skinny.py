@@ -71,7 +71,7 @@ KERNELS = ("off", "mma", "wgmma", "decode", "auto")
 #: process, two rounds): 16 rows 6.44 / 6.99 ms per step against 6.81 / 7.94 with the wgmma
 #: kernel (GPU busy 5.92 against 6.72 ms: 96 fewer launches, no split partial sums); 8 rows 5.56 /
 #: 5.60 against MLX's 7.36 / 9.91 (host-bound: a matmul node costs the host more than a custom
-#: kernel). The products alone (S17R1-R2, each waiting for the one before) ran within 3-13% of
+#: kernel). The products alone (S17R1-R4, each waiting for the one before) ran within 1-13% of
 #: cuBLASLt's GPU time at 4-16 rows. At 64 rows it lost badly (21.4 against 9.6-9.9 ms: x's eight
 #: row tiles are re-read per warp and the registers are unbounded), so more rows keep cuBLASLt.
 AUTO_ROWS = range(2, 17)
@@ -414,16 +414,26 @@ def plain_products_vjp(primals, cotangent, output):
 _skinny_product.vjp(plain_products_vjp)
 
 
+#: The weights' load instruction in :func:`decode_matmul` (``XLSTM_METAL_SKINNY_DECODE_HINT``; see
+#: :func:`.quantized.decode_template`): 2, non-coherent without L1 and asking L2 for the 256 bytes
+#: around each chunk (the neighbouring warps' pieces of the same rows). On an H200 (S17R4, 7B
+#: products at 16 rows, each waiting for the one before) it took 3-5% off every product against
+#: 1 (the quantized kernels' hint): gate|up 50.3 vs 52.5 us, proj_down 27.8 vs 29.4, q|k|v|o
+#: 28.1 vs 29.7, out_proj 12.0 vs 12.4.
+DECODE_LOAD_HINT = int(os.environ.get("XLSTM_METAL_SKINNY_DECODE_HINT", "2"))
+
+
 def decode_matmul(x: mx.array, w: mx.array) -> mx.array:
     """x [..., K] @ w.T through :func:`.quantized.fused_quantized_matmul`'s tensor-core loop on
-    the float weights as they are (bits 16: its scales and biases are not read), 1 to
-    :data:`MAX_ROWS` rows (CUDA; the cases :func:`skinny_supported` accepts). No gradient."""
+    the float weights as they are (bits 16: its scales and biases are not read; loads
+    :data:`DECODE_LOAD_HINT`), 1 to :data:`MAX_ROWS` rows (CUDA; the cases
+    :func:`skinny_supported` accepts). No gradient."""
     from .quantized import fused_quantized_matmul
 
     if not skinny_supported(x, w):
         raise ValueError(f"decode_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
                          f"1..{MAX_ROWS} rows; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
-    return fused_quantized_matmul(x, w, w, w, group_size=32, bits=16)
+    return fused_quantized_matmul(x, w, w, w, group_size=32, bits=16, load_hint=DECODE_LOAD_HINT)
 
 
 @mx.custom_function
