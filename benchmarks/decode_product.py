@@ -53,6 +53,7 @@ from xlstm_metal.kernels.fast import decode as decode_kernels  # noqa: E402
 from xlstm_metal.kernels.fast import decode_chain as chain  # noqa: E402
 from xlstm_metal.kernels.fast import gemv  # noqa: E402
 from xlstm_metal.kernels.fast import quantized  # noqa: E402
+from xlstm_metal.kernels.fast import rows_mma  # noqa: E402
 
 E, NH, DV, F, VOCAB = 4096, 8, 512, 10944, 50304
 #: (name, N, K) of the 7B decode step's products with float i/f gates (the chain's q|k|v|o group).
@@ -289,6 +290,10 @@ def main(argv=None) -> int:
     p.add_argument("--skinny", default="", help="at 16 bits and 2-64 rows also run these skinny products "
                    "(kernels/fast/skinny.py), comma-separated: 'wgmma' (the Hopper kernel, the decode step's "
                    "default at 9-16 rows), 'mma'")
+    p.add_argument("--mma-configs", default="",
+                   help="at 16 bits and 2-16 rows also run the streaming tensor-core product (kernels/fast/rows_mma.py) "
+                   "at these settings, comma-separated 'u<spans in flight>x<blocks per SM>[e][h<hint>][b<grid blocks "
+                   "per SM>]' ('e': x's fragments loaded with the weights), e.g. 'u8x2,u4x3e,u2x4h1'")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",
                    help="let the layers' products overlap on the GPU (default: each waits for the one before, "
@@ -320,6 +325,10 @@ def main(argv=None) -> int:
         if _parse_rows(spec) is None:
             p.error(f"bad --rows-configs entry {spec!r} (e.g. 'u8', 'u4r2', 'u8b8x4h2')")
     hints = per_bits(args.hints, "--hints")
+    mma_configs = [c.strip() for c in args.mma_configs.split(",") if c.strip()]
+    for spec in mma_configs:
+        if rows_mma.parse_settings(spec) is None:
+            p.error(f"bad --mma-configs entry {spec!r} (e.g. 'u8x2', 'u4x3e', 'u2x4h1b2')")
     skinny = [c.strip() for c in args.skinny.split(",") if c.strip()]
     for kind in skinny:
         if kind not in ("wgmma", "mma"):
@@ -381,6 +390,9 @@ def main(argv=None) -> int:
                     for kind in (skinny if bits == 16 and rows >= 2 else []):
                         variants.append((f"skinny {kind}", lambda a, dep, kind=kind, x=x: _skinny(kind, _plus(x, dep), a[0]),
                                          ref0))
+                    for spec in (mma_configs if bits == 16 and rows <= rows_mma.MAX_ROWS else []):
+                        variants.append((f"rows_mma {spec}", lambda a, dep, kw=rows_mma.parse_settings(spec), x=x:
+                                         rows_mma.rows_mma_matmul(_plus(x, dep), a[0], **kw), ref0))
                     for i, spec in enumerate(configs):
                         conf = _parse_config(spec, bits)
                         if not conf.get("int"):  # the plain product has no integer-weights path

@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--no-skinny", action="store_true", help="leave out the skinny-product settings")
     p.add_argument("--skinny-kernels", default="mma",
                    help="one skinny-product setting per kernel, comma-separated: mma (skinny.py's mma.sync), "
-                        "wgmma (skinny_wgmma.py's), decode (skinny.decode_matmul: quantized.py's decode kernel), auto (the decode kernel where skinny.AUTO_ROWS says), off (MLX's products); "
+                        "wgmma (skinny_wgmma.py's), decode (skinny.decode_matmul: quantized.py's decode kernel), stream (rows_mma.py's kernel, settings from XLSTM_METAL_ROWS_MMA), auto (the decode kernel where skinny.AUTO_ROWS says), off (MLX's products); "
                         "KERNEL@N: the wgmma product splitting k for about N blocks (skinny_wgmma.TARGET_BLOCKS); "
                         "KERNEL@sk[N]: the wgmma product's stream-K schedule (skinny_wgmma.SCHEDULE; N blocks, "
                         "skinny_wgmma.STREAMK_BLOCKS), KERNEL@hy: its hybrid schedule, KERNEL@split: the split one; "
@@ -239,7 +239,8 @@ def main() -> None:
                                                   "blocks": 3 * quantized.SMS})]
     skinny_names = {"mma": "fused decode kernels + skinny product", "wgmma": "fused decode kernels + wgmma product",
                     "auto": "fused decode kernels + auto product", "off": "fused decode kernels, MLX's products",
-                    "decode": "fused decode kernels + decode-kernel product"}
+                    "decode": "fused decode kernels + decode-kernel product",
+                    "stream": "fused decode kernels + streaming mma product"}
     unknown = {k.partition("@")[0] for k in args.skinny_kernels.split(",")} - set(skinny_names)
     if unknown:
         p.error(f"unknown --skinny-kernels {sorted(unknown)}; known: {sorted(skinny_names)}")

@@ -235,7 +235,7 @@ def test_kernel_choices_parse_and_refuse_unknown():
             assert skinny_gemm_kernel() == choice
         set_skinny_gemm(True)
         assert skinny_gemm_kernel() == "mma"
-        with pytest.raises(ValueError, match="one of off, mma, wgmma, decode, auto"):
+        with pytest.raises(ValueError, match="one of off, mma, wgmma, decode, stream, auto"):
             set_skinny_gemm("fastest")
     finally:
         set_skinny_gemm(before)

@@ -66,7 +66,7 @@ MIN_ROWS = 2
 #: decode kernel of :mod:`.quantized` reading the float weights as they are ("decode": 16 features
 #: per block, its 8 warps splitting K, x's fragments from L1), or "auto": the decode kernel on a
 #: compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16, MLX's matmul otherwise.
-KERNELS = ("off", "mma", "wgmma", "decode", "auto")
+KERNELS = ("off", "mma", "wgmma", "decode", "stream", "auto")
 #: Rows of x for which "auto" runs :func:`decode_matmul`. On an H200 (S17R2, 7B decode step, one
 #: process, two rounds): 16 rows 6.44 / 6.99 ms per step against 6.81 / 7.94 with the wgmma
 #: kernel (GPU busy 5.92 against 6.72 ms: 96 fewer launches, no split partial sums); 8 rows 5.56 /
@@ -82,7 +82,7 @@ def _parse_choice(value) -> str:
         return "mma"
     if value is False or value in ("", "0", "off"):
         return "off"
-    if value in ("wgmma", "decode", "auto"):
+    if value in ("wgmma", "decode", "stream", "auto"):
         return value
     raise ValueError(f"skinny product {value!r}: one of {', '.join(KERNELS)} (or True / False)")
 
@@ -101,7 +101,8 @@ def _is_hopper() -> bool:
 
 
 def _kernel_for(x: mx.array, w: mx.array) -> str:
-    """The product :func:`linear_product` runs for these operands: "off", "mma" or "wgmma"."""
+    """The product :func:`linear_product` runs for these operands: "off" or one of :data:`KERNELS`'
+    kernels ("stream" takes at most :data:`.rows_mma.MAX_ROWS` rows)."""
     if _choice == "off" or not skinny_supported(x, w):
         return "off"
     rows = math.prod(x.shape[:-1])
@@ -109,6 +110,9 @@ def _kernel_for(x: mx.array, w: mx.array) -> str:
         return "off"
     if _choice == "auto":  # measured with bf16 weights only (fp16 runs on the kernel when chosen outright)
         return "decode" if rows in AUTO_ROWS and x.dtype == mx.bfloat16 and _is_hopper() else "off"
+    if _choice == "stream":
+        from .rows_mma import MAX_ROWS as STREAM_MAX_ROWS
+        return "stream" if rows <= STREAM_MAX_ROWS else "off"
     return _choice
 
 
@@ -445,6 +449,15 @@ _decode_product.vjp(plain_products_vjp)
 
 
 @mx.custom_function
+def _stream_product(x: mx.array, w: mx.array) -> mx.array:
+    from .rows_mma import rows_mma_matmul
+    return rows_mma_matmul(x, w)
+
+
+_stream_product.vjp(plain_products_vjp)
+
+
+@mx.custom_function
 def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
     from .skinny_wgmma import wgmma_matmul
 
@@ -547,7 +560,8 @@ def linear_product(x: mx.array, w: mx.array) -> mx.array:
     kernel = _kernel_for(x, w)
     if kernel == "off":
         return x @ w.T
-    return {"wgmma": _wgmma_product, "decode": _decode_product}.get(kernel, _skinny_product)(x, w)
+    return {"wgmma": _wgmma_product, "decode": _decode_product, "stream": _stream_product}.get(
+        kernel, _skinny_product)(x, w)
 
 
 class FastLinear(nn.Linear):
