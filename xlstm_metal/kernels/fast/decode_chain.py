@@ -62,7 +62,7 @@ from . import gemv as _gemv
 from . import quantized as _quantized
 from .quantized import (_HEADER, INT_HEADER, INT_STAGE, decode_launch, decode_source, decode_template, int_weights_apply, kernel_takes,
                         launch_bounds, quantized_matmul)
-from .tensor_cores import compact_source
+from .tensor_cores import compact_source, tile_sums_source
 
 #: Most rows (batch x 1 token) the chain takes; more rows run :mod:`.decode`'s kernels. Measured
 #: on an H200 (S6R3, 7B, 4 bits): 484.6 tok/s at 2 rows (4.13 ms per step), where the path without
@@ -962,17 +962,7 @@ _PAIRED_STORE = """
         }
       }
 """
-_UNPAIRED_STORE = """
-      for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
-        float sum = 0.0f;
-        #pragma unroll
-        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
-        const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
-        const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
-        const int m = t * 8 + 2 * (l & 3) + (c & 1);
-        if (n < N && m < M) gate_up[(size_t)m * N + n] = static_cast<T>(sum);
-      }
-"""
+_UNPAIRED_STORE = "\n" + tile_sums_source("gate_up[(size_t)m * N + n] = static_cast<T>(sum);")
 
 
 def _paired(text: str) -> str:

@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .step import cuda_available
-from .tensor_cores import MMA_HEADER, compact_source
+from .tensor_cores import MMA_HEADER, compact_source, tile_sums_source
 from .tensor_cores import launch_bounds as _launch_bounds  # (bound to 256 threads below)
 
 #: Most rows of x the fused kernel takes (8 rows per tensor-core tile, 8 tiles); more rows take
@@ -322,16 +322,7 @@ _SOURCE = """
         for (int c = 0; c < 4; ++c) { red[((warp * MT + t) * 4 + c) * 32 + lane] = acc[t][c]; acc[t][c] = 0.0f; }
       }
       __syncthreads();
-      for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
-        float sum = 0.0f;
-        #pragma unroll
-        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
-        const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
-        const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
-        const int m = t * 8 + 2 * (l & 3) + (c & 1);
-        if (n < N && m < M) @TILE_STORE@
-      }
-@SPLIT_FINISH@
+""" + tile_sums_source("@TILE_STORE@") + """@SPLIT_FINISH@
       if (tile >= nwork) break;
       __syncthreads();  // the partial tiles in shared memory are read
     }

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .quantized import SMS
 from .step import cuda_available
-from .tensor_cores import MMA_HEADER, compact_source, launch_bounds
+from .tensor_cores import MMA_HEADER, compact_source, launch_bounds, tile_sums_source
 
 #: Spans (32 k each) per lane in flight: 2 weight rows x U 16-byte loads.
 UNROLL = 4
@@ -177,16 +177,7 @@ _SOURCE = """
         for (int c = 0; c < 4; ++c) red[((warp * MT + t) * 4 + c) * 32 + lane] = acc[t][c];
       }
       __syncthreads();
-      for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
-        float sum = 0.0f;
-        #pragma unroll
-        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
-        const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
-        const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
-        const int m = t * 8 + 2 * (l & 3) + (c & 1);
-        if (n < N && m < M) y[(size_t)m * N + n] = static_cast<T>(sum);
-      }
-      __syncthreads();
+""" + tile_sums_source("y[(size_t)m * N + n] = static_cast<T>(sum);") + """      __syncthreads();
     }
 """
 

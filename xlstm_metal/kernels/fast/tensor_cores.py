@@ -104,3 +104,22 @@ def kernel_tag(key) -> str:
     """A kernel name suffix from its cache key: the same in every process (MLX's on-disk kernel
     cache finds a kernel by its name and source; a counter would name it by creation order)."""
     return f"{zlib.crc32(repr(key).encode()):08x}"
+
+
+def tile_sums_source(store: str) -> str:
+    """CUDA statements adding the ``WARPS`` warps' partial sums of a 16-feature tile (``float
+    red[WARPS * MT * 4 * 32]`` in shared memory, each warp's ``acc[t][c]`` at ``((warp * MT + t)
+    * 4 + c) * 32 + lane``; synchronised before) and running ``store`` (one statement with
+    ``float sum`` at feature ``n`` of tile ``cur``, row ``m``) where ``n < N`` and ``m < M``: the
+    epilogue of the tensor-core kernels whose warps split K (:mod:`.quantized`, :mod:`.rows_mma`)."""
+    return (_TILE_SUMS + store + "\n      }\n")
+
+
+_TILE_SUMS = """      for (int e = threadIdx.x; e < MT * 4 * 32; e += WARPS * 32) {
+        float sum = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 4 * 32 + e];
+        const int l = e & 31, c = (e >> 5) & 3, t = e >> 7;
+        const int n = cur * 16 + (l >> 2) + ((c & 2) ? 8 : 0);
+        const int m = t * 8 + 2 * (l & 3) + (c & 1);
+        if (n < N && m < M) """
