@@ -18,6 +18,11 @@ reads the same rows); ``XE`` 1 loads x's fragments with the weights, 0 just befo
 
 The reference is ``x @ w.T`` (MLX's matmul): the sums agree to float32 round-off (their order
 differs).
+
+Opt-in (``XLSTM_METAL_SKINNY_GEMM=stream``; settings ``XLSTM_METAL_ROWS_MMA``, e.g. ``u4x2e``): on
+an H200 (session 17, 7B shapes) its products alone were 3-7% faster than the decode kernel of
+:mod:`.quantized` at 4-16 rows, but inside a decode step they were not (16 rows: 4.11 against 4.01
+ms of products per step), so :func:`.skinny.decode_matmul` stays the default (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

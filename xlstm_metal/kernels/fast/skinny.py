@@ -64,7 +64,8 @@ MIN_ROWS = 2
 #: The products :func:`linear_product` can run for 2-64 rows on CUDA: MLX's matmul ("off"), this
 #: module's ``mma.sync`` kernel ("mma"), the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`, the
 #: decode kernel of :mod:`.quantized` reading the float weights as they are ("decode": 16 features
-#: per block, its 8 warps splitting K, x's fragments from L1), or "auto": the decode kernel on a
+#: per block, its 8 warps splitting K, x's fragments from L1), the streaming tensor-core product
+#: of :mod:`.rows_mma` ("stream", at most 16 rows; measured no faster in a step), or "auto": the decode kernel on a
 #: compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16, MLX's matmul otherwise.
 KERNELS = ("off", "mma", "wgmma", "decode", "stream", "auto")
 #: Rows of x for which "auto" runs :func:`decode_matmul`. On an H200 (S17R2, 7B decode step, one
