@@ -303,6 +303,71 @@ def test_a_disconnecting_stream_frees_its_slot(ckpt):
         assert time.monotonic() - started < 30
 
 
+def test_penalties_see_the_whole_prompt_after_a_prompt_cache_hit(server, reference, monkeypatch):
+    """A seeded request runs on mlx-lm's single-request path, whose logits processors saw only the
+    prompt tokens after a prompt-cache hit (1 of 17 here): the cached ones escaped the repetition
+    penalty. Now they see the whole prompt, as on the batch path."""
+    from xlstm_metal import serve
+
+    histories = []
+    plain = serve._mlx_make_logits_processors
+
+    def spy(args):  # a processor that records its history, before mlx-lm's own
+        def record(tokens, logits):
+            histories.append(tokens.tolist())
+            return logits
+        return [record] + plain(args)
+
+    monkeypatch.setattr(serve, "_mlx_make_logits_processors", spy)
+    body = {"max_tokens": 3, "temperature": 0, "repetition_penalty": 1.5}
+    for seed in (None, 11):  # the batch path, then the single one
+        prompts, firsts = ["the dog ran to"], []
+        for turn in range(2):
+            histories.clear()
+            status, answer = post(server.url, "/v1/completions", {**body, "prompt": prompts[-1], "seed": seed})
+            assert status == 200, answer
+            usage = answer["usage"]
+            # The first call sees the whole prompt (BOS first), each later one a reply token more.
+            assert len(histories[0]) == usage["prompt_tokens"], (seed, turn, usage, histories)
+            assert histories[0][1:] == reference[1].encode(prompts[-1], add_special_tokens=False)
+            assert all(len(h) == len(histories[0]) + i for i, h in enumerate(histories))
+            firsts.append(histories[0])
+            prompts.append(prompts[-1] + answer["choices"][0]["text"] + " and")
+        assert usage["prompt_tokens_details"]["cached_tokens"] > 0  # the second turn found the first's cache
+        assert firsts[1][:len(firsts[0])] == firsts[0]
+
+
+def test_make_logits_processors_puts_the_cached_head_before_the_history():
+    import mlx.core as mx
+    from types import SimpleNamespace
+
+    from xlstm_metal import serve
+
+    seen = []
+    plain = serve._mlx_make_logits_processors
+    logits = mx.zeros((1, 8))
+    for prompt, histories, expected in (
+            ([5, 6, 7, 1, 2], [[1, 2], [1, 2, 3]], [[5, 6, 7, 1, 2], [5, 6, 7, 1, 2, 3]]),  # after a hit
+            ([5, 6, 7], [[5, 6, 7], [5, 6, 7, 1]], [[5, 6, 7], [5, 6, 7, 1]]),  # whole already
+            ([5, 6, 7], [[9, 7]], [[9, 7]])):  # not the prompt's tail: left as it is
+        args = SimpleNamespace(prompt_tokens=prompt)
+        try:
+            serve._mlx_make_logits_processors = lambda a: [lambda t, lg: seen.append(t.tolist()) or lg]
+            processors = serve._make_logits_processors(args)
+        finally:
+            serve._mlx_make_logits_processors = plain
+        seen.clear()
+        for h in histories:
+            for processor in processors:
+                assert processor(mx.array(h, dtype=mx.int32), logits) is logits
+        assert seen == expected
+    # No prompt recorded (another caller of mlx-lm's function): its processors as they are.
+    args = SimpleNamespace(logits=SimpleNamespace(logit_bias=None, repetition_penalty=1.3, repetition_context_size=20,
+                                                  presence_penalty=0.0, presence_context_size=20, frequency_penalty=0.0,
+                                                  frequency_context_size=20))
+    assert len(serve._make_logits_processors(args)) == len(plain(args)) == 1
+
+
 def test_chat_page_is_served(server):
     with urllib.request.urlopen(server.url + "/") as response:
         page = response.read().decode()

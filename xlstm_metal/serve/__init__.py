@@ -204,6 +204,9 @@ class _GenerationArguments(mlx_server.GenerationArguments):
     of the model it serves the request with (:meth:`_ModelDefaults._tokenize`)."""
 
     model_defaults: frozenset = frozenset()
+    #: The request's prompt tokens, once the generation thread has tokenized it
+    #: (:meth:`_WholePromptHistory._tokenize`): what its logits processors see before the reply.
+    prompt_tokens: list | None = None
 
 
 def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespace:
@@ -468,6 +471,52 @@ class _ModelDefaults:
         return tokenized
 
 
+class _WholePromptHistory:
+    """A mixin of mlx-lm's ResponseGenerator: a request's logits processors (repetition, presence
+    and frequency penalties) see the whole prompt before the reply. On mlx-lm's single-request
+    path (seeded requests, a draft model) they saw only the prompt tokens it ran after a
+    prompt-cache hit, so the cached ones escaped the penalties; its batch path passes them
+    (``all_tokens``), as :func:`_make_logits_processors` now does for both."""
+
+    def _tokenize(self, tokenizer, request, args):
+        tokenized = super()._tokenize(tokenizer, request, args)
+        args.prompt_tokens = list(tokenized[0])
+        return tokenized
+
+
+_mlx_make_logits_processors = mlx_server._make_logits_processors
+
+
+def _make_logits_processors(args) -> list:
+    """mlx-lm's processors of ``args``, each fed the prompt tokens that its history lacks.
+
+    mlx-lm calls a processor with the history of the tokens it ran (the prompt it was given, then
+    each reply token). At the first call that history is the prompt's tail: what comes before it
+    in ``args.prompt_tokens`` (the tokens a prompt cache held) is put in front from then on. Where
+    the history is the whole prompt already (the batch path) nothing changes."""
+    processors = _mlx_make_logits_processors(args)
+    prompt = getattr(args, "prompt_tokens", None)
+    if not processors or not prompt:
+        return processors
+    found: list = []  # [the missing head as an mx.array, or None], from the first call on
+
+    def whole(tokens: mx.array) -> mx.array:
+        if not found:
+            cut = len(prompt) - tokens.shape[0]
+            # Once per request, on the prompt alone (before any reply token is sampled).
+            head = 0 < cut and tokens.tolist() == prompt[cut:]
+            found.append(mx.array(prompt[:cut], dtype=tokens.dtype) if head else None)
+        return tokens if found[0] is None else mx.concatenate([found[0], tokens])
+
+    def fed(processor):
+        return lambda tokens, logits: processor(whole(tokens), logits)
+
+    return [fed(processor) for processor in processors]
+
+
+mlx_server._make_logits_processors = _make_logits_processors
+
+
 def _apply_model_defaults(args, names, provider, prompt_tokens: int) -> None:
     """``args``' fields ``names`` from ``provider.generation_defaults``; a max_length there is
     prompt + generated tokens (transformers' meaning), refused when the prompt fills it."""
@@ -551,7 +600,8 @@ class _GenerationThread:
         return self.join(timeout)
 
 
-class ResponseGenerator(_GenerationThread, _MemoryAgreement, _ModelDefaults, mlx_server.ResponseGenerator):
+class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults,
+                        mlx_server.ResponseGenerator):
     """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
     request dropped once its client has gone, and a generation thread that survives an error;
     each request's tokens are counted for `xlstm-metal top`."""
@@ -786,6 +836,9 @@ class APIHandler(mlx_server.APIHandler):
     _echo = ""
     #: The request's fields left to the model's generation_config.json (:meth:`_fill_defaults`).
     model_defaults: frozenset = frozenset()
+    #: The request's prompt tokens, once the generation thread has tokenized it
+    #: (:meth:`_WholePromptHistory._tokenize`): what its logits processors see before the reply.
+    prompt_tokens: list | None = None
     #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
     _pending: list | tuple = ()
 
@@ -1318,7 +1371,7 @@ def follow(cli_args: argparse.Namespace) -> None:
     generator.join()
 
 
-class _Follower(_GenerationThread, _MemoryAgreement, _ModelDefaults, mlx_server.ResponseGenerator):
+class _Follower(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults, mlx_server.ResponseGenerator):
     """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's."""
 
 
