@@ -289,10 +289,10 @@ def main(argv=None) -> int:
                    "e.g. 'u8,u4r2,u8b8,u16x2'")
     p.add_argument("--skinny", default="", help="at 16 bits and 2-64 rows also run these skinny products "
                    "(kernels/fast/skinny.py), comma-separated: 'wgmma' (the Hopper kernel, the decode step's "
-                   "default at 9-16 rows), 'mma'")
+                   "default at 9-16 rows until session 17), 'mma'")
     p.add_argument("--mma-configs", default="",
-                   help="at 16 bits and 2-16 rows also run the streaming tensor-core product (kernels/fast/rows_mma.py) "
-                   "at these settings, comma-separated 'u<spans in flight>x<blocks per SM>[e][h<hint>][b<grid blocks "
+                   help="at 16 bits and 2-16 rows also run the streaming tensor-core product "
+                   "(kernels/fast/rows_mma.py) at these settings, comma-separated 'u<spans in flight>x<blocks per SM>[e][h<hint>][b<grid blocks "
                    "per SM>]' ('e': x's fragments loaded with the weights), e.g. 'u8x2,u4x3e,u2x4h1'")
     p.add_argument("--no-copy", action="store_true")
     p.add_argument("--overlap", dest="serial", action="store_false",
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
                     x = stage.xb
                     variants = []  # (label, fn(arrays) -> output, reference or None)
                     ref0 = _mlx(x, weights[0], bits, args.group_size)
-                    if not args.no_copy:
+                    if not args.no_copy and rows == 1:
                         variants.append(("copy", lambda a, dep: [t + 0 for t in a], None))
                     if not args.no_mlx:
                         variants.append(("mlx", lambda a, dep, x=x: _mlx(_plus(x, dep), a, bits, args.group_size),
@@ -388,8 +388,8 @@ def main(argv=None) -> int:
                             _plus(x, dep), *a, group_size=args.group_size, bits=bits, **kw), ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)
                     for kind in (skinny if bits == 16 and rows >= 2 else []):
-                        variants.append((f"skinny {kind}", lambda a, dep, kind=kind, x=x: _skinny(kind, _plus(x, dep), a[0]),
-                                         ref0))
+                        variants.append((f"skinny {kind}",
+                                         lambda a, dep, kind=kind, x=x: _skinny(kind, _plus(x, dep), a[0]), ref0))
                     for spec in (mma_configs if bits == 16 and rows <= rows_mma.MAX_ROWS else []):
                         variants.append((f"rows_mma {spec}", lambda a, dep, kw=rows_mma.parse_settings(spec), x=x:
                                          rows_mma.rows_mma_matmul(_plus(x, dep), a[0], **kw), ref0))

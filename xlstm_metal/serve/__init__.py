@@ -836,9 +836,6 @@ class APIHandler(mlx_server.APIHandler):
     _echo = ""
     #: The request's fields left to the model's generation_config.json (:meth:`_fill_defaults`).
     model_defaults: frozenset = frozenset()
-    #: The request's prompt tokens, once the generation thread has tokenized it
-    #: (:meth:`_WholePromptHistory._tokenize`): what its logits processors see before the reply.
-    prompt_tokens: list | None = None
     #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
     _pending: list | tuple = ()
 
@@ -1371,7 +1368,8 @@ def follow(cli_args: argparse.Namespace) -> None:
     generator.join()
 
 
-class _Follower(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults, mlx_server.ResponseGenerator):
+class _Follower(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults,
+                mlx_server.ResponseGenerator):
     """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's."""
 
 

@@ -65,8 +65,9 @@ MIN_ROWS = 2
 #: module's ``mma.sync`` kernel ("mma"), the Hopper ``wgmma`` kernel of :mod:`.skinny_wgmma`, the
 #: decode kernel of :mod:`.quantized` reading the float weights as they are ("decode": 16 features
 #: per block, its 8 warps splitting K, x's fragments from L1), the streaming tensor-core product
-#: of :mod:`.rows_mma` ("stream", at most 16 rows; measured no faster in a step), or "auto": the decode kernel on a
-#: compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16, MLX's matmul otherwise.
+#: of :mod:`.rows_mma` ("stream", at most 16 rows; measured no faster in a step), or "auto": the
+#: decode kernel on a compute-capability-9 GPU for :data:`AUTO_ROWS` rows of bf16, MLX's matmul
+#: otherwise.
 KERNELS = ("off", "mma", "wgmma", "decode", "stream", "auto")
 #: Rows of x for which "auto" runs :func:`decode_matmul`. On an H200 (S17R2, 7B decode step, one
 #: process, two rounds): 16 rows 6.44 / 6.99 ms per step against 6.81 / 7.94 with the wgmma
@@ -124,7 +125,7 @@ def skinny_gemm_enabled() -> bool:
     """Whether :func:`linear_product` may use a kernel of its own (``XLSTM_METAL_SKINNY_GEMM``:
     ``auto``, the default, :func:`decode_matmul` where it is faster; ``1`` or ``mma``: the ``mma.sync``
     kernel; ``wgmma``: the Hopper one for all 2-64 rows; ``decode``: :func:`decode_matmul` for
-    all 2-64 rows; ``0``: MLX's matmul)."""
+    all 2-64 rows; ``stream``: :mod:`.rows_mma`'s product for 2-16 rows; ``0``: MLX's matmul)."""
     return _choice != "off"
 
 
@@ -136,7 +137,7 @@ def skinny_gemm_kernel() -> str:
 def set_skinny_gemm(enabled: bool | str) -> None:
     """Select the product for products traced from now on (compiled steps keep theirs): True or
     "mma" (this module's kernel), "wgmma" (:mod:`.skinny_wgmma`), "decode" (:func:`decode_matmul`),
-    "auto" (see :data:`KERNELS`),
+    "stream" (:mod:`.rows_mma`), "auto" (see :data:`KERNELS`),
     False or "off" (MLX's matmul)."""
     global _choice
     _choice = _parse_choice(enabled)
@@ -426,6 +427,9 @@ _skinny_product.vjp(plain_products_vjp)
 #: 1 (the quantized kernels' hint): gate|up 50.3 vs 52.5 us, proj_down 27.8 vs 29.4, q|k|v|o
 #: 28.1 vs 29.7, out_proj 12.0 vs 12.4.
 DECODE_LOAD_HINT = int(os.environ.get("XLSTM_METAL_SKINNY_DECODE_HINT", "2"))
+if DECODE_LOAD_HINT not in (0, 1, 2):
+    raise ValueError(f"XLSTM_METAL_SKINNY_DECODE_HINT={DECODE_LOAD_HINT}: 0 (plain loads), 1 (non-coherent, "
+                     "no L1) or 2 (the same asking L2 for 256 bytes)")
 
 
 def decode_matmul(x: mx.array, w: mx.array) -> mx.array:
