@@ -11,23 +11,16 @@ import pytest
 from xlstm_metal.kernels.fast.rows_mma import MAX_ROWS, rows_mma_matmul, rows_mma_supported
 from xlstm_metal.kernels.fast.step import cuda_available
 
+from test_cuda_skinny import TOL_BF16 as TOL
+from test_cuda_skinny import _operands, _reference64
+from test_cuda_skinny import _rel as _rel_to
+
 cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
-
-#: bf16 operands, float32 accumulation, one rounding to bf16 (2^-9 relative) at the end.
-TOL = 4e-3
-
-
-def _operands(seed, M, N, K, dtype=mx.bfloat16, lead=()):
-    rng = np.random.default_rng(seed)
-    x = mx.array(rng.standard_normal((*lead, M, K)).astype(np.float32)).astype(dtype)
-    w = mx.array((rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)).astype(dtype)
-    return x, w
 
 
 def _rel(out, x, w) -> float:
-    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ np.array(w.astype(mx.float32), dtype=np.float64).T
-    out = np.array(out.astype(mx.float32), dtype=np.float64)
-    return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+    """The largest difference of ``out`` from x @ w.T in float64, relative to its largest value."""
+    return _rel_to(out, _reference64(x, w))
 
 
 @cuda

@@ -345,3 +345,8 @@ def test_custom_vjp_is_the_plain_products(monkeypatch):
 
     monkeypatch.setattr(skinny, "skinny_matmul", lambda x, w, config=None: x @ w.T)
     assert_vjp_is_the_plain_products(skinny._skinny_product)
+    # The decode kernel's and the streaming product's wrappers: the same vjp.
+    monkeypatch.setattr(skinny, "decode_matmul", lambda x, w: x @ w.T)
+    assert_vjp_is_the_plain_products(skinny._decode_product)
+    monkeypatch.setattr(skinny.rows_mma, "rows_mma_matmul", lambda x, w: x @ w.T)
+    assert_vjp_is_the_plain_products(skinny._stream_product)

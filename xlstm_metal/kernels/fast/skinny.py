@@ -48,10 +48,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import quantized, rows_mma
 from .step import cuda_available
 from .tensor_cores import MMA_HEADER
 
@@ -113,8 +115,7 @@ def _kernel_for(x: mx.array, w: mx.array) -> str:
     if _choice == "auto":  # measured with bf16 weights only (fp16 runs on the kernel when chosen outright)
         return "decode" if rows in AUTO_ROWS and x.dtype == mx.bfloat16 and _is_hopper() else "off"
     if _choice == "stream":
-        from .rows_mma import MAX_ROWS as STREAM_MAX_ROWS
-        return "stream" if rows <= STREAM_MAX_ROWS else "off"
+        return "stream" if rows <= rows_mma.MAX_ROWS else "off"
     return _choice
 
 
@@ -403,11 +404,6 @@ def reduce_splits(part: mx.array, dtype) -> mx.array:
     return y
 
 
-@mx.custom_function
-def _skinny_product(x: mx.array, w: mx.array) -> mx.array:
-    return skinny_matmul(x, w)
-
-
 def plain_products_vjp(primals, cotangent, output):
     """The gradients of ``x @ w.T`` (x [..., K], w [N, K]) as two plain matmuls: ``g @ w`` and the
     weight's ``g.T @ x`` [N, K], row-major (the kernels' gradient, and that of
@@ -417,7 +413,22 @@ def plain_products_vjp(primals, cotangent, output):
     return cotangent @ w, (cotangent.reshape(-1, N).T @ x.reshape(-1, K)).astype(w.dtype)
 
 
-_skinny_product.vjp(plain_products_vjp)
+def _with_plain_vjp(product: Callable[[mx.array, mx.array], mx.array]):
+    """``product(x, w)``, a kernel without a gradient, made differentiable: an
+    ``mx.custom_function`` whose vjp is :func:`plain_products_vjp`."""
+    fn = mx.custom_function(product)
+    fn.vjp(plain_products_vjp)
+    return fn
+
+
+def _wgmma_matmul(x: mx.array, w: mx.array) -> mx.array:
+    from .skinny_wgmma import wgmma_matmul  # (skinny_wgmma imports this module)
+
+    return wgmma_matmul(x, w)
+
+
+# Each kernel looked up when called (tests put the plain product in its place).
+_skinny_product = _with_plain_vjp(lambda x, w: skinny_matmul(x, w))
 
 
 #: The weights' load instruction in :func:`decode_matmul` (``XLSTM_METAL_SKINNY_DECODE_HINT``; see
@@ -437,39 +448,15 @@ def decode_matmul(x: mx.array, w: mx.array) -> mx.array:
     the float weights as they are (bits 16: its scales and biases are not read; loads
     :data:`DECODE_LOAD_HINT`), 1 to :data:`MAX_ROWS` rows (CUDA; the cases
     :func:`skinny_supported` accepts). No gradient."""
-    from .quantized import fused_quantized_matmul
-
     if not skinny_supported(x, w):
         raise ValueError(f"decode_matmul: needs CUDA, bf16/fp16 x and w of one dtype, K % 8 == 0 and "
                          f"1..{MAX_ROWS} rows; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
-    return fused_quantized_matmul(x, w, w, w, group_size=32, bits=16, load_hint=DECODE_LOAD_HINT)
+    return quantized.fused_quantized_matmul(x, w, w, w, group_size=32, bits=16, load_hint=DECODE_LOAD_HINT)
 
 
-@mx.custom_function
-def _decode_product(x: mx.array, w: mx.array) -> mx.array:
-    return decode_matmul(x, w)
-
-
-_decode_product.vjp(plain_products_vjp)
-
-
-@mx.custom_function
-def _stream_product(x: mx.array, w: mx.array) -> mx.array:
-    from .rows_mma import rows_mma_matmul
-    return rows_mma_matmul(x, w)
-
-
-_stream_product.vjp(plain_products_vjp)
-
-
-@mx.custom_function
-def _wgmma_product(x: mx.array, w: mx.array) -> mx.array:
-    from .skinny_wgmma import wgmma_matmul
-
-    return wgmma_matmul(x, w)
-
-
-_wgmma_product.vjp(plain_products_vjp)
+_decode_product = _with_plain_vjp(lambda x, w: decode_matmul(x, w))
+_stream_product = _with_plain_vjp(lambda x, w: rows_mma.rows_mma_matmul(x, w))
+_wgmma_product = _with_plain_vjp(lambda x, w: _wgmma_matmul(x, w))
 
 
 #: Whether the wgmma product takes SwiGLU into its loads of x for the FFN's down projection
