@@ -337,7 +337,7 @@ def test_penalties_see_the_whole_prompt_after_a_prompt_cache_hit(server, referen
         assert firsts[1][:len(firsts[0])] == firsts[0]
 
 
-def test_make_logits_processors_puts_the_cached_head_before_the_history():
+def test_make_logits_processors_puts_the_cached_head_before_the_history(monkeypatch):
     import mlx.core as mx
     from types import SimpleNamespace
 
@@ -346,21 +346,29 @@ def test_make_logits_processors_puts_the_cached_head_before_the_history():
     seen = []
     plain = serve._mlx_make_logits_processors
     logits = mx.zeros((1, 8))
-    for prompt, histories, expected in (
-            ([5, 6, 7, 1, 2], [[1, 2], [1, 2, 3]], [[5, 6, 7, 1, 2], [5, 6, 7, 1, 2, 3]]),  # after a hit
-            ([5, 6, 7], [[5, 6, 7], [5, 6, 7, 1]], [[5, 6, 7], [5, 6, 7, 1]]),  # whole already
-            ([5, 6, 7], [[9, 7]], [[9, 7]])):  # not the prompt's tail: left as it is
-        args = SimpleNamespace(prompt_tokens=prompt)
-        try:
-            serve._mlx_make_logits_processors = lambda a: [lambda t, lg: seen.append(t.tolist()) or lg]
-            processors = serve._make_logits_processors(args)
-        finally:
-            serve._mlx_make_logits_processors = plain
+
+    def histories_seen(args, histories):
+        """What a processor made for ``args`` sees, called with each of ``histories``."""
+        monkeypatch.setattr(serve, "_mlx_make_logits_processors",
+                            lambda a: [lambda t, lg: seen.append(t.tolist()) or lg])
+        processors = serve._make_logits_processors(args)
+        monkeypatch.setattr(serve, "_mlx_make_logits_processors", plain)
         seen.clear()
         for h in histories:
             for processor in processors:
                 assert processor(mx.array(h, dtype=mx.int32), logits) is logits
-        assert seen == expected
+        return list(seen)
+
+    for prompt, histories, expected in (
+            ([5, 6, 7, 1, 2], [[1, 2], [1, 2, 3]], [[5, 6, 7, 1, 2], [5, 6, 7, 1, 2, 3]]),  # after a hit
+            ([5, 6, 7], [[5, 6, 7], [5, 6, 7, 1]], [[5, 6, 7], [5, 6, 7, 1]]),  # whole already
+            ([5, 6, 7], [[9, 7]], [[9, 7]])):  # not the prompt's tail: left as it is
+        assert histories_seen(SimpleNamespace(prompt_tokens=prompt), histories) == expected
+    # With the penalties' context sizes known, the head is no longer than the largest of them:
+    # a head of 3 (of the 4 cached), so the last 3 tokens are the whole prompt's.
+    args = SimpleNamespace(prompt_tokens=[5, 6, 7, 8, 1, 2], logits=SimpleNamespace(
+        repetition_context_size=3, presence_context_size=1, frequency_context_size=None))
+    assert histories_seen(args, [[1, 2]]) == [[6, 7, 8, 1, 2]]
     # No prompt recorded (another caller of mlx-lm's function): its processors as they are.
     args = SimpleNamespace(logits=SimpleNamespace(logit_bias=None, repetition_penalty=1.3, repetition_context_size=20,
                                                   presence_penalty=0.0, presence_context_size=20, frequency_penalty=0.0,

@@ -492,12 +492,18 @@ def _make_logits_processors(args) -> list:
 
     mlx-lm calls a processor with the history of the tokens it ran (the prompt it was given, then
     each reply token). At the first call that history is the prompt's tail: what comes before it
-    in ``args.prompt_tokens`` (the tokens a prompt cache held) is put in front from then on. Where
-    the history is the whole prompt already (the batch path) nothing changes."""
+    in ``args.prompt_tokens`` (the tokens a prompt cache held; the last of them, as many as the
+    largest penalty context size) is put in front from then on. Where the history is the whole
+    prompt already (the batch path) nothing changes."""
     processors = _mlx_make_logits_processors(args)
     prompt = getattr(args, "prompt_tokens", None)
     if not processors or not prompt:
         return processors
+    # mlx-lm's penalties read only the last <context size> tokens of the history: the head put in
+    # front of it need not be longer (it is copied at every token).
+    logits_args = getattr(args, "logits", None)
+    keep = max((getattr(logits_args, f"{name}_context_size", None) or 0
+                for name in ("repetition", "presence", "frequency")), default=0)
     found: list = []  # [the missing head as an mx.array, or None], from the first call on
 
     def whole(tokens: mx.array) -> mx.array:
@@ -505,7 +511,8 @@ def _make_logits_processors(args) -> list:
             cut = len(prompt) - tokens.shape[0]
             # Once per request, on the prompt alone (before any reply token is sampled).
             head = 0 < cut and tokens.tolist() == prompt[cut:]
-            found.append(mx.array(prompt[:cut], dtype=tokens.dtype) if head else None)
+            start = max(0, cut - keep) if keep > 0 else 0
+            found.append(mx.array(prompt[start:cut], dtype=tokens.dtype) if head else None)
         return tokens if found[0] is None else mx.concatenate([found[0], tokens])
 
     def fed(processor):
