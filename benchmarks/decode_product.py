@@ -13,7 +13,7 @@ shape of an xLSTM-7B decode step (q|k|v|o 12288 x 4096, out_proj 4096 x 4096, ga
   shipped settings ('default') or those of ``--configs`` ('d2r3': a ring of 2 weight chunks in
   flight per thread, registers for 3 thread blocks per SM; see ``--help``); ``ours d<D> h<H>``
   (``--depths``, ``--hints``) and ``... blocks<B>`` (``--max-blocks``) vary one setting;
-- ``rows <config>`` (``--rows-configs``, 8 and 16 bits): the streaming GEMV of
+- ``rows <config>`` (``--rows-configs``, 4, 8 and 16 bits): the streaming GEMV of
   :mod:`xlstm_metal.kernels.fast.gemv` at those settings (loads in flight, features per warp,
   blocks per SM, register bound, load hint);
 - ``chain <config>``: the decode chain's stage for that shape (RMSNorm -> q|k|v|o with the
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
                                          lambda a, dep, mb=mb, x=x: _ours(_plus(x, dep), a, bits, args.group_size,
                                                                           shipped, None, mb),
                                          ref0))
-                    for spec in (rows_configs if bits in (8, 16) and rows <= gemv.MAX_ROWS else []):
+                    for spec in (rows_configs if bits in (4, 8, 16) and rows <= gemv.MAX_ROWS else []):
                         variants.append((f"rows {spec}", lambda a, dep, kw=_parse_rows(spec), x=x: gemv.rows_matmul(
                             _plus(x, dep), *a, group_size=args.group_size, bits=bits, **kw), ref0))
                     cref = stage.reference(weights[0], bits, args.group_size)

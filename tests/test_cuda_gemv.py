@@ -34,7 +34,8 @@ def test_rows_matmul_falls_back_where_the_kernel_does_not_run():
     assert not gemv.rows_supported(x, mx.zeros((5, 12), dtype=mx.bfloat16))  # K % 8
     q = mx.quantize(mx.array(rng.standard_normal((24, 64)).astype(np.float32)).astype(mx.bfloat16), group_size=32, bits=8)
     x8 = mx.array(rng.standard_normal((1, 64)).astype(np.float32)).astype(mx.bfloat16)
-    assert not gemv.rows_supported(x8, q[0], q[1], q[2], group_size=32, bits=4)  # only 16 and 8 bits
+    assert not gemv.rows_supported(x8, q[0], q[1], q[2], group_size=32, bits=4)  # 8-bit words are not 4-bit ones
+    assert not gemv.rows_supported(x8, q[0], q[1], q[2], group_size=32, bits=6)  # only 16, 8 and 4 bits
     if not gemv.rows_supported(x8, *q, group_size=32, bits=8):
         ref = mx.quantized_matmul(x8, *q, transpose=True, group_size=32, bits=8)
         assert mx.array_equal(gemv.rows_matmul(x8, *q, group_size=32, bits=8), ref)
@@ -47,10 +48,22 @@ def test_rows_switch_takes_its_widths_at_one_row(monkeypatch):
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({16}))
     assert chain.rows_apply(16, 1) and not chain.rows_apply(16, 2) and not chain.rows_apply(8, 1)
     assert chain.merge_mode(16, 1) == 0 and chain.merge_mode(4, 1) == 4  # its stages run unmerged
-    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({8, 16, 4}))
-    assert chain.rows_apply(8, 1, 64) and not chain.rows_apply(8, 1, 16) and not chain.rows_apply(4, 1)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({8, 16, 4, 6}))
+    assert chain.rows_apply(8, 1, 64) and not chain.rows_apply(8, 1, 16) and chain.rows_apply(4, 1, 128)
+    assert not chain.rows_apply(6, 1) and not chain.rows_apply(4, 2)
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset())
     assert not chain.rows_apply(16, 1)
+
+
+def test_rows_first_takes_stage_one_alone(monkeypatch):
+    # XLSTM_METAL_CHAIN_ROWS_FIRST: the block's first stage streams, the rest (and their merge) do not.
+    monkeypatch.setattr(chain, "CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({8}))
+    monkeypatch.setattr(chain, "ROWS_FIRST", frozenset({4}))
+    assert chain.rows_apply(4, 1, 64, first=True) and not chain.rows_apply(4, 1, 64)
+    assert not chain.rows_apply(4, 2, 64, first=True) and not chain.rows_apply(16, 1, first=True)
+    assert chain.rows_apply(8, 1, 64, first=True) and chain.rows_apply(8, 1, 64)
+    assert chain.merge_mode(4, 1) == 4 and chain.merge_mode(8, 1) == 0
 
 
 def test_rows_template_and_launch():
@@ -109,19 +122,24 @@ def test_cuda_rows_matmul_prefetch_changes_no_value(prefetch, N, K):
                               gemv.rows_matmul(x, *q, group_size=64, bits=8))
 
 
+# K: groups of 128 too; 67 chunks of 32 values (an odd count: 4 bits' last chunk rotated alone).
+_QUANTIZED_CASES = [(rows, N, K, g) for rows, N, K in [(1, 4096, 11008), (2, 300, 4096), (1, 37, 128)]
+                    for g in (32, 64, 128)] + [(1, 64, 32 * 67, 32)]
+
+
 @cuda
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows,N,K", [(1, 4096, 11008), (2, 300, 4096), (1, 37, 128)])  # K: groups of 128 too
-def test_cuda_rows_matmul_8_bits(dtype, group_size, rows, N, K):
+@pytest.mark.parametrize("rows,N,K,group_size", _QUANTIZED_CASES)
+def test_cuda_rows_matmul_quantized(bits, dtype, rows, N, K, group_size):
     # Against the float32 product of the dequantized weights (the kernel rounds no weight to T).
-    rng = np.random.default_rng(N + group_size)
+    rng = np.random.default_rng(N + group_size + bits)
     x = mx.array(rng.standard_normal((rows, K)).astype(np.float32)).astype(dtype)
     w, s, b = mx.quantize(mx.array(rng.standard_normal((N, K)).astype(np.float32) * K ** -0.5).astype(dtype),
-                          group_size=group_size, bits=8)
-    assert gemv.rows_supported(x, w, s, b, group_size, 8)
-    y = gemv.rows_matmul(x, w, s, b, group_size=group_size, bits=8)
-    deq = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=8)
+                          group_size=group_size, bits=bits)
+    assert gemv.rows_supported(x, w, s, b, group_size, bits)
+    y = gemv.rows_matmul(x, w, s, b, group_size=group_size, bits=bits)
+    deq = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
     ref = x.astype(mx.float32) @ deq.T
     assert y.dtype == dtype and y.shape == (rows, N) and _rel(y, ref) <= 8e-3
 
@@ -129,12 +147,13 @@ def test_cuda_rows_matmul_8_bits(dtype, group_size, rows, N, K):
 @cuda
 @pytest.mark.parametrize("blocks,early,prefetch", [(4, False, 0), (2, True, 0), (3, False, 0), (4, False, 8192)])
 @pytest.mark.parametrize("shape", ["7b", "small"])
-@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8)], ids=["bf16", "fp16", "8bit"])
+@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8), (mx.bfloat16, 4)],
+                         ids=["bf16", "fp16", "8bit", "4bit"])
 def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, prefetch, shape, dtype, bits):
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
     monkeypatch.setattr(chain, "ROWS_BLOCKS", blocks)
     monkeypatch.setattr(chain, "ROWS_EARLY", early)
-    monkeypatch.setattr(chain, "ROWS_PREFETCH", {8: prefetch, 16: prefetch})
+    monkeypatch.setattr(chain, "ROWS_PREFETCH", {4: prefetch, 8: prefetch, 16: prefetch})
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
     rng = np.random.default_rng(blocks)
     E, NH, DV, F = (4096, 8, 512, 10944) if shape == "7b" else (256, 2, 128, 320)
@@ -143,8 +162,8 @@ def test_cuda_stages_on_the_streaming_product(monkeypatch, blocks, early, prefet
         w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(dtype)
         if bits == 16:
             return dict(w=w, scales=w, biases=w, group_size=32, bits=16)
-        q, s, b = mx.quantize(w, group_size=64, bits=8)
-        return dict(w=q, scales=s, biases=b, group_size=64, bits=8)
+        q, s, b = mx.quantize(w, group_size=64, bits=bits)
+        return dict(w=q, scales=s, biases=b, group_size=64, bits=bits)
 
     def call(fn, *args, wd):
         out = fn(*args, wd["w"], wd["scales"], wd["biases"], group_size=wd["group_size"], bits=wd["bits"])
@@ -178,7 +197,7 @@ def _ffn_case(rng, E, F, dtype, bits):
 
     def weight(n, k):
         w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5).astype(dtype)
-        return (w, w, w, 32, 16) if bits == 16 else (*mx.quantize(w, group_size=64, bits=8), 64, 8)
+        return (w, w, w, 32, 16) if bits == 16 else (*mx.quantize(w, group_size=64, bits=bits), 64, bits)
 
     return norm, weight(2 * F, E), weight(E, F)
 
@@ -215,12 +234,13 @@ def test_ffn_rows_reference_is_the_ffn():
 @cuda
 @pytest.mark.parametrize("prefetch", [0, 8192])
 @pytest.mark.parametrize("shape", ["7b", "small"])
-@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8)], ids=["bf16", "fp16", "8bit"])
+@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float16, 16), (mx.bfloat16, 8), (mx.bfloat16, 4)],
+                         ids=["bf16", "fp16", "8bit", "4bit"])
 def test_cuda_ffn_with_swiglu_in_the_epilogue_equals_the_two_stages(monkeypatch, prefetch, shape, dtype, bits):
     # Same sums in the same order, the same roundings: bit for bit what stage 4 then stage 5 give.
     monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({bits}))
     monkeypatch.setattr(chain, "ROWS_SWIGLU", True)
-    monkeypatch.setattr(chain, "ROWS_PREFETCH", {8: prefetch, 16: prefetch})
+    monkeypatch.setattr(chain, "ROWS_PREFETCH", {4: prefetch, 8: prefetch, 16: prefetch})
     monkeypatch.setattr(chain, "CHAIN_FLOAT", True)
     E, F = (4096, 10944) if shape == "7b" else (256, 320)
     rng = np.random.default_rng(E + bits)
@@ -235,10 +255,11 @@ def test_cuda_ffn_with_swiglu_in_the_epilogue_equals_the_two_stages(monkeypatch,
 
 
 @cuda
-@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("bits", [16, 8, 4])
 def test_cuda_one_row_decode_takes_the_streaming_ffn_and_matches_ops(monkeypatch, bits):
-    # A bf16 model (8 bits: quantized as the default recipe does) decoding one row on its default
-    # path runs the FFN through ffn_rows_matmul, and its logits stay those of the ops.
+    # A bf16 model (8 and 4 bits: quantized as the default recipe does) decoding one row on its
+    # default path (4 bits: with its stages streaming) runs the FFN through ffn_rows_matmul, and
+    # its logits stay those of the ops.
     import xlstm_metal.kernels.fast.decode as decode
     from conftest import tiny_model
     from xlstm_metal.quantization import quantize_model
@@ -246,10 +267,11 @@ def test_cuda_one_row_decode_takes_the_streaming_ffn_and_matches_ops(monkeypatch
     def model():
         m = tiny_model(seed=7, embedding_dim=128)
         m.set_dtype(mx.bfloat16)
-        if bits == 8:
-            quantize_model(m, bits=8, group_size=64)
+        if bits != 16:
+            quantize_model(m, bits=bits, group_size=64)
         return m.fuse_projections()
 
+    monkeypatch.setattr(chain, "CHAIN_ROWS", chain.CHAIN_ROWS | {bits})
     calls = []
     real = chain.ffn_rows_matmul
     monkeypatch.setattr(chain, "ffn_rows_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))

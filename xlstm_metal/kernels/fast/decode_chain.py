@@ -266,7 +266,7 @@ _SWIGLU_PROLOGUE = """
                 const float si = static_cast<float>(static_cast<T>(gf * sg));
                 o8[XPRE ? xl_xpos4(i) : i] = static_cast<T>(si * static_cast<float>(u8[i]));
               }
-              *reinterpret_cast<uint4*>(xs_s + mm * K + c * 8) = o;
+              *reinterpret_cast<uint4*>(xs_s + mm * K + xpos(c * 8)) = o;  // (xpos keeps pieces of 8 whole)
             }
           }
         }
@@ -473,6 +473,13 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
 CHAIN_ROWS: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS", "8,16").split(",")
                                        if b.strip() and b.strip() != "0")
 
+#: Widths whose stage 1 alone (RMSNorm -> q|k|v|o(|i|f)) runs the streaming product at one row
+#: while their other stages keep the tensor-core loop and its merged launches
+#: (``XLSTM_METAL_CHAIN_ROWS_FIRST``, bits as :data:`CHAIN_ROWS`; none by default): at 4 bits
+#: stages 3-5 run as one launch (:data:`CHAIN_MERGE`), which the streaming stages do not.
+ROWS_FIRST: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS_FIRST", "").split(",")
+                                       if b.strip() and b.strip() != "0")
+
 #: Thread blocks per SM that walk the features of a stage on the streaming path
 #: (``XLSTM_METAL_CHAIN_ROWS_BLOCKS``): each block runs its prologue once. S14 (H200, 7B, one
 #: row): 4 blocks 244.8 / 244.3 tok/s bf16 and 329.9 / 323.6 at 8 bits; 3 blocks 243.0 / 243.6 and
@@ -509,15 +516,25 @@ ROWS_PREFETCH = _quantized._per_bits("XLSTM_METAL_CHAIN_ROWS_PREFETCH", {8: 0, 1
 #: (``=0``: the two stages as before).
 ROWS_SWIGLU = os.environ.get("XLSTM_METAL_CHAIN_ROWS_SWIGLU", "1") == "1"
 
+# The streaming product's staged rows: in order, or at 4 bits each row's pieces of 8 rotated in
+# their 32-value chunk (:func:`.gemv.rows_source`); the prologues place value k at ``xpos(k)``.
+_ROWS_STAGE_DECL = """
+    __shared__ __align__(16) T xs_s[SR * KD];
+    constexpr bool XPRE = false;
+    auto xpos = [](int k) { return BITS == 4 ? xl_xswz4(k) : k; };
+"""
+
 _ROWS_HEADER = _REDUCE_HEADER + """
 __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
 """ + _gemv.HEADER
 
 
-def rows_apply(bits: int, rows: int, group_size: int = 64) -> bool:
-    """Whether a stage of ``bits`` products (groups of ``group_size`` at 8 bits) at ``rows``
-    rows runs the streaming product (:data:`CHAIN_ROWS`)."""
-    return bits in CHAIN_ROWS and bits in (8, 16) and rows <= 1 and (bits == 16 or group_size in (32, 64, 128))
+def rows_apply(bits: int, rows: int, group_size: int = 64, first: bool = False) -> bool:
+    """Whether a stage of ``bits`` products (groups of ``group_size`` at 8 or 4 bits) at ``rows``
+    rows runs the streaming product (:data:`CHAIN_ROWS`; ``first``: the block's stage 1, which
+    :data:`ROWS_FIRST` adds)."""
+    return ((bits in CHAIN_ROWS or (first and bits in ROWS_FIRST)) and bits in (4, 8, 16) and rows <= 1
+            and (bits == 16 or group_size in (32, 64, 128)))
 
 
 def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], sizes: str, prologue: str,
@@ -532,7 +549,7 @@ def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], s
             name=f"xlstm_decode_chain_rows_{key[1]}_{len(_kernels)}",
             input_names=inputs + (["scales", "biases"] if bits != 16 else []),
             output_names=outputs,
-            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _STAGE_DECL), prologue, store, bits,
+            source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _ROWS_STAGE_DECL), prologue, store, bits,
                                                     pair_store)),
             header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(ROWS_BLOCKS)),
         )
@@ -611,11 +628,13 @@ class _Probe:
 
 
 def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, w: mx.array, scales: mx.array,
-                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False):
+                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False,
+                          first: bool = False):
     """x [B, 1, E] (the residual stream, float32 or the norm weight's dtype T), pending [B, 1, E]
     in T or None -> (s = x + pending (x itself when None), xn = norm(s) in T (None unless
     ``write_xn``), y = xn @ dequantize(w).T [B, 1, N] in T): one launch on CUDA for the cases
-    :func:`norm_chain_supported` accepts (the caller checks), else the ops."""
+    :func:`norm_chain_supported` accepts (the caller checks), else the ops. ``first``: the
+    block's stage 1 (:data:`ROWS_FIRST`)."""
     if not _kernels_on():  # the reference: the add + norm of the step, then the product
         if pending is None:
             s, xn = x, norm(x)
@@ -633,7 +652,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
         shapes.append((B, 1, E)); dtypes.append(x.dtype)
     if write_xn:
         shapes.append((B, 1, E)); dtypes.append(T)
-    if rows_apply(bits, B, group_size):
+    if rows_apply(bits, B, group_size, first):
         kernel = _rows_kernel(("norm", norm.eps, has_pending, write_xn), bits,
                               ["xr"] + (["pend"] if has_pending else []) + ["nw", "w"],
                               ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),

@@ -11,8 +11,9 @@ tensor cores: at one row they would waste 7/8 of their work and need the weights
 order). The warp's lanes then sum by shuffles. On an H200 (session 14) this read bf16 weights
 at 3.6-4.2 TB/s and 8-bit ones at 2.3-3.4.
 
-Weights are bf16/fp16 (``bits`` 16) or MLX's 8-bit affine layout (``bits`` 8: per group
-s * sum(q x) + b * sum(x), no weight rounded to x's dtype first). :func:`rows_matmul` is the
+Weights are bf16/fp16 (``bits`` 16) or MLX's 8- or 4-bit affine layout (``bits`` 8 or 4: per
+group s * sum(q x) + b * sum(x), no weight rounded to x's dtype first; a lane's 16-byte chunk is
+16 or 32 values). :func:`rows_matmul` is the
 product; the reference is ``x @ w.T`` (MLX's GEMV) or ``mx.quantized_matmul``. Results agree to
 float32 round-off of the sums (then T's rounding of the output): the order of the K terms
 differs from MLX's and from the tensor-core kernel's. :func:`rows_source` is the kernel with
@@ -116,12 +117,42 @@ __device__ __forceinline__ float xl_dot16q(const uint4& w, const uint4& x0, cons
   }
   return acc;
 }
+// (4 bits) where value k of a row sits among the staged x: each 32-value chunk's four 8-value
+// pieces rotated by (chunk / 2) % 4. A warp's lanes read piece j of 32 consecutive chunks (64
+// bytes apart) at once; unrotated, the 8 lanes of each 16-byte access phase would meet in 2 of
+// the 8 bank groups (a 4-way conflict), rotated in all 8.
+__device__ __forceinline__ int xl_xswz4(int k) { return (k & ~31) | ((((k >> 3) + (k >> 6)) & 3) << 3) | (k & 7); }
+// The dot product of 32 unsigned 4-bit values q (16 bytes, MLX's order: value 8j + i at bits 4i of
+// word j) and the 32 values of x at xc (a chunk staged by xl_xswz4, its pieces rotated by rot =
+// (chunk / 2) % 4), in float32: the low and high nibbles of each byte masked out four at a time,
+// each then the low byte of the float 2^23 + q (exact), 2^23 taken off.
+template <typename T>
+__device__ __forceinline__ float xl_dot32q4(const uint4& w, const uint4* xc, int rot) {
+  const uint32_t wa[4] = {w.x, w.y, w.z, w.w};
+  float acc = 0.0f;
+  #pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4 xv = xc[(j + rot) & 3];
+    const uint32_t xa[4] = {xv.x, xv.y, xv.z, xv.w};
+    const uint32_t lo = wa[j] & 0x0F0F0F0Fu, hi = (wa[j] >> 4) & 0x0F0F0F0Fu;  // values 2i, 2i + 1 in byte i
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 b = XlPair<T>::f2(xa[i]);
+      const float q0 = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+      const float q1 = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+      acc = fmaf(q0, b.x, acc);
+      acc = fmaf(q1, b.y, acc);
+    }
+  }
+  return acc;
+}
 """
 
 _SOURCE = """
 @SIZES@
-    // w [N, KD] (T; or at BITS 8 affine bytes [N, KD / 4] uint32 with scales and biases
-    // [N, KD / G] in T) times SR staged rows of x (xs_s [SR, KD], T; rows M..SR-1 unread) ->
+    // w [N, KD] (T; or at BITS 8 / 4 MLX's affine values [N, KD * BITS / 32] uint32 with scales
+    // and biases [N, KD / G] in T) times SR staged rows of x (xs_s [SR, KD], T, at 4 bits each
+    // row in xl_xswz4's order; rows M..SR-1 unread) ->
     // the store hook at each (m, n) with the float32 sum. Warp v of the grid computes features
     // RPW * v .. RPW * v + RPW - 1, then those gridDim.x * WARPS * RPW further, ... With PAIR > 0
     // (RPW 2) warp v computes features v and v + PAIR, ..., for v < PAIR, and the pair store hook
@@ -144,7 +175,7 @@ _SOURCE = """
     const int nstride = gridDim.x * WARPS * RSTEP;
     int n0 = (blockIdx.x * WARPS + warp) * RSTEP;
     uint4 wv[RPW][U];
-    T sv[RPW][U], bv[RPW][U];  // (8 bits) each chunk's group scale and bias
+    T sv[RPW][U], bv[RPW][U];  // (8, 4 bits) each chunk's group scale and bias
     // No branches in here (a chunk past the row or a feature past N is read clamped, then
     // zeroed by a select): the loads are one basic block, so ptxas puts them all ahead of the
     // first FMA (behind a branch each, it kept 4 of 8 in flight).
@@ -172,15 +203,18 @@ _SOURCE = """
     bool issued = PRE && n0 < NW;
     if (issued) issue(n0, 0);  // the first weights fly while the prologue reads its inputs
 @PROLOGUE@
-    // (8 bits) each chunk's sum of x, for its bias: sum_j (s q_j + b) x_j = s sum q_j x_j + b sum x_j
+    // (8 and 4 bits) each chunk's sum of x, for its bias: sum_j (s q_j + b) x_j = s sum q_j x_j + b sum x_j
     __shared__ float xc_s[BITS == 16 ? 1 : SR * CH];
     if constexpr (BITS != 16) {
       for (int i = threadIdx.x; i < M * CH; i += blockDim.x) {
         const uint4* xp = reinterpret_cast<const uint4*>(xs_s + (size_t)i * VPC);
-        const uint32_t xa[8] = {xp[0].x, xp[0].y, xp[0].z, xp[0].w, xp[1].x, xp[1].y, xp[1].z, xp[1].w};
         float t = 0.0f;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) { const float2 f = XlPair<T>::f2(xa[j]); t += f.x + f.y; }
+        for (int p = 0; p < VPC / 8; ++p) {
+          const uint32_t xa[4] = {xp[p].x, xp[p].y, xp[p].z, xp[p].w};
+          #pragma unroll
+          for (int j = 0; j < 4; ++j) { const float2 f = XlPair<T>::f2(xa[j]); t += f.x + f.y; }
+        }
         xc_s[i] = t;
       }
       __syncthreads();
@@ -199,7 +233,7 @@ _SOURCE = """
         #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int c = (it * U + u) * 32 + lane;
-          const int cc = c < CH ? c : CH - 1;  // its weights are zero (8 bits: its scale and bias zeroed below)
+          const int cc = c < CH ? c : CH - 1;  // its weights are zero (8, 4 bits: its scale and bias zeroed below)
           #pragma unroll
           for (int m = 0; m < SR; ++m) {
             const uint4* xp = reinterpret_cast<const uint4*>(xs_s + m * KD + cc * VPC);
@@ -210,7 +244,8 @@ _SOURCE = """
               } else {
                 const bool in = FULL || c < CH;
                 const float sc = in ? static_cast<float>(sv[r][u]) : 0.0f, bc = in ? static_cast<float>(bv[r][u]) : 0.0f;
-                acc[r][m] = fmaf(sc, xl_dot16q<T>(wv[r][u], xp[0], xp[1]), fmaf(bc, xc_s[m * CH + cc], acc[r][m]));
+                const float dot = BITS == 8 ? xl_dot16q<T>(wv[r][u], xp[0], xp[1]) : xl_dot32q4<T>(wv[r][u], xp, (cc >> 1) & 3);
+                acc[r][m] = fmaf(sc, dot, fmaf(bc, xc_s[m * CH + cc], acc[r][m]));
               }
             }
           }
@@ -242,7 +277,7 @@ _SOURCE = """
     }
 """
 
-# (8 bits) a chunk's group scale and bias, requested with its weights.
+# (8, 4 bits) a chunk's group scale and bias, requested with its weights.
 _SB_LOAD = """\
           {
             const size_t gi = (size_t)n * GPR + (cc * VPC) / G;
@@ -259,7 +294,8 @@ _SIZES = """\
 """
 STAGE_X = """\
     for (int i = threadIdx.x; i < M * (KD / 8); i += blockDim.x) {
-      reinterpret_cast<uint4*>(xs_s)[i] = reinterpret_cast<const uint4*>(x)[i];
+      const int row = i / (KD / 8), k = (i - row * (KD / 8)) * 8;  // 4 bits: pieces of 8 rotated in their chunk
+      reinterpret_cast<uint4*>(xs_s + row * KD + (BITS == 4 ? xl_xswz4(k) : k))[0] = reinterpret_cast<const uint4*>(x)[i];
     }
     __syncthreads();
 """
@@ -278,9 +314,10 @@ def rows_source(sizes: str = _SIZES, prologue: str = STAGE_X, store: str = STORE
     prologues :mod:`.decode_chain` puts here too): ``sizes`` defines ``int M`` (rows of x),
     ``constexpr int K`` (= template ``KD``) and ``T xs_s[SR * KD]`` in shared memory;
     ``prologue`` (every thread reaches it; it may synchronise and must end with the rows in
-    ``xs_s``) stages x's M rows there; ``store`` (one statement) writes ``float sum`` at row
-    ``m``, feature ``n`` (an M x N output). ``bits`` 16: float weights ``w`` [N, K]; 8: MLX's
-    affine bytes ``w`` [N, K / 4] (uint32) with inputs ``scales`` and ``biases`` [N, K / G].
+    ``xs_s``; at 4 bits value k of a row at ``xl_xswz4(k)``) stages x's M rows there; ``store``
+    (one statement) writes ``float sum`` at row ``m``, feature ``n`` (an M x N output). ``bits``
+    16: float weights ``w`` [N, K]; 8 or 4: MLX's affine values ``w`` [N, K * bits / 32]
+    (uint32) with inputs ``scales`` and ``biases`` [N, K / G].
     ``pair_store`` (one statement): with template ``PAIR`` > 0, what is written at row ``m``,
     feature ``n`` < PAIR from ``float sum0`` (feature n's sum) and ``sum1`` (feature n + PAIR's).
     Template arguments: :func:`rows_template`."""
@@ -334,8 +371,8 @@ def rows_supported(x: mx.array, w: mx.array, scales: mx.array | None = None, bia
                    group_size: int = 64, bits: int = 16) -> bool:
     """Whether :func:`rows_matmul` runs its kernel (else its reference): CUDA, bf16/fp16 x, 1 to
     :data:`MAX_ROWS` rows whose values fit shared memory; ``bits`` 16: w [N, K] of x's dtype, K a
-    multiple of 8; 8: MLX's affine layout (w [N, K / 4] uint32, scales and biases [N, K / G] of
-    x's dtype, G 32, 64 or 128)."""
+    multiple of 8; 8 or 4: MLX's affine layout (w [N, K * bits / 32] uint32, scales and biases
+    [N, K / G] of x's dtype, G 32, 64 or 128)."""
     rows = math.prod(x.shape[:-1])
     K = x.shape[-1]
     if not (cuda_available() and x.dtype in (mx.bfloat16, mx.float16) and 0 < rows <= MAX_ROWS and w.ndim == 2
@@ -343,7 +380,7 @@ def rows_supported(x: mx.array, w: mx.array, scales: mx.array | None = None, bia
         return False
     if bits == 16:
         return w.dtype == x.dtype and w.shape[1] == K and K % 8 == 0
-    return (bits == 8 and group_size in (32, 64, 128) and w.dtype == mx.uint32 and w.shape[1] * 4 == K
+    return (bits in (8, 4) and group_size in (32, 64, 128) and w.dtype == mx.uint32 and w.shape[1] * 32 == K * bits
             and K % group_size == 0 and scales is not None and biases is not None
             and scales.dtype == x.dtype and biases.dtype == x.dtype and scales.shape == (w.shape[0], K // group_size)
             and biases.shape == scales.shape)
@@ -359,8 +396,8 @@ def rows_matmul(x: mx.array, w: mx.array, scales: mx.array | None = None, biases
                 blocks: int = 0, resident: int = RESIDENT, load_hint: int = 1, early: bool = True,
                 prefetch: int = 0) -> mx.array:
     """x [..., K] @ W.T -> [..., N], at most :data:`MAX_ROWS` rows of x: ``bits`` 16, W = w [N, K]
-    of x's dtype (bf16/fp16); 8, W = MLX's affine dequantization of w [N, K / 4] (uint32) with
-    ``scales`` and ``biases`` [N, K / group_size], computed as s * sum(q x) + b * sum(x) per group
+    of x's dtype (bf16/fp16); 8 or 4, W = MLX's affine dequantization of w [N, K * bits / 32]
+    (uint32) with ``scales`` and ``biases`` [N, K / group_size], computed as s * sum(q x) + b * sum(x) per group
     in float32 (no weight rounded to x's dtype first). Elsewhere (:func:`rows_supported`) the
     reference, ``x @ w.T`` or ``mx.quantized_matmul``.
 
