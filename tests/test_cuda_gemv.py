@@ -55,17 +55,6 @@ def test_rows_switch_takes_its_widths_at_one_row(monkeypatch):
     assert not chain.rows_apply(16, 1)
 
 
-def test_rows_first_takes_stage_one_alone(monkeypatch):
-    # XLSTM_METAL_CHAIN_ROWS_FIRST: the block's first stage streams, the rest (and their merge) do not.
-    monkeypatch.setattr(chain, "CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
-    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset({8}))
-    monkeypatch.setattr(chain, "ROWS_FIRST", frozenset({4}))
-    assert chain.rows_apply(4, 1, 64, first=True) and not chain.rows_apply(4, 1, 64)
-    assert not chain.rows_apply(4, 2, 64, first=True) and not chain.rows_apply(16, 1, first=True)
-    assert chain.rows_apply(8, 1, 64, first=True) and chain.rows_apply(8, 1, 64)
-    assert chain.merge_mode(4, 1) == 4 and chain.merge_mode(8, 1) == 0
-
-
 def test_rows_template_and_launch():
     t = dict(gemv.rows_template(mx.bfloat16, 4096, 1, unroll=4, rows_per_warp=2, early=False))
     assert (t["KD"], t["SR"], t["U"], t["RPW"], t["PRE"]) == (4096, 1, 4, 2, False)

@@ -234,7 +234,7 @@ def _chain_projections(layer: mLSTMNeuron, norm: nn.Module, x: mx.array, pending
     arrays, columns, i_bias, f_bias, w_if = plan
     w, scales, biases, group_size, bits = arrays
     s, xn, y = chain.norm_quantized_matmul(x, pending, norm, w, scales, biases, group_size=group_size, bits=bits,
-                                           write_xn=w_if is not None, first=True)
+                                           write_xn=w_if is not None)
     # o~ follows q, k, v: columns[3] is where it starts
     return s, (y, columns, i_bias, f_bias, w_if, xn), (y, columns[3])
 

@@ -115,6 +115,102 @@ def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
     return path
 
 
+#: Largest magnitude an integer option takes (``type=int`` options are checked against it when
+#: the parser is built): MLX computes shapes, slices and step counts in 32 bits, so larger values
+#: failed deep inside a run (a C++ ``std::bad_cast`` or an OverflowError traceback, sometimes
+#: after training had started). Options that count beyond it (parameter budgets) use
+#: :func:`large_int`.
+INT_LIMIT = 2**31 - 1
+#: :func:`large_int`'s limit: a signed 64-bit integer.
+LARGE_INT_LIMIT = 2**63 - 1
+
+
+def _int_in_range(text: str, limit: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -limit <= value <= limit:
+        raise argparse.ArgumentTypeError(f"must be between {-limit} and {limit}, got {text}")
+    return value
+
+
+def bounded_int(text: str) -> int:
+    """argparse type of every ``type=int`` option (installed by :func:`harden_parser`): an
+    integer of magnitude at most :data:`INT_LIMIT`."""
+    return _int_in_range(text, INT_LIMIT)
+
+
+def large_int(text: str) -> int:
+    """argparse type of an integer option that may exceed :data:`INT_LIMIT` (a parameter or
+    token budget, only compared in Python): magnitude at most :data:`LARGE_INT_LIMIT`."""
+    return _int_in_range(text, LARGE_INT_LIMIT)
+
+
+#: Actions that hold one value (store, store_const / store_true / store_false, --x/--no-x): one
+#: given twice would silently keep only the last. append / append_const / count / extend
+#: actions are meant to repeat and are left alone.
+_SINGLE_VALUED = (argparse._StoreAction, argparse._StoreConstAction, argparse.BooleanOptionalAction)
+#: Per parse (keyed by the namespace being filled, dropped with it): dest -> the option string
+#: that set it.
+_GIVEN: dict[int, dict[str, str]] = {}
+_ONCE_CLASSES: dict[type, type] = {}
+
+
+def _given_options(namespace) -> dict[str, str]:
+    import weakref
+
+    key = id(namespace)
+    if key not in _GIVEN:
+        _GIVEN[key] = {}
+        weakref.finalize(namespace, _GIVEN.pop, key, None)
+    return _GIVEN[key]
+
+
+def _refusing_repeats(cls: type) -> type:
+    """A subclass of action class ``cls`` that raises an ArgumentError naming the option when
+    its destination was already set by an option during the same parse (argparse calls an
+    action once per occurrence on the command line, never for defaults, so a value that merely
+    looks like an option, as in ``--prompt=--max-tokens``, is not counted)."""
+    if getattr(cls, "refuses_repeats", False):
+        return cls
+    if cls not in _ONCE_CLASSES:
+        def __call__(self, parser, namespace, values, option_string=None):
+            given = _given_options(namespace)
+            earlier = given.get(self.dest)
+            if earlier is not None:
+                spelled = "" if earlier == option_string else f" (as {earlier}, then as {option_string})"
+                lost = " (only the last value would count)" if isinstance(self, argparse._StoreAction) else ""
+                raise argparse.ArgumentError(self, f"given more than once{spelled}; give it once{lost}")
+            given[self.dest] = option_string or self.dest
+            cls.__call__(self, parser, namespace, values, option_string)
+
+        _ONCE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "refuses_repeats": True})
+    return _ONCE_CLASSES[cls]
+
+
+def harden_parser(parser: argparse.ArgumentParser, *, bound_ints: bool = True) -> argparse.ArgumentParser:
+    """Install the command line's common checks on ``parser`` and every subcommand parser
+    under it: a single-valued option given more than once is refused (exit 2, naming it) and,
+    with ``bound_ints``, every ``type=int`` option is :func:`bounded_int`."""
+    done: set[int] = set()
+    todo = [parser]
+    while todo:
+        current = todo.pop()
+        if id(current) in done:
+            continue
+        done.add(id(current))
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+                continue
+            if bound_ints and action.type is int:
+                action.type = bounded_int
+            if action.option_strings and isinstance(action, _SINGLE_VALUED):
+                action.__class__ = _refusing_repeats(type(action))
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xlstm_metal import __version__
 
@@ -135,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
             from ..monitor import add_job_arguments
 
             add_job_arguments(sub.choices[name])
-    return parser
+    return harden_parser(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..monitor import current_job
-from . import UsageError, peer_lost_exit, seed_value
+from . import INT_LIMIT, UsageError, peer_lost_exit, seed_value
 from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 
@@ -29,6 +29,8 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    if any(v > INT_LIMIT for v in values):  # MLX sizes arrays in 32 bits: an OverflowError traceback
+        raise argparse.ArgumentTypeError(f"values must be at most {INT_LIMIT}, got {text!r}")
     return values
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..monitor import current_job
-from . import UsageError, check_output_path, seed_value
+from . import UsageError, check_output_path, large_int, seed_value
 
 
 #: Architectures in the first population unless --start says otherwise.
@@ -31,7 +31,7 @@ DEFAULT_START = "mlstm,attention,hybrid"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evolve", help="evolutionary architecture search scored on MAD tasks",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=int, required=True, help="maximum trainable parameters of a candidate")
+    p.add_argument("--budget", type=large_int, required=True, help="maximum trainable parameters of a candidate")
     p.add_argument("--population", type=int, default=6, help="candidates per generation (default: 6)")
     p.add_argument("--generations", type=int, default=3, help="generations (default: 3)")
     p.add_argument("--tasks", default="in_context_recall", help="comma-separated MAD tasks scored "
@@ -80,8 +80,15 @@ def run(args) -> int:
     out = check_output_path(args.out, "--out", directory=True)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the search in --out; --overwrite replaces it: give one")
-    if not args.resume and not args.overwrite and ((out / "summary.json").exists() or (out / "history.jsonl").exists()):
-        raise UsageError(f"{out} holds a search already; pass --resume to continue it or --overwrite to replace it")
+    if not args.resume and not args.overwrite:
+        # Every file a search writes (best-N.yaml beyond --top included: a new search removes those)
+        # is replaced only with --overwrite.
+        ours = [out / name for name in ("summary.json", "history.jsonl", "search.json", "evolution.png")] + \
+            sorted(p for p in out.glob("best-*.yaml") if p.stem[len("best-"):].isdigit())
+        found = [p.name for p in ours if p.exists()]
+        if found:
+            raise UsageError(f"{out} holds a search already ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
+                             "pass --resume to continue it or --overwrite to replace it")
     preset = PRESETS[args.preset]
     vocab = max(preset.task(t).settings["vocab_size"] for t in tasks)
     if args.start is not None and args.engine != "star":

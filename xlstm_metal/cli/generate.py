@@ -216,6 +216,24 @@ def read_stdin_text() -> str:
                          f"offset {err.start})") from None
 
 
+#: Options that only shape a generation (with their argparse dests): `generate --info` or
+#: `--show-wiring` without a prompt generates nothing, so given there they would be ignored.
+GENERATION_OPTIONS = (("--max-tokens", "max_tokens"), ("--temperature", "temperature"), ("--top-k", "top_k"),
+                      ("--top-p", "top_p"), ("--min-p", "min_p"), ("--repetition-penalty", "repetition_penalty"),
+                      ("--seed", "seed"), ("--stop", "stop"), ("--prefill-chunk-size", "prefill_chunk_size"),
+                      ("--verbose", "verbose"))
+
+
+def check_nothing_to_generate(args: argparse.Namespace) -> None:
+    """UsageError naming the generation options given to a `generate --info` / `--show-wiring`
+    that has no prompt: it describes the model and exits, so they would be silently ignored."""
+    given = [flag for flag, dest in GENERATION_OPTIONS if getattr(args, dest, None) not in (None, False, [])]
+    if given:
+        shown = " / ".join(flag for flag, on in (("--info", args.info), ("--show-wiring", args.show_wiring)) if on)
+        raise UsageError(f"{shown} without a prompt describes the model and generates nothing; {', '.join(given)} "
+                         f"would be ignored: give a prompt too, or leave {'it' if len(given) == 1 else 'them'} out")
+
+
 # ---------------------------------------------------------------------- loading
 def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     """(runner, tokenizer) for args.model (default: the packaged model), or UsageError."""
@@ -315,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
     interactive = bool(getattr(args, "interactive", False))
     prompt = read_prompt(args)
     describe_only = (args.info or args.show_wiring) and prompt is None and not interactive
+    if describe_only:
+        check_nothing_to_generate(args)
     if prompt is None and not interactive and not describe_only:
         raise UsageError("give a prompt: --prompt TEXT, --prompt - (stdin), --prompt-file FILE, or --interactive")
     runner, _ = load_runner(args, need_tokenizer=not describe_only)

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="print the results as JSON (a list: one object per task with task, accuracy, ...)")
     p.add_argument("--out", default=None, help="directory for results.json and accuracy.png "
                    "(default: mad-runs/ARCH-PRESET-seedN)")
-    p.add_argument("--plot-format", choices=("png", "svg"), default="png", help="plot file type (default: png)")
+    p.add_argument("--plot-format", choices=("png", "svg"), default=None, help="plot file type (default: png)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--show-wiring", nargs="?", const="-", default=None, metavar="FILE",
                    help="print the model's wiring and exit; with FILE (.png/.svg) also draw each distinct block")
@@ -77,21 +77,27 @@ def run(args) -> int:
 
     if args.show_wiring is not None:
         scoring = [flag for flag, value in (("--tasks", args.tasks), ("--epochs", args.epochs), ("--out", args.out),
-                                            ("--json", args.json)) if value not in (None, False)]
+                                            ("--json", args.json), ("--plot-format", args.plot_format))
+                   if value not in (None, False)]
         if scoring:
             raise UsageError(f"--show-wiring prints the wiring and exits without training; {', '.join(scoring)} "
                              "would be ignored: run without --show-wiring to score the architecture")
-        print(model.wiring())
-        if args.show_wiring != "-":
-            _draw(model, Path(args.show_wiring), args.overwrite)
+        targets = [] if args.show_wiring == "-" else _drawing_targets(model, Path(args.show_wiring), args.overwrite)
+        print(model.wiring())  # after every check: an error leaves no half-done output
+        if targets:
+            from ..lab.render import render_wiring
+        for index, block, target in targets:
+            render_wiring(block, target, f"block {index}: {block.resolved.name}")
+            print(f"wrote {target}", file=sys.stderr)
         return 0
 
     label = _arch_label(args.arch)
     out = check_output_path(args.out or Path("mad-runs") / f"{label}-{args.preset}-seed{args.seed}", "--out",
                             directory=True)
-    results_path, plot_path = out / "results.json", out / f"accuracy.{args.plot_format}"
-    if results_path.exists() and not args.overwrite:
-        raise UsageError(f"{results_path} exists; pass --overwrite to replace it")
+    results_path, plot_path = out / "results.json", out / f"accuracy.{args.plot_format or 'png'}"
+    for existing in (results_path, plot_path):
+        if existing.exists() and not args.overwrite:
+            raise UsageError(f"{existing} exists; pass --overwrite to replace it")
 
     from tqdm import tqdm
 
@@ -123,9 +129,10 @@ def run(args) -> int:
     return 0
 
 
-def _draw(model, path: Path, overwrite: bool) -> None:
-    from ..lab.render import render_wiring
-
+def _drawing_targets(model, path: Path, overwrite: bool) -> list:
+    """(block index, block, file) for each distinct block of ``model``: the first at ``path``,
+    the others beside it (``NAME-blockI.EXT``); UsageError, before anything is printed or drawn,
+    for a file type that cannot be drawn, a missing directory or a file there without --overwrite."""
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"--show-wiring {path}: give a .png, .svg or .pdf file")
     seen: dict[str, Path] = {}
@@ -137,11 +144,11 @@ def _draw(model, path: Path, overwrite: bool) -> None:
         target = path if not seen else path.with_name(f"{path.stem}-block{index}{path.suffix}")
         seen[key] = target
         targets.append((index, block, target))
-    for _, _, target in targets:
-        if target.exists() and not overwrite:
-            raise UsageError(f"{target} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():
         raise UsageError(f"--show-wiring {path}: directory {path.parent} does not exist")
-    for index, block, target in targets:
-        render_wiring(block, target, f"block {index}: {block.resolved.name}")
-        print(f"wrote {target}", file=sys.stderr)
+    for _, _, target in targets:
+        if target.is_dir():
+            raise UsageError(f"--show-wiring: {target} is a directory")
+        if target.exists() and not overwrite:
+            raise UsageError(f"{target} exists; pass --overwrite to replace it")
+    return targets

@@ -15,12 +15,13 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
 from pathlib import Path
 
-from . import UsageError
+from . import UsageError, harden_parser
 
 COMMANDS = ("generate", "server", "lora", "fuse", "convert")
 #: The option naming the model, per command (convert also takes --hf-path).
@@ -44,15 +45,41 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def model_argument(command: str, args: list[str]) -> str | None:
-    """The model path given to mlx-lm's ``command`` (``--model X`` or ``--model=X``), or None."""
+    """The model path given to mlx-lm's ``command`` (``--model X`` or ``--model=X``), or None.
+    UsageError when it is given more than once: the tokenizer check and ``--trust-remote-code``
+    would be decided for one checkpoint while mlx-lm loaded another."""
     options = MODEL_OPTIONS[command]
-    for index, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
+    found = []
+    index = 0
+    while index < len(args):
+        name, eq, value = args[index].partition("=")
         if name in options:
-            if eq:
-                return value
-            return args[index + 1] if index + 1 < len(args) else None
-    return None
+            found.append((name, value if eq else (args[index + 1] if index + 1 < len(args) else None)))
+            index += 1 if eq else 2
+            continue
+        index += 1
+    if len(found) > 1:
+        given = ", ".join(f"{name} {value}" for name, value in found)
+        raise UsageError(f"mlx-lm {command}: the model is given more than once ({given}); give it once")
+    return found[0][1] if found else None
+
+
+@contextlib.contextmanager
+def refusing_repeated_options():
+    """While mlx-lm's command parses its arguments, its parsers refuse a single-valued option
+    given more than once, as every xlstm-metal parser does (:func:`~xlstm_metal.cli.harden_parser`):
+    mlx-lm builds its parsers inside its ``main()``, so they are hardened as they parse."""
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_args(self, args=None, namespace=None):
+        harden_parser(self, bound_ints=False)
+        return original(self, args, namespace)
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
 
 
 def writes_our_shim(path: str | None) -> bool:
@@ -139,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     saved = sys.argv
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
     try:
-        module.main()
+        with refusing_repeated_options():
+            module.main()
     except (ValueError, FileNotFoundError) as err:  # mlx-lm's messages for bad paths and settings
         raise UsageError(f"mlx-lm {args.mlx_lm_command}: {err}") from None
     except RuntimeError as err:

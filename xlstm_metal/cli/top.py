@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from . import UsageError
+from . import UsageError, harden_parser
 
 DESCRIPTION = __doc__
 
@@ -33,10 +33,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object per interval (NDJSON): time, interval, machine, jobs; "
                              "a piped stdin takes commands (kill PID, clear_cache PID, interval S, quit)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
+    parser.add_argument("--interval", type=float, default=None, metavar="S",
                         help="seconds between refreshes (default 1; the UI's + / - change it)")
     parser.add_argument("--count", type=int, default=None, metavar="N", help="with --json: stop after N objects")
-    parser.add_argument("--sort", choices=("pid", "command", "tokens_per_s", "memory", "progress"), default="pid",
+    parser.add_argument("--sort", choices=("pid", "command", "tokens_per_s", "memory", "progress"), default=None,
                         help="row order (default pid; tokens_per_s, memory and progress: largest first)")
     parser.add_argument("--clear-cache", type=int, metavar="PID", help="ask job PID to clear its MLX cache, then exit")
 
@@ -53,6 +53,16 @@ def run(args: argparse.Namespace) -> int:
     from ..monitor.records import send_command
     from ..monitor.top import DESCENDING, MAX_INTERVAL, MIN_INTERVAL, Monitor, render_text, sort_jobs
 
+    if args.clear_cache is not None:  # it sends one request and exits: the view's options would be ignored
+        view = [flag for flag, value in (("--json", args.json), ("--once", args.once), ("--interval", args.interval),
+                                         ("--count", args.count), ("--sort", args.sort)) if value not in (None, False)]
+        if view:
+            raise UsageError(f"--clear-cache PID asks one job to clear its cache and exits, showing nothing; "
+                             f"{', '.join(view)} would be ignored: leave {'it' if len(view) == 1 else 'them'} out")
+    if args.interval is None:
+        args.interval = 1.0
+    if args.sort is None:
+        args.sort = "pid"
     if not MIN_INTERVAL <= args.interval <= MAX_INTERVAL:
         raise UsageError(f"--interval must be between {MIN_INTERVAL} and {MAX_INTERVAL} seconds, got {args.interval}")
     if args.count is not None and args.count < 1:
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xltop", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = harden_parser(parser).parse_args(argv)
     try:
         return run(args)
     except UsageError as err:

@@ -167,6 +167,32 @@ def _check_flag_combinations(args) -> None:
     if args.arch and args.kernel is not None:
         raise UsageError(f"--kernel sets the mLSTM kernel of xLSTM models; --arch {args.arch} names each "
                          "cell's kernel in its spec: leave out --kernel or set it there")
+    if args.resume and args.overwrite and not args.export:
+        raise UsageError(f"--resume continues the run in --out {args.out}; --overwrite (which lets a new run replace "
+                         "it, or the run replace a non-empty --export DIR) would be ignored: give one")
+    if args.text_field is not None and args.data:
+        from ..training.data import holds_jsonl
+
+        if all(Path(d).expanduser().exists() for d in args.data) and not holds_jsonl(args.data):
+            raise UsageError(f"--text-field {args.text_field} names the text field of JSON Lines (.jsonl) records, and "
+                             "none of the data is JSON Lines: leave it out")
+    # Settings that fail only once the model is built are checked now, not after the data is read
+    # and a BPE tokenizer trained on it.
+    if args.vocab_size is not None:
+        from ..training.data import MIN_BPE_VOCAB
+
+        if args.vocab_size < MIN_BPE_VOCAB:
+            raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got "
+                             f"{args.vocab_size}")
+    if args.kernel is not None:
+        from ..kernels import resolve_kernel_name
+
+        try:
+            resolve_kernel_name(args.kernel)
+        except KeyError as err:
+            raise UsageError(f"--kernel: {err.args[0]}") from None
+    if args.config is not None and not args.resume:
+        _config_dict(args.config)
     if args.arch and not args.resume:  # a bad spec fails now, not after the data is read and a BPE trained
         from ..lab import WiringError
         from ..lab.library import load_arch

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import UsageError, check_output_path, finite_float, read_tokenizer, seed_value
+from . import UsageError, check_output_path, finite_float, large_int, read_tokenizer, seed_value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,8 +34,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="random search or the genetic NSGA-II sampler (default: random)")
     s.add_argument("--trials", type=int, default=None,
                    help="trial budget (default: population x generations, in either mode)")
-    s.add_argument("--population", type=int, default=10, help="trials per generation (ga)")
-    s.add_argument("--generations", type=int, default=5, help="generations (ga)")
+    s.add_argument("--population", type=int, default=None,
+                   help="trials per generation (ga; default 10); without --trials, population x generations is the "
+                        "trial budget")
+    s.add_argument("--generations", type=int, default=None,
+                   help="generations (default 5); without --trials, population x generations is the trial budget")
     s.add_argument("--seed", type=seed_value, default=0)
     s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db)")
     s.add_argument("--overwrite", action="store_true",
@@ -72,8 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--text-field", default=None, help="(default: text)")
     tr.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train a BPE into --out)")
     tr.add_argument("--vocab-size", type=int, default=None, help="vocabulary of a BPE trained here (default 512)")
-    tr.add_argument("--token-budget", type=int, default=None, help="training tokens per trial (default 100000)")
-    tr.add_argument("--param-budget", type=int, default=None, help="largest model (parameters; default 2000000)")
+    tr.add_argument("--token-budget", type=large_int, default=None, help="training tokens per trial (default 100000)")
+    tr.add_argument("--param-budget", type=large_int, default=None, help="largest model (parameters; default 2000000)")
     tr.add_argument("--seq-len", type=int, default=None, help="(default 64)")
     tr.add_argument("--val-fraction", type=finite_float, default=None, help="(default 0.1)")
     tr.add_argument("--max-depth", type=int, default=None, help="largest number of blocks searched (default 4)")
@@ -151,6 +154,25 @@ def _check_applicable(args: argparse.Namespace) -> None:
                 setattr(args, name, value)
 
 
+#: --population / --generations when left out.
+SEARCH_DEFAULTS = dict(population=10, generations=5)
+
+
+def _check_search(args: argparse.Namespace) -> None:
+    """--population and --generations size the trial budget only without --trials (and
+    --population is the genetic sampler's generation size): given where they change nothing,
+    a UsageError names them; then the defaults of those left out are filled in."""
+    if args.trials is not None:
+        unused = [_flag(name) for name in ("population", "generations")
+                  if getattr(args, name) is not None and not (name == "population" and args.mode == "ga")]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} would be ignored: --trials {args.trials} sets the trial budget "
+                             f"(--mode {args.mode}); leave out one or the other")
+    for name, value in SEARCH_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _positive(args, *names) -> None:
     for name in names:
         value = getattr(args, name)
@@ -163,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning import SpeedObjective, SweepError, SweepSettings, TrainObjective, run_sweep
     from ..tuning.sweep import check_out_dir
 
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the sweep in --out; --overwrite replaces it: give one")
+    text_field_given = args.text_field is not None
+    _check_search(args)
     _check_applicable(args)
     _positive(args, "trials", "population", "generations", "workers", "cpus_per_trial", "max_new_tokens",
               "prefill_length", "decode_batch", "decode_tokens", "repeats", "vocab_size", "token_budget",
@@ -256,7 +282,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         if args.seq_len < 2:  # every trial would fail on it
             raise UsageError(f"--seq-len must be >= 2 (an input and its next token), got {args.seq_len}")
-        from ..training.data import MIN_BPE_VOCAB, DataError, load_documents, load_tokenizer_file
+        from ..training.data import MIN_BPE_VOCAB, DataError, holds_jsonl, load_documents, load_tokenizer_file
+
+        if text_field_given and all(Path(d).expanduser().exists() for d in args.data) and not holds_jsonl(args.data):
+            raise UsageError(f"--text-field {args.text_field} names the text field of JSON Lines (.jsonl) records, "
+                             "and none of --data is JSON Lines: leave it out")
 
         if not args.tokenizer and args.vocab_size < MIN_BPE_VOCAB:
             raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {args.vocab_size}")

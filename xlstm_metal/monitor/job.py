@@ -515,6 +515,12 @@ def job_from_args(args: argparse.Namespace) -> JobStatus:
         env["XLSTM_MEM_WATCHDOG"] = "0"
     config = WatchdogConfig.from_sources(getattr(args, "mem_soft", None), getattr(args, "mem_hard", None),
                                          getattr(args, "mem_log", None), env=env)
+    given = [f"--{name.replace('_', '-')}" for name in ("mem_soft", "mem_hard", "mem_log") if getattr(args, name, None)]
+    if given and not config.enabled:  # an off watchdog sets no limit and writes no log
+        why = "--no-mem-watchdog" if getattr(args, "no_mem_watchdog", False) else \
+            f"XLSTM_MEM_WATCHDOG={os.environ.get('XLSTM_MEM_WATCHDOG', '')}"
+        raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} the memory watchdog, which "
+                         f"{why} turns off: leave out one or the other")
     model = next((str(getattr(args, name)) for name in ("model", "init_from", "config", "shape", "source", "input")
                   if getattr(args, name, None)), "packaged model" if args.command in ("generate", "chat") else None)
     return JobStatus(args.command, model, watchdog=config,

@@ -87,6 +87,17 @@ def _files_under(directory: Path) -> list[Path]:
     return files
 
 
+def holds_jsonl(paths: Iterable[str | os.PathLike]) -> bool:
+    """Whether any of ``paths`` is, or (a directory) holds, a ``*.jsonl`` file: the only files
+    whose records a text field is read from. Missing paths count as not holding one."""
+    for raw in paths:
+        path = Path(raw).expanduser()
+        files = _files_under(path) if path.is_dir() else [path]
+        if any(file.suffix == ".jsonl" for file in files):
+            return True
+    return False
+
+
 def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[Document]:
     """Documents of text files, ``*.jsonl`` files and directories of them, in a stable order.
 

@@ -473,13 +473,6 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
 CHAIN_ROWS: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS", "8,16").split(",")
                                        if b.strip() and b.strip() != "0")
 
-#: Widths whose stage 1 alone (RMSNorm -> q|k|v|o(|i|f)) runs the streaming product at one row
-#: while their other stages keep the tensor-core loop and its merged launches
-#: (``XLSTM_METAL_CHAIN_ROWS_FIRST``, bits as :data:`CHAIN_ROWS`; none by default): at 4 bits
-#: stages 3-5 run as one launch (:data:`CHAIN_MERGE`), which the streaming stages do not.
-ROWS_FIRST: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_METAL_CHAIN_ROWS_FIRST", "").split(",")
-                                       if b.strip() and b.strip() != "0")
-
 #: Thread blocks per SM that walk the features of a stage on the streaming path
 #: (``XLSTM_METAL_CHAIN_ROWS_BLOCKS``): each block runs its prologue once. S14 (H200, 7B, one
 #: row): 4 blocks 244.8 / 244.3 tok/s bf16 and 329.9 / 323.6 at 8 bits; 3 blocks 243.0 / 243.6 and
@@ -529,12 +522,10 @@ __device__ __forceinline__ int xl_xpos4(int k) { return (k & ~7) | ((k & 3) << 1
 """ + _gemv.HEADER
 
 
-def rows_apply(bits: int, rows: int, group_size: int = 64, first: bool = False) -> bool:
+def rows_apply(bits: int, rows: int, group_size: int = 64) -> bool:
     """Whether a stage of ``bits`` products (groups of ``group_size`` at 8 or 4 bits) at ``rows``
-    rows runs the streaming product (:data:`CHAIN_ROWS`; ``first``: the block's stage 1, which
-    :data:`ROWS_FIRST` adds)."""
-    return ((bits in CHAIN_ROWS or (first and bits in ROWS_FIRST)) and bits in (4, 8, 16) and rows <= 1
-            and (bits == 16 or group_size in (32, 64, 128)))
+    rows runs the streaming product (:data:`CHAIN_ROWS`)."""
+    return bits in CHAIN_ROWS and bits in (4, 8, 16) and rows <= 1 and (bits == 16 or group_size in (32, 64, 128))
 
 
 def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], sizes: str, prologue: str,
@@ -628,13 +619,11 @@ class _Probe:
 
 
 def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, w: mx.array, scales: mx.array,
-                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False,
-                          first: bool = False):
+                          biases: mx.array, *, group_size: int, bits: int, write_xn: bool = False):
     """x [B, 1, E] (the residual stream, float32 or the norm weight's dtype T), pending [B, 1, E]
     in T or None -> (s = x + pending (x itself when None), xn = norm(s) in T (None unless
     ``write_xn``), y = xn @ dequantize(w).T [B, 1, N] in T): one launch on CUDA for the cases
-    :func:`norm_chain_supported` accepts (the caller checks), else the ops. ``first``: the
-    block's stage 1 (:data:`ROWS_FIRST`)."""
+    :func:`norm_chain_supported` accepts (the caller checks), else the ops."""
     if not _kernels_on():  # the reference: the add + norm of the step, then the product
         if pending is None:
             s, xn = x, norm(x)
@@ -652,7 +641,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
         shapes.append((B, 1, E)); dtypes.append(x.dtype)
     if write_xn:
         shapes.append((B, 1, E)); dtypes.append(T)
-    if rows_apply(bits, B, group_size, first):
+    if rows_apply(bits, B, group_size):
         kernel = _rows_kernel(("norm", norm.eps, has_pending, write_xn), bits,
                               ["xr"] + (["pend"] if has_pending else []) + ["nw", "w"],
                               ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
