@@ -239,10 +239,10 @@ def test_evolve_start_is_checked(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", [["mad", "--arch", "mlstm"], ["evolve", "--budget", "10", "--out", "ev"]],
                          ids=["mad", "evolve"])
-@pytest.mark.parametrize("tasks", ["", ","])
-def test_empty_task_list_is_a_usage_error(command, tasks, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tasks,words", [("", ["--tasks: must not be empty"]), (",", ["names no task"])])
+def test_empty_task_list_is_a_usage_error(command, tasks, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert_rejected([*command, "--tasks", tasks, "--epochs", "0"], capsys, "names no task")
+    assert_rejected([*command, "--tasks", tasks, "--epochs", "0"], capsys, *words)
 
 
 def test_mlx_lm_corrupt_weights_is_a_usage_error(tiny_model_dir, capsys):
@@ -424,4 +424,171 @@ def test_mad_show_wiring_with_scoring_flags_is_a_usage_error(tmp_path, capsys):
     out = tmp_path / "m"
     assert_rejected(["mad", "--arch", "mlstm", "--show-wiring", "--out", out, "--tasks", "in_context_recall"], capsys,
                     "--show-wiring", "--tasks, --out")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- sweep of bad input (round 3)
+@pytest.mark.parametrize("flags,env,words", [
+    (["--no-mem-watchdog", "--mem-hard", "2GB"], {}, ["--mem-hard needs the memory watchdog", "--no-mem-watchdog"]),
+    (["--no-mem-watchdog", "--mem-soft", "1GB", "--mem-log", "{log}"], {}, ["--mem-soft, --mem-log need"]),
+    (["--mem-log", "{log}"], {"XLSTM_MEM_WATCHDOG": "0"}, ["--mem-log needs", "XLSTM_MEM_WATCHDOG=0"]),
+], ids=["flag-hard", "flag-soft-log", "env-log"])
+def test_memory_limits_with_the_watchdog_off_are_usage_errors(flags, env, words, tmp_path, capsys, monkeypatch):
+    # An off watchdog sets no limit and writes no log: the flags were silently ignored (exit 0).
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    log = tmp_path / "mem.csv"
+    assert_rejected(["generate", "-p", "hi", "-n", "1", *[f.format(log=log) for f in flags]], capsys, *words)
+    assert not log.exists()
+
+
+def test_watchdog_off_alone_still_generates(capsys):
+    code, err = run_main(["generate", "-p", "def f", "-n", "3", "--temp", "0", "--no-mem-watchdog"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--info", "-n", "5", "--temp", "0.5"], "--max-tokens, --temperature would be ignored"),
+    (["--show-wiring", "--stop", "x", "--seed", "3"], "--seed, --stop would be ignored"),
+    (["--info", "--show-wiring", "-v"], "--verbose would be ignored"),
+    (["--info", "--prefill-chunk-size", "8"], "--prefill-chunk-size would be ignored"),
+])
+def test_describe_only_with_generation_options_is_a_usage_error(extra, named, tiny_model_dir, capsys):
+    # `generate --info` without a prompt describes the model and exits: they went unused (exit 0).
+    code, err = run_main(["generate", "-m", tiny_model_dir, *extra], capsys)
+    assert code == 2 and "without a prompt describes the model" in err and named in err, err
+
+
+def test_describe_only_still_describes(tiny_model_dir, capsys):
+    assert main(["generate", "-m", str(tiny_model_dir), "--info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("architecture") and "num_blocks             2" in out
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--config", "bogus"], ["--config 'bogus' is neither"]),
+    (["--config", "{data}"], ["--config", "not valid JSON"]),
+    (["--kernel", "nope"], ["--kernel", "unknown mLSTM kernel 'nope'"]),
+    (["--vocab-size", "5"], ["--vocab-size must be >= 259"]),
+], ids=["config-name", "config-file", "kernel", "vocab-size"])
+def test_train_settings_are_checked_before_the_tokenizer_is_trained(extra, words, text_data, tmp_path, capsys):
+    # They failed only after the data was read and a BPE tokenizer trained on it.
+    out = tmp_path / "run"
+    code, err = run_main(["train", text_data, "--out", out, "--steps", "1", "--no-progress",
+                          *[a.format(data=text_data) for a in extra]], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert all(word in err for word in words), err
+    assert "training a byte-level BPE" not in err and not out.exists()
+
+
+def test_train_text_field_without_json_lines_is_a_usage_error(text_data, tmp_path, capsys):
+    # It names a field of JSON Lines records; on plain text it was silently ignored.
+    out = tmp_path / "run"
+    assert_rejected(["train", text_data, "--out", out, "--steps", "1", "--text-field", "body"], capsys,
+                    "--text-field body", "none of the data is JSON Lines")
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"text": "hello world"}\n')
+    # With JSON Lines among the data it is read (this record has no such field).
+    assert_rejected(["train", text_data, records, "--out", out, "--steps", "1", "--text-field", "body"], capsys,
+                    "record has no 'body' field")
+    assert not out.exists()
+
+
+def test_train_resume_with_overwrite_is_a_usage_error(tmp_path, capsys):
+    # --overwrite reads as "start over", but --resume continued the run and ignored it.
+    out = tmp_path / "run"
+    (out / "checkpoint-0000001").mkdir(parents=True)
+    assert_rejected(["train", "--out", out, "--resume", "--overwrite", "--steps", "5"], capsys,
+                    "--resume continues the run", "--overwrite", "would be ignored")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-0000001"]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--resume", "--overwrite"], ["--resume continues the sweep", "--overwrite replaces it"]),
+    (["--trials", "2", "--population", "4"], ["--population would be ignored", "--trials 2"]),
+    (["--trials", "2", "--mode", "ga", "--generations", "3"], ["--generations would be ignored"]),
+    (["--trials", "2", "--population", "3", "--generations", "3"], ["--population, --generations would be ignored"]),
+], ids=["resume-overwrite", "population", "generations-ga", "both"])
+def test_tune_settings_that_would_be_ignored(extra, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    out = tmp_path / "t"
+    assert_rejected(["tune", "--objective", "speed", "--shape", "125m", "--no-progress", "--out", out, *extra],
+                    capsys, *words)
+    assert not out.exists() and not (tmp_path / "profiles").exists()
+
+
+def test_tune_population_sizes_generations_and_budget():
+    import argparse
+
+    from xlstm_metal.cli.tune import _check_search
+
+    def checked(**given):
+        args = argparse.Namespace(**{"mode": "random", "trials": None, "population": None, "generations": None,
+                                     **given})
+        _check_search(args)
+        return args.trials, args.population, args.generations
+
+    assert checked() == (None, 10, 5)
+    assert checked(population=3, generations=2) == (None, 3, 2)  # the budget: 6 trials
+    assert checked(mode="ga", trials=7, population=4) == (7, 4, 5)  # the genetic sampler's generation size
+
+
+def test_tune_text_field_without_json_lines_is_a_usage_error(text_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    out = tmp_path / "t"
+    assert_rejected(["tune", "--objective", "train", "--data", text_data, "--text-field", "body", "--trials", "1",
+                     "--no-progress", "--out", out], capsys, "--text-field body", "none of --data is JSON Lines")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["notes.txt", "missing/w.png"])
+def test_mad_show_wiring_checks_the_file_before_printing(target, tmp_path, capsys):
+    # The wiring was printed, then the file refused (exit 2 after output).
+    code = main(["mad", "--arch", "mlstm", "--show-wiring", str(tmp_path / target)])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"--show-wiring {tmp_path / target}" in err, err
+    assert out == ""
+
+
+def test_mad_show_wiring_refuses_an_existing_drawing_before_printing(tmp_path, capsys):
+    drawing = tmp_path / "w.png"
+    drawing.write_text("mine")
+    code = main(["mad", "--arch", "mlstm", "--show-wiring", str(drawing)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "pass --overwrite" in err and out == "", err
+    assert drawing.read_text() == "mine" and not (tmp_path / "w-block1.png").exists()
+    assert_rejected(["mad", "--arch", "mlstm", "--show-wiring", tmp_path / "x.png", "--plot-format", "svg"], capsys,
+                    "--plot-format would be ignored")
+
+
+def test_mad_and_evolve_keep_files_of_theirs_found_in_out(tmp_path, capsys):
+    # Only results.json (mad), summary.json / history.jsonl (evolve) were looked for: the plot, and
+    # best-N.yaml files (a new search deletes those beyond --top), were replaced or removed.
+    mad_out = tmp_path / "m"
+    mad_out.mkdir()
+    (mad_out / "accuracy.png").write_text("mine")
+    assert_rejected(["mad", "--arch", "mlstm", "--tasks", "in_context_recall", "--epochs", "1", "--out", mad_out],
+                    capsys, "accuracy.png exists", "--overwrite")
+    evolve_out = tmp_path / "e"
+    evolve_out.mkdir()
+    for name in ("evolution.png", "best-7.yaml"):
+        (evolve_out / name).write_text("mine")
+    assert_rejected(["evolve", "--budget", "200000", "--out", evolve_out], capsys, "holds a search already",
+                    "evolution.png, best-7.yaml")
+    assert [p.read_text() for p in (mad_out / "accuracy.png", evolve_out / "evolution.png",
+                                    evolve_out / "best-7.yaml")] == ["mine"] * 3
+
+
+@pytest.mark.parametrize("extra", [["--once"], ["--json", "--interval", "2"], ["--sort", "memory"]])
+def test_top_clear_cache_with_view_options_is_a_usage_error(extra, capsys):
+    # It asks one job to clear its cache and exits: the view's options went unused.
+    assert_rejected(["top", "--clear-cache", str(os.getpid()), *extra], capsys, "--clear-cache PID",
+                    "would be ignored", extra[0])
+
+
+def test_convert_check_option_at_its_default_value_needs_check(tiny_model_dir, tmp_path, capsys):
+    # Compared with the default, `--check-tokens 8192` alone passed (and was ignored).
+    out = tmp_path / "out"
+    for extra in (["--check-tokens", "8192"], ["--check-dtype", "float32"]):
+        assert_rejected(["convert", tiny_model_dir, out, *extra], capsys, f"{extra[0]} needs --check")
     assert not out.exists()

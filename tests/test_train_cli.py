@@ -40,6 +40,18 @@ BASE = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-s
         "--log-every", "1", "--lr", "3e-3", "--no-progress", "--val-fraction", "0.1"]
 
 
+def override(args, *pairs):
+    """``args`` with each ``FLAG VALUE`` of ``pairs`` in place of that flag's value there (or
+    added): a command line gives an option once (a repeat is refused)."""
+    args = list(args)
+    for flag, value in zip(pairs[::2], pairs[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
 def train_losses(run_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"]
@@ -114,7 +126,7 @@ def test_memory_limit_is_set_for_the_run(tmp_path, monkeypatch):
         return original(limit)
 
     monkeypatch.setattr(mx, "set_memory_limit", recording)
-    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), *BASE, "--steps", "2", "--warmup", "1",
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), *override(BASE, "--warmup", "1"), "--steps", "2",
                  "--eval-every", "2", "--memory-limit", "3.5"]) == 0
     assert 3_500_000_000 in calls
     assert (tmp_path / "run" / "checkpoint-0000002").is_dir()
@@ -140,8 +152,9 @@ def test_train_2024_xlstm_from_config(tmp_path):
     run = tmp_path / "run"
     args = [a for a in BASE if a not in ("--config", "tiny")]
     # Short sequences: the sLSTM recurrence is a loop over time, compiled for CPU per length.
+    args = override(args, "--seq-len", "8", "--batch-size", "8", "--lr", "1e-2")
     assert main(["train", str(corpus), "--out", str(run), *args, "--config", str(tmp_path / "cfg.json"),
-                 "--steps", "8", "--eval-every", "8", "--seq-len", "8", "--batch-size", "8", "--lr", "1e-2"]) == 0
+                 "--steps", "8", "--eval-every", "8"]) == 0
     losses = [loss for _, loss in train_losses(run)]
     assert np.mean(losses[-2:]) < losses[0] - 0.5
     model = load_model(run / "checkpoint-0000008")
@@ -178,7 +191,7 @@ def test_val_fraction_zero_trains_on_everything_without_validation(trained, tmp_
 def test_bad_input_exits_2_without_checkpoint(case, tmp_path, capsys):
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
-    args = ["train", str(corpus), "--out", str(out), *BASE, "--steps", "2", "--warmup", "1"]
+    args = ["train", str(corpus), "--out", str(out), *override(BASE, "--warmup", "1"), "--steps", "2"]
     if case == "empty_dir":
         (tmp_path / "empty").mkdir()
         args[1], expected = str(tmp_path / "empty"), "holds no files"
@@ -186,12 +199,12 @@ def test_bad_input_exits_2_without_checkpoint(case, tmp_path, capsys):
         (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200))
         expected = "image.png looks binary"
     elif case == "seq_len":
-        args += ["--seq-len", "1"]
+        args = override(args, "--seq-len", "1")
         expected = "sequence length must be >= 2"
     elif case == "vocab":
         (tmp_path / "small.json").write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1,
                                                          "vocab_size": 128}))
-        args += ["--config", str(tmp_path / "small.json")]
+        args = override(args, "--config", str(tmp_path / "small.json"))
         expected = "vocab_size (128) is smaller than the tokenizer's vocabulary"
     elif case == "jsonl_field":
         args += ["--text-field", "body"]

@@ -147,6 +147,21 @@ def large_int(text: str) -> int:
     return _int_in_range(text, LARGE_INT_LIMIT)
 
 
+def nonempty_text(text: str) -> str:
+    """argparse type of every text option and argument (installed by :func:`harden_parser` where
+    no type is given): an empty value is refused. Commands read an empty path, model, profile or
+    config as "not given" (``--init-from ''`` trained from scratch, ``bench --config ''`` ran the
+    default shape, ``serve --host ''`` listened on every interface) or as the working directory."""
+    if text == "":
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def any_text(text: str) -> str:
+    """argparse type of a text option that may be empty (a prompt; ``evolve --start ''``)."""
+    return text
+
+
 #: Actions that hold one value (store, store_const / store_true / store_false, --x/--no-x): one
 #: given twice would silently keep only the last. append / append_const / count / extend
 #: actions are meant to repeat and are left alone.
@@ -192,7 +207,8 @@ def _refusing_repeats(cls: type) -> type:
 def harden_parser(parser: argparse.ArgumentParser, *, bound_ints: bool = True) -> argparse.ArgumentParser:
     """Install the command line's common checks on ``parser`` and every subcommand parser
     under it: a single-valued option given more than once is refused (exit 2, naming it) and,
-    with ``bound_ints``, every ``type=int`` option is :func:`bounded_int`."""
+    with ``bound_ints`` (our parsers), every ``type=int`` option is :func:`bounded_int` and every
+    text option or argument without a type (and without choices) is :func:`nonempty_text`."""
     done: set[int] = set()
     todo = [parser]
     while todo:
@@ -206,6 +222,8 @@ def harden_parser(parser: argparse.ArgumentParser, *, bound_ints: bool = True) -
                 continue
             if bound_ints and action.type is int:
                 action.type = bounded_int
+            if bound_ints and action.type is None and not action.choices and action.nargs not in (0, argparse.REMAINDER):
+                action.type = nonempty_text
             if action.option_strings and isinstance(action, _SINGLE_VALUED):
                 action.__class__ = _refusing_repeats(type(action))
     return parser

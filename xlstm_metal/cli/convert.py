@@ -79,11 +79,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (an empty directory or a checkpoint, never the source's parent)")
     p.add_argument("--check", metavar="TEXTFILE", default=None,
                    help="after converting, compare SRC and OUT on this UTF-8 text (see below)")
-    p.add_argument("--check-tokens", type=int, default=8192,
+    p.add_argument("--check-tokens", type=int, default=None,
                    help="use at most this many tokens of TEXTFILE (default: 8192)")
-    p.add_argument("--check-greedy", type=int, default=256,
+    p.add_argument("--check-greedy", type=int, default=None,
                    help="tokens decoded greedily by both models for --check (default: 256)")
-    p.add_argument("--check-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--check-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype of both models for --check (default: float32, so the figures "
                         "measure the stored weights, not half-precision arithmetic)")
     p.add_argument("--json", action="store_true",
@@ -124,14 +124,20 @@ def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
     check_output_path(out, "OUT", directory=True)
 
 
+#: --check's options when left out.
+CHECK_DEFAULTS = {"check_tokens": 8192, "check_greedy": 256, "check_dtype": "float32"}
+
+
 def _read_check_ids(args: argparse.Namespace, source_dir: Path) -> list[int] | None:
     """The --check text's token ids (first --check-tokens), read before any work is done."""
     if args.check is None:
-        defaults = {"check_tokens": 8192, "check_greedy": 256, "check_dtype": "float32"}
-        for flag, default in defaults.items():
-            if getattr(args, flag) != default:
+        for flag in CHECK_DEFAULTS:  # given, even at its default value, they would be ignored
+            if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} needs --check TEXTFILE")
         return None
+    for flag, default in CHECK_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if args.check_tokens < 2:
         raise UsageError(f"--check-tokens must be at least 2, got {args.check_tokens}")
     if args.check_greedy < 1:

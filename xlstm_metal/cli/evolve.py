@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..monitor import current_job
-from . import UsageError, check_output_path, large_int, seed_value
+from . import UsageError, any_text, check_output_path, large_int, seed_value
 
 
 #: Architectures in the first population unless --start says otherwise.
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seed of the search, data and initialisation (default: 0)")
     p.add_argument("--min-blocks", type=int, default=2, help="fewest blocks of a candidate (default: 2)")
     p.add_argument("--max-blocks", type=int, default=6, help="most blocks of a candidate (default: 6)")
-    p.add_argument("--start", default=None,
+    p.add_argument("--start", default=None, type=any_text,
                    help="architectures in the first population (default: mlstm,attention,hybrid; '' for none)")
     p.add_argument("--engine", choices=("star", "optuna"), default="star",
                    help="star: STAR-style mutation and crossover of genomes (default); optuna: the tuning "

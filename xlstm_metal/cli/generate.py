@@ -11,7 +11,7 @@ from typing import Any
 
 from ..jsonfiles import read_json_object
 from ..monitor import current_job
-from . import UsageError, peer_lost_exit, read_text_file, seed_value
+from . import UsageError, any_text, peer_lost_exit, read_text_file, seed_value
 from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 DESCRIPTION = """\
@@ -25,7 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="checkpoint directory or Hugging Face id (default: the packaged model)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
-    parser.add_argument("--prompt", "-p", help="prompt text; '-' reads it from stdin")
+    parser.add_argument("--prompt", "-p", type=any_text, help="prompt text; '-' reads it from stdin")
     parser.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
     # Sampling defaults (None here) come from the checkpoint's generation_config.json, as in
     # transformers, else from BUILTIN_SAMPLING; see apply_generation_defaults.

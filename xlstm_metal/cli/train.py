@@ -192,7 +192,11 @@ def _check_flag_combinations(args) -> None:
         except KeyError as err:
             raise UsageError(f"--kernel: {err.args[0]}") from None
     if args.config is not None and not args.resume:
-        _config_dict(args.config)
+        try:
+            _config_dict(args.config)
+        except UsageError as err:
+            raise UsageError(str(err) if str(err).startswith("--config") else f"--config {args.config}: {err}") \
+                from None
     if args.arch and not args.resume:  # a bad spec fails now, not after the data is read and a BPE trained
         from ..lab import WiringError
         from ..lab.library import load_arch
