@@ -592,3 +592,25 @@ def test_convert_check_option_at_its_default_value_needs_check(tiny_model_dir, t
     for extra in (["--check-tokens", "8192"], ["--check-dtype", "float32"]):
         assert_rejected(["convert", tiny_model_dir, out, *extra], capsys, f"{extra[0]} needs --check")
     assert not out.exists()
+
+
+def test_outputs_overlapping_the_training_data_are_refused(tmp_path, capsys, monkeypatch):
+    # train --export DATA_DIR --overwrite replaced the training data with the model; an --out inside
+    # the data directory trained, but `--resume` then read its loss.png as data ("looks binary"), as
+    # `tune --resume` read study.db.
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+    run = tmp_path / "run"
+    for argv, words in (
+        (["train", corpus, "--out", run, "--export", corpus, "--overwrite"], ["--export", "is the training data"]),
+        (["train", corpus / "a.txt", "--out", run, "--export", corpus, "--overwrite"],
+         ["holds the training data", "--overwrite would delete it"]),
+        (["train", corpus, "--out", corpus / "run"], ["--out", "inside the training data directory"]),
+        (["train", corpus, "--out", run, "--export", corpus / "model"], ["--export", "inside the training data"]),
+        (["tune", "--objective", "train", "--data", corpus, "--out", corpus / "t", "--trials", "1"],
+         ["--out", "inside the training data directory"]),
+    ):
+        assert_rejected([*argv, "--no-progress"], capsys, *words)
+    assert [p.name for p in corpus.iterdir()] == ["a.txt"] and not run.exists()

@@ -29,6 +29,18 @@ ARGS = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-s
         "--save-every", "2", "--keep", "5"]
 
 
+def train_args(*pairs: str) -> list[str]:
+    """ARGS with each ``FLAG VALUE`` of ``pairs`` in place of that flag's value (or added): a
+    command line gives an option once (a repeat is refused)."""
+    args = list(ARGS)
+    for flag, value in zip(pairs[::2], pairs[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
 def xlstm_cmd(*args):
     return [sys.executable, "-m", "xlstm_metal", *map(str, args)]
 
@@ -109,8 +121,8 @@ def test_resume_with_another_world_size(runs):
 @pytest.mark.slow  # three to four launches of two processes
 def test_global_batch_must_split_evenly(runs):
     tmp, corpus, *_ = runs
-    proc = subprocess.run(launch_cmd(2, xlstm_cmd("train", corpus, "--out", tmp / "odd", *ARGS, "--steps", "4",
-                                                  "--batch-size", "3")),
+    proc = subprocess.run(launch_cmd(2, xlstm_cmd("train", corpus, "--out", tmp / "odd",
+                                                  *train_args("--steps", "4", "--batch-size", "3"))),
                           capture_output=True, text=True, timeout=300)
     # mlx.launch itself exits 0; it reports each rank's exit code.
     assert "exited with code 2" in proc.stderr
@@ -128,7 +140,7 @@ def _start_two_ranks(tmp_path, out, *args: str, env_of=None) -> list[subprocess.
         env = ring_env(rank, 2, port, tmp_path)
         if env_of is not None:
             env_of(rank, env)
-        procs.append(subprocess.Popen(xlstm_cmd("train", corpus, "--out", out, *ARGS, *args), env=env,
+        procs.append(subprocess.Popen(xlstm_cmd("train", corpus, "--out", out, *train_args(*args)), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -187,8 +199,8 @@ def test_under_mlx_launch_a_killed_rank_stops_the_run_cleanly(tmp_path):
     they unwind with a message, and every checkpoint left is complete."""
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "launched-run"
-    cmd = launch_cmd(2, xlstm_cmd("train", corpus, "--out", out, *ARGS, "--steps", "500", "--save-every", "1",
-                                  "--eval-every", "1000"))
+    cmd = launch_cmd(2, xlstm_cmd("train", corpus, "--out", out, *train_args("--steps", "500", "--save-every", "1",
+                                                                             "--eval-every", "1000")))
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240

@@ -115,6 +115,30 @@ def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
     return path
 
 
+def check_apart_from_data(outputs, data_paths, *, replaced=()) -> None:
+    """Output directories (``(flag, path or None)`` pairs) must not overlap the input data
+    (text files or directories): UsageError naming both. One inside a data directory puts its
+    files (checkpoints, study.db) among the data, which the next run or ``--resume`` then reads
+    (and refuses as binary); one of ``replaced`` (written by replacing the whole directory) must
+    not hold the data either, or ``--overwrite`` deletes it."""
+    for raw in data_paths:
+        data = Path(raw).expanduser().resolve()
+        for flag, path in outputs:
+            if path is None:
+                continue
+            target = Path(path).expanduser().resolve()
+            if target == data:
+                raise UsageError(f"{flag} {path} is the training data {raw}"
+                                 + (" (--overwrite would replace it)" if flag in replaced else "")
+                                 + "; write it elsewhere")
+            if data.is_dir() and data in target.parents:
+                raise UsageError(f"{flag} {path} is inside the training data directory {raw}: the files written "
+                                 "there would be read as training data by the next run; write it elsewhere")
+            if flag in replaced and target in data.parents:
+                raise UsageError(f"{flag} {path} holds the training data {raw}: --overwrite would delete it; "
+                                 "write it elsewhere")
+
+
 #: Largest magnitude an integer option takes (``type=int`` options are checked against it when
 #: the parser is built): MLX computes shapes, slices and step counts in 32 bits, so larger values
 #: failed deep inside a run (a C++ ``std::bad_cast`` or an OverflowError traceback, sometimes

@@ -86,9 +86,10 @@ def run(args) -> int:
         print(model.wiring())  # after every check: an error leaves no half-done output
         if targets:
             from ..lab.render import render_wiring
-        for index, block, target in targets:
-            render_wiring(block, target, f"block {index}: {block.resolved.name}")
-            print(f"wrote {target}", file=sys.stderr)
+
+            for index, block, target in targets:
+                render_wiring(block, target, f"block {index}: {block.resolved.name}")
+                print(f"wrote {target}", file=sys.stderr)
         return 0
 
     label = _arch_label(args.arch)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
-from . import UsageError, check_output_path, finite_float, seed_value
+from . import UsageError, check_apart_from_data, check_output_path, finite_float, seed_value
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -404,6 +404,8 @@ def run(args) -> int:
                          f"number of processes ({group.size()})")
     if not data_paths:
         raise UsageError("no training data given")
+    # --export is replaced as a whole (under --overwrite); a run leaves other files in --out alone.
+    check_apart_from_data((("--out", out), ("--export", export)), data_paths, replaced=("--export",))
 
     # Everything that can fail on bad input happens before anything is written to --out.
     saved_paths = [str(Path(p).resolve()) for p in data_paths]

@@ -21,7 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-from . import UsageError, check_output_path, finite_float, large_int, read_tokenizer, seed_value
+from . import (
+    UsageError, check_apart_from_data, check_output_path, finite_float, large_int, read_tokenizer, seed_value,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -284,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--seq-len must be >= 2 (an input and its next token), got {args.seq_len}")
         from ..training.data import MIN_BPE_VOCAB, DataError, holds_jsonl, load_documents, load_tokenizer_file
 
+        check_apart_from_data((("--out", out),), args.data)  # (its own files in --out are all it replaces)
         if text_field_given and all(Path(d).expanduser().exists() for d in args.data) and not holds_jsonl(args.data):
             raise UsageError(f"--text-field {args.text_field} names the text field of JSON Lines (.jsonl) records, "
                              "and none of --data is JSON Lines: leave it out")
