@@ -22,7 +22,7 @@ from xlstm_metal.cli import main
 from xlstm_metal.loading import load_model, read_weights
 
 from distributed_helpers import assert_memory_stop, free_port, launch_cmd, ring_env  # noqa: E402
-from test_train_cli import make_corpus  # noqa: E402
+from test_train_cli import make_corpus, override  # noqa: E402
 
 ARGS = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--warmup", "2",
         "--log-every", "1", "--lr", "3e-3", "--no-progress", "--val-fraction", "0.1", "--eval-every", "2",
@@ -32,13 +32,7 @@ ARGS = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-s
 def train_args(*pairs: str) -> list[str]:
     """ARGS with each ``FLAG VALUE`` of ``pairs`` in place of that flag's value (or added): a
     command line gives an option once (a repeat is refused)."""
-    args = list(ARGS)
-    for flag, value in zip(pairs[::2], pairs[1::2]):
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    return args
+    return override(ARGS, *pairs)
 
 
 def xlstm_cmd(*args):

@@ -139,6 +139,19 @@ def check_apart_from_data(outputs, data_paths, *, replaced=()) -> None:
                                  "write it elsewhere")
 
 
+def check_text_field(text_field: str | None, data_paths, label: str) -> None:
+    """``--text-field`` names the text field of JSON Lines records: given (not None) where every
+    data path exists and none is, or holds, a ``.jsonl`` file, it would be ignored: UsageError
+    (``label``: how the message names the data)."""
+    if text_field is None or not data_paths:
+        return
+    from ..training.data import holds_jsonl
+
+    if all(Path(d).expanduser().exists() for d in data_paths) and not holds_jsonl(data_paths):
+        raise UsageError(f"--text-field {text_field} names the text field of JSON Lines (.jsonl) records, and none of "
+                         f"{label} is JSON Lines: leave it out")
+
+
 #: Largest magnitude an integer option takes (``type=int`` options are checked against it when
 #: the parser is built): MLX computes shapes, slices and step counts in 32 bits, so larger values
 #: failed deep inside a run (a C++ ``std::bad_cast`` or an OverflowError traceback, sometimes
@@ -228,10 +241,10 @@ def _refusing_repeats(cls: type) -> type:
     return _ONCE_CLASSES[cls]
 
 
-def harden_parser(parser: argparse.ArgumentParser, *, bound_ints: bool = True) -> argparse.ArgumentParser:
+def harden_parser(parser: argparse.ArgumentParser, *, value_types: bool = True) -> argparse.ArgumentParser:
     """Install the command line's common checks on ``parser`` and every subcommand parser
     under it: a single-valued option given more than once is refused (exit 2, naming it) and,
-    with ``bound_ints`` (our parsers), every ``type=int`` option is :func:`bounded_int` and every
+    with ``value_types`` (our parsers), every ``type=int`` option is :func:`bounded_int` and every
     text option or argument without a type (and without choices) is :func:`nonempty_text`."""
     done: set[int] = set()
     todo = [parser]
@@ -244,9 +257,9 @@ def harden_parser(parser: argparse.ArgumentParser, *, bound_ints: bool = True) -
             if isinstance(action, argparse._SubParsersAction):
                 todo.extend(action.choices.values())
                 continue
-            if bound_ints and action.type is int:
+            if value_types and action.type is int:
                 action.type = bounded_int
-            if bound_ints and action.type is None and not action.choices and action.nargs not in (0, argparse.REMAINDER):
+            if value_types and action.type is None and not action.choices and action.nargs not in (0, argparse.REMAINDER):
                 action.type = nonempty_text
             if action.option_strings and isinstance(action, _SINGLE_VALUED):
                 action.__class__ = _refusing_repeats(type(action))

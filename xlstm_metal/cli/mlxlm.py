@@ -72,7 +72,7 @@ def refusing_repeated_options():
     original = argparse.ArgumentParser.parse_known_args
 
     def parse_known_args(self, args=None, namespace=None):
-        harden_parser(self, bound_ints=False)
+        harden_parser(self, value_types=False)
         return original(self, args, namespace)
 
     argparse.ArgumentParser.parse_known_args = parse_known_args

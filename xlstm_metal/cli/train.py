@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
-from . import UsageError, check_apart_from_data, check_output_path, finite_float, seed_value
+from . import UsageError, check_apart_from_data, check_output_path, check_text_field, finite_float, seed_value
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -170,12 +170,7 @@ def _check_flag_combinations(args) -> None:
     if args.resume and args.overwrite and not args.export:
         raise UsageError(f"--resume continues the run in --out {args.out}; --overwrite (which lets a new run replace "
                          "it, or the run replace a non-empty --export DIR) would be ignored: give one")
-    if args.text_field is not None and args.data:
-        from ..training.data import holds_jsonl
-
-        if all(Path(d).expanduser().exists() for d in args.data) and not holds_jsonl(args.data):
-            raise UsageError(f"--text-field {args.text_field} names the text field of JSON Lines (.jsonl) records, and "
-                             "none of the data is JSON Lines: leave it out")
+    check_text_field(args.text_field, args.data, "the data")
     # Settings that fail only once the model is built are checked now, not after the data is read
     # and a BPE tokenizer trained on it.
     if args.vocab_size is not None:

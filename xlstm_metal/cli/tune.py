@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from . import (
-    UsageError, check_apart_from_data, check_output_path, finite_float, large_int, read_tokenizer, seed_value,
+    UsageError, check_apart_from_data, check_output_path, check_text_field, finite_float, large_int, read_tokenizer,
+    seed_value,
 )
 
 
@@ -284,12 +285,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         if args.seq_len < 2:  # every trial would fail on it
             raise UsageError(f"--seq-len must be >= 2 (an input and its next token), got {args.seq_len}")
-        from ..training.data import MIN_BPE_VOCAB, DataError, holds_jsonl, load_documents, load_tokenizer_file
+        from ..training.data import MIN_BPE_VOCAB, DataError, load_documents, load_tokenizer_file
 
         check_apart_from_data((("--out", out),), args.data)  # (its own files in --out are all it replaces)
-        if text_field_given and all(Path(d).expanduser().exists() for d in args.data) and not holds_jsonl(args.data):
-            raise UsageError(f"--text-field {args.text_field} names the text field of JSON Lines (.jsonl) records, "
-                             "and none of --data is JSON Lines: leave it out")
+        check_text_field(args.text_field if text_field_given else None, args.data, "--data")
 
         if not args.tokenizer and args.vocab_size < MIN_BPE_VOCAB:
             raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {args.vocab_size}")
