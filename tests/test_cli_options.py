@@ -163,6 +163,50 @@ def test_mlx_lm_model_given_twice_is_refused(mlx_lm_model, tiny_model_dir, capsy
     assert code == 2 and "--hf-path" in capsys.readouterr().err
 
 
+def mlx_lm_counts():
+    from xlstm_metal.cli.mlxlm import COUNT_MINIMUMS
+
+    return [pytest.param(command, option, minimum, id=f"{command} {option}")
+            for command, options in COUNT_MINIMUMS.items() for option, minimum in options.items()]
+
+
+@pytest.mark.parametrize("command,option,minimum", mlx_lm_counts())
+def test_mlx_lm_counts_below_their_minimum_are_refused(command, option, minimum, mlx_lm_model, capsys):
+    # mlx-lm's parsers took any integer: `generate --max-tokens -3` generated without a limit, a
+    # negative --top-k turned top-k off, `lora --num-layers -5` trained every layer.
+    model = ["--model", str(mlx_lm_model)]
+    with pytest.raises(SystemExit) as exit_:
+        main(["mlx-lm", command, *model, option, str(minimum - 1)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"mlx_lm.{command}: error: argument {option}") and \
+        last.endswith(f": must be >= {minimum}{' (-1: all)' if minimum == -1 else ''}, got {minimum - 1}"), err
+
+
+def test_mlx_lm_count_minimums_are_accepted(capsys):
+    # The smallest value of each still parses, on mlx-lm's own parsers, as the integer given;
+    # lora's -1 keeps its meaning ("all").
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.generate import setup_arg_parser
+    from mlx_lm.lora import build_parser as lora_parser
+
+    from xlstm_metal.cli.mlxlm import COUNT_MINIMUMS, hardened_mlx_lm_parsers
+
+    before = argparse.ArgumentParser.parse_known_args
+    for command, make in (("generate", setup_arg_parser), ("lora", lora_parser)):
+        minimums = COUNT_MINIMUMS[command]
+        with hardened_mlx_lm_parsers(command):
+            args = make().parse_args([w for option, low in minimums.items() for w in (option, str(low))])
+        for option, low in minimums.items():
+            assert getattr(args, option[2:].replace("-", "_")) == low, option
+    assert argparse.ArgumentParser.parse_known_args is before
+    with hardened_mlx_lm_parsers("generate"):
+        args = setup_arg_parser().parse_args(["-m", "7", "--top-k", "40", "--seed", "-1"])
+    assert (args.max_tokens, args.top_k, args.seed) == (7, 40, -1)  # not a count: left to mlx-lm
+
+
 # ---------------------------------------------------------------------- integers MLX can hold
 HUGE = "99999999999999999999"
 

@@ -606,7 +606,7 @@ def test_outputs_overlapping_the_training_data_are_refused(tmp_path, capsys, mon
     for argv, words in (
         (["train", corpus, "--out", run, "--export", corpus, "--overwrite"], ["--export", "is the training data"]),
         (["train", corpus / "a.txt", "--out", run, "--export", corpus, "--overwrite"],
-         ["holds the training data", "--overwrite would delete it"]),
+         ["contains the training data", "--overwrite would delete it"]),
         (["train", corpus, "--out", corpus / "run"], ["--out", "inside the training data directory"]),
         (["train", corpus, "--out", run, "--export", corpus / "model"], ["--export", "inside the training data"]),
         (["tune", "--objective", "train", "--data", corpus, "--out", corpus / "t", "--trials", "1"],
@@ -614,3 +614,123 @@ def test_outputs_overlapping_the_training_data_are_refused(tmp_path, capsys, mon
     ):
         assert_rejected([*argv, "--no-progress"], capsys, *words)
     assert [p.name for p in corpus.iterdir()] == ["a.txt"] and not run.exists()
+
+
+# ---------------------------------------------------------------------- outputs apart from inputs (round 2)
+class WorkStarted(Exception):
+    """Raised by a loader the test replaced: the command got past its checks and began the work."""
+
+
+def no_loading(*args, **kwargs):
+    raise WorkStarted
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_judge_out_overlapping_its_outputs_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # `--out DIR` inside (or at) an --outputs directory wrote the ratings among the texts; with
+    # --overwrite, a ratings file that is an --outputs file replaced the texts it rated.
+    import xlstm_metal.loading
+
+    monkeypatch.setattr(xlstm_metal.loading, "load", no_loading)  # the judge model: work that must not start
+    texts = tmp_path / "outputs"
+    texts.mkdir()
+    (texts / "a.jsonl").write_text('{"text": "hello world"}\n')
+    rated = tmp_path / "rated"
+    rated.mkdir()
+    (rated / "ratings.jsonl").write_text('{"text": "an earlier run kept its texts here"}\n')
+    before = tree(tmp_path)
+    for outputs, out, words in (
+        ([texts], texts, [f"--out {texts} is --outputs {texts}"]),
+        ([texts], texts / "ratings", [f"--out {texts / 'ratings'} is inside the --outputs directory {texts}"]),
+        ([texts / "a.jsonl"], texts / "a.jsonl", [f"--out {texts / 'a.jsonl'} is --outputs {texts / 'a.jsonl'}"]),
+        ([texts / "a.jsonl", rated / "ratings.jsonl"], rated,
+         [f"the --out file {rated / 'ratings.jsonl'} is --outputs {rated / 'ratings.jsonl'}"]),
+    ):
+        assert_rejected(["judge", "--outputs", *outputs, "--out", out, "--overwrite", "--no-progress"], capsys,
+                        *words, "write it elsewhere")
+    assert tree(tmp_path) == before
+    # --out beside an --outputs file (not one judge writes) is fine: the work starts.
+    with pytest.raises(WorkStarted):
+        main(["judge", "--outputs", str(texts / "a.jsonl"), "--out", str(texts.parent), "--no-progress"])
+
+
+def test_convert_out_overlapping_src_is_refused_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # `convert SRC SRC/sub` converted the model into its own checkpoint directory.
+    import xlstm_metal.loading
+
+    monkeypatch.setattr(xlstm_metal.loading, "load_model", no_loading)
+    outer = tmp_path / "outer"
+    src = outer / "src"
+    outer.mkdir()
+    tiny_model_dir.rename(src)
+    before = tree(tmp_path)
+    for argv, words in (
+        ([src, src / "sub"], [f"OUT {src / 'sub'} is inside the source checkpoint directory {src}",
+                              "written into the checkpoint it converts"]),
+        ([src, src / "a" / "b", "-q"], [f"OUT {src / 'a' / 'b'} is inside the source checkpoint directory {src}"]),
+        ([src, src], [f"OUT {src} is the source checkpoint {src}"]),
+        # SRC inside OUT: named even without --overwrite (it said "already exists; pass --overwrite").
+        ([src, outer], [f"OUT {outer} contains the source checkpoint {src}", "--overwrite would delete it"]),
+        ([src, outer, "--overwrite"], [f"OUT {outer} contains the source checkpoint {src}"]),
+    ):
+        assert_rejected(["convert", *argv], capsys, *words, "write it elsewhere")
+    assert tree(tmp_path) == before  # no OUT, no temporary directory in SRC
+    with pytest.raises(WorkStarted):  # a sibling of SRC is fine
+        main(["convert", str(src), str(outer / "converted")])
+
+
+# ---------------------------------------------------------------------- train --arch, --vocab-size
+def test_train_arch_file_is_read_once(tmp_path, monkeypatch):
+    import yaml
+
+    import xlstm_metal
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus about recurrent cells and gates." for i in range(200)))
+    arch = tmp_path / "a.yaml"
+    arch.write_text(yaml.safe_dump({"name": "read-once", "embedding_dim": 32, "blocks": ["mlstm", "swiglu"]}))
+    reads = []
+    read_text = Path.read_text
+
+    def counting(self, *args, **kwargs):
+        if self.resolve() == arch.resolve():
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    export = tmp_path / "export"
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), "--arch", str(arch), "--vocab-size", "300",
+                 "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--eval-every", "2",
+                 "--save-every", "2", "--seed", "0", "--no-progress", "--export", str(export)]) == 0
+    assert len(reads) == 1, reads  # was 2: the check, then the model
+    model = xlstm_metal.load_model(export)
+    assert model.config.name == "read-once" and model.config.embedding_dim == 32
+    assert [b.resolved.name for b in model.blocks] == ["mlstm", "swiglu"]
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("extra,message", [
+    (["--vocab-size", "5"], "--vocab-size must be >= 259 (256 bytes + special tokens), got 5"),
+    (["--vocab-size", "0"], "--vocab-size must be >= 259 (256 bytes + special tokens), got 0"),
+    (["--vocab-size", "-4"], "--vocab-size must be >= 259 (256 bytes + special tokens), got -4"),
+    (["--tokenizer", "{tokenizer}", "--vocab-size", "300"],
+     "--vocab-size sizes a BPE tokenizer trained here; --tokenizer {tokenizer} brings its own tokenizer: "
+     "leave out --vocab-size"),
+], ids=["small", "zero", "negative", "with-tokenizer"])
+def test_vocab_size_is_checked_alike_in_train_and_tune(command, extra, message, text_data, tmp_path, capsys,
+                                                        monkeypatch):
+    # One check (cli.check_vocab_size) for both: tune said "--vocab-size must be positive" for 0 and
+    # worded the --tokenizer conflict differently.
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    tokenizer = DEFAULT_MODEL_DIR / "tokenizer.json"
+    out = tmp_path / "out"
+    base = (["train", text_data, "--out", out, "--steps", "1"] if command == "train" else
+            ["tune", "--objective", "train", "--data", text_data, "--trials", "1", "--out", out])
+    code, err = run_main([*base, "--no-progress", *[a.format(tokenizer=tokenizer) for a in extra]], capsys)
+    assert code == 2 and err.strip() == "xlstm-metal: error: " + message.format(tokenizer=tokenizer), err
+    assert not out.exists() and not (tmp_path / "profiles").exists()

@@ -115,28 +115,48 @@ def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
     return path
 
 
-def check_apart_from_data(outputs, data_paths, *, replaced=()) -> None:
-    """Output directories (``(flag, path or None)`` pairs) must not overlap the input data
-    (text files or directories): UsageError naming both. One inside a data directory puts its
-    files (checkpoints, study.db) among the data, which the next run or ``--resume`` then reads
-    (and refuses as binary); one of ``replaced`` (written by replacing the whole directory) must
-    not hold the data either, or ``--overwrite`` deletes it."""
+def check_apart_from_data(outputs, data_paths, *, replaced=(), data="the training data", data_dir=None,
+                          read_back="the files written there would be read as training data by the next run") -> None:
+    """Output paths (``(flag, path or None)`` pairs) must not overlap the inputs a command reads
+    (``data_paths``: files or directories), checked before any work: UsageError naming both. An
+    output may not be an input; one inside an input directory puts its files among the inputs
+    (``read_back`` says what follows: the next run reads checkpoints or study.db as training data);
+    one of ``replaced`` (written by replacing the whole directory) must not hold an input either,
+    or ``--overwrite`` deletes it. ``data`` names the inputs in the messages ("the training data",
+    "the source checkpoint", "--outputs"), ``data_dir`` an input directory (default: ``data``
+    followed by "directory")."""
+    data_dir = data_dir or f"{data} directory"
     for raw in data_paths:
-        data = Path(raw).expanduser().resolve()
+        source = Path(raw).expanduser().resolve()
         for flag, path in outputs:
             if path is None:
                 continue
             target = Path(path).expanduser().resolve()
-            if target == data:
-                raise UsageError(f"{flag} {path} is the training data {raw}"
+            if target == source:
+                raise UsageError(f"{flag} {path} is {data} {raw}"
                                  + (" (--overwrite would replace it)" if flag in replaced else "")
                                  + "; write it elsewhere")
-            if data.is_dir() and data in target.parents:
-                raise UsageError(f"{flag} {path} is inside the training data directory {raw}: the files written "
-                                 "there would be read as training data by the next run; write it elsewhere")
-            if flag in replaced and target in data.parents:
-                raise UsageError(f"{flag} {path} holds the training data {raw}: --overwrite would delete it; "
+            if source.is_dir() and source in target.parents:
+                raise UsageError(f"{flag} {path} is inside {data_dir} {raw}: {read_back}; write it elsewhere")
+            if flag in replaced and target in source.parents:
+                raise UsageError(f"{flag} {path} contains {data} {raw}: --overwrite would delete it; "
                                  "write it elsewhere")
+
+
+def check_vocab_size(vocab_size: int | None, tokenizer_source: str | None = None) -> None:
+    """``--vocab-size`` (train, tune) sizes the byte-level BPE tokenizer a command trains: given
+    (not None) with a tokenizer from elsewhere (``tokenizer_source``, as the message names it:
+    "--tokenizer tok.json", "--init-from ckpt") it would be ignored, and below
+    :data:`~xlstm_metal.training.data.MIN_BPE_VOCAB` no such tokenizer exists: UsageError."""
+    if vocab_size is None:
+        return
+    if tokenizer_source is not None:
+        raise UsageError(f"--vocab-size sizes a BPE tokenizer trained here; {tokenizer_source} brings its own "
+                         "tokenizer: leave out --vocab-size")
+    from ..training.data import MIN_BPE_VOCAB
+
+    if vocab_size < MIN_BPE_VOCAB:
+        raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {vocab_size}")
 
 
 def check_text_field(text_field: str | None, data_paths, label: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import current_job
-from . import UsageError, check_output_path, read_text_file, read_tokenizer
+from . import UsageError, check_apart_from_data, check_output_path, read_text_file, read_tokenizer
 
 #: Files copied from the source checkout besides the weights, config and tokenizer.json +
 #: tokenizer_config.json (save_model writes those two, with the BOS handling other tools need).
@@ -97,21 +97,17 @@ CHECKPOINT_FILES = ("config.json", "config.yaml", "model.safetensors", "model.sa
 
 # ------------------------------------------------------------------------------ checks
 def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
-    """OUT may be written: absent, or with --overwrite an empty directory or a checkpoint (the
-    whole directory is replaced, so never one holding the source, subdirectories or other
-    files without a checkpoint)."""
+    """OUT may be written: apart from the source checkpoint (not it, not inside it, not holding
+    it), and absent, or with --overwrite an empty directory or a checkpoint (the whole directory
+    is replaced, so never one holding subdirectories or other files without a checkpoint)."""
+    if source_dir is not None:
+        check_apart_from_data((("OUT", out),), [source_dir], replaced=("OUT",), data="the source checkpoint",
+                              read_back="the result would be written into the checkpoint it converts")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UsageError(f"OUT {out} exists and is not a directory")
         if not overwrite:
             raise UsageError(f"OUT {out} already exists; pass --overwrite to replace it")
-        if source_dir is not None:
-            source, target = source_dir.resolve(), out.resolve()
-            if target == source:
-                raise UsageError(f"OUT {out} is the source checkpoint; write to another directory")
-            if target in source.parents:
-                raise UsageError(f"OUT {out} contains the source checkpoint {source_dir}; --overwrite would "
-                                 f"delete it: write to another directory")
         entries = sorted(out.iterdir())
         subdirs = [p.name for p in entries if p.is_dir()]
         if subdirs or (entries and not any((out / name).is_file() for name in CHECKPOINT_FILES)):

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..jsonfiles import read_jsonl
-from . import UsageError, check_output_path
+from . import UsageError, check_apart_from_data, check_output_path
 
 RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
                  "repeated_4gram_share", "longest_repeated_span", "chars", "words", "tokens")
@@ -90,8 +90,14 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import CheckpointError, load
     from ..training.data import atomic_write_text
 
-    out = check_output_path(args.out, "--out", directory=True)
+    out = Path(args.out).expanduser()
     targets = [out / "ratings.jsonl", out / "ratings.csv"]
+    # Before any work: --out is not an --outputs path or inside an --outputs directory (the ratings
+    # would land among the texts they rate), and neither ratings file is an --outputs file.
+    check_apart_from_data([("--out", args.out), *(("the --out file", t) for t in targets)], args.outputs,
+                          data="--outputs", data_dir="the --outputs directory",
+                          read_back="the ratings would be written among the texts they rate")
+    check_output_path(out, "--out", directory=True)
     if any(t.exists() for t in targets) and not args.overwrite:
         raise UsageError(f"{out} already holds ratings; pass --overwrite to replace them")
     records = read_records(args.outputs)

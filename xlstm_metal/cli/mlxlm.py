@@ -10,6 +10,9 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
   is exactly the one this package writes (it only imports this package's model code),
   ``--trust-remote-code`` is added for it. Any other model file still needs the flag; a config
   naming our file where the directory lacks it (a transformers re-save) loads as model type xlstm.
+- mlx-lm's parsers are held to this command line's rules: an option given twice is refused, and
+  so is a count below its smallest sensible value (``generate --max-tokens -3`` generated without
+  a limit): :data:`COUNT_MINIMUMS`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ COMMANDS = ("generate", "server", "lora", "fuse", "convert")
 #: The option naming the model, per command (convert also takes --hf-path).
 MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--model",), "fuse": ("--model",),
                  "convert": ("--hf-path", "--model")}
+
+#: Count options of mlx-lm's commands and their smallest sensible value. mlx-lm's parsers take
+#: any integer, and below these a run went on silently: a negative --max-tokens generated without
+#: limit, a negative --top-k turned top-k off, lora's --num-layers below -1 trained every layer
+#: (-1: all, as --val-batches / --test-batches -1 are every batch), --prefill-step-size 0 made no
+#: progress through the prompt. Refused at parse time (exit 2, naming the option).
+COUNT_MINIMUMS = {
+    "generate": {"--max-tokens": 0, "--top-k": 0, "--min-tokens-to-keep": 1, "--max-kv-size": 1,
+                 "--prefill-step-size": 1, "--quantized-kv-start": 0, "--num-draft-tokens": 1},
+    "server": {"--max-tokens": 0, "--top-k": 0, "--num-draft-tokens": 1, "--decode-concurrency": 1,
+               "--prompt-concurrency": 1, "--prefill-step-size": 1, "--prompt-cache-size": 0,
+               "--quantized-kv-start": 0},
+    "lora": {"--num-layers": -1, "--batch-size": 1, "--iters": 0, "--val-batches": -1, "--test-batches": -1,
+             "--steps-per-report": 1, "--steps-per-eval": 1, "--save-every": 1, "--max-seq-length": 1,
+             "--grad-accumulation-steps": 1},
+}
+#: What the smallest value means, where it is a sentinel.
+_MINIMUM_MEANS = {-1: " (-1: all)"}
 
 DESCRIPTION = """\
 Run mlx-lm's generate, server, lora, fuse or convert on xLSTM models. Everything after the command
@@ -64,15 +85,41 @@ def model_argument(command: str, args: list[str]) -> str | None:
     return found[0][1] if found else None
 
 
+def count_at_least(minimum: int):
+    """argparse type of an mlx-lm count option: an integer >= ``minimum``."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{_MINIMUM_MEANS.get(minimum, '')}, got {value}")
+        return value
+
+    return count
+
+
+def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
+    """Give the integer options of mlx-lm ``command``'s ``parser`` named in :data:`COUNT_MINIMUMS`
+    their lower bound."""
+    minimums = COUNT_MINIMUMS.get(command, {})
+    for action in parser._actions:
+        bounds = {minimums[o] for o in action.option_strings if o in minimums}
+        if bounds and action.type is int:
+            action.type = count_at_least(bounds.pop())
+
+
 @contextlib.contextmanager
-def refusing_repeated_options():
-    """While mlx-lm's command parses its arguments, its parsers refuse a single-valued option
-    given more than once, as every xlstm-metal parser does (:func:`~xlstm_metal.cli.harden_parser`):
-    mlx-lm builds its parsers inside its ``main()``, so they are hardened as they parse."""
+def hardened_mlx_lm_parsers(command: str):
+    """While mlx-lm's ``command`` parses its arguments, its parsers refuse a single-valued option
+    given more than once, as every xlstm-metal parser does (:func:`~xlstm_metal.cli.harden_parser`),
+    and a count below its minimum (:data:`COUNT_MINIMUMS`): mlx-lm builds its parsers inside its
+    ``main()``, so they are hardened as they parse."""
     original = argparse.ArgumentParser.parse_known_args
 
     def parse_known_args(self, args=None, namespace=None):
         harden_parser(self, value_types=False)
+        check_counts(self, command)
         return original(self, args, namespace)
 
     argparse.ArgumentParser.parse_known_args = parse_known_args
@@ -166,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     saved = sys.argv
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
     try:
-        with refusing_repeated_options():
+        with hardened_mlx_lm_parsers(args.mlx_lm_command):
             module.main()
     except (ValueError, FileNotFoundError) as err:  # mlx-lm's messages for bad paths and settings
         raise UsageError(f"mlx-lm {args.mlx_lm_command}: {err}") from None

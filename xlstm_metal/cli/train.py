@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
-from . import UsageError, check_apart_from_data, check_output_path, check_text_field, finite_float, seed_value
+from . import (
+    UsageError, check_apart_from_data, check_output_path, check_text_field, check_vocab_size, finite_float, seed_value,
+)
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
 #: Named model configs (xLSTM-Large fields); vocab_size comes from the tokenizer when absent.
@@ -155,15 +157,14 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
             raise UsageError(f"--export directory {export} is not empty; pass --overwrite to replace it")
 
 
-def _check_flag_combinations(args) -> None:
+def _check_flag_combinations(args) -> dict | None:
     """Flags that would have no effect with the others given: UsageError naming them (before
-    any work), never silently ignored."""
+    any work), never silently ignored; so are settings that would fail only once the model is
+    built. Returns the --arch architecture (read here, once; None without --arch or on --resume)."""
     if args.export_dtype is not None and not args.export:
         raise UsageError("--export-dtype sets the dtype of the --export DIR model; give --export DIR too")
-    if args.vocab_size is not None and (args.tokenizer or args.init_from):
-        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--init-from {args.init_from}"
-        raise UsageError(f"--vocab-size sizes a BPE tokenizer trained here; {source} brings its own "
-                         "tokenizer: leave out --vocab-size")
+    check_vocab_size(args.vocab_size, f"--tokenizer {args.tokenizer}" if args.tokenizer
+                     else f"--init-from {args.init_from}" if args.init_from else None)
     if args.arch and args.kernel is not None:
         raise UsageError(f"--kernel sets the mLSTM kernel of xLSTM models; --arch {args.arch} names each "
                          "cell's kernel in its spec: leave out --kernel or set it there")
@@ -173,12 +174,6 @@ def _check_flag_combinations(args) -> None:
     check_text_field(args.text_field, args.data, "the data")
     # Settings that fail only once the model is built are checked now, not after the data is read
     # and a BPE tokenizer trained on it.
-    if args.vocab_size is not None:
-        from ..training.data import MIN_BPE_VOCAB
-
-        if args.vocab_size < MIN_BPE_VOCAB:
-            raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got "
-                             f"{args.vocab_size}")
     if args.kernel is not None:
         from ..kernels import resolve_kernel_name
 
@@ -197,9 +192,10 @@ def _check_flag_combinations(args) -> None:
         from ..lab.library import load_arch
 
         try:
-            load_arch(args.arch)
+            return load_arch(args.arch)  # the model is built from this (the file is read once)
         except WiringError as err:
             raise UsageError(f"--arch {args.arch}: {err}") from None
+    return None
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -321,7 +317,7 @@ def run(args) -> int:
     )
 
     limit_command_buffers()  # before anything runs on the GPU (MLX reads the limits once)
-    _check_flag_combinations(args)
+    arch = _check_flag_combinations(args)
     if args.kernel is None:
         args.kernel = default_training_kernel()
     if args.memory_limit is not None and not args.memory_limit > 0:
@@ -466,11 +462,11 @@ def run(args) -> int:
             raise UsageError(str(err)) from None
 
         vocab = tokenizer.get_vocab_size()
-        if model is None and args.arch:
+        if model is None and arch is not None:
             from ..lab import WiringError, training_model
 
             try:
-                model = training_model(args.arch, vocab, cfg.seed)
+                model = training_model(arch, vocab, cfg.seed)
             except WiringError as err:
                 raise UsageError(f"--arch {args.arch}: {err}") from None
         from_scratch = model is None

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from . import (
-    UsageError, check_apart_from_data, check_output_path, check_text_field, finite_float, large_int, read_tokenizer,
-    seed_value,
+    UsageError, check_apart_from_data, check_output_path, check_text_field, check_vocab_size, finite_float, large_int,
+    read_tokenizer, seed_value,
 )
 
 
@@ -140,10 +140,8 @@ def _flag(name: str) -> str:
 def _check_applicable(args: argparse.Namespace) -> None:
     """UsageError naming the options given where they have no effect (another objective's,
     Ray's without --backend ray, --max-new-tokens without --save-outputs); then the defaults
-    of those left out are filled in."""
-    if args.tokenizer and args.vocab_size is not None:
-        raise UsageError(f"--vocab-size sizes a BPE tokenizer trained here; --tokenizer {args.tokenizer} brings its "
-                         "own: leave out --vocab-size")
+    of those left out are filled in (a --vocab-size given is checked, as train checks it)."""
+    vocab_size = args.vocab_size
     groups = [(SPEED_DEFAULTS, args.objective == "speed", ("belongs", "belong"), "to --objective speed"),
               (TRAIN_DEFAULTS, args.objective == "train", ("belongs", "belong"), "to --objective train"),
               (RAY_DEFAULTS, args.backend == "ray", ("applies", "apply"), "only with --backend ray"),
@@ -155,6 +153,7 @@ def _check_applicable(args: argparse.Namespace) -> None:
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+    check_vocab_size(vocab_size, f"--tokenizer {args.tokenizer}" if args.tokenizer else None)
 
 
 #: --population / --generations when left out.
@@ -194,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     _check_search(args)
     _check_applicable(args)
     _positive(args, "trials", "population", "generations", "workers", "cpus_per_trial", "max_new_tokens",
-              "prefill_length", "decode_batch", "decode_tokens", "repeats", "vocab_size", "token_budget",
+              "prefill_length", "decode_batch", "decode_tokens", "repeats", "token_budget",
               "param_budget", "seq_len", "max_depth")
     if args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
@@ -285,13 +284,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         if args.seq_len < 2:  # every trial would fail on it
             raise UsageError(f"--seq-len must be >= 2 (an input and its next token), got {args.seq_len}")
-        from ..training.data import MIN_BPE_VOCAB, DataError, load_documents, load_tokenizer_file
+        from ..training.data import DataError, load_documents, load_tokenizer_file
 
         check_apart_from_data((("--out", out),), args.data)  # (its own files in --out are all it replaces)
         check_text_field(args.text_field if text_field_given else None, args.data, "--data")
 
-        if not args.tokenizer and args.vocab_size < MIN_BPE_VOCAB:
-            raise UsageError(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {args.vocab_size}")
         try:
             load_documents(args.data, args.text_field)
             if args.tokenizer:
