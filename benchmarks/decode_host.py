@@ -48,6 +48,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.generation import xLSTMRunner  # noqa: E402
+from xlstm_metal.kernels.mlstm import deferred_terms  # noqa: E402
 
 
 def _step(model):
@@ -66,9 +67,9 @@ def measure(model, batch: int, steps: int, mode: str, queued_steps: int | None =
     """Per-step host and device times of the greedy step compiled as ``mode``."""
     step = mx.compile(_step(model), inputs=model.state) if mode == "inputs" else mx.compile(_step(model))
     tok = mx.zeros((batch, 1), dtype=mx.int32)
-    state = model.make_state(batch)
+    state = model.defer_state(model.make_state(batch))  # as generate and bench decode (CUDA, 8+ rows)
     mx.eval(tok, state)
-    for _ in range(4):
+    for _ in range(max(4, deferred_terms(state[0]))):  # every traced form of a deferred state's step
         tok, state = step(tok, state)
         mx.eval(tok, state)
     call, submit, wall = [], [], []
@@ -97,7 +98,8 @@ def measure(model, batch: int, steps: int, mode: str, queued_steps: int | None =
         mx.eval(tok, state)
         pipelined.append((time.perf_counter() - t0) / queued_steps)
     ms = lambda xs: round(1000 * statistics.median(xs), 4)  # noqa: E731
-    return {"mode": mode, "batch": batch, "steps": steps, "call_ms": ms(call), "submit_ms": ms(submit),
+    return {"mode": mode, "batch": batch, "defer_terms": deferred_terms(state[0]), "steps": steps,
+            "call_ms": ms(call), "submit_ms": ms(submit),
             "host_ms": round(ms(call) + ms(submit), 4), "wall_ms": ms(wall),
             "queued_steps": queued_steps, "pipelined_ms": ms(pipelined),
             "pipelined_each_ms": [round(1000 * t, 4) for t in pipelined],

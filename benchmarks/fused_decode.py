@@ -34,8 +34,9 @@ import xlstm_metal  # noqa: E402,F401  (first: BLAS preload on Linux CPUs)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal import benchmark as bm  # noqa: E402
-from xlstm_metal.kernels.fast import decode, decode_chain, quantized, skinny  # noqa: E402
+from xlstm_metal.kernels.fast import decode, decode_chain, quantized, skinny, step_deferred  # noqa: E402
 from xlstm_metal.kernels.fast import skinny_wgmma as wg  # noqa: E402
+from xlstm_metal.kernels.mlstm import deferred_terms  # noqa: E402
 from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
 
 
@@ -46,9 +47,10 @@ def trace_decode(model, batch: int, steps: int, step_s: float, top: int = 14) ->
 
     step = bm.make_decode_step(model, compiled=True)
     tok = mx.zeros((batch, 1), dtype=mx.int32)
-    state = model.make_state(batch)
-    tok, state = step(tok, state)
-    mx.eval(tok, state)
+    state = model.defer_state(model.make_state(batch))
+    for _ in range(max(1, deferred_terms(state[0]))):  # every traced form of a deferred state's step
+        tok, state = step(tok, state)
+        mx.eval(tok, state)
     carry = {"tok": tok, "state": state}
 
     def run():
@@ -125,7 +127,8 @@ def main() -> None:
         return args.deadline is not None and time.perf_counter() - start > args.deadline
 
     def emit(record: dict) -> None:
-        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": q_bits, **record})
+        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": q_bits,
+                           "defer_terms": step_deferred.DEFER_TERMS, **record})
         print(line, flush=True)
         if out:
             out.write(line + "\n")

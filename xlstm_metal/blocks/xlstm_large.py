@@ -14,7 +14,7 @@ from ..config import xLSTMConfig
 from ..kernels.fast import decode_chain as chain
 from ..kernels.fast.decode import add_rms_norm, gate_product_in_kernel
 from ..kernels.fast.train_rows import residual_into_output, residual_norm, residual_norm_supported
-from ..kernels.mlstm import MLSTMState
+from ..kernels.mlstm import MLSTMState, is_deferred
 from ..neurons.mlstm import mLSTMNeuron
 
 
@@ -64,7 +64,7 @@ class mLSTMBlock(nn.Module):
         launches (:mod:`~xlstm_metal.kernels.fast.decode_chain`: the norms, gates and residual
         adds inside the products), each stage falling back to the modules of the tree where they
         are not what its kernel expects."""
-        if chain.chain_applies(x):
+        if chain.chain_applies(x) and not is_deferred(state):  # the chain's step kernels take (C, n, m)
             return self._chain_step(x, pending, state)
         if pending is None:
             xn = self.norm_mlstm(x)
@@ -262,7 +262,7 @@ def stacked_step(blocks: list, x: mx.array, pending: mx.array | None, states: li
     (:func:`~xlstm_metal.kernels.fast.decode_chain.stack_quantized_matmul`): (x', pending', their
     new states), the values of :meth:`mLSTMBlock.step` block after block; None where fewer than
     two of them run so (then each block steps on its own)."""
-    if chain.CHAIN_STACK < 2 or len(blocks) < 2 or not chain.chain_applies(x):
+    if chain.CHAIN_STACK < 2 or len(blocks) < 2 or not chain.chain_applies(x) or any(map(is_deferred, states)):
         return None
     later = pending
     group = []

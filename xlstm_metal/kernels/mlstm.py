@@ -88,6 +88,104 @@ def mlstm_step(
     return h.astype(q.dtype), _cast_state((C, n, m_new), state_dtype)
 
 
+# ------------------------------------------------------------------------------ deferred step
+#: A decode state whose last rank-one updates are held apart from C: (C [B, NH, DQK, DV],
+#: n [B, NH, DQK], m [B, NH, 1], K [B, NH, r, DQK], V [B, NH, r, DV], L [B, NH, R]).
+#: The state it stands for is (exp(L[..., 0]) C + sum_s exp(L[..., 1 + s]) K_s^T V_s, n, m): L
+#: holds the log weights of the base C and of the r pending terms (entries past 1 + r unused),
+#: all relative to the current stabiliser m, so each is <= 0. A step reads C without writing it
+#: and appends its (k, v); the step that would hold R terms folds them into a new base
+#: (r = 0 again). R = L.shape[-1] and r = K.shape[2] are shapes, so a compiled step traces once
+#: per r and no host value decides anything at run time.
+DeferredMLSTMState = tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]
+
+
+def is_deferred(state) -> bool:
+    """Whether ``state`` is a :data:`DeferredMLSTMState` (six arrays) rather than (C, n, m)."""
+    return isinstance(state, (tuple, list)) and len(state) == 6
+
+
+def deferred_terms(state) -> int:
+    """R of a :data:`DeferredMLSTMState` (how many steps its C is written every), 0 for (C, n, m)."""
+    return state[5].shape[-1] if is_deferred(state) else 0
+
+
+def defer_state(state: MLSTMState, terms: int, term_dtype: mx.Dtype = mx.float32) -> DeferredMLSTMState:
+    """(C, n, m) -> the same state as a :data:`DeferredMLSTMState` holding up to ``terms`` - 1
+    pending steps (none yet); ``term_dtype``: the dtype its k, v are kept in (their own: exact)."""
+    if terms < 1:
+        raise ValueError(f"terms must be >= 1, got {terms}")
+    if is_deferred(state):
+        return tuple(state)
+    C, n, m = state
+    B, NH, DQK, DV = C.shape
+    return (C, n, m, mx.zeros((B, NH, 0, DQK), dtype=term_dtype), mx.zeros((B, NH, 0, DV), dtype=term_dtype),
+            mx.zeros((B, NH, terms), dtype=mx.float32))
+
+
+def settle_state(state, state_dtype: mx.Dtype | None = None) -> MLSTMState:
+    """A :data:`DeferredMLSTMState` -> (C, n, m) with its pending terms folded into C (float32
+    math, C cast to ``state_dtype``, None: C's own); (C, n, m) is returned as it is."""
+    if not is_deferred(state):
+        return state
+    C, n, m, K, V, L = state
+    dtype = state_dtype or C.dtype
+    r = K.shape[2]
+    C = mx.exp(L[..., :1])[..., None] * C.astype(mx.float32)
+    if r:
+        w = mx.exp(L[..., 1 : 1 + r])[..., None]  # [B, NH, r, 1]
+        C = C + (K.astype(mx.float32) * w).swapaxes(-1, -2) @ V.astype(mx.float32)
+    return C.astype(dtype), n, m
+
+
+def mlstm_step_deferred(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: DeferredMLSTMState,
+    *,
+    eps: float = 1e-6,
+    state_dtype: mx.Dtype | None = mx.float32,
+) -> tuple[mx.array, DeferredMLSTMState]:
+    """:func:`mlstm_step` on a :data:`DeferredMLSTMState` (shapes as there): the same h to float32
+    round-off, and the new state deferred again, its C a new base only when R terms are due."""
+    if q.shape[2] != 1:
+        raise ValueError(f"mlstm_step_deferred takes one time step, got S={q.shape[2]}")
+    C, n, m, K, V, L = state
+    r, R = K.shape[2], L.shape[-1]
+    dqk = q.shape[-1]
+    qs = q[:, :, 0].astype(mx.float32) * (dqk**-0.5)  # [B, NH, DQK]
+    kt = k[:, :, 0].astype(mx.float32)
+    it = i.astype(mx.float32)  # [B, NH, 1]
+    lf = log_sigmoid(f.astype(mx.float32))
+    m = m.astype(mx.float32)
+    m_new = mx.maximum(lf + m, it)
+    log_fa = lf + m - m_new
+    n_new = mx.exp(log_fa) * n.astype(mx.float32) + mx.exp(it - m_new) * kt
+    # Log weights after this step: the base's and each pending term's decay by fa, the new term ia.
+    weights = mx.concatenate([L[..., : 1 + r] + log_fa, it - m_new], axis=-1)  # [B, NH, r + 2]
+    K_all = mx.concatenate([K, k.astype(K.dtype)], axis=2)  # [B, NH, r + 1, DQK]
+    V_all = mx.concatenate([V, v.astype(V.dtype)], axis=2)
+    if r + 1 >= R:  # the base takes every term: a plain state, deferred again with none pending
+        C_new, _, _ = settle_state((C, n, m, K_all, V_all, weights), mx.float32)
+        num = (qs[:, :, None, :] @ C_new)[:, :, 0]
+        out = (C_new, n_new, m_new, K[:, :, :0], V[:, :, :0], mx.zeros_like(L))
+    else:
+        w = mx.exp(weights)
+        num = w[..., :1] * (qs[:, :, None, :] @ C.astype(mx.float32))[:, :, 0]
+        qk = (K_all.astype(mx.float32) @ qs[..., None])[..., 0]  # [B, NH, r + 1]
+        num = num + ((w[..., 1:] * qk)[:, :, None, :] @ V_all.astype(mx.float32))[:, :, 0]
+        pad = mx.zeros(weights.shape[:-1] + (R - r - 2,), dtype=mx.float32)
+        out = (C, n_new, m_new, K_all, V_all, mx.concatenate([weights, pad], axis=-1))
+    qn = mx.sum(qs * n_new, axis=-1, keepdims=True)
+    den = mx.maximum(mx.abs(qn), mx.exp(-m_new)) + eps
+    h = (num / den)[:, :, None, :]
+    C_out, n_out, m_out = _cast_state(out[:3], state_dtype)
+    return h.astype(q.dtype), (C_out if r + 1 >= R else out[0], n_out, m_out, *out[3:])
+
+
 # ----------------------------------------------------------------------------------- sequence
 def mlstm_sequence(
     q: mx.array,

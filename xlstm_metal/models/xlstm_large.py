@@ -17,7 +17,8 @@ from ..kernels.fast.decode import add_rms_norm
 from ..kernels.fast.quantized import use_fast_quantized_layers
 from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
-from ..kernels.mlstm import MLSTMState
+from ..kernels.fast.step_deferred import default_deferral
+from ..kernels.mlstm import MLSTMState, defer_state, settle_state
 
 ModelState = list[MLSTMState]
 
@@ -202,6 +203,30 @@ class xLSTMLarge(nn.Module):
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
         return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]
+
+    def defer_state(self, state: ModelState, terms: int | None = None) -> ModelState:
+        """The state for a decode loop: each layer's (C, n, m) as a
+        :data:`~xlstm_metal.kernels.mlstm.DeferredMLSTMState` holding up to ``terms`` - 1 steps'
+        (k, v) apart from C, so a step reads C and writes it once every ``terms`` steps (on CUDA
+        at 16-64 rows the float32 state's traffic is the step's largest part). ``terms`` None: the
+        device's default (:func:`~xlstm_metal.kernels.fast.step_deferred.default_deferral`: on
+        CUDA with the fused step at 8+ rows); 0 or 1, or a model whose steps do not run the fused
+        step kernel: the state as it is. The model takes either form everywhere (a prompt or a
+        multi-token call folds the terms in first); :meth:`settle_state` gives (C, n, m) back."""
+        blocks = self._mlstm_blocks()
+        if terms is None:
+            terms = default_deferral(state[0][0].shape[0]) if state else 0
+        fused_steps = len(blocks) == len(self.backbone.blocks) and all(
+            block.mlstm_layer.recurrent_kernel_cell.takes_raw_gates for block in blocks)
+        if terms <= 1 or not fused_steps:
+            return state
+        layer = blocks[0].mlstm_layer.q
+        term_dtype = getattr(layer, "scales", getattr(layer, "weight", None)).dtype  # the projections' output
+        return [defer_state(layer_state, terms, term_dtype) for layer_state in state]
+
+    def settle_state(self, state: ModelState) -> ModelState:
+        """Each layer's state as (C, n, m): deferred terms folded into C (see :meth:`defer_state`)."""
+        return [settle_state(layer_state) for layer_state in state]
 
     def _compiled_blocks(self, chained: bool) -> list:
         """Each block's forward (``chained``: its :meth:`mLSTMBlock.step`) compiled once per model

@@ -13,7 +13,7 @@ from ..cells.mlstm import (
 )
 from ..config import xLSTMConfig
 from ..kernels.fast.decode import gate_product_in_kernel
-from ..kernels.mlstm import MLSTMState
+from ..kernels.mlstm import MLSTMState, settle_state
 
 
 class mLSTMNeuron(nn.Module):
@@ -69,6 +69,9 @@ class mLSTMNeuron(nn.Module):
     def __call__(self, x: mx.array, state: MLSTMState | None = None) -> tuple[mx.array, MLSTMState]:
         if x.shape[1] == 1 and self.recurrent_kernel_cell.takes_raw_gates:
             return self.step(x, state)
+        # A deferred state (a decode's; see kernels.mlstm.mlstm_step_deferred) goes on as (C, n, m)
+        # where the kernel is not the fused step: prefill, several tokens, another step kernel.
+        state = settle_state(state, self.recurrent_kernel_cell.state_dtype)
         q, k, v, o_preact, i, f = self.project(x)
         kernel_cell = self.recurrent_kernel_cell if x.shape[1] == 1 else self.parallel_kernel_cell
         h, state = kernel_cell(q, k, v, i, f, state)

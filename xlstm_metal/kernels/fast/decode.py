@@ -42,7 +42,7 @@ import mlx.nn as nn
 
 from ...cells.activations import sigmoid
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm, soft_cap
-from ..mlstm import MLSTMState, mlstm_step, zero_state
+from ..mlstm import MLSTMState, is_deferred, mlstm_step, mlstm_step_deferred, zero_state
 from .norm_rows import add_rms_norm_rows, add_rms_norm_rows_supported, norm_gate_rows, norm_gate_rows_supported
 from .step import GATE_STABILISER, cuda_available
 from .tensor_cores import compact_source
@@ -853,6 +853,13 @@ def step_source(eps: float, cap: float, has_bias: bool, inproj: bool, version: i
     of its one-launch block."""
     source = {1: _STEP_GATED_SOURCE, 2: _STEP_GATED_SOURCE_V2, 3: _STEP_GATED_SOURCE_V3,
               4: _STEP_GATED_SOURCE_V4}[version]
+    return fill_step_source(source, eps, cap, has_bias, inproj, packed)
+
+
+def fill_step_source(source: str, eps: float, cap: float, has_bias: bool, inproj: bool = False,
+                     packed: bool = False) -> str:
+    """A step kernel's body with its placeholders filled: EPS, CAP, HAS_BIAS, the gate biases'
+    and raw gates' reads (IBIAS, FBIAS, IRAW, FRAW), INPROJ_PROLOGUE and the packed form's reads."""
     source = source.replace("EPS", f"{float(eps)!r}f").replace("CAP", f"{float(cap)!r}f")
     source = source.replace("HAS_BIAS", "true" if has_bias else "false")
     for name, bias in (("IBIAS", "ib"), ("FBIAS", "fb")):
@@ -962,13 +969,22 @@ def mlstm_step_gated(
     inproj = w_if is not None
     gate_dtype = x.dtype if inproj else i_raw.dtype
     fused = q.shape[2] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, i_raw, f_raw, i_bias, f_bias)
-    if inproj and not fused:
+    if inproj and (not fused or is_deferred(state)):  # the deferred kernel reads raw gates
         y = x @ w_if.T  # [B, 1, 2 NH]
         i_raw, f_raw = y[..., :NH].transpose(0, 2, 1), y[..., NH:].transpose(0, 2, 1)
         inproj = False
+    if is_deferred(state):  # (C, n, m) with its last steps' terms apart (see mlstm_step_deferred)
+        from .step_deferred import deferred_kernel_applies, mlstm_step_gated_deferred  # noqa: PLC0415 (imports this)
+
+        if fused and not inproj and deferred_kernel_applies(state):
+            return mlstm_step_gated_deferred(q, k, v, i_raw, f_raw, i_bias, f_bias, state,
+                                             gate_soft_cap=gate_soft_cap, eps=eps, state_dtype=state_dtype)
+        fused = False
     if not fused:
         i = gate_preactivation(i_raw, i_bias, gate_soft_cap)
         f = gate_preactivation(f_raw, f_bias, gate_soft_cap)
+        if is_deferred(state):
+            return mlstm_step_deferred(q, k, v, i, f, state, eps=eps, state_dtype=state_dtype)
         return mlstm_step(q, k, v, i, f, state, eps=eps, state_dtype=state_dtype)
     gates = [x, w_if] if inproj else [i_raw, f_raw]
     return _step_launch([q, k, v], [], gates, inproj, i_bias, f_bias, state, B, NH, dqk, v.shape[-1], q.dtype,
@@ -1096,7 +1112,7 @@ def mlstm_step_gated_packed(
     if min(dqk, dv) <= 0 or (k0 - q0) != dqk * NH or (v0 - k0) != dqk * NH or (v1 - v0) != dv * NH:
         raise ValueError(f"mlstm_step_gated_packed: columns {columns} are not q, k, v of {NH} heads")
     gate_dtype = y.dtype if w_if is None else x.dtype
-    if y.ndim == 3 and y.shape[1] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, y, y, i_bias, f_bias):
+    if not is_deferred(state) and y.ndim == 3 and y.shape[1] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, y, y, i_bias, f_bias):
         offsets = [("QOFF", q0), ("KOFF", k0), ("VOFF", v0)]
         if w_if is None:
             offsets += [("IOFF", columns[4]), ("FOFF", columns[5])]

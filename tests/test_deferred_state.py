@@ -1,0 +1,221 @@
+"""The deferred decode state (kernels.mlstm.mlstm_step_deferred and its CUDA kernel,
+kernels/fast/step_deferred.py): (C, n, m) with the last steps' (k, v) held apart from C, so a
+step reads C and writes it once every R steps. Every form must give the plain step's h and state
+to float32 round-off, whatever the model does with the state in between (more steps, a prompt,
+a multi-token call, settling). The CUDA tests run only on the GPU machine."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import xlstm_metal.models.xlstm_large as xlarge
+from xlstm_metal.generation.runner import xLSTMRunner
+from xlstm_metal.kernels.fast import step_deferred
+from xlstm_metal.kernels.fast.decode import gate_preactivation, mlstm_step_gated
+from xlstm_metal.kernels.fast.step import cuda_available
+from xlstm_metal.kernels.mlstm import (
+    defer_state,
+    deferred_terms,
+    is_deferred,
+    mlstm_step,
+    mlstm_step_deferred,
+    settle_state,
+)
+
+from conftest import tiny_model
+
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _arr(rng, *shape, scale=1.0, shift=0.0, dtype=mx.float32):
+    return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dtype)
+
+
+def _state(rng, B, NH, DQK, DV):
+    return (_arr(rng, B, NH, DQK, DV, scale=0.3), _arr(rng, B, NH, DQK, scale=0.3), _arr(rng, B, NH, 1))
+
+
+def _step_inputs(rng, B, NH, DQK, DV, dtype=mx.float32):
+    """q, k, v and raw gates as the model passes them (gates: strided views of one projection);
+    the gates spread wide, so some steps keep almost nothing of the state and others all of it."""
+    q, k, v = _arr(rng, B, NH, 1, DQK, dtype=dtype), _arr(rng, B, NH, 1, DQK, dtype=dtype), _arr(rng, B, NH, 1, DV, dtype=dtype)
+    raw = _arr(rng, B, 1, 2 * NH, scale=6.0, shift=1.0, dtype=dtype)
+    return q, k, v, raw[..., :NH].transpose(0, 2, 1), raw[..., NH:].transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 8])
+def test_deferred_steps_give_the_plain_steps_h_and_state(terms):
+    rng = np.random.default_rng(terms)
+    B, NH, DQK, DV = 2, 3, 16, 24
+    plain = _state(rng, B, NH, DQK, DV)
+    deferred = defer_state(plain, terms)
+    for t in range(2 * terms + 3):
+        q, k, v, i, f = _step_inputs(rng, B, NH, DQK, DV)
+        h, plain = mlstm_step(q, k, v, i, f, plain)
+        h_d, deferred = mlstm_step_deferred(q, k, v, i, f, deferred)
+        assert _rel(h_d, h) < 2e-5, (t, _rel(h_d, h))
+        # the pending terms cycle 1, 2, ..., R - 1, 0: C is a new base every R steps
+        assert deferred[3].shape[2] == (t + 1) % terms and deferred_terms(deferred) == terms
+        if (t + 1) % terms:
+            assert deferred[0] is not None and deferred[3].shape == (B, NH, (t + 1) % terms, DQK)
+        for x, y in zip(settle_state(deferred), plain):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            assert _rel(x, y) < 2e-5
+
+
+def test_a_fresh_deferral_settles_to_the_same_state_and_plain_states_pass_through():
+    rng = np.random.default_rng(0)
+    state = _state(rng, 2, 2, 8, 12)
+    deferred = defer_state(state, 4, mx.bfloat16)
+    assert is_deferred(deferred) and deferred[3].dtype == mx.bfloat16 and deferred[5].shape == (2, 2, 4)
+    for x, y in zip(settle_state(deferred), state):
+        assert mx.array_equal(x, y)
+    assert settle_state(state) is state and deferred_terms(state) == 0
+    assert defer_state(deferred, 8) == deferred  # already deferred: kept, with its own R
+    with pytest.raises(ValueError, match="terms must be >= 1"):
+        defer_state(state, 0)
+    q, k, v, i, f = _step_inputs(rng, 2, 2, 8, 12)
+    with pytest.raises(ValueError, match="one time step"):
+        mlstm_step_deferred(mx.concatenate([q, q], axis=2), k, v, i, f, deferred)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_gated_step_takes_a_deferred_state(bias):
+    """mlstm_step_gated (the model's step: gate bias and soft cap from raw projections) on a
+    deferred state: the reference ops off CUDA, the kernel on it; either way the plain step's h."""
+    rng = np.random.default_rng(3)
+    B, NH, DQK, DV = 2, 2, 8, 12
+    i_bias = _arr(rng, NH, scale=3.0) if bias else None
+    f_bias = _arr(rng, NH, scale=3.0, shift=3.0) if bias else None
+    plain = _state(rng, B, NH, DQK, DV)
+    deferred = defer_state(plain, 3)
+    for _ in range(5):
+        q, k, v, i_raw, f_raw = _step_inputs(rng, B, NH, DQK, DV)
+        h, plain = mlstm_step(q, k, v, gate_preactivation(i_raw, i_bias, 15.0), gate_preactivation(f_raw, f_bias, 15.0),
+                              plain)
+        h_d, deferred = mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, deferred, gate_soft_cap=15.0)
+        assert is_deferred(deferred)
+        assert _rel(h_d, h) < 2e-5
+    assert _rel(settle_state(deferred)[0], plain[0]) < 2e-5
+
+
+def test_the_model_decodes_a_deferred_state_as_the_plain_one():
+    model = tiny_model(1).fuse_projections()
+    B = 3
+    ids = mx.random.randint(0, model.config.vocab_size, (B, 6), key=mx.random.key(1))
+    _, plain = model.prefill(ids)
+    deferred = model.defer_state(plain, terms=3)
+    assert all(is_deferred(s) for s in deferred) and deferred[0][3].dtype == mx.float32
+    tok = ids[:, -1:]
+    for t in range(7):
+        logits, plain = model(tok, plain)
+        logits_d, deferred = model(tok, deferred)
+        assert _rel(logits_d, logits) < 1e-5, t
+        assert deferred[0][3].shape[2] == (t + 1) % 3
+        tok = mx.argmax(logits[:, -1:], axis=-1)
+    # a multi-token call and a prompt fold the terms in first and go on from the same state
+    logits, after = model(ids, plain)
+    logits_d, after_d = model(ids, deferred)
+    assert _rel(logits_d, logits) < 1e-5 and not any(is_deferred(s) for s in after_d)
+    last, _ = model.prefill(ids[:, :4], plain)
+    last_d, _ = model.prefill(ids[:, :4], deferred)
+    assert _rel(last_d, last) < 1e-5
+    for x, y in zip(model.settle_state(deferred), plain):
+        for a, b in zip(x, y):
+            assert _rel(a, b) < 2e-5
+
+
+def test_defer_state_leaves_states_alone_where_it_does_not_apply():
+    model = tiny_model(2)
+    state = model.make_state(2)
+    assert model.defer_state(state, terms=4) is state  # unfused: the steps are not the fused step kernel
+    model.fuse_projections()
+    assert model.defer_state(state, terms=1) is state
+    assert model.defer_state(state, terms=0) is state
+    # the default on a CPU: none (the kernel is CUDA's; deferral only adds work to the reference ops)
+    assert cuda_available() or model.defer_state(state) is state
+    assert step_deferred.default_deferral(1) == 0
+
+
+def test_generation_defers_the_state_where_the_device_says_so(monkeypatch):
+    """xLSTMRunner.generate decodes a batch with deferred states when default_deferral says so
+    (CUDA at 8+ rows; forced here), giving the plain decode's tokens."""
+    model = tiny_model(4).fuse_projections()
+    runner = xLSTMRunner(model)
+    prompts = [[5, 9, 2, 7], [3, 3, 8], [1, 4, 1, 5, 9]]
+    plain = runner.generate(prompts, max_tokens=12)
+    seen = []
+    call = type(model).__call__
+
+    def spy(self, input_ids, state=None, **kwargs):
+        seen.append(state is not None and is_deferred(state[0]))
+        return call(self, input_ids, state, **kwargs)
+
+    monkeypatch.setattr(xlarge, "default_deferral", lambda batch: 3)
+    monkeypatch.setattr(type(model), "__call__", spy)
+    deferred_runner = xLSTMRunner(model)
+    assert deferred_runner.generate(prompts, max_tokens=12) == plain
+    assert any(seen)  # the steps ran on deferred states
+
+
+# ------------------------------------------------------------------------------------- CUDA
+@cuda
+@pytest.mark.parametrize("terms", [1, 2, 5])
+@pytest.mark.parametrize("bias,cap", [(True, 15.0), (False, None)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_cuda_deferred_kernel_matches_its_reference(terms, bias, cap, dtype):
+    rng = np.random.default_rng(terms)
+    B, NH, DQK, DV = 3, 2, 24, 40
+    i_bias = _arr(rng, NH, scale=3.0, dtype=dtype) if bias else None
+    f_bias = _arr(rng, NH, scale=3.0, shift=3.0, dtype=dtype) if bias else None
+    kernel = defer_state(_state(rng, B, NH, DQK, DV), terms, dtype)
+    reference = kernel
+    for t in range(2 * terms + 1):
+        q, k, v, i_raw, f_raw = _step_inputs(rng, B, NH, DQK, DV, dtype)
+        h, kernel = mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, kernel, gate_soft_cap=cap)
+        h_ref, reference = mlstm_step_deferred(q, k, v, gate_preactivation(i_raw, i_bias, cap),
+                                               gate_preactivation(f_raw, f_bias, cap), reference)
+        # float32: round-off, amplified where |q.n| and exp(-m) are both small (7.5e-5 seen on an H200)
+        assert h.dtype == dtype and _rel(h, h_ref) < (2e-4 if dtype == mx.float32 else 1e-2), (t, _rel(h, h_ref))
+        for x, y in zip(kernel, reference):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            assert x.size == 0 or _rel(x, y) < 2e-5
+
+
+@cuda
+def test_cuda_deferred_kernel_on_7b_heads_follows_the_plain_kernel():
+    """16 rows of the 7B heads (DQK 256, DV 512), R = 8: two flushes and the steps between, against
+    the plain gated step kernel carrying (C, n, m)."""
+    rng = np.random.default_rng(7)
+    B, NH, DQK, DV = 16, 8, 256, 512
+    i_bias, f_bias = _arr(rng, NH, scale=3.0, dtype=mx.bfloat16), _arr(rng, NH, shift=3.0, dtype=mx.bfloat16)
+    plain = _state(rng, B, NH, DQK, DV)
+    deferred = defer_state(plain, 8, mx.bfloat16)
+    for t in range(19):
+        q, k, v, i_raw, f_raw = _step_inputs(rng, B, NH, DQK, DV, mx.bfloat16)
+        h, plain = mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, plain)
+        h_d, deferred = mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, deferred)
+        assert _rel(h_d, h) < 1e-2, t  # bf16 h: an ulp where round-off crosses a rounding boundary
+        assert deferred[3].shape[2] == (t + 1) % 8
+    for x, y in zip(settle_state(deferred), plain):
+        assert _rel(x, y) < 1e-5
+
+
+@cuda
+def test_cuda_model_decode_defers_by_default_at_8_rows():
+    model = tiny_model(5).fuse_projections()
+    B = 8
+    state = model.make_state(B)
+    deferred = model.defer_state(state)
+    assert step_deferred.DEFER_TERMS <= 1 or all(is_deferred(s) for s in deferred)
+    tok = mx.random.randint(0, model.config.vocab_size, (B, 1), key=mx.random.key(0))
+    for t in range(20):
+        logits, state = model(tok, state)
+        logits_d, deferred = model(tok, deferred)
+        assert _rel(logits_d, logits) < 1e-4, t
+        tok = mx.argmax(logits[:, -1:], axis=-1)
