@@ -144,7 +144,7 @@ def test_defer_state_leaves_states_alone_where_it_does_not_apply():
 
 def test_generation_defers_the_state_where_the_device_says_so(monkeypatch):
     """xLSTMRunner.generate decodes a batch with deferred states when default_deferral says so
-    (CUDA at 8+ rows; forced here), giving the plain decode's tokens."""
+    (CUDA at 64+ rows; forced here), giving the plain decode's tokens."""
     model = tiny_model(4).fuse_projections()
     runner = xLSTMRunner(model)
     prompts = [[5, 9, 2, 7], [3, 3, 8], [1, 4, 1, 5, 9]]
@@ -207,10 +207,11 @@ def test_cuda_deferred_kernel_on_7b_heads_follows_the_plain_kernel():
 
 
 @cuda
-def test_cuda_model_decode_defers_by_default_at_8_rows():
+def test_cuda_model_decode_defers_by_default_from_its_row_count():
     model = tiny_model(5).fuse_projections()
-    B = 8
+    B = step_deferred.DEFER_MIN_ROWS
     state = model.make_state(B)
+    assert not any(is_deferred(s) for s in model.defer_state(model.make_state(B - 1)))
     deferred = model.defer_state(state)
     assert step_deferred.DEFER_TERMS <= 1 or all(is_deferred(s) for s in deferred)
     tok = mx.random.randint(0, model.config.vocab_size, (B, 1), key=mx.random.key(0))

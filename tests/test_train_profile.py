@@ -185,3 +185,16 @@ def test_graph_census_and_build_thread_blocks(bench, tmp_path):
     assert [b["build_thread"] for b in ab["blocks"]] == [False, True] and "error" not in ab
     assert all(math.isfinite(v) for b in ab["blocks"] for v in b["losses"])
     assert set(ab) == {"blocks", "plain", "threaded"} and trainer.step_traces == 2  # one trace per thread
+
+
+def test_cuda_graph_cache_default_leaves_a_users_value():
+    import os
+
+    from xlstm_metal import _cuda_cache
+
+    env = {}
+    assert _cuda_cache.configure_graph_cache(env) == "1000" == env["MLX_CUDA_GRAPH_CACHE_SIZE"]
+    env = {"MLX_CUDA_GRAPH_CACHE_SIZE": "50"}
+    assert _cuda_cache.configure_graph_cache(env) == "50" and env == {"MLX_CUDA_GRAPH_CACHE_SIZE": "50"}
+    # importing the package set it for this process (MLX reads it at its first CUDA graph)
+    assert os.environ.get("MLX_CUDA_GRAPH_CACHE_SIZE")

@@ -19,6 +19,7 @@ _blas.preload()
 from . import _cuda_cache  # noqa: E402
 
 _cuda_cache.configure_ptx_cache()
+_cuda_cache.configure_graph_cache()  # a deferred decode state cycles through more CUDA graphs
 
 from .config import xLSTMConfig  # noqa: E402
 from .generation import xLSTMRunner  # noqa: E402

@@ -222,7 +222,7 @@ def measure_decode(
     step = make_decode_step(model, compiled=compiled)
     V = model.config.vocab_size
     tok = mx.random.randint(0, V, (batch, 1), key=mx.random.key(seed)).astype(mx.int32)
-    state = model.defer_state(model.make_state(batch))  # as a generation loop decodes (CUDA, 8+ rows)
+    state = model.defer_state(model.make_state(batch))  # as a generation loop decodes (CUDA, 64+ rows)
     mx.eval(tok, state)
     # Every form of a deferred state's step is traced before the timing (one per pending-term count).
     for _ in range(max(1, warmup, deferred_terms(state[0]))):

@@ -10,9 +10,13 @@ hold R terms folds them into a new base, as the plain kernel writes C).
 Layout: as the gated step kernel's layout 2 (:mod:`.decode`): a block per tile of COLS value
 columns x all DQK rows of one (batch row, head), TX x TD threads, V = 4 adjacent float32
 columns per thread (16-byte loads), RB rows per thread in flight, the first rows issued before
-the gates. Template RIN: the pending terms coming in; RL: L's length (R); FLUSH: whether this
-step folds the RIN + 1 terms into C (RIN + 1 == R; the macro XL_FLUSH: each form has its own outputs). The math is the reference's, in float32,
-so h and the state agree with it (and with the plain step) to float32 round-off.
+the gates. Template RIN: the pending terms coming in; RL: L's length (R). The macro XL_FLUSH:
+whether this step folds the RIN + 1 terms into C (RIN + 1 == R; each form has its own outputs).
+The math is the reference's, in float32, so h and the state agree with it (and with the plain step) to float32 round-off.
+
+Each form is its own kernel function. One function for every form, reading the pending count at
+run time (fixed-size term buffers, outputs for both forms), was tried on an H200 (S19R3-S19R4):
+it ran at the plain kernel's time, read-only steps included, and was dropped.
 """
 
 from __future__ import annotations
@@ -300,10 +304,12 @@ def mlstm_step_gated_deferred(
 
 
 #: Terms a deferred decode state holds before its C is written (R; ``XLSTM_METAL_DEFER_STATE``,
-#: 0 or 1: off) and the fewest rows it is used at (below that the state's traffic is a small part
-#: of a step's, and the terms' reads would only add work).
-DEFER_TERMS = int(os.environ.get("XLSTM_METAL_DEFER_STATE", "0") or 0)
-DEFER_MIN_ROWS = 8
+#: 0 or 1: off) and the fewest rows it is used at by default. On an H200 (7B shape, bf16, R = 8)
+#: 64 rows gained (S19R5: 7,486-8,069 tok/s against 6,942-6,965); at 16 rows, where the host's
+#: time per step is already level with the GPU's, it was level or slower (2,490-2,792 against
+#: 2,691-2,749), so fewer rows keep the plain state.
+DEFER_TERMS = int(os.environ.get("XLSTM_METAL_DEFER_STATE", "8") or 0)
+DEFER_MIN_ROWS = int(os.environ.get("XLSTM_METAL_DEFER_MIN_ROWS", "64") or 64)
 
 
 def default_deferral(batch: int) -> int:
