@@ -259,7 +259,14 @@ def _qdecode_records(bits: int, batch: int) -> list[dict]:
 # The default decode path's setting in each kind of benchmarks/fused_decode.py results file (session 6 on:
 # the decode chain at 1-2 rows, the gated step kernel's layout 2).
 _DEFAULT_DECODE_SETTINGS = (("h200_qdecode_*.jsonl", "fused decode kernels"),
-                            ("h200_fused_decode_step_*.jsonl", "fused decode kernels, step kernel 2"))
+                            ("h200_fused_decode_step_*.jsonl", "fused decode kernels, step kernel 2"),
+                            ("h200_decode_s*_deferred.jsonl", "fused decode kernels"))
+
+
+def _default_deferral(batch: int) -> int:
+    """The deferred decode state's R on the default CUDA path at ``batch`` rows (session 19 on:
+    xlstm_metal.kernels.fast.step_deferred; records naming another R are not the default path)."""
+    return 8 if batch >= 64 else 0
 
 
 def _default_decode_record(batch: int) -> dict | None:
@@ -274,7 +281,8 @@ def _default_decode_record(batch: int) -> dict | None:
             for line in path.read_text().splitlines():
                 r = json.loads(line) if line.strip() else {}
                 if (r.get("kind") == "decode" and r.get("q_bits") is None and r.get("batch") == batch
-                        and r.get("setting") == setting):
+                        and r.get("setting") == setting
+                        and r.get("defer_terms", _default_deferral(batch)) == _default_deferral(batch)):
                     found = True
                     if best is None or r["tok_s"] > best["tok_s"]:
                         best = dict(r, file=path.name)

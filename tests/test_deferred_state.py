@@ -163,6 +163,27 @@ def test_generation_defers_the_state_where_the_device_says_so(monkeypatch):
     assert any(seen)  # the steps ran on deferred states
 
 
+def test_bench_decode_defers_where_the_device_says_so(monkeypatch):
+    """benchmark.measure_decode (bench, fused_decode.py) decodes from a deferred state when
+    default_deferral says so, tracing every form before its timed steps."""
+    from xlstm_metal import benchmark as bm
+
+    model = tiny_model(6).fuse_projections()
+    seen = []
+    call = type(model).__call__
+
+    def spy(self, input_ids, state=None, **kwargs):
+        seen.append(None if state is None else (is_deferred(state[0]) and state[0][3].shape[2]))
+        return call(self, input_ids, state, **kwargs)
+
+    monkeypatch.setattr(xlarge, "default_deferral", lambda batch: 5)
+    monkeypatch.setattr(type(model), "__call__", spy)
+    result = bm.measure_decode(model, 2, tokens=3, warmup=1, compiled=False)
+    assert result["tok_s"] > 0 and result["batch"] == 2
+    # warm-up: one step per pending count (0..4), then the 3 timed steps
+    assert seen == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
 # ------------------------------------------------------------------------------------- CUDA
 @cuda
 @pytest.mark.parametrize("terms", [1, 2, 5])
