@@ -171,19 +171,19 @@ def mlstm_step_deferred(
     if r + 1 >= R:  # the base takes every term: a plain state, deferred again with none pending
         C_new, _, _ = settle_state((C, n, m, K_all, V_all, weights), mx.float32)
         num = (qs[:, :, None, :] @ C_new)[:, :, 0]
-        out = (C_new, n_new, m_new, K[:, :, :0], V[:, :, :0], mx.zeros_like(L))
+        out = (C_new.astype(state_dtype or mx.float32), K[:, :, :0], V[:, :, :0], mx.zeros_like(L))
     else:
         w = mx.exp(weights)
         num = w[..., :1] * (qs[:, :, None, :] @ C.astype(mx.float32))[:, :, 0]
         qk = (K_all.astype(mx.float32) @ qs[..., None])[..., 0]  # [B, NH, r + 1]
         num = num + ((w[..., 1:] * qk)[:, :, None, :] @ V_all.astype(mx.float32))[:, :, 0]
         pad = mx.zeros(weights.shape[:-1] + (R - r - 2,), dtype=mx.float32)
-        out = (C, n_new, m_new, K_all, V_all, mx.concatenate([weights, pad], axis=-1))
+        out = (C, K_all, V_all, mx.concatenate([weights, pad], axis=-1))
     qn = mx.sum(qs * n_new, axis=-1, keepdims=True)
     den = mx.maximum(mx.abs(qn), mx.exp(-m_new)) + eps
     h = (num / den)[:, :, None, :]
-    C_out, n_out, m_out = _cast_state(out[:3], state_dtype)
-    return h.astype(q.dtype), (C_out if r + 1 >= R else out[0], n_out, m_out, *out[3:])
+    dtype = state_dtype or mx.float32
+    return h.astype(q.dtype), (out[0], n_new.astype(dtype), m_new.astype(dtype), *out[1:])
 
 
 # ----------------------------------------------------------------------------------- sequence

@@ -207,8 +207,8 @@ class xLSTMLarge(nn.Module):
     def defer_state(self, state: ModelState, terms: int | None = None) -> ModelState:
         """The state for a decode loop: each layer's (C, n, m) as a
         :data:`~xlstm_metal.kernels.mlstm.DeferredMLSTMState` holding up to ``terms`` - 1 steps'
-        (k, v) apart from C, so a step reads C and writes it once every ``terms`` steps (on CUDA
-        at 16-64 rows the float32 state's traffic is the step's largest part). ``terms`` None: the
+        (k, v) apart from C, so a step reads C and writes it once every ``terms`` steps (on CUDA at
+        64 rows the float32 state's traffic was half of a 7B step's GPU time). ``terms`` None: the
         device's default (:func:`~xlstm_metal.kernels.fast.step_deferred.default_deferral`: on
         CUDA with the fused step at 64+ rows); 0 or 1, or a model whose steps do not run the fused
         step kernel: the state as it is. The model takes either form everywhere (a prompt or a
@@ -220,8 +220,10 @@ class xLSTMLarge(nn.Module):
             block.mlstm_layer.recurrent_kernel_cell.takes_raw_gates for block in blocks)
         if terms <= 1 or not fused_steps:
             return state
+        # k and v are kept in the projections' output dtype (exact); float32 holds any of them exactly
         layer = blocks[0].mlstm_layer.q
-        term_dtype = getattr(layer, "scales", getattr(layer, "weight", None)).dtype  # the projections' output
+        source = getattr(layer, "scales", getattr(layer, "weight", None))
+        term_dtype = source.dtype if isinstance(source, mx.array) else mx.float32
         return [defer_state(layer_state, terms, term_dtype) for layer_state in state]
 
     def settle_state(self, state: ModelState) -> ModelState:

@@ -224,22 +224,30 @@ GATES_AND_OFFSETS
 _kernels: dict[tuple, object] = {}
 
 
+def _term_reads(source: str, pending: bool) -> str:
+    """The source with KTERM(s, d) / VTERM(s, j), a pending term's element of k / v, read through
+    the term arrays' strides (views need no copy node per step); 0 without pending terms (then
+    there are no K, V inputs: a zero-size array has no buffer)."""
+    def read(match: re.Match) -> str:
+        if not pending:
+            return "0.0f"
+        a = f"{match[1]}t"
+        return f"{a}[b * {a}_strides[0] + hd * {a}_strides[1] + ({match[2]}) * {a}_strides[2] + ({match[3]}) * {a}_strides[3]]"
+    return re.sub(r"([KV])TERM\(([^,]+), ([^)]+)\)", read, source)
+
+
 def _kernel(eps: float, cap: float, has_bias: bool, pending: bool, flush: bool):
     key = (eps, cap, has_bias, pending, flush)
     kernel = _kernels.get(key)
     if kernel is None:
         source = f"#define XL_FLUSH {int(flush)}\n" + fill_step_source(_SOURCE, eps, cap, has_bias)
-        # Without pending terms there are no K, V inputs (a zero-size array has no buffer).
-        # L and the terms are read through their strides (no copy node per step for a view).
-        for name, array in (("KTERM", "Kt"), ("VTERM", "Vt")):
-            at = (f"{array}[b * {array}_strides[0] + hd * {array}_strides[1] + (s) * {array}_strides[2] + (x) * {array}_strides[3]]"
-                  if pending else "0.0f")
-            source = re.sub(name + r"\(([^,]+), ([^)]+)\)", lambda m: at.replace("(s)", f"({m[1]})").replace("(x)", f"({m[2]})"), source)
+        source = _term_reads(source, pending)
         terms = ["Kt", "Vt"] if pending else []
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_mlstm_step_deferred{'_flush' if flush else ''}_{len(_kernels)}",
             input_names=["q", "k", "v", "i", "f"] + (["ib", "fb"] if has_bias else []) + ["C", "n", "m", "L"] + terms,
-            output_names=["h", "C_out", "n_out", "m_out"] if flush else ["h", "n_out", "m_out", "K_out", "V_out", "L_out"],
+            output_names=["h", "C_out", "n_out", "m_out"] if flush
+            else ["h", "n_out", "m_out", "K_out", "V_out", "L_out"],
             source=compact_source(source),
             header=compact_source(_GATE_HEADER),
             ensure_row_contiguous=False,
