@@ -23,17 +23,9 @@ from xlstm_metal.kernels.mlstm import (
 )
 
 from conftest import tiny_model
+from test_cuda_decode import _arr, _rel
 
 cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
-
-
-def _rel(a, b) -> float:
-    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
-
-
-def _arr(rng, *shape, scale=1.0, shift=0.0, dtype=mx.float32):
-    return mx.array((rng.standard_normal(shape) * scale + shift).astype(np.float32)).astype(dtype)
 
 
 def _state(rng, B, NH, DQK, DV):

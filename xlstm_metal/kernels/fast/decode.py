@@ -206,6 +206,41 @@ GATES_AND_OFFSETS
     if (blockIdx.x == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
 """.replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
 
+#: Layout 2's thread and tile constants: TX x TD threads, each V adjacent columns; tiles of COLS
+#: value columns, NCT per head. Shared with :mod:`.step_deferred`.
+TILE_THREADS = """    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int tid = ty * TX + tx;
+    constexpr int NT = TX * TD;
+    constexpr int NW = NT / 32;
+    constexpr int COLS = TX * V;  // value columns per tile
+    constexpr int NCT = (DV + COLS - 1) / COLS;  // tiles per head
+"""
+#: Where tile ``tile`` lies: its (batch row, head) bh = b * NH + hd, its column tile ct, this
+#: thread's first column j0 and its offset in C [B, NH, DQK, DV] (row-contiguous).
+TILE_POSITION = """    const int bh = tile / NCT;
+    const int ct = tile % NCT;
+    const int b = bh / NH;
+    const int hd = bh % NH;
+    const int j0 = ct * COLS + tx * V;
+    const bool cols_ok = j0 < DV;
+    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+"""
+#: Layout 2's per-column sums over a tile's rows (acc[V], already summed over the lanes of a warp
+#: holding the same columns) to shared memory s_red: a row per warp, or per row of threads with
+#: TX >= 32; NSUM rows to add up. Shared with :mod:`.step_deferred`.
+ROW_SUMS_TO_SHARED = """    // With TX >= 32 every lane of a warp holds other columns: the rows of threads' sums instead.
+    constexpr int NSUM = TX >= 32 ? TD : NW;
+    const int lane = tid & 31, warp = tid >> 5;
+    if (TX >= 32) {
+        #pragma unroll
+        for (int c = 0; c < V; ++c) s_red[ty * COLS + tx * V + c] = acc[c];
+    } else if (lane < TX) {
+        #pragma unroll
+        for (int c = 0; c < V; ++c) s_red[warp * COLS + lane * V + c] = acc[c];
+    }
+"""
+
 # The second layout of the gated step, for streaming the state faster at 16-64 rows. A tile is
 # COLS = TX * V value columns of one (batch row, head), all rows: TX x TD threads, each V adjacent
 # columns (one 16-byte access of a float32 row) and rows ty, ty + TD, ... in batches of RB. What
@@ -221,13 +256,7 @@ _STEP_GATED_SOURCE_V2 = """
     // Block i takes tiles i, i + gridDim.x, ...: one each when the grid has a block per tile,
     // several when it is capped (persistent blocks: no launch per tile, and the next tile's first
     // loads fly during this tile's reduction and the next one's gates).
-    const int tx = threadIdx.x;
-    const int ty = threadIdx.y;
-    const int tid = ty * TX + tx;
-    constexpr int NT = TX * TD;
-    constexpr int NW = NT / 32;
-    constexpr int COLS = TX * V;  // value columns per tile
-    constexpr int NCT = (DV + COLS - 1) / COLS;  // tiles per head
+TILE_THREADS
     constexpr int NRED = NW * COLS > NT ? NW * COLS : NT;
     const int n_tiles = q_shape[0] * NH * NCT;
     __shared__ float s_q[DQK];
@@ -260,13 +289,7 @@ _STEP_GATED_SOURCE_V2 = """
     if (static_cast<int>(blockIdx.x) < n_tiles) load_rows(blockIdx.x, ty);  // before anything else
 
     for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const int bh = tile / NCT;
-    const int ct = tile % NCT;
-    const int b = bh / NH;
-    const int hd = bh % NH;
-    const int j0 = ct * COLS + tx * V;
-    const bool cols_ok = j0 < DV;
-    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+TILE_POSITION
 
 GATES_AND_OFFSETS
 
@@ -330,16 +353,7 @@ GATES_AND_OFFSETS
     }
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) qn += __shfl_xor_sync(0xffffffffu, qn, o);
-    // With TX >= 32 every lane of a warp holds other columns: the rows of threads' sums instead.
-    constexpr int NSUM = TX >= 32 ? TD : NW;
-    const int lane = tid & 31, warp = tid >> 5;
-    if (TX >= 32) {
-        #pragma unroll
-        for (int c = 0; c < V; ++c) s_red[ty * COLS + tx * V + c] = acc[c];
-    } else if (lane < TX) {
-        #pragma unroll
-        for (int c = 0; c < V; ++c) s_red[warp * COLS + lane * V + c] = acc[c];
-    }
+ROW_SUMS_TO_SHARED
     if (lane == 0) s_qn[warp] = qn;
     __syncthreads();
     for (int col = tid; col < COLS; col += NT) {
@@ -357,7 +371,8 @@ GATES_AND_OFFSETS
     if (ct == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
     __syncthreads();  // shared memory is the next tile's from here
     }
-""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
+""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS).replace("ROW_SUMS_TO_SHARED\n", ROW_SUMS_TO_SHARED) \
+    .replace("TILE_THREADS\n", TILE_THREADS).replace("TILE_POSITION\n", TILE_POSITION)
 
 # The third layout: row tiles. S6R2 showed the column strips of layouts 1 and 2 (each block
 # walking 64-256 bytes of every row of a head) are what holds the state's streaming below the

@@ -27,27 +27,24 @@ import re
 import mlx.core as mx
 
 from ..mlstm import DeferredMLSTMState
-from .decode import _GATE_HEADER, _GATES_AND_OFFSETS, _kernels_on, _v2_tile, fill_step_source
+from .decode import (
+    ROW_SUMS_TO_SHARED,
+    TILE_POSITION,
+    TILE_THREADS,
+    _GATE_HEADER,
+    _GATES_AND_OFFSETS,
+    _kernels_on,
+    _v2_tile,
+    fill_step_source,
+)
 from .tensor_cores import compact_source
 
 _SOURCE = """
-    const int tx = threadIdx.x;
-    const int ty = threadIdx.y;
-    const int tid = ty * TX + tx;
-    constexpr int NT = TX * TD;
-    constexpr int NW = NT / 32;
-    constexpr int COLS = TX * V;  // value columns per tile
-    constexpr int NCT = (DV + COLS - 1) / COLS;  // tiles per head
+TILE_THREADS
     constexpr int NTERM = RIN + 1;  // terms after this step, the new one last
     constexpr int NRED = NW * COLS > NT ? NW * COLS : NT;
     const int tile = blockIdx.x;
-    const int bh = tile / NCT;
-    const int ct = tile % NCT;
-    const int b = bh / NH;
-    const int hd = bh % NH;
-    const int j0 = ct * COLS + tx * V;
-    const bool cols_ok = j0 < DV;
-    const size_t c_base = static_cast<size_t>(bh) * DQK * DV + j0;
+TILE_POSITION
     __shared__ float s_q[DQK];
     __shared__ float s_k[XL_FLUSH ? NTERM : 1][DQK];
     __shared__ float s_red[NRED];
@@ -179,15 +176,7 @@ GATES_AND_OFFSETS
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) part[s] += __shfl_xor_sync(0xffffffffu, part[s], o);
     }
-    constexpr int NSUM = TX >= 32 ? TD : NW;
-    const int lane = tid & 31, warp = tid >> 5;
-    if (TX >= 32) {
-        #pragma unroll
-        for (int c = 0; c < V; ++c) s_red[ty * COLS + tx * V + c] = acc[c];
-    } else if (lane < TX) {
-        #pragma unroll
-        for (int c = 0; c < V; ++c) s_red[warp * COLS + lane * V + c] = acc[c];
-    }
+ROW_SUMS_TO_SHARED
     if (lane == 0) {
         #pragma unroll
         for (int s = 0; s <= NTERM; ++s) s_qn[warp][s] = part[s];
@@ -219,7 +208,8 @@ GATES_AND_OFFSETS
         }
     }
     if (ct == 0 && tid == 0) m_out[bh] = static_cast<ST>(m_new);
-""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS)
+""".replace("GATES_AND_OFFSETS\n", _GATES_AND_OFFSETS).replace("ROW_SUMS_TO_SHARED\n", ROW_SUMS_TO_SHARED) \
+    .replace("TILE_THREADS\n", TILE_THREADS).replace("TILE_POSITION\n", TILE_POSITION)
 
 _kernels: dict[tuple, object] = {}
 
