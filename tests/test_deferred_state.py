@@ -233,3 +233,29 @@ def test_cuda_model_decode_defers_by_default_from_its_row_count():
         logits_d, deferred = model(tok, deferred)
         assert _rel(logits_d, logits) < 1e-4, t
         tok = mx.argmax(logits[:, -1:], axis=-1)
+
+
+def test_a_wrapped_projection_keeps_its_terms_in_float32_and_decodes_alike():
+    """The terms are kept in the projections' dtype (bf16 weights: bf16); a q projection without
+    weight or scales of its own (an adapter wrapping it) gets float32 terms, which hold any
+    projection output exactly, and decodes as the plain state."""
+    from test_module_tree import _LoRA
+
+    def wrapped(model):
+        for block in model.backbone.blocks:
+            block.mlstm_layer.q = _LoRA(block.mlstm_layer.q)
+        return model.fuse_projections()
+
+    bf16 = tiny_model(7)
+    bf16.set_dtype(mx.bfloat16)
+    assert bf16.fuse_projections().defer_state(bf16.make_state(2), terms=2)[0][3].dtype == mx.bfloat16
+    assert wrapped(bf16).defer_state(bf16.make_state(2), terms=2)[0][3].dtype == mx.float32
+    model = wrapped(tiny_model(7))
+    state = model.make_state(2)
+    deferred = model.defer_state(state, terms=2)
+    tok = mx.array([[3], [11]])
+    for _ in range(5):
+        logits, state = model(tok, state)
+        logits_d, deferred = model(tok, deferred)
+        assert _rel(logits_d, logits) < 1e-5
+        tok = mx.argmax(logits[:, -1:], axis=-1)
