@@ -66,12 +66,7 @@ MLX_ENV = ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER", "MLX_USE_CUDA_GRAP
 def measure(model, batch: int, steps: int, mode: str, queued_steps: int | None = None, repeats: int = 1) -> dict:
     """Per-step host and device times of the greedy step compiled as ``mode``."""
     step = mx.compile(_step(model), inputs=model.state) if mode == "inputs" else mx.compile(_step(model))
-    tok = mx.zeros((batch, 1), dtype=mx.int32)
-    state = model.defer_state(model.make_state(batch))  # as generate and bench decode (CUDA, 64+ rows)
-    mx.eval(tok, state)
-    for _ in range(max(4, deferred_terms(state[0]))):  # every traced form of a deferred state's step
-        tok, state = step(tok, state)
-        mx.eval(tok, state)
+    tok, state = bm.start_decode(model, step, mx.zeros((batch, 1), dtype=mx.int32), warmup=4)
     call, submit, wall = [], [], []
     for _ in range(steps):
         mx.synchronize()

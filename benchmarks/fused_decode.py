@@ -36,7 +36,6 @@ import mlx.core as mx  # noqa: E402
 from xlstm_metal import benchmark as bm  # noqa: E402
 from xlstm_metal.kernels.fast import decode, decode_chain, quantized, skinny, step_deferred  # noqa: E402
 from xlstm_metal.kernels.fast import skinny_wgmma as wg  # noqa: E402
-from xlstm_metal.kernels.mlstm import deferred_terms  # noqa: E402
 from xlstm_metal.models import xlstm_large as xlarge  # noqa: E402
 
 
@@ -46,11 +45,7 @@ def trace_decode(model, batch: int, steps: int, step_s: float, top: int = 14) ->
     from train_side_by_side import trace_kernels  # noqa: PLC0415  (benchmarks/, the script's own folder)
 
     step = bm.make_decode_step(model, compiled=True)
-    tok = mx.zeros((batch, 1), dtype=mx.int32)
-    state = model.defer_state(model.make_state(batch))
-    for _ in range(max(1, deferred_terms(state[0]))):  # every traced form of a deferred state's step
-        tok, state = step(tok, state)
-        mx.eval(tok, state)
+    tok, state = bm.start_decode(model, step, mx.zeros((batch, 1), dtype=mx.int32))
     carry = {"tok": tok, "state": state}
 
     def run():
@@ -127,8 +122,9 @@ def main() -> None:
         return args.deadline is not None and time.perf_counter() - start > args.deadline
 
     def emit(record: dict) -> None:
-        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": q_bits,
-                           "defer_terms": step_deferred.DEFER_TERMS, **record})
+        # the deferral the measured decode ran with (it depends on the rows and the setting)
+        defer = step_deferred.default_deferral(record["batch"]) if "batch" in record else None
+        line = json.dumps({"shape": args.shape, "dtype": dtype, "q_bits": q_bits, "defer_terms": defer, **record})
         print(line, flush=True)
         if out:
             out.write(line + "\n")

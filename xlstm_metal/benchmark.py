@@ -202,6 +202,19 @@ def measure_prefill(
     }
 
 
+def start_decode(model: xLSTMLarge, step: Callable, tok: mx.array, warmup: int = 1) -> tuple[mx.array, list]:
+    """The start of a timed decode loop: the zero state for ``tok``'s rows as a generation loop
+    decodes it (deferred where the device says so: :meth:`xLSTMLarge.defer_state`), then
+    ``warmup`` steps or, for a deferred state, at least one per pending-term count, so every
+    traced form of the compiled ``step`` exists before the timing. Returns (tok, state) after them."""
+    state = model.defer_state(model.make_state(tok.shape[0]))
+    mx.eval(tok, state)
+    for _ in range(max(1, warmup, deferred_terms(state[0]))):
+        tok, state = step(tok, state)
+        mx.eval(tok, state)
+    return tok, state
+
+
 def measure_decode(
     model: xLSTMLarge,
     batch: int,
@@ -222,12 +235,7 @@ def measure_decode(
     step = make_decode_step(model, compiled=compiled)
     V = model.config.vocab_size
     tok = mx.random.randint(0, V, (batch, 1), key=mx.random.key(seed)).astype(mx.int32)
-    state = model.defer_state(model.make_state(batch))  # as a generation loop decodes (CUDA, 64+ rows)
-    mx.eval(tok, state)
-    # Every form of a deferred state's step is traced before the timing (one per pending-term count).
-    for _ in range(max(1, warmup, deferred_terms(state[0]))):
-        tok, state = step(tok, state)
-        mx.eval(tok, state)
+    tok, state = start_decode(model, step, tok, warmup)
     mx.clear_cache()
     mx.reset_peak_memory()
     _sync()

@@ -984,23 +984,23 @@ def mlstm_step_gated(
     inproj = w_if is not None
     gate_dtype = x.dtype if inproj else i_raw.dtype
     fused = q.shape[2] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, i_raw, f_raw, i_bias, f_bias)
-    if inproj and (not fused or is_deferred(state)):  # the deferred kernel reads raw gates
+    deferred = is_deferred(state)  # (C, n, m) with its last steps' terms apart (see mlstm_step_deferred)
+    if inproj and (not fused or deferred):  # the deferred kernel reads raw gates
         y = x @ w_if.T  # [B, 1, 2 NH]
         i_raw, f_raw = y[..., :NH].transpose(0, 2, 1), y[..., NH:].transpose(0, 2, 1)
         inproj = False
-    if is_deferred(state):  # (C, n, m) with its last steps' terms apart (see mlstm_step_deferred)
+    if deferred and fused:
         from .step_deferred import deferred_kernel_applies, mlstm_step_gated_deferred  # noqa: PLC0415 (imports this)
 
-        if fused and not inproj and deferred_kernel_applies(state):
+        if deferred_kernel_applies(state):
             return mlstm_step_gated_deferred(q, k, v, i_raw, f_raw, i_bias, f_bias, state,
                                              gate_soft_cap=gate_soft_cap, eps=eps, state_dtype=state_dtype)
         fused = False
     if not fused:
         i = gate_preactivation(i_raw, i_bias, gate_soft_cap)
         f = gate_preactivation(f_raw, f_bias, gate_soft_cap)
-        if is_deferred(state):
-            return mlstm_step_deferred(q, k, v, i, f, state, eps=eps, state_dtype=state_dtype)
-        return mlstm_step(q, k, v, i, f, state, eps=eps, state_dtype=state_dtype)
+        step = mlstm_step_deferred if deferred else mlstm_step
+        return step(q, k, v, i, f, state, eps=eps, state_dtype=state_dtype)
     gates = [x, w_if] if inproj else [i_raw, f_raw]
     return _step_launch([q, k, v], [], gates, inproj, i_bias, f_bias, state, B, NH, dqk, v.shape[-1], q.dtype,
                         gate_dtype, gate_soft_cap, eps, state_dtype)
