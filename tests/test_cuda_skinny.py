@@ -207,6 +207,78 @@ def test_cuda_decode_kernel_compiled_gradient_and_model(decode_on):
     assert_model_decode_matches_matmul_path(16)
 
 
+def _swiglu64(x, w):
+    """silu(gate) * up of the float64 product, gate and up rounded to x's dtype first (as stored)."""
+    joined = mx.array(_reference64(x, w).astype(np.float32)).astype(x.dtype).astype(mx.float32)
+    g, u = np.split(np.array(joined, dtype=np.float64), 2, axis=-1)
+    return g / (1 + np.exp(-g)) * u
+
+
+@pytest.fixture
+def gate_up_swiglu_on(monkeypatch, decode_on):
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    monkeypatch.setattr(skinny, "DECODE_SWIGLU", True)
+
+
+@cuda
+@pytest.mark.parametrize("M", [2, 9, 16])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_cuda_gate_up_swiglu_epilogue_is_the_product_then_swiglu(M, dtype, gate_up_swiglu_on):
+    """One launch (SwiGLU in the paired decode kernel's epilogue) against the decode product then
+    SwiGLU's kernel: the same sums in the same order, so at most the mma's rounding between its
+    rows g and g + 8 apart; and against float64."""
+    from xlstm_metal.kernels.fast.skinny import gate_up_swiglu_product, uses_gate_up_swiglu
+    from xlstm_metal.kernels.fast.train_rows import swiglu_joined
+
+    F7 = shape_config("7b").ffn_dim
+    for i, (F, K) in enumerate([(F7, 4096), (24, 136), (8, 8)]):
+        x, w = _operands(700 * M + i, M, 2 * F, K, dtype)
+        assert uses_gate_up_swiglu(x, w)
+        out = gate_up_swiglu_product(x, w)
+        assert out.shape == (M, F) and out.dtype == dtype
+        ref = swiglu_joined(decode_matmul(x, w))
+        a, b = np.array(out.astype(mx.float32)), np.array(ref.astype(mx.float32))
+        assert np.mean(a == b) >= 0.99, (F, K, np.mean(a == b))
+        assert np.max(np.abs(a - b)) <= 2 ** -6 * np.max(np.abs(b)), (F, K)
+        assert _rel(out, _swiglu64(x, w)) <= 2 * TOL_BF16, (F, K, _rel(out, _swiglu64(x, w)))
+
+
+@cuda
+def test_cuda_gate_up_swiglu_epilogue_quantized_weights_and_gradient(gate_up_swiglu_on):
+    """4- and 8-bit joined weights through the paired kernel against the unpaired one then SwiGLU;
+    the differentiable wrapper's gradient against the ops'."""
+    from xlstm_metal.kernels.fast import quantized
+    from xlstm_metal.kernels.fast.skinny import _swiglu_reference, gate_up_swiglu_product
+    from xlstm_metal.kernels.fast.train_rows import swiglu_joined
+
+    x, w = _operands(5, 3, 2 * 64, 256)
+    for bits in (4, 8):
+        wq, s, b = mx.quantize(w, group_size=64, bits=bits)
+        out = quantized.fused_swiglu_matmul(x, wq, s, b, group_size=64, bits=bits)
+        ref = swiglu_joined(quantized.fused_quantized_matmul(x, wq, s, b, group_size=64, bits=bits))
+        a, r = np.array(out.astype(mx.float32)), np.array(ref.astype(mx.float32))
+        assert out.shape == (3, 64) and np.max(np.abs(a - r)) <= 2 ** -6 * np.max(np.abs(r)), bits
+    cot = mx.array(np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)).astype(mx.bfloat16)
+    _, got = mx.vjp(gate_up_swiglu_product, [x, w], [cot])
+    _, want = mx.vjp(lambda x, w: _swiglu_reference(x @ w.T), [x, w], [cot])
+    for g, r in zip(got, want):
+        assert np.array_equal(np.array(g.astype(mx.float32)), np.array(r.astype(mx.float32)))
+
+
+@cuda
+def test_cuda_gate_up_swiglu_epilogue_in_the_model(gate_up_swiglu_on, monkeypatch):
+    """A bf16 model's decode at 16 rows through the FFN's paired launch (every block takes it)
+    against the same with MLX's matmul."""
+    import xlstm_metal.kernels.fast.skinny as skinny
+
+    calls = []
+    real = skinny._decode_swiglu_product
+    monkeypatch.setattr(skinny, "_decode_swiglu_product", lambda x, w: calls.append(x.shape) or real(x, w))
+    assert_model_decode_matches_matmul_path(16)
+    assert len(calls) == 2 * 3  # two blocks, three tokens
+
+
 # ------------------------------------------------------------------ everywhere (CPU included)
 def test_decode_matmul_launches_the_decode_kernel_with_its_load_hint(monkeypatch):
     import xlstm_metal.kernels.fast.quantized as quantized
@@ -350,3 +422,22 @@ def test_custom_vjp_is_the_plain_products(monkeypatch):
     assert_vjp_is_the_plain_products(skinny._decode_product)
     monkeypatch.setattr(skinny.rows_mma, "rows_mma_matmul", lambda x, w: x @ w.T)
     assert_vjp_is_the_plain_products(skinny._stream_product)
+
+
+def test_gate_up_swiglu_product_off_cuda_is_the_ops_and_the_paired_source_maps_rows():
+    """Off CUDA the paired product is x @ w.T then SwiGLU; the paired kernel source maps tile t to
+    rows 8t.. of both halves, and refuses split K."""
+    from xlstm_metal.kernels.fast import quantized
+    from xlstm_metal.kernels.fast.skinny import gate_up_swiglu_product, uses_gate_up_swiglu
+
+    x, w = _operands(3, 4, 2 * 24, 40, mx.float32)
+    assert not uses_gate_up_swiglu(x, w)
+    joined = x @ w.T
+    want = nn.silu(joined[:, :24]) * joined[:, 24:]
+    assert np.allclose(np.array(gate_up_swiglu_product(x, w)), np.array(want), rtol=1e-6, atol=1e-6)
+    src = quantized.decode_source(pair_store="y[0] = sum0 + sum1;")
+    assert "row0 = (tl / SPLIT) * 8 + g, row1 = row0 + PAIR" in src and "ntiles = PAIR / 8" in src
+    assert "y[0] = sum0 + sum1;" in src and "(N + 15) / 16" not in src
+    with pytest.raises(ValueError, match="unsplit"):
+        quantized.decode_source(pair_store=";", split=True)
+

@@ -8,7 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import xLSTMConfig
-from ..kernels.fast.skinny import FastLinear, linear_product, swiglu_linear_product, uses_swiglu_product
+from ..kernels.fast.skinny import (
+    FastLinear, gate_up_swiglu_product, linear_product, swiglu_linear_product, uses_gate_up_swiglu, uses_swiglu_product,
+)
 from ..kernels.fast.train_rows import (
     swiglu_down_residual, swiglu_joined, swiglu_joined_supported, train_recompute_enabled,
 )
@@ -47,7 +49,10 @@ class FeedForward(nn.Module):
                     return swiglu_down_residual(joined, down)  # (+ a residual_into_output's x)
                 return linear_output(self.proj_down, swiglu_joined(joined))
         if mx.default_device() != mx.cpu:
-            joined = self._joined_gate_up(x)
+            weight = self._joined_gate_up_weight(x)
+            if weight is not None and uses_gate_up_swiglu(x, weight):  # SwiGLU in gate|up's epilogue
+                return linear_output(self.proj_down, gate_up_swiglu_product(x, weight))
+            joined = None if weight is None else linear_product(x, weight)
             if joined is not None:  # inference on CUDA: SwiGLU reads the fused product, no split
                 down = plain_linear_weight(self.proj_down) if type(self.proj_down) is FastLinear else None
                 if down is not None and uses_swiglu_product(joined, down):  # SwiGLU inside proj_down's launch
@@ -59,10 +64,16 @@ class FeedForward(nn.Module):
         return linear_output(self.proj_down, swiglu(gate, up))
 
     def _joined_gate_up(self, x: mx.array) -> mx.array | None:
-        """The fused gate|up product [..., 2F] when :meth:`fuse_projections` made gate and up one
-        bias-free float matmul and :func:`swiglu_joined` runs for it (CUDA, bf16 / fp16; it does
-        the ops' bf16 operations in their order, so the bits are :func:`swiglu`'s, in one pass
-        at the copy rate instead of MLX's fused kernel over two strided column slices); else
+        """The fused gate|up product [..., 2F] when :meth:`_joined_gate_up_weight` finds its
+        weight, else None."""
+        weight = self._joined_gate_up_weight(x)
+        return None if weight is None else linear_product(x, weight)
+
+    def _joined_gate_up_weight(self, x: mx.array) -> mx.array | None:
+        """The joined gate|up weight [2F, E] when :meth:`fuse_projections` made gate and up one
+        bias-free float matmul and :func:`swiglu_joined` runs for its product (CUDA, bf16 / fp16;
+        it does the ops' bf16 operations in their order, so the bits are :func:`swiglu`'s, in one
+        pass at the copy rate instead of MLX's fused kernel over two strided column slices); else
         None. ``XLSTM_METAL_PREFILL_SWIGLU=0`` turns it off."""
         if _GATE_UP.key not in self:  # not fused (the training step's traced groups stay as they are)
             return None
@@ -76,7 +87,7 @@ class FeedForward(nn.Module):
         weight = fused[0]["weight"]
         if weight.dtype != x.dtype or not swiglu_joined_supported(x.dtype, weight.shape[0] // 2):
             return None
-        return linear_product(x, weight)
+        return weight
 
 
 @mx.custom_function

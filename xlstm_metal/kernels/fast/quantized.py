@@ -415,6 +415,26 @@ _SPLIT_FINISH = """
         }
       }
 """
+# The paired form of the decode kernel (decode_source(pair_store=...)): the row mapping of its
+# weight loads and its epilogue. Warp sums are added in the order of tile_sums_source.
+_PAIR_SUMS = """      for (int e = threadIdx.x; e < MT * 2 * 32; e += WARPS * 32) {
+        const int l = e & 31, c = (e >> 5) & 1, t = e >> 6;
+        const int ea = (t * 4 + c) * 32 + l;  // row g's sum (A); row g + 8's (B) is 64 further
+        float sum0 = 0.0f, sum1 = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < WARPS; ++v) { sum0 += red[v * MT * 4 * 32 + ea]; sum1 += red[v * MT * 4 * 32 + ea + 64]; }
+        const int n = cur * 8 + (l >> 2);
+        const int m = t * 8 + 2 * (l & 3) + c;
+        if (n < PAIR && m < M) @TILE_STORE@
+      }
+"""
+_PAIR_ROWS = (
+    ("const int ntiles = (N + 15) / 16;", "const int PAIR = N / 2;\n    const int ntiles = PAIR / 8;"),
+    ("const int row0 = (tl / SPLIT) * 16 + g, row1 = row0 + 8;", "const int row0 = (tl / SPLIT) * 8 + g, row1 = row0 + PAIR;"),
+    ("const int row0 = (tile / SPLIT) * 16 + g, row1 = row0 + 8;", "const int row0 = (tile / SPLIT) * 8 + g, row1 = row0 + PAIR;"),
+    (tile_sums_source("@TILE_STORE@"), _PAIR_SUMS),
+)
+
 #: Whether the chain's decode products take the weights as exact integers, by bits
 #: (``XLSTM_METAL_DECODE_INT``, e.g. "4:0,8:1"; see :func:`int_weights_apply` for where they can):
 #: 0 off, 1 the integers q, 2 the integers 1024 + q (one instruction less per pair of weights;
@@ -511,7 +531,7 @@ SPLIT_HEADER = f"\n__device__ unsigned int xl_split_count[{SPLIT_TILES}];  // ze
 
 
 def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
-                  split: bool = False, int_weights: bool = False) -> str:
+                  split: bool = False, int_weights: bool = False, pair_store: str | None = None) -> str:
     """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
     the product's inner size), ``constexpr bool XPRE`` (whether ``load_x`` gives x's values at 4
     bits in the pair order of ``xl_xpos4``, which saves the kernel a byte permute per pair) and any
@@ -531,9 +551,24 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     and bias apply to the float32 sums (see :data:`INT_WEIGHTS`); then x (one tile of rows: MT 1;
     K unsplit; G >= the span a warp covers, 512 / BITS values) is read as fp16 values scaled by a
     power of two per (row, group), and ``float2 xg_s[M * K / G]`` holds (2^-e, the group's sum of
-    x) for each: the prologue stages both (:data:`INT_STAGE`)."""
+    x) for each: the prologue stages both (:data:`INT_STAGE`).
+
+    ``pair_store`` (one statement; K unsplit): the weights' rows are two halves [A; B] of PAIR =
+    N / 2 rows each (PAIR % 8 == 0), tile t computes rows 8t..8t+7 of both (A's as the mma's
+    rows g, B's as its rows g + 8) and ``pair_store`` writes output ``n`` < PAIR of row ``m``
+    from ``float sum0`` (A's row n) and ``sum1`` (B's): e.g. SwiGLU of the gate|up product in
+    the epilogue. ``store`` is then unused."""
     finish = _SPLIT_FINISH.replace("@STORE@", store) if split else ""
-    return (_SOURCE.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
+    source = _SOURCE
+    if pair_store is not None:
+        if split:
+            raise ValueError("decode_source: paired rows take K unsplit")
+        for old, new in _PAIR_ROWS:
+            if source.count(old) != 1:
+                raise AssertionError(f"decode_source: the paired form's anchor {old!r} is not in the source once")
+            source = source.replace(old, new)
+        store = pair_store
+    return (source.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
             .replace("@MT1_BODY@", _MT1_INT if int_weights else _MT1_DEQUANT)
             .replace("@LOAD_X@\n", load_x).replace("@TILE_STORE@", _SPLIT_STORE if split else store)
             .replace("@SPLIT_FINISH@\n", finish))
@@ -672,6 +707,61 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
         output_dtypes=[x.dtype],
     )
     return y.reshape(*lead, N)
+
+
+#: SwiGLU in the paired decode kernel's epilogue: gate and up rounded to T as the unpaired
+#: product stores them, then the ops of SwiGLU's kernel (``train_rows.swiglu_joined``) in their order.
+_SWIGLU_STORE = """{
+        const T gt = static_cast<T>(sum0);
+        const T si = gt * Sigmoid{}(gt);
+        y[(size_t)m * PAIR + n] = si * static_cast<T>(sum1);
+      }"""
+_swiglu_kernel_cache: dict[int, object] = {}
+
+
+def _swiglu_kernel(resident: int):
+    """The paired decode kernel with SwiGLU in its epilogue (:func:`fused_swiglu_matmul`)."""
+    if resident not in _swiglu_kernel_cache:
+        _swiglu_kernel_cache[resident] = mx.fast.cuda_kernel(
+            name=f"xlstm_quantized_matmul_decode_swiglu_r{resident}",
+            input_names=["x", "w", "scales", "biases"],
+            output_names=["y"],
+            source=compact_source(decode_source(pair_store=_SWIGLU_STORE)),
+            header=compact_source('#include "mlx/backend/cuda/device/unary_ops.cuh"\n' + _HEADER
+                                  + launch_bounds(resident)),
+        )
+    return _swiglu_kernel_cache[resident]
+
+
+def swiglu_kernel_takes(x, w: mx.array) -> bool:
+    """Whether :func:`fused_swiglu_matmul` takes ``x`` (only its shape is read) and the joined
+    gate|up weights ``w`` [2F, ...]: 1 to :data:`DECODE_MAX_ROWS` rows, F a multiple of 8."""
+    return w.ndim == 2 and w.shape[0] % 16 == 0 and 0 < math.prod(x.shape[:-1]) <= DECODE_MAX_ROWS
+
+
+def fused_swiglu_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
+                        group_size: int, bits: int, load_hint: int | None = None) -> mx.array:
+    """``silu(x @ gate.T) * (x @ up.T)`` for the joined weights ``w`` = [gate; up] (dequantized:
+    [2F, K]; F % 8 == 0) -> [..., F] in x's dtype, in one launch of the decode kernel (CUDA only;
+    the cases :func:`fused_quantized_matmul` takes, and :func:`swiglu_kernel_takes`): each thread
+    block computes 8 features of gate and the same 8 of up, and its epilogue applies SwiGLU.
+    Gate and up are the unpaired kernel's sums (the same k order per warp), rounded to x's dtype,
+    and SwiGLU runs the ops of ``swiglu_joined`` on them, so the output is that of
+    :func:`fused_quantized_matmul` followed by the SwiGLU kernel (to the mma's own rounding, which
+    may differ between its rows g and g + 8). The gate|up product is never stored."""
+    lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
+    M = math.prod(lead)
+    if not swiglu_kernel_takes(x, w):
+        raise ValueError(f"fused_swiglu_matmul: 1 to {DECODE_MAX_ROWS} rows and 2F joined rows with F % 8 == 0, "
+                         f"got x {x.shape}, w {w.shape}")
+    (y,) = _swiglu_kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0)(
+        inputs=[x.reshape(M, K), w, scales, biases],
+        template=decode_template(x.dtype, bits, group_size, M, None, load_hint),
+        **decode_launch(N, DECODE_BLOCKS),
+        output_shapes=[(M, N // 2)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, N // 2)
 
 
 def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,

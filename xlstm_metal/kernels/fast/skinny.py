@@ -454,6 +454,44 @@ def decode_matmul(x: mx.array, w: mx.array) -> mx.array:
     return quantized.fused_quantized_matmul(x, w, w, w, group_size=32, bits=16, load_hint=DECODE_LOAD_HINT)
 
 
+#: Whether the FFN's gate|up product on :func:`decode_matmul` applies SwiGLU in its epilogue
+#: (:func:`gate_up_swiglu_product`; ``XLSTM_METAL_SKINNY_DECODE_SWIGLU``, "1" on): one launch per block
+#: less, and no [rows, 2F] gate|up output written and read back.
+DECODE_SWIGLU = os.environ.get("XLSTM_METAL_SKINNY_DECODE_SWIGLU", "0") == "1"
+
+
+def uses_gate_up_swiglu(x: mx.array, w: mx.array) -> bool:
+    """Whether :func:`gate_up_swiglu_product` runs one kernel for x [..., K] and the joined gate|up weights
+    ``w`` [2F, K]: where :func:`linear_product` would run :func:`decode_matmul`, F % 8 == 0, and
+    :data:`DECODE_SWIGLU`."""
+    return DECODE_SWIGLU and _kernel_for(x, w) == "decode" and quantized.swiglu_kernel_takes(x, w)
+
+
+@mx.custom_function
+def _decode_swiglu_product(x: mx.array, w: mx.array) -> mx.array:
+    return quantized.fused_swiglu_matmul(x, w, w, w, group_size=32, bits=16, load_hint=DECODE_LOAD_HINT)
+
+
+@_decode_swiglu_product.vjp
+def _decode_swiglu_product_vjp(primals, cotangent, output):
+    _, grads = mx.vjp(lambda x, w: _swiglu_reference(x @ w.T), list(primals), [cotangent])
+    return tuple(grads)
+
+
+def gate_up_swiglu_product(x: mx.array, w: mx.array) -> mx.array:
+    """``silu(x @ gate.T) * (x @ up.T)`` for x [..., K] and the joined weights ``w`` = [gate; up]
+    [2F, K] -> [..., F]: the decode kernel with SwiGLU in its epilogue where
+    :func:`uses_gate_up_swiglu` (:func:`.quantized.fused_swiglu_matmul`), else
+    :func:`linear_product` then SwiGLU's kernel (``train_rows.swiglu_joined``) or the ops.
+    Differentiable (the fused launch's vjp is that of the ops)."""
+    if uses_gate_up_swiglu(x, w):
+        return _decode_swiglu_product(x, w)
+    from .train_rows import swiglu_joined, swiglu_joined_supported
+    joined = linear_product(x, w)
+    F = w.shape[0] // 2
+    return swiglu_joined(joined) if swiglu_joined_supported(joined.dtype, F) else _swiglu_reference(joined)
+
+
 _decode_product = _with_plain_vjp(lambda x, w: decode_matmul(x, w))
 _stream_product = _with_plain_vjp(lambda x, w: rows_mma.rows_mma_matmul(x, w))
 _wgmma_product = _with_plain_vjp(lambda x, w: _wgmma_matmul(x, w))
