@@ -273,8 +273,8 @@ def test_cuda_gate_up_swiglu_epilogue_in_the_model(gate_up_swiglu_on, monkeypatc
     import xlstm_metal.kernels.fast.skinny as skinny
 
     calls = []
-    real = skinny._decode_swiglu_product
-    monkeypatch.setattr(skinny, "_decode_swiglu_product", lambda x, w: calls.append(x.shape) or real(x, w))
+    real = skinny._decode_swiglu_bare  # the fused step calls its products bare (inference_products)
+    monkeypatch.setattr(skinny, "_decode_swiglu_bare", lambda x, w: calls.append(x.shape) or real(x, w))
     assert_model_decode_matches_matmul_path(16)
     assert len(calls) == 2 * 3  # two blocks, three tokens
 

@@ -122,6 +122,34 @@ def test_the_model_decodes_a_deferred_state_as_the_plain_one():
             assert _rel(a, b) < 2e-5
 
 
+def test_the_fused_step_reads_q_k_v_and_gates_packed_in_one_product(monkeypatch):
+    """With q|k|v|o~|i~|f~ fused, the decode step takes their product as one array (the step kernel
+    reads its columns: no split of it in the graph), plain and deferred, with the logits of the
+    unfused model's ops; a layer replaced in the tree is not read from the stale fused product."""
+    from xlstm_metal.cells.mlstm import mLSTMProjectionCell
+
+    reference = tiny_model(2)
+    model = tiny_model(2).fuse_projections()
+
+    def unpacked(*args, **kwargs):
+        raise AssertionError("the step split the projections")
+
+    monkeypatch.setattr(mLSTMProjectionCell, "project_raw_gates", unpacked)
+    B = 3
+    tok = mx.random.randint(0, model.config.vocab_size, (B, 1), key=mx.random.key(2))
+    state, ref_state = model.make_state(B), None
+    deferred = model.defer_state(model.make_state(B), terms=2)
+    for t in range(5):
+        logits, state = model(tok, state)
+        logits_d, deferred = model(tok, deferred)
+        want, ref_state = reference(tok, ref_state)
+        assert _rel(logits, want) < 1e-5 and _rel(logits_d, want) < 1e-5, t
+        tok = mx.argmax(want[:, -1:], axis=-1)
+    layer = model.blocks[0].mlstm_layer
+    layer.q = layer.q.__class__(layer.q.weight.shape[1], layer.q.weight.shape[0], bias=False)
+    assert layer.projection_cell.project_packed(layer, mx.zeros((B, 1, model.config.embedding_dim))) is None
+
+
 def test_defer_state_leaves_states_alone_where_it_does_not_apply():
     model = tiny_model(2)
     state = model.make_state(2)
@@ -217,6 +245,34 @@ def test_cuda_deferred_kernel_on_7b_heads_follows_the_plain_kernel():
         assert deferred[3].shape[2] == (t + 1) % 8
     for x, y in zip(settle_state(deferred), plain):
         assert _rel(x, y) < 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_deferred_kernel_reads_packed_columns_as_the_slices(bias):
+    """The packed form (q, k, v and the raw gates read as columns of the fused projections'
+    output) against the same kernel on slices of it: the same reads, so the same bits, over a
+    flush and the steps around it."""
+    from xlstm_metal.kernels.fast.decode import mlstm_step_gated_packed, unpack_step_columns
+
+    rng = np.random.default_rng(11)
+    B, NH, DQK, DV = 5, 2, 24, 40
+    i_bias = _arr(rng, NH, scale=3.0, dtype=mx.bfloat16) if bias else None
+    f_bias = _arr(rng, NH, scale=3.0, shift=3.0, dtype=mx.bfloat16) if bias else None
+    # q | k | v | o~ | i~ | f~ side by side, o~ between v and the gates as the model's product has it
+    columns = (0, NH * DQK, 2 * NH * DQK, 2 * NH * DQK + NH * DV, 2 * NH * DQK + 2 * NH * DV,
+               2 * NH * DQK + 2 * NH * DV + NH)
+    width = columns[5] + NH
+    packed = sliced = defer_state(_state(rng, B, NH, DQK, DV), 3, mx.bfloat16)
+    for t in range(5):
+        y = _arr(rng, B, 1, width, dtype=mx.bfloat16)
+        h_p, packed = mlstm_step_gated_packed(y, columns, NH, i_bias, f_bias, packed)
+        q, k, v, i_raw, f_raw = unpack_step_columns(y, columns, NH)
+        h_s, sliced = mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, sliced)
+        assert np.array_equal(np.array(h_p.astype(mx.float32)), np.array(h_s.astype(mx.float32))), t
+        for x, z in zip(packed, sliced):
+            assert x.shape == z.shape and np.array_equal(np.array(x.astype(mx.float32)), np.array(z.astype(mx.float32)))
+        assert packed[3].shape[2] == (t + 1) % 3
 
 
 @cuda

@@ -13,6 +13,7 @@ from ..cells.norms import RMSNorm, rms_norm
 from ..config import xLSTMConfig
 from ..kernels.fast import decode_chain as chain
 from ..kernels.fast.decode import add_rms_norm, gate_product_in_kernel
+from ..kernels.fast.skinny import inference_products
 from ..kernels.fast.train_rows import residual_into_output, residual_norm, residual_norm_supported
 from ..kernels.mlstm import MLSTMState, is_deferred
 from ..neurons.mlstm import mLSTMNeuron
@@ -66,13 +67,14 @@ class mLSTMBlock(nn.Module):
         are not what its kernel expects."""
         if chain.chain_applies(x) and not is_deferred(state):  # the chain's step kernels take (C, n, m)
             return self._chain_step(x, pending, state)
-        if pending is None:
-            xn = self.norm_mlstm(x)
-        else:
-            x, xn = add_rms_norm(x, pending, self.norm_mlstm)
-        y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
-        x, xn = add_rms_norm(x, y, self.norm_ffn)
-        return x, self.ffn(_normed(xn, self.norm_ffn)), state
+        with inference_products():  # no gradient here (the step kernel has none): products without vjp nodes
+            if pending is None:
+                xn = self.norm_mlstm(x)
+            else:
+                x, xn = add_rms_norm(x, pending, self.norm_mlstm)
+            y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
+            x, xn = add_rms_norm(x, y, self.norm_ffn)
+            return x, self.ffn(_normed(xn, self.norm_ffn)), state
 
     def _chain_step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None):
         """:meth:`step` through the decode chain, stage by stage (see the module docstring of

@@ -120,15 +120,7 @@ def fused_outputs_unbiased(
             if defer and kind[0] == "linear" and list(members) == list(defer):
                 deferred = group["weight"]
                 continue
-            if kind[0] == "linear":
-                # x @ w.T: the skinny CUDA kernel when switched on; in the traced training step
-                # the product whose weight gradient comes out row-major (see linear_rows_grad)
-                y = linear_rows_grad(x, group["weight"]) if _TRACED_FUSION.get() else linear_product(x, group["weight"])
-            else:
-                y = quantized_matmul(
-                    x, group["weight"], group["scales"], group.get("biases"),
-                    group_size=kind[1], bits=kind[2], mode=kind[3],
-                )
+            y = group_product(x, kind, group)
             bounds, start = [], 0
             for j in members[:-1]:
                 start += layers[j].weight.shape[0]
@@ -141,6 +133,17 @@ def fused_outputs_unbiased(
             for j, out in zip(members, pieces):
                 outs[j] = out
     return [layer(x) if not fused_j else out for layer, out, fused_j in zip(layers, outs, done)], biases, deferred
+
+
+def group_product(x: mx.array, kind: tuple, group: FusedGroup) -> mx.array:
+    """One fused group's product for x [..., in] -> [..., sum of its layers' outs] (``kind`` its
+    :func:`fusion_kind`): x @ w.T through the skinny CUDA kernel when switched on (in the traced
+    training step the product whose weight gradient comes out row-major: see
+    :func:`linear_rows_grad`), or the quantized product."""
+    if kind[0] == "linear":
+        return linear_rows_grad(x, group["weight"]) if _TRACED_FUSION.get() else linear_product(x, group["weight"])
+    return quantized_matmul(x, group["weight"], group["scales"], group.get("biases"),
+                            group_size=kind[1], bits=kind[2], mode=kind[3])
 
 
 def fused_outputs(x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[nn.Module]) -> list[mx.array]:

@@ -22,7 +22,7 @@ from ..kernels.fast.train_rows import (
 from ..kernels.fast.skinny import FastLinear, norm_gate_linear_product, uses_norm_gate_product
 from ..kernels.mlstm import MLSTMState, zero_state
 from .activations import sigmoid
-from .fused import FusedLayers, linear_output, plain_linear_weight, traced_fusion_active
+from .fused import FusedLayers, fusion_groups, group_product, linear_output, plain_linear_weight, traced_fusion_active
 from .norms import MultiHeadLayerNorm, multi_head_layer_norm, soft_cap
 
 
@@ -86,6 +86,37 @@ class mLSTMProjectionCell(nn.Module):
             return self._heads(q), self._heads(k), self._heads(v), o_preact, None, None, i_bias, f_bias, w_if
         return (self._heads(q), self._heads(k), self._heads(v), o_preact,
                 i.transpose(0, 2, 1), f.transpose(0, 2, 1), i_bias, f_bias, None)
+
+    def project_packed(self, layers: nn.Module, x: mx.array, defer_gates: bool = False):
+        """For the fused decode step, where q, k, v, o~ (no biases) form one fused group and i, f
+        are in it or (``defer_gates``: see :meth:`project_raw_gates`) form a float group the step
+        kernel multiplies itself: (y [B, S, W] that group's product, the columns of y (q, k, v
+        start, v end = o~'s start[, i~, f~ start]), i bias, f bias, w_if or None). The kernel reads
+        q, k, v and the gates in y (:meth:`mLSTMRecurrentKernelCell.step_packed`), so the graph
+        holds no split, slices or transposes of it. None where the tree's layers are otherwise."""
+        current, fused = self.fusion._current(layers)
+        if fused is None or any("bias" in current[j] for j in range(4)):
+            return None
+        groups = list(zip(fusion_groups(current), fused))
+        main = [(kind, members, group) for (kind, members), group in groups if members[:4] == [0, 1, 2, 3]]
+        if not main:
+            return None
+        kind, members, group = main[0]
+        w_if = None
+        if members != [0, 1, 2, 3, 4, 5]:
+            gates = [g for (k, m), g in groups if m == [4, 5] and k[0] == "linear"]
+            if members != [0, 1, 2, 3] or not defer_gates or not gates:
+                return None
+            w_if = gates[0]["weight"]
+        i_bias = current[4].bias if "bias" in current[4] else None
+        f_bias = current[5].bias if "bias" in current[5] else None
+        if (i_bias is None) != (f_bias is None):
+            return None
+        starts, start = [], 0
+        for j in members:
+            starts.append(start)
+            start += current[j].weight.shape[0]
+        return group_product(x, kind, group), tuple(starts), i_bias, f_bias, w_if
 
     def __call__(self, layers: nn.Module, x: mx.array):
         q, k, v, o_preact, i, f = self.fusion.outputs(layers, x)

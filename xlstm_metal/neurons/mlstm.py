@@ -89,7 +89,15 @@ class mLSTMNeuron(nn.Module):
         """One token through the fused decode kernels (x [B, 1, E]): the gates' bias and soft cap
         inside the step kernel, the norm and output gate in one launch; the same math as
         :meth:`__call__` (and the same ops off CUDA)."""
-        q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias, w_if = self.projection_cell.project_raw_gates(
+        cell = self.projection_cell
+        packed = cell.project_packed(self, x, defer_gates=gate_product_in_kernel(x))
+        if packed is not None:  # q, k, v, the gates and o~ stay columns of one product
+            y, columns, i_bias, f_bias, w_if = packed
+            h, state = self.recurrent_kernel_cell.step_packed(
+                y, columns, cell.num_heads, i_bias, f_bias, cell.gate_soft_cap, state, x=x, w_if=w_if)
+            o0 = columns[3]  # o~ follows v and is as wide
+            return self.output_cell.fused(self, h, y[..., o0: o0 + columns[3] - columns[2]]), state
+        q, k, v, o_preact, i_raw, f_raw, i_bias, f_bias, w_if = cell.project_raw_gates(
             self, x, defer_gates=gate_product_in_kernel(x))
         h, state = self.recurrent_kernel_cell.step_raw_gates(
             q, k, v, i_raw, f_raw, i_bias, f_bias, self.projection_cell.gate_soft_cap, state, x=x, w_if=w_if)

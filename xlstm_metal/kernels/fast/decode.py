@@ -1127,8 +1127,14 @@ def mlstm_step_gated_packed(
     if min(dqk, dv) <= 0 or (k0 - q0) != dqk * NH or (v0 - k0) != dqk * NH or (v1 - v0) != dv * NH:
         raise ValueError(f"mlstm_step_gated_packed: columns {columns} are not q, k, v of {NH} heads")
     gate_dtype = y.dtype if w_if is None else x.dtype
-    if not is_deferred(state) and y.ndim == 3 and y.shape[1] == 1 \
-            and _step_fuses(B, NH, x, w_if, gate_dtype, y, y, i_bias, f_bias):
+    fuses = y.ndim == 3 and y.shape[1] == 1 and _step_fuses(B, NH, x, w_if, gate_dtype, y, y, i_bias, f_bias)
+    if fuses and is_deferred(state) and w_if is None:  # the deferred kernel reads raw gates (here: columns of y)
+        from .step_deferred import deferred_kernel_applies, mlstm_step_gated_deferred_packed  # noqa: PLC0415
+
+        if deferred_kernel_applies(state):
+            return mlstm_step_gated_deferred_packed(y, columns, NH, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap,
+                                                    eps=eps, state_dtype=state_dtype)
+    if fuses and not is_deferred(state):
         offsets = [("QOFF", q0), ("KOFF", k0), ("VOFF", v0)]
         if w_if is None:
             offsets += [("IOFF", columns[4]), ("FOFF", columns[5])]

@@ -373,6 +373,15 @@ _SIZES = """\
     const int K = x_shape[1];
     constexpr bool XPRE = false;  // x read as it is stored
 """
+#: :data:`_SIZES` for x of any leading axes [..., K] (row-contiguous): the products of
+#: :func:`fused_quantized_matmul` and :func:`fused_swiglu_matmul` take x and give y as the model
+#: holds them, with no reshape nodes around the launch (MLX's host walks each node every step).
+_ND_SIZES = """\
+    const int K = x_shape[x_ndim - 1];
+    int M = 1;
+    for (int i = 0; i < x_ndim - 1; ++i) M *= x_shape[i];
+    constexpr bool XPRE = false;  // x read as it is stored
+"""
 _LOAD_X = """\
         const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + kc);
         #pragma unroll
@@ -636,7 +645,7 @@ def _kernel(resident: int):
             name=f"xlstm_quantized_matmul_decode_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=compact_source(decode_source()),
+            source=compact_source(decode_source(sizes=_ND_SIZES)),
             header=compact_source(_HEADER + launch_bounds(resident)),
         )
     return _kernel_cache[resident]
@@ -695,18 +704,18 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     16 plain weights ``w`` [N, K] of x's dtype, ``scales`` and ``biases`` unread). ``depth``,
     ``load_hint``: see :func:`decode_template`; ``max_blocks``: see :func:`decode_launch` (default
     :data:`DECODE_BLOCKS`; 0 one block per tile)."""
-    lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
+    lead, N = x.shape[:-1], w.shape[0]
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
     (y,) = _kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0)(
-        inputs=[x.reshape(M, K), w, scales, biases],
+        inputs=[x, w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
         **decode_launch(N, DECODE_BLOCKS if max_blocks is None else max_blocks),
-        output_shapes=[(M, N)],
+        output_shapes=[(*lead, N)],
         output_dtypes=[x.dtype],
     )
-    return y.reshape(*lead, N)
+    return y
 
 
 #: SwiGLU in the paired decode kernel's epilogue: gate and up rounded to T as the unpaired
@@ -726,7 +735,7 @@ def _swiglu_kernel(resident: int):
             name=f"xlstm_quantized_matmul_decode_swiglu_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=compact_source(decode_source(pair_store=_SWIGLU_STORE)),
+            source=compact_source(decode_source(sizes=_ND_SIZES, pair_store=_SWIGLU_STORE)),
             header=compact_source('#include "mlx/backend/cuda/device/unary_ops.cuh"\n' + _HEADER
                                   + launch_bounds(resident)),
         )
@@ -749,19 +758,19 @@ def fused_swiglu_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
     and SwiGLU runs the ops of ``swiglu_joined`` on them, so the output is that of
     :func:`fused_quantized_matmul` followed by the SwiGLU kernel (to the mma's own rounding, which
     may differ between its rows g and g + 8). The gate|up product is never stored."""
-    lead, K, N = x.shape[:-1], x.shape[-1], w.shape[0]
+    lead, N = x.shape[:-1], w.shape[0]
     M = math.prod(lead)
     if not swiglu_kernel_takes(x, w):
         raise ValueError(f"fused_swiglu_matmul: 1 to {DECODE_MAX_ROWS} rows and 2F joined rows with F % 8 == 0, "
                          f"got x {x.shape}, w {w.shape}")
     (y,) = _swiglu_kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0)(
-        inputs=[x.reshape(M, K), w, scales, biases],
+        inputs=[x, w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, None, load_hint),
         **decode_launch(N, DECODE_BLOCKS),
-        output_shapes=[(M, N // 2)],
+        output_shapes=[(*lead, N // 2)],
         output_dtypes=[x.dtype],
     )
-    return y.reshape(*lead, N // 2)
+    return y
 
 
 def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,

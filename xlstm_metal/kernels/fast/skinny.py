@@ -45,10 +45,12 @@ it in place and back.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -467,9 +469,11 @@ def uses_gate_up_swiglu(x: mx.array, w: mx.array) -> bool:
     return DECODE_SWIGLU and _kernel_for(x, w) == "decode" and quantized.swiglu_kernel_takes(x, w)
 
 
-@mx.custom_function
-def _decode_swiglu_product(x: mx.array, w: mx.array) -> mx.array:
+def _decode_swiglu_bare(x: mx.array, w: mx.array) -> mx.array:
     return quantized.fused_swiglu_matmul(x, w, w, w, group_size=32, bits=16, load_hint=DECODE_LOAD_HINT)
+
+
+_decode_swiglu_product = mx.custom_function(_decode_swiglu_bare)
 
 
 @_decode_swiglu_product.vjp
@@ -485,7 +489,7 @@ def gate_up_swiglu_product(x: mx.array, w: mx.array) -> mx.array:
     :func:`linear_product` then SwiGLU's kernel (``train_rows.swiglu_joined``) or the ops.
     Differentiable (the fused launch's vjp is that of the ops)."""
     if uses_gate_up_swiglu(x, w):
-        return _decode_swiglu_product(x, w)
+        return (_decode_swiglu_bare if _BARE.get() else _decode_swiglu_product)(x, w)
     from .train_rows import swiglu_joined, swiglu_joined_supported
     joined = linear_product(x, w)
     F = w.shape[0] // 2
@@ -578,6 +582,23 @@ def norm_gate_linear_product(h: mx.array, o_preact: mx.array, norm: nn.Module, w
     return linear_product(output_norm_gate(h, o_preact, norm), w)
 
 
+_BARE = contextvars.ContextVar("xlstm_metal_bare_products", default=False)
+
+
+@contextlib.contextmanager
+def inference_products() -> Iterator[None]:
+    """Inside: :func:`linear_product` and :func:`gate_up_swiglu_product` call their kernels bare,
+    without the ``mx.custom_function`` that gives them a gradient. For the fused decode step,
+    which has no gradient anyway (its step kernel has none): the wrapper puts two more nodes per
+    product in the graph (CustomTransforms, StopGradient), and MLX's host walks every node of
+    every step (a 16-row 7B step: 256 of its ~1,100 nodes)."""
+    token = _BARE.set(True)
+    try:
+        yield
+    finally:
+        _BARE.reset(token)
+
+
 def uses_skinny_kernel(x: mx.array, w: mx.array) -> bool:
     """Whether :func:`linear_product` runs a kernel of its own (the selected one) for these operands."""
     return _kernel_for(x, w) != "off"
@@ -590,6 +611,9 @@ def linear_product(x: mx.array, w: mx.array) -> mx.array:
     kernel = _kernel_for(x, w)
     if kernel == "off":
         return x @ w.T
+    if _BARE.get():  # inside inference_products()
+        return {"wgmma": _wgmma_matmul, "decode": decode_matmul, "stream": rows_mma.rows_mma_matmul}.get(
+            kernel, skinny_matmul)(x, w)
     return {"wgmma": _wgmma_product, "decode": _decode_product, "stream": _stream_product}.get(
         kernel, _skinny_product)(x, w)
 

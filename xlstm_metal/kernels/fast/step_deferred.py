@@ -226,16 +226,17 @@ def _term_reads(source: str, pending: bool) -> str:
     return re.sub(r"([KV])TERM\(([^,]+), ([^)]+)\)", read, source)
 
 
-def _kernel(eps: float, cap: float, has_bias: bool, pending: bool, flush: bool):
-    key = (eps, cap, has_bias, pending, flush)
+def _kernel(eps: float, cap: float, has_bias: bool, pending: bool, flush: bool, packed: bool = False):
+    key = (eps, cap, has_bias, pending, flush, packed)
     kernel = _kernels.get(key)
     if kernel is None:
-        source = f"#define XL_FLUSH {int(flush)}\n" + fill_step_source(_SOURCE, eps, cap, has_bias)
+        source = f"#define XL_FLUSH {int(flush)}\n" + fill_step_source(_SOURCE, eps, cap, has_bias, packed=packed)
         source = _term_reads(source, pending)
         terms = ["Kt", "Vt"] if pending else []
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_mlstm_step_deferred{'_flush' if flush else ''}_{len(_kernels)}",
-            input_names=["q", "k", "v", "i", "f"] + (["ib", "fb"] if has_bias else []) + ["C", "n", "m", "L"] + terms,
+            name=f"xlstm_mlstm_step_deferred{'_flush' if flush else ''}{'_packed' if packed else ''}_{len(_kernels)}",
+            input_names=(["y"] if packed else ["q", "k", "v", "i", "f"]) + (["ib", "fb"] if has_bias else [])
+            + ["C", "n", "m", "L"] + terms,
             output_names=["h", "C_out", "n_out", "m_out"] if flush
             else ["h", "n_out", "m_out", "K_out", "V_out", "L_out"],
             source=compact_source(source),
@@ -271,7 +272,36 @@ def mlstm_step_gated_deferred(
     the caller checks :func:`deferred_kernel_applies`). Returns h [B, NH, 1, DV] and the new
     deferred state."""
     B, NH, _, dqk = q.shape
-    dv = v.shape[-1]
+    return _launch([q, k, v, i_raw, f_raw], [], i_bias, f_bias, state, B, NH, dqk, v.shape[-1], q.dtype, i_raw.dtype,
+                   gate_soft_cap, eps, state_dtype)
+
+
+def mlstm_step_gated_deferred_packed(
+    y: mx.array,
+    columns: tuple[int, ...],
+    num_heads: int,
+    i_bias: mx.array | None,
+    f_bias: mx.array | None,
+    state: DeferredMLSTMState,
+    *,
+    gate_soft_cap: float | None,
+    eps: float,
+    state_dtype: mx.Dtype | None,
+) -> tuple[mx.array, DeferredMLSTMState]:
+    """:func:`mlstm_step_gated_deferred` on q, k, v and the raw gates as columns of the fused
+    projections' output y [B, 1, W] (``columns``: q, k, v start, v end, i start, f start; see
+    :func:`~xlstm_metal.kernels.fast.decode.mlstm_step_gated_packed`), read there: no slices or
+    reshapes of y in the graph."""
+    q0, k0, v0, v1, i0, f0 = columns
+    offsets = [("QOFF", q0), ("KOFF", k0), ("VOFF", v0), ("IOFF", i0), ("FOFF", f0)]
+    return _launch([y], offsets, i_bias, f_bias, state, y.shape[0], num_heads, (k0 - q0) // num_heads,
+                   (v1 - v0) // num_heads, y.dtype, y.dtype, gate_soft_cap, eps, state_dtype)
+
+
+def _launch(heads: list, offsets: list, i_bias, f_bias, state: DeferredMLSTMState, B: int, NH: int, dqk: int, dv: int,
+            h_dtype, gate_dtype, gate_soft_cap, eps: float, state_dtype) -> tuple[mx.array, DeferredMLSTMState]:
+    """Launch the kernel on ``heads`` [q, k, v, i~, f~], or [y] with ``offsets`` its columns'
+    template offsets (the packed form)."""
     C, n, m, K, V, L = state
     r, R = K.shape[2], L.shape[-1]
     flush = r + 1 >= R
@@ -280,23 +310,23 @@ def mlstm_step_gated_deferred(
     cap = float(gate_soft_cap) if gate_soft_cap is not None else 0.0
     # The kernel indexes C as row-contiguous (a no-op for its own output); L, K, V by their strides.
     C = mx.contiguous(C)
-    inputs = [q, k, v, i_raw, f_raw] + ([i_bias, f_bias] if has_bias else []) + [C, n, m, L] + ([K, V] if r else [])
+    inputs = heads + ([i_bias, f_bias] if has_bias else []) + [C, n, m, L] + ([K, V] if r else [])
     tx, td, vec, rb = _v2_tile(B * NH, dqk, dv)
     tiles = B * NH * -(-dv // (tx * vec))
-    template = [("HT", q.dtype), ("ST", out_dtype), ("GT", i_raw.dtype), ("KT", K.dtype), ("NH", NH), ("DQK", dqk),
-                ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("RB", rb), ("RIN", r), ("RL", R)]
-    kernel = _kernel(eps, cap, has_bias, r > 0, flush)
+    template = [("HT", h_dtype), ("ST", out_dtype), ("GT", gate_dtype), ("KT", K.dtype), ("NH", NH), ("DQK", dqk),
+                ("DV", dv), ("TX", tx), ("TD", td), ("V", vec), ("RB", rb), ("RIN", r), ("RL", R)] + offsets
+    kernel = _kernel(eps, cap, has_bias, r > 0, flush, bool(offsets))
     if flush:
         h, C_new, n_new, m_new = kernel(
             inputs=inputs, template=template, grid=(tiles * tx, td, 1), threadgroup=(tx, td, 1),
             output_shapes=[(B, NH, 1, dv), (B, NH, dqk, dv), (B, NH, dqk), (B, NH, 1)],
-            output_dtypes=[q.dtype, mx.float32, out_dtype, out_dtype],
+            output_dtypes=[h_dtype, mx.float32, out_dtype, out_dtype],
         )
         return h, (C_new, n_new, m_new, K[:, :, :0], V[:, :, :0], mx.zeros_like(L))
     h, n_new, m_new, K_new, V_new, L_new = kernel(
         inputs=inputs, template=template, grid=(tiles * tx, td, 1), threadgroup=(tx, td, 1),
         output_shapes=[(B, NH, 1, dv), (B, NH, dqk), (B, NH, 1), (B, NH, r + 1, dqk), (B, NH, r + 1, dv), (B, NH, R)],
-        output_dtypes=[q.dtype, out_dtype, out_dtype, K.dtype, K.dtype, mx.float32],
+        output_dtypes=[h_dtype, out_dtype, out_dtype, K.dtype, K.dtype, mx.float32],
     )
     return h, (C, n_new, m_new, K_new, V_new, L_new)
 
