@@ -265,8 +265,9 @@ _DEFAULT_DECODE_SETTINGS = (("h200_qdecode_*.jsonl", "fused decode kernels"),
 
 def _default_deferral(batch: int) -> int:
     """The deferred decode state's R on the default CUDA path at ``batch`` rows (session 19 on:
-    xlstm_metal.kernels.fast.step_deferred; records naming another R are not the default path)."""
-    return 8 if batch >= 64 else 0
+    xlstm_metal.kernels.fast.step_deferred, from 64 rows; session 20 on: from 16 rows; records
+    naming another R are not the default path)."""
+    return 8 if batch >= 16 else 0
 
 
 def _default_decode_record(batch: int) -> dict | None:

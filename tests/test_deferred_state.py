@@ -164,7 +164,7 @@ def test_defer_state_leaves_states_alone_where_it_does_not_apply():
 
 def test_generation_defers_the_state_where_the_device_says_so(monkeypatch):
     """xLSTMRunner.generate decodes a batch with deferred states when default_deferral says so
-    (CUDA at 64+ rows; forced here), giving the plain decode's tokens."""
+    (CUDA at 16+ rows; forced here), giving the plain decode's tokens."""
     model = tiny_model(4).fuse_projections()
     runner = xLSTMRunner(model)
     prompts = [[5, 9, 2, 7], [3, 3, 8], [1, 4, 1, 5, 9]]

@@ -333,7 +333,7 @@ class xLSTMRunner:
         mx.async_eval(tok)
         step = self._step_fn(params)
         defer = getattr(self.model, "defer_state", None)
-        if defer is not None:  # on CUDA at 64+ rows: C written once every few steps (xLSTMLarge.defer_state)
+        if defer is not None:  # on CUDA at 16+ rows: C written once every few steps (xLSTMLarge.defer_state)
             state = defer(state)
         for t in range(max_tokens):
             if t + 1 < max_tokens:

@@ -210,7 +210,7 @@ class xLSTMLarge(nn.Module):
         (k, v) apart from C, so a step reads C and writes it once every ``terms`` steps (on CUDA at
         64 rows the float32 state's traffic was half of a 7B step's GPU time). ``terms`` None: the
         device's default (:func:`~xlstm_metal.kernels.fast.step_deferred.default_deferral`: on
-        CUDA with the fused step at 64+ rows); 0 or 1, or a model whose steps do not run the fused
+        CUDA with the fused step at 16+ rows); 0 or 1, or a model whose steps do not run the fused
         step kernel: the state as it is. The model takes either form everywhere (a prompt or a
         multi-token call folds the terms in first); :meth:`settle_state` gives (C, n, m) back."""
         blocks = self._mlstm_blocks()

@@ -333,11 +333,13 @@ def _launch(heads: list, offsets: list, i_bias, f_bias, state: DeferredMLSTMStat
 
 #: Terms a deferred decode state holds before its C is written (R; ``XLSTM_METAL_DEFER_STATE``,
 #: 0 or 1: off) and the fewest rows it is used at by default. On an H200 (7B shape, bf16, R = 8)
-#: 64 rows gained (S19R5: 7,486-8,069 tok/s against 6,942-6,965); at 16 rows, where the host's
-#: time per step is already level with the GPU's, it was level or slower (2,490-2,792 against
-#: 2,691-2,749), so fewer rows keep the plain state.
+#: 64 rows gained (S19R5: 7,486-8,069 tok/s against 6,942-6,965). At 16 rows it was level while
+#: the host's time per step matched the GPU's (S19R5: 2,490-2,792 against 2,691-2,749); with the
+#: step's graph cut from ~34 to ~9 nodes per block (session 20: packed projections, products
+#: without vjp nodes) it gained: S20R2 2,861 / 2,867 and 2,727 / 2,869 against 2,720 / 2,739, GPU
+#: busy 5.20 against 5.73 ms. Fewer rows (2-15) were not measured and keep the plain state.
 DEFER_TERMS = int(os.environ.get("XLSTM_METAL_DEFER_STATE", "8") or 0)
-DEFER_MIN_ROWS = int(os.environ.get("XLSTM_METAL_DEFER_MIN_ROWS", "64") or 64)
+DEFER_MIN_ROWS = int(os.environ.get("XLSTM_METAL_DEFER_MIN_ROWS", "16") or 16)
 
 
 def default_deferral(batch: int) -> int:
