@@ -202,6 +202,27 @@ def test_cuda_decode_kernel_7b_layer_shapes_and_partial_tiles(M):
 
 
 @cuda
+@pytest.mark.parametrize("M", [2, 9, 16])
+def test_cuda_decode_kernel_with_x_in_the_ring_is_the_same_product(M, monkeypatch, decode_on):
+    """x carried in the weights' ring (quantized.X_AHEAD): the same reads in the same order, so the
+    same bits as the kernel loading x as each span starts, partial tiles and SwiGLU pairs included."""
+    from xlstm_metal.kernels.fast import quantized
+
+    shapes = [(21888, 4096), (4096, 10944), (37, 24), (200, 1000)]
+    for i, (N, K) in enumerate(shapes):
+        x, w = _operands(900 * M + i, M, N, K)
+        monkeypatch.setitem(quantized.X_AHEAD, 16, 0)
+        want, want_pair = decode_matmul(x, w), quantized.fused_swiglu_matmul(x, w, w, w, group_size=32, bits=16) \
+            if N % 16 == 0 else None
+        monkeypatch.setitem(quantized.X_AHEAD, 16, 1)
+        got = decode_matmul(x, w)
+        assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))), (N, K)
+        if N % 16 == 0:
+            pair = quantized.fused_swiglu_matmul(x, w, w, w, group_size=32, bits=16)
+            assert np.array_equal(np.array(pair.astype(mx.float32)), np.array(want_pair.astype(mx.float32))), (N, K)
+
+
+@cuda
 def test_cuda_decode_kernel_compiled_gradient_and_model(decode_on):
     assert_compiled_repeated_and_gradient()
     assert_model_decode_matches_matmul_path(16)
@@ -440,4 +461,8 @@ def test_gate_up_swiglu_product_off_cuda_is_the_ops_and_the_paired_source_maps_r
     assert "y[0] = sum0 + sum1;" in src and "(N + 15) / 16" not in src
     with pytest.raises(ValueError, match="unsplit"):
         quantized.decode_source(pair_store=";", split=True)
+    with pytest.raises(ValueError, match="prologue"):
+        quantized.decode_source(prologue="__syncthreads();", x_ahead=True)
+    ahead = quantized.decode_source(x_ahead=True)
+    assert "load_x(sp, 0, xv)" not in ahead and "rx[d][t]" in ahead
 

@@ -444,6 +444,23 @@ _PAIR_ROWS = (
     (tile_sums_source("@TILE_STORE@"), _PAIR_SUMS),
 )
 
+# The x-ahead form of the decode kernel (decode_source(x_ahead=True)): x's values of every row tile
+# in a ring beside the weights' (slot d: the span its weight chunk is for).
+_X_AHEAD = (
+    ("    for (int d = 0; d < DEPTH; ++d) load_chunk(tile, sp_lo + warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);",
+     "    uint32_t rx[DEPTH][MT][VALS / 2];\n"
+     "    for (int d = 0; d < DEPTH; ++d) load_chunk(tile, sp_lo + warp + d * WARPS, ra[d], rb[d], rsa[d], rba[d], rsb[d], rbb[d]);\n"
+     "    #pragma unroll\n    for (int d = 0; d < DEPTH; ++d) {\n"
+     "      #pragma unroll\n      for (int t = 0; t < MT; ++t) load_x(sp_lo + warp + d * WARPS, t, rx[d][t]);\n    }"),
+    ("            uint32_t xv[VALS / 2];\n            load_x(sp, 0, xv);\n",
+     "            uint32_t xw[MT][VALS / 2];\n"
+     "            #pragma unroll\n            for (int t = 0; t < MT; ++t) {\n"
+     "              #pragma unroll\n              for (int i = 0; i < VALS / 2; ++i) xw[t][i] = rx[d][t][i];\n"
+     "              load_x(here ? nsp : sp_lo + warp + d * WARPS, t, rx[d][t]);\n            }\n"
+     "            uint32_t* xv = xw[0];\n"),
+    ("                if (t > 0) load_x(sp, t, xv);\n", "                xv = xw[t];\n"),
+)
+
 #: Whether the chain's decode products take the weights as exact integers, by bits
 #: (``XLSTM_METAL_DECODE_INT``, e.g. "4:0,8:1"; see :func:`int_weights_apply` for where they can):
 #: 0 off, 1 the integers q, 2 the integers 1024 + q (one instruction less per pair of weights;
@@ -540,7 +557,8 @@ SPLIT_HEADER = f"\n__device__ unsigned int xl_split_count[{SPLIT_TILES}];  // ze
 
 
 def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
-                  split: bool = False, int_weights: bool = False, pair_store: str | None = None) -> str:
+                  split: bool = False, int_weights: bool = False, pair_store: str | None = None,
+                  x_ahead: bool = False) -> str:
     """The decode kernel's body with its hooks filled: ``sizes`` defines ``int M, K`` (rows of x,
     the product's inner size), ``constexpr bool XPRE`` (whether ``load_x`` gives x's values at 4
     bits in the pair order of ``xl_xpos4``, which saves the kernel a byte permute per pair) and any
@@ -566,7 +584,12 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     N / 2 rows each (PAIR % 8 == 0), tile t computes rows 8t..8t+7 of both (A's as the mma's
     rows g, B's as its rows g + 8) and ``pair_store`` writes output ``n`` < PAIR of row ``m``
     from ``float sum0`` (A's row n) and ``sum1`` (B's): e.g. SwiGLU of the gate|up product in
-    the epilogue. ``store`` is then unused."""
+    the epilogue. ``store`` is then unused.
+
+    ``x_ahead`` (no prologue: ``load_x`` may run before it): x's values ride in the weights' ring,
+    each slot's x of all MT row tiles requested with its weight chunk, so a span's mma waits on
+    nothing but the chunk that arrived (without it, each span loads its x when it starts,
+    one L2 round trip per row tile on the critical path)."""
     finish = _SPLIT_FINISH.replace("@STORE@", store) if split else ""
     source = _SOURCE
     if pair_store is not None:
@@ -577,6 +600,13 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
                 raise AssertionError(f"decode_source: the paired form's anchor {old!r} is not in the source once")
             source = source.replace(old, new)
         store = pair_store
+    if x_ahead:
+        if prologue:
+            raise ValueError("decode_source: x_ahead reads x before any prologue; give none")
+        for old, new in _X_AHEAD:
+            if source.count(old) != 1:
+                raise AssertionError(f"decode_source: the x-ahead form's anchor {old!r} is not in the source once")
+            source = source.replace(old, new)
     return (source.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
             .replace("@MT1_BODY@", _MT1_INT if int_weights else _MT1_DEQUANT)
             .replace("@LOAD_X@\n", load_x).replace("@TILE_STORE@", _SPLIT_STORE if split else store)
@@ -635,20 +665,26 @@ def decode_launch(n_out: int, max_blocks: int | None = None, split: int = 1) -> 
 #: tiles' accumulators would spill, so those kernels keep the registers they need.
 BOUNDED_ROWS = 16
 
-_kernel_cache: dict[int, object] = {}
+#: Whether the plain decode products (:func:`fused_quantized_matmul`, :func:`fused_swiglu_matmul`)
+#: carry x in the weights' ring, by bits (``XLSTM_METAL_DECODE_X_AHEAD``, e.g. "16:1"; see
+#: :func:`decode_source`'s ``x_ahead``).
+X_AHEAD = _per_bits("XLSTM_METAL_DECODE_X_AHEAD", {4: 0, 8: 0, 16: 0})
+
+_kernel_cache: dict[tuple, object] = {}
 
 
-def _kernel(resident: int):
+def _kernel(resident: int, x_ahead: bool = False):
     """The plain decode kernel, its registers bounded for ``resident`` blocks per SM (0: not)."""
-    if resident not in _kernel_cache:
-        _kernel_cache[resident] = mx.fast.cuda_kernel(
-            name=f"xlstm_quantized_matmul_decode_r{resident}",
+    key = (resident, x_ahead)
+    if key not in _kernel_cache:
+        _kernel_cache[key] = mx.fast.cuda_kernel(
+            name=f"xlstm_quantized_matmul_decode{'_xa' if x_ahead else ''}_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=compact_source(decode_source(sizes=_ND_SIZES)),
+            source=compact_source(decode_source(sizes=_ND_SIZES, x_ahead=x_ahead)),
             header=compact_source(_HEADER + launch_bounds(resident)),
         )
-    return _kernel_cache[resident]
+    return _kernel_cache[key]
 
 
 def fast_path_supported(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
@@ -708,7 +744,7 @@ def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: m
     M = math.prod(lead)
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the fused kernel takes 1 to {DECODE_MAX_ROWS} rows, got {M}")
-    (y,) = _kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0)(
+    (y,) = _kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0, bool(X_AHEAD.get(bits)))(
         inputs=[x, w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, depth, load_hint),
         **decode_launch(N, DECODE_BLOCKS if max_blocks is None else max_blocks),
@@ -725,21 +761,22 @@ _SWIGLU_STORE = """{
         const T si = gt * Sigmoid{}(gt);
         y[(size_t)m * PAIR + n] = si * static_cast<T>(sum1);
       }"""
-_swiglu_kernel_cache: dict[int, object] = {}
+_swiglu_kernel_cache: dict[tuple, object] = {}
 
 
-def _swiglu_kernel(resident: int):
+def _swiglu_kernel(resident: int, x_ahead: bool = False):
     """The paired decode kernel with SwiGLU in its epilogue (:func:`fused_swiglu_matmul`)."""
-    if resident not in _swiglu_kernel_cache:
-        _swiglu_kernel_cache[resident] = mx.fast.cuda_kernel(
-            name=f"xlstm_quantized_matmul_decode_swiglu_r{resident}",
+    key = (resident, x_ahead)
+    if key not in _swiglu_kernel_cache:
+        _swiglu_kernel_cache[key] = mx.fast.cuda_kernel(
+            name=f"xlstm_quantized_matmul_decode_swiglu{'_xa' if x_ahead else ''}_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=compact_source(decode_source(sizes=_ND_SIZES, pair_store=_SWIGLU_STORE)),
+            source=compact_source(decode_source(sizes=_ND_SIZES, pair_store=_SWIGLU_STORE, x_ahead=x_ahead)),
             header=compact_source('#include "mlx/backend/cuda/device/unary_ops.cuh"\n' + _HEADER
                                   + launch_bounds(resident)),
         )
-    return _swiglu_kernel_cache[resident]
+    return _swiglu_kernel_cache[key]
 
 
 def swiglu_kernel_takes(x, w: mx.array) -> bool:
@@ -763,7 +800,7 @@ def fused_swiglu_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
     if not swiglu_kernel_takes(x, w):
         raise ValueError(f"fused_swiglu_matmul: 1 to {DECODE_MAX_ROWS} rows and 2F joined rows with F % 8 == 0, "
                          f"got x {x.shape}, w {w.shape}")
-    (y,) = _swiglu_kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0)(
+    (y,) = _swiglu_kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0, bool(X_AHEAD.get(bits)))(
         inputs=[x, w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, None, load_hint),
         **decode_launch(N, DECODE_BLOCKS),
