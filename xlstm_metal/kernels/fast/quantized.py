@@ -556,6 +556,16 @@ SPLIT_TILES = 4096
 SPLIT_HEADER = f"\n__device__ unsigned int xl_split_count[{SPLIT_TILES}];  // zero at load; each launch leaves it so\n"
 
 
+def _substituted(source: str, edits: tuple, form: str) -> str:
+    """``source`` with each (old, new) of ``edits`` made; each old text must occur exactly once
+    (a changed kernel body fails loudly here, not in a kernel that reads the wrong rows)."""
+    for old, new in edits:
+        if source.count(old) != 1:
+            raise AssertionError(f"decode_source: the {form} form's anchor {old!r} is not in the source once")
+        source = source.replace(old, new)
+    return source
+
+
 def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X, store: str = _STORE,
                   split: bool = False, int_weights: bool = False, pair_store: str | None = None,
                   x_ahead: bool = False) -> str:
@@ -595,18 +605,12 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     if pair_store is not None:
         if split:
             raise ValueError("decode_source: paired rows take K unsplit")
-        for old, new in _PAIR_ROWS:
-            if source.count(old) != 1:
-                raise AssertionError(f"decode_source: the paired form's anchor {old!r} is not in the source once")
-            source = source.replace(old, new)
+        source = _substituted(source, _PAIR_ROWS, "paired")
         store = pair_store
     if x_ahead:
         if prologue:
             raise ValueError("decode_source: x_ahead reads x before any prologue; give none")
-        for old, new in _X_AHEAD:
-            if source.count(old) != 1:
-                raise AssertionError(f"decode_source: the x-ahead form's anchor {old!r} is not in the source once")
-            source = source.replace(old, new)
+        source = _substituted(source, _X_AHEAD, "x-ahead")
     return (source.replace("@SIZES@\n", sizes).replace("@PROLOGUE@\n", prologue)
             .replace("@MT1_BODY@", _MT1_INT if int_weights else _MT1_DEQUANT)
             .replace("@LOAD_X@\n", load_x).replace("@TILE_STORE@", _SPLIT_STORE if split else store)
@@ -676,16 +680,21 @@ X_AHEAD = _per_bits("XLSTM_METAL_DECODE_X_AHEAD", {4: 0, 8: 0, 16: 1})
 _kernel_cache: dict[tuple, object] = {}
 
 
-def _kernel(resident: int, x_ahead: bool = False):
-    """The plain decode kernel, its registers bounded for ``resident`` blocks per SM (0: not)."""
-    key = (resident, x_ahead)
+def _kernel(resident: int, x_ahead: bool = False, swiglu: bool = False):
+    """The plain decode kernel (``swiglu``: its paired form with SwiGLU in the epilogue, for
+    :func:`fused_swiglu_matmul`), its registers bounded for ``resident`` blocks per SM (0: not),
+    x carried in the ring with ``x_ahead``."""
+    key = (resident, x_ahead, swiglu)
     if key not in _kernel_cache:
         _kernel_cache[key] = mx.fast.cuda_kernel(
-            name=f"xlstm_quantized_matmul_decode{'_xa' if x_ahead else ''}_r{resident}",
+            name=f"xlstm_quantized_matmul_decode{'_swiglu' if swiglu else ''}{'_xa' if x_ahead else ''}_r{resident}",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
-            source=compact_source(decode_source(sizes=_ND_SIZES, x_ahead=x_ahead)),
-            header=compact_source(_HEADER + launch_bounds(resident)),
+            source=compact_source(decode_source(sizes=_ND_SIZES, x_ahead=x_ahead,
+                                                pair_store=_SWIGLU_STORE if swiglu else None)),
+            # SwiGLU's store calls MLX's Sigmoid (the bits of swiglu_joined)
+            header=compact_source(('#include "mlx/backend/cuda/device/unary_ops.cuh"\n' if swiglu else "")
+                                  + _HEADER + launch_bounds(resident)),
         )
     return _kernel_cache[key]
 
@@ -764,24 +773,6 @@ _SWIGLU_STORE = """{
         const T si = gt * Sigmoid{}(gt);
         y[(size_t)m * PAIR + n] = si * static_cast<T>(sum1);
       }"""
-_swiglu_kernel_cache: dict[tuple, object] = {}
-
-
-def _swiglu_kernel(resident: int, x_ahead: bool = False):
-    """The paired decode kernel with SwiGLU in its epilogue (:func:`fused_swiglu_matmul`)."""
-    key = (resident, x_ahead)
-    if key not in _swiglu_kernel_cache:
-        _swiglu_kernel_cache[key] = mx.fast.cuda_kernel(
-            name=f"xlstm_quantized_matmul_decode_swiglu{'_xa' if x_ahead else ''}_r{resident}",
-            input_names=["x", "w", "scales", "biases"],
-            output_names=["y"],
-            source=compact_source(decode_source(sizes=_ND_SIZES, pair_store=_SWIGLU_STORE, x_ahead=x_ahead)),
-            header=compact_source('#include "mlx/backend/cuda/device/unary_ops.cuh"\n' + _HEADER
-                                  + launch_bounds(resident)),
-        )
-    return _swiglu_kernel_cache[key]
-
-
 def swiglu_kernel_takes(x, w: mx.array) -> bool:
     """Whether :func:`fused_swiglu_matmul` takes ``x`` (only its shape is read) and the joined
     gate|up weights ``w`` [2F, ...]: 1 to :data:`DECODE_MAX_ROWS` rows, F a multiple of 8."""
@@ -803,7 +794,7 @@ def fused_swiglu_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
     if not swiglu_kernel_takes(x, w):
         raise ValueError(f"fused_swiglu_matmul: 1 to {DECODE_MAX_ROWS} rows and 2F joined rows with F % 8 == 0, "
                          f"got x {x.shape}, w {w.shape}")
-    (y,) = _swiglu_kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0, bool(X_AHEAD.get(bits)))(
+    (y,) = _kernel(RESIDENT.get(bits, 0) if M <= BOUNDED_ROWS else 0, bool(X_AHEAD.get(bits)), swiglu=True)(
         inputs=[x, w, scales, biases],
         template=decode_template(x.dtype, bits, group_size, M, None, load_hint),
         **decode_launch(N, DECODE_BLOCKS),
