@@ -711,6 +711,33 @@ def test_train_arch_file_is_read_once(tmp_path, monkeypatch):
     assert [b.resolved.name for b in model.blocks] == ["mlstm", "swiglu"]
 
 
+def test_train_config_file_is_read_once(tmp_path, monkeypatch):
+    import json
+
+    import xlstm_metal
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus about recurrent cells and gates." for i in range(200)))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"embedding_dim": 32, "num_heads": 2, "num_blocks": 1, "vocab_size": 300}))
+    reads = []
+    read_text = Path.read_text
+
+    def counting(self, *args, **kwargs):
+        if self.resolve() == config.resolve():
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    export = tmp_path / "export"
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run"), "--config", str(config), "--vocab-size", "300",
+                 "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--eval-every", "2",
+                 "--save-every", "2", "--seed", "0", "--no-progress", "--export", str(export)]) == 0
+    assert len(reads) == 1, reads  # was 2: the check, then the model
+    model = xlstm_metal.load_model(export)
+    assert model.config.embedding_dim == 32 and model.config.num_blocks == 1
+
+
 @pytest.mark.parametrize("command", ["train", "tune"])
 @pytest.mark.parametrize("extra,message", [
     (["--vocab-size", "5"], "--vocab-size must be >= 259 (256 bytes + special tokens), got 5"),

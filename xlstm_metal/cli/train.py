@@ -157,10 +157,11 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
             raise UsageError(f"--export directory {export} is not empty; pass --overwrite to replace it")
 
 
-def _check_flag_combinations(args) -> dict | None:
+def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
     """Flags that would have no effect with the others given: UsageError naming them (before
     any work), never silently ignored; so are settings that would fail only once the model is
-    built. Returns the --arch architecture (read here, once; None without --arch or on --resume)."""
+    built. Returns the --arch architecture and the --config fields, each read here, once (None
+    where not given, and on --resume)."""
     if args.export_dtype is not None and not args.export:
         raise UsageError("--export-dtype sets the dtype of the --export DIR model; give --export DIR too")
     check_vocab_size(args.vocab_size, f"--tokenizer {args.tokenizer}" if args.tokenizer
@@ -181,9 +182,10 @@ def _check_flag_combinations(args) -> dict | None:
             resolve_kernel_name(args.kernel)
         except KeyError as err:
             raise UsageError(f"--kernel: {err.args[0]}") from None
+    config = None
     if args.config is not None and not args.resume:
         try:
-            _config_dict(args.config)
+            config = _config_dict(args.config)  # the model is built from this (the file is read once)
         except UsageError as err:
             raise UsageError(str(err) if str(err).startswith("--config") else f"--config {args.config}: {err}") \
                 from None
@@ -192,10 +194,10 @@ def _check_flag_combinations(args) -> dict | None:
         from ..lab.library import load_arch
 
         try:
-            return load_arch(args.arch)  # the model is built from this (the file is read once)
+            return load_arch(args.arch), config  # the model is built from this (the file is read once)
         except WiringError as err:
             raise UsageError(f"--arch {args.arch}: {err}") from None
-    return None
+    return None, config
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -317,7 +319,7 @@ def run(args) -> int:
     )
 
     limit_command_buffers()  # before anything runs on the GPU (MLX reads the limits once)
-    arch = _check_flag_combinations(args)
+    arch, config = _check_flag_combinations(args)
     if args.kernel is None:
         args.kernel = default_training_kernel()
     if args.memory_limit is not None and not args.memory_limit > 0:
@@ -471,7 +473,7 @@ def run(args) -> int:
                 raise UsageError(f"--arch {args.arch}: {err}") from None
         from_scratch = model is None
         if model is None:
-            model = _build_model(_config_dict(args.config or "tiny"), args.kernel, cfg.seed, vocab)
+            model = _build_model(config if config is not None else _config_dict("tiny"), args.kernel, cfg.seed, vocab)
         else:
             _set_training_kernel(model, args.kernel)
         if profile is not None:  # numerics of the profile; its gate init for a new model
