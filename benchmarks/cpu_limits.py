@@ -6,9 +6,10 @@ head is tied to it) plus the recurrent state, so it cannot take less than
 
 - read bandwidth over arrays far larger than the caches (1 GiB): ``likwid-bench -t
   load_avx512`` (or ``load_avx``) with one thread per core where likwid is installed (Debian
-  package ``likwid``), and numpy streaming reads (``sum`` over one slice per thread, threads in
-  parallel) and copies, each before and after the decode; the limit uses the highest read
-  figure of the round (the strictest limit);
+  package ``likwid``), numpy streaming reads (``sum`` over one slice per thread, threads in
+  parallel) and copies, and a one-row product with a 1 GiB weight through MLX (``gemv``: the
+  decode's own product kernel, which reads faster than numpy's ``sum`` here), each before and
+  after the decode; the limit uses the highest read figure of the round (the strictest limit);
 - our decode at batch 1 (``xlstm_metal.benchmark.measure_decode``: the compiled greedy step,
   ``fuse_projections()``, float32) of a random model of the named shape, or of a checkpoint
   directory (``--model``, e.g. the packaged model, dequantized on the CPU as ``generate`` runs it).
@@ -66,6 +67,24 @@ def numpy_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> dict[st
         read = best(lambda p: p[0].sum())
         copy = best(lambda p: np.copyto(p[1], p[0]))
     return {"read_gbs": a.nbytes / read / 1e9, "copy_gbs": 2 * a.nbytes / copy / 1e9}
+
+
+def gemv_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Best read GB/s of a one-row product with a ``gib`` GiB float32 weight through MLX, i.e.
+    the kernel a decode step's products run (the BLAS forwarder's row kernel on all its threads
+    where it is active, else OpenBLAS's sgemv): a read rate the machine demonstrably reaches."""
+    import mlx.core as mx
+
+    K = 4096
+    w = mx.random.normal((int(gib * GIB) // (4 * K), K))
+    x = mx.random.normal((1, K))
+    mx.eval(w, x, x @ w.T)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(x @ w.T)
+        best = min(best, time.perf_counter() - t)
+    return {"read_gbs": w.nbytes / best / 1e9}
 
 
 def likwid_bandwidth(threads: int) -> dict[str, float] | None:
@@ -178,7 +197,8 @@ def main() -> int:
         bw: dict[str, dict] = {}
 
         def measure_bandwidth() -> None:
-            found = {"numpy_1": numpy_bandwidth(1), f"numpy_{threads}": numpy_bandwidth(threads)}
+            found = {"numpy_1": numpy_bandwidth(1), f"numpy_{threads}": numpy_bandwidth(threads),
+                     "gemv": gemv_bandwidth()}
             lk = likwid_bandwidth(threads)
             if lk is not None:
                 found[f"likwid_{threads}"] = lk

@@ -4,7 +4,8 @@ A child process runs our decode (batch 1, compiled step) or prefill loop on a ra
 named shape (or the README command's model and sampling, ``--workload readme``); once it is warm,
 ``perf record`` samples it for --seconds, and the samples are grouped by shared object and symbol:
 
-- BLAS GEMV / BLAS GEMM (+ packing) / BLAS other: OpenBLAS (the copy xlstm_metal binds MLX to);
+- BLAS GEMV / BLAS GEMM (+ packing) / BLAS other: OpenBLAS (the copy xlstm_metal binds MLX to) and
+  the BLAS forwarder's row kernel with its OpenMP threads (``xlstm_metal/_blas.py``);
 - MLX fused kernels: the C++ that ``mx.compile`` generates and builds (one library per kernel);
 - MLX op kernels: MLX's own elementwise, reduction, copy, sort and gather loops in libmlx.so;
 - MLX graph, dispatch, allocator: the rest of libmlx.so (eval, scheduler, compile replay, arrays);
@@ -73,8 +74,10 @@ OP_KERNEL = re.compile(r"binary_op|unary_op|ternary|reduction|Reduce|copy_|simd:
 
 
 def classify(dso: str, sym: str) -> str:
+    if dso.startswith("libgomp"):  # the row kernel's OpenMP threads: waking, waiting
+        return "BLAS other (threads, copies)"
     if any(dso.startswith(lib) for lib in BLAS_LIBS):
-        if "gemv" in sym:
+        if "gemv" in sym or sym.startswith(("dot_rows", "rows_product")):  # the forwarder's row kernel
             return "BLAS GEMV"
         if "gemm" in sym:  # the kernels and the packing routines (sgemm_itcopy_..., sgemm_oncopy_...)
             return "BLAS GEMM (+ packing)"

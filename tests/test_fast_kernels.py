@@ -44,20 +44,31 @@ def test_fused_model_matches_unfused(kwargs):
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the layout is the CPU's")
-def test_cpu_fuse_stores_the_lm_head_for_matrix_vector_products(tmp_path):
-    # The LM head (tied to the embeddings or not) is stored [in, out]: what OpenBLAS's GEMV
-    # reads fastest for one row; the gather of a tied table reads rows of the transposed view.
-    for tied in (False, True):
-        model = tiny_model(seed=8, tie_word_embeddings=tied)
-        before = np.array(model.backbone.embeddings.weight)
-        model.fuse_projections()
-        head = model.backbone.embeddings.weight if tied else model.lm_head.weight
-        assert memoryview(head).strides == (4, 4 * head.shape[0])  # column-major [V, E]
-        np.testing.assert_array_equal(np.array(model.backbone.embeddings.weight), before)
-        ids = mx.array([[5, 0, 96, 5]], dtype=mx.int32)
-        np.testing.assert_array_equal(np.array(model.backbone.embeddings(ids))[0], before[[5, 0, 96, 5]])
-        save_model(model, tmp_path / f"m{tied}")
-        np.testing.assert_array_equal(np.array(load_model(tmp_path / f"m{tied}").backbone.embeddings.weight), before)
+@pytest.mark.parametrize("row_kernel", [True, False])
+def test_cpu_fuse_stores_the_lm_head_for_matrix_vector_products(tmp_path, row_kernel):
+    # The LM head (tied to the embeddings or not) is stored in the layout the one-row product
+    # reads fastest: [out, in] rows for the BLAS forwarder's row kernel, [in, out] for OpenBLAS's
+    # GEMV (the gather of a tied table then reads rows of the transposed view).
+    from xlstm_metal import _blas
+
+    if row_kernel and not _blas.GEMV_FORWARD:
+        pytest.skip(f"no BLAS forwarder here: {_blas.info()['gemv_forward_reason']}")
+    previous = _blas.set_gemv_rows(row_kernel)
+    try:
+        for tied in (False, True):
+            model = tiny_model(seed=8, tie_word_embeddings=tied)
+            before = np.array(model.backbone.embeddings.weight)
+            model.fuse_projections()
+            head = model.backbone.embeddings.weight if tied else model.lm_head.weight
+            V, E = head.shape
+            assert memoryview(head).strides == ((4 * E, 4) if row_kernel else (4, 4 * V))
+            np.testing.assert_array_equal(np.array(model.backbone.embeddings.weight), before)
+            ids = mx.array([[5, 0, 96, 5]], dtype=mx.int32)
+            np.testing.assert_array_equal(np.array(model.backbone.embeddings(ids))[0], before[[5, 0, 96, 5]])
+            save_model(model, tmp_path / f"m{tied}{row_kernel}")
+            np.testing.assert_array_equal(np.array(load_model(tmp_path / f"m{tied}{row_kernel}").backbone.embeddings.weight), before)
+    finally:
+        _blas.set_gemv_rows(previous)
 
 
 def test_fuse_keeps_memory_names_and_saved_checkpoint(tmp_path):

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import _blas
 from ..kernels.fast.quantized import quantized_matmul
 from ..kernels.fast.skinny import linear_product, plain_products_vjp
 from ..kernels.fast.train_rows import join_columns_supported, split_columns
@@ -155,12 +156,12 @@ def fused_outputs(x: mx.array, fused: list[FusedGroup] | None, layers: Sequence[
 
 
 def gemv_layout(weight: mx.array) -> mx.array:
-    """``weight`` [out, in], evaluated; on the CPU stored as a contiguous [in, out] array and
-    returned as its transposed view. MLX's CPU matmul with one row (decoding) reads a
-    column-major weight 1.4-1.7x faster (x @ W with W [in, out] contiguous: LM head 20.5 ->
-    11.8 ms, gate|up of 12 blocks 19.3 -> 12.8 ms, 125m shape); GPUs read the row-major layout
-    faster, so it stays there."""
-    if mx.default_device() == mx.cpu:
+    """``weight`` [out, in], evaluated, in the layout one-row products (decoding) read fastest.
+    On the CPU with OpenBLAS's GEMV, a contiguous [in, out] array returned as its transposed
+    view (LM head 20.5 -> 11.8 ms, gate|up of 12 blocks 19.3 -> 12.8 ms, 125m shape); the
+    BLAS forwarder's own row kernel (:func:`xlstm_metal._blas.gemv_rows`) and GPUs read the
+    row-major layout faster, so it stays there."""
+    if mx.default_device() == mx.cpu and not _blas.gemv_rows():
         weight = mx.contiguous(weight.T)
         mx.eval(weight)
         return weight.T
