@@ -148,18 +148,22 @@ def training_target_rows() -> list[str]:
 
 def cpu_limit_target_rows(results: dict[str, dict]) -> list[str]:
     """Issue 19 item 5 against this machine's limits (results/cpu_limits_125m.json, quiet
-    rounds): decode at batch 1 as a share of the read-bandwidth limit (target 80%), and what the
+    rounds): decode at batch 1 as a share of the read-bandwidth limit (target 80%, median round), and what the
     prefill ratio can reach at all: the measured GEMM ceiling over the official's best prefill."""
     path = RESULTS / "cpu_limits_125m.json"
     if not path.exists():
         return []
     d = json.loads(path.read_text())
     rounds = d["rounds"]
-    best = max(rounds, key=lambda r: r["fraction_of_limit"])
-    status = "**met**" if best["fraction_of_limit"] >= 0.8 else f"not met: {0.8 / best['fraction_of_limit']:.2f}x short"
+    # The median round: this machine's read bandwidth swings from round to round (33-47 GB/s
+    # within minutes, 2026-12-04), so one round's share says little.
+    ranked = sorted(rounds, key=lambda r: r["fraction_of_limit"])
+    mid = ranked[(len(ranked) - 1) // 2]
+    status = "**met**" if mid["fraction_of_limit"] >= 0.8 else f"not met: {0.8 / mid['fraction_of_limit']:.2f}x short"
+    spread = " / ".join(f"{100 * r['fraction_of_limit']:.0f}%" for r in rounds)
     lines = [f"| CPU 125m float32: decode batch 1 vs this machine's read-bandwidth limit | >= 80% | "
-             f"{100 * best['fraction_of_limit']:.0f}% ({best['ours_tok_s']:.1f} of {best['limit_tok_s']:.1f} tok/s; "
-             f"{best['read_gbs']:.1f} GB/s read; `{path.name}`, {d['date']}) | {status} |"]
+             f"{100 * mid['fraction_of_limit']:.0f}% (median round: {mid['ours_tok_s']:.1f} of {mid['limit_tok_s']:.1f} "
+             f"tok/s, {mid['read_gbs']:.1f} GB/s read; rounds {spread}; `{path.name}`, {d['date']}) | {status} |"]
     cpu = results.get("cpu")
     ceilings = [r["prefill"]["ceiling_tok_s"] for r in rounds if "prefill" in r]
     official = [r["tok_s"] for r in (cpu or {}).get("best", []) if r.get("side") == "official"
@@ -815,7 +819,8 @@ def _first_error(tail: str) -> str:
 
 
 def _bw(r: dict, which: str) -> str:
-    """A round's read bandwidth by method: "numpy_1", "numpy_all" (one thread per core), "likwid"."""
+    """A round's read bandwidth by method: "numpy_1", "numpy_all" (one thread per core), "likwid",
+    "gemv" (a one-row product with a 1 GiB weight, the decode's own kernel)."""
     for key, value in r["bandwidth"].items():
         if (which == "numpy_all" and key.startswith("numpy_") and key != "numpy_1") or key.startswith(which):
             return f"{value['read_gbs']:.1f}"
@@ -835,15 +840,17 @@ def cpu_limits_rows() -> list[str]:
         lines += ["", f"### {path.stem.removeprefix('cpu_limits_').replace('_', ', ')} (`results/{path.name}`)", "",
                   f"- date: {d['date']}; command: `{d['command']}`",
                   f"- MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
-                  f"{env.get('blas_threads')} thread(s), one-row products through GEMV: {env.get('gemv_forward')}",
+                  f"{env.get('blas_threads')} thread(s), one-row products through GEMV: {env.get('gemv_forward')}"
+                  + (f", through the forwarder's row kernel: {env['gemv_rows']}" if "gemv_rows" in env else ""),
                   f"- a decode step reads {b['total'] / 1e6:.1f} MB ({b['weights'] / 1e6:.1f} MB of weights, "
                   f"{b['state'] / 1e6:.1f} MB of state); limit = that / the round's highest read bandwidth", "",
-                  "| round (UTC) | load start / end | read GB/s: numpy 1 thread / all threads / likwid | limit tok/s "
+                  "| round (UTC) | load start / end | read GB/s: numpy 1 thread / all threads / likwid / one-row "
+                  "product of 1 GiB | limit tok/s "
                   "| ours tok/s | ours / limit |",
                   "| --- | --- | --- | ---: | ---: | ---: |"]
         for r in d["rounds"]:
             lines.append(f"| {r['round']} ({r['utc']}) | {r['loadavg_1m']:.1f} / {r['loadavg_1m_end']:.1f} | "
-                         f"{_bw(r, 'numpy_1')} / {_bw(r, 'numpy_all')} / {_bw(r, 'likwid')} | "
+                         f"{_bw(r, 'numpy_1')} / {_bw(r, 'numpy_all')} / {_bw(r, 'likwid')} / {_bw(r, 'gemv')} | "
                          f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% |")
         pre = [r for r in d["rounds"] if "prefill" in r]
         if pre:

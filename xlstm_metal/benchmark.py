@@ -284,6 +284,7 @@ def environment() -> dict[str, Any]:
         info["blas_core"] = blas["core"]
         info["blas_threads"] = blas["threads"]
         info["gemv_forward"] = blas["gemv_forward"]
+        info["gemv_rows"] = blas["gemv_rows"]
     return info
 
 
