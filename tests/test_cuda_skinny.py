@@ -466,3 +466,42 @@ def test_gate_up_swiglu_product_off_cuda_is_the_ops_and_the_paired_source_maps_r
     ahead = quantized.decode_source(x_ahead=True)
     assert "load_x(sp, 0, xv)" not in ahead and "rx[d][t]" in ahead
 
+
+
+def test_inference_products_call_the_kernels_without_their_vjp_wrapper(monkeypatch):
+    # Inside inference_products() the decode step's products call their kernels bare (no
+    # custom-vjp nodes in the graph); outside, and again after the block, the differentiable
+    # wrappers. The kernels are stood in for (CPU), so only the dispatch is under test.
+    from xlstm_metal.kernels.fast import skinny
+
+    calls = []
+
+    def stand_in(name, swiglu=False):
+        def run(x, w):
+            calls.append(name)
+            y = x @ w.T
+            if swiglu:
+                gate, up = mx.split(y, 2, axis=-1)
+                return nn.silu(gate) * up
+            return y
+        return run
+
+    monkeypatch.setattr(skinny, "_kernel_for", lambda x, w: "decode")
+    monkeypatch.setattr(skinny, "uses_gate_up_swiglu", lambda x, w: True)
+    monkeypatch.setattr(skinny, "_decode_product", stand_in("wrapped product"))
+    monkeypatch.setattr(skinny, "decode_matmul", stand_in("bare product"))
+    monkeypatch.setattr(skinny, "_decode_swiglu_product", stand_in("wrapped swiglu", swiglu=True))
+    monkeypatch.setattr(skinny, "_decode_swiglu_bare", stand_in("bare swiglu", swiglu=True))
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((4, 32), dtype=np.float32))
+    w = mx.array(rng.standard_normal((24, 32), dtype=np.float32))
+    gate_up = mx.array(rng.standard_normal((48, 32), dtype=np.float32))
+    g, u = np.split(np.array(x) @ np.array(gate_up).T, 2, axis=-1)
+    swiglu_ref = g / (1 + np.exp(-g)) * u
+    outs = [skinny.linear_product(x, w), skinny.gate_up_swiglu_product(x, gate_up)]
+    with skinny.inference_products():
+        outs += [skinny.linear_product(x, w), skinny.gate_up_swiglu_product(x, gate_up)]
+    outs.append(skinny.linear_product(x, w))
+    assert calls == ["wrapped product", "wrapped swiglu", "bare product", "bare swiglu", "wrapped product"]
+    for out, ref in zip(outs, [np.array(x) @ np.array(w).T, swiglu_ref] * 2 + [np.array(x) @ np.array(w).T]):
+        np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-4)
