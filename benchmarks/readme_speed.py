@@ -7,8 +7,10 @@ records the generation tok/s it prints with the 1-minute load average at each ru
 - ``this tree``: this checkout and its packaged model;
 - ``this tree, --model OLD``: this checkout running the older checkout's packaged model;
 - ``OLD tree``: the older checkout (code and model) as it was, the "before" of the issue;
+- ``this tree, no row kernel``: ``XLSTM_METAL_GEMV_ROWS=0`` (one-row products through OpenBLAS's
+  GEMV, as before the forwarder's own row kernel in ``xlstm_metal/_blas.py``);
 - ``this tree, no GEMV forwarding``: ``XLSTM_METAL_GEMV_FORWARD=0`` (one-row products through
-  OpenBLAS's GEMM, as before the forwarder in ``xlstm_metal/_blas.py``).
+  OpenBLAS's GEMM, as before the forwarder).
 
     python benchmarks/readme_speed.py --old-rev 02a6d4d~1 --rounds 4 --out benchmarks/results/readme_speed.json
 
@@ -55,15 +57,15 @@ def main() -> int:
                    help="git revision of the older checkout (default: the commit before pydoc-15m)")
     p.add_argument("--old-tree", type=Path, help="an older checkout already on disk (instead of --old-rev)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", default="this,this-old-model,old,this-no-forward",
-                   help="comma-separated subset of: this, this-old-model, old, this-no-forward")
+    p.add_argument("--configs", default="this,this-old-model,old,this-no-rows,this-no-forward",
+                   help="comma-separated subset of: this, this-old-model, old, this-no-rows, this-no-forward")
     p.add_argument("--threads", help="XLSTM_METAL_BLAS_THREADS for every run (default: the automatic choice)")
     p.add_argument("--out", type=Path, help="JSON file for every run (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [c for c in args.configs.split(",") if c]
-    known = {"this", "this-old-model", "old", "this-no-forward"}
+    known = {"this", "this-old-model", "old", "this-no-rows", "this-no-forward"}
     if not wanted or set(wanted) - known:
         p.error(f"--configs: choose from {', '.join(sorted(known))}")
     env = {"XLSTM_METAL_BLAS_THREADS": args.threads} if args.threads else {}
@@ -84,6 +86,7 @@ def main() -> int:
             "this": (ROOT, [], {}),
             "this-old-model": (ROOT, ["--model", old_model], {}),
             "old": (old, [], {}),
+            "this-no-rows": (ROOT, [], {"XLSTM_METAL_GEMV_ROWS": "0"}),
             "this-no-forward": (ROOT, [], {"XLSTM_METAL_GEMV_FORWARD": "0"}),
         }
         runs: list[dict] = []

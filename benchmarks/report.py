@@ -943,6 +943,7 @@ def readme_speed_rows() -> list[str]:
     names = {"this": "this tree (pydoc-15m, dequantized to float32)",
              "this-old-model": "this tree, `--model` pydoc-4m",
              "old": "the older checkout (pydoc-4m, its code)",
+             "this-no-rows": "this tree, `XLSTM_METAL_GEMV_ROWS=0`",
              "this-no-forward": "this tree, `XLSTM_METAL_GEMV_FORWARD=0`"}
     lines = ["", "## CPU: the README's first command (issue 11 item 6, `benchmarks/readme_speed.py`)"]
     for path in files:
