@@ -1,11 +1,12 @@
-"""One-row float32 products on the CPU: OpenBLAS's GEMV (the forwarder in xlstm_metal/_blas.py)
-against its GEMM path, for each weight layout, on the matrices a decode step reads.
+"""One-row float32 products on the CPU: the forwarder's row kernel and OpenBLAS's GEMV (both through
+xlstm_metal/_blas.py) against OpenBLAS's GEMM path, for each weight layout, on the matrices a decode
+step reads.
 
 MLX's CPU matmul calls only ``cblas_sgemm``; for a [1, K] x [K, N] product OpenBLAS's GEMM packs
-the whole weight first. The forwarder sends such products to ``cblas_sgemv`` instead;
-``_blas.set_gemv_forward`` switches it in this process, so both run interleaved on the same
-arrays. Layouts: W [out, in] row-major (``nn.Linear``, ``x @ W.T``) and W^T [in, out] row-major
-(what ``fuse_projections()`` stores on CPUs, ``x @ Wt``). Each figure is the wall time of all
+the whole weight first. The forwarder sends such products to its own row kernel (contiguous
+weight rows) or ``cblas_sgemv`` instead; ``_blas.set_gemv_forward`` and ``_blas.set_gemv_rows``
+switch them in this process, so all three run interleaved on the same arrays. Layouts: W [out, in] row-major (``nn.Linear``, ``x @ W.T``) and W^T [in, out] row-major
+(what ``fuse_projections()`` stores on CPUs without the row kernel, ``x @ Wt``). Each figure is the wall time of all
 copies of one matrix in a decode step (12 blocks of the 125m shape, 4 of the packaged
 pydoc-15m), best and median of --repeats rounds; GB/s = weight bytes / time.
 
@@ -74,17 +75,28 @@ def main() -> int:
     times: dict[tuple[str, str, bool], list[float]] = {}
     other_times: dict[tuple[str, str], list[float]] = {}
     load0 = os.getloadavg()[0]
+    # (path, forwarder on, its row kernel on); the row kernel takes only W [out, in] (contiguous rows).
+    paths = [("GEMV (forwarded)", True, False), ("GEMM (OpenBLAS)", False, False)]
+    if _blas.gemv_rows():
+        paths.insert(0, ("row kernel (forwarded)", True, True))
     for _ in range(args.repeats):
-        for forward in (True, False):
+        for path, forward, rows_on in paths:
             _blas.set_gemv_forward(forward)
+            _blas.set_gemv_rows(rows_on)
+            # The other path's idle threads spin on for a while after their last product (OpenBLAS's
+            # up to ~0.1 s): let them sleep, so no path runs beside another's spinning workers.
+            time.sleep(0.5)
             for name, (ws, wts, x, _) in data.items():
                 for layout, fn in (("W [out, in]", lambda: [x @ w.T for w in ws]),
                                    ("W^T [in, out]", lambda: [x @ w for w in wts])):
+                    if rows_on and layout != "W [out, in]":
+                        continue
                     mx.eval(fn())
                     t = time.perf_counter()
                     mx.eval(fn())
-                    times.setdefault((name, layout, forward), []).append(time.perf_counter() - t)
+                    times.setdefault((name, layout, path), []).append(time.perf_counter() - t)
         _blas.set_gemv_forward(True)
+        _blas.set_gemv_rows(bool(paths[0][2]))
         for name, forms in other.items():
             for form, (weights, xin) in forms.items():
                 if "bit" in form:
@@ -99,9 +111,9 @@ def main() -> int:
                 other_times.setdefault((name, form), []).append(time.perf_counter() - t)
     _blas.set_gemv_forward(True)
     rows = []
-    for (name, layout, forward), ts in times.items():
+    for (name, layout, path), ts in times.items():
         nbytes = data[name][3]
-        rows.append({"matrix": name, "layout": layout, "path": "GEMV (forwarded)" if forward else "GEMM (OpenBLAS)",
+        rows.append({"matrix": name, "layout": layout, "path": path,
                      "mbytes": nbytes / 1e6, "best_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts),
                      "best_gbs": nbytes / min(ts) / 1e9, "median_gbs": nbytes / statistics.median(ts) / 1e9})
     for (name, form), ts in other_times.items():
@@ -115,13 +127,14 @@ def main() -> int:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, args.out)
     print(f"BLAS threads {result['environment'].get('blas_threads')}, load {load0:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("| matrix (copies per step) | MB | layout | GEMV ms (GB/s) | GEMM ms (GB/s) | GEMM / GEMV |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    print("| matrix (copies per step) | MB | layout | row kernel ms (GB/s) | GEMV ms (GB/s) | GEMM ms (GB/s) | GEMM / GEMV |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for name, _, _, copies in MATRICES:
         for layout in ("W [out, in]", "W^T [in, out]"):
-            g = next(r for r in rows if r["matrix"] == name and r["layout"] == layout and r["path"].startswith("GEMV"))
-            m = next(r for r in rows if r["matrix"] == name and r["layout"] == layout and r["path"].startswith("GEMM"))
-            print(f"| {name} (x{copies}) | {g['mbytes']:.1f} | {layout} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) | "
+            found = {r["path"].split(" (")[0]: r for r in rows if r["matrix"] == name and r["layout"] == layout}
+            k, g, m = found.get("row kernel"), found["GEMV"], found["GEMM"]
+            kernel = f"{k['median_ms']:.2f} ({k['median_gbs']:.1f})" if k else "-"
+            print(f"| {name} (x{copies}) | {g['mbytes']:.1f} | {layout} | {kernel} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) | "
                   f"{m['median_ms']:.2f} ({m['median_gbs']:.1f}) | {m['median_ms'] / g['median_ms']:.2f}x |")
     if other_times:
         print("\n| matrix | other format | ms | x float32 GEMV (W^T) |\n| --- | --- | ---: | ---: |")

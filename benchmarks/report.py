@@ -873,11 +873,12 @@ def cpu_limits_rows() -> list[str]:
 
 
 def cpu_gemv_rows() -> list[str]:
-    """One-row products, forwarded GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
+    """One-row products, the forwarder's row kernel and GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
     files = sorted(RESULTS.glob("cpu_gemv*.json"))
     if not files:
         return []
-    lines = ["", "## CPU: one-row products through OpenBLAS's GEMV vs its GEMM path (`benchmarks/cpu_gemv.py`)"]
+    lines = ["", "## CPU: one-row products through the forwarder's row kernel and OpenBLAS's GEMV vs its GEMM path "
+             "(`benchmarks/cpu_gemv.py`)"]
     for path in files:
         d = json.loads(path.read_text())
         env = d["environment"]
@@ -886,8 +887,9 @@ def cpu_gemv_rows() -> list[str]:
                   f"{d['loadavg_1m'][1]:.1f} at the end. Median ms of all copies of the matrix in one decode "
                   "step (GB/s of weights); sets under the 32 MB L3 stay cached between repeats here, so "
                   "their GB/s overstate a real step's", "",
-                  "| matrix (copies per step) | MB | layout | GEMV ms (GB/s) | GEMM ms (GB/s) | GEMM / GEMV |",
-                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+                  "| matrix (copies per step) | MB | layout | row kernel ms (GB/s) | GEMV ms (GB/s) | GEMM ms (GB/s) "
+                  "| GEMM / GEMV |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         seen = []
         for r in d["rows"]:
             if r["path"] == "MLX (no BLAS)":
@@ -898,8 +900,10 @@ def cpu_gemv_rows() -> list[str]:
             seen.append(key)
             g = next(x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("GEMV"))
             m = next(x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("GEMM"))
+            k = next((x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("row kernel")), None)
+            kernel = f"{k['median_ms']:.2f} ({k['median_gbs']:.1f})" if k else "-"
             name = r["matrix"].replace("|", "\\|")
-            lines.append(f"| {name} | {g['mbytes']:.1f} | {r['layout']} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) "
+            lines.append(f"| {name} | {g['mbytes']:.1f} | {r['layout']} | {kernel} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) "
                          f"| {m['median_ms']:.2f} ({m['median_gbs']:.1f}) | {m['median_ms'] / g['median_ms']:.2f}x |")
         others = [r for r in d["rows"] if r["path"] == "MLX (no BLAS)"]
         if others:
