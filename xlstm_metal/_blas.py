@@ -120,7 +120,7 @@ static void clear(float *y, int n, int inc) {
    to back (the hardware prefetcher's best case: OpenBLAS's 4-row sgemv_t streams 20-25% slower
    here), into 64 partial sums that the compiler keeps in vector registers. Built for the CPU
    it runs on (x86-64-v4 / v3 / baseline, picked at load time). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(XLSTM_NO_CLONES)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 static void dot_rows(const float *restrict W, long ldw, const float *restrict x, float *restrict y,
@@ -371,10 +371,12 @@ def _gemv_forwarder(blas: Path, soname: str) -> Path:
         cmd = [cc, "-O3", "-shared", "-fPIC", str(src), "-o", str(out), f"-Wl,-soname,{soname}",
                "-Wl,--no-as-needed", f"-L{blas.parent}", f"-l:{blas.name}", f"-Wl,-rpath,{blas.parent}"]
         # OpenMP threads for the row kernel where the compiler has them (gcc's libgomp; a clang
-        # without libomp builds the one-thread form).
-        done = subprocess.run([*cmd, "-fopenmp"], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        # without libomp builds the one-thread form), per-CPU clones where the C library has
+        # ifuncs (glibc; musl has none): the first of these builds that succeeds.
+        for extra in (["-fopenmp"], ["-fopenmp", "-DXLSTM_NO_CLONES"], ["-DXLSTM_NO_CLONES"]):
+            done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise OSError(f"building the GEMV forwarder failed: {done.stderr.strip()[-500:]}")
         os.chmod(out, 0o755)
