@@ -455,6 +455,34 @@ def test_packed_step_equals_the_step_on_slices(monkeypatch, version, B, NH, DQK,
     assert not np.allclose(np.array(s[0]), np.array(state[0]))
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("bias,cap,with_state", [(True, 15.0, True), (False, None, True), (True, 15.0, False)])
+def test_packed_step_ops_form_equals_the_reference_step(monkeypatch, dtype, bias, cap, with_state):
+    # Where no kernel runs (CPUs, Metal, CUDA with the kernels off), the packed step is an ops
+    # form of its own with fewer graph nodes (one split of y, reshapes straight to the shapes the
+    # products take): it must give mlstm_step's results on the slices, to float32 round-off.
+    monkeypatch.setattr(decode_kernels, "_kernels_on", lambda: False)
+    calls = []
+    real = decode_kernels._step_packed_ops
+    monkeypatch.setattr(decode_kernels, "_step_packed_ops", lambda *a: calls.append(1) or real(*a))
+    B, NH, DQK, DV = 2, 3, 24, 40
+    y, columns, gate_cols, _, _, (ib, fb), state = _packed_inputs(7, B, NH, DQK, DV, 96, dtype, bias)
+    state = state if with_state else None
+    q, k, v, i_raw, f_raw = _unpacked(y, columns, gate_cols, NH)
+    h, s = decode_kernels.mlstm_step_gated_packed(y, columns + gate_cols, NH, ib, fb, state, gate_soft_cap=cap)
+    i = decode_kernels.gate_preactivation(i_raw, ib, cap)
+    f = decode_kernels.gate_preactivation(f_raw, fb, cap)
+    h_ref, s_ref = decode_kernels.mlstm_step(q, k, v, i, f, state)
+    assert calls == [1]
+    assert h.shape == h_ref.shape == (B, NH, 1, DV) and h.dtype == h_ref.dtype == dtype
+    tol = 1e-5 if dtype == mx.float32 else 8e-3  # bf16 h: one rounding of a float32 result
+    np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(h_ref.astype(mx.float32)), rtol=tol, atol=tol)
+    for a, b in zip(s, s_ref):
+        assert a.shape == b.shape and a.dtype == b.dtype == mx.float32
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.array(s[0]), 0 if state is None else np.array(state[0]))
+
+
 def test_packed_step_rejects_bad_columns():
     y, columns, gate_cols, x, w_if, (ib, fb), state = _packed_inputs(0, 1, 2, 8, 8, 16, mx.float32, True)
     with pytest.raises(ValueError, match="columns"):

@@ -42,7 +42,7 @@ import mlx.nn as nn
 
 from ...cells.activations import sigmoid
 from ...cells.norms import MultiHeadLayerNorm, RMSNorm, soft_cap
-from ..mlstm import MLSTMState, is_deferred, mlstm_step, mlstm_step_deferred, zero_state
+from ..mlstm import MLSTMState, is_deferred, log_sigmoid, mlstm_step, mlstm_step_deferred, zero_state
 from .norm_rows import add_rms_norm_rows, add_rms_norm_rows_supported, norm_gate_rows, norm_gate_rows_supported
 from .step import GATE_STABILISER, cuda_available
 from .tensor_cores import compact_source
@@ -1141,9 +1141,52 @@ def mlstm_step_gated_packed(
         gates = [x, w_if] if w_if is not None else []
         return _step_launch([y], offsets, gates, w_if is not None, i_bias, f_bias, state, B, NH, dqk, dv, y.dtype,
                             gate_dtype, gate_soft_cap, eps, state_dtype)
+    if w_if is None and not is_deferred(state) and y.ndim == 3 and y.shape[1] == 1:
+        return _step_packed_ops(y, columns, NH, i_bias, f_bias, state, gate_soft_cap, eps, state_dtype)
     q, k, v, i_raw, f_raw = unpack_step_columns(y, columns, NH)
     return mlstm_step_gated(q, k, v, i_raw, f_raw, i_bias, f_bias, state, gate_soft_cap=gate_soft_cap, eps=eps,
                             state_dtype=state_dtype, x=x, w_if=w_if)
+
+
+def _step_packed_ops(y, columns, NH, i_bias, f_bias, state, gate_soft_cap, eps, state_dtype):
+    """:func:`mlstm_step_gated_packed` in MLX ops (CPUs, Metal): the math of
+    :func:`~xlstm_metal.kernels.mlstm.mlstm_step` after :func:`gate_preactivation`, with as few
+    graph nodes as the ops allow (MLX's CPU backend spends ~5 us of host and stream time per node
+    of a step: one split of y, its pieces reshaped straight to the shapes the products and
+    broadcasts take, h [B, NH, 1, DV] from one matmul without squeezes). Same result to float32
+    round-off."""
+    B, W = y.shape[0], y.shape[-1]
+    q0, k0, v0, v1, i0, f0 = columns
+    dqk, dv = (k0 - q0) // NH, (v1 - v0) // NH
+    pieces = mx.split(y.reshape(B, W), [q0, k0, v0, v1, i0, f0, f0 + NH], axis=-1)
+    q, k, v, i_raw, f_raw = pieces[1], pieces[2], pieces[3], pieces[5], pieces[6]
+    f32 = mx.float32
+    if state is None:
+        C = mx.zeros((B, NH, dqk, dv), f32)
+        n = mx.zeros((B, NH, 1, dqk), f32)
+        m = mx.zeros((B, NH, 1, 1), f32)
+    else:
+        C = state[0].astype(f32)
+        n = state[1].astype(f32).reshape(B, NH, 1, dqk)
+        m = state[2].astype(f32).reshape(B, NH, 1, 1)
+    i = i_raw.reshape(B, NH, 1, 1)
+    f = f_raw.reshape(B, NH, 1, 1)
+    if i_bias is not None:
+        i, f = i + i_bias.reshape(1, NH, 1, 1), f + f_bias.reshape(1, NH, 1, 1)
+    i = soft_cap(i, gate_soft_cap).astype(f32)
+    lf = log_sigmoid(soft_cap(f, gate_soft_cap).astype(f32))
+    m_new = mx.maximum(lf + m, i)
+    f_act = mx.exp(lf + m - m_new)
+    i_act = mx.exp(i - m_new)
+    k_row = k.reshape(B, NH, 1, dqk).astype(f32)
+    C = f_act * C + i_act * (k_row.swapaxes(-1, -2) * v.reshape(B, NH, 1, dv).astype(f32))
+    n = f_act * n + i_act * k_row
+    qs = q.reshape(B, NH, 1, dqk).astype(f32) * (dqk**-0.5)
+    num = qs @ C  # [B, NH, 1, DV]
+    qn = mx.sum(qs * n, axis=-1, keepdims=True)  # [B, NH, 1, 1]
+    h = num / (mx.maximum(mx.abs(qn), mx.exp(-m_new)) + eps)
+    out = state_dtype or f32
+    return h.astype(y.dtype), (C.astype(out), n.reshape(B, NH, dqk).astype(out), m_new.reshape(B, NH, 1).astype(out))
 
 
 def unpack_step_columns(y: mx.array, columns: tuple[int, ...], num_heads: int):
