@@ -435,9 +435,14 @@ def set_gemv_forward(enabled: bool) -> bool:
     global GEMV_FORWARD
     if _FORWARD_HANDLE is None:
         return False
-    flag = ctypes.c_int.in_dll(_FORWARD_HANDLE, "xlstm_gemv_forward")
+    previous, GEMV_FORWARD = _swap_flag("xlstm_gemv_forward", enabled), bool(enabled)
+    return previous
+
+
+def _swap_flag(name: str, enabled: bool) -> bool:
+    """Set the forwarder's int flag ``name``; returns its previous value."""
+    flag = ctypes.c_int.in_dll(_FORWARD_HANDLE, name)
     previous, flag.value = bool(flag.value), int(bool(enabled))
-    GEMV_FORWARD = bool(enabled)
     return previous
 
 
@@ -448,9 +453,7 @@ def set_gemv_rows(enabled: bool) -> bool:
     global GEMV_ROWS
     if _FORWARD_HANDLE is None:
         return False
-    flag = ctypes.c_int.in_dll(_FORWARD_HANDLE, "xlstm_gemv_rows")
-    previous, flag.value = bool(flag.value), int(bool(enabled))
-    GEMV_ROWS = bool(enabled)
+    previous, GEMV_ROWS = _swap_flag("xlstm_gemv_rows", enabled), bool(enabled)
     return previous
 
 
