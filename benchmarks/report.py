@@ -155,8 +155,9 @@ def cpu_limit_target_rows(results: dict[str, dict]) -> list[str]:
         return []
     d = json.loads(path.read_text())
     rounds = d["rounds"]
-    # The median round: this machine's read bandwidth swings from round to round (33-47 GB/s
-    # within minutes, 2026-12-04), so one round's share says little.
+    # The median round (the lower middle one of an even count): this machine's read bandwidth
+    # swings from round to round (33-47 GB/s within minutes, 2026-12-04), so one round's share
+    # says little.
     ranked = sorted(rounds, key=lambda r: r["fraction_of_limit"])
     mid = ranked[(len(ranked) - 1) // 2]
     status = "**met**" if mid["fraction_of_limit"] >= 0.8 else f"not met: {0.8 / mid['fraction_of_limit']:.2f}x short"
