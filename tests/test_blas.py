@@ -236,6 +236,9 @@ def worst():
     w = rng.standard_normal((24, 40), dtype=np.float32)
     got = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w), alpha=0.5, beta=2.0))
     err = max(err, float(np.abs(got - (2.0 * c + 0.5 * x @ w)).max()))
+    wt = rng.standard_normal((40, 24), dtype=np.float32)       # the same with w's rows contiguous
+    got = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(wt).T, alpha=0.5, beta=2.0))
+    err = max(err, float(np.abs(got - (2.0 * c + 0.5 * x @ wt.T)).max()))
 
     # x @ w[:, :K].T: rows of a wider matrix (MLX copies them first, or hands over ld > K)
     w = rng.standard_normal((70, 150), dtype=np.float32)
@@ -283,15 +286,16 @@ def test_gemv_forward_matches_numpy_and_switches_off():
     if _cc() is None:
         pytest.skip("no C compiler: the forwarder is not built (covered by the next test)")
     assert info["gemv_forward"] is True and info["gemv_forward_reason"] is None, info
-    # 5 shapes x 4 layouts with one row or column + 4 batched one-row products + addmm + the
+    # 5 shapes x 4 layouts with one row or column + 4 batched one-row products + 2 addmm + the
     # sliced weight; the 3 x 5 x 4 product goes to GEMM.
-    assert got["calls_on"] == 4 * 4 + 4 + 1 + 1, got
+    assert got["calls_on"] == 4 * 4 + 4 + 2 + 1, got
     assert got["previous"] is True and got["calls_off"] == 0 and got["rows_off"] == 0
     # The row kernel takes the products of contiguous weight rows with a contiguous vector:
     # x @ W.T for the 1 x 300 x 200 and 1 x 6288 x 96 shapes and A @ x for 7 x 1 x 130, two
-    # layouts each; the rest stay with OpenBLAS's sgemv.
-    assert info["gemv_rows"] is True and got["rows_on"] == 6 and got["rows_threads"] == 6, got
-    assert got["rows_previous"] is True and got["rows_no_rows"] == 0 and got["calls_no_rows"] == 22, got
+    # layouts each, and the addmm with w's rows contiguous (beta != 0); the rest stay with
+    # OpenBLAS's sgemv.
+    assert info["gemv_rows"] is True and got["rows_on"] == 7 and got["rows_threads"] == 7, got
+    assert got["rows_previous"] is True and got["rows_no_rows"] == 0 and got["calls_no_rows"] == 23, got
     for key in ("err_on", "err_threads", "err_no_rows", "err_off"):
         assert got[key] < 1e-4, got
 
@@ -304,7 +308,7 @@ def test_gemv_forward_off_by_env_or_without_compiler():
     # The row kernel off by itself: every one-row product goes to OpenBLAS's sgemv.
     no_rows = _gemv(XLSTM_METAL_GEMV_ROWS="0")
     assert no_rows["info"]["gemv_forward"] is True and no_rows["info"]["gemv_rows"] is False
-    assert no_rows["calls_on"] == 22 and no_rows["rows_on"] == 0 and no_rows["err_on"] < 1e-4
+    assert no_rows["calls_on"] == 23 and no_rows["rows_on"] == 0 and no_rows["err_on"] < 1e-4
     # No compiler anywhere: OpenBLAS is still bound (plain GEMM), and info() says why not GEMV.
     no_cc = _gemv(PATH="/nonexistent", CC="/nonexistent/cc")
     assert no_cc["info"]["blas"] is not None and no_cc["info"]["gemv_forward"] is False
