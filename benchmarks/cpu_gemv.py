@@ -5,9 +5,10 @@ step reads.
 MLX's CPU matmul calls only ``cblas_sgemm``; for a [1, K] x [K, N] product OpenBLAS's GEMM packs
 the whole weight first. The forwarder sends such products to its own row kernel (contiguous
 weight rows) or ``cblas_sgemv`` instead; ``_blas.set_gemv_forward`` and ``_blas.set_gemv_rows``
-switch them in this process, so all three run interleaved on the same arrays. Layouts: W [out, in] row-major (``nn.Linear``, ``x @ W.T``) and W^T [in, out] row-major
-(what ``fuse_projections()`` stores on CPUs without the row kernel, ``x @ Wt``). Each figure is the wall time of all
-copies of one matrix in a decode step (12 blocks of the 125m shape, 4 of the packaged
+switch them in this process, so all three run interleaved on the same arrays. Layouts: W [out,
+in] row-major (``nn.Linear``, ``x @ W.T``) and W^T [in, out] row-major (what
+``fuse_projections()`` stores on CPUs without the row kernel, ``x @ Wt``). Each figure is the
+wall time of all copies of one matrix in a decode step (12 blocks of the 125m shape, 4 of the packaged
 pydoc-15m), best and median of --repeats rounds; GB/s = weight bytes / time.
 
     python benchmarks/cpu_gemv.py --repeats 7 --out benchmarks/results/cpu_gemv.json
@@ -72,12 +73,13 @@ def main() -> int:
                 forms[f"{bits}-bit g64"] = ([mx.quantize(w, 64, bits) for w in ws], x)
             mx.eval([f[0] for f in forms.values()])
             other[name] = forms
-    times: dict[tuple[str, str, bool], list[float]] = {}
+    times: dict[tuple[str, str, str], list[float]] = {}  # (matrix, layout, path)
     other_times: dict[tuple[str, str], list[float]] = {}
     load0 = os.getloadavg()[0]
     # (path, forwarder on, its row kernel on); the row kernel takes only W [out, in] (contiguous rows).
+    rows_default = _blas.gemv_rows()
     paths = [("GEMV (forwarded)", True, False), ("GEMM (OpenBLAS)", False, False)]
-    if _blas.gemv_rows():
+    if rows_default:
         paths.insert(0, ("row kernel (forwarded)", True, True))
     for _ in range(args.repeats):
         for path, forward, rows_on in paths:
@@ -96,7 +98,7 @@ def main() -> int:
                     mx.eval(fn())
                     times.setdefault((name, layout, path), []).append(time.perf_counter() - t)
         _blas.set_gemv_forward(True)
-        _blas.set_gemv_rows(bool(paths[0][2]))
+        _blas.set_gemv_rows(rows_default)
         for name, forms in other.items():
             for form, (weights, xin) in forms.items():
                 if "bit" in form:

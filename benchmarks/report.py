@@ -899,9 +899,9 @@ def cpu_gemv_rows() -> list[str]:
             if key in seen:
                 continue
             seen.append(key)
-            g = next(x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("GEMV"))
-            m = next(x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("GEMM"))
-            k = next((x for x in d["rows"] if (x["matrix"], x["layout"]) == key and x["path"].startswith("row kernel")), None)
+            # by path: "row kernel" (absent in files from before it), "GEMV", "GEMM"
+            found = {x["path"].split(" (")[0]: x for x in d["rows"] if (x["matrix"], x["layout"]) == key}
+            k, g, m = found.get("row kernel"), found["GEMV"], found["GEMM"]
             kernel = f"{k['median_ms']:.2f} ({k['median_gbs']:.1f})" if k else "-"
             name = r["matrix"].replace("|", "\\|")
             lines.append(f"| {name} | {g['mbytes']:.1f} | {r['layout']} | {kernel} | {g['median_ms']:.2f} ({g['median_gbs']:.1f}) "
