@@ -480,35 +480,6 @@ CHAIN_ROWS: frozenset[int] = frozenset(int(b) for b in os.environ.get("XLSTM_MET
 #: weights requested early 244.1 / 243.8 and 278.9 / 230.4.
 ROWS_BLOCKS = int(os.environ.get("XLSTM_METAL_CHAIN_ROWS_BLOCKS", "4") or 4)
 
-
-def _stage_blocks_setting(text: str) -> dict[str, int]:
-    """``"gate:2,plain:3"`` -> {"gate": 2, "plain": 3} (:data:`ROWS_STAGE_BLOCKS`)."""
-    out: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        stage, sep, blocks = item.partition(":")
-        if not sep or stage not in ROWS_STAGES or not blocks.isdigit() or not 1 <= int(blocks) <= 8:
-            raise ValueError(f"XLSTM_METAL_CHAIN_ROWS_STAGE_BLOCKS: {item!r} is not STAGE:BLOCKS with STAGE one of "
-                             f"{', '.join(ROWS_STAGES)} and BLOCKS 1-8")
-        out[stage] = int(blocks)
-    return out
-
-
-#: The streaming stages by name: ``norm`` (RMSNorm -> q|k|v|o(|i|f)), ``gate`` (head norm and
-#: output gate -> out_proj + residual), ``norm_swiglu`` (RMSNorm -> gate|up, SwiGLU in the
-#: epilogue), ``swiglu`` (SwiGLU -> proj_down, with ``ROWS_SWIGLU`` off), ``plain`` (proj_down).
-ROWS_STAGES = ("norm", "gate", "norm_swiglu", "swiglu", "plain")
-
-#: Blocks per SM for single stages in place of :data:`ROWS_BLOCKS`
-#: (``XLSTM_METAL_CHAIN_ROWS_STAGE_BLOCKS``, e.g. ``gate:2,plain:3``): every block stages the
-#: stage's inputs once (out_proj's: h, o~ and the norm weight, 32 KB per block at 7B), so fewer
-#: blocks read less from L2 before the weights stream, and each warp walks more features.
-ROWS_STAGE_BLOCKS: dict[str, int] = _stage_blocks_setting(os.environ.get("XLSTM_METAL_CHAIN_ROWS_STAGE_BLOCKS", ""))
-
-
-def _stage_blocks(stage: str) -> int:
-    """Blocks per SM walking the features of streaming stage ``stage``."""
-    return ROWS_STAGE_BLOCKS.get(stage, ROWS_BLOCKS)
-
 #: Whether those blocks request their first weights before the prologue
 #: (``XLSTM_METAL_CHAIN_ROWS_EARLY=1``; the registers they take stay held through it, which at
 #: 4 blocks per SM spills: off).
@@ -561,9 +532,8 @@ def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], s
                  store: str, pair_store: str = ";"):
     """The streaming kernel of a stage (``key``) at ``bits``: :func:`.gemv.rows_source` with the
     stage's hooks (inputs ``scales`` and ``biases`` added at 8 bits), registers bounded for
-    :func:`_stage_blocks` blocks per SM."""
-    blocks = _stage_blocks(key[0])
-    key = ("rows", *key, bits, blocks, ROWS_EARLY)
+    :data:`ROWS_BLOCKS` blocks per SM."""
+    key = ("rows", *key, bits, ROWS_BLOCKS, ROWS_EARLY)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
@@ -572,15 +542,15 @@ def _rows_kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], s
             output_names=outputs,
             source=compact_source(_gemv.rows_source(sizes.replace("STAGE_DECL", _ROWS_STAGE_DECL), prologue, store, bits,
                                                     pair_store)),
-            header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(blocks)),
+            header=compact_source(_ROWS_HEADER + _gemv.launch_bounds(ROWS_BLOCKS)),
         )
         _kernels[key] = kernel
     return kernel
 
 
-def _rows_call(kernel, stage: str, inputs: list, arrays: tuple, dtype: mx.Dtype, k: int, rows: int, shapes: list,
-               dtypes: list, extra: list, pair: int = 0) -> list:
-    """Launch ``stage``'s streaming kernel on ``inputs`` and the product's ``arrays`` (w, scales,
+def _rows_call(kernel, inputs: list, arrays: tuple, dtype: mx.Dtype, k: int, rows: int, shapes: list, dtypes: list,
+               extra: list, pair: int = 0) -> list:
+    """Launch a stage's streaming kernel on ``inputs`` and the product's ``arrays`` (w, scales,
     biases, group size, bits) for inner size ``k``; ``pair``: features n and n + pair per warp
     (4 loads of each in flight: the 8 of one feature otherwise)."""
     w, scales, biases, group_size, bits = arrays
@@ -591,8 +561,7 @@ def _rows_call(kernel, stage: str, inputs: list, arrays: tuple, dtype: mx.Dtype,
                                      group_size=group_size if bits != 16 else 32,
                                      prefetch=ROWS_PREFETCH.get(bits, 0),
                                      **shape) + extra,
-        output_shapes=shapes, output_dtypes=dtypes,
-        **_gemv.rows_launch(pair or w.shape[0], blocks=_stage_blocks(stage)),
+        output_shapes=shapes, output_dtypes=dtypes, **_gemv.rows_launch(pair or w.shape[0], blocks=ROWS_BLOCKS),
     )
 
 
@@ -677,7 +646,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
                               ["xr"] + (["pend"] if has_pending else []) + ["nw", "w"],
                               ["y"] + (["sum_out"] if has_pending else []) + (["xn_out"] if write_xn else []),
                               _NORM_SIZES, _norm_prologue(norm.eps, has_pending, write_xn), _gemv.STORE)
-        outs = _rows_call(kernel, "norm", [x] + ([pending] if has_pending else []) + [norm.weight],
+        outs = _rows_call(kernel, [x] + ([pending] if has_pending else []) + [norm.weight],
                           (w, scales, biases, group_size, bits), T, E, B, shapes, dtypes, [("ST", x.dtype)])
         return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
     iw = _int(bits, group_size, B, E, T, stage="norm")
@@ -726,7 +695,7 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
     if rows_apply(bits, B, group_size):
         kernel = _rows_kernel(("gate", norm.eps), bits, ["h", "o", "nw", "xr", "w"], ["out"], _GATE_SIZES,
                               _GATE_PROLOGUE.replace("EPS", _eps(norm.eps)), _RESIDUAL_STORE)
-        return _rows_call(kernel, "gate", [h, o_src, norm.weight, x], (w, scales, biases, group_size, bits), T, NH * DV, B,
+        return _rows_call(kernel, [h, o_src, norm.weight, x], (w, scales, biases, group_size, bits), T, NH * DV, B,
                           [(B, 1, E)], [x.dtype], [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)])[0]
     split = _split(w.shape[0], NH * DV, bits)
     iw = _int(bits, group_size, B, NH * DV, T, split, "gate")
@@ -771,7 +740,7 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     N = w.shape[0]
     if rows_apply(bits, B, group_size):
         kernel = _rows_kernel(("swiglu",), bits, ["gate_up", "w"], ["y"], _SWIGLU_SIZES, _SWIGLU_PROLOGUE, _gemv.STORE)
-        return _rows_call(kernel, "swiglu", [gate_up], (w, scales, biases, group_size, bits), T, F, B, [(B, 1, N)], [T], [])[0]
+        return _rows_call(kernel, [gate_up], (w, scales, biases, group_size, bits), T, F, B, [(B, 1, N)], [T], [])[0]
     split = _split(N, F, bits)
     iw = _int(bits, group_size, B, F, T, split, "swiglu")
     kernel = _kernel(("swiglu", iw), bits, ["gate_up", "w", "scales", "biases"], ["y"],
@@ -840,10 +809,10 @@ def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     T = norm.weight.dtype
     kernel = _rows_kernel(("norm_swiglu", norm.eps), bits, ["xr", "nw", "w"], ["y"], _NORM_SIZES,
                           _norm_prologue(norm.eps, False, False), ";", _SWIGLU_PAIR_STORE)
-    act = _rows_call(kernel, "norm_swiglu", [x, norm.weight], arrays, T, E, B, [(B, 1, F)], [T], [("ST", x.dtype)], pair=F)[0]
+    act = _rows_call(kernel, [x, norm.weight], arrays, T, E, B, [(B, 1, F)], [T], [("ST", x.dtype)], pair=F)[0]
     # [B, 1, F] in and [B, 1, N] out as they are (no reshape nodes: the host pays for each)
     kernel = _rows_kernel(("plain",), bits, ["x", "w"], ["y"], _PLAIN_SIZES, _gemv.STAGE_X, _gemv.STORE)
-    return _rows_call(kernel, "plain", [act], down, T, F, B, [(B, 1, down[0].shape[0])], [T], [])[0]
+    return _rows_call(kernel, [act], down, T, F, B, [(B, 1, down[0].shape[0])], [T], [])[0]
 
 
 # --------------------------------------------------------------- stages 4 and 5 in one launch
