@@ -284,7 +284,8 @@ def test_prefill_follows_kernel_changes(monkeypatch):
     for block in model.blocks:
         block.mlstm_layer.parallel_kernel_cell.kernel = "test_counting"
     again, _ = model.prefill(ids)
-    assert len(calls) == len(model.blocks)  # traced again with the new kernel
+    # traced again with the new kernel: once, for all blocks (they are alike: models/block_compile.py)
+    assert len(calls) == 1
     _close(again, first, 1e-4)
 
 

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..blocks.xlstm_large import mLSTMBlock, stacked_step
+from .block_compile import compile_alike
 from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
@@ -25,8 +26,13 @@ ModelState = list[MLSTMState]
 # prefill() runs pieces of at least this many tokens (batch x length) through compiled blocks,
 # evaluated layer by layer. Shorter pieces (chat turns, short prompts) run eagerly as one graph:
 # tracing a new shape (~0.15 s on a 2-core CPU, seconds when the CPU compiler first builds the
-# kernels) and per-layer syncs would cost more than they save.
+# kernels) and per-layer syncs would cost more than they save. On a GPU
+# ``XLSTM_METAL_PREFILL_SHORT_COMPILED=1`` sends them through the compiled blocks too where all
+# blocks share one trace: faster for a length seen before, slower for a new one (H200, 7B, S22R7:
+# 512 tokens 17.5-18.2 ms against 28.5-29.7 eagerly; a new length 30.6-38.9 against 24.6-29.7),
+# so for prompts of recurring lengths only.
 _LONG_PIECE_TOKENS = 2048
+_SHORT_COMPILED = os.environ.get("XLSTM_METAL_PREFILL_SHORT_COMPILED", "0") == "1"
 
 
 def _queue_layers() -> bool:
@@ -230,10 +236,12 @@ class xLSTMLarge(nn.Module):
         """Each layer's state as (C, n, m): deferred terms folded into C (see :meth:`defer_state`)."""
         return [settle_state(layer_state) for layer_state in state]
 
-    def _compiled_blocks(self, chained: bool) -> list:
-        """Each block's forward (``chained``: its :meth:`mLSTMBlock.step`) compiled once per model
-        (traced again only for new shapes): fused elementwise ops, and no Python graph building
-        per prefill piece. The weights are compile inputs, not constants, so later updates are seen."""
+    def _compiled_blocks(self, chained: bool) -> tuple[list, int]:
+        """(each block's forward (``chained``: its :meth:`mLSTMBlock.step`) compiled, the number
+        of distinct block structures): blocks alike share one ``mx.compile``
+        (:func:`~xlstm_metal.models.block_compile.compile_alike`: one trace per new shape for all
+        of them), kept per model: fused elementwise ops, and no Python graph building per prefill
+        piece. The weights are compile inputs, not constants, so later updates are seen."""
         # Kernel settings are baked into a trace: compile again when any of them changes.
         settings = tuple(
             (cell.kernel, cell.chunk_size, cell.eps, cell.state_dtype)
@@ -241,10 +249,9 @@ class xLSTMLarge(nn.Module):
         ) + (chained,)
         cached = self.__dict__.get("_prefill_blocks")
         if cached is None or cached[0] != settings:
-            cached = (settings, [mx.compile(block.step if chained else block.__call__, inputs=block.state)
-                                 for block in self.backbone.blocks])
+            cached = (settings, {})
             object.__setattr__(self, "_prefill_blocks", cached)  # outside the module tree
-        return cached[1]
+        return compile_alike(self.backbone.blocks, "step" if chained else "__call__", cached[1])
 
     def _chains_residuals(self) -> bool:
         """Whether prefill runs the blocks as :meth:`mLSTMBlock.step` does for one token: each
@@ -264,7 +271,8 @@ class xLSTMLarge(nn.Module):
 
         The prompt goes through in pieces of ``chunk_size`` tokens (default: the config's
         ``max_inference_chunksize``) carrying the state; pieces of 2,048+ tokens go through
-        compiled blocks, each layer evaluated before the next is built, so peak memory is the
+        compiled blocks (one trace per new shape for all blocks alike), each layer evaluated
+        before the next is built, so peak memory is the
         weights plus one layer's activations for one piece (one lazy graph over all layers kept
         every layer's chunkwise intermediates alive: 56 GiB for 16k tokens of the 7B shape on an
         H100). For inference only: the per-layer evaluation is a host sync, so this is not for
@@ -297,9 +305,14 @@ class xLSTMLarge(nn.Module):
             dtype = x.dtype
             x = to_residual(x, self.residual_dtype)
             long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS
-            if long_piece:
-                blocks = self._compiled_blocks(chained)
-            else:
+            blocks = None
+            if long_piece or (gpu and _SHORT_COMPILED):
+                blocks, kinds = self._compiled_blocks(chained)
+                # (_SHORT_COMPILED) a short piece only where all blocks share one trace: each
+                # structure traces once per new length
+                if not long_piece and kinds > 1:
+                    blocks = None
+            if blocks is None:
                 blocks = [block.step for block in backbone.blocks] if chained else backbone.blocks
             previous, pending = None, None
             for index, block in enumerate(blocks):

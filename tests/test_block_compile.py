@@ -1,0 +1,122 @@
+"""One mx.compile for all blocks of the same structure (xlstm_metal/models/block_compile.py), as
+prefill() runs its compiled blocks: the same values as each block compiled on its own, one trace
+per new shape for all blocks, blocks that differ traced on their own."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from conftest import tiny_model
+from xlstm_metal.models import block_compile
+from xlstm_metal.models import xlstm_large as xl
+from xlstm_metal.quantization import quantize_model
+
+
+def _ids(length: int, batch: int = 2, seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, 97, (batch, length)), dtype=mx.int32)
+
+
+def _count_traces(monkeypatch) -> list:
+    traces = []
+    original = block_compile._Shared._traced
+
+    def counting(self, arrays, *args):
+        traces.append(self.method)
+        return original(self, arrays, *args)
+
+    monkeypatch.setattr(block_compile._Shared, "_traced", counting)
+    return traces
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefill_traces_once_for_all_blocks_and_matches_each_block_compiled_alone(monkeypatch, fused):
+    model = tiny_model(seed=3, num_blocks=4)
+    if fused:
+        model.fuse_projections()
+    traces = _count_traces(monkeypatch)
+    ids = _ids(1024)
+    last, state = model.prefill(ids)  # 2 x 1024 tokens: the compiled blocks
+    # chained (fused): the first block takes no pending FFN output, the others one: two traces
+    assert traces == (["step", "step"] if fused else ["__call__"])
+    # The reference: the same pieces with every block compiled on its own (the pre-S22 form).
+    chained = model._chains_residuals()
+    alone = [mx.compile(b.step if chained else b.__call__, inputs=b.state) for b in model.backbone.blocks]
+    monkeypatch.setattr(type(model), "_compiled_blocks", lambda self, c: (alone, 4))
+    ref_last, ref_state = model.prefill(ids)
+    assert mx.array_equal(last, ref_last)
+    for a, b in zip(state, ref_state):
+        assert all(mx.array_equal(x, y) for x, y in zip(a, b))
+    # And the plain forward agrees to round-off.
+    full = model(ids)[0][:, -1]
+    assert float(mx.abs(last - full).max()) <= 1e-4 * float(mx.abs(full).max())
+
+
+def test_a_new_length_traces_once_and_the_first_block_keeps_its_arrays(monkeypatch):
+    model = tiny_model(seed=4, num_blocks=3).fuse_projections()
+    first = model.backbone.blocks[0]
+    own = {k: id(v) for k, v in first.norm_mlstm.items()}
+    traces = _count_traces(monkeypatch)
+    model.prefill(_ids(1024))
+    model.prefill(_ids(1024, seed=1))  # the same shape: replayed
+    model.prefill(_ids(1040))  # a new length: traced again for all three blocks
+    # two traces per length (the first block has no pending FFN output to add; see above)
+    assert len(traces) == 4
+    # the trace swapped the first block's arrays for tracers only while it ran
+    assert {k: id(v) for k, v in first.norm_mlstm.items()} == own
+    assert all(isinstance(v, mx.array) for v in first.parameters()["norm_mlstm"].values())
+
+
+def test_blocks_that_differ_are_traced_on_their_own(monkeypatch):
+    model = tiny_model(seed=5, num_blocks=3)
+    ids = _ids(1024)
+    reference = model(ids)[0][:, -1]
+    # block 1 quantized, blocks 0 and 2 float: two structures
+    quantize_model(model.backbone.blocks[1], bits=8, group_size=32)
+    reference_q = model(ids)[0][:, -1]
+    assert float(mx.abs(reference_q - reference).max()) > 0  # quantizing changed something
+    traces = _count_traces(monkeypatch)
+    last, _ = model.prefill(ids)
+    assert len(traces) == 2
+    assert float(mx.abs(last - reference_q).max()) <= 1e-4 * float(mx.abs(reference_q).max())
+    # a setting outside the arrays (the norm's eps) also makes a block differ
+    model2 = tiny_model(seed=6, num_blocks=2)
+    model2.backbone.blocks[1].norm_ffn.eps = 1e-2
+    sigs = [block_compile.module_signature(b) for b in model2.backbone.blocks]
+    assert sigs[0] != sigs[1]
+    model2.backbone.blocks[1].norm_ffn.eps = model2.backbone.blocks[0].norm_ffn.eps
+    assert block_compile.module_signature(model2.backbone.blocks[0]) == \
+        block_compile.module_signature(model2.backbone.blocks[1])
+
+
+def test_signature_sees_a_stale_fusion_and_unknown_attributes():
+    model = tiny_model(seed=7, num_blocks=2).fuse_projections()
+    a, b = model.backbone.blocks
+    assert block_compile.module_signature(a) == block_compile.module_signature(b)
+    # replacing a layer of block 1 after fusing makes its fused group stale (it runs the tree's layers)
+    b.mlstm_layer.q = nn.Linear(*b.mlstm_layer.q.weight.shape[::-1], bias=False)
+    assert block_compile.module_signature(a) != block_compile.module_signature(b)
+    c, d = tiny_model(seed=8, num_blocks=2).backbone.blocks
+    c.norm_ffn.note, d.norm_ffn.note = object(), object()  # not comparable: each block on its own
+    assert block_compile.module_signature(c) != block_compile.module_signature(d)
+
+
+def test_short_pieces_take_the_shared_trace_only_on_a_gpu_when_asked(monkeypatch):
+    model = tiny_model(seed=9, num_blocks=2).fuse_projections()
+    traces = _count_traces(monkeypatch)
+    ids = _ids(64)
+    eager, _ = model.prefill(ids)  # CPU: a short piece runs eagerly
+    assert traces == []
+    monkeypatch.setattr(xl, "_queue_layers", lambda: True)  # as on a GPU
+    model.prefill(ids)  # eagerly there too by default
+    assert traces == []
+    monkeypatch.setattr(xl, "_SHORT_COMPILED", True)  # XLSTM_METAL_PREFILL_SHORT_COMPILED=1
+    queued, _ = model.prefill(ids)
+    assert traces == ["step", "step"]
+    assert float(mx.abs(queued - eager).max()) <= 1e-4 * float(mx.abs(eager).max())
+    # blocks of two structures: a short piece stays eager even there
+    quantize_model(model.backbone.blocks[1], bits=8, group_size=32)
+    model.prefill(_ids(80))
+    assert traces == ["step", "step"]
