@@ -1,6 +1,10 @@
 """Shared fixtures: tiny xLSTM-Large configs and checkpoints built in-process (no downloads)."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Full float32 matmuls on every device: parity is checked to float32 round-off, and MLX may
 # otherwise run float32 GEMMs as TF32 on GPUs (one fused vs six separate matmuls then differ ~1e-4).
@@ -21,6 +25,21 @@ def tiny_config(**overrides) -> xLSTMConfig:
     fields = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
     fields.update(overrides)
     return xLSTMConfig(**fields)
+
+
+#: The tiny shape the benchmark scripts' tests run (their ``--shape`` takes a config.json).
+BENCH_CONFIG = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
+                "chunk_size": 16}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> --shape <BENCH_CONFIG as config.json> *args`` from the repository."""
+    config = tmp_path / "bench_config.json"
+    config.write_text(json.dumps(BENCH_CONFIG))
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--shape", str(config), *args],
+                          check=check, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
 
 
 def randomize_gates(model: xLSTMLarge, seed: int = 0) -> xLSTMLarge:

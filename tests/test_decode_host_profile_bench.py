@@ -2,15 +2,10 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_benchmark
+
 SCRIPT = ROOT / "benchmarks" / "decode_host_profile.py"
-TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
-        "chunk_size": 16}
 
 
 def _module():
@@ -39,13 +34,9 @@ def test_stacks_summarised_by_share_on_stack_and_direct_callees():
 
 
 def test_script_records_each_weight_format(tmp_path):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY))
     out = tmp_path / "out.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(SCRIPT), "--shape", str(config), "--q-bits", "4", "--tokens", "3,5",
-                    "--repeats", "2", "--synced-steps", "3", "--out", str(out)],
-                   check=True, env=env, capture_output=True, timeout=300)
+    run_benchmark("decode_host_profile.py", "--q-bits", "4", "--tokens", "3,5", "--repeats", "2", "--synced-steps", "3",
+                  "--out", str(out), tmp_path=tmp_path)
     result = json.loads(out.read_text())
     assert [r["weights"] for r in result["records"]] == ["float32", "4-bit g64"]
     # weight, scales and biases per quantized layer: more arrays for the compiled step to take
@@ -56,6 +47,5 @@ def test_script_records_each_weight_format(tmp_path):
         assert len(r["synced_ms"]) == 3 and min(r["synced_ms"]) > 0 and r["build_ms"] > 0
         assert "py_spy" not in r
     # an existing output is refused before any work
-    again = subprocess.run([sys.executable, str(SCRIPT), "--shape", str(config), "--out", str(out)],
-                           env=env, capture_output=True, text=True, timeout=120)
+    again = run_benchmark("decode_host_profile.py", "--out", str(out), tmp_path=tmp_path, check=False)
     assert again.returncode == 2 and "exists" in again.stderr
