@@ -9,7 +9,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..blocks.xlstm_large import mLSTMBlock, stacked_step
-from .block_compile import compile_alike
 from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
@@ -20,6 +19,7 @@ from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
 from ..kernels.fast.step_deferred import default_deferral
 from ..kernels.mlstm import MLSTMState, defer_state, settle_state
+from .block_compile import compile_alike
 
 ModelState = list[MLSTMState]
 
