@@ -1,6 +1,6 @@
 """One mx.compile for all blocks of the same structure (xlstm_metal/models/block_compile.py), as
 prefill() runs its compiled blocks: the same values as each block compiled on its own, one trace
-per new shape for all blocks, blocks that differ traced on their own."""
+per new input signature for all blocks, blocks that differ traced on their own."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_prefill_traces_once_for_all_blocks_and_matches_each_block_compiled_alon
     assert float(mx.abs(last - full).max()) <= 1e-4 * float(mx.abs(full).max())
 
 
-def test_a_new_length_traces_once_and_the_first_block_keeps_its_arrays(monkeypatch):
+def test_a_new_length_traces_again_for_all_blocks_and_the_first_block_keeps_its_arrays(monkeypatch):
     model = tiny_model(seed=4, num_blocks=3).fuse_projections()
     first = model.backbone.blocks[0]
     own = {k: id(v) for k, v in first.norm_mlstm.items()}
