@@ -23,6 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from ..cells.fused import FusedLayers
 
@@ -91,7 +92,7 @@ class _Shared:
     def _traced(self, arrays: dict, *args):
         # ``arrays``: the called module's tree as mx.compile rebuilds it (plain dicts and lists of tracers)
         template = self.template
-        own = _tree_of_arrays(template)
+        own = tree_map(lambda leaf: leaf, template)  # its own arrays, in plain dicts and lists
         template.update(arrays, strict=True)
         try:
             return getattr(template, self.method)(*args)
@@ -100,15 +101,6 @@ class _Shared:
 
     def bind(self, module: nn.Module) -> Callable:
         return lambda *args: self.compiled(module, *args)
-
-
-def _tree_of_arrays(tree: Any) -> Any:
-    """A module's tree as plain dicts and lists holding the same array objects."""
-    if isinstance(tree, dict):
-        return {k: _tree_of_arrays(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_tree_of_arrays(v) for v in tree]
-    return tree
 
 
 def compile_alike(modules: Sequence[nn.Module], method: str, cache: dict) -> tuple[list[Callable], int]:

@@ -300,19 +300,19 @@ class xLSTMLarge(nn.Module):
         # layers' activations are alive. The CPU evaluates each long piece's layers in turn.
         gpu = _queue_layers()
         chained = self._chains_residuals()
+        compiled = None  # (the compiled blocks, how many structures): taken once per call, when first needed
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
             dtype = x.dtype
             x = to_residual(x, self.residual_dtype)
             long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS
-            blocks = None
-            if long_piece or (gpu and _SHORT_COMPILED):
-                blocks, kinds = self._compiled_blocks(chained)
-                # (_SHORT_COMPILED) a short piece only where all blocks share one trace: each
-                # structure traces once per new length
-                if not long_piece and kinds > 1:
-                    blocks = None
-            if blocks is None:
+            if (long_piece or (gpu and _SHORT_COMPILED)) and compiled is None:
+                compiled = self._compiled_blocks(chained)
+            # (_SHORT_COMPILED) a short piece only where all blocks share one trace: each structure
+            # traces once per new length
+            if long_piece or (gpu and _SHORT_COMPILED and compiled[1] == 1):
+                blocks = compiled[0]
+            else:
                 blocks = [block.step for block in backbone.blocks] if chained else backbone.blocks
             previous, pending = None, None
             for index, block in enumerate(blocks):
