@@ -60,8 +60,11 @@ def main() -> None:
     model.fuse_projections()
     vocab = model.config.vocab_size
 
+    def prompt(length: int, seed: int) -> mx.array:
+        return mx.random.randint(0, vocab, (args.batch, length), key=mx.random.key(seed)).astype(mx.int32)
+
     def prefill(length: int, seed: int) -> float:
-        ids = mx.random.randint(0, vocab, (args.batch, length), key=mx.random.key(seed)).astype(mx.int32)
+        ids = prompt(length, seed)
         mx.eval(ids)
         mx.synchronize()
         t0 = time.perf_counter()
@@ -85,7 +88,7 @@ def main() -> None:
             result["records"].append(record)
             print(json.dumps(record), flush=True)
     if len(set(modes)) > 1:  # the same prompt both ways: the compiled blocks change no value beyond round-off
-        ids = mx.random.randint(0, vocab, (args.batch, lengths[0]), key=mx.random.key(seed)).astype(mx.int32)
+        ids = prompt(lengths[0], seed)
         logits = {}
         for mode in set(modes):
             xl._SHORT_COMPILED = MODES[mode]

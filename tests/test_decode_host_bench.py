@@ -5,16 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
-        "chunk_size": 16}
+from conftest import BENCH_CONFIG, ROOT
 
 
 def test_decode_host_script_records(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY))
+    config.write_text(json.dumps(BENCH_CONFIG))
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_MAX_MB_PER_BUFFER": "77"}
     env.pop("MLX_MAX_OPS_PER_BUFFER", None), env.pop("MLX_USE_CUDA_GRAPHS", None)
@@ -38,7 +35,7 @@ def test_decode_host_script_records(tmp_path):
 def test_decode_host_runner_modes(tmp_path):
     """runner: the runner's decode loop; aheadN: measure_decode(ahead=N); queued runs repeated."""
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY))
+    config.write_text(json.dumps(BENCH_CONFIG))
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),

@@ -8,16 +8,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
-        "chunk_size": 16}
+from conftest import BENCH_CONFIG, ROOT
 
 
 def _run(tmp_path, script, *args):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY))
+    config.write_text(json.dumps(BENCH_CONFIG))
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--shape", str(config), *args,
