@@ -482,6 +482,13 @@ def set_gemv_threads(threads: int, parallel_min: int | None = None) -> None:
         ctypes.c_long.in_dll(_FORWARD_HANDLE, "xlstm_gemv_parallel_min").value = max(0, parallel_min)
 
 
+def gemv_threads() -> int:
+    """Threads of the row kernel (:func:`set_gemv_threads`); without the forwarder OpenBLAS's, or 1."""
+    if _FORWARD_HANDLE is not None:
+        return int(ctypes.c_int.in_dll(_FORWARD_HANDLE, "xlstm_gemv_threads").value)
+    return info()["threads"] or 1
+
+
 def gemv_forward_calls() -> int:
     """How many products the forwarder has sent to GEMV so far (0 without it)."""
     if _FORWARD_HANDLE is None:

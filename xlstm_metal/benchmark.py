@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import kernels as _kernels  # noqa: F401
 from .config import xLSTMConfig
 from .kernels import fast as _fast_kernels  # noqa: F401  (registers chunkwise_scan)
+from .kernels.cpu import decode_step as cpu_decode_step
 from .kernels.mlstm import deferred_terms
 from .models.xlstm_large import xLSTMLarge
 
@@ -127,7 +128,18 @@ def make_decode_step(model: xLSTMLarge, compiled: bool = True) -> Callable:
         logits, state = model(tokens, state)
         return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True).astype(mx.int32), state
 
-    return mx.compile(step, inputs=model.state) if compiled else step
+    graph_step = mx.compile(step, inputs=model.state) if compiled else step
+    if cpu_decode_step.unsupported_reason(model) is not None:
+        return graph_step
+
+    def cpu_step(tokens: mx.array, state: list) -> tuple[mx.array, list]:
+        # one row on the CPU: the step as one C call (kernels/cpu/decode_step.py), else the graph
+        out = cpu_decode_step.decode_step(model, tokens, state)
+        if out is None:
+            return graph_step(tokens, state)
+        return mx.argmax(out[0][:, -1, :], axis=-1, keepdims=True).astype(mx.int32), out[1]
+
+    return cpu_step
 
 
 # ------------------------------------------------------------------------------- measurements

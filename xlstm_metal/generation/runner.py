@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..kernels.cpu import decode_step as cpu_decode_step
 from .sampling import SamplingParams, make_keys, mark_seen, sample, seen_from_ids, split_keys
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -298,23 +299,40 @@ class xLSTMRunner:
             return fn
         model = self.model
 
-        def step(tokens, state, keys, seen):
-            logits, state = model(tokens[:, None], state)
+        def pick(logits, keys, seen):
             use = None
             if not params.greedy:
                 keys, use = split_keys(keys)
             nxt = sample(logits[:, -1], params, use, seen if params.uses_history else None)
             if params.uses_history:
                 seen = mark_seen(seen, nxt)
+            return nxt, keys, seen
+
+        def step(tokens, state, keys, seen):
+            logits, state = model(tokens[:, None], state)
+            nxt, keys, seen = pick(logits, keys, seen)
             return nxt, state, keys, seen
 
         # The weights are implicit inputs (not constants), so a later weight update is seen.
         if not self.compile:
-            fn = step
+            graph_step = step
         elif isinstance(model, nn.Module):
-            fn = mx.compile(step, inputs=model.state)
+            graph_step = mx.compile(step, inputs=model.state)
         else:
-            fn = mx.compile(step)
+            graph_step = mx.compile(step)
+        fn = graph_step
+        if cpu_decode_step.unsupported_reason(model) is None:
+            # The model's step as one C call on the CPU (kernels/cpu/decode_step.py); each call
+            # falls back to the graph where the model or the state is not what it computes.
+            pick_fn = mx.compile(pick) if self.compile else pick
+
+            def fn(tokens, state, keys, seen):
+                out = cpu_decode_step.decode_step(model, tokens[:, None], state)
+                if out is None:
+                    return graph_step(tokens, state, keys, seen)
+                nxt, keys, seen = pick_fn(out[0], keys, seen)
+                return nxt, out[1], keys, seen
+
         self._steps[params] = fn
         return fn
 

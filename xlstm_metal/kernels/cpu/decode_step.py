@@ -1,0 +1,409 @@
+"""One decode step of an xLSTM-Large model on a CPU as one C call (``decode_step.c``).
+
+MLX's CPU back-end spends ~5 us of host and stream time on each node of a step's graph, and a
+125m step has ~800 of them around its one-row products (benchmarks/NOTES.md, session 21). Where
+the model is what that kernel computes (float32 weights and state, plain ``nn.Linear``
+projections, the reference norms, cells and kernels, one row) :func:`decode_step` runs the
+whole step in C, reading every weight from the module tree as it stands at the call; anything
+else (a quantized or LoRA layer, a user's module, bf16, a batch, a custom kernel) returns None
+and the caller runs the MLX graph, the reference. ``XLSTM_METAL_CPU_STEP=0`` turns it off.
+
+The C source is compiled once per machine into the cache (as the BLAS forwarder is: any C
+compiler, OpenMP where it has it); without a compiler the MLX graph runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ... import _blas
+
+SOURCE = Path(__file__).with_name("decode_step.c")
+ENABLED = os.environ.get("XLSTM_METAL_CPU_STEP", "1") != "0"
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [(name, _f32p) for name in (
+        "norm_mlstm", "w_q", "w_k", "w_v", "w_o", "w_i", "w_f", "b_i", "b_f", "mh_norm", "w_out", "norm_ffn",
+        "w_gate", "w_up", "w_down", "C", "n", "m", "C_out", "n_out", "m_out")] + [
+        ("norm_mlstm_eps", ctypes.c_float), ("mh_eps", ctypes.c_float), ("norm_ffn_eps", ctypes.c_float)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_long) for name in ("E", "NH", "DQK", "DV", "F", "V", "num_blocks")] + [
+        ("threads", ctypes.c_int), ("has_gate_cap", ctypes.c_int), ("has_logit_cap", ctypes.c_int),
+        ("gate_cap", ctypes.c_float), ("logit_cap", ctypes.c_float), ("step_eps", ctypes.c_float),
+        ("out_norm_eps", ctypes.c_float), ("embedding", _f32p), ("out_norm", _f32p), ("lm_head", _f32p),
+        ("blocks", ctypes.POINTER(_Block)), ("work", _f32p)]
+
+
+# ----------------------------------------------------------------------------- the library
+_LIBRARY: ctypes.CDLL | None = None
+#: Why the C step cannot run on this machine (no compiler, a failed build), or None.
+UNAVAILABLE: str | None = None
+
+
+def _build() -> Path:
+    """The compiled library, made once per source and compiler into the cache, atomically."""
+    cc = _blas._compiler()
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc, clang or $CC) to build the CPU decode step")
+    source = SOURCE.read_text()
+    key = hashlib.sha256(f"{source}|{cc}".encode()).hexdigest()[:16]
+    target = _blas._cache_dir() / f"decode-step-{key}" / "libxlstm_decode_step.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "decode_step.c", Path(tmp) / target.name
+        src.write_text(source)
+        cmd = [cc, "-O3", "-shared", "-fPIC", str(src), "-o", str(out), "-lm"]
+        done = None
+        # OpenMP threads where the compiler has them, per-CPU clones where the C library has ifuncs
+        for extra in (["-fopenmp"], ["-fopenmp", "-DXLSTM_NO_CLONES"], ["-DXLSTM_NO_CLONES"]):
+            done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        if done.returncode != 0:
+            raise OSError(f"building the CPU decode step failed: {done.stderr.strip()[-500:]}")
+        os.replace(out, target)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The C step's library (built on first use), or None where it cannot be (:data:`UNAVAILABLE`)."""
+    global _LIBRARY, UNAVAILABLE
+    if _LIBRARY is None and UNAVAILABLE is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            lib.xl_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_long, _f32p]
+            lib.xl_decode_step.restype = ctypes.c_int
+            lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model)]
+            lib.xl_work_floats.restype = ctypes.c_long
+            _LIBRARY = lib
+        except (OSError, subprocess.SubprocessError) as err:
+            UNAVAILABLE = str(err)
+    return _LIBRARY
+
+
+# ------------------------------------------------------------------------- the model's arrays
+class _Unsupported(Exception):
+    """The model is not what the C step computes (the message says what differs); ``reads``:
+    what was read up to there (the same reads give the same verdict)."""
+
+    def __init__(self, reason: str, reads: "_Reads | None" = None):
+        super().__init__(reason)
+        self.reads = reads
+
+
+class _Reads:
+    """What :func:`_collect` read from the model: modules' entries (arrays, submodules) checked
+    by identity, lists by their items, plain attributes by value. :meth:`unchanged` tells in
+    ~0.1 ms whether a later tree would give the same plan (a full walk costs ~1 ms at 125m)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Any, tuple]] = []
+        self.values: list[tuple[Any, str, Any]] = []
+
+    def entries_of(self, container: Any) -> Any:
+        self.entries.append((container, tuple(dict.items(container)) if isinstance(container, dict)
+                             else tuple(container)))
+        return container
+
+    def value(self, obj: Any, name: str) -> Any:
+        value = getattr(obj, name)
+        self.values.append((obj, name, value))
+        return value
+
+    def unchanged(self) -> bool:
+        for container, items in self.entries:
+            if len(container) != len(items):
+                return False
+            if isinstance(container, dict):
+                if any(dict.get(container, key, None) is not item for key, item in items):
+                    return False
+            elif any(a is not b for a, b in zip(container, items)):
+                return False
+        return all(_same(getattr(obj, name), value) for obj, name, value in self.values)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """a is b, or of one type and equal (an mx.Dtype does not compare with None)."""
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _plain_weight(reads: _Reads, layer: Any, rows: int, cols: int, what: str,
+                  bias: bool = False) -> tuple[mx.array, Any]:
+    """(weight [rows, cols], bias or None) of a plain float32 ``nn.Linear`` (or a subclass that
+    computes as one)."""
+    from ...cells.fused import fusion_kind  # noqa: PLC0415 (cells import the kernels)
+
+    reads.entries_of(layer)
+    if fusion_kind(layer) != ("linear", mx.float32):
+        raise _Unsupported(f"{what} is not a float32 nn.Linear", reads)
+    if layer.weight.shape != (rows, cols):
+        raise _Unsupported(f"{what} has shape {layer.weight.shape}, not {(rows, cols)}", reads)
+    has_bias = "bias" in layer
+    if has_bias and not bias:
+        raise _Unsupported(f"{what} has a bias", reads)
+    return layer.weight, (layer.bias if has_bias else None)
+
+
+def _norm(reads: _Reads, norm: Any, cls: type, size: int, what: str) -> tuple[mx.array, float]:
+    """(weight, eps) of a float32 norm of exactly type ``cls`` (a biased norm is another type)."""
+    reads.entries_of(norm)
+    if type(norm) is not cls or norm.weight.dtype != mx.float32 or norm.weight.shape != (size,):
+        raise _Unsupported(f"{what} is not a float32 {cls.__name__} over {size}", reads)
+    return norm.weight, reads.value(norm, "eps")
+
+
+def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
+    """The model's arrays in the C step's order, its sizes and what was read; or _Unsupported."""
+    from ...blocks.xlstm_large import mLSTMBlock  # noqa: PLC0415
+    from ...cells.ffn import FeedForward  # noqa: PLC0415
+    from ...cells.mlstm import (  # noqa: PLC0415
+        mLSTMOutputCell, mLSTMProjectionCell, mLSTMRecurrentKernelCell,
+    )
+    from ...cells.norms import MultiHeadLayerNorm, RMSNorm  # noqa: PLC0415
+    from ...models.xlstm_large import Backbone, xLSTMLarge  # noqa: PLC0415
+    from ...neurons.mlstm import mLSTMNeuron  # noqa: PLC0415
+
+    reads = _Reads()
+    if type(model) is not xLSTMLarge:
+        raise _Unsupported("not an xLSTMLarge model", reads)
+    reads.entries_of(model)
+    if type(model.backbone) is not Backbone:
+        raise _Unsupported("not an xLSTMLarge model", reads)
+    c = reads.value(model, "config")
+    residual = reads.value(model, "residual_dtype")
+    if (residual is not None and residual != mx.float32) or reads.value(c, "inference_state_dtype") != "float32":
+        raise _Unsupported("the residual stream or the state is not float32", reads)
+    E, NH, DQK, DV, F, V = (reads.value(c, name) for name in (
+        "embedding_dim", "num_heads", "qk_head_dim", "v_head_dim", "ffn_dim", "vocab_size"))
+    backbone = reads.entries_of(model.backbone)
+    embeddings = reads.entries_of(backbone.embeddings)
+    if type(embeddings) is not nn.Embedding or embeddings.weight.dtype != mx.float32 \
+            or embeddings.weight.shape != (V, E):
+        raise _Unsupported("the embeddings are not a float32 nn.Embedding", reads)
+    out_norm, out_eps = (_norm(reads, backbone.out_norm, RMSNorm, E, "out_norm") if "out_norm" in backbone
+                         else (None, 0.0))
+    head = embeddings.weight if reads.value(c, "tie_word_embeddings") else \
+        _plain_weight(reads, model.lm_head, V, E, "lm_head")[0]
+    arrays: list = [embeddings.weight, out_norm, head]
+    eps = [out_eps]
+    for index, block in enumerate(reads.entries_of(backbone.blocks)):
+        where = f"blocks.{index}"
+        if type(block) is not mLSTMBlock:
+            raise _Unsupported(f"{where} is not the reference mLSTM block", reads)
+        reads.entries_of(block)
+        if type(block.mlstm_layer) is not mLSTMNeuron or type(block.ffn) is not FeedForward:
+            raise _Unsupported(f"{where} is not the reference mLSTM block", reads)
+        layer, ffn = reads.entries_of(block.mlstm_layer), reads.entries_of(block.ffn)
+        kernel = layer.recurrent_kernel_cell
+        if type(layer.projection_cell) is not mLSTMProjectionCell or type(layer.output_cell) is not mLSTMOutputCell \
+                or type(kernel) is not mLSTMRecurrentKernelCell \
+                or reads.value(kernel, "step_kernel") not in ("step", "step_fused") \
+                or reads.value(kernel, "state_dtype") != mx.float32:
+            raise _Unsupported(f"{where}.mlstm_layer's cells or step kernel are not the reference ones", reads)
+        w_i, b_i = _plain_weight(reads, layer.igate_preact, NH, E, f"{where}.igate_preact", bias=True)
+        w_f, b_f = _plain_weight(reads, layer.fgate_preact, NH, E, f"{where}.fgate_preact", bias=True)
+        norm_mlstm, mlstm_eps = _norm(reads, block.norm_mlstm, RMSNorm, E, f"{where}.norm_mlstm")
+        mh_norm, mh_eps = _norm(reads, layer.multihead_norm, MultiHeadLayerNorm, NH * DV, f"{where}.multihead_norm")
+        norm_ffn, ffn_eps = _norm(reads, block.norm_ffn, RMSNorm, E, f"{where}.norm_ffn")
+        arrays += [
+            norm_mlstm,
+            _plain_weight(reads, layer.q, NH * DQK, E, f"{where}.q")[0],
+            _plain_weight(reads, layer.k, NH * DQK, E, f"{where}.k")[0],
+            _plain_weight(reads, layer.v, NH * DV, E, f"{where}.v")[0],
+            _plain_weight(reads, layer.ogate_preact, NH * DV, E, f"{where}.ogate_preact")[0],
+            w_i, w_f, b_i, b_f, mh_norm,
+            _plain_weight(reads, layer.out_proj, E, NH * DV, f"{where}.out_proj")[0],
+            norm_ffn,
+            _plain_weight(reads, ffn.proj_up_gate, F, E, f"{where}.ffn.proj_up_gate")[0],
+            _plain_weight(reads, ffn.proj_up, F, E, f"{where}.ffn.proj_up")[0],
+            _plain_weight(reads, ffn.proj_down, E, F, f"{where}.ffn.proj_down")[0],
+        ]
+        eps += [mlstm_eps, mh_eps, ffn_eps, reads.value(kernel, "eps")]
+    sizes = dict(E=E, NH=NH, DQK=DQK, DV=DV, F=F, V=V, num_blocks=len(backbone.blocks),
+                 gate_cap=reads.value(c, "gate_soft_cap"), logit_cap=reads.value(c, "output_logit_soft_cap"),
+                 eps=tuple(eps))
+    return arrays, sizes, reads
+
+
+def _pointer(view: np.ndarray) -> Any:
+    return view.ctypes.data_as(_f32p)
+
+
+def _view(array: mx.array, what: str) -> np.ndarray:
+    """A float32 array's memory as NumPy sees it (no copy); row-major and contiguous, or _Unsupported."""
+    view = np.array(array, copy=False)
+    if view.dtype != np.float32 or not view.flags.c_contiguous:
+        raise _Unsupported(f"{what} is not a contiguous float32 array")
+    return view
+
+
+class _Plan:
+    """The C structures for one set of the model's arrays (kept alive here), its work and output
+    buffers; rebuilt whenever the tree holds other arrays."""
+
+    _BLOCK_FIELDS = ("norm_mlstm", "w_q", "w_k", "w_v", "w_o", "w_i", "w_f", "b_i", "b_f", "mh_norm", "w_out",
+                     "norm_ffn", "w_gate", "w_up", "w_down")
+
+    def __init__(self, reads: _Reads, arrays: list, sizes: dict, threads: int, lib: ctypes.CDLL):
+        self.reads, self.arrays, self.threads = reads, arrays, threads
+        self.lock = threading.Lock()
+        s = sizes
+        NH, DQK, DV, count = s["NH"], s["DQK"], s["DV"], s["num_blocks"]
+        self.views = {}
+        zeros_bias = np.zeros(NH, np.float32)
+
+        def ptr(array, what):
+            if array is None:
+                return None
+            view = self.views.get(id(array))
+            if view is None:
+                view = self.views[id(array)] = _view(array, what)
+            return _pointer(view)
+
+        self.zeros_bias = zeros_bias
+        self.blocks = (_Block * count)()
+        per_block = len(self._BLOCK_FIELDS)
+        for index in range(count):
+            block = self.blocks[index]
+            own = arrays[3 + index * per_block: 3 + (index + 1) * per_block]
+            for name, array in zip(self._BLOCK_FIELDS, own):
+                if name in ("b_i", "b_f") and array is None:
+                    setattr(block, name, _pointer(zeros_bias))
+                else:
+                    setattr(block, name, ptr(array, f"blocks.{index}.{name}"))
+            eps = s["eps"][1 + 4 * index: 5 + 4 * index]
+            block.norm_mlstm_eps, block.mh_eps, block.norm_ffn_eps = eps[0], eps[1], eps[2]
+        self.step_eps = s["eps"][4] if count else 0.0
+        if any(s["eps"][4 + 4 * j] != self.step_eps for j in range(count)):
+            raise _Unsupported("the blocks' step kernels differ in eps")
+        # the state after a step (copied into MLX arrays) and the logits
+        self.C = np.empty((count, NH, DQK, DV), np.float32)
+        self.n = np.empty((count, NH, DQK), np.float32)
+        self.m = np.empty((count, NH), np.float32)
+        self.logits = np.empty(s["V"], np.float32)
+        for index in range(count):
+            block = self.blocks[index]
+            block.C_out, block.n_out, block.m_out = (_pointer(a[index]) for a in (self.C, self.n, self.m))
+        model = self.model = _Model()
+        for name in ("E", "NH", "DQK", "DV", "F", "V", "num_blocks"):
+            setattr(model, name, s[name])
+        model.threads = threads
+        model.has_gate_cap, model.gate_cap = s["gate_cap"] is not None, s["gate_cap"] or 0.0
+        model.has_logit_cap, model.logit_cap = s["logit_cap"] is not None, s["logit_cap"] or 0.0
+        model.step_eps, model.out_norm_eps = self.step_eps, s["eps"][0]
+        model.embedding = ptr(arrays[0], "backbone.embeddings.weight")
+        model.out_norm = ptr(arrays[1], "backbone.out_norm.weight")
+        model.lm_head = ptr(arrays[2], "lm_head.weight")
+        model.blocks = self.blocks
+        self.work = np.empty(lib.xl_work_floats(ctypes.byref(model)), np.float32)
+        model.work = _pointer(self.work)
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why :func:`decode_step` would not run ``model`` (None: it would, for one row)."""
+    if not ENABLED:
+        return "turned off by XLSTM_METAL_CPU_STEP=0"
+    if mx.default_device() != mx.cpu:
+        return "not on the CPU"
+    lib = library()
+    if lib is None:
+        return UNAVAILABLE
+    try:
+        _plan(model, lib)
+    except _Unsupported as err:
+        return str(err)
+    return None
+
+
+class _Refused:
+    """A model the C step does not compute, and what was read to find that out."""
+
+    def __init__(self, reads: _Reads, threads: int, reason: str):
+        self.reads, self.threads, self.reason = reads, threads, reason
+
+
+def _plan(model: nn.Module, lib: ctypes.CDLL) -> _Plan:
+    """The model's plan: the cached one while the tree reads the same (:meth:`_Reads.unchanged`)
+    and the threads are the same, else a new one; _Unsupported (cached alike) where it does not apply."""
+    threads = max(1, _blas.gemv_threads())
+    cached = getattr(model, "_cpu_step_plan", None)
+    if cached is not None and cached.threads == threads and cached.reads.unchanged():
+        if isinstance(cached, _Refused):
+            raise _Unsupported(cached.reason)
+        return cached
+    reads = _Reads()
+    try:
+        arrays, sizes, reads = _collect(model)
+        mx.eval([a for a in arrays if a is not None])
+        plan = _Plan(reads, arrays, sizes, threads, lib)
+    except _Unsupported as err:
+        plan = _Refused(err.reads or reads, threads, str(err))
+    try:  # not in the module tree: a cache of what the tree holds, checked on every call
+        object.__setattr__(model, "_cpu_step_plan", plan)
+    except AttributeError:
+        pass
+    if isinstance(plan, _Refused):
+        raise _Unsupported(plan.reason)
+    return plan
+
+
+def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
+    """``model(input_ids, state)`` for one token of one row (input_ids [1, 1]) as one C call:
+    (logits [1, 1, V], the new state: (C [1, NH, DQK, DV], n [1, NH, DQK], m [1, NH, 1]) per
+    block), equal to the MLX graph's to float32 round-off. None where it does not apply (see the
+    module docstring): then the caller runs the model."""
+    if not ENABLED or mx.default_device() != mx.cpu or input_ids.shape != (1, 1):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    try:
+        plan = _plan(model, lib)
+    except _Unsupported:
+        return None
+    c = plan.model
+    NH, DQK, DV, count = c.NH, c.DQK, c.DV, c.num_blocks
+    if state is not None:
+        shapes = ((1, NH, DQK, DV), (1, NH, DQK), (1, NH, 1))
+        if len(state) != count or any(
+                not isinstance(block_state, (tuple, list)) or len(block_state) != 3  # a deferred state: CUDA's
+                or any(a.shape != shape or a.dtype != mx.float32 for a, shape in zip(block_state, shapes))
+                for block_state in state):
+            return None
+        mx.eval(state)
+        try:
+            views = [[_view(a, "the state") for a in block_state] for block_state in state]
+        except _Unsupported:  # e.g. a strided view: the graph reads it as it is
+            return None
+    token = int(input_ids.reshape(-1)[0].item())
+    with plan.lock:  # one step at a time through the plan's buffers
+        for index, block in enumerate(plan.blocks):
+            if state is None:
+                block.C = block.n = block.m = None
+            else:
+                block.C, block.n, block.m = (_pointer(v) for v in views[index])
+        if lib.xl_decode_step(ctypes.byref(c), token, _pointer(plan.logits)) != 0:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {c.V})")
+        # MLX copies each buffer into arrays of its own
+        logits = mx.array(plan.logits.reshape(1, 1, c.V))
+        new_state = [(mx.array(plan.C[index][None]), mx.array(plan.n[index][None]),
+                      mx.array(plan.m[index][None, :, None])) for index in range(count)]
+    return logits, new_state
