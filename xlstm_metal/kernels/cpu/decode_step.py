@@ -197,15 +197,15 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
     embeddings = reads.entries_of(backbone.embeddings)
     if type(embeddings) is not nn.Embedding or embeddings.weight.dtype != mx.float32 \
             or embeddings.weight.shape != (V, E):
-        raise _Unsupported("the embeddings are not a float32 nn.Embedding", reads)
-    out_norm, out_eps = (_norm(reads, backbone.out_norm, RMSNorm, E, "out_norm") if "out_norm" in backbone
+        raise _Unsupported("backbone.embeddings is not a float32 nn.Embedding", reads)
+    out_norm, out_eps = (_norm(reads, backbone.out_norm, RMSNorm, E, "backbone.out_norm") if "out_norm" in backbone
                          else (None, 0.0))
     head = embeddings.weight if reads.value(c, "tie_word_embeddings") else \
         _plain_weight(reads, model.lm_head, V, E, "lm_head")[0]
     arrays: list = [embeddings.weight, out_norm, head]
     eps = [out_eps]
     for index, block in enumerate(reads.entries_of(backbone.blocks)):
-        where = f"blocks.{index}"
+        where = f"backbone.blocks.{index}"
         if type(block) is not mLSTMBlock:
             raise _Unsupported(f"{where} is not the reference mLSTM block", reads)
         reads.entries_of(block)
@@ -218,19 +218,19 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
                 or reads.value(kernel, "step_kernel") not in ("step", "step_fused") \
                 or reads.value(kernel, "state_dtype") != mx.float32:
             raise _Unsupported(f"{where}.mlstm_layer's cells or step kernel are not the reference ones", reads)
-        w_i, b_i = _plain_weight(reads, layer.igate_preact, NH, E, f"{where}.igate_preact", bias=True)
-        w_f, b_f = _plain_weight(reads, layer.fgate_preact, NH, E, f"{where}.fgate_preact", bias=True)
+        w_i, b_i = _plain_weight(reads, layer.igate_preact, NH, E, f"{where}.mlstm_layer.igate_preact", bias=True)
+        w_f, b_f = _plain_weight(reads, layer.fgate_preact, NH, E, f"{where}.mlstm_layer.fgate_preact", bias=True)
         norm_mlstm, mlstm_eps = _norm(reads, block.norm_mlstm, RMSNorm, E, f"{where}.norm_mlstm")
-        mh_norm, mh_eps = _norm(reads, layer.multihead_norm, MultiHeadLayerNorm, NH * DV, f"{where}.multihead_norm")
+        mh_norm, mh_eps = _norm(reads, layer.multihead_norm, MultiHeadLayerNorm, NH * DV, f"{where}.mlstm_layer.multihead_norm")
         norm_ffn, ffn_eps = _norm(reads, block.norm_ffn, RMSNorm, E, f"{where}.norm_ffn")
         arrays += [
             norm_mlstm,
-            _plain_weight(reads, layer.q, NH * DQK, E, f"{where}.q")[0],
-            _plain_weight(reads, layer.k, NH * DQK, E, f"{where}.k")[0],
-            _plain_weight(reads, layer.v, NH * DV, E, f"{where}.v")[0],
-            _plain_weight(reads, layer.ogate_preact, NH * DV, E, f"{where}.ogate_preact")[0],
+            _plain_weight(reads, layer.q, NH * DQK, E, f"{where}.mlstm_layer.q")[0],
+            _plain_weight(reads, layer.k, NH * DQK, E, f"{where}.mlstm_layer.k")[0],
+            _plain_weight(reads, layer.v, NH * DV, E, f"{where}.mlstm_layer.v")[0],
+            _plain_weight(reads, layer.ogate_preact, NH * DV, E, f"{where}.mlstm_layer.ogate_preact")[0],
             w_i, w_f, b_i, b_f, mh_norm,
-            _plain_weight(reads, layer.out_proj, E, NH * DV, f"{where}.out_proj")[0],
+            _plain_weight(reads, layer.out_proj, E, NH * DV, f"{where}.mlstm_layer.out_proj")[0],
             norm_ffn,
             _plain_weight(reads, ffn.proj_up_gate, F, E, f"{where}.ffn.proj_up_gate")[0],
             _plain_weight(reads, ffn.proj_up, F, E, f"{where}.ffn.proj_up")[0],

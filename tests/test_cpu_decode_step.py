@@ -1,0 +1,160 @@
+"""The CPU decode step in C (xlstm_metal/kernels/cpu/decode_step.py) against the MLX graph it
+stands for: the same logits and states, the tree read at every call, and the graph wherever the
+model or the state is not what the C step computes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from xlstm_metal import benchmark as bm
+from xlstm_metal.generation.runner import xLSTMRunner
+from xlstm_metal.kernels.cpu import decode_step as ds
+from xlstm_metal.kernels.mlstm import defer_state
+
+from conftest import tiny_model
+
+IDS = [3, 17, 42, 5, 88, 1, 23, 64]
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the C step runs where MLX runs on the CPU")
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _graph_steps(model, ids, state=None):
+    out = []
+    for token in ids:
+        logits, state = model(mx.array([[token]], dtype=mx.int32), state)
+        out.append(logits)
+    return out, state
+
+
+def _c_steps(model, ids, state=None):
+    out = []
+    for token in ids:
+        result = ds.decode_step(model, mx.array([[token]], dtype=mx.int32), state)
+        assert result is not None, ds.unsupported_reason(model)
+        logits, state = result
+        out.append(logits)
+    return out, state
+
+
+def _assert_same(model, ids=IDS, state=None, tol=2e-5):
+    expected, expected_state = _graph_steps(model, ids, state)
+    got, got_state = _c_steps(model, ids, state)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape == (1, 1, model.config.vocab_size)
+        assert _rel(a, b) < tol, f"logits of step {step}: {_rel(a, b):.3g}"
+    for block, (ours, theirs) in enumerate(zip(got_state, expected_state)):
+        for name, a, b in zip("Cnm", ours, theirs):
+            assert a.shape == b.shape and a.dtype == mx.float32, (block, name)
+            assert _rel(a, b) < tol, f"block {block} {name}: {_rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True, "add_out_norm": False},
+    {"gate_soft_cap": None, "output_logit_soft_cap": None, "num_heads": 4, "num_blocks": 3},
+], ids=["default", "tied-no-out-norm", "no-caps-4-heads"])
+def test_c_step_equals_the_graph_from_the_zero_state(overrides):
+    model = tiny_model(seed=3, **overrides)
+    assert ds.unsupported_reason(model) is None
+    _assert_same(model)
+
+
+def test_c_step_after_fuse_projections_and_from_a_prefill_state():
+    model = tiny_model(seed=4)
+    model.fuse_projections()  # the layers' weights become row views of the fused matrices
+    _, state = model.prefill(mx.array([[9, 8, 7, 6, 5, 4, 3, 2, 1, 60]], dtype=mx.int32), None)
+    _assert_same(model, state=state)
+
+
+def test_the_tree_is_read_at_every_call():
+    model = tiny_model(seed=5)
+    token = mx.array([[7]], dtype=mx.int32)
+    before, _ = ds.decode_step(model, token, None)
+    layer = model.blocks[1].mlstm_layer
+    layer.out_proj.weight = layer.out_proj.weight * 3.0  # a new array in the tree
+    after, _ = ds.decode_step(model, token, None)
+    expected, _ = model(token, None)
+    assert _rel(after, expected) < 2e-5
+    assert _rel(after, before) > 1e-3
+    model.blocks[0].norm_ffn.eps = 0.5  # a plain attribute the step reads
+    expected, _ = model(token, None)
+    assert _rel(ds.decode_step(model, token, None)[0], expected) < 2e-5
+
+
+class _Zeros(nn.Module):
+    def __call__(self, x):
+        return mx.zeros((*x.shape[:-1], 64), x.dtype)
+
+
+def test_models_it_does_not_compute_run_the_graph():
+    token = mx.array([[5]], dtype=mx.int32)
+    quantized = tiny_model(seed=6)
+    nn.quantize(quantized, group_size=32, bits=8)
+    assert ds.unsupported_reason(quantized) == "backbone.embeddings is not a float32 nn.Embedding"
+    assert ds.decode_step(quantized, token, None) is None
+    swapped = tiny_model(seed=6)
+    swapped.blocks[1].mlstm_layer.out_proj = _Zeros()  # a user's module: the graph calls it
+    assert ds.unsupported_reason(swapped) == "backbone.blocks.1.mlstm_layer.out_proj is not a float32 nn.Linear"
+    assert ds.decode_step(swapped, token, None) is None
+    step = bm.make_decode_step(swapped)
+    plain = tiny_model(seed=6)
+    nxt, _ = step(token, None)
+    expected, _ = swapped(token, None)
+    assert nxt.item() == mx.argmax(expected[0, -1]).item()
+    assert _rel(expected, plain(token, None)[0]) > 1e-3  # the zero module changed the output
+    half = tiny_model(seed=6)
+    half.update(nn.utils.tree_map(lambda p: p.astype(mx.bfloat16), half.parameters()))
+    assert ds.decode_step(half, token, None) is None
+    two_rows = tiny_model(seed=6)
+    assert ds.decode_step(two_rows, mx.array([[5], [6]], dtype=mx.int32), None) is None
+    deferred = [defer_state(block_state, 4) for block_state in two_rows.make_state(1)]  # CUDA's form
+    assert ds.decode_step(two_rows, token, deferred) is None
+
+
+def test_turned_off_by_the_switch(monkeypatch):
+    model = tiny_model(seed=7)
+    monkeypatch.setattr(ds, "ENABLED", False)
+    assert ds.unsupported_reason(model) == "turned off by XLSTM_METAL_CPU_STEP=0"
+    assert ds.decode_step(model, mx.array([[1]], dtype=mx.int32), None) is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_runner_generates_the_same_tokens_with_and_without_the_c_step(monkeypatch, temperature):
+    model = tiny_model(seed=8)
+    runs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(ds, "ENABLED", enabled)
+        runner = xLSTMRunner(model)
+        calls = []
+        real = ds.decode_step
+        monkeypatch.setattr(ds, "decode_step", lambda *a: calls.append(1) or real(*a))
+        runs.append(runner.generate([4, 9, 33], max_tokens=24, temperature=temperature, seed=3))
+        monkeypatch.setattr(ds, "decode_step", real)
+        assert (len(calls) > 0) == enabled
+    assert len(runs[0]) == 24
+    assert runs[0] == runs[1]
+
+
+def test_benchmark_decode_step_takes_it():
+    model = tiny_model(seed=9)
+    ours = bm.make_decode_step(model)
+    ds.ENABLED = False
+    try:
+        graph = bm.make_decode_step(model)
+    finally:
+        ds.ENABLED = True
+    tok_a = tok_b = mx.array([[12]], dtype=mx.int32)
+    state_a = state_b = None
+    for _ in range(10):
+        tok_a, state_a = ours(tok_a, state_a)
+        tok_b, state_b = graph(tok_b, state_b)
+        assert tok_a.item() == tok_b.item()
+    assert _rel(state_a[1][0], state_b[1][0]) < 2e-5
