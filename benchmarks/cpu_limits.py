@@ -10,9 +10,11 @@ head is tied to it) plus the recurrent state, so it cannot take less than
   parallel) and copies, and a one-row product with a 1 GiB weight through MLX (``gemv``: the
   decode's own product kernel, which reads faster than numpy's ``sum`` here), each before and
   after the decode; the limit uses the highest read figure of the round (the strictest limit);
-- our decode at batch 1 (``xlstm_metal.benchmark.measure_decode``: the compiled greedy step,
-  ``fuse_projections()``, float32) of a random model of the named shape, or of a checkpoint
-  directory (``--model``, e.g. the packaged model, dequantized on the CPU as ``generate`` runs it).
+- our decode at batch 1 (``xlstm_metal.benchmark.measure_decode``: the greedy step as one C call,
+  ``xlstm_metal/kernels/cpu/decode_step.py``, ``fuse_projections()``, float32) of a random model of
+  the named shape, or of a checkpoint directory (``--model``, e.g. the packaged model, dequantized
+  on the CPU as ``generate`` runs it); and beside it the same step through the compiled MLX graph
+  (``graph_ms``: ``XLSTM_METAL_CPU_STEP=0``).
 
 **Prefill** (``--prefill N``) is compute-bound: 2 FLOP per weight per token in the blocks' matrix
 products (the LM head runs on the last position only; the mLSTM kernel adds ~3% at the 125m
@@ -171,6 +173,7 @@ def main() -> int:
     import mlx.core as mx
 
     from xlstm_metal import benchmark as bm
+    from xlstm_metal.kernels.cpu import decode_step as cpu_decode_step
 
     mx.set_default_device(mx.cpu)
     if args.model:
@@ -183,6 +186,7 @@ def main() -> int:
         model = bm.random_model(bm.shape_config(args.shape), dtype="float32")
         name = args.shape
     model.fuse_projections()
+    enabled = cpu_decode_step.unsupported_reason(model) is None
     nbytes = decode_bytes(model)
     flops = prefill_flops_per_token(model)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -208,12 +212,16 @@ def main() -> int:
 
         measure_bandwidth()
         ours = bm.measure_decode(model, 1, tokens=args.tokens)
+        cpu_decode_step.ENABLED = False  # the same step through the MLX graph, for comparison
+        graph = bm.measure_decode(model, 1, tokens=args.tokens)
+        cpu_decode_step.ENABLED = enabled
         measure_bandwidth()
         read = max(v["read_gbs"] for v in bw.values())
         limit_ms = nbytes["total"] / (read * 1e9) * 1e3
         row = {"round": rnd + 1, "loadavg_1m": load,
                "bandwidth": bw, "read_gbs": read, "limit_ms": limit_ms, "limit_tok_s": 1e3 / limit_ms,
-               "ours_ms": ours["ms_per_step"], "ours_tok_s": ours["tok_s"],
+               "ours_ms": ours["ms_per_step"], "ours_tok_s": ours["tok_s"], "cpu_step": enabled,
+               "graph_ms": graph["ms_per_step"], "graph_tok_s": graph["tok_s"],
                "fraction_of_limit": limit_ms / ours["ms_per_step"],
                "utc": time.strftime("%H:%M:%S", time.gmtime())}
         if args.prefill:
@@ -240,12 +248,13 @@ def main() -> int:
     mb = nbytes["total"] / 1e6
     print(f"{name}: {mb:.1f} MB read per decode step ({nbytes['weights'] / 1e6:.1f} MB weights, "
           f"{nbytes['state'] / 1e6:.1f} MB state)")
-    print("| round (UTC) | load | read GB/s (best method) | limit tok/s | ours tok/s | ours / limit |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    print("| round (UTC) | load | read GB/s (best method) | limit tok/s | ours tok/s | ours / limit | MLX graph tok/s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         best = max(r["bandwidth"], key=lambda k: r["bandwidth"][k]["read_gbs"])
         print(f"| {r['round']} ({r['utc']}) | {r['loadavg_1m']:.1f} | {r['read_gbs']:.1f} ({best}) | "
-              f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% |")
+              f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% | "
+              f"{r['graph_tok_s']:.1f} |")
     if rows:
         print(f"median ours / limit: {100 * statistics.median(r['fraction_of_limit'] for r in rows):.0f}%")
     if args.prefill and rows:

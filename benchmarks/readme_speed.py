@@ -10,7 +10,9 @@ records the generation tok/s it prints with the 1-minute load average at each ru
 - ``this tree, no row kernel``: ``XLSTM_METAL_GEMV_ROWS=0`` (one-row products through OpenBLAS's
   GEMV, as before the forwarder's own row kernel in ``xlstm_metal/_blas.py``);
 - ``this tree, no GEMV forwarding``: ``XLSTM_METAL_GEMV_FORWARD=0`` (one-row products through
-  OpenBLAS's GEMM, as before the forwarder).
+  OpenBLAS's GEMM, as before the forwarder);
+- ``this tree, no C step``: ``XLSTM_METAL_CPU_STEP=0`` (each token through the MLX graph instead of
+  the one-call C step of ``xlstm_metal/kernels/cpu/decode_step.py``).
 
     python benchmarks/readme_speed.py --old-rev 02a6d4d~1 --rounds 4 --out benchmarks/results/readme_speed.json
 
@@ -57,15 +59,16 @@ def main() -> int:
                    help="git revision of the older checkout (default: the commit before pydoc-15m)")
     p.add_argument("--old-tree", type=Path, help="an older checkout already on disk (instead of --old-rev)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", default="this,this-old-model,old,this-no-rows,this-no-forward",
-                   help="comma-separated subset of: this, this-old-model, old, this-no-rows, this-no-forward")
+    p.add_argument("--configs", default="this,this-old-model,old,this-no-rows,this-no-forward,this-no-cpu-step",
+                   help="comma-separated subset of: this, this-old-model, old, this-no-rows, this-no-forward, "
+                        "this-no-cpu-step")
     p.add_argument("--threads", help="XLSTM_METAL_BLAS_THREADS for every run (default: the automatic choice)")
     p.add_argument("--out", type=Path, help="JSON file for every run (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [c for c in args.configs.split(",") if c]
-    known = {"this", "this-old-model", "old", "this-no-rows", "this-no-forward"}
+    known = {"this", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step"}
     if not wanted or set(wanted) - known:
         p.error(f"--configs: choose from {', '.join(sorted(known))}")
     env = {"XLSTM_METAL_BLAS_THREADS": args.threads} if args.threads else {}
@@ -88,6 +91,7 @@ def main() -> int:
             "old": (old, [], {}),
             "this-no-rows": (ROOT, [], {"XLSTM_METAL_GEMV_ROWS": "0"}),
             "this-no-forward": (ROOT, [], {"XLSTM_METAL_GEMV_FORWARD": "0"}),
+            "this-no-cpu-step": (ROOT, [], {"XLSTM_METAL_CPU_STEP": "0"}),
         }
         runs: list[dict] = []
         for rnd in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):

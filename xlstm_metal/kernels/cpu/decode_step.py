@@ -393,7 +393,7 @@ def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tu
             views = [[_view(a, "the state") for a in block_state] for block_state in state]
         except _Unsupported:  # e.g. a strided view: the graph reads it as it is
             return None
-    token = int(input_ids.reshape(-1)[0].item())
+    token = int(input_ids.item())  # [1, 1]: no reshape or index nodes
     with plan.lock:  # one step at a time through the plan's buffers
         for index, block in enumerate(plan.blocks):
             if state is None:
