@@ -158,3 +158,39 @@ def test_benchmark_decode_step_takes_it():
         tok_b, state_b = graph(tok_b, state_b)
         assert tok_a.item() == tok_b.item()
     assert _rel(state_a[1][0], state_b[1][0]) < 2e-5
+
+
+def test_mlx_lm_view_decodes_through_it(monkeypatch):
+    from xlstm_metal.mlx_lm_model import from_xlstm_metal
+
+    view = from_xlstm_metal(tiny_model(seed=10))
+    assert "Model" in ds.unsupported_reason(view)  # its __call__ takes mlx-lm's cache: not the runner's
+    calls = []
+    real = ds.decode_step
+    monkeypatch.setattr(ds, "decode_step", lambda *a: calls.append(1) or real(*a))
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(ds, "ENABLED", enabled)
+        cache = view.make_cache()
+        view(mx.array([[2, 40, 7]], dtype=mx.int32), cache)  # a prompt through the graph
+        runs.append([view(mx.array([[token]], dtype=mx.int32), cache) for token in IDS])
+    assert len(calls) == 2 * len(IDS)  # every decode token asked; only the first run's computed it
+    for a, b in zip(*runs):
+        assert _rel(a, b) < 2e-5
+
+
+def test_a_subclass_with_its_own_call_runs_its_call():
+    from xlstm_metal.models.xlstm_large import xLSTMLarge
+
+    class Biased(xLSTMLarge):  # always prefers token 5
+        def __call__(self, input_ids, state=None, **kwargs):
+            logits, state = super().__call__(input_ids, state, **kwargs)
+            return logits + 1e3 * (mx.arange(logits.shape[-1]) == 5), state
+
+    model = tiny_model(seed=12)
+    biased = Biased(model.config)
+    biased.update(model.parameters())
+    assert ds.unsupported_reason(biased) == "Biased.__call__ is not xLSTMLarge's"
+    # the first token comes from model.prefill; every decode step from Biased.__call__
+    assert xLSTMRunner(biased).generate([1, 2, 3], max_tokens=6)[1:] == [5] * 5
+    assert xLSTMRunner(model).generate([1, 2, 3], max_tokens=6)[1:] != [5] * 5

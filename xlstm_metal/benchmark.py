@@ -297,6 +297,8 @@ def environment() -> dict[str, Any]:
         info["blas_threads"] = blas["threads"]
         info["gemv_forward"] = blas["gemv_forward"]
         info["gemv_rows"] = blas["gemv_rows"]
+        # one-row decode steps as one C call (kernels/cpu/decode_step.py) where a model allows
+        info["cpu_step"] = cpu_decode_step.ENABLED and cpu_decode_step.library() is not None
     return info
 
 

@@ -41,6 +41,7 @@ from mlx_lm.models.cache import ArraysCache
 from .checkpoint_files import transformers_weights
 from .config import xLSTMConfig
 from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
+from .kernels.cpu import decode_step as cpu_decode_step
 from .loading import fit_out_norm, lm_head_trained_apart, sanitize_xlstm_large
 from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
@@ -78,7 +79,13 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _forward(self, inputs: mx.array, state):
-        """The wrapped model's own ``(input_ids, state) -> (logits, state)``."""
+        """The wrapped model's own ``(input_ids, state) -> (logits, state)``; for one token of
+        one row on a CPU, xLSTM-Large's step as one C call where the tree is what it computes
+        (:func:`xlstm_metal.kernels.cpu.decode_step.decode_step`)."""
+        if isinstance(self, xLSTMLarge) and inputs.shape == (1, 1):
+            out = cpu_decode_step.decode_step(self, inputs, state)
+            if out is not None:
+                return out
         return super(Model, self).__call__(inputs, state)
 
     def __call__(self, inputs: mx.array, cache: list[ArraysCache] | None = None) -> mx.array:

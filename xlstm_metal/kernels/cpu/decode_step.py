@@ -182,7 +182,7 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
     from ...neurons.mlstm import mLSTMNeuron  # noqa: PLC0415
 
     reads = _Reads()
-    if type(model) is not xLSTMLarge:
+    if not isinstance(model, xLSTMLarge) or type(model)._logits is not xLSTMLarge._logits:
         raise _Unsupported("not an xLSTMLarge model", reads)
     reads.entries_of(model)
     if type(model.backbone) is not Backbone:
@@ -318,9 +318,14 @@ class _Plan:
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """Why :func:`decode_step` would not run ``model`` (None: it would, for one row)."""
+    """Why :func:`decode_step` would not stand for ``model(input_ids, state)`` (None: it would,
+    for one row): an xLSTMLarge whose class keeps xLSTMLarge's ``__call__``."""
+    from ...models.xlstm_large import xLSTMLarge  # noqa: PLC0415
+
     if not ENABLED:
         return "turned off by XLSTM_METAL_CPU_STEP=0"
+    if getattr(type(model), "__call__", None) is not xLSTMLarge.__call__:
+        return f"{type(model).__name__}.__call__ is not xLSTMLarge's"
     if mx.default_device() != mx.cpu:
         return "not on the CPU"
     lib = library()
@@ -366,7 +371,8 @@ def _plan(model: nn.Module, lib: ctypes.CDLL) -> _Plan:
 
 
 def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
-    """``model(input_ids, state)`` for one token of one row (input_ids [1, 1]) as one C call:
+    """``xLSTMLarge.__call__(model, input_ids, state)`` for one token of one row (input_ids
+    [1, 1]) as one C call:
     (logits [1, 1, V], the new state: (C [1, NH, DQK, DV], n [1, NH, DQK], m [1, NH, 1]) per
     block), equal to the MLX graph's to float32 round-off. None where it does not apply (see the
     module docstring): then the caller runs the model."""
