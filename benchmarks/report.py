@@ -847,12 +847,17 @@ def cpu_limits_rows() -> list[str]:
                   f"{b['state'] / 1e6:.1f} MB of state); limit = that / the round's highest read bandwidth", "",
                   "| round (UTC) | load start / end | read GB/s: numpy 1 thread / all threads / likwid / one-row "
                   "product of 1 GiB | limit tok/s "
-                  "| ours tok/s | ours / limit |",
-                  "| --- | --- | --- | ---: | ---: | ---: |"]
+                  "| ours tok/s | ours / limit | the MLX graph's step tok/s |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        if "cpu_step" in d["rounds"][0]:  # since the C step (kernels/cpu/decode_step.py): both, in turns
+            lines.insert(-3, f"- ours: the decode step as one C call ({'on' if d['rounds'][0]['cpu_step'] else 'off'}); "
+                             "beside it the same step through the compiled MLX graph (`XLSTM_METAL_CPU_STEP=0`)")
         for r in d["rounds"]:
+            graph = f"{r['graph_tok_s']:.1f}" if "graph_tok_s" in r else "-"
             lines.append(f"| {r['round']} ({r['utc']}) | {r['loadavg_1m']:.1f} / {r['loadavg_1m_end']:.1f} | "
                          f"{_bw(r, 'numpy_1')} / {_bw(r, 'numpy_all')} / {_bw(r, 'likwid')} / {_bw(r, 'gemv')} | "
-                         f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% |")
+                         f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% | "
+                         f"{graph} |")
         pre = [r for r in d["rounds"] if "prefill" in r]
         if pre:
             lines += ["", f"Prefill ({d['prefill_flops_per_token'] / 1e6:.1f} MFLOP per token in the blocks' matrix "
@@ -949,7 +954,8 @@ def readme_speed_rows() -> list[str]:
              "this-old-model": "this tree, `--model` pydoc-4m",
              "old": "the older checkout (pydoc-4m, its code)",
              "this-no-rows": "this tree, `XLSTM_METAL_GEMV_ROWS=0`",
-             "this-no-forward": "this tree, `XLSTM_METAL_GEMV_FORWARD=0`"}
+             "this-no-forward": "this tree, `XLSTM_METAL_GEMV_FORWARD=0`",
+             "this-no-cpu-step": "this tree, `XLSTM_METAL_CPU_STEP=0` (the MLX graph per token)"}
     lines = ["", "## CPU: the README's first command (issue 11 item 6, `benchmarks/readme_speed.py`)"]
     for path in files:
         d = json.loads(path.read_text())

@@ -194,3 +194,12 @@ def test_a_subclass_with_its_own_call_runs_its_call():
     # the first token comes from model.prefill; every decode step from Biased.__call__
     assert xLSTMRunner(biased).generate([1, 2, 3], max_tokens=6)[1:] == [5] * 5
     assert xLSTMRunner(model).generate([1, 2, 3], max_tokens=6)[1:] != [5] * 5
+
+
+def test_off_with_the_row_kernel(monkeypatch):
+    from xlstm_metal import _blas
+
+    model = tiny_model(seed=13)
+    monkeypatch.setattr(_blas, "gemv_rows", lambda: False)
+    assert ds.unsupported_reason(model).startswith("the BLAS forwarder's row kernel is off")
+    assert ds.decode_step(model, mx.array([[1]], dtype=mx.int32), None) is None
