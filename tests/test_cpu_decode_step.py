@@ -118,10 +118,10 @@ def test_models_it_does_not_compute_run_the_graph():
     half = tiny_model(seed=6)
     half.update(nn.utils.tree_map(lambda p: p.astype(mx.bfloat16), half.parameters()))
     assert ds.decode_step(half, token, None) is None
-    two_rows = tiny_model(seed=6)
-    assert ds.decode_step(two_rows, mx.array([[5], [6]], dtype=mx.int32), None) is None
-    deferred = [defer_state(block_state, 4) for block_state in two_rows.make_state(1)]  # CUDA's form
-    assert ds.decode_step(two_rows, token, deferred) is None
+    plain = tiny_model(seed=6)
+    deferred = [defer_state(block_state, 4) for block_state in plain.make_state(1)]  # CUDA's form
+    assert ds.decode_step(plain, token, deferred) is None
+    assert ds.decode_step(plain, mx.array([[5, 6]], dtype=mx.int32), None) is None  # two tokens: prefill
 
 
 def test_turned_off_by_the_switch(monkeypatch):
@@ -142,10 +142,11 @@ def test_runner_generates_the_same_tokens_with_and_without_the_c_step(monkeypatc
         real = ds.decode_step
         monkeypatch.setattr(ds, "decode_step", lambda *a: calls.append(1) or real(*a))
         runs.append(runner.generate([4, 9, 33], max_tokens=24, temperature=temperature, seed=3))
+        runs.append(runner.generate([[4, 9, 33], [70, 2], [5]], max_tokens=12, temperature=temperature, seed=3))
         monkeypatch.setattr(ds, "decode_step", real)
         assert (len(calls) > 0) == enabled
-    assert len(runs[0]) == 24
-    assert runs[0] == runs[1]
+    assert len(runs[0]) == 24 and [len(r) for r in runs[1]] == [12, 12, 12]
+    assert runs[0] == runs[2] and runs[1] == runs[3]
 
 
 def test_benchmark_decode_step_takes_it():
@@ -206,3 +207,23 @@ def test_off_with_the_row_kernel(monkeypatch):
     monkeypatch.setattr(_blas, "gemv_rows", lambda: False)
     assert ds.unsupported_reason(model).startswith("the BLAS forwarder's row kernel is off")
     assert ds.decode_step(model, mx.array([[1]], dtype=mx.int32), None) is None
+
+
+@pytest.mark.parametrize("rows", [2, 3, 8])
+def test_several_rows_equal_the_graph(rows):
+    model = tiny_model(seed=14)
+    model.fuse_projections()
+    rng = np.random.default_rng(rows)
+    _, state = model.prefill(mx.array(rng.integers(0, 97, (rows, 7)), dtype=mx.int32), None)
+    for _ in range(3):
+        ids = mx.array(rng.integers(0, 97, (rows, 1)), dtype=mx.int32)
+        expected, expected_state = model(ids, state)
+        got = ds.decode_step(model, ids, state)
+        assert got is not None
+        assert got[0].shape == expected.shape == (rows, 1, 97)
+        assert _rel(got[0], expected) < 2e-5
+        for ours, theirs in zip(got[1], expected_state):
+            for a, b in zip(ours, theirs):
+                assert a.shape == b.shape and _rel(a, b) < 2e-5
+        state = got[1]
+    assert ds.decode_step(model, mx.zeros((ds.MAX_ROWS + 1, 1), mx.int32), None) is None  # GEMM beyond

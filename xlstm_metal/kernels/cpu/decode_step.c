@@ -1,21 +1,26 @@
-/* One decode step of an xLSTM-Large model (float32, one row) as one call, for CPUs.
+/* One decode step of an xLSTM-Large model (float32, 1 to XL_MAX_ROWS rows) as one call, for CPUs.
 
    The reference is the MLX graph of xLSTMLarge.__call__ at one token; on a CPU MLX spends
    ~5 us of host and stream time on each of a step's ~800 graph nodes (benchmarks/NOTES.md,
-   session 21), so a 125m step was ~30% bookkeeping around its one-row products. Here a step is
-   the products (the rows streamed front to back, as the BLAS forwarder's row kernel reads
-   them) and the few vector operations between them, in one OpenMP region whose threads split
-   each product's rows; the arithmetic is the reference's, in float32, summed in another order.
+   session 21), so a 125m step was ~30% bookkeeping around its one-row products, and several
+   rows go through OpenBLAS's GEMM, which packs each weight matrix first. Here a step is the
+   products (each weight row streamed front to back once, for every row of the batch, as the
+   BLAS forwarder's row kernel reads them) and the few vector operations between them, in one
+   OpenMP region whose threads split each product's weight rows; the arithmetic is the
+   reference's, in float32, summed in another order.
 
-   Layouts: every weight row-major [out, in] and contiguous; the state C [NH, DQK, DV],
-   n [NH, DQK], m [NH] (batch 1). Python (decode_step.py) checks all of it and falls back to the
-   MLX graph where anything differs. */
+   Layouts: every weight row-major [out, in] and contiguous; for ``rows`` rows the activations
+   [rows, width] and the state C [rows, NH, DQK, DV], n [rows, NH, DQK], m [rows, NH].
+   Python (decode_step.py) checks all of it and falls back to the MLX graph where anything
+   differs. */
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#define XL_MAX_ROWS 8
 
 typedef struct {
   const float *norm_mlstm;            /* [E] */
@@ -41,20 +46,26 @@ typedef struct {
   const float *out_norm;  /* [E] or NULL */
   const float *lm_head;   /* [V, E] */
   const xl_block *blocks;
-  float *work;            /* xl_work_floats(model) floats */
+  float *work;            /* xl_work_floats(model, rows) floats */
 } xl_model;
 
-long xl_work_floats(const xl_model *M) {
-  /* x, xn, y [E]; the projections q|k|v|o|i|f; h and the gated norm [NH*DV]; act [F] */
-  return 3 * M->E + 2 * M->NH * M->DQK + 2 * M->NH * M->DV + 2 * M->NH + 2 * M->NH * M->DV + M->F;
+int xl_max_rows(void) { return XL_MAX_ROWS; }
+
+long xl_work_floats(const xl_model *M, long rows) {
+  /* per row: x, xn, y [E]; the projections q|k|v|o|i|f; h and the gated norm [NH*DV]; act [F] */
+  return rows * (3 * M->E + 2 * M->NH * M->DQK + 4 * M->NH * M->DV + 2 * M->NH + M->F);
 }
 
-/* y[n] = <W[n, :K], x> for n in [n0, n1): one row at a time, front to back, into 64 partial sums
-   the compiler keeps in vector registers (as the BLAS forwarder's row kernel). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(XLSTM_NO_CLONES)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define XL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define XL_CLONES
 #endif
-static void dot_rows(const float *restrict W, const float *restrict x, float *restrict y, long n0, long n1, long K) {
+
+/* y[n] = <W[n, :K], x> for n in [n0, n1): one weight row at a time, front to back, into 64 partial
+   sums the compiler keeps in vector registers (as the BLAS forwarder's row kernel). */
+XL_CLONES static void dot_rows1(const float *restrict W, const float *restrict x, float *restrict y, long n0,
+                                long n1, long K) {
   for (long n = n0; n < n1; n++) {
     const float *restrict w = W + n * K;
     float acc[64] = {0.0f};
@@ -68,21 +79,61 @@ static void dot_rows(const float *restrict W, const float *restrict x, float *re
   }
 }
 
-/* This thread's share [r0, r1) of R rows. */
+/* The same for NB rows of x [NB, K]: y[b * ldy + n] = <W[n], x[b]>, each 16-float chunk of a
+   weight row loaded once for all NB rows (NB vector accumulators: GCC/clang vector types keep
+   them in registers, where arrays of floats went through the stack). */
+typedef float xl_v16 __attribute__((vector_size(64)));
+static inline xl_v16 xl_load(const float *p) {
+  xl_v16 v;
+  memcpy(&v, p, sizeof v);  /* unaligned */
+  return v;
+}
+#define XL_DOT_ROWS(NB)                                                                                 \
+  XL_CLONES static void dot_rows##NB(const float *restrict W, const float *restrict x, float *restrict y, \
+                                     long ldy, long n0, long n1, long K) {                               \
+    for (long n = n0; n < n1; n++) {                                                                    \
+      const float *restrict w = W + n * K;                                                              \
+      xl_v16 acc[NB];                                                                                   \
+      for (int b = 0; b < NB; b++) acc[b] = (xl_v16){0};                                                \
+      long k = 0;                                                                                       \
+      for (; k + 16 <= K; k += 16) {                                                                    \
+        const xl_v16 wk = xl_load(w + k);                                                               \
+        for (int b = 0; b < NB; b++) acc[b] += wk * xl_load(x + b * K + k);                             \
+      }                                                                                                 \
+      for (int b = 0; b < NB; b++) {                                                                    \
+        float s = 0.0f;                                                                                 \
+        for (long r = k; r < K; r++) s += w[r] * x[b * K + r];                                          \
+        for (int j = 0; j < 16; j++) s += acc[b][j];                                                    \
+        y[b * ldy + n] = s;                                                                             \
+      }                                                                                                 \
+    }                                                                                                   \
+  }
+XL_DOT_ROWS(2)
+XL_DOT_ROWS(3)
+XL_DOT_ROWS(4)
+XL_DOT_ROWS(5)
+XL_DOT_ROWS(6)
+XL_DOT_ROWS(7)
+XL_DOT_ROWS(8)
+
+/* y[b * ldy + n] = <W[n, :K], x[b]> for n in [n0, n1) and the ``rows`` rows of x [rows, K]. */
+static void dot_rows(const float *W, const float *x, float *y, long ldy, long n0, long n1, long K, long rows) {
+  switch (rows) {
+    case 1: dot_rows1(W, x, y, n0, n1, K); break;
+    case 2: dot_rows2(W, x, y, ldy, n0, n1, K); break;
+    case 3: dot_rows3(W, x, y, ldy, n0, n1, K); break;
+    case 4: dot_rows4(W, x, y, ldy, n0, n1, K); break;
+    case 5: dot_rows5(W, x, y, ldy, n0, n1, K); break;
+    case 6: dot_rows6(W, x, y, ldy, n0, n1, K); break;
+    case 7: dot_rows7(W, x, y, ldy, n0, n1, K); break;
+    default: dot_rows8(W, x, y, ldy, n0, n1, K); break;
+  }
+}
+
+/* This thread's share [r0, r1) of R items. */
 static void share(long R, int t, int T, long *r0, long *r1) {
   *r0 = R * t / T;
   *r1 = R * (t + 1) / T;
-}
-
-/* Rows [r0, r1) of matrices laid end to end (segment s: rows[s] rows of W[s], outputs at y[s]). */
-static void dot_segments(int count, const float *const *W, const long *rows, float *const *y, const float *x,
-                         long K, long r0, long r1) {
-  long start = 0;
-  for (int s = 0; s < count; s++) {
-    long a = r0 > start ? r0 - start : 0, b = r1 - start < rows[s] ? r1 - start : rows[s];
-    if (a < b) dot_rows(W[s], x, y[s], a, b, K);
-    start += rows[s];
-  }
 }
 
 static void rms_norm(const float *x, const float *w, float eps, float *out, long E) {
@@ -96,18 +147,20 @@ static float soft_cap(float v, int has, float cap) { return has ? cap * tanhf(v 
 
 static float log_sigmoid(float v) { return fminf(v, 0.0f) - log1pf(expf(-fabsf(v))); }
 
-/* One head's step: the gates, C and n updated, h = C^T q / max(|n.q|, exp(-m)) + eps. */
-static void head_step(const xl_model *M, const xl_block *B, long h, const float *q, const float *k, const float *v,
-                      float i_raw, float f_raw, float *out) {
+/* One head of one row (s = row * NH + head): the gates, C and n updated,
+   h = C^T q / max(|n.q|, exp(-m)) + eps. */
+static void head_step(const xl_model *M, const xl_block *B, long s, long head, const float *q, const float *k,
+                      const float *v, float i_raw, float f_raw, float *out) {
   const long DQK = M->DQK, DV = M->DV;
-  const float i_pre = soft_cap(i_raw + B->b_i[h], M->has_gate_cap, M->gate_cap);
-  const float lf = log_sigmoid(soft_cap(f_raw + B->b_f[h], M->has_gate_cap, M->gate_cap));
-  const float m_old = B->m ? B->m[h] : 0.0f;
+  const float i_pre = soft_cap(i_raw + B->b_i[head], M->has_gate_cap, M->gate_cap);
+  const float lf = log_sigmoid(soft_cap(f_raw + B->b_f[head], M->has_gate_cap, M->gate_cap));
+  const float m_old = B->m ? B->m[s] : 0.0f;
   const float m_new = fmaxf(lf + m_old, i_pre);
   const float fa = expf(lf + m_old - m_new), ia = expf(i_pre - m_new);
   const float scale = 1.0f / sqrtf((float)DQK);
-  const float *C = B->C ? B->C + h * DQK * DV : NULL;
-  float *Cn = B->C_out + h * DQK * DV, *nn = B->n_out + h * DQK;
+  const float *C = B->C ? B->C + s * DQK * DV : NULL;
+  const float *n_old = B->n ? B->n + s * DQK : NULL;
+  float *Cn = B->C_out + s * DQK * DV, *nn = B->n_out + s * DQK;
   for (long b = 0; b < DV; b++) out[b] = 0.0f;
   float qn = 0.0f;
   for (long a = 0; a < DQK; a++) {
@@ -120,12 +173,12 @@ static void head_step(const xl_model *M, const xl_block *B, long h, const float 
       for (long b = 0; b < DV; b++) row[b] = ka * v[b];
     }
     for (long b = 0; b < DV; b++) out[b] += qa * row[b];
-    nn[a] = (B->n ? fa * B->n[h * DQK + a] : 0.0f) + ka;
+    nn[a] = (n_old ? fa * n_old[a] : 0.0f) + ka;
     qn += qa * nn[a];
   }
   const float den = fmaxf(fabsf(qn), expf(-m_new)) + M->step_eps;
   for (long b = 0; b < DV; b++) out[b] /= den;
-  B->m_out[h] = m_new;
+  B->m_out[s] = m_new;
 }
 
 /* sigmoid(o~) * LayerNorm per head (h) * weight, the mLSTM layer's output before out_proj. */
@@ -145,14 +198,18 @@ static void norm_gate(const xl_model *M, const xl_block *B, const float *h, cons
   }
 }
 
-/* token -> logits [V] (soft-capped); every block's state written to its *_out arrays. */
-int xl_decode_step(const xl_model *M, long token, float *logits) {
-  if (token < 0 || token >= M->V) return 1;
-  const long E = M->E, NH = M->NH, DQK = M->DQK, DV = M->DV, F = M->F;
-  float *x = M->work, *xn = x + E, *y = xn + E;
-  float *q = y + E, *k = q + NH * DQK, *v = k + NH * DQK, *o = v + NH * DV, *gi = o + NH * DV, *gf = gi + NH;
-  float *h = gf + NH, *g = h + NH * DV, *act = g + NH * DV;
-  memcpy(x, M->embedding + token * E, (size_t)E * sizeof(float));
+/* tokens [rows] -> logits [rows, V] (soft-capped); every block's state written to its *_out
+   arrays. Returns 1 for a token outside the vocabulary or a row count outside [1, XL_MAX_ROWS]. */
+int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logits) {
+  if (rows < 1 || rows > XL_MAX_ROWS) return 1;
+  for (long r = 0; r < rows; r++)
+    if (tokens[r] < 0 || tokens[r] >= M->V) return 1;
+  const long E = M->E, NH = M->NH, DQK = M->DQK, DV = M->DV, F = M->F, R = rows;
+  const long QK = NH * DQK, HV = NH * DV;
+  float *x = M->work, *xn = x + R * E, *y = xn + R * E;
+  float *q = y + R * E, *k = q + R * QK, *v = k + R * QK, *o = v + R * HV, *gi = o + R * HV, *gf = gi + R * NH;
+  float *h = gf + R * NH, *g = h + R * HV, *act = g + R * HV;
+  for (long r = 0; r < R; r++) memcpy(x + r * E, M->embedding + tokens[r] * E, (size_t)E * sizeof(float));
   int threads = M->threads > 0 ? M->threads : 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -165,51 +222,62 @@ int xl_decode_step(const xl_model *M, long token, float *logits) {
     for (long index = 0; index < M->num_blocks; index++) {
       const xl_block *B = M->blocks + index;
 #pragma omp single
-      rms_norm(x, B->norm_mlstm, B->norm_mlstm_eps, xn, E);
+      for (long r = 0; r < R; r++) rms_norm(x + r * E, B->norm_mlstm, B->norm_mlstm_eps, xn + r * E, E);
       {
         const float *W[6] = {B->w_q, B->w_k, B->w_v, B->w_o, B->w_i, B->w_f};
-        const long rows[6] = {NH * DQK, NH * DQK, NH * DV, NH * DV, NH, NH};
+        const long count[6] = {QK, QK, HV, HV, NH, NH};
         float *const out[6] = {q, k, v, o, gi, gf};
-        share(2 * NH * DQK + 2 * NH * DV + 2 * NH, t, T, &r0, &r1);
-        dot_segments(6, W, rows, out, xn, E, r0, r1);
+        /* each output [R, width]: row b of output s at out[s] + b * width; widths differ, so
+           the segments of one width go together */
+        share(2 * QK + 2 * HV + 2 * NH, t, T, &r0, &r1);
+        long start = 0;
+        for (int s = 0; s < 6; s++) {
+          long a = r0 > start ? r0 - start : 0, b = r1 - start < count[s] ? r1 - start : count[s];
+          if (a < b) dot_rows(W[s], xn, out[s], count[s], a, b, E, R);
+          start += count[s];
+        }
       }
 #pragma omp barrier
-      for (long head = t; head < NH; head += T)
-        head_step(M, B, head, q + head * DQK, k + head * DQK, v + head * DV, gi[head], gf[head], h + head * DV);
+      for (long s = t; s < R * NH; s += T) {
+        const long r = s / NH, head = s % NH;
+        head_step(M, B, s, head, q + r * QK + head * DQK, k + r * QK + head * DQK, v + r * HV + head * DV,
+                  gi[r * NH + head], gf[r * NH + head], h + r * HV + head * DV);
+      }
 #pragma omp barrier
 #pragma omp single
-      norm_gate(M, B, h, o, g);
+      for (long r = 0; r < R; r++) norm_gate(M, B, h + r * HV, o + r * HV, g + r * HV);
       share(E, t, T, &r0, &r1);
-      dot_rows(B->w_out, g, y, r0, r1, NH * DV);
+      dot_rows(B->w_out, g, y, E, r0, r1, HV, R);
 #pragma omp barrier
 #pragma omp single
-      {
-        for (long j = 0; j < E; j++) x[j] += y[j];
-        rms_norm(x, B->norm_ffn, B->norm_ffn_eps, xn, E);
+      for (long r = 0; r < R; r++) {
+        for (long j = 0; j < E; j++) x[r * E + j] += y[r * E + j];
+        rms_norm(x + r * E, B->norm_ffn, B->norm_ffn_eps, xn + r * E, E);
       }
       share(F, t, T, &r0, &r1);
-      for (long j = r0; j < r1; j++) {  /* silu(gate) * up, each pair by one thread */
-        float gate, up;
-        dot_rows(B->w_gate + j * E, xn, &gate, 0, 1, E);
-        dot_rows(B->w_up + j * E, xn, &up, 0, 1, E);
-        act[j] = gate / (1.0f + expf(-gate)) * up;
+      for (long j = r0; j < r1; j++) {  /* silu(gate) * up, each pair of weight rows by one thread */
+        float gate[XL_MAX_ROWS], up[XL_MAX_ROWS];
+        dot_rows(B->w_gate + j * E, xn, gate, 1, 0, 1, E, R);
+        dot_rows(B->w_up + j * E, xn, up, 1, 0, 1, E, R);
+        for (long r = 0; r < R; r++) act[r * F + j] = gate[r] / (1.0f + expf(-gate[r])) * up[r];
       }
 #pragma omp barrier
       share(E, t, T, &r0, &r1);
-      dot_rows(B->w_down, act, y, r0, r1, F);
+      dot_rows(B->w_down, act, y, E, r0, r1, F, R);
 #pragma omp barrier
 #pragma omp single
-      for (long j = 0; j < E; j++) x[j] += y[j];
+      for (long j = 0; j < R * E; j++) x[j] += y[j];
     }
 #pragma omp single
-    {
-      if (M->out_norm) rms_norm(x, M->out_norm, M->out_norm_eps, xn, E);
-      else memcpy(xn, x, (size_t)E * sizeof(float));
+    for (long r = 0; r < R; r++) {
+      if (M->out_norm) rms_norm(x + r * E, M->out_norm, M->out_norm_eps, xn + r * E, E);
+      else memcpy(xn + r * E, x + r * E, (size_t)E * sizeof(float));
     }
     share(M->V, t, T, &r0, &r1);
-    dot_rows(M->lm_head, xn, logits, r0, r1, E);
+    dot_rows(M->lm_head, xn, logits, M->V, r0, r1, E, R);
     if (M->has_logit_cap)
-      for (long j = r0; j < r1; j++) logits[j] = soft_cap(logits[j], 1, M->logit_cap);
+      for (long r = 0; r < R; r++)
+        for (long j = r0; j < r1; j++) logits[r * M->V + j] = soft_cap(logits[r * M->V + j], 1, M->logit_cap);
   }
   return 0;
 }

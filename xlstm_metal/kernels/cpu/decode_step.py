@@ -56,6 +56,9 @@ class _Model(ctypes.Structure):
 _LIBRARY: ctypes.CDLL | None = None
 #: Why the C step cannot run on this machine (no compiler, a failed build), or None.
 UNAVAILABLE: str | None = None
+#: Most rows one C step takes (more go through the MLX graph: OpenBLAS's GEMM is the better
+#: product there). The C source's XL_MAX_ROWS.
+MAX_ROWS = 8
 
 
 def _build() -> Path:
@@ -91,10 +94,12 @@ def library() -> ctypes.CDLL | None:
     if _LIBRARY is None and UNAVAILABLE is None:
         try:
             lib = ctypes.CDLL(str(_build()))
-            lib.xl_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_long, _f32p]
+            lib.xl_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long), ctypes.c_long,
+                                           _f32p]
             lib.xl_decode_step.restype = ctypes.c_int
-            lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model)]
+            lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_long]
             lib.xl_work_floats.restype = ctypes.c_long
+            lib.xl_max_rows.restype = ctypes.c_int
             _LIBRARY = lib
         except (OSError, subprocess.SubprocessError) as err:
             UNAVAILABLE = str(err)
@@ -296,14 +301,6 @@ class _Plan:
         self.step_eps = s["eps"][4] if count else 0.0
         if any(s["eps"][4 + 4 * j] != self.step_eps for j in range(count)):
             raise _Unsupported("the blocks' step kernels differ in eps")
-        # the state after a step (copied into MLX arrays) and the logits
-        self.C = np.empty((count, NH, DQK, DV), np.float32)
-        self.n = np.empty((count, NH, DQK), np.float32)
-        self.m = np.empty((count, NH), np.float32)
-        self.logits = np.empty(s["V"], np.float32)
-        for index in range(count):
-            block = self.blocks[index]
-            block.C_out, block.n_out, block.m_out = (_pointer(a[index]) for a in (self.C, self.n, self.m))
         model = self.model = _Model()
         for name in ("E", "NH", "DQK", "DV", "F", "V", "num_blocks"):
             setattr(model, name, s[name])
@@ -314,9 +311,38 @@ class _Plan:
         model.embedding = ptr(arrays[0], "backbone.embeddings.weight")
         model.out_norm = ptr(arrays[1], "backbone.out_norm.weight")
         model.lm_head = ptr(arrays[2], "lm_head.weight")
-        model.blocks = self.blocks
-        self.work = np.empty(lib.xl_work_floats(ctypes.byref(model)), np.float32)
-        model.work = _pointer(self.work)
+        self.lib = lib
+        self._by_rows: dict[int, _Rows] = {}
+
+    def rows(self, count: int) -> "_Rows":
+        """The structures and buffers for ``count`` rows (made on first use)."""
+        found = self._by_rows.get(count)
+        if found is None:
+            found = self._by_rows[count] = _Rows(self, count)
+        return found
+
+
+class _Rows:
+    """A plan's C structures for one row count: the blocks with this count's output buffers (the
+    state after a step, copied into MLX arrays afterwards), the logits and the work space."""
+
+    def __init__(self, plan: _Plan, rows: int):
+        c = plan.model
+        blocks_count = c.num_blocks
+        self.blocks = (_Block * blocks_count)()
+        ctypes.memmove(self.blocks, plan.blocks, ctypes.sizeof(self.blocks))
+        self.C = np.empty((blocks_count, rows, c.NH, c.DQK, c.DV), np.float32)
+        self.n = np.empty((blocks_count, rows, c.NH, c.DQK), np.float32)
+        self.m = np.empty((blocks_count, rows, c.NH, 1), np.float32)
+        self.logits = np.empty((rows, 1, c.V), np.float32)
+        self.tokens = (ctypes.c_long * rows)()
+        for index in range(blocks_count):
+            block = self.blocks[index]
+            block.C_out, block.n_out, block.m_out = (_pointer(a[index]) for a in (self.C, self.n, self.m))
+        self.model = _Model.from_buffer_copy(c)
+        self.model.blocks = self.blocks
+        self.work = np.empty(plan.lib.xl_work_floats(ctypes.byref(self.model), rows), np.float32)
+        self.model.work = _pointer(self.work)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -375,12 +401,13 @@ def _plan(model: nn.Module, lib: ctypes.CDLL) -> _Plan:
 
 
 def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
-    """``xLSTMLarge.__call__(model, input_ids, state)`` for one token of one row (input_ids
-    [1, 1]) as one C call:
-    (logits [1, 1, V], the new state: (C [1, NH, DQK, DV], n [1, NH, DQK], m [1, NH, 1]) per
-    block), equal to the MLX graph's to float32 round-off. None where it does not apply (see the
-    module docstring): then the caller runs the model."""
-    if not ENABLED or mx.default_device() != mx.cpu or input_ids.shape != (1, 1) or not _blas.gemv_rows():
+    """``xLSTMLarge.__call__(model, input_ids, state)`` for one token of each of B rows
+    (input_ids [B, 1], B up to :data:`MAX_ROWS`) as one C call: (logits [B, 1, V], the new
+    state: (C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1]) per block), equal to the MLX
+    graph's to float32 round-off. None where it does not apply (see the module docstring): then
+    the caller runs the model."""
+    if not ENABLED or mx.default_device() != mx.cpu or input_ids.ndim != 2 or input_ids.shape[1] != 1 \
+            or not 1 <= input_ids.shape[0] <= MAX_ROWS or not _blas.gemv_rows():
         return None
     lib = library()
     if lib is None:
@@ -390,9 +417,9 @@ def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tu
     except _Unsupported:
         return None
     c = plan.model
-    NH, DQK, DV, count = c.NH, c.DQK, c.DV, c.num_blocks
+    B, NH, DQK, DV, count = input_ids.shape[0], c.NH, c.DQK, c.DV, c.num_blocks
     if state is not None:
-        shapes = ((1, NH, DQK, DV), (1, NH, DQK), (1, NH, 1))
+        shapes = ((B, NH, DQK, DV), (B, NH, DQK), (B, NH, 1))
         if len(state) != count or any(
                 not isinstance(block_state, (tuple, list)) or len(block_state) != 3  # a deferred state: CUDA's
                 or any(a.shape != shape or a.dtype != mx.float32 for a, shape in zip(block_state, shapes))
@@ -403,20 +430,22 @@ def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tu
             views = [[_view(a, "the state") for a in block_state] for block_state in state]
         except _Unsupported:  # e.g. a strided view: the graph reads it as it is
             return None
-    token = int(input_ids.item())  # [1, 1]: no reshape or index nodes
+    tokens = [row[0] for row in input_ids.tolist()]
     with plan.lock:  # one step at a time through the plan's buffers
-        for index, block in enumerate(plan.blocks):
+        rows = plan.rows(B)
+        for index, block in enumerate(rows.blocks):
             if state is None:
                 block.C = block.n = block.m = None
             else:
                 block.C, block.n, block.m = (_pointer(v) for v in views[index])
-        if lib.xl_decode_step(ctypes.byref(c), token, _pointer(plan.logits)) != 0:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {c.V})")
+        rows.tokens[:] = tokens
+        if lib.xl_decode_step(ctypes.byref(rows.model), rows.tokens, B, _pointer(rows.logits)) != 0:
+            raise ValueError(f"token ids {tokens} are not all inside the vocabulary [0, {c.V})")
         # MLX copies each buffer into an array of its own (one copy per buffer: 36 copies of
         # 12 blocks' states took 1.0-1.4 ms at 125m, three and one split of each 0.2-0.3 ms)
-        logits = mx.array(plan.logits.reshape(1, 1, c.V))
-        parts = [mx.split(mx.array(buffer), count, axis=0) if count > 1 else [mx.array(buffer)]
-                 for buffer in (plan.C, plan.n, plan.m[:, :, None])]
+        logits = mx.array(rows.logits)
+        parts = [mx.split(mx.array(buffer.reshape(-1, *buffer.shape[2:])), count, axis=0) if count > 1
+                 else [mx.array(buffer[0])] for buffer in (rows.C, rows.n, rows.m)]
         new_state = list(zip(*parts))
         mx.eval(logits, new_state)
     return logits, new_state
