@@ -227,3 +227,20 @@ def test_several_rows_equal_the_graph(rows):
                 assert a.shape == b.shape and _rel(a, b) < 2e-5
         state = got[1]
     assert ds.decode_step(model, mx.zeros((ds.MAX_ROWS + 1, 1), mx.int32), None) is None  # GEMM beyond
+
+
+def test_fused_copies_are_read_while_current():
+    """While fuse_projections()'s copies are current the graph multiplies by them, not by the
+    layers' row views: so does the C step (a copy replaced in place shows in both)."""
+    model = tiny_model(seed=15)
+    model.fuse_projections()
+    token = mx.array([[11]], dtype=mx.int32)
+    ffn = model.blocks[1].ffn
+    ffn["_fused_gate_up"][0]["weight"] = ffn["_fused_gate_up"][0]["weight"] * 0.5
+    expected, _ = model(token, None)
+    got, _ = ds.decode_step(model, token, None)
+    assert _rel(got, expected) < 2e-5
+    model.unfuse_projections()  # the layers' own weights again (unchanged by the copy's edit)
+    expected_unfused, _ = model(token, None)
+    assert _rel(ds.decode_step(model, token, None)[0], expected_unfused) < 2e-5
+    assert _rel(expected_unfused, expected) > 1e-3

@@ -177,10 +177,30 @@ def _norm(reads: _Reads, norm: Any, cls: type, size: int, what: str) -> tuple[mx
     return norm.weight, reads.value(norm, "eps")
 
 
+def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple[mx.array, int]]:
+    """Where the graph reads each layer's rows while ``fuse_projections()``'s copy is current
+    (:meth:`~xlstm_metal.cells.fused.FusedLayers._current`): {layer index: (the fused float
+    weight, the layer's first row in it)}; empty where each layer runs its own weight."""
+    from ...cells.fused import fusion_groups  # noqa: PLC0415
+
+    layers, fused = fusion._current(owner)
+    if fused is None:
+        return {}
+    rows = {}
+    for (kind, members), group in zip(fusion_groups(layers), reads.entries_of(fused)):
+        reads.entries_of(group)
+        if kind == ("linear", mx.float32):
+            start = 0
+            for j in members:
+                rows[j] = (group["weight"], start)
+                start += layers[j].weight.shape[0]
+    return rows
+
+
 def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
     """The model's arrays in the C step's order, its sizes and what was read; or _Unsupported."""
     from ...blocks.xlstm_large import mLSTMBlock  # noqa: PLC0415
-    from ...cells.ffn import FeedForward  # noqa: PLC0415
+    from ...cells.ffn import _GATE_UP, FeedForward  # noqa: PLC0415
     from ...cells.mlstm import (  # noqa: PLC0415
         mLSTMOutputCell, mLSTMProjectionCell, mLSTMRecurrentKernelCell,
     )
@@ -227,20 +247,24 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
             raise _Unsupported(f"{where}.mlstm_layer's cells or step kernel are not the reference ones", reads)
         w_i, b_i = _plain_weight(reads, layer.igate_preact, NH, E, f"{where}.mlstm_layer.igate_preact", bias=True)
         w_f, b_f = _plain_weight(reads, layer.fgate_preact, NH, E, f"{where}.mlstm_layer.fgate_preact", bias=True)
+        projected = [_plain_weight(reads, getattr(layer, name), rows, E, f"{where}.mlstm_layer.{name}")[0]
+                     for name, rows in (("q", NH * DQK), ("k", NH * DQK), ("v", NH * DV), ("ogate_preact", NH * DV))]
+        gate_up = [_plain_weight(reads, ffn.proj_up_gate, F, E, f"{where}.ffn.proj_up_gate")[0],
+                   _plain_weight(reads, ffn.proj_up, F, E, f"{where}.ffn.proj_up")[0]]
+        # while fuse_projections()'s copies are current the graph reads them: so does the C step
+        fused = _fused_rows(reads, layer, layer.projection_cell.fusion)
+        projected, (w_i, w_f) = [fused.get(j, w) for j, w in enumerate(projected)], \
+            [fused.get(4 + j, w) for j, w in enumerate((w_i, w_f))]
+        fused = _fused_rows(reads, ffn, _GATE_UP)
+        gate_up = [fused.get(j, w) for j, w in enumerate(gate_up)]
         norm_mlstm, mlstm_eps = _norm(reads, block.norm_mlstm, RMSNorm, E, f"{where}.norm_mlstm")
         mh_norm, mh_eps = _norm(reads, layer.multihead_norm, MultiHeadLayerNorm, NH * DV, f"{where}.mlstm_layer.multihead_norm")
         norm_ffn, ffn_eps = _norm(reads, block.norm_ffn, RMSNorm, E, f"{where}.norm_ffn")
         arrays += [
-            norm_mlstm,
-            _plain_weight(reads, layer.q, NH * DQK, E, f"{where}.mlstm_layer.q")[0],
-            _plain_weight(reads, layer.k, NH * DQK, E, f"{where}.mlstm_layer.k")[0],
-            _plain_weight(reads, layer.v, NH * DV, E, f"{where}.mlstm_layer.v")[0],
-            _plain_weight(reads, layer.ogate_preact, NH * DV, E, f"{where}.mlstm_layer.ogate_preact")[0],
-            w_i, w_f, b_i, b_f, mh_norm,
+            norm_mlstm, *projected, w_i, w_f, b_i, b_f, mh_norm,
             _plain_weight(reads, layer.out_proj, E, NH * DV, f"{where}.mlstm_layer.out_proj")[0],
             norm_ffn,
-            _plain_weight(reads, ffn.proj_up_gate, F, E, f"{where}.ffn.proj_up_gate")[0],
-            _plain_weight(reads, ffn.proj_up, F, E, f"{where}.ffn.proj_up")[0],
+            *gate_up,
             _plain_weight(reads, ffn.proj_down, E, F, f"{where}.ffn.proj_down")[0],
         ]
         eps += [mlstm_eps, mh_eps, ffn_eps, reads.value(kernel, "eps")]
@@ -278,12 +302,14 @@ class _Plan:
         zeros_bias = np.zeros(NH, np.float32)
 
         def ptr(array, what):
+            """A pointer to ``array`` or, for (array, row), to that row of it."""
             if array is None:
                 return None
+            array, row = array if isinstance(array, tuple) else (array, 0)
             view = self.views.get(id(array))
             if view is None:
                 view = self.views[id(array)] = _view(array, what)
-            return _pointer(view)
+            return _pointer(view[row:])
 
         self.zeros_bias = zeros_bias
         self.blocks = (_Block * count)()
@@ -387,7 +413,7 @@ def _plan(model: nn.Module, lib: ctypes.CDLL) -> _Plan:
     reads = _Reads()
     try:
         arrays, sizes, reads = _collect(model)
-        mx.eval([a for a in arrays if a is not None])
+        mx.eval([a[0] if isinstance(a, tuple) else a for a in arrays if a is not None])
         plan = _Plan(reads, arrays, sizes, threads, lib)
     except _Unsupported as err:
         plan = _Refused(err.reads or reads, threads, str(err))
