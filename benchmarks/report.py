@@ -890,6 +890,31 @@ def cpu_limits_rows() -> list[str]:
     return lines
 
 
+def cpu_decode_step_rows() -> list[str]:
+    """The CPU decode step as one C call against the compiled MLX graph, in turns:
+    results/cpu_decode_step*.json (benchmarks/cpu_decode_step.py)."""
+    files = sorted(RESULTS.glob("cpu_decode_step*.json"))
+    if not files:
+        return []
+    lines = ["", "## CPU: the decode step as one C call against the MLX graph (`benchmarks/cpu_decode_step.py`)"]
+    for path in files:
+        d = json.loads(path.read_text())
+        env = d["environment"]
+        lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; model {d['model']}; "
+                  f"MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
+                  f"{env.get('blas_threads')} thread(s); {d['tokens']} greedy steps per measurement, both paths "
+                  "in turns in one process", "",
+                  "| batch | C step tok/s per round | MLX graph tok/s per round | median C step / graph |",
+                  "| ---: | --- | --- | ---: |"]
+        for batch in dict.fromkeys(r["batch"] for r in d["rows"]):
+            mine = [r for r in d["rows"] if r["batch"] == batch]
+            ratio = _median([r["c_step"] / r["graph"] for r in mine])
+            c_step = ", ".join(f"{r['c_step']:.1f}" for r in mine)
+            graph = ", ".join(f"{r['graph']:.1f}" for r in mine)
+            lines.append(f"| {batch} | {c_step} | {graph} | {ratio:.2f}x |")
+    return lines
+
+
 def cpu_gemv_rows() -> list[str]:
     """One-row products, the forwarder's row kernel and GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
     files = sorted(RESULTS.glob("cpu_gemv*.json"))
@@ -1034,6 +1059,7 @@ def render() -> str:
             lines.append(f"| {run['label']} | {run['gemm_gflops']:.1f} | {_fmt(get.get(('prefill', 1)))} | "
                          f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
     lines += cpu_limits_rows()
+    lines += cpu_decode_step_rows()
     lines += cpu_gemv_rows()
     lines += cpu_perf_rows()
     lines += readme_speed_rows()

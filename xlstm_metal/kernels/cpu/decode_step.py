@@ -3,10 +3,11 @@
 MLX's CPU back-end spends ~5 us of host and stream time on each node of a step's graph, and a
 125m step has ~800 of them around its one-row products (benchmarks/NOTES.md, session 21). Where
 the model is what that kernel computes (float32 weights and state, plain ``nn.Linear``
-projections, the reference norms, cells and kernels, one row) :func:`decode_step` runs the
-whole step in C, reading every weight from the module tree as it stands at the call; anything
-else (a quantized or LoRA layer, a user's module, bf16, a batch, a custom kernel) returns None
-and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
+projections, the reference norms, cells and kernels, 1 to :data:`MAX_ROWS` rows)
+:func:`decode_step` runs the whole step in C, reading every weight from the module tree as it
+stands at the call (several rows read each weight row once: OpenBLAS's GEMM would pack every
+matrix first); anything else (a quantized or LoRA layer, a user's module, bf16, more rows, a
+custom kernel) returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
 (Linux CPUs: :func:`xlstm_metal._blas.gemv_rows`, whose row-major weights it reads the same way);
 ``XLSTM_METAL_CPU_STEP=0`` turns it off.
 
@@ -100,6 +101,8 @@ def library() -> ctypes.CDLL | None:
             lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_long]
             lib.xl_work_floats.restype = ctypes.c_long
             lib.xl_max_rows.restype = ctypes.c_int
+            if lib.xl_max_rows() != MAX_ROWS:
+                raise OSError(f"the CPU decode step's library takes {lib.xl_max_rows()} rows, not {MAX_ROWS}")
             _LIBRARY = lib
         except (OSError, subprocess.SubprocessError) as err:
             UNAVAILABLE = str(err)
