@@ -53,14 +53,7 @@ def main() -> int:
     from xlstm_metal.kernels.cpu import decode_step as cpu_decode_step
 
     mx.set_default_device(mx.cpu)
-    if args.model:
-        from xlstm_metal.assets import for_this_device
-        from xlstm_metal.loading import load_model
-
-        model, name = for_this_device(load_model(args.model, dtype="float32")), args.model
-    else:
-        model, name = bm.random_model(bm.shape_config(args.shape), dtype="float32"), args.shape
-    model.fuse_projections()
+    model, name = bm.cpu_float32_model(args.shape, args.model)
     reason = cpu_decode_step.unsupported_reason(model)
     if reason is not None:
         print(f"error: the C step does not run this model: {reason}", file=sys.stderr)

@@ -176,16 +176,7 @@ def main() -> int:
     from xlstm_metal.kernels.cpu import decode_step as cpu_decode_step
 
     mx.set_default_device(mx.cpu)
-    if args.model:
-        from xlstm_metal.assets import for_this_device
-        from xlstm_metal.loading import load_model
-
-        model = for_this_device(load_model(args.model, dtype="float32"))
-        name = args.model
-    else:
-        model = bm.random_model(bm.shape_config(args.shape), dtype="float32")
-        name = args.shape
-    model.fuse_projections()
+    model, name = bm.cpu_float32_model(args.shape, args.model)
     enabled = cpu_decode_step.unsupported_reason(model) is None
     nbytes = decode_bytes(model)
     flops = prefill_flops_per_token(model)

@@ -81,12 +81,43 @@ _HANDLES: list[ctypes.CDLL] = []
 _BLAS_HANDLE: ctypes.CDLL | None = None
 _FORWARD_HANDLE: ctypes.CDLL | None = None
 
-#: C source of the GEMV forwarder. Row-major only (what MLX calls); C = alpha op(A) op(B) +
-#: beta C with M == 1 is y = alpha op(B)^T x + beta y (x: A's row, y: C's row), with N == 1
+#: C source of the row kernel ``dot_rows``, shared by the GEMV forwarder and the CPU decode step
+#: (``xlstm_metal/kernels/cpu/decode_step.c``, compiled after it), with ``XL_CLONES``: the
+#: per-CPU clones attribute, empty where clones cannot be built.
+ROW_KERNEL_SOURCE = r"""
+#include <stddef.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(XLSTM_NO_CLONES)
+#define XL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define XL_CLONES
+#endif
+
+/* y[n * incy] = alpha <W[n, :K], x> (+ beta y) for n in [n0, n1). One row at a time, read front
+   to back (the hardware prefetcher's best case: OpenBLAS's 4-row sgemv_t streams 20-25% slower
+   here), into 64 partial sums that the compiler keeps in vector registers. Built for the CPU
+   it runs on (x86-64-v4 / v3 / baseline, picked at load time). */
+XL_CLONES static void dot_rows(const float *restrict W, long ldw, const float *restrict x, float *restrict y,
+                               long incy, long n0, long n1, long K, float alpha, float beta) {
+  for (long n = n0; n < n1; n++) {
+    const float *restrict w = W + n * ldw;
+    float acc[64] = {0.0f};
+    long k = 0;
+    for (; k + 64 <= K; k += 64)
+      for (int j = 0; j < 64; j++) acc[j] += w[k + j] * x[k + j];
+    float s = 0.0f;
+    for (; k < K; k++) s += w[k] * x[k];
+    for (int j = 0; j < 64; j++) s += acc[j];
+    float *out = y + n * incy;
+    *out = beta == 0.0f ? alpha * s : alpha * s + beta * *out;
+  }
+}
+"""
+
+#: C source of the GEMV forwarder (after :data:`ROW_KERNEL_SOURCE`). Row-major only (what MLX
+#: calls); C = alpha op(A) op(B) + beta C with M == 1 is y = alpha op(B)^T x + beta y (x: A's row, y: C's row), with N == 1
 #: y = alpha op(A) x + beta y (x: B's column, y: C's column). beta == 0 clears y first: MLX
 #: hands over uninitialised memory, and a scaled NaN would stay NaN.
-GEMV_FORWARD_SOURCE = r"""
-#include <stddef.h>
+GEMV_FORWARD_SOURCE = ROW_KERNEL_SOURCE + r"""
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -114,29 +145,6 @@ void xlstm_gemv_bind(void *sgemm, void *sgemv) {
 
 static void clear(float *y, int n, int inc) {
   for (int j = 0; j < n; j++) y[(size_t)j * inc] = 0.0f;
-}
-
-/* y[n * incy] = alpha <W[n, :K], x> (+ beta y) for n in [n0, n1). One row at a time, read front
-   to back (the hardware prefetcher's best case: OpenBLAS's 4-row sgemv_t streams 20-25% slower
-   here), into 64 partial sums that the compiler keeps in vector registers. Built for the CPU
-   it runs on (x86-64-v4 / v3 / baseline, picked at load time). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(XLSTM_NO_CLONES)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-static void dot_rows(const float *restrict W, long ldw, const float *restrict x, float *restrict y,
-                     long incy, long n0, long n1, long K, float alpha, float beta) {
-  for (long n = n0; n < n1; n++) {
-    const float *restrict w = W + n * ldw;
-    float acc[64] = {0.0f};
-    long k = 0;
-    for (; k + 64 <= K; k += 64)
-      for (int j = 0; j < 64; j++) acc[j] += w[k + j] * x[k + j];
-    float s = 0.0f;
-    for (; k < K; k++) s += w[k] * x[k];
-    for (int j = 0; j < 64; j++) s += acc[j];
-    float *out = y + n * incy;
-    *out = beta == 0.0f ? alpha * s : alpha * s + beta * *out;
-  }
 }
 
 static void rows_product(const float *W, long ldw, const float *x, float *y, long incy, long N,
@@ -351,6 +359,26 @@ def _compiler() -> str | None:
     return None
 
 
+def build_library(cc: str, source: str, target: Path, link: list[str], what: str) -> None:
+    """Compile C ``source`` into the shared library ``target`` (atomically: built beside it, then
+    renamed) with OpenMP threads where the compiler has them (gcc's libgomp; a clang without
+    libomp builds the one-thread form) and per-CPU clones where the C library has ifuncs (glibc;
+    musl has none): the first of these builds that succeeds. OSError naming ``what`` otherwise."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "source.c", Path(tmp) / target.name
+        src.write_text(source)
+        cmd = [cc, "-O3", "-shared", "-fPIC", str(src), "-o", str(out), *link]
+        for extra in (["-fopenmp"], ["-fopenmp", "-DXLSTM_NO_CLONES"], ["-DXLSTM_NO_CLONES"]):
+            done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        if done.returncode != 0:
+            raise OSError(f"building {what} failed: {done.stderr.strip()[-500:]}")
+        os.chmod(out, 0o755)
+        os.replace(out, target)
+
+
 def _gemv_forwarder(blas: Path, soname: str) -> Path:
     """The GEMV forwarder compiled for the BLAS copy ``blas`` (soname = its file name), with
     soname ``soname``: made once per source, BLAS copy, soname and compiler, atomically."""
@@ -358,29 +386,13 @@ def _gemv_forwarder(blas: Path, soname: str) -> Path:
     if cc is None:
         raise OSError("no C compiler (cc, gcc, clang or $CC) to build the GEMV forwarder")
     key = hashlib.sha256(f"{GEMV_FORWARD_SOURCE}|{blas.resolve()}|{soname}|{cc}".encode()).hexdigest()
-    target_dir = _cache_dir() / f"gemv-{key[:16]}"
-    target = target_dir / soname
+    target = _cache_dir() / f"gemv-{key[:16]}" / soname
     if target.is_file():
         return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-        src, out = Path(tmp) / "gemv_forward.c", Path(tmp) / soname
-        src.write_text(GEMV_FORWARD_SOURCE)
-        # Linked against the BLAS copy so that every symbol it does not define (cblas_dgemm,
-        # the Fortran routines MLX's LAPACK calls) resolves there for whoever binds to it.
-        cmd = [cc, "-O3", "-shared", "-fPIC", str(src), "-o", str(out), f"-Wl,-soname,{soname}",
-               "-Wl,--no-as-needed", f"-L{blas.parent}", f"-l:{blas.name}", f"-Wl,-rpath,{blas.parent}"]
-        # OpenMP threads for the row kernel where the compiler has them (gcc's libgomp; a clang
-        # without libomp builds the one-thread form), per-CPU clones where the C library has
-        # ifuncs (glibc; musl has none): the first of these builds that succeeds.
-        for extra in (["-fopenmp"], ["-fopenmp", "-DXLSTM_NO_CLONES"], ["-DXLSTM_NO_CLONES"]):
-            done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                break
-        if done.returncode != 0:
-            raise OSError(f"building the GEMV forwarder failed: {done.stderr.strip()[-500:]}")
-        os.chmod(out, 0o755)
-        os.replace(out, target)
+    # Linked against the BLAS copy so that every symbol it does not define (cblas_dgemm, the
+    # Fortran routines MLX's LAPACK calls) resolves there for whoever binds to it.
+    build_library(cc, GEMV_FORWARD_SOURCE, target, [f"-Wl,-soname,{soname}", "-Wl,--no-as-needed", f"-L{blas.parent}",
+                                                   f"-l:{blas.name}", f"-Wl,-rpath,{blas.parent}"], "the GEMV forwarder")
     return target
 
 

@@ -121,6 +121,21 @@ def prefill(
     return model.prefill(input_ids, state, chunk_size=chunk)
 
 
+def cpu_float32_model(shape: str | Path, checkpoint: str | Path | None = None) -> tuple[xLSTMLarge, str]:
+    """(model, name) for the CPU benchmarks: the checkpoint directory loaded in float32 as
+    ``generate`` runs it on a CPU (quantized ones dequantized), else random weights of ``shape``;
+    projections fused."""
+    if checkpoint is not None:
+        from .assets import for_this_device  # noqa: PLC0415
+        from .loading import load_model  # noqa: PLC0415
+
+        model, name = for_this_device(load_model(checkpoint, dtype="float32")), str(checkpoint)
+    else:
+        model, name = random_model(shape_config(shape), dtype="float32"), str(shape)
+    model.fuse_projections()
+    return model, name
+
+
 def make_decode_step(model: xLSTMLarge, compiled: bool = True) -> Callable:
     """(tokens [B, 1] int32, state) -> (next tokens [B, 1] int32, state): one greedy step."""
 

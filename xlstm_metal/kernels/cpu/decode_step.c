@@ -56,30 +56,9 @@ long xl_work_floats(const xl_model *M, long rows) {
   return rows * (3 * M->E + 2 * M->NH * M->DQK + 4 * M->NH * M->DV + 2 * M->NH + M->F);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(XLSTM_NO_CLONES)
-#define XL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define XL_CLONES
-#endif
-
-/* y[n] = <W[n, :K], x> for n in [n0, n1): one weight row at a time, front to back, into 64 partial
-   sums the compiler keeps in vector registers (as the BLAS forwarder's row kernel). */
-XL_CLONES static void dot_rows1(const float *restrict W, const float *restrict x, float *restrict y, long n0,
-                                long n1, long K) {
-  for (long n = n0; n < n1; n++) {
-    const float *restrict w = W + n * K;
-    float acc[64] = {0.0f};
-    long k = 0;
-    for (; k + 64 <= K; k += 64)
-      for (int j = 0; j < 64; j++) acc[j] += w[k + j] * x[k + j];
-    float s = 0.0f;
-    for (; k < K; k++) s += w[k] * x[k];
-    for (int j = 0; j < 64; j++) s += acc[j];
-    y[n] = s;
-  }
-}
-
-/* The same for NB rows of x [NB, K]: y[b * ldy + n] = <W[n], x[b]>, each 16-float chunk of a
+/* dot_rows (one row of x: the BLAS forwarder's row kernel, xlstm_metal/_blas.py's
+   ROW_KERNEL_SOURCE, which the build puts before this file, with XL_CLONES) for NB rows of x
+   [NB, K]: y[b * ldy + n] = <W[n], x[b]>, each 16-float chunk of a
    weight row loaded once for all NB rows (NB vector accumulators: GCC/clang vector types keep
    them in registers, where arrays of floats went through the stack). */
 typedef float xl_v16 __attribute__((vector_size(64)));
@@ -117,9 +96,9 @@ XL_DOT_ROWS(7)
 XL_DOT_ROWS(8)
 
 /* y[b * ldy + n] = <W[n, :K], x[b]> for n in [n0, n1) and the ``rows`` rows of x [rows, K]. */
-static void dot_rows(const float *W, const float *x, float *y, long ldy, long n0, long n1, long K, long rows) {
+static void dot_rows_n(const float *W, const float *x, float *y, long ldy, long n0, long n1, long K, long rows) {
   switch (rows) {
-    case 1: dot_rows1(W, x, y, n0, n1, K); break;
+    case 1: dot_rows(W, K, x, y, 1, n0, n1, K, 1.0f, 0.0f); break;
     case 2: dot_rows2(W, x, y, ldy, n0, n1, K); break;
     case 3: dot_rows3(W, x, y, ldy, n0, n1, K); break;
     case 4: dot_rows4(W, x, y, ldy, n0, n1, K); break;
@@ -233,7 +212,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
         long start = 0;
         for (int s = 0; s < 6; s++) {
           long a = r0 > start ? r0 - start : 0, b = r1 - start < count[s] ? r1 - start : count[s];
-          if (a < b) dot_rows(W[s], xn, out[s], count[s], a, b, E, R);
+          if (a < b) dot_rows_n(W[s], xn, out[s], count[s], a, b, E, R);
           start += count[s];
         }
       }
@@ -247,7 +226,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
 #pragma omp single
       for (long r = 0; r < R; r++) norm_gate(M, B, h + r * HV, o + r * HV, g + r * HV);
       share(E, t, T, &r0, &r1);
-      dot_rows(B->w_out, g, y, E, r0, r1, HV, R);
+      dot_rows_n(B->w_out, g, y, E, r0, r1, HV, R);
 #pragma omp barrier
 #pragma omp single
       for (long r = 0; r < R; r++) {
@@ -257,13 +236,13 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
       share(F, t, T, &r0, &r1);
       for (long j = r0; j < r1; j++) {  /* silu(gate) * up, each pair of weight rows by one thread */
         float gate[XL_MAX_ROWS], up[XL_MAX_ROWS];
-        dot_rows(B->w_gate + j * E, xn, gate, 1, 0, 1, E, R);
-        dot_rows(B->w_up + j * E, xn, up, 1, 0, 1, E, R);
+        dot_rows_n(B->w_gate + j * E, xn, gate, 1, 0, 1, E, R);
+        dot_rows_n(B->w_up + j * E, xn, up, 1, 0, 1, E, R);
         for (long r = 0; r < R; r++) act[r * F + j] = gate[r] / (1.0f + expf(-gate[r])) * up[r];
       }
 #pragma omp barrier
       share(E, t, T, &r0, &r1);
-      dot_rows(B->w_down, act, y, E, r0, r1, F, R);
+      dot_rows_n(B->w_down, act, y, E, r0, r1, F, R);
 #pragma omp barrier
 #pragma omp single
       for (long j = 0; j < R * E; j++) x[j] += y[j];
@@ -274,7 +253,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
       else memcpy(xn + r * E, x + r * E, (size_t)E * sizeof(float));
     }
     share(M->V, t, T, &r0, &r1);
-    dot_rows(M->lm_head, xn, logits, M->V, r0, r1, E, R);
+    dot_rows_n(M->lm_head, xn, logits, M->V, r0, r1, E, R);
     if (M->has_logit_cap)
       for (long r = 0; r < R; r++)
         for (long j = r0; j < r1; j++) logits[r * M->V + j] = soft_cap(logits[r * M->V + j], 1, M->logit_cap);

@@ -21,7 +21,6 @@ import ctypes
 import hashlib
 import os
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,29 +62,16 @@ MAX_ROWS = 8
 
 
 def _build() -> Path:
-    """The compiled library, made once per source and compiler into the cache, atomically."""
+    """The compiled library (the forwarder's row kernel, then ``decode_step.c``), made once per
+    source and compiler into the cache."""
     cc = _blas._compiler()
     if cc is None:
         raise OSError("no C compiler (cc, gcc, clang or $CC) to build the CPU decode step")
-    source = SOURCE.read_text()
+    source = _blas.ROW_KERNEL_SOURCE + SOURCE.read_text()
     key = hashlib.sha256(f"{source}|{cc}".encode()).hexdigest()[:16]
     target = _blas._cache_dir() / f"decode-step-{key}" / "libxlstm_decode_step.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "decode_step.c", Path(tmp) / target.name
-        src.write_text(source)
-        cmd = [cc, "-O3", "-shared", "-fPIC", str(src), "-o", str(out), "-lm"]
-        done = None
-        # OpenMP threads where the compiler has them, per-CPU clones where the C library has ifuncs
-        for extra in (["-fopenmp"], ["-fopenmp", "-DXLSTM_NO_CLONES"], ["-DXLSTM_NO_CLONES"]):
-            done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                break
-        if done.returncode != 0:
-            raise OSError(f"building the CPU decode step failed: {done.stderr.strip()[-500:]}")
-        os.replace(out, target)
+    if not target.is_file():
+        _blas.build_library(cc, source, target, ["-lm"], "the CPU decode step")
     return target
 
 
