@@ -92,6 +92,12 @@ def test_the_tree_is_read_at_every_call():
     model.blocks[0].norm_ffn.eps = 0.5  # a plain attribute the step reads
     expected, _ = model(token, None)
     assert _rel(ds.decode_step(model, token, None)[0], expected) < 2e-5
+    for block in model.blocks:  # the cap the graph uses is the projection cell's
+        block.mlstm_layer.projection_cell.gate_soft_cap = 3.0
+    expected, _ = model(token, None)
+    assert _rel(ds.decode_step(model, token, None)[0], expected) < 2e-5
+    model.blocks[0].mlstm_layer.projection_cell.gate_soft_cap = 4.0
+    assert ds.unsupported_reason(model) == "the blocks' gate soft caps differ"
 
 
 class _Zeros(nn.Module):

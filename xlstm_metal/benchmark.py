@@ -148,7 +148,7 @@ def make_decode_step(model: xLSTMLarge, compiled: bool = True) -> Callable:
         return graph_step
 
     def cpu_step(tokens: mx.array, state: list) -> tuple[mx.array, list]:
-        # one row on the CPU: the step as one C call (kernels/cpu/decode_step.py), else the graph
+        # 1 to 8 rows on a CPU: the step as one C call (kernels/cpu/decode_step.py), else the graph
         out = cpu_decode_step.decode_step(model, tokens, state)
         if out is None:
             return graph_step(tokens, state)
@@ -312,8 +312,8 @@ def environment() -> dict[str, Any]:
         info["blas_threads"] = blas["threads"]
         info["gemv_forward"] = blas["gemv_forward"]
         info["gemv_rows"] = blas["gemv_rows"]
-        # one-row decode steps as one C call (kernels/cpu/decode_step.py) where a model allows
-        info["cpu_step"] = cpu_decode_step.ENABLED and cpu_decode_step.library() is not None
+        # decode steps of 1 to 8 rows as one C call (kernels/cpu/decode_step.py) where a model allows
+        info["cpu_step"] = cpu_decode_step.ENABLED and blas["gemv_rows"] and cpu_decode_step.library() is not None
     return info
 
 

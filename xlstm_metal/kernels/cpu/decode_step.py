@@ -219,7 +219,7 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
     head = embeddings.weight if reads.value(c, "tie_word_embeddings") else \
         _plain_weight(reads, model.lm_head, V, E, "lm_head")[0]
     arrays: list = [embeddings.weight, out_norm, head]
-    eps = [out_eps]
+    eps, caps = [out_eps], set()
     for index, block in enumerate(reads.entries_of(backbone.blocks)):
         where = f"backbone.blocks.{index}"
         if type(block) is not mLSTMBlock:
@@ -257,8 +257,14 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
             _plain_weight(reads, ffn.proj_down, E, F, f"{where}.ffn.proj_down")[0],
         ]
         eps += [mlstm_eps, mh_eps, ffn_eps, reads.value(kernel, "eps")]
+        # the graph caps the gates with the projection cell's value (set from the config)
+        caps.add(reads.value(layer.projection_cell, "gate_soft_cap"))
+        if reads.value(layer.projection_cell, "num_heads") != NH:
+            raise _Unsupported(f"{where}.mlstm_layer's projection cell has other heads than the config", reads)
+    if len(caps) > 1:
+        raise _Unsupported("the blocks' gate soft caps differ", reads)
     sizes = dict(E=E, NH=NH, DQK=DQK, DV=DV, F=F, V=V, num_blocks=len(backbone.blocks),
-                 gate_cap=reads.value(c, "gate_soft_cap"), logit_cap=reads.value(c, "output_logit_soft_cap"),
+                 gate_cap=caps.pop() if caps else None, logit_cap=reads.value(c, "output_logit_soft_cap"),
                  eps=tuple(eps))
     return arrays, sizes, reads
 
