@@ -292,9 +292,9 @@ class _Plan:
         self.reads, self.arrays, self.threads = reads, arrays, threads
         self.lock = threading.Lock()
         s = sizes
-        NH, DQK, DV, count = s["NH"], s["DQK"], s["DV"], s["num_blocks"]
-        self.views = {}
-        zeros_bias = np.zeros(NH, np.float32)
+        NH, count = s["NH"], s["num_blocks"]
+        self.views: dict[int, np.ndarray] = {}
+        self.zeros_bias = np.zeros(NH, np.float32)  # gate projections without a bias
 
         def ptr(array, what):
             """A pointer to ``array`` or, for (array, row), to that row of it."""
@@ -306,7 +306,6 @@ class _Plan:
                 view = self.views[id(array)] = _view(array, what)
             return _pointer(view[row:])
 
-        self.zeros_bias = zeros_bias
         self.blocks = (_Block * count)()
         per_block = len(self._BLOCK_FIELDS)
         for index in range(count):
@@ -314,9 +313,9 @@ class _Plan:
             own = arrays[3 + index * per_block: 3 + (index + 1) * per_block]
             for name, array in zip(self._BLOCK_FIELDS, own):
                 if name in ("b_i", "b_f") and array is None:
-                    setattr(block, name, _pointer(zeros_bias))
+                    setattr(block, name, _pointer(self.zeros_bias))
                 else:
-                    setattr(block, name, ptr(array, f"blocks.{index}.{name}"))
+                    setattr(block, name, ptr(array, f"backbone.blocks.{index}'s {name}"))
             eps = s["eps"][1 + 4 * index: 5 + 4 * index]
             block.norm_mlstm_eps, block.mh_eps, block.norm_ffn_eps = eps[0], eps[1], eps[2]
         self.step_eps = s["eps"][4] if count else 0.0
@@ -368,7 +367,7 @@ class _Rows:
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why :func:`decode_step` would not stand for ``model(input_ids, state)`` (None: it would,
-    for one row): an xLSTMLarge whose class keeps xLSTMLarge's ``__call__``."""
+    for 1 to :data:`MAX_ROWS` rows): an xLSTMLarge whose class keeps xLSTMLarge's ``__call__``."""
     from ...models.xlstm_large import xLSTMLarge  # noqa: PLC0415
 
     if not ENABLED:
