@@ -66,9 +66,8 @@ def main() -> int:
             found = {"round": rnd + 1, "batch": batch, "loadavg_1m": os.getloadavg()[0],
                      "utc": time.strftime("%H:%M:%S", time.gmtime())}
             for key, enabled in (("c_step", True), ("graph", False)):
-                cpu_decode_step.ENABLED = enabled
-                found[key] = bm.measure_decode(model, batch, tokens=args.tokens)["tok_s"]
-            cpu_decode_step.ENABLED = True
+                with cpu_decode_step.switched(enabled):
+                    found[key] = bm.measure_decode(model, batch, tokens=args.tokens)["tok_s"]
             rows.append(found)
             print(json.dumps(found), file=sys.stderr, flush=True)
     result = {"command": "python benchmarks/cpu_decode_step.py " + " ".join(sys.argv[1:]), "model": name,

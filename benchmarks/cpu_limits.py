@@ -203,9 +203,8 @@ def main() -> int:
 
         measure_bandwidth()
         ours = bm.measure_decode(model, 1, tokens=args.tokens)
-        cpu_decode_step.ENABLED = False  # the same step through the MLX graph, for comparison
-        graph = bm.measure_decode(model, 1, tokens=args.tokens)
-        cpu_decode_step.ENABLED = enabled
+        with cpu_decode_step.switched(False):  # the same step through the MLX graph, for comparison
+            graph = bm.measure_decode(model, 1, tokens=args.tokens)
         measure_bandwidth()
         read = max(v["read_gbs"] for v in bw.values())
         limit_ms = nbytes["total"] / (read * 1e9) * 1e3

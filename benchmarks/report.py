@@ -840,6 +840,12 @@ def _bw(r: dict, which: str) -> str:
     return "-"
 
 
+def _cpu_env(env: dict) -> str:
+    """MLX, device and BLAS of a CPU run's ``environment`` record, as the CPU sections print them."""
+    return (f"MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
+            f"{env.get('blas_threads')} thread(s)")
+
+
 def cpu_limits_rows() -> list[str]:
     """Decode and prefill against this machine's limits: results/cpu_limits*.json
     (benchmarks/cpu_limits.py)."""
@@ -852,8 +858,7 @@ def cpu_limits_rows() -> list[str]:
         env, b = d["environment"], d["bytes_per_step"]
         lines += ["", f"### {path.stem.removeprefix('cpu_limits_').replace('_', ', ')} (`results/{path.name}`)", "",
                   f"- date: {d['date']}; command: `{d['command']}`",
-                  f"- MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
-                  f"{env.get('blas_threads')} thread(s), one-row products through GEMV: {env.get('gemv_forward')}"
+                  f"- {_cpu_env(env)}, one-row products through GEMV: {env.get('gemv_forward')}"
                   + (f", through the forwarder's row kernel: {env['gemv_rows']}" if "gemv_rows" in env else ""),
                   f"- a decode step reads {b['total'] / 1e6:.1f} MB ({b['weights'] / 1e6:.1f} MB of weights, "
                   f"{b['state'] / 1e6:.1f} MB of state); limit = that / the round's highest read bandwidth", "",
@@ -901,8 +906,7 @@ def cpu_decode_step_rows() -> list[str]:
         d = json.loads(path.read_text())
         env = d["environment"]
         lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; model {d['model']}; "
-                  f"MLX {env.get('mlx')} on {env.get('device')}, BLAS {env.get('blas_core')} with "
-                  f"{env.get('blas_threads')} thread(s); {d['tokens']} greedy steps per measurement, both paths "
+                  f"{_cpu_env(env)}; {d['tokens']} greedy steps per measurement, both paths "
                   "in turns in one process", "",
                   "| batch | C step tok/s per round | MLX graph tok/s per round | median C step / graph |",
                   "| ---: | --- | --- | ---: |"]

@@ -158,11 +158,9 @@ def test_runner_generates_the_same_tokens_with_and_without_the_c_step(monkeypatc
 def test_benchmark_decode_step_takes_it():
     model = tiny_model(seed=9)
     ours = bm.make_decode_step(model)
-    ds.ENABLED = False
-    try:
+    with ds.switched(False):
         graph = bm.make_decode_step(model)
-    finally:
-        ds.ENABLED = True
+    assert ds.ENABLED
     tok_a = tok_b = mx.array([[12]], dtype=mx.int32)
     state_a = state_b = None
     for _ in range(10):
@@ -172,7 +170,8 @@ def test_benchmark_decode_step_takes_it():
     assert _rel(state_a[1][0], state_b[1][0]) < 2e-5
 
 
-def test_mlx_lm_view_decodes_through_it(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_mlx_lm_view_decodes_through_it(monkeypatch, rows):
     from xlstm_metal.mlx_lm_model import from_xlstm_metal
 
     view = from_xlstm_metal(tiny_model(seed=10))
@@ -184,11 +183,11 @@ def test_mlx_lm_view_decodes_through_it(monkeypatch):
     for enabled in (True, False):
         monkeypatch.setattr(ds, "ENABLED", enabled)
         cache = view.make_cache()
-        view(mx.array([[2, 40, 7]], dtype=mx.int32), cache)  # a prompt through the graph
-        runs.append([view(mx.array([[token]], dtype=mx.int32), cache) for token in IDS])
+        view(mx.array([[2, 40, 7], [9, 1, 66]][:rows], dtype=mx.int32), cache)  # a prompt through the graph
+        runs.append([view(mx.array([[token], [token + 1]][:rows], dtype=mx.int32), cache) for token in IDS])
     assert len(calls) == 2 * len(IDS)  # every decode token asked; only the first run's computed it
     for a, b in zip(*runs):
-        assert _rel(a, b) < 2e-5
+        assert a.shape == b.shape == (rows, 1, 97) and _rel(a, b) < 2e-5
 
 
 def test_a_subclass_with_its_own_call_runs_its_call():

@@ -114,8 +114,8 @@ XL_CLONES static void dot_rows(const float *restrict W, long ldw, const float *r
 """
 
 #: C source of the GEMV forwarder (after :data:`ROW_KERNEL_SOURCE`). Row-major only (what MLX
-#: calls); C = alpha op(A) op(B) + beta C with M == 1 is y = alpha op(B)^T x + beta y (x: A's row, y: C's row), with N == 1
-#: y = alpha op(A) x + beta y (x: B's column, y: C's column). beta == 0 clears y first: MLX
+#: calls); C = alpha op(A) op(B) + beta C with M == 1 is y = alpha op(B)^T x + beta y (x: A's
+#: row, y: C's row), with N == 1 y = alpha op(A) x + beta y (x: B's column, y: C's column). beta == 0 clears y first: MLX
 #: hands over uninitialised memory, and a scaled NaN would stay NaN.
 GEMV_FORWARD_SOURCE = ROW_KERNEL_SOURCE + r"""
 #ifdef _OPENMP

@@ -80,9 +80,9 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ forward
     def _forward(self, inputs: mx.array, state):
         """The wrapped model's own ``(input_ids, state) -> (logits, state)``; for one token of
-        one row on a CPU, xLSTM-Large's step as one C call where the tree is what it computes
-        (:func:`xlstm_metal.kernels.cpu.decode_step.decode_step`)."""
-        if isinstance(self, xLSTMLarge) and inputs.shape == (1, 1):
+        each row on a CPU, xLSTM-Large's step as one C call where the tree and the row count are
+        what it computes (:func:`xlstm_metal.kernels.cpu.decode_step.decode_step`)."""
+        if isinstance(self, xLSTMLarge) and inputs.shape[1] == 1:
             out = cpu_decode_step.decode_step(self, inputs, state)
             if out is not None:
                 return out

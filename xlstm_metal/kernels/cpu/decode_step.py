@@ -17,13 +17,14 @@ compiler, OpenMP where it has it); without a compiler the MLX graph runs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -219,7 +220,8 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
     head = embeddings.weight if reads.value(c, "tie_word_embeddings") else \
         _plain_weight(reads, model.lm_head, V, E, "lm_head")[0]
     arrays: list = [embeddings.weight, out_norm, head]
-    eps, caps = [out_eps], set()
+    # eps: the out norm's, then each block's (norm_mlstm, multihead_norm, norm_ffn)
+    eps, caps, step_eps = [out_eps], set(), set()
     for index, block in enumerate(reads.entries_of(backbone.blocks)):
         where = f"backbone.blocks.{index}"
         if type(block) is not mLSTMBlock:
@@ -256,16 +258,19 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
             *gate_up,
             _plain_weight(reads, ffn.proj_down, E, F, f"{where}.ffn.proj_down")[0],
         ]
-        eps += [mlstm_eps, mh_eps, ffn_eps, reads.value(kernel, "eps")]
+        eps += [mlstm_eps, mh_eps, ffn_eps]
+        step_eps.add(reads.value(kernel, "eps"))
         # the graph caps the gates with the projection cell's value (set from the config)
         caps.add(reads.value(layer.projection_cell, "gate_soft_cap"))
         if reads.value(layer.projection_cell, "num_heads") != NH:
             raise _Unsupported(f"{where}.mlstm_layer's projection cell has other heads than the config", reads)
     if len(caps) > 1:
         raise _Unsupported("the blocks' gate soft caps differ", reads)
+    if len(step_eps) > 1:
+        raise _Unsupported("the blocks' step kernels differ in eps", reads)
     sizes = dict(E=E, NH=NH, DQK=DQK, DV=DV, F=F, V=V, num_blocks=len(backbone.blocks),
                  gate_cap=caps.pop() if caps else None, logit_cap=reads.value(c, "output_logit_soft_cap"),
-                 eps=tuple(eps))
+                 step_eps=step_eps.pop() if step_eps else 0.0, eps=tuple(eps))
     return arrays, sizes, reads
 
 
@@ -289,7 +294,7 @@ class _Plan:
                      "norm_ffn", "w_gate", "w_up", "w_down")
 
     def __init__(self, reads: _Reads, arrays: list, sizes: dict, threads: int, lib: ctypes.CDLL):
-        self.reads, self.arrays, self.threads = reads, arrays, threads
+        self.reads, self.threads = reads, threads
         self.lock = threading.Lock()
         s = sizes
         NH, count = s["NH"], s["num_blocks"]
@@ -316,18 +321,14 @@ class _Plan:
                     setattr(block, name, _pointer(self.zeros_bias))
                 else:
                     setattr(block, name, ptr(array, f"backbone.blocks.{index}'s {name}"))
-            eps = s["eps"][1 + 4 * index: 5 + 4 * index]
-            block.norm_mlstm_eps, block.mh_eps, block.norm_ffn_eps = eps[0], eps[1], eps[2]
-        self.step_eps = s["eps"][4] if count else 0.0
-        if any(s["eps"][4 + 4 * j] != self.step_eps for j in range(count)):
-            raise _Unsupported("the blocks' step kernels differ in eps")
+            block.norm_mlstm_eps, block.mh_eps, block.norm_ffn_eps = s["eps"][1 + 3 * index: 4 + 3 * index]
         model = self.model = _Model()
         for name in ("E", "NH", "DQK", "DV", "F", "V", "num_blocks"):
             setattr(model, name, s[name])
         model.threads = threads
         model.has_gate_cap, model.gate_cap = s["gate_cap"] is not None, s["gate_cap"] or 0.0
         model.has_logit_cap, model.logit_cap = s["logit_cap"] is not None, s["logit_cap"] or 0.0
-        model.step_eps, model.out_norm_eps = self.step_eps, s["eps"][0]
+        model.step_eps, model.out_norm_eps = s["step_eps"], s["eps"][0]
         model.embedding = ptr(arrays[0], "backbone.embeddings.weight")
         model.out_norm = ptr(arrays[1], "backbone.out_norm.weight")
         model.lm_head = ptr(arrays[2], "lm_head.weight")
@@ -363,6 +364,18 @@ class _Rows:
         self.model.blocks = self.blocks
         self.work = np.empty(plan.lib.xl_work_floats(ctypes.byref(self.model), rows), np.float32)
         self.model.work = _pointer(self.work)
+
+
+@contextlib.contextmanager
+def switched(enabled: bool) -> Iterator[None]:
+    """Inside: :data:`ENABLED` is ``enabled`` (comparisons of the C step with the MLX graph in one
+    process); its previous value afterwards."""
+    global ENABLED
+    previous, ENABLED = ENABLED, enabled
+    try:
+        yield
+    finally:
+        ENABLED = previous
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
