@@ -44,7 +44,7 @@ def test_prefill_traces_once_for_all_blocks_and_matches_each_block_compiled_alon
     # The reference: the same pieces with every block compiled on its own (the pre-S22 form).
     chained = model._chains_residuals()
     alone = [mx.compile(b.step if chained else b.__call__, inputs=b.state) for b in model.backbone.blocks]
-    monkeypatch.setattr(type(model), "_compiled_blocks", lambda self, c: (alone, 4))
+    monkeypatch.setattr(type(model), "_compiled_blocks", lambda self, c: alone)
     ref_last, ref_state = model.prefill(ids)
     assert mx.array_equal(last, ref_last)
     for a, b in zip(state, ref_state):
@@ -120,3 +120,35 @@ def test_short_pieces_take_the_shared_trace_only_on_a_gpu_when_asked(monkeypatch
     quantize_model(model.backbone.blocks[1], bits=8, group_size=32)
     model.prefill(_ids(80))
     assert traces == ["step", "step"]
+
+
+def test_each_signature_is_taken_at_its_blocks_first_call_and_the_called_block_traces(monkeypatch):
+    # On a GPU the first block's kernels run while the host takes the later blocks' signatures.
+    model = tiny_model(seed=10, num_blocks=3)
+    taken = []
+    original = block_compile.module_signature
+    monkeypatch.setattr(block_compile, "module_signature", lambda m: taken.append(m) or original(m))
+    cache: dict = {}
+    blocks = model.backbone.blocks
+    calls = block_compile.compile_alike(blocks, "__call__", cache)
+    assert taken == []  # nothing taken before a call
+    x = mx.random.normal((1, 4, model.config.embedding_dim), key=mx.random.key(0))
+    state = model.make_state(1)
+    y, _ = calls[0](x, state[0])
+    assert taken == [blocks[0]]
+    calls[0](x, state[0])  # the same list: bound once
+    assert taken == [blocks[0]]
+    # the template of a shared trace is the block called last with its signature: block 0 changed
+    # (a different eps) after it traced still leaves block 1 tracing block 1's own code
+    calls[1](x, state[1])
+    shared = next(iter(cache.values()))
+    assert shared.template is blocks[1]
+    blocks[0].norm_ffn.eps = 0.5
+    again = block_compile.compile_alike(blocks, "__call__", cache)
+    z, _ = again[1](x[:, :3], state[1])  # a new shape: traced with block 1
+    assert float(mx.abs(z - blocks[1](x[:, :3], state[1])[0]).max()) <= 1e-5
+    assert len(cache) == 1  # block 0 has not been called since it changed
+    again[0](x, state[0])
+    assert len(cache) == 2
+    assert block_compile.signature_count(blocks) == 2
+

@@ -99,24 +99,38 @@ class _Shared:
         finally:
             template.update(own, strict=True)
 
-    def bind(self, module: nn.Module) -> Callable:
-        return lambda *args: self.compiled(module, *args)
+
+def compile_alike(modules: Sequence[nn.Module], method: str, cache: dict) -> list[Callable]:
+    """A compiled ``module.<method>(*args)`` per module of ``modules``: the modules of one
+    :func:`module_signature` share one ``mx.compile`` (one trace per new input shape for all of
+    them), kept in ``cache`` by signature so that a caller's cache keeps the traces across calls.
+
+    Each module's signature is taken at its callable's first call (a module replaced or changed
+    since the last list was made is seen), not here: on a GPU the first block's kernels then run
+    while the host takes the later blocks' signatures (~0.1 ms each at the 7B shape; all 32 up
+    front held a 2,048-token H200 prefill's first kernel back by 3-5 ms)."""
+    return [_bound_at_first_call(module, method, cache) for module in modules]
 
 
-def compile_alike(modules: Sequence[nn.Module], method: str, cache: dict) -> tuple[list[Callable], int]:
-    """(a compiled ``module.<method>(*args)`` per module of ``modules``, the number of distinct
-    signatures): the modules of one :func:`module_signature` share one ``mx.compile`` (one trace
-    per new input shape for all of them), kept in ``cache`` by signature so that a caller's cache
-    keeps the traces across calls. Signatures are taken anew on every call (a module replaced or
-    changed since is seen)."""
-    groups: dict[tuple, list[nn.Module]] = {}
-    for module in modules:
-        groups.setdefault(module_signature(module), []).append(module)
-    for signature, members in groups.items():
-        shared = cache.get(signature)
-        if shared is None:
-            shared = cache[signature] = _Shared(members[0], method)
-        elif not any(m is shared.template for m in members):
-            shared.template = members[0]  # the old template changed or left: any alike module traces the same
-    bound = {id(m): cache[sig].bind(m) for sig, members in groups.items() for m in members}
-    return [bound[id(m)] for m in modules], len(groups)
+def _bound_at_first_call(module: nn.Module, method: str, cache: dict) -> Callable:
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            signature = module_signature(module)
+            shared = cache.get(signature)
+            if shared is None:
+                shared = cache[signature] = _Shared(module, method)
+            # this module has the signature now, so a trace with its code is the signature's trace
+            # (an earlier template may have changed or left the model since)
+            shared.template = module
+            compiled = shared.compiled
+        return compiled(module, *args)
+
+    return call
+
+
+def signature_count(modules: Sequence[nn.Module]) -> int:
+    """How many distinct :func:`module_signature` s ``modules`` have (traces per new input shape)."""
+    return len({module_signature(module) for module in modules})

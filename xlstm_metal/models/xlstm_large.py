@@ -19,7 +19,7 @@ from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
 from ..kernels.fast.step_deferred import default_deferral
 from ..kernels.mlstm import MLSTMState, defer_state, settle_state
-from .block_compile import compile_alike
+from .block_compile import compile_alike, signature_count
 
 ModelState = list[MLSTMState]
 
@@ -236,12 +236,12 @@ class xLSTMLarge(nn.Module):
         """Each layer's state as (C, n, m): deferred terms folded into C (see :meth:`defer_state`)."""
         return [settle_state(layer_state) for layer_state in state]
 
-    def _compiled_blocks(self, chained: bool) -> tuple[list, int]:
-        """(each block's forward (``chained``: its :meth:`mLSTMBlock.step`) compiled, the number
-        of distinct block structures): blocks alike share one ``mx.compile``
-        (:func:`~xlstm_metal.models.block_compile.compile_alike`: one trace per new shape for all
-        of them), kept per model: fused elementwise ops, and no Python graph building per prefill
-        piece. The weights are compile inputs, not constants, so later updates are seen."""
+    def _compiled_blocks(self, chained: bool) -> list:
+        """Each block's forward (``chained``: its :meth:`mLSTMBlock.step`) compiled: blocks alike
+        share one ``mx.compile`` (:func:`~xlstm_metal.models.block_compile.compile_alike`: one
+        trace per new shape for all of them), kept per model: fused elementwise ops, and no Python
+        graph building per prefill piece. The weights are compile inputs, not constants, so later
+        updates are seen."""
         # Kernel settings are baked into a trace: compile again when any of them changes.
         settings = tuple(
             (cell.kernel, cell.chunk_size, cell.eps, cell.state_dtype)
@@ -300,18 +300,21 @@ class xLSTMLarge(nn.Module):
         # layers' activations are alive. The CPU evaluates each long piece's layers in turn.
         gpu = _queue_layers()
         chained = self._chains_residuals()
-        compiled = None  # (the compiled blocks, how many structures): taken once per call, when first needed
+        compiled = None  # the compiled blocks: taken once per call, when first needed
+        short_compiled = None  # whether short pieces take them (XLSTM_METAL_PREFILL_SHORT_COMPILED=1)
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
             dtype = x.dtype
             x = to_residual(x, self.residual_dtype)
             long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS
-            if (long_piece or (gpu and _SHORT_COMPILED)) and compiled is None:
-                compiled = self._compiled_blocks(chained)
-            # (_SHORT_COMPILED) a short piece only where all blocks share one trace: each structure
-            # traces once per new length
-            if long_piece or (gpu and _SHORT_COMPILED and compiled[1] == 1):
-                blocks = compiled[0]
+            if not long_piece and gpu and _SHORT_COMPILED and short_compiled is None:
+                # a short piece only where all blocks share one trace: each structure traces once
+                # per new length
+                short_compiled = signature_count(backbone.blocks) == 1
+            if long_piece or short_compiled:
+                if compiled is None:
+                    compiled = self._compiled_blocks(chained)
+                blocks = compiled
             else:
                 blocks = [block.step for block in backbone.blocks] if chained else backbone.blocks
             previous, pending = None, None
@@ -330,7 +333,9 @@ class xLSTMLarge(nn.Module):
                 elif long_piece:
                     mx.eval(layer)
             x = x[:, -1:] if pending is None else x[:, -1:] + pending[:, -1:]
-            mx.eval(x, state)
+            # On a GPU the next piece (or the logits) is built while this one runs; its layers wait
+            # for the layers queued before them, so memory stays bounded all the same.
+            (mx.async_eval if gpu else mx.eval)(x, state)
         return self._logits(backbone.finish(x, dtype))[:, 0], state
 
     def _logits(self, x: mx.array) -> mx.array:
