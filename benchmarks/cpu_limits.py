@@ -14,7 +14,12 @@ head is tied to it) plus the recurrent state, so it cannot take less than
   ``xlstm_metal/kernels/cpu/decode_step.py``, ``fuse_projections()``, float32) of a random model of
   the named shape, or of a checkpoint directory (``--model``, e.g. the packaged model, dequantized
   on the CPU as ``generate`` runs it); and beside it the same step through the compiled MLX graph
-  (``graph_ms``: ``XLSTM_METAL_CPU_STEP=0``).
+  (``graph_ms``: ``XLSTM_METAL_CPU_STEP=0``);
+- **paired** (``--pairs``, per round): single decode steps, each beside a read of the step's bytes
+  through the one-row product, in turns (:func:`paired_reads`): ours against the read rate of the
+  same seconds. This machine's read rate jumps between ~33 and ~52 GB/s from one second to the
+  next, so the round's best burst (above) is often from another phase than the decode's; the
+  pairs' median is the share of the limit the step reaches where it runs.
 
 **Prefill** (``--prefill N``) is compute-bound: 2 FLOP per weight per token in the blocks' matrix
 products (the LM head runs on the last position only; the mLSTM kernel adds ~3% at the 125m
@@ -26,7 +31,8 @@ N tokens is measured beside it.
 
     python benchmarks/cpu_limits.py --shape 125m --rounds 3 --prefill 512 --out benchmarks/results/cpu_limits.json
 
-Prints Markdown tables (round, load average, bandwidth / peak, limit, ours, % of limit).
+Prints Markdown tables (round, load average, bandwidth / peak, limit, ours, % of limit, the pairs'
+medians).
 """
 
 from __future__ import annotations
@@ -87,6 +93,44 @@ def gemv_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
         mx.eval(x @ w.T)
         best = min(best, time.perf_counter() - t)
     return {"read_gbs": w.nbytes / best / 1e9}
+
+
+def paired_reads(model, nbytes: int, pairs: int, K: int = 4096) -> dict:
+    """``pairs`` decode steps at batch 1, each beside a streaming read of the step's bytes
+    (``nbytes``) through a one-row MLX product (the row kernel, which reads as fast as a plain
+    two-thread sum and likwid's ``load_avx512`` in the same seconds here), in turns (the order
+    alternates): the share of the read limit *at the moment the step ran*. This machine's read
+    rate jumps between ~33 and ~52 GB/s from one second to the next (other tenants), so a limit
+    taken from the round's best burst compares a step of one phase with a read of another.
+
+    Returns the per-pair ratios (stream time scaled to ``nbytes`` / step time), their median
+    and quartiles, and the medians of the step's ms and the stream's GB/s."""
+    import mlx.core as mx
+
+    from xlstm_metal import benchmark as bm
+
+    step = bm.make_decode_step(model)
+    tok, state = bm.start_decode(model, step, mx.zeros((1, 1), mx.int32), 2)
+    w = mx.random.normal((max(1, nbytes // (4 * K)), K))
+    x = mx.random.normal((1, K))
+    mx.eval(w, x, x @ w.T)
+    step_s, stream_s = [], []
+    for i in range(pairs):
+        for part in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t = time.perf_counter()
+            if part == 0:
+                tok, state = step(tok, state)
+                mx.eval(tok, state)
+                step_s.append(time.perf_counter() - t)
+            else:
+                mx.eval(x @ w.T)
+                stream_s.append(time.perf_counter() - t)
+    ratios = [b * nbytes / w.nbytes / a for a, b in zip(step_s, stream_s)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"pairs": pairs, "ratio_median": statistics.median(ratios), "ratio_quartiles": quartiles,
+            "step_ms_median": 1e3 * statistics.median(step_s),
+            "stream_gbs_median": statistics.median(w.nbytes / b / 1e9 for b in stream_s),
+            "ratios": [round(r, 4) for r in ratios]}
 
 
 def likwid_bandwidth(threads: int) -> dict[str, float] | None:
@@ -161,9 +205,13 @@ def main() -> int:
     p.add_argument("--model", help="a checkpoint directory instead (quantized ones are dequantized)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=32, help="decode steps per measurement")
+    p.add_argument("--pairs", type=int, default=24,
+                   help="decode steps each timed beside a read of the same bytes, per round (0: none)")
     p.add_argument("--prefill", type=int, default=0, help="also measure prefill of this many tokens against the compute ceiling")
     p.add_argument("--out", type=Path, help="JSON file (written atomically)")
     args = p.parse_args()
+    if args.rounds < 1 or args.tokens < 1 or args.pairs < 0 or args.prefill < 0:
+        p.error("--rounds and --tokens must be >= 1, --pairs and --prefill >= 0")
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     if args.model is not None and not Path(args.model).is_dir():
@@ -214,6 +262,8 @@ def main() -> int:
                "graph_ms": graph["ms_per_step"], "graph_tok_s": graph["tok_s"],
                "fraction_of_limit": limit_ms / ours["ms_per_step"],
                "utc": time.strftime("%H:%M:%S", time.gmtime())}
+        if args.pairs:
+            row["paired"] = paired_reads(model, nbytes["total"], args.pairs)
         if args.prefill:
             wall_rate, cpu_rate = gemm_gflops()
             peaks = {"gemm_2048": wall_rate, f"gemm_2048_per_cpu_s_x{threads}": cpu_rate * threads}
@@ -238,15 +288,22 @@ def main() -> int:
     mb = nbytes["total"] / 1e6
     print(f"{name}: {mb:.1f} MB read per decode step ({nbytes['weights'] / 1e6:.1f} MB weights, "
           f"{nbytes['state'] / 1e6:.1f} MB state)")
-    print("| round (UTC) | load | read GB/s (best method) | limit tok/s | ours tok/s | ours / limit | MLX graph tok/s |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| round (UTC) | load | read GB/s (best method) | limit tok/s | ours tok/s | ours / limit | MLX graph tok/s "
+          "| paired: step ms / read GB/s / ours / limit |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         best = max(r["bandwidth"], key=lambda k: r["bandwidth"][k]["read_gbs"])
+        pr = r.get("paired")
+        paired = (f"{pr['step_ms_median']:.1f} / {pr['stream_gbs_median']:.1f} / {100 * pr['ratio_median']:.0f}%"
+                  if pr else "-")
         print(f"| {r['round']} ({r['utc']}) | {r['loadavg_1m']:.1f} | {r['read_gbs']:.1f} ({best}) | "
               f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% | "
-              f"{r['graph_tok_s']:.1f} |")
+              f"{r['graph_tok_s']:.1f} | {paired} |")
     if rows:
         print(f"median ours / limit: {100 * statistics.median(r['fraction_of_limit'] for r in rows):.0f}%")
+        ratios = [x for r in rows if "paired" in r for x in r["paired"]["ratios"]]
+        if ratios:
+            print(f"paired, median of all {len(ratios)} pairs: {100 * statistics.median(ratios):.0f}%")
     if args.prefill and rows:
         print(f"\nprefill {args.prefill} tokens: {flops / 1e6:.1f} MFLOP per token")
         print("| round | load | peak GFLOP/s (best method) | ceiling tok/s | ours tok/s | ours GFLOP/s |")

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -161,11 +162,24 @@ def cpu_limit_target_rows(results: dict[str, dict]) -> list[str]:
     # says little.
     ranked = sorted(rounds, key=lambda r: r["fraction_of_limit"])
     mid = ranked[(len(ranked) - 1) // 2]
-    status = "**met**" if mid["fraction_of_limit"] >= 0.8 else f"not met: {0.8 / mid['fraction_of_limit']:.2f}x short"
     spread = " / ".join(f"{100 * r['fraction_of_limit']:.0f}%" for r in rounds)
+    strict = (f"median round: {mid['ours_tok_s']:.1f} of {mid['limit_tok_s']:.1f} tok/s, {mid['read_gbs']:.1f} GB/s "
+              f"read; rounds {spread}")
+    pairs = [x for r in rounds if "paired" in r for x in r["paired"]["ratios"]]
+    if pairs:
+        # Each step against a read of its bytes in the same seconds (cpu_limits.py --pairs): the
+        # read rate here jumps between ~33 and ~52 GB/s from second to second, so the rounds'
+        # best bursts (the strict figure, also shown) often come from another phase than the step.
+        share = statistics.median(pairs)
+        gbs = statistics.median(r["paired"]["stream_gbs_median"] for r in rounds if "paired" in r)
+        shown = (f"{100 * share:.0f}% (median of {len(pairs)} steps each beside a read of its bytes, "
+                 f"{gbs:.1f} GB/s median read; against each round's best burst instead: "
+                 f"{100 * mid['fraction_of_limit']:.0f}%, {strict}")
+    else:
+        share, shown = mid["fraction_of_limit"], f"{100 * mid['fraction_of_limit']:.0f}% ({strict}"
+    status = "**met**" if share >= 0.8 else f"not met: {0.8 / share:.2f}x short"
     lines = [f"| CPU 125m float32: decode batch 1 vs this machine's read-bandwidth limit | >= 80% | "
-             f"{100 * mid['fraction_of_limit']:.0f}% (median round: {mid['ours_tok_s']:.1f} of {mid['limit_tok_s']:.1f} "
-             f"tok/s, {mid['read_gbs']:.1f} GB/s read; rounds {spread}; `{path.name}`, {d['date']}) | {status} |"]
+             f"{shown}; `{path.name}`, {d['date']}) | {status} |"]
     cpu = results.get("cpu")
     ceilings = [r["prefill"]["ceiling_tok_s"] for r in rounds if "prefill" in r]
     official = [r["tok_s"] for r in (cpu or {}).get("best", []) if r.get("side") == "official"
@@ -869,12 +883,22 @@ def cpu_limits_rows() -> list[str]:
         if "cpu_step" in d["rounds"][0]:  # since the C step (kernels/cpu/decode_step.py): both, in turns
             lines.insert(-3, f"- ours: the decode step as one C call ({'on' if d['rounds'][0]['cpu_step'] else 'off'}); "
                              "beside it the same step through the compiled MLX graph (`XLSTM_METAL_CPU_STEP=0`)")
+        paired = [r for r in d["rounds"] if "paired" in r]
+        if paired:
+            lines[-2] = lines[-2] + " paired: step ms / read GB/s / ours / limit |"
+            lines[-1] = lines[-1] + " --- |"
+            lines.insert(-3, f"- paired: {paired[0]['paired']['pairs']} single steps per round, each beside a read of "
+                             "the step's bytes through a one-row product in the same seconds (the order alternating); "
+                             "the medians")
         for r in d["rounds"]:
             graph = f"{r['graph_tok_s']:.1f}" if "graph_tok_s" in r else "-"
+            pr = r.get("paired")
+            tail = (f" {pr['step_ms_median']:.1f} / {pr['stream_gbs_median']:.1f} / {100 * pr['ratio_median']:.0f}% |"
+                    if pr else (" - |" if paired else ""))
             lines.append(f"| {r['round']} ({r['utc']}) | {r['loadavg_1m']:.1f} / {r['loadavg_1m_end']:.1f} | "
                          f"{_bw(r, 'numpy_1')} / {_bw(r, 'numpy_all')} / {_bw(r, 'likwid')} / {_bw(r, 'gemv')} | "
                          f"{r['limit_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {100 * r['fraction_of_limit']:.0f}% | "
-                         f"{graph} |")
+                         f"{graph} |{tail}")
         pre = [r for r in d["rounds"] if "prefill" in r]
         if pre:
             lines += ["", f"Prefill ({d['prefill_flops_per_token'] / 1e6:.1f} MFLOP per token in the blocks' matrix "

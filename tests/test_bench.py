@@ -227,6 +227,22 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
     (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
     text = "\n".join(report.cpu_limit_target_rows({"cpu": res}))
     assert "| **met** |" in text and "2.50 x official | **reachable** |" in text
+    # Steps paired with reads of their bytes (cpu_limits.py --pairs): the median over all pairs
+    # decides, the rounds' best-burst figure (now 85% in the median round) is shown beside it.
+    rounds[0]["paired"] = {"pairs": 3, "ratios": [0.70, 0.75, 0.79], "stream_gbs_median": 40.0}
+    rounds[1]["paired"] = {"pairs": 2, "ratios": [0.90, 0.60], "stream_gbs_median": 30.0}
+    (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
+    text = "\n".join(report.cpu_limit_target_rows({"cpu": res}))
+    assert ("| >= 80% | 75% (median of 5 steps each beside a read of its bytes, 35.0 GB/s median read; against "
+            "each round's best burst instead: 85%, median round:") in text
+    assert "`cpu_limits_125m.json`, d1) | not met: 1.07x short |" in text
+    rounds[1]["paired"]["ratios"] = [0.90, 0.95]
+    (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
+    assert "| >= 80% | 79% (median of 5" in "\n".join(report.cpu_limit_target_rows({"cpu": res}))
+    rounds[0]["paired"]["ratios"] = [0.70, 0.81, 0.82]
+    (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
+    assert "| >= 80% | 82% (median of 5" in "\n".join(report.cpu_limit_target_rows({"cpu": res}))
+    assert "| **met** |" in "\n".join(report.cpu_limit_target_rows({"cpu": res}))
 
 
 def test_report_prefill_targets_from_a_newer_prefill_only_run(tmp_path, monkeypatch):
