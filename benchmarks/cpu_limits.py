@@ -77,16 +77,25 @@ def numpy_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> dict[st
     return {"read_gbs": a.nbytes / read / 1e9, "copy_gbs": 2 * a.nbytes / copy / 1e9}
 
 
-def gemv_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Best read GB/s of a one-row product with a ``gib`` GiB float32 weight through MLX, i.e.
-    the kernel a decode step's products run (the BLAS forwarder's row kernel on all its threads
-    where it is active, else OpenBLAS's sgemv): a read rate the machine demonstrably reaches."""
+def read_buffer(nbytes: int, K: int = 4096) -> tuple:
+    """(weight [nbytes / (4 K), K] float32, x [1, K]), evaluated and read once: a one-row product
+    ``x @ weight.T`` through MLX streams the weight, i.e. the kernel a decode step's products run
+    (the BLAS forwarder's row kernel on all its threads where it is active, else OpenBLAS's
+    sgemv). Made once per run: drawing a GiB of normals takes seconds."""
     import mlx.core as mx
 
-    K = 4096
-    w = mx.random.normal((int(gib * GIB) // (4 * K), K))
+    w = mx.random.normal((max(1, nbytes // (4 * K)), K))
     x = mx.random.normal((1, K))
     mx.eval(w, x, x @ w.T)
+    return w, x
+
+
+def gemv_bandwidth(buffer: tuple, repeats: int = 5) -> dict[str, float]:
+    """Best read GB/s of the one-row product over ``buffer`` (:func:`read_buffer`, 1 GiB here): a
+    read rate the machine demonstrably reaches."""
+    import mlx.core as mx
+
+    w, x = buffer
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -95,9 +104,10 @@ def gemv_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     return {"read_gbs": w.nbytes / best / 1e9}
 
 
-def paired_reads(model, nbytes: int, pairs: int, K: int = 4096) -> dict:
+def paired_reads(model, nbytes: int, pairs: int, buffer: tuple) -> dict:
     """``pairs`` decode steps at batch 1, each beside a streaming read of the step's bytes
-    (``nbytes``) through a one-row MLX product (the row kernel, which reads as fast as a plain
+    (``nbytes``; ``buffer`` from :func:`read_buffer` of about that size) through a one-row MLX
+    product (the row kernel, which reads as fast as a plain
     two-thread sum and likwid's ``load_avx512`` in the same seconds here), in turns (the order
     alternates): the share of the read limit *at the moment the step ran*. This machine's read
     rate jumps between ~33 and ~52 GB/s from one second to the next (other tenants), so a limit
@@ -109,11 +119,9 @@ def paired_reads(model, nbytes: int, pairs: int, K: int = 4096) -> dict:
 
     from xlstm_metal import benchmark as bm
 
+    w, x = buffer
     step = bm.make_decode_step(model)
     tok, state = bm.start_decode(model, step, mx.zeros((1, 1), mx.int32), 2)
-    w = mx.random.normal((max(1, nbytes // (4 * K)), K))
-    x = mx.random.normal((1, K))
-    mx.eval(w, x, x @ w.T)
     step_s, stream_s = [], []
     for i in range(pairs):
         for part in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -231,6 +239,8 @@ def main() -> int:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env = bm.environment()
     rows = []
+    gemv_buffer = read_buffer(GIB)
+    paired_buffer = read_buffer(nbytes["total"]) if args.pairs else None
     from tqdm import tqdm
 
     for rnd in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
@@ -241,7 +251,7 @@ def main() -> int:
 
         def measure_bandwidth() -> None:
             found = {"numpy_1": numpy_bandwidth(1), f"numpy_{threads}": numpy_bandwidth(threads),
-                     "gemv": gemv_bandwidth()}
+                     "gemv": gemv_bandwidth(gemv_buffer)}
             lk = likwid_bandwidth(threads)
             if lk is not None:
                 found[f"likwid_{threads}"] = lk
@@ -263,7 +273,7 @@ def main() -> int:
                "fraction_of_limit": limit_ms / ours["ms_per_step"],
                "utc": time.strftime("%H:%M:%S", time.gmtime())}
         if args.pairs:
-            row["paired"] = paired_reads(model, nbytes["total"], args.pairs)
+            row["paired"] = paired_reads(model, nbytes["total"], args.pairs, paired_buffer)
         if args.prefill:
             wall_rate, cpu_rate = gemm_gflops()
             peaks = {"gemm_2048": wall_rate, f"gemm_2048_per_cpu_s_x{threads}": cpu_rate * threads}

@@ -52,7 +52,7 @@ def test_pairs_alternate_their_order_and_scale_the_read_to_the_steps_bytes(monke
         return real_eval(*args)
 
     monkeypatch.setattr(mx, "eval", eval_)
-    result = cpu_limits.paired_reads(model, nbytes, pairs=4)
+    result = cpu_limits.paired_reads(model, nbytes, pairs=4, buffer=cpu_limits.read_buffer(nbytes))
     assert result["pairs"] == 4 and len(result["ratios"]) == 4
     # warm-up steps first (start_decode), then step / read, read / step, step / read, read / step
     timed_steps, reads = calls[-4:], matmuls[-4:]
@@ -67,10 +67,11 @@ def test_pairs_alternate_their_order_and_scale_the_read_to_the_steps_bytes(monke
 
 def test_a_slower_step_gives_a_smaller_share(monkeypatch):
     model = tiny_model(seed=2)
+    buffer = cpu_limits.read_buffer(4 * 4096 * 64)
     _recording_step(monkeypatch, 0.005)
-    fast = cpu_limits.paired_reads(model, 4 * 4096 * 64, pairs=3)
+    fast = cpu_limits.paired_reads(model, 4 * 4096 * 64, pairs=3, buffer=buffer)
     _recording_step(monkeypatch, 0.06)
-    slow = cpu_limits.paired_reads(model, 4 * 4096 * 64, pairs=3)
+    slow = cpu_limits.paired_reads(model, 4 * 4096 * 64, pairs=3, buffer=buffer)
     assert slow["ratio_median"] < fast["ratio_median"]
 
 
