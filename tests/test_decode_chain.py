@@ -564,7 +564,7 @@ def test_a_user_step_cell_gets_the_projections_as_slices(on_cpu_too, float_gates
 
 
 @cuda
-@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 128)])
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (8, 128), (4, 128)])
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", [1, 2], ids=["q", "1024+q"])
@@ -577,8 +577,12 @@ def test_cuda_int_weights_stages(monkeypatch, bits, group_size, B, dtype, kind):
     from xlstm_metal.kernels.fast import quantized  # noqa: PLC0415
 
     monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: kind, 8: kind})
+    # (8 bits at one row: the streaming GEMV otherwise; the shipped norm schedule fixes its kind)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset())
+    monkeypatch.setattr(chain, "STAGE_SCHEDULE", {"norm": {}, "gate": {}, "swiglu": {}})
     rng = np.random.default_rng(bits + group_size + B)
-    E, NH, DV, F, N = 1024, 4, 256, 1344, 200
+    # proj_down's K: groups of 128 must divide it
+    E, NH, DV, F, N = 1024, 4, 256, 1344 if group_size == 64 else 1408, 200
     norm = RMSNorm(E)
     nw = rng.uniform(0.5, 1.5, E).astype(np.float32)
     nw[:group_size] *= 1e-5
@@ -635,6 +639,8 @@ def test_cuda_int_weights_7b_layer_shapes(monkeypatch, bits):
     mh.weight = mx.array(rng.uniform(0.5, 1.5, NH * DV).astype(np.float32)).astype(mx.bfloat16)
     h = mx.array(rng.standard_normal((1, NH, 1, DV)).astype(np.float32)).astype(mx.bfloat16)
     wo, so, bo, _, _ = _q(rng, E, NH * DV, mx.bfloat16, bits, 64)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", frozenset())  # (8 bits at one row: the streaming GEMV otherwise)
+    monkeypatch.setattr(chain, "STAGE_SCHEDULE", {"norm": {}, "gate": {}, "swiglu": {}})
     outs = {}
     for on in (0, 1, 2):
         monkeypatch.setattr(quantized, "INT_WEIGHTS", {4: on, 8: on})

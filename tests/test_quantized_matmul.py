@@ -277,9 +277,9 @@ def test_int_weights_apply_where_a_span_lies_in_one_group(monkeypatch):
 
     monkeypatch.setattr(q, "INT_WEIGHTS", {4: 1, 8: 1})
     assert int_weights_apply(8, 64, 1) and int_weights_apply(8, 128, 2)
-    assert not int_weights_apply(4, 128, 1)  # its CUDA test failed in S9R3: 4 bits dequantize first
     assert not int_weights_apply(8, 32, 1)  # a warp's span (64 values at 8 bits) holds two groups
-    assert not int_weights_apply(4, 64, 1)  # 128 values at 4 bits
+    assert int_weights_apply(4, 128, 8)  # 4 bits: a span of 128 values
+    assert not int_weights_apply(4, 64, 1)
     assert not int_weights_apply(8, 64, 9)  # a second tile of x rows
     assert not int_weights_apply(8, 64, 1, split=2)
     assert not int_weights_apply(16, 64, 1)

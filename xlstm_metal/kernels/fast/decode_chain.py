@@ -344,12 +344,12 @@ STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {8: (2, 3 * _quantized.SM
 CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
 
 
-def _stage_rows(rows: int, k: int, dtype: mx.Dtype, int_group: int = 0) -> int:
+def _stage_rows(rows: int, k: int, dtype: mx.Dtype, int_bits: int = 0) -> int:
     """Rows staged in shared memory (a power of two >= rows, so few variants compile), or 0 when
-    they do not fit; ``int_group``: with the integer-weights path's (2^-e, sum) per group of that
-    size (:data:`.quantized.INT_WEIGHTS`)."""
+    they do not fit; ``int_bits``: with the integer-weights path's (2^-e, sum) per span of a
+    ``int_bits`` product (512 / bits values; :data:`.quantized.INT_WEIGHTS`)."""
     sr = 1 << (rows - 1).bit_length()
-    per_row = k * dtype.size + (k // int_group * 8 if int_group else 0)
+    per_row = k * dtype.size + (k // (512 // int_bits) * 8 if int_bits else 0)
     return sr if sr * per_row <= STAGE_BYTES else 0
 
 
@@ -362,7 +362,7 @@ def _int(bits: int, group_size: int, rows: int, k: int, dtype: mx.Dtype, split: 
     # of 64: S9R1, S9R3); XLSTM_METAL_DECODE_INT opts in for the rest.
     scheduled = len(sched) > 2 and dtype == mx.bfloat16 and group_size == 64
     kind = sched[2] if scheduled else _quantized.INT_WEIGHTS.get(bits, 0)
-    if kind and int_weights_apply(bits, group_size, rows, split, kind) and _stage_rows(rows, k, dtype, group_size) > 0:
+    if kind and int_weights_apply(bits, group_size, rows, split, kind) and _stage_rows(rows, k, dtype, bits) > 0:
         return 2 if kind == 2 else 1
     return 0
 
@@ -372,10 +372,10 @@ def _int_template(iw: int) -> list:
     return [("IW", iw)] if iw else []
 
 
-def _rows_template(rows: int, k: int, dtype: mx.Dtype, group_size: int, iw: int) -> list:
+def _rows_template(rows: int, k: int, dtype: mx.Dtype, bits: int, iw: int) -> list:
     """A stage's template arguments for its staged rows: the inner size ``KD``, the rows ``SR``
-    staged in shared memory (with the integer-weights path's group sums where ``iw``) and ``IW``."""
-    return [("KD", k), ("SR", _stage_rows(rows, k, dtype, group_size if iw else 0))] + _int_template(iw)
+    staged in shared memory (with the integer-weights path's span sums where ``iw``) and ``IW``."""
+    return [("KD", k), ("SR", _stage_rows(rows, k, dtype, bits if iw else 0))] + _int_template(iw)
 
 
 def _eps(eps: float) -> str:
@@ -384,7 +384,7 @@ def _eps(eps: float) -> str:
 
 def _source(sizes: str, prologue: str, store: str = "y[(size_t)m * N + n] = static_cast<T>(sum);",
             split: bool = False, int_weights: bool = False) -> str:
-    decl = _STAGE_DECL + ("    __shared__ float2 xg_s[SR * (KD / G)];\n" if int_weights else "")
+    decl = _STAGE_DECL + ("    __shared__ float2 xg_s[SR * (KD / SPAN)];\n" if int_weights else "")
     return decode_source(sizes=sizes.replace("STAGE_DECL", decl), prologue=prologue + (INT_STAGE if int_weights else ""),
                          load_x=_LOAD_X, store=store, split=split, int_weights=int_weights)
 
@@ -660,7 +660,7 @@ def norm_quantized_matmul(x: mx.array, pending: mx.array | None, norm: RMSNorm, 
     outs = kernel(
         inputs=inputs,
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw))
-        + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw),
+        + [("ST", x.dtype)] + _rows_template(B, E, T, bits, iw),
         output_shapes=shapes, output_dtypes=dtypes, **_launch(N, bits, stage="norm", iw=iw),
     )
     return (outs[1] if has_pending else x), (outs[-1] if write_xn else None), outs[0]
@@ -705,7 +705,7 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
     outs = kernel(
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
         template=decode_template(T, bits, group_size, B, _depth("gate", bits, iw), split=split)
-        + [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)] + _rows_template(B, NH * DV, T, group_size, iw),
+        + [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)] + _rows_template(B, NH * DV, T, bits, iw),
         output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
         output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split, "gate", iw),
     )
@@ -748,7 +748,7 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
     outs = kernel(
         inputs=[gate_up, w, scales, biases],
         template=decode_template(T, bits, group_size, B, _depth("swiglu", bits, iw), split=split)
-        + _rows_template(B, F, T, group_size, iw),
+        + _rows_template(B, F, T, bits, iw),
         output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
         output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split, "swiglu", iw),
     )
@@ -1059,12 +1059,12 @@ def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size:
     iw2 = _int(bits, group_size, B, F, dtype, 1, "swiglu")
     nb1 = _launch(2 * F, bits, stage="norm", iw=iw1)["grid"][0] // 256
     nb2 = _launch(n_out, bits, 1, "swiglu", iw2)["grid"][0] // 256
-    sr1 = _stage_rows(B, E, dtype, group_size if iw1 else 0)
-    sr2 = _stage_rows(B, F, dtype, group_size if iw2 else 0)
+    sr1 = _stage_rows(B, E, dtype, bits if iw1 else 0)
+    sr2 = _stage_rows(B, F, dtype, bits if iw2 else 0)
     paired = bool(CHAIN_PAIRED) and not iw2
     pool = max(sr1 * E, 0 if paired else sr2 * F)
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
-            + (sr1 * (E // group_size) * 8 if iw1 else 0) + (sr2 * (F // group_size) * 8 if iw2 else 0))
+            + (sr1 * (E // (512 // bits)) * 8 if iw1 else 0) + (sr2 * (F // (512 // bits)) * 8 if iw2 else 0))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
     held = resident * _device_sms()  # blocks the GPU holds at once
     if not (sr1 and sr2) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or nb2 >= held:
@@ -1120,7 +1120,7 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
     y, _ = kernel(
         inputs=[x, norm.weight, w, scales, biases, *down[:3]],
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
-        + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw1)
+        + [("ST", x.dtype)] + _rows_template(B, E, T, bits, iw1)
         + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
         + [("DEPTH2", _depth("swiglu", bits, iw2) or _quantized.DEPTH[bits]), ("PF2", pf2), ("NB1", plan["nb1"]),
            ("POOL", plan["pool"])],
@@ -1170,11 +1170,11 @@ def _tail_plan(B: int, E: int, KO: int, F: int, dtype: mx.Dtype, group_size: int
     iw3 = _int(bits, group_size, B, KO, dtype, 1, "gate")
     iw1 = _int(bits, group_size, B, E, dtype, stage="norm")
     iw2 = _int(bits, group_size, B, F, dtype, 1, "swiglu")
-    srs = [_stage_rows(B, k, dtype, group_size if iw else 0) for k, iw in ((KO, iw3), (E, iw1), (F, iw2))]
+    srs = [_stage_rows(B, k, dtype, bits if iw else 0) for k, iw in ((KO, iw3), (E, iw1), (F, iw2))]
     paired = bool(CHAIN_PAIRED) and not iw2
     pool = max(sr * k for sr, k in zip(srs[:2] if paired else srs, (KO, E, F)))
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
-            + sum(sr * (k // group_size) * 8 for sr, k, iw in zip(srs, (KO, E, F), (iw3, iw1, iw2)) if iw))
+            + sum(sr * (k // (512 // bits)) * 8 for sr, k, iw in zip(srs, (KO, E, F), (iw3, iw1, iw2)) if iw))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
     held = resident * _device_sms()
     if not all(srs) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or not held:
@@ -1246,7 +1246,7 @@ def tail_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, mh_norm: 
     x_new, y, _ = kernel(
         inputs=[h, o_src, mh_norm.weight, x, *out_arrays[:3], norm.weight, w, scales, biases, *down[:3]],
         template=decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
-        + [("ST", x.dtype)] + _rows_template(B, E, T, group_size, iw1)
+        + [("ST", x.dtype)] + _rows_template(B, E, T, bits, iw1)
         + [("NH", NH), ("DV", DV), ("OOFF", o_offset), ("KD3", NH * DV), ("SR3", plan["sr3"])]
         + ([("IW3", iw3)] if iw3 else []) + [("DEPTH3", _depth("gate", bits, iw3) or _quantized.DEPTH[bits])]
         + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])
@@ -1467,13 +1467,13 @@ def _block_plan(B: int, E: int, N1: int, NH: int, dqk: int, dv: int, F: int, dty
     if tail is None or tile is None:
         return None
     iw0 = _int(bits, group_size, B, E, dtype, stage="norm")
-    sr0 = _stage_rows(B, E, dtype, group_size if iw0 else 0)
+    sr0 = _stage_rows(B, E, dtype, bits if iw0 else 0)
     tx, td, vec, rb = tile
     nred = max(8 * tx * vec, 256)
     pool = max(tail["pool"], sr0 * E)
     table = 8 * 36 * blocks if blocks > STACK_UNROLL else 0  # (at most 36 arrays a block)
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 2 * 32 * 4 + 64 + 4 * (2 * dqk + nred + 8) + table
-            + sum(sr * (k // group_size) * 8 for sr, k, iw in
+            + sum(sr * (k // (512 // bits)) * 8 for sr, k, iw in
                   ((sr0, E, iw0), (tail["sr3"], NH * dv, tail["iw3"]), (tail["sr1"], E, tail["iw1"]),
                    (tail["sr2"], F, tail["iw2"])) if iw))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
@@ -1640,7 +1640,7 @@ def stack_quantized_matmul(blocks: list) -> list:
                      int_weights=iw0 or iw3 or iw1 or iw2, header=_GATE_HEADER + _MERGE_HEADER)
     tx, td, vec, rb = plan["tile"]
     template = (decode_template(T, bits, group_size, B, _depth("norm", bits, iw1))
-                + [("ST", x.dtype), ("MROWS", B)] + _rows_template(B, E, T, group_size, iw1)
+                + [("ST", x.dtype), ("MROWS", B)] + _rows_template(B, E, T, bits, iw1)
                 + [("NH", NH), ("DV", dv), ("OOFF", o_offset), ("KD3", NH * dv), ("SR3", plan["sr3"])]
                 + ([("IW3", iw3)] if iw3 else []) + [("DEPTH3", _depth("gate", bits, iw3) or _quantized.DEPTH[bits])]
                 + [("KD2", F), ("SR2", plan["sr2"])] + ([("IW2", iw2)] if iw2 else [])

@@ -169,14 +169,16 @@ __device__ __forceinline__ int xl_xpos4(int k) {
 #: Header text of the integer-weights kernels only (:data:`INT_WEIGHTS`; MLX hashes a kernel's
 #: whole source at every launch, so the other kernels do not carry it).
 INT_HEADER = """
-// A pair of 8-bit weights as exact fp16 integers, the pair of dequant_pair(p) (int_weights):
-// 1024 + q built under fp16's exponent of 1024 in one byte permute, then 1024 subtracted (exact;
-// OFF: kept, and taken out through the bias: b - 1024 s).
+// A pair of 8-bit (4-bit) weights as exact fp16 integers, the pair of dequant_pair(p) (int_weights):
+// 1024 + q built under fp16's exponent of 1024 in one byte permute (4 bits: a shift and a
+// mask-or, word p/4's values (p%4, p%4 + 4)), then 1024 subtracted (exact; OFF: kept, and taken
+// out through the bias: b - 1024 s).
 template <int BITS, bool OFF>
 __device__ __forceinline__ uint32_t int_pair(const uint4& wv, int p) {
-  static_assert(BITS == 8, "the integer-weights path takes 8 bits (int_weights_apply)");
+  static_assert(BITS == 8 || BITS == 4, "the integer-weights path takes 4 or 8 bits (int_weights_apply)");
   const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
-  const uint32_t v = __byte_perm(words[p >> 1], 0x64646464u, (p & 1) ? 0x4342u : 0x4140u);
+  const uint32_t v = BITS == 4 ? ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | 0x64006400u
+                               : __byte_perm(words[p >> 1], 0x64646464u, (p & 1) ? 0x4342u : 0x4140u);
   if constexpr (OFF) return v;
   return as_u32(__hsub2(from_u32<__half2>(v), __float2half2_rn(1024.0f)));
 }
@@ -341,9 +343,9 @@ _MT1_DEQUANT = """\
 """
 
 # The same chunk with the weights as exact integers (int_weights): q in fp16 (int_pair: a byte
-# permute or a mask, and one hsub2 per pair; template IW 2: 1024 + q, no hsub2), x staged as fp16 scaled by 2^e per (row, group)
+# permute or a mask, and one hsub2 per pair; template IW 2: 1024 + q, no hsub2), x staged as fp16 scaled by 2^e per (row, span)
 # (xl_int_stage), the span's integer products summed by the mma in a float32 tile of their own,
-# then folded: acc += (s * 2^-e) * tile + b * (the group's sum of x). A span lies in one group
+# then folded: acc += (s * 2^-e) * tile + b * (the span's sum of x). A span lies in one group
 # (G >= SPAN), so the tile's rows g, g + 8 have this thread's scales and biases.
 _MT1_INT = """\
               float tq[4];
@@ -357,9 +359,8 @@ _MT1_INT = """\
                   mma16816<__half>(tq, af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
                 }
               }
-              const int gi = (sp * SPAN) / G;
               const int m0 = 2 * tig < M ? 2 * tig : 0, m1 = 2 * tig + 1 < M ? 2 * tig + 1 : 0;
-              const float2 c0 = xg_s[m0 * (K / G) + gi], c1 = xg_s[m1 * (K / G) + gi];  // (2^-e, sum)
+              const float2 c0 = xg_s[m0 * (K / SPAN) + sp], c1 = xg_s[m1 * (K / SPAN) + sp];  // (2^-e, sum) of the span
               const float ba_ = IW == 2 ? fmaf(-1024.0f, saf, baf) : baf, bb_ = IW == 2 ? fmaf(-1024.0f, sbf, bbf) : bbf;
               acc[0][0] = fmaf(saf * c0.x, tq[0], fmaf(ba_, c0.y, acc[0][0]));
               acc[0][1] = fmaf(saf * c1.x, tq[1], fmaf(ba_, c1.y, acc[0][1]));
@@ -477,48 +478,54 @@ INT_WEIGHTS = _per_bits("XLSTM_METAL_DECODE_INT", {4: 0, 8: 0})
 
 def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1, kind: int | None = None) -> bool:
     """Whether a chain product of ``rows`` rows takes :data:`INT_WEIGHTS`' path: switched on for
-    ``bits`` (or ``kind`` given: that setting instead), 8 bits, one tile of x rows (at most 8), K
-    unsplit, and each warp's span of K (64 values) inside one group (groups of 64 or 128). A 4-bit
-    form (groups of 128) failed its CUDA test on an H200 (S9R3, bf16, one row; the round's time
-    limit cut the report) and was removed, so 4 bits dequantize first."""
+    ``bits`` (or ``kind`` given: that setting instead), 4 or 8 bits, one tile of x rows (at most
+    8), K unsplit, and each warp's span of K (512 / bits values: 64 at 8 bits, 128 at 4) inside
+    one group. On an H200 (S25, 7B, one row, products alone) the 4-bit form at groups of 128 ran
+    level with dequantizing first (gate|up 27.0 against 26.7 us); groups of 64 through chunks
+    split in two halves (each half of a span in one group) ran 37-46 us and were not kept."""
     on = INT_WEIGHTS.get(bits) if kind is None else kind
-    return bool(on) and bits == 8 and group_size >= 512 // bits and rows <= 8 and split == 1
+    return bool(on) and bits in (4, 8) and group_size >= 512 // bits and rows <= 8 and split == 1
 
 
 def int_weights_reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
                           bits: int) -> mx.array:
     """The integer-weights product (:data:`INT_WEIGHTS`) as the kernel computes it, in float32
-    ops (any device): x [M, K] -> [M, N] float32. Per (row, group) of x the power of two 2^e that
-    puts its largest magnitude in [2^14, 2^15) (e within +-60; 0 for an all-zero group), x as
-    fp16 times 2^e; per output feature and group the integer product sum q * x16 (q the stored
-    integers), then y = sum over groups of (s * 2^-e) * that + b * (sum of x16) * 2^-e. Only the
-    order of the float32 sums differs from the kernel's."""
+    ops (any device): x [M, K] -> [M, N] float32. Per (row, span) of x, a span being the
+    512 / bits values a warp covers per chunk (inside one group: G >= the span), the power of two
+    2^e that puts its largest magnitude in [2^14, 2^15) (e within +-60; 0 for an all-zero span),
+    x as fp16 times 2^e; per output feature and span the integer product sum q * x16 (q the
+    stored integers), then y = sum over spans of (s * 2^-e) * that + b * (sum of x16) * 2^-e,
+    s and b the span's group's. Only the order of the float32 sums differs from the kernel's."""
     M, K = x.shape
     N = w.shape[0]
     G = group_size
-    xf = x.astype(mx.float32).reshape(M, K // G, G)
+    S = min(G, 512 // bits)  # (a group smaller than the span, which the kernel does not take: per group)
+    xf = x.astype(mx.float32).reshape(M, K // S, S)
     big = mx.max(mx.abs(xf), axis=-1, keepdims=True)
     biased = (big.view(mx.uint32) >> 23) & 255
     ex = mx.where(big > 0, 141 - biased.astype(mx.int32), 0)
     ex = mx.clip(ex, -60, 60).astype(mx.float32)
     x16 = (xf * mx.power(2.0, ex)).astype(mx.float16).astype(mx.float32)
-    down = mx.power(2.0, -ex)  # [M, K/G, 1]
+    down = mx.power(2.0, -ex)  # [M, K/S, 1]
     xsum = mx.sum(x16, axis=-1, keepdims=True) * down
     one = mx.ones(scales.shape, dtype=mx.float32)
-    q = mx.dequantize(w, one, mx.zeros_like(one), group_size=G, bits=bits).reshape(N, K // G, G)  # exact integers
-    tq = mx.einsum("mgk,ngk->mng", x16, q)  # [M, N, K/G]
-    s, b = scales.astype(mx.float32), biases.astype(mx.float32)  # [N, K/G]
+    q = mx.dequantize(w, one, mx.zeros_like(one), group_size=G, bits=bits).reshape(N, K // S, S)  # exact integers
+    tq = mx.einsum("msk,nsk->mns", x16, q)  # [M, N, K/S]
+    per_span = G // S  # spans per group
+    s = mx.repeat(scales.astype(mx.float32), per_span, axis=1)  # [N, K/S]
+    b = mx.repeat(biases.astype(mx.float32), per_span, axis=1)
     return mx.sum(s[None] * down[:, None, :, 0] * tq + b[None] * xsum[:, None, :, 0], axis=-1)
 
 
 #: The prologue's last part for int_weights (after the stage's values are in ``T xs_s[M * K]``
-#: and the block has synchronised): each (row, group) of G values, G / 8 threads of 8 values
-#: each, takes the power of two 2^e that puts its largest magnitude in [2^14, 2^15), stores its
-#: values as fp16 times 2^e in place (exact for bf16 values: 8 significant bits, in range) and
-#: (2^-e, their sum times 2^-e) in ``float2 xg_s``.
+#: and the block has synchronised): each (row, span) of SPAN values (what a warp's chunk covers,
+#: inside one group), SPAN / 8 threads of 8 values each, takes the power of two 2^e that puts
+#: its largest magnitude in [2^14, 2^15), stores its values as fp16 times 2^e in place (exact for
+#: bf16 values: 8 significant bits, in range) and (2^-e, their sum times 2^-e) in ``float2
+#: xg_s``. Per span, not per group: each span's sums take the bias once, with its own x's sum.
 INT_STAGE = """
     {
-      constexpr int TPG = G / 8;
+      constexpr int TPG = SPAN / 8;
       const int units = M * (K / 8);
       for (int base = 0; base < units; base += 32 * WARPS) {
         const int u = base + static_cast<int>(threadIdx.x);
@@ -587,8 +594,8 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     ``int_weights``: the weights enter the mma as exact integers (fp16) and each group's scale
     and bias apply to the float32 sums (see :data:`INT_WEIGHTS`); then x (one tile of rows: MT 1;
     K unsplit; G >= the span a warp covers, 512 / BITS values) is read as fp16 values scaled by a
-    power of two per (row, group), and ``float2 xg_s[M * K / G]`` holds (2^-e, the group's sum of
-    x) for each: the prologue stages both (:data:`INT_STAGE`).
+    power of two per (row, span), and ``float2 xg_s[M * K / SPAN]`` holds (2^-e, the span's sum
+    of x) for each: the prologue stages both (:data:`INT_STAGE`).
 
     ``pair_store`` (one statement; K unsplit): the weights' rows are two halves [A; B] of PAIR =
     N / 2 rows each (PAIR % 8 == 0), tile t computes rows 8t..8t+7 of both (A's as the mma's
