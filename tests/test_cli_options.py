@@ -203,8 +203,83 @@ def test_mlx_lm_count_minimums_are_accepted(capsys):
             assert getattr(args, option[2:].replace("-", "_")) == low, option
     assert argparse.ArgumentParser.parse_known_args is before
     with hardened_mlx_lm_parsers("generate"):
-        args = setup_arg_parser().parse_args(["-m", "7", "--top-k", "40", "--seed", "-1"])
-    assert (args.max_tokens, args.top_k, args.seed) == (7, 40, -1)  # not a count: left to mlx-lm
+        args = setup_arg_parser().parse_args(["-m", "7", "--top-k", "40", "--seed", str(2**64 - 1), "--temp", "0.7",
+                                              "--top-p", "1", "--min-p", "0"])
+    assert (args.max_tokens, args.top_k, args.seed) == (7, 40, 2**64 - 1)  # the largest seed MLX takes
+    assert (args.temp, args.top_p, args.min_p) == (0.7, 1.0, 0.0)  # the ends of the ranges are in them
+
+
+def mlx_lm_maximums():
+    from xlstm_metal.cli.mlxlm import COUNT_MAXIMUMS
+
+    return [pytest.param(command, option, maximum, id=f"{command} {option}")
+            for command, options in COUNT_MAXIMUMS.items() for option, maximum in options.items()]
+
+
+@pytest.mark.parametrize("command,option,maximum", mlx_lm_maximums())
+def test_mlx_lm_counts_above_their_maximum_are_refused(command, option, maximum, mlx_lm_model, capsys):
+    # generate --seed 2**64 (and -1) was a TypeError traceback from mx.random.seed; server
+    # --port 99999 listened on port 34463.
+    with pytest.raises(SystemExit) as exit_:
+        main(["mlx-lm", command, "--model", str(mlx_lm_model), option, str(maximum + 1)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"mlx_lm.{command}: error: argument {option}: must be <= {maximum}, " \
+                                           f"got {maximum + 1}", err
+
+
+@pytest.mark.parametrize("command,option,value,message", [
+    # Each ran to exit 0: a negative --temp sampled the least likely tokens, NaN sampled garbage,
+    # --top-p 5 and --min-p -0.5 turned their filter off.
+    ("generate", "--temp", "-1", "must be >= 0, got -1"),
+    ("generate", "--temp", "nan", "must be a finite number, got 'nan'"),
+    ("generate", "--top-p", "5", "must be in [0, 1], got 5"),
+    ("generate", "--min-p", "-0.5", "must be in [0, 1], got -0.5"),
+    ("generate", "--xtc-threshold", "0.7", "must be in [0, 0.5], got 0.7"),
+    ("server", "--temp", "inf", "must be a finite number, got 'inf'"),
+    ("server", "--top-p", "1.5", "must be in [0, 1], got 1.5"),
+    ("lora", "--learning-rate", "nan", "must be a finite number, got 'nan'"),
+])
+def test_mlx_lm_real_numbers_out_of_range_are_refused(command, option, value, message, mlx_lm_model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["mlx-lm", command, "--model", str(mlx_lm_model), option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"mlx_lm.{command}: error: argument {option}: {message}", err
+
+
+@pytest.mark.parametrize("command,flag", [("generate", "--model"), ("server", "--model"), ("lora", "--model"),
+                                          ("fuse", "--model"), ("convert", "--hf-path")])
+def test_mlx_lm_model_that_is_a_file_is_a_usage_error(command, flag, tmp_path, capsys):
+    # mlx-lm read FILE/config.json: a NotADirectoryError traceback (server: a dead generation
+    # thread behind a server that went on listening).
+    pytest.importorskip("mlx_lm")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not a directory")
+    assert main(["mlx-lm", command, flag, str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"xlstm-metal: error: mlx-lm {command}: model path {model} is a file; give the " \
+                          "checkpoint directory", err
+
+
+@pytest.mark.parametrize("text,message", [
+    (": : - [", "--config {config} is not valid YAML: line 1, column 1: expected <block end>, but found ':'"),
+    ("[1, 2]\n", "--config {config} must hold a YAML mapping of options (name: value), got a list"),
+    ("", "--config {config} must hold a YAML mapping of options (name: value), got nothing"),
+], ids=["bad-yaml", "list", "empty"])
+def test_mlx_lm_lora_config_that_is_no_mapping_is_a_usage_error(text, message, mlx_lm_model, tmp_path, capsys):
+    # Each was a traceback (a YAMLError; AttributeError: 'list' / 'NoneType' object has no attribute 'items').
+    import yaml
+
+    config = tmp_path / "lora.yaml"
+    config.write_text(text)
+    before = yaml.load
+    assert main(["mlx-lm", "lora", "--model", str(mlx_lm_model), "--train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "xlstm-metal: error: mlx-lm lora: " + message.format(config=config), err
+    assert yaml.load is before  # PyYAML is as it was afterwards
 
 
 # ---------------------------------------------------------------------- integers MLX can hold

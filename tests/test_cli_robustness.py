@@ -213,6 +213,32 @@ def test_serve_temperature_must_be_finite(temp, tmp_path, capsys):
     assert_rejected(["serve", "--temp", temp, "--port", "0", "--model", tmp_path / "none"], capsys, "--temp")
 
 
+@pytest.mark.parametrize("origins", [",", "http://a.org,", "http://a.org,,http://b.org"])
+def test_serve_empty_allowed_origin_is_a_usage_error(origins, tmp_path, capsys):
+    # Was accepted: an empty origin matches no request's Origin header.
+    assert_rejected(["serve", "--allowed-origins", origins, "--port", "0", "--model", tmp_path / "none"], capsys,
+                    f"--allowed-origins {origins!r} has an empty origin")
+
+
+def test_serve_allowed_origins_are_stripped(capsys, monkeypatch):
+    # "http://a.org, http://b.org" allowed " http://b.org", which no browser's Origin header is:
+    # b.org's requests were refused without a word.
+    pytest.importorskip("mlx_lm")
+    from xlstm_metal import serve
+
+    seen = []
+
+    def make_server(cli_args):
+        seen.append(cli_args.allowed_origins)
+        raise serve.ServeError("stop here")
+
+    monkeypatch.setattr(serve, "make_server", make_server)
+    code, err = run_main(["serve", "--port", "0", "--no-mem-watchdog", "--allowed-origins",
+                          "http://a.org, http://b.org ,http://c.org"], capsys)
+    assert code == 2 and "stop here" in err, err
+    assert seen == [["http://a.org", "http://b.org", "http://c.org"]]
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/b", "x.json", ""])
 def test_tune_profile_name_is_a_plain_name(name, tmp_path, capsys, monkeypatch, tiny_model_dir):
     profiles = tmp_path / "profiles" / "dir"
@@ -285,6 +311,19 @@ def test_mlx_lm_model_without_tokenizer_is_named(command, tiny_model_dir, capsys
         (tiny_model_dir / name).unlink(missing_ok=True)
     argv = ["mlx-lm", command, "--model", tiny_model_dir] + (["--prompt", "hi"] if command == "generate" else [])
     assert_rejected(argv, capsys, "has no tokenizer", "tokenizer.json")
+
+
+def test_mlx_lm_lora_data_not_found_offline_is_a_usage_error():
+    # A --data name that is no local path (a typo, run from another directory) is looked up as a
+    # Hugging Face dataset id; offline that was a ConnectionError traceback (exit 1).
+    pytest.importorskip("mlx_lm")
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    missing = "no-such-lora-data"
+    assert not (REPO / missing).exists()
+    proc = xlstm_metal("mlx-lm", "lora", "--model", str(DEFAULT_MODEL_DIR), "--train", "--data", missing,
+                       "--iters", "1", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert_clean_usage_error(proc, "mlx-lm lora: ", missing)
 
 
 # ---------------------------------------------------------------------- sweep of bad input (round 2)

@@ -12,7 +12,8 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
   naming our file where the directory lacks it (a transformers re-save) loads as model type xlstm.
 - mlx-lm's parsers are held to this command line's rules: an option given twice is refused, and
   so is a count below its smallest sensible value (``generate --max-tokens -3`` generated without
-  a limit): :data:`COUNT_MINIMUMS`.
+  a limit): :data:`COUNT_MINIMUMS`, or above its largest (:data:`COUNT_MAXIMUMS`), and a real
+  number out of its range or not finite (:data:`FLOAT_RANGES`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
-from . import UsageError, harden_parser
+from . import UsageError, finite_float, harden_parser
 
 COMMANDS = ("generate", "server", "lora", "fuse", "convert")
 #: The option naming the model, per command (convert also takes --hf-path).
@@ -37,9 +39,9 @@ MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--m
 #: (-1: all, as --val-batches / --test-batches -1 are every batch), --prefill-step-size 0 made no
 #: progress through the prompt. Refused at parse time (exit 2, naming the option).
 COUNT_MINIMUMS = {
-    "generate": {"--max-tokens": 0, "--top-k": 0, "--min-tokens-to-keep": 1, "--max-kv-size": 1,
+    "generate": {"--seed": 0, "--max-tokens": 0, "--top-k": 0, "--min-tokens-to-keep": 1, "--max-kv-size": 1,
                  "--prefill-step-size": 1, "--quantized-kv-start": 0, "--num-draft-tokens": 1},
-    "server": {"--max-tokens": 0, "--top-k": 0, "--num-draft-tokens": 1, "--decode-concurrency": 1,
+    "server": {"--port": 0, "--max-tokens": 0, "--top-k": 0, "--num-draft-tokens": 1, "--decode-concurrency": 1,
                "--prompt-concurrency": 1, "--prefill-step-size": 1, "--prompt-cache-size": 0,
                "--quantized-kv-start": 0},
     "lora": {"--num-layers": -1, "--batch-size": 1, "--iters": 0, "--val-batches": -1, "--test-batches": -1,
@@ -48,6 +50,22 @@ COUNT_MINIMUMS = {
 }
 #: What the smallest value means, where it is a sentinel.
 _MINIMUM_MEANS = {-1: " (-1: all)"}
+#: Integer options with a largest value, per command (their smallest is in :data:`COUNT_MINIMUMS`):
+#: beyond them generate's ``--seed`` (and below 0) ended in a TypeError traceback from
+#: ``mx.random.seed``, and server's ``--port 99999`` listened on another port (99999 - 65536).
+COUNT_MAXIMUMS = {
+    "generate": {"--seed": 2**64 - 1},
+    "server": {"--port": 65535},
+}
+#: Real-valued options of mlx-lm's commands and their range (inclusive). mlx-lm took any float:
+#: a negative --temp sampled from the inverted distribution (the least likely tokens first), NaN
+#: sampled garbage, and a --top-p or --min-p outside [0, 1] turned the filter off silently. Every
+#: other float option must still be finite.
+FLOAT_RANGES = {
+    "generate": {"--temp": (0.0, math.inf), "--top-p": (0.0, 1.0), "--min-p": (0.0, 1.0),
+                 "--xtc-probability": (0.0, 1.0), "--xtc-threshold": (0.0, 0.5)},
+    "server": {"--temp": (0.0, math.inf), "--top-p": (0.0, 1.0), "--min-p": (0.0, 1.0)},
+}
 
 DESCRIPTION = """\
 Run mlx-lm's generate, server, lora, fuse or convert on xLSTM models. Everything after the command
@@ -85,8 +103,8 @@ def model_argument(command: str, args: list[str]) -> str | None:
     return found[0][1] if found else None
 
 
-def count_at_least(minimum: int):
-    """argparse type of an mlx-lm count option: an integer >= ``minimum``."""
+def count_at_least(minimum: int, maximum: int | None = None):
+    """argparse type of an mlx-lm count option: an integer >= ``minimum`` (and <= ``maximum``)."""
     def count(text: str) -> int:
         try:
             value = int(text)
@@ -94,19 +112,40 @@ def count_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}{_MINIMUM_MEANS.get(minimum, '')}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return count
 
 
+def number_in(low: float, high: float):
+    """argparse type of an mlx-lm real-valued option: a finite number in [``low``, ``high``]."""
+    def number(text: str) -> float:
+        value = finite_float(text)
+        if not low <= value <= high:
+            span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+
+    return number
+
+
 def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
     """Give the integer options of mlx-lm ``command``'s ``parser`` named in :data:`COUNT_MINIMUMS`
-    their lower bound."""
+    their bounds (and :data:`COUNT_MAXIMUMS`), its float options of :data:`FLOAT_RANGES` their
+    range, and every other float option :func:`~xlstm_metal.cli.finite_float`."""
     minimums = COUNT_MINIMUMS.get(command, {})
+    maximums = COUNT_MAXIMUMS.get(command, {})
+    ranges = FLOAT_RANGES.get(command, {})
     for action in parser._actions:
         bounds = {minimums[o] for o in action.option_strings if o in minimums}
         if bounds and action.type is int:
-            action.type = count_at_least(bounds.pop())
+            top = [maximums[o] for o in action.option_strings if o in maximums]
+            action.type = count_at_least(bounds.pop(), top[0] if top else None)
+        if action.type is float:
+            spans = [ranges[o] for o in action.option_strings if o in ranges]
+            action.type = number_in(*spans[0]) if spans else finite_float
 
 
 @contextlib.contextmanager
@@ -127,6 +166,30 @@ def hardened_mlx_lm_parsers(command: str):
         yield
     finally:
         argparse.ArgumentParser.parse_known_args = original
+
+
+@contextlib.contextmanager
+def config_must_be_a_mapping():
+    """While lora runs, its ``--config`` YAML must hold a mapping of options: lora reads it with
+    ``yaml.load`` (its only YAML read) and takes ``.items()`` of the result, so an empty file or a
+    list ended in an AttributeError traceback. ValueError naming the file otherwise."""
+    import yaml
+
+    original = yaml.load
+
+    def load(stream, Loader):
+        data = original(stream, Loader)
+        if not isinstance(data, dict):
+            name = getattr(stream, "name", "the file")
+            kind = "nothing" if data is None else f"a {type(data).__name__}"
+            raise ValueError(f"--config {name} must hold a YAML mapping of options (name: value), got {kind}")
+        return data
+
+    yaml.load = load
+    try:
+        yield
+    finally:
+        yaml.load = original
 
 
 def writes_our_shim(path: str | None) -> bool:
@@ -198,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         module = importlib.import_module(f"mlx_lm.{args.mlx_lm_command}")
     except ImportError as err:
         raise UsageError(f"mlx-lm is not installed ({err}); pip install 'xlstm-metal[serve]'") from None
+    import yaml  # mlx-lm's dependency: lora reads --config with it
     register_model_type()
     tolerate_missing_model_file()
     forwarded = list(args.mlx_lm_args)
@@ -205,6 +269,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mlx_lm_command == "convert" and model is None and not {"-h", "--help"} & set(forwarded):
         raise UsageError("mlx-lm convert needs the model to convert: --hf-path DIR (or --model DIR)")
     if model is not None and not {"-h", "--help"} & set(forwarded):
+        if Path(model).expanduser().is_file():
+            # mlx-lm read <file>/config.json: a NotADirectoryError traceback (server: a dead
+            # generation thread behind a server that kept listening).
+            raise UsageError(f"mlx-lm {args.mlx_lm_command}: model path {model} is a file; "
+                             "give the checkpoint directory")
         missing = missing_tokenizer(model)
         if missing is not None:
             raise UsageError(missing)
@@ -213,10 +282,19 @@ def run(args: argparse.Namespace) -> int:
     saved = sys.argv
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
     try:
-        with hardened_mlx_lm_parsers(args.mlx_lm_command):
+        config_check = config_must_be_a_mapping() if args.mlx_lm_command == "lora" else contextlib.nullcontext()
+        with hardened_mlx_lm_parsers(args.mlx_lm_command), config_check:
             module.main()
-    except (ValueError, FileNotFoundError) as err:  # mlx-lm's messages for bad paths and settings
+    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as err:
+        # mlx-lm's messages for bad paths and settings (ConnectionError: a path that is not there,
+        # looked up on the Hugging Face Hub while offline, as lora does with --data)
         raise UsageError(f"mlx-lm {args.mlx_lm_command}: {err}") from None
+    except yaml.YAMLError as err:  # lora --config FILE; PyYAML's message spans lines: one line here
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(err, "problem", None) or " ".join(str(err).split())
+        name = f" {mark.name}" if mark is not None and mark.name and not mark.name.startswith("<") else ""
+        raise UsageError(f"mlx-lm {args.mlx_lm_command}: --config{name} is not valid YAML: {where}{what}") from None
     except RuntimeError as err:
         if not str(err).startswith("[load"):  # mx.load on a corrupt or truncated weight file
             raise

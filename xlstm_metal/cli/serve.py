@@ -61,6 +61,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def allowed_origins(args: argparse.Namespace) -> list[str]:
+    """--allowed-origins as a list; spaces around the commas dropped (an origin " http://b.org"
+    matched no request's Origin header, so that site was refused without a word)."""
+    return [origin.strip() for origin in args.allowed_origins.split(",")]
+
+
 def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -80,6 +86,9 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not ok(value):
             raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if "" in allowed_origins(args):
+        raise UsageError(f"--allowed-origins {args.allowed_origins!r} has an empty origin; give comma-separated "
+                         "origins (e.g. http://localhost:3000,https://example.org) or *")
     setting = args.generation_config
     if setting not in ("auto", "none") and not (Path(setting).expanduser() / "generation_config.json").is_file():
         raise UsageError(f"--generation-config must be auto, none or a directory holding generation_config.json; "
@@ -106,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,
-        allowed_origins=args.allowed_origins.split(","), log_level=args.log_level, parallel=args.parallel,
+        allowed_origins=allowed_origins(args), log_level=args.log_level, parallel=args.parallel,
     )
     from ..distributed import world
 
