@@ -249,6 +249,30 @@ def test_runner_from_path_loads_model_and_tokenizer(ckpt, runner):
     assert ids[0] == int(mx.argmax(logits[0, -1]).item())
 
 
+def test_chat_mistyped_command_is_not_a_turn(ckpt, runner):
+    # "/rest" (for /reset) was sent to the model as a turn and stayed in the conversation.
+    class Args:
+        max_tokens, temperature, top_k, top_p, min_p, repetition_penalty = 4, 0.0, 0, 1.0, 0.0, 1.0
+        seed, stop, verbose = None, [], False
+
+    chat = xLSTMRunner(runner.model, runner.tokenizer)
+    lines = iter(["/rest", "/usr/bin/env", "//etc", "/quit"])
+    out, err = io.StringIO(), io.StringIO()
+    fed = []
+    stream = chat.stream
+
+    def recording(text, **kwargs):
+        fed.append(text)
+        return stream(text, **kwargs)
+
+    chat.stream = recording
+    assert chat_loop(chat, Args(), input_fn=lambda _: next(lines), out=out, err=err) == 0
+    assert "(unknown command /rest: did you mean /reset?" in err.getvalue()
+    # a path is text; "//" sends text that begins with "/"
+    assert [t.strip() for t in fed] == ["/usr/bin/env", "/etc"]
+    assert runner.tokenizer.decode(chat.session_tokens).count("rest") == 0
+
+
 def test_chat_seed_seeds_the_conversation_not_every_turn(ckpt, runner, capsys, monkeypatch):
     """--seed in chat: turn 1 (and the first turn after /reset) starts from the seed, later turns
     continue the session's keys. Each turn used to restart from the seed, replaying the same

@@ -11,6 +11,8 @@ a reply (at the prompt, it quits).
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from typing import Callable, TextIO
 
@@ -29,7 +31,22 @@ from .generate import (
     validate_sampling,
 )
 
-HELP = "commands: /reset clears the conversation, /quit or Ctrl-D exits, Ctrl-C stops a reply"
+HELP = ("commands: /reset clears the conversation, /quit or Ctrl-D exits, Ctrl-C stops a reply, /help; "
+        "start a line with // to send text that begins with /")
+COMMANDS = ("/reset", "/quit", "/exit", "/help")
+#: A line whose first word reads like a command (a slash and letters only): one not in COMMANDS
+#: is a typo (/rest), not a turn; a path such as /usr/bin/env is text.
+_COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
+
+
+def unknown_command(line: str) -> str | None:
+    """The message for a ``line`` that names no command but reads like one, else None."""
+    word = line.split(maxsplit=1)[0] if line.strip() else ""
+    if not _COMMAND_LIKE.fullmatch(word) or word in COMMANDS:
+        return None
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"(unknown command {word}: {hint}{HELP})"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -104,6 +121,12 @@ def chat_loop(
             continue
         if not command:
             continue
+        unknown = unknown_command(command)
+        if unknown is not None:
+            print(unknown, file=err)
+            continue
+        if command.startswith("//"):  # text that begins with "/": one slash goes
+            line = line.replace("/", "", 1)
         text = turn_text(line.rstrip("\n"), _ends_with_newline(runner))
         # --seed seeds the conversation (its first turn, and the first after /reset); later turns
         # continue the session's random stream instead of replaying the same draws every turn.
