@@ -777,6 +777,38 @@ def test_train_config_file_is_read_once(tmp_path, monkeypatch):
     assert model.config.embedding_dim == 32 and model.config.num_blocks == 1
 
 
+def test_train_config_chunkwise_kernel_is_checked(tmp_path, text_data, capsys):
+    # Was replaced by the training kernel without a word, "bogus" included (exit 0).
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"embedding_dim": 32, "num_heads": 2, "num_blocks": 1, "chunkwise_kernel": "bogus"}))
+    out = tmp_path / "run"
+    assert_rejected(["train", text_data, "--out", out, "--config", config, "--steps", "1"], capsys,
+                    f"--config {config}: chunkwise_kernel: unknown mLSTM kernel 'bogus'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("named,flag,trained_with", [
+    ("chunkwise_scan", [], "chunkwise_scan"),  # ours: the config chooses
+    ("chunkwise_scan", ["--kernel", "parallel"], "parallel"),  # --kernel wins
+    ("chunkwise--triton_xl_chunk", [], "chunkwise"),  # NX-AI's Triton name: the training default (CPU)
+])
+def test_train_config_chunkwise_kernel_trains_where_it_names_ours(named, flag, trained_with, tmp_path, text_data):
+    import json
+
+    import xlstm_metal
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"embedding_dim": 32, "num_heads": 2, "num_blocks": 1, "vocab_size": 300,
+                                  "chunkwise_kernel": named}))
+    export = tmp_path / "export"
+    assert main(["train", str(text_data), "--out", str(tmp_path / "run"), "--config", str(config), "--vocab-size",
+                 "300", "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--seed", "0",
+                 "--val-fraction", "0", "--no-progress", "--export", str(export), *flag]) == 0
+    assert xlstm_metal.load_model(export).config.chunkwise_kernel == trained_with
+
+
 @pytest.mark.parametrize("command", ["train", "tune"])
 @pytest.mark.parametrize("extra,message", [
     (["--vocab-size", "5"], "--vocab-size must be >= 259 (256 bytes + special tokens), got 5"),

@@ -55,8 +55,9 @@ def add_parser(subparsers) -> None:
     src.add_argument("--arch", default=None, metavar="SPEC", help="an architecture-lab model instead: shipped arch "
                      "name or YAML/JSON arch / wiring spec (width: its embedding_dim, default 128)")
     src.add_argument("--kernel", default=None,
-                     help="mLSTM kernel for training (default: chunkwise_fused on CUDA GPUs, its fused kernels "
-                          "with their own backward; chunkwise elsewhere)")
+                     help="mLSTM kernel for training (default: the --config's chunkwise_kernel where it names one "
+                          "of ours, else chunkwise_fused on CUDA GPUs, its fused kernels with their own backward, and "
+                          "chunkwise elsewhere; NX-AI's names, e.g. chunkwise--triton_xl_chunk, take that default)")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory); default: the checkpoint's, or train a BPE")
     tok.add_argument("--vocab-size", type=int, help="vocabulary of a BPE trained here (default 4096)")
@@ -189,6 +190,7 @@ def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
         except UsageError as err:
             raise UsageError(str(err) if str(err).startswith("--config") else f"--config {args.config}: {err}") \
                 from None
+        _config_kernel(args, config)
     if args.arch and not args.resume:  # a bad spec fails now, not after the data is read and a BPE trained
         from ..lab import WiringError
         from ..lab.library import load_arch
@@ -201,6 +203,23 @@ def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _config_kernel(args, config: dict) -> None:
+    """The --config's ``chunkwise_kernel`` (xLSTM-Large): an unknown name is a UsageError (it was
+    replaced by the training kernel without a word); one of our kernels' names trains with that
+    kernel where --kernel is not given. NX-AI's names (their Triton kernels) take the default."""
+    from ..kernels import available_mlstm_kernels, resolve_kernel_name
+
+    name = config.get("chunkwise_kernel")
+    if name is None:
+        return
+    try:
+        resolve_kernel_name(str(name))
+    except KeyError as err:
+        raise UsageError(f"--config {args.config}: chunkwise_kernel: {err.args[0]}") from None
+    if args.kernel is None and name in available_mlstm_kernels():
+        args.kernel = name
+
+
 def _config_dict(spec: str) -> dict:
     path = Path(spec).expanduser()
     # A preset name wins over a directory of that name (a run called `tiny` in the working
