@@ -777,6 +777,15 @@ def test_train_config_file_is_read_once(tmp_path, monkeypatch):
     assert model.config.embedding_dim == 32 and model.config.num_blocks == 1
 
 
+def test_tune_token_budget_below_two_steps_is_refused(tmp_path, text_data, capsys):
+    # --token-budget 5 trained each trial 2 full batches (up to 2 x 32 x 64 tokens) without a word.
+    out = tmp_path / "sweep"
+    assert_rejected(["tune", "--objective", "train", "--data", text_data, "--out", out, "--token-budget", "5"],
+                    capsys, "--token-budget must be >= 4,096 (2 steps of 32 sequences of --seq-len 64, "
+                    "the largest batch searched), got 5")
+    assert not out.exists()
+
+
 def test_train_config_chunkwise_kernel_is_checked(tmp_path, text_data, capsys):
     # Was replaced by the training kernel without a word, "bogus" included (exit 0).
     import json

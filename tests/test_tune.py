@@ -248,7 +248,7 @@ def test_train_sweep_resumes_from_a_moved_or_differently_named_out(tmp_path, mon
     spelling of OUT (absolute / relative) or after moving it must not count as changed settings."""
     (tmp_path / "data.txt").write_text("\n".join(f"alpha beta {i % 7} gamma delta" for i in range(200)))
     args = ["tune", "--objective", "train", "--data", str(tmp_path / "data.txt"), "--seed", "4",
-            "--token-budget", "800", "--seq-len", "16", "--vocab-size", "300", "--param-budget", "60000",
+            "--token-budget", "1100", "--seq-len", "16", "--vocab-size", "300", "--param-budget", "60000",
             "--max-depth", "1", "--no-progress"]
     monkeypatch.chdir(tmp_path)
     assert main([*args, "--out", "a", "--trials", "1"]) == 0
@@ -258,7 +258,7 @@ def test_train_sweep_resumes_from_a_moved_or_differently_named_out(tmp_path, mon
     assert main([*args, "--out", "moved", "--trials", "3", "--resume"]) == 0
     records = _records(tmp_path / "moved")
     assert len(records) == 3 and _strip(records[:1]) == _strip(first)
-    changed = [("900" if a == "800" else a) for a in args]  # --token-budget 900 (an option is given once)
+    changed = [("1200" if a == "1100" else a) for a in args]  # --token-budget 1200 (an option is given once)
     assert main([*changed, "--out", "moved", "--trials", "4", "--resume"]) == 2
 
 
