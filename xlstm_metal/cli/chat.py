@@ -40,8 +40,9 @@ _COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
 
 
 def unknown_command(line: str) -> str | None:
-    """The message for a ``line`` that names no command but reads like one, else None."""
-    word = line.split(maxsplit=1)[0] if line.strip() else ""
+    """The message for a stripped, non-empty ``line`` that names no command but reads like one,
+    else None."""
+    word = line.split(maxsplit=1)[0]
     if not _COMMAND_LIKE.fullmatch(word) or word in COMMANDS:
         return None
     close = difflib.get_close_matches(word, COMMANDS, n=1)

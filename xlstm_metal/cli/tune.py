@@ -284,8 +284,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         if args.seq_len < 2:  # every trial would fail on it
             raise UsageError(f"--seq-len must be >= 2 (an input and its next token), got {args.seq_len}")
-        from ..tuning import TrainObjective
-
         # A trial trains at least 2 steps of its batch (up to the largest searched), so a smaller
         # budget would be overrun, not kept (--token-budget 5 trained 2 full batches).
         smallest = 2 * max(TrainObjective.batches) * args.seq_len
