@@ -305,17 +305,20 @@ def test_dequantized_matmul_matches_reference(bits):
     assert _rel_fro(out, ref) < 1e-5
 
 
-def test_decode_launch_gives_walking_blocks_equal_tiles():
+def test_decode_launch_spreads_tiles_over_all_walking_blocks():
     from xlstm_metal.kernels.fast.quantized import decode_launch
 
-    def blocks(n, most=None):
-        launch = decode_launch(n, most)
+    def blocks(n, most=None, split=1):
+        launch = decode_launch(n, most, split)
         assert launch["threadgroup"] == (256, 1, 1)
         return launch["grid"][0] // 256
 
     assert blocks(21888) == 1368 and blocks(200) == 13  # a block per 16-feature tile
-    assert blocks(21888, 264) == 228  # 1,368 tiles as 228 blocks of 6, not 48 of 6 and 216 of 5
-    assert blocks(50304, 264) == 262 and blocks(4096, 264) == 256 and blocks(200, 3) == 3
+    # 1,368 tiles on all 264 blocks (48 of 6, 216 of 5: 10 or 11 per SM at 2 per SM), not 228 of 6
+    assert blocks(21888, 264) == 264 and blocks(21888, 396) == 396
+    assert blocks(50304, 264) == 264 and blocks(4096, 264) == 256 and blocks(200, 3) == 3
+    # K in shares: a multiple of the shares (each block keeps its share), at least one of each
+    assert blocks(4096, 263, 4) == 260 and blocks(4096, 2, 4) == 4 and blocks(4096, None, 4) == 1024
 
 
 def test_decode_settings_from_the_environment(monkeypatch):
