@@ -499,8 +499,9 @@ def test_packed_step_rejects_bad_columns():
 def test_cuda_split_k_stages_7b(monkeypatch, bits, blocks):
     # out_proj and proj_down at the 7B shapes with K in 4 shares: each share's partial sums, the
     # last share at a tile adding them in a fixed order. Against the reference ops, within the
-    # unsplit kernel's distance of them; the same bits on every launch (the tile counters are
-    # back at zero after each), and with few blocks walking many (tile, share) items.
+    # unsplit kernel's distance of them; the same bits on each of three launches evaluated
+    # together (MLX's CUDA graph runs them side by side: each has its own tile counters), and
+    # with few blocks walking many (tile, share) items.
     if blocks is not None:
         monkeypatch.setattr(chain, "CHAIN_BLOCKS", blocks)
     monkeypatch.setitem(chain.SPLIT_K, bits, 4)  # a knob, off by default (slower on an H200, S8R1)
@@ -655,6 +656,18 @@ def test_cuda_int_weights_7b_layer_shapes(monkeypatch, bits):
         exact = quantized.int_weights_reference(o1[1].reshape(1, E), w, s, b, group_size=64, bits=bits)
         assert _rel(o1[2].reshape(1, -1), exact) <= 2.0 ** -8
         assert _rel(o1[2], o0[2]) <= 2e-2 and _rel(y1, y0) <= 2e-2 and _rel(r1 - x, r0 - x) <= 2e-2
+
+
+def test_split_k_stages_count_on_counters_of_their_own_launch():
+    # Split-K shares count arrivals per tile in an output zeroed at each launch: counters in the
+    # kernel module's memory were shared by launches MLX's CUDA graph ran side by side.
+    assert chain._outputs([(2, 1, 40)], [mx.bfloat16], 1, 2, 40) == dict(output_shapes=[(2, 1, 40)],
+                                                                         output_dtypes=[mx.bfloat16])
+    split = chain._outputs([(2, 1, 40)], [mx.bfloat16], 4, 2, 40)
+    assert split == dict(output_shapes=[(2, 1, 40), (4, 2, 40), (3,)],
+                         output_dtypes=[mx.bfloat16, mx.float32, mx.uint32], init_value=0)
+    source = chain._source(chain._SWIGLU_SIZES, chain._SWIGLU_PROLOGUE, split=True)
+    assert "atomicAdd(&count[cur], 1u)" in source and "__device__" not in source
 
 
 def test_stage_schedule_overrides_depth_blocks_and_integer_weights(monkeypatch):

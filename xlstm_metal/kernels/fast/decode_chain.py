@@ -414,7 +414,20 @@ def _split(n_out: int, k: int, bits: int) -> int:
     """Shares of K for a split-able stage with ``n_out`` features and inner size ``k``
     (:data:`SPLIT_K`; at most one per span of K a warp covers, 512 / bits values)."""
     split = min(max(1, SPLIT_K.get(bits, 1)), -(-k // (512 // bits)))
-    return split if split > 1 and n_out <= SPLIT_MAX_FEATURES and -(-n_out // 16) <= _quantized.SPLIT_TILES else 1
+    return split if split > 1 and n_out <= SPLIT_MAX_FEATURES else 1
+
+
+def _outputs(shapes: list, dtypes: list, split: int, rows: int, n_out: int) -> dict:
+    """A stage's output shapes and dtypes, and with K in ``split`` shares two more: the float32
+    partial sums ``part`` [split, rows, n_out] and ``count``, a uint32 arrival counter per
+    16-feature tile, zeroed at each launch (``init_value``; it zero-fills the other outputs too,
+    each written whole). Counters of each launch's own, not of the kernel's module: MLX's CUDA
+    graphs run launches that share no array side by side, and two launches counting on the same
+    counters summed partial sums not yet written (non-deterministic outputs; S26)."""
+    if split == 1:
+        return dict(output_shapes=shapes, output_dtypes=dtypes)
+    return dict(output_shapes=shapes + [(split, rows, n_out), (-(-n_out // 16),)],
+                output_dtypes=dtypes + [mx.float32, mx.uint32], init_value=0)
 
 
 def _norm_prologue(eps: float, has_pending: bool, write_xn: bool) -> str:
@@ -450,10 +463,10 @@ def _kernel(key: tuple, bits: int, inputs: list[str], outputs: list[str], source
         kernel = mx.fast.cuda_kernel(
             name=f"xlstm_decode_chain_{key[0]}_{len(_kernels)}",
             input_names=inputs,
-            output_names=outputs + (["part"] if split else []),
+            output_names=outputs + (["part", "count"] if split else []),
             source=compact_source(source()),
             header=compact_source(_HEADER + (INT_HEADER if int_weights else "") + _REDUCE_HEADER
-                                  + (_quantized.SPLIT_HEADER if split else "") + header
+                                  + header
                                   + launch_bounds(key[-1])),
         )
         _kernels[key] = kernel
@@ -706,8 +719,7 @@ def gate_norm_quantized_matmul(h: mx.array, o_src: mx.array, o_offset: int, norm
         inputs=[h, o_src, norm.weight, x, w, scales, biases],
         template=decode_template(T, bits, group_size, B, _depth("gate", bits, iw), split=split)
         + [("ST", x.dtype), ("NH", NH), ("DV", DV), ("OOFF", o_offset)] + _rows_template(B, NH * DV, T, bits, iw),
-        output_shapes=[(B, 1, E)] + ([(split, B, E)] if split > 1 else []),
-        output_dtypes=[x.dtype] + ([mx.float32] if split > 1 else []), **_launch(w.shape[0], bits, split, "gate", iw),
+        **_outputs([(B, 1, E)], [x.dtype], split, B, E), **_launch(w.shape[0], bits, split, "gate", iw),
     )
     return outs[0]
 
@@ -749,8 +761,7 @@ def swiglu_quantized_matmul(gate_up: mx.array, w: mx.array, scales: mx.array, bi
         inputs=[gate_up, w, scales, biases],
         template=decode_template(T, bits, group_size, B, _depth("swiglu", bits, iw), split=split)
         + _rows_template(B, F, T, bits, iw),
-        output_shapes=[(B, 1, N)] + ([(split, B, N)] if split > 1 else []),
-        output_dtypes=[T] + ([mx.float32] if split > 1 else []), **_launch(N, bits, split, "swiglu", iw),
+        **_outputs([(B, 1, N)], [T], split, B, N), **_launch(N, bits, split, "swiglu", iw),
     )
     return outs[0]
 
@@ -854,7 +865,11 @@ def merge_mode(bits: int, rows: int) -> int:
 # so the outputs are bit-equal. A stage-5 block requests its first weight chunks (and with PF2
 # its first tile towards L2), then waits until every stage-4 block has counted itself done in
 # ``xl_ffn_done``; the last stage-5 block past the wait puts both counters back to zero for the
-# next launch (MLX runs one stream: launches do not overlap). Only stage-5 blocks wait, and the
+# next launch. The counters are the kernel module's, so two launches of one merged kernel must not
+# run side by side: MLX's CUDA graphs run launches that share no array concurrently, and in a
+# decode step each launch reads the layer before's output, which orders them (the split-K counters
+# are per launch instead: :func:`_outputs`; here a zeroed output per launch would add a
+# node per layer to every step). Only stage-5 blocks wait, and the
 # host launches the kernel only where fewer of them than the GPU holds at once exist
 # (:func:`_merge_plan`), so a stage-4 block always finds room and none can deadlock, whatever
 # order the GPU starts blocks in.

@@ -395,9 +395,10 @@ _STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
 
 
 # Split K: each (feature tile, share) writes its float32 partial sums to ``part`` [SPLIT, M, N];
-# the share that arrives last at a tile (a counter per tile in the kernel module's own memory,
-# which it leaves at zero for the next launch) adds the SPLIT partials in a fixed order and runs
-# the store: the same output and rounding as one block over all of K, but up to SPLIT times the
+# the share that arrives last at a tile (``count``: a counter per tile, an output zeroed at each
+# launch; counters in the module's own memory were shared by launches that MLX's CUDA graph ran
+# side by side, and two such launches summed each other's shares) adds the SPLIT partials in a
+# fixed order and runs the store: the same output and rounding as one block over all of K, but up to SPLIT times the
 # thread blocks on a product with few tiles (out_proj and proj_down at 4,096 features: 256).
 _SPLIT_STORE = "part[((size_t)split * M + m) * N + n] = sum;"
 _SPLIT_FINISH = """
@@ -406,9 +407,7 @@ _SPLIT_FINISH = """
         __threadfence();  // this block's partials visible to the share that finishes the tile
         __syncthreads();
         if (threadIdx.x == 0) {
-          const unsigned int before = atomicAdd(&xl_split_count[cur], 1u);
-          s_last = before == SPLIT - 1;
-          if (s_last) xl_split_count[cur] = 0u;  // every share has arrived: ready for the next launch
+          s_last = atomicAdd(&count[cur], 1u) == SPLIT - 1;
         }
         __syncthreads();
         if (s_last) {
@@ -558,11 +557,6 @@ INT_STAGE = """
     }
 """
 
-#: Feature tiles a split-K product may have (its counters' size).
-SPLIT_TILES = 4096
-SPLIT_HEADER = f"\n__device__ unsigned int xl_split_count[{SPLIT_TILES}];  // zero at load; each launch leaves it so\n"
-
-
 def _substituted(source: str, edits: tuple, form: str) -> str:
     """``source`` with each (old, new) of ``edits`` made; each old text must occur exactly once
     (a changed kernel body fails loudly here, not in a kernel that reads the wrong rows)."""
@@ -588,8 +582,8 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     feature ``n`` (M x N output). Each thread block walks output tiles ``blockIdx.x + i *
     gridDim.x`` after its one prologue (:func:`decode_launch` with ``max_blocks`` launches fewer
     blocks than tiles). ``split``: K split in SPLIT shares (template argument; the kernel takes a
-    float32 output ``part`` [SPLIT, M, N] for the partial sums and :data:`SPLIT_HEADER` in its
-    header). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in these hooks.
+    float32 output ``part`` [SPLIT, M, N] for the partial sums and a uint32 output ``count``, one
+    counter per 16-feature tile, zero at launch). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in these hooks.
 
     ``int_weights``: the weights enter the mma as exact integers (fp16) and each group's scale
     and bias apply to the float32 sums (see :data:`INT_WEIGHTS`); then x (one tile of rows: MT 1;
