@@ -137,6 +137,11 @@ def test_cli_table_and_errors(tiny_config_file, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--prefill-lengths", "a,b"])
     assert exc.value.code == 2
+    for text in ("8,,8", "512,", " , "):  # an entry left out is refused, not skipped
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--decode-batches", text])
+        assert exc.value.code == 2
+        assert ("empty entry" if text.strip(" ,") else "expected comma-separated") in capsys.readouterr().err
 
 
 def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):

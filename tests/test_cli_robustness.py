@@ -580,13 +580,22 @@ def test_tune_text_field_without_json_lines_is_a_usage_error(text_data, tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("target", ["notes.txt", "missing/w.png"])
+@pytest.mark.parametrize("target", ["notes.txt", "afile/w.png"])
 def test_mad_show_wiring_checks_the_file_before_printing(target, tmp_path, capsys):
     # The wiring was printed, then the file refused (exit 2 after output).
+    (tmp_path / "afile").write_text("a file where a folder would go")
     code = main(["mad", "--arch", "mlstm", "--show-wiring", str(tmp_path / target)])
     out, err = capsys.readouterr()
     assert code == 2 and f"--show-wiring {tmp_path / target}" in err, err
     assert out == ""
+
+
+def test_mad_show_wiring_makes_missing_folders_as_plot_does(tmp_path, capsys):
+    drawing = tmp_path / "new" / "dir" / "w.png"
+    assert main(["mad", "--arch", "mlstm", "--show-wiring", str(drawing)]) == 0
+    out, err = capsys.readouterr()
+    assert "mlstm" in out and f"wrote {drawing}" in err
+    assert drawing.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_mad_show_wiring_refuses_an_existing_drawing_before_printing(tmp_path, capsys):

@@ -48,6 +48,7 @@ def test_seven_b_parameter_count():
         (dict(num_heads=3), "qk_dim = int\\(embedding_dim \\* qk_dim_factor\\) = 2048 is not divisible by num_heads = 3"),
         (dict(vocab_size=0), "'vocab_size' must be a positive integer"),
         (dict(weight_mode="sparse"), "weight_mode must be"),
+        (dict(mode="bogus"), "mode must be one of \\('train', 'train_with_padding', 'inference'\\), got 'bogus'"),
         (dict(inference_state_dtype="int8"), "inference_state_dtype must be one of"),
         (dict(chunkwise_kernel="magic"), "chunkwise_kernel': unknown mLSTM kernel 'magic'"),
     ],

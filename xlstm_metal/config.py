@@ -21,6 +21,9 @@ from typing import Any
 
 from .errors import ConfigError
 
+#: NX-AI's mLSTM backend modes (``config.json`` "mode"): accepted for their checkpoints; our kernels
+#: take any sequence length in each (no padding to do), so the value does not change what runs.
+_MODES = ("train", "train_with_padding", "inference")
 _STATE_DTYPES = ("float32", "bfloat16", "float16")
 _ALIASES = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
 #: config.json key holding our own kernel choice. The standard fields get NX-AI kernel names that
@@ -171,6 +174,8 @@ class xLSTMConfig:
             )
         if self.weight_mode not in ("single", "fused"):
             raise ConfigError(f"weight_mode must be 'single' or 'fused', got {self.weight_mode!r}")
+        if self.mode not in _MODES:  # NX-AI's backend modes; ours runs any length in each
+            raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
         if self.inference_state_dtype not in _STATE_DTYPES:
             raise ConfigError(
                 f"inference_state_dtype must be one of {_STATE_DTYPES}, got {self.inference_state_dtype!r}"

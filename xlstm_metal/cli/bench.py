@@ -21,12 +21,15 @@ from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 
 def _int_list(text: str) -> list[int]:
+    parts = [v.strip() for v in text.split(",")]
+    if not any(parts):  # `--prefill-lengths ""` ran no prefill at all
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not all(parts):  # "512,,2048" or "512,": a length left out or mistyped, not a smaller list
+        raise argparse.ArgumentTypeError(f"an empty entry in {text!r}: give comma-separated integers")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:  # `--prefill-lengths ""` ran no prefill at all
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
     if any(v > INT_LIMIT for v in values):  # MLX sizes arrays in 32 bits: an OverflowError traceback

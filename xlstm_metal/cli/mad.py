@@ -145,8 +145,7 @@ def _drawing_targets(model, path: Path, overwrite: bool) -> list:
         target = path if not seen else path.with_name(f"{path.stem}-block{index}{path.suffix}")
         seen[key] = target
         targets.append((index, block, target))
-    if not path.parent.is_dir():
-        raise UsageError(f"--show-wiring {path}: directory {path.parent} does not exist")
+    check_output_path(path, "--show-wiring", directory=False)  # missing folders are made, as for plot --out
     for _, _, target in targets:
         if target.is_dir():
             raise UsageError(f"--show-wiring: {target} is a directory")
