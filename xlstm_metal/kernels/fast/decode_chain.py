@@ -344,12 +344,18 @@ STAGE_SCHEDULE: dict[str, dict[int, tuple]] = {"norm": {8: (2, 3 * _quantized.SM
 CHAIN_BLOCKS = int(os.environ["XLSTM_METAL_CHAIN_BLOCKS"]) if os.environ.get("XLSTM_METAL_CHAIN_BLOCKS") else None
 
 
+def _span_sums(k: int, bits: int) -> int:
+    """Bytes of the integer-weights path's (2^-e, sum of x) per staged row of ``k`` values: a
+    float2 per span (:func:`.quantized.span`)."""
+    return k // _quantized.span(bits) * 8
+
+
 def _stage_rows(rows: int, k: int, dtype: mx.Dtype, int_bits: int = 0) -> int:
     """Rows staged in shared memory (a power of two >= rows, so few variants compile), or 0 when
     they do not fit; ``int_bits``: with the integer-weights path's (2^-e, sum) per span of a
     ``int_bits`` product (512 / bits values; :data:`.quantized.INT_WEIGHTS`)."""
     sr = 1 << (rows - 1).bit_length()
-    per_row = k * dtype.size + (k // (512 // int_bits) * 8 if int_bits else 0)
+    per_row = k * dtype.size + (_span_sums(k, int_bits) if int_bits else 0)
     return sr if sr * per_row <= STAGE_BYTES else 0
 
 
@@ -413,7 +419,7 @@ def _depth(stage: str, bits: int, iw: int = 0) -> int | None:
 def _split(n_out: int, k: int, bits: int) -> int:
     """Shares of K for a split-able stage with ``n_out`` features and inner size ``k``
     (:data:`SPLIT_K`; at most one per span of K a warp covers, 512 / bits values)."""
-    split = min(max(1, SPLIT_K.get(bits, 1)), -(-k // (512 // bits)))
+    split = min(max(1, SPLIT_K.get(bits, 1)), -(-k // _quantized.span(bits)))
     return split if split > 1 and n_out <= SPLIT_MAX_FEATURES else 1
 
 
@@ -1079,7 +1085,7 @@ def _merge_plan(B: int, E: int, F: int, n_out: int, dtype: mx.Dtype, group_size:
     paired = bool(CHAIN_PAIRED) and not iw2
     pool = max(sr1 * E, 0 if paired else sr2 * F)
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
-            + (sr1 * (E // (512 // bits)) * 8 if iw1 else 0) + (sr2 * (F // (512 // bits)) * 8 if iw2 else 0))
+            + (sr1 * _span_sums(E, bits) if iw1 else 0) + (sr2 * _span_sums(F, bits) if iw2 else 0))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
     held = resident * _device_sms()  # blocks the GPU holds at once
     if not (sr1 and sr2) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or nb2 >= held:
@@ -1189,7 +1195,7 @@ def _tail_plan(B: int, E: int, KO: int, F: int, dtype: mx.Dtype, group_size: int
     paired = bool(CHAIN_PAIRED) and not iw2
     pool = max(sr * k for sr, k in zip(srs[:2] if paired else srs, (KO, E, F)))
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 32 * 4 + 64
-            + sum(sr * (k // (512 // bits)) * 8 for sr, k, iw in zip(srs, (KO, E, F), (iw3, iw1, iw2)) if iw))
+            + sum(sr * _span_sums(k, bits) for sr, k, iw in zip(srs, (KO, E, F), (iw3, iw1, iw2)) if iw))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))
     held = resident * _device_sms()
     if not all(srs) or smem > 48 * 1024 or resident * (smem + 1024) > 228 * 1024 or not held:
@@ -1488,7 +1494,7 @@ def _block_plan(B: int, E: int, N1: int, NH: int, dqk: int, dv: int, F: int, dty
     pool = max(tail["pool"], sr0 * E)
     table = 8 * 36 * blocks if blocks > STACK_UNROLL else 0  # (at most 36 arrays a block)
     smem = (pool * dtype.size + 8 * -(-B // 8) * 4 * 32 * 4 + 2 * 32 * 4 + 64 + 4 * (2 * dqk + nred + 8) + table
-            + sum(sr * (k // (512 // bits)) * 8 for sr, k, iw in
+            + sum(sr * _span_sums(k, bits) for sr, k, iw in
                   ((sr0, E, iw0), (tail["sr3"], NH * dv, tail["iw3"]), (tail["sr1"], E, tail["iw1"]),
                    (tail["sr2"], F, tail["iw2"])) if iw))
     resident = max(1, _quantized.RESIDENT.get(bits, 0))

@@ -475,6 +475,12 @@ _X_AHEAD = (
 INT_WEIGHTS = _per_bits("XLSTM_METAL_DECODE_INT", {4: 0, 8: 0})
 
 
+def span(bits: int) -> int:
+    """Values of K a warp covers per weight chunk (16 bytes a thread, four threads a row): 128 at
+    4 bits, 64 at 8 (the decode kernel's SPAN)."""
+    return 512 // bits
+
+
 def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1, kind: int | None = None) -> bool:
     """Whether a chain product of ``rows`` rows takes :data:`INT_WEIGHTS`' path: switched on for
     ``bits`` (or ``kind`` given: that setting instead), 4 or 8 bits, one tile of x rows (at most
@@ -483,7 +489,7 @@ def int_weights_apply(bits: int, group_size: int, rows: int, split: int = 1, kin
     level with dequantizing first (gate|up 27.0 against 26.7 us); groups of 64 through chunks
     split in two halves (each half of a span in one group) ran 37-46 us and were not kept."""
     on = INT_WEIGHTS.get(bits) if kind is None else kind
-    return bool(on) and bits in (4, 8) and group_size >= 512 // bits and rows <= 8 and split == 1
+    return bool(on) and bits in (4, 8) and group_size >= span(bits) and rows <= 8 and split == 1
 
 
 def int_weights_reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
@@ -498,7 +504,7 @@ def int_weights_reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx
     M, K = x.shape
     N = w.shape[0]
     G = group_size
-    S = min(G, 512 // bits)  # (a group smaller than the span, which the kernel does not take: per group)
+    S = min(G, span(bits))  # (a group smaller than the span, which the kernel does not take: per group)
     xf = x.astype(mx.float32).reshape(M, K // S, S)
     big = mx.max(mx.abs(xf), axis=-1, keepdims=True)
     biased = (big.view(mx.uint32) >> 23) & 255
