@@ -429,7 +429,8 @@ def _outputs(shapes: list, dtypes: list, split: int, rows: int, n_out: int) -> d
     16-feature tile, zeroed at each launch (``init_value``; it zero-fills the other outputs too,
     each written whole). Counters of each launch's own, not of the kernel's module: MLX's CUDA
     graphs run launches that share no array side by side, and two launches counting on the same
-    counters summed partial sums not yet written (non-deterministic outputs; S26)."""
+    counters can sum partial sums not yet written (S26: three launches evaluated together gave
+    different bits)."""
     if split == 1:
         return dict(output_shapes=shapes, output_dtypes=dtypes)
     return dict(output_shapes=shapes + [(split, rows, n_out), (-(-n_out // 16),)],

@@ -396,10 +396,11 @@ _STORE = "y[(size_t)m * N + n] = static_cast<T>(sum);"
 
 # Split K: each (feature tile, share) writes its float32 partial sums to ``part`` [SPLIT, M, N];
 # the share that arrives last at a tile (``count``: a counter per tile, an output zeroed at each
-# launch; counters in the module's own memory were shared by launches that MLX's CUDA graph ran
-# side by side, and two such launches summed each other's shares) adds the SPLIT partials in a
-# fixed order and runs the store: the same output and rounding as one block over all of K, but up to SPLIT times the
-# thread blocks on a product with few tiles (out_proj and proj_down at 4,096 features: 256).
+# launch; counters in the module's own memory are shared by launches that MLX's CUDA graph runs
+# side by side, which can then count each other's shares) adds the SPLIT partials in a fixed
+# order and runs the store: the same output and rounding as one block over all of K, but up to
+# SPLIT times the thread blocks on a product with few tiles (out_proj and proj_down at 4,096
+# features: 256).
 _SPLIT_STORE = "part[((size_t)split * M + m) * N + n] = sum;"
 _SPLIT_FINISH = """
       {
@@ -589,7 +590,8 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
     gridDim.x`` after its one prologue (:func:`decode_launch` with ``max_blocks`` launches fewer
     blocks than tiles). ``split``: K split in SPLIT shares (template argument; the kernel takes a
     float32 output ``part`` [SPLIT, M, N] for the partial sums and a uint32 output ``count``, one
-    counter per 16-feature tile, zero at launch). The fused decode chain (:mod:`.decode_chain`) puts its norms and gates in these hooks.
+    counter per 16-feature tile, zero at launch). The fused decode chain (:mod:`.decode_chain`)
+    puts its norms and gates in these hooks.
 
     ``int_weights``: the weights enter the mma as exact integers (fp16) and each group's scale
     and bias apply to the float32 sums (see :data:`INT_WEIGHTS`); then x (one tile of rows: MT 1;
