@@ -10,9 +10,18 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model
+from xlstm_metal.kernels.cpu import prefill as cpu_prefill
 from xlstm_metal.models import block_compile
 from xlstm_metal.models import xlstm_large as xl
 from xlstm_metal.quantization import quantize_model
+
+
+@pytest.fixture(autouse=True)
+def _graph_prefill():
+    """prefill() through the MLX graph (its compiled blocks are what these tests are about), not
+    the CPU's C prefill (tests/test_cpu_prefill.py)."""
+    with cpu_prefill.switched(False):
+        yield
 
 
 def _ids(length: int, batch: int = 2, seed: int = 0) -> mx.array:

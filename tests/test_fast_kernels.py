@@ -9,6 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from xlstm_metal import benchmark as bm
+from xlstm_metal.kernels.cpu import prefill as cpu_prefill
 from xlstm_metal.loading import load_model, save_model
 
 from conftest import tiny_model
@@ -253,16 +254,18 @@ def test_prefill_sees_weight_updates_and_refusing():
     """prefill() keeps its compiled blocks; the weights are their inputs, so loading new weights
     (which un-fuses) and fusing again are both seen."""
     model, other = tiny_model(seed=1).fuse_projections(), tiny_model(seed=2)
-    # One piece of 2 x 1024 tokens: long enough for the compiled blocks.
+    # One piece of 2 x 1024 tokens: long enough for the compiled blocks (the MLX graph's, not the
+    # CPU's C prefill: tests/test_cpu_prefill.py).
     ids = mx.array(np.random.default_rng(0).integers(0, 97, (2, 1024)), dtype=mx.int32)
-    first, _ = model.prefill(ids)
-    assert model.__dict__.get("_prefill_blocks") is not None
-    _close(first, model(ids)[0][:, -1], 1e-4)
-    model.load_weights(list(tree_flatten(other.parameters())))
-    reference = other(ids)[0][:, -1]
-    assert float(mx.abs(first - reference).max()) > 1e-2
-    _close(model.prefill(ids)[0], reference, 1e-4)
-    _close(model.fuse_projections().prefill(ids)[0], reference, 1e-4)
+    with cpu_prefill.switched(False):
+        first, _ = model.prefill(ids)
+        assert model.__dict__.get("_prefill_blocks") is not None
+        _close(first, model(ids)[0][:, -1], 1e-4)
+        model.load_weights(list(tree_flatten(other.parameters())))
+        reference = other(ids)[0][:, -1]
+        assert float(mx.abs(first - reference).max()) > 1e-2
+        _close(model.prefill(ids)[0], reference, 1e-4)
+        _close(model.fuse_projections().prefill(ids)[0], reference, 1e-4)
 
 
 def test_prefill_follows_kernel_changes(monkeypatch):

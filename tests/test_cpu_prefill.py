@@ -1,0 +1,214 @@
+"""The CPU prefill in C (xlstm_metal/kernels/cpu/prefill.py) against the MLX graph it stands for:
+the same last logits and states for any length, rows, pieces and entering state, the tree read
+at every call, a bounded work space, and the graph wherever the model or the state is not what
+the C code computes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from xlstm_metal import _blas
+from xlstm_metal.generation.runner import xLSTMRunner
+from xlstm_metal.kernels import register_mlstm_kernel
+from xlstm_metal.kernels.cpu import decode_step as ds
+from xlstm_metal.kernels.cpu import prefill as cp
+from xlstm_metal.kernels.mlstm import defer_state, mlstm_chunkwise
+
+from conftest import tiny_model
+
+pytestmark = [
+    pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the C prefill runs where MLX runs on the CPU"),
+    # .ci/run installs a compiler and OpenBLAS; without them the C code is not built
+    pytest.mark.skipif(ds.library() is None or _blas.openblas_sgemm() is None,
+                       reason="no C compiler or no OpenBLAS: the C prefill is not built"),
+]
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _ids(rows: int, length: int, seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, 97, (rows, length)), dtype=mx.int32)
+
+
+def _assert_same(model, ids, state=None, chunk_size=None, tol=3e-5):
+    """The C prefill (asserted to run) against the graph's prefill, logits and every state entry."""
+    got = cp.prefill(model, ids, state, chunk_size)
+    assert got is not None, cp.unsupported_reason(model)
+    with cp.switched(False):
+        expected = model.prefill(ids, state, chunk_size=chunk_size)
+    assert got[0].shape == expected[0].shape == (ids.shape[0], model.config.vocab_size)
+    assert _rel(got[0], expected[0]) < tol, f"logits: {_rel(got[0], expected[0]):.3g}"
+    for block, (ours, theirs) in enumerate(zip(got[1], expected[1])):
+        for name, a, b in zip("Cnm", ours, theirs):
+            assert a.shape == b.shape and a.dtype == mx.float32, (block, name)
+            assert _rel(a, b) < tol, f"block {block} {name}: {_rel(a, b):.3g}"
+    return got
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True, "add_out_norm": False},
+    {"gate_soft_cap": None, "output_logit_soft_cap": None, "num_heads": 4, "num_blocks": 3},
+], ids=["default", "tied-no-out-norm", "no-caps-4-heads"])
+@pytest.mark.parametrize("rows, length", [(1, 1), (1, 16), (2, 37), (3, 100)])
+def test_c_prefill_equals_the_graph_from_the_zero_state(overrides, rows, length):
+    """Lengths of one token, one whole chunk (16) and chunks with a short last one."""
+    model = tiny_model(seed=3, **overrides)
+    assert cp.unsupported_reason(model) is None
+    _assert_same(model, _ids(rows, length, seed=length))
+
+
+def test_fused_projections_pieces_and_an_entering_state():
+    model = tiny_model(seed=4)
+    model.fuse_projections()  # q|k|v|o|i|f rows of one matrix: one product in C
+    ids = _ids(2, 90, seed=1)
+    _, state = _assert_same(model, ids[:, :41])
+    _assert_same(model, ids[:, 41:], state)  # from a prefill's state
+    _assert_same(model, ids, chunk_size=20)  # pieces of 16 (whole chunks), the state carried
+    _assert_same(model, ids, chunk_size=7)  # pieces shorter than a chunk
+    # a decode step's state (the C step's) continues
+    for token in (5, 9):
+        _, state = ds.decode_step(model, mx.array([[token], [token + 1]], dtype=mx.int32), state)
+    _assert_same(model, ids[:, :30], state)
+
+
+def test_continuing_equals_one_call():
+    """The state after a prompt in two calls is the one after it in one (the kernel's m included)."""
+    model = tiny_model(seed=5)
+    ids = _ids(1, 70, seed=2)
+    whole = cp.prefill(model, ids)
+    first = cp.prefill(model, ids[:, :33])
+    second = cp.prefill(model, ids[:, 33:], first[1])
+    assert _rel(second[0], whole[0]) < 3e-5
+    for a, b in zip(second[1][1], whole[1][1]):
+        assert _rel(a, b) < 3e-5
+
+
+def test_the_tree_is_read_at_every_call():
+    model, other = tiny_model(seed=6), tiny_model(seed=7)
+    ids = _ids(1, 24, seed=3)
+    before = cp.prefill(model, ids)[0]
+    model.load_weights(list(tree_flatten(other.parameters())))
+    after = _assert_same(model, ids)[0]
+    assert _rel(after, before) > 1e-3
+    assert _rel(after, cp.prefill(other, ids)[0]) < 1e-6
+    model.blocks[0].norm_ffn.eps = 0.5  # a plain attribute the C code reads
+    _assert_same(model, ids)
+    for block in model.blocks:  # the sequence kernel's chunk size
+        block.mlstm_layer.parallel_kernel_cell.chunk_size = 8
+    _assert_same(model, ids)
+    # and its eps: h / (den + eps) is rescaled per head by the layer norm after it, so only an eps
+    # that shrinks h to the norm's own eps shows (the step kernel's stays 1e-6)
+    before = cp.prefill(model, ids)[0]
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.eps = 1e4
+    assert _rel(_assert_same(model, ids)[0], before) > 1e-3
+
+
+class _Zeros(nn.Module):
+    def __call__(self, x):
+        return mx.zeros((*x.shape[:-1], 64), x.dtype)
+
+
+def test_models_it_does_not_compute_run_the_graph():
+    ids = _ids(1, 20, seed=4)
+    quantized = tiny_model(seed=8)
+    nn.quantize(quantized, group_size=32, bits=8)
+    assert cp.unsupported_reason(quantized) == "backbone.embeddings is not a float32 nn.Embedding"
+    assert cp.prefill(quantized, ids) is None
+    swapped = tiny_model(seed=8)
+    swapped.blocks[1].mlstm_layer.out_proj = _Zeros()  # a user's module: the graph calls it
+    assert cp.prefill(swapped, ids) is None
+    plain = tiny_model(seed=8)
+    assert _rel(swapped.prefill(ids)[0], plain.prefill(ids)[0]) > 1e-3  # the zero module ran
+    half = tiny_model(seed=8)
+    half.update(nn.utils.tree_map(lambda p: p.astype(mx.bfloat16), half.parameters()))
+    assert cp.prefill(half, ids) is None
+    deferred = [defer_state(block_state, 4) for block_state in plain.make_state(1)]  # CUDA's decode form
+    assert cp.prefill(plain, ids, deferred) is None
+    assert cp.prefill(plain, ids.astype(mx.float32)) is None  # not token ids: the graph says so
+
+
+def test_a_kernel_of_the_users_runs_in_the_graph():
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return mlstm_chunkwise(*args, **kwargs)
+
+    register_mlstm_kernel("test_prefill_counting", counting)
+    model = tiny_model(seed=9)
+    for block in model.blocks:
+        block.mlstm_layer.parallel_kernel_cell.kernel = "test_prefill_counting"
+    assert cp.unsupported_reason(model) == "the sequence kernel 'test_prefill_counting' is not one of this package's"
+    model.prefill(_ids(1, 20))
+    assert len(calls) == model.config.num_blocks
+
+
+def test_subclass_prefill_and_the_switch(monkeypatch):
+    from xlstm_metal.models.xlstm_large import xLSTMLarge
+
+    class Shifted(xLSTMLarge):
+        def prefill(self, input_ids, state=None, *, chunk_size=None):
+            logits, state = super().prefill(input_ids, state, chunk_size=chunk_size)
+            return logits + 1.0, state
+
+    model = tiny_model(seed=10)
+    shifted = Shifted(model.config)
+    shifted.update(model.parameters())
+    assert cp.unsupported_reason(shifted) == "Shifted.prefill is not xLSTMLarge's"
+    monkeypatch.setattr(cp, "ENABLED", False)
+    assert cp.unsupported_reason(model) == "turned off by XLSTM_METAL_CPU_PREFILL=0"
+    assert cp.prefill(model, _ids(1, 5)) is None
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = tiny_model(seed=11)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 97\)"):
+        model.prefill(mx.array([[1, 2, 97]], dtype=mx.int32))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.prefill(mx.array([[-1, 2]], dtype=mx.int32))
+
+
+def test_model_prefill_takes_it_and_restores_the_blas_threads(monkeypatch):
+    model = tiny_model(seed=12)
+    calls = []
+    real = cp.prefill
+    monkeypatch.setattr(cp, "prefill", lambda *a: calls.append(1) or real(*a))
+    threads = _blas.info()["threads"]
+    ids = _ids(2, 30, seed=5)
+    logits, _ = model.prefill(ids)
+    assert calls == [1]
+    assert _blas.info()["threads"] == threads
+    full, _ = model(ids)  # the plain forward pass (the graph)
+    assert _rel(logits, full[:, -1]) < 3e-5
+
+
+def test_work_space_is_bounded_by_the_piece(monkeypatch):
+    monkeypatch.setattr(cp, "PIECE_TOKENS", 64)
+    model = tiny_model(seed=13)
+    _assert_same(model, _ids(1, 64, seed=6))
+    plan = model.__dict__["_cpu_step_plan"]
+    size = plan.prefill_work.size
+    _assert_same(model, _ids(1, 300, seed=7))  # five pieces, one work space
+    assert plan.prefill_work.size == size
+    _assert_same(model, _ids(4, 40, seed=8))  # 4 rows: pieces of 16 positions
+    assert plan.prefill_work.size == size
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_runner_generates_the_same_tokens_with_and_without_it(monkeypatch, temperature):
+    model = tiny_model(seed=14)
+    runs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(cp, "ENABLED", enabled)
+        runner = xLSTMRunner(model)
+        runs.append(runner.generate(list(range(3, 60)), max_tokens=16, temperature=temperature, seed=3))
+    assert len(runs[0]) == 16 and runs[0] == runs[1]
