@@ -29,6 +29,7 @@ from . import kernels as _kernels  # noqa: F401
 from .config import xLSTMConfig
 from .kernels import fast as _fast_kernels  # noqa: F401  (registers chunkwise_scan)
 from .kernels.cpu import decode_step as cpu_decode_step
+from .kernels.cpu import prefill as cpu_prefill
 from .kernels.mlstm import deferred_terms
 from .models.xlstm_large import xLSTMLarge
 
@@ -314,6 +315,9 @@ def environment() -> dict[str, Any]:
         info["gemv_rows"] = blas["gemv_rows"]
         # decode steps of 1 to 8 rows as one C call (kernels/cpu/decode_step.py) where a model allows
         info["cpu_step"] = cpu_decode_step.ENABLED and blas["gemv_rows"] and cpu_decode_step.library() is not None
+        # prompts as one C call per piece (kernels/cpu/prefill.py) where a model allows
+        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None \
+            and cpu_decode_step.library() is not None
     return info
 
 
