@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from xlstm_metal import _blas
+from xlstm_metal import _blas, benchmark as bm
 from xlstm_metal.generation.runner import xLSTMRunner
 from xlstm_metal.kernels import register_mlstm_kernel
 from xlstm_metal.kernels.cpu import decode_step as ds
@@ -201,6 +201,11 @@ def test_work_space_is_bounded_by_the_piece(monkeypatch):
     assert plan.prefill_work.size == size
     _assert_same(model, _ids(4, 40, seed=8))  # 4 rows: pieces of 16 positions
     assert plan.prefill_work.size == size
+    # the benchmarks' peak memory counts it (MLX's counters do not see NumPy's memory)
+    assert ds.held_bytes(model) == plan.prefill_work.nbytes == 4 * size
+    assert ds.held_bytes(tiny_model(seed=13)) == 0
+    assert bm.measure_prefill(model, 64, warmup=False)["peak_mem_gb"] > 0
+    assert round(bm._peak_gib(model) * 2**30) == mx.get_peak_memory() + ds.held_bytes(model)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -391,6 +391,16 @@ def switched(enabled: bool) -> Iterator[None]:
         ENABLED = previous
 
 
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of NumPy buffers the C step and the C prefill (prefill.py) keep with ``model``
+    between calls (work space, outputs): memory that MLX's own counters do not see."""
+    plan = getattr(model, "_cpu_step_plan", None)
+    if not isinstance(plan, _Plan):
+        return 0
+    rows = sum(a.nbytes for r in plan._by_rows.values() for a in (r.C, r.n, r.m, r.logits, r.work))
+    return rows + (plan.prefill_work.nbytes if plan.prefill_work is not None else 0)
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why :func:`decode_step` would not stand for ``model(input_ids, state)`` (None: it would,
     for 1 to :data:`MAX_ROWS` rows): an xLSTMLarge whose class keeps xLSTMLarge's ``__call__``."""
