@@ -919,28 +919,49 @@ def cpu_limits_rows() -> list[str]:
     return lines
 
 
+def _c_against_graph(pattern: str, title: str, axis: tuple[str, str], ours: tuple[str, str],
+                     describe) -> list[str]:
+    """Tables of a C path against the MLX graph measured in turns per round: one per file of
+    results/``pattern``; ``axis`` = (row key, column title), ``ours`` = (value key, label),
+    ``describe(d)``: what one measurement is."""
+    files = sorted(RESULTS.glob(pattern))
+    if not files:
+        return []
+    key, column = axis
+    value, label = ours
+    lines = ["", title]
+    for path in files:
+        d = json.loads(path.read_text())
+        lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; model {d['model']}; "
+                  f"{_cpu_env(d['environment'])}; {describe(d)}, both paths in turns in one process", "",
+                  f"| {column} | {label} tok/s per round | MLX graph tok/s per round | median {label} / graph |",
+                  "| ---: | --- | --- | ---: |"]
+        for at in dict.fromkeys(r[key] for r in d["rows"]):
+            mine = [r for r in d["rows"] if r[key] == at]
+            ratio = _median([r[value] / r["graph"] for r in mine])
+            c_side = ", ".join(f"{r[value]:.1f}" for r in mine)
+            graph = ", ".join(f"{r['graph']:.1f}" for r in mine)
+            lines.append(f"| {at:,} | {c_side} | {graph} | {ratio:.2f}x |")
+    return lines
+
+
 def cpu_decode_step_rows() -> list[str]:
     """The CPU decode step as one C call against the compiled MLX graph, in turns:
     results/cpu_decode_step*.json (benchmarks/cpu_decode_step.py)."""
-    files = sorted(RESULTS.glob("cpu_decode_step*.json"))
-    if not files:
-        return []
-    lines = ["", "## CPU: the decode step as one C call against the MLX graph (`benchmarks/cpu_decode_step.py`)"]
-    for path in files:
-        d = json.loads(path.read_text())
-        env = d["environment"]
-        lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; model {d['model']}; "
-                  f"{_cpu_env(env)}; {d['tokens']} greedy steps per measurement, both paths "
-                  "in turns in one process", "",
-                  "| batch | C step tok/s per round | MLX graph tok/s per round | median C step / graph |",
-                  "| ---: | --- | --- | ---: |"]
-        for batch in dict.fromkeys(r["batch"] for r in d["rows"]):
-            mine = [r for r in d["rows"] if r["batch"] == batch]
-            ratio = _median([r["c_step"] / r["graph"] for r in mine])
-            c_step = ", ".join(f"{r['c_step']:.1f}" for r in mine)
-            graph = ", ".join(f"{r['graph']:.1f}" for r in mine)
-            lines.append(f"| {batch} | {c_step} | {graph} | {ratio:.2f}x |")
-    return lines
+    return _c_against_graph("cpu_decode_step*.json",
+                            "## CPU: the decode step as one C call against the MLX graph (`benchmarks/cpu_decode_step.py`)",
+                            ("batch", "batch"), ("c_step", "C step"),
+                            lambda d: f"{d['tokens']} greedy steps per measurement")
+
+
+def cpu_prefill_rows() -> list[str]:
+    """The CPU prefill as one C call per piece against the MLX graph, in turns:
+    results/cpu_prefill*.json (benchmarks/cpu_prefill.py)."""
+    return _c_against_graph("cpu_prefill*.json",
+                            "## CPU: the prefill as one C call per piece against the MLX graph (`benchmarks/cpu_prefill.py`)",
+                            ("length", "length"), ("c_prefill", "C prefill"),
+                            lambda d: f"{d['batch']} row(s) of random tokens, the best of {d['repeats']} prefills "
+                                      "per measurement")
 
 
 def cpu_gemv_rows() -> list[str]:
@@ -1088,6 +1109,7 @@ def render() -> str:
                          f"{_fmt(get.get(('decode', 1)))} | {_fmt(get.get(('decode', 8)))} | {run['loadavg_1m']:.1f} |")
     lines += cpu_limits_rows()
     lines += cpu_decode_step_rows()
+    lines += cpu_prefill_rows()
     lines += cpu_gemv_rows()
     lines += cpu_perf_rows()
     lines += readme_speed_rows()
