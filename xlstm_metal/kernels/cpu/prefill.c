@@ -87,14 +87,30 @@ XL_CLONES static void norm_gate_row(const xl_model *M, const xl_block *B, const 
   }
 }
 
-/* C[:, n0:n1] = A [rows, K] (row stride lda) @ W[n0:n1]^T (W [N, K] row-major) for this thread's
-   share [n0, n1) of the N output columns (multiples of 16 but for the last). */
-static void gemm_share(xl_sgemm_fn sgemm, int t, int T, long rows, long N, long K, const float *A, long lda,
-                       const float *W, float *C, long ldc) {
-  long n0 = N * t / T / 16 * 16, n1 = t == T - 1 ? N : N * (t + 1) / T / 16 * 16;
-  if (n1 > n0 && rows > 0)
-    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)rows, (int)(n1 - n0), (int)K, 1.0f, A, (int)lda, W + n0 * K,
+/* C[:, n0:n1] = A [rows, K] @ W[n0:n1]^T (W [N, K] row-major, C's row stride ldc): the row kernel for
+   up to XL_MAX_ROWS rows (OpenBLAS's GEMM would pack the weight first), the GEMM otherwise. */
+static void product_cols(xl_sgemm_fn sgemm, long rows, long n0, long n1, long K, const float *A, const float *W,
+                         float *C, long ldc) {
+  if (n1 <= n0 || rows <= 0) return;
+  if (rows <= XL_MAX_ROWS)
+    dot_rows_n(W, A, C, ldc, n0, n1, K, rows);
+  else
+    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)rows, (int)(n1 - n0), (int)K, 1.0f, A, (int)K, W + n0 * K,
           (int)K, 0.0f, C + n0, (int)ldc);
+}
+
+/* This thread's share [n0, n1) of N output columns (multiples of 16 but for the last). */
+static void column_share(long N, int t, int T, long *n0, long *n1) {
+  *n0 = N * t / T / 16 * 16;
+  *n1 = t == T - 1 ? N : N * (t + 1) / T / 16 * 16;
+}
+
+/* product_cols over this thread's share of the N columns. */
+static void product_share(xl_sgemm_fn sgemm, int t, int T, long rows, long N, long K, const float *A,
+                          const float *W, float *C, long ldc) {
+  long n0, n1;
+  column_share(N, t, T, &n0, &n1);
+  product_cols(sgemm, rows, n0, n1, K, A, W, C, ldc);
 }
 
 /* Per-thread scratch of the kernel (floats) for chunks of L steps. */
@@ -253,7 +269,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
           long N = count[a];
           int b = a + 1;
           while (b < 6 && W[b] == W[b - 1] + count[b - 1] * E) N += count[b++];
-          gemm_share(sgemm, t, TT, T, N, E, xn, E, W[a], proj + col, P);
+          product_share(sgemm, t, TT, T, N, E, xn, W[a], proj + col, P);
           col += N;
           a = b;
         }
@@ -273,12 +289,23 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         head_prefill(M, B, sgemm, proj + r * S * P, P, S, L, s, head, h + r * S * HV, mine);
       }
 #pragma omp barrier
-      share(T, t, TT, &r0, &r1);
-      for (long j = r0; j < r1; j++) norm_gate_row(M, B, h + j * HV, proj + j * P + 2 * QK + HV, gn + j * HV);
+      /* after the last block's kernel only each row's last position goes on: the logits read no
+         other, and the states are complete (the rest of the block is ~3/4 of its products) */
+      const int last = index == M->num_blocks - 1;
+      const long Tn = last ? rows : T;
+      if (last) {
+#pragma omp single
+        for (long r = 0; r < rows; r++) memmove(x + r * E, x + (r * S + S - 1) * E, (size_t)E * sizeof(float));
+      }
+      share(Tn, t, TT, &r0, &r1);
+      for (long j = r0; j < r1; j++) {
+        const long at = last ? j * S + S - 1 : j;
+        norm_gate_row(M, B, h + at * HV, proj + at * P + 2 * QK + HV, gn + j * HV);
+      }
 #pragma omp barrier
-      gemm_share(sgemm, t, TT, T, E, HV, gn, HV, B->w_out, y, E);
+      product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, y, E);
 #pragma omp barrier
-      share(T, t, TT, &r0, &r1);
+      share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) {
         for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
         rms_norm(x + j * E, B->norm_ffn, B->norm_ffn_eps, xn + j * E, E);
@@ -286,19 +313,17 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
 #pragma omp barrier
       {
         /* gate and up: this thread's columns of each, then SwiGLU on them (no barrier between) */
-        long n0 = F * t / TT / 16 * 16, n1 = t == TT - 1 ? F : F * (t + 1) / TT / 16 * 16;
-        if (n1 > n0) {
-          sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)T, (int)(n1 - n0), (int)E, 1.0f, xn, (int)E,
-                B->w_gate + n0 * E, (int)E, 0.0f, gate + n0, (int)F);
-          sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)T, (int)(n1 - n0), (int)E, 1.0f, xn, (int)E,
-                B->w_up + n0 * E, (int)E, 0.0f, up + n0, (int)F);
-          for (long j = 0; j < T; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
-        }
+        long n0, n1;
+        column_share(F, t, TT, &n0, &n1);
+        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_gate, gate, F);
+        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_up, up, F);
+        if (n1 > n0)
+          for (long j = 0; j < Tn; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
       }
 #pragma omp barrier
-      gemm_share(sgemm, t, TT, T, E, F, gate, F, B->w_down, y, E);
+      product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, y, E);
 #pragma omp barrier
-      share(T, t, TT, &r0, &r1);
+      share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++)
         for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
 #pragma omp barrier
@@ -306,7 +331,8 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
     /* each row's last position: the out norm, then the head in groups of up to XL_MAX_ROWS rows */
 #pragma omp single
     for (long r = 0; r < rows; r++) {
-      const float *last = x + (r * S + S - 1) * E;
+      /* x holds only the last positions after the last block (a model of no blocks: all of them) */
+      const float *last = x + (M->num_blocks > 0 ? r : r * S + S - 1) * E;
       if (M->out_norm) rms_norm(last, M->out_norm, M->out_norm_eps, xn + r * E, E);
       else memcpy(xn + r * E, last, (size_t)E * sizeof(float));
     }
