@@ -12,7 +12,9 @@ records the generation tok/s it prints with the 1-minute load average at each ru
 - ``this tree, no GEMV forwarding``: ``XLSTM_METAL_GEMV_FORWARD=0`` (one-row products through
   OpenBLAS's GEMM, as before the forwarder);
 - ``this tree, no C step``: ``XLSTM_METAL_CPU_STEP=0`` (each token through the MLX graph instead of
-  the one-call C step of ``xlstm_metal/kernels/cpu/decode_step.py``).
+  the one-call C step of ``xlstm_metal/kernels/cpu/decode_step.py``);
+- ``this tree, no C prefill``: ``XLSTM_METAL_CPU_PREFILL=0`` (the prompt through the MLX graph instead
+  of ``xlstm_metal/kernels/cpu/prefill.py``).
 
     python benchmarks/readme_speed.py --old-rev 02a6d4d~1 --rounds 4 --out benchmarks/results/readme_speed.json
 
@@ -59,16 +61,18 @@ def main() -> int:
                    help="git revision of the older checkout (default: the commit before pydoc-15m)")
     p.add_argument("--old-tree", type=Path, help="an older checkout already on disk (instead of --old-rev)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", default="this,this-old-model,old,this-no-rows,this-no-forward,this-no-cpu-step",
+    p.add_argument("--configs", default="this,this-old-model,old,this-no-rows,this-no-forward,this-no-cpu-step,"
+                                        "this-no-cpu-prefill",
                    help="comma-separated subset of: this, this-old-model, old, this-no-rows, this-no-forward, "
-                        "this-no-cpu-step")
+                        "this-no-cpu-step, this-no-cpu-prefill")
     p.add_argument("--threads", help="XLSTM_METAL_BLAS_THREADS for every run (default: the automatic choice)")
     p.add_argument("--out", type=Path, help="JSON file for every run (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [c for c in args.configs.split(",") if c]
-    known = {"this", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step"}
+    known = {"this", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step",
+             "this-no-cpu-prefill"}
     if not wanted or set(wanted) - known:
         p.error(f"--configs: choose from {', '.join(sorted(known))}")
     env = {"XLSTM_METAL_BLAS_THREADS": args.threads} if args.threads else {}
@@ -92,6 +96,7 @@ def main() -> int:
             "this-no-rows": (ROOT, [], {"XLSTM_METAL_GEMV_ROWS": "0"}),
             "this-no-forward": (ROOT, [], {"XLSTM_METAL_GEMV_FORWARD": "0"}),
             "this-no-cpu-step": (ROOT, [], {"XLSTM_METAL_CPU_STEP": "0"}),
+            "this-no-cpu-prefill": (ROOT, [], {"XLSTM_METAL_CPU_PREFILL": "0"}),
         }
         runs: list[dict] = []
         for rnd in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):

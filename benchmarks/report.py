@@ -1041,7 +1041,8 @@ def readme_speed_rows() -> list[str]:
              "old": "the older checkout (pydoc-4m, its code)",
              "this-no-rows": "this tree, `XLSTM_METAL_GEMV_ROWS=0`",
              "this-no-forward": "this tree, `XLSTM_METAL_GEMV_FORWARD=0`",
-             "this-no-cpu-step": "this tree, `XLSTM_METAL_CPU_STEP=0` (the MLX graph per token)"}
+             "this-no-cpu-step": "this tree, `XLSTM_METAL_CPU_STEP=0` (the MLX graph per token)",
+             "this-no-cpu-prefill": "this tree, `XLSTM_METAL_CPU_PREFILL=0` (the prompt through the MLX graph)"}
     lines = ["", "## CPU: the README's first command (issue 11 item 6, `benchmarks/readme_speed.py`)"]
     for path in files:
         d = json.loads(path.read_text())
