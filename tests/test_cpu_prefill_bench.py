@@ -33,7 +33,8 @@ def test_cpu_prefill_bench_records_both_paths_per_length(tmp_path):
     (["--lengths", "0,2"], "--lengths: each at least 1"),
     (["--lengths", "a"], "--lengths: integers"),
     (["--lengths", "8,,8"], "--lengths: integers"),
-    (["--batch", "0"], "--batch, --repeats and --rounds must be >= 1"),
+    (["--batch", "0"], "--batch and --repeats must be >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--out", "/nonexistent/x.json"], "--out: folder /nonexistent does not exist"),
 ])
 def test_cpu_prefill_bench_bad_input_exits_2(tmp_path, args, message):

@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -380,15 +381,19 @@ class _Rows:
 
 
 @contextlib.contextmanager
-def switched(enabled: bool) -> Iterator[None]:
-    """Inside: :data:`ENABLED` is ``enabled`` (comparisons of the C step with the MLX graph in one
-    process); its previous value afterwards."""
-    global ENABLED
-    previous, ENABLED = ENABLED, enabled
+def switched_flag(module: Any, enabled: bool) -> Iterator[None]:
+    """Inside: ``module.ENABLED`` is ``enabled``; its previous value afterwards."""
+    previous, module.ENABLED = module.ENABLED, enabled
     try:
         yield
     finally:
-        ENABLED = previous
+        module.ENABLED = previous
+
+
+def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Inside: :data:`ENABLED` is ``enabled`` (comparisons of the C step with the MLX graph in one
+    process); its previous value afterwards."""
+    return switched_flag(sys.modules[__name__], enabled)
 
 
 def held_bytes(model: nn.Module) -> int:

@@ -9,53 +9,15 @@
    heads and columns of the work between them. The kernel is the reference chunkwise form (the
    parallel form inside chunks of L steps from the state entering each chunk; the state carried
    from chunk to chunk with the same stabiliser m), its small products through the same GEMM.
-   Exponentials of whole rows use a polynomial the compiler vectorises (Cephes' expf, relative
-   error ~2e-7 over the float32 range, 0 below exp(-87.3)).
+   Exponentials of whole rows use decode_step.c's vectorised polynomial (xl_exp16, exp_row).
 
    Compiled after decode_step.c (its xl_model / xl_block, rms_norm, soft_cap, log_sigmoid,
-   dot_rows_n). Layouts: tokens [B, S] row-major; the state as in decode_step.c; logits [B, V].
+   dot_rows_n, exp_row, norm_gate_row). Layouts: tokens [B, S] row-major; the state as in decode_step.c; logits [B, V].
    Python (prefill.py) checks the model and falls back to the MLX graph where anything differs. */
 
 typedef void (*xl_sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                             float *, int);
 enum { XL_ROW_MAJOR = 101, XL_NO_TRANS = 111, XL_TRANS = 112 };
-
-typedef int xl_i16 __attribute__((vector_size(64)));
-
-/* exp of 16 floats: Cephes' expf (round x / ln2 by the 1.5 * 2^23 trick, Cody-Waite ln2, degree-6
-   polynomial, 2^n through the exponent bits); 0 below -87.3 (where 2^n leaves the normal range). */
-static inline xl_v16 xl_exp16(xl_v16 x) {
-  const xl_v16 hi = (xl_v16){0} + 88.3762626647949f, lo = (xl_v16){0} + -87.3365447505531f;
-  const xl_i16 under = x < lo;
-  xl_i16 over = x > hi;
-  x = (xl_v16)(((xl_i16)x & ~over) | ((xl_i16)hi & over));
-  x = (xl_v16)(((xl_i16)x & ~under) | ((xl_i16)lo & under));
-  const xl_v16 magic = (xl_v16){0} + 12582912.0f;
-  const xl_v16 n = (x * 1.44269504088896341f + magic) - magic;
-  const xl_v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  xl_v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const xl_i16 bits = (__builtin_convertvector(n, xl_i16) + 127) << 23;
-  return (xl_v16)((xl_i16)(p * (xl_v16)bits) & ~under);
-}
-
-static inline void xl_store(float *p, xl_v16 v) { memcpy(p, &v, sizeof v); }
-
-/* y[j] = exp(x[j]) for j < count. */
-XL_CLONES static void exp_row(const float *x, float *y, long count) {
-  long j = 0;
-  for (; j + 16 <= count; j += 16) xl_store(y + j, xl_exp16(xl_load(x + j)));
-  if (j < count) {
-    float tail[16] = {0};
-    memcpy(tail, x + j, (size_t)(count - j) * sizeof(float));
-    const xl_v16 e = xl_exp16(xl_load(tail));
-    memcpy(y + j, &e, (size_t)(count - j) * sizeof(float));
-  }
-}
 
 /* gate[j] <- silu(gate[j]) * up[j] for j < count (the FFN's SwiGLU). */
 XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
@@ -65,26 +27,6 @@ XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
     xl_store(gate + j, g / (1.0f + xl_exp16(-g)) * xl_load(up + j));
   }
   for (; j < count; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
-}
-
-/* norm_gate of decode_step.c for one token, its exponentials vectorised: sigmoid(o~) * the
-   per-head layer norm of h * weight. */
-XL_CLONES static void norm_gate_row(const xl_model *M, const xl_block *B, const float *h, const float *o, float *out) {
-  const long NH = M->NH, DV = M->DV, HV = NH * DV;
-  exp_row(o, out, HV);  /* out = exp(o) for now; sigmoid(o) = 1 - 1 / (1 + exp(o)) */
-  for (long head = 0; head < NH; head++) {
-    const float *x = h + head * DV;
-    float mean = 0.0f, var = 0.0f;
-    for (long b = 0; b < DV; b++) mean += x[b];
-    mean /= (float)DV;
-    for (long b = 0; b < DV; b++) var += (x[b] - mean) * (x[b] - mean);
-    const float r = 1.0f / sqrtf(var / (float)DV + B->mh_eps);
-    for (long b = 0; b < DV; b++) {
-      const long j = head * DV + b;
-      /* exp(o) overflowing to inf gives sigmoid 1, as the reference */
-      out[j] = (x[b] - mean) * r * B->mh_norm[j] * (1.0f - 1.0f / (1.0f + out[j]));
-    }
-  }
 }
 
 /* C[:, n0:n1] = A [rows, K] @ W[n0:n1]^T (W [N, K] row-major, C's row stride ldc): the row kernel for

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Iterator
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,15 +34,9 @@ ENABLED = os.environ.get("XLSTM_METAL_CPU_PREFILL", "1") != "0"
 PIECE_TOKENS = 2048
 
 
-@contextlib.contextmanager
-def switched(enabled: bool) -> Iterator[None]:
+def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Inside: :data:`ENABLED` is ``enabled`` (comparisons with the MLX graph in one process)."""
-    global ENABLED
-    previous, ENABLED = ENABLED, enabled
-    try:
-        yield
-    finally:
-        ENABLED = previous
+    return _step.switched_flag(sys.modules[__name__], enabled)
 
 
 def _sequence_reason(plan: _step._Plan) -> str | None:
