@@ -180,7 +180,12 @@ static inline xl_v16 xl_exp16(xl_v16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
   const xl_i16 bits = (__builtin_convertvector(n, xl_i16) + 127) << 23;
+#else /* compilers without the builtin: element by element */
+  xl_i16 bits;
+  for (int j = 0; j < 16; j++) bits[j] = ((int)n[j] + 127) << 23;
+#endif
   return (xl_v16)((xl_i16)(p * (xl_v16)bits) & ~under);
 }
 
