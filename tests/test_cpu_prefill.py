@@ -79,6 +79,16 @@ def test_fused_projections_pieces_and_an_entering_state():
     _assert_same(model, ids[:, :30], state)
 
 
+@pytest.mark.parametrize("overrides", [{"tie_word_embeddings": True}, {"num_blocks": 1, "chunk_size": 64}],
+                         ids=["tied-fused", "one-block"])
+def test_fused_tied_head_and_a_single_block(overrides):
+    """fuse_projections() stores a tied head in the GEMV layout; with one block the first block
+    is also the last (only the last positions go on after its kernel)."""
+    model = tiny_model(seed=2, **overrides)
+    model.fuse_projections()
+    _assert_same(model, _ids(2, 70, seed=9))
+
+
 def test_continuing_equals_one_call():
     """The state after a prompt in two calls is the one after it in one (the kernel's m included)."""
     model = tiny_model(seed=5)
