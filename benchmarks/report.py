@@ -1132,7 +1132,9 @@ def render() -> str:
             "",
             f"- date: {res['date']}; command: `{res['command']}`",
             f"- ours: MLX {ours_env.get('mlx')} on {ours_env.get('device')} {ours_env.get('device_name') or ''}"
-            + (f", BLAS {ours_env.get('blas_core')} ({Path(ours_env['blas']).name})" if ours_env.get("blas") else ""),
+            + (f", BLAS {ours_env.get('blas_core')} ({Path(ours_env['blas']).name})" if ours_env.get("blas") else "")
+            + "".join(f"; {what} as one C call" for key, what in (("cpu_prefill", "prefill"), ("cpu_step", "decode step"))
+                      if ours_env.get(key)),
             f"- official: xlstm {off_env.get('xlstm')}, torch {off_env.get('torch')} on {off_env.get('device')}",
             f"- host: {res['host']}" + (f"; 1-min load average at each side's start: {', '.join(f'{x:.1f}' for x in loads)}"
                                       if loads else ""),
