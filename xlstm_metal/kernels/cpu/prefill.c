@@ -12,7 +12,8 @@
    Exponentials of whole rows use decode_step.c's vectorised polynomial (xl_exp16, exp_row).
 
    Compiled after decode_step.c (its xl_model / xl_block, rms_norm, soft_cap, log_sigmoid,
-   dot_rows_n, exp_row, norm_gate_row). Layouts: tokens [B, S] row-major; the state as in decode_step.c; logits [B, V].
+   dot_rows_n, exp_row, norm_gate_row). Layouts: tokens [B, S] row-major; the state as in
+   decode_step.c; logits [B, V].
    Python (prefill.py) checks the model and falls back to the MLX graph where anything differs. */
 
 typedef void (*xl_sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
