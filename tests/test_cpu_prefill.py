@@ -201,6 +201,23 @@ def test_model_prefill_takes_it_and_restores_the_blas_threads(monkeypatch):
     assert _rel(logits, full[:, -1]) < 3e-5
 
 
+def test_prefills_from_several_threads_restore_the_blas_threads():
+    """Two models' C prefills at once from two threads: each right, OpenBLAS's thread count back
+    where it was (each call sets it to one and restores it: the pairs must not interleave)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [tiny_model(seed=20), tiny_model(seed=21)]
+    ids = _ids(1, 200, seed=10)
+    with cp.switched(False):
+        expected = [m.prefill(ids)[0] for m in models]
+    threads = _blas.info()["threads"]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda i: [cp.prefill(models[i % 2], ids)[0] for _ in range(5)], range(4)))
+    assert _blas.info()["threads"] == threads
+    for i, outs in enumerate(got):
+        assert all(_rel(out, expected[i % 2]) < 3e-5 for out in outs)
+
+
 def test_work_space_is_bounded_by_the_piece(monkeypatch):
     monkeypatch.setattr(cp, "PIECE_TOKENS", 64)
     model = tiny_model(seed=13)

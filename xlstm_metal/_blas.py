@@ -49,6 +49,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -514,21 +515,27 @@ def openblas_sgemm() -> int | None:
     return ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
 
 
+#: Held inside :func:`openblas_threads`: two callers' set-and-restore pairs interleaved would
+#: leave OpenBLAS at the wrong count.
+_THREADS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def openblas_threads(threads: int) -> Iterator[None]:
     """Inside: OpenBLAS's own threads are ``threads`` (1: each caller's product runs on the
     calling thread, so several threads can run products side by side); the previous count after.
-    A no-op where :func:`openblas_sgemm` is None."""
+    One caller at a time (others wait). A no-op where :func:`openblas_sgemm` is None."""
     if openblas_sgemm() is None:
         yield
         return
     lib = _BLAS_HANDLE
-    previous = int(lib.openblas_get_num_threads())
-    lib.openblas_set_num_threads(ctypes.c_int(threads))
-    try:
-        yield
-    finally:
-        lib.openblas_set_num_threads(ctypes.c_int(previous))
+    with _THREADS_LOCK:
+        previous = int(lib.openblas_get_num_threads())
+        lib.openblas_set_num_threads(ctypes.c_int(threads))
+        try:
+            yield
+        finally:
+            lib.openblas_set_num_threads(ctypes.c_int(previous))
 
 
 def gemv_forward_calls() -> int:
