@@ -277,7 +277,8 @@ class xLSTMLarge(nn.Module):
         weights plus one layer's activations for one piece (one lazy graph over all layers kept
         every layer's chunkwise intermediates alive: 56 GiB for 16k tokens of the 7B shape on an
         H100). For inference only: the per-layer evaluation is a host sync, so this is not for
-        mx.compile or grad.
+        mx.compile or grad. On a Linux CPU a float32 model of the reference cells runs as one C call
+        per piece instead (:mod:`xlstm_metal.kernels.cpu.prefill`; equal to round-off).
         """
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
