@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from xlstm_metal import benchmark as bm
+from xlstm_metal import _blas, benchmark as bm
 from xlstm_metal.cli import main
+from xlstm_metal.kernels.cpu import decode_step as ds
 from xlstm_metal.models.xlstm_large import xLSTMLarge
 
 TINY = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=97, chunk_size=16)
@@ -126,6 +127,9 @@ def test_cli_table_and_errors(tiny_config_file, capsys, tmp_path):
                  "--decode-batches", "2", "--decode-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "prefill" in out and "decode" in out and "tok/s" in out
+    if mx.default_device() == mx.cpu and ds.library() is not None and _blas.openblas_sgemm() is not None:
+        # which parts ran in C (kernels/cpu), in the caption (rich wraps it to the terminal)
+        assert "C calls: prefill, decode step" in " ".join(out.split())
     assert main(["bench", "--config", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
@@ -320,6 +324,11 @@ def test_cli_quantized_bench(tiny_config_file, capsys):
     # 8 bits + a float32 scale and bias per 32 weights: ~1/3 of float32 for the quantized layers.
     assert 0.2 * float_rec["weights_gb"] < recs[0]["weights_gb"] < 0.6 * float_rec["weights_gb"]
     assert recs[1]["tok_s"] > 0
+    if float_rec["device"].startswith("Device(cpu"):
+        # the float model's prompt as one C call where this machine builds it; the quantized model's
+        # prompt and steps through the MLX graph
+        assert float_rec["cpu_prefill"] is (ds.library() is not None and _blas.openblas_sgemm() is not None)
+        assert recs[0]["cpu_prefill"] is False and recs[1]["cpu_step"] is False
     # A group size the embedding width (64) is no multiple of, and a bad bit width: exit 2.
     assert main(["bench", "--config", str(tiny_config_file), "--q-group-size", "128"]) == 2
     with pytest.raises(SystemExit):

@@ -90,8 +90,11 @@ def _table(records: list[dict[str, Any]], env: dict[str, Any], title: str) -> No
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, caption=", ".join(
-        f"{k}={env[k]}" for k in ("device", "device_name", "mlx", "blas_core") if env.get(k)))
+    caption = [f"{k}={env[k]}" for k in ("device", "device_name", "mlx", "blas_core") if env.get(k)]
+    if "cpu_prefill" in env:  # which parts ran as one C call (kernels/cpu) rather than the MLX graph
+        calls = [what for key, what in (("cpu_prefill", "prefill"), ("cpu_step", "decode step")) if env.get(key)]
+        caption.append("C calls: " + (", ".join(calls) or "none (the MLX graph)"))
+    table = Table(title=title, caption=", ".join(caption))
     for col in ("kind", "batch", "length", "tok/s", "TTFT / step", "peak mem (GiB)"):
         table.add_column(col, justify="right" if col != "kind" else "left")
     for r in records:
@@ -195,6 +198,12 @@ def run(args: argparse.Namespace) -> int:
                 model.fuse_projections()
             bar.update(1)
             env = bm.environment()  # after the profile: its BLAS threads are the ones the runs use
+            if "cpu_prefill" in env:  # on a CPU: whether this model's prompts and steps run as C calls
+                from ..kernels.cpu import decode_step as cpu_decode_step
+                from ..kernels.cpu import prefill as cpu_prefill
+
+                env["cpu_prefill"] = cpu_prefill.unsupported_reason(model) is None
+                env["cpu_step"] = cpu_decode_step.unsupported_reason(model) is None
             starting(0)
             for record in bm.run_suite(
                 config, dtype=dtype, model=model, prefill_lengths=args.prefill_lengths,
