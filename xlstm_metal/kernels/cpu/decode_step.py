@@ -461,6 +461,36 @@ def _plan(model: nn.Module, lib: ctypes.CDLL) -> _Plan:
     return plan
 
 
+def _state_views(state: list | None, c: _Model, rows: int) -> list | None:
+    """The entering state's memory per block ([C, n, m] NumPy views) for ``rows`` rows of the
+    model ``c``, [] for the zero state (None); None where the C code cannot read it (a deferred
+    decode state: CUDA's; other shapes or dtypes; a strided view: the graph reads it as it is)."""
+    if state is None:
+        return []
+    shapes = ((rows, c.NH, c.DQK, c.DV), (rows, c.NH, c.DQK), (rows, c.NH, 1))
+    if len(state) != c.num_blocks or any(
+            not isinstance(block_state, (tuple, list)) or len(block_state) != 3
+            or any(a.shape != shape or a.dtype != mx.float32 for a, shape in zip(block_state, shapes))
+            for block_state in state):
+        return None
+    mx.eval(state)
+    try:
+        return [[_view(a, "the state") for a in block_state] for block_state in state]
+    except _Unsupported:
+        return None
+
+
+def _mlx_state(C: np.ndarray, n: np.ndarray, m: np.ndarray) -> list:
+    """The C code's state buffers [blocks, rows, ...] -> [(C, n, m) per block] as MLX arrays
+    (lazy: the caller evaluates). MLX copies each buffer into an array of its own: one copy per
+    buffer and a split (36 copies of 12 blocks' states took 1.0-1.4 ms at 125m, three and their
+    splits 0.2-0.3 ms)."""
+    count = C.shape[0]
+    parts = [mx.split(mx.array(buffer.reshape(-1, *buffer.shape[2:])), count, axis=0) if count > 1
+             else [mx.array(buffer[0])] for buffer in (C, n, m)]
+    return list(zip(*parts))
+
+
 def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
     """``xLSTMLarge.__call__(model, input_ids, state)`` for one token of each of B rows
     (input_ids [B, 1], B up to :data:`MAX_ROWS`) as one C call: (logits [B, 1, V], the new
@@ -478,35 +508,22 @@ def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tu
     except _Unsupported:
         return None
     c = plan.model
-    B, NH, DQK, DV, count = input_ids.shape[0], c.NH, c.DQK, c.DV, c.num_blocks
-    if state is not None:
-        shapes = ((B, NH, DQK, DV), (B, NH, DQK), (B, NH, 1))
-        if len(state) != count or any(
-                not isinstance(block_state, (tuple, list)) or len(block_state) != 3  # a deferred state: CUDA's
-                or any(a.shape != shape or a.dtype != mx.float32 for a, shape in zip(block_state, shapes))
-                for block_state in state):
-            return None
-        mx.eval(state)
-        try:
-            views = [[_view(a, "the state") for a in block_state] for block_state in state]
-        except _Unsupported:  # e.g. a strided view: the graph reads it as it is
-            return None
+    B = input_ids.shape[0]
+    views = _state_views(state, c, B)
+    if views is None:
+        return None
     tokens = [row[0] for row in input_ids.tolist()]
     with plan.lock:  # one step at a time through the plan's buffers
         rows = plan.rows(B)
         for index, block in enumerate(rows.blocks):
-            if state is None:
+            if not views:
                 block.C = block.n = block.m = None
             else:
                 block.C, block.n, block.m = (_pointer(v) for v in views[index])
         rows.tokens[:] = tokens
         if lib.xl_decode_step(ctypes.byref(rows.model), rows.tokens, B, _pointer(rows.logits)) != 0:
             raise ValueError(f"token ids {tokens} are not all inside the vocabulary [0, {c.V})")
-        # MLX copies each buffer into an array of its own (one copy per buffer: 36 copies of
-        # 12 blocks' states took 1.0-1.4 ms at 125m, three and one split of each 0.2-0.3 ms)
         logits = mx.array(rows.logits)
-        parts = [mx.split(mx.array(buffer.reshape(-1, *buffer.shape[2:])), count, axis=0) if count > 1
-                 else [mx.array(buffer[0])] for buffer in (rows.C, rows.n, rows.m)]
-        new_state = list(zip(*parts))
+        new_state = _mlx_state(rows.C, rows.n, rows.m)
         mx.eval(logits, new_state)
     return logits, new_state

@@ -164,11 +164,7 @@ static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm
     m = m_next;
     live = 1;
   }
-  if (!live) { /* no tokens: the zero state */
-    memset(C, 0, (size_t)(DQK * DV) * sizeof(float));
-    memset(n, 0, (size_t)DQK * sizeof(float));
-  }
-  B->m_out[s] = m;
+  B->m_out[s] = m; /* S >= 1 (xl_prefill checks): the loop wrote C and n */
 }
 
 /* tokens [rows, S] -> logits of each row's last position [rows, V] (soft-capped); every block's

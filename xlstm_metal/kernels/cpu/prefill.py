@@ -90,21 +90,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return ready if isinstance(ready, str) else None
 
 
-def _state_views(state: list | None, count: int, shapes: tuple) -> list | None:
-    """The entering state's memory per block ([C, n, m] views), [] for the zero state, None where
-    the C code cannot read it (a deferred decode state, other shapes or dtypes, a strided view)."""
-    if state is None:
-        return []
-    if len(state) != count or any(not isinstance(s, (tuple, list)) or len(s) != 3 or any(
-            a.shape != shape or a.dtype != mx.float32 for a, shape in zip(s, shapes)) for s in state):
-        return None
-    mx.eval(state)
-    try:
-        return [[_step._view(a, "the state") for a in s] for s in state]
-    except _step._Unsupported:
-        return None
-
-
 def prefill(model: nn.Module, input_ids: mx.array, state: list | None = None,
             chunk_size: int | None = None) -> tuple[mx.array, list] | None:
     """``xLSTMLarge.prefill(input_ids, state, chunk_size=...)`` in C: input_ids [B, S] -> (logits
@@ -122,7 +107,7 @@ def prefill(model: nn.Module, input_ids: mx.array, state: list | None = None,
     c = plan.model
     rows, S, count = input_ids.shape[0], input_ids.shape[1], c.num_blocks
     NH, DQK, DV, V = c.NH, c.DQK, c.DV, c.V
-    views = _state_views(state, count, ((rows, NH, DQK, DV), (rows, NH, DQK), (rows, NH, 1)))
+    views = _step._state_views(state, c, rows)
     if views is None:
         return None
     _, _, chunk, eps, _ = next(iter(plan.sequence))
@@ -162,9 +147,7 @@ def prefill(model: nn.Module, input_ids: mx.array, state: list | None = None,
                 raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {V})")
             if status != 0:
                 raise RuntimeError(f"the C prefill refused its sizes (status {status})")
-    parts = [mx.split(mx.array(a.reshape(-1, *a.shape[2:])), count, axis=0) if count > 1 else [mx.array(a[0])]
-             for a in (C, n, m)]
-    new_state = list(zip(*parts))
+    new_state = _step._mlx_state(C, n, m)
     out = mx.array(logits)
     mx.eval(out, new_state)
     return out, new_state
