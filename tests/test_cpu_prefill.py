@@ -89,6 +89,26 @@ def test_fused_tied_head_and_a_single_block(overrides):
     _assert_same(model, _ids(2, 70, seed=9))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("rows", [1, 10])
+@pytest.mark.parametrize("blocks, chunk", [(1, 16), (2, 1), (2, 5)])
+def test_the_last_blocks_last_positions(blocks, chunk, rows, fused):
+    """The last block computes q, o and the kernel's output only at each row's last position (its
+    q and o products: the row kernel up to 8 rows, the GEMM beyond; separate weights or a fused
+    copy's): prompts shorter than a chunk and with a short last chunk, from the zero state and
+    from an entering one, a model of one block (the first block is the last) and chunks of one.
+    The per-head layer norm's eps raised to h's scale so that the kernel's denominator shows
+    (with 1e-6 the norm cancels it)."""
+    model = tiny_model(seed=15, num_blocks=blocks, chunk_size=chunk)
+    for block in model.blocks:
+        block.mlstm_layer.multihead_norm.eps = 1.0
+    if fused:
+        model.fuse_projections()
+    for length in (3, 37):
+        _, state = _assert_same(model, _ids(rows, length, seed=length))
+        _assert_same(model, _ids(rows, length, seed=length + 1), state)
+
+
 def test_continuing_equals_one_call():
     """The state after a prompt in two calls is the one after it in one (the kernel's m included)."""
     model = tiny_model(seed=5)

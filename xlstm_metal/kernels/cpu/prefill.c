@@ -68,9 +68,11 @@ long xl_prefill_work_floats(const xl_model *M, long tokens, long L, int threads)
 /* The chunkwise kernel for one head of one row (s = row * NH + head) over the row's S tokens:
    q, k, v, the soft-capped i~ and logsigmoid(f~) are columns of proj [S, P] (the row's); h
    [S, HV] gets the head's outputs in its columns; the state goes from B->C, n, m (NULL: zero) to
-   B->C_out, n_out, m_out (which may be the same memory). */
+   B->C_out, n_out, m_out (which may be the same memory). ``last_only`` (the last block, where
+   nothing reads h elsewhere): h only at position S - 1, and q only read there; the state as
+   always. */
 static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm, const float *proj, long P, long S,
-                         long L, long s, long head, float *h, float *scratch) {
+                         long L, long s, long head, int last_only, float *h, float *scratch) {
   const long NH = M->NH, DQK = M->DQK, DV = M->DV, QK = NH * DQK, HV = NH * DV;
   const float scale = 1.0f / sqrtf((float)DQK), eps = M->step_eps;
   /* w and arg take L + 1 entries (the state's decay after the chunk's weights) */
@@ -98,46 +100,52 @@ static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm
       run = fmaxf(run, u[t]);
       mc[t] = acc + fmaxf(m, run);
     }
-    /* intra-chunk: scores[t, s] = q_t.k_s / sqrt(DQK) * exp(b_t - b_s + i~_s - m_comb[t]), s <= t */
-    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)Lc, (int)Lc, (int)DQK, scale, Q, (int)P, K, (int)P, 0.0f, Sm,
-          (int)L);
-    for (long t = 0; t < Lc; t++) {
-      float *row = Sm + t * L;
-      const float base = bc[t] - mc[t];
-      for (long j = 0; j <= t; j++) arg[j] = base + u[j];
-      exp_row(arg, w, t + 1);
-      float sum = 0.0f;
-      for (long j = 0; j <= t; j++) {
-        row[j] *= w[j];
-        sum += row[j];
+    /* the outputs of positions t0..Lc-1 (rows t of Sm, Tb, H and entries t of den, arg, w): all
+       of them, or in the last block only the row's last, so only in its final chunk, from the
+       state entering that chunk */
+    if (!last_only || c0 + Lc == S) {
+      const long t0 = last_only ? Lc - 1 : 0, R = Lc - t0;
+      /* intra-chunk: scores[t, s] = q_t.k_s / sqrt(DQK) * exp(b_t - b_s + i~_s - m_comb[t]), s <= t */
+      sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)R, (int)Lc, (int)DQK, scale, Q + t0 * P, (int)P, K, (int)P,
+            0.0f, Sm + t0 * L, (int)L);
+      for (long t = t0; t < Lc; t++) {
+        float *row = Sm + t * L;
+        const float base = bc[t] - mc[t];
+        for (long j = 0; j <= t; j++) arg[j] = base + u[j];
+        exp_row(arg, w, t + 1);
+        float sum = 0.0f;
+        for (long j = 0; j <= t; j++) {
+          row[j] *= w[j];
+          sum += row[j];
+        }
+        for (long j = t + 1; j < Lc; j++) row[j] = 0.0f;
+        den[t] = sum;
       }
-      for (long j = t + 1; j < Lc; j++) row[j] = 0.0f;
-      den[t] = sum;
-    }
-    sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)Lc, (int)DV, (int)Lc, 1.0f, Sm, (int)L, V, (int)P, 0.0f, H,
-          (int)HV);
-    /* from the entering state: q_t C exp(b_t + m - m_comb[t]) and q_t.n likewise */
-    if (live) {
-      sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)Lc, (int)DV, (int)DQK, scale, Q, (int)P, C, (int)DV, 0.0f,
-            Tb, (int)DV);
-      for (long t = 0; t < Lc; t++) arg[t] = bc[t] + m - mc[t];
-      exp_row(arg, w, Lc);
-      for (long t = 0; t < Lc; t++) {
-        const float *q = Q + t * P;
-        float qn = 0.0f;
-        for (long a = 0; a < DQK; a++) qn += q[a] * n[a];
-        den[t] += w[t] * scale * qn;
+      sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)R, (int)DV, (int)Lc, 1.0f, Sm + t0 * L, (int)L, V, (int)P,
+            0.0f, H + t0 * HV, (int)HV);
+      /* from the entering state: q_t C exp(b_t + m - m_comb[t]) and q_t.n likewise */
+      if (live) {
+        sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)R, (int)DV, (int)DQK, scale, Q + t0 * P, (int)P, C,
+              (int)DV, 0.0f, Tb + t0 * DV, (int)DV);
+        for (long t = t0; t < Lc; t++) arg[t] = bc[t] + m - mc[t];
+        exp_row(arg + t0, w + t0, R);
+        for (long t = t0; t < Lc; t++) {
+          const float *q = Q + t * P;
+          float qn = 0.0f;
+          for (long a = 0; a < DQK; a++) qn += q[a] * n[a];
+          den[t] += w[t] * scale * qn;
+          float *out = H + t * HV;
+          const float *tb = Tb + t * DV;
+          for (long b = 0; b < DV; b++) out[b] += w[t] * tb[b];
+        }
+      }
+      for (long t = t0; t < Lc; t++) arg[t] = -mc[t];
+      exp_row(arg + t0, w + t0, R);
+      for (long t = t0; t < Lc; t++) {
+        const float d = 1.0f / (fmaxf(fabsf(den[t]), w[t]) + eps);
         float *out = H + t * HV;
-        const float *tb = Tb + t * DV;
-        for (long b = 0; b < DV; b++) out[b] += w[t] * tb[b];
+        for (long b = 0; b < DV; b++) out[b] *= d;
       }
-    }
-    for (long t = 0; t < Lc; t++) arg[t] = -mc[t];
-    exp_row(arg, w, Lc);
-    for (long t = 0; t < Lc; t++) {
-      const float d = 1.0f / (fmaxf(fabsf(den[t]), w[t]) + eps);
-      float *out = H + t * HV;
-      for (long b = 0; b < DV; b++) out[b] *= d;
     }
     /* the state after the chunk: a_s = g - b_s + i~_s, m' = max(g + m, max a), C' = exp(g + m - m') C
        + sum_s exp(a_s - m') k_s v_s^T, n' likewise */
@@ -195,20 +203,31 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
     for (long j = r0; j < r1; j++) memcpy(x + j * E, M->embedding + tokens[j] * E, (size_t)E * sizeof(float));
     for (long index = 0; index < M->num_blocks; index++) {
       const xl_block *B = M->blocks + index;
+      /* in the last block only each row's last position needs q, o, the kernel's output and all
+         after it: the logits read no other, and the state needs only k, v and the gates at every
+         position (the rest of the block is ~3/4 of its products, q and o half of the first) */
+      const int last = index == M->num_blocks - 1;
       share(T, t, TT, &r0, &r1);
-      for (long j = r0; j < r1; j++) rms_norm(x + j * E, B->norm_mlstm, B->norm_mlstm_eps, xn + j * E, E);
+      for (long j = r0; j < r1; j++) {
+        rms_norm(x + j * E, B->norm_mlstm, B->norm_mlstm_eps, xn + j * E, E);
+        /* the last positions' rows together in y (free until out_proj): q's and o's input */
+        if (last && j % S == S - 1) memcpy(y + j / S * E, xn + j * E, (size_t)E * sizeof(float));
+      }
 #pragma omp barrier
       {
         /* q|k|v|o|i|f as columns of proj [T, P]; weights that follow each other in memory (a fused
-           copy's rows) as one product */
+           copy's rows) as one product where both are for every position or both for the last
+           ones (the last block's q and o: written to each row's last row of proj, S rows apart) */
         const float *W[6] = {B->w_q, B->w_k, B->w_v, B->w_o, B->w_i, B->w_f};
         const long count[6] = {QK, QK, HV, HV, NH, NH};
+        const int every[6] = {!last, 1, 1, !last, 1, 1};
         long col = 0;
         for (int a = 0; a < 6;) {
           long N = count[a];
           int b = a + 1;
-          while (b < 6 && W[b] == W[b - 1] + count[b - 1] * E) N += count[b++];
-          product_share(sgemm, t, TT, T, N, E, xn, W[a], proj + col, P);
+          while (b < 6 && every[b] == every[a] && W[b] == W[b - 1] + count[b - 1] * E) N += count[b++];
+          if (every[a]) product_share(sgemm, t, TT, T, N, E, xn, W[a], proj + col, P);
+          else product_share(sgemm, t, TT, rows, N, E, y, W[a], proj + (S - 1) * P + col, S * P);
           col += N;
           a = b;
         }
@@ -225,12 +244,9 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
 #pragma omp barrier
       for (long s = t; s < rows * NH; s += TT) {
         const long r = s / NH, head = s % NH;
-        head_prefill(M, B, sgemm, proj + r * S * P, P, S, L, s, head, h + r * S * HV, mine);
+        head_prefill(M, B, sgemm, proj + r * S * P, P, S, L, s, head, last, h + r * S * HV, mine);
       }
 #pragma omp barrier
-      /* after the last block's kernel only each row's last position goes on: the logits read no
-         other, and the states are complete (the rest of the block is ~3/4 of its products) */
-      const int last = index == M->num_blocks - 1;
       const long Tn = last ? rows : T;
       if (last) {
 #pragma omp single
