@@ -79,6 +79,97 @@ def test_c_step_after_fuse_projections_and_from_a_prefill_state():
     _assert_same(model, state=state)
 
 
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, 32), (4, 64), (5, 64), (6, 32), (6, 64), (8, 32),
+                                        (8, 64)])
+def test_c_step_reads_quantized_weights(bits, group):
+    """Every affine width: the packed integers read in C give the graph's logits and states (MLX's
+    quantized matmul); 4 and 8 bits take their own unpacking, the others the general one."""
+    model = tiny_model(seed=11, tie_word_embeddings=bits % 2 == 0)
+    nn.quantize(model, group_size=group, bits=bits)
+    assert isinstance(model.blocks[0].ffn.proj_down, nn.QuantizedLinear)
+    assert ds.unsupported_reason(model) is None
+    _assert_same(model)
+
+
+def _recipe(path: str, module: nn.Module):
+    """The packaged model's kind of mix: embeddings at 6 bits, the gates in float, the head at 8."""
+    if not hasattr(module, "to_quantized") or path.endswith(("igate_preact", "fgate_preact")):
+        return False
+    if path == "backbone.embeddings":
+        return {"group_size": 64, "bits": 6}
+    if path == "lm_head":
+        return {"group_size": 32, "bits": 8}
+    return {"group_size": 64, "bits": 4}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_c_step_on_a_mixed_recipe_from_a_prefill_state(rows):
+    model = tiny_model(seed=12)
+    nn.quantize(model, class_predicate=_recipe)
+    assert type(model.blocks[0].mlstm_layer.igate_preact) is nn.Linear
+    assert ds.unsupported_reason(model) is None
+    prompt = mx.array([[(7 * r + j) % 97 for j in range(6)] for r in range(rows)], dtype=mx.int32)
+    _, state = model.prefill(prompt, None)
+    graph_state = c_state = state
+    for token in IDS[:4]:
+        ids = mx.array([[(token + r) % 97] for r in range(rows)], dtype=mx.int32)
+        expected, graph_state = model(ids, graph_state)
+        got, c_state = ds.decode_step(model, ids, c_state)
+        assert got.shape == expected.shape == (rows, 1, 97)
+        assert _rel(got, expected) < 2e-5
+    for ours, theirs in zip(c_state, graph_state):
+        for a, b in zip(ours, theirs):
+            assert _rel(a, b) < 2e-5
+
+
+def test_quantized_weights_are_read_as_quantized():
+    """A change to one packed integer, scale or bias reaches the C step's logits (it reads the
+    tree's quantized arrays, not a float copy made once)."""
+    model = tiny_model(seed=13)
+    nn.quantize(model, group_size=32, bits=4)
+    token = mx.array([[3]], dtype=mx.int32)
+    before, _ = ds.decode_step(model, token, None)
+    down = model.blocks[1].ffn.proj_down
+    down.scales = down.scales * 2.0
+    after, _ = ds.decode_step(model, token, None)
+    expected, _ = model(token, None)
+    assert _rel(after, expected) < 2e-5 and _rel(after, before) > 1e-3
+    head = model.lm_head
+    head.weight = mx.zeros_like(head.weight)  # every integer 0: the head's output is its biases' sums
+    got, _ = ds.decode_step(model, token, None)
+    expected, _ = model(token, None)
+    assert _rel(got, expected) < 2e-5
+
+
+def test_fused_quantized_groups_are_what_it_reads():
+    """While fuse_projections()'s quantized copies are current the graph multiplies by them; so do
+    the C step and the C prefill (here made to differ from the layers by doubling their scales)."""
+    from xlstm_metal.kernels.cpu import prefill as cp
+
+    model = tiny_model(seed=15)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, m: hasattr(m, "to_quantized")
+                and not path.endswith(("igate_preact", "fgate_preact")))
+    model.fuse_projections()
+    for block in model.blocks:
+        for group in (block.mlstm_layer["_fused_projection"][0], block.ffn["_fused_gate_up"][0]):
+            assert group["weight"].dtype == mx.uint32
+            group["scales"] = group["scales"] * 2.0
+    token = mx.array([[11]], dtype=mx.int32)
+    with ds.switched(False):
+        expected, _ = model(token, None)
+    got, _ = ds.decode_step(model, token, None)
+    assert _rel(got, expected) < 2e-5
+    plain = tiny_model(seed=15)
+    nn.quantize(plain, group_size=32, bits=4, class_predicate=lambda path, m: hasattr(m, "to_quantized")
+                and not path.endswith(("igate_preact", "fgate_preact")))
+    assert _rel(got, plain(token, None)[0]) > 1e-2  # the doubled scales changed the output
+    ids = mx.array([[4, 8, 15, 16, 23, 42, 7, 9, 11, 13]], dtype=mx.int32)
+    got = cp.prefill(model, ids)
+    with cp.switched(False):
+        expected = model.prefill(ids)
+    assert got is not None and _rel(got[0], expected[0]) < 3e-5
+
+
 def test_the_tree_is_read_at_every_call():
     model = tiny_model(seed=5)
     token = mx.array([[7]], dtype=mx.int32)
@@ -107,13 +198,15 @@ class _Zeros(nn.Module):
 
 def test_models_it_does_not_compute_run_the_graph():
     token = mx.array([[5]], dtype=mx.int32)
-    quantized = tiny_model(seed=6)
-    nn.quantize(quantized, group_size=32, bits=8)
-    assert ds.unsupported_reason(quantized) == "backbone.embeddings is not a float32 nn.Embedding"
-    assert ds.decode_step(quantized, token, None) is None
+    microscaled = tiny_model(seed=6)
+    nn.quantize(microscaled, group_size=32, bits=4, mode="mxfp4")  # not MLX's affine form
+    assert ds.unsupported_reason(microscaled) == \
+        "backbone.embeddings is quantized in a way the C code does not read (mxfp4, 4 bits, groups of 32)"
+    assert ds.decode_step(microscaled, token, None) is None
     swapped = tiny_model(seed=6)
     swapped.blocks[1].mlstm_layer.out_proj = _Zeros()  # a user's module: the graph calls it
-    assert ds.unsupported_reason(swapped) == "backbone.blocks.1.mlstm_layer.out_proj is not a float32 nn.Linear"
+    assert ds.unsupported_reason(swapped) == \
+        "backbone.blocks.1.mlstm_layer.out_proj is not a float32 nn.Linear or an affine nn.QuantizedLinear"
     assert ds.decode_step(swapped, token, None) is None
     step = bm.make_decode_step(swapped)
     plain = tiny_model(seed=6)

@@ -65,6 +65,31 @@ def test_c_prefill_equals_the_graph_from_the_zero_state(overrides, rows, length)
     _assert_same(model, _ids(rows, length, seed=length))
 
 
+def _recipe(path: str, module: nn.Module):
+    """The packaged model's kind of mix: embeddings at 6 bits, the gates in float, the rest at 4."""
+    if not hasattr(module, "to_quantized") or path.endswith(("igate_preact", "fgate_preact")):
+        return False
+    return {"group_size": 64, "bits": 6} if path == "backbone.embeddings" else {"group_size": 32, "bits": 4}
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 64), (3, 32), (6, 64), ("mixed", None)])
+def test_c_prefill_reads_quantized_weights(bits, group):
+    """Quantized weights: the row kernel on their packed integers up to 8 tokens, beyond that the
+    GEMM on tiles of dequantized rows."""
+    model = tiny_model(seed=14, ffn_proj_factor=40.0, tie_word_embeddings=bits == "mixed")
+    if bits == "mixed":
+        nn.quantize(model, class_predicate=_recipe)
+    else:
+        nn.quantize(model, group_size=group, bits=bits)
+    assert model.config.ffn_dim == 2560 and isinstance(model.blocks[1].ffn.proj_up, nn.QuantizedLinear)
+    assert cp.unsupported_reason(model) is None
+    for rows, length in ((1, 5), (2, 37), (10, 3)):  # 10 rows: the last block's q and o through the GEMM
+        _, state = _assert_same(model, _ids(rows, length, seed=length))
+    _assert_same(model, _ids(10, 20, seed=1), state, chunk_size=7)  # pieces, from an entering state
+    model.fuse_projections()  # quantized fused copies: the C code reads each layer's own arrays
+    _assert_same(model, _ids(2, 37, seed=2))
+
+
 def test_fused_projections_pieces_and_an_entering_state():
     model = tiny_model(seed=4)
     model.fuse_projections()  # q|k|v|o|i|f rows of one matrix: one product in C
@@ -149,10 +174,10 @@ class _Zeros(nn.Module):
 
 def test_models_it_does_not_compute_run_the_graph():
     ids = _ids(1, 20, seed=4)
-    quantized = tiny_model(seed=8)
-    nn.quantize(quantized, group_size=32, bits=8)
-    assert cp.unsupported_reason(quantized) == "backbone.embeddings is not a float32 nn.Embedding"
-    assert cp.prefill(quantized, ids) is None
+    microscaled = tiny_model(seed=8)
+    nn.quantize(microscaled, group_size=32, bits=4, mode="mxfp4")  # not MLX's affine form
+    assert "quantized in a way the C code does not read" in cp.unsupported_reason(microscaled)
+    assert cp.prefill(microscaled, ids) is None
     swapped = tiny_model(seed=8)
     swapped.blocks[1].mlstm_layer.out_proj = _Zeros()  # a user's module: the graph calls it
     assert cp.prefill(swapped, ids) is None

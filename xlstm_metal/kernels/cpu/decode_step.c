@@ -11,6 +11,9 @@
 
    Layouts: every weight row-major [out, in] and contiguous; for ``rows`` rows the activations
    [rows, width] and the state C [rows, NH, DQK, DV], n [rows, NH, DQK], m [rows, NH].
+   A weight may instead be MLX's affine quantization (xl_quant: 2 to 8 bits, groups of a multiple
+   of 16): the products then read the packed integers, a quarter to an eighth of float32's bytes,
+   and never a dequantized copy.
    Python (decode_step.py) checks all of it and falls back to the MLX graph where anything
    differs. */
 #include <math.h>
@@ -21,6 +24,19 @@
 #endif
 
 #define XL_MAX_ROWS 8
+
+/* A weight in MLX's affine quantization (mx.quantize, mode "affine"): row n's value j is
+   scales[n, j / group] * q + biases[n, j / group], q the ``bits``-bit integer at bit j * bits of
+   the row's little-endian bit stream (w: [out, in * bits / 8] bytes). bits == 0: a float weight
+   (the xl_block / xl_model pointer beside it). */
+typedef struct {
+  const unsigned char *w;
+  const float *scales, *biases; /* [out, in / group] */
+  long bits, group;
+} xl_quant;
+
+/* Where each block's weights sit in xl_block.quant. */
+enum { XL_Q, XL_K, XL_V, XL_O, XL_I, XL_F, XL_OUT, XL_GATE, XL_UP, XL_DOWN, XL_WEIGHTS };
 
 typedef struct {
   const float *norm_mlstm;            /* [E] */
@@ -35,6 +51,7 @@ typedef struct {
   const float *C, *n, *m;             /* the state before the step (NULL: the zero state) */
   float *C_out, *n_out, *m_out;       /* the state after it */
   float norm_mlstm_eps, mh_eps, norm_ffn_eps;
+  xl_quant quant[XL_WEIGHTS];         /* bits != 0: that weight is quantized (its pointer above unused) */
 } xl_block;
 
 typedef struct {
@@ -47,13 +64,15 @@ typedef struct {
   const float *lm_head;   /* [V, E] */
   const xl_block *blocks;
   float *work;            /* xl_work_floats(model, rows) floats */
+  xl_quant q_embedding, q_head; /* bits != 0: quantized (tied: the same arrays) */
 } xl_model;
 
 int xl_max_rows(void) { return XL_MAX_ROWS; }
 
 long xl_work_floats(const xl_model *M, long rows) {
-  /* per row: x, xn, y [E]; the projections q|k|v|o|i|f; h and the gated norm [NH*DV]; act [F] */
-  return rows * (3 * M->E + 2 * M->NH * M->DQK + 4 * M->NH * M->DV + 2 * M->NH + M->F);
+  /* per row: x, xn, y [E]; the projections q|k|v|o|i|f; h and the gated norm [NH*DV]; act and a
+     quantized up's outputs [F] */
+  return rows * (3 * M->E + 2 * M->NH * M->DQK + 4 * M->NH * M->DV + 2 * M->NH + 2 * M->F);
 }
 
 /* dot_rows (one row of x: the BLAS forwarder's row kernel, xlstm_metal/_blas.py's
@@ -62,11 +81,13 @@ long xl_work_floats(const xl_model *M, long rows) {
    weight row loaded once for all NB rows (NB vector accumulators: GCC/clang vector types keep
    them in registers, where arrays of floats went through the stack). */
 typedef float xl_v16 __attribute__((vector_size(64)));
+typedef int xl_i16 __attribute__((vector_size(64)));
 static inline xl_v16 xl_load(const float *p) {
   xl_v16 v;
   memcpy(&v, p, sizeof v);  /* unaligned */
   return v;
 }
+static inline void xl_store(float *p, xl_v16 v) { memcpy(p, &v, sizeof v); }
 #define XL_DOT_ROWS(NB)                                                                                 \
   XL_CLONES static void dot_rows##NB(const float *restrict W, const float *restrict x, float *restrict y, \
                                      long ldy, long n0, long n1, long K) {                               \
@@ -107,6 +128,223 @@ static void dot_rows_n(const float *W, const float *x, float *y, long ldy, long 
     case 7: dot_rows7(W, x, y, ldy, n0, n1, K); break;
     default: dot_rows8(W, x, y, ldy, n0, n1, K); break;
   }
+}
+
+typedef unsigned char xl_u8x16 __attribute__((vector_size(16)));
+/* 16 bytes from any address as a vector load (a memcpy into a vector went through two general
+   registers and a byte-by-byte conversion with GCC 12) */
+typedef unsigned char xl_u8x16u __attribute__((vector_size(16), aligned(1)));
+typedef unsigned int xl_u32x16 __attribute__((vector_size(64)));
+typedef unsigned short xl_u16x8 __attribute__((vector_size(16)));
+
+/* 16 bytes as 16 ints, and as 16 floats. The empty asm makes v a register value: GCC 12 converted
+   a vector straight from memory byte by byte, and one from a register with a single vpmovzxbd. */
+static inline xl_i16 bytes_to_ints(xl_u8x16 v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __asm__("" : "+x"(v));
+#endif
+  return (xl_i16)__builtin_convertvector(v, xl_u32x16);
+}
+
+static inline xl_v16 bytes_to_floats(xl_u8x16 v) { return __builtin_convertvector(bytes_to_ints(v), xl_v16); }
+
+/* Shuffles: GCC's __builtin_shuffle; clang's __builtin_shufflevector takes constant indices only, so
+   the variable ones go element by element there (correct, slower). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define XL_GCC_SHUFFLE 1
+#endif
+
+/* r[j] = a[m[j]] (m[j] < 16). */
+static inline xl_u8x16 pick_bytes(xl_u8x16 a, xl_u8x16 m) {
+#ifdef XL_GCC_SHUFFLE
+  return __builtin_shuffle(a, m);
+#else
+  xl_u8x16 r;
+  for (int j = 0; j < 16; j++) r[j] = a[m[j] & 15];
+  return r;
+#endif
+}
+
+/* r[j] = table[i[j]] (i[j] < 16). */
+static inline xl_v16 pick_floats(xl_v16 table, xl_i16 i) {
+#ifdef XL_GCC_SHUFFLE
+  return __builtin_shuffle(table, i);
+#else
+  xl_v16 r;
+  for (int j = 0; j < 16; j++) r[j] = table[i[j] & 15];
+  return r;
+#endif
+}
+
+/* The first (high = 0) or last (high = 1) 8 bytes of a and b, interleaved: a0 b0 a1 b1 ... */
+#ifdef XL_GCC_SHUFFLE
+#define XL_INTERLEAVE_LO(a, b) __builtin_shuffle(a, b, (xl_u8x16){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23})
+#define XL_INTERLEAVE_HI(a, b) \
+  __builtin_shuffle(a, b, (xl_u8x16){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31})
+#else
+#define XL_INTERLEAVE_LO(a, b) __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)
+#define XL_INTERLEAVE_HI(a, b) \
+  __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+#endif
+
+/* Unpacking 16 values of ``bits`` bits (2 * bits bytes): value j starts at bit j * bits, in the
+   byte lo[j] (and the next, hi[j] = lo[j] + 1, where it crosses), shifted right by shift[j]. */
+typedef struct {
+  xl_u8x16 lo, hi;
+  xl_u32x16 shift, mask;
+} xl_unpack;
+
+static xl_unpack unpack_for(long bits) {
+  xl_unpack u;
+  for (int j = 0; j < 16; j++) {
+    const int at = j * (int)bits, lo = at >> 3;
+    u.lo[j] = (unsigned char)lo;
+    u.hi[j] = (unsigned char)(lo + 1 < 2 * bits ? lo + 1 : lo); /* past the 16 values' bytes: unused */
+    u.shift[j] = (unsigned)(at & 7);
+    u.mask[j] = (1u << bits) - 1u;
+  }
+  return u;
+}
+
+/* 16 integers of a row from ``p`` (2 * bits bytes; ``room``: bytes readable from p, at least
+   that many) as floats. */
+static inline xl_v16 unpack16(const unsigned char *p, long room, const xl_unpack *u, long bits) {
+  xl_u8x16 raw = {0};
+  if (room >= 16)
+    raw = *(const xl_u8x16u *)p;
+  else /* the matrix's last bytes */
+    memcpy(&raw, p, (size_t)(2 * bits));
+  const xl_u32x16 lo = __builtin_convertvector(pick_bytes(raw, u->lo), xl_u32x16),
+                  hi = __builtin_convertvector(pick_bytes(raw, u->hi), xl_u32x16);
+  const xl_u32x16 q = ((lo | (hi << 8)) >> u->shift) & u->mask;
+  return __builtin_convertvector((xl_i16)q, xl_v16);
+}
+
+/* 32 4-bit integers (16 bytes; value 2i in byte i's low half, 2i + 1 in its high half) in order,
+   dequantized by looking each up in ``table`` (s q + c for q = 0..15, the group's values: one
+   permute per 16 instead of a conversion and a multiply-add). Reads exactly its 16 bytes. */
+static inline void unpack32_4(const unsigned char *p, xl_v16 table, xl_v16 *first, xl_v16 *second) {
+  const xl_u8x16 raw = *(const xl_u8x16u *)p;
+  /* x86 has no byte shifts: shift 16-bit lanes, then mask */
+  const xl_u8x16 lo = raw & 15, hi = (xl_u8x16)((xl_u16x8)raw >> 4) & 15;
+  *first = pick_floats(table, bytes_to_ints(XL_INTERLEAVE_LO(lo, hi)));
+  *second = pick_floats(table, bytes_to_ints(XL_INTERLEAVE_HI(lo, hi)));
+}
+
+/* The 16 values s q + c of a 4-bit group (q = 0..15). */
+static inline xl_v16 group_table(float s, float c) {
+  return (xl_v16){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} * s + c;
+}
+
+/* 16 8-bit integers as floats (reads exactly their 16 bytes). */
+static inline xl_v16 unpack16_8(const unsigned char *p) {
+  return bytes_to_floats(*(const xl_u8x16u *)p);
+}
+
+/* The quantized dot_rows_n: y[b * ldy + n] = <dequantized Q row n, x[b]> for n in [n0, n1), the
+   ``rows`` rows of x [rows, K] (``end``: the end of Q's packed bytes, which 16-byte loads must
+   not pass). Each 16 values are dequantized in registers (s q + c, as MLX's quantized matmul
+   computes them) and multiplied into all the rows. (Summing s sum q x + c sum x per group instead
+   saves a multiply but cancels: up to 7e-5 relative off the graph's logits at 5 bits.) */
+#define XL_QDOT_ROWS(NB)                                                                                      \
+  XL_CLONES static void qdot_rows##NB(const xl_quant *Q, const unsigned char *end, const float *restrict x,   \
+                                      float *restrict y, long ldy, long n0, long n1, long K) {               \
+    const long bits = Q->bits, G = Q->group, groups = K / G, row_bytes = K * bits / 8;                      \
+    const xl_unpack u = unpack_for(bits);                                                                   \
+    for (long n = n0; n < n1; n++) {                                                                        \
+      const unsigned char *w = Q->w + n * row_bytes;                                                        \
+      xl_v16 acc[NB];                                                                                       \
+      for (int b = 0; b < NB; b++) acc[b] = (xl_v16){0};                                                    \
+      for (long g = 0; g < groups; g++) {                                                                   \
+        const float s = Q->scales[n * groups + g], c = Q->biases[n * groups + g];                           \
+        if (bits == 4 && G % 32 == 0) { /* the common case without the general unpacking */                \
+          const xl_v16 table = group_table(s, c);                                                           \
+          for (long k = g * G; k < (g + 1) * G; k += 32) {                                                  \
+            xl_v16 first, second;                                                                           \
+            unpack32_4(w + k / 2, table, &first, &second);                                                  \
+            for (int b = 0; b < NB; b++)                                                                    \
+              acc[b] += first * xl_load(x + b * K + k) + second * xl_load(x + b * K + k + 16);              \
+          }                                                                                                 \
+        } else {                                                                                            \
+          for (long k = g * G; k < (g + 1) * G; k += 16) {                                                  \
+            const unsigned char *p = w + k * bits / 8;                                                      \
+            const xl_v16 wv = (bits == 8 ? unpack16_8(p) : unpack16(p, end - p, &u, bits)) * s + c;         \
+            for (int b = 0; b < NB; b++) acc[b] += wv * xl_load(x + b * K + k);                             \
+          }                                                                                                 \
+        }                                                                                                   \
+      }                                                                                                     \
+      for (int b = 0; b < NB; b++) {                                                                        \
+        float sum = 0.0f;                                                                                   \
+        for (int j = 0; j < 16; j++) sum += acc[b][j];                                                      \
+        y[b * ldy + n] = sum;                                                                               \
+      }                                                                                                     \
+    }                                                                                                       \
+  }
+XL_QDOT_ROWS(1)
+XL_QDOT_ROWS(2)
+XL_QDOT_ROWS(3)
+XL_QDOT_ROWS(4)
+XL_QDOT_ROWS(5)
+XL_QDOT_ROWS(6)
+XL_QDOT_ROWS(7)
+XL_QDOT_ROWS(8)
+
+/* y[b * ldy + n] = <W[n, :K], x[b]> for n in [n0, n1) of an [N, K] weight: the float one (W) or,
+   where Q->bits != 0, the quantized one. */
+static void mat_rows_n(const float *W, const xl_quant *Q, long N, const float *x, float *y, long ldy, long n0,
+                       long n1, long K, long rows) {
+  if (!Q->bits) {
+    dot_rows_n(W, x, y, ldy, n0, n1, K, rows);
+    return;
+  }
+  const unsigned char *end = Q->w + N * (K * Q->bits / 8);
+  switch (rows) {
+    case 1: qdot_rows1(Q, end, x, y, ldy, n0, n1, K); break;
+    case 2: qdot_rows2(Q, end, x, y, ldy, n0, n1, K); break;
+    case 3: qdot_rows3(Q, end, x, y, ldy, n0, n1, K); break;
+    case 4: qdot_rows4(Q, end, x, y, ldy, n0, n1, K); break;
+    case 5: qdot_rows5(Q, end, x, y, ldy, n0, n1, K); break;
+    case 6: qdot_rows6(Q, end, x, y, ldy, n0, n1, K); break;
+    case 7: qdot_rows7(Q, end, x, y, ldy, n0, n1, K); break;
+    default: qdot_rows8(Q, end, x, y, ldy, n0, n1, K); break;
+  }
+}
+
+/* Rows [r0, r1) of a quantized [N, K] weight dequantized into out [r1 - r0, K] (prefill.c: its
+   GEMM then runs on them). */
+XL_CLONES static void dequantize_rows(const xl_quant *Q, long N, long r0, long r1, long K, float *out) {
+  const long bits = Q->bits, G = Q->group, groups = K / G, row_bytes = K * bits / 8;
+  const unsigned char *end = Q->w + N * row_bytes;
+  const xl_unpack u = unpack_for(bits);
+  for (long r = r0; r < r1; r++) {
+    const unsigned char *w = Q->w + r * row_bytes;
+    float *o = out + (r - r0) * K;
+    for (long g = 0; g < groups; g++) {
+      const float s = Q->scales[r * groups + g], c = Q->biases[r * groups + g];
+      if (bits == 4 && G % 32 == 0) {
+        const xl_v16 table = group_table(s, c);
+        for (long k = g * G; k < (g + 1) * G; k += 32) {
+          xl_v16 first, second;
+          unpack32_4(w + k / 2, table, &first, &second);
+          xl_store(o + k, first);
+          xl_store(o + k + 16, second);
+        }
+      } else {
+        for (long k = g * G; k < (g + 1) * G; k += 16) {
+          const unsigned char *p = w + k * bits / 8;
+          xl_store(o + k, (bits == 8 ? unpack16_8(p) : unpack16(p, end - p, &u, bits)) * s + c);
+        }
+      }
+    }
+  }
+}
+
+/* Row r of an [N, K] weight, float (W) or quantized (Q), dequantized into out [K]. */
+static void weight_row(const float *W, const xl_quant *Q, long N, long r, long K, float *out) {
+  if (Q->bits)
+    dequantize_rows(Q, N, r, r + 1, K, out);
+  else
+    memcpy(out, W + r * K, (size_t)K * sizeof(float));
 }
 
 /* This thread's share [r0, r1) of R items. */
@@ -160,8 +398,6 @@ static void head_step(const xl_model *M, const xl_block *B, long s, long head, c
   B->m_out[s] = m_new;
 }
 
-typedef int xl_i16 __attribute__((vector_size(64)));
-
 /* exp of 16 floats: Cephes' expf (round x / ln2 by the 1.5 * 2^23 trick, Cody-Waite ln2, degree-6
    polynomial, 2^n through the exponent bits; relative error ~2e-7 over the float32 range, no
    libm call, so loops of it vectorise); 0 below -87.3 (where 2^n leaves the normal range). */
@@ -188,8 +424,6 @@ static inline xl_v16 xl_exp16(xl_v16 x) {
 #endif
   return (xl_v16)((xl_i16)(p * (xl_v16)bits) & ~under);
 }
-
-static inline void xl_store(float *p, xl_v16 v) { memcpy(p, &v, sizeof v); }
 
 /* y[j] = exp(x[j]) for j < count. */
 XL_CLONES static void exp_row(const float *x, float *y, long count) {
@@ -233,8 +467,8 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
   const long QK = NH * DQK, HV = NH * DV;
   float *x = M->work, *xn = x + R * E, *y = xn + R * E;
   float *q = y + R * E, *k = q + R * QK, *v = k + R * QK, *o = v + R * HV, *gi = o + R * HV, *gf = gi + R * NH;
-  float *h = gf + R * NH, *g = h + R * HV, *act = g + R * HV;
-  for (long r = 0; r < R; r++) memcpy(x + r * E, M->embedding + tokens[r] * E, (size_t)E * sizeof(float));
+  float *h = gf + R * NH, *g = h + R * HV, *act = g + R * HV, *up_q = act + R * F;
+  for (long r = 0; r < R; r++) weight_row(M->embedding, &M->q_embedding, M->V, tokens[r], E, x + r * E);
   int threads = M->threads > 0 ? M->threads : 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -258,7 +492,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
         long start = 0;
         for (int s = 0; s < 6; s++) {
           long a = r0 > start ? r0 - start : 0, b = r1 - start < count[s] ? r1 - start : count[s];
-          if (a < b) dot_rows_n(W[s], xn, out[s], count[s], a, b, E, R);
+          if (a < b) mat_rows_n(W[s], &B->quant[XL_Q + s], count[s], xn, out[s], count[s], a, b, E, R);
           start += count[s];
         }
       }
@@ -272,7 +506,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
 #pragma omp single
       for (long r = 0; r < R; r++) norm_gate_row(M, B, h + r * HV, o + r * HV, g + r * HV);
       share(E, t, T, &r0, &r1);
-      dot_rows_n(B->w_out, g, y, E, r0, r1, HV, R);
+      mat_rows_n(B->w_out, &B->quant[XL_OUT], E, g, y, E, r0, r1, HV, R);
 #pragma omp barrier
 #pragma omp single
       for (long r = 0; r < R; r++) {
@@ -280,15 +514,26 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
         rms_norm(x + r * E, B->norm_ffn, B->norm_ffn_eps, xn + r * E, E);
       }
       share(F, t, T, &r0, &r1);
-      for (long j = r0; j < r1; j++) {  /* silu(gate) * up, each pair of weight rows by one thread */
-        float gate[XL_MAX_ROWS], up[XL_MAX_ROWS];
-        dot_rows_n(B->w_gate + j * E, xn, gate, 1, 0, 1, E, R);
-        dot_rows_n(B->w_up + j * E, xn, up, 1, 0, 1, E, R);
-        for (long r = 0; r < R; r++) act[r * F + j] = gate[r] / (1.0f + expf(-gate[r])) * up[r];
+      if (B->quant[XL_GATE].bits || B->quant[XL_UP].bits) {
+        /* quantized: each product over the thread's rows, then SwiGLU */
+        mat_rows_n(B->w_gate, &B->quant[XL_GATE], F, xn, act, F, r0, r1, E, R);
+        mat_rows_n(B->w_up, &B->quant[XL_UP], F, xn, up_q, F, r0, r1, E, R);
+        for (long r = 0; r < R; r++)
+          for (long j = r0; j < r1; j++) {
+            const float gate = act[r * F + j];
+            act[r * F + j] = gate / (1.0f + expf(-gate)) * up_q[r * F + j];
+          }
+      } else {
+        for (long j = r0; j < r1; j++) {  /* silu(gate) * up, each pair of weight rows by one thread */
+          float gate[XL_MAX_ROWS], up[XL_MAX_ROWS];
+          dot_rows_n(B->w_gate + j * E, xn, gate, 1, 0, 1, E, R);
+          dot_rows_n(B->w_up + j * E, xn, up, 1, 0, 1, E, R);
+          for (long r = 0; r < R; r++) act[r * F + j] = gate[r] / (1.0f + expf(-gate[r])) * up[r];
+        }
       }
 #pragma omp barrier
       share(E, t, T, &r0, &r1);
-      dot_rows_n(B->w_down, act, y, E, r0, r1, F, R);
+      mat_rows_n(B->w_down, &B->quant[XL_DOWN], E, act, y, E, r0, r1, F, R);
 #pragma omp barrier
 #pragma omp single
       for (long j = 0; j < R * E; j++) x[j] += y[j];
@@ -299,7 +544,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
       else memcpy(xn + r * E, x + r * E, (size_t)E * sizeof(float));
     }
     share(M->V, t, T, &r0, &r1);
-    dot_rows_n(M->lm_head, xn, logits, M->V, r0, r1, E, R);
+    mat_rows_n(M->lm_head, &M->q_head, M->V, xn, logits, M->V, r0, r1, E, R);
     if (M->has_logit_cap)
       for (long r = 0; r < R; r++)
         for (long j = r0; j < r1; j++) logits[r * M->V + j] = soft_cap(logits[r * M->V + j], 1, M->logit_cap);

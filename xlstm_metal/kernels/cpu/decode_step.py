@@ -2,12 +2,14 @@
 
 MLX's CPU back-end spends ~5 us of host and stream time on each node of a step's graph, and a
 125m step has ~800 of them around its one-row products (benchmarks/NOTES.md, session 21). Where
-the model is what that kernel computes (float32 weights and state, plain ``nn.Linear``
-projections, the reference norms, cells and kernels, 1 to :data:`MAX_ROWS` rows)
-:func:`decode_step` runs the whole step in C, reading every weight from the module tree as it
-stands at the call (several rows read each weight row once: OpenBLAS's GEMM would pack every
-matrix first); anything else (a quantized or LoRA layer, a user's module, bf16, more rows, a
-custom kernel) returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
+the model is what that kernel computes (float32 state, plain float32 ``nn.Linear`` or affine
+``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` layers of 2 to 8 bits, the reference norms,
+cells and kernels, 1 to :data:`MAX_ROWS` rows) :func:`decode_step` runs the whole step in C,
+reading every weight from the module tree as it stands at the call (several rows read each
+weight row once: OpenBLAS's GEMM would pack every matrix first; quantized weights as their packed
+integers, which is why quantization saves time here too, where MLX's quantized matmul is slower
+than float32 on CPUs); anything else (a LoRA layer, a user's module, bf16, more rows, a custom
+kernel) returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
 (Linux CPUs: :func:`xlstm_metal._blas.gemv_rows`, whose row-major weights it reads the same way);
 ``XLSTM_METAL_CPU_STEP=0`` turns it off.
 
@@ -39,11 +41,22 @@ ENABLED = os.environ.get("XLSTM_METAL_CPU_STEP", "1") != "0"
 _f32p = ctypes.POINTER(ctypes.c_float)
 
 
+class _Quant(ctypes.Structure):
+    """decode_step.c's xl_quant: a weight in MLX's affine quantization (bits 0: a float weight)."""
+    _fields_ = [("w", ctypes.c_void_p), ("scales", _f32p), ("biases", _f32p), ("bits", ctypes.c_long),
+                ("group", ctypes.c_long)]
+
+
+#: The block weights that may be quantized, in xl_block.quant's order (decode_step.c's XL_Q ...).
+_QUANT_FIELDS = ("w_q", "w_k", "w_v", "w_o", "w_i", "w_f", "w_out", "w_gate", "w_up", "w_down")
+
+
 class _Block(ctypes.Structure):
     _fields_ = [(name, _f32p) for name in (
         "norm_mlstm", "w_q", "w_k", "w_v", "w_o", "w_i", "w_f", "b_i", "b_f", "mh_norm", "w_out", "norm_ffn",
         "w_gate", "w_up", "w_down", "C", "n", "m", "C_out", "n_out", "m_out")] + [
-        ("norm_mlstm_eps", ctypes.c_float), ("mh_eps", ctypes.c_float), ("norm_ffn_eps", ctypes.c_float)]
+        ("norm_mlstm_eps", ctypes.c_float), ("mh_eps", ctypes.c_float), ("norm_ffn_eps", ctypes.c_float),
+        ("quant", _Quant * len(_QUANT_FIELDS))]
 
 
 class _Model(ctypes.Structure):
@@ -51,7 +64,7 @@ class _Model(ctypes.Structure):
         ("threads", ctypes.c_int), ("has_gate_cap", ctypes.c_int), ("has_logit_cap", ctypes.c_int),
         ("gate_cap", ctypes.c_float), ("logit_cap", ctypes.c_float), ("step_eps", ctypes.c_float),
         ("out_norm_eps", ctypes.c_float), ("embedding", _f32p), ("out_norm", _f32p), ("lm_head", _f32p),
-        ("blocks", ctypes.POINTER(_Block)), ("work", _f32p)]
+        ("blocks", ctypes.POINTER(_Block)), ("work", _f32p), ("q_embedding", _Quant), ("q_head", _Quant)]
 
 
 # ----------------------------------------------------------------------------- the library
@@ -149,21 +162,55 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
+class _Quantized:
+    """A weight [rows, cols] in MLX's affine quantization as the C code reads it: the packed
+    integers (uint32 [rows, cols * bits / 32]), scales and biases [rows, cols / group], from their
+    row ``row`` on (a layer's rows in a fused group)."""
+
+    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group: int, row: int = 0):
+        self.weight, self.scales, self.biases, self.bits, self.group = weight, scales, biases, bits, group
+        self.row = row
+
+    def arrays(self) -> list[mx.array]:
+        return [self.weight, self.scales, self.biases]
+
+
+def _quantized(reads: _Reads, layer: Any, rows: int, cols: int, what: str) -> _Quantized:
+    """``layer``'s quantized weight, where the C code computes what MLX's affine quantized matmul
+    does (2 to 8 bits, groups of a multiple of 16 that divide ``cols``); else _Unsupported."""
+    bits, group, mode = (reads.value(layer, name) for name in ("bits", "group_size", "mode"))
+    if mode != "affine" or bits not in (2, 3, 4, 5, 6, 8) or group % 16 or cols % group \
+            or layer.get("biases") is None:
+        raise _Unsupported(f"{what} is quantized in a way the C code does not read ({mode}, {bits} bits, "
+                           f"groups of {group})", reads)
+    if layer.weight.dtype != mx.uint32 or layer.weight.shape != (rows, cols * bits // 32) \
+            or layer.scales.shape != (rows, cols // group) or layer.biases.shape != (rows, cols // group):
+        raise _Unsupported(f"{what}'s quantized arrays do not hold a [{rows}, {cols}] weight", reads)
+    return _Quantized(layer.weight, layer.scales, layer.biases, bits, group)
+
+
 def _plain_weight(reads: _Reads, layer: Any, rows: int, cols: int, what: str,
-                  bias: bool = False) -> tuple[mx.array, Any]:
-    """(weight [rows, cols], bias or None) of a plain float32 ``nn.Linear`` (or a subclass that
-    computes as one)."""
+                  bias: bool = False) -> tuple[mx.array | _Quantized, Any]:
+    """(weight [rows, cols], bias or None) of a plain float32 ``nn.Linear`` or an affine
+    ``nn.QuantizedLinear`` (or a subclass that computes as one)."""
     from ...cells.fused import fusion_kind  # noqa: PLC0415 (cells import the kernels)
 
     reads.entries_of(layer)
-    if fusion_kind(layer) != ("linear", mx.float32):
-        raise _Unsupported(f"{what} is not a float32 nn.Linear", reads)
-    if layer.weight.shape != (rows, cols):
-        raise _Unsupported(f"{what} has shape {layer.weight.shape}, not {(rows, cols)}", reads)
+    kind = fusion_kind(layer)
+    if kind is not None and kind[0] == "quantized":
+        weight = _quantized(reads, layer, rows, cols, what)
+    elif kind == ("linear", mx.float32):
+        if layer.weight.shape != (rows, cols):
+            raise _Unsupported(f"{what} has shape {layer.weight.shape}, not {(rows, cols)}", reads)
+        weight = layer.weight
+    else:
+        raise _Unsupported(f"{what} is not a float32 nn.Linear or an affine nn.QuantizedLinear", reads)
     has_bias = "bias" in layer
     if has_bias and not bias:
         raise _Unsupported(f"{what} has a bias", reads)
-    return layer.weight, (layer.bias if has_bias else None)
+    if has_bias and (layer.bias.dtype != mx.float32 or layer.bias.shape != (rows,)):
+        raise _Unsupported(f"{what}'s bias is not float32 [{rows}]", reads)
+    return weight, (layer.bias if has_bias else None)
 
 
 def _norm(reads: _Reads, norm: Any, cls: type, size: int, what: str) -> tuple[mx.array, float]:
@@ -174,23 +221,26 @@ def _norm(reads: _Reads, norm: Any, cls: type, size: int, what: str) -> tuple[mx
     return norm.weight, reads.value(norm, "eps")
 
 
-def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple[mx.array, int]]:
+def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple[mx.array, int] | _Quantized]:
     """Where the graph reads each layer's rows while ``fuse_projections()``'s copy is current
     (:meth:`~xlstm_metal.cells.fused.FusedLayers._current`): {layer index: (the fused float
-    weight, the layer's first row in it)}; empty where each layer runs its own weight."""
+    weight, the layer's first row in it), or the fused quantized arrays from that row}; empty
+    where each layer runs its own weight."""
     from ...cells.fused import fusion_groups  # noqa: PLC0415
 
     layers, fused = fusion._current(owner)
     if fused is None:
         return {}
-    rows = {}
+    rows: dict[int, tuple[mx.array, int] | _Quantized] = {}
     for (kind, members), group in zip(fusion_groups(layers), reads.entries_of(fused)):
         reads.entries_of(group)
-        if kind == ("linear", mx.float32):
-            start = 0
-            for j in members:
+        start = 0
+        for j in members:
+            if kind == ("linear", mx.float32):
                 rows[j] = (group["weight"], start)
-                start += layers[j].weight.shape[0]
+            elif kind[0] == "quantized" and kind[3] == "affine" and kind[4]:
+                rows[j] = _Quantized(group["weight"], group["scales"], group["biases"], kind[2], kind[1], start)
+            start += layers[j].weight.shape[0]
     return rows
 
 
@@ -219,14 +269,18 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
         "embedding_dim", "num_heads", "qk_head_dim", "v_head_dim", "ffn_dim", "vocab_size"))
     backbone = reads.entries_of(model.backbone)
     embeddings = reads.entries_of(backbone.embeddings)
-    if type(embeddings) is not nn.Embedding or embeddings.weight.dtype != mx.float32 \
-            or embeddings.weight.shape != (V, E):
-        raise _Unsupported("backbone.embeddings is not a float32 nn.Embedding", reads)
+    if type(embeddings) is nn.QuantizedEmbedding:
+        table = _quantized(reads, embeddings, V, E, "backbone.embeddings")
+    elif type(embeddings) is nn.Embedding and embeddings.weight.dtype == mx.float32 \
+            and embeddings.weight.shape == (V, E):
+        table = embeddings.weight
+    else:
+        raise _Unsupported("backbone.embeddings is not a float32 nn.Embedding or an nn.QuantizedEmbedding", reads)
     out_norm, out_eps = (_norm(reads, backbone.out_norm, RMSNorm, E, "backbone.out_norm") if "out_norm" in backbone
                          else (None, 0.0))
-    head = embeddings.weight if reads.value(c, "tie_word_embeddings") else \
+    head = table if reads.value(c, "tie_word_embeddings") else \
         _plain_weight(reads, model.lm_head, V, E, "lm_head")[0]
-    arrays: list = [embeddings.weight, out_norm, head]
+    arrays: list = [table, out_norm, head]
     # eps: the out norm's, then each block's (norm_mlstm, multihead_norm, norm_ffn)
     eps, caps, step_eps = [out_eps], set(), set()
     # what prefill.py needs besides: the blocks' sequence kernels (name, chunk size, eps)
@@ -315,15 +369,38 @@ class _Plan:
         self.views: dict[int, np.ndarray] = {}
         self.zeros_bias = np.zeros(NH, np.float32)  # gate projections without a bias
 
+        self.converted: dict[int, mx.array] = {}  # float32 copies of bf16/float16 scales and biases
+
         def ptr(array, what):
-            """A pointer to ``array`` or, for (array, row), to that row of it."""
-            if array is None:
+            """A pointer to ``array`` or, for (array, row), to that row of it (None: a quantized
+            weight, which ``quant`` points to)."""
+            if array is None or isinstance(array, _Quantized):
                 return None
             array, row = array if isinstance(array, tuple) else (array, 0)
             view = self.views.get(id(array))
             if view is None:
                 view = self.views[id(array)] = _view(array, what)
             return _pointer(view[row:])
+
+        def quant(target: _Quant, weight, what: str) -> None:
+            """``target`` = the C view of a quantized ``weight`` (unchanged for a float one)."""
+            if not isinstance(weight, _Quantized):
+                return
+            packed = self.views.get(id(weight.weight))
+            if packed is None:
+                packed = self.views[id(weight.weight)] = np.array(weight.weight, copy=False)
+                if not packed.flags.c_contiguous:
+                    raise _Unsupported(f"{what}'s packed weight is not contiguous")
+            target.w = packed[weight.row:].ctypes.data
+            for name in ("scales", "biases"):
+                array = getattr(weight, name)
+                if array.dtype != mx.float32:  # once per array (a fused group's layers share it)
+                    if id(array) not in self.converted:
+                        self.converted[id(array)] = array.astype(mx.float32)
+                        mx.eval(self.converted[id(array)])
+                    array = self.converted[id(array)]
+                setattr(target, name, ptr((array, weight.row), f"{what}'s {name}"))
+            target.bits, target.group = weight.bits, weight.group
 
         self.blocks = (_Block * count)()
         per_block = len(self._BLOCK_FIELDS)
@@ -335,6 +412,8 @@ class _Plan:
                     setattr(block, name, _pointer(self.zeros_bias))
                 else:
                     setattr(block, name, ptr(array, f"backbone.blocks.{index}'s {name}"))
+                if name in _QUANT_FIELDS:
+                    quant(block.quant[_QUANT_FIELDS.index(name)], array, f"backbone.blocks.{index}'s {name}")
             block.norm_mlstm_eps, block.mh_eps, block.norm_ffn_eps = s["eps"][1 + 3 * index: 4 + 3 * index]
         model = self.model = _Model()
         for name in ("E", "NH", "DQK", "DV", "F", "V", "num_blocks"):
@@ -346,6 +425,8 @@ class _Plan:
         model.embedding = ptr(arrays[0], "backbone.embeddings.weight")
         model.out_norm = ptr(arrays[1], "backbone.out_norm.weight")
         model.lm_head = ptr(arrays[2], "lm_head.weight")
+        quant(model.q_embedding, arrays[0], "backbone.embeddings")
+        quant(model.q_head, arrays[2], "lm_head")
         self.lib = lib
         self._by_rows: dict[int, _Rows] = {}
 
@@ -448,7 +529,8 @@ def _plan(model: nn.Module, lib: ctypes.CDLL) -> _Plan:
     reads = _Reads()
     try:
         arrays, sizes, reads = _collect(model)
-        mx.eval([a[0] if isinstance(a, tuple) else a for a in arrays if a is not None])
+        mx.eval([a.arrays() if isinstance(a, _Quantized) else a[0] if isinstance(a, tuple) else a
+                 for a in arrays if a is not None])
         plan = _Plan(reads, arrays, sizes, threads, lib)
     except _Unsupported as err:
         plan = _Refused(err.reads or reads, threads, str(err))

@@ -30,16 +30,30 @@ XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
   for (; j < count; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
 }
 
-/* C[:, n0:n1] = A [rows, K] @ W[n0:n1]^T (W [N, K] row-major, C's row stride ldc): the row kernel for
-   up to XL_MAX_ROWS rows (OpenBLAS's GEMM would pack the weight first), the GEMM otherwise. */
+/* Rows of a quantized weight dequantized at a time into a thread's tile, for the GEMM (a smaller tile
+   packs the activations again for each: 256 rows cost 15% of a 512-token prefill of the packaged model) */
+#define XL_TILE_ROWS 1024
+
+/* C[:, n0:n1] = A [rows, K] @ W[n0:n1]^T (W [N, K] row-major, float or, where Q->bits != 0, quantized;
+   C's row stride ldc): the row kernel for up to XL_MAX_ROWS rows (OpenBLAS's GEMM would pack the
+   weight first), the GEMM otherwise (a quantized weight XL_TILE_ROWS rows at a time through
+   ``tile``, dequantized there: the GEMM's arithmetic on the values MLX's quantized matmul uses). */
 static void product_cols(xl_sgemm_fn sgemm, long rows, long n0, long n1, long K, const float *A, const float *W,
-                         float *C, long ldc) {
+                         const xl_quant *Q, long N, float *C, long ldc, float *tile) {
   if (n1 <= n0 || rows <= 0) return;
-  if (rows <= XL_MAX_ROWS)
-    dot_rows_n(W, A, C, ldc, n0, n1, K, rows);
-  else
+  if (rows <= XL_MAX_ROWS) {
+    mat_rows_n(W, Q, N, A, C, ldc, n0, n1, K, rows);
+  } else if (!Q->bits) {
     sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)rows, (int)(n1 - n0), (int)K, 1.0f, A, (int)K, W + n0 * K,
           (int)K, 0.0f, C + n0, (int)ldc);
+  } else {
+    for (long c0 = n0; c0 < n1; c0 += XL_TILE_ROWS) {
+      const long c1 = n1 - c0 < XL_TILE_ROWS ? n1 : c0 + XL_TILE_ROWS;
+      dequantize_rows(Q, N, c0, c1, K, tile);
+      sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)rows, (int)(c1 - c0), (int)K, 1.0f, A, (int)K, tile, (int)K,
+            0.0f, C + c0, (int)ldc);
+    }
+  }
 }
 
 /* This thread's share [n0, n1) of N output columns (multiples of 16 but for the last). */
@@ -50,19 +64,30 @@ static void column_share(long N, int t, int T, long *n0, long *n1) {
 
 /* product_cols over this thread's share of the N columns. */
 static void product_share(xl_sgemm_fn sgemm, int t, int T, long rows, long N, long K, const float *A,
-                          const float *W, float *C, long ldc) {
+                          const float *W, const xl_quant *Q, float *C, long ldc, float *tile) {
   long n0, n1;
   column_share(N, t, T, &n0, &n1);
-  product_cols(sgemm, rows, n0, n1, K, A, W, C, ldc);
+  product_cols(sgemm, rows, n0, n1, K, A, W, Q, N, C, ldc, tile);
 }
 
-/* Per-thread scratch of the kernel (floats) for chunks of L steps. */
+/* Per-thread scratch (floats): the kernel's for chunks of L steps, and a tile of a quantized weight
+   (none for a float model). */
 static long kernel_scratch(const xl_model *M, long L) { return L * L + L * M->DV + L * M->DQK + 6 * (L + 16); }
+
+static long tile_floats(const xl_model *M) {
+  int quantized = M->q_embedding.bits || M->q_head.bits;
+  for (long b = 0; b < M->num_blocks; b++)
+    for (int w = 0; w < XL_WEIGHTS; w++) quantized |= M->blocks[b].quant[w].bits != 0;
+  long widest = M->E > M->NH * M->DV ? M->E : M->NH * M->DV;
+  widest = widest > M->F ? widest : M->F;
+  return quantized ? XL_TILE_ROWS * widest : 0;
+}
 
 long xl_prefill_work_floats(const xl_model *M, long tokens, long L, int threads) {
   const long P = 2 * M->NH * M->DQK + 2 * M->NH * M->DV + 2 * M->NH;
   /* x, xn, y [E]; the projections [P]; h, the gated norm [NH*DV]; gate, up [F] per token */
-  return tokens * (3 * M->E + P + 2 * M->NH * M->DV + 2 * M->F) + (long)threads * kernel_scratch(M, L);
+  return tokens * (3 * M->E + P + 2 * M->NH * M->DV + 2 * M->F) +
+         (long)threads * (kernel_scratch(M, L) + tile_floats(M));
 }
 
 /* The chunkwise kernel for one head of one row (s = row * NH + head) over the row's S tokens:
@@ -198,9 +223,9 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
     TT = omp_get_num_threads();
 #endif
     long r0, r1;
-    float *mine = scratch + t * kernel_scratch(M, L);
+    float *mine = scratch + t * (kernel_scratch(M, L) + tile_floats(M)), *tile = mine + kernel_scratch(M, L);
     share(T, t, TT, &r0, &r1);
-    for (long j = r0; j < r1; j++) memcpy(x + j * E, M->embedding + tokens[j] * E, (size_t)E * sizeof(float));
+    for (long j = r0; j < r1; j++) weight_row(M->embedding, &M->q_embedding, V, tokens[j], E, x + j * E);
     for (long index = 0; index < M->num_blocks; index++) {
       const xl_block *B = M->blocks + index;
       /* in the last block only each row's last position needs q, o, the kernel's output and all
@@ -225,9 +250,12 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         for (int a = 0; a < 6;) {
           long N = count[a];
           int b = a + 1;
-          while (b < 6 && every[b] == every[a] && W[b] == W[b - 1] + count[b - 1] * E) N += count[b++];
-          if (every[a]) product_share(sgemm, t, TT, T, N, E, xn, W[a], proj + col, P);
-          else product_share(sgemm, t, TT, rows, N, E, y, W[a], proj + (S - 1) * P + col, S * P);
+          const xl_quant *Q = &B->quant[XL_Q + a];
+          while (b < 6 && !Q->bits && !B->quant[XL_Q + b].bits && every[b] == every[a] &&
+                 W[b] == W[b - 1] + count[b - 1] * E)
+            N += count[b++];
+          if (every[a]) product_share(sgemm, t, TT, T, N, E, xn, W[a], Q, proj + col, P, tile);
+          else product_share(sgemm, t, TT, rows, N, E, y, W[a], Q, proj + (S - 1) * P + col, S * P, tile);
           col += N;
           a = b;
         }
@@ -258,7 +286,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         norm_gate_row(M, B, h + at * HV, proj + at * P + 2 * QK + HV, gn + j * HV);
       }
 #pragma omp barrier
-      product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, y, E);
+      product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, &B->quant[XL_OUT], y, E, tile);
 #pragma omp barrier
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) {
@@ -270,13 +298,13 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         /* gate and up: this thread's columns of each, then SwiGLU on them (no barrier between) */
         long n0, n1;
         column_share(F, t, TT, &n0, &n1);
-        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_gate, gate, F);
-        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_up, up, F);
+        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_gate, &B->quant[XL_GATE], F, gate, F, tile);
+        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_up, &B->quant[XL_UP], F, up, F, tile);
         if (n1 > n0)
           for (long j = 0; j < Tn; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
       }
 #pragma omp barrier
-      product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, y, E);
+      product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, &B->quant[XL_DOWN], y, E, tile);
 #pragma omp barrier
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++)
@@ -294,7 +322,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
     share(V, t, TT, &r0, &r1);
     for (long r = 0; r < rows; r += XL_MAX_ROWS) {
       const long R = rows - r < XL_MAX_ROWS ? rows - r : XL_MAX_ROWS;
-      dot_rows_n(M->lm_head, xn + r * E, logits + r * V, V, r0, r1, E, R);
+      mat_rows_n(M->lm_head, &M->q_head, V, xn + r * E, logits + r * V, V, r0, r1, E, R);
       if (M->has_logit_cap)
         for (long b = r; b < r + R; b++)
           for (long j = r0; j < r1; j++) logits[b * V + j] = soft_cap(logits[b * V + j], 1, M->logit_cap);
