@@ -274,10 +274,15 @@ def test_fine_tune_from_quantized_checkpoint_trains_float_weights(trained, tmp_p
     assert not np.allclose(after, before)  # the q projection was trained, not frozen
 
 
-def test_default_model_ships_quantized_and_runs_dequantized_on_cpu():
+@pytest.mark.parametrize("c_code", [True, False], ids=["c-paths", "no-c-paths"])
+def test_default_model_ships_quantized_and_runs_quantized_where_c_reads_it(monkeypatch, c_code):
+    """On a CPU the packaged model stays quantized where the C step and prefill read its packed
+    weights, and is dequantized to float32 where MLX's (slower) quantized matmul would run."""
     from mlx.utils import tree_flatten
 
+    from xlstm_metal import _blas
     from xlstm_metal.assets import default_model_path, for_this_device
+    from xlstm_metal.kernels.cpu import decode_step, prefill
     from xlstm_metal.quantization import quantization_config
 
     path = default_model_path()
@@ -288,8 +293,17 @@ def test_default_model_ships_quantized_and_runs_dequantized_on_cpu():
     assert quantization_config(model) is not None
     ids = mx.array([tokenizer.encode("A dictionary maps keys to values.")])
     quantized_logits, _ = model(ids)
+    monkeypatch.setattr(decode_step, "ENABLED", c_code)
+    kept = mx.default_device() != mx.cpu or (
+        decode_step.unsupported_reason(model) is None and prefill.unsupported_reason(model) is None)
+    if mx.default_device() == mx.cpu and decode_step.library() is not None and _blas.gemv_rows() \
+            and _blas.openblas_sgemm() is not None:  # CI installs a compiler and OpenBLAS
+        assert kept == c_code
     for_this_device(model)
-    if mx.default_device() == mx.cpu:
+    if kept:
+        assert quantization_config(model) is not None
+        assert isinstance(model.backbone.embeddings, nn.QuantizedEmbedding)
+    else:
         assert quantization_config(model) is None
         assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
         assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))

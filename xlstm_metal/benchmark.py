@@ -123,14 +123,15 @@ def prefill(
 
 
 def cpu_float32_model(shape: str | Path, checkpoint: str | Path | None = None) -> tuple[xLSTMLarge, str]:
-    """(model, name) for the CPU benchmarks: the checkpoint directory loaded in float32 as
-    ``generate`` runs it on a CPU (quantized ones dequantized), else random weights of ``shape``;
-    projections fused."""
+    """(model, name) for the CPU benchmarks: the checkpoint directory loaded in float32 (quantized
+    ones dequantized), else random weights of ``shape``; projections fused."""
     if checkpoint is not None:
-        from .assets import for_this_device  # noqa: PLC0415
         from .loading import load_model  # noqa: PLC0415
+        from .quantization import dequantize_model, quantization_config  # noqa: PLC0415
 
-        model, name = for_this_device(load_model(checkpoint, dtype="float32")), str(checkpoint)
+        model, name = load_model(checkpoint, dtype="float32"), str(checkpoint)
+        if quantization_config(model) is not None:
+            dequantize_model(model)
     else:
         model, name = random_model(shape_config(shape), dtype="float32"), str(shape)
     model.fuse_projections()

@@ -18,14 +18,19 @@ def default_model_path() -> Path:
 
 
 def for_this_device(model):
-    """The packaged model as it runs best here: it ships quantized (small), but MLX's quantized
-    matmul on CPUs is slower than float32 (BENCHMARKS.md), so on the CPU its layers are
+    """The packaged model as it runs best here. It ships quantized (small) and stays so on GPUs,
+    and on CPUs where the C decode step and the C prefill (:mod:`xlstm_metal.kernels.cpu`) read its
+    packed weights (faster than float32 there: BENCHMARKS.md). On other CPUs (no C compiler or
+    OpenBLAS) MLX's quantized matmul would run, which is slower than float32, so its layers are
     dequantized in place (in the dtype of the loaded scales: float32 as generate loads it, ~60 MB).
-    GPUs keep it quantized. Returns the model."""
+    Returns the model."""
     import mlx.core as mx
 
     from ..quantization import dequantize_model, quantization_config
 
     if mx.default_device() == mx.cpu and quantization_config(model) is not None:
-        dequantize_model(model)
+        from ..kernels.cpu import decode_step, prefill
+
+        if decode_step.unsupported_reason(model) is not None or prefill.unsupported_reason(model) is not None:
+            dequantize_model(model)
     return model
