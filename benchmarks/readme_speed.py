@@ -14,7 +14,10 @@ records the generation tok/s it prints with the 1-minute load average at each ru
 - ``this tree, no C step``: ``XLSTM_METAL_CPU_STEP=0`` (each token through the MLX graph instead of
   the one-call C step of ``xlstm_metal/kernels/cpu/decode_step.py``);
 - ``this tree, no C prefill``: ``XLSTM_METAL_CPU_PREFILL=0`` (the prompt through the MLX graph instead
-  of ``xlstm_metal/kernels/cpu/prefill.py``).
+  of ``xlstm_metal/kernels/cpu/prefill.py``);
+- ``this tree, float32``: the packaged model dequantized to float32 (``xlstm-metal convert --dtype
+  float32`` into a temporary folder, then ``--model`` it), where ``this tree`` keeps it quantized
+  for the C code.
 
     python benchmarks/readme_speed.py --old-rev 02a6d4d~1 --rounds 4 --out benchmarks/results/readme_speed.json
 
@@ -61,17 +64,17 @@ def main() -> int:
                    help="git revision of the older checkout (default: the commit before pydoc-15m)")
     p.add_argument("--old-tree", type=Path, help="an older checkout already on disk (instead of --old-rev)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", default="this,this-old-model,old,this-no-rows,this-no-forward,this-no-cpu-step,"
-                                        "this-no-cpu-prefill",
-                   help="comma-separated subset of: this, this-old-model, old, this-no-rows, this-no-forward, "
-                        "this-no-cpu-step, this-no-cpu-prefill")
+    p.add_argument("--configs", default="this,this-float32,this-old-model,old,this-no-rows,this-no-forward,"
+                                        "this-no-cpu-step,this-no-cpu-prefill",
+                   help="comma-separated subset of: this, this-float32, this-old-model, old, this-no-rows, "
+                        "this-no-forward, this-no-cpu-step, this-no-cpu-prefill")
     p.add_argument("--threads", help="XLSTM_METAL_BLAS_THREADS for every run (default: the automatic choice)")
     p.add_argument("--out", type=Path, help="JSON file for every run (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [c for c in args.configs.split(",") if c]
-    known = {"this", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step",
+    known = {"this", "this-float32", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step",
              "this-no-cpu-prefill"}
     if not wanted or set(wanted) - known:
         p.error(f"--configs: choose from {', '.join(sorted(known))}")
@@ -82,15 +85,25 @@ def main() -> int:
         p.error(f"--old-tree: {args.old_tree} holds no xlstm_metal package")
     with tempfile.TemporaryDirectory(prefix="readme_speed-") as tmp:
         old = args.old_tree
-        if old is None:
+        if old is None and {"old", "this-old-model"} & set(wanted):
             old = Path(tmp)
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev], capture_output=True)
             if archive.returncode != 0:
                 p.error(f"--old-rev: git archive {args.old_rev} failed: {archive.stderr.decode()[-300:]}")
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        old = old if old is not None else Path(tmp)  # (not extracted: no configuration runs it)
         old_model = str(old / "xlstm_metal" / "assets" / "default_model")
+        float32 = Path(tmp) / "float32-export"
+        if "this-float32" in wanted:
+            made = subprocess.run([sys.executable, "-m", "xlstm_metal", "convert",
+                                   str(ROOT / "xlstm_metal" / "assets" / "default_model"), str(float32),
+                                   "--dtype", "float32"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                  capture_output=True, text=True)
+            if made.returncode != 0:
+                p.error(f"this-float32: converting the packaged model failed: {made.stderr[-300:]}")
         configs = {
             "this": (ROOT, [], {}),
+            "this-float32": (ROOT, ["--model", str(float32)], {}),
             "this-old-model": (ROOT, ["--model", old_model], {}),
             "old": (old, [], {}),
             "this-no-rows": (ROOT, [], {"XLSTM_METAL_GEMV_ROWS": "0"}),

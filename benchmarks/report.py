@@ -553,7 +553,8 @@ def quantization_rows() -> list[str]:
         lines += ["", "Over these runs, quantized time / float32 time: batch 1, 7B-sized layers "
                   f"{span(('decode', 'large'))}; batch 1, the packaged model's layers {span(('decode', 'small'))}; "
                   f"512 rows {span(('prefill', 'large'))} (7B-sized) and {span(('prefill', 'small'))} (small). "
-                  "On CPUs quantization saves memory, not time."]
+                  "On CPUs MLX's quantized matmul saves memory, not time; xLSTM-Large's C decode step and "
+                  "prefill read quantized weights faster than float32 (the section on them)."]
     return lines
 
 
@@ -964,6 +965,31 @@ def cpu_prefill_rows() -> list[str]:
                                       "per measurement")
 
 
+def cpu_quantized_rows() -> list[str]:
+    """Quantized weights through the C decode step and prefill against float32, in turns:
+    results/cpu_quantized_c_*.json (benchmarks/cpu_quantized.py)."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("cpu_quantized_c_*.json")):
+        d = json.loads(path.read_text())
+        env = d["environment"]
+        sys.path.insert(0, str(Path(__file__).parent))
+        from cpu_quantized import table
+
+        loads = [r["loadavg_1m"] for r in d["rows"]]
+        lines += [
+            "", f"## CPU: quantized weights through the C step and prefill vs float32 ({path.name})", "",
+            f"- date: {d['date']}; command: `{d['command']}`; model: {d['model']}",
+            f"- MLX {env['mlx']} on {env['device']}; {d['tokens']} greedy decode steps per measurement, prefill "
+            f"of {d['prefill']} tokens (best of 3), every variant in turns each round; 1-min load "
+            f"{min(loads):.1f}-{max(loads):.1f}",
+            "- the C step reads the packed integers (dequantized 16 at a time in registers); the C prefill runs "
+            "OpenBLAS's GEMM on dequantized tiles; the MLX graph column is the quantized model without the C code "
+            "(`XLSTM_METAL_CPU_STEP=0`), whose quantized matmul is slower than float32 on CPUs",
+            "", *table(d),
+        ]
+    return lines
+
+
 def cpu_gemv_rows() -> list[str]:
     """One-row products, the forwarder's row kernel and GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
     files = sorted(RESULTS.glob("cpu_gemv*.json"))
@@ -1046,6 +1072,11 @@ def readme_speed_rows() -> list[str]:
     lines = ["", "## CPU: the README's first command (issue 11 item 6, `benchmarks/readme_speed.py`)"]
     for path in files:
         d = json.loads(path.read_text())
+        # since this-float32 (2026-12-05) "this" keeps the packaged model quantized for the C code
+        quantized = any(r["config"] == "this-float32" for r in d["runs"])
+        names["this"] = ("this tree (pydoc-15m quantized, its packed weights read by the C step and prefill)"
+                         if quantized else "this tree (pydoc-15m, dequantized to float32)")
+        names["this-float32"] = "this tree, pydoc-15m dequantized to float32 (`--model` a float32 export)"
         lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; `{d['readme_command']}`, "
                   f"older checkout {d.get('old', d.get('old_rev'))}; BLAS threads {d['threads']}; configurations in turns each round", "",
                   "| configuration | generation tok/s per round | median | 1-min load average per run |",
@@ -1111,6 +1142,7 @@ def render() -> str:
     lines += cpu_limits_rows()
     lines += cpu_decode_step_rows()
     lines += cpu_prefill_rows()
+    lines += cpu_quantized_rows()
     lines += cpu_gemv_rows()
     lines += cpu_perf_rows()
     lines += readme_speed_rows()

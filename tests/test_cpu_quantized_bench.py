@@ -1,0 +1,65 @@
+"""benchmarks/cpu_quantized.py: quantized weights through the C step and prefill against float32,
+every variant in turns per round, and its section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from xlstm_metal import _blas
+from xlstm_metal.kernels.cpu import decode_step as ds
+
+from conftest import run_benchmark
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu or ds.library() is None or not _blas.gemv_rows()
+                                or _blas.openblas_sgemm() is None,
+                                reason="no C compiler or no OpenBLAS: the C step and prefill are not built")
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+def test_cpu_quantized_bench_measures_every_variant_in_turns(tmp_path, monkeypatch):
+    out = tmp_path / "cpu_quantized_c_tiny.json"
+    done = run_benchmark("cpu_quantized.py", "--variants", "float32,8,4,mixed-4-6", "--rounds", "2", "--tokens", "4",
+                         "--graph-tokens", "2", "--prefill", "20", "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert [(r["round"], r["variant"]) for r in result["rows"]] == [
+        (rnd, v) for rnd in (1, 2) for v in ("float32", "8", "4", "mixed-4-6")]
+    assert all(r["decode_tok_s"] > 0 and r["graph_decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+               for r in result["rows"])
+    sizes = result["sizes"]
+    assert sizes["float32"]["bits_per_weight"] == 32.0
+    # 8 bits plus a float32 scale and bias per 64 weights (the gates stay float32)
+    assert 9.0 < sizes["8"]["bits_per_weight"] < 10.0 and 5.0 < sizes["4"]["bits_per_weight"] < 6.0
+    assert sizes["float32"]["weights_mb"] > sizes["8"]["weights_mb"] > sizes["4"]["weights_mb"]
+    assert sizes["mixed-4-6"]["bits_per_weight"] > sizes["4"]["bits_per_weight"]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| 4 |")]
+    assert len(lines) == 1 and "x |" in lines[0]
+    report = _report()
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    section = report.cpu_quantized_rows()
+    assert "## CPU: quantized weights through the C step and prefill vs float32 (cpu_quantized_c_tiny.json)" in section
+    assert sum(line.startswith(("| float32 |", "| 8 |", "| 4 |", "| mixed-4-6 |")) for line in section) == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--variants", "7"], "--variants: 7 is not float32"),
+    (["--variants", ","], "--variants: give at least one"),
+    (["--tokens", "0"], "--tokens must be >= 1"),
+    (["--prefill", "-1"], "--graph-tokens and --prefill >= 0"),
+    (["--graph-tokens", "-1"], "--graph-tokens and --prefill >= 0"),
+    (["--q-group-size", "48"], "invalid choice"),
+    (["--out", "/nonexistent/x.json"], "--out: folder /nonexistent does not exist"),
+])
+def test_cpu_quantized_bench_bad_input_exits_2(tmp_path, args, message):
+    done = run_benchmark("cpu_quantized.py", *args, tmp_path=tmp_path, check=False)
+    assert done.returncode == 2 and message in done.stderr
