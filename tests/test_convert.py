@@ -356,11 +356,12 @@ def test_source_bits_per_weight_of_a_tied_checkpoint(tmp_path, capsys, dtype):
     assert summary["bits_per_weight"] == (16.0 if dtype == "bfloat16" else 32.0)
 
 
-def test_help_says_cpu_quantization_saves_memory_not_time(capsys):
+def test_help_says_where_cpu_quantization_saves_time(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "On CPUs quantization saves memory, not time" in text and "--q-recipe" in text
+    assert "On CPUs MLX's quantized matmul saves memory, not time" in text and "--q-recipe" in text
+    assert "xLSTM-Large models on Linux CPUs decode and prefill in C instead" in text
 
 
 def test_dequantize_then_requantize_matches(tok_ckpt):

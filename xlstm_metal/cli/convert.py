@@ -46,10 +46,12 @@ recipes (--q-recipe):
                  "backbone.blocks.*.ffn.proj_down": 6, "lm_head": {"bits": 8}, "backbone.embeddings": false}
                  (exact layer paths or glob patterns; "float_gates": false quantizes the i/f gates too)
 
-On CPUs quantization saves memory, not time: measured on a 2-core x86 machine, MLX's quantized
-matmul took 6.9-8.4x the time of a float32 matmul through OpenBLAS for 7B-sized layers at batch 1,
-3.3-3.7x for small layers, and 70-90x at 512 rows (BENCHMARKS.md). Quantize for Metal and NVIDIA
-GPUs, or to fit memory.
+On CPUs MLX's quantized matmul saves memory, not time: measured on a 2-core x86 machine, it took
+6.9-8.4x the time of a float32 matmul through OpenBLAS for 7B-sized layers at batch 1, 3.3-3.7x
+for small layers, and 70-90x at 512 rows (BENCHMARKS.md). xLSTM-Large models on Linux CPUs decode
+and prefill in C instead, reading the packed weights: there a quantized model decodes faster than
+float32 (8-bit 1.9x, 4-bit 2.0x at the 125m shape) and prefills as fast. Quantize for Metal and
+NVIDIA GPUs, to fit memory, or for xLSTM-Large decode on Linux CPUs.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
 next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens, with
