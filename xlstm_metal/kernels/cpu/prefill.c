@@ -11,8 +11,8 @@
    from chunk to chunk with the same stabiliser m), its small products through the same GEMM.
    Exponentials of whole rows use decode_step.c's vectorised polynomial (xl_exp16, exp_row).
 
-   Compiled after decode_step.c (its xl_model / xl_block, rms_norm, soft_cap, log_sigmoid,
-   dot_rows_n, exp_row, norm_gate_row). Layouts: tokens [B, S] row-major; the state as in
+   Compiled after decode_step.c (its xl_model / xl_block / xl_quant, rms_norm, soft_cap, log_sigmoid,
+   dot_rows_n, mat_rows_n, dequantize_rows, weight_row, exp_row, norm_gate_row). Layouts: tokens [B, S] row-major; the state as in
    decode_step.c; logits [B, V].
    Python (prefill.py) checks the model and falls back to the MLX graph where anything differs. */
 
@@ -30,8 +30,9 @@ XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
   for (; j < count; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
 }
 
-/* Rows of a quantized weight dequantized at a time into a thread's tile, for the GEMM (a smaller tile
-   packs the activations again for each: 256 rows cost 15% of a 512-token prefill of the packaged model) */
+/* Rows of a quantized weight dequantized at a time into a thread's tile, for the GEMM. The GEMM packs
+   the activations again for each tile: with 256 rows one ad hoc 512-token prefill of the packaged
+   model ran ~15% slower than float32. */
 #define XL_TILE_ROWS 1024
 
 /* C[:, n0:n1] = A [rows, K] @ W[n0:n1]^T (W [N, K] row-major, float or, where Q->bits != 0, quantized;

@@ -6,10 +6,11 @@ OpenBLAS's second thread waits: about a quarter of a 512-token 125m prefill's wa
 2-core machine (benchmarks/NOTES.md). :func:`prefill` runs the whole prompt in C on all the
 threads the BLAS uses, each running OpenBLAS's GEMM on its share of every product. It stands for
 :meth:`xLSTMLarge.prefill <xlstm_metal.models.xlstm_large.xLSTMLarge.prefill>` where the model is
-what the C code computes (the checks of :mod:`.decode_step`: float32 weights and state, plain
-``nn.Linear`` projections, the reference norms and cells; and one of this package's sequence
-kernels, which all agree to float32 round-off), reading every weight from the module tree as it
-stands at the call; anything else returns None and the MLX graph runs. Linux CPUs with the
+what the C code computes (the checks of :mod:`.decode_step`: float32 state, float32
+``nn.Linear`` or MLX's affine quantized layers, the reference norms and cells; and one of this
+package's sequence kernels, which all agree to float32 round-off), reading every weight from the
+module tree as it stands at the call (a quantized one through tiles of dequantized rows for the
+GEMM); anything else returns None and the MLX graph runs. Linux CPUs with the
 OpenBLAS that :mod:`xlstm_metal._blas` loads; ``XLSTM_METAL_CPU_PREFILL=0`` turns it off.
 """
 
