@@ -6,10 +6,14 @@ integers (a quarter to an eighth of float32's bytes) and its prefill runs OpenBL
 dequantized tiles. For each round this measures every variant of the same weights in turns
 (float32, then each quantization; ``fuse_projections()``): decode at batch 1 (greedy steps from a
 zero state) and a prefill of ``--prefill`` tokens through the C code, and decode through the MLX
-graph (``XLSTM_METAL_CPU_STEP=0``, switched in the same process) for reference:
+graph (``XLSTM_METAL_CPU_STEP=0``, switched in the same process) for reference. Without float32
+among the variants a ``--shape`` model is drawn lazily and quantized layer by layer, so a 7B model
+fits where its float32 weights (28 GB) would not:
 
     python benchmarks/cpu_quantized.py --shape 125m --variants float32,8,4,mixed-4-6 --rounds 3 \
-        --out benchmarks/results/cpu_quantized_125m.json
+        --out benchmarks/results/cpu_quantized_c_125m.json
+    python benchmarks/cpu_quantized.py --shape 7b --variants 4 --rounds 1 --tokens 8 --graph-tokens 2 \
+        --prefill 64 --out benchmarks/results/cpu_quantized_c_7b.json
 
 Variants: ``float32``, a bit width (2-8, groups of ``--q-group-size``) or a ``--q-recipe`` name
 (``mixed-B-H``). Prints a Markdown table; the JSON keeps every measurement with the load average.
@@ -67,14 +71,26 @@ def main() -> int:
     from xlstm_metal.quantization import QuantizationError, bits_per_weight, quantize_model
 
     mx.set_default_device(mx.cpu)
-    base, name = bm.cpu_float32_model(args.shape, args.model)
-    base.unfuse_projections()
-    weights = tree_flatten(base.parameters())
+    if "float32" in variants or args.model is not None:
+        base, name = bm.cpu_float32_model(args.shape, args.model)
+        base.unfuse_projections()
+        weights = tree_flatten(base.parameters())
+
+        def make(spec: str):
+            if spec == "float32":
+                return base
+            model = type(base)(base.config)
+            model.load_weights(weights)
+            return model
+    else:  # quantized variants only: drawn lazily and quantized layer by layer (a 7B never in float32)
+        config, name = bm.shape_config(args.shape), str(args.shape)
+
+        def make(spec: str):
+            return bm.random_model(config, lazy=True)
     models = {}
     for spec in variants:
-        model = base if spec == "float32" else type(base)(base.config)
+        model = make(spec)
         if spec != "float32":
-            model.load_weights(weights)
             try:
                 quantize_model(model, recipe=spec if spec.startswith("mixed-") else None,
                                bits=None if spec.startswith("mixed-") else int(spec), group_size=args.q_group_size)
@@ -90,8 +106,8 @@ def main() -> int:
                 return 2
         models[spec] = model
     sizes = {spec: {"bits_per_weight": round(bits_per_weight(m), 3),
-                    "weights_mb": sum(a.nbytes for _, a in tree_flatten(m.parameters())
-                                      if "fused" not in _) / 1e6}
+                    "weights_mb": sum(a.nbytes for key, a in tree_flatten(m.parameters())
+                                      if "fused" not in key) / 1e6}  # fused copies: the same weights again
              for spec, m in models.items()}
     rows = []
     for rnd in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):

@@ -51,6 +51,21 @@ def test_cpu_quantized_bench_measures_every_variant_in_turns(tmp_path, monkeypat
     assert sum(line.startswith(("| float32 |", "| 8 |", "| 4 |", "| mixed-4-6 |")) for line in section) == 4
 
 
+def test_quantized_variants_alone_are_drawn_lazily_with_the_same_weights(tmp_path):
+    """Without float32 the --shape model is drawn lazily and quantized layer by layer (how a 7B fits):
+    the same sizes as beside float32, and the C code runs it."""
+    runs = {}
+    for variants in ("float32,4", "4"):
+        out = tmp_path / f"{variants}.json"
+        run_benchmark("cpu_quantized.py", "--variants", variants, "--rounds", "1", "--tokens", "2",
+                      "--graph-tokens", "0", "--prefill", "0", "--out", str(out), tmp_path=tmp_path)
+        runs[variants] = json.loads(out.read_text())
+    alone = runs["4"]
+    assert [r["variant"] for r in alone["rows"]] == ["4"] and alone["rows"][0]["decode_tok_s"] > 0
+    assert "graph_decode_tok_s" not in alone["rows"][0] and "prefill_tok_s" not in alone["rows"][0]
+    assert alone["sizes"]["4"] == runs["float32,4"]["sizes"]["4"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--variants", "7"], "--variants: 7 is not float32"),
     (["--variants", ","], "--variants: give at least one"),
@@ -63,3 +78,19 @@ def test_cpu_quantized_bench_measures_every_variant_in_turns(tmp_path, monkeypat
 def test_cpu_quantized_bench_bad_input_exits_2(tmp_path, args, message):
     done = run_benchmark("cpu_quantized.py", *args, tmp_path=tmp_path, check=False)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_random_model_drawn_lazily_holds_the_same_weights():
+    from mlx.utils import tree_flatten
+
+    from xlstm_metal import benchmark as bm
+
+    from conftest import tiny_config
+
+    eager, lazy = bm.random_model(tiny_config(), seed=3), bm.random_model(tiny_config(), seed=3, lazy=True)
+    pairs = list(zip(tree_flatten(eager.parameters()), tree_flatten(lazy.parameters())))
+    assert len(pairs) > 10
+    for (name, a), (other, b) in pairs:
+        assert name == other and a.dtype == b.dtype and mx.array_equal(a, b).item(), name
+    assert not mx.array_equal(eager.backbone.embeddings.weight,
+                              bm.random_model(tiny_config(), seed=4).backbone.embeddings.weight).item()

@@ -70,12 +70,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.size for _, p in tree_flatten(model.parameters()))
 
 
-def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0) -> xLSTMLarge:
+def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0, lazy: bool = False) -> xLSTMLarge:
     """An xLSTM-Large model with random weights drawn directly in ``dtype``.
 
     The module's own float32 initialisers stay lazy and are never evaluated: each parameter is
     replaced by one drawn in the target dtype, and blocks are evaluated one at a time, so a 7B
     model in bfloat16 peaks near its 14 GB rather than the 28 GB a float32 copy would take.
+    ``lazy``: the draws are left unevaluated too, for a caller that quantizes the model layer by
+    layer (``quantization.quantize_model``): a 7B model then never holds its float weights at once.
     Scales follow NX-AI's initialisation (weights ~ N(0, 1/fan_in), input-gate bias -10,
     forget-gate biases from 3 to 6) so activations and gates look like a trained model's.
     """
@@ -106,7 +108,8 @@ def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0) -> 
         # One array at a time: the transient (random bits, float32 draw) never exceeds the
         # largest single matrix (the embedding), so peak ~ final size + that.
         value = draw(name, p, index)
-        mx.eval(value)
+        if not lazy:
+            mx.eval(value)
         new.append((name, value))
     del flat
     model.update(tree_unflatten(new))
