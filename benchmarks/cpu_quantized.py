@@ -32,8 +32,18 @@ from cpu_decode_step import add_common_arguments, check_common_arguments
 
 
 def _variant(spec: str) -> str:
-    if spec == "float32" or spec.startswith("mixed-") or (spec.isdigit() and int(spec) in (2, 3, 4, 5, 6, 8)):
+    """``spec`` if it is float32, a bit width quantization takes or a mixed-B-H recipe it knows;
+    else ValueError (before any model is built)."""
+    from xlstm_metal.quantization import BITS, QuantizationError, make_recipe
+
+    if spec == "float32" or (spec.isdigit() and int(spec) in BITS):
         return spec
+    if spec.startswith("mixed-"):
+        try:
+            make_recipe(spec)
+            return spec
+        except QuantizationError:
+            pass
     raise ValueError(spec)
 
 
@@ -106,8 +116,7 @@ def main() -> int:
                 return 2
         models[spec] = model
     sizes = {spec: {"bits_per_weight": round(bits_per_weight(m), 3),
-                    "weights_mb": sum(a.nbytes for key, a in tree_flatten(m.parameters())
-                                      if "fused" not in key) / 1e6}  # fused copies: the same weights again
+                    "weights_mb": sum(a.nbytes for _, a in tree_flatten(m.parameters())) / 1e6}
              for spec, m in models.items()}
     rows = []
     for rnd in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):

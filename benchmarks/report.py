@@ -968,13 +968,16 @@ def cpu_prefill_rows() -> list[str]:
 def cpu_quantized_rows() -> list[str]:
     """Quantized weights through the C decode step and prefill against float32, in turns:
     results/cpu_quantized_c_*.json (benchmarks/cpu_quantized.py)."""
+    files = sorted(RESULTS.glob("cpu_quantized_c_*.json"))
+    if not files:
+        return []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cpu_quantized import table
+
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("cpu_quantized_c_*.json")):
+    for path in files:
         d = json.loads(path.read_text())
         env = d["environment"]
-        sys.path.insert(0, str(Path(__file__).parent))
-        from cpu_quantized import table
-
         loads = [r["loadavg_1m"] for r in d["rows"]]
         lines += [
             "", f"## CPU: quantized weights through the C step and prefill vs float32 ({path.name})", "",

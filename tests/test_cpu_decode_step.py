@@ -146,9 +146,11 @@ def test_fused_quantized_groups_are_what_it_reads():
     the C step and the C prefill (here made to differ from the layers by doubling their scales)."""
     from xlstm_metal.kernels.cpu import prefill as cp
 
+    def not_gates(path: str, module: nn.Module) -> bool:
+        return hasattr(module, "to_quantized") and not path.endswith(("igate_preact", "fgate_preact"))
+
     model = tiny_model(seed=15)
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, m: hasattr(m, "to_quantized")
-                and not path.endswith(("igate_preact", "fgate_preact")))
+    nn.quantize(model, group_size=32, bits=4, class_predicate=not_gates)
     model.fuse_projections()
     for block in model.blocks:
         for group in (block.mlstm_layer["_fused_projection"][0], block.ffn["_fused_gate_up"][0]):
@@ -160,8 +162,7 @@ def test_fused_quantized_groups_are_what_it_reads():
     got, _ = ds.decode_step(model, token, None)
     assert _rel(got, expected) < 2e-5
     plain = tiny_model(seed=15)
-    nn.quantize(plain, group_size=32, bits=4, class_predicate=lambda path, m: hasattr(m, "to_quantized")
-                and not path.endswith(("igate_preact", "fgate_preact")))
+    nn.quantize(plain, group_size=32, bits=4, class_predicate=not_gates)
     assert _rel(got, plain(token, None)[0]) > 1e-2  # the doubled scales changed the output
     ids = mx.array([[4, 8, 15, 16, 23, 42, 7, 9, 11, 13]], dtype=mx.int32)
     got = cp.prefill(model, ids)

@@ -68,6 +68,7 @@ def test_quantized_variants_alone_are_drawn_lazily_with_the_same_weights(tmp_pat
 
 @pytest.mark.parametrize("args,message", [
     (["--variants", "7"], "--variants: 7 is not float32"),
+    (["--variants", "float32,mixed-9-9"], "--variants: mixed-9-9 is not float32"),
     (["--variants", ","], "--variants: give at least one"),
     (["--tokens", "0"], "--tokens must be >= 1"),
     (["--prefill", "-1"], "--graph-tokens and --prefill >= 0"),
