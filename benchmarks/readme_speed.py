@@ -41,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = ["-m", "xlstm_metal", "generate", "--prompt", "The Python interpreter", "-v"]
+#: The configurations, in the order they run each round (see the module docstring).
+CONFIGS = ("this", "this-float32", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step",
+           "this-no-cpu-prefill")
 _RATE = re.compile(r"generation: (\d+) tokens, ([\d.]+) tok/s")
 
 
@@ -64,18 +67,14 @@ def main() -> int:
                    help="git revision of the older checkout (default: the commit before pydoc-15m)")
     p.add_argument("--old-tree", type=Path, help="an older checkout already on disk (instead of --old-rev)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", default="this,this-float32,this-old-model,old,this-no-rows,this-no-forward,"
-                                        "this-no-cpu-step,this-no-cpu-prefill",
-                   help="comma-separated subset of: this, this-float32, this-old-model, old, this-no-rows, "
-                        "this-no-forward, this-no-cpu-step, this-no-cpu-prefill")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     p.add_argument("--threads", help="XLSTM_METAL_BLAS_THREADS for every run (default: the automatic choice)")
     p.add_argument("--out", type=Path, help="JSON file for every run (written atomically)")
     args = p.parse_args()
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     wanted = [c for c in args.configs.split(",") if c]
-    known = {"this", "this-float32", "this-old-model", "old", "this-no-rows", "this-no-forward", "this-no-cpu-step",
-             "this-no-cpu-prefill"}
+    known = set(CONFIGS)
     if not wanted or set(wanted) - known:
         p.error(f"--configs: choose from {', '.join(sorted(known))}")
     env = {"XLSTM_METAL_BLAS_THREADS": args.threads} if args.threads else {}
