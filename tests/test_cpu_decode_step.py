@@ -91,6 +91,30 @@ def test_c_step_reads_quantized_weights(bits, group):
     _assert_same(model)
 
 
+WIDE = ds.library() is not None and bool(ds.library().xl_wide_unpack_available())
+
+
+@pytest.mark.parametrize("wide", [
+    pytest.param(True, marks=pytest.mark.skipif(not WIDE, reason="this CPU or build has no AVX-512BW unpacking")),
+    False,
+], ids=["avx512bw", "portable"])
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (5, 32), (6, 64), (6, 128)])
+def test_c_step_general_unpacking_both_forms(wide, bits, group):
+    """The general unpacking's two forms (AVX-512BW and portable), each against the graph, at 1
+    and 3 rows: where this CPU has AVX-512BW the default takes the wide form, so without the
+    switch the portable one would go untested here, and the other way round elsewhere."""
+    model = tiny_model(seed=12 + bits, tie_word_embeddings=False, embedding_dim=128)
+    nn.quantize(model, group_size=group, bits=bits)
+    with ds.wide_unpacking(wide) as runs_wide:
+        assert runs_wide == wide
+        _assert_same(model)
+        prompt = mx.array([[4, 9, 1], [7, 7, 2], [30, 11, 8]], dtype=mx.int32)
+        expected, _ = model(prompt[:, :1])
+        got = ds.decode_step(model, prompt[:, :1], None)
+        assert got is not None
+        assert _rel(got[0], expected) < 2e-5
+
+
 def _recipe(path: str, module: nn.Module):
     """The packaged model's kind of mix: embeddings at 6 bits, the gates in float, the head at 8."""
     if not hasattr(module, "to_quantized") or path.endswith(("igate_preact", "fgate_preact")):

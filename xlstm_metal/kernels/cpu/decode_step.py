@@ -103,6 +103,7 @@ def library() -> ctypes.CDLL | None:
             lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_long]
             lib.xl_work_floats.restype = ctypes.c_long
             lib.xl_max_rows.restype = ctypes.c_int
+            lib.xl_wide_unpack_available.restype = ctypes.c_int
             lib.xl_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long), ctypes.c_long,
                                        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, _f32p, _f32p]
             lib.xl_prefill.restype = ctypes.c_int
@@ -475,6 +476,22 @@ def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Inside: :data:`ENABLED` is ``enabled`` (comparisons of the C step with the MLX graph in one
     process); its previous value afterwards."""
     return switched_flag(sys.modules[__name__], enabled)
+
+
+@contextlib.contextmanager
+def wide_unpacking(enabled: bool) -> Iterator[bool]:
+    """Inside: quantized products at 2, 3, 5 and 6 bits (and 4 bits in groups of 16, which MLX
+    does not make) unpack with AVX-512BW where ``enabled`` and this CPU and build have it, else the portable way (tests
+    compare both). Yields whether the AVX-512BW form runs inside."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the CPU decode step is not built: {UNAVAILABLE}")
+    flag = ctypes.c_int.in_dll(lib, "xl_wide_unpack")
+    previous, flag.value = flag.value, int(enabled)
+    try:
+        yield bool(enabled and lib.xl_wide_unpack_available())
+    finally:
+        flag.value = previous
 
 
 def held_bytes(model: nn.Module) -> int:
