@@ -79,14 +79,9 @@ long xl_work_floats(const xl_model *M, long rows) {
    ROW_KERNEL_SOURCE, which the build puts before this file, with XL_CLONES) for NB rows of x
    [NB, K]: y[b * ldy + n] = <W[n], x[b]>, each 16-float chunk of a
    weight row loaded once for all NB rows (NB vector accumulators: GCC/clang vector types keep
-   them in registers, where arrays of floats went through the stack). */
-typedef float xl_v16 __attribute__((vector_size(64)));
+   them in registers, where arrays of floats went through the stack; xl_v16, xl_load and the
+   tree sum xl_hsum come with the row kernel). */
 typedef int xl_i16 __attribute__((vector_size(64)));
-static inline xl_v16 xl_load(const float *p) {
-  xl_v16 v;
-  memcpy(&v, p, sizeof v);  /* unaligned */
-  return v;
-}
 static inline void xl_store(float *p, xl_v16 v) { memcpy(p, &v, sizeof v); }
 #define XL_DOT_ROWS(NB)                                                                                 \
   XL_CLONES static void dot_rows##NB(const float *restrict W, const float *restrict x, float *restrict y, \
@@ -97,14 +92,14 @@ static inline void xl_store(float *p, xl_v16 v) { memcpy(p, &v, sizeof v); }
       for (int b = 0; b < NB; b++) acc[b] = (xl_v16){0};                                                \
       long k = 0;                                                                                       \
       for (; k + 16 <= K; k += 16) {                                                                    \
+        if (!(k & 63)) __builtin_prefetch(w + k + XL_ROW_PREFETCH, 0, 3);                               \
         const xl_v16 wk = xl_load(w + k);                                                               \
         for (int b = 0; b < NB; b++) acc[b] += wk * xl_load(x + b * K + k);                             \
       }                                                                                                 \
       for (int b = 0; b < NB; b++) {                                                                    \
         float s = 0.0f;                                                                                 \
         for (long r = k; r < K; r++) s += w[r] * x[b * K + r];                                          \
-        for (int j = 0; j < 16; j++) s += acc[b][j];                                                    \
-        y[b * ldy + n] = s;                                                                             \
+        y[b * ldy + n] = s + xl_hsum(acc[b]);                                                           \
       }                                                                                                 \
     }                                                                                                   \
   }
@@ -311,11 +306,7 @@ static inline xl_v16 unpack16_8(const unsigned char *p) {
           }                                                                                                 \
         }                                                                                                   \
       }                                                                                                     \
-      for (int b = 0; b < NB; b++) {                                                                        \
-        float sum = 0.0f;                                                                                   \
-        for (int j = 0; j < 16; j++) sum += acc[b][j];                                                      \
-        y[b * ldy + n] = sum;                                                                               \
-      }                                                                                                     \
+      for (int b = 0; b < NB; b++) y[b * ldy + n] = xl_hsum(acc[b]);                                        \
     }                                                                                                       \
   }
 #ifdef XL_WIDE_UNPACK
