@@ -32,9 +32,16 @@ TARGETS = [
     ("h200", "ttft", 1, 512, 25.0, "ms", "H200 time to first token, 512-token prompt"),
     ("h200", "qdecode4", 1, None, 450.0, "tok/s", "H200 decode batch 1, 4-bit weights (issue 11)"),
     ("h200", "qdecode8", 1, None, 300.0, "tok/s", "H200 decode batch 1, 8-bit weights (issue 11)"),
-    ("cpu", "prefill_ratio", 1, 512, 2.0, "x official", "CPU 125m float32: prefill 512 tokens vs official"),
-    ("cpu", "decode_ratio", 1, None, 1.5, "x official", "CPU 125m float32: decode batch 1 vs official"),
+    ("cpu", "prefill_ratio", 1, 512, 2.0, "x official", "CPU (AMD EPYC, Zen 4) 125m float32: prefill 512 tokens vs official"),
+    ("cpu", "decode_ratio", 1, None, 1.5, "x official", "CPU (AMD EPYC, Zen 4) 125m float32: decode batch 1 vs official"),
+    ("cpu-xeon", "prefill_ratio", 1, 512, 2.0, "x official", "CPU (Intel Xeon with AMX) 125m float32: prefill 512 tokens vs official"),
+    ("cpu-xeon", "decode_ratio", 1, None, 1.5, "x official", "CPU (Intel Xeon with AMX) 125m float32: decode batch 1 vs official"),
 ]
+
+#: The 2-core machines this project's CPU figures come from (the workplace's machine changed kind
+#: between sessions): side_by_side.py's results file stem, cpu_limits.py's file, and a label.
+CPU_MACHINES = (("cpu", "cpu_limits_125m.json", "AMD EPYC, Zen 4"),
+                ("cpu-xeon", "cpu_limits_125m_xeon.json", "Intel Xeon with AMX"))
 
 
 def _load(preset: str) -> dict | None:
@@ -149,10 +156,15 @@ def training_target_rows() -> list[str]:
 
 
 def cpu_limit_target_rows(results: dict[str, dict]) -> list[str]:
-    """Issue 19 item 5 against this machine's limits (results/cpu_limits_125m.json, quiet
-    rounds): decode at batch 1 as a share of the read-bandwidth limit (target 80%, median round), and what the
-    prefill ratio can reach at all: the measured GEMM ceiling over the official's best prefill."""
-    path = RESULTS / "cpu_limits_125m.json"
+    """Issue 19 item 5 against each CPU machine's limits (:data:`CPU_MACHINES`)."""
+    return [line for preset, name, label in CPU_MACHINES for line in _cpu_limit_rows(results, preset, name, label)]
+
+
+def _cpu_limit_rows(results: dict[str, dict], preset: str, name: str, label: str) -> list[str]:
+    """One machine against its limits (results/NAME, quiet rounds): decode at batch 1 as a share
+    of the read-bandwidth limit (target 80%, median round), and what the prefill ratio can reach at
+    all: the measured GEMM ceiling over the official's best prefill (results/PRESET.json)."""
+    path = RESULTS / name
     if not path.exists():
         return []
     d = json.loads(path.read_text())
@@ -178,15 +190,15 @@ def cpu_limit_target_rows(results: dict[str, dict]) -> list[str]:
     else:
         share, shown = mid["fraction_of_limit"], f"{100 * mid['fraction_of_limit']:.0f}% ({strict}"
     status = "**met**" if share >= 0.8 else f"not met: {0.8 / share:.2f}x short"
-    lines = [f"| CPU 125m float32: decode batch 1 vs this machine's read-bandwidth limit | >= 80% | "
+    lines = [f"| CPU ({label}) 125m float32: decode batch 1 vs this machine's read-bandwidth limit | >= 80% | "
              f"{shown}; `{path.name}`, {d['date']}) | {status} |"]
-    cpu = results.get("cpu")
+    cpu = results.get(preset)
     ceilings = [r["prefill"]["ceiling_tok_s"] for r in rounds if "prefill" in r]
     official = [r["tok_s"] for r in (cpu or {}).get("best", []) if r.get("side") == "official"
                 and r.get("kind") == "prefill" and r.get("length") == 512 and r.get("batch") == 1]
     if ceilings and official:
         reach = max(ceilings) / max(official)
-        lines.append(f"| CPU 125m float32: the most prefill 512 could reach vs official (this machine's measured "
+        lines.append(f"| CPU ({label}) 125m float32: the most prefill 512 could reach vs official (this machine's measured "
                      f"GEMM ceiling, {max(ceilings):,.0f} tok/s, over the official's best, {max(official):,.1f}) "
                      f"| >= 2.0 x official | {reach:.2f} x official | "
                      + ("**reachable**" if reach >= 2.0 else "not reachable here: the 2x target is above the "
@@ -1106,7 +1118,8 @@ def training_rows() -> list[str]:
 
 
 def render() -> str:
-    results = {p: r for p in ("h200", "h200-prefill", "h100", "cpu") if (r := _load(p)) is not None}
+    presets = ("h200", "h200-prefill", "h100", *(preset for preset, _, _ in CPU_MACHINES))
+    results = {p: r for p in presets if (r := _load(p)) is not None}
     lines = [
         "# Benchmarks",
         "",

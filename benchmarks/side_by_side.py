@@ -501,7 +501,9 @@ def main() -> int:
                 "preset": args.preset, "preset_config": preset,
                 "command": "python benchmarks/side_by_side.py " + " ".join(sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+                "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                         "cpu_name": next((r["cpu_name"] for r in records if r.get("kind") == "env" and "cpu_name" in r),
+                                          None)},
                 "records": records, "best": _best(records), "ratios": ratios(_best(records)),
             }
             tmp = out.with_suffix(".json.tmp")

@@ -182,12 +182,16 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "ROOT", tmp_path)
     text = report.render()
     # prefill 3.00x >= 2x: met; decode 1.20x < 1.5x: 1.25x short; H100 rows not measured.
-    assert "| CPU 125m float32: prefill 512 tokens vs official | >= 2.0 x official | 3.00 x official | **met** |" in text
+    assert ("| CPU (AMD EPYC, Zen 4) 125m float32: prefill 512 tokens vs official | >= 2.0 x official | "
+            "3.00 x official | **met** |") in text
     assert "1.20 x official | not met: 1.25x short |" in text
     assert "| <= 25.0 ms | 30.00 ms | not met: 1.20x over |" in text
     assert "| H200 decode batch 1, 4-bit weights (issue 11) | >= 450.0 tok/s | 300.00 tok/s | not met: 1.50x short |" in text
-    # 4 H100 rows, and of the H200's 8 all but the two above (the quantized row is not the main decode).
-    assert text.count("| not measured |") == 4 + 6
+    # 4 H100 rows, of the H200's 8 all but the two above (the quantized row is not the main decode),
+    # and the second CPU machine's 2 (no cpu-xeon.json).
+    assert text.count("| not measured |") == 4 + 6 + 2
+    assert "| CPU (Intel Xeon with AMX) 125m float32: decode batch 1 vs official | >= 1.5 x official | n/a  | " \
+        "not measured |" in text
     assert "| prefill | 1 | 512 | 300.0 | 0.70 | 100.0 | eager | n/a | **3.00x** |" in text
     assert "| q\\|k\\|v projection | 3.00 | 75% |" in text
     assert (tmp_path / "cpu.png").is_file()
@@ -252,6 +256,17 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
     (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
     assert "| >= 80% | 82% (median of 5" in "\n".join(report.cpu_limit_target_rows({"cpu": res}))
     assert "| **met** |" in "\n".join(report.cpu_limit_target_rows({"cpu": res}))
+    # Each CPU machine against its own limits and its own side-by-side run, under its own label.
+    assert "CPU (Intel Xeon" not in "\n".join(report.cpu_limit_target_rows({"cpu": res}))
+    xeon_rounds = [dict(r, fraction_of_limit=0.91, paired={"pairs": 1, "ratios": [0.92], "stream_gbs_median": 33.0})
+                   for r in rounds]
+    (tmp_path / "cpu_limits_125m_xeon.json").write_text(json.dumps({"date": "d2", "rounds": xeon_rounds}))
+    text = "\n".join(report.cpu_limit_target_rows({"cpu": res, "cpu-xeon": res}))
+    assert "| CPU (AMD EPYC, Zen 4) 125m float32: decode batch 1 vs this machine's read-bandwidth limit | >= 80% | " \
+        "82% (median of 5" in text
+    assert "| CPU (Intel Xeon with AMX) 125m float32: decode batch 1 vs this machine's read-bandwidth limit | " \
+        ">= 80% | 92% (median of 3" in text
+    assert "`cpu_limits_125m_xeon.json`, d2) | **met** |" in text
 
 
 def test_report_prefill_targets_from_a_newer_prefill_only_run(tmp_path, monkeypatch):

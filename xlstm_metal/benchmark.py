@@ -17,6 +17,7 @@ import dataclasses
 import math
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -298,6 +299,26 @@ def measure_decode(
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; macOS: sysctl), else platform.processor():
+    CPU figures differ by model, and one machine name can stand for several."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 timeout=5)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     """Device, versions and BLAS: what every reported figure needs beside it."""
     from . import __version__, _blas
@@ -308,6 +329,7 @@ def environment() -> dict[str, Any]:
         "xlstm_metal": __version__,
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_name": cpu_name(),
     }
     try:
         info["device_name"] = mx.device_info().get("device_name") if mx.default_device() == mx.gpu else None
