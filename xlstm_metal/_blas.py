@@ -104,7 +104,7 @@ static inline xl_v16 xl_load(const float *p) {
 }
 
 /* The sum of a's 16 lanes as a tree (halves added): summed one by one they were a chain of
-   dependent adds at every row's end that Intel's cores did not hide (ROW_PREFETCH). */
+   dependent adds at every row's end that Intel's cores did not hide (XL_ROW_PREFETCH). */
 static inline float xl_hsum(xl_v16 a) {
   float h[16];
   memcpy(h, &a, sizeof h);

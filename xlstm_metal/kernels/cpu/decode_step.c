@@ -225,7 +225,7 @@ static inline xl_v16 unpack16(const unsigned char *p, long room, const xl_unpack
 /* The general unpacking with AVX-512BW: the 16 bytes broadcast to the four 128-bit lanes, one
    in-lane byte shuffle (each lane can pick any of them) puts value j's bytes in its 32-bit lane,
    then one shift and one mask: 4 instructions per 16 values for unpack16's 8; 1.6x faster per
-   6-bit weight in a one-row product here (Zen 4). Written with intrinsics, in functions built for
+   6-bit weight in a one-row product (2-core Xeon). Written with intrinsics, in functions built for
    x86-64-v4 and called only where the CPU has it (xl_wide_unpack_available): with vector
    extensions GCC 12 folds the broadcast into the shuffle and makes it a cross-lane permute. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(XLSTM_NO_CLONES)
