@@ -216,9 +216,10 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
   float *x = work, *xn = x + T * E, *y = xn + T * E, *proj = y + T * E, *h = proj + T * P, *gn = h + T * HV,
         *gate = gn + T * HV, *up = gate + T * F, *scratch = up + T * F;
   int threads = M->threads > 0 ? M->threads : 1;
+  xl_barrier team = {0, 0}; /* decode_step.c: libgomp's barriers sleep once a second team exists */
 #pragma omp parallel num_threads(threads)
   {
-    int t = 0, TT = 1;
+    int t = 0, TT = 1, sense = 0;
 #ifdef _OPENMP
     t = omp_get_thread_num();
     TT = omp_get_num_threads();
@@ -239,7 +240,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         /* the last positions' rows together in y (free until out_proj): q's and o's input */
         if (last && j % S == S - 1) memcpy(y + j / S * E, xn + j * E, (size_t)E * sizeof(float));
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       {
         /* q|k|v|o|i|f as columns of proj [T, P]; weights that follow each other in memory (a fused
            copy's rows) as one product where both are for every position or both for the last
@@ -261,7 +262,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
           a = b;
         }
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       share(T, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) { /* the gates: i~ soft-capped, logsigmoid of f~ soft-capped */
         float *gi = proj + j * P + 2 * QK + 2 * HV, *gf = gi + NH;
@@ -270,31 +271,32 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
           gf[hd] = log_sigmoid(soft_cap(gf[hd] + B->b_f[hd], M->has_gate_cap, M->gate_cap));
         }
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       for (long s = t; s < rows * NH; s += TT) {
         const long r = s / NH, head = s % NH;
         head_prefill(M, B, sgemm, proj + r * S * P, P, S, L, s, head, last, h + r * S * HV, mine);
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       const long Tn = last ? rows : T;
       if (last) {
-#pragma omp single
-        for (long r = 0; r < rows; r++) memmove(x + r * E, x + (r * S + S - 1) * E, (size_t)E * sizeof(float));
+        if (t == 0)
+          for (long r = 0; r < rows; r++) memmove(x + r * E, x + (r * S + S - 1) * E, (size_t)E * sizeof(float));
+        xl_barrier_wait(&team, TT, &sense);
       }
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) {
         const long at = last ? j * S + S - 1 : j;
         norm_gate_row(M, B, h + at * HV, proj + at * P + 2 * QK + HV, gn + j * HV);
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, &B->quant[XL_OUT], y, E, tile);
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) {
         for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
         rms_norm(x + j * E, B->norm_ffn, B->norm_ffn_eps, xn + j * E, E);
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       {
         /* gate and up: this thread's columns of each, then SwiGLU on them (no barrier between) */
         long n0, n1;
@@ -304,22 +306,23 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         if (n1 > n0)
           for (long j = 0; j < Tn; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
       }
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, &B->quant[XL_DOWN], y, E, tile);
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++)
         for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
-#pragma omp barrier
+      xl_barrier_wait(&team, TT, &sense);
     }
     /* each row's last position: the out norm, then the head in groups of up to XL_MAX_ROWS rows */
-#pragma omp single
-    for (long r = 0; r < rows; r++) {
-      /* x holds only the last positions after the last block (a model of no blocks: all of them) */
-      const float *last = x + (M->num_blocks > 0 ? r : r * S + S - 1) * E;
-      if (M->out_norm) rms_norm(last, M->out_norm, M->out_norm_eps, xn + r * E, E);
-      else memcpy(xn + r * E, last, (size_t)E * sizeof(float));
-    }
+    if (t == 0)
+      for (long r = 0; r < rows; r++) {
+        /* x holds only the last positions after the last block (a model of no blocks: all of them) */
+        const float *last = x + (M->num_blocks > 0 ? r : r * S + S - 1) * E;
+        if (M->out_norm) rms_norm(last, M->out_norm, M->out_norm_eps, xn + r * E, E);
+        else memcpy(xn + r * E, last, (size_t)E * sizeof(float));
+      }
+    xl_barrier_wait(&team, TT, &sense);
     share(V, t, TT, &r0, &r1);
     for (long r = 0; r < rows; r += XL_MAX_ROWS) {
       const long R = rows - r < XL_MAX_ROWS ? rows - r : XL_MAX_ROWS;
