@@ -405,7 +405,17 @@ static void weight_row(const float *W, const xl_quant *Q, long N, long r, long K
    barriers then sleeps and wakes through the kernel: the 125m step went from 17 to 20 ms. */
 typedef struct {
   int arrived, sense;
+  long spins; /* pauses before yielding: none where the team has more threads than CPUs */
 } xl_barrier;
+
+static xl_barrier xl_barrier_for(int threads) {
+  int cpus = 1;
+#ifdef _OPENMP
+  cpus = omp_get_num_procs();
+#endif
+  /* ~0.1-0.5 ms of pause before yielding the core */
+  return (xl_barrier){0, 0, threads > cpus ? 0 : 4096};
+}
 
 static inline void xl_pause(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -425,7 +435,7 @@ static void xl_barrier_wait(xl_barrier *b, int T, int *sense) {
     return;
   }
   for (long spin = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != mine; spin++)
-    if (spin < (1L << 16))
+    if (spin < b->spins)
       xl_pause();
     else /* another process has the core: let it run */
       sched_yield();
@@ -554,7 +564,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
   float *h = gf + R * NH, *g = h + R * HV, *act = g + R * HV, *up_q = act + R * F;
   for (long r = 0; r < R; r++) weight_row(M->embedding, &M->q_embedding, M->V, tokens[r], E, x + r * E);
   int threads = M->threads > 0 ? M->threads : 1;
-  xl_barrier team = {0, 0};
+  xl_barrier team = xl_barrier_for(threads);
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, T = 1, sense = 0;

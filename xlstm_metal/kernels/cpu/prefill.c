@@ -216,7 +216,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
   float *x = work, *xn = x + T * E, *y = xn + T * E, *proj = y + T * E, *h = proj + T * P, *gn = h + T * HV,
         *gate = gn + T * HV, *up = gate + T * F, *scratch = up + T * F;
   int threads = M->threads > 0 ? M->threads : 1;
-  xl_barrier team = {0, 0}; /* decode_step.c: libgomp's barriers sleep once a second team exists */
+  xl_barrier team = xl_barrier_for(threads); /* decode_step.c: why not libgomp's */
 #pragma omp parallel num_threads(threads)
   {
     int t = 0, TT = 1, sense = 0;
