@@ -481,8 +481,8 @@ def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
 @contextlib.contextmanager
 def wide_unpacking(enabled: bool) -> Iterator[bool]:
     """Inside: quantized products at 2, 3, 5 and 6 bits (and 4 bits in groups of 16, which MLX
-    does not make) unpack with AVX-512BW where ``enabled`` and this CPU and build have it, else the portable way (tests
-    compare both). Yields whether the AVX-512BW form runs inside."""
+    does not make) unpack with AVX-512BW where ``enabled`` and this CPU and build have it, else
+    the portable way (tests compare both). Yields whether the AVX-512BW form runs inside."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the CPU decode step is not built: {UNAVAILABLE}")
