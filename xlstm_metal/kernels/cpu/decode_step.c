@@ -290,6 +290,8 @@ static inline xl_v16 unpack16_8(const unsigned char *p) {
       xl_v16 acc[NB];                                                                                       \
       for (int b = 0; b < NB; b++) acc[b] = (xl_v16){0};                                                    \
       for (long g = 0; g < groups; g++) {                                                                   \
+        /* rows of packed bytes are short (384 B at 4 bits and K = 768): ask for the bytes ahead */         \
+        __builtin_prefetch(w + (g + 1) * G * bits / 8 + XL_ROW_PREFETCH, 0, 3);                            \
         const float s = Q->scales[n * groups + g], c = Q->biases[n * groups + g];                           \
         if (bits == 4 && G % 32 == 0) { /* the common case without the general unpacking */                \
           const xl_v16 table = group_table(s, c);                                                           \
