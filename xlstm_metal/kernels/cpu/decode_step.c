@@ -208,14 +208,23 @@ static xl_unpack unpack_for(long bits) {
   return u;
 }
 
-/* 16 integers of a row from ``p`` (2 * bits bytes; ``room``: bytes readable from p, at least
-   that many) as floats. */
-static inline xl_v16 unpack16(const unsigned char *p, long room, const xl_unpack *u, long bits) {
+/* The 2 * bits bytes of 16 values from ``p`` in a vector (``room``: bytes readable from p, at
+   least that many; past the matrix's last bytes the rest is 0). */
+static inline xl_u8x16 packed16(const unsigned char *p, long room, long bits) {
   xl_u8x16 raw = {0};
   if (room >= 16)
     raw = *(const xl_u8x16u *)p;
-  else /* the matrix's last bytes */
+  else
     memcpy(&raw, p, (size_t)(2 * bits));
+  return raw;
+}
+
+/* Whether a group takes the 4-bit lookup (unpack32_4) rather than 16 values at a time. */
+static inline int nibble_table(long bits, long group) { return bits == 4 && group % 32 == 0; }
+
+/* 16 integers of a row from ``p`` (packed16's arguments) as floats. */
+static inline xl_v16 unpack16(const unsigned char *p, long room, const xl_unpack *u, long bits) {
+  const xl_u8x16 raw = packed16(p, room, bits);
   const xl_u32x16 lo = __builtin_convertvector(pick_bytes(raw, u->lo), xl_u32x16),
                   hi = __builtin_convertvector(pick_bytes(raw, u->hi), xl_u32x16);
   const xl_u32x16 q = ((lo | (hi << 8)) >> u->shift) & u->mask;
@@ -233,11 +242,7 @@ static inline xl_v16 unpack16(const unsigned char *p, long room, const xl_unpack
 #include <immintrin.h>
 #define XL_V4 __attribute__((target("arch=x86-64-v4")))
 XL_V4 static inline xl_v16 unpack16_wide(const unsigned char *p, long room, const xl_unpack *u, long bits) {
-  xl_u8x16 raw = {0};
-  if (room >= 16)
-    raw = *(const xl_u8x16u *)p;
-  else /* the matrix's last bytes */
-    memcpy(&raw, p, (size_t)(2 * bits));
+  const xl_u8x16 raw = packed16(p, room, bits);
   const __m512i picked = _mm512_shuffle_epi8(_mm512_broadcast_i32x4((__m128i)raw), (__m512i)u->lanes);
   const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(picked, (__m512i)u->shift), (__m512i)u->mask);
   return (xl_v16)_mm512_cvtepi32_ps(q);
@@ -293,7 +298,7 @@ static inline xl_v16 unpack16_8(const unsigned char *p) {
         /* rows of packed bytes are short (384 B at 4 bits and K = 768): ask for the bytes ahead */         \
         __builtin_prefetch(w + (g + 1) * G * bits / 8 + XL_ROW_PREFETCH, 0, 3);                            \
         const float s = Q->scales[n * groups + g], c = Q->biases[n * groups + g];                           \
-        if (bits == 4 && G % 32 == 0) { /* the common case without the general unpacking */                \
+        if (nibble_table(bits, G)) { /* the common case without the general unpacking */                   \
           const xl_v16 table = group_table(s, c);                                                           \
           for (long k = g * G; k < (g + 1) * G; k += 32) {                                                  \
             xl_v16 first, second;                                                                           \
@@ -338,7 +343,7 @@ static void mat_rows_n(const float *W, const xl_quant *Q, long N, const float *x
   }
   const unsigned char *end = Q->w + N * (K * Q->bits / 8);
 #ifdef XL_WIDE_UNPACK
-  if (Q->bits != 8 && !(Q->bits == 4 && Q->group % 32 == 0) && xl_wide_unpack && xl_wide_unpack_available()) {
+  if (Q->bits != 8 && !nibble_table(Q->bits, Q->group) && xl_wide_unpack && xl_wide_unpack_available()) {
     switch (rows) {
       case 1: qdot_rows_wide1(Q, end, x, y, ldy, n0, n1, K); break;
       case 2: qdot_rows_wide2(Q, end, x, y, ldy, n0, n1, K); break;
@@ -375,7 +380,7 @@ XL_CLONES static void dequantize_rows(const xl_quant *Q, long N, long r0, long r
     float *o = out + (r - r0) * K;
     for (long g = 0; g < groups; g++) {
       const float s = Q->scales[r * groups + g], c = Q->biases[r * groups + g];
-      if (bits == 4 && G % 32 == 0) {
+      if (nibble_table(bits, G)) {
         const xl_v16 table = group_table(s, c);
         for (long k = g * G; k < (g + 1) * G; k += 32) {
           xl_v16 first, second;
