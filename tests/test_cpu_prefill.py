@@ -134,6 +134,33 @@ def test_the_last_blocks_last_positions(blocks, chunk, rows, fused):
         _assert_same(model, _ids(rows, length, seed=length + 1), state)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+def test_amx_products_equal_the_graph_and_openblas(quantized):
+    """Where the CPU has AMX the products beyond 8 rows run on its bf16 tiles (each float32 value
+    in three bf16 parts): widths that are not multiples of the tiles' 32 (E = 48 and F = 72 in
+    float; 96 and 160 quantized, MLX's groups needing multiples of 32), rows that are not
+    multiples of 32 (3 x 45, 13 x 7), an entering state, against the graph and against
+    OpenBLAS's SGEMM, from which they differ in the last bits only."""
+    if quantized:
+        model = tiny_model(seed=16, embedding_dim=96, num_heads=3, ffn_proj_factor=5 / 3,
+                           ffn_round_up_to_multiple_of=32)
+        nn.quantize(model, group_size=32, bits=4)
+        assert model.config.ffn_dim == 160
+    else:
+        model = tiny_model(seed=16, embedding_dim=48, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=8)
+        assert model.config.ffn_dim == 72
+    ids, more = _ids(3, 45, seed=4), _ids(13, 7, seed=5)
+    outputs = {}
+    for enabled in (True, False):
+        with cp.amx_products(enabled) as runs:
+            assert runs == (enabled and ds.library().xl_amx_available() == 1)
+            logits, state = _assert_same(model, ids)
+            outputs[runs] = (logits, _assert_same(model, more[:3], state)[0], _assert_same(model, more)[0])
+    if len(outputs) == 2:  # this CPU has AMX: both forms ran, and not as the same arithmetic
+        for tiles, blas in zip(outputs[True], outputs[False]):
+            assert 0 < _rel(tiles, blas) < 3e-5
+
+
 def test_continuing_equals_one_call():
     """The state after a prompt in two calls is the one after it in one (the kernel's m included)."""
     model = tiny_model(seed=5)

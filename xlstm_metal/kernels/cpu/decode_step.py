@@ -82,12 +82,17 @@ def _build() -> Path:
     cc = _blas._compiler()
     if cc is None:
         raise OSError("no C compiler (cc, gcc, clang or $CC) to build the CPU decode step")
-    # prefill.c (kernels/cpu/prefill.py) shares this file's structures and helpers
-    source = _blas.ROW_KERNEL_SOURCE + SOURCE.read_text() + SOURCE.with_name("prefill.c").read_text()
+    # prefill.c (kernels/cpu/prefill.py) shares this file's structures and helpers, and runs its
+    # products through amx_gemm.c where the CPU has AMX
+    source = _blas.ROW_KERNEL_SOURCE + "".join(
+        SOURCE.with_name(name).read_text() for name in (SOURCE.name, "amx_gemm.c", "prefill.c"))
     key = hashlib.sha256(f"{source}|{cc}".encode()).hexdigest()[:16]
     target = _blas._cache_dir() / f"decode-step-{key}" / "libxlstm_decode_step.so"
     if not target.is_file():
-        _blas.build_library(cc, source, target, ["-lm"], "the CPU decode step")
+        try:
+            _blas.build_library(cc, source, target, ["-lm"], "the CPU decode step")
+        except OSError:  # a compiler or assembler without AMX's instructions: OpenBLAS's GEMM only
+            _blas.build_library(cc, source, target, ["-lm", "-DXL_NO_AMX"], "the CPU decode step")
     return target
 
 
@@ -104,6 +109,7 @@ def library() -> ctypes.CDLL | None:
             lib.xl_work_floats.restype = ctypes.c_long
             lib.xl_max_rows.restype = ctypes.c_int
             lib.xl_wide_unpack_available.restype = ctypes.c_int
+            lib.xl_amx_available.restype = ctypes.c_int
             lib.xl_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long), ctypes.c_long,
                                        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, _f32p, _f32p]
             lib.xl_prefill.restype = ctypes.c_int

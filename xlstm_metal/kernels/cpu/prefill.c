@@ -11,8 +11,14 @@
    from chunk to chunk with the same stabiliser m), its small products through the same GEMM.
    Exponentials of whole rows use decode_step.c's vectorised polynomial (xl_exp16, exp_row).
 
+   Where the CPU has AMX (amx_gemm.c), the block's products run on its bf16 tiles instead, each
+   float32 value split into three bf16 parts (a float32 product still; ~1.5x OpenBLAS's speed on
+   the 2-core Xeon): each product input is split into planes as the threads write it (xn after each
+   norm, the gated norm, SwiGLU's output), in two buffers taken in turn so that no thread writes
+   planes another still reads.
+
    Compiled after decode_step.c (its xl_model / xl_block / xl_quant, rms_norm, soft_cap, log_sigmoid,
-   dot_rows_n, mat_rows_n, dequantize_rows, weight_row, exp_row, norm_gate_row). Layouts: tokens [B, S] row-major; the state as in
+   dot_rows_n, mat_rows_n, dequantize_rows, weight_row, exp_row, norm_gate_row) and amx_gemm.c. Layouts: tokens [B, S] row-major; the state as in
    decode_step.c; logits [B, V].
    Python (prefill.py) checks the model and falls back to the MLX graph where anything differs. */
 
@@ -35,15 +41,29 @@ XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
    model ran ~15% slower than float32. */
 #define XL_TILE_ROWS 1024
 
+/* A product's scratch: a quantized weight's tile for the GEMM, the AMX products' own, and A split
+   into planes (amx_gemm.c; NULL where the tiles do not run this product). */
+typedef struct {
+  float *tile;
+  void *amx;
+  const xl_bf16 *planes;
+} xl_scratch;
+
 /* C[:, n0:n1] = A [rows, K] @ W[n0:n1]^T (W [N, K] row-major, float or, where Q->bits != 0, quantized;
    C's row stride ldc): the row kernel for up to XL_MAX_ROWS rows (OpenBLAS's GEMM would pack the
-   weight first), the GEMM otherwise (a quantized weight XL_TILE_ROWS rows at a time through
-   ``tile``, dequantized there: the GEMM's arithmetic on the values MLX's quantized matmul uses). */
+   weight first), the AMX tiles where A's planes are given, the GEMM otherwise (a quantized weight
+   XL_TILE_ROWS rows at a time through ``tile``, dequantized there: the GEMM's arithmetic on the
+   values MLX's quantized matmul uses). */
 static void product_cols(xl_sgemm_fn sgemm, long rows, long n0, long n1, long K, const float *A, const float *W,
-                         const xl_quant *Q, long N, float *C, long ldc, float *tile) {
+                         const xl_quant *Q, long N, float *C, long ldc, const xl_scratch *X) {
+  float *tile = X->tile;
   if (n1 <= n0 || rows <= 0) return;
   if (rows <= XL_MAX_ROWS) {
     mat_rows_n(W, Q, N, A, C, ldc, n0, n1, K, rows);
+#ifdef XL_AMX
+  } else if (X->planes) {
+    amx_product(rows, n0, n1, K, X->planes, W, Q, N, C, ldc, X->amx);
+#endif
   } else if (!Q->bits) {
     sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_TRANS, (int)rows, (int)(n1 - n0), (int)K, 1.0f, A, (int)K, W + n0 * K,
           (int)K, 0.0f, C + n0, (int)ldc);
@@ -65,30 +85,45 @@ static void column_share(long N, int t, int T, long *n0, long *n1) {
 
 /* product_cols over this thread's share of the N columns. */
 static void product_share(xl_sgemm_fn sgemm, int t, int T, long rows, long N, long K, const float *A,
-                          const float *W, const xl_quant *Q, float *C, long ldc, float *tile) {
+                          const float *W, const xl_quant *Q, float *C, long ldc, const xl_scratch *X) {
   long n0, n1;
   column_share(N, t, T, &n0, &n1);
-  product_cols(sgemm, rows, n0, n1, K, A, W, Q, N, C, ldc, tile);
+  product_cols(sgemm, rows, n0, n1, K, A, W, Q, N, C, ldc, X);
 }
 
 /* Per-thread scratch (floats): the kernel's for chunks of L steps, and a tile of a quantized weight
    (none for a float model). */
 static long kernel_scratch(const xl_model *M, long L) { return L * L + L * M->DV + L * M->DQK + 6 * (L + 16); }
 
+/* The widest product input: E, NH*DV or F. */
+static long widest_input(const xl_model *M) {
+  long widest = M->E > M->NH * M->DV ? M->E : M->NH * M->DV;
+  return widest > M->F ? widest : M->F;
+}
+
 static long tile_floats(const xl_model *M) {
   int quantized = M->q_embedding.bits || M->q_head.bits;
   for (long b = 0; b < M->num_blocks; b++)
     for (int w = 0; w < XL_WEIGHTS; w++) quantized |= M->blocks[b].quant[w].bits != 0;
-  long widest = M->E > M->NH * M->DV ? M->E : M->NH * M->DV;
-  widest = widest > M->F ? widest : M->F;
-  return quantized ? XL_TILE_ROWS * widest : 0;
+  return quantized ? XL_TILE_ROWS * widest_input(M) : 0;
 }
 
+/* Whether a prefill of ``tokens`` tokens runs its products on the AMX tiles. */
+static int amx_runs(long tokens) { return xl_amx && tokens > XL_MAX_ROWS && xl_amx_available(); }
+
+/* Per-thread floats of the AMX products' scratch, and of the two plane buffers (none where they
+   do not run): the first for inputs of width E, the second for NH*DV and F. */
+static long amx_scratch_floats(const xl_model *M, long tokens) {
+  return amx_runs(tokens) ? xl_amx_scratch_bytes(widest_input(M)) / 4 + 16 : 0;
+}
+static long planes_floats(long tokens, long K) { return 3 * xl_round32(tokens) * xl_round32(K) / 2 + 16; }
+
 long xl_prefill_work_floats(const xl_model *M, long tokens, long L, int threads) {
-  const long P = 2 * M->NH * M->DQK + 2 * M->NH * M->DV + 2 * M->NH;
+  const long P = 2 * M->NH * M->DQK + 2 * M->NH * M->DV + 2 * M->NH, HV = M->NH * M->DV;
+  const long planes = amx_runs(tokens) ? planes_floats(tokens, M->E) + planes_floats(tokens, HV > M->F ? HV : M->F) : 0;
   /* x, xn, y [E]; the projections [P]; h, the gated norm [NH*DV]; gate, up [F] per token */
-  return tokens * (3 * M->E + P + 2 * M->NH * M->DV + 2 * M->F) +
-         (long)threads * (kernel_scratch(M, L) + tile_floats(M));
+  return tokens * (3 * M->E + P + 2 * HV + 2 * M->F) + planes +
+         (long)threads * (kernel_scratch(M, L) + tile_floats(M) + amx_scratch_floats(M, tokens));
 }
 
 /* The chunkwise kernel for one head of one row (s = row * NH + head) over the row's S tokens:
@@ -216,6 +251,14 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
   float *x = work, *xn = x + T * E, *y = xn + T * E, *proj = y + T * E, *h = proj + T * P, *gn = h + T * HV,
         *gate = gn + T * HV, *up = gate + T * F, *scratch = up + T * F;
   int threads = M->threads > 0 ? M->threads : 1;
+  /* the AMX products: A's planes for inputs of width E (xn) and of NH*DV or F (gn, SwiGLU's) */
+  const int amx = amx_runs(T);
+  const long per_thread = kernel_scratch(M, L) + tile_floats(M) + amx_scratch_floats(M, T);
+  xl_bf16 *planes_e = NULL, *planes_f = NULL;
+  if (amx) {
+    planes_e = (xl_bf16 *)(((unsigned long)(scratch + threads * per_thread) + 63) & ~63UL);
+    planes_f = (xl_bf16 *)(((unsigned long)(planes_e + 2 * planes_floats(T, E) - 32) + 63) & ~63UL);
+  }
   xl_barrier team = xl_barrier_for(threads); /* decode_step.c: why not libgomp's */
 #pragma omp parallel num_threads(threads)
   {
@@ -225,7 +268,8 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
     TT = omp_get_num_threads();
 #endif
     long r0, r1;
-    float *mine = scratch + t * (kernel_scratch(M, L) + tile_floats(M)), *tile = mine + kernel_scratch(M, L);
+    float *mine = scratch + t * per_thread, *tile = mine + kernel_scratch(M, L);
+    xl_scratch none = {tile, tile + tile_floats(M), NULL}, on_e = none, on_f = none;
     share(T, t, TT, &r0, &r1);
     for (long j = r0; j < r1; j++) weight_row(M->embedding, &M->q_embedding, V, tokens[j], E, x + j * E);
     for (long index = 0; index < M->num_blocks; index++) {
@@ -234,12 +278,16 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
          after it: the logits read no other, and the state needs only k, v and the gates at every
          position (the rest of the block is ~3/4 of its products, q and o half of the first) */
       const int last = index == M->num_blocks - 1;
+      const long Tn = last ? rows : T; /* the rows from out_proj on */
+      on_e.planes = amx ? planes_e : NULL;
+      on_f.planes = amx && Tn > XL_MAX_ROWS ? planes_f : NULL;
       share(T, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) {
         rms_norm(x + j * E, B->norm_mlstm, B->norm_mlstm_eps, xn + j * E, E);
         /* the last positions' rows together in y (free until out_proj): q's and o's input */
         if (last && j % S == S - 1) memcpy(y + j / S * E, xn + j * E, (size_t)E * sizeof(float));
       }
+      if (amx) xl_amx_split_rows(xn, E, r0, r1, T, E, planes_e);
       xl_barrier_wait(&team, TT, &sense);
       {
         /* q|k|v|o|i|f as columns of proj [T, P]; weights that follow each other in memory (a fused
@@ -256,8 +304,8 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
           while (b < 6 && !Q->bits && !B->quant[XL_Q + b].bits && every[b] == every[a] &&
                  W[b] == W[b - 1] + count[b - 1] * E)
             N += count[b++];
-          if (every[a]) product_share(sgemm, t, TT, T, N, E, xn, W[a], Q, proj + col, P, tile);
-          else product_share(sgemm, t, TT, rows, N, E, y, W[a], Q, proj + (S - 1) * P + col, S * P, tile);
+          if (every[a]) product_share(sgemm, t, TT, T, N, E, xn, W[a], Q, proj + col, P, &on_e);
+          else product_share(sgemm, t, TT, rows, N, E, y, W[a], Q, proj + (S - 1) * P + col, S * P, &none);
           col += N;
           a = b;
         }
@@ -277,7 +325,6 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         head_prefill(M, B, sgemm, proj + r * S * P, P, S, L, s, head, last, h + r * S * HV, mine);
       }
       xl_barrier_wait(&team, TT, &sense);
-      const long Tn = last ? rows : T;
       if (last) {
         if (t == 0)
           for (long r = 0; r < rows; r++) memmove(x + r * E, x + (r * S + S - 1) * E, (size_t)E * sizeof(float));
@@ -288,26 +335,31 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         const long at = last ? j * S + S - 1 : j;
         norm_gate_row(M, B, h + at * HV, proj + at * P + 2 * QK + HV, gn + j * HV);
       }
+      if (on_f.planes) xl_amx_split_rows(gn, HV, r0, r1, Tn, HV, planes_f);
       xl_barrier_wait(&team, TT, &sense);
-      product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, &B->quant[XL_OUT], y, E, tile);
+      product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, &B->quant[XL_OUT], y, E, &on_f);
       xl_barrier_wait(&team, TT, &sense);
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++) {
         for (long c = 0; c < E; c++) x[j * E + c] += y[j * E + c];
         rms_norm(x + j * E, B->norm_ffn, B->norm_ffn_eps, xn + j * E, E);
       }
+      on_e.planes = on_f.planes ? planes_e : NULL; /* Tn rows now */
+      if (on_e.planes) xl_amx_split_rows(xn, E, r0, r1, Tn, E, planes_e);
       xl_barrier_wait(&team, TT, &sense);
       {
         /* gate and up: this thread's columns of each, then SwiGLU on them (no barrier between) */
         long n0, n1;
         column_share(F, t, TT, &n0, &n1);
-        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_gate, &B->quant[XL_GATE], F, gate, F, tile);
-        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_up, &B->quant[XL_UP], F, up, F, tile);
+        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_gate, &B->quant[XL_GATE], F, gate, F, &on_e);
+        product_cols(sgemm, Tn, n0, n1, E, xn, B->w_up, &B->quant[XL_UP], F, up, F, &on_e);
         if (n1 > n0)
           for (long j = 0; j < Tn; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
+        /* planes_f: its last reader (out_proj) is behind the barriers since */
+        if (on_f.planes) xl_amx_split_cols(gate, F, n0, n1, Tn, F, planes_f);
       }
       xl_barrier_wait(&team, TT, &sense);
-      product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, &B->quant[XL_DOWN], y, E, tile);
+      product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, &B->quant[XL_DOWN], y, E, &on_f);
       xl_barrier_wait(&team, TT, &sense);
       share(Tn, t, TT, &r0, &r1);
       for (long j = r0; j < r1; j++)

@@ -11,7 +11,9 @@ what the C code computes (the checks of :mod:`.decode_step`: float32 state, floa
 package's sequence kernels, which all agree to float32 round-off), reading every weight from the
 module tree as it stands at the call (a quantized one through tiles of dequantized rows for the
 GEMM); anything else returns None and the MLX graph runs. Linux CPUs with the
-OpenBLAS that :mod:`xlstm_metal._blas` loads; ``XLSTM_METAL_CPU_PREFILL=0`` turns it off.
+OpenBLAS that :mod:`xlstm_metal._blas` loads; ``XLSTM_METAL_CPU_PREFILL=0`` turns it off. Where
+the CPU has AMX (Intel Xeon, 4th generation on), the products run on its bf16 tiles as float32
+products (:func:`amx_products`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +41,23 @@ PIECE_TOKENS = 2048
 def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Inside: :data:`ENABLED` is ``enabled`` (comparisons with the MLX graph in one process)."""
     return _step.switched_flag(sys.modules[__name__], enabled)
+
+
+@contextlib.contextmanager
+def amx_products(enabled: bool) -> Iterator[bool]:
+    """Inside: the C prefill's products (more than eight rows) run on AMX's bf16 tiles, each
+    float32 value split into three bf16 parts (``amx_gemm.c``), where ``enabled`` and this CPU and
+    build have them, else through OpenBLAS's SGEMM (comparisons and tests). Yields whether the
+    tiles run inside."""
+    lib = _step.library()
+    if lib is None:
+        raise RuntimeError(f"the CPU decode step is not built: {_step.UNAVAILABLE}")
+    flag = ctypes.c_int.in_dll(lib, "xl_amx")
+    previous, flag.value = flag.value, int(enabled)
+    try:
+        yield bool(enabled and lib.xl_amx_available())
+    finally:
+        flag.value = previous
 
 
 def _sequence_reason(plan: _step._Plan) -> str | None:
