@@ -134,18 +134,22 @@ def test_the_last_blocks_last_positions(blocks, chunk, rows, fused):
         _assert_same(model, _ids(rows, length, seed=length + 1), state)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
-def test_amx_products_equal_the_graph_and_openblas(quantized):
+@pytest.mark.parametrize("kind", ["float", "4-bit", "wide"])
+def test_amx_products_equal_the_graph_and_openblas(kind):
     """Where the CPU has AMX the products beyond 8 rows run on its bf16 tiles (each float32 value
     in three bf16 parts): widths that are not multiples of the tiles' 32 (E = 48 and F = 72 in
-    float; 96 and 160 quantized, MLX's groups needing multiples of 32), rows that are not
-    multiples of 32 (3 x 45, 13 x 7), an entering state, against the graph and against
-    OpenBLAS's SGEMM, from which they differ in the last bits only."""
-    if quantized:
+    float; 96 and 160 quantized, MLX's groups needing multiples of 32), a width past one stretch
+    of K (F = 792: 768 and then 24 of 32, the accumulators carried), rows that are not multiples
+    of 32 (3 x 45, 13 x 7), an entering state, against the graph and against OpenBLAS's SGEMM,
+    from which they differ in the last bits only."""
+    if kind == "4-bit":
         model = tiny_model(seed=16, embedding_dim=96, num_heads=3, ffn_proj_factor=5 / 3,
                            ffn_round_up_to_multiple_of=32)
         nn.quantize(model, group_size=32, bits=4)
         assert model.config.ffn_dim == 160
+    elif kind == "wide":
+        model = tiny_model(seed=17, ffn_proj_factor=12.375, ffn_round_up_to_multiple_of=8)
+        assert model.config.ffn_dim == 792
     else:
         model = tiny_model(seed=16, embedding_dim=48, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=8)
         assert model.config.ffn_dim == 72

@@ -59,16 +59,25 @@ int xl_amx_available(void) {
 
 static inline long xl_round32(long n) { return (n + 31) / 32 * 32; }
 
-/* Weight rows packed per group: the group's planes in about 1 MB (L2 holds it beside A's 32 rows). */
-static long amx_group_rows(long Kp) {
-  const long rows = (1L << 20) / (6 * Kp) / 32 * 32;
+/* The longest stretch of K one pass takes (a multiple of 32): wider inputs go through in
+   stretches, the accumulators stored and loaded between them, so that a group of packed weight
+   rows stays wide (fewer passes over A). */
+#ifndef XL_AMX_KC
+#define XL_AMX_KC 768
+#endif
+static long amx_stretch(long Kp) { return Kp < XL_AMX_KC ? Kp : XL_AMX_KC; }
+
+/* Weight rows packed per group: the group's planes (a stretch of K wide) in about 1 MB, which L2
+   holds beside A's 32 rows. */
+static long amx_group_rows(long Kc) {
+  const long rows = (1L << 20) / (6 * Kc) / 32 * 32;
   return rows < 32 ? 32 : rows;
 }
 
 /* Bytes of scratch one thread's products take for inputs of width up to K: the packed group and
    32 dequantized rows of a quantized weight. */
 long xl_amx_scratch_bytes(long K) {
-  const long Kp = xl_round32(K), group = amx_group_rows(Kp) * Kp * 3 * (long)sizeof(xl_bf16);
+  const long Kp = xl_round32(K), Kc = amx_stretch(Kp), group = amx_group_rows(Kc) * Kc * 3 * (long)sizeof(xl_bf16);
   /* at least 1 MB: a narrower input's group fits then too */
   return (group > (1L << 20) ? group : 1L << 20) + 32 * Kp * (long)sizeof(float) + 64;
 }
@@ -141,18 +150,17 @@ XL_AMX_FN static inline void transpose16(__m512i v[16]) {
   }
 }
 
-/* Panel of up to 32 weight rows (float rows W with stride ldw, ``count`` of them; zeros after) ->
-   out: for each 32-wide step s of K, plane p and half h, the B tile at out + ((s * 3 + p) * 2 + h)
+/* Panel of up to 32 weight rows (float rows W with stride ldw, ``count`` of them, ``valid`` columns
+   of them; zeros after) -> out: for each of ``steps`` 32-wide steps s of K, plane p and half h, the B tile at out + ((s * 3 + p) * 2 + h)
    * 512, whose row r holds the pairs (k = 32 s + 2r, 32 s + 2r + 1) of weight rows 16 h .. 16 h + 15:
    each row's 32 values split into its planes' 16 pairs, then each plane's 16 x 16 pairs transposed. */
-XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long K, xl_bf16 *out) {
-  const long steps = xl_round32(K) / 32;
+XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long valid, long steps, xl_bf16 *out) {
   xl_bf16 parts[3 * 16 * 32] __attribute__((aligned(64))); /* [plane][row][32] */
   for (long h = 0; h < 2; h++)
     for (long s = 0; s < steps; s++) {
       const long k = 32 * s;
       for (long n = 0; n < 16; n++) {
-        const long row = 16 * h + n, left = row < count ? K - k : 0;
+        const long row = 16 * h + n, left = row < count ? valid - k : 0;
         split16(W + row * ldw + k, left, parts + n * 32, 16 * 32);
         split16(W + row * ldw + k + 16, left - 16, parts + n * 32 + 16, 16 * 32);
       }
@@ -166,17 +174,25 @@ XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long K, x
     }
 }
 
-/* C[0:32, 0:32] (row stride ldc) = 32 rows of A's planes (row stride Kp, plane stride PS) times a
-   packed panel: accumulators 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B
+/* C[0:32, 0:32] (row stride ldc) = (accumulate ? C : 0) + 32 rows of A's planes (row stride Kp,
+   plane stride PS; ``steps`` 32-wide steps of K) times a packed panel: accumulators 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B
    in 6-7. Per 32-wide step: A's hi with B's lo, mid, hi; A's lo, then mid, with B's hi (still
    loaded); A's mid with B's mid: 8 B loads and 6 A loads for 24 tile products. */
-XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, const xl_bf16 *B, float *C, long ldc) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const long sa = Kp * (long)sizeof(xl_bf16), rows16 = 16 * Kp;
-  for (long s = 0; s < Kp / 32; s++) {
+XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, long steps, const xl_bf16 *B, float *C, long ldc,
+                               int accumulate) {
+  const long sa = Kp * (long)sizeof(xl_bf16), rows16 = 16 * Kp, sc = ldc * (long)sizeof(float);
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    _tile_loadd(1, C + 16, sc);
+    _tile_loadd(2, C + 16 * ldc, sc);
+    _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (long s = 0; s < steps; s++) {
     const xl_bf16 *a = A + 32 * s, *b = B + s * 3 * 2 * 512;
 #define XL_FOUR()          \
   _tile_dpbf16ps(0, 4, 6); \
@@ -205,7 +221,6 @@ XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, const xl_bf16 
     XL_FOUR();
 #undef XL_FOUR
   }
-  const long sc = ldc * (long)sizeof(float);
   _tile_stored(0, C, sc);
   _tile_stored(1, C + 16, sc);
   _tile_stored(2, C + 16 * ldc, sc);
@@ -213,38 +228,47 @@ XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, const xl_bf16 
 }
 
 /* C[0:M, n0:n1] (row stride ldc) = A @ W[n0:n1]^T, A as planes (split_block; Mp = M rounded up
-   to 32), W [N, K] float or (Q->bits) quantized. scratch: xl_amx_scratch_bytes(K) bytes. */
+   to 32), W [N, K] float or (Q->bits) quantized. scratch: xl_amx_scratch_bytes(K) bytes. Stretches
+   of K one after another; in each, groups of weight rows packed, then every 32 rows of A times
+   each 32-row panel of the group (A's 32 rows stay in L1 and L2 across the group's panels). */
 XL_AMX_FN static void amx_product(long M, long n0, long n1, long K, const xl_bf16 *planes, const float *W,
                                   const xl_quant *Q, long N, float *C, long ldc, void *scratch) {
   if (n1 <= n0 || M <= 0) return;
-  const long Kp = xl_round32(K), Mp = xl_round32(M), PS = Mp * Kp, panel = 32 * Kp * 3;
-  const long group = amx_group_rows(Kp);
+  const long Kp = xl_round32(K), Mp = xl_round32(M), PS = Mp * Kp, Kc = amx_stretch(Kp), group = amx_group_rows(Kc);
   xl_bf16 *packed = (xl_bf16 *)(((unsigned long)scratch + 63) & ~63UL);
-  float *rows = (float *)(packed + group * Kp * 3), edge[32 * 32];
+  float *rows = (float *)(packed + group * Kc * 3), edge[32 * 32];
   amx_begin();
-  for (long g0 = n0; g0 < n1; g0 += group) {
-    const long g1 = n1 - g0 < group ? n1 : g0 + group;
-    for (long p0 = g0; p0 < g1; p0 += 32) {
-      const long count = g1 - p0 < 32 ? g1 - p0 : 32;
-      xl_bf16 *out = packed + (p0 - g0) / 32 * panel;
-      if (Q->bits) {
-        dequantize_rows(Q, N, p0, p0 + count, K, rows);
-        pack_panel(rows, K, count, K, out);
-      } else {
-        pack_panel(W + p0 * K, K, count, K, out);
-      }
-    }
-    for (long i0 = 0; i0 < M; i0 += 32)
+  for (long k0 = 0; k0 < Kp; k0 += Kc) {
+    const long k1 = Kp - k0 < Kc ? Kp : k0 + Kc, steps = (k1 - k0) / 32, valid = (K < k1 ? K : k1) - k0;
+    const long panel = 32 * (k1 - k0) * 3;
+    const int more = k0 > 0; /* the accumulators start from C's partial sums */
+    for (long g0 = n0; g0 < n1; g0 += group) {
+      const long g1 = n1 - g0 < group ? n1 : g0 + group;
       for (long p0 = g0; p0 < g1; p0 += 32) {
-        const long count = g1 - p0 < 32 ? g1 - p0 : 32, height = M - i0 < 32 ? M - i0 : 32;
-        const xl_bf16 *B = packed + (p0 - g0) / 32 * panel;
-        if (count == 32 && height == 32) {
-          block32(planes + i0 * Kp, Kp, PS, B, C + i0 * ldc + p0, ldc);
-        } else { /* the edges through a full block of scratch */
-          block32(planes + i0 * Kp, Kp, PS, B, edge, 32);
-          for (long r = 0; r < height; r++) memcpy(C + (i0 + r) * ldc + p0, edge + r * 32, (size_t)count * sizeof(float));
+        const long count = g1 - p0 < 32 ? g1 - p0 : 32;
+        xl_bf16 *out = packed + (p0 - g0) / 32 * panel;
+        if (Q->bits) {
+          dequantize_rows(Q, N, p0, p0 + count, K, rows);
+          pack_panel(rows + k0, K, count, valid, steps, out);
+        } else {
+          pack_panel(W + p0 * K + k0, K, count, valid, steps, out);
         }
       }
+      for (long i0 = 0; i0 < M; i0 += 32)
+        for (long p0 = g0; p0 < g1; p0 += 32) {
+          const long count = g1 - p0 < 32 ? g1 - p0 : 32, height = M - i0 < 32 ? M - i0 : 32;
+          const xl_bf16 *A = planes + i0 * Kp + k0, *B = packed + (p0 - g0) / 32 * panel;
+          float *at = C + i0 * ldc + p0;
+          if (count == 32 && height == 32) {
+            block32(A, Kp, PS, steps, B, at, ldc, more);
+          } else { /* the edges through a full block of scratch */
+            if (more)
+              for (long r = 0; r < height; r++) memcpy(edge + r * 32, at + r * ldc, (size_t)count * sizeof(float));
+            block32(A, Kp, PS, steps, B, edge, 32, more);
+            for (long r = 0; r < height; r++) memcpy(at + r * ldc, edge + r * 32, (size_t)count * sizeof(float));
+          }
+        }
+    }
   }
   _tile_release();
 }
