@@ -454,9 +454,55 @@ static void share(long R, int t, int T, long *r0, long *r1) {
   *r1 = R * (t + 1) / T;
 }
 
-static void rms_norm(const float *x, const float *w, float eps, float *out, long E) {
-  float s = 0.0f;
-  for (long j = 0; j < E; j++) s += x[j] * x[j];
+/* Sums of a row in 8-wide double partial sums: vectorised (a chain of dependent float adds, ~4
+   cycles each, cost a 512-token 125m prefill ~7 ms in the per-head norms alone) and no less exact
+   than the sequential float sum they replace (near-constant heads make the norms ill-conditioned). */
+typedef double xl_d8 __attribute__((vector_size(64)));
+typedef float xl_v8 __attribute__((vector_size(32)));
+
+static inline xl_d8 xl_load_d8(const float *p) {
+  xl_v8 v;
+  memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, xl_d8);
+}
+
+static inline double xl_hsum_d8(xl_d8 a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+static inline float xl_dot(const float *a, const float *b, long n) {
+  xl_d8 s0 = {0};
+  long j = 0;
+  for (; j + 8 <= n; j += 8) s0 += xl_load_d8(a + j) * xl_load_d8(b + j);
+  double s = xl_hsum_d8(s0);
+  for (; j < n; j++) s += (double)a[j] * b[j];
+  return (float)s;
+}
+
+static inline float xl_sum(const float *a, long n) {
+  xl_d8 s0 = {0};
+  long j = 0;
+  for (; j + 8 <= n; j += 8) s0 += xl_load_d8(a + j);
+  double s = xl_hsum_d8(s0);
+  for (; j < n; j++) s += a[j];
+  return (float)s;
+}
+
+/* sum of (a[j] - c)^2 */
+static inline float xl_centered_squares(const float *a, float c, long n) {
+  xl_d8 s0 = {0};
+  long j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const xl_d8 d = xl_load_d8(a + j) - (double)c;
+    s0 += d * d;
+  }
+  double s = xl_hsum_d8(s0);
+  for (; j < n; j++) s += ((double)a[j] - c) * ((double)a[j] - c);
+  return (float)s;
+}
+
+XL_CLONES static void rms_norm(const float *x, const float *w, float eps, float *out, long E) {
+  const float s = xl_dot(x, x, E);
   const float r = 1.0f / sqrtf(s / (float)E + eps);
   for (long j = 0; j < E; j++) out[j] = x[j] * r * w[j];
 }
@@ -545,10 +591,7 @@ XL_CLONES static void norm_gate_row(const xl_model *M, const xl_block *B, const 
   exp_row(o, out, HV);  /* out = exp(o) for now; sigmoid(o) = 1 - 1 / (1 + exp(o)) */
   for (long head = 0; head < NH; head++) {
     const float *x = h + head * DV;
-    float mean = 0.0f, var = 0.0f;
-    for (long b = 0; b < DV; b++) mean += x[b];
-    mean /= (float)DV;
-    for (long b = 0; b < DV; b++) var += (x[b] - mean) * (x[b] - mean);
+    const float mean = xl_sum(x, DV) / (float)DV, var = xl_centered_squares(x, mean, DV);
     const float r = 1.0f / sqrtf(var / (float)DV + B->mh_eps);
     for (long b = 0; b < DV; b++) {
       const long j = head * DV + b;

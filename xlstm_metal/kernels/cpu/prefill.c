@@ -132,7 +132,7 @@ long xl_prefill_work_floats(const xl_model *M, long tokens, long L, int threads)
    B->C_out, n_out, m_out (which may be the same memory). ``last_only`` (the last block, where
    nothing reads h elsewhere): h only at position S - 1, and q only read there; the state as
    always. */
-static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm, const float *proj, long P, long S,
+XL_CLONES static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm, const float *proj, long P, long S,
                          long L, long s, long head, int last_only, float *h, float *scratch) {
   const long NH = M->NH, DQK = M->DQK, DV = M->DV, QK = NH * DQK, HV = NH * DV;
   const float scale = 1.0f / sqrtf((float)DQK), eps = M->step_eps;
@@ -174,13 +174,9 @@ static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm
         const float base = bc[t] - mc[t];
         for (long j = 0; j <= t; j++) arg[j] = base + u[j];
         exp_row(arg, w, t + 1);
-        float sum = 0.0f;
-        for (long j = 0; j <= t; j++) {
-          row[j] *= w[j];
-          sum += row[j];
-        }
+        for (long j = 0; j <= t; j++) row[j] *= w[j];
         for (long j = t + 1; j < Lc; j++) row[j] = 0.0f;
-        den[t] = sum;
+        den[t] = xl_sum(row, t + 1);
       }
       sgemm(XL_ROW_MAJOR, XL_NO_TRANS, XL_NO_TRANS, (int)R, (int)DV, (int)Lc, 1.0f, Sm + t0 * L, (int)L, V, (int)P,
             0.0f, H + t0 * HV, (int)HV);
@@ -191,10 +187,7 @@ static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm
         for (long t = t0; t < Lc; t++) arg[t] = bc[t] + m - mc[t];
         exp_row(arg + t0, w + t0, R);
         for (long t = t0; t < Lc; t++) {
-          const float *q = Q + t * P;
-          float qn = 0.0f;
-          for (long a = 0; a < DQK; a++) qn += q[a] * n[a];
-          den[t] += w[t] * scale * qn;
+          den[t] += w[t] * scale * xl_dot(Q + t * P, n, DQK);
           float *out = H + t * HV;
           const float *tb = Tb + t * DV;
           for (long b = 0; b < DV; b++) out[b] += w[t] * tb[b];
