@@ -26,8 +26,11 @@ products (the LM head runs on the last position only; the mLSTM kernel adds ~3% 
 shape, not counted). Its ceiling is ``peak FLOP/s / FLOP per token``, with the peak measured as
 the best of ``likwid-bench -t peakflops_sp_avx512_fma`` (single precision FMAs from L1, one thread
 per core), a 2,048^3 float32 GEMM through MLX's OpenBLAS, and that GEMM's rate per second of CPU
-time times the core count (what the cores would do if other jobs left them free); our prefill of
-N tokens is measured beside it.
+time times the core count (what the cores would do if other jobs left them free); where the CPU has
+AMX (which the C prefill's products run on, each float32 value split into three bf16 parts: six
+tile products per float32 product), also a sixth of the tiles' own bf16 rate (back-to-back tile
+products on every core) and the same 2,048^3 product through them (``xl_amx_sgemm``). Our prefill
+of N tokens is measured beside it.
 
     python benchmarks/cpu_limits.py --shape 125m --rounds 3 --prefill 512 --out benchmarks/results/cpu_limits.json
 
@@ -185,6 +188,28 @@ def gemm_gflops(n: int = 2048, repeats: int = 3) -> tuple[float, float]:
     return 2 * n**3 / wall / 1e9, 2 * n**3 / cpu / 1e9
 
 
+def amx_gflops(threads: int, n: int = 2048, repeats: int = 3) -> dict[str, float]:
+    """Where the C library runs products on AMX tiles: a sixth of the tiles' bf16 GFLOP/s on
+    ``threads`` threads (a float32 product takes six tile products), and the float32 GFLOP/s of
+    an n^3 product through them (best of ``repeats``); {} elsewhere."""
+    from xlstm_metal.kernels.cpu import decode_step
+
+    lib = decode_step.library()
+    if lib is None or not lib.xl_amx_available():
+        return {}
+    peak = max(lib.xl_amx_peak_gflops(threads, 2_000_000) for _ in range(repeats)) / 6
+    rng = np.random.default_rng(0)
+    a, w = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    c = np.empty((n, n), np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        if lib.xl_amx_sgemm(n, n, n, *(decode_step._pointer(x) for x in (a, w, c)), threads) != 0:
+            return {f"amx_tiles_peak_div6_x{threads}": peak}
+        best = min(best, time.perf_counter() - t)
+    return {f"amx_tiles_peak_div6_x{threads}": peak, f"amx_sgemm_{n}": 2 * n**3 / best / 1e9}
+
+
 def prefill_flops_per_token(model) -> int:
     """2 FLOP per weight of the blocks' matrix products (what prefill multiplies every token by)."""
     from mlx.utils import tree_flatten
@@ -280,6 +305,7 @@ def main() -> int:
             lk_peak = likwid_peak(threads)
             if lk_peak is not None:
                 peaks[f"likwid_{threads}"] = lk_peak
+            peaks.update(amx_gflops(threads))
             pre = bm.measure_prefill(model, args.prefill, repeats=2)
             peak = max(peaks.values())
             row["prefill"] = {"peaks_gflops": peaks, "peak_gflops": peak, "flops_per_token": flops,

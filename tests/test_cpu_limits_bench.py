@@ -83,3 +83,17 @@ def test_a_slower_step_gives_a_smaller_share(monkeypatch):
 def test_cpu_limits_bad_input_exits_2(tmp_path, args, message):
     done = run_benchmark("cpu_limits.py", *args, tmp_path=tmp_path, check=False)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_amx_peaks_where_the_tiles_run():
+    """The prefill's AMX ceilings: a sixth of the tiles' rate, and a product through them that
+    cannot beat that ceiling by much; nothing where the library has no tiles."""
+    from xlstm_metal.kernels.cpu import decode_step
+
+    lib = decode_step.library()
+    peaks = cpu_limits.amx_gflops(2, n=256, repeats=2)
+    if lib is None or not lib.xl_amx_available():
+        assert peaks == {}
+        return
+    assert set(peaks) == {"amx_tiles_peak_div6_x2", "amx_sgemm_256"}
+    assert peaks["amx_tiles_peak_div6_x2"] > 0 and 0 < peaks["amx_sgemm_256"] < 1.5 * peaks["amx_tiles_peak_div6_x2"]

@@ -165,6 +165,52 @@ def test_amx_products_equal_the_graph_and_openblas(kind):
             assert 0 < _rel(tiles, blas) < 3e-5
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = set(next((line for line in info if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= flags
+
+
+def test_the_build_has_the_tiles_where_the_cpu_and_compiler_do():
+    """The library falls back to a build without AMX only where the compiler cannot assemble it:
+    on an AMX CPU with GCC (12 here) the tiles must be there, or a mistake in amx_gemm.c would
+    silently leave every prefill on OpenBLAS (as one did while this was written)."""
+    import subprocess
+
+    lib = ds.library()
+    compiler = _blas._compiler()
+    version = subprocess.run([compiler, "-dumpversion"], capture_output=True, text=True).stdout.strip()
+    gcc = "gcc" in subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.lower()
+    if _cpu_has_amx() and gcc and int(version.split(".")[0]) >= 12:
+        assert lib.xl_amx_available() == 1
+    if lib.xl_amx_available():
+        assert lib.xl_amx_peak_gflops(1, 20000) > 0
+
+
+def test_amx_sgemm_is_a_float32_product():
+    """xl_amx_sgemm (benchmarks/cpu_limits.py's measure of the tiles' products) against float64:
+    as close as OpenBLAS's float32 product, on sizes off the tiles' 32; refuses where the tiles
+    do not run."""
+    lib = ds.library()
+    rng = np.random.default_rng(0)
+    for m, n, k in ((70, 45, 100), (130, 300, 900)):
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        c = np.full((m, n), np.nan, np.float32)
+        status = lib.xl_amx_sgemm(m, n, k, ds._pointer(a), ds._pointer(w), ds._pointer(c), 2)
+        if not lib.xl_amx_available():
+            assert status == 1
+            return
+        assert status == 0
+        exact = a.astype(np.float64) @ w.astype(np.float64).T
+        err = np.abs(c - exact).mean() / np.abs(exact).mean()
+        blas = np.abs(a @ w.T - exact).mean() / np.abs(exact).mean()
+        assert err < 2 * blas and err < 1e-6, (err, blas)
+
+
 def test_continuing_equals_one_call():
     """The state after a prompt in two calls is the one after it in one (the kernel's m included)."""
     model = tiny_model(seed=5)

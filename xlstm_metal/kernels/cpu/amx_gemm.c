@@ -22,6 +22,9 @@
    Compiled after decode_step.c (xl_quant, dequantize_rows). Where the compiler lacks the AMX
    intrinsics this file defines xl_amx_available() as 0 and prefill.c runs OpenBLAS's GEMM. */
 
+#include <stdlib.h>
+#include <time.h>
+
 typedef unsigned short xl_bf16;
 
 #if defined(__x86_64__) && !defined(XL_NO_AMX) && \
@@ -299,5 +302,81 @@ static void xl_amx_split_cols(const float *A, long lda, long c0, long c1, long M
     for (long r = M; r < Mp; r++) memset(planes + p * Mp * Kp + r * Kp + c0, 0, (size_t)(end - c0) * sizeof(xl_bf16));
 #else
   (void)A, (void)lda, (void)c0, (void)c1, (void)M, (void)K, (void)planes;
+#endif
+}
+
+/* Measurements for benchmarks/cpu_limits.py (not on any model's path). */
+#ifdef XL_AMX
+XL_AMX_FN static double amx_peak_one(long reps) {
+  static const xl_bf16 ones[16 * 32] __attribute__((aligned(64))) = {0};
+  amx_begin();
+  _tile_zero(0); /* tile numbers are literals in the instructions */
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  for (long r = 0; r < reps; r++) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  _tile_release();
+  const double seconds = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+  return 4.0 * (double)reps * 16 * 16 * 32 * 2 / seconds / 1e9;
+}
+#endif
+
+/* The tiles' bf16 GFLOP/s on ``threads`` threads at once: back-to-back tile products on four
+   accumulators from tiles already loaded (the float32 products' ceiling is a sixth of it); 0 where
+   the tiles do not run. */
+double xl_amx_peak_gflops(int threads, long reps) {
+  double total = 0.0;
+#ifdef XL_AMX
+  if (!xl_amx_available()) return 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  total += amx_peak_one(reps);
+#else
+  (void)threads, (void)reps;
+#endif
+  return total;
+}
+
+/* C [M, N] = A [M, K] @ W [N, K]^T in float32 on the tiles, the columns split over ``threads``
+   threads as the prefill splits them: the products' own rate, beside OpenBLAS's GEMM. Returns 0,
+   1 where the tiles do not run, 2 where memory runs out. */
+int xl_amx_sgemm(long M, long N, long K, const float *A, const float *W, float *C, int threads) {
+#ifdef XL_AMX
+  if (!xl_amx_available() || M < 1 || N < 1 || K < 1) return 1;
+  const size_t plane_bytes = (size_t)(3 * xl_round32(M) * xl_round32(K)) * sizeof(xl_bf16) + 64;
+  const size_t scratch_bytes = (size_t)xl_amx_scratch_bytes(K);
+  char *memory = malloc(plane_bytes + (size_t)threads * scratch_bytes);
+  if (!memory) return 2;
+  xl_bf16 *planes = (xl_bf16 *)(((unsigned long)memory + 63) & ~63UL);
+  const xl_quant none = {0};
+#pragma omp parallel num_threads(threads)
+  {
+    int t = 0, T = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    T = omp_get_num_threads();
+#endif
+    const long r0 = M * t / T, r1 = M * (t + 1) / T;
+    xl_amx_split_rows(A, K, r0, r1, M, K, planes);
+#pragma omp barrier
+    const long n0 = N * t / T / 16 * 16, n1 = t == T - 1 ? N : N * (t + 1) / T / 16 * 16;
+    amx_product(M, n0, n1, K, planes, W, &none, N, C, N, memory + plane_bytes + (size_t)t * scratch_bytes);
+  }
+  free(memory);
+  return 0;
+#else
+  (void)M, (void)N, (void)K, (void)A, (void)W, (void)C, (void)threads;
+  return 1;
 #endif
 }

@@ -110,6 +110,10 @@ def library() -> ctypes.CDLL | None:
             lib.xl_max_rows.restype = ctypes.c_int
             lib.xl_wide_unpack_available.restype = ctypes.c_int
             lib.xl_amx_available.restype = ctypes.c_int
+            lib.xl_amx_peak_gflops.argtypes = [ctypes.c_int, ctypes.c_long]
+            lib.xl_amx_peak_gflops.restype = ctypes.c_double
+            lib.xl_amx_sgemm.argtypes = [ctypes.c_long] * 3 + [_f32p] * 3 + [ctypes.c_int]
+            lib.xl_amx_sgemm.restype = ctypes.c_int
             lib.xl_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long), ctypes.c_long,
                                        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, _f32p, _f32p]
             lib.xl_prefill.restype = ctypes.c_int
