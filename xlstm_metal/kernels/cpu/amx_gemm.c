@@ -120,13 +120,18 @@ XL_AMX_FN static inline void split16(const float *x, long count, xl_bf16 *p, lon
   _mm256_storeu_si256((__m256i *)(p + 2 * plane), (__m256i)lo);
 }
 
-/* Columns [c0, c1) of rows [r0, r1) of A (row stride lda, K columns) into the planes (row stride
-   Kp, plane stride Mp * Kp); c1 == K also writes the zero columns to Kp. c0 a multiple of 16. */
+/* Where A's value (r, c) sits in a plane: the plane in A tiles, each 16 rows x 32 columns (1 KB)
+   contiguous, a row's 16 tiles after each other (so a tile load reads 1 KB in a row, which the
+   hardware prefetcher follows, not 16 lines Kp * 2 bytes apart). */
+static inline long plane_at(long r, long c, long Kp) { return r / 16 * 16 * Kp + c / 32 * 512 + r % 16 * 32 + c % 32; }
+
+/* Columns [c0, c1) of rows [r0, r1) of A (row stride lda, K columns) into the planes (plane_at,
+   plane stride Mp * Kp); c1 == K also writes the zero columns to Kp. c0 a multiple of 16. */
 XL_AMX_FN static void split_block(const float *A, long lda, long r0, long r1, long c0, long c1, long K, long Mp,
                                   xl_bf16 *planes) {
   const long Kp = xl_round32(K), end = c1 == K ? Kp : c1;
   for (long r = r0; r < r1; r++)
-    for (long c = c0; c < end; c += 16) split16(A + r * lda + c, c1 - c, planes + r * Kp + c, Mp * Kp);
+    for (long c = c0; c < end; c += 16) split16(A + r * lda + c, c1 - c, planes + plane_at(r, c, Kp), Mp * Kp);
 }
 
 /* 16 rows of 16 dwords transposed in place (out[r] dword n = in[n] dword r). */
@@ -177,13 +182,13 @@ XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long vali
     }
 }
 
-/* C[0:32, 0:32] (row stride ldc) = (accumulate ? C : 0) + 32 rows of A's planes (row stride Kp,
-   plane stride PS; ``steps`` 32-wide steps of K) times a packed panel: accumulators 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B
+/* C[0:32, 0:32] (row stride ldc) = (accumulate ? C : 0) + 32 rows of A's planes (plane_at from
+   A, plane stride PS; ``steps`` 32-wide steps of K) times a packed panel: accumulators 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B
    in 6-7. Per 32-wide step: A's hi with B's lo, mid, hi; A's lo, then mid, with B's hi (still
    loaded); A's mid with B's mid: 8 B loads and 6 A loads for 24 tile products. */
 XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, long steps, const xl_bf16 *B, float *C, long ldc,
                                int accumulate) {
-  const long sa = Kp * (long)sizeof(xl_bf16), rows16 = 16 * Kp, sc = ldc * (long)sizeof(float);
+  const long sa = 64, rows16 = 16 * Kp, sc = ldc * (long)sizeof(float);
   if (accumulate) {
     _tile_loadd(0, C, sc);
     _tile_loadd(1, C + 16, sc);
@@ -196,7 +201,7 @@ XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, long steps, co
     _tile_zero(3);
   }
   for (long s = 0; s < steps; s++) {
-    const xl_bf16 *a = A + 32 * s, *b = B + s * 3 * 2 * 512;
+    const xl_bf16 *a = A + 512 * s, *b = B + s * 3 * 2 * 512;
 #define XL_FOUR()          \
   _tile_dpbf16ps(0, 4, 6); \
   _tile_dpbf16ps(1, 4, 7); \
@@ -260,7 +265,7 @@ XL_AMX_FN static void amx_product(long M, long n0, long n1, long K, const xl_bf1
       for (long i0 = 0; i0 < M; i0 += 32)
         for (long p0 = g0; p0 < g1; p0 += 32) {
           const long count = g1 - p0 < 32 ? g1 - p0 : 32, height = M - i0 < 32 ? M - i0 : 32;
-          const xl_bf16 *A = planes + i0 * Kp + k0, *B = packed + (p0 - g0) / 32 * panel;
+          const xl_bf16 *A = planes + plane_at(i0, k0, Kp), *B = packed + (p0 - g0) / 32 * panel;
           float *at = C + i0 * ldc + p0;
           if (count == 32 && height == 32) {
             block32(A, Kp, PS, steps, B, at, ldc, more);
@@ -283,8 +288,10 @@ static void xl_amx_split_rows(const float *A, long lda, long r0, long r1, long M
 #ifdef XL_AMX
   const long Kp = xl_round32(K), Mp = xl_round32(M);
   split_block(A, lda, r0, r1, 0, K, K, Mp, planes);
-  if (r1 == M)
-    for (long p = 0; p < 3; p++) memset(planes + p * Mp * Kp + M * Kp, 0, (size_t)((Mp - M) * Kp) * sizeof(xl_bf16));
+  if (r1 == M) /* the padding rows: zeros (their tiles' rows of row M's tiles on) */
+    for (long p = 0; p < 3; p++)
+      for (long r = M; r < Mp; r++)
+        for (long c = 0; c < Kp; c += 32) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 32 * sizeof(xl_bf16));
 #else
   (void)A, (void)lda, (void)r0, (void)r1, (void)M, (void)K, (void)planes;
 #endif
@@ -299,7 +306,8 @@ static void xl_amx_split_cols(const float *A, long lda, long c0, long c1, long M
   split_block(A, lda, 0, M, c0, c1, K, Mp, planes);
   const long end = c1 == K ? Kp : c1;
   for (long p = 0; p < 3; p++)
-    for (long r = M; r < Mp; r++) memset(planes + p * Mp * Kp + r * Kp + c0, 0, (size_t)(end - c0) * sizeof(xl_bf16));
+    for (long r = M; r < Mp; r++)
+      for (long c = c0; c < end; c += 16) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 16 * sizeof(xl_bf16));
 #else
   (void)A, (void)lda, (void)c0, (void)c1, (void)M, (void)K, (void)planes;
 #endif
