@@ -234,12 +234,17 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
     text = "\n".join(report.cpu_limit_target_rows({"cpu": res}))
     assert ("| >= 80% | 45% (median round: 22.5 of 50.0 tok/s, 31.0 GB/s read; rounds 40% / 90% / 45%; "
             "`cpu_limits_125m.json`, d1) | not met: 1.78x short |") in text
-    assert "ceiling, 180 tok/s, over the official's best, 100.0) | >= 2.0 x official | 1.80 x official | " \
+    assert "ceiling (GEMM), 180 tok/s, over the official's best, 100.0) | >= 2.0 x official | 1.80 x official | " \
         "not reachable here" in text
     rounds[0]["prefill"]["ceiling_tok_s"], rounds[2]["fraction_of_limit"] = 250.0, 0.85
     (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
     text = "\n".join(report.cpu_limit_target_rows({"cpu": res}))
     assert "| **met** |" in text and "2.50 x official | **reachable** |" in text
+    # On an AMX CPU the highest ceiling is a sixth of the tiles' rate, and the row says so.
+    rounds[0]["prefill"]["peaks_gflops"] = {"gemm_2048": 400.0, "amx_tiles_peak_div6_x2": 1100.0}
+    (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
+    text = "\n".join(report.cpu_limit_target_rows({"cpu": res}))
+    assert "ceiling (a sixth of the AMX tiles' bf16 rate), 250 tok/s" in text
     # Steps paired with reads of their bytes (cpu_limits.py --pairs): the median over all pairs
     # decides, the rounds' best-burst figure (now 85% in the median round) is shown beside it.
     rounds[0]["paired"] = {"pairs": 3, "ratios": [0.70, 0.75, 0.79], "stream_gbs_median": 40.0}
