@@ -7,13 +7,14 @@
    lo.hi) in the tiles' float32 accumulators. What is left out (mid.lo, lo.mid, lo.lo) is below
    2^-24 of each term, float32's unit round-off, so the result is a float32 product like
    OpenBLAS's: against a float64 reference an ad hoc 512 x 768 x 1,152 product was off by 2.0e-7
-   (mean relative) here and 3.3e-7 through OpenBLAS's SGEMM. One core's tile unit did ~2.6
-   TFLOP/s of bf16 from L2 on the 2-core Xeon, so six products come to ~430 GFLOP/s of float32
-   against OpenBLAS's ~200 per core (benchmarks/NOTES.md, session 30).
+   (mean relative) here and 3.3e-7 through OpenBLAS's SGEMM. On the 2-core Xeon one core's tile
+   unit did 3.4 TFLOP/s of bf16 back to back, ~2.8 with both operands in L2 and ~2.2 with A
+   streamed as below, so six products come to ~370-470 GFLOP/s of float32 per core against
+   OpenBLAS's ~210 (benchmarks/NOTES.md, session 30).
 
    Layouts. The activations A [M, K] are split once per product input into three planes [Mp, Kp]
-   of bf16 (Mp = M and Kp = K rounded up to 32, zeros in the padding), by rows (xl_amx_split_rows)
-   or by column ranges (xl_amx_split_cols). A weight W [N, K] (row-major, float or MLX's affine
+   of bf16 in tile order (plane_at; Mp = M and Kp = K rounded up to 32, zeros in the padding), by
+   rows (xl_amx_split_rows) or by column ranges (xl_amx_split_cols). A weight W [N, K] (row-major, float or MLX's affine
    quantization) is split into panels of 32 of its rows while the product runs: a panel holds, for
    each 32-wide step of K, each plane and each half of 16 rows, one B tile in AMX's pair-interleaved
    layout (tile row r = the pairs k = 2r, 2r + 1 of the 16 weight rows). The product walks groups
@@ -158,10 +159,11 @@ XL_AMX_FN static inline void transpose16(__m512i v[16]) {
   }
 }
 
-/* Panel of up to 32 weight rows (float rows W with stride ldw, ``count`` of them, ``valid`` columns
-   of them; zeros after) -> out: for each of ``steps`` 32-wide steps s of K, plane p and half h, the B tile at out + ((s * 3 + p) * 2 + h)
-   * 512, whose row r holds the pairs (k = 32 s + 2r, 32 s + 2r + 1) of weight rows 16 h .. 16 h + 15:
-   each row's 32 values split into its planes' 16 pairs, then each plane's 16 x 16 pairs transposed. */
+/* Panel of up to 32 weight rows (float rows W with stride ldw, ``count`` of them, ``valid``
+   columns of them; zeros after) -> out: for each of ``steps`` 32-wide steps s of K, plane p and
+   half h, the B tile at out + ((s * 3 + p) * 2 + h) * 512, whose row r holds the pairs
+   (k = 32 s + 2r, 32 s + 2r + 1) of weight rows 16 h .. 16 h + 15: each row's 32 values split into
+   its planes' 16 pairs, then each plane's 16 x 16 pairs transposed. */
 XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long valid, long steps, xl_bf16 *out) {
   xl_bf16 parts[3 * 16 * 32] __attribute__((aligned(64))); /* [plane][row][32] */
   for (long h = 0; h < 2; h++)
@@ -183,9 +185,9 @@ XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long vali
 }
 
 /* C[0:32, 0:32] (row stride ldc) = (accumulate ? C : 0) + 32 rows of A's planes (plane_at from
-   A, plane stride PS; ``steps`` 32-wide steps of K) times a packed panel: accumulators 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B
-   in 6-7. Per 32-wide step: A's hi with B's lo, mid, hi; A's lo, then mid, with B's hi (still
-   loaded); A's mid with B's mid: 8 B loads and 6 A loads for 24 tile products. */
+   A, plane stride PS; ``steps`` 32-wide steps of K) times a packed panel: accumulators 0-3 (rows
+   0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B in 6-7. Per 32-wide step: A's hi with
+   B's lo, mid, hi; A's lo, then mid, with B's hi (still loaded); A's mid with B's mid: 8 B loads and 6 A loads for 24 tile products. */
 XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, long steps, const xl_bf16 *B, float *C, long ldc,
                                int accumulate) {
   const long sa = 64, rows16 = 16 * Kp, sc = ldc * (long)sizeof(float);
@@ -238,7 +240,8 @@ XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, long steps, co
 /* C[0:M, n0:n1] (row stride ldc) = A @ W[n0:n1]^T, A as planes (split_block; Mp = M rounded up
    to 32), W [N, K] float or (Q->bits) quantized. scratch: xl_amx_scratch_bytes(K) bytes. Stretches
    of K one after another; in each, groups of weight rows packed, then every 32 rows of A times
-   each 32-row panel of the group (A's 32 rows stay in L1 and L2 across the group's panels). */
+   each 32-row panel of the group (A's 32 rows stay in L1 and L2 across the group's panels). A
+   quantized weight's rows are dequantized again for each stretch (one stretch up to K = 768). */
 XL_AMX_FN static void amx_product(long M, long n0, long n1, long K, const xl_bf16 *planes, const float *W,
                                   const xl_quant *Q, long N, float *C, long ldc, void *scratch) {
   if (n1 <= n0 || M <= 0) return;
@@ -288,7 +291,7 @@ static void xl_amx_split_rows(const float *A, long lda, long r0, long r1, long M
 #ifdef XL_AMX
   const long Kp = xl_round32(K), Mp = xl_round32(M);
   split_block(A, lda, r0, r1, 0, K, K, Mp, planes);
-  if (r1 == M) /* the padding rows: zeros (their tiles' rows of row M's tiles on) */
+  if (r1 == M) /* the padding rows' places: zeros */
     for (long p = 0; p < 3; p++)
       for (long r = M; r < Mp; r++)
         for (long c = 0; c < Kp; c += 32) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 32 * sizeof(xl_bf16));

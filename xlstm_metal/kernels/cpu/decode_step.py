@@ -489,19 +489,25 @@ def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def wide_unpacking(enabled: bool) -> Iterator[bool]:
-    """Inside: quantized products at 2, 3, 5 and 6 bits (and 4 bits in groups of 16, which MLX
-    does not make) unpack with AVX-512BW where ``enabled`` and this CPU and build have it, else
-    the portable way (tests compare both). Yields whether the AVX-512BW form runs inside."""
+def library_switch(flag: str, enabled: bool) -> Iterator[bool]:
+    """Inside: the library's ``int flag`` is ``enabled`` (its previous value afterwards). Yields
+    whether that form runs inside: ``enabled`` and the library's ``<flag>_available()``."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the CPU decode step is not built: {UNAVAILABLE}")
-    flag = ctypes.c_int.in_dll(lib, "xl_wide_unpack")
-    previous, flag.value = flag.value, int(enabled)
+    value = ctypes.c_int.in_dll(lib, flag)
+    previous, value.value = value.value, int(enabled)
     try:
-        yield bool(enabled and lib.xl_wide_unpack_available())
+        yield bool(enabled and getattr(lib, f"{flag}_available")())
     finally:
-        flag.value = previous
+        value.value = previous
+
+
+def wide_unpacking(enabled: bool) -> contextlib.AbstractContextManager[bool]:
+    """Inside: quantized products at 2, 3, 5 and 6 bits (and 4 bits in groups of 16, which MLX
+    does not make) unpack with AVX-512BW where ``enabled`` and this CPU and build have it, else
+    the portable way (tests compare both). Yields whether the AVX-512BW form runs inside."""
+    return library_switch("xl_wide_unpack", enabled)
 
 
 def held_bytes(model: nn.Module) -> int:

@@ -18,8 +18,8 @@
    planes another still reads.
 
    Compiled after decode_step.c (its xl_model / xl_block / xl_quant, rms_norm, soft_cap, log_sigmoid,
-   dot_rows_n, mat_rows_n, dequantize_rows, weight_row, exp_row, norm_gate_row) and amx_gemm.c. Layouts: tokens [B, S] row-major; the state as in
-   decode_step.c; logits [B, V].
+   dot_rows_n, mat_rows_n, dequantize_rows, weight_row, exp_row, norm_gate_row) and amx_gemm.c.
+   Layouts: tokens [B, S] row-major; the state as in decode_step.c; logits [B, V].
    Python (prefill.py) checks the model and falls back to the MLX graph where anything differs. */
 
 typedef void (*xl_sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
@@ -132,8 +132,8 @@ long xl_prefill_work_floats(const xl_model *M, long tokens, long L, int threads)
    B->C_out, n_out, m_out (which may be the same memory). ``last_only`` (the last block, where
    nothing reads h elsewhere): h only at position S - 1, and q only read there; the state as
    always. */
-XL_CLONES static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm, const float *proj, long P, long S,
-                         long L, long s, long head, int last_only, float *h, float *scratch) {
+XL_CLONES static void head_prefill(const xl_model *M, const xl_block *B, xl_sgemm_fn sgemm, const float *proj, long P,
+                                   long S, long L, long s, long head, int last_only, float *h, float *scratch) {
   const long NH = M->NH, DQK = M->DQK, DV = M->DV, QK = NH * DQK, HV = NH * DV;
   const float scale = 1.0f / sqrtf((float)DQK), eps = M->step_eps;
   /* w and arg take L + 1 entries (the state's decay after the chunk's weights) */

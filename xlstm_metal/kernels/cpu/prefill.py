@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,21 +42,12 @@ def switched(enabled: bool) -> contextlib.AbstractContextManager[None]:
     return _step.switched_flag(sys.modules[__name__], enabled)
 
 
-@contextlib.contextmanager
-def amx_products(enabled: bool) -> Iterator[bool]:
+def amx_products(enabled: bool) -> contextlib.AbstractContextManager[bool]:
     """Inside: the C prefill's products (more than eight rows) run on AMX's bf16 tiles, each
     float32 value split into three bf16 parts (``amx_gemm.c``), where ``enabled`` and this CPU and
     build have them, else through OpenBLAS's SGEMM (comparisons and tests). Yields whether the
     tiles run inside."""
-    lib = _step.library()
-    if lib is None:
-        raise RuntimeError(f"the CPU decode step is not built: {_step.UNAVAILABLE}")
-    flag = ctypes.c_int.in_dll(lib, "xl_amx")
-    previous, flag.value = flag.value, int(enabled)
-    try:
-        yield bool(enabled and lib.xl_amx_available())
-    finally:
-        flag.value = previous
+    return _step.library_switch("xl_amx", enabled)
 
 
 def _sequence_reason(plan: _step._Plan) -> str | None:
