@@ -134,12 +134,12 @@ def test_the_last_blocks_last_positions(blocks, chunk, rows, fused):
         _assert_same(model, _ids(rows, length, seed=length + 1), state)
 
 
-@pytest.mark.parametrize("kind", ["float", "4-bit", "wide"])
+@pytest.mark.parametrize("kind", ["float", "4-bit", "wide", "wide-e"])
 def test_amx_products_equal_the_graph_and_openblas(kind):
     """Where the CPU has AMX the products beyond 8 rows run on its bf16 tiles (each float32 value
     in three bf16 parts): widths that are not multiples of the tiles' 32 (E = 48 and F = 72 in
-    float; 96 and 160 quantized, MLX's groups needing multiples of 32), a width past one stretch
-    of K (F = 792: 768 and then 24 of 32, the accumulators carried), rows that are not multiples
+    float; 96 and 160 quantized, MLX's groups needing multiples of 32), widths past one stretch
+    of K (F = 792 and E = 800: 768 and then 24 or 32, the accumulators carried), rows that are not multiples
     of 32 (3 x 45, 13 x 7), an entering state, against the graph and against OpenBLAS's SGEMM,
     from which they differ in the last bits only."""
     if kind == "4-bit":
@@ -150,6 +150,9 @@ def test_amx_products_equal_the_graph_and_openblas(kind):
     elif kind == "wide":
         model = tiny_model(seed=17, ffn_proj_factor=12.375, ffn_round_up_to_multiple_of=8)
         assert model.config.ffn_dim == 792
+    elif kind == "wide-e":  # E = 800: the products from xn (q|k|v|o|i|f, gate, up) and out_proj in stretches
+        model = tiny_model(seed=18, embedding_dim=800, ffn_proj_factor=0.5, ffn_round_up_to_multiple_of=8, num_blocks=1)
+        assert model.config.ffn_dim == 400
     else:
         model = tiny_model(seed=16, embedding_dim=48, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=8)
         assert model.config.ffn_dim == 72
