@@ -187,7 +187,8 @@ XL_AMX_FN static void pack_panel(const float *W, long ldw, long count, long vali
 /* C[0:32, 0:32] (row stride ldc) = (accumulate ? C : 0) + 32 rows of A's planes (plane_at from
    A, plane stride PS; ``steps`` 32-wide steps of K) times a packed panel: accumulators 0-3 (rows
    0-15 / 16-31 x columns 0-15 / 16-31), A in tiles 4-5, B in 6-7. Per 32-wide step: A's hi with
-   B's lo, mid, hi; A's lo, then mid, with B's hi (still loaded); A's mid with B's mid: 8 B loads and 6 A loads for 24 tile products. */
+   B's lo, mid, hi; A's lo, then mid, with B's hi (still loaded); A's mid with B's mid: 8 B loads
+   and 6 A loads for 24 tile products. */
 XL_AMX_FN static void block32(const xl_bf16 *A, long Kp, long PS, long steps, const xl_bf16 *B, float *C, long ldc,
                                int accumulate) {
   const long sa = 64, rows16 = 16 * Kp, sc = ldc * (long)sizeof(float);
