@@ -350,6 +350,8 @@ def test_cli_quantized_bench(tiny_config_file, capsys):
         built = ds.library() is not None and _blas.openblas_sgemm() is not None and _blas.gemv_rows()
         assert float_rec["cpu_prefill"] is built and recs[0]["cpu_prefill"] is built
         assert recs[1]["cpu_step"] is built
+        # and whether its products run on AMX tiles (this CPU and build)
+        assert float_rec["cpu_prefill_amx"] is bool(built and ds.library().xl_amx_available())
     # A group size the embedding width (64) is no multiple of, and a bad bit width: exit 2.
     assert main(["bench", "--config", str(tiny_config_file), "--q-group-size", "128"]) == 2
     with pytest.raises(SystemExit):

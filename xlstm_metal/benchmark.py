@@ -13,6 +13,7 @@ Decode runs one compiled greedy step (all blocks, LM head, argmax) per token, sc
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import platform
@@ -347,6 +348,10 @@ def environment() -> dict[str, Any]:
         # prompts as one C call per piece (kernels/cpu/prefill.py) where a model allows
         info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None \
             and cpu_decode_step.library() is not None
+        # its products on AMX tiles (kernels/cpu/amx_gemm.c) where the CPU has them
+        lib = cpu_decode_step.library()
+        info["cpu_prefill_amx"] = bool(info["cpu_prefill"] and lib.xl_amx_available()
+                                       and ctypes.c_int.in_dll(lib, "xl_amx").value)
     return info
 
 
