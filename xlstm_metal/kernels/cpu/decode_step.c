@@ -584,6 +584,26 @@ XL_CLONES static void exp_row(const float *x, float *y, long count) {
   }
 }
 
+/* x[j] <- cap * tanh(x[j] / cap) for j < count (the logits' soft cap), 16 at a time: glibc's tanhf
+   took ~10 ns a value, 0.25 ms of a 125m step per row (50,304 logits over two threads). tanh|z| is
+   a Taylor polynomial below 1/8 and (1 - e) / (1 + e), e = exp(-2|z|), above (where 1 - e >= 0.22
+   keeps the subtraction exact to a few ulp). */
+XL_CLONES static void soft_cap_row(float *x, long count, float cap) {
+  long j = 0;
+  for (; j + 16 <= count; j += 16) {
+    const xl_v16 z = xl_load(x + j) / cap;
+    const xl_i16 sign = (xl_i16)z & (int)0x80000000;
+    const xl_v16 a = (xl_v16)((xl_i16)z & 0x7fffffff), a2 = a * a;
+    const xl_v16 e = xl_exp16(-2.0f * a);
+    const xl_v16 big = (1.0f - e) / (1.0f + e);
+    const xl_v16 small = a + a * a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f)));
+    const xl_i16 use_small = a < 0.125f;
+    const xl_i16 t = ((xl_i16)small & use_small) | ((xl_i16)big & ~use_small);
+    xl_store(x + j, cap * (xl_v16)(t | sign));
+  }
+  for (; j < count; j++) x[j] = cap * tanhf(x[j] / cap);
+}
+
 /* sigmoid(o~) * LayerNorm per head (h) * weight for one token: the mLSTM layer's output before
    out_proj (decode_step.c and prefill.c). */
 XL_CLONES static void norm_gate_row(const xl_model *M, const xl_block *B, const float *h, const float *o, float *out) {
@@ -696,8 +716,7 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
     share(M->V, t, T, &r0, &r1);
     mat_rows_n(M->lm_head, &M->q_head, M->V, xn, logits, M->V, r0, r1, E, R);
     if (M->has_logit_cap)
-      for (long r = 0; r < R; r++)
-        for (long j = r0; j < r1; j++) logits[r * M->V + j] = soft_cap(logits[r * M->V + j], 1, M->logit_cap);
+      for (long r = 0; r < R; r++) soft_cap_row(logits + r * M->V + r0, r1 - r0, M->logit_cap);
   }
   return 0;
 }

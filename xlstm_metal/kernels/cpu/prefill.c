@@ -373,8 +373,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
       const long R = rows - r < XL_MAX_ROWS ? rows - r : XL_MAX_ROWS;
       mat_rows_n(M->lm_head, &M->q_head, V, xn + r * E, logits + r * V, V, r0, r1, E, R);
       if (M->has_logit_cap)
-        for (long b = r; b < r + R; b++)
-          for (long j = r0; j < r1; j++) logits[b * V + j] = soft_cap(logits[b * V + j], 1, M->logit_cap);
+        for (long b = r; b < r + R; b++) soft_cap_row(logits + b * V + r0, r1 - r0, M->logit_cap);
     }
   }
   return 0;
