@@ -346,10 +346,9 @@ def environment() -> dict[str, Any]:
         # decode steps of 1 to 8 rows as one C call (kernels/cpu/decode_step.py) where a model allows
         info["cpu_step"] = cpu_decode_step.ENABLED and blas["gemv_rows"] and cpu_decode_step.library() is not None
         # prompts as one C call per piece (kernels/cpu/prefill.py) where a model allows
-        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None \
-            and cpu_decode_step.library() is not None
-        # its products on AMX tiles (kernels/cpu/amx_gemm.c) where the CPU has them
         lib = cpu_decode_step.library()
+        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None and lib is not None
+        # its products on AMX tiles (kernels/cpu/amx_gemm.c) where the CPU has them
         info["cpu_prefill_amx"] = bool(info["cpu_prefill"] and lib.xl_amx_available()
                                        and ctypes.c_int.in_dll(lib, "xl_amx").value)
     return info

@@ -14,7 +14,7 @@
 
    Layouts. The activations A [M, K] are split once per product input into three planes [Mp, Kp]
    of bf16 in tile order (plane_at; Mp = M and Kp = K rounded up to 32, zeros in the padding), by
-   rows (xl_amx_split_rows) or by column ranges (xl_amx_split_cols). A weight W [N, K] (row-major, float or MLX's affine
+   rows or by column ranges (xl_amx_split). A weight W [N, K] (row-major, float or MLX's affine
    quantization) is split into panels of 32 of its rows while the product runs: a panel holds, for
    each 32-wide step of K, each plane and each half of 16 rows, one B tile in AMX's pair-interleaved
    layout (tile row r = the pairs k = 2r, 2r + 1 of the 16 weight rows). The product walks groups
@@ -286,34 +286,21 @@ XL_AMX_FN static void amx_product(long M, long n0, long n1, long K, const xl_bf1
 }
 #endif
 
-/* Rows [r0, r1) of A [M, K] (row stride lda) split into the planes; the thread whose share ends
-   at M also zeroes the padding rows to Mp. */
-static void xl_amx_split_rows(const float *A, long lda, long r0, long r1, long M, long K, xl_bf16 *planes) {
-#ifdef XL_AMX
-  const long Kp = xl_round32(K), Mp = xl_round32(M);
-  split_block(A, lda, r0, r1, 0, K, K, Mp, planes);
-  if (r1 == M) /* the padding rows' places: zeros */
-    for (long p = 0; p < 3; p++)
-      for (long r = M; r < Mp; r++)
-        for (long c = 0; c < Kp; c += 32) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 32 * sizeof(xl_bf16));
-#else
-  (void)A, (void)lda, (void)r0, (void)r1, (void)M, (void)K, (void)planes;
-#endif
-}
-
-/* Columns [c0, c1) (c0 a multiple of 16) of all M rows of A into the planes, the padding rows'
-   too (zeros). */
-static void xl_amx_split_cols(const float *A, long lda, long c0, long c1, long M, long K, xl_bf16 *planes) {
+/* Rows [r0, r1) x columns [c0, c1) of A [M, K] (row stride lda; c0 a multiple of 16) split into
+   the planes; c1 == K also writes the padding columns to Kp, and r1 == M (the share that ends at
+   M, or every row) the padding rows' places to Mp in those columns: zeros. */
+static void xl_amx_split(const float *A, long lda, long r0, long r1, long c0, long c1, long M, long K,
+                         xl_bf16 *planes) {
 #ifdef XL_AMX
   if (c1 <= c0) return;
-  const long Kp = xl_round32(K), Mp = xl_round32(M);
-  split_block(A, lda, 0, M, c0, c1, K, Mp, planes);
-  const long end = c1 == K ? Kp : c1;
-  for (long p = 0; p < 3; p++)
-    for (long r = M; r < Mp; r++)
-      for (long c = c0; c < end; c += 16) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 16 * sizeof(xl_bf16));
+  const long Kp = xl_round32(K), Mp = xl_round32(M), end = c1 == K ? Kp : c1;
+  split_block(A, lda, r0, r1, c0, c1, K, Mp, planes);
+  if (r1 == M)
+    for (long p = 0; p < 3; p++)
+      for (long r = M; r < Mp; r++)
+        for (long c = c0; c < end; c += 16) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 16 * sizeof(xl_bf16));
 #else
-  (void)A, (void)lda, (void)c0, (void)c1, (void)M, (void)K, (void)planes;
+  (void)A, (void)lda, (void)r0, (void)r1, (void)c0, (void)c1, (void)M, (void)K, (void)planes;
 #endif
 }
 
@@ -380,7 +367,7 @@ int xl_amx_sgemm(long M, long N, long K, const float *A, const float *W, float *
     T = omp_get_num_threads();
 #endif
     const long r0 = M * t / T, r1 = M * (t + 1) / T;
-    xl_amx_split_rows(A, K, r0, r1, M, K, planes);
+    xl_amx_split(A, K, r0, r1, 0, K, M, K, planes);
 #pragma omp barrier
     const long n0 = N * t / T / 16 * 16, n1 = t == T - 1 ? N : N * (t + 1) / T / 16 * 16;
     amx_product(M, n0, n1, K, planes, W, &none, N, C, N, memory + plane_bytes + (size_t)t * scratch_bytes);

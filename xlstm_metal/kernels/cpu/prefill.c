@@ -250,7 +250,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
   xl_bf16 *planes_e = NULL, *planes_f = NULL;
   if (amx) {
     planes_e = (xl_bf16 *)(((unsigned long)(scratch + threads * per_thread) + 63) & ~63UL);
-    planes_f = (xl_bf16 *)(((unsigned long)(planes_e + 2 * planes_floats(T, E) - 32) + 63) & ~63UL);
+    planes_f = (xl_bf16 *)(((unsigned long)(planes_e + 3 * xl_round32(T) * xl_round32(E)) + 63) & ~63UL);
   }
   xl_barrier team = xl_barrier_for(threads); /* decode_step.c: why not libgomp's */
 #pragma omp parallel num_threads(threads)
@@ -280,7 +280,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         /* the last positions' rows together in y (free until out_proj): q's and o's input */
         if (last && j % S == S - 1) memcpy(y + j / S * E, xn + j * E, (size_t)E * sizeof(float));
       }
-      if (amx) xl_amx_split_rows(xn, E, r0, r1, T, E, planes_e);
+      if (amx) xl_amx_split(xn, E, r0, r1, 0, E, T, E, planes_e);
       xl_barrier_wait(&team, TT, &sense);
       {
         /* q|k|v|o|i|f as columns of proj [T, P]; weights that follow each other in memory (a fused
@@ -328,7 +328,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         const long at = last ? j * S + S - 1 : j;
         norm_gate_row(M, B, h + at * HV, proj + at * P + 2 * QK + HV, gn + j * HV);
       }
-      if (on_f.planes) xl_amx_split_rows(gn, HV, r0, r1, Tn, HV, planes_f);
+      if (on_f.planes) xl_amx_split(gn, HV, r0, r1, 0, HV, Tn, HV, planes_f);
       xl_barrier_wait(&team, TT, &sense);
       product_share(sgemm, t, TT, Tn, E, HV, gn, B->w_out, &B->quant[XL_OUT], y, E, &on_f);
       xl_barrier_wait(&team, TT, &sense);
@@ -338,7 +338,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         rms_norm(x + j * E, B->norm_ffn, B->norm_ffn_eps, xn + j * E, E);
       }
       on_e.planes = on_f.planes ? planes_e : NULL; /* Tn rows now */
-      if (on_e.planes) xl_amx_split_rows(xn, E, r0, r1, Tn, E, planes_e);
+      if (on_e.planes) xl_amx_split(xn, E, r0, r1, 0, E, Tn, E, planes_e);
       xl_barrier_wait(&team, TT, &sense);
       {
         /* gate and up: this thread's columns of each, then SwiGLU on them (no barrier between) */
@@ -349,7 +349,7 @@ int xl_prefill(const xl_model *M, const long *tokens, long rows, long S, long L,
         if (n1 > n0)
           for (long j = 0; j < Tn; j++) swiglu_row(gate + j * F + n0, up + j * F + n0, n1 - n0);
         /* planes_f: its last reader (out_proj) is behind the barriers since */
-        if (on_f.planes) xl_amx_split_cols(gate, F, n0, n1, Tn, F, planes_f);
+        if (on_f.planes) xl_amx_split(gate, F, 0, Tn, n0, n1, Tn, F, planes_f);
       }
       xl_barrier_wait(&team, TT, &sense);
       product_share(sgemm, t, TT, Tn, E, F, gate, B->w_down, &B->quant[XL_DOWN], y, E, &on_f);
