@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -314,3 +315,83 @@ def test_gemv_forward_off_by_env_or_without_compiler():
     assert no_cc["info"]["blas"] is not None and no_cc["info"]["gemv_forward"] is False
     assert "C compiler" in no_cc["info"]["gemv_forward_reason"]
     assert no_cc["err_on"] < 1e-4 and no_cc["calls_on"] == 0
+
+
+# A fresh interpreter whose C libraries are built by ``CC`` into its own cache: the warnings of
+# the build, the forwarder's row kernel, and why the C decode step and prefill would not run a
+# tiny model (None: they would), with a one-row product checked against numpy.
+_ONE_THREAD = r"""
+import json, sys, warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import xlstm_metal
+    from xlstm_metal import _blas
+    import ctypes
+    import numpy as np
+    import mlx.core as mx
+    mx.set_default_device(mx.cpu)
+    sys.path.insert(0, sys.argv[1])
+    from conftest import tiny_model
+    from xlstm_metal.kernels.cpu import decode_step as ds, prefill as cp
+    model = tiny_model(seed=1)
+    step, prompt = ds.unsupported_reason(model), cp.unsupported_reason(model)
+    lib = ds.library()
+    tiles = bool(lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value)
+    from xlstm_metal.benchmark import environment
+    env = {k: v for k, v in environment().items() if k.startswith(("cpu_", "gemv_rows")) and k != "cpu_name"}
+x, w = np.ones((1, 300), np.float32), np.linspace(-1, 1, 300 * 200, dtype=np.float32).reshape(300, 200)
+err = float(np.abs(np.array(mx.array(x) @ mx.array(w)) - x @ w).max())
+print(json.dumps({"info": _blas.info(), "openmp": [_blas._FORWARD_HANDLE.xl_openmp(), lib.xl_openmp()],
+                  "step": step, "prompt": prompt, "tiles": tiles, "err": err, "environment": env,
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def test_a_one_thread_build_leaves_its_work_to_openblas(tmp_path):
+    """A compiler without OpenMP (clang without libomp; here the system compiler refusing
+    -fopenmp) builds one-thread libraries: the build says so and how to fix it, and where
+    OpenBLAS runs two threads the row kernel and the C decode step stand aside (clang 14 on the
+    2-core Xeon: 125m decode 19.8 -> 34-40 tok/s at one row), the C prefill too unless the AMX tiles run.
+    With one thread, or XLSTM_METAL_GEMV_ROWS=1 for the row kernel, they run as before."""
+    cc = _cc()
+    if cc is None:
+        pytest.skip("no C compiler: nothing is built")
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "no omp.h" >&2; exit 1; }; done\n'
+                    f'exec {cc} "$@"\n')
+    fake.chmod(0o755)
+    tests = str(Path(__file__).parent)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("XLSTM_METAL_", "CC", "OPENBLAS_"))}
+
+    def run(threads: int, **env) -> dict:
+        full = {**base, "CC": str(fake), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+                "XLSTM_METAL_BLAS_THREADS": str(threads), **env}
+        out = subprocess.run([sys.executable, "-c", _ONE_THREAD, tests], env=full, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    two = run(2)
+    assert two["openmp"] == [0, 0] and two["info"]["threads"] == 2, two
+    built = [m for m in two["warnings"] if "without OpenMP" in m]
+    assert len(built) == 2 and all("libomp" in m and "CC=gcc" in m and "to rebuild" in m for m in built), built
+    assert two["info"]["gemv_forward"] is True and two["info"]["gemv_rows"] is False, two["info"]
+    reason = two["info"]["gemv_rows_reason"]
+    assert "without OpenMP" in reason and "XLSTM_METAL_GEMV_ROWS=1" in reason, reason
+    assert "row kernel is off" in two["step"] and "without OpenMP" in two["step"], two["step"]
+    assert (two["prompt"] is None) == two["tiles"], two
+    if not two["tiles"]:
+        assert "without OpenMP" in two["prompt"] and "AMX" in two["prompt"], two["prompt"]
+    assert two["err"] < 1e-3
+    assert two["environment"] == {"gemv_rows": False, "gemv_rows_reason": reason, "cpu_openmp": False,
+                                  "cpu_step": False, "cpu_prefill": two["tiles"], "cpu_prefill_amx": two["tiles"]}
+    # the row kernel kept by the user's choice: the C step still stands aside, by its own check
+    kept = run(2, XLSTM_METAL_GEMV_ROWS="1")
+    assert kept["info"]["gemv_rows"] is True and kept["info"]["gemv_rows_reason"] is None
+    assert kept["step"] is not None and kept["step"].startswith("the C step was built without OpenMP"), kept["step"]
+    assert kept["warnings"] == [] and kept["err"] < 1e-3  # built once, into the same cache
+    # one thread is all that runs: nothing to hand over
+    one = run(1)
+    assert one["info"]["gemv_rows"] is True and one["step"] is None and one["prompt"] is None, one
+    assert one["environment"]["cpu_step"] is True and one["environment"]["cpu_prefill"] is True
+    assert one["err"] < 1e-3

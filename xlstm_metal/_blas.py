@@ -70,8 +70,9 @@ THREADS_REASON: str | None = None
 GEMV_FORWARD: bool = False
 GEMV_FORWARD_REASON: str | None = None
 #: Whether those with a contiguous row-major weight run the forwarder's own streaming kernel
-#: (XLSTM_METAL_GEMV_ROWS=0: OpenBLAS's sgemv).
+#: (XLSTM_METAL_GEMV_ROWS=0: OpenBLAS's sgemv), and why not at load (:func:`one_thread_reason`).
 GEMV_ROWS: bool = False
+GEMV_ROWS_REASON: str | None = None
 #: Length of the window in which other processes' CPU use is measured at import (seconds).
 LOAD_WINDOW_S = 0.1
 
@@ -95,6 +96,16 @@ ROW_KERNEL_SOURCE = r"""
 #else
 #define XL_CLONES
 #endif
+
+/* 1 where this build runs OpenMP threads; a compiler without them (clang without libomp) builds
+   the one-thread form, which the Python side keeps out of the way where more threads run. */
+int xl_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 typedef float xl_v16 __attribute__((vector_size(64)));
 static inline xl_v16 xl_load(const float *p) {
@@ -406,6 +417,12 @@ def build_library(cc: str, source: str, target: Path, link: list[str], what: str
                 break
         if done.returncode != 0:
             raise OSError(f"building {what} failed: {done.stderr.strip()[-500:]}")
+        if "-fopenmp" not in extra:
+            warnings.warn(
+                f"xlstm_metal: {cc} built {what} without OpenMP (clang needs libomp), so it runs on one "
+                "thread, and where more threads run the MLX graph on OpenBLAS takes its place. Install "
+                f"libomp (e.g. libomp-dev) or set CC=gcc, then delete {target.parent} to rebuild it.",
+                RuntimeWarning, stacklevel=2)
         os.chmod(out, 0o755)
         os.replace(out, target)
 
@@ -444,8 +461,30 @@ def _load_forwarded(path: Path, soname: str) -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return blas, forwarder
 
 
+def one_thread_reason(lib: ctypes.CDLL, what: str) -> str | None:
+    """Why ``what`` in ``lib`` (a library built from :data:`ROW_KERNEL_SOURCE`) should leave its
+    work to OpenBLAS: built without OpenMP where the BLAS runs more than one thread. None where
+    it has OpenMP or one thread is all that runs. With clang 14 and no libomp on the 2-core Xeon,
+    125m decode went from 19.8 (b1) and 73.8 (b8) tok/s through the one-thread C code to 34-40 and
+    96-102 through OpenBLAS's threads (GCC's threaded build: 44-49 and 175-184; benchmarks/NOTES.md)."""
+    threads = gemv_threads()
+    if threads <= 1 or lib.xl_openmp():
+        return None
+    return f"{what} was built without OpenMP (one thread) where OpenBLAS runs {threads}"
+
+
+def _rows_reason(forwarder: ctypes.CDLL) -> str | None:
+    """Why the forwarder's row kernel starts off (None: it starts on): XLSTM_METAL_GEMV_ROWS=0,
+    or, that unset, a one-thread build (:func:`one_thread_reason`)."""
+    rows = os.environ.get("XLSTM_METAL_GEMV_ROWS")
+    if rows == "0":
+        return "disabled by XLSTM_METAL_GEMV_ROWS=0"
+    reason = one_thread_reason(forwarder, "the BLAS forwarder's row kernel") if rows is None else None
+    return None if reason is None else f"{reason} (XLSTM_METAL_GEMV_ROWS=1 keeps it)"
+
+
 def _load(path: Path, soname: str, probe: "_LoadProbe | None" = None) -> None:
-    global _BLAS_HANDLE, _FORWARD_HANDLE, GEMV_FORWARD, GEMV_FORWARD_REASON
+    global _BLAS_HANDLE, _FORWARD_HANDLE, GEMV_FORWARD, GEMV_FORWARD_REASON, GEMV_ROWS_REASON
     lib = forwarder = None
     if os.environ.get("XLSTM_METAL_GEMV_FORWARD", "1") == "0":
         GEMV_FORWARD_REASON = "disabled by XLSTM_METAL_GEMV_FORWARD=0"
@@ -469,7 +508,8 @@ def _load(path: Path, soname: str, probe: "_LoadProbe | None" = None) -> None:
         lib.openblas_set_num_threads(ctypes.c_int(threads))
     if forwarder is not None:
         set_gemv_threads(threads)
-        set_gemv_rows(os.environ.get("XLSTM_METAL_GEMV_ROWS", "1") != "0")
+        GEMV_ROWS_REASON = _rows_reason(forwarder)
+        set_gemv_rows(GEMV_ROWS_REASON is None)
 
 
 def set_gemv_forward(enabled: bool) -> bool:
@@ -721,8 +761,8 @@ def info() -> dict:
     """What was loaded: blas (path or None), core (OpenBLAS's kernel family for this CPU),
     threads (OpenBLAS's) and threads_reason (how they were chosen), gfortran ("system", the
     renamed copy, or None), soname (MLX's BLAS name), reason (why none), gemv_forward (one-row
-    products go to GEMV), gemv_forward_reason (why not) and gemv_rows (those with a row-major
-    weight run the forwarder's streaming kernel)."""
+    products go to GEMV), gemv_forward_reason (why not), gemv_rows (those with a row-major
+    weight run the forwarder's streaming kernel) and gemv_rows_reason (why not, as loaded)."""
     core, threads = None, None
     if LOADED is not None and _BLAS_HANDLE is not None:
         try:
@@ -734,5 +774,5 @@ def info() -> dict:
             pass
     return {"blas": LOADED, "core": core, "threads": threads, "threads_reason": THREADS_REASON,
             "gemv_forward": GEMV_FORWARD, "gemv_forward_reason": GEMV_FORWARD_REASON,
-            "gemv_rows": gemv_rows(),
+            "gemv_rows": gemv_rows(), "gemv_rows_reason": GEMV_ROWS_REASON,
             "gfortran": GFORTRAN, "soname": SONAME, "reason": REASON}

@@ -343,14 +343,19 @@ def environment() -> dict[str, Any]:
         info["blas_threads"] = blas["threads"]
         info["gemv_forward"] = blas["gemv_forward"]
         info["gemv_rows"] = blas["gemv_rows"]
-        # decode steps of 1 to 8 rows as one C call (kernels/cpu/decode_step.py) where a model allows
-        info["cpu_step"] = cpu_decode_step.ENABLED and blas["gemv_rows"] and cpu_decode_step.library() is not None
-        # prompts as one C call per piece (kernels/cpu/prefill.py) where a model allows
+        info["gemv_rows_reason"] = blas["gemv_rows_reason"]
         lib = cpu_decode_step.library()
-        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None and lib is not None
+        # a compiler without OpenMP (clang without libomp) builds the C code's one-thread form,
+        # which leaves the work to OpenBLAS where it runs more threads (_blas.one_thread_reason)
+        info["cpu_openmp"] = bool(lib.xl_openmp()) if lib is not None else None
+        threaded = lib is not None and _blas.one_thread_reason(lib, "the C code") is None
+        # decode steps of 1 to 8 rows as one C call (kernels/cpu/decode_step.py) where a model allows
+        info["cpu_step"] = cpu_decode_step.ENABLED and blas["gemv_rows"] and threaded
         # its products on AMX tiles (kernels/cpu/amx_gemm.c) where the CPU has them
-        info["cpu_prefill_amx"] = bool(info["cpu_prefill"] and lib.xl_amx_available()
-                                       and ctypes.c_int.in_dll(lib, "xl_amx").value)
+        tiles = lib is not None and bool(lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value)
+        # prompts as one C call per piece (kernels/cpu/prefill.py) where a model allows
+        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None and (threaded or tiles)
+        info["cpu_prefill_amx"] = info["cpu_prefill"] and tiles
     return info
 
 

@@ -110,6 +110,7 @@ def library() -> ctypes.CDLL | None:
             lib.xl_max_rows.restype = ctypes.c_int
             lib.xl_wide_unpack_available.restype = ctypes.c_int
             lib.xl_amx_available.restype = ctypes.c_int
+            lib.xl_openmp.restype = ctypes.c_int
             lib.xl_amx_peak_gflops.argtypes = [ctypes.c_int, ctypes.c_long]
             lib.xl_amx_peak_gflops.restype = ctypes.c_double
             lib.xl_amx_sgemm.argtypes = [ctypes.c_long] * 3 + [_f32p] * 3 + [ctypes.c_int]
@@ -528,7 +529,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not ENABLED:
         return "turned off by XLSTM_METAL_CPU_STEP=0"
     if not _blas.gemv_rows():
-        return "the BLAS forwarder's row kernel is off (it streams the rows the C step reads: Linux CPUs)"
+        return ("the BLAS forwarder's row kernel is off (it streams the rows the C step reads: Linux CPUs)"
+                + (f": {_blas.GEMV_ROWS_REASON}" if _blas.GEMV_ROWS_REASON else ""))
     if getattr(type(model), "__call__", None) is not xLSTMLarge.__call__:
         return f"{type(model).__name__}.__call__ is not xLSTMLarge's"
     if mx.default_device() != mx.cpu:
@@ -536,6 +538,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     lib = library()
     if lib is None:
         return UNAVAILABLE
+    one_thread = _blas.one_thread_reason(lib, "the C step")
+    if one_thread is not None:
+        return one_thread
     try:
         _plan(model, lib)
     except _Unsupported as err:

@@ -87,6 +87,11 @@ def _ready(model: nn.Module) -> tuple[ctypes.CDLL, _step._Plan, int] | str:
     lib = _step.library()
     if lib is None:
         return _step.UNAVAILABLE
+    one_thread = _blas.one_thread_reason(lib, "the C prefill")
+    # one thread of AMX tiles still beats OpenBLAS's threads (clang 14, 2-core Xeon, 125m, 512
+    # tokens: 1,191-1,407 tok/s against the graph's 854-861; without the tiles 805)
+    if one_thread is not None and not (lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value):
+        return one_thread + ", and the AMX tiles do not run"
     try:
         plan = _step._plan(model, lib)
     except _step._Unsupported as err:
