@@ -27,7 +27,9 @@ BENCHMARKS.md). Where a C compiler is found, a small library compiled once into 
 (:data:`GEMV_FORWARD_SOURCE`) takes the netlib soname in OpenBLAS's place: it sends float32
 products with one row or one column to ``cblas_sgemv`` and everything else to OpenBLAS
 unchanged. ``XLSTM_METAL_GEMV_FORWARD=0`` turns it off; :func:`set_gemv_forward` switches it
-at run time (benchmarks).
+at run time (benchmarks). Products of contiguous weight rows with a contiguous vector go to its
+own streaming row kernel (``XLSTM_METAL_GEMV_ROWS=0``: to ``cblas_sgemv``), except where the
+compiler built it without OpenMP and OpenBLAS runs more threads (:func:`one_thread_reason`).
 
 Both OpenBLAS wheels need ``libgfortran.so.5``, which many machines lack. If the system has
 none, the copy that MLX's own wheel bundles (under a hashed name the linker cannot match) is

@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 from ..kernels.cpu import prefill as cpu_prefill
 
                 env["cpu_prefill"] = cpu_prefill.unsupported_reason(model) is None
+                env["cpu_prefill_amx"] = env["cpu_prefill"] and env["cpu_prefill_amx"]
                 env["cpu_step"] = cpu_decode_step.unsupported_reason(model) is None
             starting(0)
             for record in bm.run_suite(
