@@ -419,7 +419,7 @@ def build_library(cc: str, source: str, target: Path, link: list[str], what: str
                 break
         if done.returncode != 0:
             raise OSError(f"building {what} failed: {done.stderr.strip()[-500:]}")
-        if "-fopenmp" not in extra:
+        if "-fopenmp" not in extra and sys.platform.startswith("linux"):  # elsewhere the C paths do not run
             warnings.warn(
                 f"xlstm_metal: {cc} built {what} without OpenMP (clang needs libomp), so it runs on one "
                 "thread, and where more threads run the MLX graph on OpenBLAS takes its place. Install "
