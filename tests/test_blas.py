@@ -326,7 +326,6 @@ warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import xlstm_metal
     from xlstm_metal import _blas
-    import ctypes
     import numpy as np
     import mlx.core as mx
     mx.set_default_device(mx.cpu)
@@ -336,7 +335,7 @@ with warnings.catch_warnings(record=True) as caught:
     model = tiny_model(seed=1)
     step, prompt = ds.unsupported_reason(model), cp.unsupported_reason(model)
     lib = ds.library()
-    tiles = bool(lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value)
+    tiles = cp.tiles_run(lib)
     from xlstm_metal.benchmark import environment
     env = {k: v for k, v in environment().items() if k.startswith(("cpu_", "gemv_rows")) and k != "cpu_name"}
 x, w = np.ones((1, 300), np.float32), np.linspace(-1, 1, 300 * 200, dtype=np.float32).reshape(300, 200)

@@ -13,7 +13,6 @@ Decode runs one compiled greedy step (all blocks, LM head, argmax) per token, sc
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import platform
@@ -351,11 +350,11 @@ def environment() -> dict[str, Any]:
         threaded = lib is not None and _blas.one_thread_reason(lib, "the C code") is None
         # decode steps of 1 to 8 rows as one C call (kernels/cpu/decode_step.py) where a model allows
         info["cpu_step"] = cpu_decode_step.ENABLED and blas["gemv_rows"] and threaded
-        # its products on AMX tiles (kernels/cpu/amx_gemm.c) where the CPU has them
-        tiles = lib is not None and bool(lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value)
         # prompts as one C call per piece (kernels/cpu/prefill.py) where a model allows
-        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None and (threaded or tiles)
-        info["cpu_prefill_amx"] = info["cpu_prefill"] and tiles
+        info["cpu_prefill"] = cpu_prefill.ENABLED and _blas.openblas_sgemm() is not None and lib is not None \
+            and cpu_prefill.library_reason(lib) is None
+        # its products on AMX tiles (kernels/cpu/amx_gemm.c) where the CPU has them
+        info["cpu_prefill_amx"] = info["cpu_prefill"] and cpu_prefill.tiles_run(lib)
     return info
 
 

@@ -50,6 +50,21 @@ def amx_products(enabled: bool) -> contextlib.AbstractContextManager[bool]:
     return _step.library_switch("xl_amx", enabled)
 
 
+def tiles_run(lib: ctypes.CDLL) -> bool:
+    """Whether the C library's products run on AMX tiles now: this CPU and build have them and
+    :func:`amx_products` has not turned them off."""
+    return bool(lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value)
+
+
+def library_reason(lib: ctypes.CDLL) -> str | None:
+    """Why the C library itself should leave prompts to the MLX graph whatever the model, or None:
+    a one-thread build (:func:`xlstm_metal._blas.one_thread_reason`) where the tiles do not run.
+    One thread of AMX tiles still beats OpenBLAS's threads (clang 14, 2-core Xeon, 125m, 512
+    tokens: 1,191-1,407 tok/s against the graph's 854-861; without the tiles 805)."""
+    one_thread = _blas.one_thread_reason(lib, "the C prefill")
+    return None if one_thread is None or tiles_run(lib) else one_thread + ", and the AMX tiles do not run"
+
+
 def _sequence_reason(plan: _step._Plan) -> str | None:
     """Why the blocks' sequence kernels are not what the C code computes, or None."""
     from ...cells.mlstm import mLSTMParallelKernelCell  # noqa: PLC0415
@@ -87,11 +102,9 @@ def _ready(model: nn.Module) -> tuple[ctypes.CDLL, _step._Plan, int] | str:
     lib = _step.library()
     if lib is None:
         return _step.UNAVAILABLE
-    one_thread = _blas.one_thread_reason(lib, "the C prefill")
-    # one thread of AMX tiles still beats OpenBLAS's threads (clang 14, 2-core Xeon, 125m, 512
-    # tokens: 1,191-1,407 tok/s against the graph's 854-861; without the tiles 805)
-    if one_thread is not None and not (lib.xl_amx_available() and ctypes.c_int.in_dll(lib, "xl_amx").value):
-        return one_thread + ", and the AMX tiles do not run"
+    reason = library_reason(lib)
+    if reason is not None:
+        return reason
     try:
         plan = _step._plan(model, lib)
     except _step._Unsupported as err:
