@@ -310,6 +310,11 @@ class xLSTMLarge(nn.Module):
         chained = self._chains_residuals()
         compiled = None  # the compiled blocks: taken once per call, when first needed
         short_compiled = None  # whether short pieces take them (XLSTM_METAL_PREFILL_SHORT_COMPILED=1)
+        # The layer the host waits for next. It carries over into the next piece: waiting for the
+        # last piece's last layer only after queuing two of the next piece's kept three layers'
+        # buffers alive at each seam (7B, 131k tokens in 16k pieces on an H100: 24.6-24.9 GiB
+        # peak against 20.6-20.9 for one 16k piece, session 32).
+        previous = None
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
             dtype = x.dtype
@@ -325,7 +330,7 @@ class xLSTMLarge(nn.Module):
                 blocks = compiled
             else:
                 blocks = [block.step for block in backbone.blocks] if chained else backbone.blocks
-            previous, pending = None, None
+            pending = None
             for index, block in enumerate(blocks):
                 if chained:  # the block's output is x + pending
                     x, pending, state[index] = block(x, pending, state[index])
@@ -341,8 +346,8 @@ class xLSTMLarge(nn.Module):
                 elif long_piece:
                     mx.eval(layer)
             x = x[:, -1:] if pending is None else x[:, -1:] + pending[:, -1:]
-            # On a GPU the next piece (or the logits) is built while this one runs; its layers wait
-            # for the layers queued before them, so memory stays bounded all the same.
+            # On a GPU the next piece (or the logits) is built while this one runs; the host waits
+            # for this piece's last layer once the next piece's first layer is queued.
             (mx.async_eval if gpu else mx.eval)(x, state)
         return self._logits(backbone.finish(x, dtype))[:, 0], state
 
