@@ -18,7 +18,7 @@ from ..kernels.fast.decode import add_rms_norm
 from ..kernels.fast.quantized import use_fast_quantized_layers
 from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
-from ..kernels.fast.step_deferred import default_deferral
+from ..kernels.fast.step_deferred import default_deferral, deferred_kernel_applies
 from ..kernels.mlstm import MLSTMState, defer_state, settle_state
 from .block_compile import compile_alike, signature_count
 
@@ -217,12 +217,19 @@ class xLSTMLarge(nn.Module):
         (k, v) apart from C, so a step reads C and writes it once every ``terms`` steps (on CUDA at
         64 rows the float32 state's traffic was half of a 7B step's GPU time). ``terms`` None: the
         device's default (:func:`~xlstm_metal.kernels.fast.step_deferred.default_deferral`: on
-        CUDA with the fused step at 16+ rows); 0 or 1, or a model whose steps do not run the fused
-        step kernel: the state as it is. The model takes either form everywhere (a prompt or a
-        multi-token call folds the terms in first); :meth:`settle_state` gives (C, n, m) back."""
+        CUDA with the fused step at 16+ rows, where the deferred kernel takes the state: float32,
+        DV a multiple of 4); 0 or 1, or a model whose steps do not run the fused step kernel: the
+        state as it is. The model takes either form everywhere (a prompt or a multi-token call folds
+        the terms in first); :meth:`settle_state` gives (C, n, m) back."""
         blocks = self._mlstm_blocks()
         if terms is None:
-            terms = default_deferral(state[0][0].shape[0]) if state else 0
+            # A state the deferred kernel does not take (a bf16 one) would run the deferred step's
+            # reference ops: 7B on an H100, 904.6 tok/s at 16 rows against 2,212.5 for float32
+            # (session 32).
+            cells = [block.mlstm_layer.recurrent_kernel_cell for block in blocks]
+            kernel_takes = all((cell.state_dtype or mx.float32) == mx.float32 for cell in cells) and all(
+                deferred_kernel_applies(layer_state) for layer_state in state)
+            terms = default_deferral(state[0][0].shape[0]) if state and kernel_takes else 0
         fused_steps = len(blocks) == len(self.backbone.blocks) and all(
             block.mlstm_layer.recurrent_kernel_cell.takes_raw_gates for block in blocks)
         if terms <= 1 or not fused_steps:
