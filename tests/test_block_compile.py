@@ -162,7 +162,6 @@ def test_each_signature_is_taken_at_its_blocks_first_call_and_the_called_block_t
     assert block_compile.signature_count(blocks) == 2
 
 
-
 def test_queued_prefill_keeps_at_most_two_layers_in_flight_across_pieces(monkeypatch):
     # On a GPU each layer is queued and the host waits for the one before it; a layer queued and
     # not yet waited for holds its buffers. At a piece's seam the host must wait for the last

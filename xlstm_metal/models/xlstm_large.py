@@ -318,9 +318,9 @@ class xLSTMLarge(nn.Module):
         compiled = None  # the compiled blocks: taken once per call, when first needed
         short_compiled = None  # whether short pieces take them (XLSTM_METAL_PREFILL_SHORT_COMPILED=1)
         # The layer the host waits for next. It carries over into the next piece: waiting for the
-        # last piece's last layer only after queuing two of the next piece's kept three layers'
-        # buffers alive at each seam (7B, 131k tokens in 16k pieces on an H100: 24.6-24.9 GiB
-        # peak against 20.6-20.9 for one 16k piece, session 32).
+        # last piece's last layer only after queuing the next piece's second layer kept three
+        # layers' buffers alive at each seam (7B, 131k tokens in 16k pieces on an H100: 24.6-24.9
+        # GiB peak against 20.6-20.9 for one 16k piece, session 32).
         previous = None
         for start in range(0, input_ids.shape[1], chunk_size):
             x = backbone.embeddings(input_ids[:, start : start + chunk_size])
