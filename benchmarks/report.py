@@ -233,6 +233,11 @@ def target_rows(results: dict[str, dict]) -> list[str]:
             elif kind == "prefill_mem":
                 r = _main_ours(res, "prefill", batch, length)
                 value = r and r["peak_mem_gb"]
+                newer = _ours_only_record(preset, "prefill", batch, length, res.get("date", ""))
+                if newer is not None:
+                    note = (f" ({_fmt(value, 2)} {unit} in the side by side of {res.get('date', '?')}; newer "
+                            f"run of our side, `{newer['file']}`)" if value is not None else "")
+                    value = newer["peak_mem_gb"]
             elif kind == "ttft":
                 r = _main_ours(res, "prefill", batch, length)
                 value = r and 1000 * r["ttft_s"]
@@ -264,6 +269,42 @@ def target_rows(results: dict[str, dict]) -> list[str]:
             status = f"not met: {value / goal if lower else goal / value:.2f}x {'over' if lower else 'short'}"
         goal_s = f"{'<=' if lower else '>='} {goal:,.1f} {unit}"
         lines.append(f"| {what} | {goal_s} | {_fmt(value, 2)} {unit if value is not None else ''}{note} | {status} |")
+    return lines
+
+
+def _ours_only_record(preset: str, kind: str, batch: int, length: int | None, after: str) -> dict | None:
+    """The main variant's record of ``kind`` from the newest results/<preset>_ours_s*r*.jsonl run
+    (our side alone, its first line a "meta" record with the date) dated after ``after``."""
+    for path in _newest_first(RESULTS.glob(f"{preset}_ours_s*r*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        meta = next((r for r in records if r.get("kind") == "meta"), {})
+        if meta.get("date", "") <= after:
+            continue
+        rows = [r for r in records if r.get("side") == "ours" and r.get("kind") == kind and r.get("batch") == batch
+                and (length is None or r.get("length") == length) and r.get("variant", "").endswith("compiled step")]
+        if rows:
+            return {**max(rows, key=lambda r: r["tok_s"]), "file": path.name}
+    return None
+
+
+def ours_only_rows(preset: str) -> list[str]:
+    """Each results/<preset>_ours_s*r*.jsonl run (our side alone, after the side by side), newest first."""
+    lines = []
+    for path in _newest_first(RESULTS.glob(f"{preset}_ours_s*r*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        meta = next((r for r in records if r.get("kind") == "meta"), {})
+        lines += ["", f"### Our side alone: `{path.name}`", "",
+                  f"- date: {meta.get('date', '?')}; device: {meta.get('device', '?')}; MLX {meta.get('mlx', '?')}; "
+                  f"tree: {meta.get('tree', '?')}",
+                  f"- command: {meta.get('command', '?')}", "",
+                  "| variant | kind | batch | length | tok/s | ms/step or TTFT | peak GiB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in records:
+            if r.get("side") != "ours":
+                continue
+            lat = r.get("ms_per_step") if r["kind"] == "decode" else 1000 * r["ttft_s"]
+            lines.append(f"| {r.get('variant', '')} | {r['kind']} | {r['batch']} | {r['length']} | {_fmt(r['tok_s'])} | "
+                         f"{_fmt(lat, 2)} ms | {_fmt(r.get('peak_mem_gb'), 2)} |")
     return lines
 
 
@@ -1208,6 +1249,7 @@ def render() -> str:
         else:
             lines += ["### Side by side", "", *side_by_side_rows(res), ""]
         lines += ["### Every measurement (best over rounds)", "", *all_rows(res)]
+        lines += ours_only_rows(preset)
         prof = profile_rows(res)
         extra = _load(f"{preset}_profile")
         if extra is not None:

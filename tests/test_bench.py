@@ -316,6 +316,40 @@ def test_report_prefill_targets_from_a_newer_prefill_only_run(tmp_path, monkeypa
     assert "| 1.25 x official | not met: 1.04x short |" in report.render()
 
 
+def test_report_prefill_memory_from_a_newer_run_of_our_side(tmp_path, monkeypatch):
+    """The H100 131k prefill's peak: h100.json's, or the newest results/h100_ours_s*r*.jsonl run
+    dated after it (our side alone; named in the cell with the side by side's figure)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    ours = "chunkwise_fused/64, fused, compiled step"
+    rows = [{"side": "ours", "variant": ours, "kind": "prefill", "batch": 1, "length": 131072, "tok_s": 41000.0,
+             "ttft_s": 3.2, "peak_mem_gb": 24.57}]
+    (tmp_path / "h100.json").write_text(json.dumps(
+        {"preset": "h100", "preset_config": {"shape": "7b", "dtype": "bfloat16"}, "command": "x",
+         "date": "2026-12-05 11:36 UTC", "host": {}, "records": rows, "best": rows}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    row = "| H100 prefill of 131,072 tokens in one call, peak memory (2026-12-05) | <= 24.0 GiB | "
+    assert row + "24.57 GiB | not met: +0.57 GiB over |" in report.render()
+
+    def ours_only(name, date, peak, variant=ours):
+        records = [{"kind": "meta", "date": date},
+                   {"side": "ours", "variant": variant, "kind": "prefill", "batch": 1, "length": 131072,
+                    "tok_s": 41300.0, "peak_mem_gb": peak}]
+        (tmp_path / name).write_text("\n".join(map(json.dumps, records)) + "\n")
+
+    ours_only("h100_ours_s1r1.jsonl", "2026-12-04 10:00 UTC", 16.0)  # older than the side by side: ignored
+    assert row + "24.57 GiB | not met" in report.render()
+    ours_only("h100_ours_s2r1.jsonl", "2026-12-05 12:37 UTC", 20.93)
+    ours_only("h100_ours_s2r2.jsonl", "2026-12-05 12:50 UTC", 12.0, variant=ours + ", bf16 state")  # not the main one
+    assert row + ("20.93 GiB (24.57 GiB in the side by side of 2026-12-05 11:36 UTC; newer run of our side, "
+                  "`h100_ours_s2r1.jsonl`) | **met** |") in report.render()
+
+
 def test_random_weights_never_materialise_a_float32_model():
     config = bm.shape_config("125m", num_blocks=4)
     mx.clear_cache()
