@@ -302,7 +302,7 @@ def ours_only_rows(preset: str) -> list[str]:
         for r in records:
             if r.get("side") != "ours":
                 continue
-            lat = r.get("ms_per_step") if r["kind"] == "decode" else 1000 * r["ttft_s"]
+            lat = r.get("ms_per_step") if r["kind"] == "decode" else r.get("ttft_s") and 1000 * r["ttft_s"]
             lines.append(f"| {r.get('variant', '')} | {r['kind']} | {r['batch']} | {r['length']} | {_fmt(r['tok_s'])} | "
                          f"{_fmt(lat, 2)} ms | {_fmt(r.get('peak_mem_gb'), 2)} |")
     return lines
