@@ -304,7 +304,7 @@ def ours_only_rows(preset: str) -> list[str]:
                 continue
             lat = r.get("ms_per_step") if r["kind"] == "decode" else r.get("ttft_s") and 1000 * r["ttft_s"]
             lines.append(f"| {r.get('variant', '')} | {r['kind']} | {r['batch']} | {r['length']} | {_fmt(r['tok_s'])} | "
-                         f"{_fmt(lat, 2)} ms | {_fmt(r.get('peak_mem_gb'), 2)} |")
+                         f"{_fmt(lat, 2)}{'' if lat is None else ' ms'} | {_fmt(r.get('peak_mem_gb'), 2)} |")
     return lines
 
 
