@@ -272,27 +272,31 @@ def target_rows(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _ours_only_record(preset: str, kind: str, batch: int, length: int | None, after: str) -> dict | None:
-    """The main variant's record of ``kind`` from the newest results/<preset>_ours_s*r*.jsonl run
-    (our side alone, its first line a "meta" record with the date) dated after ``after``."""
+def _ours_only_runs(preset: str) -> list[tuple[Path, dict, list[dict]]]:
+    """Each results/<preset>_ours_s*r*.jsonl run (our side alone, after the side by side; its first
+    line a "meta" record with the date, command and device), newest first: (path, meta, records)."""
+    runs = []
     for path in _newest_first(RESULTS.glob(f"{preset}_ours_s*r*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         meta = next((r for r in records if r.get("kind") == "meta"), {})
-        if meta.get("date", "") <= after:
-            continue
-        rows = [r for r in records if r.get("side") == "ours" and r.get("kind") == kind and r.get("batch") == batch
-                and (length is None or r.get("length") == length) and r.get("variant", "").endswith("compiled step")]
-        if rows:
-            return {**max(rows, key=lambda r: r["tok_s"]), "file": path.name}
+        runs.append((path, meta, [r for r in records if r.get("side") == "ours"]))
+    return runs
+
+
+def _ours_only_record(preset: str, kind: str, batch: int, length: int | None, after: str) -> dict | None:
+    """The main variant's record of ``kind`` from the newest of :func:`_ours_only_runs` dated after
+    ``after`` that has one."""
+    for path, meta, records in _ours_only_runs(preset):
+        r = _main_ours({"best": records}, kind, batch, length) if meta.get("date", "") > after else None
+        if r is not None:
+            return {**r, "file": path.name}
     return None
 
 
 def ours_only_rows(preset: str) -> list[str]:
-    """Each results/<preset>_ours_s*r*.jsonl run (our side alone, after the side by side), newest first."""
+    """A table of each of :func:`_ours_only_runs`."""
     lines = []
-    for path in _newest_first(RESULTS.glob(f"{preset}_ours_s*r*.jsonl")):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        meta = next((r for r in records if r.get("kind") == "meta"), {})
+    for path, meta, records in _ours_only_runs(preset):
         lines += ["", f"### Our side alone: `{path.name}`", "",
                   f"- date: {meta.get('date', '?')}; device: {meta.get('device', '?')}; MLX {meta.get('mlx', '?')}; "
                   f"tree: {meta.get('tree', '?')}",
@@ -300,8 +304,6 @@ def ours_only_rows(preset: str) -> list[str]:
                   "| variant | kind | batch | length | tok/s | ms/step or TTFT | peak GiB |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in records:
-            if r.get("side") != "ours":
-                continue
             lat = r.get("ms_per_step") if r["kind"] == "decode" else r.get("ttft_s") and 1000 * r["ttft_s"]
             lines.append(f"| {r.get('variant', '')} | {r['kind']} | {r['batch']} | {r['length']} | {_fmt(r['tok_s'])} | "
                          f"{_fmt(lat, 2)}{'' if lat is None else ' ms'} | {_fmt(r.get('peak_mem_gb'), 2)} |")
