@@ -28,8 +28,9 @@ since ``fuse_projections()``) calls the modules of the tree instead. Only on CUD
 :data:`CHAIN_MAX_ROWS` rows; ``XLSTM_METAL_DECODE_CHAIN=0`` (or :func:`set_decode_chain`) turns
 it off (then :meth:`mLSTMBlock.step` runs :mod:`.decode`'s kernels, as before).
 
-Stages 4 and 5, or 3, 4 and 5, also run as one launch (:data:`CHAIN_MERGE`,
-:func:`ffn_quantized_matmul`, :func:`tail_quantized_matmul`): each stage's code and rounding as
+Stages 4 and 5, or 3, 4 and 5, or the whole block (at 4 bits by default) also run as one launch
+(:data:`CHAIN_MERGE`, :func:`ffn_quantized_matmul`, :func:`tail_quantized_matmul`,
+:func:`block_quantized_matmul`): each stage's code and rounding as
 above, the stages after the first waiting in the kernel for the blocks of the one before (a
 counter in the kernel module, zero between launches), their first weight chunks requested
 before they wait; with :data:`CHAIN_PAIRED` the gate|up tiles hold matching gate and up rows, so
@@ -843,14 +844,18 @@ def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
 #: (:func:`tail_quantized_matmul`); 5 the whole block, stages 1-5 with the step between, so
 #: (:func:`block_quantized_matmul`). A value may be one int (every width) too.
 #:
-#: Shipped: 4 (with :data:`CHAIN_PAIRED`) at 4 bits and for bf16 products (which at one row take
+#: Shipped: 5 at 4 bits, 4 (with :data:`CHAIN_PAIRED`) for bf16 products (which at one row take
 #: the streaming product unmerged since session 14: :data:`CHAIN_ROWS`), one row
 #: (:data:`MERGE_MAX_ROWS`), bf16 rows; 8 bits unmerged. On an H200 (S10R2, 7B, one row, one process,
 #: CUPTI GPU time per step): 4 bits 2.613 ms against 2.700 unmerged (stages 3-5 1.769 ms against
 #: 1.857 for the three kernels), bf16 4.344 against 4.411 (3.069 against 3.169); at 8 bits every
 #: merged form was slower (stages 3-5 2.723 ms against 2.547; stages 4-5 2.252-2.306 against 2.112).
+#: The whole block in one launch (5) cuts a 4-bit step from 106 launches to 39, and a 4-bit step's
+#: host work is level with its GPU work: on an H100 (S33, 7B, one row, one process, the settings in
+#: turns over three rounds) 340.1 / 306.8 / 298.9 tok/s against 4's 319.0 / 274.2 / 280.0, the same
+#: greedy tokens. At bf16 (S13R1, H200) 5 took more GPU time than 4 (4.42 against 4.34 ms per step).
 _MERGE_RAW = os.environ.get("XLSTM_METAL_CHAIN_MERGE", "")
-CHAIN_MERGE: dict[int, int] | int = (_quantized._per_bits("XLSTM_METAL_CHAIN_MERGE", {4: 4, 8: 0, 16: 4})
+CHAIN_MERGE: dict[int, int] | int = (_quantized._per_bits("XLSTM_METAL_CHAIN_MERGE", {4: 5, 8: 0, 16: 4})
                                      if not _MERGE_RAW.strip().lstrip("-").isdigit() else int(_MERGE_RAW))
 
 #: Most rows the merged launches take (measured at one row; their kernels take 2, the CUDA tests
