@@ -852,8 +852,10 @@ def ffn_rows_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
 #: merged form was slower (stages 3-5 2.723 ms against 2.547; stages 4-5 2.252-2.306 against 2.112).
 #: The whole block in one launch (5) cuts a 4-bit step from 106 launches to 39, and a 4-bit step's
 #: host work is level with its GPU work: on an H100 (S33, 7B, one row, one process, the settings in
-#: turns over three rounds) 340.1 / 306.8 / 298.9 tok/s against 4's 319.0 / 274.2 / 280.0, the same
-#: greedy tokens. At bf16 (S13R1, H200) 5 took more GPU time than 4 (4.42 against 4.34 ms per step).
+#: turns over three rounds) 340.1 / 306.8 / 298.9 tok/s against 4's 319.0 / 274.2 / 280.0; on an H200
+#: (S33, five rounds) level, 325.3 / 362.1 / 377.7 / 319.2 / 351.1 against 342.6 / 374.4 / 356.8 /
+#: 280.8 / 370.9; the same greedy tokens on both. At bf16 (S13R1, H200) 5 took more GPU time than 4
+#: (4.42 against 4.34 ms per step), so bf16 products keep 4.
 _MERGE_RAW = os.environ.get("XLSTM_METAL_CHAIN_MERGE", "")
 CHAIN_MERGE: dict[int, int] | int = (_quantized._per_bits("XLSTM_METAL_CHAIN_MERGE", {4: 5, 8: 0, 16: 4})
                                      if not _MERGE_RAW.strip().lstrip("-").isdigit() else int(_MERGE_RAW))
