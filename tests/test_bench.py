@@ -238,10 +238,19 @@ def test_report_targets_and_tables_from_results(tmp_path, monkeypatch):
             "`cpu_limits_125m.json`, d1) | not met: 1.78x short |") in text
     assert "ceiling (GEMM), 180 tok/s, over the official's best, 100.0) | >= 2.0 x official | 1.80 x official | " \
         "not reachable here" in text
+    # The read limit (50 tok/s in every round) over the official's best decode at one row (25.0):
+    # 1.5x needs 75% of the limit.
+    assert ("decode batch 1 could reach vs official (this machine's read-bandwidth limit, median of the rounds, "
+            "50.0 tok/s, over the official's best, 25.0) | >= 1.5 x official | 2.00 x official | reachable: needs "
+            "75% of the read limit |") in text
     rounds[0]["prefill"]["ceiling_tok_s"], rounds[2]["fraction_of_limit"] = 250.0, 0.85
+    for r, limit in zip(rounds, (30.0, 36.0, 90.0)):  # median 36: 1.44x the official's 25.0
+        r["limit_tok_s"] = limit
     (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
     text = "\n".join(report.cpu_limit_target_rows({"cpu": res}))
     assert "| **met** |" in text and "2.50 x official | **reachable** |" in text
+    assert ("36.0 tok/s, over the official's best, 25.0) | >= 1.5 x official | 1.44 x official | not reachable here: "
+            "the 1.5x target is above the machine's read-bandwidth limit |") in text
     # On an AMX CPU the highest ceiling is a sixth of the tiles' rate, and the row says so.
     rounds[0]["prefill"]["peaks_gflops"] = {"gemm_2048": 400.0, "amx_tiles_peak_div6_x2": 1100.0}
     (tmp_path / "cpu_limits_125m.json").write_text(json.dumps({"date": "d1", "rounds": rounds}))
