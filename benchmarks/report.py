@@ -197,28 +197,26 @@ def _cpu_limit_rows(results: dict[str, dict], preset: str, name: str, label: str
              f"{shown}; `{path.name}`, {d['date']}) | {status} |"]
     cpu = results.get(preset)
     ceilings = [r["prefill"]["ceiling_tok_s"] for r in rounds if "prefill" in r]
-    official = [r["tok_s"] for r in (cpu or {}).get("best", []) if r.get("side") == "official"
-                and r.get("kind") == "prefill" and r.get("length") == 512 and r.get("batch") == 1]
+    official = cpu and _official(cpu, "prefill", 1, 512)
     if ceilings and official:
-        reach = max(ceilings) / max(official)
+        reach = max(ceilings) / official["tok_s"]
         peaks = max((r for r in rounds if "prefill" in r),
                     key=lambda r: r["prefill"]["ceiling_tok_s"])["prefill"].get("peaks_gflops") or {"gemm": 0.0}
         how = "a sixth of the AMX tiles' bf16 rate" if max(peaks, key=peaks.get).startswith("amx_tiles") else "GEMM"
         lines.append(f"| CPU ({label}) 125m float32: the most prefill 512 could reach vs official (this machine's measured "
-                     f"ceiling ({how}), {max(ceilings):,.0f} tok/s, over the official's best, {max(official):,.1f}) "
+                     f"ceiling ({how}), {max(ceilings):,.0f} tok/s, over the official's best, {official['tok_s']:,.1f}) "
                      f"| >= 2.0 x official | {reach:.2f} x official | "
                      + ("**reachable**" if reach >= 2.0 else "not reachable here: the 2x target is above the "
                         "machine's compute ceiling") + " |")
-    official_decode = [r["tok_s"] for r in (cpu or {}).get("best", []) if r.get("side") == "official"
-                       and r.get("kind") == "decode" and r.get("batch") == 1]
-    if official_decode:
+    official = cpu and _official(cpu, "decode", 1, None)
+    if official:
         # Decode at one row reads every weight once a step, so no implementation beats the read
         # bandwidth's rate; the 1.5x target needs this share of it (rounds' median limit).
         limit = statistics.median(r["limit_tok_s"] for r in rounds)
-        reach = limit / max(official_decode)
+        reach = limit / official["tok_s"]
         lines.append(f"| CPU ({label}) 125m float32: the most decode batch 1 could reach vs official (this machine's "
                      f"read-bandwidth limit, median of the rounds, {limit:,.1f} tok/s, over the official's best, "
-                     f"{max(official_decode):,.1f}) | >= 1.5 x official | {reach:.2f} x official | "
+                     f"{official['tok_s']:,.1f}) | >= 1.5 x official | {reach:.2f} x official | "
                      + (f"reachable: needs {100 * 1.5 / reach:.0f}% of the read limit" if reach >= 1.5
                         else "not reachable here: the 1.5x target is above the machine's read-bandwidth limit") + " |")
     return lines
