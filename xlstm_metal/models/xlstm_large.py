@@ -223,13 +223,14 @@ class xLSTMLarge(nn.Module):
         the terms in first); :meth:`settle_state` gives (C, n, m) back."""
         blocks = self._mlstm_blocks()
         if terms is None:
+            terms = default_deferral(state[0][0].shape[0]) if state else 0
             # A state the deferred kernel does not take (a bf16 one) would run the deferred step's
             # reference ops: 7B on an H100, 904.6 tok/s at 16 rows against 2,212.5 for float32
             # (session 32).
-            cells = [block.mlstm_layer.recurrent_kernel_cell for block in blocks]
-            kernel_takes = all((cell.state_dtype or mx.float32) == mx.float32 for cell in cells) and all(
-                deferred_kernel_applies(layer_state) for layer_state in state)
-            terms = default_deferral(state[0][0].shape[0]) if state and kernel_takes else 0
+            if terms > 1 and not (all((block.mlstm_layer.recurrent_kernel_cell.state_dtype or mx.float32) == mx.float32
+                                      for block in blocks)
+                                  and all(deferred_kernel_applies(layer_state) for layer_state in state)):
+                terms = 0
         fused_steps = len(blocks) == len(self.backbone.blocks) and all(
             block.mlstm_layer.recurrent_kernel_cell.takes_raw_gates for block in blocks)
         if terms <= 1 or not fused_steps:
