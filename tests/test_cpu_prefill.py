@@ -5,6 +5,8 @@ the C code computes."""
 
 from __future__ import annotations
 
+import ctypes
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -193,6 +195,36 @@ def test_amx_products_equal_the_graph_and_openblas(kind):
     if len(outputs) == 2:  # this CPU has AMX: both forms ran, and not as the same arithmetic
         for tiles, blas in zip(outputs[True], outputs[False]):
             assert 0 < _rel(tiles, blas) < 3e-5
+
+
+@pytest.mark.parametrize("kind", ["float", "4-bit", "wide-e"])
+def test_swiglu_in_one_pass_is_the_same_bits(kind):
+    """The FFN's gate and up products, SwiGLU and the split into the down product's planes in one
+    pass over blocks (amx_swiglu) against the three passes one after another: the same bits of
+    logits and states. F = 72 (the second thread's share ends mid-block, the planes' padding to
+    96), 4-bit weights with F = 160, rows not a multiple of 32 (3 x 45); E = 800, past one
+    stretch, takes the three passes either way."""
+    if kind == "4-bit":
+        model = tiny_model(seed=16, embedding_dim=96, num_heads=3, ffn_proj_factor=5 / 3,
+                           ffn_round_up_to_multiple_of=32)
+        nn.quantize(model, group_size=32, bits=4)
+    elif kind == "wide-e":
+        model = tiny_model(seed=18, embedding_dim=800, ffn_proj_factor=0.5, ffn_round_up_to_multiple_of=8, num_blocks=1)
+    else:
+        model = tiny_model(seed=16, embedding_dim=48, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=8)
+    lib = ds.library()
+    passes = ctypes.c_long.in_dll(lib, "xl_amx_swiglu_passes")
+    ids, outputs = _ids(3, 45, seed=4), {}
+    for enabled in (True, False):
+        before = passes.value
+        with cp.fused_swiglu(enabled) as runs:
+            assert runs == (enabled and lib.xl_amx_available() == 1)
+            logits, state = _assert_same(model, ids)
+            outputs[enabled] = [logits, *(a for entry in state for a in entry)]
+        # the one pass ran where it can (not in the last block: 3 rows there), and nowhere else
+        assert (passes.value > before) == (runs and kind != "wide-e")
+    for fused, apart in zip(outputs[True], outputs[False]):
+        assert np.array_equal(np.array(fused), np.array(apart))
 
 
 def _cpu_has_amx() -> bool:

@@ -50,6 +50,15 @@ def amx_products(enabled: bool) -> contextlib.AbstractContextManager[bool]:
     return _step.library_switch("xl_amx", enabled)
 
 
+def fused_swiglu(enabled: bool) -> contextlib.AbstractContextManager[bool]:
+    """Inside: where the FFN's products run on the tiles (an input within one stretch of 768),
+    its gate and up products, SwiGLU and the split of SwiGLU's output into the down product's
+    planes run as one pass over 32 x 32 blocks (``amx_gemm.c``'s ``amx_swiglu``) where ``enabled``,
+    else one after another (tests compare both: the same bits). Yields whether the one pass can
+    run inside."""
+    return _step.library_switch("xl_amx_swiglu", enabled)
+
+
 def tiles_run(lib: ctypes.CDLL) -> bool:
     """Whether the C library's products run on AMX tiles now: this CPU and build have them and
     :func:`amx_products` has not turned them off."""
