@@ -71,6 +71,9 @@ static inline long xl_round32(long n) { return (n + 31) / 32 * 32; }
 #endif
 static long amx_stretch(long Kp) { return Kp < XL_AMX_KC ? Kp : XL_AMX_KC; }
 
+/* Whether an input of width K goes through the products in one stretch. */
+static int amx_one_stretch(long K) { return xl_round32(K) <= XL_AMX_KC; }
+
 /* Weight rows packed per group: the group's planes (a stretch of K wide) in about 1 MB, which L2
    holds beside A's 32 rows. */
 static long amx_group_rows(long Kc) {
@@ -292,67 +295,6 @@ XL_AMX_FN static void amx_product(long M, long n0, long n1, long K, const xl_bf1
   _tile_release();
 }
 
-/* Whether an input of width K goes through the products in one stretch (amx_swiglu's condition). */
-static int amx_one_stretch(long K) { return xl_round32(K) <= XL_AMX_KC; }
-
-/* The FFN's gate and up products and SwiGLU in one pass, for columns [n0, n1) of its F outputs:
-   silu(A Wg^T) * (A Wu^T) split straight into the down product's planes ``out`` (plane_at over
-   round32(M) x round32(F); zeros in the padding), where apart the two products' outputs went to
-   memory and were read back twice, by SwiGLU and by the split (~3% of a 512-token 125m prefill).
-   Each 32 x 32 block of both products is taken from the tiles while in L1; the arithmetic is
-   amx_product's, swiglu_row's and xl_amx_split's, so the planes are the same bits. A within one
-   stretch (amx_one_stretch(K)); scratch: xl_amx_scratch_bytes(K), the two weights' panels taking
-   half of the group each. */
-XL_AMX_FN static void amx_swiglu(long M, long n0, long n1, long K, const xl_bf16 *planes, const float *Wg,
-                                 const xl_quant *Qg, const float *Wu, const xl_quant *Qu, long F, xl_bf16 *out,
-                                 void *scratch) {
-  if (n1 <= n0 || M <= 0) return;
-  const long Kp = xl_round32(K), Mp = xl_round32(M), PS = Mp * Kp, steps = Kp / 32, Fp = xl_round32(F),
-             OS = Mp * Fp, panel = 32 * Kp * 3;
-  long half = amx_group_rows(Kp) / 2 / 32 * 32;
-  if (half < 32) half = 32;
-  xl_bf16 *gates = (xl_bf16 *)(((unsigned long)scratch + 63) & ~63UL), *ups = gates + half * Kp * 3;
-  float *rows = (float *)(ups + half * Kp * 3);
-  float eg[32 * 32] __attribute__((aligned(64))), eu[32 * 32] __attribute__((aligned(64)));
-  amx_begin();
-  for (long g0 = n0; g0 < n1; g0 += half) {
-    const long g1 = n1 - g0 < half ? n1 : g0 + half;
-    for (long p0 = g0; p0 < g1; p0 += 32) {
-      const long count = g1 - p0 < 32 ? g1 - p0 : 32;
-      pack_rows(Wg, Qg, F, p0, count, K, 0, K, steps, rows, gates + (p0 - g0) / 32 * panel);
-      pack_rows(Wu, Qu, F, p0, count, K, 0, K, steps, rows, ups + (p0 - g0) / 32 * panel);
-    }
-    for (long i0 = 0; i0 < M; i0 += 32)
-      for (long p0 = g0; p0 < g1; p0 += 32) {
-        const xl_bf16 *A = planes + plane_at(i0, 0, Kp);
-        block32(A, Kp, PS, steps, gates + (p0 - g0) / 32 * panel, eg, 32, 0);
-        block32(A, Kp, PS, steps, ups + (p0 - g0) / 32 * panel, eu, 32, 0);
-        const long height = M - i0 < 32 ? M - i0 : 32, count = g1 - p0 < 32 ? g1 - p0 : 32;
-        for (long r = 0; r < height; r++) {
-          float *g = eg + r * 32;
-          const float *u = eu + r * 32;
-          /* swiglu_row over the row's columns [n0, n1): 16 at a time, the last few one by one */
-          long c = 0;
-          for (; c + 16 <= count && p0 + c + 16 <= n1; c += 16) {
-            const xl_v16 v = xl_load(g + c);
-            xl_store(g + c, v / (1.0f + xl_exp16(-v)) * xl_load(u + c));
-          }
-          for (; c < count; c++) g[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
-          for (c = 0; c < count; c += 16) split16(g + c, count - c, out + plane_at(i0 + r, p0 + c, Fp), OS);
-        }
-      }
-  }
-  _tile_release();
-  /* the padding, as xl_amx_split writes it: rows M..Mp of these columns, and columns F..Fp */
-  const long end = n1 == F ? Fp : n1;
-  for (long p = 0; p < 3; p++) {
-    for (long r = M; r < Mp; r++)
-      for (long c = n0; c < end; c += 16) memset(out + p * OS + plane_at(r, c, Fp), 0, 16 * sizeof(xl_bf16));
-    if (n1 == F)
-      for (long r = 0; r < M; r++)
-        for (long c = (F + 15) / 16 * 16; c < Fp; c += 16) memset(out + p * OS + plane_at(r, c, Fp), 0, 16 * sizeof(xl_bf16));
-  }
-}
 #endif
 
 /* Rows [r0, r1) x columns [c0, c1) of A [M, K] (row stride lda; c0 a multiple of 16) split into

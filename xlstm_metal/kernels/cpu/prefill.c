@@ -27,8 +27,9 @@ typedef void (*xl_sgemm_fn)(int, int, int, int, int, int, float, const float *, 
                             float *, int);
 enum { XL_ROW_MAJOR = 101, XL_NO_TRANS = 111, XL_TRANS = 112 };
 
-/* gate[j] <- silu(gate[j]) * up[j] for j < count (the FFN's SwiGLU). */
-XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
+/* gate[j] <- silu(gate[j]) * up[j] for j < count (the FFN's SwiGLU), inlined where it is called
+   (swiglu_row's clones, amx_swiglu's blocks) so both compile the same arithmetic. */
+static inline __attribute__((always_inline)) void swiglu_span(float *gate, const float *up, long count) {
   long j = 0;
   for (; j + 16 <= count; j += 16) {
     const xl_v16 g = xl_load(gate + j);
@@ -37,8 +38,66 @@ XL_CLONES static void swiglu_row(float *gate, const float *up, long count) {
   for (; j < count; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
 }
 
+XL_CLONES static void swiglu_row(float *gate, const float *up, long count) { swiglu_span(gate, up, count); }
+
+#ifdef XL_AMX
+/* The FFN's gate and up products and SwiGLU in one pass, for columns [n0, n1) of its F outputs:
+   silu(A Wg^T) * (A Wu^T) split straight into the down product's planes ``out`` (plane_at over
+   round32(M) x round32(F); zeros in the padding), where apart the two products' outputs went to
+   memory and were read back twice, by SwiGLU and by the split (~3% of a 512-token 125m prefill).
+   Each 32 x 32 block of both products is taken from the tiles while in L1; the arithmetic is
+   amx_product's, swiglu_row's and xl_amx_split's (amx_gemm.c's tiles, packing and splits), so the
+   planes are the same bits. A within one stretch (amx_one_stretch(K)); scratch:
+   xl_amx_scratch_bytes(K), the two weights' panels taking half of the group each. */
+XL_AMX_FN static void amx_swiglu(long M, long n0, long n1, long K, const xl_bf16 *planes, const float *Wg,
+                                 const xl_quant *Qg, const float *Wu, const xl_quant *Qu, long F, xl_bf16 *out,
+                                 void *scratch) {
+  if (n1 <= n0 || M <= 0) return;
+  const long Kp = xl_round32(K), Mp = xl_round32(M), PS = Mp * Kp, steps = Kp / 32, Fp = xl_round32(F),
+             OS = Mp * Fp, panel = 32 * Kp * 3;
+  long half = amx_group_rows(Kp) / 2 / 32 * 32;
+  if (half < 32) half = 32;
+  xl_bf16 *gates = (xl_bf16 *)(((unsigned long)scratch + 63) & ~63UL), *ups = gates + half * Kp * 3;
+  float *rows = (float *)(ups + half * Kp * 3);
+  float eg[32 * 32] __attribute__((aligned(64))), eu[32 * 32] __attribute__((aligned(64)));
+  amx_begin();
+  for (long g0 = n0; g0 < n1; g0 += half) {
+    const long g1 = n1 - g0 < half ? n1 : g0 + half;
+    for (long p0 = g0; p0 < g1; p0 += 32) {
+      const long count = g1 - p0 < 32 ? g1 - p0 : 32;
+      pack_rows(Wg, Qg, F, p0, count, K, 0, K, steps, rows, gates + (p0 - g0) / 32 * panel);
+      pack_rows(Wu, Qu, F, p0, count, K, 0, K, steps, rows, ups + (p0 - g0) / 32 * panel);
+    }
+    for (long i0 = 0; i0 < M; i0 += 32)
+      for (long p0 = g0; p0 < g1; p0 += 32) {
+        const xl_bf16 *A = planes + plane_at(i0, 0, Kp);
+        block32(A, Kp, PS, steps, gates + (p0 - g0) / 32 * panel, eg, 32, 0);
+        block32(A, Kp, PS, steps, ups + (p0 - g0) / 32 * panel, eu, 32, 0);
+        const long height = M - i0 < 32 ? M - i0 : 32, count = g1 - p0 < 32 ? g1 - p0 : 32;
+        for (long r = 0; r < height; r++) {
+          float *g = eg + r * 32;
+          const float *u = eu + r * 32;
+          /* a block narrower than 32 ends the share, so its 16-wide steps are those over [n0, n1) */
+          swiglu_span(g, u, count);
+          for (long c = 0; c < count; c += 16) split16(g + c, count - c, out + plane_at(i0 + r, p0 + c, Fp), OS);
+        }
+      }
+  }
+  _tile_release();
+  /* the padding, as xl_amx_split writes it: rows M..Mp of these columns, and columns F..Fp */
+  const long end = n1 == F ? Fp : n1;
+  for (long p = 0; p < 3; p++) {
+    for (long r = M; r < Mp; r++)
+      for (long c = n0; c < end; c += 16) memset(out + p * OS + plane_at(r, c, Fp), 0, 16 * sizeof(xl_bf16));
+    if (n1 == F)
+      for (long r = 0; r < M; r++)
+        for (long c = (F + 15) / 16 * 16; c < Fp; c += 16) memset(out + p * OS + plane_at(r, c, Fp), 0, 16 * sizeof(xl_bf16));
+  }
+}
+#endif
+
 /* Set to 0 (tests, comparisons) to run the FFN's gate and up products, SwiGLU and the split into
-   planes one after another where amx_gemm.c's amx_swiglu would do them in one pass; the passes'
+   planes one after another where amx_swiglu would do them in one pass; the passes'
    count of column shares through it (tests: that it ran). */
 int xl_amx_swiglu = 1;
 long xl_amx_swiglu_passes = 0;

@@ -53,7 +53,7 @@ def amx_products(enabled: bool) -> contextlib.AbstractContextManager[bool]:
 def fused_swiglu(enabled: bool) -> contextlib.AbstractContextManager[bool]:
     """Inside: where the FFN's products run on the tiles (an input within one stretch of 768),
     its gate and up products, SwiGLU and the split of SwiGLU's output into the down product's
-    planes run as one pass over 32 x 32 blocks (``amx_gemm.c``'s ``amx_swiglu``) where ``enabled``,
+    planes run as one pass over 32 x 32 blocks (``prefill.c``'s ``amx_swiglu``) where ``enabled``,
     else one after another (tests compare both: the same bits). Yields whether the one pass can
     run inside."""
     return _step.library_switch("xl_amx_swiglu", enabled)
