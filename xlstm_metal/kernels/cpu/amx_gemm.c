@@ -294,7 +294,6 @@ XL_AMX_FN static void amx_product(long M, long n0, long n1, long K, const xl_bf1
   }
   _tile_release();
 }
-
 #endif
 
 /* Rows [r0, r1) x columns [c0, c1) of A [M, K] (row stride lda; c0 a multiple of 16) split into

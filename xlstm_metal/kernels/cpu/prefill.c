@@ -44,7 +44,7 @@ XL_CLONES static void swiglu_row(float *gate, const float *up, long count) { swi
 /* The FFN's gate and up products and SwiGLU in one pass, for columns [n0, n1) of its F outputs:
    silu(A Wg^T) * (A Wu^T) split straight into the down product's planes ``out`` (plane_at over
    round32(M) x round32(F); zeros in the padding), where apart the two products' outputs went to
-   memory and were read back twice, by SwiGLU and by the split (~3% of a 512-token 125m prefill).
+   memory and were read back twice, by SwiGLU and by the split (4-5% of a 512-token 125m prefill).
    Each 32 x 32 block of both products is taken from the tiles while in L1; the arithmetic is
    amx_product's, swiglu_row's and xl_amx_split's (amx_gemm.c's tiles, packing and splits), so the
    planes are the same bits. A within one stretch (amx_one_stretch(K)); scratch:
