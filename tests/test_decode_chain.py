@@ -1016,6 +1016,38 @@ def test_merged_block_dispatch(on_cpu_too, monkeypatch, bits, float_gates):
     _agree(merged, unmerged, 0)
 
 
+@cuda
+@pytest.mark.parametrize("merge, kernel, width", [(5, "block_quantized_matmul", 256), (4, "tail_quantized_matmul", None)],
+                         ids=["whole-block", "stages-3-5"])
+def test_cuda_merged_steps_queued_together_equal_steps_evaluated_one_by_one(monkeypatch, merge, kernel, width):
+    """Known problem (benchmarks/NOTES.md, session 34; not fixed yet): a merged kernel counts its
+    blocks in counters of its kernel module, so two of its launches must not run at once. Steps
+    whose tokens are known beforehand (teacher forcing), queued and evaluated together, share no
+    array from one step's last layer to the next step's first, and MLX's CUDA graph may run those
+    launches side by side (stages 4-5 merged, `test_merged_ffn_dispatch`, failed so in 3 of 4
+    processes on an H100). The default 4-bit one-row merges must give the logits of the same steps
+    evaluated one at a time."""
+    monkeypatch.setattr(chain, "CHAIN_MERGE", merge)
+    calls = _count(monkeypatch, kernel)
+    model = _model(4, float_gates=False, **({"embedding_dim": width} if width else {}))
+    tokens = np.random.default_rng(0).integers(0, 97, 8)
+
+    def run(each_step: bool) -> list:
+        state, out = None, []
+        for token in tokens:
+            logits, state = model(mx.array([[int(token)]], dtype=mx.int32), state)
+            out.append(logits)
+            if each_step:
+                mx.eval(logits, state)
+        mx.eval(out, state)
+        return out
+
+    one_by_one = run(True)
+    assert calls[kernel] == len(tokens) * len(model.blocks)  # the merged launch ran in every block
+    for queued, single in zip(run(False), one_by_one):
+        assert mx.array_equal(queued, single)
+
+
 def _block_args(model, B=1, state=None, pending=False):
     """block_merge_supported's arguments for the first block of ``model`` at B rows, as _chain_step builds them."""
     from xlstm_metal.blocks.xlstm_large import _projection_plan  # noqa: PLC0415
