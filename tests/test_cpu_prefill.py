@@ -163,14 +163,9 @@ def test_the_last_blocks_last_positions(blocks, chunk, rows, fused):
         _assert_same(model, _ids(rows, length, seed=length + 1), state)
 
 
-@pytest.mark.parametrize("kind", ["float", "4-bit", "wide", "wide-e"])
-def test_amx_products_equal_the_graph_and_openblas(kind):
-    """Where the CPU has AMX the products beyond 8 rows run on its bf16 tiles (each float32 value
-    in three bf16 parts): widths that are not multiples of the tiles' 32 (E = 48 and F = 72 in
-    float; 96 and 160 quantized, MLX's groups needing multiples of 32), widths past one stretch
-    of K (F = 792 and E = 800: 768 and then 24 or 32, the accumulators carried), rows that are not multiples
-    of 32 (3 x 45, 13 x 7), an entering state, against the graph and against OpenBLAS's SGEMM,
-    from which they differ in the last bits only."""
+def _amx_model(kind: str) -> nn.Module:
+    """The AMX tests' models: "float" E = 48, F = 72; "4-bit" E = 96, F = 160 (MLX's groups need
+    multiples of 32); "wide" F = 792 and "wide-e" E = 800, F = 400 (past one stretch of 768)."""
     if kind == "4-bit":
         model = tiny_model(seed=16, embedding_dim=96, num_heads=3, ffn_proj_factor=5 / 3,
                            ffn_round_up_to_multiple_of=32)
@@ -185,6 +180,18 @@ def test_amx_products_equal_the_graph_and_openblas(kind):
     else:
         model = tiny_model(seed=16, embedding_dim=48, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=8)
         assert model.config.ffn_dim == 72
+    return model
+
+
+@pytest.mark.parametrize("kind", ["float", "4-bit", "wide", "wide-e"])
+def test_amx_products_equal_the_graph_and_openblas(kind):
+    """Where the CPU has AMX the products beyond 8 rows run on its bf16 tiles (each float32 value
+    in three bf16 parts): widths that are not multiples of the tiles' 32 (E = 48 and F = 72 in
+    float; 96 and 160 quantized, MLX's groups needing multiples of 32), widths past one stretch
+    of K (F = 792 and E = 800: 768 and then 24 or 32, the accumulators carried), rows that are not multiples
+    of 32 (3 x 45, 13 x 7), an entering state, against the graph and against OpenBLAS's SGEMM,
+    from which they differ in the last bits only."""
+    model = _amx_model(kind)
     ids, more = _ids(3, 45, seed=4), _ids(13, 7, seed=5)
     outputs = {}
     for enabled in (True, False):
@@ -204,14 +211,7 @@ def test_swiglu_in_one_pass_is_the_same_bits(kind):
     logits and states. F = 72 (the second thread's share ends mid-block, the planes' padding to
     96), 4-bit weights with F = 160, rows not a multiple of 32 (3 x 45); E = 800, past one
     stretch, takes the three passes either way."""
-    if kind == "4-bit":
-        model = tiny_model(seed=16, embedding_dim=96, num_heads=3, ffn_proj_factor=5 / 3,
-                           ffn_round_up_to_multiple_of=32)
-        nn.quantize(model, group_size=32, bits=4)
-    elif kind == "wide-e":
-        model = tiny_model(seed=18, embedding_dim=800, ffn_proj_factor=0.5, ffn_round_up_to_multiple_of=8, num_blocks=1)
-    else:
-        model = tiny_model(seed=16, embedding_dim=48, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=8)
+    model = _amx_model(kind)
     lib = ds.library()
     passes = ctypes.c_long.in_dll(lib, "xl_amx_swiglu_passes")
     ids, outputs = _ids(3, 45, seed=4), {}
