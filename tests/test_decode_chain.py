@@ -1017,16 +1017,15 @@ def test_merged_block_dispatch(on_cpu_too, monkeypatch, bits, float_gates):
 
 
 @cuda
-@pytest.mark.parametrize("merge, kernel, width", [(5, "block_quantized_matmul", 256), (4, "tail_quantized_matmul", None)],
-                         ids=["whole-block", "stages-3-5"])
+@pytest.mark.parametrize("merge, kernel, width", [(5, "block_quantized_matmul", 256), (4, "tail_quantized_matmul", None),
+                                                 (1, "ffn_quantized_matmul", None), (3, "ffn_quantized_matmul", None)],
+                         ids=["whole-block", "stages-3-5", "stages-4-5", "stages-4-5-persistent"])
 def test_cuda_merged_steps_queued_together_equal_steps_evaluated_one_by_one(monkeypatch, merge, kernel, width):
-    """Known problem (benchmarks/NOTES.md, session 34; not fixed yet): a merged kernel counts its
-    blocks in counters of its kernel module, so two of its launches must not run at once. Steps
-    whose tokens are known beforehand (teacher forcing), queued and evaluated together, share no
-    array from one step's last layer to the next step's first, and MLX's CUDA graph may run those
-    launches side by side (stages 4-5 merged, `test_merged_ffn_dispatch`, failed so in 3 of 4
-    processes on an H100). The default 4-bit one-row merges must give the logits of the same steps
-    evaluated one at a time."""
+    """Steps whose tokens are known beforehand (teacher forcing), queued and evaluated together,
+    share no array from one step's last layer to the next step's first, so MLX's CUDA graph may run
+    those launches side by side. Counters in the kernel module mixed their counts (session 34:
+    NaN or wrong logits in 3 of 4 processes on an H100); each launch now counts in a slot of its
+    own. The merged kernels must give the logits of the same steps evaluated one at a time."""
     monkeypatch.setattr(chain, "CHAIN_MERGE", merge)
     calls = _count(monkeypatch, kernel)
     model = _model(4, float_gates=False, **({"embedding_dim": width} if width else {}))
@@ -1046,6 +1045,25 @@ def test_cuda_merged_steps_queued_together_equal_steps_evaluated_one_by_one(monk
     assert calls[kernel] == len(tokens) * len(model.blocks)  # the merged launch ran in every block
     for queued, single in zip(run(False), one_by_one):
         assert mx.array_equal(queued, single)
+
+
+def test_merged_kernels_count_in_a_slot_of_their_own_launch():
+    # Every merged kernel's counting goes through its launch's slot (claimed by block 0 under the
+    # address of its first output, freed by the block that zeroes it): no counter of the kernel
+    # module but the slot table, which two launches in flight together cannot share.
+    header = chain._MERGE_HEADER
+    assert header.count("__device__ unsigned") == 2 and "xl_slot_key[XL_SLOTS]" in header
+    sources = {"y": chain._merged_source(1e-6, 0, 0), "y ": chain._merged_source(1e-6, 0, 0, persistent=True),
+               "out": chain._tail_source(1e-6, 1e-6, 0, 0, 0),
+               "qkv_l0": chain._block_source(2, 1e-6, False, False, 1e-6, 15.0, False, 1e-6, 1e-6, 0, 0, 0, 0, False),
+               "qkv_l0 ": chain._block_source(6, 1e-6, False, False, 1e-6, 15.0, False, 1e-6, 1e-6, 0, 0, 0, 0, False)}
+    for first, source in sources.items():
+        assert "__device__" not in source and "xl_ffn" not in source
+        claim = source.index("atomicCAS(xl_slot_key + xl_slot_hash(xl_key), 0ull, xl_key)")
+        assert f"reinterpret_cast<unsigned long long>({first.strip()});" in source[:claim]
+        assert claim < source.index("atomicAdd(XL_CNT, 1u)")  # claimed before any block counts
+        assert source.count("xl_release(xl_cnt)") == 1  # one release, after the launch's last wait
+        assert "atomicAdd(&" not in source.replace("atomicAdd(&count[", "")
 
 
 def _block_args(model, B=1, state=None, pending=False):

@@ -32,7 +32,7 @@ Stages 4 and 5, or 3, 4 and 5, or the whole block (at 4 bits by default) also ru
 (:data:`CHAIN_MERGE`, :func:`ffn_quantized_matmul`, :func:`tail_quantized_matmul`,
 :func:`block_quantized_matmul`): each stage's code and rounding as
 above, the stages after the first waiting in the kernel for the blocks of the one before (a
-counter in the kernel module, zero between launches), their first weight chunks requested
+counter of the launch's own, zero between launches), their first weight chunks requested
 before they wait; with :data:`CHAIN_PAIRED` the gate|up tiles hold matching gate and up rows, so
 SwiGLU runs in their epilogue and proj_down has no prologue. The same values as the separate
 stages (bit-equal: the CUDA tests).
@@ -878,31 +878,87 @@ def merge_mode(bits: int, rows: int) -> int:
 # unmerged stages' ring depth, blocks, integer weights) and the same code as the unmerged kernel,
 # so the outputs are bit-equal. A stage-5 block requests its first weight chunks (and with PF2
 # its first tile towards L2), then waits until every stage-4 block has counted itself done in
-# ``xl_ffn_done``; the last stage-5 block past the wait puts both counters back to zero for the
-# next launch. The counters are the kernel module's, so two launches of one merged kernel must not
-# run side by side: MLX's CUDA graphs run launches that share no array concurrently, and in a
-# decode step each launch reads the layer before's output, which orders them (the split-K counters
-# are per launch instead: :func:`_outputs`; here a zeroed output per launch would add a
-# node per layer to every step). Only stage-5 blocks wait, and the
-# host launches the kernel only where fewer of them than the GPU holds at once exist
-# (:func:`_merge_plan`), so a stage-4 block always finds room and none can deadlock, whatever
-# order the GPU starts blocks in.
+# its launch's ``done`` counter; the last stage-5 block past the wait puts both counters back to
+# zero and frees them. Only stage-5 blocks wait, and the host launches the kernel only where fewer
+# of them than the GPU holds at once exist (:func:`_merge_plan`), so a stage-4 block always finds
+# room; a stage-4 block waits only for block 0's slot claim below, which the GPU, starting blocks
+# in index order, has started first (the kernels with grid-wide barriers hold all their blocks at
+# once and rely on no order).
+#
+# The counters are per launch: MLX's CUDA graph runs launches that share no array side by side
+# (steps queued with known tokens: one step's later layers beside the next step's first), and
+# counters of the kernel module mixed two launches' counts (wrong logits, NaN). Each launch takes
+# a free slot of a table in the module, under the address of its first output (distinct for
+# launches in flight together: both outputs are alive): block 0 claims the key's hashed slot at
+# its start (or, taken, the next free one), the other blocks read the hashed slot at their start
+# and use what they read where they first count or wait (looking again only where it was not yet
+# theirs), the block that zeroes the counters frees the slot. Neither waits for its answer at the
+# start: on an H100 (7B, 4 bits, whole block per launch) the step ran as fast as with the module's
+# counters (session 35). (A zeroed output per launch, as the split-K counters have, would zero-fill
+# every output of the launch, the state included: ~3% of a 4-bit 7B step.)
 _MERGE_HEADER = """
-__device__ unsigned int xl_ffn_done;  // stage-4 blocks done (zero at load; each launch leaves it so)
-__device__ unsigned int xl_ffn_pass;  // stage-5 blocks past the wait
+#define XL_SLOTS 64
+__device__ unsigned long long xl_slot_key[XL_SLOTS];  // the owning launch's first output, 0: free
+__device__ unsigned int xl_slot_cnt[2 * XL_SLOTS];     // per slot: blocks done, blocks past the last wait
+__device__ __forceinline__ unsigned int xl_slot_hash(unsigned long long key) {
+  return static_cast<unsigned int>((key >> 8) ^ (key >> 20)) % XL_SLOTS;
+}
+__device__ __forceinline__ unsigned long long xl_key_at(unsigned int s) {
+  unsigned long long k;
+  asm volatile("ld.relaxed.gpu.u64 %0, [%1];" : "=l"(k) : "l"(xl_slot_key + s) : "memory");
+  return k;
+}
+// Where the hashed slot was not the launch's: block 0 claims the next free one (all taken: until
+// one is freed), another block waits for block 0's claim and finds it. Out of line: rare.
+__device__ __noinline__ unsigned int* xl_slot_elsewhere(unsigned long long key, bool lead) {
+  for (unsigned int s = (xl_slot_hash(key) + lead) % XL_SLOTS;; s = (s + 1) % XL_SLOTS) {
+    if (lead ? atomicCAS(xl_slot_key + s, 0ull, key) == 0ull : xl_key_at(s) == key) return xl_slot_cnt + 2 * s;
+    if (s + 1 == XL_SLOTS) __nanosleep(64);
+  }
+}
+// Thread 0's counters at their first use, from what its start saw in the hashed slot (``seen``:
+// block 0's atomicCAS there, another block's read of it; neither waited for at the start).
+__device__ __forceinline__ unsigned int* xl_slot_of(unsigned long long key, unsigned long long seen, bool lead) {
+  const unsigned int h = xl_slot_hash(key);
+  if (lead ? seen == 0ull : (seen == key || xl_key_at(h) == key)) return xl_slot_cnt + 2 * h;
+  return xl_slot_elsewhere(key, lead);
+}
+// The launch's last block past its last wait: counters back to zero, then the slot free.
+__device__ __forceinline__ void xl_release(unsigned int* cnt) {
+  cnt[0] = 0u;
+  cnt[1] = 0u;
+  __threadfence();
+  atomicExch(xl_slot_key + (cnt - xl_slot_cnt) / 2, 0ull);
+}
+#define XL_CNT (xl_cnt ? xl_cnt : (xl_cnt = xl_slot_of(xl_key, xl_seen, xl_lead)))
+"""
+
+
+def _claim(first_output: str) -> str:
+    """A merged kernel's first lines: the launch's key (the address of ``first_output``); thread 0
+    of block 0 requesting the hashed slot, of another block reading it (:data:`_MERGE_HEADER`)."""
+    return f"""
+    const unsigned long long xl_key = reinterpret_cast<unsigned long long>({first_output});
+    const bool xl_lead = blockIdx.x == 0;
+    unsigned long long xl_seen = 0ull;
+    if (threadIdx.x == 0)
+      xl_seen = xl_lead ? atomicCAS(xl_slot_key + xl_slot_hash(xl_key), 0ull, xl_key) : xl_key_at(xl_slot_hash(xl_key));
+    unsigned int* xl_cnt = nullptr;  // thread 0's, at first use: XL_CNT
 """
 
 
 def _wait(target: str, last: bool = True) -> str:
-    """A block's wait (thread 0 polling, the others at the barrier) until ``xl_ffn_done`` reaches
-    ``target``; after the launch's last wait, the last block past it zeroes both counters."""
-    reset = ("      if (atomicAdd(&xl_ffn_pass, 1u) == static_cast<unsigned int>(xl_nblk - 1)) "
-             "{ xl_ffn_done = 0u; xl_ffn_pass = 0u; }\n") if last else ""
+    """A block's wait (thread 0 polling, the others at the barrier) until its launch's ``done``
+    counter reaches ``target``; after the launch's last wait, the last block past it zeroes and
+    frees the counters."""
+    reset = ("      if (atomicAdd(XL_CNT + 1, 1u) == static_cast<unsigned int>(xl_nblk - 1)) "
+             "xl_release(xl_cnt);\n") if last else ""
     return ("""
     if (threadIdx.x == 0) {
+      unsigned int* xl_done = XL_CNT;
       for (;;) {
         unsigned int v;
-        asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(&xl_ffn_done) : "memory");
+        asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(xl_done) : "memory");
         if (v >= static_cast<unsigned int>(TARGET)) break;
         __nanosleep(64);
       }
@@ -915,7 +971,7 @@ def _wait(target: str, last: bool = True) -> str:
 _MERGE_WAIT = _wait("NB1")
 _DONE = """
       __syncthreads();  // this block's outputs stored
-      if (threadIdx.x == 0) { __threadfence(); atomicAdd(&xl_ffn_done, 1u); }
+      if (threadIdx.x == 0) { __threadfence(); atomicAdd(XL_CNT, 1u); }
 """
 # 3: every block runs stage 4's tiles, counts itself done, requests its first proj_down chunks,
 # waits for all blocks (a grid-wide barrier: the grid is at most what the GPU holds at once),
@@ -923,11 +979,11 @@ _DONE = """
 _MERGE_BODY_PERSISTENT = """
     __shared__ __align__(16) T xl_pool[POOL];
     __shared__ float xl_red[WARPS * MT * 4 * 32];
-    {
+@CLAIM@    {
       const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
 @P1@
       __syncthreads();
-      if (threadIdx.x == 0) { __threadfence(); atomicAdd(&xl_ffn_done, 1u); }
+      if (threadIdx.x == 0) { __threadfence(); atomicAdd(XL_CNT, 1u); }
     }
     {
       const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
@@ -937,11 +993,11 @@ _MERGE_BODY_PERSISTENT = """
 _MERGE_BODY = """
     __shared__ __align__(16) T xl_pool[POOL];  // the staged rows of either stage
     __shared__ float xl_red[WARPS * MT * 4 * 32];
-    if (static_cast<int>(blockIdx.x) < NB1) {
+@CLAIM@    if (static_cast<int>(blockIdx.x) < NB1) {
       const int xl_bid = blockIdx.x, xl_nblk = NB1;
 @P1@
       __syncthreads();  // this block's gate|up values stored
-      if (threadIdx.x == 0) { __threadfence(); atomicAdd(&xl_ffn_done, 1u); }
+      if (threadIdx.x == 0) { __threadfence(); atomicAdd(XL_CNT, 1u); }
     } else {
       const int xl_bid = static_cast<int>(blockIdx.x) - NB1, xl_nblk = static_cast<int>(gridDim.x) - NB1;
 @P2@
@@ -1056,7 +1112,7 @@ def _merged_source(eps: float, iw1: int, iw2: int, persistent: bool = False, pai
     p1 = _paired(p1) if paired else p1
     p2 = _down_phase(iw2, _MERGE_WAIT, "xr_shape[0]", paired)
     body = _MERGE_BODY_PERSISTENT if persistent else _MERGE_BODY
-    return body.replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
+    return body.replace("@CLAIM@", _claim("y")).replace("@P1@\n", _merge_phase(p1, {})).replace("@P2@\n", p2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1168,7 +1224,7 @@ def ffn_quantized_matmul(x: mx.array, norm: RMSNorm, arrays, down) -> mx.array:
 _TAIL_BODY = """
     __shared__ __align__(16) T xl_pool[POOL];
     __shared__ float xl_red[WARPS * MT * 4 * 32];
-    const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
+@CLAIM@    const int xl_bid = blockIdx.x, xl_nblk = gridDim.x;
 @PA@
 @DONE@
 @PB@
@@ -1188,7 +1244,7 @@ def _tail_source(mh_eps: float, eps: float, iw3: int, iw1: int, iw2: int, paired
         pb = pb.replace(old, new)
     pb = _paired(pb) if paired else pb
     pc = _down_phase(iw2, _wait("2 * xl_nblk"), "h_shape[0]", paired)
-    return (_TAIL_BODY.replace("@PA@\n", pa).replace("@PB@\n", _merge_phase(pb, {}))
+    return (_TAIL_BODY.replace("@CLAIM@", _claim("out")).replace("@PA@\n", pa).replace("@PB@\n", _merge_phase(pb, {}))
             .replace("@PC@\n", pc).replace("@DONE@\n", _DONE))
 
 
@@ -1393,9 +1449,9 @@ def _layer_source(eps0: float, has_pending: bool, inproj: bool, step_eps: float,
     pb = _paired(pb) if paired else pb
     last_wait = _wait(target(4), last=last or loop)
     if loop:
-        old = "if (atomicAdd(&xl_ffn_pass, 1u)"
+        old = "if (atomicAdd(XL_CNT + 1, 1u)"
         assert old in last_wait
-        last_wait = last_wait.replace(old, "if (xl_l == XL_NL - 1 && atomicAdd(&xl_ffn_pass, 1u)")
+        last_wait = last_wait.replace(old, "if (xl_l == XL_NL - 1 && atomicAdd(XL_CNT + 1, 1u)")
     pc = _down_phase(iw2, last_wait, "MROWS", paired)
     text = "".join((p1, _DONE, p2, _DONE, pa, _DONE, _merge_phase(pb, {}), _DONE, pc))
     text = text.replace("xr_shape[0]", "MROWS").replace("h_shape[0]", "MROWS")
@@ -1466,7 +1522,7 @@ def _block_source(blocks: int, eps0: float, has_pending: bool, inproj: bool, ste
     for old, new in _BLOCK_SHARED:
         assert old in text, old
         text = text.replace(old, new)
-    return _BLOCK_HEAD + head + text
+    return _BLOCK_HEAD + _claim("qkv_l0") + head + text
 
 
 def _stack_names(pending: bool, inproj: bool, has_bias: bool, paired: bool) -> tuple[list[str], set[str]]:
