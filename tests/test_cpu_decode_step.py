@@ -81,6 +81,49 @@ def test_c_step_after_fuse_projections_and_from_a_prefill_state():
     _assert_same(model, state=state)
 
 
+def test_the_state_it_returned_is_read_where_it_wrote_it_and_never_changed(monkeypatch):
+    # The step writes the new state and the logits into one array of MLX's and reads a state it
+    # returned from there (no views made); a caller's older state, branched from twice, and a
+    # state copied or rebuilt from the returned arrays give the same values; no returned array
+    # changes afterwards.
+    model = tiny_model(seed=5)
+    views = {"calls": 0}
+    state_views = ds._state_views
+
+    def counted(*args):
+        views["calls"] += 1
+        return state_views(*args)
+
+    monkeypatch.setattr(ds, "_state_views", counted)
+    expected, expected_state = _graph_steps(model, IDS)
+    got, state = _c_steps(model, IDS)
+    assert views["calls"] == 1  # the zero state only: every later state was the step's own output
+    for a, b in zip(got, expected):
+        assert _rel(a, b) < 2e-5
+    for ours, theirs in zip(state, expected_state):
+        assert all(_rel(a, b) < 2e-5 for a, b in zip(ours, theirs))
+    _, middle = _c_steps(model, IDS[:3])
+    kept = [tuple(np.array(a) for a in block) for block in middle]
+    first, _ = _c_steps(model, IDS[3:], middle)
+    second, _ = _c_steps(model, IDS[3:], middle)  # the same state again, after it was stepped from
+    for a, b, c in zip(first, second, expected[3:]):
+        assert mx.array_equal(a, b) and _rel(a, c) < 2e-5
+    for block, copies in zip(middle, kept):
+        assert all(np.array_equal(np.array(a), c) for a, c in zip(block, copies))
+    _, last = _c_steps(model, IDS[:3])
+    calls = views["calls"]
+    rebuilt = [tuple(block) for block in last]  # the last output's arrays in new containers: still its own
+    assert mx.array_equal(_c_steps(model, [IDS[3]], rebuilt)[0][0], first[0]) and views["calls"] == calls
+    assert mx.array_equal(_c_steps(model, [IDS[3]], middle)[0][0], first[0]) and views["calls"] == calls + 1
+    calls += 1  # an older output than the last: read through views, as any other state
+    copied = [tuple(mx.array(np.array(a)) for a in block) for block in middle]  # other arrays: read as given
+    assert mx.array_equal(_c_steps(model, [IDS[3]], copied)[0][0], first[0]) and views["calls"] == calls + 1
+    logits, _ = _c_steps(model, [IDS[0]])
+    assert logits[0].shape == (1, 1, model.config.vocab_size) and _rel(logits[0], expected[0]) < 2e-5
+    # what the step keeps beside MLX's memory: its work space only (its outputs are MLX's arrays)
+    assert ds.held_bytes(model) == model._cpu_step_plan.rows(1).work.nbytes > 0
+
+
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, 32), (4, 64), (5, 64), (6, 32), (6, 64), (8, 32),
                                         (8, 64)])
 def test_c_step_reads_quantized_weights(bits, group):

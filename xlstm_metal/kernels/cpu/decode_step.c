@@ -720,3 +720,25 @@ int xl_decode_step(const xl_model *M, const long *tokens, long rows, float *logi
   }
   return 0;
 }
+
+/* xl_decode_step with the state's memory as one buffer each way, laid out [C of every block
+   (blocks, rows, NH, DQK, DV) | n (blocks, rows, NH, DQK) | m (blocks, rows, NH)]: the step writes
+   the new state to ``state_out`` (the caller's output array: no copy afterwards) and reads the
+   state before it from ``state_in`` (NULL: from each block's C, n and m as they are set). The
+   blocks are the caller's own array (M->blocks): their pointers are set here. */
+int xl_decode_step_buffers(const xl_model *M, const long *tokens, long rows, float *logits, const float *state_in,
+                           float *state_out) {
+  const long nb = M->num_blocks, c = rows * M->NH * M->DQK * M->DV, n = rows * M->NH * M->DQK, m = rows * M->NH;
+  xl_block *blocks = (xl_block *)M->blocks;
+  for (long i = 0; i < nb; i++) {
+    if (state_in) {
+      blocks[i].C = state_in + i * c;
+      blocks[i].n = state_in + nb * c + i * n;
+      blocks[i].m = state_in + nb * (c + n) + i * m;
+    }
+    blocks[i].C_out = state_out + i * c;
+    blocks[i].n_out = state_out + nb * c + i * n;
+    blocks[i].m_out = state_out + nb * (c + n) + i * m;
+  }
+  return xl_decode_step(M, tokens, rows, logits);
+}

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,9 +103,9 @@ def library() -> ctypes.CDLL | None:
     if _LIBRARY is None and UNAVAILABLE is None:
         try:
             lib = ctypes.CDLL(str(_build()))
-            lib.xl_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long), ctypes.c_long,
-                                           _f32p]
-            lib.xl_decode_step.restype = ctypes.c_int
+            lib.xl_decode_step_buffers.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_long),
+                                                   ctypes.c_long, _f32p, _f32p, _f32p]
+            lib.xl_decode_step_buffers.restype = ctypes.c_int
             lib.xl_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_long]
             lib.xl_work_floats.restype = ctypes.c_long
             lib.xl_max_rows.restype = ctypes.c_int
@@ -451,26 +452,58 @@ class _Plan:
 
 
 class _Rows:
-    """A plan's C structures for one row count: the blocks with this count's output buffers (the
-    state after a step, copied into MLX arrays afterwards), the logits and the work space."""
+    """A plan's C structures for one row count: the blocks (their state pointers set by each
+    step), the token buffer and the work space; the sizes of a step's output (the new state, then
+    the logits: one MLX array the C code writes) and the last output's arrays (weak references)
+    with its address, so the state a caller passes back is read where the step wrote it."""
 
     def __init__(self, plan: _Plan, rows: int):
         c = plan.model
-        blocks_count = c.num_blocks
-        self.blocks = (_Block * blocks_count)()
+        self.blocks = (_Block * c.num_blocks)()
         ctypes.memmove(self.blocks, plan.blocks, ctypes.sizeof(self.blocks))
-        self.C = np.empty((blocks_count, rows, c.NH, c.DQK, c.DV), np.float32)
-        self.n = np.empty((blocks_count, rows, c.NH, c.DQK), np.float32)
-        self.m = np.empty((blocks_count, rows, c.NH, 1), np.float32)
-        self.logits = np.empty((rows, 1, c.V), np.float32)
+        self.shapes = ((rows, c.NH, c.DQK, c.DV), (rows, c.NH, c.DQK), (rows, c.NH, 1))
+        self.sizes = [c.num_blocks * int(np.prod(shape)) for shape in self.shapes]  # C, n, m of every block
+        self.state_floats = sum(self.sizes)
+        self.logits_shape = (rows, 1, c.V)
         self.tokens = (ctypes.c_long * rows)()
-        for index in range(blocks_count):
-            block = self.blocks[index]
-            block.C_out, block.n_out, block.m_out = (_pointer(a[index]) for a in (self.C, self.n, self.m))
         self.model = _Model.from_buffer_copy(c)
         self.model.blocks = self.blocks
         self.work = np.empty(plan.lib.xl_work_floats(ctypes.byref(self.model), rows), np.float32)
         self.model.work = _pointer(self.work)
+        self.returned: tuple[tuple, int] | None = None
+
+    def returned_address(self, state: list | None) -> int | None:
+        """The address of the step output that ``state`` is, every array the one the last step
+        returned (still alive, so its memory too) and where it wrote it; else None."""
+        if self.returned is None or state is None:
+            return None
+        refs, address = self.returned
+        if len(state) * 3 != len(refs):
+            return None
+        i = 0
+        for block_state in state:
+            if not isinstance(block_state, (tuple, list)) or len(block_state) != 3:
+                return None
+            for array in block_state:
+                if refs[i]() is not array:
+                    return None
+                i += 1
+        # the arrays are views of the output array: C, n and m of block 0 where the step wrote them
+        first = state[0]
+        if any(np.array(a, copy=False).ctypes.data != address + 4 * offset
+               for a, offset in zip(first, (0, self.sizes[0], self.sizes[0] + self.sizes[1]))):
+            return None
+        return address
+
+    def outputs(self, out: mx.array, blocks: int) -> tuple[mx.array, list]:
+        """The step's output array -> (logits [rows, 1, V], [(C, n, m) per block]), views of it."""
+        logits = out[self.state_floats:].reshape(self.logits_shape)
+        parts, start = [], 0
+        for size, shape in zip(self.sizes, self.shapes):
+            part = out[start: start + size].reshape(blocks * shape[0], *shape[1:])
+            parts.append(mx.split(part, blocks, axis=0) if blocks > 1 else [part])
+            start += size
+        return logits, list(zip(*parts))
 
 
 @contextlib.contextmanager
@@ -513,11 +546,12 @@ def wide_unpacking(enabled: bool) -> contextlib.AbstractContextManager[bool]:
 
 def held_bytes(model: nn.Module) -> int:
     """Bytes of NumPy buffers the C step and the C prefill (prefill.py) keep with ``model``
-    between calls (work space, outputs): memory that MLX's own counters do not see."""
+    between calls (their work space): memory that MLX's own counters do not see (the step's
+    outputs are MLX's arrays)."""
     plan = getattr(model, "_cpu_step_plan", None)
     if not isinstance(plan, _Plan):
         return 0
-    rows = sum(a.nbytes for r in plan._by_rows.values() for a in (r.C, r.n, r.m, r.logits, r.work))
+    rows = sum(r.work.nbytes for r in plan._by_rows.values())
     return rows + (plan.prefill_work.nbytes if plan.prefill_work is not None else 0)
 
 
@@ -601,7 +635,7 @@ def _state_views(state: list | None, c: _Model, rows: int) -> list | None:
 
 
 def _mlx_state(C: np.ndarray, n: np.ndarray, m: np.ndarray) -> list:
-    """The C code's state buffers [blocks, rows, ...] -> [(C, n, m) per block] as MLX arrays
+    """The C prefill's state buffers [blocks, rows, ...] -> [(C, n, m) per block] as MLX arrays
     (lazy: the caller evaluates). MLX copies each buffer into an array of its own: one copy per
     buffer and a split (36 copies of 12 blocks' states took 1.0-1.4 ms at 125m, three and their
     splits 0.2-0.3 ms)."""
@@ -629,21 +663,30 @@ def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tu
         return None
     c = plan.model
     B = input_ids.shape[0]
-    views = _state_views(state, c, B)
-    if views is None:
-        return None
     tokens = [row[0] for row in input_ids.tolist()]
     with plan.lock:  # one step at a time through the plan's buffers
         rows = plan.rows(B)
-        for index, block in enumerate(rows.blocks):
-            if not views:
-                block.C = block.n = block.m = None
-            else:
-                block.C, block.n, block.m = (_pointer(v) for v in views[index])
+        address = rows.returned_address(state)
+        if address is None:  # a state of the caller's (or the zero state): its arrays' memory
+            views = _state_views(state, c, B)
+            if views is None:
+                return None
+            for index, block in enumerate(rows.blocks):
+                if not views:
+                    block.C = block.n = block.m = None
+                else:
+                    block.C, block.n, block.m = (_pointer(v) for v in views[index])
+        # the new state and the logits, written by the C code into one array of MLX's (no copies)
+        out = mx.zeros((rows.state_floats + B * c.V,), dtype=mx.float32)
+        mx.eval(out)
+        base = np.array(out, copy=False).ctypes.data
         rows.tokens[:] = tokens
-        if lib.xl_decode_step(ctypes.byref(rows.model), rows.tokens, B, _pointer(rows.logits)) != 0:
+        if lib.xl_decode_step_buffers(ctypes.byref(rows.model), rows.tokens, B,
+                                      ctypes.cast(base + 4 * rows.state_floats, _f32p),
+                                      None if address is None else ctypes.cast(address, _f32p),
+                                      ctypes.cast(base, _f32p)) != 0:
             raise ValueError(f"token ids {tokens} are not all inside the vocabulary [0, {c.V})")
-        logits = mx.array(rows.logits)
-        new_state = _mlx_state(rows.C, rows.n, rows.m)
+        logits, new_state = rows.outputs(out, c.num_blocks)
         mx.eval(logits, new_state)
+        rows.returned = (tuple(weakref.ref(a) for block_state in new_state for a in block_state), base)
     return logits, new_state
