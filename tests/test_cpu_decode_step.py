@@ -118,6 +118,13 @@ def test_the_state_it_returned_is_read_where_it_wrote_it_and_never_changed(monke
     calls += 1  # an older output than the last: read through views, as any other state
     copied = [tuple(mx.array(np.array(a)) for a in block) for block in middle]  # other arrays: read as given
     assert mx.array_equal(_c_steps(model, [IDS[3]], copied)[0][0], first[0]) and views["calls"] == calls + 1
+    # an array of the last output given new values in place (the same object, other memory)
+    _, last = _c_steps(model, IDS[:3])
+    last[1][0][0, 0] = 0.0  # block 1's C, head 0: the rows of row 0
+    edited = [tuple(mx.array(np.array(a)) for a in block) for block in last]
+    reference, _ = _graph_steps(model, [IDS[3]], edited)
+    got, _ = _c_steps(model, [IDS[3]], last)
+    assert _rel(got[0], reference[0]) < 2e-5 and _rel(got[0], first[0]) > 1e-3
     logits, _ = _c_steps(model, [IDS[0]])
     assert logits[0].shape == (1, 1, model.config.vocab_size) and _rel(logits[0], expected[0]) < 2e-5
     # what the step keeps beside MLX's memory: its work space only (its outputs are MLX's arrays)

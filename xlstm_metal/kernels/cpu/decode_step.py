@@ -474,7 +474,8 @@ class _Rows:
 
     def returned_address(self, state: list | None) -> int | None:
         """The address of the step output that ``state`` is, every array the one the last step
-        returned (still alive, so its memory too) and where it wrote it; else None."""
+        returned (still alive, so its memory too) and still where the step wrote it (an array
+        given new values, ``C[...] = x``, is the same object with other memory); else None."""
         if self.returned is None or state is None:
             return None
         refs, address = self.returned
@@ -488,10 +489,15 @@ class _Rows:
                 if refs[i]() is not array:
                     return None
                 i += 1
-        # the arrays are views of the output array: C, n and m of block 0 where the step wrote them
-        first = state[0]
-        if any(np.array(a, copy=False).ctypes.data != address + 4 * offset
-               for a, offset in zip(first, (0, self.sizes[0], self.sizes[0] + self.sizes[1]))):
+        blocks, starts = len(state), (0, self.sizes[0], self.sizes[0] + self.sizes[1])
+        try:
+            for index, block_state in enumerate(state):
+                for array, start, size in zip(block_state, starts, self.sizes):
+                    # the memory's address through the buffer protocol (~0.4 us; a NumPy view ~1.4)
+                    if ctypes.addressof(ctypes.c_char.from_buffer(memoryview(array))) != \
+                            address + 4 * (start + index * size // blocks):
+                        return None
+        except (TypeError, ValueError, BufferError):  # no writable buffer: not the step's memory
             return None
         return address
 
