@@ -138,6 +138,14 @@ XL_AMX_FN static void split_block(const float *A, long lda, long r0, long r1, lo
     for (long c = c0; c < end; c += 16) split16(A + r * lda + c, c1 - c, planes + plane_at(r, c, Kp), Mp * Kp);
 }
 
+/* Rows [r0, r1) x columns [c0, c1) (c0 a multiple of 16) of the three planes (Mp x Kp each): zeros,
+   the padding that split_block's rows and columns leave. */
+static void zero_planes(xl_bf16 *planes, long r0, long r1, long c0, long c1, long Mp, long Kp) {
+  for (long p = 0; p < 3; p++)
+    for (long r = r0; r < r1; r++)
+      for (long c = c0; c < c1; c += 16) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 16 * sizeof(xl_bf16));
+}
+
 /* 16 rows of 16 dwords transposed in place (out[r] dword n = in[n] dword r). */
 XL_AMX_FN static inline void transpose16(__m512i v[16]) {
   __m512i t[16], u[16];
@@ -305,10 +313,7 @@ static void xl_amx_split(const float *A, long lda, long r0, long r1, long c0, lo
   if (c1 <= c0) return;
   const long Kp = xl_round32(K), Mp = xl_round32(M), end = c1 == K ? Kp : c1;
   split_block(A, lda, r0, r1, c0, c1, K, Mp, planes);
-  if (r1 == M)
-    for (long p = 0; p < 3; p++)
-      for (long r = M; r < Mp; r++)
-        for (long c = c0; c < end; c += 16) memset(planes + p * Mp * Kp + plane_at(r, c, Kp), 0, 16 * sizeof(xl_bf16));
+  if (r1 == M) zero_planes(planes, M, Mp, c0, end, Mp, Kp);
 #else
   (void)A, (void)lda, (void)r0, (void)r1, (void)c0, (void)c1, (void)M, (void)K, (void)planes;
 #endif

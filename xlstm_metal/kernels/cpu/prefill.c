@@ -85,14 +85,8 @@ XL_AMX_FN static void amx_swiglu(long M, long n0, long n1, long K, const xl_bf16
   }
   _tile_release();
   /* the padding, as xl_amx_split writes it: rows M..Mp of these columns, and columns F..Fp */
-  const long end = n1 == F ? Fp : n1;
-  for (long p = 0; p < 3; p++) {
-    for (long r = M; r < Mp; r++)
-      for (long c = n0; c < end; c += 16) memset(out + p * OS + plane_at(r, c, Fp), 0, 16 * sizeof(xl_bf16));
-    if (n1 == F)
-      for (long r = 0; r < M; r++)
-        for (long c = (F + 15) / 16 * 16; c < Fp; c += 16) memset(out + p * OS + plane_at(r, c, Fp), 0, 16 * sizeof(xl_bf16));
-  }
+  zero_planes(out, M, Mp, n0, n1 == F ? Fp : n1, Mp, Fp);
+  if (n1 == F) zero_planes(out, 0, M, (F + 15) / 16 * 16, Fp, Mp, Fp);
 }
 #endif
 
