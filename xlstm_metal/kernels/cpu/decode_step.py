@@ -506,10 +506,9 @@ class _Rows:
         logits = out[self.state_floats:].reshape(self.logits_shape)
         parts, start = [], 0
         for size, shape in zip(self.sizes, self.shapes):
-            part = out[start: start + size].reshape(blocks * shape[0], *shape[1:])
-            parts.append(mx.split(part, blocks, axis=0) if blocks > 1 else [part])
+            parts.append(out[start: start + size].reshape(blocks * shape[0], *shape[1:]))
             start += size
-        return logits, list(zip(*parts))
+        return logits, _per_block(parts, blocks)
 
 
 @contextlib.contextmanager
@@ -645,10 +644,12 @@ def _mlx_state(C: np.ndarray, n: np.ndarray, m: np.ndarray) -> list:
     (lazy: the caller evaluates). MLX copies each buffer into an array of its own: one copy per
     buffer and a split (36 copies of 12 blocks' states took 1.0-1.4 ms at 125m, three and their
     splits 0.2-0.3 ms)."""
-    count = C.shape[0]
-    parts = [mx.split(mx.array(buffer.reshape(-1, *buffer.shape[2:])), count, axis=0) if count > 1
-             else [mx.array(buffer[0])] for buffer in (C, n, m)]
-    return list(zip(*parts))
+    return _per_block([mx.array(buffer.reshape(-1, *buffer.shape[2:])) for buffer in (C, n, m)], C.shape[0])
+
+
+def _per_block(parts: list, count: int) -> list:
+    """[C, n, m], each every block's stacked ([count * rows, ...]) -> [(C, n, m) per block]."""
+    return list(zip(*(mx.split(part, count, axis=0) if count > 1 else [part] for part in parts)))
 
 
 def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
