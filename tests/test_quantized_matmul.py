@@ -380,3 +380,38 @@ def test_compact_source_keeps_every_token_of_the_kernels():
         assert len(small) < 0.8 * len(text)
     tricky = '  x  =  - y ;  // "not" a string\n  #define F (a)\n  s = "a  //  b\\" c";  q = \'/\';\n\n'
     assert compact_source(tricky) == 'x=- y;\n#define F (a)\ns="a  //  b\\" c";q=\'/\';\n'
+
+
+def test_nibble_pairs_in_one_lop3_are_the_masked_values_under_the_magic_exponent():
+    # The 4-bit decode kernels make each pair of weights with one PTX lop3 (its truth table an
+    # immediate): emulated bit by bit here, it must give (w & 0x000F000F) | MAGIC, whose halves are
+    # MAGIC's float plus the two nibbles, exactly (bf16 128 + q, fp16 1024 + q).
+    import re
+
+    from xlstm_metal.kernels.fast import quantized
+
+    asm = re.search(r'lop3\.b32 %0, %1, %2, %3, (0x[0-9A-Fa-f]+);" : "=r"\(v\) : "r"\(w\), "n"\((0x[0-9A-Fa-f]+)u\)',
+                    quantized._HEADER)
+    assert asm is not None
+    lut, mask = int(asm.group(1), 16), int(asm.group(2), 16)
+    magics = dict(zip(("bf16", "fp16"), (int(h, 16) for h in re.findall(r"MAGIC = (0x[0-9A-Fa-f]+)u", quantized._HEADER))))
+    assert f"nibble_pair<{magics['fp16']:#010x}u>" in quantized.INT_HEADER  # the integer path's fp16 pairs
+    words = np.random.default_rng(0).integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    for name, magic in magics.items():
+        for shift in (0, 4, 8, 12):
+            a = words >> np.uint32(shift)
+            b, c = np.uint32(mask), np.uint32(magic)
+            v = np.zeros_like(a)
+            for bit in range(32):  # PTX: result bit = bit (a << 2 | b << 1 | c) of the table
+                idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                v |= ((np.uint32(lut) >> idx) & 1) << np.uint32(bit)
+            np.testing.assert_array_equal(v, (a & b) | c)
+            lo, hi = (v & 0xFFFF).astype(np.uint16), (v >> 16).astype(np.uint16)
+            if name == "bf16":
+                as_float = lambda h: (h.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+                base = 128.0
+            else:
+                as_float = lambda h: h.view(np.float16).astype(np.float32)  # noqa: E731
+                base = 1024.0
+            np.testing.assert_array_equal(as_float(lo) - base, (a & 0xF).astype(np.float32))
+            np.testing.assert_array_equal(as_float(hi) - base, ((a >> 16) & 0xF).astype(np.float32))

@@ -96,6 +96,15 @@ template <> struct QPair<__half> {
   static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
 };
 
+// Two 4-bit values (bits 0-3 and 16-19 of w) under the exponent of MAGIC: (w & 0x000F000F) |
+// MAGIC in one lop3 (written as two operations, the compiler issued two, one per constant).
+template <uint32_t MAGIC>
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t w) {
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(w), "n"(0x000F000Fu), "n"(MAGIC));
+  return v;
+}
+
 // A thread's 16-byte weight chunk. LDH 0: a plain load; 1: through the non-coherent path without
 // allocating in L1 (each weight is read once); 2: the same, asking L2 to fetch 256 bytes around
 // it (the neighbouring warps' chunks of the same rows).
@@ -130,7 +139,7 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint4& wv, int p, typenam
   using Q = QPair<T>;
   const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
   if constexpr (BITS == 4) {
-    const uint32_t v = ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | Q::MAGIC;
+    const uint32_t v = nibble_pair<Q::MAGIC>(words[p >> 2] >> (4 * (p & 3)));
     const typename Q::T2 q = __hsub2(from_u32<typename Q::T2>(v), Q::bias2());
     return as_u32(__hfma2(q, s2, b2));
   } else if constexpr (BITS == 16) {  // plain T weights (the decode chain's float products): pair p as stored
@@ -177,7 +186,7 @@ template <int BITS, bool OFF>
 __device__ __forceinline__ uint32_t int_pair(const uint4& wv, int p) {
   static_assert(BITS == 8 || BITS == 4, "the integer-weights path takes 4 or 8 bits (int_weights_apply)");
   const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
-  const uint32_t v = BITS == 4 ? ((words[p >> 2] >> (4 * (p & 3))) & 0x000F000Fu) | 0x64006400u
+  const uint32_t v = BITS == 4 ? nibble_pair<0x64006400u>(words[p >> 2] >> (4 * (p & 3)))
                                : __byte_perm(words[p >> 1], 0x64646464u, (p & 1) ? 0x4342u : 0x4140u);
   if constexpr (OFF) return v;
   return as_u32(__hsub2(from_u32<__half2>(v), __float2half2_rn(1024.0f)));
