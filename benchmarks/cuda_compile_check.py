@@ -28,8 +28,10 @@ import ctypes
 import glob
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.arch.startswith("sm_90"))
     except FileNotFoundError as e:
         p.error(str(e))
-    scratch = Path(args.keep or "/tmp")
+    scratch = Path(tempfile.mkdtemp(prefix="cuda_compile_check_"))
     records = []
     for i, launch in enumerate(launches):
         source = launch.source()
@@ -241,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             rec["errors"] = [line for line in log.splitlines() if "error" in line][:5]
         elif nvdisasm:
-            ops = sass_opcodes(cubin, nvdisasm, scratch)
-            rec["sass"] = sum(ops.values())
-            rec["opcodes"] = dict(ops.most_common())
+            try:
+                ops = sass_opcodes(cubin, nvdisasm, scratch)
+                rec["sass"] = sum(ops.values())
+                rec["opcodes"] = dict(ops.most_common())
+            except (OSError, subprocess.CalledProcessError) as e:
+                rec["sass_error"] = str(e)[:300]
         records.append(rec)
         brief = {k: rec[k] for k in ("registers", "spill_stores", "sass") if k in rec}
         print(f"{rec['kernel']}: {'compiled' if ok else 'FAILED'} {json.dumps(brief)}", flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     if args.out:
         tmp = args.out.with_name(args.out.name + ".part")
         tmp.write_text("".join(json.dumps({"shape": args.shape, "blocks": args.blocks, "q_bits": args.q_bits,
