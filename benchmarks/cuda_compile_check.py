@@ -100,6 +100,21 @@ class Launch:
         return text
 
 
+def pretend_cuda(sms: int = 132, hopper: bool = True) -> None:
+    """Make the package take its CUDA paths in this process on any machine: its CUDA checks answer
+    yes, the merged decode kernels plan for ``sms`` SMs and the skinny products for a Hopper GPU
+    (``hopper``) or not. ``mx.fast.cuda_kernel`` is the caller's to replace (a real kernel cannot
+    run here). For good: nothing undoes it."""
+    import xlstm_metal.kernels.fast.decode_chain  # noqa: F401,PLC0415  (loaded, so patched below)
+    import xlstm_metal.kernels.fast.skinny  # noqa: F401,PLC0415
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("xlstm_metal") and hasattr(module, "cuda_available"):
+            module.cuda_available = lambda: True
+    from xlstm_metal.kernels.fast import decode_chain, skinny  # noqa: PLC0415
+    decode_chain._device_sms = lambda: sms
+    skinny._hopper[:] = [hopper]
+
+
 def record_launches(shape: str, blocks: int, q_bits: int, group_size: int, rows: int, dtype: str, sms: int,
                     hopper: bool = True) -> list[Launch]:
     """The distinct kernel launches of one greedy decode step, in launch order (see the module's
@@ -119,12 +134,7 @@ def record_launches(shape: str, blocks: int, q_bits: int, group_size: int, rows:
             launches.setdefault(launch.key, launch)
             return [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
 
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("xlstm_metal") and hasattr(module, "cuda_available"):
-            module.cuda_available = lambda: True
-    from xlstm_metal.kernels.fast import decode_chain, skinny
-    decode_chain._device_sms = lambda: sms
-    skinny._hopper[:] = [hopper]
+    pretend_cuda(sms, hopper)
     mx.fast.cuda_kernel = Recorder
 
     from xlstm_metal import benchmark as bm

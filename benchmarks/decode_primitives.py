@@ -9,10 +9,10 @@ transpose, slice, split, broadcast, ...) launch nothing and are listed apart.
 
     python benchmarks/decode_primitives.py [--pretend-cuda] [--batch 1] [--dtype bfloat16] [--q-bits 4]
 
-``--pretend-cuda`` traces the CUDA code path on a machine without a GPU: it uses the lead's
-/work/notes/cuda_check.py (or ``--cuda-check PATH``) to stand in for ``mx.fast.cuda_kernel``;
-each custom kernel, and each of MLX's fast norms (one kernel on a GPU, several ops on a CPU
-stream), then appears as one ``Depends`` node over its inputs (counted as a kernel).
+``--pretend-cuda`` traces the CUDA code path on a machine without a GPU: the package's CUDA
+checks answer yes (``cuda_compile_check.pretend_cuda``) and a stand-in for ``mx.fast.cuda_kernel``
+returns zeros; each custom kernel, and each of MLX's fast norms (one kernel on a GPU, several ops
+on a CPU stream), then appears as one ``Depends`` node over its inputs (counted as a kernel).
 Without it the step of this machine's device is counted (on a CPU, set
 ``XLSTM_METAL_FAST_ACTIVATIONS=0`` to count the GPU's activation ops).
 """
@@ -36,25 +36,21 @@ VIEWS = {"Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "Split", "Bro
          "StopGradient", "Flatten", "Unflatten", "BroadcastAxes", "Contiguous"}
 
 
-def _install_pretend_cuda(path: str) -> None:
-    sys.path.insert(0, str(Path(path).parent))
-    import cuda_check  # noqa: PLC0415
+def _install_pretend_cuda() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cuda_compile_check import pretend_cuda  # noqa: PLC0415  (imports xlstm_metal before mlx)
     import mlx.core as mx  # noqa: PLC0415
 
-    fake = cuda_check.fake_cuda_kernel
-
-    def kernel(*args, **kwargs):
-        call = fake(*args, **kwargs)
-
-        def run(**kw):
-            outs = call(**kw)
+    def kernel(name, input_names, output_names, source, header="", **_):
+        def run(inputs, output_shapes, output_dtypes, **__):
+            outs = [mx.zeros(tuple(s), dtype=d) for s, d in zip(output_shapes, output_dtypes)]
             # Tie the placeholder outputs to the inputs, so the graph keeps everything that feeds
             # the kernel; the Depends node stands for the kernel itself.
-            return mx.depends(outs, [a for a in kw["inputs"] if isinstance(a, mx.array)])
+            return mx.depends(outs, [a for a in inputs if isinstance(a, mx.array)])
 
         return run
 
-    cuda_check.install()
+    pretend_cuda()
     mx.fast.cuda_kernel = kernel
 
     # MLX's fast norms are one kernel each on a GPU, but on a CPU stream they are built from their
@@ -95,7 +91,6 @@ def count_step(blocks: int, batch: int, dtype: str, embedding_dim: int, num_head
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pretend-cuda", action="store_true")
-    p.add_argument("--cuda-check", default="/work/notes/cuda_check.py")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--embedding-dim", type=int, default=512, help="small dims: the count does not depend on them")
@@ -104,7 +99,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.pretend_cuda:
-        _install_pretend_cuda(args.cuda_check)
+        _install_pretend_cuda()
     one, two = (count_step(n, args.batch, args.dtype, args.embedding_dim, args.num_heads, args.q_bits) for n in (1, 2))
     block = two - one
     kernels = {k: v for k, v in sorted(block.items()) if k not in VIEWS}
