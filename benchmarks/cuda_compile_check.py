@@ -120,14 +120,12 @@ def record_launches(shape: str, blocks: int, q_bits: int, group_size: int, rows:
     """The distinct kernel launches of one greedy decode step, in launch order (see the module's
     docstring); ``sms`` and ``hopper`` stand for the device the dispatch asks about. Patches this
     process's CUDA checks and ``mx.fast.cuda_kernel`` for good."""
-    built: list = []
     launches: dict[tuple, Launch] = {}
 
     class Recorder:
         def __init__(self, name, input_names, output_names, source, header="", **_):
             self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
             self.source, self.header = source, header
-            built.append(self)
 
         def __call__(self, inputs, output_shapes, output_dtypes, template=None, **_):
             launch = Launch(self, [(a.dtype, a.ndim) for a in inputs], list(output_dtypes), list(template or []))
