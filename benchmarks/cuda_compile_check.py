@@ -105,12 +105,10 @@ def pretend_cuda(sms: int = 132, hopper: bool = True) -> None:
     yes, the merged decode kernels plan for ``sms`` SMs and the skinny products for a Hopper GPU
     (``hopper``) or not. ``mx.fast.cuda_kernel`` is the caller's to replace (a real kernel cannot
     run here). For good: nothing undoes it."""
-    import xlstm_metal.kernels.fast.decode_chain  # noqa: F401,PLC0415  (loaded, so patched below)
-    import xlstm_metal.kernels.fast.skinny  # noqa: F401,PLC0415
+    from xlstm_metal.kernels.fast import decode_chain, skinny  # noqa: PLC0415  (loaded, so patched below)
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("xlstm_metal") and hasattr(module, "cuda_available"):
             module.cuda_available = lambda: True
-    from xlstm_metal.kernels.fast import decode_chain, skinny  # noqa: PLC0415
     decode_chain._device_sms = lambda: sms
     skinny._hopper[:] = [hopper]
 
