@@ -38,11 +38,14 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # A profile under pytest's temporary folder: without one Chromium leaves a profile folder in
+    # /tmp (org.chromium.Chromium.*) at every run.
+    profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1200,900"):
+                 "--window-size=1200,900", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     driver.set_page_load_timeout(60)
