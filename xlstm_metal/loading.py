@@ -81,6 +81,18 @@ def _load_file(path: Path) -> dict[str, mx.array]:
     The header is validated by the ``safetensors`` library first (offsets inside the file,
     sizes matching shapes and dtypes): ``mx.load`` alone accepts some broken headers, such as
     negative shapes."""
+    check_weight_file(path)
+    try:
+        return mx.load(str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # MLX's RuntimeError: "corrupt"
+        raise CheckpointError(f"cannot read weight file {path} (corrupted or truncated?): {err}") from None
+
+
+def check_weight_file(path: Path) -> None:
+    """CheckpointError naming safetensors file ``path`` if it is missing or its header is corrupt
+    (reads the header only; `mlx-lm` checks a model's files with it before mlx-lm loads them)."""
     if not path.is_file():
         raise CheckpointError(f"weight file missing: {path}")
     from safetensors import safe_open
@@ -88,10 +100,9 @@ def _load_file(path: Path) -> dict[str, mx.array]:
     try:
         with safe_open(str(path), framework="numpy") as handle:
             handle.keys()
-        return mx.load(str(path))
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as err:  # SafetensorError, MLX's RuntimeError, a Rust panic: all mean "corrupt"
+    except BaseException as err:  # SafetensorError, a Rust panic: all mean "corrupt"
         raise CheckpointError(f"cannot read weight file {path} (corrupted or truncated?): {err}") from None
 
 

@@ -222,6 +222,24 @@ def missing_tokenizer(path: str) -> str | None:
             f"directory; copy the tokenizer files there")
 
 
+def unreadable_weights(path: str) -> str | None:
+    """The message for a local checkpoint directory whose weight files (mlx-lm reads its
+    ``model*.safetensors``) are corrupt or cut off, else None; headers only. mlx-lm's ``mx.load``
+    failed on them with a RuntimeError traceback (an empty file: "[read] Unable to read 8 bytes
+    from file."), and its server logged that from a dead generation thread and kept listening."""
+    from ..loading import CheckpointError, check_weight_file
+
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").is_file():
+        return None
+    try:
+        for weight_file in sorted(directory.glob("model*.safetensors")):
+            check_weight_file(weight_file)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
 def register_model_type() -> None:
     """Make mlx-lm's ``model_type: xlstm`` lookup find this package's model module."""
     from .. import mlx_lm_model
@@ -277,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
         missing = missing_tokenizer(model)
         if missing is not None:
             raise UsageError(missing)
+        unreadable = unreadable_weights(model)
+        if unreadable is not None:
+            raise UsageError(f"mlx-lm {args.mlx_lm_command}: {unreadable}")
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved = sys.argv
