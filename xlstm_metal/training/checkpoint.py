@@ -142,6 +142,16 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     if not isinstance(window, list) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in window):
         raise bad("log_window", "a list of numbers")
+    best = state.get("best_val_loss")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+        raise bad("best_val_loss", "a number or null")
+    if state.get("best_step") is not None and not is_int(state["best_step"]):
+        raise bad("best_step", "an integer >= 0 or null")
+    fraction = state.get("val_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise bad("val_fraction", "a number in [0, 1)")
+    if not isinstance(state.get("text_field", "text"), str) or not state.get("text_field", "text"):
+        raise bad("text_field", "a non-empty string")
     if not isinstance(state.get("training_config"), dict):
         raise bad("training_config", "an object")
     from .trainer import TrainingConfig

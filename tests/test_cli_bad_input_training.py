@@ -1,0 +1,119 @@
+"""Bad input to `train`, `tune`, `judge`, `plot`, `mad` and `evolve` found by a bad-input sweep:
+each is refused with one line naming the problem (exit code 2), never a traceback, before any
+work or output. In-process through ``main()``, seeded and small."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xlstm_metal.cli import main
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_rejected(argv, capsys, *words) -> str:
+    code, err = run_main(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("xlstm-metal: error: "), err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- train
+@pytest.fixture
+def finished_run(tmp_path, text_data, capsys):
+    """A two-step tiny training run (checkpoint-0000002 in it)."""
+    out = tmp_path / "run"
+    assert main(["train", str(text_data), "--out", str(out), "--steps", "2", "--seq-len", "8", "--batch-size", "2",
+                 "--vocab-size", "300", "--no-progress"]) == 0
+    capsys.readouterr()
+    return out
+
+
+@pytest.mark.parametrize("field,value,words", [
+    # best_val_loss was compared with the first new validation loss: a TypeError traceback.
+    ("best_val_loss", "low", ["'best_val_loss' must be a number or null", "'low'"]),
+    ("best_step", "x", ["'best_step' must be an integer >= 0 or null"]),
+    # val_fraction: a TypeError traceback ('<=' between int and str); 5 was blamed on --val-fraction.
+    ("val_fraction", "x", ["'val_fraction' must be a number in [0, 1)"]),
+    ("val_fraction", 5, ["'val_fraction' must be a number in [0, 1)"]),
+    # text_field: silently trained on (a number names no JSON Lines field).
+    ("text_field", 3, ["'text_field' must be a non-empty string"]),
+])
+def test_train_resume_with_corrupt_trainer_state_fields(field, value, words, finished_run, capsys):
+    state_path = finished_run / "checkpoint-0000002" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state[field] = value
+    state_path.write_text(json.dumps(state))
+    assert_rejected(["train", "--out", finished_run, "--resume", "--steps", "4", "--no-progress"], capsys,
+                    "trainer_state.json", *words)
+    assert not (finished_run / "checkpoint-0000004").exists()
+
+
+# ----------------------------------------------------------------------------------------- tune
+SHAPE = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "ffn_proj_factor": 2.0,
+         "chunk_size": 16}
+
+
+@pytest.fixture
+def speed_sweep(tmp_path, capsys, monkeypatch):
+    """(the argv of a one-trial speed sweep of a tiny random shape, its --out, already run)."""
+    pytest.importorskip("optuna")
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps(SHAPE))
+    out = tmp_path / "sweep"
+    argv = ["tune", "--objective", "speed", "--shape", str(shape), "--prefill-length", "8", "--decode-tokens", "1",
+            "--repeats", "1", "--no-progress", "--profile-name", "swept", "--out", str(out)]
+    assert main([*argv, "--trials", "1"]) == 0
+    capsys.readouterr()
+    return argv, out
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,content,words", [
+    # sqlalchemy's DatabaseError came out as a traceback (exit 1).
+    ("study.db", b"not a database\n", ["study.db cannot be read as an Optuna study", "file is not a database"]),
+    # json.loads' JSONDecodeError / AttributeError ('list' object has no attribute 'get') tracebacks.
+    ("run_meta.json", b"{", ["run_meta.json is not valid JSON"]),
+    ("run_meta.json", b"[]", ["run_meta.json must hold a JSON object"]),
+    ("run_meta.json", b'{"objective": 5}', ["run_meta.json: 'objective' must be an object"]),
+], ids=["study-db", "meta-not-json", "meta-list", "meta-objective"])
+def test_tune_resume_with_corrupt_sweep_files(name, content, words, speed_sweep, capsys):
+    argv, out = speed_sweep
+    (out / name).write_bytes(content)
+    before = _snapshot(out)
+    assert_rejected([*argv, "--trials", "2", "--resume"], capsys, *words)
+    assert _snapshot(out) == before  # nothing rewritten
+
+
+def test_tune_resume_of_another_objective_writes_nothing_first(speed_sweep, tmp_path, capsys):
+    # `--objective train --resume` into a speed sweep trained a BPE tokenizer into its --out (OUT/tokenizer/)
+    # before it said that the sweep there is a speed sweep.
+    _, out = speed_sweep
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox number {i * 7} jumps.\n" for i in range(3000)))
+    before = sorted(p.name for p in out.iterdir())
+    assert_rejected(["tune", "--objective", "train", "--data", data, "--trials", "2", "--no-progress", "--out", out,
+                     "--resume"], capsys, "holds a speed sweep, not train")
+    assert sorted(p.name for p in out.iterdir()) == before
