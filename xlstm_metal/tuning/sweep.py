@@ -356,6 +356,17 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         _clear(out_dir)
+    meta_path = out_dir / "run_meta.json"
+    meta = None
+    if resume and meta_path.exists():  # before prepare(), which may write into OUT (a tokenizer)
+        from ..jsonfiles import read_json_object
+
+        meta = read_json_object(meta_path, SweepError)
+        if not isinstance(meta.get("objective"), dict):
+            raise SweepError(f"{meta_path}: 'objective' must be an object, got {meta.get('objective')!r} "
+                             "(corrupted file?)")
+        if meta["objective"].get("objective") != objective.name:
+            raise SweepError(f"{out_dir} holds a {meta['objective'].get('objective')} sweep, not {objective.name}")
     try:
         objective.prepare(out_dir)
     except ObjectiveError as err:  # no trial could run: leave --out as it was found
@@ -365,14 +376,16 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
                 out_dir.rmdir()
         raise SweepError(str(err)) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = sqlite_storage(out_dir / "study.db")
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=objective.direction,
-                                sampler=_sampler(settings, 0), load_if_exists=resume)
-    meta_path = out_dir / "run_meta.json"
-    if resume and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("objective", {}).get("objective") != objective.name:
-            raise SweepError(f"{out_dir} holds a {meta['objective'].get('objective')} sweep, not {objective.name}")
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        storage = sqlite_storage(out_dir / "study.db")
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=objective.direction,
+                                    sampler=_sampler(settings, 0), load_if_exists=resume)
+    except SQLAlchemyError as err:
+        raise SweepError(f"{out_dir / 'study.db'} cannot be read as an Optuna study (corrupted file?): "
+                         f"{getattr(err, 'orig', None) or err}") from None
+    if meta is not None:
         _check_resume_matches(meta, objective, settings, out_dir)
         meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
         meta["budget"] = settings.budget
