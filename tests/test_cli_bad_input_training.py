@@ -117,3 +117,44 @@ def test_tune_resume_of_another_objective_writes_nothing_first(speed_sweep, tmp_
     assert_rejected(["tune", "--objective", "train", "--data", data, "--trials", "2", "--no-progress", "--out", out,
                      "--resume"], capsys, "holds a speed sweep, not train")
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+# ------------------------------------------------------------- JSON strings that are not Unicode
+#: A JSON Lines record whose "\ud800" escape decodes to a lone surrogate: valid JSON, not text.
+SURROGATE = '{"text": "hello \\ud800 world", "prompt": "hi"}\n'
+
+
+def test_train_jsonl_with_a_lone_surrogate_is_a_usage_error(tmp_path, capsys):
+    # The BPE trainer raised UnicodeEncodeError (a traceback, exit 1).
+    data = tmp_path / "records.jsonl"
+    data.write_text(SURROGATE + '{"text": "the quick brown fox jumps over the lazy dog"}\n' * 30)
+    out = tmp_path / "run"
+    assert_rejected(["train", data, "--out", out, "--steps", "1", "--seq-len", "8", "--batch-size", "2",
+                     "--vocab-size", "300", "--no-progress"], capsys,
+                    "records.jsonl:1: field 'text' is not valid Unicode", "surrogates not allowed")
+    assert not out.exists()
+
+
+def test_judge_record_with_a_lone_surrogate_is_a_usage_error(tiny_model_dir, tmp_path, capsys):
+    # The tokenizer's ValueError came out as a traceback after the judge model was loaded.
+    records = tmp_path / "texts.jsonl"
+    records.write_text('{"text": "fine"}\n' + SURROGATE)
+    out = tmp_path / "ratings"
+    assert_rejected(["judge", "--model", tiny_model_dir, "--outputs", records, "--out", out, "--no-progress"], capsys,
+                    "texts.jsonl:2: 'text' is not valid Unicode")
+    assert not out.exists()
+
+
+def test_tune_prompt_with_a_lone_surrogate_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    # Every trial failed on it: "no trial completed", exit 1.
+    pytest.importorskip("optuna")
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR  # a model with a tokenizer, as --save-outputs needs
+
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi \\udc80"}\n')
+    out = tmp_path / "t"
+    assert_rejected(["tune", "--objective", "speed", "--model", DEFAULT_MODEL_DIR, "--trials", "1", "--prefill-length",
+                     "8", "--decode-tokens", "1", "--no-progress", "--save-outputs", "--prompt-file", prompts,
+                     "--out", out], capsys, "prompts.jsonl:1: the prompt is not valid Unicode")
+    assert not out.exists()

@@ -64,6 +64,12 @@ def read_records(sources: list[str]) -> list[dict]:
                 raise UsageError(f"{file}:{n}: a record needs a string 'text' field")
             if record.get("prompt") is not None and not isinstance(record["prompt"], str):
                 raise UsageError(f"{file}:{n}: 'prompt' must be a string")
+            for key in ("text", "prompt"):  # JSON's \ud800 escapes decode to lone surrogates: not text
+                try:
+                    (record.get(key) or "").encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise UsageError(f"{file}:{n}: '{key}' is not valid Unicode ({err.reason} at character "
+                                     f"{err.start})") from None
             records.append({"source": file.name, "line": n, **record})
     if not records:
         raise UsageError("no records in --outputs")

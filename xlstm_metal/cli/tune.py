@@ -98,6 +98,11 @@ def read_prompts(path: str) -> list[str]:
             value = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 raise UsageError(f"{file}:{n}: a record needs a string 'prompt' (or 'text') field")
+            try:  # JSON's \ud800 escapes decode to lone surrogates: every trial failed on them
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise UsageError(f"{file}:{n}: the prompt is not valid Unicode ({err.reason} at character "
+                                 f"{err.start})") from None
             prompts.append(value)
     else:
         try:

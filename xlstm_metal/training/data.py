@@ -76,6 +76,11 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
         text = record[text_field]
         if not isinstance(text, str):
             raise DataError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"{path}:{number}: field {text_field!r} is not valid Unicode ({err.reason} at "
+                            f"character {err.start})") from None
         yield Document(f"{path}:{number}", text)
 
 
