@@ -158,3 +158,49 @@ def test_tune_prompt_with_a_lone_surrogate_is_a_usage_error(tmp_path, capsys, mo
                      "8", "--decode-tokens", "1", "--no-progress", "--save-outputs", "--prompt-file", prompts,
                      "--out", out], capsys, "prompts.jsonl:1: the prompt is not valid Unicode")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------- plot
+TRAIN_OK = '{"kind": "train", "step": 1, "loss": 5.0, "lr": 0.001, "tokens": 32}\n'
+TRIAL_OK = '{"number": 0, "status": "complete", "value": 1.0, "params": {"a": 1}, "metrics": {}}\n'
+
+
+@pytest.mark.parametrize("name,lines,words", [
+    # KeyError / TypeError / ValueError / OverflowError tracebacks, or strings plotted as categories.
+    ("run/metrics.jsonl", '{"kind": "train", "loss": 1.0}\n', ["'step' must be a number in every train record"]),
+    ("run/metrics.jsonl", TRAIN_OK + '{"kind": "eval", "step": 1, "val_loss": "low"}\n',
+     ["'val_loss' must be a number in every eval record, got 'low'"]),
+    ("run/metrics.jsonl", '{"kind": "train", "step": 1, "loss": 1.0, "lr": "1e-3"}\n', ["'lr' must be a number"]),
+    ("tune/trials.jsonl", '{"status": "complete", "value": 1.0, "params": {}}\n', ["'number' must be a number"]),
+    ("tune/trials.jsonl", '{"number": 0, "status": "complete", "value": 1.0, "params": [1, 2]}\n',
+     ["trial 0's 'params' must be an object"]),
+    ("tune/trials.jsonl", TRIAL_OK + '{"number": 1, "status": "complete", "value": "fast", "params": {}}\n',
+     ["'value' must be a number in every record, got 'fast'"]),
+    ("bench.jsonl", '{"kind": "prefill", "tok_s": 5, "length": "long"}\n',
+     ["'length' must be a number in every prefill record, got 'long'"]),
+    ("bench.jsonl", '{"kind": "decode", "tok_s": 5, "batch": [1]}\n', ["'batch' must be a number"]),
+    ("bench.json", '{"records": 5}', ["holds no prefill/decode records"]),
+], ids=["no-step", "val-loss-text", "lr-text", "no-number", "params-list", "value-text", "length-text", "batch-list",
+        "records-not-a-list"])
+def test_plot_malformed_records_are_usage_errors(name, lines, words, tmp_path, capsys):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(lines)
+    target = path.parent if name.endswith(("metrics.jsonl", "trials.jsonl")) else path
+    out = tmp_path / "figure.png"
+    assert_rejected(["plot", target, "--out", out], capsys, *words)
+    assert not out.exists()
+
+
+def test_plot_accepts_diverged_and_odd_but_valid_records(tmp_path, capsys):
+    # A validation loss past ~709 overflowed math.exp (traceback); NaN stays NaN; a numeric 'side'
+    # label was a TypeError in str.join.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(TRAIN_OK + '{"kind": "eval", "step": 1, "val_loss": 1e6, "tokens": 32}\n'
+                                       '{"kind": "eval", "step": 2, "val_loss": NaN, "tokens": 64}\n')
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"kind": "prefill", "tok_s": 5, "length": 16, "side": 5}\n')
+    for source, out in ((run, tmp_path / "loss.png"), (bench, tmp_path / "speed.png")):
+        code, err = run_main(["plot", source, "--out", out], capsys)
+        assert code == 0 and "Traceback" not in err and out.is_file(), err

@@ -40,6 +40,26 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [record for _, record in read_jsonl(path, PlotError) if isinstance(record, dict)]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_records(path: Path, records: list[dict[str, Any]], numbers: tuple[str, ...],
+                   optional: tuple[str, ...] = ()) -> None:
+    """PlotError naming ``path`` and the field when a record lacks one of ``numbers`` or holds
+    something else than a number there or in one of ``optional`` (another tool's file, a file
+    edited by hand): they were KeyError / TypeError tracebacks, or strings plotted as categories."""
+    for r in records:
+        for key in numbers + optional:
+            if (key in numbers or key in r) and not _is_number(r.get(key)):
+                kind = f"{r['kind']} " if isinstance(r.get("kind"), str) else ""
+                raise PlotError(f"{path}: {key!r} must be a number in every {kind}record, got {r.get(key)!r}")
+
+
+def _perplexity(loss: float) -> float:
+    return math.inf if loss > 700 else math.exp(loss)  # a diverged run's loss overflows math.exp
+
+
 def classify(path: str | os.PathLike) -> str:
     """"tune", "train" or "bench" for an input path (PlotError if none fits)."""
     p = Path(path)
@@ -72,6 +92,7 @@ def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PlotError(f"cannot read {p}: {err}") from None
         records = data.get("records", []) if isinstance(data, dict) else data if isinstance(data, list) else []
+        records = records if isinstance(records, list) else []
     out = [r for r in records if isinstance(r, dict) and r.get("kind") in ("prefill", "decode")
            and isinstance(r.get("tok_s"), (int, float))]
     if not out:
@@ -103,6 +124,12 @@ def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
     done = [r for r in records if r.get("status") == "complete" and r.get("value") is not None]
     if not done:
         raise PlotError(f"{path}: no complete trial to plot")
+    _check_records(path, records, ("number",))
+    _check_records(path, done, ("value",))
+    for r in records:
+        for key in ("params", "metrics"):
+            if not isinstance(r.get(key, {}), dict):
+                raise PlotError(f"{path}: trial {r['number']}'s {key!r} must be an object, got {r[key]!r}")
     params = sorted({k for r in records for k in r.get("params", {})})
     speed = any("prefill_tok_s" in r.get("metrics", {}) and "decode_tok_s" in r.get("metrics", {}) for r in done)
     panels = len(params) + 1 + (1 if speed else 0)
@@ -173,6 +200,8 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
         evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
         if not train and not evals:
             raise PlotError(f"{path}: no train or eval records")
+        _check_records(path, train, ("step", "loss"), ("tokens", "lr"))
+        _check_records(path, evals, ("step", "val_loss"), ("tokens",))
         count += 1
         color = f"C{(count - 1) % 10}"
         if train:
@@ -188,7 +217,7 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
                          label=f"{label} validation")
             tokens = _tokens_at(train, evals)
             if tokens:
-                ax_ppl.plot(tokens, [math.exp(r["val_loss"]) for r in evals], "o-", ms=3, color=color, label=label)
+                ax_ppl.plot(tokens, [_perplexity(r["val_loss"]) for r in evals], "o-", ms=3, color=color, label=label)
     ax_loss.set(title="loss", xlabel="step", ylabel="loss")
     ax_tok.set(title="training loss by tokens", xlabel="tokens", ylabel="loss")
     ax_ppl.set(title="validation perplexity", xlabel="tokens", ylabel="perplexity")
@@ -215,7 +244,7 @@ def _tokens_at(train: list[dict], evals: list[dict]) -> list[float] | None:
 
 # ------------------------------------------------------------------------------ bench
 def _series_label(source: str, record: dict[str, Any]) -> str:
-    parts = [record.get("side") or source]
+    parts = [str(record.get("side") or source)]
     if record.get("variant"):
         parts.append(str(record["variant"]))
     return " / ".join(parts)
@@ -243,6 +272,9 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
             x = r.get("length") if r["kind"] == "prefill" else r.get("batch")
             if x is None:
                 continue
+            if not _is_number(x):
+                name = "length" if r["kind"] == "prefill" else "batch"
+                raise PlotError(f"{file}: {name!r} must be a number in every {r['kind']} record, got {x!r}")
             groups.setdefault((r["kind"], label), {}).setdefault(int(x), []).append(float(r["tok_s"]))
         for (kind, label), points in sorted(groups.items()):
             xs = sorted(points)
