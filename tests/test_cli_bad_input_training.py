@@ -204,3 +204,15 @@ def test_plot_accepts_diverged_and_odd_but_valid_records(tmp_path, capsys):
     for source, out in ((run, tmp_path / "loss.png"), (bench, tmp_path / "speed.png")):
         code, err = run_main(["plot", source, "--out", out], capsys)
         assert code == 0 and "Traceback" not in err and out.is_file(), err
+
+
+# --------------------------------------------------------------------------------------- evolve
+@pytest.mark.parametrize("content", ["[]", "5", "null"])
+def test_evolve_resume_with_search_json_not_an_object(content, tmp_path, capsys):
+    # `before.get(...)` on a list / int / None: an AttributeError traceback.
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "search.json").write_text(content)
+    assert_rejected(["evolve", "--budget", "200000", "--out", out, "--resume", "--tasks", "in_context_recall"], capsys,
+                    "--resume: cannot read the search in", "search.json must hold a JSON object")
+    assert sorted(p.name for p in out.iterdir()) == ["search.json"]

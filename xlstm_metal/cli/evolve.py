@@ -166,6 +166,9 @@ def _resume(out: Path, settings: dict) -> dict:
         raise UsageError(f"--resume: {out} holds no search (no search.json)") from None
     except (OSError, ValueError, KeyError, TypeError) as err:  # OSError: e.g. a directory named search.json
         raise UsageError(f"--resume: cannot read the search in {out}: {err}") from None
+    if not isinstance(before, dict):  # (before.get below was an AttributeError traceback)
+        raise UsageError(f"--resume: cannot read the search in {out}: search.json must hold a JSON object, not "
+                         f"{type(before).__name__}")
     differ = [k for k in settings if before.get(k) != settings[k]]
     if differ:
         raise UsageError("--resume: the search in {} ran with {}; give the same".format(
