@@ -216,3 +216,44 @@ def test_evolve_resume_with_search_json_not_an_object(content, tmp_path, capsys)
     assert_rejected(["evolve", "--budget", "200000", "--out", out, "--resume", "--tasks", "in_context_recall"], capsys,
                     "--resume: cannot read the search in", "search.json must hold a JSON object")
     assert sorted(p.name for p in out.iterdir()) == ["search.json"]
+
+
+# ------------------------------------------------------------------------------ mad / train --arch
+@pytest.mark.parametrize("block,words", [
+    # A setting beside `spec:` instead of under `params:` was dropped: the block kept num_heads 4.
+    ("{spec: mlstm, num_heads: 2}", ["block 0 has unknown key(s) num_heads", "{spec: ..., params: {...}}"]),
+    # A misspelt parameter changed nothing.
+    ("{spec: mlstm, params: {num_head: 2}}", ["block 0 (mlstm): unknown param(s) num_head", "num_heads"]),
+], ids=["key-beside-spec", "misspelt-param"])
+def test_arch_block_settings_that_would_be_ignored(block, words, tmp_path, capsys):
+    arch = tmp_path / "arch.yaml"
+    arch.write_text(f"name: mine\nblocks: [{block}, swiglu]\n")
+    assert_rejected(["mad", "--arch", arch, "--show-wiring"], capsys, "--arch", *words)
+    out = tmp_path / "run"
+    data = tmp_path / "data.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+    err = assert_rejected(["train", data, "--out", out, "--arch", arch, "--steps", "1", "--no-progress"], capsys, *words)
+    assert "training a byte-level BPE" not in err and not out.exists()
+
+
+def test_arch_block_params_of_the_spec_still_apply(tmp_path, capsys):
+    arch = tmp_path / "arch.yaml"
+    arch.write_text("name: mine\nblocks: [{spec: mlstm, params: {num_heads: 2, qk_dim: 32}}, swiglu]\n")
+    assert main(["mad", "--arch", str(arch), "--show-wiring"]) == 0
+    assert "(y[2])" in capsys.readouterr().out  # two heads' gates
+
+
+# ------------------------------------------------------------------------------- train --config
+@pytest.mark.parametrize("config,words", [
+    ({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1, "bogus_key": 1}, ["unknown config field(s): 'bogus_key'"]),
+    ({"embedding_dim": 64, "num_heads": 3, "num_blocks": 1}, ["is not divisible by num_heads = 3"]),
+    ({"embedding_dim": 64, "num_heads": 2, "num_blocks": 0}, ["'num_blocks' must be a positive integer"]),
+], ids=["unknown-field", "heads", "no-blocks"])
+def test_train_bad_config_fields_fail_before_the_tokenizer_is_trained(config, words, text_data, tmp_path, capsys):
+    # They failed only once the data was read and a BPE tokenizer trained on it (minutes on a corpus).
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    err = assert_rejected(["train", text_data, "--out", out, "--config", path, "--steps", "1", "--no-progress"], capsys,
+                          f"--config {path}: bad model config", *words)
+    assert "training a byte-level BPE" not in err and not out.exists()

@@ -191,6 +191,7 @@ def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
             raise UsageError(str(err) if str(err).startswith("--config") else f"--config {args.config}: {err}") \
                 from None
         _config_kernel(args, config)
+        _check_config_fields(args, config)
     if args.arch and not args.resume:  # a bad spec fails now, not after the data is read and a BPE trained
         from ..lab import WiringError
         from ..lab.library import load_arch
@@ -218,6 +219,22 @@ def _config_kernel(args, config: dict) -> None:
         raise UsageError(f"--config {args.config}: chunkwise_kernel: {err.args[0]}") from None
     if args.kernel is None and name in available_mlstm_kernels():
         args.kernel = name
+
+
+def _check_config_fields(args, config: dict) -> None:
+    """An xLSTM-Large --config that cannot describe a model (an unknown field, a bad value) fails
+    now, not once the data is read and a BPE tokenizer trained on it; a vocab_size left out is
+    the tokenizer's, which is not known yet (any will do for the check)."""
+    from ..config import xLSTMConfig
+    from ..config_2024 import is_xlstm_2024_config
+
+    if is_xlstm_2024_config(config):
+        return
+    try:
+        xLSTMConfig.from_dict({"vocab_size": 64, **config,
+                               "chunkwise_kernel": args.kernel or default_training_kernel()})
+    except (ValueError, TypeError, KeyError) as err:  # ConfigError is a ValueError
+        raise UsageError(f"--config {args.config}: bad model config: {err}") from None
 
 
 def _config_dict(spec: str) -> dict:
