@@ -257,3 +257,10 @@ def test_train_bad_config_fields_fail_before_the_tokenizer_is_trained(config, wo
     err = assert_rejected(["train", text_data, "--out", out, "--config", path, "--steps", "1", "--no-progress"], capsys,
                           f"--config {path}: bad model config", *words)
     assert "training a byte-level BPE" not in err and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ top
+@pytest.mark.parametrize("extra", [["--once"], ["--once", "--json"]], ids=["text", "json"])
+def test_top_once_with_interval_is_a_usage_error(extra, capsys):
+    # --once prints one snapshot: --interval timed nothing (it only reappeared in the JSON's "interval").
+    assert_rejected(["top", *extra, "--interval", "2"], capsys, "--interval 2", "--once prints one snapshot")

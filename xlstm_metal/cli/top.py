@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         if view:
             raise UsageError(f"--clear-cache PID asks one job to clear its cache and exits, showing nothing; "
                              f"{', '.join(view)} would be ignored: leave {'it' if len(view) == 1 else 'them'} out")
+    if args.once and args.interval is not None:  # one snapshot: no refresh to time
+        raise UsageError(f"--interval {args.interval:g} sets the time between refreshes; --once prints one snapshot "
+                         "and exits: leave out --interval")
     if args.interval is None:
         args.interval = 1.0
     if args.sort is None:
