@@ -264,3 +264,20 @@ def test_train_bad_config_fields_fail_before_the_tokenizer_is_trained(config, wo
 def test_top_once_with_interval_is_a_usage_error(extra, capsys):
     # --once prints one snapshot: --interval timed nothing (it only reappeared in the JSON's "interval").
     assert_rejected(["top", *extra, "--interval", "2"], capsys, "--interval 2", "--once prints one snapshot")
+
+
+# ------------------------------------------------------------------------ train --val-fraction 0
+def test_train_eval_flags_without_a_validation_split_are_named(text_data, tmp_path, capsys):
+    # --val-fraction 0 runs no validation pass: --eval-every / --eval-batches were dropped without a word.
+    out = tmp_path / "run"
+    base = ["train", text_data, "--out", out, "--seq-len", "8", "--batch-size", "2", "--vocab-size", "300",
+            "--val-fraction", "0", "--no-progress"]
+    code, err = run_main([*base, "--steps", "2", "--eval-every", "1", "--eval-batches", "4"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert ("warning: --eval-every and --eval-batches have no effect: --val-fraction 0 leaves no validation split"
+            in err), err
+    code, err = run_main(["train", "--out", out, "--resume", "--steps", "3", "--eval-every", "1", "--no-progress"],
+                         capsys)
+    assert code == 0 and f"warning: --eval-every has no effect: the run in {out} (--val-fraction 0)" in err, err
+    code, err = run_main(["train", "--out", out, "--resume", "--steps", "4", "--no-progress"], capsys)
+    assert code == 0 and "warning" not in err.replace("UserWarning", ""), err

@@ -204,6 +204,16 @@ def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _warn_no_validation(args, why: str) -> None:
+    """--eval-every / --eval-batches size validation passes; without a validation split (``why``)
+    none run: given, they are named in a warning (never dropped without a word)."""
+    given = [flag for flag, value in (("--eval-every", args.eval_every), ("--eval-batches", args.eval_batches))
+             if value is not None]
+    if given:
+        print(f"warning: {' and '.join(given)} {'have' if len(given) > 1 else 'has'} no effect: {why} leaves no "
+              "validation split, so no validation pass runs", file=sys.stderr)
+
+
 def _config_kernel(args, config: dict) -> None:
     """The --config's ``chunkwise_kernel`` (xLSTM-Large): an unknown name is a UsageError (it was
     replaced by the training kernel without a word); one of our kernels' names trains with that
@@ -403,10 +413,14 @@ def run(args) -> int:
         data_paths = data_paths or saved_data
         val_fraction = saved.get("val_fraction", RUN_DEFAULTS["val_fraction"])
         text_field = saved.get("text_field", RUN_DEFAULTS["text_field"])
+        if val_fraction == 0 and main:
+            _warn_no_validation(args, f"the run in {out} (--val-fraction 0)")
     else:
         profile = profile_from_args(args)
         if profile is not None and args.dtype is None:
             args.dtype = profile.dtype  # the compute dtype; weights stay float32
+        if args.val_fraction == 0 and main:
+            _warn_no_validation(args, "--val-fraction 0")
         for name, value in RUN_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
