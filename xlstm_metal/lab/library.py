@@ -83,10 +83,19 @@ def load_arch(name_or_path: str | Path | dict) -> dict[str, Any]:
             entry = {"spec": entry}
         if not isinstance(entry, dict) or "spec" not in entry:
             raise WiringError(f"{source}: block {index} must be a spec name/path or {{spec: ..., params: ...}}")
+        unknown = sorted(str(k) for k in entry if k not in ("spec", "params"))
+        if unknown:  # e.g. `num_heads: 2` beside `spec:` (it goes under params:), silently dropped before
+            raise WiringError(f"{source}: block {index} has unknown key(s) {', '.join(unknown)}; a block is "
+                              "{spec: ..., params: {...}}")
         params = entry.get("params") or {}
         if not isinstance(params, dict):
             raise WiringError(f"{source}: block {index} params must be a mapping")
         spec = load_spec(entry["spec"]).to_dict()
+        known = {*(spec.get("params") or {}), *(spec.get("derived") or {})}
+        unused = sorted(str(k) for k in params if k not in known)
+        if unused:  # a misspelt parameter changed nothing, without a word
+            raise WiringError(f"{source}: block {index} ({spec.get('name', 'spec')}): unknown param(s) "
+                              f"{', '.join(unused)}; it takes {', '.join(sorted(map(str, known))) or 'none'}")
         out.append({"spec": spec, "params": dict(params)})
     return {**{k: v for k, v in data.items() if k != "blocks"}, "blocks": out}
 
