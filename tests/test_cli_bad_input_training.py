@@ -281,3 +281,16 @@ def test_train_eval_flags_without_a_validation_split_are_named(text_data, tmp_pa
     assert code == 0 and f"warning: --eval-every has no effect: the run in {out} (--val-fraction 0)" in err, err
     code, err = run_main(["train", "--out", out, "--resume", "--steps", "4", "--no-progress"], capsys)
     assert code == 0 and "warning" not in err.replace("UserWarning", ""), err
+
+
+def test_mad_names_the_arch_width_it_does_not_use(tmp_path, capsys):
+    # `train --arch` builds at the arch's embedding_dim; mad at the preset's: it was replaced without a word.
+    arch = tmp_path / "wide.yaml"
+    arch.write_text("name: wide\nembedding_dim: 256\nblocks: [mlstm, swiglu]\n")
+    assert main(["mad", "--arch", str(arch), "--show-wiring"]) == 0
+    captured = capsys.readouterr()
+    assert "E=64" in captured.out
+    assert f"warning: --arch {arch}: embedding_dim 256 not used: MAD models take the --preset's width (64)" \
+        in captured.err, captured.err
+    assert main(["mad", "--arch", "hybrid", "--show-wiring"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -56,6 +56,7 @@ def _arch_label(arch: str) -> str:
 
 
 def run(args) -> int:
+    from ..lab.library import load_arch
     from ..lab.mad import PRESETS, aggregate, plot_results, run_task, task_names
     from ..lab.model import LabConfig, LabModel
     from ..lab.spec import WiringError
@@ -69,11 +70,16 @@ def run(args) -> int:
     preset = PRESETS[args.preset]
     # Build the model once up front: a bad spec fails here, before any training.
     try:
-        config = LabConfig.from_arch(args.arch, vocab_size=16, embedding_dim=preset.dim,
+        arch = load_arch(args.arch)
+        config = LabConfig.from_arch(arch, vocab_size=16, embedding_dim=preset.dim,
                                      block_defaults={"num_heads": preset.num_heads})
         model = LabModel(config)
     except WiringError as err:
         raise UsageError(f"--arch {args.arch}: {err}") from None
+    unused = [f"{key} {arch[key]}" for key in ("embedding_dim", "vocab_size") if key in arch]
+    if unused:  # (`train --arch` takes them; MAD compares architectures at one width, on its tasks' vocabulary)
+        print(f"warning: --arch {args.arch}: {' and '.join(unused)} not used: MAD models take the --preset's width "
+              f"({preset.dim}) and each task's vocabulary", file=sys.stderr)
 
     if args.show_wiring is not None:
         scoring = [flag for flag, value in (("--tasks", args.tasks), ("--epochs", args.epochs), ("--out", args.out),
