@@ -294,3 +294,11 @@ def test_mad_names_the_arch_width_it_does_not_use(tmp_path, capsys):
         in captured.err, captured.err
     assert main(["mad", "--arch", "hybrid", "--show-wiring"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_train_arch_with_profile_fails_before_the_tokenizer_is_trained(text_data, tmp_path, capsys):
+    # A lab model takes no profile: it failed only after the data was read and a BPE tokenizer trained.
+    out = tmp_path / "run"
+    err = assert_rejected(["train", text_data, "--out", out, "--arch", "hybrid", "--profile", "exact-fp32", "--steps",
+                           "1", "--no-progress"], capsys, "--profile", "--arch hybrid", "takes no profile")
+    assert "training a byte-level BPE" not in err and not out.exists()

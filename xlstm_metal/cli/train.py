@@ -170,6 +170,9 @@ def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
     if args.arch and args.kernel is not None:
         raise UsageError(f"--kernel sets the mLSTM kernel of xLSTM models; --arch {args.arch} names each "
                          "cell's kernel in its spec: leave out --kernel or set it there")
+    if args.arch and args.profile and not args.resume:  # (it failed only after a BPE tokenizer was trained)
+        raise UsageError(f"--profile sets the numerics of xLSTM models; --arch {args.arch} builds an "
+                         "architecture-lab model, which takes no profile: leave out --profile")
     if args.resume and args.overwrite and not args.export:
         raise UsageError(f"--resume continues the run in --out {args.out}; --overwrite (which lets a new run replace "
                          "it, or the run replace a non-empty --export DIR) would be ignored: give one")
