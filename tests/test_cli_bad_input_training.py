@@ -302,3 +302,28 @@ def test_train_arch_with_profile_fails_before_the_tokenizer_is_trained(text_data
     err = assert_rejected(["train", text_data, "--out", out, "--arch", "hybrid", "--profile", "exact-fp32", "--steps",
                            "1", "--no-progress"], capsys, "--profile", "--arch hybrid", "takes no profile")
     assert "training a byte-level BPE" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("flag,inside", [("--init-from", "checkpoint-0000002"),
+                                         ("--tokenizer", "checkpoint-0000002/tokenizer.json")])
+def test_train_overwrite_keeps_the_run_it_starts_from(flag, inside, finished_run, text_data, capsys):
+    # `--init-from OUT/checkpoint-N --out OUT --overwrite` deleted the checkpoint being fine-tuned (the
+    # new run's checkpoints replaced it); the tokenizer file likewise.
+    before = sorted(p.name for p in finished_run.iterdir())
+    weights = (finished_run / "checkpoint-0000002" / "model.safetensors").read_bytes()
+    assert_rejected(["train", text_data, "--out", finished_run, flag, finished_run / inside, "--overwrite", "--steps",
+                     "1", "--seq-len", "8", "--batch-size", "2", "--no-progress"], capsys,
+                    f"{flag} {finished_run / inside} is in the run directory --out", "--overwrite deletes")
+    assert sorted(p.name for p in finished_run.iterdir()) == before
+    assert (finished_run / "checkpoint-0000002" / "model.safetensors").read_bytes() == weights
+
+
+def test_train_overwrite_may_start_from_a_folder_of_its_own_in_out(finished_run, text_data, capsys):
+    import shutil
+
+    mine = finished_run / "mine"  # not a file the run writes: --overwrite leaves it alone
+    shutil.copytree(finished_run / "checkpoint-0000002", mine)
+    code, err = run_main(["train", text_data, "--out", finished_run, "--init-from", mine, "--overwrite", "--steps",
+                          "1", "--seq-len", "8", "--batch-size", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (mine / "model.safetensors").is_file() and not (finished_run / "checkpoint-0000002").exists()

@@ -143,13 +143,34 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite: bool) -> None:
-    """Every output path is usable before any work starts (UsageError naming it otherwise)."""
+#: Files of a run in --out that a new run given --overwrite deletes (with every checkpoint-*).
+OVERWRITTEN = ("metrics.jsonl", "loss.png", "summary.json")
+
+
+def _inside(path: str, directory: Path) -> Path | None:
+    """``path`` relative to ``directory`` (both resolved) when it lies there, else None."""
+    try:
+        return Path(path).expanduser().resolve().relative_to(directory.resolve())
+    except ValueError:
+        return None
+
+
+def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite: bool, sources=()) -> None:
+    """Every output path is usable before any work starts (UsageError naming it otherwise); no
+    input among ``sources`` (``(flag, path)``: --init-from, --tokenizer) is a file that a new
+    run's --overwrite deletes from --out."""
     for flag, path in (("--out", out), ("--export", export)):
         if path is not None:
             check_output_path(path, flag, directory=True)
     if not resume and out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
+    if not resume and overwrite and out.is_dir():
+        for flag, source in sources:
+            relative = _inside(source, out)
+            if relative is not None and relative.parts and (
+                    relative.parts[0].startswith("checkpoint-") or relative.parts[0] in OVERWRITTEN):
+                raise UsageError(f"{flag} {source} is in the run directory --out {out}, whose {relative.parts[0]} "
+                                 "--overwrite deletes: copy it elsewhere first, or write the new run to another --out")
     if export is not None:
         out_abs, export_abs = out.resolve(), export.resolve()
         if export_abs == out_abs or export_abs in out_abs.parents:
@@ -377,7 +398,9 @@ def run(args) -> int:
     export = Path(args.export).expanduser() if args.export else None
     group, main = _launched_group()
     # Rank 0 owns --out and --export: it alone checks and writes them.
-    _from_rank0(group, lambda: _check_output_paths(out, export, args.resume, args.overwrite))
+    sources = [(flag, value) for flag, value in (("--init-from", args.init_from), ("--tokenizer", args.tokenizer))
+               if value and not (flag == "--init-from" and value == "default")]
+    _from_rank0(group, lambda: _check_output_paths(out, export, args.resume, args.overwrite, sources))
     resume_ckpt = None
     data_paths = list(args.data)
     if args.resume:
@@ -564,7 +587,7 @@ def run(args) -> int:
 
             remove_partial_checkpoints(out)  # a killed save's temporary directory
             for child in out.iterdir():
-                if child.name.startswith("checkpoint-") or child.name in ("metrics.jsonl", "loss.png", "summary.json"):
+                if child.name.startswith("checkpoint-") or child.name in OVERWRITTEN:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
 
         if main and cfg.dtype != "float32" and mx.default_device() == mx.cpu:
