@@ -327,3 +327,29 @@ def test_train_overwrite_may_start_from_a_folder_of_its_own_in_out(finished_run,
                           "1", "--seq-len", "8", "--batch-size", "2", "--no-progress"], capsys)
     assert code == 0, err
     assert (mine / "model.safetensors").is_file() and not (finished_run / "checkpoint-0000002").exists()
+
+
+def test_tune_overwrite_keeps_the_inputs_it_would_delete(tmp_path, text_data, capsys, monkeypatch):
+    # `--overwrite --tokenizer OUT/tokenizer/tokenizer.json` (the one the last sweep trained) deleted it with
+    # the rest of OUT, then died with a DataError traceback: the old sweep gone, no new one.
+    import shutil
+
+    pytest.importorskip("optuna")
+    from xlstm_metal.assets import DEFAULT_MODEL_DIR
+
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    out = tmp_path / "sweep"
+    (out / "tokenizer").mkdir(parents=True)
+    shutil.copy(DEFAULT_MODEL_DIR / "tokenizer.json", out / "tokenizer" / "tokenizer.json")
+    (out / "trials.jsonl").write_text("{}\n")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert_rejected(["tune", "--objective", "train", "--data", text_data, "--tokenizer", out / "tokenizer" / "tokenizer.json",
+                     "--seq-len", "8", "--token-budget", "1000", "--trials", "1", "--no-progress", "--out", out,
+                     "--overwrite"], capsys, "--tokenizer", "whose tokenizer --overwrite deletes")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    shutil.copytree(DEFAULT_MODEL_DIR, out / "trials" / "model")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert_rejected(["tune", "--objective", "speed", "--model", out / "trials" / "model", "--trials", "1",
+                     "--prefill-length", "8", "--decode-tokens", "1", "--no-progress", "--out", out, "--overwrite"],
+                    capsys, "--model", "whose trials --overwrite deletes")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before

@@ -187,6 +187,24 @@ def _positive(args, *names) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _check_kept_by_overwrite(out: Path, args: argparse.Namespace) -> None:
+    """An input the sweep reads while it runs (--tokenizer, --model, --shape) must not lie among
+    the files of --out that --overwrite deletes before the sweep starts (e.g. the tokenizer the
+    last sweep trained into OUT/tokenizer/): UsageError naming it."""
+    from ..tuning.sweep import OUTPUT_DIRS, OUTPUT_FILES
+
+    for flag, value in (("--tokenizer", args.tokenizer), ("--model", args.model), ("--shape", args.shape)):
+        if not value:
+            continue
+        try:
+            relative = Path(value).expanduser().resolve().relative_to(out.resolve())
+        except ValueError:
+            continue
+        if relative.parts and relative.parts[0] in OUTPUT_FILES + OUTPUT_DIRS:
+            raise UsageError(f"{flag} {value} is in --out {out}, whose {relative.parts[0]} --overwrite deletes before "
+                             "the sweep starts: copy it elsewhere first, or write the sweep to another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..profiles import ProfileError, load_profile, save_profile, shipped_profile_names, user_profile_dir
     from ..tuning import SpeedObjective, SweepError, SweepSettings, TrainObjective, run_sweep
@@ -225,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
     except SweepError as err:
         raise UsageError(str(err)) from None
+    if args.overwrite and out.is_dir():
+        _check_kept_by_overwrite(out, args)
     prompts = read_prompts(args.prompt_file) if args.save_outputs else None
 
     import mlx.core as mx
