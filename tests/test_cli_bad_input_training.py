@@ -353,3 +353,56 @@ def test_tune_overwrite_keeps_the_inputs_it_would_delete(tmp_path, text_data, ca
                      "--prefill-length", "8", "--decode-tokens", "1", "--no-progress", "--out", out, "--overwrite"],
                     capsys, "--model", "whose trials --overwrite deletes")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------ divergence
+@pytest.mark.parametrize("flags,kept,words", [
+    # Seen at a log point (the gradient norm of step 4 is NaN), after checkpoint-0000002 was written.
+    (["--log-every", "1", "--eval-every", "2", "--save-every", "2"], ["checkpoint-0000002"],
+     ["training diverged at step 4", "the gradient norm is nan", "checkpoint-0000002"]),
+    # No log point or evaluation before the save of step 4: the weights are checked there.
+    (["--log-every", "100", "--eval-every", "100", "--save-every", "4"], [],
+     ["training diverged at step 4", "the weights hold NaN or infinite values", "no checkpoint was written"]),
+    # No validation split: the training loss of the last log point.
+    (["--log-every", "100", "--save-every", "100", "--val-fraction", "0"], [],
+     ["training diverged at step", "the training loss is nan"]),
+], ids=["log-point", "save", "no-validation"])
+def test_train_that_diverges_stops_with_exit_1_and_saves_no_nan(flags, kept, words, text_data, tmp_path, capsys):
+    # --lr 1e3 ran to the end with NaN losses and exit 0: "best validation loss nan", checkpoints that
+    # --resume refused ("holds NaN"), a NaN model exported.
+    out, export = tmp_path / "run", tmp_path / "exported"
+    code, err = run_main(["train", text_data, "--out", out, "--steps", "6", "--seq-len", "8", "--batch-size", "2",
+                          "--vocab-size", "300", "--lr", "1e3", "--no-progress", "--export", export, *flags], capsys)
+    assert code == 1, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("xlstm-metal: error: "), err
+    for word in [*words, "--lr, 1000 in this run", "--grad-clip"]:
+        assert word in err, err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == kept
+    assert not (out / "summary.json").exists() and not export.exists()
+    if out.exists():
+        assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
+        assert "NaN" not in (out / "metrics.jsonl").read_text()
+    if kept:  # the checkpoint written before the divergence resumes
+        capsys.readouterr()
+        code, err = run_main(["train", "--out", out, "--resume", "--steps", "3", "--lr", "1e-3", "--no-progress"],
+                             capsys)
+        assert code == 0, err
+
+
+def test_tune_train_trial_that_diverges_is_a_failed_trial(text_data, tmp_path, capsys, monkeypatch):
+    # A diverged trial was recorded "complete" with a NaN value (Optuna failed it behind the record's back).
+    pytest.importorskip("optuna")
+    from xlstm_metal.tuning import TrainObjective
+
+    point = {"lr": 1e8, "warmup_fraction": 0.0, "weight_decay": 0.0, "batch_size": 4, "embedding_dim": 32,
+             "num_heads": 1, "num_blocks": 1}
+    monkeypatch.setattr(TrainObjective, "suggest", lambda self, trial: dict(point))
+    out = tmp_path / "sweep"
+    code, err = run_main(["tune", "--objective", "train", "--data", text_data, "--seq-len", "8", "--vocab-size", "300",
+                          "--token-budget", "600", "--trials", "2", "--no-progress", "--out", out], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert "no trial completed (2 diverged)" in err, err
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["diverged", "diverged"]
+    assert all(r["value"] is None and "training diverged at step" in r["reason"] for r in records)
+    assert not (out / "best.json").exists()

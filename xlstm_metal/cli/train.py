@@ -383,6 +383,7 @@ def run(args) -> int:
     from ..training.trainer import (
         Trainer,
         TrainingConfig,
+        TrainingDiverged,
         TrainingInterrupted,
         count_parameters,
         limit_command_buffers,
@@ -611,6 +612,10 @@ def run(args) -> int:
             result = trainer.train()
         except DistributedError as err:
             print(f"xlstm-metal: error: {err}", file=sys.stderr)
+            return 1
+        except TrainingDiverged as err:  # every rank stops; nothing non-finite saved, summarised or exported
+            if main:
+                print(f"xlstm-metal: error: {err}", file=sys.stderr)
             return 1
         except TrainingInterrupted as stop:  # Ctrl-C: the checkpoint of the last step resumes it
             if main:

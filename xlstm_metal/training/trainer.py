@@ -812,6 +812,30 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
             os.unlink(tmp)
 
 
+# ------------------------------------------------------------------------------ divergence
+class TrainingDiverged(Exception):
+    """The run diverged: a loss the trainer reads on the host anyway (the per-step training losses
+    at each log point, a validation loss), the gradient norm logged with them, or the weights about
+    to be checkpointed are NaN or infinite. Raised on every rank (those values are all-reduced, the
+    weights' check agreed), before anything non-finite is logged, checkpointed or exported; the
+    checkpoints written before stay.
+
+    step: the step where it was seen; what: what was not finite ("the training loss is nan");
+    checkpoint: the last complete checkpoint of the run's directory (None: none; always None on
+    ranks other than 0)."""
+
+    def __init__(self, step: int, what: str, checkpoint: Path | None, lr: float | None = None,
+                 grad_clip: float | None = None):
+        where = (f"the last checkpoint, written before, is {checkpoint}" if checkpoint is not None
+                 else "no checkpoint was written")
+        rate = f", {lr:g} in this run" if lr is not None else ""
+        clip = ("" if grad_clip is None else ", off in this run" if grad_clip <= 0 else f", {grad_clip:g} in this run")
+        super().__init__(
+            f"training diverged at step {step}: {what}; stopped without saving these weights ({where}). "
+            f"Lower the learning rate (--lr{rate}) or check the gradient clipping (--grad-clip{clip})")
+        self.step, self.what, self.checkpoint, self.lr = step, what, checkpoint, lr
+
+
 # ------------------------------------------------------------------------------ Ctrl-C
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training after a step, with a checkpoint that resumes it exactly.
@@ -1124,12 +1148,44 @@ class Trainer:
         plot_metrics(self.records, self.out_dir / "loss.png",
                      title=f"xlstm-metal train: {count_parameters(self.model) / 1e6:.2f}M params")
 
+    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
+        from .checkpoint import checkpoint_dirs
+
+        done = checkpoint_dirs(self.out_dir) if self.is_main else []
+        return TrainingDiverged(self.step if step is None else step, what, done[-1] if done else None,
+                                self.cfg.lr, self.cfg.grad_clip)
+
+    def _check_weights(self) -> None:
+        """TrainingDiverged when the weights or the optimizer state hold NaN or inf (one reduction
+        per tensor and a single host sync, at checkpoint time only; every rank checks its own
+        copy, which all ranks hold alike, and all agree before any raises)."""
+        from ..loading import non_finite_tensors
+
+        arrays = {**{f"model.{k}": v for k, v in tree_flatten(self.model.parameters())},
+                  **{f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state) if isinstance(v, mx.array)}}
+        bad = non_finite_tensors(arrays)
+        if agree(float(bool(bad)), self.group):
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise self._diverged(f"the weights hold NaN or infinite values ({shown or 'on another rank'})")
+
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0 only; the others return None)."""
+        """Write a checkpoint (rank 0 only; the others return None). TrainingDiverged, on every
+        rank and with nothing written, when the weights or optimizer state are not finite."""
+        self._check_weights()
         if not self.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                self.tokenizer_dir, keep=self.cfg.keep)
+
+    def _check_losses(self, losses: list[float], first: int, grad_norm: float | None = None) -> None:
+        """TrainingDiverged when a training loss of the steps ``first``, ``first + 1``, ... (read on
+        the host at a log point) or the last step's gradient norm is NaN or infinite. Distributed,
+        both are all-reduced in the step: every rank sees the same values and stops alike."""
+        bad = next((j for j, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise self._diverged(f"the training loss is {losses[bad]}", first + bad)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise self._diverged(f"the gradient norm is {grad_norm}, so the update left the weights non-finite")
 
     def _size_from_time(self, step_time: float, start_step: int, spent: float) -> int:
         """Total steps that fit the time budget, eval passes (~1/3 of a step per batch) included."""
@@ -1324,9 +1380,11 @@ class Trainer:
                     self.elapsed = now - t_start
                     lr_value = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
                     first = self.step - len(losses) + 1
+                    norm_value = float(grad_norm.item())
+                    self._check_losses(losses, first, norm_value)
                     result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
                     self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr_value,
-                               "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
+                               "grad_norm": norm_value, "tokens": self.tokens,
                                "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
                     bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
                     job.update(loss=float(np.mean(losses)), lr=lr_value)
@@ -1339,6 +1397,8 @@ class Trainer:
                 if self.validating and (self.step % cfg.eval_every == 0 or done):
                     job.update(phase="eval")
                     val_loss = self.evaluate()
+                    if not math.isfinite(val_loss):
+                        raise self._diverged(f"the validation loss is {val_loss}")
                     result.evals.append((self.step, val_loss))
                     self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
                                "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
@@ -1381,9 +1441,12 @@ class Trainer:
         if window_losses:  # stopped by the time budget between log points
             losses = mx.stack(window_losses).tolist()
             first = self.step - len(losses) + 1
+            self._check_losses(losses, first)
             result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
         if self.validating and (not result.evals or result.evals[-1][0] != self.step):
             val_loss = self.evaluate()
+            if not math.isfinite(val_loss):
+                raise self._diverged(f"the validation loss is {val_loss}")
             result.evals.append((self.step, val_loss))
             self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
                        "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens, "elapsed_s": self.elapsed})

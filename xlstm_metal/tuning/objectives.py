@@ -29,6 +29,8 @@ _CACHE: dict[Any, Any] = {}
 
 REJECTED = "rejected"
 COMPLETE = "complete"
+#: A train trial whose loss became NaN or infinite: failed, with no value (see TrainingDiverged).
+DIVERGED = "diverged"
 
 
 class ObjectiveError(ValueError):
@@ -342,7 +344,7 @@ class TrainObjective(Objective):
         from ..config import ConfigError
         from ..models.xlstm_large import xLSTMLarge
         from ..profiles import apply_profile, init_gates, load_profile
-        from ..training.trainer import Trainer, TrainingConfig, count_parameters, init_xlstm_large
+        from ..training.trainer import Trainer, TrainingConfig, TrainingDiverged, count_parameters, init_xlstm_large
 
         _, train_stream, val_stream = self._data()
         try:
@@ -374,7 +376,11 @@ class TrainObjective(Objective):
         run_dir.mkdir(parents=True)
         tok_dir = Path(self.tokenizer) if Path(self.tokenizer).is_dir() else Path(self.tokenizer).parent
         trainer = Trainer(model, train_stream, val_stream, cfg, run_dir, tok_dir, progress=False)
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except TrainingDiverged as err:  # a failed trial (never a NaN value), not a crashed sweep
+            return {"status": DIVERGED, "value": None, "reason": str(err), "params": n_params, "steps": steps,
+                    "diverged_step": err.step, "run_dir": str(run_dir)}
         record = {"status": COMPLETE, "value": float(result.best_val_loss), "val_loss": float(result.best_val_loss),
                   "val_ppl": math.exp(result.best_val_loss), "params": n_params, "steps": steps,
                   "tokens": int(result.tokens), "run_dir": str(run_dir)}
