@@ -406,3 +406,29 @@ def test_tune_train_trial_that_diverges_is_a_failed_trial(text_data, tmp_path, c
     assert [r["status"] for r in records] == ["diverged", "diverged"]
     assert all(r["value"] is None and "training diverged at step" in r["reason"] for r in records)
     assert not (out / "best.json").exists()
+
+
+def test_tune_resume_keeps_a_profile_another_sweep_saved(speed_sweep, tmp_path, capsys):
+    # --resume skipped the "profile exists" check: resuming with --profile-name of another sweep's (or
+    # a hand-edited) profile replaced it without a word.
+    argv, out = speed_sweep
+    profiles = tmp_path / "profiles"
+    theirs = json.loads((profiles / "swept.json").read_text())
+    theirs["description"] = "tuned by hand"
+    (profiles / "other.json").write_text(json.dumps(theirs))
+    other = [("other" if a == "swept" else a) for a in argv]
+    before = _snapshot(out)
+    assert_rejected([*other, "--trials", "2", "--resume"], capsys, f"profile {profiles / 'other.json'} exists",
+                    f"not saved by the sweep in {out}", "--profile-name")
+    assert json.loads((profiles / "other.json").read_text()) == theirs and _snapshot(out) == before
+    # The sweep's own profile, edited since: kept as well.
+    mine = (profiles / "swept.json").read_text()
+    (profiles / "swept.json").write_text(mine.replace('"description": "', '"description": "edited; '))
+    edited = (profiles / "swept.json").read_text()
+    assert_rejected([*argv, "--trials", "2", "--resume"], capsys, "swept.json exists")
+    assert (profiles / "swept.json").read_text() == edited
+    # As the sweep saved it: resuming replaces it with the resumed sweep's winner.
+    (profiles / "swept.json").write_text(mine)
+    code, err = run_main([*argv, "--trials", "2", "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((profiles / "swept.json").read_text()) == json.loads((out / "profile.json").read_text())

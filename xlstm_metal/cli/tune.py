@@ -205,6 +205,19 @@ def _check_kept_by_overwrite(out: Path, args: argparse.Namespace) -> None:
                              "the sweep starts: copy it elsewhere first, or write the sweep to another --out")
 
 
+def _saved_by_sweep(profile_path: Path, out: Path) -> bool:
+    """Whether the profile at ``profile_path`` is the one the sweep in ``out`` saved: the same
+    settings as the copy the sweep keeps in ``out/profile.json`` (a profile edited since, or
+    another sweep's, is not)."""
+    import json
+
+    try:
+        return json.loads(profile_path.read_text(encoding="utf-8")) == json.loads(
+            (out / "profile.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from ..profiles import ProfileError, load_profile, save_profile, shipped_profile_names, user_profile_dir
     from ..tuning import SpeedObjective, SweepError, SweepSettings, TrainObjective, run_sweep
@@ -288,6 +301,11 @@ def run(args: argparse.Namespace) -> int:
         profile_path = user_profile_dir() / f"{name}.json"
         if profile_path.exists() and not args.overwrite and not args.resume:
             raise UsageError(f"profile {profile_path} exists; pass --overwrite to replace it or --profile-name")
+        if profile_path.exists() and args.resume and not _saved_by_sweep(profile_path, out):
+            # --overwrite (which replaces --out) cannot come with --resume: only the sweep's own profile is replaced.
+            raise UsageError(f"profile {profile_path} exists and was not saved by the sweep in {out} (it differs from "
+                             f"{out / 'profile.json'}); resuming would replace it: pass another --profile-name "
+                             "(--overwrite replaces a profile only when a sweep starts anew)")
         objective = SpeedObjective(model=model, shape=args.shape or "125m", base_profile=base.source or base.name,
                                    metric=args.metric, prefill_length=args.prefill_length,
                                    decode_batch=args.decode_batch, decode_tokens=args.decode_tokens,
