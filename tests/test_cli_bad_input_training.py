@@ -432,3 +432,21 @@ def test_tune_resume_keeps_a_profile_another_sweep_saved(speed_sweep, tmp_path, 
     code, err = run_main([*argv, "--trials", "2", "--resume"], capsys)
     assert code == 0, err
     assert json.loads((profiles / "swept.json").read_text()) == json.loads((out / "profile.json").read_text())
+
+
+def test_plot_drops_a_cut_short_last_line_as_the_trainer_does(tmp_path, capsys):
+    # A live or crashed run's metrics.jsonl ends in a line cut short: plot refused it ("not JSON"),
+    # while resuming the run drops that line.
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(TRAIN_OK + '{"kind": "eval", "step": 1, "val_loss": 4.0, "tokens": 32}\n{"kind": "tra')
+    out = tmp_path / "loss.png"
+    code, err = run_main(["plot", run, "--out", out], capsys)
+    assert code == 0 and out.is_file(), err
+    assert f"warning: dropping the incomplete last line of {metrics}" in err and "Traceback" not in err, err
+    # A bad line in the middle (or a bad last line that ends in a newline) stays an error naming it.
+    for text in (TRAIN_OK + '{"kind": "tra\n' + TRAIN_OK, TRAIN_OK + '{"kind": "tra\n'):
+        metrics.write_text(text)
+        assert_rejected(["plot", run, "--out", tmp_path / "other.png"], capsys, f"{metrics} line 2 is not a metrics record")
+        assert not (tmp_path / "other.png").exists()

@@ -40,6 +40,14 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [record for _, record in read_jsonl(path, PlotError) if isinstance(record, dict)]
 
 
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """A training run's metrics.jsonl, read as the trainer reads it: a last line cut short (a live
+    or crashed run's) is dropped with a warning; any other bad line is a PlotError naming it."""
+    from .training.checkpoint import read_metrics
+
+    return read_metrics(path, PlotError)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -194,7 +202,7 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
     for run in runs:
         p = Path(run)
         path = p / "metrics.jsonl" if p.is_dir() else p
-        records = _jsonl(path)
+        records = _metrics(path)
         label = path.parent.name
         train = [r for r in records if r.get("kind") == "train" and "loss" in r]
         evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]

@@ -198,13 +198,15 @@ def restore_optimizer(checkpoint: Path, optimizer, parameters: dict | None = Non
     optimizer.state = tree_unflatten(list(arrays.items()))
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, error: type[Exception] = ResumeError) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl. A last line cut short (a write interrupted by a
-    crash) is dropped; any other line that is not a JSON object is a ResumeError naming it."""
+    crash, or one under way in a live run) is dropped with a one-line warning naming the file;
+    any other line that is not a JSON object is an ``error`` (default ResumeError) naming it.
+    Shared by resuming and ``xlstm-metal plot``."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ResumeError(f"cannot read {path}: {err}") from None
+        raise error(f"cannot read {path}: {err}") from None
     lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, start=1):
@@ -218,6 +220,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             if number == len(lines):  # no newline after it: the append was interrupted
                 print(f"warning: dropping the incomplete last line of {path}", file=sys.stderr)
                 continue
-            raise ResumeError(f"{path} line {number} is not a metrics record (corrupted file?): {line[:80]!r}")
+            raise error(f"{path} line {number} is not a metrics record (corrupted file?): {line[:80]!r}")
         records.append(record)
     return records
