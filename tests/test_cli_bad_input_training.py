@@ -450,3 +450,23 @@ def test_plot_drops_a_cut_short_last_line_as_the_trainer_does(tmp_path, capsys):
         metrics.write_text(text)
         assert_rejected(["plot", run, "--out", tmp_path / "other.png"], capsys, f"{metrics} line 2 is not a metrics record")
         assert not (tmp_path / "other.png").exists()
+
+
+def test_train_shape_warning_is_said_once_naming_real_paths(text_data, tmp_path, capsys):
+    # Each checkpoint save warned "run/.checkpoint-0000002.xxxx: qk_dim 32 ... is not a multiple of 64",
+    # naming the temporary folder (gone afterwards) at every save; --export named its own temporary folder.
+    import warnings
+
+    out, export = tmp_path / "run", tmp_path / "exported"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = run_main(["train", text_data, "--out", out, "--steps", "6", "--save-every", "2", "--keep", "0",
+                              "--seq-len", "8", "--batch-size", "2", "--vocab-size", "300", "--no-progress",
+                              "--export", export], capsys)
+    assert code == 0, err
+    assert len(list(out.glob("checkpoint-*"))) == 3
+    shape = [str(w.message) for w in caught if "not a multiple of 64" in str(w.message)]
+    assert len(shape) == 2, shape  # the run's checkpoints once, the export once
+    assert shape[0].startswith(f"the checkpoints in {out} ") and "qk_dim 32" in shape[0], shape
+    assert shape[1].startswith(f"{export}: qk_dim 32"), shape
+    assert not any(".checkpoint-" in m or f".{export.name}." in m for m in shape), shape

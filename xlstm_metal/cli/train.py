@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
@@ -331,6 +332,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
     from mlx.utils import tree_flatten, tree_unflatten
 
     from ..loading import save_model
+    from ..training.checkpoint import pass_on_save_warnings
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--export directory {out} is not empty; pass --overwrite to replace it")
@@ -342,7 +344,9 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_model(model, tmp, tokenizer=tokenizer_dir, overwrite=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_model(model, tmp, tokenizer=tokenizer_dir, overwrite=True)
         cfg = model.config
         gen = {"bos_token_id": getattr(cfg, "bos_token_id", None), "eos_token_id": getattr(cfg, "eos_token_id", None),
                "pad_token_id": getattr(cfg, "pad_token_id", None), "do_sample": True, "temperature": 0.8,
@@ -354,6 +358,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        pass_on_save_warnings(caught, tmp, out, out.parent, None)  # naming --export, not its temporary folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: Path,
     keep: int = 2,
+    warned: set[str] | None = None,
 ) -> Path:
     """Write ``out_dir/checkpoint-<step>`` atomically; returns its path. Then only the ``keep``
     newest checkpoints stay (0: all), and the one at ``trainer_state["best_step"]`` (the lowest
-    validation loss so far), which rotation never removes."""
+    validation loss so far), which rotation never removes.
+
+    What saving the model warns about (a shape transformers cannot run) concerns the model, not
+    the temporary directory it is written to first: the warning names the final checkpoint, or,
+    with ``warned`` (a set kept across a run's saves), the run's checkpoints, once per run."""
     from ..loading import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +76,9 @@ def save_checkpoint(
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".checkpoint-{step:07d}."))
     try:
-        save_model(model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_model(model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
         arrays = dict(tree_flatten(optimizer.state))
         for index, key in enumerate(mx.random.state):
             arrays[f"{_RNG_KEY}.{index}"] = key
@@ -83,12 +91,33 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    pass_on_save_warnings(caught, tmp, final, out_dir, warned)
     best = trainer_state.get("best_step")
     best_name = f"checkpoint-{best:07d}" if isinstance(best, int) else None
     for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
         if old.name != best_name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def pass_on_save_warnings(caught: list[warnings.WarningMessage], tmp: Path, final: Path, out_dir: Path,
+             warned: set[str] | None) -> None:
+    """Warn again what ``save_model`` warned while writing ``tmp``: a warning naming ``tmp`` (gone
+    now) names ``final`` instead, or, with ``warned``, "the checkpoints in ``out_dir``" and only
+    if ``warned`` does not hold it yet (it is added). Other warnings pass unchanged."""
+    prefix = f"{tmp}: "
+    for w in caught:
+        text = str(w.message)
+        if not text.startswith(prefix):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            continue
+        problem = text[len(prefix):]
+        if warned is None:
+            warnings.warn(f"{final}: {problem}", w.category, stacklevel=3)
+        elif problem not in warned:
+            warned.add(problem)
+            warnings.warn(f"the checkpoints in {out_dir} (this warning is shown once per run): {problem}",
+                          w.category, stacklevel=3)
 
 
 def remove_partial_checkpoints(out_dir: str | os.PathLike) -> list[Path]:

@@ -954,6 +954,8 @@ class Trainer:
         self.window_losses: list[mx.array] = []
         self._train_step = None
         self._eval_step = None
+        #: What saving a checkpoint warned about (a model setting): said once per run, not at every save.
+        self._save_warnings: set[str] = set()
         self._stepped = False  # a train step has run in this process (the first one compiles)
         #: Times the train step's Python ran: once per trace of the compiled step (each call eagerly).
         self.step_traces = 0
@@ -1175,7 +1177,7 @@ class Trainer:
         if not self.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                               self.tokenizer_dir, keep=self.cfg.keep)
+                               self.tokenizer_dir, keep=self.cfg.keep, warned=self._save_warnings)
 
     def _check_losses(self, losses: list[float], first: int, grad_norm: float | None = None) -> None:
         """TrainingDiverged when a training loss of the steps ``first``, ``first + 1``, ... (read on
