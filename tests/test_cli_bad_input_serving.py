@@ -33,14 +33,31 @@ def assert_rejected(argv, capsys, *words):
         assert word in err, err
 
 
-@pytest.fixture
-def model_dir(tiny_model_dir):
-    """The tiny random checkpoint with the packaged model's tokenizer."""
+def with_packaged_tokenizer(directory: Path) -> Path:
     from xlstm_metal.assets import DEFAULT_MODEL_DIR
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DEFAULT_MODEL_DIR / name, tiny_model_dir / name)
-    return tiny_model_dir
+        shutil.copy(DEFAULT_MODEL_DIR / name, directory / name)
+    return directory
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny random checkpoint (vocabulary 4096) with the packaged model's tokenizer (4096 tokens)."""
+    from conftest import tiny_model
+
+    from xlstm_metal.loading import save_model
+
+    path = tmp_path / "tiny4096"
+    with pytest.warns(UserWarning, match="qk_dim"):
+        save_model(tiny_model(vocab_size=4096), path)
+    return with_packaged_tokenizer(path)
+
+
+@pytest.fixture
+def small_vocab_model(tiny_model_dir):
+    """The tiny checkpoint of conftest (vocabulary 97) with the packaged model's tokenizer (4096 tokens)."""
+    return with_packaged_tokenizer(tiny_model_dir)
 
 
 # ---------------------------------------------------------------------- mlx-lm: corrupt weight files
@@ -69,3 +86,86 @@ def test_mlx_lm_server_with_corrupt_weights_exits_instead_of_listening(model_dir
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert "Traceback" not in err and "mlx-lm server: cannot read weight file" in err, err
+
+
+def mlx_lm_server(model_dir, *extra, port="0"):
+    return subprocess.Popen([sys.executable, "-m", "xlstm_metal", "mlx-lm", "server", "--model", str(model_dir),
+                             "--port", port, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_mlx_lm_server_with_unloadable_model_exits(model_dir):
+    # A config that does not match the weights: mlx-lm's generation thread died with a traceback
+    # and the server went on listening (no exit at all).
+    pytest.importorskip("mlx_lm")
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config["embedding_dim"] = config["hidden_size"] = 128
+    (model_dir / "config.json").write_text(json.dumps(config))
+    proc = mlx_lm_server(model_dir)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and "mlx-lm server: Expected shape" in err, err
+
+
+def test_mlx_lm_server_still_serves_a_good_model(model_dir):
+    # The model is now loaded before the server listens, outside mlx-lm's generation thread.
+    pytest.importorskip("mlx_lm")
+    import json
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = mlx_lm_server(model_dir, port=str(port))
+    try:
+        body = json.dumps({"prompt": "hello", "max_tokens": 3, "temperature": 0}).encode()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    reply = json.loads(response.read())
+                break
+            except urllib.error.HTTPError:
+                raise
+            except OSError:  # not listening yet
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.3)
+        assert reply["usage"]["completion_tokens"] == 3 and reply["choices"][0]["text"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert b"Traceback" not in proc.stderr.read()
+
+
+# ---------------------------------------------------------------------- a tokenizer larger than the model
+def test_serve_refuses_a_tokenizer_larger_than_the_vocabulary(small_vocab_model, capsys, monkeypatch):
+    # generate and chat refused it at load; serve listened, and every request whose prompt held
+    # an id >= 97 failed with a 500 and a logged traceback (on a GPU: embeddings read out of bounds).
+    pytest.importorskip("mlx_lm")
+    from xlstm_metal import serve
+
+    monkeypatch.setattr(serve.Server, "serve_forever", serve.Server.close)  # (before the fix: exit 0 here)
+    assert_rejected(["serve", "--model", small_vocab_model, "--port", "0", "--no-mem-watchdog"], capsys,
+                    "tokenizer.json has 4096 tokens but the model's vocabulary is 97")
+
+
+def test_convert_check_refuses_a_tokenizer_larger_than_the_vocabulary(small_vocab_model, tmp_path, capsys):
+    # The check ran on ids beyond the embedding: a lossless float32 copy reported perplexity -14%,
+    # KL 0.14 and top-1 agreement 21% (exit 0). Refused before anything is written.
+    text = tmp_path / "check.txt"
+    text.write_text("some text to check with, a few words here and there.\n")
+    out = tmp_path / "out"
+    assert_rejected(["convert", small_vocab_model, out, "--check", text], capsys,
+                    "--check: ", "tokenizer.json has 4096 tokens but the model's vocabulary is 97")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["check.txt", "tiny"]

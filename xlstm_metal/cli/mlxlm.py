@@ -192,6 +192,29 @@ def config_must_be_a_mapping():
         yaml.load = original
 
 
+@contextlib.contextmanager
+def server_loads_model_first():
+    """While mlx-lm's server starts, its model is loaded before it listens, in this thread:
+    mlx-lm loads it in its generation thread, where a model that cannot be loaded (a bad config,
+    mis-shaped weights) was logged with a traceback from a dead thread while the server went on
+    listening. Its error now ends the command. One process only: under mlx.launch every rank
+    still loads its part in the generation thread."""
+    import mlx_lm.server as server
+
+    original = server.run
+
+    def run(host, port, model_provider, *args, **kwargs):
+        if not model_provider.is_distributed:
+            model_provider.load_default()  # the generation thread then finds it loaded
+        return original(host, port, model_provider, *args, **kwargs)
+
+    server.run = run
+    try:
+        yield
+    finally:
+        server.run = original
+
+
 def writes_our_shim(path: str | None) -> bool:
     """True when ``path`` is a checkpoint directory whose model file is exactly ours."""
     from ..checkpoint_files import MLX_LM_SHIM, SHIM_SOURCE
@@ -304,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
     try:
         config_check = config_must_be_a_mapping() if args.mlx_lm_command == "lora" else contextlib.nullcontext()
-        with hardened_mlx_lm_parsers(args.mlx_lm_command), config_check:
+        load_first = server_loads_model_first() if args.mlx_lm_command == "server" else contextlib.nullcontext()
+        with hardened_mlx_lm_parsers(args.mlx_lm_command), config_check, load_first:
             module.main()
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as err:
         # mlx-lm's messages for bad paths and settings (ConnectionError: a path that is not there,
