@@ -449,13 +449,19 @@ def load(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
     except ImportError:
         return model, None
     tokenizer = load_tokenizer(directory)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if tokenizer is not None and isinstance(vocab, int) and tokenizer.vocab_size > vocab:
+    check_tokenizer_fits(tokenizer, getattr(getattr(model, "config", None), "vocab_size", None), directory)
+    return model, tokenizer
+
+
+def check_tokenizer_fits(tokenizer, vocab: Any, directory: Path) -> None:
+    """CheckpointError when the tokenizer of checkpoint ``directory`` has more tokens than the
+    model's vocabulary ``vocab`` (not checked unless a positive int; nor without a tokenizer):
+    its token ids would fall outside the embedding."""
+    if tokenizer is not None and isinstance(vocab, int) and 0 < vocab < tokenizer.vocab_size:
         raise CheckpointError(
-            f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{Path(directory) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
             f"{vocab}: token ids would fall outside the embedding"
         )
-    return model, tokenizer
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

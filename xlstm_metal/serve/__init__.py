@@ -250,7 +250,7 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
     from ..distributed import parallelize, world
     from ..generation.runner import default_dtype
     from ..generation.tokenizer import TokenizerError, load_tokenizer
-    from ..loading import CheckpointError, load_model, resolve_model_path
+    from ..loading import CheckpointError, check_tokenizer_fits, load_model, resolve_model_path
     from ..mlx_lm_model import from_xlstm_metal
 
     try:
@@ -274,6 +274,7 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
                 raise ServeError(str(err)) from None
         else:
             inner = load_model(directory, dtype=dtype or default_dtype(), prepare=split)
+        check_tokenizer_fits(ours, getattr(getattr(inner, "config", None), "vocab_size", None), directory)
         model = from_xlstm_metal(inner)
     except (CheckpointError, ConfigError, TokenizerError, TypeError, ValueError) as err:
         raise ServeError(str(err)) from None
