@@ -169,3 +169,38 @@ def test_convert_check_refuses_a_tokenizer_larger_than_the_vocabulary(small_voca
     assert_rejected(["convert", small_vocab_model, out, "--check", text], capsys,
                     "--check: ", "tokenizer.json has 4096 tokens but the model's vocabulary is 97")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["check.txt", "tiny"]
+
+
+# ---------------------------------------------------------------------- sampling options at temperature 0
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("extra,words", [
+    (["--top-k", "40"], ["--top-k would be ignored", "no --temperature given", "has no generation_config.json"]),
+    (["--seed", "3"], ["--seed would be ignored", "the temperature is 0"]),
+    (["--temp", "0", "--top-p", "0.9", "--min-p", "0.1"],
+     ["--top-p, --min-p would be ignored: --temperature 0 decodes greedily", "leave them out"]),
+], ids=["top-k-on-a-greedy-model", "seed-on-a-greedy-model", "filters-with-temp-0"])
+def test_sampling_options_at_temperature_0_are_refused(command, extra, words, model_dir, capsys, monkeypatch):
+    # Greedy decoding takes the most likely token: the filters and the seed changed nothing and
+    # were dropped without a word (`--top-k 40` alone on a model whose generation_config.json does
+    # not sample looked like sampling and was greedy).
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    argv = [command, "-m", model_dir, "-n", "2", *extra] + (["-p", "hello"] if command == "generate" else [])
+    code, err = run_main(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().startswith("xlstm-metal: error: ") and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_sampling_options_at_temperature_0_from_a_generation_config(model_dir, capsys):
+    (model_dir / "generation_config.json").write_text('{"do_sample": false, "max_new_tokens": 4}')
+    assert_rejected(["generate", "-m", model_dir, "-p", "hello", "--top-p", "0.5"], capsys,
+                    "--top-p would be ignored", "generation_config.json does not set do_sample")
+    # What changes nothing, or samples, still generates: the filters at their off values, a
+    # temperature > 0 (a tiny one is greedy in effect, but asked for sampling).
+    for extra in (["--temp", "0", "--top-k", "0", "--top-p", "1", "--min-p", "0"], ["--temp", "0.7", "--seed", "1"],
+                  ["--temp", "1e-45", "--seed", "1", "--top-k", "5"], ["--repetition-penalty", "1.3"]):
+        code, err = run_main(["generate", "-m", model_dir, "-p", "hello", "-n", "2", *extra], capsys)
+        assert code == 0, (extra, err)

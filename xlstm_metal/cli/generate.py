@@ -140,9 +140,42 @@ def apply_generation_defaults(args: argparse.Namespace, model_dir: Path) -> None
     :func:`max_tokens_for` turns it into a per-prompt budget."""
     from_file, max_length = read_generation_config(model_dir)
     args.max_length = max_length if args.max_tokens is None else None  # an explicit --max-tokens wins
+    given = {name for name in BUILTIN_SAMPLING if getattr(args, name) is not None}
     for name, value in BUILTIN_SAMPLING.items():
         if getattr(args, name) is None:
             setattr(args, name, from_file.get(name, value))
+    if args.temperature == 0:
+        check_greedy_options(args, given, from_file, model_dir)
+
+
+#: Options that only shape sampling, with their values that change nothing: at temperature 0
+#: (greedy decoding: the most likely token) they have no effect.
+SAMPLING_ONLY = (("--top-k", "top_k", 0), ("--top-p", "top_p", 1.0), ("--min-p", "min_p", 0.0),
+                 ("--seed", "seed", None))
+
+
+def check_greedy_options(args: argparse.Namespace, given: set[str], from_file: dict[str, Any],
+                         model_dir: Path) -> None:
+    """UsageError naming the sampling options given on the command line (``given``: the sampling
+    arguments that were set before the defaults; ``from_file``: what generation_config.json gave)
+    when the temperature is 0: greedy decoding ignores them (`--top-k 40` alone on a model whose
+    generation_config.json does not sample ran greedy without a word)."""
+    ignored = [flag for flag, dest, off in SAMPLING_ONLY
+               if getattr(args, dest, None) is not None and getattr(args, dest) != off
+               and (dest in given or dest == "seed")]
+    if not ignored:
+        return
+    if "temperature" in given:
+        why = "--temperature 0 decodes greedily"
+    elif "temperature" in from_file:
+        why = "the temperature is 0 (greedy: no --temperature given, and the model's generation_config.json sets 0)"
+    elif (Path(model_dir) / "generation_config.json").is_file():
+        why = "the temperature is 0 (greedy: no --temperature given, and the model's generation_config.json does " \
+              "not set do_sample)"
+    else:
+        why = "the temperature is 0 (greedy: no --temperature given, and the model has no generation_config.json)"
+    raise UsageError(f"{', '.join(ignored)} would be ignored: {why}; give --temperature > 0 to sample, or leave "
+                     f"{'it' if len(ignored) == 1 else 'them'} out")
 
 
 def max_tokens_for(args: argparse.Namespace, prompt_tokens: int, what: str = "the prompt") -> int:
@@ -259,6 +292,7 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
 
     try:
         directory = resolve_model_path(source)  # downloads a Hugging Face id once
+        apply_generation_defaults(args, directory)  # (UsageError: not caught here) before the weights are read
         model, tokenizer = load(directory, dtype=dtype, prepare=split)
     except (CheckpointError, ConfigError, TokenizerError) as err:
         raise UsageError(str(err)) from None
@@ -272,7 +306,6 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         from ..assets import for_this_device
 
         for_this_device(model)  # quantized on disk; dequantized on CPUs, where that is faster
-    apply_generation_defaults(args, directory)
     print_on_rank0_only()  # every rank generates the same tokens; rank 0 prints them
     if profile is not None:
         apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not
