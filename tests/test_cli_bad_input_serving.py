@@ -204,3 +204,48 @@ def test_sampling_options_at_temperature_0_from_a_generation_config(model_dir, c
                   ["--temp", "1e-45", "--seed", "1", "--top-k", "5"], ["--repetition-penalty", "1.3"]):
         code, err = run_main(["generate", "-m", model_dir, "-p", "hello", "-n", "2", *extra], capsys)
         assert code == 0, (extra, err)
+
+
+# ---------------------------------------------------------------------- mlx-lm fuse: where it writes
+@pytest.fixture
+def lora_adapter(model_dir, tmp_path):
+    """LoRA adapters for ``model_dir``, trained one step by `xlstm-metal mlx-lm lora`."""
+    pytest.importorskip("mlx_lm")
+    data = tmp_path / "lora_data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text(
+            "".join(f'{{"text": "the quick brown fox jumps over the lazy dog {i}"}}\n' for i in range(4)))
+    adapters = tmp_path / "adapters"
+    assert main(["mlx-lm", "lora", "--model", str(model_dir), "--train", "--data", str(data), "--iters", "1",
+                 "--batch-size", "1", "--num-layers", "1", "--val-batches", "1", "--steps-per-eval", "1",
+                 "--seed", "0", "--adapter-path", str(adapters)]) == 0
+    return adapters
+
+
+def test_mlx_lm_fuse_never_writes_over_the_model_or_an_earlier_result(model_dir, lora_adapter, tmp_path, capsys,
+                                                                       monkeypatch):
+    # --save-path MODEL replaced the base model's weights, config and tokenizer with the fused
+    # ones, then died on a SameFileError traceback (exit 1); a second fuse to the same (default)
+    # --save-path replaced the first result without a word.
+    monkeypatch.chdir(tmp_path)
+    base = tree(model_dir)
+    fuse = ["mlx-lm", "fuse", "--model", model_dir, "--adapter-path", lora_adapter]
+    assert_rejected([*fuse, "--save-path", model_dir], capsys,
+                    f"mlx-lm fuse: --save-path {model_dir} is the --model checkpoint {model_dir}; write it elsewhere")
+    assert_rejected([*fuse, f"--save-path={model_dir / 'fused'}"], capsys,
+                    "is inside the --model checkpoint directory")
+    assert tree(model_dir) == base
+    capsys.readouterr()
+    assert main([str(a) for a in fuse]) == 0  # into ./fused_model, mlx-lm's default
+    first = tree(tmp_path / "fused_model")
+    assert "model.safetensors" in first
+    assert_rejected(fuse, capsys, "mlx-lm fuse: --save-path fused_model already exists and is not empty",
+                    "choose another --save-path")
+    assert tree(tmp_path / "fused_model") == first
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    assert main([str(a) for a in fuse] + ["--save-path", "empty"]) == 0
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

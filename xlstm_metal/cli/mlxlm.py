@@ -26,7 +26,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import UsageError, finite_float, harden_parser
+from . import UsageError, check_apart_from_data, check_output_path, finite_float, harden_parser
 
 COMMANDS = ("generate", "server", "lora", "fuse", "convert")
 #: The option naming the model, per command (convert also takes --hf-path).
@@ -101,6 +101,36 @@ def model_argument(command: str, args: list[str]) -> str | None:
         given = ", ".join(f"{name} {value}" for name, value in found)
         raise UsageError(f"mlx-lm {command}: the model is given more than once ({given}); give it once")
     return found[0][1] if found else None
+
+
+#: mlx-lm fuse's --save-path when it is left out.
+FUSE_SAVE_PATH = "fused_model"
+
+
+def option_value(args: list[str], option: str) -> str | None:
+    """The value given to ``option`` (``--opt X`` or ``--opt=X``) in ``args``, or None."""
+    for index, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name == option:
+            return value if eq else (args[index + 1] if index + 1 < len(args) else None)
+    return None
+
+
+def check_fuse_save_path(model: str, save_path: str) -> None:
+    """mlx-lm fuse writes the fused model into ``save_path`` over any files there: UsageError when
+    it is (or is inside) the ``--model`` checkpoint, or an existing directory that is not empty.
+    With --save-path the model's own directory, fuse replaced the base weights, config and
+    tokenizer and then died on a SameFileError traceback; a second run to the same (default)
+    path replaced the first run's model without a word."""
+    try:
+        check_apart_from_data((("--save-path", save_path),), [model], data="the --model checkpoint",
+                              read_back="fuse would write the fused model into the checkpoint it reads")
+        target = check_output_path(save_path, "--save-path", directory=True)
+    except UsageError as err:
+        raise UsageError(f"mlx-lm fuse: {err}") from None
+    if target.is_dir() and any(target.iterdir()):
+        raise UsageError(f"mlx-lm fuse: --save-path {save_path} already exists and is not empty: fuse would write over "
+                         "its files; remove it or choose another --save-path")
 
 
 def count_at_least(minimum: int, maximum: int | None = None):
@@ -321,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
         unreadable = unreadable_weights(model)
         if unreadable is not None:
             raise UsageError(f"mlx-lm {args.mlx_lm_command}: {unreadable}")
+        if args.mlx_lm_command == "fuse":
+            check_fuse_save_path(model, option_value(forwarded, "--save-path") or FUSE_SAVE_PATH)
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved = sys.argv
