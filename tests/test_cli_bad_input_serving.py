@@ -249,3 +249,31 @@ def test_mlx_lm_fuse_never_writes_over_the_model_or_an_earlier_result(model_dir,
 
 def tree(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------- token ids and flags of the tokenizer files
+@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize("file,content,words", [
+    ("generation_config.json", '{"eos_token_id": "two"}',
+     ["eos_token_id in ", "generation_config.json must be an integer or a list of integers, got 'two'"]),
+    ("generation_config.json", '{"pad_token_id": true}', ["pad_token_id in ", "generation_config.json", "got True"]),
+    ("tokenizer_config.json", '{"add_bos_token": "false"}',
+     ["add_bos_token in ", "tokenizer_config.json must be true or false, got 'false'"]),
+], ids=["eos-string", "pad-bool", "add-bos-string"])
+def test_bad_token_settings_name_their_field_and_file(command, file, content, words, model_dir, capsys, monkeypatch):
+    # The message was "token id must be an integer or a list of integers, got 'two'" (which
+    # field, which file?), and add_bos_token "false" read as true: BOS inserted anyway.
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("force_bos_token_insert", None)  # (it decides over add_bos_token)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / file).write_text(content)
+    if command == "serve":
+        pytest.importorskip("mlx_lm")
+        from xlstm_metal import serve
+
+        monkeypatch.setattr(serve.Server, "serve_forever", serve.Server.close)
+    argv = ["generate", "-m", model_dir, "-p", "hi", "-n", "2"] if command == "generate" else \
+        ["serve", "-m", model_dir, "--port", "0", "--no-mem-watchdog"]
+    assert_rejected(argv, capsys, *words)

@@ -29,17 +29,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, TokenizerError) if path.is_file() else {}
 
 
-def _as_id_list(value: Any) -> list[int] | None:
-    """config values like 2, [2, 3] or None -> list of ints (None when absent)."""
+def _as_id_list(value: Any, where: str = "token id") -> list[int] | None:
+    """config values like 2, [2, 3] or None -> list of ints (None when absent). ``where`` names
+    the field and its file in the error ("eos_token_id in DIR/generation_config.json")."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise TokenizerError(f"token id must be an integer, got {value!r}")
+        raise TokenizerError(f"{where} must be an integer, got {value!r}")
     if isinstance(value, int):
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return list(value)
-    raise TokenizerError(f"token id must be an integer or a list of integers, got {value!r}")
+    raise TokenizerError(f"{where} must be an integer or a list of integers, got {value!r}")
 
 
 def _token_content(value: Any) -> str | None:
@@ -95,10 +96,12 @@ class Tokenizer:
         gen_config = _read_json(directory / "generation_config.json")
         tok_config = _read_json(directory / "tokenizer_config.json")
 
+        sources = ((gen_config, directory / "generation_config.json"), (config, directory / "config.json"))
+
         def special_id(field: str) -> int | None:
-            for source in (gen_config, config):
+            for source, file in sources:
                 if source.get(field) is not None:
-                    ids = _as_id_list(source[field])
+                    ids = _as_id_list(source[field], f"{field} in {file}")
                     return ids[0] if ids else None
             content = _token_content(tok_config.get(field.replace("_id", "")))
             return hf.token_to_id(content) if content is not None else None
@@ -106,8 +109,8 @@ class Tokenizer:
         bos = special_id("bos_token_id")
         pad = special_id("pad_token_id")
         eos: list[int] = []
-        for source in (gen_config, config):
-            ids = _as_id_list(source.get("eos_token_id"))
+        for source, file in sources:
+            ids = _as_id_list(source.get("eos_token_id"), f"eos_token_id in {file}")
             if ids is not None:
                 eos = ids
                 break
@@ -118,7 +121,11 @@ class Tokenizer:
         if "force_bos_token_insert" in config:
             add_bos = bool(config["force_bos_token_insert"])
         else:
-            add_bos = bool(tok_config.get("add_bos_token", False))
+            add_bos = tok_config.get("add_bos_token", False)
+            if not isinstance(add_bos, bool) and add_bos is not None:  # "false" would read as true
+                raise TokenizerError(f"add_bos_token in {directory / 'tokenizer_config.json'} must be true or false, "
+                                     f"got {add_bos!r}")
+            add_bos = bool(add_bos)
         vocab = hf.get_vocab_size(with_added_tokens=True)
         for name, ids in (("bos_token_id", [bos] if bos is not None else []), ("eos_token_id", eos)):
             bad = [i for i in ids if not 0 <= i < vocab]
