@@ -12,25 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import assert_rejected, run_main
+
 from xlstm_metal.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_main(argv, capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def assert_rejected(argv, capsys, *words):
-    code, err = run_main(argv, capsys)
-    assert code == 2, err
-    assert "Traceback" not in err and err.splitlines()[-1].startswith("xlstm-metal: error: "), err
-    for word in words:
-        assert word in err, err
 
 
 def with_packaged_tokenizer(directory: Path) -> Path:

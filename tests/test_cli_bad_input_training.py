@@ -8,25 +8,9 @@ import json
 
 import pytest
 
+from cli_helpers import assert_rejected, run_main
+
 from xlstm_metal.cli import main
-
-
-def run_main(argv, capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def assert_rejected(argv, capsys, *words) -> str:
-    code, err = run_main(argv, capsys)
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("xlstm-metal: error: "), err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import assert_rejected, run_main
+
 from xlstm_metal.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,23 +105,7 @@ def test_readme_stop_newlines_stops_at_the_first_blank_line(capsys, monkeypatch)
 
 
 # ---------------------------------------------------------------------- bad input, every subcommand
-# In-process: main() returns 2 for a UsageError; argparse exits with SystemExit(2).
-
-
-def run_main(argv, capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def assert_rejected(argv, capsys, *words):
-    code, err = run_main(argv, capsys)
-    assert code == 2, err
-    assert "Traceback" not in err and "error: " in err, err
-    for word in words:
-        assert word in err, err
+# In-process (cli_helpers): main() returns 2 for a UsageError; argparse exits with SystemExit(2).
 
 
 @pytest.mark.parametrize("argv", [
