@@ -37,6 +37,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -98,6 +99,7 @@ UNSUPPORTED_FIELDS = {
     "role_mapping": ((None,), "it formats chats for models without a chat template; this server always renders "
                               "the model's (or a plain User:/Assistant: one)"),
     "draft_model": ((None,), "speculative decoding (draft models) is not supported for xLSTM"),
+    "num_draft_tokens": ((None,), "speculative decoding (draft models) is not supported for xLSTM"),
     "suffix": ((None, ""), "text insertion (a suffix after the completion) is not implemented"),
     "best_of": ((None, 1), "this server returns one choice per request and ranks none"),
 }
@@ -106,6 +108,12 @@ UNSUPPORTED_FIELDS = {
 #: ``--generation-config auto``), else this built-in value (mlx-lm's).
 MODEL_DEFAULTS = {"max_tokens": ("max_tokens", 512), "temperature": ("temp", 0.0), "top_p": ("top_p", 1.0),
                   "top_k": ("top_k", 0), "min_p": ("min_p", 0.0), "repetition_penalty": ("repetition_penalty", 0.0)}
+#: The largest request body read (a 413 beyond): a Content-Length of 10**12 made the handler
+#: allocate that much at once (a MemoryError traceback, no response).
+MAX_BODY_BYTES = 64 * 2**20
+#: The bound on the penalties' context sizes: MLX slices take 32-bit indices (a larger one failed in
+#: the generation thread, a 500 for every request in flight with it).
+MAX_CONTEXT_SIZE = 2**31 - 1
 #: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position).
 MAX_COMPLETION_LOGPROBS = 5
 #: Seconds between looks at a waiting request's client (gone?) while no token arrives.
@@ -419,6 +427,28 @@ def _check_messages(messages: Any) -> None:
         texts = [content] if isinstance(content, str) else [p["text"] for p in content or ()]
         for text in texts:
             _check_unicode(text, f"messages[{index}].content")
+        _check_tool_calls(message.get("tool_calls"), f"messages[{index}].tool_calls")
+
+
+def _check_tool_calls(tool_calls: Any, name: str) -> None:
+    """An assistant message's tool_calls as mlx-lm reads them in the generation thread (each
+    ``function.arguments`` string parsed as JSON): a malformed one failed there, a 500."""
+    if not tool_calls:
+        return
+    if not isinstance(tool_calls, list):
+        raise ValueError(f"{name} must be a list of tool call objects")
+    for index, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not (function is None or isinstance(function, dict)):
+            raise ValueError(f"{name}[{index}] must be an object whose function is an object")
+        arguments = (function or {}).get("arguments")
+        if isinstance(arguments, str) and arguments:
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{name}[{index}].function.arguments is not valid JSON: {err}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"{name}[{index}].function.arguments must be a JSON object, got {arguments[:80]!r}")
 
 
 def _check_unicode(text: str, name: str) -> None:
@@ -427,6 +457,23 @@ def _check_unicode(text: str, name: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(f"{name} is not valid Unicode: {err.reason} at position {err.start}") from None
+
+
+class _PromptCache(LRUPromptCache):
+    """mlx-lm's prompt cache, whose hit leaves at least one prompt token to run: the model's
+    next-token logits come from running one. mlx-lm returned an entry holding the whole prompt
+    with nothing left to run (a prompt equal to an earlier one less its last token, e.g. "" after
+    "x"), and its batch generator failed on the empty rest ("Sequence 4 has an empty prompt"):
+    a 500, for every request in flight with it."""
+
+    def fetch_nearest_cache(self, model, tokens):
+        cache, rest = super().fetch_nearest_cache(model, tokens)
+        if len(rest) or not len(tokens):
+            return cache, rest
+        if len(tokens) == 1:
+            return None, list(tokens)
+        cache, rest = super().fetch_nearest_cache(model, tokens[:-1])  # a recurrent state cannot be trimmed
+        return cache, [*rest, tokens[-1]]
 
 
 class _MemoryAgreement:
@@ -802,7 +849,8 @@ class APIHandler(mlx_server.APIHandler):
     generation stopped when its client leaves, streaming or not."""
 
     def do_GET(self):
-        if self.path.split("?", 1)[0] in ("/", "/index.html", "/chat"):
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html", "/chat"):
             page = resources.files(__package__).joinpath(CHAT_PAGE).read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -811,8 +859,10 @@ class APIHandler(mlx_server.APIHandler):
             self.end_headers()
             self.wfile.write(page)
             return
-        if self.path.startswith("/v1/models") or self.path == "/health":
-            super().do_GET()
+        if path == "/v1/models" or path.startswith("/v1/models/"):  # /v1/modelsXYZ was the list too
+            self.handle_models_request()
+        elif path == "/health":  # with a query string it was a 404
+            self.handle_health_check()
         else:
             self._not_found()
 
@@ -917,6 +967,10 @@ class APIHandler(mlx_server.APIHandler):
         if length < 0:
             self._error(400, f"Invalid Content-Length header: {self.headers.get('Content-Length')}")
             return False
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read
+            self._error(413, f"the request body is {length} bytes; this server reads at most {MAX_BODY_BYTES}")
+            return False
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -929,6 +983,13 @@ class APIHandler(mlx_server.APIHandler):
         if not isinstance(body, dict):
             self._error(400, "Request should be a JSON dictionary (an object of request fields)")
             return False
+        # A field set to null is left out, as OpenAI reads it (its SDK sends temperature=None so):
+        # mlx-lm refused it ("temperature must be of type ('float', 'int')").
+        known = CHAT_FIELDS | COMPLETION_FIELDS
+        if any(value is None and name in known for name, value in body.items()):
+            raw = json.dumps({name: value for name, value in body.items()
+                              if value is not None or name not in known}).encode()
+            self.headers.replace_header("Content-Length", str(len(raw)))  # mlx-lm reads that many bytes
         self.rfile = io.BytesIO(raw)
         return True
 
@@ -975,13 +1036,21 @@ class APIHandler(mlx_server.APIHandler):
 
     def handle_models_request(self):
         """The served model (mlx-lm's version also lists the Hugging Face cache's mlx models, and
-        fails when there is no such cache)."""
+        fails when there is no such cache); ``/v1/models/<id>``: that model's object (OpenAI's
+        retrieve) when it names the served one, as a request's ``model`` may, else a 404 (it
+        answered the list, whatever the id)."""
         served = str(self.response_generator.cli_args.model)
         path = Path(served).expanduser()
         model_id = str(path.resolve()) if path.exists() else served
-        body = json.dumps({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}]}).encode()
-        self._send_body(200, body)
+        model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}
+        asked = urllib.parse.unquote(self.path.split("?", 1)[0][len("/v1/models/"):])
+        if self.path.split("?", 1)[0] == "/v1/models":
+            self._send_body(200, json.dumps({"object": "list", "data": [model]}).encode())
+        elif asked == model_id or asked in self.response_generator.model_provider._model_map:
+            self._send_body(200, json.dumps(model).encode())
+        else:
+            self._send_body(404, error_body(404, f"model {asked!r} not found; this server serves {model_id}",
+                                            "model", "model_not_found"))
 
     def validate_model_parameters(self) -> None:
         """Refuses the request (a 400 in OpenAI's shape, from :meth:`do_POST`) when
@@ -1001,11 +1070,24 @@ class APIHandler(mlx_server.APIHandler):
         self._fill_defaults()
         for name in FLOAT_PARAMETERS + INT_PARAMETERS:
             if isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a number, not a boolean")
+                sent = "max_completion_tokens" if name == "max_tokens" and isinstance(
+                    self.body.get("max_completion_tokens"), bool) else name
+                raise ValueError(f"{sent} must be a number, not a boolean")
         self._check_logit_bias()
         self._check_adapters()
         self._check_logprobs()
-        super().validate_model_parameters()
+        for name in ("xtc_probability", "xtc_threshold"):  # mlx-lm took only a float: 0 was refused
+            if type(getattr(self, name)) is int:
+                setattr(self, name, float(getattr(self, name)))
+        try:
+            super().validate_model_parameters()
+        except ValueError as err:
+            if str(err).startswith("max_tokens") and self.body.get("max_completion_tokens") is not None:
+                raise ValueError("max_completion_tokens" + str(err)[len("max_tokens"):]) from None  # the field sent
+            raise
+        for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+            if getattr(self, name) > MAX_CONTEXT_SIZE:
+                raise ValueError(f"{name} must be at most {MAX_CONTEXT_SIZE}, got {getattr(self, name)}")
         for name in FLOAT_PARAMETERS:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -1345,7 +1427,7 @@ def make_server(cli_args: argparse.Namespace) -> Server:
     except OSError as err:
         raise ServeError(f"cannot listen on {cli_args.host}:{cli_args.port}: {err.strerror or err}") from None
     provider = ModelProvider(cli_args)
-    generator = ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    generator = ResponseGenerator(provider, _PromptCache(cli_args.prompt_cache_size))
     try:
         provider.ready.wait()
     except BaseException:  # Ctrl-C while loading: the generation thread would hold the exit
@@ -1367,7 +1449,7 @@ def follow(cli_args: argparse.Namespace) -> None:
     ranks); no HTTP server. Returns when the generation loop ends; raises :class:`ServeError`
     when the model cannot be loaded."""
     provider = ModelProvider(cli_args)
-    generator = _Follower(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    generator = _Follower(provider, _PromptCache(cli_args.prompt_cache_size))
     provider.ready.wait()
     if provider.load_error is not None:
         generator.stop_and_join()
