@@ -101,7 +101,7 @@ def save_checkpoint(
 
 
 def pass_on_save_warnings(caught: list[warnings.WarningMessage], tmp: Path, final: Path, out_dir: Path,
-             warned: set[str] | None) -> None:
+                          warned: set[str] | None) -> None:
     """Warn again what ``save_model`` warned while writing ``tmp``: a warning naming ``tmp`` (gone
     now) names ``final`` instead, or, with ``warned``, "the checkpoints in ``out_dir``" and only
     if ``warned`` does not hold it yet (it is added). Other warnings pass unchanged."""
