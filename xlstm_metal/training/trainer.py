@@ -817,7 +817,7 @@ class TrainingDiverged(Exception):
     """The run diverged: a loss the trainer reads on the host anyway (the per-step training losses
     at each log point, a validation loss), the gradient norm logged with them, or the weights about
     to be checkpointed are NaN or infinite. Raised on every rank (those values are all-reduced, the
-    weights' check agreed), before anything non-finite is logged, checkpointed or exported; the
+    weights alike on every rank), before anything non-finite is logged, checkpointed or exported; the
     checkpoints written before stay.
 
     step: the step where it was seen; what: what was not finite ("the training loss is nan");
@@ -1159,16 +1159,18 @@ class Trainer:
 
     def _check_weights(self) -> None:
         """TrainingDiverged when the weights or the optimizer state hold NaN or inf (one reduction
-        per tensor and a single host sync, at checkpoint time only; every rank checks its own
-        copy, which all ranks hold alike, and all agree before any raises)."""
+        per tensor and a single host sync, at checkpoint time only). Every rank checks its own
+        copy: the ranks apply the same all-reduced update to the same weights, so all raise
+        alike, with no collective of its own (one more collective per save was one more place
+        for a rank to wait on a peer that had died)."""
         from ..loading import non_finite_tensors
 
         arrays = {**{f"model.{k}": v for k, v in tree_flatten(self.model.parameters())},
                   **{f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state) if isinstance(v, mx.array)}}
         bad = non_finite_tensors(arrays)
-        if agree(float(bool(bad)), self.group):
+        if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            raise self._diverged(f"the weights hold NaN or infinite values ({shown or 'on another rank'})")
+            raise self._diverged(f"the weights hold NaN or infinite values ({shown})")
 
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0 only; the others return None). TrainingDiverged, on every
