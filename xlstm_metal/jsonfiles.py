@@ -24,6 +24,15 @@ def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> d
     return data
 
 
+def check_unicode(text: str, what: str, error: type[Exception] = ValueError) -> None:
+    """``error`` ("``what`` is not valid Unicode (...)") when ``text`` holds a lone surrogate:
+    JSON's \\ud800-style escapes decode to them, and no tokenizer encodes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(f"{what} is not valid Unicode ({err.reason} at character {err.start})") from None
+
+
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[tuple[int, Any]]:
     """(line number, value) of each non-empty line of the JSON Lines file ``path``; ``error``
     naming the file (and line) if it is unreadable or a line is not JSON."""

@@ -143,6 +143,23 @@ def check_apart_from_data(outputs, data_paths, *, replaced=(), data="the trainin
                                  "write it elsewhere")
 
 
+def check_kept_by_overwrite(out: Path, inputs, deleted, *, where: str, new: str) -> None:
+    """Inputs a command reads (``(flag, path or None)`` pairs) must not lie among the entries of
+    ``out`` that its ``--overwrite`` deletes before ``new`` starts (``deleted(name)``: whether
+    the entry ``out/name`` is one): UsageError naming the input (``where`` names ``out`` in it:
+    "--out", "the run directory --out")."""
+    for flag, value in inputs:
+        if not value:
+            continue
+        try:
+            relative = Path(value).expanduser().resolve().relative_to(out.resolve())
+        except ValueError:
+            continue
+        if relative.parts and deleted(relative.parts[0]):
+            raise UsageError(f"{flag} {value} is in {where} {out}, whose {relative.parts[0]} --overwrite deletes "
+                             f"before {new} starts: copy it elsewhere first, or write {new} to another --out")
+
+
 def check_vocab_size(vocab_size: int | None, tokenizer_source: str | None = None) -> None:
     """``--vocab-size`` (train, tune) sizes the byte-level BPE tokenizer a command trains: given
     (not None) with a tokenizer from elsewhere (``tokenizer_source``, as the message names it:

@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..jsonfiles import read_jsonl
+from ..jsonfiles import check_unicode, read_jsonl
 from . import UsageError, check_apart_from_data, check_output_path
 
 RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
@@ -64,12 +64,8 @@ def read_records(sources: list[str]) -> list[dict]:
                 raise UsageError(f"{file}:{n}: a record needs a string 'text' field")
             if record.get("prompt") is not None and not isinstance(record["prompt"], str):
                 raise UsageError(f"{file}:{n}: 'prompt' must be a string")
-            for key in ("text", "prompt"):  # JSON's \ud800 escapes decode to lone surrogates: not text
-                try:
-                    (record.get(key) or "").encode("utf-8")
-                except UnicodeEncodeError as err:
-                    raise UsageError(f"{file}:{n}: '{key}' is not valid Unicode ({err.reason} at character "
-                                     f"{err.start})") from None
+            for key in ("text", "prompt"):
+                check_unicode(record.get(key) or "", f"{file}:{n}: '{key}'", UsageError)
             records.append({"source": file.name, "line": n, **record})
     if not records:
         raise UsageError("no records in --outputs")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..jsonfiles import read_json_object
 from . import (
-    UsageError, check_apart_from_data, check_output_path, check_text_field, check_vocab_size, finite_float, seed_value,
+    UsageError, check_apart_from_data, check_kept_by_overwrite, check_output_path, check_text_field, check_vocab_size,
+    finite_float, seed_value,
 )
 from .profile import add_profile_argument, apply_training_profile, profile_from_args
 
@@ -148,14 +149,6 @@ def _flag(name: str) -> str:
 OVERWRITTEN = ("metrics.jsonl", "loss.png", "summary.json")
 
 
-def _inside(path: str, directory: Path) -> Path | None:
-    """``path`` relative to ``directory`` (both resolved) when it lies there, else None."""
-    try:
-        return Path(path).expanduser().resolve().relative_to(directory.resolve())
-    except ValueError:
-        return None
-
-
 def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite: bool, sources=()) -> None:
     """Every output path is usable before any work starts (UsageError naming it otherwise); no
     input among ``sources`` (``(flag, path)``: --init-from, --tokenizer) is a file that a new
@@ -166,12 +159,8 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
     if not resume and out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
     if not resume and overwrite and out.is_dir():
-        for flag, source in sources:
-            relative = _inside(source, out)
-            if relative is not None and relative.parts and (
-                    relative.parts[0].startswith("checkpoint-") or relative.parts[0] in OVERWRITTEN):
-                raise UsageError(f"{flag} {source} is in the run directory --out {out}, whose {relative.parts[0]} "
-                                 "--overwrite deletes: copy it elsewhere first, or write the new run to another --out")
+        check_kept_by_overwrite(out, sources, lambda name: name.startswith("checkpoint-") or name in OVERWRITTEN,
+                                where="the run directory --out", new="the new run")
     if export is not None:
         out_abs, export_abs = out.resolve(), export.resolve()
         if export_abs == out_abs or export_abs in out_abs.parents:

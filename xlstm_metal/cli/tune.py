@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from . import (
-    UsageError, check_apart_from_data, check_output_path, check_text_field, check_vocab_size, finite_float, large_int,
-    read_tokenizer, seed_value,
+    UsageError, check_apart_from_data, check_kept_by_overwrite, check_output_path, check_text_field, check_vocab_size,
+    finite_float, large_int, read_tokenizer, seed_value,
 )
 
 
@@ -89,7 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts of a file: JSON Lines records' "prompt" (or "text") field, else one per non-empty line."""
-    from ..jsonfiles import read_jsonl
+    from ..jsonfiles import check_unicode, read_jsonl
 
     file = Path(path)
     prompts = []
@@ -98,11 +98,7 @@ def read_prompts(path: str) -> list[str]:
             value = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 raise UsageError(f"{file}:{n}: a record needs a string 'prompt' (or 'text') field")
-            try:  # JSON's \ud800 escapes decode to lone surrogates: every trial failed on them
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise UsageError(f"{file}:{n}: the prompt is not valid Unicode ({err.reason} at character "
-                                 f"{err.start})") from None
+            check_unicode(value, f"{file}:{n}: the prompt", UsageError)  # (every trial failed on one)
             prompts.append(value)
     else:
         try:
@@ -187,24 +183,6 @@ def _positive(args, *names) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def _check_kept_by_overwrite(out: Path, args: argparse.Namespace) -> None:
-    """An input the sweep reads while it runs (--tokenizer, --model, --shape) must not lie among
-    the files of --out that --overwrite deletes before the sweep starts (e.g. the tokenizer the
-    last sweep trained into OUT/tokenizer/): UsageError naming it."""
-    from ..tuning.sweep import OUTPUT_DIRS, OUTPUT_FILES
-
-    for flag, value in (("--tokenizer", args.tokenizer), ("--model", args.model), ("--shape", args.shape)):
-        if not value:
-            continue
-        try:
-            relative = Path(value).expanduser().resolve().relative_to(out.resolve())
-        except ValueError:
-            continue
-        if relative.parts and relative.parts[0] in OUTPUT_FILES + OUTPUT_DIRS:
-            raise UsageError(f"{flag} {value} is in --out {out}, whose {relative.parts[0]} --overwrite deletes before "
-                             "the sweep starts: copy it elsewhere first, or write the sweep to another --out")
-
-
 def _saved_by_sweep(profile_path: Path, out: Path) -> bool:
     """Whether the profile at ``profile_path`` is the one the sweep in ``out`` saved: the same
     settings as the copy the sweep keeps in ``out/profile.json`` (a profile edited since, or
@@ -256,8 +234,12 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
     except SweepError as err:
         raise UsageError(str(err)) from None
-    if args.overwrite and out.is_dir():
-        _check_kept_by_overwrite(out, args)
+    if args.overwrite and out.is_dir():  # e.g. the tokenizer the last sweep trained into OUT/tokenizer/
+        from ..tuning.sweep import OUTPUT_DIRS, OUTPUT_FILES
+
+        inputs = (("--tokenizer", args.tokenizer), ("--model", args.model), ("--shape", args.shape))
+        check_kept_by_overwrite(out, inputs, lambda name: name in OUTPUT_FILES + OUTPUT_DIRS, where="--out",
+                                new="the sweep")
     prompts = read_prompts(args.prompt_file) if args.save_outputs else None
 
     import mlx.core as mx

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..jsonfiles import check_unicode
+
 #: Special tokens of tokenizers trained here; their ids (0, 1, 2) match xLSTMConfig's defaults.
 BOS_TOKEN, PAD_TOKEN, EOS_TOKEN = "<|bos|>", "<|pad|>", "<|eos|>"
 SPECIAL_TOKENS = (BOS_TOKEN, PAD_TOKEN, EOS_TOKEN)
@@ -76,11 +78,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
         text = record[text_field]
         if not isinstance(text, str):
             raise DataError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
-        try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise DataError(f"{path}:{number}: field {text_field!r} is not valid Unicode ({err.reason} at "
-                            f"character {err.start})") from None
+        check_unicode(text, f"{path}:{number}: field {text_field!r}", DataError)
         yield Document(f"{path}:{number}", text)
 
 
