@@ -83,11 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def model_argument(command: str, args: list[str]) -> str | None:
-    """The model path given to mlx-lm's ``command`` (``--model X`` or ``--model=X``), or None.
-    UsageError when it is given more than once: the tokenizer check and ``--trust-remote-code``
-    would be decided for one checkpoint while mlx-lm loaded another."""
-    options = MODEL_OPTIONS[command]
+def option_values(args: list[str], options) -> list[tuple[str, str | None]]:
+    """Each ``(option, value)`` of ``options`` given in mlx-lm arguments ``args`` (``--opt X`` or
+    ``--opt=X``), in order."""
     found = []
     index = 0
     while index < len(args):
@@ -97,6 +95,14 @@ def model_argument(command: str, args: list[str]) -> str | None:
             index += 1 if eq else 2
             continue
         index += 1
+    return found
+
+
+def model_argument(command: str, args: list[str]) -> str | None:
+    """The model path given to mlx-lm's ``command`` (``--model X`` or ``--model=X``), or None.
+    UsageError when it is given more than once: the tokenizer check and ``--trust-remote-code``
+    would be decided for one checkpoint while mlx-lm loaded another."""
+    found = option_values(args, MODEL_OPTIONS[command])
     if len(found) > 1:
         given = ", ".join(f"{name} {value}" for name, value in found)
         raise UsageError(f"mlx-lm {command}: the model is given more than once ({given}); give it once")
@@ -105,15 +111,6 @@ def model_argument(command: str, args: list[str]) -> str | None:
 
 #: mlx-lm fuse's --save-path when it is left out.
 FUSE_SAVE_PATH = "fused_model"
-
-
-def option_value(args: list[str], option: str) -> str | None:
-    """The value given to ``option`` (``--opt X`` or ``--opt=X``) in ``args``, or None."""
-    for index, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if name == option:
-            return value if eq else (args[index + 1] if index + 1 < len(args) else None)
-    return None
 
 
 def check_fuse_save_path(model: str, save_path: str) -> None:
@@ -352,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
         if unreadable is not None:
             raise UsageError(f"mlx-lm {args.mlx_lm_command}: {unreadable}")
         if args.mlx_lm_command == "fuse":
-            check_fuse_save_path(model, option_value(forwarded, "--save-path") or FUSE_SAVE_PATH)
+            save_path = option_values(forwarded, ("--save-path",))
+            check_fuse_save_path(model, (save_path[0][1] if save_path else None) or FUSE_SAVE_PATH)
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved = sys.argv
