@@ -1043,10 +1043,12 @@ class APIHandler(mlx_server.APIHandler):
         path = Path(served).expanduser()
         model_id = str(path.resolve()) if path.exists() else served
         model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}
-        asked = urllib.parse.unquote(self.path.split("?", 1)[0][len("/v1/models/"):])
-        if self.path.split("?", 1)[0] == "/v1/models":
+        request_path = self.path.split("?", 1)[0]
+        if request_path == "/v1/models":
             self._send_body(200, json.dumps({"object": "list", "data": [model]}).encode())
-        elif asked == model_id or asked in self.response_generator.model_provider._model_map:
+            return
+        asked = urllib.parse.unquote(request_path[len("/v1/models/"):])
+        if asked == model_id or asked in self.response_generator.model_provider._model_map:
             self._send_body(200, json.dumps(model).encode())
         else:
             self._send_body(404, error_body(404, f"model {asked!r} not found; this server serves {model_id}",
