@@ -404,6 +404,68 @@ def test_sigterm_ends_a_job_stuck_in_native_code(runtime):
     assert not record_path(proc.pid, runtime).exists()
 
 
+STUCK_WRITER = """
+import ctypes, signal, sys
+from pathlib import Path
+from xlstm_metal.monitor import JobStatus, note_on_sigterm, partial_output
+JobStatus("train", "m", watchdog=None, interval=0.2).start()
+note_on_sigterm("rank 0 stopped by signal 15 (the note)")
+part = Path(sys.argv[1])
+part.mkdir()
+(part / "model.safetensors").write_bytes(b"half")
+with partial_output(part):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    print("ready", flush=True)
+    ctypes.CDLL(None).sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libc sleep through ctypes (Linux)")
+def test_sigterm_ends_a_stuck_rank_with_its_note_and_removes_what_it_was_writing(runtime, tmp_path):
+    """train under mlx.launch: a rank stuck in a collective with a killed peer (SIGTERM deferred
+    forever) hung the launcher, since train's own SIGTERM handler turned the job's watch off.
+    Now the rank's note is printed, the checkpoint it was writing is removed, and it exits."""
+    part = tmp_path / ".checkpoint-0000004.abc"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, str(part)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert (part / "model.safetensors").is_file()
+        time.sleep(0.5)
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + 15, err
+    assert "rank 0 stopped by signal 15 (the note)" in err and "did not return from native code" in err
+    assert not part.exists()
+    assert not record_path(proc.pid, runtime).exists()
+
+
+def test_a_job_that_takes_sigterm_prints_its_note_and_keeps_no_partial_output(runtime, tmp_path):
+    """The main thread takes the SIGTERM (not stuck): SystemExit unwinds through partial_output's
+    owner, which removes its own directory; the note is printed once."""
+    code = STUCK_WRITER.replace("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})", "pass").replace(
+        "ctypes.CDLL(None).sleep(60)", "import time, shutil\n    try:\n        time.sleep(60)\n"
+        "    except SystemExit:\n        shutil.rmtree(part)\n        raise")
+    part = tmp_path / ".checkpoint-0000004.abc"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(part)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + 15, err
+    assert err.count("rank 0 stopped by signal 15 (the note)") == 1 and "native code" not in err
+    assert "Traceback" not in err and not part.exists()
+
+
 def test_temporary_record_files_of_dead_jobs_are_cleaned(runtime):
     """A job killed between writing its record's temporary file and renaming it left
     `.<pid>.json.*.tmp` in the runtime directory for good; top's read removes it once the job is

@@ -658,16 +658,13 @@ def _launched_group():
 
     if not launched() or world().size() == 1:
         return None, True
-    import signal
+    from ..monitor import note_on_sigterm
 
-    def stop(signum, _frame):
-        # mlx.launch ends the other ranks with SIGTERM when one fails: unwind (so a checkpoint
-        # being written is removed, never left half-written) instead of dying on the spot.
-        print(f"xlstm-metal: error: rank {world().rank()} stopped by signal {signum} (mlx.launch stops every "
-              "process when one fails); checkpoints are whole or absent: continue with --resume", file=sys.stderr)
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
+    # mlx.launch ends the other ranks with SIGTERM when one fails: the job's handler unwinds (so a
+    # checkpoint being written is removed, never left half-written) instead of dying on the spot,
+    # and a rank stuck in a collective with the dead one still ends (monitor.job's watch).
+    note_on_sigterm(f"xlstm-metal: error: rank {world().rank()} stopped by signal 15 (mlx.launch stops every "
+                    "process when one fails); checkpoints are whole or absent: continue with --resume")
     return world(), world().rank() == 0
 
 

@@ -13,12 +13,13 @@ For readers: :func:`read_jobs` lists the records, :func:`send_command` asks a jo
 MLX cache.
 """
 
-from .job import FIELDS, JobStatus, add_job_arguments, current_job, job_from_args, job_status
+from .job import (FIELDS, JobStatus, add_job_arguments, current_job, job_from_args, job_status, note_on_sigterm,
+                  partial_output)
 from .records import read_jobs, runtime_dir, send_command
 from .watchdog import EXIT_CODE, MemoryLimitExceeded, MemoryWatchdog, WatchdogConfig, parse_limit
 
 __all__ = [
     "EXIT_CODE", "FIELDS", "JobStatus", "MemoryLimitExceeded", "MemoryWatchdog", "WatchdogConfig",
-    "add_job_arguments", "current_job", "job_from_args", "job_status", "parse_limit", "read_jobs",
-    "runtime_dir", "send_command",
+    "add_job_arguments", "current_job", "job_from_args", "job_status", "note_on_sigterm", "parse_limit",
+    "partial_output", "read_jobs", "runtime_dir", "send_command",
 ]

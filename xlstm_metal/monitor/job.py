@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -417,20 +418,53 @@ class JobStatus:
         if self._sigterm_at is None or _TERM_HANDLED or signal.getsignal(signal.SIGTERM) is not _terminate:
             return
         if time.monotonic() - self._sigterm_at >= SIGTERM_GRACE_S:
+            if _TERM_NOTE:
+                print(_TERM_NOTE, file=sys.stderr)
             print(f"xlstm-metal: SIGTERM: the main thread did not return from native code within "
                   f"{SIGTERM_GRACE_S:g} s (waiting on another process?); exiting", file=sys.stderr, flush=True)
             self._remove()
+            for path in list(_PARTIAL):  # the main thread's cleanup will never run: do it here
+                shutil.rmtree(path, ignore_errors=True)
             os._exit(128 + signal.SIGTERM)
 
 
 #: Set when :func:`_terminate` ran (the main thread took the SIGTERM).
 _TERM_HANDLED = False
+#: Printed (stderr) when SIGTERM ends the process; see :func:`note_on_sigterm`.
+_TERM_NOTE: str | None = None
+#: Directories being written, removed if SIGTERM forces the process out; see :func:`partial_output`.
+_PARTIAL: list[Path] = []
 
 
 def _terminate(signum, _frame):
     global _TERM_HANDLED
     _TERM_HANDLED = True
+    if _TERM_NOTE:
+        print(_TERM_NOTE, file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
+
+
+def note_on_sigterm(note: str) -> None:
+    """Print ``note`` (stderr) when SIGTERM ends this process, whether the main thread takes the
+    signal (it unwinds: SystemExit) or is stuck in native code and the job's thread ends the
+    process after SIGTERM_GRACE_S. Installs the unwinding handler if SIGTERM still has its default."""
+    global _TERM_NOTE
+    _TERM_NOTE = note
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+@contextlib.contextmanager
+def partial_output(path: Path) -> Iterator[Path]:
+    """Mark the directory ``path`` as being written for the block: a process that SIGTERM forces
+    out while the main thread is stuck in native code removes it (an unwinding main thread
+    removes its own partial output)."""
+    _PARTIAL.append(path)
+    try:
+        yield path
+    finally:
+        _PARTIAL.remove(path)
 
 
 class _NoJob:

@@ -27,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..monitor import partial_output
 from .data import atomic_write_text
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -75,22 +76,24 @@ def save_checkpoint(
     remove_partial_checkpoints(out_dir)
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".checkpoint-{step:07d}."))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            save_model(model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
-        arrays = dict(tree_flatten(optimizer.state))
-        for index, key in enumerate(mx.random.state):
-            arrays[f"{_RNG_KEY}.{index}"] = key
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), arrays)
-        atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp directories are 0700
-        if final.exists():  # a checkpoint of the same step (re-saved at the end): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # Removed also when SIGTERM forces the process out while the main thread is stuck (monitor.job).
+    with partial_output(tmp):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                save_model(model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
+            arrays = dict(tree_flatten(optimizer.state))
+            for index, key in enumerate(mx.random.state):
+                arrays[f"{_RNG_KEY}.{index}"] = key
+            mx.save_safetensors(str(tmp / OPTIMIZER_FILE), arrays)
+            atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=2))
+            os.chmod(tmp, 0o755)  # mkdtemp directories are 0700
+            if final.exists():  # a checkpoint of the same step (re-saved at the end): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     pass_on_save_warnings(caught, tmp, final, out_dir, warned)
     best = trainer_state.get("best_step")
     best_name = f"checkpoint-{best:07d}" if isinstance(best, int) else None
