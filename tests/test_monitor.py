@@ -366,6 +366,23 @@ def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):
     assert "hard limit 2.0 MB" in err and "1 candidates were scored" in err and not (out / "summary.json").exists()
 
 
+def _sigterm_when_ready(code: str, *argv: str, before=None) -> tuple[subprocess.Popen, str]:
+    """Run ``code`` (it prints "ready"), call ``before(proc)``, send SIGTERM; (process, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        if before is not None:
+            before(proc)
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc, err
+
+
 STUCK_JOB = """
 import ctypes, signal
 from xlstm_metal.monitor import JobStatus
@@ -383,22 +400,16 @@ sleep(60)
 def test_sigterm_ends_a_job_stuck_in_native_code(runtime):
     """SIGTERM must still end a job whose main thread never returns to Python (the handler that
     removes the record would otherwise be deferred forever: mlx.launch hung on such a rank)."""
-    proc = subprocess.Popen([sys.executable, "-c", STUCK_JOB], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+    def recorded(proc):
         assert record_path(proc.pid, runtime).is_file()
         # Into the native sleep first: a SIGTERM while the main thread still runs Python code
         # (waiting for the GIL after its print, on a busy machine) is handled there at once.
         time.sleep(0.5)
-        t0 = time.monotonic()
-        proc.send_signal(15)
-        _, err = proc.communicate(timeout=20)
-        assert time.monotonic() - t0 < 15
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        sent.append(time.monotonic())
+
+    sent: list[float] = []
+    proc, err = _sigterm_when_ready(STUCK_JOB, before=recorded)
+    assert time.monotonic() - sent[0] < 15
     assert proc.returncode == 128 + 15, err
     assert "did not return from native code" in err
     assert not record_path(proc.pid, runtime).exists()
@@ -426,18 +437,12 @@ def test_sigterm_ends_a_stuck_rank_with_its_note_and_removes_what_it_was_writing
     forever) hung the launcher, since train's own SIGTERM handler turned the job's watch off.
     Now the rank's note is printed, the checkpoint it was writing is removed, and it exits."""
     part = tmp_path / ".checkpoint-0000004.abc"
-    proc = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, str(part)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+
+    def written(_proc):
         assert (part / "model.safetensors").is_file()
-        time.sleep(0.5)
-        proc.send_signal(15)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        time.sleep(0.5)  # into the native sleep first
+
+    proc, err = _sigterm_when_ready(STUCK_WRITER, str(part), before=written)
     assert proc.returncode == 128 + 15, err
     assert "rank 0 stopped by signal 15 (the note)" in err and "did not return from native code" in err
     assert not part.exists()
@@ -451,16 +456,7 @@ def test_a_job_that_takes_sigterm_prints_its_note_and_keeps_no_partial_output(ru
         "ctypes.CDLL(None).sleep(60)", "import time, shutil\n    try:\n        time.sleep(60)\n"
         "    except SystemExit:\n        shutil.rmtree(part)\n        raise")
     part = tmp_path / ".checkpoint-0000004.abc"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(part)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(15)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    proc, err = _sigterm_when_ready(code, str(part))
     assert proc.returncode == 128 + 15, err
     assert err.count("rank 0 stopped by signal 15 (the note)") == 1 and "native code" not in err
     assert "Traceback" not in err and not part.exists()
