@@ -366,8 +366,9 @@ def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):
     assert "hard limit 2.0 MB" in err and "1 candidates were scored" in err and not (out / "summary.json").exists()
 
 
-def _sigterm_when_ready(code: str, *argv: str, before=None) -> tuple[subprocess.Popen, str]:
-    """Run ``code`` (it prints "ready"), call ``before(proc)``, send SIGTERM; (process, stderr)."""
+def _sigterm_when_ready(code: str, *argv: str, before=None) -> tuple[subprocess.Popen, str, str]:
+    """Run ``code`` (it prints "ready"), call ``before(proc)``, send SIGTERM; (process, the rest of
+    its stdout, its stderr)."""
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -375,12 +376,12 @@ def _sigterm_when_ready(code: str, *argv: str, before=None) -> tuple[subprocess.
         if before is not None:
             before(proc)
         proc.send_signal(15)
-        _, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    return proc, err
+    return proc, out, err
 
 
 STUCK_JOB = """
@@ -408,7 +409,7 @@ def test_sigterm_ends_a_job_stuck_in_native_code(runtime):
         sent.append(time.monotonic())
 
     sent: list[float] = []
-    proc, err = _sigterm_when_ready(STUCK_JOB, before=recorded)
+    proc, out, err = _sigterm_when_ready(STUCK_JOB, before=recorded)
     assert time.monotonic() - sent[0] < 15
     assert proc.returncode == 128 + 15, err
     assert "did not return from native code" in err
@@ -442,24 +443,34 @@ def test_sigterm_ends_a_stuck_rank_with_its_note_and_removes_what_it_was_writing
         assert (part / "model.safetensors").is_file()
         time.sleep(0.5)  # into the native sleep first
 
-    proc, err = _sigterm_when_ready(STUCK_WRITER, str(part), before=written)
+    proc, out, err = _sigterm_when_ready(STUCK_WRITER, str(part), before=written)
     assert proc.returncode == 128 + 15, err
     assert "rank 0 stopped by signal 15 (the note)" in err and "did not return from native code" in err
     assert not part.exists()
     assert not record_path(proc.pid, runtime).exists()
 
 
-def test_a_job_that_takes_sigterm_prints_its_note_and_keeps_no_partial_output(runtime, tmp_path):
-    """The main thread takes the SIGTERM (not stuck): SystemExit unwinds through partial_output's
-    owner, which removes its own directory; the note is printed once."""
-    code = STUCK_WRITER.replace("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})", "pass").replace(
-        "ctypes.CDLL(None).sleep(60)", "import time, shutil\n    try:\n        time.sleep(60)\n"
-        "    except SystemExit:\n        shutil.rmtree(part)\n        raise")
-    part = tmp_path / ".checkpoint-0000004.abc"
-    proc, err = _sigterm_when_ready(code, str(part))
+NOTED_JOB = """
+import time
+from xlstm_metal.monitor import JobStatus, note_on_sigterm
+JobStatus("train", "m", watchdog=None, interval=0.2).start()
+note_on_sigterm("rank 0 stopped by signal 15 (the note)")
+try:
+    print("ready", flush=True)
+    time.sleep(60)
+except SystemExit:
+    print("unwound", flush=True)
+    raise
+"""
+
+
+def test_a_job_that_takes_sigterm_unwinds_and_prints_its_note_once(runtime):
+    """The main thread takes the SIGTERM (not stuck): the job's handler prints the note and
+    raises SystemExit (so cleanup runs), and the job's thread does not also force an exit."""
+    proc, out, err = _sigterm_when_ready(NOTED_JOB)
     assert proc.returncode == 128 + 15, err
     assert err.count("rank 0 stopped by signal 15 (the note)") == 1 and "native code" not in err
-    assert "Traceback" not in err and not part.exists()
+    assert "Traceback" not in err and out == "unwound\n"
 
 
 def test_temporary_record_files_of_dead_jobs_are_cleaned(runtime):
