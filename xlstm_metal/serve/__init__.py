@@ -892,6 +892,8 @@ class APIHandler(mlx_server.APIHandler):
 
     _streaming = False
     _echo = ""
+    #: Whether a chunk of this chat stream has carried the delta's role (the first one does).
+    _role_sent = False
     #: The request's fields left to the model's generation_config.json (:meth:`_fill_defaults`).
     model_defaults: frozenset = frozenset()
     #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
@@ -1184,10 +1186,25 @@ class APIHandler(mlx_server.APIHandler):
         response = super().generate_response(text, finish_reason, *args, **kwargs)
         choice = response["choices"][0]
         choice.pop("logprobs", None)
+        if self.object_type.startswith("chat"):
+            if self.stream:
+                # OpenAI's deltas: the role in the first chunk only. mlx-lm put it in every one, and a
+                # client adding the deltas up (the openai SDK's stream helper) got "assistantassistant...".
+                if self._role_sent:
+                    choice["delta"].pop("role", None)
+                self._role_sent = True
         if self.logprobs:
             pending, self._pending = self._pending, []
             choice["logprobs"] = (self._chat_logprobs(pending) if self.object_type.startswith("chat")
                                   else self._completion_logprobs(pending))
+        return response
+
+    def completion_usage_response(self, *args, **kwargs) -> dict:
+        """mlx-lm's last chunk of a stream with ``stream_options.include_usage`` (no choices, the
+        usage), as a chunk of the stream's own object: ``chat.completion.chunk``, or
+        ``text_completion`` on /v1/completions. mlx-lm said ``chat.completion`` on both."""
+        response = super().completion_usage_response(*args, **kwargs)
+        response["object"] = self.object_type
         return response
 
     def record_logprobs(self, responses) -> Iterator[Any]:
