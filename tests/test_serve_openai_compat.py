@@ -91,3 +91,18 @@ def test_the_usage_chunk_is_a_chunk_of_its_stream(server, path, body, obj):
     assert counts == {k: plain["usage"][k] for k in counts} and counts["completion_tokens"] == 5
     assert counts["total_tokens"] == counts["prompt_tokens"] + 5
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(server, reference):
+    """OpenAI's top_p narrows sampling to the tokens holding that much probability: 0 leaves the
+    most likely one. mlx-lm read 0 as "top-p off", and such a request sampled from the whole
+    vocabulary."""
+    greedy = expected_text(reference, PROMPT, 8)
+    for seed in (1, 2, 3):
+        status, body = post(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0,
+                                                            "top_p": 0, "seed": seed})
+        assert status == 200 and body["choices"][0]["text"] == greedy, (seed, body)
+    status, body = post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 8, "temperature": 1.5,
+                                                             "top_p": 0.0, "top_k": 50, "seed": 4})
+    plain = post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 8, "temperature": 0})[1]
+    assert status == 200 and body["choices"][0]["message"] == plain["choices"][0]["message"]

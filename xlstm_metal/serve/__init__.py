@@ -1100,6 +1100,12 @@ class APIHandler(mlx_server.APIHandler):
         vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
         if vocab_size is not None and self.top_k >= vocab_size:
             self.top_k = 0  # every token is in the top k: the same as no top-k (MLX's top-k refuses k >= vocabulary)
+        if self.top_p == 0 and "top_p" in self.body:
+            # OpenAI's top_p 0: no probability mass beyond the most likely token, which top_k 1 keeps.
+            # mlx-lm read 0 as "no top-p": a request narrowing its sampling to nothing sampled from all
+            # of the vocabulary.
+            self.top_k, self.top_p = 1, 1.0
+            self.model_defaults -= {"top_k"}  # not the model's generation_config.json's top_k
         body = self.body
         n = body.get("n")
         if n is not None and (isinstance(n, bool) or n != 1):
