@@ -106,3 +106,18 @@ def test_top_p_zero_keeps_only_the_most_likely_token(server, reference):
                                                              "top_p": 0.0, "top_k": 50, "seed": 4})
     plain = post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 8, "temperature": 0})[1]
     assert status == 200 and body["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+def test_a_response_names_the_served_model_when_the_request_names_none(server):
+    """A request without ``model`` was answered with mlx-lm's placeholder "default_model", a
+    model /v1/models does not list; a request naming one gets its name back."""
+    model_id = served_id(server)
+    assert model_id.endswith("ckpt")
+    for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": PROMPT})):
+        status, answer = post(server.url, path, {**body, "max_tokens": 2})
+        assert status == 200 and answer["model"] == model_id, answer
+        events = stream_events(server.url, path, {**body, "max_tokens": 2, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+        assert [e["model"] for e in events] == [model_id] * len(events)
+        status, answer = post(server.url, path, {**body, "max_tokens": 2, "model": "ckpt"})
+        assert status == 200 and answer["model"] == "ckpt"

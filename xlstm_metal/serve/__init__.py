@@ -1041,9 +1041,7 @@ class APIHandler(mlx_server.APIHandler):
         fails when there is no such cache); ``/v1/models/<id>``: that model's object (OpenAI's
         retrieve) when it names the served one, as a request's ``model`` may, else a 404 (it
         answered the list, whatever the id)."""
-        served = str(self.response_generator.cli_args.model)
-        path = Path(served).expanduser()
-        model_id = str(path.resolve()) if path.exists() else served
+        model_id = self._served_model_id()
         model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}
         request_path = self.path.split("?", 1)[0]
         if request_path == "/v1/models":
@@ -1190,6 +1188,7 @@ class APIHandler(mlx_server.APIHandler):
         if self._echo:  # the legacy completions' echo: the prompt, before the reply's first text
             text, self._echo = self._echo + text, ""
         response = super().generate_response(text, finish_reason, *args, **kwargs)
+        response["model"] = self._response_model()
         choice = response["choices"][0]
         choice.pop("logprobs", None)
         if self.object_type.startswith("chat"):
@@ -1210,8 +1209,19 @@ class APIHandler(mlx_server.APIHandler):
         usage), as a chunk of the stream's own object: ``chat.completion.chunk``, or
         ``text_completion`` on /v1/completions. mlx-lm said ``chat.completion`` on both."""
         response = super().completion_usage_response(*args, **kwargs)
-        response["object"] = self.object_type
+        response["object"], response["model"] = self.object_type, self._response_model()
         return response
+
+    def _response_model(self) -> str:
+        """The ``model`` of a response: the request's, or where it named none (mlx-lm's
+        ``default_model``) the served model's id, as /v1/models lists it."""
+        return self._served_model_id() if self.requested_model == "default_model" else self.requested_model
+
+    def _served_model_id(self) -> str:
+        """The served model's id in /v1/models: its resolved directory, or the name it was given."""
+        served = str(self.response_generator.cli_args.model)
+        path = Path(served).expanduser()
+        return str(path.resolve()) if path.exists() else served
 
     def record_logprobs(self, responses) -> Iterator[Any]:
         """``responses``, each kept for the logprobs of the next chunk (an EOS is no part of the reply)."""
