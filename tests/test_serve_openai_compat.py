@@ -121,3 +121,19 @@ def test_a_response_names_the_served_model_when_the_request_names_none(server):
         assert [e["model"] for e in events] == [model_id] * len(events)
         status, answer = post(server.url, path, {**body, "max_tokens": 2, "model": "ckpt"})
         assert status == 200 and answer["model"] == "ckpt"
+
+
+def test_an_empty_chat_reply_is_an_empty_string(server):
+    """A reply with no text (here a stop sequence at its very start) has content "", as OpenAI's
+    (null only beside tool calls); mlx-lm sent null, and a client's ``content.strip()`` failed."""
+    first = post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, "temperature": 0})[1]
+    stop = first["choices"][0]["message"]["content"][0]
+    status, body = post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, "temperature": 0,
+                                                             "stop": [stop]})
+    assert status == 200
+    assert body["choices"][0] == {"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": ""}}
+    events = stream_events(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, "temperature": 0,
+                                                                "stop": stop, "stream": True})
+    assert [(e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events] == [
+        ({"role": "assistant"}, "stop")]

@@ -1198,6 +1198,10 @@ class APIHandler(mlx_server.APIHandler):
                 if self._role_sent:
                     choice["delta"].pop("role", None)
                 self._role_sent = True
+            elif choice["message"].get("content") is None and not choice["message"].get("tool_calls"):
+                # An empty reply (EOS first) is "", as OpenAI's (mlx-lm: null, which OpenAI sends
+                # only beside tool calls; a client's content.strip() failed on it).
+                choice["message"]["content"] = ""
         if self.logprobs:
             pending, self._pending = self._pending, []
             choice["logprobs"] = (self._chat_logprobs(pending) if self.object_type.startswith("chat")
