@@ -156,11 +156,34 @@ def _read_check_ids(args: argparse.Namespace, source_dir: Path, vocab_size: Any 
     return ids
 
 
-def _check_tokenizer(source_dir: Path) -> None:
+def _check_tokenizer(source_dir: Path):
     """The tokenizer written to OUT with the weights (tokenizer.json, tokenizer_config.json,
     generation_config.json) must be readable: checked before the model is loaded, converted and
-    quantized, not when it is written (UsageError naming the file)."""
-    read_tokenizer(source_dir, f"cannot read the tokenizer of SRC {source_dir}")
+    quantized, not when it is written (UsageError naming the file). Returns it (None: none)."""
+    return read_tokenizer(source_dir, f"cannot read the tokenizer of SRC {source_dir}")
+
+
+def _keep_bos_insertion(model, source_config: dict[str, Any], source_dir: Path, tokenizer) -> None:
+    """OUT's prompts start with BOS exactly when SRC's do. A config.json without
+    ``force_bos_token_insert`` (transformers' own xLSTMConfig and NX-AI's native xLSTMLarge
+    config have no such field) leaves BOS to the tokenizer, but the loaded model's config takes
+    the field's default (true) and save_model writes it, with a tokenizer that inserts BOS: the
+    converted checkpoint then encoded every prompt with one more token than its source, in
+    xlstm-metal, mlx-lm and transformers' AutoTokenizer alike, and generated other text."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "force_bos_token_insert") or "force_bos_token_insert" in source_config:
+        return
+    if tokenizer is not None:
+        config.force_bos_token_insert = tokenizer.add_bos
+        return
+    from ..jsonfiles import read_json_object
+
+    tok_config_path = source_dir / "tokenizer_config.json"
+    try:
+        tok_config = read_json_object(tok_config_path, ValueError) if tok_config_path.is_file() else {}
+    except ValueError:
+        tok_config = {}
+    config.force_bos_token_insert = tok_config.get("add_bos_token") is True
 
 
 def _recipe(args: argparse.Namespace):
@@ -197,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise UsageError(f"cannot read SRC {args.source}: {err}") from None
     _check_output(out, source_dir, args.overwrite)
-    _check_tokenizer(source_dir)
+    source_tokenizer = _check_tokenizer(source_dir)
     check_ids = _read_check_ids(args, source_dir, source_config.get("vocab_size"))
 
     print(f"reading {source_dir}", file=sys.stderr)
@@ -209,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(source_dir, dtype=None if quantized_source else args.dtype)
     except CheckpointError as err:
         raise UsageError(f"cannot load SRC {args.source}: {err}") from None
+    _keep_bos_insertion(model, source_config, source_dir, source_tokenizer)
     source_bpw = bits_per_weight(model) if args.dtype is None or quantized_source \
         else _stored_bits_per_weight(source_dir, model)
     if quantization_config(model) is not None:

@@ -219,6 +219,44 @@ def config_must_be_a_mapping():
         yaml.load = original
 
 
+class _DefaultNumLayers(int):
+    """mlx-lm lora's default ``num_layers`` (16), told apart from a value the user gave (on the
+    command line or in ``--config``: plain ints)."""
+
+
+@contextlib.contextmanager
+def lora_layers_default_fits_the_model():
+    """While lora runs, its default ``--num-layers`` (the last 16 blocks) means every block of a
+    model with fewer: mlx-lm refused it ("Requested to train 16 layers but the model only has 4
+    layers"), so ``lora --model M --train --data D`` failed on every model below 16 blocks (the
+    training presets have 2 to 12). A ``--num-layers`` given (or set in ``--config``) is mlx-lm's
+    to check; the number used is recorded in the adapters' ``adapter_config.json``."""
+    import mlx_lm.lora as lora
+
+    defaults, train_model = lora.CONFIG_DEFAULTS, lora.train_model
+    default = defaults.get("num_layers")
+
+    def train(args, model, *rest, **kwargs):
+        layers = len(model.layers)
+        if isinstance(args.num_layers, _DefaultNumLayers):
+            args.num_layers = int(args.num_layers)
+            if args.num_layers > layers:
+                print(f"mlx-lm lora: the model has {layers} blocks, fewer than --num-layers' default "
+                      f"{args.num_layers}: training all {layers}", file=sys.stderr)
+                args.num_layers = layers
+        return train_model(args, model, *rest, **kwargs)
+
+    if isinstance(default, int):
+        defaults["num_layers"] = _DefaultNumLayers(default)
+    lora.train_model = train
+    try:
+        yield
+    finally:
+        lora.train_model = train_model
+        if isinstance(default, int):
+            defaults["num_layers"] = default
+
+
 @contextlib.contextmanager
 def server_loads_model_first():
     """While mlx-lm's server starts, its model is loaded before it listens, in this thread:
@@ -356,9 +394,11 @@ def run(args: argparse.Namespace) -> int:
     saved = sys.argv
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
     try:
-        config_check = config_must_be_a_mapping() if args.mlx_lm_command == "lora" else contextlib.nullcontext()
+        lora_run = args.mlx_lm_command == "lora"
+        config_check = config_must_be_a_mapping() if lora_run else contextlib.nullcontext()
+        layers_default = lora_layers_default_fits_the_model() if lora_run else contextlib.nullcontext()
         load_first = server_loads_model_first() if args.mlx_lm_command == "server" else contextlib.nullcontext()
-        with hardened_mlx_lm_parsers(args.mlx_lm_command), config_check, load_first:
+        with hardened_mlx_lm_parsers(args.mlx_lm_command), config_check, layers_default, load_first:
             module.main()
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as err:
         # mlx-lm's messages for bad paths and settings (ConnectionError: a path that is not there,
