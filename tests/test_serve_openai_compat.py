@@ -137,3 +137,15 @@ def test_an_empty_chat_reply_is_an_empty_string(server):
                                                                 "stop": stop, "stream": True})
     assert [(e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events] == [
         ({"role": "assistant"}, "stop")]
+
+
+def test_openai_prompt_caching_hints_are_accepted(server):
+    """``prompt_cache_retention`` and ``prompt_cache_options`` (openai SDK fields: how long OpenAI
+    keeps a cached prompt, where its cache breakpoints are) change no reply, like
+    ``prompt_cache_key``; they were refused as unrecognized fields."""
+    plain = {"messages": CHAT, "max_tokens": 5, "temperature": 0}
+    expected = post(server.url, "/v1/chat/completions", plain)[1]["choices"][0]["message"]["content"]
+    for hints in ({"prompt_cache_retention": "24h"}, {"prompt_cache_options": {"ttl": "30m"}},
+                  {"prompt_cache_key": "k", "prompt_cache_retention": "in_memory"}):
+        status, body = post(server.url, "/v1/chat/completions", {**plain, **hints})
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected, (hints, body)

@@ -66,7 +66,9 @@ MAX_LOGIT_BIAS = 100.0
 #: naming it, as OpenAI refuses an unrecognized argument): ignored, a misspelt max_tokens gave a
 #: 512-token reply. ``user`` and ``safety_identifier`` (who asks) and ``prompt_cache_key`` (a hint
 #: for OpenAI's routing to its caches; this server reuses cached prompts by their tokens) change
-#: no reply.
+#: no reply, nor do chat's ``prompt_cache_retention`` and ``prompt_cache_options`` (how long
+#: OpenAI keeps a cached prompt, where its breakpoints are; this server's cache is an LRU of
+#: ``--prompt-cache-size`` entries).
 REQUEST_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
     "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user", "safety_identifier",
@@ -77,7 +79,8 @@ REQUEST_FIELDS = frozenset({
 CHAT_FIELDS = REQUEST_FIELDS | {
     "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
     "response_format", "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
-    "web_search_options", "chat_template_kwargs", "role_mapping", "verbosity",
+    "web_search_options", "chat_template_kwargs", "role_mapping", "verbosity", "prompt_cache_retention",
+    "prompt_cache_options",
 }
 COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 #: Fields this server cannot honour: their neutral values (null or a default that asks for
