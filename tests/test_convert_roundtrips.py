@@ -133,3 +133,42 @@ def test_mlx_lm_lora_default_num_layers_trains_every_block_of_a_small_model(tmp_
     import mlx_lm.lora as mlx_lm_lora
 
     assert type(mlx_lm_lora.CONFIG_DEFAULTS["num_layers"]) is int  # mlx-lm's own default restored
+
+
+def _native_large(path):
+    """NX-AI's native xLSTMLarge checkpoint (its own config.json: no model_type), fused layout."""
+    from test_parity_nxai import official_model, save_native
+
+    model, config = official_model(seed=4, weight_mode="fused", vocab_size=320)
+    save_native(model, config, path)
+    train_tiny_tokenizer().save(str(path / "tokenizer.json"))
+    return "the cat sat on the mat"
+
+
+def _native_2024(path):
+    """NX-AI's 2024 xLSTMLMModel (sLSTM + mLSTM blocks) with its config.json (no model_type)."""
+    from test_xlstm_2024 import V, official, save_official
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model, cfg = official(seed=3)
+    save_official(model, cfg, path)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t1"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(path / "tokenizer.json"))
+    return "t1 t2 t3 t4"
+
+
+@pytest.mark.parametrize("make", [_native_large, _native_2024])
+def test_mlx_lm_generate_reads_an_nxai_native_checkpoint(make, tmp_path, capsys):
+    """`xlstm-metal mlx-lm generate --model DIR` on a directory NX-AI's own classes wrote (convert's
+    documented inputs): mlx-lm looked up config.json's model_type unguarded (a KeyError
+    traceback); it now runs this package's model module and decodes xlstm-metal's greedy tokens."""
+    directory = tmp_path / "native"
+    prompt = make(directory)
+    assert "model_type" not in json.loads((directory / "config.json").read_text())
+    assert main(["mlx-lm", "generate", "--model", str(directory), "--prompt", prompt, "--max-tokens", "8",
+                 "--temp", "0"]) == 0
+    text = capsys.readouterr().out.split("==========")[1].strip("\n")
+    ours, tokenizer = load(directory)
+    ids = xLSTMRunner(ours, tokenizer).generate(prompt, max_tokens=8, temperature=0)
+    assert len(ids) == 8 and text == tokenizer.decode(ids, skip_special_tokens=False)

@@ -335,6 +335,18 @@ def register_model_type() -> None:
     sys.modules.setdefault("mlx_lm.models.xlstm", mlx_lm_model)
 
 
+#: Fields every xLSTM-Large config has, NX-AI's native one (no ``model_type``) included.
+_XLSTM_LARGE_FIELDS = ("embedding_dim", "num_heads", "num_blocks", "vocab_size", "qk_dim_factor", "v_dim_factor")
+
+
+def is_native_xlstm_config(config: dict) -> bool:
+    """True for a config.json NX-AI's own classes wrote (no ``model_type``): xLSTMLarge's native
+    state dict config, or a 2024 xLSTMLMModel's. This package's model module reads both."""
+    from ..config_2024 import is_xlstm_2024_config
+
+    return is_xlstm_2024_config(config) or all(name in config for name in _XLSTM_LARGE_FIELDS)
+
+
 def tolerate_missing_model_file() -> None:
     """Let mlx-lm load a checkpoint whose config names our model file without holding it
     (transformers' ``save_pretrained`` keeps config.json's ``model_file`` but not the file): such
@@ -354,6 +366,8 @@ def tolerate_missing_model_file() -> None:
         if (config.get("model_file") == MLX_LM_SHIM and "model_type" in config
                 and not (Path(model_path) / MLX_LM_SHIM).is_file()):
             config.pop("model_file")
+        if "model_type" not in config and "model_file" not in config and is_native_xlstm_config(config):
+            config["model_type"] = "xlstm"  # mlx-lm looked it up unguarded: a KeyError traceback
         return config
 
     load_config.tolerates_missing_model_file = True
