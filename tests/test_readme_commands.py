@@ -363,8 +363,8 @@ SKIPPED: dict[str, str] = {
         "serves until stopped on every interface; tests/test_serve.py runs the server on 127.0.0.1",
     normalize("xlstm-metal mlx-lm lora --model runs/m/export --train --data data/ --iters 100 "
               "--adapter-path runs/m/lora"):
-        "needs a data/ directory of train/valid JSON Lines; tests/test_mlx_lm.py runs mlx-lm's lora for 3 "
-        "iterations on tiny models and checks that the adapters change the output",
+        "needs a data/ directory of train/valid JSON Lines; tests/test_convert_roundtrips.py runs these flags "
+        "(no --num-layers, as here) on a tiny model for 2 iterations and checks that the adapters change the output",
     normalize("xlstm-metal mlx-lm server --model runs/m/export --port 8081"):
         "serves until stopped; tests/test_serve.py serves the same model module through `xlstm-metal serve`",
     normalize("xlstm-metal train data/ --out runs/m --config pydoc-4m --max-time 600 --export runs/m/export"):
