@@ -172,3 +172,27 @@ def test_mlx_lm_generate_reads_an_nxai_native_checkpoint(make, tmp_path, capsys)
     ours, tokenizer = load(directory)
     ids = xLSTMRunner(ours, tokenizer).generate(prompt, max_tokens=8, temperature=0)
     assert len(ids) == 8 and text == tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_mlx_lm_on_a_2024_directory_with_only_config_yaml_says_to_convert_it(tmp_path, capsys):
+    """NX-AI's 2024 repository keeps config.yaml; mlx-lm reads only config.json. The wrapper now
+    says so and names the command that writes one (exit 2), and that command's output runs."""
+    import yaml
+
+    directory = tmp_path / "native"
+    prompt = _native_2024(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    (directory / "config.json").unlink()
+    args = ["--prompt", prompt, "--max-tokens", "4", "--temp", "0"]
+    assert main(["mlx-lm", "generate", "--model", str(directory), *args]) == 2
+    err = capsys.readouterr().err
+    assert "has config.yaml but no config.json" in err and f"xlstm-metal convert {directory} OUT" in err
+    assert "Traceback" not in err
+    assert main(["convert", str(directory), str(tmp_path / "converted")]) == 0
+    capsys.readouterr()
+    assert main(["mlx-lm", "generate", "--model", str(tmp_path / "converted"), *args]) == 0
+    text = capsys.readouterr().out.split("==========")[1].strip("\n")
+    ours, tokenizer = load(directory)
+    assert text == tokenizer.decode(xLSTMRunner(ours, tokenizer).generate(prompt, max_tokens=4, temperature=0),
+                                    skip_special_tokens=False)

@@ -394,6 +394,13 @@ def run(args: argparse.Namespace) -> int:
             # generation thread behind a server that kept listening).
             raise UsageError(f"mlx-lm {args.mlx_lm_command}: model path {model} is a file; "
                              "give the checkpoint directory")
+        directory = Path(model).expanduser()
+        if (directory / "config.yaml").is_file() and not (directory / "config.json").exists():
+            # A 2024 xLSTMLMModel directory as NX-AI's repository keeps it: mlx-lm reads only
+            # config.json (its error named the missing file, not the way on).
+            raise UsageError(f"mlx-lm {args.mlx_lm_command}: {model} has config.yaml but no config.json, which "
+                             f"mlx-lm reads; `xlstm-metal convert {model} OUT` writes a checkpoint with one "
+                             "(xlstm-metal's own commands read config.yaml as it is)")
         missing = missing_tokenizer(model)
         if missing is not None:
             raise UsageError(missing)
