@@ -637,18 +637,44 @@ def run(args) -> int:
                    "world_size": group.size() if group else 1}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if export is not None:
-            path = _export(model, trainer.best_params, export, tok_dir, args.export_dtype or "float32",
+            best_params, from_disk = trainer.best_params, False
+            if best_params is None and result.best_step is not None:
+                # The best evaluation happened before a resume: its weights are not in memory, but
+                # checkpoint rotation keeps that step's checkpoint where one was saved there.
+                best_params = _checkpoint_params(out / f"checkpoint-{result.best_step:07d}", model)
+                from_disk = best_params is not None
+            path = _export(model, best_params, export, tok_dir, args.export_dtype or "float32",
                            args.overwrite)
-            if trainer.best_params is not None:
-                print(f"exported the step-{result.best_step} model (best validation loss) to {path}", file=sys.stderr)
+            if best_params is not None:
+                print(f"exported the step-{result.best_step} model (best validation loss"
+                      f"{', from its checkpoint' if from_disk else ''}) to {path}", file=sys.stderr)
             elif result.best_step is None:  # no validation split: nothing to choose by
                 print(f"exported the final step-{result.step} model to {path}", file=sys.stderr)
-            else:  # the best evaluation happened before a resume; its weights are not in memory
+            else:  # the best evaluation happened before a resume, at a step with no checkpoint left
                 print(f"exported the final step-{result.step} model to {path} (the best validation loss was at "
-                      f"step {result.best_step}, before the resume)", file=sys.stderr)
+                      f"step {result.best_step}, before the resume, where no checkpoint was saved)", file=sys.stderr)
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
     return 0
+
+
+def _checkpoint_params(ckpt: Path, model) -> dict | None:
+    """The parameters (flattened, float32) of the run's checkpoint ``ckpt``, named and shaped as
+    ``model``'s; None where there is none (not saved at that step, or removed) or they differ."""
+    from mlx.utils import tree_flatten
+
+    from ..loading import CheckpointError, load_model
+
+    if not (ckpt / "config.json").is_file():
+        return None
+    try:
+        params = dict(tree_flatten(load_model(ckpt, dtype="float32").parameters()))
+    except CheckpointError:
+        return None
+    current = dict(tree_flatten(model.parameters()))
+    if params.keys() != current.keys() or any(params[k].shape != v.shape for k, v in current.items()):
+        return None
+    return params
 
 
 # ------------------------------------------------------------------------------ distributed
