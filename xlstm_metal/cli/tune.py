@@ -4,7 +4,7 @@
     xlstm-metal tune --objective speed --model ckpt --out runs/t --save-outputs --prompt-file prompts.txt
     xlstm-metal tune --objective train --data corpus/ --out runs/tune-train --trials 20 --token-budget 200000
     xlstm-metal tune ... --backend ray --workers 4 --cpus-per-trial 2      # or --ray-address HOST:PORT
-    xlstm-metal tune ... --out runs/t --resume                             # continue an interrupted sweep
+    xlstm-metal tune ... --out runs/t --resume      # continue an interrupted sweep (the same flags again)
 
 Every speed trial is checked against the float32 reference within the tolerance of --profile
 (default: exact-fp32 on CPUs, fast-bf16 on GPUs) and rejected when it fails; the winner is saved
@@ -43,7 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--generations", type=int, default=None,
                    help="generations (default 5); without --trials, population x generations is the trial budget")
     s.add_argument("--seed", type=seed_value, default=0)
-    s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db)")
+    s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db); give the "
+                   "first run's flags again (checked against run_meta.json; only --trials may change)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out, and a saved profile of the same name")
     b = p.add_argument_group("backend")
