@@ -5,6 +5,7 @@ text options refuse an empty value. Each is tried on every option of every subco
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -345,3 +346,13 @@ def test_empty_values_where_they_mean_something():
     assert parser.parse_args(["evolve", "--budget", "5", "--out", "x", "--start", ""]).start == ""  # documented
     texts = [a for _, p in subcommand_parsers() for a in p._actions if a.type is any_text]
     assert len(texts) == 3  # generate's and chat's --prompt, evolve's --start
+
+
+def test_verbose_stats_give_no_generation_rate_for_a_single_token(capsys):
+    """The generation rate counts the tokens after the first (which comes with the prompt): with
+    -n 1 the stats said "generation: 1 tokens, 0.0 tok/s"."""
+    assert main(["generate", "-p", "The Python interpreter", "-n", "1", "--temp", "0", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "generation: 1 token (a rate needs 2 or more) | peak memory:" in err and "0.0 tok/s" not in err
+    assert main(["generate", "-p", "The Python interpreter", "-n", "3", "--temp", "0", "-v"]) == 0
+    assert re.search(r"generation: 3 tokens, [\d,]+\.\d tok/s \| peak memory", capsys.readouterr().err)

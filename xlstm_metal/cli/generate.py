@@ -327,9 +327,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stats_line(chunk) -> str:
+    # The first token comes with the prompt (prefill): the rate is of the tokens after it, so
+    # one token has none (it said 0.0 tok/s).
+    generation = (f"{chunk.generation_tokens} tokens, {chunk.generation_tps:,.1f} tok/s"
+                  if chunk.generation_tokens > 1 else
+                  f"{chunk.generation_tokens} token{'' if chunk.generation_tokens == 1 else 's'} "
+                  "(a rate needs 2 or more)")
     return (f"prompt: {chunk.prompt_tokens} tokens, {chunk.prompt_tps:,.1f} tok/s | "
-            f"generation: {chunk.generation_tokens} tokens, {chunk.generation_tps:,.1f} tok/s | "
-            f"peak memory: {chunk.peak_memory_gb:.3f} GB")
+            f"generation: {generation} | peak memory: {chunk.peak_memory_gb:.3f} GB")
 
 
 def print_model_description(args: argparse.Namespace, runner) -> None:
