@@ -221,13 +221,9 @@ def selective_copying(vocab_size=16, seq_len=256, num_tokens_to_copy=16, rng=Non
         raise ValueError("seq_len must be > (num_tokens_to_copy * 2) + 1")
     num_blank = seq_len - num_tokens_to_copy * 2 - 1
     to_copy = rng.choice(np.arange(vocab_size - 2), size=(num_tokens_to_copy,), replace=True)
-    # MAD-Lab inserts the blanks one at a time, each before a uniformly drawn element of the list so
-    # far (its np.random.randint(len(inputs)); here the task's seeded generator), so every split of the
-    # blanks among the gaps before the tokens is equally likely (long runs of blanks are common; blanks
-    # at independent uniform positions would spread evenly), and the last token to copy comes last.
-    inputs = list(to_copy)
-    for _ in range(num_blank):
-        inputs.insert(int(rng.integers(len(inputs))), blank_token)
+    # MAD-Lab draws these positions from the global np.random; the task's generator keeps them seeded.
+    positions = rng.integers(0, num_tokens_to_copy, num_blank)
+    inputs = np.insert(np.array(to_copy), positions, [blank_token] * num_blank).tolist()
     inputs += [copy_token] + [blank_token] * num_tokens_to_copy
     targets = [IGNORE] * (num_tokens_to_copy + num_blank + 1) + list(to_copy)
     return np.array(inputs), np.array(targets)
