@@ -151,3 +151,24 @@ def test_plots_are_written_whole_or_not_at_all(tmp_path, monkeypatch, which):
         plot_history([{"generation": 0, "fitness": 0.5, "parameters": 100}], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_selective_copying_places_the_blanks_as_mad_lab_does():
+    """MAD-Lab's generate_copying_instance (selective=True) inserts all blanks at once with
+    np.insert, each before a token drawn uniformly from [0, n): each blank picks its gap
+    independently (a multinomial spread; the last token to copy stays last). Transcribed with
+    the task's generator in place of MAD-Lab's global np.random; inserting the blanks one at a
+    time into the growing list (uniform over splits) would be another task."""
+    n, seq_len, vocab = 8, 64, 16
+    blank, copy = vocab - 2, vocab - 1
+    for seed in range(3):
+        x, y = mad.selective_copying(vocab_size=vocab, seq_len=seq_len, num_tokens_to_copy=n,
+                                     rng=np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        to_copy = rng.choice(np.arange(vocab - 2), size=(n,), replace=True)
+        num_blank = seq_len - 2 * n - 1
+        indices = rng.integers(0, len(to_copy), num_blank)
+        expected = np.insert(np.array(to_copy), indices, [blank] * num_blank).tolist() + [copy] + [blank] * n
+        assert x.tolist() == expected
+        assert y.tolist() == [IGNORE] * (n + num_blank + 1) + to_copy.tolist()
+        assert x[seq_len - n - 2] == to_copy[-1]  # the last token to copy comes right before the copy token
