@@ -39,15 +39,10 @@ def hf_dir(tmp_path_factory):
     config = xLSTMConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_heads=2,
                          chunk_size=16, autocast_kernel_dtype="float32", bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    from test_transformers_checkpoint import randomize_weights
+
     torch.manual_seed(0)
-    model = xLSTMForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gate_preact.bias"):
-                param.copy_(torch.empty_like(param).uniform_(-5, 7, generator=gen))
-            elif param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    model = randomize_weights(xLSTMForCausalLM(config).eval())
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=2, do_sample=True, temperature=0.7,
                                                top_k=5)
     path = tmp_path_factory.mktemp("hf") / "src"

@@ -24,8 +24,13 @@ def hf_model():
         autocast_kernel_dtype="float32",
     )
     torch.manual_seed(0)
-    model = xLSTMForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(0)
+    return randomize_weights(xLSTMForCausalLM(config).eval())
+
+
+def randomize_weights(model, seed: int = 0):
+    """Gate biases over a wide range and matrices at scale 0.3 (seeded): logits that would tell a
+    wrong gate or projection apart, unlike transformers' near-zero initialisation."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("gate_preact.bias"):
