@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import io
 import json
@@ -1044,7 +1045,7 @@ class APIHandler(mlx_server.APIHandler):
         fails when there is no such cache); ``/v1/models/<id>``: that model's object (OpenAI's
         retrieve) when it names the served one, as a request's ``model`` may, else a 404 (it
         answered the list, whatever the id)."""
-        model_id = self._served_model_id()
+        model_id = self._served_model_id
         model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}
         request_path = self.path.split("?", 1)[0]
         if request_path == "/v1/models":
@@ -1222,10 +1223,12 @@ class APIHandler(mlx_server.APIHandler):
     def _response_model(self) -> str:
         """The ``model`` of a response: the request's, or where it named none (mlx-lm's
         ``default_model``) the served model's id, as /v1/models lists it."""
-        return self._served_model_id() if self.requested_model == "default_model" else self.requested_model
+        return self._served_model_id if self.requested_model == "default_model" else self.requested_model
 
+    @functools.cached_property
     def _served_model_id(self) -> str:
-        """The served model's id in /v1/models: its resolved directory, or the name it was given."""
+        """The served model's id in /v1/models: its resolved directory, or the name it was given.
+        Looked up once per request (a handler serves one): every streamed chunk names it."""
         served = str(self.response_generator.cli_args.model)
         path = Path(served).expanduser()
         return str(path.resolve()) if path.exists() else served
