@@ -251,6 +251,37 @@ def test_loss_plot_marks_single_points(tmp_path, monkeypatch):
     plt.close(fig)
 
 
+def test_eval_line_shows_the_latest_steps_loss(tmp_path, capsys):
+    """--eval-every 5 --log-every 3: the line written at step 5's evaluation showed step 3's log
+    record (its loss and throughput), and so did the progress bar; both show the loss of the
+    steps since that record (4 and 5). Throughput leaves evaluation time out without dropping the
+    steps before it (the window's clock was reset after an evaluation, so step 6's record counted
+    steps 4-6 in step 6's time: 3x the rate)."""
+    stream = pattern_stream(4000)
+    trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], small_cfg(steps=10, eval_every=5, log_every=3),
+                      tmp_path / "r", tmp_path, progress=True)
+    spent = [0.0]
+    trainer.clock = lambda: trainer.step * 1.0 + spent[0]  # a step takes 1 s ...
+    evaluate = trainer.evaluate
+
+    def slow_evaluate():
+        spent[0] += 100.0  # ... an evaluation 100 s
+        return evaluate()
+
+    trainer.evaluate = slow_evaluate
+    result = trainer.train()
+    out, err = capsys.readouterr()
+    losses = dict(result.losses)
+    latest = np.mean([losses[4], losses[5]])
+    assert abs(latest - losses[3]) > 1e-3  # the stale value would differ
+    line = next(line for line in out.splitlines() if line.startswith("step 5 "))
+    assert f"train loss {latest:.4f}, 128 tok/s, validation loss" in line, line  # 4 x 32 tokens a second
+    assert f"loss {latest:.3f} | 128 tok/s |" in err  # the progress bar at step 5
+    records = [r for r in lines(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [3, 6, 9, 10]  # log points unchanged
+    assert [r["tokens_per_s"] for r in records] == pytest.approx([128] * 4)
+
+
 def test_no_progress_prints_no_blank_lines(run_dir, tmp_path, capfd):
     _, corpus, _ = run_dir
     assert main(["train", str(corpus), "--out", str(tmp_path / "o"), *RUN, "--steps", "1"]) == 0

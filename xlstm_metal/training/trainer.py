@@ -368,6 +368,11 @@ def _restore_leaves(tree, flat: list[tuple[str, Any]]) -> None:
             node[last] = value
 
 
+def _progress_postfix(loss: float, tok_s: float, lr: float) -> str:
+    """The progress bar's right-hand part: the training loss of the latest steps shown."""
+    return f"loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr:.2e}"
+
+
 def _compiling_note() -> str:
     """The progress bar's label during the first step, which compiles it."""
     from ..kernels.fast.step import cuda_available
@@ -1390,7 +1395,7 @@ class Trainer:
                     self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr_value,
                                "grad_norm": norm_value, "tokens": self.tokens,
                                "tokens_per_s": tok_s, "elapsed_s": self.elapsed})
-                    bar.set_postfix_str(f"loss {np.mean(losses):.3f} | {tok_s:,.0f} tok/s | lr {lr_value:.2e}")
+                    bar.set_postfix_str(_progress_postfix(float(np.mean(losses)), tok_s, lr_value))
                     job.update(loss=float(np.mean(losses)), lr=lr_value)
                     window_losses, t_window, steps_window = [], now, 0
                     self.window_losses = window_losses
@@ -1400,28 +1405,42 @@ class Trainer:
                     ctrl_c.finishing = True  # what follows is the run's last evaluation and save
                 if self.validating and (self.step % cfg.eval_every == 0 or done):
                     job.update(phase="eval")
+                    t_eval = self.clock()
+                    if window_losses:
+                        # Steps since the last log point: the line shows their loss and throughput
+                        # (the latest), not the log point's, and so does the progress bar.
+                        train_now = float(np.mean(mx.stack(window_losses).tolist()))
+                        tok_s_now = steps_window * tokens_per_step / max(t_eval - t_window, 1e-9)
+                        lr_now = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
+                        bar.set_postfix_str(_progress_postfix(train_now, tok_s_now, lr_now))
+                    else:  # this step's log record (or none yet: a resumed run's first step)
+                        last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
+                        train_now, tok_s_now = (last["loss"], last["tokens_per_s"]) if last else (None, None)
                     val_loss = self.evaluate()
                     if not math.isfinite(val_loss):
                         raise self._diverged(f"the validation loss is {val_loss}")
                     result.evals.append((self.step, val_loss))
+                    t_done = self.clock()
                     self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
                                "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
-                               "elapsed_s": self.clock() - t_start})
+                               "elapsed_s": t_done - t_start})
                     if self.best_val_loss is None or val_loss < self.best_val_loss:
                         self.best_val_loss, self.best_step = val_loss, self.step
                         self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
-                    last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
-                    train_part = f"train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tok/s, " if last else ""
+                    train_part = f"train loss {train_now:.4f}, {tok_s_now:,.0f} tok/s, " if train_now is not None else ""
                     if self.is_main:
-                        bar.write(f"step {self.step} ({self.tokens:,} tokens, {self.clock() - t_start:.0f} s): "
+                        bar.write(f"step {self.step} ({self.tokens:,} tokens, {t_done - t_start:.0f} s): "
                                   f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                     self._plot()
-                    t_window = self.clock()  # eval time is not training throughput
+                    # Eval time is not training throughput: the window's clock skips it (the steps
+                    # before it stay in the window; a reset clock counted them in no time at all).
+                    t_window += self.clock() - t_eval
                 if self.step % cfg.save_every == 0 and not done:
-                    self.elapsed = self.clock() - t_start
+                    t_save = self.clock()
+                    self.elapsed = t_save - t_start
                     self.save()
                     last_saved = self.step
-                    t_window = self.clock()
+                    t_window += self.clock() - t_save  # nor is checkpoint time
                 if stop == 1 and not done:  # Ctrl-C (the last step finishes the run as usual)
                     drop_ahead()
                     self.elapsed = self.clock() - t_start
