@@ -24,6 +24,7 @@ the new turn (BENCHMARKS.md, "Serving: prompt cache").
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import functools
 import gc
@@ -1239,6 +1240,9 @@ class APIHandler(mlx_server.APIHandler):
         eos, self._pieces, self._pending = set(tokenizer.eos_token_ids), {}, []
         self._byte_level = isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)
         self._offset = len(self.body.get("prompt") or "")
+        # The reply's text as its tokens' bytes decode, for text_offset: a character split
+        # across tokens comes out (and counts) at the token that completes it.
+        self._reply_text, self._reply_started = codecs.getincrementaldecoder("utf-8")("replace"), False
         for response in responses:
             if response.token not in eos:
                 self._pending.append(response)
@@ -1274,19 +1278,35 @@ class APIHandler(mlx_server.APIHandler):
     def _completion_logprobs(self, responses) -> dict:
         """The legacy shape: ``top_logprobs`` maps the text of the N most likely tokens, and of the
         chosen one (OpenAI: up to N + 1 entries), to their logprobs; ``text_offset`` counts
-        characters from the start of the prompt."""
+        characters from the start of the prompt (:meth:`_text_added`)."""
         tokens, offsets, tops = [], [], []
         for r in responses:
-            text = self._piece(r.token)[0]
+            text, raw = self._piece(r.token)
             top = {}
             for token, logprob in [*self._top(r), (r.token, r.logprob)]:
                 top.setdefault(self._piece(token)[0], logprob)  # tokens of one text: the likelier
             tokens.append(text)
             offsets.append(self._offset)
             tops.append(top)
-            self._offset += len(text)
+            self._offset += self._text_added(raw)
         return {"tokens": tokens, "token_logprobs": [r.logprob for r in responses], "top_logprobs": tops,
                 "text_offset": offsets}
+
+    def _text_added(self, raw: list[int]) -> int:
+        """How many characters a token's bytes add to the reply's text, so that a token's
+        text_offset is the length of the text decoded from the tokens before it (OpenAI's, vLLM's):
+        the characters they complete. A token holding part of a character (a byte-level BPE
+        splits an emoji or a CJK character over several) adds nothing and the one completing it
+        adds the character; bytes that can never form one add a U+FFFD each, as the
+        detokenizer decodes them. The token's own string (its bytes decoded with replacement)
+        was counted before: "\\ufffd" for each part, so the offsets ran past the text. mlx-lm's
+        byte-level detokenizer drops the reply's leading space, and so does the count."""
+        text = self._reply_text.decode(bytes(raw))
+        if text and not self._reply_started:
+            self._reply_started = True
+            if self._byte_level and text[0] == " ":
+                text = text[1:]
+        return len(text)
 
     def _check_logprobs(self) -> None:
         """OpenAI's logprobs: on /v1/completions (the legacy API) the number of most likely tokens
