@@ -13,6 +13,7 @@ from test_train_cli import make_corpus
 from test_training import fresh_model, pattern_stream, small_cfg
 
 from xlstm_metal.cli import main
+from xlstm_metal.loading import load_model
 from xlstm_metal.training import Trainer, TrainingConfig
 from xlstm_metal.training.trainer import make_schedule, plot_metrics
 
@@ -234,6 +235,42 @@ def test_time_budget_run_leaves_warmup_and_shows_a_total(tmp_path, capsys):
     assert f"/{total} " in err
 
 
+@pytest.mark.parametrize("max_time, stop_step, end", [(16.0, 6, 16.0), (14.0, 4, 9.0)])
+def test_time_budget_leaves_room_for_checkpoint_saves(tmp_path, max_time, stop_step, end):
+    """--max-time with a step taking 1 s and a checkpoint save 5 s (every 4 steps): the loop
+    checked only the time spent, so it began step 8 at 12 s and, with its save, ended at 18 s.
+    It now stops where one more step and the save after it (due, or the run's last) would not
+    fit: at step 6 of a 16 s budget (saved at 16 s), or right after step 4's save (at 9 s) of a
+    14 s one, whose checkpoint is then marked finished. A resumed trainer adds nothing."""
+    stream = pattern_stream(4000)
+    cfg = small_cfg(steps=30, max_time=max_time, save_every=4, eval_every=1000, keep=0)
+    out = tmp_path / "t"
+    trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], cfg, out, tmp_path, progress=False)
+    spent = [0.0]
+    trainer.clock = lambda: trainer.step * 1.0 + spent[0]
+    save = trainer.save
+
+    def slow_save():
+        spent[0] += 5.0
+        return save()
+
+    trainer.save = slow_save
+    result = trainer.train()
+    assert result.step == stop_step and trainer.clock() == end <= max_time
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({"checkpoint-0000004", f"checkpoint-{stop_step:07d}"})
+    last = out / f"checkpoint-{stop_step:07d}"
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == stop_step and state["time_budget_spent"] is True
+    metrics = (out / "metrics.jsonl").read_text()
+
+    resumed = Trainer(load_model(last), stream[:3500], stream[3500:], TrainingConfig(**state["training_config"]), out,
+                      tmp_path, progress=False)
+    resumed.resume_from(last)
+    again = resumed.train()
+    assert again.step == stop_step and again.evals == [] and again.checkpoint is None
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
 # ------------------------------------------------------------------------------ output
 def test_loss_plot_marks_single_points(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
@@ -289,14 +326,16 @@ def test_no_progress_prints_no_blank_lines(run_dir, tmp_path, capfd):
     assert out.strip() and all(line.strip() for line in out.splitlines()), repr(out)
 
 
-def test_resuming_a_run_whose_time_budget_ran_out_is_refused(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("spent", [{"elapsed": 2.5}, {"elapsed": 1.5, "time_budget_spent": True}])
+def test_resuming_a_run_whose_time_budget_ran_out_is_refused(run_dir, tmp_path, capsys, spent):
     """Like a run at its last step: --resume of a --max-time run whose budget is spent says so
-    (it ran 0 steps, exited 0 and appended a duplicate eval record)."""
+    (it ran 0 steps, exited 0 and appended a duplicate eval record); also one stopped before the
+    budget ran out because one more step and checkpoint would not have fit (time_budget_spent)."""
     _, run = copy_run(run_dir, tmp_path)
     (checkpoint,) = sorted(run.glob("checkpoint-*"))
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state["training_config"].update(steps=None, max_time=2.0, warmup=None)
-    state.update(total_steps=9, elapsed=2.5)  # stopped by the budget at step 4 of a sized 9
+    state.update(total_steps=9, **spent)  # stopped by the budget at step 4 of a sized 9
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     metrics = (run / "metrics.jsonl").read_text()
     usage_error(capsys, ["train", "--out", str(run), "--resume"], "is finished", "--max-time budget of 2 s",

@@ -425,7 +425,8 @@ def run(args) -> int:
         if args.steps is None and total is not None and step >= total:
             raise UsageError(f"the run in {out} is finished (step {step} of {total}); pass --steps N with "
                              f"N > {step} to train it further")
-        if args.steps is None and cfg.max_time is not None and saved["elapsed"] >= cfg.max_time:
+        if args.steps is None and cfg.max_time is not None and (
+                saved["elapsed"] >= cfg.max_time or saved.get("time_budget_spent", False)):
             raise UsageError(f"the run in {out} is finished (its --max-time budget of {cfg.max_time:g} s ran out "
                              f"at step {step}); pass --steps N with N > {step} to train it further")
         saved_data = saved.get("data", [])

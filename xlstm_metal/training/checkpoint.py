@@ -184,6 +184,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise bad("val_fraction", "a number in [0, 1)")
     if not isinstance(state.get("text_field", "text"), str) or not state.get("text_field", "text"):
         raise bad("text_field", "a non-empty string")
+    if not isinstance(state.get("time_budget_spent", False), bool):
+        raise bad("time_budget_spent", "true or false")
     if not isinstance(state.get("training_config"), dict):
         raise bad("training_config", "an object")
     from .trainer import TrainingConfig
@@ -193,6 +195,12 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ResumeError(f"{path}: bad 'training_config': {err}") from None
     return state
+
+
+def rewrite_trainer_state(checkpoint: Path, trainer_state: dict[str, Any]) -> None:
+    """Replace ``checkpoint``'s trainer_state.json (atomically), e.g. to mark the run finished
+    when a time budget stops it at a step saved before (weights and optimizer are the same)."""
+    atomic_write_text(checkpoint / STATE_FILE, json.dumps(trainer_state, indent=2))
 
 
 def restore_optimizer(checkpoint: Path, optimizer, parameters: dict | None = None) -> None:

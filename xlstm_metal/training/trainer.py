@@ -41,7 +41,7 @@ from ..kernels.fast.train_rows import (
 )
 from ..kernels.fast.chunkwise_grad import product_terms
 from ..monitor import current_job
-from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, save_checkpoint
+from .checkpoint import read_metrics, read_trainer_state, restore_optimizer, rewrite_trainer_state, save_checkpoint
 from .data import DataPosition, PackedBatches, atomic_write_text, validation_windows
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -949,6 +949,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        #: A time budget stopped the run (spent, or too little of it left for one more step with
+        #: its evaluation and checkpoint): the run is finished, as one at its last step.
+        self.budget_spent = False
         self.total_steps = cfg.steps
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
@@ -974,6 +977,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "tokens": self.tokens,
             "elapsed": self.elapsed,
+            "time_budget_spent": self.budget_spent,
             "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
             "data_fingerprint": self.fingerprint,
             "best_val_loss": self.best_val_loss,
@@ -1009,6 +1013,7 @@ class Trainer:
             self._reschedule(steps, lr)
         self.tokens = int(state["tokens"])
         self.elapsed = float(state["elapsed"])
+        self.budget_spent = bool(state.get("time_budget_spent", False))
         self.batches.position = DataPosition(**state["data_position"])
         self.best_val_loss, self.best_step = state.get("best_val_loss"), state.get("best_step")
         self.window_losses = [mx.array(v, dtype=mx.float32) for v in state.get("log_window", [])]
@@ -1032,6 +1037,7 @@ class Trainer:
             cfg.lr = lr
         if steps is not None:
             cfg.steps, cfg.max_time = steps, None  # a step count replaces a time budget
+            self.budget_spent = False
             cfg.warmup = min(warmup, steps - 1)
         cfg.reschedule_step, cfg.reschedule_lr = step, start_lr
         cfg.validate()
@@ -1247,7 +1253,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len
         result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
         if (self.total_steps is not None and self.step >= self.total_steps) or (
-                cfg.max_time is not None and self.elapsed >= cfg.max_time):  # a finished run: nothing to do
+                cfg.max_time is not None and (self.elapsed >= cfg.max_time or self.budget_spent)):  # finished
             result.best_val_loss, result.best_step = self.best_val_loss, self.best_step
             return result
         # A time budget's step count is known after the probe; until then the bar counts to its end.
@@ -1261,6 +1267,12 @@ class Trainer:
         pending: list[mx.array] | None = None  # the previous step's loss and norm (pipelined steps)
         schedule = make_schedule(cfg, self.total_steps) if self.total_steps else None
         last_saved = self.step
+        # A time budget's look ahead: the last plain step's time, the last evaluation's and the
+        # last checkpoint save's (None: none timed yet; the first step and evaluation, which
+        # compile, are not timed).
+        step_time = eval_time = save_time = None
+        evals = 0
+        t_top, paused, timed = None, 0.0, False  # the last loop top, eval + save time since, a plain step
 
         # XLSTM_METAL_TRAIN_BUILD_THREAD: every step's graph built on a second host thread, the
         # next one while this one is queued (one process only: ranks agree on every step).
@@ -1300,11 +1312,24 @@ class Trainer:
 
         try:
             while self.total_steps is None or self.step < self.total_steps:
-                # Every rank stops at the same step: rank clocks differ a little.
-                if cfg.max_time is not None and agree(float(self.clock() - t_start > cfg.max_time), self.group):
-                    drop_ahead()
-                    break  # hard stop: the budget ran out (eval costs more than estimated)
+                if cfg.max_time is not None:
+                    now = self.clock()
+                    if t_top is not None and timed:
+                        step_time = now - t_top - paused
+                    t_top, paused = now, 0.0
+                    # Stop where the budget ran out (eval costs more than estimated) or where one
+                    # more step with what follows it, an evaluation and a checkpoint (due at that
+                    # step or ending the run), would not fit in it: a checkpoint takes seconds to
+                    # minutes, and one too many overran --max-time by that much.
+                    ahead_s = 0.0 if step_time is None else (
+                        step_time + (eval_time or 0.0) * self.validating + (save_time or 0.0))
+                    # Every rank stops at the same step: rank clocks differ a little.
+                    if agree(float(now - t_start + ahead_s > cfg.max_time), self.group):
+                        drop_ahead()
+                        self.budget_spent = True
+                        break
                 first = not self._stepped
+                timed = not first
                 if first:  # MLX compiles the step's kernels now: on a fresh CUDA machine that takes minutes
                     job.update(phase="compile")
                     bar.set_description_str(_compiling_note())
@@ -1367,8 +1392,8 @@ class Trainer:
                     if self.step == result.step + 2:
                         probe_t0 = self.clock()
                     elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
-                        step_time = (self.clock() - probe_t0) / cfg.probe_steps
-                        total = self._size_from_time(step_time, self.step, self.clock() - t_start)
+                        probe_time = (self.clock() - probe_t0) / cfg.probe_steps  # saves in it included
+                        total = self._size_from_time(probe_time, self.step, self.clock() - t_start)
                         self.total_steps = int(agree(float(total), self.group, op="min"))  # one count for all ranks
                         if cfg.warmup is None:
                             # The ramp continues from where the probe left it to the peak at a tenth
@@ -1434,13 +1459,18 @@ class Trainer:
                     self._plot()
                     # Eval time is not training throughput: the window's clock skips it (the steps
                     # before it stay in the window; a reset clock counted them in no time at all).
-                    t_window += self.clock() - t_eval
+                    took = self.clock() - t_eval
+                    t_window += took
+                    paused += took
+                    eval_time, evals = (took if evals else None), evals + 1
                 if self.step % cfg.save_every == 0 and not done:
                     t_save = self.clock()
                     self.elapsed = t_save - t_start
                     self.save()
                     last_saved = self.step
-                    t_window += self.clock() - t_save  # nor is checkpoint time
+                    save_time = self.clock() - t_save
+                    t_window += save_time  # nor is checkpoint time
+                    paused += save_time
                 if stop == 1 and not done:  # Ctrl-C (the last step finishes the run as usual)
                     drop_ahead()
                     self.elapsed = self.clock() - t_start
@@ -1478,6 +1508,8 @@ class Trainer:
                 self.best_params = dict(tree_flatten(self.model.parameters()))
         if self.step != last_saved or not (self.out_dir / f"checkpoint-{self.step:07d}").is_dir():
             result.checkpoint = self.save()
+        elif self.budget_spent and self.is_main:  # saved at this step before the budget stopped it:
+            rewrite_trainer_state(self.out_dir / f"checkpoint-{self.step:07d}", self.trainer_state())  # now finished
         self._plot()
         result.step, result.tokens, result.elapsed = self.step, self.tokens, self.elapsed
         result.best_val_loss, result.best_step = self.best_val_loss, self.best_step
