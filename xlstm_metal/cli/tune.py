@@ -4,7 +4,8 @@
     xlstm-metal tune --objective speed --model ckpt --out runs/t --save-outputs --prompt-file prompts.txt
     xlstm-metal tune --objective train --data corpus/ --out runs/tune-train --trials 20 --token-budget 200000
     xlstm-metal tune ... --backend ray --workers 4 --cpus-per-trial 2      # or --ray-address HOST:PORT
-    xlstm-metal tune ... --out runs/t --resume      # continue an interrupted sweep (the same flags again)
+    xlstm-metal tune --out runs/t --resume          # continue an interrupted sweep with its saved settings
+    xlstm-metal tune --out runs/t --resume --trials 40      # ... and a larger trial budget
 
 Every speed trial is checked against the float32 reference within the tolerance of --profile
 (default: exact-fp32 on CPUs, fast-bf16 on GPUs) and rejected when it fails; the winner is saved
@@ -12,11 +13,19 @@ as a profile for this device (--profile-name, default tuned-<device>), usable as
 `--profile NAME` by generate, chat, serve, bench and train. Outputs in --out: run_meta.json,
 trials.jsonl, summary.csv, best.json, study.db (Optuna), outputs/ with --save-outputs,
 profile.json (speed), trials/trial-NNNN/ training runs (train).
+
+--resume continues the sweep in --out with the flags saved in its run_meta.json: a flag left out
+takes the saved value, a flag given must equal it (exit 2 otherwise), except those that may change:
+the budget (--trials, --generations; --population with --mode random, where it only sizes the
+budget), --profile-name, and where the trials run (--backend, --ray-address, --workers,
+--cpus-per-trial, --gpus-per-trial: with --backend given, the backend flags are the ones given now,
+defaults for those left out). --no-progress applies to one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -30,10 +39,13 @@ from . import (
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tune", help="tune inference settings or training hyperparameters (Optuna, Ray)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objective", choices=("speed", "train"), required=True)
+    # Flags that a sweep saves default to None (store_true flags too): on --resume, None is
+    # "not given", so the saved value is taken; given, even at its usual default, it is checked.
+    p.add_argument("--objective", choices=("speed", "train"), default=None,
+                   help="what to tune (required, unless --resume takes it from the saved sweep)")
     p.add_argument("--out", required=True, help="run directory")
     s = p.add_argument_group("search")
-    s.add_argument("--mode", choices=("random", "ga"), default="random",
+    s.add_argument("--mode", choices=("random", "ga"), default=None,
                    help="random search or the genetic NSGA-II sampler (default: random)")
     s.add_argument("--trials", type=int, default=None,
                    help="trial budget (default: population x generations, in either mode)")
@@ -42,19 +54,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "trial budget")
     s.add_argument("--generations", type=int, default=None,
                    help="generations (default 5); without --trials, population x generations is the trial budget")
-    s.add_argument("--seed", type=seed_value, default=0)
-    s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db); give the "
-                   "first run's flags again (checked against run_meta.json; only --trials may change)")
+    s.add_argument("--seed", type=seed_value, default=None, help="(default 0)")
+    s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db) with the flags "
+                   "saved in its run_meta.json: flags left out take the saved values, flags given must equal them "
+                   "except the budget (--trials, ...), --profile-name and the backend's (see above)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out, and a saved profile of the same name")
     b = p.add_argument_group("backend")
-    b.add_argument("--backend", choices=("local", "ray"), default="local")
+    b.add_argument("--backend", choices=("local", "ray"), default=None, help="(default: local)")
     b.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     b.add_argument("--workers", type=int, default=None, help="trials at once on Ray (default 2)")
     b.add_argument("--cpus-per-trial", type=finite_float, default=None, help="on Ray (default 1)")
     b.add_argument("--gpus-per-trial", type=finite_float, default=None, help="on Ray (default 0)")
     o = p.add_argument_group("outputs")
-    o.add_argument("--save-outputs", action="store_true",
+    o.add_argument("--save-outputs", action="store_true", default=None,
                    help="write each trial's greedy continuations of --prompt-file to outputs/trial-NNNN.jsonl")
     o.add_argument("--prompt-file", default=None,
                    help="prompts: one per line, or JSON Lines with a 'prompt' field")
@@ -139,16 +152,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _groups(args: argparse.Namespace) -> list:
+    """(defaults, whether they apply, verbs, where) of each group of options above."""
+    return [(SPEED_DEFAULTS, args.objective == "speed", ("belongs", "belong"), "to --objective speed"),
+            (TRAIN_DEFAULTS, args.objective == "train", ("belongs", "belong"), "to --objective train"),
+            (RAY_DEFAULTS, args.backend == "ray", ("applies", "apply"), "only with --backend ray"),
+            (OUTPUTS_DEFAULTS, args.save_outputs, ("applies", "apply"), "only with --save-outputs")]
+
+
 def _check_applicable(args: argparse.Namespace) -> None:
     """UsageError naming the options given where they have no effect (another objective's,
     Ray's without --backend ray, --max-new-tokens without --save-outputs); then the defaults
     of those left out are filled in (a --vocab-size given is checked, as train checks it)."""
     vocab_size = args.vocab_size
-    groups = [(SPEED_DEFAULTS, args.objective == "speed", ("belongs", "belong"), "to --objective speed"),
-              (TRAIN_DEFAULTS, args.objective == "train", ("belongs", "belong"), "to --objective train"),
-              (RAY_DEFAULTS, args.backend == "ray", ("applies", "apply"), "only with --backend ray"),
-              (OUTPUTS_DEFAULTS, args.save_outputs, ("applies", "apply"), "only with --save-outputs")]
-    for defaults, applies, verbs, where in groups:
+    for defaults, applies, verbs, where in _groups(args):
         given = [_flag(name) for name in defaults if getattr(args, name) is not None]
         if given and not applies:
             raise UsageError(f"{', '.join(given)} {verbs[len(given) > 1]} {where}")
@@ -175,6 +192,130 @@ def _check_search(args: argparse.Namespace) -> None:
     for name, value in SEARCH_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+#: The flags of a sweep, saved in its run_meta.json ("cli": "given", the flags given, with paths
+#: made absolute; "used", every flag's value in the sweep, None where it does not apply) and taken
+#: from there by --resume where left out. --out, --resume, --overwrite and --no-progress are
+#: flags of one run (as are the memory watchdog's).
+SAVED_FLAGS = ("objective", "mode", "trials", "population", "generations", "seed", "backend", "ray_address", "workers",
+               "cpus_per_trial", "gpus_per_trial", "save_outputs", "prompt_file", "max_new_tokens", "model", "shape",
+               "metric", "prefill_length", "decode_batch", "decode_tokens", "repeats", "profile", "profile_name",
+               "data", "text_field", "tokenizer", "vocab_size", "token_budget", "param_budget", "seq_len",
+               "val_fraction", "max_depth")
+RUN_FLAGS = ("out", "resume", "overwrite", "no_progress")
+#: Defaults of the saved flags whose parser default is None (so that --resume sees whether they were given).
+LATE_DEFAULTS = dict(mode="random", seed=0, backend="local", save_outputs=False)
+#: Where the trials run: may change on --resume; with --backend given, none of them is taken from the saved run.
+BACKEND_FLAGS = ("backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial")
+#: Paths: saved absolute; a path given on --resume equals the saved one if it names the same file.
+PATH_FLAGS = ("prompt_file", "model", "shape", "profile", "data", "tokenizer")
+
+
+def _changeable(mode: str | None) -> tuple[str, ...]:
+    """The saved flags that --resume may change: the budget (--population sizes only the budget
+    of a random search; it is the genetic search's generation size), the name of the saved
+    winner, and where the trials run (not what they draw or measure)."""
+    return ("trials", "generations", *(("population",) if mode == "random" else ()), "profile_name", *BACKEND_FLAGS)
+
+
+def _normalized(name: str, value):
+    """A flag's value as saved: an existing path made absolute (a data list element-wise)."""
+    if name not in PATH_FLAGS or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_normalized(name, v) for v in value]
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _same(a, b) -> bool:
+    import os
+
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if a == b:
+        return True
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _read_saved_flags(out: Path) -> dict | None:
+    """The "cli" record of OUT/run_meta.json; None for a file of a version that saved none."""
+    from ..jsonfiles import read_json_object
+
+    path = out / "run_meta.json"
+    cli = read_json_object(path, UsageError).get("cli")
+    if cli is None:
+        return None
+    if not (isinstance(cli, dict) and isinstance(cli.get("given"), dict) and isinstance(cli.get("used"), dict)):
+        raise UsageError(f"{path}: 'cli' must be an object of 'given' and 'used' objects, got {cli!r} "
+                         "(corrupted file?)")
+    return cli
+
+
+def _take_saved_flags(args: argparse.Namespace, saved: dict, out: Path) -> None:
+    """--resume: UsageError naming every flag given with a value other than the saved one
+    (except those of :func:`_changeable`); then the flags left out take the saved values (the
+    first run's flags, as given; a budget given now replaces the saved one; --backend given
+    now brings its own backend flags)."""
+    used, first = saved["used"], saved["given"]
+    mode = args.mode if args.mode is not None else used.get("mode")
+    changeable = _changeable(mode)
+    if args.objective is not None and args.objective != used.get("objective"):  # first: the other flags follow it
+        raise UsageError(f"--objective {args.objective} (saved: {_shown(used.get('objective'))}): {out} holds a "
+                         f"{used.get('objective')} sweep, not {args.objective}; leave out --objective (the saved one "
+                         "is taken) or start a new --out")
+    differ = [f"{_flag(name)} {_shown(_normalized(name, getattr(args, name)))} (saved: {_shown(used.get(name))})"
+              for name in SAVED_FLAGS if getattr(args, name) is not None and name not in changeable
+              and not _same(_normalized(name, getattr(args, name)), used.get(name))]
+    if differ:
+        raise UsageError(
+            f"--resume continues the sweep in {out} with the settings saved in its run_meta.json, and "
+            f"{'this flag differs' if len(differ) == 1 else 'these flags differ'}: {'; '.join(differ)}. Leave "
+            f"{'it' if len(differ) == 1 else 'them'} out (the saved value is taken) or start a new --out; only "
+            "--trials, --generations (--population with --mode random), --profile-name and the backend's flags "
+            "(--backend, --ray-address, --workers, --cpus-per-trial, --gpus-per-trial) may change on resume")
+    trials_now = args.trials is not None
+    budget_now = args.generations is not None or (args.population is not None and mode == "random")
+    backend_now = args.backend is not None
+    for name in SAVED_FLAGS:
+        if getattr(args, name) is not None or first.get(name) is None:
+            continue
+        if trials_now and (name == "generations" or (name == "population" and mode == "random")):
+            continue  # they sized the saved budget; --trials sets it now
+        if name == "trials" and budget_now:
+            continue
+        if name in BACKEND_FLAGS and backend_now:
+            continue
+        setattr(args, name, first[name])
+    for name in ("profile", "profile_name"):  # their defaults depend on the device: the sweep's own are kept
+        if getattr(args, name) is None and name not in first and used.get(name) is not None:
+            setattr(args, name, used[name])
+
+
+def _flags_record(args: argparse.Namespace, given: dict, profile: str, profile_name: str | None) -> dict:
+    """The "cli" record of run_meta.json (see :data:`SAVED_FLAGS`)."""
+    used = {name: _normalized(name, getattr(args, name)) for name in SAVED_FLAGS}
+    for defaults, applies, _verbs, _where in _groups(args):
+        if not applies:
+            used.update(dict.fromkeys(defaults))
+    if args.objective == "speed" and not args.model and not args.shape:
+        used["shape"] = "125m"
+    used.update(profile=_normalized("profile", profile), profile_name=profile_name)
+    return {"given": given, "used": used}
 
 
 def _positive(args, *names) -> None:
@@ -204,6 +345,25 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the sweep in --out; --overwrite replaces it: give one")
+    if args.resume:
+        out = Path(args.out).expanduser()
+        try:
+            check_output_path(out, "--out", directory=True)
+            check_out_dir(out, resume=True, overwrite=False)
+        except SweepError as err:
+            raise UsageError(str(err)) from None
+        saved = _read_saved_flags(out)
+        if saved is not None:
+            _take_saved_flags(args, saved, out)
+        elif args.objective is None:
+            raise UsageError(f"{out / 'run_meta.json'} holds no saved flags (an older xlstm-metal wrote it): give the "
+                             "first run's flags again with --resume")
+    elif args.objective is None:
+        raise UsageError("--objective is required (speed or train), unless --resume continues a sweep")
+    given = {name: _normalized(name, getattr(args, name)) for name in SAVED_FLAGS if getattr(args, name) is not None}
+    for name, value in LATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     text_field_given = args.text_field is not None
     _check_search(args)
     _check_applicable(args)
@@ -222,11 +382,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--population must be >= 2 for --mode ga, got {args.population}")
     if args.backend == "ray":
         try:
-            import ray  # noqa: F401
+            importlib.import_module("ray")
         except ImportError:
             raise UsageError("--backend ray needs Ray: pip install 'xlstm-metal[tune]'") from None
     try:
-        import optuna  # noqa: F401
+        importlib.import_module("optuna")
     except ImportError:
         raise UsageError("tune needs Optuna: pip install 'xlstm-metal[tune]'") from None
     out = Path(args.out).expanduser()
@@ -250,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
         base = load_profile(args.profile or default_profile)
     except ProfileError as err:
         raise UsageError(str(err)) from None
-    profile_path = None
+    profile_path = winner_name = None
     if args.objective == "speed":
         speed_only = ("data", "tokenizer")
         for name in speed_only:
@@ -281,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
                              f"and no .json), got {name!r}")
         if name in shipped_profile_names():
             raise UsageError(f"--profile-name {name!r} is a shipped profile's name; choose another")
-        profile_path = user_profile_dir() / f"{name}.json"
+        profile_path, winner_name = user_profile_dir() / f"{name}.json", name
         if profile_path.exists() and not args.overwrite and not args.resume:
             raise UsageError(f"profile {profile_path} exists; pass --overwrite to replace it or --profile-name")
         if profile_path.exists() and args.resume and not _saved_by_sweep(profile_path, out):
@@ -334,6 +494,7 @@ def run(args: argparse.Namespace) -> int:
                                    param_budget=args.param_budget, seq_len=args.seq_len, val_fraction=args.val_fraction,
                                    text_field=args.text_field, seed=args.seed, base_profile=base.source or base.name,
                                    max_depth=args.max_depth, runs_dir=str((out / "trials").resolve()))
+    flags = _flags_record(args, given, args.profile or default_profile, winner_name)
     settings = SweepSettings(mode=args.mode, trials=args.trials, population=args.population,
                              generations=args.generations, seed=args.seed, backend=args.backend,
                              ray_address=args.ray_address, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
@@ -341,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     try:
         result = run_sweep(objective, out, settings, resume=args.resume, overwrite=args.overwrite,
-                           argv=["xlstm-metal", *sys.argv[1:]])
+                           argv=["xlstm-metal", *sys.argv[1:]], cli=flags)
     except SweepError as err:
         raise UsageError(str(err)) from None
     counts = {}

@@ -13,7 +13,7 @@ trials at once as Ray tasks with ``cpus_per_trial`` / ``gpus_per_trial`` each, o
 cluster started (and shut down) here, or on the cluster at ``ray_address``.
 
 Outputs in OUT, rewritten atomically after every trial: ``run_meta.json`` (settings, objective,
-environment, argv), ``trials.jsonl`` (one record per finished trial), ``summary.csv`` (the same,
+environment, argv; ``cli``: the command line's flags, which ``xlstm-metal tune --resume`` takes), ``trials.jsonl`` (one record per finished trial), ``summary.csv`` (the same,
 flat), ``best.json`` (the best complete trial) and, with prompts, ``outputs/trial-NNNN.jsonl``
 (greedy continuations; the format ``xlstm-metal judge --outputs`` reads).
 """
@@ -97,13 +97,14 @@ class SweepResult:
 
 # ------------------------------------------------------------------------------ files
 def check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: resuming needs OUT/study.db; a new run needs an empty (or new) OUT
-    unless ``overwrite``."""
+    """Refuse to mix runs: resuming needs OUT/study.db and OUT/run_meta.json (written before the
+    first trial); a new run needs an empty (or new) OUT unless ``overwrite``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"--out {out_dir} is a file")
     if resume:
-        if not (out_dir / "study.db").is_file():
-            raise SweepError(f"nothing to resume: {out_dir / 'study.db'} does not exist")
+        for name in ("study.db", "run_meta.json"):
+            if not (out_dir / name).is_file():
+                raise SweepError(f"nothing to resume: {out_dir / name} does not exist")
         return
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise SweepError(f"--out {out_dir} is not empty; use --resume to continue that sweep or --overwrite")
@@ -276,12 +277,16 @@ def search(objective: Objective, settings: SweepSettings | None = None) -> list[
     return records
 
 
+def _settings_record(settings: SweepSettings) -> dict[str, Any]:
+    return {k: v for k, v in asdict(settings).items() if k != "prompts"}
+
+
 def _meta(objective: Objective, settings: SweepSettings, argv: list[str] | None) -> dict[str, Any]:
     import optuna
 
     from ..benchmark import environment
 
-    return {"objective": objective.meta(), "settings": {k: v for k, v in asdict(settings).items() if k != "prompts"},
+    return {"objective": objective.meta(), "settings": _settings_record(settings),
             "prompts": len(settings.prompts or []), "budget": settings.budget,
             "sampler": "RandomSampler" if settings.mode == "random" else "NSGAIISampler",
             "optuna": optuna.__version__, "environment": environment(), "argv": argv or sys.argv,
@@ -320,7 +325,7 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
                 if key in old_settings and old_settings[key] != getattr(settings, key)]
     if changed:
         raise SweepError(f"cannot resume {out_dir} with other settings than it was run with ({'; '.join(changed)}); "
-                         "resume with the same settings (only --trials may change) or start a new --out")
+                         "resume with the same settings (only the budget may change) or start a new --out")
 
 
 def sqlite_storage(path: Path):
@@ -344,8 +349,10 @@ def sqlite_storage(path: Path):
 
 
 def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
-              resume: bool = False, overwrite: bool = False, argv: list[str] | None = None) -> SweepResult:
-    """Run (or resume) a sweep of ``objective`` into ``out_dir``; returns every record and the best."""
+              resume: bool = False, overwrite: bool = False, argv: list[str] | None = None,
+              cli: dict[str, Any] | None = None) -> SweepResult:
+    """Run (or resume) a sweep of ``objective`` into ``out_dir``; returns every record and the best.
+    ``cli``: the command line's flags, kept in run_meta.json (replacing those saved, on resume)."""
     import optuna
 
     settings = settings or SweepSettings()
@@ -358,7 +365,7 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
         _clear(out_dir)
     meta_path = out_dir / "run_meta.json"
     meta = None
-    if resume and meta_path.exists():  # before prepare(), which may write into OUT (a tokenizer)
+    if resume:  # before prepare(), which may write into OUT (a tokenizer)
         from ..jsonfiles import read_json_object
 
         meta = read_json_object(meta_path, SweepError)
@@ -389,8 +396,11 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
         _check_resume_matches(meta, objective, settings, out_dir)
         meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
         meta["budget"] = settings.budget
+        meta["settings"] = _settings_record(settings)  # the budget, backend, ... of this run
     else:
         meta = _meta(objective, settings, argv)
+    if cli is not None:
+        meta["cli"] = cli
     atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # interrupted by the last stop
