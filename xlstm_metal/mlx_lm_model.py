@@ -16,6 +16,11 @@ mlx-lm's protocol, as its recurrent models (Mamba) follow it:
   m, h; conv windows) stays bit-for-bit what it was.
 - ``sanitize`` maps NX-AI's native names; ``quant_predicate`` keeps the input and forget gate
   projections in float (they have only NH outputs and drive exponential gates).
+- ``mlx_lm.convert --quant-predicate mixed_2_6`` (and mixed_3_4, mixed_3_6, mixed_4_6): mlx-lm's
+  recipes find a model's layers by Llama's names (``down_proj``, ``v_proj``, ``lm_head``) and
+  refused ours ("Model does not have expected keys for mixed quant."). Importing this module
+  wraps mlx-lm's recipe builder so that, for our models, it reads our layers under those names
+  (:data:`RECIPE_NAMES`) and keeps the gate projections in float; see :func:`_for_xlstm_names`.
 - mlx-lm's ``save_model`` (behind ``convert`` and ``fuse``) writes ``model.parameters()`` only;
   importing this module wraps it so a checkpoint it writes carries what
   :func:`xlstm_metal.save_model` adds for transformers (a tied model's ``lm_head.weight``:
@@ -28,6 +33,9 @@ the 2024 ``xLSTMLMModel`` with mlx-lm's call signature: same parameters, same ch
 from __future__ import annotations
 
 import functools
+import importlib
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +58,14 @@ from .models.xlstm_large import xLSTMLarge
 FLOAT_GATES = ("igate_preact", "fgate_preact", "igate", "fgate")
 #: Keys mlx-lm adds to config.json's dict at load time (its own runtime settings).
 MLX_LM_RUNTIME_KEYS = ("quantize_activations",)
+#: Our layers under the names mlx-lm's mixed quantization recipes look for (Llama's): the
+#: down projections (the FFN's, and the 2024 mLSTM block's) are its ``down_proj``, and
+#: xLSTM-Large's value projection its ``v_proj``. The LM head is ``lm_head`` in both.
+RECIPE_NAMES = ((re.compile(r"(^|\.)proj_down$"), r"\1down_proj"),
+                (re.compile(r"(^|\.)mlstm_layer\.v$"), r"\1mlstm_layer.v_proj"))
+#: mlx-lm's group size for affine quantization when convert is given none (its recipes then wrote
+#: ``"group_size": null`` into each layer's entry).
+MLX_LM_GROUP_SIZE = 64
 
 
 @dataclass
@@ -250,4 +266,68 @@ def _install_save_hook() -> None:
         utils.save_model = _with_transformers_weights(utils.save_model)
 
 
+def recipe_name(path: str) -> str:
+    """A layer's path as mlx-lm's mixed recipes read it (:data:`RECIPE_NAMES`)."""
+    for pattern, name in RECIPE_NAMES:
+        path = pattern.sub(name, path)
+    return path
+
+
+class _RecipeView:
+    """A model as mlx-lm's recipe builder reads it: its modules under :func:`recipe_name`'s
+    names, its blocks as ``layers``, anything else the model's own."""
+
+    def __init__(self, model: Model):
+        self._model = model
+
+    def named_modules(self):
+        return [(recipe_name(path), module) for path, module in self._model.named_modules()]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def _for_xlstm_names(builder):
+    """mlx-lm's ``mixed_quant_predicate_builder(recipe, model, group_size)``, which also builds
+    the recipe for our models: it looks for Llama's layer names (``down_proj``: which layers
+    exist and where a path holds the layer index; ``v_proj``, ``down_proj`` and ``lm_head``: the
+    layers it gives the high bit width, in the first and last eighth of the blocks and every third
+    between), and without a ``down_proj`` it refused the model. For our models it reads our paths
+    under those names (:func:`recipe_name`), so the recipe gives our down and value projections
+    and LM head what it gives Llama's; :meth:`Model.quant_predicate` keeps the i/f gate
+    projections in float, as ``convert -q`` does (the recipe alone gave them its low bit width).
+    A group size left to mlx-lm (None) is its default, written into each layer's entry."""
+
+    @functools.wraps(builder)
+    def build(recipe, model, group_size=MLX_LM_GROUP_SIZE):
+        if not isinstance(model, Model):
+            return builder(recipe, model, group_size)
+        predicate = builder(recipe, _RecipeView(model), group_size or MLX_LM_GROUP_SIZE)
+
+        def xlstm_predicate(path: str, module: nn.Module):
+            if not model.quant_predicate(path, module):
+                return False
+            return predicate(recipe_name(path), module)
+
+        return xlstm_predicate
+
+    build.reads_xlstm_names = True
+    return build
+
+
+def _install_recipe_hook() -> None:
+    """Wrap mlx-lm's mixed recipe builder once, where ``convert`` looks it up: ``mlx_lm.convert``
+    (``mlx_lm.convert``, ``python -m mlx_lm convert``), and ``__main__`` when that module runs as
+    ``python -m mlx_lm.convert``. Our model file is imported by ``convert``'s load, before the
+    recipe is built."""
+    convert = importlib.import_module("mlx_lm.convert")  # the module (mlx_lm.convert is also its function)
+    main = sys.modules.get("__main__")
+    run_as_main = getattr(getattr(main, "__spec__", None), "name", None) == "mlx_lm.convert"
+    for module in (convert, main if run_as_main else None):
+        builder = getattr(module, "mixed_quant_predicate_builder", None)
+        if builder is not None and not getattr(builder, "reads_xlstm_names", False):
+            module.mixed_quant_predicate_builder = _for_xlstm_names(builder)
+
+
 _install_save_hook()
+_install_recipe_hook()
