@@ -374,6 +374,7 @@ def run(args) -> int:
         tokenizer_config_dict,
         train_bpe_tokenizer,
     )
+    from ..training.tempdirs import claim_tokenizer_dir, release_tokenizer_dir
     from ..training.trainer import (
         Trainer,
         TrainingConfig,
@@ -506,7 +507,8 @@ def run(args) -> int:
     if group is not None and tokenizer_src is not None:
         tokenizer_src = _from_rank0(group, lambda: tokenizer_src)
 
-    tok_dir = Path(tempfile.mkdtemp(prefix="xlstm-train-tok-"))
+    # Locked for the run's life; folders of runs killed with SIGKILL (no cleanup) are removed here.
+    tok_dir, tok_lock = claim_tokenizer_dir()
     try:
         try:
             if tokenizer_src is not None:
@@ -655,7 +657,7 @@ def run(args) -> int:
                 print(f"exported the final step-{result.step} model to {path} (the best validation loss was at "
                       f"step {result.best_step}, before the resume, where no checkpoint was saved)", file=sys.stderr)
     finally:
-        shutil.rmtree(tok_dir, ignore_errors=True)
+        release_tokenizer_dir(tok_dir, tok_lock)
     return 0
 
 
