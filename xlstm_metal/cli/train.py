@@ -19,7 +19,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from ..jsonfiles import read_json_object
@@ -320,8 +319,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from ..loading import save_model
-    from ..training.checkpoint import pass_on_save_warnings
+    from ..training.checkpoint import pass_on_save_warnings, save_model_recording_warnings
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--export directory {out} is not empty; pass --overwrite to replace it")
@@ -333,9 +331,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            save_model(model, tmp, tokenizer=tokenizer_dir, overwrite=True)
+        caught = save_model_recording_warnings(model, tmp, tokenizer=tokenizer_dir, overwrite=True)
         cfg = model.config
         gen = {"bos_token_id": getattr(cfg, "bos_token_id", None), "eos_token_id": getattr(cfg, "eos_token_id", None),
                "pad_token_id": getattr(cfg, "pad_token_id", None), "do_sample": True, "temperature": 0.8,

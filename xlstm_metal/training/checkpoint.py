@@ -68,7 +68,6 @@ def save_checkpoint(
     What saving the model warns about (a shape transformers cannot run) concerns the model, not
     the temporary directory it is written to first: the warning names the final checkpoint, or,
     with ``warned`` (a set kept across a run's saves), the run's checkpoints, once per run."""
-    from ..loading import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # A save cut short by SIGKILL or a crash leaves its temporary directory (the size of a whole
@@ -79,9 +78,8 @@ def save_checkpoint(
     # Removed also when SIGTERM forces the process out while the main thread is stuck (monitor.job).
     with partial_output(tmp):
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                save_model(model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
+            caught = save_model_recording_warnings(
+                model, tmp, tokenizer=tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None)
             arrays = dict(tree_flatten(optimizer.state))
             for index, key in enumerate(mx.random.state):
                 arrays[f"{_RNG_KEY}.{index}"] = key
@@ -101,6 +99,17 @@ def save_checkpoint(
         if old.name != best_name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_model_recording_warnings(model, tmp: Path, **kwargs) -> list[warnings.WarningMessage]:
+    """``save_model(model, tmp, **kwargs)`` into a temporary folder, its warnings recorded (they
+    name ``tmp``, which is renamed next) for :func:`pass_on_save_warnings`."""
+    from ..loading import save_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_model(model, tmp, **kwargs)
+    return caught
 
 
 def pass_on_save_warnings(caught: list[warnings.WarningMessage], tmp: Path, final: Path, out_dir: Path,
