@@ -131,6 +131,38 @@ def test_bench_plot_series_keep_one_colour_across_panels(tmp_path):
     fig.savefig(tmp_path / "b.png")
 
 
+def test_bench_plot_keeps_configurations_apart(tmp_path):
+    """`bench --shape A --json >> b.jsonl; bench --shape B --json >> b.jsonl` drew one line, the
+    median of the two shapes' tokens/s (a speed neither reached); so were 4-bit, 8-bit and float
+    decode runs in one file. Records differing in what they measured are separate lines."""
+    def rec(kind, shape, x, tok_s, **extra):
+        axis = {"length": x, "batch": 1} if kind == "prefill" else {"batch": x, "length": 8}
+        return {"kind": kind, "shape": shape, "dtype": "float32", "profile": None, "q_bits": None, "tok_s": tok_s,
+                **axis, **extra}
+
+    _write_jsonl(tmp_path / "b.jsonl", [
+        rec("prefill", "125m", 64, 1000.0), rec("prefill", "125m", 256, 1200.0),
+        rec("decode", "125m", 1, 50.0), rec("decode", "125m", 4, 150.0),
+        rec("prefill", "1.3b", 64, 100.0), rec("prefill", "1.3b", 256, 120.0),
+        rec("decode", "1.3b", 1, 5.0), rec("decode", "1.3b", 4, 15.0),
+        rec("decode", "1.3b", 1, 9.0, q_bits=4), rec("decode", "1.3b", 1, 11.0, q_bits=4),
+        rec("decode", "1.3b", 1, 10.0, q_bits=4),  # three repeats: one point, their median
+    ])
+    fig = plot_bench([tmp_path / "b.jsonl"])
+    pre = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in _axis(fig, "prefill").lines}
+    assert pre == {"b (shape=125m)": ([64, 256], [1000.0, 1200.0]), "b (shape=1.3b)": ([64, 256], [100.0, 120.0])}
+    dec = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in _axis(fig, "decode").lines}
+    assert dec == {"b (shape=125m, q_bits=None)": ([1, 4], [50.0, 150.0]),
+                   "b (shape=1.3b, q_bits=None)": ([1, 4], [5.0, 15.0]),
+                   "b (shape=1.3b, q_bits=4)": ([1], [10.0])}
+    # A series of one configuration keeps its plain label; a prefill's batch splits prefill lines.
+    _write_jsonl(tmp_path / "c.jsonl", [rec("prefill", "125m", 64, 1000.0), rec("prefill", "125m", 64, 3000.0, batch=4),
+                                        rec("decode", "125m", 1, 50.0)])
+    fig = plot_bench([tmp_path / "c.jsonl"])
+    assert sorted(line.get_label() for line in _axis(fig, "prefill").lines) == ["c (batch=1)", "c (batch=4)"]
+    assert [line.get_label() for line in _axis(fig, "decode").lines] == ["c"]
+
+
 def test_plot_cli(tmp_path, capsys):
     _write_jsonl(tmp_path / "b.jsonl", [{"kind": "decode", "batch": 1, "tok_s": 3.0}])
     assert main(["plot", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "o.svg")]) == 0

@@ -9,7 +9,9 @@ back from its axes; :func:`save_figure` writes it atomically.
   perplexity and learning rate against step, and loss against tokens; runs overlaid.
 - :func:`plot_bench`: ``xlstm-metal bench --json`` output and ``benchmarks/results`` JSON:
   prefill tokens/s against prompt length and decode tokens/s against batch, one line per side
-  (ours / official) and variant, the median of repeated measurements.
+  (ours / official) and variant, the median of repeated measurements; records that differ in
+  what they measured (shape, dtype, profile, ...: :data:`BENCH_CONFIG_FIELDS`) are separate
+  lines, labelled with the fields that differ.
 """
 
 from __future__ import annotations
@@ -258,6 +260,38 @@ def _series_label(source: str, record: dict[str, Any]) -> str:
     return " / ".join(parts)
 
 
+#: Fields of a bench record that say what was measured (not the measurement). Records of one
+#: series (side / variant) that differ in one of them are different configurations, not repeats
+#: of one measurement: `bench --shape 125m --json >> b.jsonl; bench --shape 1.3b --json >> b.jsonl`
+#: plotted the median of the two shapes' tokens/s as one line. Besides the x axis, a prefill's
+#: batch and a decode's step count (length) are such fields too.
+BENCH_CONFIG_FIELDS = ("shape", "dtype", "state_dtype", "profile", "q_bits", "q_group_size", "kernel", "chunk_size",
+                       "chunk", "fused", "compiled", "ahead", "blas_threads", "world_size", "parallel", "device",
+                       "device_name", "cpu_name", "mlx", "xlstm_metal")
+_BENCH_OTHER_AXIS = {"prefill": "batch", "decode": "length"}
+
+
+def _config_value(record: dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _bench_labels(base: dict[int, str], records: list[dict[str, Any]]) -> dict[int, str]:
+    """Record index -> series label: ``base``'s label, and where the records of one kind with
+    that label differ in configuration fields, each record's values of those fields."""
+    members: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        members.setdefault((r["kind"], base[i]), []).append(i)
+    labels = dict(base)
+    for (kind, label), idx in members.items():
+        fields = (*BENCH_CONFIG_FIELDS, _BENCH_OTHER_AXIS[kind])
+        varying = [k for k in fields if len({_config_value(records[i], k) for i in idx}) > 1]
+        if varying:
+            for i in idx:
+                labels[i] = f"{label} ({', '.join(f'{k}={_config_value(records[i], k)}' for k in varying)})"
+    return labels
+
+
 def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> Figure:
     """Prefill tok/s against prompt length and decode tok/s against batch size."""
     fig, (ax_pre, ax_dec) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
@@ -273,10 +307,16 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
     for file in sources:
         source = Path(file).stem
         groups: dict[tuple[str, str], dict[int, list[float]]] = {}
-        for r in read_bench(file):
+        records = read_bench(file)
+        base = {}
+        for i, r in enumerate(records):
             label = _series_label(source if len(sources) > 1 or not r.get("side") else "ours", r)
             if len(sources) > 1 and r.get("side"):
                 label = f"{source}: {label}"
+            base[i] = label
+        labels = _bench_labels(base, records)
+        for i, r in enumerate(records):
+            label = labels[i]
             x = r.get("length") if r["kind"] == "prefill" else r.get("batch")
             if x is None:
                 continue
