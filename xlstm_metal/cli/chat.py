@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import re
 import sys
 from typing import Callable, TextIO
@@ -41,8 +42,11 @@ _COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
 
 def unknown_command(line: str) -> str | None:
     """The message for a stripped, non-empty ``line`` that names no command but reads like one,
-    else None."""
-    word = line.split(maxsplit=1)[0]
+    or names one with words after it (``/reset now``, ``/quit please``: those were sent to the
+    model as a turn, the conversation neither reset nor ended), else None."""
+    word, *rest = line.split(maxsplit=1)
+    if word in COMMANDS and rest:
+        return f"({word} takes nothing after it; start the line with // to send it as text)"
     if not _COMMAND_LIKE.fullmatch(word) or word in COMMANDS:
         return None
     close = difflib.get_close_matches(word, COMMANDS, n=1)
@@ -88,8 +92,8 @@ def chat_loop(
     err = err or sys.stderr
     if runner.tokenizer is None:
         raise UsageError("chat needs a tokenizer (tokenizer.json in the model directory)")
-    try:  # line editing and history where the platform has it
-        import readline  # noqa: F401
+    try:  # line editing and history where the platform has it (importing it is enough)
+        importlib.import_module("readline")
     except ImportError:
         pass
     kwargs = sampling_kwargs(args)
