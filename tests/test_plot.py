@@ -87,6 +87,23 @@ def test_training_runs_overlaid(tmp_path):
     assert list(_axis(fig, "training loss by tokens").lines[0].get_xdata()) == [1000, 2000]
 
 
+def test_training_runs_of_one_name_are_told_apart(tmp_path):
+    """runs/lr1/m and runs/lr2/m were both labelled "m": the legend could not say which line was
+    which run."""
+    for name, loss in (("lr1", 5.0), ("lr2", 3.0)):
+        run = tmp_path / name / "m"
+        run.mkdir(parents=True)
+        _write_jsonl(run / "metrics.jsonl", [{"kind": "train", "step": 10, "loss": loss, "lr": 1e-3, "tokens": 100},
+                                             {"kind": "eval", "step": 10, "val_loss": loss + 0.5}])
+    (tmp_path / "solo").mkdir()
+    _write_jsonl(tmp_path / "solo" / "metrics.jsonl", [{"kind": "train", "step": 10, "loss": 4.0}])
+    fig = plot_training([tmp_path / "lr1" / "m", tmp_path / "lr2" / "m" / "metrics.jsonl", tmp_path / "solo"])
+    lines = {line.get_label(): list(line.get_ydata()) for line in _axis(fig, "loss").lines}
+    assert lines == {"lr1/m train": [5.0], "lr1/m validation": [5.5], "lr2/m train": [3.0],
+                     "lr2/m validation": [3.5], "solo train": [4.0]}
+    assert [line.get_label() for line in _axis(fig, "validation perplexity").lines] == ["lr1/m", "lr2/m"]
+
+
 def test_bench_plot_medians_per_side(tmp_path):
     _write_jsonl(tmp_path / "bench.jsonl", [
         {"kind": "prefill", "batch": 1, "length": 512, "tok_s": 100.0},

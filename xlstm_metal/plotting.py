@@ -201,11 +201,9 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
     (ax_loss, ax_tok), (ax_ppl, ax_lr) = axes
     count = 0
-    for run in runs:
-        p = Path(run)
-        path = p / "metrics.jsonl" if p.is_dir() else p
+    paths = [Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run) for run in runs]
+    for path, label in zip(paths, _run_labels([path.parent for path in paths])):
         records = _metrics(path)
-        label = path.parent.name
         train = [r for r in records if r.get("kind") == "train" and "loss" in r]
         evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
         if not train and not evals:
@@ -238,6 +236,20 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
     fig.suptitle(title or f"training: {count} run(s)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _run_labels(dirs: list[Path]) -> list[str]:
+    """Each run directory's name, with as many of its parent folders as it takes to tell it from
+    the other runs (runs/lr1/m and runs/lr2/m: "lr1/m" and "lr2/m"; both were "m")."""
+    full = [d.resolve().parts for d in dirs]
+    labels = []
+    for parts in full:
+        others = [o for o in full if o != parts]
+        n = 1
+        while n < len(parts) and any(o[-n:] == parts[-n:] for o in others):
+            n += 1
+        labels.append(str(Path(*parts[-n:])) if n < len(parts) else str(Path(*parts)))
+    return labels
 
 
 def _tokens_at(train: list[dict], evals: list[dict]) -> list[float] | None:
