@@ -180,6 +180,21 @@ def test_bench_plot_keeps_configurations_apart(tmp_path):
     assert [line.get_label() for line in _axis(fig, "decode").lines] == ["c"]
 
 
+def test_bench_files_of_one_name_are_told_apart(tmp_path):
+    """mac/bench.jsonl and linux/bench.jsonl were both "bench", drawn in one colour."""
+    for name, tok_s in (("mac", 50.0), ("linux", 20.0)):
+        (tmp_path / name).mkdir()
+        _write_jsonl(tmp_path / name / "bench.jsonl", [{"kind": "decode", "batch": 1, "length": 8, "tok_s": tok_s}])
+    _write_jsonl(tmp_path / "mac" / "cpu.jsonl", [{"kind": "decode", "batch": 1, "length": 8, "tok_s": 7.0}])
+    (tmp_path / "mac" / "cpu.json").write_text(json.dumps({"records": [{"kind": "decode", "batch": 1, "tok_s": 9.0}]}))
+    fig = plot_bench([tmp_path / "mac" / "bench.jsonl", tmp_path / "linux" / "bench.jsonl",
+                      tmp_path / "mac" / "cpu.jsonl", tmp_path / "mac" / "cpu.json"])
+    dec = _axis(fig, "decode")
+    lines = {line.get_label(): list(line.get_ydata()) for line in dec.lines}
+    assert lines == {"mac/bench": [50.0], "linux/bench": [20.0], "cpu.jsonl": [7.0], "cpu.json": [9.0]}
+    assert len({matplotlib.colors.to_hex(line.get_color()) for line in dec.lines}) == 4
+
+
 def test_plot_cli(tmp_path, capsys):
     _write_jsonl(tmp_path / "b.jsonl", [{"kind": "decode", "batch": 1, "tok_s": 3.0}])
     assert main(["plot", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "o.svg")]) == 0

@@ -241,7 +241,22 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
 def _run_labels(dirs: list[Path]) -> list[str]:
     """Each run directory's name, with as many of its parent folders as it takes to tell it from
     the other runs (runs/lr1/m and runs/lr2/m: "lr1/m" and "lr2/m"; both were "m")."""
-    full = [d.resolve().parts for d in dirs]
+    return _distinct_names([d.resolve().parts for d in dirs])
+
+
+def _file_labels(files: list[Path]) -> list[str]:
+    """Each file's stem, with as many parent folders as it takes to tell it from the other files
+    (mac/bench.jsonl and linux/bench.jsonl: "mac/bench" and "linux/bench"; both were "bench", drawn
+    in one colour); files that differ only in their suffix keep it (cpu.json, cpu.jsonl)."""
+    full = [f.resolve() for f in files]
+    labels = _distinct_names([(*f.parent.parts, f.stem) for f in full])
+    names = _distinct_names([f.parts for f in full])
+    return [names[i] if any(labels[j] == label and full[j] != full[i] for j in range(len(full))) else label
+            for i, label in enumerate(labels)]
+
+
+def _distinct_names(full: list[tuple[str, ...]]) -> list[str]:
+    """The shortest trailing part of each path (as parts) that no other, different path shares."""
     labels = []
     for parts in full:
         others = [o for o in full if o != parts]
@@ -316,8 +331,7 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
             styles[label] = (f"C{n % 10}", "osd^v<>"[(n // 10) % 7])
         return styles[label]
 
-    for file in sources:
-        source = Path(file).stem
+    for file, source in zip(sources, _file_labels([Path(f) for f in sources])):
         groups: dict[tuple[str, str], dict[int, list[float]]] = {}
         records = read_bench(file)
         base = {}
