@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 from mlx_lm.tokenizer_utils import _byte_decoder  # the byte-level BPE alphabet mlx-lm's detokenizer reads
 
 #: The chat page, shipped in the package (one file: HTML, CSS and JavaScript, no CDN).
@@ -121,6 +121,9 @@ MAX_BODY_BYTES = 64 * 2**20
 MAX_CONTEXT_SIZE = 2**31 - 1
 #: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position).
 MAX_COMPLETION_LOGPROBS = 5
+#: SentencePiece's space ("▁x" is " x"), and its byte-fallback tokens' names (<0xF0>: the byte 0xF0).
+SPM_SPACE = "\u2581"
+BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 #: Seconds between looks at a waiting request's client (gone?) while no token arrives.
 POLL_S = 0.1
 #: Seconds :meth:`Server.close` waits, in all, for the server's threads to end (a request in
@@ -1238,7 +1241,12 @@ class APIHandler(mlx_server.APIHandler):
         """``responses``, each kept for the logprobs of the next chunk (an EOS is no part of the reply)."""
         tokenizer = self.response_generator.model_provider.tokenizer
         eos, self._pieces, self._pending = set(tokenizer.eos_token_ids), {}, []
-        self._byte_level = isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)
+        detokenizer = tokenizer.detokenizer
+        self._byte_level = isinstance(detokenizer, BPEStreamingDetokenizer)
+        # SentencePiece's (Llama's, Mistral's tokenizer.json): each token's bytes, byte-fallback
+        # tokens (<0xF0>) as their byte, "▁" as it is (a space in the text).
+        self._spm_bytes = detokenizer.tokenmap if isinstance(detokenizer, SPMStreamingDetokenizer) else None
+        self._trim_space = self._byte_level or (self._spm_bytes is not None and detokenizer.trim_space)
         self._offset = len(self.body.get("prompt") or "")
         # The reply's text as its tokens' bytes decode, for text_offset: a character split
         # across tokens comes out (and counts) at the token that completes it.
@@ -1250,14 +1258,23 @@ class APIHandler(mlx_server.APIHandler):
 
     def _piece(self, token: int) -> tuple[str, list[int]]:
         """A token's text and bytes: a byte-level BPE token's own bytes (part of a character, at
-        times), else its text's UTF-8."""
+        times); a SentencePiece token's, as mlx-lm's detokenizer reads them: a byte-fallback
+        token (``<0xF0>``) is its byte, "▁" a space ("▁x" is " x"); else its text's UTF-8, but a
+        byte-fallback token is its byte there too. Decoded alone through the tokenizer's
+        decoder, a byte-fallback token is "\\ufffd" unless its byte is a whole character, and a
+        SentencePiece decoder's Strip drops a token's leading space ("▁x" is "x")."""
         if token not in self._pieces:
             tokenizer = self.response_generator.model_provider.tokenizer
             name, decoder = tokenizer.convert_ids_to_tokens(token), _byte_decoder()
             if self._byte_level and all(c in decoder for c in name):
                 raw = bytes(decoder[c] for c in name)
+            elif self._spm_bytes is not None and token < len(self._spm_bytes):
+                raw = self._spm_bytes[token].replace(SPM_SPACE.encode(), b" ")
             else:
-                raw = tokenizer.decode([token], clean_up_tokenization_spaces=False).encode()
+                text = tokenizer.decode([token], clean_up_tokenization_spaces=False)
+                byte = BYTE_FALLBACK_TOKEN.fullmatch(name or "")
+                # a byte-fallback token (the decoder reads it as a byte), not a text that looks like one
+                raw = bytes([int(byte[1], 16)]) if byte and text != name else text.encode()
             self._pieces[token] = (raw.decode("utf-8", errors="replace"), list(raw))
         return self._pieces[token]
 
@@ -1300,12 +1317,16 @@ class APIHandler(mlx_server.APIHandler):
         adds the character; bytes that can never form one add a U+FFFD each, as the
         detokenizer decodes them. The token's own string (its bytes decoded with replacement)
         was counted before: "\\ufffd" for each part, so the offsets ran past the text. mlx-lm's
-        byte-level detokenizer drops the reply's leading space, and so does the count."""
+        byte-level detokenizer drops the reply's leading space, its SentencePiece one (Llama's
+        Strip decoder) that of each text it puts out until one is left, and so does the count;
+        the SentencePiece one reads "▁" as a space, whole or spelled in byte-fallback tokens."""
         text = self._reply_text.decode(bytes(raw))
+        if self._spm_bytes is not None:
+            text = text.replace(SPM_SPACE, " ")
         if text and not self._reply_started:
-            self._reply_started = True
-            if self._byte_level and text[0] == " ":
+            if self._trim_space and text[0] == " ":
                 text = text[1:]
+            self._reply_started = bool(text) or self._spm_bytes is None
         return len(text)
 
     def _check_logprobs(self) -> None:
