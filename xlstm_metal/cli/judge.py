@@ -42,9 +42,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def source_names(files: list[Path]) -> list[str]:
+    """Each file's name, with as many of its parent folders as it takes to tell it from the other
+    files (two tune sweeps' outputs: a/outputs/trial-0000.jsonl and b/outputs/trial-0000.jsonl;
+    both rows said "trial-0000.jsonl", so a rating could not be traced to its sweep)."""
+    full = [f.resolve().parts for f in files]
+    names = []
+    for parts in full:
+        others = [o for o in full if o != parts]
+        n = 1
+        while n < len(parts) and any(o[-n:] == parts[-n:] for o in others):
+            n += 1
+        names.append(str(Path(*parts[-n:])))
+    return names
+
+
 def read_records(sources: list[str]) -> list[dict]:
     """Records of every JSON Lines file (directories: their *.jsonl, sorted), each with a
-    "source" (file name) and "line" added; UsageError naming the file and line when bad."""
+    "source" (file name; with parent folders where files of one name are given) and "line"
+    added; UsageError naming the file and line when bad."""
     files: list[Path] = []
     for spec in sources:
         path = Path(spec)
@@ -58,7 +74,7 @@ def read_records(sources: list[str]) -> list[dict]:
         else:
             raise UsageError(f"--outputs: no such file or directory: {path}")
     records = []
-    for file in files:
+    for file, source in zip(files, source_names(files)):
         for n, record in read_jsonl(file, UsageError):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UsageError(f"{file}:{n}: a record needs a string 'text' field")
@@ -66,7 +82,7 @@ def read_records(sources: list[str]) -> list[dict]:
                 raise UsageError(f"{file}:{n}: 'prompt' must be a string")
             for key in ("text", "prompt"):
                 check_unicode(record.get(key) or "", f"{file}:{n}: '{key}'", UsageError)
-            records.append({"source": file.name, "line": n, **record})
+            records.append({"source": source, "line": n, **record})
     if not records:
         raise UsageError("no records in --outputs")
     return records

@@ -1,0 +1,43 @@
+"""`xlstm-metal judge` on a tiny checkpoint: where each rating comes from, and its help."""
+
+import json
+
+import pytest
+from conftest import tiny_model
+from test_tokenizer import train_tiny_tokenizer
+
+from xlstm_metal.cli import main
+from xlstm_metal.generation import load_tokenizer
+from xlstm_metal.judge import judge_record
+from xlstm_metal.loading import load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judge-ckpt")
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(4, vocab_size=hf.get_vocab_size()), path)
+    hf.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_files_of_one_name_keep_their_folders_in_source(tmp_path, ckpt):
+    """Two tune sweeps' outputs (a/outputs/trial-0000.jsonl, b/outputs/trial-0000.jsonl) were both
+    rated as source "trial-0000.jsonl": a rating could not be traced to its sweep."""
+    texts = {"a": "the quick brown fox", "b": "the the the the"}
+    for sweep, text in texts.items():
+        (tmp_path / sweep / "outputs").mkdir(parents=True)
+        (tmp_path / sweep / "outputs" / "trial-0000.jsonl").write_text(
+            json.dumps({"trial": 0, "prompt": "the", "text": text}) + "\n")
+    (tmp_path / "a" / "outputs" / "trial-0001.jsonl").write_text(json.dumps({"trial": 1, "text": "fox"}) + "\n")
+    out = tmp_path / "ratings"
+    assert main(["judge", "-m", str(ckpt), "--outputs", str(tmp_path / "a" / "outputs"),
+                 str(tmp_path / "b" / "outputs"), "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "ratings.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["a/outputs/trial-0000.jsonl", "trial-0001.jsonl",
+                                           "b/outputs/trial-0000.jsonl"]
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    for row, sweep in ((rows[0], "a"), (rows[2], "b")):
+        want = judge_record(model, tok, {"prompt": "the", "text": texts[sweep]})
+        assert row["mean_logprob"] == pytest.approx(want["mean_logprob"], rel=1e-5)
+        assert row["distinct_1"] == want["distinct_1"]
