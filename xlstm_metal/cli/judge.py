@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="judge model dtype (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing ratings in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (it shows only at a terminal anyway)")
     p.set_defaults(func=run)
     return p
 
