@@ -138,8 +138,10 @@ def _run_ours(model, prompt: np.ndarray, decode: np.ndarray):
 
 # ------------------------------------------------------------------------------ NX-AI's side
 def nxai_available() -> bool:
+    import importlib
+
     try:
-        import xlstm.xlstm_large.model  # noqa: F401
+        importlib.import_module("xlstm.xlstm_large.model")
     except Exception:
         return False
     return True
