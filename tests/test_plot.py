@@ -39,6 +39,7 @@ def test_tune_plot_data(tmp_path):
     best = _axis(fig, "best so far")
     assert list(best.lines[0].get_xdata()) == [0, 2, 3] and list(best.lines[0].get_ydata()) == [10, 30, 30]
     assert list(best.lines[2].get_xdata()) == [1]  # the rejected trial, marked, not ranked
+    assert best.get_ylabel() == "sqrt(prefill x decode) tok/s"  # what --metric both maximizes, not "both"
     scatter = _axis(fig, "prefill vs decode").collections[0].get_offsets()
     assert np.array_equal(np.asarray(scatter), [[100, 1], [300, 3], [200, 2]])
     chunk = np.asarray(_axis(fig, "chunk_size").collections[0].get_offsets())

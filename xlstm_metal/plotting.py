@@ -115,6 +115,11 @@ def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+#: What a speed sweep's value is, by --metric ("both": the geometric mean of the two rates).
+_METRIC_LABELS = {("speed", "prefill"): "prefill tok/s", ("speed", "decode"): "decode tok/s",
+                  ("speed", "both"): "sqrt(prefill x decode) tok/s"}
+
+
 def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
     """A tune directory's trials: objective vs each parameter, prefill vs decode, best so far."""
     d = Path(directory)
@@ -129,7 +134,7 @@ def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
         best = read_json_object(best_path, PlotError)
         objective = {"objective": best.get("objective", ""), "metric": best.get("metric", "value"),
                      "direction": best.get("direction", "maximize")}
-    metric = objective.get("metric", "value")
+    metric = _METRIC_LABELS.get((objective.get("objective"), objective.get("metric")), objective.get("metric", "value"))
     maximize = objective.get("direction", "maximize") == "maximize"
     done = [r for r in records if r.get("status") == "complete" and r.get("value") is not None]
     if not done:
