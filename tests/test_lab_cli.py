@@ -117,7 +117,7 @@ def test_evolve_resume_after_interruption_gives_the_uninterrupted_search(tmp_pat
 
     calls = {"n": 0, "stop_at": None}
 
-    def fake_run_task(arch, task, preset, *, seed=0, epochs=None, progress=False):
+    def fake_run_task(arch, task, preset, *, seed=0, epochs=None, progress=False, safe_point=None):
         calls["n"] += 1
         if calls["stop_at"] is not None and calls["n"] == calls["stop_at"]:
             raise KeyboardInterrupt

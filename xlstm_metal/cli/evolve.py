@@ -126,7 +126,9 @@ def run(args) -> int:
     common = dict(budget=args.budget, population=args.population, generations=args.generations, seed=args.seed,
                   min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim, num_heads=preset.num_heads,
                   vocab_size=vocab, on_candidate=report, progress=sys.stderr.isatty(), known=known)
-    score = mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs)
+    # Between training steps too: a hard memory limit stops the search within a step.
+    score = mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs, safe_point=lambda: job.check(
+        note=f"{scored[0]} candidates were scored and are in {out / 'history.jsonl'} (--resume continues)"))
     try:
         if args.engine == "optuna":
             try:

@@ -112,9 +112,10 @@ def run(args) -> int:
     job = current_job()  # `xlstm-metal top`; between tasks a memory-watchdog safe point
     for name in tqdm(tasks, desc=f"MAD {label}", unit="task", disable=args.json or not sys.stderr.isatty()):
         job.update(phase="mad", done=len(results), total=len(tasks), unit="tasks", message=f"task {name}")
-        job.check(note=f"{len(results)} of {len(tasks)} tasks were scored; nothing was written")
+        note = f"{len(results)} of {len(tasks)} tasks were scored; nothing was written"
+        job.check(note=note)
         results.append(run_task(args.arch, name, preset, seed=args.seed, progress=sys.stderr.isatty(),
-                                epochs=args.epochs))
+                                epochs=args.epochs, safe_point=lambda: job.check(note=note)))
         r = results[-1]
         print(f"{r.task}: accuracy {r.accuracy:.3f} (chance {r.chance:.3f}, {r.steps} steps, {r.seconds:.0f}s)",
               file=sys.stderr)

@@ -57,10 +57,11 @@ def count_parameters(arch: dict[str, Any], vocab_size: int, dim: int, num_heads:
 
 
 def mad_score_fn(tasks: list[str], preset: str = "tiny", *, seed: int = 0, epochs: int | None = None,
-                 progress: bool = False) -> ScoreFn:
-    """Score = accuracy per MAD task of a freshly trained model."""
+                 progress: bool = False, safe_point: Callable[[], None] | None = None) -> ScoreFn:
+    """Score = accuracy per MAD task of a freshly trained model (``safe_point``: see :func:`run_task`)."""
     def score(arch: dict[str, Any]) -> dict[str, float]:
-        return {t: run_task(arch, t, preset, seed=seed, epochs=epochs, progress=progress).accuracy for t in tasks}
+        return {t: run_task(arch, t, preset, seed=seed, epochs=epochs, progress=progress,
+                            safe_point=safe_point).accuracy for t in tasks}
 
     return score
 

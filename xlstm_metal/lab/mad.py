@@ -28,6 +28,7 @@ import numpy as np
 
 from ..cells.norms import RMSNorm
 from ..cells.xlstm_2024 import Module2024
+from ..monitor import current_job
 from .model import LabModel, build_model
 
 IGNORE = -100
@@ -404,8 +405,13 @@ def chance_accuracy(task: TaskSpec) -> float:
 
 
 def run_task(arch, task_name: str, preset: Preset | str = "tiny", *, seed: int = 0, progress: bool = False,
-             epochs: int | None = None) -> TaskResult:
-    """Train a fresh model of ``arch`` on one MAD task and score it on the test split."""
+             epochs: int | None = None, safe_point: Callable[[], None] | None = None) -> TaskResult:
+    """Train a fresh model of ``arch`` on one MAD task and score it on the test split.
+
+    Inside a job (``xlstm-metal mad`` / ``evolve``) every training step publishes its step and
+    loss to the job's status record (``xlstm-metal top``) and is a memory-watchdog safe point:
+    ``safe_point`` (default: the job's ``check``) runs after each step, so a hard memory limit
+    stops the job within a step, not at the end of the task."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     task = preset.task(task_name)
     settings = dict(task.settings)
@@ -451,7 +457,10 @@ def run_task(arch, task_name: str, preset: Preset | str = "tiny", *, seed: int =
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=task_name, unit="step", leave=False)
+    job = current_job()  # a no-op outside a job
+    check = safe_point or job.check
     loss = mx.array(0.0)
+    step = 0
     net.train()
     for _ in range(epochs):
         order = rng.permutation(task.num_train)
@@ -459,10 +468,13 @@ def run_task(arch, task_name: str, preset: Preset | str = "tiny", *, seed: int =
             idx = order[b * preset.batch_size : (b + 1) * preset.batch_size]
             loss = train_step(mx.array(train_x[idx]), mx.array(train_y[idx]))
             mx.eval(loss, state)
+            step += 1
+            job.update(step=step, loss=loss.item(), lr=opt.learning_rate.item())  # evaluated: no extra sync
             if bar is not None:
                 bar.update(1)
                 if b % 20 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
+            check()
     if bar is not None:
         bar.close()
     net.eval()
