@@ -104,16 +104,29 @@ def run(args) -> int:
                 "budget": args.budget, "seed": args.seed, "population": args.population,
                 "min_blocks": args.min_blocks, "max_blocks": args.max_blocks, "start": start}
     known = _resume(out, settings) if args.resume else {}
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
     history: list[dict] = []
+    begun = [False]
+
+    def begin() -> None:
+        # The search's files are written from its first scored candidate on: a search that fails
+        # or is stopped before one leaves --out as it was (the search an --overwrite would replace
+        # included); from there on none of a replaced search's results stand beside this one's.
+        if begun[0]:
+            return
+        begun[0] = True
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for path in [out / name for name in ("summary.json", "evolution.png", "history.jsonl")] + \
+                    [p for p in out.glob("best-*.yaml") if p.stem[len("best-"):].isdigit() and p.is_file()]:
+                path.unlink(missing_ok=True)
+        atomic_write_text(out / "search.json", json.dumps({**settings, "generations": args.generations}, indent=2))
 
     total = args.population * args.generations if args.engine == "optuna" else \
         planned_candidates(args.population, args.generations)
     job, scored = current_job(), [0]  # `xlstm-metal top`; after each candidate a memory-watchdog safe point
 
     def report(cand) -> None:
+        begin()
         history.append(cand.record())
         write_history(history, out / "history.jsonl")  # an interrupted search keeps what it scored
         print(f"gen {cand.generation} fitness {cand.fitness:.3f} params {cand.parameters:,}: "
@@ -138,12 +151,7 @@ def run(args) -> int:
             result = evolve_optuna(score, **common)
         else:
             result = evolve(score, start=start, **common)
-    except ValueError as err:  # e.g. no architecture fits the budget: a fresh search leaves nothing behind
-        if not args.resume and not history:
-            for name in ("search.json", "history.jsonl"):
-                (out / name).unlink(missing_ok=True)
-            if created:
-                out.rmdir()
+    except ValueError as err:  # e.g. no architecture fits the budget: nothing was written (see begin)
         raise UsageError(str(err)) from None
     written = write_outputs(result, out, top=args.top, meta={
         "tasks": tasks, "preset": args.preset, "epochs": args.epochs, "budget": args.budget, "seed": args.seed,
