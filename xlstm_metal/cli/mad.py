@@ -125,6 +125,11 @@ def run(args) -> int:
     atomic_write_text(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
                                             "aggregate": mean, "tasks": payload}, indent=2))
     plot_results(results, plot_path, f"MAD {label} ({args.preset}, seed {args.seed})")
+    if args.overwrite:  # the replaced run's plot in the other format would read as this run's
+        for other in {"png", "svg"} - {plot_path.suffix[1:]}:
+            stale = out / f"accuracy.{other}"
+            if stale.is_file():
+                stale.unlink()
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
