@@ -75,3 +75,35 @@ def test_mad_cli_stops_at_the_hard_limit_within_a_task(tmp_path, monkeypatch, ca
     assert "reached the hard limit 5.00 GB (--mem-hard 5GB)" in err and "0 of 1 tasks were scored" in err
     assert 3 <= max(seen) < 200  # stopped during the task's 200 steps
     assert not out.exists()  # nothing written
+
+
+def test_evolve_stopped_before_its_first_candidate_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    # As above, within the first candidate's training: nothing was scored, so nothing was written,
+    # and the note must not send the user to --resume (it said "0 candidates ... (--resume continues)").
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XLSTM_MEM_POLL_MS", "10")
+
+    def fake_sampler(unified):
+        def sample():
+            step = current_job().fields.get("step") or 0 if current_job().command else 0
+            usage = 6_000_000_000 if step >= 3 else 100_000_000
+            return MemorySample(0.0, usage, usage, 0, 0, 0)
+        return sample
+
+    monkeypatch.setattr(watchdog_module, "default_sampler", fake_sampler)
+    out = tmp_path / "e"
+    rc = main(["evolve", "--budget", "200000", "--population", "2", "--generations", "1", "--tasks", "memorization",
+               "--epochs", "50", "--out", str(out), "--mem-hard", "5GB", "--seed", "0"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "no candidate was scored yet" in err and "--resume continues" not in err
+    assert not out.exists()
+
+
+def test_a_mad_job_names_its_architecture_as_its_model():
+    # `xlstm-metal top` shows a job's model: mad's is its --arch (it showed "-").
+    from xlstm_metal.cli import build_parser
+    from xlstm_metal.monitor.job import job_from_args
+
+    args = build_parser().parse_args(["mad", "--arch", "hybrid", "--tasks", "memorization", "--out", "x"])
+    assert job_from_args(args).fields["model"] == "hybrid"

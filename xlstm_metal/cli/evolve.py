@@ -16,6 +16,7 @@ runs the search through the tuning machinery (Optuna's NSGA-II genetic sampler).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -125,6 +126,12 @@ def run(args) -> int:
         planned_candidates(args.population, args.generations)
     job, scored = current_job(), [0]  # `xlstm-metal top`; after each candidate a memory-watchdog safe point
 
+    def stop_note() -> str:
+        """What a stop leaves: the candidates scored so far (none: nothing was written to resume)."""
+        if scored[0] == 0:
+            return f"no candidate was scored yet, so nothing was written to {out} (--resume has nothing to continue)"
+        return f"{scored[0]} candidates were scored and are in {out / 'history.jsonl'} (--resume continues)"
+
     def report(cand) -> None:
         begin()
         history.append(cand.record())
@@ -134,20 +141,17 @@ def run(args) -> int:
         scored[0] += 1
         job.update(phase="evolve", done=scored[0], total=total, unit="candidates",
                    message=f"generation {cand.generation}, last fitness {cand.fitness:.3f}")
-        job.check(note=f"{scored[0]} candidates were scored and are in {out / 'history.jsonl'} (--resume continues)")
+        job.check(note=stop_note())
 
     common = dict(budget=args.budget, population=args.population, generations=args.generations, seed=args.seed,
                   min_blocks=args.min_blocks, max_blocks=args.max_blocks, dim=preset.dim, num_heads=preset.num_heads,
                   vocab_size=vocab, on_candidate=report, progress=sys.stderr.isatty(), known=known)
     # Between training steps too: a hard memory limit stops the search within a step.
-    score = mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs, safe_point=lambda: job.check(
-        note=f"{scored[0]} candidates were scored and are in {out / 'history.jsonl'} (--resume continues)"))
+    score = mad_score_fn(tasks, args.preset, seed=args.seed, epochs=args.epochs, safe_point=lambda: job.check(note=stop_note()))
     try:
         if args.engine == "optuna":
-            try:
-                import optuna  # noqa: F401
-            except ImportError:
-                raise UsageError("--engine optuna needs optuna (pip install optuna)") from None
+            if importlib.util.find_spec("optuna") is None:
+                raise UsageError("--engine optuna needs optuna (pip install optuna)")
             result = evolve_optuna(score, **common)
         else:
             result = evolve(score, start=start, **common)

@@ -1,6 +1,6 @@
 """`xlstm-metal top` (also the `xltop` command): a live monitor of every running xlstm-metal job.
 
-Every job (generate, chat, serve, train, bench, convert, tune) publishes a status record about
+Every job (generate, chat, serve, train, bench, convert, tune, mad, evolve) publishes a status record about
 once a second; top lists them with the machine's CPU, RAM and GPUs. Keys in the terminal UI:
 up/down select, s sort (pid, command, tok/s, memory, progress), r reverse, k kill the selected
 job (SIGTERM, asks first), c ask it to clear its MLX cache, + / - refresh faster / slower,

@@ -555,7 +555,7 @@ def job_from_args(args: argparse.Namespace) -> JobStatus:
             f"XLSTM_MEM_WATCHDOG={os.environ.get('XLSTM_MEM_WATCHDOG', '')}"
         raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} the memory watchdog, which "
                          f"{why} turns off: leave out one or the other")
-    model = next((str(getattr(args, name)) for name in ("model", "init_from", "config", "shape", "source", "input")
+    model = next((str(getattr(args, name)) for name in ("model", "init_from", "config", "shape", "source", "input", "arch")
                   if getattr(args, name, None)), "packaged model" if args.command in ("generate", "chat") else None)
     return JobStatus(args.command, model, watchdog=config,
                      hard_action="refuse" if args.command == "serve" else "stop")
