@@ -301,6 +301,26 @@ dataset:
     assert rel_err(np_(ours(mx.array(ids))[0]), torch_logits(model, ids)) <= TOL
 
 
+def test_tied_checkpoint_saved_by_safetensors_save_model(tmp_path):
+    """safetensors' save_model (how shared tensors are saved: save_file refuses them) keeps one
+    name of a tied pair, lm_head.weight; the embedding loads from it (and gives vocab_size)."""
+    from safetensors.torch import load_file, save_model as st_save_model
+
+    model, cfg = official(seed=17, tie=True)
+    path = tmp_path / "tied"
+    path.mkdir()
+    st_save_model(model, str(path / "model.safetensors"))
+    stored = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" in stored and "token_embedding.weight" not in stored
+    d = dataclasses.asdict(cfg)
+    d["vocab_size"] = "${dataset.vocab_size}"  # left to the weights
+    (path / "config.yaml").write_text(yaml.safe_dump(d))
+    ours = load_model(path)
+    assert ours.config.tie_weights and ours.config.vocab_size == V and "lm_head" not in ours
+    ids = ids_for(seed=17)
+    assert rel_err(np_(ours(mx.array(ids))[0]), torch_logits(model, ids)) <= TOL
+
+
 def test_readme_style_yaml_without_vocab_size(tmp_path):
     """NX-AI's README config is a block-stack config (no vocab_size; sLSTM backend "cuda"):
     the vocabulary comes from token_embedding.weight, the sLSTM layout from the kernel's shape."""

@@ -358,6 +358,13 @@ def model_from_checkpoint(
         if R is not None and R.ndim == 3 and R.shape[1] != R.shape[2]:
             config.slstm_block.slstm.backend = "vanilla" if R.shape[1] == 4 * R.shape[2] else "cuda"
     config.slstm_at = slstm_at
+    weights = dict(weights)
+    if config.tie_weights:
+        # NX-AI's state_dict lists the tied tensor twice; safetensors' save_model (the way to
+        # save shared tensors) keeps one name of the two, the sorted first: lm_head.weight.
+        head = weights.pop("lm_head.weight", None)
+        if head is not None and "token_embedding.weight" not in weights:
+            weights["token_embedding.weight"] = head
     emb = weights.get("token_embedding.weight")
     if (isinstance(config.vocab_size, bool) or not isinstance(config.vocab_size, int) or config.vocab_size <= 0) \
             and emb is not None and emb.ndim == 2:
@@ -367,9 +374,6 @@ def model_from_checkpoint(
         model = xLSTMLMModel(config, mlstm_kernel=mlstm_kernel, chunk_size=chunk_size, init=False)
     except (ConfigError, ValueError) as err:
         raise CheckpointError(f"{source}: {err}") from None
-    weights = dict(weights)
-    if config.tie_weights:
-        weights.pop("lm_head.weight", None)  # NX-AI's state_dict lists the tied tensor twice
     if dtype is not None:
         target = getattr(mx, dtype) if isinstance(dtype, str) else dtype
         weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
