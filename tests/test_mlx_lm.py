@@ -173,6 +173,24 @@ def test_sanitize_reads_nxai_native_names():
     np.testing.assert_array_equal(np.array(mlm(ids)), np.array(model(ids)[0]))
 
 
+def test_sanitize_of_a_tied_2024_checkpoint_holding_only_the_lm_head():
+    # safetensors' save_model (how PyTorch saves shared tensors) keeps one name of a tied pair,
+    # lm_head.weight: sanitize dropped it, and the embedding was then missing.
+    from xlstm_metal.mlx_lm_model import Model, ModelArgs
+
+    source = model_2024(48)
+    config = source.config.to_dict()
+    config["tie_weights"] = True
+    mlm = Model(ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(source.parameters()))
+    weights["lm_head.weight"] = weights.pop("token_embedding.weight")
+    mlm.load_weights(list(mlm.sanitize(weights).items()))  # strict: every parameter set
+    np.testing.assert_array_equal(np.array(mlm.token_embedding.weight), np.array(source.token_embedding.weight))
+    both = dict(tree_flatten(source.parameters()))  # NX-AI's state_dict: the tied tensor under both names
+    both["lm_head.weight"] = both["token_embedding.weight"]
+    assert set(mlm.sanitize(both)) == set(both) - {"lm_head.weight"}
+
+
 def _dequantized_reference(float_dir, quant_dir):
     """The float model with every weight mlx_lm.convert quantized replaced by its dequantization."""
     reference = load_model(float_dir)

@@ -213,9 +213,15 @@ class Model2024(Model, xLSTMLMModel):
         xLSTMLMModel.__init__(self, xLSTMLMConfig.from_dict(args.config), init=False)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """NX-AI's state_dict lists a tied LM head twice; the names are ours already."""
+        """NX-AI's state_dict lists a tied LM head twice; the names are ours already. A tied
+        checkpoint written by safetensors' ``save_model`` (shared tensors) holds only
+        ``lm_head.weight``: it is the embedding (as :func:`xlstm_metal.loading.model_from_checkpoint`
+        reads it)."""
         if self.config.tie_weights:
-            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+            weights = dict(weights)
+            head = weights.pop("lm_head.weight", None)
+            if head is not None and "token_embedding.weight" not in weights:
+                weights["token_embedding.weight"] = head
         return weights
 
 
