@@ -92,3 +92,20 @@ def test_2024_constructor_block(tmp_path):
     assert model.blocks[7].xlstm.slstm_cell.head_dim == 192 and model.blocks[0].xlstm.num_heads == 4
     logits, state = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, 50304) and len(state) == 12
+
+
+def test_lab_wiring_block(tmp_path):
+    # The packaged model (quantized) stands in for the checkpoint; in float32 the wired model
+    # gives load_model's logits to round-off (a bf16 load_model keeps a float32 residual stream,
+    # which the wiring does not).
+    code = block_with("load_wired(").replace('"path/to/xlstm-large-checkpoint"', repr(str(DEFAULT_MODEL_DIR)))
+    ns: dict = {}
+    exec(compile(code, str(README), "exec"), ns)
+    x = mx.random.normal((2, 5, 16), key=mx.random.key(0))
+    y, _ = ns["block"](x)
+    assert y.shape == (2, 5, 16)
+    assert ns["model"].config.vocab_size == 16 and ns["model"].config.embedding_dim == 64
+    ids = mx.array([[0, 510, 3758, 1129, 7]])
+    ours = xlstm_metal.load_model(DEFAULT_MODEL_DIR, dtype="float32")
+    a, b = ours(ids)[0], ns["wired"](ids)[0]
+    assert (mx.max(mx.abs(a - b)) / mx.max(mx.abs(a))).item() < 1e-5

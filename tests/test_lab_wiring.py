@@ -336,6 +336,30 @@ def test_wired_xlstm_large_equals_the_hand_written_model(tmp_path):
     assert isinstance(loaded, LabModel) and rel(loaded(ids)[0], a) < 1e-5
 
 
+def test_a_quantized_checkpoint_loads_wired_with_its_dequantized_weights(tmp_path):
+    # The packaged model is quantized: load_wired refused it (the wiring's projection cells are
+    # no nn.Linear, so nn.quantize left them in float: 40 unexpected .scales/.biases).
+    from xlstm_metal.config import xLSTMConfig
+    from xlstm_metal.lab import load_wired
+    from xlstm_metal.models.xlstm_large import xLSTMLarge
+    from xlstm_metal.quantization import quantize_model
+    from xlstm_metal.training import init_xlstm_large
+
+    cfg = xLSTMConfig(embedding_dim=128, num_heads=4, num_blocks=2, vocab_size=97, chunk_size=16)
+    model = xLSTMLarge(cfg)
+    init_xlstm_large(model, 4)
+    quantize_model(model, bits=4, group_size=32)
+    xlstm_metal.save_model(model, tmp_path / "ckpt")
+    ours = xlstm_metal.load_model(tmp_path / "ckpt")
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in ours.named_modules())
+    wired = load_wired(tmp_path / "ckpt")
+    ids = mx.random.randint(0, 97, (2, 24))
+    assert rel(wired(ids)[0], ours(ids)[0]) < 1e-5
+    q = dict(ours.named_modules())["backbone.blocks.0.mlstm_layer.q"]
+    assert np.array_equal(np.array(dict(tree_flatten(wired.parameters()))["backbone.blocks.0.mlstm_layer.q.weight"]),
+                          np.array(mx.dequantize(q.weight, q.scales, q.biases, 32, 4)))
+
+
 def test_wired_slstm_2024_block_equals_the_hand_written_model(tmp_path):
     from xlstm_metal.models.xlstm_2024 import xLSTMLMConfig, model_from_config
 

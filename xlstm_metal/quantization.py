@@ -382,30 +382,30 @@ def _infer_params(width: int, weight: mx.array, scales: mx.array | None) -> dict
     return {"group_size": group_size, "bits": bits, "mode": "affine"}
 
 
+def dequantized_weight(module: nn.Module) -> mx.array:
+    """A quantized layer's weight in float, in the dtype of its scales: ``scale * q + bias``
+    computed in float32 and rounded once (MLX's dequantize in bf16 rounds the product and the
+    sum: 1-ulp errors in about half the weights)."""
+    f32 = mx.float32
+    weight = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
+                           module.group_size, module.bits)
+    return weight.astype(module.scales.dtype)
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized layer by a float one holding its dequantized weights (in the
     dtype of its scales), in place; returns the model. Forward results equal the quantized
-    model's up to float round-off.
-
-    ``scale * q + bias`` is computed in float32 and rounded once to the scales' dtype (MLX's
-    dequantize in bf16 rounds the product and the sum: 1-ulp errors in about half the weights)."""
-
-    def dequantize(module) -> mx.array:
-        f32 = mx.float32
-        weight = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
-                               module.group_size, module.bits)
-        return weight.astype(module.scales.dtype)
-
+    model's up to float round-off (:func:`dequantized_weight`)."""
     replacements = []
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
-            weight = dequantize(module)
+            weight = dequantized_weight(module)
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
             layer.weight = weight
             if "bias" in module:
                 layer.bias = module.bias
         elif isinstance(module, nn.QuantizedEmbedding):
-            weight = dequantize(module)
+            weight = dequantized_weight(module)
             layer = nn.Embedding(weight.shape[0], weight.shape[1])
             layer.weight = weight
         else:

@@ -325,12 +325,22 @@ def config_from_xlstm_2024(cfg) -> LabConfig:
 
 def wired_equivalent(model) -> LabModel:
     """A LabModel built from wiring specs that computes what the hand-written ``model``
-    (xLSTMLarge, or a 2024 sLSTM stack) computes, holding the same weights (shared arrays)."""
+    (xLSTMLarge, or a 2024 sLSTM stack) computes, holding the same weights (shared arrays).
+
+    A quantized layer's weight is held dequantized (in its scales' dtype: the wiring's
+    projection cells multiply float weights), so the wired model of a quantized model gives its
+    logits up to float round-off."""
     from ..loading import load_weights_strict
+    from ..quantization import dequantized_weight
 
     config = _equivalent_config(model.config)
     wired = LabModel(config)
     weights = dict(tree_flatten(model.parameters()))
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weights[f"{path}.weight"] = dequantized_weight(module)
+            weights.pop(f"{path}.scales")
+            weights.pop(f"{path}.biases", None)
     load_weights_strict(wired, weights, f"<{type(model).__name__}>")
     wired.eval()
     return wired
@@ -349,8 +359,10 @@ def _equivalent_config(cfg) -> LabConfig:
 
 
 def load_wired(path, dtype: str | None = None) -> LabModel:
-    """Load an xLSTM-Large or 2024 sLSTM checkpoint (the same files ``load_model`` reads) into its
-    wired equivalent."""
+    """Load an xLSTM-Large or 2024 sLSTM checkpoint (the same files ``load_model`` reads, quantized
+    ones too: see :func:`wired_equivalent`) into its wired equivalent. In float32 it gives
+    ``load_model``'s logits to round-off; in bf16 they differ more, as ``load_model`` keeps
+    xLSTM-Large's residual stream in float32 (``residual_dtype``) and the wiring does not."""
     from ..loading import load_model
 
     return wired_equivalent(load_model(path, dtype=dtype))
