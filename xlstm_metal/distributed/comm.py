@@ -247,6 +247,10 @@ def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scra
     if not np.asarray(needed).any():
         return local
     target = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-")) / (local.name or "data")
+    if need and "" not in theirs["files"]:
+        # A directory, made even when it holds no (visible) files: the rank then sees what rank
+        # 0 sees (an empty directory), not a path that does not exist.
+        target.mkdir(parents=True, exist_ok=True)
     for rel in theirs["files"]:
         src = local / rel if rel else local
         data = broadcast_bytes(src.read_bytes() if group.rank() == 0 else None, group)
