@@ -29,11 +29,19 @@ def _worker(out: Path) -> None:
             (tmp / name).mkdir()
             for f in files:
                 (tmp / name / f).write_text("x")
+        (tmp / "rank1_only").mkdir()  # rank 0 takes it for absent (below)
+        (tmp / "rank1_only" / "stale.txt").write_text("y")
     broadcast_json(None, group)  # the files exist before any rank looks
+    own = comm._manifest
+    if group.rank() == 0:
+        comm._manifest = lambda path: None if path.name == "rank1_only" else own(path)
+    missing = comm.share_path(tmp / "rank1_only", group, Path(tempfile.mkdtemp()))
+    seen_missing = {"exists": missing.exists(), "moved": str(missing) != str(tmp / "rank1_only")}
+    comm._manifest = own
     if group.rank() == 1:
         comm._manifest = lambda path: None  # as on another machine: rank 1 sees none of them
     scratch = Path(tempfile.mkdtemp())
-    seen = {}
+    seen = {"rank1_only": seen_missing}
     for name in cases:
         path = comm.share_path(tmp / name, group, scratch)
         seen[name] = {"is_dir": path.is_dir(), "moved": str(path) != str(tmp / name),
@@ -47,16 +55,20 @@ def _worker(out: Path) -> None:
                                    for r in range(group.size())]))
 
 
-def test_a_rank_without_the_files_gets_rank0s_directories_even_empty_ones(tmp_path):
+def test_a_rank_sees_what_rank0_sees_empty_directories_and_absent_paths_too(tmp_path):
     """An empty directory (or one holding only hidden files, which share_path skips) reached rank
     1 as a path that did not exist: `train DATA EMPTYDIR` failed there with 'data path not found:
     /tmp/xlstm-dist-.../EMPTYDIR' while rank 0 named the real problem. Now rank 1 gets an empty
-    directory of its own, like rank 0's."""
+    directory of its own, like rank 0's. And where rank 0 has nothing, a rank with its own files
+    under that path (another machine) failed with a TypeError traceback in share_path; now it
+    gets a path with nothing there, like rank 0 (which reports it)."""
     out = tmp_path / "views.json"
     proc = subprocess.run(launch_cmd(2, [sys.executable, __file__, out]), capture_output=True, text=True,
                           timeout=300)
     assert out.is_file(), proc.stdout[-2000:] + proc.stderr[-4000:]
     rank0, rank1 = json.loads(out.read_text())
+    assert rank0.pop("rank1_only") == {"exists": True, "moved": False}  # (it told itself it had none)
+    assert rank1.pop("rank1_only") == {"exists": False, "moved": True}
     assert rank0 == {"empty": {"is_dir": True, "moved": False, "files": []},
                      "hidden_only": {"is_dir": True, "moved": False, "files": [".notes"]},
                      "one_file": {"is_dir": True, "moved": False, "files": ["a.txt"]}}

@@ -233,7 +233,8 @@ def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scra
     A rank that already sees identical content under the same path (one machine, a shared file
     system, a copy) uses it as it is; any other rank receives the files from rank 0 into a new
     directory under ``scratch`` and gets that path. Every rank passes the same ``path`` (ranks
-    other than 0 may pass None). Returns None when rank 0 passed None.
+    other than 0 may pass None). Returns None when rank 0 passed None; where rank 0 has nothing
+    under ``path``, no rank gets a path with anything under it.
     """
     if group.size() == 1:
         return None if path is None else Path(path)
@@ -242,6 +243,12 @@ def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scra
     if theirs is None:
         return None
     local = Path(theirs["path"])
+    if theirs["files"] is None:
+        # Rank 0 has nothing there (it reports that): every rank sees nothing, where a rank with
+        # its own files there took them for rank 0's (and failed with a TypeError).
+        if group.rank() == 0 or not local.exists():
+            return local
+        return Path(tempfile.mkdtemp(dir=scratch, prefix="shared-")) / (local.name or "data")  # absent
     need = 0 if group.rank() == 0 else int(_manifest(local) != theirs["files"])
     needed = mx.distributed.all_gather(mx.array([need], dtype=mx.int32), group=group)
     if not np.asarray(needed).any():
