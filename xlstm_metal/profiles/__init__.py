@@ -293,6 +293,16 @@ def _float_params(model):
     return [(k, p) for k, p in tree_flatten(model.parameters()) if mx.issubdtype(p.dtype, mx.floating)]
 
 
+def _held_blocks(model) -> list:
+    """The blocks this process holds: a pipeline-parallel split
+    (:func:`xlstm_metal.distributed.pipeline_model`) leaves parameter-free
+    :class:`~xlstm_metal.distributed.PipelineGap` placeholders for the other ranks' blocks, which
+    have no layers to configure (each rank applies the profile to its own)."""
+    from ..distributed.pipeline import PipelineGap
+
+    return [block for block in model.blocks if not isinstance(block, PipelineGap)]
+
+
 def _apply_xlstm_large(model, profile: HyperProfile) -> None:
     import mlx.core as mx
 
@@ -306,7 +316,7 @@ def _apply_xlstm_large(model, profile: HyperProfile) -> None:
         model.fuse_projections()
     else:
         model.unfuse_projections()
-    for block in model.blocks:
+    for block in _held_blocks(model):
         layer = block.mlstm_layer
         for cell in (layer.parallel_kernel_cell, layer.recurrent_kernel_cell):
             cell.eps, cell.chunk_size = cfg.eps, cfg.chunk_size
@@ -332,7 +342,7 @@ def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
         raise ProfileError(f"profile {profile.name}: the 2024 xLSTM cannot apply {', '.join(unsupported)}")
     _cast_weights(model, profile.dtype)
     name = resolve_kernel_name(profile.kernels["chunkwise"])
-    for block in model.blocks:
+    for block in _held_blocks(model):
         layer = getattr(block, "xlstm", None) or getattr(block, "mlstm_layer", None)
         if layer is None or not hasattr(layer, "kernel_name"):
             continue
