@@ -6,6 +6,9 @@ is a plain language model, so its reply continues the transcript. --seed seeds t
 conversation once (again after /reset): later turns continue its random stream.
 Commands: /reset (forget the conversation), /help, /quit (or /exit); Ctrl-D quits; Ctrl-C stops
 a reply (at the prompt, it quits).
+Under mlx.launch only /quit ends the chat: mlx.launch copies its stdin to every process and never
+closes it, so neither Ctrl-D nor the end of piped input reaches them (end piped turns with a
+/quit line). The first line the chat prints says so when it runs under a launch.
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ from .generate import (
     read_prompt,
     sampling_kwargs,
     stats_line,
+    under_a_launch,
     validate_sampling,
 )
 
 HELP = ("commands: /reset clears the conversation, /quit or Ctrl-D exits, Ctrl-C stops a reply, /help; "
         "start a line with // to send text that begins with /")
+#: HELP where the chat runs under mlx.launch (see the module's docstring).
+LAUNCH_HELP = HELP.replace("/quit or Ctrl-D exits", "/quit exits (under mlx.launch stdin never ends: neither "
+                           "Ctrl-D nor the end of piped input does)")
 COMMANDS = ("/reset", "/quit", "/exit", "/help")
 #: A line whose first word reads like a command (a slash and letters only): one not in COMMANDS
 #: is a typo (/rest), not a turn; a path such as /usr/bin/env is text.
@@ -97,7 +104,8 @@ def chat_loop(
     except ImportError:
         pass
     kwargs = sampling_kwargs(args)
-    print(HELP, file=err)
+    help_text = LAUNCH_HELP if under_a_launch() else HELP
+    print(help_text, file=err)
     pending = first_turn
     while True:
         if pending is not None:
@@ -122,7 +130,7 @@ def chat_loop(
             print("(conversation reset)", file=err)
             continue
         if command == "/help":
-            print(HELP, file=err)
+            print(help_text, file=err)
             continue
         if not command:
             continue

@@ -25,7 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="checkpoint directory or Hugging Face id (default: the packaged model)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
-    parser.add_argument("--prompt", "-p", type=any_text, help="prompt text; '-' reads it from stdin")
+    parser.add_argument("--prompt", "-p", type=any_text,
+                        help="prompt text; '-' reads it from stdin (not under mlx.launch, whose stdin never ends: "
+                             "use --prompt-file there)")
     parser.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
     # Sampling defaults (None here) come from the checkpoint's generation_config.json, as in
     # transformers, else from BUILTIN_SAMPLING; see apply_generation_defaults.
@@ -232,8 +234,24 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     if args.prompt_file is not None:
         return read_text_file(args.prompt_file, "prompt file")
     if args.prompt == "-":
+        if under_a_launch():
+            raise UsageError("--prompt - reads the prompt until stdin ends, and under mlx.launch it never does "
+                             "(mlx.launch copies its stdin to every process and never closes it; mpirun gives it "
+                             "to rank 0 only): give the prompt with --prompt-file FILE (or --prompt TEXT)")
         return read_stdin_text()
     return None if args.prompt is None else check_utf8(args.prompt, "--prompt")
+
+
+def under_a_launch() -> bool:
+    """Whether this process is one of several started by ``mlx.launch`` (or mpirun), read from
+    the environment without joining the group. ``mlx.launch`` writes its own stdin to every
+    process's stdin and never closes it (so reading stdin to its end waits forever, and a
+    piped chat never sees Ctrl-D's end of input); a launch whose size the environment does not
+    tell counts as one."""
+    from ..distributed import launch_rank
+
+    launch = launch_rank()
+    return launch is not None and launch[1] != 1
 
 
 def read_stdin_text() -> str:
