@@ -538,7 +538,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="soft limit (default: $XLSTM_MEM_SOFT_MB / _PCT, else 80%%)")
     group.add_argument("--mem-hard", metavar="SIZE",
                        help="hard limit (default: $XLSTM_MEM_HARD_MB / _PCT, else 90%%)")
-    group.add_argument("--mem-log", metavar="FILE.csv", help="write every memory sample to this CSV (appends to one of ours)")
+    group.add_argument("--mem-log", metavar="FILE.csv",
+                       help="write every memory sample to this CSV (appends to one of ours). Under mlx.launch "
+                            "it has a last column, rank: the ranks on one machine append to the one file, their "
+                            "rows told apart by it (a log without that column is refused: give a new file)")
     group.add_argument("--no-mem-watchdog", action="store_true", help="turn the watchdog off (XLSTM_MEM_WATCHDOG=0)")
 
 

@@ -18,6 +18,13 @@ memory), else ``XLSTM_MEM_SOFT_MB`` / ``XLSTM_MEM_HARD_MB``, else ``XLSTM_MEM_SO
 ``XLSTM_MEM_HARD_PCT``, else 80% / 90%. ``XLSTM_MEM_WATCHDOG=0`` turns the watchdog off,
 ``XLSTM_MEM_POLL_MS`` sets the sampling period (250), ``XLSTM_MEM_ACTION=warn`` only warns at
 the hard limit (default ``stop``).
+
+``--mem-log FILE.csv`` writes every sample as a CSV row (:data:`CSV_FIELDS`). A process that is
+one rank of several (``mlx.launch``) adds a last column, ``rank``: the ranks on one machine
+append to the same file, their rows told apart by it. An existing file is appended to only when
+it is a log of ours whose columns the rows fit: a log without the ``rank`` column takes no rows
+of a distributed job (it is refused: give a new file); a log with it takes a single process's
+rows too, their ``rank`` empty.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ SOFT_RELEASE = 0.9
 EXIT_CODE = 3
 CSV_FIELDS = ("time", "elapsed_s", "usage_bytes", "rss_bytes", "mlx_active_bytes", "mlx_cache_bytes",
               "mlx_peak_bytes", "soft_bytes", "hard_bytes", "state", "event")
+#: The columns of a distributed job's log: ``rank`` last (a column reader of the others is unchanged).
+CSV_FIELDS_RANKED = CSV_FIELDS + ("rank",)
 
 _UNITS = {"": 1e9, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -123,6 +132,9 @@ class WatchdogConfig:
     log_path: Path | None = None
     soft_source: str = "default"          # where each limit came from (named in messages)
     hard_source: str = "default"
+    #: (rank, world size; None: unknown) of a process that is one rank of several (its CSV rows
+    #: name the rank), else None.
+    rank: tuple[int, int | None] | None = None
 
     @classmethod
     def from_sources(cls, soft: str | None = None, hard: str | None = None, log: str | None = None,
@@ -163,28 +175,86 @@ class WatchdogConfig:
                 raise ValueError(f"the soft memory limit ({gb(soft_bytes)}, {soft_source}) must be below the "
                                  f"hard limit ({gb(hard_bytes)}, {hard_source})")
         log_path = Path(log).expanduser() if log else None
+        rank = job_rank(env)
         if log_path is not None:
-            check_log_path(log_path)
+            check_log_path(log_path, rank)
         return cls(soft_bytes, hard_bytes, total, enabled, poll_ms / 1000, action, log_path, soft_source,
-                   hard_source)
+                   hard_source, rank)
 
 
-def check_log_path(path: Path) -> None:
-    """ValueError unless ``path`` can take the CSV: an existing file is appended to only when
-    it is one of ours (same header), so nothing the user had is lost."""
+def job_rank(env: Mapping[str, str] | None = None) -> tuple[int, int | None] | None:
+    """(rank, world size; None: unknown) that ``mlx.launch`` (or mpirun) gave this process when
+    it is one of several, read from ``env`` (default: the environment); None for a process on
+    its own (a launch of one process included)."""
+    from ..distributed.comm import launch_rank  # here: importing the watchdog stays light
+
+    rank = launch_rank(os.environ if env is None else env)
+    return None if rank is None or rank[1] == 1 else rank
+
+
+def _rank_text(rank: tuple[int, int | None]) -> str:
+    return f"rank {rank[0]} of {rank[1] or 'several'}"
+
+
+def log_fields(path: Path) -> tuple[str, ...] | None:
+    """The columns of the memory log ``path`` (:data:`CSV_FIELDS` or :data:`CSV_FIELDS_RANKED`);
+    None where there is no file. ValueError for a file that cannot be read or is not a memory
+    log of ours."""
+    try:
+        with open(path, newline="") as fh:
+            header = fh.readline().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--mem-log {path} exists and cannot be read: {err}") from None
+    for fields in (CSV_FIELDS, CSV_FIELDS_RANKED):
+        if header == ",".join(fields):
+            return fields
+    raise ValueError(f"--mem-log {path} exists and is not a memory log of ours; give a new file")
+
+
+def check_log_path(path: Path, rank: tuple[int, int | None] | None = None) -> None:
+    """ValueError unless ``path`` can take the CSV of a process of ``rank`` (see
+    :func:`job_rank`): an existing file is appended to only when it is one of ours whose columns
+    the rows fit (see the module docstring), so nothing the user had is lost and every row has
+    the header's columns."""
     if path.is_dir():
         raise ValueError(f"--mem-log {path} is a directory")
     if not path.parent.is_dir():
         what = "is a file, not a directory" if path.parent.exists() else "does not exist"
         raise ValueError(f"--mem-log: directory {path.parent} {what}")
-    if path.exists():
+    if log_fields(path) == CSV_FIELDS and rank is not None:
+        raise ValueError(f"--mem-log {path} is the memory log of a process on its own (no rank column); this "
+                         f"process is {_rank_text(rank)}, whose rows name their rank: give a new file")
+
+
+def _open_log(path: Path, rank: tuple[int, int | None] | None) -> tuple[TextIO, tuple[str, ...]]:
+    """``path`` opened for appending rows, and the columns they take (the file's). A new file
+    gets the header of ``rank``'s rows whole before any row can follow it (the ranks of one job
+    start together and may all find no file): the header goes into a file of its own, which is
+    then linked in as ``path`` unless another process made ``path`` first."""
+    if not path.exists():
+        import secrets
+
+        text = ",".join(CSV_FIELDS_RANKED if rank is not None else CSV_FIELDS) + "\r\n"  # as csv.writer writes
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+        with open(tmp, "x", newline="") as fh:
+            fh.write(text)
         try:
-            with open(path, newline="") as fh:
-                header = fh.readline().strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"--mem-log {path} exists and cannot be read: {err}") from None
-        if header != ",".join(CSV_FIELDS):
-            raise ValueError(f"--mem-log {path} exists and is not a memory log of ours; give a new file")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it: its header is checked below
+            except OSError:  # no hard links on this file system: create it, header first
+                try:
+                    with open(path, "x", newline="") as fh:
+                        fh.write(text)
+                except FileExistsError:
+                    pass
+        finally:
+            os.unlink(tmp)
+    check_log_path(path, rank)
+    return open(path, "a", newline="", buffering=1), log_fields(path)
 
 
 @dataclass(frozen=True)
@@ -255,12 +325,12 @@ class MemoryWatchdog:
         self._log = self._log_writer = None
         self._cache_limit: int | None = None
         self._memory_limit: int | None = None
+        self._log_rank: list[str] = []  # the rank column's value, where the log has one
         if config.enabled and config.log_path is not None:
-            new = not config.log_path.exists()
-            self._log = open(config.log_path, "a", newline="", buffering=1)
+            self._log, fields = _open_log(config.log_path, config.rank)
             self._log_writer = csv.writer(self._log)
-            if new:
-                self._log_writer.writerow(CSV_FIELDS)
+            if fields == CSV_FIELDS_RANKED:
+                self._log_rank = [str(config.rank[0]) if config.rank is not None else ""]
         if config.enabled and config.hard is not None and self._mlx_limits:
             # MLX's own guideline: evaluation waits for in-flight work before growing past it.
             current = mx.get_memory_limit()
@@ -304,7 +374,8 @@ class MemoryWatchdog:
         if self._log_writer is not None:
             self._log_writer.writerow([f"{s.time:.3f}", f"{s.time - self._t0:.3f}", s.usage, s.rss, s.active, s.cache,
                                        s.peak, cfg.soft or "", cfg.hard or "",
-                                       "hard" if self._hard else "soft" if self._soft else "ok", "+".join(event)])
+                                       "hard" if self._hard else "soft" if self._soft else "ok", "+".join(event),
+                                       *self._log_rank])
         return s
 
     def _print(self, text: str) -> None:
