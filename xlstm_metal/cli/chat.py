@@ -27,6 +27,7 @@ from .generate import (
     check_utf8,
     generation_peer_lost_exit,
     load_runner,
+    main_stderr,
     max_tokens_for,
     print_model_description,
     read_prompt,
@@ -47,7 +48,7 @@ COMMANDS = ("/reset", "/quit", "/exit", "/help")
 _COMMAND_LIKE = re.compile(r"/[A-Za-z]+")
 
 
-def unknown_command(line: str) -> str | None:
+def unknown_command(line: str, help_text: str = HELP) -> str | None:
     """The message for a stripped, non-empty ``line`` that names no command but reads like one,
     or names one with words after it (``/reset now``, ``/quit please``: those were sent to the
     model as a turn, the conversation neither reset nor ended), else None."""
@@ -58,7 +59,7 @@ def unknown_command(line: str) -> str | None:
         return None
     close = difflib.get_close_matches(word, COMMANDS, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
-    return f"(unknown command {word}: {hint}{HELP})"
+    return f"(unknown command {word}: {hint}{help_text})"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -96,7 +97,7 @@ def chat_loop(
 ) -> int:
     """Read turns until /quit, Ctrl-D or Ctrl-C at the prompt; stream each reply."""
     out = out or sys.stdout
-    err = err or sys.stderr
+    err = err or main_stderr()  # under mlx.launch: rank 0's notes only (every rank reads the same turns)
     if runner.tokenizer is None:
         raise UsageError("chat needs a tokenizer (tokenizer.json in the model directory)")
     try:  # line editing and history where the platform has it (importing it is enough)
@@ -134,7 +135,7 @@ def chat_loop(
             continue
         if not command:
             continue
-        unknown = unknown_command(command)
+        unknown = unknown_command(command, help_text)
         if unknown is not None:
             print(unknown, file=err)
             continue

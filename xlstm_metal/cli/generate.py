@@ -351,8 +351,34 @@ def stats_line(chunk) -> str:
                   if chunk.generation_tokens > 1 else
                   f"{chunk.generation_tokens} token{'' if chunk.generation_tokens == 1 else 's'} "
                   "(a rate needs 2 or more)")
+    from ..distributed import joined_world
+
+    group = joined_world()  # split across processes: the memory figure is this rank's (rank 0 prints it)
+    whose = f" (rank {group.rank()} of {group.size()})" if group is not None else ""
     return (f"prompt: {chunk.prompt_tokens} tokens, {chunk.prompt_tps:,.1f} tok/s | "
-            f"generation: {generation} | peak memory: {chunk.peak_memory_gb:.3f} GB")
+            f"generation: {generation} | peak memory: {chunk.peak_memory_gb:.3f} GB{whose}")
+
+
+def main_stderr():
+    """Where rank 0 (or a process on its own) writes notes and figures: stderr; the other ranks
+    of an ``mlx.launch`` run, which compute and would print the same lines, write them nowhere
+    (errors go to every rank's stderr as ever)."""
+    from ..distributed import is_main, joined_world
+
+    return sys.stderr if is_main(joined_world()) else _DISCARD
+
+
+class _Discard:
+    """A text stream that drops what is written to it."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
 
 
 def print_model_description(args: argparse.Namespace, runner) -> None:
@@ -415,5 +441,5 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose and last is not None:
-        print(stats_line(last), file=sys.stderr)
+        print(stats_line(last), file=main_stderr())
     return 0
