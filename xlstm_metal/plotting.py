@@ -30,6 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .pathnames import distinct_names  # noqa: E402
+
 
 class PlotError(ValueError):
     """An input that cannot be plotted; the message names it."""
@@ -246,7 +248,7 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
 def _run_labels(dirs: list[Path]) -> list[str]:
     """Each run directory's name, with as many of its parent folders as it takes to tell it from
     the other runs (runs/lr1/m and runs/lr2/m: "lr1/m" and "lr2/m"; both were "m")."""
-    return _distinct_names([d.resolve().parts for d in dirs])
+    return distinct_names([d.resolve().parts for d in dirs])
 
 
 def _file_labels(files: list[Path]) -> list[str]:
@@ -254,22 +256,10 @@ def _file_labels(files: list[Path]) -> list[str]:
     (mac/bench.jsonl and linux/bench.jsonl: "mac/bench" and "linux/bench"; both were "bench", drawn
     in one colour); files that differ only in their suffix keep it (cpu.json, cpu.jsonl)."""
     full = [f.resolve() for f in files]
-    labels = _distinct_names([(*f.parent.parts, f.stem) for f in full])
-    names = _distinct_names([f.parts for f in full])
+    labels = distinct_names([(*f.parent.parts, f.stem) for f in full])
+    names = distinct_names([f.parts for f in full])
     return [names[i] if any(labels[j] == label and full[j] != full[i] for j in range(len(full))) else label
             for i, label in enumerate(labels)]
-
-
-def _distinct_names(full: list[tuple[str, ...]]) -> list[str]:
-    """The shortest trailing part of each path (as parts) that no other, different path shares."""
-    labels = []
-    for parts in full:
-        others = [o for o in full if o != parts]
-        n = 1
-        while n < len(parts) and any(o[-n:] == parts[-n:] for o in others):
-            n += 1
-        labels.append(str(Path(*parts[-n:])) if n < len(parts) else str(Path(*parts)))
-    return labels
 
 
 def _tokens_at(train: list[dict], evals: list[dict]) -> list[float] | None:

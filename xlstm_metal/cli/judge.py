@@ -47,15 +47,9 @@ def source_names(files: list[Path]) -> list[str]:
     """Each file's name, with as many of its parent folders as it takes to tell it from the other
     files (two tune sweeps' outputs: a/outputs/trial-0000.jsonl and b/outputs/trial-0000.jsonl;
     both rows said "trial-0000.jsonl", so a rating could not be traced to its sweep)."""
-    full = [f.resolve().parts for f in files]
-    names = []
-    for parts in full:
-        others = [o for o in full if o != parts]
-        n = 1
-        while n < len(parts) and any(o[-n:] == parts[-n:] for o in others):
-            n += 1
-        names.append(str(Path(*parts[-n:])))
-    return names
+    from ..pathnames import distinct_names
+
+    return distinct_names([f.resolve().parts for f in files])
 
 
 def read_records(sources: list[str]) -> list[dict]:
