@@ -104,6 +104,21 @@ def _table(records: list[dict[str, Any]], env: dict[str, Any], title: str) -> No
     Console().print(table)
 
 
+def _whole_model_fields(model) -> dict[str, Any]:
+    """For a model split across ``mlx.launch`` processes: ``params`` and ``weights_gb`` of the
+    whole model (each rank's share once, replicated parts once, as one process holds it), and
+    this rank's own as ``rank_params`` / ``rank_weights_gb`` with ``rank`` (``peak_mem_gb`` is
+    this rank's too). Nothing for a model in one process (run_suite's figures are the whole
+    model's). A collective under a pipeline split: every rank calls it."""
+    if not getattr(model, "parallel", None):
+        return {}
+    from ..generation.runner import model_sizes
+
+    sizes = model_sizes(model)
+    return {"params": sizes["stored"], "weights_gb": sizes["bytes"] / 1e9, "rank": model.parallel["rank"],
+            "rank_params": sizes["rank"]["stored"], "rank_weights_gb": sizes["rank"]["bytes"] / 1e9}
+
+
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
@@ -197,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             elif fused and hasattr(model, "fuse_projections"):
                 model.fuse_projections()
             bar.update(1)
+            whole = _whole_model_fields(model)  # a split model's figures, every rank together
             env = bm.environment()  # after the profile: its BLAS threads are the ones the runs use
             if "cpu_prefill" in env:  # on a CPU: whether this model's prompts and steps run as C calls
                 from ..kernels.cpu import decode_step as cpu_decode_step
@@ -216,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
                           "profile": profile.name if profile else None,
                           "q_bits": quantization["bits"] if quantization else None,
                           "q_group_size": quantization["group_size"] if quantization else None,
-                          **env, **parallel_fields(model)}
+                          **env, **parallel_fields(model), **whole}
                 records.append(record)
                 job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
                 if args.json:
@@ -233,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
             f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales")
         if records:
             weights += f", {records[0]['weights_gb']:.2f} GB"
+        split = getattr(model, "parallel", None)
+        whose = f", {split['mode']} parallel over {split['size']} processes (peak memory: rank 0's)" if split else ""
         _table(records, env, f"xlstm-metal bench: {source}, {weights}, "
-                             f"{config.inference_state_dtype} state")
+                             f"{config.inference_state_dtype} state{whose}")
     return 0

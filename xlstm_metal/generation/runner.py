@@ -562,18 +562,154 @@ def _block_list(model: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-def model_info(model: nn.Module) -> dict[str, Any]:
-    """Generic description of a model that follows the package contract."""
-    params = tree_flatten(model.parameters())
-    count = sum(v.size for _, v in params)
-    nbytes = sum(v.nbytes for _, v in params)
-    dtypes = Counter()
-    for _, v in params:
-        dtypes[str(v.dtype).replace("mlx.core.", "")] += v.size
-    config = getattr(model, "config", None)
+def _quantized_bits(model: nn.Module) -> dict[str, int]:
+    """Module path -> bits of the model's quantized layers (MLX's, ours, and MLX's sharded
+    quantized layers of a tensor-parallel split, which are none of MLX's quantized classes)."""
+    from ..quantization import _QUANTIZED_TYPES
+
+    return {path: m.bits for path, m in model.named_modules()
+            if isinstance(m, _QUANTIZED_TYPES) or (isinstance(getattr(m, "bits", None), int) and "scales" in m)}
+
+
+def _parameter_rows(model: nn.Module) -> list[tuple[str, int, int, int, str]]:
+    """(key, stored elements, represented weights, bytes, dtype) per parameter: a quantized
+    matrix represents its unpacked elements, its scales and biases none (as
+    :func:`~xlstm_metal.quantization.parameter_count`)."""
+    bits = _quantized_bits(model)
+    rows = []
+    for key, value in tree_flatten(model.parameters()):
+        owner, _, leaf = key.rpartition(".")
+        if owner in bits and leaf == "weight":
+            represented = value.size * 32 // bits[owner]
+        elif owner in bits and leaf in ("scales", "biases"):
+            represented = 0
+        else:
+            represented = value.size
+        rows.append((key, int(value.size), int(represented), int(value.nbytes), str(value.dtype).replace("mlx.core.", "")))
+    return rows
+
+
+def _block_type_name(block: nn.Module) -> str:
+    """A block's class name; the last block of a pipeline stage (a generated subclass) by its
+    own class's."""
+    from ..distributed.pipeline import _HandsOff
+
+    kind = type(block)
+    if issubclass(kind, _HandsOff):
+        kind = next(c for c in kind.__mro__[1:] if c is not _HandsOff and not issubclass(c, _HandsOff))
+    return kind.__name__
+
+
+def _state_bytes(state) -> int:
+    return int(sum(a.nbytes for _, a in tree_flatten(state)))
+
+
+def _all_gather_json(obj: Any, group: mx.distributed.Group) -> list[Any]:
+    """Every rank's ``obj`` (JSON), in rank order, on every rank (a collective)."""
+    import json
+
+    import numpy as np
+
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8).astype(np.int32)
+    lengths = mx.distributed.all_gather(mx.array([data.size], dtype=mx.int32), group=group).tolist()
+    padded = np.zeros(max(lengths), dtype=np.int32)
+    padded[: data.size] = data
+    gathered = np.array(mx.distributed.all_gather(mx.array(padded)[None], group=group))
+    return [json.loads(bytes(row[:n].astype(np.uint8)).decode()) for row, n in zip(gathered, lengths)]
+
+
+def _tensor_factors(model: nn.Module, size: int) -> dict[str, float]:
+    """Under a tensor-parallel split (:func:`xlstm_metal.distributed.shard_model`): parameter
+    key -> (the whole model's elements) / (this rank's) for the split parameters; the others
+    are replicated (1). Heads and FFN width split evenly; the vocabulary by rows, the last
+    rank's tail being zero padding."""
+    from ..distributed.tensor import FFN_UP, PROJECTIONS, VocabShardedEmbedding, VocabShardedLinear
+
+    vocab = {path: m.vocab_size / m.weight.shape[0] for path, m in model.named_modules()
+             if isinstance(m, (VocabShardedEmbedding, VocabShardedLinear))}
+    factors = {}
+    for key, *_ in _parameter_rows(model):
+        owner, _, leaf = key.rpartition(".")
+        parent, _, name = owner.rpartition(".")
+        if owner in vocab:
+            factors[key] = vocab[owner]
+        elif not owner.startswith("backbone.blocks."):
+            continue
+        elif (parent.endswith(".mlstm_layer") and name in (*PROJECTIONS, "multihead_norm")) or (
+                parent.endswith(".ffn") and name in FFN_UP):
+            factors[key] = size  # split by output: every element is one rank's
+        elif name in ("out_proj", "proj_down") and leaf != "bias":
+            factors[key] = size  # split by input; the bias is added after the all-sum, on every rank
+    return factors
+
+
+def model_sizes(model: nn.Module) -> dict[str, Any]:
+    """The model's stored elements (``stored``), represented weights (``parameters``), weight
+    bytes (``bytes``), elements per dtype (``dtypes``), state bytes of one row
+    (``state_bytes_per_row``, None without ``make_state``) and block class names
+    (``block_types``), for the whole model.
+
+    A model split across processes (``model.parallel``, see :mod:`xlstm_metal.distributed`)
+    counts every rank's share once and each replicated part once, as the unsplit model does, and
+    adds ``rank``: this process's own figures (same keys) and ``parallel``. Under a pipeline
+    split every rank must call this at the same point (the ranks exchange their shares)."""
+    rows = _parameter_rows(model)
     blocks = _block_list(model)
-    info: dict[str, Any] = {"architecture": type(model).__name__, "num_blocks": len(blocks)}
-    kinds = Counter(type(b).__name__ for b in blocks)
+    state_fn = getattr(model, "make_state", None)
+    state = state_fn(1) if callable(state_fn) else None
+
+    def sizes(rows, state_bytes, block_types, factor=lambda key: 1):
+        dtypes: Counter = Counter()
+        for key, stored, _, _, dtype in rows:
+            dtypes[dtype] += round(stored * factor(key))
+        return {"stored": sum(round(r[1] * factor(r[0])) for r in rows),
+                "parameters": sum(round(r[2] * factor(r[0])) for r in rows),
+                "bytes": sum(round(r[3] * factor(r[0])) for r in rows),
+                "dtypes": dict(dtypes), "state_bytes_per_row": state_bytes, "block_types": block_types}
+
+    own_types = [_block_type_name(b) for b in blocks]
+    own = sizes(rows, None if state is None else _state_bytes(state), own_types)
+    split = getattr(model, "parallel", None)
+    if not split:
+        return own
+    if split["mode"] == "tensor":
+        factors = _tensor_factors(model, split["size"])
+        # Each block's state holds this rank's heads: an even share.
+        whole = sizes(rows, None if state is None else own["state_bytes_per_row"] * split["size"], own_types,
+                      lambda key: factors.get(key, 1))
+    else:
+        from ..distributed import world
+        from ..distributed.pipeline import PipelineGap
+
+        held = [i for i, b in enumerate(blocks) if not isinstance(b, PipelineGap)]
+        prefix = next(f"{name}.blocks." for name in ("backbone", "xlstm_block_stack") if name in model)
+        in_blocks = [r for r in rows if r[0].startswith(prefix)]
+        share = sizes(in_blocks, None if state is None else sum(_state_bytes(state[i]) for i in held),
+                      {str(i): own_types[i] for i in held})
+        if state is not None:  # the gaps' placeholder states are not this rank's
+            own["state_bytes_per_row"] = share["state_bytes_per_row"]
+        shares = _all_gather_json(share, world())
+        whole = sizes([r for r in rows if not r[0].startswith(prefix)], None, None)
+        for part in shares:
+            for key in ("stored", "parameters", "bytes"):
+                whole[key] += part[key]
+            for dtype, n in part["dtypes"].items():
+                whole["dtypes"][dtype] = whole["dtypes"].get(dtype, 0) + n
+        if state is not None:
+            whole["state_bytes_per_row"] = sum(part["state_bytes_per_row"] for part in shares)
+        types = {int(i): name for part in shares for i, name in part["block_types"].items()}
+        whole["block_types"] = [types[i] for i in range(len(blocks))]
+    return {**whole, "rank": own, "parallel": dict(split)}
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """Generic description of a model that follows the package contract. A model split across
+    processes is described whole (every rank's share counted once), with ``parallel`` and this
+    rank's share (``this_rank_*``) after it; see :func:`model_sizes`."""
+    sizes = model_sizes(model)
+    config = getattr(model, "config", None)
+    info: dict[str, Any] = {"architecture": type(model).__name__, "num_blocks": len(sizes["block_types"])}
+    kinds = Counter(sizes["block_types"])
     info["block_types"] = dict(kinds)
     for name in ("embedding_dim", "num_heads", "qk_head_dim", "v_head_dim", "ffn_dim", "vocab_size",
                  "chunk_size", "inference_state_dtype"):
@@ -588,20 +724,33 @@ def model_info(model: nn.Module) -> dict[str, Any]:
                 info[f"{kind}_num_heads"] = layer.num_heads
     if getattr(config, "slstm_at", None) is not None:
         info["slstm_at"] = list(config.slstm_at)
-    from ..quantization import bits_per_weight, parameter_count, quantization_config
+    from ..quantization import quantization_config
 
     quantization = quantization_config(model)
-    info["parameters"] = int(count) if quantization is None else parameter_count(model)  # packed ones unpacked
+    info["parameters"] = sizes["parameters"] if quantization is not None else sizes["stored"]
+    dtypes = Counter(sizes["dtypes"])
     dtypes.pop("uint32", None)  # packed quantized weights: described by "quantization"
     info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
     if quantization is not None:
         info["quantization"] = (f"{quantization['bits']}-bit, group {quantization['group_size']}, "
-                                f"{bits_per_weight(model):.2f} bits per weight")
-    info["weights_bytes"] = int(nbytes)
-    state_fn = getattr(model, "make_state", None)
-    if callable(state_fn):
-        state = state_fn(1)
-        info["state_bytes_per_row"] = int(sum(a.nbytes for _, a in tree_flatten(state)))
+                                f"{8.0 * sizes['bytes'] / max(sizes['parameters'], 1):.2f} bits per weight")
+    info["weights_bytes"] = sizes["bytes"]
+    if sizes["state_bytes_per_row"] is not None:
+        info["state_bytes_per_row"] = sizes["state_bytes_per_row"]
+    split = sizes.get("parallel")
+    if split:
+        own = sizes["rank"]
+        if split["mode"] == "pipeline":
+            first, end = split["blocks"]
+            what = f"block {first}" if end - first == 1 else f"blocks {first}-{end - 1}"
+        else:
+            what = f"1/{split['size']} of the heads, FFN width and vocabulary"
+        info["parallel"] = f"{split['mode']}, {split['size']} processes"
+        info["this_rank"] = f"{split['rank']} of {split['size']}: {what}"
+        info["this_rank_parameters"] = own["parameters"] if quantization is not None else own["stored"]
+        info["this_rank_weights_bytes"] = own["bytes"]
+        if own["state_bytes_per_row"] is not None:
+            info["this_rank_state_bytes_per_row"] = own["state_bytes_per_row"]
     return info
 
 
@@ -611,7 +760,7 @@ def format_model_info(info: dict[str, Any]) -> str:
     def fmt(key: str, value: Any) -> str:
         if key.endswith("_bytes") or key.endswith("_bytes_per_row"):
             return f"{value / 2**20:,.2f} MiB"
-        if key == "parameters":
+        if key.endswith("parameters"):
             return f"{value:,} ({value / 1e6:,.2f} M)"
         if isinstance(value, dict):
             return ", ".join(f"{n} x {k}" for k, n in value.items())
