@@ -12,6 +12,7 @@ DATA are text files, directories of them, or JSON Lines files (``--text-field``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -354,6 +355,13 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
 
 # ------------------------------------------------------------------------------ run
 def run(args) -> int:
+    try:
+        return _run(args)
+    finally:
+        _SCRATCH.end()  # on every exit: the files received from rank 0 (see _Scratch)
+
+
+def _run(args) -> int:
     import mlx.core as mx  # xlstm_metal's __init__ has preloaded the BLAS by now
 
     from ..distributed import DistributedError
@@ -702,19 +710,86 @@ def _latest(out: Path) -> Path:
         raise UsageError(str(err)) from None
 
 
-_SCRATCH: list[Path] = []
+class _Scratch(os.PathLike):
+    """Where this rank keeps the files it received from rank 0 (distributed.share_path, which
+    makes a folder per path in it): ``<temp dir>/xlstm-dist-<pid>-<random>``. The folder is made
+    the first time share_path puts something there (it asks for the path then: ``__fspath__``),
+    so a rank that sees rank 0's files itself (one machine, a shared file system) makes none;
+    what share_path made that the rank does not use is removed at once, the folder with it when
+    it holds nothing else; the rest goes when the run ends (:func:`run`), also when SIGTERM forces
+    the process out (monitor.partial_output). Its ``.lock`` (training.tempdirs) lets the next
+    run remove the folder of a rank killed with SIGKILL, which no handler can."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._stack = contextlib.ExitStack()
+        self.swept = False
+
+    def __fspath__(self) -> str:
+        if self.path is None:
+            from ..monitor import partial_output
+            from ..training.tempdirs import DIST_PREFIX, claim_dir
+
+            self.path, self._fd = claim_dir(DIST_PREFIX)
+            self._stack.enter_context(partial_output(self.path))
+        return str(self.path)
+
+    def __truediv__(self, other) -> Path:
+        return Path(os.fspath(self)) / other
+
+    def entries(self) -> set[str]:
+        from ..training.tempdirs import LOCK
+
+        if self.path is None:
+            return set()
+        try:
+            return set(os.listdir(self.path)) - {LOCK}
+        except OSError:
+            return set()
+
+    def keep_only(self, used: Path | None, before: set[str]) -> None:
+        """Remove what share_path made since ``before`` (:meth:`entries`) and ``used`` is not
+        under (rank 0 makes a folder it never fills when another rank needs a copy); the whole
+        folder when nothing is left in it."""
+        for name in self.entries() - before:
+            entry = self.path / name
+            if used is None or not Path(used).is_relative_to(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+        if not self.entries():
+            self.release()
+
+    def release(self) -> None:
+        if self.path is not None:
+            from ..training.tempdirs import release_dir
+
+            try:
+                release_dir(self.path, self._fd)
+            finally:
+                self._stack.close()
+                self.path = self._fd = None
+
+    def end(self) -> None:
+        """The run ended: remove the folder; the next run in this process sweeps again."""
+        self.release()
+        self.swept = False
+
+
+_SCRATCH = _Scratch()
 
 
 def _from_rank0(group, fn):
     """``fn()`` (a path or None; may raise UsageError) decided on rank 0: every rank gets the
-    result, as a local copy of the files where its own differ (see distributed.share_path).
-    Rank 0's UsageError stops all ranks; only rank 0 prints it."""
+    result, as a local copy of the files where its own differ (see distributed.share_path and
+    _Scratch). Rank 0's UsageError stops all ranks; only rank 0 prints it."""
     if group is None:
         return fn()
-    import atexit
+    from ..distributed import broadcast_json, share_path
+    from ..training.tempdirs import DIST_PREFIX, remove_stale_dirs
 
-    from ..distributed import broadcast_json, remove_scratch, scratch_dir, share_path
-
+    if not _SCRATCH.swept:  # the folders of ranks killed with SIGKILL, even where this run makes none
+        remove_stale_dirs(DIST_PREFIX)
+        _SCRATCH.swept = True
     error, value = None, None
     if group.rank() == 0:
         try:
@@ -726,10 +801,10 @@ def _from_rank0(group, fn):
         if group.rank() == 0:
             raise UsageError(error)
         raise SystemExit(2)
-    if not _SCRATCH:
-        _SCRATCH.append(scratch_dir())
-        atexit.register(remove_scratch, _SCRATCH[0])
-    return share_path(value, group, _SCRATCH[0])
+    before = _SCRATCH.entries()
+    shared = share_path(value, group, _SCRATCH)
+    _SCRATCH.keep_only(shared, before)
+    return shared
 
 
 def _same_start(group, model, train_stream, val_stream, cfg) -> None:
