@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -266,12 +265,3 @@ def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scra
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
     return local if group.rank() == 0 else target
-
-
-def scratch_dir() -> Path:
-    """A temporary directory for files received from rank 0 (the caller removes it)."""
-    return Path(tempfile.mkdtemp(prefix="xlstm-dist-"))
-
-
-def remove_scratch(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
