@@ -193,9 +193,10 @@ def count_parameters(model) -> int:
 
 
 # ------------------------------------------------------------------------------ pieces
-def _no_decay(path: str, _value: mx.array) -> bool:
-    """Norm weights, biases and embeddings are not decayed (decay would pull norms to 0)."""
-    return "norm" in path or path.endswith(".bias") or "embeddings" in path
+def _no_decay(path: str, value: mx.array) -> bool:
+    """Only matrices decay: vectors and scalars (norm weights, biases, whatever their name, e.g.
+    an sLSTM cell's ``_bias_``) and embeddings do not (decay would pull norms to 0)."""
+    return value.ndim < 2 or "norm" in path or path.endswith(".bias") or "embeddings" in path
 
 
 def make_optimizer(cfg: TrainingConfig, model=None) -> optim.Optimizer:
@@ -204,7 +205,7 @@ def make_optimizer(cfg: TrainingConfig, model=None) -> optim.Optimizer:
     kernel per parameter on NVIDIA GPUs, MLX's ops elsewhere).
 
     A model with a ``decays(path) -> bool`` method (the 2024 xLSTM: NX-AI's split) chooses
-    which parameters decay; otherwise norms, biases and embeddings do not."""
+    which parameters decay; otherwise only matrices do, embeddings and norms not (:func:`_no_decay`)."""
     from ..kernels.fast.adamw import ScaledAdamW, adamw_in_place_enabled
 
     # In place (CUDA): the trainer owns the parameters and replaces them every step.
