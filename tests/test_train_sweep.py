@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_map
 
 import xlstm_metal  # noqa: F401  (BLAS preload before mlx use)
@@ -29,3 +30,75 @@ def test_weight_decay_reaches_matrices_only_in_lab_models():
         decayed = value.ndim >= 2 and "embeddings" not in name and "norm" not in name
         expected = np.array(value) * (1 - lr * wd) if decayed else np.array(value)
         np.testing.assert_allclose(np.array(after[name]), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _WatchdogAt:
+    """A job whose memory watchdog asks to stop once the trainer has run step ``step``."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def update(self, **_fields):
+        pass
+
+    def stopping(self):
+        return self.trainer.step >= self.step
+
+    def check_all(self, note="", group=None):
+        raise _Stopped(note)
+
+
+def test_memory_watchdog_stop_at_a_log_and_eval_step_resumes_exactly(tmp_path, monkeypatch):
+    """The watchdog's hard limit stops training with a checkpoint 'that resumes exactly'. Stopped
+    at a step due for a log record and an evaluation, it saved before both, and the resumed run
+    never made them: metrics.jsonl lacked step 4's train and eval records, and step 6's record
+    averaged steps 3-6 (4.559 against 4.407). The log record is written before the stop; the
+    evaluation is run first by the resumed run, which also marks it in the checkpoint's state."""
+    import json
+
+    from test_training import fresh_model, pattern_stream, small_cfg
+
+    from xlstm_metal.loading import load_model
+    from xlstm_metal.monitor import current_job
+    from xlstm_metal.training import trainer as trainer_module
+    from xlstm_metal.training.checkpoint import read_trainer_state
+    from xlstm_metal.training.trainer import Trainer
+
+    stream = pattern_stream(4000)
+    train, val = stream[:3500], stream[3500:]
+
+    def cfg():
+        return small_cfg(steps=12, save_every=4, keep=5, eval_every=4, log_every=2)
+
+    def records(run):
+        return [(r["kind"], r["step"], r.get("loss", r.get("val_loss")))
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    full = Trainer(fresh_model(), train, val, cfg(), tmp_path / "full", tmp_path, progress=False)
+    full.train()
+    part = Trainer(fresh_model(), train, val, cfg(), tmp_path / "part", tmp_path, progress=False)
+    monkeypatch.setattr(trainer_module, "current_job", lambda: _WatchdogAt(part, 4))
+    with pytest.raises(_Stopped):
+        part.train()
+    checkpoint = tmp_path / "part" / "checkpoint-0000004"
+    assert records(tmp_path / "part") == records(tmp_path / "full")[:2]  # step 2's and step 4's train records
+    assert read_trainer_state(checkpoint)["eval_pending"] is True
+    monkeypatch.setattr(trainer_module, "current_job", current_job)
+
+    resumed = Trainer(load_model(checkpoint), train, val, cfg(), tmp_path / "part", tmp_path, progress=False)
+    resumed.resume_from(checkpoint)
+    resumed.train()
+    assert records(tmp_path / "part") == records(tmp_path / "full")
+    for name in ("checkpoint-0000004", "checkpoint-0000012"):
+        a = read_trainer_state(tmp_path / "full" / name)
+        b = read_trainer_state(tmp_path / "part" / name)
+        for state in (a, b):
+            state.pop("elapsed")
+        assert a == b, name
+        saved_a = mx.load(str(tmp_path / "full" / name / "model.safetensors"))
+        saved_b = mx.load(str(tmp_path / "part" / name / "model.safetensors"))
+        assert all(mx.array_equal(saved_a[k], saved_b[k]).item() for k in saved_a)

@@ -427,7 +427,7 @@ def _run(args) -> int:
         if args.steps is not None and args.steps <= step:
             raise UsageError(f"--steps {args.steps} must be greater than the checkpoint's step {step} "
                              f"({resume_ckpt}): it is the run's new total")
-        if args.steps is None and total is not None and step >= total:
+        if args.steps is None and total is not None and step >= total and not saved.get("eval_pending", False):
             raise UsageError(f"the run in {out} is finished (step {step} of {total}); pass --steps N with "
                              f"N > {step} to train it further")
         if args.steps is None and cfg.max_time is not None and (

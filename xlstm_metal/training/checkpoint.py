@@ -195,6 +195,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise bad("text_field", "a non-empty string")
     if not isinstance(state.get("time_budget_spent", False), bool):
         raise bad("time_budget_spent", "true or false")
+    if not isinstance(state.get("eval_pending", False), bool):
+        raise bad("eval_pending", "true or false")
     if not isinstance(state.get("training_config"), dict):
         raise bad("training_config", "an object")
     from .trainer import TrainingConfig

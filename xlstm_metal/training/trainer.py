@@ -18,6 +18,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -953,6 +954,9 @@ class Trainer:
         #: A time budget stopped the run (spent, or too little of it left for one more step with
         #: its evaluation and checkpoint): the run is finished, as one at its last step.
         self.budget_spent = False
+        #: The evaluation due at ``step`` has not run (the memory watchdog stopped the run right
+        #: after the step): a resumed run runs it before its first step.
+        self.eval_pending = False
         self.total_steps = cfg.steps
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
@@ -979,6 +983,7 @@ class Trainer:
             "tokens": self.tokens,
             "elapsed": self.elapsed,
             "time_budget_spent": self.budget_spent,
+            "eval_pending": self.eval_pending,
             "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
             "data_fingerprint": self.fingerprint,
             "best_val_loss": self.best_val_loss,
@@ -1015,6 +1020,7 @@ class Trainer:
         self.tokens = int(state["tokens"])
         self.elapsed = float(state["elapsed"])
         self.budget_spent = bool(state.get("time_budget_spent", False))
+        self.eval_pending = bool(state.get("eval_pending", False)) and self.validating
         self.batches.position = DataPosition(**state["data_position"])
         self.best_val_loss, self.best_step = state.get("best_val_loss"), state.get("best_step")
         self.window_losses = [mx.array(v, dtype=mx.float32) for v in state.get("log_window", [])]
@@ -1203,6 +1209,30 @@ class Trainer:
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise self._diverged(f"the gradient norm is {grad_norm}, so the update left the weights non-finite")
 
+    def _pending_evaluation(self, result: TrainResult) -> None:
+        """The evaluation of step ``self.step`` that the memory watchdog's stop left undone (the
+        checkpoint it saved holds this step's weights): logged and scored for the best validation
+        loss as the run would have done at that step, and the checkpoint's state rewritten to
+        say so (best step included), as if saved after it."""
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise self._diverged(f"the validation loss is {val_loss}")
+        result.evals.append((self.step, val_loss))
+        self._log({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                   "tokens": self.tokens, "elapsed_s": self.elapsed})
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = val_loss, self.step
+            self.best_params = dict(tree_flatten(self.model.parameters()))
+        self.eval_pending = False
+        if self.is_main:
+            print(f"step {self.step} ({self.tokens:,} tokens): validation loss {val_loss:.4f}, perplexity "
+                  f"{math.exp(min(val_loss, 50)):.2f} (the evaluation the stopped run left undone)",
+                  file=sys.stderr)
+            checkpoint = self.out_dir / f"checkpoint-{self.step:07d}"
+            if checkpoint.is_dir():
+                rewrite_trainer_state(checkpoint, self.trainer_state())
+        self._plot()
+
     def _size_from_time(self, step_time: float, start_step: int, spent: float) -> int:
         """Total steps that fit the time budget, eval passes (~1/3 of a step per batch) included."""
         cfg = self.cfg
@@ -1253,6 +1283,8 @@ class Trainer:
             self._build_steps()
         tokens_per_step = cfg.batch_size * cfg.seq_len
         result = TrainResult(step=self.step, tokens=self.tokens, elapsed=self.elapsed)
+        if self.eval_pending:
+            self._pending_evaluation(result)
         if (self.total_steps is not None and self.step >= self.total_steps) or (
                 cfg.max_time is not None and (self.elapsed >= cfg.max_time or self.budget_spent)):  # finished
             result.best_val_loss, result.best_step = self.best_val_loss, self.best_step
@@ -1376,17 +1408,12 @@ class Trainer:
                 bar.update(1)
                 job.update(phase="train", step=self.step, done=self.step, total=self.total_steps, tokens=self.tokens)
                 # Memory watchdog's hard limit (2) or Ctrl-C (1), on any rank (all stop at the same
-                # step): save a checkpoint that resumes exactly, stop. The watchdog stops at once;
-                # Ctrl-C after this step's log, evaluation and checkpoint, as if the run ended here.
+                # step): save a checkpoint that resumes exactly, stop. The watchdog stops after this
+                # step's log record (a host read of the losses), before its evaluation, which the
+                # resumed run runs first (eval_pending); Ctrl-C after this step's log, evaluation and
+                # checkpoint, as if the run ended here.
                 stop = 2.0 * job.stopping() + float(ctrl_c is not None and ctrl_c.requested)
                 stop = stop if self.group is None else agree(stop, self.group)
-                if stop >= 2:
-                    drop_ahead()
-                    self.elapsed = self.clock() - t_start
-                    bar.close()
-                    saved = self.save()  # rank 0's; every rank stops once it is written
-                    where = f"checkpoint {saved}" if saved else "rank 0 wrote the checkpoint"
-                    job.check_all(note=f"{where} (continue with --resume)", group=self.group)
 
                 # Time budget: time steps 3..3+probe (after compilation) and size the run.
                 if self.total_steps is None:
@@ -1427,6 +1454,15 @@ class Trainer:
                     self.window_losses = window_losses
 
                 done = self.total_steps is not None and self.step >= self.total_steps
+                if stop >= 2:
+                    drop_ahead()
+                    self.elapsed = self.clock() - t_start
+                    bar.close()
+                    # This step's evaluation (if due) has not run: the resumed run runs it first.
+                    self.eval_pending = self.validating and (self.step % cfg.eval_every == 0 or done)
+                    saved = self.save()  # rank 0's; every rank stops once it is written
+                    where = f"checkpoint {saved}" if saved else "rank 0 wrote the checkpoint"
+                    job.check_all(note=f"{where} (continue with --resume)", group=self.group)
                 if done and ctrl_c is not None:
                     ctrl_c.finishing = True  # what follows is the run's last evaluation and save
                 if self.validating and (self.step % cfg.eval_every == 0 or done):
