@@ -144,3 +144,27 @@ def test_a_refused_request_shows_the_servers_message(server, browser):
     error = WebDriverWait(browser, WAIT).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.error"))[0]
     assert error.text == "Error: temperature must be at least 0"
     assert not replies(browser)
+
+
+def test_enter_ending_an_input_methods_composition_does_not_send(server, browser):
+    """Typing Japanese, Chinese or Korean, Enter picks the input method's candidate text (its keydown
+    says isComposing, or keyCode 229 in Safari); it sent the half-typed message. Enter after the
+    composition still sends."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    set_field(browser, "max-tokens", 3)
+    browser.find_element(By.ID, "prompt").send_keys("にほんご")
+    for init in ("{key: 'Enter', isComposing: true}", "{key: 'Enter', keyCode: 229}"):
+        browser.execute_script(f"""
+            document.getElementById('prompt').dispatchEvent(
+                new KeyboardEvent('keydown', {{...{init}, bubbles: true, cancelable: true}}));""")
+    time.sleep(0.5)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".message")
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "にほんご"
+    browser.execute_script("""
+        document.getElementById('prompt').dispatchEvent(
+            new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true}));""")
+    WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
+        lambda b: replies(b) and replies(b)[0].get_attribute("data-state") == "done")
+    assert [m.find_element(By.CLASS_NAME, "content").text
+            for m in browser.find_elements(By.CSS_SELECTOR, ".message.user")] == ["にほんご"]
