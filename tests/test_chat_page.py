@@ -168,3 +168,51 @@ def test_enter_ending_an_input_methods_composition_does_not_send(server, browser
         lambda b: replies(b) and replies(b)[0].get_attribute("data-state") == "done")
     assert [m.find_element(By.CLASS_NAME, "content").text
             for m in browser.find_elements(By.CSS_SELECTOR, ".message.user")] == ["にほんご"]
+
+
+#: A stand-in for the server's stream, in the page: fetch of /v1/chat/completions answers the chunks
+#: of ``window.fakeChunks`` (delta texts; a finish_reason where ``window.fakeFinish`` gives one) and
+#: ends the body there, as a server that goes away mid-reply does.
+FAKE_STREAM = """
+    const realFetch = window.fetch;
+    window.fetch = (url, options) => {
+        if (url !== "/v1/chat/completions") return realFetch(url, options);
+        const encoder = new TextEncoder();
+        const event = (delta, finish) => "data: " + JSON.stringify(
+            {object: "chat.completion.chunk", choices: [{index: 0, delta: delta, finish_reason: finish}]}) + "\\n\\n";
+        const body = new ReadableStream({start(controller) {
+            for (const text of window.fakeChunks) controller.enqueue(encoder.encode(event({content: text}, null)));
+            if (window.fakeFinish) {
+                controller.enqueue(encoder.encode(event({}, window.fakeFinish)));
+                controller.enqueue(encoder.encode("data: [DONE]\\n\\n"));
+            }
+            controller.close();
+        }});
+        return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}}));
+    };
+"""
+
+
+def test_a_reply_cut_off_by_the_connection_is_marked_incomplete(server, browser):
+    """A stream whose body ends before its last chunk (no finish_reason: the server crashed or a proxy
+    timed out mid-reply) was shown as a whole reply ("done"); it is marked incomplete, and a stream
+    that ends properly is still done."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    browser.execute_script(FAKE_STREAM + "window.fakeChunks = ['Half a ', 'reply']; window.fakeFinish = null;")
+    browser.find_element(By.ID, "prompt").send_keys("Hello?\n")
+    WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
+        lambda b: replies(b) and replies(b)[0].get_attribute("data-state") != "streaming")
+    reply = replies(browser)[0]
+    assert reply.get_attribute("data-state") == "incomplete"
+    assert reply.find_element(By.CLASS_NAME, "content").text == "Half a reply"
+    assert reply.find_element(By.CLASS_NAME, "meta").text == (
+        "incomplete: the connection closed before the reply was complete")
+    browser.execute_script("window.fakeChunks = ['A whole ', 'reply.']; window.fakeFinish = 'stop';")
+    browser.find_element(By.ID, "prompt").send_keys("Again?\n")
+    WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
+        lambda b: len(replies(b)) == 2 and replies(b)[1].get_attribute("data-state") != "streaming")
+    reply = replies(browser)[1]
+    assert (reply.get_attribute("data-state"), reply.get_attribute("data-finish")) == ("done", "stop")
+    assert reply.find_element(By.CLASS_NAME, "content").text == "A whole reply."
+    assert not reply.find_elements(By.CLASS_NAME, "meta")
