@@ -216,3 +216,31 @@ def test_a_reply_cut_off_by_the_connection_is_marked_incomplete(server, browser)
     assert (reply.get_attribute("data-state"), reply.get_attribute("data-finish")) == ("done", "stop")
     assert reply.find_element(By.CLASS_NAME, "content").text == "A whole reply."
     assert not reply.find_elements(By.CLASS_NAME, "meta")
+
+
+def test_a_reply_cut_off_at_max_tokens_says_so(server, browser):
+    """A reply that ran into the max tokens setting (finish_reason "length") looked like a whole
+    reply; it carries a note, which is not part of the text the next turn re-sends."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    browser.execute_script("""
+        window.sent = [];
+        const realFetch = window.fetch;
+        window.fetch = (url, options) => {
+            if (options && options.body) window.sent.push(JSON.parse(options.body));
+            return realFetch(url, options);
+        };""")
+    set_field(browser, "temperature", 0)
+    set_field(browser, "max-tokens", 5)
+    for turn, text in enumerate(["Tell me about cats.", "More."]):
+        browser.find_element(By.ID, "prompt").send_keys(text + "\n")
+        WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
+            lambda b: len(replies(b)) == turn + 1 and replies(b)[turn].get_attribute("data-state") == "done")
+    first = replies(browser)[0]
+    assert first.get_attribute("data-finish") == "length"  # the test model has no EOS
+    assert first.find_element(By.CLASS_NAME, "meta").text == "cut off at max tokens (5)"
+    content = first.find_element(By.CLASS_NAME, "content").get_attribute("textContent")
+    assert content == api_reply(server.url, [{"role": "user", "content": "Tell me about cats."}], 5)
+    sent = browser.execute_script("return window.sent;")
+    assert sent[1]["messages"][1] == {"role": "assistant", "content": content}
+    assert sent[1]["max_tokens"] == 5
