@@ -902,6 +902,20 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
+
+class _HostCopy:
+    """An array's bits in host memory (numpy; bfloat16 read as uint16), sharing no buffer with it."""
+
+    def __init__(self, value: mx.array):
+        import numpy as np
+
+        self.dtype = value.dtype
+        self.bits = np.array(value.view(mx.uint16) if value.dtype == mx.bfloat16 else value, copy=True)
+
+    def array(self) -> mx.array:
+        out = mx.array(self.bits)
+        return out.view(mx.bfloat16) if self.dtype == mx.bfloat16 else out
+
 class Trainer:
     """Trains ``model`` on packed token streams.
 
@@ -960,6 +974,7 @@ class Trainer:
         self.total_steps = cfg.steps
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
+        #: The parameters at ``best_step`` (:meth:`_keep_best_params`), for ``train --export``.
         self.best_params: dict | None = None
         self.records: list[dict[str, Any]] = []
         #: Losses of the steps since the last metrics.jsonl record (saved with checkpoints, so the
@@ -976,6 +991,29 @@ class Trainer:
         self.clock: Callable[[], float] = time.perf_counter
 
     # -------------------------------------------------------------- state
+    def _keep_best_params(self) -> None:
+        """Keep the parameters as they are now as :attr:`best_params`. MLX arrays are immutable,
+        so holding them costs nothing, except where the optimizer updates in place (the CUDA
+        AdamW kernel writes each step's parameters over the buffers of the last: held arrays
+        would then change too, and ``--export`` would write the last step's weights as the best
+        one's): there they are copied to host memory (no GPU memory held)."""
+        params = dict(tree_flatten(self.model.parameters()))
+        if _updates_in_place(self.optimizer):
+            mx.eval(params)
+            params = {key: _HostCopy(value) for key, value in params.items()}
+        self._best_params = params
+
+    @property
+    def best_params(self) -> dict[str, mx.array] | None:
+        """The parameters at ``best_step`` (None before any evaluation)."""
+        if self._best_params is None:
+            return None
+        return {key: value.array() if isinstance(value, _HostCopy) else value for key, value in self._best_params.items()}
+
+    @best_params.setter
+    def best_params(self, params: dict[str, mx.array] | None) -> None:
+        self._best_params = params
+
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -1222,7 +1260,7 @@ class Trainer:
                    "tokens": self.tokens, "elapsed_s": self.elapsed})
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, self.step
-            self.best_params = dict(tree_flatten(self.model.parameters()))
+            self._keep_best_params()
         self.eval_pending = False
         if self.is_main:
             print(f"step {self.step} ({self.tokens:,} tokens): validation loss {val_loss:.4f}, perplexity "
@@ -1488,7 +1526,7 @@ class Trainer:
                                "elapsed_s": t_done - t_start})
                     if self.best_val_loss is None or val_loss < self.best_val_loss:
                         self.best_val_loss, self.best_step = val_loss, self.step
-                        self.best_params = dict(tree_flatten(self.model.parameters()))  # immutable arrays
+                        self._keep_best_params()
                     train_part = f"train loss {train_now:.4f}, {tok_s_now:,.0f} tok/s, " if train_now is not None else ""
                     if self.is_main:
                         bar.write(f"step {self.step} ({self.tokens:,} tokens, {t_done - t_start:.0f} s): "
@@ -1542,7 +1580,7 @@ class Trainer:
                        "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens, "elapsed_s": self.elapsed})
             if self.best_val_loss is None or val_loss < self.best_val_loss:
                 self.best_val_loss, self.best_step = val_loss, self.step
-                self.best_params = dict(tree_flatten(self.model.parameters()))
+                self._keep_best_params()
         if self.step != last_saved or not (self.out_dir / f"checkpoint-{self.step:07d}").is_dir():
             result.checkpoint = self.save()
         elif self.budget_spent and self.is_main:  # saved at this step before the budget stopped it:
