@@ -115,3 +115,33 @@ def test_close_ends_the_servers_threads_and_a_request_in_flight(ckpt, monkeypatc
         assert not os.path.exists(f"/proc/self/task/{generation.native_id}")  # its C++ thread_locals are gone
     assert released == (["xlstm-serve-generation"] if clear_streams is not None else [])
     srv.close()  # closing again does nothing
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_close_fails_a_seeded_request_in_flight_as_it_does_others(ckpt, stream):
+    """mlx-lm serves a seeded request alone; close() stopping it made that path end the reply as if
+    complete: a 200 with the reply so far and finish_reason "stop" (a client took the cut-off text
+    for the whole reply). It is answered as the batched requests are: a 503, or a last error event."""
+    srv = make_server(server_args(ckpt, port=0, dtype="float32")).start()
+    host, port = srv.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**SEEDED_CHAT, "max_tokens": 100_000, "stream": stream}),
+                 {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while not any(q.ctx is not None for q in list(srv.generator._taken)):  # the generation thread has it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)  # a few tokens
+    srv.close()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    expected = "the server closed before this reply was complete"
+    if stream:
+        assert response.status == 200
+        events = [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]
+        assert b"[DONE]" not in events
+        assert json.loads(events[-1])["error"]["message"] == expected
+        assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-1])
+    else:
+        assert (response.status, json.loads(body)["error"]["message"]) == (503, expected)

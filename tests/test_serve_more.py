@@ -454,6 +454,8 @@ def test_the_client_is_looked_at_once_per_poll_interval_not_per_token():
     from xlstm_metal.serve import POLL_S, ResponseGenerator
 
     class Idle:
+        _stop = _is_distributed = False  # not closing
+
         def generation_available(self):
             return True
 

@@ -764,6 +764,7 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
         The client is looked at (two system calls) while no token arrives, and at most every
         POLL_S while tokens do, not per token."""
         next_look = time.monotonic() + POLL_S
+        finished = False  # whether a response has ended the reply (its finish_reason)
         while True:
             try:
                 item = rqueue.get(timeout=POLL_S)
@@ -777,6 +778,10 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                 if not self.generation_available():
                     raise self._unavailable()
             elif item is None:
+                if not finished and self._stop and not self._is_distributed:
+                    # Closing stopped the reply (mlx-lm's one-request path, seeded requests, ends
+                    # it as if complete: the handler then said finish_reason "stop").
+                    raise self._unavailable()
                 return
             elif isinstance(item, Exception):
                 raise item
@@ -784,6 +789,7 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                 if progress_callback is not None:
                     progress_callback(*item)
             else:
+                finished = finished or getattr(item, "finish_reason", None) is not None
                 yield item
 
 
@@ -1474,11 +1480,11 @@ class Server:
 
     def close(self, timeout: float = CLOSE_S) -> None:
         """Stop serving: no new connection, the requests in flight stopped at their next token
-        (their clients get a 503, or an error event ending the stream, or, for a seeded request,
-        the reply so far), and the server's threads ended, waiting at most
-        ``timeout`` seconds in all. The generation thread, the one in MLX, is joined to its OS
-        thread's end; a request thread still waiting on its client is left to exit with the
-        process (a daemon, outside MLX)."""
+        (their clients get a 503, or an error event ending the stream; a seeded request's too,
+        where it got the reply so far as if complete, finish_reason "stop"), and the server's
+        threads ended, waiting at most ``timeout`` seconds in all. The generation thread, the one
+        in MLX, is joined to its OS thread's end; a request thread still waiting on its client is
+        left to exit with the process (a daemon, outside MLX)."""
         with _OPEN_LOCK:
             if self.closed:
                 return
