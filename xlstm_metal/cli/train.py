@@ -3,9 +3,9 @@
     xlstm-metal train DATA... --out runs/my-model [--config preset|config.json | --init-from CKPT]
                       [--tokenizer tokenizer.json | --vocab-size 4096] [--steps N | --max-time S]
 
-DATA are text files, directories of them, or JSON Lines files (``--text-field``). Without
---tokenizer a byte-level BPE is trained on the training data. The run directory gets
-``checkpoint-<step>/`` (Hugging Face format + optimizer/data state), ``metrics.jsonl``,
+DATA are text files, directories of them, or JSON Lines files (``.jsonl``, ``.ndjson``;
+``--text-field``). Without --tokenizer a byte-level BPE is trained on the data's documents (the
+validation split's too). The run directory gets ``checkpoint-<step>/`` (Hugging Face format + optimizer/data state), ``metrics.jsonl``,
 ``loss.png`` and, with --export, the model with the best validation loss.
 """
 
@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
         "train", help="train or fine-tune a model on text", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data", nargs="*", help="text files, directories, or .jsonl files (default on --resume: the run's data)")
+    p.add_argument("data", nargs="*", help="text files, directories, or JSON Lines files (.jsonl, .ndjson) (default on --resume: the run's data)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png)")
     src = p.add_argument_group("model")
     src.add_argument("--config", default=None,

@@ -1,7 +1,7 @@
 """Training data: text sources -> tokens -> packed [B, S+1] windows, with a held-out split.
 
 Sources are text files, directories (walked recursively, hidden entries skipped) and JSON
-Lines files (``*.jsonl``) whose records hold the text under a field (``text`` by default).
+Lines files (``*.jsonl``, ``*.ndjson``, any case) whose records hold the text under a field (``text`` by default).
 Documents are tokenized, wrapped as ``[BOS] doc [EOS]`` and concatenated in a seeded shuffled
 order; the last ``val_fraction`` of that token stream is the validation split (so validation
 is made of documents the model never trains on, bar the one document cut at the boundary).
@@ -90,19 +90,29 @@ def _files_under(directory: Path) -> list[Path]:
     return files
 
 
+#: Suffixes of JSON Lines files (any case): read record by record, the text under a field.
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether ``path`` names a JSON Lines file (:data:`JSONL_SUFFIXES`, any case: data.JSONL too;
+    read as plain text, its records' JSON syntax would be trained on)."""
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
 def holds_jsonl(paths: Iterable[str | os.PathLike]) -> bool:
-    """Whether any of ``paths`` is, or (a directory) holds, a ``*.jsonl`` file: the only files
+    """Whether any of ``paths`` is, or (a directory) holds, a JSON Lines file (:func:`is_jsonl`): the only files
     whose records a text field is read from. Missing paths count as not holding one."""
     for raw in paths:
         path = Path(raw).expanduser()
         files = _files_under(path) if path.is_dir() else [path]
-        if any(file.suffix == ".jsonl" for file in files):
+        if any(is_jsonl(file) for file in files):
             return True
     return False
 
 
 def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[Document]:
-    """Documents of text files, ``*.jsonl`` files and directories of them, in a stable order.
+    """Documents of text files, JSON Lines files (:func:`is_jsonl`) and directories of them, in a stable order.
 
     Raises DataError for a missing path, an empty directory, a binary or non-UTF-8 file, or a
     JSON Lines record without the text field.
@@ -118,7 +128,7 @@ def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text")
         else:
             raise DataError(f"data path not found: {path}")
         for file in files:
-            if file.suffix == ".jsonl":
+            if is_jsonl(file):
                 yield from _read_jsonl(file, text_field)
             else:
                 yield Document(str(file), _read_text(file))
