@@ -244,3 +244,35 @@ def test_a_reply_cut_off_at_max_tokens_says_so(server, browser):
     sent = browser.execute_script("return window.sent;")
     assert sent[1]["messages"][1] == {"role": "assistant", "content": content}
     assert sent[1]["max_tokens"] == 5
+
+
+def test_a_failed_turn_is_marked_out_of_the_conversation_and_its_text_kept(server, browser):
+    """A refused request's message leaves the conversation the next turn re-sends, but stayed on the
+    page as a part of it, and its text was gone from the box: it is marked, and its text is back in
+    the box, so that Enter sends it again (alone: the failed turn is not re-sent)."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    browser.execute_script("""
+        window.sent = [];
+        const realFetch = window.fetch;
+        window.fetch = (url, options) => {
+            if (options && options.body) window.sent.push(JSON.parse(options.body));
+            return realFetch(url, options);
+        };""")
+    set_field(browser, "temperature", -1)
+    set_field(browser, "max-tokens", 4)
+    browser.find_element(By.ID, "prompt").send_keys("Hello, 世界?\n")
+    WebDriverWait(browser, WAIT).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.error"))
+    question = browser.find_element(By.CSS_SELECTOR, ".message.user")
+    assert question.get_attribute("data-state") == "failed"
+    assert question.find_element(By.CLASS_NAME, "meta").text == "not in the conversation: the request failed"
+    WebDriverWait(browser, WAIT).until(lambda b: b.find_element(By.ID, "prompt").get_attribute("disabled") is None)
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Hello, 世界?"
+    set_field(browser, "temperature", 0)
+    browser.find_element(By.ID, "prompt").send_keys("\n")
+    WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
+        lambda b: replies(b) and replies(b)[0].get_attribute("data-state") == "done")
+    sent = browser.execute_script("return window.sent;")
+    assert [body["messages"] for body in sent] == [[{"role": "user", "content": "Hello, 世界?"}]] * 2
+    assert replies(browser)[0].find_element(By.CLASS_NAME, "content").get_attribute("textContent") == api_reply(
+        server.url, [{"role": "user", "content": "Hello, 世界?"}], 4)
