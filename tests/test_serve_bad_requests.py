@@ -4,6 +4,8 @@ tests/test_serve.py and tests/test_serve_more.py already cover is not repeated h
 
 import http.client
 import json
+import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -135,6 +137,19 @@ def test_models_retrieve_and_paths_with_query_strings(server):
     assert status == 404 and "not found" in error_message(status, answer, None)
     assert request(server, "GET", "/health?probe=1") == (200, {"status": "ok"})
     assert_still_serving(server)
+
+
+def test_a_models_created_time_stays_put(server):
+    """/v1/models' ``created`` (OpenAI: when the model was created) was the time of each request:
+    every listing a second apart named another time, and a model retrieved apart from the list
+    differed from its entry. It is the time the server took the model up."""
+    _, first = request(server, "GET", "/v1/models")
+    time.sleep(1.1)
+    _, second = request(server, "GET", "/v1/models")
+    model = first["data"][0]
+    assert second["data"] == [model] and model["created"] <= int(time.time()) - 1
+    _, retrieved = request(server, "GET", "/v1/models/" + urllib.parse.quote(model["id"]))
+    assert retrieved == model
 
 
 def test_parameters_named_as_sent_and_ignored_ones_refused(server):

@@ -354,6 +354,9 @@ class ModelProvider(mlx_server.ModelProvider):
         self.load_error: Exception | None = None
         #: The loaded model's :func:`model_generation_defaults`.
         self.generation_defaults: tuple[dict[str, Any], int | None] = ({}, None)
+        #: The served model's ``created`` in /v1/models: when this server took it up. mlx-lm's was
+        #: each request's time, a model "created" anew at every listing.
+        self.created = int(time.time())
         served = str(cli_args.model)
         for alias in {served, str(Path(served).expanduser().resolve()), Path(served).name}:
             self._model_map.setdefault(alias, served)
@@ -1056,7 +1059,8 @@ class APIHandler(mlx_server.APIHandler):
         retrieve) when it names the served one, as a request's ``model`` may, else a 404 (it
         answered the list, whatever the id)."""
         model_id = self._served_model_id
-        model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "xlstm-metal"}
+        created = getattr(self.response_generator.model_provider, "created", self.created)
+        model = {"id": model_id, "object": "model", "created": created, "owned_by": "xlstm-metal"}
         request_path = self.path.split("?", 1)[0]
         if request_path == "/v1/models":
             self._send_body(200, json.dumps({"object": "list", "data": [model]}).encode())
