@@ -299,20 +299,42 @@ def _build_model(config: dict, kernel: str, seed: int, vocab: int):
     return model
 
 
-def _special_ids(tokenizer, config) -> tuple[int | None, int | None]:
-    """BOS / EOS ids wrapped around each document: the tokenizer's <|bos|>/<|eos|>-style
-    tokens when it has them, else the model config's ids."""
+def _special_ids(tokenizer, config, tokenizer_dir: Path | None = None, warn: bool = True) -> tuple[int | None, int | None]:
+    """BOS / EOS ids wrapped around each document: the tokenizer's <|bos|>/<|eos|> tokens when
+    it has them, else those its tokenizer_config.json names (``bos_token`` / ``eos_token``, e.g.
+    GPT-2's <|endoftext|>), else the model config's ids where they are special tokens of the
+    tokenizer. An id that is an ordinary token (a preset's 0 and 2 are "!" and "#" in GPT-2's
+    vocabulary) is not used: the documents go without it, and a warning says so."""
     from ..training.data import BOS_TOKEN, EOS_TOKEN
 
-    bos = tokenizer.token_to_id(BOS_TOKEN)
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    if bos is None:
-        bos = getattr(config, "bos_token_id", None)
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-    return bos, eos
+    named: dict = {}
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file():
+        try:
+            named = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            named = {}
+        named = named if isinstance(named, dict) else {}
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    ids = []
+    for ours, key, config_key in ((BOS_TOKEN, "bos_token", "bos_token_id"), (EOS_TOKEN, "eos_token", "eos_token_id")):
+        value = tokenizer.token_to_id(ours)
+        token = named.get(key)
+        if isinstance(token, dict):  # an AddedToken's fields
+            token = token.get("content")
+        if value is None and isinstance(token, str):
+            value = tokenizer.token_to_id(token)
+        if value is None:
+            value = getattr(config, config_key, None)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int) and value not in special:
+                if warn:
+                    print(f"xlstm-metal: warning: the model config's {config_key} {value} is the ordinary token "
+                          f"{tokenizer.id_to_token(value)!r} of this tokenizer, which has no {key.split('_')[0].upper()} "
+                          "token of its own: documents are not wrapped with it", file=sys.stderr)
+                value = None
+        ids.append(value)
+    return ids[0], ids[1]
 
 
 def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, overwrite: bool) -> Path:
@@ -562,7 +584,7 @@ def _run(args) -> int:
                 f"the model's vocab_size ({model_vocab}) is smaller than the tokenizer's vocabulary ({vocab}): "
                 "token ids would fall outside the embedding; raise vocab_size in the config or use another tokenizer"
             )
-        bos, eos = _special_ids(tokenizer, model.config)
+        bos, eos = _special_ids(tokenizer, model.config, tok_dir, warn=main)
         for name, value in (("BOS", bos), ("EOS", eos)):
             if value is not None and not 0 <= value < model_vocab:
                 raise UsageError(f"{name} token id {value} is outside the model's vocabulary ({model_vocab})")
