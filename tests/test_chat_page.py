@@ -218,9 +218,9 @@ def test_a_reply_cut_off_by_the_connection_is_marked_incomplete(server, browser)
     assert not reply.find_elements(By.CLASS_NAME, "meta")
 
 
-def test_a_reply_cut_off_at_max_tokens_says_so(server, browser):
-    """A reply that ran into the max tokens setting (finish_reason "length") looked like a whole
-    reply; it carries a note, which is not part of the text the next turn re-sends."""
+def open_page_recording_requests(server, browser) -> None:
+    """Open the chat page once the model is listed; every request body it sends is kept in
+    ``window.sent`` (parsed JSON)."""
     browser.get(server.url + "/")
     WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
     browser.execute_script("""
@@ -230,6 +230,12 @@ def test_a_reply_cut_off_at_max_tokens_says_so(server, browser):
             if (options && options.body) window.sent.push(JSON.parse(options.body));
             return realFetch(url, options);
         };""")
+
+
+def test_a_reply_cut_off_at_max_tokens_says_so(server, browser):
+    """A reply that ran into the max tokens setting (finish_reason "length") looked like a whole
+    reply; it carries a note, which is not part of the text the next turn re-sends."""
+    open_page_recording_requests(server, browser)
     set_field(browser, "temperature", 0)
     set_field(browser, "max-tokens", 5)
     for turn, text in enumerate(["Tell me about cats.", "More."]):
@@ -250,15 +256,7 @@ def test_a_failed_turn_is_marked_out_of_the_conversation_and_its_text_kept(serve
     """A refused request's message leaves the conversation the next turn re-sends, but stayed on the
     page as a part of it, and its text was gone from the box: it is marked, and its text is back in
     the box, so that Enter sends it again (alone: the failed turn is not re-sent)."""
-    browser.get(server.url + "/")
-    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
-    browser.execute_script("""
-        window.sent = [];
-        const realFetch = window.fetch;
-        window.fetch = (url, options) => {
-            if (options && options.body) window.sent.push(JSON.parse(options.body));
-            return realFetch(url, options);
-        };""")
+    open_page_recording_requests(server, browser)
     set_field(browser, "temperature", -1)
     set_field(browser, "max-tokens", 4)
     browser.find_element(By.ID, "prompt").send_keys("Hello, 世界?\n")
