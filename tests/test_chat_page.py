@@ -274,3 +274,52 @@ def test_a_failed_turn_is_marked_out_of_the_conversation_and_its_text_kept(serve
     assert [body["messages"] for body in sent] == [[{"role": "user", "content": "Hello, 世界?"}]] * 2
     assert replies(browser)[0].find_element(By.CLASS_NAME, "content").get_attribute("textContent") == api_reply(
         server.url, [{"role": "user", "content": "Hello, 世界?"}], 4)
+
+
+#: Holds back the first chunk of the next /v1/chat/completions stream (the server's, read through
+#: the wrapped fetch) until the request is aborted: Stop is pressed before any text, deterministically.
+#: The stream then fails as an aborted fetch's does (AbortError) and the server's is cancelled.
+HOLD_FIRST_CHUNK = """
+    window.holdFirstChunk = true;
+    const fetchBeforeHold = window.fetch;
+    window.fetch = async (url, options) => {
+        const response = await fetchBeforeHold(url, options);
+        if (url !== "/v1/chat/completions" || !window.holdFirstChunk || !response.ok) return response;
+        window.holdFirstChunk = false;
+        const reader = response.body.getReader();
+        const signal = options.signal;
+        const aborted = new Promise(resolve => signal.addEventListener("abort", resolve, {once: true}));
+        const body = new ReadableStream({async pull(controller) {
+            await aborted;
+            reader.cancel().catch(() => {});
+            controller.error(new DOMException("The user aborted a request.", "AbortError"));
+        }});
+        return new Response(body, {status: response.status, headers: response.headers});
+    };
+"""
+
+
+def test_a_reply_stopped_before_any_text_is_not_in_the_conversation(server, browser):
+    """Stop before the first token left an empty assistant message in the conversation, re-sent with
+    the next turn ({"role": "assistant", "content": ""}); the turn is out of the conversation, marked,
+    and its text is back in the box."""
+    open_page_recording_requests(server, browser)
+    browser.execute_script(HOLD_FIRST_CHUNK)
+    set_field(browser, "temperature", 0)
+    set_field(browser, "max-tokens", 3)
+    browser.find_element(By.ID, "prompt").send_keys("Hello?\n")
+    WebDriverWait(browser, WAIT).until(lambda b: b.find_element(By.ID, "stop").get_attribute("disabled") is None)
+    browser.find_element(By.ID, "stop").click()
+    WebDriverWait(browser, WAIT).until(lambda b: b.find_element(By.ID, "prompt").get_attribute("disabled") is None)
+    question = browser.find_element(By.CSS_SELECTOR, ".message.user")
+    assert question.get_attribute("data-state") == "stopped"
+    assert question.find_element(By.CLASS_NAME, "meta").text == "not in the conversation: stopped before any reply"
+    assert not replies(browser)
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Hello?"
+    set_field(browser, "prompt", "Again?\n")
+    WebDriverWait(browser, WAIT, poll_frequency=0.25).until(
+        lambda b: replies(b) and replies(b)[-1].get_attribute("data-state") == "done")
+    sent = browser.execute_script("return window.sent;")
+    assert len(sent) == 2
+    assert {"role": "assistant", "content": ""} not in sent[1]["messages"]
+    assert sent[1]["messages"] == [{"role": "user", "content": "Again?"}]
