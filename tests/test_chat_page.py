@@ -323,3 +323,68 @@ def test_a_reply_stopped_before_any_text_is_not_in_the_conversation(server, brow
     assert len(sent) == 2
     assert {"role": "assistant", "content": ""} not in sent[1]["messages"]
     assert sent[1]["messages"] == [{"role": "user", "content": "Again?"}]
+
+
+#: A stream the test feeds: fetch of /v1/chat/completions answers a body whose chunks come from
+#: ``window.feed(texts)`` (one delta each) until ``window.feed(null)`` ends it with finish_reason stop.
+FED_STREAM = """
+    const fetchBeforeFeed = window.fetch;
+    window.fetch = (url, options) => {
+        if (url !== "/v1/chat/completions") return fetchBeforeFeed(url, options);
+        const encoder = new TextEncoder();
+        const event = (delta, finish) => "data: " + JSON.stringify(
+            {object: "chat.completion.chunk", choices: [{index: 0, delta: delta, finish_reason: finish}]}) + "\\n\\n";
+        const body = new ReadableStream({start(controller) {
+            window.feed = (texts) => {
+                if (texts === null) {
+                    controller.enqueue(encoder.encode(event({}, "stop") + "data: [DONE]\\n\\n"));
+                    controller.close();
+                } else for (const text of texts) controller.enqueue(encoder.encode(event({content: text}, null)));
+            };
+        }});
+        return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}}));
+    };
+"""
+
+
+def test_the_view_follows_new_text_only_from_the_bottom(server, browser):
+    """Every token scrolled the view to the newest text, even while the user had scrolled up to read
+    earlier messages; it follows only while the view is at the bottom, and again once scrolled back."""
+    browser.get(server.url + "/")
+    WebDriverWait(browser, WAIT).until(lambda b: "ckpt" in b.find_element(By.ID, "model-name").text)
+    browser.execute_script(FED_STREAM)
+    browser.find_element(By.ID, "prompt").send_keys("Hello?\n")
+    WebDriverWait(browser, WAIT).until(lambda b: b.execute_script("return !!window.feed;"))
+    view = browser.find_element(By.ID, "messages")
+
+    def feed_lines(first, count):
+        """Feeds lines first..first+count-1 and waits until they are shown and two frames have passed
+        (a scroll that follows them, or the user's scroll event, has happened)."""
+        browser.execute_script("window.feed(arguments[0]);", [f"line {i}\n" for i in range(first, first + count)])
+        WebDriverWait(browser, WAIT, poll_frequency=0.1).until(
+            lambda b: f"line {first + count - 1}\n" in replies(b)[0].get_attribute("textContent"))
+        settle()
+
+    def settle():
+        browser.execute_async_script(
+            "const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(() => done()));")
+
+    def position():
+        return browser.execute_script(
+            "const v = arguments[0]; return [v.scrollTop, v.scrollHeight - v.clientHeight];", view)
+
+    feed_lines(0, 80)  # the conversation is now several views tall; the view followed it
+    top, bottom = position()
+    assert bottom > 1000 and top >= bottom - 20  # (its padding may show or not)
+    browser.execute_script("arguments[0].scrollTop = 300;", view)  # the user scrolls up to read
+    settle()
+    feed_lines(80, 30)
+    top, bottom = position()
+    assert top == 300 and bottom > 1300  # the text grew; the view stayed where the user put it
+    browser.execute_script("arguments[0].scrollTop = arguments[0].scrollHeight;", view)  # back to the bottom
+    settle()
+    feed_lines(110, 30)
+    top, new_bottom = position()
+    assert new_bottom > bottom and top >= new_bottom - 4  # following again, to the very bottom
+    browser.execute_script("window.feed(null);")
+    WebDriverWait(browser, WAIT, poll_frequency=0.1).until(lambda b: replies(b)[0].get_attribute("data-state") == "done")
