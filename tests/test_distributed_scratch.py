@@ -109,6 +109,7 @@ def test_only_a_receiving_rank_makes_a_folder_and_a_killed_ranks_is_removed(tmp_
         assert (out / "checkpoint-0000001").is_dir()
         # Rank 1 received the corpus into a folder of its own, which is gone with the run.
         assert any(name.startswith(f"{DIST_PREFIX}{procs[1].pid}-") for name in seen), seen
+        assert not any(name.startswith(f"{DIST_PREFIX}{procs[0].pid}-") for name in seen), seen  # rank 0: none
         assert not killed_dir.exists()  # the SIGKILLed rank's: removed by the run
         assert dist_folders(base) == {live_dir.name, older.name}  # the live one and the other name stay
         assert (live_dir / "shared-abcdefgh").is_dir()
@@ -134,26 +135,23 @@ def test_ranks_that_see_rank0s_files_make_no_folder(tmp_path):
     assert seen == set() and dist_folders(base) == set()
 
 
-def test_the_folder_is_made_on_first_use_and_keeps_only_what_is_used(tmp_path, monkeypatch):
-    """The folder behind train's scratch (distributed.share_path makes one folder per path in
-    it with tempfile.mkdtemp): none until share_path asks for it; what was made and not used
-    (rank 0's, when another rank needed a copy) goes at once, the folder with it when empty."""
+def test_the_folder_is_made_on_first_use_and_removed_at_the_end(tmp_path, monkeypatch):
+    """The folder behind train's scratch (distributed.share_path makes one folder per path it
+    receives in it, with tempfile.mkdtemp): none until share_path asks for it; locked while held;
+    gone, with everything in it, when the run ends; made again by a later run in the process."""
     from xlstm_metal.cli.train import _Scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     scratch = _Scratch()
-    assert scratch.path is None and scratch.entries() == set() and list(tmp_path.iterdir()) == []
-    unused = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-"))
-    assert scratch.path.parent == tmp_path and scratch.path.name.startswith(f"{DIST_PREFIX}{os.getpid()}-")
-    assert (scratch.path / tempdirs.LOCK).is_file() and unused.parent == scratch.path
-    scratch.keep_only(None, set())  # rank 0: its own path is used, not the copy's folder
     assert scratch.path is None and list(tmp_path.iterdir()) == []
     used = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-")) / "corpus"
-    scratch.keep_only(used, set())
-    before = scratch.entries()
-    assert before == {used.parent.name}
-    Path(tempfile.mkdtemp(dir=scratch, prefix="shared-"))
-    scratch.keep_only(Path("/elsewhere"), before)
-    assert scratch.entries() == before and used.parent.is_dir()
+    assert scratch.path.parent == tmp_path and scratch.path.name.startswith(f"{DIST_PREFIX}{os.getpid()}-")
+    assert (scratch.path / tempdirs.LOCK).is_file() and used.parent.parent == scratch.path
+    second = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-"))
+    assert second.parent == scratch.path  # one folder for the run's paths
     scratch.end()
     assert scratch.path is None and list(tmp_path.iterdir()) == []
+    again = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-"))
+    assert again.parent == scratch.path and scratch.path.parent == tmp_path
+    scratch.end()
+    assert list(tmp_path.iterdir()) == []

@@ -734,12 +734,11 @@ def _latest(out: Path) -> Path:
 
 class _Scratch(os.PathLike):
     """Where this rank keeps the files it received from rank 0 (distributed.share_path, which
-    makes a folder per path in it): ``<temp dir>/xlstm-dist-<pid>-<random>``. The folder is made
-    the first time share_path puts something there (it asks for the path then: ``__fspath__``),
-    so a rank that sees rank 0's files itself (one machine, a shared file system) makes none;
-    what share_path made that the rank does not use is removed at once, the folder with it when
-    it holds nothing else; the rest goes when the run ends (:func:`run`), also when SIGTERM forces
-    the process out (monitor.partial_output). Its ``.lock`` (training.tempdirs) lets the next
+    makes a folder per path it receives in it): ``<temp dir>/xlstm-dist-<pid>-<random>``. The
+    folder is made the first time share_path puts something there (it asks for the path then:
+    ``__fspath__``), so a rank that sees rank 0's files itself (one machine, a shared file
+    system) makes none; it goes when the run ends (:func:`run`), also when SIGTERM forces the
+    process out (monitor.partial_output). Its ``.lock`` (training.tempdirs) lets the next
     run remove the folder of a rank killed with SIGKILL, which no handler can."""
 
     def __init__(self) -> None:
@@ -759,27 +758,6 @@ class _Scratch(os.PathLike):
 
     def __truediv__(self, other) -> Path:
         return Path(os.fspath(self)) / other
-
-    def entries(self) -> set[str]:
-        from ..training.tempdirs import LOCK
-
-        if self.path is None:
-            return set()
-        try:
-            return set(os.listdir(self.path)) - {LOCK}
-        except OSError:
-            return set()
-
-    def keep_only(self, used: Path | None, before: set[str]) -> None:
-        """Remove what share_path made since ``before`` (:meth:`entries`) and ``used`` is not
-        under (rank 0 makes a folder it never fills when another rank needs a copy); the whole
-        folder when nothing is left in it."""
-        for name in self.entries() - before:
-            entry = self.path / name
-            if used is None or not Path(used).is_relative_to(entry):
-                shutil.rmtree(entry, ignore_errors=True)
-        if not self.entries():
-            self.release()
 
     def release(self) -> None:
         if self.path is not None:
@@ -823,10 +801,7 @@ def _from_rank0(group, fn):
         if group.rank() == 0:
             raise UsageError(error)
         raise SystemExit(2)
-    before = _SCRATCH.entries()
-    shared = share_path(value, group, _SCRATCH)
-    _SCRATCH.keep_only(shared, before)
-    return shared
+    return share_path(value, group, _SCRATCH)
 
 
 def _same_start(group, model, train_stream, val_stream, cfg) -> None:

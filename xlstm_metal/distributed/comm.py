@@ -252,7 +252,9 @@ def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scra
     needed = mx.distributed.all_gather(mx.array([need], dtype=mx.int32), group=group)
     if not np.asarray(needed).any():
         return local
-    target = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-")) / (local.name or "data")
+    # Only a rank that receives the files makes a folder for them (rank 0 and ranks that see
+    # them already make none).
+    target = Path(tempfile.mkdtemp(dir=scratch, prefix="shared-")) / (local.name or "data") if need else None
     if need and "" not in theirs["files"]:
         # A directory, made even when it holds no (visible) files: the rank then sees what rank
         # 0 sees (an empty directory), not a path that does not exist.
