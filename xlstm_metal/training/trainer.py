@@ -1247,20 +1247,29 @@ class Trainer:
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise self._diverged(f"the gradient norm is {grad_norm}, so the update left the weights non-finite")
 
+    def _record_evaluation(self, result: TrainResult, t_start: float | None = None) -> tuple[float, float]:
+        """Evaluate at ``self.step``: the loss joins ``result.evals`` and metrics.jsonl (its
+        ``elapsed_s`` by the clock since ``t_start``, else :attr:`elapsed`) and, the best so
+        far, sets the best step and its parameters. Returns (validation loss, elapsed_s); a
+        non-finite loss raises the divergence error."""
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise self._diverged(f"the validation loss is {val_loss}")
+        result.evals.append((self.step, val_loss))
+        elapsed_s = self.elapsed if t_start is None else self.clock() - t_start
+        self._log({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                   "tokens": self.tokens, "elapsed_s": elapsed_s})
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = val_loss, self.step
+            self._keep_best_params()
+        return val_loss, elapsed_s
+
     def _pending_evaluation(self, result: TrainResult) -> None:
         """The evaluation of step ``self.step`` that the memory watchdog's stop left undone (the
         checkpoint it saved holds this step's weights): logged and scored for the best validation
         loss as the run would have done at that step, and the checkpoint's state rewritten to
         say so (best step included), as if saved after it."""
-        val_loss = self.evaluate()
-        if not math.isfinite(val_loss):
-            raise self._diverged(f"the validation loss is {val_loss}")
-        result.evals.append((self.step, val_loss))
-        self._log({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                   "tokens": self.tokens, "elapsed_s": self.elapsed})
-        if self.best_val_loss is None or val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_step = val_loss, self.step
-            self._keep_best_params()
+        val_loss, _ = self._record_evaluation(result)
         self.eval_pending = False
         if self.is_main:
             print(f"step {self.step} ({self.tokens:,} tokens): validation loss {val_loss:.4f}, perplexity "
@@ -1516,20 +1525,10 @@ class Trainer:
                     else:  # this step's log record (or none yet: a resumed run's first step)
                         last = next((r for r in reversed(self.records) if r["kind"] == "train"), None)
                         train_now, tok_s_now = (last["loss"], last["tokens_per_s"]) if last else (None, None)
-                    val_loss = self.evaluate()
-                    if not math.isfinite(val_loss):
-                        raise self._diverged(f"the validation loss is {val_loss}")
-                    result.evals.append((self.step, val_loss))
-                    t_done = self.clock()
-                    self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
-                               "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens,
-                               "elapsed_s": t_done - t_start})
-                    if self.best_val_loss is None or val_loss < self.best_val_loss:
-                        self.best_val_loss, self.best_step = val_loss, self.step
-                        self._keep_best_params()
+                    val_loss, elapsed_s = self._record_evaluation(result, t_start)
                     train_part = f"train loss {train_now:.4f}, {tok_s_now:,.0f} tok/s, " if train_now is not None else ""
                     if self.is_main:
-                        bar.write(f"step {self.step} ({self.tokens:,} tokens, {t_done - t_start:.0f} s): "
+                        bar.write(f"step {self.step} ({self.tokens:,} tokens, {elapsed_s:.0f} s): "
                                   f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                     self._plot()
                     # Eval time is not training throughput: the window's clock skips it (the steps
@@ -1572,15 +1571,7 @@ class Trainer:
             self._check_losses(losses, first)
             result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
         if self.validating and (not result.evals or result.evals[-1][0] != self.step):
-            val_loss = self.evaluate()
-            if not math.isfinite(val_loss):
-                raise self._diverged(f"the validation loss is {val_loss}")
-            result.evals.append((self.step, val_loss))
-            self._log({"kind": "eval", "step": self.step, "val_loss": val_loss,
-                       "val_ppl": math.exp(min(val_loss, 50)), "tokens": self.tokens, "elapsed_s": self.elapsed})
-            if self.best_val_loss is None or val_loss < self.best_val_loss:
-                self.best_val_loss, self.best_step = val_loss, self.step
-                self._keep_best_params()
+            self._record_evaluation(result)
         if self.step != last_saved or not (self.out_dir / f"checkpoint-{self.step:07d}").is_dir():
             result.checkpoint = self.save()
         elif self.budget_spent and self.is_main:  # saved at this step before the budget stopped it:
