@@ -248,10 +248,9 @@ def under_a_launch() -> bool:
     process's stdin and never closes it (so reading stdin to its end waits forever, and a
     piped chat never sees Ctrl-D's end of input); a launch whose size the environment does not
     tell counts as one."""
-    from ..distributed import launch_rank
+    from ..monitor.watchdog import job_rank  # the rank a launch of several gave this process
 
-    launch = launch_rank()
-    return launch is not None and launch[1] != 1
+    return job_rank() is not None
 
 
 def read_stdin_text() -> str:
