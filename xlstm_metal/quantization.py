@@ -420,18 +420,29 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Weights the model represents: a quantized matrix counts its unpacked elements, not its
-    scales and biases."""
-    bits = {path: m.bits for path, m in model.named_modules() if isinstance(m, _QUANTIZED_TYPES)}
-    total = 0
+def represented_weights(model: nn.Module) -> dict[str, int]:
+    """Parameter key -> the weights it represents: a quantized matrix its unpacked elements, its
+    scales and biases none, any other array its elements. Quantized layers: MLX's, ours, and the
+    sharded ones of a tensor-parallel split (none of MLX's quantized classes: a layer with an
+    integer ``bits`` and ``scales``)."""
+    bits = {path: m.bits for path, m in model.named_modules()
+            if isinstance(m, _QUANTIZED_TYPES) or (isinstance(getattr(m, "bits", None), int) and "scales" in m)}
+    counts = {}
     for key, value in tree_flatten(model.parameters()):
         owner, _, leaf = key.rpartition(".")
         if owner in bits and leaf == "weight":
-            total += value.size * 32 // bits[owner]
-        elif owner not in bits or leaf not in ("scales", "biases"):
-            total += value.size
-    return total
+            counts[key] = value.size * 32 // bits[owner]
+        elif owner in bits and leaf in ("scales", "biases"):
+            counts[key] = 0
+        else:
+            counts[key] = value.size
+    return counts
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Weights the model represents: a quantized matrix counts its unpacked elements, not its
+    scales and biases (:func:`represented_weights`)."""
+    return sum(represented_weights(model).values())
 
 
 def bits_per_weight(model: nn.Module) -> float:
@@ -518,5 +529,5 @@ def fidelity(
 __all__ = [
     "BITS", "GROUP_SIZES", "QuantizationError", "Recipe", "make_recipe", "plan", "quantize_model",
     "quantization_config", "config_quantization", "apply_quantization", "dequantize_model",
-    "parameter_count", "bits_per_weight", "fidelity",
+    "parameter_count", "represented_weights", "bits_per_weight", "fidelity",
 ]

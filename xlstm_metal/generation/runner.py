@@ -562,31 +562,15 @@ def _block_list(model: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-def _quantized_bits(model: nn.Module) -> dict[str, int]:
-    """Module path -> bits of the model's quantized layers (MLX's, ours, and MLX's sharded
-    quantized layers of a tensor-parallel split, which are none of MLX's quantized classes)."""
-    from ..quantization import _QUANTIZED_TYPES
-
-    return {path: m.bits for path, m in model.named_modules()
-            if isinstance(m, _QUANTIZED_TYPES) or (isinstance(getattr(m, "bits", None), int) and "scales" in m)}
-
-
 def _parameter_rows(model: nn.Module) -> list[tuple[str, int, int, int, str]]:
     """(key, stored elements, represented weights, bytes, dtype) per parameter: a quantized
-    matrix represents its unpacked elements, its scales and biases none (as
-    :func:`~xlstm_metal.quantization.parameter_count`)."""
-    bits = _quantized_bits(model)
-    rows = []
-    for key, value in tree_flatten(model.parameters()):
-        owner, _, leaf = key.rpartition(".")
-        if owner in bits and leaf == "weight":
-            represented = value.size * 32 // bits[owner]
-        elif owner in bits and leaf in ("scales", "biases"):
-            represented = 0
-        else:
-            represented = value.size
-        rows.append((key, int(value.size), int(represented), int(value.nbytes), str(value.dtype).replace("mlx.core.", "")))
-    return rows
+    matrix represents its unpacked elements, its scales and biases none
+    (:func:`~xlstm_metal.quantization.represented_weights`)."""
+    from ..quantization import represented_weights
+
+    represented = represented_weights(model)
+    return [(key, int(value.size), int(represented[key]), int(value.nbytes), str(value.dtype).replace("mlx.core.", ""))
+            for key, value in tree_flatten(model.parameters())]
 
 
 def _block_type_name(block: nn.Module) -> str:
