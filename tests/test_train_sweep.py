@@ -18,7 +18,8 @@ def test_weight_decay_reaches_matrices_only_in_lab_models():
     model = training_model(load_arch("slstm"), 300, 0)
     # Trained values (every parameter non-zero): the lab's sLSTM biases start at zero.
     model.update(tree_map(lambda p: p + 0.5, model.parameters()))
-    before = dict(tree_flatten(model.parameters()))
+    # Host copies: on CUDA the optimizer updates the parameters' buffers in place.
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     lr, wd = 0.1, 0.5
     optimizer = make_optimizer(TrainingConfig(lr=lr, weight_decay=wd), model)
     # Zero gradients: AdamW's step is then the decay alone, p * (1 - lr * wd) for decayed parameters.
@@ -28,7 +29,7 @@ def test_weight_decay_reaches_matrices_only_in_lab_models():
     assert biases
     for name, value in before.items():
         decayed = value.ndim >= 2 and "embeddings" not in name and "norm" not in name
-        expected = np.array(value) * (1 - lr * wd) if decayed else np.array(value)
+        expected = value * (1 - lr * wd) if decayed else value
         np.testing.assert_allclose(np.array(after[name]), expected, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
@@ -50,6 +51,30 @@ class _WatchdogAt:
 
     def check_all(self, note="", group=None):
         raise _Stopped(note)
+
+
+@pytest.mark.parametrize("arch, tied", [("slstm", False), ("mlstm", True)])
+def test_fused_head_loss_of_lab_models_equals_the_plain_loss(arch, tied):
+    """``head_loss="fused"`` (the default on CUDA) reads a lab model's normed hidden states and its
+    head's weight: the loss and every gradient equal the plain head's. It read xLSTM-Large's
+    ``residual_dtype``, which lab models lack (``train --arch`` failed at its first step on CUDA)."""
+    from xlstm_metal.lab import training_model
+    from xlstm_metal.lab.library import load_arch
+    from xlstm_metal.training.trainer import _fused_head_weight, make_loss_fn
+
+    arch_data = {**load_arch(arch), "tie_word_embeddings": tied}
+    model = training_model(arch_data, 300, 0)
+    assert _fused_head_weight(model) is not None
+    ids = mx.array(np.random.default_rng(3).integers(0, 300, (2, 17)))
+    params = model.trainable_parameters()
+    plain = mx.value_and_grad(make_loss_fn(model, mx.float32, head_loss="plain"))(params, ids[:, :-1], ids[:, 1:])
+    fused = mx.value_and_grad(make_loss_fn(model, mx.float32, head_loss="fused"))(params, ids[:, :-1], ids[:, 1:])
+    model.update(params)
+    assert abs(float(plain[0]) - float(fused[0])) < 1e-5 * float(plain[0])
+    grads_plain, grads_fused = dict(tree_flatten(plain[1])), dict(tree_flatten(fused[1]))
+    assert grads_plain.keys() == grads_fused.keys()
+    for name, g in grads_plain.items():
+        np.testing.assert_allclose(np.array(grads_fused[name]), np.array(g), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_memory_watchdog_stop_at_a_log_and_eval_step_resumes_exactly(tmp_path, monkeypatch):

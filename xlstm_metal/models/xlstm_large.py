@@ -364,14 +364,18 @@ class xLSTMLarge(nn.Module):
         logits = self.backbone.embeddings.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
         return soft_cap(logits, self.config.output_logit_soft_cap)
 
+    def hidden(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
+        """input_ids [B, S] -> (the normed hidden states [B, S, E] the LM head reads, new state)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
+        return self.backbone(input_ids, state, self.residual_dtype)
+
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False
     ) -> tuple[mx.array, ModelState]:
         """``last_only=True`` returns logits [B, 1, V] of the last position only (prefill needs
         no more, and the lm_head over every position is ~1/4 of a small model's prefill)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
-        x, state = self.backbone(input_ids, state, self.residual_dtype)
+        x, state = self.hidden(input_ids, state)
         if last_only:
             x = x[:, -1:]
         return self._logits(x), state

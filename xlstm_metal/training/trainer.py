@@ -530,8 +530,9 @@ def linear_cross_entropy(x: mx.array, weight: mx.array, targets: mx.array, soft_
 
 def _fused_head_weight(model) -> mx.array | None:
     """The LM head's weight [V, E] when the head is a plain product (xLSTM-Large: an unbiased
-    ``nn.Linear`` or the tied embeddings); None for anything else (quantized, adapted, other models)."""
-    if not hasattr(model, "_logits") or getattr(model, "backbone", None) is None:
+    ``nn.Linear`` or the tied embeddings; a lab model of the large layout alike); None for anything
+    else (quantized, adapted, other models)."""
+    if not callable(getattr(model, "hidden", None)) or getattr(model, "backbone", None) is None:
         return None
     if model.config.tie_word_embeddings:
         emb = model.backbone.embeddings
@@ -700,7 +701,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
         if forward is not None:
             return forward(inputs, targets)
         if fused_head:
-            x, _ = model.backbone(inputs, None, model.residual_dtype)
+            x, _ = model.hidden(inputs)
             E = x.shape[-1]
             return linear_cross_entropy(x.reshape(-1, E), _fused_head_weight(model), targets.reshape(-1),
                                         model.config.output_logit_soft_cap)
