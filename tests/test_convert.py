@@ -155,7 +155,7 @@ def test_2024_xlstm_converts(tmp_path, capsys):
     assert config["quantization"]["xlstm_block_stack.blocks.0.xlstm.mlstm_cell.igate"] is False
     loaded = load_model(tmp_path / "q")
     assert type(loaded).__name__ == "xLSTMLMModel"
-    assert type(loaded.token_embedding).__name__ == "QuantizedEmbedding"
+    assert isinstance(loaded.token_embedding, nn.QuantizedEmbedding)
     quantize_model(model, bits=8, group_size=32)
     ids = mx.array([[1, 5, 9, 33, 70, 2]])
     assert mx.array_equal(loaded(ids)[0], model(ids)[0])

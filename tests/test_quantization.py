@@ -20,8 +20,14 @@ GATES = [f"backbone.blocks.{i}.mlstm_layer.{g}" for i in range(2) for g in ("fga
 
 
 def kinds(model):
-    return {p: type(m).__name__ for p, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    """Each layer's MLX class (ours, e.g. FastQuantizedLinear, are subclasses of MLX's)."""
+    found = {}
+    for path, module in model.named_modules():
+        for cls in (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear, nn.Embedding):
+            if isinstance(module, cls):
+                found[path] = cls.__name__
+                break
+    return found
 
 
 def test_default_recipe_keeps_gates_float_and_writes_mlx_lm_format():

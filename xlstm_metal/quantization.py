@@ -36,6 +36,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .kernels.fast.quantized import use_fast_quantized_layers
+
 #: Bit widths and group sizes of MLX's affine quantization.
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -260,6 +262,7 @@ def quantize_model(
         model.update_modules(tree_unflatten([(path, quantized)]))
         if progress is not None:
             progress(path)
+    use_fast_quantized_layers(model)  # our dispatch: the CUDA kernels, and around MLX's faulty cases
     config = quantization_config(model)
     if config is None:
         raise QuantizationError(
@@ -368,6 +371,7 @@ def apply_quantization(
         return False  # the strict load lists the mis-shaped tensors
 
     nn.quantize(model, class_predicate=predicate)
+    use_fast_quantized_layers(model)  # as quantize_model leaves them
 
 
 def _infer_params(width: int, weight: mx.array, scales: mx.array | None) -> dict[str, Any] | None:

@@ -282,7 +282,7 @@ def _collect(model: nn.Module) -> tuple[list, dict, _Reads]:
         "embedding_dim", "num_heads", "qk_head_dim", "v_head_dim", "ffn_dim", "vocab_size"))
     backbone = reads.entries_of(model.backbone)
     embeddings = reads.entries_of(backbone.embeddings)
-    if type(embeddings) is nn.QuantizedEmbedding:
+    if isinstance(embeddings, nn.QuantizedEmbedding):
         table = _quantized(reads, embeddings, V, E, "backbone.embeddings")
     elif type(embeddings) is nn.Embedding and embeddings.weight.dtype == mx.float32 \
             and embeddings.weight.shape == (V, E):

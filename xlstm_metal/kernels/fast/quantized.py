@@ -748,6 +748,16 @@ def kernel_takes(x, w: mx.array, scales: mx.array, biases: mx.array | None, grou
     )
 
 
+def one_group_per_row_on_cuda(x: mx.array, group_size: int, mode: str = "affine") -> bool:
+    """Whether :func:`quantized_matmul` takes the dequantized product to avoid MLX's own: on
+    CUDA, affine weights whose every row is one group (K <= group_size). MLX 0.32.4 sends such a
+    product of several rows to its Hopper kernel (``supports_qmm_sm90`` asks ``group_size >= K``),
+    which returned wrong values (relative error ~1 at 12 and 40 rows, 4 and 8 bits, float32 x,
+    K = 64, g64; an H100, session 41) and hung at 2 rows. The weights are small (K <= 128), so
+    dequantizing them costs little."""
+    return mode == "affine" and group_size >= x.shape[-1] and cuda_available()
+
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
                      group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """x [..., K] @ dequantize(w, scales, biases).T -> [..., N].
@@ -757,6 +767,8 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     more rows dequantize + GEMM. Everywhere else this is ``mx.quantized_matmul(...,
     transpose=True)`` (the reference: CPU, Metal, the other cases).
     """
+    if one_group_per_row_on_cuda(x, group_size, mode):
+        return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
     if fast_path_supported(x, w, scales, biases, group_size, bits, mode):
         rows = math.prod(x.shape[:-1])
         if rows == 0:
@@ -849,13 +861,27 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     __call__.computes_as = nn.QuantizedLinear.__call__
 
 
+class FastQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose ``as_linear`` (a tied LM head) runs :func:`quantized_matmul`.
+    Same parameters, same checkpoint keys, the same lookup."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                                group_size=self.group_size, bits=self.bits, mode=getattr(self, "mode", "affine"))
+
+
 def use_fast_quantized_layers(model: nn.Module) -> int:
     """Switch every affine ``nn.QuantizedLinear`` in ``model`` to :class:`FastQuantizedLinear`
-    in place (the class changes; the module object, its arrays and its place in the tree stay,
-    so nothing is copied and parameter names are unchanged). Returns the number switched."""
+    and every affine ``nn.QuantizedEmbedding`` to :class:`FastQuantizedEmbedding` in place (the
+    class changes; the module object, its arrays and its place in the tree stay, so nothing is
+    copied and parameter names are unchanged). Returns the number of linear layers switched."""
     switched = 0
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear and getattr(module, "mode", "affine") == "affine":
+        if getattr(module, "mode", "affine") != "affine":
+            continue
+        if type(module) is nn.QuantizedLinear:
             module.__class__ = FastQuantizedLinear
             switched += 1
+        elif type(module) is nn.QuantizedEmbedding:
+            module.__class__ = FastQuantizedEmbedding
     return switched
