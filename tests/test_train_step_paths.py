@@ -295,6 +295,7 @@ def test_default_step_paths_by_device(monkeypatch):
     from xlstm_metal.cli import train as cli_train
     from xlstm_metal.kernels.fast import step
 
+    monkeypatch.setattr(step, "cuda_available", lambda: False)  # (the suite runs on GPUs too)
     assert cli_train.default_step_paths() == {"head_loss": "plain", "fuse_projections": False,
                                               "mlstm_products": "float32"}
     monkeypatch.setattr(step, "cuda_available", lambda: True)
