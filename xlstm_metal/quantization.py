@@ -449,10 +449,12 @@ def parameter_count(model: nn.Module) -> int:
     return sum(represented_weights(model).values())
 
 
-def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits (weights, scales, biases, float layers) per represented weight."""
-    stored = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return 8.0 * stored / max(parameter_count(model), 1)
+def bits_per_weight(model: nn.Module, stored_bytes: int | None = None) -> float:
+    """Stored bits (weights, scales, biases, float layers) per represented weight; ``stored_bytes``
+    counts other storage of the same model instead (e.g. the checkpoint it was loaded from)."""
+    if stored_bytes is None:
+        stored_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return 8.0 * stored_bytes / max(parameter_count(model), 1)
 
 
 # ------------------------------------------------------------------------------ fidelity

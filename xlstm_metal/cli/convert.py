@@ -306,15 +306,14 @@ def _stored_bits_per_weight(source_dir: Path, model) -> float:
     from mlx.utils import tree_flatten
 
     from ..loading import read_weights
-    from ..quantization import parameter_count
+    from ..quantization import bits_per_weight
 
     weights = read_weights(source_dir)
     if "lm_head.weight" not in dict(tree_flatten(model.parameters())):
         # A tied LM head stored for transformers (our checkpoints) or listed twice (NX-AI's
         # state dicts) is the embedding: the loaded model drops it and counts it once.
         weights.pop("lm_head.weight", None)
-    stored = sum(v.nbytes for v in weights.values())
-    return 8.0 * stored / max(parameter_count(model), 1)
+    return bits_per_weight(model, sum(v.nbytes for v in weights.values()))
 
 
 def _layer_done(bar, out: Path) -> None:
