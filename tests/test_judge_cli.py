@@ -49,3 +49,23 @@ def test_every_option_is_explained_in_help(capsys):
         main(["judge", "--help"])
     text = capsys.readouterr().out
     assert "--no-progress  " in text and "no progress bar" in text
+
+
+def test_summary_gives_the_perplexity_over_all_scored_tokens(tmp_path, ckpt, capsys):
+    """The closing line's perplexity pools the texts' tokens (a long text counts for its tokens),
+    beside the plain mean of the texts' own perplexities (a 2-token text counts as much as a long one)."""
+    import math
+
+    texts = ["the fox", "the quick brown fox jumps over the lazy dog and the cat sleeps by the door of the house"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "ratings"
+    assert main(["judge", "-m", str(ckpt), "--outputs", str(tmp_path / "in.jsonl"), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "ratings.jsonl").read_text().splitlines()]
+    n = [r["scored_tokens"] for r in rows]
+    assert n[1] > 3 * n[0]
+    pooled = math.exp(-(rows[0]["mean_logprob"] * n[0] + rows[1]["mean_logprob"] * n[1]) / sum(n))
+    mean = (rows[0]["perplexity"] + rows[1]["perplexity"]) / 2
+    assert abs(pooled - mean) > 0.01  # the two figures differ here, so the line shows which is which
+    err = capsys.readouterr().err
+    assert f"perplexity {pooled:.2f} over {sum(n):,} scored tokens (mean of the texts' own: {mean:.2f})" in err

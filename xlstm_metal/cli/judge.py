@@ -83,6 +83,19 @@ def read_records(sources: list[str]) -> list[dict]:
     return records
 
 
+def perplexity_summary(rows: list[dict]) -> str:
+    """The texts' perplexity over all their scored tokens together (each text weighted by its
+    tokens, as a corpus perplexity is), and the plain mean of the texts' own perplexities, which
+    a short text moves as much as a long one."""
+    scored = [r for r in rows if r["scored_tokens"] and r["mean_logprob"] is not None]
+    if not scored:
+        return "no scored token"
+    tokens = sum(r["scored_tokens"] for r in scored)
+    pooled = math.exp(-sum(r["mean_logprob"] * r["scored_tokens"] for r in scored) / tokens)
+    mean = sum(math.exp(-r["mean_logprob"]) for r in scored) / len(scored)
+    return f"perplexity {pooled:.2f} over {tokens:,} scored tokens (mean of the texts' own: {mean:.2f})"
+
+
 def ratings_csv(rows: list[dict]) -> str:
     extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in RATING_FIELDS and k != "prompt"]
     cols = [*extra, *RATING_FIELDS]
@@ -140,8 +153,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
     atomic_write_text(targets[0], "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     atomic_write_text(targets[1], ratings_csv(rows))
-    ppl = [r["perplexity"] for r in rows if r["scored_tokens"] and r["perplexity"] is not None]
-    mean_ppl = sum(ppl) / len(ppl) if ppl else float("nan")
-    print(f"judged {len(rows)} texts with {source}: mean perplexity {mean_ppl:.2f}; "
+    print(f"judged {len(rows)} texts with {source}: {perplexity_summary(rows)}; "
           f"ratings in {targets[0]} and {targets[1]}", file=sys.stderr)
     return 0
