@@ -18,7 +18,7 @@ the offsets are known exactly. Nothing downloads."""
 import pytest
 import test_serve_text_offset
 from conftest import tiny_model
-from test_serve import error_message, post, stream_events
+from test_serve import post, stream_events
 from test_serve_text_offset import REPLACEMENT, check_consistent, completion
 
 from xlstm_metal import save_model
@@ -145,7 +145,8 @@ def test_a_reply_opening_with_a_space_and_a_split_character(server, tokenizer, v
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_echo_puts_the_prompt_before_a_byte_fallback_reply(server, tokenizer, variant, scripted, stream):
-    """Echo (without logprobs: with them the server refuses it, having no prompt logprobs)."""
+    """Echo, and echo with logprobs: the prompt's tokens first (their text_offset counting the
+    prompt, a "▁" the normalizer put before it not counted), then the reply's entries as without echo."""
     reply = ids(tokenizer, variant, REPLY)
     scripted("a", reply)
     body = {"prompt": "a", "max_tokens": len(reply), "temperature": 0, "echo": True}
@@ -157,8 +158,18 @@ def test_echo_puts_the_prompt_before_a_byte_fallback_reply(server, tokenizer, va
         assert status == 200, answer
         text = answer["choices"][0]["text"]
     assert text == "a" + tokenizer.decode(reply)
-    status, answer = post(server.url, "/v1/completions", {**body, "logprobs": 1})
-    assert status == 400 and "echo" in error_message(status, answer, "echo")
+    status, echoed = post(server.url, "/v1/completions", {**body, "logprobs": 1})
+    assert status == 200, echoed
+    status, plain = post(server.url, "/v1/completions", {**body, "logprobs": 1, "echo": False})
+    assert status == 200, plain
+    echoed, plain = echoed["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
+    prompt = ["a"] if variant == "plain" else [" ", "a"]  # "▁a" is no token of this vocabulary
+    n = len(prompt)
+    assert echoed["tokens"] == prompt + plain["tokens"]
+    assert echoed["text_offset"] == [0] * n + plain["text_offset"]
+    assert echoed["token_logprobs"][n:] == plain["token_logprobs"]
+    # The server puts a BOS before the prompt: its first token has a logprob too.
+    assert all(isinstance(value, float) for value in echoed["token_logprobs"][:n])
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])

@@ -242,8 +242,111 @@ def test_echo_puts_the_prompt_before_the_completion(server, reference):
     events = stream_events(server.url, "/v1/completions", {**TEXT, "echo": True, "stream": True})
     assert events[0]["choices"][0]["text"].startswith(PROMPTS[0])
     assert "".join(e["choices"][0]["text"] for e in events) == PROMPTS[0] + completion
-    status, answer = post(server.url, "/v1/completions", {**TEXT, "echo": True, "logprobs": True})
-    assert status == 400 and "echo" in error_message(status, answer, "echo")
+
+
+def prompt_reference(reference, prompt, top):
+    """The prompt's tokens (BOS left out) and each one's logprob and ``top`` likeliest (id,
+    logprob) after the tokens before it, from one forward pass of the reference model."""
+    import mlx.core as mx
+    import numpy as np
+
+    model, tokenizer = reference
+    tokens = tokenizer.encode(prompt)
+    logits = model(mx.array(tokens)[None]).astype(mx.float32)[0]
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    bos = len(tokens) == len(tokenizer.encode(prompt, add_special_tokens=False)) + 1
+    rows = []
+    for i in range(1 if bos else 0, len(tokens)):
+        if i == 0:
+            rows.append((tokens[0], None, None))
+            continue
+        best = np.argsort(-logp[i - 1], kind="stable")[:top]
+        rows.append((tokens[i], float(logp[i - 1, tokens[i]]), [(int(j), float(logp[i - 1, j])) for j in best]))
+    return rows
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_echo_with_logprobs_scores_the_prompt_first(server, reference, stream):
+    """echo with logprobs (what lm-eval's local-completions sends to score a text): the prompt's
+    tokens come first in logprobs, each with its logprob and top_logprobs given the tokens before
+    it (a BOS is context, not listed; with none the first has null), text_offset counting the
+    prompt from 0, then the reply's entries as without echo. It was refused."""
+    model, tokenizer = reference
+    body = {"prompt": PROMPTS[1], "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}
+    if stream:
+        events = stream_events(server.url, "/v1/completions", {**body, "stream": True})
+        chunks = [e["choices"][0] for e in events if e["choices"]]
+        logprobs = {key: sum((c["logprobs"][key] for c in chunks if c.get("logprobs")), [])
+                    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        text = "".join(c["text"] for c in chunks)
+    else:
+        status, answer = post(server.url, "/v1/completions", body)
+        assert status == 200, answer
+        logprobs, text = answer["choices"][0]["logprobs"], answer["choices"][0]["text"]
+    prompt = prompt_reference(reference, PROMPTS[1], 2)
+    reply = reference_steps(reference, PROMPTS[1], 3, 2)
+    n = len(prompt)
+    assert n >= 3 and len(logprobs["tokens"]) == n + 3
+    assert text == PROMPTS[1] + expected_text(reference, PROMPTS[1], 3)
+    assert logprobs["tokens"][:n] == [tokenizer.decode([t]) for t, _, _ in prompt]
+    assert "".join(logprobs["tokens"][:n]) == PROMPTS[1]
+    for got, (token, lp, top) in zip(logprobs["token_logprobs"][:n], prompt):
+        assert (got is None) == (lp is None) and (lp is None or got == pytest.approx(lp, abs=1e-4))
+    for got, (token, lp, top) in zip(logprobs["top_logprobs"][:n], prompt):
+        if lp is None:
+            assert got is None
+            continue
+        want = {}
+        for t, v in [*top, (token, lp)]:  # of tokens with one text (parts of characters: "\ufffd"), the likelier
+            want.setdefault(tokenizer.decode([t]), v)
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-4) for k in want)
+    # Offsets: where each prompt token's text starts in the prompt; the reply's continue after it.
+    starts = [len("".join(logprobs["tokens"][:i])) for i in range(n)]
+    assert logprobs["text_offset"][:n] == starts and logprobs["text_offset"][n] == len(PROMPTS[1])
+    assert [tokenizer.decode([t]) for t, _, _ in reply] == logprobs["tokens"][n:]
+    assert logprobs["token_logprobs"][n:] == pytest.approx([lp for _, lp, _ in reply], abs=1e-4)
+    # logprobs 0: the chosen token alone in each prompt entry's top_logprobs.
+    status, answer = post(server.url, "/v1/completions", {**body, "logprobs": 0})
+    assert status == 200
+    tops = answer["choices"][0]["logprobs"]["top_logprobs"][:n]
+    assert all(top is None or len(top) == 1 for top in tops) and any(top for top in tops)
+
+
+def test_prompt_logprobs_in_pieces_equal_one_forward(reference, monkeypatch):
+    """prompt_logprobs: the first token has none (nothing before it), each other its logprob
+    after the tokens before it and the likeliest tokens there, best first, as one forward pass
+    gives them, also when the prompt runs in pieces of 2 positions (the state carried)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from xlstm_metal import serve
+
+    model, tokenizer = reference
+    tokens = tokenizer.encode(PROMPTS[1], add_special_tokens=False)[:7]
+    logits = model(mx.array(tokens)[None]).astype(mx.float32)[0]
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    for piece in (512, 2):
+        monkeypatch.setattr(serve, "SCORE_PIECE", piece)
+        logprobs, tops = serve.prompt_logprobs(model, tokens, 3)
+        assert logprobs[0] is None and tops[0] is None and len(logprobs) == len(tops) == len(tokens)
+        for i in range(1, len(tokens)):
+            assert logprobs[i] == pytest.approx(float(logp[i - 1, tokens[i]]), abs=1e-5)
+            best = np.argsort(-logp[i - 1], kind="stable")[:3]
+            assert [t for t, _ in tops[i]] == best.tolist()
+            assert [v for _, v in tops[i]] == pytest.approx(logp[i - 1, best].tolist(), abs=1e-5)
+    assert serve.prompt_logprobs(model, tokens[:1], 2) == ([None], [None])
+
+
+def test_echo_with_logprobs_of_another_model_is_refused(server, tmp_path):
+    """The prompt is scored by the loaded model: a request naming adapters of another is a 400,
+    and the server answers the next request."""
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    status, answer = post(server.url, "/v1/completions", {**TEXT, "echo": True, "logprobs": 1,
+                                                          "adapters": str(adapters)})
+    assert status == 400
+    status, answer = post(server.url, "/v1/completions", TEXT)
+    assert status == 200
 
 
 def reference_steps(reference, prompt, max_tokens, top):

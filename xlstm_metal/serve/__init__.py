@@ -378,16 +378,20 @@ class ModelProvider(mlx_server.ModelProvider):
         names, the served one included, in place of that model's own adapters. mlx-lm took the
         served model's own adapters in their place: the field did nothing unless ``model`` named
         another checkpoint."""
+        key = self.key_for(model_path, adapter_path, draft_model_path)
+        if self.model_key != key:
+            self._load(*key)
+        return self.model, self.tokenizer
+
+    def key_for(self, model_path, adapter_path=None, draft_model_path=None) -> tuple:
+        """The ``model_key`` that :meth:`load` gives a request's model, adapters and draft model."""
         if adapter_path is None:
             adapter_path = self._adapter_map.get(model_path)
         model_path = self._model_map.get(model_path, model_path)
         draft_model_path = self._draft_model_map.get(draft_model_path, draft_model_path)
         if adapter_path is not None:  # one key per directory, however it was spelled
             adapter_path = str(Path(adapter_path).expanduser().resolve())
-        key = (model_path, adapter_path, draft_model_path)
-        if self.model_key != key:
-            self._load(*key)
-        return self.model, self.tokenizer
+        return (model_path, adapter_path, draft_model_path)
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         if draft_model_path is not None:
@@ -645,6 +649,55 @@ def _join(thread: threading.Thread | None, timeout: float | None = None) -> bool
     return True
 
 
+#: Prompt positions per forward call when scoring a prompt (echo with logprobs): bounds the
+#: logits held at once ([piece, vocab] float32).
+SCORE_PIECE = 512
+
+
+def prompt_logprobs(model, tokens: list[int], top_n: int = 0) -> tuple[list, list]:
+    """Each of ``tokens``' log-probability given the tokens before it, and the ``top_n`` likeliest
+    tokens there as (id, logprob), best first: ``(logprobs, tops)``, None for the first token
+    (nothing comes before it). ``model`` is an mlx-lm model (``model(inputs [1, S], cache)`` ->
+    logits [1, S, V]); the prompt runs in pieces of :data:`SCORE_PIECE` positions carrying the state."""
+    logprobs: list = [None]
+    tops: list = [None]
+    ids = mx.array(tokens, dtype=mx.int32)[None]
+    cache = make_prompt_cache(model)
+    for start in range(0, len(tokens) - 1, SCORE_PIECE):
+        stop = min(start + SCORE_PIECE, len(tokens) - 1)
+        logits = model(ids[:, start:stop], cache=cache)[0].astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(logp, ids[0, start + 1 : stop + 1, None], axis=-1)[:, 0]
+        if top_n:
+            best = mx.argpartition(-logp, top_n - 1, axis=-1)[:, :top_n]
+            values = mx.take_along_axis(logp, best, axis=-1)
+            mx.eval(chosen, best, values, cache)
+            for row_ids, row_values in zip(best.tolist(), values.tolist()):
+                tops.append(sorted(zip(row_ids, row_values), key=lambda t: -t[1]))
+        else:
+            mx.eval(chosen, cache)
+            tops.extend([] for _ in range(stop - start))
+        logprobs.extend(chosen.tolist())
+    return logprobs, tops
+
+
+@dataclasses.dataclass
+class _ScoreJob:
+    """A request's prompt to score on the generation thread (echo with logprobs)."""
+    request: Any
+    args: Any
+    top_n: int
+
+
+@dataclasses.dataclass
+class _PromptScores:
+    """The prompt's own tokens (a BOS the tokenizer put in front left out: it is context only),
+    each one's logprob (None: nothing before it) and its likeliest tokens (None alike)."""
+    tokens: list[int]
+    logprobs: list
+    tops: list
+
+
 class _GenerationThread:
     """A mixin of mlx-lm's ResponseGenerator: the generation thread frees its MLX thread state
     before it ends (:func:`_release_thread_state`), and ``join`` / ``stop_and_join`` return once
@@ -719,12 +772,48 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                 logging.warning("generation restarted; %d request(s) failed with the error", len(held))
 
     def _next_request(self, timeout=None):
-        request = super()._next_request(timeout)
+        while True:
+            request = super()._next_request(timeout)
+            if request is None or not isinstance(request[1], _ScoreJob):
+                break
+            # A prompt to score runs here, on the generation thread (the one that runs the model),
+            # between two decode steps of the requests in the batch.
+            rqueue, job, _ = request
+            try:
+                rqueue.put(self._score(job))
+            except Exception as err:
+                rqueue.put(err)
+            timeout = None  # then whatever else is queued, without waiting
         if request is not None:
             self._taken = [q for q in self._taken if not q.finished]
             self._taken.append(request[0])
             self._taken_count += 1
         return request
+
+    def score_prompt(self, request, args, top_n: int) -> _PromptScores:
+        """A text completion request's prompt scored by the served model (:func:`prompt_logprobs`),
+        on the generation thread."""
+        rqueue = _ResponseQueue(stopping=lambda: self._stop)
+        if not self.generation_available():
+            raise self._unavailable()
+        self.requests.put((rqueue, _ScoreJob(request, args, top_n), args))
+        result = self._await_response(rqueue)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _score(self, job: _ScoreJob) -> _PromptScores:
+        provider, model_args = self.model_provider, job.args.model
+        if provider.model is None or provider.model_key != provider.key_for(
+                model_args.model, model_args.adapter, model_args.draft):
+            raise _InvalidRequest("echo with logprobs scores the prompt with the model being served: this request "
+                                  "names another model or other adapters")
+        tokenizer = provider.tokenizer
+        tokens = list(tokenizer.encode(job.request.prompt))
+        bare = list(tokenizer.encode(job.request.prompt, add_special_tokens=False))
+        context = 1 if len(tokens) == len(bare) + 1 and tokens[1:] == bare else 0  # a BOS put in front
+        logprobs, tops = prompt_logprobs(provider.model, tokens, job.top_n)
+        return _PromptScores(tokens[context:], logprobs[context:], tops[context:])
 
     def _await_response(self, response_queue):
         while True:
@@ -849,6 +938,9 @@ class _HandlerGenerator:
         fields = {f.name: getattr(generation_args, f.name) for f in dataclasses.fields(generation_args)}
         generation_args = _GenerationArguments(**fields, model_defaults=self._handler.model_defaults)
         try:
+            if self._handler._echo and generation_args.logprobs:  # the prompt's own logprobs come first
+                self._handler._prompt_scores = self._generator.score_prompt(
+                    request, generation_args, max(self._handler.top_logprobs, 0))
             ctx, responses = self._generator.generate(request, generation_args, progress_callback,
                                                       client_gone=self._handler.client_gone)
         except Exception as err:
@@ -915,6 +1007,8 @@ class APIHandler(mlx_server.APIHandler):
     model_defaults: frozenset = frozenset()
     #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
     _pending: list | tuple = ()
+    #: The echoed prompt's logprobs, until the first chunk (or the reply) carries them.
+    _prompt_scores: _PromptScores | None = None
 
     def _set_stream_headers(self, status_code: int = 200):
         self._streaming = True  # the status line is out: an error now goes as an event
@@ -1193,8 +1287,8 @@ class APIHandler(mlx_server.APIHandler):
         echo = body.get("echo")
         if echo is not None and not isinstance(echo, bool):
             raise ValueError(f"echo must be true or false, got {echo!r}")
-        if echo and self.logprobs:
-            raise ValueError("echo with logprobs is not supported (it needs the prompt's logprobs)")
+        if echo and body.get("logprobs") not in (None, False) and self.response_generator._is_distributed:
+            raise ValueError("echo with logprobs is not supported under mlx.launch (the prompt is scored on one process)")
         self._echo = body["prompt"] if echo else ""
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
@@ -1222,8 +1316,13 @@ class APIHandler(mlx_server.APIHandler):
                 choice["message"]["content"] = ""
         if self.logprobs:
             pending, self._pending = self._pending, []
-            choice["logprobs"] = (self._chat_logprobs(pending) if self.object_type.startswith("chat")
-                                  else self._completion_logprobs(pending))
+            if self.object_type.startswith("chat"):
+                choice["logprobs"] = self._chat_logprobs(pending)
+            else:
+                choice["logprobs"] = self._completion_logprobs(pending)
+                if self._prompt_scores is not None:  # echo: the prompt's entries before the reply's
+                    prompt = self._prompt_logprobs()
+                    choice["logprobs"] = {key: prompt[key] + value for key, value in choice["logprobs"].items()}
         return response
 
     def completion_usage_response(self, *args, **kwargs) -> dict:
@@ -1309,14 +1408,42 @@ class APIHandler(mlx_server.APIHandler):
         tokens, offsets, tops = [], [], []
         for r in responses:
             text, raw = self._piece(r.token)
-            top = {}
-            for token, logprob in [*self._top(r), (r.token, r.logprob)]:
-                top.setdefault(self._piece(token)[0], logprob)  # tokens of one text: the likelier
             tokens.append(text)
             offsets.append(self._offset)
-            tops.append(top)
+            tops.append(self._top_texts(self._top(r), r.token, r.logprob))
             self._offset += self._text_added(raw)
         return {"tokens": tokens, "token_logprobs": [r.logprob for r in responses], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _top_texts(self, top: list[tuple[int, float]], token: int, logprob: float) -> dict[str, float]:
+        """A legacy ``top_logprobs`` entry: the text of each of the likeliest tokens (best first)
+        and of the chosen one, to its logprob; of tokens with one text, the likelier."""
+        entry: dict[str, float] = {}
+        for other, value in [*top, (token, logprob)]:
+            entry.setdefault(self._piece(other)[0], value)
+        return entry
+
+    def _prompt_logprobs(self) -> dict:
+        """The echoed prompt's legacy logprobs (:meth:`_completion_logprobs`' shape): its tokens
+        from the first, whose logprob and top_logprobs are null where nothing comes before it (no
+        BOS), and text_offset counting the prompt's characters from 0 (a space a SentencePiece
+        tokenizer puts before the first word, not in the prompt, is not counted)."""
+        scores, self._prompt_scores = self._prompt_scores, None
+        prompt = self.body.get("prompt") or ""
+        decoder, offset, started = codecs.getincrementaldecoder("utf-8")("replace"), 0, False
+        tokens, offsets, tops = [], [], []
+        for token, logprob, top in zip(scores.tokens, scores.logprobs, scores.tops):
+            text, raw = self._piece(token)
+            tokens.append(text)
+            offsets.append(offset)
+            tops.append(None if logprob is None else self._top_texts(top, token, logprob))
+            added = decoder.decode(bytes(raw))
+            if not started and added:
+                if added[0] == " " and not prompt.startswith(" "):
+                    added = added[1:]
+                started = True
+            offset += len(added)
+        return {"tokens": tokens, "token_logprobs": list(scores.logprobs), "top_logprobs": tops,
                 "text_offset": offsets}
 
     def _text_added(self, raw: list[int]) -> int:
