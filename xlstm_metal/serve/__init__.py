@@ -793,7 +793,7 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
     def score_prompt(self, request, args, top_n: int) -> _PromptScores:
         """A text completion request's prompt scored by the served model (:func:`prompt_logprobs`),
         on the generation thread."""
-        rqueue = _ResponseQueue(stopping=lambda: self._stop)
+        rqueue: Queue = Queue()
         if not self.generation_available():
             raise self._unavailable()
         self.requests.put((rqueue, _ScoreJob(request, args, top_n), args))
