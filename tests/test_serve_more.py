@@ -337,14 +337,13 @@ def test_prompt_logprobs_in_pieces_equal_one_forward(reference, monkeypatch):
     assert serve.prompt_logprobs(model, tokens[:1], 2) == ([None], [None])
 
 
-def test_echo_with_logprobs_of_another_model_is_refused(server, tmp_path):
+def test_echo_with_logprobs_of_another_model_is_refused(server, ckpt, tmp_path):
     """The prompt is scored by the loaded model: a request naming adapters of another is a 400,
     and the server answers the next request."""
-    adapters = tmp_path / "adapters"
-    adapters.mkdir()
+    adapters = write_adapters(ckpt, tmp_path / "adapters")
     status, answer = post(server.url, "/v1/completions", {**TEXT, "echo": True, "logprobs": 1,
                                                           "adapters": str(adapters)})
-    assert status == 400
+    assert status == 400 and "scores the prompt with the model being served" in error_message(status, answer)
     status, answer = post(server.url, "/v1/completions", TEXT)
     assert status == 200
 

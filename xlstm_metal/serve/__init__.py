@@ -807,7 +807,8 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
         if provider.model is None or provider.model_key != provider.key_for(
                 model_args.model, model_args.adapter, model_args.draft):
             raise _InvalidRequest("echo with logprobs scores the prompt with the model being served: this request "
-                                  "names another model or other adapters")
+                                  "names another model or other adapters (serve with --adapter-path to score "
+                                  "with adapters)")
         tokenizer = provider.tokenizer
         tokens = list(tokenizer.encode(job.request.prompt))
         bare = list(tokenizer.encode(job.request.prompt, add_special_tokens=False))
