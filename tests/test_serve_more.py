@@ -587,3 +587,57 @@ def test_a_request_naming_a_bad_model_leaves_the_served_one_loaded(ckpt, tmp_pat
             assert provider.model is served  # not unloaded, not reloaded
         status, answer = post(srv.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})
         assert status == 200 and provider.model is served
+
+
+def test_a_prompt_of_token_ids_or_a_list_of_one(server, reference):
+    """OpenAI's legacy prompt: token ids (used as they are: no BOS put before them) or a list of
+    one string or one list of ids, as lm-eval's local-completions sends them; several prompts
+    and ids outside the vocabulary are a 400 naming the prompt."""
+    model, tokenizer = reference
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    assert tokenizer.encode(PROMPTS[0]) != ids  # the server's BOS goes before a text prompt only
+    want = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=4))
+    assert want != expected_text(reference, PROMPTS[0], 4)
+    for prompt in (ids, [ids]):
+        status, answer = post(server.url, "/v1/completions", {**TEXT, "prompt": prompt, "echo": True})
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == tokenizer.decode(ids) + want
+        assert answer["usage"]["prompt_tokens"] == len(ids)
+    status, answer = post(server.url, "/v1/completions", {**TEXT, "prompt": [PROMPTS[0]]})
+    assert status == 200 and answer["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 4)
+    for bad, words in (([PROMPTS[0], PROMPTS[1]], "one prompt per request, got 2"), ([ids, ids], "got 2"),
+                       ([1, 10**6], "token id 1000000 is not in the vocabulary"), ([], "list of token ids"),
+                       ([1.5], "list of token ids"), ([True], "list of token ids")):
+        status, answer = post(server.url, "/v1/completions", {**TEXT, "prompt": bad})
+        assert status == 400 and words in error_message(status, answer, "prompt"), (bad, answer)
+
+
+def test_lm_eval_local_completions_scores_through_the_server(server, reference, ckpt):
+    """lm-eval's local-completions model (its tokenizer from the checkpoint, token ids sent with
+    echo and logprobs, one request each) gets from the server the log-likelihoods and greedy
+    flags of one forward pass of the same tokens."""
+    import mlx.core as mx
+    import numpy as np
+
+    pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    with urllib.request.urlopen(server.url + "/v1/models", timeout=10) as response:
+        served = json.loads(response.read())["data"][0]["id"]  # lm-eval's model=, as a user finds it
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=served, tokenizer=str(ckpt),
+                             tokenizer_backend="huggingface", max_length=256)
+    pairs = [("the quick brown", " fox jumps"), (PROMPTS[1], " over the lazy dog")]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
+    model, tokenizer = reference
+    for (context, continuation), (loglikelihood, greedy) in zip(pairs, results):
+        head = tokenizer.encode(context, add_special_tokens=False)
+        whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+        assert whole[:len(head)] == head
+        logits = model(mx.array(whole)[None]).astype(mx.float32)[0]
+        logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        span = range(len(head), len(whole))
+        assert loglikelihood == pytest.approx(sum(logp[i - 1, whole[i]] for i in span), abs=1e-3)
+        assert greedy == all(int(np.argmax(logp[i - 1])) == whole[i] for i in span)
+        assert loglikelihood < 0

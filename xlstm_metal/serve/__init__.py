@@ -719,7 +719,19 @@ class _GenerationThread:
         return self.join(timeout)
 
 
-class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults,
+class _TokenPrompts:
+    """A mixin of mlx-lm's ResponseGenerator: a text completion's prompt may be token ids
+    (OpenAI's legacy API; lm-eval's local-completions sends them), used as they are: no BOS is
+    put before them, the client having tokenized the text."""
+
+    def _tokenize(self, tokenizer, request, args):
+        if request.request_type == "text" and isinstance(request.prompt, list):
+            prompt = list(request.prompt)
+            return prompt, [prompt], ["assistant"], "normal", None
+        return super()._tokenize(tokenizer, request, args)
+
+
+class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults, _TokenPrompts,
                         mlx_server.ResponseGenerator):
     """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
     request dropped once its client has gone, and a generation thread that survives an error;
@@ -809,10 +821,13 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
             raise _InvalidRequest("echo with logprobs scores the prompt with the model being served: this request "
                                   "names another model or other adapters (serve with --adapter-path to score "
                                   "with adapters)")
-        tokenizer = provider.tokenizer
-        tokens = list(tokenizer.encode(job.request.prompt))
-        bare = list(tokenizer.encode(job.request.prompt, add_special_tokens=False))
-        context = 1 if len(tokens) == len(bare) + 1 and tokens[1:] == bare else 0  # a BOS put in front
+        tokenizer, prompt = provider.tokenizer, job.request.prompt
+        if isinstance(prompt, list):  # token ids, as they are (_TokenPrompts)
+            tokens, context = list(prompt), 0
+        else:
+            tokens = list(tokenizer.encode(prompt))
+            bare = list(tokenizer.encode(prompt, add_special_tokens=False))
+            context = 1 if len(tokens) == len(bare) + 1 and tokens[1:] == bare else 0  # a BOS put in front
         logprobs, tops = prompt_logprobs(provider.model, tokens, job.top_n)
         return _PromptScores(tokens[context:], logprobs[context:], tops[context:])
 
@@ -1001,7 +1016,8 @@ class APIHandler(mlx_server.APIHandler):
                 self._fail(err)
 
     _streaming = False
-    _echo = ""
+    #: Whether the reply starts with the prompt (the legacy completions' echo), until it has.
+    _echo = False
     #: Whether a chunk of this chat stream has carried the delta's role (the first one does).
     _role_sent = False
     #: The request's fields left to the model's generation_config.json (:meth:`_fill_defaults`).
@@ -1231,9 +1247,7 @@ class APIHandler(mlx_server.APIHandler):
         if self.path in ("/v1/chat/completions", "/chat/completions"):
             _check_messages(body.get("messages"))
         elif self.path == "/v1/completions":
-            if not isinstance(body.get("prompt"), str):
-                raise ValueError("prompt must be a string")
-            _check_unicode(body["prompt"], "prompt")
+            body["prompt"] = self._one_prompt(body.get("prompt"))
         if self.stream_options is not None:
             include_usage = self.stream_options.get("include_usage", False) if isinstance(
                 self.stream_options, dict) else None
@@ -1290,7 +1304,7 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError(f"echo must be true or false, got {echo!r}")
         if echo and body.get("logprobs") not in (None, False) and self.response_generator._is_distributed:
             raise ValueError("echo with logprobs is not supported under mlx.launch (the prompt is scored on one process)")
-        self._echo = body["prompt"] if echo else ""
+        self._echo = echo is True
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
         """mlx-lm's response or chunk, with OpenAI's logprobs: for chat, ``content`` entries of
@@ -1299,7 +1313,7 @@ class APIHandler(mlx_server.APIHandler):
         endpoints entries of id and logprob only, or the first of an unsorted top list in place
         of the chosen token, and none at all when streaming."""
         if self._echo:  # the legacy completions' echo: the prompt, before the reply's first text
-            text, self._echo = self._echo + text, ""
+            text, self._echo = self._prompt_text + text, False
         response = super().generate_response(text, finish_reason, *args, **kwargs)
         response["model"] = self._response_model()
         choice = response["choices"][0]
@@ -1357,7 +1371,7 @@ class APIHandler(mlx_server.APIHandler):
         # tokens (<0xF0>) as their byte, "▁" as it is (a space in the text).
         self._spm_bytes = detokenizer.tokenmap if isinstance(detokenizer, SPMStreamingDetokenizer) else None
         self._trim_space = self._byte_level or (self._spm_bytes is not None and detokenizer.trim_space)
-        self._offset = len(self.body.get("prompt") or "")
+        self._offset = len(self._prompt_text)
         # The reply's text as its tokens' bytes decode, for text_offset: a character split
         # across tokens comes out (and counts) at the token that completes it.
         self._reply_text, self._reply_started = codecs.getincrementaldecoder("utf-8")("replace"), False
@@ -1430,7 +1444,7 @@ class APIHandler(mlx_server.APIHandler):
         BOS), and text_offset counting the prompt's characters from 0 (a space a SentencePiece
         tokenizer puts before the first word, not in the prompt, is not counted)."""
         scores, self._prompt_scores = self._prompt_scores, None
-        prompt = self.body.get("prompt") or ""
+        prompt = self._prompt_text
         decoder, offset, started = codecs.getincrementaldecoder("utf-8")("replace"), 0, False
         tokens, offsets, tops = [], [], []
         for token, logprob, top in zip(scores.tokens, scores.logprobs, scores.tops):
@@ -1499,6 +1513,34 @@ class APIHandler(mlx_server.APIHandler):
                              "(adapter_config.json and adapters.safetensors, as mlx_lm.lora writes them)")
         if self.response_generator.model_provider.is_distributed:
             raise ValueError("adapters are not supported with several processes (mlx.launch)")
+
+    def _one_prompt(self, prompt: Any) -> str | list[int]:
+        """A /v1/completions prompt as OpenAI's legacy API takes it: a string or token ids, each
+        also as a list of one (lm-eval's local-completions sends ``[text]`` or ``[[ids]]``). One
+        choice per request: several prompts are refused, as are ids outside the vocabulary."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            _check_unicode(prompt, "prompt")
+            return prompt
+        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
+            for token in prompt:
+                if token < 0 or (vocab_size is not None and token >= vocab_size):
+                    raise ValueError(f"prompt token id {token} is not in the vocabulary (0..{vocab_size - 1})"
+                                     if vocab_size is not None else f"prompt token id {token} is negative")
+            return prompt
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise ValueError(f"prompt: one prompt per request, got {len(prompt)} (send each as its own request)")
+        raise ValueError("prompt must be a string or a list of token ids")
+
+    @functools.cached_property
+    def _prompt_text(self) -> str:
+        """The /v1/completions prompt as text: token ids decoded by the served model's tokenizer."""
+        prompt = self.body.get("prompt") or ""
+        if isinstance(prompt, list):
+            return self.response_generator.model_provider.tokenizer.decode(prompt)
+        return prompt
 
     def _check_logit_bias(self) -> None:
         """logit_bias maps token ids (JSON keys: strings) to biases in -100..100, as OpenAI's."""
