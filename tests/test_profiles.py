@@ -1,6 +1,7 @@
 """HyperProfiles: shipped files, validation, apply_profile, `profile check` (pass and fail)."""
 
 import json
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -165,3 +166,18 @@ def test_copy_and_float_load_of_a_quantized_checkpoint(tmp_path):
     loaded = _load_float32(tmp_path / "q")
     assert quantization_config(loaded) is None
     assert np.allclose(np.array(loaded(ids)[0]), np.array(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, asks", [("exact-fp32", True), ("fast-bf16", False), ("nxai-parity", False)])
+def test_a_float32_profile_asks_for_float32_matmuls_on_gpus(monkeypatch, name, asks):
+    """MLX runs float32 GEMMs on NVIDIA GPUs as TF32 unless MLX_ENABLE_TF32=0 (read at the first
+    one): exact-fp32 (float32 weights, state and kernel products) asks for float32 ones where the
+    environment does not say otherwise; profiles computing in bf16 leave MLX's default."""
+    from xlstm_metal.profiles import TF32_VARIABLE, apply_profile
+
+    monkeypatch.delenv(TF32_VARIABLE, raising=False)
+    apply_profile(tiny_model(), name)
+    assert os.environ.get(TF32_VARIABLE) == ("0" if asks else None)
+    monkeypatch.setenv(TF32_VARIABLE, "1")  # the user's own choice stays
+    apply_profile(tiny_model(), name)
+    assert os.environ[TF32_VARIABLE] == "1"

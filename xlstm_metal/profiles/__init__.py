@@ -244,6 +244,27 @@ def set_blas_threads(threads: int | None) -> None:
             handle.openblas_set_num_threads(ctypes.c_int(int(threads)))
 
 
+#: MLX's switch for float32 matmuls on NVIDIA GPUs: TF32 (10-bit mantissas) unless it is "0". MLX
+#: reads it once, at the process's first float32 GEMM on the GPU.
+TF32_VARIABLE = "MLX_ENABLE_TF32"
+
+
+def float32_math(profile: HyperProfile) -> bool:
+    """Whether ``profile`` computes in float32 throughout: weights, state and kernel products."""
+    return profile.dtype == "float32" and profile.state_dtype == "float32" \
+        and profile.autocast_kernel_dtype in (None, "float32")
+
+
+def request_float32_matmuls(profile: HyperProfile) -> None:
+    """For a profile of float32 math, ask MLX for float32 GEMMs on NVIDIA GPUs (``MLX_ENABLE_TF32=0``)
+    unless the environment says otherwise: with MLX's default, TF32, a float32 model's logits
+    there differ from the float32 reference by ~1e-3, past exact-fp32's tolerance. MLX reads the
+    setting at the process's first float32 GEMM on the GPU, so it holds where the profile is
+    applied before the model first runs (the command line does); a no-op elsewhere."""
+    if float32_math(profile):
+        os.environ.setdefault(TF32_VARIABLE, "0")
+
+
 def apply_profile(target: Any, profile: HyperProfile | str | os.PathLike) -> Any:
     """Apply ``profile`` (or its name / file) to a model or a config.
 
@@ -256,9 +277,11 @@ def apply_profile(target: Any, profile: HyperProfile | str | os.PathLike) -> Any
       that model cannot honour (state dtype other than float32, eps / soft-cap overrides) raise
       ProfileError rather than being ignored.
 
-    Also sets OpenBLAS threads when the profile names them.
+    Also sets OpenBLAS threads when the profile names them, and for a profile of float32 math
+    asks for float32 GEMMs on NVIDIA GPUs (:func:`request_float32_matmuls`).
     """
     profile = load_profile(profile)
+    request_float32_matmuls(profile)
     from ..config import ConfigError, xLSTMConfig
 
     if isinstance(target, xLSTMConfig):
