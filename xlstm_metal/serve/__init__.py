@@ -1386,11 +1386,13 @@ class APIHandler(mlx_server.APIHandler):
         token (``<0xF0>``) is its byte, "▁" a space ("▁x" is " x"); else its text's UTF-8, but a
         byte-fallback token is its byte there too. Decoded alone through the tokenizer's
         decoder, a byte-fallback token is "\\ufffd" unless its byte is a whole character, and a
-        SentencePiece decoder's Strip drops a token's leading space ("▁x" is "x")."""
+        SentencePiece decoder's Strip drops a token's leading space ("▁x" is "x"). An id the
+        tokenizer lacks (a model's vocabulary padded past it; a prompt of ids may name one, the
+        model may pick one) has no name and decodes to "": its name failed the byte lookup, a 500."""
         if token not in self._pieces:
             tokenizer = self.response_generator.model_provider.tokenizer
             name, decoder = tokenizer.convert_ids_to_tokens(token), _byte_decoder()
-            if self._byte_level and all(c in decoder for c in name):
+            if self._byte_level and name is not None and all(c in decoder for c in name):
                 raw = bytes(decoder[c] for c in name)
             elif self._spm_bytes is not None and token < len(self._spm_bytes):
                 raw = self._spm_bytes[token].replace(SPM_SPACE.encode(), b" ")
