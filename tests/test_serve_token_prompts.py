@@ -69,3 +69,21 @@ def test_ids_the_tokenizer_lacks_have_no_text_in_logprobs(padded_server, padded)
     content = answer["choices"][0]["logprobs"]["content"]
     assert [(c["token"], c["bytes"], c["id"]) for c in content] == [("", [], size + 5)] * 2
 
+
+def test_a_follower_under_mlx_launch_takes_a_prompt_of_ids_as_rank_0(padded):
+    """Under mlx.launch every rank tokenizes each request (rank 0 shares it, not its tokens): the
+    followers' generator took a prompt of ids to the tokenizer, which refused it (rank 0 ran the
+    request, the followers dropped it, and their collectives no longer matched)."""
+    import types
+
+    from mlx_lm import server as mlx_server
+
+    from xlstm_metal import serve
+
+    tokenizer = mlx_lm.load(str(padded[0]), trust_remote_code=True)[1]
+    for prompt, want in (([5, 6, 7], [5, 6, 7]), ("the cat", tokenizer.encode("the cat"))):
+        request = mlx_server.CompletionRequest("text", prompt, [], None, None)
+        for generator in (serve.ResponseGenerator, serve._Follower):
+            args = types.SimpleNamespace(model_defaults=frozenset())
+            tokens = generator._tokenize(object.__new__(generator), tokenizer, request, args)[0]
+            assert list(tokens) == want and args.prompt_tokens == want, (generator, prompt)

@@ -1726,9 +1726,11 @@ def follow(cli_args: argparse.Namespace) -> None:
     generator.join()
 
 
-class _Follower(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults,
+class _Follower(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults, _TokenPrompts,
                 mlx_server.ResponseGenerator):
-    """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's."""
+    """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's,
+    tokenizing each request as rank 0 does: a prompt of token ids went to the tokenizer, which
+    refused it, and the follower dropped a request rank 0 ran (their collectives then differ)."""
 
 
 def _handler_factory(generator):
