@@ -5,7 +5,7 @@ model in a temp dir, as in test_serve.py; nothing downloads."""
 
 import pytest
 from conftest import tiny_model
-from test_serve import post
+from test_serve import PROMPTS, error_message, expected_text, post, write_checkpoint
 from test_tokenizer import train_tiny_tokenizer
 
 from xlstm_metal import save_model
@@ -87,3 +87,36 @@ def test_a_follower_under_mlx_launch_takes_a_prompt_of_ids_as_rank_0(padded):
             args = types.SimpleNamespace(model_defaults=frozenset())
             tokens = generator._tokenize(object.__new__(generator), tokenizer, request, args)[0]
             assert list(tokens) == want and args.prompt_tokens == want, (generator, prompt)
+
+
+def test_echo_with_logprobs_after_a_request_for_another_checkpoint(tmp_path):
+    """A request naming another checkpoint leaves it loaded; the prompt of the next one for the
+    served model, with echo and logprobs, was scored before its reply loaded the served model
+    back, and refused as another model's (a 400, for every such request until a plain one came).
+    A request naming the other checkpoint is still refused."""
+    import shutil
+
+    import mlx.core as mx
+    import numpy as np
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    other = shutil.copytree(ckpt, tmp_path / "other")
+    model, tokenizer = mlx_lm.load(str(ckpt), trust_remote_code=True)
+    body = {"prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        status, answer = post(srv.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "model": str(other)})
+        assert status == 200, answer
+        for _ in range(2):
+            status, answer = post(srv.url, "/v1/completions", body)
+            assert status == 200, answer
+            tokens = tokenizer.encode(PROMPTS[1])  # the BOS first: context, not listed
+            logits = model(mx.array(tokens)[None]).astype(mx.float32)[0]
+            logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            logprobs = answer["choices"][0]["logprobs"]
+            assert logprobs["token_logprobs"][:len(tokens) - 1] == pytest.approx(
+                [float(logp[i - 1, tokens[i]]) for i in range(1, len(tokens))], abs=1e-4)
+            assert answer["choices"][0]["text"] == PROMPTS[1] + expected_text((model, tokenizer), PROMPTS[1], 2)
+        status, answer = post(srv.url, "/v1/completions", {**body, "model": str(other)})
+        assert status == 400 and "scores the prompt with the model being served" in error_message(status, answer)
+        status, answer = post(srv.url, "/v1/completions", body)
+        assert status == 200, answer

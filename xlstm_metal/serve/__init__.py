@@ -804,7 +804,10 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
 
     def score_prompt(self, request, args, top_n: int) -> _PromptScores:
         """A text completion request's prompt scored by the served model (:func:`prompt_logprobs`),
-        on the generation thread."""
+        on the generation thread. Asked once the request's reply has started (its context came),
+        so that the served model is the one loaded: a request naming another checkpoint leaves that
+        one loaded, and a prompt scored before its reply was refused as another model's."""
+        self.check_scoring(args)
         rqueue: Queue = Queue()
         if not self.generation_available():
             raise self._unavailable()
@@ -814,13 +817,24 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
             raise result
         return result
 
-    def _score(self, job: _ScoreJob) -> _PromptScores:
-        provider, model_args = self.model_provider, job.args.model
-        if provider.model is None or provider.model_key != provider.key_for(
-                model_args.model, model_args.adapter, model_args.draft):
+    def check_scoring(self, args) -> None:
+        """Refuses (an :class:`_InvalidRequest`) to score the prompt of a request naming another
+        model or other adapters than the served ones."""
+        provider, model_args = self.model_provider, args.model
+        if provider.key_for(model_args.model, model_args.adapter, model_args.draft) != provider.key_for(
+                "default_model"):
             raise _InvalidRequest("echo with logprobs scores the prompt with the model being served: this request "
                                   "names another model or other adapters (serve with --adapter-path to score "
                                   "with adapters)")
+
+    def _score(self, job: _ScoreJob) -> _PromptScores:
+        provider = self.model_provider
+        self.check_scoring(job.args)
+        if provider.model is None or provider.model_key != provider.key_for("default_model"):
+            # A request for another model took its place after this reply started: rare, and only
+            # with requests naming other models.
+            raise _InvalidRequest("echo with logprobs: a request for another model replaced the served one "
+                                  "before this prompt was scored; send it again")
         tokenizer, prompt = provider.tokenizer, job.request.prompt
         if isinstance(prompt, list):  # token ids, as they are (_TokenPrompts)
             tokens, context = list(prompt), 0
@@ -953,14 +967,21 @@ class _HandlerGenerator:
     def generate(self, request, generation_args, progress_callback=None):
         fields = {f.name: getattr(generation_args, f.name) for f in dataclasses.fields(generation_args)}
         generation_args = _GenerationArguments(**fields, model_defaults=self._handler.model_defaults)
+        scoring = self._handler._echo and generation_args.logprobs  # the prompt's own logprobs come first
         try:
-            if self._handler._echo and generation_args.logprobs:  # the prompt's own logprobs come first
-                self._handler._prompt_scores = self._generator.score_prompt(
-                    request, generation_args, max(self._handler.top_logprobs, 0))
+            if scoring:
+                self._generator.check_scoring(generation_args)  # before a reply is generated
             ctx, responses = self._generator.generate(request, generation_args, progress_callback,
                                                       client_gone=self._handler.client_gone)
         except Exception as err:
             raise _RequestFailed(err) from err
+        if scoring:  # once the reply has started: its model is loaded (ResponseGenerator.score_prompt)
+            try:
+                self._handler._prompt_scores = self._generator.score_prompt(
+                    request, generation_args, max(self._handler.top_logprobs, 0))
+            except Exception as err:
+                ctx.stop()  # (mlx-lm's handler stops it only once it has the responses)
+                raise _RequestFailed(err) from err
         if generation_args.logprobs:
             responses = self._handler.record_logprobs(responses)
         return ctx, responses
