@@ -217,6 +217,12 @@ def test_convert_4bit_matches_dequantized_reference(ckpt, tmp_path):
                    for k in stored)  # the gate projections stayed in float
     model, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    # mlx-lm's loader leaves our dispatch, as load_model does (the CUDA kernels; the dequantized
+    # product where MLX's own is wrong on CUDA: weights of one group per row).
+    from xlstm_metal.kernels.fast.quantized import FastQuantizedLinear
+
+    assert not any(type(m) is nn.QuantizedLinear for _, m in model.named_modules())
+    assert any(type(m) is FastQuantizedLinear for _, m in model.named_modules())
     ids = tokenizer.encode(PROMPTS[1])
     reference = _dequantized_reference(ckpt, out)
     expected = np.array(reference(mx.array([ids]))[0])
