@@ -33,12 +33,20 @@ BENCH_CONFIG = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_siz
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` for a subprocess of the repository's code: the repository first on
+    PYTHONPATH, what was there kept after it (a machine whose MLX lives on PYTHONPATH, as the lent
+    GPU's does, still finds it), then ``extra``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_benchmark(script: str, *args: str, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
     """``python benchmarks/<script> --shape <BENCH_CONFIG as config.json> *args`` from the repository."""
     config = tmp_path / "bench_config.json"
     config.write_text(json.dumps(BENCH_CONFIG))
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--shape", str(config), *args],
-                          check=check, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          check=check, env=repo_env(), capture_output=True, text=True,
                           timeout=300)
 
 

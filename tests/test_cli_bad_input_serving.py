@@ -4,7 +4,6 @@ without a traceback, before any work that would be lost."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_rejected, run_main
+from conftest import repo_env
 
 from xlstm_metal.cli import main
 
@@ -68,7 +68,7 @@ def test_mlx_lm_server_with_corrupt_weights_exits_instead_of_listening(model_dir
     (model_dir / "model.safetensors").write_bytes(b"")
     proc = subprocess.run([sys.executable, "-m", "xlstm_metal", "mlx-lm", "server", "--model", str(model_dir),
                            "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=repo_env())
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert "Traceback" not in err and "mlx-lm server: cannot read weight file" in err, err
@@ -77,7 +77,7 @@ def test_mlx_lm_server_with_corrupt_weights_exits_instead_of_listening(model_dir
 def mlx_lm_server(model_dir, *extra, port="0"):
     return subprocess.Popen([sys.executable, "-m", "xlstm_metal", "mlx-lm", "server", "--model", str(model_dir),
                              "--port", port, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env=repo_env())
 
 
 def test_mlx_lm_server_with_unloadable_model_exits(model_dir):

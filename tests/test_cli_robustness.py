@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_rejected, run_main
+from conftest import repo_env
 
 from xlstm_metal.cli import main
 
@@ -21,7 +22,7 @@ BINARY = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8
 
 
 def xlstm_metal(*argv, stdin=None, env=None, stdout=subprocess.PIPE, timeout=120):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = repo_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", "xlstm_metal", *argv], input=stdin, stdout=stdout,
                           stderr=subprocess.PIPE, env=full_env, timeout=timeout, cwd=REPO)
 

@@ -2,18 +2,17 @@
 round and compile mode, with the host times adding up."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import BENCH_CONFIG, ROOT
+from conftest import BENCH_CONFIG, ROOT, repo_env
 
 
 def test_decode_host_script_records(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(BENCH_CONFIG))
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_MAX_MB_PER_BUFFER": "77"}
+    env = repo_env(MLX_MAX_MB_PER_BUFFER="77")
     env.pop("MLX_MAX_OPS_PER_BUFFER", None), env.pop("MLX_USE_CUDA_GRAPHS", None)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),
                     "--q-bits", "4", "--steps", "3", "--rounds", "1", "--batch", "2", "--out", str(out)],
@@ -37,7 +36,7 @@ def test_decode_host_runner_modes(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(BENCH_CONFIG))
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = repo_env()
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--shape", str(config),
                     "--q-bits", "", "--steps", "3", "--rounds", "1", "--modes", "inputs,runner,ahead2",
                     "--queued-steps", "5", "--queued-repeats", "2", "--label", "x", "--out", str(out)],
@@ -51,5 +50,5 @@ def test_decode_host_runner_modes(tmp_path):
 
 def test_decode_host_rejects_unknown_mode(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_host.py"), "--modes", "eager"],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+                            env=repo_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--modes takes inputs and/or constants" in result.stderr

@@ -2,17 +2,16 @@
 the package's CUDA checks answering yes, every kernel of a block one node."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, repo_env
 
 
 def _count(*args):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_primitives.py"), "--pretend-cuda", "--json",
                           "--embedding-dim", "64", "--num-heads", "2", *args], check=True, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, timeout=300, env=repo_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -5,18 +5,17 @@ against layout 1 must find no difference at all, and every record must be comple
 """
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import BENCH_CONFIG, ROOT
+from conftest import BENCH_CONFIG, ROOT, repo_env
 
 
 def _run(tmp_path, script, *args):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(BENCH_CONFIG))
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = repo_env()
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--shape", str(config), *args,
                     "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
     return [json.loads(line) for line in out.read_text().splitlines()]
