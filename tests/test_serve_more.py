@@ -641,3 +641,37 @@ def test_lm_eval_local_completions_scores_through_the_server(server, reference, 
         assert loglikelihood == pytest.approx(sum(logp[i - 1, whole[i]] for i in span), abs=1e-3)
         assert greedy == all(int(np.argmax(logp[i - 1])) == whole[i] for i in span)
         assert loglikelihood < 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(server, reference, stream):
+    """OpenAI's legacy way to score a text (HELM's): echo with max_tokens 0 returns the prompt as
+    the text, with its logprobs where asked (those of the same request with one reply token,
+    less that token's), finish_reason "length" and no completion token. mlx-lm refused
+    max_tokens 0; without echo it still is refused."""
+    body = {"prompt": PROMPTS[1], "temperature": 0, "echo": True, "logprobs": 2}
+    status, one = post(server.url, "/v1/completions", {**body, "max_tokens": 1})
+    assert status == 200, one
+    want = {key: value[:-1] for key, value in one["choices"][0]["logprobs"].items()}
+    if stream:
+        events = stream_events(server.url, "/v1/completions", {**body, "max_tokens": 0, "stream": True,
+                                                               "stream_options": {"include_usage": True}})
+        choices = [e["choices"][0] for e in events if e["choices"]]
+        assert len(choices) == 1
+        choice, usage = choices[0], events[-1]["usage"]
+    else:
+        status, answer = post(server.url, "/v1/completions", {**body, "max_tokens": 0})
+        assert status == 200, answer
+        choice, usage = answer["choices"][0], answer["usage"]
+    assert choice["text"] == PROMPTS[1] and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["tokens"] == want["tokens"] and choice["logprobs"]["text_offset"] == want["text_offset"]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    # No logprobs asked: the prompt alone, no scoring; token ids as a prompt too.
+    model, tokenizer = reference
+    ids = tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+    status, answer = post(server.url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True})
+    assert status == 200 and answer["choices"][0]["text"] == tokenizer.decode(ids)
+    assert answer["choices"][0].get("logprobs") is None and answer["usage"]["prompt_tokens"] == len(ids)
+    status, answer = post(server.url, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 0})
+    assert status == 400 and "max_tokens" in error_message(status, answer, "max_tokens")

@@ -1045,6 +1045,8 @@ class APIHandler(mlx_server.APIHandler):
     model_defaults: frozenset = frozenset()
     #: The responses (tokens) whose logprobs the next chunk (or the reply) carries.
     _pending: list | tuple = ()
+    #: Whether the request asks for its prompt alone (echo with max_tokens 0: :meth:`_answer_prompt_only`).
+    _prompt_only = False
     #: The echoed prompt's logprobs, until the first chunk (or the reply) carries them.
     _prompt_scores: _PromptScores | None = None
 
@@ -1084,12 +1086,50 @@ class APIHandler(mlx_server.APIHandler):
             pass
 
     def handle_completion(self, request, stop_words):
+        if self._prompt_only:
+            return self._answer_prompt_only(request)
         shared = self.response_generator
         self.response_generator = _HandlerGenerator(shared, self)
         try:
             super().handle_completion(request, stop_words)
         finally:
             self.response_generator = shared
+
+    def _answer_prompt_only(self, request) -> None:
+        """``echo`` with ``max_tokens`` 0 (OpenAI's legacy way to score a text, HELM's): the prompt
+        back as the text, with its logprobs where asked (:meth:`ResponseGenerator.score_prompt`),
+        finish_reason "length" and no token generated."""
+        generator = self.response_generator
+        args = argparse.Namespace(model=mlx_server.ModelDescription(
+            model=self.requested_model, draft=self.requested_draft_model, adapter=self.adapter))
+        try:
+            generator.check_scoring(args)
+            tokenizer = generator.model_provider.tokenizer
+            if tokenizer is None:
+                raise GenerationUnavailable("the model is not loaded yet; retry")
+            prompt = request.prompt
+            count = len(prompt) if isinstance(prompt, list) else len(tokenizer.encode(prompt))
+            if self.logprobs:
+                self._prompt_scores = generator.score_prompt(request, args, max(self.top_logprobs, 0))
+                self._start_logprobs()
+        except Exception as err:
+            raise _RequestFailed(err) from err
+        response = self.generate_response("", "length", count, 0, 0)
+        if self.stream:
+            self._set_stream_headers(200)
+            self.end_headers()
+            self.wfile.write(f"data: {json.dumps(response)}\n\n".encode())
+            if self.stream_options is not None and self.stream_options["include_usage"]:
+                usage = self.completion_usage_response(count, 0, 0)
+                self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+        else:
+            body = json.dumps(response).encode()
+            self._set_completion_headers(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        self.wfile.flush()
 
     def client_gone(self) -> bool:
         """Whether the client closed its connection: its end reads EOF (or a reset), where a
@@ -1220,6 +1260,12 @@ class APIHandler(mlx_server.APIHandler):
         ``stream_options``, ``tools`` or ``chat_template_kwargs``, strings that are not Unicode, and
         ``adapters`` that are not a directory of adapters. A ValueError names what is wrong."""
         self._fill_defaults()
+        # echo with max_tokens 0: the prompt alone, scored where logprobs are asked (mlx-lm's check
+        # wants one token at least; none is generated).
+        self._prompt_only = (self.path == "/v1/completions" and type(self.max_tokens) is int
+                             and self.max_tokens == 0 and self.body.get("echo") is True)
+        if self._prompt_only:
+            self.max_tokens = 1
         for name in FLOAT_PARAMETERS + INT_PARAMETERS:
             if isinstance(getattr(self, name), bool):
                 sent = "max_completion_tokens" if name == "max_tokens" and isinstance(
@@ -1384,6 +1430,15 @@ class APIHandler(mlx_server.APIHandler):
 
     def record_logprobs(self, responses) -> Iterator[Any]:
         """``responses``, each kept for the logprobs of the next chunk (an EOS is no part of the reply)."""
+        eos = self._start_logprobs()
+        for response in responses:
+            if response.token not in eos:
+                self._pending.append(response)
+            yield response
+
+    def _start_logprobs(self) -> set[int]:
+        """Sets up what a reply's logprobs are written with (each token's text and bytes, the
+        text_offset count); returns the EOS ids."""
         tokenizer = self.response_generator.model_provider.tokenizer
         eos, self._pieces, self._pending = set(tokenizer.eos_token_ids), {}, []
         detokenizer = tokenizer.detokenizer
@@ -1396,10 +1451,7 @@ class APIHandler(mlx_server.APIHandler):
         # The reply's text as its tokens' bytes decode, for text_offset: a character split
         # across tokens comes out (and counts) at the token that completes it.
         self._reply_text, self._reply_started = codecs.getincrementaldecoder("utf-8")("replace"), False
-        for response in responses:
-            if response.token not in eos:
-                self._pending.append(response)
-            yield response
+        return eos
 
     def _piece(self, token: int) -> tuple[str, list[int]]:
         """A token's text and bytes: a byte-level BPE token's own bytes (part of a character, at
