@@ -806,8 +806,8 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
         """A text completion request's prompt scored by the served model (:func:`prompt_logprobs`),
         on the generation thread. Asked once the request's reply has started (its context came),
         so that the served model is the one loaded: a request naming another checkpoint leaves that
-        one loaded, and a prompt scored before its reply was refused as another model's."""
-        self.check_scoring(args)
+        one loaded, and a prompt scored before its reply was refused as another model's. The caller
+        has asked :meth:`check_scoring` first."""
         rqueue: Queue = Queue()
         if not self.generation_available():
             raise self._unavailable()
@@ -829,7 +829,6 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
 
     def _score(self, job: _ScoreJob) -> _PromptScores:
         provider = self.model_provider
-        self.check_scoring(job.args)
         if provider.model is None or provider.model_key != provider.key_for("default_model"):
             # A request for another model took its place after this reply started: rare, and only
             # with requests naming other models.
@@ -1599,11 +1598,8 @@ class APIHandler(mlx_server.APIHandler):
             _check_unicode(prompt, "prompt")
             return prompt
         if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-            vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
             for token in prompt:
-                if token < 0 or (vocab_size is not None and token >= vocab_size):
-                    raise ValueError(f"prompt token id {token} is not in the vocabulary (0..{vocab_size - 1})"
-                                     if vocab_size is not None else f"prompt token id {token} is negative")
+                self._check_token_id(token, "prompt")
             return prompt
         if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
             raise ValueError(f"prompt: one prompt per request, got {len(prompt)} (send each as its own request)")
@@ -1617,6 +1613,14 @@ class APIHandler(mlx_server.APIHandler):
             return self.response_generator.model_provider.tokenizer.decode(prompt)
         return prompt
 
+    def _check_token_id(self, token: int, field: str) -> None:
+        """A ValueError naming ``field`` for a token id outside the served model's vocabulary
+        (negative ones only, before a model is loaded)."""
+        vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise ValueError(f"{field} token id {token} is not in the vocabulary (0..{vocab_size - 1})"
+                             if vocab_size is not None else f"{field} token id {token} is negative")
+
     def _check_logit_bias(self) -> None:
         """logit_bias maps token ids (JSON keys: strings) to biases in -100..100, as OpenAI's."""
         bias = self.logit_bias
@@ -1624,16 +1628,13 @@ class APIHandler(mlx_server.APIHandler):
             return
         if not isinstance(bias, dict):
             raise ValueError("logit_bias must be an object mapping token ids to numbers")
-        vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
         checked = {}
         for key, value in bias.items():
             try:
                 token = int(key)
             except (TypeError, ValueError):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
-            if token < 0 or (vocab_size is not None and token >= vocab_size):
-                raise ValueError(f"logit_bias token id {token} is not in the vocabulary (0..{vocab_size - 1})"
-                                 if vocab_size is not None else f"logit_bias token id {token} is negative")
+            self._check_token_id(token, "logit_bias")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS
             ):
