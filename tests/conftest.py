@@ -41,6 +41,32 @@ def repo_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+#: A process that claims a folder through xlstm_metal.training.tempdirs (the module loaded by path:
+#: no MLX import), runs ``{claim}`` (``module``: tempdirs, ``base``: the folder to claim in; it sets
+#: ``path``), prints ``path`` and then waits, as a run holding its folder does.
+_CLAIMING = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("tempdirs", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+base = sys.argv[2]
+{claim}
+print(path, flush=True)
+time.sleep(300)
+"""
+
+
+def start_claiming_process(claim: str, base: Path) -> tuple[subprocess.Popen, Path]:
+    """:data:`_CLAIMING` with ``claim`` in a process of its own: (the process, the folder it holds)."""
+    from xlstm_metal.training import tempdirs
+
+    proc = subprocess.Popen([sys.executable, "-c", _CLAIMING.format(claim=claim), tempdirs.__file__, str(base)],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    assert line, "the claiming process printed no folder"
+    return proc, Path(line)
+
+
 def run_benchmark(script: str, *args: str, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
     """``python benchmarks/<script> --shape <BENCH_CONFIG as config.json> *args`` from the repository."""
     config = tmp_path / "bench_config.json"

@@ -17,31 +17,17 @@ from pathlib import Path
 from xlstm_metal.training import tempdirs
 from xlstm_metal.training.tempdirs import DIST_PREFIX
 
+from conftest import start_claiming_process  # noqa: E402
 from distributed_helpers import free_port, launch_cmd, ring_env  # noqa: E402
 from test_train_cli import make_corpus  # noqa: E402
 
 TRAIN = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--steps", "1",
          "--warmup", "1", "--eval-every", "1", "--eval-batches", "1", "--val-fraction", "0.1", "--no-progress"]
 
-#: A process holding an xlstm-dist folder as a rank does, then waiting (tempdirs loaded by path: no MLX).
-CLAIM = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("tempdirs", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-path, fd = module.claim_dir(module.DIST_PREFIX, sys.argv[2])
-(path / "shared-abcdefgh").mkdir()
-print(path, flush=True)
-time.sleep(300)
-"""
-
-
 def hold_folder(base: Path) -> tuple[subprocess.Popen, Path]:
-    proc = subprocess.Popen([sys.executable, "-c", CLAIM, tempdirs.__file__, str(base)], stdout=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline().strip()
-    assert line, "the claiming process printed no folder"
-    return proc, Path(line)
+    """A process holding an xlstm-dist folder (with a shared-file folder in it) as a rank does."""
+    return start_claiming_process('path, fd = module.claim_dir(module.DIST_PREFIX, base)\n'
+                                  '(path / "shared-abcdefgh").mkdir()', base)
 
 
 def private_tmp(tmp_path: Path) -> Path:

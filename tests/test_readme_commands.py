@@ -25,6 +25,7 @@ import pytest
 
 from xlstm_metal.generation import DEFAULT_MODEL_DIR
 
+from conftest import repo_env  # noqa: E402
 from distributed_helpers import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,11 +126,10 @@ def run_readme(command: str, tmp: Path, case: Run) -> subprocess.CompletedProces
     launcher = shim.parent / "mlx.launch"
     launcher.write_text(f'#!/bin/sh\nexec "{Path(sys.executable).parent / "mlx.launch"}" -p {free_port(4)} "$@"\n')
     launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "XLSTM_METAL_BLAS_THREADS": os.environ.get("XLSTM_METAL_BLAS_THREADS", "1"),
-           "XLSTM_RUNTIME_DIR": str(tmp / "runtime"),  # status records of `top`: this test's own
-           "XLSTM_METAL_PROFILES": str(tmp / "profiles")}  # profiles `tune` saves: this test's own
+    env = repo_env(PATH=f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   XLSTM_METAL_BLAS_THREADS=os.environ.get("XLSTM_METAL_BLAS_THREADS", "1"),
+                   XLSTM_RUNTIME_DIR=str(tmp / "runtime"),  # status records of `top`: this test's own
+                   XLSTM_METAL_PROFILES=str(tmp / "profiles"))  # profiles `tune` saves: this test's own
     proc = subprocess.run(["bash", "-c", shell_line(command, tmp, case)], input=case.stdin, capture_output=True,
                           text=True, cwd=tmp, env=env, timeout=600)
     assert "Traceback" not in proc.stderr, proc.stderr

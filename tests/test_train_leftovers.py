@@ -17,25 +17,13 @@ import pytest
 from xlstm_metal.training import tempdirs
 from xlstm_metal.training.tempdirs import claim_tokenizer_dir, release_tokenizer_dir, remove_stale_tokenizer_dirs
 
-#: A run's claim, in a process of its own that then waits (the module loaded by path: no MLX import).
-CLAIM = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("tempdirs", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-path, fd = module.claim_tokenizer_dir(sys.argv[2])
-(path / "tokenizer.json").write_text("{}")
-print(path, flush=True)
-time.sleep(120)
-"""
+from conftest import start_claiming_process  # noqa: E402
 
 
 def start_run(base: Path) -> tuple[subprocess.Popen, Path]:
-    proc = subprocess.Popen([sys.executable, "-c", CLAIM, tempdirs.__file__, str(base)], stdout=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline().strip()
-    assert line, "the claiming process printed no folder"
-    return proc, Path(line)
+    """A run's claim of a tokenizer folder, in a process of its own that then waits."""
+    return start_claiming_process('path, fd = module.claim_tokenizer_dir(base)\n'
+                                  '(path / "tokenizer.json").write_text("{}")', base)
 
 
 def dead_pid() -> int:
