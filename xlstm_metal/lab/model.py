@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..cells.embedding import embed_tokens
 from ..cells.norms import RMSNorm, soft_cap
 from ..cells.xlstm_2024 import LayerNorm as LayerNorm2024
 from ..cells.xlstm_2024 import Module2024
@@ -172,7 +173,7 @@ class LabModel(Module2024):
         blocks = self.blocks
         if state is not None and len(state) != len(blocks):
             raise ValueError(f"state has {len(state)} entries, the model has {len(blocks)} blocks")
-        x = _get(self, self._names["embedding"])(input_ids)
+        x = embed_tokens(_get(self, self._names["embedding"]), input_ids)
         new_state = []
         for index, block in enumerate(blocks):
             x, block_state = block(x, None if state is None else state[index])

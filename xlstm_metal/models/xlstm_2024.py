@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..blocks.xlstm_2024 import mLSTMBlock2024, sLSTMBlock
+from ..cells.embedding import embed_tokens
 from ..cells.xlstm_2024 import LayerNorm, Module2024
 from ..config_2024 import (
     FeedForwardConfig,
@@ -136,7 +137,7 @@ class xLSTMLMModel(Module2024):
         no more, and skips most of the lm_head work)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
-        x = self.token_embedding(input_ids)
+        x = embed_tokens(self.token_embedding, input_ids)
         if "emb_dropout" in self:
             x = self.emb_dropout(x)
         x, state = self.xlstm_block_stack(x, state)

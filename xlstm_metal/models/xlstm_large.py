@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..blocks.xlstm_large import mLSTMBlock, stacked_step
+from ..cells.embedding import embed_tokens
 from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
@@ -64,7 +65,7 @@ class Backbone(nn.Module):
     ) -> tuple[mx.array, ModelState]:
         """input_ids [B, S] -> (normed hidden states [B, S, E] in the embeddings' dtype, state);
         the residual stream between the blocks runs in ``residual_dtype`` (None: the embeddings')."""
-        x = self.embeddings(input_ids)
+        x = embed_tokens(self.embeddings, input_ids)
         dtype = x.dtype
         x = to_residual(x, residual_dtype)
         if all(isinstance(block, mLSTMBlock) and block.fused_step(x) for block in self.blocks):

@@ -35,6 +35,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
+from ..cells.embedding import embed_tokens, scatter_add_is_unordered, sorted_embedding_grads
 from ..distributed import DistributedError, agree, is_main, size_and_rank
 from ..kernels.fast.train_rows import (
     cast_joined, cast_many, cast_many_enabled, cross_entropy_rows, cross_entropy_rows_supported, sum_of_squares,
@@ -644,7 +645,7 @@ def _forward_with(embed: Callable, blocks: list[Callable], head_modules: list[nn
     checkpoint (its modules' parameters ``head_modules``)."""
 
     def forward(inputs, targets):
-        x = embed(inputs)
+        x = embed_tokens(embed, inputs)
         for block in blocks:
             x = block(x)
         # targets (integers) are no input of the checkpoint: it differentiates every input.
@@ -693,6 +694,9 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
 
     terms = MLSTM_PRODUCTS[mlstm_products]
     keep = keep_states_enabled()
+    # A GPU's scatter-add sums repeated ids' rows in thread order: the embedding gradient (and
+    # so the run) would differ in the last bits from one run to the next.
+    sorted_grads = scatter_add_is_unordered()
 
     forward = _recomputing_forward(model, recompute)
     fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
@@ -714,7 +718,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
         # The fused mLSTM kernels' forward keeps its entering states for the backward where
         # that is on (bf16 products; keep_states_enabled).
         with traced_fusion(fuse_projections), final_states_unread(), product_terms(terms), \
-                entering_states_kept(keep):
+                entering_states_kept(keep), sorted_embedding_grads(sorted_grads):
             return loss(inputs, targets)
 
     return loss_fn

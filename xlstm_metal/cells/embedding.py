@@ -1,0 +1,84 @@
+"""Token embeddings whose gradient has the same bits in every run.
+
+The gradient of a lookup ``weight[ids]`` sums the cotangent rows of repeated ids. MLX takes it
+with a scatter-add, which on GPUs adds those rows with atomics in whatever order the threads
+arrive: two runs of one training step then differ in the last bits of the embedding gradient,
+and from there in everything (measured on an H100, MLX 0.32.4: five gradients of one batch, five
+different results). Inside :func:`sorted_embedding_grads` the models' lookups of a plain
+``nn.Embedding`` take their gradient from :func:`summed_rows` instead: the same sums, each in one
+fixed order. The forward values are the lookup's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_SORTED_GRADS = contextvars.ContextVar("xlstm_metal_sorted_embedding_grads", default=False)
+
+
+@contextlib.contextmanager
+def sorted_embedding_grads(enabled: bool = True) -> Iterator[None]:
+    """Inside: :func:`embed_tokens` of a plain ``nn.Embedding`` differentiates through
+    :func:`summed_rows` (the training step turns it on where the scatter-add is unordered)."""
+    token = _SORTED_GRADS.set(enabled)
+    try:
+        yield
+    finally:
+        _SORTED_GRADS.reset(token)
+
+
+def scatter_add_is_unordered() -> bool:
+    """Whether MLX's scatter-add on the default device sums in thread order (every GPU backend;
+    the CPU's is sequential)."""
+    return mx.default_device() != mx.cpu
+
+
+def embed_tokens(embedding: nn.Module, ids: mx.array) -> mx.array:
+    """ids [...] (integers) -> ``embedding(ids)`` [..., E]. The module in the tree is what runs;
+    only a plain ``nn.Embedding`` inside :func:`sorted_embedding_grads` changes, and only in its
+    gradient."""
+    if _SORTED_GRADS.get() and type(embedding) is nn.Embedding:
+        return _lookup(embedding.weight, ids)
+    return embedding(ids)
+
+
+@mx.custom_function
+def _lookup(weight: mx.array, ids: mx.array) -> mx.array:
+    return mx.take(weight, ids, axis=0)
+
+
+@_lookup.vjp
+def _lookup_vjp(primals, cotangent, output):
+    weight, ids = primals
+    rows = summed_rows(cotangent.reshape(-1, weight.shape[-1]), ids.reshape(-1), weight.shape[0])
+    return rows.astype(weight.dtype), mx.zeros_like(ids)
+
+
+def summed_rows(values: mx.array, ids: mx.array, num_rows: int) -> mx.array:
+    """values [n, E], ids [n] in [0, num_rows) -> out [num_rows, E] float32 with out[r] the sum of
+    the values whose id is r (0 where none is), each sum taken in one fixed order.
+
+    The rows are sorted by (id, position); an inclusive segmented scan (Hillis-Steele: log2(n)
+    shifted adds, each a fixed tree) leaves each run's total at its last row; each id's last row
+    is found with a scatter-max of positions (integers: the same whatever the order) and gathered.
+    No float atomics anywhere, so the bits do not depend on the GPU's thread order."""
+    n, E = values.shape
+    position = mx.arange(n)
+    # Unique keys: the order is fixed whether or not the sort is stable.
+    order = mx.argsort(ids.astype(mx.int64) * n + position)
+    sorted_ids = mx.take(ids, order)
+    v = mx.take(values, order, axis=0).astype(mx.float32)
+    new_run = mx.concatenate([mx.array([True]), sorted_ids[1:] != sorted_ids[:-1]])
+    run_start = mx.cummax(mx.where(new_run, position, 0))
+    step = 1
+    while step < n:
+        shifted = mx.concatenate([mx.zeros((step, E), mx.float32), v[:-step]])
+        v = mx.where((position - step >= run_start)[:, None], v + shifted, v)
+        step *= 2
+    last = mx.full((num_rows,), -1, mx.int32).at[sorted_ids].maximum(position.astype(mx.int32))
+    return mx.where((last >= 0)[:, None], mx.take(v, mx.maximum(last, 0), axis=0), 0.0)
