@@ -914,6 +914,13 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                 yield item
 
 
+@dataclasses.dataclass
+class _StopResponse(mlx_server.Response):
+    """The response whose text completes a stop word (:func:`_stop_at_text`): the reply's text
+    ends with its own, and the tokens after that text are no part of the reply's logprobs
+    (:meth:`APIHandler.record_logprobs`)."""
+
+
 def _stop_at_text(ctx, responses, stop_words: list[str]):
     """``responses`` up to the first stop word in their text, which ends the reply without it.
 
@@ -921,9 +928,10 @@ def _stop_at_text(ctx, responses, stop_words: list[str]):
     model spells with other tokens (" syntax" mid-text is one token, "syntax" alone two), while
     its text filter removed every occurrence from the reply: "stop": "syntax" gave the whole
     max_tokens reply with each "syntax" cut out, finish_reason "length". Here the text is held
-    back while its end could begin a stop word; the response whose text completes one carries
-    the text before it, and the reply ends there (the handler then reports finish_reason
-    "stop"). Each response keeps its own token and logprobs.
+    back while its end could begin a stop word; the response whose text completes one (a
+    :class:`_StopResponse`) carries the text before it, and the reply ends there (the handler
+    then reports finish_reason "stop"). Each response keeps its own token and logprobs: the
+    handler drops those of the tokens cut away.
     """
     text, sent = "", 0  # the reply's text so far; how much of it went out
     for response in responses:
@@ -932,7 +940,8 @@ def _stop_at_text(ctx, responses, stop_words: list[str]):
         hits = [i for i in (text.find(word, searched) for word in stop_words) if i >= 0]
         if hits:
             ctx.stop()  # the generation thread drops the request
-            yield dataclasses.replace(response, text=text[sent:min(hits)], finish_reason=None)
+            fields = {f.name: getattr(response, f.name) for f in dataclasses.fields(mlx_server.Response)}
+            yield _StopResponse(**{**fields, "text": text[sent:min(hits)], "finish_reason": None})
             return
         if response.finish_reason is not None:
             # The handler drops the text of a "stop" response (an EOS): what was held goes out
@@ -982,7 +991,7 @@ class _HandlerGenerator:
                 ctx.stop()  # (mlx-lm's handler stops it only once it has the responses)
                 raise _RequestFailed(err) from err
         if generation_args.logprobs:
-            responses = self._handler.record_logprobs(responses)
+            responses = self._handler.record_logprobs(responses, any(generation_args.stop_words))
         return ctx, responses
 
     def __getattr__(self, name: str) -> Any:
@@ -1427,13 +1436,38 @@ class APIHandler(mlx_server.APIHandler):
         path = Path(served).expanduser()
         return str(path.resolve()) if path.exists() else served
 
-    def record_logprobs(self, responses) -> Iterator[Any]:
-        """``responses``, each kept for the logprobs of the next chunk (an EOS is no part of the reply)."""
+    def record_logprobs(self, responses, stop_words: bool = False) -> Iterator[Any]:
+        """``responses``, each kept for the logprobs of the next chunk (an EOS is no part of the reply).
+
+        With ``stop_words`` the logprobs describe the returned text's tokens only (OpenAI's): a
+        token is kept from the chunks until the text given out reaches it (:func:`_stop_at_text`
+        holds back text that could begin a stop word), and the tokens at or after the cut before
+        a stop word are dropped (they were listed, the stop word's own included). A token's
+        place is where its text starts in the reply (:meth:`_text_counter`); one whose text
+        starts before the cut and runs past it is kept: part of its text is returned, and its
+        entry is the one that gives that text. A token adding no character (the first bytes of
+        a character split across tokens) starts where that character does."""
         eos = self._start_logprobs()
+        if not stop_words:
+            for response in responses:
+                if response.token not in eos:
+                    self._pending.append(response)
+                yield response
+            return
+        added, start, given = self._text_counter(), 0, 0  # the next token's start; the text given out
+        held: list = []  # (start, response) of the tokens whose text has not gone out yet
+        cut = False
         for response in responses:
             if response.token not in eos:
-                self._pending.append(response)
+                held.append((start, response))
+                start += added(self._piece(response.token)[1])
+            given += len(response.text)
+            cut = isinstance(response, _StopResponse)
+            self._pending.extend(r for at, r in held if at < given)
+            held = [(at, r) for at, r in held if at >= given]
             yield response
+        if not cut:  # the reply ended whole (max_tokens, an EOS): its last tokens are its own
+            self._pending.extend(r for _, r in held)
 
     def _start_logprobs(self) -> set[int]:
         """Sets up what a reply's logprobs are written with (each token's text and bytes, the
@@ -1447,9 +1481,7 @@ class APIHandler(mlx_server.APIHandler):
         self._spm_bytes = detokenizer.tokenmap if isinstance(detokenizer, SPMStreamingDetokenizer) else None
         self._trim_space = self._byte_level or (self._spm_bytes is not None and detokenizer.trim_space)
         self._offset = len(self._prompt_text)
-        # The reply's text as its tokens' bytes decode, for text_offset: a character split
-        # across tokens comes out (and counts) at the token that completes it.
-        self._reply_text, self._reply_started = codecs.getincrementaldecoder("utf-8")("replace"), False
+        self._text_added = self._text_counter()  # for text_offset
         return eos
 
     def _piece(self, token: int) -> tuple[str, list[int]]:
@@ -1493,7 +1525,7 @@ class APIHandler(mlx_server.APIHandler):
     def _completion_logprobs(self, responses) -> dict:
         """The legacy shape: ``top_logprobs`` maps the text of the N most likely tokens, and of the
         chosen one (OpenAI: up to N + 1 entries), to their logprobs; ``text_offset`` counts
-        characters from the start of the prompt (:meth:`_text_added`)."""
+        characters from the start of the prompt (:meth:`_text_counter`)."""
         tokens, offsets, tops = [], [], []
         for r in responses:
             text, raw = self._piece(r.token)
@@ -1535,25 +1567,32 @@ class APIHandler(mlx_server.APIHandler):
         return {"tokens": tokens, "token_logprobs": list(scores.logprobs), "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def _text_added(self, raw: list[int]) -> int:
-        """How many characters a token's bytes add to the reply's text, so that a token's
-        text_offset is the length of the text decoded from the tokens before it (OpenAI's, vLLM's):
-        the characters they complete. A token holding part of a character (a byte-level BPE
-        splits an emoji or a CJK character over several) adds nothing and the one completing it
-        adds the character; bytes that can never form one add a U+FFFD each, as the
+    def _text_counter(self) -> Callable[[list[int]], int]:
+        """A count of the characters each next token's bytes add to the reply's text, so that a
+        token's text_offset is the length of the text decoded from the tokens before it (OpenAI's,
+        vLLM's): the characters they complete. A token holding part of a character (a byte-level
+        BPE splits an emoji or a CJK character over several) adds nothing and the one completing
+        it adds the character; bytes that can never form one add a U+FFFD each, as the
         detokenizer decodes them. The token's own string (its bytes decoded with replacement)
         was counted before: "\\ufffd" for each part, so the offsets ran past the text. mlx-lm's
         byte-level detokenizer drops the reply's leading space, its SentencePiece one (Llama's
         Strip decoder) that of each text it puts out until one is left, and so does the count;
-        the SentencePiece one reads "▁" as a space, whole or spelled in byte-fallback tokens."""
-        text = self._reply_text.decode(bytes(raw))
-        if self._spm_bytes is not None:
-            text = text.replace(SPM_SPACE, " ")
-        if text and not self._reply_started:
-            if self._trim_space and text[0] == " ":
-                text = text[1:]
-            self._reply_started = bool(text) or self._spm_bytes is None
-        return len(text)
+        the SentencePiece one reads "▁" as a space, whole or spelled in byte-fallback tokens.
+        Each reply's tokens are counted by a counter of their own, from the first."""
+        decoder, started = codecs.getincrementaldecoder("utf-8")("replace"), False
+
+        def added(raw: list[int]) -> int:
+            nonlocal started
+            text = decoder.decode(bytes(raw))
+            if self._spm_bytes is not None:
+                text = text.replace(SPM_SPACE, " ")
+            if text and not started:
+                if self._trim_space and text[0] == " ":
+                    text = text[1:]
+                started = bool(text) or self._spm_bytes is None
+            return len(text)
+
+        return added
 
     def _check_logprobs(self) -> None:
         """OpenAI's logprobs: on /v1/completions (the legacy API) the number of most likely tokens

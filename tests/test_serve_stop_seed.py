@@ -1,0 +1,204 @@
+"""`xlstm-metal serve`: the logprobs of a reply a stop word ends, and seeded requests served in
+the batch with the others.
+
+Stop words: the reply's text is cut before the stop word, and its logprobs list exactly the
+tokens of the returned text (OpenAI's): the stop word's tokens are no part of them, streamed or
+not, on both endpoints. A token whose text starts before the cut and runs past it (part of its
+text is returned) is kept. The random model is steered to a scripted reply (as in
+test_serve_text_offset), so the tokens are known exactly.
+
+Seeds: a seeded request samples with its own random key, split at each of its tokens, so it
+joins the batch: the same seeded request gives the same tokens alone or beside others, and
+does not hold them up. Nothing downloads."""
+
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_serve import chat_prompt, post, stream_events, write_checkpoint
+from test_serve_text_offset import REPLACEMENT, byte_token, byte_tokens
+
+mlx_lm = pytest.importorskip("mlx_lm")
+
+from xlstm_metal.mlx_lm_model import ModelLarge  # noqa: E402
+from xlstm_metal.serve import make_server, server_args  # noqa: E402
+
+LOGPROB_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("serve_stop_seed") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return mlx_lm.load(str(ckpt), trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference):
+    return reference[1]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        yield srv
+
+
+@pytest.fixture
+def scripted(monkeypatch, tokenizer):
+    """``scripted(after, reply_ids)``: the model answers a prompt ending in ``after`` (a token id,
+    or a one-character prompt: its last token) with ``reply_ids``; every token's logits put all
+    the probability on the successor the scripts give it (test_serve_text_offset's, for a chat
+    prompt's last token too)."""
+    successor = {}
+    call = ModelLarge.__call__
+
+    def forward(self, inputs, cache=None):
+        logits = call(self, inputs, cache)  # the recurrent state moves on as usual
+        table = np.full((logits.shape[-1], logits.shape[-1]), -30.0, np.float32)
+        for token, following in successor.items():
+            table[token, following] = 30.0
+        return mx.array(table)[inputs].astype(logits.dtype)
+
+    monkeypatch.setattr(ModelLarge, "__call__", forward)
+
+    def script(after, reply: list[int]) -> None:
+        chain = [after if isinstance(after, int) else tokenizer.encode(after)[-1], *reply]
+        for token, following in zip(chain, chain[1:]):
+            assert successor.setdefault(token, following) == following, "a token with two successors"
+
+    return script
+
+
+def completion(server, prompt, n, stop, stream=False, echo=False, chunkwise=False):
+    """(text, finish_reason, logprobs) of a greedy /v1/completions request with logprobs 1; the
+    stream's chunks' logprobs are joined. ``chunkwise``: each chunk's tokens spell its text (a
+    reply of one-character tokens), none goes out before its text does."""
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1, "stop": stop, "echo": echo}
+    if not stream:
+        status, answer = post(server.url, "/v1/completions", body)
+        assert status == 200, answer
+        choice = answer["choices"][0]
+        return choice["text"], choice["finish_reason"], choice["logprobs"]
+    events = stream_events(server.url, "/v1/completions", {**body, "stream": True})
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    if chunkwise:
+        assert all("".join(c["logprobs"]["tokens"]) == c["text"] for c in choices), choices
+    logprobs = {key: [v for c in choices for v in c["logprobs"][key]] for key in LOGPROB_KEYS}
+    return "".join(c["text"] for c in choices), choices[-1]["finish_reason"], logprobs
+
+
+def chat(server, n, stop, stream=False):
+    """(content, finish_reason, logprobs content entries) of a greedy chat request."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n, "temperature": 0, "logprobs": True,
+            "top_logprobs": 1, "stop": stop}
+    if not stream:
+        status, answer = post(server.url, "/v1/chat/completions", body)
+        assert status == 200, answer
+        choice = answer["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"], choice["logprobs"]["content"]
+    events = stream_events(server.url, "/v1/chat/completions", {**body, "stream": True})
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    content = "".join(c["delta"].get("content") or "" for c in choices)
+    return content, choices[-1]["finish_reason"], [entry for c in choices for entry in c["logprobs"]["content"]]
+
+
+def texts(tokenizer, text):
+    return [byte_token(tokenizer, ord(c)) for c in text]
+
+
+STREAM = pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+
+
+@STREAM
+def test_a_stop_word_s_tokens_are_not_in_the_logprobs(server, tokenizer, scripted, stream):
+    """"xyzQRwv", stop "QR": the text is "xyz" and so are the logprobs' tokens (Q and R, cut with
+    the stop word, were listed as well)."""
+    scripted("a", texts(tokenizer, "xyzQRwv"))
+    text, finish, logprobs = completion(server, "a", 7, "QR", stream, chunkwise=True)
+    assert (text, finish) == ("xyz", "stop")
+    assert logprobs["tokens"] == ["x", "y", "z"]
+    assert logprobs["text_offset"] == [1, 2, 3]
+    assert len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 3
+
+
+@STREAM
+def test_a_held_prefix_that_is_no_stop_word_keeps_its_logprobs(server, tokenizer, scripted, stream):
+    """"xyzQRwv", stop "QX" then "Rw": Q is held back (it could start "QX"), then given back with
+    R, whose own text is held until w completes "Rw"; the logprobs end at Q, the returned text."""
+    scripted("a", texts(tokenizer, "xyzQRwv"))
+    text, finish, logprobs = completion(server, "a", 7, ["QX", "Rw"], stream, chunkwise=True)
+    assert (text, finish) == ("xyzQ", "stop")
+    assert logprobs["tokens"] == ["x", "y", "z", "Q"]
+    assert logprobs["text_offset"] == [1, 2, 3, 4]
+    text, finish, logprobs = completion(server, "a", 7, "QX", stream, chunkwise=True)  # no stop word in it
+    assert (text, finish) == ("xyzQRwv", "length")
+    assert logprobs["tokens"] == list("xyzQRwv")
+
+
+@STREAM
+def test_a_token_straddling_the_cut_is_kept(server, tokenizer, scripted, stream):
+    """"x" " t" "y", stop "t": the cut falls inside the token " t", whose text starts before it
+    (its space is returned): it is kept, as the token that gives the text its last character.
+    Stop " t" cuts before the token: it is dropped."""
+    space_t = tokenizer.convert_tokens_to_ids("Ġt")
+    assert tokenizer.convert_ids_to_tokens(space_t) == "Ġt"
+    scripted("b", [byte_token(tokenizer, ord("x")), space_t, byte_token(tokenizer, ord("y"))])
+    text, finish, logprobs = completion(server, "b", 3, "t", stream)
+    assert (text, finish) == ("x ", "stop")
+    assert logprobs["tokens"] == ["x", " t"]
+    assert logprobs["text_offset"] == [1, 2]
+    text, finish, logprobs = completion(server, "b", 3, " t", stream)
+    assert (text, finish) == ("x", "stop")
+    assert logprobs["tokens"] == ["x"]
+
+
+@STREAM
+def test_a_character_split_across_tokens_at_the_cut(server, tokenizer, scripted, stream):
+    """"x€y" (€ is three byte tokens): stop "€" drops all three (they start at the cut, adding no
+    character before it); stop "y" keeps them."""
+    scripted("c", [byte_token(tokenizer, ord("x")), *byte_tokens(tokenizer, "€"), byte_token(tokenizer, ord("y"))])
+    text, finish, logprobs = completion(server, "c", 5, "€", stream)
+    assert (text, finish, logprobs["tokens"]) == ("x", "stop", ["x"])
+    text, finish, logprobs = completion(server, "c", 5, "y", stream)
+    assert (text, finish, logprobs["tokens"]) == ("x€", "stop", ["x", *[REPLACEMENT] * 3])
+    assert logprobs["text_offset"] == [1, 2, 2, 2]
+
+
+@STREAM
+def test_a_lone_space_before_the_stop_word_is_kept(server, tokenizer, scripted, stream):
+    """"x" " " "Q" "R": mlx-lm's byte-level detokenizer holds a lone space until the next token
+    (its text comes out with Q's), but the space is the returned text's, Q and R the stop word's."""
+    scripted("d", texts(tokenizer, "x QRz"))
+    text, finish, logprobs = completion(server, "d", 5, "QR", stream)
+    assert (text, finish) == ("x ", "stop")
+    assert logprobs["tokens"] == ["x", " "]
+    assert logprobs["text_offset"] == [1, 2]
+
+
+@STREAM
+def test_echo_puts_the_prompt_s_logprobs_before_the_cut_reply_s(server, tokenizer, scripted, stream):
+    scripted("a", texts(tokenizer, "xyzQRwv"))
+    text, finish, logprobs = completion(server, "a", 7, "QR", stream, echo=True)
+    assert (text, finish) == ("axyz", "stop")
+    prompt = [tokenizer.decode([t]) for t in tokenizer.encode("a", add_special_tokens=False)]
+    assert logprobs["tokens"] == [*prompt, "x", "y", "z"]
+    assert logprobs["text_offset"][-3:] == [1, 2, 3]
+
+
+@STREAM
+def test_chat_logprobs_end_with_the_returned_content(server, reference, tokenizer, scripted, stream):
+    """Chat's ``logprobs.content``: one entry per token of the returned content."""
+    last = chat_prompt(reference, [{"role": "user", "content": "hi"}])[-1]
+    script = texts(tokenizer, "xyzQRwv")
+    assert last not in script
+    scripted(last, script)
+    content, finish, entries = chat(server, 7, ["QR"], stream)
+    assert (content, finish) == ("xyz", "stop")
+    assert [e["token"] for e in entries] == ["x", "y", "z"]
+    assert all(len(e["top_logprobs"]) == 1 for e in entries)
