@@ -7,11 +7,12 @@ not, on both endpoints. A token whose text starts before the cut and runs past i
 text is returned) is kept. The random model is steered to a scripted reply (as in
 test_serve_text_offset), so the tokens are known exactly.
 
-Seeds: a seeded request samples with its own random key, split at each of its tokens, so it
+Seeds: a seeded request samples with its own random key, split at each of its draws, so it
 joins the batch: the same seeded request gives the same tokens alone or beside others, and
 does not hold them up. Nothing downloads."""
 
-import threading
+import http.client
+import json
 import time
 
 import mlx.core as mx
@@ -202,3 +203,101 @@ def test_chat_logprobs_end_with_the_returned_content(server, reference, tokenize
     assert (content, finish) == ("xyz", "stop")
     assert [e["token"] for e in entries] == ["x", "y", "z"]
     assert all(len(e["top_logprobs"]) == 1 for e in entries)
+
+
+SEEDED = {"prompt": "the cat sat on", "max_tokens": 32, "temperature": 1.0, "seed": 1234, "logprobs": 0}
+#: Sampled requests without a seed: they draw from MLX's global key, in the same batch.
+UNSEEDED = [{"prompt": p, "max_tokens": 100_000, "temperature": 1.0, "stream": True}
+            for p in ("hello there my good friend, how", "a", "def f(x):\n    return")]
+
+
+def open_stream(server, body):
+    """A streaming request under way: (connection, response) once its first event has come."""
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    received = b""
+    while b"data: {" not in received:
+        received += response.read1(4096)
+    return conn, response
+
+
+def still_streaming(response) -> bool:
+    """Whether the stream goes on: more events come and none ends it."""
+    received = b""
+    while received.count(b"data: ") < 3:
+        chunk = response.read1(4096)
+        if not chunk:
+            return False
+        received += chunk
+    return b"[DONE]" not in received and b'"finish_reason": "' not in received
+
+
+def sampled(server, body):
+    status, answer = post(server.url, "/v1/completions", body, timeout=30)
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    return choice["text"], choice["logprobs"]["tokens"], answer["usage"]["completion_tokens"]
+
+
+def mlx_lm_seeded(reference, prompt, max_tokens, seed, **sampling):
+    """The text of mlx-lm's stream_generate after mx.random.seed(seed): what mlx-lm's server
+    gave a seeded request (alone, on its one-request path)."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = reference
+    mx.random.seed(seed)
+    special = tokenizer.encode("\n") + list(tokenizer.eos_token_ids)
+    sampler = make_sampler(sampling.pop("temperature"), xtc_special_tokens=special, **sampling)
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler))
+
+
+def test_a_seeded_request_gives_the_same_reply_alone_and_beside_others(server, reference):
+    """Alone, then while three sampled requests without a seed stream in the batch (drawing from
+    MLX's global key between its draws): the same tokens, mlx-lm's for that seed, and it ends
+    while they go on (mlx-lm served it alone: it waited for them to end)."""
+    alone = sampled(server, SEEDED)
+    assert alone[2] == 32
+    assert alone[0] == mlx_lm_seeded(reference, SEEDED["prompt"], 32, 1234, temperature=1.0)
+    assert sampled(server, {**SEEDED, "seed": 1235})[0] != alone[0]  # the seed matters
+    streams = [open_stream(server, body) for body in UNSEEDED]
+    try:
+        beside = sampled(server, SEEDED)
+        assert all(still_streaming(response) for _, response in streams)
+    finally:
+        for conn, _ in streams:
+            conn.close()
+    assert beside == alone
+
+
+def test_a_seeded_request_with_every_sampling_filter_gives_mlx_lm_s_reply(server, reference):
+    """Top-p, min-p, XTC and top-k before the draw, beside a sampled request: each filter as
+    mlx-lm's make_sampler applies it, XTC's own draw from the request's key as well."""
+    filters = {"top_p": 0.95, "min_p": 0.02, "top_k": 40, "xtc_probability": 0.5, "xtc_threshold": 0.01}
+    body = {**SEEDED, "temperature": 1.3, "seed": 77, **filters}
+    expected = mlx_lm_seeded(reference, SEEDED["prompt"], 32, 77, temperature=1.3, **filters)
+    conn, response = open_stream(server, UNSEEDED[0])
+    try:
+        assert sampled(server, body)[0] == expected
+        assert still_streaming(response)
+    finally:
+        conn.close()
+    assert sampled(server, body)[0] == expected  # alone
+
+
+def test_an_unseeded_request_is_not_held_up_by_a_seeded_one(server):
+    """A seeded stream of 100,000 tokens under way: a request without a seed sent meanwhile gets
+    its whole reply while the seeded one goes on (mlx-lm served the seeded one alone: the other
+    waited for its end)."""
+    conn, response = open_stream(server, {**SEEDED, "max_tokens": 100_000, "stream": True})
+    try:
+        started = time.monotonic()
+        text, tokens, count = sampled(server, {"prompt": "a", "max_tokens": 5, "temperature": 1.0, "logprobs": 0})
+        assert count == 5 and len(tokens) == 5
+        assert time.monotonic() - started < 20
+        assert still_streaming(response)
+    finally:
+        conn.close()

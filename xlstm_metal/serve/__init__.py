@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, apply_xtc, greedy_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 from mlx_lm.tokenizer_utils import _byte_decoder  # the byte-level BPE alphabet mlx-lm's detokenizer reads
 
@@ -537,9 +538,9 @@ class _ModelDefaults:
 class _WholePromptHistory:
     """A mixin of mlx-lm's ResponseGenerator: a request's logits processors (repetition, presence
     and frequency penalties) see the whole prompt before the reply. On mlx-lm's single-request
-    path (seeded requests, a draft model) they saw only the prompt tokens it ran after a
-    prompt-cache hit, so the cached ones escaped the penalties; its batch path passes them
-    (``all_tokens``), as :func:`_make_logits_processors` now does for both."""
+    path (--kv-bits, a model whose caches cannot be batched) they saw only the prompt tokens it
+    ran after a prompt-cache hit, so the cached ones escaped the penalties; its batch path passes
+    them (``all_tokens``), as :func:`_make_logits_processors` now does for both."""
 
     def _tokenize(self, tokenizer, request, args):
         tokenized = super()._tokenize(tokenizer, request, args)
@@ -585,6 +586,53 @@ def _make_logits_processors(args) -> list:
 
 
 mlx_server._make_logits_processors = _make_logits_processors
+
+_mlx_make_sampler = mlx_server._make_sampler
+
+
+def _make_sampler(args, tokenizer):
+    """mlx-lm's sampler of ``args``; a seeded request's draws from a random key of its own
+    (:func:`_seeded_sampler`), so that it may share the batch with other requests and still give
+    the same reply for the same seed. mlx-lm seeded MLX's global key instead, which every row of
+    a batch draws from: it served a seeded request alone, the others waiting until it ended."""
+    sampler = _mlx_make_sampler(args, tokenizer)
+    if args.seed is None or sampler is greedy_sampler:  # greedy: no draw to seed
+        return sampler
+    special = tokenizer.encode("\n") + list(tokenizer.eos_token_ids)  # mlx-lm's XTC exclusions
+    return _seeded_sampler(args.sampling, args.seed, special)
+
+
+mlx_server._make_sampler = _make_sampler
+
+
+def _seeded_sampler(sampling, seed: int, xtc_special_tokens: list[int]) -> Callable[[mx.array], mx.array]:
+    """mlx_lm.sample_utils.make_sampler's chain for ``sampling`` (top-p, min-p, XTC, top-k, then
+    a categorical draw at the temperature), its random draws made with ``mx.random.key(seed)``,
+    split at each draw as MLX splits its global key after ``mx.random.seed(seed)``: the tokens
+    mlx-lm's one-request path gave a seeded request, whatever else is in the batch. The batch
+    calls a row's own sampler on that row's logprobs alone, once per token."""
+    key = mx.random.key(seed)
+
+    def draw_key() -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return sub
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        if 0 < sampling.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, sampling.top_p)
+        if sampling.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, sampling.min_p, 1)
+        if sampling.xtc_probability > 0.0:
+            # mlx-lm's XTC at probability 1 is its mask alone (its own draw, from the global key,
+            # then never decides); whether the mask applies is drawn here, from this key.
+            masked = apply_xtc(logprobs, 1.0, sampling.xtc_threshold, xtc_special_tokens)
+            logprobs = mx.where(mx.random.uniform(0, 1, key=draw_key()) > sampling.xtc_probability, logprobs, masked)
+        if sampling.top_k > 0:
+            logprobs = apply_top_k(logprobs, sampling.top_k)
+        return mx.random.categorical(logprobs * (1.0 / sampling.temperature), key=draw_key())
+
+    return sampler
 
 
 def _apply_model_defaults(args, names, provider, prompt_tokens: int) -> None:
@@ -756,6 +804,11 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                     rqueue.ctx.stop()
         return super().stop_and_join(timeout)
 
+    def _is_batchable(self, args) -> bool:
+        """mlx-lm's test, but a seed keeps a request in the batch: it samples with a key of its
+        own (:func:`_make_sampler`)."""
+        return super()._is_batchable(dataclasses.replace(args, seed=None))
+
     def _unavailable(self) -> GenerationUnavailable:
         if self._stop:
             return GenerationUnavailable("the server closed before this reply was complete")
@@ -900,7 +953,7 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                     raise self._unavailable()
             elif item is None:
                 if not finished and self._stop and not self._is_distributed:
-                    # Closing stopped the reply (mlx-lm's one-request path, seeded requests, ends
+                    # Closing stopped the reply (mlx-lm's one-request path, --kv-bits, ends
                     # it as if complete: the handler then said finish_reason "stop").
                     raise self._unavailable()
                 return
@@ -1769,11 +1822,11 @@ class Server:
 
     def close(self, timeout: float = CLOSE_S) -> None:
         """Stop serving: no new connection, the requests in flight stopped at their next token
-        (their clients get a 503, or an error event ending the stream; a seeded request's too,
-        where it got the reply so far as if complete, finish_reason "stop"), and the server's
-        threads ended, waiting at most ``timeout`` seconds in all. The generation thread, the one
-        in MLX, is joined to its OS thread's end; a request thread still waiting on its client is
-        left to exit with the process (a daemon, outside MLX)."""
+        (their clients get a 503, or an error event ending the stream; one served on mlx-lm's
+        one-request path too, where it got the reply so far as if complete, finish_reason
+        "stop"), and the server's threads ended, waiting at most ``timeout`` seconds in all. The
+        generation thread, the one in MLX, is joined to its OS thread's end; a request thread
+        still waiting on its client is left to exit with the process (a daemon, outside MLX)."""
         with _OPEN_LOCK:
             if self.closed:
                 return
