@@ -1,9 +1,11 @@
-"""The embedding lookup's ordered gradient (xlstm_metal/cells/embedding.py).
+"""The embedding lookup's ordered gradient (xlstm_metal/cells/embedding.py, its CUDA kernel in
+xlstm_metal/kernels/fast/rows_sum.py).
 
 Everywhere: ``summed_rows`` equals MLX's scatter-add (exactly on integer-valued rows, whose sums
 are exact in any order; to round-off otherwise), the lookup's values and gradient equal the plain
 module's, and every model's forward (and the training loss) routes its embedding through it.
-On the GPU machine (MLX's CUDA backend): repeated gradients, and two trainings, are bit-equal.
+On the GPU machine (MLX's CUDA backend): the kernel equals the ops reference, and repeated
+gradients, and two trainings, are bit-equal.
 """
 
 import mlx.core as mx
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from xlstm_metal.cells import embedding
-from xlstm_metal.cells.embedding import embed_tokens, sorted_embedding_grads, summed_rows
+from xlstm_metal.cells.embedding import (embed_tokens, sorted_embedding_grads, summed_rows,
+                                         summed_rows_reference)
 from xlstm_metal.kernels.fast.step import cuda_available
 
 cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX's CUDA backend")
@@ -157,6 +160,25 @@ def test_every_model_and_the_training_loss_route_the_lookup_through_the_ordered_
     key = next(k for k in g if k.endswith("embeddings.weight") or k.endswith("embedding.weight"))
     np.testing.assert_allclose(np.array(g2[key]), np.array(g[key]), rtol=1e-5, atol=1e-6)
     assert loss.item() == pytest.approx(loss2.item(), rel=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("n, rows, E", [(1, 7, 64), (513, 20, 300), (4096, 1000, 256), (2048, 3, 2048), (777, 1, 40)])
+def test_on_cuda_the_kernel_equals_the_reference(dtype, n, rows, E):
+    rng = np.random.default_rng(n + rows + E)
+    ids = mx.array(rng.integers(0, rows, n).astype(np.int32))
+    ints = mx.array(rng.integers(-9, 10, (n, E)).astype(np.float32)).astype(dtype)
+    got = summed_rows(ints, ids, rows)
+    assert got.dtype == mx.float32 and got.shape == (rows, E)
+    with mx.stream(mx.cpu):
+        want = mx.zeros((rows, E)).at[ids].add(ints.astype(mx.float32))
+    assert mx.array_equal(got, want)  # integer sums: exact in any order
+    floats = mx.array(rng.normal(0, 1, (n, E)).astype(np.float32)).astype(dtype)
+    got = summed_rows(floats, ids, rows)
+    ref = summed_rows_reference(floats, ids, rows)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5, atol=1e-4)
+    assert all(mx.array_equal(got, summed_rows(floats, ids, rows)) for _ in range(3))
 
 
 @cuda

@@ -6,17 +6,22 @@ arrive: two runs of one training step then differ in the last bits of the embedd
 and from there in everything (measured on an H100, MLX 0.32.4: five gradients of one batch, five
 different results). Inside :func:`sorted_embedding_grads` the models' lookups of a plain
 ``nn.Embedding`` take their gradient from :func:`summed_rows` instead: the same sums, each in one
-fixed order. The forward values are the lookup's, bit for bit.
+fixed order (on CUDA one kernel; MLX ops elsewhere). The forward values are the lookup's, bit for
+bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..kernels.fast.rows_sum import summed_rows_cuda
+from ..kernels.fast.step import cuda_available
 
 _SORTED_GRADS = contextvars.ContextVar("xlstm_metal_sorted_embedding_grads", default=False)
 
@@ -34,7 +39,10 @@ def sorted_embedding_grads(enabled: bool = True) -> Iterator[None]:
 
 def scatter_add_is_unordered() -> bool:
     """Whether MLX's scatter-add on the default device sums in thread order (every GPU backend;
-    the CPU's is sequential)."""
+    the CPU's is sequential). ``XLSTM_METAL_ORDERED_EMBEDDING_GRADS=0`` says no everywhere (MLX's
+    scatter-add then runs, as before)."""
+    if os.environ.get("XLSTM_METAL_ORDERED_EMBEDDING_GRADS", "1") == "0":
+        return False
     return mx.default_device() != mx.cpu
 
 
@@ -61,17 +69,32 @@ def _lookup_vjp(primals, cotangent, output):
 
 def summed_rows(values: mx.array, ids: mx.array, num_rows: int) -> mx.array:
     """values [n, E], ids [n] in [0, num_rows) -> out [num_rows, E] float32 with out[r] the sum of
-    the values whose id is r (0 where none is), each sum taken in one fixed order.
+    the values whose id is r (0 where none is), each sum taken in one fixed order: on CUDA one
+    kernel (:func:`~xlstm_metal.kernels.fast.rows_sum.summed_rows_cuda`), elsewhere
+    :func:`summed_rows_reference`."""
+    if cuda_available():
+        order, sorted_ids = _sorted_by_id(ids)
+        return summed_rows_cuda(values, order, sorted_ids, num_rows)
+    return summed_rows_reference(values, ids, num_rows)
 
-    The rows are sorted by (id, position); an inclusive segmented scan (Hillis-Steele: log2(n)
-    shifted adds, each a fixed tree) leaves each run's total at its last row; each id's last row
-    is found with a scatter-max of positions (integers: the same whatever the order) and gathered.
-    No float atomics anywhere, so the bits do not depend on the GPU's thread order."""
+
+def _sorted_by_id(ids: mx.array) -> tuple[mx.array, mx.array]:
+    """ids [n] -> (order [n] uint32, ids[order] int32): the positions sorted by (id, position)."""
+    n = ids.shape[0]
+    # Unique keys: the order is fixed whether or not the sort is stable.
+    order = mx.argsort(ids.astype(mx.int64) * n + mx.arange(n))
+    return order, mx.take(ids, order).astype(mx.int32)
+
+
+def summed_rows_reference(values: mx.array, ids: mx.array, num_rows: int) -> mx.array:
+    """:func:`summed_rows` in MLX ops. The rows are sorted by (id, position); an inclusive
+    segmented scan (Hillis-Steele: log2(n) shifted adds, each a fixed tree) leaves each run's
+    total at its last row; each id's last row is found with a scatter-max of positions (integers:
+    the same whatever the order) and gathered. No float atomics anywhere, so the bits do not
+    depend on a GPU's thread order."""
     n, E = values.shape
     position = mx.arange(n)
-    # Unique keys: the order is fixed whether or not the sort is stable.
-    order = mx.argsort(ids.astype(mx.int64) * n + position)
-    sorted_ids = mx.take(ids, order)
+    order, sorted_ids = _sorted_by_id(ids)
     v = mx.take(values, order, axis=0).astype(mx.float32)
     new_run = mx.concatenate([mx.array([True]), sorted_ids[1:] != sorted_ids[:-1]])
     run_start = mx.cummax(mx.where(new_run, position, 0))
