@@ -304,9 +304,9 @@ def test_a_disconnecting_stream_frees_its_slot(ckpt):
 
 
 def test_penalties_see_the_whole_prompt_after_a_prompt_cache_hit(server, reference, monkeypatch):
-    """A seeded request runs on mlx-lm's single-request path, whose logits processors saw only the
-    prompt tokens after a prompt-cache hit (1 of 17 here): the cached ones escaped the repetition
-    penalty. Now they see the whole prompt, as on the batch path."""
+    """mlx-lm's single-request path (where it served seeded requests) gave the logits processors
+    only the prompt tokens after a prompt-cache hit (1 of 17 here): the cached ones escaped the
+    repetition penalty. Every request, seeded or not, now sees the whole prompt."""
     from xlstm_metal import serve
 
     histories = []
@@ -320,7 +320,7 @@ def test_penalties_see_the_whole_prompt_after_a_prompt_cache_hit(server, referen
 
     monkeypatch.setattr(serve, "_mlx_make_logits_processors", spy)
     body = {"max_tokens": 3, "temperature": 0, "repetition_penalty": 1.5}
-    for seed in (None, 11):  # the batch path, then the single one
+    for seed in (None, 11):  # unseeded, then seeded (its own sampler)
         prompts, firsts = ["the dog ran to"], []
         for turn in range(2):
             histories.clear()

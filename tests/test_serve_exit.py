@@ -22,8 +22,9 @@ import mlx.core as mx  # noqa: E402
 
 from xlstm_metal.serve import make_server, server_args  # noqa: E402
 
-#: A seeded, sampled chat request with a repetition penalty (mlx-lm serves a seeded request
-#: alone, seeding MLX's random key in the generation thread).
+#: A seeded, sampled chat request with a repetition penalty (mlx-lm served a seeded request
+#: alone, seeding MLX's random key in the generation thread; ours joins the batch with a key of
+#: its own).
 SEEDED_CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16, "seed": 3,
                "temperature": 0.8, "repetition_penalty": 1.3}
 
@@ -119,9 +120,9 @@ def test_close_ends_the_servers_threads_and_a_request_in_flight(ckpt, monkeypatc
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_close_fails_a_seeded_request_in_flight_as_it_does_others(ckpt, stream):
-    """mlx-lm serves a seeded request alone; close() stopping it made that path end the reply as if
+    """mlx-lm served a seeded request alone; close() stopping it made that path end the reply as if
     complete: a 200 with the reply so far and finish_reason "stop" (a client took the cut-off text
-    for the whole reply). It is answered as the batched requests are: a 503, or a last error event."""
+    for the whole reply). It is answered as every request is: a 503, or a last error event."""
     srv = make_server(server_args(ckpt, port=0, dtype="float32")).start()
     host, port = srv.httpd.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=60)

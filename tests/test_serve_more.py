@@ -112,7 +112,7 @@ def test_a_failure_in_the_generation_thread_answers_500_and_the_server_keeps_ser
         streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
         assert streamed and expected_text(reference, PROMPTS[0], 6).startswith(streamed)
         assert_server_error(500, events[-1])
-        model.arm(3)  # a seeded request (mlx-lm serves it alone, outside the batch) fails mid-reply
+        model.arm(3)  # a seeded request (in the batch, with its own random key) fails mid-reply
         assert_server_error(*post(srv.url, "/v1/completions", {**plain, "seed": 3}, timeout=20))
         srv.generator._tokenize = lambda *args: 1 / 0  # before the reply starts (was a 404)
         status, body = post(srv.url, "/v1/completions", plain, timeout=20)
