@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from xlstm_metal.cells import embedding
-from xlstm_metal.cells.embedding import (embed_tokens, sorted_embedding_grads, summed_rows,
+from xlstm_metal.cells.embedding import (embed_tokens, ordered_embedding_grads, summed_rows,
                                          summed_rows_reference)
 from xlstm_metal.kernels.fast.step import cuda_available
 
@@ -59,7 +59,7 @@ def test_summed_rows_sums_bf16_rows_in_float32():
 def _lookup_loss(emb, ids, r, ordered):
     def f(weight):
         emb.weight = weight
-        with sorted_embedding_grads(ordered):
+        with ordered_embedding_grads(ordered):
             return (embed_tokens(emb, ids) * r).sum()
 
     return f
@@ -73,7 +73,7 @@ def test_ordered_lookup_has_the_plain_values_and_gradient(dtype):
     emb.weight = emb.weight.astype(dtype)
     ids = mx.array(rng.integers(0, 40, (3, 17)))
     r = mx.array(rng.normal(size=(3, 17, 8)).astype(np.float32)).astype(dtype)
-    with sorted_embedding_grads():
+    with ordered_embedding_grads():
         assert mx.array_equal(embed_tokens(emb, ids), emb(ids))
     w = emb.weight
     plain = mx.grad(_lookup_loss(emb, ids, r, False))(w)
@@ -95,12 +95,12 @@ def test_other_embedding_modules_run_as_they_stand():
             calls.append(ids.shape)
             return mx.zeros((*ids.shape, 3))
 
-    with sorted_embedding_grads():
+    with ordered_embedding_grads():
         out = embed_tokens(Recording(), mx.array([[1, 2]]))
     assert calls == [(1, 2)] and out.shape == (1, 2, 3)
     q = nn.QuantizedEmbedding(64, 64, group_size=64, bits=8)
     ids = mx.array([[0, 5, 5]])
-    with sorted_embedding_grads():
+    with ordered_embedding_grads():
         assert mx.array_equal(embed_tokens(q, ids), q(ids))
 
 
@@ -135,7 +135,7 @@ def test_every_model_and_the_training_loss_route_the_lookup_through_the_ordered_
 
     monkeypatch.setattr(embedding, "_lookup", spy)
     ids = mx.array(np.random.default_rng(1).integers(0, 50, (2, 9)))
-    with sorted_embedding_grads():
+    with ordered_embedding_grads():
         logits, _ = model(ids)
     assert seen == [(2, 9)]
     plain, _ = model(ids)

@@ -4,7 +4,7 @@ The gradient of a lookup ``weight[ids]`` sums the cotangent rows of repeated ids
 with a scatter-add, which on GPUs adds those rows with atomics in whatever order the threads
 arrive: two runs of one training step then differ in the last bits of the embedding gradient,
 and from there in everything (measured on an H100, MLX 0.32.4: five gradients of one batch, five
-different results). Inside :func:`sorted_embedding_grads` the models' lookups of a plain
+different results). Inside :func:`ordered_embedding_grads` the models' lookups of a plain
 ``nn.Embedding`` take their gradient from :func:`summed_rows` instead: the same sums, each in one
 fixed order (on CUDA one kernel; MLX ops elsewhere). The forward values are the lookup's, bit for
 bit.
@@ -23,18 +23,18 @@ import mlx.nn as nn
 from ..kernels.fast.rows_sum import summed_rows_cuda
 from ..kernels.fast.step import cuda_available
 
-_SORTED_GRADS = contextvars.ContextVar("xlstm_metal_sorted_embedding_grads", default=False)
+_ORDERED_GRADS = contextvars.ContextVar("xlstm_metal_ordered_embedding_grads", default=False)
 
 
 @contextlib.contextmanager
-def sorted_embedding_grads(enabled: bool = True) -> Iterator[None]:
+def ordered_embedding_grads(enabled: bool = True) -> Iterator[None]:
     """Inside: :func:`embed_tokens` of a plain ``nn.Embedding`` differentiates through
     :func:`summed_rows` (the training step turns it on where the scatter-add is unordered)."""
-    token = _SORTED_GRADS.set(enabled)
+    token = _ORDERED_GRADS.set(enabled)
     try:
         yield
     finally:
-        _SORTED_GRADS.reset(token)
+        _ORDERED_GRADS.reset(token)
 
 
 def scatter_add_is_unordered() -> bool:
@@ -48,9 +48,9 @@ def scatter_add_is_unordered() -> bool:
 
 def embed_tokens(embedding: nn.Module, ids: mx.array) -> mx.array:
     """ids [...] (integers) -> ``embedding(ids)`` [..., E]. The module in the tree is what runs;
-    only a plain ``nn.Embedding`` inside :func:`sorted_embedding_grads` changes, and only in its
+    only a plain ``nn.Embedding`` inside :func:`ordered_embedding_grads` changes, and only in its
     gradient."""
-    if _SORTED_GRADS.get() and type(embedding) is nn.Embedding:
+    if _ORDERED_GRADS.get() and type(embedding) is nn.Embedding:
         return _lookup(embedding.weight, ids)
     return embedding(ids)
 

@@ -35,7 +35,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
-from ..cells.embedding import embed_tokens, scatter_add_is_unordered, sorted_embedding_grads
+from ..cells.embedding import embed_tokens, ordered_embedding_grads, scatter_add_is_unordered
 from ..distributed import DistributedError, agree, is_main, size_and_rank
 from ..kernels.fast.train_rows import (
     cast_joined, cast_many, cast_many_enabled, cross_entropy_rows, cross_entropy_rows_supported, sum_of_squares,
@@ -688,7 +688,9 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     "fused"``: the LM head and the loss as :func:`linear_cross_entropy` (xLSTM-Large with a
     plain head, no recompute; otherwise the plain head). ``fuse_projections``: layers that read
     the same input run as one matmul (:func:`~xlstm_metal.cells.fused.traced_fusion`).
-    ``mlstm_products``: see :class:`TrainingConfig` (the fused CUDA mLSTM kernels only)."""
+    ``mlstm_products``: see :class:`TrainingConfig` (the fused CUDA mLSTM kernels only). On a GPU
+    the embedding gradient sums each id's rows in one fixed order
+    (:func:`~xlstm_metal.cells.embedding.ordered_embedding_grads`), so runs repeat bit for bit."""
     from ..cells.fused import traced_fusion
     from ..kernels.fast.chunkwise_grad import entering_states_kept, final_states_unread, keep_states_enabled
 
@@ -696,7 +698,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     keep = keep_states_enabled()
     # A GPU's scatter-add sums repeated ids' rows in thread order: the embedding gradient (and
     # so the run) would differ in the last bits from one run to the next.
-    sorted_grads = scatter_add_is_unordered()
+    ordered_grads = scatter_add_is_unordered()
 
     forward = _recomputing_forward(model, recompute)
     fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
@@ -718,7 +720,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
         # The fused mLSTM kernels' forward keeps its entering states for the backward where
         # that is on (bf16 products; keep_states_enabled).
         with traced_fusion(fuse_projections), final_states_unread(), product_terms(terms), \
-                entering_states_kept(keep), sorted_embedding_grads(sorted_grads):
+                entering_states_kept(keep), ordered_embedding_grads(ordered_grads):
             return loss(inputs, targets)
 
     return loss_fn

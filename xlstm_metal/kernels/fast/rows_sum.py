@@ -44,7 +44,7 @@ def summed_rows_cuda(values: mx.array, order: mx.array, sorted_ids: mx.array, nu
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = mx.fast.cuda_kernel(
-            name=f"xlstm_rows_sum_{kernel_tag(repr(key))}",
+            name=f"xlstm_rows_sum_{kernel_tag(key)}",
             input_names=["values", "order", "sorted_ids"],
             output_names=["out"],
             source=_SOURCE,
