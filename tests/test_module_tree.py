@@ -232,3 +232,40 @@ def test_cells_hold_no_arrays_and_the_tree_holds_every_layer():
         assert tree_flatten(cell.parameters()) == [], name
     for name in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact", "multihead_norm", "out_proj"):
         assert name in layer.children()
+
+
+# ------------------------------------------------------------------------ nn.quantize: our dispatch
+@pytest.mark.parametrize("make", [_large, _xlstm_2024, lambda: __import__("xlstm_metal.lab.model", fromlist=["x"])
+                                  .build_model("mlstm", vocab_size=97, embedding_dim=64, seed=3)],
+                         ids=["large", "2024", "lab"])
+def test_nn_quantize_leaves_our_quantized_classes_with_mlx_logits(make):
+    """``nn.quantize`` of a model (not only ``quantize_model`` and loading) leaves our quantized
+    classes, whose dispatch works around MLX's CUDA kernel where one group spans a row (K <= the
+    group size: these models' E = 64 at group 64); on the CPU their logits are MLX's classes' bit
+    for bit."""
+    from xlstm_metal.kernels.fast.quantized import FastQuantizedEmbedding, FastQuantizedLinear
+
+    model, plain = make(), make()
+    nn.quantize(model, group_size=64, bits=8, class_predicate=_divisible)
+    kinds = {type(m) for _, m in _leaf_modules(model)}
+    assert FastQuantizedLinear in kinds and nn.QuantizedLinear not in kinds and nn.QuantizedEmbedding not in kinds
+    assert FastQuantizedEmbedding in kinds
+    # MLX's own classes, holding the same arrays (switched back by hand).
+    nn.quantize(plain, group_size=64, bits=8, class_predicate=_divisible)
+    for _, m in _leaf_modules(plain):
+        if type(m) is FastQuantizedLinear:
+            m.__class__ = nn.QuantizedLinear
+        elif type(m) is FastQuantizedEmbedding:
+            m.__class__ = nn.QuantizedEmbedding
+    assert not any(type(m) in (FastQuantizedLinear, FastQuantizedEmbedding) for _, m in _leaf_modules(plain))
+    got, want = model(IDS)[0], plain(IDS)[0]
+    if mx.default_device() == mx.cpu:
+        assert mx.array_equal(got, want)
+    else:  # on CUDA MLX's kernel is the faulty one here: ours must match the dequantized float model
+        _, reference = _quantized_pair(make, 8, 64, _divisible)
+        _close(got, reference(IDS)[0])
+
+
+def _divisible(path: str, module: nn.Module) -> bool:
+    """Layers MLX can quantize at group 64 (the lab model has a 176-wide input)."""
+    return hasattr(module, "to_quantized") and module.weight.shape[-1] % 64 == 0

@@ -32,6 +32,7 @@ from ..config_2024 import (
     xLSTMLMConfig,
 )
 from ..errors import ConfigError
+from ..kernels.fast.quantized import use_fast_quantized_layers
 from .xlstm_2024_init import reset_parameters
 
 ModelState = list[tuple[mx.array, ...]]
@@ -129,6 +130,14 @@ class xLSTMLMModel(Module2024):
         embedding = self.token_embedding
         dtype = (embedding.scales if "scales" in embedding else embedding.weight).dtype
         return [block.zero_state(batch_size, dtype) for block in self.blocks]
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLMModel":
+        """nn.Module.update_modules (``nn.quantize``, adapters); quantized layers it brings in run
+        our dispatch (:func:`~xlstm_metal.kernels.fast.quantized.use_fast_quantized_layers`: on
+        CUDA around MLX's faulty cases and through our kernels)."""
+        super().update_modules(modules, strict=strict)
+        use_fast_quantized_layers(self)
+        return self
 
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False

@@ -204,9 +204,12 @@ class xLSTMLarge(nn.Module):
         return super().update(parameters, strict=strict)
 
     def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLarge":
-        """nn.Module.update_modules (``nn.quantize``, adapters), after dropping fused projections."""
+        """nn.Module.update_modules (``nn.quantize``, adapters), after dropping fused projections;
+        quantized layers it brings in run our dispatch (:func:`use_fast_quantized_layers`)."""
         self.unfuse_projections()
-        return super().update_modules(modules, strict=strict)
+        super().update_modules(modules, strict=strict)
+        use_fast_quantized_layers(self)
+        return self
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
