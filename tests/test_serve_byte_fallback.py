@@ -196,3 +196,28 @@ def test_chat_logprobs_bytes_of_byte_fallback_tokens_are_their_bytes(server, tok
     assert b"".join(bytes(e["bytes"]) for e in content).decode() == text
     for e in content:
         assert [(t["token"], t["bytes"]) for t in e["top_logprobs"]] == [(e["token"], e["bytes"])]
+
+
+def test_ids_past_the_tokenizer_add_no_text_and_fail_no_request(variant, tmp_path):
+    """A model whose vocabulary is padded past its tokenizer's may pick an id the tokenizer lacks.
+    mlx-lm's SentencePiece detokenizer failed on it (IndexError in the generation thread: a 500,
+    streamed or not); the reply now has no text for it, as the tokenizer decodes it, on both
+    endpoints, and the padded ids' logprobs entries are "" too."""
+    tok = byte_fallback_tokenizer(variant)
+    size = tok.get_vocab_size()
+    model = tiny_model(5, vocab_size=size + 8, bos_token_id=1, pad_token_id=None, eos_token_id=None)
+    path = save_model(model, tmp_path / "ckpt", tokenizer=tok)
+    bias = {"logit_bias": {str(size + 5): 100}, "max_tokens": 3, "temperature": 0}
+    with make_server(server_args(path, port=0, dtype="float32")).start() as srv:
+        status, answer = post(srv.url, "/v1/completions", {"prompt": "the", "logprobs": 1, **bias})
+        assert status == 200, answer
+        choice = answer["choices"][0]
+        assert choice["text"] == "" and choice["finish_reason"] == "length"
+        assert choice["logprobs"]["tokens"] == ["", "", ""]
+        events = stream_events(srv.url, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "stream": True, **bias})
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == ""
+        # Text around it is untouched: a plain reply of the same server.
+        status, answer = post(srv.url, "/v1/completions", {"prompt": "the", "max_tokens": 4, "temperature": 0})
+        assert status == 200 and answer["choices"][0]["finish_reason"] == "length"

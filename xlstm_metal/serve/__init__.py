@@ -319,7 +319,23 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
     if not tokenizer.has_chat_template:
         hf.chat_template = chat_template(ours.add_bos)
         tokenizer.has_chat_template = True
+    _cover_padded_ids(tokenizer, int(getattr(getattr(inner, "config", None), "vocab_size", 0) or 0))
     return model, tokenizer
+
+
+def _cover_padded_ids(tokenizer, vocab_size: int) -> None:
+    """Ids the model has past the tokenizer's (a vocabulary padded to a multiple of 64, as
+    xLSTM-7b's 50,304 over GPT-NeoX's 50,277) add no text to a reply, as the tokenizer decodes
+    them. mlx-lm's streaming detokenizers look each id up in a table of the tokenizer's size: its
+    SentencePiece one failed on such an id (IndexError: a 500 for every request in the batch), its
+    byte-level one wrote "!". The table grows by empty entries; every request's detokenizer is a
+    shallow copy of this one, so it shares the table."""
+    detokenizer = tokenizer._detokenizer
+    table = getattr(detokenizer, "tokenmap", None)
+    if table is None or len(table) >= vocab_size:
+        return
+    empty = b"" if isinstance(detokenizer, SPMStreamingDetokenizer) else ""
+    detokenizer.tokenmap = [*table, *([empty] * (vocab_size - len(table)))]
 
 
 def model_generation_defaults(directory: str | os.PathLike,
