@@ -128,8 +128,7 @@ def test_serve_under_mlx_launch_answers_like_one_process():
                 url = line.split("serving on ")[1].split()[0]
                 break
         assert url is not None, "the server did not start"
-        # Seeded first: mlx-lm's lone (seeded) request gives the repetition penalty only the
-        # tokens after a prompt-cache hit, and the greedy request would leave one for the prompt.
+        # Seeded first (in the batch, its own random key), on an empty prompt cache, then greedy.
         for fields in ({"seed": 3}, {"temperature": 0}):
             body = json.dumps({"prompt": PROMPT, "max_tokens": 10, **fields}).encode()
             request = urllib.request.Request(url + "/v1/completions", data=body,

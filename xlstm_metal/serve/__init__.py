@@ -795,8 +795,18 @@ class _TokenPrompts:
         return super()._tokenize(tokenizer, request, args)
 
 
+class _SeededInBatch:
+    """A mixin of mlx-lm's ResponseGenerator: mlx-lm's batching test, but a seed keeps a request
+    in the batch: it samples with a key of its own (:func:`_make_sampler`). On every rank under
+    mlx.launch alike: a follower that served a seeded request alone ran other collectives than
+    rank 0 (the exchange of the next request then failed, a 500)."""
+
+    def _is_batchable(self, args) -> bool:
+        return super()._is_batchable(dataclasses.replace(args, seed=None))
+
+
 class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults, _TokenPrompts,
-                        mlx_server.ResponseGenerator):
+                        _SeededInBatch, mlx_server.ResponseGenerator):
     """mlx-lm's generator, with stop sequences matched on the text (OpenAI's meaning), a
     request dropped once its client has gone, and a generation thread that survives an error;
     each request's tokens are counted for `xlstm-metal top`."""
@@ -819,11 +829,6 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
                 if rqueue.ctx is not None:
                     rqueue.ctx.stop()
         return super().stop_and_join(timeout)
-
-    def _is_batchable(self, args) -> bool:
-        """mlx-lm's test, but a seed keeps a request in the batch: it samples with a key of its
-        own (:func:`_make_sampler`)."""
-        return super()._is_batchable(dataclasses.replace(args, seed=None))
 
     def _unavailable(self) -> GenerationUnavailable:
         if self._stop:
@@ -1909,7 +1914,7 @@ def follow(cli_args: argparse.Namespace) -> None:
 
 
 class _Follower(_GenerationThread, _MemoryAgreement, _WholePromptHistory, _ModelDefaults, _TokenPrompts,
-                mlx_server.ResponseGenerator):
+                _SeededInBatch, mlx_server.ResponseGenerator):
     """mlx-lm's generator on a rank other than 0, with the model's request defaults as rank 0's,
     tokenizing each request as rank 0 does: a prompt of token ids went to the tokenizer, which
     refused it, and the follower dropped a request rank 0 ran (their collectives then differ)."""
