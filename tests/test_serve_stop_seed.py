@@ -16,14 +16,13 @@ import json
 import time
 
 import mlx.core as mx
-import numpy as np
 import pytest
+import test_serve_text_offset
 from test_serve import chat_prompt, post, stream_events, write_checkpoint
 from test_serve_text_offset import REPLACEMENT, byte_token, byte_tokens
 
 mlx_lm = pytest.importorskip("mlx_lm")
 
-from xlstm_metal.mlx_lm_model import ModelLarge  # noqa: E402
 from xlstm_metal.serve import make_server, server_args  # noqa: E402
 
 LOGPROB_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
@@ -50,30 +49,7 @@ def server(ckpt):
         yield srv
 
 
-@pytest.fixture
-def scripted(monkeypatch, tokenizer):
-    """``scripted(after, reply_ids)``: the model answers a prompt ending in ``after`` (a token id,
-    or a one-character prompt: its last token) with ``reply_ids``; every token's logits put all
-    the probability on the successor the scripts give it (test_serve_text_offset's, for a chat
-    prompt's last token too)."""
-    successor = {}
-    call = ModelLarge.__call__
-
-    def forward(self, inputs, cache=None):
-        logits = call(self, inputs, cache)  # the recurrent state moves on as usual
-        table = np.full((logits.shape[-1], logits.shape[-1]), -30.0, np.float32)
-        for token, following in successor.items():
-            table[token, following] = 30.0
-        return mx.array(table)[inputs].astype(logits.dtype)
-
-    monkeypatch.setattr(ModelLarge, "__call__", forward)
-
-    def script(after, reply: list[int]) -> None:
-        chain = [after if isinstance(after, int) else tokenizer.encode(after)[-1], *reply]
-        for token, following in zip(chain, chain[1:]):
-            assert successor.setdefault(token, following) == following, "a token with two successors"
-
-    return script
+scripted = test_serve_text_offset.scripted  # the fixture, on this module's tokenizer
 
 
 def completion(server, prompt, n, stop, stream=False, echo=False, chunkwise=False):

@@ -53,9 +53,10 @@ def byte_tokens(tokenizer, text: str) -> list[int]:
 
 @pytest.fixture
 def scripted(monkeypatch, tokenizer):
-    """``scripted(prompt, reply_ids)``: the model answers ``prompt`` (a one-character prompt:
-    its last token) with ``reply_ids``. Every token's logits put all the probability on the
-    successor the scripts give it (scripts must not give a token two successors)."""
+    """``scripted(after, reply_ids)``: the model answers a prompt ending in ``after`` (a token id,
+    or a one-character prompt: its last token) with ``reply_ids``. Every token's logits put all
+    the probability on the successor the scripts give it (scripts must not give a token two
+    successors)."""
     successor = {}
     call = ModelLarge.__call__
 
@@ -68,8 +69,8 @@ def scripted(monkeypatch, tokenizer):
 
     monkeypatch.setattr(ModelLarge, "__call__", forward)
 
-    def script(prompt: str, reply: list[int]) -> None:
-        chain = [tokenizer.encode(prompt)[-1], *reply]
+    def script(after: int | str, reply: list[int]) -> None:
+        chain = [after if isinstance(after, int) else tokenizer.encode(after)[-1], *reply]
         for token, following in zip(chain, chain[1:]):
             assert successor.setdefault(token, following) == following, "a token with two successors"
 

@@ -50,7 +50,6 @@ from .checkpoint_files import transformers_weights
 from .config import xLSTMConfig
 from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
 from .kernels.cpu import decode_step as cpu_decode_step
-from .kernels.fast.quantized import use_fast_quantized_layers
 from .loading import fit_out_norm, lm_head_trained_apart, sanitize_xlstm_large
 from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
@@ -93,15 +92,6 @@ class Model(nn.Module):
         if cls is Model:
             cls = Model2024 if is_xlstm_2024_config(args.config) else ModelLarge
         return super().__new__(cls)
-
-    def load_weights(self, *args, **kwargs):
-        """``nn.Module.load_weights``; then the quantized layers mlx-lm made (``nn.quantize``, just
-        before it loads the weights) run our dispatch, as :func:`xlstm_metal.load_model` leaves
-        them (:func:`~xlstm_metal.kernels.fast.quantized.use_fast_quantized_layers`: the CUDA
-        kernels, and the dequantized product where MLX's own is wrong on CUDA)."""
-        result = super().load_weights(*args, **kwargs)
-        use_fast_quantized_layers(self)
-        return result
 
     # ------------------------------------------------------------------ forward
     def _forward(self, inputs: mx.array, state):

@@ -25,7 +25,7 @@ from ..cells.embedding import embed_tokens
 from ..cells.norms import RMSNorm, soft_cap
 from ..cells.xlstm_2024 import LayerNorm as LayerNorm2024
 from ..cells.xlstm_2024 import Module2024
-from ..kernels.fast.quantized import use_fast_quantized_layers
+from ..kernels.fast.quantized import FastQuantizedTree
 from .library import load_arch
 from .spec import WiringError
 from .wiring import WiredBlock, _Container
@@ -126,7 +126,7 @@ def _get(root: nn.Module, path: str):
     return node
 
 
-class LabModel(Module2024):
+class LabModel(FastQuantizedTree, Module2024):
     """input_ids [B, S] int, state | None -> (logits [B, S, V], state); ``state`` is a list with
     one flat tuple per block (that block's cells' states, see :class:`WiredBlock`)."""
 
@@ -189,14 +189,6 @@ class LabModel(Module2024):
         else:
             logits = self.lm_head(x)
         return soft_cap(logits, self.config.output_logit_soft_cap)
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "LabModel":
-        """nn.Module.update_modules (``nn.quantize``, adapters); quantized layers it brings in run
-        our dispatch (:func:`~xlstm_metal.kernels.fast.quantized.use_fast_quantized_layers`: on
-        CUDA around MLX's faulty cases and through our kernels)."""
-        super().update_modules(modules, strict=strict)
-        use_fast_quantized_layers(self)
-        return self
 
     def __call__(self, input_ids: mx.array, state: list | None = None, *, last_only: bool = False):
         x, state = self.hidden(input_ids, state)

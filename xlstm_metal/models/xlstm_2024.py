@@ -32,7 +32,7 @@ from ..config_2024 import (
     xLSTMLMConfig,
 )
 from ..errors import ConfigError
-from ..kernels.fast.quantized import use_fast_quantized_layers
+from ..kernels.fast.quantized import FastQuantizedTree
 from .xlstm_2024_init import reset_parameters
 
 ModelState = list[tuple[mx.array, ...]]
@@ -81,7 +81,7 @@ class xLSTMBlockStack(Module2024):
         return x, new_state
 
 
-class xLSTMLMModel(Module2024):
+class xLSTMLMModel(FastQuantizedTree, Module2024):
     """NX-AI's 2024 xLSTM LM. input_ids [B, S] int, state | None -> (logits [B, S, V], state).
 
     Args:
@@ -130,14 +130,6 @@ class xLSTMLMModel(Module2024):
         embedding = self.token_embedding
         dtype = (embedding.scales if "scales" in embedding else embedding.weight).dtype
         return [block.zero_state(batch_size, dtype) for block in self.blocks]
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLMModel":
-        """nn.Module.update_modules (``nn.quantize``, adapters); quantized layers it brings in run
-        our dispatch (:func:`~xlstm_metal.kernels.fast.quantized.use_fast_quantized_layers`: on
-        CUDA around MLX's faulty cases and through our kernels)."""
-        super().update_modules(modules, strict=strict)
-        use_fast_quantized_layers(self)
-        return self
 
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False

@@ -16,7 +16,7 @@ from ..cells.norms import RMSNorm, soft_cap
 from ..config import xLSTMConfig
 from ..kernels.cpu import prefill as cpu_prefill
 from ..kernels.fast.decode import add_rms_norm
-from ..kernels.fast.quantized import use_fast_quantized_layers
+from ..kernels.fast.quantized import FastQuantizedTree, use_fast_quantized_layers
 from ..kernels.fast.skinny import use_fast_linear_layers
 from ..kernels.fast.step import cuda_available
 from ..kernels.fast.step_deferred import default_deferral, deferred_kernel_applies
@@ -108,7 +108,7 @@ def to_residual(x: mx.array, residual_dtype: mx.Dtype | None) -> mx.array:
     return x if residual_dtype is None or x.dtype == residual_dtype else x.astype(residual_dtype)
 
 
-class xLSTMLarge(nn.Module):
+class xLSTMLarge(FastQuantizedTree, nn.Module):
     """input_ids [B, S] (int) , state | None -> (logits [B, S, V], state).
 
     ``state`` is a list with one (C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1]) per block.
@@ -205,11 +205,9 @@ class xLSTMLarge(nn.Module):
 
     def update_modules(self, modules: dict, strict: bool = True) -> "xLSTMLarge":
         """nn.Module.update_modules (``nn.quantize``, adapters), after dropping fused projections;
-        quantized layers it brings in run our dispatch (:func:`use_fast_quantized_layers`)."""
+        quantized layers it brings in run our dispatch (:class:`FastQuantizedTree`)."""
         self.unfuse_projections()
-        super().update_modules(modules, strict=strict)
-        use_fast_quantized_layers(self)
-        return self
+        return super().update_modules(modules, strict=strict)
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""

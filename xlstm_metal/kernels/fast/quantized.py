@@ -885,3 +885,16 @@ def use_fast_quantized_layers(model: nn.Module) -> int:
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = FastQuantizedEmbedding
     return switched
+
+
+class FastQuantizedTree:
+    """A mixin of a model (before ``nn.Module`` in its bases): quantized layers that
+    ``update_modules`` brings in (``nn.quantize`` calls it, as do adapters and a user's swaps)
+    become our classes (:func:`use_fast_quantized_layers`), as :func:`~xlstm_metal.quantization.quantize_model`
+    and loading leave them: on CUDA around MLX's faulty kernel where one group spans a row, and
+    through our decode kernels."""
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        super().update_modules(modules, strict=strict)
+        use_fast_quantized_layers(self)
+        return self
