@@ -36,6 +36,18 @@ def test_summed_rows_equals_the_scatter_add_exactly_on_integer_rows(n, rows):
         assert not np.any(np.array(got)[absent])
 
 
+def test_summed_rows_with_keys_past_32_bits():
+    # id * n + position outgrows 32 bits (70,000 rows x 70,000 positions): 64-bit sort keys.
+    rng = np.random.default_rng(9)
+    n = rows = 70_000
+    ids = np.concatenate([rng.integers(0, rows, n - 3), [rows - 1, rows - 1, 0]])
+    values = rng.integers(-9, 10, (n, 2)).astype(np.float32)
+    want = np.zeros((rows, 2), np.float32)
+    np.add.at(want, ids, values)
+    got = summed_rows(mx.array(values), mx.array(ids), rows)
+    assert np.array_equal(np.array(got), want)
+
+
 def test_summed_rows_of_float_rows_is_the_sum_to_round_off():
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 37, 2049)

@@ -73,16 +73,19 @@ def summed_rows(values: mx.array, ids: mx.array, num_rows: int) -> mx.array:
     kernel (:func:`~xlstm_metal.kernels.fast.rows_sum.summed_rows_cuda`), elsewhere
     :func:`summed_rows_reference`."""
     if cuda_available():
-        order, sorted_ids = _sorted_by_id(ids)
+        order, sorted_ids = _sorted_by_id(ids, num_rows)
         return summed_rows_cuda(values, order, sorted_ids, num_rows)
     return summed_rows_reference(values, ids, num_rows)
 
 
-def _sorted_by_id(ids: mx.array) -> tuple[mx.array, mx.array]:
-    """ids [n] -> (order [n] uint32, ids[order] int32): the positions sorted by (id, position)."""
+def _sorted_by_id(ids: mx.array, num_rows: int) -> tuple[mx.array, mx.array]:
+    """ids [n] in [0, num_rows) -> (order [n] uint32, ids[order] int32): the positions sorted by
+    (id, position)."""
     n = ids.shape[0]
-    # Unique keys: the order is fixed whether or not the sort is stable.
-    order = mx.argsort(ids.astype(mx.int64) * n + mx.arange(n))
+    # Unique keys id * n + position: the order is fixed whether or not the sort is stable. 32-bit
+    # keys where they fit (any vocabulary at training's token counts), which every backend sorts.
+    key_type = mx.uint32 if num_rows * n <= 2**32 else mx.int64
+    order = mx.argsort(ids.astype(key_type) * n + mx.arange(n).astype(key_type))
     return order, mx.take(ids, order).astype(mx.int32)
 
 
@@ -94,7 +97,7 @@ def summed_rows_reference(values: mx.array, ids: mx.array, num_rows: int) -> mx.
     depend on a GPU's thread order."""
     n, E = values.shape
     position = mx.arange(n)
-    order, sorted_ids = _sorted_by_id(ids)
+    order, sorted_ids = _sorted_by_id(ids, num_rows)
     v = mx.take(values, order, axis=0).astype(mx.float32)
     new_run = mx.concatenate([mx.array([True]), sorted_ids[1:] != sorted_ids[:-1]])
     run_start = mx.cummax(mx.where(new_run, position, 0))
