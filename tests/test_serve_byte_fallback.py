@@ -11,9 +11,10 @@ were those of U+FFFD ([239, 191, 189]) in place of the token's byte.
 
 Three tokenizers, one vocabulary: Llama's decoder (mlx-lm's SentencePiece detokenizer, the
 reply's leading space dropped), Gemma's (the same without Strip: kept), and a plain BPE with byte
-fallback and " " for a space (mlx-lm's naive detokenizer: the tokenizer decodes). The random model
-is steered to a scripted reply (test_serve_text_offset's ``scripted``), so the tokens, the text and
-the offsets are known exactly. Nothing downloads."""
+fallback and " " for a space (where mlx-lm picks its naive detokenizer, the server decodes through
+ours: the reply is the tokenizer's decode). The random model is steered to a scripted reply
+(test_serve_text_offset's ``scripted``), so the tokens, the text and the offsets are known exactly.
+Nothing downloads."""
 
 import pytest
 import test_serve_text_offset
@@ -101,13 +102,13 @@ def byte_tokens(text):
     return [f"<0x{byte:02X}>" for byte in text.encode()]
 
 
-#: "the 😀Xy中 x": the emoji, X and 中 are byte-fallback tokens, one per byte. (X before the emoji
-#: comes back twice from mlx-lm's naive detokenizer, "XX😀": the tokenizer decodes a run of byte
-#: tokens that is no UTF-8 as a U+FFFD a token, so "... X" becomes "... \ufffd\ufffd" at <0xF0>,
-#: which that detokenizer holds back whole as unfinished: its text shrinks by the X, and its next
-#: segment starts before it. mlx-lm's to mend, not this server's logprobs.)
-REPLY = ["▁the", "▁", *byte_tokens("😀"), "<0x58>", "y", *byte_tokens("中"), "▁x"]
-REPLY_TOKENS = [" the", " ", F, F, F, F, "X", "y", F, F, F, " x"]
+#: "the X😀y中 x": X, the emoji and 中 are byte-fallback tokens, one per byte. X before the emoji
+#: came back twice under the plain tokenizer ("XX😀"): mlx-lm's naive detokenizer cuts its text's
+#: trailing U+FFFDs as an unfinished character, and the tokenizer decodes a run of byte tokens that
+#: is no UTF-8 as a U+FFFD a token, so at <0xF0> "X" read "\ufffd\ufffd": the text shrank by the X
+#: and the next segment repeated it.
+REPLY = ["▁the", "▁", "<0x58>", *byte_tokens("😀"), "y", *byte_tokens("中"), "▁x"]
+REPLY_TOKENS = [" the", " ", "X", F, F, F, F, "y", F, F, F, " x"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
@@ -116,15 +117,16 @@ def test_byte_fallback_characters_count_once_at_their_last_token(server, tokeniz
     a character); the offsets of a split character's tokens stay at its start until the token
     completing it, and a "▁" word counts its space (but for the reply's first, where Llama's
     decoder drops it). The old offsets: [1, 4, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13] under Llama's
-    (tokens "the", "", U+FFFD ..., "X", "y", U+FFFD ..., "x")."""
+    (tokens "the", "", "X", U+FFFD ..., "y", U+FFFD ..., "x"). The plain tokenizer's text was
+    " the XX😀y中 x" (mlx-lm's naive detokenizer)."""
     reply = ids(tokenizer, variant, REPLY)
     scripted("a", reply)
     text, logprobs = completion(server, "a", len(reply), stream)
-    assert text == tokenizer.decode(reply) == ("" if variant == "llama" else " ") + "the 😀Xy中 x"
+    assert text == tokenizer.decode(reply) == ("" if variant == "llama" else " ") + "the X😀y中 x"
     assert logprobs["tokens"] == REPLY_TOKENS
-    #                                 the " " f0 9f 98 80 X y e4 b8 ad " x"   (after the prompt "a")
-    assert logprobs["text_offset"] == ([1, 4, 5, 5, 5, 5, 6, 7, 8, 8, 8, 9] if variant == "llama" else
-                                       [1, 5, 6, 6, 6, 6, 7, 8, 9, 9, 9, 10])
+    #                                 the " " X f0 9f 98 80 y e4 b8 ad " x"   (after the prompt "a")
+    assert logprobs["text_offset"] == ([1, 4, 5, 6, 6, 6, 6, 7, 8, 8, 8, 9] if variant == "llama" else
+                                       [1, 5, 6, 7, 7, 7, 7, 8, 9, 9, 9, 10])
     assert [list(top) for top in logprobs["top_logprobs"]] == [[t] for t in REPLY_TOKENS]
     assert logprobs["token_logprobs"] == pytest.approx([0.0] * len(reply), abs=1e-6)
     check_consistent("a", text, logprobs, " x")
@@ -157,7 +159,7 @@ def test_echo_puts_the_prompt_before_a_byte_fallback_reply(server, tokenizer, va
         status, answer = post(server.url, "/v1/completions", body)
         assert status == 200, answer
         text = answer["choices"][0]["text"]
-    assert text == "a" + tokenizer.decode(reply)
+    assert text == "a" + tokenizer.decode(reply) == "a" + ("" if variant == "llama" else " ") + "the X😀y中 x"
     status, echoed = post(server.url, "/v1/completions", {**body, "logprobs": 1})
     assert status == 200, echoed
     status, plain = post(server.url, "/v1/completions", {**body, "logprobs": 1, "echo": False})
@@ -172,27 +174,32 @@ def test_echo_puts_the_prompt_before_a_byte_fallback_reply(server, tokenizer, va
     assert all(isinstance(value, float) for value in echoed["token_logprobs"][:n])
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-def test_chat_logprobs_bytes_of_byte_fallback_tokens_are_their_bytes(server, tokenizer, variant, scripted, stream):
-    """Chat's ``bytes`` of a byte-fallback token is its byte ([240] for <0xF0>), not the UTF-8 of
-    U+FFFD; of "▁x" those of " x"; the top_logprobs entries likewise."""
-    reply = ids(tokenizer, variant, [*byte_tokens("😀"), "▁x", "<0x41>"])
-    scripted("Assistant:", reply)  # the chat prompt ends "...\nAssistant:"
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": len(reply), "temperature": 0,
+def chat(server, n, stream):
+    """(text, logprobs content) of a chat reply of ``n`` tokens to "hi", streamed or not."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n, "temperature": 0,
             "logprobs": True, "top_logprobs": 1}
     if stream:
         events = stream_events(server.url, "/v1/chat/completions", {**body, "stream": True})
         choices = [e["choices"][0] for e in events if e["choices"]]
         text = "".join(c["delta"].get("content") or "" for c in choices)
-        content = [entry for c in choices if c.get("logprobs") for entry in c["logprobs"]["content"]]
-    else:
-        status, answer = post(server.url, "/v1/chat/completions", body)
-        assert status == 200, answer
-        text, content = answer["choices"][0]["message"]["content"], answer["choices"][0]["logprobs"]["content"]
-    assert text == "😀 xA"
+        return text, [entry for c in choices if c.get("logprobs") for entry in c["logprobs"]["content"]]
+    status, answer = post(server.url, "/v1/chat/completions", body)
+    assert status == 200, answer
+    return answer["choices"][0]["message"]["content"], answer["choices"][0]["logprobs"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_chat_logprobs_bytes_of_byte_fallback_tokens_are_their_bytes(server, tokenizer, variant, scripted, stream):
+    """Chat's ``bytes`` of a byte-fallback token is its byte ([240] for <0xF0>), not the UTF-8 of
+    U+FFFD; of "▁x" those of " x"; the top_logprobs entries likewise. The reply's text has the A
+    before the emoji once ("AA😀 x" under the plain tokenizer, from mlx-lm's naive detokenizer)."""
+    reply = ids(tokenizer, variant, ["<0x41>", *byte_tokens("😀"), "▁x"])
+    scripted("Assistant:", reply)  # the chat prompt ends "...\nAssistant:"
+    text, content = chat(server, len(reply), stream)
+    assert text == "A😀 x"
     assert [e["id"] for e in content] == reply
-    assert [e["bytes"] for e in content] == [[0xF0], [0x9F], [0x98], [0x80], [32, 120], [65]]
-    assert [e["token"] for e in content] == [F, F, F, F, " x", "A"]
+    assert [e["bytes"] for e in content] == [[65], [0xF0], [0x9F], [0x98], [0x80], [32, 120]]
+    assert [e["token"] for e in content] == ["A", F, F, F, F, " x"]
     assert b"".join(bytes(e["bytes"]) for e in content).decode() == text
     for e in content:
         assert [(t["token"], t["bytes"]) for t in e["top_logprobs"]] == [(e["token"], e["bytes"])]
@@ -221,3 +228,86 @@ def test_ids_past_the_tokenizer_add_no_text_and_fail_no_request(variant, tmp_pat
         # Text around it is untouched: a plain reply of the same server.
         status, answer = post(srv.url, "/v1/completions", {"prompt": "the", "max_tokens": 4, "temperature": 0})
         assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+
+
+#: X, then 😀 é 中 in a row, each unfinished over several byte tokens (4, 2 and 3), then "y": one
+#: run of 10 byte tokens. mlx-lm's naive detokenizer wrote "XX😀X😀éX😀é中y" for it (each
+#: unfinished character cut the text back to before the X, and the next segment repeated it all).
+RUN = ["<0x58>", *byte_tokens("😀é中"), "y"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_several_unfinished_characters_in_a_row_come_back_once(server, tokenizer, variant, scripted, stream):
+    reply = ids(tokenizer, variant, ["▁the", *RUN, "▁x"])
+    scripted("c", reply)
+    text, logprobs = completion(server, "c", len(reply), stream)
+    assert text == tokenizer.decode(reply) == ("" if variant == "llama" else " ") + "theX😀é中y x"
+    assert logprobs["tokens"] == [" the", "X", *[F] * 9, "y", " x"]
+    #                                 the X  f0 9f 98 80 c3 a9 e4 b8 ad y " x"   (after the prompt "c")
+    assert logprobs["text_offset"] == ([1, 4, 5, 5, 5, 5, 6, 6, 7, 7, 7, 8, 9] if variant == "llama" else
+                                       [1, 5, 6, 6, 6, 6, 7, 7, 8, 8, 8, 9, 10])
+    check_consistent("c", text, logprobs, " x")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_several_unfinished_characters_in_a_row_in_a_chat_reply(server, tokenizer, variant, scripted, stream):
+    reply = ids(tokenizer, variant, [*RUN, "▁x"])
+    scripted("Assistant:", reply)
+    text, content = chat(server, len(reply), stream)
+    assert text == "X😀é中y x"
+    assert b"".join(bytes(e["bytes"]) for e in content).decode() == text
+    assert [e["id"] for e in content] == reply
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_byte_run_that_is_no_utf8_keeps_the_text_sent(server, tokenizer, variant, scripted, stream):
+    """X, then <0xF0> that no continuation byte follows, then "y": the tokenizer decodes the run
+    (X, <0xF0>) as a U+FFFD a byte, "\\ufffd\\ufffdy", rewriting the X already sent. The reply keeps
+    the X and takes the decode's characters past it, "X\\ufffdy", as the SentencePiece
+    detokenizers write it too (the naive one wrote "X\\ufffd\\ufffdy"; our StreamingDetokenizer
+    failed here: tokenizers' DecodeStream raised "Invalid prefix" at "y" and at every later token).
+    The tokens after it decode as usual."""
+    reply = ids(tokenizer, variant, ["<0x58>", "<0xF0>", "y", "▁x"])
+    scripted("d", reply)
+    text, logprobs = completion(server, "d", len(reply), stream)
+    assert tokenizer.decode(reply) == F + F + "y x"
+    assert text == "X" + F + "y x"
+    assert logprobs["tokens"] == ["X", F, "y", " x"]
+    assert logprobs["text_offset"] == [1, 2, 2, 4]  # "y" completes "\ufffdy"
+    check_consistent("d", text, logprobs, " x")
+    scripted("Assistant:", reply)
+    assert chat(server, len(reply), stream)[0] == "X" + F + "y x"
+
+
+def test_each_request_detokenizes_on_its_own(ckpt, variant):
+    """The server's tokenizer (load_for_serving) hands each request a copy of one detokenizer:
+    two replies detokenized at once, token by token, keep to their own text, which is at each
+    step the decode of the tokens so far less an unfinished character at its end, and after
+    finalize the whole decode. An id past the tokenizer's adds no text. mlx-lm's SentencePiece
+    detokenizers stay those of the SentencePiece variants."""
+    from xlstm_metal.serve import load_for_serving
+
+    tokenizer = load_for_serving(ckpt, dtype="float32")[1]
+    if variant != "plain":
+        assert type(tokenizer._detokenizer) is SPMStreamingDetokenizer
+        return
+    padded = len(tokenizer) + 1
+    first = ids(tokenizer, variant, ["▁the", *RUN, "▁x"])
+    second = ids(tokenizer, variant, ["<0x41>", *byte_tokens("中"), "▁x", "<0xC3>"])
+    first.insert(3, padded)  # inside 😀's bytes
+    texts = {0: [], 1: []}
+    detokenizers = [tokenizer.detokenizer, tokenizer.detokenizer]
+    for step in range(max(len(first), len(second))):
+        for k, reply in enumerate((first, second)):
+            if step < len(reply):
+                detokenizers[k].add_token(reply[step])
+                texts[k].append(detokenizers[k].last_segment)
+    for k in texts:
+        detokenizers[k].finalize()
+        texts[k].append(detokenizers[k].last_segment)
+    assert "".join(texts[0]) == detokenizers[0].text == " theX😀é中y x" == tokenizer.decode(first)
+    assert "".join(texts[1]) == detokenizers[1].text == "A中 x" + F == tokenizer.decode(second)
+    assert texts[0] == [" the", "X", "", "", "", "", "😀", "", "é", "", "", "中", "y", " x", ""]
+    assert texts[1] == ["A", "", "", "中", " x", "", F]
+    assert detokenizers[0].tokens == first and detokenizers[1].tokens == second
+    assert type(tokenizer._detokenizer) is not NaiveStreamingDetokenizer

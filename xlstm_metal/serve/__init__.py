@@ -50,7 +50,8 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, apply_xtc, greedy_sampler
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetokenizer, SPMStreamingDetokenizer
+from mlx_lm.tokenizer_utils import StreamingDetokenizer as MLXStreamingDetokenizer
 from mlx_lm.tokenizer_utils import _byte_decoder  # the byte-level BPE alphabet mlx-lm's detokenizer reads
 
 #: The chat page, shipped in the package (one file: HTML, CSS and JavaScript, no CDN).
@@ -319,8 +320,85 @@ def load_for_serving(path: str | os.PathLike, adapter_path: str | None = None, d
     if not tokenizer.has_chat_template:
         hf.chat_template = chat_template(ours.add_bos)
         tokenizer.has_chat_template = True
+    _decode_exactly(tokenizer)
     _cover_padded_ids(tokenizer, int(getattr(getattr(inner, "config", None), "vocab_size", 0) or 0))
     return model, tokenizer
+
+
+def _decode_exactly(tokenizer) -> None:
+    """Where mlx-lm picked its naive detokenizer (a tokenizer neither byte-level BPE nor
+    SentencePiece's "▁": a plain BPE with byte fallback, say), a reply's text is now the
+    tokenizer's decode, through :class:`_DecodingDetokenizer`. The naive one held an unfinished
+    character back by cutting the text's trailing U+FFFDs, and the tokenizer decodes a run of
+    byte-fallback tokens that is no UTF-8 as a U+FFFD a byte: "X" then <0xF0> read "\ufffd\ufffd",
+    the text shrank by the X, and the next segment repeated it ("XX😀" for "X😀"). Kept where the
+    tokenizer's decode is not its backend's (a class of its own overriding decode, or transformers'
+    clean_up_tokenization_spaces on): ours would then differ from it."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = tokenizer._tokenizer
+    if type(tokenizer._detokenizer) is not NaiveStreamingDetokenizer or not isinstance(hf, PreTrainedTokenizerFast):
+        return
+    if type(hf).decode is not PreTrainedTokenizerFast.decode or type(hf)._decode is not PreTrainedTokenizerFast._decode:
+        return
+    if getattr(hf, "clean_up_tokenization_spaces", False):
+        return
+    tokenizer._detokenizer = _DecodingDetokenizer(hf.backend_tokenizer)
+
+
+class _DecodingDetokenizer(MLXStreamingDetokenizer):
+    """mlx-lm's streaming detokenizer interface over our :class:`StreamingDetokenizer`
+    (tokenizers' DecodeStream): ``text`` is the tokenizer's decode of the tokens so far (special
+    tokens' text included, as mlx-lm's ``tokenizer.decode`` writes it), less a character still
+    unfinished at its end, and only grows; after :meth:`finalize` it is the whole decode.
+
+    But for one case: a decoder may rewrite text already sent. ByteFallback reads a run of byte
+    tokens that is no UTF-8 as a U+FFFD a byte, so "X" (<0x58>, sent) then <0xF0> and "y" decode
+    as "\ufffd\ufffdy". Text sent stays; the reply takes the decode's characters past those sent
+    ("X\ufffdy": as long as the decode), and the stream goes on after these tokens (DecodeStream
+    failed on them: "Invalid prefix", and every later token failed too).
+
+    Ids the tokenizer lacks (a model's vocabulary padded past it) add no text, as it decodes
+    them. Built once per tokenizer; mlx-lm hands each request a shallow copy after
+    :meth:`reset`, which gives the copy state of its own (the tokenizer alone is shared)."""
+
+    def __init__(self, backend):
+        from ..generation.tokenizer import Tokenizer
+
+        self._tokenizer = Tokenizer(backend)
+        self._size = backend.get_vocab_size(with_added_tokens=True)
+        self.reset()
+
+    def reset(self):
+        self.offset, self.text, self.tokens = 0, "", []
+        self._known: list[int] = []  # the tokens the tokenizer has
+        self._stream = self._start([])
+
+    def _start(self, context: list[int]):
+        return self._tokenizer.detokenizer(skip_special_tokens=False, context=context)
+
+    def add_token(self, token):
+        token = int(token)
+        self.tokens.append(token)
+        if not 0 <= token < self._size:
+            return
+        self._known.append(token)
+        try:
+            self.text += self._stream.add(token)
+        except Exception as err:  # tokenizers raises a bare Exception
+            if not str(err).startswith("Invalid prefix"):
+                raise
+            self._catch_up()
+            self._stream = self._start(list(self._known))  # later tokens decode after these
+
+    def finalize(self):
+        self.text += self._stream.finalize()
+        self._catch_up()  # a rewrite by the last tokens: StreamingDetokenizer.finalize gives nothing then
+
+    def _catch_up(self) -> None:
+        """The decode's characters past those already sent."""
+        full = self._tokenizer.decode(self._known, skip_special_tokens=False)
+        self.text += full[len(self.text):]
 
 
 def _cover_padded_ids(tokenizer, vocab_size: int) -> None:
@@ -329,7 +407,8 @@ def _cover_padded_ids(tokenizer, vocab_size: int) -> None:
     them. mlx-lm's streaming detokenizers look each id up in a table of the tokenizer's size: its
     SentencePiece one failed on such an id (IndexError: a 500 for every request in the batch), its
     byte-level one wrote "!". The table grows by empty entries; every request's detokenizer is a
-    shallow copy of this one, so it shares the table."""
+    shallow copy of this one, so it shares the table. Ours (:class:`_DecodingDetokenizer`, no
+    table) passes over such ids itself."""
     detokenizer = tokenizer._detokenizer
     table = getattr(detokenizer, "tokenmap", None)
     if table is None or len(table) >= vocab_size:
