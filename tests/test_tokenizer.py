@@ -145,3 +145,26 @@ def test_encode_rejects_non_text(tmp_path):
         load_tokenizer(tmp_path).encode([1, 2])
     with pytest.raises(TokenizerError, match="no bos_token_id"):
         Tokenizer(train_tiny_tokenizer(), add_bos=True)
+
+
+def test_streaming_detokenizer_goes_on_where_the_decoder_rewrites_returned_text():
+    """ByteFallback decodes a run of byte tokens that is no UTF-8 as a U+FFFD a byte, rewriting
+    text already returned: "X" (<0x58>), <0xF0>, "y" decode as "\\ufffd\\ufffdy". DecodeStream
+    then failed ("Invalid prefix") at "y" and at every later id: `generate` raised mid-reply.
+    Text returned stays, the pieces go on with the decode's characters past it, and later ids
+    decode as before."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for char in " abcxy":
+        vocab[char] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(hf)
+    ids = [vocab["<0x58>"], vocab["<0xF0>"], vocab["y"], vocab[" "], vocab["x"], vocab["<0xC3>"], vocab["<0xA9>"]]
+    assert tok.decode(ids) == "\ufffd\ufffdy x\u00e9"
+    stream = tok.detokenizer()
+    pieces = [stream.add(i) for i in ids] + [stream.finalize()]
+    assert pieces == ["X", "", "\ufffdy", " ", "x", "", "\u00e9", ""]
+    assert stream.text == "X\ufffdy x\u00e9" and len(stream.text) == len(tok.decode(ids))
+    # A rewrite by the last ids: finalize gives the decode's characters past those returned.
+    stream = tok.detokenizer()
+    assert [stream.add(i) for i in ids[:2]] == ["X", ""] and stream.finalize() == "\ufffd"

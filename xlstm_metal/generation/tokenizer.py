@@ -179,7 +179,12 @@ class StreamingDetokenizer:
     sequence (a multi-byte character split across tokens is held back until complete).
 
     ``add(id) -> str`` returns the new text (possibly ""); ``finalize() -> str`` returns what
-    is still held back. The concatenation of all pieces equals ``decode(ids)``.
+    is still held back. The concatenation of all pieces equals ``decode(ids)``, but where the
+    decoder rewrites text already returned: ByteFallback reads a run of byte tokens that is no
+    UTF-8 as a U+FFFD a byte, so "X" (<0x58>, returned) then <0xF0> and "y" decode as
+    "\ufffd\ufffdy". Text returned stays; the pieces go on with the decode's characters past
+    it ("X\ufffdy": as long as the decode), and decoding continues after those ids (DecodeStream
+    failed on them, "Invalid prefix", and on every later id).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: Sequence[int] = ()):
@@ -201,7 +206,14 @@ class StreamingDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        piece = self._stream.step(self._tokenizer.backend, int(token_id))
+        try:
+            piece = self._stream.step(self._tokenizer.backend, int(token_id))
+        except Exception as err:  # tokenizers raises a bare Exception
+            if not str(err).startswith("Invalid prefix"):
+                raise
+            # The decoder rewrote text already returned (see the class): go on past it.
+            self._stream = DecodeStream(ids=self._context + self.ids, skip_special_tokens=self._skip)
+            return self.finalize()
         if piece is None:
             return ""
         self._pieces.append(piece)
@@ -209,10 +221,9 @@ class StreamingDetokenizer:
 
     def finalize(self) -> str:
         """Text not yet returned (e.g. trailing bytes that never formed a valid character,
-        shown as U+FFFD); after this, ``self.text`` equals the decode of all ids."""
-        full, shown = self._full_text(), self.text
-        # A decoder that rewrote earlier text (rare) gets nothing more rather than garbage.
-        rest = full[len(shown):] if full.startswith(shown) else ""
+        shown as U+FFFD); after this, ``self.text`` is the decode of all ids (as long as it,
+        where the decoder rewrote text already returned)."""
+        rest = self._full_text()[len(self.text):]
         if rest:
             self._pieces.append(rest)
         return rest

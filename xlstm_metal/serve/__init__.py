@@ -347,16 +347,15 @@ def _decode_exactly(tokenizer) -> None:
 
 
 class _DecodingDetokenizer(MLXStreamingDetokenizer):
-    """mlx-lm's streaming detokenizer interface over our :class:`StreamingDetokenizer`
+    """mlx-lm's streaming detokenizer interface over our
+    :class:`~xlstm_metal.generation.tokenizer.StreamingDetokenizer`
     (tokenizers' DecodeStream): ``text`` is the tokenizer's decode of the tokens so far (special
     tokens' text included, as mlx-lm's ``tokenizer.decode`` writes it), less a character still
     unfinished at its end, and only grows; after :meth:`finalize` it is the whole decode.
 
-    But for one case: a decoder may rewrite text already sent. ByteFallback reads a run of byte
-    tokens that is no UTF-8 as a U+FFFD a byte, so "X" (<0x58>, sent) then <0xF0> and "y" decode
-    as "\ufffd\ufffdy". Text sent stays; the reply takes the decode's characters past those sent
-    ("X\ufffdy": as long as the decode), and the stream goes on after these tokens (DecodeStream
-    failed on them: "Invalid prefix", and every later token failed too).
+    But where the decoder rewrites text already sent (a run of byte-fallback tokens that is no
+    UTF-8): text sent stays and the reply goes on past it, as
+    :class:`~xlstm_metal.generation.tokenizer.StreamingDetokenizer` does.
 
     Ids the tokenizer lacks (a model's vocabulary padded past it) add no text, as it decodes
     them. Built once per tokenizer; mlx-lm hands each request a shallow copy after
@@ -371,34 +370,16 @@ class _DecodingDetokenizer(MLXStreamingDetokenizer):
 
     def reset(self):
         self.offset, self.text, self.tokens = 0, "", []
-        self._known: list[int] = []  # the tokens the tokenizer has
-        self._stream = self._start([])
-
-    def _start(self, context: list[int]):
-        return self._tokenizer.detokenizer(skip_special_tokens=False, context=context)
+        self._stream = self._tokenizer.detokenizer(skip_special_tokens=False)
 
     def add_token(self, token):
         token = int(token)
         self.tokens.append(token)
-        if not 0 <= token < self._size:
-            return
-        self._known.append(token)
-        try:
+        if 0 <= token < self._size:
             self.text += self._stream.add(token)
-        except Exception as err:  # tokenizers raises a bare Exception
-            if not str(err).startswith("Invalid prefix"):
-                raise
-            self._catch_up()
-            self._stream = self._start(list(self._known))  # later tokens decode after these
 
     def finalize(self):
         self.text += self._stream.finalize()
-        self._catch_up()  # a rewrite by the last tokens: StreamingDetokenizer.finalize gives nothing then
-
-    def _catch_up(self) -> None:
-        """The decode's characters past those already sent."""
-        full = self._tokenizer.decode(self._known, skip_special_tokens=False)
-        self.text += full[len(self.text):]
 
 
 def _cover_padded_ids(tokenizer, vocab_size: int) -> None:
