@@ -41,6 +41,7 @@ import os
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .step import cuda_available
 from .tensor_cores import MMA_HEADER, compact_source, tile_sums_source
@@ -896,5 +897,9 @@ class FastQuantizedTree:
 
     def update_modules(self, modules: dict, strict: bool = True):
         super().update_modules(modules, strict=strict)
-        use_fast_quantized_layers(self)
+        # Only what came in: quantize_model brings one layer per call, and a walk of the whole
+        # tree each time would grow with the square of the layer count.
+        for _, module in tree_flatten(modules, is_leaf=lambda m: isinstance(m, nn.Module)):
+            if isinstance(module, nn.Module):
+                use_fast_quantized_layers(module)
         return self
