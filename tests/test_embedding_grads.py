@@ -116,6 +116,53 @@ def test_other_embedding_modules_run_as_they_stand():
         assert mx.array_equal(embed_tokens(q, ids), q(ids))
 
 
+class _SecondOfTwo:
+    """A stand-in group: rank 1 of 2 (the all-sum is patched to the identity)."""
+
+    def rank(self):
+        return 1
+
+    def size(self):
+        return 2
+
+
+def test_vocab_sharded_embedding_takes_the_ordered_gradient(monkeypatch):
+    from xlstm_metal.distributed.tensor import VocabShardedEmbedding
+
+    monkeypatch.setattr(mx.distributed, "all_sum", lambda x, group=None: x)
+    rng = np.random.default_rng(3)
+    table = nn.Embedding(40, 8)
+    shard = VocabShardedEmbedding.from_embedding(table, _SecondOfTwo())  # rows 20..39
+    assert shard.weight.shape == (20, 8)
+    ids = mx.array(rng.integers(0, 40, (3, 17)))
+    r = mx.array(rng.normal(size=(3, 17, 8)).astype(np.float32))
+    seen = []
+    real = embedding._lookup
+
+    def spy(weight, ids):
+        seen.append(ids.shape)
+        return real(weight, ids)
+
+    monkeypatch.setattr(embedding, "_lookup", spy)
+    grads = {}
+    for ordered in (False, True):
+        def loss(weight):
+            shard.weight = weight
+            with ordered_embedding_grads(ordered):
+                return (embed_tokens(shard, ids) * r).sum()
+
+        grads[ordered] = mx.grad(loss)(shard.weight)
+    assert seen == [(3, 17)]  # the ordered run only
+    np.testing.assert_allclose(np.array(grads[True]), np.array(grads[False]), rtol=1e-6, atol=1e-6)
+    # Row j of the shard is id 20 + j: its gradient sums r over those positions; ids of the other
+    # rank add nothing (they look up row 0 masked to zero).
+    want = np.zeros((20, 8), np.float32)
+    for pos, i in np.ndenumerate(np.array(ids)):
+        if i >= 20:
+            want[i - 20] += np.array(r)[pos]
+    np.testing.assert_allclose(np.array(grads[True]), want, rtol=1e-5, atol=1e-5)
+
+
 def _tiny_models():
     from xlstm_metal.config import xLSTMConfig
     from xlstm_metal.config_2024 import xLSTMLMConfig

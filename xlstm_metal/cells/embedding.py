@@ -50,9 +50,16 @@ def embed_tokens(embedding: nn.Module, ids: mx.array) -> mx.array:
     """ids [...] (integers) -> ``embedding(ids)`` [..., E]. The module in the tree is what runs;
     only a plain ``nn.Embedding`` inside :func:`ordered_embedding_grads` changes, and only in its
     gradient."""
-    if _ORDERED_GRADS.get() and type(embedding) is nn.Embedding:
-        return _lookup(embedding.weight, ids)
+    if type(embedding) is nn.Embedding:
+        return take_rows(embedding.weight, ids)
     return embedding(ids)
+
+
+def take_rows(weight: mx.array, ids: mx.array) -> mx.array:
+    """weight [V, E], ids [...] -> weight[ids] [..., E]; inside :func:`ordered_embedding_grads`
+    its gradient comes from :func:`summed_rows` (for embedding modules of other kinds whose lookup
+    is a row gather, e.g. the tensor-parallel ``VocabShardedEmbedding``)."""
+    return _lookup(weight, ids) if _ORDERED_GRADS.get() else weight[ids]
 
 
 @mx.custom_function

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
+from ..cells.embedding import take_rows
 from .comm import world
 
 #: Layers split by output (by head) in each mLSTM layer, and in the FFN.
@@ -64,7 +65,7 @@ class VocabShardedEmbedding(nn.Module):
         rows = self.weight.shape[0]
         local = ids - self.group.rank() * rows
         inside = (local >= 0) & (local < rows)
-        x = self.weight[mx.where(inside, local, 0)] * inside[..., None].astype(self.weight.dtype)
+        x = take_rows(self.weight, mx.where(inside, local, 0)) * inside[..., None].astype(self.weight.dtype)
         return mx.distributed.all_sum(x, group=self.group)
 
     def as_linear(self, x: mx.array) -> mx.array:
