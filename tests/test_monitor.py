@@ -287,11 +287,12 @@ def test_train_over_a_hard_limit_saves_a_checkpoint_that_resumes_exactly(tmp_pat
     corpus = make_corpus(tmp_path / "corpus")
     args = [str(corpus), *BASE, "--steps", "4", "--eval-every", "4", "--save-every", "100"]
     assert main(["train", "--out", str(tmp_path / "full"), *args]) == 0
-    code = main(["train", "--out", str(tmp_path / "cut"), *args, "--mem-hard", "2MB"])
+    # 1 kB: crossed on every device (the CPU's RSS; on CUDA MLX's device memory, under 2 MB here)
+    code = main(["train", "--out", str(tmp_path / "cut"), *args, "--mem-hard", "1KB"])
     err = capsys.readouterr().err
     assert code == 3
     ckpt = tmp_path / "cut" / "checkpoint-0000001"
-    assert "hard limit 2.0 MB" in err and str(ckpt) in err and "--resume" in err
+    assert "hard limit 1.0 kB" in err and str(ckpt) in err and "--resume" in err
     load_model(ckpt)  # loadable
     assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
     full = read_weights(tmp_path / "full" / "checkpoint-0000004")
@@ -299,6 +300,13 @@ def test_train_over_a_hard_limit_saves_a_checkpoint_that_resumes_exactly(tmp_pat
     assert full.keys() == resumed.keys()
     for key in full:
         assert mx.array_equal(full[key], resumed[key]).item(), key
+
+
+def test_sizes_read_in_the_unit_that_shows_them():
+    from xlstm_metal.monitor.watchdog import gb
+
+    assert [gb(n) for n in (1000, 2e6, 99_999, 1.5e8, 24e9)] == ["1.0 kB", "2.0 MB", "100.0 kB", "0.15 GB",
+                                                                "24.00 GB"]
 
 
 def test_convert_over_a_hard_limit_exits_3_and_writes_nothing(tmp_path, capsys):

@@ -66,8 +66,11 @@ class MemoryLimitExceeded(Exception):
 
 
 def gb(n: float) -> str:
-    """Bytes as text: GB above 0.1 GB, else MB."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """Bytes as text: GB from 0.1 GB, MB from 0.1 MB, else kB (a limit of a few kB must not read
+    as "0.0 MB")."""
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def parse_limit(text: str, total: int, name: str = "limit") -> int:
