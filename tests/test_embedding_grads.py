@@ -116,6 +116,20 @@ def test_other_embedding_modules_run_as_they_stand():
         assert mx.array_equal(embed_tokens(q, ids), q(ids))
 
 
+@pytest.fixture
+def lookups(monkeypatch):
+    """The shapes of the ids each ordered lookup (``embedding._lookup``) took, in order."""
+    seen = []
+    real = embedding._lookup
+
+    def spy(weight, ids):
+        seen.append(ids.shape)
+        return real(weight, ids)
+
+    monkeypatch.setattr(embedding, "_lookup", spy)
+    return seen
+
+
 class _SecondOfTwo:
     """A stand-in group: rank 1 of 2 (the all-sum is patched to the identity)."""
 
@@ -126,7 +140,7 @@ class _SecondOfTwo:
         return 2
 
 
-def test_vocab_sharded_embedding_takes_the_ordered_gradient(monkeypatch):
+def test_vocab_sharded_embedding_takes_the_ordered_gradient(monkeypatch, lookups):
     from xlstm_metal.distributed.tensor import VocabShardedEmbedding
 
     monkeypatch.setattr(mx.distributed, "all_sum", lambda x, group=None: x)
@@ -136,14 +150,7 @@ def test_vocab_sharded_embedding_takes_the_ordered_gradient(monkeypatch):
     assert shard.weight.shape == (20, 8)
     ids = mx.array(rng.integers(0, 40, (3, 17)))
     r = mx.array(rng.normal(size=(3, 17, 8)).astype(np.float32))
-    seen = []
-    real = embedding._lookup
-
-    def spy(weight, ids):
-        seen.append(ids.shape)
-        return real(weight, ids)
-
-    monkeypatch.setattr(embedding, "_lookup", spy)
+    seen = lookups
     grads = {}
     for ordered in (False, True):
         def loss(weight):
@@ -179,20 +186,13 @@ def _tiny_models():
 
 
 @pytest.mark.parametrize("which", ["large", "2024", "lab"])
-def test_every_model_and_the_training_loss_route_the_lookup_through_the_ordered_gradient(which, monkeypatch):
+def test_every_model_and_the_training_loss_route_the_lookup_through_the_ordered_gradient(which, monkeypatch, lookups):
     from xlstm_metal.training import trainer
     from xlstm_metal.training.trainer import make_loss_fn
 
     mx.random.seed(1)
     model = _tiny_models()[which]
-    seen = []
-    real = embedding._lookup
-
-    def spy(weight, ids):
-        seen.append(ids.shape)
-        return real(weight, ids)
-
-    monkeypatch.setattr(embedding, "_lookup", spy)
+    seen = lookups
     ids = mx.array(np.random.default_rng(1).integers(0, 50, (2, 9)))
     with ordered_embedding_grads():
         logits, _ = model(ids)
