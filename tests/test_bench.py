@@ -397,8 +397,14 @@ def test_cli_quantized_bench(tiny_config_file, capsys):
         assert recs[1]["cpu_step"] is built
         # and whether its products run on AMX tiles (this CPU and build)
         assert float_rec["cpu_prefill_amx"] is bool(built and ds.library().xl_amx_available())
-    # A group size the embedding width (64) is no multiple of, and a bad bit width: exit 2.
+    # --q-mode: a float format (its bits and group size), the same runs
+    assert main(["bench", "--config", str(tiny_config_file), "--prefill-lengths", "20", "--decode-batches", "1",
+                 "--decode-tokens", "3", "--q-mode", "nvfp4"]) == 0
+    assert "nvfp4 weights (4-bit, group 16)" in " ".join(capsys.readouterr().out.split())
+    # A group size the embedding width (64) is no multiple of, a bad bit width, bits a mode has not: exit 2.
     assert main(["bench", "--config", str(tiny_config_file), "--q-group-size", "128"]) == 2
+    assert main(["bench", "--config", str(tiny_config_file), "--q-mode", "mxfp8", "--q-bits", "4"]) == 2
+    assert "mode mxfp8 has bits 8, got 4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--config", str(tiny_config_file), "--q-bits", "7"])
 

@@ -112,12 +112,14 @@ def test_quantized_round_trip_loads_and_generates(tok_ckpt, tmp_path, flags, bit
     size = (out / "model.safetensors").stat().st_size
     assert f"{size / 1e6:.2f} MB" in printed and "bits per weight (source: 32.00)" in printed
 
-    # generate (CLI, fused, greedy) writes what the runner gives with the loaded checkpoint, fused
-    # as the CLI fuses it (on CUDA fused and unfused products differ at round-off, and this tiny
-    # model's top two logits can come within 1e-3).
+    # generate (CLI, fused, greedy) writes what the runner gives with the loaded checkpoint: float32
+    # on both sides and fused as the CLI fuses it (on a GPU the bf16 default, and fused against
+    # unfused products, differ at round-off, and this tiny model's top two logits come within 1e-3).
+    loaded, tokenizer = xlstm_metal.load(out, dtype="float32")
     loaded.fuse_projections()
     expected = tokenizer.decode(xLSTMRunner(loaded, tokenizer).generate("the model", max_tokens=12, temperature=0))
-    assert main(["generate", "-m", str(out), "--prompt", "the model", "-n", "12", "--temp", "0"]) == 0
+    assert main(["generate", "-m", str(out), "--prompt", "the model", "-n", "12", "--temp", "0",
+                 "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip().endswith(expected.strip())
 
 

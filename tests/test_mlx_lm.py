@@ -234,6 +234,27 @@ def test_convert_4bit_matches_dequantized_reference(ckpt, tmp_path):
     assert rel_err(np.array(ours(mx.array([ids]))[0]), expected) <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_mlx_lm_float_format_checkpoints_open_here_and_ours_there(ckpt, tmp_path, mode):
+    """mlx_lm.convert --q-mode writes uint8 scales and no biases; that checkpoint loads here, and
+    ours (xlstm-metal convert --q-mode) loads in mlx-lm: logits equal on both sides."""
+    from mlx_lm.convert import convert
+
+    from xlstm_metal.cli import main
+
+    theirs, ours_dir = tmp_path / "theirs", tmp_path / "ours"
+    convert(str(ckpt), mlx_path=str(theirs), quantize=True, q_mode=mode, trust_remote_code=True)
+    assert json.loads((theirs / "config.json").read_text())["quantization"]["mode"] == mode
+    assert main(["convert", str(ckpt), str(ours_dir), "-q", "--q-mode", mode]) == 0
+    ids = mx.array([load(ckpt)[1].encode(PROMPTS[1])])
+    float_logits = np.array(load_model(ckpt)(ids)[0])
+    for path in (theirs, ours_dir):
+        here = np.array(load_model(path)(ids)[0])
+        there = np.array(mlx_lm.load(str(path), trust_remote_code=True)[0](ids))
+        assert rel_err(there, here) <= 1e-5, path.name
+        assert rel_err(here, float_logits) > 1e-3, path.name  # quantized: the test can fail
+
+
 @pytest.mark.slow
 def test_lora_three_iterations_change_the_output(ckpt, tmp_path):
     import subprocess

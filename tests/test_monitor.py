@@ -269,11 +269,12 @@ def test_sigterm_removes_the_record(runtime, tmp_path):
 # ---------------------------------------------------------------------- commands at the hard limit
 def test_generate_over_a_hard_limit_exits_3_after_the_soft_warning(tmp_path, capsys):
     log = tmp_path / "gen.csv"
-    code = main(["generate", "--prompt", "def f", "-n", "50", "--mem-soft", "1MB", "--mem-hard", "2MB",
+    # kB limits: crossed on every device (the CPU's RSS; on CUDA MLX's device memory, a few MB here)
+    code = main(["generate", "--prompt", "def f", "-n", "50", "--mem-soft", "1KB", "--mem-hard", "2KB",
                  "--mem-log", str(log)])
     out, err = capsys.readouterr()
     assert code == 3
-    assert "soft limit 1.0 MB (--mem-soft 1MB)" in err and "hard limit 2.0 MB (--mem-hard 2MB)" in err
+    assert "soft limit 1.0 kB (--mem-soft 1KB)" in err and "hard limit 2.0 kB (--mem-hard 2KB)" in err
     assert err.index("soft limit") < err.index("hard limit") and "stopped cleanly" in err
     assert "RSS" in err and "MLX active" in err  # the usage is named
     assert 0 < len(out.strip())  # what was generated before the stop is printed
@@ -312,9 +313,9 @@ def test_sizes_read_in_the_unit_that_shows_them():
 def test_convert_over_a_hard_limit_exits_3_and_writes_nothing(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     save_model(tiny_model(3, tie_word_embeddings=False), src)
-    code = main(["convert", str(src), str(out), "-q", "--mem-hard", "2MB"])
+    code = main(["convert", str(src), str(out), "-q", "--mem-hard", "2KB"])
     err = capsys.readouterr().err
-    assert code == 3 and "hard limit 2.0 MB" in err and f"nothing was written to {out}" in err
+    assert code == 3 and "hard limit 2.0 kB" in err and f"nothing was written to {out}" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["runtime", "src"]
 
 
@@ -364,16 +365,16 @@ def test_serve_answers_503_over_the_hard_limit_until_back_under_soft(tmp_path):
 def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):
     out = tmp_path / "mad"
     assert main(["mad", "--arch", "mlstm", "--tasks", "memorization", "--epochs", "1", "--out", str(out),
-                 "--mem-hard", "2MB"]) == 3
+                 "--mem-hard", "2KB"]) == 3
     assert "0 of 1 tasks were scored" in capsys.readouterr().err and not (out / "results.json").exists()
     out = tmp_path / "ev"
     assert main(["evolve", "--budget", "2000000", "--population", "2", "--generations", "2", "--tasks",
                  "memorization", "--epochs", "1", "--start", "mlstm", "--min-blocks", "2", "--max-blocks", "2",
-                 "--out", str(out), "--mem-hard", "2MB"]) == 3
+                 "--out", str(out), "--mem-hard", "2KB"]) == 3
     err = capsys.readouterr().err
     # Every MAD training step is a safe point: the search stops within its first candidate, before
     # anything is written, and says so (not "--resume continues").
-    assert "hard limit 2.0 MB" in err and "no candidate was scored yet" in err and not out.exists()
+    assert "hard limit 2.0 kB" in err and "no candidate was scored yet" in err and not out.exists()
 
 
 def _sigterm_when_ready(code: str, *argv: str, before=None) -> tuple[subprocess.Popen, str, str]:

@@ -144,7 +144,8 @@ def test_quantizing_twice_is_refused():
 @pytest.mark.parametrize("entry, message", [
     ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "method 'gptq' is not supported"),
     ({"quant_method": "bitsandbytes"}, "not supported"),
-    ({"group_size": 64, "bits": 4, "mode": "mxfp4"}, "mode 'mxfp4'"),
+    ({"group_size": 64, "bits": 4, "mode": "mxfp4"}, "mode mxfp4 has group_size 32, got 64"),
+    ({"group_size": 64, "bits": 4, "mode": "int4"}, "mode must be one of affine, mxfp4, mxfp8, nvfp4, got 'int4'"),
     ({"group_size": 64, "bits": 9}, "bits must be one of"),
     ({"group_size": 64, "bits": 4, "lm_head": 3}, "expected an object or false"),
     ([4], "must be an object"),

@@ -409,9 +409,18 @@ def checks_mixed(proc, tmp):
         assert words in proc.stdout, proc.stdout
 
 
+def writes_mxfp4(proc, tmp):
+    """--q-mode mxfp4: MLX's float format (4 bits, groups of 32, uint8 scales, no biases)."""
+    ok(proc)
+    quantization = json.loads((tmp / "ckpt-mxfp4" / "config.json").read_text())["quantization"]
+    assert (quantization["mode"], quantization["bits"], quantization["group_size"]) == ("mxfp4", 4, 32)
+    assert "mxfp4, 4-bit, group 32" in proc.stdout, proc.stdout
+
+
 RUN.update({
     normalize('xlstm-metal convert ckpt ckpt-4bit -q && xlstm-metal generate -m ckpt-4bit '
               '--prompt "To open a file in Python,"'): Run(quantizes_and_generates),
+    normalize("xlstm-metal convert ckpt ckpt-mxfp4 -q --q-mode mxfp4"): Run(writes_mxfp4),
     normalize("xlstm-metal convert ckpt ckpt-mixed -q --q-recipe mixed-4-6 --check held-out.txt"):
         Run(checks_mixed, extra=["--check-greedy", "16"]),
 })

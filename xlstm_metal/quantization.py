@@ -1,4 +1,4 @@
-"""Weight quantization of xLSTM models (MLX affine quantization, mlx-lm's checkpoint format).
+"""Weight quantization of xLSTM models (MLX's quantization modes, mlx-lm's checkpoint format).
 
 A quantized checkpoint's ``config.json`` carries ``quantization`` (and the same dict as
 ``quantization_config``) exactly as ``mlx_lm.utils`` writes and reads it::
@@ -8,7 +8,10 @@ A quantized checkpoint's ``config.json`` carries ``quantization`` (and the same 
      "backbone.blocks.0.mlstm_layer.igate_preact": false}                      # kept in float
 
 and its safetensors hold each quantized layer as ``<path>.weight`` (packed uint32),
-``<path>.scales`` and ``<path>.biases``. Which layers are quantized and how is decided by a
+``<path>.scales`` and ``<path>.biases``. Besides ``affine`` (2-8 bits, groups of 32, 64 or 128,
+float scales and biases) MLX has the microscaling float formats ``mxfp4`` (4 bits, groups of 32),
+``mxfp8`` (8 bits, groups of 32) and ``nvfp4`` (4 bits, groups of 16): uint8 scales and no
+biases (mlx-lm's ``convert --q-mode`` writes them; :data:`MODES`). Which layers are quantized and how is decided by a
 :class:`Recipe`: uniform bits and group size, a named mixed recipe (``mixed-4-6``: 4-bit body,
 embeddings and LM head at 6 bits), or a JSON file of per-layer overrides. By default the input
 and forget gate projections (``igate_preact`` / ``fgate_preact``, the 2024 xLSTM's ``igate`` /
@@ -43,6 +46,9 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
+#: MLX's quantization modes: None (affine: :data:`BITS`, :data:`GROUP_SIZES`, float scales and
+#: biases) or the one (bits, group size) of a microscaling float format (uint8 scales, no biases).
+MODES: dict[str, tuple[int, int] | None] = {"affine": None, "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 #: Named mixed recipes ``mixed-<body bits>-<embedding/head bits>`` (``mixed_4_6`` also accepted).
 MIXED_RECIPE = re.compile(r"^mixed[-_]([2-8])[-_]([2-8])$")
 #: Layers kept in float by default: the i/f gate projections (NH outputs, exponential gates).
@@ -53,6 +59,25 @@ _TOP_KEYS = ("group_size", "bits", "mode")
 
 class QuantizationError(ValueError):
     """A recipe or quantization config that cannot be applied; the message names the problem."""
+
+
+def _check_mode(mode: Any, where: str) -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise QuantizationError(f"{where}: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def _mode_params(mode: str, bits: Any, group_size: Any, where: str) -> tuple[int, int]:
+    """(bits, group size) of ``mode``: a format's fixed pair (None takes it; another value is an
+    error), or affine's checked values (None takes the defaults)."""
+    fixed = MODES[_check_mode(mode, where)]
+    if fixed is None:
+        return (_check_bits(DEFAULT_BITS if bits is None else bits, where),
+                _check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size, where))
+    for name, value, want in (("bits", bits, fixed[0]), ("group_size", group_size, fixed[1])):
+        if value is not None and (isinstance(value, bool) or value != want):
+            raise QuantizationError(f"{where}: mode {mode} has {name} {want}, got {value!r}")
+    return fixed
 
 
 def _check_bits(bits: Any, where: str) -> int:
@@ -81,16 +106,17 @@ class Recipe:
 
     bits: int = DEFAULT_BITS
     group_size: int = DEFAULT_GROUP_SIZE
-    overrides: dict[str, bool | dict[str, int]] = field(default_factory=dict)
+    overrides: dict[str, bool | dict[str, Any]] = field(default_factory=dict)
     name: str = "uniform"
     #: Keep the i/f gate projections in float unless an override names them.
     float_gates: bool = True
     #: Every override must name a layer (user recipes: a typo is an error, not a no-op).
     strict: bool = True
+    #: MLX's quantization mode (:data:`MODES`); a float format fixes bits and group size.
+    mode: str = "affine"
 
     def __post_init__(self) -> None:
-        self.bits = _check_bits(self.bits, f"recipe {self.name}")
-        self.group_size = _check_group_size(self.group_size, f"recipe {self.name}")
+        self.bits, self.group_size = _mode_params(self.mode, self.bits, self.group_size, f"recipe {self.name}")
         checked: dict[str, bool | dict[str, int]] = {}
         for key, value in self.overrides.items():
             if not isinstance(key, str) or not key:
@@ -103,7 +129,8 @@ class Recipe:
         """The recipe that reproduces a checkpoint's ``quantization`` dict on a model of the same
         architecture (e.g. random weights for a benchmark)."""
         layers = {k: v for k, v in quantization.items() if k not in _TOP_KEYS}
-        return cls(quantization["bits"], quantization["group_size"], layers, name="checkpoint", strict=False)
+        return cls(quantization["bits"], quantization["group_size"], layers, name="checkpoint", strict=False,
+                   mode=quantization.get("mode", "affine"))
 
     def _override(self, path: str) -> bool | dict[str, int] | None:
         if path in self.overrides:
@@ -123,9 +150,14 @@ class Recipe:
         override = self._override(path)
         if override is False or (override is None and self.float_gates and FLOAT_GATES.search(path)):
             return False
-        params = {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+        params = {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
         if isinstance(override, dict):
-            params.update(override)
+            if override.get("mode", self.mode) != self.mode:  # another mode: its own defaults
+                bits, group_size = _mode_params(override["mode"], override.get("bits"), override.get("group_size"),
+                                                f"recipe {self.name}, layer {path!r}")
+                params = {"group_size": group_size, "bits": bits, "mode": override["mode"]}
+            else:
+                params.update(override)
         width = module.weight.shape[-1]
         if width % params["group_size"]:
             if isinstance(override, dict) and "group_size" in override:
@@ -144,7 +176,7 @@ class Recipe:
         ]
 
 
-def _check_override(value: Any, where: str) -> bool | dict[str, int]:
+def _check_override(value: Any, where: str) -> bool | dict[str, Any]:
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -152,10 +184,14 @@ def _check_override(value: Any, where: str) -> bool | dict[str, int]:
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(_TOP_KEYS))
         if unknown:
-            raise QuantizationError(f"{where}: unknown key(s) {unknown}; use bits, group_size")
-        if value.get("mode", "affine") != "affine":
-            raise QuantizationError(f"{where}: only mode 'affine' is supported, got {value['mode']!r}")
-        out = {}
+            raise QuantizationError(f"{where}: unknown key(s) {unknown}; use bits, group_size, mode")
+        out: dict[str, Any] = {}
+        if "mode" in value:
+            out["mode"] = _check_mode(value["mode"], where)
+            if MODES[out["mode"]] is not None:  # a float format: its bits and group size (checked)
+                out["bits"], out["group_size"] = _mode_params(out["mode"], value.get("bits"),
+                                                              value.get("group_size"), where)
+                return out
         if "bits" in value:
             out["bits"] = _check_bits(value["bits"], where)
         if "group_size" in value:
@@ -164,17 +200,24 @@ def _check_override(value: Any, where: str) -> bool | dict[str, int]:
     raise QuantizationError(f"{where}: expected false, true, a bit width or an object, got {value!r}")
 
 
-def make_recipe(spec: str | None = None, bits: int | None = None, group_size: int | None = None) -> Recipe:
-    """A recipe from a ``--q-recipe`` value and the ``--q-bits`` / ``--q-group-size`` flags.
+def make_recipe(spec: str | None = None, bits: int | None = None, group_size: int | None = None,
+                mode: str | None = None) -> Recipe:
+    """A recipe from a ``--q-recipe`` value and the ``--q-bits`` / ``--q-group-size`` /
+    ``--q-mode`` flags.
 
-    ``spec``: None (uniform), ``mixed-B-H`` (B-bit body, embeddings and LM head at H bits), or
-    the path of a JSON file: an object of per-layer overrides (see :class:`Recipe`), optionally
-    with top-level ``bits`` / ``group_size`` (the flags, where given, win) and
-    ``"float_gates": false`` to quantize the i/f gate projections too.
+    ``spec``: None (uniform), ``mixed-B-H`` (B-bit body, embeddings and LM head at H bits; affine),
+    or the path of a JSON file: an object of per-layer overrides (see :class:`Recipe`; an override
+    may name its own ``mode``), optionally with top-level ``bits`` / ``group_size`` / ``mode`` (the
+    flags, where given, win) and ``"float_gates": false`` to quantize the i/f gate projections too.
+    ``mode`` (:data:`MODES`, default affine): a float format fixes bits and group size.
     """
     if spec is None:
-        return Recipe(bits or DEFAULT_BITS, group_size or DEFAULT_GROUP_SIZE)
+        mode = _check_mode(mode or "affine", "quantization")
+        return Recipe(*_mode_params(mode, bits, group_size, f"mode {mode}"), mode=mode)
     match = MIXED_RECIPE.match(spec)
+    if match and (mode or "affine") != "affine":
+        raise QuantizationError(f"recipe {spec} is affine ({match.group(1)}- and {match.group(2)}-bit layers); "
+                                f"for mode {mode} give a JSON recipe (its overrides may name their own mode)")
     if match:
         body, high = int(match.group(1)), int(match.group(2))
         if bits is not None and bits != body:
@@ -197,15 +240,14 @@ def make_recipe(spec: str | None = None, bits: int | None = None, group_size: in
     float_gates = data.pop("float_gates", True)
     if not isinstance(float_gates, bool):
         raise QuantizationError(f"{path}: float_gates must be true or false, got {float_gates!r}")
-    mode = data.pop("mode", "affine")
-    if mode != "affine":
-        raise QuantizationError(f"{path}: only mode 'affine' is supported, got {mode!r}")
+    file_mode = data.pop("mode", None)
     file_bits, file_group = data.pop("bits", None), data.pop("group_size", None)
-    return Recipe(
-        bits if bits is not None else (file_bits if file_bits is not None else DEFAULT_BITS),
-        group_size if group_size is not None else (file_group if file_group is not None else DEFAULT_GROUP_SIZE),
-        data, name=str(path), float_gates=float_gates,
-    )
+    if mode is not None and file_mode is not None and mode != file_mode:
+        file_bits = file_group = None  # the flag's mode wins, and the file's bits were for its own
+    mode = _check_mode(mode or file_mode or "affine", str(path))
+    bits, group_size = _mode_params(mode, bits if bits is not None else file_bits,
+                                    group_size if group_size is not None else file_group, str(path))
+    return Recipe(bits, group_size, data, name=str(path), float_gates=float_gates, mode=mode)
 
 
 def plan(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, Any] | bool]:
@@ -233,20 +275,21 @@ def quantize_model(
     group_size: int | None = None,
     recipe: Recipe | str | None = None,
     *,
+    mode: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place (nn.QuantizedLinear / nn.QuantizedEmbedding in the module
     tree) and return its ``quantization`` dict in mlx-lm's config format.
 
     ``recipe`` is a :class:`Recipe` or a ``--q-recipe`` string (see :func:`make_recipe`);
-    ``bits`` / ``group_size`` default to 4 / 64. Layers are converted and evaluated one at a
+    ``bits`` / ``group_size`` default to 4 / 64, ``mode`` to affine (:data:`MODES`). Layers are converted and evaluated one at a
     time (peak memory: the float model plus one layer); ``progress(path)`` is called after each.
     A model that is already quantized raises QuantizationError (dequantize it first).
     """
     if not isinstance(recipe, Recipe):
-        recipe = make_recipe(recipe, bits, group_size)
-    elif bits is not None or group_size is not None:
-        raise QuantizationError("give bits/group_size through the Recipe, not beside it")
+        recipe = make_recipe(recipe, bits, group_size, mode)
+    elif bits is not None or group_size is not None or mode is not None:
+        raise QuantizationError("give bits/group_size/mode through the Recipe, not beside it")
     if quantization_config(model) is not None:
         raise QuantizationError("the model is already quantized; dequantize_model() it first")
     unfuse = getattr(model, "unfuse_projections", None)
@@ -323,18 +366,25 @@ def config_quantization(config_dict: dict[str, Any], source: str = "config.json"
             f"{source}: quantization method {quantization['quant_method']!r} is not supported; "
             "this package loads MLX affine quantization (xlstm-metal convert -q writes it)"
         )
-    if quantization.get("mode", "affine") != "affine":
-        raise QuantizationError(f"{source}: quantization mode {quantization['mode']!r} is not supported (affine only)")
-    _check_bits(quantization.get("bits"), f"{source} quantization")
-    _check_group_size(quantization.get("group_size"), f"{source} quantization")
+    _check_entry(quantization, f"{source} quantization")
     for key, value in quantization.items():
         if key not in _TOP_KEYS:
             if value is not False and value is not True:
                 if not isinstance(value, dict):
                     raise QuantizationError(f"{source} quantization, layer {key!r}: expected an object or false")
-                _check_bits(value.get("bits"), f"{source} quantization, layer {key!r}")
-                _check_group_size(value.get("group_size"), f"{source} quantization, layer {key!r}")
+                _check_entry(value, f"{source} quantization, layer {key!r}")
     return quantization
+
+
+def _check_entry(entry: dict[str, Any], where: str) -> None:
+    """A checkpoint's (bits, group size, mode), all three given as mlx-lm writes them (mode:
+    affine where absent, as mlx-lm reads it)."""
+    mode = _check_mode(entry.get("mode", "affine"), where)
+    if MODES[mode] is None:
+        _check_bits(entry.get("bits"), where)
+        _check_group_size(entry.get("group_size"), where)
+    else:
+        _mode_params(mode, entry.get("bits"), entry.get("group_size"), where)
 
 
 def apply_quantization(
@@ -355,8 +405,8 @@ def apply_quantization(
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         if path in quantization:
             entry = quantization[path]
-            if entry is True:  # mlx-lm: quantized with the top-level bits and group size
-                return {"group_size": quantization["group_size"], "bits": quantization["bits"], "mode": "affine"}
+            if entry is True:  # mlx-lm: quantized with the top-level bits, group size and mode
+                return _top_params(quantization)
             return dict(entry) if isinstance(entry, dict) else bool(entry)
         if not hasattr(module, "to_quantized"):
             return False
@@ -367,30 +417,45 @@ def apply_quantization(
         if inferred is not None:
             return inferred
         if "bits" in quantization:
-            return {"group_size": quantization["group_size"], "bits": quantization["bits"], "mode": "affine"}
+            return _top_params(quantization)
         return False  # the strict load lists the mis-shaped tensors
 
     nn.quantize(model, class_predicate=predicate)
     use_fast_quantized_layers(model)  # as quantize_model leaves them
 
 
+def _top_params(quantization: dict[str, Any]) -> dict[str, Any]:
+    return {"group_size": quantization["group_size"], "bits": quantization["bits"],
+            "mode": quantization.get("mode", "affine")}
+
+
 def _infer_params(width: int, weight: mx.array, scales: mx.array | None) -> dict[str, Any] | None:
-    """Bits and group size of a packed ``weight`` [out, width * bits / 32] with ``scales``
-    [out, width / group_size], for a layer of input width ``width``."""
+    """Bits, group size and mode of a packed ``weight`` [out, width * bits / 32] with ``scales``
+    [out, width / group_size], for a layer of input width ``width``: float scales are affine's,
+    uint8 scales a float format's (each has one (bits, group size))."""
     if scales is None or weight.ndim != 2 or scales.ndim != 2 or not scales.shape[-1]:
         return None
     bits, group_size = weight.shape[-1] * 32 // width, width // scales.shape[-1]
-    if bits not in BITS or group_size not in GROUP_SIZES or weight.shape[-1] * 32 != bits * width \
-            or group_size * scales.shape[-1] != width:
+    if weight.shape[-1] * 32 != bits * width or group_size * scales.shape[-1] != width:
+        return None
+    if scales.dtype == mx.uint8:
+        mode = next((m for m, fixed in MODES.items() if fixed == (bits, group_size)), None)
+        return None if mode is None else {"group_size": group_size, "bits": bits, "mode": mode}
+    if bits not in BITS or group_size not in GROUP_SIZES:
         return None
     return {"group_size": group_size, "bits": bits, "mode": "affine"}
 
 
-def dequantized_weight(module: nn.Module) -> mx.array:
-    """A quantized layer's weight in float, in the dtype of its scales: ``scale * q + bias``
-    computed in float32 and rounded once (MLX's dequantize in bf16 rounds the product and the
-    sum: 1-ulp errors in about half the weights)."""
-    f32 = mx.float32
+def dequantized_weight(module: nn.Module, format_dtype: mx.Dtype = mx.float32) -> mx.array:
+    """A quantized layer's weight in float. Affine: in the dtype of its scales, ``scale * q +
+    bias`` computed in float32 and rounded once (MLX's dequantize in bf16 rounds the product and
+    the sum: 1-ulp errors in about half the weights). A float format (uint8 scales, no float
+    dtype of its own): in ``format_dtype``, which holds its values exactly (at most 6
+    significant bits)."""
+    f32, mode = mx.float32, getattr(module, "mode", "affine")
+    if mode != "affine":
+        return mx.dequantize(module.weight, module.scales, None, module.group_size, module.bits, mode=mode,
+                             dtype=format_dtype)
     weight = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
                            module.group_size, module.bits)
     return weight.astype(module.scales.dtype)
@@ -399,17 +464,19 @@ def dequantized_weight(module: nn.Module) -> mx.array:
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized layer by a float one holding its dequantized weights (in the
     dtype of its scales), in place; returns the model. Forward results equal the quantized
-    model's up to float round-off (:func:`dequantized_weight`)."""
+    model's up to float round-off (:func:`dequantized_weight`); a float format's (mxfp4 and the
+    like) become the dtype of the model's float weights (float32 where it has none)."""
     replacements = []
+    dtype = float_dtype(model)
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
-            weight = dequantized_weight(module)
+            weight = dequantized_weight(module, dtype)
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
             layer.weight = weight
             if "bias" in module:
                 layer.bias = module.bias
         elif isinstance(module, nn.QuantizedEmbedding):
-            weight = dequantized_weight(module)
+            weight = dequantized_weight(module, dtype)
             layer = nn.Embedding(weight.shape[0], weight.shape[1])
             layer.weight = weight
         else:
@@ -422,6 +489,15 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             unfuse()
         model.update_modules(tree_unflatten(replacements))
     return model
+
+
+def float_dtype(model: nn.Module) -> mx.Dtype:
+    """The most common dtype of ``model``'s floating parameters outside its quantized layers
+    (norms, float layers; float32 where there are none)."""
+    quantized = {path for path, m in model.named_modules() if isinstance(m, _QUANTIZED_TYPES)}
+    counts = Counter(value.dtype for key, value in tree_flatten(model.parameters())
+                     if key.rpartition(".")[0] not in quantized and mx.issubdtype(value.dtype, mx.floating))
+    return counts.most_common(1)[0][0] if counts else mx.float32
 
 
 def represented_weights(model: nn.Module) -> dict[str, int]:

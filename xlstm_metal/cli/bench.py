@@ -75,6 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "(affine, MLX's layout; the i/f gate projections stay in float)")
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=None,
                    help="quantization group size (default 64; implies --q-bits 4 when that is not given)")
+    p.add_argument("--q-mode", choices=("affine", "mxfp4", "mxfp8", "nvfp4"), default=None,
+                   help="quantization mode (default affine; mxfp4, mxfp8 and nvfp4 fix bits and group size)")
     p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
     add_profile_argument(p)
     p.add_argument("--seed", type=seed_value, default=0)
@@ -162,13 +164,19 @@ def run(args: argparse.Namespace) -> int:
     fused = profile.fuse if profile else not args.no_fuse
     prefill_chunk = profile.prefill_chunk if profile else args.prefill_chunk
     quantization = config.extra.get("quantization") or config.extra.get("quantization_config")
-    if args.q_bits is not None or args.q_group_size is not None:
+    if args.q_bits is not None or args.q_group_size is not None or args.q_mode is not None:
         if quantization:
             raise UsageError(f"{source} is already quantized ({quantization.get('bits')}-bit); "
-                             "--q-bits / --q-group-size apply to float configs")
-        quantization = {"bits": args.q_bits or 4, "group_size": args.q_group_size or 64}
+                             "--q-bits / --q-group-size / --q-mode apply to float configs")
+        from ..quantization import QuantizationError, make_recipe
+
+        try:
+            recipe = make_recipe(None, args.q_bits, args.q_group_size, args.q_mode)
+        except QuantizationError as err:
+            raise UsageError(str(err)) from None
+        quantization = {"bits": recipe.bits, "group_size": recipe.group_size, "mode": recipe.mode}
         if config.embedding_dim % quantization["group_size"]:
-            raise UsageError(f"--q-group-size {quantization['group_size']} does not divide the embedding "
+            raise UsageError(f"group size {quantization['group_size']} does not divide the embedding "
                              f"dimension {config.embedding_dim} of {source}")
 
     from tqdm import tqdm
@@ -232,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
                           "profile": profile.name if profile else None,
                           "q_bits": quantization["bits"] if quantization else None,
                           "q_group_size": quantization["group_size"] if quantization else None,
+                          "q_mode": quantization.get("mode", "affine") if quantization else None,
                           **env, **parallel_fields(model), **whole}
                 records.append(record)
                 job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
@@ -245,8 +254,11 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # under mlx.launch: a peer process died (else raised again)
         return peer_lost_exit(err, f"the benchmark stopped with {len(records)} of {steps} runs done")
     if not args.json:
+        mode = quantization.get("mode", "affine") if quantization else "affine"
         weights = f"{dtype} weights" if not quantization else (
-            f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales")
+            f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales"
+            if mode == "affine" else f"{mode} weights ({quantization['bits']}-bit, group {quantization['group_size']}), "
+            f"{dtype} float layers")
         if records:
             weights += f", {records[0]['weights_gb']:.2f} GB"
         split = getattr(model, "parallel", None)

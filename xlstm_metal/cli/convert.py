@@ -34,7 +34,9 @@ config.json, model.safetensors and the source's tokenizer and generation config;
 xlstm_metal.load / load_model and in generate, chat and bench.
 
 -q quantizes the weights (MLX affine quantization, mlx-lm's format: config.json gets a
-"quantization" entry, the safetensors hold packed weights with .scales and .biases). The input
+"quantization" entry, the safetensors hold packed weights with .scales and .biases; --q-mode
+mxfp4, mxfp8 or nvfp4 writes MLX's microscaling float formats instead: 4, 8 and 4 bits in groups
+of 32, 32 and 16, uint8 scales, no biases, as mlx-lm's convert --q-mode writes them). The input
 and forget gate projections stay in float by default (one output per head; they drive
 exponential gates). A quantized SRC converted without -q is written dequantized.
 """
@@ -61,7 +63,7 @@ dequantized for this: the same products, far faster).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ..quantization import BITS, GROUP_SIZES
+    from ..quantization import BITS, GROUP_SIZES, MODES
 
     p = subparsers.add_parser(
         "convert", help="convert a checkpoint's dtype, or quantize it (-q)", description=DESCRIPTION,
@@ -76,6 +78,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="bits per quantized weight (default: 4, or the recipe's)")
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=None,
                    help="weights sharing one scale and bias (default: 64)")
+    p.add_argument("--q-mode", choices=tuple(MODES), default=None,
+                   help="quantization mode (default: affine; mxfp4, mxfp8 and nvfp4 fix bits and group size)")
     p.add_argument("--q-recipe", metavar="RECIPE", default=None,
                    help="mixed precision: mixed-B-H or a JSON file of per-layer overrides (see below)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (an empty directory or a checkpoint, never the source's parent)")
@@ -190,13 +194,13 @@ def _recipe(args: argparse.Namespace):
     from ..quantization import QuantizationError, make_recipe
 
     given = [f for f, v in (("--q-bits", args.q_bits), ("--q-group-size", args.q_group_size),
-                            ("--q-recipe", args.q_recipe)) if v is not None]
+                            ("--q-mode", args.q_mode), ("--q-recipe", args.q_recipe)) if v is not None]
     if not args.quantize:
         if given:
             raise UsageError(f"{', '.join(given)} only apply with -q/--quantize")
         return None
     try:
-        return make_recipe(args.q_recipe, args.q_bits, args.q_group_size)
+        return make_recipe(args.q_recipe, args.q_bits, args.q_group_size, args.q_mode)
     except QuantizationError as err:
         raise UsageError(str(err)) from None
 
@@ -280,11 +284,13 @@ def run(args: argparse.Namespace) -> int:
         "source": str(args.source), "out": str(out), "dtype": _dtype_name(model),
         "bits": None if quantization is None else quantization["bits"],
         "group_size": None if quantization is None else quantization["group_size"],
+        "mode": None if quantization is None else quantization.get("mode", "affine"),
         "recipe": None if recipe is None else recipe.name, "parameters": parameter_count(model),
         "weight_bytes": size, "bits_per_weight": bits_per_weight(model), "source_bits_per_weight": source_bpw,
     }
     what = "float" if quantization is None else (
-        f"{quantization['bits']}-bit, group {quantization['group_size']}"
+        ("" if summary["mode"] == "affine" else f"{summary['mode']}, ")
+        + f"{quantization['bits']}-bit, group {quantization['group_size']}"
         + (f", recipe {recipe.name}" if recipe is not None and recipe.name != "uniform" else ""))
     if not args.json:
         print(f"wrote {out}: {what}, {summary['dtype']} float weights, {summary['parameters'] / 1e6:.2f}M "

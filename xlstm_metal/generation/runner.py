@@ -713,10 +713,14 @@ def model_info(model: nn.Module) -> dict[str, Any]:
     quantization = quantization_config(model)
     info["parameters"] = sizes["parameters"] if quantization is not None else sizes["stored"]
     dtypes = Counter(sizes["dtypes"])
-    dtypes.pop("uint32", None)  # packed quantized weights: described by "quantization"
+    # packed quantized weights and a float format's scales: described by "quantization"
+    dtypes.pop("uint32", None)
+    dtypes.pop("uint8", None)
     info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
     if quantization is not None:
-        info["quantization"] = (f"{quantization['bits']}-bit, group {quantization['group_size']}, "
+        mode = quantization.get("mode", "affine")
+        info["quantization"] = (f"{'' if mode == 'affine' else mode + ', '}{quantization['bits']}-bit, group "
+                                f"{quantization['group_size']}, "
                                 f"{8.0 * sizes['bytes'] / max(sizes['parameters'], 1):.2f} bits per weight")
     info["weights_bytes"] = sizes["bytes"]
     if sizes["state_bytes_per_row"] is not None:

@@ -862,9 +862,23 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     __call__.computes_as = nn.QuantizedLinear.__call__
 
 
+def format_dtype(scales: mx.array) -> mx.Dtype:
+    """The dtype of a quantized table's rows as looked up (and dequantized): its scales' for
+    affine; float32 for a float format (uint8 scales), whose values (at most 6 significant bits)
+    every float dtype holds exactly: MLX gives them in bf16, which put a float32 model's first
+    products in bf16."""
+    return mx.float32 if scales.dtype == mx.uint8 else scales.dtype
+
+
 class FastQuantizedEmbedding(nn.QuantizedEmbedding):
     """``nn.QuantizedEmbedding`` whose ``as_linear`` (a tied LM head) runs :func:`quantized_matmul`.
-    Same parameters, same checkpoint keys, the same lookup."""
+    Same parameters, same checkpoint keys, the same lookup (a float format's rows in float32:
+    :func:`format_dtype`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = super().__call__(x)
+        dtype = format_dtype(self["scales"])
+        return rows if rows.dtype == dtype else rows.astype(dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
@@ -872,14 +886,13 @@ class FastQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 def use_fast_quantized_layers(model: nn.Module) -> int:
-    """Switch every affine ``nn.QuantizedLinear`` in ``model`` to :class:`FastQuantizedLinear`
-    and every affine ``nn.QuantizedEmbedding`` to :class:`FastQuantizedEmbedding` in place (the
-    class changes; the module object, its arrays and its place in the tree stay, so nothing is
-    copied and parameter names are unchanged). Returns the number of linear layers switched."""
+    """Switch every ``nn.QuantizedLinear`` in ``model`` to :class:`FastQuantizedLinear` and every
+    ``nn.QuantizedEmbedding`` to :class:`FastQuantizedEmbedding` in place (the class changes; the
+    module object, its arrays and its place in the tree stay, so nothing is copied and parameter
+    names are unchanged). Returns the number of linear layers switched. (Float formats, mxfp4 and
+    the like, run MLX's products through them: the CUDA kernels take affine weights.)"""
     switched = 0
     for _, module in model.named_modules():
-        if getattr(module, "mode", "affine") != "affine":
-            continue
         if type(module) is nn.QuantizedLinear:
             module.__class__ = FastQuantizedLinear
             switched += 1
