@@ -174,6 +174,10 @@ def test_a_json_recipe_mixes_modes(tmp_path):
     assert config["lm_head"] == {"group_size": 32, "bits": 8, "mode": "mxfp8"}
     # the flag's mode wins over the file's, whose bits were for its own mode
     assert make_recipe(str(spec), mode="affine").mode == "affine"
+    # bits a layer's format does not have: named, before anything is quantized
+    spec.write_text(json.dumps({"mode": "mxfp4", "lm_head": {"bits": 8}}))
+    with pytest.raises(QuantizationError, match="layer 'lm_head': mode mxfp4 has bits 4, got 8"):
+        quantize_model(tiny_model(6, tie_word_embeddings=False), recipe=str(spec))
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,8 @@ class Recipe:
                 params = {"group_size": group_size, "bits": bits, "mode": override["mode"]}
             else:
                 params.update(override)
+                # e.g. {"bits": 8} on an mxfp4 recipe: that format has no 8 bits
+                _mode_params(params["mode"], params["bits"], params["group_size"], f"recipe {self.name}, layer {path!r}")
         width = module.weight.shape[-1]
         if width % params["group_size"]:
             if isinstance(override, dict) and "group_size" in override:
@@ -364,7 +366,7 @@ def config_quantization(config_dict: dict[str, Any], source: str = "config.json"
     if "quant_method" in quantization:  # transformers' GPTQ, AWQ, bitsandbytes, ... (mlx-lm writes none)
         raise QuantizationError(
             f"{source}: quantization method {quantization['quant_method']!r} is not supported; "
-            "this package loads MLX affine quantization (xlstm-metal convert -q writes it)"
+            "this package loads MLX's quantization (affine, mxfp4, mxfp8, nvfp4; xlstm-metal convert -q writes it)"
         )
     _check_entry(quantization, f"{source} quantization")
     for key, value in quantization.items():
