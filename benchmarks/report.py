@@ -1069,6 +1069,41 @@ def cpu_quantized_rows() -> list[str]:
     return lines
 
 
+def quantization_modes_rows() -> list[str]:
+    """MLX's quantization modes side by side (``xlstm-metal bench --q-mode / --q-bits``, every mode
+    in turns each round): results/quantization_modes_*.jsonl, a meta record then bench's records."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("quantization_modes_*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        meta = next(r for r in records if r["kind"] == "meta")
+        runs = [r for r in records if r["kind"] in ("prefill", "decode")]
+        first = runs[0]
+        where = first["device_name"] or first.get("cpu_name") or first["device"]
+        lines += [
+            "", f"## Quantization modes: affine against MLX's float formats ({path.name})", "",
+            f"- date: {meta['date']}; {meta['machine']}; command: `{meta['command']}`",
+            f"- MLX {first['mlx']} on {first['device']} ({where}); {first['shape']} shape, random weights, "
+            f"{first['dtype']} float layers; prefill of {next(r['length'] for r in runs if r['kind'] == 'prefill'):,} "
+            "tokens, greedy decode at batch 1; tok/s per round",
+            "- C path: whether the CPU's C decode step and prefill ran (they read affine weights; the float "
+            "formats run MLX's quantized graph)",
+            "",
+            "| weights | GB | prefill tok/s | decode tok/s | C path |",
+            "| --- | ---: | --- | --- | --- |",
+        ]
+        settings: dict[tuple, list[dict]] = {}
+        for r in runs:
+            key = (r.get("q_mode") or ("affine" if r["q_bits"] else None), r["q_bits"], r["q_group_size"])
+            settings.setdefault(key, []).append(r)
+        for (mode, bits, group), rs in settings.items():
+            name = f"{first['dtype']} (not quantized)" if mode is None else (
+                f"{bits}-bit affine, group {group}" if mode == "affine" else f"{mode} ({bits}-bit, group {group})")
+            tok = {k: " / ".join(_fmt(r["tok_s"]) for r in rs if r["kind"] == k) for k in ("prefill", "decode")}
+            c_path = "yes" if all(r.get("cpu_step") for r in rs) else "no"
+            lines.append(f"| {name} | {rs[0]['weights_gb']:.3f} | {tok['prefill']} | {tok['decode']} | {c_path} |")
+    return lines
+
+
 def cpu_gemv_rows() -> list[str]:
     """One-row products, the forwarder's row kernel and GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
     files = sorted(RESULTS.glob("cpu_gemv*.json"))
@@ -1226,6 +1261,7 @@ def render() -> str:
     lines += cpu_decode_step_rows()
     lines += cpu_prefill_rows()
     lines += cpu_quantized_rows()
+    lines += quantization_modes_rows()
     lines += cpu_gemv_rows()
     lines += cpu_perf_rows()
     lines += readme_speed_rows()

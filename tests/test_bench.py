@@ -460,3 +460,33 @@ def test_report_quantized_decode_from_the_newest_file_of_each_width(tmp_path, mo
     assert [r["tok_s"] for r in report._qdecode_records(8, 1)] == [250.0]
     assert [r["tok_s"] for r in report._qdecode_records(4, 1)] == [300.0]
     assert report._qdecode_records(4, 16) == []
+
+
+def test_report_tables_the_quantization_modes(tmp_path, monkeypatch):
+    """results/quantization_modes_*.jsonl: a row per setting, each round's tok/s, whether C ran."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    env = {"device": "Device(cpu, 0)", "device_name": None, "cpu_name": "AMD EPYC", "mlx": "0.32.4",
+           "shape": "125m", "dtype": "float32"}
+
+    def run(kind, tok_s, mode, bits, group, c, gb):
+        return {"kind": kind, "length": 512 if kind == "prefill" else 64, "tok_s": tok_s, "q_mode": mode,
+                "q_bits": bits, "q_group_size": group, "cpu_step": c, "weights_gb": gb, **env}
+
+    lines = [{"kind": "meta", "date": "d", "machine": "m", "command": "c"},
+             run("prefill", 500.0, None, None, None, True, 0.656), run("decode", 40.0, None, None, None, True, 0.656),
+             run("prefill", 20.0, "mxfp4", 4, 32, False, 0.088), run("decode", 15.0, "mxfp4", 4, 32, False, 0.088),
+             run("prefill", 510.0, None, None, None, True, 0.656), run("decode", 42.5, None, None, None, True, 0.656),
+             run("prefill", 21.0, "mxfp4", 4, 32, False, 0.088), run("decode", 14.0, "mxfp4", 4, 32, False, 0.088),
+             run("decode", 80.0, "affine", 4, 64, True, 0.103)]
+    (tmp_path / "quantization_modes_cpu.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = "\n".join(report.quantization_modes_rows())
+    assert "| float32 (not quantized) | 0.656 | 500.0 / 510.0 | 40.0 / 42.5 | yes |" in text
+    assert "| mxfp4 (4-bit, group 32) | 0.088 | 20.0 / 21.0 | 15.0 / 14.0 | no |" in text
+    assert "| 4-bit affine, group 64 | 0.103 |  | 80.0 | yes |" in text
+    assert "MLX 0.32.4 on Device(cpu, 0) (AMD EPYC); 125m shape" in text and "prefill of 512 tokens" in text

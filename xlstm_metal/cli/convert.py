@@ -53,7 +53,9 @@ On CPUs MLX's quantized matmul saves memory, not time: measured on a 2-core x86 
 for small layers, and 70-90x at 512 rows (BENCHMARKS.md). xLSTM-Large models on Linux CPUs decode
 and prefill in C instead, reading the packed weights: there a quantized model decodes faster than
 float32 (8-bit 1.9x, 4-bit 2.0x at the 125m shape) and prefills as fast. Quantize for Metal and
-NVIDIA GPUs, to fit memory, or for xLSTM-Large decode on Linux CPUs.
+NVIDIA GPUs, to fit memory, or for xLSTM-Large decode on Linux CPUs. The C code reads affine
+weights only: on CPUs the float formats (--q-mode mxfp4 ...) run MLX's quantized graph, 25x slower
+than 4-bit affine in a 512-token prefill and 5-6x in decode on that machine.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
 next-token distributions, top-1 agreement, and greedy agreement over --check-greedy tokens, with
