@@ -11,8 +11,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import tiny_model
+from test_convert import tok_ckpt  # noqa: F401  (a fixture: a tiny checkpoint with a tokenizer)
 from test_module_tree import IDS, _close, _decode, _large, _np, _xlstm_2024
-from test_tokenizer import train_tiny_tokenizer
 
 from xlstm_metal import benchmark as bm
 from xlstm_metal.cli import main
@@ -178,15 +178,6 @@ def test_a_json_recipe_mixes_modes(tmp_path):
     spec.write_text(json.dumps({"mode": "mxfp4", "lm_head": {"bits": 8}}))
     with pytest.raises(QuantizationError, match="layer 'lm_head': mode mxfp4 has bits 4, got 8"):
         quantize_model(tiny_model(6, tie_word_embeddings=False), recipe=str(spec))
-
-
-@pytest.fixture(scope="module")
-def tok_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src")
-    hf = train_tiny_tokenizer()
-    save_model(tiny_model(3, vocab_size=hf.get_vocab_size(), tie_word_embeddings=False), path)
-    hf.save(str(path / "tokenizer.json"))
-    return path
 
 
 @pytest.mark.parametrize("mode", FORMATS)
