@@ -95,14 +95,17 @@ def _recipe(path: str, module: nn.Module):
     return {"group_size": 64, "bits": 6} if path == "backbone.embeddings" else {"group_size": 32, "bits": 4}
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 64), (3, 32), (6, 64), ("mixed", None)])
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 64), (3, 32), (6, 64), ("mixed", None), ("mxfp4", 32),
+                                         ("nvfp4", 16)])
 def test_c_prefill_reads_quantized_weights(bits, group):
     """Quantized weights: the row kernel on their packed integers up to 8 tokens, beyond that the
-    GEMM on tiles of dequantized rows."""
+    GEMM on tiles of dequantized rows; a 4-bit float format read as affine 8-bit."""
     def build():
         model = tiny_model(seed=14, ffn_proj_factor=40.0, tie_word_embeddings=bits == "mixed")
         if bits == "mixed":
             nn.quantize(model, class_predicate=_recipe)
+        elif bits in ("mxfp4", "nvfp4"):
+            nn.quantize(model, mode=bits)
         else:
             nn.quantize(model, group_size=group, bits=bits)
         return model
@@ -314,7 +317,7 @@ class _Zeros(nn.Module):
 def test_models_it_does_not_compute_run_the_graph():
     ids = _ids(1, 20, seed=4)
     microscaled = tiny_model(seed=8)
-    nn.quantize(microscaled, group_size=32, bits=4, mode="mxfp4")  # not MLX's affine form
+    nn.quantize(microscaled, group_size=32, bits=8, mode="mxfp8")  # no affine form (mxfp4's is read)
     assert "quantized in a way the C code does not read" in cp.unsupported_reason(microscaled)
     assert cp.prefill(microscaled, ids) is None
     swapped = tiny_model(seed=8)
