@@ -1085,8 +1085,8 @@ def quantization_modes_rows() -> list[str]:
             f"- MLX {first['mlx']} on {first['device']} ({where}); {first['shape']} shape, random weights, "
             f"{first['dtype']} float layers; prefill of {next(r['length'] for r in runs if r['kind'] == 'prefill'):,} "
             "tokens, greedy decode at batch 1; tok/s per round",
-            "- C path: whether the CPU's C decode step and prefill ran (they read affine weights; the float "
-            "formats run MLX's quantized graph)",
+            f"- C path: whether the CPU's C decode step and prefill ran (they read affine weights, and since "
+            f"session 43 mxfp4 / nvfp4 as affine 8-bit; mxfp8 runs MLX's quantized graph){meta.get('note', '')}",
             "",
             "| weights | GB | prefill tok/s | decode tok/s | C path |",
             "| --- | ---: | --- | --- | --- |",
