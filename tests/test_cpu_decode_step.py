@@ -153,12 +153,12 @@ def test_c_step_reads_4_bit_float_formats(mode, tied):
     """mxfp4 / nvfp4 weights (embeddings and head too) read as affine 8-bit (their values on a
     half-step grid, exactly): the graph's logits and states, fused groups included; the levels
     equal MLX's dequantization bit for bit."""
-    from xlstm_metal.kernels.cpu.decode_step import _fp4_as_affine
+    from xlstm_metal.kernels.cpu.decode_step import _FP4AsAffine
 
     group = 32 if mode == "mxfp4" else 16
     w = mx.random.normal((8, 64), key=mx.random.key(3)) * 3
     packed, scales = mx.quantize(w, group, 4, mode=mode)
-    read = _fp4_as_affine(packed, scales, mode, group)
+    read = _FP4AsAffine(packed, scales, mode, group)
     levels = mx.view(read.weight, mx.uint8).reshape(8, 64).astype(mx.float32)
     as_read = levels * mx.repeat(read.scales, group, axis=1) + mx.repeat(read.biases, group, axis=1)
     assert mx.array_equal(as_read, mx.dequantize(packed, scales, None, group, 4, mode=mode, dtype=mx.float32)).item()
@@ -172,6 +172,10 @@ def test_c_step_reads_4_bit_float_formats(mode, tied):
     model.fuse_projections()
     assert model.blocks[0].mlstm_layer["_fused_projection"][0]["scales"].dtype == mx.uint8
     _assert_same(model, tol=1e-4)
+    # the layers of a fused group read one conversion of its arrays, each from its own row
+    read = [a for a in ds._collect(model)[0] if isinstance(a, _FP4AsAffine)]
+    q_k = [a for a in read if a.source[0] is model.blocks[0].mlstm_layer["_fused_projection"][0]["weight"]]
+    assert len(q_k) == 4 and all(a.shared is q_k[0].shared for a in q_k) and [a.row for a in q_k] == [0, 32, 64, 128]
 
 
 def test_mxfp8_is_left_to_the_graph():

@@ -194,34 +194,50 @@ class _Quantized:
 _FP4_LEVELS = (12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0)
 
 
-def _fp4_as_affine(weight: mx.array, scales: mx.array, mode: str, group: int, row: int = 0) -> _Quantized:
+class _FP4AsAffine(_Quantized):
     """A 4-bit float format's weight (mxfp4: E8M0 scales, groups of 32; nvfp4: E4M3 scales, groups
-    of 16) as the C code reads affine 8-bit weights: the same values (arrays derived here, kept by
-    the plan, rebuilt when the layer's arrays change). MLX's own quantized graph prefilled 512
+    of 16) as the C code reads affine 8-bit weights: the same values, in arrays derived on first
+    use (a layer whose fused group the plan reads instead is never converted), kept by the plan
+    and rebuilt with it when the layer's arrays change. MLX's own quantized graph prefilled 512
     tokens of the 125m shape at 23 tok/s on a 2-core EPYC, the C code ~1,000 (BENCHMARKS.md,
     "Quantization modes")."""
-    rows, words = weight.shape
-    codes = (weight[..., None] >> mx.arange(0, 32, 4, dtype=mx.uint32)) & 0xF  # code j at bits 4 j
-    levels = mx.take(mx.array(_FP4_LEVELS, dtype=mx.uint8), codes.reshape(rows, words * 8).astype(mx.int32))
-    if mode == "mxfp4":
-        scale = mx.power(mx.array(2.0), scales.astype(mx.float32) - 127.0)
-    else:
-        scale = mx.from_fp8(scales, dtype=mx.float32)
-    q = mx.view(levels, mx.uint32)  # 4 levels per word, little-endian: MLX's 8-bit layout
-    arrays = (q, scale * 0.5, scale * -6.0)
-    mx.eval(*arrays)
-    return _Quantized(*arrays, 8, group, row)
+
+    def __init__(self, weight: mx.array, scales: mx.array, mode: str, group: int, row: int = 0,
+                 shared: list | None = None):
+        self.source, self.mode, self.bits, self.group, self.row = (weight, scales), mode, 8, group, row
+        self.shared = [None] if shared is None else shared  # one conversion for a fused group's layers
+
+    def arrays(self) -> list[mx.array]:
+        if self.shared[0] is None:
+            weight, scales = self.source
+            rows, words = weight.shape
+            codes = (weight[..., None] >> mx.arange(0, 32, 4, dtype=mx.uint32)) & 0xF  # code j at bits 4 j
+            levels = mx.take(mx.array(_FP4_LEVELS, dtype=mx.uint8), codes.reshape(rows, words * 8).astype(mx.int32))
+            scale = mx.power(mx.array(2.0), scales.astype(mx.float32) - 127.0) if self.mode == "mxfp4" \
+                else mx.from_fp8(scales, dtype=mx.float32)
+            # 4 levels per word, little-endian: MLX's 8-bit layout
+            self.shared[0] = (mx.view(levels, mx.uint32), scale * 0.5, scale * -6.0)
+            mx.eval(*self.shared[0])
+        return list(self.shared[0])
+
+    weight = property(lambda self: self.arrays()[0])
+    scales = property(lambda self: self.arrays()[1])
+    biases = property(lambda self: self.arrays()[2])
+
+    def at_row(self, row: int) -> "_FP4AsAffine":
+        """The same conversion (shared, done once) read from ``row`` on: one layer of a fused group."""
+        return _FP4AsAffine(*self.source, self.mode, self.group, row, self.shared)
 
 
 def _quantized(reads: _Reads, layer: Any, rows: int, cols: int, what: str) -> _Quantized:
     """``layer``'s quantized weight, where the C code computes what MLX's affine quantized matmul
     does (2 to 8 bits, groups of a multiple of 16 that divide ``cols``) or a 4-bit float format
-    (mxfp4, nvfp4: read as affine 8-bit, :func:`_fp4_as_affine`); else _Unsupported."""
+    (mxfp4, nvfp4: read as affine 8-bit, :class:`_FP4AsAffine`); else _Unsupported."""
     bits, group, mode = (reads.value(layer, name) for name in ("bits", "group_size", "mode"))
     if mode in ("mxfp4", "nvfp4") and (bits, group) == (4, 32 if mode == "mxfp4" else 16) and not cols % group \
             and layer.weight.dtype == mx.uint32 and layer.weight.shape == (rows, cols // 8) \
             and layer.scales.dtype == mx.uint8 and layer.scales.shape == (rows, cols // group):
-        return _fp4_as_affine(layer.weight, layer.scales, mode, group)
+        return _FP4AsAffine(layer.weight, layer.scales, mode, group)
     if mode != "affine" or bits not in (2, 3, 4, 5, 6, 8) or group % 16 or cols % group \
             or layer.get("biases") is None:
         raise _Unsupported(f"{what} is quantized in a way the C code does not read ({mode}, {bits} bits, "
@@ -278,7 +294,7 @@ def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple
     for (kind, members), group in zip(fusion_groups(layers), reads.entries_of(fused)):
         reads.entries_of(group)
         start = 0
-        as_affine = _fp4_as_affine(group["weight"], group["scales"], kind[3], kind[1]) \
+        as_affine = _FP4AsAffine(group["weight"], group["scales"], kind[3], kind[1]) \
             if kind[0] == "quantized" and kind[3] in ("mxfp4", "nvfp4") else None
         for j in members:
             if kind == ("linear", mx.float32):
@@ -286,7 +302,7 @@ def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple
             elif kind[0] == "quantized" and kind[3] == "affine" and kind[4]:
                 rows[j] = _Quantized(group["weight"], group["scales"], group["biases"], kind[2], kind[1], start)
             elif as_affine is not None:
-                rows[j] = _Quantized(*as_affine.arrays(), 8, kind[1], start)
+                rows[j] = as_affine.at_row(start)
             start += layers[j].weight.shape[0]
     return rows
 
