@@ -54,7 +54,8 @@ for small layers, and 70-90x at 512 rows (BENCHMARKS.md). xLSTM-Large models on 
 and prefill in C instead, reading the packed weights: there a quantized model decodes faster than
 float32 (8-bit 1.9x, 4-bit 2.0x at the 125m shape) and prefills as fast. Quantize for Metal and
 NVIDIA GPUs, to fit memory, or for xLSTM-Large decode on Linux CPUs. The C code reads affine
-weights, and mxfp4 / nvfp4 as affine 8-bit (exactly; about as fast as 4-bit affine there); mxfp8
+weights, and mxfp4 / nvfp4 as affine 8-bit (exactly, from a copy: ~3.4x / 3.7x their memory; about
+as fast as 4-bit affine there); mxfp8
 runs MLX's quantized graph on CPUs, ~200x slower in a 512-token prefill on that machine.
 
 --check TEXTFILE compares SRC and OUT on that text: perplexity of both, mean KL divergence of the
