@@ -70,12 +70,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="do not mx.compile the decode step")
     p.add_argument("--no-fuse", action="store_true",
                    help="keep separate projection weights (default: fuse them at load time)")
-    p.add_argument("--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+    from ..quantization import BITS, GROUP_SIZES, MODES
+
+    p.add_argument("--q-bits", type=int, choices=BITS, default=None,
                    help="quantize the random model's linear layers and embeddings to this many bits "
                    "(affine, MLX's layout; the i/f gate projections stay in float)")
-    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=None,
+    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=None,
                    help="quantization group size (default 64; implies --q-bits 4 when that is not given)")
-    p.add_argument("--q-mode", choices=("affine", "mxfp4", "mxfp8", "nvfp4"), default=None,
+    p.add_argument("--q-mode", choices=tuple(MODES), default=None,
                    help="quantization mode (default affine; mxfp4, mxfp8 and nvfp4 fix bits and group size)")
     p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
     add_profile_argument(p)

@@ -35,6 +35,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ... import _blas
+from ...quantization import MODES
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 ENABLED = os.environ.get("XLSTM_METAL_CPU_STEP", "1") != "0"
@@ -192,6 +193,8 @@ class _Quantized:
 #: negatives) lie on a half-step grid from -6 to 6, so a group of them times a scale s is affine
 #: with 8-bit integers, scale s / 2 and bias -6 s, exactly.
 _FP4_LEVELS = (12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0)
+#: The 4-bit float formats and their (bits, group size): mxfp4 and nvfp4.
+_FP4_MODES = {mode: fixed for mode, fixed in MODES.items() if fixed is not None and fixed[0] == 4}
 
 
 class _FP4AsAffine(_Quantized):
@@ -234,7 +237,7 @@ def _quantized(reads: _Reads, layer: Any, rows: int, cols: int, what: str) -> _Q
     does (2 to 8 bits, groups of a multiple of 16 that divide ``cols``) or a 4-bit float format
     (mxfp4, nvfp4: read as affine 8-bit, :class:`_FP4AsAffine`); else _Unsupported."""
     bits, group, mode = (reads.value(layer, name) for name in ("bits", "group_size", "mode"))
-    if mode in ("mxfp4", "nvfp4") and (bits, group) == (4, 32 if mode == "mxfp4" else 16) and not cols % group \
+    if _FP4_MODES.get(mode) == (bits, group) and not cols % group \
             and layer.weight.dtype == mx.uint32 and layer.weight.shape == (rows, cols // 8) \
             and layer.scales.dtype == mx.uint8 and layer.scales.shape == (rows, cols // group):
         return _FP4AsAffine(layer.weight, layer.scales, mode, group)
@@ -295,7 +298,7 @@ def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple
         reads.entries_of(group)
         start = 0
         as_affine = _FP4AsAffine(group["weight"], group["scales"], kind[3], kind[1]) \
-            if kind[0] == "quantized" and kind[3] in ("mxfp4", "nvfp4") else None
+            if kind[0] == "quantized" and kind[3] in _FP4_MODES else None
         for j in members:
             if kind == ("linear", mx.float32):
                 rows[j] = (group["weight"], start)
