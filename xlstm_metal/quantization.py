@@ -349,6 +349,12 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     return config
 
 
+def describe(quantization: dict[str, Any]) -> str:
+    """A quantization entry's top-level setting as text: "4-bit, group 64", "mxfp4, 4-bit, group 32"."""
+    mode = quantization.get("mode", "affine")
+    return f"{'' if mode == 'affine' else mode + ', '}{quantization['bits']}-bit, group {quantization['group_size']}"
+
+
 def config_quantization(config_dict: dict[str, Any], source: str = "config.json") -> dict[str, Any] | None:
     """Pop ``quantization`` / ``quantization_config`` from a checkpoint's config dict and return
     the quantization dict (None for a float checkpoint).

@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..loading import CheckpointError, load_model, read_config_dict, resolve_model_path, save_model
     from ..quantization import (
-        QuantizationError, bits_per_weight, dequantize_model, parameter_count, quantization_config, quantize_model,
+        QuantizationError, bits_per_weight, dequantize_model, describe, parameter_count, quantization_config,
+        quantize_model,
     )
 
     out = Path(args.out).expanduser()
@@ -292,9 +293,7 @@ def run(args: argparse.Namespace) -> int:
         "weight_bytes": size, "bits_per_weight": bits_per_weight(model), "source_bits_per_weight": source_bpw,
     }
     what = "float" if quantization is None else (
-        ("" if summary["mode"] == "affine" else f"{summary['mode']}, ")
-        + f"{quantization['bits']}-bit, group {quantization['group_size']}"
-        + (f", recipe {recipe.name}" if recipe is not None and recipe.name != "uniform" else ""))
+        describe(quantization) + (f", recipe {recipe.name}" if recipe is not None and recipe.name != "uniform" else ""))
     if not args.json:
         print(f"wrote {out}: {what}, {summary['dtype']} float weights, {summary['parameters'] / 1e6:.2f}M "
               f"parameters, {size / 1e6:.2f} MB, {summary['bits_per_weight']:.2f} bits per weight "

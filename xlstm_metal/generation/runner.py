@@ -708,7 +708,7 @@ def model_info(model: nn.Module) -> dict[str, Any]:
                 info[f"{kind}_num_heads"] = layer.num_heads
     if getattr(config, "slstm_at", None) is not None:
         info["slstm_at"] = list(config.slstm_at)
-    from ..quantization import quantization_config
+    from ..quantization import describe, quantization_config
 
     quantization = quantization_config(model)
     info["parameters"] = sizes["parameters"] if quantization is not None else sizes["stored"]
@@ -718,9 +718,7 @@ def model_info(model: nn.Module) -> dict[str, Any]:
     dtypes.pop("uint8", None)
     info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
     if quantization is not None:
-        mode = quantization.get("mode", "affine")
-        info["quantization"] = (f"{'' if mode == 'affine' else mode + ', '}{quantization['bits']}-bit, group "
-                                f"{quantization['group_size']}, "
+        info["quantization"] = (f"{describe(quantization)}, "
                                 f"{8.0 * sizes['bytes'] / max(sizes['parameters'], 1):.2f} bits per weight")
     info["weights_bytes"] = sizes["bytes"]
     if sizes["state_bytes_per_row"] is not None:
