@@ -35,16 +35,25 @@ def _not_gates(path: str, module: nn.Module) -> bool:
 
 def _quantized_pair(make, bits: int, group_size: int, predicate=None):
     """(quantized model, float model holding the quantize->dequantize'd weights)."""
-    model, reference = make(), make()
+    model = make()
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return model, _dequantized_twin(make, model)
+
+
+def _dequantized_twin(make, model: nn.Module) -> nn.Module:
+    """``make()`` (the float model ``model`` was quantized from) holding each of ``model``'s
+    quantized layers' weights dequantized: in its scales' dtype, a float format's (uint8 scales)
+    in float32."""
+    reference = make()
     quantized = {path: m for path, m in _leaf_modules(model) if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
     assert quantized, "nothing was quantized"
     for path, m in _leaf_modules(reference):
         if path in quantized:
             q = quantized[path]
-            m.weight = mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits)
+            m.weight = mx.dequantize(q.weight, q.scales, q.get("biases"), group_size=q.group_size, bits=q.bits,
+                                     mode=q.mode, dtype=mx.float32 if q.mode != "affine" else None)
     mx.eval(model.parameters(), reference.parameters())
-    return model, reference
+    return reference
 
 
 def _leaf_modules(model: nn.Module):

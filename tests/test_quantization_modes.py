@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 from test_convert import tok_ckpt  # noqa: F401  (a fixture: a tiny checkpoint with a tokenizer)
-from test_module_tree import IDS, _close, _decode, _large, _np, _xlstm_2024
+from test_module_tree import IDS, _close, _decode, _dequantized_twin, _large, _np, _xlstm_2024
 
 from xlstm_metal import benchmark as bm
 from xlstm_metal.cli import main
@@ -22,31 +22,6 @@ from xlstm_metal.quantization import (MODES, QuantizationError, config_quantizat
                                       quantization_config, quantize_model)
 
 FORMATS = [m for m in MODES if m != "affine"]
-
-
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
-
-
-def load_model_like(model: nn.Module, params: dict) -> nn.Module:
-    """The float twin of ``model`` (same class and config) with each quantized layer's weight its
-    float32 dequantization, every other parameter as it is."""
-    from mlx.utils import tree_unflatten
-
-    twin = _large() if type(model).__name__ == "xLSTMLarge" else _xlstm_2024()
-    floats = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            floats[f"{path}.weight"] = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
-                                                     bits=m.bits, mode=m.mode, dtype=mx.float32)
-    keep = {k: v for k, v in params.items() if k.rpartition(".")[0] + ".weight" not in floats or k in floats}
-    keep = {k: v for k, v in keep.items() if not k.endswith((".scales", ".biases"))}
-    keep.update(floats)
-    twin.update(tree_unflatten(list(keep.items())))
-    mx.eval(twin.parameters())
-    return twin
 
 
 @pytest.mark.parametrize("make", [_large, _xlstm_2024], ids=["large", "2024"])
@@ -59,7 +34,7 @@ def test_float_formats_run_in_every_path_as_the_dequantized_float_model(make, mo
     assert (config["mode"], config["bits"], config["group_size"]) == (mode, bits, group)
     layers = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     assert layers and all(m.mode == mode and m.scales.dtype == mx.uint8 and "biases" not in m for m in layers)
-    reference = load_model_like(model, dict(_flat(model.parameters())))
+    reference = _dequantized_twin(make, model)
     expected, _ = reference(IDS)
     logits, _ = model(IDS)
     assert logits.dtype == mx.float32  # a float32 model stays float32 (MLX looks the rows up in bf16)
