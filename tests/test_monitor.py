@@ -279,7 +279,13 @@ def test_generate_over_a_hard_limit_exits_3_after_the_soft_warning(tmp_path, cap
     assert "RSS" in err and "MLX active" in err  # the usage is named
     assert 0 < len(out.strip())  # what was generated before the stop is printed
     rows = read_csv(log)
-    assert rows and rows[0]["event"] == "soft+hard" and all(int(r["usage_bytes"]) > 2 * 10**6 for r in rows)
+    events = [r["event"].split("+") for r in rows]
+    soft = next(i for i, e in enumerate(events) if "soft" in e)
+    hard = next(i for i, e in enumerate(events) if "hard" in e)
+    # Soft first, or both in one sample (the CPU's RSS crosses both at once; CUDA's device memory
+    # can fall back under the hard limit once the soft action clears the cache, and cross it later).
+    assert soft <= hard and sum("hard" in e for e in events) == 1
+    assert int(rows[hard]["usage_bytes"]) >= int(rows[hard]["hard_bytes"]) == 2000
     assert main(["generate", "--prompt", "x", "--mem-hard", "lots"]) == 2
     assert "--mem-hard must be a size" in capsys.readouterr().err
 

@@ -445,6 +445,46 @@ def test_one_group_per_row_takes_the_dequantized_product_on_cuda(monkeypatch, bi
     assert calls == []
 
 
+@pytest.mark.parametrize("mode, bits, group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_float_formats_prefill_takes_the_dequantized_product_on_cuda(monkeypatch, mode, bits, group_size, dtype):
+    """On CUDA a float format's product over more than DECODE_MAX_ROWS rows of bf16 / fp16 x is
+    dequantize + GEMM (MLX's own ran a 7B prefill 5x slower than 4-bit affine's: session 44, an
+    H100); decode rows, float32 x and CPUs keep MLX's product. The CUDA check is pretended: the
+    routing is tested, and the routed result equals MLX's product up to the GEMM's rounding."""
+    from xlstm_metal.kernels.fast import quantized
+
+    calls = []
+    original = quantized.dequantized_matmul
+    monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    w = mx.array(np.random.default_rng(0).normal(0, 0.05, (48, 128)).astype(np.float32))
+    wq, scales = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    assert scales.dtype == mx.uint8
+    x = mx.array(np.random.default_rng(1).normal(0, 1, (2, DECODE_MAX_ROWS, 128)).astype(np.float32)).astype(dtype)
+
+    def product(rows, dtype=dtype):
+        return quantized.quantized_matmul(x.reshape(-1, 128)[:rows].astype(dtype), wq, scales, None,
+                                          group_size=group_size, bits=bits, mode=mode)
+
+    monkeypatch.setattr(quantized, "cuda_available", lambda: False)
+    product(2 * DECODE_MAX_ROWS)
+    assert calls == []  # not CUDA: MLX's product
+    monkeypatch.setattr(quantized, "cuda_available", lambda: True)
+    y = product(2 * DECODE_MAX_ROWS)
+    assert calls == [(2 * DECODE_MAX_ROWS, 128)] and y.dtype == dtype
+    ref = mx.quantized_matmul(x.reshape(-1, 128), wq, scales=scales, transpose=True, group_size=group_size,
+                              bits=bits, mode=mode)
+    # the dequantized weights are exact in bf16 / fp16: the two differ by the products' rounding
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32)), rtol=0.02, atol=0.02)
+    exact = x.reshape(-1, 128).astype(mx.float32) @ mx.dequantize(wq, scales, None, group_size=group_size, bits=bits,
+                                                                  mode=mode, dtype=mx.float32).T
+    assert _rel_fro(y.astype(mx.float32), np.array(exact)) < 1e-2
+    calls.clear()
+    product(DECODE_MAX_ROWS)  # decode rows
+    product(2 * DECODE_MAX_ROWS, mx.float32)  # float32 x
+    assert calls == []
+
+
 def test_quantize_model_and_loading_leave_our_quantized_layers(tmp_path):
     """quantize_model and loading a quantized checkpoint leave FastQuantizedLinear /
     FastQuantizedEmbedding (our dispatch, so MLX's faulty CUDA cases are avoided on every path,

@@ -21,8 +21,9 @@ Metal run the reference; on CUDA:
   thousands of rows.
 
 The fast path takes bfloat16 or float16 x with scales and biases of the same dtype, bits 4 or 8
-and group sizes 32, 64 or 128; anything else (float32 x, other bits, other modes) runs the
-reference, so a call is always valid.
+and group sizes 32, 64 or 128; the float formats (mxfp4, nvfp4, mxfp8) with more than
+:data:`DECODE_MAX_ROWS` rows of bf16 or fp16 x take dequantize + GEMM too; anything else (float32 x,
+other bits, the float formats' decode) runs the reference, so a call is always valid.
 
 The decode kernel's source has hooks (:func:`decode_source`: its sizes, a prologue, how x's
 values are read, the store; thread blocks that walk several output tiles), which
@@ -759,17 +760,32 @@ def one_group_per_row_on_cuda(x: mx.array, group_size: int, mode: str = "affine"
     return mode == "affine" and group_size >= x.shape[-1] and cuda_available()
 
 
+def float_format_prefill_on_cuda(x: mx.array, w: mx.array, scales: mx.array, mode: str) -> bool:
+    """Whether :func:`quantized_matmul` takes dequantize + GEMM for a float format (mxfp4, nvfp4,
+    mxfp8: uint8 scales, no biases): on CUDA, bf16 or fp16 x of more than
+    :data:`DECODE_MAX_ROWS` rows. MLX 0.32.4's own product is slow there: a 7B 2,048-token
+    prefill with mxfp4 weights ran at 5,875 tok/s against 4-bit affine's 29,516 through
+    dequantize + GEMM (H100, session 44). Fewer rows keep MLX's product (its decode reads the
+    packed weights: 196 tok/s at batch 1, bf16's speed at a quarter of the bytes)."""
+    return (mode != "affine" and scales.dtype == mx.uint8 and w.dtype == mx.uint32 and w.ndim == 2
+            and x.dtype in (mx.bfloat16, mx.float16) and math.prod(x.shape[:-1]) > DECODE_MAX_ROWS
+            and cuda_available())
+
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
                      group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """x [..., K] @ dequantize(w, scales, biases).T -> [..., N].
 
     w: packed [N, K * bits / 32] uint32; scales, biases: [N, K / group_size]. On CUDA (bf16 or
     fp16 x, bits 4 or 8, affine): up to :data:`DECODE_MAX_ROWS` rows of x the fused kernel,
-    more rows dequantize + GEMM. Everywhere else this is ``mx.quantized_matmul(...,
+    more rows dequantize + GEMM, as for the float formats (:func:`float_format_prefill_on_cuda`).
+    Everywhere else this is ``mx.quantized_matmul(...,
     transpose=True)`` (the reference: CPU, Metal, the other cases).
     """
     if one_group_per_row_on_cuda(x, group_size, mode):
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+    if float_format_prefill_on_cuda(x, w, scales, mode):
+        return dequantized_matmul(x, w, scales, None, group_size=group_size, bits=bits, mode=mode)
     if fast_path_supported(x, w, scales, biases, group_size, bits, mode):
         rows = math.prod(x.shape[:-1])
         if rows == 0:
@@ -842,8 +858,11 @@ def fused_swiglu_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
 
 
 def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
-                       group_size: int, bits: int) -> mx.array:
-    """Prefill: the weights dequantized to x's dtype (one pass over them), then MLX's GEMM."""
+                       group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """Prefill: the weights dequantized to x's dtype (one pass over them), then MLX's GEMM. A
+    float format's values (mxfp4, nvfp4, mxfp8) are exact in bf16 and fp16: dequantized there."""
+    if mode != "affine":
+        return x @ mx.dequantize(w, scales, None, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype).T
     return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype).T
 
 
