@@ -1079,17 +1079,21 @@ def quantization_modes_rows() -> list[str]:
         runs = [r for r in records if r["kind"] in ("prefill", "decode")]
         first = runs[0]
         where = first["device_name"] or first.get("cpu_name") or first["device"]
+        on_cpu = "cpu" in first["device"]
+        batches = sorted({r["batch"] for r in runs if r["kind"] == "decode"})
         lines += [
             "", f"## Quantization modes: affine against MLX's float formats ({path.name})", "",
             f"- date: {meta['date']}; {meta['machine']}; command: `{meta['command']}`",
             f"- MLX {first['mlx']} on {first['device']} ({where}); {first['shape']} shape, random weights, "
             f"{first['dtype']} float layers; prefill of {next(r['length'] for r in runs if r['kind'] == 'prefill'):,} "
-            "tokens, greedy decode at batch 1; tok/s per round",
-            f"- C path: whether the CPU's C decode step and prefill ran (they read affine weights, and since "
-            f"session 43 mxfp4 / nvfp4 as affine 8-bit; mxfp8 runs MLX's quantized graph){meta.get('note', '')}",
+            f"tokens, greedy decode at batch {' and '.join(map(str, batches))}; tok/s per round",
+            (f"- C path: whether the CPU's C decode step and prefill ran (they read affine weights, and since "
+             f"session 43 mxfp4 / nvfp4 as affine 8-bit; mxfp8 runs MLX's quantized graph){meta.get('note', '')}"
+             if on_cpu else f"- {meta.get('note', '').lstrip('; ')}"),
             "",
-            "| weights | GB | prefill tok/s | decode tok/s | C path |",
-            "| --- | ---: | --- | --- | --- |",
+            "| weights | GB | prefill tok/s | " + " | ".join(f"decode b{b} tok/s" for b in batches)
+            + (" | C path |" if on_cpu else " |"),
+            "| --- | ---: | --- | " + " | ".join("---" for _ in batches) + (" | --- |" if on_cpu else " |"),
         ]
         settings: dict[tuple, list[dict]] = {}
         for r in runs:
@@ -1098,9 +1102,12 @@ def quantization_modes_rows() -> list[str]:
         for (mode, bits, group), rs in settings.items():
             name = f"{first['dtype']} (not quantized)" if mode is None else (
                 f"{bits}-bit affine, group {group}" if mode == "affine" else f"{mode} ({bits}-bit, group {group})")
-            tok = {k: " / ".join(_fmt(r["tok_s"]) for r in rs if r["kind"] == k) for k in ("prefill", "decode")}
-            c_path = "yes" if all(r.get("cpu_step") for r in rs) else "no"
-            lines.append(f"| {name} | {rs[0]['weights_gb']:.3f} | {tok['prefill']} | {tok['decode']} | {c_path} |")
+            cells = [" / ".join(_fmt(r["tok_s"]) for r in rs if r["kind"] == "prefill")]
+            cells += [" / ".join(_fmt(r["tok_s"]) for r in rs if r["kind"] == "decode" and r["batch"] == b)
+                      for b in batches]
+            if on_cpu:
+                cells.append("yes" if all(r.get("cpu_step") for r in rs) else "no")
+            lines.append(f"| {name} | {rs[0]['weights_gb']:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
