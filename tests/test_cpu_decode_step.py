@@ -178,6 +178,26 @@ def test_c_step_reads_4_bit_float_formats(mode, tied):
     assert len(q_k) == 4 and all(a.shared is q_k[0].shared for a in q_k) and [a.row for a in q_k] == [0, 32, 64, 128]
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_fp4_conversion_in_c_equals_mlx_ops_bit_for_bit(mode):
+    """The C conversion (xl_fp4_as_affine8) against its reference in MLX's ops, on every code byte
+    and every scale byte (E8M0's 0 and 255: a subnormal and inf; E4M3's NaN, zeros and subnormals)."""
+    group = 32 if mode == "mxfp4" else 16
+    rows, cols = 16, 512
+    rng = np.random.default_rng(5)
+    codes = np.arange(rows * cols // 2, dtype=np.uint32).reshape(rows, cols // 2) % 256  # every byte
+    rng.shuffle(codes, axis=1)
+    packed = mx.array(codes.astype(np.uint8)).reshape(rows, -1)
+    packed = mx.view(packed, mx.uint32)
+    scales = mx.array((np.arange(rows * cols // group) % 256).astype(np.uint8).reshape(rows, cols // group))
+    got = ds.fp4_as_affine8(packed, scales, mode, group)
+    want = ds.fp4_as_affine8_reference(packed, scales, mode)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(np.array(a), np.array(b), equal_nan=a.dtype == mx.float32)
+    assert np.isnan(np.array(got[1])).any() == (mode == "nvfp4") and np.isinf(np.array(got[1])).any() == (mode == "mxfp4")
+
+
 def test_mxfp8_is_left_to_the_graph():
     """mxfp8's values (e4m3) lie on no grid of 256 levels: the C code leaves it to MLX, saying why."""
     model = tiny_model(seed=17)
