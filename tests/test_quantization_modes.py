@@ -53,6 +53,33 @@ def test_float_formats_run_in_every_path_as_the_dequantized_float_model(make, mo
         assert int(next_tokens[0, 0]) == int(mx.argmax(expected[0, 0]))
 
 
+@pytest.mark.parametrize("make", [_large, _xlstm_2024], ids=["large", "2024"])
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_a_bf16_model_of_a_float_format_computes_in_bf16(make, mode):
+    """A float-format table's rows come in the model's float dtype: a bf16 model's activations,
+    logits and conv windows stay bf16 (float32 rows made its residual stream float32: off the
+    bf16 fast paths on GPUs, and not the bf16 model mlx-lm runs)."""
+    model = make()
+    model.set_dtype(mx.bfloat16)
+    quantize_model(model, mode=mode)
+    embedding = model.backbone.embeddings if hasattr(model, "backbone") else model.token_embedding
+    assert embedding.scales.dtype == mx.uint8 and embedding(IDS).dtype == mx.float32  # alone: exact float32
+    logits, state = model(IDS)
+    assert logits.dtype == mx.bfloat16
+    if hasattr(model, "prefill"):
+        assert model.prefill(IDS, chunk_size=5)[0].dtype == mx.bfloat16
+    else:  # the 2024 model's conv windows hold activations: bf16, not the scales' uint8
+        assert all(a.dtype in (mx.bfloat16, mx.float32) for layer in model.make_state(1) for a in layer
+                   if isinstance(a, mx.array)) and any(
+            a.dtype == mx.bfloat16 for layer in model.make_state(1) for a in layer if isinstance(a, mx.array))
+    # the same numbers as the bf16 model holding the dequantized weights (exact in bf16), to bf16 round-off
+    reference = _dequantized_twin(make, model)
+    reference.set_dtype(mx.bfloat16)
+    expected = _np(reference(IDS)[0].astype(mx.float32))
+    errors = np.abs(_np(logits.astype(mx.float32)) - expected).max(axis=-1) / np.abs(expected).max(axis=-1)
+    assert np.median(errors) < 0.05
+
+
 @pytest.mark.parametrize("mode", FORMATS)
 def test_save_and_load_keep_the_format_and_its_uint8_scales(tmp_path, mode):
     model = tiny_model(4)

@@ -46,13 +46,52 @@ def scatter_add_is_unordered() -> bool:
     return mx.default_device() != mx.cpu
 
 
-def embed_tokens(embedding: nn.Module, ids: mx.array) -> mx.array:
+def embed_tokens(embedding: nn.Module, ids: mx.array, model: nn.Module | None = None) -> mx.array:
     """ids [...] (integers) -> ``embedding(ids)`` [..., E]. The module in the tree is what runs;
     only a plain ``nn.Embedding`` inside :func:`ordered_embedding_grads` changes, and only in its
-    gradient."""
+    gradient. A float-format quantized table's rows (mxfp4, nvfp4, mxfp8: their values are exact
+    in any float dtype) come in ``model``'s float dtype (:func:`rows_dtype`): a bf16 model's
+    activations stay bf16, a float32 model's float32."""
     if type(embedding) is nn.Embedding:
         return take_rows(embedding.weight, ids)
-    return embedding(ids)
+    rows = embedding(ids)
+    if model is not None and is_float_format(embedding):
+        dtype = rows_dtype(embedding, model)
+        rows = rows if rows.dtype == dtype else rows.astype(dtype)
+    return rows
+
+
+def is_float_format(embedding: nn.Module) -> bool:
+    """Whether ``embedding`` is a table in one of MLX's float quantization formats (uint8 scales)."""
+    return isinstance(embedding, nn.QuantizedEmbedding) and getattr(embedding, "mode", "affine") != "affine"
+
+
+def rows_dtype(embedding: nn.Module, model: nn.Module) -> mx.Dtype:
+    """The dtype of the rows :func:`embed_tokens` looks up in ``embedding`` for ``model``: a float
+    table's, an affine quantized table's scales', and for a float format the dtype of the first
+    float parameter outside quantized layers in ``model``'s tree (a norm: the model's float dtype;
+    float32 where there is none)."""
+    if is_float_format(embedding):
+        return model_float_dtype(model)
+    return (embedding.scales if "scales" in embedding else embedding.weight).dtype
+
+
+def model_float_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype of the first floating-point array of ``model``'s tree, breadth first, outside
+    quantized layers (float32 where there is none). Cheap (it stops at the first: a few modules
+    in), unlike counting them all (``quantization.float_dtype``: ~3 ms at the 7B shape), for it
+    runs on every forward call of a model with a float-format table."""
+    queue = [model]
+    while queue:
+        module = queue.pop(0)
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        values = list(module.values()) if isinstance(module, dict) else list(module)
+        for value in values:
+            if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+                return value.dtype
+        queue.extend(v for v in values if isinstance(v, (dict, list)))
+    return mx.float32
 
 
 def take_rows(weight: mx.array, ids: mx.array) -> mx.array:

@@ -174,7 +174,7 @@ class LabModel(FastQuantizedTree, Module2024):
         blocks = self.blocks
         if state is not None and len(state) != len(blocks):
             raise ValueError(f"state has {len(state)} entries, the model has {len(blocks)} blocks")
-        x = embed_tokens(_get(self, self._names["embedding"]), input_ids)
+        x = embed_tokens(_get(self, self._names["embedding"]), input_ids, self)
         new_state = []
         for index, block in enumerate(blocks):
             x, block_state = block(x, None if state is None else state[index])

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..blocks.xlstm_2024 import mLSTMBlock2024, sLSTMBlock
-from ..cells.embedding import embed_tokens
+from ..cells.embedding import embed_tokens, rows_dtype
 from ..cells.xlstm_2024 import LayerNorm, Module2024
 from ..config_2024 import (
     FeedForwardConfig,
@@ -125,10 +125,9 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows (equal to ``state=None``). Conv windows hold
-        activations, so they take the embedding's output dtype (a quantized embedding's packed
-        weight is uint32: its scales carry the dtype); the recurrent states are float32."""
-        embedding = self.token_embedding
-        dtype = (embedding.scales if "scales" in embedding else embedding.weight).dtype
+        activations, so they take the dtype of the embedding's rows (:func:`rows_dtype`: a
+        quantized embedding's packed weight is uint32); the recurrent states are float32."""
+        dtype = rows_dtype(self.token_embedding, self)
         return [block.zero_state(batch_size, dtype) for block in self.blocks]
 
     def __call__(
@@ -138,7 +137,7 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
         no more, and skips most of the lm_head work)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
-        x = embed_tokens(self.token_embedding, input_ids)
+        x = embed_tokens(self.token_embedding, input_ids, self)
         if "emb_dropout" in self:
             x = self.emb_dropout(x)
         x, state = self.xlstm_block_stack(x, state)

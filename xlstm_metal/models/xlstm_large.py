@@ -65,7 +65,7 @@ class Backbone(nn.Module):
     ) -> tuple[mx.array, ModelState]:
         """input_ids [B, S] -> (normed hidden states [B, S, E] in the embeddings' dtype, state);
         the residual stream between the blocks runs in ``residual_dtype`` (None: the embeddings')."""
-        x = embed_tokens(self.embeddings, input_ids)
+        x = embed_tokens(self.embeddings, input_ids, self)
         dtype = x.dtype
         x = to_residual(x, residual_dtype)
         if all(isinstance(block, mLSTMBlock) and block.fused_step(x) for block in self.blocks):
@@ -326,7 +326,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         # GiB peak against 20.6-20.9 for one 16k piece, session 32).
         previous = None
         for start in range(0, input_ids.shape[1], chunk_size):
-            x = backbone.embeddings(input_ids[:, start : start + chunk_size])
+            x = embed_tokens(backbone.embeddings, input_ids[:, start : start + chunk_size], backbone)
             dtype = x.dtype
             x = to_residual(x, self.residual_dtype)
             long_piece = x.shape[0] * x.shape[1] >= _LONG_PIECE_TOKENS

@@ -74,6 +74,7 @@ class CheckResult:
 def _parts(model):
     """(embed, blocks, head) of an xLSTM-Large or 2024 model: x = embed(ids); x, s = block(x, s)
     for each block; logits = head(x)."""
+    from ..cells.embedding import embed_tokens
     from ..cells.norms import soft_cap
     from ..models.xlstm_large import to_residual
 
@@ -83,7 +84,7 @@ def _parts(model):
         dtypes = []
 
         def embed(ids):
-            x = bb.embeddings(ids)
+            x = embed_tokens(bb.embeddings, ids, bb)
             dtypes.append(x.dtype)
             return to_residual(x, residual)
 
