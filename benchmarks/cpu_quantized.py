@@ -15,8 +15,15 @@ fits where its float32 weights (28 GB) would not:
     python benchmarks/cpu_quantized.py --shape 7b --variants 4 --rounds 1 --tokens 8 --graph-tokens 2 \
         --prefill 64 --out benchmarks/results/cpu_quantized_c_7b.json
 
-Variants: ``float32``, a bit width (2-8, groups of ``--q-group-size``) or a ``--q-recipe`` name
-(``mixed-B-H``). Prints a Markdown table; the JSON keeps every measurement with the load average.
+Variants: ``float32``, a bit width (2-8, groups of ``--q-group-size``), a ``--q-recipe`` name
+(``mixed-B-H``) or a 4-bit float format (``mxfp4``, ``nvfp4``: the C code reads them as affine 8-bit,
+from a copy made when its plan is built; the plan's build time and the memory it adds are
+recorded for every variant):
+
+    python benchmarks/cpu_quantized.py --shape 7b --variants mxfp4 --rounds 1 --tokens 8 --graph-tokens 0 \
+        --prefill 0 --out benchmarks/results/cpu_quantized_c_7b_mxfp4.json
+
+Prints a Markdown table; the JSON keeps every measurement with the load average.
 """
 
 from __future__ import annotations
@@ -31,12 +38,16 @@ import time
 from cpu_decode_step import add_common_arguments, check_common_arguments
 
 
+#: MLX's 4-bit float formats, which the C code reads as affine 8-bit (a copy made when its plan is built).
+FP4_MODES = ("mxfp4", "nvfp4")
+
+
 def _variant(spec: str) -> str:
     """``spec`` if it is float32, a bit width quantization takes or a mixed-B-H recipe it knows;
     else ValueError (before any model is built)."""
     from xlstm_metal.quantization import BITS, QuantizationError, make_recipe
 
-    if spec == "float32" or (spec.isdigit() and int(spec) in BITS):
+    if spec == "float32" or (spec.isdigit() and int(spec) in BITS) or spec in FP4_MODES:
         return spec
     if spec.startswith("mixed-"):
         try:
@@ -51,7 +62,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(p)
     p.add_argument("--variants", default="float32,8,4,mixed-4-6",
-                   help="comma-separated: float32, bits (2-8) or a mixed-B-H recipe")
+                   help="comma-separated: float32, bits (2-8), a mixed-B-H recipe, mxfp4 or nvfp4")
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--tokens", type=int, default=128, help="decode steps per measurement")
     p.add_argument("--graph-tokens", type=int, help="decode steps per MLX-graph measurement (default: --tokens; "
@@ -61,7 +72,7 @@ def main() -> int:
     try:
         variants = [_variant(v) for v in args.variants.split(",") if v]
     except ValueError as err:
-        p.error(f"--variants: {err} is not float32, a bit width 2-8 or mixed-B-H")
+        p.error(f"--variants: {err} is not float32, a bit width 2-8, mixed-B-H, mxfp4 or nvfp4")
     if not variants:
         p.error("--variants: give at least one")
     if args.graph_tokens is None:
@@ -97,10 +108,12 @@ def main() -> int:
 
         def make(spec: str):
             return bm.random_model(config, lazy=True)
-    models = {}
+    models, plans = {}, {}
     for spec in variants:
         model = make(spec)
-        if spec != "float32":
+        if spec in FP4_MODES:
+            quantize_model(model, mode=spec)
+        elif spec != "float32":
             try:
                 quantize_model(model, recipe=spec if spec.startswith("mixed-") else None,
                                bits=None if spec.startswith("mixed-") else int(spec), group_size=args.q_group_size)
@@ -109,14 +122,18 @@ def main() -> int:
                 return 2
         model.fuse_projections()
         mx.eval(model.parameters())
+        # The C step's plan is built at its first call (a float format's affine copy made then).
+        active, start = mx.get_active_memory(), time.perf_counter()
         for path in (decode_step, prefill):
             reason = path.unsupported_reason(model)
             if reason is not None:
                 print(f"error: {spec}: the C code does not run this model: {reason}", file=sys.stderr)
                 return 2
+        plans[spec] = {"plan_s": round(time.perf_counter() - start, 3),
+                       "plan_added_mb": (mx.get_active_memory() - active) / 1e6}
         models[spec] = model
     sizes = {spec: {"bits_per_weight": round(bits_per_weight(m), 3),
-                    "weights_mb": sum(a.nbytes for _, a in tree_flatten(m.parameters())) / 1e6}
+                    "weights_mb": sum(a.nbytes for _, a in tree_flatten(m.parameters())) / 1e6, **plans[spec]}
              for spec, m in models.items()}
     rows = []
     for rnd in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
@@ -148,9 +165,11 @@ def table(result: dict) -> list[str]:
     """Markdown: per variant its size, the medians over rounds and the decode ratio to float32
     (each round's own float32 run, measured in the same turn)."""
     rows, sizes = result["rows"], result["sizes"]
+    planned = all("plan_s" in size for size in sizes.values())  # recorded since session 44
     lines = ["| weights | bits per weight | MB | decode b1, C tok/s (median) | vs float32 | "
-             "decode b1, MLX graph tok/s | prefill tok/s, C (median) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "decode b1, MLX graph tok/s | prefill tok/s, C (median) |"
+             + (" C plan built in s (MB it added) |" if planned else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if planned else "")]
     for spec, size in sizes.items():
         mine = [r for r in rows if r["variant"] == spec]
         ratios = [r["decode_tok_s"] / f["decode_tok_s"] for r in mine for f in rows
@@ -162,7 +181,8 @@ def table(result: dict) -> list[str]:
             f"{statistics.median(r['decode_tok_s'] for r in mine):,.1f} | "
             f"{f'{statistics.median(ratios):.2f}x' if ratios else 'n/a'} | "
             f"{'n/a' if graph is None else f'{graph:,.1f}'} | "
-            f"{'n/a' if prefill is None else f'{prefill:,.1f}'} |")
+            f"{'n/a' if prefill is None else f'{prefill:,.1f}'} |"
+            + (f" {size['plan_s']:,.1f} ({size['plan_added_mb']:,.0f}) |" if planned else ""))
     return lines
 
 

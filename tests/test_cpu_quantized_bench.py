@@ -29,11 +29,11 @@ def _report():
 
 def test_cpu_quantized_bench_measures_every_variant_in_turns(tmp_path, monkeypatch):
     out = tmp_path / "cpu_quantized_c_tiny.json"
-    done = run_benchmark("cpu_quantized.py", "--variants", "float32,8,4,mixed-4-6", "--rounds", "2", "--tokens", "4",
+    done = run_benchmark("cpu_quantized.py", "--variants", "float32,8,4,mixed-4-6,mxfp4", "--rounds", "2", "--tokens", "4",
                          "--graph-tokens", "2", "--prefill", "20", "--out", str(out), tmp_path=tmp_path)
     result = json.loads(out.read_text())
     assert [(r["round"], r["variant"]) for r in result["rows"]] == [
-        (rnd, v) for rnd in (1, 2) for v in ("float32", "8", "4", "mixed-4-6")]
+        (rnd, v) for rnd in (1, 2) for v in ("float32", "8", "4", "mixed-4-6", "mxfp4")]
     assert all(r["decode_tok_s"] > 0 and r["graph_decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
                for r in result["rows"])
     sizes = result["sizes"]
@@ -42,13 +42,19 @@ def test_cpu_quantized_bench_measures_every_variant_in_turns(tmp_path, monkeypat
     assert 9.0 < sizes["8"]["bits_per_weight"] < 10.0 and 5.0 < sizes["4"]["bits_per_weight"] < 6.0
     assert sizes["float32"]["weights_mb"] > sizes["8"]["weights_mb"] > sizes["4"]["weights_mb"]
     assert sizes["mixed-4-6"]["bits_per_weight"] > sizes["4"]["bits_per_weight"]
+    # mxfp4: 4 bits and a uint8 scale per 32 weights; the C plan adds its affine 8-bit copy (8 bits
+    # and two float32 per 32: ~2.35x the stored codes), affine weights are read as they are
+    assert 4.0 < sizes["mxfp4"]["bits_per_weight"] < sizes["4"]["bits_per_weight"]
+    assert sizes["mxfp4"]["plan_added_mb"] > 1.5 * sizes["mxfp4"]["weights_mb"] * 4.25 / sizes["mxfp4"]["bits_per_weight"] - 0.01
+    assert abs(sizes["4"]["plan_added_mb"]) < 0.01 and all(size["plan_s"] >= 0 for size in sizes.values())
     lines = [line for line in done.stdout.splitlines() if line.startswith("| 4 |")]
     assert len(lines) == 1 and "x |" in lines[0]
     report = _report()
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     section = report.cpu_quantized_rows()
     assert "## CPU: quantized weights through the C step and prefill vs float32 (cpu_quantized_c_tiny.json)" in section
-    assert sum(line.startswith(("| float32 |", "| 8 |", "| 4 |", "| mixed-4-6 |")) for line in section) == 4
+    assert sum(line.startswith(("| float32 |", "| 8 |", "| 4 |", "| mixed-4-6 |", "| mxfp4 |")) for line in section) == 5
+    assert "C plan built in s (MB it added)" in "\n".join(section)
 
 
 def test_quantized_variants_alone_are_drawn_lazily_with_the_same_weights(tmp_path):
@@ -63,7 +69,8 @@ def test_quantized_variants_alone_are_drawn_lazily_with_the_same_weights(tmp_pat
     alone = runs["4"]
     assert [r["variant"] for r in alone["rows"]] == ["4"] and alone["rows"][0]["decode_tok_s"] > 0
     assert "graph_decode_tok_s" not in alone["rows"][0] and "prefill_tok_s" not in alone["rows"][0]
-    assert alone["sizes"]["4"] == runs["float32,4"]["sizes"]["4"]
+    same = ("bits_per_weight", "weights_mb")
+    assert [alone["sizes"]["4"][k] for k in same] == [runs["float32,4"]["sizes"]["4"][k] for k in same]
 
 
 @pytest.mark.parametrize("args,message", [
