@@ -474,7 +474,7 @@ def test_report_tables_the_quantization_modes(tmp_path, monkeypatch):
            "shape": "125m", "dtype": "float32"}
 
     def run(kind, tok_s, mode, bits, group, c, gb):
-        return {"kind": kind, "length": 512 if kind == "prefill" else 64, "tok_s": tok_s, "q_mode": mode,
+        return {"kind": kind, "batch": 1, "length": 512 if kind == "prefill" else 64, "tok_s": tok_s, "q_mode": mode,
                 "q_bits": bits, "q_group_size": group, "cpu_step": c, "weights_gb": gb, **env}
 
     lines = [{"kind": "meta", "date": "d", "machine": "m", "command": "c"},
@@ -490,3 +490,14 @@ def test_report_tables_the_quantization_modes(tmp_path, monkeypatch):
     assert "| mxfp4 (4-bit, group 32) | 0.088 | 20.0 / 21.0 | 15.0 / 14.0 | no |" in text
     assert "| 4-bit affine, group 64 | 0.103 |  | 80.0 | yes |" in text
     assert "MLX 0.32.4 on Device(cpu, 0) (AMD EPYC); 125m shape" in text and "prefill of 512 tokens" in text
+    # A GPU's run: a column per decode batch, no C path column
+    env.update(device="Device(gpu, 0)", device_name="NVIDIA H100 80GB HBM3", dtype="bfloat16", shape="7b")
+    lines = [{"kind": "meta", "date": "d", "machine": "m", "command": "c", "note": "; code: x"},
+             run("prefill", 27173.0, "mxfp4", 4, 32, False, 3.651), run("decode", 201.5, "mxfp4", 4, 32, False, 3.651),
+             {**run("decode", 205.7, "mxfp4", 4, 32, False, 3.651), "batch": 16}]
+    (tmp_path / "quantization_modes_cpu.jsonl").unlink()
+    (tmp_path / "quantization_modes_cuda.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    text = "\n".join(report.quantization_modes_rows())
+    assert "| weights | GB | prefill tok/s | decode b1 tok/s | decode b16 tok/s |" in text and "C path" not in text
+    assert "| mxfp4 (4-bit, group 32) | 3.651 | 27,173.0 | 201.5 | 205.7 |" in text
+    assert "greedy decode at batch 1 and 16" in text and "\n- code: x\n" in text
