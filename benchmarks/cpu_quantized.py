@@ -38,13 +38,10 @@ import time
 from cpu_decode_step import add_common_arguments, check_common_arguments
 
 
-#: MLX's 4-bit float formats, which the C code reads as affine 8-bit (a copy made when its plan is built).
-FP4_MODES = ("mxfp4", "nvfp4")
-
-
 def _variant(spec: str) -> str:
     """``spec`` if it is float32, a bit width quantization takes or a mixed-B-H recipe it knows;
     else ValueError (before any model is built)."""
+    from xlstm_metal.kernels.cpu.decode_step import FP4_MODES  # read as affine 8-bit, from a copy
     from xlstm_metal.quantization import BITS, QuantizationError, make_recipe
 
     if spec == "float32" or (spec.isdigit() and int(spec) in BITS) or spec in FP4_MODES:
@@ -111,7 +108,7 @@ def main() -> int:
     models, plans = {}, {}
     for spec in variants:
         model = make(spec)
-        if spec in FP4_MODES:
+        if spec in decode_step.FP4_MODES:
             quantize_model(model, mode=spec)
         elif spec != "float32":
             try:

@@ -56,7 +56,7 @@ def embed_tokens(embedding: nn.Module, ids: mx.array, model: nn.Module | None = 
         return take_rows(embedding.weight, ids)
     rows = embedding(ids)
     if model is not None and is_float_format(embedding):
-        dtype = rows_dtype(embedding, model)
+        dtype = model_float_dtype(model)
         rows = rows if rows.dtype == dtype else rows.astype(dtype)
     return rows
 

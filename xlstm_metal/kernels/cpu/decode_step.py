@@ -197,7 +197,7 @@ class _Quantized:
 #: with 8-bit integers, scale s / 2 and bias -6 s, exactly.
 _FP4_LEVELS = (12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0)
 #: The 4-bit float formats and their (bits, group size): mxfp4 and nvfp4.
-_FP4_MODES = {mode: fixed for mode, fixed in MODES.items() if fixed is not None and fixed[0] == 4}
+FP4_MODES = {mode: fixed for mode, fixed in MODES.items() if fixed is not None and fixed[0] == 4}
 
 
 class _FP4AsAffine(_Quantized):
@@ -247,9 +247,7 @@ def fp4_as_affine8(weight: mx.array, scales: mx.array, mode: str, group: int) ->
     if lib is None:
         raise OSError(f"the CPU decode step's library is unavailable: {UNAVAILABLE}")
     mx.eval(weight, scales)
-    codes, groups = np.array(weight, copy=False), np.array(scales, copy=False)
-    if not (codes.flags.c_contiguous and groups.flags.c_contiguous):
-        codes, groups = np.ascontiguousarray(codes), np.ascontiguousarray(groups)
+    codes, groups = (np.ascontiguousarray(np.array(a, copy=False)) for a in (weight, scales))  # no copy if contiguous
     rows, cols = codes.shape[0], codes.shape[1] * 8
     levels = np.empty((rows, cols // 4), np.uint32)
     out_scales, out_biases = (np.empty(groups.shape, np.float32) for _ in range(2))
@@ -264,7 +262,7 @@ def _quantized(reads: _Reads, layer: Any, rows: int, cols: int, what: str) -> _Q
     does (2 to 8 bits, groups of a multiple of 16 that divide ``cols``) or a 4-bit float format
     (mxfp4, nvfp4: read as affine 8-bit, :class:`_FP4AsAffine`); else _Unsupported."""
     bits, group, mode = (reads.value(layer, name) for name in ("bits", "group_size", "mode"))
-    if _FP4_MODES.get(mode) == (bits, group) and not cols % group \
+    if FP4_MODES.get(mode) == (bits, group) and not cols % group \
             and layer.weight.dtype == mx.uint32 and layer.weight.shape == (rows, cols // 8) \
             and layer.scales.dtype == mx.uint8 and layer.scales.shape == (rows, cols // group):
         return _FP4AsAffine(layer.weight, layer.scales, mode, group)
@@ -325,7 +323,7 @@ def _fused_rows(reads: _Reads, owner: nn.Module, fusion: Any) -> dict[int, tuple
         reads.entries_of(group)
         start = 0
         as_affine = _FP4AsAffine(group["weight"], group["scales"], kind[3], kind[1]) \
-            if kind[0] == "quantized" and kind[3] in _FP4_MODES else None
+            if kind[0] == "quantized" and kind[3] in FP4_MODES else None
         for j in members:
             if kind == ("linear", mx.float32):
                 rows[j] = (group["weight"], start)
