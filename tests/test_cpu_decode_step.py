@@ -15,6 +15,7 @@ from xlstm_metal.kernels.cpu import decode_step as ds
 from xlstm_metal.kernels.mlstm import defer_state
 
 from conftest import tiny_model
+from test_module_tree import _not_gates
 
 IDS = [3, 17, 42, 5, 88, 1, 23, 64]
 
@@ -141,10 +142,6 @@ def test_c_step_reads_quantized_weights(bits, group):
     assert isinstance(model.blocks[0].ffn.proj_down, nn.QuantizedLinear)
     assert ds.unsupported_reason(model) is None
     _assert_same(model)
-
-
-def _not_gates(path: str, module: nn.Module) -> bool:
-    return hasattr(module, "to_quantized") and not path.endswith(("igate_preact", "fgate_preact"))
 
 
 @pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
