@@ -398,18 +398,40 @@ def test_chat_logprobs_in_openai_shape_streamed_or_not(server, reference):
     assert status == 400 and "top_logprobs needs logprobs" in error_message(status, answer, "top_logprobs")
 
 
-def text_offsets(reference, prompt, tokens):
-    """OpenAI's text_offset of each reply token: the prompt's length plus that of the text the
-    tokens before it decode to (the characters their bytes complete: a character split across
-    tokens counts at the token completing it), less the leading space mlx-lm's detokenizer
-    drops from a reply. test_serve_text_offset checks scripted replies value by value."""
-    import codecs
+def character_ends(raw: bytes) -> list[int]:
+    """Where each character of ``raw`` decoded as UTF-8 (errors replaced) ends, in bytes: a whole
+    character after its last byte, a U+FFFD after the run of bytes it replaces (the spans of
+    Python's decode errors, which "replace" gives one U+FFFD each)."""
+    ends, pos = [], 0
+    while pos < len(raw):
+        try:
+            raw[pos:].decode("utf-8")
+            stop, bad = len(raw), None
+        except UnicodeDecodeError as error:
+            stop, bad = pos + error.start, pos + error.end
+        for char in raw[pos:stop].decode("utf-8"):
+            pos += len(char.encode())
+            ends.append(pos)
+        if bad is not None:
+            ends.append(bad)
+            pos = bad
+    return ends
 
-    offsets, raw = [], b""
-    for token in tokens:
-        text = codecs.utf_8_decode(raw, "replace", False)[0]  # False: an unfinished character waits
-        offsets.append(len(prompt) + len(text) - text.startswith(" "))
-        raw += bytes(token_bytes(reference, token))
+
+def text_offsets(reference, prompt, tokens):
+    """OpenAI's text_offset of each reply token: the prompt's length plus the number of the
+    reply's characters that end before the token's first byte (a character split across tokens
+    counts at the token completing it; a run of bytes that forms none, one U+FFFD, counts
+    before the token after it), less the leading space mlx-lm's detokenizer drops from a reply.
+    test_serve_text_offset checks scripted replies value by value."""
+    pieces = [bytes(token_bytes(reference, token)) for token in tokens]
+    raw = b"".join(pieces)
+    ends, leading_space = character_ends(raw), raw.decode("utf-8", "replace").startswith(" ")
+    offsets, start = [], 0
+    for piece in pieces:
+        before = sum(end <= start for end in ends)
+        offsets.append(len(prompt) + before - (leading_space and before > 0))
+        start += len(piece)
     return offsets
 
 

@@ -143,3 +143,40 @@ def test_the_leading_space_the_reply_drops_is_not_counted(server, tokenizer, scr
     assert logprobs["tokens"] == [" t", REPLACEMENT, REPLACEMENT, "w"]
     assert logprobs["text_offset"] == [1, 2, 2, 3]
     check_consistent("b", text, logprobs, "w")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_bytes_that_never_form_a_character_count_before_the_token_that_shows_it(server, tokenizer, scripted,
+                                                                                stream):
+    """0xF0 0x9F (an emoji's start) then "y", and 0xFF then "z": each bad run is one U+FFFD of
+    the text, which the decoder gives only at the next token's first byte, together with that
+    token's own character. The U+FFFD is the earlier tokens' text, so "y" starts after it: the
+    counts put "y" and "z" one character early (offsets [.., 2, 4, 4]) and "y"'s text ran past
+    the next token's offset."""
+    reply = [byte_token(tokenizer, ord("x")), byte_token(tokenizer, 0xF0), byte_token(tokenizer, 0x9F),
+             byte_token(tokenizer, ord("y")), byte_token(tokenizer, 0xFF), byte_token(tokenizer, ord("z"))]
+    scripted("d", reply)
+    text, logprobs = completion(server, "d", len(reply), stream)
+    assert text == f"x{REPLACEMENT}y{REPLACEMENT}z"
+    assert logprobs["tokens"] == ["x", REPLACEMENT, REPLACEMENT, "y", REPLACEMENT, "z"]
+    #                                x  f0 9f  y  ff  z      (after the prompt "d")
+    assert logprobs["text_offset"] == [1, 2, 2, 3, 4, 5]
+    for token, offset in zip(logprobs["tokens"], logprobs["text_offset"]):
+        if token != REPLACEMENT:  # each whole character sits at its offset in prompt + text
+            assert ("d" + text)[offset] == token
+    check_consistent("d", text, logprobs, "z")
+
+
+def test_an_echoed_prompt_of_ids_with_a_bad_byte_run(server, tokenizer, scripted):
+    """The echoed prompt's offsets follow the same rule: a prompt of ids "p", 0xE0 (a 3-byte
+    character's start), "q" decodes to "p\\ufffdq", and "q" sits at 2, not 1."""
+    prompt = [byte_token(tokenizer, ord("p")), byte_token(tokenizer, 0xE0), byte_token(tokenizer, ord("q"))]
+    reply = [byte_token(tokenizer, ord("r"))]
+    scripted(prompt[-1], reply)
+    status, answer = post(server.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                                          "logprobs": 1, "echo": True})
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    assert choice["text"] == f"p{REPLACEMENT}qr"
+    assert choice["logprobs"]["tokens"] == ["p", REPLACEMENT, "q", "r"]
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]

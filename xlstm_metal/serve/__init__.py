@@ -1055,6 +1055,21 @@ class _StopResponse(mlx_server.Response):
     (:meth:`APIHandler.record_logprobs`)."""
 
 
+def _settle_bytes(decoder: codecs.IncrementalDecoder, raw: bytes) -> tuple[str, str]:
+    """One token's bytes through an incremental UTF-8 decoder (errors "replace"): ``(earlier,
+    own)``, the text of earlier tokens' waiting bytes that this token's first byte settles (found
+    invalid: 0xF0 0x9F then "y" gives the U+FFFD of the first two, which is theirs, with "y") and
+    the text this token's bytes complete (a character it ends)."""
+    if not raw or not decoder.getstate()[0]:  # nothing of earlier tokens waiting
+        return "", decoder.decode(raw)
+    first = decoder.decode(raw[:1])
+    if decoder.getstate()[0].endswith(raw[:1]):  # the first byte waits itself: all given is theirs
+        earlier, own = first, ""
+    else:  # it was taken: the last character given holds it
+        earlier, own = first[:-1], first[-1:]
+    return earlier, own + decoder.decode(raw[1:])
+
+
 def _stop_at_text(ctx, responses, stop_words: list[str]):
     """``responses`` up to the first stop word in their text, which ends the reply without it.
 
@@ -1593,8 +1608,9 @@ class APIHandler(mlx_server.APIHandler):
         cut = False
         for response in responses:
             if response.token not in eos:
-                held.append((start, response))
-                start += added(self._piece(response.token)[1])
+                before, count = added(self._piece(response.token)[1])
+                held.append((start + before, response))
+                start += count
             given += len(response.text)
             cut = isinstance(response, _StopResponse)
             self._pending.extend(r for at, r in held if at < given)
@@ -1663,10 +1679,11 @@ class APIHandler(mlx_server.APIHandler):
         tokens, offsets, tops = [], [], []
         for r in responses:
             text, raw = self._piece(r.token)
+            before, added = self._text_added(raw)
             tokens.append(text)
-            offsets.append(self._offset)
+            offsets.append(self._offset + before)
             tops.append(self._top_texts(self._top(r), r.token, r.logprob))
-            self._offset += self._text_added(raw)
+            self._offset += added
         return {"tokens": tokens, "token_logprobs": [r.logprob for r in responses], "top_logprobs": tops,
                 "text_offset": offsets}
 
@@ -1689,19 +1706,20 @@ class APIHandler(mlx_server.APIHandler):
         tokens, offsets, tops = [], [], []
         for token, logprob, top in zip(scores.tokens, scores.logprobs, scores.tops):
             text, raw = self._piece(token)
-            tokens.append(text)
-            offsets.append(offset)
-            tops.append(None if logprob is None else self._top_texts(top, token, logprob))
-            added = decoder.decode(bytes(raw))
+            earlier, own = _settle_bytes(decoder, bytes(raw))
+            added, before = earlier + own, len(earlier)
             if not started and added:
                 if added[0] == " " and not prompt.startswith(" "):
-                    added = added[1:]
+                    added, before = added[1:], max(before - 1, 0)
                 started = True
+            tokens.append(text)
+            offsets.append(offset + before)
+            tops.append(None if logprob is None else self._top_texts(top, token, logprob))
             offset += len(added)
         return {"tokens": tokens, "token_logprobs": list(scores.logprobs), "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def _text_counter(self) -> Callable[[list[int]], int]:
+    def _text_counter(self) -> Callable[[list[int]], tuple[int, int]]:
         """A count of the characters each next token's bytes add to the reply's text, so that a
         token's text_offset is the length of the text decoded from the tokens before it (OpenAI's,
         vLLM's): the characters they complete. A token holding part of a character (a byte-level
@@ -1712,19 +1730,25 @@ class APIHandler(mlx_server.APIHandler):
         byte-level detokenizer drops the reply's leading space, its SentencePiece one (Llama's
         Strip decoder) that of each text it puts out until one is left, and so does the count;
         the SentencePiece one reads "▁" as a space, whole or spelled in byte-fallback tokens.
-        Each reply's tokens are counted by a counter of their own, from the first."""
+        Each reply's tokens are counted by a counter of their own, from the first.
+
+        The count returns ``(before, added)``: of the ``added`` characters, the first ``before``
+        come from the bytes of earlier tokens, found invalid only at this token's first byte
+        (0xF0 0x9F then "y": the U+FFFD of the first two bytes and "y" both appear at "y"), so
+        they belong before this token's offset."""
         decoder, started = codecs.getincrementaldecoder("utf-8")("replace"), False
 
-        def added(raw: list[int]) -> int:
+        def added(raw: list[int]) -> tuple[int, int]:
             nonlocal started
-            text = decoder.decode(bytes(raw))
+            earlier, own = _settle_bytes(decoder, bytes(raw))
+            text, before = earlier + own, len(earlier)
             if self._spm_bytes is not None:
                 text = text.replace(SPM_SPACE, " ")
             if text and not started:
                 if self._trim_space and text[0] == " ":
-                    text = text[1:]
+                    text, before = text[1:], max(before - 1, 0)
                 started = bool(text) or self._spm_bytes is None
-            return len(text)
+            return before, len(text)
 
         return added
 
