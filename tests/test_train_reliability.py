@@ -271,6 +271,40 @@ def test_time_budget_leaves_room_for_checkpoint_saves(tmp_path, max_time, stop_s
     assert (out / "metrics.jsonl").read_text() == metrics
 
 
+def test_time_budget_sizing_counts_checkpoint_saves(tmp_path, monkeypatch):
+    """--max-time alone, a step taking 1 s and a checkpoint save 5 s (every 10 steps): the run
+    was sized from the probe's steps only, 6 + 0.97 * 54 = 58 steps, and the budget stopped it
+    near step 37 with its cosine far from the floor. The sizing now times one save (written to
+    a temporary directory and removed) and counts a save per 10 steps and the last one: 6 +
+    0.97 * (60 - 11 - 5) / 1.5 = 34 steps, which run to their end inside the budget."""
+    import xlstm_metal.training.trainer as trainer_module
+
+    stream = pattern_stream(4000)
+    cfg = small_cfg(steps=None, max_time=60.0, warmup=5, probe_steps=4, save_every=10, eval_every=10_000, keep=0)
+    out = tmp_path / "t"
+    trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], cfg, out, tmp_path, progress=False)
+    spent = [0.0]
+    trainer.clock = lambda: trainer.step * 1.0 + spent[0]
+    saves = []
+    real_save = trainer_module.save_checkpoint
+
+    def slow_save(where, *args, **kwargs):
+        spent[0] += 5.0
+        saves.append(where)
+        return real_save(where, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", slow_save)
+    result = trainer.train()
+    assert trainer.total_steps == 34 and result.step == 34
+    assert trainer.clock() == 34 + 5 * 5 <= cfg.max_time  # the timing save, steps 10, 20 and 30, the last
+    assert saves[0] != out and saves[0].parent == out and not saves[0].exists()  # the timing one, removed
+    assert saves[1:] == [out] * 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "checkpoint"))) == [
+        f"checkpoint-{s:07d}" for s in (10, 20, 30, 34)]
+    lrs = [r["lr"] for r in lines(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-5)  # the cosine reached its floor
+
+
 # ------------------------------------------------------------------------------ output
 def test_loss_plot_marks_single_points(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt

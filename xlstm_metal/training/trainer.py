@@ -17,11 +17,13 @@ import json
 import math
 import os
 import queue
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
@@ -1287,14 +1289,36 @@ class Trainer:
                 rewrite_trainer_state(checkpoint, self.trainer_state())
         self._plot()
 
-    def _size_from_time(self, step_time: float, start_step: int, spent: float) -> int:
-        """Total steps that fit the time budget, eval passes (~1/3 of a step per batch) included."""
+    def _size_from_time(self, step_time: float, start_step: int, spent: float, save_time: float = 0.0) -> int:
+        """Total steps that fit the time budget, eval passes (~1/3 of a step per batch) and
+        checkpoint saves (``save_time`` s each: one every ``save_every`` steps and the run's last)
+        included."""
         cfg = self.cfg
         eval_cost = len(self.val) / cfg.batch_size * step_time / 3
-        per_step = step_time + eval_cost / cfg.eval_every
-        remaining = cfg.max_time - spent
+        per_step = step_time + eval_cost / cfg.eval_every + save_time / cfg.save_every
+        remaining = cfg.max_time - spent - save_time
         floor = cfg.warmup + 1 if cfg.warmup is not None else 0  # an explicit warmup is completed
         return max(start_step + int(0.97 * remaining / per_step), floor, start_step + 1)
+
+    def _time_a_save(self) -> float:
+        """Seconds a checkpoint save takes: one written whole into a temporary directory beside
+        the run's checkpoints, then removed (a time budget's sizing counts the run's saves, which
+        take seconds at small shapes and minutes at 7B, and its look ahead the last one).
+        Distributed: rank 0's time, on every rank."""
+        t0 = self.clock()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # Named like a save's temporary directory: one left by a killed process goes at the next save.
+            where = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=f".checkpoint-{self.step:07d}.timing."))
+            try:
+                with warnings.catch_warnings():  # the run's first real save gives them
+                    warnings.simplefilter("ignore")
+                    save_checkpoint(where, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    self.tokenizer_dir, keep=0)
+            finally:
+                shutil.rmtree(where, ignore_errors=True)
+        took = self.clock() - t0
+        return took if self.group is None else float(agree(took, self.group, op="max"))
 
     def train(self) -> TrainResult:
         """Run to ``total_steps`` (or the time budget); returns losses and evals.
@@ -1475,7 +1499,11 @@ class Trainer:
                         probe_t0 = self.clock()
                     elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
                         probe_time = (self.clock() - probe_t0) / cfg.probe_steps  # saves in it included
-                        total = self._size_from_time(probe_time, self.step, self.clock() - t_start)
+                        if save_time is None:
+                            save_time = self._time_a_save()
+                            t_window += save_time  # not training throughput
+                            paused += save_time
+                        total = self._size_from_time(probe_time, self.step, self.clock() - t_start, save_time)
                         self.total_steps = int(agree(float(total), self.group, op="min"))  # one count for all ranks
                         if cfg.warmup is None:
                             # The ramp continues from where the probe left it to the peak at a tenth
