@@ -74,7 +74,8 @@ def add_parser(subparsers) -> None:
                    help="optimizer steps (default 1000 unless --max-time); with --resume: the new total, which "
                         "extends the run (the cosine restarts at the checkpoint's step from its learning rate)")
     o.add_argument("--max-time", type=finite_float, default=None, metavar="SECONDS",
-                   help="train for this long: the step count is sized from measured step time")
+                   help="train for this long: the step count is sized from measured step time, evaluations "
+                        "and checkpoint saves (one save is timed first, into a temporary directory)")
     o.add_argument("--lr", type=finite_float, help="peak learning rate (default 1e-3); with --resume: the rate the "
                                             "cosine restarts from at the checkpoint's step")
     o.add_argument("--min-lr-ratio", type=finite_float, help="the cosine ends at lr * this (default 0.1)")
