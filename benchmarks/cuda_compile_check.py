@@ -2,6 +2,7 @@
 SASS instruction counts per kernel.
 
     python benchmarks/cuda_compile_check.py --shape 7b --blocks 1 --q-bits 4 --rows 1 --out k.jsonl
+    python benchmarks/cuda_compile_check.py --q-mode mxfp4 --rows 16   (a float format's kernels)
 
 MLX's CUDA back-end compiles each ``mx.fast.cuda_kernel`` with NVRTC when it first runs. Here a
 recorder stands in for ``mx.fast.cuda_kernel``, the package's CUDA checks answer yes, and one greedy
@@ -114,7 +115,7 @@ def pretend_cuda(sms: int = 132, hopper: bool = True) -> None:
 
 
 def record_launches(shape: str, blocks: int, q_bits: int, group_size: int, rows: int, dtype: str, sms: int,
-                    hopper: bool = True) -> list[Launch]:
+                    hopper: bool = True, q_mode: str = "affine") -> list[Launch]:
     """The distinct kernel launches of one greedy decode step, in launch order (see the module's
     docstring); ``sms`` and ``hopper`` stand for the device the dispatch asks about. Patches this
     process's CUDA checks and ``mx.fast.cuda_kernel`` for good."""
@@ -137,7 +138,9 @@ def record_launches(shape: str, blocks: int, q_bits: int, group_size: int, rows:
     from xlstm_metal.quantization import quantize_model
     config = bm.shape_config(shape, chunkwise_kernel="chunkwise_fused", num_blocks=blocks)
     model = bm.random_model(config, dtype=dtype)
-    if q_bits:
+    if q_mode != "affine":  # a float format: its own bits and group size
+        quantize_model(model, mode=q_mode)
+    elif q_bits:
         quantize_model(model, bits=q_bits, group_size=group_size)
     model.fuse_projections()
     step = bm.make_decode_step(model, compiled=False)
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=1, help="blocks of the model (the kernels are per block; default 1)")
     p.add_argument("--q-bits", type=int, default=4, help="quantized weights (4 or 8 bits; 0: the dtype's)")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--q-mode", default="affine", choices=("affine", "mxfp4", "nvfp4", "mxfp8"),
+                   help="quantization mode (a float format takes its own bits and group size)")
     p.add_argument("--rows", type=int, default=1, help="rows of the decode step")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--sms", type=int, default=132, help="SMs the merged kernels plan for (H100/H200: 132)")
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"cannot load NVRTC {nvrtc}: {e}")
     try:
         launches = record_launches(args.shape, args.blocks, args.q_bits, args.group_size, args.rows, args.dtype, args.sms,
-                                   args.arch.startswith("sm_90"))
+                                   args.arch.startswith("sm_90"), args.q_mode)
     except FileNotFoundError as e:
         p.error(str(e))
     scratch = Path(tempfile.mkdtemp(prefix="cuda_compile_check_"))
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         tmp = args.out.with_name(args.out.name + ".part")
         tmp.write_text("".join(json.dumps({"shape": args.shape, "blocks": args.blocks, "q_bits": args.q_bits,
-                                           "rows": args.rows, "arch": args.arch, **r}) + "\n" for r in records))
+                                           "q_mode": args.q_mode, "rows": args.rows, "arch": args.arch, **r}) + "\n" for r in records))
         tmp.replace(args.out)
     return 0 if all(r["compiled"] for r in records) else 1
 

@@ -76,6 +76,38 @@ def test_cuda_matches_dequantized_reference(bits, group_size, M):
 
 
 @cuda
+@pytest.mark.parametrize("mode, bits, group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 2, 8, 9, 33, 64])
+def test_cuda_float_format_decode_matches_the_exact_product(mode, bits, group_size, dtype, M):
+    """The fused float-format kernel against x @ dequantize(w).T in float64: the dequantized
+    weights are exact in bf16 / fp16, so only the float32 sums' order and the output's rounding
+    differ (~2^-9 relative in bf16). N not a multiple of 16, K not a multiple of the warp's span
+    (128 values at 4 bits, 64 at 8): partial tiles and spans. Weights spread over many scales
+    (each row's magnitude 2^-12 .. 2^4) so that every scale code path and the E2M1 / E4M3
+    subnormal codes are hit; MLX's own product agrees to its rounding."""
+    from xlstm_metal.kernels.fast.quantized import fused_float_format_matmul
+
+    rng = np.random.default_rng(M + bits + group_size)
+    N, K = 200, 352
+    w = rng.standard_normal((N, K)) * np.exp2(rng.uniform(-12, 4, (N, 1)))
+    wq, scales = mx.quantize(mx.array(w.astype(np.float32)), group_size=group_size, bits=bits, mode=mode)
+    x = _x(M, (M, K), dtype)
+    exact = np.array(mx.dequantize(wq, scales, None, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32),
+                     dtype=np.float64)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ exact.T
+    column = np.abs(ref).max(axis=0)  # per output feature: their magnitudes differ by 2^16
+    outs = [fused_float_format_matmul(x, wq, scales, group_size=group_size, bits=bits, mode=mode),
+            quantized_matmul(x, wq, scales, None, group_size=group_size, bits=bits, mode=mode)]
+    for out in outs:
+        assert out.shape == (M, N) and out.dtype == dtype
+        o = np.array(out.astype(mx.float32), dtype=np.float64)
+        assert np.isfinite(o).all() and (np.abs(o - ref) / column).max() < 1e-2
+    mlx = mx.quantized_matmul(x, wq, scales=scales, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    assert (np.abs(np.array(mlx.astype(mx.float32)) - o) / column).max() < 2e-2
+
+
+@cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("depth", [1, 2, 4, 8])
 @pytest.mark.parametrize("M", [1, 2])
@@ -480,9 +512,51 @@ def test_float_formats_prefill_takes_the_dequantized_product_on_cuda(monkeypatch
                                                                   mode=mode, dtype=mx.float32).T
     assert _rel_fro(y.astype(mx.float32), np.array(exact)) < 1e-2
     calls.clear()
-    product(DECODE_MAX_ROWS)  # decode rows
-    product(2 * DECODE_MAX_ROWS, mx.float32)  # float32 x
-    assert calls == []
+    fused = []
+    monkeypatch.setattr(quantized, "fused_float_format_matmul", lambda x, *a, **k: fused.append(x.shape) or
+                        mx.quantized_matmul(x, *a[:1], scales=a[1], transpose=True, group_size=group_size, bits=bits,
+                                            mode=mode))
+    product(DECODE_MAX_ROWS)  # decode rows: the fused kernel (test_float_formats_decode_routing)
+    product(2 * DECODE_MAX_ROWS, mx.float32)  # float32 x: MLX's product
+    assert calls == [] and fused == [(DECODE_MAX_ROWS, 128)]
+
+
+@pytest.mark.parametrize("mode, bits, group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+def test_float_formats_decode_routing(monkeypatch, mode, bits, group_size):
+    """On CUDA (pretended) a float format's product over 1 to DECODE_MAX_ROWS rows of bf16 / fp16
+    x runs the fused float-format kernel: any leading axes, K a multiple of 32. Float32 x, K of
+    an odd number of 16-value groups (nvfp4), affine weights and CPUs keep the other paths."""
+    from xlstm_metal.kernels.fast import quantized
+
+    fused = []
+    monkeypatch.setattr(quantized, "fused_float_format_matmul",
+                        lambda x, w, s, **k: fused.append((x.shape, k["mode"])) or mx.zeros((*x.shape[:-1], w.shape[0]), x.dtype))
+    rng = np.random.default_rng(2)
+
+    def product(K, lead, dtype=mx.bfloat16):
+        w = mx.array(rng.normal(0, 0.05, (40, K)).astype(np.float32))
+        wq, scales = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+        x = mx.array(rng.normal(0, 1, (*lead, K)).astype(np.float32)).astype(dtype)
+        assert quantized.float_format_kernel_takes(x, wq, scales, group_size, bits, mode) == (
+            dtype != mx.float32 and K % 32 == 0 and 0 < np.prod(lead) <= DECODE_MAX_ROWS)
+        return quantized.quantized_matmul(x, wq, scales, None, group_size=group_size, bits=bits, mode=mode)
+
+    monkeypatch.setattr(quantized, "cuda_available", lambda: False)
+    product(128, (1,))
+    assert fused == []
+    monkeypatch.setattr(quantized, "cuda_available", lambda: True)
+    for lead in ((1,), (3, 1), (2, 32)):
+        product(128, lead)
+        product(96, lead, mx.float16)
+    assert fused == [(lead + (K,), mode) for lead in ((1,), (3, 1), (2, 32)) for K in (128, 96)]
+    fused.clear()
+    product(128, (1,), mx.float32)
+    if mode == "nvfp4":
+        product(48, (1,))  # three groups of 16: a 4-bit chunk (32 values) would run past K
+    assert fused == []
+    w = mx.array(rng.normal(0, 0.05, (40, 128)).astype(np.float32))
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=4)
+    assert not quantized.float_format_kernel_takes(mx.zeros((1, 128), mx.bfloat16), wq, scales, 32, 4, "affine")
 
 
 def test_quantize_model_and_loading_leave_our_quantized_layers(tmp_path):
@@ -512,3 +586,67 @@ def test_quantize_model_and_loading_leave_our_quantized_layers(tmp_path):
     assert nn.QuantizedLinear not in kinds and nn.QuantizedEmbedding not in kinds
     assert type(loaded.backbone.embeddings) is FastQuantizedEmbedding
     np.testing.assert_allclose(np.array(loaded(ids)[0]), np.array(logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float_format_pairs_are_the_exact_values_of_every_code(dtype):
+    """The float-format decode kernel's fp_pair, emulated bit by bit from FP_PAIR_BITS (the
+    constants its header is written from) and its byte permutes: every E2M1 code (mxfp4,
+    nvfp4) and every E4M3 code but NaN (mxfp8), in either half of a pair, read as T and times
+    2^D, equals MLX's dequantized value at scale 1 (E8M0 127), exactly."""
+    import re
+
+    from xlstm_metal.kernels.fast import quantized
+
+    def half_as_float(h: np.ndarray) -> np.ndarray:
+        if dtype == "bfloat16":
+            return (h.astype(np.uint32) << 16).view(np.float32)
+        return h.astype(np.uint16).view(np.float16).astype(np.float32)
+
+    def mlx_values(mode: str, bits: int) -> np.ndarray:
+        """MLX's value of each code (4 bits: 16 codes; 8 bits: 256), scale byte 127 (2^0)."""
+        n, per_word = 1 << bits, 32 // bits
+        words = [sum(c << (bits * i) for i, c in enumerate(range(j, j + per_word))) for j in range(0, n, per_word)]
+        w = np.array(words + [0] * (-len(words) % bits), np.uint32).reshape(-1, bits)  # rows of 32 values
+        scales = mx.full((w.shape[0], 1), 127, dtype=mx.uint8)
+        out = mx.dequantize(mx.array(w), scales, None, group_size=32, bits=bits, mode=mode, dtype=mx.float32)
+        return np.array(out).reshape(-1)[:n]
+
+    header = quantized.FLOAT_FORMAT_HEADER
+    selectors = [int(h, 16) for h in re.search(r"\(p & 1\) \? (0x[0-9a-fA-F]+)u : (0x[0-9a-fA-F]+)u", header).groups()]
+    sel_odd, sel_even = selectors
+
+    # 4 bits: codes (lo, hi) at bits 0-3 and 16-19
+    shift, _, up = quantized.FP_PAIR_BITS[dtype, 4]
+    assert f"<< (BF ? {quantized.FP_PAIR_BITS['bfloat16', 4][0]} : {quantized.FP_PAIR_BITS['float16', 4][0]})" in header
+    lo, hi = (a.reshape(-1).astype(np.uint32) for a in np.meshgrid(np.arange(16), np.arange(16)))
+    w = lo | (hi << 16)
+    v = ((w & 0x00070007) << shift) | ((w & 0x00080008) << 12)
+    scale = half_as_float(np.array([up & 0xFFFF]))[0]
+    assert scale == half_as_float(np.array([up >> 16]))[0] == 2.0 ** (126 if dtype == "bfloat16" else 14)
+    values = mlx_values("mxfp4", 4)
+    np.testing.assert_array_equal(half_as_float(v & 0xFFFF) * scale, values[lo])
+    np.testing.assert_array_equal(half_as_float(v >> 16) * scale, values[hi])
+    assert sorted(set(np.abs(values).tolist())) == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+    # 8 bits: bytes (e, e + 1) of a word to the high bytes of the halves through the byte permute
+    shift, mask, up = quantized.FP_PAIR_BITS[dtype, 8]
+    values = mlx_values("mxfp8", 8)
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, size=20000, dtype=np.uint64).astype(np.uint32)
+    scale = half_as_float(np.array([up & 0xFFFF]))[0]
+    assert scale == 2.0 ** (120 if dtype == "bfloat16" else 8)
+
+    def byte_perm(a: np.ndarray, selector: int) -> np.ndarray:
+        src = [(a >> np.uint32(8 * i)) & 0xFF for i in range(4)] + [np.zeros_like(a)] * 4
+        return sum(src[(selector >> (4 * i)) & 7] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+
+    for first, selector in ((0, sel_even), (2, sel_odd)):
+        t = byte_perm(words, selector)
+        v = ((t >> np.uint32(shift)) & np.uint32(mask)) | (t & np.uint32(0x80008000))
+        for half, byte in ((v & 0xFFFF, first), (v >> 16, first + 1)):
+            code = (words >> np.uint32(8 * byte)) & 0xFF
+            finite = (code & 0x7F) != 0x7F  # E4M3's NaN codes
+            got = half_as_float(half)[finite] * scale
+            np.testing.assert_array_equal(got, values[code[finite]])
+    assert np.isnan(values[0x7F]) and values[0x7E] == 448.0 and values[1] == 2.0 ** -9  # the extremes covered
