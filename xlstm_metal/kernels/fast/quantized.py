@@ -21,9 +21,10 @@ Metal run the reference; on CUDA:
   thousands of rows.
 
 The fast path takes bfloat16 or float16 x with scales and biases of the same dtype, bits 4 or 8
-and group sizes 32, 64 or 128; the float formats (mxfp4, nvfp4, mxfp8) with more than
-:data:`DECODE_MAX_ROWS` rows of bf16 or fp16 x take dequantize + GEMM too; anything else (float32 x,
-other bits, the float formats' decode) runs the reference, so a call is always valid.
+and group sizes 32, 64 or 128. The float formats (mxfp4, nvfp4, mxfp8: uint8 group scales, no
+biases) with bf16 or fp16 x take the decode kernel's float-format form up to
+:data:`DECODE_MAX_ROWS` rows (:func:`fused_float_format_matmul`) and dequantize + GEMM above;
+anything else (float32 x, other bits) runs the reference, so a call is always valid.
 
 The decode kernel's source has hooks (:func:`decode_source`: its sizes, a prologue, how x's
 values are read, the store; thread blocks that walk several output tiles), which
@@ -1116,8 +1117,8 @@ def use_fast_quantized_layers(model: nn.Module) -> int:
     """Switch every ``nn.QuantizedLinear`` in ``model`` to :class:`FastQuantizedLinear` and every
     ``nn.QuantizedEmbedding`` to :class:`FastQuantizedEmbedding` in place (the class changes; the
     module object, its arrays and its place in the tree stay, so nothing is copied and parameter
-    names are unchanged). Returns the number of linear layers switched. (Float formats, mxfp4 and
-    the like, run MLX's products through them: the CUDA kernels take affine weights.)"""
+    names are unchanged). Returns the number of linear layers switched (affine and float formats:
+    :func:`quantized_matmul` routes each)."""
     switched = 0
     for _, module in model.named_modules():
         if type(module) is nn.QuantizedLinear:
