@@ -398,11 +398,13 @@ FLOAT_FORMAT_HEADER = """
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
 
-// A pair of a float format's values as exact T values, the pair of dequant_pair(p) (4 bits: word
-// p/4's codes (p%4, p%4 + 4); 8 bits: word p/2's bytes (2(p%2), 2(p%2) + 1)), as FP_PAIR_BITS
-// says (quantized.py): the codes' bits under T's sign, exponent and mantissa, then times 2^D.
+// A pair of a float format's weights, the pair of dequant_pair(p) (4 bits: word p/4's codes (p%4,
+// p%4 + 4); 8 bits: word p/2's bytes (2(p%2), 2(p%2) + 1)): the codes' bits under T's sign,
+// exponent and mantissa as FP_PAIR_BITS says (quantized.py), times 2^D (the codes' values,
+// exact), times the group's scale s2 (exact: at most 6 significant bits, in T's range; fp16
+// flushes a group whose scale is below 2^-24, weights below 2^-22).
 template <typename T, int FMT>
-__device__ __forceinline__ uint32_t fp_pair(const uint4& wv, int p) {
+__device__ __forceinline__ uint32_t fp_pair(const uint4& wv, int p, typename QPair<T>::T2 s2) {
   using T2 = typename QPair<T>::T2;
   constexpr bool BF = IsBf16<T>::value;
   const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
@@ -417,7 +419,7 @@ __device__ __forceinline__ uint32_t fp_pair(const uint4& wv, int p) {
     v = ((w & 0x00070007u) << (BF ? @L4B@ : @L4H@)) | ((w & 0x00080008u) << 12);
     up = BF ? @U4B@u : @U4H@u;
   }
-  return as_u32(__hmul2(from_u32<T2>(v), from_u32<T2>(up)));
+  return as_u32(__hmul2(__hmul2(from_u32<T2>(v), from_u32<T2>(up)), s2));
 }
 
 // A group's scale as float: E8M0 (mxfp4, mxfp8) 2^(s - 127), 255 NaN; E4M3 (nvfp4) through fp16
@@ -432,94 +434,51 @@ __device__ __forceinline__ float fp_scale(uint8_t s) {
                                                              : __uint_as_float(static_cast<uint32_t>(s) << 23));
   }
 }
-
-// acc += (the chunk's float32 sums tq, rows g and g + 8) times their rows' scales; tq zeroed.
-__device__ __forceinline__ void fp_fold(float* acc, float* tq, float sg, float sg8) {
-  acc[0] = fmaf(sg, tq[0], acc[0]);
-  acc[1] = fmaf(sg, tq[1], acc[1]);
-  acc[2] = fmaf(sg8, tq[2], acc[2]);
-  acc[3] = fmaf(sg8, tq[3], acc[3]);
-  tq[0] = tq[1] = tq[2] = tq[3] = 0.0f;
-}
 """.replace("@R8B@", str(FP_PAIR_BITS["bfloat16", 8][0])).replace("@R8H@", str(FP_PAIR_BITS["float16", 8][0])) \
     .replace("@M8B@", hex(FP_PAIR_BITS["bfloat16", 8][1])).replace("@M8H@", hex(FP_PAIR_BITS["float16", 8][1])) \
     .replace("@U8B@", hex(FP_PAIR_BITS["bfloat16", 8][2])).replace("@U8H@", hex(FP_PAIR_BITS["float16", 8][2])) \
     .replace("@L4B@", str(FP_PAIR_BITS["bfloat16", 4][0])).replace("@L4H@", str(FP_PAIR_BITS["float16", 4][0])) \
     .replace("@U4B@", hex(FP_PAIR_BITS["bfloat16", 4][2])).replace("@U4H@", hex(FP_PAIR_BITS["float16", 4][2]))
 
-# A float format's chunk at one x tile (MT 1): the values (exact in T) through the mma into a
-# float32 tile of the chunk's own, folded into acc with the rows' group scales: a chunk lies in one
-# group (mxfp4: 32 values, mxfp8: 16, groups of 32), or two at nvfp4 (groups of 16: steps 0 to
-# STEPS/2 - 1 the first, scales sa / sb; the rest the second, ba / bb; elsewhere ba = sa, bb = sb).
+# A float format's chunk at one x tile (MT 1), the weights dequantized to T pairs before the mma:
+# a chunk lies in one group (mxfp4: 32 values, mxfp8: 16; groups of 32), or in two at nvfp4
+# (groups of 16: steps 0 to STEPS/2 - 1 take the first's scales, sa / sb, the rest the second's,
+# ba / bb; elsewhere ba = sa and bb = sb). Scales apply before the mma, as affine weights'
+# do: the four threads of an mma row hold chunks of different groups.
 _MT1_FLOAT_FORMAT = """\
-              float tq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
               #pragma unroll
               for (int j = 0; j < STEPS; ++j) {
-                const uint32_t af[4] = {fp_pair<T, FMT>(wa, 2 * j), fp_pair<T, FMT>(wb, 2 * j),
-                                        fp_pair<T, FMT>(wa, 2 * j + 1), fp_pair<T, FMT>(wb, 2 * j + 1)};
-                mma16816<T>(tq, af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
-                if (FMT == 2 && j == STEPS / 2 - 1) fp_fold(acc[0], tq, sa, sb);
+                const bool second = FMT == 2 && j >= STEPS / 2;
+                const uint32_t af[4] = {fp_pair<T, FMT>(wa, 2 * j, second ? ba2 : sa2),
+                                        fp_pair<T, FMT>(wb, 2 * j, second ? bb2 : sb2),
+                                        fp_pair<T, FMT>(wa, 2 * j + 1, second ? ba2 : sa2),
+                                        fp_pair<T, FMT>(wb, 2 * j + 1, second ? bb2 : sb2)};
+                mma16816<T>(acc[0], af, x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
               }
-              fp_fold(acc[0], tq, ba, bb);
 """
 
 # The float-format form of the decode kernel (decode_source(float_format=True); template FMT 1
-# mxfp4, 2 nvfp4, 3 mxfp8): uint8 scales read as float (no biases), and the chunks of several x
-# tiles (MT > 1) as in _MT1_FLOAT_FORMAT, each tile's sums folded on their own.
+# mxfp4, 2 nvfp4, 3 mxfp8): the uint8 group scales read as T (exact: powers of two, or E4M3's 4
+# significant bits), no biases (the ring's bias slots hold nvfp4's second group's scales), and
+# the weights of several x tiles (MT > 1) dequantized as in _MT1_FLOAT_FORMAT.
 _FLOAT_FORMAT = (
-    ("    T rsa[DEPTH], rba[DEPTH], rsb[DEPTH], rbb[DEPTH];",
-     "    float rsa[DEPTH], rba[DEPTH], rsb[DEPTH], rbb[DEPTH];  // the chunk's group scales (see _MT1_FLOAT_FORMAT)"),
-    ("uint4& wa_, uint4& wb_, T& sa_, T& ba_, T& sb_, T& bb_) {",
-     "uint4& wa_, uint4& wb_, float& sa_, float& ba_, float& sb_, float& bb_) {"),
     ("""      sa_ = (BITS != 16 && kin && ok0) ? scales[(size_t)row0 * GPR + gi] : zt;
       ba_ = (BITS != 16 && kin && ok0) ? biases[(size_t)row0 * GPR + gi] : zt;
       sb_ = (BITS != 16 && kin && ok1) ? scales[(size_t)row1 * GPR + gi] : zt;
       bb_ = (BITS != 16 && kin && ok1) ? biases[(size_t)row1 * GPR + gi] : zt;""",
-     """      sa_ = (kin && ok0) ? fp_scale<FMT>(scales[(size_t)row0 * GPR + gi]) : 0.0f;
-      sb_ = (kin && ok1) ? fp_scale<FMT>(scales[(size_t)row1 * GPR + gi]) : 0.0f;
-      ba_ = (FMT == 2 && kin && ok0) ? fp_scale<FMT>(scales[(size_t)row0 * GPR + gi + 1]) : sa_;
-      bb_ = (FMT == 2 && kin && ok1) ? fp_scale<FMT>(scales[(size_t)row1 * GPR + gi + 1]) : sb_;"""),
-    ("            const T sa = rsa[d], ba = rba[d], sb = rsb[d], bb = rbb[d];",
-     "            const float sa = rsa[d], ba = rba[d], sb = rsb[d], bb = rbb[d];"),
-    ("""            const typename Q::T2 sa2 = Q::splat(sa), ba2 = Q::splat(ba), sb2 = Q::splat(sb), bb2 = Q::splat(bb);
-            const float saf = static_cast<float>(sa), baf = static_cast<float>(ba);
-            const float sbf = static_cast<float>(sb), bbf = static_cast<float>(bb);
-""", ""),
-    ("""              uint32_t af[STEPS][4];
-              #pragma unroll
-              for (int j = 0; j < STEPS; ++j) {
-                af[j][0] = dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf);
+     """      sa_ = (kin && ok0) ? static_cast<T>(fp_scale<FMT>(scales[(size_t)row0 * GPR + gi])) : zt;
+      sb_ = (kin && ok1) ? static_cast<T>(fp_scale<FMT>(scales[(size_t)row1 * GPR + gi])) : zt;
+      ba_ = (FMT == 2 && kin && ok0) ? static_cast<T>(fp_scale<FMT>(scales[(size_t)row0 * GPR + gi + 1])) : sa_;
+      bb_ = (FMT == 2 && kin && ok1) ? static_cast<T>(fp_scale<FMT>(scales[(size_t)row1 * GPR + gi + 1])) : sb_;"""),
+    ("""                af[j][0] = dequant_pair<T, BITS>(wa, 2 * j, sa2, ba2, saf, baf);
                 af[j][1] = dequant_pair<T, BITS>(wb, 2 * j, sb2, bb2, sbf, bbf);
                 af[j][2] = dequant_pair<T, BITS>(wa, 2 * j + 1, sa2, ba2, saf, baf);
-                af[j][3] = dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf);
-              }
-              #pragma unroll
-              for (int t = 0; t < MT; ++t) {
-                if (t > 0) load_x(sp, t, xv);
-                #pragma unroll
-                for (int j = 0; j < STEPS; ++j) {
-                  mma16816<T>(acc[t], af[j], x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
-                }
-              }""",
-     """              uint32_t af[STEPS][4];
-              #pragma unroll
-              for (int j = 0; j < STEPS; ++j) {
-                af[j][0] = fp_pair<T, FMT>(wa, 2 * j);
-                af[j][1] = fp_pair<T, FMT>(wb, 2 * j);
-                af[j][2] = fp_pair<T, FMT>(wa, 2 * j + 1);
-                af[j][3] = fp_pair<T, FMT>(wb, 2 * j + 1);
-              }
-              #pragma unroll
-              for (int t = 0; t < MT; ++t) {
-                if (t > 0) load_x(sp, t, xv);
-                float tq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                #pragma unroll
-                for (int j = 0; j < STEPS; ++j) {
-                  mma16816<T>(tq, af[j], x_pair<BITS, XPRE>(xv, 2 * j), x_pair<BITS, XPRE>(xv, 2 * j + 1));
-                  if (FMT == 2 && j == STEPS / 2 - 1) fp_fold(acc[t], tq, sa, sb);
-                }
-                fp_fold(acc[t], tq, ba, bb);
-              }"""),
+                af[j][3] = dequant_pair<T, BITS>(wb, 2 * j + 1, sb2, bb2, sbf, bbf);""",
+     """                const bool second = FMT == 2 && j >= STEPS / 2;
+                af[j][0] = fp_pair<T, FMT>(wa, 2 * j, second ? ba2 : sa2);
+                af[j][1] = fp_pair<T, FMT>(wb, 2 * j, second ? bb2 : sb2);
+                af[j][2] = fp_pair<T, FMT>(wa, 2 * j + 1, second ? ba2 : sa2);
+                af[j][3] = fp_pair<T, FMT>(wb, 2 * j + 1, second ? bb2 : sb2);"""),
 )
 
 #: The plain product's hooks: x [M, K] read as 16-byte chunks, y [M, N] written in T.
@@ -766,8 +725,8 @@ def decode_source(sizes: str = _SIZES, prologue: str = "", load_x: str = _LOAD_X
 
     ``float_format``: the weights are a float format's codes (template ``FMT``: 1 mxfp4, 2 nvfp4,
     3 mxfp8, with BITS 4, 4, 8 and G 32, 16, 32) and ``scales`` its uint8 group scales, with no
-    biases; the header needs :data:`FLOAT_FORMAT_HEADER`. Each chunk's values enter the mma as
-    they are (exact in T) and its group scales apply to the float32 sums (``_MT1_FLOAT_FORMAT``)."""
+    biases; the header needs :data:`FLOAT_FORMAT_HEADER`. Each pair of codes becomes its two
+    weights in T, exactly (``fp_pair``), before the mma."""
     finish = _SPLIT_FINISH.replace("@STORE@", store) if split else ""
     source = _SOURCE
     if float_format:
@@ -948,10 +907,10 @@ def fused_float_format_matmul(x: mx.array, w: mx.array, scales: mx.array, *, gro
                               mode: str, depth: int | None = None, max_blocks: int | None = None) -> mx.array:
     """x [..., K] @ dequantize(w, scales, mode=mode).T -> [..., N] in x's dtype, in the decode
     kernel's float-format form (CUDA only; the cases :func:`float_format_kernel_takes` accepts):
-    the packed codes stream through the ring as affine weights do, each pair of codes becomes two
-    exact bf16/fp16 values in a few bit operations and one multiply, and each group's scale
-    applies to the chunk's float32 sums. The dequantized weights are exact in x's dtype, so the
-    result differs from MLX's product by the float32 sums' order only. MLX 0.32.4's own product
+    the packed codes stream through the ring as affine weights do, and each pair of codes becomes
+    its two weights in x's dtype in a few bit operations and two multiplies (by 2^D, by the group's
+    scale). The weights are exact in x's dtype (fp16: but those of a group scaled below 2^-24), so
+    the result differs from MLX's product by the float32 sums' order only. MLX 0.32.4's own product
     reads the weights at bf16's pace (7B decode at batch 1: mxfp4 201.5 tok/s, 4-bit affine
     through our kernel 348.0, an H100, session 44)."""
     fmt = FLOAT_FORMATS[mode][0]
