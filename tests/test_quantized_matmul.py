@@ -550,6 +550,9 @@ def test_float_formats_decode_routing(monkeypatch, mode, bits, group_size):
         product(96, lead, mx.float16)
     assert fused == [(lead + (K,), mode) for lead in ((1,), (3, 1), (2, 32)) for K in (128, 96)]
     fused.clear()
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", False)  # XLSTM_METAL_FLOAT_FORMAT_DECODE=0: MLX's
+    product(128, (1,))
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", True)
     product(128, (1,), mx.float32)
     if mode == "nvfp4":
         product(48, (1,))  # three groups of 16: a 4-bit chunk (32 values) would run past K

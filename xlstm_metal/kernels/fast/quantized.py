@@ -885,6 +885,10 @@ def float_format_prefill_on_cuda(x: mx.array, w: mx.array, scales: mx.array, mod
 #: The float formats the decode kernel takes: mode -> (template FMT, bits, group size).
 FLOAT_FORMATS = {"mxfp4": (1, 4, 32), "nvfp4": (2, 4, 16), "mxfp8": (3, 8, 32)}
 
+#: Whether a float format's decode rows on CUDA take :func:`fused_float_format_matmul`
+#: (``XLSTM_METAL_FLOAT_FORMAT_DECODE``, default 1; 0: MLX's product, the reference, to compare).
+FLOAT_FORMAT_DECODE = os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "1") != "0"
+
 
 def float_format_kernel_takes(x, w: mx.array, scales: mx.array, group_size: int, bits: int, mode: str) -> bool:
     """Whether :func:`fused_float_format_matmul` takes these (``x`` needs only ``dtype`` and
@@ -952,7 +956,8 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
     if float_format_prefill_on_cuda(x, w, scales, mode):
         return dequantized_matmul(x, w, scales, None, group_size=group_size, bits=bits, mode=mode)
-    if mode != "affine" and cuda_available() and float_format_kernel_takes(x, w, scales, group_size, bits, mode):
+    if mode != "affine" and FLOAT_FORMAT_DECODE and cuda_available() \
+            and float_format_kernel_takes(x, w, scales, group_size, bits, mode):
         return fused_float_format_matmul(x, w, scales, group_size=group_size, bits=bits, mode=mode)
     if fast_path_supported(x, w, scales, biases, group_size, bits, mode):
         rows = math.prod(x.shape[:-1])
