@@ -1318,7 +1318,7 @@ class Trainer:
             finally:
                 shutil.rmtree(where, ignore_errors=True)
         took = self.clock() - t0
-        return took if self.group is None else float(agree(took, self.group, op="max"))
+        return agree(took, self.group)  # rank 0's, the longest
 
     def train(self) -> TrainResult:
         """Run to ``total_steps`` (or the time budget); returns losses and evals.
