@@ -79,15 +79,17 @@ def test_cuda_matches_dequantized_reference(bits, group_size, M):
 @pytest.mark.parametrize("mode, bits, group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("M", [1, 2, 8, 9, 33, 64])
-def test_cuda_float_format_decode_matches_the_exact_product(mode, bits, group_size, dtype, M):
+def test_cuda_float_format_decode_matches_the_exact_product(monkeypatch, mode, bits, group_size, dtype, M):
     """The fused float-format kernel against x @ dequantize(w).T in float64: the dequantized
     weights are exact in bf16 / fp16, so only the float32 sums' order and the output's rounding
     differ (~2^-9 relative in bf16). N not a multiple of 16, K not a multiple of the warp's span
     (128 values at 4 bits, 64 at 8): partial tiles and spans. Weights spread over many scales
     (each row's magnitude 2^-12 .. 2^4) so that every scale code path and the E2M1 / E4M3
     subnormal codes are hit; MLX's own product agrees to its rounding."""
+    from xlstm_metal.kernels.fast import quantized
     from xlstm_metal.kernels.fast.quantized import fused_float_format_matmul
 
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", True)  # quantized_matmul routes to it
     rng = np.random.default_rng(M + bits + group_size)
     N, K = 200, 352
     w = rng.standard_normal((N, K)) * np.exp2(rng.uniform(-12, 4, (N, 1)))
@@ -513,6 +515,7 @@ def test_float_formats_prefill_takes_the_dequantized_product_on_cuda(monkeypatch
     assert _rel_fro(y.astype(mx.float32), np.array(exact)) < 1e-2
     calls.clear()
     fused = []
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", True)  # XLSTM_METAL_FLOAT_FORMAT_DECODE=1
     monkeypatch.setattr(quantized, "fused_float_format_matmul", lambda x, *a, **k: fused.append(x.shape) or
                         mx.quantized_matmul(x, *a[:1], scales=a[1], transpose=True, group_size=group_size, bits=bits,
                                             mode=mode))
@@ -531,6 +534,7 @@ def test_float_formats_decode_routing(monkeypatch, mode, bits, group_size):
     fused = []
     monkeypatch.setattr(quantized, "fused_float_format_matmul",
                         lambda x, w, s, **k: fused.append((x.shape, k["mode"])) or mx.zeros((*x.shape[:-1], w.shape[0]), x.dtype))
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", True)  # XLSTM_METAL_FLOAT_FORMAT_DECODE=1
     rng = np.random.default_rng(2)
 
     def product(K, lead, dtype=mx.bfloat16):
@@ -550,7 +554,7 @@ def test_float_formats_decode_routing(monkeypatch, mode, bits, group_size):
         product(96, lead, mx.float16)
     assert fused == [(lead + (K,), mode) for lead in ((1,), (3, 1), (2, 32)) for K in (128, 96)]
     fused.clear()
-    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", False)  # XLSTM_METAL_FLOAT_FORMAT_DECODE=0: MLX's
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", False)  # the default: MLX's
     product(128, (1,))
     monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", True)
     product(128, (1,), mx.float32)

@@ -24,7 +24,8 @@ The fast path takes bfloat16 or float16 x with scales and biases of the same dty
 and group sizes 32, 64 or 128. The float formats (mxfp4, nvfp4, mxfp8: uint8 group scales, no
 biases) with bf16 or fp16 x take the decode kernel's float-format form up to
 :data:`DECODE_MAX_ROWS` rows (:func:`fused_float_format_matmul`) and dequantize + GEMM above;
-anything else (float32 x, other bits) runs the reference, so a call is always valid.
+anything else (float32 x, other bits) runs the reference, so a call is always valid. (The
+float-format decode kernel is opt-in until it has run on a GPU: :data:`FLOAT_FORMAT_DECODE`.)
 
 The decode kernel's source has hooks (:func:`decode_source`: its sizes, a prologue, how x's
 values are read, the store; thread blocks that walk several output tiles), which
@@ -886,8 +887,9 @@ def float_format_prefill_on_cuda(x: mx.array, w: mx.array, scales: mx.array, mod
 FLOAT_FORMATS = {"mxfp4": (1, 4, 32), "nvfp4": (2, 4, 16), "mxfp8": (3, 8, 32)}
 
 #: Whether a float format's decode rows on CUDA take :func:`fused_float_format_matmul`
-#: (``XLSTM_METAL_FLOAT_FORMAT_DECODE``, default 1; 0: MLX's product, the reference, to compare).
-FLOAT_FORMAT_DECODE = os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "1") != "0"
+#: (``XLSTM_METAL_FLOAT_FORMAT_DECODE=1``) or MLX's product, the reference (0, the default until
+#: the kernel has run on a GPU: written and compiled in session 46, when none came).
+FLOAT_FORMAT_DECODE = os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "0") == "1"
 
 
 def float_format_kernel_takes(x, w: mx.array, scales: mx.array, group_size: int, bits: int, mode: str) -> bool:
