@@ -1500,6 +1500,8 @@ class Trainer:
                     elif probe_t0 is not None and self.step == result.step + 2 + cfg.probe_steps:
                         probe_time = (self.clock() - probe_t0) / cfg.probe_steps  # saves in it included
                         if save_time is None:
+                            job.update(phase="save")
+                            bar.set_description_str("train (timing a checkpoint save)")
                             save_time = self._time_a_save()
                             t_window += save_time  # not training throughput
                             paused += save_time
