@@ -274,7 +274,7 @@ def test_time_budget_leaves_room_for_checkpoint_saves(tmp_path, max_time, stop_s
 def test_time_budget_sizing_counts_checkpoint_saves(tmp_path, monkeypatch):
     """--max-time alone, a step taking 1 s and a checkpoint save 5 s (every 10 steps): the run
     was sized from the probe's steps only, 6 + 0.97 * 54 = 58 steps, and the budget stopped it
-    near step 37 with its cosine far from the floor. The sizing now times one save (written to
+    at step 40 with its cosine far from the floor. The sizing now times one save (written to
     a temporary directory and removed) and counts a save per 10 steps and the last one: 6 +
     0.97 * (60 - 11 - 5) / 1.5 = 34 steps, which run to their end inside the budget."""
     import xlstm_metal.training.trainer as trainer_module
