@@ -2,7 +2,8 @@
 SASS instruction counts per kernel.
 
     python benchmarks/cuda_compile_check.py --shape 7b --blocks 1 --q-bits 4 --rows 1 --out k.jsonl
-    python benchmarks/cuda_compile_check.py --q-mode mxfp4 --rows 16   (a float format's kernels)
+    XLSTM_METAL_FLOAT_FORMAT_DECODE=1 python benchmarks/cuda_compile_check.py --q-mode mxfp4 --rows 16
+        (a float format's decode kernel: opt-in, see kernels/fast/quantized.py)
 
 MLX's CUDA back-end compiles each ``mx.fast.cuda_kernel`` with NVRTC when it first runs. Here a
 recorder stands in for ``mx.fast.cuda_kernel``, the package's CUDA checks answer yes, and one greedy
