@@ -39,16 +39,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .kernels.fast.quantized import use_fast_quantized_layers
+from .kernels.fast.quantized import MODES, use_fast_quantized_layers
 
 #: Bit widths and group sizes of MLX's affine quantization.
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
-#: MLX's quantization modes: None (affine: :data:`BITS`, :data:`GROUP_SIZES`, float scales and
-#: biases) or the one (bits, group size) of a microscaling float format (uint8 scales, no biases).
-MODES: dict[str, tuple[int, int] | None] = {"affine": None, "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
+# MODES (imported above): MLX's quantization modes, None for affine (:data:`BITS`,
+# :data:`GROUP_SIZES`) or a float format's one (bits, group size).
 #: Named mixed recipes ``mixed-<body bits>-<embedding/head bits>`` (``mixed_4_6`` also accepted).
 MIXED_RECIPE = re.compile(r"^mixed[-_]([2-8])[-_]([2-8])$")
 #: Layers kept in float by default: the i/f gate projections (NH outputs, exponential gates).

@@ -883,8 +883,14 @@ def float_format_prefill_on_cuda(x: mx.array, w: mx.array, scales: mx.array, mod
             and cuda_available())
 
 
-#: The float formats the decode kernel takes: mode -> (template FMT, bits, group size).
-FLOAT_FORMATS = {"mxfp4": (1, 4, 32), "nvfp4": (2, 4, 16), "mxfp8": (3, 8, 32)}
+#: MLX's quantization modes: None (affine: any of its bit widths and group sizes, float scales
+#: and biases) or the one (bits, group size) of a microscaling float format (uint8 scales, no
+#: biases). Defined here, the lower layer, so this module and ``quantization`` share it.
+MODES: dict[str, tuple[int, int] | None] = {"affine": None, "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
+
+#: The float formats the decode kernel takes: mode -> its template number FMT (bits and group
+#: size: :data:`MODES`).
+FLOAT_FORMAT_TEMPLATES = {"mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
 
 #: Whether a float format's decode rows on CUDA take :func:`fused_float_format_matmul`
 #: (``XLSTM_METAL_FLOAT_FORMAT_DECODE=1``) or MLX's product, the reference (0, the default until
@@ -898,7 +904,7 @@ def float_format_kernel_takes(x, w: mx.array, scales: mx.array, group_size: int,
     uint8 scales [N, K / group_size]), bf16 or fp16 x of 1 to :data:`DECODE_MAX_ROWS` rows, K a
     multiple of 32."""
     K = x.shape[-1]
-    return (FLOAT_FORMATS.get(mode, (0,))[1:] == (bits, group_size)
+    return (mode in FLOAT_FORMAT_TEMPLATES and MODES[mode] == (bits, group_size)
             and x.dtype in (mx.bfloat16, mx.float16)
             and 0 < math.prod(x.shape[:-1]) <= DECODE_MAX_ROWS
             and K % 32 == 0
@@ -919,7 +925,7 @@ def fused_float_format_matmul(x: mx.array, w: mx.array, scales: mx.array, *, gro
     the result differs from MLX's product by the float32 sums' order only. MLX 0.32.4's own product
     reads the weights at bf16's pace (7B decode at batch 1: mxfp4 201.5 tok/s, 4-bit affine
     through our kernel 348.0, an H100, session 44)."""
-    fmt = FLOAT_FORMATS[mode][0]
+    fmt = FLOAT_FORMAT_TEMPLATES[mode]
     lead, N = x.shape[:-1], w.shape[0]
     M = math.prod(lead)
     if not float_format_kernel_takes(x, w, scales, group_size, bits, mode):
