@@ -168,3 +168,68 @@ def test_parameters_named_as_sent_and_ignored_ones_refused(server):
     status, answer = post(server.url, "/v1/completions", {**TEXT, "xtc_probability": 0, "xtc_threshold": 0})
     assert status == 200, answer
     assert_still_serving(server)
+
+
+def test_deeply_nested_json_gets_a_400(server):
+    """5,000 nested arrays made Python's JSON decoder raise RecursionError in the handler: the
+    client's connection dropped with no response; ~900 levels in chat_template_kwargs failed in
+    the template's rendering (a 500)."""
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b', "max_tokens": 2}'
+    status, answer = request(server, "POST", "/v1/completions", deep)
+    assert status == 400 and "nests more than 64 levels" in answer["error"]["message"], answer
+    nested = {}
+    for _ in range(900):
+        nested = {"a": nested}
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "chat_template_kwargs": nested})
+    assert status == 400 and "nests more than 64 levels" in error_message(status, answer), answer
+    # A body of 64 levels is served (an unused template variable nested 62 deep).
+    nested = []
+    for _ in range(61):
+        nested = [nested]
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"x": nested}},
+                          timeout=30)
+    assert status == 200, answer
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"x": [nested]}})
+    assert status == 400 and "nests more than 64 levels" in error_message(status, answer), answer
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("key", ["tokenize", "tools", "conversation", "messages", "add_generation_prompt"])
+def test_chat_template_kwargs_may_not_set_the_templates_own_arguments(server, key):
+    """These keys clashed with the template call's own ("got multiple values for keyword
+    argument"): a 500, plain and streamed."""
+    for stream in (False, True):
+        status, answer = post(server.url, "/v1/chat/completions",
+                              {**CHAT, "stream": stream, "chat_template_kwargs": {key: False, "enable_thinking": False}})
+        message = error_message(status, answer)
+        assert status == 400 and f"must not set {key}" in message, answer
+    # A template variable of the template's own is still fine.
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+                          timeout=30)
+    assert status == 200, answer
+
+
+def test_logprobs_stop_and_token_limits_are_checked_at_both_ends(server):
+    """mlx-lm let these through: top_logprobs -1 (its own "none"), an empty stop string (stopped
+    nowhere: silently ignored), a max_tokens beyond 2**31 - 1 (generated until the client gave
+    up), and max_tokens beside a different max_completion_tokens (the second won silently)."""
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": -1})
+    assert status == 400 and "top_logprobs must be an integer >= 0" in error_message(status, answer, "top_logprobs")
+    for stop in ("", ["x", ""]):
+        status, answer = post(server.url, "/v1/completions", {**TEXT, "stop": stop})
+        assert status == 400 and "stop strings must not be empty" in error_message(status, answer, "stop"), answer
+    for name in ("max_tokens", "max_completion_tokens"):
+        body = {**CHAT, name: 10**30} if name == "max_tokens" else {"messages": CHAT["messages"], name: 2**31}
+        status, answer = post(server.url, "/v1/chat/completions", body)
+        assert status == 400 and f"{name} must be at most 2147483647" in error_message(status, answer, name), answer
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "max_completion_tokens": 5})
+    assert status == 400 and "max_tokens (2) and max_completion_tokens (5) differ" in \
+        error_message(status, answer, "max_tokens"), answer
+    # The same value under both names is one request of that many tokens.
+    status, answer = post(server.url, "/v1/chat/completions", {**CHAT, "max_completion_tokens": 2, "temperature": 0},
+                          timeout=30)
+    assert status == 200 and answer["usage"]["completion_tokens"] <= 2, answer
+    status, answer = post(server.url, "/v1/chat/completions",
+                          {**CHAT, "logprobs": True, "top_logprobs": 0, "temperature": 0}, timeout=30)
+    assert status == 200 and answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == [], answer
+    assert_still_serving(server)

@@ -121,6 +121,18 @@ MAX_BODY_BYTES = 64 * 2**20
 #: The bound on the penalties' context sizes: MLX slices take 32-bit indices (a larger one failed in
 #: the generation thread, a 500 for every request in flight with it).
 MAX_CONTEXT_SIZE = 2**31 - 1
+#: The deepest nesting of a request body's JSON: deeper bodies made Python's JSON decoder (or, a
+#: little shallower, the chat template's rendering) raise RecursionError: a dropped connection or a
+#: 500. OpenAI's own requests nest a few levels (tools' JSON schemas a few more).
+MAX_JSON_DEPTH = 64
+#: ``chat_template_kwargs`` keys that are not template variables but the names the chat template's
+#: call and rendering already take (transformers' ``apply_chat_template`` and its template's
+#: ``messages``): given again they failed as "got multiple values" (a 500), or changed what the call
+#: returns (``tokenize``, ``return_dict``).
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
 #: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position).
 MAX_COMPLETION_LOGPROBS = 5
 #: SentencePiece's space ("▁x" is " x"), and its byte-fallback tokens' names (<0xF0>: the byte 0xF0).
@@ -500,6 +512,17 @@ class ModelProvider(mlx_server.ModelProvider):
         #: The width of the logits (token ids a request's logit_bias and top_k may name); the
         #: last model loaded, read by the request handlers.
         self.vocab_size = int(model.config.vocab_size)
+
+
+def _json_depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar 0, ``[]`` 1, ``[[1]]`` 2), without recursion."""
+    depth, level = 0, [(value, 0)]
+    while level:
+        item, d = level.pop()
+        if isinstance(item, (list, dict)):
+            depth = max(depth, d + 1)
+            level.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
 
 
 def _check_messages(messages: Any) -> None:
@@ -1328,6 +1351,11 @@ class APIHandler(mlx_server.APIHandler):
         except json.JSONDecodeError as err:
             self._error(400, f"Invalid JSON in request body: {err}")
             return False
+        except RecursionError:
+            body = RecursionError
+        if body is RecursionError or _json_depth(body) > MAX_JSON_DEPTH:
+            self._error(400, f"the request body's JSON nests more than {MAX_JSON_DEPTH} levels deep")
+            return False
         if not isinstance(body, dict):
             self._error(400, "Request should be a JSON dictionary (an object of request fields)")
             return False
@@ -1416,6 +1444,10 @@ class APIHandler(mlx_server.APIHandler):
         MLX cannot take, ``n`` other than 1 (mlx-lm returned one choice), malformed
         ``stream_options``, ``tools`` or ``chat_template_kwargs``, strings that are not Unicode, and
         ``adapters`` that are not a directory of adapters. A ValueError names what is wrong."""
+        both = [self.body.get(name) for name in ("max_tokens", "max_completion_tokens")]
+        if None not in both and both[0] != both[1]:  # mlx-lm took max_completion_tokens without a word
+            raise ValueError(f"max_tokens ({both[0]!r}) and max_completion_tokens ({both[1]!r}) differ: "
+                             "send one (max_tokens is the older name of max_completion_tokens)")
         self._fill_defaults()
         # echo with max_tokens 0: the prompt alone, scored where logprobs are asked (mlx-lm's check
         # wants one token at least; none is generated).
@@ -1440,6 +1472,9 @@ class APIHandler(mlx_server.APIHandler):
             if str(err).startswith("max_tokens") and self.body.get("max_completion_tokens") is not None:
                 raise ValueError("max_completion_tokens" + str(err)[len("max_tokens"):]) from None  # the field sent
             raise
+        if self.max_tokens > MAX_CONTEXT_SIZE:  # as the CLI's -n: a larger one ran until the client gave up
+            sent = "max_completion_tokens" if self.body.get("max_completion_tokens") is not None else "max_tokens"
+            raise ValueError(f"{sent} must be at most {MAX_CONTEXT_SIZE}, got {self.max_tokens}")
         for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
             if getattr(self, name) > MAX_CONTEXT_SIZE:
                 raise ValueError(f"{name} must be at most {MAX_CONTEXT_SIZE}, got {getattr(self, name)}")
@@ -1468,6 +1503,8 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("stop must be a string or a list of strings")
         for word in [stop] if isinstance(stop, str) else stop or ():
             _check_unicode(word, "stop")
+            if not word:  # it would stop nowhere (the CLI's --stop "" is refused too)
+                raise ValueError("stop strings must not be empty")
         if self.path in ("/v1/chat/completions", "/chat/completions"):
             _check_messages(body.get("messages"))
         elif self.path == "/v1/completions":
@@ -1483,6 +1520,10 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("tools must be a list of objects")
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(self.chat_template_kwargs or ()))
+        if reserved:
+            raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)}: the template's own "
+                             "arguments (use the request's fields), not template variables")
         self._check_fields()
 
     def _fill_defaults(self) -> None:
@@ -1768,6 +1809,8 @@ class APIHandler(mlx_server.APIHandler):
             self.logprobs, self.top_logprobs = n is not None, -1 if n is None else n
         elif self.top_logprobs is None:
             self.top_logprobs = -1
+        elif type(self.body.get("top_logprobs")) is int and self.top_logprobs < 0:  # mlx-lm took -1: its "none"
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {self.top_logprobs}")
         elif isinstance(self.top_logprobs, int) and self.top_logprobs > 0 and self.logprobs is not True:
             raise ValueError("top_logprobs needs logprobs: true")
 
