@@ -579,12 +579,13 @@ def test_float_formats_decode_routing(monkeypatch, mode, bits, group_size):
     assert not quantized.float_format_kernel_takes(mx.zeros((1, 128), mx.bfloat16), wq, scales, 32, 4, "affine")
 
 
-def test_float_format_decode_setting():
+def test_float_format_decode_setting(monkeypatch, capsys):
     """XLSTM_METAL_FLOAT_FORMAT_DECODE: 1 all, 0 none, a comma list; unset, the formats whose
     kernel has matched the exact product on a GPU (mxfp4, mxfp8; nvfp4 not yet)."""
     import subprocess
     import sys
 
+    from xlstm_metal.kernels.fast import quantized
     from xlstm_metal.kernels.fast.quantized import _float_format_decode
 
     assert _float_format_decode("1") == {"mxfp4", "nvfp4", "mxfp8"} and _float_format_decode(" 0") == set()
@@ -593,8 +594,19 @@ def test_float_format_decode_setting():
         _float_format_decode("fp4")
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLSTM_METAL_FLOAT_FORMAT_DECODE"}
     out = subprocess.run([sys.executable, "-c", "from xlstm_metal.kernels.fast import quantized as q; "
-                          "print(sorted(q.FLOAT_FORMAT_DECODE))"], env=env, capture_output=True, text=True, check=True)
+                          "print(sorted(q.float_format_decode()))"], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['mxfp4', 'mxfp8']"
+    # A bad value is the command's error (exit 2, no traceback) where a float format's product runs.
+    from xlstm_metal.cli import main
+
+    monkeypatch.setattr(quantized, "FLOAT_FORMAT_DECODE", None)
+    monkeypatch.setattr(quantized, "cuda_available", lambda: True)  # (the setting is read on CUDA)
+    monkeypatch.setenv("XLSTM_METAL_FLOAT_FORMAT_DECODE", "fp4")
+    monkeypatch.setattr("xlstm_metal.cli.bench.run", lambda args: quantized.quantized_matmul(
+        mx.zeros((1, 64), mx.bfloat16), *mx.quantize(mx.zeros((32, 64)), group_size=32, bits=4, mode="mxfp4"),
+        None, group_size=32, bits=4, mode="mxfp4"))
+    assert main(["bench", "--shape", "125m"]) == 2
+    assert "error: XLSTM_METAL_FLOAT_FORMAT_DECODE must be 0, 1 or a comma list" in capsys.readouterr().err
 
 
 def test_quantize_model_and_loading_leave_our_quantized_layers(tmp_path):

@@ -8,3 +8,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or the tensors."""
+
+
+class SettingError(ValueError):
+    """An environment variable's value that cannot be read; the message names the variable."""

@@ -8,11 +8,14 @@ which prints ``xlstm-metal: error: <message>`` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import math
 import os
 import sys
 from pathlib import Path
+
+from ..errors import SettingError
 
 #: Subcommand modules, in the order `--help` lists them. A module not (yet) present is skipped,
 #: so each feature registers its command by adding its module here.
@@ -23,6 +26,10 @@ SUBCOMMANDS = (
 #: Commands that run as jobs: they publish status records for `xlstm-metal top` and run the
 #: memory watchdog (--mem-soft / --mem-hard / --mem-log; exit code 3 at the hard limit).
 JOB_COMMANDS = ("generate", "chat", "serve", "train", "convert", "bench", "tune", "mad", "evolve")
+
+
+#: OS errors that a path given on the command line causes (exit 2, no traceback).
+BAD_PATH_ERRORS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EROFS, errno.ELOOP})
 
 
 class UsageError(Exception):
@@ -103,16 +110,35 @@ def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
     """``path`` (expanded) when it can be written, before any work starts: a directory to create
     or fill (``directory``) must not be a file, a file must not be a directory, and the nearest
     existing ancestor must be a writable directory. UsageError naming ``label`` otherwise."""
+    import tempfile
+
     path = Path(path).expanduser()
-    if directory and path.exists() and not path.is_dir():
-        raise UsageError(f"{label} {path} is a file, not a directory")
-    if not directory and path.is_dir():
-        raise UsageError(f"{label} {path} is a directory, not a file")
-    start = path if directory else path.parent
-    existing = next((p for p in (start, *start.parents) if p.exists()), None)
+    try:
+        if directory and path.exists() and not path.is_dir():
+            raise UsageError(f"{label} {path} is a file, not a directory")
+        if not directory and path.is_dir():
+            raise UsageError(f"{label} {path} is a directory, not a file")
+        start = path if directory else path.parent
+        existing = next((p for p in (start, *start.parents) if p.exists()), None)
+    except OSError as err:  # e.g. a name over 255 bytes: Path.exists raises, it does not say False
+        raise UsageError(f"{label} {_shown(path)}: {err.strerror}") from None
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
         raise UsageError(f"{label} {path} cannot be created: {existing} is not a writable directory")
+    if existing is not None:
+        # os.access says yes to root everywhere (/proc too): a file made and removed there tells.
+        try:
+            handle, probe = tempfile.mkstemp(dir=existing, prefix=".xlstm-metal-probe-")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            raise UsageError(f"{label} {path} cannot be created: {existing} is not writable ({err.strerror})") from None
     return path
+
+
+def _shown(path: Path, most: int = 80) -> str:
+    """A path for a message: its start and end where it is long (one of 300 characters)."""
+    text = str(path)
+    return text if len(text) <= most else f"{text[:most // 2]}...{text[-most // 2:]}"
 
 
 def check_apart_from_data(outputs, data_paths, *, replaced=(), data="the training data", data_dir=None,
@@ -337,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _job(args):
             return int(args.func(args) or 0)
-    except UsageError as err:
+    except (UsageError, SettingError) as err:
         print(f"xlstm-metal: error: {err}", file=sys.stderr)
         return 2
     except MemoryLimitExceeded as err:
@@ -354,6 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
+    except OSError as err:
+        # A path the user gave that the system refuses (a name over 255 bytes, a file where a
+        # directory is needed, no permission) reaches many loaders; each one's own checks cover
+        # the usual cases, this the rest. Other OS errors (a full disk) keep their traceback.
+        if err.errno not in BAD_PATH_ERRORS:
+            raise
+        where = f"{_shown(Path(str(err.filename)))}: " if err.filename else ""
+        print(f"xlstm-metal: error: {where}{err.strerror}", file=sys.stderr)
+        return 2
 
 
 def _job(args: argparse.Namespace):

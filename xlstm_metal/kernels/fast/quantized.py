@@ -46,6 +46,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ...errors import SettingError
 from .step import cuda_available
 from .tensor_cores import MMA_HEADER, compact_source, tile_sums_source
 from .tensor_cores import launch_bounds as _launch_bounds  # (bound to 256 threads below)
@@ -898,17 +899,26 @@ def _float_format_decode(raw: str) -> frozenset[str]:
         return frozenset(FLOAT_FORMAT_TEMPLATES if raw.strip() == "1" else ())
     modes = frozenset(part.strip() for part in raw.split(",") if part.strip())
     if not modes <= FLOAT_FORMAT_TEMPLATES.keys():
-        raise ValueError(f"XLSTM_METAL_FLOAT_FORMAT_DECODE must be 0, 1 or a comma list of "
-                         f"{', '.join(FLOAT_FORMAT_TEMPLATES)}, not {raw!r}")
+        raise SettingError(f"XLSTM_METAL_FLOAT_FORMAT_DECODE must be 0, 1 or a comma list of "
+                           f"{', '.join(FLOAT_FORMAT_TEMPLATES)}, not {raw!r}")
     return modes
 
 
 #: The float formats whose decode rows on CUDA take :func:`fused_float_format_matmul`; the others
 #: run MLX's product, the reference (``XLSTM_METAL_FLOAT_FORMAT_DECODE``: 1 all, 0 none, or a comma
-#: list). The default is mxfp4 and mxfp8: on an H200 (session 47) their kernel matched the exact
-#: product at 1-64 rows and decoded a 7B model at batch 1 / 16 1.18x / 12x as fast as MLX's product
-#: (mxfp4); nvfp4's first check there was masked by a test error, so it waits for a run of its own.
-FLOAT_FORMAT_DECODE = _float_format_decode(os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "mxfp4,mxfp8"))
+#: list; read at the first product, so a bad value is a command's error, not the import's). The
+#: default is mxfp4 and mxfp8: on an H200 (session 47) their kernel matched the exact product at
+#: 1-64 rows and decoded a 7B model at batch 1 / 16 1.18x / 12x as fast as MLX's product (mxfp4);
+#: nvfp4's first check there was masked by a test error, so it waits for a run of its own.
+FLOAT_FORMAT_DECODE: frozenset[str] | None = None
+
+
+def float_format_decode() -> frozenset[str]:
+    """:data:`FLOAT_FORMAT_DECODE`, read from the environment the first time."""
+    global FLOAT_FORMAT_DECODE
+    if FLOAT_FORMAT_DECODE is None:
+        FLOAT_FORMAT_DECODE = _float_format_decode(os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "mxfp4,mxfp8"))
+    return FLOAT_FORMAT_DECODE
 
 
 def float_format_kernel_takes(x, w: mx.array, scales: mx.array, group_size: int, bits: int, mode: str) -> bool:
@@ -977,7 +987,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
     if float_format_prefill_on_cuda(x, w, scales, mode):
         return dequantized_matmul(x, w, scales, None, group_size=group_size, bits=bits, mode=mode)
-    if mode in FLOAT_FORMAT_DECODE and cuda_available() \
+    if mode != "affine" and cuda_available() and mode in float_format_decode() \
             and float_format_kernel_takes(x, w, scales, group_size, bits, mode):
         return fused_float_format_matmul(x, w, scales, group_size=group_size, bits=bits, mode=mode)
     if fast_path_supported(x, w, scales, biases, group_size, bits, mode):
