@@ -132,11 +132,16 @@ def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def judge(model, tokenizer, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratings for every record, each with the record's own fields (other than text) first."""
+    """Ratings for every record, each with the record's own fields (other than text) first.
+    ValueError for a record with a field named as a rating (it would be replaced)."""
     out = []
     for record in records:
         keep = {k: v for k, v in record.items() if k != "text"}
-        out.append({**keep, **judge_record(model, tokenizer, record)})
+        rating = judge_record(model, tokenizer, record)
+        clash = [k for k in rating if k in keep]
+        if clash:
+            raise ValueError(f"record fields {clash} would be replaced by the ratings of those names")
+        out.append({**keep, **rating})
     return out
 
 

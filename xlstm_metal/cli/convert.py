@@ -212,11 +212,12 @@ def _recipe(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..loading import CheckpointError, load_model, read_config_dict, resolve_model_path, save_model
+    from ..loading import CheckpointError, load_model, read_config_dict, resolve_model_path
     from ..quantization import (
         QuantizationError, bits_per_weight, dequantize_model, describe, parameter_count, quantization_config,
         quantize_model,
     )
+    from ..training.checkpoint import save_model_recording_warnings
 
     out = Path(args.out).expanduser()
     local = Path(args.source).expanduser()
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"writing {out}", file=sys.stderr)
         current_job().update(phase="save")
         tokenizer_source = source_dir if (source_dir / "tokenizer.json").is_file() else None
-        save_model(model, tmp, tokenizer=tokenizer_source, overwrite=True)
+        caught = save_model_recording_warnings(model, tmp, tokenizer=tokenizer_source, overwrite=True)
         # Without tokenizer.json (a slow tokenizer: vocab.json + merges.txt, tokenizer.model)
         # save_model writes no tokenizer_config.json: the source's is copied as it is.
         copied = COPIED_FILES if tokenizer_source is not None else (*COPIED_FILES, "tokenizer_config.json")
@@ -281,6 +282,10 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # save_model's warnings (e.g. a shape transformers cannot run) named the temporary folder, gone
+    # now, and came as raw Python warnings with a line of this file: one line each, naming OUT.
+    for warning in caught:
+        print(f"warning: {str(warning.message).replace(str(tmp), str(out))}", file=sys.stderr)
 
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     quantization = quantization_config(model)

@@ -26,8 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype (default: bfloat16 on a GPU / Metal, float32 on CPU)")
     parser.add_argument("--prompt", "-p", type=any_text,
-                        help="prompt text; '-' reads it from stdin (not under mlx.launch, whose stdin never ends: "
-                             "use --prompt-file there)")
+                        help="prompt text; '-' reads it from stdin (not in an interactive chat, whose turns come "
+                             "from stdin, nor under mlx.launch, whose stdin never ends: use --prompt-file there)")
     parser.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
     # Sampling defaults (None here) come from the checkpoint's generation_config.json, as in
     # transformers, else from BUILTIN_SAMPLING; see apply_generation_defaults.
@@ -92,6 +92,9 @@ SAMPLING_RULES = dict(
     min_p=(lambda x: 0 <= x <= 1, "in [0, 1]"),
     repetition_penalty=(lambda x: x > 0 and math.isfinite(x), "a finite number > 0"),
 )
+#: The sampling values that count tokens: integers (flags parse them so; generation_config.json's
+#: JSON numbers may be 2.5 or 1e400, which int() truncated or the runner refused naming no file).
+INTEGER_SAMPLING = ("max_tokens", "top_k")
 
 
 def _check_sampling_values(values: dict[str, Any], source: str) -> None:
@@ -103,6 +106,8 @@ def _check_sampling_values(values: dict[str, Any], source: str) -> None:
         value = values.get(name)
         if value is None:
             continue
+        if name in INTEGER_SAMPLING and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(name, "an integer")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise bad(name, rule)
 
@@ -233,6 +238,12 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     """The prompt from --prompt / --prompt - (stdin) / --prompt-file, or None."""
     if args.prompt_file is not None:
         return read_text_file(args.prompt_file, "prompt file")
+    if args.prompt == "-" and getattr(args, "interactive", False):
+        # A chat reads its turns from stdin: reading the prompt to its end took every turn (and
+        # the /quit line) as one first turn.
+        raise UsageError("--prompt - reads the prompt until stdin ends, but an interactive chat reads its turns "
+                         "from stdin: give the first turn with --prompt TEXT or --prompt-file FILE, or send it "
+                         "as the first line on stdin")
     if args.prompt == "-":
         if under_a_launch():
             raise UsageError("--prompt - reads the prompt until stdin ends, and under mlx.launch it never does "

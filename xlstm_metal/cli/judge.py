@@ -7,7 +7,9 @@
 hold "text" and optionally "prompt"; other fields are kept. For each record: mean log-probability
 and perplexity of the text given the prompt, distinct-1/2/3, share of repeated 4-grams, longest
 repeated span, lengths. Writes ratings.jsonl and ratings.csv to --out; a text with no scored token
-(empty) has null mean_logprob and perplexity.
+(empty) has null mean_logprob and perplexity. Each row also gets "source" (the file) and "line": a
+record with a field of one of these names or a rating's (mean_logprob, perplexity, scored_tokens,
+distinct_1/2/3, repeated_4gram_share, longest_repeated_span, chars, words, tokens) is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from . import UsageError, check_apart_from_data, check_output_path
 
 RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
                  "repeated_4gram_share", "longest_repeated_span", "chars", "words", "tokens")
+#: The fields judge writes into each row besides the record's own: where it came from, then its ratings.
+WRITTEN_FIELDS = ("source", "line", *RATING_FIELDS)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,7 +59,8 @@ def source_names(files: list[Path]) -> list[str]:
 def read_records(sources: list[str]) -> list[dict]:
     """Records of every JSON Lines file (directories: their *.jsonl, sorted), each with a
     "source" (file name; with parent folders where files of one name are given) and "line"
-    added; UsageError naming the file and line when bad."""
+    added; UsageError naming the file and line when bad, or when a record has a field of
+    WRITTEN_FIELDS (its own "line" or "tokens" was replaced by judge's without a word)."""
     files: list[Path] = []
     for spec in sources:
         path = Path(spec)
@@ -77,6 +82,11 @@ def read_records(sources: list[str]) -> list[dict]:
                 raise UsageError(f"{file}:{n}: 'prompt' must be a string")
             for key in ("text", "prompt"):
                 check_unicode(record.get(key) or "", f"{file}:{n}: '{key}'", UsageError)
+            clash = [k for k in WRITTEN_FIELDS if k in record]
+            if clash:
+                raise UsageError(f"{file}:{n}: field{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash))} "
+                                 f"would be replaced: judge writes {'them' if len(clash) > 1 else 'it'} into each "
+                                 "row (source, line and the ratings); rename the field in the file")
             records.append({"source": source, "line": n, **record})
     if not records:
         raise UsageError("no records in --outputs")

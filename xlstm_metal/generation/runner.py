@@ -266,7 +266,10 @@ class xLSTMRunner:
         return ids
 
     def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
-        return SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p), float(repetition_penalty))
+        # A NumPy integer top_k becomes an int; anything else goes as given, for SamplingParams
+        # to refuse (int() truncated top_k=2.5 to 2 without a word).
+        top_k = int(top_k) if _is_token_id(top_k) else top_k
+        return SamplingParams(float(temperature), top_k, float(top_p), float(min_p), float(repetition_penalty))
 
     def prefill(self, ids: Sequence[int], state: Any = None) -> tuple[mx.array, Any]:
         """Feed ``ids`` (one row) in pieces of ``prefill_chunk_size``.
