@@ -14,6 +14,13 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
   so is a count below its smallest sensible value (``generate --max-tokens -3`` generated without
   a limit): :data:`COUNT_MINIMUMS`, or above its largest (:data:`COUNT_MAXIMUMS`), and a real
   number out of its range or not finite (:data:`FLOAT_RANGES`).
+- What mlx-lm would silently ignore or lose is refused before it works (exit 2): convert's
+  ``--q-*`` options without ``-q`` or outside MLX's quantization (:func:`check_convert_quantization`),
+  generate's KV-cache options for an xLSTM and chat-template options without a chat template
+  (:func:`check_generate_loaded`), an empty prompt (:func:`check_generate_prompt`), lora's
+  ``--adapter-path`` holding earlier adapters (:func:`check_adapter_path`), fuse's ``--gguf-path``
+  without ``--export-gguf`` and ``--export-gguf`` of an xLSTM (:func:`check_fuse_gguf`), and a
+  local model path that does not exist (:func:`looks_local`).
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
-from . import UsageError, check_apart_from_data, check_output_path, finite_float, harden_parser
+from . import UsageError, _given_options, check_apart_from_data, check_output_path, finite_float, harden_parser
 
 COMMANDS = ("generate", "server", "lora", "fuse", "convert")
 #: The option naming the model, per command (convert also takes --hf-path).
@@ -66,6 +76,19 @@ FLOAT_RANGES = {
                  "--xtc-probability": (0.0, 1.0), "--xtc-threshold": (0.0, 0.5)},
     "server": {"--temp": (0.0, math.inf), "--top-p": (0.0, 1.0), "--min-p": (0.0, 1.0)},
 }
+
+#: convert's options (argparse dests) that only shape ``-q``'s quantization: without ``-q`` the
+#: model was written in float without a word (``--q-bits 3`` alone).
+QUANTIZE_OPTIONS = ("q_bits", "q_group_size", "q_mode", "quant_predicate")
+#: generate's options (dests) for an attention model's KV cache. An xLSTM has none: it keeps a
+#: fixed-size recurrent state, so ``--max-kv-size 2`` or ``--kv-bits 4`` changed nothing.
+KV_CACHE_OPTIONS = ("max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start")
+#: generate's options (dests) that only go into the chat template: without one (the tokenizer
+#: has none, or --ignore-chat-template) mlx-lm dropped them without a word.
+CHAT_TEMPLATE_OPTIONS = ("system_prompt", "prefill_response", "chat_template_config")
+#: What lora --train writes into --adapter-path: the adapters, their config, and a checkpoint
+#: every --save-every steps (``0000100_adapters.safetensors``).
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapters.safetensors"
 
 DESCRIPTION = """\
 Run mlx-lm's generate, server, lora, fuse or convert on xLSTM models. Everything after the command
@@ -130,6 +153,131 @@ def check_fuse_save_path(model: str, save_path: str) -> None:
                          "its files; remove it or choose another --save-path")
 
 
+def looks_local(model: str) -> bool:
+    """Whether ``model`` names a local path rather than a Hugging Face repo id (``name`` or
+    ``namespace/name``, so one ``/`` at most): it starts with ``/``, ``./``, ``../`` or ``~``, or
+    holds two ``/`` or the system's own separator. mlx-lm looked a missing one up on the Hub and
+    printed the Hub's "Repo id must be in the form ..." about it."""
+    return (model in (".", "..") or model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+            or any(sep in model for sep in (os.sep, os.altsep) if sep and sep != "/"))
+
+
+def check_adapter_path(adapter_path: str) -> None:
+    """lora --train writes its adapters into ``adapter_path`` over those there: UsageError when it
+    is a file (mlx-lm's mkdir ended in a FileExistsError traceback) or a directory that already
+    holds adapters (a second run to the same, default, path replaced the first one's without a
+    word). Continuing from them is --resume-adapter-file's, into another --adapter-path."""
+    try:
+        target = check_output_path(adapter_path, "--adapter-path", directory=True)
+    except UsageError as err:
+        raise UsageError(f"mlx-lm lora: {err}") from None
+    if not target.is_dir():
+        return
+    held = sorted(p.name for p in target.iterdir() if p.name == ADAPTER_CONFIG or p.name.endswith(ADAPTER_WEIGHTS))
+    if held:
+        raise UsageError(f"mlx-lm lora: --adapter-path {adapter_path} already holds adapters ({', '.join(held)}): "
+                         "training would write over them; choose another --adapter-path (--resume-adapter-file "
+                         f"{target / ADAPTER_WEIGHTS} continues from them) or remove the old ones")
+
+
+def _them(names: list[str], subject: bool = False) -> str:
+    """The pronoun for the options ``names``: it / they (``subject``) / them."""
+    return "it" if len(names) == 1 else "they" if subject else "them"
+
+
+def check_convert_quantization(args: argparse.Namespace, given: dict[str, str]) -> None:
+    """convert's quantization options (``given``: dest -> the option as spelled) must take effect:
+    UsageError for ``--q-*`` without ``-q`` (a float model was written), a bit width or group size
+    MLX does not quantize with (mlx-lm took ``--q-bits 0`` / ``--q-group-size 0`` as its defaults
+    while the config said otherwise, and ``--q-group-size 7`` quantized no layer but recorded 7,
+    which our loader refuses), a float format's (``--q-mode``) other than its fixed pair, and
+    ``--q-bits`` with ``--quant-predicate``, whose recipe sets every layer's bits."""
+    from ..quantization import BITS, GROUP_SIZES, MODES
+
+    named = [given[dest] for dest in QUANTIZE_OPTIONS if dest in given]
+    if not args.quantize:
+        if named:
+            applies = "applies" if len(named) == 1 else "apply"
+            raise UsageError(f"mlx-lm convert: {', '.join(named)} only {applies} with -q/--quantize (without it "
+                             f"the model is written unquantized): add -q or leave {_them(named)} out")
+        return
+    if args.q_mode == "affine":
+        allowed = {"q_bits": BITS, "q_group_size": GROUP_SIZES}
+        for dest, value in (("q_bits", args.q_bits), ("q_group_size", args.q_group_size)):
+            if value is not None and value not in allowed[dest]:
+                raise UsageError(f"mlx-lm convert: {given[dest]} must be one of {', '.join(map(str, allowed[dest]))} "
+                                 f"(MLX's affine quantization), got {value}")
+    elif args.q_mode in MODES:  # a float format: its bits and group size are fixed
+        for dest, value, fixed in (("q_bits", args.q_bits, MODES[args.q_mode][0]),
+                                   ("q_group_size", args.q_group_size, MODES[args.q_mode][1])):
+            if value is not None and value != fixed:
+                raise UsageError(f"mlx-lm convert: --q-mode {args.q_mode} has {given[dest]} {fixed}, got {value}")
+    if args.quant_predicate is not None and args.q_bits is not None:
+        raise UsageError(f"mlx-lm convert: --quant-predicate {args.quant_predicate} sets every layer's bits, so "
+                         f"{given['q_bits']} would be ignored: leave it out")
+
+
+def check_generate_prompt(args: argparse.Namespace, given: dict[str, str]) -> None:
+    """generate's prompt must hold text: ``--prompt -`` with nothing on stdin (or ``--prompt ''``)
+    generated from no prompt at all without a word. Stdin is read here, before the model loads,
+    and handed on unchanged to mlx-lm's own read (``run`` restores ``sys.stdin``)."""
+    from .generate import read_stdin_text
+
+    if args.prompt == "-":
+        text = read_stdin_text()
+        if not text:
+            raise UsageError(f"mlx-lm generate: {given.get('prompt', '--prompt')} - read nothing from stdin: "
+                             "the prompt is empty")
+        sys.stdin = io.StringIO(text)
+    elif args.prompt == "":
+        raise UsageError(f"mlx-lm generate: {given.get('prompt', '--prompt')} is empty: give the prompt's text")
+
+
+def check_generate_loaded(args: argparse.Namespace, given: dict[str, str], model, tokenizer) -> None:
+    """Once generate has loaded its model: UsageError for KV-cache options given for an xLSTM
+    (:data:`KV_CACHE_OPTIONS`), and for chat-template options (:data:`CHAT_TEMPLATE_OPTIONS`)
+    where no chat template is applied; mlx-lm ignored both."""
+    from .. import mlx_lm_model
+
+    kv_options = [given[dest] for dest in KV_CACHE_OPTIONS if dest in given]
+    if kv_options and isinstance(model, mlx_lm_model.Model):
+        raise UsageError(f"mlx-lm generate: {', '.join(kv_options)} set{'s' if len(kv_options) == 1 else ''} an "
+                         "attention model's KV cache; xLSTM keeps a fixed-size recurrent state, no KV cache, so "
+                         f"{_them(kv_options, subject=True)} would change nothing: leave {_them(kv_options)} out")
+    templated = [given[dest] for dest in CHAT_TEMPLATE_OPTIONS if dest in given]
+    if not templated or (tokenizer.has_chat_template and not args.ignore_chat_template):
+        return
+    why = ("--ignore-chat-template is given" if args.ignore_chat_template
+           else "the model's tokenizer has no chat template (no chat_template)")
+    goes = "goes" if len(templated) == 1 else "go"
+    raise UsageError(f"mlx-lm generate: {', '.join(templated)} only {goes} into the chat template, and {why}: "
+                     f"{_them(templated, subject=True)} would be dropped; put the text into --prompt or leave "
+                     f"{_them(templated)} out")
+
+
+def check_fuse_gguf(args: argparse.Namespace, given: dict[str, str], model=None, tokenizer=None) -> None:
+    """fuse's GGUF options must take effect: UsageError for ``--gguf-path`` without
+    ``--export-gguf`` (no GGUF was written), and, once the model is loaded (``model``), for
+    ``--export-gguf`` of an xLSTM: mlx-lm converts Llama, Mistral and Mixtral only, and refused
+    the xLSTM only after writing the fused model."""
+    from .. import mlx_lm_model
+
+    if "gguf_path" in given and not args.export_gguf:
+        raise UsageError(f"mlx-lm fuse: {given['gguf_path']} names the file --export-gguf writes; without "
+                         "--export-gguf no GGUF is written: add --export-gguf or leave it out")
+    if args.export_gguf and isinstance(model, mlx_lm_model.Model):
+        raise UsageError(f"mlx-lm fuse: {given['export_gguf']}: mlx-lm writes GGUF for Llama, Mistral and Mixtral "
+                         "models only, not xLSTM; leave it out")
+
+
+#: Checks of a command's parsed arguments, before mlx-lm does anything with them.
+AFTER_PARSE: dict[str, Callable[[argparse.Namespace, dict[str, str]], None]] = {
+    "convert": check_convert_quantization, "generate": check_generate_prompt, "fuse": check_fuse_gguf}
+#: Checks once a command has loaded its model (what it is and its tokenizer are known: a Hub id's
+#: too), before it generates or writes anything.
+AFTER_LOAD: dict[str, Callable[..., None]] = {"generate": check_generate_loaded, "fuse": check_fuse_gguf}
+
+
 def count_at_least(minimum: int, maximum: int | None = None):
     """argparse type of an mlx-lm count option: an integer >= ``minimum`` (and <= ``maximum``)."""
     def count(text: str) -> int:
@@ -176,23 +324,70 @@ def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 @contextlib.contextmanager
-def hardened_mlx_lm_parsers(command: str):
+def hardened_mlx_lm_parsers(command: str, parsed: dict[str, Any] | None = None):
     """While mlx-lm's ``command`` parses its arguments, its parsers refuse a single-valued option
     given more than once, as every xlstm-metal parser does (:func:`~xlstm_metal.cli.harden_parser`),
     and a count below its minimum (:data:`COUNT_MINIMUMS`): mlx-lm builds its parsers inside its
-    ``main()``, so they are hardened as they parse."""
+    ``main()``, so they are hardened as they parse. Its first complete parse goes into ``parsed``
+    (``args``, and ``given``: dest -> the option as spelled, abbreviations and ``--opt=X`` read
+    as argparse reads them) and through :data:`AFTER_PARSE`'s check, before mlx-lm acts on it."""
     original = argparse.ArgumentParser.parse_known_args
 
     def parse_known_args(self, args=None, namespace=None):
         harden_parser(self, value_types=False)
         check_counts(self, command)
-        return original(self, args, namespace)
+        namespace, extras = original(self, args, namespace)
+        if parsed is not None and not parsed and not extras:  # extras: argparse refuses them next
+            parsed.update(args=namespace, given=dict(_given_options(namespace)))
+            if command in AFTER_PARSE:
+                AFTER_PARSE[command](namespace, parsed["given"])
+        return namespace, extras
 
     argparse.ArgumentParser.parse_known_args = parse_known_args
     try:
         yield
     finally:
         argparse.ArgumentParser.parse_known_args = original
+
+
+@contextlib.contextmanager
+def checked_after_loading(module, parsed: dict[str, Any], check: Callable[..., None]):
+    """While mlx-lm's command ``module`` runs, the first model it loads (``module.load``; a draft
+    model comes later) goes through ``check(args, given, model, tokenizer)`` with the arguments
+    :func:`hardened_mlx_lm_parsers` put into ``parsed``."""
+    original = module.load
+    checked = []
+
+    def load(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        if not checked and parsed:
+            checked.append(True)
+            check(parsed["args"], parsed["given"], loaded[0], loaded[1])
+        return loaded
+
+    module.load = load
+    try:
+        yield
+    finally:
+        module.load = original
+
+
+@contextlib.contextmanager
+def lora_keeps_earlier_adapters(lora):
+    """While mlx-lm's ``lora`` module runs, --train's --adapter-path (from the command line, its
+    --config or the default) is checked before the model loads (:func:`check_adapter_path`)."""
+    original = lora.run
+
+    def run(args, *rest, **kwargs):
+        if getattr(args, "train", False):
+            check_adapter_path(str(args.adapter_path))
+        return original(args, *rest, **kwargs)
+
+    lora.run = run
+    try:
+        yield
+    finally:
+        lora.run = original
 
 
 @contextlib.contextmanager
@@ -401,6 +596,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"mlx-lm {args.mlx_lm_command}: {model} has config.yaml but no config.json, which "
                              f"mlx-lm reads; `xlstm-metal convert {model} OUT` writes a checkpoint with one "
                              "(xlstm-metal's own commands read config.yaml as it is)")
+        if looks_local(model) and not Path(model).expanduser().exists():
+            raise UsageError(f"mlx-lm {args.mlx_lm_command}: model path {model} does not exist")
         missing = missing_tokenizer(model)
         if missing is not None:
             raise UsageError(missing)
@@ -412,14 +609,20 @@ def run(args: argparse.Namespace) -> int:
             check_fuse_save_path(model, (save_path[0][1] if save_path else None) or FUSE_SAVE_PATH)
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
-    saved = sys.argv
+    saved, saved_stdin = sys.argv, sys.stdin  # generate's --prompt - is read ahead (check_generate_prompt)
     sys.argv = [f"mlx_lm.{args.mlx_lm_command}", *forwarded]
+    parsed: dict[str, Any] = {}
     try:
-        lora_run = args.mlx_lm_command == "lora"
-        config_check = config_must_be_a_mapping() if lora_run else contextlib.nullcontext()
-        layers_default = lora_layers_default_fits_the_model() if lora_run else contextlib.nullcontext()
-        load_first = server_loads_model_first() if args.mlx_lm_command == "server" else contextlib.nullcontext()
-        with hardened_mlx_lm_parsers(args.mlx_lm_command), config_check, layers_default, load_first:
+        with contextlib.ExitStack() as guards:
+            guards.enter_context(hardened_mlx_lm_parsers(args.mlx_lm_command, parsed))
+            if args.mlx_lm_command == "lora":
+                guards.enter_context(config_must_be_a_mapping())
+                guards.enter_context(lora_layers_default_fits_the_model())
+                guards.enter_context(lora_keeps_earlier_adapters(module))
+            if args.mlx_lm_command == "server":
+                guards.enter_context(server_loads_model_first())
+            if args.mlx_lm_command in AFTER_LOAD:
+                guards.enter_context(checked_after_loading(module, parsed, AFTER_LOAD[args.mlx_lm_command]))
             module.main()
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as err:
         # mlx-lm's messages for bad paths and settings (ConnectionError: a path that is not there,
@@ -436,5 +639,5 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise UsageError(f"mlx-lm {args.mlx_lm_command}: cannot read the weights: {err}") from None
     finally:
-        sys.argv = saved
+        sys.argv, sys.stdin = saved, saved_stdin
     return 0
