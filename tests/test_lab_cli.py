@@ -77,7 +77,7 @@ def test_evolve_cli(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]  # a folder that was there stays, with its files
     capsys.readouterr()
     assert main(["evolve", "--budget", "2000000", "--population", "2", "--generations", "2", "--tasks",
-                 "memorization", "--epochs", "1", "--start", "mlstm", "--min-blocks", "2", "--max-blocks", "2",
+                 "memorization", "--epochs", "1", "--start", str(two_blocks(tmp_path)), "--min-blocks", "2", "--max-blocks", "2",
                  "--out", str(out), "--top", "2"]) == 0
     assert "best fitness" in capsys.readouterr().out
     assert {"best-1.yaml", "best-2.yaml", "history.jsonl", "summary.json", "evolution.png"} <= {
@@ -148,3 +148,11 @@ def test_evolve_resume_after_interruption_gives_the_uninterrupted_search(tmp_pat
     assert (cut / "history.jsonl").read_text().splitlines() == reference
     assert json.loads((cut / "summary.json").read_text())["best"] == json.loads((full / "summary.json").read_text())["best"]
     assert (cut / "best-1.yaml").read_text() == (full / "best-1.yaml").read_text()
+
+
+def two_blocks(tmp_path):
+    """mlstm's first mixer and SwiGLU: a 2-block start for a quick search (evolve refuses a start
+    outside --min-blocks..--max-blocks rather than cutting it)."""
+    path = tmp_path / "mlstm-2.yaml"
+    path.write_text("name: mlstm-2\nblocks: [mlstm, swiglu]\n")
+    return path

@@ -381,7 +381,7 @@ def test_mad_and_evolve_stop_at_the_hard_limit(tmp_path, capsys):
     assert "0 of 1 tasks were scored" in capsys.readouterr().err and not (out / "results.json").exists()
     out = tmp_path / "ev"
     assert main(["evolve", "--budget", "2000000", "--population", "2", "--generations", "2", "--tasks",
-                 "memorization", "--epochs", "1", "--start", "mlstm", "--min-blocks", "2", "--max-blocks", "2",
+                 "memorization", "--epochs", "1", "--start", str(two_blocks(tmp_path)), "--min-blocks", "2", "--max-blocks", "2",
                  "--out", str(out), "--mem-hard", "2KB"]) == 3
     err = capsys.readouterr().err
     # Every MAD training step is a safe point: the search stops within its first candidate, before
@@ -567,3 +567,11 @@ def test_bench_status_names_the_run_in_progress(tmp_path, monkeypatch, capsys):
         {**common, "phase": "decode", "done": 2, "message": "run 3 of 3: decode at batch 2, 4 steps",
          "prefill_tps": runs[1]["tok_s"], "decode_tps": None},
     ]
+
+
+def two_blocks(tmp_path):
+    """mlstm's first mixer and SwiGLU: a 2-block start for a quick search (evolve refuses a start
+    outside --min-blocks..--max-blocks rather than cutting it)."""
+    path = tmp_path / "mlstm-2.yaml"
+    path.write_text("name: mlstm-2\nblocks: [mlstm, swiglu]\n")
+    return path

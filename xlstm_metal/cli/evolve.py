@@ -95,11 +95,14 @@ def run(args) -> int:
     if args.start is not None and args.engine != "star":
         raise UsageError("--start seeds the first population of --engine star; --engine optuna samples its own")
     start = [s.strip() for s in (DEFAULT_START if args.start is None else args.start).split(",") if s.strip()]
+    genomes = []
     for name in start:  # each one must load and be a genome (evolve would skip it silently)
         try:
-            genome_of(load_arch(name))
+            genomes.append(genome_of(load_arch(name)))
         except ValueError as err:  # WiringError included
             raise UsageError(f"--start {name}: {err}") from None
+    if args.engine == "star":
+        _check_start(args, start, genomes, vocab, preset)
 
     settings = {"engine": args.engine, "tasks": tasks, "preset": args.preset, "epochs": args.epochs,
                 "budget": args.budget, "seed": args.seed, "population": args.population,
@@ -165,6 +168,43 @@ def run(args) -> int:
           f"{' '.join(b['spec'] for b in best.arch['blocks'])}")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
+
+
+def _check_start(args, start: list[str], genomes: list, vocab: int, preset) -> None:
+    """The --start architectures as the search takes them unchanged: more than --population of
+    them (the rest would never be scored), or one outside --min-blocks..--max-blocks or over
+    --budget (the search would cut or fill it up into another architecture), is a UsageError
+    naming it. The default start is documented, not asked for: a warning says the same instead
+    (the search takes the first --population of it, cut to fit)."""
+    from ..lab.evolve import count_parameters
+    from ..lab.genome import spec_of
+
+    given = args.start is not None
+    source = "--start" if given else f"the default start ({DEFAULT_START})"
+
+    def refuse(problem: str, remedy: str) -> None:
+        if given:
+            raise UsageError(f"{problem}; {remedy}")
+        print(f"warning: {problem}; give --start to choose the first architectures", file=sys.stderr)
+
+    if len(start) > args.population:
+        refuse(f"{source} names {len(start)} architectures and --population {args.population} puts only the first "
+               f"{args.population} in the first generation: {', '.join(start[args.population:])} would never be "
+               "scored", f"give at most {args.population} or raise --population")
+        start, genomes = start[:args.population], genomes[:args.population]
+    for name, genome in zip(start, genomes):
+        who = f"--start {name}" if given else f"the default start architecture {name}"
+        if not args.min_blocks <= len(genome) <= args.max_blocks:
+            change = "cut it" if len(genome) > args.max_blocks else "fill it up with random blocks"
+            refuse(f"{who} has {len(genome)} blocks, outside --min-blocks {args.min_blocks} .. --max-blocks "
+                   f"{args.max_blocks}: the search would {change} into another architecture",
+                   "widen the range or leave it out")
+            continue
+        params = count_parameters(spec_of(genome), vocab, preset.dim, preset.num_heads)
+        if params > args.budget:
+            refuse(f"{who} has {params:,} parameters (at the {args.preset} preset's width), over --budget "
+                   f"{args.budget:,}: the search would cut it into another architecture",
+                   "raise --budget or leave it out")
 
 
 def _resume(out: Path, settings: dict) -> dict:

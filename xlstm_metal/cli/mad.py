@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "fuzzy_in_context_recall, noisy_in_context_recall, selective_copying, compression, memorization")
     p.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
                    help="tiny: minutes per task on a 2-core CPU; paper: MAD-Lab's settings (default: tiny)")
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the data and the initialisation (default: 0)")
+    # None: not given (--show-wiring refuses it); scoring takes 0.
+    p.add_argument("--seed", type=seed_value, default=None, help="seed of the data and the initialisation (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON (a list: one object per task with task, accuracy, ...)")
@@ -82,8 +83,11 @@ def run(args) -> int:
               f"({preset.dim}) and each task's vocabulary", file=sys.stderr)
 
     if args.show_wiring is not None:
+        # --overwrite replaces the drawing of --show-wiring FILE; without FILE nothing is written.
         scoring = [flag for flag, value in (("--tasks", args.tasks), ("--epochs", args.epochs), ("--out", args.out),
-                                            ("--json", args.json), ("--plot-format", args.plot_format))
+                                            ("--json", args.json), ("--plot-format", args.plot_format),
+                                            ("--seed", args.seed),
+                                            ("--overwrite", args.overwrite and args.show_wiring == "-"))
                    if value not in (None, False)]
         if scoring:
             raise UsageError(f"--show-wiring prints the wiring and exits without training; {', '.join(scoring)} "
@@ -98,6 +102,8 @@ def run(args) -> int:
                 print(f"wrote {target}", file=sys.stderr)
         return 0
 
+    if args.seed is None:
+        args.seed = 0
     label = _arch_label(args.arch)
     out = check_output_path(args.out or Path("mad-runs") / f"{label}-{args.preset}-seed{args.seed}", "--out",
                             directory=True)

@@ -185,6 +185,10 @@ def _check_flag_combinations(args) -> tuple[dict | None, dict | None]:
     if args.arch and args.profile and not args.resume:  # (it failed only after a BPE tokenizer was trained)
         raise UsageError(f"--profile sets the numerics of xLSTM models; --arch {args.arch} builds an "
                          "architecture-lab model, which takes no profile: leave out --profile")
+    if args.head_loss == "fused" and args.recompute not in (None, "none"):
+        raise UsageError(f"--head-loss fused keeps no logits by computing the head's gradients in the forward; "
+                         f"--recompute {args.recompute} recomputes the forward in the backward pass, so the step "
+                         "would take the plain head: leave out one of them")
     if args.resume and args.overwrite and not args.export:
         raise UsageError(f"--resume continues the run in --out {args.out}; --overwrite (which lets a new run replace "
                          "it, or the run replace a non-empty --export DIR) would be ignored: give one")
@@ -229,6 +233,18 @@ def _warn_no_validation(args, why: str) -> None:
               "validation split, so no validation pass runs", file=sys.stderr)
 
 
+def _warn_few_eval_batches(cfg, val_tokens: int) -> None:
+    """--eval-batches N given, and the validation split holds fewer batches (each pass reads the
+    split's windows, at most N batches of them): a warning says how many a pass reads."""
+    windows = max(0, (val_tokens - 1) // cfg.seq_len)
+    batches = math.ceil(windows / cfg.batch_size)
+    if 0 < batches < cfg.eval_batches:
+        print(f"warning: --eval-batches {cfg.eval_batches}: the validation split ({val_tokens:,} tokens) holds "
+              f"{windows} window{'s' if windows > 1 else ''} of {cfg.seq_len + 1} tokens: {batches} "
+              f"batch{'es' if batches > 1 else ''} of --batch-size {cfg.batch_size}, which each validation pass "
+              "reads (fewer than asked)", file=sys.stderr)
+
+
 def _config_kernel(args, config: dict) -> None:
     """The --config's ``chunkwise_kernel`` (xLSTM-Large): an unknown name is a UsageError (it was
     replaced by the training kernel without a word); one of our kernels' names trains with that
@@ -253,6 +269,7 @@ def _check_config_fields(args, config: dict) -> None:
     from ..config import xLSTMConfig
     from ..config_2024 import is_xlstm_2024_config
 
+    _check_config_vocab(args, config)
     if is_xlstm_2024_config(config):
         return
     try:
@@ -260,6 +277,33 @@ def _check_config_fields(args, config: dict) -> None:
                                "chunkwise_kernel": args.kernel or default_training_kernel()})
     except (ValueError, TypeError, KeyError) as err:  # ConfigError is a ValueError
         raise UsageError(f"--config {args.config}: bad model config: {err}") from None
+
+
+def _check_config_vocab(args, config: dict) -> None:
+    """A --config vocab_size too small for the BPE tokenizer trained here (no --tokenizer): below
+    MIN_BPE_VOCAB (the bytes and special tokens alone), or below the --vocab-size given, is a
+    UsageError now, not once the tokenizer is trained. (Below the default 4096, the trained
+    vocabulary may still fit: small data merges fewer tokens.)"""
+    from ..config_2024 import is_xlstm_2024_config
+    from ..training.data import MIN_BPE_VOCAB
+
+    if args.tokenizer is not None or args.init_from:
+        return
+    section = config
+    if is_xlstm_2024_config(config) and isinstance(config.get("model"), dict) and "vocab_size" not in config:
+        section = config["model"]  # (as _build_model reads it)
+    vocab = section.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab == -1:
+        return  # left out (-1: NX-AI's "unset"): the tokenizer's; a bad value is the config check's
+    if args.vocab_size is not None and vocab < args.vocab_size:
+        smaller = f"give a --vocab-size of at most {vocab}, or " if vocab >= MIN_BPE_VOCAB else ""
+        raise UsageError(f"--config {args.config}: the model's vocab_size ({vocab}) is smaller than the tokenizer's "
+                         f"vocabulary (--vocab-size {args.vocab_size}, a BPE trained here): token ids would fall "
+                         f"outside the embedding; {smaller}raise vocab_size in the config to {args.vocab_size}")
+    if vocab < MIN_BPE_VOCAB:
+        raise UsageError(f"--config {args.config}: the model's vocab_size ({vocab}) is smaller than any BPE "
+                         f"tokenizer trained here (>= {MIN_BPE_VOCAB}: 256 bytes + special tokens): raise vocab_size, "
+                         "leave it out (the tokenizer's is taken), or give --tokenizer")
 
 
 def _config_dict(spec: str) -> dict:
@@ -426,6 +470,7 @@ def _run(args) -> int:
     _from_rank0(group, lambda: _check_output_paths(out, export, args.resume, args.overwrite, sources))
     resume_ckpt = None
     data_paths = list(args.data)
+    eval_batches_given = args.eval_batches is not None  # (a new run's: --resume keeps the run's own)
     if args.resume:
         fixed = [_flag(name) for name in RESUME_FIXED if getattr(args, name) is not None]
         if fixed:
@@ -446,6 +491,10 @@ def _run(args) -> int:
                      "mlstm_products"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
+        if args.head_loss == "fused" and cfg.recompute != "none":  # (the run's saved --recompute)
+            raise UsageError(f"--head-loss fused computes the head's gradients in the forward; the run in {out} "
+                             f"recomputes the forward in the backward pass (--recompute {cfg.recompute}), so the "
+                             "step would take the plain head: leave out --head-loss or give --recompute none")
         step, total = saved["step"], saved["total_steps"]
         if args.steps is not None and args.steps <= step:
             raise UsageError(f"--steps {args.steps} must be greater than the checkpoint's step {step} "
@@ -592,6 +641,8 @@ def _run(args) -> int:
 
         doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
         train_stream, val_stream = split_stream(doc_tokens, val_fraction, cfg.seed)
+        if main and eval_batches_given:
+            _warn_few_eval_batches(cfg, len(val_stream))
         extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field}
         if group is not None:
             _same_start(group, model, train_stream, val_stream, cfg)

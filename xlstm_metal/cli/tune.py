@@ -80,10 +80,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--shape", default=None, help="random weights of a named shape (7b, 1.3b, 125m) or config.json")
     sp.add_argument("--metric", choices=("prefill", "decode", "both"), default=None,
                     help="prefill tok/s, decode tok/s, or their geometric mean (default)")
-    sp.add_argument("--prefill-length", type=int, default=None, help="(default 512)")
-    sp.add_argument("--decode-batch", type=int, default=None, help="(default 1)")
-    sp.add_argument("--decode-tokens", type=int, default=None, help="(default 32)")
-    sp.add_argument("--repeats", type=int, default=None, help="prefill timings per trial, best kept (default 2)")
+    sp.add_argument("--prefill-length", type=int, default=None, help="(default 512; --metric prefill or both)")
+    sp.add_argument("--decode-batch", type=int, default=None, help="(default 1; --metric decode or both)")
+    sp.add_argument("--decode-tokens", type=int, default=None, help="(default 32; --metric decode or both)")
+    sp.add_argument("--repeats", type=int, default=None,
+                    help="prefill timings per trial, best kept (default 2; --metric prefill or both)")
     sp.add_argument("--profile", default=None,
                     help="base profile: weight dtype and tolerance (default: exact-fp32 on CPUs, fast-bf16 on GPUs)")
     sp.add_argument("--profile-name", default=None, help="name of the saved winner (default: tuned-<device>)")
@@ -146,6 +147,8 @@ TRAIN_DEFAULTS = dict(text_field="text", vocab_size=512, token_budget=100_000, p
                       val_fraction=0.1, max_depth=4)
 RAY_DEFAULTS = dict(workers=2, cpus_per_trial=1.0, gpus_per_trial=0.0)
 OUTPUTS_DEFAULTS = dict(max_new_tokens=32)
+#: The speed options of one measurement: given where --metric does not take it, a usage error.
+METRIC_OPTIONS = {"prefill": ("prefill_length", "repeats"), "decode": ("decode_batch", "decode_tokens")}
 
 
 def _flag(name: str) -> str:
@@ -162,9 +165,18 @@ def _groups(args: argparse.Namespace) -> list:
 
 def _check_applicable(args: argparse.Namespace) -> None:
     """UsageError naming the options given where they have no effect (another objective's,
-    Ray's without --backend ray, --max-new-tokens without --save-outputs); then the defaults
-    of those left out are filled in (a --vocab-size given is checked, as train checks it)."""
+    those of a measurement --metric leaves out, as --decode-tokens with --metric prefill, Ray's
+    without --backend ray, --max-new-tokens without --save-outputs); then the defaults of those
+    left out are filled in (a --vocab-size given is checked, as train checks it)."""
     vocab_size = args.vocab_size
+    if args.objective == "speed":  # (another objective's options are named below)
+        metric = args.metric or SPEED_DEFAULTS["metric"]
+        for measured, names in METRIC_OPTIONS.items():
+            given = [_flag(name) for name in names if getattr(args, name) is not None]
+            if given and metric not in (measured, "both"):
+                raise UsageError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the {measured} "
+                                 f"measurement, and --metric {metric} measures {metric} alone: leave "
+                                 f"{'it' if len(given) == 1 else 'them'} out, or use --metric {measured} or both")
     for defaults, applies, verbs, where in _groups(args):
         given = [_flag(name) for name in defaults if getattr(args, name) is not None]
         if given and not applies:

@@ -143,11 +143,19 @@ def _clean_temporaries(directory: Path, now: float) -> None:
 
 def send_command(pid: int, command: str, directory: Path | None = None) -> Path:
     """Ask job ``pid`` to run ``command`` (one of :data:`COMMANDS`); its publisher thread picks
-    the file up within one poll interval and reports ``last_command`` in its record."""
+    the file up within one poll interval and reports ``last_command`` in its record.
+    ProcessLookupError where no record of ``pid`` is there or its process is gone."""
     if command not in COMMANDS:
         raise ValueError(f"unknown job command {command!r} (known: {', '.join(COMMANDS)})")
     directory = directory or runtime_dir()
-    if not record_path(pid, directory).is_file():
+    record = record_path(pid, directory)
+    try:
+        alive = _alive(json.loads(record.read_text()))
+    except FileNotFoundError:
+        alive = False
+    except (OSError, ValueError, KeyError, TypeError):
+        alive = process_started(pid) is not None  # a record being replaced, or unreadable: the process decides
+    if not alive:  # a job killed with SIGKILL leaves its record: the request would reach no one
         raise ProcessLookupError(f"no running xlstm-metal job with pid {pid}")
     path = command_path(pid, directory)
     atomic_write_json(path, {"command": command, "sent": time.time(), "from_pid": os.getpid()})

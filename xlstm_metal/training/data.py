@@ -111,27 +111,46 @@ def holds_jsonl(paths: Iterable[str | os.PathLike]) -> bool:
     return False
 
 
-def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[Document]:
-    """Documents of text files, JSON Lines files (:func:`is_jsonl`) and directories of them, in a stable order.
-
-    Raises DataError for a missing path, an empty directory, a binary or non-UTF-8 file, or a
-    JSON Lines record without the text field.
-    """
+def data_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The files ``paths`` name (directories walked recursively), in a stable order. DataError
+    for a missing path, an empty directory, or a file reached twice (given twice, or given and
+    inside a given directory, after resolving links): its documents would be read twice, and
+    the copies could land in both the training and the validation split."""
+    files: list[Path] = []
+    seen: dict[Path, str] = {}  # resolved file -> how it was reached first
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            files = _files_under(path)
-            if not files:
+            found = _files_under(path)
+            if not found:
                 raise DataError(f"directory {path} holds no files")
         elif path.is_file():
-            files = [path]
+            found = [path]
         else:
             raise DataError(f"data path not found: {path}")
-        for file in files:
-            if is_jsonl(file):
-                yield from _read_jsonl(file, text_field)
-            else:
-                yield Document(str(file), _read_text(file))
+        for file in found:
+            how = str(file) if file == path else f"{file} in directory {path}"
+            key = file.resolve()
+            if key in seen:
+                raise DataError(f"data file {key} is given twice ({seen[key]}, then {how}): its documents would be "
+                                "read twice, and copies could land in both the training and the validation split; "
+                                "give it once")
+            seen[key] = how
+            files.append(file)
+    return files
+
+
+def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[Document]:
+    """Documents of text files, JSON Lines files (:func:`is_jsonl`) and directories of them, in a stable order.
+
+    Raises DataError for a missing path, an empty directory, a file given twice (:func:`data_files`),
+    a binary or non-UTF-8 file, or a JSON Lines record without the text field.
+    """
+    for file in data_files(paths):
+        if is_jsonl(file):
+            yield from _read_jsonl(file, text_field)
+        else:
+            yield Document(str(file), _read_text(file))
 
 
 def load_documents(paths: Iterable[str | os.PathLike], text_field: str = "text") -> list[Document]:
