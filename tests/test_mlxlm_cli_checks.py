@@ -1,7 +1,7 @@
 """`xlstm-metal mlx-lm ...` refuses what mlx-lm would silently ignore or lose (exit 2, one line
 naming the problem, nothing written): convert's --q-* options without -q or outside MLX's
 quantization, lora's --adapter-path holding earlier adapters (or naming a file), generate's
-KV-cache options for an xLSTM, chat-template options without a template, an empty prompt and a
+and the server's KV-cache options for an xLSTM, chat-template options without a template, an empty prompt and a
 local model path that does not exist, fuse's --gguf-path without --export-gguf and --export-gguf
 of an xLSTM. The valid forms still run. Tiny random checkpoints; nothing downloads."""
 
@@ -149,6 +149,22 @@ def test_generate_kv_cache_options_for_an_xlstm(ckpt, capsys, flags):
                           capsys, f"mlx-lm generate: {flags[0].split('=')[0]} sets an attention model's KV cache",
                           "xLSTM keeps a fixed-size recurrent state, no KV cache")
     assert "Generation:" not in err
+
+
+@pytest.mark.parametrize("flags", [["--kv-bits", "4"], ["--kv-group-size", "32"], ["--quantized-kv-start", "0"]],
+                         ids=["kv-bits", "kv-group-size", "quantized-kv-start"])
+def test_server_kv_cache_options_for_an_xlstm(ckpt, capsys, monkeypatch, flags):
+    """The server's KV-cache options are refused once its model is loaded, before it listens."""
+    import mlx_lm.server
+
+    served = []
+    monkeypatch.setattr(mlx_lm.server, "run", lambda *a, **k: served.append(a))  # (instead of listening)
+    assert_rejected(["mlx-lm", "server", "--model", ckpt, "--port", "0", *flags], capsys,
+                    f"mlx-lm server: {flags[0]} sets an attention model's KV cache")
+    assert served == []
+    from xlstm_metal.cli import main
+
+    assert main(["mlx-lm", "server", "--model", str(ckpt), "--port", "0"]) == 0 and len(served) == 1
 
 
 def test_generate_system_prompt_needs_a_chat_template(ckpt, tmp_path, capsys):

@@ -233,17 +233,23 @@ def check_generate_prompt(args: argparse.Namespace, given: dict[str, str]) -> No
         raise UsageError(f"mlx-lm generate: {given.get('prompt', '--prompt')} is empty: give the prompt's text")
 
 
-def check_generate_loaded(args: argparse.Namespace, given: dict[str, str], model, tokenizer) -> None:
-    """Once generate has loaded its model: UsageError for KV-cache options given for an xLSTM
-    (:data:`KV_CACHE_OPTIONS`), and for chat-template options (:data:`CHAT_TEMPLATE_OPTIONS`)
-    where no chat template is applied; mlx-lm ignored both."""
+def check_kv_options(command: str, given: dict[str, str], model) -> None:
+    """UsageError for KV-cache options (:data:`KV_CACHE_OPTIONS`; the server has all but
+    --max-kv-size) given for an xLSTM, which mlx-lm ignored."""
     from .. import mlx_lm_model
 
     kv_options = [given[dest] for dest in KV_CACHE_OPTIONS if dest in given]
     if kv_options and isinstance(model, mlx_lm_model.Model):
-        raise UsageError(f"mlx-lm generate: {', '.join(kv_options)} set{'s' if len(kv_options) == 1 else ''} an "
+        raise UsageError(f"mlx-lm {command}: {', '.join(kv_options)} set{'s' if len(kv_options) == 1 else ''} an "
                          "attention model's KV cache; xLSTM keeps a fixed-size recurrent state, no KV cache, so "
                          f"{_them(kv_options, subject=True)} would change nothing: leave {_them(kv_options)} out")
+
+
+def check_generate_loaded(args: argparse.Namespace, given: dict[str, str], model, tokenizer) -> None:
+    """Once generate has loaded its model: UsageError for KV-cache options given for an xLSTM
+    (:data:`KV_CACHE_OPTIONS`), and for chat-template options (:data:`CHAT_TEMPLATE_OPTIONS`)
+    where no chat template is applied; mlx-lm ignored both."""
+    check_kv_options("generate", given, model)
     templated = [given[dest] for dest in CHAT_TEMPLATE_OPTIONS if dest in given]
     if not templated or (tokenizer.has_chat_template and not args.ignore_chat_template):
         return
@@ -453,12 +459,14 @@ def lora_layers_default_fits_the_model():
 
 
 @contextlib.contextmanager
-def server_loads_model_first():
+def server_loads_model_first(parsed: dict[str, Any] | None = None):
     """While mlx-lm's server starts, its model is loaded before it listens, in this thread:
     mlx-lm loads it in its generation thread, where a model that cannot be loaded (a bad config,
     mis-shaped weights) was logged with a traceback from a dead thread while the server went on
-    listening. Its error now ends the command. One process only: under mlx.launch every rank
-    still loads its part in the generation thread."""
+    listening. Its error now ends the command, as do KV-cache options given for an xLSTM
+    (:func:`check_kv_options`, with the arguments :func:`hardened_mlx_lm_parsers` put into
+    ``parsed``). One process only: under mlx.launch every rank still loads its part in the
+    generation thread."""
     import mlx_lm.server as server
 
     original = server.run
@@ -466,6 +474,8 @@ def server_loads_model_first():
     def run(host, port, model_provider, *args, **kwargs):
         if not model_provider.is_distributed:
             model_provider.load_default()  # the generation thread then finds it loaded
+            if parsed:
+                check_kv_options("server", parsed["given"], model_provider.model)
         return original(host, port, model_provider, *args, **kwargs)
 
     server.run = run
@@ -620,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(lora_layers_default_fits_the_model())
                 guards.enter_context(lora_keeps_earlier_adapters(module))
             if args.mlx_lm_command == "server":
-                guards.enter_context(server_loads_model_first())
+                guards.enter_context(server_loads_model_first(parsed))
             if args.mlx_lm_command in AFTER_LOAD:
                 guards.enter_context(checked_after_loading(module, parsed, AFTER_LOAD[args.mlx_lm_command]))
             module.main()
