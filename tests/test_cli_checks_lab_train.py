@@ -236,3 +236,14 @@ def test_mad_show_wiring_refuses_seed_and_overwrite_without_a_file(tmp_path, cap
     capsys.readouterr()
     assert_rejected(["mad", "--arch", "mlstm", "--tasks", "memorization"], capsys,
                     "mad-runs/mlstm-tiny-seed0/results.json exists")
+
+
+def test_train_refuses_the_fused_head_for_a_model_without_one(text_data, tmp_path, capsys):
+    """A 2024 xLSTM's head is not one plain product: the step took the plain head without a word."""
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"embedding_dim": 32, "num_blocks": 1, "context_length": 16,
+                                  "mlstm_block": {"mlstm": {"num_heads": 2}}}))
+    out = tmp_path / "R"
+    assert_rejected(["train", text_data, "--out", out, *TINY, "--config", config, "--head-loss", "fused"],
+                    capsys, "--head-loss fused needs the LM head as one plain product", "a 2024 xLSTM")
+    assert not out.exists()

@@ -60,11 +60,11 @@ def test_fused_head_loss_of_lab_models_equals_the_plain_loss(arch, tied):
     ``residual_dtype``, which lab models lack (``train --arch`` failed at its first step on CUDA)."""
     from xlstm_metal.lab import training_model
     from xlstm_metal.lab.library import load_arch
-    from xlstm_metal.training.trainer import _fused_head_weight, make_loss_fn
+    from xlstm_metal.training.trainer import fused_head_weight, make_loss_fn
 
     arch_data = {**load_arch(arch), "tie_word_embeddings": tied}
     model = training_model(arch_data, 300, 0)
-    assert _fused_head_weight(model) is not None
+    assert fused_head_weight(model) is not None
     ids = mx.array(np.random.default_rng(3).integers(0, 300, (2, 17)))
     params = model.trainable_parameters()
     plain = mx.value_and_grad(make_loss_fn(model, mx.float32, head_loss="plain"))(params, ids[:, :-1], ids[:, 1:])

@@ -452,6 +452,7 @@ def _run(args) -> int:
         TrainingDiverged,
         TrainingInterrupted,
         count_parameters,
+        fused_head_weight,
         limit_command_buffers,
     )
 
@@ -628,6 +629,10 @@ def _run(args) -> int:
             _set_training_kernel(model, args.kernel)
         if profile is not None:  # numerics of the profile; its gate init for a new model
             apply_training_profile(model, profile, args.kernel, from_scratch and not args.arch)
+        if args.head_loss == "fused" and fused_head_weight(model) is None:  # the step would take the plain head
+            raise UsageError("--head-loss fused needs the LM head as one plain product (xLSTM-Large's unbiased "
+                             "lm_head or its tied embeddings); this model's head is not one (a 2024 xLSTM, a lab "
+                             "architecture of another layout, or a head with a bias): leave out --head-loss")
         model_vocab = int(model.config.vocab_size)
         if model_vocab < vocab:
             raise UsageError(

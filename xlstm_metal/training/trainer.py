@@ -531,7 +531,7 @@ def linear_cross_entropy(x: mx.array, weight: mx.array, targets: mx.array, soft_
     return fn(x, weight, targets)[0]
 
 
-def _fused_head_weight(model) -> mx.array | None:
+def fused_head_weight(model) -> mx.array | None:
     """The LM head's weight [V, E] when the head is a plain product (xLSTM-Large: an unbiased
     ``nn.Linear`` or the tied embeddings; a lab model of the large layout alike); None for anything
     else (quantized, adapted, other models)."""
@@ -703,7 +703,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     ordered_grads = scatter_add_is_unordered()
 
     forward = _recomputing_forward(model, recompute)
-    fused_head = head_loss == "fused" and forward is None and _fused_head_weight(model) is not None
+    fused_head = head_loss == "fused" and forward is None and fused_head_weight(model) is not None
 
     def loss(inputs, targets):
         if forward is not None:
@@ -711,7 +711,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
         if fused_head:
             x, _ = model.hidden(inputs)
             E = x.shape[-1]
-            return linear_cross_entropy(x.reshape(-1, E), _fused_head_weight(model), targets.reshape(-1),
+            return linear_cross_entropy(x.reshape(-1, E), fused_head_weight(model), targets.reshape(-1),
                                         model.config.output_logit_soft_cap)
         logits, _ = model(inputs)
         return cross_entropy(logits, targets)
