@@ -107,6 +107,38 @@ def test_convert_valid_quantization_still_converts(ckpt, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_convert_group_size_that_reaches_no_layer(ckpt, tmp_path, capsys):
+    """Groups of 128 divide no input width of the 64-wide model: mlx-lm quantized no layer and
+    wrote a float model whose config said "quantization": {"group_size": 128, ...}."""
+    out = tmp_path / "q128"
+    assert_rejected(["mlx-lm", "convert", "--hf-path", ckpt, "--mlx-path", out, "-q", "--q-group-size", "128"],
+                    capsys, "quantization with groups of 128 reached no layer", "smaller --q-group-size")
+    assert not out.exists()
+
+
+def test_convert_names_layers_the_width_keeps_in_float(capsys):
+    """A layer whose input width no group divides stays in float: named in a warning; one kept
+    in float on purpose (a gate the model's predicate leaves out) is not."""
+    import types
+
+    import mlx.nn as nn
+
+    from xlstm_metal.cli.mlxlm import convert_quantizes_what_it_says
+
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(48, 8), nn.Linear(64, 8))
+
+    def quantize_model(model, config, group_size, bits, **kwargs):
+        model.layers[0] = model.layers[0].to_quantized(group_size=group_size, bits=bits)
+        return model, {**config, "quantization": {"group_size": group_size, "bits": bits}}
+
+    convert = types.SimpleNamespace(quantize_model=quantize_model)
+    with convert_quantizes_what_it_says(convert):
+        convert.quantize_model(model, {}, 32, 4)
+    assert convert.quantize_model is quantize_model
+    assert capsys.readouterr().err == ("warning: 1 layer stays in float (input width not a multiple of 32): "
+                                       "layers.1\n")
+
+
 # ---------------------------------------------------------------------- lora: --adapter-path
 def test_lora_never_writes_over_earlier_adapters(ckpt, lora_data, adapters, tmp_path, capsys):
     # A second run to the same (default) --adapter-path replaced the first one's adapters silently.

@@ -379,6 +379,39 @@ def checked_after_loading(module, parsed: dict[str, Any], check: Callable[..., N
 
 
 @contextlib.contextmanager
+def convert_quantizes_what_it_says(convert):
+    """While mlx-lm's ``convert`` runs, its quantization must reach the layers: a group size that
+    divides no layer's input width (``-q --q-group-size 128`` of a 64-wide model) quantized none
+    and wrote a float model whose config.json said it was quantized; that is a UsageError before
+    anything is written. Layers kept in float by the width alone are named in a warning."""
+    import mlx.nn as nn
+
+    original = convert.quantize_model
+
+    def quantize_model(model, config, group_size, bits, *args, **kwargs):
+        model, config = original(model, config, group_size, bits, *args, **kwargs)
+        group = (config.get("quantization") or {}).get("group_size", group_size)
+        done = [name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+        # (layers the model keeps in float on purpose, the i/f gates, are not the width's doing)
+        left = [name for name, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group]
+        if not done:
+            raise UsageError(f"mlx-lm convert: quantization with groups of {group} reached no layer (each layer's "
+                             f"input width must be a multiple of the group size): choose a smaller --q-group-size")
+        if left:
+            stay = "layers stay" if len(left) > 1 else "layer stays"
+            print(f"warning: {len(left)} {stay} in float (input width not a multiple of {group}): "
+                  f"{', '.join(left[:4])}{', ...' if len(left) > 4 else ''}", file=sys.stderr)
+        return model, config
+
+    convert.quantize_model = quantize_model
+    try:
+        yield
+    finally:
+        convert.quantize_model = original
+
+
+@contextlib.contextmanager
 def lora_keeps_earlier_adapters(lora):
     """While mlx-lm's ``lora`` module runs, --train's --adapter-path (from the command line, its
     --config or the default) is checked before the model loads (:func:`check_adapter_path`)."""
@@ -631,6 +664,8 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(lora_keeps_earlier_adapters(module))
             if args.mlx_lm_command == "server":
                 guards.enter_context(server_loads_model_first(parsed))
+            if args.mlx_lm_command == "convert":
+                guards.enter_context(convert_quantizes_what_it_says(module))
             if args.mlx_lm_command in AFTER_LOAD:
                 guards.enter_context(checked_after_loading(module, parsed, AFTER_LOAD[args.mlx_lm_command]))
             module.main()
