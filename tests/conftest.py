@@ -96,6 +96,14 @@ def tiny_model(seed: int = 0, **overrides) -> xLSTMLarge:
 
 
 @pytest.fixture
+def text_data(tmp_path):
+    """A small text file for training commands (50 lines of one sentence)."""
+    path = tmp_path / "data.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+    return path
+
+
+@pytest.fixture
 def tiny_model_dir(tmp_path):
     """A saved tiny random xLSTM-Large checkpoint directory (config.json + model.safetensors)."""
     path = tmp_path / "tiny"

@@ -13,13 +13,6 @@ from cli_helpers import assert_rejected, run_main
 from xlstm_metal.cli import main
 
 
-@pytest.fixture
-def text_data(tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
-    return path
-
-
 # ---------------------------------------------------------------------------------------- train
 @pytest.fixture
 def finished_run(tmp_path, text_data, capsys):

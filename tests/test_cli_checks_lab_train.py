@@ -21,13 +21,6 @@ from xlstm_metal.cli import main
 TINY = ["--steps", "2", "--seq-len", "8", "--batch-size", "2", "--vocab-size", "300", "--no-progress"]
 
 
-@pytest.fixture
-def text_data(tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
-    return path
-
-
 # ----------------------------------------------------------------------------- tune --metric
 @pytest.fixture
 def shape(tmp_path, monkeypatch):

@@ -17,13 +17,6 @@ from xlstm_metal.cli import main
 LONG = "a" * 300
 
 
-@pytest.fixture
-def text_data(tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
-    return path
-
-
 @pytest.mark.parametrize("argv", [
     ["train", "{data}", "--out", "{long}", "--steps", "1"],
     ["mad", "--arch", "mlstm", "--out", "{long}"],

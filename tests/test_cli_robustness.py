@@ -133,13 +133,6 @@ def test_make_keys_rejects_seeds_mlx_cannot_take():
     assert make_keys(2**64 - 1, 1).shape == (1, 2)
 
 
-@pytest.fixture
-def text_data(tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
-    return path
-
-
 @pytest.mark.parametrize("flag,value,words", [
     ("--val-fraction", "1.5", ["--val-fraction", "1.5"]),
     ("--val-fraction", "-0.1", ["--val-fraction"]),
