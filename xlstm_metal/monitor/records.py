@@ -67,13 +67,25 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def process_started(pid: int) -> float | None:
-    """Start time of process ``pid`` (seconds since the epoch), None if it does not exist."""
+    """Start time of process ``pid`` (seconds since the epoch), None if it does not exist or is
+    a zombie (ended, not yet reaped by its parent)."""
     try:
-        return psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        started = process.create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
     except psutil.AccessDenied:
         return -1.0  # alive, owned by someone else
+    try:
+        # create_time answers for a zombie too: a job killed with SIGKILL whose parent has not
+        # waited for it yet was listed as running, and took commands no one would read.
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        pass  # its start time answered: alive
+    return started
 
 
 def _alive(record: dict[str, Any]) -> bool:

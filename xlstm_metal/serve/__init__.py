@@ -1183,7 +1183,7 @@ class APIHandler(mlx_server.APIHandler):
             self.send_header("Content-Length", str(len(page)))
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-            self.wfile.write(page)
+            self._write_body(page)
             return
         if path == "/v1/models" or path.startswith("/v1/models/"):  # /v1/modelsXYZ was the list too
             self.handle_models_request()
@@ -1191,6 +1191,18 @@ class APIHandler(mlx_server.APIHandler):
             self.handle_health_check()
         else:
             self._not_found()
+
+    def do_HEAD(self):
+        """GET's answer (status, headers, Content-Length) without its body: http.server answered
+        501 to every HEAD, and monitors and link checkers probe with HEAD. It runs GET's code; the
+        bodies go through :meth:`_write_body`, which drops them for HEAD."""
+        self.do_GET()
+
+    def handle_health_check(self):
+        """``{"status": "ok"}``, or 503 ``unavailable``, as mlx-lm's, through :meth:`_send_body`:
+        with a Content-Length (mlx-lm's had none), and without a body for HEAD."""
+        healthy = self.response_generator.is_healthy
+        self._send_body(200 if healthy else 503, json.dumps({"status": "ok" if healthy else "unavailable"}).encode())
 
     def do_POST(self):
         from ..monitor import current_job
@@ -1408,7 +1420,12 @@ class APIHandler(mlx_server.APIHandler):
         self._set_completion_headers(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self._write_body(body)
+
+    def _write_body(self, body: bytes) -> None:
+        """Send ``body`` after the headers, except to a HEAD request (its answer is GET's headers alone)."""
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def handle_models_request(self):
         """The served model (mlx-lm's version also lists the Hugging Face cache's mlx models, and
@@ -1894,6 +1911,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    # The listen backlog (socketserver's default is 5): the accepting thread is slowed while
+    # generation runs, and a burst of ~30 clients overflowed the queue, whose extra connections
+    # the kernel reset ("Connection reset by peer" before any status line).
+    request_queue_size = max(socket.SOMAXCONN, 128)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
