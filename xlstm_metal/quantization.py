@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,23 +76,35 @@ def _mode_params(mode: str, bits: Any, group_size: Any, where: str) -> tuple[int
         return (_check_bits(DEFAULT_BITS if bits is None else bits, where),
                 _check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size, where))
     for name, value, want in (("bits", bits, fixed[0]), ("group_size", group_size, fixed[1])):
-        if value is not None and (isinstance(value, bool) or value != want):
+        if value is not None and (not _is_int(value) or value != want):
             raise QuantizationError(f"{where}: mode {mode} has {name} {want}, got {value!r}")
     return fixed
 
 
+def _is_int(value: Any) -> bool:
+    """An int or NumPy integer, not a bool: 4.0 == 4 passed the ``in BITS`` test and was used as 4."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_bits(bits: Any, where: str) -> int:
-    if isinstance(bits, bool) or bits not in BITS:
+    if not _is_int(bits) or bits not in BITS:
         raise QuantizationError(f"{where}: bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
     return int(bits)
 
 
 def _check_group_size(group_size: Any, where: str) -> int:
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    if not _is_int(group_size) or group_size not in GROUP_SIZES:
         raise QuantizationError(
             f"{where}: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}"
         )
     return int(group_size)
+
+
+def _check_model(model: Any, where: str) -> None:
+    """Refuses a ``model`` that is not an nn.Module (a path string failed as an AttributeError)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an mlx.nn.Module (load a checkpoint first), "
+                        f"got {type(model).__name__}")
 
 
 @dataclass
@@ -221,7 +235,7 @@ def make_recipe(spec: str | None = None, bits: int | None = None, group_size: in
                                 f"for mode {mode} give a JSON recipe (its overrides may name their own mode)")
     if match:
         body, high = int(match.group(1)), int(match.group(2))
-        if bits is not None and bits != body:
+        if bits is not None and _check_bits(bits, f"recipe {spec}") != body:  # 4.0 is no bit width
             raise QuantizationError(f"recipe {spec} sets {body}-bit layers, but bits={bits} was also given")
         # Embeddings and LM head: large, and their error reaches every token's logits directly.
         # Both architectures' names; a tied LM head is the embedding.
@@ -287,6 +301,13 @@ def quantize_model(
     time (peak memory: the float model plus one layer); ``progress(path)`` is called after each.
     A model that is already quantized raises QuantizationError (dequantize it first).
     """
+    _check_model(model, "quantize_model")
+    if isinstance(recipe, os.PathLike):
+        recipe = os.fspath(recipe)  # a JSON recipe's path
+    if recipe is not None and not isinstance(recipe, (Recipe, str)):
+        # a number reached re.match as "expected string or bytes-like object"
+        raise TypeError(f"recipe must be a Recipe, a recipe name (e.g. mixed-4-6) or a JSON file path as str, "
+                        f"got {type(recipe).__name__}")
     if not isinstance(recipe, Recipe):
         recipe = make_recipe(recipe, bits, group_size, mode)
     elif bits is not None or group_size is not None or mode is not None:
@@ -473,6 +494,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     dtype of its scales), in place; returns the model. Forward results equal the quantized
     model's up to float round-off (:func:`dequantized_weight`); a float format's (mxfp4 and the
     like) become the dtype of the model's float weights (float32 where it has none)."""
+    _check_model(model, "dequantize_model")
     replacements = []
     dtype = float_dtype(model)
     for path, module in model.named_modules():

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..kernels.cpu import decode_step as cpu_decode_step
-from .sampling import SamplingParams, make_keys, mark_seen, sample, seen_from_ids, split_keys
+from .sampling import SamplingParams, check_real, make_keys, mark_seen, sample, seen_from_ids, split_keys
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 #: Default prefill piece: long enough to keep the chunkwise kernel efficient, short enough that
@@ -130,16 +130,21 @@ def _peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
-def _split_stop(stop: Stop) -> tuple[set[int], list[str]]:
+def _split_stop(stop: Stop, vocab_size: int | None = None) -> tuple[set[int], list[str]]:
+    """``stop`` -> (stop ids, stop strings). Ids may be NumPy integers; an id outside
+    [0, ``vocab_size``) could never be sampled, so it is refused rather than ignored."""
     if stop is None:
         return set(), []
-    items = [stop] if isinstance(stop, (str, int)) else list(stop)
+    items = [stop] if isinstance(stop, (str, int)) or _is_token_id(stop) else list(stop)
     ids, strings = set(), []
     for item in items:
         if isinstance(item, bool):
             raise TypeError(f"stop items must be str or int, got {item!r}")
-        if isinstance(item, int):
-            ids.add(item)
+        if _is_token_id(item):
+            if item < 0 or (vocab_size is not None and item >= vocab_size):
+                bounds = "ids are >= 0" if vocab_size is None else f"the vocabulary is [0, {vocab_size})"
+                raise ValueError(f"stop id {item} can never be generated: {bounds}")
+            ids.add(int(item))
         elif isinstance(item, str):
             if not item:
                 raise ValueError("stop strings must not be empty")
@@ -246,6 +251,10 @@ class xLSTMRunner:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids or a tokenizer")
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            # Iterating bytes gives ints: b"hi" would run as token ids 104, 105.
+            raise TypeError(f"a prompt must be text, a list of token ids or an array, got {type(prompt).__name__} "
+                            "(decode bytes to str first)")
         if _is_array(prompt):
             if prompt.ndim == 2 and prompt.shape[0] == 1:
                 prompt = prompt[0]
@@ -269,6 +278,10 @@ class xLSTMRunner:
         # A NumPy integer top_k becomes an int; anything else goes as given, for SamplingParams
         # to refuse (int() truncated top_k=2.5 to 2 without a word).
         top_k = int(top_k) if _is_token_id(top_k) else top_k
+        # Checked before float(), which read "0.5" as 0.5 and True as 1.0 silently.
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                            ("repetition_penalty", repetition_penalty)):
+            check_real(name, value)
         return SamplingParams(float(temperature), top_k, float(top_p), float(min_p), float(repetition_penalty))
 
     def prefill(self, ids: Sequence[int], state: Any = None) -> tuple[mx.array, Any]:
@@ -406,7 +419,7 @@ class xLSTMRunner:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
         params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
-        stop_ids, stop_strings = _split_stop(stop)
+        stop_ids, stop_strings = _split_stop(stop, getattr(self.config, "vocab_size", None))
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         session = self._session if keep_state else _Session()
@@ -477,6 +490,10 @@ class xLSTMRunner:
         ``temperature=0`` the result is greedy. ``seed``: an int gives row r the seed
         ``seed + r``; a list gives one seed per row.
         """
+        if not isinstance(prompts, (str, Iterable)) and not _is_array(prompts):
+            # None or a bare int failed as "'NoneType' object is not iterable"
+            raise TypeError(f"prompts must be a prompt (text, a list of token ids or an array) or a list of "
+                            f"prompts, got {type(prompts).__name__}")
         single = isinstance(prompts, str) or _is_array(prompts) or (
             isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(i, numbers.Number) for i in prompts)
         )
@@ -489,7 +506,7 @@ class xLSTMRunner:
             if not ids:
                 raise ValueError(f"prompt {r} is empty")
         params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
-        stop_ids, stop_strings = _split_stop(stop)
+        stop_ids, stop_strings = _split_stop(stop, getattr(self.config, "vocab_size", None))
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if max_tokens == 0:

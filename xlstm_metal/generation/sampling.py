@@ -8,9 +8,10 @@ rows of the batch.
 
 from __future__ import annotations
 
+import numbers
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import mlx.core as mx
 
@@ -19,6 +20,13 @@ import mlx.core as mx
 #: them as subnormals or 0, which GPUs flush to 0, and at such a temperature only the top logit
 #: keeps any probability anyway (transformers' limit of a tiny temperature).
 GREEDY_BELOW = 1.1754943508222875e-38
+
+
+def check_real(name: str, value: object) -> None:
+    """Refuses a sampling number that is not a real number (int, float, NumPy scalar): float()
+    read "0.5" as 0.5 and True as 1.0 without a word, and None failed without naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            check_real(name, getattr(self, name))
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -66,16 +76,28 @@ class SamplingParams:
 SEED_LIMIT = 2**64
 
 
+def _is_seed(value: object) -> bool:
+    """An int or NumPy integer; not a bool (True is no seed anyone means), float or string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
     """Per-row PRNG keys [B, 2] uint32. An int seed gives row r the key of ``seed + r`` (so
     row 0 of a batch draws exactly what a single run with ``seed`` draws); a sequence gives
     one seed per row; None draws a fresh seed."""
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
-    if isinstance(seed, int):
-        seeds = [seed + r for r in range(batch_size)]
+    if _is_seed(seed):
+        seeds = [int(seed) + r for r in range(batch_size)]
     else:
-        seeds = [int(s) for s in seed]
+        # A list of seeds: each an integer (int() truncated 1.7 to 1 and read "3" as 3 without a word).
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable):
+            raise TypeError(f"seed must be an integer, a list of integers or None, got {type(seed).__name__}")
+        seeds = seed.tolist() if hasattr(seed, "tolist") else list(seed)  # MLX / NumPy arrays of seeds
+        wrong = [s for s in seeds if not _is_seed(s)]
+        if wrong:
+            raise TypeError(f"seed must be an integer, a list of integers or None, got a list holding {wrong[0]!r}")
+        seeds = [int(s) for s in seeds]
         if len(seeds) != batch_size:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size}")
     bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]

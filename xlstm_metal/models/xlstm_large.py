@@ -3,6 +3,7 @@ lm_head -> soft-capped logits. Parameter names equal Hugging Face checkpoint key
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import mlx.core as mx
@@ -101,6 +102,40 @@ class Backbone(nn.Module):
             index += 1
         x = add_rms_norm(x, pending, self.out_norm)[1] if "out_norm" in self else x + pending
         return (x if x.dtype == dtype else x.astype(dtype)), new_state
+
+
+def check_input_ids(input_ids) -> None:
+    """Refuses ``input_ids`` that are not an integer mx.array [B, S] with S >= 1, by Python type,
+    shape and dtype only (no host sync: this runs in traced and compiled forwards; the ids'
+    values are the runner's to check). Lists, NumPy arrays, float or bool ids otherwise failed
+    deep inside the embedding gather with messages naming neither the argument nor the fix."""
+    if not isinstance(input_ids, mx.array):
+        raise TypeError(f"input_ids must be an mx.array of integer token ids [B, S], got {type(input_ids).__name__}")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+    if not mx.issubdtype(input_ids.dtype, mx.integer):  # bool is not an integer dtype here
+        raise TypeError(f"input_ids must have an integer dtype, got {input_ids.dtype}")
+
+
+def check_state(state, batch_size: int, num_blocks: int) -> None:
+    """Refuses a ``state`` that is not None or a list with one tuple of arrays per block, each
+    array's first axis ``batch_size`` (shapes only, no host sync). A state made for another
+    batch size otherwise broadcast silently (batch 1 against a batch-2 state gave a batch-2
+    state), and a wrong block count failed with an IndexError deep in the forward."""
+    if state is None:
+        return
+    if not isinstance(state, (list, tuple)):
+        raise ValueError(f"state must be None or a list of {num_blocks} per-block tuples (make_state), "
+                         f"got {type(state).__name__}")
+    if len(state) != num_blocks:
+        raise ValueError(f"state has {len(state)} blocks' entries, the model has {num_blocks} blocks")
+    for index, layer in enumerate(state):
+        if not isinstance(layer, (list, tuple)) or not all(isinstance(a, mx.array) for a in layer):
+            raise ValueError(f"state[{index}] must be a tuple of mx.arrays, got {type(layer).__name__}")
+        for a in layer:
+            if a.ndim == 0 or a.shape[0] != batch_size:
+                raise ValueError(f"state[{index}] holds an array of shape {tuple(a.shape)}, not for "
+                                 f"input_ids' batch of {batch_size} (make_state(batch_size={batch_size}))")
 
 
 def to_residual(x: mx.array, residual_dtype: mx.Dtype | None) -> mx.array:
@@ -211,6 +246,11 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = int(batch_size)
         return [mlstm_zero_state(self.config, batch_size) for _ in self.backbone.blocks]
 
     def defer_state(self, state: ModelState, terms: int | None = None) -> ModelState:
@@ -290,8 +330,8 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         mx.compile or grad. On a Linux CPU a float32 model of the reference cells runs as one C call
         per piece instead (:mod:`xlstm_metal.kernels.cpu.prefill`; equal to round-off).
         """
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+        check_input_ids(input_ids)
+        check_state(state, input_ids.shape[0], len(self.backbone.blocks))
         chunk_size = chunk_size or self.config.max_inference_chunksize
         if mx.default_device() == mx.cpu:
             # the whole prompt in C on every BLAS thread where the model is what that computes
@@ -368,8 +408,8 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
 
     def hidden(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
         """input_ids [B, S] -> (the normed hidden states [B, S, E] the LM head reads, new state)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
+        check_input_ids(input_ids)
+        check_state(state, input_ids.shape[0], len(self.backbone.blocks))
         return self.backbone(input_ids, state, self.residual_dtype)
 
     def __call__(
