@@ -215,6 +215,21 @@ def transformers_out_norm_problem(config: Any, weights: dict) -> str | None:
     return None
 
 
+def transformers_soft_cap_problem(config: Any) -> str | None:
+    """Why transformers' ``xLSTMConfig`` cannot open an xLSTM-Large ``config``, or None: it
+    declares ``gate_soft_cap`` and ``output_logit_soft_cap`` floats and rejects null (no cap);
+    no number means "no cap" there (its soft_cap with an infinite cap gives NaN)."""
+    from .config import xLSTMConfig
+
+    if not isinstance(config, xLSTMConfig):
+        return None
+    uncapped = [name for name in ("gate_soft_cap", "output_logit_soft_cap") if getattr(config, name) is None]
+    if not uncapped:
+        return None
+    return (f"{' and '.join(uncapped)} null (no cap): transformers' xLSTMConfig requires a number there, so "
+            f"it cannot open this checkpoint (mlx-lm and xlstm-metal can)")
+
+
 def transformers_weights(config: Any, weights: dict) -> dict:
     """Tensors to store beside the parameters for transformers: its ``xLSTMForCausalLM`` does
     not tie the LM head to the embeddings, so a tied xLSTM-Large checkpoint also carries

@@ -42,6 +42,9 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a Hugging Face id downloaded through huggingface_hub."""
+    if not isinstance(path_or_id, (str, os.PathLike)):  # else pathlib's TypeError names no argument
+        raise TypeError(f"model path must be a str or os.PathLike (a checkpoint directory or Hugging Face id), "
+                        f"got {type(path_or_id).__name__}")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -248,14 +251,28 @@ def load_weights_strict(
         for k in set(expected) & set(weights)
         if tuple(weights[k].shape) != tuple(expected[k].shape)
     )
+    # A float parameter takes only float tensors (an int or bool one would load, cast, and change
+    # the logits); a quantized layer's packed weight (uint32) or uint8 scales (mxfp4, nvfp4,
+    # mxfp8) only its own dtype.
+    mistyped = sorted(
+        f"{k}: checkpoint {_dtype_name(weights[k].dtype)}, model {_dtype_name(expected[k].dtype)}"
+        for k in set(expected) & set(weights)
+        if (not mx.issubdtype(weights[k].dtype, mx.floating) if mx.issubdtype(expected[k].dtype, mx.floating)
+            else weights[k].dtype != expected[k].dtype)
+    )
     problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                         ("wrong-dtype", mistyped)):
         if items:
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
             problems.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join(shown))
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model:\n  " + "\n  ".join(problems))
     model.update(tree_unflatten(list(weights.items())))
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
@@ -275,12 +292,19 @@ def _pop_quantization(config_dict: dict[str, Any], directory: Path) -> dict[str,
         raise CheckpointError(str(err)) from None
 
 
+_LOAD_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
 def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
-    if dtype is None or isinstance(dtype, mx.Dtype):
+    if dtype is None:
+        return None
+    # An mx.Dtype is held to the same three: int weights load but the forward fails deep in MLX.
+    if isinstance(dtype, mx.Dtype) and dtype in _LOAD_DTYPES.values():
         return dtype
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return getattr(mx, dtype)
+    if isinstance(dtype, str) and dtype in _LOAD_DTYPES:
+        return _LOAD_DTYPES[dtype]
+    shown = _dtype_name(dtype) if isinstance(dtype, mx.Dtype) else repr(dtype)
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {shown}")
 
 
 # ------------------------------------------------------------------------------ 2024 xLSTM
@@ -477,9 +501,44 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_save_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
-    tmp = path.parent / f".{path.stem}.partial.safetensors"
-    mx.save_safetensors(str(tmp), arrays, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    # A unique temporary name: two saves into one folder at once must not write the same file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_SHARD_PATTERN = "model-*-of-*.safetensors"
+
+
+def _check_save_args(model: Any, max_shard_bytes: Any, overwrite: Any) -> None:
+    """TypeError / ValueError naming the save_model argument that cannot be used (checked before
+    anything is created)."""
+    if not isinstance(overwrite, bool):  # overwrite="no" must not replace a checkpoint
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if not isinstance(model, nn.Module) or not tree_flatten(model.parameters()):
+        raise TypeError(f"model must be an mlx.nn.Module with parameters, got {type(model).__name__}")
+    if not hasattr(model, "config") or not callable(getattr(model.config, "to_dict", None)):
+        raise TypeError(f"model must carry a config with to_dict() (an xlstm_metal model), got {type(model).__name__}")
+    if max_shard_bytes is not None:
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int):
+            raise TypeError(f"max_shard_bytes must be a positive int or None, got {max_shard_bytes!r}")
+        if max_shard_bytes <= 0:  # 0 wrote one shard per tensor
+            raise ValueError(f"max_shard_bytes must be a positive int or None, got {max_shard_bytes}")
+
+
+def _json_value(value: Any) -> Any:
+    """json.dumps' fallback: numpy scalars (``config.norm_eps = np.float32(1e-6)``) as numbers."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON")
 
 
 def save_model(
@@ -487,81 +546,118 @@ def save_model(
     path: str | os.PathLike,
     *,
     tokenizer: Any = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint: ``config.json``, ``model.safetensors`` (shards + index above
-    ``max_shard_bytes``), the mlx-lm model file, and with ``tokenizer`` (our ``Tokenizer``, a
-    ``tokenizers.Tokenizer`` or a directory holding ``tokenizer.json``) ``tokenizer.json`` +
-    ``tokenizer_config.json``. The checkpoint opens in transformers (xLSTM-Large), mlx-lm
-    (``trust_remote_code=True``) and here; see :mod:`xlstm_metal.checkpoint_files`.
+    ``max_shard_bytes``; None: one file), the mlx-lm model file, and with ``tokenizer`` (our
+    ``Tokenizer``, a ``tokenizers.Tokenizer`` or a directory holding ``tokenizer.json``)
+    ``tokenizer.json`` + ``tokenizer_config.json``. The checkpoint opens in transformers
+    (xLSTM-Large), mlx-lm (``trust_remote_code=True``) and here; see :mod:`xlstm_metal.checkpoint_files`.
 
-    Files are written atomically; an existing checkpoint in ``path`` is only replaced with
-    ``overwrite=True``.
+    A folder holding any of the files the save writes or removes (``config.json``, the weights,
+    the index, shards) is only written to with ``overwrite=True``. Everything is built and
+    written into a temporary folder first and moved in at the end: a save that fails leaves an
+    existing checkpoint as it was, and no half checkpoint in a new folder.
     """
     from .checkpoint_files import (
+        MLX_LM_SHIM,
         mlx_lm_config,
         tokenizer_files,
         transformers_out_norm_problem,
         transformers_shape_problem,
+        transformers_soft_cap_problem,
         transformers_weights,
         with_weights_dtype,
         write_shim,
     )
+    from .quantization import quantization_config
 
+    _check_save_args(model, max_shard_bytes, overwrite)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; save_model writes a checkpoint directory")
+    old_shards = sorted(directory.glob(_SHARD_PATTERN)) if directory.is_dir() else []
     existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
+    existing += [p.name for p in old_shards]
     if existing and not overwrite:
-        raise FileExistsError(f"{directory} already holds a checkpoint ({', '.join(existing)}); pass overwrite=True")
-    # Tokenizer problems surface before anything is written.
+        what = "a checkpoint" if (directory / CONFIG_NAME).exists() else "files save_model would replace"
+        raise FileExistsError(f"{directory} already holds {what} ({', '.join(existing)}); pass overwrite=True")
+
+    # Everything that can fail on the model's content runs before any file is written.
     tokenizer_texts = tokenizer_files(tokenizer, model.config) if tokenizer is not None else {}
-    directory.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
     weights.update(transformers_weights(model.config, weights))
     mx.eval(weights)
-
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for key, value in weights.items():
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
+        if shards[-1] and max_shard_bytes is not None and size + value.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = value
         size += value.nbytes
-
-    old_shards = set(directory.glob("model-*-of-*.safetensors"))
-    if len(shards) == 1:
-        _atomic_save_safetensors(directory / WEIGHTS_NAME, shards[0])
-        if (directory / INDEX_NAME).exists():
-            (directory / INDEX_NAME).unlink()
-        written = set()
-    else:
-        weight_map, written = {}, set()
-        for number, shard in enumerate(shards, start=1):
-            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save_safetensors(directory / name, shard)
-            written.add(directory / name)
-            weight_map.update({key: name for key in shard})
-        total = sum(v.nbytes for v in weights.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
-        if (directory / WEIGHTS_NAME).exists():
-            (directory / WEIGHTS_NAME).unlink()
-    for stale in old_shards - written:
-        stale.unlink()
+    names = ([WEIGHTS_NAME] if len(shards) == 1 else
+             [f"model-{number:05d}-of-{len(shards):05d}.safetensors" for number in range(1, len(shards) + 1)])
+    texts = dict(tokenizer_texts)
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+        texts[INDEX_NAME] = json.dumps(index, indent=2)
     config = mlx_lm_config(model.config.to_dict())
     if isinstance(model.config, xLSTMConfig):
         config = with_weights_dtype(config, weights)
-    from .quantization import quantization_config
-
     quantization = quantization_config(model)
     if quantization is not None:  # mlx-lm writes both names; transformers reads the second
         config["quantization"] = config["quantization_config"] = quantization
-    for name, text in tokenizer_texts.items():
-        _atomic_write_text(directory / name, text)
-    write_shim(directory, _atomic_write_text)
-    _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
-    for problem in (transformers_shape_problem(model.config), transformers_out_norm_problem(model.config, weights)):
+    try:
+        config_text = json.dumps(config, indent=2, default=_json_value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"the model's config cannot be written to {CONFIG_NAME}: {err}") from None
+    problems = (transformers_shape_problem(model.config), transformers_out_norm_problem(model.config, weights),
+                transformers_soft_cap_problem(model.config))
+
+    # Written into a unique temporary folder (beside a new directory, inside an existing one:
+    # the same file system either way, so the moves below are renames).
+    is_new = not directory.exists()
+    created = [p for p in reversed(directory.parents) if not p.exists()]  # removed again on failure
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent if is_new else directory, prefix=f".{directory.name}.save-"))
+    try:
+        for name, shard in zip(names, shards):
+            _atomic_save_safetensors(staging / name, shard)
+        for name, text in texts.items():
+            _atomic_write_text(staging / name, text)
+        write_shim(staging, _atomic_write_text)
+        _atomic_write_text(staging / CONFIG_NAME, config_text)  # last: the file that marks a checkpoint
+        if is_new:
+            os.chmod(staging, 0o755)  # mkdtemp creates 0700; a checkpoint is meant to be shared
+            try:
+                os.rename(staging, directory)
+            except OSError:  # another process made it meanwhile: its files are not ours to replace
+                raise FileExistsError(f"{directory} was created while saving; nothing was written") from None
+        else:
+            for name in [*names, *texts, MLX_LM_SHIM, CONFIG_NAME]:  # config.json last, as written
+                os.replace(staging / name, directory / name)
+            staging.rmdir()
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    # The overwritten checkpoint's files the new one does not have (without overwrite=True none of
+    # these existed: the folder was refused above).
+    stale = [directory / INDEX_NAME] if len(shards) == 1 else [directory / WEIGHTS_NAME]
+    for old in [*stale, *(p for p in old_shards if p.name not in names)]:
+        old.unlink(missing_ok=True)
+    for problem in problems:
         if problem is not None:
             warnings.warn(f"{directory}: {problem}", UserWarning, stacklevel=2)
     return directory
