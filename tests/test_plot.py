@@ -88,6 +88,22 @@ def test_training_runs_overlaid(tmp_path):
     assert list(_axis(fig, "training loss by tokens").lines[0].get_xdata()) == [1000, 2000]
 
 
+def test_an_input_given_twice_is_refused(tmp_path, capsys):
+    """A run given twice (as itself, or as its directory and its metrics.jsonl) or a bench file
+    twice was drawn twice, without a word."""
+    run = tmp_path / "a"
+    run.mkdir()
+    _write_jsonl(run / "metrics.jsonl", [{"kind": "train", "step": 10, "loss": 5.0, "lr": 1e-3, "tokens": 1000}])
+    for inputs in ([run, run], [run, run / "metrics.jsonl"]):
+        with pytest.raises(PlotError, match="again .both read .*metrics.jsonl.: give each input once"):
+            plot_inputs(inputs)
+    bench = tmp_path / "b.jsonl"
+    _write_jsonl(bench, [{"kind": "decode", "batch": 1, "length": 8, "tok_s": 10.0}])
+    assert main(["plot", str(bench), str(tmp_path / "." / "b.jsonl"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "give each input once" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+    assert len(plot_training([run]).axes) > 0  # once is fine
+
+
 def test_training_runs_of_one_name_are_told_apart(tmp_path):
     """runs/lr1/m and runs/lr2/m were both labelled "m": the legend could not say which line was
     which run."""

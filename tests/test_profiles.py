@@ -48,6 +48,7 @@ def test_shipped_profiles_load_and_carry_their_contract():
     ({"name": "x", "version": 1, "kernels": {"chunkwise": "nope"}}, "unknown mLSTM kernel"),
     ({"name": "x", "version": 1, "chunk_sise": 3}, "unknown field"),
     ({"name": "x", "version": 1, "tolerance": {"max_rel_error": -1}}, "tolerance"),
+    ({"name": "x", "version": 1, "tolerance": {"max_rel_error": 0.1, "extra": 1}}, "nothing else"),  # was kept
 ])
 def test_bad_profiles_are_named(bad, words):
     with pytest.raises(ProfileError, match=words):

@@ -372,6 +372,13 @@ def plot_inputs(inputs: list[str | os.PathLike], title: str | None = None) -> Fi
     if len(kinds) > 1:
         raise PlotError(f"inputs mix kinds ({', '.join(sorted(kinds))}); plot each kind separately")
     kind = kinds.pop()
+    seen: dict[Path, str] = {}  # the file each input is read from -> the input that named it first
+    for raw in inputs:
+        path = Path(raw)
+        source = (path / ("trials.jsonl" if kind == "tune" else "metrics.jsonl") if path.is_dir() else path).resolve()
+        if source in seen:  # (a run and its metrics.jsonl are one input) it would be drawn twice
+            raise PlotError(f"{raw} is {seen[source]} again (both read {source}): give each input once")
+        seen[source] = str(raw)
     if kind == "tune":
         if len(inputs) > 1:
             raise PlotError("plot one tune directory at a time")

@@ -127,8 +127,9 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HyperProf
     _check(isinstance(d.get("fuse", False), bool), f"fuse must be true or false, got {d.get('fuse')!r}", source)
     if "tolerance" in d:
         tol = d["tolerance"]
-        _check(isinstance(tol, dict) and _number(tol.get("max_rel_error")) and tol["max_rel_error"] > 0,
-               f"tolerance must be {{\"max_rel_error\": number > 0}}, got {tol!r}", source)
+        _check(isinstance(tol, dict) and set(tol) == {"max_rel_error"} and _number(tol.get("max_rel_error"))
+               and tol["max_rel_error"] > 0,
+               f"tolerance must be {{\"max_rel_error\": number > 0}} (nothing else), got {tol!r}", source)
     if "init" in d:
         init = d["init"]
         defaults = HyperProfile.__dataclass_fields__["init"].default_factory()
