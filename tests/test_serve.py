@@ -2,6 +2,7 @@
 stream_generate, bad requests, a client that disconnects mid-stream, the CLI; and
 `xlstm-metal mlx-lm`. A tiny random model in a temp dir; nothing downloads."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -33,6 +34,15 @@ def write_checkpoint(path):
     """A tiny xLSTM-Large with a BPE tokenizer and no EOS: replies run to max_tokens."""
     tok = train_tiny_tokenizer()
     return save_model(tiny_model(5, vocab_size=tok.get_vocab_size(), eos_token_id=None), path, tokenizer=tok)
+
+
+@contextlib.contextmanager
+def serving_tiny(tmp_path_factory, name: str):
+    """A server of a fresh write_checkpoint() on a free port (a test module's own)."""
+    np.random.seed(0)
+    ckpt = write_checkpoint(tmp_path_factory.mktemp(name) / "ckpt")
+    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

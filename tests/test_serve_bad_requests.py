@@ -7,12 +7,11 @@ import json
 import time
 import urllib.parse
 
-import numpy as np
 import pytest
-from test_serve import error_message, post, write_checkpoint
+from test_serve import error_message, post, serving_tiny
 
 pytest.importorskip("mlx_lm")
-from xlstm_metal.serve import MAX_BODY_BYTES, make_server, server_args  # noqa: E402
+from xlstm_metal.serve import MAX_BODY_BYTES  # noqa: E402
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 TEXT = {"prompt": "the cat", "max_tokens": 2}
@@ -20,9 +19,7 @@ TEXT = {"prompt": "the cat", "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    np.random.seed(0)
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("bad_requests") / "ckpt")
-    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+    with serving_tiny(tmp_path_factory, "bad_requests") as srv:
         yield srv
 
 

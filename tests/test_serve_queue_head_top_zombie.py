@@ -13,25 +13,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import psutil
 import pytest
-from test_serve import write_checkpoint
+from test_serve import serving_tiny
 
 from xlstm_metal.monitor import read_jobs, send_command
 from xlstm_metal.monitor.records import atomic_write_json, record_path
 
 pytest.importorskip("mlx_lm")
-from xlstm_metal.serve import make_server, server_args  # noqa: E402
 
 BURST = 60
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    np.random.seed(0)
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("queue_head") / "ckpt")
-    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
+    with serving_tiny(tmp_path_factory, "queue_head") as srv:
         yield srv
 
 
