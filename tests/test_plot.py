@@ -11,6 +11,16 @@ from xlstm_metal.cli import main
 from xlstm_metal.plotting import PlotError, plot_bench, plot_inputs, plot_training, plot_tune
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """The figures these tests draw and read are closed after each (pyplot keeps them: past 20
+    open, every later figure in the run warned)."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _axis(fig, title):
     return next(ax for ax in fig.axes if ax.get_title() == title)
 
