@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import numbers
 import os
 import re
 from collections import Counter
@@ -41,6 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .checks import is_integer
 from .kernels.fast.quantized import MODES, use_fast_quantized_layers
 
 #: Bit widths and group sizes of MLX's affine quantization.
@@ -76,24 +76,19 @@ def _mode_params(mode: str, bits: Any, group_size: Any, where: str) -> tuple[int
         return (_check_bits(DEFAULT_BITS if bits is None else bits, where),
                 _check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size, where))
     for name, value, want in (("bits", bits, fixed[0]), ("group_size", group_size, fixed[1])):
-        if value is not None and (not _is_int(value) or value != want):
+        if value is not None and (not is_integer(value) or value != want):
             raise QuantizationError(f"{where}: mode {mode} has {name} {want}, got {value!r}")
     return fixed
 
 
-def _is_int(value: Any) -> bool:
-    """An int or NumPy integer, not a bool: 4.0 == 4 passed the ``in BITS`` test and was used as 4."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_bits(bits: Any, where: str) -> int:
-    if not _is_int(bits) or bits not in BITS:
+    if not is_integer(bits) or bits not in BITS:
         raise QuantizationError(f"{where}: bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
     return int(bits)
 
 
 def _check_group_size(group_size: Any, where: str) -> int:
-    if not _is_int(group_size) or group_size not in GROUP_SIZES:
+    if not is_integer(group_size) or group_size not in GROUP_SIZES:
         raise QuantizationError(
             f"{where}: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}"
         )

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..checks import is_integer
 from ..kernels.cpu import decode_step as cpu_decode_step
 from .sampling import SamplingParams, check_real, make_keys, mark_seen, sample, seen_from_ids, split_keys
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -135,12 +136,12 @@ def _split_stop(stop: Stop, vocab_size: int | None = None) -> tuple[set[int], li
     [0, ``vocab_size``) could never be sampled, so it is refused rather than ignored."""
     if stop is None:
         return set(), []
-    items = [stop] if isinstance(stop, (str, int)) or _is_token_id(stop) else list(stop)
+    items = [stop] if isinstance(stop, (str, int)) or is_integer(stop) else list(stop)
     ids, strings = set(), []
     for item in items:
         if isinstance(item, bool):
             raise TypeError(f"stop items must be str or int, got {item!r}")
-        if _is_token_id(item):
+        if is_integer(item):
             if item < 0 or (vocab_size is not None and item >= vocab_size):
                 bounds = "ids are >= 0" if vocab_size is None else f"the vocabulary is [0, {vocab_size})"
                 raise ValueError(f"stop id {item} can never be generated: {bounds}")
@@ -152,11 +153,6 @@ def _split_stop(stop: Stop, vocab_size: int | None = None) -> tuple[set[int], li
         else:
             raise TypeError(f"stop items must be str or int, got {type(item).__name__}")
     return ids, strings
-
-
-def _is_token_id(value: Any) -> bool:
-    """An int, NumPy integer or the like (not a bool, not a float)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_array(value: Any) -> bool:
@@ -264,7 +260,7 @@ class xLSTMRunner:
         if not isinstance(prompt, Iterable):
             raise TypeError(f"a prompt must be text, a list of token ids or an array, got {type(prompt).__name__}")
         ids = list(prompt)
-        wrong = [i for i in ids if not _is_token_id(i)]
+        wrong = [i for i in ids if not is_integer(i)]
         if wrong:
             raise ValueError(f"token ids must be integers, got {wrong[0]!r}")
         ids = [int(i) for i in ids]
@@ -277,7 +273,7 @@ class xLSTMRunner:
     def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
         # A NumPy integer top_k becomes an int; anything else goes as given, for SamplingParams
         # to refuse (int() truncated top_k=2.5 to 2 without a word).
-        top_k = int(top_k) if _is_token_id(top_k) else top_k
+        top_k = int(top_k) if is_integer(top_k) else top_k
         # Checked before float(), which read "0.5" as 0.5 and True as 1.0 silently.
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                             ("repetition_penalty", repetition_penalty)):

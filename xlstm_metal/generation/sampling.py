@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import mlx.core as mx
 
+from ..checks import is_integer
+
 
 #: Temperatures below this (float32's smallest normal number) sample greedily: float32 holds
 #: them as subnormals or 0, which GPUs flush to 0, and at such a temperature only the top logit
@@ -76,25 +78,20 @@ class SamplingParams:
 SEED_LIMIT = 2**64
 
 
-def _is_seed(value: object) -> bool:
-    """An int or NumPy integer; not a bool (True is no seed anyone means), float or string."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
     """Per-row PRNG keys [B, 2] uint32. An int seed gives row r the key of ``seed + r`` (so
     row 0 of a batch draws exactly what a single run with ``seed`` draws); a sequence gives
     one seed per row; None draws a fresh seed."""
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
-    if _is_seed(seed):
+    if is_integer(seed):
         seeds = [int(seed) + r for r in range(batch_size)]
     else:
         # A list of seeds: each an integer (int() truncated 1.7 to 1 and read "3" as 3 without a word).
         if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable):
             raise TypeError(f"seed must be an integer, a list of integers or None, got {type(seed).__name__}")
         seeds = seed.tolist() if hasattr(seed, "tolist") else list(seed)  # MLX / NumPy arrays of seeds
-        wrong = [s for s in seeds if not _is_seed(s)]
+        wrong = [s for s in seeds if not is_integer(s)]
         if wrong:
             raise TypeError(f"seed must be an integer, a list of integers or None, got a list holding {wrong[0]!r}")
         seeds = [int(s) for s in seeds]

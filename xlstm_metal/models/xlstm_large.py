@@ -3,12 +3,12 @@ lm_head -> soft-capped logits. Parameter names equal Hugging Face checkpoint key
 
 from __future__ import annotations
 
-import numbers
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..checks import is_integer
 from ..blocks.xlstm_large import mLSTMBlock, stacked_step
 from ..cells.embedding import embed_tokens
 from ..cells.fused import fusion_kind, gemv_layout
@@ -246,7 +246,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        if not is_integer(batch_size):
             raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
