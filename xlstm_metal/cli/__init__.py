@@ -110,7 +110,7 @@ def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
     """``path`` (expanded) when it can be written, before any work starts: a directory to create
     or fill (``directory``) must not be a file, a file must not be a directory, and the nearest
     existing ancestor must be a writable directory. UsageError naming ``label`` otherwise."""
-    import tempfile
+    from ..checks import probe_writable
 
     path = Path(path).expanduser()
     try:
@@ -124,14 +124,8 @@ def check_output_path(path: str | Path, label: str, *, directory: bool) -> Path:
         raise UsageError(f"{label} {_shown(path)}: {err.strerror}") from None
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
         raise UsageError(f"{label} {path} cannot be created: {existing} is not a writable directory")
-    if existing is not None:
-        # os.access says yes to root everywhere (/proc too): a file made and removed there tells.
-        try:
-            handle, probe = tempfile.mkstemp(dir=existing, prefix=".xlstm-metal-probe-")
-            os.close(handle)
-            os.unlink(probe)
-        except OSError as err:
-            raise UsageError(f"{label} {path} cannot be created: {existing} is not writable ({err.strerror})") from None
+    if existing is not None and (reason := probe_writable(existing)) is not None:
+        raise UsageError(f"{label} {path} cannot be created: {existing} is not writable ({reason})")
     return path
 
 

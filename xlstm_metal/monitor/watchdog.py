@@ -42,6 +42,8 @@ from typing import Callable, Mapping, TextIO
 import mlx.core as mx
 import psutil
 
+from ..checks import probe_writable
+
 DEFAULT_SOFT_PCT = 80.0
 DEFAULT_HARD_PCT = 90.0
 DEFAULT_POLL_MS = 250
@@ -226,15 +228,8 @@ def check_log_path(path: Path, rank: tuple[int, int | None] | None = None) -> No
     if not path.parent.is_dir():
         what = "is a file, not a directory" if path.parent.exists() else "does not exist"
         raise ValueError(f"--mem-log: directory {path.parent} {what}")
-    if not path.exists():
-        import tempfile
-
-        try:  # (os.access says yes to root everywhere: /proc too)
-            handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe-")
-            os.close(handle)
-            os.unlink(probe)
-        except OSError as err:
-            raise ValueError(f"--mem-log: directory {path.parent} is not writable ({err.strerror})") from None
+    if not path.exists() and (reason := probe_writable(path.parent)) is not None:
+        raise ValueError(f"--mem-log: directory {path.parent} is not writable ({reason})")
     if log_fields(path) == CSV_FIELDS and rank is not None:
         raise ValueError(f"--mem-log {path} is the memory log of a process on its own (no rank column); this "
                          f"process is {_rank_text(rank)}, whose rows name their rank: give a new file")
