@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from ..checks import is_integer
 from ..kernels.cpu import decode_step as cpu_decode_step
-from .sampling import SamplingParams, check_real, make_keys, mark_seen, sample, seen_from_ids, split_keys
+from .sampling import SamplingParams, make_keys, mark_seen, sample, seen_from_ids, split_keys
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 #: Default prefill piece: long enough to keep the chunkwise kernel efficient, short enough that
@@ -271,14 +271,8 @@ class xLSTMRunner:
         return ids
 
     def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
-        # A NumPy integer top_k becomes an int; anything else goes as given, for SamplingParams
-        # to refuse (int() truncated top_k=2.5 to 2 without a word).
-        top_k = int(top_k) if is_integer(top_k) else top_k
-        # Checked before float(), which read "0.5" as 0.5 and True as 1.0 silently.
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                            ("repetition_penalty", repetition_penalty)):
-            check_real(name, value)
-        return SamplingParams(float(temperature), top_k, float(top_p), float(min_p), float(repetition_penalty))
+        # SamplingParams checks each value's kind before it converts it (float() read "0.5" as 0.5).
+        return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
 
     def prefill(self, ids: Sequence[int], state: Any = None) -> tuple[mx.array, Any]:
         """Feed ``ids`` (one row) in pieces of ``prefill_chunk_size``.

@@ -53,6 +53,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             check_real(name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))  # NumPy scalars become floats
+        if is_integer(self.top_k):  # a NumPy integer becomes an int; anything else is refused below
+            object.__setattr__(self, "top_k", int(self.top_k))
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
