@@ -136,17 +136,20 @@ def test_numpy_config_value_saves(tmp_path):
     np.testing.assert_allclose(logits_of(loaded), logits_of(model), rtol=1e-6, atol=1e-6)
 
 
-def test_temporary_weight_files_have_unique_names(tmp_path, monkeypatch):
-    real, names = mx.save_safetensors, []
+def test_each_save_writes_its_weights_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Two saves into one folder at once must not write the same file: each writes into a unique
+    temporary folder, never into the checkpoint folder itself."""
+    real, folders = mx.save_safetensors, []
 
     def recording(file, arrays, **kwargs):
-        names.append(Path(file).name)
+        folders.append(Path(file).parent)
         real(file, arrays, **kwargs)
 
     monkeypatch.setattr(mx, "save_safetensors", recording)
     save_model(tiny_model(), tmp_path / "one")
     save_model(tiny_model(), tmp_path / "one", overwrite=True)
-    assert len(names) == 2 and names[0] != names[1]
+    assert len(folders) == 2 and folders[0] != folders[1]
+    assert tmp_path / "one" not in folders and not any(folder.exists() for folder in folders)
 
 
 # ------------------------------------------------------------------------------ loading

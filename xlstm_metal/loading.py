@@ -492,25 +492,15 @@ def check_tokenizer_fits(tokenizer, vocab: Any, directory: Path) -> None:
         )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-    os.replace(tmp, path)
+# Plain writes: save_model writes into its own temporary folder and renames the files into place.
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o644)  # whatever the umask: a checkpoint is meant to be shared
 
 
-def _atomic_save_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
-    # A unique temporary name: two saves into one folder at once must not write the same file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), arrays, metadata={"format": "pt"})
+    os.chmod(path, 0o644)
 
 
 _SHARD_PATTERN = "model-*-of-*.safetensors"
@@ -627,11 +617,11 @@ def save_model(
     staging = Path(tempfile.mkdtemp(dir=directory.parent if is_new else directory, prefix=f".{directory.name}.save-"))
     try:
         for name, shard in zip(names, shards):
-            _atomic_save_safetensors(staging / name, shard)
+            _write_safetensors(staging / name, shard)
         for name, text in texts.items():
-            _atomic_write_text(staging / name, text)
-        write_shim(staging, _atomic_write_text)
-        _atomic_write_text(staging / CONFIG_NAME, config_text)  # last: the file that marks a checkpoint
+            _write_text(staging / name, text)
+        write_shim(staging, _write_text)
+        _write_text(staging / CONFIG_NAME, config_text)  # last: the file that marks a checkpoint
         if is_new:
             os.chmod(staging, 0o755)  # mkdtemp creates 0700; a checkpoint is meant to be shared
             try:
