@@ -4,14 +4,17 @@ sLSTM block configs, ``slstm_at``), read from config.json or NX-AI's config.yaml
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .cells.slstm import LAYOUTS
 from .cells.xlstm_2024 import round_up_dim
+from .config import _describe, _matches
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
 
@@ -119,6 +122,18 @@ class xLSTMLMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        _check_fields(self, "")
+        m = self.mlstm_block.mlstm if self.mlstm_block is not None else None
+        ff = self.slstm_block.feedforward if self.slstm_block is not None else None
+        for where, c in (("mlstm_block.mlstm", m), ("slstm_block.feedforward", ff)):
+            # -1 failed in MLX ("Negative dimensions"), 0 as ZeroDivisionError
+            if c is not None and not (0 < c.proj_factor < math.inf and c.round_proj_up_to_multiple_of > 0):
+                raise ConfigError(f"{where}: proj_factor and round_proj_up_to_multiple_of must be > 0, "
+                                  f"got {c.proj_factor!r}, {c.round_proj_up_to_multiple_of!r}")
+        if not (0 <= self.dropout < 1 and 0 <= (ff.dropout if ff else 0) < 1):
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r} (feedforward: {ff and ff.dropout!r})")
+        if ff is not None and ff.ff_type != "ffn_gated":  # others were ignored
+            raise ConfigError(f"slstm_block.feedforward.ff_type {ff.ff_type!r}: only 'ffn_gated' is supported")
         bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
         if bad:
             raise ConfigError(f"slstm_at positions {bad} are outside the {self.num_blocks} blocks")
@@ -129,6 +144,8 @@ class xLSTMLMConfig:
             s = self.slstm_block.slstm
             if s.num_heads <= 0 or E % s.num_heads:
                 raise ConfigError(f"slstm_block.slstm.num_heads {s.num_heads} must divide embedding_dim {E}")
+            if s.conv1d_kernel_size < 0:  # 0: no conv (NX-AI); a negative one ran as 0
+                raise ConfigError(f"slstm_block.slstm.conv1d_kernel_size must be >= 0, got {s.conv1d_kernel_size}")
             if s.backend not in LAYOUTS:
                 raise ConfigError(f"slstm_block.slstm.backend must be one of {LAYOUTS}, got {s.backend!r}")
             if s.function != "slstm":
@@ -185,6 +202,17 @@ class xLSTMLMConfig:
             return build(cls, d, "")
         except TypeError as err:
             raise ConfigError(f"invalid xLSTM (2024) config: {err}") from None
+
+
+def _check_fields(config: Any, where: str) -> None:
+    # nested fields' types too: a "4" or 2.0 failed deep in MLX (std::bad_cast)
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{where}{f.name}.")
+        elif not _matches(value, hints[f.name]):
+            raise ConfigError(f"{where}{f.name} must be {_describe(hints[f.name])}, got {value!r}")
 
 
 _NESTED = {

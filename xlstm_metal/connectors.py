@@ -95,6 +95,8 @@ def to_mlx(x: Any, dtype: str | mx.Dtype | None = None) -> mx.array:
     ``dtype="bfloat16"`` reads a uint16/int16 NumPy array as bfloat16 bits (see
     :func:`to_numpy`); any other ``dtype`` must equal the source's (connectors never cast).
     """
+    if isinstance(dtype, str) and dtype not in _MX_BY_NAME:  # was a bare KeyError
+        raise ValueError(f"to_mlx: unknown dtype {dtype!r}; choose from {', '.join(_MX_BY_NAME)}")
     want = _MX_BY_NAME[dtype] if isinstance(dtype, str) else dtype
     if isinstance(x, mx.array):
         out = x
@@ -110,8 +112,10 @@ def to_mlx(x: Any, dtype: str | mx.Dtype | None = None) -> mx.array:
         ml = _ml_bfloat16()
         if ml is not None and a.dtype == ml:
             out = mx.array(a.view(np.uint16)).view(mx.bfloat16)
-        elif want == mx.bfloat16 and a.dtype in (np.uint16, np.int16):
+        elif want is not None and want == mx.bfloat16 and a.dtype in (np.uint16, np.int16):  # None == Dtype raised
             return mx.array(a).view(mx.bfloat16)
+        elif a.dtype.kind not in "biufc":  # text or objects failed in MLX as std::bad_cast
+            raise TypeError(f"to_mlx: an array of {a.dtype} holds no numbers")
         else:
             out = mx.array(a)
     if want is not None and out.dtype != want:

@@ -22,25 +22,36 @@ from typing import Any, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .checks import is_integer
+
 #: Tokens per forward pass while scoring (the state carries across pieces).
 SCORE_PIECE = 1024
 
 
+def _ngrams(words: Sequence[str], n: int) -> list[tuple]:
+    if isinstance(words, str):  # a str's characters, or n <= 0 empty grams, were counted
+        raise TypeError("words must be a list (text.split()), got a str")
+    if not is_integer(n) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
 def distinct_n(words: Sequence[str], n: int) -> float:
     """Unique n-grams / n-grams (0 for a text shorter than n words)."""
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    grams = _ngrams(words, n)
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def repeated_ngram_share(words: Sequence[str], n: int = 4) -> float:
     """Share of the n-grams that repeat an earlier one: (all - unique) / all."""
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    grams = _ngrams(words, n)
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
 def longest_repeated_span(words: Sequence[str]) -> int:
     """Length of the longest word sequence that occurs at least twice (binary search on the
     length with hashed windows: O(n log n))."""
+    _ngrams(words, 1)
     ids: dict[str, int] = {}
     seq = [ids.setdefault(w, len(ids)) for w in words]
     n = len(seq)
@@ -70,6 +81,10 @@ def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int], *,
     it. With no prompt the first text token is only a context (it has no prediction).
     ``return_greedy``: also whether each scored token was the model's argmax (bool array)."""
     ids = list(prompt_ids) + list(text_ids)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    bad = [i for i in ids if not is_integer(i) or i < 0 or (vocab is not None and i >= vocab)]
+    if bad:  # past the vocabulary: garbage scored
+        raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[0]!r}")
     start = len(prompt_ids)  # position of the first scored token
     if start == 0:
         start = 1
@@ -107,6 +122,9 @@ def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int], *,
 
 def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
     """The ratings of one record (see the module docstring)."""
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
+            or not isinstance(record.get("prompt") or "", str):  # was an AttributeError or KeyError
+        raise ValueError(f"a record needs a string 'text' (and 'prompt', if any), got {record!r:.80}")
     text = record["text"]
     prompt = record.get("prompt") or ""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
@@ -136,8 +154,8 @@ def judge(model, tokenizer, records: Iterable[dict[str, Any]]) -> list[dict[str,
     ValueError for a record with a field named as a rating (it would be replaced)."""
     out = []
     for record in records:
-        keep = {k: v for k, v in record.items() if k != "text"}
         rating = judge_record(model, tokenizer, record)
+        keep = {k: v for k, v in record.items() if k != "text"}
         clash = [k for k in rating if k in keep]
         if clash:
             raise ValueError(f"record fields {clash} would be replaced by the ratings of those names")

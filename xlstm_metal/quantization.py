@@ -586,6 +586,13 @@ def fidelity(
     """
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
+    for name, value in (("greedy_tokens", greedy_tokens), ("prompt_tokens", prompt_tokens), ("piece", piece)):
+        if not is_integer(value) or value < 1:  # piece=-1 scored nothing: perplexity 1.0
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    vocab = getattr(getattr(reference, "config", None), "vocab_size", None)
+    bad = [i for i in ids if not is_integer(i) or i < 0 or (vocab is not None and i >= vocab)]
+    if bad:  # past the vocabulary: OverflowError in math.exp
+        raise ValueError(f"ids must be token ids in [0, {vocab}), got {bad[0]!r}")
     totals = {"nll_r": mx.array(0.0), "nll_c": mx.array(0.0), "kl": mx.array(0.0), "top1": mx.array(0)}
     state_r = state_c = None
     for start in range(0, len(ids) - 1, piece):

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from ..checks import is_integer
 from ..jsonfiles import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -41,6 +42,19 @@ def _as_id_list(value: Any, where: str = "token id") -> list[int] | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return list(value)
     raise TokenizerError(f"{where} must be an integer or a list of integers, got {value!r}")
+
+
+def _token_ids(ids: Any) -> list[int]:
+    # "12" decoded as ids 1, 2, 4.7 as 4, -1 failed as OverflowError (ids past the tokenizer: a padded vocab)
+    if hasattr(ids, "tolist"):  # NumPy / MLX arrays
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
+    ids = list(ids)
+    bad = [i for i in ids if not is_integer(i) or i < 0]
+    if bad:
+        raise ValueError(f"token ids must be integers >= 0, got {bad[0]!r}")
+    return [int(i) for i in ids]
 
 
 def _token_content(value: Any) -> str | None:
@@ -159,7 +173,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(_token_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -190,7 +204,7 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: Sequence[int] = ()):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        context = [int(i) for i in context]
+        context = _token_ids(context)
         # DecodeStream (tokenizers >= 0.21) does the incremental work in Rust; the context ids
         # only prime it and are never emitted.
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens) if context \
@@ -205,7 +219,8 @@ class StreamingDetokenizer:
         return "".join(self._pieces)
 
     def add(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
+        (token_id,) = _token_ids([token_id])
+        self.ids.append(token_id)
         try:
             piece = self._stream.step(self._tokenizer.backend, int(token_id))
         except Exception as err:  # tokenizers raises a bare Exception

@@ -17,6 +17,7 @@ same interface).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -61,6 +62,13 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise CellError(f"parameter '{name}' must be a positive integer, got {value!r}")
     return value
+
+
+def _positive_real(name: str, value: Any) -> float:
+    # a cap or eps <= 0 gave NaN or sign-flipped outputs
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise CellError(f"parameter '{name}' must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _divides(what: str, size: int, heads: int) -> None:
@@ -218,7 +226,7 @@ class SoftCapGate(LabCell):
     def __init__(self, dim: int, cap: float | None = 15.0):
         super().__init__()
         dim = _positive_int("dim", dim)
-        self.cap = None if cap is None else float(cap)
+        self.cap = None if cap is None else _positive_real("cap", cap)
         self.set_ports({"x": dim}, {"y": dim})
 
     def __call__(self, inputs, state=None):
@@ -256,7 +264,7 @@ class RMSNormCell(_RMSNorm, LabCell):
     """RMSNorm (xLSTM-Large's). Ports x [dim] -> y [dim]. Parameter ``weight``."""
 
     def __init__(self, dim: int, eps: float = 1e-6, force_float32: bool = True):
-        _RMSNorm.__init__(self, _positive_int("dim", dim), eps=eps, force_float32=force_float32)
+        _RMSNorm.__init__(self, _positive_int("dim", dim), _positive_real("eps", eps), force_float32=force_float32)
         self.set_ports({"x": dim}, {"y": dim})
 
     def __call__(self, inputs, state=None):
@@ -267,7 +275,7 @@ class LayerNormCell(_LayerNorm2024, LabCell):
     """LayerNorm with scale (1 + weight) (the 2024 xLSTM's). Ports x [dim] -> y [dim]."""
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
-        _LayerNorm2024.__init__(self, _positive_int("dim", dim), bias=bias, eps=eps)
+        _LayerNorm2024.__init__(self, _positive_int("dim", dim), bias=bias, eps=_positive_real("eps", eps))
         self.set_ports({"x": dim}, {"y": dim})
 
     def __call__(self, inputs, state=None):
@@ -288,7 +296,7 @@ class MultiHeadLayerNormCell(LabCell):
         _divides("dim", dim, num_heads)
         self.num_heads = num_heads
         self.residual_weight = residual_weight
-        self.eps = (1e-5 if residual_weight else 1e-6) if eps is None else float(eps)
+        self.eps = (1e-5 if residual_weight else 1e-6) if eps is None else _positive_real("eps", eps)
         self.force_float32 = force_float32
         if weight:
             self.weight = mx.zeros((dim,)) if residual_weight else mx.ones((dim,))
@@ -354,7 +362,7 @@ class MatrixMemory(LabCell):
             raise CellError(f"state_dtype must be float32, bfloat16 or float16, got {state_dtype!r}")
         self.num_heads, self.kv_heads = NH, kv
         self.dqk, self.dv = qk_dim // NH, v_dim // NH
-        self.chunk_size, self.eps = _positive_int("chunk_size", chunk_size), float(eps)
+        self.chunk_size, self.eps = _positive_int("chunk_size", chunk_size), _positive_real("eps", eps)
         self.state_dtype = getattr(mx, state_dtype)
         self.set_ports({"q": qk_dim, "k": self.dqk * kv, "v": self.dv * kv, "i": NH, "f": NH}, {"h": v_dim})
 
@@ -557,7 +565,8 @@ class LinearAttention(LabCell):
         kv = NH if kv_heads is None else _positive_int("kv_heads", kv_heads)
         if NH % kv:
             raise CellError(f"num_heads {NH} is not a multiple of kv_heads {kv}")
-        self.num_heads, self.kv_heads, self.dqk, self.dv, self.eps = NH, kv, qk_dim // NH, v_dim // NH, float(eps)
+        self.num_heads, self.kv_heads, self.dqk, self.dv = NH, kv, qk_dim // NH, v_dim // NH
+        self.eps = _positive_real("eps", eps)
         self.set_ports({"q": qk_dim, "k": self.dqk * kv, "v": self.dv * kv}, {"y": v_dim})
 
     def zero_state(self, batch_size: int) -> tuple:

@@ -98,6 +98,8 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
         raise ValueError(f"need 1 <= min_blocks <= max_blocks, got {min_blocks} and {max_blocks}")
     if budget <= 0:
         raise ValueError("the parameter budget must be positive")
+    if generations < 1:  # 0 or less still trained and scored a first generation
+        raise ValueError(f"generations must be at least 1, got {generations}")
     rng = np.random.default_rng(seed)
     cache: dict[tuple, Candidate] = {}
     history: list[dict[str, Any]] = []
@@ -138,8 +140,8 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
     for name in start or []:
         try:
             first.append(genome_of(load_arch(name)))
-        except ValueError:
-            continue
+        except ValueError as err:  # was skipped: a misspelt start architecture never ran
+            raise ValueError(f"start architecture {name!r}: {err}") from None
     while len(first) < population:
         first.append(random_genome(rng, int(rng.integers(min_blocks, max_blocks + 1))))
     bar = None

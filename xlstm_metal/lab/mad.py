@@ -14,6 +14,7 @@ Accuracy is the fraction of scored positions predicted exactly (micro average).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..cells.norms import RMSNorm
 from ..cells.xlstm_2024 import Module2024
+from ..checks import is_integer
 from ..monitor import current_job
 from .model import LabModel, build_model
 
@@ -280,8 +282,15 @@ class Preset:
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def task(self, name: str) -> TaskSpec:
+        if name not in PAPER_TASKS:  # was a bare KeyError
+            raise ValueError(f"unknown MAD task {name!r}; choose from {', '.join(TASKS)}")
         base = PAPER_TASKS[name]
         over = dict(self.task_overrides.get(name, {}))
+        # the generators take **_: a misspelt setting was ignored
+        known = set(inspect.signature(base.generator).parameters) - {"rng", "is_training", "_"}
+        unknown = sorted(set(over) - known - {"num_train", "num_test", "epochs"})
+        if unknown:
+            raise ValueError(f"task {name}: unknown setting(s) {unknown}; known: {sorted(known)}")
         num_train = over.pop("num_train", base.num_train)
         num_test = over.pop("num_test", base.num_test)
         return replace(base, settings={**base.settings, **over}, num_train=num_train, num_test=num_test)
@@ -321,6 +330,8 @@ def task_names(text: str | None) -> list[str]:
 
 def generate(task: TaskSpec, num: int, seed: int, training: bool) -> tuple[np.ndarray, np.ndarray]:
     """``num`` instances [num, S] (int32) of ``task``, from a generator seeded by (seed, split)."""
+    if not is_integer(num) or num < 1:  # np.stack failed on no instances
+        raise ValueError(f"num must be a positive integer, got {num!r}")
     rng = np.random.default_rng([seed, 1 if training else 2])
     kwargs = dict(task.settings)
     if task.name == "memorization":
@@ -412,6 +423,10 @@ def run_task(arch, task_name: str, preset: Preset | str = "tiny", *, seed: int =
     loss to the job's status record (``xlstm-metal top``) and is a memory-watchdog safe point:
     ``safe_point`` (default: the job's ``check``) runs after each step, so a hard memory limit
     stops the job within a step, not at the end of the task."""
+    if isinstance(preset, str) and preset not in PRESETS:  # was a bare KeyError
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if epochs is not None and (not is_integer(epochs) or epochs < 1):  # 0 ran the preset's epochs
+        raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     task = preset.task(task_name)
     settings = dict(task.settings)

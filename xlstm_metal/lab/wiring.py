@@ -102,7 +102,8 @@ class WiredBlock(Module2024):
             share = body.get("share")
             if share is not None:
                 share = {"cell": share} if isinstance(share, str) else share
-                if not isinstance(share, dict) or "cell" not in share:
+                # a misspelt key ("featurs") was ignored: every feature shared
+                if not isinstance(share, dict) or "cell" not in share or set(share) - {"cell", "features"}:
                     raise WiringError(f"cell {name!r}: share must be a cell name or {{cell: NAME, features: N}}")
             if share is not None:
                 src = r.cells.get(share["cell"])

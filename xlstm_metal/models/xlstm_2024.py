@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 from ..blocks.xlstm_2024 import mLSTMBlock2024, sLSTMBlock
 from ..cells.embedding import embed_tokens, rows_dtype
 from ..cells.xlstm_2024 import LayerNorm, Module2024
+from ..checks import is_integer
 from ..config_2024 import (
     FeedForwardConfig,
     mLSTMBlockConfig,
@@ -274,8 +275,10 @@ def create_xlstm_model(
     for name, value in ints.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if len(signature) != 2 or any(int(s) < 0 for s in signature) or sum(int(s) for s in signature) == 0:
-        raise ValueError(f"signature must be (num_mlstm, num_slstm) with a positive sum, got {tuple(signature)}")
+    # whole counts only: int() made (1.5, 1) one mLSTM block, and a bare 3 failed in len()
+    if not isinstance(signature, Sequence) or len(signature) != 2 \
+            or not all(is_integer(s) and s >= 0 for s in signature) or sum(signature) == 0:
+        raise ValueError(f"signature must be (num_mlstm, num_slstm) counts with a positive sum, got {signature!r}")
     if head_dim * head_num != inp_dim:
         raise ValueError(
             f"head_dim * head_num = {head_dim * head_num} must equal inp_dim = {inp_dim}: the sLSTM runs at "

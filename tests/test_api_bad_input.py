@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+import xlstm_metal  # noqa: F401  (BLAS preload)
+from xlstm_metal import connectors, judge
+from xlstm_metal.config_2024 import xLSTMLMConfig
+from xlstm_metal.generation import DEFAULT_MODEL_DIR, Tokenizer
+from xlstm_metal.lab import WiredBlock, mad
+from xlstm_metal.lab.cells import build_cell
+from xlstm_metal.lab.evolve import evolve
+from xlstm_metal.models.xlstm_2024 import create_xlstm_model
+from xlstm_metal.quantization import fidelity
+
+LP = {"type": "linear_projection", "dim": 4}
+M = {"mlstm_block": {}}
+S = {"slstm_at": [0]}
+
+
+def test_to_mlx():
+    assert connectors.to_mlx(np.arange(3, dtype=np.int32)).tolist() == [0, 1, 2]  # raised TypeError
+    with pytest.raises(ValueError, match="unknown dtype 'foo'"):
+        connectors.to_mlx(np.zeros(2, np.float32), dtype="foo")
+    with pytest.raises(TypeError, match="holds no numbers"):
+        connectors.to_mlx(np.array(["a"]))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"mlstm_block": {"mlstm": {"num_heads": 2.0}}}, "mlstm_block.mlstm.num_heads must be an integer"),
+    ({"mlstm_block": {"mlstm": {"proj_factor": -2}}}, "proj_factor and round_proj_up_to_multiple_of must be > 0"),
+    ({**M, "dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ({"slstm_block": {"slstm": {"conv1d_kernel_size": -1}}, **S}, "conv1d_kernel_size must be >= 0"),
+    ({"slstm_block": {"feedforward": {"ff_type": "moe"}}, **S}, "only 'ffn_gated'"),
+])
+def test_2024_config(section, message):
+    with pytest.raises(ValueError, match=message):
+        xLSTMLMConfig.from_dict({"vocab_size": 10, "embedding_dim": 64, "num_blocks": 1, **section})
+
+
+@pytest.mark.parametrize("signature", [(1.5, 1), 3])
+def test_create_xlstm_model_signature(signature):
+    with pytest.raises(ValueError, match="signature must be"):
+        create_xlstm_model(97, 2, signature=signature, inp_dim=64, head_dim=16)
+
+
+def test_tokenizer():
+    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    for ids, error in (("12", TypeError), ([3.5], ValueError)):
+        with pytest.raises(error, match="token ids must be"):
+            tok.decode(ids)
+    with pytest.raises(ValueError, match="integers >= 0"):
+        tok.detokenizer().add(-1)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: judge.distinct_n(["a", "b"], 0), "n must be an integer >= 1"),
+    (lambda m: judge.repeated_ngram_share("a b a", 1), "got a str"),
+    (lambda m: judge.token_logprobs(m, [1], [500]), r"in \[0, 97\), got 500"),
+    (lambda m: judge.judge(m, None, ["text"]), "a record needs a string 'text'"),
+    (lambda m: fidelity(m, m, [1, 500]), r"ids must be token ids in \[0, 97\)"),
+    (lambda m: fidelity(m, m, [1, 2, 3], piece=-1), "piece must be a positive integer"),
+])
+def test_judge_and_fidelity(call, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(tiny_model())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: build_cell("soft_cap_gate", {"dim": 4, "cap": 0}), "'cap' must be a finite number > 0"),
+    (lambda: build_cell("rmsnorm", {"dim": 4, "eps": -1}), "'eps' must be a finite number > 0"),
+    (lambda: WiredBlock({"cells": {"a": LP, "b": {**LP, "share": {"cell": "a", "featurs": 2}}},
+                         "connections": [{"from": "a", "to": "b"}]}), "share must be"),
+    (lambda: mad.run_task("swiglu-only", "nope"), "unknown MAD task 'nope'"),
+    (lambda: mad.run_task("swiglu-only", "compression", "huge"), "unknown preset 'huge'"),
+    (lambda: mad.run_task("swiglu-only", "compression", epochs=0), "epochs must be a positive integer"),
+    (lambda: mad.generate(mad.PRESETS["tiny"].task("compression"), 0, 0, True), "num must be a positive"),
+    (lambda: mad.Preset("p", 16, 2, 4, 1, 1e-3, task_overrides={"compression": {"seq_lenn": 8}}).task("compression"),
+     r"unknown setting\(s\) \['seq_lenn'\]"),
+    (lambda: evolve(dict, budget=10**9, start=["mlstmm"]), "start architecture 'mlstmm'"),
+    (lambda: evolve(dict, budget=10**9, generations=0), "generations must be at least 1"),
+])
+def test_lab(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
