@@ -6,6 +6,7 @@ import xlstm_metal  # noqa: F401  (BLAS preload)
 from xlstm_metal import connectors, judge
 from xlstm_metal.config_2024 import xLSTMLMConfig
 from xlstm_metal.generation import DEFAULT_MODEL_DIR, Tokenizer
+from xlstm_metal.generation.tokenizer import TokenizerError
 from xlstm_metal.lab import WiredBlock, mad
 from xlstm_metal.lab.cells import build_cell
 from xlstm_metal.lab.evolve import evolve
@@ -50,6 +51,14 @@ def test_tokenizer():
             tok.decode(ids)
     with pytest.raises(ValueError, match="integers >= 0"):
         tok.detokenizer().add(-1)
+
+
+def test_tokenizer_force_bos_flag_must_be_a_bool(tmp_path):
+    # "false" read as true: every prompt got a BOS (add_bos_token had this check already)
+    (tmp_path / "tokenizer.json").write_bytes((DEFAULT_MODEL_DIR / "tokenizer.json").read_bytes())
+    (tmp_path / "config.json").write_text('{"force_bos_token_insert": "false"}')
+    with pytest.raises(TokenizerError, match=r"force_bos_token_insert in .*config.json must be true or false"):
+        Tokenizer.from_dir(tmp_path)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -132,14 +132,13 @@ class Tokenizer:
             content = _token_content(tok_config.get("eos_token"))
             if content is not None and hf.token_to_id(content) is not None:
                 eos = [hf.token_to_id(content)]
-        if "force_bos_token_insert" in config:
-            add_bos = bool(config["force_bos_token_insert"])
-        else:
-            add_bos = tok_config.get("add_bos_token", False)
-            if not isinstance(add_bos, bool) and add_bos is not None:  # "false" would read as true
-                raise TokenizerError(f"add_bos_token in {directory / 'tokenizer_config.json'} must be true or false, "
-                                     f"got {add_bos!r}")
-            add_bos = bool(add_bos)
+        name, source = (("force_bos_token_insert", config) if "force_bos_token_insert" in config
+                        else ("add_bos_token", tok_config))
+        add_bos = source.get(name, False)
+        if not isinstance(add_bos, bool) and add_bos is not None:  # "false" would read as true
+            file = "config.json" if source is config else "tokenizer_config.json"
+            raise TokenizerError(f"{name} in {directory / file} must be true or false, got {add_bos!r}")
+        add_bos = bool(add_bos)
         vocab = hf.get_vocab_size(with_added_tokens=True)
         for name, ids in (("bos_token_id", [bos] if bos is not None else []), ("eos_token_id", eos)):
             bad = [i for i in ids if not 0 <= i < vocab]
