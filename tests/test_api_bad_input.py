@@ -83,6 +83,8 @@ def test_judge_and_fidelity(call, message):
     (lambda: mad.run_task("swiglu-only", "compression", "huge"), "unknown preset 'huge'"),
     (lambda: mad.run_task("swiglu-only", "compression", epochs=0), "epochs must be a positive integer"),
     (lambda: mad.generate(mad.PRESETS["tiny"].task("compression"), 0, 0, True), "num must be a positive"),
+    (lambda: mad.Preset("p", 16, 2, 0, 1, 1e-3), "batch_size must be a positive integer"),
+    (lambda: mad.Preset("p", 16, 2, 4, 1, 0.0), "lr must be a finite number > 0"),
     (lambda: mad.Preset("p", 16, 2, 4, 1, 1e-3, task_overrides={"compression": {"seq_lenn": 8}}).task("compression"),
      r"unknown setting\(s\) \['seq_lenn'\]"),
     (lambda: evolve(dict, budget=10**9, start=["mlstmm"]), "start architecture 'mlstmm'"),

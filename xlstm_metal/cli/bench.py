@@ -166,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     fused = profile.fuse if profile else not args.no_fuse
     prefill_chunk = profile.prefill_chunk if profile else args.prefill_chunk
     quantization = config.extra.get("quantization") or config.extra.get("quantization_config")
+    if quantization and not isinstance(quantization, dict):  # ("quantization": "yes" was an AttributeError traceback)
+        raise UsageError(f"{source}: its quantization entry must be an object (bits, group_size, ...), "
+                         f"got {quantization!r}")
     if args.q_bits is not None or args.q_group_size is not None or args.q_mode is not None:
         if quantization:
             raise UsageError(f"{source} is already quantized ({quantization.get('bits')}-bit); "

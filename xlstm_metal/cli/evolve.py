@@ -94,20 +94,26 @@ def run(args) -> int:
     vocab = max(preset.task(t).settings["vocab_size"] for t in tasks)
     if args.start is not None and args.engine != "star":
         raise UsageError("--start seeds the first population of --engine star; --engine optuna samples its own")
-    start = [s.strip() for s in (DEFAULT_START if args.start is None else args.start).split(",") if s.strip()]
+    start = [s.strip() for s in (DEFAULT_START if args.start is None else args.start).split(",")]
+    start = [] if start == [""] else start  # '' is none; "mlstm,,hybrid" lost one silently
+    if "" in start or len(set(start)) < len(start):  # (a repeat was replaced by a random architecture)
+        raise UsageError(f"--start {args.start!r} has an empty or repeated entry: name each architecture once")
     genomes = []
     for name in start:  # each one must load and be a genome (evolve would skip it silently)
         try:
             genomes.append(genome_of(load_arch(name)))
         except ValueError as err:  # WiringError included
             raise UsageError(f"--start {name}: {err}") from None
-    if args.engine == "star":
-        _check_start(args, start, genomes, vocab, preset)
-
     settings = {"engine": args.engine, "tasks": tasks, "preset": args.preset, "epochs": args.epochs,
                 "budget": args.budget, "seed": args.seed, "population": args.population,
                 "min_blocks": args.min_blocks, "max_blocks": args.max_blocks, "start": start}
     known = _resume(out, settings) if args.resume else {}
+    # The search tried for minutes before saying this (a --start given is checked against --budget below).
+    if not (args.start and genomes) and args.budget < (least := _smallest_candidate(args.min_blocks, vocab, preset)):
+        raise UsageError(f"no architecture fits the parameter budget of {args.budget:,}: {args.min_blocks} blocks "
+                         f"(--min-blocks) have at least {least:,} parameters at the {args.preset} preset's width")
+    if args.engine == "star":
+        _check_start(args, start, genomes, vocab, preset)
     history: list[dict] = []
     begun = [False]
 
@@ -205,6 +211,21 @@ def _check_start(args, start: list[str], genomes: list, vocab: int, preset) -> N
             refuse(f"{who} has {params:,} parameters (at the {args.preset} preset's width), over --budget "
                    f"{args.budget:,}: the search would cut it into another architecture",
                    "raise --budget or leave it out")
+
+
+def _smallest_candidate(min_blocks: int, vocab: int, preset) -> int:
+    """Parameters of the smallest candidate: ``min_blocks`` of the smallest block (blocks add up;
+    each of the few distinct genes is built once, about a second)."""
+    import itertools
+
+    from ..lab.evolve import count_parameters
+    from ..lab.genome import GENE_SIZES, normalise, spec_of
+
+    def size(genome) -> int:
+        return count_parameters(spec_of(genome), vocab, preset.dim, preset.num_heads)
+
+    genes = {normalise([gene])[0] for gene in itertools.product(*map(range, GENE_SIZES))}
+    return size([min(genes, key=lambda gene: size([gene]))] * min_blocks)
 
 
 def _resume(out: Path, settings: dict) -> dict:

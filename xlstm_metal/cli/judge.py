@@ -73,6 +73,11 @@ def read_records(sources: list[str]) -> list[dict]:
             files.append(path)
         else:
             raise UsageError(f"--outputs: no such file or directory: {path}")
+    seen: dict[Path, Path] = {}
+    for file in files:  # a file given twice (or as itself and in its directory) was rated and counted twice
+        if (earlier := seen.setdefault(file.resolve(), file)) is not file:
+            raise UsageError(f"--outputs names {earlier} more than once (a file, or one in a directory given): "
+                             "give each file once")
     records = []
     for file, source in zip(files, source_names(files)):
         for n, record in read_jsonl(file, UsageError):

@@ -281,6 +281,13 @@ class Preset:
     warmup: float = 0.0  # fraction of the steps with a linear warm-up
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # batch_size 0 failed in run_task as a ZeroDivisionError
+        for name in ("dim", "num_heads", "batch_size", "epochs"):
+            if not is_integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"preset {self.name!r}: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"preset {self.name!r}: lr must be a finite number > 0, got {self.lr!r}")
+
     def task(self, name: str) -> TaskSpec:
         if name not in PAPER_TASKS:  # was a bare KeyError
             raise ValueError(f"unknown MAD task {name!r}; choose from {', '.join(TASKS)}")
@@ -317,6 +324,8 @@ def task_names(text: str | None) -> list[str]:
     if text is None:
         return list(TASKS)
     names = [t.strip().replace("-", "_") for t in text.split(",") if t.strip()]
+    if names and len(names) < len(text.split(",")):  # "a,,b" or "a,": a task left out or mistyped
+        raise ValueError(f"an empty entry in --tasks {text!r}: give comma-separated task names")
     unknown = [t for t in names if t not in PAPER_TASKS]
     if unknown:
         raise ValueError(f"unknown MAD task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,8 @@ def _check(cond: bool, message: str, source: str) -> None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Finite only: Python's JSON reads NaN and Infinity (a tolerance of Infinity passed every check).
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HyperProfile:
