@@ -481,6 +481,7 @@ def save_png(fig, path: Path, dpi: int = 110) -> None:
 
 
 NOTES = Path(__file__).with_name("NOTES.md")
+NOTES_EARLY = Path(__file__).with_name("NOTES-early.md.xz")
 
 
 def serve_prompt_cache_rows() -> list[str]:
@@ -1252,7 +1253,13 @@ def render() -> str:
                   "The analysis, by session and topic: for each target its measurements, the profile that says what "
                   "limits it, and the command, device and versions of every figure, in "
                   "[benchmarks/NOTES.md](benchmarks/NOTES.md):", ""]
-        lines += [f"- {line[4:].strip()}" for line in NOTES.read_text().splitlines() if line.startswith("### ")]
+        text = NOTES.read_text()
+        if NOTES_EARLY.exists():  # the early sessions, stored xz-compressed (the 15 MB budget)
+            import lzma
+
+            with lzma.open(NOTES_EARLY, "rt") as handle:
+                text += "\n" + handle.read()
+        lines += [f"- {line[4:].strip()}" for line in text.splitlines() if line.startswith("### ")]
     blas = RESULTS / "blas.json"
     if blas.exists():
         data = json.loads(blas.read_text())
