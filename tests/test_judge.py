@@ -181,6 +181,37 @@ def test_lm_eval_adapter_generation_and_rolling(judge_model):
     assert math.isclose(rolling, float(_manual_logprobs(model, ids, 1).sum()), rel_tol=1e-4)
 
 
+def test_lm_eval_adapter_max_length_and_settings(judge_model):
+    # max_length was stored and never used, and unknown model_args / generation settings were dropped
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from xlstm_metal.lm_eval_adapter import XLSTMMetalLM
+
+    model, tok = judge_model
+    with pytest.raises(ValueError, match=r"unknown model_args \['max_lenght'\]"):
+        XLSTMMetalLM(pretrained=str(DEFAULT_MODEL_DIR), max_lenght=8)
+    lm = XLSTMMetalLM(pretrained=str(DEFAULT_MODEL_DIR), max_length="3")
+    ids = tok.encode("import os\nimport sys\n", add_special_tokens=True)
+    assert len(ids) == 7  # BOS and two windows of 3 predictions, each from a fresh state
+    windows = [(ids[:1], ids[1:4]), (ids[3:4], ids[4:7])]
+    expected = sum(float(_manual_logprobs(model, c + p, len(c)).sum()) for c, p in windows)
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("import os\nimport sys\n",), 0)])[0]
+    assert math.isclose(rolling, expected, rel_tol=1e-4)
+    ctx, cont = tok.encode("import os\nimport", add_special_tokens=True), tok.encode(" sys", add_special_tokens=False)
+    cut = ctx[len(ctx) + len(cont) - 4:]
+    assert 0 < len(cut) < len(ctx)
+    (score, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("import os\nimport", " sys"), 0)])
+    assert math.isclose(score, float(_manual_logprobs(model, cut + cont, len(cut)).sum()), rel_tol=1e-4)
+
+    lm = XLSTMMetalLM(pretrained=str(DEFAULT_MODEL_DIR))
+    ask = {"max_gen_toks": 12, "do_sample": True, "temperature": 50.0}
+    (top1,) = lm.generate_until([Instance("generate_until", {}, ("def add(a, b):", {**ask, "top_k": 1}), 0)])
+    assert top1 == tok.decode(lm.runner.generate("def add(a, b):", max_tokens=12))  # top_k 1 at any temperature: greedy
+    with pytest.raises(ValueError, match=r"generation settings \['num_beams'\] are not supported"):
+        lm.generate_until([Instance("generate_until", {}, ("x", {**ask, "num_beams": 4}), 0)])
+
+
 @pytest.mark.slow
 def test_lm_eval_command_line(tmp_path):
     pytest.importorskip("lm_eval")

@@ -16,9 +16,12 @@ or from Python: ``import xlstm_metal.lm_eval_adapter`` then ``lm_eval.simple_eva
 
 model_args: ``pretrained`` (checkpoint directory or Hugging Face id; default the packaged
 model), ``dtype`` (float32 default), ``profile`` (a HyperProfile name or file),
-``max_length`` (context window for rolling log-likelihoods; the recurrent state carries across
-pieces anyway). Log-likelihoods are exact sums of the model's token log-probabilities (context
-with BOS, continuation without); generation is greedy unless ``temperature`` > 0 is asked for.
+``max_length`` (a context window, as lm-eval's transformers models have one: a context is cut
+from the left to fit it, and rolling log-likelihoods score windows of it, each from a fresh state;
+default none: the recurrent state carries across the whole text). Log-likelihoods are exact sums
+of the model's token log-probabilities (context with BOS, continuation without); generation is
+greedy unless ``temperature`` > 0 is asked for, and takes ``top_k``, ``top_p``, ``min_p``,
+``repetition_penalty`` and ``seed`` as well.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import sys
 from typing import Any
 
 import numpy as np
+from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -38,6 +42,14 @@ class XLSTMMetalLM(LM):
     def __init__(self, pretrained: str | None = None, dtype: str = "float32", profile: str | None = None,
                  max_length: int | None = None, batch_size: int | str | None = 1, **kwargs: Any):
         super().__init__()
+        # lm-eval adds these to every model's arguments; anything else is a model_arg we would ignore
+        unknown = sorted(set(kwargs) - {"max_batch_size", "device"})
+        if unknown:
+            raise ValueError(f"unknown model_args {unknown}: xlstm-metal takes pretrained, dtype, profile, max_length")
+        if max_length is not None:
+            max_length = int(max_length)  # model_args arrive as text or numbers
+            if max_length < 2:
+                raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
         from .generation import xLSTMRunner
         from .loading import load
 
@@ -59,7 +71,7 @@ class XLSTMMetalLM(LM):
             apply_profile(model, profile)
         self.model, self.tok = model, tokenizer
         self.runner = xLSTMRunner(model, tokenizer)
-        self.max_length = int(max_length) if max_length else None
+        self.max_length = max_length
         self.pretrained = str(pretrained)
 
     # ------------------------------------------------------------------ scoring
@@ -72,6 +84,10 @@ class XLSTMMetalLM(LM):
         cont = self.tok.encode(continuation, add_special_tokens=False)
         if not cont:
             return 0.0, True
+        if self.max_length is not None:  # the window holds max_length predictions after one context token
+            if len(cont) > self.max_length:
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
+            ctx = ctx[max(0, len(ctx) + len(cont) - self.max_length - 1):]
         lp, greedy = token_logprobs(self.model, ctx, cont, return_greedy=True)
         return float(np.sum(lp)), bool(np.all(greedy))
 
@@ -85,9 +101,14 @@ class XLSTMMetalLM(LM):
         for req in requests:
             (text,) = req.args[:1]
             ids = self.tok.encode(text, add_special_tokens=True)
-            bos = ids[:1] if ids and ids[0] == self.tok.bos_token_id else []
-            body = ids[len(bos):]
-            out.append(float(np.sum(token_logprobs(self.model, bos, body))) if body else 0.0)
+            if len(ids) < 2:  # BOS, or the first token without one, is only context
+                out.append(0.0)
+            elif self.max_length is None:
+                out.append(float(np.sum(token_logprobs(self.model, ids[:1], ids[1:]))))
+            else:  # lm-eval's windows, as its transformers models score them
+                windows = lm_utils.get_rolling_token_windows(ids[1:], ids[0], self.max_length, 1)
+                out.append(sum(float(np.sum(token_logprobs(self.model, *lm_utils.make_disjoint_window(w))))
+                               for w in windows))
         return out
 
     def generate_until(self, requests) -> list[str]:
@@ -101,8 +122,16 @@ class XLSTMMetalLM(LM):
             temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
             if not gen_kwargs.pop("do_sample", temperature > 0):
                 temperature = 0.0
-            ids = self.runner.generate(context, max_tokens=max_tokens, temperature=temperature,
-                                       seed=0, stop=list(until) if until else None)
+            sampling = {name: gen_kwargs.pop(name) for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed")
+                        if name in gen_kwargs}
+            if gen_kwargs:  # they were dropped without a word
+                raise ValueError(f"generation settings {sorted(gen_kwargs)} are not supported (xlstm-metal takes until, "
+                                 "max_gen_toks, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)")
+            prompt = self.tok.encode(context, add_special_tokens=True)
+            if self.max_length is not None:  # the context's end, with room for the answer
+                prompt = prompt[-max(1, self.max_length - max_tokens):]
+            ids = self.runner.generate(prompt, max_tokens=max_tokens, temperature=temperature,
+                                       stop=list(until) if until else None, **{"seed": 0, **sampling})
             text = self.tok.decode(ids)
             for stop in until or []:  # the stop string itself is not part of the answer
                 if stop and stop in text:
