@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import (
     UsageError, check_apart_from_data, check_kept_by_overwrite, check_output_path, check_text_field, check_vocab_size,
-    finite_float, large_int, read_tokenizer, seed_value,
+    finite_float, harden_parser, large_int, read_tokenizer, seed_value,
 )
 
 
@@ -275,7 +275,28 @@ def _read_saved_flags(out: Path) -> dict | None:
     if not (isinstance(cli, dict) and isinstance(cli.get("given"), dict) and isinstance(cli.get("used"), dict)):
         raise UsageError(f"{path}: 'cli' must be an object of 'given' and 'used' objects, got {cli!r} "
                          "(corrupted file?)")
+    _check_saved_values({**{k: cli["used"][k] for k in ("profile", "profile_name") if cli["used"].get(k) is not None},
+                         **{k: v for k, v in cli["given"].items() if k in SAVED_FLAGS}}, path)
     return cli
+
+
+def _check_saved_values(saved: dict, path: Path) -> None:
+    """The saved flags must be what this parser makes of them: a value of another type or out
+    of range (a file edited by hand, "trials": "x") was a TypeError traceback mid-sweep."""
+    class Refusing(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{path}: a saved flag is invalid ({message}; corrupted file?)")
+
+    argv = ["--out", "x"]
+    for name, value in saved.items():
+        if isinstance(value, list) or value is True:
+            argv += [_flag(name), *map(str, value if isinstance(value, list) else [])]
+        else:
+            argv.append(f"{_flag(name)}={value}")
+    parsed = vars(harden_parser(add_parser(Refusing().add_subparsers())).parse_args(argv))
+    wrong = [name for name, value in saved.items() if parsed[name] != value]  # "trials": "5", "shape": 5
+    if wrong:
+        raise UsageError(f"{path}: saved flag {_flag(wrong[0])} {saved[wrong[0]]!r} is invalid (corrupted file?)")
 
 
 def _take_saved_flags(args: argparse.Namespace, saved: dict, out: Path) -> None:
