@@ -84,6 +84,10 @@ def test_judge_and_fidelity(call, message):
     (lambda: mad.run_task("swiglu-only", "compression", epochs=0), "epochs must be a positive integer"),
     (lambda: mad.generate(mad.PRESETS["tiny"].task("compression"), 0, 0, True), "num must be a positive"),
     (lambda: mad.Preset("p", 16, 2, 0, 1, 1e-3), "batch_size must be a positive integer"),
+    (lambda: mad.generate(mad.Preset("p", 16, 2, 4, 1, 1e-3, task_overrides={"selective_copying": {"vocab_size": 2}})
+                          .task("selective_copying"), 2, 0, True), "selective_copying: no instance can be made"),
+    (lambda: mad.generate(mad.Preset("p", 16, 2, 4, 1, 1e-3, task_overrides={"memorization": {"seq_len": 31}})
+                          .task("memorization"), 2, 0, True), "seq_len must be even"),
     (lambda: mad.Preset("p", 16, 2, 4, 1, 0.0), "lr must be a finite number > 0"),
     (lambda: mad.Preset("p", 16, 2, 4, 1, 1e-3, task_overrides={"compression": {"seq_lenn": 8}}).task("compression"),
      r"unknown setting\(s\) \['seq_lenn'\]"),

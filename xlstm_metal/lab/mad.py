@@ -178,6 +178,8 @@ def generate_kv_map(vocab_size: int, seed: int = 12345) -> dict:
 def memorization(vocab_size=256, seq_len=32, kv_map=None, noise_vocab_size=0, frac_noise=0.0, rng=None,
                  kv_map_seed=12345, **_):
     """Key, insert token; the model must output the key's fixed value (learned in the weights)."""
+    if seq_len % 2:  # pairs: an odd length made sequences one token short
+        raise ValueError(f"memorization: seq_len must be even (key, insert-token pairs), got {seq_len}")
     rng = rng if rng is not None else np.random.default_rng()
     insert_token = vocab_size - 1
     non_special = vocab_size - 1 - noise_vocab_size
@@ -348,7 +350,10 @@ def generate(task: TaskSpec, num: int, seed: int, training: bool) -> tuple[np.nd
         kwargs["kv_map"] = generate_kv_map(kwargs["vocab_size"] - 1, seed)
     if task.shifted_training:
         kwargs["is_training"] = training
-    pairs = [task.generator(rng=rng, **kwargs) for _ in range(num)]
+    try:
+        pairs = [task.generator(rng=rng, **kwargs) for _ in range(num)]
+    except (ValueError, IndexError, ZeroDivisionError) as err:  # too small a vocabulary or length failed in NumPy
+        raise ValueError(f"MAD task {task.name}: no instance can be made with {task.settings}: {err}") from None
     inputs = np.stack([p[0] for p in pairs]).astype(np.int32)
     targets = np.stack([p[1] for p in pairs]).astype(np.int32)
     return inputs, targets
