@@ -61,6 +61,8 @@ def speed_sweep(tmp_path, capsys, monkeypatch):
             "--repeats", "1", "--no-progress", "--profile-name", "swept", "--out", str(out)]
     assert main([*argv, "--trials", "1"]) == 0
     capsys.readouterr()
+    # The study's connection is closed: no -wal / -shm left to change under the tests' snapshots.
+    assert sorted(p.name for p in out.glob("study.db*")) == ["study.db"]
     return argv, out
 
 

@@ -385,54 +385,60 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from sqlalchemy.exc import SQLAlchemyError
 
+    storage = None
     try:
         storage = sqlite_storage(out_dir / "study.db")
         study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=objective.direction,
                                     sampler=_sampler(settings, 0), load_if_exists=resume)
     except SQLAlchemyError as err:
+        if storage is not None:
+            storage.engine.dispose()
         raise SweepError(f"{out_dir / 'study.db'} cannot be read as an Optuna study (corrupted file?): "
                          f"{getattr(err, 'orig', None) or err}") from None
-    if meta is not None:
-        _check_resume_matches(meta, objective, settings, out_dir)
-        meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
-        meta["budget"] = settings.budget
-        meta["settings"] = _settings_record(settings)  # the budget, backend, ... of this run
-    else:
-        meta = _meta(objective, settings, argv)
-    if cli is not None:
-        meta["cli"] = cli
-    atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # interrupted by the last stop
-
-    from tqdm import tqdm
-
-    done = _counted(study)
-    result = write_outputs(study, objective, out_dir)
-    with tqdm(total=settings.budget, initial=min(done, settings.budget), desc=f"tune {objective.name}",
-              unit="trial", file=sys.stderr, disable=None if settings.progress else True) as bar:
-        def finished(trial, record):
-            nonlocal result
-            _tell(study, trial, record, out_dir)
-            result = write_outputs(study, objective, out_dir)
-            bar.update(1)
-            if result.best is not None:
-                bar.set_postfix_str(f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})")
-            job = current_job()  # `xlstm-metal top`; between trials a memory-watchdog safe point
-            best = result.best and f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})"
-            job.update(phase="tune", done=len(result.trials), total=settings.budget, unit="trials", message=best)
-            job.check(note=f"finished trials are in {out_dir}; continue with --resume")
-
-        if settings.backend == "local":
-            while _counted(study) < settings.budget:
-                trial, params = _ask(study, objective, settings)
-                finished(trial, run_trial(objective, params, trial.number, settings.prompts, settings.max_new_tokens))
+    try:
+        if meta is not None:
+            _check_resume_matches(meta, objective, settings, out_dir)
+            meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
+            meta["budget"] = settings.budget
+            meta["settings"] = _settings_record(settings)  # the budget, backend, ... of this run
         else:
-            _run_on_ray(study, objective, settings, finished)
-    meta["finished"] = time.time()
-    meta["trials"] = len(result.trials)
-    atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
-    return result
+            meta = _meta(objective, settings, argv)
+        if cli is not None:
+            meta["cli"] = cli
+        atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # interrupted by the last stop
+
+        from tqdm import tqdm
+
+        done = _counted(study)
+        result = write_outputs(study, objective, out_dir)
+        with tqdm(total=settings.budget, initial=min(done, settings.budget), desc=f"tune {objective.name}",
+                  unit="trial", file=sys.stderr, disable=None if settings.progress else True) as bar:
+            def finished(trial, record):
+                nonlocal result
+                _tell(study, trial, record, out_dir)
+                result = write_outputs(study, objective, out_dir)
+                bar.update(1)
+                if result.best is not None:
+                    bar.set_postfix_str(f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})")
+                job = current_job()  # `xlstm-metal top`; between trials a memory-watchdog safe point
+                best = result.best and f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})"
+                job.update(phase="tune", done=len(result.trials), total=settings.budget, unit="trials", message=best)
+                job.check(note=f"finished trials are in {out_dir}; continue with --resume")
+
+            if settings.backend == "local":
+                while _counted(study) < settings.budget:
+                    trial, params = _ask(study, objective, settings)
+                    finished(trial, run_trial(objective, params, trial.number, settings.prompts, settings.max_new_tokens))
+            else:
+                _run_on_ray(study, objective, settings, finished)
+        meta["finished"] = time.time()
+        meta["trials"] = len(result.trials)
+        atomic_write_text(meta_path, json.dumps(_json_safe(meta), indent=2) + "\n")
+        return result
+    finally:  # its pooled connection kept study.db-wal/-shm beside the file until garbage collection
+        storage.engine.dispose()
 
 
 def _run_on_ray(study, objective: Objective, settings: SweepSettings, finished) -> None:
