@@ -27,6 +27,22 @@ def test_bench_quantization_entry_must_be_an_object(tmp_path, capsys):
     assert_rejected(["bench", "--config", config, "--prefill-lengths", "16"], capsys, "must be an object")
 
 
+def test_tune_measures_a_quantized_shape_quantized(tmp_path, capsys):
+    # tune --shape of a quantized checkpoint's config timed float random weights (bench quantized them)
+    from xlstm_metal.quantization import quantization_config
+    from xlstm_metal.tuning.objectives import SpeedObjective
+
+    shape = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97, "chunk_size": 16}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**shape, "quantization": {"bits": 8, "group_size": 32}}))
+    model = SpeedObjective(shape=str(config), seed=3)._base()["model"]
+    assert quantization_config(model)["bits"] == 8 and quantization_config(model)["group_size"] == 32
+    config.write_text(json.dumps({**shape, "quantization": {"group_size": 32}}))
+    assert_rejected(["tune", "--objective", "speed", "--shape", config, "--out", tmp_path / "t"], capsys,
+                    "--shape: cannot apply its quantization entry")
+    assert not (tmp_path / "t").exists()
+
+
 def test_judge_refuses_a_file_given_twice(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_text('{"text": "hi"}\n')

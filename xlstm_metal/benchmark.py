@@ -71,6 +71,23 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.size for _, p in tree_flatten(model.parameters()))
 
 
+def config_recipe(config: xLSTMConfig) -> Any:
+    """The :class:`~xlstm_metal.quantization.Recipe` of a quantized checkpoint's config (its
+    ``quantization`` entry), so random weights of its shape are measured as the checkpoint runs;
+    None for a float config. ValueError naming what is wrong with the entry."""
+    entry = config.extra.get("quantization") or config.extra.get("quantization_config")
+    if not entry:
+        return None
+    if not isinstance(entry, dict):  # ("quantization": "yes" was an AttributeError traceback)
+        raise ValueError(f"its quantization entry must be an object (bits, group_size, ...), got {entry!r}")
+    from .quantization import QuantizationError, Recipe  # noqa: PLC0415
+
+    try:
+        return Recipe.from_config(entry)
+    except (QuantizationError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot apply its quantization entry: {err!s}") from None
+
+
 def random_model(config: xLSTMConfig, dtype: str = "float32", seed: int = 0, lazy: bool = False) -> xLSTMLarge:
     """An xLSTM-Large model with random weights drawn directly in ``dtype``.
 

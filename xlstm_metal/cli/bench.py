@@ -165,13 +165,13 @@ def run(args: argparse.Namespace) -> int:
     dtype = profile.dtype if profile else args.dtype or bm.default_dtype()
     fused = profile.fuse if profile else not args.no_fuse
     prefill_chunk = profile.prefill_chunk if profile else args.prefill_chunk
-    quantization = config.extra.get("quantization") or config.extra.get("quantization_config")
-    if quantization and not isinstance(quantization, dict):  # ("quantization": "yes" was an AttributeError traceback)
-        raise UsageError(f"{source}: its quantization entry must be an object (bits, group_size, ...), "
-                         f"got {quantization!r}")
+    try:
+        recipe = bm.config_recipe(config)  # a quantized checkpoint's config: measured quantized
+    except ValueError as err:
+        raise UsageError(f"{source}: {err}") from None
     if args.q_bits is not None or args.q_group_size is not None or args.q_mode is not None:
-        if quantization:
-            raise UsageError(f"{source} is already quantized ({quantization.get('bits')}-bit); "
+        if recipe is not None:
+            raise UsageError(f"{source} is already quantized ({recipe.bits}-bit); "
                              "--q-bits / --q-group-size / --q-mode apply to float configs")
         from ..quantization import QuantizationError, make_recipe
 
@@ -179,9 +179,8 @@ def run(args: argparse.Namespace) -> int:
             recipe = make_recipe(None, args.q_bits, args.q_group_size, args.q_mode)
         except QuantizationError as err:
             raise UsageError(str(err)) from None
-        quantization = {"bits": recipe.bits, "group_size": recipe.group_size, "mode": recipe.mode}
-        if config.embedding_dim % quantization["group_size"]:
-            raise UsageError(f"group size {quantization['group_size']} does not divide the embedding "
+        if config.embedding_dim % recipe.group_size:
+            raise UsageError(f"group size {recipe.group_size} does not divide the embedding "
                              f"dimension {config.embedding_dim} of {source}")
 
     from tqdm import tqdm
@@ -208,12 +207,12 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None if main else True) as bar:
             bar.set_postfix_str("building random model")
             model = bm.random_model(config, dtype=dtype, seed=args.seed)
-            if quantization:  # --q-bits, or a quantized checkpoint's config: those layers quantized so
+            if recipe is not None:  # --q-bits, or a quantized checkpoint's config: those layers quantized so
                 bar.set_postfix_str("quantizing")
-                from ..quantization import QuantizationError, Recipe, quantize_model
+                from ..quantization import QuantizationError, quantize_model
 
                 try:
-                    quantize_model(model, recipe=Recipe.from_config(quantization))
+                    quantize_model(model, recipe=recipe)
                 except (QuantizationError, KeyError, TypeError) as err:
                     raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
             try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
@@ -243,9 +242,9 @@ def run(args: argparse.Namespace) -> int:
             ):
                 record = {**record, "shape": str(source), "fused": fused and hasattr(model, "fuse_projections"),
                           "profile": profile.name if profile else None,
-                          "q_bits": quantization["bits"] if quantization else None,
-                          "q_group_size": quantization["group_size"] if quantization else None,
-                          "q_mode": quantization.get("mode", "affine") if quantization else None,
+                          "q_bits": recipe.bits if recipe else None,
+                          "q_group_size": recipe.group_size if recipe else None,
+                          "q_mode": recipe.mode if recipe else None,
                           **env, **parallel_fields(model), **whole}
                 records.append(record)
                 job.update(done=len(records), **{f"{record['kind']}_tps": record["tok_s"]})
@@ -259,10 +258,9 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # under mlx.launch: a peer process died (else raised again)
         return peer_lost_exit(err, f"the benchmark stopped with {len(records)} of {steps} runs done")
     if not args.json:
-        mode = quantization.get("mode", "affine") if quantization else "affine"
-        weights = f"{dtype} weights" if not quantization else (
-            f"{quantization['bits']}-bit weights (group {quantization['group_size']}), {dtype} scales"
-            if mode == "affine" else f"{mode} weights ({quantization['bits']}-bit, group {quantization['group_size']}), "
+        weights = f"{dtype} weights" if recipe is None else (
+            f"{recipe.bits}-bit weights (group {recipe.group_size}), {dtype} scales"
+            if recipe.mode == "affine" else f"{recipe.mode} weights ({recipe.bits}-bit, group {recipe.group_size}), "
             f"{dtype} float layers")
         if records:
             weights += f", {records[0]['weights_gb']:.2f} GB"

@@ -462,10 +462,10 @@ def run(args: argparse.Namespace) -> int:
             if args.save_outputs:  # every trial writes continuations with it
                 read_tokenizer(model, "--save-outputs", missing=f"--save-outputs: {model} has no tokenizer.json")
         elif args.shape:
-            from ..benchmark import shape_config
+            from ..benchmark import config_recipe, shape_config
 
             try:
-                shape_config(args.shape)
+                config_recipe(shape_config(args.shape))  # the trials quantize a quantized checkpoint's shape
             except (FileNotFoundError, ValueError) as err:
                 raise UsageError(f"--shape: {err}") from None
         name = _device_slug() if args.profile_name is None else args.profile_name

@@ -156,9 +156,14 @@ class SpeedObjective(Objective):
 
                 model = load_model(self.model, dtype="float32")
             else:
-                from ..benchmark import random_model, shape_config
+                from ..benchmark import config_recipe, random_model, shape_config
+                from ..quantization import quantize_model
 
-                model = random_model(shape_config(self.shape), dtype="float32", seed=self.seed)
+                config = shape_config(self.shape)
+                model = random_model(config, dtype="float32", seed=self.seed)
+                recipe = config_recipe(config)
+                if recipe is not None:  # a quantized checkpoint's shape runs quantized, as bench runs it
+                    quantize_model(model, recipe=recipe)
             _CACHE[key] = {"model": model, "reference": {}}
         return _CACHE[key]
 
