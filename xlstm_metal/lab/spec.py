@@ -194,6 +194,9 @@ class WiringSpec:
         d = self.data
         params = dict(d.get("params") or {})
         overrides = dict(overrides or {})
+        for key, value in overrides.items():  # a switch set to "yes_please" was simply true
+            if isinstance(params.get(key), bool) and not isinstance(value, bool):
+                raise WiringError(f"parameter {key!r} is a switch: give true or false, got {value!r}")
         names = {**params, **overrides}
         for key in list(names):  # defaults may be expressions of other params (kv_heads: $num_heads)
             if key not in overrides:
@@ -228,7 +231,8 @@ class WiringSpec:
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): polarity must be +1 or -1, "
                                   f"got {polarity!r}")
             density = c.get("density")
-            if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+            if density is not None and (isinstance(density, bool) or not (isinstance(density, (int, float))
+                                                                          and 0 < density <= 1)):  # true was 1
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): density must be in (0, 1], "
                                   f"got {density!r}")
             flags = {}
