@@ -15,7 +15,8 @@ def _profile(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes,word", [({"tolerance": {"max_rel_error": float("inf")}}, "tolerance"),
-                                          ({"init": {"igate_bias": float("nan")}}, "init")])
+                                          ({"init": {"igate_bias": float("nan")}}, "init"),
+                                          ({"blas_threads": 2**32 + 2}, "blas_threads must be at most 4096")])
 def test_profile_numbers_must_be_finite(changes, word, tmp_path, capsys):
     assert_rejected(["profile", "show", _profile(tmp_path, **changes)], capsys, word)  # inf: every check passed
 

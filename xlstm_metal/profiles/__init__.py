@@ -82,6 +82,10 @@ def _check(cond: bool, message: str, source: str) -> None:
         raise ProfileError(f"profile {source}: {message}")
 
 
+#: More threads than any machine's OpenBLAS build runs (it clamps to its own maximum, 64-512).
+MAX_BLAS_THREADS = 4096
+
+
 def _number(value: Any) -> bool:
     # Finite only: Python's JSON reads NaN and Infinity (a tolerance of Infinity passed every check).
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -122,6 +126,9 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HyperProf
         value = d.get(key)
         _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
                f"{key} must be a positive integer or null, got {value!r}", source)
+    # OpenBLAS takes a C int: 2**32 + 2 threads became 2 without a word
+    _check((d.get("blas_threads") or 0) <= MAX_BLAS_THREADS,
+           f"blas_threads must be at most {MAX_BLAS_THREADS}, got {d.get('blas_threads')!r}", source)
     for key in ("eps", "norm_eps", "gate_soft_cap", "output_logit_soft_cap"):
         value = d.get(key)
         _check(value is None or (_number(value) and value > 0), f"{key} must be a number > 0 or null, got {value!r}",
