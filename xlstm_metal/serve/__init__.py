@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
-from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, PromptTrie, PromptTrieResult, make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, apply_xtc, greedy_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetokenizer, SPMStreamingDetokenizer
 from mlx_lm.tokenizer_utils import StreamingDetokenizer as MLXStreamingDetokenizer
@@ -574,12 +574,48 @@ def _check_unicode(text: str, name: str) -> None:
         raise ValueError(f"{name} is not valid Unicode: {err.reason} at position {err.start}") from None
 
 
+class _PromptTrie(PromptTrie):
+    """mlx-lm's trie, whose look for the shortest cached prompt extending a request's tokens
+    copied the path at every step: quadratic in a cached prompt's length (one of 200k tokens
+    held the generation thread ~20 s for each later request sharing only its BOS). The same
+    result, each node visited once."""
+
+    def search(self, model, tokens):
+        current = self._trie.get(model)
+        if current is None or not tokens:
+            return super().search(model, tokens)
+        index, last = 0, -1
+        while index < len(tokens) and tokens[index] in current:
+            current, index = current[tokens[index]], index + 1
+            last = index - 1 if "__value__" in current else last
+        if last == len(tokens) - 1:
+            return PromptTrieResult(model, tokens, None, None, 0)
+        longer, best, stack = None, None, [(current, 0, None)]  # a path: (token, rest) links
+        while index and stack:
+            node, depth, path = stack.pop()
+            if "__value__" in node:
+                best = (depth, path) if best is None or depth < best[0] else best
+            elif best is None or depth < best[0]:
+                stack.extend((child, depth + 1, (tok, path)) for tok, child in node.items())
+        if best is not None:
+            extra, path = [], best[1]
+            while path:
+                extra.append(path[0])
+                path = path[1]
+            longer = tokens[:index] + extra[::-1]
+        return PromptTrieResult(model, None, tokens[:last + 1] if last > 0 else None, longer, index)
+
+
 class _PromptCache(LRUPromptCache):
     """mlx-lm's prompt cache, whose hit leaves at least one prompt token to run: the model's
     next-token logits come from running one. mlx-lm returned an entry holding the whole prompt
     with nothing left to run (a prompt equal to an earlier one less its last token, e.g. "" after
     "x"), and its batch generator failed on the empty rest ("Sequence 4 has an empty prompt"):
     a 500, for every request in flight with it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._trie = _PromptTrie()
 
     def fetch_nearest_cache(self, model, tokens):
         cache, rest = super().fetch_nearest_cache(model, tokens)
@@ -1531,6 +1567,9 @@ class APIHandler(mlx_server.APIHandler):
                 self.stream_options, dict) else None
             if not isinstance(include_usage, bool):
                 raise ValueError("stream_options must be an object whose include_usage is true or false")
+            unknown = sorted(set(self.stream_options) - {"include_usage"})
+            if unknown:  # e.g. vLLM's continuous_usage_stats: was ignored without a word
+                raise ValueError(f"stream_options.{unknown[0]} is not supported (only include_usage)")
             self.stream_options = {**self.stream_options, "include_usage": include_usage}
         tools = body.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
@@ -1887,10 +1926,11 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("logit_bias must be an object mapping token ids to numbers")
         checked = {}
         for key, value in bias.items():
-            try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            # ASCII digits only: int() also read " 3", "3_0" (30) and "٣"; and "03" after "3"
+            # overwrote its bias without a word.
+            token = int(key) if re.fullmatch(r"-?[0-9]+", key) else None
+            if token is None or token in checked:
+                raise ValueError(f"logit_bias keys must be distinct token ids, got {key!r}")
             self._check_token_id(token, "logit_bias")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS
