@@ -166,6 +166,13 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
         out_abs, export_abs = out.resolve(), export.resolve()
         if export_abs == out_abs or export_abs in out_abs.parents:
             raise UsageError(f"--export {export} would replace the run directory --out {out}; export elsewhere")
+        # A checkpoint-* (or metrics/summary) name in --out is the run's own: the trainer writes it,
+        # prunes it, --resume reads it (the export replaced a checkpoint, or failed after training).
+        if out_abs in export_abs.parents:
+            top = export_abs.relative_to(out_abs).parts[0]
+            if top.startswith("checkpoint-") or top in OVERWRITTEN:
+                raise UsageError(f"--export {export} writes into {top}, a file of the run in --out {out}; "
+                                 "export elsewhere")
         if export.exists() and any(export.iterdir()) and not overwrite:
             raise UsageError(f"--export directory {export} is not empty; pass --overwrite to replace it")
 

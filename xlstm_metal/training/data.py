@@ -62,7 +62,9 @@ def _read_text(path: Path) -> str:
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     _check_text_file(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (Windows tools write a BOM)
+        # (Windows tools write a BOM.) Records end at "\n" only: splitlines() also splits at
+        # U+2028, U+2029 and U+0085, which JSON strings may hold unescaped.
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     for number, line in enumerate(lines, start=1):
