@@ -6,12 +6,20 @@ import numbers
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 def is_integer(value: object) -> bool:
     """An int or NumPy integer, not a bool (True is no count, seed or token id anyone means, and
     4.0 == 4 passed membership tests as an integer)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def bad_token_ids(ids: Iterable[object], vocab: int | None = None) -> list:
+    """The entries of ``ids`` that are no token id: not an integer (see ``is_integer``), negative,
+    or, where ``vocab`` is given, ``>= vocab`` (ids past the vocabulary score garbage or overflow).
+    Empty when all are ids; each caller words its own error."""
+    return [i for i in ids if not is_integer(i) or i < 0 or (vocab is not None and i >= vocab)]
 
 
 def probe_writable(directory: str | Path) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .checks import is_integer
+from .checks import bad_token_ids, is_integer
 
 #: Tokens per forward pass while scoring (the state carries across pieces).
 SCORE_PIECE = 1024
@@ -51,7 +51,8 @@ def repeated_ngram_share(words: Sequence[str], n: int = 4) -> float:
 def longest_repeated_span(words: Sequence[str]) -> int:
     """Length of the longest word sequence that occurs at least twice (binary search on the
     length with hashed windows: O(n log n))."""
-    _ngrams(words, 1)
+    if isinstance(words, str):  # a str's characters were counted as words
+        raise TypeError("words must be a list (text.split()), got a str")
     ids: dict[str, int] = {}
     seq = [ids.setdefault(w, len(ids)) for w in words]
     n = len(seq)
@@ -82,7 +83,7 @@ def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int], *,
     ``return_greedy``: also whether each scored token was the model's argmax (bool array)."""
     ids = list(prompt_ids) + list(text_ids)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    bad = [i for i in ids if not is_integer(i) or i < 0 or (vocab is not None and i >= vocab)]
+    bad = bad_token_ids(ids, vocab)
     if bad:  # past the vocabulary: garbage scored
         raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[0]!r}")
     start = len(prompt_ids)  # position of the first scored token

@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checks import is_integer
+from .checks import bad_token_ids, is_integer
 from .kernels.fast.quantized import MODES, use_fast_quantized_layers
 
 #: Bit widths and group sizes of MLX's affine quantization.
@@ -590,7 +590,7 @@ def fidelity(
         if not is_integer(value) or value < 1:  # piece=-1 scored nothing: perplexity 1.0
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     vocab = getattr(getattr(reference, "config", None), "vocab_size", None)
-    bad = [i for i in ids if not is_integer(i) or i < 0 or (vocab is not None and i >= vocab)]
+    bad = bad_token_ids(ids, vocab)
     if bad:  # past the vocabulary: OverflowError in math.exp
         raise ValueError(f"ids must be token ids in [0, {vocab}), got {bad[0]!r}")
     totals = {"nll_r": mx.array(0.0), "nll_c": mx.array(0.0), "kl": mx.array(0.0), "top1": mx.array(0)}

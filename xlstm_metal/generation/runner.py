@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..checks import is_integer
+from ..checks import bad_token_ids, is_integer
 from ..kernels.cpu import decode_step as cpu_decode_step
 from .sampling import SamplingParams, make_keys, mark_seen, sample, seen_from_ids, split_keys
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -260,15 +260,14 @@ class xLSTMRunner:
         if not isinstance(prompt, Iterable):
             raise TypeError(f"a prompt must be text, a list of token ids or an array, got {type(prompt).__name__}")
         ids = list(prompt)
-        wrong = [i for i in ids if not is_integer(i)]
-        if wrong:
-            raise ValueError(f"token ids must be integers, got {wrong[0]!r}")
-        ids = [int(i) for i in ids]
         vocab = getattr(self.config, "vocab_size", None)
-        bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+        bad = bad_token_ids(ids, vocab)
         if bad:
+            wrong = [i for i in bad if not is_integer(i)]
+            if wrong:
+                raise ValueError(f"token ids must be integers, got {wrong[0]!r}")
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return ids
+        return [int(i) for i in ids]
 
     def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
         # SamplingParams checks each value's kind before it converts it (float() read "0.5" as 0.5).

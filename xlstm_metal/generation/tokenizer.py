@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from ..checks import is_integer
+from ..checks import bad_token_ids, is_integer
 from ..jsonfiles import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -51,7 +51,7 @@ def _token_ids(ids: Any) -> list[int]:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
     ids = list(ids)
-    bad = [i for i in ids if not is_integer(i) or i < 0]
+    bad = bad_token_ids(ids)
     if bad:
         raise ValueError(f"token ids must be integers >= 0, got {bad[0]!r}")
     return [int(i) for i in ids]
@@ -218,7 +218,9 @@ class StreamingDetokenizer:
         return "".join(self._pieces)
 
     def add(self, token_id: int) -> str:
-        (token_id,) = _token_ids([token_id])
+        if not is_integer(token_id) or token_id < 0:  # as _token_ids, without a list per token
+            raise ValueError(f"token ids must be integers >= 0, got {token_id!r}")
+        token_id = int(token_id)
         self.ids.append(token_id)
         try:
             piece = self._stream.step(self._tokenizer.backend, int(token_id))
