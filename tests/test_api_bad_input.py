@@ -1,3 +1,4 @@
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_model
@@ -10,6 +11,7 @@ from xlstm_metal.generation.tokenizer import TokenizerError
 from xlstm_metal.lab import WiredBlock, mad
 from xlstm_metal.lab.cells import build_cell
 from xlstm_metal.lab.evolve import evolve
+from xlstm_metal.lab.model import LabConfig, LabModel, build_model
 from xlstm_metal.models.xlstm_2024 import create_xlstm_model
 from xlstm_metal.quantization import fidelity
 
@@ -83,6 +85,10 @@ def test_judge_and_fidelity(call, message):
                         {"sw": "yes_please"}), "'sw' is a switch: give true or false"),
     (lambda: WiredBlock({"cells": {"a": LP, "b": LP}, "connections": [{"from": "a", "to": "b", "density": True}]}),
      "density must be in"),
+    (lambda: WiredBlock({"params": {"width": 4}, "cells": {"a": LP}, "connections": [{"from": "a", "to": "out.y"}]},
+                        {"widht": 8}), r"wiring: unknown param\(s\) widht; it takes width$"),  # was ignored
+    (lambda: build_model({"blocks": [{"spec": "mlstm", "params": {"num_head": 2}}]}, vocab_size=8, embedding_dim=16),
+     r"block 0 \(mlstm\): unknown param\(s\) num_head; it takes chunk_size"),
     (lambda: mad.run_task("swiglu-only", "nope"), "unknown MAD task 'nope'"),
     (lambda: mad.run_task("swiglu-only", "compression", "huge"), "unknown preset 'huge'"),
     (lambda: mad.run_task("swiglu-only", "compression", epochs=0), "epochs must be a positive integer"),
@@ -101,3 +107,18 @@ def test_judge_and_fidelity(call, message):
 def test_lab(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_lab_block_defaults_and_dim_go_only_where_a_spec_declares_them():
+    """Undeclared parameters are refused (above), so what the model adds by itself goes only to the
+    blocks that take it: evolve's num_heads skips a gated conv, and a spec of fixed sizes gets no dim."""
+    config = LabConfig.from_arch({"blocks": ["gated_conv", "mlstm"]}, vocab_size=8, embedding_dim=16,
+                                 block_defaults={"num_heads": 2, "kernel_size": 3})
+    assert "num_heads" not in config.blocks[0]["params"] and config.blocks[0]["params"]["kernel_size"] == 3
+    assert config.blocks[1]["params"] == {"num_heads": 2}
+    assert LabModel(config).blocks[1].resolved.params["num_heads"] == 2
+    fixed = {"name": "fixed", "cells": {"a": {"type": "linear_projection", "dim": 16}},
+             "connections": [{"from": "in.x", "to": "a"}, {"from": "a", "to": "out.y"}]}
+    model = LabModel(LabConfig(vocab_size=8, embedding_dim=16, blocks=[{"spec": fixed, "params": {}}]))
+    logits, _ = model(mx.zeros((1, 3), dtype=mx.int32))
+    assert logits.shape == (1, 3, 8)

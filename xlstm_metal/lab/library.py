@@ -90,13 +90,11 @@ def load_arch(name_or_path: str | Path | dict) -> dict[str, Any]:
         params = entry.get("params") or {}
         if not isinstance(params, dict):
             raise WiringError(f"{source}: block {index} params must be a mapping")
-        spec = load_spec(entry["spec"]).to_dict()
-        known = {*(spec.get("params") or {}), *(spec.get("derived") or {})}
-        unused = sorted(str(k) for k in params if k not in known)
-        if unused:  # a misspelt parameter changed nothing, without a word
-            raise WiringError(f"{source}: block {index} ({spec.get('name', 'spec')}): unknown param(s) "
-                              f"{', '.join(unused)}; it takes {', '.join(sorted(map(str, known))) or 'none'}")
-        out.append({"spec": spec, "params": dict(params)})
+        spec = load_spec(entry["spec"])
+        unknown = spec.unknown_params(params)
+        if unknown:  # a misspelt parameter changed nothing, without a word
+            raise WiringError(f"{source}: block {index} ({spec.name}): {unknown}")
+        out.append({"spec": spec.to_dict(), "params": dict(params)})
     return {**{k: v for k, v in data.items() if k != "blocks"}, "blocks": out}
 
 

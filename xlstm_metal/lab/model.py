@@ -27,7 +27,7 @@ from ..cells.xlstm_2024 import LayerNorm as LayerNorm2024
 from ..cells.xlstm_2024 import Module2024
 from ..kernels.fast.quantized import FastQuantizedTree
 from .library import load_arch
-from .spec import WiringError
+from .spec import WiringError, WiringSpec
 from .wiring import WiredBlock, _Container
 
 MODEL_TYPE = "xlstm_lab"
@@ -79,8 +79,10 @@ class LabConfig:
         """From an architecture name, file or dict (see :func:`load_arch`). ``block_defaults``
         (e.g. ``{"num_heads": 4}``) go to every block whose entry does not set them."""
         data = load_arch(arch)
-        for entry in data["blocks"]:
-            entry["params"] = {**(block_defaults or {}), **entry["params"]}
+        for entry in data["blocks"]:  # a default goes where the block's spec declares it (a conv has no heads)
+            declared = set(entry["spec"].get("params") or {}) | set(entry["spec"].get("derived") or {})
+            defaults = {k: v for k, v in (block_defaults or {}).items() if k in declared}
+            entry["params"] = {**defaults, **entry["params"]}
         options = {k: data[k] for k in ("out_norm", "norm_eps", "tie_word_embeddings", "output_logit_soft_cap",
                                          "layout") if k in data}
         options.update(kwargs)
@@ -139,7 +141,9 @@ class LabModel(FastQuantizedTree, Module2024):
         _place(self, names["embedding"], nn.Embedding(config.vocab_size, E))
         blocks = []
         for index, entry in enumerate(config.blocks):
-            params = {"dim": E, **(entry.get("params") or {})}
+            spec = entry["spec"].data if isinstance(entry["spec"], WiringSpec) else entry["spec"]
+            # dim where the spec declares it (a spec of fixed sizes has none; the port check below holds it to E)
+            params = {**({"dim": E} if "dim" in (spec.get("params") or {}) else {}), **(entry.get("params") or {})}
             try:
                 block = WiredBlock(entry["spec"], params)
             except WiringError as err:

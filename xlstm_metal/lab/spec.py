@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 RESERVED = ("in", "out")
 _FUNCTIONS = {
@@ -189,11 +189,22 @@ class WiringSpec:
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def unknown_params(self, names: Iterable[Any]) -> str:
+        """"" when the spec declares each of ``names`` (its params and derived values), else what
+        an error says: "unknown param(s) ...; it takes ..."."""
+        known = {*(self.data.get("params") or {}), *(self.data.get("derived") or {})}
+        unknown = sorted(str(k) for k in names if k not in known)
+        return f"unknown param(s) {', '.join(unknown)}; it takes {', '.join(sorted(map(str, known))) or 'none'}" \
+            if unknown else ""
+
     def resolve(self, overrides: dict[str, Any] | None = None) -> ResolvedSpec:
         """Evaluate params (defaults, then ``overrides``), derived values and every ``$`` value."""
         d = self.data
         params = dict(d.get("params") or {})
         overrides = dict(overrides or {})
+        unknown = self.unknown_params(overrides)
+        if unknown:  # a misspelt parameter (num_head: 8) was ignored and the default built
+            raise WiringError(f"{self.name}: {unknown}")
         for key, value in overrides.items():  # a switch set to "yes_please" was simply true
             if isinstance(params.get(key), bool) and not isinstance(value, bool):
                 raise WiringError(f"parameter {key!r} is a switch: give true or false, got {value!r}")
