@@ -126,7 +126,7 @@ def test_plain_requests_equal_stream_generate(server, reference):
     assert status == 200
     assert body["choices"][0]["message"]["content"] == expected_text(reference, chat_prompt(reference, messages), 12)
     status, models = post(server.url, "/v1/models", b"{}")  # GET below; POST to it is not an endpoint
-    assert status == 404
+    assert status == 405
     with urllib.request.urlopen(server.url + "/v1/models") as response:
         assert json.loads(response.read())["data"][0]["id"].endswith("ckpt")
     with urllib.request.urlopen(server.url + "/health") as response:
@@ -230,10 +230,11 @@ def test_hostile_requests_get_4xx_json_and_the_server_keeps_serving(server, refe
         response = conn.getresponse()
         assert response.status == status and "Content-Length" in error_message(status, json.loads(response.read()))
         conn.close()
-    conn = http.client.HTTPConnection(host, port, timeout=10)  # http.server's own errors: an HTML page
+    conn = http.client.HTTPConnection(host, port, timeout=10)  # http.server's 501 (an HTML page): a 405 now
     conn.request("PUT", "/v1/completions", b"{}")
     response = conn.getresponse()
-    assert response.status == 501 and "PUT" in error_message(501, json.loads(response.read()), None)
+    assert response.status == 405 and "PUT" in error_message(405, json.loads(response.read()), None)
+    assert response.getheader("Allow") == "POST, OPTIONS"
     conn.close()
     with urllib.request.urlopen(server.url + "/health") as response:
         assert json.loads(response.read()) == {"status": "ok"}

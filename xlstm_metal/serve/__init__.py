@@ -11,7 +11,8 @@ an LRU prompt cache. This package adds what an xLSTM needs around it:
 - :class:`APIHandler` serves the chat page at ``/`` and refuses malformed requests (wrong types
   of ``messages``, ``prompt`` or ``stop``) with a 400 JSON error before they reach the
   generation thread, which a bad request must never stop. Every error is answered in OpenAI's
-  shape (:func:`error_body`), mlx-lm's own ``{"error": "..."}`` included.
+  shape (:func:`error_body`), mlx-lm's own ``{"error": "..."}`` included; a method a path does
+  not take is a 405 with an Allow header (:func:`allowed_methods`).
 - A request's left-out sampling fields default to the server's settings, else to the serving
   model's generation_config.json (:data:`MODEL_DEFAULTS`, :class:`_ModelDefaults`).
 - :func:`make_server` / :func:`serve` start it on a host and port.
@@ -58,6 +59,9 @@ from mlx_lm.tokenizer_utils import _byte_decoder  # the byte-level BPE alphabet 
 CHAT_PAGE = "chat.html"
 #: The POST endpoints of mlx-lm's server.
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
+#: The chat page's paths, and every path GET (and HEAD) answers: ``/v1/models/<id>`` too (:func:`allowed_methods`).
+PAGE_PATHS = ("/", "/index.html", "/chat")
+GET_PATHS = PAGE_PATHS + ("/v1/models", "/health")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 #: Request parameters mlx-lm reads as numbers (its handler's attribute names).
 FLOAT_PARAMETERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -66,6 +70,10 @@ INT_PARAMETERS = ("max_tokens", "top_k", "num_draft_tokens", "repetition_context
                   "frequency_context_size", "top_logprobs", "seed")
 #: OpenAI's bound on a logit_bias value.
 MAX_LOGIT_BIAS = 100.0
+#: OpenAI's ranges of its sampling fields (a value outside is a 400, as OpenAI's API answers it):
+#: mlx-lm checked top_p's and temperature's lower bound only, and applied a temperature of 50 or a
+#: presence_penalty of -100.
+OPENAI_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
 #: The request fields of both endpoints: OpenAI's, then mlx-lm's own. Any other is refused (a 400
 #: naming it, as OpenAI refuses an unrecognized argument): ignored, a misspelt max_tokens gave a
 #: 512-token reply. ``user`` and ``safety_identifier`` (who asks) and ``prompt_cache_key`` (a hint
@@ -170,6 +178,17 @@ def _param_of(message: str) -> str | None:
         return None
     name = _FIELD_OF_ATTRIBUTE.get(match[1], match[1])
     return name + match[2] if name in CHAT_FIELDS | COMPLETION_FIELDS else None
+
+
+def allowed_methods(path: str) -> tuple[str, ...]:
+    """The HTTP methods ``path`` (without its query string) takes, as a 405's Allow header lists
+    them; () for a path the server does not serve (a 404 whatever the method). OPTIONS (mlx-lm's
+    CORS preflight) is answered on every path."""
+    if path in POST_PATHS:
+        return ("POST", "OPTIONS")
+    if path in GET_PATHS or path.startswith("/v1/models/"):
+        return ("GET", "HEAD", "OPTIONS")
+    return ()
 
 
 class ServeError(ValueError):
@@ -1212,7 +1231,7 @@ class APIHandler(mlx_server.APIHandler):
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html", "/chat"):
+        if path in PAGE_PATHS:
             page = resources.files(__package__).joinpath(CHAT_PAGE).read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -1226,13 +1245,48 @@ class APIHandler(mlx_server.APIHandler):
         elif path == "/health":  # with a query string it was a 404
             self.handle_health_check()
         else:
-            self._not_found()
+            self._method_not_allowed()  # a POST endpoint's 405, else a 404
 
     def do_HEAD(self):
         """GET's answer (status, headers, Content-Length) without its body: http.server answered
         501 to every HEAD, and monitors and link checkers probe with HEAD. It runs GET's code; the
         bodies go through :meth:`_write_body`, which drops them for HEAD."""
         self.do_GET()
+
+    def do_OPTIONS(self):
+        """mlx-lm's CORS preflight answer (204, its Access-Control headers), with an Allow header
+        listing the methods of a path the server serves."""
+        allowed = allowed_methods(self.path.split("?", 1)[0])
+        self._set_completion_headers(204)
+        if allowed:
+            self.send_header("Allow", ", ".join(allowed))
+        self.end_headers()
+
+    def __getattr__(self, name: str) -> Any:
+        """http.server's dispatch to ``do_<METHOD>`` for a method without one (PUT, DELETE, PATCH,
+        ...): :meth:`_method_not_allowed`, where http.server answered 501 "Unsupported method"
+        whatever the path."""
+        if name.startswith("do_"):
+            return self._method_not_allowed
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _method_not_allowed(self) -> None:
+        """405 Method Not Allowed, in OpenAI's error shape, with an Allow header listing the
+        methods the path takes (:func:`allowed_methods`); a 404 for a path the server does not
+        serve. The request's body, if any, is not read: the connection closes."""
+        path = self.path.split("?", 1)[0]
+        allowed = allowed_methods(path)
+        if not allowed:
+            self._not_found()
+            return
+        self.close_connection = True
+        methods = ", ".join(allowed)
+        body = error_body(405, f"method {self.command} is not allowed on {path} (it takes {methods})")
+        self._set_completion_headers(405)
+        self.send_header("Allow", methods)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self._write_body(body)
 
     def handle_health_check(self):
         """``{"status": "ok"}``, or 503 ``unavailable``, as mlx-lm's, through :meth:`_send_body`:
@@ -1245,7 +1299,7 @@ class APIHandler(mlx_server.APIHandler):
 
         path = self.path.split("?", 1)[0]  # a query string (Azure-style clients add one) is not part of the path
         if path not in POST_PATHS:
-            self._error(404, f"not found: {self.path}")
+            self._method_not_allowed()  # a GET path's 405 (it was a 404), else a 404
         elif current_job().refusing():  # the memory watchdog's hard limit (see README, Monitoring)
             self._error(503, "the server is over its memory limit; retry later")
         elif getattr(self.response_generator, "ranks_refusing", 0):  # under mlx.launch: another rank's
@@ -1432,8 +1486,8 @@ class APIHandler(mlx_server.APIHandler):
             raise _RequestFailed(_InvalidRequest(str(err) or type(err).__name__)) from None
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (a method other than GET / POST / OPTIONS, a malformed request
-        line, headers too long) in OpenAI's shape too, where it sent an HTML page."""
+        """http.server's own errors (a malformed request line, headers too long) in OpenAI's shape
+        too, where it sent an HTML page."""
         short = self.responses.get(code, ("error",))[0]
         self.log_error("code %d, message %s", code, message or short)
         body = error_body(code, message or short)
@@ -1534,6 +1588,9 @@ class APIHandler(mlx_server.APIHandler):
         for name in FLOAT_PARAMETERS:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name, (low, high) in OPENAI_RANGES.items():  # a value the request gives (not the server's --temp)
+            if name in self.body and not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
         vocab_size = getattr(self.response_generator.model_provider, "vocab_size", None)
