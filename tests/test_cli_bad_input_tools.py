@@ -78,3 +78,13 @@ def test_tune_resume_checks_saved_flags(given, word, tmp_path, capsys):
     cli = {"given": {"objective": "speed", **given}, "used": {"objective": "speed"}}
     (out / "run_meta.json").write_text(json.dumps({"cli": cli}))
     assert_rejected(["tune", "--out", out, "--resume"], capsys, "run_meta.json", word)
+
+
+def test_tune_prompt_file_lines_end_at_newlines_only(tmp_path):
+    """A plain prompt file holds one prompt per line: a U+2028 / U+0085 / form feed inside a prompt
+    cut it in two (splitlines), and \\r\\n endings leave no \\r behind."""
+    from xlstm_metal.cli.tune import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("one\u2028two\r\nthree\x85four\x0cfive\n\n  \nsix".encode())
+    assert read_prompts(str(path)) == ["one\u2028two", "three\x85four\x0cfive", "six"]

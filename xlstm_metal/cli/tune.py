@@ -122,7 +122,9 @@ def read_prompts(path: str) -> list[str]:
             raise UsageError(f"prompt file not found: {file}") from None
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"cannot read prompt file {file}: {err}") from None
-        prompts = [line for line in text.splitlines() if line.strip()]
+        # Lines as a text file has them (read_text makes \r\n \n): splitlines() also cut a prompt at
+        # U+2028 / U+0085 / form feeds inside it.
+        prompts = [line for line in text.split("\n") if line.strip()]
     if not prompts:
         raise UsageError(f"prompt file {file} holds no prompts")
     return prompts
