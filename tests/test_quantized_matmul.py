@@ -581,7 +581,7 @@ def test_float_formats_decode_routing(monkeypatch, mode, bits, group_size):
 
 def test_float_format_decode_setting(monkeypatch, capsys):
     """XLSTM_METAL_FLOAT_FORMAT_DECODE: 1 all, 0 none, a comma list; unset, the formats whose
-    kernel has matched the exact product on a GPU (mxfp4, mxfp8; nvfp4 not yet)."""
+    kernel has matched the exact product on a GPU: all three since session 49 (nvfp4 on an H100)."""
     import subprocess
     import sys
 
@@ -595,7 +595,7 @@ def test_float_format_decode_setting(monkeypatch, capsys):
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLSTM_METAL_FLOAT_FORMAT_DECODE"}
     out = subprocess.run([sys.executable, "-c", "from xlstm_metal.kernels.fast import quantized as q; "
                           "print(sorted(q.float_format_decode()))"], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['mxfp4', 'mxfp8']"
+    assert out.stdout.strip() == "['mxfp4', 'mxfp8', 'nvfp4']"
     # A bad value is the command's error (exit 2, no traceback) where a float format's product runs.
     from xlstm_metal.cli import main
 

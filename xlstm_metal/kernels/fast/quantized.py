@@ -24,8 +24,8 @@ The fast path takes bfloat16 or float16 x with scales and biases of the same dty
 and group sizes 32, 64 or 128. The float formats (mxfp4, nvfp4, mxfp8: uint8 group scales, no
 biases) with bf16 or fp16 x take the decode kernel's float-format form up to
 :data:`DECODE_MAX_ROWS` rows (:func:`fused_float_format_matmul`) and dequantize + GEMM above;
-anything else (float32 x, other bits) runs the reference, so a call is always valid. (nvfp4's
-decode kernel is opt-in until its check has run whole on a GPU: :data:`FLOAT_FORMAT_DECODE`.)
+anything else (float32 x, other bits) runs the reference, so a call is always valid
+(``XLSTM_METAL_FLOAT_FORMAT_DECODE`` turns the kernel off: :data:`FLOAT_FORMAT_DECODE`).
 
 The decode kernel's source has hooks (:func:`decode_source`: its sizes, a prologue, how x's
 values are read, the store; thread blocks that walk several output tiles), which
@@ -907,9 +907,10 @@ def _float_format_decode(raw: str) -> frozenset[str]:
 #: The float formats whose decode rows on CUDA take :func:`fused_float_format_matmul`; the others
 #: run MLX's product, the reference (``XLSTM_METAL_FLOAT_FORMAT_DECODE``: 1 all, 0 none, or a comma
 #: list; read at the first product, so a bad value is a command's error, not the import's). The
-#: default is mxfp4 and mxfp8: on an H200 (session 47) their kernel matched the exact product at
-#: 1-64 rows and decoded a 7B model at batch 1 / 16 1.18x / 12x as fast as MLX's product (mxfp4);
-#: nvfp4's first check there was masked by a test error, so it waits for a run of its own.
+#: default is all three: their kernel matched the exact product at 1-64 rows (mxfp4 and mxfp8 on an
+#: H200 in session 47, nvfp4 on an H100 in session 49) and decoded a 7B model at batch 16 ~9-12x as
+#: fast as MLX's product, which runs row by row (at batch 1: mxfp4 1.18x on the H200; nvfp4 0.99x
+#: on the H100, within a round's spread).
 FLOAT_FORMAT_DECODE: frozenset[str] | None = None
 
 
@@ -917,7 +918,7 @@ def float_format_decode() -> frozenset[str]:
     """:data:`FLOAT_FORMAT_DECODE`, read from the environment the first time."""
     global FLOAT_FORMAT_DECODE
     if FLOAT_FORMAT_DECODE is None:
-        FLOAT_FORMAT_DECODE = _float_format_decode(os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "mxfp4,mxfp8"))
+        FLOAT_FORMAT_DECODE = _float_format_decode(os.environ.get("XLSTM_METAL_FLOAT_FORMAT_DECODE", "1"))
     return FLOAT_FORMAT_DECODE
 
 
