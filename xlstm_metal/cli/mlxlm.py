@@ -20,7 +20,12 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
   (:func:`check_generate_loaded`), an empty prompt (:func:`check_generate_prompt`), lora's
   ``--adapter-path`` holding earlier adapters (:func:`check_adapter_path`), fuse's ``--gguf-path``
   without ``--export-gguf`` and ``--export-gguf`` of an xLSTM (:func:`check_fuse_gguf`), and a
-  local model path that does not exist (:func:`looks_local`).
+  local model path that does not exist (:func:`looks_local`), the --draft-model's too.
+- Also refused before work starts: ``--draft-model`` with an xLSTM (:func:`check_no_draft_for_xlstm`),
+  a ``--prompt-cache-file`` that is no prompt cache (:func:`prompt_cache_file_is_named`), ``convert -q``
+  of a quantized model, lora's ``--resume-adapter-file`` that is not a readable file
+  (:func:`check_resume_adapter_file`), and a server ``--host`` / ``--port`` it cannot listen on
+  (:func:`check_listen_address`). mlx-lm's messages of several lines are cut to one (:func:`one_line`).
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--m
 #: any integer, and below these a run went on silently: a negative --max-tokens generated without
 #: limit, a negative --top-k turned top-k off, lora's --num-layers below -1 trained every layer
 #: (-1: all, as --val-batches / --test-batches -1 are every batch), --prefill-step-size 0 made no
-#: progress through the prompt. Refused at parse time (exit 2, naming the option).
+#: progress through the prompt. Refused at parse time (exit 2, naming the option). generate's
+#: --max-tokens 0 passed here and was refused only once the model had loaded, by mlx-lm's "use -1
+#: for no limit", a value refused here.
 COUNT_MINIMUMS = {
-    "generate": {"--seed": 0, "--max-tokens": 0, "--top-k": 0, "--min-tokens-to-keep": 1, "--max-kv-size": 1,
+    "generate": {"--seed": 0, "--max-tokens": 1, "--top-k": 0, "--min-tokens-to-keep": 1, "--max-kv-size": 1,
                  "--prefill-step-size": 1, "--quantized-kv-start": 0, "--num-draft-tokens": 1},
     "server": {"--port": 0, "--max-tokens": 0, "--top-k": 0, "--num-draft-tokens": 1, "--decode-concurrency": 1,
                "--prompt-concurrency": 1, "--prefill-step-size": 1, "--prompt-cache-size": 0,
@@ -76,6 +83,9 @@ FLOAT_RANGES = {
                  "--xtc-probability": (0.0, 1.0), "--xtc-threshold": (0.0, 0.5)},
     "server": {"--temp": (0.0, math.inf), "--top-p": (0.0, 1.0), "--min-p": (0.0, 1.0)},
 }
+#: Real-valued options that must be above a bound (exclusive): lora's ``--learning-rate -1``
+#: trained uphill (the loss rising) and 0 trained nothing, both without a word.
+FLOAT_ABOVE = {"lora": {"--learning-rate": 0.0}}
 
 #: convert's options (argparse dests) that only shape ``-q``'s quantization: without ``-q`` the
 #: model was written in float without a word (``--q-bits 3`` alone).
@@ -245,11 +255,26 @@ def check_kv_options(command: str, given: dict[str, str], model) -> None:
                          f"{_them(kv_options, subject=True)} would change nothing: leave {_them(kv_options)} out")
 
 
+def check_no_draft_for_xlstm(command: str, args: argparse.Namespace, given: dict[str, str], model) -> None:
+    """UsageError for ``--draft-model`` where ``model`` (the main or the draft model) is an
+    xLSTM: speculative decoding rewinds both models' caches past the rejected draft tokens, and an
+    xLSTM's recurrent state cannot be rewound. mlx-lm refused it only after loading both models
+    (generate: "Speculative decoding requires a trimmable prompt cache"), and its server listened
+    and failed every request."""
+    from .. import mlx_lm_model
+
+    if getattr(args, "draft_model", None) is not None and isinstance(model, mlx_lm_model.Model):
+        raise UsageError(f"mlx-lm {command}: {given.get('draft_model', '--draft-model')} {args.draft_model}: "
+                         "speculative decoding rewinds the models' caches past rejected draft tokens, and an "
+                         "xLSTM's recurrent state cannot be rewound; leave --draft-model out")
+
+
 def check_generate_loaded(args: argparse.Namespace, given: dict[str, str], model, tokenizer) -> None:
     """Once generate has loaded its model: UsageError for KV-cache options given for an xLSTM
     (:data:`KV_CACHE_OPTIONS`), and for chat-template options (:data:`CHAT_TEMPLATE_OPTIONS`)
     where no chat template is applied; mlx-lm ignored both."""
     check_kv_options("generate", given, model)
+    check_no_draft_for_xlstm("generate", args, given, model)
     templated = [given[dest] for dest in CHAT_TEMPLATE_OPTIONS if dest in given]
     if not templated or (tokenizer.has_chat_template and not args.ignore_chat_template):
         return
@@ -300,12 +325,13 @@ def count_at_least(minimum: int, maximum: int | None = None):
     return count
 
 
-def number_in(low: float, high: float):
-    """argparse type of an mlx-lm real-valued option: a finite number in [``low``, ``high``]."""
+def number_in(low: float, high: float, above: bool = False):
+    """argparse type of an mlx-lm real-valued option: a finite number in [``low``, ``high``]
+    (``above``: greater than ``low``)."""
     def number(text: str) -> float:
         value = finite_float(text)
-        if not low <= value <= high:
-            span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        if not (low < value if above else low <= value) or value > high:
+            span = (f"> {low:g}" if above else f">= {low:g}") if high == math.inf else f"in [{low:g}, {high:g}]"
             raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
         return value
 
@@ -319,6 +345,7 @@ def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
     minimums = COUNT_MINIMUMS.get(command, {})
     maximums = COUNT_MAXIMUMS.get(command, {})
     ranges = FLOAT_RANGES.get(command, {})
+    above = FLOAT_ABOVE.get(command, {})
     for action in parser._actions:
         bounds = {minimums[o] for o in action.option_strings if o in minimums}
         if bounds and action.type is int:
@@ -326,7 +353,9 @@ def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
             action.type = count_at_least(bounds.pop(), top[0] if top else None)
         if action.type is float:
             spans = [ranges[o] for o in action.option_strings if o in ranges]
-            action.type = number_in(*spans[0]) if spans else finite_float
+            lows = [above[o] for o in action.option_strings if o in above]
+            action.type = (number_in(*spans[0]) if spans else number_in(lows[0], math.inf, above=True) if lows
+                           else finite_float)
 
 
 @contextlib.contextmanager
@@ -369,6 +398,8 @@ def checked_after_loading(module, parsed: dict[str, Any], check: Callable[..., N
         if not checked and parsed:
             checked.append(True)
             check(parsed["args"], parsed["given"], loaded[0], loaded[1])
+        elif parsed:  # generate's --draft-model, loaded after the model
+            check_no_draft_for_xlstm("generate", parsed["args"], parsed["given"], loaded[0])
         return loaded
 
     module.load = load
@@ -376,6 +407,31 @@ def checked_after_loading(module, parsed: dict[str, Any], check: Callable[..., N
         yield
     finally:
         module.load = original
+
+
+@contextlib.contextmanager
+def prompt_cache_file_is_named(generate):
+    """While mlx-lm's ``generate`` runs, a ``--prompt-cache-file`` it cannot read is a UsageError
+    naming the option: a missing file or one that is not safetensors ended in "cannot read the
+    weights" (it holds no weights), a weight file in "not enough values to unpack"."""
+    original = generate.load_prompt_cache
+
+    def load_prompt_cache(file_name, *args, **kwargs):
+        if not Path(file_name).expanduser().is_file():
+            what = "is a directory" if Path(file_name).expanduser().is_dir() else "does not exist"
+            raise UsageError(f"mlx-lm generate: --prompt-cache-file {file_name} {what}")
+        try:
+            return original(file_name, *args, **kwargs)
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
+            raise UsageError(f"mlx-lm generate: --prompt-cache-file {file_name} is not a prompt cache mlx-lm can "
+                             f"read ({type(err).__name__}: {err}); mlx-lm's cache_prompt / save_prompt_cache "
+                             "write one") from None
+
+    generate.load_prompt_cache = load_prompt_cache
+    try:
+        yield
+    finally:
+        generate.load_prompt_cache = original
 
 
 @contextlib.contextmanager
@@ -389,6 +445,16 @@ def convert_quantizes_what_it_says(convert):
     original = convert.quantize_model
 
     def quantize_model(model, config, group_size, bits, *args, **kwargs):
+        # A quantized model's layers have no float weights left to quantize: mlx-lm wrote the
+        # model as it was (its config's bits and group size) whatever -q --q-bits asked.
+        quantized = [name for name, m in model.named_modules()
+                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+        if quantized:
+            held = config.get("quantization") or {}
+            how = (f" ({held['bits']}-bit, groups of {held['group_size']})"
+                   if isinstance(held.get("bits"), int) and isinstance(held.get("group_size"), int) else "")
+            raise UsageError(f"mlx-lm convert: the model is already quantized{how}: -q cannot quantize it again "
+                             "and would write it as it is; convert it with --dequantize first, then quantize that")
         model, config = original(model, config, group_size, bits, *args, **kwargs)
         group = (config.get("quantization") or {}).get("group_size", group_size)
         done = [name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
@@ -411,6 +477,22 @@ def convert_quantizes_what_it_says(convert):
         convert.quantize_model = original
 
 
+def check_resume_adapter_file(path: str) -> None:
+    """lora's ``--resume-adapter-file`` must be a readable safetensors file: mlx-lm loaded the
+    model and data and began training before it failed on it ("cannot read the weights")."""
+    from ..loading import CheckpointError, check_weight_file
+
+    target = Path(path).expanduser()
+    if not target.is_file():
+        what = "is a directory" if target.is_dir() else "does not exist"
+        hint = f" (the adapters are {target / ADAPTER_WEIGHTS})" if (target / ADAPTER_WEIGHTS).is_file() else ""
+        raise UsageError(f"mlx-lm lora: --resume-adapter-file {path} {what}{hint}")
+    try:
+        check_weight_file(target)
+    except CheckpointError as err:
+        raise UsageError(f"mlx-lm lora: --resume-adapter-file: {err}") from None
+
+
 @contextlib.contextmanager
 def lora_keeps_earlier_adapters(lora):
     """While mlx-lm's ``lora`` module runs, --train's --adapter-path (from the command line, its
@@ -420,6 +502,8 @@ def lora_keeps_earlier_adapters(lora):
     def run(args, *rest, **kwargs):
         if getattr(args, "train", False):
             check_adapter_path(str(args.adapter_path))
+            if getattr(args, "resume_adapter_file", None) is not None:
+                check_resume_adapter_file(str(args.resume_adapter_file))
         return original(args, *rest, **kwargs)
 
     lora.run = run
@@ -505,10 +589,17 @@ def server_loads_model_first(parsed: dict[str, Any] | None = None):
     original = server.run
 
     def run(host, port, model_provider, *args, **kwargs):
+        import mlx.core as mx
+
+        if mx.distributed.init().rank() == 0:  # the process that listens
+            check_listen_address(host, port)
         if not model_provider.is_distributed:
             model_provider.load_default()  # the generation thread then finds it loaded
             if parsed:
                 check_kv_options("server", parsed["given"], model_provider.model)
+                check_no_draft_for_xlstm("server", parsed["args"], parsed["given"], model_provider.model)
+                if model_provider.draft_model is not None:
+                    check_no_draft_for_xlstm("server", parsed["args"], parsed["given"], model_provider.draft_model)
         return original(host, port, model_provider, *args, **kwargs)
 
     server.run = run
@@ -516,6 +607,27 @@ def server_loads_model_first(parsed: dict[str, Any] | None = None):
         yield
     finally:
         server.run = original
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """UsageError unless the server can listen on ``host``:``port`` (resolved as mlx-lm resolves
+    it, then bound and let go): a --host that does not resolve or a --port in use ended in a
+    traceback from mlx-lm's ``_run_http_server`` after the model had loaded, and the process
+    then hung, its generation thread still running."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"mlx-lm server: --host {host} cannot be resolved ({getattr(err, 'strerror', None) or err})"
+                         ) from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server's own socket
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UsageError(f"mlx-lm server: cannot listen on {host} port {port}: {err.strerror or err}") from None
 
 
 def writes_our_shim(path: str | None) -> bool:
@@ -564,6 +676,16 @@ def unreadable_weights(path: str) -> str | None:
     except CheckpointError as err:
         return str(err)
     return None
+
+
+def one_line(message: str) -> str:
+    """mlx-lm's message on one line: its first line and the first item of a list after it, with
+    a count of the rest (adapters for another model listed every mismatched tensor, one a line)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1]}{more}"
 
 
 def register_model_type() -> None:
@@ -647,6 +769,11 @@ def run(args: argparse.Namespace) -> int:
         unreadable = unreadable_weights(model)
         if unreadable is not None:
             raise UsageError(f"mlx-lm {args.mlx_lm_command}: {unreadable}")
+        if args.mlx_lm_command in ("generate", "server"):
+            for _, draft in option_values(forwarded, ("--draft-model",)):
+                if draft is not None and looks_local(draft) and not Path(draft).expanduser().exists():
+                    # mlx-lm looked it up on the Hub: "Repo id must be in the form ..."
+                    raise UsageError(f"mlx-lm {args.mlx_lm_command}: --draft-model path {draft} does not exist")
         if args.mlx_lm_command == "fuse":
             save_path = option_values(forwarded, ("--save-path",))
             check_fuse_save_path(model, (save_path[0][1] if save_path else None) or FUSE_SAVE_PATH)
@@ -666,13 +793,15 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(server_loads_model_first(parsed))
             if args.mlx_lm_command == "convert":
                 guards.enter_context(convert_quantizes_what_it_says(module))
+            if args.mlx_lm_command == "generate":
+                guards.enter_context(prompt_cache_file_is_named(module))
             if args.mlx_lm_command in AFTER_LOAD:
                 guards.enter_context(checked_after_loading(module, parsed, AFTER_LOAD[args.mlx_lm_command]))
             module.main()
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as err:
         # mlx-lm's messages for bad paths and settings (ConnectionError: a path that is not there,
         # looked up on the Hugging Face Hub while offline, as lora does with --data)
-        raise UsageError(f"mlx-lm {args.mlx_lm_command}: {err}") from None
+        raise UsageError(f"mlx-lm {args.mlx_lm_command}: {one_line(str(err))}") from None
     except yaml.YAMLError as err:  # lora --config FILE; PyYAML's message spans lines: one line here
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -35,11 +35,71 @@ _PEER_LOSS = re.compile(r"connection to a peer was lost|remote process exited|ne
 
 
 def world() -> mx.distributed.Group:
-    """The global group: all processes ``mlx.launch`` started (size 1 outside it)."""
+    """The global group: all processes ``mlx.launch`` started (size 1 outside it). The ring
+    backend's environment is checked first (:func:`ring_hosts`): SettingError naming the variable."""
     global _WORLD
     if _WORLD is None:
-        _WORLD = mx.distributed.init()
+        hosts = ring_hosts()
+        if hosts is not None and len(hosts) == 1:
+            # A world of one (``mlx.launch -n 1`` writes an empty host file): MLX's ring backend
+            # failed to parse the empty file (a JSON traceback) and waited forever on a file of
+            # one host; a process on its own needs no ring.
+            saved = os.environ.pop("MLX_HOSTFILE")
+            try:
+                _WORLD = mx.distributed.init()
+            finally:
+                os.environ["MLX_HOSTFILE"] = saved
+        else:
+            _WORLD = mx.distributed.init()
     return _WORLD
+
+
+#: A ring address in a host file: ``host:port`` (an IPv4 address or a name; MLX parses it).
+_RING_ADDRESS = re.compile(r"^[^:\s]+:(\d{1,5})$")
+_HOSTFILE_FORM = ('a JSON list with one list of "ip:port" addresses per process, e.g. '
+                  '[["127.0.0.1:5000"], ["127.0.0.1:5001"]] (mlx.launch writes it)')
+
+
+def ring_hosts(env: Mapping[str, str] | None = None) -> list[list[str]] | None:
+    """The ring backend's hosts, one list of addresses per rank, from ``MLX_HOSTFILE`` (which
+    ``mlx.launch --backend ring`` writes) and ``MLX_RANK``, checked as MLX would read them: None
+    where ``MLX_HOSTFILE`` is unset; ``[[]]`` (a world of one) for the empty file ``mlx.launch -n 1``
+    writes. :class:`~xlstm_metal.errors.SettingError` naming the variable otherwise: MLX failed on a
+    missing or malformed file with a RuntimeError traceback from deep inside ``mx.distributed.init``
+    (an empty list: a crash on SIGFPE), waited forever with ``MLX_RANK`` not a number, and ran as one
+    process without a word when ``MLX_RANK`` was unset."""
+    from ..errors import SettingError
+
+    env = os.environ if env is None else env
+    name = env.get("MLX_HOSTFILE")
+    if not name:
+        return None
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingError(f"MLX_HOSTFILE={name}: cannot read the ring backend's host file "
+                           f"({getattr(err, 'strerror', None) or err})") from None
+    rank_text = env.get("MLX_RANK")
+    if rank_text is None:
+        raise SettingError(f"MLX_HOSTFILE={name} is set but MLX_RANK is not: start the processes with "
+                           "mlx.launch, which sets both, or unset MLX_HOSTFILE to run one process")
+    if not text.strip():
+        hosts: Any = [[]]
+    else:
+        try:
+            hosts = json.loads(text)
+        except ValueError as err:
+            raise SettingError(f"MLX_HOSTFILE={name} is not valid JSON ({err}): it must hold {_HOSTFILE_FORM}") from None
+        good = (isinstance(hosts, list) and hosts and all(
+            isinstance(h, list) and h and all(isinstance(a, str) and _RING_ADDRESS.match(a)
+                                              and int(_RING_ADDRESS.match(a).group(1)) <= 65535 for a in h)
+            for h in hosts))
+        if not good:
+            raise SettingError(f"MLX_HOSTFILE={name} must hold {_HOSTFILE_FORM}, got {text.strip()[:80]}")
+    if not rank_text.strip().isdigit() or int(rank_text) >= len(hosts):
+        raise SettingError(f"MLX_RANK={rank_text} must be a process number from 0 to {len(hosts) - 1} "
+                           f"(MLX_HOSTFILE={name} lists {len(hosts)} process{'es' if len(hosts) > 1 else ''})")
+    return hosts
 
 
 def launched() -> bool:
