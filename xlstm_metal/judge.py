@@ -81,44 +81,52 @@ def token_logprobs(model, prompt_ids: Sequence[int], text_ids: Sequence[int], *,
     """Log-probabilities [len(text_ids)] of each text token given the prompt and the text before
     it. With no prompt the first text token is only a context (it has no prediction).
     ``return_greedy``: also whether each scored token was the model's argmax (bool array)."""
-    ids = list(prompt_ids) + list(text_ids)
+    logprobs, greedy = batched_token_logprobs(model, [(prompt_ids, text_ids)])[0]
+    return (logprobs, greedy) if return_greedy else logprobs
+
+
+def batched_token_logprobs(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                           batch_size: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`token_logprobs` (with ``return_greedy``) of every ``(prompt_ids, text_ids)`` row,
+    ``batch_size`` rows per forward pass [batch, piece]: longest first, each right-padded to the
+    longest of its batch (the model is causal: padding never reaches a real position's logits),
+    in pieces of :data:`SCORE_PIECE` tokens carrying the batched state. Results in the rows' order;
+    the same values as one row at a time, to float32 round-off (the lm-eval adapter's batches)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    bad = bad_token_ids(ids, vocab)
+    seqs = [list(prompt) + list(text) for prompt, text in rows]
+    bad = bad_token_ids((i for seq in seqs for i in seq), vocab)
     if bad:  # past the vocabulary: garbage scored
         raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[0]!r}")
-    start = len(prompt_ids)  # position of the first scored token
-    if start == 0:
-        start = 1
-    state = None
-    out: list[np.ndarray] = []
-    greedy: list[np.ndarray] = []
-    prev_logits = None  # logits of the last position of the previous piece
-    for begin in range(0, len(ids), SCORE_PIECE):
-        piece = ids[begin : begin + SCORE_PIECE]
-        logits, state = model(mx.array([piece], dtype=mx.int32), state)
-        logp = logits[0].astype(mx.float32)
-        logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
-        # Position p predicts token p + 1; the first token of this piece is predicted by the
-        # previous piece's last position.
-        targets = np.arange(begin, begin + len(piece))
-        if prev_logits is not None:
-            preds = mx.concatenate([prev_logits[None], logp[:-1]], axis=0)
-            pos = targets
-        else:
-            preds = logp[:-1]
-            pos = targets[1:]
-        mask = pos >= start
-        if mask.any():
-            target = mx.array(np.array(ids)[pos][:, None].astype(np.int32))
-            picked = mx.take_along_axis(preds, target, axis=-1)[:, 0]
-            out.append(np.array(picked)[mask])
-            if return_greedy:
-                greedy.append(np.array(mx.argmax(preds, axis=-1) == target[:, 0])[mask])
-        prev_logits = logp[-1]
-    logprobs = np.concatenate(out) if out else np.zeros(0, np.float32)
-    if return_greedy:
-        return logprobs, (np.concatenate(greedy) if greedy else np.zeros(0, bool))
-    return logprobs
+    order = sorted(range(len(rows)), key=lambda row: -len(seqs[row]))  # stable: ties keep their order
+    out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.float32), np.zeros(0, bool))] * len(rows)
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        width = len(seqs[batch[0]])
+        if width < 2:  # nothing is predicted: a lone token is only context
+            continue
+        ids = np.zeros((len(batch), width + 1), np.int32)  # token 0 pads the right (and the last target)
+        for row, index in enumerate(batch):
+            ids[row, : len(seqs[index])] = seqs[index]
+        # Position p predicts token p + 1: its log-probability and whether it was the argmax.
+        logp, greedy, state = [], [], None
+        for begin in range(0, width, SCORE_PIECE):
+            end = min(begin + SCORE_PIECE, width)
+            logits, state = model(mx.array(ids[:, begin:end]), state)
+            piece = logits.astype(mx.float32)
+            piece = piece - mx.logsumexp(piece, axis=-1, keepdims=True)
+            target = mx.array(ids[:, begin + 1 : end + 1])
+            picked = mx.take_along_axis(piece, target[..., None], axis=-1)[..., 0]
+            hit = mx.argmax(piece, axis=-1) == target
+            mx.eval(picked, hit, state)
+            logp.append(np.array(picked))
+            greedy.append(np.array(hit))
+        logp_all, greedy_all = np.concatenate(logp, axis=1), np.concatenate(greedy, axis=1)
+        for row, index in enumerate(batch):  # with no prompt the first text token is only context
+            prompt_len = len(rows[index][0])
+            first_scored = max(prompt_len, 1) - 1
+            scored = slice(first_scored, max(first_scored, len(seqs[index]) - 1))
+            out[index] = (logp_all[row, scored], greedy_all[row, scored])
+    return out
 
 
 def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
