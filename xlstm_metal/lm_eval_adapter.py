@@ -109,7 +109,7 @@ class XLSTMMetalLM(LM):
         if packaged:
             from .assets import for_this_device
 
-            for_this_device(model)  # quantized on disk, dequantized on CPUs
+            for_this_device(model)  # as generate runs it (see for_this_device)
         if tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer.json; lm-eval needs one")
         if profile:

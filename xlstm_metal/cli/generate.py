@@ -333,7 +333,7 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     if args.model is None:
         from ..assets import for_this_device
 
-        for_this_device(model)  # quantized on disk; dequantized on CPUs, where that is faster
+        for_this_device(model)  # quantized on disk; dequantized on CPUs without the C kernels
     print_on_rank0_only()  # every rank generates the same tokens; rank 0 prints them
     if profile is not None:
         apply_cli_profile(model, profile)  # kernels, chunk sizes, state dtype, eps, fused or not

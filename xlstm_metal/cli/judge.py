@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         from ..assets import for_this_device
 
-        for_this_device(model)  # the packaged model: quantized on disk, dequantized on CPUs
+        for_this_device(model)  # the packaged model, as generate runs it (see for_this_device)
     rows = []
     for record in tqdm(records, desc="judge", unit="text", file=sys.stderr,
                        disable=True if args.no_progress else None):
