@@ -93,6 +93,15 @@ class Run:
     replace: dict[str, str] = field(default_factory=dict)  # word -> word (e.g. a shorter run)
     extra: list[str] = field(default_factory=list)  # appended to the xlstm-metal words
     slow: bool = False
+    setup: Callable[[Path], None] | None = None  # makes what the command reads in tmp first
+
+
+def float_export(tmp: Path) -> None:
+    """runs/m/export as `train --export` leaves it: float weights (the packaged model, written
+    dequantized by `xlstm-metal convert`), which mlx-lm's `convert -q` can quantize."""
+    out = tmp / "runs" / "m" / "export"
+    subprocess.run([sys.executable, "-m", "xlstm_metal", "convert", str(DEFAULT_MODEL_DIR), str(out)],
+                   check=True, capture_output=True, env=repo_env())
 
 
 def shell_line(command: str, tmp: Path, case: Run) -> str:
@@ -323,6 +332,7 @@ def mlx_lm_converts(proc, tmp):
     ok(proc)
     from xlstm_metal import load_model
 
+    assert "quantization" not in json.loads((tmp / "runs" / "m" / "export" / "config.json").read_text())
     config = json.loads((tmp / "runs" / "m" / "q4" / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["model_file"] == "xlstm_mlx_lm.py"
     model = load_model(tmp / "runs" / "m" / "q4")
@@ -336,7 +346,7 @@ RUN.update({  # README "Use with mlx-lm"
     normalize('xlstm-metal mlx-lm generate --model runs/m/export --prompt "The for statement" --max-tokens 40'):
         Run(mlx_lm_generates, replace={"runs/m/export": str(DEFAULT_MODEL_DIR)}),
     normalize("xlstm-metal mlx-lm convert --hf-path runs/m/export --mlx-path runs/m/q4 -q --q-bits 4"):
-        Run(mlx_lm_converts, replace={"runs/m/export": str(DEFAULT_MODEL_DIR)}),
+        Run(mlx_lm_converts, setup=float_export),
 })
 
 RUN.update({  # several processes (README: Several processes and machines)
@@ -450,5 +460,7 @@ def test_parser_reads_blocks_comments_pipes_and_continuations():
                                      for c in RUN])
 def test_readme_command(command, tmp_path):
     case = RUN[command]
+    if case.setup is not None:
+        case.setup(tmp_path)
     case.check(run_readme(command, tmp_path, case), tmp_path)
 
