@@ -5,6 +5,7 @@ model's (E=256; FFN 704). Writes benchmarks/results/cpu_quantized_matmul.json.
 
     python benchmarks/cpu_quantized_matmul.py                    # ~5 minutes on 2 busy cores
     python benchmarks/cpu_quantized_matmul.py --rows 1 --shapes 4096x4096
+    python benchmarks/cpu_quantized_matmul.py --ours --rows 1,64,512   # beside our layers' product
     XLSTM_METAL_BLAS_THREADS=1 python benchmarks/cpu_quantized_matmul.py --out results/x.json
 
 Each figure is the median of ``--repeats`` timed calls after a warm-up. Other processes on the
@@ -25,6 +26,7 @@ import xlstm_metal  # noqa: F401  (first: binds MLX to OpenBLAS on Linux)
 import mlx.core as mx  # noqa: E402
 
 from xlstm_metal.benchmark import environment  # noqa: E402
+from xlstm_metal.kernels.fast.quantized import quantized_matmul  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +41,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(rows: int, n_in: int, n_out: int, bits: list[int], group_size: int, repeats: int) -> list[dict]:
-    """Seconds per [rows, n_in] @ [n_in, n_out]: float32, then each bit width."""
+def measure(rows: int, n_in: int, n_out: int, bits: list[int], group_size: int, repeats: int,
+            routed: bool = False) -> list[dict]:
+    """Seconds per [rows, n_in] @ [n_in, n_out]: float32, then each bit width (``routed``: also
+    ``kernels.fast.quantized.quantized_matmul``, the product our quantized layers run)."""
     key = mx.random.key(0)
     x = mx.random.normal((rows, n_in), key=key)
     w = mx.random.normal((n_out, n_in), key=mx.random.key(1)) * n_in**-0.5
@@ -64,6 +68,10 @@ def measure(rows: int, n_in: int, n_out: int, bits: list[int], group_size: int, 
         )
         out.append({"rows": rows, "in": n_in, "out": n_out, "kind": f"{b}-bit g{group_size}", "ms": t * 1e3,
                     "slowdown": t / base})
+        if routed:  # what a quantized layer of ours runs: MLX's product, dequantize + GEMM over 64 rows
+            t = _median_seconds(lambda: quantized_matmul(x, wq, scales, biases, group_size=group_size, bits=b), repeats)
+            out.append({"rows": rows, "in": n_in, "out": n_out, "kind": f"{b}-bit g{group_size}, ours",
+                        "ms": t * 1e3, "slowdown": t / base})
     load = os.getloadavg()[0]
     for row in out:
         row["loadavg_1m"] = load
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", default="4,8", help="bit widths (default: 4,8)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ours", action="store_true",
+                   help="also time the product our quantized layers run (MLX's up to 64 rows, dequantize + GEMM above)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_quantized_matmul.json"))
     args = p.parse_args(argv)
     mx.set_default_device(mx.cpu)
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'rows':>5} {'in x out':>12} {'kind':>16} {'ms':>10} {'x float32':>10} {'load':>5}")
     for r in rows:
         for n_in, n_out in (shapes if r == 1 else prefill_shapes):
-            for row in measure(r, n_in, n_out, bits, args.group_size, args.repeats):
+            for row in measure(r, n_in, n_out, bits, args.group_size, args.repeats, args.ours):
                 results.append(row)
                 print(f"{row['rows']:>5} {row['in']:>5}x{row['out']:<6} {row['kind']:>16} {row['ms']:>10.3f} "
                       f"{row['slowdown']:>10.2f} {row['loadavg_1m']:>5.1f}", flush=True)

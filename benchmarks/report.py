@@ -617,7 +617,7 @@ def quantization_rows() -> list[str]:
         for r in d["results"]:
             lines.append(f"| {r['rows']} | {r['in']} x {r['out']} | {r['kind']} | {r['ms']:,.3f} | "
                          f"{r['slowdown']:.2f} | {r['loadavg_1m']:.1f} |")
-            if "bit" in r["kind"]:
+            if "bit" in r["kind"] and "ours" not in r["kind"]:
                 key = ("decode" if r["rows"] == 1 else "prefill", "large" if r["in"] >= 1024 else "small")
                 spans.setdefault(key, []).append(r["slowdown"])
     if spans:

@@ -502,7 +502,7 @@ def test_float_formats_prefill_takes_the_dequantized_product_on_cuda(monkeypatch
     calls = []
     original = quantized.dequantized_matmul
     monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
-    monkeypatch.setattr(quantized, "many_rows_on_cpu", lambda x: False)  # CUDA's routing alone (the CPU's: below)
+    monkeypatch.setattr(quantized, "many_rows_on_cpu", lambda x, mode: False)  # CUDA's routing alone (the CPU's: below)
     w = mx.array(np.random.default_rng(0).normal(0, 0.05, (48, 128)).astype(np.float32))
     wq, scales = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
     assert scales.dtype == mx.uint8
@@ -540,36 +540,38 @@ def test_float_formats_prefill_takes_the_dequantized_product_on_cuda(monkeypatch
                                                      ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_many_rows_on_the_cpu_take_dequantize_and_gemm(monkeypatch, mode, bits, group_size, dtype):
-    """On the CPU more than DECODE_MAX_ROWS rows go through dequantize + GEMM (MLX's CPU product
-    goes row by row: 6-32x slower at 64-256 rows, session 49), fewer keep MLX's product; both
-    equal the exact product over the dequantized weights to the GEMM's rounding."""
+    """On the CPU from CPU_DEQUANTIZE_ROWS rows (16 affine, 65 float formats) a quantized product is
+    dequantize + GEMM (MLX's CPU product goes row by row: 6-32x slower at 64-256 rows, session 49),
+    fewer rows keep MLX's product; both equal the exact product over the dequantized weights to the
+    GEMM's rounding."""
     from xlstm_metal.kernels.fast import quantized
 
     calls = []
     original = quantized.dequantized_matmul
     monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    rows = quantized.CPU_DEQUANTIZE_ROWS["affine" if mode == "affine" else "float"]
+    assert rows == (16 if mode == "affine" else DECODE_MAX_ROWS + 1)
     rng = np.random.default_rng(0)
     w = mx.array(rng.normal(0, 0.05, (40, 128)).astype(np.float32))
     wq, *rest = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
     scales, biases = rest[0], (rest[1] if mode == "affine" else None)
-    x = mx.array(rng.normal(0, 1, (DECODE_MAX_ROWS + 1, 128)).astype(np.float32)).astype(dtype)
+    x = mx.array(rng.normal(0, 1, (rows, 128)).astype(np.float32)).astype(dtype)
     exact = np.array(x.astype(mx.float32)) @ np.array(mx.dequantize(wq, scales, biases, group_size=group_size,
                                                                     bits=bits, mode=mode).astype(mx.float32)).T
     default = mx.default_device()
     mx.set_default_device(mx.cpu)
     try:
-        few = quantized.quantized_matmul(x[:DECODE_MAX_ROWS], wq, scales, biases, group_size=group_size, bits=bits,
+        few = quantized.quantized_matmul(x[: rows - 1], wq, scales, biases, group_size=group_size, bits=bits,
                                          mode=mode)
         assert calls == []  # MLX's product
         many = quantized.quantized_matmul(x.reshape(1, *x.shape), wq, scales, biases, group_size=group_size,
                                           bits=bits, mode=mode)
-        assert calls == [(1, DECODE_MAX_ROWS + 1, 128)] and many.shape == (1, DECODE_MAX_ROWS + 1, 40)
-        assert many.dtype == dtype
+        assert calls == [(1, rows, 128)] and many.shape == (1, rows, 40) and many.dtype == dtype
     finally:
         mx.set_default_device(default)
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     assert _rel_fro(many[0].astype(mx.float32), exact) < tol
-    assert _rel_fro(few.astype(mx.float32), exact[:DECODE_MAX_ROWS]) < tol
+    assert _rel_fro(few.astype(mx.float32), exact[: rows - 1]) < tol
 
 
 @pytest.mark.parametrize("mode, bits, group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])

@@ -29,8 +29,9 @@ first so that little is padded, each right-padded to the longest (the model is c
 never reaches a real position's logits) and results in the requests' order: the same scores as one
 at a time, to float32 round-off. Texts longer than :data:`xlstm_metal.judge.SCORE_PIECE` tokens
 still run in pieces of that many carrying the batched state, so memory stays bounded (the
-log-probabilities of a piece: N x SCORE_PIECE x vocabulary float32). Batches pay on GPUs; on a
-CPU the work grows with the rows and 1 is as fast. ``auto`` / ``auto:N`` take a fixed
+log-probabilities of a piece: N x SCORE_PIECE x vocabulary float32). Batches share each forward
+pass's fixed costs (on a 2-core CPU, the packaged model, 64 requests of 20-300 tokens: 9.4 s one
+at a time, 5.4 s in batches of 8; benchmarks/score_batches.py). ``auto`` / ``auto:N`` take a fixed
 :data:`AUTO_BATCH_SIZE` (``--max_batch_size`` caps it): MLX has no out-of-memory error to probe for
 a largest size, as lm-eval's transformers models do. ``generate_until`` runs one request at a time.
 """
@@ -51,9 +52,7 @@ from .judge import batched_token_logprobs
 
 #: The batch size ``batch_size="auto"`` takes (at most ``max_batch_size``): enough rows to fill a
 #: GPU's matrix units on short requests, while a piece's log-probabilities (8 x SCORE_PIECE x
-#: vocabulary float32: 1.6 GB at a 50k vocabulary) stay small beside any model that fits. On a CPU
-#: the work grows with the rows and batching gains nothing (64 requests on a 2-core machine: 4.4 s
-#: one at a time, 4.7 s in batches of 8), so pass 1 there.
+#: vocabulary float32: 1.6 GB at a 50k vocabulary) stay small beside any model that fits.
 AUTO_BATCH_SIZE = 8
 
 

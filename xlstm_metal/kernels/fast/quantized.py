@@ -3,8 +3,8 @@
 :func:`quantized_matmul` computes ``x @ dequantize(w).T`` for weights in MLX's affine layout
 (``mx.quantize``: ``w`` [N, K * bits / 32] uint32, each word packing 32 / bits values, lowest
 bits first; ``scales`` and ``biases`` [N, K / group_size]; value = scale * q + bias). Metal
-runs the reference, and so does the CPU up to 64 rows of x (more: dequantize + GEMM,
-:func:`many_rows_on_cpu`); on CUDA:
+runs the reference, and so does the CPU for a few rows of x (from 16, 65 for the float formats:
+dequantize + GEMM, :func:`many_rows_on_cpu`); on CUDA:
 
 - **decode** (at most 64 rows of x): one fused kernel dequantizes the weights in registers and
   multiplies on the tensor cores (``mma.sync`` m16n8k16, float32 accumulation). Weights are the
@@ -885,15 +885,22 @@ def float_format_prefill_on_cuda(x: mx.array, w: mx.array, scales: mx.array, mod
             and cuda_available())
 
 
-def many_rows_on_cpu(x: mx.array) -> bool:
-    """Whether :func:`quantized_matmul` takes dequantize + GEMM on the CPU: more than
-    :data:`DECODE_MAX_ROWS` rows of x. MLX 0.32.4's CPU product goes row by row, its time linear in
-    the rows, while dequantizing is one pass over the weights and the GEMM is OpenBLAS's: on this
-    project's 2-core EPYC (session 49, ad hoc, every mode at 768 x 2,048 and 50,304 x 768) 64 rows
-    took 6-21x less time for 4- and 8-bit affine weights and 2.2-3.2x for mxfp4, 256 rows 18-32x and
-    7-9x; at 1-4 rows MLX's product was faster. Scoring a text, training on a quantized model and
-    prefill outside the C path (:mod:`xlstm_metal.kernels.cpu`) run such products."""
-    return mx.default_device() == mx.cpu and math.prod(x.shape[:-1]) > DECODE_MAX_ROWS
+#: Rows of x from which the CPU's quantized product is dequantize + GEMM (:func:`many_rows_on_cpu`),
+#: affine weights and the float formats (whose dequantization MLX's CPU code does ~6x slower).
+CPU_DEQUANTIZE_ROWS = {"affine": 16, "float": 65}
+
+
+def many_rows_on_cpu(x: mx.array, mode: str = "affine") -> bool:
+    """Whether :func:`quantized_matmul` takes dequantize + GEMM on the CPU: at least
+    :data:`CPU_DEQUANTIZE_ROWS` rows of x. MLX 0.32.4's CPU product goes row by row, its time
+    linear in the rows (at 64 rows ~44x a float32 GEMM's, at 512 ~88x), while dequantizing is one
+    pass over the weights and the GEMM is OpenBLAS's. On this project's 2-core EPYC (session 49,
+    ad hoc, 768 x 2,048 and 50,304 x 768 layers) affine 4/8-bit at 16 rows took 1.1-6x less time
+    (at 4 rows 0.5-1.8x), 64 rows 6-21x, 256 rows 18-32x; mxfp4 at 16 rows 0.6-0.8x, 64 rows
+    2.2-3.2x, 256 rows 7-9x. Scoring a text, training on a quantized model and prefill outside the
+    C path (:mod:`xlstm_metal.kernels.cpu`) run such products."""
+    rows = CPU_DEQUANTIZE_ROWS["affine" if mode == "affine" else "float"]
+    return mx.default_device() == mx.cpu and math.prod(x.shape[:-1]) >= rows
 
 
 #: MLX's quantization modes: None (affine: any of its bit widths and group sizes, float scales
@@ -993,13 +1000,13 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     w: packed [N, K * bits / 32] uint32; scales, biases: [N, K / group_size]. On CUDA (bf16 or
     fp16 x, bits 4 or 8, affine): up to :data:`DECODE_MAX_ROWS` rows of x the fused kernel,
     more rows dequantize + GEMM, as for the float formats (:func:`float_format_prefill_on_cuda`).
-    On the CPU more than :data:`DECODE_MAX_ROWS` rows dequantize + GEMM as well
+    On the CPU from :data:`CPU_DEQUANTIZE_ROWS` rows dequantize + GEMM as well
     (:func:`many_rows_on_cpu`). Everywhere else this is ``mx.quantized_matmul(...,
     transpose=True)`` (the reference: the CPU's few rows, Metal, the other cases).
     """
     if one_group_per_row_on_cuda(x, group_size, mode):
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
-    if float_format_prefill_on_cuda(x, w, scales, mode) or many_rows_on_cpu(x):
+    if float_format_prefill_on_cuda(x, w, scales, mode) or many_rows_on_cpu(x, mode):
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits, mode=mode)
     if mode != "affine" and cuda_available() and mode in float_format_decode() \
             and float_format_kernel_takes(x, w, scales, group_size, bits, mode):
