@@ -16,6 +16,7 @@ import pytest
 
 from cli_helpers import assert_rejected, run_main
 from conftest import repo_env
+from test_mlxlm_cli_checks import adapters, lora_args, lora_data  # noqa: F401  (fixtures: the same one-step LoRA)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,28 +63,6 @@ def no_shim(ckpt, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mlxlm_bad") / "no_shim"
     shutil.copytree(ckpt, path)
     (path / "xlstm_mlx_lm.py").unlink()
-    return path
-
-
-@pytest.fixture(scope="module")
-def lora_data(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("mlxlm_bad_data")
-    for split in ("train", "valid"):
-        (data / f"{split}.jsonl").write_text("".join(f'{{"text": "the quick brown fox {i}"}}\n' for i in range(4)))
-    return data
-
-
-def lora_args(ckpt: Path, data: Path, *extra) -> list:
-    return ["mlx-lm", "lora", "--model", ckpt, "--train", "--data", data, "--iters", "1", "--batch-size", "1",
-            "--num-layers", "1", "--val-batches", "1", "--steps-per-eval", "1", "--seed", "0", *extra]
-
-
-@pytest.fixture(scope="module")
-def adapters(ckpt, lora_data, tmp_path_factory) -> Path:
-    from xlstm_metal.cli import main
-
-    path = tmp_path_factory.mktemp("mlxlm_bad_lora") / "adapters"
-    assert main([str(a) for a in lora_args(ckpt, lora_data, "--adapter-path", path)]) == 0
     return path
 
 
