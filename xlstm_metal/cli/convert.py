@@ -50,7 +50,8 @@ recipes (--q-recipe):
 
 On CPUs MLX's quantized matmul saves memory, not time: measured on a 2-core x86 machine, it took
 6.9-8.4x the time of a float32 matmul through OpenBLAS for 7B-sized layers at batch 1, 3.3-3.7x
-for small layers, and 70-90x at 512 rows (BENCHMARKS.md). xLSTM-Large models on Linux CPUs decode
+for small layers, and 70-90x at 512 rows (BENCHMARKS.md); from 16 rows our quantized layers
+dequantize and multiply through OpenBLAS instead (1.6-2.6x float32's time at 512 rows). xLSTM-Large models on Linux CPUs decode
 and prefill in C instead, reading the packed weights: there a quantized model decodes faster than
 float32 (8-bit 1.9x, 4-bit 2.0x at the 125m shape) and prefills as fast. Quantize for Metal and
 NVIDIA GPUs, to fit memory, or for xLSTM-Large decode on Linux CPUs. The C code reads affine
