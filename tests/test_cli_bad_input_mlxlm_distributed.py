@@ -75,6 +75,19 @@ def test_generate_max_tokens_zero_is_refused_before_loading(ckpt, capsys):
     assert err.strip().splitlines()[-1] == "mlx_lm.generate: error: argument --max-tokens/-m: must be >= 1, got 0", err
 
 
+def test_server_max_tokens_zero_is_refused_before_loading(ckpt, capsys, monkeypatch):
+    # 0 was taken: every request that gave no max_tokens got an empty reply.
+    import mlx_lm.server
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(mlx_lm.server, "run", serve)
+    code, err = run_main(["mlx-lm", "server", "--model", ckpt, "--max-tokens", "0"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith("error: argument --max-tokens: must be >= 1, got 0"), err
+
+
 @pytest.mark.parametrize("kind", ["missing", "weights", "garbage"])
 def test_generate_prompt_cache_file_that_is_no_prompt_cache(kind, ckpt, tmp_path, capsys):
     # Before: "cannot read the weights: [load_safetensors] Failed to open file" (missing), "not

@@ -54,11 +54,12 @@ MODEL_OPTIONS = {"generate": ("--model",), "server": ("--model",), "lora": ("--m
 #: (-1: all, as --val-batches / --test-batches -1 are every batch), --prefill-step-size 0 made no
 #: progress through the prompt. Refused at parse time (exit 2, naming the option). generate's
 #: --max-tokens 0 passed here and was refused only once the model had loaded, by mlx-lm's "use -1
-#: for no limit", a value refused here.
+#: for no limit", a value refused here; the server's answered every request that gave no
+#: max_tokens with an empty reply.
 COUNT_MINIMUMS = {
     "generate": {"--seed": 0, "--max-tokens": 1, "--top-k": 0, "--min-tokens-to-keep": 1, "--max-kv-size": 1,
                  "--prefill-step-size": 1, "--quantized-kv-start": 0, "--num-draft-tokens": 1},
-    "server": {"--port": 0, "--max-tokens": 0, "--top-k": 0, "--num-draft-tokens": 1, "--decode-concurrency": 1,
+    "server": {"--port": 0, "--max-tokens": 1, "--top-k": 0, "--num-draft-tokens": 1, "--decode-concurrency": 1,
                "--prompt-concurrency": 1, "--prefill-step-size": 1, "--prompt-cache-size": 0,
                "--quantized-kv-start": 0},
     "lora": {"--num-layers": -1, "--batch-size": 1, "--iters": 0, "--val-batches": -1, "--test-batches": -1,
