@@ -179,6 +179,18 @@ def test_lora_learning_rate_must_be_positive(rate, ckpt, lora_data, tmp_path, ca
     assert not (tmp_path / "ad").exists()
 
 
+@pytest.mark.parametrize("rate", ["-1", "0", ".nan", "fast"])
+def test_lora_config_learning_rate_must_be_positive(rate, ckpt, lora_data, tmp_path, capsys):
+    # A --config's learning_rate skips the parser's check: -1 trained uphill without a word.
+    config = tmp_path / "lora.yaml"
+    config.write_text(f"learning_rate: {rate}\n")
+    code, err = run_main(lora_args(ckpt, lora_data, "--adapter-path", tmp_path / "ad", "--config", config), capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "the learning rate (--learning-rate or the --config's learning_rate) must be a finite number > 0, got" \
+        in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "ad").exists()
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory", "corrupt"])
 def test_lora_resume_adapter_file_checked_before_loading(kind, ckpt, lora_data, adapters, tmp_path, capsys):
     # mlx-lm loaded the model and the data and started training, then failed with "cannot read

@@ -497,7 +497,8 @@ def check_resume_adapter_file(path: str) -> None:
 @contextlib.contextmanager
 def lora_keeps_earlier_adapters(lora):
     """While mlx-lm's ``lora`` module runs, --train's --adapter-path (from the command line, its
-    --config or the default) is checked before the model loads (:func:`check_adapter_path`)."""
+    --config or the default) is checked before the model loads (:func:`check_adapter_path`), and
+    so are --resume-adapter-file and the learning rate (a --config's too)."""
     original = lora.run
 
     def run(args, *rest, **kwargs):
@@ -505,6 +506,11 @@ def lora_keeps_earlier_adapters(lora):
             check_adapter_path(str(args.adapter_path))
             if getattr(args, "resume_adapter_file", None) is not None:
                 check_resume_adapter_file(str(args.resume_adapter_file))
+            # --config's learning_rate skips the parser's check (FLOAT_ABOVE): -1 trained uphill
+            rate = getattr(args, "learning_rate", None)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+                raise UsageError(f"mlx-lm lora: the learning rate (--learning-rate or the --config's learning_rate) "
+                                 f"must be a finite number > 0, got {rate!r}")
         return original(args, *rest, **kwargs)
 
     lora.run = run
