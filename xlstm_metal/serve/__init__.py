@@ -1281,12 +1281,8 @@ class APIHandler(mlx_server.APIHandler):
             return
         self.close_connection = True
         methods = ", ".join(allowed)
-        body = error_body(405, f"method {self.command} is not allowed on {path} (it takes {methods})")
-        self._set_completion_headers(405)
-        self.send_header("Allow", methods)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self._write_body(body)
+        self._send_body(405, error_body(405, f"method {self.command} is not allowed on {path} (it takes {methods})"),
+                        {"Allow": methods})
 
     def handle_health_check(self):
         """``{"status": "ok"}``, or 503 ``unavailable``, as mlx-lm's, through :meth:`_send_body`:
@@ -1505,9 +1501,11 @@ class APIHandler(mlx_server.APIHandler):
     def _error(self, status: int, message: str) -> None:
         self._send_body(status, error_body(status, message))
 
-    def _send_body(self, status: int, body: bytes) -> None:
-        """A whole JSON answer: mlx-lm's headers (CORS, content type), its length, the body."""
+    def _send_body(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        """A whole JSON answer: mlx-lm's headers (CORS, content type), ``headers``, its length, the body."""
         self._set_completion_headers(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self._write_body(body)
