@@ -27,7 +27,7 @@ from ..cells.xlstm_2024 import LayerNorm as LayerNorm2024
 from ..cells.xlstm_2024 import Module2024
 from ..kernels.fast.quantized import FastQuantizedTree
 from .library import load_arch
-from .spec import WiringError, WiringSpec
+from .spec import WiringError, WiringSpec, declared_params
 from .wiring import WiredBlock, _Container
 
 MODEL_TYPE = "xlstm_lab"
@@ -80,7 +80,7 @@ class LabConfig:
         (e.g. ``{"num_heads": 4}``) go to every block whose entry does not set them."""
         data = load_arch(arch)
         for entry in data["blocks"]:  # a default goes where the block's spec declares it (a conv has no heads)
-            declared = set(entry["spec"].get("params") or {}) | set(entry["spec"].get("derived") or {})
+            declared = declared_params(entry["spec"])
             defaults = {k: v for k, v in (block_defaults or {}).items() if k in declared}
             entry["params"] = {**defaults, **entry["params"]}
         options = {k: data[k] for k in ("out_norm", "norm_eps", "tie_word_embeddings", "output_logit_soft_cap",

@@ -148,6 +148,11 @@ class ResolvedSpec:
 _CONNECTION_KEYS = {"from", "to", "polarity", "density", "mask", "weight", "seed", "nonnegative", "when"}
 
 
+def declared_params(data: dict[str, Any]) -> set[str]:
+    """The names a spec's dict form takes as parameters: its params and its derived values."""
+    return {*(data.get("params") or {}), *(data.get("derived") or {})}
+
+
 class WiringSpec:
     """A wiring spec (the dict form of YAML/JSON files). ``resolve(**overrides)`` evaluates the
     parameters; ``to_dict()`` gives back the dict (what config.json stores)."""
@@ -192,7 +197,7 @@ class WiringSpec:
     def unknown_params(self, names: Iterable[Any]) -> str:
         """"" when the spec declares each of ``names`` (its params and derived values), else what
         an error says: "unknown param(s) ...; it takes ..."."""
-        known = {*(self.data.get("params") or {}), *(self.data.get("derived") or {})}
+        known = declared_params(self.data)
         unknown = sorted(str(k) for k in names if k not in known)
         return f"unknown param(s) {', '.join(unknown)}; it takes {', '.join(sorted(map(str, known))) or 'none'}" \
             if unknown else ""
