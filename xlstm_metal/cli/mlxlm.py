@@ -445,12 +445,13 @@ def convert_quantizes_what_it_says(convert):
 
     original = convert.quantize_model
 
+    def quantized(model) -> list[str]:
+        return [name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+
     def quantize_model(model, config, group_size, bits, *args, **kwargs):
         # A quantized model's layers have no float weights left to quantize: mlx-lm wrote the
         # model as it was (its config's bits and group size) whatever -q --q-bits asked.
-        quantized = [name for name, m in model.named_modules()
-                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-        if quantized:
+        if quantized(model):
             held = config.get("quantization") or {}
             how = (f" ({held['bits']}-bit, groups of {held['group_size']})"
                    if isinstance(held.get("bits"), int) and isinstance(held.get("group_size"), int) else "")
@@ -458,7 +459,7 @@ def convert_quantizes_what_it_says(convert):
                              "and would write it as it is; convert it with --dequantize first, then quantize that")
         model, config = original(model, config, group_size, bits, *args, **kwargs)
         group = (config.get("quantization") or {}).get("group_size", group_size)
-        done = [name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+        done = quantized(model)
         # (layers the model keeps in float on purpose, the i/f gates, are not the width's doing)
         left = [name for name, m in model.named_modules()
                 if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group]
@@ -596,9 +597,9 @@ def server_loads_model_first(parsed: dict[str, Any] | None = None):
     original = server.run
 
     def run(host, port, model_provider, *args, **kwargs):
-        import mlx.core as mx
+        from ..distributed.comm import world
 
-        if mx.distributed.init().rank() == 0:  # the process that listens
+        if world().rank() == 0:  # the process that listens (world(): the launch environment checked)
             check_listen_address(host, port)
         if not model_provider.is_distributed:
             model_provider.load_default()  # the generation thread then finds it loaded
