@@ -28,6 +28,25 @@ def test_bench_quantization_entry_must_be_an_object(tmp_path, capsys):
     assert_rejected(["bench", "--config", config, "--prefill-lengths", "16"], capsys, "must be an object")
 
 
+@pytest.mark.parametrize("entry, words", [({"group_size": 64}, "lacks bits:"), ({"bits": 4}, "lacks group_size:"),
+                                          ({"mode": "affine"}, "lacks bits and group_size:"),
+                                          ({"mode": "bogus", "bits": 4, "group_size": 64}, "mode must be one of")])
+def test_bench_quantization_entry_names_what_it_lacks(entry, words, tmp_path, capsys):
+    # a missing key was a bare KeyError's text: "cannot apply its quantization entry: 'bits'"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "vocab_size": 97,
+                                  "quantization": entry}))
+    assert_rejected(["bench", "--config", config, "--prefill-lengths", "16"], capsys, words)
+
+
+def test_a_float_format_entry_needs_no_bits():
+    # mxfp4 fixes bits 4 and group 32: an entry without them is complete
+    from xlstm_metal.quantization import Recipe
+
+    recipe = Recipe.from_config({"mode": "mxfp4"})
+    assert (recipe.bits, recipe.group_size, recipe.mode) == (4, 32, "mxfp4")
+
+
 def test_tune_measures_a_quantized_shape_quantized(tmp_path, capsys):
     # tune --shape of a quantized checkpoint's config timed float random weights (bench quantized them)
     from xlstm_metal.quantization import quantization_config

@@ -136,9 +136,14 @@ class Recipe:
     def from_config(cls, quantization: dict[str, Any]) -> "Recipe":
         """The recipe that reproduces a checkpoint's ``quantization`` dict on a model of the same
         architecture (e.g. random weights for a benchmark)."""
+        mode = _check_mode(quantization.get("mode", "affine"), "quantization entry")
+        missing = [k for k in ("bits", "group_size") if k not in quantization]
+        if missing and MODES[mode] is None:  # (was a bare KeyError: 'bits'); a float format fixes both
+            raise QuantizationError(f"quantization entry lacks {' and '.join(missing)}: mlx-lm's form is "
+                                    '{"group_size": G, "bits": B, ...}')
         layers = {k: v for k, v in quantization.items() if k not in _TOP_KEYS}
-        return cls(quantization["bits"], quantization["group_size"], layers, name="checkpoint", strict=False,
-                   mode=quantization.get("mode", "affine"))
+        return cls(quantization.get("bits"), quantization.get("group_size"), layers, name="checkpoint",
+                   strict=False, mode=mode)
 
     def _override(self, path: str) -> bool | dict[str, int] | None:
         if path in self.overrides:

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
                 try:
                     quantize_model(model, recipe=recipe)
-                except (QuantizationError, KeyError, TypeError) as err:
+                except QuantizationError as err:
                     raise UsageError(f"{source}: cannot apply its quantization entry: {err}") from None
             try:  # several mlx.launch processes: each keeps its part of the model (before fusing)
                 model = parallelize(model, args.parallel)
