@@ -5,6 +5,8 @@ or a silently ignored setting. Tiny random checkpoints; nothing downloads."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -206,6 +208,91 @@ def test_lora_resume_adapter_file_checked_before_loading(kind, ckpt, lora_data, 
     assert "Loading pretrained model" not in capsys.readouterr().out + err
 
 
+def with_value(args: list, option: str, value) -> list:
+    """``args`` with ``option``'s value replaced (mlx-lm's parsers refuse an option given twice)."""
+    args = list(args)
+    args[args.index(option) + 1] = value
+    return args
+
+
+def renamed_adapters(adapters: Path, path: Path, rename) -> Path:
+    """The adapters of ``adapters`` saved to ``path`` under the names ``rename(name)``."""
+    import mlx.core as mx
+
+    mx.save_safetensors(str(path), {rename(k): v for k, v in mx.load(str(adapters / "adapters.safetensors")).items()})
+    return path
+
+
+def other_block(name: str) -> str:
+    """The same tensor of the block before (the adapters train the last block only)."""
+    return re.sub(r"blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) - 1}.", name, count=1)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("rank", ["(--fine-tune-type lora, --num-layers 1, rank 4)", "20 of its tensors have another shape",
+              "proj_down.lora_a [192, 8] (the model's [192, 4])"]),
+    ("other-blocks", ["20 of its 20 tensors name no parameter of the model: backbone.blocks.0.",
+                      "none of the 20 tensors this run trains are in it"]),
+    ("more-blocks", ["--num-layers 2", "20 of the 40 tensors this run trains are not in it (those would start fresh: "
+                     "backbone.blocks.0."]),
+    ("another-model", ["name no parameter of the model: model.layers.", "none of the 20 tensors"]),
+])
+def test_lora_resume_adapter_file_for_other_adapters_is_refused(kind, words, ckpt, lora_data, adapters, tmp_path,
+                                                                capsys):
+    # mlx-lm loaded the file with load_weights(strict=False): every one of these trained from fresh
+    # adapters (or half of them) without a word; another rank's replaced the run's own adapters.
+    resume = adapters / "adapters.safetensors"
+    args = lora_args(ckpt, lora_data, "--adapter-path", tmp_path / "ad")
+    if kind == "rank":
+        (tmp_path / "rank4.yaml").write_text("lora_parameters: {rank: 4, dropout: 0.0, scale: 20.0}\n")
+        args += ["--config", tmp_path / "rank4.yaml"]
+    elif kind == "other-blocks":
+        resume = renamed_adapters(adapters, tmp_path / "other.safetensors", other_block)
+    elif kind == "more-blocks":
+        args = with_value(args, "--num-layers", "2")
+    else:  # a Llama's names
+        resume = renamed_adapters(adapters, tmp_path / "llama.safetensors",
+                                  lambda k: k.replace("backbone.blocks.", "model.layers.").replace(".mlstm_layer.",
+                                                                                                    ".self_attn."))
+    code, err = run_main([*args, "--resume-adapter-file", resume], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"xlstm-metal: error: mlx-lm lora: --resume-adapter-file {resume} does not hold the "
+                           "adapters this run trains"), err
+    for word in words:
+        assert word in last, last
+    assert not (tmp_path / "ad").exists()  # refused before training or writing anything
+
+
+def test_lora_resumes_adapters_that_fit(ckpt, lora_data, adapters, tmp_path, capsys):
+    """Adapters of the same model and settings resume; a refused attempt (another rank) first
+    leaves the --adapter-path free for the run that fits. Seed 1 initialises fresh adapters other
+    than the earlier run's (seed 0), so only a resumed run keeps its lora_a."""
+    import mlx.core as mx
+    import numpy as np
+
+    from xlstm_metal.cli import main
+
+    resume = adapters / "adapters.safetensors"
+    out = tmp_path / "resumed"
+    args = with_value(lora_args(ckpt, lora_data, "--adapter-path", out, "--resume-adapter-file", resume), "--seed", "1")
+    (tmp_path / "rank4.yaml").write_text("lora_parameters: {rank: 4, dropout: 0.0, scale: 20.0}\n")
+    code, err = run_main([*args, "--config", tmp_path / "rank4.yaml"], capsys)
+    assert code == 2 and "does not hold the adapters this run trains" in err, err
+    assert not out.exists()
+
+    assert main([str(a) for a in args]) == 0
+    earlier = {k: np.array(v) for k, v in mx.load(str(resume)).items()}
+    resumed = {k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()}
+    assert resumed.keys() == earlier.keys()
+    for name in earlier:  # one more step at --learning-rate 1e-5 from where the earlier run ended
+        assert np.allclose(resumed[name], earlier[name], atol=1e-3), name
+    fresh = tmp_path / "fresh"
+    assert main([str(a) for a in with_value(lora_args(ckpt, lora_data, "--adapter-path", fresh), "--seed", "1")]) == 0
+    started = {k: np.array(v) for k, v in mx.load(str(fresh / "adapters.safetensors")).items()}
+    assert not all(np.allclose(started[k], earlier[k], atol=1e-3) for k in earlier if k.endswith("lora_a"))
+
+
 # ---------------------------------------------------------------------- distributed: the ring's environment
 @pytest.mark.parametrize("hostfile, rank, words", [
     (None, "0", ["cannot read the ring backend's host file"]),
@@ -216,6 +303,9 @@ def test_lora_resume_adapter_file_checked_before_loading(kind, ckpt, lora_data, 
     ('[["127.0.0.1:1"], ["127.0.0.1:2"]]', "2", ["MLX_RANK=2 must be a process number from 0 to 1"]),
     ('[["127.0.0.1:1"], ["127.0.0.1:2"]]', "abc", ["MLX_RANK=abc must be a process number"]),  # MLX hung
     ('[["127.0.0.1:1"], ["127.0.0.1:2"]]', None, ["MLX_RANK is not"]),  # MLX ran one process silently
+    # MLX: a RuntimeError traceback, "Can't parse address no-such-host.invalid:5000"
+    ('[["no-such-host.invalid:5000"], ["127.0.0.1:5001"]]', "1",
+     ["host no-such-host.invalid (in no-such-host.invalid:5000) cannot be resolved"]),
 ])
 def test_ring_environment_is_checked(hostfile, rank, words, tmp_path):
     from xlstm_metal.distributed.comm import ring_hosts
@@ -236,6 +326,71 @@ def test_ring_environment_that_is_fine():
     from xlstm_metal.distributed.comm import ring_hosts
 
     assert ring_hosts({}) is None
+
+
+def test_ring_host_names_come_back_as_addresses(tmp_path):
+    # MLX resolves a name itself, but its first answer, IPv6 included, into an IPv4 socket.
+    from xlstm_metal.distributed.comm import ring_hosts
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text('[["localhost:5000"], ["127.0.0.1:5001", "LOCALHOST:5002"]]')
+    assert ring_hosts({"MLX_HOSTFILE": str(hosts), "MLX_RANK": "0"}) == [["127.0.0.1:5000"],
+                                                                         ["127.0.0.1:5001", "127.0.0.1:5002"]]
+
+
+#: One ring process: joins the world (``world()``), sums its rank + 1 with the others', and
+#: prints what MLX's ring backend read from the host file ``MLX_HOSTFILE`` named at its init.
+RING_WORKER = """
+import json, os, sys
+import xlstm_metal
+import mlx.core as mx
+from xlstm_metal.distributed import comm
+init, read = mx.distributed.init, []
+def spy(*args, **kwargs):
+    read.append(json.loads(open(os.environ["MLX_HOSTFILE"]).read()))
+    return init(*args, **kwargs)
+mx.distributed.init = spy
+group = comm.world()
+total = mx.distributed.all_sum(mx.array([group.rank() + 1.0]), group=group).item()
+print(json.dumps({"size": group.size(), "sum": total, "mlx_read": read, "hostfile": os.environ["MLX_HOSTFILE"]}))
+"""
+
+
+def test_a_ring_of_host_names_runs_on_their_addresses(tmp_path):
+    from distributed_helpers import free_port
+
+    port = free_port(2)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(f'[["localhost:{port}"], ["localhost:{port + 1}"]]')
+    scratch = tmp_path / "tmp"  # where the addresses' host file is written (and removed)
+    scratch.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RING_WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO,
+                              env=repo_env(MLX_HOSTFILE=str(hosts), MLX_RANK=str(rank), TMPDIR=str(scratch)))
+             for rank in range(2)]
+    try:
+        results = [(*p.communicate(timeout=60), p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for out, err, code in results:
+        assert code == 0 and "Traceback" not in err, err[-3000:]
+        got = json.loads(out.strip().splitlines()[-1])
+        assert (got["size"], got["sum"]) == (2, 3.0), got
+        assert got["mlx_read"] == [[[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]], got
+        assert got["hostfile"] == str(hosts), got  # the user's file again once the ring is up
+    assert not list(scratch.iterdir())
+
+
+def test_ring_host_that_does_not_resolve_is_one_line_at_the_command_line(tmp_path):
+    # A RuntimeError traceback from mx.distributed.init: "Can't parse address no-such-host.invalid:5000".
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text('[["no-such-host.invalid:5000"], ["127.0.0.1:5001"]]')
+    proc = xlstm_metal("generate", "--model", save_tiny(tmp_path / "m"), "--prompt", "hi", "-n", "2", "--temp", "0",
+                       env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts)}, timeout=60)
+    assert_one_error_line(proc, f"MLX_HOSTFILE={hosts}: host no-such-host.invalid", "cannot be resolved")
 
 
 def test_missing_hostfile_is_one_line_at_the_command_line(tmp_path):

@@ -24,8 +24,10 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
 - Also refused before work starts: ``--draft-model`` with an xLSTM (:func:`check_no_draft_for_xlstm`),
   a ``--prompt-cache-file`` that is no prompt cache (:func:`prompt_cache_file_is_named`), ``convert -q``
   of a quantized model, lora's ``--resume-adapter-file`` that is not a readable file
-  (:func:`check_resume_adapter_file`), and a server ``--host`` / ``--port`` it cannot listen on
-  (:func:`check_listen_address`). mlx-lm's messages of several lines are cut to one (:func:`one_line`).
+  (:func:`check_resume_adapter_file`) and, once the model is adapted, one that does not hold the
+  adapters the run trains (:func:`check_resume_adapters_fit`), and a server ``--host`` / ``--port``
+  it cannot listen on (:func:`check_listen_address`). mlx-lm's messages of several lines are cut
+  to one (:func:`one_line`).
 """
 
 from __future__ import annotations
@@ -521,6 +523,89 @@ def lora_keeps_earlier_adapters(lora):
         lora.run = original
 
 
+def _some(names: list[str], limit: int = 3) -> str:
+    """The first ``limit`` of ``names``, and how many more."""
+    more = f", and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_resume_adapters_fit(path: str, model, args) -> None:
+    """lora's ``--resume-adapter-file`` must hold the tensors this run trains, ``model`` being
+    adapted and frozen as mlx-lm trains it (LoRA layers applied, only the adapters trainable):
+    every tensor of the file names a trainable parameter of the same shape, and every trainable
+    parameter is in the file, as training saves them. mlx-lm loaded the file with
+    ``load_weights(strict=False)``: adapters saved for another model, other blocks (--num-layers)
+    or another rank resumed nothing (or part), silently, and training began from fresh adapters;
+    a tensor of another shape replaced the adapter's. UsageError naming the file and the first
+    tensors that do not fit, before anything is trained or written."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    held = {name: tuple(array.shape) for name, array in mx.load(str(Path(path).expanduser())).items()}
+    shapes = {name: tuple(array.shape) for name, array in tree_flatten(model.parameters())}
+    trained = {name for name, _ in tree_flatten(model.trainable_parameters())}
+    misshaped = [f"{name} {list(held[name])} (the model's {list(shapes[name])})"
+                 for name in sorted(held) if name in trained and held[name] != shapes[name]]
+    unknown = sorted(name for name in held if name not in shapes)
+    frozen = sorted(name for name in held if name in shapes and name not in trained)
+    missing = sorted(trained - held.keys())
+    if not (misshaped or unknown or frozen or missing):
+        return
+    problems = []
+    if misshaped:
+        problems.append(f"{len(misshaped)} of its tensors have another shape: {_some(misshaped, 2)}")
+    if unknown:
+        problems.append(f"{len(unknown)} of its {len(held)} tensors name no parameter of the model: "
+                        f"{_some(unknown, 2)}")
+    if frozen:
+        problems.append(f"{len(frozen)} name parameters this run does not train: {_some(frozen, 2)}")
+    if missing and not held:
+        problems.append(f"it holds no tensors (this run trains {len(trained)})")
+    elif missing:
+        none = len(missing) == len(trained)
+        problems.append(f"{'none' if none else len(missing)} of the {len(trained)} tensors this run trains are"
+                        f"{'' if none else ' not'} in it ({'they' if none else 'those'} would start fresh: "
+                        f"{_some(missing, 2)})")
+    rank = (args.lora_parameters or {}).get("rank") if args.fine_tune_type in ("lora", "dora") else None
+    run = f"--fine-tune-type {args.fine_tune_type}, --num-layers {args.num_layers}" + (
+        f", rank {rank}" if rank is not None else "")
+    raise UsageError(f"mlx-lm lora: --resume-adapter-file {path} does not hold the adapters this run trains "
+                     f"({run}): {'; '.join(problems)}. Resume with the model and the settings they were trained "
+                     "with (their adapter_config.json records them)")
+
+
+@contextlib.contextmanager
+def lora_resumes_what_it_names(lora):
+    """While mlx-lm's ``lora`` module trains, the weights it resumes from (``--resume-adapter-file``,
+    read with ``model.load_weights`` once the model is adapted) are checked against the adapted
+    model first (:func:`check_resume_adapters_fit`)."""
+    original = lora.train_model
+
+    def train_model(args, model, *rest, **kwargs):
+        resume = getattr(args, "resume_adapter_file", None)
+        if resume is None:
+            return original(args, model, *rest, **kwargs)
+
+        def load_weights(file_or_weights, strict=True):
+            if isinstance(file_or_weights, (str, os.PathLike)) and str(file_or_weights) == str(resume):
+                model.__dict__.pop("load_weights", None)  # mlx-lm's resume: checked once
+                check_resume_adapters_fit(str(resume), model, args)
+                file_or_weights = str(Path(file_or_weights).expanduser())
+            return type(model).load_weights(model, file_or_weights, strict=strict)
+
+        model.load_weights = load_weights  # this model only (nn.Module keeps a function as an attribute)
+        try:
+            return original(args, model, *rest, **kwargs)
+        finally:
+            model.__dict__.pop("load_weights", None)
+
+    lora.train_model = train_model
+    try:
+        yield
+    finally:
+        lora.train_model = original
+
+
 @contextlib.contextmanager
 def config_must_be_a_mapping():
     """While lora runs, its ``--config`` YAML must hold a mapping of options: lora reads it with
@@ -797,6 +882,7 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(config_must_be_a_mapping())
                 guards.enter_context(lora_layers_default_fits_the_model())
                 guards.enter_context(lora_keeps_earlier_adapters(module))
+                guards.enter_context(lora_resumes_what_it_names(module))
             if args.mlx_lm_command == "server":
                 guards.enter_context(server_loads_model_first(parsed))
             if args.mlx_lm_command == "convert":

@@ -3,7 +3,9 @@ shipping rank 0's files), on ``mx.distributed``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -36,11 +38,12 @@ _PEER_LOSS = re.compile(r"connection to a peer was lost|remote process exited|ne
 
 def world() -> mx.distributed.Group:
     """The global group: all processes ``mlx.launch`` started (size 1 outside it). The ring
-    backend's environment is checked first (:func:`ring_hosts`): SettingError naming the variable."""
+    backend's environment is checked first (:func:`ring_hosts`): SettingError naming the variable.
+    Host names in the ring's host file reach MLX as the IPv4 addresses they resolve to here."""
     global _WORLD
     if _WORLD is None:
-        hosts = ring_hosts()
-        if hosts is not None and len(hosts) == 1:
+        checked = _ring_hostfile()
+        if checked is not None and len(checked[1]) == 1:
             # A world of one (``mlx.launch -n 1`` writes an empty host file): MLX's ring backend
             # failed to parse the empty file (a JSON traceback) and waited forever on a file of
             # one host; a process on its own needs no ring.
@@ -49,25 +52,55 @@ def world() -> mx.distributed.Group:
                 _WORLD = mx.distributed.init()
             finally:
                 os.environ["MLX_HOSTFILE"] = saved
+        elif checked is not None and checked[1] != checked[0]:
+            _WORLD = _init_with_addresses(checked[1])
         else:
             _WORLD = mx.distributed.init()
     return _WORLD
 
 
-#: A ring address in a host file: ``host:port`` (an IPv4 address or a name; MLX parses it).
+def _init_with_addresses(hosts: list[list[str]]) -> mx.distributed.Group:
+    """``mx.distributed.init()`` with the ring's host file replaced by ``hosts`` (addresses): a
+    copy written whole to a new temporary file, named by ``MLX_HOSTFILE`` while MLX's ring backend
+    reads it (its ``init`` reads the variable and the file, once; the group is then kept), and
+    removed afterwards, ``MLX_HOSTFILE`` naming the user's file again."""
+    saved = os.environ["MLX_HOSTFILE"]
+    handle, path = tempfile.mkstemp(prefix="xlstm-ring-hosts-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(hosts, out)
+        os.environ["MLX_HOSTFILE"] = path
+        return mx.distributed.init()
+    finally:
+        os.environ["MLX_HOSTFILE"] = saved
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+#: A ring address in a host file: ``host:port``, the host an IPv4 address or a name (resolved to
+#: one here: :func:`ring_hosts`).
 _RING_ADDRESS = re.compile(r"^[^:\s]+:(\d{1,5})$")
 _HOSTFILE_FORM = ('a JSON list with one list of "ip:port" addresses per process, e.g. '
                   '[["127.0.0.1:5000"], ["127.0.0.1:5001"]] (mlx.launch writes it)')
 
 
 def ring_hosts(env: Mapping[str, str] | None = None) -> list[list[str]] | None:
-    """The ring backend's hosts, one list of addresses per rank, from ``MLX_HOSTFILE`` (which
-    ``mlx.launch --backend ring`` writes) and ``MLX_RANK``, checked as MLX would read them: None
-    where ``MLX_HOSTFILE`` is unset; ``[[]]`` (a world of one) for the empty file ``mlx.launch -n 1``
+    """The ring backend's hosts, one list of ``ip:port`` addresses per rank, from ``MLX_HOSTFILE``
+    (which ``mlx.launch --backend ring`` writes) and ``MLX_RANK``, checked as MLX would read them:
+    None where ``MLX_HOSTFILE`` is unset; ``[[]]`` (a world of one) for the empty file ``mlx.launch -n 1``
     writes. :class:`~xlstm_metal.errors.SettingError` naming the variable otherwise: MLX failed on a
     missing or malformed file with a RuntimeError traceback from deep inside ``mx.distributed.init``
     (an empty list: a crash on SIGFPE), waited forever with ``MLX_RANK`` not a number, and ran as one
-    process without a word when ``MLX_RANK`` was unset."""
+    process without a word when ``MLX_RANK`` was unset. In a world of several processes a host
+    given by name (``localhost:5000``) comes back as the IPv4 address it resolves to (see
+    :func:`_resolve_ring_address`); one that does not resolve is a SettingError naming it."""
+    checked = _ring_hostfile(env)
+    return None if checked is None else checked[1]
+
+
+def _ring_hostfile(env: Mapping[str, str] | None = None) -> tuple[list[list[str]], list[list[str]]] | None:
+    """:func:`ring_hosts`' check: (the hosts as the file gives them, the same with names resolved),
+    or None where ``MLX_HOSTFILE`` is unset."""
     from ..errors import SettingError
 
     env = os.environ if env is None else env
@@ -99,7 +132,46 @@ def ring_hosts(env: Mapping[str, str] | None = None) -> list[list[str]] | None:
     if not rank_text.strip().isdigit() or int(rank_text) >= len(hosts):
         raise SettingError(f"MLX_RANK={rank_text} must be a process number from 0 to {len(hosts) - 1} "
                            f"(MLX_HOSTFILE={name} lists {len(hosts)} process{'es' if len(hosts) > 1 else ''})")
-    return hosts
+    if len(hosts) == 1:  # a world of one: no ring, no address is used (world())
+        return hosts, hosts
+    resolved: dict[str, str] = {}
+    return hosts, [[_resolve_ring_address(a, name, resolved) for a in h] for h in hosts]
+
+
+def _resolve_ring_address(address: str, hostfile: str, resolved: dict[str, str]) -> str:
+    """``host:port`` of a ring host file as ``ip:port``, the host's first IPv4 address (``resolved``:
+    those found so far, by host). MLX's ring backend resolves a host itself (any address family,
+    its first answer) but opens IPv4 sockets only, so a name answered with an IPv6 address first
+    (``localhost`` where ``::1`` comes first, as on macOS) cannot work there, and a name that did
+    not resolve ended in a RuntimeError traceback from ``mx.distributed.init`` ("Can't parse
+    address ..."). SettingError naming the host for a name that does not resolve, or resolves to
+    IPv6 addresses only."""
+    import socket
+
+    from ..errors import SettingError
+
+    host, _, port = address.rpartition(":")
+    if host not in resolved:
+        try:
+            ipaddress.IPv4Address(host)
+            resolved[host] = host
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as err:
+                why = getattr(err, "strerror", None) or str(err)
+                try:
+                    others = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+                except (socket.gaierror, UnicodeError):
+                    others = set()
+                if others:
+                    raise SettingError(f"MLX_HOSTFILE={hostfile}: host {host} (in {address}) has no IPv4 address, "
+                                       f"only {', '.join(sorted(others))}: MLX's ring backend connects over IPv4; "
+                                       "give an IPv4 address") from None
+                raise SettingError(f"MLX_HOSTFILE={hostfile}: host {host} (in {address}) cannot be resolved "
+                                   f"({why}): give its IPv4 address or a name this machine resolves") from None
+            resolved[host] = infos[0][4][0]
+    return f"{resolved[host]}:{port}"
 
 
 def launched() -> bool:
