@@ -179,3 +179,127 @@ def test_batched_logprobs_refuses_ids_past_the_vocabulary(checkpoint):
     got = judge.batched_token_logprobs(lm.model, [([], []), ([0], []), ([], [5]), ([0, 5], [6, 7])], 4)
     assert [lp.shape for lp, _ in got] == [(0,), (0,), (0,), (2,)]
     assert np.allclose(got[3][0], token_logprobs(lm.model, [0, 5], [6, 7]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- generate_until
+GEN_CONTEXTS = ["the quick", "def f(x):\n    return x * 2\n" * 3, "naïve café", "xLSTM models keep",
+                "the lazy dog. " * 4, "emoji 🙂", "a"]
+SAMPLED = {"do_sample": True, "temperature": 1.0, "top_k": 40}
+
+
+def generate_one_at_a_time(lm, context, gen_kwargs):
+    """A generate_until request as the adapter ran each before batching: alone through runner.generate."""
+    kw = dict(gen_kwargs)
+    until = kw.pop("until", None)
+    until = [until] if isinstance(until, str) else until
+    max_tokens = int(kw.pop("max_gen_toks", 256))
+    temperature = float(kw.pop("temperature", 0.0) or 0.0)
+    if not kw.pop("do_sample", temperature > 0):
+        temperature = 0.0
+    prompt = lm.tok.encode(context, add_special_tokens=True)
+    if lm.max_length is not None:
+        prompt = prompt[-max(1, lm.max_length - max_tokens):]
+    ids = lm.runner.generate(prompt, max_tokens=max_tokens, temperature=temperature,
+                             stop=list(until) if until else None, **{"seed": 0, **kw})
+    text = lm.tok.decode(ids)
+    for stop in until or []:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+def stop_inside(text):
+    """Two characters from the middle of ``text`` (no replacement character) that first occur past its start."""
+    for i in range(len(text) // 2, len(text) - 1):
+        piece = text[i : i + 2]
+        if "\ufffd" not in piece and text.index(piece) >= 2:
+            return piece
+    raise AssertionError(f"no stop string inside {text!r}")
+
+
+def generation_requests(lm):
+    """Requests of every kind, settings interleaved: greedy ones (some asking for a temperature, a top_k, or
+    do_sample false) with different lengths, stops and max_gen_toks; two with one context and different stops;
+    one of 0 tokens; a repetition penalty; seeded sampling (two on the default seed 0) in two settings."""
+    full = {c: generate_one_at_a_time(lm, c, {"until": [], "max_gen_toks": 12}) for c in GEN_CONTEXTS[:2] + GEN_CONTEXTS[4:5]}
+    lazy, code = GEN_CONTEXTS[4], GEN_CONTEXTS[1]
+    asks = [
+        (GEN_CONTEXTS[0], {"until": ["\n\n"], "max_gen_toks": 10, "do_sample": False}),
+        (lazy, {"until": [stop_inside(full[lazy]), "never"], "max_gen_toks": 12}),
+        (GEN_CONTEXTS[5], {**SAMPLED, "until": ["\n"], "max_gen_toks": 9}),
+        (code, {"until": "zz", "max_gen_toks": 5, "temperature": 0.0}),
+        (GEN_CONTEXTS[3], {"max_gen_toks": 7, "repetition_penalty": 1.3}),
+        (lazy, {"until": ["zzz"], "max_gen_toks": 12, "do_sample": False, "temperature": 0.8}),
+        (GEN_CONTEXTS[6], {**SAMPLED, "max_gen_toks": 8}),
+        (GEN_CONTEXTS[2], {"until": [], "max_gen_toks": 0}),
+        (GEN_CONTEXTS[0], {**SAMPLED, "max_gen_toks": 8, "seed": 5}),
+        (GEN_CONTEXTS[2], {"do_sample": True, "temperature": 0.9, "top_p": 0.9, "min_p": 0.05, "max_gen_toks": 6}),
+        (code, {"until": [stop_inside(full[code])], "max_gen_toks": 12, "top_k": 3}),
+        (GEN_CONTEXTS[5], {"max_gen_toks": 4, "repetition_penalty": 1.3, "until": ["\n"]}),
+        (GEN_CONTEXTS[6], {"max_gen_toks": 3}),
+    ]
+    return asks, full
+
+
+def test_generate_until_batches_equal_one_at_a_time_in_order(checkpoint):
+    from xlstm_metal.kernels.cpu import decode_step as cpu_decode_step
+
+    for max_length, c_step in ((None, True), (12, True), (None, False)):  # False: MLX's graph decodes
+        with cpu_decode_step.switched(c_step):
+            lm = adapter(checkpoint, max_length=max_length)
+            asks, full = generation_requests(lm)
+            expected = [generate_one_at_a_time(lm, *ask) for ask in asks]
+            assert len(set(expected)) == len(expected) and expected[7] == ""  # an answer in another's place shows
+            lazy = full[GEN_CONTEXTS[4]]
+            if max_length is None:  # one context, a stop in one request and not the other: each row has its own
+                assert expected[5] == lazy and expected[1] == lazy[: lazy.index(asks[1][1]["until"][0])] != lazy
+                # each row's own max_gen_toks: 3 tokens where the rows beside it take 12
+                assert len(expected[12]) < len(generate_one_at_a_time(lm, GEN_CONTEXTS[6], {"max_gen_toks": 12}))
+            assert expected[8] != generate_one_at_a_time(lm, GEN_CONTEXTS[0], {"max_gen_toks": 8})  # sampled
+            requests = [Instance("generate_until", {}, ask, i) for i, ask in enumerate(asks)]
+            prompts = sorted(len(generation_prompt(lm, *ask)) for ask in asks if ask[1]["max_gen_toks"])
+            for batch_size in (1, 3, 8, "auto"):
+                lm = adapter(checkpoint, max_length=max_length, batch_size=batch_size)
+                prefilled, decoded = record_generation(lm.runner)
+                assert lm.generate_until(requests) == expected, batch_size
+                # each prompt prefilled once, alone and unpadded; rows of one setting decode together
+                assert sorted(prefilled) == prompts
+                assert sum(decoded) == len(prompts) and max(decoded) <= lm.batch_size
+                greedy_rows = 6  # the greedy requests without repetition penalty that ask for tokens
+                assert max(decoded) == min(lm.batch_size, greedy_rows)
+
+
+def generation_prompt(lm, context, gen_kwargs):
+    ids = lm.tok.encode(context, add_special_tokens=True)
+    if lm.max_length is not None:
+        ids = ids[-max(1, lm.max_length - gen_kwargs["max_gen_toks"]):]
+    return ids
+
+
+def record_generation(runner):
+    """Lists that fill with the length of every prompt the runner prefills and the rows of every decode."""
+    prefilled, decoded = [], []
+    prefill, decode = runner.prefill, runner._decode
+
+    def recording_prefill(ids, state=None):
+        prefilled.append(len(ids))
+        return prefill(ids, state)
+
+    def recording_decode(logits, *args):
+        decoded.append(logits.shape[0])
+        return decode(logits, *args)
+
+    runner.prefill, runner._decode = recording_prefill, recording_decode
+    return prefilled, decoded
+
+
+def test_generate_until_refuses_bad_settings_before_generating(checkpoint):
+    lm = adapter(checkpoint, batch_size=4)
+    prefilled, _ = record_generation(lm.runner)
+    good = Instance("generate_until", {}, ("the quick", {"max_gen_toks": 3}), 0)
+    with pytest.raises(ValueError, match=r"generation settings \['num_beams'\] are not supported"):
+        lm.generate_until([good, Instance("generate_until", {}, ("x", {"num_beams": 4}), 1)])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        lm.generate_until([good, Instance("generate_until", {}, ("x", {**SAMPLED, "top_p": 1.5}), 1)])
+    assert prefilled == []  # every request is checked before any runs
+    assert lm.generate_until([]) == []

@@ -33,14 +33,18 @@ log-probabilities of a piece: N x SCORE_PIECE x vocabulary float32). Batches sha
 pass's fixed costs (on a 2-core CPU, the packaged model, 64 requests of 20-300 tokens: 9.4 s one
 at a time, 5.4 s in batches of 8; benchmarks/score_batches.py). ``auto`` / ``auto:N`` take a fixed
 :data:`AUTO_BATCH_SIZE` (``--max_batch_size`` caps it): MLX has no out-of-memory error to probe for
-a largest size, as lm-eval's transformers models do. ``generate_until`` runs one request at a time.
+a largest size, as lm-eval's transformers models do. ``generate_until`` runs up to N requests
+with the same sampling settings at a time: each prompt prefilled alone from its own zero state (no
+padding), the rows decoding together, each stopping at its own ``until``, ``max_gen_toks`` or EOS;
+answers in the requests' order, greedy ones token for token those of one request at a time (see
+:meth:`XLSTMMetalLM.generate_until` for seeded sampling).
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from lm_eval import utils as lm_utils
@@ -48,6 +52,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .checks import is_integer
+from .generation import SamplingParams, xLSTMRunner
 from .judge import batched_token_logprobs
 
 #: The batch size ``batch_size="auto"`` takes (at most ``max_batch_size``): enough rows to fill a
@@ -78,6 +83,16 @@ def parse_batch_size(batch_size: int | str | None, max_batch_size: int | str | N
     return _positive_int(batch_size, "batch_size", ", 'auto' or 'auto:N'")
 
 
+class _Generation(NamedTuple):
+    """A generate_until request as the adapter runs it."""
+
+    prompt: list[int]  # with BOS, cut to max_length
+    max_tokens: int
+    until: list[str]
+    params: SamplingParams  # every greedy request's alike
+    seed: Any  # the request's seed (default 0); 0 for greedy ones
+
+
 @register_model("xlstm-metal", "xlstm_metal")
 class XLSTMMetalLM(LM):
     """lm_eval's LM interface over an xLSTM-Metal model."""
@@ -96,7 +111,6 @@ class XLSTMMetalLM(LM):
             max_length = int(max_length)  # model_args arrive as text or numbers
             if max_length < 2:
                 raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
-        from .generation import xLSTMRunner
         from .loading import load
 
         packaged = pretrained is None
@@ -164,32 +178,70 @@ class XLSTMMetalLM(LM):
             out[index] += float(np.sum(lp))
         return out
 
+    # ------------------------------------------------------------------ generation
+    def _generation(self, req) -> _Generation:
+        """One generate_until request's settings; ValueError / TypeError naming one it cannot
+        honour."""
+        context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+        until = gen_kwargs.pop("until", None)
+        if isinstance(until, str):
+            until = [until]
+        max_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
+        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+        if not gen_kwargs.pop("do_sample", temperature > 0):
+            temperature = 0.0
+        sampling = {name: gen_kwargs.pop(name) for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed")
+                    if name in gen_kwargs}
+        if gen_kwargs:  # they were dropped without a word
+            raise ValueError(f"generation settings {sorted(gen_kwargs)} are not supported (xlstm-metal takes until, "
+                             "max_gen_toks, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)")
+        seed = sampling.pop("seed", 0)
+        params = SamplingParams(temperature, **sampling)  # checks each setting
+        if params.greedy:  # top_k, top_p and min_p pick nothing then: greedy requests batch together
+            params = SamplingParams(repetition_penalty=params.repetition_penalty)
+            seed = 0  # unused (greedy rows draw nothing)
+        prompt = self.tok.encode(context, add_special_tokens=True)
+        if self.max_length is not None:  # the context's end, with room for the answer
+            prompt = prompt[-max(1, self.max_length - max_tokens):]
+        return _Generation(prompt, max_tokens, list(until or []), params, seed)
+
     def generate_until(self, requests) -> list[str]:
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
-            until = gen_kwargs.pop("until", None)
-            if isinstance(until, str):
-                until = [until]
-            max_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
-            temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
-            if not gen_kwargs.pop("do_sample", temperature > 0):
-                temperature = 0.0
-            sampling = {name: gen_kwargs.pop(name) for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed")
-                        if name in gen_kwargs}
-            if gen_kwargs:  # they were dropped without a word
-                raise ValueError(f"generation settings {sorted(gen_kwargs)} are not supported (xlstm-metal takes until, "
-                                 "max_gen_toks, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)")
-            prompt = self.tok.encode(context, add_special_tokens=True)
-            if self.max_length is not None:  # the context's end, with room for the answer
-                prompt = prompt[-max(1, self.max_length - max_tokens):]
-            ids = self.runner.generate(prompt, max_tokens=max_tokens, temperature=temperature,
-                                       stop=list(until) if until else None, **{"seed": 0, **sampling})
-            text = self.tok.decode(ids)
-            for stop in until or []:  # the stop string itself is not part of the answer
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            out.append(text)
+        """Each request's continuation, in the requests' order, up to its first ``until`` string,
+        EOS or ``max_gen_toks`` tokens.
+
+        Requests with the same sampling settings (temperature, top_k, top_p, min_p,
+        repetition_penalty; every greedy request alike) run ``batch_size`` at a time through
+        :meth:`xLSTMRunner.generate <xlstm_metal.generation.xLSTMRunner.generate>`: each prompt is
+        prefilled alone, from its own zero state (no padding), the states are stacked, and the rows
+        decode together, each stopping at its own ``until`` / ``max_gen_toks`` / EOS; the batch
+        runs until its last row ends. Rows never mix, and a sampled row draws from its own key, the
+        one its request's ``seed`` (default 0) gives it alone (not ``seed + row``), so greedy and
+        seeded answers are those of one request at a time, token for token, wherever the batched
+        decode step computes each row's logits exactly as a one-row step does: the tests check it
+        on CPU (the C decode step, and MLX's graph). A back-end whose batched products round
+        differently from one-row ones could turn a near-tie the other way, greedy or sampled. A
+        request with ``seed: null`` draws fresh randomness, batched or not.
+        """
+        jobs = [self._generation(req) for req in requests]
+        groups: dict[SamplingParams, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.params, []).append(index)
+        out: list[str | None] = [None] * len(jobs)
+        for params, indices in groups.items():
+            indices.sort(key=lambda i: -jobs[i].max_tokens)  # similar lengths decode together; stable
+            for first in range(0, len(indices), self.batch_size):
+                batch = [jobs[i] for i in indices[first:first + self.batch_size]]
+                rows = self.runner.generate(
+                    [job.prompt for job in batch], max_tokens=[job.max_tokens for job in batch],
+                    row_stops=[job.until or None for job in batch], seed=[job.seed for job in batch],
+                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                    repetition_penalty=params.repetition_penalty)
+                for i, job, ids in zip(indices[first:], batch, rows):
+                    text = self.tok.decode(ids)
+                    for stop in job.until:  # the stop string itself is not part of the answer
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    out[i] = text
         return out
 
     def get_model_info(self) -> dict:

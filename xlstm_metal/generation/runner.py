@@ -7,8 +7,9 @@ per token (forward of one token + sampling, all on device); the host only reads 
 ids, one step behind the device (the next step is queued before the current token is read).
 
 Batches of prompts with different lengths: each row is prefilled alone, the per-row states are
-concatenated along the batch axis, and all rows decode together. Rows never mix, so each row's
-output equals what the prompt gets alone (sampling uses per-row keys, see sampling.make_keys).
+concatenated along the batch axis, and all rows decode together, each ending at its own EOS, stops
+and max_tokens (``generate``'s ``row_stops`` and list of ``max_tokens``). Rows never mix, so each
+row's output equals what the prompt gets alone (sampling uses per-row keys, see sampling.make_keys).
 """
 
 from __future__ import annotations
@@ -462,14 +463,15 @@ class xLSTMRunner:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        max_tokens: int = 256,
+        max_tokens: int | Sequence[int] = 256,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
-        seed: int | Sequence[int] | None = None,
+        seed: int | Sequence[int | None] | None = None,
         stop: Stop = None,
+        row_stops: Sequence[Stop] | None = None,
     ) -> list[int] | list[list[int]]:
         """Generated ids for one prompt (-> list[int]) or a batch (list of prompts ->
         list[list[int]]; prompts may differ in length).
@@ -477,7 +479,13 @@ class xLSTMRunner:
         Generation of a row ends at an EOS / stop id (not included in the result), at a stop
         string (the ids up to the token that completed it), or after ``max_tokens``. With
         ``temperature=0`` the result is greedy. ``seed``: an int gives row r the seed
-        ``seed + r``; a list gives one seed per row.
+        ``seed + r``; a list gives one seed per row (None: a fresh one for that row).
+
+        For a batch, ``max_tokens`` may be a list (one limit per row) and ``row_stops`` a list of
+        one ``stop`` per row (each row stops at its own and at ``stop``). Each row is prefilled
+        alone and the rows decode together until the last one ends, so a row gets what its
+        prompt gets alone with the same settings and seed (a row whose ``max_tokens`` is 0 is
+        not run).
         """
         if not isinstance(prompts, (str, Iterable)) and not _is_array(prompts):
             # None or a bare int failed as "'NoneType' object is not iterable"
@@ -489,18 +497,56 @@ class xLSTMRunner:
         rows = [self.encode(prompts)] if single else [self.encode(p) for p in prompts]
         if not rows:
             raise ValueError("no prompts given")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        per_row_limits = not single and not isinstance(max_tokens, (str, bytes)) and (
+            isinstance(max_tokens, Iterable) or _is_array(max_tokens))
+        limits = self._per_row("max_tokens", max_tokens, len(rows)) if per_row_limits else [max_tokens] * len(rows)
+        for limit in limits:
+            if isinstance(limit, bool) or not is_integer(limit) or limit < 0:
+                raise ValueError(f"max_tokens must be an integer >= 0{' (or a list of one per prompt)' * (not single)}, "
+                                 f"got {limit!r}")
+        limits = [int(limit) for limit in limits]
         for r, ids in enumerate(rows):
             if not ids:
                 raise ValueError(f"prompt {r} is empty")
         params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
-        stop_ids, stop_strings = _split_stop(stop, getattr(self.config, "vocab_size", None))
-        if stop_strings and self.tokenizer is None:
+        vocab = getattr(self.config, "vocab_size", None)
+        shared_ids, shared_strings = _split_stop(stop, vocab)
+        if row_stops is None:
+            per_row = [(set(), [])] * len(rows)
+        else:
+            per_row = [_split_stop(s, vocab) for s in self._per_row("row_stops", row_stops, len(rows))]
+        stops = [(shared_ids | ids, shared_strings + [s for s in strings if s not in shared_strings])
+                 for ids, strings in per_row]
+        if self.tokenizer is None and any(strings for _, strings in stops):
             raise ValueError("stop strings need a tokenizer")
-        if max_tokens == 0:
-            return [] if single else [[] for _ in rows]
+        results: list[list[int]] = [[] for _ in rows]
+        run = [r for r in range(len(rows)) if limits[r] > 0]  # rows with tokens to generate
+        if not run:
+            return results[0] if single else results
+        if len(run) < len(rows) and seed is not None:  # the rows run keep their seeds
+            seeds = ([int(seed) + r for r in range(len(rows))] if is_integer(seed)
+                     else self._per_row("seed", seed, len(rows)))
+            seed = [seeds[r] for r in run]
+        tokens = self._generate_rows([rows[r] for r in run], [limits[r] for r in run], [stops[r] for r in run],
+                                     params, seed)
+        for r, ids in zip(run, tokens):
+            results[r] = ids
+        return results[0] if single else results
 
+    @staticmethod
+    def _per_row(name: str, values: Any, n: int) -> list[Any]:
+        """``values``, a list (or array) of one value per prompt, as a list of ``n``."""
+        if isinstance(values, (str, bytes)) or not (isinstance(values, Iterable) or _is_array(values)):
+            raise TypeError(f"{name} must be a list of one value per prompt, got {type(values).__name__}")
+        values = values.tolist() if _is_array(values) else list(values)
+        if len(values) != n:
+            raise ValueError(f"got {len(values)} {name} values for {n} prompts")
+        return values
+
+    def _generate_rows(self, rows: list[list[int]], limits: list[int], stops: list[tuple[set[int], list[str]]],
+                       params: SamplingParams, seed: Any) -> list[list[int]]:
+        """Rows (each non-empty, each with a limit > 0) prefilled one by one, decoded together: one
+        host read per step, to see which rows have ended; the decode runs until all have."""
         logits_rows, states = [], []
         for ids in rows:
             logits, state = self.prefill(ids)
@@ -512,17 +558,18 @@ class xLSTMRunner:
         state = _concat_states(states)
         keys = self._start_keys(seed, len(rows), params)
         seen = seen_from_ids(rows, self.vocab_size) if params.uses_history else mx.zeros((len(rows), 1), mx.bool_)
-        stops = stop_ids | self._eos_ids()
-        trackers = [_RowTracker(self.tokenizer if stop_strings else None, stops, stop_strings, ids[-8:])
-                    for ids in rows]
-        for host, _, _ in self._decode(logits, state, params, keys, seen, max_tokens):
-            for tracker, token in zip(trackers, host):
+        eos = self._eos_ids()
+        trackers = [_RowTracker(self.tokenizer if strings else None, ids | eos, strings, prompt[-8:])
+                    for prompt, (ids, strings) in zip(rows, stops)]
+        for step, (host, _, _) in enumerate(self._decode(logits, state, params, keys, seen, max(limits))):
+            for tracker, token, limit in zip(trackers, host, limits):
                 if tracker.finish_reason is None:
                     tracker.add(token)
+                    if tracker.finish_reason is None and step + 1 == limit:
+                        tracker.finish()
             if all(t.finish_reason is not None for t in trackers):
                 break
-        results = [t.tokens for t in trackers]
-        return results[0] if single else results
+        return [t.tokens for t in trackers]
 
     def generate_next_token(
         self,

@@ -81,12 +81,12 @@ class SamplingParams:
 SEED_LIMIT = 2**64
 
 
-def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
+def make_keys(seed: int | Sequence[int | None] | None, batch_size: int) -> mx.array:
     """Per-row PRNG keys [B, 2] uint32. An int seed gives row r the key of ``seed + r`` (so
     row 0 of a batch draws exactly what a single run with ``seed`` draws); a sequence gives
-    one seed per row; None draws a fresh seed."""
+    one seed per row (None: a fresh one for that row); None draws a fresh seed."""
     if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
+        seed = _fresh_seed()
     if is_integer(seed):
         seeds = [int(seed) + r for r in range(batch_size)]
     else:
@@ -94,6 +94,7 @@ def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
         if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable):
             raise TypeError(f"seed must be an integer, a list of integers or None, got {type(seed).__name__}")
         seeds = seed.tolist() if hasattr(seed, "tolist") else list(seed)  # MLX / NumPy arrays of seeds
+        seeds = [_fresh_seed() if s is None else s for s in seeds]
         wrong = [s for s in seeds if not is_integer(s)]
         if wrong:
             raise TypeError(f"seed must be an integer, a list of integers or None, got a list holding {wrong[0]!r}")
@@ -104,6 +105,10 @@ def make_keys(seed: int | Sequence[int] | None, batch_size: int) -> mx.array:
     if bad:
         raise ValueError(f"seed must be in 0..{SEED_LIMIT - 1}, got {bad[0]}")
     return mx.stack([mx.random.key(s) for s in seeds])
+
+
+def _fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
 
 
 def _split_one(key: mx.array) -> mx.array:
