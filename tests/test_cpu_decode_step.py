@@ -237,8 +237,8 @@ def _recipe(path: str, module: nn.Module):
     return {"group_size": 64, "bits": 4}
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 12])
-def test_c_step_on_a_mixed_recipe_from_a_prefill_state(rows):
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 20])
+def test_c_step_on_a_mixed_recipe_from_a_prefill_state(rows):  # beyond MAX_ROWS: groups of MAX_ROWS
     model = tiny_model(seed=12)
     nn.quantize(model, class_predicate=_recipe)
     assert type(model.blocks[0].mlstm_layer.igate_preact) is nn.Linear
@@ -443,8 +443,8 @@ def test_off_with_the_row_kernel(monkeypatch):
     assert ds.decode_step(model, mx.array([[1]], dtype=mx.int32), None) is None
 
 
-@pytest.mark.parametrize("rows", [2, 3, 8, 9, 20])
-def test_several_rows_equal_the_graph(rows):  # beyond MAX_ROWS: groups of MAX_ROWS rows
+@pytest.mark.parametrize("rows", [2, 3, 8])
+def test_several_rows_equal_the_graph(rows):
     model = tiny_model(seed=14)
     model.fuse_projections()
     rng = np.random.default_rng(rows)
@@ -460,6 +460,8 @@ def test_several_rows_equal_the_graph(rows):  # beyond MAX_ROWS: groups of MAX_R
             for a, b in zip(ours, theirs):
                 assert a.shape == b.shape and _rel(a, b) < 2e-5
         state = got[1]
+    # beyond MAX_ROWS float weights go to the graph (MLX's GEMM reads each weight once for all rows)
+    assert ds.decode_step(model, mx.zeros((ds.MAX_ROWS + 1, 1), mx.int32), None) is None
 
 
 def test_fused_copies_are_read_while_current():

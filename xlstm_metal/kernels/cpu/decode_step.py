@@ -4,13 +4,12 @@ MLX's CPU back-end spends ~5 us of host and stream time on each node of a step's
 125m step has ~800 of them around its one-row products (benchmarks/NOTES.md, session 21). Where
 the model is what that kernel computes (float32 state, plain float32 ``nn.Linear`` or affine
 ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` layers of 2 to 8 bits, the reference norms,
-cells and kernels; 1 to :data:`MAX_ROWS` rows per call, more in groups of that many)
-:func:`decode_step` runs the whole step in C,
-reading every weight from the module tree as it stands at the call (several rows read each
+cells and kernels; 1 to :data:`MAX_ROWS` rows, more in groups of that many where the weights
+are quantized) :func:`decode_step` runs the whole step in C, reading every weight from the module tree as it stands at the call (several rows read each
 weight row once: OpenBLAS's GEMM would pack every matrix first; quantized weights as their packed
 integers, which is why quantization saves time here too, where MLX's quantized matmul is slower
-than float32 on CPUs); anything else (a LoRA layer, a user's module, bf16, a custom
-kernel) returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
+than float32 on CPUs); anything else (a LoRA layer, a user's module, bf16, more rows of float
+weights, a custom kernel) returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
 (Linux CPUs: :func:`xlstm_metal._blas.gemv_rows`, whose row-major weights it reads the same way);
 ``XLSTM_METAL_CPU_STEP=0`` turns it off.
 
@@ -521,6 +520,8 @@ class _Plan:
         quant(model.q_head, arrays[2], "lm_head")
         self.lib = lib
         self._by_rows: dict[int, _Rows] = {}
+        #: Quantized weights in the tree: then more than MAX_ROWS rows still take the C step.
+        self.quantized = any(isinstance(a, _Quantized) for a in arrays)
 
     def rows(self, count: int) -> "_Rows":
         """The structures and buffers for ``count`` rows (made on first use)."""
@@ -726,12 +727,27 @@ def _mlx_state(C: np.ndarray, n: np.ndarray, m: np.ndarray) -> list:
     return _per_block([mx.array(buffer.reshape(-1, *buffer.shape[2:])) for buffer in (C, n, m)], C.shape[0])
 
 
+def _quantized_plan(model: nn.Module) -> bool:
+    """Whether the C step serves ``model`` and reads quantized weights. Beyond MAX_ROWS rows only
+    those take the C step in groups: float weights are read once for all rows by MLX's GEMM (125m
+    float32, 16 rows: 85 ms a step, against 113 in two C calls; 9 rows level), while MLX's CPU
+    quantized products go row by row below 16 rows and dequantize every weight above (125m 4-bit,
+    9 / 16 / 32 rows: 1,014 / 480 / 642 ms a step, the C calls 50 / 76 / 168; 2-core EPYC)."""
+    lib = library()
+    if lib is None:
+        return False
+    try:
+        return _plan(model, lib).quantized
+    except _Unsupported:
+        return False
+
+
 def _decode_step_in_groups(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
-    """:func:`decode_step` for more than :data:`MAX_ROWS` rows: groups of up to MAX_ROWS rows, one
-    C call each (rows never mix), the logits and states joined along the batch axis. Beyond the
-    C code's rows a model ran MLX's graph instead, and a quantized model (kept quantized where the
-    C step serves it) ran MLX's row-by-row quantized products there: the packaged model's 12 rows
-    decoded ~10x slower than 8 (lm-eval's generate_until, 16 requests: 10.5 s against 0.95 s)."""
+    """:func:`decode_step` for more than :data:`MAX_ROWS` rows of a quantized model: groups of up
+    to MAX_ROWS rows, one C call each (rows never mix), the logits and states joined along the
+    batch axis. Such a model (kept quantized where the C step serves it) ran MLX's quantized
+    products there: the packaged model's 12 rows decoded ~10x slower than 8 (lm-eval's
+    generate_until, 16 requests: 10.5 s against 0.95 s; :func:`_quantized_plan`)."""
     B = input_ids.shape[0]
     parts = []
     for first in range(0, B, MAX_ROWS):
@@ -755,7 +771,8 @@ def _per_block(parts: list, count: int) -> list:
 
 def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tuple[mx.array, list] | None:
     """``xLSTMLarge.__call__(model, input_ids, state)`` for one token of each of B rows
-    (input_ids [B, 1]) as one C call per :data:`MAX_ROWS` rows: (logits [B, 1, V], the new
+    (input_ids [B, 1]) as one C call per :data:`MAX_ROWS` rows (more than that: quantized
+    models only, see :func:`_quantized_plan`): (logits [B, 1, V], the new
     state: (C [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH, 1]) per block), equal to the MLX
     graph's to float32 round-off. None where it does not apply (see the module docstring): then
     the caller runs the model."""
@@ -763,7 +780,7 @@ def decode_step(model: nn.Module, input_ids: mx.array, state: list | None) -> tu
             or input_ids.shape[0] < 1 or not _blas.gemv_rows():
         return None
     if input_ids.shape[0] > MAX_ROWS:
-        return _decode_step_in_groups(model, input_ids, state)
+        return _decode_step_in_groups(model, input_ids, state) if _quantized_plan(model) else None
     lib = library()
     if lib is None:
         return None
