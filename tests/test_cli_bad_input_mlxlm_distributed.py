@@ -393,6 +393,15 @@ def test_ring_host_that_does_not_resolve_is_one_line_at_the_command_line(tmp_pat
     assert_one_error_line(proc, f"MLX_HOSTFILE={hosts}: host no-such-host.invalid", "cannot be resolved")
 
 
+def test_mlx_lm_generate_checks_the_ring_before_mlx_lms_own_init(ckpt, tmp_path):
+    # mlx-lm generate calls mx.distributed.init() itself: MLX's traceback, "Can't parse address ..."
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text('[["no-such-host.invalid:5000"], ["127.0.0.1:5001"]]')
+    proc = xlstm_metal("mlx-lm", "generate", "--model", ckpt, "--prompt", "hi", "--max-tokens", "2",
+                       env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts)}, timeout=120)
+    assert_one_error_line(proc, f"MLX_HOSTFILE={hosts}: host no-such-host.invalid", "cannot be resolved")
+
+
 def test_missing_hostfile_is_one_line_at_the_command_line(tmp_path):
     # A RuntimeError traceback from mx.distributed.init ("[json.exception.parse_error.101] ...").
     gone = tmp_path / "hosts.json"

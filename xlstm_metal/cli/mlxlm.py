@@ -891,6 +891,11 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(prompt_cache_file_is_named(module))
             if args.mlx_lm_command in AFTER_LOAD:
                 guards.enter_context(checked_after_loading(module, parsed, AFTER_LOAD[args.mlx_lm_command]))
+            if args.mlx_lm_command in ("generate", "lora"):
+                from ..distributed.comm import launched, world
+
+                if launched():  # mlx.launch's environment checked and its host names resolved before
+                    world()     # mlx-lm's own mx.distributed.init(), which then finds this group
             module.main()
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as err:
         # mlx-lm's messages for bad paths and settings (ConnectionError: a path that is not there,
