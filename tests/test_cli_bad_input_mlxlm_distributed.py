@@ -11,6 +11,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -143,6 +146,142 @@ def test_server_host_that_does_not_resolve(ckpt):
     proc = xlstm_metal("mlx-lm", "server", "--model", ckpt, "--port", "0", "--host", "no-such-host.invalid",
                        timeout=60)
     assert_one_error_line(proc, "mlx-lm server: --host no-such-host.invalid cannot be resolved")
+
+
+@pytest.fixture
+def no_listening(monkeypatch):
+    """mlx-lm's server ``run`` replaced by a recorder (the wrapper's checks still run around it)."""
+    import mlx_lm.server
+
+    served = []
+    monkeypatch.setattr(mlx_lm.server, "run", lambda *a, **k: served.append(a))
+    return served
+
+
+@pytest.mark.parametrize("size", ["abc", "-5", "12K"])
+def test_server_prompt_cache_bytes_it_cannot_parse(size, ckpt, capsys, no_listening):
+    # mlx-lm's size parser raised decimal.InvalidOperation ("abc", "-5") or KeyError ("12K"):
+    # a traceback, exit 1.
+    code, err = run_main(["mlx-lm", "server", "--model", ckpt, "--prompt-cache-bytes", size], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: argument --prompt-cache-bytes: must be a size in bytes: a number, optionally followed by M, MB, "
+        f"G or GB (e.g. 512MB), got '{size}'"), err
+    assert no_listening == []
+
+
+@pytest.mark.parametrize("value, words", [("[1]", "must be a JSON object"), ('"x"', "must be a JSON object"),
+                                          ('{"tokenize": false}', "must not set tokenize"),
+                                          ('{"add_generation_prompt": false}', "must not set add_generation_prompt")])
+def test_server_chat_template_args_that_are_no_template_variables(value, words, ckpt, capsys, no_listening):
+    # The server listened, and every chat request failed ("argument after ** must be a mapping",
+    # "got multiple values for keyword argument 'tokenize'").
+    code, err = run_main(["mlx-lm", "server", "--model", ckpt, "--chat-template", CHAT_TEMPLATE,
+                          "--chat-template-args", value], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "error: argument --chat-template-args: " in last and words in last, err
+    assert no_listening == []
+
+
+#: A chat template that renders every message.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--chat-template", "{% if %}"], "the chat template (--chat-template) cannot render a chat: TemplateSyntaxError"),
+    (["--chat-template", "templates/chat.jinja"], "--chat-template renders no message of the chat"),
+    (["--chat-template", ""], "--chat-template is empty"),
+    (["--chat-template-args", '{"enable_thinking": false}'],
+     "--chat-template-args only goes into the chat template, and the model's tokenizer has none"),
+    (["--use-default-chat-template"], "--use-default-chat-template: the model's tokenizer has no chat template"),
+    (["--pipeline"], "--pipeline splits the model across the processes mlx.launch starts"),
+    (["--num-draft-tokens", "5"], "--num-draft-tokens only applies with --draft-model"),
+], ids=["malformed-template", "template-file-name", "empty-template", "args-without-template",
+        "use-default-template", "pipeline", "num-draft-tokens"])
+def test_server_options_that_could_not_work_are_refused_before_listening(flags, words, ckpt, capsys, no_listening):
+    # Before: the server listened while every chat request failed on the template (a 404 with
+    # Jinja's error), rendered every chat as the file name given as the template, or dropped the
+    # option without a word (an empty --chat-template, --chat-template-args without a template,
+    # --pipeline in one process, --num-draft-tokens without a draft model); and
+    # --use-default-chat-template ended in an AttributeError traceback (transformers has no
+    # default template any more).
+    assert_rejected(["mlx-lm", "server", "--model", ckpt, "--port", "0", *flags], capsys, f"mlx-lm server: {words}")
+    assert no_listening == []
+
+
+def test_server_chat_template_that_works_still_serves(ckpt, no_listening):
+    from xlstm_metal.cli import main
+
+    assert main(["mlx-lm", "server", "--model", str(ckpt), "--port", "0", "--chat-template", CHAT_TEMPLATE,
+                 "--chat-template-args", '{"enable_thinking": false}']) == 0
+    assert len(no_listening) == 1
+
+
+def test_generate_num_draft_tokens_without_a_draft_model(ckpt, capsys):
+    # generate dropped it without a word too.
+    assert_rejected(["mlx-lm", "generate", "--model", ckpt, "--prompt", "hi", "--num-draft-tokens", "4"], capsys,
+                    "mlx-lm generate: --num-draft-tokens only applies with --draft-model")
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_server(ckpt):
+    """``xlstm-metal mlx-lm server`` of ``ckpt`` on a free port: its URL (stopped afterwards)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_metal", "mlx-lm", "server", "--model", str(ckpt),
+                             "--port", str(port)], env=repo_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not listen within 60 s"
+                time.sleep(0.2)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"stop": 5}, "stop must be a string or a list of strings"),
+    ({"stop": [1]}, "stop must be a string or a list of strings"),
+    ({"seed": 2**64}, "seed must be in 0..2**64-1"),
+    ({"seed": -1}, "seed must be in 0..2**64-1"),
+    ({"logit_bias": {"999999": 5}}, "logit_bias token id 999999 is not in the vocabulary (0..4095)"),
+    ({"logit_bias": {"-5": 5}}, "logit_bias token id -5 is not in the vocabulary"),
+    ({"n": 3}, "n must be 1"),
+    ({"num_draft_tokens": 4}, "num_draft_tokens: speculative decoding"),
+    ({"draft_model": "other"}, "draft_model: speculative decoding"),
+], ids=["stop-int", "stop-list-of-int", "seed-2**64", "seed-negative", "logit-bias-beyond", "logit-bias-negative",
+        "n", "num-draft-tokens", "draft-model"])
+def test_mlx_lm_server_requests_that_broke_it_get_a_400(extra, words, mlx_lm_server):
+    # Before: a stop that is not text stopped the generation thread for good (every later request
+    # got "generation thread died"), a seed beyond MLX's dropped the connection, a logit_bias id
+    # beyond the vocabulary crashed the process (SIGSEGV), -5 biased another token, and n / the
+    # draft fields were ignored without a word.
+    proc, url = mlx_lm_server
+    code, body = post(url, {"prompt": "hi", "max_tokens": 2, **extra})
+    assert code == 400 and words in body["error"], body
+    code, body = post(url, {"prompt": "hi", "max_tokens": 2, "seed": 1, "stop": ["\n"]})  # and it keeps serving
+    assert code == 200 and body["usage"]["completion_tokens"] >= 1, body
+    assert proc.poll() is None
 
 
 # ---------------------------------------------------------------------- convert, adapters, lora

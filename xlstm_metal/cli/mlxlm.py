@@ -28,6 +28,12 @@ The arguments go to mlx-lm's command unchanged, after what an xLSTM needs there:
   adapters the run trains (:func:`check_resume_adapters_fit`), and a server ``--host`` / ``--port``
   it cannot listen on (:func:`check_listen_address`). mlx-lm's messages of several lines are cut
   to one (:func:`one_line`).
+- The server's other options that could not work: ``--prompt-cache-bytes`` mlx-lm cannot parse
+  and ``--chat-template-args`` that are no JSON object of template variables (:data:`TYPE_WRAPPERS`),
+  ``--num-draft-tokens`` without ``--draft-model`` (generate's too), ``--pipeline`` in one process,
+  and a chat template that cannot render a chat (:func:`check_server_chat_template`). Its requests
+  also go through :func:`check_server_request`: a few that crashed the process or stopped its
+  generation thread for good get a 400 (``xlstm-metal serve`` checks requests fully).
 """
 
 from __future__ import annotations
@@ -304,9 +310,24 @@ def check_fuse_gguf(args: argparse.Namespace, given: dict[str, str], model=None,
                          "models only, not xLSTM; leave it out")
 
 
+def check_draft_tokens(command: str, args: argparse.Namespace, given: dict[str, str]) -> None:
+    """UsageError for ``--num-draft-tokens`` without ``--draft-model``: it sizes speculative
+    decoding's drafts, and without a draft model mlx-lm ignored it without a word."""
+    if "num_draft_tokens" in given and getattr(args, "draft_model", None) is None:
+        raise UsageError(f"mlx-lm {command}: {given['num_draft_tokens']} only applies with --draft-model "
+                         "(speculative decoding, which an xLSTM cannot use: its state cannot be rewound); leave it out")
+
+
+def check_generate_parsed(args: argparse.Namespace, given: dict[str, str]) -> None:
+    """generate's parsed arguments: :func:`check_draft_tokens`, then :func:`check_generate_prompt`."""
+    check_draft_tokens("generate", args, given)
+    check_generate_prompt(args, given)
+
+
 #: Checks of a command's parsed arguments, before mlx-lm does anything with them.
 AFTER_PARSE: dict[str, Callable[[argparse.Namespace, dict[str, str]], None]] = {
-    "convert": check_convert_quantization, "generate": check_generate_prompt, "fuse": check_fuse_gguf}
+    "convert": check_convert_quantization, "generate": check_generate_parsed, "fuse": check_fuse_gguf,
+    "server": lambda args, given: check_draft_tokens("server", args, given)}
 #: Checks once a command has loaded its model (what it is and its tokenizer are known: a Hub id's
 #: too), before it generates or writes anything.
 AFTER_LOAD: dict[str, Callable[..., None]] = {"generate": check_generate_loaded, "fuse": check_fuse_gguf}
@@ -341,10 +362,55 @@ def number_in(low: float, high: float, above: bool = False):
     return number
 
 
+def byte_size(parse: Callable[[str], int]):
+    """argparse type of server's ``--prompt-cache-bytes``: mlx-lm's own size parser (``parse``),
+    its failures one line: "abc", "-5" and "12K" ended in a decimal.InvalidOperation or KeyError
+    traceback."""
+    def size(text: str) -> int:
+        try:
+            return parse(text)
+        except (ArithmeticError, LookupError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a size in bytes: a number, optionally followed by M, MB, G "
+                                             f"or GB (e.g. 512MB), got {text!r}") from None
+
+    return size
+
+
+def chat_template_arguments(parse: Callable[[str], Any]):
+    """argparse type of server's ``--chat-template-args``: a JSON object (``parse``: mlx-lm's
+    json.loads) of template variables. Any other JSON, or a key the template's call already
+    takes (``tokenize``, ``add_generation_prompt``: serve's RESERVED_TEMPLATE_KWARGS), was
+    taken, and then every chat request failed ("argument after ** must be a mapping", "got
+    multiple values for keyword argument")."""
+    from ..serve import RESERVED_TEMPLATE_KWARGS
+
+    def arguments(text: str) -> dict:
+        try:
+            value = parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"is not valid JSON ({err}): give a JSON object such as "
+                                             "'{\"enable_thinking\": false}'") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"must be a JSON object of template variables such as "
+                                             f"'{{\"enable_thinking\": false}}', got {text!r}")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(value))
+        if reserved:
+            raise argparse.ArgumentTypeError(f"must not set {', '.join(reserved)}: the chat template call's own "
+                                             "arguments, which the server sets, not template variables")
+        return value
+
+    return arguments
+
+
+#: Options whose mlx-lm type is wrapped (per command: option -> wrapper of mlx-lm's type).
+TYPE_WRAPPERS = {"server": {"--prompt-cache-bytes": byte_size, "--chat-template-args": chat_template_arguments}}
+
+
 def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
     """Give the integer options of mlx-lm ``command``'s ``parser`` named in :data:`COUNT_MINIMUMS`
     their bounds (and :data:`COUNT_MAXIMUMS`), its float options of :data:`FLOAT_RANGES` their
-    range, and every other float option :func:`~xlstm_metal.cli.finite_float`."""
+    range, every other float option :func:`~xlstm_metal.cli.finite_float`, and the options of
+    :data:`TYPE_WRAPPERS` their wrapped type (once)."""
     minimums = COUNT_MINIMUMS.get(command, {})
     maximums = COUNT_MAXIMUMS.get(command, {})
     ranges = FLOAT_RANGES.get(command, {})
@@ -359,6 +425,11 @@ def check_counts(parser: argparse.ArgumentParser, command: str) -> None:
             lows = [above[o] for o in action.option_strings if o in above]
             action.type = (number_in(*spans[0]) if spans else number_in(lows[0], math.inf, above=True) if lows
                            else finite_float)
+        wrappers = [TYPE_WRAPPERS.get(command, {})[o] for o in action.option_strings
+                    if o in TYPE_WRAPPERS.get(command, {})]
+        if wrappers and action.type is not None and not getattr(action.type, "wrapped", False):
+            action.type = wrappers[0](action.type)
+            action.type.wrapped = True
 
 
 @contextlib.contextmanager
@@ -675,8 +746,10 @@ def server_loads_model_first(parsed: dict[str, Any] | None = None):
     mis-shaped weights) was logged with a traceback from a dead thread while the server went on
     listening. Its error now ends the command, as do KV-cache options given for an xLSTM
     (:func:`check_kv_options`, with the arguments :func:`hardened_mlx_lm_parsers` put into
-    ``parsed``). One process only: under mlx.launch every rank still loads its part in the
-    generation thread."""
+    ``parsed``), chat-template options that cannot work (:func:`check_server_chat_template`),
+    ``--use-default-chat-template`` where there is no template to use (an AttributeError
+    traceback), and ``--pipeline`` in one process (ignored). One process only: under mlx.launch
+    every rank still loads its part in the generation thread."""
     import mlx_lm.server as server
 
     original = server.run
@@ -684,11 +757,24 @@ def server_loads_model_first(parsed: dict[str, Any] | None = None):
     def run(host, port, model_provider, *args, **kwargs):
         from ..distributed.comm import world
 
+        if parsed and getattr(parsed["args"], "pipeline", False) and not model_provider.is_distributed:
+            raise UsageError(f"mlx-lm server: {parsed['given'].get('pipeline', '--pipeline')} splits the model "
+                             "across the processes mlx.launch starts; in one process it would change nothing: "
+                             "leave it out (or start the server with mlx.launch -n N)")
         if world().rank() == 0:  # the process that listens (world(): the launch environment checked)
             check_listen_address(host, port)
         if not model_provider.is_distributed:
-            model_provider.load_default()  # the generation thread then finds it loaded
+            try:
+                model_provider.load_default()  # the generation thread then finds it loaded
+            except AttributeError as err:
+                if "default_chat_template" not in str(err):
+                    raise
+                # transformers 4.43 dropped tokenizers' default templates: an AttributeError traceback
+                raise UsageError("mlx-lm server: --use-default-chat-template: the model's tokenizer has no chat "
+                                 "template and this transformers has no default one to fall back on; give one "
+                                 "with --chat-template TEMPLATE or leave the option out") from None
             if parsed:
+                check_server_chat_template(parsed["args"], parsed["given"], model_provider.tokenizer)
                 check_kv_options("server", parsed["given"], model_provider.model)
                 check_no_draft_for_xlstm("server", parsed["args"], parsed["given"], model_provider.model)
                 if model_provider.draft_model is not None:
@@ -700,6 +786,98 @@ def server_loads_model_first(parsed: dict[str, Any] | None = None):
         yield
     finally:
         server.run = original
+
+
+#: The message the server's chat template check renders (it must come back in the prompt).
+PROBE_MESSAGE = "xlstm-metal checks the chat template"
+
+
+def check_server_chat_template(args: argparse.Namespace, given: dict[str, str], tokenizer) -> None:
+    """Once the server's model is loaded: UsageError for ``--chat-template-args`` where no chat
+    template is applied (mlx-lm dropped them without a word), and for a ``--chat-template`` (or
+    ``--chat-template-args``) that cannot render a one-message chat, or renders it without the
+    message (a file name given as the template is the template's text): the server listened, and
+    every chat request failed (a Jinja syntax error, a template variable of the wrong type) or got
+    the same prompt whatever its messages."""
+    if "chat_template" in given and not args.chat_template:  # mlx-lm's "if chat_template:" skipped it
+        raise UsageError(f"mlx-lm server: {given['chat_template']} is empty: give the template's text or leave it out")
+    if "chat_template_args" in given and not tokenizer.has_chat_template:
+        raise UsageError(f"mlx-lm server: {given['chat_template_args']} only goes into the chat template, and the "
+                         "model's tokenizer has none: it would be dropped; give --chat-template or leave it out")
+    if not {"chat_template", "chat_template_args"} & given.keys() or not tokenizer.has_chat_template:
+        return
+    import jinja2
+
+    named = " and ".join(given[d] for d in ("chat_template", "chat_template_args") if d in given)
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_MESSAGE}],
+                                               add_generation_prompt=True, tokenize=False,
+                                               **(args.chat_template_args or {}))
+    except jinja2.TemplateError as err:
+        raise UsageError(f"mlx-lm server: the chat template ({named}) cannot render a chat: {type(err).__name__}: "
+                         f"{one_line(str(err))}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UsageError(f"mlx-lm server: the chat template cannot render a chat with {named}: "
+                         f"{type(err).__name__}: {one_line(str(err))}") from None
+    if "chat_template" in given and PROBE_MESSAGE not in str(prompt):
+        raise UsageError(f"mlx-lm server: {given['chat_template']} renders no message of the chat (every request "
+                         "would get the same prompt): give the template's text, which loops over messages, "
+                         "not a file name")
+
+
+def check_server_request(handler) -> None:
+    """ValueError (mlx-lm's handler answers it with a 400 naming it) for a request to mlx-lm's
+    server that mlx-lm's own checks let through and that then broke the server: a ``stop`` that is
+    not text (the generation thread died, and every later request got "generation thread died"),
+    a ``seed`` MLX cannot take (a dropped connection), a ``logit_bias`` token id outside the
+    vocabulary (the process crashed, SIGSEGV). Also what it ignored without a word: ``n`` other
+    than 1 (one choice came back), and draft-model fields for an xLSTM, which cannot rewind its
+    state. ``xlstm-metal serve`` checks requests fully."""
+    from .. import mlx_lm_model
+
+    body = handler.body
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(word, str) for word in stop)):
+        raise ValueError("stop must be a string or a list of strings")
+    if handler.seed is not None and not 0 <= handler.seed < 2**64:
+        raise ValueError(f"seed must be in 0..2**64-1, got {handler.seed}")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ValueError(f"n must be 1 (this server returns one choice per request), got {n!r}")
+    provider = handler.response_generator.model_provider
+    model = provider.model
+    drafting = sorted({"draft_model", "num_draft_tokens"} & body.keys())
+    if drafting and isinstance(model, mlx_lm_model.Model):
+        raise ValueError(f"{' and '.join(drafting)}: speculative decoding rewinds the model's cache past rejected "
+                         "draft tokens, and an xLSTM's recurrent state cannot be rewound; leave it out")
+    served = handler.requested_model in ("default_model", provider.cli_args.model)
+    config = getattr(model, "config", None) or getattr(model, "args", None)
+    vocab_size = getattr(config, "vocab_size", None) if served else None
+    for token in handler.logit_bias or ():
+        if token < 0 or (isinstance(vocab_size, int) and token >= vocab_size):
+            inside = f" (0..{vocab_size - 1})" if isinstance(vocab_size, int) else ""
+            raise ValueError(f"logit_bias token id {token} is not in the vocabulary{inside}")
+
+
+@contextlib.contextmanager
+def server_requests_checked():
+    """While mlx-lm's server runs, each request also goes through :func:`check_server_request`,
+    after mlx-lm's own ``validate_model_parameters`` (whose ValueError its handler answers with
+    a 400)."""
+    import mlx_lm.server as server
+
+    original = server.APIHandler.validate_model_parameters
+
+    def validate_model_parameters(self):
+        original(self)
+        check_server_request(self)
+
+    server.APIHandler.validate_model_parameters = validate_model_parameters
+    try:
+        yield
+    finally:
+        server.APIHandler.validate_model_parameters = original
 
 
 def check_listen_address(host: str, port: int) -> None:
@@ -885,6 +1063,7 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(lora_resumes_what_it_names(module))
             if args.mlx_lm_command == "server":
                 guards.enter_context(server_loads_model_first(parsed))
+                guards.enter_context(server_requests_checked())
             if args.mlx_lm_command == "convert":
                 guards.enter_context(convert_quantizes_what_it_says(module))
             if args.mlx_lm_command == "generate":
