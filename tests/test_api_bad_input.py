@@ -122,3 +122,20 @@ def test_lab_block_defaults_and_dim_go_only_where_a_spec_declares_them():
     model = LabModel(LabConfig(vocab_size=8, embedding_dim=16, blocks=[{"spec": fixed, "params": {}}]))
     logits, _ = model(mx.zeros((1, 3), dtype=mx.int32))
     assert logits.shape == (1, 3, 8)
+
+
+def test_a_failed_hub_download_is_one_line(monkeypatch):
+    # huggingface_hub's offline message spans lines; the CLI printed them as they came
+    import huggingface_hub
+
+    from xlstm_metal.errors import CheckpointError
+    from xlstm_metal.loading import resolve_model_path
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Got: ConnectError\nAn error happened.\nPlease check.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError) as info:
+        resolve_model_path("no-such-org/no-such-model")
+    assert "\n" not in str(info.value)
+    assert "LocalEntryNotFoundError: Got: ConnectError An error happened. Please check." in str(info.value)

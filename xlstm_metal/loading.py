@@ -62,7 +62,8 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
     except Exception as err:  # offline, unknown repo, auth: all end the same way for the user
         raise CheckpointError(
             f"model directory not found: {path}, and downloading Hugging Face model {text!r} failed "
-            f"({type(err).__name__}: {err}). Are you offline? Pass a local checkpoint directory."
+            f"({type(err).__name__}: {' '.join(str(err).split())}). Are you offline? Pass a local checkpoint "
+            "directory."  # (the Hub's messages span lines: one line here)
         ) from None
     return Path(local)
 
