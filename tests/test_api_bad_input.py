@@ -139,3 +139,47 @@ def test_a_failed_hub_download_is_one_line(monkeypatch):
         resolve_model_path("no-such-org/no-such-model")
     assert "\n" not in str(info.value)
     assert "LocalEntryNotFoundError: Got: ConnectError An error happened. Please check." in str(info.value)
+
+
+_OUTSIDE_SCRIPT = r"""
+import sys, json
+sys.path.insert(0, sys.argv[1])
+import xlstm_metal
+import mlx.core as mx, mlx.nn as nn, numpy as np
+from conftest import tiny_model
+from xlstm_metal.cells.embedding import embed_tokens
+
+report = {}
+for name in ("float", "quantized"):
+    model = tiny_model(seed=5)  # vocabulary 97
+    if name == "quantized":
+        nn.quantize(model, group_size=32, bits=8)
+    clean, _ = model(mx.array([[1, 2, 3], [4, 5, 6]]), None)
+    bad, _ = model(mx.array([[1, 2, 3], [4, 5, 10**6]]), None)  # MLX's gather: a segmentation fault
+    edge, _ = model(mx.array([[-1], [97]]), None)  # MLX's gather: another row's values, silently
+    report[name] = {
+        "row0_equal": bool(np.array_equal(np.array(clean[0]), np.array(bad[0]))),
+        "row1_last_nan": bool(np.isnan(np.array(bad[1, 2])).all()),
+        "edge_nan": bool(np.isnan(np.array(edge)).all()),
+    }
+print(json.dumps(report))
+"""
+
+
+def test_ids_outside_the_vocabulary_give_nan_not_a_crash(tmp_path):
+    # The forward cannot refuse them without a host sync: the rows they touch come out NaN (in a
+    # process of its own: on the old code MLX's gather ended the process with a segfault).
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "outside.py"
+    script.write_text(_OUTSIDE_SCRIPT)
+    env = {**__import__("os").environ, "XLSTM_METAL_CPU_STEP": "0", "XLSTM_METAL_CPU_PREFILL": "0"}
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"row0_equal": True, "row1_last_nan": True, "edge_nan": True}
+    assert report == {"float": expected, "quantized": expected}

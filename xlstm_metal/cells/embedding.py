@@ -51,13 +51,28 @@ def embed_tokens(embedding: nn.Module, ids: mx.array, model: nn.Module | None = 
     only a plain ``nn.Embedding`` inside :func:`ordered_embedding_grads` changes, and only in its
     gradient. A float-format quantized table's rows (mxfp4, nvfp4, mxfp8: their values are exact
     in any float dtype) come in ``model``'s float dtype (:func:`rows_dtype`): a bf16 model's
-    activations stay bf16, a float32 model's float32."""
+    activations stay bf16, a float32 model's float32.
+
+    An id outside an ``nn.Embedding`` / ``nn.QuantizedEmbedding`` table ([0, V)) gets a row of
+    NaN, so its batch row's logits (from that position, and in a prompt the positions its chunk
+    shares) and state are NaN; other rows are untouched. MLX's gather read outside the table (a segmentation
+    fault for ids far beyond it, another row's values for -1 or V) and the check must stay on
+    the device (no host sync in a forward). The runner, generate, chat and serve refuse such ids
+    before the forward."""
+    count = embedding.weight.shape[0] if isinstance(embedding, (nn.Embedding, nn.QuantizedEmbedding)) else None
+    outside = None
+    if count is not None:
+        outside = (ids < 0) | (ids >= count)
+        ids = mx.where(outside, mx.array(0, ids.dtype), ids)
     if type(embedding) is nn.Embedding:
-        return take_rows(embedding.weight, ids)
-    rows = embedding(ids)
-    if model is not None and is_float_format(embedding):
-        dtype = model_float_dtype(model)
-        rows = rows if rows.dtype == dtype else rows.astype(dtype)
+        rows = take_rows(embedding.weight, ids)
+    else:
+        rows = embedding(ids)
+        if model is not None and is_float_format(embedding):
+            dtype = model_float_dtype(model)
+            rows = rows if rows.dtype == dtype else rows.astype(dtype)
+    if outside is not None:
+        rows = mx.where(outside[..., None], mx.array(float("nan"), rows.dtype), rows)
     return rows
 
 
