@@ -55,10 +55,10 @@ def embed_tokens(embedding: nn.Module, ids: mx.array, model: nn.Module | None = 
 
     An id outside an ``nn.Embedding`` / ``nn.QuantizedEmbedding`` table ([0, V)) gets a row of
     NaN, so its batch row's logits (from that position, and in a prompt the positions its chunk
-    shares) and state are NaN; other rows are untouched. MLX's gather read outside the table (a segmentation
-    fault for ids far beyond it, another row's values for -1 or V) and the check must stay on
-    the device (no host sync in a forward). The runner, generate, chat and serve refuse such ids
-    before the forward."""
+    shares) and state are NaN; other rows are untouched. MLX's gather read outside the table (a
+    segmentation fault for ids far beyond it, another row's values for -1 or V), and the check
+    must stay on the device (no host sync in a forward). The runner, generate, chat and serve
+    refuse such ids before the forward."""
     count = embedding.weight.shape[0] if isinstance(embedding, (nn.Embedding, nn.QuantizedEmbedding)) else None
     outside = None
     if count is not None:

@@ -5,12 +5,14 @@ MLX's CPU back-end spends ~5 us of host and stream time on each node of a step's
 the model is what that kernel computes (float32 state, plain float32 ``nn.Linear`` or affine
 ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` layers of 2 to 8 bits, the reference norms,
 cells and kernels; 1 to :data:`MAX_ROWS` rows, more in groups of that many where the weights
-are quantized) :func:`decode_step` runs the whole step in C, reading every weight from the module tree as it stands at the call (several rows read each
-weight row once: OpenBLAS's GEMM would pack every matrix first; quantized weights as their packed
-integers, which is why quantization saves time here too, where MLX's quantized matmul is slower
-than float32 on CPUs); anything else (a LoRA layer, a user's module, bf16, more rows of float
-weights, a custom kernel) returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS forwarder's row kernel
-(Linux CPUs: :func:`xlstm_metal._blas.gemv_rows`, whose row-major weights it reads the same way);
+are quantized) :func:`decode_step` runs the whole step in C, reading every weight from the
+module tree as it stands at the call (several rows read each weight row once: OpenBLAS's GEMM
+would pack every matrix first; quantized weights as their packed integers, which is why
+quantization saves time here too, where MLX's quantized matmul is slower than float32 on CPUs);
+anything else (a LoRA layer, a user's module, bf16, more rows of float weights, a custom kernel)
+returns None and the caller runs the MLX graph, the reference. It runs beside the BLAS
+forwarder's row kernel (Linux CPUs: :func:`xlstm_metal._blas.gemv_rows`, whose row-major weights
+it reads the same way);
 ``XLSTM_METAL_CPU_STEP=0`` turns it off.
 
 The C source is compiled once per machine into the cache (as the BLAS forwarder is: any C
