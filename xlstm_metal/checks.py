@@ -22,6 +22,15 @@ def bad_token_ids(ids: Iterable[object], vocab: int | None = None) -> list:
     return [i for i in ids if not is_integer(i) or i < 0 or (vocab is not None and i >= vocab)]
 
 
+def check_targets(targets: Iterable[int], width: int) -> None:
+    """Refuses target token ids (host integers) that are no column of logits ``width`` wide,
+    before ``mx.take_along_axis`` reads them: it does not check its indices (a segmentation fault
+    for a model without ``config.vocab_size``, or one whose logits are narrower than it)."""
+    top = max(targets, default=-1)
+    if top >= width:
+        raise ValueError(f"token id {top} is outside the model's logits [0, {width})")
+
+
 def probe_writable(directory: str | Path) -> str | None:
     """None when a file can be made in ``directory``, else the OS's reason. A file is made and
     removed, because os.access says yes to root everywhere (/proc too)."""

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .checks import bad_token_ids, is_integer
+from .checks import bad_token_ids, check_targets, is_integer
 
 #: Tokens per forward pass while scoring (the state carries across pieces).
 SCORE_PIECE = 1024
@@ -112,6 +112,9 @@ def batched_token_logprobs(model, rows: Sequence[tuple[Sequence[int], Sequence[i
         for begin in range(0, width, SCORE_PIECE):
             end = min(begin + SCORE_PIECE, width)
             logits, state = model(mx.array(ids[:, begin:end]), state)
+            # a target past the logits' columns was read from outside them (a segmentation fault
+            # for a model without config.vocab_size, or narrower logits than its vocabulary)
+            check_targets(ids[:, begin + 1 : end + 1].ravel().tolist(), logits.shape[-1])
             piece = logits.astype(mx.float32)
             piece = piece - mx.logsumexp(piece, axis=-1, keepdims=True)
             target = mx.array(ids[:, begin + 1 : end + 1])

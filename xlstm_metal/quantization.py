@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checks import bad_token_ids, is_integer
+from .checks import bad_token_ids, check_targets, is_integer
 from .kernels.fast.quantized import MODES, use_fast_quantized_layers
 
 #: Bit widths and group sizes of MLX's affine quantization.
@@ -606,6 +606,8 @@ def fidelity(
         target = mx.array(ids[start + 1 : stop + 1])
         logits_r, state_r = reference(x, state_r)
         logits_c, state_c = candidate(x, state_c)
+        for logits in (logits_r, logits_c):  # take_along_axis reads past the logits unchecked
+            check_targets(ids[start + 1 : stop + 1], logits.shape[-1])
         lp_r, lp_c = _log_probs(logits_r[0]), _log_probs(logits_c[0])
         pick = target[:, None]
         totals["nll_r"] = totals["nll_r"] - mx.take_along_axis(lp_r, pick, axis=-1).sum()

@@ -55,6 +55,8 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetoke
 from mlx_lm.tokenizer_utils import StreamingDetokenizer as MLXStreamingDetokenizer
 from mlx_lm.tokenizer_utils import _byte_decoder  # the byte-level BPE alphabet mlx-lm's detokenizer reads
 
+from ..checks import check_targets
+
 #: The chat page, shipped in the package (one file: HTML, CSS and JavaScript, no CDN).
 CHAT_PAGE = "chat.html"
 #: The POST endpoints of mlx-lm's server.
@@ -868,6 +870,7 @@ def prompt_logprobs(model, tokens: list[int], top_n: int = 0) -> tuple[list, lis
     for start in range(0, len(tokens) - 1, SCORE_PIECE):
         stop = min(start + SCORE_PIECE, len(tokens) - 1)
         logits = model(ids[:, start:stop], cache=cache)[0].astype(mx.float32)
+        check_targets(tokens[start + 1 : stop + 1], logits.shape[-1])  # take_along_axis reads past them
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = mx.take_along_axis(logp, ids[0, start + 1 : stop + 1, None], axis=-1)[:, 0]
         if top_n:

@@ -1004,6 +1004,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     (:func:`many_rows_on_cpu`). Everywhere else this is ``mx.quantized_matmul(...,
     transpose=True)`` (the reference: the CPU's few rows, Metal, the other cases).
     """
+    check_quantized_rows(w, scales, biases)
     if one_group_per_row_on_cuda(x, group_size, mode):
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
     if float_format_prefill_on_cuda(x, w, scales, mode) or many_rows_on_cpu(x, mode):
@@ -1020,6 +1021,18 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
         return dequantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
     return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True,
                                group_size=group_size, bits=bits, mode=mode)
+
+
+def check_quantized_rows(w: mx.array, scales: mx.array, biases: mx.array | None) -> None:
+    """Refuses scales or biases whose leading axes are not the packed weight's (shapes only, no
+    host sync). MLX's quantized_matmul checks only their last axis and read a weight row's
+    scales and biases past their end (a layer whose scales were replaced by fewer rows through
+    ``load_weights(strict=False)``: garbage logits, or a segmentation fault), as its gather
+    did for a quantized table's rows."""
+    for name, array in (("scales", scales), ("biases", biases)):
+        if array is not None and tuple(array.shape[:-1]) != tuple(w.shape[:-1]):
+            raise ValueError(f"a quantized weight of shape {tuple(w.shape)} has {name} of shape "
+                             f"{tuple(array.shape)}: one row of {name} per weight row is needed")
 
 
 def fused_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
@@ -1120,6 +1133,7 @@ class FastQuantizedEmbedding(nn.QuantizedEmbedding):
     :func:`format_dtype`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        check_quantized_rows(self["weight"], self["scales"], self.get("biases"))  # the gather reads their rows
         rows = super().__call__(x)
         dtype = format_dtype(self["scales"])
         return rows if rows.dtype == dtype else rows.astype(dtype)
