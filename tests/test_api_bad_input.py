@@ -183,3 +183,15 @@ def test_ids_outside_the_vocabulary_give_nan_not_a_crash(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {"row0_equal": True, "row1_last_nan": True, "edge_nan": True}
     assert report == {"float": expected, "quantized": expected}
+
+
+@pytest.mark.parametrize("chunk_size", [-1, 2.5, True])
+def test_lab_prefill_chunk_size_is_checked(chunk_size):
+    # -1 ran no piece and failed with "'NoneType' object is not subscriptable"
+    model = build_model("hybrid", vocab_size=16, embedding_dim=16)
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer, or None \(or 0\) for the "
+                                         f"default, got {chunk_size!r}"):
+        model.prefill(mx.array([[1, 2, 3]]), chunk_size=chunk_size)
+    logits, _ = model.prefill(mx.array([[1, 2, 3]]), chunk_size=2)
+    whole, _ = model.prefill(mx.array([[1, 2, 3]]))
+    assert logits.shape == (1, 16) and np.allclose(np.array(logits), np.array(whole), atol=1e-5)

@@ -115,3 +115,19 @@ def test_serve_prompt_logprobs_refuses_ids_past_the_logits():
     assert prompt_logprobs(Narrow(), [1, 4, 2])[0][1:] == pytest.approx([-1.6094379, -1.6094379])
     with pytest.raises(ValueError, match=r"token id 7 is outside the model's logits \[0, 5\)"):
         prompt_logprobs(Narrow(), [1, 2, 7, 3])
+
+
+def test_a_plain_quantized_table_with_too_few_scale_rows_is_refused():
+    # an nn.QuantizedEmbedding set into the tree directly (not through update_modules or quantize_model,
+    # which bring FastQuantizedEmbedding): its gather took each row's scales from past their end
+    import mlx.core as mx
+    import mlx.nn as nn
+    from conftest import tiny_model
+
+    model = tiny_model(seed=3)
+    table = nn.QuantizedEmbedding(97, 64, group_size=32, bits=8)
+    table.scales = table.scales[:1]
+    table.biases = table.biases[:1]
+    model.backbone.embeddings = table
+    with pytest.raises(ValueError, match=r"a quantized weight of shape \(97, 16\) has scales of shape \(1, 2\)"):
+        model(mx.array([[5, 90]]), None)

@@ -20,6 +20,7 @@ from typing import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.fast.quantized import check_quantized_rows
 from ..kernels.fast.rows_sum import summed_rows_cuda
 from ..kernels.fast.step import cuda_available
 
@@ -67,6 +68,8 @@ def embed_tokens(embedding: nn.Module, ids: mx.array, model: nn.Module | None = 
     if type(embedding) is nn.Embedding:
         rows = take_rows(embedding.weight, ids)
     else:
+        if isinstance(embedding, nn.QuantizedEmbedding):  # MLX's gather reads their rows unchecked
+            check_quantized_rows(embedding["weight"], embedding["scales"], embedding.get("biases"))
         rows = embedding(ids)
         if model is not None and is_float_format(embedding):
             dtype = model_float_dtype(model)
