@@ -195,3 +195,14 @@ def test_lab_prefill_chunk_size_is_checked(chunk_size):
     logits, _ = model.prefill(mx.array([[1, 2, 3]]), chunk_size=2)
     whole, _ = model.prefill(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 16) and np.allclose(np.array(logits), np.array(whole), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["linear_recurrence", "xlstm_large_block", "hybrid"])
+def test_lab_state_of_another_batch_size_is_refused(arch):
+    # a batch-1 prompt against a batch-2 state broadcast silently (a batch-2 result)
+    model = build_model(arch, vocab_size=16, embedding_dim=16)
+    _, state = model(mx.array([[1, 2, 3], [4, 5, 6]]))
+    with pytest.raises(ValueError, match=r"state holds arrays of batch size \[2\], input_ids 1 rows"):
+        model(mx.array([[7]]), state)
+    logits, state = model(mx.array([[7], [8]]), state)  # its own batch size still runs
+    assert logits.shape == (2, 1, 16)

@@ -178,6 +178,11 @@ class LabModel(FastQuantizedTree, Module2024):
         blocks = self.blocks
         if state is not None and len(state) != len(blocks):
             raise ValueError(f"state has {len(state)} entries, the model has {len(blocks)} blocks")
+        if state is not None:  # by shape only: a batch-1 prompt broadcast against a batch-2 state silently
+            rows = {a.shape[0] if a.ndim else None for _, a in tree_flatten(state) if isinstance(a, mx.array)}
+            if rows - {input_ids.shape[0]}:
+                raise ValueError(f"state holds arrays of batch size {sorted(rows, key=str)}, input_ids "
+                                 f"{input_ids.shape[0]} rows: a state is made for one batch size")
         x = embed_tokens(_get(self, self._names["embedding"]), input_ids, self)
         new_state = []
         for index, block in enumerate(blocks):
