@@ -197,6 +197,15 @@ def test_lab_prefill_chunk_size_is_checked(chunk_size):
     assert logits.shape == (1, 16) and np.allclose(np.array(logits), np.array(whole), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [-1, 2.5, True])
+def test_prefill_chunk_size_is_checked(chunk_size):
+    # -1 ran no piece: "cannot access local variable 'dtype'"; 2.5 a TypeError from range()
+    model = tiny_model(seed=2)
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer, or None \(or 0\) for the "
+                                         f"default, got {chunk_size!r}"):
+        model.prefill(mx.array([[1, 2, 3]]), chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("arch", ["linear_recurrence", "xlstm_large_block", "hybrid"])
 def test_lab_state_of_another_batch_size_is_refused(arch):
     # a batch-1 prompt against a batch-2 state broadcast silently (a batch-2 result)

@@ -31,6 +31,15 @@ def check_targets(targets: Iterable[int], width: int) -> None:
         raise ValueError(f"token id {top} is outside the model's logits [0, {width})")
 
 
+def check_chunk_size(chunk_size: object) -> None:
+    """Refuses a prefill ``chunk_size`` that is not a non-negative integer or None (0 and None:
+    the model's default); -1 ran no piece and failed on an unset variable."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 0):
+        raise ValueError(f"chunk_size must be a positive integer, or None (or 0) for the default, "
+                         f"got {chunk_size!r}")
+
+
 def probe_writable(directory: str | Path) -> str | None:
     """None when a file can be made in ``directory``, else the OS's reason. A file is made and
     removed, because os.access says yes to root everywhere (/proc too)."""

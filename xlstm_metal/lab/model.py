@@ -26,6 +26,7 @@ from ..cells.norms import RMSNorm, soft_cap
 from ..cells.xlstm_2024 import LayerNorm as LayerNorm2024
 from ..cells.xlstm_2024 import Module2024
 from ..kernels.fast.quantized import FastQuantizedTree
+from ..checks import check_chunk_size
 from .library import load_arch
 from .spec import WiringError, WiringSpec, declared_params
 from .wiring import WiredBlock, _Container
@@ -209,11 +210,7 @@ class LabModel(FastQuantizedTree, Module2024):
         """Feed a prompt in pieces (bounded memory): -> (logits of the last position [B, V], state)."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
-        # (-1 ran no piece: a TypeError on None; 0 takes the default, as xLSTMLarge.prefill)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 0):
-            raise ValueError(f"chunk_size must be a positive integer, or None (or 0) for the default, "
-                             f"got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         chunk_size = chunk_size or 4096
         logits = None
         for start in range(0, input_ids.shape[1], chunk_size):

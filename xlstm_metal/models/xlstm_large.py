@@ -8,7 +8,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..checks import is_integer
+from ..checks import check_chunk_size, is_integer
 from ..blocks.xlstm_large import mLSTMBlock, stacked_step
 from ..cells.embedding import embed_tokens
 from ..cells.fused import fusion_kind, gemv_layout
@@ -332,6 +332,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         """
         check_input_ids(input_ids)
         check_state(state, input_ids.shape[0], len(self.backbone.blocks))
+        check_chunk_size(chunk_size)
         chunk_size = chunk_size or self.config.max_inference_chunksize
         if mx.default_device() == mx.cpu:
             # the whole prompt in C on every BLAS thread where the model is what that computes
