@@ -172,7 +172,7 @@ BAD_REQUESTS = [  # and the field OpenAI's param names
     ("/v1/completions", b"{not json", "Invalid JSON", None),
     ("/v1/completions", {"prompt": "x", "max_tokens": -3}, "max_tokens", "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature", "temperature"),
-    ("/v1/completions", {"prompt": ["x", "y"]}, "one prompt per request", "prompt"),  # ["x"] alone is a prompt
+    ("/v1/completions", {"prompt": ["x", 5]}, "prompt must be a string or a list of token ids", "prompt"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "stop"),
     ("/v1/completions", {"prompt": "x", "model": 5}, "requested_model", "model"),  # mlx-lm's attribute
     ("/v1/chat/completions", {"messages": "hi"}, "messages", "messages"),

@@ -613,8 +613,8 @@ def test_a_request_naming_a_bad_model_leaves_the_served_one_loaded(ckpt, tmp_pat
 
 def test_a_prompt_of_token_ids_or_a_list_of_one(server, reference):
     """OpenAI's legacy prompt: token ids (used as they are: no BOS put before them) or a list of
-    one string or one list of ids, as lm-eval's local-completions sends them; several prompts
-    and ids outside the vocabulary are a 400 naming the prompt."""
+    one string or one list of ids, as lm-eval's local-completions sends them; ids outside the
+    vocabulary are a 400 naming the prompt (several prompts: the tests below)."""
     model, tokenizer = reference
     ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     assert tokenizer.encode(PROMPTS[0]) != ids  # the server's BOS goes before a text prompt only
@@ -627,8 +627,7 @@ def test_a_prompt_of_token_ids_or_a_list_of_one(server, reference):
         assert answer["usage"]["prompt_tokens"] == len(ids)
     status, answer = post(server.url, "/v1/completions", {**TEXT, "prompt": [PROMPTS[0]]})
     assert status == 200 and answer["choices"][0]["text"] == expected_text(reference, PROMPTS[0], 4)
-    for bad, words in (([PROMPTS[0], PROMPTS[1]], "one prompt per request, got 2"), ([ids, ids], "got 2"),
-                       ([1, 10**6], "token id 1000000 is not in the vocabulary"), ([], "list of token ids"),
+    for bad, words in (([1, 10**6], "token id 1000000 is not in the vocabulary"), ([], "list of token ids"),
                        ([1.5], "list of token ids"), ([True], "list of token ids")):
         status, answer = post(server.url, "/v1/completions", {**TEXT, "prompt": bad})
         assert status == 400 and words in error_message(status, answer, "prompt"), (bad, answer)
@@ -697,3 +696,70 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(server, reference, strea
     assert answer["choices"][0].get("logprobs") is None and answer["usage"]["prompt_tokens"] == len(ids)
     status, answer = post(server.url, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 0})
     assert status == 400 and "max_tokens" in error_message(status, answer, "max_tokens")
+
+
+def test_several_prompts_get_one_choice_each_as_each_alone(server, reference):
+    """A list of several prompts (OpenAI's legacy batch): choice i is what prompt i gets alone
+    (greedy and seeded), usage is the sum; texts and token ids may mix. Before, a 400."""
+    model, tokenizer = reference
+    ids = tokenizer.encode(PROMPTS[3], add_special_tokens=False)
+    prompts = [PROMPTS[0], ids, PROMPTS[1], PROMPTS[2]]
+    for fields in ({"temperature": 0}, {"temperature": 0.9, "seed": 7}):
+        alone = []
+        for prompt in prompts:
+            status, answer = post(server.url, "/v1/completions", {"prompt": prompt, "max_tokens": 6, **fields})
+            assert status == 200, answer
+            alone.append(answer)
+        status, answer = post(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 6, **fields})
+        assert status == 200, answer
+        assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in answer["choices"]] == [a["choices"][0]["text"] for a in alone]
+        assert [c["finish_reason"] for c in answer["choices"]] == ["length"] * 4
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert answer["usage"][name] == sum(a["usage"][name] for a in alone)
+        assert answer["usage"]["completion_tokens"] == 24
+    assert len({a["choices"][0]["text"] for a in alone}) > 1  # the choices differ: their order is checked
+
+
+def test_several_prompts_streamed_and_their_failures(server, reference):
+    """Streamed: each choice whole in a chunk of the stream's one id, each index once, then the
+    summed usage; a failing prompt answers the request with a 400 naming its index."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    events = stream_events(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 5, "temperature": 0,
+                                                            "stream": True, "stream_options": {"include_usage": True}})
+    chunks, last = events[:-1], events[-1]
+    assert len({e["id"] for e in events}) == 1 and all(e["object"] == "text_completion" for e in events)
+    assert sorted(e["choices"][0]["index"] for e in chunks) == [0, 1, 2]
+    texts = {e["choices"][0]["index"]: e["choices"][0]["text"] for e in chunks}
+    assert [texts[i] for i in range(3)] == [expected_text(reference, p, 5) for p in prompts]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 15
+    for bad, words in (([PROMPTS[0], [1, 10**6]], "prompt 1: prompt token id 1000000 is not in the vocabulary"),
+                       ([PROMPTS[0], 3], "prompt must be a string or a list of token ids"),
+                       ([[], PROMPTS[0]], "prompt 0: prompt must be a string")):
+        status, answer = post(server.url, "/v1/completions", {"prompt": bad, "max_tokens": 3})
+        assert status == 400 and words in error_message(status, answer, "prompt"), (bad, answer)
+    status, answer = post(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 3,
+                                                          "stream_options": {"include_usage": True}})
+    assert status == 400 and "only allowed when stream is true" in error_message(status, answer, "stream_options")
+
+
+def test_lm_eval_local_completions_in_batches_scores_as_one_at_a_time(server, ckpt):
+    """lm-eval's local-completions at batch_size 3 sends the prompts of a batch in one request:
+    the same log-likelihoods and greedy flags as one request each."""
+    pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    with urllib.request.urlopen(server.url + "/v1/models", timeout=10) as response:
+        served = json.loads(response.read())["data"][0]["id"]
+    pairs = [("the quick brown", " fox jumps"), (PROMPTS[1], " over the lazy dog"), ("a", " b c"), (PROMPTS[3], " x")]
+    results = []
+    for batch_size in (1, 3):
+        lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=served, tokenizer=str(ckpt),
+                                 tokenizer_backend="huggingface", max_length=256, batch_size=batch_size)
+        results.append(lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                                        disable_tqdm=True))
+    one, batched = results
+    assert [g for _, g in batched] == [g for _, g in one]
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in one], abs=1e-4)
+    assert all(ll < 0 for ll, _ in one)

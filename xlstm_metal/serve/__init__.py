@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import copy
 import dataclasses
 import functools
 import gc
@@ -41,6 +42,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -1228,6 +1230,35 @@ class _HandlerGenerator:
         return getattr(self._generator, name)
 
 
+def _sum_usage(usages: list[dict]) -> dict:
+    """Replies' ``usage`` objects added up, field by field (nested ones too, e.g.
+    ``prompt_tokens_details.cached_tokens``); a field not in every one is left out."""
+    total = {}
+    for name, value in usages[0].items():
+        values = [usage.get(name) for usage in usages]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            total[name] = sum(values)
+        elif all(isinstance(v, dict) for v in values):
+            total[name] = _sum_usage(values)
+    return total
+
+
+def stream_options_usage(options: Any, stream: bool) -> bool:
+    """Whether a request's ``stream_options`` ask for a last usage chunk; a ValueError for options
+    that are malformed, unknown or sent without streaming."""
+    if options is None:
+        return False
+    if not stream:
+        raise ValueError("stream_options is only allowed when stream is true")
+    include_usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(include_usage, bool):
+        raise ValueError("stream_options must be an object whose include_usage is true or false")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:  # e.g. vLLM's continuous_usage_stats: was ignored without a word
+        raise ValueError(f"stream_options.{unknown[0]} is not supported (only include_usage)")
+    return include_usage
+
+
 class APIHandler(mlx_server.APIHandler):
     """mlx-lm's request handler, plus the chat page at ``/``, stricter request checks, and a
     generation stopped when its client leaves, streaming or not."""
@@ -1307,15 +1338,111 @@ class APIHandler(mlx_server.APIHandler):
         elif self._read_body():
             self.path = path
             current_job().update(phase="serve")
+            prompts = self._several_prompts()
             try:
-                super().do_POST()
-            except ConnectionError as err:  # the client left; mlx-lm's handler stopped its generation
+                if prompts is None:
+                    self._answer()
+                else:
+                    self._answer_each(prompts)
+            except ConnectionError as err:  # the client left
                 logging.debug("%s left before its reply: %s", self.address_string(), err)
                 self.close_connection = True
-            except _RequestFailed as failed:  # before the reply
-                self._fail(failed.error)
-            except Exception as err:  # during the reply (mlx-lm's handler let it end the connection, unanswered)
-                self._fail(err)
+
+    def _answer(self) -> None:
+        """The read request through mlx-lm's handler, its failures answered in OpenAI's shape."""
+        try:
+            super().do_POST()
+        except ConnectionError:  # the client left; mlx-lm's handler stopped its generation
+            raise
+        except _RequestFailed as failed:  # before the reply
+            self._fail(failed.error)
+        except Exception as err:  # during the reply (mlx-lm's handler let it end the connection, unanswered)
+            self._fail(err)
+
+    def _several_prompts(self) -> list | None:
+        """The prompts of a /v1/completions request whose ``prompt`` is a list of several (strings
+        or lists of token ids: OpenAI's legacy batch, which lm-eval's local-completions sends at
+        ``batch_size`` > 1), else None."""
+        if self.path != "/v1/completions":
+            return None
+        prompt = json.loads(self.rfile.getvalue()).get("prompt")
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            return prompt
+        return None
+
+    def _answer_each(self, prompts: list) -> None:
+        """One choice per prompt (``index`` its place in the list), usage summed. Each prompt runs as
+        a request of its own (every check, default and logprob of the one-prompt path) on a copy
+        of this handler whose reply is kept, not sent; the copies run at once, so the generation
+        thread batches them. A stream carries each choice whole, in the order they end; the first
+        prompt that fails answers the request, naming its index."""
+        body = json.loads(self.rfile.getvalue())
+        stream = bool(body.get("stream", False))
+        try:
+            include_usage = stream_options_usage(body.get("stream_options"), stream)
+        except ValueError as err:
+            self._fail(_InvalidRequest(str(err)))
+            return
+        one = {name: value for name, value in body.items() if name not in ("stream", "stream_options")}
+        snapshot = dict(self.__dict__)
+
+        def run(index: int) -> tuple[int, dict]:
+            handler = object.__new__(type(self))
+            handler.__dict__.update(snapshot)
+            raw = json.dumps({**one, "prompt": prompts[index]}).encode()
+            handler.headers = copy.deepcopy(self.headers)
+            handler.headers.replace_header("Content-Length", str(len(raw)))
+            handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), io.BytesIO(), []
+            handler._answer()
+            head, _, reply = handler.wfile.getvalue().partition(b"\r\n\r\n")
+            return int(head.split(b" ", 2)[1]), json.loads(reply)
+
+        replies: dict[int, dict] = {}
+        workers = max(1, min(len(prompts), getattr(self.response_generator.cli_args, "decode_concurrency", 8)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prompt") as pool:
+            futures = {pool.submit(run, index): index for index in range(len(prompts))}
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    status, reply = future.result()
+                except ConnectionError:
+                    raise
+                except Exception as err:  # not a reply of the one-prompt path (which answers its own failures)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._fail(err)
+                    return
+                if status != 200:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    error = reply.get("error") if isinstance(reply, dict) else None
+                    if isinstance(error, dict):
+                        error["message"] = f"prompt {index}: {error.get('message')}"
+                    if self._streaming:
+                        self.wfile.write(b"data: " + json.dumps(reply).encode() + b"\n\n")
+                        self.wfile.flush()
+                    else:
+                        self._send_body(status, json.dumps(reply).encode())
+                    self.close_connection = True
+                    return
+                reply["choices"][0]["index"] = index
+                replies[index] = reply
+                if stream:
+                    if not self._streaming:
+                        self._set_stream_headers(200)
+                        self.end_headers()
+                        shared = {name: reply[name] for name in ("id", "created", "system_fingerprint") if name in reply}
+                    # one id for the stream's chunks, as OpenAI's
+                    self.wfile.write(f"data: {json.dumps({**reply, **shared, 'usage': None})}\n\n".encode())
+                    self.wfile.flush()
+        usage = _sum_usage([replies[index]["usage"] for index in sorted(replies)])
+        if stream:
+            if include_usage:
+                chunk = {name: reply[name] for name in ("object", "model")} | shared
+                self.wfile.write(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            return
+        merged = {**replies[0], "choices": [replies[i]["choices"][0] for i in range(len(prompts))], "usage": usage}
+        self._send_body(200, json.dumps(merged).encode())
 
     _streaming = False
     #: Whether the reply starts with the prompt (the legacy completions' echo), until it has.
@@ -1621,13 +1748,7 @@ class APIHandler(mlx_server.APIHandler):
         elif self.path == "/v1/completions":
             body["prompt"] = self._one_prompt(body.get("prompt"))
         if self.stream_options is not None:
-            include_usage = self.stream_options.get("include_usage", False) if isinstance(
-                self.stream_options, dict) else None
-            if not isinstance(include_usage, bool):
-                raise ValueError("stream_options must be an object whose include_usage is true or false")
-            unknown = sorted(set(self.stream_options) - {"include_usage"})
-            if unknown:  # e.g. vLLM's continuous_usage_stats: was ignored without a word
-                raise ValueError(f"stream_options.{unknown[0]} is not supported (only include_usage)")
+            include_usage = stream_options_usage(self.stream_options, True)
             self.stream_options = {**self.stream_options, "include_usage": include_usage}
         tools = body.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
@@ -1671,8 +1792,7 @@ class APIHandler(mlx_server.APIHandler):
         for name, (neutral, reason) in UNSUPPORTED_FIELDS.items():
             if body.get(name) not in neutral:
                 raise ValueError(f"{name}={json.dumps(body[name])[:80]} is not supported: {reason}")
-        if body.get("stream_options") is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+        stream_options_usage(body.get("stream_options"), bool(self.stream))
         if body.get("tool_choice") == "none":
             body["tools"] = None  # mlx-lm renders body["tools"] into the prompt
         tokenizer = self.response_generator.model_provider.tokenizer
@@ -1944,8 +2064,8 @@ class APIHandler(mlx_server.APIHandler):
 
     def _one_prompt(self, prompt: Any) -> str | list[int]:
         """A /v1/completions prompt as OpenAI's legacy API takes it: a string or token ids, each
-        also as a list of one (lm-eval's local-completions sends ``[text]`` or ``[[ids]]``). One
-        choice per request: several prompts are refused, as are ids outside the vocabulary."""
+        also as a list of one (lm-eval's local-completions sends ``[text]`` or ``[[ids]]``); ids
+        outside the vocabulary are refused. (Several prompts: :meth:`_answer_each`.)"""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
@@ -1955,8 +2075,6 @@ class APIHandler(mlx_server.APIHandler):
             for token in prompt:
                 self._check_token_id(token, "prompt")
             return prompt
-        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            raise ValueError(f"prompt: one prompt per request, got {len(prompt)} (send each as its own request)")
         raise ValueError("prompt must be a string or a list of token ids")
 
     @functools.cached_property
