@@ -360,6 +360,16 @@ def _positive(args, *names) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _absolute_shape(shape: str) -> str:
+    """--shape as the objective keeps it: a named shape as given, a config file or checkpoint
+    directory made absolute (shape_config reads a named shape first)."""
+    from ..benchmark import SHAPES
+
+    if shape.lower() in SHAPES or not Path(shape).expanduser().exists():
+        return shape
+    return str(Path(shape).expanduser().resolve())
+
+
 def _saved_by_sweep(profile_path: Path, out: Path) -> bool:
     """Whether the profile at ``profile_path`` is the one the sweep in ``out`` saved: the same
     settings as the copy the sweep keeps in ``out/profile.json`` (a profile edited since, or
@@ -445,6 +455,9 @@ def run(args: argparse.Namespace) -> int:
         base = load_profile(args.profile or default_profile)
     except ProfileError as err:
         raise UsageError(str(err)) from None
+    # The objective's paths are kept in run_meta.json and compared on --resume: a relative one
+    # (--profile my.json, --shape tiny.json, --model ckpt) refused a resume from another directory.
+    base_path = str(Path(base.source).resolve()) if base.source else base.name
     profile_path = winner_name = None
     if args.objective == "speed":
         speed_only = ("data", "tokenizer")
@@ -457,8 +470,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model:
             from ..loading import CheckpointError, resolve_model_path
 
-            try:
-                model = str(resolve_model_path(args.model))
+            try:  # absolute, as the train objective's paths are: kept in run_meta.json for --resume
+                model = str(resolve_model_path(args.model).resolve())
             except CheckpointError as err:
                 raise UsageError(str(err)) from None
             if args.save_outputs:  # every trial writes continuations with it
@@ -484,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"profile {profile_path} exists and was not saved by the sweep in {out} (it differs from "
                              f"{out / 'profile.json'}); resuming would replace it: pass another --profile-name "
                              "(--overwrite replaces a profile only when a sweep starts anew)")
-        objective = SpeedObjective(model=model, shape=args.shape or "125m", base_profile=base.source or base.name,
+        objective = SpeedObjective(model=model, shape=_absolute_shape(args.shape or "125m"), base_profile=base_path,
                                    metric=args.metric, prefill_length=args.prefill_length,
                                    decode_batch=args.decode_batch, decode_tokens=args.decode_tokens,
                                    repeats=args.repeats, seed=args.seed)
@@ -527,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
                                    tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
                                    vocab_size=args.vocab_size, token_budget=args.token_budget,
                                    param_budget=args.param_budget, seq_len=args.seq_len, val_fraction=args.val_fraction,
-                                   text_field=args.text_field, seed=args.seed, base_profile=base.source or base.name,
+                                   text_field=args.text_field, seed=args.seed, base_profile=base_path,
                                    max_depth=args.max_depth, runs_dir=str((out / "trials").resolve()))
     flags = _flags_record(args, given, args.profile or default_profile, winner_name)
     settings = SweepSettings(mode=args.mode, trials=args.trials, population=args.population,
