@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             send_command(args.clear_cache, "clear_cache")
         except ProcessLookupError as err:
             raise UsageError(str(err)) from None
+        except OSError as err:  # e.g. the runtime directory cannot take the request file
+            raise UsageError(f"cannot ask job {args.clear_cache} to clear its MLX cache: {err}") from None
         print(f"asked {args.clear_cache} to clear its MLX cache", file=sys.stderr)
         return 0
     monitor = Monitor()
@@ -153,7 +155,7 @@ def _run_command(line: str, interval: float) -> float:
             return value
         else:
             print(f"xltop: unknown command {line!r} (kill PID, clear_cache PID, interval S, quit)", file=sys.stderr)
-    except (ValueError, ProcessLookupError, PermissionError) as err:
+    except (ValueError, OSError) as err:  # the stream goes on (ProcessLookupError and PermissionError included)
         print(f"xltop: {line!r}: {err}", file=sys.stderr)
     return interval
 

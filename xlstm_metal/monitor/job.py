@@ -52,6 +52,9 @@ FIELDS = frozenset({
     "model", "device", "message",
 })
 DEFAULT_INTERVAL = 1.0
+#: Bounds of the record interval (seconds): at 0 or below the publisher thread never waited (it
+#: rewrote the record ~1,000 times a second), and nan / inf failed in the first record's JSON.
+MIN_INTERVAL, MAX_INTERVAL = 0.01, 3600.0
 #: tokens_per_s is measured over this many records.
 RATE_WINDOW = 4
 #: Tokens between the agreements of a distributed run's processes on a memory stop (a collective
@@ -84,7 +87,7 @@ class JobStatus:
         self.argv = list(sys.argv if argv is None else argv)
         if self.argv and self.argv[0].endswith(("xlstm_metal/__main__.py", "xlstm_metal\\__main__.py")):
             self.argv[0] = "xlstm-metal"  # `python -m xlstm_metal` reads as the command it is
-        self.interval = float(interval or os.environ.get("XLSTM_STATUS_INTERVAL") or DEFAULT_INTERVAL)
+        self.interval = _record_interval(interval)
         try:
             self.directory: Path | None = directory or runtime_dir()
         except OSError as err:  # the job runs on without a record (and with its watchdog)
@@ -426,6 +429,22 @@ class JobStatus:
             for path in list(_PARTIAL):  # the main thread's cleanup will never run: do it here
                 shutil.rmtree(path, ignore_errors=True)
             os._exit(128 + signal.SIGTERM)
+
+
+def _record_interval(interval: float | None) -> float:
+    """``interval``, else ``$XLSTM_STATUS_INTERVAL``, else 1 s; ValueError naming its source
+    outside [MIN_INTERVAL, MAX_INTERVAL] (a command line reports it as a usage error)."""
+    if interval is not None:
+        source, text = "interval", interval
+    else:
+        source, text = "XLSTM_STATUS_INTERVAL", os.environ.get("XLSTM_STATUS_INTERVAL", "").strip() or DEFAULT_INTERVAL
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not MIN_INTERVAL <= value <= MAX_INTERVAL:  # also nan
+        raise ValueError(f"{source} must be a number of seconds in [{MIN_INTERVAL:g}, {MAX_INTERVAL:g}], got {text!r}")
+    return value
 
 
 #: Set when :func:`_terminate` ran (the main thread took the SIGTERM).

@@ -159,11 +159,12 @@ def send_command(pid: int, command: str, directory: Path | None = None) -> Path:
     ProcessLookupError where no record of ``pid`` is there or its process is gone."""
     if command not in COMMANDS:
         raise ValueError(f"unknown job command {command!r} (known: {', '.join(COMMANDS)})")
-    directory = directory or runtime_dir()
+    # Not created here: where there is no runtime directory there is no job to ask.
+    directory = directory or runtime_dir(create=False)
     record = record_path(pid, directory)
     try:
         alive = _alive(json.loads(record.read_text()))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no record (a file in the directory's place: none)
         alive = False
     except (OSError, ValueError, KeyError, TypeError):
         alive = process_started(pid) is not None  # a record being replaced, or unreadable: the process decides

@@ -1,0 +1,62 @@
+"""Session 51's hunt in the job monitor, the memory watchdog, convert and the distributed side:
+each test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import assert_rejected
+
+from xlstm_metal.monitor import JobStatus
+
+
+@pytest.fixture(autouse=True)
+def runtime(tmp_path, monkeypatch):
+    """Records of this test only (other jobs on the machine stay out)."""
+    path = tmp_path / "runtime"
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(path))
+    return path
+
+
+# ---------------------------------------------------------------------- XLSTM_STATUS_INTERVAL
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1e9"])
+def test_a_bad_status_interval_is_refused_by_name(value, monkeypatch, capsys):
+    # 0 and below made the publisher thread spin (the record rewritten ~1,000 times a second),
+    # nan / inf failed with a JSON traceback, 'abc' said only "could not convert string to float".
+    monkeypatch.setenv("XLSTM_STATUS_INTERVAL", value)
+    assert_rejected(["generate", "--prompt", "x", "-n", "1"], capsys, "XLSTM_STATUS_INTERVAL", repr(value))
+    with pytest.raises(ValueError, match="XLSTM_STATUS_INTERVAL"):
+        JobStatus("bench", watchdog=None)
+
+
+def test_status_intervals_in_range_are_taken(monkeypatch):
+    monkeypatch.setenv("XLSTM_STATUS_INTERVAL", " 0.5 ")
+    assert JobStatus("bench", watchdog=None).interval == 0.5
+    assert JobStatus("bench", watchdog=None, interval=0.05).interval == 0.05  # the argument wins
+    monkeypatch.setenv("XLSTM_STATUS_INTERVAL", "")
+    assert JobStatus("bench", watchdog=None).interval == 1.0
+    with pytest.raises(ValueError, match="interval must be"):
+        JobStatus("bench", watchdog=None, interval=0)
+
+
+# ---------------------------------------------------------------------- top --clear-cache
+def test_top_clear_cache_without_a_usable_runtime_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    # A file where the runtime directory should be: FileExistsError traceback from mkdir.
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(blocker))
+    assert_rejected(["top", "--clear-cache", "1"], capsys, "no running xlstm-metal job with pid 1")
+    # A runtime directory that does not exist holds no job: refused, and not made by asking.
+    missing = tmp_path / "missing"
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(missing))
+    assert_rejected(["top", "--clear-cache", "1"], capsys, "no running xlstm-metal job with pid 1")
+    assert not missing.exists()
+
+
+def test_top_json_stdin_commands_survive_an_unusable_runtime_directory(tmp_path, monkeypatch, capsys):
+    from xlstm_metal.cli.top import _run_command
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(blocker))
+    assert _run_command("clear_cache 1", 2.0) == 2.0  # the stream goes on (was a traceback ending it)
+    assert "no running xlstm-metal job with pid 1" in capsys.readouterr().err
