@@ -60,3 +60,37 @@ def test_top_json_stdin_commands_survive_an_unusable_runtime_directory(tmp_path,
     monkeypatch.setenv("XLSTM_RUNTIME_DIR", str(blocker))
     assert _run_command("clear_cache 1", 2.0) == 2.0  # the stream goes on (was a traceback ending it)
     assert "no running xlstm-metal job with pid 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- tensor parallel, quantized
+class _Pair:
+    """Rank 0 of a group of two, for the checks shard_model makes before any collective."""
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return 0
+
+
+def test_tensor_split_of_a_quantized_model_names_the_group_size_that_cannot_split():
+    # The input of proj_down (192) and out_proj (64) split in two is 96 and 32 columns: groups of
+    # 64 cannot be cut there. MLX failed with "[quantize] The last dimension of the matrix needs
+    # to be divisible by the quantization group size 64 ..." (what `mlx.launch -n 2 -- xlstm-metal
+    # generate -m <4-bit tiny model>` printed), naming no layer and no way out.
+    from conftest import tiny_model
+
+    from xlstm_metal.distributed import shard_model
+    from xlstm_metal.quantization import quantize_model
+
+    model = tiny_model(0)
+    quantize_model(model, bits=4, group_size=64)
+    with pytest.raises(ValueError, match=r"cannot split the model across processes: backbone\.blocks\.0\.ffn\."
+                                         r"proj_down's input width 192 in 2 parts of 96 is not a multiple of its "
+                                         r"quantization group size 64 \(--parallel pipeline"):
+        shard_model(model, _Pair())
+    model = tiny_model(0)
+    quantize_model(model, bits=4, group_size=32)  # 96 and 32 hold whole groups of 32: it splits
+    shard_model(model, _Pair())
+    assert model.parallel == {"mode": "tensor", "size": 2, "rank": 0}
+    assert model.backbone.blocks[0].ffn.proj_down.weight.shape[-1] * 32 // 4 == 96

@@ -122,6 +122,18 @@ def _check_shardable(model, N: int) -> None:
     cfg = model.config
     problems = [f"{what} ({n}) is not divisible by the number of processes ({N})"
                 for what, n in (("num_heads", cfg.num_heads), ("ffn_dim", cfg.ffn_dim)) if n % N]
+    # A quantized layer split by input keeps whole groups of its scales: each rank's share of the
+    # input must be a multiple of the group size (MLX's own message, "[quantize] The last
+    # dimension of the matrix needs to be divisible by the quantization group size", named none
+    # of this).
+    for path, layer in sorted(model.named_modules(), key=lambda item: item[0]):
+        if path.endswith(("mlstm_layer.out_proj", "ffn.proj_down")) and isinstance(getattr(layer, "bits", None), int):
+            width = layer.weight.shape[-1] * 32 // layer.bits
+            if width % N == 0 and (width // N) % layer.group_size:
+                problems.append(f"{path}'s input width {width} in {N} parts of {width // N} is not a multiple of its "
+                                f"quantization group size {layer.group_size} (--parallel pipeline splits the model by "
+                                "blocks instead)")
+                break
     if problems:
         raise ValueError("cannot split the model across processes: " + "; ".join(problems))
 
