@@ -160,7 +160,10 @@ class WiredBlock(Module2024):
         if outputs is None:
             port, size = next(iter(cells[last].output_ports.items()))
             outputs = {"y": size}
-            connections.append(_implicit(f"{last}.{port}", "out.y"))
+            # as for in.x: a spec that connects out.y itself gets no second (implicit) connection,
+            # which added the last cell's output to it again
+            if not any(c.dst in ("out", "out.y") for c in connections):
+                connections.append(_implicit(f"{last}.{port}", "out.y"))
         object.__setattr__(self, "input_ports", dict(inputs))
         object.__setattr__(self, "output_ports", dict(outputs))
 
