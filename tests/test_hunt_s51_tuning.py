@@ -1,5 +1,6 @@
 """Session 51's hunt in tune, profile, plot and judge: each test fails on the code before its fix."""
 
+import dataclasses
 import json
 import shutil
 
@@ -41,3 +42,51 @@ def test_resume_from_another_directory_with_relative_model_shape_and_profile(tmp
         monkeypatch.chdir(tmp_path / "elsewhere")
         assert main(["tune", "--out", f"../{name}", "--resume", "--trials", "2", "--no-progress"]) == 0
         assert [r["status"] for r in _records(tmp_path / name)] == ["complete", "complete"]
+
+
+@pytest.mark.parametrize("metric, unsearched", [("decode", ("kernel", "chunk_size", "prefill_chunk")),
+                                                ("prefill", ("step_kernel",))])
+def test_a_sweep_searches_only_the_settings_its_metric_times(tmp_path, monkeypatch, metric, unsearched):
+    """--metric decode drew the prompt's kernel, chunk size and piece length at random (a decode
+    step runs none of them) and saved the winner's draws in its profile, e.g. the quadratic
+    `parallel` kernel over 4096-token pieces, never timed; --metric prefill did so for the step
+    kernel. Those now stay at the base profile's values and are not searched."""
+    from xlstm_metal.profiles import load_profile
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.json").write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1,
+                                                    "vocab_size": 128}))
+    timing = ["--prefill-length", "32", "--repeats", "1"] if metric == "prefill" else ["--decode-tokens", "4"]
+    assert main(["tune", "--objective", "speed", "--shape", "tiny.json", "--metric", metric, *timing, "--out", "s",
+                 "--trials", "4", "--profile-name", "w", "--no-progress"]) == 0
+    records = _records(tmp_path / "s")
+    assert len(records) == 4 and all(not set(unsearched) & set(r["params"]) for r in records)
+    assert "state_dtype" in records[0]["params"]
+    space = json.loads((tmp_path / "s" / "run_meta.json").read_text())["objective"]["space"]
+    assert not set(unsearched) & set(space)
+    base, winner = load_profile("exact-fp32"), load_profile("w")
+    fields = {"kernel": lambda p: p.kernels["chunkwise"], "step_kernel": lambda p: p.kernels["step"],
+              "chunk_size": lambda p: p.chunk_size, "prefill_chunk": lambda p: p.prefill_chunk}
+    for name in unsearched:
+        assert fields[name](winner) == fields[name](base), name
+
+
+def test_a_prefill_sweep_of_the_older_space_resumes_with_it(tmp_path, monkeypatch):
+    """A --metric prefill sweep an older version ran searched the step kernel too: resuming it
+    goes on with that space (a changed space is refused as other settings)."""
+    from xlstm_metal.tuning import SpeedObjective
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.json").write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1,
+                                                    "vocab_size": 128}))
+    flags = ["--shape", "tiny.json", "--metric", "prefill", "--prefill-length", "32", "--repeats", "1"]
+    everything = ("kernel", "chunk_size", "prefill_chunk", "step_kernel", "state_dtype", "fuse")
+    space = SpeedObjective._space
+    with monkeypatch.context() as patch:  # as the older version searched
+        patch.setattr(SpeedObjective, "_space", lambda self: space(dataclasses.replace(self, searched=everything)))
+        assert main(["tune", "--objective", "speed", *flags, "--out", "s", "--trials", "1", "--profile-name", "w",
+                     "--no-progress"]) == 0
+    assert main(["tune", "--out", "s", "--resume", "--trials", "2", "--no-progress"]) == 0
+    records = _records(tmp_path / "s")
+    assert [r["status"] for r in records] == ["complete", "complete"]
+    assert all("step_kernel" in r["params"] for r in records)

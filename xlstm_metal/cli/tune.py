@@ -10,7 +10,9 @@
 Every speed trial is checked against the float32 reference within the tolerance of --profile
 (default: exact-fp32 on CPUs, fast-bf16 on GPUs) and rejected when it fails; the winner is saved
 as a profile for this device (--profile-name, default tuned-<device>), usable as
-`--profile NAME` by generate, chat, serve, bench and train. Outputs in --out: run_meta.json,
+`--profile NAME` by generate, chat, serve, bench and train. A speed sweep searches what its
+--metric times: --metric decode leaves the prompt's kernel, chunk size and piece length, --metric
+prefill the step kernel, at the base profile's values. Outputs in --out: run_meta.json,
 trials.jsonl, summary.csv, best.json, study.db (Optuna), outputs/ with --save-outputs,
 profile.json (speed), trials/trial-NNNN/ training runs (train).
 
@@ -79,7 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--model", "-m", default=None, help="checkpoint directory")
     src.add_argument("--shape", default=None, help="random weights of a named shape (7b, 1.3b, 125m) or config.json")
     sp.add_argument("--metric", choices=("prefill", "decode", "both"), default=None,
-                    help="prefill tok/s, decode tok/s, or their geometric mean (default)")
+                    help="prefill tok/s, decode tok/s, or their geometric mean (default); only the settings "
+                         "of what it times are searched")
     sp.add_argument("--prefill-length", type=int, default=None, help="(default 512; --metric prefill or both)")
     sp.add_argument("--decode-batch", type=int, default=None, help="(default 1; --metric decode or both)")
     sp.add_argument("--decode-tokens", type=int, default=None, help="(default 32; --metric decode or both)")
@@ -370,6 +373,17 @@ def _absolute_shape(shape: str) -> str:
     return str(Path(shape).expanduser().resolve())
 
 
+def _saved_search(out: Path) -> tuple[str, ...]:
+    """The settings a speed sweep in ``out`` searched (its run_meta.json's space): a sweep of an
+    older version, which searched every setting whatever --metric timed, goes on searching them
+    (a changed space could not be resumed). () where the file holds none."""
+    from ..jsonfiles import read_json_object
+
+    objective = read_json_object(out / "run_meta.json", UsageError).get("objective")
+    space = objective.get("space") if isinstance(objective, dict) else None
+    return tuple(name for name in space if name != "blas_threads") if isinstance(space, dict) else ()
+
+
 def _saved_by_sweep(profile_path: Path, out: Path) -> bool:
     """Whether the profile at ``profile_path`` is the one the sweep in ``out`` saved: the same
     settings as the copy the sweep keeps in ``out/profile.json`` (a profile edited since, or
@@ -500,7 +514,8 @@ def run(args: argparse.Namespace) -> int:
         objective = SpeedObjective(model=model, shape=_absolute_shape(args.shape or "125m"), base_profile=base_path,
                                    metric=args.metric, prefill_length=args.prefill_length,
                                    decode_batch=args.decode_batch, decode_tokens=args.decode_tokens,
-                                   repeats=args.repeats, seed=args.seed)
+                                   repeats=args.repeats, seed=args.seed,
+                                   searched=_saved_search(out) if args.resume else ())
         if model is not None:
             from ..loading import CheckpointError
 

@@ -88,6 +88,9 @@ class SpeedObjective(Objective):
     #: Default: float32, plus bfloat16 when the base profile's tolerance (>= 1e-2) could admit
     #: its rounding (~4e-3 per step, compounding over blocks).
     state_dtypes: tuple[str, ...] = ()
+    #: The categorical settings searched (default: those ``metric`` times, see :meth:`_space`); a
+    #: resumed sweep passes its own, so one that an older version searched otherwise goes on alike.
+    searched: tuple[str, ...] = ()
     name: str = field(default="speed", init=False)
     direction: str = field(default="maximize", init=False)
 
@@ -107,17 +110,22 @@ class SpeedObjective(Objective):
     def cache_key(self) -> tuple:
         return ("speed", self.model, None if self.model else self.shape, self.seed)
 
+    def _space(self) -> dict[str, list]:
+        """The categorical settings searched: only those the measurement runs. A prompt runs the
+        chunkwise kernel, its chunk size and the piece length; a decode step runs the step kernel
+        (one token at a time). The others keep the base profile's values: with --metric decode the
+        winner's prompt kernel and pieces were random draws no trial had timed."""
+        space = {"kernel": list(self.kernels), "chunk_size": list(self.chunk_sizes),
+                 "prefill_chunk": list(self.prefill_chunks), "step_kernel": ["step", "step_fused"],
+                 "state_dtype": list(self.state_dtypes), "fuse": [True, False]}
+        searched = self.searched or {"prefill": ("kernel", "chunk_size", "prefill_chunk", "state_dtype", "fuse"),
+                                     "decode": ("step_kernel", "state_dtype", "fuse")}.get(self.metric, tuple(space))
+        return {name: choices for name, choices in space.items() if name in searched}
+
     def suggest(self, trial) -> dict[str, Any]:
         import mlx.core as mx
 
-        params = {
-            "kernel": trial.suggest_categorical("kernel", list(self.kernels)),
-            "chunk_size": trial.suggest_categorical("chunk_size", list(self.chunk_sizes)),
-            "prefill_chunk": trial.suggest_categorical("prefill_chunk", list(self.prefill_chunks)),
-            "step_kernel": trial.suggest_categorical("step_kernel", ["step", "step_fused"]),
-            "state_dtype": trial.suggest_categorical("state_dtype", list(self.state_dtypes)),
-            "fuse": trial.suggest_categorical("fuse", [True, False]),
-        }
+        params = {name: trial.suggest_categorical(name, choices) for name, choices in self._space().items()}
         if mx.default_device() == mx.cpu:
             params["blas_threads"] = trial.suggest_int("blas_threads", 1, max(1, os.cpu_count() or 1))
         return params
@@ -126,16 +134,14 @@ class SpeedObjective(Objective):
         return {**super().meta(), "model": self.model, "shape": None if self.model else self.shape,
                 "base_profile": self.base_profile, "prefill_length": self.prefill_length,
                 "decode_batch": self.decode_batch, "decode_tokens": self.decode_tokens, "repeats": self.repeats,
-                "space": {"kernel": list(self.kernels), "chunk_size": list(self.chunk_sizes),
-                          "prefill_chunk": list(self.prefill_chunks), "step_kernel": ["step", "step_fused"],
-                          "state_dtype": list(self.state_dtypes), "fuse": [True, False],
-                          "blas_threads": "1..cpu_count (CPU only)"}}
+                "space": {**self._space(), "blas_threads": "1..cpu_count (CPU only)"}}
 
     def can_generate(self) -> bool:
         return self.model is not None
 
     def profile_for(self, params: dict[str, Any], name: str = "trial"):
-        """The trial's settings as a HyperProfile on top of the base profile."""
+        """The trial's settings as a HyperProfile on top of the base profile (whose values stay
+        where the metric searched none: see :meth:`_space`)."""
         from ..benchmark import environment
         from ..profiles import load_profile
 
@@ -143,8 +149,10 @@ class SpeedObjective(Objective):
         return base.replace(
             name=name, version=1,
             description=f"tuned by `xlstm-metal tune --objective speed` from {base.name}",
-            kernels={**base.kernels, "chunkwise": params["kernel"], "step": params["step_kernel"]},
-            chunk_size=params["chunk_size"], prefill_chunk=params["prefill_chunk"],
+            kernels={**base.kernels, "chunkwise": params.get("kernel", base.kernels["chunkwise"]),
+                     "step": params.get("step_kernel", base.kernels["step"])},
+            chunk_size=params.get("chunk_size", base.chunk_size),
+            prefill_chunk=params.get("prefill_chunk", base.prefill_chunk),
             state_dtype=params["state_dtype"], fuse=params["fuse"], blas_threads=params.get("blas_threads"),
             device=environment())
 
@@ -193,7 +201,7 @@ class SpeedObjective(Objective):
                  "both": lambda: math.sqrt(record["prefill_tok_s"] * record["decode_tok_s"])}[self.metric]()
         record.update(status=COMPLETE, value=value)
         if prompts:
-            record["outputs"] = _greedy(model, self.model, prompts, max_new_tokens, params["prefill_chunk"])
+            record["outputs"] = _greedy(model, self.model, prompts, max_new_tokens, profile.prefill_chunk)
         return record
 
 
