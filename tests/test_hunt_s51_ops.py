@@ -94,3 +94,32 @@ def test_tensor_split_of_a_quantized_model_names_the_group_size_that_cannot_spli
     shard_model(model, _Pair())
     assert model.parallel == {"mode": "tensor", "size": 2, "rank": 0}
     assert model.backbone.blocks[0].ffn.proj_down.weight.shape[-1] * 32 // 4 == 96
+
+
+# ---------------------------------------------------------------------- top's kill
+def test_the_kill_key_signals_only_a_job_that_still_runs(runtime):
+    # The live view asks before it kills; meanwhile the job may end and its pid go to another
+    # process (here: one that never was a job, and one holding the pid of a job that died with
+    # SIGKILL and left its record): kill_job signalled whatever had the pid.
+    import subprocess
+    import sys
+
+    import psutil
+
+    from xlstm_metal.monitor.records import atomic_write_json, record_path
+    from xlstm_metal.monitor.top import kill_job
+
+    runtime.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(ProcessLookupError, match=f"no running xlstm-metal job with pid {proc.pid}"):
+            kill_job(proc.pid, runtime)
+        started = psutil.Process(proc.pid).create_time()
+        atomic_write_json(record_path(proc.pid, runtime), {"pid": proc.pid, "process_started": started - 100,
+                                                            "updated": started})
+        with pytest.raises(ProcessLookupError):
+            kill_job(proc.pid, runtime)
+        assert proc.poll() is None  # not signalled
+    finally:
+        proc.kill()
+        proc.wait()

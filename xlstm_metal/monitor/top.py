@@ -211,8 +211,12 @@ def render_text(snapshot: dict[str, Any], width: int | None = None) -> str:
     return console.export_text()
 
 
-def kill_job(pid: int) -> None:
-    """SIGTERM to a job listed by top (the job unwinds and removes its record)."""
+def kill_job(pid: int, directory: Path | None = None) -> None:
+    """SIGTERM to a job listed by top (the job unwinds and removes its record).
+    ProcessLookupError unless ``pid`` is a running job now: the live view asks first, and while
+    it asked the job may have ended and its pid gone to another process, which was signalled."""
+    if pid not in {job["pid"] for job in read_jobs(directory)}:
+        raise ProcessLookupError(f"no running xlstm-metal job with pid {pid}")
     os.kill(pid, signal.SIGTERM)
 
 

@@ -193,7 +193,7 @@ class TopApp(App):
                 self.notify("not killed")
                 return
             try:
-                kill_job(pid)
+                kill_job(pid, self.directory)  # still that job: the dialog may have waited long
             except ProcessLookupError:
                 self.notify(f"{pid} has already ended", severity="warning")
             except PermissionError as err:
