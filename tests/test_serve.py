@@ -203,7 +203,9 @@ HOSTILE_REQUESTS = [  # each reached the generation thread, or got no response, 
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 2, "temperature": NaN}', "finite"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 2, "presence_penalty": Infinity}', "finite"),
     ("/v1/completions", {"prompt": "x", "max_tokens": True}, "boolean"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2}, "n must be 1"),  # was one choice, silently
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 0}, "n must be an integer in 1..128"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2.0}, "n must be an integer"),
+    ("/v1/completions", {"prompt": ["x", "y"], "max_tokens": 2, "n": 65}, "130 choices; at most 128"),
     ("/v1/completions", b'{"prompt": "\xff\xfe", "max_tokens": 2}', "UTF-8"),  # no response
     ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}', "Unicode"),  # was a 404
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "Unicode"),

@@ -763,3 +763,34 @@ def test_lm_eval_local_completions_in_batches_scores_as_one_at_a_time(server, ck
     assert [g for _, g in batched] == [g for _, g in one]
     assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in one], abs=1e-4)
     assert all(ll < 0 for ll, _ in one)
+
+
+def test_n_choices_each_sampled_on_its_own(server):
+    """``n`` > 1 (was a 400): n choices, each what a request alone gets, choice j with seed + j
+    (so seeded choices differ and repeat); greedy ones agree; on /v1/completions with several
+    prompts, prompt-major. A chat stream carries each choice whole as a delta."""
+    chat = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 6, "temperature": 1.0}
+    alone = []
+    for seed in (11, 12, 13):
+        status, answer = post(server.url, "/v1/chat/completions", {**chat, "seed": seed})
+        assert status == 200, answer
+        alone.append(answer["choices"][0]["message"]["content"])
+    assert len(set(alone)) > 1
+    status, answer = post(server.url, "/v1/chat/completions", {**chat, "seed": 11, "n": 3})
+    assert status == 200, answer
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in answer["choices"]] == alone
+    assert answer["usage"]["completion_tokens"] == 18 and answer["object"] == "chat.completion"
+    events = stream_events(server.url, "/v1/chat/completions", {**chat, "seed": 11, "n": 3, "stream": True})
+    assert all(e["object"] == "chat.completion.chunk" for e in events) and len({e["id"] for e in events}) == 1
+    deltas = {e["choices"][0]["index"]: e["choices"][0]["delta"] for e in events}
+    assert [deltas[i] for i in range(3)] == [{"role": "assistant", "content": text} for text in alone]
+    greedy = {"prompt": [PROMPTS[0], PROMPTS[3]], "max_tokens": 5, "temperature": 0, "n": 2}
+    status, answer = post(server.url, "/v1/completions", greedy)
+    assert status == 200, answer
+    texts = [c["text"] for c in answer["choices"]]
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert texts[0] == texts[1] != texts[2] == texts[3]
+    for i, prompt in enumerate(greedy["prompt"]):
+        status, one = post(server.url, "/v1/completions", {**greedy, "prompt": prompt, "n": 1})
+        assert status == 200 and one["choices"][0]["text"] == texts[2 * i]

@@ -130,6 +130,8 @@ MODEL_DEFAULTS = {"max_tokens": ("max_tokens", 512), "temperature": ("temp", 0.0
 #: The largest request body read (a 413 beyond): a Content-Length of 10**12 made the handler
 #: allocate that much at once (a MemoryError traceback, no response).
 MAX_BODY_BYTES = 64 * 2**20
+#: Choices of one request at most (its prompts times n; OpenAI's limit of n).
+MAX_CHOICES = 128
 #: The bound on the penalties' context sizes: MLX slices take 32-bit indices (a larger one failed in
 #: the generation thread, a 500 for every request in flight with it).
 MAX_CONTEXT_SIZE = 2**31 - 1
@@ -1230,6 +1232,15 @@ class _HandlerGenerator:
         return getattr(self._generator, name)
 
 
+def _as_delta(choice: dict) -> dict:
+    """A whole chat choice as the one chunk of a stream that carries it: its message as the delta
+    (each tool call with its ``index``, as streamed tool calls have)."""
+    message = dict(choice["message"])
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+    return {**{name: value for name, value in choice.items() if name != "message"}, "delta": message}
+
+
 def _sum_usage(usages: list[dict]) -> dict:
     """Replies' ``usage`` objects added up, field by field (nested ones too, e.g.
     ``prompt_tokens_details.cached_tokens``); a field not in every one is left out."""
@@ -1338,15 +1349,17 @@ class APIHandler(mlx_server.APIHandler):
         elif self._read_body():
             self.path = path
             current_job().update(phase="serve")
-            prompts = self._several_prompts()
             try:
-                if prompts is None:
+                choices = self._one_per_choice()
+                if choices is None:
                     self._answer()
                 else:
-                    self._answer_each(prompts)
+                    self._answer_each(*choices)
             except ConnectionError as err:  # the client left
                 logging.debug("%s left before its reply: %s", self.address_string(), err)
                 self.close_connection = True
+            except _RequestFailed as failed:
+                self._fail(failed.error)
 
     def _answer(self) -> None:
         """The read request through mlx-lm's handler, its failures answered in OpenAI's shape."""
@@ -1359,23 +1372,40 @@ class APIHandler(mlx_server.APIHandler):
         except Exception as err:  # during the reply (mlx-lm's handler let it end the connection, unanswered)
             self._fail(err)
 
-    def _several_prompts(self) -> list | None:
-        """The prompts of a /v1/completions request whose ``prompt`` is a list of several (strings
-        or lists of token ids: OpenAI's legacy batch, which lm-eval's local-completions sends at
-        ``batch_size`` > 1), else None."""
-        if self.path != "/v1/completions":
+    def _one_per_choice(self) -> tuple[list[dict], int] | None:
+        """A request of several choices as one request per choice, in the choices' order, and
+        ``n``; None for one choice. Several: ``n`` > 1 (each choice sampled on its own; with a ``seed``, choice j
+        takes seed + j, so they differ and repeat), or on /v1/completions a ``prompt`` that is a
+        list of several (strings or lists of token ids: OpenAI's legacy batch, which lm-eval's
+        local-completions sends at ``batch_size`` > 1), prompt-major as OpenAI orders them."""
+        body = json.loads(self.rfile.getvalue())
+        n = body.get("n", 1)
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise _RequestFailed(_InvalidRequest(f"n must be an integer in 1..{MAX_CHOICES}, got {n!r}"))
+        prompts = [None]
+        prompt = body.get("prompt")
+        if self.path == "/v1/completions" and isinstance(prompt, list) and len(prompt) > 1 and all(
+                isinstance(p, (str, list)) for p in prompt):
+            prompts = prompt
+        if len(prompts) * n == 1:
             return None
-        prompt = json.loads(self.rfile.getvalue()).get("prompt")
-        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            return prompt
-        return None
+        if len(prompts) * n > MAX_CHOICES:
+            raise _RequestFailed(_InvalidRequest(
+                f"prompt: {len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES}"))
+        one = {name: value for name, value in body.items() if name not in ("n", "stream", "stream_options")}
+        seed = body.get("seed")
+        return [{**one, **({} if p is None else {"prompt": p}),
+                 **({"seed": seed + j} if j and type(seed) is int else {})} for p in prompts for j in range(n)], n
 
-    def _answer_each(self, prompts: list) -> None:
-        """One choice per prompt (``index`` its place in the list), usage summed. Each prompt runs as
-        a request of its own (every check, default and logprob of the one-prompt path) on a copy
-        of this handler whose reply is kept, not sent; the copies run at once, so the generation
-        thread batches them. A stream carries each choice whole, in the order they end; the first
-        prompt that fails answers the request, naming its index."""
+    def _answer_each(self, requests: list[dict], n: int) -> None:
+        """One choice per request of :meth:`_one_per_choice` (``index`` its place), usage summed.
+        Each runs as a request of its own (every check, default and logprob of the one-choice
+        path) on a copy of this handler whose reply is kept, not sent; the copies run at once, so
+        the generation thread batches them. A stream carries each choice whole, in the order they
+        end; the first choice that fails answers the request (naming its prompt's index, where
+        the request has several)."""
         body = json.loads(self.rfile.getvalue())
         stream = bool(body.get("stream", False))
         try:
@@ -1383,13 +1413,13 @@ class APIHandler(mlx_server.APIHandler):
         except ValueError as err:
             self._fail(_InvalidRequest(str(err)))
             return
-        one = {name: value for name, value in body.items() if name not in ("stream", "stream_options")}
         snapshot = dict(self.__dict__)
+        chat = self.path != "/v1/completions"
 
         def run(index: int) -> tuple[int, dict]:
             handler = object.__new__(type(self))
             handler.__dict__.update(snapshot)
-            raw = json.dumps({**one, "prompt": prompts[index]}).encode()
+            raw = json.dumps(requests[index]).encode()
             handler.headers = copy.deepcopy(self.headers)
             handler.headers.replace_header("Content-Length", str(len(raw)))
             handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), io.BytesIO(), []
@@ -1398,9 +1428,9 @@ class APIHandler(mlx_server.APIHandler):
             return int(head.split(b" ", 2)[1]), json.loads(reply)
 
         replies: dict[int, dict] = {}
-        workers = max(1, min(len(prompts), getattr(self.response_generator.cli_args, "decode_concurrency", 8)))
+        workers = max(1, min(len(requests), getattr(self.response_generator.cli_args, "decode_concurrency", 8)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prompt") as pool:
-            futures = {pool.submit(run, index): index for index in range(len(prompts))}
+            futures = {pool.submit(run, index): index for index in range(len(requests))}
             for future in as_completed(futures):
                 index = futures[future]
                 try:
@@ -1414,8 +1444,8 @@ class APIHandler(mlx_server.APIHandler):
                 if status != 200:
                     pool.shutdown(wait=False, cancel_futures=True)
                     error = reply.get("error") if isinstance(reply, dict) else None
-                    if isinstance(error, dict):
-                        error["message"] = f"prompt {index}: {error.get('message')}"
+                    if isinstance(error, dict) and len(requests) > n:  # several prompts: name the one
+                        error["message"] = f"prompt {index // n}: {error.get('message')}"
                     if self._streaming:
                         self.wfile.write(b"data: " + json.dumps(reply).encode() + b"\n\n")
                         self.wfile.flush()
@@ -1431,17 +1461,20 @@ class APIHandler(mlx_server.APIHandler):
                         self.end_headers()
                         shared = {name: reply[name] for name in ("id", "created", "system_fingerprint") if name in reply}
                     # one id for the stream's chunks, as OpenAI's
-                    self.wfile.write(f"data: {json.dumps({**reply, **shared, 'usage': None})}\n\n".encode())
+                    chunk = {**reply, **shared, "usage": None}
+                    if chat:
+                        chunk["object"], chunk["choices"] = "chat.completion.chunk", [_as_delta(reply["choices"][0])]
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
         usage = _sum_usage([replies[index]["usage"] for index in sorted(replies)])
         if stream:
             if include_usage:
-                chunk = {name: reply[name] for name in ("object", "model")} | shared
+                chunk = {"object": "chat.completion.chunk" if chat else reply["object"], "model": reply["model"]} | shared
                 self.wfile.write(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             return
-        merged = {**replies[0], "choices": [replies[i]["choices"][0] for i in range(len(prompts))], "usage": usage}
+        merged = {**replies[0], "choices": [replies[i]["choices"][0] for i in range(len(requests))], "usage": usage}
         self._send_body(200, json.dumps(merged).encode())
 
     _streaming = False
@@ -1731,9 +1764,6 @@ class APIHandler(mlx_server.APIHandler):
             self.top_k, self.top_p = 1, 1.0
             self.model_defaults -= {"top_k"}  # not the model's generation_config.json's top_k
         body = self.body
-        n = body.get("n")
-        if n is not None and (isinstance(n, bool) or n != 1):
-            raise ValueError(f"n must be 1 (this server returns one choice per request), got {n!r}")
         stop = body.get("stop")
         if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) for s in stop)
