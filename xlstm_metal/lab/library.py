@@ -52,7 +52,9 @@ def load_spec(name_or_path: str | Path | dict | WiringSpec) -> WiringSpec:
 def load_arch(name_or_path: str | Path | dict) -> dict[str, Any]:
     """An architecture dict ``{name, blocks: [{spec: dict, params: dict}], ...}`` with every
     block spec inlined. A shipped arch name, an arch file, or a single block spec (file or
-    shipped name), which makes a two-block model of that block."""
+    shipped name), which makes a two-block model of that block. An arch file's relative block
+    spec paths are read beside it (where the file is there; else from the working directory)."""
+    base = None  # the arch file's folder: its relative block spec paths are read from there
     if isinstance(name_or_path, dict):
         data = dict(name_or_path)
         source = "<arch>"
@@ -69,7 +71,7 @@ def load_arch(name_or_path: str | Path | dict) -> dict[str, Any]:
                 raise WiringError(
                     f"no architecture {text!r}: not a file and not a shipped arch ({', '.join(arch_names())}) "
                     f"or block spec ({', '.join(block_spec_names())})")
-            data, source = _read(path), str(path)
+            data, source, base = _read(path), str(path), path.parent
             if "cells" in data:  # a block spec: two blocks of it
                 data = {"name": data.get("name") or path.stem, "blocks": [data, data]}
     if "cells" in data and "blocks" not in data:
@@ -90,7 +92,14 @@ def load_arch(name_or_path: str | Path | dict) -> dict[str, Any]:
         params = entry.get("params") or {}
         if not isinstance(params, dict):
             raise WiringError(f"{source}: block {index} params must be a mapping")
-        spec = load_spec(entry["spec"])
+        spec = entry["spec"]
+        shipped = "/" not in spec and (SPEC_DIR / f"{spec}.yaml").is_file() if isinstance(spec, str) else False
+        if base is not None and isinstance(spec, str) and not shipped \
+                and not Path(spec).expanduser().is_absolute() and (base / spec).is_file():
+            # beside the arch file, as written there (it was read from the working directory: not
+            # found, or another file of that name)
+            spec = base / spec
+        spec = load_spec(spec)
         unknown = spec.unknown_params(params)
         if unknown:  # a misspelt parameter changed nothing, without a word
             raise WiringError(f"{source}: block {index} ({spec.name}): {unknown}")
