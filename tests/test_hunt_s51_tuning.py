@@ -90,3 +90,31 @@ def test_a_prefill_sweep_of_the_older_space_resumes_with_it(tmp_path, monkeypatc
     records = _records(tmp_path / "s")
     assert [r["status"] for r in records] == ["complete", "complete"]
     assert all("step_kernel" in r["params"] for r in records)
+
+
+def test_a_resumed_sweep_draws_the_interrupted_slot_not_a_finished_one(tmp_path):
+    """With trials at once (Ray), trial 2 can finish while trial 1 is still running when the sweep
+    stops. The resumed sweep's seed slot was the count of counted trials (2): trial 2's point ran
+    again and trial 1's never; the points of an uninterrupted sweep are now evaluated, each once."""
+    import optuna
+
+    from xlstm_metal.tuning import FunctionObjective, SweepSettings, run_sweep
+    from xlstm_metal.tuning.sweep import STUDY_NAME, _ask, sqlite_storage
+
+    objective, settings = FunctionObjective("sphere", 2), dict(seed=5, progress=False)
+    full = run_sweep(objective, tmp_path / "full", SweepSettings(trials=4, **settings))
+    run_sweep(objective, tmp_path / "cut", SweepSettings(trials=1, **settings))
+    storage = sqlite_storage(tmp_path / "cut" / "study.db")
+    try:  # two trials at once, as the Ray backend asks them: the second finishes, the first is cut
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        _ask(study, objective, SweepSettings(trials=4, **settings))
+        second, params = _ask(study, objective, SweepSettings(trials=4, **settings))
+        record = objective.evaluate(params)
+        second.set_user_attr("record", record)
+        study.tell(second, record["value"])
+    finally:
+        storage.engine.dispose()
+    resumed = run_sweep(objective, tmp_path / "cut", SweepSettings(trials=4, **settings), resume=True)
+    points = sorted(tuple(r["params"].values()) for r in resumed.trials if r["status"] == "complete")
+    assert [r["status"] for r in resumed.trials].count("interrupted") == 1
+    assert points == sorted(tuple(r["params"].values()) for r in full.trials)

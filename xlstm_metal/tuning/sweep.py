@@ -232,10 +232,25 @@ def _counted(study) -> int:
     return sum(not _interrupted(t) for t in study.get_trials(deepcopy=False))
 
 
+def _free_slot(study) -> int:
+    """The lowest seed slot no counted trial holds: an interrupted trial's is drawn again. With
+    trials at once (Ray) a later slot can finish before an earlier one is interrupted, so the
+    count of counted trials was a held slot (its point ran twice, the interrupted one's never)."""
+    held, order = set(), 0
+    for trial in study.get_trials(deepcopy=False):
+        if _interrupted(trial):
+            continue
+        slot = trial.user_attrs.get("slot")
+        held.add(slot if isinstance(slot, int) else order)  # (a sweep of an older version kept none)
+        order += 1
+    return min(set(range(len(held) + 1)) - held)
+
+
 def _ask(study, objective: Objective, settings: SweepSettings):
-    number = _counted(study)  # the seed slot: an interrupted trial's slot is drawn again
+    number = _free_slot(study)
     study.sampler = _sampler(settings, number)
     trial = study.ask()
+    trial.set_user_attr("slot", number)
     return trial, objective.suggest(trial)
 
 
