@@ -123,3 +123,35 @@ def test_the_kill_key_signals_only_a_job_that_still_runs(runtime):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------------- convert --overwrite
+def test_convert_overwrite_keeps_a_checkpoint_holding_other_files(tmp_path, capsys):
+    # README: --overwrite replaces OUT "never [when it is] a directory holding ... other files";
+    # a checkpoint beside the user's notes, or the --q-recipe / --check file of this very run,
+    # was replaced whole: they were deleted.
+    import json
+
+    from conftest import tiny_model
+
+    from xlstm_metal.cli import main
+    from xlstm_metal.loading import save_model
+
+    src, prev = tmp_path / "src", tmp_path / "prev"
+    save_model(tiny_model(0), src)
+    assert main(["convert", str(src), str(prev)]) == 0
+    (prev / "notes.txt").write_text("mine")
+    (prev / "recipe.json").write_text(json.dumps({"bits": 8}))
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in prev.iterdir()}
+    assert_rejected(["convert", src, prev, "-q", "--q-recipe", prev / "recipe.json", "--overwrite"], capsys,
+                    "is not a checkpoint directory (it holds notes.txt, recipe.json)")
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
+    # The files a checkpoint holds (a training run's too) are replaced as before.
+    (prev / "notes.txt").unlink()
+    (prev / "recipe.json").unlink()
+    for name in ("optimizer.safetensors", "trainer_state.json", "generation_config.json", "README.md"):
+        (prev / name).write_text("{}")
+    assert main(["convert", str(src), str(prev), "-q", "--overwrite"]) == 0
+    assert json.loads((prev / "config.json").read_text())["quantization"]["bits"] == 4
+    assert not (prev / "optimizer.safetensors").exists()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -103,6 +104,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 #: Files that make a directory a checkpoint, one --overwrite may replace.
 CHECKPOINT_FILES = ("config.json", "config.yaml", "model.safetensors", "model.safetensors.index.json")
+#: What else a checkpoint holds (ours, a training run's, Hugging Face's; names or patterns): a
+#: directory holding any other file is no checkpoint that --overwrite may replace.
+CHECKPOINT_CONTENTS = (
+    *CHECKPOINT_FILES, *COPIED_FILES, "tokenizer.json", "tokenizer_config.json", "xlstm_mlx_lm.py",
+    "trainer_state.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "README.md", "LICENSE", ".gitattributes", ".DS_Store",
+)
 
 
 # ------------------------------------------------------------------------------ checks
@@ -119,13 +127,16 @@ def _check_output(out: Path, source_dir: Path | None, overwrite: bool) -> None:
         if not overwrite:
             raise UsageError(f"OUT {out} already exists; pass --overwrite to replace it")
         entries = sorted(out.iterdir())
-        subdirs = [p.name for p in entries if p.is_dir()]
-        if subdirs or (entries and not any((out / name).is_file() for name in CHECKPOINT_FILES)):
-            shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:5])
+        # Subdirectories and files no checkpoint holds (a checkpoint with the user's notes, or
+        # the --check text or --q-recipe of this very run, which were deleted with it).
+        foreign = [p.name + ("/" if p.is_dir() else "") for p in entries
+                   if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in CHECKPOINT_CONTENTS)]
+        if foreign or (entries and not any((out / name).is_file() for name in CHECKPOINT_FILES)):
+            shown = foreign or [p.name for p in entries]
             raise UsageError(
-                f"OUT {out} is not a checkpoint directory (it holds {shown}{', ...' if len(entries) > 5 else ''}); "
-                f"--overwrite replaces only a checkpoint (config.json and weights, no subdirectories): "
-                f"remove it yourself or choose another OUT"
+                f"OUT {out} is not a checkpoint directory (it holds {', '.join(shown[:5])}"
+                f"{', ...' if len(shown) > 5 else ''}); --overwrite replaces only a checkpoint (config.json, "
+                f"weights, tokenizer: no subdirectories or other files): remove it yourself or choose another OUT"
             )
     check_output_path(out, "OUT", directory=True)
 
