@@ -118,3 +118,18 @@ def test_a_resumed_sweep_draws_the_interrupted_slot_not_a_finished_one(tmp_path)
     points = sorted(tuple(r["params"].values()) for r in resumed.trials if r["status"] == "complete")
     assert [r["status"] for r in resumed.trials].count("interrupted") == 1
     assert points == sorted(tuple(r["params"].values()) for r in full.trials)
+
+
+def test_a_profile_directory_that_cannot_be_written_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys):
+    """The winner's profile was first written after the last trial: a profile directory under a
+    file (or unwritable) ran the whole sweep, then failed."""
+    from cli_helpers import assert_rejected
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.json").write_text(json.dumps({"embedding_dim": 64, "num_heads": 2, "num_blocks": 1,
+                                                    "vocab_size": 128}))
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "tiny.json" / "profiles"))
+    assert_rejected(["tune", "--objective", "speed", "--shape", "tiny.json", "--metric", "prefill", "--prefill-length",
+                     "32", "--repeats", "1", "--out", "s", "--trials", "1", "--no-progress"], capsys,
+                    "the winner's profile", "is not a writable directory")
+    assert not (tmp_path / "s").exists()

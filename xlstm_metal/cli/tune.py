@@ -504,6 +504,8 @@ def run(args: argparse.Namespace) -> int:
         if name in shipped_profile_names():
             raise UsageError(f"--profile-name {name!r} is a shipped profile's name; choose another")
         profile_path, winner_name = user_profile_dir() / f"{name}.json", name
+        # Before the sweep: a profile directory that cannot be written failed only after the last trial.
+        check_output_path(profile_path, "the winner's profile", directory=False)
         if profile_path.exists() and not args.overwrite and not args.resume:
             raise UsageError(f"profile {profile_path} exists; pass --overwrite to replace it or --profile-name")
         if profile_path.exists() and args.resume and not _saved_by_sweep(profile_path, out):
