@@ -386,6 +386,8 @@ def test_cli_quantized_bench(tiny_config_file, capsys):
                  "--json"]) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [(r["q_bits"], r["q_group_size"]) for r in recs] == [(8, 32), (8, 32)]
+    # the weights the model represents, as convert and generate --info count them (not the packed words)
+    assert float_rec["params"] == 119880 and [r["params"] for r in recs] == [119880, 119880]
     # 8 bits + a float32 scale and bias per 32 weights: ~1/3 of float32 for the quantized layers.
     assert 0.2 * float_rec["weights_gb"] < recs[0]["weights_gb"] < 0.6 * float_rec["weights_gb"]
     assert recs[1]["tok_s"] > 0

@@ -68,7 +68,10 @@ def shape_config(shape: str | Path, **overrides: Any) -> xLSTMConfig:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.size for _, p in tree_flatten(model.parameters()))
+    """Weights the model represents (a 4-bit matrix its unpacked elements, not the packed words)."""
+    from .training.trainer import count_parameters as count
+
+    return count(model)
 
 
 def config_recipe(config: xLSTMConfig) -> Any:

@@ -119,8 +119,8 @@ def _whole_model_fields(model) -> dict[str, Any]:
     from ..generation.runner import model_sizes
 
     sizes = model_sizes(model)
-    return {"params": sizes["stored"], "weights_gb": sizes["bytes"] / 1e9, "rank": model.parallel["rank"],
-            "rank_params": sizes["rank"]["stored"], "rank_weights_gb": sizes["rank"]["bytes"] / 1e9}
+    return {"params": sizes["parameters"], "weights_gb": sizes["bytes"] / 1e9, "rank": model.parallel["rank"],
+            "rank_params": sizes["rank"]["parameters"], "rank_weights_gb": sizes["rank"]["bytes"] / 1e9}
 
 
 def run(args: argparse.Namespace) -> int:

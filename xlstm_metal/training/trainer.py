@@ -193,7 +193,11 @@ def init_xlstm_large(model, seed: int = 0) -> None:
 
 
 def count_parameters(model) -> int:
-    return sum(p.size for _, p in tree_flatten(model.parameters()))
+    """Weights the model represents (a quantized matrix its unpacked elements, as convert and
+    ``generate --info`` count them; :func:`~xlstm_metal.quantization.parameter_count`)."""
+    from ..quantization import parameter_count
+
+    return parameter_count(model)
 
 
 # ------------------------------------------------------------------------------ pieces
