@@ -41,3 +41,135 @@ def test_an_arch_files_relative_block_spec_path_is_read_beside_it(tmp_path, monk
     (tmp_path / "block.yaml").write_text(yaml.safe_dump(decoy))  # one of that name in the working directory
     assert load_arch("runs/arch.yaml")["blocks"][0]["spec"]["name"] == "mine"
     assert load_arch(str(tmp_path / "runs" / "arch.yaml"))["blocks"][0]["spec"]["name"] == "mine"
+
+
+# ------------------------------------------------------------------------------ MAD tasks
+def _preset(**overrides):
+    from xlstm_metal.lab.mad import Preset
+
+    return Preset("t", dim=32, num_heads=2, batch_size=16, epochs=1, lr=3e-3, task_overrides=overrides)
+
+
+def test_memorization_with_noise_maps_no_key_or_value_into_the_noise_vocabulary():
+    # generate() built the fixed map over vocab_size - 1 tokens: noise tokens were keys and values
+    # (half the scored values here were noise), unlike the generator's own map (MAD-Lab's).
+    from xlstm_metal.lab.mad import chance_accuracy, generate
+
+    task = _preset(memorization=dict(vocab_size=32, noise_vocab_size=8, frac_noise=0.3)).task("memorization")
+    x, y = generate(task, 64, 1, True)
+    values = y[y != -100]
+    keys = x[:, 0::2][y[:, 1::2] != -100]  # the key of each scored (non-noise) pair
+    noise = np.arange(23, 31)
+    assert values.size and not np.isin(values, noise).any() and not np.isin(keys, noise).any()
+    assert set(values.tolist()) <= set(range(11, 23)) and set(keys.tolist()) <= set(range(11))
+    assert chance_accuracy(task) == pytest.approx(1 / 12)
+
+
+def test_memorization_takes_kv_map_seed_when_given():
+    # a setting the task accepted (it is a generator parameter) and ignored
+    from xlstm_metal.lab.mad import generate
+
+    plain = generate(_preset(memorization=dict(vocab_size=32)).task("memorization"), 16, 1, True)
+    seeded = [generate(_preset(memorization=dict(vocab_size=32, kv_map_seed=5)).task("memorization"), 16, s, True)
+              for s in (1, 2)]
+
+    def mapping(pair):
+        x, y = pair
+        return {int(k): int(v) for k, v in zip(x[:, 0::2].ravel(), y[:, 1::2].ravel())}
+
+    assert mapping(seeded[0]) != mapping(plain)
+    a, b = mapping(seeded[0]), mapping(seeded[1])  # one map for any data seed
+    assert all(a[k] == b[k] for k in set(a) & set(b))
+
+
+def test_fuzzy_recall_chance_leaves_out_the_noise_vocabulary():
+    from xlstm_metal.lab.mad import chance_accuracy, generate
+
+    task = _preset(fuzzy_in_context_recall=dict(seq_len=48, noise_vocab_size=4, frac_noise=0.2)) \
+        .task("fuzzy_in_context_recall")
+    _, y = generate(task, 32, 0, False)
+    assert set(y[y != -100].tolist()) == set(range(5, 11))  # 6 values
+    assert chance_accuracy(task) == pytest.approx(1 / 6)
+
+
+# ------------------------------------------------------------------------------ evolve
+def test_evolve_resume_with_fewer_generations_keeps_the_scored_history(tmp_path, monkeypatch, capsys):
+    # The replay stopped early and rewrote history.jsonl: 4 scored candidates of 10 were lost.
+    import json
+    from types import SimpleNamespace
+
+    import xlstm_metal.lab.evolve as lab_evolve
+    from xlstm_metal.cli import main
+
+    def fake_run_task(arch, task, preset, *, seed=0, epochs=None, progress=False, safe_point=None):
+        return SimpleNamespace(accuracy=sum(map(ord, json.dumps(arch["blocks"], sort_keys=True))) % 997 / 997)
+
+    monkeypatch.setattr(lab_evolve, "run_task", fake_run_task)
+    argv = ["evolve", "--budget", "3000000", "--population", "4", "--seed", "5", "--tasks", "memorization",
+            "--out", str(tmp_path / "E")]
+    assert main(argv + ["--generations", "3"]) == 0
+    history = (tmp_path / "E" / "history.jsonl").read_text()
+    assert len(history.splitlines()) == 8
+    capsys.readouterr()
+    assert main(argv + ["--generations", "2", "--resume"]) == 2
+    assert "ran with --generations 3" in capsys.readouterr().err
+    assert (tmp_path / "E" / "history.jsonl").read_text() == history
+    assert main(argv + ["--generations", "3", "--resume"]) == 0  # the same or more: resumes
+    assert (tmp_path / "E" / "history.jsonl").read_text() == history
+
+
+def test_build_model_refuses_sizes_a_labconfig_would_ignore():
+    from xlstm_metal.lab import LabConfig, build_model
+
+    config = LabConfig.from_arch("swiglu-only", vocab_size=16, embedding_dim=16)
+    with pytest.raises(ValueError, match=r"vocab_size=64 would be ignored"):
+        build_model(config, vocab_size=64)
+    assert build_model(config, vocab_size=16, embedding_dim=16).config.vocab_size == 16  # its own: fine
+    model = build_model(config.to_arch(), vocab_size=64, embedding_dim=32)
+    assert (model.config.vocab_size, model.config.embedding_dim) == (64, 32)
+
+
+def test_run_task_builds_a_labconfig_at_the_tasks_vocabulary():
+    # The LabConfig's own vocabulary (16) was kept for a task of 64 tokens: NaN loss, accuracy 0,
+    # and cross entropy read past the logits (heap corruption at exit).
+    from xlstm_metal.lab import LabConfig
+    from xlstm_metal.lab.mad import run_task
+
+    preset = _preset(memorization=dict(vocab_size=64, num_train=32, num_test=16))
+    config = LabConfig.from_arch("swiglu-only", vocab_size=16, embedding_dim=16)
+    got = run_task(config, "memorization", preset, seed=1)
+    want = run_task("swiglu-only", "memorization", preset, seed=1)
+    assert np.isfinite(got.loss) and (got.accuracy, got.loss) == (want.accuracy, want.loss)
+
+
+@pytest.mark.parametrize("name", ["best-1.yaml", "history.jsonl"])
+def test_evolve_refuses_a_directory_where_it_writes_a_file_before_any_training(name, tmp_path, monkeypatch, capsys):
+    # With --overwrite the search ran (best-N.yaml: all of it) and then failed on the directory.
+    import xlstm_metal.lab.evolve as lab_evolve
+    from xlstm_metal.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the output was checked")
+
+    monkeypatch.setattr(lab_evolve, "run_task", no_training)
+    (tmp_path / "E" / name).mkdir(parents=True)
+    argv = ["evolve", "--budget", "3000000", "--population", "2", "--generations", "1", "--tasks", "memorization",
+            "--start", "", "--out", str(tmp_path / "E")]
+    for extra in ([], ["--overwrite"]):
+        assert main(argv + extra) == 2
+        assert f"{name} is a directory" in capsys.readouterr().err
+    assert (tmp_path / "E" / name).is_dir()
+
+
+def test_mad_refuses_a_directory_named_results_json_before_training(tmp_path, monkeypatch, capsys):
+    import xlstm_metal.lab.mad as lab_mad
+    from xlstm_metal.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the output was checked")
+
+    monkeypatch.setattr(lab_mad, "run_task", no_training)
+    (tmp_path / "M" / "results.json").mkdir(parents=True)
+    assert main(["mad", "--arch", "swiglu-only", "--tasks", "compression", "--out", str(tmp_path / "M"),
+                 "--overwrite"]) == 2
+    assert "results.json is a directory" in capsys.readouterr().err

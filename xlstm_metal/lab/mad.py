@@ -31,7 +31,7 @@ from ..cells.norms import RMSNorm
 from ..cells.xlstm_2024 import Module2024
 from ..checks import is_integer
 from ..monitor import current_job
-from .model import LabModel, build_model
+from .model import LabConfig, LabModel, build_model
 
 IGNORE = -100
 
@@ -345,9 +345,12 @@ def generate(task: TaskSpec, num: int, seed: int, training: bool) -> tuple[np.nd
         raise ValueError(f"num must be a positive integer, got {num!r}")
     rng = np.random.default_rng([seed, 1 if training else 2])
     kwargs = dict(task.settings)
-    if task.name == "memorization":
-        # One fixed map for train and test (the task is to store it in the weights).
-        kwargs["kv_map"] = generate_kv_map(kwargs["vocab_size"] - 1, seed)
+    if task.name == "memorization" and kwargs.get("kv_map") is None:
+        # One fixed map for train and test (the task is to store it in the weights), over the
+        # tokens that are neither the insert token nor noise (as the generator's own map; it took
+        # the noise tokens as keys and values), seeded by kv_map_seed where the settings give it.
+        non_special = kwargs["vocab_size"] - 1 - kwargs.get("noise_vocab_size", 0)
+        kwargs["kv_map"] = generate_kv_map(non_special, kwargs.get("kv_map_seed", seed))
     if task.shifted_training:
         kwargs["is_training"] = training
     try:
@@ -418,11 +421,12 @@ def chance_accuracy(task: TaskSpec) -> float:
     if task.name in ("in_context_recall", "noisy_in_context_recall"):
         n = (s["vocab_size"] if s.get("multi_query") else s["vocab_size"] - 1) - s.get("noise_vocab_size", 0)
         return 1.0 / (n - n // 2)
+    # (noise tokens are no keys or values: the noise vocabulary comes off, as in the generators)
     if task.name == "fuzzy_in_context_recall":
-        n = (s["vocab_size"] - 1 if s.get("multi_query") else s["vocab_size"] - 2)
+        n = (s["vocab_size"] - 1 if s.get("multi_query") else s["vocab_size"] - 2) - s.get("noise_vocab_size", 0)
         return 1.0 / (n - n // 2)
     if task.name == "memorization":
-        n = s["vocab_size"] - 1
+        n = s["vocab_size"] - 1 - s.get("noise_vocab_size", 0)
         return 1.0 / (n - n // 2)
     if task.name == "selective_copying":
         return 1.0 / (s["vocab_size"] - 2)
@@ -450,6 +454,8 @@ def run_task(arch, task_name: str, preset: Preset | str = "tiny", *, seed: int =
     train_x, train_y = generate(task, task.num_train, seed, training=True)
     test_x, test_y = generate(task, task.num_test, seed, training=False)
     vocab = settings["vocab_size"]
+    if isinstance(arch, LabConfig):  # its architecture at the task's vocabulary and the preset's width
+        arch = arch.to_arch()  # (its own sizes were kept: ids past its vocabulary read past the logits)
     model = build_model(arch, vocab_size=vocab, embedding_dim=preset.dim, seed=seed,
                         block_defaults={"num_heads": preset.num_heads})
     net = AutoEncoder(model, train_x.shape[1]) if task.autoencoder else model

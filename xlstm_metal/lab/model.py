@@ -90,6 +90,13 @@ class LabConfig:
         return cls(vocab_size=vocab_size, embedding_dim=embedding_dim, blocks=data["blocks"],
                    name=str(data.get("name", "lab")), **options)
 
+    def to_arch(self) -> dict[str, Any]:
+        """The architecture (blocks and model options, no sizes) that :meth:`from_arch` builds
+        at any ``vocab_size`` / ``embedding_dim``."""
+        return {"name": self.name, "blocks": [dict(b) for b in self.blocks], "out_norm": self.out_norm,
+                "norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+                "output_logit_soft_cap": self.output_logit_soft_cap, "layout": self.layout}
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.extra.items()}
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
@@ -253,9 +260,19 @@ def init_lab_model(model: LabModel, seed: int = 0) -> None:
 
 def build_model(arch: str | dict | LabConfig, *, vocab_size: int | None = None, embedding_dim: int | None = None,
                 seed: int = 0, **kwargs: Any) -> LabModel:
-    """A freshly initialised lab model from an arch name/file/dict or a LabConfig (seeded)."""
-    config = arch if isinstance(arch, LabConfig) else LabConfig.from_arch(
-        arch, vocab_size=vocab_size, embedding_dim=embedding_dim, **kwargs)
+    """A freshly initialised lab model from an arch name/file/dict or a LabConfig (seeded). A
+    LabConfig fixes its sizes: other ``vocab_size`` / ``embedding_dim`` or options are refused
+    (they were ignored; ``config.to_arch()`` builds its architecture at other sizes)."""
+    if isinstance(arch, LabConfig):
+        differ = [f"{k}={v!r}" for k, v in (("vocab_size", vocab_size), ("embedding_dim", embedding_dim))
+                  if v is not None and v != getattr(arch, k)] + [f"{k}=..." for k in kwargs]
+        if differ:
+            raise ValueError(f"build_model: a LabConfig fixes the model (vocab_size {arch.vocab_size}, "
+                             f"embedding_dim {arch.embedding_dim}); {', '.join(differ)} would be ignored: pass "
+                             "config.to_arch() to build its architecture with them")
+        config = arch
+    else:
+        config = LabConfig.from_arch(arch, vocab_size=vocab_size, embedding_dim=embedding_dim, **kwargs)
     mx.random.seed(seed)
     model = LabModel(config)
     init_lab_model(model, seed)
