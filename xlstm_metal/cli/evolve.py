@@ -79,6 +79,12 @@ def run(args) -> int:
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
     out = check_output_path(args.out, "--out", directory=True)
+    # Written at the first scored candidate or after the search: a directory of one of these names
+    # (which --overwrite does not remove) failed there, after the training.
+    for path in [out / name for name in ("search.json", "history.jsonl", "summary.json", "evolution.png")] + \
+            [out / f"best-{rank}.yaml" for rank in range(1, args.top + 1)]:
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; the search writes a file there: give another --out")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the search in --out; --overwrite replaces it: give one")
     if not args.resume and not args.overwrite:
@@ -107,7 +113,7 @@ def run(args) -> int:
     settings = {"engine": args.engine, "tasks": tasks, "preset": args.preset, "epochs": args.epochs,
                 "budget": args.budget, "seed": args.seed, "population": args.population,
                 "min_blocks": args.min_blocks, "max_blocks": args.max_blocks, "start": start}
-    known = _resume(out, settings) if args.resume else {}
+    known = _resume(out, settings, args.generations) if args.resume else {}
     # The search tried for minutes before saying this (a --start given is checked against --budget below).
     if not (args.start and genomes) and args.budget < (least := _smallest_candidate(args.min_blocks, vocab, preset)):
         raise UsageError(f"no architecture fits the parameter budget of {args.budget:,}: {args.min_blocks} blocks "
@@ -228,8 +234,9 @@ def _smallest_candidate(min_blocks: int, vocab: int, preset) -> int:
     return size([min(genes, key=lambda gene: size([gene]))] * min_blocks)
 
 
-def _resume(out: Path, settings: dict) -> dict:
-    """Scores by genome from the search in ``out``, which must have been run with ``settings``."""
+def _resume(out: Path, settings: dict, generations: int) -> dict:
+    """Scores by genome from the search in ``out``, which must have been run with ``settings``
+    and at most ``generations`` generations."""
     from ..lab.evolve import known_scores
 
     try:
@@ -248,6 +255,13 @@ def _resume(out: Path, settings: dict) -> dict:
     if differ:
         raise UsageError("--resume: the search in {} ran with {}; give the same".format(
             out, ", ".join(f"{k} {before.get(k)!r} (now {settings[k]!r})" for k in differ)))
+    ran = before.get("generations")
+    if isinstance(ran, int) and not isinstance(ran, bool) and generations < ran and known:
+        # The replay stops early and history.jsonl is rewritten from it: the scored candidates of
+        # the later generations were dropped from it.
+        raise UsageError(f"--resume: the search in {out} ran with --generations {ran}; fewer ({generations}) would "
+                         f"drop its scored candidates of later generations from history.jsonl: give --generations "
+                         f"{ran} or more")
     print(f"resuming: {len(known)} scored candidates in {out / 'history.jsonl'}", file=sys.stderr)
     return known
 

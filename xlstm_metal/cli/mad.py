@@ -109,6 +109,8 @@ def run(args) -> int:
                             directory=True)
     results_path, plot_path = out / "results.json", out / f"accuracy.{args.plot_format or 'png'}"
     for existing in (results_path, plot_path):
+        if existing.is_dir():  # --overwrite failed on it only after the training
+            raise UsageError(f"{existing} is a directory; mad writes a file there: give another --out")
         if existing.exists() and not args.overwrite:
             raise UsageError(f"{existing} exists; pass --overwrite to replace it")
 
