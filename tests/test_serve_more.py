@@ -722,22 +722,26 @@ def test_several_prompts_get_one_choice_each_as_each_alone(server, reference):
 
 
 def test_several_prompts_streamed_and_their_failures(server, reference):
-    """Streamed: each choice whole in a chunk of the stream's one id, each index once, then the
-    summed usage; a failing prompt answers the request with a 400 naming its index."""
+    """Streamed: each choice's chunks as they come, with its index, all of the stream's one id
+    (usage null until the last chunk, which sums it); a failing prompt answers the request with a
+    400 naming its index."""
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
     events = stream_events(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 5, "temperature": 0,
                                                             "stream": True, "stream_options": {"include_usage": True}})
     chunks, last = events[:-1], events[-1]
     assert len({e["id"] for e in events}) == 1 and all(e["object"] == "text_completion" for e in events)
-    assert sorted(e["choices"][0]["index"] for e in chunks) == [0, 1, 2]
-    texts = {e["choices"][0]["index"]: e["choices"][0]["text"] for e in chunks}
-    assert [texts[i] for i in range(3)] == [expected_text(reference, p, 5) for p in prompts]
+    assert all(e["usage"] is None for e in chunks) and len(chunks) > 3
+    texts = ["".join(e["choices"][0]["text"] for e in chunks if e["choices"][0]["index"] == i) for i in range(3)]
+    assert texts == [expected_text(reference, p, 5) for p in prompts]
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 15
     for bad, words in (([PROMPTS[0], [1, 10**6]], "prompt 1: prompt token id 1000000 is not in the vocabulary"),
                        ([PROMPTS[0], 3], "prompt must be a string or a list of token ids"),
                        ([[], PROMPTS[0]], "prompt 0: prompt must be a string")):
         status, answer = post(server.url, "/v1/completions", {"prompt": bad, "max_tokens": 3})
         assert status == 400 and words in error_message(status, answer, "prompt"), (bad, answer)
+    status, answer = post(server.url, "/v1/completions", {"prompt": [PROMPTS[0], [10**6]], "max_tokens": 3,
+                                                          "stream": True})  # refused before any chunk: a 400
+    assert status == 400 and "prompt 1: prompt token id" in error_message(status, answer, "prompt")
     status, answer = post(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 3,
                                                           "stream_options": {"include_usage": True}})
     assert status == 400 and "only allowed when stream is true" in error_message(status, answer, "stream_options")
@@ -783,8 +787,12 @@ def test_n_choices_each_sampled_on_its_own(server):
     assert answer["usage"]["completion_tokens"] == 18 and answer["object"] == "chat.completion"
     events = stream_events(server.url, "/v1/chat/completions", {**chat, "seed": 11, "n": 3, "stream": True})
     assert all(e["object"] == "chat.completion.chunk" for e in events) and len({e["id"] for e in events}) == 1
-    deltas = {e["choices"][0]["index"]: e["choices"][0]["delta"] for e in events}
-    assert [deltas[i] for i in range(3)] == [{"role": "assistant", "content": text} for text in alone]
+    streamed = {i: [e["choices"][0] for e in events if e["choices"][0]["index"] == i] for i in range(3)}
+    for i, text in enumerate(alone):  # token by token: the role first, the finish_reason last
+        chunks = streamed[i]
+        assert len(chunks) > 2 and chunks[0]["delta"].get("role") == "assistant"
+        assert "".join(c["delta"].get("content") or "" for c in chunks) == text
+        assert chunks[-1]["finish_reason"] == "length" and all(c["finish_reason"] is None for c in chunks[:-1])
     greedy = {"prompt": [PROMPTS[0], PROMPTS[3]], "max_tokens": 5, "temperature": 0, "n": 2}
     status, answer = post(server.url, "/v1/completions", greedy)
     assert status == 200, answer

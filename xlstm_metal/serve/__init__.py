@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -1232,13 +1232,35 @@ class _HandlerGenerator:
         return getattr(self._generator, name)
 
 
-def _as_delta(choice: dict) -> dict:
-    """A whole chat choice as the one chunk of a stream that carries it: its message as the delta
-    (each tool call with its ``index``, as streamed tool calls have)."""
-    message = dict(choice["message"])
-    if message.get("tool_calls"):
-        message["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-    return {**{name: value for name, value in choice.items() if name != "message"}, "delta": message}
+class _Output:
+    """What a copy of the handler writes (:meth:`APIHandler._answer_each`), as items on a queue:
+    ``(index, "head", status)``, then each server-sent event's data (``"event"``) or, for a reply
+    that is not a stream, the whole body at the end (``"body"``), then ``"end"``."""
+
+    def __init__(self, index: int, items: Queue):
+        self.index, self.items, self.buffer, self.events = index, items, b"", None
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        if self.events is None:
+            if b"\r\n\r\n" not in self.buffer:
+                return len(data)
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.events = b"text/event-stream" in head.lower()
+            self.items.put((self.index, "head", int(head.split(b" ", 2)[1])))
+        while self.events and b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: "):
+                self.items.put((self.index, "event", event[len(b"data: "):]))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.buffer and not self.events:
+            self.items.put((self.index, "body", self.buffer))
+        self.items.put((self.index, "end", None))
 
 
 def _sum_usage(usages: list[dict]) -> dict:
@@ -1402,75 +1424,105 @@ class APIHandler(mlx_server.APIHandler):
     def _answer_each(self, requests: list[dict], n: int) -> None:
         """One choice per request of :meth:`_one_per_choice` (``index`` its place), usage summed.
         Each runs as a request of its own (every check, default and logprob of the one-choice
-        path) on a copy of this handler whose reply is kept, not sent; the copies run at once, so
-        the generation thread batches them. A stream carries each choice whole, in the order they
-        end; the first choice that fails answers the request (naming its prompt's index, where
-        the request has several)."""
+        path) on a copy of this handler whose output comes back here, not to the client; the
+        copies run at once, so the generation thread batches them. A stream passes each copy's
+        chunks on as they come, with the choice's index and one id. The first choice that fails
+        answers the request (naming its prompt's index where there are several) and stops the rest."""
         body = json.loads(self.rfile.getvalue())
         stream = bool(body.get("stream", False))
         try:
             include_usage = stream_options_usage(body.get("stream_options"), stream)
         except ValueError as err:
-            self._fail(_InvalidRequest(str(err)))
-            return
-        snapshot = dict(self.__dict__)
-        chat = self.path != "/v1/completions"
+            raise _RequestFailed(_InvalidRequest(str(err))) from None
+        snapshot, items, stop = dict(self.__dict__), Queue(), threading.Event()
 
-        def run(index: int) -> tuple[int, dict]:
+        def run(index: int) -> None:
             handler = object.__new__(type(self))
             handler.__dict__.update(snapshot)
-            raw = json.dumps(requests[index]).encode()
+            # a stream's copy reports its usage too, for the sum
+            sub = {**requests[index], **({"stream": True, "stream_options": {"include_usage": True}} if stream else {})}
+            raw = json.dumps(sub).encode()
             handler.headers = copy.deepcopy(self.headers)
             handler.headers.replace_header("Content-Length", str(len(raw)))
-            handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), io.BytesIO(), []
-            handler._answer()
-            head, _, reply = handler.wfile.getvalue().partition(b"\r\n\r\n")
-            return int(head.split(b" ", 2)[1]), json.loads(reply)
+            handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), _Output(index, items), []
+            watch = handler.client_gone
+            handler.client_gone = lambda: stop.is_set() or watch()  # another choice failed, or the client left
+            try:
+                handler._answer()
+            except BaseException as err:  # the client left (ConnectionError), or a failure outside the reply
+                items.put((index, "failed", err))
+            finally:
+                handler.wfile.close()
 
+        status: dict[int, int] = {}
         replies: dict[int, dict] = {}
+        usages: dict[int, dict] = {}
+        failure = None  # (index, status or None, the error's body or exception)
+        shared: dict = {}  # the stream's id, object, created, model and system_fingerprint: the first chunk's
+        ended = 0
         workers = max(1, min(len(requests), getattr(self.response_generator.cli_args, "decode_concurrency", 8)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prompt") as pool:
-            futures = {pool.submit(run, index): index for index in range(len(requests))}
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    status, reply = future.result()
-                except ConnectionError:
-                    raise
-                except Exception as err:  # not a reply of the one-prompt path (which answers its own failures)
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._fail(err)
-                    return
-                if status != 200:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    error = reply.get("error") if isinstance(reply, dict) else None
-                    if isinstance(error, dict) and len(requests) > n:  # several prompts: name the one
-                        error["message"] = f"prompt {index // n}: {error.get('message')}"
-                    if self._streaming:
-                        self.wfile.write(b"data: " + json.dumps(reply).encode() + b"\n\n")
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="choice") as pool:
+            try:
+                for index in range(len(requests)):
+                    pool.submit(run, index)
+                while ended < len(requests):
+                    index, kind, payload = items.get()
+                    if kind == "end":
+                        ended += 1
+                    elif failure is not None:
+                        continue  # the rest of the copies, stopping
+                    elif kind == "failed":
+                        if isinstance(payload, ConnectionError) and not stop.is_set():
+                            raise payload
+                        failure = (index, None, payload)
+                    elif kind == "head":
+                        status[index] = payload
+                    elif status.get(index) != 200 or (kind == "event" and payload.startswith(b'{"error"')):
+                        failure = (index, status.get(index), payload)
+                    elif kind == "body":  # a whole reply
+                        replies[index] = json.loads(payload)
+                        replies[index]["choices"][0]["index"] = index
+                    elif kind == "event" and payload != b"[DONE]":
+                        chunk = json.loads(payload)
+                        if not chunk["choices"]:  # the copy's usage chunk
+                            usages[index] = chunk["usage"]
+                            continue
+                        if not self._streaming:
+                            self._set_stream_headers(200)
+                            self.end_headers()
+                            shared = {name: chunk[name] for name in ("id", "object", "created", "model", "system_fingerprint")
+                                      if name in chunk}
+                        chunk["choices"][0]["index"] = index
+                        chunk.update(shared)
+                        chunk.pop("usage", None)
+                        if include_usage:  # OpenAI's: null on every chunk but the last
+                            chunk["usage"] = None
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
-                    else:
-                        self._send_body(status, json.dumps(reply).encode())
-                    self.close_connection = True
-                    return
-                reply["choices"][0]["index"] = index
-                replies[index] = reply
-                if stream:
-                    if not self._streaming:
-                        self._set_stream_headers(200)
-                        self.end_headers()
-                        shared = {name: reply[name] for name in ("id", "created", "system_fingerprint") if name in reply}
-                    # one id for the stream's chunks, as OpenAI's
-                    chunk = {**reply, **shared, "usage": None}
-                    if chat:
-                        chunk["object"], chunk["choices"] = "chat.completion.chunk", [_as_delta(reply["choices"][0])]
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
-        usage = _sum_usage([replies[index]["usage"] for index in sorted(replies)])
+                    if failure is not None:
+                        stop.set()
+            finally:
+                stop.set()  # (every copy has ended here, but where the client left)
+        if failure is not None:
+            index, code, error = failure
+            if code is None:
+                self._fail(error)
+                return
+            reply = json.loads(error)
+            if isinstance(reply.get("error"), dict) and len(requests) > n:  # several prompts: name the one
+                reply["error"]["message"] = f"prompt {index // n}: {reply['error'].get('message')}"
+            self.close_connection = True
+            if self._streaming:
+                self.wfile.write(b"data: " + json.dumps(reply).encode() + b"\n\n")
+                self.wfile.flush()
+            else:  # (a copy whose stream failed at its start: a 500)
+                self._send_body(500 if code == 200 else code, json.dumps(reply).encode())
+            return
+        parts = usages if stream else {index: reply["usage"] for index, reply in replies.items()}
+        usage = _sum_usage([parts[index] for index in sorted(parts)])
         if stream:
             if include_usage:
-                chunk = {"object": "chat.completion.chunk" if chat else reply["object"], "model": reply["model"]} | shared
-                self.wfile.write(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n".encode())
+                self.wfile.write(f"data: {json.dumps({**shared, 'choices': [], 'usage': usage})}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             return
