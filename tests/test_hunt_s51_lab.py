@@ -173,3 +173,18 @@ def test_mad_refuses_a_directory_named_results_json_before_training(tmp_path, mo
     assert main(["mad", "--arch", "swiglu-only", "--tasks", "compression", "--out", str(tmp_path / "M"),
                  "--overwrite"]) == 2
     assert "results.json is a directory" in capsys.readouterr().err
+
+
+def test_evolve_with_a_population_of_the_elite_still_breeds_in_later_generations():
+    # With population 2 (= the elite) every later generation kept both and bred no child:
+    # --generations past the first did nothing.
+    from xlstm_metal.lab.evolve import evolve, planned_candidates
+
+    def score(arch):
+        return {"t": sum(g[0] * 7 + g[4] for g in arch["genome"]) % 11 / 11}
+
+    result = evolve(score, budget=10**9, population=2, generations=3, seed=0, dim=16, vocab_size=16, start=[],
+                    min_blocks=1, max_blocks=2)
+    assert planned_candidates(2, 3) == 4
+    assert len(result.history) == 4 and sorted({h["generation"] for h in result.history}) == [0, 1, 2]
+    assert planned_candidates(6, 3) == 14  # a population above the elite: as before

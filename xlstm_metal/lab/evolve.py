@@ -73,7 +73,13 @@ ELITE = 2
 def planned_candidates(population: int, generations: int, elite: int = ELITE) -> int:
     """Candidates :func:`evolve` trains and scores: the first population, then in each later
     generation the children beside the elite (fewer where children repeat scored genomes)."""
-    return population + (generations - 1) * (population - min(elite, population))
+    return population + (generations - 1) * (population - _kept(elite, population))
+
+
+def _kept(elite: int, population: int) -> int:
+    """Candidates a generation keeps: the elite, but at least one child is bred (a population
+    of no more than the elite kept itself whole, so --generations past the first did nothing)."""
+    return max(0, min(elite, population - 1))
 
 
 @dataclass
@@ -165,7 +171,7 @@ def evolve(score: ScoreFn, *, budget: int, population: int = 6, generations: int
         raise ValueError(f"no architecture fits the parameter budget of {budget:,}")
     for generation in range(1, generations):
         pop.sort(key=lambda c: c.fitness, reverse=True)
-        nxt = pop[:elite]
+        nxt = pop[:_kept(elite, population)]
         tries = 0
         while len(nxt) < population and tries < population * 10:
             tries += 1
