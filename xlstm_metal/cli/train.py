@@ -389,6 +389,33 @@ def _special_ids(tokenizer, config, tokenizer_dir: Path | None = None, warn: boo
     return ids[0], ids[1]
 
 
+def _record_special_ids(config, tokenizer, tokenizer_dir: Path, bos: int | None, eos: int | None) -> None:
+    """Make the model config name the BOS / EOS ids the documents are wrapped with (see
+    :func:`_special_ids`), and a pad id only where it is a special token: the checkpoints and the
+    export take their special tokens from it. A preset keeps 0 / 1 / 2, which in a foreign
+    tokenizer are ordinary tokens ("!", '"', "#" in GPT-2's): its checkpoints then put "!"
+    before every prompt and stopped generation at "#", never at the EOS the model learnt."""
+    from ..training.data import PAD_TOKEN
+
+    if hasattr(config, "bos_token_id"):
+        config.bos_token_id = bos
+    if hasattr(config, "eos_token_id"):
+        config.eos_token_id = eos
+    if hasattr(config, "force_bos_token_insert"):  # prompts start as the documents did
+        config.force_bos_token_insert = bos is not None
+    if hasattr(config, "pad_token_id"):
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        pad = config.pad_token_id if config.pad_token_id in special else tokenizer.token_to_id(PAD_TOKEN)
+        if pad is None and (tokenizer_dir / "tokenizer_config.json").is_file():
+            try:
+                named = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get("pad_token")
+            except (OSError, ValueError, AttributeError):
+                named = None
+            named = named.get("content") if isinstance(named, dict) else named
+            pad = tokenizer.token_to_id(named) if isinstance(named, str) else None
+        config.pad_token_id = pad
+
+
 def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, overwrite: bool) -> Path:
     """Write the best-validation weights as a shippable checkpoint (atomic directory swap)."""
     import mlx.core as mx
@@ -650,6 +677,7 @@ def _run(args) -> int:
         for name, value in (("BOS", bos), ("EOS", eos)):
             if value is not None and not 0 <= value < model_vocab:
                 raise UsageError(f"{name} token id {value} is outside the model's vocabulary ({model_vocab})")
+        _record_special_ids(model.config, tokenizer, tok_dir, bos, eos)
 
         doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
         train_stream, val_stream = split_stream(doc_tokens, val_fraction, cfg.seed)

@@ -1,0 +1,59 @@
+"""Session 51's hunt in `train`, `chat`, `generate` and their Python API: results that were
+wrong or inconsistent between commands (each test failed before its fix)."""
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import xlstm_metal  # noqa: F401  (BLAS preload before mlx use)
+from xlstm_metal.cli import main
+from xlstm_metal.generation.tokenizer import Tokenizer as OurTokenizer
+
+WORDS = "the interpreter reads a line of input and executes it list mutable sequence items".split()
+
+
+def _text(seed: int = 0, n: int = 600) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n)) + "\n"
+
+
+def _foreign_tokenizer(directory, text: str) -> int:
+    """A byte-level BPE whose only special token, <|endoftext|>, comes last (GPT-2's layout:
+    ids 0, 1, 2 are the ordinary "!", '"', "#"), named BOS and EOS by its tokenizer_config.json."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False}))
+    return tok.token_to_id("<|endoftext|>")
+
+
+def test_train_with_a_foreign_tokenizer_saves_the_special_ids_it_trained_with(tmp_path):
+    # The documents were wrapped in <|endoftext|>, but the preset's ids 0 / 2 ("!" / "#") went into
+    # every checkpoint and the export: generation put "!" before each prompt and stopped at "#".
+    text = _text()
+    (tmp_path / "data.txt").write_text(text)
+    eot = _foreign_tokenizer(tmp_path / "tok", text)
+    out, export = tmp_path / "run", tmp_path / "export"
+    code = main(["train", str(tmp_path / "data.txt"), "--tokenizer", str(tmp_path / "tok"), "--out", str(out),
+                 "--export", str(export), "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress"])
+    assert code == 0
+    for directory in (export, out / "checkpoint-0000002"):
+        config = json.loads((directory / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (eot, eot, None)
+        tokenizer = OurTokenizer.from_dir(directory)
+        assert tokenizer.bos_token_id == eot and tokenizer.eos_token_ids == [eot]
+        assert tokenizer.encode("the line")[0] == eot
+        tok_config = json.loads((directory / "tokenizer_config.json").read_text())
+        assert tok_config["bos_token"] == tok_config["eos_token"] == "<|endoftext|>"
+        assert "pad_token" not in tok_config  # (was '"')
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (eot, eot)
