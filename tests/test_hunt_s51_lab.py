@@ -188,3 +188,16 @@ def test_evolve_with_a_population_of_the_elite_still_breeds_in_later_generations
     assert planned_candidates(2, 3) == 4
     assert len(result.history) == 4 and sorted({h["generation"] for h in result.history}) == [0, 1, 2]
     assert planned_candidates(6, 3) == 14  # a population above the elite: as before
+
+
+def test_a_connection_with_both_a_mask_and_a_density_is_refused():
+    # The mask was taken and the density ignored, without a word.
+    from xlstm_metal.lab import WiringError, WiringSpec
+
+    spec = {"inputs": {"x": 2}, "outputs": {"y": 2}, "cells": {"a": {"type": "linear_projection", "dim": 2}},
+            "connections": [{"from": "in", "to": "a"}, {"from": "a", "to": "out", "mask": [[1, 0], [0, 1]],
+                                                        "density": 0.5}]}
+    with pytest.raises(WiringError, match=r"connection 1 \(a -> out\): give a density .* or a mask, not both"):
+        WiringSpec(spec).resolve()
+    del spec["connections"][1]["density"]
+    assert WiringSpec(spec).resolve().connections[1].mask == [[1, 0], [0, 1]]

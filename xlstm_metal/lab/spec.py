@@ -251,6 +251,9 @@ class WiringSpec:
                                                                           and 0 < density <= 1)):  # true was 1
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): density must be in (0, 1], "
                                   f"got {density!r}")
+            if density is not None and c.get("mask") is not None:  # the mask was taken, the density ignored
+                raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): give a density (a random mask) "
+                                  "or a mask, not both")
             flags = {}
             for key in ("weight", "nonnegative"):
                 flags[key] = c.get(key, False)
