@@ -1,17 +1,33 @@
 """Session 51's hunt in `train`, `chat`, `generate` and their Python API: results that were
 wrong or inconsistent between commands (each test failed before its fix)."""
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_model
+from test_tokenizer import train_tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import xlstm_metal  # noqa: F401  (BLAS preload before mlx use)
 from xlstm_metal.cli import main
+from xlstm_metal.generation import xLSTMRunner
 from xlstm_metal.generation.tokenizer import Tokenizer as OurTokenizer
+from xlstm_metal.loading import save_model
 
 WORDS = "the interpreter reads a line of input and executes it list mutable sequence items".split()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny xLSTM-Large checkpoint with an in-process BPE (BOS 0, EOS 2)."""
+    path = tmp_path_factory.mktemp("ckpt")
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(2, vocab_size=hf.get_vocab_size()), path)
+    hf.save(str(path / "tokenizer.json"))
+    return path
 
 
 def _text(seed: int = 0, n: int = 600) -> str:
@@ -57,3 +73,17 @@ def test_train_with_a_foreign_tokenizer_saves_the_special_ids_it_trained_with(tm
         assert "pad_token" not in tok_config  # (was '"')
     generation = json.loads((export / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (eot, eot)
+
+
+def test_a_prompt_file_or_stdin_starting_with_a_byte_order_mark_is_the_prompt_without_it(ckpt, tmp_path, capsys,
+                                                                                         monkeypatch):
+    # Windows editors start a file with U+FEFF: it reached the model as three byte tokens before
+    # the prompt (train reads its data files without it).
+    want = "".join(c.text for c in xLSTMRunner(ckpt).stream("the quick", max_tokens=8)) + "\n"
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"\xef\xbb\xbfthe quick")
+    assert main(["generate", "-m", str(ckpt), "--prompt-file", str(prompt), "-n", "8"]) == 0
+    assert capsys.readouterr().out == want
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfthe quick")))
+    assert main(["generate", "-m", str(ckpt), "--prompt", "-", "-n", "8"]) == 0
+    assert capsys.readouterr().out == want

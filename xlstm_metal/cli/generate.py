@@ -234,10 +234,15 @@ def validate_sampling(args: argparse.Namespace) -> None:
         raise UsageError("give either --prompt or --prompt-file, not both")
 
 
+_BOM = "\ufeff"
+
+
 def read_prompt(args: argparse.Namespace) -> str | None:
-    """The prompt from --prompt / --prompt - (stdin) / --prompt-file, or None."""
+    """The prompt from --prompt / --prompt - (stdin) / --prompt-file, or None. A byte-order
+    mark that starts a file or stdin (Windows editors write one) is no text: it went to the model
+    as three byte tokens before the prompt (train reads its data without it)."""
     if args.prompt_file is not None:
-        return read_text_file(args.prompt_file, "prompt file")
+        return read_text_file(args.prompt_file, "prompt file").removeprefix(_BOM)
     if args.prompt == "-" and getattr(args, "interactive", False):
         # A chat reads its turns from stdin: reading the prompt to its end took every turn (and
         # the /quit line) as one first turn.
@@ -249,7 +254,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
             raise UsageError("--prompt - reads the prompt until stdin ends, and under mlx.launch it never does "
                              "(mlx.launch copies its stdin to every process and never closes it; mpirun gives it "
                              "to rank 0 only): give the prompt with --prompt-file FILE (or --prompt TEXT)")
-        return read_stdin_text()
+        return read_stdin_text().removeprefix(_BOM)
     return None if args.prompt is None else check_utf8(args.prompt, "--prompt")
 
 
