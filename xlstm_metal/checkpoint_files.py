@@ -231,13 +231,22 @@ def transformers_soft_cap_problem(config: Any) -> str | None:
 
 
 def transformers_weights(config: Any, weights: dict) -> dict:
-    """Tensors to store beside the parameters for transformers: its ``xLSTMForCausalLM`` does
-    not tie the LM head to the embeddings, so a tied xLSTM-Large checkpoint also carries
-    ``lm_head.weight`` (our loaders and :func:`sanitize` drop it again)."""
+    """Tensors to store beside the parameters for the other frameworks, which both want a tied
+    LM head stored: transformers' ``xLSTMForCausalLM`` does not tie the LM head to the
+    embeddings, and NX-AI's 2024 ``xLSTMLMModel`` lists the tied tensor under both names in its
+    state dict (its strict ``load_state_dict`` refused our tied checkpoints: "Missing key(s):
+    lm_head.weight"). So a tied checkpoint (xLSTM-Large or 2024) also carries ``lm_head.weight``
+    (our loaders and :func:`sanitize` drop it again)."""
     from .config import xLSTMConfig
+    from .config_2024 import xLSTMLMConfig
 
-    tied = isinstance(config, xLSTMConfig) and config.tie_word_embeddings
-    float_embeddings = "backbone.embeddings.weight" in weights and "backbone.embeddings.scales" not in weights
-    if tied and float_embeddings and "lm_head.weight" not in weights:
-        return {"lm_head.weight": weights["backbone.embeddings.weight"]}
+    if isinstance(config, xLSTMConfig) and config.tie_word_embeddings:
+        embedding = "backbone.embeddings"
+    elif isinstance(config, xLSTMLMConfig) and config.tie_weights:
+        embedding = "token_embedding"
+    else:
+        return {}
+    float_embeddings = f"{embedding}.weight" in weights and f"{embedding}.scales" not in weights
+    if float_embeddings and "lm_head.weight" not in weights:
+        return {"lm_head.weight": weights[f"{embedding}.weight"]}
     return {}

@@ -23,7 +23,7 @@ mlx-lm's protocol, as its recurrent models (Mamba) follow it:
   (:data:`RECIPE_NAMES`) and keeps the gate projections in float; see :func:`_for_xlstm_names`.
 - mlx-lm's ``save_model`` (behind ``convert`` and ``fuse``) writes ``model.parameters()`` only;
   importing this module wraps it so a checkpoint it writes carries what
-  :func:`xlstm_metal.save_model` adds for transformers (a tied model's ``lm_head.weight``:
+  :func:`xlstm_metal.save_model` adds for transformers and NX-AI (a tied model's ``lm_head.weight``:
   :func:`~xlstm_metal.checkpoint_files.transformers_weights`).
 
 The model classes here are subclasses of :class:`xlstm_metal.models.xlstm_large.xLSTMLarge` and
@@ -242,13 +242,13 @@ def _with_transformers_weights(save_model):
     """mlx-lm's ``save_model(save_path, model, ...)``, also writing the tensors transformers needs
     beside an xLSTM-Large's parameters: transformers' ``xLSTMForCausalLM`` never ties its LM
     head, so without ``lm_head.weight`` a tied model's checkpoint opened there with a random
-    head. The head (the embedding array itself, no copy) is in the tree for the save only: the
-    forward reads the embeddings whenever the config ties them."""
+    head (NX-AI's 2024 ``xLSTMLMModel`` wants it too: its strict load refused a tied model's).
+    The head (the embedding array itself, no copy) is in the tree for the save only."""
 
     @functools.wraps(save_model)
     def save(save_path, model, *args, **kwargs):
         extra = {}
-        if isinstance(model, xLSTMLarge) and "lm_head" not in model:
+        if isinstance(model, (xLSTMLarge, xLSTMLMModel)) and "lm_head" not in model:
             extra = transformers_weights(model.config, dict(tree_flatten(model.parameters())))
         if "lm_head.weight" not in extra:
             return save_model(save_path, model, *args, **kwargs)

@@ -1,0 +1,82 @@
+"""Checkpoint interoperability corners (session 51): round trips between xlstm-metal, NX-AI's
+models, transformers and mlx-lm that the main-path tests leave out. Tiny seeded models; nothing
+downloads."""
+
+import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from xlstm_metal import load_model, save_model
+from xlstm_metal.loading import read_weights
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("xlstm")
+
+
+def _nxai_2024_from(config_path, config_type):
+    """NX-AI's xLSTMLMModel built from our 2024 config.json (as test_xlstm_2024 builds it)."""
+    from test_xlstm_2024 import (TFeedForwardConfig, TmLSTMBlockConfig, TmLSTMLayerConfig, TsLSTMBlockConfig,
+                                 TsLSTMLayerConfig, TxLSTMLMModel)
+
+    d = json.loads(config_path.read_text())
+    d["context_length"] = 64  # NX-AI's mLSTM cell sizes a mask buffer from it (-1 fails there)
+    cfg = config_type(
+        mlstm_block=TmLSTMBlockConfig(mlstm=TmLSTMLayerConfig(**d["mlstm_block"]["mlstm"])),
+        slstm_block=TsLSTMBlockConfig(slstm=TsLSTMLayerConfig(**d["slstm_block"]["slstm"]),
+                                      feedforward=TFeedForwardConfig(**d["slstm_block"]["feedforward"])),
+        **{k: v for k, v in d.items() if k not in ("mlstm_block", "slstm_block", "model_file")},
+    )
+    return TxLSTMLMModel(cfg).eval()
+
+
+def test_tied_2024_checkpoint_loads_strictly_in_nxai_and_back(tmp_path):
+    """NX-AI's tied xLSTMLMModel lists the tied tensor as token_embedding.weight and
+    lm_head.weight; our tied 2024 checkpoints held only the first, so NX-AI's strict
+    load_state_dict refused them ("Missing key(s) in state_dict: lm_head.weight"). save_model
+    and mlx-lm's save (convert, fuse) now store the head too; every loader still reads them."""
+    import mlx_lm
+    from safetensors.torch import load_file
+    from test_xlstm_2024 import TxLSTMLMModelConfig, ids_for, official, rel_err, save_official, torch_logits
+
+    from xlstm_metal.mlx_lm_model import from_xlstm_metal
+
+    native, cfg = official(slstm_at=(0,), num_blocks=2, tie=True, seed=5)
+    ids = ids_for(seed=5)
+    reference = torch_logits(native, ids)
+    ours = load_model(save_official(native, cfg, tmp_path / "native"))
+    assert "lm_head" not in ours
+    out = save_model(ours, tmp_path / "ours")
+    stored = read_weights(out)
+    assert mx.array_equal(stored["lm_head.weight"], stored["token_embedding.weight"])
+
+    nx = _nxai_2024_from(out / "config.json", TxLSTMLMModelConfig)
+    nx.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    assert rel_err(torch_logits(nx, ids), reference) <= 1e-4
+
+    again = load_model(out)
+    assert "lm_head" not in again
+    assert rel_err(np.array(again(mx.array(ids))[0]), reference) <= 1e-4
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    theirs, _ = mlx_lm_load_model(out, trust_remote_code=True)
+    assert rel_err(np.array(theirs(mx.array(ids))), reference) <= 1e-4
+
+    # mlx-lm's own save (behind convert and fuse) stores the head as well, and leaves the tree.
+    view = from_xlstm_metal(ours)
+    mlx_lm.utils.save_model(tmp_path / "direct", view)
+    assert "lm_head" not in view and "lm_head" not in ours
+    direct = read_weights(tmp_path / "direct")
+    assert mx.array_equal(direct["lm_head.weight"], direct["token_embedding.weight"])
+    nx = _nxai_2024_from(out / "config.json", TxLSTMLMModelConfig)
+    nx.load_state_dict(load_file(str(tmp_path / "direct" / "model.safetensors")), strict=True)
+    assert rel_err(torch_logits(nx, ids), reference) <= 1e-4
+
+    # An untied model stores no extra tensor.
+    untied = load_model(save_official(*official(slstm_at=(0,), num_blocks=2, seed=6), tmp_path / "untied_native"))
+    stored = read_weights(save_model(untied, tmp_path / "untied"))
+    assert set(stored) == {k for k, _ in tree_flatten(untied.parameters())}
