@@ -90,3 +90,25 @@ def test_a_prompt_file_or_stdin_starting_with_a_byte_order_mark_is_the_prompt_wi
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfthe quick")))
     assert main(["generate", "-m", str(ckpt), "--prompt", "-", "-n", "8"]) == 0
     assert capsys.readouterr().out == want
+
+
+def test_a_fine_tuned_export_keeps_the_source_models_generation_config(ckpt, tmp_path):
+    # The export's generation_config.json was always ours (sampling at 0.8, top-k 40, 200 tokens):
+    # a greedy source model came back sampling. A resumed run's export keeps it too.
+    source = tmp_path / "source"
+    source.mkdir()
+    for f in ckpt.iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    (source / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 33}))
+    (tmp_path / "data.txt").write_text(_text())
+    out = tmp_path / "run"
+    common = ["--no-progress", "--seq-len", "16", "--batch-size", "2"]
+    assert main(["train", str(tmp_path / "data.txt"), "--init-from", str(source), "--out", str(out), "--steps", "2",
+                 "--export", str(tmp_path / "export"), *common]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--export", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    for export in (tmp_path / "export", tmp_path / "again"):
+        generation = json.loads((export / "generation_config.json").read_text())
+        config = json.loads((export / "config.json").read_text())
+        assert generation == {"do_sample": False, "max_new_tokens": 33, "bos_token_id": config["bos_token_id"],
+                              "eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}

@@ -416,8 +416,11 @@ def _record_special_ids(config, tokenizer, tokenizer_dir: Path, bos: int | None,
         config.pad_token_id = pad
 
 
-def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, overwrite: bool) -> Path:
-    """Write the best-validation weights as a shippable checkpoint (atomic directory swap)."""
+def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, overwrite: bool,
+            generation: dict | None = None) -> Path:
+    """Write the best-validation weights as a shippable checkpoint (atomic directory swap). Its
+    generation_config.json: ``generation`` (a fine-tuned model's source's: replacing it with ours
+    turned a greedy model into one sampling at 0.8) with the model's special ids, else ours."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -435,9 +438,11 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
     try:
         caught = save_model_recording_warnings(model, tmp, tokenizer=tokenizer_dir, overwrite=True)
         cfg = model.config
-        gen = {"bos_token_id": getattr(cfg, "bos_token_id", None), "eos_token_id": getattr(cfg, "eos_token_id", None),
-               "pad_token_id": getattr(cfg, "pad_token_id", None), "do_sample": True, "temperature": 0.8,
-               "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1, "max_new_tokens": 200}
+        ids = {"bos_token_id": getattr(cfg, "bos_token_id", None), "eos_token_id": getattr(cfg, "eos_token_id", None),
+               "pad_token_id": getattr(cfg, "pad_token_id", None)}
+        gen = {**generation, **ids} if generation is not None else {
+            **ids, "do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1,
+            "max_new_tokens": 200}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -547,6 +552,9 @@ def _run(args) -> int:
         data_paths = data_paths or saved_data
         val_fraction = saved.get("val_fraction", RUN_DEFAULTS["val_fraction"])
         text_field = saved.get("text_field", RUN_DEFAULTS["text_field"])
+        generation = saved.get("generation_config")
+        if generation is not None and not isinstance(generation, dict):
+            raise UsageError(f"{resume_ckpt / 'trainer_state.json'}: 'generation_config' must be an object")
         if val_fraction == 0 and main:
             _warn_no_validation(args, f"the run in {out} (--val-fraction 0)")
     else:
@@ -570,6 +578,7 @@ def _run(args) -> int:
                                          for name, value in default_step_paths().items()},
         )
         val_fraction, text_field = args.val_fraction, args.text_field
+        generation = None
     try:
         cfg.validate()
     except ValueError as err:
@@ -610,6 +619,10 @@ def _run(args) -> int:
                 # dequantized float32 weights (the packaged default model ships quantized).
                 dequantize_model(model)
             tokenizer_src = args.tokenizer or args.init_from
+            # The fine-tuned model samples as the one it started from (kept in the run's state,
+            # so a resumed run's --export has it too).
+            if (Path(args.init_from) / "generation_config.json").is_file():
+                generation = read_json_object(Path(args.init_from) / "generation_config.json", UsageError)
         else:
             model = None
             tokenizer_src = args.tokenizer
@@ -684,6 +697,8 @@ def _run(args) -> int:
         if main and eval_batches_given:
             _warn_few_eval_batches(cfg, len(val_stream))
         extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field}
+        if generation is not None:
+            extra["generation_config"] = generation
         if group is not None:
             _same_start(group, model, train_stream, val_stream, cfg)
         if args.memory_limit is not None:
@@ -765,7 +780,7 @@ def _run(args) -> int:
                 best_params = _checkpoint_params(out / f"checkpoint-{result.best_step:07d}", model)
                 from_disk = best_params is not None
             path = _export(model, best_params, export, tok_dir, args.export_dtype or "float32",
-                           args.overwrite)
+                           args.overwrite, generation)
             if best_params is not None:
                 print(f"exported the step-{result.best_step} model (best validation loss"
                       f"{', from its checkpoint' if from_disk else ''}) to {path}", file=sys.stderr)
