@@ -4,6 +4,7 @@ downloads."""
 
 import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
 
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -80,3 +81,52 @@ def test_tied_2024_checkpoint_loads_strictly_in_nxai_and_back(tmp_path):
     untied = load_model(save_official(*official(slstm_at=(0,), num_blocks=2, seed=6), tmp_path / "untied_native"))
     stored = read_weights(save_model(untied, tmp_path / "untied"))
     assert set(stored) == {k for k, _ in tree_flatten(untied.parameters())}
+
+
+def test_mlx_lm_wires_a_native_2024_checkpoint_from_its_weights(tmp_path):
+    """load_model takes a 2024 checkpoint's block kinds from the weight names and the sLSTM
+    layout from the recurrent kernel's shape; mlx-lm's model (xlstm-metal mlx-lm on NX-AI's
+    directories) built the blocks from config.json alone, so a slstm_at or a backend the weights
+    contradict failed its strict load ("Received 21 parameters not in model", "Expected shape
+    (2, 64, 16) but received shape (2, 16, 64)"). Now both give NX-AI's logits."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+    from safetensors.torch import save_file
+    from test_xlstm_2024 import ids_for, official, rel_err, state_dict, torch_logits
+
+    from xlstm_metal.cli.mlxlm import register_model_type, tolerate_missing_model_file
+
+    register_model_type()  # what `xlstm-metal mlx-lm` does for NX-AI's configs (no model_type)
+    tolerate_missing_model_file()
+
+    def write(name, config, tensors):
+        path = tmp_path / name
+        path.mkdir()
+        save_file(tensors, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    # sLSTM at block 2, config.json says block 0
+    model, cfg = official(seed=9, slstm_at=(2,), num_blocks=3)
+    config = dataclasses.asdict(cfg)
+    config["slstm_at"], config["_block_map"] = [0], "1,0,0"
+    path = write("wiring", config, state_dict(model))
+    # the CUDA layout of the sLSTM weights, config.json says vanilla
+    cuda, cuda_cfg = official(seed=10)
+    tensors = state_dict(cuda)
+    cell = cuda.xlstm_block_stack.blocks[1].xlstm.slstm_cell
+    tensors["xlstm_block_stack.blocks.1.xlstm.slstm_cell._recurrent_kernel_"] = (
+        cell._recurrent_kernel_int2ext(cell._recurrent_kernel_).reshape(2, 16, 64).detach().contiguous())
+    tensors["xlstm_block_stack.blocks.1.xlstm.slstm_cell._bias_"] = (
+        cell._bias_int2ext(cell._bias_).reshape(-1).detach().contiguous())
+    config = dataclasses.asdict(cuda_cfg)
+    assert config["slstm_block"]["slstm"]["backend"] == "vanilla"
+    layout = write("layout", config, tensors)
+
+    for directory, native, seed in ((path, model, 9), (layout, cuda, 10)):
+        ids = ids_for(seed=seed)
+        reference = torch_logits(native, ids)
+        assert rel_err(np.array(load_model(directory)(mx.array(ids))[0]), reference) <= 1e-4
+        theirs, _ = mlx_lm_load_model(directory)
+        assert rel_err(np.array(theirs(mx.array(ids))), reference) <= 1e-4
+    assert [type(b).__name__ for b in mlx_lm_load_model(path)[0].blocks] == \
+        ["mLSTMBlock2024", "mLSTMBlock2024", "sLSTMBlock"]

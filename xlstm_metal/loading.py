@@ -344,28 +344,11 @@ def detect_block_kinds(weights: dict[str, Any], source: str = "<weights>") -> li
     return ["".join(kinds[i]) for i in range(count)]
 
 
-def model_from_checkpoint(
-    config_dict: dict[str, Any],
-    weights: dict[str, mx.array],
-    dtype: mx.Dtype | str | None = None,
-    *,
-    source: str | os.PathLike = "<weights>",
-    mlstm_kernel: str = "chunkwise",
-    chunk_size: int = 64,
-    quantization: dict[str, Any] | None = None,
-) -> xLSTMLMModel:
-    """Build the NX-AI 2024 xLSTM a checkpoint describes and load its weights strictly
-    (quantized as ``quantization``, the checkpoint's mlx-lm entry, and the weights say).
-
-    The block type at each position comes from the weight names (auto-wiring; the config's
-    ``slstm_at`` is replaced by it), the sLSTM weight layout from the recurrent kernel's shape,
-    and a missing vocab_size from ``token_embedding.weight``.
-    Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
-    """
-    try:
-        config = xLSTMLMConfig.from_dict(config_dict)
-    except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+def wire_2024_config(config: xLSTMLMConfig, weights: dict[str, Any], source: str | os.PathLike = "<weights>") -> None:
+    """Fit a 2024 ``config`` to the checkpoint's ``weights`` in place (auto-wiring): ``slstm_at``
+    from the weight names (:func:`detect_block_kinds`), the sLSTM weight layout (``backend``) from
+    the recurrent kernel's shape. CheckpointError where the config cannot hold them (block count,
+    a block kind it has no config for)."""
     kinds = detect_block_kinds(weights, str(source))
     if len(kinds) != config.num_blocks:
         raise CheckpointError(
@@ -383,6 +366,31 @@ def model_from_checkpoint(
         if R is not None and R.ndim == 3 and R.shape[1] != R.shape[2]:
             config.slstm_block.slstm.backend = "vanilla" if R.shape[1] == 4 * R.shape[2] else "cuda"
     config.slstm_at = slstm_at
+
+
+def model_from_checkpoint(
+    config_dict: dict[str, Any],
+    weights: dict[str, mx.array],
+    dtype: mx.Dtype | str | None = None,
+    *,
+    source: str | os.PathLike = "<weights>",
+    mlstm_kernel: str = "chunkwise",
+    chunk_size: int = 64,
+    quantization: dict[str, Any] | None = None,
+) -> xLSTMLMModel:
+    """Build the NX-AI 2024 xLSTM a checkpoint describes and load its weights strictly
+    (quantized as ``quantization``, the checkpoint's mlx-lm entry, and the weights say).
+
+    The block type at each position comes from the weight names (auto-wiring; the config's
+    ``slstm_at`` is replaced by it), the sLSTM weight layout from the recurrent kernel's shape
+    (:func:`wire_2024_config`), and a missing vocab_size from ``token_embedding.weight``.
+    Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
+    """
+    try:
+        config = xLSTMLMConfig.from_dict(config_dict)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    wire_2024_config(config, weights, source)
     weights = dict(weights)
     if config.tie_weights:
         # NX-AI's state_dict lists the tied tensor twice; safetensors' save_model (the way to

@@ -32,6 +32,7 @@ the 2024 ``xLSTMLMModel`` with mlx-lm's call signature: same parameters, same ch
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import re
@@ -50,7 +51,7 @@ from .checkpoint_files import transformers_weights
 from .config import xLSTMConfig
 from .config_2024 import is_xlstm_2024_config, xLSTMLMConfig
 from .kernels.cpu import decode_step as cpu_decode_step
-from .loading import fit_out_norm, lm_head_trained_apart, sanitize_xlstm_large
+from .loading import fit_out_norm, lm_head_trained_apart, sanitize_xlstm_large, wire_2024_config
 from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
 
@@ -216,12 +217,20 @@ class Model2024(Model, xLSTMLMModel):
         """NX-AI's state_dict lists a tied LM head twice; the names are ours already. A tied
         checkpoint written by safetensors' ``save_model`` (shared tensors) holds only
         ``lm_head.weight``: it is the embedding (as :func:`xlstm_metal.loading.model_from_checkpoint`
-        reads it)."""
+        reads it). The blocks are rebuilt where the weights say other block kinds or another
+        sLSTM weight layout than config.json (:func:`xlstm_metal.loading.wire_2024_config`, as
+        ``load_model`` reads them): built from the config alone, such a checkpoint failed mlx-lm's
+        strict load ("parameters not in model", "Expected shape")."""
         if self.config.tie_weights:
             weights = dict(weights)
             head = weights.pop("lm_head.weight", None)
             if head is not None and "token_embedding.weight" not in weights:
                 weights["token_embedding.weight"] = head
+        config = copy.deepcopy(self.config)
+        wire_2024_config(config, weights, "checkpoint")
+        if config != self.config:
+            config.validate()
+            xLSTMLMModel.__init__(self, config, init=False)  # the same module, its blocks rebuilt
         return weights
 
 
