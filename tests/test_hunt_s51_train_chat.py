@@ -112,3 +112,24 @@ def test_a_fine_tuned_export_keeps_the_source_models_generation_config(ckpt, tmp
         config = json.loads((export / "config.json").read_text())
         assert generation == {"do_sample": False, "max_new_tokens": 33, "bos_token_id": config["bos_token_id"],
                               "eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
+
+
+def test_a_stop_string_that_is_a_special_tokens_text_stops_there(ckpt, capsys):
+    # The text streamed skips special tokens, so `--stop "<pad>"` (say, a chat model's
+    # <|im_end|>) never matched: the generation ran on to its max_tokens.
+    runner = xLSTMRunner(ckpt)
+    tokenizer = runner.tokenizer
+    special = {i: t.content for i, t in tokenizer.backend.get_added_tokens_decoder().items()
+               if t.special and i not in tokenizer.eos_token_ids}
+    kw = dict(max_tokens=40, temperature=3.0)
+    seed, ids = next((s, ids) for s in range(200) for ids in [runner.generate("the quick", seed=s, **kw)]
+                     if any(i in special for i in ids[:-1]))
+    at = next(j for j, i in enumerate(ids) if i in special)
+    stop = special[ids[at]]
+    assert runner.generate("the quick", seed=seed, stop=stop, **kw) == ids[:at]
+    chunks = list(runner.stream("the quick", seed=seed, stop=[stop, "zzzz"], **kw))
+    assert len(chunks) == at + 1 and chunks[-1].finish_reason == "stop"
+    assert runner.generate(["the quick", "the quick"], seed=[seed, seed], row_stops=[stop, None], **kw)[0] == ids[:at]
+    assert main(["generate", "-m", str(ckpt), "-p", "the quick", "-n", "40", "--temp", "3", "--seed", str(seed),
+                 "--stop", stop]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(ids[:at]) + "\n"

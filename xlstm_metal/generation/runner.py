@@ -270,6 +270,14 @@ class xLSTMRunner:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return [int(i) for i in ids]
 
+    def _special_stops(self, ids: set[int], strings: list[str]) -> tuple[set[int], list[str]]:
+        """Stop strings that are the text of a special token (``<|im_end|>``) as that token's id:
+        the text streamed skips special tokens, so such a string never showed and never stopped."""
+        if not strings or self.tokenizer is None:
+            return ids, strings
+        special = {t.content: i for i, t in self.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        return ids | {special[s] for s in strings if s in special}, [s for s in strings if s not in special]
+
     def _params(self, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
         # SamplingParams checks each value's kind before it converts it (float() read "0.5" as 0.5).
         return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -412,6 +420,7 @@ class xLSTMRunner:
         stop_ids, stop_strings = _split_stop(stop, getattr(self.config, "vocab_size", None))
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        stop_ids, stop_strings = self._special_stops(stop_ids, stop_strings)
         session = self._session if keep_state else _Session()
         ids = self.encode(prompt, add_special_tokens=not session.length)
         feed = session.pending + ids
@@ -519,6 +528,7 @@ class xLSTMRunner:
                  for ids, strings in per_row]
         if self.tokenizer is None and any(strings for _, strings in stops):
             raise ValueError("stop strings need a tokenizer")
+        stops = [self._special_stops(ids, strings) for ids, strings in stops]
         results: list[list[int]] = [[] for _ in rows]
         run = [r for r in range(len(rows)) if limits[r] > 0]  # rows with tokens to generate
         if not run:
