@@ -103,6 +103,7 @@ def test_serve_prompt_logprobs_refuses_ids_past_the_logits():
     # take_along_axis read past a model's logits unchecked (garbage, or a crash far past them)
     import mlx.core as mx
 
+    pytest.importorskip("mlx_lm")  # the serve extra (the GPU machine's environment has none)
     from xlstm_metal.serve import prompt_logprobs
 
     class Narrow:  # an mlx-lm model whose logits (5 columns) are narrower than the prompt's ids
