@@ -117,7 +117,8 @@ def add_parser(subparsers) -> None:
                         "other settings of the run may not")
     r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
     r.add_argument("--export", default=None, metavar="DIR",
-                   help="write the best-validation model (+ tokenizer, generation_config.json) here")
+                   help="write the best-validation model (+ tokenizer, generation_config.json: the --init-from "
+                        "model's, else sampling at 0.8) here")
     r.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the --export weights (default float32)")
     r.add_argument("--no-progress", action="store_true")
