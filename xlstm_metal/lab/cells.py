@@ -157,6 +157,69 @@ class LinearProjection(LabCell):
             y = y + self.bias
         return {"y": y}, None
 
+    def featurizer(self) -> mx.array:
+        """The weight [out, in] the projections that share this one read."""
+        return self.weight
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> LabCell:
+        """``nn.quantize``'s hook: this projection with its weight quantized (MLX's layout, per
+        head for a headwise one). A projection that reads another's weight (sharing) stays as it
+        is: the weight is the other's, quantized there."""
+        if quantize_input:
+            raise ValueError("quantize_input is not supported by the lab's projections (weights only)")
+        if "weight" not in self or self.shared_rows:
+            return self
+        return QuantizedLinearProjection(self, group_size, bits, mode)
+
+
+class QuantizedLinearProjection(LabCell):
+    """:class:`LinearProjection` with a quantized weight (what ``nn.quantize`` makes of one): the
+    same ports, bias and checkpoint keys, plus ``scales`` / ``biases`` as MLX's
+    ``QuantizedLinear`` has them; a headwise weight is quantized head by head
+    ([heads, out/heads, packed])."""
+
+    shareable = True
+
+    def __init__(self, source: LinearProjection, group_size: int | None = None, bits: int | None = None,
+                 mode: str = "affine"):
+        super().__init__()
+        w = source.weight
+        flat = nn.Linear(w.shape[-1], 1, bias=False)
+        flat.weight = w.reshape(-1, w.shape[-1])  # rows are quantized one by one: heads stack exactly
+        q = nn.QuantizedLinear.from_linear(flat, group_size, bits, mode=mode)
+        self.heads = self.num_heads = source.heads
+        self.shared_rows = 0
+        self.group_size, self.bits, self.mode = q.group_size, q.bits, q.mode
+        self.weight = q.weight.reshape(*w.shape[:-1], -1)
+        self.scales = q.scales.reshape(*w.shape[:-1], -1)
+        if q.biases is not None:
+            self.biases = q.biases.reshape(*w.shape[:-1], -1)
+        if "bias" in source:
+            self.bias = source.bias
+        self.set_ports(source.input_ports, source.output_ports)
+        self.freeze(keys=["weight", "scales", "biases"], strict=False)  # as MLX's quantized layers
+
+    def _product(self, x: mx.array) -> mx.array:
+        return mx.quantized_matmul(x, self.weight, self.scales, self.get("biases"), transpose=True,
+                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+    def __call__(self, inputs, state=None, shared_weight: mx.array | None = None):
+        x = inputs["x"]
+        if self.heads > 1:
+            lead, d = x.shape[:-1], x.shape[-1] // self.heads
+            xh = mx.swapaxes(x.reshape(-1, self.heads, d), 0, 1)  # [heads, tokens, in/heads]
+            y = mx.swapaxes(self._product(xh), 0, 1).reshape(*lead, -1)
+        else:
+            y = self._product(x)
+        if "bias" in self:
+            y = y + self.bias
+        return {"y": y}, None
+
+    def featurizer(self) -> mx.array:
+        return mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
+
 
 class GatedProjection(LabCell):
     """Gated feed-forward: y = down(act(gate(x)) * up(x)). Ports x [dim] -> y [out].

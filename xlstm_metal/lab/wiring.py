@@ -353,7 +353,7 @@ class WiredBlock(Module2024):
             if share is None:
                 outs, new_state = cell(args, cell_states.get(name))
             else:
-                outs, new_state = cell(args, cell_states.get(name), shared_weight=self.cell(share).weight)
+                outs, new_state = cell(args, cell_states.get(name), shared_weight=self.cell(share).featurizer())
             if getattr(cell, "stateful", False):
                 new_states[name] = tuple(new_state) if new_state is not None else ()
             for port, value in outs.items():
