@@ -130,3 +130,45 @@ def test_mlx_lm_wires_a_native_2024_checkpoint_from_its_weights(tmp_path):
         assert rel_err(np.array(theirs(mx.array(ids))), reference) <= 1e-4
     assert [type(b).__name__ for b in mlx_lm_load_model(path)[0].blocks] == \
         ["mLSTMBlock2024", "mLSTMBlock2024", "sLSTMBlock"]
+
+
+def test_quantized_head_trained_apart_of_a_tied_config_loads_here_and_in_mlx_lm(tmp_path):
+    """transformers writes a tied config's LM head apart from the embeddings (it never ties);
+    mlx-lm's convert -q of such a checkpoint keeps the head (untied by sanitize) and quantizes it,
+    but config.json still says tied. Both loaders then took the config's word, dropped
+    lm_head.weight and failed on "unexpected lm_head.scales, lm_head.biases"; a quantized head is
+    now read as the head of its own it is."""
+    from mlx_lm.convert import convert
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+    from test_tokenizer import train_tiny_tokenizer
+    from transformers import xLSTMConfig as HFxLSTMConfig
+    from transformers import xLSTMForCausalLM
+
+    tokenizer = train_tiny_tokenizer()
+    vocab = tokenizer.get_vocab_size()
+    config = HFxLSTMConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_heads=2, chunk_size=16,
+                           autocast_kernel_dtype="float32", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = xLSTMForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in hf.parameters():
+            if param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    convert(str(tmp_path / "hf"), mlx_path=str(tmp_path / "q8"), quantize=True, q_bits=8, q_group_size=64)
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.scales" in read_weights(tmp_path / "q8")
+
+    ids = np.random.default_rng(3).integers(0, vocab, size=(1, 24))
+    with torch.no_grad():
+        reference = hf(torch.tensor(ids)).logits.numpy()
+    ours = load_model(tmp_path / "q8")
+    theirs, _ = mlx_lm_load_model(tmp_path / "q8")
+    assert "lm_head" in ours and "lm_head" in theirs
+    x = mx.array(ids.astype(np.int32))
+    logits = np.array(ours(x)[0])
+    np.testing.assert_allclose(np.array(theirs(x)), logits, rtol=1e-5, atol=1e-5)
+    rel = float(np.max(np.abs(logits - reference)) / np.max(np.abs(reference)))
+    assert rel <= 0.1  # 8-bit weights: transformers' logits to quantization noise

@@ -202,12 +202,18 @@ def lm_head_trained_apart(weights: dict[str, mx.array], config: xLSTMConfig) -> 
     transformers' ``xLSTMForCausalLM`` never ties the two (it keeps ``tie_word_embeddings`` in
     its config but always multiplies by ``lm_head.weight``): a tied checkpoint fine-tuned there
     comes back with a head trained apart, and only an untied model gives its logits. Our tied
-    checkpoints store the head as an exact copy of the embeddings (for transformers): equal."""
-    if not config.tie_word_embeddings:
+    checkpoints store the head as an exact copy of the embeddings (for transformers): equal.
+    A quantized head (``lm_head.scales``) is always one of its own: a tied head is stored only
+    beside float embeddings (:func:`~xlstm_metal.checkpoint_files.transformers_weights`), so it
+    is such a head quantized (mlx-lm's ``convert -q`` of that transformers checkpoint, which
+    then loaded nowhere: "unexpected lm_head.scales")."""
+    if not config.tie_word_embeddings or "lm_head.weight" not in weights:
         return False
-    head = weights.get("lm_head.weight")
+    if "lm_head.scales" in weights:
+        return True
+    head = weights["lm_head.weight"]
     embeddings = weights.get("backbone.embeddings.weight", weights.get("embedding.weight"))
-    if head is None or embeddings is None or "backbone.embeddings.scales" in weights or "lm_head.scales" in weights:
+    if embeddings is None or "backbone.embeddings.scales" in weights:
         return False
     return head.shape != embeddings.shape or not mx.array_equal(head, embeddings).item()
 
