@@ -442,11 +442,13 @@ class xLSTMRunner:
         tracker = _RowTracker(self.tokenizer, stop_ids | self._eos_ids(), stop_strings, context=history[-8:])
         prompt_time = gen_start = None
         n = 0
+        asked, shown = list(history), []  # the conversation before this reply; the reply's text as shown
         for host, fed_state, step_keys in self._decode(logits, state, params, keys, seen, max_tokens):
             token = host[0]
             now = time.perf_counter()
             if prompt_time is None:
                 prompt_time, gen_start = now - tic, now
+                after_prompt = fed_state if keep_state and stop_strings else None  # (a stop string may end it)
             n += 1
             history.append(token)
             if keep_state:
@@ -455,6 +457,14 @@ class xLSTMRunner:
             text = tracker.add(token)
             if tracker.finish_reason is None and n == max_tokens:
                 text += tracker.finish()
+            shown.append(text)
+            if keep_state and tracker.finish_reason == "stop" and token not in tracker.stop_ids:
+                # A stop string ended the reply: the session holds the reply as shown, neither the
+                # stop string nor what the token that completed it carried after it (text the user
+                # never saw would condition the next turn). Its tokens are fed with the next prompt.
+                reply = self.encode("".join(shown), add_special_tokens=False)
+                self._session = _Session(after_prompt, reply, asked + reply, len(asked) + len(reply),
+                                         session.keys if params.greedy else step_keys)
             elapsed = now - gen_start
             yield GenerationChunk(
                 token=token,
