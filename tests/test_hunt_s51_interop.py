@@ -172,3 +172,32 @@ def test_quantized_head_trained_apart_of_a_tied_config_loads_here_and_in_mlx_lm(
     np.testing.assert_allclose(np.array(theirs(x)), logits, rtol=1e-5, atol=1e-5)
     rel = float(np.max(np.abs(logits - reference)) / np.max(np.abs(reference)))
     assert rel <= 0.1  # 8-bit weights: transformers' logits to quantization noise
+
+
+def test_mlx_lm_convert_of_an_nxai_native_checkpoint_opens_in_transformers(tmp_path, capsys):
+    """`xlstm-metal mlx-lm convert` of NX-AI's native xLSTMLarge directory wrote its config.json
+    as read (no hidden_size, weight_mode "fused" beside the split tensors sanitize made), so
+    transformers built a 4096-wide model and refused the weights. The config is now read in the
+    form save_model writes: transformers, mlx-lm and load_model give NX-AI's logits."""
+    from test_parity_nxai import official_model, save_native
+    from test_tokenizer import train_tiny_tokenizer
+    from transformers import xLSTMForCausalLM
+
+    from xlstm_metal.cli import main
+
+    native, config = official_model(seed=3, weight_mode="fused", embedding_dim=128, vocab_size=320)
+    source = save_native(native, config, tmp_path / "native")
+    train_tiny_tokenizer().save(str(source / "tokenizer.json"))
+    out = tmp_path / "out"
+    assert main(["mlx-lm", "convert", "--hf-path", str(source), "--mlx-path", str(out)]) == 0
+    capsys.readouterr()
+    written = json.loads((out / "config.json").read_text())
+    assert written["weight_mode"] == "single" and written["hidden_size"] == 128
+    ids = np.random.default_rng(8).integers(0, 320, size=(1, 19))
+    with torch.no_grad():
+        reference = native(torch.tensor(ids))[0].numpy()
+        hf = xLSTMForCausalLM.from_pretrained(out).eval()
+        logits = hf(torch.tensor(ids)).logits.numpy()
+    scale = np.max(np.abs(reference))
+    assert np.max(np.abs(logits - reference)) / scale <= 1e-4
+    assert np.max(np.abs(np.array(load_model(out)(mx.array(ids.astype(np.int32)))[0]) - reference)) / scale <= 1e-4

@@ -983,10 +983,14 @@ def tolerate_missing_model_file() -> None:
     (transformers' ``save_pretrained`` keeps config.json's ``model_file`` but not the file): such
     a config with a ``model_type`` (xLSTM-Large's) loses ``model_file`` as mlx-lm reads it, so the
     registered ``xlstm`` model type (what the file would import) builds the model. A 2024 config,
-    which has no model type, still needs the file."""
+    which has no model type, still needs the file. An xLSTM-Large config is read in the form
+    :func:`xlstm_metal.save_model` writes (:meth:`xLSTMConfig.to_dict`), which convert and fuse
+    then write: transformers opens their output of an NX-AI native checkpoint."""
     import mlx_lm.utils as utils
 
     from ..checkpoint_files import MLX_LM_SHIM
+    from ..config import xLSTMConfig
+    from ..config_2024 import is_xlstm_2024_config
 
     read = utils.load_config
     if getattr(read, "tolerates_missing_model_file", False):
@@ -999,6 +1003,11 @@ def tolerate_missing_model_file() -> None:
             config.pop("model_file")
         if "model_type" not in config and "model_file" not in config and is_native_xlstm_config(config):
             config["model_type"] = "xlstm"  # mlx-lm looked it up unguarded: a KeyError traceback
+        if config.get("model_type") == "xlstm" and not is_xlstm_2024_config(config):
+            # In the form save_model writes: convert and fuse save this dict beside the weights
+            # as sanitize left them, and NX-AI's native config (no hidden_size, weight_mode
+            # "fused" for tensors now split) gave a checkpoint transformers could not open.
+            config = xLSTMConfig.from_dict(config).to_dict()
         return config
 
     load_config.tolerates_missing_model_file = True
