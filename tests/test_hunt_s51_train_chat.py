@@ -107,6 +107,11 @@ def test_a_fine_tuned_export_keeps_the_source_models_generation_config(ckpt, tmp
                  "--export", str(tmp_path / "export"), *common]) == 0
     assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--export", str(tmp_path / "again"),
                  "--no-progress"]) == 0
+    # summary.json: the whole run's steps and tokens, and this session's beside its wall time
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["tokens"]) == (3, 3 * 2 * 16)
+    assert (summary["session_steps"], summary["session_tokens"]) == (1, 2 * 16)
+    assert summary["session_tok_s"] == pytest.approx(32 / summary["wall_s"])
     for export in (tmp_path / "export", tmp_path / "again"):
         generation = json.loads((export / "generation_config.json").read_text())
         config = json.loads((export / "config.json").read_text())

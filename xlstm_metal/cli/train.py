@@ -765,7 +765,11 @@ def _run(args) -> int:
         print(f"done: {result.step - start_step} steps (to step {result.step}), {new_tokens:,} tokens in {wall:.0f} s "
               f"({new_tokens / max(wall, 1e-9):,.0f} tok/s); {best}; checkpoint {result.checkpoint or trainer.out_dir}",
               file=sys.stderr)
+        # steps and tokens: the whole run's; wall_s: this session's, with its own steps and tokens (a
+        # --resume's whole-run tokens over its wall_s overstated the rate)
         summary = {"params": n_params, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
+                   "session_steps": result.step - start_step, "session_tokens": new_tokens,
+                   "session_tok_s": new_tokens / max(wall, 1e-9),
                    "best_val_loss": result.best_val_loss,
                    "best_val_ppl": None if result.best_val_loss is None else math.exp(result.best_val_loss),
                    "best_step": result.best_step, "train_tokens": int(len(train_stream)),
