@@ -95,3 +95,40 @@ def test_per_row_arguments_are_checked(runner):
     with pytest.raises(ValueError, match="got 3 seed values for 2 prompts"):
         runner.generate(PROMPTS[:2], max_tokens=[3, 0], seed=[1, 2, 3], temperature=1.0)
     assert runner.generate(PROMPTS[:2], max_tokens=[0, 0]) == [[], []]
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.9, "seed": [3, 4, 5, 6, 7, 8, 9, 10],
+                                           "repetition_penalty": 1.3}], ids=["greedy", "seeded"])
+def test_rows_that_ended_leave_the_batch(runner, monkeypatch, settings):
+    """Once half the running rows have ended, the rest decode without them (from the step's token,
+    state, keys and seen marks): the later steps run fewer rows, and every row gets what it gets
+    alone (greedy, and seeded with a repetition penalty)."""
+    prompts = PROMPTS * 2
+    limits = [3, 14, 2, 2, 2, 9, 2, 2]
+    seeds = settings.get("seed")
+    solo = [runner.generate(p, max_tokens=n, **{**settings, **({"seed": seeds[i]} if seeds else {})})
+            for i, (p, n) in enumerate(zip(prompts, limits))]
+    step_fn, widths = runner._step_fn, []
+
+    def spying(params):
+        step = step_fn(params)
+
+        def counted(tok, *rest):
+            widths.append(tok.shape[0])
+            return step(tok, *rest)
+        return counted
+
+    monkeypatch.setattr(runner, "_step_fn", spying)
+    assert runner.generate(prompts, max_tokens=limits, **settings) == solo
+    # 8 rows for the first steps; 3 once five have ended (after 2 tokens); 1 once row 5 has too (9)
+    assert widths[:2] == [8, 8] and widths[2:7] == [3] * 5 and widths[-1] == 1
+    assert sum(widths) < 8 * 13 // 2  # (8 rows for every step: 8 x 13)
+
+
+def test_rows_that_ended_leave_a_wide_batch(runner):
+    """20 rows (on CUDA the decode state is deferred from 16 rows: its six arrays are taken by row
+    too), 14 ending after 2 tokens: the rest continue alone, as each row alone."""
+    prompts = PROMPTS * 5
+    limits = [2 if i % 4 else 11 for i in range(14)] + [7, 2, 2, 2, 2, 5]
+    solo = [runner.generate(p, max_tokens=n) for p, n in zip(prompts, limits)]
+    assert runner.generate(prompts, max_tokens=limits) == solo

@@ -20,11 +20,11 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from ..checks import bad_token_ids, is_integer
 from ..kernels.cpu import decode_step as cpu_decode_step
@@ -159,6 +159,27 @@ def _split_stop(stop: Stop, vocab_size: int | None = None) -> tuple[set[int], li
 def _is_array(value: Any) -> bool:
     """An MLX or NumPy array (anything with ndim, shape and tolist), not a list."""
     return isinstance(value, mx.array) or all(hasattr(value, a) for a in ("ndim", "shape", "tolist"))
+
+
+class _Step(NamedTuple):
+    """One decode step of :meth:`xLSTMRunner._decode`: the tokens per row on the host and on the
+    device, the state before feeding them, the keys and seen-token marks after them."""
+
+    host: list[int]
+    state: Any
+    keys: mx.array
+    tok: mx.array
+    seen: mx.array
+
+
+def _take_rows(tree: Any, rows: list[int], batch: int) -> Any:
+    """Each array of ``tree`` at ``rows`` of its first axis; None where a leaf is not an array
+    with ``batch`` rows first (a state of another layout: the batch stays as it is)."""
+    leaves = [leaf for _, leaf in tree_flatten(tree)]
+    if not all(isinstance(a, mx.array) and a.ndim and a.shape[0] == batch for a in leaves):
+        return None
+    index = mx.array(rows)
+    return tree_map(lambda a: a[index], tree)
 
 
 def _concat_states(states: list[Any]) -> Any:
@@ -359,9 +380,14 @@ class xLSTMRunner:
             seen = mark_seen(seen, tok)
         return tok, keys, seen
 
-    def _decode(self, logits, state, params, keys, seen, max_tokens) -> Iterator[tuple[list[int], Any, Any]]:
-        """Yields (tokens of this step per row, state before feeding them, keys after)."""
+    def _decode(self, logits, state, params, keys, seen, max_tokens) -> Iterator[_Step]:
+        """Yields a :class:`_Step` per step: the tokens per row (on the host and the device), the
+        state before feeding them, the keys and seen-token marks after them."""
         tok, keys, seen = self._first_token(logits, params, keys, seen)
+        yield from self._decode_from(tok, state, params, keys, seen, max_tokens)
+
+    def _decode_from(self, tok, state, params, keys, seen, max_tokens) -> Iterator[_Step]:
+        """:meth:`_decode` from a sampled token ``tok`` [B] not yet fed (yielded first)."""
         mx.async_eval(tok)
         step = self._step_fn(params)
         defer = getattr(self.model, "defer_state", None)
@@ -373,7 +399,7 @@ class xLSTMRunner:
                 nxt, new_state, new_keys, new_seen = step(tok, state, keys, seen)
                 mx.async_eval(nxt, new_state, new_keys, new_seen)
             host = tok.tolist()
-            yield host, state, keys
+            yield _Step(host, state, keys, tok, seen)
             if t + 1 < max_tokens:
                 tok, state, keys, seen = nxt, new_state, new_keys, new_seen
 
@@ -443,8 +469,8 @@ class xLSTMRunner:
         prompt_time = gen_start = None
         n = 0
         asked, shown = list(history), []  # the conversation before this reply; the reply's text as shown
-        for host, fed_state, step_keys in self._decode(logits, state, params, keys, seen, max_tokens):
-            token = host[0]
+        for decoded in self._decode(logits, state, params, keys, seen, max_tokens):
+            token, fed_state, step_keys = decoded.host[0], decoded.state, decoded.keys
             now = time.perf_counter()
             if prompt_time is None:
                 prompt_time, gen_start = now - tic, now
@@ -581,14 +607,28 @@ class xLSTMRunner:
         eos = self._eos_ids()
         trackers = [_RowTracker(self.tokenizer if strings else None, ids | eos, strings, prompt[-8:])
                     for prompt, (ids, strings) in zip(rows, stops)]
-        for step, (host, _, _) in enumerate(self._decode(logits, state, params, keys, seen, max(limits))):
-            for tracker, token, limit in zip(trackers, host, limits):
+        rows_run = list(range(len(rows)))  # the rows the decode runs (those not ended when it started)
+        steps, done = self._decode(logits, state, params, keys, seen, max(limits)), 0
+        for decoded in iter(lambda: next(steps, None), None):
+            done += 1
+            for r, token in zip(rows_run, decoded.host):
+                tracker = trackers[r]
                 if tracker.finish_reason is None:
                     tracker.add(token)
-                    if tracker.finish_reason is None and step + 1 == limit:
+                    if tracker.finish_reason is None and done == limits[r]:
                         tracker.finish()
-            if all(t.finish_reason is not None for t in trackers):
+            live = [i for i, r in enumerate(rows_run) if trackers[r].finish_reason is None]
+            if not live:
                 break
+            if 2 * len(live) <= len(rows_run):
+                # Half the rows have ended: the rest decode without them (the C step's time and a
+                # GEMV's rows grow with the batch), from this step's token, state, keys and marks.
+                taken = _take_rows((decoded.tok, decoded.state, decoded.keys, decoded.seen), live, len(rows_run))
+                if taken is not None:
+                    steps.close()
+                    rows_run = [rows_run[i] for i in live]
+                    tok, state, keys, seen = self._step_fn(params)(*taken)
+                    steps = self._decode_from(tok, state, params, keys, seen, max(limits[r] for r in rows_run) - done)
         return [t.tokens for t in trackers]
 
     def generate_next_token(
