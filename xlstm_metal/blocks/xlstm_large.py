@@ -255,8 +255,12 @@ def _pre_norm(x: mx.array, norm: RMSNorm) -> tuple[mx.array, mx.array]:
 def _normed(out: mx.array, norm: RMSNorm) -> mx.array:
     """A norm's output in its weight's dtype: a float32 residual stream under bf16 weights is
     normalised in float32 and rounded once, and the projections then run in bf16 (a float32
-    input would promote their matmuls to float32)."""
-    return out if out.dtype == norm.weight.dtype else out.astype(norm.weight.dtype)
+    input would promote their matmuls to float32). A norm without a weight array (a user's
+    module: nn.LayerNorm(affine=False), nn.Identity, a wrapper) leaves its output as it is."""
+    weight = norm.get("weight") if isinstance(norm, nn.Module) else None
+    if not isinstance(weight, mx.array) or out.dtype == weight.dtype:
+        return out
+    return out.astype(weight.dtype)
 
 
 def stacked_step(blocks: list, x: mx.array, pending: mx.array | None, states: list):
@@ -272,7 +276,10 @@ def stacked_step(blocks: list, x: mx.array, pending: mx.array | None, states: li
         if not isinstance(block, mLSTMBlock) or not block.fused_step(x):
             break
         if index and later is None:  # the blocks after the first take a pending FFN output (its shape, T)
-            later = SimpleNamespace(shape=x.shape, dtype=block.norm_mlstm.weight.dtype)
+            weight = block.norm_mlstm.get("weight")
+            if not isinstance(weight, mx.array):  # a user's norm module: this block steps on its own
+                break
+            later = SimpleNamespace(shape=x.shape, dtype=weight.dtype)
         args = block._chain_block_args(x, pending if index == 0 else later, states[index])
         if args is None or (group and not chain.stack_compatible(group[0], args)):
             break

@@ -1,0 +1,46 @@
+"""Session 51 hunt, the model core on the CPU: kernels, xLSTM-Large / 2024 models, their paths."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from xlstm_metal.kernels.cpu import decode_step as ds
+from xlstm_metal.kernels.cpu import prefill as cp
+
+from conftest import tiny_model
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _ids(rows: int, length: int, seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, 97, (rows, length)), dtype=mx.int32)
+
+
+def test_weightless_norm_modules_run_in_every_path():
+    """A user's norm without a weight array (nn.LayerNorm(affine=False), nn.Identity) in place
+    of a block's RMSNorm: the forward read ``norm.weight.dtype`` to round the norm's output and
+    failed with AttributeError in every path."""
+    x = _ids(2, 9, 4)
+    for dtype in (mx.float32, mx.bfloat16):
+        model = tiny_model()
+        model.set_dtype(dtype)
+        before, _ = model(x)
+        for block in model.blocks:
+            block.norm_mlstm = nn.LayerNorm(64, affine=False)
+            block.norm_ffn = nn.Identity()
+        with ds.switched(False), cp.switched(False):
+            full, full_state = model(x)
+        assert _rel(full, before) > 1e-2  # the replacements run
+        model.fuse_projections()  # the inference path (a float32 residual stream under bf16)
+        tol = 1e-4 if dtype == mx.float32 else 3e-2
+        logits, state = model.prefill(x[:, :5], chunk_size=3)
+        for t in range(5, 9):
+            logits, state = model(x[:, t:t + 1], state)
+        assert _rel(logits[:, -1], full[:, -1]) < tol
+        for ours, ref in zip(state, full_state):
+            assert max(_rel(a, b) for a, b in zip(ours, ref)) < tol
