@@ -44,3 +44,43 @@ def test_weightless_norm_modules_run_in_every_path():
         assert _rel(logits[:, -1], full[:, -1]) < tol
         for ours, ref in zip(state, full_state):
             assert max(_rel(a, b) for a, b in zip(ours, ref)) < tol
+
+
+class _UserFFN(nn.Module):
+    """A user's feed-forward module: no fuse_projections, no proj_down."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 32)
+        self.b = nn.Linear(32, 64)
+
+    def __call__(self, x):
+        return self.b(nn.gelu(self.a(x)))
+
+
+def test_user_ffn_module_survives_update_fuse_and_quantize():
+    """A block's ``ffn`` replaced by a user's module: update() (set_dtype, load_weights, every
+    optimizer step), fuse_projections(), profiles and quantize_model called the FeedForward's
+    (un)fuse_projections on it and failed with AttributeError."""
+    from xlstm_metal.profiles import apply_profile
+    from xlstm_metal.quantization import quantize_model
+
+    x = _ids(2, 7, 1)
+    model = tiny_model()
+    for block in model.blocks:
+        block.ffn = _UserFFN()
+    mx.eval(model.parameters())
+    with ds.switched(False), cp.switched(False):
+        ref, _ = model(x)
+    model.update(model.parameters())
+    model.set_dtype(mx.float32)
+    model.fuse_projections()
+    logits, state = model.prefill(x[:, :4])
+    for t in range(4, 7):
+        logits, state = model(x[:, t:t + 1], state)
+    assert _rel(logits[:, -1], ref[:, -1]) < 1e-4
+    apply_profile(model, "exact-fp32")
+    quantize_model(model, bits=8)
+    assert isinstance(model.blocks[0].ffn, _UserFFN)
+    quantized, _ = model(x)
+    assert _rel(quantized, ref) < 0.15  # 8 bits (the tiny model's shut heads amplify it)

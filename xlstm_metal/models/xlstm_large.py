@@ -11,6 +11,7 @@ import mlx.nn as nn
 from ..checks import check_chunk_size, is_integer
 from ..blocks.xlstm_large import mLSTMBlock, stacked_step
 from ..cells.embedding import embed_tokens
+from ..cells.ffn import FeedForward
 from ..cells.fused import fusion_kind, gemv_layout
 from ..cells.mlstm import mlstm_zero_state
 from ..cells.norms import RMSNorm, soft_cap
@@ -200,8 +201,11 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         self.residual_dtype = mx.float32
         for block in self._mlstm_blocks():
             block.mlstm_layer.fuse_projections()
-            block.ffn.fuse_projections()
-            for layer in (block.mlstm_layer.out_proj, block.ffn.proj_down):
+            layers = [block.mlstm_layer.out_proj]
+            if isinstance(block.ffn, FeedForward):  # a user's FFN module runs as it is
+                block.ffn.fuse_projections()
+                layers.append(block.ffn.proj_down)
+            for layer in layers:
                 _gemv_layout(layer)
             kernel_cell = block.mlstm_layer.recurrent_kernel_cell
             if kernel_cell.step_kernel == "step":
@@ -227,7 +231,8 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         use_fast_linear_layers(self, enabled=False)
         for block in self._mlstm_blocks():
             block.mlstm_layer.unfuse_projections()
-            block.ffn.unfuse_projections()
+            if isinstance(block.ffn, FeedForward):
+                block.ffn.unfuse_projections()
         return self
 
     def update(self, parameters: dict, strict: bool = True) -> "xLSTMLarge":
