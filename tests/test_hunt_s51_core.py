@@ -84,3 +84,36 @@ def test_user_ffn_module_survives_update_fuse_and_quantize():
     assert isinstance(model.blocks[0].ffn, _UserFFN)
     quantized, _ = model(x)
     assert _rel(quantized, ref) < 0.15  # 8 bits (the tiny model's shut heads amplify it)
+
+
+def test_2024_model_refuses_bad_input_ids_state_and_batch_size_clearly():
+    """The 2024 xLSTM checked only input_ids.ndim: float, bool or empty ids, a list, and a state
+    made for another batch size failed deep inside ("[gather] Got indices with invalid dtype",
+    "[reshape] Cannot infer the shape of an empty array", "[concatenate] ..."), make_state(1.5)
+    with "std::bad_cast" and make_state(0) returned empty arrays."""
+    import pytest
+
+    from xlstm_metal.models.xlstm_2024 import create_xlstm_model
+
+    model = create_xlstm_model(61, 2, (1, 1), 32, 8, 4, seed=1, slstm_backend="vanilla")
+    ids = mx.array([[1, 2, 3], [4, 5, 6]])
+    _, state = model(ids)
+    with pytest.raises(TypeError, match="integer dtype"):
+        model(mx.array([[1.0, 2.0]]))
+    with pytest.raises(TypeError, match="integer dtype"):
+        model(mx.array([[True]]))
+    with pytest.raises(ValueError, match="S >= 1"):
+        model(mx.zeros((1, 0), dtype=mx.int32))
+    with pytest.raises(TypeError, match="mx.array"):
+        model([[1, 2]])
+    with pytest.raises(ValueError, match="batch of 1"):
+        model(mx.array([[1]]), state)
+    with pytest.raises(TypeError, match="integer"):
+        model.make_state(1.5)
+    with pytest.raises(ValueError, match=">= 1"):
+        model.make_state(0)
+    # what worked still does: a state from a call, make_state, None entries (zero states)
+    out, _ = model(ids[:, 2:], state)
+    zero, _ = model(ids, model.make_state(2))
+    none, _ = model(ids, [None, None])
+    assert _rel(zero, none) == 0.0 and out.shape == (2, 1, 61)

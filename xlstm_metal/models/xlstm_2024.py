@@ -35,6 +35,7 @@ from ..config_2024 import (
 from ..errors import ConfigError
 from ..kernels.fast.quantized import FastQuantizedTree
 from .xlstm_2024_init import reset_parameters
+from .xlstm_large import check_input_ids, check_state
 
 ModelState = list[tuple[mx.array, ...]]
 
@@ -128,16 +129,25 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
         """The zero state for ``batch_size`` rows (equal to ``state=None``). Conv windows hold
         activations, so they take the dtype of the embedding's rows (:func:`rows_dtype`: a
         quantized embedding's packed weight is uint32); the recurrent states are float32."""
+        if not is_integer(batch_size):  # a float reached mx.zeros as "std::bad_cast"
+            raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         dtype = rows_dtype(self.token_embedding, self)
-        return [block.zero_state(batch_size, dtype) for block in self.blocks]
+        return [block.zero_state(int(batch_size), dtype) for block in self.blocks]
 
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False
     ) -> tuple[mx.array, ModelState]:
         """``last_only=True`` returns logits [B, 1, V] of the last position only (prefill needs
         no more, and skips most of the lm_head work)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
+        # As xLSTM-Large's: lists, float or empty ids and a state for another batch size failed
+        # deep inside (in the gather, a reshape, a concatenate) with messages naming neither.
+        check_input_ids(input_ids)
+        if isinstance(state, (list, tuple)):  # a block's entry may be None (its zero state)
+            check_state([() if s is None else s for s in state], input_ids.shape[0], len(self.blocks))
+        elif state is not None:
+            check_state(state, input_ids.shape[0], len(self.blocks))
         x = embed_tokens(self.token_embedding, input_ids, self)
         if "emb_dropout" in self:
             x = self.emb_dropout(x)
