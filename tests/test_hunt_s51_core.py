@@ -117,3 +117,28 @@ def test_2024_model_refuses_bad_input_ids_state_and_batch_size_clearly():
     zero, _ = model(ids, model.make_state(2))
     none, _ = model(ids, [None, None])
     assert _rel(zero, none) == 0.0 and out.shape == (2, 1, 61)
+
+
+def test_profile_sets_the_2024_mlstm_step_kernel():
+    """apply_profile set the 2024 mLSTM's sequence kernel and chunk size but left its step
+    kernel at "step": fast-bf16's step_fused (one CUDA launch) never ran for a 2024 model, and a
+    step kernel the 2024 mLSTM cannot run was accepted silently."""
+    import pytest
+
+    from xlstm_metal.models.xlstm_2024 import create_xlstm_model
+    from xlstm_metal.profiles import ProfileError, apply_profile, load_profile
+
+    model = create_xlstm_model(61, 2, (1, 1), 32, 8, 4, seed=1, slstm_backend="vanilla")
+    ids = mx.array([[1, 2, 3, 4]])
+    ref, _ = model(ids)
+    mlstm = model.blocks[0].xlstm
+    apply_profile(model, load_profile("fast-bf16").replace(dtype="float32"))
+    assert mlstm.step_kernel == "step_fused" and mlstm.kernel_name == "chunkwise_fused"
+    logits, state = model(ids[:, :2])
+    for t in (2, 3):
+        logits, state = model(ids[:, t:t + 1], state)
+    assert _rel(logits[:, -1], ref[:, -1]) < 1e-4
+    apply_profile(model, "exact-fp32")
+    assert mlstm.step_kernel == "step"
+    with pytest.raises(ProfileError, match="kernels.step"):
+        apply_profile(model, load_profile("exact-fp32").replace(name="x", kernels={"step": "sequence"}))

@@ -283,7 +283,7 @@ def apply_profile(target: Any, profile: HyperProfile | str | os.PathLike) -> Any
     - an xLSTM-Large model (``xlstm_metal.models.xlstm_large.xLSTMLarge``): changes it in place
       and returns it: weights cast to the profile's dtype, every kernel cell's kernel, chunk
       size, eps and state dtype, norm eps, soft caps, fused or separate projections.
-    - a 2024 xLSTM (``xLSTMLMModel``): dtype, the mLSTM sequence kernel and chunk size; fields
+    - a 2024 xLSTM (``xLSTMLMModel``): dtype, the mLSTM sequence and step kernels and chunk size; fields
       that model cannot honour (state dtype other than float32, eps / soft-cap overrides) raise
       ProfileError rather than being ignored.
 
@@ -366,11 +366,15 @@ def _apply_xlstm_large(model, profile: HyperProfile) -> None:
 
 def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
     from ..kernels import resolve_kernel_name
+    from ..neurons.mlstm_2024 import STEP_KERNELS
 
     unsupported = [k for k in ("eps", "norm_eps", "gate_soft_cap", "output_logit_soft_cap")
                    if getattr(profile, k) is not None]
     if profile.state_dtype != "float32":
         unsupported.append(f"state_dtype={profile.state_dtype}")
+    step = resolve_kernel_name(profile.kernels["step"])
+    if step not in STEP_KERNELS:
+        unsupported.append(f"kernels.step={profile.kernels['step']} (the 2024 mLSTM steps with {', '.join(STEP_KERNELS)})")
     if unsupported:
         raise ProfileError(f"profile {profile.name}: the 2024 xLSTM cannot apply {', '.join(unsupported)}")
     _cast_weights(model, profile.dtype)
@@ -380,6 +384,7 @@ def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
         if layer is None or not hasattr(layer, "kernel_name"):
             continue
         layer.set_kernel(name)
+        layer.step_kernel = step  # was left at "step": fast-bf16's step_fused never ran here
         if profile.chunk_size is not None:
             layer.chunk_size = profile.chunk_size
 
