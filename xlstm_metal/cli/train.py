@@ -464,6 +464,13 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
 def run(args) -> int:
     try:
         return _run(args)
+    except RuntimeError as err:
+        # Under mlx.launch: a collective of the set-up (rank 0's files and tokenizer, the same
+        # start) whose peer died, e.g. of an error only it saw. The training loop names its own
+        # step (DistributedError); this one ended in a traceback. Others are raised again.
+        from . import peer_lost_exit
+
+        return peer_lost_exit(err, "the run stopped while starting, before training began")
     finally:
         _SCRATCH.end()  # on every exit: the files received from rank 0 (see _Scratch)
 
@@ -559,7 +566,7 @@ def _run(args) -> int:
         if val_fraction == 0 and main:
             _warn_no_validation(args, f"the run in {out} (--val-fraction 0)")
     else:
-        profile = profile_from_args(args)
+        profile = _profile_from_rank0(group, args)
         if profile is not None and args.dtype is None:
             args.dtype = profile.dtype  # the compute dtype; weights stay float32
         if args.val_fraction == 0 and main:
@@ -896,12 +903,20 @@ def _from_rank0(group, fn):
     _Scratch). Rank 0's UsageError stops all ranks; only rank 0 prints it."""
     if group is None:
         return fn()
-    from ..distributed import broadcast_json, share_path
+    from ..distributed import share_path
     from ..training.tempdirs import DIST_PREFIX, remove_stale_dirs
 
     if not _SCRATCH.swept:  # the folders of ranks killed with SIGKILL, even where this run makes none
         remove_stale_dirs(DIST_PREFIX)
         _SCRATCH.swept = True
+    return share_path(_rank0_value(group, fn), group, _SCRATCH)
+
+
+def _rank0_value(group, fn):
+    """``fn()`` (may raise UsageError) run on rank 0: its value there, None on the other ranks.
+    Rank 0's UsageError stops all ranks; only rank 0 prints it."""
+    from ..distributed import broadcast_json
+
     error, value = None, None
     if group.rank() == 0:
         try:
@@ -913,7 +928,26 @@ def _from_rank0(group, fn):
         if group.rank() == 0:
             raise UsageError(error)
         raise SystemExit(2)
-    return share_path(value, group, _SCRATCH)
+    return value
+
+
+def _profile_from_rank0(group, args):
+    """A new run's --profile (with the flags that replace its fields) as rank 0 reads it, on
+    every rank: a profile file, or one `tune` saved by name, that only rank 0's machine has (as
+    it may have the data alone) stopped the other ranks, and a profile of one name that differs
+    between machines would have trained the ranks under different numerics."""
+    from ..distributed import broadcast_json
+    from ..profiles import profile_from_dict
+
+    if group is None:
+        return profile_from_args(args)
+
+    def read_on_rank0():
+        profile = profile_from_args(args)
+        return None if profile is None else profile.to_dict()
+
+    fields = broadcast_json(_rank0_value(group, read_on_rank0), group)
+    return None if fields is None else profile_from_dict(fields, str(args.profile))
 
 
 def _same_start(group, model, train_stream, val_stream, cfg) -> None:

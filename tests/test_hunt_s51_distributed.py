@@ -1,0 +1,69 @@
+"""Session 51's hunt in distributed runs (`mlx.launch`, ring backend, 2 local processes) and
+in the profiles as the commands apply them."""
+
+import json
+import subprocess
+import sys
+
+from xlstm_metal.profiles import load_profile
+
+from distributed_helpers import free_port, ring_env  # noqa: E402
+from test_train_cli import make_corpus  # noqa: E402
+
+TRAIN = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+         "--warmup", "0", "--no-progress", "--val-fraction", "0.1"]
+
+
+def xlstm_cmd(*args):
+    return [sys.executable, "-m", "xlstm_metal", *map(str, args)]
+
+
+def _run_ranks(tmp_path, commands, cwds=None, timeout=180):
+    """Run ``commands[r]`` as rank r of a 2-process ring (in ``cwds[r]``); [(exit code, stderr)]."""
+    port = free_port(2)
+    procs = [subprocess.Popen(cmd, env=ring_env(rank, 2, port, tmp_path), cwd=cwds[rank] if cwds else None,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, cmd in enumerate(commands)]
+    results = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
+def test_train_takes_rank_0s_profile_file(tmp_path):
+    """`train --profile FILE` where only rank 0's machine has the file (as it may have the data
+    alone): every rank trains under rank 0's profile. Rank 1 stopped with 'file not found'
+    and rank 0 with a traceback."""
+    corpus = make_corpus(tmp_path / "corpus")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    profile = load_profile("exact-fp32").replace(name="mine", chunk_size=8, eps=2e-6)
+    (first / "mine.json").write_text(json.dumps(profile.to_dict()))
+    out = tmp_path / "run"
+    cmd = xlstm_cmd("train", corpus, "--out", out, *TRAIN, "--profile", "mine.json")
+    results = _run_ranks(tmp_path, [cmd, cmd], cwds=[first, second])
+    for code, err in results:
+        assert code == 0 and "Traceback" not in err, err[-3000:]
+    config = json.loads((out / "checkpoint-0000002" / "config.json").read_text())
+    assert config["chunk_size"] == 8 and config["eps"] == 2e-6
+
+
+def test_train_peer_lost_while_starting_is_one_line(tmp_path):
+    """A rank that dies before the training loop (here: it joins the ring and exits) stops the
+    others with one line naming it, exit code 1; it was a RuntimeError traceback from the
+    set-up's first collective."""
+    corpus = make_corpus(tmp_path / "corpus")
+    train = xlstm_cmd("train", corpus, "--out", tmp_path / "run", *TRAIN)
+    joins_and_exits = [sys.executable, "-c", "import mlx.core as mx; mx.distributed.init()"]
+    (code, err), _ = _run_ranks(tmp_path, [train, joins_and_exits])
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "xlstm-metal: error: rank 0 of 2: the run stopped while starting, before training began: lost the " \
+           "connection to rank 1" in err
