@@ -67,3 +67,35 @@ def test_train_peer_lost_while_starting_is_one_line(tmp_path):
     assert code == 1 and "Traceback" not in err, err[-3000:]
     assert "xlstm-metal: error: rank 0 of 2: the run stopped while starting, before training began: lost the " \
            "connection to rank 1" in err
+
+
+def _served_settings(monkeypatch, *flags):
+    """The server settings `xlstm-metal serve FLAGS` starts with (the server itself is not made)."""
+    import pytest
+
+    pytest.importorskip("mlx_lm")
+    import xlstm_metal.serve as serve
+    from xlstm_metal.cli import main
+
+    seen = []
+
+    def make_server(cli_args):
+        seen.append(cli_args)
+        raise serve.ServeError("not serving in this test")
+
+    monkeypatch.setattr(serve, "make_server", make_server)
+    assert main(["serve", "--port", "0", *flags]) == 2
+    return seen[0]
+
+
+def test_serve_prefills_in_the_profiles_prompt_pieces(monkeypatch, tmp_path):
+    """serve --profile: the profile's prefill_chunk is the prompt piece length (it was 2048
+    whatever the profile said); --prefill-step-size wins over it; without either, 2048."""
+    path = tmp_path / "pieces.json"
+    path.write_text(json.dumps(load_profile("exact-fp32").replace(name="pieces", prefill_chunk=96).to_dict()))
+    settings = _served_settings(monkeypatch, "--profile", str(path))
+    assert settings.prefill_step_size == 96 and settings.profile.prefill_chunk == 96
+    assert _served_settings(monkeypatch, "--profile", "fast-bf16").prefill_step_size == 16384
+    settings = _served_settings(monkeypatch, "--profile", str(path), "--prefill-step-size", "32")
+    assert settings.prefill_step_size == 32 and settings.profile.prefill_chunk == 32
+    assert _served_settings(monkeypatch).prefill_step_size == 2048

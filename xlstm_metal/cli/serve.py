@@ -19,6 +19,10 @@ block, whatever the conversation's length), so a chat client that re-sends the c
 pays only for the new turn. Without --model the small packaged model is served."""
 
 
+#: Prompt tokens per forward pass without --prefill-step-size or a profile's prefill_chunk.
+DEFAULT_PREFILL_STEP = 2048
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="prompts prefilled together in one batch (default: 8)")
     parser.add_argument("--prompt-cache-size", type=int, default=10,
                         help="conversation states kept for prefix reuse (default: 10; 0 turns caching off)")
-    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass (default: 2048)")
+    parser.add_argument("--prefill-step-size", type=int, default=None,
+                        help="prompt tokens per forward pass (default: the --profile's prefill_chunk, else 2048)")
     parser.add_argument("--allowed-origins", default="*", help="CORS origins, comma-separated (default: *)")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="server log level (default: WARNING)")
@@ -71,7 +76,7 @@ def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     for name in ("decode_concurrency", "prompt_concurrency", "prefill_step_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
@@ -107,14 +112,17 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise UsageError(f"no --model given and the packaged default model is not installed ({DEFAULT_MODEL_DIR})")
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
+    # As in generate and chat, the profile's prompt piece length unless the flag is given (serve
+    # prefilled 2048 tokens per pass whatever the profile said).
+    profile = profile_from_args(args, dtype=args.dtype, prefill_chunk=args.prefill_step_size)
+    prefill_step_size = args.prefill_step_size or (profile and profile.prefill_chunk) or DEFAULT_PREFILL_STEP
     cli_args = server_args(
-        args.model or DEFAULT_MODEL_DIR, host=args.host, port=args.port, dtype=args.dtype,
-        profile=profile_from_args(args, dtype=args.dtype),
+        args.model or DEFAULT_MODEL_DIR, host=args.host, port=args.port, dtype=args.dtype, profile=profile,
         adapter_path=args.adapter_path, generation_config=args.generation_config, max_tokens=args.max_tokens,
         temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
-        prompt_cache_size=args.prompt_cache_size, prefill_step_size=args.prefill_step_size,
+        prompt_cache_size=args.prompt_cache_size, prefill_step_size=prefill_step_size,
         allowed_origins=allowed_origins(args), log_level=args.log_level, parallel=args.parallel,
     )
     from ..distributed import world
