@@ -99,3 +99,19 @@ def test_serve_prefills_in_the_profiles_prompt_pieces(monkeypatch, tmp_path):
     settings = _served_settings(monkeypatch, "--profile", str(path), "--prefill-step-size", "32")
     assert settings.prefill_step_size == 32 and settings.profile.prefill_chunk == 32
     assert _served_settings(monkeypatch).prefill_step_size == 2048
+
+
+def test_bench_kernel_config_wins_over_the_profiles_kernel(tmp_path, capsys):
+    """bench --profile P --kernel config: the config's kernel, an explicit flag, wins over the
+    profile's (it was replaced by it without a word); the profile's other settings stay."""
+    from xlstm_metal.cli import main
+
+    from conftest import BENCH_CONFIG  # noqa: E402
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**BENCH_CONFIG, "chunkwise_kernel": "parallel"}))
+    assert main(["bench", "--config", str(path), "--profile", "fast-bf16", "--kernel", "config", "--prefill-lengths",
+                 "32", "--decode-tokens", "2", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records and {(r["kernel"], r["dtype"], r["fused"], r["chunk_size"]) for r in records} == {
+        ("parallel", "bfloat16", True, 64)}

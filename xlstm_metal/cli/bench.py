@@ -123,6 +123,16 @@ def _whole_model_fields(model) -> dict[str, Any]:
             "rank_params": sizes["rank"]["parameters"], "rank_weights_gb": sizes["rank"]["bytes"] / 1e9}
 
 
+def _shape_config(bm, source: str, **overrides):
+    """benchmark.shape_config, or UsageError naming ``source``."""
+    try:
+        return bm.shape_config(source, **overrides)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:  # ConfigError and bad JSON
+        raise UsageError(f"{source}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
@@ -142,9 +152,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    source = args.config or args.shape
+    kernel_flag = args.kernel
+    if kernel_flag == "config" and args.profile:
+        # An explicit flag too: the config's kernel wins over the profile's (which replaced it).
+        kernel_flag = _shape_config(bm, source).chunkwise_kernel
     profile = profile_from_args(args, dtype=args.dtype, state_dtype=args.state_dtype, chunk_size=args.chunk_size,
                                 prefill_chunk=args.prefill_chunk, fuse=False if args.no_fuse else None,
-                                chunkwise_kernel=None if args.kernel in (None, "config") else args.kernel)
+                                chunkwise_kernel=None if kernel_flag in (None, "config") else kernel_flag)
     overrides: dict[str, Any] = config_overrides(profile) if profile else {}
     if args.state_dtype:
         overrides["inference_state_dtype"] = args.state_dtype
@@ -155,13 +170,7 @@ def run(args: argparse.Namespace) -> int:
         if args.chunk_size <= 0:
             raise UsageError(f"--chunk-size must be positive, got {args.chunk_size}")
         overrides["chunk_size"] = args.chunk_size
-    source = args.config or args.shape
-    try:
-        config = bm.shape_config(source, **overrides)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
-    except ValueError as err:  # ConfigError and bad JSON
-        raise UsageError(f"{source}: {err}") from None
+    config = _shape_config(bm, source, **overrides)
     dtype = profile.dtype if profile else args.dtype or bm.default_dtype()
     fused = profile.fuse if profile else not args.no_fuse
     prefill_chunk = profile.prefill_chunk if profile else args.prefill_chunk
