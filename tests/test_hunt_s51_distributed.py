@@ -115,3 +115,48 @@ def test_bench_kernel_config_wins_over_the_profiles_kernel(tmp_path, capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert records and {(r["kernel"], r["dtype"], r["fused"], r["chunk_size"]) for r in records} == {
         ("parallel", "bfloat16", True, 64)}
+
+
+def test_judge_rates_under_the_profile(tmp_path, capsys):
+    """judge --profile: the texts are rated by the model under the profile (its soft caps and
+    eps change the log-probabilities); `judge --profile` was refused as an unknown option.
+    --dtype wins over the profile's; a bad profile is one line, exit 2."""
+    import pytest
+
+    from xlstm_metal.cli import main
+    from xlstm_metal.generation import load_tokenizer
+    from xlstm_metal.judge import judge_record
+    from xlstm_metal.loading import load_model, save_model
+    from xlstm_metal.profiles import apply_profile
+
+    from conftest import tiny_model  # noqa: E402
+    from test_tokenizer import train_tiny_tokenizer  # noqa: E402
+
+    ckpt = tmp_path / "ckpt"
+    hf = train_tiny_tokenizer()
+    save_model(tiny_model(4, vocab_size=hf.get_vocab_size()), ckpt)
+    hf.save(str(ckpt / "tokenizer.json"))
+    record = {"prompt": "the", "text": "the quick brown fox"}
+    (tmp_path / "in.jsonl").write_text(json.dumps(record) + "\n")
+    capped_profile = load_profile("exact-fp32").replace(name="capped", output_logit_soft_cap=0.5, norm_eps=1e-2)
+    (tmp_path / "capped.json").write_text(json.dumps(capped_profile.to_dict()))
+
+    def rated(*flags):
+        out = tmp_path / "ratings"
+        assert main(["judge", "-m", str(ckpt), "--outputs", str(tmp_path / "in.jsonl"), "--out", str(out),
+                     "--overwrite", "--no-progress", *flags]) == 0
+        return json.loads((out / "ratings.jsonl").read_text())["mean_logprob"]
+
+    tok = load_tokenizer(ckpt)
+    plain = judge_record(load_model(ckpt), tok, record)["mean_logprob"]
+    capped = judge_record(apply_profile(load_model(ckpt), capped_profile), tok, record)["mean_logprob"]
+    assert abs(capped - plain) > 1e-3
+    assert rated() == pytest.approx(plain, rel=1e-5)
+    assert rated("--profile", str(tmp_path / "capped.json")) == pytest.approx(capped, rel=1e-5)
+    half = judge_record(apply_profile(load_model(ckpt, dtype="bfloat16"), capped_profile.replace(dtype="bfloat16")),
+                        tok, record)["mean_logprob"]
+    assert rated("--profile", str(tmp_path / "capped.json"), "--dtype", "bfloat16") == pytest.approx(half, rel=1e-5)
+    capsys.readouterr()
+    assert main(["judge", "-m", str(ckpt), "--outputs", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "r2"),
+                 "--profile", "nope"]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err

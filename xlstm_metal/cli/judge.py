@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..jsonfiles import check_unicode, read_jsonl
 from . import UsageError, check_apart_from_data, check_output_path
+from .profile import add_profile_argument, apply_cli_profile, profile_from_args
 
 RATING_FIELDS = ("mean_logprob", "perplexity", "scored_tokens", "distinct_1", "distinct_2", "distinct_3",
                  "repeated_4gram_share", "longest_repeated_span", "chars", "words", "tokens")
@@ -38,8 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--outputs", nargs="+", required=True, metavar="FILE_OR_DIR",
                    help="JSON Lines files with 'text' (+ optional 'prompt') records, or directories of them")
     p.add_argument("--out", required=True, help="directory for ratings.jsonl and ratings.csv")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="judge model dtype (default float32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="judge model dtype (default: the --profile's, else float32)")
+    add_profile_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing ratings in --out")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr (it shows only at a terminal anyway)")
@@ -142,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     if any(t.exists() for t in targets) and not args.overwrite:
         raise UsageError(f"{out} already holds ratings; pass --overwrite to replace them")
     records = read_records(args.outputs)
+    # A profile decides the judge's numerics as it does generate's (soft caps, eps, kernels change
+    # the log-probabilities); an explicit --dtype wins over its dtype.
+    profile = profile_from_args(args, dtype=args.dtype)
+    dtype = profile.dtype if profile else args.dtype or "float32"
     if args.model is None:
         from ..assets import default_model_path
 
@@ -149,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = args.model
     try:
-        model, tokenizer = load(source, dtype=args.dtype)
+        model, tokenizer = load(source, dtype=dtype)
     except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
         raise UsageError(f"cannot load judge model {source}: {err}") from None
     if tokenizer is None:
@@ -158,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         from ..assets import for_this_device
 
         for_this_device(model)  # the packaged model, as generate runs it (see for_this_device)
+    if profile is not None:
+        apply_cli_profile(model, profile)
     rows = []
     for record in tqdm(records, desc="judge", unit="text", file=sys.stderr,
                        disable=True if args.no_progress else None):

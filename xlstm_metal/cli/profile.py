@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
-    """``--profile NAME|FILE`` for commands that run a model (generate, chat, serve, bench, train)."""
+    """``--profile NAME|FILE`` for commands that run a model (generate, chat, serve, bench, train, judge)."""
     parser.add_argument("--profile", default=None, metavar="NAME|FILE",
                         help="HyperProfile: dtype, state dtype, kernels, chunk sizes, eps, soft caps "
                              "(`xlstm-metal profile list`); explicit flags win over it")
