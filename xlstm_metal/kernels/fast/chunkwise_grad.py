@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 
 from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_gates, chunk_inputs
-from .chunkwise import chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
+from .chunkwise import chunk_gaps, chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
 from .chunkwise_bwd import fused_backward, fused_backward_enabled
 
 _functions: dict[tuple[float, int, bool, bool, bool, int | None, bool], Callable] = {}
@@ -191,7 +191,7 @@ def _backward(primals, cotangents, outputs, eps: float, L: int, fused: bool, has
     a_max = mx.max(a, axis=-1)
     P = chunk_prefix(g)
     m_all = mx.concatenate([m_enter, m_f.astype(f32)], axis=-1)  # [B, NH, NC+1]
-    w = chunk_weights(P, a_max, m_all)  # [B, NH, NC+1, NC]
+    w = chunk_weights(chunk_gaps(g), a_max, m_all)  # [B, NH, NC+1, NC]
     dC_all = mx.concatenate([dC_enter, dC_f.astype(f32)[:, :, None]], axis=2).reshape(B, NH, NC + 1, -1)
     dn_all = mx.concatenate([dn_enter, dn_f.astype(f32)[:, :, None]], axis=2)
     wT = mx.swapaxes(w, -1, -2)
