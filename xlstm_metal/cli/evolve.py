@@ -84,7 +84,8 @@ def run(args) -> int:
     for path in [out / name for name in ("search.json", "history.jsonl", "summary.json", "evolution.png")] + \
             [out / f"best-{rank}.yaml" for rank in range(1, args.top + 1)]:
         if path.is_dir():
-            raise UsageError(f"{path} is a directory; the search writes a file there: give another --out")
+            raise UsageError(f"{'--resume: ' if args.resume else ''}{path} is a directory; the search writes a file "
+                             "there: give another --out")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the search in --out; --overwrite replaces it: give one")
     if not args.resume and not args.overwrite:
