@@ -14,6 +14,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,11 +45,24 @@ CPU_MACHINES = (("cpu", "cpu_limits_125m.json", "AMD EPYC, Zen 4"),
                 ("cpu-xeon", "cpu_limits_125m_xeon.json", "Intel Xeon with AMX"))
 
 
+def _read_json(path: Path) -> Any:
+    """A results file: ``path``, else ``path`` + ``.xz`` (the larger archived runs are stored
+    xz-compressed: the repository's 15 MB budget); None when there is neither."""
+    if path.exists():
+        return json.loads(path.read_text())
+    packed = path.with_name(path.name + ".xz")
+    if packed.exists():
+        import lzma
+
+        with lzma.open(packed, "rt") as handle:
+            return json.load(handle)
+    return None
+
+
 def _load(preset: str) -> dict | None:
-    path = RESULTS / f"{preset}.json"
-    if not path.exists():
+    res = _read_json(RESULTS / f"{preset}.json")
+    if res is None:
         return None
-    res = json.loads(path.read_text())
     # Tag each record with its round: every worker run starts with a "load" (or "env") record.
     counts: dict[str, int] = {}
     for r in res["records"]:
@@ -664,10 +678,9 @@ def _lab_run(d: dict, first: bool) -> list[str]:
 
 def cuda_quantized_rows() -> list[str]:
     """Issue 11 item 5: quantized 7B on an H200 beside bf16 (results/h200_quantized.json)."""
-    path = RESULTS / "h200_quantized.json"
-    if not path.exists():
+    d = _read_json(RESULTS / "h200_quantized.json")
+    if d is None:
         return []
-    d = json.loads(path.read_text())
     lines = ["", "## H200: quantized 7B beside bfloat16 (`quantized_matmul`, issue 11)", "",
              f"- date: {d['date']}; device: {d['device']}; {d['software']}",
              "- random weights, 7B shape; quantized: `--q-bits B --q-group-size 64` (affine, MLX's layout; "
