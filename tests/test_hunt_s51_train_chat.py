@@ -7,27 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_model
-from test_tokenizer import train_tiny_tokenizer
+from test_cli_generate import ckpt  # noqa: F401  (the fixture: a tiny checkpoint with a BPE, BOS 0, EOS 2)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import xlstm_metal  # noqa: F401  (BLAS preload before mlx use)
 from xlstm_metal.cli import main
 from xlstm_metal.generation import xLSTMRunner
 from xlstm_metal.generation.tokenizer import Tokenizer as OurTokenizer
-from xlstm_metal.loading import save_model
 
 WORDS = "the interpreter reads a line of input and executes it list mutable sequence items".split()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny xLSTM-Large checkpoint with an in-process BPE (BOS 0, EOS 2)."""
-    path = tmp_path_factory.mktemp("ckpt")
-    hf = train_tiny_tokenizer()
-    save_model(tiny_model(2, vocab_size=hf.get_vocab_size()), path)
-    hf.save(str(path / "tokenizer.json"))
-    return path
 
 
 def _text(seed: int = 0, n: int = 600) -> str:
