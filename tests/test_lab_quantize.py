@@ -95,3 +95,16 @@ def test_quantized_projections_keep_their_keys_and_refuse_input_quantization():
                                                   block_defaults={"num_heads": 4})),
                     mode="nvfp4", quantize_input=True,
                     class_predicate=lambda _, m: isinstance(m, LinearProjection))
+
+
+def test_a_quantized_lab_model_saves_and_loads_as_a_checkpoint(tmp_path):
+    """save_model writes the quantization entry (mlx-lm's format, the layers left in float named);
+    load_model rebuilds the wiring, quantizes the same layers and gives the same logits."""
+    from xlstm_metal.loading import load_model, save_model
+
+    model, _ = _pair("mlstm")
+    nn.quantize(model, group_size=GROUP, bits=4, class_predicate=_quantizable)
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert isinstance(dict(loaded.named_modules())["backbone.blocks.0.q"], QuantizedLinearProjection)
+    assert mx.array_equal(loaded(IDS)[0], model(IDS)[0])
