@@ -1396,10 +1396,11 @@ class APIHandler(mlx_server.APIHandler):
 
     def _one_per_choice(self) -> tuple[list[dict], int] | None:
         """A request of several choices as one request per choice, in the choices' order, and
-        ``n``; None for one choice. Several: ``n`` > 1 (each choice sampled on its own; with a ``seed``, choice j
-        takes seed + j, so they differ and repeat), or on /v1/completions a ``prompt`` that is a
-        list of several (strings or lists of token ids: OpenAI's legacy batch, which lm-eval's
-        local-completions sends at ``batch_size`` > 1), prompt-major as OpenAI orders them."""
+        ``n``; None for one choice. Several: ``n`` > 1 (each choice sampled on its own; with a
+        ``seed``, choice j takes seed + j, so they differ and repeat), or on /v1/completions a
+        ``prompt`` that is a list of several (strings or lists of token ids: OpenAI's legacy
+        batch, which lm-eval's local-completions sends at ``batch_size`` > 1), prompt-major as
+        OpenAI orders them."""
         body = json.loads(self.rfile.getvalue())
         n = body.get("n", 1)
         if n is None:
