@@ -609,7 +609,7 @@ class xLSTMRunner:
                     for prompt, (ids, strings) in zip(rows, stops)]
         rows_run = list(range(len(rows)))  # the rows the decode runs (those not ended when it started)
         steps, done = self._decode(logits, state, params, keys, seen, max(limits)), 0
-        for decoded in iter(lambda: next(steps, None), None):
+        for decoded in iter(lambda: next(steps, None), None):  # (steps is replaced when rows leave)
             done += 1
             for r, token in zip(rows_run, decoded.host):
                 tracker = trackers[r]
