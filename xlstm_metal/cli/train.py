@@ -113,8 +113,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--log-every", type=int, help="steps between metrics.jsonl records (default 10)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint with its saved settings and data "
-                        "paths; --steps, --lr, --eval-every, --save-every, --keep, --log-every may change, the "
-                        "other settings of the run may not")
+                        f"paths; {', '.join(map(_flag, RESUME_CHANGEABLE))} may change (and --export, "
+                        "--export-dtype, --no-progress, --memory-limit apply to this session), the other settings "
+                        "of the run may not")
     r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
     r.add_argument("--export", default=None, metavar="DIR",
                    help="write the best-validation model (+ tokenizer, generation_config.json: the --init-from "
