@@ -80,7 +80,16 @@ def round_up(value: float, multiple: int) -> int:
 
 @dataclass
 class xLSTMConfig:
-    """xLSTM-Large hyper-parameters (see ../shared/docs/xlstm-reference.md section 1)."""
+    """xLSTM-Large hyper-parameters: the fields of Hugging Face's ``config.json`` for
+    ``model_type: "xlstm"`` (NX-AI's ``xLSTMLargeConfig``).
+
+    Derived sizes: ``qk_dim = int(embedding_dim * qk_dim_factor)`` and ``v_dim`` (likewise), split
+    over ``num_heads`` into ``qk_head_dim`` / ``v_head_dim``; ``ffn_dim`` is
+    ``embedding_dim * ffn_proj_factor`` rounded up to ``ffn_round_up_to_multiple_of``. Kernel
+    fields take our names or NX-AI's. Every field is type-checked on construction
+    (:class:`~xlstm_metal.errors.ConfigError` naming it); ``extra`` holds the config.json keys of
+    :data:`PASSTHROUGH_FIELDS`, written back by :meth:`to_dict`.
+    """
 
     embedding_dim: int
     num_heads: int
@@ -191,7 +200,9 @@ class xLSTMConfig:
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "xLSTMConfig":
-        """Build from a Hugging Face / NX-AI config dict (aliases resolved, unknown keys kept aside)."""
+        """Build from a Hugging Face / NX-AI config dict (aliases resolved; the keys of
+        :data:`PASSTHROUGH_FIELDS` and those starting with ``_`` are kept aside in ``extra``; any
+        other unknown key is a :class:`~xlstm_metal.errors.ConfigError` naming the closest field)."""
         data = dict(data)
         ours = data.get(OUR_KEY)
         if isinstance(ours, dict):
