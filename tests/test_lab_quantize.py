@@ -108,3 +108,4 @@ def test_a_quantized_lab_model_saves_and_loads_as_a_checkpoint(tmp_path):
     loaded = load_model(tmp_path)
     assert isinstance(dict(loaded.named_modules())["backbone.blocks.0.q"], QuantizedLinearProjection)
     assert mx.array_equal(loaded(IDS)[0], model(IDS)[0])
+

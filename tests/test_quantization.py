@@ -212,3 +212,19 @@ def test_true_layer_entry_takes_the_top_level_settings(tmp_path):
     assert mx.array_equal(loaded(IDS)[0], expected)
     theirs, _ = mlx_lm.utils.load_model(tmp_path / "q", trust_remote_code=True)
     assert mx.array_equal(theirs(IDS), expected)
+
+
+def test_a_mixed_recipe_is_described_with_its_layers():
+    """generate --info's quantization line: the packaged model's mixed recipe read as "4-bit,
+    group 64" alone (its 6-bit embedding and float gate projections unsaid)."""
+    from xlstm_metal.generation import DEFAULT_MODEL_DIR, xLSTMRunner
+    from xlstm_metal.generation.runner import model_info
+    from xlstm_metal.quantization import describe_layers
+
+    entry = {"group_size": 64, "bits": 4, "mode": "affine", "a": {"group_size": 64, "bits": 6, "mode": "affine"},
+             "b": False, "c": False, "d": {"bits": 8}}
+    assert describe_layers(entry) == "2 layers in float; 1 layer 6-bit, group 64; 1 layer 8-bit, group 64"
+    assert describe_layers({"group_size": 32, "bits": 4}) == ""
+    line = model_info(xLSTMRunner(DEFAULT_MODEL_DIR).model)["quantization"]
+    assert line.startswith("4-bit, group 64, ") and "bits per weight (as loaded); 8 layers in float; " \
+        "1 layer 6-bit, group 64" in line

@@ -375,6 +375,19 @@ def describe(quantization: dict[str, Any]) -> str:
     return f"{'' if mode == 'affine' else mode + ', '}{quantization['bits']}-bit, group {quantization['group_size']}"
 
 
+def describe_layers(quantization: dict[str, Any]) -> str:
+    """The per-layer settings of a quantization entry, counted: "1 layer 6-bit, group 64; 8
+    layers in float" ("" for none), so a mixed recipe does not read as its top-level setting."""
+    counts: dict[str, int] = {}
+    for key, value in quantization.items():
+        if key in _TOP_KEYS or value is True:
+            continue
+        what = "in float" if value is False else describe({**quantization, **value}) if isinstance(value, dict) else None
+        if what is not None:
+            counts[what] = counts.get(what, 0) + 1
+    return "; ".join(f"{n} layer{'s' * (n != 1)} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def config_quantization(config_dict: dict[str, Any], source: str = "config.json") -> dict[str, Any] | None:
     """Pop ``quantization`` / ``quantization_config`` from a checkpoint's config dict and return
     the quantization dict (None for a float checkpoint).

@@ -824,7 +824,7 @@ def model_info(model: nn.Module) -> dict[str, Any]:
                 info[f"{kind}_num_heads"] = layer.num_heads
     if getattr(config, "slstm_at", None) is not None:
         info["slstm_at"] = list(config.slstm_at)
-    from ..quantization import describe, quantization_config
+    from ..quantization import describe, describe_layers, quantization_config
 
     quantization = quantization_config(model)
     info["parameters"] = sizes["parameters"] if quantization is not None else sizes["stored"]
@@ -834,8 +834,10 @@ def model_info(model: nn.Module) -> dict[str, Any]:
     dtypes.pop("uint8", None)
     info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else "n/a"
     if quantization is not None:
+        layers = describe_layers(quantization)
         info["quantization"] = (f"{describe(quantization)}, "
-                                f"{8.0 * sizes['bytes'] / max(sizes['parameters'], 1):.2f} bits per weight")
+                                f"{8.0 * sizes['bytes'] / max(sizes['parameters'], 1):.2f} bits per weight (as loaded)"
+                                + (f"; {layers}" if layers else ""))
     info["weights_bytes"] = sizes["bytes"]
     if sizes["state_bytes_per_row"] is not None:
         info["state_bytes_per_row"] = sizes["state_bytes_per_row"]
