@@ -392,7 +392,7 @@ def test_train_help_prints(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--mlstm-products" in out and "2% less speed" in out
+    assert "--mlstm-products" in out and "4.7% faster" in out
 
 
 def test_trainer_keeps_the_products_setting_for_recomputed_layers(monkeypatch, tmp_path):

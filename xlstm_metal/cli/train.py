@@ -977,7 +977,7 @@ def default_training_kernel() -> str:
 
 
 #: --head-loss / --fuse-projections defaults, by where the step runs (see default_step_paths).
-_DEFAULT_NOTE = "on for NVIDIA GPUs (the H200's lowest peak memory at 2%% less speed, BENCHMARKS.md), off elsewhere"
+_DEFAULT_NOTE = "on for NVIDIA GPUs (part of the CUDA training step BENCHMARKS.md measures), off elsewhere"
 #: --mlstm-products's default (see default_step_paths).
 _PRODUCTS_NOTE = ("bf16 on NVIDIA GPUs (H200, 1.3b: a 4.7%% faster step; gradients within bf16 round-off of "
                   "float32, BENCHMARKS.md), float32 elsewhere (the kernels are CUDA's)")
