@@ -1276,6 +1276,21 @@ def _sum_usage(usages: list[dict]) -> dict:
     return total
 
 
+def _choices_usage(usages: list[dict], n: int) -> dict:
+    """The usage of a request's choices (prompt-major, ``n`` a prompt): their counts added up
+    (:func:`_sum_usage`), but a prompt's own (prompt_tokens and its details) once, its first
+    choice's, as OpenAI counts them: the prompt's n choices share it. Summed, n=128 reported
+    128 times the prompt's tokens."""
+    usage = _sum_usage(usages)
+    prompts = _sum_usage(usages[::n])
+    for name in ("prompt_tokens", "prompt_tokens_details"):
+        if name in prompts:
+            usage[name] = prompts[name]
+    if "total_tokens" in usage:
+        usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+    return usage
+
+
 def stream_options_usage(options: Any, stream: bool) -> bool:
     """Whether a request's ``stream_options`` ask for a last usage chunk; a ValueError for options
     that are malformed, unknown or sent without streaming."""
@@ -1419,25 +1434,31 @@ class APIHandler(mlx_server.APIHandler):
                 f"prompt: {len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES}"))
         one = {name: value for name, value in body.items() if name not in ("n", "stream", "stream_options")}
         seed = body.get("seed")
+        # seed + j wraps within the seeds MLX takes (0..2**64-1): seed 2**64-1 with n=2 was refused
+        # for its choice 1; a seed out of range is still refused, by choice 0.
         return [{**one, **({} if p is None else {"prompt": p}),
-                 **({"seed": seed + j} if j and type(seed) is int else {})} for p in prompts for j in range(n)], n
+                 **({"seed": (seed + j) % 2**64} if j and type(seed) is int else {})}
+                for p in prompts for j in range(n)], n
 
     def _answer_each(self, requests: list[dict], n: int) -> None:
-        """One choice per request of :meth:`_one_per_choice` (``index`` its place), usage summed.
-        Each runs as a request of its own (every check, default and logprob of the one-choice
-        path) on a copy of this handler whose output comes back here, not to the client; the
-        copies run at once, so the generation thread batches them. A stream passes each copy's
-        chunks on as they come, with the choice's index and one id. The first choice that fails
-        answers the request (naming its prompt's index where there are several) and stops the rest."""
+        """One choice per request of :meth:`_one_per_choice` (``index`` its place), usage summed
+        (:func:`_choices_usage`). Each runs as a request of its own (every check, default and
+        logprob of the one-choice path) on a copy of this handler whose output comes back here,
+        not to the client; every copy is checked before any runs, then they run at once, so the
+        generation thread batches them. A stream passes each copy's chunks on as they come, with
+        the choice's index and one id. The first choice that fails answers the request (naming
+        its prompt's index where there are several) and stops the rest."""
         body = json.loads(self.rfile.getvalue())
-        stream = bool(body.get("stream", False))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):  # as one choice's check refuses it: bool() read "false" as a stream
+            raise _RequestFailed(_InvalidRequest("stream must be of type bool"))
         try:
             include_usage = stream_options_usage(body.get("stream_options"), stream)
         except ValueError as err:
             raise _RequestFailed(_InvalidRequest(str(err))) from None
         snapshot, items, stop = dict(self.__dict__), Queue(), threading.Event()
 
-        def run(index: int) -> None:
+        def copy_for(index: int, output: Queue) -> APIHandler:
             handler = object.__new__(type(self))
             handler.__dict__.update(snapshot)
             # a stream's copy reports its usage too, for the sum
@@ -1445,7 +1466,14 @@ class APIHandler(mlx_server.APIHandler):
             raw = json.dumps(sub).encode()
             handler.headers = copy.deepcopy(self.headers)
             handler.headers.replace_header("Content-Length", str(len(raw)))
-            handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), _Output(index, items), []
+            handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), _Output(index, output), []
+            return handler
+
+        def run(index: int) -> None:
+            if stop.is_set():  # another choice failed, or the client left, before this one started
+                items.put((index, "end", None))
+                return
+            handler = copy_for(index, items)
             watch = handler.client_gone
             handler.client_gone = lambda: stop.is_set() or watch()  # another choice failed, or the client left
             try:
@@ -1461,10 +1489,24 @@ class APIHandler(mlx_server.APIHandler):
         failure = None  # (index, status or None, the error's body or exception)
         shared: dict = {}  # the stream's id, object, created, model and system_fingerprint: the first chunk's
         ended = 0
+        # Every choice's checks first, here (no generation; microseconds each): a choice the pool
+        # starts only once others end (past decode_concurrency) was refused only after they had
+        # run to max_tokens, a stream's error then coming after other choices' text.
+        for index in range(len(requests)):
+            checked = Queue()
+            handler = copy_for(index, checked)
+            handler._checks_only = True
+            handler._answer()
+            handler.wfile.close()
+            answer = {kind: payload for _, kind, payload in checked.queue}
+            if "head" in answer:  # refused: the error's status and body
+                failure = (index, answer["head"], answer.get("body", b"{}"))
+                ended = len(requests)
+                break
         workers = max(1, min(len(requests), getattr(self.response_generator.cli_args, "decode_concurrency", 8)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="choice") as pool:
             try:
-                for index in range(len(requests)):
+                for index in range(len(requests) if failure is None else 0):
                     pool.submit(run, index)
                 while ended < len(requests):
                     index, kind, payload = items.get()
@@ -1520,7 +1562,7 @@ class APIHandler(mlx_server.APIHandler):
                 self._send_body(500 if code == 200 else code, json.dumps(reply).encode())
             return
         parts = usages if stream else {index: reply["usage"] for index, reply in replies.items()}
-        usage = _sum_usage([parts[index] for index in sorted(parts)])
+        usage = _choices_usage([parts[index] for index in sorted(parts)], n)
         if stream:
             if include_usage:
                 self.wfile.write(f"data: {json.dumps({**shared, 'choices': [], 'usage': usage})}\n\n".encode())
@@ -1541,6 +1583,8 @@ class APIHandler(mlx_server.APIHandler):
     _pending: list | tuple = ()
     #: Whether the request asks for its prompt alone (echo with max_tokens 0: :meth:`_answer_prompt_only`).
     _prompt_only = False
+    #: Whether the request is only checked, not answered (a choice's checks: :meth:`_answer_each`).
+    _checks_only = False
     #: The echoed prompt's logprobs, until the first chunk (or the reply) carries them.
     _prompt_scores: _PromptScores | None = None
 
@@ -1580,6 +1624,8 @@ class APIHandler(mlx_server.APIHandler):
             pass
 
     def handle_completion(self, request, stop_words):
+        if self._checks_only:
+            return
         if self._prompt_only:
             return self._answer_prompt_only(request)
         shared = self.response_generator
