@@ -132,3 +132,24 @@ def test_choices_not_started_when_the_client_leaves_never_run(ckpt, stream):
         assert srv.generator._taken_count - taken <= 4  # the two decoding (and any started meanwhile)
         status, answer = post(srv.url, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 3}, timeout=20)
         assert status == 200 and answer["usage"]["completion_tokens"] == 3
+
+
+def test_an_error_names_a_prompt_only_where_it_is_that_prompts(ckpt, server, tmp_path):
+    """Several prompts: an error of a field they all share, or of the model, names no prompt
+    (it read "prompt 0: temperature must be in [0, 2], got 5", and a model not found named
+    whichever prompt's copy answered first); a prompt's own error names it."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    for fields, status_param in (({"temperature": 5}, (400, "temperature")), ({"max_tokens": 0}, (400, "max_tokens")),
+                                 ({"model": str(tmp_path / "nope")}, (404, "model"))):
+        for stream in (False, True):
+            status, answer = post(server.url, "/v1/completions",
+                                  {"prompt": prompts, "max_tokens": 2, **fields, "stream": stream})
+            assert status == status_param[0], answer
+            assert not error_message(status, answer, status_param[1]).startswith("prompt "), answer
+    from test_serve_more import with_generation_config
+
+    path = with_generation_config(ckpt, tmp_path / "short", {"max_length": 8})
+    with make_server(server_args(path, port=0, dtype="float32")).start() as srv:
+        status, answer = post(srv.url, "/v1/completions", {"prompt": [PROMPTS[2], PROMPTS[1]]})
+        assert status == 400, answer
+        assert error_message(status, answer, "max_tokens").startswith("prompt 1: max_tokens is needed")

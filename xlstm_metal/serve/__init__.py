@@ -1552,8 +1552,14 @@ class APIHandler(mlx_server.APIHandler):
                 self._fail(error)
                 return
             reply = json.loads(error)
-            if isinstance(reply.get("error"), dict) and len(requests) > n:  # several prompts: name the one
-                reply["error"]["message"] = f"prompt {index // n}: {reply['error'].get('message')}"
+            error = reply.get("error")
+            # Several prompts: name the one whose error it is: its prompt's, or a later prompt's refusal
+            # (the fields all share passed the first one's checks; its tokens may not fit max_length).
+            # "prompt 0: temperature must be ..." read as if that prompt were at fault, and a model
+            # not found named whichever prompt's copy answered first.
+            if isinstance(error, dict) and len(requests) > n and (
+                    str(error.get("param") or "").startswith("prompt") or (code == 400 and index >= n)):
+                error["message"] = f"prompt {index // n}: {error.get('message')}"
             self.close_connection = True
             if self._streaming:
                 self.wfile.write(b"data: " + json.dumps(reply).encode() + b"\n\n")
