@@ -118,7 +118,7 @@ def test_choices_not_started_when_the_client_leaves_never_run(ckpt, stream):
                      {"Content-Type": "application/json"})
         if stream:
             response = conn.getresponse()
-            assert response.status == 200 and response.fp.readline().startswith(b"data: ")
+            assert response.status == 200 and response.fp.readline()  # a keepalive or a chunk
             response.close()
         else:
             deadline = time.monotonic() + 20
@@ -153,3 +153,34 @@ def test_an_error_names_a_prompt_only_where_it_is_that_prompts(ckpt, server, tmp
         status, answer = post(srv.url, "/v1/completions", {"prompt": [PROMPTS[2], PROMPTS[1]]})
         assert status == 400, answer
         assert error_message(status, answer, "max_tokens").startswith("prompt 1: max_tokens is needed")
+
+
+def test_a_stream_of_several_choices_keeps_alive_while_its_prompt_runs(ckpt, monkeypatch):
+    """One choice's stream starts once its request is taken and sends ": keepalive" comments
+    while the prompt runs; several choices sent nothing, not even the status line, until the
+    first token (a client with a read timeout gave up on a long prompt)."""
+    from xlstm_metal.mlx_lm_model import ModelLarge
+
+    call = ModelLarge.__call__
+
+    def slow_prompt(self, inputs, cache=None):
+        if inputs.shape[1] > 1:  # a piece of a prompt
+            time.sleep(0.05)
+        return call(self, inputs, cache)
+
+    monkeypatch.setattr(ModelLarge, "__call__", slow_prompt)
+    args = server_args(ckpt, port=0, dtype="float32", prefill_step_size=8)
+    with make_server(args).start() as srv:
+        host, port = srv.httpd.server_address[:2]
+        for body in ({"prompt": " ".join(PROMPTS * 2), "n": 2}, {"prompt": [" ".join(PROMPTS * 2), PROMPTS[2]]}):
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("POST", "/v1/completions", json.dumps({**body, "max_tokens": 2, "stream": True}),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200
+            lines = [line for line in response.read().split(b"\n\n") if line]
+            conn.close()
+            assert lines[0].startswith(b": keepalive "), lines[:2]
+            data = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+            assert len({d["id"] for d in data}) == 1 and {d["choices"][0]["index"] for d in data} == {0, 1}
+            assert lines[-1] == b"data: [DONE]"

@@ -1234,8 +1234,9 @@ class _HandlerGenerator:
 
 class _Output:
     """What a copy of the handler writes (:meth:`APIHandler._answer_each`), as items on a queue:
-    ``(index, "head", status)``, then each server-sent event's data (``"event"``) or, for a reply
-    that is not a stream, the whole body at the end (``"body"``), then ``"end"``."""
+    ``(index, "head", status)``, then each server-sent event's data (``"event"``) and comment (a
+    keepalive while the prompt runs: ``"comment"``, its line) or, for a reply that is not a
+    stream, the whole body at the end (``"body"``), then ``"end"``."""
 
     def __init__(self, index: int, items: Queue):
         self.index, self.items, self.buffer, self.events = index, items, b"", None
@@ -1252,6 +1253,8 @@ class _Output:
             event, self.buffer = self.buffer.split(b"\n\n", 1)
             if event.startswith(b"data: "):
                 self.items.put((self.index, "event", event[len(b"data: "):]))
+            elif event.startswith(b":"):
+                self.items.put((self.index, "comment", event))
         return len(data)
 
     def flush(self) -> None:
@@ -1525,6 +1528,15 @@ class APIHandler(mlx_server.APIHandler):
                     elif kind == "body":  # a whole reply
                         replies[index] = json.loads(payload)
                         replies[index]["choices"][0]["index"] = index
+                    elif kind == "comment":
+                        # A keepalive while a prompt runs: passed on (the stream starts, as one choice's does
+                        # once its request is taken), so that a client does not wait on a long prompt with
+                        # nothing, not even the status line, and give up.
+                        if not self._streaming:
+                            self._set_stream_headers(200)
+                            self.end_headers()
+                        self.wfile.write(payload + b"\n\n")
+                        self.wfile.flush()
                     elif kind == "event" and payload != b"[DONE]":
                         chunk = json.loads(payload)
                         if not chunk["choices"]:  # the copy's usage chunk
@@ -1533,6 +1545,7 @@ class APIHandler(mlx_server.APIHandler):
                         if not self._streaming:
                             self._set_stream_headers(200)
                             self.end_headers()
+                        if not shared:
                             shared = {name: chunk[name] for name in ("id", "object", "created", "model", "system_fingerprint")
                                       if name in chunk}
                         chunk["choices"][0]["index"] = index
