@@ -460,3 +460,21 @@ def test_ctrl_c_after_the_last_step_says_the_run_is_finishing(tmp_path, monkeypa
     assert "stopping after this step" not in err
     assert result.step == 3 and (tmp_path / "r" / "checkpoint-0000003").is_dir() and result.evals[-1][0] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_time_budget_stop_between_log_points_logs_its_last_steps(tmp_path):
+    """--max-time stopping between log points: the steps since the last one get their "train"
+    record (metrics.jsonl and loss.png ended at the last log point; their losses were checked
+    and kept only in the result)."""
+    stream = pattern_stream(4000)
+    cfg = small_cfg(steps=30, max_time=6.5, log_every=4, eval_every=1000, save_every=1000)
+    out = tmp_path / "t"
+    trainer = Trainer(fresh_model(), stream[:3500], stream[3500:], cfg, out, tmp_path, progress=False)
+    trainer.clock = lambda: trainer.step * 1.0
+    result = trainer.train()
+    assert result.step % 4 != 0  # stopped between log points
+    records = [r for r in lines(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [4, result.step]
+    tail = [loss for step, loss in result.losses if step > 4]
+    assert records[-1]["loss"] == pytest.approx(sum(tail) / len(tail), rel=1e-6)
+    assert records[-1]["tokens"] == result.step * cfg.batch_size * cfg.seq_len

@@ -1611,6 +1611,12 @@ class Trainer:
             first = self.step - len(losses) + 1
             self._check_losses(losses, first)
             result.losses.extend((first + j, v) for j, v in enumerate(losses) if first + j > result.step)
+            # and their record, as at a log point (metrics.jsonl and loss.png ended at the last one)
+            self._log({"kind": "train", "step": self.step, "loss": float(np.mean(losses)),
+                       "lr": float(lr.item()) if isinstance(lr, mx.array) else float(lr),
+                       "grad_norm": float(grad_norm.item()), "tokens": self.tokens,
+                       "tokens_per_s": steps_window * tokens_per_step / max(self.clock() - t_window, 1e-9),
+                       "elapsed_s": self.elapsed})
         if self.validating and (not result.evals or result.evals[-1][0] != self.step):
             self._record_evaluation(result)
         if self.step != last_saved or not (self.out_dir / f"checkpoint-{self.step:07d}").is_dir():
