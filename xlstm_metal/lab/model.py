@@ -27,6 +27,7 @@ from ..cells.xlstm_2024 import LayerNorm as LayerNorm2024
 from ..cells.xlstm_2024 import Module2024
 from ..kernels.fast.quantized import FastQuantizedTree
 from ..checks import check_chunk_size
+from ..models.xlstm_large import check_state
 from .library import load_arch
 from .spec import WiringError, WiringSpec, declared_params
 from .wiring import WiredBlock, _Container
@@ -184,13 +185,10 @@ class LabModel(FastQuantizedTree, Module2024):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
         blocks = self.blocks
-        if state is not None and len(state) != len(blocks):
-            raise ValueError(f"state has {len(state)} entries, the model has {len(blocks)} blocks")
-        if state is not None:  # by shape only: a batch-1 prompt broadcast against a batch-2 state silently
-            rows = {a.shape[0] if a.ndim else None for _, a in tree_flatten(state) if isinstance(a, mx.array)}
-            if rows - {input_ids.shape[0]}:
-                raise ValueError(f"state holds arrays of batch size {sorted(rows, key=str)}, input_ids "
-                                 f"{input_ids.shape[0]} rows: a state is made for one batch size")
+        if isinstance(state, (list, tuple)):  # as the other models': a block's entry may be None (its zero state)
+            check_state([() if s is None else s for s in state], input_ids.shape[0], len(blocks))
+        elif state is not None:
+            check_state(state, input_ids.shape[0], len(blocks))
         x = embed_tokens(_get(self, self._names["embedding"]), input_ids, self)
         new_state = []
         for index, block in enumerate(blocks):
