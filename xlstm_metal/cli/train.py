@@ -353,6 +353,27 @@ def _build_model(config: dict, kernel: str, seed: int, vocab: int):
     return model
 
 
+def _named_tokens(tokenizer_dir: Path | None) -> dict[str, str]:
+    """The tokens a tokenizer_config.json in ``tokenizer_dir`` names (``bos_token``,
+    ``eos_token``, ``pad_token``, ...: a string, or an AddedToken's fields' ``content``); {}
+    where there is none or it cannot be read."""
+    path = None if tokenizer_dir is None else tokenizer_dir / "tokenizer_config.json"
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    named = {}
+    for key, token in data.items():
+        token = token.get("content") if isinstance(token, dict) else token
+        if key.endswith("_token") and isinstance(token, str):
+            named[key] = token
+    return named
+
+
 def _special_ids(tokenizer, config, tokenizer_dir: Path | None = None, warn: bool = True) -> tuple[int | None, int | None]:
     """BOS / EOS ids wrapped around each document: the tokenizer's <|bos|>/<|eos|> tokens when
     it has them, else those its tokenizer_config.json names (``bos_token`` / ``eos_token``, e.g.
@@ -361,22 +382,13 @@ def _special_ids(tokenizer, config, tokenizer_dir: Path | None = None, warn: boo
     vocabulary) is not used: the documents go without it, and a warning says so."""
     from ..training.data import BOS_TOKEN, EOS_TOKEN
 
-    named: dict = {}
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file():
-        try:
-            named = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-        except (OSError, ValueError):
-            named = {}
-        named = named if isinstance(named, dict) else {}
+    named = _named_tokens(tokenizer_dir)
     special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     ids = []
     for ours, key, config_key in ((BOS_TOKEN, "bos_token", "bos_token_id"), (EOS_TOKEN, "eos_token", "eos_token_id")):
         value = tokenizer.token_to_id(ours)
-        token = named.get(key)
-        if isinstance(token, dict):  # an AddedToken's fields
-            token = token.get("content")
-        if value is None and isinstance(token, str):
-            value = tokenizer.token_to_id(token)
+        if value is None and key in named:
+            value = tokenizer.token_to_id(named[key])
         if value is None:
             value = getattr(config, config_key, None)
             if isinstance(value, list):
@@ -408,13 +420,8 @@ def _record_special_ids(config, tokenizer, tokenizer_dir: Path, bos: int | None,
     if hasattr(config, "pad_token_id"):
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         pad = config.pad_token_id if config.pad_token_id in special else tokenizer.token_to_id(PAD_TOKEN)
-        if pad is None and (tokenizer_dir / "tokenizer_config.json").is_file():
-            try:
-                named = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get("pad_token")
-            except (OSError, ValueError, AttributeError):
-                named = None
-            named = named.get("content") if isinstance(named, dict) else named
-            pad = tokenizer.token_to_id(named) if isinstance(named, str) else None
+        if pad is None and "pad_token" in (named := _named_tokens(tokenizer_dir)):
+            pad = tokenizer.token_to_id(named["pad_token"])
         config.pad_token_id = pad
 
 
