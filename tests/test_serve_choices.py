@@ -8,22 +8,12 @@ import threading
 import time
 
 import pytest
-from test_serve import PROMPTS, error_message, post, stream_events, write_checkpoint
+from test_serve import PROMPTS, error_message, post, stream_events
+from test_serve import ckpt, server  # noqa: F401  (the fixtures: a tiny checkpoint, a server of it)
 
 pytest.importorskip("mlx_lm")
 
 from xlstm_metal.serve import make_server, server_args  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("serve_choices") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    with make_server(server_args(ckpt, port=0, dtype="float32")).start() as srv:
-        yield srv
 
 
 def narrow_server(ckpt, slots):
