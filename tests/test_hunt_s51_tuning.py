@@ -10,14 +10,7 @@ from xlstm_metal.cli import main
 
 pytest.importorskip("optuna")
 
-
-@pytest.fixture(autouse=True)
-def _profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
-
-
-def _records(out):
-    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+from test_tune import _profiles, _records  # noqa: E402,F401  (the autouse fixture: profiles in tmp_path)
 
 
 def test_resume_from_another_directory_with_relative_model_shape_and_profile(tmp_path, monkeypatch, tiny_model_dir):
