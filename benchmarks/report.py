@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import re
 import statistics
@@ -45,18 +46,37 @@ CPU_MACHINES = (("cpu", "cpu_limits_125m.json", "AMD EPYC, Zen 4"),
                 ("cpu-xeon", "cpu_limits_125m_xeon.json", "Intel Xeon with AMX"))
 
 
-def _read_json(path: Path) -> Any:
-    """A results file: ``path``, else ``path`` + ``.xz`` (the larger archived runs are stored
-    xz-compressed: the repository's 15 MB budget); None when there is neither."""
+def _results(pattern: str) -> list[Path]:
+    """``RESULTS.glob(pattern)``, sorted, where a file stored xz-compressed as ``NAME.xz`` (the
+    larger archived runs: the repository's 15 MB budget) counts as ``NAME`` when ``NAME`` matches:
+    the logical paths (without ``.xz``; each once), for :func:`_read_text` to read."""
+    found = set(RESULTS.glob(pattern))
+    found.update(packed.with_name(packed.name[:-len(".xz")]) for packed in RESULTS.glob(pattern + ".xz"))
+    return sorted(found)
+
+
+def _read_text(path: Path) -> str | None:
+    """A file's text: ``path``, else ``path`` + ``.xz`` decompressed (see :func:`_results`); None
+    when there is neither."""
     if path.exists():
-        return json.loads(path.read_text())
+        return path.read_text()
     packed = path.with_name(path.name + ".xz")
     if packed.exists():
-        import lzma
-
         with lzma.open(packed, "rt") as handle:
-            return json.load(handle)
+            return handle.read()
     return None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON results file through :func:`_read_text`; None when there is none."""
+    text = _read_text(path)
+    return None if text is None else json.loads(text)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """A JSON-lines results file's records (blank lines skipped) through :func:`_read_text`; []
+    when there is none."""
+    return [json.loads(line) for line in (_read_text(path) or "").splitlines() if line.strip()]
 
 
 def _load(preset: str) -> dict | None:
@@ -122,8 +142,8 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 def _newest(pattern: str, key) -> dict | None:
     """The newest results file matching ``pattern`` (by its "date") for which ``key(data)`` is not None."""
     found = []
-    for path in sorted(RESULTS.glob(pattern)):
-        data = json.loads(path.read_text())
+    for path in _results(pattern):
+        data = _read_json(path)
         if key(data) is not None:
             found.append((data.get("date", ""), path.name, data))
     return max(found, key=lambda f: f[0])[1:] if found else None
@@ -135,9 +155,9 @@ def training_target_rows() -> list[str]:
     # The issue's card, then the H100 (the same measure on another card: not the issue's target).
     for card, train, what in (("H200", RESULTS / "train_h200.json", "issue 19"),
                               ("H100", RESULTS / "train_h100.json", "the issue's target is on the H200")):
-        if not train.exists():
+        data = _read_json(train)
+        if data is None:
             continue
-        data = json.loads(train.read_text())
         steps = [r for r in data["records"] if r.get("kind") == "train_step"]
         ours = [r for r in steps if r["side"] == "ours"]
         official = [r for r in steps if r["side"] == "official"]
@@ -185,9 +205,9 @@ def _cpu_limit_rows(results: dict[str, dict], preset: str, name: str, label: str
     official's best prefill, and the read-bandwidth limit over its best decode at one row
     (results/PRESET.json)."""
     path = RESULTS / name
-    if not path.exists():
+    d = _read_json(path)
+    if d is None:
         return []
-    d = json.loads(path.read_text())
     rounds = d["rounds"]
     # The median round (the lower middle one of an even count): this machine's read bandwidth
     # swings from round to round (33-47 GB/s within minutes, 2026-12-04), so one round's share
@@ -304,8 +324,8 @@ def _ours_only_runs(preset: str) -> list[tuple[Path, dict, list[dict]]]:
     """Each results/<preset>_ours_s*r*.jsonl run (our side alone, after the side by side; its first
     line a "meta" record with the date, command and device), newest first: (path, meta, records)."""
     runs = []
-    for path in _newest_first(RESULTS.glob(f"{preset}_ours_s*r*.jsonl")):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for path in _newest_first(_results(f"{preset}_ours_s*r*.jsonl")):
+        records = _read_jsonl(path)
         meta = next((r for r in records if r.get("kind") == "meta"), {})
         runs.append((path, meta, [r for r in records if r.get("side") == "ours"]))
     return runs
@@ -352,10 +372,9 @@ def _qdecode_records(bits: int, batch: int) -> list[dict]:
     results/h200_qdecode_*.jsonl that measured ``bits`` at ``batch`` (the setting "fused decode
     kernels": what a user gets; older runs measured older defaults; a run of one width leaves
     the others' figures to the runs before it)."""
-    for path in _newest_first(RESULTS.glob("h200_qdecode_*.jsonl")):
+    for path in _newest_first(_results("h200_qdecode_*.jsonl")):
         out = []
-        for line in path.read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
+        for r in _read_jsonl(path):
             if (r.get("kind") == "decode" and r.get("q_bits") == bits and r.get("batch") == batch
                     and r.get("setting") == "fused decode kernels"):
                 out.append(r)
@@ -385,10 +404,9 @@ def _default_decode_record(batch: int) -> dict | None:
     when there is none."""
     best = None
     for pattern, setting in _DEFAULT_DECODE_SETTINGS:
-        for path in _newest_first(RESULTS.glob(pattern)):  # the newest file that measured it
+        for path in _newest_first(_results(pattern)):  # the newest file that measured it
             found = False
-            for line in path.read_text().splitlines():
-                r = json.loads(line) if line.strip() else {}
+            for r in _read_jsonl(path):
                 if (r.get("kind") == "decode" and r.get("q_bits") is None and r.get("batch") == batch
                         and r.get("setting") == setting
                         and r.get("defer_terms", _default_deferral(batch)) == _default_deferral(batch)):
@@ -495,15 +513,15 @@ def save_png(fig, path: Path, dpi: int = 110) -> None:
 
 
 NOTES = Path(__file__).with_name("NOTES.md")
-NOTES_EARLY = Path(__file__).with_name("NOTES-early.md.xz")
+NOTES_EARLY = Path(__file__).with_name("NOTES-early.md")  # stored as NOTES-early.md.xz: read by _read_text
 
 
 def serve_prompt_cache_rows() -> list[str]:
     """The section of benchmarks/serve_prompt_cache.py's results (if any)."""
     path = RESULTS / "serve_prompt_cache.json"
-    if not path.exists():
+    data = _read_json(path)
+    if data is None:
         return []
-    data = json.loads(path.read_text())
     cached, uncached = data["runs"]["cached"], data["runs"]["uncached"]
     entry = max((r["cache_bytes"] / r["cache_entries"] for r in cached if r["cache_entries"]), default=0)
     lines = ["", "## Serving: prompt cache on a 20-turn conversation", "",
@@ -537,9 +555,9 @@ def serve_prompt_cache_rows() -> list[str]:
 def distributed_rows() -> list[str]:
     """Two mlx.launch processes beside one on this CPU: results/distributed_cpu.json."""
     path = RESULTS / "distributed_cpu.json"
-    if not path.exists():
+    d = _read_json(path)
+    if d is None:
         return []
-    d = json.loads(path.read_text())
     lines = ["", "## Two processes on one CPU (`mlx.launch`, ring backend)", "",
              f"- MLX {d['mlx']}, {d['backend']}; {d['machine']}"]
     for half in ("training_run", "inference_run"):
@@ -565,9 +583,9 @@ def distributed_rows() -> list[str]:
 def monitor_rows() -> list[str]:
     """What publishing job status (issue 14) costs a decode: results/monitor_overhead.json."""
     path = RESULTS / "monitor_overhead.json"
-    if not path.exists():
+    d = _read_json(path)
+    if d is None:
         return []
-    d = json.loads(path.read_text())
     budget = (0.01 - d["publisher_cpu_fraction"]) / (d["hook_us_per_token"] * 1e-6)
     return [
         "", "## Job status publishing", "",
@@ -590,8 +608,8 @@ def quantization_rows() -> list[str]:
     quantized matmul against float32 OpenBLAS (results/cpu_quantized_matmul*.json)."""
     lines: list[str] = []
     spans: dict[tuple[str, str], list[float]] = {}
-    for path in sorted(RESULTS.glob("quantization_fidelity_*.json")):
-        d = json.loads(path.read_text())
+    for path in _results("quantization_fidelity_*.json"):
+        d = _read_json(path)
         env, first = d["environment"], d["rows"][0]
         lines += [
             "", f"## Quantization fidelity: {d['model']} (`xlstm-metal convert -q --check`)", "",
@@ -616,8 +634,8 @@ def quantization_rows() -> list[str]:
             + (" Weights MB is the file's size: a float file of a model with tied embeddings also stores the LM "
                "head a second time, for transformers." if any(row["bits"] is None for row in d["rows"]) else ""),
         ]
-    for path in sorted(RESULTS.glob("cpu_quantized_matmul*.json")):
-        d = json.loads(path.read_text())
+    for path in _results("cpu_quantized_matmul*.json"):
+        d = _read_json(path)
         env = d["environment"]
         lines += [
             "", f"## CPU: MLX quantized matmul vs float32 through OpenBLAS (BLAS threads: {d['blas_threads']})", "",
@@ -652,8 +670,8 @@ def quantization_rows() -> list[str]:
 def lab_rows() -> list[str]:
     """Wired (architecture lab) against hand-written blocks: results/lab_equivalence.json."""
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("lab_equivalence*.json")):
-        lines += _lab_run(json.loads(path.read_text()), first=not lines)
+    for path in _results("lab_equivalence*.json"):
+        lines += _lab_run(_read_json(path), first=not lines)
     return lines
 
 
@@ -748,9 +766,9 @@ def slstm_2024_rows() -> list[str]:
     """Issue 19 item 4: the 2024 xLSTM[7:1] beside NX-AI's xLSTMLMModel (results/xlstm71_350m.json,
     benchmarks/slstm_2024.py) and the sLSTM kernels alone (results/slstm_kernels.json)."""
     path = RESULTS / "xlstm71_350m.json"
-    if not path.exists():
+    d = _read_json(path)
+    if d is None:
         return []
-    d = json.loads(path.read_text())
     recs = d["records"]
 
     def get(side, kind):
@@ -787,8 +805,8 @@ def slstm_2024_rows() -> list[str]:
                       f"{'compiled' if o.get('compiled') else 'eager'} step)")
         lines.append(f"| {label} | {_fmt(o.get('tok_s'))} | {_fmt(t.get('tok_s'))} | "
                      f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | >= 1.5x |")
-    for extra in sorted(RESULTS.glob("xlstm71_350m_decode*.json")):  # decode-only reruns
-        e = json.loads(extra.read_text())
+    for extra in _results("xlstm71_350m_decode*.json"):  # decode-only reruns
+        e = _read_json(extra)
         er = e["records"]
         o = max((x for x in er if x.get("side") == "ours" and x.get("kind") == "decode"), key=lambda x: x["tok_s"],
                 default={})
@@ -816,9 +834,8 @@ def slstm_2024_rows() -> list[str]:
     for e in errors:
         lines.append(f"\n{e['side']} side failed (rc {e['rc']}): `{_first_error(e.get('tail', ''))}`")
     lines += _slstm_2024_train_rerun_rows()
-    kpath = RESULTS / "slstm_kernels.json"
-    if kpath.exists():
-        k = json.loads(kpath.read_text())
+    k = _read_json(RESULTS / "slstm_kernels.json")
+    if k is not None:
         sh = k["shape"]
         lines += ["", f"The sLSTM recurrence alone (B={sh['B']}, S={sh['S']}, NH={sh['NH']}, DH={sh['DH']}, bf16 "
                   f"gate inputs; {k['date']}; {k.get('round', '')}; `{k['command']}`; file "
@@ -840,8 +857,8 @@ def _slstm_2024_train_rerun_rows() -> list[str]:
     training run of ours (eager / compiled step, mLSTM kernel, recompute) beside the official's,
     and the per-block forward + backward profile where the run took one."""
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("xlstm71_350m_train*.json")):
-        d = json.loads(path.read_text())
+    for path in _results("xlstm71_350m_train*.json"):
+        d = _read_json(path)
         recs = d["records"]
         om = next((x for x in recs if x.get("side") == "ours" and x.get("kind") == "model"), {})
         tm = next((x for x in recs if x.get("side") == "official" and x.get("kind") == "model"), {})
@@ -893,8 +910,8 @@ def bf16_fidelity_rows() -> list[str]:
     """Issue 19 item 6: bf16 against float32 on the same weights, NX-AI's and ours
     (results/bf16_fidelity_*.json, written by benchmarks/bf16_fidelity.py)."""
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("bf16_fidelity_*.json")):
-        d = json.loads(path.read_text())
+    for path in _results("bf16_fidelity_*.json"):
+        d = _read_json(path)
         env = d["environment"]
         by = {(r["length"], r["side"]): r.get("metrics") for r in d["rows"]}
         verdicts = []
@@ -954,12 +971,12 @@ def _cpu_env(env: dict) -> str:
 def cpu_limits_rows() -> list[str]:
     """Decode and prefill against this machine's limits: results/cpu_limits*.json
     (benchmarks/cpu_limits.py)."""
-    files = sorted(RESULTS.glob("cpu_limits*.json"))
+    files = _results("cpu_limits*.json")
     if not files:
         return []
     lines = ["", "## CPU: decode and prefill against this machine's limits (issue 19 item 5)"]
     for path in files:
-        d = json.loads(path.read_text())
+        d = _read_json(path)
         env, b = d["environment"], d["bytes_per_step"]
         lines += ["", f"### {path.stem.removeprefix('cpu_limits_').replace('_', ', ')} (`results/{path.name}`)", "",
                   f"- date: {d['date']}; command: `{d['command']}`",
@@ -1017,14 +1034,14 @@ def _c_against_graph(pattern: str, title: str, axis: tuple[str, str], ours: tupl
     """Tables of a C path against the MLX graph measured in turns per round: one per file of
     results/``pattern``; ``axis`` = (row key, column title), ``ours`` = (value key, label),
     ``describe(d)``: what one measurement is."""
-    files = sorted(RESULTS.glob(pattern))
+    files = _results(pattern)
     if not files:
         return []
     key, column = axis
     value, label = ours
     lines = ["", title]
     for path in files:
-        d = json.loads(path.read_text())
+        d = _read_json(path)
         lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; model {d['model']}; "
                   f"{_cpu_env(d['environment'])}; {describe(d)}, both paths in turns in one process", "",
                   f"| {column} | {label} tok/s per round | MLX graph tok/s per round | median {label} / graph |",
@@ -1060,7 +1077,7 @@ def cpu_prefill_rows() -> list[str]:
 def cpu_quantized_rows() -> list[str]:
     """Quantized weights through the C decode step and prefill against float32, in turns:
     results/cpu_quantized_c_*.json (benchmarks/cpu_quantized.py)."""
-    files = sorted(RESULTS.glob("cpu_quantized_c_*.json"))
+    files = _results("cpu_quantized_c_*.json")
     if not files:
         return []
     sys.path.insert(0, str(Path(__file__).parent))
@@ -1068,7 +1085,7 @@ def cpu_quantized_rows() -> list[str]:
 
     lines: list[str] = []
     for path in files:
-        d = json.loads(path.read_text())
+        d = _read_json(path)
         env = d["environment"]
         loads = [r["loadavg_1m"] for r in d["rows"]]
         lines += [
@@ -1089,8 +1106,8 @@ def quantization_modes_rows() -> list[str]:
     """MLX's quantization modes side by side (``xlstm-metal bench --q-mode / --q-bits``, every mode
     in turns each round): results/quantization_modes_*.jsonl, a meta record then bench's records."""
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("quantization_modes_*.jsonl")):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for path in _results("quantization_modes_*.jsonl"):
+        records = _read_jsonl(path)
         meta = next(r for r in records if r["kind"] == "meta")
         runs = [r for r in records if r["kind"] in ("prefill", "decode")]
         first = runs[0]
@@ -1129,13 +1146,13 @@ def quantization_modes_rows() -> list[str]:
 
 def cpu_gemv_rows() -> list[str]:
     """One-row products, the forwarder's row kernel and GEMV vs OpenBLAS's GEMM path: results/cpu_gemv*.json."""
-    files = sorted(RESULTS.glob("cpu_gemv*.json"))
+    files = _results("cpu_gemv*.json")
     if not files:
         return []
     lines = ["", "## CPU: one-row products through the forwarder's row kernel and OpenBLAS's GEMV vs its GEMM path "
              "(`benchmarks/cpu_gemv.py`)"]
     for path in files:
-        d = json.loads(path.read_text())
+        d = _read_json(path)
         env = d["environment"]
         lines += ["", f"- `results/{path.name}`: {d['date']}; command: `{d['command']}`; BLAS {env.get('blas_core')}, "
                   f"{env.get('blas_threads')} thread(s); 1-min load average {d['loadavg_1m'][0]:.1f} at the start, "
@@ -1174,10 +1191,10 @@ def cpu_gemv_rows() -> list[str]:
 
 def cpu_perf_rows() -> list[str]:
     """CPU time by class of work, sampled with perf: results/cpu_perf_*.json (benchmarks/cpu_perf_profile.py)."""
-    files = sorted(RESULTS.glob("cpu_perf_*.json"))
+    files = _results("cpu_perf_*.json")
     if not files:
         return []
-    runs = [json.loads(f.read_text()) for f in files]
+    runs = [_read_json(f) for f in files]
     tags = [f.stem.removeprefix(f"cpu_perf_{d['workload']}").strip("_").replace("_", " ") for f, d in zip(files, runs)]
     classes = list(dict.fromkeys(k for d in runs for k in d["classes"]))
     head = [f"{d['workload']} ({d['shape']}, BLAS threads {d['blas_threads']}, load {d['loadavg_1m'][0]:.1f})"
@@ -1196,7 +1213,7 @@ def cpu_perf_rows() -> list[str]:
 
 def readme_speed_rows() -> list[str]:
     """The README's first command in turns against an older checkout: results/readme_speed*.json."""
-    files = sorted(RESULTS.glob("readme_speed*.json"))
+    files = _results("readme_speed*.json")
     if not files:
         return []
     names = {"this": "this tree (pydoc-15m, dequantized to float32)",
@@ -1208,7 +1225,7 @@ def readme_speed_rows() -> list[str]:
              "this-no-cpu-prefill": "this tree, `XLSTM_METAL_CPU_PREFILL=0` (the prompt through the MLX graph)"}
     lines = ["", "## CPU: the README's first command (issue 11 item 6, `benchmarks/readme_speed.py`)"]
     for path in files:
-        d = json.loads(path.read_text())
+        d = _read_json(path)
         # since this-float32 (2026-12-05) "this" keeps the packaged model quantized for the C code
         quantized = any(r["config"] == "this-float32" for r in d["runs"])
         names["this"] = ("this tree (pydoc-15m quantized, its packed weights read by the C step and prefill)"
@@ -1236,9 +1253,9 @@ def training_rows() -> list[str]:
 
     lines = []
     for name in ("train_h200.json", "train_h100.json"):
-        path = RESULTS / name
-        if path.exists():
-            lines += report_section(json.loads(path.read_text()))
+        data = _read_json(RESULTS / name)
+        if data is not None:
+            lines += report_section(data)
     return lines
 
 
@@ -1268,16 +1285,13 @@ def render() -> str:
                   "The analysis, by session and topic: for each target its measurements, the profile that says what "
                   "limits it, and the command, device and versions of every figure, in "
                   "[benchmarks/NOTES.md](benchmarks/NOTES.md):", ""]
-        text = NOTES.read_text()
-        if NOTES_EARLY.exists():  # the early sessions, stored xz-compressed (the 15 MB budget)
-            import lzma
-
-            with lzma.open(NOTES_EARLY, "rt") as handle:
-                text += "\n" + handle.read()
+        text = _read_text(NOTES)
+        early = _read_text(NOTES_EARLY)  # the early sessions, stored xz-compressed (the 15 MB budget)
+        if early is not None:
+            text += "\n" + early
         lines += [f"- {line[4:].strip()}" for line in text.splitlines() if line.startswith("### ")]
-    blas = RESULTS / "blas.json"
-    if blas.exists():
-        data = json.loads(blas.read_text())
+    data = _read_json(RESULTS / "blas.json")
+    if data is not None:
         lines += ["", "## Linux CPU: MLX with OpenBLAS vs its bundled netlib BLAS (125m, float32)", "",
                   f"- date: {data['date']}; command: `{data['command']}` (same machine as the cpu section)", "",
                   "| BLAS | GEMM 1024^3 GFLOP/s | prefill 256 tok/s | decode b1 tok/s | decode b8 tok/s | load avg |",
