@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -1199,6 +1199,28 @@ def _template_errors() -> tuple[type[Exception], ...]:
     return (TemplateError,)
 
 
+class _SharedScores:
+    """The scored prompts of one request's choices (:meth:`APIHandler._answer_each`): each prompt is
+    scored once, by the first of its choices to ask, and the others wait for that score. Each
+    choice scored its prompt itself: n=128 with echo and logprobs ran the prompt through the model
+    128 times, on the generation thread, between the decode steps of every request in flight."""
+
+    def __init__(self):
+        self._lock, self._scores = threading.Lock(), {}
+
+    def get(self, key: Any, score: Callable[[], _PromptScores]) -> _PromptScores:
+        with self._lock:
+            future, first = self._scores.get(key), key not in self._scores
+            if first:
+                future = self._scores[key] = Future()
+        if first:
+            try:
+                future.set_result(score())
+            except BaseException as err:  # the others get the error too (the request fails with it)
+                future.set_exception(err)
+        return future.result()
+
+
 class _HandlerGenerator:
     """The response generator as one request's handler sees it: ``generate`` also watches that
     handler's client (mlx-lm's handler calls ``generate`` without it)."""
@@ -1219,8 +1241,7 @@ class _HandlerGenerator:
             raise _RequestFailed(err) from err
         if scoring:  # once the reply has started: its model is loaded (ResponseGenerator.score_prompt)
             try:
-                self._handler._prompt_scores = self._generator.score_prompt(
-                    request, generation_args, max(self._handler.top_logprobs, 0))
+                self._handler._prompt_scores = self._handler._score_prompt(self._generator, request, generation_args)
             except Exception as err:
                 ctx.stop()  # (mlx-lm's handler stops it only once it has the responses)
                 raise _RequestFailed(err) from err
@@ -1425,6 +1446,16 @@ class APIHandler(mlx_server.APIHandler):
             n = 1
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
             raise _RequestFailed(_InvalidRequest(f"n must be an integer in 1..{MAX_CHOICES}, got {n!r}"))
+        best_of = body.get("best_of")
+        if self.path == "/v1/completions" and best_of is not None:
+            # OpenAI's rule (best_of candidates, the best n of them returned). The choices leave n
+            # out of their own requests: best_of 1 with n=3 passed each one's check for 1.
+            if isinstance(best_of, bool) or not isinstance(best_of, int):
+                raise _RequestFailed(_InvalidRequest(f"best_of must be an integer, got {best_of!r}"))
+            if best_of < n:
+                raise _RequestFailed(_InvalidRequest(
+                    f"best_of ({best_of}) must be at least n ({n}): best_of candidates are generated and the "
+                    "best n of them returned"))
         prompts = [None]
         prompt = body.get("prompt")
         if self.path == "/v1/completions" and isinstance(prompt, list) and len(prompt) > 1 and all(
@@ -1460,6 +1491,7 @@ class APIHandler(mlx_server.APIHandler):
         except ValueError as err:
             raise _RequestFailed(_InvalidRequest(str(err))) from None
         snapshot, items, stop = dict(self.__dict__), Queue(), threading.Event()
+        scores = _SharedScores()  # a prompt's choices share its score (echo with logprobs)
 
         def copy_for(index: int, output: Queue) -> APIHandler:
             handler = object.__new__(type(self))
@@ -1470,6 +1502,7 @@ class APIHandler(mlx_server.APIHandler):
             handler.headers = copy.deepcopy(self.headers)
             handler.headers.replace_header("Content-Length", str(len(raw)))
             handler.rfile, handler.wfile, handler._headers_buffer = io.BytesIO(raw), _Output(index, output), []
+            handler._shared_scores, handler._prompt_index = scores, index // n
             return handler
 
         def run(index: int) -> None:
@@ -1606,6 +1639,17 @@ class APIHandler(mlx_server.APIHandler):
     _checks_only = False
     #: The echoed prompt's logprobs, until the first chunk (or the reply) carries them.
     _prompt_scores: _PromptScores | None = None
+    #: A choice's copy (:meth:`_answer_each`): the request's scored prompts, and its prompt's index there.
+    _shared_scores: _SharedScores | None = None
+    _prompt_index = 0
+
+    def _score_prompt(self, generator: ResponseGenerator, request, args) -> _PromptScores:
+        """The request's prompt scored (:meth:`ResponseGenerator.score_prompt`); a choice's copy
+        takes the score its prompt's first choice asked for (:class:`_SharedScores`)."""
+        def score() -> _PromptScores:
+            return generator.score_prompt(request, args, max(self.top_logprobs, 0))
+
+        return score() if self._shared_scores is None else self._shared_scores.get(self._prompt_index, score)
 
     def _set_stream_headers(self, status_code: int = 200):
         self._streaming = True  # the status line is out: an error now goes as an event
@@ -1669,7 +1713,7 @@ class APIHandler(mlx_server.APIHandler):
             prompt = request.prompt
             count = len(prompt) if isinstance(prompt, list) else len(tokenizer.encode(prompt))
             if self.logprobs:
-                self._prompt_scores = generator.score_prompt(request, args, max(self.top_logprobs, 0))
+                self._prompt_scores = self._score_prompt(generator, request, args)
                 self._start_logprobs()
         except Exception as err:
             raise _RequestFailed(err) from err

@@ -1,0 +1,55 @@
+"""`xlstm-metal serve`, session 52's hunt: defects found driving the server as a client does.
+A tiny random model in a temp dir (test_serve's fixtures)."""
+
+import pytest
+from test_serve import PROMPTS, error_message, post
+from test_serve import ckpt, server  # noqa: F401  (the fixtures: a tiny checkpoint, a server of it)
+
+pytest.importorskip("mlx_lm")
+
+from xlstm_metal.serve import ResponseGenerator  # noqa: E402
+
+
+def test_echo_logprobs_scores_each_prompt_once_for_its_choices(server, monkeypatch):
+    """echo + logprobs with n > 1: every choice carries its prompt's logprobs, those of n=1, and
+    the prompt runs through the model once per prompt (it ran once per choice)."""
+    calls = []
+    scored = ResponseGenerator.score_prompt
+
+    def counting(self, request, *args):
+        calls.append(request.prompt)
+        return scored(self, request, *args)
+
+    monkeypatch.setattr(ResponseGenerator, "score_prompt", counting)
+    body = {"max_tokens": 2, "echo": True, "logprobs": 2, "temperature": 1.0, "seed": 5}
+    alone = {}
+    for prompt in PROMPTS[:2]:
+        status, answer = post(server.url, "/v1/completions", {**body, "prompt": prompt})
+        assert status == 200, answer
+        alone[prompt] = answer["choices"][0]["logprobs"]
+    assert len(calls) == 2
+    for extra, prompts in (({"max_tokens": 2}, PROMPTS[:1]), ({"max_tokens": 0}, PROMPTS[:1]),
+                           ({"max_tokens": 2}, PROMPTS[:2])):
+        calls.clear()
+        status, answer = post(server.url, "/v1/completions", {**body, **extra, "prompt": prompts, "n": 3})
+        assert status == 200, answer
+        assert sorted(calls) == sorted(prompts), (extra, calls)  # one scoring per prompt
+        assert len(answer["choices"]) == 3 * len(prompts)
+        for choice in answer["choices"]:
+            want, got = alone[prompts[choice["index"] // 3]], choice["logprobs"]
+            count = len(want["tokens"]) - 2  # the prompt's tokens
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                assert got[key][:count] == want[key][:count], key
+
+
+@pytest.mark.parametrize("best_of, n, wanted", [(1, 3, "best_of (1) must be at least n (3)"),
+                                                (2, 3, "best_of (2) must be at least n (3)"),
+                                                (True, 1, "best_of must be an integer")])
+def test_best_of_below_n_is_refused(server, best_of, n, wanted):
+    """OpenAI refuses best_of < n. best_of 1 with n=3 passed: each choice's request, n left out,
+    saw best_of 1; true passed as 1."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 2, "n": n, "best_of": best_of}
+    status, answer = post(server.url, "/v1/completions", body)
+    assert status == 400 and wanted in error_message(status, answer, "best_of"), answer
+    status, answer = post(server.url, "/v1/completions", {**body, "best_of": 1, "n": 1})
+    assert status == 200 and len(answer["choices"]) == 1, answer
