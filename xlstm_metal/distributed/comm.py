@@ -9,7 +9,9 @@ import ipaddress
 import json
 import os
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,7 +58,97 @@ def world() -> mx.distributed.Group:
             _WORLD = _init_with_addresses(checked[1])
         else:
             _WORLD = mx.distributed.init()
+        if checked is not None and _WORLD.size() > 1:
+            _watch_ring(_WORLD, checked[1])
     return _WORLD
+
+
+#: Seconds a rank may live on once MLX's ring backend gave up on a collective (a peer process
+#: gone) before :func:`_watch_ring` ends it; the error path of a main thread that got the
+#: collective's RuntimeError ends the process well within it.
+RING_FAILURE_GRACE_S = 3.0
+#: Seconds between the ring watch's looks at this process's connections.
+_RING_POLL_S = 0.5
+
+
+def _watch_ring(group: mx.distributed.Group, hosts: list[list[str]]) -> None:
+    """End this process, with a line naming the rank it lost, when MLX's ring backend gave up on
+    a collective because a peer process is gone: the main thread of a tensor-parallel rank then
+    waited forever (MLX's scheduler never finishes the failed task). Under ``mlx.launch`` the
+    launcher's SIGTERM ended such a rank (see monitor.job); processes started otherwise (by
+    hand, by another launcher) hung. The sign: a ring connection that was open after ``init``
+    is closed by this process (the ring closes a connection after its failed sends / receives);
+    a peer that merely finished (its side closed, ours still open) is no failure. The process
+    gets SIGTERM (handlers unwind, partial outputs go; monitor.job ends a main thread stuck in
+    native code) and, should it live on, exits with code 1."""
+    import atexit
+    import threading
+
+    try:
+        import psutil
+
+        proc = psutil.Process()
+    except Exception:  # noqa: BLE001 (no psutil here: no watch, as before)
+        return
+    rank, size = group.rank(), group.size()
+    owners = {}
+    for r, addresses in enumerate(hosts):
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            owners[(host, int(port))] = r
+
+    def ring_connections() -> dict[tuple, int | None]:
+        """{(local, remote): peer rank or None where unknown} of this process's open ring connections."""
+        found = {}
+        for conn in proc.net_connections("tcp"):
+            if not conn.raddr or conn.status not in (psutil.CONN_ESTABLISHED, psutil.CONN_CLOSE_WAIT):
+                continue
+            local, remote = (conn.laddr.ip, conn.laddr.port), (conn.raddr.ip, conn.raddr.port)
+            if owners.get(local) == rank or owners.get(remote, rank) != rank:
+                found[(local, remote)] = owners.get(remote)
+        return found
+
+    try:
+        opened = ring_connections()
+    except Exception:  # noqa: BLE001 (connections not readable here: no watch)
+        return
+    if not opened:
+        return
+    stop = threading.Event()
+    atexit.register(stop.set)  # the group's sockets close as the interpreter ends: no failure
+
+    def lost(peer: int | None) -> str:
+        who = f"rank {peer}" if peer is not None else f"rank {1 - rank}" if size == 2 else "another process"
+        return (f"xlstm-metal: error: rank {rank} of {size}: lost the connection to {who} in a collective "
+                f"(MLX's ring backend gave up on it); {who} has probably died: stopping this process")
+
+    def watch() -> None:
+        failed_at, peer = None, None
+        while not stop.wait(_RING_POLL_S):
+            if failed_at is None:
+                try:
+                    now = ring_connections()
+                except Exception:  # noqa: BLE001
+                    continue
+                gone = [key for key in opened if key not in now]
+                if gone:
+                    failed_at, peer = time.monotonic(), opened[gone[0]]
+            elif time.monotonic() - failed_at >= RING_FAILURE_GRACE_S:
+                break
+        else:
+            return
+        import signal
+
+        print(lost(peer), file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        # A handler that unwinds ends the process; monitor.job ends a main thread stuck in native
+        # code after its SIGTERM_GRACE_S. Anything else: this process ends here.
+        if not stop.wait(15.0):
+            print(f"xlstm-metal: rank {rank} of {size}: the main thread did not end after SIGTERM; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="xlstm-ring-watch", daemon=True).start()
 
 
 def _init_with_addresses(hosts: list[list[str]]) -> mx.distributed.Group:
