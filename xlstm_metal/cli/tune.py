@@ -457,7 +457,11 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and out.is_dir():  # e.g. the tokenizer the last sweep trained into OUT/tokenizer/
         from ..tuning.sweep import OUTPUT_DIRS, OUTPUT_FILES
 
-        inputs = (("--tokenizer", args.tokenizer), ("--model", args.model), ("--shape", args.shape))
+        # Every input read after the deletion: --profile OUT/profile.json (the last sweep's winner as the
+        # base) was deleted before the first trial, and each trial failed on it.
+        inputs = (("--tokenizer", args.tokenizer), ("--model", args.model), ("--shape", args.shape),
+                  ("--profile", args.profile), ("--prompt-file", args.prompt_file),
+                  *(("--data", path) for path in args.data or ()))
         check_kept_by_overwrite(out, inputs, lambda name: name in OUTPUT_FILES + OUTPUT_DIRS, where="--out",
                                 new="the sweep")
     prompts = read_prompts(args.prompt_file) if args.save_outputs else None

@@ -10,6 +10,7 @@ polls.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -69,6 +70,8 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 def process_started(pid: int) -> float | None:
     """Start time of process ``pid`` (seconds since the epoch), None if it does not exist or is
     a zombie (ended, not yet reaped by its parent)."""
+    if pid <= 0:  # no process (psutil raised ValueError for a negative pid)
+        return None
     try:
         process = psutil.Process(pid)
         started = process.create_time()
@@ -97,6 +100,46 @@ def _alive(record: dict[str, Any]) -> bool:
     return started < 0 or recorded is None or abs(started - float(recorded)) < 1.0
 
 
+#: Fields of a record that readers (top's table, its text and JSON) take as numbers (or null).
+NUMBER_FIELDS = ("process_started", "started", "updated", "interval", "done", "total", "tokens", "tokens_per_s",
+                 "prefill_tps", "decode_tps", "step", "loss", "lr", "progress", "rank", "world_size",
+                 "publisher_cpu_s", "publishes")
+MEMORY_FIELDS = ("usage", "rss", "mlx_active", "mlx_cache", "mlx_peak", "soft_limit", "hard_limit")
+
+
+def _number(value: Any) -> bool:
+    """None, or a finite int / float (a bool is no number here)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value)
+
+
+def well_formed(record: Any) -> bool:
+    """Whether ``record`` has the layout a job writes (:meth:`JobStatus.record`) where readers
+    rely on it: a positive integer pid, numbers (or null) where numbers go, objects and lists
+    where they go. A file that does not (corrupt, edited, another program's) is no job's record:
+    a pid of -1 or a string "updated" stopped `xlstm-metal top` with a traceback."""
+    if not isinstance(record, dict):
+        return False
+    pid = record.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False  # (pid 0 or below signals process groups: never a job's)
+    if not all(_number(record.get(name)) for name in NUMBER_FIELDS):
+        return False
+    memory = record.get("memory")
+    if memory is not None and not (isinstance(memory, dict) and all(_number(memory.get(k)) for k in MEMORY_FIELDS)
+                                   and isinstance(memory.get("state"), (str, type(None)))):
+        return False
+    argv = record.get("argv")
+    if argv is not None and not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        return False
+    last = record.get("last_command")
+    return last is None or (isinstance(last, dict)
+                            and all(_number(last.get(k)) for k in ("at", "cache_before", "cache_after")))
+
+
 def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[str, Any]]:
     """The records of running jobs, sorted by pid. Records of dead processes are skipped and,
     with ``clean``, deleted together with their command files; unreadable files are skipped."""
@@ -110,11 +153,11 @@ def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[st
     for path in entries:
         try:
             record = json.loads(path.read_text())
-            pid = int(record["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # vanished between listing and reading, or not one of ours
-        if not isinstance(record, dict) or path.stem != str(pid):
-            continue
+        except (OSError, ValueError):
+            continue  # vanished between listing and reading, or not JSON
+        if not well_formed(record) or path.stem != str(record["pid"]):
+            continue  # not one of ours (a corrupt or foreign file): never read, signalled or deleted
+        pid = record["pid"]
         if not _alive(record):
             if clean:
                 for stale in (path, command_path(pid, directory)):

@@ -214,5 +214,7 @@ class TopApp(App):
             clear_cache(job["pid"], self.directory)
         except ProcessLookupError as err:
             self.notify(str(err), severity="warning")
+        except OSError as err:  # the request file cannot be written (as `top --clear-cache` says): the view stays
+            self.notify(f"cannot ask {job['pid']} to clear its MLX cache: {err}", severity="error")
         else:
             self.notify(f"asked {job['pid']} to clear its MLX cache")

@@ -86,10 +86,15 @@ def parse_limit(text: str, total: int, name: str = "limit") -> int:
     if unit == "%":
         if not 0 < value <= 100:
             raise ValueError(f"{name} must be a percentage in (0, 100], got {text!r}")
-        return int(total * value / 100)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {text!r}")
-    return int(value * _UNITS[unit])
+        size = int(total * value / 100)
+    else:
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {text!r}")
+        size = int(value * _UNITS[unit])
+    if size < 1:  # a positive size under one byte was a limit of 0 bytes: every sample over it
+        exact = value * (total / 100 if unit == "%" else _UNITS[unit])
+        raise ValueError(f"{name} must be at least 1 byte, got {text!r} ({exact:.3g} bytes)")
+    return size
 
 
 def device_kind() -> str:
@@ -164,9 +169,17 @@ class WatchdogConfig:
         def limit(flag_value, flag, which, default_pct):
             if flag_value is not None:
                 return parse_limit(flag_value, total, flag), f"{flag} {flag_value}"
-            for var, suffix in ((f"XLSTM_MEM_{which}_MB", "MB"), (f"XLSTM_MEM_{which}_PCT", "%")):
-                if env.get(var, "").strip():
-                    return parse_limit(env[var].strip() + suffix, total, var), f"{var}={env[var].strip()}"
+            for var, suffix, what in ((f"XLSTM_MEM_{which}_MB", "MB", "megabytes, such as 8000"),
+                                      (f"XLSTM_MEM_{which}_PCT", "%", "percent of the device's memory, such as 80")):
+                text = env.get(var, "").strip()
+                if text:
+                    # The variable holds a number only: '500M' was refused as "got '500MMB'", a value never given.
+                    if not re.fullmatch(r"[0-9]*\.?[0-9]+", text):
+                        raise ValueError(f"{var} must be a number of {what} (no unit), got {env[var]!r}")
+                    try:
+                        return parse_limit(text + suffix, total, var), f"{var}={text}"
+                    except ValueError as err:
+                        raise ValueError(str(err).replace(repr(text + suffix), repr(env[var]))) from None
             return int(total * default_pct / 100), f"default {default_pct:g}% of {gb(total)}"
 
         soft_bytes, soft_source = limit(soft, "--mem-soft", "SOFT", DEFAULT_SOFT_PCT)

@@ -367,15 +367,46 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
               resume: bool = False, overwrite: bool = False, argv: list[str] | None = None,
               cli: dict[str, Any] | None = None) -> SweepResult:
     """Run (or resume) a sweep of ``objective`` into ``out_dir``; returns every record and the best.
-    ``cli``: the command line's flags, kept in run_meta.json (replacing those saved, on resume)."""
-    import optuna
-
+    ``cli``: the command line's flags, kept in run_meta.json (replacing those saved, on resume).
+    SweepError where another sweep runs in ``out_dir`` now (see :func:`lock_out_dir`)."""
     settings = settings or SweepSettings()
     settings.validate()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume=resume, overwrite=overwrite)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_out_dir(out_dir)
+    try:
+        return _run_sweep(objective, out_dir, settings, resume, argv, cli, created)
+    finally:
+        os.close(lock)
+
+
+def lock_out_dir(out_dir: Path) -> int:
+    """Hold ``out_dir`` for one sweep: a descriptor of the directory, flock-ed (the kernel lets go
+    when the process ends, however it ends); close it to release. SweepError where another sweep
+    holds it: a second run on the same --out (a --resume in another terminal) marked the running
+    sweep's trial interrupted, so the first one stopped with a traceback at its next result, and
+    an --overwrite deleted the study under it."""
+    import fcntl
+
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SweepError(f"--out {out_dir} is in use by another sweep running now (xlstm-metal tune, or its "
+                         "--resume); wait for it to end, or give another --out") from None
+    except OSError:  # a file system without flock: run unguarded, as before
+        pass
+    return fd
+
+
+def _run_sweep(objective: Objective, out_dir: Path, settings: SweepSettings, resume: bool,
+               argv: list[str] | None, cli: dict[str, Any] | None, created: bool) -> SweepResult:
+    """:func:`run_sweep` once ``out_dir`` is held."""
+    import optuna
+
     if not resume:
         _clear(out_dir)
     meta_path = out_dir / "run_meta.json"
@@ -439,7 +470,8 @@ def run_sweep(objective: Objective, out_dir: str | os.PathLike, settings: SweepS
                     bar.set_postfix_str(f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})")
                 job = current_job()  # `xlstm-metal top`; between trials a memory-watchdog safe point
                 best = result.best and f"best {objective.metric} {result.best['value']:.4g} (trial {result.best['number']})"
-                job.update(phase="tune", done=len(result.trials), total=settings.budget, unit="trials", message=best)
+                # Trials of the budget (interrupted ones are drawn again and count not; done exceeded total).
+                job.update(phase="tune", done=_counted(study), total=settings.budget, unit="trials", message=best)
                 job.check(note=f"finished trials are in {out_dir}; continue with --resume")
 
             if settings.backend == "local":
