@@ -53,3 +53,27 @@ def test_best_of_below_n_is_refused(server, best_of, n, wanted):
     assert status == 400 and wanted in error_message(status, answer, "best_of"), answer
     status, answer = post(server.url, "/v1/completions", {**body, "best_of": 1, "n": 1})
     assert status == 200 and len(answer["choices"]) == 1, answer
+
+
+def test_a_model_that_fails_to_load_leaves_the_served_one_loaded(server, tmp_path):
+    """A request naming a directory without tokenizer.json got its 404, but the served model
+    had been unloaded first: the next echo with max_tokens 0 got a 503 "not loaded yet" (and
+    any other request paid a reload)."""
+    provider = server.generator.model_provider
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "model": str(tmp_path)}
+    status, answer = post(server.url, "/v1/chat/completions", chat)
+    assert status == 404 and "tokenizer.json" in error_message(status, answer, "model"), answer
+    assert provider.model is not None and provider.model_key == provider.key_for("default_model")
+    status, answer = post(server.url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 0, "echo": True})
+    assert status == 200 and answer["choices"][0]["text"] == PROMPTS[0], answer
+
+
+def test_echo_alone_for_another_model_is_refused_for_what_it_asked(server, tmp_path):
+    """echo with max_tokens 0 and no logprobs, naming another model: refused, as its prompt is
+    counted with the served model's tokenizer, but the message said "echo with logprobs"."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 0, "echo": True, "model": str(tmp_path)}
+    status, answer = post(server.url, "/v1/completions", body)
+    message = error_message(status, answer, "echo")
+    assert status == 400 and "logprobs" not in message and "max_tokens 0 counts" in message, answer
+    status, answer = post(server.url, "/v1/completions", {**body, "logprobs": 0})
+    assert status == 400 and "echo with logprobs scores" in error_message(status, answer, "echo"), answer

@@ -519,12 +519,25 @@ class ModelProvider(mlx_server.ModelProvider):
         defaults = model_generation_defaults(directory, getattr(self.cli_args, "generation_config", "auto"))
         # Only now the served model goes: a request naming a bad path or a checkpoint with a bad
         # generation_config.json leaves it loaded.
+        previous = self.model_key if self.model is not None else None
         self.reset()
         gc.collect()
         mx.clear_cache()
-        model, tokenizer = load_for_serving(directory, adapter_path, self.cli_args.dtype,
-                                            profile=getattr(self.cli_args, "profile", None),
-                                            parallel=getattr(self.cli_args, "parallel", None))
+        try:
+            model, tokenizer = load_for_serving(directory, adapter_path, self.cli_args.dtype,
+                                                profile=getattr(self.cli_args, "profile", None),
+                                                parallel=getattr(self.cli_args, "parallel", None))
+        except Exception:
+            # The model it replaced is loaded again: the failed request left none loaded (a
+            # directory without tokenizer.json, adapters that do not fit), and the next request
+            # paid the reload, or got a 503 ("not loaded yet") where it needs the tokenizer
+            # before generation (echo with max_tokens 0).
+            if previous is not None and previous != (model_path, adapter_path, draft_model_path):
+                try:
+                    self._load(*previous)
+                except Exception as err:  # the next request tries again
+                    logging.error("could not load %s again after a failed load: %s", previous[0], err)
+            raise
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model, self.tokenizer = model, tokenizer
         self.processor = None
@@ -1036,15 +1049,14 @@ class ResponseGenerator(_GenerationThread, _MemoryAgreement, _WholePromptHistory
             raise result
         return result
 
-    def check_scoring(self, args) -> None:
+    def check_scoring(self, args, what: str = "echo with logprobs scores the prompt") -> None:
         """Refuses (an :class:`_InvalidRequest`) to score the prompt of a request naming another
-        model or other adapters than the served ones."""
+        model or other adapters than the served ones; ``what`` is what needs the served model."""
         provider, model_args = self.model_provider, args.model
         if provider.key_for(model_args.model, model_args.adapter, model_args.draft) != provider.key_for(
                 "default_model"):
-            raise _InvalidRequest("echo with logprobs scores the prompt with the model being served: this request "
-                                  "names another model or other adapters (serve with --adapter-path to score "
-                                  "with adapters)")
+            raise _InvalidRequest(f"{what} with the model being served: this request names another model or "
+                                  "other adapters (serve with --adapter-path to score with adapters)")
 
     def _score(self, job: _ScoreJob) -> _PromptScores:
         provider = self.model_provider
@@ -1706,7 +1718,10 @@ class APIHandler(mlx_server.APIHandler):
         args = argparse.Namespace(model=mlx_server.ModelDescription(
             model=self.requested_model, draft=self.requested_draft_model, adapter=self.adapter))
         try:
-            generator.check_scoring(args)
+            # Without logprobs the prompt is only counted, but with the served model's tokenizer too:
+            # the refusal said "echo with logprobs" to a request that asked none.
+            generator.check_scoring(args, "echo with logprobs scores the prompt" if self.logprobs
+                                    else "echo with max_tokens 0 counts the prompt's tokens")
             tokenizer = generator.model_provider.tokenizer
             if tokenizer is None:
                 raise GenerationUnavailable("the model is not loaded yet; retry")
