@@ -509,6 +509,39 @@ def prompt_cache_file_is_named(generate):
 
 
 @contextlib.contextmanager
+def output_carries_our_model_file(command):
+    """While mlx-lm's ``convert`` or ``fuse`` runs, an xLSTM's output carries our model file
+    (``xlstm_mlx_lm.py``, named by config.json's ``model_file``), as every checkpoint
+    :func:`xlstm_metal.save_model` writes does. mlx-lm copies it from a source of ours, but a
+    transformers or NX-AI source has none: the output said model type ``xlstm`` and nothing
+    else, which mlx-lm resolves only inside this command (:func:`register_model_type`), so
+    ``mlx_lm.load(OUT, trust_remote_code=True)`` refused it ("Model type xlstm not supported")."""
+    from ..checkpoint_files import mlx_lm_config, write_shim
+    from ..models.xlstm_2024 import xLSTMLMModel
+    from ..models.xlstm_large import xLSTMLarge
+
+    original = command.save
+
+    def write_text(path: Path, text: str) -> None:
+        path.write_text(text)
+        os.chmod(path, 0o644)
+
+    def save(dst_path, src_path_or_repo, model, tokenizer, config, *args, **kwargs):
+        if not isinstance(model, (xLSTMLarge, xLSTMLMModel)) or not isinstance(config, dict):
+            return original(dst_path, src_path_or_repo, model, tokenizer, config, *args, **kwargs)
+        result = original(dst_path, src_path_or_repo, model, tokenizer, mlx_lm_config(config), *args, **kwargs)
+        if not writes_our_shim(str(dst_path)):  # (a source of ours: mlx-lm copied the file)
+            write_shim(Path(dst_path), write_text)
+        return result
+
+    command.save = save
+    try:
+        yield
+    finally:
+        command.save = original
+
+
+@contextlib.contextmanager
 def convert_quantizes_what_it_says(convert):
     """While mlx-lm's ``convert`` runs, its quantization must reach the layers: a group size that
     divides no layer's input width (``-q --q-group-size 128`` of a 64-wide model) quantized none
@@ -1075,6 +1108,8 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(server_requests_checked())
             if args.mlx_lm_command == "convert":
                 guards.enter_context(convert_quantizes_what_it_says(module))
+            if args.mlx_lm_command in ("convert", "fuse"):
+                guards.enter_context(output_carries_our_model_file(module))
             if args.mlx_lm_command == "generate":
                 guards.enter_context(prompt_cache_file_is_named(module))
             if args.mlx_lm_command in AFTER_LOAD:
