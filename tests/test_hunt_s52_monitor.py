@@ -128,3 +128,14 @@ def test_watchdog_limits_from_the_environment_name_what_was_given(env, message):
         WatchdogConfig.from_sources(env=env, total=16 * 10**9)
     with pytest.raises(ValueError, match="at least 1 byte"):
         WatchdogConfig.from_sources(hard="0.5b", total=16 * 10**9)
+
+
+def test_resume_with_a_budget_below_the_trials_run_is_refused(tmp_path):
+    """It ran nothing and said nothing, and run_meta.json kept a budget below its trials."""
+    from xlstm_metal.tuning import FunctionObjective, SweepError, SweepSettings, run_sweep
+
+    run_sweep(FunctionObjective("sphere", 2), tmp_path, SweepSettings(trials=3, progress=False))
+    meta = (tmp_path / "run_meta.json").read_text()
+    with pytest.raises(SweepError, match="budget 2 is below the 3 trials"):
+        run_sweep(FunctionObjective("sphere", 2), tmp_path, SweepSettings(trials=2, progress=False), resume=True)
+    assert (tmp_path / "run_meta.json").read_text() == meta

@@ -444,6 +444,11 @@ def _run_sweep(objective: Objective, out_dir: Path, settings: SweepSettings, res
     try:
         if meta is not None:
             _check_resume_matches(meta, objective, settings, out_dir)
+            ran = sum(not _interrupted(t) and t.state != optuna.trial.TrialState.RUNNING
+                      for t in study.get_trials(deepcopy=False))
+            if settings.budget < ran:  # nothing would run, and run_meta.json would say a budget below its trials
+                raise SweepError(f"the trial budget {settings.budget} is below the {ran} trials the sweep in {out_dir} "
+                                 f"has run: give a budget of at least {ran} (--trials) to resume it")
             meta.setdefault("resumed", []).append({"at": time.time(), "argv": argv or sys.argv})
             meta["budget"] = settings.budget
             meta["settings"] = _settings_record(settings)  # the budget, backend, ... of this run
