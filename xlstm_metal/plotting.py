@@ -105,8 +105,11 @@ def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise PlotError(f"cannot read {p}: {err}") from None
         records = data.get("records", []) if isinstance(data, dict) else data if isinstance(data, list) else []
         records = records if isinstance(records, list) else []
-    out = [r for r in records if isinstance(r, dict) and r.get("kind") in ("prefill", "decode")
-           and isinstance(r.get("tok_s"), (int, float))]
+    out = [r for r in records if isinstance(r, dict) and r.get("kind") in ("prefill", "decode") and "tok_s" in r]
+    for r in out:
+        # A NaN, a string, true or a rate <= 0 was drawn as nothing (or as 1.0) without a word.
+        if not (_is_number(r["tok_s"]) and math.isfinite(r["tok_s"]) and r["tok_s"] > 0):
+            raise PlotError(f"{p}: 'tok_s' must be a positive number in every {r['kind']} record, got {r['tok_s']!r}")
     if not out:
         raise PlotError(f"{p} holds no prefill/decode records with tok_s")
     return out
@@ -341,9 +344,11 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
             x = r.get("length") if r["kind"] == "prefill" else r.get("batch")
             if x is None:
                 continue
+            name = "length" if r["kind"] == "prefill" else "batch"
             if not _is_number(x):
-                name = "length" if r["kind"] == "prefill" else "batch"
                 raise PlotError(f"{file}: {name!r} must be a number in every {r['kind']} record, got {x!r}")
+            if not (math.isfinite(x) and x > 0):  # the axis is logarithmic: a 0 was not drawn, without a word
+                raise PlotError(f"{file}: {name!r} must be positive in every {r['kind']} record, got {x!r}")
             groups.setdefault((r["kind"], label), {}).setdefault(int(x), []).append(float(r["tok_s"]))
         for (kind, label), points in sorted(groups.items()):
             xs = sorted(points)

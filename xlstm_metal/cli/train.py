@@ -80,7 +80,8 @@ def add_parser(subparsers) -> None:
                                             "cosine restarts from at the checkpoint's step")
     o.add_argument("--min-lr-ratio", type=finite_float, help="the cosine ends at lr * this (default 0.1)")
     o.add_argument("--warmup", type=int, help="linear warmup steps (default min(100, steps / 10); with --max-time, "
-                                              "of the step count the time budget allows)")
+                                              "max(min(44, steps / 2), min(100, steps / 10)) of the step count the "
+                                              "time budget allows, and past the steps that measured it)")
     o.add_argument("--weight-decay", type=finite_float, help="AdamW weight decay of matrices (default 0.1)")
     o.add_argument("--grad-clip", type=finite_float, help="global gradient-norm clip, 0 = off (default 1.0)")
     o.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -502,6 +503,7 @@ def _run(args) -> int:
     )
     from ..training.tempdirs import claim_tokenizer_dir, release_tokenizer_dir
     from ..training.trainer import (
+        AUTO_WARMUP_CAP,
         Trainer,
         TrainingConfig,
         TrainingDiverged,
@@ -542,6 +544,9 @@ def _run(args) -> int:
         if args.profile:
             raise UsageError("--profile applies to a new run; a resumed run keeps its settings")
         profile = None
+        # The model keeps the profile's numerics in its config; the process's settings (OpenBLAS
+        # threads, float32 GEMMs) come from the profile the run saved: they were lost on --resume.
+        saved_profile = _saved_profile(saved, resume_ckpt)
         cfg = TrainingConfig(**saved["training_config"])
         for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss", "fuse_projections",
                      "mlstm_products"):
@@ -595,6 +600,7 @@ def _run(args) -> int:
         )
         val_fraction, text_field = args.val_fraction, args.text_field
         generation = None
+        saved_profile = None if profile is None else profile.to_dict()
     try:
         cfg.validate()
     except ValueError as err:
@@ -692,6 +698,10 @@ def _run(args) -> int:
             _set_training_kernel(model, args.kernel)
         if profile is not None:  # numerics of the profile; its gate init for a new model
             apply_training_profile(model, profile, args.kernel, from_scratch and not args.arch)
+        elif saved_profile is not None:  # --resume: its process settings, where the first run set them
+            from ..profiles import apply_process_settings, profile_from_dict
+
+            apply_process_settings(profile_from_dict(saved_profile))
         if args.head_loss == "fused" and fused_head_weight(model) is None:  # the step would take the plain head
             raise UsageError("--head-loss fused needs the LM head as one plain product (xLSTM-Large's unbiased "
                              "lm_head or its tied embeddings); this model's head is not one (a 2024 xLSTM, a lab "
@@ -715,6 +725,8 @@ def _run(args) -> int:
         extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field}
         if generation is not None:
             extra["generation_config"] = generation
+        if saved_profile is not None:
+            extra["profile"] = saved_profile
         if group is not None:
             _same_start(group, model, train_stream, val_stream, cfg)
         if args.memory_limit is not None:
@@ -742,7 +754,8 @@ def _run(args) -> int:
                   "--dtype float32 is faster there", file=sys.stderr)
         n_params = count_parameters(model)
         warmup = (f"warmup {cfg.warmup_for(trainer.total_steps)} steps" if trainer.total_steps or cfg.warmup is not None
-                  else f"warmup min({cfg.warmup_for(None)}, steps / 10), steps sized from --max-time")
+                  else f"warmup max(min({cfg.warmup_for(None)}, steps / 2), min({AUTO_WARMUP_CAP}, steps / 10)), "
+                       "steps sized from --max-time")
         world = f"; {group.size()} processes ({cfg.batch_size // group.size()} rows each)" if group else ""
         if main:
             print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_vocab}; data: {len(train_stream):,} training "
@@ -939,6 +952,23 @@ def _rank0_value(group, fn):
     return value
 
 
+def _saved_profile(saved: dict, ckpt: Path) -> dict | None:
+    """The --profile a run started with, as its trainer_state.json keeps it (None without one);
+    UsageError for one that is not a valid profile."""
+    from ..profiles import ProfileError, profile_from_dict
+
+    fields = saved.get("profile")
+    if fields is None:
+        return None
+    where = f"{ckpt / 'trainer_state.json'}: 'profile'"
+    if not isinstance(fields, dict):
+        raise UsageError(f"{where} must be an object")
+    try:
+        return profile_from_dict(fields, where).to_dict()
+    except ProfileError as err:
+        raise UsageError(str(err)) from None
+
+
 def _profile_from_rank0(group, args):
     """A new run's --profile (with the flags that replace its fields) as rank 0 reads it, on
     every rank: a profile file, or one `tune` saved by name, that only rank 0's machine has (as
@@ -986,8 +1016,10 @@ def default_training_kernel() -> str:
 #: --head-loss / --fuse-projections defaults, by where the step runs (see default_step_paths).
 _DEFAULT_NOTE = "on for NVIDIA GPUs (part of the CUDA training step BENCHMARKS.md measures), off elsewhere"
 #: --mlstm-products's default (see default_step_paths).
-_PRODUCTS_NOTE = ("bf16 on NVIDIA GPUs (H200, 1.3b: a 4.7%% faster step; gradients within bf16 round-off of "
-                  "float32, BENCHMARKS.md), float32 elsewhere (the kernels are CUDA's)")
+#: (The step times are the S8R2 log's A and F rows; BENCHMARKS.md, cited before, has no such figure.)
+_PRODUCTS_NOTE = ("bf16 on NVIDIA GPUs (H200, 1.3b, one run of 6 timed steps each: 178.2 against 186.9 ms, a 4.7%% "
+                  "faster step, benchmarks/results/train_h200_s8r2_log.txt.xz; gradients within bf16 round-off of "
+                  "float32), float32 elsewhere (the kernels are CUDA's)")
 #: (head_loss, fuse_projections, mlstm_products) where MLX's CUDA back-end runs, and elsewhere.
 _STEP_PATHS = {True: {"head_loss": "fused", "fuse_projections": True, "mlstm_products": "bf16"},
                False: {"head_loss": "plain", "fuse_projections": False, "mlstm_products": "float32"}}

@@ -252,6 +252,9 @@ def set_blas_threads(threads: int | None) -> None:
     for handle in _blas._HANDLES:
         if hasattr(handle, "openblas_set_num_threads"):
             handle.openblas_set_num_threads(ctypes.c_int(int(threads)))
+    # The GEMV forwarder's row kernel runs OpenBLAS's one-row products with threads of its own (set
+    # to OpenBLAS's at import): left there, a profile's count did not reach decoding's products.
+    _blas.set_gemv_threads(int(threads))
 
 
 #: MLX's switch for float32 matmuls on NVIDIA GPUs: TF32 (10-bit mantissas) unless it is "0". MLX
@@ -273,6 +276,14 @@ def request_float32_matmuls(profile: HyperProfile) -> None:
     applied before the model first runs (the command line does); a no-op elsewhere."""
     if float32_math(profile):
         os.environ.setdefault(TF32_VARIABLE, "0")
+
+
+def apply_process_settings(profile: HyperProfile) -> None:
+    """The parts of ``profile`` that belong to the process rather than the model: OpenBLAS
+    threads and, for float32 math, float32 GEMMs on NVIDIA GPUs (what :func:`apply_profile` sets
+    beside the model; ``train --resume`` sets them again from the run's saved profile)."""
+    request_float32_matmuls(profile)
+    set_blas_threads(profile.blas_threads)
 
 
 def apply_profile(target: Any, profile: HyperProfile | str | os.PathLike) -> Any:
