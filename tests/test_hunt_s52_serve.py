@@ -77,3 +77,13 @@ def test_echo_alone_for_another_model_is_refused_for_what_it_asked(server, tmp_p
     assert status == 400 and "logprobs" not in message and "max_tokens 0 counts" in message, answer
     status, answer = post(server.url, "/v1/completions", {**body, "logprobs": 0})
     assert status == 400 and "echo with logprobs scores" in error_message(status, answer, "echo"), answer
+
+
+def test_a_tiny_temperature_takes_the_likeliest_tokens(server):
+    """temperature 1e-39 (or 1e-320) is all but greedy; divided into float32 logits it overflowed
+    and the reply was drawn at random, a different one per seed."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 12}
+    greedy = post(server.url, "/v1/completions", {**body, "temperature": 0})[1]["choices"][0]["text"]
+    for temperature, seed in ((1e-39, 1), (1e-320, 2), (1e-6, 3)):
+        status, answer = post(server.url, "/v1/completions", {**body, "temperature": temperature, "seed": seed})
+        assert status == 200 and answer["choices"][0]["text"] == greedy, (temperature, answer)

@@ -763,11 +763,20 @@ mlx_server._make_logits_processors = _make_logits_processors
 _mlx_make_sampler = mlx_server._make_sampler
 
 
+#: Temperatures below this sample greedily (vLLM's rule): the logits are divided by the temperature
+#: in float32, and below ~1e-38 that overflowed (every token's scaled logit -inf, or NaN for a token
+#: of probability 1): temperature 1e-39 drew tokens at random where it means "the likeliest".
+GREEDY_TEMPERATURE = 1e-5
+
+
 def _make_sampler(args, tokenizer):
     """mlx-lm's sampler of ``args``; a seeded request's draws from a random key of its own
     (:func:`_seeded_sampler`), so that it may share the batch with other requests and still give
     the same reply for the same seed. mlx-lm seeded MLX's global key instead, which every row of
-    a batch draws from: it served a seeded request alone, the others waiting until it ended."""
+    a batch draws from: it served a seeded request alone, the others waiting until it ended.
+    A temperature under :data:`GREEDY_TEMPERATURE` takes the likeliest token."""
+    if 0 < args.sampling.temperature < GREEDY_TEMPERATURE:
+        args = dataclasses.replace(args, sampling=dataclasses.replace(args.sampling, temperature=0.0))
     sampler = _mlx_make_sampler(args, tokenizer)
     if args.seed is None or sampler is greedy_sampler:  # greedy: no draw to seed
         return sampler
