@@ -1,6 +1,4 @@
-"""Session 52's hunt of top, the watchdog, tune and judge: malformed job records, `xltop | head`,
-a TUI request that cannot be written, two sweeps on one --out, top's progress of a resumed sweep,
---overwrite deleting the base --profile, watchdog limits from the environment and under a byte."""
+"""Session 52's hunt of top, the watchdog and tune."""
 
 import asyncio
 import json
@@ -31,7 +29,7 @@ def own_record(runtime):  # noqa: F811
 @pytest.mark.parametrize("bad", [{"updated": "x"}, {"memory": [1]}, {"tokens_per_s": "fast"}, {"started": 1e400},
                                  {"argv": [1, 2]}, {"pid": -1}])
 def test_top_skips_records_that_are_no_jobs_record(runtime, bad, capsys):  # noqa: F811
-    """Each of these stopped `top --once` / `--json` with a traceback (pid -1: psutil's ValueError)."""
+    """Each stopped `top` with a traceback."""
     runtime.mkdir()
     own_record(runtime)
     other = os.getppid()
@@ -131,7 +129,6 @@ def test_watchdog_limits_from_the_environment_name_what_was_given(env, message):
 
 
 def test_resume_with_a_budget_below_the_trials_run_is_refused(tmp_path):
-    """It ran nothing and said nothing, and run_meta.json kept a budget below its trials."""
     from xlstm_metal.tuning import FunctionObjective, SweepError, SweepSettings, run_sweep
 
     run_sweep(FunctionObjective("sphere", 2), tmp_path, SweepSettings(trials=3, progress=False))
@@ -139,3 +136,28 @@ def test_resume_with_a_budget_below_the_trials_run_is_refused(tmp_path):
     with pytest.raises(SweepError, match="budget 2 is below the 3 trials"):
         run_sweep(FunctionObjective("sphere", 2), tmp_path, SweepSettings(trials=2, progress=False), resume=True)
     assert (tmp_path / "run_meta.json").read_text() == meta
+
+
+def test_a_profile_saved_by_another_run_during_the_sweep_is_kept(tmp_path, monkeypatch, capsys):
+    """Two sweeps of one --profile-name at once: the later replaced the other's winner."""
+    import xlstm_metal.tuning as tuning
+    from xlstm_metal.profiles import load_profile, user_profile_dir
+
+    real = tuning.run_sweep
+
+    def sweep_while_another_saves(*args, **kwargs):
+        result = real(*args, **kwargs)
+        user_profile_dir().mkdir(parents=True, exist_ok=True)
+        (user_profile_dir() / "mine.json").write_text(json.dumps(load_profile("exact-fp32").replace(
+            name="mine", description="the other sweep's").to_dict()))
+        return result
+
+    monkeypatch.setattr(tuning, "run_sweep", sweep_while_another_saves)
+    argv = ["tune", "--objective", "speed", "--shape", CFG, "--trials", "1", "--prefill-length", "16",
+            "--decode-tokens", "2", "--repeats", "1", "--profile-name", "mine", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "written by another run during this sweep" in capsys.readouterr().err
+    assert load_profile("mine").description == "the other sweep's"
+    monkeypatch.setattr(tuning, "run_sweep", real)
+    assert main(["tune", "--out", str(tmp_path / "a"), "--resume", "--profile-name", "ours"]) == 0
+    assert load_profile("ours").chunk_size is not None

@@ -397,6 +397,14 @@ def _saved_by_sweep(profile_path: Path, out: Path) -> bool:
         return False
 
 
+def _file_bytes(path: Path) -> bytes | None:
+    """The bytes of ``path``; None where there is no file (or none that can be read)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..profiles import ProfileError, load_profile, save_profile, shipped_profile_names, user_profile_dir
     from ..tuning import SpeedObjective, SweepError, SweepSettings, TrainObjective, run_sweep
@@ -508,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
         if name in shipped_profile_names():
             raise UsageError(f"--profile-name {name!r} is a shipped profile's name; choose another")
         profile_path, winner_name = user_profile_dir() / f"{name}.json", name
+        found = _file_bytes(profile_path)  # what may be replaced is decided now: see after the sweep
         # Before the sweep: a profile directory that cannot be written failed only after the last trial.
         check_output_path(profile_path, "the winner's profile", directory=False)
         if profile_path.exists() and not args.overwrite and not args.resume:
@@ -587,6 +596,12 @@ def run(args: argparse.Namespace) -> int:
     if args.objective == "speed":
         import json
 
+        if _file_bytes(profile_path) != found:
+            # Another run (a sweep of the same --profile-name, by default tuned-<device>) saved it while this one
+            # ran: it was replaced without a word, though --overwrite was never given for it.
+            raise UsageError(f"profile {profile_path} was written by another run during this sweep and is kept; this "
+                             f"sweep's winner is not saved as a profile: resume it with --resume --profile-name "
+                             f"ANOTHER to save it (its trials are in {out})")
         winner = objective.profile_for(best["params"], name=profile_path.stem)
         winner = winner.replace(description=f"{winner.description}; {objective.metric} {best['value']:.1f} tok/s "
                                             f"in {out}")
