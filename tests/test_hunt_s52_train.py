@@ -5,6 +5,7 @@ import lzma
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cli_helpers import assert_rejected, run_main
 
@@ -104,3 +105,22 @@ def test_plot_refuses_bench_records_it_would_not_draw(record, words, tmp_path, c
     assert_rejected(["plot", bench, "--out", tmp_path / "o.png"], capsys, *words)
     assert not (tmp_path / "o.png").exists()
 
+
+
+def test_a_profiles_random_gate_weights_follow_the_seed(text_data, tmp_path, capsys):
+    # A gate_weight_std > 0 was a traceback (init_gates called mx.random.fold_in, which MLX lacks),
+    # and its key was 0 whatever --seed said.
+    from xlstm_metal.loading import load_model
+
+    profile = tmp_path / "std.json"
+    init = {"igate_bias": -10.0, "fgate_bias": [3.0, 6.0], "gate_weight_std": 0.1}
+    profile.write_text(json.dumps(load_profile("exact-fp32").replace(name="std", init=init).to_dict()))
+    weights = []
+    for seed in (1, 2):
+        out = tmp_path / f"s{seed}"
+        code, err = run_main(["train", text_data, "--out", out, "--steps", "1", "--lr", "1e-12", "--seed", seed,
+                              "--profile", profile, *TRAIN], capsys)
+        assert code == 0, err
+        gate = load_model(out / "checkpoint-0000001").blocks[0].mlstm_layer.igate_preact.weight
+        weights.append(np.array(gate))
+    assert 0.05 < weights[0].std() < 0.2 and np.abs(weights[0] - weights[1]).max() > 0.01

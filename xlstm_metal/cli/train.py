@@ -696,8 +696,12 @@ def _run(args) -> int:
             model = _build_model(config if config is not None else _config_dict("tiny"), args.kernel, cfg.seed, vocab)
         else:
             _set_training_kernel(model, args.kernel)
-        if profile is not None:  # numerics of the profile; its gate init for a new model
-            apply_training_profile(model, profile, args.kernel, from_scratch and not args.arch)
+        if profile is not None:  # numerics of the profile; its gate init for a new model, from --seed
+            from ..profiles import init_gates
+
+            apply_training_profile(model, profile, args.kernel, False)
+            if from_scratch and not args.arch:
+                init_gates(model, profile.init, seed=cfg.seed)
         elif saved_profile is not None:  # --resume: its process settings, where the first run set them
             from ..profiles import apply_process_settings, profile_from_dict
 

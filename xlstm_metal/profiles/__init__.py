@@ -400,13 +400,15 @@ def _apply_xlstm_2024(model, profile: HyperProfile) -> None:
             layer.chunk_size = profile.chunk_size
 
 
-def init_gates(model, init: dict[str, Any]) -> None:
+def init_gates(model, init: dict[str, Any], seed: int = 0) -> None:
     """Set an xLSTM-Large's gate initialisation from a profile's ``init``: input-gate biases,
     forget-gate biases spread linearly over [low, high] across heads, gate weights
-    N(0, gate_weight_std) (zero when 0)."""
+    N(0, gate_weight_std) (zero when 0) drawn from ``seed`` (train's --seed: every seed drew
+    the same gate weights)."""
     import mlx.core as mx
 
-    key = mx.random.key(0)
+    # (mx.random has no fold_in: a std > 0 was an AttributeError traceback)
+    keys = mx.random.split(mx.random.key(seed), 2 * len(model.blocks))
     for index, block in enumerate(model.blocks):
         layer = block.mlstm_layer
         nh = layer.igate_preact.bias.shape[0]
@@ -416,7 +418,7 @@ def init_gates(model, init: dict[str, Any]) -> None:
         std = float(init["gate_weight_std"])
         for j, gate in enumerate((layer.igate_preact, layer.fgate_preact)):
             w = gate.weight
-            gate.weight = (mx.random.normal(w.shape, key=mx.random.fold_in(key, 2 * index + j)) * std if std > 0
+            gate.weight = (mx.random.normal(w.shape, key=keys[2 * index + j]) * std if std > 0
                            else mx.zeros(w.shape)).astype(w.dtype)
     mx.eval(model.parameters())
 
