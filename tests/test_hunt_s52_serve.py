@@ -87,3 +87,15 @@ def test_a_tiny_temperature_takes_the_likeliest_tokens(server):
     for temperature, seed in ((1e-39, 1), (1e-320, 2), (1e-6, 3)):
         status, answer = post(server.url, "/v1/completions", {**body, "temperature": temperature, "seed": seed})
         assert status == 200 and answer["choices"][0]["text"] == greedy, (temperature, answer)
+
+
+@pytest.mark.parametrize("field, value", [("user", 5), ("safety_identifier", ["x"]), ("prompt_cache_key", 3),
+                                          ("metadata", "x"), ("metadata", {"a": 1})])
+def test_fields_that_change_no_reply_take_openais_types(server, field, value):
+    """user: 5 or metadata: "x" passed (OpenAI answers a 400); right types still pass."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, answer = post(server.url, "/v1/chat/completions", {**chat, field: value})
+    assert status == 400 and "must be" in error_message(status, answer, field), answer
+    good = {"a": "b"} if field == "metadata" else "abc"
+    status, answer = post(server.url, "/v1/chat/completions", {**chat, field: good})
+    assert status == 200, answer

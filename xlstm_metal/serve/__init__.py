@@ -99,6 +99,9 @@ CHAT_FIELDS = REQUEST_FIELDS | {
     "prompt_cache_options",
 }
 COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+#: Fields that change no reply, of OpenAI's types: strings, and objects (``metadata``'s values strings).
+STRING_FIELDS = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention")
+OBJECT_FIELDS = ("metadata", "prompt_cache_options")
 #: Fields this server cannot honour: their neutral values (null or a default that asks for
 #: nothing), and why any other is refused.
 UNSUPPORTED_FIELDS = {
@@ -2009,6 +2012,17 @@ class APIHandler(mlx_server.APIHandler):
             if body.get(name) not in neutral:
                 raise ValueError(f"{name}={json.dumps(body[name])[:80]} is not supported: {reason}")
         stream_options_usage(body.get("stream_options"), bool(self.stream))
+        # Fields that change no reply still take OpenAI's types: any value passed ("user": 5,
+        # "metadata": "x"), where OpenAI answers a 400.
+        for name in STRING_FIELDS:
+            if name in body and not isinstance(body[name], str):
+                raise ValueError(f"{name} must be a string, got {json.dumps(body[name])[:80]}")
+        for name in OBJECT_FIELDS:
+            value = body.get(name)
+            if name in body and not (isinstance(value, dict) and (
+                    name != "metadata" or all(isinstance(v, str) for v in value.values()))):
+                kind = "an object of strings" if name == "metadata" else "an object"
+                raise ValueError(f"{name} must be {kind}, got {json.dumps(value)[:80]}")
         if body.get("tool_choice") == "none":
             body["tools"] = None  # mlx-lm renders body["tools"] into the prompt
         tokenizer = self.response_generator.model_provider.tokenizer
