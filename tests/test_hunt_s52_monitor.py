@@ -21,7 +21,7 @@ CFG = str(ROOT / "xlstm_metal" / "assets" / "default_model" / "config.json")
 
 def own_record(runtime):  # noqa: F811
     """A real record of this process (as a job writes it)."""
-    job = JobStatus("convert", "x", watchdog=None, directory=runtime)
+    job = JobStatus("convert", "r/[x]", watchdog=None, directory=runtime, argv=["-p", "[INST] a [/INST]"])
     job.publish()
     return job
 
@@ -60,7 +60,7 @@ def test_tui_clear_cache_that_cannot_be_sent_is_a_notice_not_a_crash(runtime):  
     async def drive():
         app = TopApp(interval=5, directory=runtime)
         async with app.run_test(size=(200, 30)) as pilot:
-            assert app.selected_pid() == os.getpid()
+            assert app.selected_pid() == os.getpid() and "r/[x]" in str(app.query_one("DataTable").render_line(1))
             await pilot.press("c")
             await pilot.pause(0.1)
             assert any("cannot ask" in str(n.message) for n in app._notifications)

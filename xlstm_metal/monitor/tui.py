@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -43,7 +45,7 @@ class ConfirmKill(ModalScreen[bool]):
         self.text = text
 
     def compose(self) -> ComposeResult:
-        yield Static(self.text, id="confirm")
+        yield Static(Text(self.text), id="confirm")
 
     def action_answer(self, value: bool) -> None:
         self.dismiss(value)
@@ -113,11 +115,12 @@ class TopApp(App):
         keep = self.selected_pid()
         self.snapshot = self.monitor.poll(self.interval)
         jobs = sort_jobs(self.snapshot["jobs"], self.sort_key, self.reverse)
-        self.query_one("#machine", Static).update(machine_text(self.snapshot["machine"]))
+        self.query_one("#machine", Static).update(Text(machine_text(self.snapshot["machine"])))
         table = self.query_one("#jobs", DataTable)
         table.clear()
         for job in jobs:
-            table.add_row(*job_cells(job, self.monitor.history.get(job["pid"])), key=str(job["pid"]))
+            # Escaped: a str cell is read as Rich markup ("runs/[exp1]/ckpt" showed "runs//ckpt").
+            table.add_row(*map(escape, job_cells(job, self.monitor.history.get(job["pid"]))), key=str(job["pid"]))
         pids = [j["pid"] for j in jobs]
         if keep in pids:
             table.move_cursor(row=pids.index(keep))
@@ -158,7 +161,7 @@ class TopApp(App):
             lines.append(f"last command: {last.get('command')} "
                          + (f"(cache {size(last.get('cache_before'))} -> {size(last.get('cache_after'))})" if last.get("ok") else
                             str(last.get("error", ""))))
-        detail.update("\n".join(lines))
+        detail.update(Text("\n".join(lines)))  # plain: a prompt "[INST] hi [/INST]" in argv showed " hi "
 
     def on_data_table_row_highlighted(self, _event) -> None:
         self.update_detail()
