@@ -115,6 +115,7 @@ def test_cli_json_records(tiny_config_file, capsys):
         assert r["peak_mem_gb"] >= weights_gib * 0.9
         assert r["dtype"] == "float32" and r["params"] == 119880
         assert r["kernel"] == "chunkwise_fused" and r["chunk_size"] == 16
+        assert r["step_kernel"] == "native"  # the config default (TINY names none)
         assert r["tok_s"] == pytest.approx(r["batch"] * r["length"] / r["seconds"])
     assert lines[0]["chunk"] == 32 and all(r["ttft_s"] == r["seconds"] for r in lines[:2])
     assert all(r["ms_per_step"] == pytest.approx(1000 * r["seconds"] / 5) for r in lines[2:])

@@ -402,7 +402,8 @@ def run_suite(
         "weights_gb": sum(p.nbytes for _, p in tree_flatten(model.parameters())) / 1e9,
         "embedding_dim": config.embedding_dim,
         "num_blocks": config.num_blocks,
-        "kernel": config.chunkwise_kernel,
+        "kernel": config.chunkwise_kernel,  # the prefill kernel (records predate the others)
+        "step_kernel": config.step_kernel,  # what decode records ran
         "chunk_size": config.chunk_size,
     }
     for length in prefill_lengths:
