@@ -49,3 +49,17 @@ def test_mlx_lm_convert_of_a_foreign_source_opens_in_plain_mlx_lm_load(source, h
     ids = mx.array([[1, 2, 3, 4, 5]])
     ours, _ = load(out, dtype="float32")
     assert np.allclose(np.array(model(ids)), np.array(ours(ids)[0]), atol=1e-4)
+
+
+def test_convert_q_names_the_layers_its_group_size_leaves_in_float(tmp_path, capsys):
+    """A 2024 model 32 wide at the default group 64: -q kept its embedding, LM head and up
+    projections in float (26.6 bits per weight) without a word. It now names them; the i/f
+    gates the recipe keeps in float are not named, and group 32 quantizes them all."""
+    src = tmp_path / "src"
+    _native_2024(src)
+    assert main(["convert", str(src), str(tmp_path / "q64"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 5 layers stay in float (input width not a multiple of the group size" in err
+    assert "lm_head, token_embedding" in err and "igate" not in err
+    assert main(["convert", str(src), str(tmp_path / "q32"), "-q", "--q-group-size", "32"]) == 0
+    assert "stay in float" not in capsys.readouterr().err

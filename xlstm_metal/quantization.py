@@ -182,6 +182,16 @@ class Recipe:
             return False
         return params
 
+    def kept_by_width(self, path: str, module: nn.Module) -> bool:
+        """True where :meth:`params_for` keeps a quantizable layer in float only because its
+        input width is not a multiple of its group size (not by the recipe's say)."""
+        if not hasattr(module, "to_quantized") or isinstance(module, _QUANTIZED_TYPES):
+            return False
+        override = self._override(path)
+        if override is False or (override is None and self.float_gates and FLOAT_GATES.search(path)):
+            return False
+        return self.params_for(path, module) is False
+
     def unmatched(self, paths: Iterable[str]) -> list[str]:
         """Override keys that name no quantizable layer among ``paths`` (typos)."""
         paths = list(paths)
