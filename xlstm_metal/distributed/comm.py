@@ -54,8 +54,9 @@ def world() -> mx.distributed.Group:
                 _WORLD = mx.distributed.init()
             finally:
                 os.environ["MLX_HOSTFILE"] = saved
-        elif checked is not None and checked[1] != checked[0]:
-            _WORLD = _init_with_addresses(checked[1])
+        elif checked is not None:
+            with _join_deadline(len(checked[1])):
+                _WORLD = _init_with_addresses(checked[1]) if checked[1] != checked[0] else mx.distributed.init()
         else:
             _WORLD = mx.distributed.init()
         if checked is not None and _WORLD.size() > 1:
@@ -149,6 +150,54 @@ def _watch_ring(group: mx.distributed.Group, hosts: list[list[str]]) -> None:
             os._exit(1)
 
     threading.Thread(target=watch, name="xlstm-ring-watch", daemon=True).start()
+
+
+#: Seconds the processes of a ring have to join it (``XLSTM_RING_JOIN_TIMEOUT`` overrides).
+RING_JOIN_TIMEOUT_S = 120.0
+#: The watcher of :func:`_join_deadline`, a process of its own (MLX's ring ``init`` holds the GIL
+#: while it waits: no thread of this process runs): args PID, seconds, message; ends when its
+#: stdin does (the ring joined, or this process is gone) or kills PID once the time is up.
+_JOIN_WATCHER = """
+import os, select, signal, sys
+pid, limit, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([sys.stdin], [], [], limit)[0]:
+    print(message, file=sys.stderr, flush=True)
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def _join_deadline(size: int):
+    """End this process (one line; killed, exit status -9) when the ring's ``init`` has not
+    returned within ``XLSTM_RING_JOIN_TIMEOUT`` seconds: MLX waited forever for a process that
+    never joins (one that failed before joining, e.g. on an input only it was given, or a host
+    file listing more processes than were started), and holds the GIL meanwhile, so a watcher
+    thread could not run. SettingError for a value that is not a positive number."""
+    import subprocess
+
+    from ..errors import SettingError
+
+    text = os.environ.get("XLSTM_RING_JOIN_TIMEOUT", "").strip()
+    try:
+        limit = float(text) if text else RING_JOIN_TIMEOUT_S
+    except ValueError:
+        limit = float("nan")
+    if not 0 < limit < float("inf"):
+        raise SettingError(f"XLSTM_RING_JOIN_TIMEOUT must be a positive number of seconds, got {text!r}")
+    message = (f"xlstm-metal: error: rank {os.environ.get('MLX_RANK')} of {size}: not every process joined the ring "
+               f"within {limit:g} s (MLX_HOSTFILE={os.environ.get('MLX_HOSTFILE')} lists {size}): start one process "
+               "per entry (mlx.launch does), or set XLSTM_RING_JOIN_TIMEOUT to wait longer; stopping this process")
+    try:
+        watcher = subprocess.Popen([sys.executable, "-S", "-c", _JOIN_WATCHER, str(os.getpid()), str(limit), message],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    except OSError:  # no watcher: MLX waits as before
+        watcher = None
+    try:
+        yield
+    finally:
+        if watcher is not None:
+            watcher.stdin.close()
+            watcher.wait()
 
 
 def _init_with_addresses(hosts: list[list[str]]) -> mx.distributed.Group:
@@ -491,3 +540,78 @@ def share_path(path: str | os.PathLike | None, group: mx.distributed.Group, scra
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
     return local if group.rank() == 0 else target
+
+
+# ------------------------------------------------------------------------------ models
+#: Parameters at most this large are compared by value between the ranks (check_same_model).
+_SMALL_ARRAY = 16 << 10
+_LATER_BLOCK = re.compile(r"(^|\.)blocks\.[1-9][0-9]*\.")
+
+
+def _model_description(model, mode: str) -> dict[str, Any]:
+    """What every rank splitting ``model`` must agree on: the split, the model's class, its
+    configuration, its parameters' names, shapes and dtypes (read without loading weights) and
+    the values of the small arrays of its first block and outside its blocks (norms, gate
+    biases: a few KB each, read alone from a lazily loaded checkpoint), hashed: two checkpoints of one shape (two runs, two steps of one run)
+    differ there."""
+    import dataclasses
+
+    from mlx.utils import tree_flatten
+
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    config = json.loads(json.dumps(config, sort_keys=True, default=lambda o: getattr(o, "__dict__", str(o))))
+    flat = tree_flatten(model.parameters())
+    arrays = {name: f"{tuple(a.shape)} {a.dtype}".replace("mlx.core.", "") for name, a in flat}
+    # Those of the first block and outside the blocks: a pipeline rank reads no other block's.
+    small = [(name, a) for name, a in flat if a.nbytes <= _SMALL_ARRAY and not _LATER_BLOCK.search(name)]
+    mx.eval([a for _, a in small])
+    weights = {name: hashlib.sha1(np.asarray(a.reshape(-1).view(mx.uint8))).hexdigest()[:16] for name, a in small}
+    return {"split": mode, "class": type(model).__name__, "config": config, "parameters": arrays, "weights": weights}
+
+
+def _first_difference(ours: dict[str, Any], first: dict[str, Any]) -> str:
+    """What differs between this rank's :func:`_model_description` and rank 0's, in words."""
+    for key in ("split", "class"):
+        if ours[key] != first[key]:
+            return f": this rank's {key} is {ours[key]!r}, rank 0's {first[key]!r}"
+    for part in ("config", "parameters", "weights"):
+        mine, theirs = ours[part], first[part]
+        if not isinstance(mine, dict) or not isinstance(theirs, dict):
+            if mine != theirs:
+                return f": this rank's {part} differs from rank 0's"
+            continue
+        key = next((k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)), None)
+        if key is None:
+            continue
+        if part == "weights":
+            return f": the values of {key} differ from rank 0's"
+        what = "setting" if part == "config" else "parameter"
+        return f": {what} {key} is {mine.get(key, 'absent')!s:.80} here, {theirs.get(key, 'absent')!s:.80} on rank 0"
+    return ""
+
+
+def check_same_model(model, mode: str, group: mx.distributed.Group) -> None:
+    """ValueError on every rank unless every rank is about to split the same model the same
+    way (``mode``: "tensor" or "pipeline"): the message names the ranks that differ from rank 0
+    and, on those ranks, the first setting, parameter or weight that differs. Ranks that loaded
+    different checkpoints (or one with another ``--dtype`` or ``--parallel``) split their own
+    models and paired collectives of other models: rank 0 printed the garbage of mixed models
+    with exit code 0, or the ranks waited for each other forever."""
+    if group.size() == 1:
+        return
+    ours = _model_description(model, mode)
+    first = broadcast_json(ours, group)
+    differs = int(ours != first)
+    flags = np.asarray(mx.distributed.all_gather(mx.array([differs], dtype=mx.int32), group=group)).reshape(-1)
+    ranks = [r for r in range(flags.size) if flags[r]]
+    if not ranks:
+        return
+    where = _first_difference(ours, first) if differs else ""
+    names = ", ".join(map(str, ranks))
+    raise ValueError(f"rank {group.rank()} of {group.size()}: the processes would split different models ({mode} "
+                     f"parallel): rank{'s' if len(ranks) > 1 else ''} {names} loaded another model than rank 0{where}; "
+                     "every process must load the same checkpoint with the same --dtype and --parallel")

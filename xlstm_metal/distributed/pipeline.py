@@ -26,7 +26,7 @@ import types
 import mlx.core as mx
 import mlx.nn as nn
 
-from .comm import world
+from .comm import check_same_model, world
 
 
 def stage_bounds(num_blocks: int, size: int) -> list[tuple[int, int]]:
@@ -100,6 +100,7 @@ def pipeline_model(model, group: mx.distributed.Group | None = None):
     N, r = group.size(), group.rank()
     if N == 1:
         return model
+    check_same_model(model, "pipeline", group)  # before anything rank-local can fail
     if getattr(model, "parallel", None):
         raise ValueError(f"the model is already split across processes ({model.parallel['mode']})")
     owner = next((model[name] for name in ("backbone", "xlstm_block_stack")

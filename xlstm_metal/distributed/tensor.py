@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from ..cells.embedding import take_rows
-from .comm import world
+from .comm import check_same_model, world
 
 #: Layers split by output (by head) in each mLSTM layer, and in the FFN.
 PROJECTIONS = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
@@ -156,6 +156,7 @@ def shard_model(model, group: mx.distributed.Group | None = None):
     N = group.size()
     if N == 1:
         return model
+    check_same_model(model, "tensor", group)  # before anything rank-local can fail
     _check_shardable(model, N)
     cfg = model.config
     model.unfuse_projections()  # shard the separate weights; fuse_projections() later fuses the shards
