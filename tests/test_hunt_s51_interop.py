@@ -144,6 +144,9 @@ def test_quantized_head_trained_apart_of_a_tied_config_loads_here_and_in_mlx_lm(
     from transformers import xLSTMConfig as HFxLSTMConfig
     from transformers import xLSTMForCausalLM
 
+    from xlstm_metal.cli.mlxlm import register_model_type
+
+    register_model_type()  # as our mlx-lm commands do (an HF source carries no model file); alone, nothing had
     tokenizer = train_tiny_tokenizer()
     vocab = tokenizer.get_vocab_size()
     config = HFxLSTMConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_heads=2, chunk_size=16,
