@@ -61,6 +61,14 @@ from .judge import batched_token_logprobs
 AUTO_BATCH_SIZE = 8
 
 
+def _whole_number(value: object) -> int | None:
+    """An int, NumPy integer or decimal string (``"12"``, ``"-1"``) as an int; None for anything else
+    (a bool, a float, ``"4.5"``, None)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return int(value) if is_integer(value) else None
+
+
 def _positive_int(value: object, name: str, or_auto: str = "") -> int:
     number = int(value.strip()) if isinstance(value, str) and value.strip().isdecimal() else value
     if not is_integer(number) or number < 1:
@@ -108,9 +116,12 @@ class XLSTMMetalLM(LM):
         if unknown:
             raise ValueError(f"unknown model_args {unknown}: xlstm-metal takes pretrained, dtype, profile, max_length")
         if max_length is not None:
-            max_length = int(max_length)  # model_args arrive as text or numbers
-            if max_length < 2:
-                raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+            # model_args arrive as text or numbers: "4.5" failed in int() naming neither the argument
+            # nor the fix, True ran as 1 and 4.5 as 4
+            number = _whole_number(max_length)
+            if number is None or number < 2:
+                raise ValueError(f"max_length must be an integer of at least 2 tokens, got {max_length!r}")
+            max_length = number
         from .loading import load
 
         packaged = pretrained is None
@@ -182,21 +193,41 @@ class XLSTMMetalLM(LM):
     def _generation(self, req) -> _Generation:
         """One generate_until request's settings; ValueError / TypeError naming one it cannot
         honour."""
-        context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+        context, gen_kwargs = req.args[0], req.args[1] if len(req.args) > 1 else {}
+        if not isinstance(context, str):
+            raise TypeError(f"a generate_until context must be a string, got {type(context).__name__}")
+        if not isinstance(gen_kwargs, dict):  # None failed as "'NoneType' object is not iterable"
+            raise TypeError(f"generate_until's generation settings must be a dict, got {type(gen_kwargs).__name__}")
+        gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None)
         if isinstance(until, str):
             until = [until]
-        max_tokens = int(gen_kwargs.pop("max_gen_toks", 256))
-        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
-        if not gen_kwargs.pop("do_sample", temperature > 0):
-            temperature = 0.0
+        if until is not None and (not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until)):
+            # an int failed as "'in <string>' requires string as left operand" after generating
+            raise TypeError(f"until must be a string or a list of strings, got {until!r}")
+        asked = gen_kwargs.pop("max_gen_toks", 256)
+        max_tokens = _whole_number(asked)
+        if max_tokens is None or max_tokens < 0:  # int() read 2.7 as 2 and failed on None naming nothing
+            raise ValueError(f"max_gen_toks must be an integer >= 0, got {asked!r}")
+        temperature = gen_kwargs.pop("temperature", 0.0)
+        temperature = 0.0 if temperature is None else temperature  # SamplingParams checks it is a number
+        do_sample = gen_kwargs.pop("do_sample", None)
+        if do_sample is not None and not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be true or false, got {do_sample!r}")
         sampling = {name: gen_kwargs.pop(name) for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed")
                     if name in gen_kwargs}
         if gen_kwargs:  # they were dropped without a word
             raise ValueError(f"generation settings {sorted(gen_kwargs)} are not supported (xlstm-metal takes until, "
                              "max_gen_toks, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)")
         seed = sampling.pop("seed", 0)
-        params = SamplingParams(temperature, **sampling)  # checks each setting
+        params = SamplingParams(temperature, **sampling)  # checks each setting (float() read "0.5" as 0.5)
+        if do_sample and params.greedy:
+            # sampling asked for at temperature 0 (or none given) ran greedy without a word;
+            # transformers refuses it too
+            raise ValueError(f"do_sample is true but temperature is {temperature!r}: give a temperature > 0 "
+                             "(or do_sample false for greedy answers)")
+        if do_sample is False:
+            params = SamplingParams(0.0, **sampling)
         if params.greedy:  # top_k, top_p and min_p pick nothing then: greedy requests batch together
             params = SamplingParams(repetition_penalty=params.repetition_penalty)
             seed = 0  # unused (greedy rows draw nothing)

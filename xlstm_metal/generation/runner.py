@@ -233,9 +233,9 @@ class xLSTMRunner:
         if prefill_chunk_size is None:
             prefill_chunk_size = min(getattr(self.config, "max_inference_chunksize", DEFAULT_PREFILL_CHUNK),
                                      DEFAULT_PREFILL_CHUNK)
-        if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0:
+        if not is_integer(prefill_chunk_size) or prefill_chunk_size <= 0:
             raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
-        self.prefill_chunk_size = prefill_chunk_size
+        self.prefill_chunk_size = int(prefill_chunk_size)
         self.compile = compile
         # Models that can return only the last position's logits ([B, 1, V]) skip the
         # lm_head over the rest of each prefill piece (a quarter of the FLOPs of a 162M model).
@@ -440,8 +440,10 @@ class xLSTMRunner:
         BOS) and the session advances as tokens are yielded, so stopping early (even with
         Ctrl-C) leaves it consistent.
         """
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        # a NumPy integer too, as generate takes one (np.int64(3) was refused here alone)
+        if isinstance(max_tokens, bool) or not is_integer(max_tokens) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        max_tokens = int(max_tokens)
         params = self._params(temperature, top_k, top_p, min_p, repetition_penalty)
         stop_ids, stop_strings = _split_stop(stop, getattr(self.config, "vocab_size", None))
         if stop_strings and self.tokenizer is None:

@@ -136,6 +136,14 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
         dtype = rows_dtype(self.token_embedding, self)
         return [block.zero_state(int(batch_size), dtype) for block in self.blocks]
 
+    def _state_shapes(self, index: int) -> tuple | None:
+        """The shapes of block ``index``'s state arrays after the batch axis (None: a block this
+        process does not hold). Read from a lazy zero state: nothing is computed."""
+        block = self.blocks[index]
+        if not isinstance(block, (mLSTMBlock2024, sLSTMBlock)):
+            return None
+        return tuple(tuple(a.shape[1:]) for a in block.zero_state(1))
+
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False
     ) -> tuple[mx.array, ModelState]:
@@ -145,7 +153,11 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
         # deep inside (in the gather, a reshape, a concatenate) with messages naming neither.
         check_input_ids(input_ids)
         if isinstance(state, (list, tuple)):  # a block's entry may be None (its zero state)
-            check_state([() if s is None else s for s in state], input_ids.shape[0], len(self.blocks))
+            # each entry's shapes as this model's blocks make them: another model's state failed in
+            # an MLX broadcast or concatenate deep inside a block
+            shapes = [None if s is None or index >= len(self.blocks) else self._state_shapes(index)
+                      for index, s in enumerate(state)]
+            check_state([() if s is None else s for s in state], input_ids.shape[0], len(self.blocks), shapes)
         elif state is not None:
             check_state(state, input_ids.shape[0], len(self.blocks))
         x = embed_tokens(self.token_embedding, input_ids, self)

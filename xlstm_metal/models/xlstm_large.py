@@ -112,17 +112,24 @@ def check_input_ids(input_ids) -> None:
     deep inside the embedding gather with messages naming neither the argument nor the fix."""
     if not isinstance(input_ids, mx.array):
         raise TypeError(f"input_ids must be an mx.array of integer token ids [B, S], got {type(input_ids).__name__}")
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.ndim != 2 or 0 in input_ids.shape:  # B = 0 failed in a reshape ("Cannot infer the shape")
+        raise ValueError(f"input_ids must have shape [B, S] with B >= 1 and S >= 1, got {tuple(input_ids.shape)}")
     if not mx.issubdtype(input_ids.dtype, mx.integer):  # bool is not an integer dtype here
         raise TypeError(f"input_ids must have an integer dtype, got {input_ids.dtype}")
 
 
-def check_state(state, batch_size: int, num_blocks: int) -> None:
+def check_state(state, batch_size: int, num_blocks: int, shapes: list | None = None) -> None:
     """Refuses a ``state`` that is not None or a list with one tuple of arrays per block, each
     array's first axis ``batch_size`` (shapes only, no host sync). A state made for another
     batch size otherwise broadcast silently (batch 1 against a batch-2 state gave a batch-2
-    state), and a wrong block count failed with an IndexError deep in the forward."""
+    state), and a wrong block count failed with an IndexError deep in the forward.
+
+    ``shapes``: per block, the shapes of its entry's arrays after the batch axis (None: that
+    block's entry is not checked further, e.g. one held by another process). An entry of other
+    shapes or another number of arrays (a state made by a model of other heads or head sizes)
+    failed in an MLX broadcast or an unpacking deep inside the block. An entry of six arrays
+    where (C, n, m) is expected is a deferred decode state (:meth:`xLSTMLarge.defer_state`): its
+    first three are checked."""
     if state is None:
         return
     if not isinstance(state, (list, tuple)):
@@ -137,6 +144,15 @@ def check_state(state, batch_size: int, num_blocks: int) -> None:
             if a.ndim == 0 or a.shape[0] != batch_size:
                 raise ValueError(f"state[{index}] holds an array of shape {tuple(a.shape)}, not for "
                                  f"input_ids' batch of {batch_size} (make_state(batch_size={batch_size}))")
+        want = None if shapes is None else shapes[index]
+        if want is None:
+            continue
+        deferred = len(want) == 3 and len(layer) == 6
+        got = [tuple(a.shape[1:]) for a in layer[: len(want)]]
+        if (len(layer) != len(want) and not deferred) or got != [tuple(w) for w in want]:
+            raise ValueError(f"state[{index}] holds arrays of shapes {[tuple(a.shape) for a in layer]}, this model's "
+                             f"block {index} takes {[(batch_size, *w) for w in want]}: a state of another model? "
+                             "(make_state)")
 
 
 def to_residual(x: mx.array, residual_dtype: mx.Dtype | None) -> mx.array:
@@ -170,6 +186,19 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
     @property
     def blocks(self) -> list[mLSTMBlock]:
         return self.backbone.blocks
+
+    def state_shapes(self) -> list[tuple | None]:
+        """Per block, the shapes of its state's (C, n, m) after the batch axis (None for a block
+        another process holds), as :func:`check_state` compares them."""
+        dqk, dv = self.config.qk_head_dim, self.config.v_head_dim
+        shapes = []
+        for block in self.backbone.blocks:
+            if not isinstance(block, mLSTMBlock):
+                shapes.append(None)
+                continue
+            nh = block.mlstm_layer.projection_cell.num_heads  # this process's heads under a tensor split
+            shapes.append(((nh, dqk, dv), (nh, dqk), (nh, 1)))
+        return shapes
 
     def _mlstm_blocks(self) -> list[mLSTMBlock]:
         """The mLSTM blocks this process holds: a pipeline-parallel split
@@ -336,7 +365,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         per piece instead (:mod:`xlstm_metal.kernels.cpu.prefill`; equal to round-off).
         """
         check_input_ids(input_ids)
-        check_state(state, input_ids.shape[0], len(self.backbone.blocks))
+        check_state(state, input_ids.shape[0], len(self.backbone.blocks), self.state_shapes())
         check_chunk_size(chunk_size)
         chunk_size = chunk_size or self.config.max_inference_chunksize
         if mx.default_device() == mx.cpu:
@@ -415,7 +444,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
     def hidden(self, input_ids: mx.array, state: ModelState | None = None) -> tuple[mx.array, ModelState]:
         """input_ids [B, S] -> (the normed hidden states [B, S, E] the LM head reads, new state)."""
         check_input_ids(input_ids)
-        check_state(state, input_ids.shape[0], len(self.backbone.blocks))
+        check_state(state, input_ids.shape[0], len(self.backbone.blocks), self.state_shapes())
         return self.backbone(input_ids, state, self.residual_dtype)
 
     def __call__(
