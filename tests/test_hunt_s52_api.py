@@ -99,3 +99,27 @@ def test_max_length_must_be_a_whole_number(checkpoint, max_length):  # noqa: F81
         warnings.simplefilter("ignore")
         adapter(checkpoint, max_length=max_length)
     assert adapter(checkpoint, max_length="12").max_length == 12
+
+
+def test_without_bos_every_token_is_scored_after_lm_evals_prefix(checkpoint, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from lm_eval.api.instance import Instance
+
+    from xlstm_metal.judge import token_logprobs
+
+    path = tmp_path / "no_bos"
+    shutil.copytree(checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "force_bos_token_insert": False}))
+    lm = adapter(str(path))
+    text = "the quick brown fox"
+    ids = lm.tok.encode(text)
+    assert ids[0] != 0 and len(ids) > 2  # no BOS inserted: the prefix is the BOS id, 0
+    expected = float(np.sum(token_logprobs(lm.model, [0], ids)))  # every token, the first included
+    (score, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("", text), 0)])
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert score == pytest.approx(expected, abs=1e-4) and rolling == pytest.approx(expected, abs=1e-4)
+    assert lm.loglikelihood([Instance("loglikelihood", {}, ("the", " quick"), 0)])[0][0] == pytest.approx(
+        float(np.sum(token_logprobs(lm.model, lm.tok.encode("the"), lm.tok.encode(" quick")))), abs=1e-5)

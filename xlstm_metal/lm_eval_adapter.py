@@ -19,7 +19,9 @@ model), ``dtype`` (float32 default), ``profile`` (a HyperProfile name or file),
 ``max_length`` (a context window, as lm-eval's transformers models have one: a context is cut
 from the left to fit it, and rolling log-likelihoods score windows of it, each from a fresh state;
 default none: the recurrent state carries across the whole text). Log-likelihoods are exact sums
-of the model's token log-probabilities (context with BOS, continuation without); generation is
+of the model's token log-probabilities (context with BOS, continuation without; where the
+tokenizer inserts no BOS, an empty context and a rolling text start from lm-eval's prefix token,
+the BOS id else the EOS id, so every continuation or text token is scored); generation is
 greedy unless ``temperature`` > 0 is asked for, and takes ``top_k``, ``top_p``, ``min_p``,
 ``repetition_penalty`` and ``seed`` as well.
 
@@ -148,15 +150,23 @@ class XLSTMMetalLM(LM):
     # ------------------------------------------------------------------ scoring
     def _rows(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """The (context, continuation) token ids one loglikelihood request scores."""
-        # Without a BOS token and a context the first continuation token has no prediction and
-        # is only context (token_logprobs).
-        ctx = self.tok.encode(context, add_special_tokens=True)
+        # Without a BOS token and a context the first continuation token had no prediction and was
+        # only context (token_logprobs): unscored. lm-eval's models start such a request from their
+        # prefix token.
+        ctx = self.tok.encode(context, add_special_tokens=True) or self._prefix()
         cont = self.tok.encode(continuation, add_special_tokens=False)
         if cont and self.max_length is not None:  # the window holds max_length predictions after one context token
             if len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
             ctx = ctx[max(0, len(ctx) + len(cont) - self.max_length - 1):]
         return ctx, cont
+
+    def _prefix(self) -> list[int]:
+        """lm-eval's prefix token (its models' ``prefix_token_id``: the BOS id, else the first EOS
+        id), as a list; empty where the tokenizer has neither."""
+        if self.tok.bos_token_id is not None:
+            return [self.tok.bos_token_id]
+        return self.tok.eos_token_ids[:1]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         rows = [self._rows(*req.args[:2]) for req in requests]
@@ -175,7 +185,11 @@ class XLSTMMetalLM(LM):
         for index, req in enumerate(requests):
             (text,) = req.args[:1]
             ids = self.tok.encode(text, add_special_tokens=True)
-            if len(ids) < 2:  # BOS, or the first token without one, is only context
+            if ids == self.tok.encode(text, add_special_tokens=False):
+                # no BOS inserted: the first token was only context (unscored); lm-eval's models
+                # score every token after their prefix token
+                ids = self._prefix() + ids
+            if len(ids) < 2:  # the prefix (BOS), or the first token without one, is only context
                 continue
             if self.max_length is None:  # the whole text; the state carries
                 windows = [(ids[:1], ids[1:])]
