@@ -17,6 +17,7 @@ same interface).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -58,9 +59,16 @@ def _activation(name: str) -> Callable[[mx.array], mx.array]:
     return ACTIVATIONS[name]
 
 
+#: The largest size a cell takes: MLX's array dimensions are 32-bit (3,000,000,000 failed inside MLX
+#: with an OverflowError traceback).
+MAX_SIZE = 2**31 - 1
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise CellError(f"parameter '{name}' must be a positive integer, got {value!r}")
+    if value > MAX_SIZE:
+        raise CellError(f"parameter '{name}' is {value:,}: a size is at most {MAX_SIZE:,}")
     return value
 
 
@@ -68,6 +76,13 @@ def _positive_real(name: str, value: Any) -> float:
     # a cap or eps <= 0 gave NaN or sign-flipped outputs
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise CellError(f"parameter '{name}' must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    # NaN or infinity passed through to NaN outputs (or a ValueError traceback in int())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CellError(f"parameter '{name}' must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -127,6 +142,14 @@ class LinearProjection(LabCell):
             _divides("output size", out_f, heads)
         if not 0 <= shared_rows <= out_f:
             raise CellError(f"partial sharing of {shared_rows} rows outside the {out_f} outputs")
+        if init_std is not None and _finite("init_std", init_std) < 0:  # 0: a zero start
+            raise CellError(f"parameter 'init_std' must be >= 0, got {init_std!r}")
+        if isinstance(bias_init, (list, tuple)):
+            if len(bias_init) != 2:  # [low, high]: three numbers failed in float() as a traceback
+                raise CellError(f"parameter 'bias_init' must be a number or [low, high], got {bias_init!r}")
+            bias_init = [_finite("bias_init", v) for v in bias_init]
+        else:
+            bias_init = _finite("bias_init", bias_init)
         std = init_std if init_std is not None else in_f**-0.5 / (heads**0.5 if heads > 1 else 1)
         own = out_f - shared_rows
         if heads > 1:
@@ -232,7 +255,9 @@ class GatedProjection(LabCell):
                  activation: str = "silu", layout: str = "separate", bias: bool = False, proj_factor: float = 2.0):
         super().__init__()
         dim = _positive_int("dim", dim)
-        hidden = _positive_int("hidden", hidden if hidden is not None else int(round(dim * proj_factor)))
+        if hidden is None:
+            hidden = int(round(dim * _positive_real("proj_factor", proj_factor)))
+        hidden = _positive_int("hidden", hidden)
         out = _positive_int("out", output_size if output_size is not None else dim)
         if layout not in ("separate", "fused"):
             raise CellError(f"gated_projection layout must be 'separate' or 'fused', got {layout!r}")
@@ -276,7 +301,7 @@ class ExponentialGate(LabCell):
     def __init__(self, dim: int, max_log: float = 10.0):
         super().__init__()
         dim = _positive_int("dim", dim)
-        self.max_log = float(max_log)
+        self.max_log = _finite("max_log", max_log)
         self.set_ports({"x": dim, "gate": dim}, {"y": dim})
 
     def __call__(self, inputs, state=None):
@@ -586,7 +611,7 @@ class SoftmaxAttention(LabCell):
         if NH % kv:
             raise CellError(f"num_heads {NH} is not a multiple of kv_heads {kv}")
         self.num_heads, self.kv_heads, self.dqk, self.dv = NH, kv, qk_dim // NH, v_dim // NH
-        self.rope, self.rope_base = bool(rope), float(rope_base)
+        self.rope, self.rope_base = rope, _positive_real("rope_base", rope_base)
         self.set_ports({"q": qk_dim, "k": self.dqk * kv, "v": self.dv * kv}, {"y": v_dim})
 
     def zero_state(self, batch_size: int) -> tuple:
@@ -683,9 +708,19 @@ def build_cell(type_name: str, params: dict[str, Any]) -> nn.Module:
     if type_name not in _REGISTRY:
         raise CellError(f"unknown cell type {type_name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     kwargs = {PARAM_ALIASES.get(k, k): v for k, v in params.items()}
+    cls = _REGISTRY[type_name]
     try:
-        cell = _REGISTRY[type_name](**kwargs)
-    except TypeError as err:
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    except (TypeError, ValueError):  # a class without a signature: its constructor checks
+        defaults = {}
+    for key, value in kwargs.items():  # a switch given "no" (a true string) was on
+        if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+            raise CellError(f"parameter {key!r} is a switch: give true or false, got {value!r}")
+    try:
+        cell = cls(**kwargs)
+    except CellError:
+        raise
+    except (TypeError, ValueError, OverflowError) as err:  # were tracebacks (a float() of a string)
         raise CellError(f"bad parameters for a {type_name} cell: {err}") from None
     for attr in ("input_ports", "output_ports"):
         if not isinstance(getattr(cell, attr, None), dict):

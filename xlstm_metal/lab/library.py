@@ -15,6 +15,10 @@ from .spec import WiringError, WiringSpec, parse_text
 
 SPEC_DIR = Path(__file__).parent / "specs"
 ARCH_DIR = SPEC_DIR / "archs"
+#: The keys of an architecture: its blocks, the model options LabConfig.from_arch takes, the
+#: sizes `train --arch` takes, and what evolve writes beside them.
+ARCH_KEYS = frozenset({"name", "description", "blocks", "out_norm", "norm_eps", "tie_word_embeddings",
+                       "output_logit_soft_cap", "layout", "embedding_dim", "vocab_size", "genome"})
 
 
 def block_spec_names() -> list[str]:
@@ -79,6 +83,10 @@ def load_arch(name_or_path: str | Path | dict) -> dict[str, Any]:
     blocks = data.get("blocks")
     if not isinstance(blocks, list) or not blocks:
         raise WiringError(f"{source}: an architecture needs a non-empty 'blocks' list")
+    unknown = sorted(str(k) for k in data if k not in ARCH_KEYS)
+    if unknown:  # a misspelt option (tie_word_embedding: true, embeding_dim: 64) was ignored, without a word
+        raise WiringError(f"{source}: unknown architecture key(s) {', '.join(unknown)}; an architecture takes "
+                          f"{', '.join(sorted(ARCH_KEYS))}")
     out = []
     for index, entry in enumerate(blocks):
         if isinstance(entry, (str, dict)) and not (isinstance(entry, dict) and "spec" in entry):

@@ -296,7 +296,8 @@ def training_model(arch: str | dict, vocab_size: int, seed: int = 0) -> LabModel
     (default 128) and ``vocab_size`` (default: ``vocab_size`` rounded up to a multiple of 64)."""
     data = load_arch(arch)
     dim = data.get("embedding_dim", 128)
-    vocab = data.get("vocab_size") or -(-vocab_size // 64) * 64
+    vocab = data.get("vocab_size")  # (0 fell back to the default: `or`)
+    vocab = -(-vocab_size // 64) * 64 if vocab is None else vocab
     return build_model(data, vocab_size=vocab, embedding_dim=dim, seed=seed)
 
 

@@ -224,8 +224,9 @@ class WiringSpec:
         for name, body in d["cells"].items():
             if not isinstance(name, str) or not name or any(not part.isidentifier() for part in name.split(".")):
                 raise WiringError(f"cell name {name!r} must be dotted identifiers (e.g. mlstm_layer.q)")
-            if name in RESERVED:
-                raise WiringError(f"cell name {name!r} is reserved for the wiring's inputs/outputs")
+            if name.split(".")[0] in RESERVED:  # in.q was read as the wiring's input q in a connection
+                raise WiringError(f"cell name {name!r}: {name.split('.')[0]!r} is reserved for the wiring's "
+                                  "inputs/outputs (in.PORT, out.PORT)")
             if not isinstance(body, dict) or "type" not in body:
                 raise WiringError(f"cell {name!r} needs a mapping with a 'type'")
             body = _resolve_value(body, names, f"cells.{name}")
@@ -275,15 +276,58 @@ class WiringSpec:
         return ResolvedSpec(self.name, cells, connections, inputs, outputs, seed, names)
 
 
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object hook: a key given twice is refused (json keeps the last one silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise WiringError(f"duplicate key {key!r} in a JSON object (a second cell, parameter or port of "
+                              "one name replaced the first)")
+        out[key] = value
+    return out
+
+
+def _unique_key_loader():
+    """PyYAML's SafeLoader refusing a mapping key given twice (it kept the last one silently: a
+    second cell of one name dropped the first). Merged keys (``<<``) may still be overridden."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = loader.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base constructor names it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
 def parse_text(text: str, source: str) -> dict:
-    """A spec dict from JSON or YAML text."""
+    """A spec dict from JSON or YAML text. A key given twice in one mapping (two cells of one
+    name, a parameter set twice) is a WiringError naming it: the parsers kept the last silently."""
     import yaml
 
     try:
         if source.endswith(".json"):
-            data = json.loads(text)
+            try:
+                data = json.loads(text, object_pairs_hook=_unique_json_object)
+            except WiringError as err:
+                raise WiringError(f"{source}: {err}") from None
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader)
     except json.JSONDecodeError as err:
         raise WiringError(f"{source} is not valid JSON: {err}") from None
     except yaml.YAMLError as err:  # PyYAML's message spans lines (context, a caret): one line here

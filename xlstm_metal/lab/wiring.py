@@ -192,6 +192,24 @@ class WiredBlock(Module2024):
         for port in outputs:
             if ("out", port) not in incoming:
                 raise WiringError(f"wiring output {port!r} is not connected")
+        # A cell whose outputs reach no wiring output computed nothing the block returns, and its
+        # parameters (counted against evolve's budget) never trained, without a word: refused. A
+        # projection whose weight another reads (share) counts as used.
+        live, grew = {"out"}, True
+        while grew:
+            grew = False
+            for s_cell, _, d_cell, _ in ends:
+                if d_cell in live and s_cell not in live:
+                    live.add(s_cell)
+                    grew = True
+            for name, src in shares.items():
+                if name in live and src not in live:
+                    live.add(src)
+                    grew = True
+        dead = [n for n in names if n not in live]
+        if dead:
+            raise WiringError(f"cell(s) {', '.join(map(repr, dead))} reach no output of the wiring: connect them "
+                              "(through other cells) to out, or leave them out")
 
         # Cycles: allowed only through stateful cells; the closing connections into them are delayed.
         edges = [(s, d) for s, _, d, _ in ends if s in cells and d in cells]
@@ -312,8 +330,45 @@ class WiredBlock(Module2024):
             offset += count
         return per_cell, list(state[offset:])
 
+    def _inputs(self, x) -> dict[str, mx.array]:
+        """``x`` as {port: array}, each [B, S, port size] of one B and S; ValueError naming the
+        port otherwise (a missing port was a KeyError, an extra one ignored, a wrong size an
+        MLX broadcast error deep in the block)."""
+        ports = self.input_ports
+        if isinstance(x, dict):
+            missing = [p for p in ports if p not in x]
+            extra = [str(k) for k in x if k not in ports]
+            if missing or extra:
+                raise ValueError(f"the wiring's inputs are {', '.join(ports)}: "
+                                 + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                             + ([f"no input port {', '.join(extra)}"] if extra else [])))
+            inputs = x
+        elif len(ports) > 1:
+            raise ValueError(f"the wiring has several inputs ({', '.join(ports)}): pass a dict of them")
+        else:
+            inputs = {next(iter(ports)): x}
+        lead = None
+        for port, value in inputs.items():
+            shape = tuple(getattr(value, "shape", ()))
+            if not isinstance(value, mx.array) or len(shape) != 3 or shape[-1] != ports[port]:
+                got = f"shape {shape}" if isinstance(value, mx.array) else type(value).__name__
+                raise ValueError(f"input {port!r} must be an array [B, S, {ports[port]}], got {got}")
+            if lead is not None and shape[:2] != lead:
+                raise ValueError(f"inputs of one call need one batch and sequence length [B, S]: {lead} and "
+                                 f"{shape[:2]} ({port!r})")
+            lead = shape[:2]
+        return inputs
+
+    def _check_state(self, state) -> None:
+        want = sum(self._state_sizes.values()) + len(self._delayed)
+        if state is not None and (not isinstance(state, (list, tuple)) or len(state) != want):
+            got = f"{len(state)} arrays" if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(f"the state of wiring {self.resolved.name} is a tuple of {want} arrays (make_state), "
+                             f"got {got}")
+
     def __call__(self, x, state: tuple | None = None):
-        inputs = x if isinstance(x, dict) else {next(iter(self.input_ports)): x}
+        inputs = self._inputs(x)
+        self._check_state(state)  # another block's state was read misaligned
         if self._delayed:
             seq = next(iter(inputs.values())).shape[1]
             if seq > 1:
