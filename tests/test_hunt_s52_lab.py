@@ -113,3 +113,18 @@ def test_a_wired_blocks_inputs_and_state_are_checked():
     conv = WiredBlock(_one({"type": "causal_convolution", "dim": 4}))
     with pytest.raises(ValueError, match="a tuple of 1 arrays \\(make_state\\), got 2 arrays"):
         conv(x, conv.make_state(1) * 2)
+
+
+@pytest.mark.parametrize("block,named", [
+    ({"spec": "mlstm", "params": {"conv_kernel_size": 0}}, r"block 0 \(mlstm\): conv_kernel_size 0 \(the genome's"),
+    ({"spec": "slstm_2024_block", "params": {"feedforward": True}}, "feedforward True"),
+    ({"spec": {"name": "mlstm", "params": {"dim": 8}, "cells": {"a": {"type": "rmsnorm", "dim": "$dim"}}}},
+     "named 'mlstm' but is not the shipped 'mlstm'"),  # a KeyError traceback
+])
+def test_a_start_block_the_genome_cannot_hold_is_refused(block, named):
+    # The first two were scored as the genome's block (conv 4, no feed-forward), without a word.
+    from xlstm_metal.lab.genome import genome_of
+
+    with pytest.raises(ValueError, match=named):
+        genome_of(load_arch({"blocks": [block, "swiglu"]}))
+    assert genome_of(load_arch("slstm"))[0] == (5, 2, 0, 0, 0)

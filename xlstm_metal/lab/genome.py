@@ -97,17 +97,37 @@ def genome_of(arch: dict[str, Any]) -> Genome:
         spec = load_spec(entry["spec"])
         # The block's parameters as it is built: its own over the spec's defaults.
         params = spec.resolve(entry.get("params") or {}).params
-        spec = spec.name
-        op_name = "slstm" if spec == "slstm_2024_block" else spec
+        op_name = "slstm" if spec.name == "slstm_2024_block" else spec.name
         if op_name not in OPERATORS:
-            raise ValueError(f"block {index}: {spec!r} is not an operator of the genome ({', '.join(OPERATORS)})")
+            raise ValueError(f"block {index}: {spec.name!r} is not an operator of the genome ({', '.join(OPERATORS)})")
+        shipped = load_spec("slstm_2024_block" if op_name == "slstm" else op_name)
+        if spec.to_dict() != shipped.to_dict():  # (a KeyError on its parameters, or read as the shipped block)
+            raise ValueError(f"block {index}: its spec is named {spec.name!r} but is not the shipped {shipped.name!r} "
+                             "wiring the genome's operator builds")
         heads = _gene(HEADS, params["num_heads"], "num_heads", index) if op_name in _HEADED else 0
         kv = _gene(KV_GROUPS, params["num_heads"] // params["kv_heads"], "num_heads / kv_heads", index) \
             if op_name in _KV else 0
         qk = int(bool(params.get("share_qk"))) if op_name in _KV else 0
         exp = _gene(EXPANSIONS, params["ffn_proj_factor"], "ffn_proj_factor", index) if op_name == "swiglu" else 0
-        genome.append((OPERATORS.index(op_name), heads, kv, qk, exp))
+        gene = normalise([(OPERATORS.index(op_name), heads, kv, qk, exp)])[0]
+        _same_as_decoded(gene, spec, params, index)
+        genome.append(gene)
     return normalise(genome)
+
+
+def _same_as_decoded(gene: Gene, spec, params: dict[str, Any], index: int) -> None:
+    """ValueError unless ``gene`` decodes to the block ``spec`` with ``params`` (resolved): a
+    parameter no gene holds (mlstm's conv_kernel_size, an sLSTM block with its feed-forward)
+    became the decoded block's silently."""
+    from .library import load_spec
+
+    block = spec_of([gene])["blocks"][0]
+    want = load_spec(block["spec"]).resolve(block["params"]).params
+    differ = [f"{k} {params.get(k)!r} (the genome's block has {want.get(k)!r})" for k in sorted(set(want) | set(params))
+              if params.get(k) != want.get(k)]
+    if differ:
+        raise ValueError(f"block {index} ({spec.name}): {', '.join(differ)}: no gene holds it, so the search would "
+                         "score another block")
 
 
 def _gene(values: tuple, value: Any, what: str, index: int) -> int:
