@@ -213,6 +213,17 @@ def run(args: argparse.Namespace) -> int:
                        message=f"all {steps} runs done")
     main = world().rank() == 0
     try:
+        # Under several ranks: every rank measures the same runs (ranks given other lengths or
+        # batches paired their collectives wrongly: rank 0 blamed rank 1's memory limit, exit 3).
+        # The model's shape, dtype and quantization are compared as it is split.
+        from .generate import same_on_every_rank
+
+        same_on_every_rank({
+            "--prefill-lengths": args.prefill_lengths, "--prefill-batch": args.prefill_batch,
+            "--prefill-chunk": prefill_chunk, "--decode-batches": args.decode_batches,
+            "--decode-tokens": args.decode_tokens, "--repeats": args.repeats, "--no-compile": args.no_compile,
+            "--no-fuse": not fused, "--seed": args.seed, "--profile": profile.to_dict() if profile else None,
+        }, "benchmark settings")
         with tqdm(total=steps + 1, desc="bench", file=sys.stderr, disable=None if main else True) as bar:
             bar.set_postfix_str("building random model")
             model = bm.random_model(config, dtype=dtype, seed=args.seed)

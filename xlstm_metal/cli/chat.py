@@ -21,9 +21,10 @@ import sys
 from typing import Callable, TextIO
 
 from ..monitor import current_job
-from . import UsageError
+from . import UsageError, peer_lost_exit
 from .generate import (
     add_model_arguments,
+    check_same_request,
     check_utf8,
     generation_peer_lost_exit,
     load_runner,
@@ -31,6 +32,7 @@ from .generate import (
     max_tokens_for,
     print_model_description,
     read_prompt,
+    same_on_every_rank,
     sampling_kwargs,
     stats_line,
     under_a_launch,
@@ -123,6 +125,13 @@ def chat_loop(
             except UnicodeDecodeError as error:  # stdin decoded strictly (a UTF-8 locale)
                 raise UsageError(f"input is not UTF-8 text (byte 0x{error.object[error.start]:02x})") from None
             check_utf8(line, "input")  # other locales hand undecodable bytes on as surrogates
+            # Under several ranks each reads its own stdin (mlx.launch copies its own to every
+            # rank; ranks started by hand have their own): a turn, /reset or /quit that only some
+            # ranks read paired their collectives wrongly. (The end of input is not compared: a
+            # rank whose stdin stays open would never answer; the others end, and its ring watch
+            # ends it.)
+            same_on_every_rank({"the chat input": line}, "turns (under mlx.launch every process reads the same "
+                               "stdin)")
         command = line.strip()
         if command in ("/quit", "/exit"):
             return 0
@@ -184,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
     validate_sampling(args)
     prompt = read_prompt(args)
     runner, _ = load_runner(args)
+    try:  # under several ranks: every rank was given the same first turn and settings
+        check_same_request(runner, args, prompt, "chat")
+    except RuntimeError as err:  # a peer process died (else raised again)
+        return peer_lost_exit(err, "the processes stopped comparing their prompts and settings")
     print_model_description(args, runner)
     try:
         return chat_loop(runner, args, first_turn=prompt)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import re
 import sys
@@ -317,6 +319,7 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
     else:
         source = args.model
     profile = profile_from_args(args, dtype=args.dtype, prefill_chunk=args.prefill_chunk_size)
+    args.profile_fields = profile.to_dict() if profile else None  # compared between ranks (same_on_every_rank)
     dtype = profile.dtype if profile else args.dtype or default_dtype()
     from ..distributed import parallelize, print_on_rank0_only
 
@@ -351,6 +354,76 @@ def load_runner(args: argparse.Namespace, need_tokenizer: bool = True):
         raise UsageError(str(err)) from None
     current_job().shrink_prefill_on_soft(runner)  # memory watchdog: smaller pieces near the limit
     return runner, tokenizer
+
+
+def same_on_every_rank(settings: dict[str, Any], what: str) -> None:
+    """In a run split across processes (none on its own: a no-op): UsageError on every rank
+    unless every rank holds the same ``settings`` (label -> value: a string, or anything JSON
+    writes), naming the first label that differs and this rank's value. Ranks given different
+    prompts or settings (each rank reads its own command line and stdin) paired their
+    collectives wrongly: rank 0 blamed rank 1's memory limit (exit 3), or printed wrong text
+    with exit code 0. A collective: every rank calls it at the same point (one all-gather of a
+    digest; one per setting only once they differ)."""
+    from ..distributed import DistributedError, check_same, joined_world
+
+    group = joined_world()
+    if group is None:
+        return
+    values = {label: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+              for label, value in settings.items()}
+    try:
+        check_same(what, json.dumps(values, sort_keys=True), group)
+        return
+    except DistributedError as err:
+        first = err
+    for label, value in values.items():  # the same labels in the same order on every rank
+        try:
+            check_same(label, value, group)
+        except DistributedError as err:
+            first = err
+            break
+    raise UsageError(f"rank {group.rank()} of {group.size()}: {first}; every process must be given the same "
+                     f"{what}") from None
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    """A digest of a tokenizer's vocabulary, merges, templates and special ids (None without one)."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend", None)
+    text = backend.to_str() if hasattr(backend, "to_str") else ""
+    return hashlib.sha256((text + repr(tokenizer)).encode()).hexdigest()[:16]
+
+
+def _float(value):
+    return None if value is None else float(value)  # 1 from a generation_config.json is 1.0 from a flag
+
+
+def check_same_request(runner, args: argparse.Namespace, prompt: str | None, command: str) -> str | None:
+    """:func:`same_on_every_rank` for `generate` / `chat` (``command``: "generate", "chat" or
+    "describe"): the prompt's token ids, the tokenizer, the sampling values, stop strings,
+    prefill piece size, profile and --info / --show-wiring (a pipeline split's model
+    description is a collective). Returns the error of a prompt the runner cannot encode
+    (raised by the caller after the check, so that every rank stops alike), else None."""
+    ids: Any = None
+    error = None
+    if prompt is not None:
+        try:
+            ids = runner.encode(prompt)
+        except ValueError as err:
+            error = str(err)
+            ids = f"(not encoded: {error})"
+    same_on_every_rank({
+        "the command": command, "the prompt's token ids": ids,
+        "the tokenizer": _tokenizer_fingerprint(runner.tokenizer),
+        "--max-tokens": args.max_tokens, "max_length (generation_config.json)": getattr(args, "max_length", None),
+        "--temperature": _float(args.temperature), "--top-k": args.top_k, "--top-p": _float(args.top_p),
+        "--min-p": _float(args.min_p), "--repetition-penalty": _float(args.repetition_penalty), "--seed": args.seed,
+        "--stop": list(args.stop), "--prefill-chunk-size": runner.prefill_chunk_size,
+        "--profile": getattr(args, "profile_fields", None), "--info": bool(args.info),
+        "--show-wiring": bool(args.show_wiring),
+    }, "prompt and generation settings")
+    return error
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -435,6 +508,11 @@ def run(args: argparse.Namespace) -> int:
     if prompt is None and not interactive and not describe_only:
         raise UsageError("give a prompt: --prompt TEXT, --prompt - (stdin), --prompt-file FILE, or --interactive")
     runner, _ = load_runner(args, need_tokenizer=not describe_only)
+    try:  # under several ranks: every rank was given the same prompt and settings
+        unencoded = check_same_request(runner, args, prompt,
+                                       "describe" if describe_only else "chat" if interactive else "generate")
+    except RuntimeError as err:  # a peer process died (else raised again)
+        return peer_lost_exit(err, "the processes stopped comparing their prompts and settings")
     print_model_description(args, runner)
     if describe_only:
         return 0
@@ -445,6 +523,8 @@ def run(args: argparse.Namespace) -> int:
             return chat_loop(runner, args, first_turn=prompt)
         except RuntimeError as err:
             return generation_peer_lost_exit(err)
+    if unencoded is not None:  # e.g. a prompt that encodes to nothing
+        raise UsageError(unencoded)
     try:
         args.max_tokens = max_tokens_for(args, len(runner.encode(prompt)))
         chunks = runner.stream(prompt, **sampling_kwargs(args))

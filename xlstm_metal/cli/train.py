@@ -859,11 +859,14 @@ def _launched_group():
         return None, True
     from ..monitor import note_on_sigterm
 
-    # mlx.launch ends the other ranks with SIGTERM when one fails: the job's handler unwinds (so a
-    # checkpoint being written is removed, never left half-written) instead of dying on the spot,
-    # and a rank stuck in a collective with the dead one still ends (monitor.job's watch).
-    note_on_sigterm(f"xlstm-metal: error: rank {world().rank()} stopped by signal 15 (mlx.launch stops every "
-                    "process when one fails); checkpoints are whole or absent: continue with --resume")
+    # mlx.launch ends the other ranks with SIGTERM when one fails, and so does the ring watch
+    # (distributed.comm) of a rank started otherwise (by hand) once it lost a peer: the job's
+    # handler unwinds (so a checkpoint being written is removed, never left half-written) instead
+    # of dying on the spot, and a rank stuck in a collective with the dead one still ends
+    # (monitor.job's watch). The note names neither sender: it holds for both.
+    note_on_sigterm(f"xlstm-metal: error: rank {world().rank()} stopped by signal 15 (another process of the run "
+                    "failed or was lost: mlx.launch, or the ring watch of ranks started without it, then stops the "
+                    "others); checkpoints are whole or absent: continue with --resume")
     return world(), world().rank() == 0
 
 
