@@ -87,7 +87,10 @@ def test_the_max_time_start_line_names_the_warmup_the_run_takes(text_data, tmp_p
     assert "max(min(44, steps / 2), min(100, steps / 10))" in err and "min(44, steps / 10)" not in err
     state = json.loads(next((tmp_path / "run").glob("checkpoint-*/trainer_state.json")).read_text())
     steps, warmup = state["step"], state["training_config"]["warmup"]
-    assert warmup >= max(min(44, steps // 2), min(100, steps // 10))
+    if warmup is None:  # the second ended inside the probe (a GPU's first steps compile): nothing was sized
+        assert steps <= state["training_config"]["probe_steps"] + 1
+    else:
+        assert warmup >= max(min(44, steps // 2), min(100, steps // 10))
 
 
 @pytest.mark.parametrize("record,words", [
