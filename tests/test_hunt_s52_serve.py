@@ -99,3 +99,31 @@ def test_fields_that_change_no_reply_take_openais_types(server, field, value):
     good = {"a": "b"} if field == "metadata" else "abc"
     status, answer = post(server.url, "/v1/chat/completions", {**chat, field: good})
     assert status == 200, answer
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_closing_ends_the_server_with_130(tmp_path):
+    """Two SIGINTs back to back (a terminal's Ctrl-C under `timeout` sends two): the second one
+    raised KeyboardInterrupt inside close(), the interpreter exited with the generation thread
+    inside MLX, and C++ aborted ("terminate called without an active exception", exit 134), or it hung."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import repo_env
+
+    # the packaged model (a tiny one closes before the second signal comes)
+    process = subprocess.Popen([sys.executable, "-m", "xlstm_metal", "serve", "--port", "0"], cwd=tmp_path,
+                               stderr=subprocess.PIPE, text=True, env=repo_env(PYTHONUNBUFFERED="1"))
+    try:
+        assert any(line.startswith("serving on ") for line in process.stderr), "the server did not start"
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.03)  # inside close() (back to back, the two could merge into one)
+        process.send_signal(signal.SIGINT)
+        rc = process.wait(timeout=60)
+        rest = process.stderr.read()
+        assert rc == 130 and "terminate called" not in rest, (rc, rest)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -38,7 +39,9 @@ import os
 import pickle
 import re
 import select
+import signal
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -2406,6 +2409,29 @@ def _close_at_exit(server: "Server") -> None:
         _OPEN_SERVERS.add(server)
 
 
+@contextlib.contextmanager
+def _second_interrupt_exits() -> Iterator[None]:
+    """While the server closes after Ctrl-C (up to :data:`CLOSE_S`), a second Ctrl-C ends the
+    process at once with 130. It raised KeyboardInterrupt inside ``close()`` instead, which left
+    the generation thread inside MLX as the interpreter exited: "terminate called without an
+    active exception" and an abort (exit 134), as a terminal's Ctrl-C under ``timeout`` sends
+    SIGINT twice. Main thread only (where Python runs signal handlers), default handler only."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def exit_now(signum, frame):
+        print("\ninterrupted again: stopping at once", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGINT)
+
+    signal.signal(signal.SIGINT, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class Server:
     """A running server: ``url``, ``close()``; a context manager. One left open is closed as
     the interpreter exits."""
@@ -2422,7 +2448,8 @@ class Server:
         try:
             self.httpd.serve_forever()
         finally:
-            self.close()
+            with _second_interrupt_exits():
+                self.close()
 
     def start(self) -> "Server":
         """Serve from a background thread (tests, notebooks)."""
