@@ -123,3 +123,19 @@ def test_without_bos_every_token_is_scored_after_lm_evals_prefix(checkpoint, tmp
     assert score == pytest.approx(expected, abs=1e-4) and rolling == pytest.approx(expected, abs=1e-4)
     assert lm.loglikelihood([Instance("loglikelihood", {}, ("the", " quick"), 0)])[0][0] == pytest.approx(
         float(np.sum(token_logprobs(lm.model, lm.tok.encode("the"), lm.tok.encode(" quick")))), abs=1e-5)
+
+
+def test_a_pair_is_split_as_lm_evals_own_models_split_it(checkpoint):  # noqa: F811
+    """A context ending in a space: lm-eval's models (HFLM._encode_pair) move the space to the
+    continuation and take its ids from the pair encoded whole. Encoded apart, the space was a
+    context token of its own and the continuation a word without its space: other tokens, other
+    scores than every lm-eval model reports."""
+    from lm_eval.api.instance import Instance
+
+    lm = adapter(checkpoint)
+    joined = lm.tok.encode(" brown fox", add_special_tokens=False)
+    assert joined != lm.tok.encode("brown fox", add_special_tokens=False)  # the space is in the word's token
+    assert lm._rows("the quick ", "brown fox") == (lm.tok.encode("the quick", add_special_tokens=True), joined)
+    scores = lm.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in
+                               [("the quick ", "brown fox"), ("the quick", " brown fox")]])
+    assert scores[0] == scores[1]

@@ -56,8 +56,12 @@ class Recording:
 
 def request_ids(lm, context, continuation):
     """The context (with BOS, cut to max_length) and continuation ids the adapter scores."""
+    spaces = len(context) - len(context.rstrip())  # lm-eval's split (HFLM._encode_pair)
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    plain = lm.tok.encode(context, add_special_tokens=False) if context else []
+    cont = lm.tok.encode(context + continuation, add_special_tokens=False)[len(plain):]
     ctx = lm.tok.encode(context, add_special_tokens=True)
-    cont = lm.tok.encode(continuation, add_special_tokens=False)
     if lm.max_length is not None:
         ctx = ctx[max(0, len(ctx) + len(cont) - lm.max_length - 1):]
     return ctx, cont

@@ -19,7 +19,9 @@ model), ``dtype`` (float32 default), ``profile`` (a HyperProfile name or file),
 ``max_length`` (a context window, as lm-eval's transformers models have one: a context is cut
 from the left to fit it, and rolling log-likelihoods score windows of it, each from a fresh state;
 default none: the recurrent state carries across the whole text). Log-likelihoods are exact sums
-of the model's token log-probabilities (context with BOS, continuation without; where the
+of the model's token log-probabilities (context with BOS, continuation without, a pair split as
+lm-eval's own models split it: trailing whitespace moved to the continuation, whose ids are the
+pair's encoded whole past the context's; where the
 tokenizer inserts no BOS, an empty context and a rolling text start from lm-eval's prefix token,
 the BOS id else the EOS id, so every continuation or text token is scored); generation is
 greedy unless ``temperature`` > 0 is asked for, and takes ``top_k``, ``top_p``, ``min_p``,
@@ -153,8 +155,16 @@ class XLSTMMetalLM(LM):
         # Without a BOS token and a context the first continuation token had no prediction and was
         # only context (token_logprobs): unscored. lm-eval's models start such a request from their
         # prefix token.
+        # As lm-eval's own models split a pair (HFLM._encode_pair), so scores compare with theirs:
+        # the context's trailing whitespace goes to the continuation, and the continuation's ids
+        # are those of the pair encoded whole past the context's, a word tokenized as in running
+        # text (encoded apart, "Answer: " + "Paris" scored a lone space token, then "Paris").
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        plain = self.tok.encode(context, add_special_tokens=False) if context else []
+        cont = self.tok.encode(context + continuation, add_special_tokens=False)[len(plain):]
         ctx = self.tok.encode(context, add_special_tokens=True) or self._prefix()
-        cont = self.tok.encode(continuation, add_special_tokens=False)
         if cont and self.max_length is not None:  # the window holds max_length predictions after one context token
             if len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
