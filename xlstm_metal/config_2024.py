@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .cells.slstm import LAYOUTS
-from .cells.xlstm_2024 import round_up_dim
+from .cells.xlstm_2024 import _ACTIVATIONS, round_up_dim
 from .config import _describe, _matches
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
@@ -93,7 +93,8 @@ class xLSTMLMConfig:
             self.slstm_at = "all"
         if self.slstm_at == "all":
             self.slstm_at = list(range(self.num_blocks))
-        if isinstance(self.slstm_at, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.slstm_at):
+        at = self.slstm_at
+        if not isinstance(at, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in at):
             raise ConfigError(f"slstm_at must be a list of block indices or 'all', got {self.slstm_at!r}")
         self.slstm_at = sorted(self.slstm_at)
         self.validate()
@@ -134,6 +135,17 @@ class xLSTMLMConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r} (feedforward: {ff and ff.dropout!r})")
         if ff is not None and ff.ff_type != "ffn_gated":  # others were ignored
             raise ConfigError(f"slstm_block.feedforward.ff_type {ff.ff_type!r}: only 'ffn_gated' is supported")
+        if ff is not None and ff.act_fn not in _ACTIVATIONS:  # a ValueError when the model was built
+            raise ConfigError(f"slstm_block.feedforward.act_fn {ff.act_fn!r}: choose from {sorted(_ACTIVATIONS)}")
+        # Rounded down, a small proj_factor gave width 0: a ZeroDivisionError (feed-forward) or a
+        # LinearHeadwise ValueError (mLSTM) when the model was built.
+        has_m, has_s = self.slstm_at != list(range(self.num_blocks)), bool(self.slstm_at)
+        for where, c, width in (("mlstm_block.mlstm", has_m and m, has_m and m and self.mlstm_inner_dim),
+                                ("slstm_block.feedforward", has_s and ff, has_s and ff and self.ffn_dim)):
+            if c and width < 1:
+                raise ConfigError(f"{where}: proj_factor {c.proj_factor!r} x embedding_dim {self.embedding_dim} "
+                                  f"rounded to round_proj_up_to_multiple_of {c.round_proj_up_to_multiple_of} "
+                                  f"is width {width}: the width must be >= 1")
         bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
         if bad:
             raise ConfigError(f"slstm_at positions {bad} are outside the {self.num_blocks} blocks")
@@ -209,6 +221,10 @@ def _check_fields(config: Any, where: str) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            # mlstm_block.mlstm / slstm_block.slstm: null was an AttributeError
+            raise ConfigError(f"{where}{f.name} must be a mapping of {hint.__name__} fields, got {value!r}")
         if dataclasses.is_dataclass(value):
             _check_fields(value, f"{where}{f.name}.")
         elif not _matches(value, hints[f.name]):

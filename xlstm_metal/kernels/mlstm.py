@@ -12,6 +12,7 @@ cumsum of lf within a chunk, g = b at the chunk's end, a_t = g - b_t + i~_t.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -310,10 +311,23 @@ class ChunkedInputs(NamedTuple):
         return self.q.shape[2]
 
 
+def check_chunk_size(chunk_size) -> int:
+    """``chunk_size`` as an int >= 1, else a ValueError naming it (0 was a ZeroDivisionError, a
+    negative one an MLX padding error, 2.5 a std::bad_cast, deep inside the chunkwise kernels)."""
+    try:
+        L = operator.index(chunk_size)  # an int or a numpy integer; 2.5 and "64" are not
+    except TypeError:
+        L = 0
+    if isinstance(chunk_size, bool) or L < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return L
+
+
 def chunk_gates(i: mx.array, f: mx.array, L: int) -> tuple[mx.array, mx.array]:
     """i, f [B, NH, S] -> (b = cumsum of logsigmoid(f~) within chunks, i~), both [B, NH, NC, L]
     float32, padded to whole chunks of L steps with steps that neither write (i~ = -1e30) nor
     decay (logsigmoid(f~) = 0) the state."""
+    L = check_chunk_size(L)
     B, NH, S = i.shape
     pad = (-S) % L
     NC = (S + pad) // L
@@ -331,7 +345,7 @@ def chunk_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array
     (logsigmoid(f~) = 0) the state, so states stay exact for any sequence length."""
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
-    L = min(chunk_size, S)
+    L = min(check_chunk_size(chunk_size), S)
     pad = (-S) % L
     NC = (S + pad) // L
 

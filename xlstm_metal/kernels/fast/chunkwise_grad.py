@@ -40,7 +40,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, chunk_gates, chunk_inputs
+from ..mlstm import MLSTMState, _cast_state, _parallel_outputs, _state_f32, check_chunk_size, chunk_gates, chunk_inputs
 from .chunkwise import chunk_gaps, chunk_prefix, chunk_weights, mlstm_chunkwise_scan, scan_states
 from .chunkwise_bwd import fused_backward, fused_backward_enabled
 
@@ -295,7 +295,8 @@ def chunkwise_differentiable(
     Returns h [B, NH, S, DV] (q's dtype) and the final (C, n, m) in ``state_dtype`` (without
     gradient inside :func:`final_states_unread`).
     """
-    L = chunk_size if fused else min(chunk_size, q.shape[2])
+    L = check_chunk_size(chunk_size)
+    L = L if fused else min(L, q.shape[2])
     C0, n0, m0 = _state_f32(q, v, state)
     final_grad = _FINAL_STATES_READ.get()
     terms = _PRODUCT_TERMS.get() if fused else None
