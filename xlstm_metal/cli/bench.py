@@ -82,7 +82,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("gpu", "cpu"), default=None, help="MLX device (default: MLX's)")
     add_profile_argument(p)
     p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line instead of a table (kind, tok_s, peak_mem_gb, ...; kernel: the "
+                        "prefill kernel, step_kernel: the decode step's)")
     from ..distributed import add_parallel_argument
 
     add_parallel_argument(p)  # under mlx.launch: tensor or pipeline parallel

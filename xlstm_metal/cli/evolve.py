@@ -44,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-blocks", type=int, default=2, help="fewest blocks of a candidate (default: 2)")
     p.add_argument("--max-blocks", type=int, default=6, help="most blocks of a candidate (default: 6)")
     p.add_argument("--start", default=None, type=any_text,
-                   help="architectures in the first population (default: mlstm,attention,hybrid; '' for none)")
+                   help="architectures in the first population (default: mlstm,attention,hybrid; '' for none); "
+                        "each must be one a genome holds (a block it cannot hold is refused)")
     p.add_argument("--engine", choices=("star", "optuna"), default="star",
                    help="star: STAR-style mutation and crossover of genomes (default); optuna: the tuning "
                    "machinery's NSGA-II genetic sampler over fixed-length genomes (needs optuna)")

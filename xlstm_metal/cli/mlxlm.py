@@ -112,7 +112,8 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapters.safetensors"
 DESCRIPTION = """\
 Run mlx-lm's generate, server, lora, fuse or convert on xLSTM models. Everything after the command
 goes to mlx-lm (see `xlstm-metal mlx-lm generate --help`). Checkpoints written by xlstm-metal
-load without --trust-remote-code when their model file is this package's own."""
+load without --trust-remote-code when their model file is this package's own; convert and fuse write
+that model file into their output, so mlx_lm.load(OUT, trust_remote_code=True) opens it too."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

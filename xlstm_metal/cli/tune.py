@@ -59,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=seed_value, default=None, help="(default 0)")
     s.add_argument("--resume", action="store_true", help="continue the sweep in --out (its study.db) with the flags "
                    "saved in its run_meta.json: flags left out take the saved values, flags given must equal them "
-                   "except the budget (--trials, ...), --profile-name and the backend's (see above)")
+                   "except the budget (--trials, ...; never below the trials already run), --profile-name and the "
+                   "backend's (see above); one sweep runs in an --out at a time")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out, and a saved profile of the same name")
     b = p.add_argument_group("backend")
@@ -90,7 +91,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     help="prefill timings per trial, best kept (default 2; --metric prefill or both)")
     sp.add_argument("--profile", default=None,
                     help="base profile: weight dtype and tolerance (default: exact-fp32 on CPUs, fast-bf16 on GPUs)")
-    sp.add_argument("--profile-name", default=None, help="name of the saved winner (default: tuned-<device>)")
+    sp.add_argument("--profile-name", default=None,
+                    help="name of the saved winner (default: tuned-<device>); one that another run saved during the "
+                         "sweep is kept (the winner stays in --out)")
     tr = p.add_argument_group("train objective")
     tr.add_argument("--data", nargs="+", default=None, help="text files, directories or .jsonl files")
     tr.add_argument("--text-field", default=None, help="(default: text)")
