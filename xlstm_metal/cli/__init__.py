@@ -36,6 +36,17 @@ class UsageError(Exception):
     """Bad user input: printed without a traceback, exit code 2."""
 
 
+def reader_left() -> int:
+    """Exit status 0 for a BrokenPipeError: whoever read our output stopped reading (`... | head
+    -2`), which ends the command, not an error. stdout now points at /dev/null so the
+    interpreter's last flush stays quiet."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def peer_lost_exit(err: RuntimeError, what: str) -> int:
     """Under mlx.launch a collective whose peer process died raises a RuntimeError: print one
     line naming this rank, ``what`` happened ("the generation stopped after 12 tokens") and the
@@ -367,13 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # Whoever read our output stopped reading (`... | head -2`): that ends the command, not
-        # an error. stdout now points at /dev/null so the interpreter's last flush stays quiet.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
+        return reader_left()
     except OSError as err:
         # A path the user gave that the system refuses (a name over 255 bytes, a file where a
         # directory is needed, no permission) reaches many loaders; each one's own checks cover

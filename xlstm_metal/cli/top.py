@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import sys
 import threading
 import time
 
-from . import UsageError, harden_parser
+from . import UsageError, harden_parser, reader_left
 
 DESCRIPTION = __doc__
 
@@ -170,14 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"xltop: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # As `xlstm-metal top` (the command line's main): the reader stopped reading (`xltop --json |
-        # head -1`), which ends the stream, not an error; stdout goes to /dev/null for the last flush.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
+    except BrokenPipeError:  # `xltop --json | head -1`, as `xlstm-metal top`
+        return reader_left()
 
 
 if __name__ == "__main__":
