@@ -73,7 +73,7 @@ class _Pair:
         return 0
 
 
-def test_tensor_split_of_a_quantized_model_names_the_group_size_that_cannot_split():
+def test_tensor_split_of_a_quantized_model_names_the_group_size_that_cannot_split(monkeypatch):
     # The input of proj_down (192) and out_proj (64) split in two is 96 and 32 columns: groups of
     # 64 cannot be cut there. MLX failed with "[quantize] The last dimension of the matrix needs
     # to be divisible by the quantization group size 64 ..." (what `mlx.launch -n 2 -- xlstm-metal
@@ -83,6 +83,8 @@ def test_tensor_split_of_a_quantized_model_names_the_group_size_that_cannot_spli
     from xlstm_metal.distributed import shard_model
     from xlstm_metal.quantization import quantize_model
 
+    # The ranks' comparison of their models (a collective: test_hunt_s52_distributed) needs a real group.
+    monkeypatch.setattr("xlstm_metal.distributed.tensor.check_same_model", lambda *args: None)
     model = tiny_model(0)
     quantize_model(model, bits=4, group_size=64)
     with pytest.raises(ValueError, match=r"cannot split the model across processes: backbone\.blocks\.0\.ffn\."
