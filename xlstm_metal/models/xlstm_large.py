@@ -148,8 +148,7 @@ def check_state(state, batch_size: int, num_blocks: int, shapes: list | None = N
         if want is None:
             continue
         deferred = len(want) == 3 and len(layer) == 6
-        got = [tuple(a.shape[1:]) for a in layer[: len(want)]]
-        if (len(layer) != len(want) and not deferred) or got != [tuple(w) for w in want]:
+        if (len(layer) != len(want) and not deferred) or any(a.shape[1:] != tuple(w) for a, w in zip(layer, want)):
             raise ValueError(f"state[{index}] holds arrays of shapes {[tuple(a.shape) for a in layer]}, this model's "
                              f"block {index} takes {[(batch_size, *w) for w in want]}: a state of another model? "
                              "(make_state)")
@@ -191,14 +190,15 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         """Per block, the shapes of its state's (C, n, m) after the batch axis (None for a block
         another process holds), as :func:`check_state` compares them."""
         dqk, dv = self.config.qk_head_dim, self.config.v_head_dim
-        shapes = []
-        for block in self.backbone.blocks:
-            if not isinstance(block, mLSTMBlock):
-                shapes.append(None)
-                continue
-            nh = block.mlstm_layer.projection_cell.num_heads  # this process's heads under a tensor split
-            shapes.append(((nh, dqk, dv), (nh, dqk), (nh, 1)))
-        return shapes
+        blocks = self.backbone.blocks
+        held = [isinstance(block, mLSTMBlock) for block in blocks]
+        if not any(held):
+            return [None] * len(blocks)
+        # this process's heads (a tensor split divides every block's alike), read once: this runs
+        # at every eager call (mlx-lm's decode step), and a Module's attributes are slow to reach
+        nh = blocks[held.index(True)].mlstm_layer.projection_cell.num_heads
+        shape = ((nh, dqk, dv), (nh, dqk), (nh, 1))
+        return [shape if h else None for h in held]
 
     def _mlstm_blocks(self) -> list[mLSTMBlock]:
         """The mLSTM blocks this process holds: a pipeline-parallel split
