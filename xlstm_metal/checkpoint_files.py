@@ -112,7 +112,8 @@ def chat_template(add_bos: bool) -> str:
     """A plain chat format (``User: ...`` / ``Assistant:``) for models without one; the server
     uses it (checkpoints do not get it: mlx-lm's generate would then wrap every prompt in it).
     OpenAI's ``developer`` role reads as ``system``; any other role (``tool`` ...) as a
-    ``Role: content`` line (it was dropped).
+    ``Role: content`` line (it was dropped). An assistant message's ``tool_calls`` follow its
+    text, a ``Tool call: NAME {arguments as JSON}`` line each (they were dropped).
 
     Shaped for prompt caching: the assistant's text follows ``Assistant:`` exactly as the model
     generated it and ends with EOS, as generation does, so a client that re-sends the whole
@@ -124,6 +125,12 @@ def chat_template(add_bos: bool) -> str:
         "{%- if message['role'] in ('system', 'developer') %}{{ message['content'] }}{{ '\\n\\n' }}"
         "{%- elif message['role'] == 'user' %}{{ 'User: ' }}{{ message['content'] }}{{ '\\nAssistant:' }}"
         "{%- elif message['role'] == 'assistant' %}{{ message['content'] }}"
+        "{%- for call in message['tool_calls'] or [] %}{%- set function = call['function'] or {} %}"
+        "{{ '\\n' if message['content'] or not loop.first else ' ' }}{{ 'Tool call: ' }}"
+        "{{ function['name'] or '' }}{{ ' ' }}"
+        "{%- if function['arguments'] is string %}{{ function['arguments'] }}"
+        "{%- else %}{{ (function['arguments'] or {}) | tojson }}{%- endif %}"
+        "{%- endfor %}"
         "{%- if eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}"
         "{%- else %}{{ message['role'] | capitalize }}{{ ': ' }}{{ message['content'] }}{{ '\\n' }}"
         "{%- endif %}{%- endfor %}"

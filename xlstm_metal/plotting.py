@@ -221,7 +221,7 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
         _check_records(path, train, ("step", "loss"), ("tokens", "lr"))
         _check_records(path, evals, ("step", "val_loss"), ("tokens",))
         count += 1
-        color = f"C{(count - 1) % 10}"
+        color = _run_color(count - 1, len(paths))
         if train:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], "-", color=color, lw=1,
                          label=f"{label} train")
@@ -246,6 +246,15 @@ def plot_training(runs: Iterable[str | os.PathLike], title: str | None = None) -
     fig.suptitle(title or f"training: {count} run(s)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _run_color(index: int, runs: int):
+    """Run ``index``'s colour of ``runs``: matplotlib's cycle (C0..C9) for up to 10 runs; more
+    took its colours again (run 11 looked like run 1), so then each is its own, spread over a
+    colormap."""
+    if runs <= 10:
+        return f"C{index}"
+    return matplotlib.colormaps["turbo"](0.05 + 0.9 * index / (runs - 1))
 
 
 def _run_labels(dirs: list[Path]) -> list[str]:

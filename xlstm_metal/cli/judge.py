@@ -81,7 +81,9 @@ def read_records(sources: list[str]) -> list[dict]:
             raise UsageError(f"--outputs names {earlier} more than once (a file, or one in a directory given): "
                              "give each file once")
     records = []
+    empty = []
     for file, source in zip(files, source_names(files)):
+        count = len(records)
         for n, record in read_jsonl(file, UsageError):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UsageError(f"{file}:{n}: a record needs a string 'text' field")
@@ -95,8 +97,12 @@ def read_records(sources: list[str]) -> list[dict]:
                                  f"would be replaced: judge writes {'them' if len(clash) > 1 else 'it'} into each "
                                  "row (source, line and the ratings); rename the field in the file")
             records.append({"source": source, "line": n, **record})
+        if len(records) == count:
+            empty.append(file)
     if not records:
-        raise UsageError("no records in --outputs")
+        raise UsageError(f"no records in --outputs {', '.join(map(str, empty))}")
+    for file in empty:  # one empty file among others was passed over without a word (alone: refused above)
+        print(f"warning: --outputs file {file} holds no records: nothing of it is rated", file=sys.stderr)
     return records
 
 
@@ -176,6 +182,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
     atomic_write_text(targets[0], "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     atomic_write_text(targets[1], ratings_csv(rows))
-    print(f"judged {len(rows)} texts with {source}: {perplexity_summary(rows)}; "
+    print(f"judged {len(rows)} text{'' if len(rows) == 1 else 's'} with {source}: {perplexity_summary(rows)}; "
           f"ratings in {targets[0]} and {targets[1]}", file=sys.stderr)
     return 0

@@ -163,6 +163,11 @@ def _check_output_paths(out: Path, export: Path | None, resume: bool, overwrite:
     if not resume and out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} is not empty; use --resume to continue that run or --overwrite")
     if not resume and overwrite and out.is_dir():
+        for name in OVERWRITTEN:  # the run's own files: a directory of that name is the user's (it was deleted)
+            if (out / name).is_dir():
+                raise UsageError(f"--out {out} holds a directory {out / name}, where the run writes its file "
+                                 f"{name}; --overwrite replaces only the run's own files: move it, or use "
+                                 "another --out")
         check_kept_by_overwrite(out, sources, lambda name: name.startswith("checkpoint-") or name in OVERWRITTEN,
                                 where="the run directory --out", new="the new run")
     if export is not None:
@@ -750,8 +755,10 @@ def _run(args) -> int:
 
             remove_partial_checkpoints(out)  # a killed save's temporary directory
             for child in out.iterdir():
-                if child.name.startswith("checkpoint-") or child.name in OVERWRITTEN:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.name.startswith("checkpoint-") and child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.name.startswith("checkpoint-") or (child.name in OVERWRITTEN and not child.is_dir()):
+                    child.unlink()  # a file (or a link: the link, never what it points to)
 
         if main and cfg.dtype != "float32" and mx.default_device() == mx.cpu:
             print(f"warning: {cfg.dtype} compute on a CPU is slow in MLX (no fast half-precision matmul); "

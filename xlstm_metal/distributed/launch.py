@@ -20,7 +20,8 @@ def add_parallel_argument(parser) -> None:
         "--parallel", choices=PARALLEL_MODES, default=None,
         help="under mlx.launch -n N: split the model across the N processes, by heads and FFN width "
              "(tensor, the default for xLSTM-Large) or by consecutive blocks (pipeline, for models larger "
-             "than one device; the default for the 2024 xLSTM)",
+             "than one device; the default for the 2024 xLSTM). Give every process the same model, prompt and "
+             "settings: they are checked, and different ones exit with code 2",
     )
 
 

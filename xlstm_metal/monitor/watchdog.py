@@ -187,7 +187,10 @@ class WatchdogConfig:
         if soft_bytes >= hard_bytes:
             if soft_source.startswith("default") and not hard_source.startswith("default"):
                 # a low hard limit alone (--mem-hard or XLSTM_MEM_HARD_*) moves the default soft limit under it
-                soft_bytes, soft_source = int(hard_bytes * DEFAULT_SOFT_PCT / DEFAULT_HARD_PCT), \
+                if hard_bytes < 2:  # no soft limit of at least 1 byte fits below it (it was 0 bytes: always crossed)
+                    raise ValueError(f"the hard memory limit ({hard_bytes} byte, {hard_source}) leaves no room for "
+                                     "a soft limit of at least 1 byte below it: give a larger one")
+                soft_bytes, soft_source = max(1, int(hard_bytes * DEFAULT_SOFT_PCT / DEFAULT_HARD_PCT)), \
                     f"{DEFAULT_SOFT_PCT / DEFAULT_HARD_PCT:.0%} of the hard limit"
             else:
                 raise ValueError(f"the soft memory limit ({gb(soft_bytes)}, {soft_source}) must be below the "
