@@ -93,3 +93,10 @@ def test_serve_fallback_chat_template_keeps_an_assistants_tool_calls(tmp_path):
     eos = tokenizer.eos_token or ""
     assert ('User: Weather?\nAssistant: Tool call: get_weather {"city": "Paris"}\nTool call: get_time {}'
             f'{eos}\nTool: sunny\nUser: So?\nAssistant:') in text, text
+    # The reply to a tool's result gets its cue (the prompt ended "Tool: sunny\n"); two results in a row, one cue.
+    for results, tail in ((["sunny"], "Tool: sunny\nAssistant:"), (["sunny", "9:00"], "Tool: sunny\nTool: 9:00\nAssistant:")):
+        turn = messages[:2] + [{"role": "tool", "tool_call_id": "c1", "content": r} for r in results]
+        text = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        assert text.endswith(tail), text
+    turn = messages[:3] + [{"role": "assistant", "content": "Sunny."}]
+    assert f"Tool: sunny\nAssistant:Sunny.{eos}" in tokenizer.apply_chat_template(turn, tokenize=False)

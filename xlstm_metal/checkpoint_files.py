@@ -112,7 +112,8 @@ def chat_template(add_bos: bool) -> str:
     """A plain chat format (``User: ...`` / ``Assistant:``) for models without one; the server
     uses it (checkpoints do not get it: mlx-lm's generate would then wrap every prompt in it).
     OpenAI's ``developer`` role reads as ``system``; any other role (``tool`` ...) as a
-    ``Role: content`` line (it was dropped). An assistant message's ``tool_calls`` follow its
+    ``Role: content`` line (it was dropped), followed by the ``Assistant:`` cue where the
+    assistant speaks next (or the conversation ends: a reply to a tool's result had no cue). An assistant message's ``tool_calls`` follow its
     text, a ``Tool call: NAME {arguments as JSON}`` line each (they were dropped).
 
     Shaped for prompt caching: the assistant's text follows ``Assistant:`` exactly as the model
@@ -132,7 +133,8 @@ def chat_template(add_bos: bool) -> str:
         "{%- else %}{{ (function['arguments'] or {}) | tojson }}{%- endif %}"
         "{%- endfor %}"
         "{%- if eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}"
-        "{%- else %}{{ message['role'] | capitalize }}{{ ': ' }}{{ message['content'] }}{{ '\\n' }}"
+        "{%- else %}{{ message['role'] | capitalize }}{{ ': ' }}{{ message['content'] }}"
+        "{%- if loop.last or loop.nextitem['role'] == 'assistant' %}{{ '\\nAssistant:' }}{%- else %}{{ '\\n' }}{%- endif %}"
         "{%- endif %}{%- endfor %}"
     )
 
