@@ -30,7 +30,6 @@ BOS_TOKEN, PAD_TOKEN, EOS_TOKEN = "<|bos|>", "<|pad|>", "<|eos|>"
 SPECIAL_TOKENS = (BOS_TOKEN, PAD_TOKEN, EOS_TOKEN)
 #: Smallest vocabulary of a byte-level BPE trained here: the 256 bytes and the special tokens.
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
-_SNIFF_BYTES = 8192
 
 
 class DataError(ValueError):
@@ -44,29 +43,35 @@ class Document:
     text: str
 
 
-def _check_text_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        head = fh.read(_SNIFF_BYTES)
-    if b"\x00" in head:
+def _read_unicode(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped), newlines as they are.
+    DataError for a file that cannot be read (a broken link, no permission, ...), one holding NUL
+    bytes anywhere (binary: the check looked at the first 8 KiB only, and a NUL further on was
+    trained on), or one that is not UTF-8 (naming the byte in the file: with a BOM it was 3 short)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror or err}") from None
+    if b"\x00" in raw:
         raise DataError(f"{path} looks binary (it contains NUL bytes); give text, JSON Lines or a directory of them")
+    skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark is no text (Windows tools write one)
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start + skip}); binary file?") from None
 
 
 def _read_text(path: Path) -> str:
-    _check_text_file(path)
-    try:
-        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is no text
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); binary file?") from None
+    # Newlines as Python's text mode reads them: "\r\n" and "\r" become "\n".
+    return _read_unicode(path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    _check_text_file(path)
-    try:
-        # (Windows tools write a BOM.) Records end at "\n" only: splitlines() also splits at
-        # U+2028, U+2029 and U+0085, which JSON strings may hold unescaped.
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    # Records end at "\n" only: splitlines() also splits at U+2028, U+2029 and U+0085, which JSON
+    # strings may hold unescaped, and text mode at a lone "\r", which is JSON whitespace ("\r\n"
+    # line ends leave a "\r" that json.loads skips).
+    lines = _read_unicode(path).split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -84,11 +89,37 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
         yield Document(f"{path}:{number}", text)
 
 
-def _files_under(directory: Path) -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+def _files_under(directory: Path, strict: bool = True) -> list[Path]:
+    """The files in ``directory`` and its subdirectories (hidden entries skipped), sorted by name.
+    Links to directories are followed (their files were skipped without a word, while links to
+    files were read), bar one to a directory being walked (a cycle: its files are read there).
+    ``strict``: DataError for a directory that cannot be listed (it was skipped without a word), a
+    broken link (a FileNotFoundError traceback) and an entry that is no file (a FIFO: reading it
+    waited forever); otherwise (:func:`holds_jsonl`) those are left out / listed as they are."""
+    files: list[Path] = []
+
+    def walk(folder: Path, chain: frozenset) -> None:
+        try:
+            names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+        except OSError as err:
+            if strict:
+                raise DataError(f"cannot list data directory {folder}: {err.strerror or err}") from None
+            return
+        for name in names:
+            path = folder / name
+            if path.is_dir():
+                real = path.resolve()
+                if real not in chain:
+                    walk(path, chain | {real})
+            elif path.is_file() or not strict:
+                files.append(path)
+            elif path.is_symlink():
+                raise DataError(f"{path} in data directory {directory} is a broken link (to {os.readlink(path)})")
+            else:
+                raise DataError(f"{path} in data directory {directory} is not a regular file (a FIFO, socket or "
+                                "device?); give text or JSON Lines files")
+
+    walk(directory, frozenset({directory.resolve()}))
     return files
 
 
@@ -107,7 +138,7 @@ def holds_jsonl(paths: Iterable[str | os.PathLike]) -> bool:
     whose records a text field is read from. Missing paths count as not holding one."""
     for raw in paths:
         path = Path(raw).expanduser()
-        files = _files_under(path) if path.is_dir() else [path]
+        files = _files_under(path, strict=False) if path.is_dir() else [path]
         if any(is_jsonl(file) for file in files):
             return True
     return False
@@ -128,6 +159,9 @@ def data_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 raise DataError(f"directory {path} holds no files")
         elif path.is_file():
             found = [path]
+        elif path.exists():
+            raise DataError(f"data path {path} is not a regular file or directory (a FIFO, socket or device?); "
+                            "give text or JSON Lines files, or directories of them")
         else:
             raise DataError(f"data path not found: {path}")
         for file in found:
@@ -162,7 +196,7 @@ def load_documents(paths: Iterable[str | os.PathLike], text_field: str = "text")
         raise DataError("no training data given")
     docs = [d for d in iter_documents(paths, text_field) if d.text.strip()]
     if not docs:
-        raise DataError(f"no text found in {', '.join(map(str, paths))} (all files empty)")
+        raise DataError(f"no text found in {', '.join(map(str, paths))} (every file and record is empty or blank)")
     return docs
 
 
@@ -280,6 +314,11 @@ def split_stream(
     order = np.random.default_rng(seed).permutation(len(doc_tokens))
     stream = np.concatenate([doc_tokens[i] for i in order]) if doc_tokens else np.zeros(0, np.int32)
     n_val = int(round(len(stream) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(stream):
+        # A fraction of a small stream that rounds to no token held out nothing: the run trained
+        # without validation, said to be --val-fraction 0's. One token is too few for a window,
+        # which validation_windows refuses, naming the split's size.
+        n_val = 1
     return stream[: len(stream) - n_val], stream[len(stream) - n_val :]
 
 
