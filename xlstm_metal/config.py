@@ -73,6 +73,12 @@ PASSTHROUGH_FIELDS.add(OUR_KEY)  # our kernel choice beside the NX-AI names (see
 
 
 
+#: The largest array dimension MLX takes (int32).
+MAX_DIM = 2**31 - 1
+#: config.json model_type values of an xLSTM-Large config (NX-AI's native one has none).
+MODEL_TYPES = ("xlstm",)
+
+
 def round_up(value: float, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= ``value``."""
     return int(math.ceil(value / multiple) * multiple)
@@ -167,6 +173,15 @@ class xLSTMConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"config field '{name}' must be a finite number > 0, got {value!r}")
+        # MLX takes a dimension up to 2**31 - 1 (a larger one was an OverflowError or TypeError from
+        # MLX as the model was built).
+        for name, value in (("embedding_dim", self.embedding_dim), ("vocab_size", self.vocab_size),
+                            ("qk_dim = int(embedding_dim * qk_dim_factor)", self.qk_dim),
+                            ("v_dim = int(embedding_dim * v_dim_factor)", self.v_dim),
+                            ("ffn_dim = embedding_dim * ffn_proj_factor rounded up to ffn_round_up_to_multiple_of",
+                             self.ffn_dim)):
+            if value > MAX_DIM:
+                raise ConfigError(f"config {name} is {value}: MLX's array dimensions stop at {MAX_DIM}")
         for name in ("gate_soft_cap", "output_logit_soft_cap"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -204,6 +219,10 @@ class xLSTMConfig:
         :data:`PASSTHROUGH_FIELDS` and those starting with ``_`` are kept aside in ``extra``; any
         other unknown key is a :class:`~xlstm_metal.errors.ConfigError` naming the closest field)."""
         data = dict(data)
+        model_type = data.get("model_type")
+        if model_type is not None and model_type not in MODEL_TYPES:  # a Llama's config read as xLSTM's
+            raise ConfigError(f"config field 'model_type' is {model_type!r}, not an xLSTM model "
+                              f"({' or '.join(map(repr, MODEL_TYPES))})")
         ours = data.get(OUR_KEY)
         if isinstance(ours, dict):
             # Our kernel choice wins over the NX-AI name written beside it, unless that field was

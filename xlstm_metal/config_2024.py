@@ -14,7 +14,7 @@ from typing import Any
 
 from .cells.slstm import LAYOUTS
 from .cells.xlstm_2024 import _ACTIVATIONS, round_up_dim
-from .config import _describe, _matches
+from .config import MAX_DIM, _describe, _matches
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
 
@@ -101,6 +101,11 @@ class xLSTMLMConfig:
 
     # ------------------------------------------------------------------ derived sizes
     @property
+    def _all_slstm(self) -> bool:
+        """Whether every block is an sLSTM block (without listing num_blocks positions)."""
+        return len(self.slstm_at) == self.num_blocks and self.slstm_at == list(range(self.num_blocks))
+
+    @property
     def block_map(self) -> list[str]:
         """"m" or "s" per block position."""
         return ["s" if i in self.slstm_at else "m" for i in range(self.num_blocks)]
@@ -123,6 +128,10 @@ class xLSTMLMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("embedding_dim", "vocab_size"):  # an OverflowError from MLX as the model was built
+            value = getattr(self, name)
+            if isinstance(value, int) and value > MAX_DIM:
+                raise ConfigError(f"{name} is {value}: MLX's array dimensions stop at {MAX_DIM}")
         _check_fields(self, "")
         m = self.mlstm_block.mlstm if self.mlstm_block is not None else None
         ff = self.slstm_block.feedforward if self.slstm_block is not None else None
@@ -139,7 +148,7 @@ class xLSTMLMConfig:
             raise ConfigError(f"slstm_block.feedforward.act_fn {ff.act_fn!r}: choose from {sorted(_ACTIVATIONS)}")
         # Rounded down, a small proj_factor gave width 0: a ZeroDivisionError (feed-forward) or a
         # LinearHeadwise ValueError (mLSTM) when the model was built.
-        has_m, has_s = self.slstm_at != list(range(self.num_blocks)), bool(self.slstm_at)
+        has_m, has_s = not self._all_slstm, bool(self.slstm_at)
         for where, c, width in (("mlstm_block.mlstm", has_m and m, has_m and m and self.mlstm_inner_dim),
                                 ("slstm_block.feedforward", has_s and ff, has_s and ff and self.ffn_dim)):
             if c and width < 1:
@@ -162,7 +171,7 @@ class xLSTMLMConfig:
                 raise ConfigError(f"slstm_block.slstm.backend must be one of {LAYOUTS}, got {s.backend!r}")
             if s.function != "slstm":
                 raise ConfigError(f"slstm_block.slstm.function {s.function!r}: only 'slstm' cells are supported")
-        if self.slstm_at != list(range(self.num_blocks)):
+        if not self._all_slstm:
             m = self.mlstm_block.mlstm
             inner = self.mlstm_inner_dim
             if m.num_heads <= 0 or inner % m.num_heads:

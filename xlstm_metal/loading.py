@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .cells.norms import rms_norm
 from .config import xLSTMConfig
-from .config_2024 import is_xlstm_2024_config, read_config as read_config_2024, xLSTMLMConfig
+from .config_2024 import _model_section, is_xlstm_2024_config, read_config as read_config_2024, xLSTMLMConfig
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
 from .models.xlstm_2024 import xLSTMLMModel
@@ -72,11 +72,25 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
 def read_config_dict(directory: Path) -> dict[str, Any]:
     """The checkpoint's config: config.json, else config.yaml (NX-AI's 2024 xLSTM)."""
     config_path = directory / CONFIG_NAME
-    if config_path.is_file():
+    if is_checkpoint_file(config_path):
         return read_json_object(config_path, CheckpointError)
-    if (directory / "config.yaml").is_file():
+    if is_checkpoint_file(directory / "config.yaml"):
         return read_config_2024(directory)
     raise CheckpointError(f"no {CONFIG_NAME} in checkpoint directory {directory}")
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether the checkpoint holds the file ``path`` (False when there is nothing by that name);
+    CheckpointError when something is there that cannot be one: a directory, a broken symlink
+    (each read as "no such file": a weight folder named model.safetensors was "no
+    model.safetensors", a folder named the shard index was passed over for the single file)."""
+    if path.is_file():
+        return True
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path} is a broken symlink (to {os.readlink(path)})")
+    if path.exists():
+        raise CheckpointError(f"{path} is a directory, not a file")
+    return False
 
 
 def _load_file(path: Path) -> dict[str, mx.array]:
@@ -97,7 +111,7 @@ def _load_file(path: Path) -> dict[str, mx.array]:
 def check_weight_file(path: Path) -> None:
     """CheckpointError naming safetensors file ``path`` if it is missing or its header is corrupt
     (reads the header only; `mlx-lm` checks a model's files with it before mlx-lm loads them)."""
-    if not path.is_file():
+    if not is_checkpoint_file(path):
         raise CheckpointError(f"weight file missing: {path}")
     from safetensors import safe_open
 
@@ -117,6 +131,24 @@ def _shard_names(index_path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path} is not a valid safetensors index: 'weight_map' must be a non-empty "
                               f"object mapping tensor names to shard files")
+    # JSON keeps the last of a key given twice: a tensor mapped to two shards loaded from the
+    # second without a word.
+    twice: dict[str, set] = {}
+
+    def pairs(items: list) -> dict:
+        seen: dict = {}
+        for key, value in items:
+            if key in seen and seen[key] != value and isinstance(value, str):
+                twice.setdefault(key, {seen[key]}).add(value)
+            seen[key] = value
+        return seen
+
+    json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    twice = {key: shards for key, shards in twice.items() if key in weight_map}
+    if twice:
+        key, shards = next(iter(twice.items()))
+        raise CheckpointError(f"{index_path} maps {len(twice)} tensor(s) to more than one shard, e.g. {key!r} to "
+                              f"{' and '.join(sorted(map(str, shards)))}: which one holds it?")
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
             raise CheckpointError(f"{index_path}: tensor {key!r} maps to {shard!r}, which is not a file name "
@@ -127,18 +159,31 @@ def _shard_names(index_path: Path) -> dict[str, str]:
 def read_weights(directory: Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint directory, single file or sharded."""
     index_path = directory / INDEX_NAME
-    if index_path.is_file():
+    single = is_checkpoint_file(directory / WEIGHTS_NAME)
+    if is_checkpoint_file(index_path):
         weight_map = _shard_names(index_path)
+        if single and WEIGHTS_NAME not in weight_map.values():  # (mlx-lm's index lists its single file)
+            raise CheckpointError(f"{directory} holds both {WEIGHTS_NAME} and shards listed in {INDEX_NAME}: "
+                                  f"two sets of weights (the shards were read, the single file passed over); remove one")
         weights: dict[str, mx.array] = {}
+        found_in: dict[str, str] = {}
         for shard in sorted(set(weight_map.values())):
             shard_weights = _load_file(directory / shard)
             listed = {k for k, v in weight_map.items() if v == shard}
             missing = sorted(listed - set(shard_weights))
             if missing:
                 raise CheckpointError(f"shard {directory / shard} lacks tensors its index lists: {missing[:10]}")
-            weights.update(shard_weights)
+            # A tensor in two shards: the copy the index names (the later shard's won, whatever the index said).
+            for key, value in shard_weights.items():
+                if weight_map.get(key, shard) != shard:
+                    continue
+                if key in found_in:
+                    raise CheckpointError(f"tensor {key!r} is in both {found_in[key]} and {shard} of {directory}, "
+                                          f"and {INDEX_NAME} names neither: which copy is the model's?")
+                found_in[key] = shard
+                weights[key] = value
         return weights
-    if (directory / WEIGHTS_NAME).is_file():
+    if single:
         return _load_file(directory / WEIGHTS_NAME)
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint directory {directory}")
 
@@ -193,6 +238,19 @@ def sanitize_xlstm_large(weights: dict[str, mx.array], config: xLSTMConfig) -> d
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+_LARGE_BLOCK_KEY = re.compile(r"^backbone\.blocks\.(\d+)\.")
+
+
+def check_block_count(weights: dict[str, mx.array], config: xLSTMConfig, source: str | os.PathLike) -> None:
+    """CheckpointError when ``config`` asks for more blocks than the weights hold, checked
+    before the model is built (a num_blocks of 10**12 built blocks for hours; a few too many
+    were listed as missing tensors, block by block)."""
+    held = {int(match.group(1)) for key in weights if (match := _LARGE_BLOCK_KEY.match(key))}
+    if config.num_blocks > len(held):
+        raise CheckpointError(f"{Path(source) / CONFIG_NAME}: num_blocks is {config.num_blocks} but the weights hold "
+                              f"{len(held)} block(s)")
 
 
 def lm_head_trained_apart(weights: dict[str, mx.array], config: xLSTMConfig) -> bool:
@@ -392,6 +450,14 @@ def model_from_checkpoint(
     (:func:`wire_2024_config`), and a missing vocab_size from ``token_embedding.weight``.
     Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
     """
+    # The block count before the config is built: num_blocks 10**12 listed 10**12 positions (a
+    # MemoryError) before wire_2024_config compared it with the weights.
+    num_blocks = _model_section(config_dict).get("num_blocks") if isinstance(config_dict, dict) else None
+    if isinstance(num_blocks, int) and not isinstance(num_blocks, bool):
+        held = len(detect_block_kinds(weights, str(source)))
+        if num_blocks > held:
+            raise CheckpointError(f"checkpoint {source}: the weights hold {held} blocks, the config says "
+                                  f"num_blocks={num_blocks}")
     try:
         config = xLSTMLMConfig.from_dict(config_dict)
     except ConfigError as err:
@@ -454,6 +520,8 @@ def load_model(path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
         except ConfigError as err:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
     weights = read_weights(directory)
+    if kind == "large":
+        check_block_count(weights, config, directory)
     if kind == "large" and lm_head_trained_apart(weights, config):
         config.tie_word_embeddings = False  # as transformers computes it; see lm_head_trained_apart
     if kind == "lab":

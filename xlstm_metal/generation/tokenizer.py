@@ -26,8 +26,21 @@ class TokenizerError(ValueError):
     """A tokenizer directory that cannot be read; the message names the file."""
 
 
+def _present(path: Path) -> bool:
+    """Whether the checkpoint holds the file ``path`` (False: nothing by that name); TokenizerError
+    for a directory or a broken symlink there (each was passed over as absent: a tokenizer.json
+    folder read as "no tokenizer.json", a generation_config.json folder's EOS ids were lost)."""
+    if path.is_file():
+        return True
+    if path.is_symlink() and not path.exists():
+        raise TokenizerError(f"{path} is a broken symlink (to {os.readlink(path)})")
+    if path.exists():
+        raise TokenizerError(f"{path} is a directory, not a file")
+    return False
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    return read_json_object(path, TokenizerError) if path.is_file() else {}
+    return read_json_object(path, TokenizerError) if _present(path) else {}
 
 
 def _as_id_list(value: Any, where: str = "token id") -> list[int] | None:
@@ -98,7 +111,7 @@ class Tokenizer:
         tokenizer_config.json (each optional) from a checkpoint directory."""
         directory = Path(path)
         tok_path = directory / TOKENIZER_FILE
-        if not tok_path.is_file():
+        if not _present(tok_path):
             raise TokenizerError(f"no {TOKENIZER_FILE} in {directory}")
         try:
             hf = _HFTokenizer.from_file(str(tok_path))
@@ -256,6 +269,6 @@ class StreamingDetokenizer:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     """The tokenizer of a checkpoint directory, or None when it has no tokenizer.json."""
     directory = Path(path)
-    if not (directory / TOKENIZER_FILE).is_file():
+    if not _present(directory / TOKENIZER_FILE):
         return None
     return Tokenizer.from_dir(directory)
