@@ -57,6 +57,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--prefill-step-size", type=int, default=None,
                         help="prompt tokens per forward pass (default: the --profile's prefill_chunk, else 2048)")
     parser.add_argument("--allowed-origins", default="*", help="CORS origins, comma-separated (default: *)")
+    parser.add_argument("--allowed-models", metavar="MODEL[,MODEL...]|*",
+                        help="checkpoints (directories or Hugging Face ids) a request's \"model\" may name besides "
+                             "--model, loaded in its place; * for any (mlx-lm's server: any directory of this "
+                             "machine, any Hugging Face id, downloaded) (default: none)")
+    parser.add_argument("--allowed-adapters", metavar="DIR[,DIR...]|*",
+                        help="LoRA adapter directories a request's \"adapters\" may name besides --adapter-path; "
+                             "* for any (default: none)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="the longest a client may keep the server waiting on one read or write (a request "
+                             "not sent, a body shorter than its Content-Length) before its connection is closed "
+                             "(default: 60)")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="server log level (default: WARNING)")
     from ..distributed import add_parallel_argument
@@ -72,6 +83,13 @@ def allowed_origins(args: argparse.Namespace) -> list[str]:
     return [origin.strip() for origin in args.allowed_origins.split(",")]
 
 
+def allowed_names(setting: str | None) -> list[str] | None:
+    """--allowed-models / --allowed-adapters as a list (spaces around the commas dropped; not
+    given: none); None for * (any)."""
+    names = [name.strip() for name in (setting or "").split(",") if name.strip()]
+    return None if "*" in names else names
+
+
 def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -80,6 +98,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not (args.request_timeout > 0 and math.isfinite(args.request_timeout)):
+        raise UsageError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     if args.prompt_cache_size < 0:
         raise UsageError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
     from .generate import SAMPLING_RULES  # generate's rules, but mlx-lm's 0 = no repetition penalty
@@ -124,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=prefill_step_size,
         allowed_origins=allowed_origins(args), log_level=args.log_level, parallel=args.parallel,
+        allowed_models=allowed_names(args.allowed_models), allowed_adapters=allowed_names(args.allowed_adapters),
+        request_timeout=args.request_timeout,
     )
     from ..distributed import world
 

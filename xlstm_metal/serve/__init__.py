@@ -136,6 +136,11 @@ MODEL_DEFAULTS = {"max_tokens": ("max_tokens", 512), "temperature": ("temp", 0.0
 #: The largest request body read (a 413 beyond): a Content-Length of 10**12 made the handler
 #: allocate that much at once (a MemoryError traceback, no response).
 MAX_BODY_BYTES = 64 * 2**20
+#: Seconds a connection may keep the server waiting on one read or write (its request line,
+#: headers, body; a reply it does not read): the handler's socket timeout, ``request_timeout``
+#: in :func:`server_args`. There was none: a client that connected and sent nothing, or sent a
+#: Content-Length larger than its body, held a thread (and its connection) for ever.
+REQUEST_TIMEOUT_S = 60.0
 #: Choices of one request at most (its prompts times n; OpenAI's limit of n).
 MAX_CHOICES = 128
 #: The bound on the penalties' context sizes: MLX slices take 32-bit indices (a larger one failed in
@@ -190,6 +195,25 @@ def _param_of(message: str) -> str | None:
         return None
     name = _FIELD_OF_ATTRIBUTE.get(match[1], match[1])
     return name + match[2] if name in CHAT_FIELDS | COMPLETION_FIELDS else None
+
+
+def _resolved(name: str) -> str | None:
+    """The absolute path a model or adapters name means as a local path (None: none can)."""
+    try:
+        return str(Path(name).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop
+        return None
+
+
+def is_allowed(name: str, allowed: Any) -> bool:
+    """Whether a request may name the checkpoint or adapters ``name``: ``allowed`` None is any
+    (mlx-lm's server loads whatever a request names: any directory of the server's, any Hugging
+    Face id, downloaded), else ``name`` must be one of them, as written or as the same directory.
+    Looked at before the name touches the file system or the network."""
+    if allowed is None or name in allowed:
+        return True
+    path = _resolved(name)
+    return path is not None and path in {_resolved(str(entry)) for entry in allowed}
 
 
 def allowed_methods(path: str) -> tuple[str, ...]:
@@ -285,6 +309,10 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
         prompt_cache_size=10, prompt_cache_bytes=None, kv_bits=None, kv_group_size=64,
         quantized_kv_start=mlx_server.DEFAULT_QUANTIZED_KV_START, pipeline=False, dtype=None, profile=None,
         parallel=None,  # ours: "tensor" | "pipeline" | None under mlx.launch (xlstm_metal.distributed)
+        # ours: the checkpoints (paths or Hugging Face ids) a request's ``model`` may name besides the
+        # served one, and the adapter directories its ``adapters`` may: None is any (mlx-lm's way),
+        # () none; `xlstm-metal serve` allows none unless --allowed-models / --allowed-adapters say so.
+        allowed_models=None, allowed_adapters=None, request_timeout=REQUEST_TIMEOUT_S,
     )
     unknown = set(overrides) - set(args)
     if unknown:
@@ -1362,6 +1390,14 @@ class APIHandler(mlx_server.APIHandler):
     """mlx-lm's request handler, plus the chat page at ``/``, stricter request checks, and a
     generation stopped when its client leaves, streaming or not."""
 
+    @property
+    def timeout(self) -> float | None:
+        """The connection's socket timeout (socketserver sets it before the request is read): the
+        server's ``request_timeout``. A read or write that waits longer ends the connection (a
+        body cut short: a 408). mlx-lm's handler had none."""
+        cli_args = getattr(self.response_generator, "cli_args", None)
+        return getattr(cli_args, "request_timeout", REQUEST_TIMEOUT_S)
+
     def do_GET(self):
         path = self.path.split("?", 1)[0]
         if path in PAGE_PATHS:
@@ -1795,7 +1831,17 @@ class APIHandler(mlx_server.APIHandler):
             self.close_connection = True  # the body is not read
             self._error(413, f"the request body is {length} bytes; this server reads at most {MAX_BODY_BYTES}")
             return False
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:  # a Content-Length beyond what the client sends: it waited for ever
+            self.close_connection = True
+            self._error(408, f"the request body did not arrive: Content-Length says {length} bytes, and none came "
+                             f"for {self.timeout:g} s")
+            return False
+        if len(raw) < length:  # the client closed its end early
+            self.close_connection = True
+            self._error(400, f"the request body is {len(raw)} bytes; Content-Length says {length}")
+            return False
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as err:
@@ -1932,6 +1978,7 @@ class APIHandler(mlx_server.APIHandler):
             if str(err).startswith("max_tokens") and self.body.get("max_completion_tokens") is not None:
                 raise ValueError("max_completion_tokens" + str(err)[len("max_tokens"):]) from None  # the field sent
             raise
+        self._check_model_allowed()
         if self.max_tokens > MAX_CONTEXT_SIZE:  # as the CLI's -n: a larger one ran until the client gave up
             sent = "max_completion_tokens" if self.body.get("max_completion_tokens") is not None else "max_tokens"
             raise ValueError(f"{sent} must be at most {MAX_CONTEXT_SIZE}, got {self.max_tokens}")
@@ -2281,13 +2328,33 @@ class APIHandler(mlx_server.APIHandler):
         elif isinstance(self.top_logprobs, int) and self.top_logprobs > 0 and self.logprobs is not True:
             raise ValueError("top_logprobs needs logprobs: true")
 
+    def _check_model_allowed(self) -> None:
+        """A request's ``model`` naming a checkpoint other than the served one: refused (a 404,
+        model_not_found, before the name reaches the file system or the Hub) unless the server's
+        ``allowed_models`` lists it. mlx-lm loaded any directory of the server's, or downloaded
+        any Hugging Face id, in place of the served model, for any client."""
+        model, cli_args = self.requested_model, self.response_generator.cli_args
+        if model in self.response_generator.model_provider._model_map:  # the served model's names
+            return
+        if not is_allowed(model, getattr(cli_args, "allowed_models", None)):
+            raise _RequestFailed(ServeError(
+                f"model {model!r} is not served here: this server serves {self._served_model_id} (other "
+                "checkpoints only where its operator allows them: xlstm-metal serve --allowed-models)"))
+
     def _check_adapters(self) -> None:
         """mlx-lm's ``adapters``: a directory of LoRA adapters on the server (as mlx_lm.lora
-        writes them) for this request, loaded onto the model in place of its own."""
+        writes them) for this request, loaded onto the model in place of its own; one the
+        server's ``allowed_adapters`` (or its own ``adapter_path``) names."""
         if self.adapter is None:
             return
         if not isinstance(self.adapter, str) or not self.adapter:
             raise ValueError(f"adapters must be the path of a directory of LoRA adapters, got {self.adapter!r}")
+        cli_args = self.response_generator.cli_args
+        allowed = getattr(cli_args, "allowed_adapters", None)
+        own = getattr(cli_args, "adapter_path", None)
+        if not is_allowed(self.adapter, None if allowed is None else [*allowed, *([own] if own else [])]):
+            raise ValueError(f"adapters {self.adapter!r} are not allowed here: a request may name only the server's "
+                             "own adapters (--adapter-path) and those its operator allows (--allowed-adapters)")
         path = Path(self.adapter).expanduser()
         if not all((path / name).is_file() for name in ("adapter_config.json", "adapters.safetensors")):
             raise ValueError(f"adapters: {self.adapter} is not a directory of LoRA adapters "
