@@ -104,7 +104,8 @@ def test_fields_that_change_no_reply_take_openais_types(server, field, value):
 @pytest.mark.slow
 def test_a_second_ctrl_c_while_closing_ends_the_server_with_130(tmp_path):
     """Two SIGINTs back to back (a terminal's Ctrl-C under `timeout` sends two): the second one
-    raised KeyboardInterrupt inside close(), the interpreter exited with the generation thread
+    raised KeyboardInterrupt inside close() (or, on a loaded machine, in the interpreter's join of
+    the threads after it), the interpreter exited with the generation thread
     inside MLX, and C++ aborted ("terminate called without an active exception", exit 134), or it hung."""
     import signal
     import subprocess
@@ -123,7 +124,8 @@ def test_a_second_ctrl_c_while_closing_ends_the_server_with_130(tmp_path):
         process.send_signal(signal.SIGINT)
         rc = process.wait(timeout=60)
         rest = process.stderr.read()
-        assert rc == 130 and "terminate called" not in rest, (rc, rest)
+        # 130 (our exit), or -SIGINT where the second one came after Python let go of its handlers
+        assert rc in (130, -signal.SIGINT) and "terminate called" not in rest, (rc, rest)
     finally:
         if process.poll() is None:
             process.kill()

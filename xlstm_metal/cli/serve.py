@@ -166,5 +166,5 @@ def run(args: argparse.Namespace) -> int:
     current_job().update(phase="idle", unit="requests")
     print(f"serving on {server.url}  (chat page: {server.url}/ , API: {server.url}/v1)  Ctrl-C stops",
           file=sys.stderr, flush=True)
-    server.serve_forever()  # Ctrl-C: KeyboardInterrupt after the server closed
+    server.serve_forever(interrupt_exits=True)  # Ctrl-C: KeyboardInterrupt after the server closed
     return 0

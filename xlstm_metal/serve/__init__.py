@@ -2476,27 +2476,31 @@ def _close_at_exit(server: "Server") -> None:
         _OPEN_SERVERS.add(server)
 
 
+def _exit_now(signum, frame) -> None:
+    """A second Ctrl-C (SIGINT handler): end the process at once with 130."""
+    print("\ninterrupted again: stopping at once", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGINT)
+
+
 @contextlib.contextmanager
-def _second_interrupt_exits() -> Iterator[None]:
+def _second_interrupt_exits(until_exit: bool = False) -> Iterator[None]:
     """While the server closes after Ctrl-C (up to :data:`CLOSE_S`), a second Ctrl-C ends the
-    process at once with 130. It raised KeyboardInterrupt inside ``close()`` instead, which left
-    the generation thread inside MLX as the interpreter exited: "terminate called without an
-    active exception" and an abort (exit 134), as a terminal's Ctrl-C under ``timeout`` sends
-    SIGINT twice. Main thread only (where Python runs signal handlers), default handler only."""
+    process at once with 130, and with ``until_exit`` (the command line) also afterwards, while
+    the interpreter's shutdown joins threads. It raised KeyboardInterrupt inside ``close()`` or
+    that join instead, which left the generation thread inside MLX as the interpreter exited:
+    "terminate called without an active exception" and an abort (exit 134), or a hang, as a
+    terminal's Ctrl-C under ``timeout`` sends SIGINT twice. Main thread only (where Python runs
+    signal handlers), default handler only."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-
-    def exit_now(signum, frame):
-        print("\ninterrupted again: stopping at once", file=sys.stderr, flush=True)
-        os._exit(128 + signal.SIGINT)
-
-    signal.signal(signal.SIGINT, exit_now)
+    signal.signal(signal.SIGINT, _exit_now)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not until_exit:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Server:
@@ -2511,11 +2515,14 @@ class Server:
         self.closed = False
         _close_at_exit(self)
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, *, interrupt_exits: bool = False) -> None:
+        """Serve until Ctrl-C (KeyboardInterrupt, raised once the server closed); a second Ctrl-C
+        while it closes ends the process at once, and with ``interrupt_exits`` (the command line)
+        any later one too, until the process ends."""
         try:
             self.httpd.serve_forever()
         finally:
-            with _second_interrupt_exits():
+            with _second_interrupt_exits(until_exit=interrupt_exits):
                 self.close()
 
     def start(self) -> "Server":
