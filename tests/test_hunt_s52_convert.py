@@ -63,3 +63,16 @@ def test_convert_q_names_the_layers_its_group_size_leaves_in_float(tmp_path, cap
     assert "lm_head, token_embedding" in err and "igate" not in err
     assert main(["convert", str(src), str(tmp_path / "q32"), "-q", "--q-group-size", "32"]) == 0
     assert "stay in float" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["no", 0, "false"])
+def test_generation_configs_do_sample_must_be_a_boolean(tmp_path, value):
+    # `"do_sample": "no"` was read as true: sampling switched on, against the file's word.
+    from xlstm_metal.cli import UsageError
+    from xlstm_metal.cli.generate import read_generation_config
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": value, "temperature": 0.5}))
+    with pytest.raises(UsageError, match=r"do_sample must be true or false, got .* \(from "):
+        read_generation_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.5}))
+    assert read_generation_config(tmp_path) == ({}, None)

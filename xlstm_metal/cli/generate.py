@@ -134,7 +134,10 @@ def read_generation_config(model_dir: Path) -> tuple[dict[str, Any], int | None]
                 raise UsageError(f"max_length must be an integer > 0, got {max_length!r} (from {path})")
         if config.get("repetition_penalty") is not None:
             from_file["repetition_penalty"] = config["repetition_penalty"]
-        if config.get("do_sample"):
+        do_sample = config.get("do_sample")
+        if do_sample is not None and not isinstance(do_sample, bool):  # "no" read as true: sampling on
+            raise UsageError(f"do_sample must be true or false, got {do_sample!r} (from {path})")
+        if do_sample:
             from_file.update(TRANSFORMERS_SAMPLING_DEFAULTS)
             from_file.update({ours: config[key] for key, ours in _GENERATION_CONFIG_KEYS.items()
                               if config.get(key) is not None})
