@@ -2458,8 +2458,15 @@ def _close_open_servers() -> None:
     forever."""
     with _OPEN_LOCK:
         servers = list(_OPEN_SERVERS)
-    for server in servers:
-        server.close()
+    if not servers:
+        return
+    # A Ctrl-C that came before Server.serve_forever's own close (the command line's first one
+    # just after "serving on", on a loaded machine) ends here: a second one during this close
+    # raised KeyboardInterrupt in threading's shutdown, which then left the generation thread
+    # inside MLX at exit ("terminate called without an active exception", an abort).
+    with _second_interrupt_exits(until_exit=True):
+        for server in servers:
+            server.close()
 
 
 def _close_at_exit(server: "Server") -> None:
