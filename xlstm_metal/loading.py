@@ -26,6 +26,7 @@ from .config import xLSTMConfig
 from .config_2024 import _model_section, is_xlstm_2024_config, read_config as read_config_2024, xLSTMLMConfig
 from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
+from .pathnames import file_present
 from .models.xlstm_2024 import xLSTMLMModel
 from .models.xlstm_large import xLSTMLarge
 
@@ -81,16 +82,8 @@ def read_config_dict(directory: Path) -> dict[str, Any]:
 
 def is_checkpoint_file(path: Path) -> bool:
     """Whether the checkpoint holds the file ``path`` (False when there is nothing by that name);
-    CheckpointError when something is there that cannot be one: a directory, a broken symlink
-    (each read as "no such file": a weight folder named model.safetensors was "no
-    model.safetensors", a folder named the shard index was passed over for the single file)."""
-    if path.is_file():
-        return True
-    if path.is_symlink() and not path.exists():
-        raise CheckpointError(f"{path} is a broken symlink (to {os.readlink(path)})")
-    if path.exists():
-        raise CheckpointError(f"{path} is a directory, not a file")
-    return False
+    CheckpointError for a directory or a broken symlink there (:func:`pathnames.file_present`)."""
+    return file_present(path, CheckpointError)
 
 
 def _load_file(path: Path) -> dict[str, mx.array]:

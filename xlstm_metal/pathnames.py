@@ -1,7 +1,8 @@
-"""Short names that tell files apart, for labels and table rows."""
+"""Paths: short names that tell files apart (labels, table rows), and a checkpoint file's presence."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -16,3 +17,16 @@ def distinct_names(paths: list[tuple[str, ...]]) -> list[str]:
             n += 1
         labels.append(str(Path(*parts[-n:])))
     return labels
+
+
+def file_present(path: Path, error: type[Exception]) -> bool:
+    """Whether ``path`` is a file (False: nothing by that name); ``error`` for a directory or a
+    broken symlink there, which loaders passed over as absent ("no tokenizer.json" for a folder
+    of that name; a folder named the shard index skipped for the single weight file)."""
+    if path.is_file():
+        return True
+    if path.is_symlink() and not path.exists():
+        raise error(f"{path} is a broken symlink (to {os.readlink(path)})")
+    if path.exists():
+        raise error(f"{path} is a directory, not a file")
+    return False

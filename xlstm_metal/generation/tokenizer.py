@@ -17,6 +17,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from ..checks import bad_token_ids, is_integer
+from ..pathnames import file_present
 from ..jsonfiles import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -28,15 +29,8 @@ class TokenizerError(ValueError):
 
 def _present(path: Path) -> bool:
     """Whether the checkpoint holds the file ``path`` (False: nothing by that name); TokenizerError
-    for a directory or a broken symlink there (each was passed over as absent: a tokenizer.json
-    folder read as "no tokenizer.json", a generation_config.json folder's EOS ids were lost)."""
-    if path.is_file():
-        return True
-    if path.is_symlink() and not path.exists():
-        raise TokenizerError(f"{path} is a broken symlink (to {os.readlink(path)})")
-    if path.exists():
-        raise TokenizerError(f"{path} is a directory, not a file")
-    return False
+    for a directory or a broken symlink there (:func:`pathnames.file_present`)."""
+    return file_present(path, TokenizerError)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
