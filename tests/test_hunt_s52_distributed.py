@@ -16,7 +16,7 @@ def test_tensor_parallel_rank_ends_when_its_peer_is_killed_without_mlx_launch(tm
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     code, _, err = kill_rank_1_during(
         tmp_path, ["generate", "-m", str(ckpt), "-p", "the quick", "-n", "1000000", "--temp", "0",
-                   "--parallel", "tensor"], lambda j: (j.get("done") or 0) > 20, tries=1)
+                   "--parallel", "tensor"], lambda j: (j.get("done") or 0) > 20, tries=1, watched=True)
     assert code != 0 and "Traceback" not in err, err[-2000:]
     assert "xlstm-metal: error: rank 0 of 2: lost the connection to rank 1 in a collective" in err, err[-2000:]
 
