@@ -12,7 +12,7 @@ from ..kernels.fast.skinny import (
     FastLinear, gate_up_swiglu_product, linear_product, swiglu_linear_product, uses_gate_up_swiglu, uses_swiglu_product,
 )
 from ..kernels.fast.train_rows import (
-    swiglu_down_residual, swiglu_joined, swiglu_joined_supported, train_recompute_enabled,
+    swiglu_down_residual, swiglu_joined, swiglu_joined_supported, swiglu_output_recomputed,
 )
 from .activations import silu
 from .fused import FusedLayers, fusion_groups, linear_output, plain_linear_weight
@@ -45,7 +45,7 @@ class FeedForward(nn.Module):
             joined = _GATE_UP.joined_product(self, x)
             if joined is not None:
                 down = plain_linear_weight(self.proj_down)
-                if down is not None and train_recompute_enabled():  # SwiGLU's output not kept
+                if down is not None and swiglu_output_recomputed():  # SwiGLU's output not kept
                     return swiglu_down_residual(joined, down)  # (+ a residual_into_output's x)
                 return linear_output(self.proj_down, swiglu_joined(joined))
         if mx.default_device() != mx.cpu:

@@ -699,6 +699,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
     (:func:`~xlstm_metal.cells.embedding.ordered_embedding_grads`), so runs repeat bit for bit."""
     from ..cells.fused import traced_fusion
     from ..kernels.fast.chunkwise_grad import entering_states_kept, final_states_unread, keep_states_enabled
+    from ..kernels.fast.train_rows import counting_ffns
 
     terms = MLSTM_PRODUCTS[mlstm_products]
     keep = keep_states_enabled()
@@ -726,7 +727,7 @@ def make_loss_fn(model, compute_dtype: mx.Dtype, recompute: str = "none", head_l
         # The fused mLSTM kernels' forward keeps its entering states for the backward where
         # that is on (bf16 products; keep_states_enabled).
         with traced_fusion(fuse_projections), final_states_unread(), product_terms(terms), \
-                entering_states_kept(keep), ordered_embedding_grads(ordered_grads):
+                entering_states_kept(keep), ordered_embedding_grads(ordered_grads), counting_ffns():
             return loss(inputs, targets)
 
     return loss_fn
