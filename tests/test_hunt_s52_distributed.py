@@ -2,6 +2,7 @@
 hand as well as by mlx.launch."""
 
 import json
+import re
 
 import pytest
 
@@ -18,7 +19,10 @@ def test_tensor_parallel_rank_ends_when_its_peer_is_killed_without_mlx_launch(tm
         tmp_path, ["generate", "-m", str(ckpt), "-p", "the quick", "-n", "1000000", "--temp", "0",
                    "--parallel", "tensor"], lambda j: (j.get("done") or 0) > 20, tries=1, watched=True)
     assert code != 0 and "Traceback" not in err, err[-2000:]
-    assert "xlstm-metal: error: rank 0 of 2: lost the connection to rank 1 in a collective" in err, err[-2000:]
+    # the ring watch's line, or (where MLX's own error path runs first: on CUDA, H100 S53) the
+    # generation's, which also says how far it got
+    assert re.search(r"xlstm-metal: error: rank 0 of 2: (lost the connection to rank 1 in a collective|"
+                     r"the generation stopped after \d+ tokens: lost the connection to rank 1 )", err), err[-2000:]
 
 
 def test_ranks_that_loaded_different_models_are_refused(tmp_path):
