@@ -6,6 +6,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +43,32 @@ def ring_env(rank: int, n: int, port: int, tmp: Path) -> dict[str, str]:
     hostfile = tmp / f"ring-{port}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
     return {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+
+
+def run_two_ranks(tmp_path: Path, commands: list[list], *, envs: list[dict] | None = None,
+                  inputs: list[str] | None = None, cwds: list | None = None,
+                  timeout: float = 90) -> list[tuple[int, str, str]]:
+    """``commands[r]`` as rank r of a 2-process ring started by hand (no mlx.launch), with
+    ``envs[r]`` added to its environment, ``inputs[r]`` on its stdin (from a file: no rank waits
+    for us) and ``cwds[r]`` as its directory: [(exit code, stdout, stderr)] per rank; a rank
+    still running after ``timeout`` seconds fails the test (killed)."""
+    port = free_port(2)
+    procs = []
+    try:
+        for r, cmd in enumerate(commands):
+            stdin = tmp_path / f"stdin-{port}-{r}"
+            stdin.write_text(inputs[r] if inputs else "")
+            with open(stdin) as handle:
+                procs.append(subprocess.Popen(list(map(str, cmd)), env={**ring_env(r, 2, port, tmp_path),
+                                                                         **(envs[r] if envs else {})},
+                                              cwd=cwds[r] if cwds else None, stdin=handle, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=timeout)]]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def assert_memory_stop(rank: int, hit: int, code: int, err: str, prefix: str = "",

@@ -252,27 +252,11 @@ def tiny_checkpoint(path):
 def run_ranks(tmp_path, command, hit):
     """Two ranks of ``command`` (ring backend); rank ``hit`` over a 2 MB hard memory limit.
     Returns [(exit code, stdout, stderr)] per rank; a rank still running after 60 s fails."""
-    from distributed_helpers import free_port, ring_env
+    from distributed_helpers import run_two_ranks
 
-    port = free_port(2)
-    procs = []
-    for rank in range(2):
-        env = {**ring_env(rank, 2, port, tmp_path), "XLSTM_RUNTIME_DIR": str(tmp_path / "runtime")}
-        if rank == hit:
-            env["XLSTM_MEM_HARD_MB"] = "2"  # any process is over 2 MB
-        procs.append(subprocess.Popen([sys.executable, "-m", "xlstm_metal", *command], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=60)
-            results.append((p.returncode, out, err))
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    envs = [{"XLSTM_RUNTIME_DIR": str(tmp_path / "runtime"), **({"XLSTM_MEM_HARD_MB": "2"} if rank == hit else {})}
+            for rank in range(2)]  # 2 MB: any process is over it
+    return run_two_ranks(tmp_path, [[sys.executable, "-m", "xlstm_metal", *command]] * 2, envs=envs, timeout=60)
 
 
 def assert_all_stopped_for(results, hit):

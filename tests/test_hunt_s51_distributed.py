@@ -2,12 +2,11 @@
 in the profiles as the commands apply them."""
 
 import json
-import subprocess
 import sys
 
 from xlstm_metal.profiles import load_profile
 
-from distributed_helpers import free_port, ring_env  # noqa: E402
+from distributed_helpers import run_two_ranks  # noqa: E402
 from test_train_cli import make_corpus  # noqa: E402
 
 TRAIN = ["--config", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--steps", "2",
@@ -20,21 +19,7 @@ def xlstm_cmd(*args):
 
 def _run_ranks(tmp_path, commands, cwds=None, timeout=180):
     """Run ``commands[r]`` as rank r of a 2-process ring (in ``cwds[r]``); [(exit code, stderr)]."""
-    port = free_port(2)
-    procs = [subprocess.Popen(cmd, env=ring_env(rank, 2, port, tmp_path), cwd=cwds[rank] if cwds else None,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank, cmd in enumerate(commands)]
-    results = []
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return results
+    return [(code, err) for code, _, err in run_two_ranks(tmp_path, commands, cwds=cwds, timeout=timeout)]
 
 
 def test_train_takes_rank_0s_profile_file(tmp_path):

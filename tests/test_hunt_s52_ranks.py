@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import BENCH_CONFIG  # noqa: E402
-from distributed_helpers import free_port, ring_env  # noqa: E402
+from distributed_helpers import run_two_ranks  # noqa: E402
 from test_distributed_inference import tiny_checkpoint  # noqa: E402
 from test_hunt_s51_distributed import xlstm_cmd  # noqa: E402
 
@@ -22,20 +22,7 @@ def ckpt(tmp_path_factory):
 
 def ranks(tmp_path, commands, inputs=("", "")):
     """commands[r] as rank r of a 2-process ring, inputs[r] on its stdin: [(code, out, err)]."""
-    port = free_port(2)
-    procs = []
-    for r, (cmd, text) in enumerate(zip(commands, inputs)):  # stdin from a file: no rank waits for us
-        (tmp_path / f"stdin-{r}").write_text(text)
-        with open(tmp_path / f"stdin-{r}") as stdin:
-            procs.append(subprocess.Popen(cmd, env=ring_env(r, 2, port, tmp_path), stdin=stdin, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    try:
-        return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=90)]]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    return run_two_ranks(tmp_path, commands, inputs=list(inputs))
 
 
 def assert_refused(results, what):
