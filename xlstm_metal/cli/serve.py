@@ -68,6 +68,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="the longest a client may keep the server waiting on one read or write (a request "
                              "not sent, a body shorter than its Content-Length) before its connection is closed "
                              "(default: 60)")
+    parser.add_argument("--max-connections", type=int, default=64, metavar="N",
+                        help="connections served at once; one more is answered 503 with Retry-After and closed "
+                             "(default: 64)")
+    parser.add_argument("--max-tokens-limit", type=int, metavar="N",
+                        help="the largest max_tokens a request may ask (a 400 beyond; it also caps the default "
+                             "max_tokens) (default: no limit)")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="server log level (default: WARNING)")
     from ..distributed import add_parallel_argument
@@ -96,8 +102,11 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("decode_concurrency", "prompt_concurrency", "prefill_step_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    for name in ("max_tokens", "max_tokens_limit", "max_connections"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_tokens_limit is not None and (args.max_tokens or 0) > args.max_tokens_limit:
+        raise UsageError(f"--max-tokens {args.max_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
     if not (args.request_timeout > 0 and math.isfinite(args.request_timeout)):
         raise UsageError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     if args.prompt_cache_size < 0:
@@ -145,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_cache_size=args.prompt_cache_size, prefill_step_size=prefill_step_size,
         allowed_origins=allowed_origins(args), log_level=args.log_level, parallel=args.parallel,
         allowed_models=allowed_names(args.allowed_models), allowed_adapters=allowed_names(args.allowed_adapters),
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, max_connections=args.max_connections,
+        max_tokens_limit=args.max_tokens_limit,
     )
     from ..distributed import world
 

@@ -141,6 +141,9 @@ MAX_BODY_BYTES = 64 * 2**20
 #: in :func:`server_args`. There was none: a client that connected and sent nothing, or sent a
 #: Content-Length larger than its body, held a thread (and its connection) for ever.
 REQUEST_TIMEOUT_S = 60.0
+#: Connections served at once (``max_connections``): one more is answered 503 and closed.
+#: There was no bound: each connection held a thread until its client let go.
+MAX_CONNECTIONS = 64
 #: Choices of one request at most (its prompts times n; OpenAI's limit of n).
 MAX_CHOICES = 128
 #: The bound on the penalties' context sizes: MLX slices take 32-bit indices (a larger one failed in
@@ -313,6 +316,8 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
         # served one, and the adapter directories its ``adapters`` may: None is any (mlx-lm's way),
         # () none; `xlstm-metal serve` allows none unless --allowed-models / --allowed-adapters say so.
         allowed_models=None, allowed_adapters=None, request_timeout=REQUEST_TIMEOUT_S,
+        # ours: connections served at once; the largest max_tokens a request may ask (None: any)
+        max_connections=MAX_CONNECTIONS, max_tokens_limit=None,
     )
     unknown = set(overrides) - set(args)
     if unknown:
@@ -871,6 +876,9 @@ def _apply_model_defaults(args, names, provider, prompt_tokens: int) -> None:
             args.logits.repetition_penalty = defaults[name]
         else:
             setattr(args.sampling, name, defaults[name])
+    limit = getattr(getattr(provider, "cli_args", None), "max_tokens_limit", None)
+    if "max_tokens" in names and limit is not None:  # the operator's bound caps the model's default too
+        args.max_tokens = min(args.max_tokens, limit)
     if args.sampling.top_k >= getattr(provider, "vocab_size", math.inf):
         args.sampling.top_k = 0  # as the handler does: MLX's top-k refuses k >= vocabulary
 
@@ -1979,9 +1987,13 @@ class APIHandler(mlx_server.APIHandler):
                 raise ValueError("max_completion_tokens" + str(err)[len("max_tokens"):]) from None  # the field sent
             raise
         self._check_model_allowed()
+        sent = "max_completion_tokens" if self.body.get("max_completion_tokens") is not None else "max_tokens"
         if self.max_tokens > MAX_CONTEXT_SIZE:  # as the CLI's -n: a larger one ran until the client gave up
-            sent = "max_completion_tokens" if self.body.get("max_completion_tokens") is not None else "max_tokens"
             raise ValueError(f"{sent} must be at most {MAX_CONTEXT_SIZE}, got {self.max_tokens}")
+        limit = getattr(self.response_generator.cli_args, "max_tokens_limit", None)
+        if limit is not None and "max_tokens" not in self.model_defaults and self.max_tokens > limit:
+            raise ValueError(f"{sent} must be at most {limit} on this server (its --max-tokens-limit), "
+                             f"got {self.max_tokens}")
         for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
             if getattr(self, name) > MAX_CONTEXT_SIZE:
                 raise ValueError(f"{name} must be at most {MAX_CONTEXT_SIZE}, got {getattr(self, name)}")
@@ -2437,12 +2449,34 @@ class _HTTPServer(ThreadingHTTPServer):
         #: The request threads not yet seen ended (the serving thread's; close reads it once that stopped).
         self.request_threads: list[threading.Thread] = []
 
+    max_connections: int | None = MAX_CONNECTIONS
+
     def process_request(self, request, client_address) -> None:
+        self.request_threads = [t for t in self.request_threads if t.is_alive()]
+        if self.max_connections is not None and len(self.request_threads) >= self.max_connections:
+            # Answered off the accepting thread, which a slow client must not hold up.
+            threading.Thread(target=self._refuse, args=(request,), name="xlstm-serve-refuse", daemon=True).start()
+            return
         thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                                   name="xlstm-serve-request", daemon=True)
-        self.request_threads = [t for t in self.request_threads if t.is_alive()]
         self.request_threads.append(thread)
         thread.start()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """A 503 for a connection over ``max_connections``, then closed. What the client sent
+        (within a second) is read first: a socket closed on unread data resets the connection,
+        and the client may see the reset instead of the 503."""
+        body = error_body(503, f"the server is serving its most connections ({self.max_connections}); retry later")
+        head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        try:
+            request.settimeout(1.0)
+            if select.select([request], [], [], 1.0)[0]:
+                request.recv(65536)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
 
 #: The servers made and not yet closed, which :func:`_close_open_servers` closes at exit.
@@ -2597,6 +2631,7 @@ def make_server(cli_args: argparse.Namespace) -> Server:
         err = provider.load_error
         raise ServeError(str(err) if isinstance(err, ServeError) else f"cannot load {cli_args.model}: {err}")
     httpd.RequestHandlerClass = _handler_factory(generator)
+    httpd.max_connections = getattr(cli_args, "max_connections", MAX_CONNECTIONS)
     return Server(httpd, generator)
 
 
