@@ -2,11 +2,13 @@
 found driving the server as a careless client does. A tiny random model (test_serve's fixtures)."""
 
 import socket
+import struct
 import time
 
 import pytest
 from test_serve import PROMPTS, error_message, post
 from test_serve import ckpt, server  # noqa: F401  (the fixtures: a tiny checkpoint, a server of it)
+from test_hunt_s52_serve_limits import _answer
 
 pytest.importorskip("mlx_lm")
 
@@ -77,3 +79,29 @@ def test_serve_cli_checks_the_limits(ckpt, monkeypatch, capsys):
                         (["--max-tokens", "10", "--max-tokens-limit", "9"], "above --max-tokens-limit 9")):
         assert main(base + bad) == 2 and len(seen) == 2
         assert wanted in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lengths", [("+2",), (" 1_0",), ("2", "3")])
+def test_a_content_length_that_is_not_one_number_is_refused(server, lengths):
+    """int() read "+2" and "1_0" (10: the server then waited for 8 bytes never sent), and of
+    two differing headers the first won (a proxy reading the other splits requests elsewhere)."""
+    head = "".join(f"Content-Length: {value}\r\n" for value in lengths)
+    got, _ = _answer(server, f"POST /v1/completions HTTP/1.0\r\n{head}\r\n{{}}".encode(), wait=5)
+    assert got.startswith(b"HTTP/1.0 400") and b"Invalid Content-Length" in got, got
+
+
+def test_a_client_resetting_its_connection_leaves_no_traceback(server, capfd):
+    """A client that reset its connection mid-request (or before an error answer) made the
+    server print socketserver's "Exception occurred during processing" and a traceback."""
+    capfd.readouterr()
+    for data in (b"POST /v1/completions HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{}", b"GET /health HTTP/1.0\r\n"):
+        conn = socket.create_connection(server.httpd.server_address[:2])
+        conn.sendall(data)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        time.sleep(0.2)  # the server reads what came first
+        conn.close()
+        for _ in range(250):
+            if _live(server) == 0:
+                break
+            time.sleep(0.02)
+    assert "Traceback" not in capfd.readouterr().err

@@ -1824,16 +1824,15 @@ class APIHandler(mlx_server.APIHandler):
         sent, for no or a bad Content-Length (a negative one: mlx-lm would read until the client
         closes), a body that is not UTF-8 (mlx-lm's decode raised in the handler thread: no
         response at all), not JSON or not a JSON object (mlx-lm answers those in its own shape)."""
-        length = self.headers.get("Content-Length")
-        if length is None:
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length", ())}
+        if not lengths:
             self._error(411, "Content-Length header is required")
             return False
-        try:
-            length = int(length)
-        except ValueError:
-            length = -1
+        # Digits only, one value (RFC 9110): int() read "+2" and "1_0", and of two differing
+        # headers the first won, where a proxy in front may read the other.
+        length = int(next(iter(lengths))) if len(lengths) == 1 and re.fullmatch(r"[0-9]+", *lengths) else -1
         if length < 0:
-            self._error(400, f"Invalid Content-Length header: {self.headers.get('Content-Length')}")
+            self._error(400, f"Invalid Content-Length header: {', '.join(sorted(lengths))}")
             return False
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # the body is not read
@@ -2450,6 +2449,14 @@ class _HTTPServer(ThreadingHTTPServer):
         self.request_threads: list[threading.Thread] = []
 
     max_connections: int | None = MAX_CONNECTIONS
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that left (a reset, a broken pipe) is logged at debug level: socketserver
+        printed "Exception occurred during processing" and a traceback for each."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            logging.debug("%s left: %s", client_address, sys.exc_info()[1])
+        else:
+            super().handle_error(request, client_address)
 
     def process_request(self, request, client_address) -> None:
         self.request_threads = [t for t in self.request_threads if t.is_alive()]
