@@ -105,3 +105,15 @@ def test_a_client_resetting_its_connection_leaves_no_traceback(server, capfd):
                 break
             time.sleep(0.02)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_chat_takes_top_logprobs_up_to_openais_20(server):
+    """OpenAI's top_logprobs is 0..20; mlx-lm refused above 11 ("must be at most 11")."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True}
+    status, answer = post(server.url, "/v1/chat/completions", {**chat, "top_logprobs": 20})
+    assert status == 200, answer
+    for entry in answer["choices"][0]["logprobs"]["content"]:
+        top = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(top) == 20 and top == sorted(top, reverse=True) and entry["logprob"] >= top[-1], entry
+    status, answer = post(server.url, "/v1/chat/completions", {**chat, "top_logprobs": 21})
+    assert status == 400 and "at most 20" in error_message(status, answer, "top_logprobs"), answer

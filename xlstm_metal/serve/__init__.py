@@ -161,8 +161,9 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
-#: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position).
-MAX_COMPLETION_LOGPROBS = 5
+#: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position), and
+#: chat's on ``top_logprobs`` (OpenAI's; mlx-lm's was 11).
+MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 #: SentencePiece's space ("▁x" is " x"), and its byte-fallback tokens' names (<0xF0>: the byte 0xF0).
 SPM_SPACE = "\u2581"
 BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -2057,6 +2058,12 @@ class APIHandler(mlx_server.APIHandler):
                 left.add(name)
             setattr(self, name, value)
         self.model_defaults = frozenset(left)
+
+    def _validate(self, name, *args, **kwargs):
+        """mlx-lm's check of one field, with OpenAI's bound on top_logprobs."""
+        if name == "top_logprobs":
+            kwargs["max_val"] = MAX_TOP_LOGPROBS
+        return super()._validate(name, *args, **kwargs)
 
     def _check_fields(self) -> None:
         """Refuses a request field this server would otherwise ignore: one neither endpoint
