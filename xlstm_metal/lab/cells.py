@@ -349,14 +349,18 @@ class Sum(LabCell):
 
 # ------------------------------------------------------------------------------------- norms
 class RMSNormCell(_RMSNorm, LabCell):
-    """RMSNorm (xLSTM-Large's). Ports x [dim] -> y [dim]. Parameter ``weight``."""
+    """RMSNorm (xLSTM-Large's). Ports x [dim] -> y [dim]. Parameter ``weight`` (and ``bias``:
+    xLSTM-Large's norms with ``use_bias``)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, force_float32: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6, force_float32: bool = True, bias: bool = False):
         _RMSNorm.__init__(self, _positive_int("dim", dim), _positive_real("eps", eps), force_float32=force_float32)
+        if bias:
+            self.bias = mx.zeros((dim,))
         self.set_ports({"x": dim}, {"y": dim})
 
     def __call__(self, inputs, state=None):
-        return {"y": _RMSNorm.__call__(self, inputs["x"])}, None
+        y = _RMSNorm.__call__(self, inputs["x"])
+        return {"y": y + self.bias if "bias" in self else y}, None
 
 
 class LayerNormCell(_LayerNorm2024, LabCell):
@@ -378,7 +382,7 @@ class MultiHeadLayerNormCell(LabCell):
     """
 
     def __init__(self, dim: int, num_heads: int = 1, eps: float | None = None, residual_weight: bool = False,
-                 weight: bool = True, force_float32: bool = True):
+                 weight: bool = True, force_float32: bool = True, bias: bool = False):
         super().__init__()
         dim, num_heads = _positive_int("dim", dim), _positive_int("num_heads", num_heads)
         _divides("dim", dim, num_heads)
@@ -388,6 +392,8 @@ class MultiHeadLayerNormCell(LabCell):
         self.force_float32 = force_float32
         if weight:
             self.weight = mx.zeros((dim,)) if residual_weight else mx.ones((dim,))
+        if bias:  # xLSTM-Large's with use_bias
+            self.bias = mx.zeros((dim,))
         self.set_ports({"x": dim}, {"y": dim})
 
     def __call__(self, inputs, state=None):
@@ -400,7 +406,7 @@ class MultiHeadLayerNormCell(LabCell):
         y = _LargeMultiHeadNorm.__call__(self, x) if "weight" in self else \
             mx.fast.layer_norm(x.astype(mx.float32) if self.force_float32 else x, None, None, self.eps) \
             .astype(x.dtype).reshape(B, S, D)
-        return {"y": y}, None
+        return {"y": y + self.bias if "bias" in self else y}, None
 
 
 # ---------------------------------------------------------------------------------- memories

@@ -14,6 +14,7 @@ checkpoints unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,14 @@ class LabConfig:
             raise WiringError(f"out_norm must be rmsnorm, layernorm or null, got {self.out_norm!r}")
         if not isinstance(self.blocks, list) or not self.blocks:
             raise WiringError("a lab model needs at least one block")
+        # "no" tied the head, eps -1 or cap 0 gave NaN / zero logits, eps 0 became 1e-6
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise WiringError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for key in ("norm_eps", "output_logit_soft_cap"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise WiringError(f"{key} must be a finite number > 0 or null, got {value!r}")
 
     @property
     def num_blocks(self) -> int:

@@ -71,9 +71,15 @@ def evaluate(expr: str, names: dict[str, Any], where: str) -> Any:
                    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
                    ast.Pow: lambda a, b: a**b}
             if type(node.op) in ops:
+                a, b = ev(node.left), ev(node.right)
+                if not all(isinstance(v, (int, float)) for v in (a, b)):  # 'ab' * 10**10 filled the memory
+                    raise WiringError(f"{where}: {expr!r}: arithmetic takes numbers, got {a!r} and {b!r}")
+                if isinstance(node.op, ast.Pow) and isinstance(a, int) and isinstance(b, int) \
+                        and b * max(abs(a), 1).bit_length() > 4096:  # 10**10**10 never finished
+                    raise WiringError(f"{where}: {expr!r}: too large")
                 try:
-                    return ops[type(node.op)](ev(node.left), ev(node.right))
-                except (ZeroDivisionError, TypeError) as err:
+                    return _real(ops[type(node.op)](a, b), where, expr)
+                except (ArithmeticError, TypeError) as err:
                     raise WiringError(f"{where}: {expr!r}: {err}") from None
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
             value = ev(node.operand)
@@ -89,11 +95,17 @@ def evaluate(expr: str, names: dict[str, Any], where: str) -> Any:
                 and not node.keywords:
             try:
                 return _FUNCTIONS[node.func.id](*[ev(a) for a in node.args])
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, ArithmeticError) as err:  # int(1e400), round_up(5, 0)
                 raise WiringError(f"{where}: {expr!r}: {err}") from None
         raise WiringError(f"{where}: unsupported expression {expr!r}")
 
     return ev(tree)
+
+
+def _real(value: Any, where: str, expr: str) -> Any:
+    if isinstance(value, complex):  # (-8) ** 0.5
+        raise WiringError(f"{where}: {expr!r} is not a real number")
+    return value
 
 
 def _resolve_value(value: Any, names: dict[str, Any], where: str) -> Any:
@@ -103,6 +115,12 @@ def _resolve_value(value: Any, names: dict[str, Any], where: str) -> Any:
         return [_resolve_value(v, names, where) for v in value]
     if isinstance(value, dict):
         return {k: _resolve_value(v, names, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def _when(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):  # "no" was true: the cell was kept
+        raise WiringError(f"{where}: when must be true or false, got {value!r}")
     return value
 
 
@@ -169,6 +187,9 @@ class WiringSpec:
             raise WiringError(f"{source}: 'cells' must be a non-empty mapping of name -> {{type: ..., params}}")
         if not isinstance(data.get("connections", []), list):
             raise WiringError(f"{source}: 'connections' must be a list")
+        for key in ("params", "derived"):  # a list was a TypeError / AttributeError traceback
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise WiringError(f"{source}: '{key}' must be a mapping, got {type(data[key]).__name__}")
         self.data = copy.deepcopy(data)
         self.source = source
 
@@ -230,7 +251,7 @@ class WiringSpec:
             if not isinstance(body, dict) or "type" not in body:
                 raise WiringError(f"cell {name!r} needs a mapping with a 'type'")
             body = _resolve_value(body, names, f"cells.{name}")
-            if not body.pop("when", True):
+            if not _when(body.pop("when", True), f"cell {name!r}"):
                 continue  # a cell this parameter setting leaves out
             cells[name] = body
         connections = []
@@ -241,7 +262,7 @@ class WiringSpec:
             if unknown:
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): unknown key(s) {sorted(unknown)}")
             c = _resolve_value(c, names, f"connections[{index}]")
-            if not c.pop("when", True):
+            if not _when(c.pop("when", True), f"connection {index}"):
                 continue
             polarity = c.get("polarity", 1)
             if polarity not in (1, -1) or isinstance(polarity, bool):
