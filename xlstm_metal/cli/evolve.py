@@ -82,8 +82,9 @@ def run(args) -> int:
     out = check_output_path(args.out, "--out", directory=True)
     # Written at the first scored candidate or after the search: a directory of one of these names
     # (which --overwrite does not remove) failed there, after the training.
+    # (the best-N.yaml there, not every N up to --top: 2**31 - 1 of them filled the memory)
     for path in [out / name for name in ("search.json", "history.jsonl", "summary.json", "evolution.png")] + \
-            [out / f"best-{rank}.yaml" for rank in range(1, args.top + 1)]:
+            [p for p in out.glob("best-*.yaml") if p.stem[5:].isdigit() and 0 < int(p.stem[5:]) <= args.top]:
         if path.is_dir():
             raise UsageError(f"{'--resume: ' if args.resume else ''}{path} is a directory; the search writes a file "
                              "there: give another --out")

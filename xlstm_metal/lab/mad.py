@@ -368,7 +368,8 @@ def sincos_positions(length: int, dim: int) -> mx.array:
     pos = np.arange(length)[:, None]
     omega = 1.0 / (10000 ** (np.arange(dim // 2) / (dim // 2 - 1 if dim > 2 else 1)))
     angles = pos * omega[None]
-    return mx.array(np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32))
+    pad = np.zeros((length, dim % 2))  # MAD's zero column: an odd width was one short
+    return mx.array(np.concatenate([np.sin(angles), np.cos(angles), pad], axis=1).astype(np.float32))
 
 
 class AutoEncoder(Module2024):

@@ -294,10 +294,26 @@ def model_from_checkpoint(config_dict: dict[str, Any], weights: dict[str, mx.arr
         model = LabModel(LabConfig.from_dict(config_dict))
     except (WiringError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from None
+    _quantize_headwise(model, weights)
     load_weights_strict(model, weights, source)
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _quantize_headwise(model: LabModel, weights: dict[str, mx.array]) -> None:
+    """Quantize the headwise projections ``weights`` hold quantized ([heads, rows, packed], as
+    nn.quantize leaves them) with the bits and group size their shapes give: the loader infers
+    them for 2-D weights only, so a saved quantized sLSTM model did not load."""
+    from ..quantization import _infer_params
+
+    def predicate(path: str, module) -> bool | dict:
+        w, s = weights.get(f"{path}.weight"), weights.get(f"{path}.scales")
+        if getattr(module, "heads", 1) == 1 or w is None or s is None or w.ndim != 3 or s.ndim != 3:
+            return False
+        return _infer_params(module.weight.shape[-1], w.reshape(-1, w.shape[-1]), s.reshape(-1, s.shape[-1])) or False
+
+    nn.quantize(model, class_predicate=predicate)
 
 
 def training_model(arch: str | dict, vocab_size: int, seed: int = 0) -> LabModel:

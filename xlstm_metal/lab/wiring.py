@@ -116,6 +116,9 @@ class WiredBlock(Module2024):
                         raise WiringError(f"cell {name!r} shares {share['cell']!r}: only linear projections share "
                                           f"featurizers ({cell_name!r} is a {type_name})")
                 rows = share.get("features")
+                if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+                    # 0 or -1 shared every row and kept an own weight nothing read
+                    raise WiringError(f"cell {name!r}: share features must be a positive integer, got {rows!r}")
                 params["shared_rows"] = rows if rows is not None else -1  # -1: all (set below)
             try:
                 if share is not None and params["shared_rows"] == -1:
