@@ -69,11 +69,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "not sent, a body shorter than its Content-Length) before its connection is closed "
                              "(default: 60)")
     parser.add_argument("--max-connections", type=int, default=64, metavar="N",
-                        help="connections served at once; one more is answered 503 with Retry-After and closed "
-                             "(default: 64)")
+                        help="connections served at once; one more gets a 503 (default: 64)")
     parser.add_argument("--max-tokens-limit", type=int, metavar="N",
-                        help="the largest max_tokens a request may ask (a 400 beyond; it also caps the default "
-                             "max_tokens) (default: no limit)")
+                        help="the largest max_tokens a request may ask; caps the default too (default: none)")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="server log level (default: WARNING)")
     from ..distributed import add_parallel_argument

@@ -141,8 +141,7 @@ MAX_BODY_BYTES = 64 * 2**20
 #: in :func:`server_args`. There was none: a client that connected and sent nothing, or sent a
 #: Content-Length larger than its body, held a thread (and its connection) for ever.
 REQUEST_TIMEOUT_S = 60.0
-#: Connections served at once (``max_connections``): one more is answered 503 and closed.
-#: There was no bound: each connection held a thread until its client let go.
+#: Connections served at once (``max_connections``; one more: a 503); there was no bound.
 MAX_CONNECTIONS = 64
 #: Choices of one request at most (its prompts times n; OpenAI's limit of n).
 MAX_CHOICES = 128
@@ -162,7 +161,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
 #: The legacy completions' bound on ``logprobs`` (the most likely tokens listed per position), and
-#: chat's on ``top_logprobs`` (OpenAI's; mlx-lm's was 11).
+#: chat's on top_logprobs (OpenAI's; mlx-lm's 11).
 MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 #: SentencePiece's space ("▁x" is " x"), and its byte-fallback tokens' names (<0xF0>: the byte 0xF0).
 SPM_SPACE = "\u2581"
@@ -317,7 +316,6 @@ def server_args(model: str | os.PathLike, **overrides: Any) -> argparse.Namespac
         # served one, and the adapter directories its ``adapters`` may: None is any (mlx-lm's way),
         # () none; `xlstm-metal serve` allows none unless --allowed-models / --allowed-adapters say so.
         allowed_models=None, allowed_adapters=None, request_timeout=REQUEST_TIMEOUT_S,
-        # ours: connections served at once; the largest max_tokens a request may ask (None: any)
         max_connections=MAX_CONNECTIONS, max_tokens_limit=None,
     )
     unknown = set(overrides) - set(args)
@@ -1829,8 +1827,7 @@ class APIHandler(mlx_server.APIHandler):
         if not lengths:
             self._error(411, "Content-Length header is required")
             return False
-        # Digits only, one value (RFC 9110): int() read "+2" and "1_0", and of two differing
-        # headers the first won, where a proxy in front may read the other.
+        # Digits, one value (RFC 9110): int() read "+2" and "1_0"; of two differing, the first won.
         length = int(next(iter(lengths))) if len(lengths) == 1 and re.fullmatch(r"[0-9]+", *lengths) else -1
         if length < 0:
             self._error(400, f"Invalid Content-Length header: {', '.join(sorted(lengths))}")
@@ -2449,27 +2446,29 @@ class _HTTPServer(ThreadingHTTPServer):
     # generation runs, and a burst of ~30 clients overflowed the queue, whose extra connections
     # the kernel reset ("Connection reset by peer" before any status line).
     request_queue_size = max(socket.SOMAXCONN, 128)
+    max_connections: int | None = MAX_CONNECTIONS
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         #: The request threads not yet seen ended (the serving thread's; close reads it once that stopped).
         self.request_threads: list[threading.Thread] = []
-
-    max_connections: int | None = MAX_CONNECTIONS
+        self._refusing = threading.Semaphore(MAX_CONNECTIONS)
 
     def handle_error(self, request, client_address) -> None:
-        """A client that left (a reset, a broken pipe) is logged at debug level: socketserver
-        printed "Exception occurred during processing" and a traceback for each."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            logging.debug("%s left: %s", client_address, sys.exc_info()[1])
+        """A client that left, at debug level (socketserver printed a traceback)."""
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError):
+            logging.debug("%s left: %s", client_address, err)
         else:
             super().handle_error(request, client_address)
 
     def process_request(self, request, client_address) -> None:
         self.request_threads = [t for t in self.request_threads if t.is_alive()]
         if self.max_connections is not None and len(self.request_threads) >= self.max_connections:
-            # Answered off the accepting thread, which a slow client must not hold up.
-            threading.Thread(target=self._refuse, args=(request,), name="xlstm-serve-refuse", daemon=True).start()
+            if self._refusing.acquire(blocking=False):  # off the accepting thread; a flood is just closed
+                threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
+            else:
+                self.shutdown_request(request)
             return
         thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                                   name="xlstm-serve-request", daemon=True)
@@ -2477,9 +2476,7 @@ class _HTTPServer(ThreadingHTTPServer):
         thread.start()
 
     def _refuse(self, request: socket.socket) -> None:
-        """A 503 for a connection over ``max_connections``, then closed. What the client sent
-        (within a second) is read first: a socket closed on unread data resets the connection,
-        and the client may see the reset instead of the 503."""
+        """A 503, after reading what came within 1 s (closed unread, the connection is reset)."""
         body = error_body(503, f"the server is serving its most connections ({self.max_connections}); retry later")
         head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
@@ -2491,6 +2488,7 @@ class _HTTPServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
+        self._refusing.release()
 
 
 #: The servers made and not yet closed, which :func:`_close_open_servers` closes at exit.
