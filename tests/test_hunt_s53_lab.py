@@ -3,6 +3,7 @@ tracebacks or hangs; wired equivalence with biases; quantized headwise lab model
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -116,3 +117,25 @@ def test_evolve_with_a_huge_top_checks_its_outputs_at_once(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, "evolve", "--budget", "3000000", "--top", str(2**31 - 1),
                            "--resume", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "holds no search" in done.stderr
+
+
+def test_mad_stopped_after_a_task_keeps_the_tasks_it_scored(tmp_path, monkeypatch, capsys):
+    # results.json was written after the last task only: an interrupt lost every score
+    import xlstm_metal.lab.mad as lab_mad
+    from xlstm_metal.cli import main
+
+    def one_task(arch, name, *args, **kwargs):
+        if name == "memorization":
+            raise KeyboardInterrupt
+        return lab_mad.TaskResult(name, 0.75, 0.5, 0.1, 3, 1.0, 10, {})
+
+    monkeypatch.setattr(lab_mad, "run_task", one_task)
+    out = tmp_path / "M"
+    out.mkdir()
+    (out / "accuracy.svg").write_text("old run")
+    argv = ["mad", "--arch", "mlstm", "--tasks", "compression,memorization", "--out", str(out)]
+    assert main(argv) == 130 and (out / "accuracy.svg").read_text() == "old run"  # kept without --overwrite
+    saved = json.loads((out / "results.json").read_text())
+    assert [t["task"] for t in saved["tasks"]] == ["compression"] and saved["unscored"] == ["memorization"]
+    assert saved["aggregate"] == 0.75 and saved["tasks"][0]["accuracy"] == 0.75
+    assert main(argv + ["--overwrite"]) == 130 and not (out / "accuracy.svg").exists()  # the replaced run's plot

@@ -116,28 +116,36 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    results = []
+    results: list = []
+
+    def save() -> None:
+        # After every task: a run stopped later keeps the tasks it scored ("unscored" names the rest;
+        # they were all lost). The replaced run's plots go with its results: they would read as this run's.
+        if len(results) == 1 and args.overwrite:
+            for stale in (out / "accuracy.png", out / "accuracy.svg"):
+                if stale.is_file():
+                    stale.unlink()
+        rest = {"unscored": tasks[len(results):]} if len(results) < len(tasks) else {}
+        atomic_write_text(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
+                                                    "aggregate": aggregate(results), "tasks": payload, **rest},
+                                                   indent=2))
+
     job = current_job()  # `xlstm-metal top`; between tasks a memory-watchdog safe point
     for name in tqdm(tasks, desc=f"MAD {label}", unit="task", disable=args.json or not sys.stderr.isatty()):
         job.update(phase="mad", done=len(results), total=len(tasks), unit="tasks", message=f"task {name}")
-        note = f"{len(results)} of {len(tasks)} tasks were scored; nothing was written"
+        note = f"{len(results)} of {len(tasks)} tasks were scored; " + \
+            (f"they are in {results_path}" if results else "nothing was written")
         job.check(note=note)
         results.append(run_task(args.arch, name, preset, seed=args.seed, progress=sys.stderr.isatty(),
                                 epochs=args.epochs, safe_point=lambda: job.check(note=note)))
         r = results[-1]
         print(f"{r.task}: accuracy {r.accuracy:.3f} (chance {r.chance:.3f}, {r.steps} steps, {r.seconds:.0f}s)",
               file=sys.stderr)
+        payload = [{"arch": label, "preset": args.preset, "seed": args.seed, **r.to_dict()} for r in results]
+        out.mkdir(parents=True, exist_ok=True)
+        save()
     mean = aggregate(results)
-    payload = [{"arch": label, "preset": args.preset, "seed": args.seed, **r.to_dict()} for r in results]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
-                                            "aggregate": mean, "tasks": payload}, indent=2))
     plot_results(results, plot_path, f"MAD {label} ({args.preset}, seed {args.seed})")
-    if args.overwrite:  # the replaced run's plot in the other format would read as this run's
-        for other in {"png", "svg"} - {plot_path.suffix[1:]}:
-            stale = out / f"accuracy.{other}"
-            if stale.is_file():
-                stale.unlink()
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
