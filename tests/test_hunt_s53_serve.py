@@ -96,3 +96,16 @@ def test_chat_takes_top_logprobs_up_to_openais_20(server):
         assert len(top) == 20 and top == sorted(top, reverse=True) and entry["logprob"] >= top[-1], entry
     status, answer = post(server.url, "/v1/chat/completions", {**chat, "top_logprobs": 21})
     assert status == 400 and "at most 20" in error_message(status, answer, "top_logprobs"), answer
+
+
+def test_a_number_of_5000_digits_is_a_400_naming_its_place(server):
+    """Past Python's 4300-digit int limit, json.loads raised a ValueError: no answer, a traceback."""
+    status, answer = post(server.url, "/v1/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}")
+    assert status == 400 and "Invalid JSON" in error_message(status, answer), answer
+    status, answer = post(server.url, "/v1/completions", {**BODY, "logit_bias": {"1" * 5000: 1}})
+    assert status == 400 and "token ids" in error_message(status, answer, "logit_bias"), answer
+    call = {"function": {"name": "f", "arguments": '{"a": ' + "9" * 5000 + "}"}}
+    chat = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}], "max_tokens": 2}
+    status, answer = post(server.url, "/v1/chat/completions", chat)
+    param = "messages[0].tool_calls[0].function.arguments"
+    assert status == 400 and "not valid JSON" in error_message(status, answer, param), answer

@@ -636,7 +636,7 @@ def _check_tool_calls(tool_calls: Any, name: str) -> None:
         if isinstance(arguments, str) and arguments:
             try:
                 parsed = json.loads(arguments)
-            except json.JSONDecodeError as err:
+            except ValueError as err:  # also a number past 4300 digits
                 raise ValueError(f"{name}[{index}].function.arguments is not valid JSON: {err}") from None
             if not isinstance(parsed, dict):
                 raise ValueError(f"{name}[{index}].function.arguments must be a JSON object, got {arguments[:80]!r}")
@@ -1852,7 +1852,7 @@ class APIHandler(mlx_server.APIHandler):
         except UnicodeDecodeError as err:
             self._error(400, f"the request body is not UTF-8: {err.reason} at byte {err.start}")
             return False
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # a JSONDecodeError, or a number past Python's 4300 digits
             self._error(400, f"Invalid JSON in request body: {err}")
             return False
         except RecursionError:
@@ -2419,7 +2419,7 @@ class APIHandler(mlx_server.APIHandler):
         for key, value in bias.items():
             # ASCII digits only: int() also read " 3", "3_0" (30) and "٣"; and "03" after "3"
             # overwrote its bias without a word.
-            token = int(key) if re.fullmatch(r"-?[0-9]+", key) else None
+            token = int(key) if re.fullmatch(r"-?[0-9]{1,20}", key) else None
             if token is None or token in checked:
                 raise ValueError(f"logit_bias keys must be distinct token ids, got {key!r}")
             self._check_token_id(token, "logit_bias")
