@@ -139,3 +139,14 @@ def test_mad_stopped_after_a_task_keeps_the_tasks_it_scored(tmp_path, monkeypatc
     assert [t["task"] for t in saved["tasks"]] == ["compression"] and saved["unscored"] == ["memorization"]
     assert saved["aggregate"] == 0.75 and saved["tasks"][0]["accuracy"] == 0.75
     assert main(argv + ["--overwrite"]) == 130 and not (out / "accuracy.svg").exists()  # the replaced run's plot
+
+
+def test_a_dollar_in_a_name_is_drawn_as_text(tmp_path):
+    # matplotlib read "$\foo{$" as mathtext: a ParseFatalException traceback from --show-wiring / mad's plot
+    from xlstm_metal.lab.mad import TaskResult, plot_results
+    from xlstm_metal.lab.render import render_wiring
+
+    block = WiredBlock({"name": r"x $\foo{$ y", "cells": {"a": {"type": "linear_projection", "dim": 4}}})
+    assert render_wiring(block, tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+    plot_results([TaskResult("compression", 0.5, 1.0, 0.1, 1, 1.0, 1, {})], tmp_path / "a.svg", r"MAD $\foo{$")
+    assert rb"\foo{" in (tmp_path / "a.svg").read_bytes()

@@ -547,7 +547,7 @@ def plot_results(results: list[TaskResult], path, title: str) -> None:
     ax.set_xticks(xs, names, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{title} (mean {aggregate(results):.3f})", fontsize=10)
+    ax.set_title(f"{title} (mean {aggregate(results):.3f})", fontsize=10, parse_math=False)  # "$" of a file name
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     from ..plotting import save_figure
