@@ -17,6 +17,12 @@ from xlstm_metal.cli import main  # noqa: E402
 BODY = {"prompt": PROMPTS[0], "max_tokens": 2}
 
 
+def _400(srv, body, param=..., path="/v1/completions") -> str:
+    status, answer = post(srv.url, path, body)
+    assert status == 400, answer
+    return error_message(status, answer, param)
+
+
 def _wait_live(srv, n: int) -> None:
     for _ in range(250):
         if sum(t.is_alive() for t in srv.httpd.request_threads) == n:
@@ -42,8 +48,7 @@ def test_a_connection_over_max_connections_gets_a_prompt_503(server, monkeypatch
 def test_max_tokens_limit_refuses_a_larger_request_and_caps_the_default(server, monkeypatch):
     monkeypatch.setattr(server.generator.cli_args, "max_tokens_limit", 5, raising=False)
     for field in ("max_tokens", "max_completion_tokens"):
-        status, answer = post(server.url, "/v1/completions", {"prompt": "a", field: 6})
-        assert status == 400 and "at most 5" in error_message(status, answer, field), answer
+        assert "at most 5" in _400(server, {"prompt": "a", field: 6}, field)
     for body in ({"prompt": "a", "max_tokens": 5}, {"prompt": "a"}):  # left out: 512, capped
         status, answer = post(server.url, "/v1/completions", body)
         assert status == 200 and answer["usage"]["completion_tokens"] == 5, answer
@@ -80,8 +85,8 @@ def test_a_client_resetting_its_connection_leaves_no_traceback(server, capfd):
     for data in (b"POST /v1/completions HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{}", b"GET /health HTTP/1.0\r\n"):
         conn = socket.create_connection(server.httpd.server_address[:2])
         conn.sendall(data)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
-        time.sleep(0.2)  # the server reads what came first
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+        time.sleep(0.2)  # read by the server first
         conn.close()
         _wait_live(server, 0)
     assert "Traceback" not in capfd.readouterr().err
@@ -94,18 +99,14 @@ def test_chat_takes_top_logprobs_up_to_openais_20(server):
     for entry in answer["choices"][0]["logprobs"]["content"]:
         top = [t["logprob"] for t in entry["top_logprobs"]]
         assert len(top) == 20 and top == sorted(top, reverse=True) and entry["logprob"] >= top[-1], entry
-    status, answer = post(server.url, "/v1/chat/completions", {**chat, "top_logprobs": 21})
-    assert status == 400 and "at most 20" in error_message(status, answer, "top_logprobs"), answer
+    assert "at most 20" in _400(server, {**chat, "top_logprobs": 21}, "top_logprobs", "/v1/chat/completions")
 
 
 def test_a_number_of_5000_digits_is_a_400_naming_its_place(server):
-    """Past Python's 4300-digit int limit, json.loads raised a ValueError: no answer, a traceback."""
-    status, answer = post(server.url, "/v1/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}")
-    assert status == 400 and "Invalid JSON" in error_message(status, answer), answer
-    status, answer = post(server.url, "/v1/completions", {**BODY, "logit_bias": {"1" * 5000: 1}})
-    assert status == 400 and "token ids" in error_message(status, answer, "logit_bias"), answer
+    """Past Python's 4300-digit int limit json.loads raised a ValueError: no answer, a traceback."""
+    assert "Invalid JSON" in _400(server, b'{"max_tokens": ' + b"9" * 5000 + b"}")
+    assert "token ids" in _400(server, {**BODY, "logit_bias": {"1" * 5000: 1}}, "logit_bias")
     call = {"function": {"name": "f", "arguments": '{"a": ' + "9" * 5000 + "}"}}
-    chat = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}], "max_tokens": 2}
-    status, answer = post(server.url, "/v1/chat/completions", chat)
+    chat = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
     param = "messages[0].tool_calls[0].function.arguments"
-    assert status == 400 and "not valid JSON" in error_message(status, answer, param), answer
+    assert "not valid JSON" in _400(server, chat, param, "/v1/chat/completions")
