@@ -109,7 +109,8 @@ class Recipe:
     ``overrides`` maps a layer path (``backbone.blocks.0.ffn.proj_down``) or a glob pattern
     (``backbone.blocks.*.ffn.proj_down``) to ``False`` (keep in float), ``True`` (quantize
     with the defaults, even a layer kept in float by default) or a dict with ``bits`` and/or
-    ``group_size``. Exact paths win over patterns; among patterns the first listed wins.
+    ``group_size``. Exact paths win over patterns; among patterns the first listed wins. The i/f
+    gates kept in float take a pattern's override only where it ends in their name.
     """
 
     bits: int = DEFAULT_BITS
@@ -148,8 +149,12 @@ class Recipe:
     def _override(self, path: str) -> bool | dict[str, int] | None:
         if path in self.overrides:
             return self.overrides[path]
+        # A pattern reaches a gate kept in float only by the gate's name: {"backbone.blocks.1.*": 8}
+        # quantized block 1's i/f gates, against the default.
+        gate = self.float_gates and FLOAT_GATES.search(path)
         for pattern, value in self.overrides.items():
-            if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(path, pattern):
+            if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(path, pattern) \
+                    and (not gate or FLOAT_GATES.search(pattern)):
                 return value
         return None
 
@@ -476,8 +481,10 @@ def apply_quantization(
 
 
 def _top_params(quantization: dict[str, Any]) -> dict[str, Any]:
-    return {"group_size": quantization["group_size"], "bits": quantization["bits"],
-            "mode": quantization.get("mode", "affine")}
+    # A float format's entry may leave out bits and group size (its fixed pair): a KeyError here
+    mode = quantization.get("mode", "affine")
+    bits, group_size = _mode_params(mode, quantization.get("bits"), quantization.get("group_size"), "quantization")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
 
 
 def _infer_params(width: int, weight: mx.array, scales: mx.array | None) -> dict[str, Any] | None:

@@ -1091,6 +1091,14 @@ def run(args: argparse.Namespace) -> int:
         if args.mlx_lm_command == "fuse":
             save_path = option_values(forwarded, ("--save-path",))
             check_fuse_save_path(model, (save_path[0][1] if save_path else None) or FUSE_SAVE_PATH)
+        if args.mlx_lm_command == "convert":  # it wrote into a folder inside the model it read
+            mlx_path = option_values(forwarded, ("--mlx-path",))
+            try:
+                check_apart_from_data((("--mlx-path", (mlx_path[0][1] if mlx_path else None) or "mlx_model"),),
+                                      [model], data="the --hf-path checkpoint",
+                                      read_back="convert would write its result into the checkpoint it reads")
+            except UsageError as err:
+                raise UsageError(f"mlx-lm convert: {err}") from None
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved, saved_stdin = sys.argv, sys.stdin  # generate's --prompt - is read ahead (check_generate_prompt)

@@ -1,0 +1,99 @@
+"""Quantization, convert and mlx-lm corners (session 53 hunt). Tiny seeded models; nothing
+downloads."""
+
+import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
+
+import argparse
+import json
+
+import mlx.core as mx
+import pytest
+from cli_helpers import assert_rejected
+from conftest import tiny_model
+from test_tokenizer import train_tiny_tokenizer
+
+from xlstm_metal import load_model, save_model
+from xlstm_metal.cli import convert
+from xlstm_metal.errors import CheckpointError
+from xlstm_metal.quantization import make_recipe, quantization_config, quantize_model
+
+IDS = mx.array([[5, 17, 33, 2, 90, 41, 8, 64, 3, 77, 12]])
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    hf = train_tiny_tokenizer()
+    return save_model(tiny_model(3, vocab_size=hf.get_vocab_size()), tmp_path / "src", tokenizer=hf)
+
+
+def test_float_format_entry_may_leave_out_bits_with_a_layer_set_true(tmp_path):
+    # {"mode": "mxfp4", layer: true}: our checker takes the format's fixed pair, the loader
+    # then read quantization["group_size"] (a KeyError traceback from generate -m)
+    model = tiny_model(3, vocab_size=128)
+    quantize_model(model, mode="mxfp4")
+    path = save_model(model, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        entry = config[key]
+        del entry["bits"], entry["group_size"]
+        entry["backbone.blocks.0.mlstm_layer.q"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    back = load_model(path)
+    assert back.backbone.blocks[0].mlstm_layer.q.mode == "mxfp4"
+    assert mx.array_equal(back(IDS)[0], model(IDS)[0]).item()
+
+
+def test_a_pattern_quantizes_the_float_gates_only_by_their_name(tmp_path):
+    # {"backbone.blocks.1.*": 8} quantized block 1's i/f gates, which stay in float by default
+    gate = "backbone.blocks.{}.mlstm_layer.igate_preact"
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"backbone.blocks.1.*": 8}))
+    config = quantize_model(tiny_model(3, vocab_size=128), recipe=str(recipe))
+    assert config[gate.format(1)] is False and config["backbone.blocks.1.ffn.proj_down"]["bits"] == 8
+    recipe.write_text(json.dumps({"backbone.blocks.*.mlstm_layer.igate_preact": 8}))
+    config = quantize_model(tiny_model(3, vocab_size=128), recipe=make_recipe(str(recipe)))
+    assert config[gate.format(0)] == config[gate.format(1)] == {"group_size": 64, "bits": 8, "mode": "affine"}
+
+
+def test_float16_overflow_is_named_as_the_dtype_not_a_damaged_checkpoint(tmp_path):
+    model = tiny_model(3, vocab_size=128)
+    model.backbone.blocks[0].ffn.proj_down.weight = model.backbone.blocks[0].ffn.proj_down.weight * 1e6
+    path = save_model(model, tmp_path / "m")
+    assert load_model(path, dtype="bfloat16") is not None  # finite as stored, and in bf16
+    with pytest.raises(CheckpointError, match="past float16's range") as err:
+        load_model(path, dtype="float16")
+    assert "backbone.blocks.0.ffn.proj_down.weight" in str(err.value) and "NaN" not in str(err.value)
+    weights = mx.load(str(path / "model.safetensors"))
+    weights["backbone.out_norm.weight"] = weights["backbone.out_norm.weight"] * mx.nan
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values"):
+        load_model(path, dtype="float16")
+
+
+def test_check_encodes_only_the_text_its_tokens_need(ckpt, tmp_path, monkeypatch):
+    # convert --check read and encoded the whole file for its first --check-tokens ids
+    # (37 MB: 81 s and 7.4 GB)
+    text = tmp_path / "t.txt"
+    text.write_bytes(("the cat sat on the mat, caf\u00e9 \U0001f600\r\n" * 20000).encode())
+    tokenizer = convert.read_tokenizer(ckpt, "")
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode(self, s):
+            seen.append(len(s))
+            return tokenizer.encode(s)
+
+    monkeypatch.setattr(convert, "read_tokenizer", lambda *a, **k: Spy())
+    args = argparse.Namespace(check=str(text), check_tokens=300, check_greedy=1, check_dtype=None)
+    ids = convert._read_check_ids(args, ckpt, 320)
+    assert ids == tokenizer.encode(text.read_text(encoding="utf-8"))[:300]
+    assert max(seen) < 20_000 < len(text.read_text())
+
+
+def test_mlx_lm_convert_into_its_own_source_is_refused(ckpt, capsys):
+    out = ckpt / "sub"
+    assert_rejected(["mlx-lm", "convert", "--hf-path", ckpt, "--mlx-path", out], capsys, "inside", "--hf-path")
+    assert not out.exists()
