@@ -119,8 +119,7 @@ def run(args) -> int:
     results: list = []
 
     def save() -> None:
-        # After every task: a run stopped later keeps the tasks it scored ("unscored" names the rest;
-        # they were all lost). The replaced run's plots go with its results: they would read as this run's.
+        # After each task: a stopped run kept no score. The replaced run's plots go with its results.
         if len(results) == 1 and args.overwrite:
             for stale in (out / "accuracy.png", out / "accuracy.svg"):
                 if stale.is_file():

@@ -349,8 +349,7 @@ class Sum(LabCell):
 
 # ------------------------------------------------------------------------------------- norms
 class RMSNormCell(_RMSNorm, LabCell):
-    """RMSNorm (xLSTM-Large's). Ports x [dim] -> y [dim]. Parameter ``weight`` (and ``bias``:
-    xLSTM-Large's norms with ``use_bias``)."""
+    """RMSNorm (xLSTM-Large's). Ports x [dim] -> y [dim]. Parameters ``weight`` (and ``bias``)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, force_float32: bool = True, bias: bool = False):
         _RMSNorm.__init__(self, _positive_int("dim", dim), _positive_real("eps", eps), force_float32=force_float32)
@@ -392,7 +391,7 @@ class MultiHeadLayerNormCell(LabCell):
         self.force_float32 = force_float32
         if weight:
             self.weight = mx.zeros((dim,)) if residual_weight else mx.ones((dim,))
-        if bias:  # xLSTM-Large's with use_bias
+        if bias:
             self.bias = mx.zeros((dim,))
         self.set_ports({"x": dim}, {"y": dim})
 

@@ -368,8 +368,7 @@ def sincos_positions(length: int, dim: int) -> mx.array:
     pos = np.arange(length)[:, None]
     omega = 1.0 / (10000 ** (np.arange(dim // 2) / (dim // 2 - 1 if dim > 2 else 1)))
     angles = pos * omega[None]
-    pad = np.zeros((length, dim % 2))  # MAD's zero column: an odd width was one short
-    return mx.array(np.concatenate([np.sin(angles), np.cos(angles), pad], axis=1).astype(np.float32))
+    return mx.array(np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32))
 
 
 class AutoEncoder(Module2024):
@@ -547,7 +546,7 @@ def plot_results(results: list[TaskResult], path, title: str) -> None:
     ax.set_xticks(xs, names, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{title} (mean {aggregate(results):.3f})", fontsize=10, parse_math=False)  # "$" of a file name
+    ax.set_title(f"{title} (mean {aggregate(results):.3f})", fontsize=10, parse_math=False)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     from ..plotting import save_figure

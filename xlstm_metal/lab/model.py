@@ -71,7 +71,7 @@ class LabConfig:
             raise WiringError(f"out_norm must be rmsnorm, layernorm or null, got {self.out_norm!r}")
         if not isinstance(self.blocks, list) or not self.blocks:
             raise WiringError("a lab model needs at least one block")
-        # "no" tied the head, eps -1 or cap 0 gave NaN / zero logits, eps 0 became 1e-6
+        # "no" tied the head, eps -1 / cap 0 gave NaN / zero logits
         if not isinstance(self.tie_word_embeddings, bool):
             raise WiringError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         for key in ("norm_eps", "output_logit_soft_cap"):
@@ -302,9 +302,8 @@ def model_from_checkpoint(config_dict: dict[str, Any], weights: dict[str, mx.arr
 
 
 def _quantize_headwise(model: LabModel, weights: dict[str, mx.array]) -> None:
-    """Quantize the headwise projections ``weights`` hold quantized ([heads, rows, packed], as
-    nn.quantize leaves them) with the bits and group size their shapes give: the loader infers
-    them for 2-D weights only, so a saved quantized sLSTM model did not load."""
+    """Quantize the headwise projections ``weights`` hold quantized ([heads, rows, packed]): the
+    loader infers bits and group size of 2-D weights only (a quantized sLSTM did not load)."""
     from ..quantization import _infer_params
 
     def predicate(path: str, module) -> bool | dict:

@@ -56,7 +56,7 @@ def render_wiring(block: WiredBlock, path: str | Path, title: str | None = None)
     ax.set_xlim(min(xs) - 1.6, max(xs) + 1.6)
     ax.set_ylim(min(ys) - 1.0, max(ys) + 1.0)
     ax.axis("off")
-    # parse_math off: a name with "$\\foo$" in it was a mathtext ParseFatalException traceback
+    # "$\\foo$" in a name was read as mathtext: a traceback
     ax.set_title(title or f"wiring {block.resolved.name} ({len(block.stages)} stages)", fontsize=9,
                  parse_math=False)
     fig.tight_layout()
