@@ -97,3 +97,16 @@ def test_mlx_lm_convert_into_its_own_source_is_refused(ckpt, capsys):
     out = ckpt / "sub"
     assert_rejected(["mlx-lm", "convert", "--hf-path", ckpt, "--mlx-path", out], capsys, "inside", "--hf-path")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("quantize", [[], ["-q"]])
+def test_convert_refuses_a_result_past_its_dtype(tmp_path, capsys, quantize):
+    # a quantized SRC (finite float32 scales) --dtype float16: the dequantized weights, or the
+    # new scales, overflowed, and an OUT no loader takes was written (exit 0)
+    model = tiny_model(3, vocab_size=128)
+    model.backbone.blocks[0].ffn.proj_down.weight = model.backbone.blocks[0].ffn.proj_down.weight * 1e6
+    quantize_model(model, bits=8)
+    src = save_model(model, tmp_path / "q8")
+    assert_rejected(["convert", src, tmp_path / "out", "--dtype", "float16", *quantize], capsys,
+                    "backbone.blocks.0.ffn.proj_down.", "--dtype float16 cannot hold them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]

@@ -296,6 +296,17 @@ def run(args: argparse.Namespace) -> int:
         except QuantizationError as err:
             raise UsageError(str(err)) from None
 
+    from mlx.utils import tree_flatten
+
+    from ..loading import non_finite_tensors
+
+    # A quantized SRC cast after dequantizing, or scales in float16, past its range: an OUT
+    # that nothing could load was written.
+    bad = non_finite_tensors(dict(tree_flatten(model.parameters())))
+    if bad:
+        raise UsageError(f"the result would hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): {'--dtype ' + args.dtype if args.dtype else 'its dtype'} cannot "
+                         "hold them; nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.convert-"))
     try:
