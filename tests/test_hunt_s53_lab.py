@@ -18,13 +18,13 @@ from xlstm_metal.lab import WiredBlock, WiringError, build_model, wired_equivale
 
 @pytest.mark.parametrize("key, value", [("tie_word_embeddings", "no"), ("norm_eps", 0), ("norm_eps", "abc"),
                                         ("output_logit_soft_cap", 0), ("output_logit_soft_cap", -5)])
-def test_an_archs_model_options_are_checked(key, value):
+def test_arch_model_options(key, value):
     # "no" tied the head, eps 0 became 1e-6, cap 0 / -5 zeroed / flipped the logits, "abc" failed in MLX
     with pytest.raises(WiringError, match=key):
         build_model({"blocks": ["swiglu", "swiglu"], key: value}, vocab_size=16, embedding_dim=16)
 
 
-def test_a_bad_arch_option_is_a_usage_error_of_mad_before_training(tmp_path, capsys):
+def test_mad_refuses_a_bad_arch_option(tmp_path, capsys):
     from xlstm_metal.cli import main
 
     (tmp_path / "a.yaml").write_text("blocks: [swiglu, swiglu]\nnorm_eps: abc\n")
@@ -46,12 +46,12 @@ TWO = [{"from": "in.x", "to": "a"}, {"from": "in.x", "to": "b"}, {"from": "a", "
     # 10**10**10 hung; overflow or division by zero in a call, complex numbers, repeated strings
     *[({"params": {"d": f"${e}"}, "cells": {"a": L4}}, "params.d")
       for e in ("7 ** 10 ** 6", "10.0 ** 400", "int(1e400)", "round_up(5, 0)", "(-8) ** 0.5", "'ab' * 3")]])
-def test_a_bad_spec_is_a_wiring_error_naming_it(spec, named):
+def test_bad_spec(spec, named):
     with pytest.raises(WiringError, match=re.escape(named)):
         WiredBlock(spec)
 
 
-def test_the_wired_xlstm_large_with_biases_equals_the_hand_written_model():
+def test_wired_xlstm_large_with_biases():
     # use_bias gives the hand-written norms a bias, the wiring's had none: a CheckpointError
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -65,8 +65,8 @@ def test_the_wired_xlstm_large_with_biases_equals_the_hand_written_model():
     np.testing.assert_allclose(wired_equivalent(model)(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_quantized_slstm_lab_model_saves_and_loads(tmp_path):
-    # Its headwise gate projections were quantized but load_model refused their scales/biases
+def test_quantized_slstm_lab_model_round_trip(tmp_path):
+    # load_model refused the headwise gates' scales/biases
     model = build_model("slstm", vocab_size=64, embedding_dim=128, seed=2)
     nn.quantize(model, 32, 4, class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
     ids = mx.random.randint(0, 64, (2, 7))
@@ -74,7 +74,7 @@ def test_a_quantized_slstm_lab_model_saves_and_loads(tmp_path):
     assert np.array_equal(xlstm_metal.load_model(tmp_path / "m")(ids)[0], model(ids)[0])
 
 
-def test_evolve_with_a_huge_top_checks_its_outputs_at_once(tmp_path):
+def test_evolve_with_a_huge_top(tmp_path):
     # It listed best-N.yaml for N up to --top first: a MemoryError after ~50 s
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
             "from xlstm_metal.cli import main; sys.exit(main(sys.argv[1:]))")
@@ -83,7 +83,7 @@ def test_evolve_with_a_huge_top_checks_its_outputs_at_once(tmp_path):
     assert done.returncode == 2 and "holds no search" in done.stderr
 
 
-def test_mad_stopped_after_a_task_keeps_the_tasks_it_scored(tmp_path, monkeypatch):
+def test_stopped_mad_keeps_its_scores(tmp_path, monkeypatch):
     # results.json was written after the last task: an interrupt lost every score
     import xlstm_metal.lab.mad as lab_mad
     from xlstm_metal.cli import main
@@ -102,10 +102,10 @@ def test_mad_stopped_after_a_task_keeps_the_tasks_it_scored(tmp_path, monkeypatc
     saved = json.loads((out / "results.json").read_text())
     assert [t["task"] for t in saved["tasks"]] == ["compression"] and saved["unscored"] == ["memorization"]
     assert saved["aggregate"] == 0.75
-    assert main(argv + ["--overwrite"]) == 130 and not (out / "accuracy.svg").exists()  # the replaced run's
+    assert main(argv + ["--overwrite"]) == 130 and not (out / "accuracy.svg").exists()
 
 
-def test_a_dollar_in_a_name_is_drawn_as_text(tmp_path):
+def test_dollar_in_a_name(tmp_path):
     # matplotlib read "$\foo{$" as mathtext: a ParseFatalException traceback
     from xlstm_metal.lab.mad import TaskResult, plot_results
     from xlstm_metal.lab.render import render_wiring
@@ -113,3 +113,11 @@ def test_a_dollar_in_a_name_is_drawn_as_text(tmp_path):
     render_wiring(WiredBlock({"name": r"$\foo{$", "cells": {"a": L4}}), tmp_path / "w.png")
     plot_results([TaskResult("compression", 0.5, 1.0, 0.1, 1, 1.0, 1, {})], tmp_path / "a.svg", r"$\foo{$")
     assert rb"\foo{" in (tmp_path / "a.svg").read_bytes()
+
+
+def test_wired_block_state_of_another_batch():
+    from xlstm_metal.lab import build_block
+
+    block = build_block("mlstm", {"dim": 8, "num_heads": 2})  # a batch-1 input gave a batch-2 output
+    with pytest.raises(ValueError, match="batch of 1"):
+        block(mx.zeros((1, 3, 8)), block.make_state(2))

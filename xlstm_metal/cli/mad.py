@@ -116,7 +116,7 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    results: list = []
+    results = []
 
     def save() -> None:
         # After each task: a stopped run kept no score. The replaced run's plots go with its results.

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cells.xlstm_2024 import Module2024
+from ..models.xlstm_large import check_state
 from .cells import CellError, build_cell, cell_types
 from .spec import RESERVED, ResolvedSpec, WiringError, WiringSpec, strongly_connected, topological_stages
 
@@ -362,16 +363,17 @@ class WiredBlock(Module2024):
             lead = shape[:2]
         return inputs
 
-    def _check_state(self, state) -> None:
+    def _check_state(self, state, batch: int) -> None:
         want = sum(self._state_sizes.values()) + len(self._delayed)
         if state is not None and (not isinstance(state, (list, tuple)) or len(state) != want):
             got = f"{len(state)} arrays" if isinstance(state, (list, tuple)) else type(state).__name__
             raise ValueError(f"the state of wiring {self.resolved.name} is a tuple of {want} arrays (make_state), "
                              f"got {got}")
+        check_state(None if state is None else [state], batch, 1)  # another batch: broadcast silently
 
     def __call__(self, x, state: tuple | None = None):
         inputs = self._inputs(x)
-        self._check_state(state)  # another block's state was read misaligned
+        self._check_state(state, next(iter(inputs.values())).shape[0])  # another block's: read misaligned
         if self._delayed:
             seq = next(iter(inputs.values())).shape[1]
             if seq > 1:
