@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import platform
 import subprocess
@@ -486,8 +487,10 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
     records: list[dict] = []
-    if args.append and jsonl.exists():  # more rounds on top of an earlier run's
-        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    packed = jsonl.with_name(jsonl.name + ".xz")  # the archived runs are stored xz-compressed
+    if args.append and (jsonl.exists() or packed.exists()):  # more rounds on top of an earlier run's
+        text = jsonl.read_text() if jsonl.exists() else lzma.open(packed, "rt").read()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
     elif jsonl.exists():
         jsonl.unlink()
     budget = args.budget or (240.0 if args.preset == "h100" else 300.0)

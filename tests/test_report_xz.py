@@ -42,3 +42,20 @@ def test_globbed_names_are_the_logical_ones_sorted_each_once(report, tmp_path):
         "xlstm71_350m_a.json", "xlstm71_350m_b.json", "xlstm71_350m_c.json"]
     assert report._read_json(tmp_path / "xlstm71_350m_c.json") == {"date": "3"}
     assert report._read_json(tmp_path / "missing.json") is None and report._read_jsonl(tmp_path / "no.jsonl") == []
+
+
+def test_side_by_side_append_adds_rounds_to_a_run_stored_as_xz(tmp_path, monkeypatch):
+    """`side_by_side.py --append` on a preset whose earlier rounds are stored as NAME.jsonl.xz
+    (the repository's archived runs): the new result holds those rounds and the new one (it
+    started from nothing: the earlier rounds vanished from the figures)."""
+    spec = importlib.util.spec_from_file_location("sbs", Path(__file__).parent.parent / "benchmarks" / "side_by_side.py")
+    sbs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sbs)
+    old = {"side": "ours", "kind": "decode", "batch": 1, "length": 8, "tok_s": 1.0}
+    _xz(tmp_path / "cpu.jsonl", json.dumps(old) + "\n")
+    new = {**old, "tok_s": 2.0}
+    monkeypatch.setattr(sbs, "_run_worker", lambda *a: [new])
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--append", "--sides", "ours", "--rounds", "1",
+                                     "--out", str(tmp_path / "cpu.json")])
+    assert sbs.main() == 0
+    assert json.loads((tmp_path / "cpu.json").read_text())["records"] == [old, new]
