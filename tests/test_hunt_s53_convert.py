@@ -110,3 +110,12 @@ def test_convert_refuses_a_result_past_its_dtype(tmp_path, capsys, quantize):
     assert_rejected(["convert", src, tmp_path / "out", "--dtype", "float16", *quantize], capsys,
                     "backbone.blocks.0.ffn.proj_down.", "--dtype float16 cannot hold them")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]
+
+
+def test_to_mlx_takes_a_lazy_conjugate_or_negative_view_as_its_values():
+    torch = pytest.importorskip("torch")
+    from xlstm_metal.connectors import to_mlx
+
+    x = torch.tensor([1 + 2j, -3 - 0.5j])
+    assert to_mlx(x.conj()).tolist() == [1 - 2j, -3 + 0.5j]
+    assert to_mlx(torch._neg_view(x)).tolist() == [-1 - 2j, 3 + 0.5j]
