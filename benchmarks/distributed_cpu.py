@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import random
 import shutil
@@ -101,7 +102,9 @@ def main() -> int:
         data = corpus(work / "corpus")
         steps = 15 if args.quick else 40
         out = ROOT / "benchmarks" / "results" / "distributed_cpu.json"
-        previous = json.loads(out.read_text()) if out.is_file() else {}
+        packed = out.with_name(out.name + ".xz")  # the archived result is stored xz-compressed
+        previous = json.loads(out.read_text() if out.is_file() else lzma.open(packed, "rt").read()) \
+            if out.is_file() or packed.is_file() else {}
         load = [os.getloadavg()[0]]
         training = previous.get("training", [])
         if args.only != "inference":
