@@ -471,41 +471,47 @@ class xLSTMRunner:
         prompt_time = gen_start = None
         n = 0
         asked, shown = list(history), []  # the conversation before this reply; the reply's text as shown
-        for decoded in self._decode(logits, state, params, keys, seen, max_tokens):
-            token, fed_state, step_keys = decoded.host[0], decoded.state, decoded.keys
-            now = time.perf_counter()
-            if prompt_time is None:
-                prompt_time, gen_start = now - tic, now
-                after_prompt = fed_state if keep_state and stop_strings else None  # (a stop string may end it)
-            n += 1
-            history.append(token)
-            if keep_state:
-                self._session = _Session(fed_state, [token], history, len(history),
-                                         session.keys if params.greedy else step_keys)
-            text = tracker.add(token)
-            if tracker.finish_reason is None and n == max_tokens:
-                text += tracker.finish()
-            shown.append(text)
-            if keep_state and tracker.finish_reason == "stop" and token not in tracker.stop_ids:
-                # A stop string ended the reply: the session holds the reply as shown, neither the
-                # stop string nor what the token that completed it carried after it (text the user
-                # never saw would condition the next turn). Its tokens are fed with the next prompt.
-                reply = self.encode("".join(shown), add_special_tokens=False)
-                self._session = _Session(after_prompt, reply, asked + reply, len(asked) + len(reply),
-                                         session.keys if params.greedy else step_keys)
-            elapsed = now - gen_start
-            yield GenerationChunk(
-                token=token,
-                text=text,
-                finish_reason=tracker.finish_reason,
-                prompt_tokens=len(feed),
-                generation_tokens=n,
-                prompt_tps=len(feed) / prompt_time if prompt_time > 0 else float("inf"),
-                generation_tps=(n - 1) / elapsed if elapsed > 0 else 0.0,
-                peak_memory_gb=_peak_memory_gb(),
-            )
-            if tracker.finish_reason is not None:
-                return
+
+        def keep_as_shown():
+            # The session holds the reply as shown (text the user never saw would condition the
+            # next turn); its tokens are fed with the next prompt.
+            reply = self.encode("".join(shown), add_special_tokens=False)
+            self._session = _Session(after_prompt, reply, asked + reply, len(asked) + len(reply), self._session.keys)
+
+        try:
+            for decoded in self._decode(logits, state, params, keys, seen, max_tokens):
+                token, fed_state, step_keys = decoded.host[0], decoded.state, decoded.keys
+                now = time.perf_counter()
+                if prompt_time is None:
+                    prompt_time, gen_start = now - tic, now
+                    after_prompt = fed_state if keep_state and stop_strings else None  # (a stop string may end it)
+                n += 1
+                history.append(token)
+                if keep_state:
+                    self._session = _Session(fed_state, [token], history, len(history),
+                                             session.keys if params.greedy else step_keys)
+                text = tracker.add(token)
+                if tracker.finish_reason is None and n == max_tokens:
+                    text += tracker.finish()
+                shown.append(text)
+                if keep_state and tracker.finish_reason == "stop" and token not in tracker.stop_ids:
+                    keep_as_shown()  # neither the stop string nor what its token carried after it
+                elapsed = now - gen_start
+                yield GenerationChunk(
+                    token=token,
+                    text=text,
+                    finish_reason=tracker.finish_reason,
+                    prompt_tokens=len(feed),
+                    generation_tokens=n,
+                    prompt_tps=len(feed) / prompt_time if prompt_time > 0 else float("inf"),
+                    generation_tps=(n - 1) / elapsed if elapsed > 0 else 0.0,
+                    peak_memory_gb=_peak_memory_gb(),
+                )
+                if tracker.finish_reason is not None:
+                    return
+        finally:
+            if keep_state and tracker.finish_reason is None and tracker.buffer:
+                keep_as_shown()  # stopped (Ctrl-C, close()) with text held back for a stop string
 
     def generate(
         self,

@@ -1,0 +1,37 @@
+"""Session 53's hunt over generation and chat: the runner's stream, generate and the chat loop."""
+
+import io
+
+import pytest
+
+import xlstm_metal  # noqa: F401
+from xlstm_metal.cli.chat import chat_loop
+from xlstm_metal.generation import DEFAULT_MODEL_DIR, xLSTMRunner
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return xLSTMRunner(DEFAULT_MODEL_DIR, dtype="float32")
+
+
+class Args:
+    max_tokens, temperature, top_k, top_p, min_p, repetition_penalty = 40, 0.0, 0, 1.0, 0.0, 1.0
+    seed, verbose = None, False
+
+
+def test_a_reply_interrupted_with_text_held_for_a_stop_string_keeps_the_reply_as_shown(runner):
+    class Out(io.StringIO):  # Ctrl-C after the 6th write (while the next token is computed)
+        def write(self, text, n=[0]):
+            super().write(text)
+            n[0] += 1
+            if n[0] == 6:
+                raise KeyboardInterrupt
+
+    runner.reset_state()
+    args, out, turns = Args(), Out(), iter(["To open a file in Python,", "/quit"])
+    args.stop = ["\n\nZZZZZZZZZZ"]  # 10 characters held back until they cannot start it
+    chat_loop(runner, args, input_fn=lambda _: next(turns), out=out, err=io.StringIO())
+    shown = out.getvalue().strip("\n")
+    assert len(shown) > 5
+    # the model went on with text the user never saw (" retained solely" after "... re")
+    assert runner.tokenizer.decode(runner.session_tokens) == "To open a file in Python,\n\n" + shown
