@@ -35,3 +35,13 @@ def test_a_reply_interrupted_with_text_held_for_a_stop_string_keeps_the_reply_as
     assert len(shown) > 5
     # the model went on with text the user never saw (" retained solely" after "... re")
     assert runner.tokenizer.decode(runner.session_tokens) == "To open a file in Python,\n\n" + shown
+
+
+def test_a_prompt_ending_inside_a_character_is_not_streamed_again(runner):
+    ids = runner.tokenizer.encode("The café")[:-1]  # é's second byte left out
+    assert runner.tokenizer.decode(ids) == "The caf\ufffd"
+    reply = runner.generate(ids, max_tokens=6)
+    assert reply[0] == 105  # the model completes the é
+    pieces = [c.text for c in runner.stream(ids, max_tokens=6)]
+    assert "".join(pieces) == runner.tokenizer.decode(reply) and not pieces[0].startswith("The")  # was "The café"
+    assert runner.generate(ids, max_tokens=6, stop="The") == reply  # a stop string in the prompt: no stop

@@ -211,6 +211,9 @@ class StreamingDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         context = _token_ids(context)
+        for _ in range(3):  # ends inside a character (at most 3 of its bytes): the stream re-emitted all the context
+            if context and tokenizer.decode(context, skip_special_tokens).endswith("\ufffd"):
+                context = context[:-1]
         # DecodeStream (tokenizers >= 0.21) does the incremental work in Rust; the context ids
         # only prime it and are never emitted.
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens) if context \
