@@ -82,7 +82,7 @@ def run(args) -> int:
     out = check_output_path(args.out, "--out", directory=True)
     # Written at the first scored candidate or after the search: a directory of one of these names
     # (which --overwrite does not remove) failed there, after the training.
-    # (best-N.yaml found there: every N up to --top filled the memory)
+    # (those there: each N to --top filled the memory)
     for path in [out / name for name in ("search.json", "history.jsonl", "summary.json", "evolution.png")] + \
             [p for p in out.glob("best-*.yaml") if p.stem[5:].isdigit() and 0 < int(p.stem[5:]) <= args.top]:
         if path.is_dir():

@@ -117,18 +117,6 @@ def run(args) -> int:
     from tqdm import tqdm
 
     results = []
-
-    def save() -> None:
-        # After each task: a stopped run kept no score. The replaced run's plots go with its results.
-        if len(results) == 1 and args.overwrite:
-            for stale in (out / "accuracy.png", out / "accuracy.svg"):
-                if stale.is_file():
-                    stale.unlink()
-        rest = {"unscored": tasks[len(results):]} if len(results) < len(tasks) else {}
-        atomic_write_text(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
-                                                    "aggregate": aggregate(results), "tasks": payload, **rest},
-                                                   indent=2))
-
     job = current_job()  # `xlstm-metal top`; between tasks a memory-watchdog safe point
     for name in tqdm(tasks, desc=f"MAD {label}", unit="task", disable=args.json or not sys.stderr.isatty()):
         job.update(phase="mad", done=len(results), total=len(tasks), unit="tasks", message=f"task {name}")
@@ -142,7 +130,14 @@ def run(args) -> int:
               file=sys.stderr)
         payload = [{"arch": label, "preset": args.preset, "seed": args.seed, **r.to_dict()} for r in results]
         out.mkdir(parents=True, exist_ok=True)
-        save()
+        if len(results) == 1 and args.overwrite:  # the replaced run's plots go with its results
+            for stale in (out / "accuracy.png", out / "accuracy.svg"):
+                stale.is_file() and stale.unlink()
+        # after each task (a stopped run kept no score)
+        rest = {"unscored": tasks[len(results):]} if len(results) < len(tasks) else {}
+        atomic_write_text(results_path, json.dumps({"arch": label, "preset": args.preset, "seed": args.seed,
+                                                    "aggregate": aggregate(results), "tasks": payload, **rest},
+                                                   indent=2))
     mean = aggregate(results)
     plot_results(results, plot_path, f"MAD {label} ({args.preset}, seed {args.seed})")
     if args.json:

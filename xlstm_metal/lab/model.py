@@ -302,8 +302,7 @@ def model_from_checkpoint(config_dict: dict[str, Any], weights: dict[str, mx.arr
 
 
 def _quantize_headwise(model: LabModel, weights: dict[str, mx.array]) -> None:
-    """Quantize the headwise projections ``weights`` hold quantized ([heads, rows, packed]): the
-    loader infers bits and group size of 2-D weights only (a quantized sLSTM did not load)."""
+    """Headwise projections ``weights`` hold quantized (the loader reads 2-D ones only)."""
     from ..quantization import _infer_params
 
     def predicate(path: str, module) -> bool | dict:

@@ -115,12 +115,6 @@ def _resolve_value(value: Any, names: dict[str, Any], where: str) -> Any:
     return value
 
 
-def _when(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):  # "no" was true: the cell was kept
-        raise WiringError(f"{where}: when must be true or false, got {value!r}")
-    return value
-
-
 def _seed(value: Any, where: str) -> int:
     """A mask seed: a non-negative integer (numpy's generators take no other)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -248,7 +242,7 @@ class WiringSpec:
             if not isinstance(body, dict) or "type" not in body:
                 raise WiringError(f"cell {name!r} needs a mapping with a 'type'")
             body = _resolve_value(body, names, f"cells.{name}")
-            if not _when(body.pop("when", True), f"cell {name!r}"):
+            if not body.pop("when", True):
                 continue  # a cell this parameter setting leaves out
             cells[name] = body
         connections = []
@@ -259,7 +253,7 @@ class WiringSpec:
             if unknown:
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): unknown key(s) {sorted(unknown)}")
             c = _resolve_value(c, names, f"connections[{index}]")
-            if not _when(c.pop("when", True), f"connection {index}"):
+            if not c.pop("when", True):
                 continue
             polarity = c.get("polarity", 1)
             if polarity not in (1, -1) or isinstance(polarity, bool):
@@ -355,7 +349,17 @@ def parse_text(text: str, source: str) -> dict:
         raise WiringError(f"{source} is not valid YAML: {where}{what}") from None
     if not isinstance(data, dict):
         raise WiringError(f"{source}: a wiring spec must be a mapping, got {type(data).__name__}")
+    if _size(data, {}) > 10**7:  # aliases: 600 bytes hung, &r [*r] a RecursionError
+        raise WiringError(f"{source}: over 10**7 values (YAML aliases repeat them)")
     return data
+
+
+def _size(obj: Any, memo: dict) -> float:
+    if id(obj) not in memo:
+        memo[id(obj)] = math.inf  # (a list inside itself)
+        kids = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+        memo[id(obj)] = 1 + sum(_size(k, memo) for k in kids)
+    return memo[id(obj)]
 
 
 # ------------------------------------------------------------------------------- the builder
