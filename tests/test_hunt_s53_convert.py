@@ -119,3 +119,17 @@ def test_to_mlx_takes_a_lazy_conjugate_or_negative_view_as_its_values():
     x = torch.tensor([1 + 2j, -3 - 0.5j])
     assert to_mlx(x.conj()).tolist() == [1 - 2j, -3 + 0.5j]
     assert to_mlx(torch._neg_view(x)).tolist() == [-1 - 2j, 3 + 0.5j]
+
+
+def test_mlx_lm_full_fine_tuning_of_a_quantized_model_is_refused_up_front(tmp_path, capsys):
+    model = tiny_model(3, vocab_size=320)
+    quantize_model(model, bits=8)
+    ckpt = save_model(model, tmp_path / "q8", tokenizer=train_tiny_tokenizer())
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text('{"text": "the cat sat on the mat"}\n' * 2)
+    assert_rejected(["mlx-lm", "lora", "--model", ckpt, "--train", "--data", data, "--iters", "2", "--batch-size", "1",
+                     "--val-batches", "1", "--fine-tune-type", "full", "--adapter-path", tmp_path / "ad"], capsys,
+                    "full cannot train a quantized model's packed weights")
+    assert not (tmp_path / "ad").exists()

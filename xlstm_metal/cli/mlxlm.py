@@ -753,6 +753,13 @@ def lora_layers_default_fits_the_model():
     default = defaults.get("num_layers")
 
     def train(args, model, *rest, **kwargs):
+        from ..quantization import quantization_config
+
+        if args.fine_tune_type == "full" and quantization_config(model) is not None:
+            # it trained the packed integer weights as floats and stopped at its second step
+            # ("[dequantize] The matrix should be given as a uint32"), its adapter folder left behind
+            raise UsageError("mlx-lm lora: --fine-tune-type full cannot train a quantized model's packed weights: "
+                             "use lora or dora, or train a float copy (xlstm-metal convert MODEL OUT)")
         layers = len(model.layers)
         if isinstance(args.num_layers, _DefaultNumLayers):
             args.num_layers = int(args.num_layers)
