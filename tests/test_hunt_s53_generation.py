@@ -45,3 +45,12 @@ def test_a_prompt_ending_inside_a_character_is_not_streamed_again(runner):
     pieces = [c.text for c in runner.stream(ids, max_tokens=6)]
     assert "".join(pieces) == runner.tokenizer.decode(reply) and not pieces[0].startswith("The")  # was "The café"
     assert runner.generate(ids, max_tokens=6, stop="The") == reply  # a stop string in the prompt: no stop
+
+
+def test_a_stream_closed_after_a_reset_leaves_the_session_reset(runner):
+    runner.reset_state()
+    stream = runner.stream("To open a file in Python,", max_tokens=20, stop="ZZZZZZZZZZ", keep_state=True)
+    [next(stream) for _ in range(5)]
+    runner.reset_state()
+    stream.close()
+    assert runner.session_tokens == []

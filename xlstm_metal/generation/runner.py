@@ -510,8 +510,8 @@ class xLSTMRunner:
                 if tracker.finish_reason is not None:
                     return
         finally:
-            if keep_state and tracker.finish_reason is None and tracker.buffer:
-                keep_as_shown()  # stopped (Ctrl-C, close()) with text held back for a stop string
+            if keep_state and tracker.finish_reason is None and tracker.buffer and self._session.history is history:
+                keep_as_shown()  # stopped (Ctrl-C, close()) with text held back for a stop string (and no reset since)
 
     def generate(
         self,
