@@ -54,3 +54,10 @@ def test_a_stream_closed_after_a_reset_leaves_the_session_reset(runner):
     runner.reset_state()
     stream.close()
     assert runner.session_tokens == []
+
+
+@pytest.mark.parametrize("stop", [b"\n", bytearray(b"ab"), 2.5])
+def test_stop_as_bytes_or_a_float_is_refused_by_name(runner, stop):
+    for call in (runner.generate, lambda *a, **k: list(runner.stream(*a, **k))):
+        with pytest.raises(TypeError, match="stop must be a str, a token id or a list"):  # b"\n" stopped at id 10
+            call("To open a file", max_tokens=3, stop=stop)
