@@ -61,3 +61,13 @@ def test_stop_as_bytes_or_a_float_is_refused_by_name(runner, stop):
     for call in (runner.generate, lambda *a, **k: list(runner.stream(*a, **k))):
         with pytest.raises(TypeError, match="stop must be a str, a token id or a list"):  # b"\n" stopped at id 10
             call("To open a file", max_tokens=3, stop=stop)
+
+
+@pytest.mark.parametrize("first", ["// a C comment", "/reset the counter", "/quit"])
+def test_a_first_turn_given_by_flag_is_text_not_a_command(runner, first):
+    runner.reset_state()
+    args, err, turns = Args(), io.StringIO(), iter(["/quit"])
+    args.stop, args.max_tokens = [], 3
+    chat_loop(runner, args, first_turn=first, input_fn=lambda _: next(turns), out=io.StringIO(), err=err)
+    # "// x" lost a slash, "/reset ..." was refused and dropped, "/quit" quit at once
+    assert runner.tokenizer.decode(runner.session_tokens).startswith(first + "\n") and err.getvalue().count("(") == 0

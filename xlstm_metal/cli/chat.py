@@ -111,7 +111,8 @@ def chat_loop(
     print(help_text, file=err)
     pending = first_turn
     while True:
-        if pending is not None:
+        typed = pending is None  # a first turn from --prompt / --prompt-file is text, never a command
+        if not typed:
             line, pending = pending, None
         else:
             try:
@@ -133,22 +134,22 @@ def chat_loop(
             same_on_every_rank({"the chat input": line}, "turns (under mlx.launch every process reads the same "
                                "stdin)")
         command = line.strip()
-        if command in ("/quit", "/exit"):
+        if not command:
+            continue
+        if typed and command in ("/quit", "/exit"):
             return 0
-        if command == "/reset":
+        if typed and command == "/reset":
             runner.reset_state()
             print("(conversation reset)", file=err)
             continue
-        if command == "/help":
+        if typed and command == "/help":
             print(help_text, file=err)
             continue
-        if not command:
-            continue
-        unknown = unknown_command(command, help_text)
+        unknown = unknown_command(command, help_text) if typed else None
         if unknown is not None:
             print(unknown, file=err)
             continue
-        if command.startswith("//"):  # text that begins with "/": one slash goes
+        if typed and command.startswith("//"):  # text that begins with "/": one slash goes
             line = line.replace("/", "", 1)
         text = turn_text(line.rstrip("\n"), _ends_with_newline(runner))
         # --seed seeds the conversation (its first turn, and the first after /reset); later turns
