@@ -71,3 +71,18 @@ def test_a_first_turn_given_by_flag_is_text_not_a_command(runner, first):
     chat_loop(runner, args, first_turn=first, input_fn=lambda _: next(turns), out=io.StringIO(), err=err)
     # "// x" lost a slash, "/reset ..." was refused and dropped, "/quit" quit at once
     assert runner.tokenizer.decode(runner.session_tokens).startswith(first + "\n") and err.getvalue().count("(") == 0
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_latin_1_terminal_shows_what_it_cannot_encode_as_a_question_mark(runner, monkeypatch, command):
+    from xlstm_metal.cli import main
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))
+    expected = runner.tokenizer.decode(runner.generate("The “" + "\n" * (command == "chat"), 12))
+    assert "“" in expected  # the model's curly quotes: exit code 2 at the first one
+    assert main([command, "--temp", "0", "--repetition-penalty", "1", "-n", "12", "--prompt", "The “"]) == 0
+    out.flush()
+    shown = out.buffer.getvalue().decode("latin-1")
+    assert shown.strip("\n") == expected.encode("latin-1", "replace").decode().strip("\n")  # “ as ?

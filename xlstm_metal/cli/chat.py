@@ -32,6 +32,7 @@ from .generate import (
     max_tokens_for,
     print_model_description,
     read_prompt,
+    replace_unencodable,
     same_on_every_rank,
     sampling_kwargs,
     stats_line,
@@ -192,6 +193,7 @@ def chat_loop(
 
 def run(args: argparse.Namespace) -> int:
     validate_sampling(args)
+    replace_unencodable(sys.stdout)
     prompt = read_prompt(args)
     runner, _ = load_runner(args)
     try:  # under several ranks: every rank was given the same first turn and settings

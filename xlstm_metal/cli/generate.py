@@ -481,6 +481,13 @@ def print_model_description(args: argparse.Namespace, runner) -> None:
         print(wiring_text(runner.model))
 
 
+def replace_unencodable(out) -> None:
+    """Characters the output's encoding lacks (a latin-1 terminal) written as '?': the first one
+    (the packaged model's curly quotes) ended the text as a usage error, exit code 2."""
+    if callable(getattr(out, "reconfigure", None)) and getattr(out, "errors", None) == "strict":
+        out.reconfigure(errors="replace")
+
+
 def stream_to(out, chunks) -> Any:
     """Write each chunk's text as it comes; returns the last chunk (or None)."""
     last = None
@@ -503,6 +510,7 @@ def generation_peer_lost_exit(err: RuntimeError, what: str = "the generation sto
 # ---------------------------------------------------------------------- entry point
 def run(args: argparse.Namespace) -> int:
     validate_sampling(args)
+    replace_unencodable(sys.stdout)
     interactive = bool(getattr(args, "interactive", False))
     prompt = read_prompt(args)
     describe_only = (args.info or args.show_wiring) and prompt is None and not interactive
