@@ -1,5 +1,4 @@
-"""Quantization, convert and mlx-lm corners (session 53 hunt). Tiny seeded models; nothing
-downloads."""
+"""Quantization, convert and mlx-lm corners (session 53 hunt). Tiny seeded models."""
 
 import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
 
@@ -15,9 +14,15 @@ from test_tokenizer import train_tiny_tokenizer
 from xlstm_metal import load_model, save_model
 from xlstm_metal.cli import convert
 from xlstm_metal.errors import CheckpointError
-from xlstm_metal.quantization import make_recipe, quantization_config, quantize_model
+from xlstm_metal.quantization import make_recipe, quantize_model
 
 IDS = mx.array([[5, 17, 33, 2, 90, 41, 8, 64, 3, 77, 12]])
+
+
+def big():  # finite in float32, past float16's range
+    model = tiny_model(3, vocab_size=128)
+    model.backbone.blocks[0].ffn.proj_down.weight *= 1e6
+    return model
 
 
 @pytest.fixture
@@ -27,8 +32,7 @@ def ckpt(tmp_path):
 
 
 def test_float_format_entry_may_leave_out_bits_with_a_layer_set_true(tmp_path):
-    # {"mode": "mxfp4", layer: true}: our checker takes the format's fixed pair, the loader
-    # then read quantization["group_size"] (a KeyError traceback from generate -m)
+    # {"mode": "mxfp4", layer: true} passed the checks, then a KeyError traceback
     model = tiny_model(3, vocab_size=128)
     quantize_model(model, mode="mxfp4")
     path = save_model(model, tmp_path / "m")
@@ -56,10 +60,8 @@ def test_a_pattern_quantizes_the_float_gates_only_by_their_name(tmp_path):
 
 
 def test_float16_overflow_is_named_as_the_dtype_not_a_damaged_checkpoint(tmp_path):
-    model = tiny_model(3, vocab_size=128)
-    model.backbone.blocks[0].ffn.proj_down.weight = model.backbone.blocks[0].ffn.proj_down.weight * 1e6
-    path = save_model(model, tmp_path / "m")
-    assert load_model(path, dtype="bfloat16") is not None  # finite as stored, and in bf16
+    path = save_model(big(), tmp_path / "m")
+    load_model(path, dtype="bfloat16")
     with pytest.raises(CheckpointError, match="past float16's range") as err:
         load_model(path, dtype="float16")
     assert "backbone.blocks.0.ffn.proj_down.weight" in str(err.value) and "NaN" not in str(err.value)
@@ -71,8 +73,7 @@ def test_float16_overflow_is_named_as_the_dtype_not_a_damaged_checkpoint(tmp_pat
 
 
 def test_check_encodes_only_the_text_its_tokens_need(ckpt, tmp_path, monkeypatch):
-    # convert --check read and encoded the whole file for its first --check-tokens ids
-    # (37 MB: 81 s and 7.4 GB)
+    # it read and encoded the whole file (37 MB: 81 s, 7.4 GB)
     text = tmp_path / "t.txt"
     text.write_bytes(("the cat sat on the mat, caf\u00e9 \U0001f600\r\n" * 20000).encode())
     tokenizer = convert.read_tokenizer(ckpt, "")
@@ -101,10 +102,8 @@ def test_mlx_lm_convert_into_its_own_source_is_refused(ckpt, capsys):
 
 @pytest.mark.parametrize("quantize", [[], ["-q"]])
 def test_convert_refuses_a_result_past_its_dtype(tmp_path, capsys, quantize):
-    # a quantized SRC (finite float32 scales) --dtype float16: the dequantized weights, or the
-    # new scales, overflowed, and an OUT no loader takes was written (exit 0)
-    model = tiny_model(3, vocab_size=128)
-    model.backbone.blocks[0].ffn.proj_down.weight = model.backbone.blocks[0].ffn.proj_down.weight * 1e6
+    # an OUT no loader takes was written (exit 0)
+    model = big()
     quantize_model(model, bits=8)
     src = save_model(model, tmp_path / "q8")
     assert_rejected(["convert", src, tmp_path / "out", "--dtype", "float16", *quantize], capsys,

@@ -105,8 +105,7 @@ def to_mlx(x: Any, dtype: str | mx.Dtype | None = None) -> mx.array:
         t = x.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        # bool, bfloat16 and every numeric dtype cross through DLPack (a single copy). A lazy
-        # conjugate or negative view crossed as the values before it (x.conj() came as x).
+        # bool, bfloat16 and every numeric dtype cross through DLPack (a single copy); x.conj() came as x
         t = t.resolve_conj().resolve_neg()
         out = mx.from_dlpack(t.contiguous()) if t.dtype != torch.bool else mx.array(t.numpy())
     else:

@@ -195,16 +195,14 @@ def non_finite_tensors(arrays: dict[str, mx.array]) -> list[str]:
 
 def check_finite(model: nn.Module, source: str | os.PathLike, cast: mx.Dtype | None = None) -> None:
     """CheckpointError naming every parameter of ``model`` that holds NaN or inf (``cast``: the
-    dtype the weights were loaded in, which finite stored values may overflow)."""
+    dtype it was loaded in)."""
     bad = non_finite_tensors(dict(tree_flatten(model.parameters())))
     if bad:
         shown = bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
-        what = f"checkpoint {source} holds NaN or infinite values in"
-        # float16 of finite weights past 65504 blamed the checkpoint
-        if cast is not None and not non_finite_tensors(read_weights(Path(source))):
-            name = _dtype_name(cast)
-            what = f"checkpoint {source} holds values past {name}'s range (load it in another dtype) in"
-        raise CheckpointError(f"{what} {len(bad)} tensor(s):\n    " + "\n    ".join(shown))
+        what = "NaN or infinite values"
+        if cast is not None and not non_finite_tensors(read_weights(Path(source))):  # it blamed the checkpoint
+            what = f"values past {_dtype_name(cast)}'s range (load it in another dtype)"
+        raise CheckpointError(f"checkpoint {source} holds {what} in {len(bad)} tensor(s):\n    " + "\n    ".join(shown))
 
 
 def sanitize_xlstm_large(weights: dict[str, mx.array], config: xLSTMConfig) -> dict[str, mx.array]:

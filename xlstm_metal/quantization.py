@@ -149,8 +149,7 @@ class Recipe:
     def _override(self, path: str) -> bool | dict[str, int] | None:
         if path in self.overrides:
             return self.overrides[path]
-        # A pattern reaches a gate kept in float only by the gate's name: {"backbone.blocks.1.*": 8}
-        # quantized block 1's i/f gates, against the default.
+        # {"backbone.blocks.1.*": 8} quantized block 1's i/f gates
         gate = self.float_gates and FLOAT_GATES.search(path)
         for pattern, value in self.overrides.items():
             if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(path, pattern) \
@@ -481,7 +480,7 @@ def apply_quantization(
 
 
 def _top_params(quantization: dict[str, Any]) -> dict[str, Any]:
-    # A float format's entry may leave out bits and group size (its fixed pair): a KeyError here
+    # a float format's entry may leave out its fixed bits and group size (a KeyError)
     mode = quantization.get("mode", "affine")
     bits, group_size = _mode_params(mode, quantization.get("bits"), quantization.get("group_size"), "quantization")
     return {"group_size": group_size, "bits": bits, "mode": mode}

@@ -169,8 +169,7 @@ def _read_check_ids(args: argparse.Namespace, source_dir: Path, vocab_size: Any 
         check_tokenizer_fits(tokenizer, vocab_size, source_dir)
     except CheckpointError as err:
         raise UsageError(f"--check: {err}") from None
-    # Only the text the ids need is read and encoded (a whole 37 MB file: 81 s and 7.4 GB for
-    # 8,192 tokens); ids of a prefix with 64 more end as the whole text's do.
+    # Only the text the ids need (a whole 37 MB file took 81 s, 7.4 GB); 64 more ids: the cut is past them
     chars = 16 * args.check_tokens
     while True:
         text = _read_prefix(args.check, chars)
@@ -185,7 +184,6 @@ def _read_check_ids(args: argparse.Namespace, source_dir: Path, vocab_size: Any 
 
 
 def _read_prefix(path: str, chars: int) -> str:
-    """The first ``chars`` characters of the --check file; read_text_file's errors."""
     try:
         with open(Path(path).expanduser(), encoding="utf-8") as handle:
             return handle.read(chars)
@@ -300,13 +298,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..loading import non_finite_tensors
 
-    # A quantized SRC cast after dequantizing, or scales in float16, past its range: an OUT
-    # that nothing could load was written.
+    # A quantized SRC's weights or new scales past float16's range: OUT was written, and no loader took it
     bad = non_finite_tensors(dict(tree_flatten(model.parameters())))
     if bad:
-        raise UsageError(f"the result would hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}): {'--dtype ' + args.dtype if args.dtype else 'its dtype'} cannot "
-                         "hold them; nothing was written")
+        raise UsageError(f"the result would hold NaN or infinite values in {', '.join(bad[:3])}: --dtype "
+                         f"{args.dtype} cannot hold them; nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.convert-"))
     try:

@@ -756,8 +756,7 @@ def lora_layers_default_fits_the_model():
         from ..quantization import quantization_config
 
         if args.fine_tune_type == "full" and quantization_config(model) is not None:
-            # it trained the packed integer weights as floats and stopped at its second step
-            # ("[dequantize] The matrix should be given as a uint32"), its adapter folder left behind
+            # it trained the packed weights as floats, then MLX's "[dequantize] ..." at step 2
             raise UsageError("mlx-lm lora: --fine-tune-type full cannot train a quantized model's packed weights: "
                              "use lora or dora, or train a float copy (xlstm-metal convert MODEL OUT)")
         layers = len(model.layers)
@@ -1100,12 +1099,9 @@ def run(args: argparse.Namespace) -> int:
             check_fuse_save_path(model, (save_path[0][1] if save_path else None) or FUSE_SAVE_PATH)
         if args.mlx_lm_command == "convert":  # it wrote into a folder inside the model it read
             mlx_path = option_values(forwarded, ("--mlx-path",))
-            try:
-                check_apart_from_data((("--mlx-path", (mlx_path[0][1] if mlx_path else None) or "mlx_model"),),
-                                      [model], data="the --hf-path checkpoint",
-                                      read_back="convert would write its result into the checkpoint it reads")
-            except UsageError as err:
-                raise UsageError(f"mlx-lm convert: {err}") from None
+            check_apart_from_data((("mlx-lm convert: --mlx-path", (mlx_path[0][1] if mlx_path else None) or
+                                    "mlx_model"),), [model], data="the --hf-path checkpoint",
+                                  read_back="the result would be written into the model it reads")
     if "--trust-remote-code" not in forwarded and writes_our_shim(model):
         forwarded.append("--trust-remote-code")
     saved, saved_stdin = sys.argv, sys.stdin  # generate's --prompt - is read ahead (check_generate_prompt)
