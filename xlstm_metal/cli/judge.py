@@ -96,6 +96,11 @@ def read_records(sources: list[str]) -> list[dict]:
                 raise UsageError(f"{file}:{n}: field{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash))} "
                                  f"would be replaced: judge writes {'them' if len(clash) > 1 else 'it'} into each "
                                  "row (source, line and the ratings); rename the field in the file")
+            try:  # (Python's JSON reads them) one nested in a record failed the writing after every text was judged
+                json.dumps(record, allow_nan=False)
+            except ValueError:
+                raise UsageError(f"{file}:{n}: the record holds NaN or Infinity, which JSON cannot hold (its row in "
+                                 "ratings.jsonl could not be written); use null or a string") from None
             records.append({"source": source, "line": n, **record})
         if len(records) == count:
             empty.append(file)

@@ -38,6 +38,16 @@ class ObjectiveError(ValueError):
     before the first trial; the message names the problem."""
 
 
+def base_settings(profile: str) -> dict[str, Any]:
+    """The base profile's settings, kept in run_meta.json: a --resume after its file was edited
+    (or a tuned one saved again) ranked trials of other numerics beside the first ones, and the
+    winner was saved with settings no trial had run."""
+    from ..profiles import load_profile
+
+    data = load_profile(profile).to_dict()
+    return {k: v for k, v in data.items() if k not in ("name", "version", "description", "device")}
+
+
 class Objective:
     """Base class: ``direction`` is "maximize" or "minimize"; ``metric`` names the value."""
 
@@ -132,7 +142,8 @@ class SpeedObjective(Objective):
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "model": self.model, "shape": None if self.model else self.shape,
-                "base_profile": self.base_profile, "prefill_length": self.prefill_length,
+                "base_profile": self.base_profile, "base_settings": base_settings(self.base_profile),
+                "prefill_length": self.prefill_length,
                 "decode_batch": self.decode_batch, "decode_tokens": self.decode_tokens, "repeats": self.repeats,
                 "space": {**self._space(), "blas_threads": "1..cpu_count (CPU only)"}}
 
@@ -329,7 +340,7 @@ class TrainObjective(Objective):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "data": list(self.data), "tokenizer": self.tokenizer,
                 "token_budget": self.token_budget, "param_budget": self.param_budget, "seq_len": self.seq_len,
-                "base_profile": self.base_profile,
+                "base_profile": self.base_profile, "base_settings": base_settings(self.base_profile),
                 "space": {"lr": "1e-4..3e-2 (log)", "warmup_fraction": "0..0.3", "weight_decay": "0..0.2",
                           "batch_size": list(self.batches), "embedding_dim": list(self.widths),
                           "num_heads": list(self.heads), "num_blocks": f"1..{self.max_depth}"}}

@@ -319,6 +319,8 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
     as if they measured the same thing, and the seeded draws would no longer repeat."""
     stored = meta.get("objective", {})
     current = json.loads(json.dumps(_json_safe(objective.meta())))
+    if "base_settings" not in stored:  # a sweep of a version that kept none: its settings are unknown
+        current.pop("base_settings", None)
     home = out_dir.resolve()
 
     def own_file(value: Any) -> bool:  # e.g. the tokenizer trained into OUT: the run's own, wherever OUT is now

@@ -1,0 +1,58 @@
+"""Session 53's hunt in tune, profile, plot and judge: each test fails on the code before its fix."""
+
+import json
+
+import pytest
+from cli_helpers import assert_rejected
+
+from xlstm_metal.cli import main
+from xlstm_metal.profiles import PACKAGE_DIR, ProfileError, load_profile, profile_from_dict
+
+EXACT = json.loads((PACKAGE_DIR / "exact-fp32.json").read_text())
+TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 1, "vocab_size": 128}
+
+
+@pytest.fixture(autouse=True)
+def _profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLSTM_METAL_PROFILES", str(tmp_path / "profiles"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_resume_with_the_base_profile_changed_is_refused(tmp_path, capsys):
+    """--profile my.json edited between the run and its --resume (dtype float32 -> bfloat16, the
+    same tolerance): the resumed trials ran in bfloat16 beside the float32 ones, and the winner,
+    a float32 trial, was saved as a bfloat16 profile that no trial had measured."""
+    pytest.importorskip("optuna")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    (tmp_path / "my.json").write_text(json.dumps({**EXACT, "name": "my"}))
+    assert main(["tune", "--objective", "speed", "--shape", "tiny.json", "--metric", "prefill", "--prefill-length",
+                 "32", "--repeats", "1", "--out", "s", "--trials", "1", "--profile", "my.json", "--profile-name", "w",
+                 "--no-progress"]) == 0
+    (tmp_path / "my.json").write_text(json.dumps({**EXACT, "name": "my", "dtype": "bfloat16"}))
+    assert_rejected(["tune", "--out", "s", "--resume", "--trials", "2", "--no-progress"], capsys,
+                    "cannot resume", "base_settings", "'bfloat16'")
+    assert len((tmp_path / "s" / "trials.jsonl").read_text().splitlines()) == 1
+    assert load_profile("w").dtype == "float32"
+
+
+@pytest.mark.parametrize("line", ['{"text": "a b", "meta": {"score": NaN}}', '{"text": "a b", "score": Infinity}'])
+def test_judge_refuses_a_record_json_cannot_write_back(tmp_path, capsys, line):
+    """A record's own NaN / Infinity (Python's JSON reads them): nested, a ValueError traceback
+    after every text was judged, leaving an empty --out; at the top level, nulled without a word."""
+    (tmp_path / "texts.jsonl").write_text(line + "\n")
+    assert_rejected(["judge", "--outputs", "texts.jsonl", "--out", "r", "--no-progress"], capsys,
+                    "texts.jsonl:1", "NaN or Infinity")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kind, name", [("chunkwise", "step"), ("chunkwise", "step_fused"), ("sequence", "triton")])
+def test_a_one_token_kernel_for_prompts_is_refused_when_read(tmp_path, capsys, kind, name):
+    """kernels.chunkwise / sequence of a one-token step kernel loaded as valid; each prompt then
+    failed deep inside the model ("mlstm_step takes one time step, got S=3"), not naming the profile."""
+    data = {**EXACT, "name": "k", "kernels": {**EXACT["kernels"], kind: name}}
+    with pytest.raises(ProfileError, match=f"kernels.{kind}: {name} runs one token at a time"):
+        profile_from_dict(data)
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    assert_rejected(["profile", "show", "k.json"], capsys, f"kernels.{kind}")
+    # A prompt kernel as the step kernel runs (one token is a sequence of one).
+    assert profile_from_dict({**EXACT, "name": "k", "kernels": {"step": "chunkwise"}}).kernels["step"] == "chunkwise"
