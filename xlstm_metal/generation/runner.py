@@ -137,8 +137,8 @@ def _split_stop(stop: Stop, vocab_size: int | None = None) -> tuple[set[int], li
     [0, ``vocab_size``) could never be sampled, so it is refused rather than ignored."""
     if stop is None:
         return set(), []
-    if isinstance(stop, (bytes, bytearray, memoryview)) or not isinstance(stop, (str, int, Iterable)) \
-            and not is_integer(stop):  # b"\n" ran as stop id 10; 2.5 failed as "not iterable"
+    if isinstance(stop, (bytes, bytearray, memoryview)) or (
+            not isinstance(stop, (str, int, Iterable)) and not is_integer(stop)):  # b"\n" ran as stop id 10
         raise TypeError(f"stop must be a str, a token id or a list of them, got {type(stop).__name__}")
     items = [stop] if isinstance(stop, (str, int)) or is_integer(stop) else list(stop)
     ids, strings = set(), []
