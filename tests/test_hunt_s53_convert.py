@@ -132,3 +132,19 @@ def test_mlx_lm_full_fine_tuning_of_a_quantized_model_is_refused_up_front(tmp_pa
                      "--val-batches", "1", "--fine-tune-type", "full", "--adapter-path", tmp_path / "ad"], capsys,
                     "full cannot train a quantized model's packed weights")
     assert not (tmp_path / "ad").exists()
+
+
+def test_nxai_state_dict_of_a_tied_2024_model_loads_strictly_in_nxai():
+    pytest.importorskip("xlstm")
+    from test_xlstm_2024 import ids_for, official, ours_from, rel_err, torch_logits
+
+    from xlstm_metal.connectors import nxai_state_dict
+
+    native, cfg = official(slstm_at=(0,), num_blocks=2, tie=True, seed=5)
+    reference = torch_logits(native, ids_for(seed=5))
+    ours = ours_from(native, cfg)
+    with __import__("torch").no_grad():
+        for p in native.parameters():
+            p.zero_()
+    native.load_state_dict(nxai_state_dict(ours), strict=True)  # "Missing key(s): lm_head.weight"
+    assert rel_err(torch_logits(native, ids_for(seed=5)), reference) == 0

@@ -198,8 +198,9 @@ def nxai_state_dict(model) -> dict[str, Any]:
         if key == "backbone.embeddings.weight":
             key = "embedding.weight"
         out[key] = to_torch(value)
-    if getattr(model.config, "tie_word_embeddings", False) and "embedding.weight" in out:
-        out["lm_head.weight"] = out["embedding.weight"]
+    for tied, embedding in (("tie_word_embeddings", "embedding.weight"), ("tie_weights", "token_embedding.weight")):
+        if getattr(model.config, tied, False) and embedding in out:  # (2024: NX-AI's strict load missed it)
+            out["lm_head.weight"] = out[embedding]
     norm = out.get("backbone.out_norm.weight")
     if getattr(model.config, "use_bias", False) and norm is not None and "backbone.out_norm.bias" not in out:
         out["backbone.out_norm.bias"] = _torch().zeros_like(norm)
