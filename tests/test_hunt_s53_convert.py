@@ -124,8 +124,7 @@ def test_mlx_lm_full_fine_tuning_of_a_quantized_model_is_refused_up_front(tmp_pa
     model = tiny_model(3, vocab_size=320)
     quantize_model(model, bits=8)
     ckpt = save_model(model, tmp_path / "q8", tokenizer=train_tiny_tokenizer())
-    data = tmp_path / "data"
-    data.mkdir()
+    data = tmp_path
     for split in ("train", "valid"):
         (data / f"{split}.jsonl").write_text('{"text": "the cat sat on the mat"}\n' * 2)
     assert_rejected(["mlx-lm", "lora", "--model", ckpt, "--train", "--data", data, "--iters", "2", "--batch-size", "1",
@@ -141,10 +140,6 @@ def test_nxai_state_dict_of_a_tied_2024_model_loads_strictly_in_nxai():
     from xlstm_metal.connectors import nxai_state_dict
 
     native, cfg = official(slstm_at=(0,), num_blocks=2, tie=True, seed=5)
-    reference = torch_logits(native, ids_for(seed=5))
-    ours = ours_from(native, cfg)
-    with __import__("torch").no_grad():
-        for p in native.parameters():
-            p.zero_()
-    native.load_state_dict(nxai_state_dict(ours), strict=True)  # "Missing key(s): lm_head.weight"
-    assert rel_err(torch_logits(native, ids_for(seed=5)), reference) == 0
+    other, _ = official(slstm_at=(0,), num_blocks=2, tie=True, seed=6)
+    other.load_state_dict(nxai_state_dict(ours_from(native, cfg)), strict=True)  # "Missing key(s): lm_head.weight"
+    assert rel_err(torch_logits(other, ids_for()), torch_logits(native, ids_for())) == 0
