@@ -56,3 +56,25 @@ def test_a_one_token_kernel_for_prompts_is_refused_when_read(tmp_path, capsys, k
     assert_rejected(["profile", "show", "k.json"], capsys, f"kernels.{kind}")
     # A prompt kernel as the step kernel runs (one token is a sequence of one).
     assert profile_from_dict({**EXACT, "name": "k", "kernels": {"step": "chunkwise"}}).kernels["step"] == "chunkwise"
+
+
+def test_judge_rates_a_text_past_the_float_range_of_perplexity(tmp_path, capsys):
+    """A text the judge finds nearly impossible (mean log-probability below -709.8: an untrained
+    or broken checkpoint without a logit soft cap) was an OverflowError traceback after the
+    scoring; its perplexity (past the float range) is now null, the summary's inf."""
+    from conftest import tiny_model
+    from test_tokenizer import train_tiny_tokenizer
+
+    from xlstm_metal.loading import save_model
+
+    hf = train_tiny_tokenizer()
+    model = tiny_model(4, vocab_size=hf.get_vocab_size(), output_logit_soft_cap=None)
+    model.lm_head.weight = model.lm_head.weight * 1e5  # logits ~1e5 apart
+    with pytest.warns(UserWarning):
+        save_model(model, tmp_path / "hot")
+    hf.save(str(tmp_path / "hot" / "tokenizer.json"))
+    (tmp_path / "texts.jsonl").write_text('{"text": "the quick brown fox jumps over the lazy dog"}\n')
+    assert main(["judge", "--model", "hot", "--outputs", "texts.jsonl", "--out", "r", "--no-progress"]) == 0
+    row = json.loads((tmp_path / "r" / "ratings.jsonl").read_text())
+    assert row["mean_logprob"] < -709.8 and row["perplexity"] is None and row["scored_tokens"] > 0
+    assert "perplexity inf over" in capsys.readouterr().err

@@ -132,6 +132,11 @@ def batched_token_logprobs(model, rows: Sequence[tuple[Sequence[int], Sequence[i
     return out
 
 
+def perplexity(mean_logprob: float) -> float:
+    """exp(-mean_logprob); inf past the float range (below -709.78: math.exp raised OverflowError)."""
+    return math.exp(-mean_logprob) if -mean_logprob < 709.78 else math.inf
+
+
 def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
     """The ratings of one record (see the module docstring)."""
     if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
@@ -148,7 +153,7 @@ def judge_record(model, tokenizer, record: dict[str, Any]) -> dict[str, Any]:
     mean = float(lp.mean()) if lp.size else float("nan")
     return {
         "mean_logprob": mean,
-        "perplexity": math.exp(-mean) if lp.size else float("nan"),
+        "perplexity": perplexity(mean) if lp.size else float("nan"),
         "scored_tokens": int(lp.size),
         "distinct_1": distinct_n(words, 1),
         "distinct_2": distinct_n(words, 2),
@@ -175,4 +180,5 @@ def judge(model, tokenizer, records: Iterable[dict[str, Any]]) -> list[dict[str,
     return out
 
 
-__all__ = ["distinct_n", "judge", "judge_record", "longest_repeated_span", "repeated_ngram_share", "token_logprobs"]
+__all__ = ["distinct_n", "judge", "judge_record", "longest_repeated_span", "perplexity", "repeated_ngram_share",
+           "token_logprobs"]

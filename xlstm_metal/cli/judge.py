@@ -7,7 +7,7 @@
 hold "text" and optionally "prompt"; other fields are kept. For each record: mean log-probability
 and perplexity of the text given the prompt, distinct-1/2/3, share of repeated 4-grams, longest
 repeated span, lengths. Writes ratings.jsonl and ratings.csv to --out; a text with no scored token
-(empty) has null mean_logprob and perplexity. Each row also gets "source" (the file) and "line": a
+(empty) has null mean_logprob and perplexity; one past the float range, a null perplexity. Each row also gets "source" (the file) and "line": a
 record with a field of one of these names or a rating's (mean_logprob, perplexity, scored_tokens,
 distinct_1/2/3, repeated_4gram_share, longest_repeated_span, chars, words, tokens) is refused.
 """
@@ -118,9 +118,11 @@ def perplexity_summary(rows: list[dict]) -> str:
     scored = [r for r in rows if r["scored_tokens"] and r["mean_logprob"] is not None]
     if not scored:
         return "no scored token"
+    from ..judge import perplexity
+
     tokens = sum(r["scored_tokens"] for r in scored)
-    pooled = math.exp(-sum(r["mean_logprob"] * r["scored_tokens"] for r in scored) / tokens)
-    mean = sum(math.exp(-r["mean_logprob"]) for r in scored) / len(scored)
+    pooled = perplexity(sum(r["mean_logprob"] * r["scored_tokens"] for r in scored) / tokens)
+    mean = sum(perplexity(r["mean_logprob"]) for r in scored) / len(scored)
     return f"perplexity {pooled:.2f} over {tokens:,} scored tokens (mean of the texts' own: {mean:.2f})"
 
 
