@@ -3,6 +3,7 @@
 import io
 
 import pytest
+from conftest import tiny_model
 
 import xlstm_metal  # noqa: F401
 from xlstm_metal.cli.chat import chat_loop
@@ -86,3 +87,15 @@ def test_a_latin_1_terminal_shows_what_it_cannot_encode_as_a_question_mark(runne
     out.flush()
     shown = out.buffer.getvalue().decode("latin-1")
     assert shown.strip("\n") == expected.encode("latin-1", "replace").decode().strip("\n")  # “ as ?
+
+
+def test_a_reply_stopped_inside_a_character_leaves_its_first_bytes_out_of_the_session(runner):
+    chat, tok = xLSTMRunner(tiny_model(vocab_size=4096), runner.tokenizer), runner.tokenizer
+    stream = chat.stream("hi", max_tokens=30, temperature=1.0, seed=5, keep_state=True)
+    chunks = [next(stream) for _ in range(6)]
+    assert chunks[-1].text == ""  # a character's first byte, not shown
+    stream.close()
+    before = chat.session_tokens  # held the byte: the next turn followed a broken character
+    assert tok.decode(before) == "hi" + "".join(c.text for c in chunks)
+    nxt = [c.token for c in chat.stream(" x", max_tokens=5, keep_state=True)]
+    assert nxt == xLSTMRunner(chat.model, tok).generate(before + tok.encode(" x", add_special_tokens=False), 5)

@@ -488,6 +488,8 @@ class xLSTMRunner:
                 if prompt_time is None:
                     prompt_time, gen_start = now - tic, now
                     after_prompt = fed_state if keep_state and stop_strings else None  # (a stop string may end it)
+                if not getattr(tracker.detok, "pending", False):
+                    clean = (fed_state, len(history))  # every token before this one shown as text
                 n += 1
                 history.append(token)
                 if keep_state:
@@ -513,8 +515,13 @@ class xLSTMRunner:
                 if tracker.finish_reason is not None:
                     return
         finally:
-            if keep_state and tracker.finish_reason is None and tracker.buffer and self._session.history is history:
-                keep_as_shown()  # stopped (Ctrl-C, close()) with text held back for a stop string (and no reset since)
+            if keep_state and tracker.finish_reason is None and self._session.history is history:  # (no reset since)
+                # Stopped (Ctrl-C, close()) with text not shown: held back for a stop string, or a
+                # character's first bytes: the session goes back to the text shown.
+                if tracker.buffer:
+                    keep_as_shown()
+                elif getattr(tracker.detok, "pending", False):
+                    self._session = _Session(clean[0], [], history, clean[1], self._session.keys)
 
     def generate(
         self,

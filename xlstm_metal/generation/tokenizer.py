@@ -221,6 +221,7 @@ class StreamingDetokenizer:
         self._context = context
         self.ids: list[int] = []
         self._pieces: list[str] = []
+        self.pending = False  # the last id returned nothing: a character's first bytes (or a skipped special id)
 
     @property
     def text(self) -> str:
@@ -240,6 +241,7 @@ class StreamingDetokenizer:
             # The decoder rewrote text already returned (see the class): go on past it.
             self._stream = DecodeStream(ids=self._context + self.ids, skip_special_tokens=self._skip)
             return self.finalize()
+        self.pending = piece is None
         if piece is None:
             return ""
         self._pieces.append(piece)
