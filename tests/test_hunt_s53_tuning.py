@@ -78,3 +78,19 @@ def test_judge_rates_a_text_past_the_float_range_of_perplexity(tmp_path, capsys)
     row = json.loads((tmp_path / "r" / "ratings.jsonl").read_text())
     assert row["mean_logprob"] < -709.8 and row["perplexity"] is None and row["scored_tokens"] > 0
     assert "perplexity inf over" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("second", ['{"number": 1, "status": "complete", "value": 2.0, "params": {"a": 2}}',
+                                    '{"number": 1, "status": "complete", "value": 2.0, "params": {"a": 2}, '
+                                    '"metrics": {"prefill_tok_s": 3.0}}'])
+def test_plot_tune_draws_prefill_against_decode_of_the_trials_that_have_both(tmp_path, second):
+    """One speed trial with both rates and one without metrics (or a rate) was a KeyError traceback."""
+    from xlstm_metal.plotting import plot_tune
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "trials.jsonl").write_text(
+        '{"number": 0, "status": "complete", "value": 1.0, "params": {"a": 1}, '
+        '"metrics": {"prefill_tok_s": 4.0, "decode_tok_s": 5.0}}\n' + second + "\n")
+    fig = plot_tune(tmp_path / "t")
+    panel = next(ax for ax in fig.axes if ax.get_title() == "prefill vs decode")
+    assert panel.collections[0].get_offsets().tolist() == [[4.0, 5.0]]

@@ -151,7 +151,10 @@ def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
             if not isinstance(r.get(key, {}), dict):
                 raise PlotError(f"{path}: trial {r['number']}'s {key!r} must be an object, got {r[key]!r}")
     params = sorted({k for r in records for k in r.get("params", {})})
-    speed = any("prefill_tok_s" in r.get("metrics", {}) and "decode_tok_s" in r.get("metrics", {}) for r in done)
+    # Only trials with both rates (one without them, in a file edited by hand, was a KeyError).
+    rates = [r["metrics"] for r in done if {"prefill_tok_s", "decode_tok_s"} <= set(r.get("metrics", {}))]
+    _check_records(path, rates, ("prefill_tok_s", "decode_tok_s"))
+    speed = bool(rates)
     panels = len(params) + 1 + (1 if speed else 0)
     cols = min(3, panels)
     rows = math.ceil(panels / cols)
@@ -178,9 +181,7 @@ def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
     if speed:
         ax = flat[index]
         index += 1
-        pts = [(r["metrics"]["prefill_tok_s"], r["metrics"]["decode_tok_s"]) for r in done
-               if "prefill_tok_s" in r["metrics"]]
-        ax.scatter([p for p, _ in pts], [q for _, q in pts], s=14, color="tab:green")
+        ax.scatter([m["prefill_tok_s"] for m in rates], [m["decode_tok_s"] for m in rates], s=14, color="tab:green")
         ax.set(title="prefill vs decode", xlabel="prefill tok/s", ylabel="decode tok/s")
     for name in params:
         ax = flat[index]
