@@ -94,3 +94,14 @@ def test_plot_tune_draws_prefill_against_decode_of_the_trials_that_have_both(tmp
     fig = plot_tune(tmp_path / "t")
     panel = next(ax for ax in fig.axes if ax.get_title() == "prefill vs decode")
     assert panel.collections[0].get_offsets().tolist() == [[4.0, 5.0]]
+
+
+@pytest.mark.parametrize("space, words", [(dict(chunk_sizes=()), "chunk_size: no choices"),
+                                          (dict(chunk_sizes=(64, 0)), "chunk_size must be a positive"),
+                                          (dict(kernels=("nope",)), "unknown mLSTM kernel 'nope'")])
+def test_a_speed_space_with_a_bad_choice_is_refused_before_any_trial(tmp_path, space, words):
+    """Every trial drawing a bad choice failed (an empty one raised mid-sweep, leaving a trial running)."""
+    from xlstm_metal.tuning import SpeedObjective
+
+    with pytest.raises(ValueError, match=words):
+        SpeedObjective(shape="125m", metric="prefill", **space)

@@ -116,18 +116,26 @@ class SpeedObjective(Objective):
 
             loose = load_profile(self.base_profile).max_rel_error >= 1e-2
             self.state_dtypes = ("float32", "bfloat16") if loose else ("float32",)
+        for name, choices in self._choices().items():  # a bad choice failed every trial that drew it
+            if not choices:
+                raise ValueError(f"{name}: no choices to search")
+            for choice in choices:
+                self.profile_for({name: choice})
 
     def cache_key(self) -> tuple:
         return ("speed", self.model, None if self.model else self.shape, self.seed)
+
+    def _choices(self) -> dict[str, list]:
+        return {"kernel": list(self.kernels), "chunk_size": list(self.chunk_sizes),
+                "prefill_chunk": list(self.prefill_chunks), "step_kernel": ["step", "step_fused"],
+                "state_dtype": list(self.state_dtypes), "fuse": [True, False]}
 
     def _space(self) -> dict[str, list]:
         """The categorical settings searched: only those the measurement runs. A prompt runs the
         chunkwise kernel, its chunk size and the piece length; a decode step runs the step kernel
         (one token at a time). The others keep the base profile's values: with --metric decode the
         winner's prompt kernel and pieces were random draws no trial had timed."""
-        space = {"kernel": list(self.kernels), "chunk_size": list(self.chunk_sizes),
-                 "prefill_chunk": list(self.prefill_chunks), "step_kernel": ["step", "step_fused"],
-                 "state_dtype": list(self.state_dtypes), "fuse": [True, False]}
+        space = self._choices()
         searched = self.searched or {"prefill": ("kernel", "chunk_size", "prefill_chunk", "state_dtype", "fuse"),
                                      "decode": ("step_kernel", "state_dtype", "fuse")}.get(self.metric, tuple(space))
         return {name: choices for name, choices in space.items() if name in searched}
@@ -164,7 +172,8 @@ class SpeedObjective(Objective):
                      "step": params.get("step_kernel", base.kernels["step"])},
             chunk_size=params.get("chunk_size", base.chunk_size),
             prefill_chunk=params.get("prefill_chunk", base.prefill_chunk),
-            state_dtype=params["state_dtype"], fuse=params["fuse"], blas_threads=params.get("blas_threads"),
+            state_dtype=params.get("state_dtype", base.state_dtype), fuse=params.get("fuse", base.fuse),
+            blas_threads=params.get("blas_threads"),
             device=environment())
 
     def _base(self):
