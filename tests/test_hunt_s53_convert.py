@@ -12,7 +12,7 @@ from conftest import tiny_model
 from test_tokenizer import train_tiny_tokenizer
 
 from xlstm_metal import load_model, save_model
-from xlstm_metal.cli import convert
+from xlstm_metal.cli import convert, main
 from xlstm_metal.errors import CheckpointError
 from xlstm_metal.quantization import make_recipe, quantize_model
 
@@ -143,3 +143,17 @@ def test_nxai_state_dict_of_a_tied_2024_model_loads_strictly_in_nxai():
     other, _ = official(slstm_at=(0,), num_blocks=2, tie=True, seed=6)
     other.load_state_dict(nxai_state_dict(ours_from(native, cfg)), strict=True)  # "Missing key(s): lm_head.weight"
     assert rel_err(torch_logits(other, ids_for()), torch_logits(native, ids_for())) == 0
+
+
+def test_mlx_lm_convert_refuses_a_result_past_its_dtype(tmp_path, capsys):
+    # mlx-lm saves piece by piece: OUT full of inf was written (exit 0)
+    model = big()
+    src = save_model(model, tmp_path / "src", tokenizer=train_tiny_tokenizer())
+    assert_rejected(["mlx-lm", "convert", "--hf-path", src, "--mlx-path", tmp_path / "out", "--dtype", "float16"],
+                    capsys, "backbone.blocks.0.ffn.proj_down.weight", "float16 cannot hold them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert main(["mlx-lm", "convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "bf"),
+                 "--dtype", "bfloat16"]) == 0
+    down = mx.load(str(tmp_path / "bf" / "model.safetensors"))["backbone.blocks.0.ffn.proj_down.weight"]
+    assert mx.array_equal(down, model.backbone.blocks[0].ffn.proj_down.weight.astype(mx.bfloat16)).item()
+

@@ -543,6 +543,43 @@ def output_carries_our_model_file(command):
 
 
 @contextlib.contextmanager
+def convert_output_is_finite(convert):
+    """mlx-lm ``convert`` --dtype float16 of weights past its range wrote inf (exit 0). Its save
+    casts piece by piece, so the shards are read back after it, a tensor at a time; on NaN or inf
+    the output, which convert created (it refuses an existing --mlx-path), is removed."""
+    import shutil
+
+    import mlx.core as mx
+
+    original = convert.save
+
+    def save(dst_path, *args, **kwargs):
+        existed = Path(dst_path).exists()
+        result = original(dst_path, *args, **kwargs)
+        bad = []
+        for shard in sorted(Path(dst_path).glob("*.safetensors")):
+            weights = mx.load(str(shard))
+            while weights:  # (popped: one tensor in memory at a time)
+                name, value = weights.popitem()
+                if mx.issubdtype(value.dtype, mx.inexact) and not mx.all(mx.isfinite(value)).item():
+                    bad.append((name, str(value.dtype).removeprefix("mlx.core.")))
+        if bad:
+            if not existed:
+                shutil.rmtree(dst_path, ignore_errors=True)
+            dtypes = " / ".join(sorted({dtype for _, dtype in bad}))
+            raise UsageError(f"mlx-lm convert: the result holds NaN or infinite values in {len(bad)} {dtypes} "
+                             f"tensor(s) ({', '.join(name for name, _ in bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                             f"{dtypes} cannot hold them (try --dtype bfloat16 or float32); {dst_path} was removed")
+        return result
+
+    convert.save = save
+    try:
+        yield
+    finally:
+        convert.save = original
+
+
+@contextlib.contextmanager
 def convert_quantizes_what_it_says(convert):
     """While mlx-lm's ``convert`` runs, its quantization must reach the layers: a group size that
     divides no layer's input width (``-q --q-group-size 128`` of a 64-wide model) quantized none
@@ -1122,6 +1159,8 @@ def run(args: argparse.Namespace) -> int:
                 guards.enter_context(convert_quantizes_what_it_says(module))
             if args.mlx_lm_command in ("convert", "fuse"):
                 guards.enter_context(output_carries_our_model_file(module))
+            if args.mlx_lm_command == "convert":  # (outermost: checks what the model file wrapper wrote)
+                guards.enter_context(convert_output_is_finite(module))
             if args.mlx_lm_command == "generate":
                 guards.enter_context(prompt_cache_file_is_named(module))
             if args.mlx_lm_command in AFTER_LOAD:
