@@ -14,7 +14,7 @@ from test_tokenizer import train_tiny_tokenizer
 from xlstm_metal import load_model, save_model
 from xlstm_metal.cli import convert, main
 from xlstm_metal.errors import CheckpointError
-from xlstm_metal.quantization import make_recipe, quantize_model
+from xlstm_metal.quantization import make_recipe, quantization_config, quantize_model
 
 IDS = mx.array([[5, 17, 33, 2, 90, 41, 8, 64, 3, 77, 12]])
 
@@ -156,4 +156,13 @@ def test_mlx_lm_convert_refuses_a_result_past_its_dtype(tmp_path, capsys):
                  "--dtype", "bfloat16"]) == 0
     down = mx.load(str(tmp_path / "bf" / "model.safetensors"))["backbone.blocks.0.ffn.proj_down.weight"]
     assert mx.array_equal(down, model.backbone.blocks[0].ffn.proj_down.weight.astype(mx.bfloat16)).item()
+
+
+def test_quantize_model_checks_progress_before_changing_the_model():
+    # it raised "'int' object is not callable" after the first layer, the model half quantized
+    model = tiny_model(3, vocab_size=128)
+    before = model(IDS)[0]
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        quantize_model(model, bits=8, progress=5)
+    assert quantization_config(model) is None and mx.array_equal(model(IDS)[0], before).item()
 

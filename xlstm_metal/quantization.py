@@ -316,6 +316,8 @@ def quantize_model(
     A model that is already quantized raises QuantizationError (dequantize it first).
     """
     _check_model(model, "quantize_model")
+    if progress is not None and not callable(progress):  # (it failed after the first layer: half quantized)
+        raise TypeError(f"progress must be a callable taking the layer path, got {type(progress).__name__}")
     if isinstance(recipe, os.PathLike):
         recipe = os.fspath(recipe)  # a JSON recipe's path
     if recipe is not None and not isinstance(recipe, (Recipe, str)):
