@@ -166,3 +166,18 @@ def test_quantize_model_checks_progress_before_changing_the_model():
         quantize_model(model, bits=8, progress=5)
     assert quantization_config(model) is None and mx.array_equal(model(IDS)[0], before).item()
 
+
+@pytest.mark.parametrize("files", [["pytorch_model.bin"],
+                                   ["pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]])
+def test_pytorch_bin_weights_are_named_with_the_way_to_convert_them(tiny_model_dir, tmp_path, capsys, files):
+    # "no model.safetensors or model.safetensors.index.json in checkpoint directory"
+    (tiny_model_dir / "model.safetensors").unlink()
+    for name in files:
+        (tiny_model_dir / name).write_bytes(b"{}")
+    words = ("holds PyTorch .bin weights", files[0], "save_pretrained(OUT, safe_serialization=True)")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tiny_model_dir)
+    assert all(word in str(err.value) for word in words)
+    assert_rejected(["generate", "-m", tiny_model_dir, "--prompt", "hi"], capsys, *words)
+    assert_rejected(["convert", tiny_model_dir, tmp_path / "out"], capsys, *words)
+    assert not (tmp_path / "out").exists()

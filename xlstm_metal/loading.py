@@ -178,6 +178,12 @@ def read_weights(directory: Path) -> dict[str, mx.array]:
         return weights
     if single:
         return _load_file(directory / WEIGHTS_NAME)
+    torch_files = sorted(p.name for p in directory.glob("pytorch_model*.bin*"))  # older Hugging Face checkpoints
+    if torch_files:
+        raise CheckpointError(f"{directory} holds PyTorch .bin weights ({', '.join(torch_files[:2])}"
+                              f"{', ...' if len(torch_files) > 2 else ''}), which xlstm-metal does not read (a pickle: "
+                              "unsafe to load, and it needs torch); convert them to safetensors with transformers: "
+                              "AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(OUT, safe_serialization=True)")
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint directory {directory}")
 
 
