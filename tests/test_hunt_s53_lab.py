@@ -123,3 +123,59 @@ def test_wired_block_state_of_another_batch():
 def test_yaml_alias_bomb(text):
     with pytest.raises(WiringError, match="aliases"):
         parse_text(text, "b.yaml")
+
+
+@pytest.mark.parametrize("cell_when, conn_when, named", [
+    ('"no"', "true", "cell 'b': when must be true or false"), ('"$dim"', "true", "got 4"),  # "no" kept the cell
+    ("true", "1", "connection 3 (b -> out): when must be true or false")])
+def test_when_takes_a_boolean(cell_when, conn_when, named):
+    text = ('{"params": {"dim": 4}, "cells": {"a": {"type": "linear_projection", "dim": 4}, "b": '
+            f'{{"type": "linear_projection", "dim": 4, "when": {cell_when}}}}}, "connections": [{{"from": "in.x", '
+            '"to": "a"}, {"from": "in.x", "to": "b"}, {"from": "a", "to": "out"}, '
+            f'{{"from": "b", "to": "out", "when": {conn_when}}}]}}')
+    with pytest.raises(WiringError, match=re.escape(named)):
+        WiredBlock(parse_text(text, "s.json"))
+
+
+def test_compression_at_an_odd_width():
+    # one column short: the auto-encoder's broadcast failed (a hand-made Preset's dim 9)
+    from xlstm_metal.lab.mad import AutoEncoder, sincos_positions
+
+    even, odd = np.array(sincos_positions(6, 8)), np.array(sincos_positions(6, 9))
+    angles = np.arange(6)[:, None] * 10000.0 ** -(np.arange(4) / 3)
+    np.testing.assert_allclose(even, np.concatenate([np.sin(angles), np.cos(angles)], 1), atol=1e-6)
+    assert odd.shape == (6, 9) and np.array_equal(odd[:, :8], even) and not odd[:, 8].any()
+    net = AutoEncoder(build_model("swiglu-only", vocab_size=16, embedding_dim=9), 6)
+    assert net(mx.zeros((2, 6), dtype=mx.int32)).shape == (2, 6, 16)
+
+
+def test_lab_config_of_spec_objects_saves(tmp_path):
+    # config.json could not hold a WiringSpec: save_model's ConfigError
+    from xlstm_metal.lab.model import LabConfig
+    from xlstm_metal.lab.spec import WiringSpec
+
+    spec = WiringSpec.from_file(xlstm_metal.lab.__path__[0] + "/specs/swiglu.yaml")
+    model = build_model(LabConfig(vocab_size=32, embedding_dim=16, blocks=[{"spec": spec}] * 2), seed=3)
+    xlstm_metal.save_model(model, tmp_path / "m")
+    loaded, ids = xlstm_metal.load_model(tmp_path / "m"), mx.random.randint(0, 32, (2, 5))
+    assert np.array_equal(loaded(ids)[0], model(ids)[0]) and loaded.blocks[1].resolved.name == "swiglu"
+
+
+def test_diverged_mad_loss_is_valid_json(tmp_path, monkeypatch, capsys):
+    # NaN / Infinity in results.json: strict JSON readers refused it
+    import xlstm_metal.lab.mad as lab_mad
+    from xlstm_metal.cli import main
+
+    losses = {"compression": float("nan"), "memorization": float("inf"), "selective_copying": 0.5}
+    monkeypatch.setattr(lab_mad, "run_task", lambda arch, name, *a, **k: lab_mad.TaskResult(
+        name, 0.25, losses[name], 0.1, 3, 1.0, 10, {}))
+    argv = ["mad", "--arch", "mlstm", "--tasks", ",".join(losses), "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+    out = capsys.readouterr()
+    for tasks in (strict((tmp_path / "results.json").read_text())["tasks"], strict(out.out)):
+        assert [(t["loss"], t.get("diverged")) for t in tasks] == [(None, True), (None, True), (0.5, None)]
+    assert out.err.count("the training diverged") == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def run(args) -> int:
         results.append(run_task(args.arch, name, preset, seed=args.seed, progress=sys.stderr.isatty(),
                                 epochs=args.epochs, safe_point=lambda: job.check(note=note)))
         r = results[-1]
-        print(f"{r.task}: accuracy {r.accuracy:.3f} (chance {r.chance:.3f}, {r.steps} steps, {r.seconds:.0f}s)",
+        print(f"{r.task}: accuracy {r.accuracy:.3f} (chance {r.chance:.3f}, {r.steps} steps, {r.seconds:.0f}s)"
+              f"{'' if math.isfinite(r.loss) else f'; the training diverged (loss {r.loss})'}",
               file=sys.stderr)
         payload = [{"arch": label, "preset": args.preset, "seed": args.seed, **r.to_dict()} for r in results]
         out.mkdir(parents=True, exist_ok=True)

@@ -368,7 +368,8 @@ def sincos_positions(length: int, dim: int) -> mx.array:
     pos = np.arange(length)[:, None]
     omega = 1.0 / (10000 ** (np.arange(dim // 2) / (dim // 2 - 1 if dim > 2 else 1)))
     angles = pos * omega[None]
-    return mx.array(np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32))
+    pad = np.zeros((length, dim % 2))  # MAD-Lab's zero column: an odd width was one short
+    return mx.array(np.concatenate([np.sin(angles), np.cos(angles), pad], axis=1).astype(np.float32))
 
 
 class AutoEncoder(Module2024):
@@ -412,7 +413,12 @@ class TaskResult:
     settings: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Valid JSON: a diverged loss (NaN / inf) is null, with diverged: true (strict readers
+        refused results.json's NaN / Infinity)."""
+        out = asdict(self)
+        if not math.isfinite(self.loss):
+            out.update(loss=None, diverged=True)
+        return out
 
 
 def chance_accuracy(task: TaskSpec) -> float:

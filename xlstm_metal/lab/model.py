@@ -71,6 +71,9 @@ class LabConfig:
             raise WiringError(f"out_norm must be rmsnorm, layernorm or null, got {self.out_norm!r}")
         if not isinstance(self.blocks, list) or not self.blocks:
             raise WiringError("a lab model needs at least one block")
+        # spec objects as their dict form: config.json could not hold them (save_model's ConfigError)
+        self.blocks = [{**b, "spec": {"name": b["spec"].name, **b["spec"].to_dict()}}
+                       if isinstance(b, dict) and isinstance(b.get("spec"), WiringSpec) else b for b in self.blocks]
         # "no" tied the head, eps -1 / cap 0 gave NaN / zero logits
         if not isinstance(self.tie_word_embeddings, bool):
             raise WiringError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
@@ -159,7 +162,7 @@ class LabModel(FastQuantizedTree, Module2024):
         _place(self, names["embedding"], nn.Embedding(config.vocab_size, E))
         blocks = []
         for index, entry in enumerate(config.blocks):
-            spec = entry["spec"].data if isinstance(entry["spec"], WiringSpec) else entry["spec"]
+            spec = entry["spec"]
             # dim where the spec declares it (a spec of fixed sizes has none; the port check below holds it to E)
             params = {**({"dim": E} if "dim" in (spec.get("params") or {}) else {}), **(entry.get("params") or {})}
             try:

@@ -115,6 +115,12 @@ def _resolve_value(value: Any, names: dict[str, Any], where: str) -> Any:
     return value
 
 
+def _when(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):  # "no" (JSON, quoted YAML) was true: the cell was kept
+        raise WiringError(f"{where}: when must be true or false (or a $ expression giving one), got {value!r}")
+    return value
+
+
 def _seed(value: Any, where: str) -> int:
     """A mask seed: a non-negative integer (numpy's generators take no other)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -242,7 +248,7 @@ class WiringSpec:
             if not isinstance(body, dict) or "type" not in body:
                 raise WiringError(f"cell {name!r} needs a mapping with a 'type'")
             body = _resolve_value(body, names, f"cells.{name}")
-            if not body.pop("when", True):
+            if not _when(body.pop("when", True), f"cell {name!r}"):
                 continue  # a cell this parameter setting leaves out
             cells[name] = body
         connections = []
@@ -253,7 +259,7 @@ class WiringSpec:
             if unknown:
                 raise WiringError(f"connection {index} ({c['from']} -> {c['to']}): unknown key(s) {sorted(unknown)}")
             c = _resolve_value(c, names, f"connections[{index}]")
-            if not c.pop("when", True):
+            if not _when(c.pop("when", True), f"connection {index} ({c['from']} -> {c['to']})"):
                 continue
             polarity = c.get("polarity", 1)
             if polarity not in (1, -1) or isinstance(polarity, bool):
