@@ -18,19 +18,23 @@ def _profiles(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def test_resume_with_the_base_profile_changed_is_refused(tmp_path, capsys):
-    """--profile my.json edited between the run and its --resume (dtype float32 -> bfloat16, the
-    same tolerance): the resumed trials ran in bfloat16 beside the float32 ones, and the winner,
-    a float32 trial, was saved as a bfloat16 profile that no trial had measured."""
+@pytest.mark.parametrize("edit", ["profile", "shape"])
+def test_resume_with_the_base_profile_or_shape_changed_is_refused(tmp_path, capsys, edit):
+    """--profile my.json (--shape tiny.json) edited between the run and its --resume: the resumed
+    trials ran in bfloat16 (on another model) beside the first ones, and the winner, a float32
+    trial, was saved as a bfloat16 profile that no trial had measured."""
     pytest.importorskip("optuna")
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
     (tmp_path / "my.json").write_text(json.dumps({**EXACT, "name": "my"}))
     assert main(["tune", "--objective", "speed", "--shape", "tiny.json", "--metric", "prefill", "--prefill-length",
                  "32", "--repeats", "1", "--out", "s", "--trials", "1", "--profile", "my.json", "--profile-name", "w",
                  "--no-progress"]) == 0
-    (tmp_path / "my.json").write_text(json.dumps({**EXACT, "name": "my", "dtype": "bfloat16"}))
-    assert_rejected(["tune", "--out", "s", "--resume", "--trials", "2", "--no-progress"], capsys,
-                    "cannot resume", "base_settings", "'bfloat16'")
+    if edit == "shape":
+        (tmp_path / "tiny.json").write_text(json.dumps({**TINY, "num_blocks": 2}))
+    else:
+        (tmp_path / "my.json").write_text(json.dumps({**EXACT, "name": "my", "dtype": "bfloat16"}))
+    assert_rejected(["tune", "--out", "s", "--resume", "--trials", "2", "--no-progress"], capsys, "cannot resume",
+                    "config.num_blocks 1 -> 2" if edit == "shape" else "base_settings.dtype 'float32' -> 'bfloat16'")
     assert len((tmp_path / "s" / "trials.jsonl").read_text().splitlines()) == 1
     assert load_profile("w").dtype == "float32"
 

@@ -149,7 +149,11 @@ class SpeedObjective(Objective):
         return params
 
     def meta(self) -> dict[str, Any]:
+        from ..benchmark import shape_config
+
+        # The shape's fields: a config file edited before a --resume timed another model.
         return {**super().meta(), "model": self.model, "shape": None if self.model else self.shape,
+                "config": None if self.model else shape_config(self.shape).to_dict(),
                 "base_profile": self.base_profile, "base_settings": base_settings(self.base_profile),
                 "prefill_length": self.prefill_length,
                 "decode_batch": self.decode_batch, "decode_tokens": self.decode_tokens, "repeats": self.repeats,

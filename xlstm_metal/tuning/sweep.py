@@ -319,8 +319,9 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
     as if they measured the same thing, and the seeded draws would no longer repeat."""
     stored = meta.get("objective", {})
     current = json.loads(json.dumps(_json_safe(objective.meta())))
-    if "base_settings" not in stored:  # a sweep of a version that kept none: its settings are unknown
-        current.pop("base_settings", None)
+    for key in ("base_settings", "config"):  # a sweep of a version that kept none: they are unknown
+        if key not in stored:
+            current.pop(key, None)
     home = out_dir.resolve()
 
     def own_file(value: Any) -> bool:  # e.g. the tokenizer trained into OUT: the run's own, wherever OUT is now
@@ -333,7 +334,13 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
         except OSError:
             return False
 
-    changed = [f"{key} {stored.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(stored) | set(current))
+    def change(key: str, old: Any, new: Any) -> str:  # of a dict (a config: ~35 fields) only what differs
+        if isinstance(old, dict) and isinstance(new, dict):
+            return "; ".join(change(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                             if old.get(k) != new.get(k))
+        return f"{key} {old!r} -> {new!r}"
+
+    changed = [change(key, stored.get(key), current.get(key)) for key in sorted(set(stored) | set(current))
                if stored.get(key) != current.get(key) and not own_file(current.get(key))
                and not same_file(stored.get(key), current.get(key))]
     old_settings = meta.get("settings", {})
