@@ -205,12 +205,17 @@ class xLSTMConfig:
                 f"inference_state_dtype must be one of {_STATE_DTYPES}, got {self.inference_state_dtype!r}"
             )
         from .kernels import resolve_kernel_name
+        from .kernels.mlstm import ONE_TOKEN_KERNELS
 
         for kind in ("chunkwise", "sequence", "step"):
+            name = getattr(self, f"{kind}_kernel")
             try:
-                resolve_kernel_name(getattr(self, f"{kind}_kernel"))
+                resolved = resolve_kernel_name(name)
             except KeyError as err:
                 raise ConfigError(f"config field '{kind}_kernel': {err.args[0]}") from None
+            if kind != "step" and resolved in ONE_TOKEN_KERNELS:  # the first prompt failed deep inside
+                raise ConfigError(f"config field '{kind}_kernel': {name!r} runs one token at a time; prompts "
+                                  "need a chunkwise, parallel or sequence kernel")
 
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod

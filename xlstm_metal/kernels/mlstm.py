@@ -18,6 +18,8 @@ from typing import NamedTuple
 import mlx.core as mx
 
 MLSTMState = tuple[mx.array, mx.array, mx.array]
+#: Kernels that take one time step (S == 1): not for prompts or sequences.
+ONE_TOKEN_KERNELS = ("step", "step_fused")
 
 # Input-gate pre-activation used for padded time steps: exp(_NEG - m) == 0 for any reachable m,
 # and a finite value keeps gradients free of inf - inf.

@@ -18,11 +18,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cells.xlstm_2024 import CausalConv1d, LinearHeadwise, Module2024, mLSTMCell2024
-from ..kernels import get_mlstm_kernel, mlstm_step
+from ..kernels import get_mlstm_kernel, mlstm_step, resolve_kernel_name
 from ..kernels.fast.step import mlstm_step_fused
-from ..kernels.mlstm import zero_state as mlstm_zero_state
+from ..kernels.mlstm import ONE_TOKEN_KERNELS, zero_state as mlstm_zero_state
 
 STEP_KERNELS = {"step": mlstm_step, "step_fused": mlstm_step_fused}
+
+
+def _sequence_kernel(name: str):
+    """The registered kernel ``name`` for sequences (KeyError naming the choices if unknown)."""
+    if resolve_kernel_name(name) in ONE_TOKEN_KERNELS:  # the first prompt failed deep inside
+        raise ValueError(f"mlstm_kernel {name!r} runs one token at a time; sequences need a chunkwise, "
+                         "parallel or sequence kernel")
+    return get_mlstm_kernel(name)
 
 
 class mLSTMNeuron2024(Module2024):
@@ -57,7 +65,7 @@ class mLSTMNeuron2024(Module2024):
         self.num_heads = num_heads
         self.kernel_name = kernel
         self.chunk_size = chunk_size
-        self._kernel = get_mlstm_kernel(kernel)  # KeyError naming the choices if unknown
+        self._kernel = _sequence_kernel(kernel)
         proj_heads = inner_dim // qkv_proj_blocksize
         self.proj_up = nn.Linear(embedding_dim, 2 * inner_dim, bias=bias)
         self.q_proj = LinearHeadwise(inner_dim, proj_heads, bias=bias)
@@ -71,7 +79,7 @@ class mLSTMNeuron2024(Module2024):
 
     def set_kernel(self, kernel: str) -> None:
         """Run sequences through the registered mLSTM kernel ``kernel`` (KeyError if unknown)."""
-        self._kernel = get_mlstm_kernel(kernel)
+        self._kernel = _sequence_kernel(kernel)
         self.kernel_name = kernel
 
     def zero_state(self, batch_size: int, conv_dtype: mx.Dtype = mx.float32) -> tuple[mx.array, ...]:
