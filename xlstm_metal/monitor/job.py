@@ -38,7 +38,7 @@ import mlx.core as mx
 import psutil
 
 from .records import RECORD_VERSION, atomic_write_json, record_path, runtime_dir, take_command
-from .watchdog import MemoryLimitExceeded, MemoryWatchdog, WatchdogConfig, device_kind
+from .watchdog import MemoryLimitExceeded, MemoryWatchdog, WatchdogConfig, device_kind, process_rss
 
 #: Fields :meth:`JobStatus.update` accepts.
 FIELDS = frozenset({
@@ -250,7 +250,7 @@ class JobStatus:
         wd = self.watchdog
         s = wd.last if wd is not None else None
         if s is None:
-            rss = self._process.memory_info().rss
+            rss = process_rss(self._process)
             active, cache, peak = mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory()
             usage = max(rss, active + cache) if self._device != "cuda" else active + cache
         else:
@@ -325,7 +325,11 @@ class JobStatus:
         global _CURRENT
         if self.watchdog is not None:
             self.watchdog.sample()  # know the memory state before the first step
-        self.publish()
+        try:
+            self.publish()
+        except OSError as err:  # a runtime directory that takes no files: the job ran on only where none could be made
+            print(f"xlstm-metal: warning: no status record for `xlstm-metal top`: {err}", file=sys.stderr)
+            self.path = self.directory = None
         self._thread = threading.Thread(target=self._loop, name="xlstm-status", daemon=True)
         self._thread.start()
         atexit.register(self._remove)

@@ -96,8 +96,10 @@ def _alive(record: dict[str, Any]) -> bool:
     if started is None:
         return False
     # A reused pid belongs to a process started after the record's job.
+    # A record without its process's start time cannot tell a reused pid apart: no job (top
+    # listed whatever process had the pid, pid 1 included, and its kill key signalled it).
     recorded = record.get("process_started")
-    return started < 0 or recorded is None or abs(started - float(recorded)) < 1.0
+    return recorded is not None and (started < 0 or abs(started - float(recorded)) < 1.0)
 
 
 #: Fields of a record that readers (top's table, its text and JSON) take as numbers (or null).
@@ -113,7 +115,10 @@ def _number(value: Any) -> bool:
         return True
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return math.isfinite(value)
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float: top's float() of it was a traceback
+        return False
 
 
 def well_formed(record: Any) -> bool:
@@ -140,6 +145,11 @@ def well_formed(record: Any) -> bool:
                             and all(_number(last.get(k)) for k in ("at", "cache_before", "cache_after")))
 
 
+def _no_constant(name: str) -> None:
+    """NaN / Infinity are no JSON: a record holding one made `top --json` print invalid JSON."""
+    raise ValueError(f"{name} in a record")
+
+
 def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[str, Any]]:
     """The records of running jobs, sorted by pid. Records of dead processes are skipped and,
     with ``clean``, deleted together with their command files; unreadable files are skipped."""
@@ -152,7 +162,7 @@ def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[st
     now = time.time()
     for path in entries:
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(), parse_constant=_no_constant)
         except (OSError, ValueError):
             continue  # vanished between listing and reading, or not JSON
         if not well_formed(record) or path.stem != str(record["pid"]):
@@ -166,7 +176,8 @@ def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[st
                     except OSError:
                         pass
             continue
-        record["age_s"] = max(0.0, now - float(record.get("updated", now)))
+        updated = record.get("updated")  # null is allowed: no age then
+        record["age_s"] = 0.0 if updated is None else max(0.0, now - updated)
         jobs.append(record)
     if clean:
         _clean_temporaries(directory, now)

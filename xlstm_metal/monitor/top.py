@@ -156,7 +156,8 @@ def sort_jobs(jobs: list[dict[str, Any]], key: str, reverse: bool = False) -> li
             return (job.get("memory") or {}).get("usage") or 0
         if key in ("tokens_per_s", "progress"):
             return job.get(key) or 0
-        return job.get(key) or ""
+        # pid, or command: any JSON in a record (a number beside a text failed to sort)
+        return job["pid"] if key == "pid" else str(job.get(key) or "")
     return sorted(jobs, key=value, reverse=reverse)
 
 

@@ -292,13 +292,30 @@ class MemorySample:
     peak: int
 
 
+_RSS_WARNED = False
+
+
+def process_rss(process: psutil.Process) -> int:
+    """The RSS of ``process``; 0 (one warning) where it cannot be read: the publisher thread died
+    on the error, and with it the watchdog and the status record, without a word."""
+    global _RSS_WARNED
+    try:
+        return process.memory_info().rss
+    except (psutil.Error, OSError) as err:
+        if not _RSS_WARNED:
+            _RSS_WARNED = True
+            print(f"xlstm-metal: warning: cannot read the process's RSS ({type(err).__name__}: {err}); memory "
+                  "usage is MLX's active + cached memory alone", file=sys.stderr, flush=True)
+        return 0
+
+
 def default_sampler(unified: bool) -> Callable[[], MemorySample]:
     """Cheap host calls only: MLX's allocator counters and the process RSS."""
     process = psutil.Process()
 
     def sample() -> MemorySample:
         active, cache, peak = mx.get_active_memory(), mx.get_cache_memory(), mx.get_peak_memory()
-        rss = process.memory_info().rss
+        rss = process_rss(process)
         usage = max(rss, active + cache) if unified else active + cache
         return MemorySample(time.time(), usage, rss, active, cache, peak)
 
