@@ -728,6 +728,11 @@ def _run(args) -> int:
         _record_special_ids(model.config, tokenizer, tok_dir, bos, eos)
 
         doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
+        # A tokenizer's ids may skip: its entry count (vocab) can be below its largest id.
+        top = max(int(d.max()) for d in doc_tokens if len(d)) if any(len(d) for d in doc_tokens) else -1
+        if top >= model_vocab:
+            raise UsageError(f"the tokenizer gives token id {top} ({tokenizer.id_to_token(top)!r}), outside the "
+                             f"model's vocab_size ({model_vocab}): raise vocab_size or use another tokenizer")
         train_stream, val_stream = split_stream(doc_tokens, val_fraction, cfg.seed)
         if main and eval_batches_given:
             _warn_few_eval_batches(cfg, len(val_stream))

@@ -131,7 +131,7 @@ class TrainingConfig:
         if self.max_time is not None and self.max_time <= 0:
             problems.append(f"max_time must be > 0, got {self.max_time}")
         if self.warmup is not None and (
-                self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps and self.steps > 1)):
+                self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps and self.warmup > 1)):
             problems.append(f"warmup ({self.warmup}) must be in [0, steps)")
         if self.max_time is not None and self.steps is None and self.warmup is not None \
                 and self.warmup <= self.probe_steps:
@@ -974,6 +974,7 @@ class Trainer:
         self.val = (validation_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
                     if self.validating else np.zeros((0, cfg.seq_len + 1), np.int32))
         self.fingerprint = stream_fingerprint(train_stream)
+        self.val_fingerprint = stream_fingerprint(val_stream)
         self.compute_dtype = _DTYPES[cfg.dtype]
         self.optimizer = make_optimizer(cfg, model)
         self.step = 0
@@ -1038,6 +1039,7 @@ class Trainer:
             "eval_pending": self.eval_pending,
             "data_position": {"epoch": self.batches.position.epoch, "batch": self.batches.position.batch},
             "data_fingerprint": self.fingerprint,
+            "val_fingerprint": self.val_fingerprint,
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
             "log_window": mx.stack(self.window_losses).tolist() if self.window_losses else [],
@@ -1057,10 +1059,13 @@ class Trainer:
         are saved with the next checkpoints, so resuming again continues the new schedule.
         """
         state = read_trainer_state(checkpoint)
-        if state.get("data_fingerprint") != self.fingerprint:
+        # (checkpoints of older versions hold no val_fingerprint)
+        if state.get("data_fingerprint") != self.fingerprint or state.get("val_fingerprint",
+                                                                         self.val_fingerprint) != self.val_fingerprint:
             raise ValueError(
-                f"{checkpoint} was trained on different data (token stream {state.get('data_fingerprint')}, "
-                f"now {self.fingerprint}); resume with the same data and tokenizer"
+                f"{checkpoint} was trained on different data (token streams {state.get('data_fingerprint')}, "
+                f"{state.get('val_fingerprint')}, now {self.fingerprint}, {self.val_fingerprint}); resume with the "
+                "same data and tokenizer"
             )
         metrics = self.out_dir / "metrics.jsonl"
         kept = read_metrics(metrics) if self.is_main and metrics.is_file() else None  # rank 0 owns it
@@ -1087,8 +1092,10 @@ class Trainer:
         if lr is not None and not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
         lr_now = _as_float(make_schedule(cfg, old_total)(step))
+        # The ramp keeps its length whatever the new total, unless that total ends it sooner
+        # (then a new --lr starts the cosine here, as past the warmup).
         warmup = cfg.warmup_for(old_total)
-        cfg.warmup = warmup  # the ramp keeps its length whatever the new total
+        cfg.warmup = warmup = warmup if steps is None else min(warmup, steps - 1)
         # Inside the warmup the ramp continues from where it is (to the new peak); past it the
         # cosine restarts from the rate reached (no jump) or from the new --lr.
         start_lr = lr if lr is not None and step >= warmup else lr_now
@@ -1097,7 +1104,6 @@ class Trainer:
         if steps is not None:
             cfg.steps, cfg.max_time = steps, None  # a step count replaces a time budget
             self.budget_spent = False
-            cfg.warmup = min(warmup, steps - 1)
         cfg.reschedule_step, cfg.reschedule_lr = step, start_lr
         cfg.validate()
         self.total_steps = steps if steps is not None else old_total
