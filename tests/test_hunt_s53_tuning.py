@@ -8,6 +8,7 @@ from cli_helpers import assert_rejected
 
 from xlstm_metal.cli import main
 from xlstm_metal.profiles import PACKAGE_DIR, ProfileError, load_profile, profile_from_dict
+from xlstm_metal.tuning import FunctionObjective, ObjectiveError, SpeedObjective, SweepError, SweepSettings, run_sweep
 
 EXACT = json.loads((PACKAGE_DIR / "exact-fp32.json").read_text())
 TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 1, "vocab_size": 128}
@@ -21,10 +22,7 @@ def _profiles(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("edit", ["profile", "shape"])
 def test_resume_with_the_base_profile_or_shape_changed_is_refused(tmp_path, capsys, edit):
-    """--profile my.json (--shape tiny.json) edited between the run and its --resume: the resumed
-    trials ran in bfloat16 (on another model) beside the first ones, and the winner, a float32
-    trial, was saved as a bfloat16 profile that no trial had measured."""
-    pytest.importorskip("optuna")
+    """Edited before --resume: new trials ran in bfloat16 (on another model); a float32 winner saved as bfloat16."""
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
     (tmp_path / "my.json").write_text(json.dumps({**EXACT, "name": "my"}))
     assert main(["tune", "--objective", "speed", "--shape", "tiny.json", "--metric", "prefill", "--prefill-length",
@@ -40,33 +38,27 @@ def test_resume_with_the_base_profile_or_shape_changed_is_refused(tmp_path, caps
     assert load_profile("w").dtype == "float32"
 
 
-@pytest.mark.parametrize("line", ['{"text": "a b", "meta": {"score": NaN}}', '{"text": "a b", "score": Infinity}'])
+@pytest.mark.parametrize("line", ['{"text": "a", "m": {"x": NaN}}', '{"text": "a", "x": Infinity}'])
 def test_judge_refuses_a_record_json_cannot_write_back(tmp_path, capsys, line):
-    """A record's own NaN / Infinity (Python's JSON reads them): nested, a ValueError traceback
-    after every text was judged, leaving an empty --out; at the top level, nulled without a word."""
-    (tmp_path / "texts.jsonl").write_text(line + "\n")
-    assert_rejected(["judge", "--outputs", "texts.jsonl", "--out", "r", "--no-progress"], capsys,
-                    "texts.jsonl:1", "NaN or Infinity")
+    """Nested, a ValueError traceback after every text was judged (an empty --out left); on top, nulled."""
+    (tmp_path / "t.jsonl").write_text(line + "\n")
+    assert_rejected(["judge", "--outputs", "t.jsonl", "--out", "r"], capsys, "t.jsonl:1", "NaN or Infinity")
     assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("kind, name", [("chunkwise", "step"), ("chunkwise", "step_fused"), ("sequence", "triton")])
 def test_a_one_token_kernel_for_prompts_is_refused_when_read(tmp_path, capsys, kind, name):
-    """kernels.chunkwise / sequence of a one-token step kernel loaded as valid; each prompt then
-    failed deep inside the model ("mlstm_step takes one time step, got S=3"), not naming the profile."""
-    data = {**EXACT, "name": "k", "kernels": {**EXACT["kernels"], kind: name}}
+    """It loaded; each prompt then failed inside the model ("mlstm_step takes one time step")."""
+    data = {**EXACT, "name": "k", "kernels": {kind: name}}
     with pytest.raises(ProfileError, match=f"kernels.{kind}: {name} runs one token at a time"):
         profile_from_dict(data)
     (tmp_path / "k.json").write_text(json.dumps(data))
     assert_rejected(["profile", "show", "k.json"], capsys, f"kernels.{kind}")
-    # A prompt kernel as the step kernel runs (one token is a sequence of one).
-    assert profile_from_dict({**EXACT, "name": "k", "kernels": {"step": "chunkwise"}}).kernels["step"] == "chunkwise"
+    assert profile_from_dict({**data, "kernels": {"step": "chunkwise"}}).kernels["step"] == "chunkwise"  # it runs
 
 
 def test_judge_rates_a_text_past_the_float_range_of_perplexity(tmp_path, capsys):
-    """A text the judge finds nearly impossible (mean log-probability below -709.8: an untrained
-    or broken checkpoint without a logit soft cap) was an OverflowError traceback after the
-    scoring; its perplexity (past the float range) is now null, the summary's inf."""
+    """A mean log-probability below -709.8 (no logit soft cap, huge logits) was an OverflowError."""
     from conftest import tiny_model
     from test_tokenizer import train_tiny_tokenizer
 
@@ -74,30 +66,28 @@ def test_judge_rates_a_text_past_the_float_range_of_perplexity(tmp_path, capsys)
 
     hf = train_tiny_tokenizer()
     model = tiny_model(4, vocab_size=hf.get_vocab_size(), output_logit_soft_cap=None)
-    model.lm_head.weight = model.lm_head.weight * 1e5  # logits ~1e5 apart
-    with warnings.catch_warnings():  # (it warns that transformers cannot run this shape)
-        warnings.simplefilter("ignore")
+    model.lm_head.weight = model.lm_head.weight * 1e5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (transformers cannot run this shape)
         save_model(model, tmp_path / "hot")
     hf.save(str(tmp_path / "hot" / "tokenizer.json"))
-    (tmp_path / "texts.jsonl").write_text('{"text": "the quick brown fox jumps over the lazy dog"}\n')
-    assert main(["judge", "--model", "hot", "--outputs", "texts.jsonl", "--out", "r", "--no-progress"]) == 0
+    (tmp_path / "t.jsonl").write_text('{"text": "the quick brown fox"}\n')
+    assert main(["judge", "--model", "hot", "--outputs", "t.jsonl", "--out", "r", "--no-progress"]) == 0
     row = json.loads((tmp_path / "r" / "ratings.jsonl").read_text())
     assert row["mean_logprob"] < -709.8 and row["perplexity"] is None and row["scored_tokens"] > 0
     assert "perplexity inf over" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("second", ['{"number": 1, "status": "complete", "value": 2.0, "params": {"a": 2}}',
-                                    '{"number": 1, "status": "complete", "value": 2.0, "params": {"a": 2}, '
-                                    '"metrics": {"prefill_tok_s": 3.0}}'])
-def test_plot_tune_draws_prefill_against_decode_of_the_trials_that_have_both(tmp_path, second):
-    """One speed trial with both rates and one without metrics (or a rate) was a KeyError traceback."""
+@pytest.mark.parametrize("metrics", [None, {"prefill_tok_s": 3.0}])
+def test_plot_tune_draws_prefill_against_decode_of_the_trials_that_have_both(tmp_path, metrics):
+    """A trial without both rates beside one with them was a KeyError traceback."""
     from xlstm_metal.plotting import plot_tune
 
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "trials.jsonl").write_text(
-        '{"number": 0, "status": "complete", "value": 1.0, "params": {"a": 1}, '
-        '"metrics": {"prefill_tok_s": 4.0, "decode_tok_s": 5.0}}\n' + second + "\n")
-    fig = plot_tune(tmp_path / "t")
+    trials = [{"number": 0, "status": "complete", "value": 1.0, "params": {"a": 1},
+               "metrics": {"prefill_tok_s": 4.0, "decode_tok_s": 5.0}},
+              {"number": 1, "status": "complete", "value": 2.0, "params": {"a": 2}, **({"metrics": metrics} if metrics else {})}]
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    fig = plot_tune(tmp_path)
     panel = next(ax for ax in fig.axes if ax.get_title() == "prefill vs decode")
     assert panel.collections[0].get_offsets().tolist() == [[4.0, 5.0]]
 
@@ -105,9 +95,21 @@ def test_plot_tune_draws_prefill_against_decode_of_the_trials_that_have_both(tmp
 @pytest.mark.parametrize("space, words", [(dict(chunk_sizes=()), "chunk_size: no choices"),
                                           (dict(chunk_sizes=(64, 0)), "chunk_size must be a positive"),
                                           (dict(kernels=("nope",)), "unknown mLSTM kernel 'nope'")])
-def test_a_speed_space_with_a_bad_choice_is_refused_before_any_trial(tmp_path, space, words):
-    """Every trial drawing a bad choice failed (an empty one raised mid-sweep, leaving a trial running)."""
-    from xlstm_metal.tuning import SpeedObjective
-
+def test_a_speed_space_with_a_bad_choice_is_refused_before_any_trial(space, words):
+    """Every trial drawing it failed (an empty one raised mid-sweep)."""
     with pytest.raises(ValueError, match=words):
         SpeedObjective(shape="125m", metric="prefill", **space)
+
+
+def test_an_overwrite_refused_before_its_first_trial_keeps_the_last_sweep(tmp_path):
+    """--overwrite deleted the last sweep, then refused the new one: both were gone."""
+    class Refused(FunctionObjective):
+        def prepare(self, out_dir):
+            raise ObjectiveError("too little data")
+
+    run_sweep(FunctionObjective(), "s", SweepSettings(trials=2, progress=False))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    with pytest.raises(SweepError, match="too little data"):
+        run_sweep(Refused(), "s", SweepSettings(trials=2, progress=False), overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+    assert len(before["trials.jsonl"].splitlines()) == 2

@@ -133,7 +133,7 @@ def batched_token_logprobs(model, rows: Sequence[tuple[Sequence[int], Sequence[i
 
 
 def perplexity(mean_logprob: float) -> float:
-    """exp(-mean_logprob); inf past the float range (below -709.78: math.exp raised OverflowError)."""
+    """exp(-mean_logprob); inf past the float range (math.exp raised OverflowError)."""
     return math.exp(-mean_logprob) if -mean_logprob < 709.78 else math.inf
 
 

@@ -151,7 +151,7 @@ def plot_tune(directory: str | os.PathLike, title: str | None = None) -> Figure:
             if not isinstance(r.get(key, {}), dict):
                 raise PlotError(f"{path}: trial {r['number']}'s {key!r} must be an object, got {r[key]!r}")
     params = sorted({k for r in records for k in r.get("params", {})})
-    # Only trials with both rates (one without them, in a file edited by hand, was a KeyError).
+    # (one without both, in a file edited by hand, was a KeyError)
     rates = [r["metrics"] for r in done if {"prefill_tok_s", "decode_tok_s"} <= set(r.get("metrics", {}))]
     _check_records(path, rates, ("prefill_tok_s", "decode_tok_s"))
     speed = bool(rates)

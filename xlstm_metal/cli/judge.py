@@ -7,7 +7,8 @@
 hold "text" and optionally "prompt"; other fields are kept. For each record: mean log-probability
 and perplexity of the text given the prompt, distinct-1/2/3, share of repeated 4-grams, longest
 repeated span, lengths. Writes ratings.jsonl and ratings.csv to --out; a text with no scored token
-(empty) has null mean_logprob and perplexity; one past the float range, a null perplexity. Each row also gets "source" (the file) and "line": a
+(empty) has null mean_logprob and perplexity (one past float range: null perplexity). Each row also
+gets "source" (the file) and "line": a
 record with a field of one of these names or a rating's (mean_logprob, perplexity, scored_tokens,
 distinct_1/2/3, repeated_4gram_share, longest_repeated_span, chars, words, tokens) is refused.
 """
@@ -96,11 +97,10 @@ def read_records(sources: list[str]) -> list[dict]:
                 raise UsageError(f"{file}:{n}: field{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash))} "
                                  f"would be replaced: judge writes {'them' if len(clash) > 1 else 'it'} into each "
                                  "row (source, line and the ratings); rename the field in the file")
-            try:  # (Python's JSON reads them) one nested in a record failed the writing after every text was judged
+            try:  # a nested one failed the writing, after every text was judged
                 json.dumps(record, allow_nan=False)
             except ValueError:
-                raise UsageError(f"{file}:{n}: the record holds NaN or Infinity, which JSON cannot hold (its row in "
-                                 "ratings.jsonl could not be written); use null or a string") from None
+                raise UsageError(f"{file}:{n}: NaN or Infinity in the record (JSON has neither)") from None
             records.append({"source": source, "line": n, **record})
         if len(records) == count:
             empty.append(file)

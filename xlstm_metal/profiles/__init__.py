@@ -122,10 +122,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HyperProf
                 resolved = resolve_kernel_name(name)
             except (KeyError, TypeError) as err:
                 raise ProfileError(f"profile {source}: kernels.{kind}: {err.args[0]}") from None
-            # A prompt (several tokens) through a one-token kernel failed deep inside the model.
-            _check(kind == "step" or resolved not in ("step", "step_fused"),
-                   f"kernels.{kind}: {name} runs one token at a time; prompts need a chunkwise, parallel or "
-                   "sequence kernel", source)
+            _check(kind == "step" or resolved not in ("step", "step_fused"),  # (it failed deep in the model)
+                   f"kernels.{kind}: {name} runs one token at a time, not a prompt", source)
     for key in ("chunk_size", "prefill_chunk", "blas_threads"):
         value = d.get(key)
         _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),

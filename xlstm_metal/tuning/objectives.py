@@ -39,13 +39,11 @@ class ObjectiveError(ValueError):
 
 
 def base_settings(profile: str) -> dict[str, Any]:
-    """The base profile's settings, kept in run_meta.json: a --resume after its file was edited
-    (or a tuned one saved again) ranked trials of other numerics beside the first ones, and the
-    winner was saved with settings no trial had run."""
+    """A profile's settings: in run_meta.json, so a --resume after an edit is refused."""
     from ..profiles import load_profile
 
-    data = load_profile(profile).to_dict()
-    return {k: v for k, v in data.items() if k not in ("name", "version", "description", "device")}
+    return {k: v for k, v in load_profile(profile).to_dict().items() if k not in ("name", "version", "description",
+                                                                                   "device")}
 
 
 class Objective:
@@ -151,7 +149,7 @@ class SpeedObjective(Objective):
     def meta(self) -> dict[str, Any]:
         from ..benchmark import shape_config
 
-        # The shape's fields: a config file edited before a --resume timed another model.
+        # (a config file edited before a --resume timed another model)
         return {**super().meta(), "model": self.model, "shape": None if self.model else self.shape,
                 "config": None if self.model else shape_config(self.shape).to_dict(),
                 "base_profile": self.base_profile, "base_settings": base_settings(self.base_profile),

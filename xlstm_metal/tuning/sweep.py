@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -319,7 +320,7 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
     as if they measured the same thing, and the seeded draws would no longer repeat."""
     stored = meta.get("objective", {})
     current = json.loads(json.dumps(_json_safe(objective.meta())))
-    for key in ("base_settings", "config"):  # a sweep of a version that kept none: they are unknown
+    for key in ("base_settings", "config"):  # unknown for a sweep of a version that kept none
         if key not in stored:
             current.pop(key, None)
     home = out_dir.resolve()
@@ -334,7 +335,7 @@ def _check_resume_matches(meta: dict[str, Any], objective: Objective, settings: 
         except OSError:
             return False
 
-    def change(key: str, old: Any, new: Any) -> str:  # of a dict (a config: ~35 fields) only what differs
+    def change(key: str, old: Any, new: Any) -> str:  # of a dict (a config) only what differs
         if isinstance(old, dict) and isinstance(new, dict):
             return "; ".join(change(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                              if old.get(k) != new.get(k))
@@ -416,8 +417,11 @@ def _run_sweep(objective: Objective, out_dir: Path, settings: SweepSettings, res
     """:func:`run_sweep` once ``out_dir`` is held."""
     import optuna
 
-    if not resume:
-        _clear(out_dir)
+    # The last sweep's outputs wait aside until prepare() passes (it deleted them, then refused).
+    aside = None if resume else Path(tempfile.mkdtemp(prefix=".replaced-", dir=out_dir))
+    for name in () if resume else OUTPUT_FILES + OUTPUT_DIRS:
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, aside / name)
     meta_path = out_dir / "run_meta.json"
     meta = None
     if resume:  # before prepare(), which may write into OUT (a tokenizer)
@@ -434,9 +438,14 @@ def _run_sweep(objective: Objective, out_dir: Path, settings: SweepSettings, res
     except ObjectiveError as err:  # no trial could run: leave --out as it was found
         if not resume:
             _clear(out_dir)
+            for path in aside.iterdir():
+                os.replace(path, out_dir / path.name)
+            aside.rmdir()
             if created and not any(out_dir.iterdir()):
                 out_dir.rmdir()
         raise SweepError(str(err)) from None
+    if aside is not None:
+        shutil.rmtree(aside)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from sqlalchemy.exc import SQLAlchemyError
 
