@@ -1,6 +1,7 @@
 """Session 53's hunt in `train` (each test failed before its fix)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -54,3 +55,18 @@ def test_resume_refuses_a_changed_validation_split(tmp_path):
                     progress=False)
     with pytest.raises(ValueError, match="different data"):
         other.resume_from(checkpoint_dirs(tmp_path / "r")[-1])
+
+
+def test_a_resumed_run_keeps_its_kernel(text_data, tmp_path, capsys):
+    # --resume without --kernel took the default (chunkwise), not the run's --kernel parallel: the
+    # resumed steps' losses differed from the uninterrupted run's.
+    from cli_helpers import run_main
+
+    from xlstm_metal.loading import load_model
+
+    out = tmp_path / "run"
+    args = ["train", text_data, "--out", out, "--kernel", "parallel", "--vocab-size", "300", "--save-every", "1"]
+    assert run_main([*args, *TRAIN, "--keep", "0"], capsys)[0] == 0
+    shutil.rmtree(out / "checkpoint-0000002")
+    assert run_main(["train", "--out", out, "--resume", "--no-progress"], capsys)[0] == 0
+    assert load_model(out / "checkpoint-0000002").config.chunkwise_kernel == "parallel"

@@ -520,6 +520,7 @@ def _run(args) -> int:
 
     limit_command_buffers()  # before anything runs on the GPU (MLX reads the limits once)
     arch, config = _check_flag_combinations(args)
+    kernel_given = args.kernel is not None
     if args.kernel is None:
         args.kernel = default_training_kernel()
     if args.memory_limit is not None and not args.memory_limit > 0:
@@ -552,6 +553,11 @@ def _run(args) -> int:
         # The model keeps the profile's numerics in its config; the process's settings (OpenBLAS
         # threads, float32 GEMMs) come from the profile the run saved: they were lost on --resume.
         saved_profile = _saved_profile(saved, resume_ckpt)
+        from ..kernels import available_mlstm_kernels
+
+        if not kernel_given and saved.get("kernel") in available_mlstm_kernels():
+            args.kernel = saved["kernel"]  # the run's --kernel (the default's numerics differ)
+            kernel_given = True
         cfg = TrainingConfig(**saved["training_config"])
         for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss", "fuse_projections",
                      "mlstm_products"):
@@ -736,7 +742,8 @@ def _run(args) -> int:
         train_stream, val_stream = split_stream(doc_tokens, val_fraction, cfg.seed)
         if main and eval_batches_given:
             _warn_few_eval_batches(cfg, len(val_stream))
-        extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field}
+        extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field,
+                 "kernel": args.kernel if kernel_given else None}  # (a default is the machine's)
         if generation is not None:
             extra["generation_config"] = generation
         if saved_profile is not None:
