@@ -70,3 +70,20 @@ def test_a_resumed_run_keeps_its_kernel(text_data, tmp_path, capsys):
     shutil.rmtree(out / "checkpoint-0000002")
     assert run_main(["train", "--out", out, "--resume", "--no-progress"], capsys)[0] == 0
     assert load_model(out / "checkpoint-0000002").config.chunkwise_kernel == "parallel"
+
+
+def test_ctrl_c_says_the_export_was_not_written(text_data, tmp_path, capsys, monkeypatch):
+    # Ctrl-C exited 130 with a resume hint that dropped --export: the export asked for was skipped
+    # without a word, and the hinted resume would not write it either.
+    from cli_helpers import run_main
+
+    from xlstm_metal.training.trainer import TrainingInterrupted
+
+    def stop(self):
+        raise TrainingInterrupted(1, self.out_dir / "checkpoint-0000001")
+
+    monkeypatch.setattr(Trainer, "train", stop)
+    out, export = tmp_path / "run", tmp_path / "exp"
+    code, err = run_main(["train", text_data, "--out", out, "--export", export, "--vocab-size", "300", *TRAIN], capsys)
+    assert code == 130 and f"--resume --export {export}`; --export {export} was not written" in err, err
+    assert not export.exists()

@@ -800,9 +800,10 @@ def _run(args) -> int:
                 print(f"xlstm-metal: error: {err}", file=sys.stderr)
             return 1
         except TrainingInterrupted as stop:  # Ctrl-C: the checkpoint of the last step resumes it
-            if main:
+            if main:  # --export happens after the last step: the resume is to write it
+                again = "" if export is None else f" --export {export}`; --export {export} was not written"
                 print(f"interrupted at step {stop.step}; checkpoint {stop.checkpoint} (continue with "
-                      f"`xlstm-metal train --out {out} --resume`)", file=sys.stderr)
+                      f"`xlstm-metal train --out {out} --resume{again or '`'})", file=sys.stderr)
             return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
         wall = time.perf_counter() - t0
         if not main:
