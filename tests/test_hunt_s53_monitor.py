@@ -66,3 +66,36 @@ def test_an_unreadable_rss_keeps_the_watchdog_sampling(runtime, monkeypatch, cap
         assert job.watchdog.last.rss == 0 and read_jobs()[0]["memory"]["rss"] == 0
     err = capsys.readouterr().err
     assert err.count("cannot read the process's RSS (AccessDenied") == 1 and "Traceback" not in err
+
+
+def test_an_unknown_watchdog_switch_is_refused(capsys, monkeypatch):
+    """XLSTM_MEM_WATCHDOG=disabled left the watchdog on: the job was stopped at 90% of memory."""
+    with pytest.raises(ValueError, match="XLSTM_MEM_WATCHDOG must be 1 or 0 \\(on or off\\), got 'disabled'"):
+        WatchdogConfig.from_sources(env={"XLSTM_MEM_WATCHDOG": "disabled"}, total=10**9)
+    assert not WatchdogConfig.from_sources(env={"XLSTM_MEM_WATCHDOG": " Off "}, total=10**9).enabled
+    monkeypatch.setenv("XLSTM_MEM_WATCHDOG", "disabled")
+    assert main(["convert", "nowhere", "out", "-q"]) == 2
+    assert "got 'disabled'" in capsys.readouterr().err
+
+
+def test_top_once_on_an_ascii_stdout(runtime, tmp_path):  # noqa: F811
+    """A model name (or top's own "…") that stdout cannot encode: a UnicodeEncodeError traceback."""
+    import subprocess
+    import sys
+
+    from conftest import repo_env
+
+    runtime.mkdir()
+    _record(runtime, os.getpid(), model="模型/" + "x" * 40)
+    proc = subprocess.run([sys.executable, "-m", "xlstm_metal", "top", "--once"], capture_output=True, timeout=60,
+                          env=repo_env(XLSTM_RUNTIME_DIR=str(runtime), PYTHONIOENCODING="ascii"))
+    assert proc.returncode == 0 and f"{os.getpid()}  generate  ?" in proc.stdout.decode(), proc.stderr.decode()
+
+
+def test_a_pipeline_of_more_ranks_than_blocks_names_the_most_it_takes():
+    from xlstm_metal.distributed import stage_bounds
+
+    assert stage_bounds(3, 2) == [(0, 2), (2, 3)]
+    with pytest.raises(ValueError, match="^cannot split 1 block across 2 processes: each needs at least one: "
+                                         "start at most 1$"):
+        stage_bounds(1, 2)

@@ -95,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(snapshot, default=str), flush=True)
                 else:
-                    sys.stdout.write(render_text(snapshot))
+                    # A stdout that cannot encode a job's model name or top's own "…" / "▁" (PYTHONIOENCODING=ascii,
+                    # a Latin-1 locale) stopped with a UnicodeEncodeError: such characters show as "?".
+                    encoding = sys.stdout.encoding or "utf-8"
+                    sys.stdout.write(render_text(snapshot).encode(encoding, "replace").decode(encoding))
                     sys.stdout.flush()
                 n += 1
                 if count is not None and n >= count:

@@ -186,7 +186,8 @@ def _join_deadline(size: int):
         raise SettingError(f"XLSTM_RING_JOIN_TIMEOUT must be a positive number of seconds, got {text!r}")
     message = (f"xlstm-metal: error: rank {os.environ.get('MLX_RANK')} of {size}: not every process joined the ring "
                f"within {limit:g} s (MLX_HOSTFILE={os.environ.get('MLX_HOSTFILE')} lists {size}): start one process "
-               "per entry (mlx.launch does), or set XLSTM_RING_JOIN_TIMEOUT to wait longer; stopping this process")
+               "per entry, all given the same file (mlx.launch does), or set XLSTM_RING_JOIN_TIMEOUT to wait longer; "
+               "stopping this process")
     try:
         watcher = subprocess.Popen([sys.executable, "-S", "-c", _JOIN_WATCHER, str(os.getpid()), str(limit), message],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)

@@ -33,7 +33,8 @@ def stage_bounds(num_blocks: int, size: int) -> list[tuple[int, int]]:
     """[(a_r, b_r)] per rank: consecutive blocks, as even as possible (earlier ranks take the
     extra ones)."""
     if num_blocks < size:
-        raise ValueError(f"cannot split {num_blocks} blocks across {size} processes: each needs at least one")
+        raise ValueError(f"cannot split {num_blocks} block{'s' * (num_blocks != 1)} across {size} processes: each "
+                         f"needs at least one: start at most {num_blocks}")
     base, extra = divmod(num_blocks, size)
     bounds, start = [], 0
     for r in range(size):

@@ -153,7 +153,10 @@ class WatchdogConfig:
         ValueError naming the flag or variable on bad values."""
         env = os.environ if env is None else env
         total = total or device_memory()
-        enabled = env.get("XLSTM_MEM_WATCHDOG", "1").strip().lower() not in ("0", "false", "no", "off")
+        switch = env.get("XLSTM_MEM_WATCHDOG", "1").strip().lower()
+        if switch not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):  # "disabled" left it on
+            raise ValueError(f"XLSTM_MEM_WATCHDOG must be 1 or 0 (on or off), got {env['XLSTM_MEM_WATCHDOG']!r}")
+        enabled = switch not in ("0", "false", "no", "off")
         action = env.get("XLSTM_MEM_ACTION", "stop").strip().lower() or "stop"
         action = {"abort": "stop", "exit": "stop"}.get(action, action)
         if action not in ("stop", "warn"):
