@@ -113,3 +113,22 @@ def test_an_overwrite_refused_before_its_first_trial_keeps_the_last_sweep(tmp_pa
         run_sweep(Refused(), "s", SweepSettings(trials=2, progress=False), overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
     assert len(before["trials.jsonl"].splitlines()) == 2
+
+
+@pytest.mark.parametrize("suffix, record, where", [
+    (".jsonl", {"kind": "prefill", "length": 1.5, "tok_s": 3.0}, "b.jsonl:2"),
+    (".json", {"kind": "decode", "batch": 2.5, "tok_s": 3.0}, "b.json record 2")])
+def test_plot_refuses_a_bench_length_or_batch_that_is_no_whole_number(tmp_path, capsys, suffix, record, where):
+    """int() drew a length or batch of 1.5 at 1 without a word; 2.0 is still 2."""
+    from xlstm_metal.plotting import plot_bench
+
+    good = {"kind": record["kind"], "length": 2.0, "batch": 2.0, "tok_s": 5.0}
+    bench = tmp_path / f"b{suffix}"
+    recs = [good, record]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in recs) if suffix == ".jsonl" else json.dumps(recs))
+    name = "length" if record["kind"] == "prefill" else "batch"
+    assert_rejected(["plot", str(bench), "--out", "o.png"], capsys, where, f"'{name}' must be a whole number",
+                    str(record[name]))
+    assert not (tmp_path / "o.png").exists()
+    bench.write_text("".join(json.dumps(r) + "\n" for r in [good]) if suffix == ".jsonl" else json.dumps([good]))
+    assert plot_bench([bench]).axes[0 if name == "length" else 1].lines[0].get_xdata().tolist() == [2]

@@ -95,21 +95,29 @@ def classify(path: str | os.PathLike) -> str:
 def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Prefill/decode records of a bench file: JSON Lines of records, or a JSON object with
     "records" (benchmarks/side_by_side.py), or a JSON list."""
+    return [r for _, r in _bench_records(path)]
+
+
+def _bench_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) of :func:`read_bench`'s records: "FILE:LINE" or "FILE record N", for errors."""
+    from .jsonfiles import read_jsonl
+
     p = Path(path)
     if p.suffix == ".jsonl":
-        records = _jsonl(p)
+        numbered = [(f"{p}:{n}", r) for n, r in read_jsonl(p, PlotError)]
     else:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PlotError(f"cannot read {p}: {err}") from None
         records = data.get("records", []) if isinstance(data, dict) else data if isinstance(data, list) else []
-        records = records if isinstance(records, list) else []
-    out = [r for r in records if isinstance(r, dict) and r.get("kind") in ("prefill", "decode") and "tok_s" in r]
-    for r in out:
+        numbered = [(f"{p} record {n}", r) for n, r in enumerate(records if isinstance(records, list) else [], 1)]
+    out = [(w, r) for w, r in numbered if isinstance(r, dict) and r.get("kind") in ("prefill", "decode") and "tok_s" in r]
+    for where, r in out:
         # A NaN, a string, true or a rate <= 0 was drawn as nothing (or as 1.0) without a word.
         if not (_is_number(r["tok_s"]) and math.isfinite(r["tok_s"]) and r["tok_s"] > 0):
-            raise PlotError(f"{p}: 'tok_s' must be a positive number in every {r['kind']} record, got {r['tok_s']!r}")
+            raise PlotError(f"{where}: 'tok_s' must be a positive number in every {r['kind']} record, "
+                            f"got {r['tok_s']!r}")
     if not out:
         raise PlotError(f"{p} holds no prefill/decode records with tok_s")
     return out
@@ -341,7 +349,8 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
 
     for file, source in zip(sources, _file_labels([Path(f) for f in sources])):
         groups: dict[tuple[str, str], dict[int, list[float]]] = {}
-        records = read_bench(file)
+        numbered = _bench_records(file)
+        records = [r for _, r in numbered]
         base = {}
         for i, r in enumerate(records):
             label = _series_label(source if len(sources) > 1 or not r.get("side") else "ours", r)
@@ -355,10 +364,13 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
             if x is None:
                 continue
             name = "length" if r["kind"] == "prefill" else "batch"
+            where = numbered[i][0]
             if not _is_number(x):
-                raise PlotError(f"{file}: {name!r} must be a number in every {r['kind']} record, got {x!r}")
+                raise PlotError(f"{where}: {name!r} must be a number in every {r['kind']} record, got {x!r}")
             if not (math.isfinite(x) and x > 0):  # the axis is logarithmic: a 0 was not drawn, without a word
-                raise PlotError(f"{file}: {name!r} must be positive in every {r['kind']} record, got {x!r}")
+                raise PlotError(f"{where}: {name!r} must be positive in every {r['kind']} record, got {x!r}")
+            if x != int(x):  # int() drew a 1.5 at 1, without a word
+                raise PlotError(f"{where}: {name!r} must be a whole number in every {r['kind']} record, got {x!r}")
             groups.setdefault((r["kind"], label), {}).setdefault(int(x), []).append(float(r["tok_s"]))
         for (kind, label), points in sorted(groups.items()):
             xs = sorted(points)
