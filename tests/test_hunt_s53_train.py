@@ -87,3 +87,18 @@ def test_ctrl_c_says_the_export_was_not_written(text_data, tmp_path, capsys, mon
     code, err = run_main(["train", text_data, "--out", out, "--export", export, "--vocab-size", "300", *TRAIN], capsys)
     assert code == 130 and f"--resume --export {export}`; --export {export} was not written" in err, err
     assert not export.exists()
+
+
+def test_a_validation_loss_beyond_exps_range_ends_the_run_normally(text_data, tmp_path, capsys):
+    # A finite validation loss over 709 nats (no logit soft cap, a huge --lr) ended the run in an
+    # OverflowError traceback (loss.png's and the summary's perplexity: math.exp).
+    from cli_helpers import run_main
+
+    (tmp_path / "c.json").write_text('{"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, "chunk_size": 16, '
+                                     '"output_logit_soft_cap": null}')
+    out = tmp_path / "run"
+    code, err = run_main(["train", text_data, "--out", out, "--config", tmp_path / "c.json", "--lr", "30",
+                          "--grad-clip", "0", "--vocab-size", "300", *TRAIN], capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0 and summary["best_val_loss"] > 709 and summary["best_val_ppl"] == pytest.approx(np.exp(50)), err
+    assert (out / "loss.png").stat().st_size > 0

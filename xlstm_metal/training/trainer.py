@@ -813,7 +813,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
     if val:
         ax.plot(*zip(*val), "o-", ms=3, lw=1.5, label="validation loss", color="tab:orange")
         best = min(val, key=lambda sv: sv[1])
-        ax.annotate(f"best {best[1]:.3f} (ppl {math.exp(best[1]):.1f})", best, textcoords="offset points",
+        ax.annotate(f"best {best[1]:.3f} (ppl {math.exp(min(best[1], 50)):.1f})", best, textcoords="offset points",
                     xytext=(0, 12), ha="center", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
