@@ -8,7 +8,8 @@ from cli_helpers import assert_rejected
 
 from xlstm_metal.cli import main
 from xlstm_metal.profiles import PACKAGE_DIR, ProfileError, load_profile, profile_from_dict
-from xlstm_metal.tuning import FunctionObjective, ObjectiveError, SpeedObjective, SweepError, SweepSettings, run_sweep
+from xlstm_metal.tuning import (FunctionObjective, ObjectiveError, SpeedObjective, SweepError, SweepSettings,
+                                 TrainObjective, run_sweep)
 
 EXACT = json.loads((PACKAGE_DIR / "exact-fp32.json").read_text())
 TINY = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 1, "vocab_size": 128}
@@ -132,3 +133,25 @@ def test_plot_refuses_a_bench_length_or_batch_that_is_no_whole_number(tmp_path, 
     assert not (tmp_path / "o.png").exists()
     bench.write_text("".join(json.dumps(r) + "\n" for r in [good]) if suffix == ".jsonl" else json.dumps([good]))
     assert plot_bench([bench]).axes[0 if name == "length" else 1].lines[0].get_xdata().tolist() == [2]
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: FunctionObjective("rosenbrock"), "function must be sphere or rastrigin, got 'rosenbrock'"),
+    (lambda: FunctionObjective("sphere", 0), "dims must be an integer >= 1, got 0"),
+    (lambda: FunctionObjective("sphere", 2.5), "dims must be an integer >= 1, got 2.5"),
+    (lambda: TrainObjective(widths=()), r"widths must be a non-empty list of integers >= 1, got \(\)"),
+    (lambda: TrainObjective(widths=(64, -32)), r"widths must be an integer >= 1, got -32 in \(64, -32\)"),
+    (lambda: TrainObjective(heads=(2, 0)), "heads must be an integer >= 1, got 0"),
+    (lambda: TrainObjective(batches=(4, True)), "batches must be an integer >= 1, got True"),
+    (lambda: TrainObjective(max_depth=0), "max_depth must be an integer >= 1, got 0"),
+    (lambda: TrainObjective(widths=(30, 34), heads=(4,)), r"no width of \(30, 34\) splits into a head count"),
+])
+def test_function_and_train_objectives_refuse_a_bad_setting_when_made(make, words):
+    """Unchecked, every trial failed (an unknown function, a batch of 0) or the sweep "found" 0 (dims 0)."""
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+def test_good_function_and_train_objectives_are_still_made():
+    assert FunctionObjective("rastrigin", 1).dims == 1
+    assert TrainObjective(widths=(30, 32), heads=(4,)).widths == (30, 32)  # one width that splits is enough

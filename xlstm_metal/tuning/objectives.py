@@ -38,6 +38,20 @@ class ObjectiveError(ValueError):
     before the first trial; the message names the problem."""
 
 
+def _check_int(name: str, value: Any, within: Any = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}" + (f" in {within!r}" if within else ""))
+
+
+def _check_choices(name: str, values: Any) -> None:
+    """ValueError naming ``name`` unless ``values`` is a non-empty list of integers >= 1: a bad
+    choice failed every trial that drew it (a batch of 0 divided by zero), none failed prepare()."""
+    if not isinstance(values, (tuple, list)) or not values:
+        raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {values!r}")
+    for v in values:
+        _check_int(name, v, values)
+
+
 def base_settings(profile: str) -> dict[str, Any]:
     """A profile's settings: in run_meta.json, so a --resume after an edit is refused."""
     from ..profiles import load_profile
@@ -272,6 +286,15 @@ class TrainObjective(Objective):
     direction: str = field(default="minimize", init=False)
     metric: str = field(default="val_loss", init=False)
 
+    def __post_init__(self) -> None:
+        for name in ("widths", "heads", "batches"):
+            _check_choices(name, getattr(self, name))
+        _check_int("max_depth", self.max_depth)
+        # (no width that any head count divides: every trial was rejected as an invalid shape)
+        if not any(E % h == 0 and (E // 2) % h == 0 and E // 2 >= h for E in self.widths for h in self.heads):
+            raise ValueError(f"no width of {self.widths!r} splits into a head count of {self.heads!r} "
+                             "(embedding_dim and embedding_dim / 2 divisible by num_heads)")
+
     def cache_key(self) -> tuple:
         return ("train", self.data, self.tokenizer, self.seq_len, self.val_fraction, self.seed, self.text_field)
 
@@ -443,6 +466,11 @@ class FunctionObjective(Objective):
     name: str = field(default="function", init=False)
     direction: str = field(default="minimize", init=False)
     metric: str = field(default="f", init=False)
+
+    def __post_init__(self) -> None:  # (an unknown function failed every trial; dims 0 "found" 0)
+        if self.function not in ("sphere", "rastrigin"):
+            raise ValueError(f"function must be sphere or rastrigin, got {self.function!r}")
+        _check_int("dims", self.dims)
 
     def suggest(self, trial) -> dict[str, Any]:
         return {f"x{i}": trial.suggest_float(f"x{i}", -5.12, 5.12) for i in range(self.dims)}
