@@ -3,11 +3,17 @@
 import xlstm_metal  # noqa: F401,I001  (first: preloads the BLAS before mlx is imported)
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 
 from xlstm_metal.config import xLSTMConfig
 from xlstm_metal.errors import ConfigError
+from xlstm_metal.kernels.cpu import decode_step as ds
+from xlstm_metal.kernels.cpu import prefill as cp
 from xlstm_metal.models.xlstm_2024 import model_from_config
+
+from conftest import tiny_model
 
 TINY = dict(embedding_dim=64, num_heads=2, num_blocks=1, vocab_size=97)
 CFG_2024 = {"vocab_size": 61, "embedding_dim": 32, "num_blocks": 2, "slstm_at": [1],
@@ -32,3 +38,50 @@ def test_a_2024_model_with_a_one_token_kernel_is_refused_at_construction():
         model.blocks[0].xlstm.set_kernel("step_fused")
     assert model.blocks[0].xlstm.kernel_name == "parallel"
     assert model(mx.array([[1, 2, 3]]))[0].shape == (1, 3, 61)
+
+
+def _rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+class _Hook(nn.Module):
+    """A user's wrapper around a block's mLSTM layer (as one recording its outputs would be)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, x, state=None):
+        y, state = self.layer(x, state)
+        return 1.5 * y, state
+
+
+def test_a_wrapped_mlstm_layer_runs_in_every_path():
+    """Every forward, prefill, fuse_projections() and nn.quantize failed with AttributeError
+    ('_Hook' object has no attribute 'projection_cell')."""
+    x = mx.array(np.random.default_rng(3).integers(0, 97, (2, 9)), dtype=mx.int32)
+    model, reference = tiny_model(), tiny_model()
+    out_proj = reference.blocks[0].mlstm_layer.out_proj
+    out_proj.weight = 1.5 * out_proj.weight  # what the hook does
+    model.blocks[0].mlstm_layer = _Hook(model.blocks[0].mlstm_layer)
+    with ds.switched(False), cp.switched(False):
+        ref, ref_state = reference(x)
+    assert _rel(ref, tiny_model()(x)[0]) > 1e-2
+    for fuse in (False, True):
+        if fuse:
+            model.fuse_projections()
+            assert model.blocks[1].mlstm_layer.fused
+        assert _rel(model(x)[0], ref) < 1e-5
+        logits, state = model.prefill(x[:, :5], chunk_size=3)
+        for t in range(5, 9):
+            logits, state = model(x[:, t:t + 1], state)
+        assert _rel(logits[:, -1], ref[:, -1]) < 1e-4
+        assert max(_rel(a, b) for s, r in zip(state, ref_state) for a, b in zip(s, r)) < 1e-4
+    # nn.quantize of the fused model ("no sub-module named '_fused_projection'" even unwrapped)
+    nn.quantize(model, group_size=32, bits=8)
+    quantized = tiny_model()
+    nn.quantize(quantized, group_size=32, bits=8)
+    quantized.blocks[0].mlstm_layer = _Hook(quantized.blocks[0].mlstm_layer)
+    assert isinstance(model.blocks[0].mlstm_layer.layer.q, nn.QuantizedLinear)
+    assert _rel(model(x)[0], quantized(x)[0]) < 1e-5 and _rel(model(x)[0], ref) > 1e-3

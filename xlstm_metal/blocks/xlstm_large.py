@@ -40,7 +40,7 @@ class mLSTMBlock(nn.Module):
         x, xn = _pre_norm(x, self.norm_mlstm)
         with residual_into_output(x) as res:
             y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
-        if self.mlstm_layer.fused:  # inference fast path: the residual add inside the norm's launch
+        if self.neuron is not None and self.neuron.fused:  # inference: the residual add inside the norm's launch
             x, xn = add_rms_norm(x, y, self.norm_ffn)
             return x + self.ffn(_normed(xn, self.norm_ffn)), state
         x = y if res.taken else x + y
@@ -49,10 +49,16 @@ class mLSTMBlock(nn.Module):
             z = self.ffn(_normed(xn, self.norm_ffn))
         return (z if res.taken else x + z), state
 
+    @property
+    def neuron(self) -> mLSTMNeuron | None:
+        """The mLSTM layer, or None where it is a user's module (a wrapper: it runs as it is)."""
+        layer = self.mlstm_layer
+        return layer if isinstance(layer, mLSTMNeuron) else None
+
     def fused_step(self, x: mx.array) -> bool:
         """True for one token once ``fuse_projections()`` selected the fused step kernel: then
         :meth:`step` runs (fewer CUDA launches, the same math)."""
-        return x.shape[1] == 1 and self.mlstm_layer.recurrent_kernel_cell.takes_raw_gates
+        return x.shape[1] == 1 and self.neuron is not None and self.neuron.recurrent_kernel_cell.takes_raw_gates
 
     def step(self, x: mx.array, pending: mx.array | None, state: MLSTMState | None = None):
         """One token, the block's input being ``x + pending`` ([B, 1, E]; ``pending`` the previous

@@ -154,6 +154,17 @@ def check_state(state, batch_size: int, num_blocks: int, shapes: list | None = N
                              "(make_state)")
 
 
+def _without_fused(tree):
+    """``modules`` without the fused copies' keys (``_fused_projection``, ``_fused_gate_up``):
+    nn.quantize and adapters pass ``leaf_modules()``, which lists them, and unfusing removed them
+    ("Module does not have sub-module named '_fused_projection'" on a fused or loaded model)."""
+    if isinstance(tree, nn.Module):
+        return tree
+    if isinstance(tree, dict):
+        return {k: _without_fused(v) for k, v in tree.items() if not str(k).startswith("_fused_")}
+    return [_without_fused(v) for v in tree] if isinstance(tree, list) else tree
+
+
 def to_residual(x: mx.array, residual_dtype: mx.Dtype | None) -> mx.array:
     """Embeddings [B, S, E] -> the residual stream's dtype (unchanged for None or float32 weights)."""
     return x if residual_dtype is None or x.dtype == residual_dtype else x.astype(residual_dtype)
@@ -191,12 +202,13 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         another process holds), as :func:`check_state` compares them."""
         dqk, dv = self.config.qk_head_dim, self.config.v_head_dim
         blocks = self.backbone.blocks
-        held = [isinstance(block, mLSTMBlock) for block in blocks]
+        # a user's layer module (block.neuron None) keeps a state of its own making
+        held = [isinstance(block, mLSTMBlock) and block.neuron is not None for block in blocks]
         if not any(held):
             return [None] * len(blocks)
         # this process's heads (a tensor split divides every block's alike), read once: this runs
         # at every eager call (mlx-lm's decode step), and a Module's attributes are slow to reach
-        nh = blocks[held.index(True)].mlstm_layer.projection_cell.num_heads
+        nh = blocks[held.index(True)].neuron.projection_cell.num_heads
         shape = ((nh, dqk, dv), (nh, dqk), (nh, 1))
         return [shape if h else None for h in held]
 
@@ -229,18 +241,18 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         use_fast_linear_layers(self)
         self.residual_dtype = mx.float32
         for block in self._mlstm_blocks():
-            block.mlstm_layer.fuse_projections()
-            layers = [block.mlstm_layer.out_proj]
             if isinstance(block.ffn, FeedForward):  # a user's FFN module runs as it is
                 block.ffn.fuse_projections()
-                layers.append(block.ffn.proj_down)
-            for layer in layers:
-                _gemv_layout(layer)
-            kernel_cell = block.mlstm_layer.recurrent_kernel_cell
+                _gemv_layout(block.ffn.proj_down)
+            if block.neuron is None:  # so does a user's mLSTM layer module
+                continue
+            block.neuron.fuse_projections()
+            _gemv_layout(block.neuron.out_proj)
+            kernel_cell = block.neuron.recurrent_kernel_cell
             if kernel_cell.step_kernel == "step":
                 # The fused step kernel on CUDA; the same reference ops on CPU and Metal.
                 kernel_cell.step_kernel = "step_fused"
-            prefill_cell = block.mlstm_layer.parallel_kernel_cell
+            prefill_cell = block.neuron.parallel_kernel_cell
             if cuda_available() and prefill_cell.kernel in ("chunkwise", "chunkwise_scan"):
                 prefill_cell.kernel = "chunkwise_fused"
         if "lm_head" in self:
@@ -259,7 +271,8 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         ``nn.Linear`` layers."""
         use_fast_linear_layers(self, enabled=False)
         for block in self._mlstm_blocks():
-            block.mlstm_layer.unfuse_projections()
+            if block.neuron is not None:
+                block.neuron.unfuse_projections()
             if isinstance(block.ffn, FeedForward):
                 block.ffn.unfuse_projections()
         return self
@@ -276,7 +289,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         """nn.Module.update_modules (``nn.quantize``, adapters), after dropping fused projections;
         quantized layers it brings in run our dispatch (:class:`FastQuantizedTree`)."""
         self.unfuse_projections()
-        return super().update_modules(modules, strict=strict)
+        return super().update_modules(_without_fused(modules), strict=strict)
 
     def make_state(self, batch_size: int = 1) -> ModelState:
         """The zero state for ``batch_size`` rows."""
@@ -297,7 +310,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         DV a multiple of 4); 0 or 1, or a model whose steps do not run the fused step kernel: the
         state as it is. The model takes either form everywhere (a prompt or a multi-token call folds
         the terms in first); :meth:`settle_state` gives (C, n, m) back."""
-        blocks = self._mlstm_blocks()
+        blocks = [block for block in self._mlstm_blocks() if block.neuron is not None]
         if terms is None:
             terms = default_deferral(state[0][0].shape[0]) if state else 0
             # A state the deferred kernel does not take (a bf16 one) would run the deferred step's
@@ -330,7 +343,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         # Kernel settings are baked into a trace: compile again when any of them changes.
         settings = tuple(
             (cell.kernel, cell.chunk_size, cell.eps, cell.state_dtype)
-            for cell in (block.mlstm_layer.parallel_kernel_cell for block in self._mlstm_blocks())
+            for cell in (block.neuron.parallel_kernel_cell for block in self._mlstm_blocks() if block.neuron)
         ) + (chained,)
         cached = self.__dict__.get("_prefill_blocks")
         if cached is None or cached[0] != settings:
@@ -346,7 +359,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         if os.environ.get("XLSTM_METAL_PREFILL_CHAIN") == "0":
             return False
         blocks = self.backbone.blocks
-        return all(type(block) is mLSTMBlock and block.mlstm_layer.fused for block in blocks)
+        return all(type(block) is mLSTMBlock and block.neuron is not None and block.neuron.fused for block in blocks)
 
     def prefill(
         self, input_ids: mx.array, state: ModelState | None = None, *, chunk_size: int | None = None
@@ -469,7 +482,10 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
             if not isinstance(block, mLSTMBlock):  # pipeline parallel: held by another process
                 lines.append(f"  blocks.{index}: {type(block).__name__} (held by another process)")
                 continue
-            neuron = block.mlstm_layer
+            neuron = block.neuron
+            if neuron is None:
+                lines.append(f"  blocks.{index}: mLSTMBlock[mlstm_layer={type(block.mlstm_layer).__name__}]")
+                continue
             cells = ", ".join(
                 f"{name}={type(cell).__name__}"
                 + (f"({cell.kernel})" if name == "parallel_kernel" else "")
