@@ -99,3 +99,26 @@ def test_a_pipeline_of_more_ranks_than_blocks_names_the_most_it_takes():
     with pytest.raises(ValueError, match="^cannot split 1 block across 2 processes: each needs at least one: "
                                          "start at most 1$"):
         stage_bounds(1, 2)
+
+
+def test_a_fifo_in_place_of_a_record_or_command_hangs_nothing(runtime):  # noqa: F811
+    """`top` (and a job's thread, at its command file) waited forever to read a FIFO."""
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import repo_env
+
+    from xlstm_metal.monitor.records import take_command
+
+    runtime.mkdir()
+    os.mkfifo(runtime / f"{os.getpid()}.json")
+    os.mkfifo(runtime / "7.cmd")
+    proc = subprocess.run([sys.executable, "-m", "xlstm_metal", "top", "--json", "--once"], capture_output=True,
+                          text=True, timeout=60, env=repo_env(XLSTM_RUNTIME_DIR=str(runtime)))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["jobs"] == [], proc.stderr
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(take_command(7, runtime)), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert taken == [None] and not (runtime / "7.cmd").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +146,17 @@ def well_formed(record: Any) -> bool:
                             and all(_number(last.get(k)) for k in ("at", "cache_before", "cache_after")))
 
 
+def _read(path: Path) -> str:
+    """The text of the regular file ``path`` (at most 1 MB, as records and commands are); OSError
+    otherwise: a FIFO named ``<pid>.json`` left `top` (or a job's thread, as ``<pid>.cmd``)
+    waiting forever, a link to /dev/zero filled its memory."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+            raise OSError(f"{path} is not a record file")
+        return fh.read().decode()
+
+
 def _no_constant(name: str) -> None:
     """NaN / Infinity are no JSON: a record holding one made `top --json` print invalid JSON."""
     raise ValueError(f"{name} in a record")
@@ -162,7 +174,7 @@ def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[st
     now = time.time()
     for path in entries:
         try:
-            record = json.loads(path.read_text(), parse_constant=_no_constant)
+            record = json.loads(_read(path), parse_constant=_no_constant)
         except (OSError, ValueError):
             continue  # vanished between listing and reading, or not JSON
         if not well_formed(record) or path.stem != str(record["pid"]):
@@ -217,7 +229,7 @@ def send_command(pid: int, command: str, directory: Path | None = None) -> Path:
     directory = directory or runtime_dir(create=False)
     record = record_path(pid, directory)
     try:
-        alive = _alive(json.loads(record.read_text()))
+        alive = _alive(json.loads(_read(record)))
     except (FileNotFoundError, NotADirectoryError):  # no record (a file in the directory's place: none)
         alive = False
     except (OSError, ValueError, KeyError, TypeError):
@@ -233,7 +245,7 @@ def take_command(pid: int, directory: Path) -> dict[str, Any] | None:
     """The pending command of job ``pid`` (the file is removed), or None."""
     path = command_path(pid, directory)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
