@@ -9,7 +9,7 @@ from cli_helpers import assert_rejected, run_main
 from test_training import fresh_model, pattern_stream, small_cfg
 
 from xlstm_metal.loading import load_model
-from xlstm_metal.training.data import train_bpe_tokenizer
+from xlstm_metal.training.data import holds_jsonl, iter_documents, train_bpe_tokenizer
 from xlstm_metal.training.trainer import Trainer, TrainingConfig, TrainingInterrupted, make_schedule
 
 ARGS = ["--seq-len", "16", "--batch-size", "2", "--val-fraction", "0.2", "--no-progress", "--steps", "2"]
@@ -80,3 +80,12 @@ def test_a_validation_loss_beyond_exps_range_ends_the_run_normally(text_data, tm
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0 and summary["best_val_loss"] > 709 and summary["best_val_ppl"] == pytest.approx(np.exp(50)), err
     assert (out / "loss.png").is_file()
+
+
+def test_a_json_file_of_records_given_as_data_is_read_by_record(tmp_path):
+    # Hugging Face datasets' to_json writes JSON Lines to a .json file: its JSON syntax was trained on.
+    (tmp_path / "d").mkdir()
+    for path in (tmp_path / "a.json", tmp_path / "d" / "a.json"):
+        path.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert [d.text for d in iter_documents([tmp_path / "a.json"])] == ["one", "two"] and holds_jsonl([tmp_path / "a.json"])
+    assert len(list(iter_documents([tmp_path / "d"]))) == 1  # in a directory (a code base's) it stays text

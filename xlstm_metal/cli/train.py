@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
         "train", help="train or fine-tune a model on text", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data", nargs="*", help="text files, directories, or JSON Lines files (.jsonl, .ndjson) (default on --resume: the run's data)")
+    p.add_argument("data", nargs="*", help="text files, directories, or JSON Lines files (.jsonl, .ndjson; a .json file of them given here) (default on --resume: the run's data)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png)")
     src = p.add_argument_group("model")
     src.add_argument("--config", default=None,

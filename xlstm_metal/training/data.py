@@ -1,7 +1,7 @@
 """Training data: text sources -> tokens -> packed [B, S+1] windows, with a held-out split.
 
 Sources are text files, directories (walked recursively, hidden entries skipped) and JSON
-Lines files (``*.jsonl``, ``*.ndjson``, any case) whose records hold the text under a field (``text`` by default).
+Lines files (``*.jsonl``, ``*.ndjson``, any case; a ``.json`` given as such: :func:`given_jsonl`) whose records hold the text under a field (``text`` by default).
 Documents are tokenized, wrapped as ``[BOS] doc [EOS]`` and concatenated in a seeded shuffled
 order; the last ``val_fraction`` of that token stream is the validation split (so validation
 is made of documents the model never trains on, bar the one document cut at the boundary).
@@ -133,13 +133,26 @@ def is_jsonl(path: Path) -> bool:
     return path.suffix.lower() in JSONL_SUFFIXES
 
 
+def given_jsonl(path: Path) -> bool:
+    """A .json file given as data (not found in a directory) whose first line is a JSON object:
+    JSON Lines, as Hugging Face datasets' ``to_json`` writes them (read as text, their syntax was
+    trained on)."""
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return isinstance(json.loads(fh.readline(1 << 20)), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def holds_jsonl(paths: Iterable[str | os.PathLike]) -> bool:
     """Whether any of ``paths`` is, or (a directory) holds, a JSON Lines file (:func:`is_jsonl`): the only files
     whose records a text field is read from. Missing paths count as not holding one."""
     for raw in paths:
         path = Path(raw).expanduser()
         files = _files_under(path, strict=False) if path.is_dir() else [path]
-        if any(is_jsonl(file) for file in files):
+        if any(is_jsonl(file) for file in files) or given_jsonl(path):
             return True
     return False
 
@@ -182,8 +195,10 @@ def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text")
     Raises DataError for a missing path, an empty directory, a file given twice (:func:`data_files`),
     a binary or non-UTF-8 file, or a JSON Lines record without the text field.
     """
+    paths = list(paths)
+    given = {Path(p).expanduser() for p in paths}
     for file in data_files(paths):
-        if is_jsonl(file):
+        if is_jsonl(file) or (file in given and given_jsonl(file)):
             yield from _read_jsonl(file, text_field)
         else:
             yield Document(str(file), _read_text(file))
