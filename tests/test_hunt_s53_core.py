@@ -17,7 +17,8 @@ from conftest import tiny_model
 
 TINY = dict(embedding_dim=64, num_heads=2, num_blocks=1, vocab_size=97)
 CFG_2024 = {"vocab_size": 61, "embedding_dim": 32, "num_blocks": 2, "slstm_at": [1],
-            "mlstm_block": {"mlstm": {"num_heads": 2}}, "slstm_block": {"slstm": {"num_heads": 2, "backend": "vanilla"}}}
+            "mlstm_block": {"mlstm": {"num_heads": 2}},
+            "slstm_block": {"slstm": {"num_heads": 2, "backend": "vanilla"}}}
 
 
 @pytest.mark.parametrize("field", ["chunkwise_kernel", "sequence_kernel"])
@@ -85,3 +86,19 @@ def test_a_wrapped_mlstm_layer_runs_in_every_path():
     quantized.blocks[0].mlstm_layer = _Hook(quantized.blocks[0].mlstm_layer)
     assert isinstance(model.blocks[0].mlstm_layer.layer.q, nn.QuantizedLinear)
     assert _rel(model(x)[0], quantized(x)[0]) < 1e-5 and _rel(model(x)[0], ref) > 1e-3
+
+
+def test_narrow_integer_ids_of_a_larger_vocabulary_run():
+    """int8 ids of a 200-row table (int16 ids of the 7B's 50,304) failed in the out-of-table
+    check: "Converting 200 to int8 would result in overflow"."""
+    ids = mx.array([[1, 5, 120, 3]])
+    model = tiny_model(vocab_size=200)
+    ref = model(ids)[0]
+    for dtype in (mx.int8, mx.uint8, mx.int16):
+        for c_paths in (True, False):
+            with ds.switched(c_paths), cp.switched(c_paths):
+                assert _rel(model(ids.astype(dtype))[0], ref) == 0.0
+                assert _rel(model.prefill(ids.astype(dtype))[0], ref[:, -1]) < 1e-5
+    assert bool(mx.isnan(model(mx.array([[-1, 2]], dtype=mx.int8))[0][0, 0]).all())  # outside: NaN
+    model = model_from_config({**CFG_2024, "vocab_size": 200}, seed=0)
+    assert _rel(model(ids.astype(mx.int8))[0], model(ids)[0]) == 0.0
