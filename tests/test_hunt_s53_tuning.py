@@ -155,3 +155,16 @@ def test_function_and_train_objectives_refuse_a_bad_setting_when_made(make, word
 def test_good_function_and_train_objectives_are_still_made():
     assert FunctionObjective("rastrigin", 1).dims == 1
     assert TrainObjective(widths=(30, 32), heads=(4,)).widths == (30, 32)  # one width that splits is enough
+
+
+def test_a_profile_chunk_size_past_the_bound_is_refused_when_read(tmp_path, capsys):
+    """`profile check` ran a prompt of 2 x chunk_size + 7 tokens: 8192 took 270 s and 13 GB, 100000 was killed."""
+    from xlstm_metal.profiles import MAX_CHUNK_SIZE
+
+    assert profile_from_dict({**EXACT, "chunk_size": MAX_CHUNK_SIZE}).chunk_size == MAX_CHUNK_SIZE == 4096
+    with pytest.raises(ProfileError, match=f"chunk_size must be at most {MAX_CHUNK_SIZE}, got 4097"):
+        profile_from_dict({**EXACT, "chunk_size": MAX_CHUNK_SIZE + 1})
+    (tmp_path / "big.json").write_text(json.dumps({**EXACT, "name": "big", "chunk_size": 100000}))
+    assert_rejected(["profile", "check", "big.json"], capsys, "big.json: chunk_size must be at most 4096, got 100000")
+    with pytest.raises(ValueError, match="chunk_size must be at most 4096, got 8192"):  # a tune space too
+        SpeedObjective(shape="125m", metric="prefill", chunk_sizes=(64, 8192))

@@ -82,6 +82,10 @@ def _check(cond: bool, message: str, source: str) -> None:
         raise ProfileError(f"profile {source}: {message}")
 
 
+#: The largest chunk_size a profile takes. The kernels bound none, but a chunk's L x L products grow
+#: with its square and `profile check` runs 2 x chunk_size + 7 tokens: 2048 took 48 s and 2.1 GB on
+#: a CPU, 8192 270 s and 13 GB, 100000 was killed for memory. Tuned chunks are 16-128.
+MAX_CHUNK_SIZE = 4096
 #: More threads than any machine's OpenBLAS build runs (it clamps to its own maximum, 64-512).
 MAX_BLAS_THREADS = 4096
 
@@ -128,6 +132,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HyperProf
         value = d.get(key)
         _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
                f"{key} must be a positive integer or null, got {value!r}", source)
+    _check((d.get("chunk_size") or 0) <= MAX_CHUNK_SIZE,
+           f"chunk_size must be at most {MAX_CHUNK_SIZE}, got {d.get('chunk_size')!r}", source)
     # OpenBLAS takes a C int: 2**32 + 2 threads became 2 without a word
     _check((d.get("blas_threads") or 0) <= MAX_BLAS_THREADS,
            f"blas_threads must be at most {MAX_BLAS_THREADS}, got {d.get('blas_threads')!r}", source)
