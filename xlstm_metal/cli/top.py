@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(snapshot, default=str), flush=True)
                 else:
-                    # A stdout that cannot encode a job's model name or top's own "…" / "▁" (PYTHONIOENCODING=ascii,
-                    # a Latin-1 locale) stopped with a UnicodeEncodeError: such characters show as "?".
+                    # "?" for what stdout cannot encode ("…" on an ASCII one was a UnicodeEncodeError)
                     encoding = sys.stdout.encoding or "utf-8"
                     sys.stdout.write(render_text(snapshot).encode(encoding, "replace").decode(encoding))
                     sys.stdout.flush()

@@ -327,7 +327,7 @@ class JobStatus:
             self.watchdog.sample()  # know the memory state before the first step
         try:
             self.publish()
-        except OSError as err:  # a runtime directory that takes no files: the job ran on only where none could be made
+        except OSError as err:  # a runtime directory that takes no files (it stopped the job)
             print(f"xlstm-metal: warning: no status record for `xlstm-metal top`: {err}", file=sys.stderr)
             self.path = self.directory = None
         self._thread = threading.Thread(target=self._loop, name="xlstm-status", daemon=True)

@@ -97,8 +97,7 @@ def _alive(record: dict[str, Any]) -> bool:
     if started is None:
         return False
     # A reused pid belongs to a process started after the record's job.
-    # A record without its process's start time cannot tell a reused pid apart: no job (top
-    # listed whatever process had the pid, pid 1 included, and its kill key signalled it).
+    # None: any process with the pid (pid 1 too) was a job, for top's kill key as well
     recorded = record.get("process_started")
     return recorded is not None and (started < 0 or abs(started - float(recorded)) < 1.0)
 
@@ -118,7 +117,7 @@ def _number(value: Any) -> bool:
         return False
     try:
         return math.isfinite(value)
-    except OverflowError:  # an int beyond any float: top's float() of it was a traceback
+    except OverflowError:  # an int beyond floats (a traceback in top)
         return False
 
 
@@ -147,9 +146,7 @@ def well_formed(record: Any) -> bool:
 
 
 def _read(path: Path) -> str:
-    """The text of the regular file ``path`` (at most 1 MB, as records and commands are); OSError
-    otherwise: a FIFO named ``<pid>.json`` left `top` (or a job's thread, as ``<pid>.cmd``)
-    waiting forever, a link to /dev/zero filled its memory."""
+    """A regular file's text (at most 1 MB); OSError otherwise (a FIFO's read waited forever)."""
     with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
@@ -158,7 +155,7 @@ def _read(path: Path) -> str:
 
 
 def _no_constant(name: str) -> None:
-    """NaN / Infinity are no JSON: a record holding one made `top --json` print invalid JSON."""
+    """(a record's NaN made `top --json` print invalid JSON)"""
     raise ValueError(f"{name} in a record")
 
 

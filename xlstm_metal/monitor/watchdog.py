@@ -299,16 +299,15 @@ _RSS_WARNED = False
 
 
 def process_rss(process: psutil.Process) -> int:
-    """The RSS of ``process``; 0 (one warning) where it cannot be read: the publisher thread died
-    on the error, and with it the watchdog and the status record, without a word."""
+    """RSS; 0 (warned once) where unreadable: the error ended the watchdog's thread without a word."""
     global _RSS_WARNED
     try:
         return process.memory_info().rss
     except (psutil.Error, OSError) as err:
         if not _RSS_WARNED:
             _RSS_WARNED = True
-            print(f"xlstm-metal: warning: cannot read the process's RSS ({type(err).__name__}: {err}); memory "
-                  "usage is MLX's active + cached memory alone", file=sys.stderr, flush=True)
+            print(f"xlstm-metal: warning: cannot read the process's RSS ({type(err).__name__}); usage is MLX's "
+                  "memory alone", file=sys.stderr, flush=True)
         return 0
 
 
