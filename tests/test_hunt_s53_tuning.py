@@ -168,3 +168,28 @@ def test_a_profile_chunk_size_past_the_bound_is_refused_when_read(tmp_path, caps
     assert_rejected(["profile", "check", "big.json"], capsys, "big.json: chunk_size must be at most 4096, got 100000")
     with pytest.raises(ValueError, match="chunk_size must be at most 4096, got 8192"):  # a tune space too
         SpeedObjective(shape="125m", metric="prefill", chunk_sizes=(64, 8192))
+
+
+def test_a_sweep_keeps_the_base_profile_it_started_with(tmp_path, monkeypatch):
+    """Each trial re-read the base profile's file: an edit made during a sweep changed its later trials."""
+    import xlstm_metal.profiles as profiles
+    from xlstm_metal.config import xLSTMConfig
+
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    base = tmp_path / "my.json"
+    base.write_text(json.dumps({**EXACT, "name": "my"}))
+    applied, apply = [], profiles.apply_profile
+
+    def spy(target, profile):  # a trial's profile; the file is edited after the first
+        if profile.name == "trial" and not isinstance(target, xLSTMConfig):  # (not the reference, nor its config)
+            applied.append((profile.dtype, profile.chunk_size))
+        base.write_text(json.dumps({**EXACT, "name": "my", "dtype": "bfloat16", "chunk_size": 16}))
+        return apply(target, profile)
+
+    monkeypatch.setattr(profiles, "apply_profile", spy)
+    objective = SpeedObjective(shape=str(tmp_path / "tiny.json"), base_profile=str(base), metric="decode",
+                               decode_tokens=2, repeats=1)
+    result = run_sweep(objective, "s", SweepSettings(trials=2, progress=False))
+    assert applied == [("float32", EXACT["chunk_size"])] * 2 and EXACT["chunk_size"] != 16
+    assert [r["status"] for r in result.trials] == ["complete", "complete"]
+    assert objective.profile_for({}).dtype == "float32"  # the winner saved from it too

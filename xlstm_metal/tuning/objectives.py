@@ -52,7 +52,7 @@ def _check_choices(name: str, values: Any) -> None:
         _check_int(name, v, values)
 
 
-def base_settings(profile: str) -> dict[str, Any]:
+def base_settings(profile) -> dict[str, Any]:
     """A profile's settings: in run_meta.json, so a --resume after an edit is refused."""
     from ..profiles import load_profile
 
@@ -83,6 +83,16 @@ class Objective:
 
     def can_generate(self) -> bool:
         return False
+
+    def loaded_profile(self):
+        """The base profile, read at the first use (construction, or the sweep's start at the latest)
+        and kept, pickled into Ray workers too: each trial re-read the file, so an edit made while a
+        sweep ran changed its later trials."""
+        if getattr(self, "_loaded_profile", None) is None:
+            from ..profiles import load_profile
+
+            self._loaded_profile = load_profile(self.base_profile)
+        return self._loaded_profile
 
 
 # ------------------------------------------------------------------------------ speed
@@ -124,9 +134,7 @@ class SpeedObjective(Objective):
 
             self.kernels = ("chunkwise", "chunkwise_scan", "parallel") + (("chunkwise_fused",) if cuda_available() else ())
         if not self.state_dtypes:
-            from ..profiles import load_profile
-
-            loose = load_profile(self.base_profile).max_rel_error >= 1e-2
+            loose = self.loaded_profile().max_rel_error >= 1e-2
             self.state_dtypes = ("float32", "bfloat16") if loose else ("float32",)
         for name, choices in self._choices().items():  # a bad choice failed every trial that drew it
             if not choices:
@@ -166,7 +174,7 @@ class SpeedObjective(Objective):
         # (a config file edited before a --resume timed another model)
         return {**super().meta(), "model": self.model, "shape": None if self.model else self.shape,
                 "config": None if self.model else shape_config(self.shape).to_dict(),
-                "base_profile": self.base_profile, "base_settings": base_settings(self.base_profile),
+                "base_profile": self.base_profile, "base_settings": base_settings(self.loaded_profile()),
                 "prefill_length": self.prefill_length,
                 "decode_batch": self.decode_batch, "decode_tokens": self.decode_tokens, "repeats": self.repeats,
                 "space": {**self._space(), "blas_threads": "1..cpu_count (CPU only)"}}
@@ -178,9 +186,8 @@ class SpeedObjective(Objective):
         """The trial's settings as a HyperProfile on top of the base profile (whose values stay
         where the metric searched none: see :meth:`_space`)."""
         from ..benchmark import environment
-        from ..profiles import load_profile
 
-        base = load_profile(self.base_profile)
+        base = self.loaded_profile()
         return base.replace(
             name=name, version=1,
             description=f"tuned by `xlstm-metal tune --objective speed` from {base.name}",
@@ -213,7 +220,7 @@ class SpeedObjective(Objective):
 
     def evaluate(self, params, prompts=None, max_new_tokens=32) -> dict[str, Any]:
         from .. import benchmark as bm
-        from ..profiles import apply_profile, load_profile
+        from ..profiles import apply_profile
         from ..profiles.check import check_profile, copy_model
 
         base = self._base()
@@ -225,7 +232,7 @@ class SpeedObjective(Objective):
         if not check.passed:
             return {**record, "status": REJECTED, "value": None,
                     "reason": f"error {check.max_error:.3e} > tolerance {check.tolerance:g} of profile "
-                              f"{load_profile(self.base_profile).name}"}
+                              f"{self.loaded_profile().name}"}
         if self.metric in ("prefill", "both"):
             p = bm.measure_prefill(model, self.prefill_length, chunk=params["prefill_chunk"], repeats=self.repeats,
                                    seed=self.seed)
@@ -374,7 +381,7 @@ class TrainObjective(Objective):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "data": list(self.data), "tokenizer": self.tokenizer,
                 "token_budget": self.token_budget, "param_budget": self.param_budget, "seq_len": self.seq_len,
-                "base_profile": self.base_profile, "base_settings": base_settings(self.base_profile),
+                "base_profile": self.base_profile, "base_settings": base_settings(self.loaded_profile()),
                 "space": {"lr": "1e-4..3e-2 (log)", "warmup_fraction": "0..0.3", "weight_decay": "0..0.2",
                           "batch_size": list(self.batches), "embedding_dim": list(self.widths),
                           "num_heads": list(self.heads), "num_blocks": f"1..{self.max_depth}"}}
@@ -401,7 +408,7 @@ class TrainObjective(Objective):
 
         from ..config import ConfigError
         from ..models.xlstm_large import xLSTMLarge
-        from ..profiles import apply_profile, init_gates, load_profile
+        from ..profiles import apply_profile, init_gates
         from ..training.trainer import Trainer, TrainingConfig, TrainingDiverged, count_parameters, init_xlstm_large
 
         _, train_stream, val_stream = self._data()
@@ -409,7 +416,7 @@ class TrainObjective(Objective):
             config = self._config(params["embedding_dim"], params["num_heads"], params["num_blocks"])
         except ConfigError as err:
             return {"status": REJECTED, "value": None, "reason": f"invalid shape: {err}"}
-        profile = load_profile(self.base_profile)
+        profile = self.loaded_profile()
         config = apply_profile(config, profile.replace(chunk_size=None, prefill_chunk=None,
                                                        kernels={**profile.kernels, "chunkwise": "chunkwise"}))
         mx.random.seed(self.seed)
