@@ -89,3 +89,9 @@ def test_a_json_file_of_records_given_as_data_is_read_by_record(tmp_path):
         path.write_text('{"text": "one"}\n{"text": "two"}\n')
     assert [d.text for d in iter_documents([tmp_path / "a.json"])] == ["one", "two"] and holds_jsonl([tmp_path / "a.json"])
     assert len(list(iter_documents([tmp_path / "d"]))) == 1  # in a directory (a code base's) it stays text
+
+
+def test_fuse_projections_on_a_2024_xlstm_is_refused(text_data, tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"embedding_dim": 32, "num_blocks": 1, "mlstm_block": {"mlstm": {"num_heads": 2}}}')
+    assert_rejected(["train", text_data, "--out", tmp_path / "r", "--config", tmp_path / "c.json",
+                     "--fuse-projections", *BPE], capsys, "--fuse-projections", "leave it out")

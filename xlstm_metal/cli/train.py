@@ -515,6 +515,7 @@ def _run(args) -> int:
         TrainingInterrupted,
         count_parameters,
         fused_head_weight,
+        joined_weight_groups,
         limit_command_buffers,
     )
 
@@ -721,6 +722,9 @@ def _run(args) -> int:
             raise UsageError("--head-loss fused needs the LM head as one plain product (xLSTM-Large's unbiased "
                              "lm_head or its tied embeddings); this model's head is not one (a 2024 xLSTM, a lab "
                              "architecture of another layout, or a head with a bias): leave out --head-loss")
+        if args.fuse_projections and not joined_weight_groups(model):  # (a no-op without a word)
+            raise UsageError("--fuse-projections joins xLSTM-Large's projections (q|k|v|o|i|f, gate|up); this model "
+                             "has none (a 2024 xLSTM?): leave it out")
         model_vocab = int(model.config.vocab_size)
         if model_vocab < vocab:
             raise UsageError(
