@@ -17,7 +17,7 @@ BPE = ["--vocab-size", "300", *ARGS]
 
 
 def test_a_tokenizer_id_beyond_the_models_vocab_is_refused(text_data, tmp_path, capsys):
-    # Ids that skip (294 entries, one id 9000): the model got vocab 320, and the run "diverged" at step 1.
+    # Ids that skip (294 entries, one 9000): vocab 320, and a "divergence" at step 1.
     fields = json.loads(train_bpe_tokenizer([text_data.read_text()], 300, show_progress=False).to_str())
     vocab = fields["model"]["vocab"]
     vocab[next(k for k, v in vocab.items() if v == max(vocab.values()))] = 9000
@@ -27,7 +27,7 @@ def test_a_tokenizer_id_beyond_the_models_vocab_is_refused(text_data, tmp_path, 
 
 
 def test_resume_with_steps_that_end_the_old_warmup_starts_at_the_new_lr(tmp_path):
-    # Step 10 of a 20-step warmup, --steps 11 --lr 0.01: its step ran at the old ramp's lr.
+    # Step 10 of a 20-step warmup, --steps 11 --lr 0.01: it ran at the old ramp's lr.
     trainer = Trainer(fresh_model(), pattern_stream(2000), pattern_stream(300), small_cfg(warmup=20), tmp_path,
                       tmp_path, progress=False)
     trainer.step = 10
@@ -42,7 +42,7 @@ def test_a_warmup_longer_than_a_one_step_run_is_refused():
 
 
 def test_resume_refuses_a_changed_validation_split(tmp_path):
-    # Only the training stream was compared: the best validation loss mixed two splits.
+    # Only the training stream was compared: the best loss mixed two splits.
     s, cfg = pattern_stream(3000), small_cfg(steps=2, warmup=1, eval_every=2)
     Trainer(fresh_model(), s[:2500], s[2500:], cfg, tmp_path, tmp_path, progress=False).train()
     other = Trainer(fresh_model(), s[:2500], s[2400:2900], cfg, tmp_path, tmp_path, progress=False)
@@ -51,7 +51,7 @@ def test_resume_refuses_a_changed_validation_split(tmp_path):
 
 
 def test_a_resumed_run_keeps_its_kernel(text_data, tmp_path, capsys):
-    # It took the default (chunkwise): the resumed losses differed from the uninterrupted run's.
+    # It took the default (chunkwise): other losses than the uninterrupted run's.
     out = tmp_path / "r"
     args = ["train", text_data, "--out", out, "--kernel", "parallel", "--save-every", "1", "--keep", "0", *BPE]
     assert run_main(args, capsys)[0] == 0
@@ -71,7 +71,7 @@ def test_ctrl_c_says_the_export_was_not_written(text_data, tmp_path, capsys, mon
 
 
 def test_a_validation_loss_beyond_exps_range_ends_the_run_normally(text_data, tmp_path, capsys):
-    # No logit soft cap, --lr 30: an OverflowError traceback (loss.png's and summary.json's perplexity).
+    # No logit soft cap, --lr 30: an OverflowError traceback (perplexity).
     (tmp_path / "c.json").write_text('{"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, '
                                      '"output_logit_soft_cap": null}')
     out = tmp_path / "r"
@@ -83,12 +83,12 @@ def test_a_validation_loss_beyond_exps_range_ends_the_run_normally(text_data, tm
 
 
 def test_a_json_file_of_records_given_as_data_is_read_by_record(tmp_path):
-    # Hugging Face datasets' to_json writes JSON Lines to a .json file: its JSON syntax was trained on.
+    # Hugging Face datasets' to_json writes JSON Lines to .json: trained on as text.
     (tmp_path / "d").mkdir()
     for path in (tmp_path / "a.json", tmp_path / "d" / "a.json"):
         path.write_text('{"text": "one"}\n{"text": "two"}\n')
     assert [d.text for d in iter_documents([tmp_path / "a.json"])] == ["one", "two"] and holds_jsonl([tmp_path / "a.json"])
-    assert len(list(iter_documents([tmp_path / "d"]))) == 1  # in a directory (a code base's) it stays text
+    assert len(list(iter_documents([tmp_path / "d"]))) == 1  # in a directory (code) it stays text
 
 
 def test_fuse_projections_on_a_2024_xlstm_is_refused(text_data, tmp_path, capsys):

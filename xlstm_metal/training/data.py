@@ -1,7 +1,7 @@
 """Training data: text sources -> tokens -> packed [B, S+1] windows, with a held-out split.
 
 Sources are text files, directories (walked recursively, hidden entries skipped) and JSON
-Lines files (``*.jsonl``, ``*.ndjson``, any case; a ``.json`` given as such: :func:`given_jsonl`) whose records hold the text under a field (``text`` by default).
+Lines files (``*.jsonl``, ``*.ndjson``, any case; :func:`given_jsonl`) whose records hold the text under a field (``text`` by default).
 Documents are tokenized, wrapped as ``[BOS] doc [EOS]`` and concatenated in a seeded shuffled
 order; the last ``val_fraction`` of that token stream is the validation split (so validation
 is made of documents the model never trains on, bar the one document cut at the boundary).
@@ -134,9 +134,8 @@ def is_jsonl(path: Path) -> bool:
 
 
 def given_jsonl(path: Path) -> bool:
-    """A .json file given as data (not found in a directory) whose first line is a JSON object:
-    JSON Lines, as Hugging Face datasets' ``to_json`` writes them (read as text, their syntax was
-    trained on)."""
+    """A .json file given as data (not in a directory) whose first line is a JSON object: JSON
+    Lines, as Hugging Face datasets' ``to_json`` writes them (their syntax was trained on)."""
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     try:

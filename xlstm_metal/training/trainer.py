@@ -1059,14 +1059,11 @@ class Trainer:
         are saved with the next checkpoints, so resuming again continues the new schedule.
         """
         state = read_trainer_state(checkpoint)
-        # (checkpoints of older versions hold no val_fingerprint)
-        if state.get("data_fingerprint") != self.fingerprint or state.get("val_fingerprint",
-                                                                         self.val_fingerprint) != self.val_fingerprint:
-            raise ValueError(
-                f"{checkpoint} was trained on different data (token streams {state.get('data_fingerprint')}, "
-                f"{state.get('val_fingerprint')}, now {self.fingerprint}, {self.val_fingerprint}); resume with the "
-                "same data and tokenizer"
-            )
+        now = self.fingerprint, self.val_fingerprint
+        was = state.get("data_fingerprint"), state.get("val_fingerprint", now[1])  # (older: no val_fingerprint)
+        if was != now:
+            raise ValueError(f"{checkpoint} was trained on different data (token streams {was}, now {now}); resume "
+                             "with the same data and tokenizer")
         metrics = self.out_dir / "metrics.jsonl"
         kept = read_metrics(metrics) if self.is_main and metrics.is_file() else None  # rank 0 owns it
         restore_optimizer(checkpoint, self.optimizer, self.model.trainable_parameters())
