@@ -102,3 +102,21 @@ def test_narrow_integer_ids_of_a_larger_vocabulary_run():
     assert bool(mx.isnan(model(mx.array([[-1, 2]], dtype=mx.int8))[0][0, 0]).all())  # outside: NaN
     model = model_from_config({**CFG_2024, "vocab_size": 200}, seed=0)
     assert _rel(model(ids.astype(mx.int8))[0], model(ids)[0]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["chunkwise", "parallel", "sequence", "step", "chunkwise_scan", "chunkwise_fused"])
+def test_kernels_refuse_inputs_and_states_of_other_shapes(name):
+    """Gates [B, NH, S, 1] (NX-AI's 2024 layout) gave the sequence and step kernels an h of shape
+    [B, NH, S, B, DV] without an error; NX-AI's 2024 state layout failed in an MLX broadcast."""
+    from xlstm_metal.kernels import get_mlstm_kernel
+
+    S = 1 if name == "step" else 5
+    q, v, g = mx.ones((2, 2, S, 4)), mx.ones((2, 2, S, 6)), mx.zeros((2, 2, S))
+    kernel = get_mlstm_kernel(name)
+    with pytest.raises(ValueError, match=r"i, f \[B, NH, S\]; got .* i \(2, 2, %d, 1\)" % S):
+        kernel(q, q, v, g[..., None], g, chunk_size=4)
+    nxai = (mx.ones((2, 2, 4, 6)), mx.ones((2, 2, 4, 1)), mx.ones((2, 2, 1, 1)))
+    with pytest.raises(ValueError, match=r"m \(2, 2, 1\); got \(2, 2, 4, 6\), \(2, 2, 4, 1\), \(2, 2, 1, 1\)"):
+        kernel(q, q, v, g, g, nxai, chunk_size=4)
+    h, (C, n, m) = kernel(q, q, v, g, g, (nxai[0], nxai[1][..., 0], nxai[2][..., 0]), chunk_size=4)
+    assert h.shape == v.shape and C.shape == (2, 2, 4, 6)

@@ -42,11 +42,24 @@ def zero_state(
     )
 
 
+def check_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array) -> None:
+    """Refuses inputs of other shapes than the kernels' contract, by shape only (no host sync):
+    gates [B, NH, S, 1] (NX-AI's 2024 backends' layout) broadcast silently into an h of the
+    wrong shape in the sequence and step kernels; other shapes failed deep inside."""
+    if not (q.ndim == 4 and k.shape == q.shape and v.ndim == 4 and v.shape[:3] == q.shape[:3]
+            and i.shape == f.shape == q.shape[:3]):
+        raise ValueError("mLSTM kernels take q, k [B, NH, S, DQK], v [B, NH, S, DV], i, f [B, NH, S]; got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}, i {i.shape}, f {f.shape}")
+
+
 def _state_f32(q: mx.array, v: mx.array, state: MLSTMState | None) -> MLSTMState:
+    B, NH, _, DQK = q.shape
     if state is None:
-        B, NH, _, DQK = q.shape
         return zero_state(B, NH, DQK, v.shape[-1])
     C, n, m = state
+    if C.shape != (B, NH, DQK, v.shape[-1]) or n.shape != (B, NH, DQK) or m.shape != (B, NH, 1):
+        raise ValueError(f"an mLSTM state for q {q.shape}, v {v.shape} is C {(B, NH, DQK, v.shape[-1])}, n "
+                         f"{(B, NH, DQK)}, m {(B, NH, 1)}; got {C.shape}, {n.shape}, {m.shape}")
     return C.astype(mx.float32), n.astype(mx.float32), m.astype(mx.float32)
 
 
@@ -68,6 +81,7 @@ def mlstm_step(
     state_dtype: mx.Dtype | None = mx.float32,
 ) -> tuple[mx.array, MLSTMState]:
     """One recurrent step (S must be 1). Returns h [B, NH, 1, DV] and the new state."""
+    check_inputs(q, k, v, i, f)
     if q.shape[2] != 1:
         raise ValueError(f"mlstm_step takes one time step, got S={q.shape[2]}")
     C, n, m = _state_f32(q, v, state)
@@ -203,6 +217,7 @@ def mlstm_sequence(
     state_dtype: mx.Dtype | None = mx.float32,
 ) -> tuple[mx.array, MLSTMState]:
     """A loop of :func:`mlstm_step` over the sequence axis."""
+    check_inputs(q, k, v, i, f)
     state = _state_f32(q, v, state)
     hs = []
     for t in range(q.shape[2]):
@@ -267,6 +282,7 @@ def mlstm_parallel(
     state_dtype: mx.Dtype | None = mx.float32,
 ) -> tuple[mx.array, MLSTMState]:
     """Quadratic form over the whole sequence (memory O(S^2)); the final state in closed form."""
+    check_inputs(q, k, v, i, f)
     C0, n0, m0 = _state_f32(q, v, state)
     dqk = q.shape[-1]
     qf = q.astype(mx.float32) * (dqk**-0.5)
@@ -345,6 +361,7 @@ def chunk_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array
     """Pad to whole chunks and compute what every chunkwise kernel needs before its
     inter-chunk recurrence. Padded steps neither write (i~ = -inf) nor decay
     (logsigmoid(f~) = 0) the state, so states stay exact for any sequence length."""
+    check_inputs(q, k, v, i, f)
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
     L = min(check_chunk_size(chunk_size), S)
