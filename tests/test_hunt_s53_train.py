@@ -16,8 +16,12 @@ ARGS = ["--seq-len", "16", "--batch-size", "2", "--val-fraction", "0.2", "--no-p
 BPE = ["--vocab-size", "300", *ARGS]
 
 
+def train(data, tmp_path, *args):
+    return ["train", data, "--out", tmp_path / "r", *args, *BPE]
+
+
 def test_a_tokenizer_id_beyond_the_models_vocab_is_refused(text_data, tmp_path, capsys):
-    # Ids that skip (294 entries, one 9000): vocab 320, and a "divergence" at step 1.
+    # (ids that skip: vocab 320, and a "divergence")
     fields = json.loads(train_bpe_tokenizer([text_data.read_text()], 300, show_progress=False).to_str())
     vocab = fields["model"]["vocab"]
     vocab[next(k for k, v in vocab.items() if v == max(vocab.values()))] = 9000
@@ -27,7 +31,7 @@ def test_a_tokenizer_id_beyond_the_models_vocab_is_refused(text_data, tmp_path, 
 
 
 def test_resume_with_steps_that_end_the_old_warmup_starts_at_the_new_lr(tmp_path):
-    # Step 10 of a 20-step warmup, --steps 11 --lr 0.01: it ran at the old ramp's lr.
+    # (it ran at the old ramp's lr)
     trainer = Trainer(fresh_model(), pattern_stream(2000), pattern_stream(300), small_cfg(warmup=20), tmp_path,
                       tmp_path, progress=False)
     trainer.step = 10
@@ -42,7 +46,6 @@ def test_a_warmup_longer_than_a_one_step_run_is_refused():
 
 
 def test_resume_refuses_a_changed_validation_split(tmp_path):
-    # Only the training stream was compared: the best loss mixed two splits.
     s, cfg = pattern_stream(3000), small_cfg(steps=2, warmup=1, eval_every=2)
     Trainer(fresh_model(), s[:2500], s[2500:], cfg, tmp_path, tmp_path, progress=False).train()
     other = Trainer(fresh_model(), s[:2500], s[2400:2900], cfg, tmp_path, tmp_path, progress=False)
@@ -51,10 +54,9 @@ def test_resume_refuses_a_changed_validation_split(tmp_path):
 
 
 def test_a_resumed_run_keeps_its_kernel(text_data, tmp_path, capsys):
-    # It took the default (chunkwise): other losses than the uninterrupted run's.
+    # (it took the default, chunkwise: other losses)
     out = tmp_path / "r"
-    args = ["train", text_data, "--out", out, "--kernel", "parallel", "--save-every", "1", "--keep", "0", *BPE]
-    assert run_main(args, capsys)[0] == 0
+    assert run_main(train(text_data, tmp_path, "--kernel", "parallel", "--save-every", "1", "--keep", "0"), capsys)[0] == 0
     shutil.rmtree(out / "checkpoint-0000002")
     assert run_main(["train", "--out", out, "--resume", "--no-progress"], capsys)[0] == 0
     assert load_model(out / "checkpoint-0000002").config.chunkwise_kernel == "parallel"
@@ -66,7 +68,7 @@ def test_ctrl_c_says_the_export_was_not_written(text_data, tmp_path, capsys, mon
 
     monkeypatch.setattr(Trainer, "train", stop)
     export = tmp_path / "e"
-    code, err = run_main(["train", text_data, "--out", tmp_path / "r", "--export", export, *BPE], capsys)
+    code, err = run_main(train(text_data, tmp_path, "--export", export), capsys)
     assert code == 130 and f"--resume --export {export}`; --export {export} was not written" in err, err
 
 
@@ -75,23 +77,26 @@ def test_a_validation_loss_beyond_exps_range_ends_the_run_normally(text_data, tm
     (tmp_path / "c.json").write_text('{"embedding_dim": 64, "num_heads": 2, "num_blocks": 2, '
                                      '"output_logit_soft_cap": null}')
     out = tmp_path / "r"
-    code, err = run_main(["train", text_data, "--out", out, "--config", tmp_path / "c.json", "--lr", "30",
-                          "--grad-clip", "0", *BPE], capsys)
+    code, err = run_main(train(text_data, tmp_path, "--config", tmp_path / "c.json", "--lr", "30", "--grad-clip", "0"),
+                         capsys)
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0 and summary["best_val_loss"] > 709 and summary["best_val_ppl"] == pytest.approx(np.exp(50)), err
     assert (out / "loss.png").is_file()
 
 
 def test_a_json_file_of_records_given_as_data_is_read_by_record(tmp_path):
-    # Hugging Face datasets' to_json writes JSON Lines to .json: trained on as text.
-    (tmp_path / "d").mkdir()
-    for path in (tmp_path / "a.json", tmp_path / "d" / "a.json"):
-        path.write_text('{"text": "one"}\n{"text": "two"}\n')
-    assert [d.text for d in iter_documents([tmp_path / "a.json"])] == ["one", "two"] and holds_jsonl([tmp_path / "a.json"])
-    assert len(list(iter_documents([tmp_path / "d"]))) == 1  # in a directory (code) it stays text
+    # (datasets' to_json writes JSON Lines to .json); in a directory (code) it stays text
+    path = tmp_path / "a.json"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert [d.text for d in iter_documents([path])] == ["one", "two"] and holds_jsonl([path])
+    assert len(list(iter_documents([tmp_path]))) == 1
 
 
-def test_fuse_projections_on_a_2024_xlstm_is_refused(text_data, tmp_path, capsys):
+def test_step_flags_that_would_do_nothing_are_named(text_data, tmp_path, capsys, monkeypatch):
+    # --fuse-projections on a 2024 xLSTM, bf16 products without CUDA kernels: silent no-ops.
     (tmp_path / "c.json").write_text('{"embedding_dim": 32, "num_blocks": 1, "mlstm_block": {"mlstm": {"num_heads": 2}}}')
-    assert_rejected(["train", text_data, "--out", tmp_path / "r", "--config", tmp_path / "c.json",
-                     "--fuse-projections", *BPE], capsys, "--fuse-projections", "leave it out")
+    assert_rejected(train(text_data, tmp_path, "--fuse-projections", "--config", tmp_path / "c.json"), capsys,
+                    "--fuse-projections", "leave it out")
+    monkeypatch.setattr("xlstm_metal.kernels.fast.step.cuda_available", lambda: False)
+    code, err = run_main(train(text_data, tmp_path, "--mlstm-products", "bf16"), capsys)
+    assert code == 0 and "bf16 rounds the CUDA mLSTM kernels' products; none run here" in err

@@ -529,6 +529,11 @@ def _run(args) -> int:
     out = Path(args.out).expanduser()
     export = Path(args.export).expanduser() if args.export else None
     group, main = _launched_group()
+    from ..kernels.fast.step import cuda_available
+
+    if main and args.mlstm_products == "bf16" and not cuda_available():  # (kept for a resume on CUDA)
+        print("warning: --mlstm-products bf16 rounds the CUDA mLSTM kernels' products; none run here, so it has "
+              "no effect", file=sys.stderr)
     # Rank 0 owns --out and --export: it alone checks and writes them.
     sources = [(flag, value) for flag, value in (("--init-from", args.init_from), ("--tokenizer", args.tokenizer))
                if value and not (flag == "--init-from" and value == "default")]
@@ -723,8 +728,7 @@ def _run(args) -> int:
                              "lm_head or its tied embeddings); this model's head is not one (a 2024 xLSTM, a lab "
                              "architecture of another layout, or a head with a bias): leave out --head-loss")
         if args.fuse_projections and not joined_weight_groups(model):  # (a no-op without a word)
-            raise UsageError("--fuse-projections joins xLSTM-Large's projections (q|k|v|o|i|f, gate|up); this model "
-                             "has none (a 2024 xLSTM?): leave it out")
+            raise UsageError("--fuse-projections joins xLSTM-Large's projections; this model has none: leave it out")
         model_vocab = int(model.config.vocab_size)
         if model_vocab < vocab:
             raise UsageError(
@@ -738,7 +742,7 @@ def _run(args) -> int:
         _record_special_ids(model.config, tokenizer, tok_dir, bos, eos)
 
         doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
-        # A tokenizer's ids may skip: its entry count (vocab) can be below its largest id.
+        # (ids may skip: a vocab size below the largest id)
         top = max(int(d.max()) for d in doc_tokens if len(d)) if any(len(d) for d in doc_tokens) else -1
         if top >= model_vocab:
             raise UsageError(f"the tokenizer gives token id {top} ({tokenizer.id_to_token(top)!r}), outside the "
@@ -804,7 +808,7 @@ def _run(args) -> int:
                 print(f"xlstm-metal: error: {err}", file=sys.stderr)
             return 1
         except TrainingInterrupted as stop:  # Ctrl-C: the checkpoint of the last step resumes it
-            if main:  # --export happens after the last step: the resume is to write it
+            if main:
                 again = "" if export is None else f" --export {export}`; --export {export} was not written"
                 print(f"interrupted at step {stop.step}; checkpoint {stop.checkpoint} (continue with "
                       f"`xlstm-metal train --out {out} --resume{again or '`'})", file=sys.stderr)
