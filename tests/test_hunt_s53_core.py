@@ -120,3 +120,17 @@ def test_kernels_refuse_inputs_and_states_of_other_shapes(name):
         kernel(q, q, v, g, g, nxai, chunk_size=4)
     h, (C, n, m) = kernel(q, q, v, g, g, (nxai[0], nxai[1][..., 0], nxai[2][..., 0]), chunk_size=4)
     assert h.shape == v.shape and C.shape == (2, 2, 4, 6)
+
+
+def test_slstm_kernels_refuse_an_r_or_state_of_other_shapes():
+    # one head's R broadcast over both heads without an error; a state of 3 arrays failed unpacking
+    from xlstm_metal.kernels.slstm import slstm_sequence, slstm_step
+
+    wx, R = mx.ones((2, 4, 2, 4, 3)), mx.full((2, 3, 12), 0.1)
+    state = tuple(mx.ones((2, 2, 3)) for _ in range(4))
+    for bad_R, bad_state in ((R[:1], None), (R, state[:3]), (R, tuple(s[:1] for s in state))):
+        for kernel, x in ((slstm_sequence, wx), (slstm_step, wx[:, 0])):
+            with pytest.raises(ValueError, match=r"R \[NH, DH, 4 DH\] = \(2, 3, 12\)"):
+                kernel(x, bad_R, bad_state)
+    h, _ = slstm_sequence(wx, R, state)
+    assert _rel(h[:, 0], slstm_step(wx[:, 0], R, state)[0]) == 0.0

@@ -63,7 +63,14 @@ def _step(wx_t: mx.array, R: mx.array, c: mx.array, n: mx.array, m: mx.array, h:
 _step_compiled = mx.compile(_step)
 
 
-def _state_f32(state: SLSTMState | None, B: int, NH: int, DH: int) -> SLSTMState:
+def _state_f32(state: SLSTMState | None, R: mx.array, B: int, NH: int, DH: int) -> SLSTMState:
+    # shapes only (no host sync): an R of one head broadcast over all of them silently, others
+    # failed deep inside (a reshape, a matmul, an unpacking)
+    if R.shape != (NH, DH, 4 * DH) or not (state is None or (
+            len(state) == 4 and all(s.shape == (B, NH, DH) for s in state))):
+        raise ValueError(f"the sLSTM kernels take R [NH, DH, 4 DH] = {(NH, DH, 4 * DH)} and a state (c, n, m, h) of "
+                         f"[B, NH, DH] = {(B, NH, DH)} each; got R {R.shape}, state "
+                         f"{None if state is None else [s.shape for s in state]}")
     if state is None:
         return slstm_zero_state(B, NH, DH)
     return tuple(s.astype(mx.float32) for s in state)  # type: ignore[return-value]
@@ -76,7 +83,7 @@ def slstm_step(
     B, NH, G, DH = wx.shape
     if G != 4:
         raise ValueError(f"sLSTM gate inputs need 4 gates on axis 2, got shape {tuple(wx.shape)}")
-    c, n, m, h = _state_f32(state, B, NH, DH)
+    c, n, m, h = _state_f32(state, R, B, NH, DH)
     fn = _step_compiled if compiled else _step
     c, n, m, h = fn(wx.astype(mx.float32), R.astype(mx.float32), c, n, m, h)
     return h.astype(wx.dtype), (c, n, m, h)
@@ -90,7 +97,7 @@ def slstm_sequence(
     B, S, NH, G, DH = wx.shape
     if G != 4:
         raise ValueError(f"sLSTM gate inputs need 4 gates on axis 3, got shape {tuple(wx.shape)}")
-    c, n, m, h = _state_f32(state, B, NH, DH)
+    c, n, m, h = _state_f32(state, R, B, NH, DH)
     fn = _step_compiled if compiled else _step
     wxf, Rf = wx.astype(mx.float32), R.astype(mx.float32)
     hs = []
