@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(snapshot, default=str), flush=True)
                 else:
-                    # "?" for what stdout cannot encode ("…" on an ASCII one was a UnicodeEncodeError)
+                    # "?" where stdout cannot encode ("…": a UnicodeEncodeError)
                     encoding = sys.stdout.encoding or "utf-8"
                     sys.stdout.write(render_text(snapshot).encode(encoding, "replace").decode(encoding))
                     sys.stdout.flush()

@@ -305,6 +305,7 @@ class JobStatus:
         cpu0 = time.thread_time()
         poll = self.watchdog.config.poll_s if self.watchdog else self.interval
         tick = min(poll, self.interval)
+        failed = False
         next_publish = time.monotonic() + self.interval
         while not self._stop.wait(tick):
             self._check_sigterm()
@@ -316,9 +317,14 @@ class JobStatus:
                     self._run_command()
                     self._publisher_cpu = time.thread_time() - cpu0
                     self.publish()
+                    failed = False
             except OSError as err:  # e.g. the runtime directory vanished: keep the job running
-                print(f"xlstm-metal: status record not written: {err}", file=sys.stderr)
+                if not failed:  # (not every 10 intervals)
+                    print(f"xlstm-metal: status record not written: {err}", file=sys.stderr)
+                failed = True
                 next_publish = time.monotonic() + 10 * self.interval
+                with contextlib.suppress(OSError, AttributeError):  # removed (a tmp cleaner): made again
+                    self.path.parent.mkdir(mode=0o700)
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> "JobStatus":
@@ -327,7 +333,7 @@ class JobStatus:
             self.watchdog.sample()  # know the memory state before the first step
         try:
             self.publish()
-        except OSError as err:  # a runtime directory that takes no files (it stopped the job)
+        except OSError as err:  # a runtime directory taking no files (it ended the job)
             print(f"xlstm-metal: warning: no status record for `xlstm-metal top`: {err}", file=sys.stderr)
             self.path = self.directory = None
         self._thread = threading.Thread(target=self._loop, name="xlstm-status", daemon=True)
@@ -347,7 +353,7 @@ class JobStatus:
         for path in (self.path, self.path.with_suffix(".cmd")):
             try:
                 path.unlink()
-            except FileNotFoundError:
+            except OSError:  # (NotADirectoryError ended the job)
                 pass
 
     def close(self) -> None:

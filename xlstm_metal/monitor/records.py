@@ -97,7 +97,7 @@ def _alive(record: dict[str, Any]) -> bool:
     if started is None:
         return False
     # A reused pid belongs to a process started after the record's job.
-    # None: any process with the pid (pid 1 too) was a job, for top's kill key as well
+    # None: any process with the pid (pid 1 too) was a job, top's kill key signalled it
     recorded = record.get("process_started")
     return recorded is not None and (started < 0 or abs(started - float(recorded)) < 1.0)
 
@@ -154,9 +154,8 @@ def _read(path: Path) -> str:
         return fh.read().decode()
 
 
-def _no_constant(name: str) -> None:
-    """(a record's NaN made `top --json` print invalid JSON)"""
-    raise ValueError(f"{name} in a record")
+def _no_constant(name: str) -> None:  # (a NaN made `top --json` print invalid JSON)
+    raise ValueError(name)
 
 
 def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[str, Any]]:
@@ -185,8 +184,7 @@ def read_jobs(directory: Path | None = None, clean: bool = True) -> list[dict[st
                     except OSError:
                         pass
             continue
-        updated = record.get("updated")  # null is allowed: no age then
-        record["age_s"] = 0.0 if updated is None else max(0.0, now - updated)
+        record["age_s"] = max(0.0, now - (record.get("updated") or now))  # (null: a TypeError)
         jobs.append(record)
     if clean:
         _clean_temporaries(directory, now)

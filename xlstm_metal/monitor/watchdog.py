@@ -155,7 +155,7 @@ class WatchdogConfig:
         total = total or device_memory()
         switch = env.get("XLSTM_MEM_WATCHDOG", "1").strip().lower()
         if switch not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):  # "disabled" left it on
-            raise ValueError(f"XLSTM_MEM_WATCHDOG must be 1 or 0 (on or off), got {env['XLSTM_MEM_WATCHDOG']!r}")
+            raise ValueError(f"XLSTM_MEM_WATCHDOG must be 1 or 0, got {env['XLSTM_MEM_WATCHDOG']!r}")
         enabled = switch not in ("0", "false", "no", "off")
         action = env.get("XLSTM_MEM_ACTION", "stop").strip().lower() or "stop"
         action = {"abort": "stop", "exit": "stop"}.get(action, action)
@@ -299,7 +299,7 @@ _RSS_WARNED = False
 
 
 def process_rss(process: psutil.Process) -> int:
-    """RSS; 0 (warned once) where unreadable: the error ended the watchdog's thread without a word."""
+    """RSS; 0 (warned once) where unreadable (the error ended the watchdog's thread)."""
     global _RSS_WARNED
     try:
         return process.memory_info().rss
