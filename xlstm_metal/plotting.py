@@ -95,11 +95,6 @@ def classify(path: str | os.PathLike) -> str:
 def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Prefill/decode records of a bench file: JSON Lines of records, or a JSON object with
     "records" (benchmarks/side_by_side.py), or a JSON list."""
-    return [r for _, r in _bench_records(path)]
-
-
-def _bench_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """(where, record) of :func:`read_bench`'s records: "FILE:LINE" or "FILE record N", for errors."""
     from .jsonfiles import read_jsonl
 
     p = Path(path)
@@ -118,9 +113,19 @@ def _bench_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
         if not (_is_number(r["tok_s"]) and math.isfinite(r["tok_s"]) and r["tok_s"] > 0):
             raise PlotError(f"{where}: 'tok_s' must be a positive number in every {r['kind']} record, "
                             f"got {r['tok_s']!r}")
+        name = "length" if r["kind"] == "prefill" else "batch"  # the x axis
+        x = r.get(name)
+        if x is None:
+            continue
+        if not _is_number(x):
+            raise PlotError(f"{where}: {name!r} must be a number in every {r['kind']} record, got {x!r}")
+        if not (math.isfinite(x) and x > 0):  # the axis is logarithmic: a 0 was not drawn, without a word
+            raise PlotError(f"{where}: {name!r} must be positive in every {r['kind']} record, got {x!r}")
+        if x != int(x):  # int() drew a 1.5 at 1, without a word
+            raise PlotError(f"{where}: {name!r} must be a whole number in every {r['kind']} record, got {x!r}")
     if not out:
         raise PlotError(f"{p} holds no prefill/decode records with tok_s")
-    return out
+    return [r for _, r in out]
 
 
 # ------------------------------------------------------------------------------ tune
@@ -349,8 +354,7 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
 
     for file, source in zip(sources, _file_labels([Path(f) for f in sources])):
         groups: dict[tuple[str, str], dict[int, list[float]]] = {}
-        numbered = _bench_records(file)
-        records = [r for _, r in numbered]
+        records = read_bench(file)
         base = {}
         for i, r in enumerate(records):
             label = _series_label(source if len(sources) > 1 or not r.get("side") else "ours", r)
@@ -363,14 +367,6 @@ def plot_bench(files: Iterable[str | os.PathLike], title: str | None = None) -> 
             x = r.get("length") if r["kind"] == "prefill" else r.get("batch")
             if x is None:
                 continue
-            name = "length" if r["kind"] == "prefill" else "batch"
-            where = numbered[i][0]
-            if not _is_number(x):
-                raise PlotError(f"{where}: {name!r} must be a number in every {r['kind']} record, got {x!r}")
-            if not (math.isfinite(x) and x > 0):  # the axis is logarithmic: a 0 was not drawn, without a word
-                raise PlotError(f"{where}: {name!r} must be positive in every {r['kind']} record, got {x!r}")
-            if x != int(x):  # int() drew a 1.5 at 1, without a word
-                raise PlotError(f"{where}: {name!r} must be a whole number in every {r['kind']} record, got {x!r}")
             groups.setdefault((r["kind"], label), {}).setdefault(int(x), []).append(float(r["tok_s"]))
         for (kind, label), points in sorted(groups.items()):
             xs = sorted(points)

@@ -82,9 +82,8 @@ def _check(cond: bool, message: str, source: str) -> None:
         raise ProfileError(f"profile {source}: {message}")
 
 
-#: The largest chunk_size a profile takes. The kernels bound none, but a chunk's L x L products grow
-#: with its square and `profile check` runs 2 x chunk_size + 7 tokens: 2048 took 48 s and 2.1 GB on
-#: a CPU, 8192 270 s and 13 GB, 100000 was killed for memory. Tuned chunks are 16-128.
+#: The largest chunk_size: `profile check` runs 2 x chunk_size + 7 tokens through L x L products per
+#: chunk (on a CPU 2048 took 48 s and 2.1 GB, 8192 270 s and 13 GB; 100000 was killed). Tuned: 16-128.
 MAX_CHUNK_SIZE = 4096
 #: More threads than any machine's OpenBLAS build runs (it clamps to its own maximum, 64-512).
 MAX_BLAS_THREADS = 4096

@@ -43,9 +43,7 @@ def _check_int(name: str, value: Any, within: Any = None) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}" + (f" in {within!r}" if within else ""))
 
 
-def _check_choices(name: str, values: Any) -> None:
-    """ValueError naming ``name`` unless ``values`` is a non-empty list of integers >= 1: a bad
-    choice failed every trial that drew it (a batch of 0 divided by zero), none failed prepare()."""
+def _check_choices(name: str, values: Any) -> None:  # (a bad choice failed every trial that drew it)
     if not isinstance(values, (tuple, list)) or not values:
         raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {values!r}")
     for v in values:
@@ -85,9 +83,8 @@ class Objective:
         return False
 
     def loaded_profile(self):
-        """The base profile, read at the first use (construction, or the sweep's start at the latest)
-        and kept, pickled into Ray workers too: each trial re-read the file, so an edit made while a
-        sweep ran changed its later trials."""
+        """The base profile, read once (made, or at the sweep's start) and kept, in Ray workers too:
+        each trial re-read it, so an edit made during a sweep changed its later trials."""
         if getattr(self, "_loaded_profile", None) is None:
             from ..profiles import load_profile
 
@@ -297,10 +294,9 @@ class TrainObjective(Objective):
         for name in ("widths", "heads", "batches"):
             _check_choices(name, getattr(self, name))
         _check_int("max_depth", self.max_depth)
-        # (no width that any head count divides: every trial was rejected as an invalid shape)
+        # (else every trial was rejected as an invalid shape)
         if not any(E % h == 0 and (E // 2) % h == 0 and E // 2 >= h for E in self.widths for h in self.heads):
-            raise ValueError(f"no width of {self.widths!r} splits into a head count of {self.heads!r} "
-                             "(embedding_dim and embedding_dim / 2 divisible by num_heads)")
+            raise ValueError(f"no width {self.widths!r} splits into heads {self.heads!r} (E and E / 2 must divide)")
 
     def cache_key(self) -> tuple:
         return ("train", self.data, self.tokenizer, self.seq_len, self.val_fraction, self.seed, self.text_field)
