@@ -40,7 +40,7 @@ class mLSTMBlock(nn.Module):
         x, xn = _pre_norm(x, self.norm_mlstm)
         with residual_into_output(x) as res:
             y, state = self.mlstm_layer(_normed(xn, self.norm_mlstm), state)
-        if self.neuron is not None and self.neuron.fused:  # inference: the residual add inside the norm's launch
+        if self.neuron is not None and self.neuron.fused:  # inference: the add inside the norm's launch
             x, xn = add_rms_norm(x, y, self.norm_ffn)
             return x + self.ffn(_normed(xn, self.norm_ffn)), state
         x = y if res.taken else x + y
@@ -51,7 +51,7 @@ class mLSTMBlock(nn.Module):
 
     @property
     def neuron(self) -> mLSTMNeuron | None:
-        """The mLSTM layer, or None where it is a user's module (a wrapper: it runs as it is)."""
+        """The mLSTM layer; None for a user's module (it runs as it is)."""
         layer = self.mlstm_layer
         return layer if isinstance(layer, mLSTMNeuron) else None
 

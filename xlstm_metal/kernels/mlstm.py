@@ -18,7 +18,6 @@ from typing import NamedTuple
 import mlx.core as mx
 
 MLSTMState = tuple[mx.array, mx.array, mx.array]
-#: Kernels that take one time step (S == 1): not for prompts or sequences.
 ONE_TOKEN_KERNELS = ("step", "step_fused")
 
 # Input-gate pre-activation used for padded time steps: exp(_NEG - m) == 0 for any reachable m,
@@ -43,13 +42,11 @@ def zero_state(
 
 
 def check_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array) -> None:
-    """Refuses inputs of other shapes than the kernels' contract, by shape only (no host sync):
-    gates [B, NH, S, 1] (NX-AI's 2024 backends' layout) broadcast silently into an h of the
-    wrong shape in the sequence and step kernels; other shapes failed deep inside."""
+    # (gates [B, NH, S, 1], NX-AI's 2024 layout, gave sequence and step a wrong h silently)
     if not (q.ndim == 4 and k.shape == q.shape and v.ndim == 4 and v.shape[:3] == q.shape[:3]
             and i.shape == f.shape == q.shape[:3]):
         raise ValueError("mLSTM kernels take q, k [B, NH, S, DQK], v [B, NH, S, DV], i, f [B, NH, S]; got "
-                         f"q {q.shape}, k {k.shape}, v {v.shape}, i {i.shape}, f {f.shape}")
+                         f"{q.shape}, {k.shape}, {v.shape}, i {i.shape}, {f.shape}")
 
 
 def _state_f32(q: mx.array, v: mx.array, state: MLSTMState | None) -> MLSTMState:
@@ -58,8 +55,8 @@ def _state_f32(q: mx.array, v: mx.array, state: MLSTMState | None) -> MLSTMState
         return zero_state(B, NH, DQK, v.shape[-1])
     C, n, m = state
     if C.shape != (B, NH, DQK, v.shape[-1]) or n.shape != (B, NH, DQK) or m.shape != (B, NH, 1):
-        raise ValueError(f"an mLSTM state for q {q.shape}, v {v.shape} is C {(B, NH, DQK, v.shape[-1])}, n "
-                         f"{(B, NH, DQK)}, m {(B, NH, 1)}; got {C.shape}, {n.shape}, {m.shape}")
+        raise ValueError(f"the mLSTM state is C {(B, NH, DQK, v.shape[-1])}, n {(B, NH, DQK)}, m {(B, NH, 1)}; "
+                         f"got {C.shape}, {n.shape}, {m.shape}")
     return C.astype(mx.float32), n.astype(mx.float32), m.astype(mx.float32)
 
 

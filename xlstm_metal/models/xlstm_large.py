@@ -154,13 +154,8 @@ def check_state(state, batch_size: int, num_blocks: int, shapes: list | None = N
                              "(make_state)")
 
 
-def _without_fused(tree):
-    """``modules`` without the fused copies' keys (``_fused_projection``, ``_fused_gate_up``):
-    nn.quantize and adapters pass ``leaf_modules()``, which lists them, and unfusing removed them
-    ("Module does not have sub-module named '_fused_projection'" on a fused or loaded model)."""
-    if isinstance(tree, nn.Module):
-        return tree
-    if isinstance(tree, dict):
+def _without_fused(tree):  # nn.quantize's leaf_modules() lists the fused copies, which unfusing removes
+    if isinstance(tree, dict) and not isinstance(tree, nn.Module):
         return {k: _without_fused(v) for k, v in tree.items() if not str(k).startswith("_fused_")}
     return [_without_fused(v) for v in tree] if isinstance(tree, list) else tree
 
@@ -202,7 +197,6 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
         another process holds), as :func:`check_state` compares them."""
         dqk, dv = self.config.qk_head_dim, self.config.v_head_dim
         blocks = self.backbone.blocks
-        # a user's layer module (block.neuron None) keeps a state of its own making
         held = [isinstance(block, mLSTMBlock) and block.neuron is not None for block in blocks]
         if not any(held):
             return [None] * len(blocks)
@@ -483,8 +477,8 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
                 lines.append(f"  blocks.{index}: {type(block).__name__} (held by another process)")
                 continue
             neuron = block.neuron
-            if neuron is None:
-                lines.append(f"  blocks.{index}: mLSTMBlock[mlstm_layer={type(block.mlstm_layer).__name__}]")
+            if neuron is None:  # a user's module
+                lines.append(f"  blocks.{index}: {type(block.mlstm_layer).__name__}")
                 continue
             cells = ", ".join(
                 f"{name}={type(cell).__name__}"

@@ -26,10 +26,8 @@ STEP_KERNELS = {"step": mlstm_step, "step_fused": mlstm_step_fused}
 
 
 def _sequence_kernel(name: str):
-    """The registered kernel ``name`` for sequences (KeyError naming the choices if unknown)."""
-    if resolve_kernel_name(name) in ONE_TOKEN_KERNELS:  # the first prompt failed deep inside
-        raise ValueError(f"mlstm_kernel {name!r} runs one token at a time; sequences need a chunkwise, "
-                         "parallel or sequence kernel")
+    if resolve_kernel_name(name) in ONE_TOKEN_KERNELS:  # (the first prompt failed deep inside)
+        raise ValueError(f"mlstm_kernel {name!r} runs one token at a time, not a prompt")
     return get_mlstm_kernel(name)
 
 
