@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
         "train", help="train or fine-tune a model on text", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data", nargs="*", help="text files, directories, or JSON Lines files (.jsonl, .ndjson; a .json file of them given here) (default on --resume: the run's data)")
+    p.add_argument("data", nargs="*", help="text files, directories, or JSON Lines files (.jsonl, .ndjson; or .json) (default on --resume: the run's data)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png)")
     src = p.add_argument_group("model")
     src.add_argument("--config", default=None,
@@ -532,8 +532,7 @@ def _run(args) -> int:
     from ..kernels.fast.step import cuda_available
 
     if main and args.mlstm_products == "bf16" and not cuda_available():  # (kept for a resume on CUDA)
-        print("warning: --mlstm-products bf16 rounds the CUDA mLSTM kernels' products; none run here, so it has "
-              "no effect", file=sys.stderr)
+        print("warning: --mlstm-products bf16 has no effect: no CUDA mLSTM kernels run here", file=sys.stderr)
     # Rank 0 owns --out and --export: it alone checks and writes them.
     sources = [(flag, value) for flag, value in (("--init-from", args.init_from), ("--tokenizer", args.tokenizer))
                if value and not (flag == "--init-from" and value == "default")]
@@ -562,7 +561,7 @@ def _run(args) -> int:
         from ..kernels import available_mlstm_kernels
 
         if not kernel_given and saved.get("kernel") in available_mlstm_kernels():
-            args.kernel = saved["kernel"]  # the run's --kernel (the default's numerics differ)
+            args.kernel = saved["kernel"]  # (the default's numerics differ)
             kernel_given = True
         cfg = TrainingConfig(**saved["training_config"])
         for name in ("eval_every", "save_every", "keep", "log_every", "recompute", "head_loss", "fuse_projections",
@@ -751,7 +750,7 @@ def _run(args) -> int:
         if main and eval_batches_given:
             _warn_few_eval_batches(cfg, len(val_stream))
         extra = {"data": saved_paths, "val_fraction": val_fraction, "text_field": text_field,
-                 "kernel": args.kernel if kernel_given else None}  # (a default is the machine's)
+                 "kernel": args.kernel if kernel_given else None}
         if generation is not None:
             extra["generation_config"] = generation
         if saved_profile is not None:

@@ -134,8 +134,7 @@ def is_jsonl(path: Path) -> bool:
 
 
 def given_jsonl(path: Path) -> bool:
-    """A .json file given as data (not in a directory) whose first line is a JSON object: JSON
-    Lines, as Hugging Face datasets' ``to_json`` writes them (their syntax was trained on)."""
+    """A .json file given as data whose first line is a JSON object: JSON Lines (datasets' to_json)."""
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     try:

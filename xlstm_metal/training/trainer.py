@@ -1069,6 +1069,8 @@ class Trainer:
         restore_optimizer(checkpoint, self.optimizer, self.model.trainable_parameters())
         self.step = int(state["step"])
         self.total_steps = state["total_steps"]
+        if steps == self.total_steps and self.cfg.max_time is None:
+            steps = None  # (a new cosine changed every later lr)
         if steps is not None or lr is not None:
             self._reschedule(steps, lr)
         self.tokens = int(state["tokens"])
@@ -1089,8 +1091,7 @@ class Trainer:
         if lr is not None and not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
         lr_now = _as_float(make_schedule(cfg, old_total)(step))
-        # The ramp keeps its length whatever the new total, unless that total ends it sooner
-        # (then a new --lr starts the cosine here, as past the warmup).
+        # The ramp keeps its length unless the new total ends it sooner.
         warmup = cfg.warmup_for(old_total)
         cfg.warmup = warmup = warmup if steps is None else min(warmup, steps - 1)
         # Inside the warmup the ramp continues from where it is (to the new peak); past it the
