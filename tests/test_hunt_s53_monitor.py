@@ -1,4 +1,4 @@
-"""Session 53's hunt of top, the watchdog and distributed runs."""
+"""Session 53's hunt: top, the watchdog, distributed runs."""
 
 import json
 import os
@@ -16,6 +16,7 @@ from xlstm_metal.cli import main
 from xlstm_metal.distributed import stage_bounds
 from xlstm_metal.monitor import JobStatus, WatchdogConfig, read_jobs, send_command
 from xlstm_metal.monitor.records import take_command
+from xlstm_metal.monitor.watchdog import job_rank
 
 
 def _record(runtime, pid, extra="", **fields):  # noqa: F811
@@ -44,14 +45,14 @@ def test_top_takes_records_with_odd_values(runtime, capsys, extra, shown):  # no
     assert main(["top", "--json", "--once"]) == 0
     jobs = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)["jobs"]
     assert [(j["pid"], j["age_s"]) for j in jobs] == [(os.getpid(), 0.0)] * shown
-    assert (runtime / f"{os.getpid()}.json").exists()  # skipped, not deleted
+    assert (runtime / f"{os.getpid()}.json").exists()
 
 
 def test_top_sorts_numeric_commands_and_lists_no_record_without_start_time(runtime, capsys):  # noqa: F811
     runtime.mkdir()
     _record(runtime, os.getpid(), command=5)
     _record(runtime, os.getppid(), command="chat")
-    (runtime / "1.json").write_text('{"pid": 1}')  # listed, and killed by top's kill key
+    (runtime / "1.json").write_text('{"pid": 1}')  # listed: top's kill key signalled it
     assert main(["top", "--json", "--once", "--sort", "command"]) == 0
     assert [j["pid"] for j in json.loads(capsys.readouterr().out)["jobs"]] == [os.getpid(), os.getppid()]
     with pytest.raises(ProcessLookupError):
@@ -71,9 +72,12 @@ def test_an_unreadable_rss_keeps_the_watchdog_sampling(runtime, monkeypatch, cap
     assert capsys.readouterr().err.count("cannot read the process's RSS (AccessDenied)") == 1
 
 
-def test_an_unknown_watchdog_switch_is_refused():  # "disabled" left it on
+def test_odd_watchdog_and_launch_settings(tmp_path):
+    (tmp_path / "h").write_text("")  # mlx.launch -n 1's host file
+    assert job_rank({"MLX_RANK": "0", "MLX_HOSTFILE": str(tmp_path / "h")}) is None
+    pytest.raises(ValueError, stage_bounds, 1, 2).match("^cannot split 1 block across 2 .*: start at most 1$")
     assert not WatchdogConfig.from_sources(env={"XLSTM_MEM_WATCHDOG": " Off "}, total=10**9).enabled
-    with pytest.raises(ValueError, match="XLSTM_MEM_WATCHDOG must be 1 or 0, got 'disabled'"):
+    with pytest.raises(ValueError, match="XLSTM_MEM_WATCHDOG must be 1 or 0, got 'disabled'"):  # it was on
         WatchdogConfig.from_sources(env={"XLSTM_MEM_WATCHDOG": "disabled"}, total=10**9)
 
 
@@ -96,15 +100,9 @@ def test_a_fifo_in_place_of_a_record_or_command_hangs_nothing(runtime):  # noqa:
     assert _wait(lambda: taken == [None])
 
 
-def test_a_pipeline_of_more_ranks_than_blocks():
-    with pytest.raises(ValueError, match="^cannot split 1 block across 2 processes: .*: start at most 1$"):
-        stage_bounds(1, 2)
-
-
 def test_a_runtime_dir_lost_or_unusable_leaves_the_job_running(tmp_path, capsys):
     (tmp_path / "rt").write_text("")
-    with JobStatus("generate", watchdog=None, directory=tmp_path / "rt"):  # NotADirectoryError
-        pass
+    JobStatus("generate", watchdog=None, directory=tmp_path / "rt").start().close()  # NotADirectoryError
     assert "warning: no status record" in capsys.readouterr().err
     (tmp_path / "rt").unlink()
     (tmp_path / "rt").mkdir()
@@ -113,5 +111,5 @@ def test_a_runtime_dir_lost_or_unusable_leaves_the_job_running(tmp_path, capsys)
         assert _wait(job.path.exists)
         (tmp_path / "rt").rename(tmp_path / "b")
         (tmp_path / "rt").write_text("")
-        time.sleep(1)  # a line every 0.1 s
+        time.sleep(1)  # 10 lines
     assert capsys.readouterr().err.count("status record not written") == 2  # once a failure

@@ -340,7 +340,7 @@ def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int | None] 
         return rank, int(env["MLX_WORLD_SIZE"])
     for var in ("MLX_HOSTFILE", "MLX_IBV_DEVICES"):  # ring, jaccl: a JSON list with one entry per rank
         try:
-            hosts = json.loads(Path(env[var]).read_text())
+            hosts = json.loads(Path(env[var]).read_text() or "[[]]")  # (mlx.launch -n 1's: "rank 0 of several")
         except (KeyError, OSError, ValueError):
             continue
         if isinstance(hosts, list) and hosts:

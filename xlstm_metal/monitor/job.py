@@ -323,7 +323,7 @@ class JobStatus:
                     print(f"xlstm-metal: status record not written: {err}", file=sys.stderr)
                 failed = True
                 next_publish = time.monotonic() + 10 * self.interval
-                with contextlib.suppress(OSError, AttributeError):  # removed (a tmp cleaner): made again
+                with contextlib.suppress(OSError, AttributeError):  # removed by a tmp cleaner?
                     self.path.parent.mkdir(mode=0o700)
 
     # ------------------------------------------------------------------ lifetime
@@ -333,7 +333,7 @@ class JobStatus:
             self.watchdog.sample()  # know the memory state before the first step
         try:
             self.publish()
-        except OSError as err:  # a runtime directory taking no files (it ended the job)
+        except OSError as err:  # (it ended the job)
             print(f"xlstm-metal: warning: no status record for `xlstm-metal top`: {err}", file=sys.stderr)
             self.path = self.directory = None
         self._thread = threading.Thread(target=self._loop, name="xlstm-status", daemon=True)
