@@ -240,6 +240,8 @@ class xLSTMConfig:
                 value = data.pop(alias)
                 if data.get(name) is None:
                     data[name] = value
+                elif value is not None and value != data[name]:  # (transformers reads the alias)
+                    raise ConfigError(f"config fields '{alias}' ({value!r}) and '{name}' ({data[name]!r}) differ")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = [k for k in data if k not in names and k not in PASSTHROUGH_FIELDS and not str(k).startswith("_")]
         if unknown:

@@ -42,7 +42,7 @@ def zero_state(
 
 
 def check_inputs(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array) -> None:
-    # (gates [B, NH, S, 1], NX-AI's 2024 layout, gave sequence and step a wrong h silently)
+    # (NX-AI's 2024 gates [B, NH, S, 1] gave a wrong h silently)
     if not (q.ndim == 4 and k.shape == q.shape and v.ndim == 4 and v.shape[:3] == q.shape[:3]
             and i.shape == f.shape == q.shape[:3]):
         raise ValueError("mLSTM kernels take q, k [B, NH, S, DQK], v [B, NH, S, DV], i, f [B, NH, S]; got "

@@ -477,7 +477,7 @@ class xLSTMLarge(FastQuantizedTree, nn.Module):
                 lines.append(f"  blocks.{index}: {type(block).__name__} (held by another process)")
                 continue
             neuron = block.neuron
-            if neuron is None:  # a user's module
+            if neuron is None:
                 lines.append(f"  blocks.{index}: {type(block.mlstm_layer).__name__}")
                 continue
             cells = ", ".join(
