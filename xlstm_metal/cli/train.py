@@ -443,6 +443,7 @@ def _export(model, best_params, out: Path, tokenizer_dir: Path, dtype: str, over
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--export directory {out} is not empty; pass --overwrite to replace it")
+    out = out.resolve()  # a link's directory is replaced, not the link (rmtree refuses one)
     current = dict(tree_flatten(model.parameters()))
     weights = best_params or current
     target = getattr(mx, dtype)
@@ -742,7 +743,7 @@ def _run(args) -> int:
 
         doc_tokens = tokenize_documents(tokenizer, docs, bos, eos)
         # (ids may skip: a vocab size below the largest id)
-        top = max(int(d.max()) for d in doc_tokens if len(d)) if any(len(d) for d in doc_tokens) else -1
+        top = max((int(d.max()) for d in doc_tokens if len(d)), default=-1)
         if top >= model_vocab:
             raise UsageError(f"the tokenizer gives token id {top} ({tokenizer.id_to_token(top)!r}), outside the "
                              f"model's vocab_size ({model_vocab}): raise vocab_size or use another tokenizer")
