@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return reader_left()
+    except RuntimeError as err:  # a collective whose peer died where no closer handler is (loading)
+        return peer_lost_exit(err, f"{args.command} stopped")
     except OSError as err:
         # A path the user gave that the system refuses (a name over 255 bytes, a file where a
         # directory is needed, no permission) reaches many loaders; each one's own checks cover
