@@ -213,7 +213,7 @@ class xLSTMConfig:
                 resolved = resolve_kernel_name(name)
             except KeyError as err:
                 raise ConfigError(f"config field '{kind}_kernel': {err.args[0]}") from None
-            if kind != "step" and resolved in ONE_TOKEN_KERNELS:  # (the first prompt failed deep inside)
+            if kind != "step" and resolved in ONE_TOKEN_KERNELS:  # (failed at the first prompt)
                 raise ConfigError(f"config field '{kind}_kernel': {name!r} runs one token at a time, not a prompt")
 
     # ----------------------------------------------------------------- (de)serialisation

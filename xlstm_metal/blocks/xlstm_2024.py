@@ -18,8 +18,10 @@ class _Block2024(Module2024):
     kind = ""
 
     def zero_state(self, batch_size: int, conv_dtype: mx.Dtype = mx.float32) -> tuple[mx.array, ...]:
-        """Zero state; recurrent parts in float32, the conv window (past inputs) in ``conv_dtype``."""
-        return self.xlstm.zero_state(batch_size, conv_dtype)
+        """Zero state; recurrent parts in float32, the conv window (past inputs) in ``conv_dtype``;
+        None for a user's module."""
+        zero = getattr(self.xlstm, "zero_state", None)
+        return None if zero is None else zero(batch_size, conv_dtype)
 
     def __call__(self, x: mx.array, state: tuple | None = None) -> tuple[mx.array, tuple]:
         """x [B, S, E], this block's state or None -> (x [B, S, E], state)."""

@@ -51,7 +51,6 @@ class mLSTMBlock(nn.Module):
 
     @property
     def neuron(self) -> mLSTMNeuron | None:
-        """The mLSTM layer; None for a user's module (it runs as it is)."""
         layer = self.mlstm_layer
         return layer if isinstance(layer, mLSTMNeuron) else None
 

@@ -64,7 +64,7 @@ def embed_tokens(embedding: nn.Module, ids: mx.array, model: nn.Module | None = 
     outside = None
     if count is not None:
         outside = ids < 0
-        if count <= mx.iinfo(ids.dtype).max:  # (int16 ids, 50k rows: "Converting 50304 to int16 would overflow")
+        if count <= mx.iinfo(ids.dtype).max:  # (else an overflow error: int16 ids, 50k rows)
             outside = outside | (ids >= count)
         ids = mx.where(outside, mx.array(0, ids.dtype), ids)
     if type(embedding) is nn.Embedding:

@@ -64,11 +64,10 @@ _step_compiled = mx.compile(_step)
 
 
 def _state_f32(state: SLSTMState | None, R: mx.array, B: int, NH: int, DH: int) -> SLSTMState:
-    # (one head's R broadcast over all silently)
-    if R.shape != (NH, DH, 4 * DH) or not (state is None or (
-            len(state) == 4 and all(s.shape == (B, NH, DH) for s in state))):
-        raise ValueError(f"the sLSTM kernels take R [NH, DH, 4 DH] = {(NH, DH, 4 * DH)}, a state of 4 x {(B, NH, DH)}; "
-                         f"got {R.shape}, {state and [s.shape for s in state]}")
+    # (one head's R ran for all silently)
+    if R.shape != (NH, DH, 4 * DH) or state and (len(state) != 4 or any(s.shape != (B, NH, DH) for s in state)):
+        raise ValueError(f"sLSTM kernels take R {(NH, DH, 4 * DH)}, state 4 x {(B, NH, DH)}; got {R.shape}, "
+                         f"{state and [s.shape for s in state]}")
     if state is None:
         return slstm_zero_state(B, NH, DH)
     return tuple(s.astype(mx.float32) for s in state)  # type: ignore[return-value]

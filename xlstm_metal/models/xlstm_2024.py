@@ -140,9 +140,8 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
         """The shapes of block ``index``'s state arrays after the batch axis (None: a block this
         process does not hold). Read from a lazy zero state: nothing is computed."""
         block = self.blocks[index]
-        if not isinstance(block, (mLSTMBlock2024, sLSTMBlock)):
-            return None
-        return tuple(tuple(a.shape[1:]) for a in block.zero_state(1))
+        zero = block.zero_state(1) if isinstance(block, (mLSTMBlock2024, sLSTMBlock)) else None
+        return None if zero is None else tuple(tuple(a.shape[1:]) for a in zero)
 
     def __call__(
         self, input_ids: mx.array, state: ModelState | None = None, *, last_only: bool = False

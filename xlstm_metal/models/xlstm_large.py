@@ -154,7 +154,7 @@ def check_state(state, batch_size: int, num_blocks: int, shapes: list | None = N
                              "(make_state)")
 
 
-def _without_fused(tree):  # nn.quantize's leaf_modules() lists the fused copies, which unfusing removes
+def _without_fused(tree):  # nn.quantize passes leaf_modules(): the fused copies, which unfusing removes
     if isinstance(tree, dict) and not isinstance(tree, nn.Module):
         return {k: _without_fused(v) for k, v in tree.items() if not str(k).startswith("_fused_")}
     return [_without_fused(v) for v in tree] if isinstance(tree, list) else tree

@@ -26,7 +26,7 @@ STEP_KERNELS = {"step": mlstm_step, "step_fused": mlstm_step_fused}
 
 
 def _sequence_kernel(name: str):
-    if resolve_kernel_name(name) in ONE_TOKEN_KERNELS:  # (the first prompt failed deep inside)
+    if resolve_kernel_name(name) in ONE_TOKEN_KERNELS:  # (failed at the first prompt)
         raise ValueError(f"mlstm_kernel {name!r} runs one token at a time, not a prompt")
     return get_mlstm_kernel(name)
 
