@@ -45,7 +45,7 @@ class _Hook(nn.Module):  # a user's wrapper
         return 1.5 * y, state
 
 
-def test_a_wrapped_mlstm_layer_runs_in_every_path():
+def test_a_wrapped_layer_runs_in_every_path():
     # no attribute 'projection_cell'; nn.quantize after fusing: no sub-module '_fused_projection'
     x = mx.random.randint(0, 97, (2, 9), key=mx.random.key(3))
     model, reference = tiny_model(), tiny_model()
@@ -66,37 +66,37 @@ def test_a_wrapped_mlstm_layer_runs_in_every_path():
     assert isinstance(model.blocks[1].mlstm_layer.q, nn.QuantizedLinear)
     model = model_from_config(CFG, seed=0)  # the 2024 xLSTM's: no attribute 'zero_state'
     model.blocks[0].xlstm = _Hook(model.blocks[0].xlstm)
-    assert _rel(model(x[:, 4:], model(x[:, :4])[1])[0], model(x)[0][:, 4:]) < 1e-5
+    assert _rel(model(x[:, 4:], model(x[:, :4])[1])[0], model(x)[0][:, 4:]) < 1e-5 and "_Hook" in model.wiring()
 
 
-def test_narrow_integer_ids_of_a_larger_vocabulary_run():
+def test_narrow_integer_ids_run():
     # "Converting 200 to int8 would result in overflow"
     ids = mx.array([[1, 5, 120, 3]])
     large = tiny_model(vocab_size=200)
     for model in (large, model_from_config(CFG, seed=0)):
         for dtype in (mx.int8, mx.uint8, mx.int16):
             assert _rel(model(ids.astype(dtype))[0], model(ids)[0]) == 0.0
-    assert bool(mx.isnan(large(mx.array([[-1, 3]], dtype=mx.int8))[0][0, 0]).all())  # NaN
+    assert bool(mx.isnan(large(mx.array([[-1, 3]], dtype=mx.int8))[0][0, 0]).all())
 
 
 @pytest.mark.parametrize("name", ["chunkwise", "parallel", "sequence", "step", "chunkwise_scan", "chunkwise_fused"])
-def test_kernels_refuse_inputs_and_states_of_other_shapes(name):
+def test_kernels_refuse_other_shapes(name):
     # gates [B, NH, S, 1]: sequence and step gave an h [B, NH, S, B, DV]
     S = 1 if name == "step" else 5
     q, v, g = mx.ones((2, 2, S, 4)), mx.ones((2, 2, S, 6)), mx.zeros((2, 2, S))
     kernel = get_mlstm_kernel(name)
-    with pytest.raises(ValueError, match=r"f \[B, NH, S\]; got .* i \(2, 2, \d, 1\)"):
+    with pytest.raises(ValueError, match=r"got .* i \(2, 2, \d, 1\)"):
         kernel(q, q, v, g[..., None], g, chunk_size=4)
     nxai = (mx.ones((2, 2, 4, 6)), mx.ones((2, 2, 4, 1)), mx.ones((2, 2, 1, 1)))
     with pytest.raises(ValueError, match=r"m \(2, 2, 1\); got .* \(2, 2, 1, 1\)"):
         kernel(q, q, v, g, g, nxai, chunk_size=4)
 
 
-def test_slstm_kernels_refuse_an_r_or_state_of_other_shapes():
+def test_slstm_kernels_refuse_other_shapes():
     # one head's R ran for both heads silently
     wx, R = mx.ones((2, 4, 2, 4, 3)), mx.full((2, 3, 12), 0.1)
     state = tuple(mx.ones((2, 2, 3)) for _ in range(4))
-    for bad in ((R[:1], None), (R, state[:3]), (R, tuple(s[:1] for s in state))):
+    for bad in ((R[:1], None), (R, state[:3])):
         for kernel, x in ((slstm_sequence, wx), (slstm_step, wx[:, 0])):
             with pytest.raises(ValueError, match=r"R \(2, 3, 12\)"):
                 kernel(x, *bad)

@@ -230,6 +230,8 @@ class xLSTMLMModel(FastQuantizedTree, Module2024):
 
 def _describe_block(block) -> str:
     n = block.xlstm
+    if not hasattr(n, "zero_state"):  # a user's module
+        return type(n).__name__
     if isinstance(block, mLSTMBlock2024):
         c = n.mlstm_cell
         qb = n.q_proj.weight.shape[-1]
