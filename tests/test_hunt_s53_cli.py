@@ -1,4 +1,4 @@
-"""Session 53: a rank that joins the ring and exits 0 while the other loads the model ended the
+"""Session 53 leftovers of the hunts. A rank that joins the ring and exits 0 while the other loads the model ended the
 survivor with a traceback (the lost peer's RuntimeError from the model check): now one line
 naming the lost rank and exit 1, from the command's catch-all."""
 
@@ -20,3 +20,24 @@ def test_a_rank_that_leaves_during_loading_ends_the_other_with_one_line(tmp_path
     assert left == 0, left_err[-2000:]
     assert code == 1 and "Traceback" not in err and out == "", err[-2000:]
     assert "xlstm-metal: error: rank 0 of 2: " in err and "lost the connection to rank 1" in err, err[-2000:]
+
+
+def test_a_profile_reaches_the_neuron_inside_a_users_wrapper():
+    """apply_profile on an xLSTM-Large whose block 0 mlstm_layer a user wrapped: "no attribute
+    'parallel_kernel_cell'"; now the profile's settings reach the neuron inside the wrapper as
+    they reach the plain block's."""
+    import mlx.nn as nn
+
+    from conftest import tiny_model
+    from test_hunt_s53_core import _Hook
+    from xlstm_metal.profiles import apply_profile, load_profile
+
+    model = tiny_model(2)
+    inner = model.blocks[0].mlstm_layer
+    model.blocks[0].mlstm_layer = _Hook(inner)
+    profile = load_profile("exact-fp32").replace(name="mine", chunk_size=8, eps=2e-6)
+    assert apply_profile(model, profile) is model
+    for layer in (inner, model.blocks[1].mlstm_layer):
+        assert (layer.parallel_kernel_cell.chunk_size, layer.parallel_kernel_cell.eps) == (8, 2e-6)
+        assert layer.recurrent_kernel_cell.eps == 2e-6
+    assert isinstance(model.blocks[0].mlstm_layer, _Hook) and isinstance(inner.q, nn.Linear)

@@ -359,6 +359,7 @@ def _apply_xlstm_large(model, profile: HyperProfile) -> None:
 
     from ..cells.norms import MultiHeadLayerNorm, RMSNorm
     from ..kernels import resolve_kernel_name
+    from ..neurons.mlstm import mLSTMNeuron
 
     model.config = apply_profile(model.config, profile)
     cfg = model.config
@@ -368,7 +369,10 @@ def _apply_xlstm_large(model, profile: HyperProfile) -> None:
     else:
         model.unfuse_projections()
     for block in _held_blocks(model):
-        layer = block.mlstm_layer
+        # a user's wrapper around the layer: the neuron inside it (none: nothing of ours to set)
+        layer = next((m for _, m in block.mlstm_layer.named_modules() if isinstance(m, mLSTMNeuron)), None)
+        if layer is None:
+            continue
         for cell in (layer.parallel_kernel_cell, layer.recurrent_kernel_cell):
             cell.eps, cell.chunk_size = cfg.eps, cfg.chunk_size
             cell.state_dtype = getattr(mx, cfg.inference_state_dtype)
