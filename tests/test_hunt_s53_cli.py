@@ -1,6 +1,6 @@
-"""Session 53 leftovers of the hunts. A rank that joins the ring and exits 0 while the other loads the model ended the
-survivor with a traceback (the lost peer's RuntimeError from the model check): now one line
-naming the lost rank and exit 1, from the command's catch-all."""
+"""Session 53, what the hunts left: a rank that joins the ring and exits 0 while the other loads
+the model ended the survivor with a traceback (now one line naming the lost rank, exit 1, from
+the command's catch-all); a profile applied to a model with a user's wrapped layer."""
 
 import sys
 
