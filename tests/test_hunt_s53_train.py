@@ -1,16 +1,20 @@
 """Session 53's hunt in `train` (each test failed before its fix)."""
 
 import json
+import shlex
 import shutil
 
 import numpy as np
 import pytest
 from cli_helpers import assert_rejected, run_main
+from mlx.utils import tree_flatten
 from test_training import fresh_model, pattern_stream, small_cfg
 
 from xlstm_metal.loading import load_model
 from xlstm_metal.training.data import holds_jsonl, iter_documents, train_bpe_tokenizer
-from xlstm_metal.training.trainer import Trainer, TrainingConfig, TrainingInterrupted, make_schedule
+from xlstm_metal.training.trainer import (
+    StopOnCtrlC, Trainer, TrainingConfig, TrainingInterrupted, make_schedule,
+)
 
 ARGS = ["--seq-len", "16", "--batch-size", "2", "--val-fraction", "0.2", "--no-progress", "--steps", "2"]
 BPE = ["--vocab-size", "300", *ARGS]
@@ -99,3 +103,42 @@ def test_step_flags_that_would_do_nothing_are_named(text_data, tmp_path, capsys,
     monkeypatch.setattr("xlstm_metal.kernels.fast.step.cuda_available", lambda: False)
     code, err = run_main(train(text_data, tmp_path, "--mlstm-products", "bf16"), capsys)
     assert code == 0 and "bf16 has no effect: no CUDA" in err
+
+
+
+def test_a_time_limit_inside_the_warmup_is_named(text_data, tmp_path, capsys):
+    # (it stopped at step 22 without a word)
+    cfg = small_cfg(steps=None, max_time=1.0, warmup=300)
+    trainer = Trainer(fresh_model(), pattern_stream(2000), pattern_stream(300), cfg, tmp_path, tmp_path, progress=False)
+    assert trainer._size_from_time(0.01, 22, 0.5) == 301 and "fewer than the warmup (300)" in capsys.readouterr().err
+    code, err = run_main(train(text_data, tmp_path, "--max-time", "0.5", "--warmup", "3000")[:-2], capsys)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert code == 0 and "ended the run inside its warmup (step" in err and summary["ended_in_warmup"], err
+
+
+def test_the_ctrl_c_hint_runs_as_printed(text_data, tmp_path, capsys, monkeypatch):
+    # (a non-empty --export: no --overwrite in it, refused)
+    (e := tmp_path / "my e").mkdir()
+    (e / "x").touch()
+    monkeypatch.setattr(StopOnCtrlC, "__init__", lambda self, note: vars(self).update(requested=1, finishing=0))
+    code, err = run_main(train(text_data, tmp_path, "--export", e, "--overwrite"), capsys)
+    monkeypatch.undo()
+    hint = shlex.split(err.split("continue with `")[1].split("`")[0])
+    assert code == 130 and hint[0] == "xlstm-metal" and run_main(hint[1:], capsys)[0] == 0, err
+    assert (e / "model.safetensors").is_file()
+
+
+def test_init_from_a_run_directory_and_a_finished_runs_export(text_data, tmp_path, capsys):
+    # (it named no checkpoint; refused)
+    out, export = tmp_path / "r", tmp_path / "e"
+    assert run_main(train(text_data, tmp_path, "--save-every", "1", "--keep", "0", "--lr", "0.5"), capsys)[0] == 0
+    assert_rejected(["train", text_data, "--out", tmp_path / "o", "--init-from", out, *ARGS], capsys,
+                    "is a run directory", f"--init-from {out / 'checkpoint-0000002'}")
+    state = out / "checkpoint-0000002" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "best_step": 1}))
+    before = sorted(out.iterdir())
+    assert_rejected(["train", "--out", out, "--resume", "--export", export, "--lr", "1"], capsys, "--lr would do")
+    code, err = run_main(["train", "--out", out, "--resume", "--export", export], capsys)
+    assert code == 0 and "best-validation model (step 1)" in err and sorted(out.iterdir()) == before, err
+    got, best, last = (tree_flatten(load_model(p).parameters()) for p in (export, *before[:2]))
+    assert [np.array_equal(a, b) for (_, a), (_, b), (_, c) in zip(got, best, last) for b in (b, c)] == [1, 0] * len(got)

@@ -120,7 +120,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--overwrite", action="store_true", help="allow a non-empty --out for a new run")
     r.add_argument("--export", default=None, metavar="DIR",
                    help="write the best-validation model (+ tokenizer, generation_config.json: the --init-from "
-                        "model's, else sampling at 0.8) here")
+                        "model's, else sampling at 0.8) here (--resume: a finished run's, no training)")
     r.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the --export weights (default float32)")
     r.add_argument("--no-progress", action="store_true")
@@ -547,6 +547,8 @@ def _run(args) -> int:
             raise UsageError(f"--resume continues the run with its saved settings; {', '.join(fixed)} cannot "
                              f"change (only {', '.join(map(_flag, RESUME_CHANGEABLE))} can): start a new run "
                              "in another --out instead")
+        idle = [_flag(n) for n in RESUME_CHANGEABLE[1:] if getattr(args, n) is not None and
+                (n != "kernel" or kernel_given)] + ["DATA"] * bool(args.data)
         # Rank 0 finds the checkpoint; ranks without the same files receive a copy.
         resume_ckpt = _from_rank0(group, lambda: _latest(out))
         try:
@@ -577,13 +579,18 @@ def _run(args) -> int:
         if args.steps is not None and args.steps <= step:
             raise UsageError(f"--steps {args.steps} must be greater than the checkpoint's step {step} "
                              f"({resume_ckpt}): it is the run's new total")
+        finished = None
         if args.steps is None and total is not None and step >= total and not saved.get("eval_pending", False):
-            raise UsageError(f"the run in {out} is finished (step {step} of {total}); pass --steps N with "
-                             f"N > {step} to train it further")
-        if args.steps is None and cfg.max_time is not None and (
+            finished = f"step {step} of {total}"
+        elif args.steps is None and cfg.max_time is not None and (
                 saved["elapsed"] >= cfg.max_time or saved.get("time_budget_spent", False)):
-            raise UsageError(f"the run in {out} is finished (its --max-time budget of {cfg.max_time:g} s ran out "
-                             f"at step {step}); pass --steps N with N > {step} to train it further")
+            finished = f"its --max-time budget of {cfg.max_time:g} s ran out at step {step}"
+        if finished and export is None:
+            raise UsageError(f"the run in {out} is finished ({finished}); pass --steps N with N > {step} to train "
+                             "it further, or --export DIR")
+        if finished and idle:
+            raise UsageError(f"the run in {out} is finished ({finished}), so --export takes its model as is: "
+                             f"{', '.join(idle)} would do nothing")
         saved_data = saved.get("data", [])
         if not isinstance(saved_data, list) or not all(isinstance(p, str) for p in saved_data):
             raise UsageError(f"{resume_ckpt / 'trainer_state.json'}: 'data' must be a list of paths")
@@ -593,6 +600,9 @@ def _run(args) -> int:
         generation = saved.get("generation_config")
         if generation is not None and not isinstance(generation, dict):
             raise UsageError(f"{resume_ckpt / 'trainer_state.json'}: 'generation_config' must be an object")
+        if finished:
+            check_apart_from_data((("--export", export),), saved_data, replaced=("--export",))
+            return _export_finished(args, out, export, saved, resume_ckpt, generation) if main else 0
         if val_fraction == 0 and main:
             _warn_no_validation(args, f"the run in {out} (--val-fraction 0)")
     else:
@@ -650,6 +660,12 @@ def _run(args) -> int:
 
                 args.init_from = str(default_model_path())
             args.init_from = _from_rank0(group, lambda: args.init_from)
+            from ..training.checkpoint import checkpoint_dirs
+
+            found = checkpoint_dirs(args.init_from)  # (load_model named only the missing config.json)
+            if found and not any(Path(args.init_from).glob("config.*")):
+                raise UsageError(f"--init-from {args.init_from} is a run directory: fine-tune one of its checkpoints, "
+                                 f"the newest: --init-from {found[-1]}")
             model = load_model(args.init_from, dtype="float32")
             from ..quantization import dequantize_model, quantization_config
 
@@ -808,10 +824,16 @@ def _run(args) -> int:
                 print(f"xlstm-metal: error: {err}", file=sys.stderr)
             return 1
         except TrainingInterrupted as stop:  # Ctrl-C: the checkpoint of the last step resumes it
-            if main:
-                again = "" if export is None else f" --export {export}`; --export {export} was not written"
-                print(f"interrupted at step {stop.step}; checkpoint {stop.checkpoint} (continue with "
-                      f"`xlstm-metal train --out {out} --resume{again or '`'})", file=sys.stderr)
+            if main:  # the hint runs as printed: quoted, --overwrite where --export is not empty
+                import shlex
+
+                again = [] if export is None else ["--export", str(export)] + (
+                    ["--export-dtype", args.export_dtype] * bool(args.export_dtype)) + (
+                    ["--overwrite"] * (export.exists() and any(export.iterdir())))
+                hint = shlex.join(["xlstm-metal", "train", "--out", str(out), "--resume", *again])
+                lost = f"; --export {shlex.quote(str(export))} was not written" if again else ""
+                print(f"interrupted at step {stop.step}; checkpoint {stop.checkpoint} (continue with `{hint}`{lost})",
+                      file=sys.stderr)
             return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
         wall = time.perf_counter() - t0
         if not main:
@@ -825,6 +847,10 @@ def _run(args) -> int:
         print(f"done: {result.step - start_step} steps (to step {result.step}), {new_tokens:,} tokens in {wall:.0f} s "
               f"({new_tokens / max(wall, 1e-9):,.0f} tok/s); {best}; checkpoint {result.checkpoint or trainer.out_dir}",
               file=sys.stderr)
+        in_warmup = trainer.budget_spent and cfg.warmup is not None and result.step < cfg.warmup
+        if in_warmup:  # (the time limit wins: said)
+            print(f"warning: --max-time ended the run inside its warmup (step {result.step} of {cfg.warmup}): the "
+                  f"lr never reached --lr {cfg.lr:g} nor decayed", file=sys.stderr)
         # steps and tokens: the whole run's; wall_s: this session's, with its own steps and tokens (a
         # --resume's whole-run tokens over its wall_s overstated the rate)
         summary = {"params": n_params, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
@@ -835,7 +861,7 @@ def _run(args) -> int:
                    "best_step": result.best_step, "train_tokens": int(len(train_stream)),
                    "val_tokens": int(len(val_stream)), "device": str(mx.default_device()),
                    "mlx": mx.__version__, "argv": sys.argv,
-                   "world_size": group.size() if group else 1}
+                   "world_size": group.size() if group else 1, "ended_in_warmup": in_warmup}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if export is not None:
             best_params, from_disk = trainer.best_params, False
@@ -856,6 +882,24 @@ def _run(args) -> int:
                       f"step {result.best_step}, before the resume, where no checkpoint was saved)", file=sys.stderr)
     finally:
         release_tokenizer_dir(tok_dir, tok_lock)
+    return 0
+
+
+def _export_finished(args, out: Path, export: Path, saved: dict, last: Path, generation) -> int:
+    """A finished run's --export: its best-validation checkpoint where kept, else the last."""
+    from ..loading import CheckpointError, load_model
+
+    best = saved.get("best_step")
+    ckpt = out / f"checkpoint-{best:07d}" if isinstance(best, int) else last
+    ckpt = ckpt if (ckpt / "config.json").is_file() else last
+    try:
+        model = load_model(ckpt, dtype="float32")
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    path = _export(model, None, export, ckpt, args.export_dtype or "float32", args.overwrite, generation)
+    kept = ckpt != last or best == saved["step"]
+    print(f"the run is finished: exported its {'best-validation' if kept else 'last'} model (step "
+          f"{best if kept else saved['step']}) to {path}", file=sys.stderr)
     return 0
 
 

@@ -1306,8 +1306,12 @@ class Trainer:
         eval_cost = len(self.val) / cfg.batch_size * step_time / 3
         per_step = step_time + eval_cost / cfg.eval_every + save_time / cfg.save_every
         remaining = cfg.max_time - spent - save_time
-        floor = cfg.warmup + 1 if cfg.warmup is not None else 0  # an explicit warmup is completed
-        return max(start_step + int(0.97 * remaining / per_step), floor, start_step + 1)
+        fit = max(start_step + int(0.97 * remaining / per_step), start_step + 1)
+        # An explicit warmup keeps its slope; the budget still ends the run (inside it: warned).
+        if cfg.warmup is not None and cfg.warmup >= fit and self.is_main:
+            print(f"warning: the time budget fits about {fit} steps, fewer than the warmup ({cfg.warmup}): the run "
+                  "will end inside it (no peak lr, no cosine decay)", file=sys.stderr)
+        return max(fit, cfg.warmup + 1 if cfg.warmup is not None else 0)
 
     def _time_a_save(self) -> float:
         """Seconds a checkpoint save takes: one written whole into a temporary directory beside
