@@ -255,7 +255,10 @@ class XLSTMMetalLM(LM):
         if params.greedy:  # top_k, top_p and min_p pick nothing then: greedy requests batch together
             params = SamplingParams(repetition_penalty=params.repetition_penalty)
             seed = 0  # unused (greedy rows draw nothing)
-        prompt = self.tok.encode(context, add_special_tokens=True)
+        # an empty context without a BOS gave no tokens ("prompt 0 is empty"): start from the prefix token
+        prompt = self.tok.encode(context, add_special_tokens=True) or self._prefix()
+        if not prompt:
+            raise ValueError("an empty generate_until context: the tokenizer has no BOS or EOS token to start from")
         if self.max_length is not None:  # the context's end, with room for the answer
             prompt = prompt[-max(1, self.max_length - max_tokens):]
         return _Generation(prompt, max_tokens, list(until or []), params, seed)

@@ -772,6 +772,24 @@ def config_must_be_a_mapping():
         yaml.load = original
 
 
+def check_dora_rows(model, args) -> None:
+    """UsageError where DoRA would adapt a layer with an all-zero weight row (a fresh 2024
+    model's i/f gates): DoRA divides each row by its norm, so every loss was NaN, silently."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    keys = (args.lora_parameters or {}).get("keys")
+    first = len(model.layers) - max(args.num_layers, 0) if args.num_layers > 0 else 0
+    for i, block in enumerate(model.layers):
+        for path, m in block.named_modules() if i >= first else ():
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and (keys is None or path in keys):
+                w = mx.dequantize(m.weight, m.scales, getattr(m, "biases", None), m.group_size, m.bits, m.mode) \
+                    if isinstance(m, nn.QuantizedLinear) else m.weight
+                if not mx.all(mx.any(w != 0, axis=1)).item():
+                    raise UsageError(f"mlx-lm lora: --fine-tune-type dora: layers.{i}.{path} has an all-zero weight "
+                                     "row, which DoRA divides by its norm (NaN loss); use lora, or fewer --num-layers")
+
+
 class _DefaultNumLayers(int):
     """mlx-lm lora's default ``num_layers`` (16), told apart from a value the user gave (on the
     command line or in ``--config``: plain ints)."""
@@ -797,6 +815,10 @@ def lora_layers_default_fits_the_model():
             raise UsageError("mlx-lm lora: --fine-tune-type full cannot train a quantized model's packed weights: "
                              "use lora or dora, or train a float copy (xlstm-metal convert MODEL OUT)")
         layers = len(model.layers)
+        if args.num_layers == 0 or args.num_layers < -1:  # mlx-lm's layers[-0:]: 0 trained every block
+            raise UsageError(f"mlx-lm lora: --num-layers must be -1 (all) or 1 to {layers}, got {args.num_layers}")
+        if args.fine_tune_type == "dora":
+            check_dora_rows(model, args)
         if isinstance(args.num_layers, _DefaultNumLayers):
             args.num_layers = int(args.num_layers)
             if args.num_layers > layers:
