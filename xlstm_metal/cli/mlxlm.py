@@ -773,21 +773,19 @@ def config_must_be_a_mapping():
 
 
 def check_dora_rows(model, args) -> None:
-    """UsageError where DoRA would adapt a layer with an all-zero weight row (a fresh 2024
-    model's i/f gates): DoRA divides each row by its norm, so every loss was NaN, silently."""
+    """DoRA divides each weight row by its norm: an all-zero row (a fresh 2024 model's i/f gates) gave NaN losses."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    keys = (args.lora_parameters or {}).get("keys")
-    first = len(model.layers) - max(args.num_layers, 0) if args.num_layers > 0 else 0
+    keys, n = (args.lora_parameters or {}).get("keys"), args.num_layers
     for i, block in enumerate(model.layers):
-        for path, m in block.named_modules() if i >= first else ():
-            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and (keys is None or path in keys):
-                w = mx.dequantize(m.weight, m.scales, getattr(m, "biases", None), m.group_size, m.bits, m.mode) \
-                    if isinstance(m, nn.QuantizedLinear) else m.weight
-                if not mx.all(mx.any(w != 0, axis=1)).item():
-                    raise UsageError(f"mlx-lm lora: --fine-tune-type dora: layers.{i}.{path} has an all-zero weight "
-                                     "row, which DoRA divides by its norm (NaN loss); use lora, or fewer --num-layers")
+        for path, m in block.named_modules() if n < 0 or i >= len(model.layers) - n else ():
+            q = isinstance(m, nn.QuantizedLinear)
+            if (q or isinstance(m, nn.Linear)) and (keys is None or path in keys) and not mx.all(mx.any((
+                    mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode) if q
+                    else m.weight) != 0, axis=1)).item():
+                raise UsageError(f"mlx-lm lora: --fine-tune-type dora: layers.{i}.{path} has an all-zero weight row "
+                                 "(NaN loss): use lora")
 
 
 class _DefaultNumLayers(int):
@@ -815,7 +813,7 @@ def lora_layers_default_fits_the_model():
             raise UsageError("mlx-lm lora: --fine-tune-type full cannot train a quantized model's packed weights: "
                              "use lora or dora, or train a float copy (xlstm-metal convert MODEL OUT)")
         layers = len(model.layers)
-        if args.num_layers == 0 or args.num_layers < -1:  # mlx-lm's layers[-0:]: 0 trained every block
+        if args.num_layers == 0 or args.num_layers < -1:  # mlx-lm's layers[-0:] trained every block
             raise UsageError(f"mlx-lm lora: --num-layers must be -1 (all) or 1 to {layers}, got {args.num_layers}")
         if args.fine_tune_type == "dora":
             check_dora_rows(model, args)
@@ -963,7 +961,8 @@ def check_server_request(handler) -> None:
 def server_requests_checked():
     """While mlx-lm's server runs, each request also goes through :func:`check_server_request`,
     after mlx-lm's own ``validate_model_parameters`` (whose ValueError its handler answers with
-    a 400)."""
+    a 400); an exact prompt-cache hit (an xLSTM's, never trimmed, keep every prefix) leaves the
+    last token to compute: "empty prompt" killed its generation thread."""
     import mlx_lm.server as server
 
     original = server.APIHandler.validate_model_parameters
@@ -972,11 +971,22 @@ def server_requests_checked():
         original(self)
         check_server_request(self)
 
+    fetch = server.LRUPromptCache.fetch_nearest_cache
+
+    def fetch_nearest_cache(self, model, tokens):
+        cache, rest = fetch(self, model, tokens)
+        if cache is not None and not rest:
+            cache, rest = fetch(self, model, tokens[:-1]) if len(tokens) > 1 else (None, [])
+            rest = [*rest, *tokens[-1:]]
+        return cache, rest
+
     server.APIHandler.validate_model_parameters = validate_model_parameters
+    server.LRUPromptCache.fetch_nearest_cache = fetch_nearest_cache
     try:
         yield
     finally:
         server.APIHandler.validate_model_parameters = original
+        server.LRUPromptCache.fetch_nearest_cache = fetch
 
 
 def check_listen_address(host: str, port: int) -> None:
