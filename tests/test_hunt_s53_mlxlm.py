@@ -58,7 +58,7 @@ def test_dora_over_an_all_zero_weight_row_is_refused(ckpt, tmp_path, capsys):
     lora(ckpt, tmp_path, capsys, "--fine-tune-type", "dora", "--num-layers", "-1", "gate has an all-zero weight row")
 
 
-def test_server_exact_prompt_cache_hit_leaves_a_token_to_compute(ckpt):
+def test_server_exact_prompt_cache_hit_leaves_a_token_to_compute(ckpt, tmp_path, monkeypatch):
     from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
     from xlstm_metal.cli.mlxlm import server_requests_checked
@@ -68,6 +68,8 @@ def test_server_exact_prompt_cache_hit_leaves_a_token_to_compute(ckpt):
     for n in (3, 4):
         model(mx.array([IDS[:n]]), cache := make_prompt_cache(model))
         lru.insert_cache("m", IDS[:n], cache)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "none"))
     with server_requests_checked():  # rest [] before: the server's generation thread died on it
         cache, rest = lru.fetch_nearest_cache("m", IDS)
+        assert mlx_lm.server.scan_cache_dir().repos == ()  # no Hugging Face cache: GET /v1/models had no body
     assert rest == [8] and mx.allclose(model(mx.array([rest]), cache), model(mx.array([IDS]))[:, -1:], atol=1e-4)

@@ -971,7 +971,15 @@ def server_requests_checked():
         original(self)
         check_server_request(self)
 
-    fetch = server.LRUPromptCache.fetch_nearest_cache
+    fetch, scan = server.LRUPromptCache.fetch_nearest_cache, server.scan_cache_dir
+
+    def scan_cache_dir():  # without a Hugging Face cache, GET /v1/models sent a 200 and no body
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            return scan()
+        except CacheNotFound:
+            return argparse.Namespace(repos=())
 
     def fetch_nearest_cache(self, model, tokens):
         cache, rest = fetch(self, model, tokens)
@@ -981,12 +989,12 @@ def server_requests_checked():
         return cache, rest
 
     server.APIHandler.validate_model_parameters = validate_model_parameters
-    server.LRUPromptCache.fetch_nearest_cache = fetch_nearest_cache
+    server.LRUPromptCache.fetch_nearest_cache, server.scan_cache_dir = fetch_nearest_cache, scan_cache_dir
     try:
         yield
     finally:
         server.APIHandler.validate_model_parameters = original
-        server.LRUPromptCache.fetch_nearest_cache = fetch
+        server.LRUPromptCache.fetch_nearest_cache, server.scan_cache_dir = fetch, scan
 
 
 def check_listen_address(host: str, port: int) -> None:
