@@ -54,7 +54,7 @@ def test_dora_over_an_all_zero_weight_row_is_refused(ckpt, tmp_path, capsys):
 
     model, _ = mlx_lm.load(str(ckpt), trust_remote_code=True)
     linear_to_lora_layers(model, 2, {"rank": 4, "scale": 1.0, "dropout": 0.0}, use_dora=True)
-    assert mx.isnan(model(mx.array([IDS]))).any()  # why: every loss was NaN
+    assert mx.isnan(model(mx.array([IDS]))).any()  # every loss was NaN
     lora(ckpt, tmp_path, capsys, "--fine-tune-type", "dora", "--num-layers", "-1", "gate has an all-zero weight row")
 
 
@@ -69,7 +69,17 @@ def test_server_exact_prompt_cache_hit_leaves_a_token_to_compute(ckpt, tmp_path,
         model(mx.array([IDS[:n]]), cache := make_prompt_cache(model))
         lru.insert_cache("m", IDS[:n], cache)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "none"))
-    with server_requests_checked():  # rest [] before: the server's generation thread died on it
+    with server_requests_checked():  # rest [] before: the server's generation thread died
         cache, rest = lru.fetch_nearest_cache("m", IDS)
         assert mlx_lm.server.scan_cache_dir().repos == ()  # no Hugging Face cache: GET /v1/models had no body
     assert rest == [8] and mx.allclose(model(mx.array([rest]), cache), model(mx.array([IDS]))[:, -1:], atol=1e-4)
+
+
+def test_lm_eval_command_names_a_bad_model_arg(ckpt, capsys, monkeypatch):
+    from xlstm_metal.lm_eval_adapter import main
+
+    monkeypatch.setattr("sys.argv", ["x", "--model", "xlstm-metal", "--model_args", f"pretrained={ckpt},max_length=a",
+                                     "--tasks", "lambada_openai"])
+    with pytest.raises(SystemExit, match="2"):  # a traceback before
+        main()
+    assert capsys.readouterr().err.endswith("error: max_length must be an integer of at least 2 tokens, got 'a'\n")

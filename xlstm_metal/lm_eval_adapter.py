@@ -311,7 +311,11 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv[0] = "lm-eval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as err:  # bad model_args, checkpoint or task: a traceback and exit 1 before
+        print(f"xlstm-metal-lm-eval: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -773,7 +773,7 @@ def config_must_be_a_mapping():
 
 
 def check_dora_rows(model, args) -> None:
-    """DoRA divides each weight row by its norm: an all-zero row (a fresh 2024 model's i/f gates) gave NaN losses."""
+    """DoRA divides weight rows by their norm: an all-zero row (a fresh 2024 model's gates) gave NaN losses."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -961,8 +961,8 @@ def check_server_request(handler) -> None:
 def server_requests_checked():
     """While mlx-lm's server runs, each request also goes through :func:`check_server_request`,
     after mlx-lm's own ``validate_model_parameters`` (whose ValueError its handler answers with
-    a 400); an exact prompt-cache hit (an xLSTM's, never trimmed, keep every prefix) leaves the
-    last token to compute: "empty prompt" killed its generation thread."""
+    a 400); an exact prompt-cache hit (an xLSTM's caches keep every prefix) leaves the last
+    token to compute: "empty prompt" killed its generation thread."""
     import mlx_lm.server as server
 
     original = server.APIHandler.validate_model_parameters
