@@ -80,7 +80,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sp = p.add_argument_group("speed objective")
     src = sp.add_mutually_exclusive_group()
     src.add_argument("--model", "-m", default=None, help="checkpoint directory")
-    src.add_argument("--shape", default=None, help="random weights of a named shape (7b, 1.3b, 125m) or config.json")
+    src.add_argument("--shape", default=None, help="random weights of a named shape (7b, 1.3b, 125m) or config.json "
+                     "(default without --model: 125m)")
     sp.add_argument("--metric", choices=("prefill", "decode", "both"), default=None,
                     help="prefill tok/s, decode tok/s, or their geometric mean (default); only the settings "
                          "of what it times are searched")
