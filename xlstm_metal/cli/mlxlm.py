@@ -772,22 +772,6 @@ def config_must_be_a_mapping():
         yaml.load = original
 
 
-def check_dora_rows(model, args) -> None:
-    """DoRA divides weight rows by their norm: an all-zero row (a fresh 2024 model's gates) gave NaN losses."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    keys, n = (args.lora_parameters or {}).get("keys"), args.num_layers
-    for i, block in enumerate(model.layers):
-        for path, m in block.named_modules() if n < 0 or i >= len(model.layers) - n else ():
-            q = isinstance(m, nn.QuantizedLinear)
-            if (q or isinstance(m, nn.Linear)) and (keys is None or path in keys) and not mx.all(mx.any((
-                    mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode) if q
-                    else m.weight) != 0, axis=1)).item():
-                raise UsageError(f"mlx-lm lora: --fine-tune-type dora: layers.{i}.{path} has an all-zero weight row "
-                                 "(NaN loss): use lora")
-
-
 class _DefaultNumLayers(int):
     """mlx-lm lora's default ``num_layers`` (16), told apart from a value the user gave (on the
     command line or in ``--config``: plain ints)."""
@@ -806,6 +790,9 @@ def lora_layers_default_fits_the_model():
     default = defaults.get("num_layers")
 
     def train(args, model, *rest, **kwargs):
+        import mlx.core as mx
+        import mlx.nn as nn
+
         from ..quantization import quantization_config
 
         if args.fine_tune_type == "full" and quantization_config(model) is not None:
@@ -815,8 +802,17 @@ def lora_layers_default_fits_the_model():
         layers = len(model.layers)
         if args.num_layers == 0 or args.num_layers < -1:  # mlx-lm's layers[-0:] trained every block
             raise UsageError(f"mlx-lm lora: --num-layers must be -1 (all) or 1 to {layers}, got {args.num_layers}")
-        if args.fine_tune_type == "dora":
-            check_dora_rows(model, args)
+        keys, n = (args.lora_parameters or {}).get("keys"), args.num_layers
+        adapted = {f"layers.{i}.{p}": m for i, b in enumerate(model.layers) if n < 0 or i >= layers - n
+                   for p, m in b.named_modules() if p in (keys or [p])}
+        if keys and not adapted and args.fine_tune_type != "full":  # MLX's "[grad] Must specify at least one..."
+            raise UsageError(f"mlx-lm lora: lora_parameters' keys {keys} name no layer of the blocks trained")
+        linear = (nn.Linear, nn.QuantizedLinear) if args.fine_tune_type == "dora" else ()
+        for name, m in ((k, m) for k, m in adapted.items() if isinstance(m, linear)):  # DoRA divides rows by norms
+            q = isinstance(m, nn.QuantizedLinear)
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode) if q else m.weight
+            if not mx.all(mx.any(w != 0, axis=1)).item():
+                raise UsageError(f"mlx-lm lora: --fine-tune-type dora: {name} has an all-zero weight row (NaN loss)")
         if isinstance(args.num_layers, _DefaultNumLayers):
             args.num_layers = int(args.num_layers)
             if args.num_layers > layers:
