@@ -628,8 +628,10 @@ def _run(args) -> int:
         val_fraction, text_field = args.val_fraction, args.text_field
         generation = None
         saved_profile = None if profile is None else profile.to_dict()
-    try:
-        cfg.validate()
+    try:  # the messages name the flags
+        cfg.validate({f: "--" + f.replace("_", "-") for f in ("batch_size", "eval_every", "eval_batches", "save_every",
+                      "log_every", "keep", "steps", "max_time", "warmup", "lr", "min_lr_ratio", "weight_decay",
+                      "grad_clip")})
     except ValueError as err:
         raise UsageError(str(err)) from None
     if not 0 <= val_fraction < 1:  # before the data is read and a tokenizer trained

@@ -115,35 +115,42 @@ class TrainingConfig:
             return min(AUTO_WARMUP_CAP, 2 * (self.probe_steps + 2))
         return min(AUTO_WARMUP_CAP, total_steps // 10)
 
-    def validate(self) -> None:
+    def validate(self, names: dict | None = None) -> None:
+        """ValueError naming every bad field; ``names`` maps fields to what the caller calls them
+        (the command line's flags)."""
         problems = []
+        n = (names or {}).get
         if self.seq_len < 2:
             problems.append(f"sequence length must be >= 2, got {self.seq_len}")
         for name in ("batch_size", "eval_every", "eval_batches", "save_every", "log_every", "probe_steps"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{n(name, name)} must be >= 1, got {getattr(self, name)}")
         if self.keep < 0:
-            problems.append(f"keep must be >= 0 (0 keeps every checkpoint), got {self.keep}")
+            problems.append(f"{n('keep', 'keep')} must be >= 0 (0 keeps every checkpoint), got {self.keep}")
         if self.steps is None and self.max_time is None:
             problems.append("give the number of steps or a time budget (max_time)")
         if self.steps is not None and self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
+            problems.append(f"{n('steps', 'steps')} must be >= 1, got {self.steps}")
         if self.max_time is not None and self.max_time <= 0:
-            problems.append(f"max_time must be > 0, got {self.max_time}")
+            problems.append(f"{n('max_time', 'max_time')} must be > 0, got {self.max_time}")
         if self.warmup is not None and (
                 self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps and self.warmup > 1)):
-            problems.append(f"warmup ({self.warmup}) must be in [0, steps)")
+            problems.append(f"{n('warmup', 'warmup')} ({self.warmup}) must be in [0, steps)")
         if self.max_time is not None and self.steps is None and self.warmup is not None \
                 and self.warmup <= self.probe_steps:
             problems.append(f"with a time budget, warmup ({self.warmup}) must exceed the probe steps ({self.probe_steps})")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_time"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-                problems.append(f"{name} must be a finite number, got {value}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("weight decay and gradient clipping must be >= 0")
+                problems.append(f"{n(name, name)} must be a finite number, got {value}")
+        # One message per bad value, naming it (a joint message left the user to guess which).
+        if not self.lr > 0:
+            problems.append(f"{n('lr', 'lr')} must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"{n('min_lr_ratio', 'min_lr_ratio')} must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                problems.append(f"{n(name, name)} must be >= 0, got {getattr(self, name)}")
         if self.recompute not in RECOMPUTE:
             problems.append(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.head_loss not in HEAD_LOSSES:
