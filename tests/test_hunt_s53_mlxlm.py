@@ -32,6 +32,8 @@ def test_generate_until_of_an_empty_context_starts_from_the_prefix_token(ckpt):
     out = lm.generate_until([Instance("generate_until", {}, (c, {"max_gen_toks": 6}), 0) for c in ("", "a")])
     want = lm.runner.generate([[0], lm.tok.encode("a")], max_tokens=6)  # "prompt 0 is empty" before
     assert out == [lm.tok.decode(ids) for ids in want] and out[0]
+    with pytest.raises(ValueError, match="apply_chat_template: the xlstm-metal adapter renders no"):
+        lm.tokenizer_name  # lm-eval's NotImplementedError (a traceback) before
 
 
 def lora(ckpt, tmp_path, capsys, *extra):

@@ -267,18 +267,13 @@ class XLSTMMetalLM(LM):
         """Each request's continuation, in the requests' order, up to its first ``until`` string,
         EOS or ``max_gen_toks`` tokens.
 
-        Requests with the same sampling settings (temperature, top_k, top_p, min_p,
-        repetition_penalty; every greedy request alike) run ``batch_size`` at a time through
-        :meth:`xLSTMRunner.generate <xlstm_metal.generation.xLSTMRunner.generate>`: each prompt is
-        prefilled alone, from its own zero state (no padding), the states are stacked, and the rows
-        decode together, each stopping at its own ``until`` / ``max_gen_toks`` / EOS; the batch
-        runs until its last row ends. Rows never mix, and a sampled row draws from its own key, the
-        one its request's ``seed`` (default 0) gives it alone (not ``seed + row``), so greedy and
-        seeded answers are those of one request at a time, token for token, wherever the batched
-        decode step computes each row's logits exactly as a one-row step does: the tests check it
-        on CPU (the C decode step, and MLX's graph). A back-end whose batched products round
-        differently from one-row ones could turn a near-tie the other way, greedy or sampled. A
-        request with ``seed: null`` draws fresh randomness, batched or not.
+        Requests with the same sampling settings (every greedy request alike) run ``batch_size`` at
+        a time through :meth:`xLSTMRunner.generate <xlstm_metal.generation.xLSTMRunner.generate>`:
+        each prompt prefilled alone from its own zero state, the rows decoding together, each
+        stopping on its own. A sampled row draws from the key its request's ``seed`` (default 0;
+        ``null``: fresh randomness) gives it alone, so answers are those of one request at a time
+        wherever a batched decode step rounds as a one-row step does (the tests check it on CPU;
+        another back-end could turn a near-tie the other way).
         """
         jobs = [self._generation(req) for req in requests]
         groups: dict[SamplingParams, list[int]] = {}
@@ -301,6 +296,10 @@ class XLSTMMetalLM(LM):
                             text = text[: text.index(stop)]
                     out[i] = text
         return out
+
+    @property
+    def tokenizer_name(self) -> str:  # lm-eval's --apply_chat_template asks first (a NotImplementedError traceback)
+        raise ValueError("--apply_chat_template: the xlstm-metal adapter renders no chat template; leave it out")
 
     def get_model_info(self) -> dict:
         return {"model": "xlstm-metal", "pretrained": self.pretrained}
