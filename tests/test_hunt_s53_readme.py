@@ -19,3 +19,20 @@ def test_train_out_of_range_names_the_flag(flag, value, message, text_data, tmp_
     err = assert_rejected(["train", text_data, "--out", out, "--steps", "2", flag, value], capsys, message)
     assert err.count("must be") == 1, err  # only the bad one
     assert not out.exists()
+
+
+def test_a_blas_setting_that_cannot_apply_is_warned_of(tmp_path):
+    # README: XLSTM_METAL_BLAS picks another library, XLSTM_METAL_BLAS_THREADS sets its threads;
+    # a path that does not load, or threads that are no positive integer, were ignored silently.
+    import os
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the preload runs on Linux only")
+    env = dict(os.environ, XLSTM_METAL_BLAS=str(tmp_path / "missing.so"), XLSTM_METAL_BLAS_THREADS="two")
+    env.pop("XLSTM_METAL_NO_OPENBLAS", None)
+    err = subprocess.run([sys.executable, "-c", "import xlstm_metal"], env=env, capture_output=True, text=True,
+                         timeout=120).stderr
+    assert f"XLSTM_METAL_BLAS={tmp_path / 'missing.so'} could not be loaded" in err, err
+    assert "XLSTM_METAL_BLAS_THREADS='two' is not a positive integer" in err, err

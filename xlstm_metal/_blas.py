@@ -688,6 +688,9 @@ def blas_threads(probe: "_LoadProbe | None" = None) -> int:
         if value.isdigit() and int(value) > 0:
             THREADS_REASON = name
             return int(value)
+        if value.strip() and name == "XLSTM_METAL_BLAS_THREADS":  # a typo went unnoticed
+            warnings.warn(f"xlstm_metal: XLSTM_METAL_BLAS_THREADS={value!r} is not a positive integer; "
+                          "ignored", RuntimeWarning, stacklevel=5)  # the importer's line
     probe = probe or _LoadProbe()
     idle = probe.idle_cores()
     if idle is None:
@@ -745,6 +748,9 @@ def preload() -> str | None:
                 errors.append(f"{path}: {err}")
                 continue
             LOADED, REASON = str(path), None
+            if user and path != Path(user):  # the library asked for failed: say so, not load another silently
+                warnings.warn(f"xlstm_metal: XLSTM_METAL_BLAS={user} could not be loaded ({'; '.join(errors)}); "
+                              f"using {path}", RuntimeWarning, stacklevel=3)
             return LOADED
     if not candidates:
         errors.append("no OpenBLAS package is installed")
