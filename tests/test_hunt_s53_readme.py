@@ -36,3 +36,15 @@ def test_a_blas_setting_that_cannot_apply_is_warned_of(tmp_path):
                          timeout=120).stderr
     assert f"XLSTM_METAL_BLAS={tmp_path / 'missing.so'} could not be loaded" in err, err
     assert "XLSTM_METAL_BLAS_THREADS='two' is not a positive integer" in err, err
+
+
+@pytest.mark.parametrize("value", ["3", "nan"])
+def test_serve_refuses_a_default_temperature_no_request_may_send(value):
+    # README: a request's temperature must be in [0, 2]; --temp 3 became every request's default.
+    # (The check alone: the old code went on to serve.)
+    from xlstm_metal.cli import UsageError, build_parser
+    from xlstm_metal.cli.serve import _check
+
+    with pytest.raises(UsageError, match=r"--temp must be in \[0, 2\]"):
+        _check(build_parser().parse_args(["serve", "--temp", value]))
+    _check(build_parser().parse_args(["serve", "--temp", "2"]))

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, help="default max_tokens of a request (default: the model's "
                         "max_new_tokens, or what its max_length leaves after the prompt, else 512)")
     parser.add_argument("--temp", "--temperature", type=float,
-                        help="default temperature (default: the model's when it sets do_sample, else 0, greedy)")
+                        help="default temperature, in [0, 2] (default: the model's when it sets do_sample, else 0, greedy)")
     parser.add_argument("--top-p", type=float, help="default top_p (default: the model's, else 1.0)")
     parser.add_argument("--top-k", type=int, help="default top_k (default: the model's, else 0 = off)")
     parser.add_argument("--min-p", type=float, help="default min_p (default: the model's, else 0)")
@@ -112,7 +112,8 @@ def _check(args: argparse.Namespace) -> None:
     from .generate import SAMPLING_RULES  # generate's rules, but mlx-lm's 0 = no repetition penalty
 
     checks = {name: SAMPLING_RULES[name] for name in ("top_p", "top_k", "min_p")}
-    checks["temp"] = SAMPLING_RULES["temperature"]
+    # A request is held to OpenAI's [0, 2]; the default it gets must be a value it could send.
+    checks["temp"] = (lambda x: 0 <= x <= 2, "in [0, 2], the range a request's temperature is held to")
     checks["repetition_penalty"] = (lambda x: x >= 0 and math.isfinite(x), "a finite number >= 0 (0 or 1 = off)")
     for name, (ok, rule) in checks.items():
         value = getattr(args, name)
