@@ -41,3 +41,22 @@ def test_a_profile_reaches_the_neuron_inside_a_users_wrapper():
         assert (layer.parallel_kernel_cell.chunk_size, layer.parallel_kernel_cell.eps) == (8, 2e-6)
         assert layer.recurrent_kernel_cell.eps == 2e-6
     assert isinstance(model.blocks[0].mlstm_layer, _Hook) and isinstance(inner.q, nn.Linear)
+
+
+@pytest.mark.parametrize("recompute", ["mlstm", "ffn"])
+def test_training_recompute_runs_a_users_wrapped_layer(recompute):
+    """Training with recompute mlstm / ffn over a block whose mlstm_layer a user wrapped:
+    "no attribute 'fused'"; now the block's output and its gradient equal the plain run's."""
+    import mlx.core as mx
+
+    from conftest import tiny_model
+    from test_hunt_s53_core import _Hook
+    from xlstm_metal.training.trainer import _block_runner
+
+    block = tiny_model(1).blocks[0]
+    block.mlstm_layer = _Hook(block.mlstm_layer)
+    x = mx.random.normal((2, 8, block.norm_mlstm.weight.shape[0]), key=mx.random.key(0))
+    run = _block_runner(block, recompute)
+    assert mx.allclose(run(x), block(x)[0], atol=1e-6)
+    grad = mx.grad(lambda x: run(x).sum())(x)
+    assert mx.allclose(grad, mx.grad(lambda x: block(x)[0].sum())(x), atol=1e-5)

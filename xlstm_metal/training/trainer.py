@@ -579,7 +579,9 @@ def _block_runner(block: nn.Module, recompute: str) -> Callable:
     from ..blocks.xlstm_large import _normed, mLSTMBlock
 
     halves = recompute in ("mlstm", "ffn")
-    if recompute == "blocks" or (halves and not (isinstance(block, mLSTMBlock) and not block.mlstm_layer.fused)):
+    # (a user's module in mlstm_layer runs as it is: not fused)
+    fused = getattr(block.mlstm_layer, "fused", False) if isinstance(block, mLSTMBlock) else True
+    if recompute == "blocks" or (halves and fused):
         return _checkpointed([block], lambda x: block(x)[0])
     if not halves:
         return lambda x: block(x)[0]
