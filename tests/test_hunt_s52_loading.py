@@ -69,14 +69,17 @@ def test_an_unknown_model_type_is_refused(work, capsys, model_type):  # noqa: F8
                                           ("ffn_proj_factor", 1e300), ("qk_dim_factor", 1e30)])
 def test_sizes_past_mlx_dimensions_are_refused(work, capsys, field, value):  # noqa: F811
     d = work("single")  # an OverflowError / TypeError from MLX as the model was built
-    edit_json(d / "config.json", lambda c: c.update({field: value}))
+    # (with transformers' alias too: differing aliases are refused first since session 53)
+    edit_json(d / "config.json", lambda c: c.update({field: value, **({"hidden_size": value} if "hidden_size" in c
+                                                                       and field == "embedding_dim" else {})}))
     generate_refused(d, capsys, "MLX's array dimensions stop at 2147483647")
 
 
 @pytest.mark.parametrize("num_blocks", [3, 10**12])
 def test_more_blocks_than_the_weights_hold_is_refused_first(work, capsys, num_blocks):  # noqa: F811
     d = work("single")  # 10**12 built blocks for hours
-    edit_json(d / "config.json", lambda c: c.update(num_blocks=num_blocks))
+    edit_json(d / "config.json", lambda c: c.update(num_blocks=num_blocks, **(
+        {"num_hidden_layers": num_blocks} if "num_hidden_layers" in c else {})))  # (the alias alike)
     with alarm(60):
         generate_refused(d, capsys, f"num_blocks is {num_blocks} but the weights hold 2 block(s)")
 
