@@ -514,6 +514,7 @@ def _run(args) -> int:
         TrainingConfig,
         TrainingDiverged,
         TrainingInterrupted,
+        capped_perplexity,
         count_parameters,
         fused_head_weight,
         joined_weight_groups,
@@ -845,7 +846,7 @@ def _run(args) -> int:
             best = "no validation split"
         else:
             best = (f"best validation loss {result.best_val_loss:.4f} (perplexity "
-                    f"{math.exp(min(result.best_val_loss, 50)):.2f}) at step {result.best_step}")
+                    f"{capped_perplexity(result.best_val_loss):.2f}) at step {result.best_step}")
         print(f"done: {result.step - start_step} steps (to step {result.step}), {new_tokens:,} tokens in {wall:.0f} s "
               f"({new_tokens / max(wall, 1e-9):,.0f} tok/s); {best}; checkpoint {result.checkpoint or trainer.out_dir}",
               file=sys.stderr)
@@ -859,7 +860,7 @@ def _run(args) -> int:
                    "session_steps": result.step - start_step, "session_tokens": new_tokens,
                    "session_tok_s": new_tokens / max(wall, 1e-9),
                    "best_val_loss": result.best_val_loss,
-                   "best_val_ppl": None if result.best_val_loss is None else math.exp(min(result.best_val_loss, 50)),
+                   "best_val_ppl": None if result.best_val_loss is None else capped_perplexity(result.best_val_loss),
                    "best_step": result.best_step, "train_tokens": int(len(train_stream)),
                    "val_tokens": int(len(val_stream)), "device": str(mx.default_device()),
                    "mlx": mx.__version__, "argv": sys.argv,

@@ -163,6 +163,11 @@ class TrainingConfig:
             raise ValueError("; ".join(problems))
 
 
+def capped_perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50): a diverged loss past ~709 nats overflowed math.exp."""
+    return math.exp(min(loss, 50))
+
+
 # ------------------------------------------------------------------------------ model init
 def init_xlstm_large(model, seed: int = 0) -> None:
     """Initialise a fresh xLSTM-Large for training from scratch.
@@ -822,7 +827,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
     if val:
         ax.plot(*zip(*val), "o-", ms=3, lw=1.5, label="validation loss", color="tab:orange")
         best = min(val, key=lambda sv: sv[1])
-        ax.annotate(f"best {best[1]:.3f} (ppl {math.exp(min(best[1], 50)):.1f})", best, textcoords="offset points",
+        ax.annotate(f"best {best[1]:.3f} (ppl {capped_perplexity(best[1]):.1f})", best, textcoords="offset points",
                     xytext=(0, 12), ha="center", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
@@ -1284,7 +1289,7 @@ class Trainer:
             raise self._diverged(f"the validation loss is {val_loss}")
         result.evals.append((self.step, val_loss))
         elapsed_s = self.elapsed if t_start is None else self.clock() - t_start
-        self._log({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+        self._log({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_ppl": capped_perplexity(val_loss),
                    "tokens": self.tokens, "elapsed_s": elapsed_s})
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, self.step
@@ -1300,7 +1305,7 @@ class Trainer:
         self.eval_pending = False
         if self.is_main:
             print(f"step {self.step} ({self.tokens:,} tokens): validation loss {val_loss:.4f}, perplexity "
-                  f"{math.exp(min(val_loss, 50)):.2f} (the evaluation the stopped run left undone)",
+                  f"{capped_perplexity(val_loss):.2f} (the evaluation the stopped run left undone)",
                   file=sys.stderr)
             checkpoint = self.out_dir / f"checkpoint-{self.step:07d}"
             if checkpoint.is_dir():
@@ -1588,7 +1593,7 @@ class Trainer:
                     train_part = f"train loss {train_now:.4f}, {tok_s_now:,.0f} tok/s, " if train_now is not None else ""
                     if self.is_main:
                         bar.write(f"step {self.step} ({self.tokens:,} tokens, {elapsed_s:.0f} s): "
-                                  f"{train_part}validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                                  f"{train_part}validation loss {val_loss:.4f}, perplexity {capped_perplexity(val_loss):.2f}")
                     self._plot()
                     # Eval time is not training throughput: the window's clock skips it (the steps
                     # before it stay in the window; a reset clock counted them in no time at all).
